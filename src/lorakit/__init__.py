@@ -1,0 +1,53 @@
+"""lorakit: LoRA adapters for PyTorch / transformers models.
+
+    h = W0 x + (lora_alpha / r) * B A x      (A: r x k, B: d x r, W0 frozen)
+
+Quick start::
+
+    import lorakit
+    config = lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
+    model = lorakit.inject(model, config)          # wraps the targets in place, freezes the rest
+    lorakit.print_trainable_parameters(model)
+    ...train...
+    model = lorakit.merge_and_unload(model)        # plain model, zero inference overhead
+"""
+
+from lorakit.accounting import ParameterCount, count_parameters, print_trainable_parameters
+from lorakit.config import LoraConfig, TaskType
+from lorakit.errors import AdapterFileError, BaseModelMismatchError, UserError
+from lorakit.inject import inject, unload
+from lorakit.merge import merge, merge_and_unload, unmerge
+from lorakit.state import (
+    active_adapters,
+    adapter_configs,
+    delete_adapter,
+    disabled,
+    set_active,
+    use_adapters,
+)
+from lorakit.targets import find_targets
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFileError",
+    "BaseModelMismatchError",
+    "LoraConfig",
+    "ParameterCount",
+    "TaskType",
+    "UserError",
+    "active_adapters",
+    "adapter_configs",
+    "count_parameters",
+    "delete_adapter",
+    "disabled",
+    "find_targets",
+    "inject",
+    "merge",
+    "merge_and_unload",
+    "print_trainable_parameters",
+    "set_active",
+    "unload",
+    "unmerge",
+    "use_adapters",
+]

@@ -1,0 +1,59 @@
+"""The ``lorakit`` command. Each subcommand lives in ``lorakit.commands.<name>`` and is imported
+only when needed, so ``lorakit --help`` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from lorakit.errors import UserError
+
+__all__ = ["main"]
+
+
+def command_modules() -> list[str]:
+    """Every module in ``lorakit.commands``; each exposes ``register(subparsers)`` and sets
+    ``func=run`` on its parser. Command modules keep their heavy imports inside ``run``."""
+    import lorakit.commands as package
+
+    return sorted(info.name for info in pkgutil.iter_modules(package.__path__))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad arguments as one readable line instead of a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="lorakit",
+        description="LoRA adapters: inject, train, save (PEFT format), merge, serve, analyse.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in command_modules():
+        importlib.import_module(f"lorakit.commands.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "func", None) is None:
+            parser.print_help()
+            return 0
+        return int(args.func(args) or 0)
+    except UserError as error:
+        print(f"lorakit: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lorakit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

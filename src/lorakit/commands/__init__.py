@@ -1,0 +1,1 @@
+"""One module per ``lorakit`` subcommand (discovered by ``lorakit.cli``)."""

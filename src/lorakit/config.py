@@ -1,0 +1,211 @@
+"""``LoraConfig``: what to adapt and how, with PEFT's field names and meanings.
+
+The fields round-trip through PEFT's ``adapter_config.json`` (see ``lorakit.io``). Invalid
+values raise ``ValueError`` at construction, naming the field and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ALL_LINEAR", "LoraConfig", "TaskType"]
+
+ALL_LINEAR = "all-linear"
+BIAS_MODES = ("none", "all", "lora_only")
+INIT_MODES = (True, False, "gaussian")
+
+
+class TaskType(str, enum.Enum):
+    """PEFT's task types; only ``SEQ_CLS`` changes behaviour (the head is trained in full)."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class LoraConfig:
+    """Configuration of one LoRA adapter (PEFT-compatible field names).
+
+    ``h = W0 x + s B A x`` with ``s = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA).
+    """
+
+    r: int = 8
+    """Rank of the update (A is r x k, B is d x r)."""
+    lora_alpha: float = 8
+    """Numerator of the scaling ``s``."""
+    target_modules: str | list[str] | None = None
+    """A string is a regex matched against the WHOLE module name; a list matches names equal to
+    an entry or ending in ``"." + entry``; ``"all-linear"`` is every Linear/Conv1D except the
+    output embedding (and, for ``SEQ_CLS``, the classification head)."""
+    exclude_modules: str | list[str] | None = None
+    """Same matching rules as ``target_modules``; matching modules are never adapted."""
+    lora_dropout: float = 0.0
+    """Dropout probability on the input of A, in [0, 1)."""
+    bias: str = "none"
+    """Which biases train: "none", "all" (every bias of the model) or "lora_only" (adapted layers)."""
+    fan_in_fan_out: bool = False
+    """Base weight stored (in, out). Detected automatically for transformers' Conv1D."""
+    use_rslora: bool = False
+    """Scale by ``lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module ranks: key matches name m when ``re.match(rf"(.*\\.)?({key})$", m)``; first wins."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module alphas, matched like ``rank_pattern``."""
+    layers_to_transform: int | list[int] | None = None
+    """Only adapt these layer indices (needs a list ``target_modules``)."""
+    layers_pattern: str | list[str] | None = None
+    """Name of the layer container (e.g. "layers", "h") holding the indexed layers."""
+    modules_to_save: list[str] | None = None
+    """Modules trained and saved in full (e.g. a classification head)."""
+    init_lora_weights: bool | str = True
+    """True: Kaiming-uniform A, zero B. "gaussian": normal A (std 1/r), zero B. False: random B."""
+    task_type: str | None = None
+    """PEFT task type, e.g. "CAUSAL_LM" or "SEQ_CLS"."""
+    base_model_name_or_path: str | None = None
+    """Where the base model came from; informational, written to adapter_config.json."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.task_type, TaskType):
+            self.task_type = self.task_type.value
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = sorted(self.modules_to_save)
+        self._validate()
+
+    def _validate(self) -> None:
+        _check(_is_positive_int(self.r), "r", self.r, "a positive integer")
+        _check(
+            isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0,
+            "lora_alpha",
+            self.lora_alpha,
+            "a positive number",
+        )
+        _check(
+            isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0,
+            "lora_dropout",
+            self.lora_dropout,
+            "a probability in [0, 1)",
+        )
+        _check(self.bias in BIAS_MODES, "bias", self.bias, f"one of {BIAS_MODES}")
+        _check(
+            any(
+                self.init_lora_weights is mode or self.init_lora_weights == mode
+                for mode in INIT_MODES
+            ),
+            "init_lora_weights",
+            self.init_lora_weights,
+            'True, False or "gaussian"',
+        )
+        for name in ("target_modules", "exclude_modules"):
+            _check_name_spec(name, getattr(self, name))
+        for key, rank in self.rank_pattern.items():
+            _check(_is_positive_int(rank), f"rank_pattern[{key!r}]", rank, "a positive integer")
+            _check_regex(f"rank_pattern key {key!r}", key)
+        for key, alpha in self.alpha_pattern.items():
+            _check(
+                isinstance(alpha, (int, float)) and alpha > 0,
+                f"alpha_pattern[{key!r}]",
+                alpha,
+                "a positive number",
+            )
+            _check_regex(f"alpha_pattern key {key!r}", key)
+        self._validate_layer_selection()
+
+    def _validate_layer_selection(self) -> None:
+        if self.layers_to_transform is None:
+            if self.layers_pattern:
+                raise ValueError(
+                    f"layers_pattern={self.layers_pattern!r} is set but layers_to_transform is "
+                    "None; set layers_to_transform to the layer indices to adapt, or drop "
+                    "layers_pattern."
+                )
+            return
+        indices = (
+            [self.layers_to_transform]
+            if isinstance(self.layers_to_transform, int)
+            else self.layers_to_transform
+        )
+        _check(
+            all(isinstance(i, int) and i >= 0 for i in indices),
+            "layers_to_transform",
+            self.layers_to_transform,
+            "a non-negative int or a list of them",
+        )
+        if isinstance(self.target_modules, str):
+            raise ValueError(
+                f"layers_to_transform={self.layers_to_transform!r} cannot be combined with a "
+                f"regex target_modules={self.target_modules!r}; pass target_modules as a list of "
+                "module names, or put the layer indices into the regex."
+            )
+
+    @property
+    def targets_all_linear(self) -> bool:
+        return isinstance(self.target_modules, str) and self.target_modules == ALL_LINEAR
+
+    def rank_for(self, module_name: str) -> int:
+        """The rank of ``module_name``: the first matching ``rank_pattern`` key, else ``r``."""
+        key = _pattern_key(self.rank_pattern, module_name)
+        return self.r if key is None else self.rank_pattern[key]
+
+    def alpha_for(self, module_name: str) -> float:
+        """The alpha of ``module_name``: the first matching ``alpha_pattern`` key, else ``lora_alpha``."""
+        key = _pattern_key(self.alpha_pattern, module_name)
+        return self.lora_alpha if key is None else self.alpha_pattern[key]
+
+    def replace(self, **changes: Any) -> LoraConfig:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _pattern_key(pattern: dict[str, Any], module_name: str) -> str | None:
+    for key in pattern:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check(ok: bool, field_name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"LoraConfig.{field_name}={value!r} is invalid: expected {expected}.")
+
+
+def _check_regex(what: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"LoraConfig {what} is not a valid regular expression: {error}") from None
+
+
+def _check_name_spec(field_name: str, spec: Any) -> None:
+    if spec is None:
+        return
+    if isinstance(spec, str):
+        if spec != ALL_LINEAR:
+            _check_regex(f"{field_name}={spec!r}", spec)
+        return
+    if not isinstance(spec, list) or not all(isinstance(s, str) and s for s in spec):
+        raise ValueError(
+            f"LoraConfig.{field_name}={spec!r} is invalid: expected a regex string, "
+            f'"{ALL_LINEAR}", or a list of non-empty module names.'
+        )

@@ -1,0 +1,17 @@
+"""Exceptions with messages meant for people: what was wrong and what to do instead."""
+
+from __future__ import annotations
+
+__all__ = ["AdapterFileError", "BaseModelMismatchError", "UserError"]
+
+
+class UserError(Exception):
+    """Bad input from a user (argument, file, spec). The CLI prints it as one line, exit code 2."""
+
+
+class AdapterFileError(UserError, ValueError):
+    """An adapter directory or file that cannot be read or does not fit the model."""
+
+
+class BaseModelMismatchError(AdapterFileError):
+    """The adapter was trained on different base weights than the model it is loaded onto."""

@@ -1,0 +1,133 @@
+"""Put LoRA adapters into a model (``inject``) and take them out again (``unload``).
+
+``inject`` wraps each target module in place (the original object becomes ``base_layer``), freezes
+everything except the new adapter (and the biases chosen by ``bias``, and ``modules_to_save``), and
+records the config on the model. ``unload`` puts back the very same module objects.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.layers import LoraLayer, ModulesToSave, wrap
+from lorakit.state import adapter_configs, lora_layers, saved_modules, set_active, state_of
+from lorakit.targets import SEQ_CLS_HEADS, find_targets, matches, model_modules, no_match_message
+
+__all__ = ["inject", "unload"]
+
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+def inject(
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_name: str = "default",
+    *,
+    adapter_dtype: torch.dtype | None = None,
+    activate: bool = True,
+) -> nn.Module:
+    """Add adapter ``adapter_name`` described by ``config`` to ``model`` (in place) and return it.
+
+    Adapter tensors are created in ``adapter_dtype`` (default: float32 on a float16/bfloat16 base,
+    otherwise the base dtype) on the base weight's device. With ``activate`` the new adapter
+    becomes the only active one and the only trainable one.
+    """
+    _check_adapter_name(model, adapter_name)
+    targets = find_targets(model, config)
+    if not targets:
+        raise ValueError(no_match_message(model, config))
+    state = state_of(model, create=True)
+    modules = dict(model.named_modules())
+    for name in targets:
+        layer = modules[name]
+        if not isinstance(layer, LoraLayer):
+            layer = wrap(layer, name)
+            _replace(model, name, layer)
+        layer.add_adapter(
+            adapter_name,
+            rank=config.rank_for(name),
+            alpha=config.alpha_for(name),
+            dropout=config.lora_dropout,
+            use_rslora=config.use_rslora,
+            init=config.init_lora_weights,
+            dtype=adapter_dtype or _default_adapter_dtype(layer.base_layer.weight.dtype),
+        )
+    for name in _saved_module_names(model, config):
+        wrapper = dict(model.named_modules())[name]
+        if not isinstance(wrapper, ModulesToSave):
+            wrapper = ModulesToSave(wrapper)
+            _replace(model, name, wrapper)
+        wrapper.add_adapter(adapter_name)
+    state.configs[adapter_name] = config
+    if activate or len(state.configs) == 1:
+        set_active(model, [adapter_name])
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter: restore the original module objects, weights and trainability."""
+    for name, layer in list(lora_layers(model)):
+        layer.unmerge()
+        _replace(model, name, layer.base_layer)
+    for name, wrapper in list(saved_modules(model)):
+        _replace(model, name, wrapper.original_module)
+    _forget_state(model)
+    return model
+
+
+def _forget_state(model: nn.Module) -> None:
+    """Drop lorakit's record from ``model`` and give parameters back their original trainability."""
+    state = state_of(model)
+    if state is None:
+        return
+    for name, parameter in model.named_parameters():
+        if name in state.original_requires_grad:
+            parameter.requires_grad_(state.original_requires_grad[name])
+    del model.lorakit_state
+
+
+def _default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+
+
+def _check_adapter_name(model: nn.Module, adapter_name: str) -> None:
+    if not isinstance(adapter_name, str) or not _ADAPTER_NAME.fullmatch(adapter_name):
+        raise ValueError(
+            f"adapter_name={adapter_name!r} is invalid: use letters, digits, '_' or '-' only "
+            "(it becomes part of parameter names and file paths)."
+        )
+    if adapter_name in adapter_configs(model):
+        raise ValueError(
+            f"the model already has an adapter named {adapter_name!r}; choose another name or "
+            "delete it first with lorakit.delete_adapter(model, name)."
+        )
+
+
+def _saved_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
+    wanted = list(config.modules_to_save or [])
+    if config.task_type == "SEQ_CLS":
+        wanted += [head for head in SEQ_CLS_HEADS if head not in wanted]
+    if not wanted:
+        return []
+    found = [name for name, _ in model_modules(model) if name and matches(wanted, name)]
+    missing = [
+        entry
+        for entry in config.modules_to_save or []
+        if not any(matches([entry], name) for name in found)
+    ]
+    if missing:
+        raise ValueError(
+            f"modules_to_save entries {missing} match no module of this {type(model).__name__}; "
+            "check the names (e.g. print([n for n, _ in model.named_modules()]))."
+        )
+    return found
+
+
+def _replace(model: nn.Module, name: str, new_module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child_name, new_module)

@@ -1,0 +1,52 @@
+"""LoRA layers. Each wraps the original module as ``base_layer``; ``wrap`` picks the class.
+
+Dispatch is a table of (predicate, class), first match wins, so new layer types are one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from lorakit.layers.base import LoraLayer, adapter_override, current_override
+from lorakit.layers.embedding import LoraEmbedding
+from lorakit.layers.linear import LoraLinear, is_conv1d, linear_shape
+from lorakit.layers.saved import ModulesToSave
+
+__all__ = [
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "ModulesToSave",
+    "adapter_override",
+    "current_override",
+    "is_conv1d",
+    "is_linear",
+    "linear_shape",
+    "wrap",
+]
+
+
+def is_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` or transformers' ``Conv1D`` (what "all-linear" selects)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+_DISPATCH: list[tuple[Callable[[nn.Module], bool], type[LoraLayer]]] = [
+    (is_linear, LoraLinear),
+    (lambda module: isinstance(module, nn.Embedding), LoraEmbedding),
+]
+
+
+def wrap(module: nn.Module, module_name: str) -> LoraLayer:
+    """A new LoRA layer wrapping ``module`` (no adapters yet)."""
+    for accepts, layer_class in _DISPATCH:
+        if accepts(module):
+            return layer_class(module)
+    supported = "nn.Linear, transformers Conv1D, nn.Embedding"
+    raise TypeError(
+        f"module {module_name!r} is a {type(module).__module__}.{type(module).__qualname__}, "
+        f"which lorakit cannot adapt (supported: {supported}). Remove it from target_modules "
+        "or add it to exclude_modules."
+    )

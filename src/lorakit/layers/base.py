@@ -1,0 +1,190 @@
+"""``LoraLayer``: the bookkeeping every LoRA layer shares (named adapters, activity, merge state).
+
+A LoRA layer WRAPS the original module, kept as ``base_layer``; ``lorakit.unload`` puts that very
+object back. Subclasses add the adapter tensors and say how the low-rank branch is computed.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from lorakit import functional
+
+__all__ = ["LoraLayer", "adapter_override", "current_override"]
+
+# Per-call choice of adapters, without touching any module (safe across threads and async tasks).
+# None: each layer uses its own ``active_adapters``. A tuple: exactly these adapters (() = none).
+_OVERRIDE: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+    "lorakit_adapter_override", default=None
+)
+
+
+def current_override() -> tuple[str, ...] | None:
+    """The adapters chosen for the current call by ``adapter_override``, or None."""
+    if torch.compiler.is_compiling():
+        return None
+    return _OVERRIDE.get()
+
+
+@contextmanager
+def adapter_override(adapter_names: Sequence[str]) -> Iterator[None]:
+    """Run forwards inside the block with exactly ``adapter_names`` active (``[]``: none).
+
+    Only the calling thread / task sees the change; modules and weights are not modified.
+    """
+    token = _OVERRIDE.set(tuple(adapter_names))
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
+class LoraLayer(nn.Module):
+    """Common state of a module with LoRA adapters beside a frozen ``base_layer``.
+
+    Per adapter name: ``ranks[name]`` (r), ``alphas[name]``, ``scalings[name]`` (s) and
+    ``dropouts[name]`` (p). ``active_adapters`` are added to the output; ``merged_adapters``
+    are folded into the base weight, whose original tensor is kept so that unmerging is exact.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.ranks: dict[str, int] = {}
+        self.alphas: dict[str, float] = {}
+        self.scalings: dict[str, float] = {}
+        self.dropouts: dict[str, float] = {}
+        self.active_adapters: tuple[str, ...] = ()
+        self.merged_adapters: tuple[str, ...] = ()
+        self.original_weight: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------- subclass interface
+    def _create_adapter(
+        self, adapter_name: str, rank: int, init: bool | str, dtype: torch.dtype
+    ) -> None:
+        raise NotImplementedError
+
+    def _delete_adapter_tensors(self, adapter_name: str) -> None:
+        raise NotImplementedError
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """The trainable tensors of one adapter (A first, then B)."""
+        raise NotImplementedError
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``s * B A`` in float32, laid out like ``base_layer.weight``."""
+        raise NotImplementedError
+
+    def lora_branch(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """The low-rank output of one adapter for input ``x``."""
+        raise NotImplementedError
+
+    def base_forward_with_weight(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output computed with ``weight`` in place of its own."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- adapters
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (so code that reads ``module.weight`` keeps working)."""
+        return self.base_layer.weight
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        return tuple(self.ranks)
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        rank: int,
+        alpha: float,
+        dropout: float,
+        use_rslora: bool,
+        init: bool | str,
+        dtype: torch.dtype,
+    ) -> None:
+        if adapter_name in self.ranks:
+            raise ValueError(f"adapter {adapter_name!r} already exists on this layer")
+        self._create_adapter(adapter_name, rank, init, dtype)
+        self.ranks[adapter_name] = rank
+        self.alphas[adapter_name] = alpha
+        self.scalings[adapter_name] = functional.scaling(rank, alpha, use_rslora)
+        self.dropouts[adapter_name] = dropout
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            still_merged = [name for name in self.merged_adapters if name != adapter_name]
+            self.unmerge()
+            self.merge(still_merged)
+        self._delete_adapter_tensors(adapter_name)
+        for table in (self.ranks, self.alphas, self.scalings, self.dropouts):
+            table.pop(adapter_name, None)
+        self.active_adapters = tuple(a for a in self.active_adapters if a != adapter_name)
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        override = current_override()
+        active = self.active_adapters if override is None else override
+        active = tuple(name for name in active if name in self.ranks)
+        if not self.merged_adapters:
+            out = self.base_layer(x, *args, **kwargs)
+            pending = active
+        elif set(active) == set(self.merged_adapters):
+            return self.base_layer(x, *args, **kwargs)
+        else:
+            out = self.base_forward_with_weight(self.original_weight, x)
+            pending = active
+        for name in pending:
+            out = out + self.lora_branch(name, x).to(out.dtype)
+        return out
+
+    # ----------------------------------------------------------------- merge
+    def merge(self, adapter_names: Sequence[str]) -> None:
+        """Fold ``s B A`` of each named adapter into the base weight (idempotent, exact undo).
+
+        Raises ValueError (and leaves the weight untouched) if a delta is not finite.
+        """
+        to_merge = [name for name in adapter_names if name not in self.merged_adapters]
+        if not to_merge:
+            return
+        weight = self.base_layer.weight
+        original = self.original_weight if self.original_weight is not None else weight.data
+        merged = original.to(torch.float32) + self._merged_delta((*self.merged_adapters, *to_merge))
+        merged = merged.to(weight.dtype)
+        if not torch.isfinite(merged).all():
+            raise ValueError(
+                f"merging adapter(s) {to_merge} would put non-finite values into the base weight "
+                "(the adapter holds inf/NaN or overflows the weight dtype); nothing was changed."
+            )
+        self.original_weight = original
+        weight.data = merged
+        self.merged_adapters = (*self.merged_adapters, *to_merge)
+
+    def unmerge(self) -> None:
+        """Restore the original base weight bit for bit."""
+        if self.original_weight is None:
+            return
+        self.base_layer.weight.data = self.original_weight
+        self.original_weight = None
+        self.merged_adapters = ()
+
+    def _merged_delta(self, adapter_names: Sequence[str]) -> torch.Tensor:
+        total = None
+        for name in adapter_names:
+            delta = self.delta_weight(name)
+            if not torch.isfinite(delta).all():
+                raise ValueError(
+                    f"adapter {name!r} holds non-finite values (inf/NaN); refusing to merge it "
+                    "into the base weight. Nothing was changed."
+                )
+            total = delta if total is None else total + delta
+        return total
+
+    def extra_repr(self) -> str:
+        parts = [f"{n}: r={self.ranks[n]}, s={self.scalings[n]:g}" for n in self.ranks]
+        return "; ".join(parts)

@@ -1,0 +1,81 @@
+"""``LoraEmbedding``: LoRA beside an ``nn.Embedding``, in PEFT's convention.
+
+``h = E[ids] + s * A^T[ids] B^T`` with A (r, num_embeddings) and B (dim, r); the delta of the
+(num_embeddings, dim) table is ``s (B A)^T``. Keys: ``<path>.lora_embedding_A.<adapter>`` and
+``<path>.lora_embedding_B.<adapter>`` (no ``.weight``). Default init: A = 0, B ~ N(0, 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit import functional
+from lorakit.layers.base import LoraLayer
+
+__all__ = ["LoraEmbedding"]
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA for ``nn.Embedding``. Shapes: ids (...) -> h (..., dim).
+
+    Dropout does not apply to embeddings (their input is an index), as in PEFT.
+    """
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.num_embeddings = base_layer.num_embeddings
+        self.embedding_dim = base_layer.embedding_dim
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def _create_adapter(
+        self, adapter_name: str, rank: int, init: bool | str, dtype: torch.dtype
+    ) -> None:
+        device = self.base_layer.weight.device
+        lora_A = torch.empty(rank, self.num_embeddings, device=device, dtype=dtype)
+        lora_B = torch.empty(self.embedding_dim, rank, device=device, dtype=dtype)
+        if init is False:
+            nn.init.normal_(lora_A)
+            nn.init.normal_(lora_B)
+        else:
+            nn.init.zeros_(lora_A)
+            nn.init.normal_(lora_B)
+        self.lora_embedding_A[adapter_name] = nn.Parameter(lora_A)
+        self.lora_embedding_B[adapter_name] = nn.Parameter(lora_B)
+
+    def _delete_adapter_tensors(self, adapter_name: str) -> None:
+        del self.lora_embedding_A[adapter_name]
+        del self.lora_embedding_B[adapter_name]
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        return [self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]]
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        return functional.embedding_delta_weight(
+            self.lora_embedding_A[adapter_name],
+            self.lora_embedding_B[adapter_name],
+            self.scalings[adapter_name],
+        )
+
+    def lora_branch(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        return functional.lora_embedding_forward(
+            x,
+            self.lora_embedding_A[adapter_name],
+            self.lora_embedding_B[adapter_name],
+            self.scalings[adapter_name],
+            padding_idx=self.base_layer.padding_idx,
+        )
+
+    def base_forward_with_weight(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return F.embedding(
+            x,
+            weight,
+            base.padding_idx,
+            base.max_norm,
+            base.norm_type,
+            base.scale_grad_by_freq,
+            base.sparse,
+        )

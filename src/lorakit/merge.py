@@ -1,0 +1,70 @@
+"""Merge adapters into the base weights, exactly reversibly, or for good.
+
+``merge`` folds ``W = W0 + sum_a s_a B_a A_a`` (computed in float32, rounded once to the weight
+dtype) and keeps the original ``W0`` tensor, so ``unmerge`` restores it bit for bit however many
+cycles are done and in every dtype. The cost: while merged, each adapted layer holds two weights.
+``merge_and_unload`` folds the adapters and returns the plain model with no lorakit module left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from lorakit.inject import _forget_state, _replace
+from lorakit.state import active_adapters, lora_layers, saved_modules, state_of
+
+__all__ = ["merge", "merge_and_unload", "unmerge"]
+
+
+def _chosen(model: nn.Module, adapter_names: Sequence[str] | None) -> tuple[str, ...]:
+    names = active_adapters(model) if adapter_names is None else tuple(adapter_names)
+    state = state_of(model)
+    known = () if state is None else tuple(state.configs)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise KeyError(f"unknown adapter(s) {unknown}; this model has {list(known)}")
+    return names
+
+
+def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:
+    """Fold the given adapters (default: the active ones) into the base weights, in place.
+
+    Idempotent. If any adapter's delta is not finite, raises ValueError before any layer changes.
+    """
+    names = _chosen(model, adapter_names)
+    layers = [layer for _, layer in lora_layers(model)]
+    for layer in layers:  # check everything first: all or nothing
+        for name in names:
+            if name in layer.ranks and name not in layer.merged_adapters:
+                layer._merged_delta([name])
+    for layer in layers:
+        layer.merge([name for name in names if name in layer.ranks])
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Restore every merged layer's original weight tensor (bit-identical), in place."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:
+    """Fold the given adapters (default: the active ones) into the weights and return the plain
+    model: LoRA layers replaced by their (now merged) base modules, ``modules_to_save`` replaced
+    by the trained copy of the first merged adapter that has one."""
+    names = _chosen(model, adapter_names)
+    merge(model, names)
+    for name, layer in list(lora_layers(model)):
+        layer.original_weight = None  # the merged weight is now the weight
+        _replace(model, name, layer.base_layer)
+    for name, wrapper in list(saved_modules(model)):
+        trained = next(
+            (wrapper.modules_to_save[n] for n in names if n in wrapper.modules_to_save),
+            wrapper.original_module,
+        )
+        _replace(model, name, trained)
+    _forget_state(model)
+    return model

@@ -1,0 +1,153 @@
+"""Named adapters on one model: which exist, which are active, which train.
+
+The configs live on the model as ``model.lorakit_state``; the per-layer tensors live in the LoRA
+layers. Choosing adapters for a single call without touching any state is ``use_adapters``;
+``disabled`` gives the base model's output exactly, without touching any weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.layers import LoraLayer, ModulesToSave, adapter_override
+
+__all__ = [
+    "AdapterState",
+    "active_adapters",
+    "adapter_configs",
+    "delete_adapter",
+    "disabled",
+    "lora_layers",
+    "saved_modules",
+    "set_active",
+    "state_of",
+    "use_adapters",
+]
+
+
+@dataclass
+class AdapterState:
+    """What lorakit records on a model: each adapter's config, the active ones, and the
+    ``requires_grad`` flags the parameters had before the first injection (restored by unload)."""
+
+    configs: dict[str, LoraConfig] = field(default_factory=dict)
+    active: tuple[str, ...] = ()
+    original_requires_grad: dict[str, bool] = field(default_factory=dict)
+
+
+def state_of(model: nn.Module, create: bool = False) -> AdapterState | None:
+    state = model.__dict__.get("lorakit_state")
+    if state is None and create:
+        state = AdapterState(
+            original_requires_grad={n: p.requires_grad for n, p in model.named_parameters()}
+        )
+        model.lorakit_state = state
+    return state
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """``{adapter_name: LoraConfig}`` of the model's adapters (empty if it has none)."""
+    state = state_of(model)
+    return {} if state is None else state.configs
+
+
+def active_adapters(model: nn.Module) -> tuple[str, ...]:
+    state = state_of(model)
+    return () if state is None else state.active
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """``(name, layer)`` for every LoRA layer of the model (found by type, never by name)."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSave):
+            yield name, module
+
+
+def _require(model: nn.Module, adapter_names: Sequence[str]) -> AdapterState:
+    state = state_of(model)
+    known = [] if state is None else list(state.configs)
+    unknown = [name for name in adapter_names if name not in known]
+    if unknown or state is None:
+        raise KeyError(f"unknown adapter(s) {unknown}; this model has {known}")
+    return state
+
+
+def set_active(model: nn.Module, adapter_names: Sequence[str]) -> None:
+    """Make exactly ``adapter_names`` active (their outputs are summed) and trainable.
+
+    Every other adapter's tensors are frozen; the base stays frozen. Biases chosen by the
+    active configs' ``bias`` mode train too.
+    """
+    state = _require(model, adapter_names)
+    state.active = tuple(adapter_names)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        layer.active_adapters = tuple(n for n in adapter_names if n in layer.ranks)
+        for name in layer.active_adapters:
+            for parameter in layer.adapter_parameters(name):
+                parameter.requires_grad_(True)
+    for _, wrapper in saved_modules(model):
+        wrapper.active_adapters = tuple(n for n in adapter_names if n in wrapper.modules_to_save)
+        for name in wrapper.active_adapters:
+            wrapper.modules_to_save[name].requires_grad_(True)
+    _train_biases(model, {state.configs[name].bias for name in adapter_names})
+
+
+def _train_biases(model: nn.Module, modes: set[str]) -> None:
+    if "all" in modes:
+        frozen_originals = {
+            id(p) for _, w in saved_modules(model) for p in w.original_module.parameters()
+        }
+        for module in model.modules():
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, nn.Parameter) and id(bias) not in frozen_originals:
+                bias.requires_grad_(True)
+    elif "lora_only" in modes:
+        for _, layer in lora_layers(model):
+            bias = getattr(layer.base_layer, "bias", None)
+            if isinstance(bias, nn.Parameter) and layer.active_adapters:
+                bias.requires_grad_(True)
+
+
+@contextmanager
+def use_adapters(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[None]:
+    """Within the block, forwards use exactly ``adapter_names`` (``[]``: the base model).
+
+    Nothing on the model changes; only the calling thread / task is affected.
+    """
+    _require(model, adapter_names)
+    with adapter_override(adapter_names):
+        yield
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[None]:
+    """Within the block the model computes exactly the base output (even while merged: the
+    original weights are kept), and no weight is modified."""
+    with adapter_override(()):
+        yield
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove one adapter's tensors and config (its merge, if any, is undone first)."""
+    state = _require(model, [adapter_name])
+    for _, layer in lora_layers(model):
+        if adapter_name in layer.ranks:
+            layer.delete_adapter(adapter_name)
+    for _, wrapper in saved_modules(model):
+        if adapter_name in wrapper.modules_to_save:
+            wrapper.delete_adapter(adapter_name)
+    del state.configs[adapter_name]
+    state.active = tuple(n for n in state.active if n != adapter_name)

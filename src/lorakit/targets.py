@@ -1,0 +1,168 @@
+"""Which modules a ``LoraConfig`` adapts: one pure function, ``find_targets``, with PEFT's rules.
+
+- ``target_modules`` as a string: a regex that must match the WHOLE module name.
+- as a list: a name equal to an entry or ending in ``"." + entry`` (entries are not regexes).
+- ``"all-linear"``: every ``nn.Linear`` / ``Conv1D`` except the output embedding and, for
+  ``SEQ_CLS``, the ``score`` / ``classifier`` head.
+- ``exclude_modules``: the same rules, removing matches.
+- ``layers_to_transform``: the layer index is read from the name with PEFT's regex
+  ``.*\\.<layers_pattern>\\.(\\d+)\\.`` (any container name when ``layers_pattern`` is unset).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.layers import LoraLayer, ModulesToSave, is_linear
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "SEQ_CLS_HEADS",
+    "find_targets",
+    "matches",
+    "model_modules",
+    "no_match_message",
+]
+
+SEQ_CLS_HEADS = ("classifier", "score")
+
+# target_modules used when a config leaves it unset, by transformers model_type (PEFT's choices).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+}
+
+
+def model_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` of the ORIGINAL model: a LoRA layer stands for the module it wraps and
+    the insides of LoRA layers and saved-module wrappers are skipped."""
+    skip_prefixes: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in skip_prefixes):
+            continue
+        if isinstance(module, LoraLayer):
+            skip_prefixes.append(name + ".")
+            yield name, module.base_layer
+        elif isinstance(module, ModulesToSave):
+            skip_prefixes.append(name + ".")
+            yield name, module.original_module
+        else:
+            yield name, module
+
+
+def matches(spec: str | list[str], module_name: str) -> bool:
+    """PEFT's matching: regex full match for a string; equal-or-``.entry`` suffix for a list."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, module_name) is not None
+    return any(module_name == entry or module_name.endswith("." + entry) for entry in spec)
+
+
+def _layer_index(module_name: str, layers_pattern: str | list[str] | None) -> int | None:
+    if not layers_pattern:
+        found = re.match(r".*\.[^.]*\.(\d+)\.", module_name)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        found = None
+        for pattern in patterns:
+            found = re.match(rf".*\.{pattern}\.(\d+)\.", module_name)
+            if found is not None:
+                break
+    return None if found is None else int(found.group(1))
+
+
+def _in_selected_layer(config: LoraConfig, module_name: str) -> bool:
+    if config.layers_to_transform is None:
+        return True
+    index = _layer_index(module_name, config.layers_pattern)
+    if index is None:
+        return False
+    wanted = config.layers_to_transform
+    return index == wanted if isinstance(wanted, int) else index in wanted
+
+
+def _excluded_heads(model: nn.Module, config: LoraConfig) -> set[str]:
+    """Names "all-linear" never adapts: the output embedding, or a sequence-classification head."""
+    heads: list[nn.Module] = []
+    output_embeddings = getattr(model, "get_output_embeddings", lambda: None)()
+    if output_embeddings is not None:
+        heads.append(output_embeddings)
+    elif config.task_type == "SEQ_CLS":
+        heads.extend(getattr(model, name) for name in SEQ_CLS_HEADS if hasattr(model, name))
+    wrapped = {id(m.base_layer if isinstance(m, LoraLayer) else m) for m in heads}
+    return {name for name, module in model_modules(model) if id(module) in wrapped}
+
+
+def resolved_target_spec(model: nn.Module, config: LoraConfig) -> str | list[str]:
+    """``config.target_modules``, or the default for the model's architecture."""
+    if config.target_modules is not None:
+        return config.target_modules
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[model_type]
+    raise ValueError(
+        f"LoraConfig.target_modules is not set and lorakit has no default for model type "
+        f"{model_type!r}; pass target_modules, e.g. ['q_proj', 'v_proj'] or 'all-linear'."
+    )
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules ``config`` adapts, in model order (pure: the model is not changed)."""
+    spec = resolved_target_spec(model, config)
+    saved = config.modules_to_save or []
+    if config.targets_all_linear:
+        excluded = _excluded_heads(model, config)
+        candidates = [n for n, m in model_modules(model) if is_linear(m) and n not in excluded]
+        spec = candidates
+    targets = []
+    for name, _module in model_modules(model):
+        if not name or not matches(spec, name):
+            continue
+        if config.exclude_modules is not None and matches(config.exclude_modules, name):
+            continue
+        if saved and matches(saved, name):
+            continue
+        if _in_selected_layer(config, name):
+            targets.append(name)
+    return targets
+
+
+def no_match_message(model: nn.Module, config: LoraConfig) -> str:
+    """An error message for a config that matched nothing: what was asked, what exists."""
+    spec = resolved_target_spec(model, config)
+    requested = [spec] if isinstance(spec, str) else list(spec)
+    leaf_names = sorted({name.rsplit(".", 1)[-1] for name, _ in model_modules(model) if name})
+    adaptable = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model_modules(model)
+            if name and (is_linear(module) or isinstance(module, nn.Embedding))
+        }
+    )
+    close = sorted(
+        {
+            hit
+            for entry in requested
+            for hit in difflib.get_close_matches(
+                entry.rsplit(".", 1)[-1], leaf_names, n=3, cutoff=0.5
+            )
+        }
+    )
+    message = f"target_modules={spec!r} matched no module of this {type(model).__name__}."
+    if config.layers_to_transform is not None:
+        message += f" (layers_to_transform={config.layers_to_transform!r} also applies.)"
+    if close:
+        message += f" Closest module names: {close}."
+    message += f" Adaptable modules (last name part): {adaptable[:20]}."
+    return message
