@@ -9,7 +9,13 @@ from collections.abc import Callable
 
 from torch import nn
 
-from lorakit.layers.base import LoraLayer, adapter_override, current_override
+from lorakit.layers.base import (
+    LoraLayer,
+    adapter_override,
+    current_override,
+    current_router,
+    row_router,
+)
 from lorakit.layers.embedding import LoraEmbedding
 from lorakit.layers.linear import LoraLinear, is_conv1d, linear_shape
 from lorakit.layers.saved import ModulesToSave
@@ -21,9 +27,11 @@ __all__ = [
     "ModulesToSave",
     "adapter_override",
     "current_override",
+    "current_router",
     "is_conv1d",
     "is_linear",
     "linear_shape",
+    "row_router",
     "wrap",
 ]
 

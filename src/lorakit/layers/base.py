@@ -7,7 +7,7 @@ object back. Subclasses add the adapter tensors and say how the low-rank branch 
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -15,13 +15,39 @@ from torch import nn
 
 from lorakit import functional
 
-__all__ = ["LoraLayer", "adapter_override", "current_override"]
+__all__ = ["LoraLayer", "adapter_override", "current_override", "current_router", "row_router"]
 
 # Per-call choice of adapters, without touching any module (safe across threads and async tasks).
 # None: each layer uses its own ``active_adapters``. A tuple: exactly these adapters (() = none).
 _OVERRIDE: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
     "lorakit_adapter_override", default=None
 )
+
+
+# Per-row adapter routing for batched multi-adapter serving (``lorakit.serve``): when set, every
+# LoRA layer calls ``router(layer, x, base_output)`` and returns its result.
+Router = Callable[["LoraLayer", torch.Tensor, torch.Tensor], torch.Tensor]
+_ROUTER: contextvars.ContextVar[Router | None] = contextvars.ContextVar(
+    "lorakit_row_router", default=None
+)
+
+
+def current_router() -> Router | None:
+    """The per-row router installed by ``row_router`` for the current call, or None."""
+    if torch.compiler.is_compiling():
+        return None
+    return _ROUTER.get()
+
+
+@contextmanager
+def row_router(router: Router) -> Iterator[None]:
+    """Within the block every LoRA layer returns ``router(layer, x, base_layer(x))``: the router
+    adds each row's own adapter output (see ``lorakit.serve``). Only this thread / task sees it."""
+    token = _ROUTER.set(router)
+    try:
+        yield
+    finally:
+        _ROUTER.reset(token)
 
 
 def current_override() -> tuple[str, ...] | None:
@@ -128,6 +154,9 @@ class LoraLayer(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        router = current_router()
+        if router is not None:
+            return router(self, x, self.base_layer(x, *args, **kwargs))
         override = current_override()
         active = self.active_adapters if override is None else override
         active = tuple(name for name in active if name in self.ranks)
