@@ -70,14 +70,14 @@ def choices(kind: str, batch: int, count: int) -> list[int]:
 
 
 @pytest.mark.parametrize("kind", ["identical", "uniform", "distinct", "zipf", "skewed"])
-@pytest.mark.parametrize("gather", [None, True, False])
-def test_mixed_batch_equals_each_request_alone(setup, kind, gather):
+@pytest.mark.parametrize("mode", [None, "loop", "padded"])
+def test_mixed_batch_equals_each_request_alone(setup, kind, mode):
     reference, model, bank = setup
     batch, length = 8, 6
     ids = tiny_models.input_ids(batch, length)
     picks = choices(kind, batch, len(ADAPTER_SPECS))
     slots = torch.tensor([bank.slot_of(f"a{p}") if p >= 0 else -1 for p in picks])
-    with routed(bank, slots[:, None].expand(batch, length), gather=gather):
+    with routed(bank, slots[:, None].expand(batch, length), mode=mode):
         mixed = model(ids).logits
     for row, pick in enumerate(picks):
         names = [f"a{pick}"] if pick >= 0 else []
@@ -90,8 +90,8 @@ def test_mixed_batch_equals_each_request_alone(setup, kind, gather):
         assert (mixed - base).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("gather", [True, False])
-def test_per_token_rows_match_float64_formula(setup, gather):
+@pytest.mark.parametrize("mode", ["loop", "padded"])
+def test_per_token_rows_match_float64_formula(setup, mode):
     reference, model, bank = setup
     name, layer = next(
         (n, lay) for n, lay in lora_layers(model) if n.endswith("layers.0.mlp.up_proj")
@@ -101,7 +101,7 @@ def test_per_token_rows_match_float64_formula(setup, gather):
     token_slots = torch.randint(
         -1, len(ADAPTER_SPECS), (3, 7), generator=torch.Generator().manual_seed(1)
     )
-    with routed(bank, token_slots, gather=gather):
+    with routed(bank, token_slots, mode=mode):
         got = layer(x)
     expected = ref_layer.base_layer(x).double()
     for index, slot in enumerate(token_slots.reshape(-1).tolist()):
@@ -118,13 +118,17 @@ def test_per_token_rows_match_float64_formula(setup, gather):
 
 
 def test_plan_groups_contiguous_rows_as_slices_and_others_as_indices():
-    plan = plan_rows([3, 3, -1, 1, 3], gather=False)
-    by_slot = {segment.slot: segment.rows for segment in plan.segments}
-    assert set(by_slot) == {1, 3} and plan.num_rows == 5
+    plan = plan_rows([3, 3, -1, 1, 3], mode="loop")
+    by_slot = {segment.slot: segment.rows for segment in plan.looped}
+    assert set(by_slot) == {1, 3} and plan.num_rows == 5 and plan.padded is None
     assert by_slot[1] == slice(3, 4)
     assert by_slot[3].tolist() == [0, 1, 4]
-    gathered = plan_rows([0, 1, 2, 3, 4, 5, -1])
-    assert gathered.gather_rows.tolist() == [0, 1, 2, 3, 4, 5]
+    padded = plan_rows([0, 2, 0, 5, -1]).padded  # short segments: batched, padded to 2 rows
+    assert padded.segment_slots.tolist() == [0, 2, 5] and padded.length == 2
+    assert padded.gather_rows.tolist() == [0, 2, 1, 1, 3, 3]
+    assert padded.valid.tolist() == [0, 1, 2, 4] and padded.dest_rows.tolist() == [0, 2, 1, 3]
+    long_and_short = plan_rows([7] * 20 + [1, 2])  # a long segment loops, the short ones pad
+    assert [s.slot for s in long_and_short.looped] == [7] and long_and_short.padded.length == 1
 
 
 def test_lru_eviction_pinning_and_in_use():

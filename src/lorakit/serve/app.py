@@ -112,6 +112,13 @@ def create_app(
     async def chat_completions(request: Request):
         return await run_job(request, chat=True)
 
+    _add_admin_routes(app, adapters, settings)
+    return app
+
+
+def _add_admin_routes(app: FastAPI, adapters: ServedAdapters, settings: ServerSettings) -> None:
+    """vLLM's runtime adapter routes, behind the admin bearer token."""
+
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request):
         _check_admin(request, settings)
@@ -140,8 +147,6 @@ def create_app(
         except AdapterInUseError as error:
             raise APIError(409, str(error), param="lora_name") from None
         return {"status": "ok", "message": f"LoRA adapter {name!r} removed"}
-
-    return app
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -206,8 +211,8 @@ async def _adapter_for(
         await run_in_threadpool(adapters.ensure_loaded, model)
     except UserError as error:
         raise APIError(400, str(error), param="model") from None
-    except BankFullError as error:
-        raise APIError(503, str(error), type="server_busy") from None
+    except BankFullError:
+        pass  # every slot is busy now: the engine loads it when a running request frees one
     except KeyError:  # unloaded meanwhile
         raise APIError(
             404, f"the model {model!r} does not exist", param="model", code="model_not_found"

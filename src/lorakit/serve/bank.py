@@ -61,6 +61,7 @@ class LayerStack:
     lora_B: torch.Tensor  # (slots, d, r_max)
     scaling: torch.Tensor  # (slots,) float32
     present: set[int] = field(default_factory=set)
+    scaling_values: dict[int, float] = field(default_factory=dict)  # the same, as Python floats
 
 
 def prepare_for_serving(model: nn.Module, target_modules: str | list[str] = "all-linear") -> int:
@@ -292,7 +293,9 @@ class AdapterBank:
         stack.lora_A[slot, :rank].copy_(lora_A)
         stack.lora_B[slot, :, :rank].copy_(lora_B)
         alpha = config.alpha_for(stack.name)
-        stack.scaling[slot] = functional.scaling(rank, alpha, config.use_rslora)
+        scale = functional.scaling(rank, alpha, config.use_rslora)
+        stack.scaling[slot] = scale
+        stack.scaling_values[slot] = scale
         stack.present.add(slot)
 
     def _validated_pairs(self, name: str, config: LoraConfig, tensors: Mapping[str, torch.Tensor]):
