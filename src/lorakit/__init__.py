@@ -17,6 +17,7 @@ from lorakit.config import LoraConfig, TaskType
 from lorakit.errors import AdapterFileError, BaseModelMismatchError, UserError
 from lorakit.inject import inject, unload
 from lorakit.merge import merge, merge_and_unload, unmerge
+from lorakit.peft_compat import PeftModel, get_peft_model
 from lorakit.state import (
     active_adapters,
     adapter_configs,
@@ -34,6 +35,7 @@ __all__ = [
     "BaseModelMismatchError",
     "LoraConfig",
     "ParameterCount",
+    "PeftModel",
     "TaskType",
     "UserError",
     "active_adapters",
@@ -42,6 +44,7 @@ __all__ = [
     "delete_adapter",
     "disabled",
     "find_targets",
+    "get_peft_model",
     "inject",
     "merge",
     "merge_and_unload",
