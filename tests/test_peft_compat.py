@@ -153,3 +153,53 @@ def test_autocast_adapter_dtype_and_clear_errors():
         get_peft_model(kept, LoraConfig(**FIELDS))
     with pytest.raises(AttributeError, match="no_such_attribute"):
         _ = kept.no_such_attribute
+
+
+def test_save_pretrained_layout_loads_in_peft(pair, tmp_path):
+    ours, _ = pair
+    ours.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj"]))
+    tiny_models.randomize_adapters(ours.model, seed=5, std=0.2)
+    ours.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").is_file()  # default at the top (PEFT)
+    assert (tmp_path / "other" / "adapter_config.json").is_file()  # others in a subdirectory
+    ids = tiny_models.input_ids()
+    theirs = peft.PeftModel.from_pretrained(tiny_models.llama(), tmp_path).eval()
+    theirs.load_adapter(tmp_path / "other", "other")
+    with torch.no_grad():
+        for name in ("default", "other"):
+            ours.set_adapter(name)
+            theirs.set_adapter(name)
+            torch.testing.assert_close(
+                ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5
+            )
+
+
+def test_from_pretrained_reads_peft_files_frozen_or_trainable(tmp_path):
+    theirs = peft.get_peft_model(
+        tiny_models.llama(), peft.LoraConfig(**FIELDS, init_lora_weights=False)
+    ).eval()
+    theirs.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="no base-model fingerprint"):  # peft writes none
+        frozen = PeftModel.from_pretrained(tiny_models.llama(), tmp_path).eval()
+    assert frozen.get_nb_trainable_parameters()[0] == 0  # PEFT's inference mode
+    assert frozen.active_adapter == "default"
+    with pytest.warns(UserWarning, match="no base-model fingerprint"):
+        trainable = PeftModel.from_pretrained(tiny_models.llama(), tmp_path, is_trainable=True)
+    assert trainable.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    ids = tiny_models.input_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            frozen(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5
+        )
+
+
+def test_load_adapter_keeps_the_active_one_and_refuses_a_wrong_base(pair, tmp_path):
+    ours, _ = pair
+    ours.save_pretrained(tmp_path)
+    ours.load_adapter(tmp_path, "copy")
+    assert ours.active_adapter == "default"
+    assert set(ours.peft_config) == {"default", "copy"}
+    with pytest.raises(lorakit.BaseModelMismatchError, match="different base weights"):
+        PeftModel.from_pretrained(tiny_models.llama(seed=1), tmp_path)
+    with pytest.warns(UserWarning, match="different base weights"):
+        PeftModel.from_pretrained(tiny_models.llama(seed=1), tmp_path, allow_base_mismatch=True)
