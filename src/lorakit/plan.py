@@ -84,6 +84,13 @@ class ModuleTypePlan:
     lora_parameters: int
 
 
+_DERIVED = (
+    *("dtype_bytes", "frozen_parameters", "trainable_percent", "peft_line", "adapter_file_bytes"),
+    *("full_finetune_bytes", "lora_frozen_bytes", "lora_trainable_state_bytes"),
+    *("lora_training_bytes", "inference_merged_bytes", "inference_with_adapters_bytes"),
+)
+
+
 @dataclass(frozen=True)
 class Plan:
     """Parameter counts of a model with one LoRA adapter, and the memory they imply (bytes)."""
@@ -153,19 +160,7 @@ class Plan:
             "lora_alpha": self.config.lora_alpha,
             "target_modules": self.config.target_modules,
         }
-        for name in (
-            "dtype_bytes",
-            "frozen_parameters",
-            "trainable_percent",
-            "peft_line",
-            "adapter_file_bytes",
-            "full_finetune_bytes",
-            "lora_frozen_bytes",
-            "lora_trainable_state_bytes",
-            "lora_training_bytes",
-            "inference_merged_bytes",
-            "inference_with_adapters_bytes",
-        ):
+        for name in _DERIVED:
             counts[name] = getattr(self, name)
         return counts
 
@@ -183,11 +178,14 @@ def plan(
 
     ``lora_alpha`` defaults to ``2 * r``; ``dtype`` to the config's dtype (float32 if none).
     """
-    config = LoraConfig(
-        r=r,
-        lora_alpha=2 * r if lora_alpha is None else lora_alpha,
-        target_modules=target_modules,
-    )
+    try:
+        config = LoraConfig(
+            r=r,
+            lora_alpha=2 * r if lora_alpha is None else lora_alpha,
+            target_modules=target_modules,
+        )
+    except ValueError as error:
+        raise UserError(str(error)) from None
     meta_model, dtype_name = build_meta_model(model, dtype)
     base_parameters = count_parameters(meta_model).total
     try:
