@@ -41,9 +41,8 @@ def inject(
     if not targets:
         raise ValueError(no_match_message(model, config))
     state = state_of(model, create=True)
-    modules = dict(model.named_modules())
     for name in targets:
-        layer = modules[name]
+        layer = model.get_submodule(name)
         if not isinstance(layer, LoraLayer):
             layer = wrap(layer, name)
             _replace(model, name, layer)
@@ -57,14 +56,14 @@ def inject(
             dtype=adapter_dtype or _default_adapter_dtype(layer.base_layer.weight.dtype),
         )
     for name in _saved_module_names(model, config):
-        wrapper = dict(model.named_modules())[name]
+        wrapper = model.get_submodule(name)
         if not isinstance(wrapper, ModulesToSave):
             wrapper = ModulesToSave(wrapper)
             _replace(model, name, wrapper)
         wrapper.add_adapter(adapter_name)
     state.configs[adapter_name] = config
-    if activate or len(state.configs) == 1:
-        set_active(model, [adapter_name])
+    # Also refreshes trainability: a new inactive adapter's tensors are frozen.
+    set_active(model, [adapter_name] if activate or len(state.configs) == 1 else state.active)
     return model
 
 
