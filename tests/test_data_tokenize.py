@@ -83,6 +83,8 @@ def test_truncation_keeps_the_answer(tokenizer) -> None:
     tokenized = data.tokenize_examples([example, long_answer, example], tokenizer, max_length=6)
     assert tokenized.num_truncated == 3 and tokenized.lengths == [6, 6, 6]
     assert tokenized.pad_token_id == tokenizer.eos_token_id
+    input_ids, labels, _ = data.tokenize_example(long_answer, tokenizer, 6)
+    assert tokenized[1] == {"input_ids": input_ids, "labels": labels}
 
 
 def test_tokenizer_requirements(tokenizer) -> None:

@@ -55,6 +55,10 @@ class TokenizedData:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        """``{"input_ids": [...], "labels": [...]}`` of one sequence (a map-style dataset)."""
+        return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
+
     @property
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.input_ids]
