@@ -107,8 +107,9 @@ def chat_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
         end = answer.rfind(eos) + len(eos) if eos and eos in answer else len(answer)
         pieces += [(before[len(done) :], False), (answer[:end], True), (answer[end:], False)]
         done = after
-    full = _render(tokenizer, messages, generation_prompt=False)
-    pieces.append((full[len(done) :], False))
+    if messages[-1]["role"] != "assistant":  # else the last rendering was the whole chat
+        full = _render(tokenizer, messages, generation_prompt=False)
+        pieces.append((full[len(done) :], False))
     return [(text, learnt) for text, learnt in pieces if text]
 
 
