@@ -31,7 +31,14 @@ from lorakit.io.keys import (
 )
 from lorakit.io.read import AdapterFile, adapter_directory, read_adapter
 from lorakit.io.save import _embedding_names
-from lorakit.state import active_adapters, adapter_configs, delete_adapter, lora_layers, state_of
+from lorakit.state import (
+    active_adapters,
+    adapter_configs,
+    delete_adapter,
+    lora_layers,
+    saved_modules,
+    state_of,
+)
 from lorakit.targets import find_targets, matches, model_modules
 
 __all__ = ["load_adapter"]
@@ -205,8 +212,8 @@ def _apply(
 ) -> None:
     """Inject and copy; on any failure put the model back exactly as it was."""
     had_state = state_of(model) is not None
-    wrapped_before = {id(layer) for _, layer in lora_layers(model)}
-    base_backup: dict[str, torch.Tensor] = {}
+    wrapped_before = {id(m) for _, m in [*lora_layers(model), *saved_modules(model)]}
+    base_backup: list[tuple[torch.Tensor, torch.Tensor]] = []  # (base tensor, its old value)
     try:
         inject(model, config, adapter_name, adapter_dtype=adapter_dtype, activate=activate)
         trainable = adapter_name in active_adapters(model)
@@ -214,20 +221,20 @@ def _apply(
             for slot in slots:
                 target = model_tensor(model, slot, adapter_name)
                 if slot.role in ("bias", "base_weight"):
-                    base_backup[slot.key] = target.detach().clone()
+                    base_backup.append((target, target.detach().clone()))
                 target.copy_(adapter.tensors[slot.key].to(target.dtype))
                 if slot.role in ("lora_A", "lora_B", "saved"):
                     target.requires_grad_(trainable)
     except BaseException:
-        _roll_back(model, slots, adapter_name, had_state, wrapped_before, base_backup)
+        _roll_back(model, adapter_name, had_state, wrapped_before, base_backup)
         raise
 
 
-def _roll_back(model, slots, adapter_name, had_state, wrapped_before, base_backup) -> None:
+def _roll_back(model, adapter_name, had_state, wrapped_before, base_backup) -> None:
+    """Undo ``_apply``: old base values back, the adapter and any new wrapper removed."""
     with torch.no_grad():
-        for slot in slots:
-            if slot.key in base_backup:
-                model_tensor(model, slot, adapter_name).copy_(base_backup[slot.key])
+        for target, old_value in base_backup:
+            target.copy_(old_value)
     if adapter_name not in adapter_configs(model):
         return
     if not had_state:
@@ -237,3 +244,6 @@ def _roll_back(model, slots, adapter_name, had_state, wrapped_before, base_backu
     for name, layer in list(lora_layers(model)):
         if id(layer) not in wrapped_before:
             _replace(model, name, layer.base_layer)
+    for name, wrapper in list(saved_modules(model)):
+        if id(wrapper) not in wrapped_before:
+            _replace(model, name, wrapper.original_module)
