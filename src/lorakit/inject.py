@@ -62,8 +62,8 @@ def inject(
             _replace(model, name, wrapper)
         wrapper.add_adapter(adapter_name)
     state.configs[adapter_name] = config
-    if activate or len(state.configs) == 1:
-        set_active(model, [adapter_name])
+    # Also refreshes trainability: a new inactive adapter's tensors are frozen.
+    set_active(model, [adapter_name] if activate or len(state.configs) == 1 else state.active)
     return model
 
 
