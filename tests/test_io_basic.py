@@ -141,17 +141,17 @@ def test_saving_twice_gives_identical_bytes(tmp_path) -> None:
 
 
 def test_loading_many_adapters_does_not_slow_down(tmp_path) -> None:
-    """The 60th adapter loads about as fast as the first (no per-load work that grows with the
-    number of adapters already on the model). Generous bound: 3x, plus 5 ms of noise."""
+    """The 100th adapter loads about as fast as the first (no per-load work that grows with the
+    number of adapters already on the model; before the fix it took 3.5x). Bound: 2x + 5 ms."""
     save_adapter(_adapted("llama"), tmp_path)
     model = tiny_models.llama()
     durations = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for index in range(60):
+        for index in range(100):
             start = time.perf_counter()
             load_adapter(model, tmp_path, f"adapter_{index}")
             durations.append(time.perf_counter() - start)
     first, last = min(durations[1:6]), min(durations[-5:])
-    assert last <= 3 * first + 0.005, (first, last)
-    assert len(lorakit.adapter_configs(model)) == 60
+    assert last <= 2 * first + 0.005, (first, last)
+    assert len(lorakit.adapter_configs(model)) == 100
