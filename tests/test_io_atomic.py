@@ -78,7 +78,7 @@ def test_killed_saver_never_leaves_a_broken_adapter(tmp_path) -> None:
     assert _loaded_version(tmp_path) == 0.5
     rng = random.Random(1234)
     seen = set()
-    for _trial in range(4):
+    for _trial in range(3):
         saver = subprocess.Popen(
             [sys.executable, "-c", _SAVER, str(tmp_path), SRC],
             stdout=subprocess.PIPE,

@@ -47,6 +47,7 @@ CONFIGS = {
     "embedding": lambda arch: dict(r=4, lora_alpha=8, target_modules=[EMBEDDING[arch], *QV[arch]]),
 }
 ARCHS = ["llama", "gpt2", "bert"]
+MATRIX = [name for name in CONFIGS if name != "qv"]  # "qv" is inside every other config
 
 
 def _fields(arch: str, config_name: str) -> dict:
@@ -78,7 +79,7 @@ def _assert_same_and_not_base(ours: torch.Tensor, theirs: torch.Tensor, arch: st
     assert (ours - base).abs().max().item() > 1e-3  # the adapter really changes the outputs
 
 
-@pytest.mark.parametrize("config_name", list(CONFIGS))
+@pytest.mark.parametrize("config_name", MATRIX)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lorakit_file_loads_in_peft_with_identical_logits(arch, config_name, tmp_path) -> None:
     ours = lorakit.inject(
@@ -92,7 +93,7 @@ def test_lorakit_file_loads_in_peft_with_identical_logits(arch, config_name, tmp
     _assert_same_and_not_base(_logits(ours.eval()), _logits(theirs.eval()), arch)
 
 
-@pytest.mark.parametrize("config_name", list(CONFIGS))
+@pytest.mark.parametrize("config_name", MATRIX)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_peft_file_loads_in_lorakit_with_identical_logits(arch, config_name, tmp_path) -> None:
     with warnings.catch_warnings():
