@@ -71,9 +71,9 @@ def load_adapter(
     adapter = read_adapter(adapter_directory(directory, adapter_name))
     config, slots = _plan(model, adapter)
     _check_tensors(model, adapter, config, slots)
-    _check_base(
-        model, adapter, [s.module for s in slots if s.role == "lora_A"], allow_base_mismatch
-    )
+    replaced = {s.module for s in slots if s.role == "base_weight"}  # the file brings these
+    checked = [s.module for s in slots if s.role == "lora_A" and s.module not in replaced]
+    _check_base(model, adapter, checked, allow_base_mismatch)
     _apply(model, adapter, config, slots, adapter_name, activate, adapter_dtype)
     return model
 
@@ -148,7 +148,7 @@ def _check_tensors(
             f"{_listed(unexpected)}. Is the model the adapter's base architecture?"
         )
     modules = dict(model_modules(model))
-    for slot in slots:
+    for slot in sorted(slots, key=lambda s: s.role != "base_weight"):  # vocabulary first
         tensor = adapter.tensors[slot.key]
         rank = config.rank_for(slot.module)
         shape = expected_shape(modules, slot, rank)
@@ -171,6 +171,11 @@ def _shape_message(source, slot: Slot, got: tuple, want: tuple, rank: int) -> st
                 f"in adapter_config.json) but the tensor has rank {got[rank_axis]}. The config "
                 "and the weights disagree; fix adapter_config.json or re-save the adapter."
             )
+    if slot.role == "base_weight":
+        return (
+            f"{message}: the adapter was saved with a resized vocabulary of {got[0]} tokens; "
+            f"call model.resize_token_embeddings({got[0]}) before loading it."
+        )
     return f"{message} on this model: it was trained on a base with other dimensions."
 
 
