@@ -6,7 +6,7 @@ decode step; no KV cache, so every contender does the same work). Contenders: ``
 adapters), ``lorakit`` / ``peft`` unmerged, ``lorakit-plain`` (``lorakit.fast.disabled()``),
 ``lorakit-merged`` / ``peft-merged``.
 
-    python benchmarks/bench_inference.py [--quick] [--threads 2] [--layers 4] [--repeats 5]
+    python benchmarks/bench_inference.py [--quick] [--threads 2] [--layers 8] [--repeats 5]
 """
 
 from __future__ import annotations

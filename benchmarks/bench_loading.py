@@ -4,7 +4,7 @@ PEFT (``PeftModel.from_pretrained`` / ``load_adapter`` + ``set_adapter``) and be
 raw ``safetensors.torch.load_file`` of the same file. Each round loads, times, then removes the
 adapter again (untimed), contenders alternating.
 
-    python benchmarks/bench_loading.py [--quick] [--threads 2] [--layers 4] [--repeats 5]
+    python benchmarks/bench_loading.py [--quick] [--threads 2] [--layers 8] [--repeats 5]
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ fp32 with dropout 0.05 and 0.0, and a bf16 base with fp32 adapters (dropout 0.05
 of any LoRA step). Memory: bytes saved for backward (deterministic, each storage once, parameters
 left out; ``full-ft`` = full fine-tuning for scale) and the peak-RSS delta of a step.
 
-    python benchmarks/bench_training.py [--quick] [--threads 2] [--layers 4] [--repeats 5]
+    python benchmarks/bench_training.py [--quick] [--threads 2] [--layers 8] [--repeats 5]
+        [--setting 0 1 2] [--memory-only]
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def run_setting(args, label, dtype, dropout) -> dict:
     )
     steps = step_functions(base, ours, theirs, ids)
     start = time.perf_counter()
-    times = common.alternate(steps, args.repeats)
+    times = {} if args.memory_only else common.alternate(steps, args.repeats)
     saved, rss = memory(base, ours, theirs, ids, steps, max(1, min(3, args.repeats)))
     return {"setting": f"{label} dropout={dropout}", "dtype": label, "dropout": dropout,
             "times_s": times, "saved_bytes": saved, "rss_delta_bytes": rss,
@@ -132,15 +133,21 @@ def report(results: list[dict]) -> str:
     for result in results:
         t = {name: common.median(values) for name, values in result["times_s"].items()}
         saved = result["saved_bytes"]
+        added = {name: saved[name] - saved["frozen"] for name in ("lorakit", "peft")}
         rss = {n: common.median(v) for n, v in result["rss_delta_bytes"].items() if None not in v}
-        rows.append((result["setting"], f"{t['lorakit']:.3f}",
-                     f"{t['lorakit'] / t['peft']:.3f}", f"{t['lorakit'] / t['frozen']:.3f}",
-                     f"{t['peft'] / t['frozen']:.3f}", f"{t['lorakit-plain'] / t['peft']:.3f}",
-                     f"{saved['lorakit'] / saved['peft']:.3f}",
+        rows.append((result["setting"], f"{t['lorakit']:.3f}" if t else "-",
+                     common.ratio(t.get("lorakit"), t.get("peft")),
+                     common.ratio(t.get("lorakit"), t.get("frozen")),
+                     common.ratio(t.get("peft"), t.get("frozen")),
+                     common.ratio(t.get("lorakit-plain"), t.get("peft")),
+                     f"{saved['lorakit'] / 2**20:.1f} / {saved['peft'] / 2**20:.1f}",
+                     common.ratio(saved["lorakit"], saved["peft"]),
+                     common.ratio(added["lorakit"], added["peft"]),
                      f"{saved['lorakit'] / saved['full-ft']:.2f} / {saved['peft'] / saved['full-ft']:.2f}",
                      common.ratio(rss.get("lorakit"), rss.get("peft"))))  # fmt: skip
     header = ("setting", "lorakit s/step", "lorakit/peft", "lorakit/frozen", "peft/frozen",
-              "plain/peft", "saved lorakit/peft", "saved vs full-ft (lorakit / peft)",
+              "plain/peft", "saved MiB lorakit / peft", "saved lorakit/peft",
+              "saved above frozen lorakit/peft", "saved vs full-ft lorakit / peft",
               "rss lorakit/peft")  # fmt: skip
     return common.table(rows, header)
 
@@ -154,6 +161,7 @@ def main() -> None:
         choices=range(len(SETTINGS)),
         help="indices into " + ", ".join(f"{d} p={p}" for d, _, p in SETTINGS),
     )
+    parse.add_argument("--memory-only", action="store_true", help="skip the timed rounds")
     args = parse.parse_args()
     torch.set_num_threads(args.threads)
     settings = SETTINGS[:1] if args.quick else SETTINGS

@@ -28,7 +28,7 @@ def parser(description: str, name: str) -> argparse.ArgumentParser:
     parse.add_argument("--quick", action="store_true", help="tiny sizes (proves it runs)")
     parse.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parse.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
-    parse.add_argument("--layers", type=int, default=4, help="decoder layers (real: 30)")
+    parse.add_argument("--layers", type=int, default=8, help="decoder layers (real: 30)")
     parse.add_argument("--out", type=Path, default=RESULTS / f"{name}.json")
     return parse
 
