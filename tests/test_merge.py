@@ -154,3 +154,8 @@ def test_unmerge_restores_the_tie() -> None:
     assert model.transformer.wte.weight is not model.lm_head.weight
     lorakit.unmerge(model)
     assert model.transformer.wte.weight is model.lm_head.weight
+
+
+def test_merge_on_a_model_without_adapters_says_so() -> None:
+    with pytest.raises(ValueError, match="has no lorakit adapters"):
+        lorakit.merge(tiny_models.llama())

@@ -21,9 +21,14 @@ __all__ = ["merge", "merge_and_unload", "unmerge"]
 
 
 def _chosen(model: nn.Module, adapter_names: Sequence[str] | None) -> tuple[str, ...]:
-    names = active_adapters(model) if adapter_names is None else tuple(adapter_names)
     state = state_of(model)
-    known = () if state is None else tuple(state.configs)
+    if state is None:
+        raise ValueError(
+            f"this {type(model).__name__} has no lorakit adapters (call merge on the model that "
+            "lorakit.inject or lorakit.load_adapter returned)"
+        )
+    names = active_adapters(model) if adapter_names is None else tuple(adapter_names)
+    known = tuple(state.configs)
     unknown = [name for name in names if name not in known]
     if unknown:
         raise KeyError(f"unknown adapter(s) {unknown}; this model has {list(known)}")
