@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import warnings
 
 import pytest
@@ -124,3 +125,33 @@ def test_bf16_save_dtype_and_load_into_fp32_adapter(tmp_path) -> None:
     assert layer.lora_A["default"].weight.dtype == torch.float32
     original = model.get_submodule("model.layers.0.self_attn.q_proj").lora_A["default"].weight
     assert torch.equal(layer.lora_A["default"].weight, original.to(torch.bfloat16).float())
+
+
+def test_saving_twice_gives_identical_bytes(tmp_path) -> None:
+    model = _adapted("bert", bias="all")
+    save_adapter(model, tmp_path / "one")
+    save_adapter(model, tmp_path / "two")
+    save_adapter(model, tmp_path / "two")  # overwriting in place too
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]  # no temporary file left behind
+
+
+def test_loading_many_adapters_does_not_slow_down(tmp_path) -> None:
+    """The 60th adapter loads about as fast as the first (no per-load work that grows with the
+    number of adapters already on the model). Generous bound: 3x, plus 5 ms of noise."""
+    save_adapter(_adapted("llama"), tmp_path)
+    model = tiny_models.llama()
+    durations = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for index in range(60):
+            start = time.perf_counter()
+            load_adapter(model, tmp_path, f"adapter_{index}")
+            durations.append(time.perf_counter() - start)
+    first, last = min(durations[1:6]), min(durations[-5:])
+    assert last <= 3 * first + 0.005, (first, last)
+    assert len(lorakit.adapter_configs(model)) == 60

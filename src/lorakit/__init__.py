@@ -19,6 +19,7 @@ from lorakit.errors import AdapterFileError, BaseModelMismatchError, UserError
 from lorakit.inject import inject, unload
 from lorakit.io import load_adapter, read_adapter, save_adapter, save_merged_model
 from lorakit.merge import merge, merge_and_unload, unmerge
+from lorakit.peft_compat import PeftModel, get_peft_model
 from lorakit.state import (
     active_adapters,
     adapter_configs,
@@ -36,6 +37,7 @@ __all__ = [
     "BaseModelMismatchError",
     "LoraConfig",
     "ParameterCount",
+    "PeftModel",
     "TaskType",
     "UserError",
     "active_adapters",
@@ -44,6 +46,7 @@ __all__ = [
     "delete_adapter",
     "disabled",
     "find_targets",
+    "get_peft_model",
     "inject",
     "load_adapter",
     "merge",

@@ -41,9 +41,8 @@ def inject(
     if not targets:
         raise ValueError(no_match_message(model, config))
     state = state_of(model, create=True)
-    modules = dict(model.named_modules())
     for name in targets:
-        layer = modules[name]
+        layer = model.get_submodule(name)
         if not isinstance(layer, LoraLayer):
             layer = wrap(layer, name)
             _replace(model, name, layer)
@@ -57,7 +56,7 @@ def inject(
             dtype=adapter_dtype or _default_adapter_dtype(layer.base_layer.weight.dtype),
         )
     for name in _saved_module_names(model, config):
-        wrapper = dict(model.named_modules())[name]
+        wrapper = model.get_submodule(name)
         if not isinstance(wrapper, ModulesToSave):
             wrapper = ModulesToSave(wrapper)
             _replace(model, name, wrapper)

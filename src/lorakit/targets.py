@@ -20,6 +20,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.layers import LoraLayer, ModulesToSave, is_linear
+from lorakit.state import walk_modules
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -49,15 +50,10 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 def model_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(name, module)`` of the ORIGINAL model: a LoRA layer stands for the module it wraps and
     the insides of LoRA layers and saved-module wrappers are skipped."""
-    skip_prefixes: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in skip_prefixes):
-            continue
+    for name, module in walk_modules(model):
         if isinstance(module, LoraLayer):
-            skip_prefixes.append(name + ".")
             yield name, module.base_layer
         elif isinstance(module, ModulesToSave):
-            skip_prefixes.append(name + ".")
             yield name, module.original_module
         else:
             yield name, module

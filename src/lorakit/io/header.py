@@ -13,9 +13,11 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from lorakit.errors import AdapterFileError
 
-__all__ = ["DTYPE_SIZES", "SafetensorsHeader", "TensorInfo", "read_header"]
+__all__ = ["DTYPE_SIZES", "SafetensorsHeader", "TensorInfo", "read_header", "serialize"]
 
 DTYPE_SIZES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -96,3 +98,19 @@ def _tensor_info(path: Path, key: str, entry: object) -> TensorInfo:
     if info.end - info.start != info.numel * DTYPE_SIZES[info.dtype] or info.start < 0:
         raise _broken(path, f"tensor {key!r} offsets do not match its shape and dtype")
     return info
+
+
+def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes with a deterministic header: ``safetensors.torch.save`` orders the
+    tensors (dtype, then key) but writes metadata entries in hash order, so the metadata is
+    re-emitted here with sorted keys (same JSON encoding, header padded to 8 bytes)."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    (length,) = struct.unpack("<Q", data[:8])
+    entries = json.loads(data[8 : 8 + length])
+    entries["__metadata__"] = dict(sorted(entries.get("__metadata__", {}).items()))
+    ordered = {"__metadata__": entries.pop("__metadata__"), **entries}
+    header = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + data[8 + length :]

@@ -31,8 +31,7 @@ from lorakit.io.keys import (
 )
 from lorakit.io.read import AdapterFile, adapter_directory, read_adapter
 from lorakit.io.save import _embedding_names
-from lorakit.layers import LoraLayer
-from lorakit.state import active_adapters, adapter_configs, delete_adapter, state_of
+from lorakit.state import active_adapters, adapter_configs, delete_adapter, lora_layers, state_of
 from lorakit.targets import find_targets, matches, model_modules
 
 __all__ = ["load_adapter"]
@@ -206,7 +205,7 @@ def _apply(
 ) -> None:
     """Inject and copy; on any failure put the model back exactly as it was."""
     had_state = state_of(model) is not None
-    wrapped_before = {id(m) for m in model.modules() if isinstance(m, LoraLayer)}
+    wrapped_before = {id(layer) for _, layer in lora_layers(model)}
     base_backup: dict[str, torch.Tensor] = {}
     try:
         inject(model, config, adapter_name, adapter_dtype=adapter_dtype, activate=activate)
@@ -235,6 +234,6 @@ def _roll_back(model, slots, adapter_name, had_state, wrapped_before, base_backu
         unload(model)
         return
     delete_adapter(model, adapter_name)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer) and id(module) not in wrapped_before:
-            _replace(model, name, module.base_layer)
+    for name, layer in list(lora_layers(model)):
+        if id(layer) not in wrapped_before:
+            _replace(model, name, layer.base_layer)

@@ -22,6 +22,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import UserError
 from lorakit.io import atomic, fingerprint
 from lorakit.io.config_json import CONFIG_NAME, config_to_json
+from lorakit.io.header import serialize
 from lorakit.io.keys import adapter_slots, model_tensor
 from lorakit.io.read import CONFIG_METADATA_KEY, WEIGHTS_NAME
 from lorakit.layers import LoraLayer
@@ -108,14 +109,12 @@ def save_adapter(
     ``save_embedding_layers``: also save the full input/output embedding weights, needed only
     when the vocabulary was resized (None: detected from the base model's local config.json).
     """
-    from safetensors.torch import save
-
     tensors, metadata, config_text = adapter_file_contents(
         model, adapter_name, dtype=dtype, save_embedding_layers=save_embedding_layers
     )
     target = Path(directory) if adapter_name == "default" else Path(directory) / adapter_name
     target.mkdir(parents=True, exist_ok=True)
-    atomic.write_bytes(target / WEIGHTS_NAME, save(tensors, metadata=metadata))
+    atomic.write_bytes(target / WEIGHTS_NAME, serialize(tensors, metadata))
     atomic.write_text(target / CONFIG_NAME, config_text)
     return target
 

@@ -118,6 +118,11 @@ class LoraLayer(nn.Module):
         """The base layer's output computed with ``weight`` in place of its own."""
         raise NotImplementedError
 
+    def fused_forward(self, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor | None:
+        """``base(x)`` plus the named adapters in one fused pass (``lorakit.fast``), or None
+        where the layer has no fast path for this call (the plain path is then taken)."""
+        return None
+
     # ----------------------------------------------------------------- adapters
     @property
     def weight(self) -> torch.Tensor:
@@ -165,6 +170,9 @@ class LoraLayer(nn.Module):
         active = self.active_adapters if override is None else override
         active = tuple(name for name in active if name in self.ranks)
         if not self.merged_adapters:
+            fused = None if args or kwargs else self.fused_forward(x, active)
+            if fused is not None:
+                return fused
             out = self.base_layer(x, *args, **kwargs)
             pending = active
         elif set(active) == set(self.merged_adapters):
@@ -172,8 +180,10 @@ class LoraLayer(nn.Module):
         else:
             out = self.base_forward_with_weight(self.original_weight, x)
             pending = active
+        in_place = not torch.is_grad_enabled()  # out is the base layer's fresh output
         for name in pending:
-            out = out + self.lora_branch(name, x).to(out.dtype)
+            branch = self.lora_branch(name, x)
+            out = out.add_(branch) if in_place else out + branch.to(out.dtype)
         return out
 
     # ----------------------------------------------------------------- merge

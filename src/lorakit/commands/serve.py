@@ -1,0 +1,154 @@
+"""``lorakit serve``: an OpenAI-compatible server of one base model and many LoRA adapters."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+
+from lorakit.errors import UserError
+
+__all__ = ["build", "register", "run"]
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a base model and LoRA adapters over an OpenAI-compatible HTTP API",
+        description="Serve --model with every PEFT adapter in --adapters (one subdirectory each; "
+        "the OpenAI 'model' field picks the adapter). Binds to 127.0.0.1 unless --host says otherwise.",
+    )
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="model spec or local transformers directory",
+    )
+    parser.add_argument("--adapters", required=True, help="directory of PEFT adapter directories")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--admin-token",
+        default=os.environ.get("LORAKIT_ADMIN_TOKEN"),
+        help="bearer token for /v1/load_lora_adapter and /v1/unload_lora_adapter "
+        "(default $LORAKIT_ADMIN_TOKEN; without one they are disabled)",
+    )
+    parser.add_argument(
+        "--max-adapters", type=int, default=None, help="adapter slots in memory (default 8)"
+    )
+    parser.add_argument(
+        "--adapter-memory", default=None, help="memory budget of the adapter bank, e.g. 256MB"
+    )
+    parser.add_argument(
+        "--max-rank",
+        type=int,
+        default=None,
+        help="largest adapter rank (default: the largest in --adapters, else 16)",
+    )
+    parser.add_argument(
+        "--target-modules",
+        default=None,
+        help="comma-separated modules to route (default: the union of the adapters' targets)",
+    )
+    parser.add_argument(
+        "--max-batch", type=int, default=32, help="requests decoded together at most"
+    )
+    parser.add_argument("--max-prompt-tokens", type=int, default=1024)
+    parser.add_argument(
+        "--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask"
+    )
+    parser.add_argument("--served-model-name", default=None, help="the base model's id in the API")
+    parser.set_defaults(func=run)
+
+
+def parse_size(text: str) -> int:
+    """'256MB' -> 256000000, '1GiB' -> 1073741824, '1000' -> 1000."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise UserError(f"--adapter-memory {text!r} is not a size; write e.g. 512MB or 2GiB")
+    unit = (match.group(2) or "").lower().removesuffix("b")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _load_model(spec: str):
+    try:
+        from lorakit.models import load_model
+    except ImportError:
+        return _load_local(spec)
+    return load_model(spec)
+
+
+def _load_local(spec: str):
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(spec).is_dir():
+        raise UserError(f"--model {spec!r} is not a local transformers directory")
+    model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True)
+    return model, AutoTokenizer.from_pretrained(spec, local_files_only=True)
+
+
+def _adapter_defaults(registry) -> tuple[list[str] | str, int]:
+    """(target modules, max rank) covering every adapter of the directory."""
+    from lorakit.serve.registry import read_peft_adapter
+
+    targets: set[str] = set()
+    regex, rank = False, 0
+    for name in registry.names():
+        config, _ = read_peft_adapter(registry.path(name))
+        rank = max([rank, config.r, *config.rank_pattern.values()])
+        if isinstance(config.target_modules, list):
+            targets.update(config.target_modules)
+        else:
+            regex = True
+    return ("all-linear" if regex or not targets else sorted(targets)), (rank or 16)
+
+
+def build(args: argparse.Namespace):
+    """The FastAPI app for ``args`` (model loaded, bank allocated, adapters registered)."""
+    from lorakit.serve import AdapterBank, prepare_for_serving
+    from lorakit.serve.app import ServerSettings, create_app
+    from lorakit.serve.engine import Engine
+    from lorakit.serve.registry import AdapterRegistry, ServedAdapters
+
+    registry = AdapterRegistry(args.adapters)
+    targets, max_rank = _adapter_defaults(registry)
+    if args.target_modules:
+        targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
+    model, tokenizer = _load_model(args.model)
+    prepare_for_serving(model, targets)
+    budget = parse_size(args.adapter_memory) if args.adapter_memory else None
+    capacity = args.max_adapters or (None if budget else 8)
+    try:
+        bank = AdapterBank(
+            model, max_rank=args.max_rank or max_rank, capacity=capacity, memory_budget=budget
+        )
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    adapters = ServedAdapters(bank, registry)
+    engine = Engine(
+        model, bank, tokenizer, max_batch=args.max_batch, adapter_loader=adapters.ensure_loaded
+    )
+    positions = getattr(model.config, "max_position_embeddings", None) or 2048
+    settings = ServerSettings(
+        model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
+        admin_token=args.admin_token or None,
+        max_prompt_tokens=min(args.max_prompt_tokens, positions - 1),
+        max_tokens_limit=args.max_tokens_limit,
+        max_positions=positions,
+    )
+    return create_app(engine, adapters, tokenizer, settings)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"lorakit serve: warning: listening on {args.host}, reachable from other machines")
+    uvicorn.run(build(args), host=args.host, port=args.port, log_level="info")
+    return 0

@@ -1,0 +1,312 @@
+"""The OpenAI-compatible HTTP server (FastAPI) over the engine.
+
+Routes: ``GET /health``, ``GET /v1/models`` (the base and every adapter), ``POST /v1/completions``
+and ``/v1/chat/completions`` (``model`` = an adapter name, or the base name for none; ``stream``
+as server-sent events ending with ``data: [DONE]``), and vLLM's admin routes
+``POST /v1/load_lora_adapter {lora_name, lora_path}`` / ``/v1/unload_lora_adapter {lora_name}``
+behind ``Authorization: Bearer <admin token>``. Every error is OpenAI's JSON error object.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from lorakit.errors import UserError
+from lorakit.serve import protocol
+from lorakit.serve.bank import AdapterInUseError, BankFullError
+from lorakit.serve.engine import Engine
+from lorakit.serve.protocol import APIError, CompletionJob
+from lorakit.serve.registry import ServedAdapters
+
+__all__ = ["ServerSettings", "create_app"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """``model_name``: the id of the base model; limits on prompts, outputs and bodies."""
+
+    model_name: str
+    admin_token: str | None = None
+    max_prompt_tokens: int = 1024
+    max_tokens_limit: int = 512
+    max_positions: int = 2048
+    max_body_bytes: int = 1 << 20
+
+
+def create_app(
+    engine: Engine, adapters: ServedAdapters, tokenizer, settings: ServerSettings
+) -> FastAPI:
+    """The app; starting it starts the engine thread, shutting it down stops the engine."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="lorakit", lifespan=lifespan)
+    _install_error_handlers(app)
+    created = int(time.time())
+
+    @app.get("/health")
+    async def health() -> dict:
+        running, waiting = engine.load
+        bank = adapters.bank
+        return {
+            "status": "ok",
+            "running": running,
+            "waiting": waiting,
+            "adapters_loaded": len(bank.names()),
+            "adapter_capacity": bank.capacity,
+            "adapter_memory_bytes": bank.memory_bytes(),
+        }
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        base = {
+            "id": settings.model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "lorakit",
+            "root": settings.model_name,
+            "parent": None,
+        }
+        cards = [base] + [
+            {**base, "id": name, "root": name, "parent": settings.model_name}
+            for name in adapters.registry.names()
+        ]
+        return {"object": "list", "data": cards}
+
+    async def run_job(request: Request, chat: bool):
+        body = protocol.parse_body(await request.body(), settings.max_body_bytes)
+        job = protocol.parse_job(body, chat=chat, max_tokens_limit=settings.max_tokens_limit)
+        adapter = await _adapter_for(job.model, adapters, settings)
+        prompt_ids = _prompt_ids(job, tokenizer, settings)
+        if job.stream:
+            return StreamingResponse(
+                _sse(engine, job, prompt_ids, adapter), media_type="text/event-stream"
+            )
+        return await _complete(engine, job, prompt_ids, adapter)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await run_job(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await run_job(request, chat=True)
+
+    _add_admin_routes(app, adapters, settings)
+    return app
+
+
+def _add_admin_routes(app: FastAPI, adapters: ServedAdapters, settings: ServerSettings) -> None:
+    """vLLM's runtime adapter routes, behind the admin bearer token."""
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        _check_admin(request, settings)
+        body = protocol.parse_body(await request.body(), settings.max_body_bytes)
+        name = _string(body, "lora_name")
+        path = body.get("lora_path")
+        try:
+            await run_in_threadpool(adapters.add, name, path)
+        except (UserError, ValueError) as error:
+            raise APIError(400, str(error), param="lora_path") from None
+        except BankFullError as error:
+            raise APIError(503, str(error), type="server_busy") from None
+        return {"status": "ok", "message": f"LoRA adapter {name!r} added"}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        _check_admin(request, settings)
+        body = protocol.parse_body(await request.body(), settings.max_body_bytes)
+        name = _string(body, "lora_name")
+        try:
+            await run_in_threadpool(adapters.remove, name)
+        except KeyError:
+            raise APIError(
+                404, f"adapter {name!r} is not loaded", param="lora_name", code="model_not_found"
+            ) from None
+        except AdapterInUseError as error:
+            raise APIError(409, str(error), param="lora_name") from None
+        return {"status": "ok", "message": f"LoRA adapter {name!r} removed"}
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, error: APIError) -> JSONResponse:
+        return JSONResponse(protocol.error_body(error), status_code=error.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
+        wrapped = APIError(error.status_code, str(error.detail), code=str(error.status_code))
+        return JSONResponse(protocol.error_body(wrapped), status_code=error.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse(protocol.error_body(APIError(400, str(error))), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, error: Exception) -> JSONResponse:
+        log.exception("internal error")
+        body = APIError(500, f"internal error: {type(error).__name__}", type="server_error")
+        return JSONResponse(protocol.error_body(body), status_code=500)
+
+
+def _check_admin(request: Request, settings: ServerSettings) -> None:
+    if not settings.admin_token:
+        raise APIError(
+            401,
+            "runtime adapter loading is disabled; start the server with --admin-token",
+            type="authentication_error",
+        )
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.strip().encode(), settings.admin_token.encode()
+    ):
+        raise APIError(
+            401,
+            "missing or wrong admin token (Authorization: Bearer <token>)",
+            type="authentication_error",
+        )
+
+
+def _string(body: dict, name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise APIError(400, f"'{name}' must be a non-empty string", param=name)
+    return value
+
+
+async def _adapter_for(
+    model: str, adapters: ServedAdapters, settings: ServerSettings
+) -> str | None:
+    if model == settings.model_name:
+        return None
+    if model not in adapters.registry:
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist; see GET /v1/models",
+            param="model",
+            code="model_not_found",
+        )
+    try:
+        await run_in_threadpool(adapters.ensure_loaded, model)
+    except UserError as error:
+        raise APIError(400, str(error), param="model") from None
+    except BankFullError:
+        pass  # every slot is busy now: the engine loads it when a running request frees one
+    except KeyError:  # unloaded meanwhile
+        raise APIError(
+            404, f"the model {model!r} does not exist", param="model", code="model_not_found"
+        ) from None
+    return model
+
+
+def _prompt_ids(job: CompletionJob, tokenizer, settings: ServerSettings) -> list[int]:
+    if job.chat:
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(
+                job.prompt, add_generation_prompt=True, tokenize=False
+            )
+        else:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in job.prompt) + "assistant:"
+        ids = tokenizer.encode(text)
+    elif isinstance(job.prompt, str):
+        ids = tokenizer.encode(job.prompt)
+    else:
+        ids = job.prompt
+        if any(not 0 <= t < len(tokenizer) for t in ids):
+            raise APIError(
+                400, f"prompt token ids must be in [0, {len(tokenizer)})", param="prompt"
+            )
+    if not ids:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    if len(ids) > settings.max_prompt_tokens:
+        raise APIError(
+            413,
+            f"the prompt has {len(ids)} tokens; the limit is {settings.max_prompt_tokens}",
+            param="prompt",
+            code="context_length_exceeded",
+        )
+    if len(ids) + job.params.max_tokens > settings.max_positions:
+        raise APIError(
+            400,
+            f"prompt ({len(ids)} tokens) + max_tokens ({job.params.max_tokens}) exceeds the model's {settings.max_positions} positions",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return ids
+
+
+async def _complete(
+    engine: Engine, job: CompletionJob, prompt_ids: list[int], adapter: str | None
+) -> dict:
+    request_id, pieces, last = protocol.new_id(job.chat), [], None
+    async for event in engine.stream(prompt_ids, adapter, job.params):
+        pieces.append(event.text)
+        last = event
+    if last.finish_reason not in ("stop", "length"):
+        raise APIError(
+            503, f"generation failed: {last.error or last.finish_reason}", type="server_error"
+        )
+    usage = {
+        "prompt_tokens": last.prompt_tokens,
+        "completion_tokens": last.completion_tokens,
+        "total_tokens": last.prompt_tokens + last.completion_tokens,
+    }
+    return protocol.full_response(request_id, job, "".join(pieces), last.finish_reason, usage)
+
+
+async def _sse(
+    engine: Engine, job: CompletionJob, prompt_ids: list[int], adapter: str | None
+) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, then ``data: [DONE]``."""
+    request_id = protocol.new_id(job.chat)
+
+    def chunk(text: str | None, finish: str | None) -> str:
+        if job.chat:
+            delta = (
+                {"role": "assistant", "content": ""}
+                if text is None
+                else ({"content": text} if text else {})
+            )
+            payload = protocol.chat_chunk(request_id, job.model, delta, finish)
+        else:
+            payload = protocol.completion_chunk(request_id, job.model, text or "", finish)
+        return f"data: {json.dumps(payload)}\n\n"
+
+    if job.chat:
+        yield chunk(None, None)
+    async for event in engine.stream(prompt_ids, adapter, job.params):
+        if event.finish_reason is None:
+            if event.text:
+                yield chunk(event.text, None)
+            continue
+        if event.finish_reason in ("stop", "length"):
+            if event.text:
+                yield chunk(event.text, None)
+            yield chunk("", event.finish_reason)
+        else:
+            failure = APIError(
+                503, f"generation failed: {event.error or event.finish_reason}", type="server_error"
+            )
+            yield f"data: {json.dumps(protocol.error_body(failure))}\n\n"
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,351 @@
+"""``AdapterBank``: the LoRA adapters of one base model held apart from it, stacked by slot.
+
+For every adapted linear layer (d x k) the bank keeps (punica's layout)::
+
+    A_stack: (slots, r_max, k)    B_stack: (slots, d, r_max)    scaling: (slots,)
+
+An adapter of rank r <= r_max occupies one slot: its A in rows [0, r) of ``A_stack[slot]``, its B in
+columns [0, r) of ``B_stack[slot]``, zeros elsewhere; zero padding adds exactly nothing, so adapters
+of different ranks and alphas (and ``rank_pattern`` / ``alpha_pattern`` / rsLoRA) share one stack.
+A layer the adapter does not target is all zeros in that slot.
+
+The model itself needs LoRA layers around the targets but no adapters of its own:
+``prepare_for_serving(model, target_modules)`` wraps them empty. Loading and eviction are allowed
+while serving: slots in use by a running request (``acquire``/``release``) or pinned are never
+evicted; otherwise the least recently used adapter makes room. All methods are thread-safe.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lorakit import functional
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterFileError
+from lorakit.inject import inject
+from lorakit.layers import LoraLinear
+from lorakit.state import adapter_configs, delete_adapter, lora_layers
+
+__all__ = [
+    "AdapterBank",
+    "AdapterInUseError",
+    "BankFullError",
+    "LayerStack",
+    "prepare_for_serving",
+]
+
+_PLACEHOLDER = "lorakit-serving-placeholder"
+_PREFIX = "base_model.model."
+
+
+class BankFullError(RuntimeError):
+    """Every slot holds an adapter that is pinned or used by a running request."""
+
+
+class AdapterInUseError(RuntimeError):
+    """The adapter cannot be evicted now: a running request uses it."""
+
+
+@dataclass
+class LayerStack:
+    """The stacked adapters of one linear layer. ``present``: slots with an adapter here."""
+
+    name: str
+    lora_A: torch.Tensor  # (slots, r_max, k)
+    lora_B: torch.Tensor  # (slots, d, r_max)
+    scaling: torch.Tensor  # (slots,) float32
+    present: set[int] = field(default_factory=set)
+    scaling_values: dict[int, float] = field(default_factory=dict)  # the same, as Python floats
+
+
+def prepare_for_serving(model: nn.Module, target_modules: str | list[str] = "all-linear") -> int:
+    """Wrap the ``target_modules`` of ``model`` in LoRA layers with no adapter (in place).
+
+    The layers compute exactly the base output until a bank routes rows to adapters. Returns the
+    number of LoRA layers the model now has. Uses lorakit's injection rules (PEFT's matching).
+    """
+    config = LoraConfig(r=1, lora_alpha=1, target_modules=target_modules)
+    inject(model, config, adapter_name=_PLACEHOLDER, activate=False)
+    delete_adapter(model, _PLACEHOLDER)
+    model.requires_grad_(False)
+    return sum(1 for _ in lora_layers(model))
+
+
+class AdapterBank:
+    """Adapters by name -> slot, their tensors stacked per layer (see the module docstring).
+
+    ``capacity`` slots are allocated up front, or as many as fit in ``memory_budget`` bytes
+    (``memory_bytes()`` never exceeds it). ``max_rank`` is r_max. ``dtype``: of the stacks
+    (default: the base weights' dtype, float32 for half-precision bases).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        max_rank: int = 16,
+        capacity: int | None = None,
+        memory_budget: int | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        linears = [(n, layer) for n, layer in lora_layers(model) if isinstance(layer, LoraLinear)]
+        if not linears:
+            raise ValueError(
+                "the model has no LoRA linear layers to route; call "
+                "lorakit.serve.prepare_for_serving(model, target_modules) first."
+            )
+        if max_rank < 1:
+            raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+        weight = linears[0][1].base_layer.weight
+        self.dtype = dtype or (
+            torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        )
+        self.max_rank = max_rank
+        self.capacity = self._capacity(linears, capacity, memory_budget)
+        self.memory_budget = memory_budget
+        self._stacks: dict[str, LayerStack] = {}
+        self._by_layer: dict[int, LayerStack] = {}
+        for name, layer in linears:
+            stack = self._allocate(name, layer, weight.device)
+            self._stacks[name] = stack
+            self._by_layer[id(layer)] = stack
+        self._lock = threading.RLock()
+        self._slot_of: OrderedDict[str, int] = OrderedDict()  # least recently used first
+        self._configs: dict[str, LoraConfig] = {}
+        self._free = list(range(self.capacity - 1, -1, -1))
+        self._in_use: dict[str, int] = {}
+        self._pinned: set[str] = set()
+
+    # ----------------------------------------------------------------- sizing
+    def _capacity(self, linears, capacity: int | None, memory_budget: int | None) -> int:
+        item = torch.empty((), dtype=self.dtype).element_size()
+        per_layer = [
+            self.max_rank * (lay.in_features + lay.out_features) * item + 4 for _, lay in linears
+        ]
+        self.slot_bytes = sum(per_layer)  # A and B padded to max_rank, plus a float32 scaling
+        slots = capacity
+        if memory_budget is not None:
+            fitting = memory_budget // self.slot_bytes
+            if fitting < 1:
+                raise ValueError(
+                    f"memory_budget={memory_budget} bytes holds no adapter: one slot at "
+                    f"max_rank={self.max_rank} takes {self.slot_bytes} bytes; raise the budget or "
+                    "lower max_rank."
+                )
+            slots = fitting if slots is None else min(slots, fitting)
+        if slots is None or slots < 1:
+            raise ValueError(f"give a capacity >= 1 or a memory_budget (got capacity={capacity})")
+        return int(slots)
+
+    def _allocate(self, name: str, layer: LoraLinear, device: torch.device) -> LayerStack:
+        slots, r, d, k = self.capacity, self.max_rank, layer.out_features, layer.in_features
+        return LayerStack(
+            name=name,
+            lora_A=torch.zeros(slots, r, k, dtype=self.dtype, device=device),
+            lora_B=torch.zeros(slots, d, r, dtype=self.dtype, device=device),
+            scaling=torch.zeros(slots, dtype=torch.float32, device=device),
+        )
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the stacked tensors (fixed at construction; <= ``memory_budget``)."""
+        return sum(
+            s.lora_A.nbytes + s.lora_B.nbytes + s.scaling.nbytes for s in self._stacks.values()
+        )
+
+    # ----------------------------------------------------------------- lookup
+    def stack_for(self, layer: nn.Module) -> LayerStack | None:
+        """The stacks of a LoRA layer of the served model (None: not routed)."""
+        return self._by_layer.get(id(layer))
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self._stacks)
+
+    def names(self) -> list[str]:
+        """Loaded adapters, least recently used first."""
+        with self._lock:
+            return list(self._slot_of)
+
+    def __contains__(self, name: object) -> bool:
+        with self._lock:
+            return name in self._slot_of
+
+    def config(self, name: str) -> LoraConfig:
+        with self._lock:
+            return self._configs[self._known(name)]
+
+    def slot_of(self, name: str) -> int:
+        with self._lock:
+            return self._slot_of[self._known(name)]
+
+    def _known(self, name: str) -> str:
+        if name not in self._slot_of:
+            raise KeyError(f"adapter {name!r} is not loaded; loaded: {sorted(self._slot_of)}")
+        return name
+
+    # ----------------------------------------------------------------- use, pin, evict
+    def acquire(self, name: str) -> int:
+        """Mark ``name`` used by a running request (not evictable until ``release``); its slot."""
+        with self._lock:
+            slot = self._slot_of[self._known(name)]
+            self._slot_of.move_to_end(name)
+            self._in_use[name] = self._in_use.get(name, 0) + 1
+            return slot
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            count = self._in_use.get(name, 0) - 1
+            if count > 0:
+                self._in_use[name] = count
+            else:
+                self._in_use.pop(name, None)
+
+    def pin(self, name: str) -> None:
+        """Never evict ``name`` by the LRU policy (``evict`` still removes it)."""
+        with self._lock:
+            self._pinned.add(self._known(name))
+
+    def unpin(self, name: str) -> None:
+        with self._lock:
+            self._pinned.discard(name)
+
+    def evict(self, name: str) -> None:
+        """Remove ``name`` now. Raises ``AdapterInUseError`` while a request uses it."""
+        with self._lock:
+            self._known(name)
+            if self._in_use.get(name):
+                raise AdapterInUseError(
+                    f"adapter {name!r} is used by {self._in_use[name]} running request(s); "
+                    "retry when they finish."
+                )
+            slot = self._slot_of.pop(name)
+            self._pinned.discard(name)
+            del self._configs[name]
+            for stack in self._stacks.values():
+                stack.present.discard(slot)
+            self._free.append(slot)
+
+    def _take_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        for victim in self._slot_of:  # least recently used first
+            if victim not in self._pinned and not self._in_use.get(victim):
+                self.evict(victim)
+                return self._free.pop()
+        raise BankFullError(
+            f"all {self.capacity} adapter slots are pinned or used by running requests; raise "
+            "the capacity (--max-adapters / --adapter-memory), unpin, or retry later."
+        )
+
+    # ----------------------------------------------------------------- load
+    def load(
+        self,
+        name: str,
+        config: LoraConfig,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        pin: bool = False,
+    ) -> int:
+        """Load an adapter from PEFT-format tensors (``base_model.model.<path>.lora_A.weight``
+        (r, k) and ``.lora_B.weight`` (d, r)); evicts the LRU adapter when full. Returns its slot."""
+        pairs = self._validated_pairs(name, config, tensors)
+        with self._lock:
+            if name in self._slot_of:
+                raise ValueError(f"adapter {name!r} is already loaded; unload it first.")
+            slot = self._take_slot()
+            with torch.no_grad():
+                for layer_name, stack in self._stacks.items():
+                    self._write(stack, slot, pairs.get(layer_name), config)
+            self._slot_of[name] = slot
+            self._configs[name] = config
+            if pin:
+                self._pinned.add(name)
+            return slot
+
+    def load_from_model(
+        self, name: str, model: nn.Module, adapter_name: str = "default", *, pin: bool = False
+    ) -> int:
+        """Copy adapter ``adapter_name`` of an injected (in-memory) ``model`` into the bank."""
+        config = adapter_configs(model)[adapter_name]
+        tensors = {}
+        for path, layer in lora_layers(model):
+            if adapter_name in layer.ranks:
+                lora_A, lora_B = layer.adapter_parameters(adapter_name)
+                tensors[f"{_PREFIX}{path}.lora_A.weight"] = lora_A.detach()
+                tensors[f"{_PREFIX}{path}.lora_B.weight"] = lora_B.detach()
+        return self.load(name, config, tensors, pin=pin)
+
+    def _write(self, stack: LayerStack, slot: int, pair, config: LoraConfig) -> None:
+        stack.lora_A[slot].zero_()
+        stack.lora_B[slot].zero_()
+        if pair is None:
+            stack.scaling[slot] = 0.0
+            stack.present.discard(slot)
+            return
+        lora_A, lora_B = pair
+        rank = lora_A.shape[0]
+        stack.lora_A[slot, :rank].copy_(lora_A)
+        stack.lora_B[slot, :, :rank].copy_(lora_B)
+        alpha = config.alpha_for(stack.name)
+        scale = functional.scaling(rank, alpha, config.use_rslora)
+        stack.scaling[slot] = scale
+        stack.scaling_values[slot] = scale
+        stack.present.add(slot)
+
+    def _validated_pairs(self, name: str, config: LoraConfig, tensors: Mapping[str, torch.Tensor]):
+        """``{layer path: (A, B)}`` after checking every key, shape and rank (before any write)."""
+        if getattr(config, "use_dora", False):
+            raise AdapterFileError(
+                f"adapter {name!r} uses DoRA, which the serving bank does not support."
+            )
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            path = key.removeprefix(_PREFIX)
+            for suffix, part in ((".lora_A.weight", "A"), (".lora_B.weight", "B")):
+                if path.endswith(suffix):
+                    parts.setdefault(path.removesuffix(suffix), {})[part] = tensor
+                    break
+            else:
+                raise AdapterFileError(
+                    f"adapter {name!r}: tensor {key!r} is not a LoRA linear weight; the serving "
+                    "bank supports lora_A/lora_B of linear layers only (no embeddings, biases, "
+                    "modules_to_save)."
+                )
+        pairs = {}
+        for path, part in parts.items():
+            pairs[path] = self._checked_pair(name, path, part)
+        if not pairs:
+            raise AdapterFileError(f"adapter {name!r} holds no LoRA tensors.")
+        return pairs
+
+    def _checked_pair(self, name: str, path: str, part: dict[str, torch.Tensor]):
+        stack = self._stacks.get(path)
+        if stack is None:
+            raise AdapterFileError(
+                f"adapter {name!r} adapts {path!r}, which the served model was not prepared "
+                f"for (routed layers: e.g. {self.layer_names[:3]}...); restart the server with "
+                "target modules that include it."
+            )
+        if set(part) != {"A", "B"}:
+            raise AdapterFileError(f"adapter {name!r}: {path!r} lacks lora_A or lora_B.")
+        lora_A, lora_B = part["A"], part["B"]
+        rank = lora_A.shape[0]
+        _, k = stack.lora_A.shape[1:]
+        d = stack.lora_B.shape[1]
+        if tuple(lora_A.shape) != (rank, k) or tuple(lora_B.shape) != (d, rank):
+            raise AdapterFileError(
+                f"adapter {name!r}: {path!r} has lora_A {tuple(lora_A.shape)} and lora_B "
+                f"{tuple(lora_B.shape)}; expected ({rank}, {k}) and ({d}, {rank}) for this model."
+            )
+        if rank > self.max_rank:
+            raise AdapterFileError(
+                f"adapter {name!r}: {path!r} has rank {rank} > the bank's max_rank "
+                f"{self.max_rank}; restart the server with a larger --max-rank."
+            )
+        return lora_A, lora_B

@@ -1,0 +1,202 @@
+"""The batched multi-adapter op: every row of a batch adds its own adapter's low-rank output.
+
+Semantics (punica's SGMV), for rows ``i`` of ``x`` (N, k) and slots ``slot[i]``::
+
+    y[i] = base(x)[i] + s[slot[i]] * B[slot[i]] A[slot[i]] x[i]       (slot[i] = -1: y[i] = base(x)[i])
+
+with the bank's stacks A (slots, r_max, k), B (slots, d, r_max), s (slots,). The rows are grouped
+into segments of equal slot once per forward (``plan_rows``); every layer of that forward reuses
+the plan. Two ways to run the segments, chosen per segment by its size:
+
+- looped: one pair of small matmuls per segment (``functional.lora_forward``), on a slice of rows
+  when they are contiguous (no copy), for segments of ``LOOP_MIN_ROWS`` rows or more;
+- padded: all the short segments at once (decode with many adapters, per-token choices): their
+  rows gathered into (S, L, k) padded to the longest (L), each segment's A and B gathered once
+  (S, r, k) / (S, d, r), two batched matmuls, and the valid rows scattered back. A fixed number of
+  operations whatever the number of adapters; with one row per segment this is punica's BGMV.
+
+Results are added into the base layer's output in place (inference only, no autograd).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from lorakit import functional
+from lorakit.layers import row_router
+from lorakit.serve.bank import AdapterBank, LayerStack
+
+__all__ = [
+    "BankRouter",
+    "PaddedSegments",
+    "RowPlan",
+    "Segment",
+    "add_lora_looped",
+    "add_lora_padded",
+    "plan_rows",
+    "routed",
+]
+
+# Segments with at least this many rows run as their own pair of matmuls; shorter ones are padded
+# and batched together (when there are at least two of them).
+LOOP_MIN_ROWS = 16
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows sharing one adapter slot: a ``slice`` when contiguous, else a LongTensor of rows."""
+
+    slot: int
+    rows: slice | torch.Tensor
+
+
+@dataclass(frozen=True)
+class PaddedSegments:
+    """S short segments padded to L rows: ``gather_rows`` (S*L,) rows of x (padding repeats a
+    valid row), ``segment_slots`` (S,), ``valid`` (M,) positions of real rows in the S*L grid
+    (None: no padding), ``dest_rows`` (M,) where their results go."""
+
+    segment_slots: torch.Tensor
+    length: int
+    gather_rows: torch.Tensor
+    valid: torch.Tensor | None
+    dest_rows: torch.Tensor
+    slots: frozenset[int]
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """How the N rows of one forward map to adapter slots (built once, used by every layer)."""
+
+    num_rows: int
+    looped: tuple[Segment, ...]
+    padded: PaddedSegments | None
+    slots: frozenset[int]
+
+
+def plan_rows(row_slots: torch.Tensor | Sequence[int], mode: str | None = None) -> RowPlan:
+    """Group rows by slot (-1: no adapter). ``mode``: None (by segment size), "loop" or "padded"."""
+    values = torch.as_tensor(row_slots, dtype=torch.long).reshape(-1).tolist()
+    groups: dict[int, list[int]] = {}
+    for row, slot in enumerate(values):
+        if slot >= 0:
+            groups.setdefault(slot, []).append(row)
+    if mode not in (None, "loop", "padded"):
+        raise ValueError(f"mode must be None, 'loop' or 'padded', got {mode!r}")
+    if mode == "loop":
+        short = {}
+    elif mode == "padded":
+        short = groups
+    else:
+        short = {slot: rows for slot, rows in groups.items() if len(rows) < LOOP_MIN_ROWS}
+        short = short if len(short) >= 2 else {}
+    looped = tuple(_segment(slot, rows) for slot, rows in groups.items() if slot not in short)
+    padded = _padded(short) if short else None
+    return RowPlan(len(values), looped, padded, frozenset(groups))
+
+
+def _segment(slot: int, rows: list[int]) -> Segment:
+    if rows[-1] - rows[0] == len(rows) - 1:  # ascending and contiguous
+        return Segment(slot, slice(rows[0], rows[-1] + 1))
+    return Segment(slot, torch.tensor(rows))
+
+
+def _padded(groups: dict[int, list[int]]) -> PaddedSegments:
+    length = max(len(rows) for rows in groups.values())
+    gather, valid, dest = [], [], []
+    for index, rows in enumerate(groups.values()):
+        gather += rows + [rows[0]] * (length - len(rows))
+        valid += range(index * length, index * length + len(rows))
+        dest += rows
+    no_padding = len(valid) == len(gather)
+    return PaddedSegments(
+        segment_slots=torch.tensor(list(groups)),
+        length=length,
+        gather_rows=torch.tensor(gather),
+        valid=None if no_padding else torch.tensor(valid),
+        dest_rows=torch.tensor(dest),
+        slots=frozenset(groups),
+    )
+
+
+def add_lora_looped(out: torch.Tensor, x: torch.Tensor, stack: LayerStack, plan: RowPlan) -> None:
+    """``out[rows] += s B A x[rows]`` per looped segment. ``out`` (N, d), ``x`` (N, k), in place."""
+    for segment in plan.looped:
+        if segment.slot not in stack.present:
+            continue
+        slot, rows = segment.slot, segment.rows
+        x_rows = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+        delta = functional.lora_forward(
+            x_rows, stack.lora_A[slot], stack.lora_B[slot], stack.scaling_values[slot]
+        ).to(out.dtype)  # (n, d)
+        if isinstance(rows, slice):
+            out[rows] += delta
+        else:
+            out.index_add_(0, rows, delta)
+
+
+def add_lora_padded(out: torch.Tensor, x: torch.Tensor, stack: LayerStack, plan: RowPlan) -> None:
+    """All short segments at once: ``out[i] += s[slot] * B[slot] (A[slot] x[i])``.
+
+    Shapes: x gathered (S, L, k); A (S, r, k); low (S, L, r); B (S, d, r); delta (S, L, d).
+    Rank side first, scale on the rank side (as ``functional.lora_forward``). Slots with no
+    adapter on this layer hold zeros.
+    """
+    group = plan.padded
+    segments, length = group.segment_slots.numel(), group.length
+    x_rows = x.index_select(0, group.gather_rows).to(stack.lora_A.dtype)
+    x_rows = x_rows.view(segments, length, x.shape[-1])  # (S, L, k)
+    lora_A = stack.lora_A.index_select(0, group.segment_slots)  # (S, r, k)
+    low = torch.bmm(x_rows, lora_A.transpose(1, 2))  # (S, L, r)
+    low = low * stack.scaling.index_select(0, group.segment_slots).to(low.dtype).view(-1, 1, 1)
+    lora_B = stack.lora_B.index_select(0, group.segment_slots)  # (S, d, r)
+    delta = torch.bmm(low, lora_B.transpose(1, 2)).view(segments * length, -1)  # (S*L, d)
+    if group.valid is not None:
+        delta = delta.index_select(0, group.valid)  # (M, d)
+    out.index_add_(0, group.dest_rows, delta.to(out.dtype))
+
+
+class BankRouter:
+    """The ``row_router`` callable: each LoRA layer's rows get their slot's adapter from the bank."""
+
+    def __init__(self, bank: AdapterBank, plan: RowPlan) -> None:
+        self.bank = bank
+        self.plan = plan
+
+    def __call__(
+        self, layer: torch.nn.Module, x: torch.Tensor, base_output: torch.Tensor
+    ) -> torch.Tensor:
+        stack = self.bank.stack_for(layer)
+        if stack is None or not (stack.present & self.plan.slots):
+            return base_output  # a layer no adapter of this batch touches (or not routed)
+        rows = x.shape[:-1].numel()
+        if rows != self.plan.num_rows:
+            raise ValueError(
+                f"layer {stack.name!r} got {rows} rows but the plan has {self.plan.num_rows} "
+                "slots; give one slot per token (batch * sequence)."
+            )
+        out = base_output.view(rows, base_output.shape[-1])  # shares storage: in-place adds
+        flat_x = x.reshape(rows, x.shape[-1])
+        if self.plan.looped:
+            add_lora_looped(out, flat_x, stack, self.plan)
+        if self.plan.padded is not None and stack.present & self.plan.padded.slots:
+            add_lora_padded(out, flat_x, stack, self.plan)
+        return base_output
+
+
+@contextmanager
+def routed(
+    bank: AdapterBank, token_slots: torch.Tensor | Sequence[int], mode: str | None = None
+) -> Iterator[RowPlan]:
+    """Within the block, every forward of the bank's model adds each token's adapter.
+
+    ``token_slots``: one slot per token, shaped like ``input_ids`` (B, T) or flat (B*T,);
+    a per-sequence choice (B,) is expanded with ``token_slots[:, None].expand(B, T)`` by the caller.
+    """
+    plan = plan_rows(token_slots, mode=mode)
+    with torch.no_grad(), row_router(BankRouter(bank, plan)):
+        yield plan

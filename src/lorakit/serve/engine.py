@@ -1,0 +1,336 @@
+"""The generation engine: many concurrent requests, each with its own adapter, one base model.
+
+A background thread runs the loop; at every token boundary it admits waiting requests (each is
+prefilled alone with its adapter, then joins the running batch's KV cache, ``kv.BatchedCache``),
+runs one batched decode step for all running requests with the batched multi-adapter op
+(``batched.routed``, one slot per row), samples each row with its own settings and generator,
+streams the new text, and drops finished rows (continuous batching).
+
+Requests are submitted from any thread (``submit`` with a callback) or from asyncio (``stream``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lorakit.serve.bank import AdapterBank, BankFullError
+from lorakit.serve.batched import routed
+from lorakit.serve.kv import BatchedCache
+from lorakit.serve.sampling import SamplingParams, StopTextTracker, next_token
+
+__all__ = ["Engine", "Event", "RequestHandle"]
+
+log = logging.getLogger(__name__)
+_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class Event:
+    """A streamed piece of one request: new ``text`` and ``token_ids`` since the last event.
+
+    The last event has ``finish_reason`` ("stop", "length", "cancelled" or "error" with
+    ``error``) and the token counts.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    adapter: str | None
+    params: SamplingParams
+    on_event: Callable[[Event], None]
+    id: int = field(default_factory=lambda: next(_ids))
+    generated: list[int] = field(default_factory=list)
+    slot: int = -1
+    cancelled: bool = False
+    done: bool = False
+
+    def __post_init__(self) -> None:
+        seed = self.params.seed if self.params.seed is not None else torch.seed()
+        self.generator = torch.Generator().manual_seed(seed)
+        self.stop_text = StopTextTracker(self.params.stop)
+        self.pending_ids: list[int] = []
+
+
+class RequestHandle:
+    """What ``submit`` returns: ``cancel()`` stops the request at the next token boundary."""
+
+    def __init__(self, request: _Request) -> None:
+        self._request = request
+
+    def cancel(self) -> None:
+        self._request.cancelled = True
+
+
+class Engine:
+    """Continuous-batching generation over an ``AdapterBank``.
+
+    ``model``: a causal LM prepared with ``prepare_for_serving`` and served by ``bank``;
+    ``tokenizer``: turns generated ids into streamed text (optional: ids only);
+    ``adapter_loader(name)``: loads a missing adapter into the bank (raises ``KeyError`` when
+    unknown); ``max_batch``: running requests at most.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        bank: AdapterBank,
+        tokenizer=None,
+        *,
+        max_batch: int = 32,
+        adapter_loader: Callable[[str], None] | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.bank = bank
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.adapter_loader = adapter_loader
+        if eos_token_ids is None:
+            eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+            eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        self.eos_token_ids = set(eos_token_ids)
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._running: list[_Request] = []
+        self._cache = BatchedCache()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Finish the loop; requests still queued or running end with ``cancelled``."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) request counts."""
+        return len(self._running), len(self._waiting)
+
+    # ----------------------------------------------------------------- submitting
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        adapter: str | None,
+        params: SamplingParams,
+        on_event: Callable[[Event], None],
+    ) -> RequestHandle:
+        """Queue a request; ``on_event`` is called from the engine thread for every piece."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty; give at least one token.")
+        request = _Request(list(prompt_ids), adapter, params, on_event)
+        with self._wake:
+            self._waiting.append(request)
+            self._wake.notify_all()
+        return RequestHandle(request)
+
+    async def stream(
+        self, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams
+    ) -> AsyncIterator[Event]:
+        """Async iterator of the request's events (cancels the request if the consumer leaves)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        handle = self.submit(
+            prompt_ids, adapter, params, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e)
+        )
+        try:
+            while True:
+                event = await queue.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            handle.cancel()
+
+    def generate(
+        self, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams
+    ) -> tuple[list[int], str, Event]:
+        """Blocking: (generated ids, text, last event)."""
+        events: list[Event] = []
+        finished = threading.Event()
+
+        def collect(event: Event) -> None:
+            events.append(event)
+            if event.finish_reason is not None:
+                finished.set()
+
+        self.submit(prompt_ids, adapter, params, collect)
+        finished.wait()
+        ids = [i for e in events for i in e.token_ids]
+        return ids, "".join(e.text for e in events), events[-1]
+
+    # ----------------------------------------------------------------- the loop
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._waiting and not self._running:
+                    self._wake.wait()
+                if self._stopping:
+                    break
+            try:
+                with torch.inference_mode():
+                    self._admit()
+                    if self._running:
+                        self._decode_step()
+            except Exception as error:  # keep serving: fail the affected requests only
+                log.exception("engine step failed")
+                for request in self._running:
+                    self._finish(request, "error", f"{type(error).__name__}: {error}")
+                self._running, self._cache = [], BatchedCache()
+        for request in [*self._running, *self._waiting]:
+            self._finish(request, "cancelled")
+        self._running, self._cache = [], BatchedCache()
+        self._waiting.clear()
+
+    def _admit(self) -> None:
+        deferred = []
+        while self._waiting and len(self._running) < self.max_batch:
+            with self._wake:
+                request = self._waiting.popleft()
+            if request.cancelled:
+                self._finish(request, "cancelled")
+                continue
+            try:
+                self._acquire_adapter(request)
+            except BankFullError:
+                deferred.append(request)  # retry when a running request frees its adapter
+                if not self._running:
+                    self._finish(request, "error", "no adapter slot is free (all pinned)")
+                    deferred.pop()
+                continue
+            except (KeyError, ValueError) as error:
+                self._finish(request, "error", str(error).strip("\"'"))
+                continue
+            try:
+                self._prefill(request)
+            except Exception as error:
+                log.exception("prefill failed")
+                self._finish(request, "error", f"{type(error).__name__}: {error}")
+        with self._wake:
+            self._waiting.extendleft(reversed(deferred))
+
+    def _acquire_adapter(self, request: _Request) -> None:
+        if request.adapter is None:
+            return
+        if request.adapter not in self.bank:
+            if self.adapter_loader is None:
+                raise KeyError(f"adapter {request.adapter!r} is not loaded")
+            self.adapter_loader(request.adapter)
+        request.slot = self.bank.acquire(request.adapter)
+
+    def _prefill(self, request: _Request) -> None:
+        """Run the prompt alone with its adapter; sample the first token; join the batch."""
+        ids = torch.tensor([request.prompt_ids])
+        with routed(self.bank, torch.full_like(ids, request.slot)):
+            output = self.model(input_ids=ids, use_cache=True)
+        self._accept(request, output.logits[0, -1])
+        if request.done:
+            return
+        self._cache.add(output.cache, len(request.prompt_ids))
+        self._running.append(request)
+
+    def _decode_step(self) -> None:
+        last = torch.tensor([[r.generated[-1]] for r in self._running])
+        slots = torch.tensor([[r.slot] for r in self._running])
+        attention_mask, position_ids = self._cache.step_inputs()
+        with routed(self.bank, slots):
+            output = self.model(
+                input_ids=last,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=self._cache.cache,
+                use_cache=True,
+            )
+        self._cache.cache = output.cache
+        self._cache.advance()
+        logits = output.logits[:, -1]
+        for row, request in enumerate(self._running):
+            if request.cancelled:
+                self._finish(request, "cancelled")
+            else:
+                self._accept(request, logits[row])
+        keep = [row for row, request in enumerate(self._running) if not request.done]
+        if len(keep) < len(self._running):
+            self._running = [self._running[row] for row in keep]
+            self._cache.keep(keep)
+
+    # ----------------------------------------------------------------- tokens out
+    def _accept(self, request: _Request, logits: torch.Tensor) -> None:
+        token = next_token(logits.float(), request.params, request.generator)
+        if token in self.eos_token_ids:
+            self._emit(request, final="stop")
+            return
+        request.generated.append(token)
+        request.pending_ids.append(token)
+        length_reached = len(request.generated) >= request.params.max_tokens
+        self._emit(request, final="length" if length_reached else None)
+
+    def _emit(self, request: _Request, final: str | None) -> None:
+        text = ""
+        if self.tokenizer is not None:
+            decoded = self.tokenizer.decode(request.generated, skip_special_tokens=True)
+            text = request.stop_text.update(decoded, final=final is not None)
+            if request.stop_text.stopped:
+                final = "stop"
+        if final is None and not text and not request.pending_ids:
+            return
+        ids, request.pending_ids = tuple(request.pending_ids), []
+        if final is None:
+            _deliver(request, Event(text, ids))
+        else:
+            self._finish(request, final, text=text, ids=ids)
+
+    def _finish(
+        self, request: _Request, reason: str, error: str | None = None, *, text: str = "", ids=()
+    ) -> None:
+        if request.done:
+            return
+        request.done = True
+        if request.adapter is not None and request.slot >= 0:
+            self.bank.release(request.adapter)
+        event = Event(
+            text, tuple(ids), reason, error, len(request.prompt_ids), len(request.generated)
+        )
+        _deliver(request, event)
+
+
+def _deliver(request: _Request, event: Event) -> None:
+    try:
+        request.on_event(event)
+    except Exception:  # a consumer's callback must not stop the engine
+        log.exception("on_event callback failed")
+        request.cancelled = True

@@ -1,0 +1,225 @@
+"""OpenAI wire format: request parsing with 4xx errors, and response / stream-chunk builders."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from lorakit.serve.sampling import SamplingParams
+
+__all__ = [
+    "APIError",
+    "CompletionJob",
+    "chat_chunk",
+    "completion_chunk",
+    "error_body",
+    "parse_body",
+    "parse_job",
+]
+
+
+class APIError(Exception):
+    """An HTTP error answered as ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type,
+            param,
+            code,
+        )
+
+
+def error_body(error: APIError) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": error.message,
+            "type": error.type,
+            "param": error.param,
+            "code": error.code,
+        }
+    }
+
+
+def parse_body(raw: bytes, max_bytes: int) -> dict[str, Any]:
+    """The JSON object of a request body (413 when too large, 400 when not a JSON object)."""
+    if len(raw) > max_bytes:
+        raise APIError(
+            413,
+            f"request body of {len(raw)} bytes exceeds the limit of {max_bytes} bytes",
+            code="request_too_large",
+        )
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise APIError(
+            400, f"the request body is not valid JSON: {error}", code="invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+@dataclass(frozen=True)
+class CompletionJob:
+    """A parsed completion or chat request."""
+
+    model: str
+    prompt: str | list[int] | list[dict[str, str]]
+    params: SamplingParams
+    stream: bool
+    chat: bool
+
+
+def _field(
+    body: dict[str, Any],
+    name: str,
+    kinds: tuple[type, ...],
+    default: Any,
+    *,
+    required: bool = False,
+) -> Any:
+    if name not in body or body[name] is None:
+        if required:
+            raise APIError(400, f"'{name}' is required", param=name, code="missing_field")
+        return default
+    value = body[name]
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        expected = " or ".join(k.__name__ for k in kinds)
+        raise APIError(
+            400, f"'{name}' must be a {expected}, got {type(value).__name__}", param=name
+        )
+    return value
+
+
+def _prompt(body: dict[str, Any], chat: bool) -> str | list[int] | list[dict[str, str]]:
+    if chat:
+        messages = _field(body, "messages", (list,), None, required=True)
+        ok = messages and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in messages
+        )
+        if not ok:
+            raise APIError(
+                400,
+                "'messages' must be a non-empty list of {role, content} strings",
+                param="messages",
+            )
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    prompt = _field(body, "prompt", (str, list), None, required=True)
+    if isinstance(prompt, list):
+        if len(prompt) == 1 and isinstance(prompt[0], str):
+            return prompt[0]
+        if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return prompt
+        raise APIError(
+            400,
+            "'prompt' must be a string, a list with one string, or a list of token ids",
+            param="prompt",
+        )
+    return prompt
+
+
+def parse_job(body: dict[str, Any], *, chat: bool, max_tokens_limit: int) -> CompletionJob:
+    """Validate a /v1/completions or /v1/chat/completions body (400 on any bad field)."""
+    model = _field(body, "model", (str,), None, required=True)
+    if _field(body, "n", (int,), 1) != 1:
+        raise APIError(400, "only n=1 is supported", param="n")
+    max_name = (
+        "max_completion_tokens"
+        if chat and body.get("max_completion_tokens") is not None
+        else "max_tokens"
+    )
+    max_tokens = _field(body, max_name, (int,), 16)
+    if not 1 <= max_tokens <= max_tokens_limit:
+        raise APIError(
+            400,
+            f"'{max_name}'={max_tokens} is out of range [1, {max_tokens_limit}]",
+            param=max_name,
+        )
+    stop = _field(body, "stop", (str, list), [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise APIError(400, "'stop' must be a non-empty string or up to 4 of them", param="stop")
+    seed = _field(body, "seed", (int,), None)
+    try:
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=float(_field(body, "temperature", (int, float), 1.0)),
+            top_p=float(_field(body, "top_p", (int, float), 1.0)),
+            seed=seed,
+            stop=tuple(stop),
+        )
+    except ValueError as error:
+        raise APIError(400, str(error)) from None
+    stream = _field(body, "stream", (bool,), False)
+    return CompletionJob(model, _prompt(body, chat), params, stream, chat)
+
+
+def new_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def completion_chunk(
+    request_id: str, model: str, text: str, finish_reason: str | None
+) -> dict[str, Any]:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+    }
+
+
+def chat_chunk(
+    request_id: str, model: str, delta: dict[str, str], finish_reason: str | None
+) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+    }
+
+
+def full_response(
+    request_id: str, job: CompletionJob, text: str, finish_reason: str, usage: dict[str, int]
+) -> dict[str, Any]:
+    if job.chat:
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
+        kind = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        kind = "text_completion"
+    return {
+        "id": request_id,
+        "object": kind,
+        "created": int(time.time()),
+        "model": job.model,
+        "choices": [choice],
+        "usage": usage,
+    }

@@ -1,0 +1,168 @@
+"""The adapters a server may serve: names -> PEFT directories inside one root directory.
+
+Every subdirectory of ``root`` holding an ``adapter_config.json`` is an adapter named after it.
+Runtime loads (``register``) accept only names of letters, digits, ``.``, ``_``, ``-`` and paths
+that stay inside ``root`` once resolved (no ``..``, no absolute paths, no symlinks out).
+Files are read with ``lorakit.io.read_adapter`` (safetensors only, never pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterFileError, UserError
+
+__all__ = ["AdapterRegistry", "read_peft_adapter"]
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def read_peft_adapter(directory: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """(config, tensors with PEFT keys) of a PEFT adapter directory."""
+    try:
+        from lorakit.io import read_adapter  # the project's reader, when installed
+    except ImportError:
+        return _read_minimal(directory)
+    adapter = read_adapter(directory)
+    return adapter.config, dict(adapter.tensors)
+
+
+def _read_minimal(directory: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """A small reader of ``adapter_config.json`` + ``adapter_model.safetensors`` (fallback)."""
+    from safetensors.torch import load_file
+
+    config_path, weights_path = (
+        directory / "adapter_config.json",
+        directory / "adapter_model.safetensors",
+    )
+    if not weights_path.is_file():
+        raise AdapterFileError(
+            f"{directory} has no adapter_model.safetensors (lorakit never reads pickled .bin files; "
+            "convert with peft: load it and save_pretrained(safe_serialization=True))."
+        )
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, ValueError) as error:
+        raise AdapterFileError(f"cannot read {config_path}: {error}") from None
+    known = {f.name for f in fields(LoraConfig)}
+    try:
+        config = LoraConfig(**{k: v for k, v in raw.items() if k in known})
+    except (TypeError, ValueError) as error:
+        raise AdapterFileError(f"{config_path}: {error}") from None
+    return config, load_file(str(weights_path))
+
+
+class AdapterRegistry:
+    """Thread-safe ``{name: directory}`` under ``root``, seeded from the root's subdirectories."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise UserError(
+                f"adapter directory {root} does not exist; create it or pass another --adapters."
+            )
+        self._lock = threading.Lock()
+        self._paths: dict[str, Path] = {}
+        for child in sorted(self.root.iterdir()):
+            if (child / "adapter_config.json").is_file() and _NAME.fullmatch(child.name):
+                self._paths[child.name] = child.resolve()
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._paths)
+
+    def __contains__(self, name: object) -> bool:
+        with self._lock:
+            return name in self._paths
+
+    def path(self, name: str) -> Path:
+        with self._lock:
+            if name not in self._paths:
+                raise KeyError(f"unknown adapter {name!r}; known: {sorted(self._paths)}")
+            return self._paths[name]
+
+    def check_name(self, name: object) -> str:
+        if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+            raise UserError(
+                f"adapter name {name!r} is invalid: use 1-128 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit."
+            )
+        return name
+
+    def resolve(self, name: str, relative_path: str | None) -> Path:
+        """The directory for a runtime load: ``root/relative_path`` (default ``root/name``),
+        refused unless it stays inside ``root``."""
+        self.check_name(name)
+        relative_path = name if relative_path is None else relative_path
+        if not isinstance(relative_path, str) or not relative_path:
+            raise UserError("lora_path must be a non-empty path relative to the adapter directory.")
+        candidate = Path(relative_path)
+        if candidate.is_absolute() or ".." in candidate.parts:
+            raise UserError(
+                f"lora_path {relative_path!r} is not allowed: give a path relative to the adapter "
+                "directory, without '..'."
+            )
+        resolved = (self.root / candidate).resolve()
+        if not resolved.is_relative_to(self.root):
+            raise UserError(f"lora_path {relative_path!r} leaves the adapter directory.")
+        if not (resolved / "adapter_config.json").is_file():
+            raise UserError(f"lora_path {relative_path!r} holds no adapter_config.json.")
+        return resolved
+
+    def register(self, name: str, path: Path) -> None:
+        with self._lock:
+            if name in self._paths:
+                raise ValueError(f"adapter {name!r} is already loaded; unload it first.")
+            self._paths[name] = path
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            if name not in self._paths:
+                raise KeyError(f"unknown adapter {name!r}")
+            del self._paths[name]
+
+
+class ServedAdapters:
+    """The registry and the bank together: load on first use, add and remove at runtime."""
+
+    def __init__(self, bank, registry: AdapterRegistry) -> None:
+        self.bank = bank
+        self.registry = registry
+        self._lock = threading.Lock()
+
+    def ensure_loaded(self, name: str) -> None:
+        """Put a registered adapter into the bank if it is not there (LRU may evict another)."""
+        with self._lock:
+            if name in self.bank:
+                return
+            config, tensors = read_peft_adapter(self.registry.path(name))
+            self.bank.load(name, config, tensors)
+
+    def add(self, name: str, relative_path: str | None) -> None:
+        """Register ``root/relative_path`` as ``name`` and load it (errors leave nothing behind)."""
+        path = self.registry.resolve(name, relative_path)
+        if name in self.registry:
+            raise ValueError(f"adapter {name!r} is already loaded; unload it first.")
+        config, tensors = read_peft_adapter(path)
+        with self._lock:
+            self.bank.load(name, config, tensors)
+            try:
+                self.registry.register(name, path)
+            except ValueError:
+                self.bank.evict(name)
+                raise
+
+    def remove(self, name: str) -> None:
+        """Evict and forget ``name`` (``AdapterInUseError`` while a request uses it)."""
+        self.registry.path(name)
+        with self._lock:
+            if name in self.bank:
+                self.bank.evict(name)
+            self.registry.unregister(name)

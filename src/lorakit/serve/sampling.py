@@ -1,0 +1,84 @@
+"""Choosing the next token (greedy, temperature, top-p) and cutting text at stop strings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SamplingParams", "StopTextTracker", "next_token"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings (OpenAI's names).
+
+    ``temperature == 0`` is greedy; otherwise tokens are drawn from softmax(logits / temperature)
+    restricted to the smallest set of most likely tokens whose probability reaches ``top_p``,
+    with a generator seeded by ``seed`` (None: a random seed).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One token id from ``logits`` (vocab,) under ``params``."""
+    if params.temperature == 0.0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.double() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass strictly above each
+        sorted_probs[before >= params.top_p] = 0.0  # the most likely token always stays
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class StopTextTracker:
+    """Turns the growing decoded text into safe-to-send pieces, stopping at a stop string.
+
+    Text that could still become a stop string (a suffix equal to a stop string's prefix), or an
+    incomplete character (a trailing U+FFFD), is held back until it is decided.
+    """
+
+    def __init__(self, stop: tuple[str, ...]) -> None:
+        self.stop = stop
+        self.sent = 0
+        self.stopped = False
+
+    def update(self, text: str, final: bool = False) -> str:
+        """The new piece to send given the whole text so far; sets ``stopped`` at a stop string."""
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            piece, self.sent = text[self.sent : cut], max(self.sent, cut)
+            return piece
+        end = len(text) if final else self._safe_end(text)
+        piece = text[self.sent : end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return piece
+
+    def _safe_end(self, text: str) -> int:
+        end = len(text)
+        while end > self.sent and text[end - 1] == "\ufffd":
+            end -= 1
+        for stop in self.stop:
+            for size in range(min(len(stop) - 1, end), 0, -1):
+                if text[:end].endswith(stop[:size]):
+                    end = min(end, len(text[:end]) - size)
+                    break
+        return end

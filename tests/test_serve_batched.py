@@ -1,0 +1,207 @@
+"""The adapter bank and the batched multi-adapter op, checked against each request run alone.
+
+Reference: the same adapters injected into a second copy of the model and run one sequence at a
+time with ``lorakit.use_adapters`` (and a float64 formula at the layer level).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.errors import AdapterFileError
+from lorakit.serve import AdapterBank, BankFullError, plan_rows, prepare_for_serving, routed
+from lorakit.serve.bank import AdapterInUseError
+from lorakit.state import lora_layers
+from tests import tiny_models
+
+ADAPTER_SPECS = [  # different ranks, alphas, targets, patterns, rsLoRA
+    dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+    dict(r=8, lora_alpha=8, target_modules="all-linear"),
+    dict(r=4, lora_alpha=16, target_modules="all-linear", use_rslora=True),
+    dict(r=4, lora_alpha=8, target_modules=["o_proj", "down_proj"], rank_pattern={"down_proj": 6}),
+    dict(r=3, lora_alpha=5, target_modules=["k_proj", "up_proj"], alpha_pattern={"up_proj": 11}),
+    dict(r=8, lora_alpha=2, target_modules=["gate_proj", "q_proj"]),
+]
+
+
+def reference_model():
+    model = tiny_models.llama()
+    for index, spec in enumerate(ADAPTER_SPECS):
+        lorakit.inject(model, lorakit.LoraConfig(**spec), adapter_name=f"a{index}")
+    tiny_models.randomize_adapters(model, std=0.1)
+    return model
+
+
+def served(reference, capacity=6, max_rank=8):
+    model = tiny_models.llama()
+    prepare_for_serving(model, "all-linear")
+    bank = AdapterBank(model, max_rank=max_rank, capacity=capacity)
+    return model, bank
+
+
+@pytest.fixture(scope="module")
+def setup():
+    reference = reference_model()
+    model, bank = served(reference)
+    for index in range(len(ADAPTER_SPECS)):
+        bank.load_from_model(f"a{index}", reference, f"a{index}")
+    return reference, model, bank
+
+
+def choices(kind: str, batch: int, count: int) -> list[int]:
+    """Per-sequence adapter index (-1: none), drawn like punica's distributions."""
+    generator = torch.Generator().manual_seed(7)
+    if kind == "identical":
+        return [1] * batch
+    if kind == "uniform":
+        return torch.randint(-1, count, (batch,), generator=generator).tolist()
+    if kind == "distinct":
+        return [i % count for i in range(batch)]
+    if kind == "zipf":
+        weights = 1.0 / torch.arange(1, count + 1, dtype=torch.float64) ** 1.5
+        return torch.multinomial(weights, batch, replacement=True, generator=generator).tolist()
+    if kind == "skewed":  # most rows one adapter, a few others and some with none
+        return [2] * (batch - 3) + [-1, 5, 0]
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["identical", "uniform", "distinct", "zipf", "skewed"])
+@pytest.mark.parametrize("mode", [None, "loop", "padded"])
+def test_mixed_batch_equals_each_request_alone(setup, kind, mode):
+    reference, model, bank = setup
+    batch, length = 8, 6
+    ids = tiny_models.input_ids(batch, length)
+    picks = choices(kind, batch, len(ADAPTER_SPECS))
+    slots = torch.tensor([bank.slot_of(f"a{p}") if p >= 0 else -1 for p in picks])
+    with routed(bank, slots[:, None].expand(batch, length), mode=mode):
+        mixed = model(ids).logits
+    for row, pick in enumerate(picks):
+        names = [f"a{pick}"] if pick >= 0 else []
+        with torch.no_grad(), lorakit.use_adapters(reference, names):
+            alone = reference(ids[row : row + 1]).logits
+        torch.testing.assert_close(mixed[row : row + 1], alone, rtol=0, atol=1e-5)
+    if kind != "identical":  # the adapters must matter, or the test could not fail
+        with torch.no_grad():
+            base = model(ids).logits
+        assert (mixed - base).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("mode", ["loop", "padded"])
+def test_per_token_rows_match_float64_formula(setup, mode):
+    reference, model, bank = setup
+    name, layer = next(
+        (n, lay) for n, lay in lora_layers(model) if n.endswith("layers.0.mlp.up_proj")
+    )
+    ref_layer = dict(lora_layers(reference))[name]
+    x = torch.randn(3, 7, layer.in_features)
+    token_slots = torch.randint(
+        -1, len(ADAPTER_SPECS), (3, 7), generator=torch.Generator().manual_seed(1)
+    )
+    with routed(bank, token_slots, mode=mode):
+        got = layer(x)
+    expected = ref_layer.base_layer(x).double()
+    for index, slot in enumerate(token_slots.reshape(-1).tolist()):
+        if slot < 0:
+            continue
+        adapter = bank.names()[[bank.slot_of(n) for n in bank.names()].index(slot)]
+        if adapter in ref_layer.ranks:
+            A, B = (p.double() for p in ref_layer.adapter_parameters(adapter))
+            row = x.reshape(-1, x.shape[-1])[index].double()
+            expected.view(-1, expected.shape[-1])[index] += ref_layer.scalings[adapter] * (
+                B @ (A @ row)
+            )
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_plan_groups_contiguous_rows_as_slices_and_others_as_indices():
+    plan = plan_rows([3, 3, -1, 1, 3], mode="loop")
+    by_slot = {segment.slot: segment.rows for segment in plan.looped}
+    assert set(by_slot) == {1, 3} and plan.num_rows == 5 and plan.padded is None
+    assert by_slot[1] == slice(3, 4)
+    assert by_slot[3].tolist() == [0, 1, 4]
+    padded = plan_rows([0, 2, 0, 5, -1]).padded  # short segments: batched, padded to 2 rows
+    assert padded.segment_slots.tolist() == [0, 2, 5] and padded.length == 2
+    assert padded.gather_rows.tolist() == [0, 2, 1, 1, 3, 3]
+    assert padded.valid.tolist() == [0, 1, 2, 4] and padded.dest_rows.tolist() == [0, 2, 1, 3]
+    long_and_short = plan_rows([7] * 20 + [1, 2])  # a long segment loops, the short ones pad
+    assert [s.slot for s in long_and_short.looped] == [7] and long_and_short.padded.length == 1
+
+
+def test_lru_eviction_pinning_and_in_use():
+    reference = reference_model()
+    _, bank = served(reference, capacity=2)
+    bank.load_from_model("a0", reference, "a0", pin=True)
+    bank.load_from_model("a1", reference, "a1")
+    bank.load_from_model("a2", reference, "a2")  # evicts a1 (a0 pinned)
+    assert bank.names() == ["a0", "a2"]
+    bank.acquire("a2")
+    with pytest.raises(BankFullError, match="pinned or used"):
+        bank.load_from_model("a3", reference, "a3")
+    with pytest.raises(AdapterInUseError):
+        bank.evict("a2")
+    bank.release("a2")
+    bank.unpin("a0")
+    bank.acquire("a2")
+    bank.release("a2")  # a2 now most recently used: a0 goes
+    bank.load_from_model("a3", reference, "a3")
+    assert sorted(bank.names()) == ["a2", "a3"]
+
+
+def test_reused_slot_is_exact_after_a_larger_adapter(setup):
+    reference = setup[0]
+    model, bank = served(reference, capacity=1)
+    bank.load_from_model("big", reference, "a1")  # r=8 everywhere
+    bank.evict("big")
+    bank.load_from_model("small", reference, "a0")  # r=2 on q, v: padding must be zero again
+    ids = tiny_models.input_ids(1, 5)
+    with routed(bank, torch.zeros(1, 5, dtype=torch.long)):
+        got = model(ids).logits
+    with torch.no_grad(), lorakit.use_adapters(reference, ["a0"]):
+        torch.testing.assert_close(got, reference(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_memory_budget_bounds_the_bank_and_errors_are_clear(setup):
+    reference = setup[0]
+    model = tiny_models.llama()
+    prepare_for_serving(model, ["q_proj", "v_proj"])
+    probe = AdapterBank(model, max_rank=4, capacity=1)
+    budget = int(probe.slot_bytes * 3.5)
+    bank = AdapterBank(model, max_rank=4, memory_budget=budget)
+    assert bank.capacity == 3 and bank.memory_bytes() <= budget
+    with pytest.raises(AdapterFileError, match="not prepared"):
+        bank.load_from_model("x", reference, "a3")  # targets o_proj, down_proj
+    with pytest.raises(AdapterFileError, match="max_rank"):
+        bank.load_from_model("x", reference, "a5")  # r=8 > 4
+    with pytest.raises(ValueError, match="holds no adapter"):
+        AdapterBank(model, max_rank=4, memory_budget=10)
+    assert bank.names() == []  # failed loads leave nothing behind
+
+
+def test_concurrent_loads_and_evictions_keep_the_bank_consistent(setup):
+    reference = setup[0]
+    _, bank = served(reference, capacity=3)
+    errors = []
+
+    def worker(index):
+        try:
+            for round_ in range(5):
+                name = f"w{index}-{round_}"
+                bank.load_from_model(name, reference, f"a{index % 3}")
+                assert bank.slot_of(name) < 3
+        except BankFullError:
+            pass
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    slots = [bank.slot_of(n) for n in bank.names()]
+    assert len(slots) == len(set(slots)) == 3

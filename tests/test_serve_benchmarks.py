@@ -1,0 +1,39 @@
+"""The serving benchmarks run end to end in --quick mode and write their JSON (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _import(name: str):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return __import__(name)
+
+
+def test_mixed_adapters_quick(tmp_path, capsys):
+    out = tmp_path / "mixed.json"
+    assert _import("bench_mixed_adapters").main(["--quick", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["versions"]["peft"] and payload["workload"] == 3
+    kinds = {(row["phase"], row["choice"]) for row in payload["rows"]}
+    assert ("decode", "distinct") in kinds and ("prefill", "zipf") in kinds
+    for row in payload["rows"]:
+        assert set(row["raw"]) == {"base", "single", "mixed", "peft"}
+        assert row["mixed_over_single"] > 0
+    assert "mixed/single" in capsys.readouterr().out
+
+
+def test_serving_quick(tmp_path, capsys):
+    out = tmp_path / "serving.json"
+    assert _import("bench_serving").main(["--quick", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert set(payload["medians"]) == {"1", "4"}
+    for medians in payload["medians"].values():
+        assert medians["tokens_per_s"] > 0 and medians["ttft_p50"] <= medians["ttft_p99"]
+    assert payload["peft_switching"]["tokens_per_s"] > 0
+    assert "vs peft" in capsys.readouterr().out

@@ -1,0 +1,191 @@
+"""The generation engine: continuous batching over mixed adapters, checked against each request
+generated alone by transformers' ``generate`` on the model with that adapter merged."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.serve import AdapterBank, prepare_for_serving
+from lorakit.serve.engine import Engine
+from lorakit.serve.sampling import SamplingParams, StopTextTracker, next_token
+from tests import tiny_models
+
+SPECS = [
+    dict(r=4, lora_alpha=8, target_modules="all-linear"),
+    dict(r=2, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    dict(r=8, lora_alpha=4, target_modules=["o_proj", "up_proj", "k_proj"]),
+]
+
+
+class LetterTokenizer:
+    """ids -> letters, enough to exercise streamed text and stop strings."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def served():
+    reference = tiny_models.llama()
+    for index, spec in enumerate(SPECS):
+        lorakit.inject(reference, lorakit.LoraConfig(**spec), adapter_name=f"a{index}")
+    tiny_models.randomize_adapters(reference, std=0.3)
+    model = tiny_models.llama()
+    prepare_for_serving(model)
+    bank = AdapterBank(model, max_rank=8, capacity=len(SPECS))
+    for index in range(len(SPECS)):
+        bank.load_from_model(f"a{index}", reference, f"a{index}")
+    model.generation_config.eos_token_id = None  # compare full lengths
+    return reference, model, bank
+
+
+def alone_merged(reference, prompt, adapter, max_tokens):
+    """Greedy tokens from transformers' generate with the adapter merged (None: base)."""
+    with torch.no_grad():
+        if adapter is None:
+            with lorakit.disabled(reference):
+                out = reference.generate(
+                    torch.tensor([prompt]),
+                    max_new_tokens=max_tokens,
+                    do_sample=False,
+                    eos_token_id=None,
+                )
+        else:
+            lorakit.merge(reference, [adapter])
+            try:
+                with lorakit.use_adapters(reference, [adapter]):
+                    out = reference.generate(
+                        torch.tensor([prompt]),
+                        max_new_tokens=max_tokens,
+                        do_sample=False,
+                        eos_token_id=None,
+                    )
+            finally:
+                lorakit.unmerge(reference)
+    return out[0, len(prompt) :].tolist()
+
+
+def requests(count=7):
+    generator = torch.Generator().manual_seed(5)
+    adapters = ["a0", "a1", "a2", None]
+    out = []
+    for index in range(count):
+        length = int(torch.randint(1, 9, (1,), generator=generator))
+        prompt = torch.randint(0, 128, (length,), generator=generator).tolist()
+        out.append(
+            (prompt, adapters[index % 4], 3 + index % 5)
+        )  # different lengths: rows leave early
+    return out
+
+
+def test_greedy_in_a_mixed_continuous_batch_equals_alone_merged(served):
+    reference, model, bank = served
+    engine = Engine(model, bank, max_batch=3)  # fewer slots than requests: requests join later
+    results, finished = {}, threading.Semaphore(0)
+
+    def collector(events):
+        def on_event(event):
+            events.append(event)
+            if event.finish_reason is not None:
+                finished.release()
+
+        return on_event
+
+    with engine:
+        for index, (prompt, adapter, max_tokens) in enumerate(requests()):
+            events = results.setdefault(index, [])
+            engine.submit(prompt, adapter, SamplingParams(max_tokens=max_tokens), collector(events))
+        for _ in results:
+            assert finished.acquire(timeout=60)
+    distinct_outputs = set()
+    for index, (prompt, adapter, max_tokens) in enumerate(requests()):
+        got = [i for e in results[index] for i in e.token_ids]
+        assert results[index][-1].finish_reason == "length"
+        assert got == alone_merged(reference, prompt, adapter, max_tokens), (index, adapter)
+        distinct_outputs.add(tuple(got))
+    assert len(distinct_outputs) > 4  # the adapters change the outputs: the test can fail
+
+
+def test_sampling_is_reproducible_per_seed_whatever_the_batch(served):
+    _, model, bank = served
+    params = SamplingParams(max_tokens=6, temperature=1.3, top_p=0.9, seed=11)
+    with Engine(model, bank, max_batch=4) as engine:
+        alone, _, _ = engine.generate([5, 6, 7], "a1", params)
+        crowd = [
+            engine.submit(
+                [9, 9], "a0", SamplingParams(max_tokens=8, seed=i, temperature=1.0), lambda e: None
+            )
+            for i in range(3)
+        ]
+        again, _, _ = engine.generate([5, 6, 7], "a1", params)
+        other, _, _ = engine.generate(
+            [5, 6, 7], "a1", SamplingParams(max_tokens=6, temperature=1.3, seed=12)
+        )
+        assert crowd
+    assert alone == again and len(alone) == 6
+    assert other != alone
+
+
+def test_next_token_top_p_and_temperature():
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.9])
+    generator = torch.Generator().manual_seed(0)
+    assert next_token(logits, SamplingParams(), generator) == 1
+    tiny_p = SamplingParams(temperature=1.0, top_p=1e-6)
+    assert {next_token(logits, tiny_p, generator) for _ in range(20)} == {1}
+    half = SamplingParams(temperature=1.0, top_p=0.6)  # tokens 1 and 3 hold ~0.73 together
+    draws = [next_token(logits, half, generator) for _ in range(400)]
+    assert set(draws) == {1, 3}
+    share = draws.count(1) / len(draws)
+    expected = torch.softmax(logits, 0)[1] / torch.softmax(logits, 0)[[1, 3]].sum()
+    assert abs(share - float(expected)) < 0.08
+
+
+def test_stop_strings_cut_the_text_and_hold_back_prefixes():
+    tracker = StopTextTracker(("xyz",))
+    assert tracker.update("abx") == "ab"  # 'x' may start the stop string
+    assert tracker.update("abxy") == ""
+    assert tracker.update("abxyzq") == "" and tracker.stopped
+    tracker = StopTextTracker(("xyz",))
+    assert tracker.update("abx") + tracker.update("abxa", final=True) == "abxa"
+
+
+def test_engine_stops_at_a_stop_string_and_streams_to_asyncio(served):
+    _, model, bank = served
+    with Engine(model, bank, LetterTokenizer(), max_batch=4) as engine:
+        ids, text, last = engine.generate([1, 2, 3], "a0", SamplingParams(max_tokens=12))
+        full = "".join(chr(ord("a") + i % 26) for i in ids)
+        assert text == full and last.finish_reason == "length"
+        stop = full[3:5]
+        _, cut_text, cut_last = engine.generate(
+            [1, 2, 3], "a0", SamplingParams(max_tokens=12, stop=(stop,))
+        )
+        assert cut_last.finish_reason == "stop" and cut_text == full[: full.find(stop)]
+
+        async def collect(prompt, adapter):
+            pieces = [e async for e in engine.stream(prompt, adapter, SamplingParams(max_tokens=5))]
+            return [i for e in pieces for i in e.token_ids], len(pieces)
+
+        async def main():
+            return await asyncio.gather(*(collect([i + 1, 4], f"a{i % 3}") for i in range(6)))
+
+        streamed = asyncio.run(main())
+        for i, (ids_streamed, pieces) in enumerate(streamed):
+            assert pieces >= 5  # one event per token, then the final one
+            assert (
+                ids_streamed
+                == engine.generate([i + 1, 4], f"a{i % 3}", SamplingParams(max_tokens=5))[0]
+            )
+
+
+def test_unknown_adapter_fails_the_request_not_the_engine(served):
+    _, model, bank = served
+    with Engine(model, bank) as engine:
+        _, _, last = engine.generate([1, 2], "nope", SamplingParams(max_tokens=2))
+        assert last.finish_reason == "error" and "nope" in last.error
+        ids, _, last = engine.generate([1, 2], "a1", SamplingParams(max_tokens=2))
+        assert last.finish_reason == "length" and len(ids) == 2

@@ -1,0 +1,323 @@
+"""The HTTP server end to end: a live uvicorn on 127.0.0.1 driven by the official ``openai``
+client (and httpx for errors and admin routes), on a tiny random Llama with its own tokenizer
+and 16 PEFT-format adapters. Outputs are compared with each request generated alone by
+transformers' ``generate`` on a model holding the same adapter."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import lorakit
+from lorakit.cli import build_parser
+from lorakit.commands.serve import build
+from lorakit.state import lora_layers
+from tests import tiny_models
+
+TOKEN = "s3cret-admin"
+LINES = [
+    "the quick brown fox jumps over the lazy dog",
+    "low rank adapters share one base model",
+    "many adapters one server and a batch of requests",
+    "hello world this is a tiny tokenizer for tests",
+]
+TARGETS = [
+    ["q_proj", "v_proj"],
+    ["k_proj", "o_proj", "up_proj"],
+    ["gate_proj", "down_proj", "q_proj"],
+]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=96, special_tokens=["<unk>", "<s>", "</s>"])
+    tokenizer.train_from_iterator(LINES * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def save_peft(model, adapter_name: str, directory) -> None:
+    """PEFT layout: adapter_config.json + adapter_model.safetensors (keys without the name)."""
+    directory.mkdir(parents=True)
+    config = lorakit.adapter_configs(model)[adapter_name]
+    tensors = {}
+    for path, layer in lora_layers(model):
+        if adapter_name in layer.ranks:
+            lora_A, lora_B = layer.adapter_parameters(adapter_name)
+            tensors[f"base_model.model.{path}.lora_A.weight"] = lora_A.detach().contiguous()
+            tensors[f"base_model.model.{path}.lora_B.weight"] = lora_B.detach().contiguous()
+    fields = dict(
+        r=config.r, lora_alpha=config.lora_alpha, target_modules=sorted(config.target_modules)
+    )
+    fields.update(
+        peft_type="LORA",
+        use_rslora=config.use_rslora,
+        rank_pattern=config.rank_pattern,
+        alpha_pattern=config.alpha_pattern,
+        bias="none",
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
+    (directory / "adapter_config.json").write_text(json.dumps(fields, indent=2, sort_keys=True))
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    import uvicorn
+
+    root = tmp_path_factory.mktemp("serve")
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=96,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    base = LlamaForCausalLM(config).eval()
+    base.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    reference = LlamaForCausalLM.from_pretrained(root / "model").eval()
+    for index in range(16):
+        spec = dict(r=2 + index % 3 * 2, lora_alpha=4 + index, target_modules=TARGETS[index % 3])
+        lorakit.inject(reference, lorakit.LoraConfig(**spec), adapter_name=f"ad{index}")
+    tiny_models.randomize_adapters(reference, std=0.4)
+    for index in range(16):
+        save_peft(reference, f"ad{index}", root / "adapters" / f"ad{index}")
+    save_peft(reference, "ad3", root / "spare" / "outside")  # for the escape attempts
+    port = free_port()
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--model",
+            str(root / "model"),
+            "--adapters",
+            str(root / "adapters"),
+            "--port",
+            str(port),
+            "--admin-token",
+            TOKEN,
+            "--max-adapters",
+            "6",
+            "--max-prompt-tokens",
+            "40",
+            "--max-tokens-limit",
+            "24",
+            "--max-batch",
+            "24",
+        ]
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(build(args), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    yield {
+        "root": root,
+        "url": f"http://127.0.0.1:{port}",
+        "reference": reference,
+        "tokenizer": tokenizer,
+    }
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def expected_text(world, prompt: str, adapter: str | None, max_tokens: int) -> str:
+    reference, tokenizer = world["reference"], world["tokenizer"]
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    names = [] if adapter is None else [adapter]
+    with torch.no_grad(), lorakit.use_adapters(reference, names):
+        out = reference.generate(ids, max_new_tokens=max_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def client(world) -> openai.OpenAI:
+    return openai.OpenAI(base_url=world["url"] + "/v1", api_key="unused", max_retries=0)
+
+
+def test_models_lists_the_base_and_every_adapter(world):
+    ids = [m.id for m in client(world).models.list().data]
+    assert ids[0] == "model" and sorted(ids[1:]) == sorted(f"ad{i}" for i in range(16))
+
+
+def test_completion_and_chat_match_generate_alone(world):
+    api = client(world)
+    for adapter in ["ad1", "ad5", None]:
+        model = adapter or "model"
+        got = api.completions.create(
+            model=model, prompt="the quick brown", max_tokens=8, temperature=0
+        )
+        assert got.choices[0].text == expected_text(world, "the quick brown", adapter, 8)
+        assert got.usage.prompt_tokens == len(world["tokenizer"].encode("the quick brown"))
+    chat = api.chat.completions.create(
+        model="ad2",
+        messages=[{"role": "user", "content": "hello world"}],
+        max_tokens=6,
+        temperature=0,
+    )
+    prompt = "user: hello world\nassistant:"
+    assert chat.choices[0].message.content == expected_text(world, prompt, "ad2", 6)
+
+
+def test_64_concurrent_streams_over_16_adapters(world):
+    prompts = [(LINES[i % 4][: 10 + i % 17], f"ad{i % 16}", 4 + i % 5) for i in range(64)]
+
+    async def one(api, prompt, adapter, max_tokens):
+        stream = await api.completions.create(
+            model=adapter, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True
+        )
+        return "".join([chunk.choices[0].text async for chunk in stream])
+
+    async def main():
+        api = openai.AsyncOpenAI(
+            base_url=world["url"] + "/v1", api_key="unused", max_retries=0, timeout=120
+        )
+        return await asyncio.gather(*(one(api, *p) for p in prompts))
+
+    texts = asyncio.run(main())
+    for (prompt, adapter, max_tokens), text in zip(prompts, texts, strict=True):
+        assert text == expected_text(world, prompt, adapter, max_tokens), (prompt, adapter)
+    assert len(set(texts)) > 16  # different adapters give different outputs
+    health = httpx.get(world["url"] + "/health").json()
+    assert health["adapters_loaded"] <= health["adapter_capacity"] == 6
+
+
+def test_chat_stream_is_openai_sse_ending_with_done(world):
+    body = {
+        "model": "ad4",
+        "messages": [{"role": "user", "content": "low rank"}],
+        "max_tokens": 5,
+        "temperature": 0,
+        "stream": True,
+    }
+    with httpx.stream("POST", world["url"] + "/v1/chat/completions", json=body) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == expected_text(world, "user: low rank\nassistant:", "ad4", 5)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/v1/completions", b"{not json", 400),
+        ("/v1/completions", b"[1, 2]", 400),
+        ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404),
+        ("/v1/completions", {"model": "../ad1", "prompt": "hi"}, 404),
+        ("/v1/completions", {"model": "ad1"}, 400),
+        ("/v1/completions", {"model": "ad1", "prompt": "hi", "max_tokens": 25}, 400),
+        ("/v1/completions", {"model": "ad1", "prompt": "hi", "max_tokens": "many"}, 400),
+        ("/v1/completions", {"model": "ad1", "prompt": "hi", "temperature": -1}, 400),
+        ("/v1/completions", {"model": "ad1", "prompt": " ".join(LINES * 3)}, 413),
+        ("/v1/completions", {"model": "ad1", "prompt": [10**6]}, 400),
+        ("/v1/chat/completions", {"model": "ad1", "messages": "hi"}, 400),
+        ("/v1/nowhere", {}, 404),
+    ],
+)
+def test_bad_requests_get_openai_errors(world, path, body, status):
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    response = httpx.post(world["url"] + path, **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+def test_openai_client_sees_not_found(world):
+    with pytest.raises(openai.NotFoundError):
+        client(world).completions.create(model="missing", prompt="hi", max_tokens=2)
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status"),
+    [
+        ({"lora_name": "x", "lora_path": "ad1"}, {}, 401),
+        ({"lora_name": "x", "lora_path": "ad1"}, {"Authorization": "Bearer wrong"}, 401),
+        ({"lora_name": "x", "lora_path": "../spare/outside"}, None, 400),
+        ({"lora_name": "x", "lora_path": "/etc"}, None, 400),
+        ({"lora_name": "../x"}, None, 400),
+        ({"lora_name": "x", "lora_path": "escape"}, None, 400),  # a symlink out of the directory
+        ({"lora_name": "ad1", "lora_path": "ad1"}, None, 400),  # already loaded
+        ({"lora_path": "ad1"}, None, 400),
+    ],
+)
+def test_admin_load_is_guarded(world, body, headers, status):
+    link = world["root"] / "adapters" / "escape"
+    if not link.exists():
+        link.symlink_to(world["root"] / "spare" / "outside")
+    headers = {"Authorization": f"Bearer {TOKEN}"} if headers is None else headers
+    response = httpx.post(world["url"] + "/v1/load_lora_adapter", json=body, headers=headers)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["message"]
+
+
+def test_runtime_load_and_unload(world):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    shutil.copytree(
+        world["root"] / "spare" / "outside", world["root"] / "adapters" / "late" / "copy"
+    )
+    response = httpx.post(
+        world["url"] + "/v1/load_lora_adapter",
+        json={"lora_name": "fresh", "lora_path": "late/copy"},
+        headers=auth,
+    )
+    assert response.status_code == 200, response.text
+    assert "fresh" in [m.id for m in client(world).models.list().data]
+    got = client(world).completions.create(
+        model="fresh", prompt="hello world", max_tokens=6, temperature=0
+    )
+    assert got.choices[0].text == expected_text(
+        world, "hello world", "ad3", 6
+    )  # the same tensors as ad3
+    response = httpx.post(
+        world["url"] + "/v1/unload_lora_adapter", json={"lora_name": "fresh"}, headers=auth
+    )
+    assert response.status_code == 200
+    assert (
+        httpx.post(
+            world["url"] + "/v1/unload_lora_adapter", json={"lora_name": "fresh"}, headers=auth
+        ).status_code
+        == 404
+    )
+    assert (
+        httpx.post(
+            world["url"] + "/v1/completions", json={"model": "fresh", "prompt": "hi"}
+        ).status_code
+        == 404
+    )
+    assert httpx.get(world["url"] + "/health").json()["status"] == "ok"
