@@ -18,18 +18,14 @@ import torch
 from lorakit.analysis import apply_extraction, extract_lora, spectrum_of_matrix, update_spectra
 from lorakit.analysis.plots import plot_spectra, save_figure
 
-LR, HEAD_LR = 2e-4, 1e-3
+LR = 2e-4
 EXTRACT_RANKS = (1, 4, 16, 64)
 
 
 def run_seed(seed: int, features: dict) -> tuple[dict, list]:
     top = common.fresh_top()
     initial = copy.deepcopy(top)
-    body = [p for n, p in top.named_parameters() if not n.startswith("classifier.")]
-    groups = [
-        {"params": body, "lr": LR},
-        {"params": list(top.classifier.parameters()), "lr": HEAD_LR},
-    ]
+    groups = common.with_head(top, list(top.parameters()), LR)
     result = common.train(top, groups, features, lr=LR, seed=seed)
     spectra = update_spectra(initial, top)
     # Layers whose base changed outside linear weights (norms, biases, pooler) stay fine-tuned in
@@ -142,11 +138,11 @@ def main() -> None:
         {
             "setup": {
                 "lr": LR,
-                "head_lr": HEAD_LR,
+                "head_lr": common.HEAD_LR,
                 "steps": common.STEPS,
                 "batch": common.BATCH,
                 "seeds": list(common.SEEDS),
-                "scope": "MiniLM-L6 block 5 + pooler + new head; layers 0-4 frozen",
+                "scope": "MiniLM-L6 block 5 + new head on mean pooling; layers 0-4 frozen",
             },
             "accuracy": accuracy,
             "summary_by_module": summary,

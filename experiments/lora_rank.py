@@ -1,7 +1,7 @@
 """Experiment 3: LoRA at r = 1, 4, 16, 64 against full fine-tuning, same task, steps and batch.
 
 Adapters on every linear layer of the top MiniLM block (query, key, value, attention output,
-intermediate, output; not the pooler), lora_alpha = 2r, lr 1e-3, the head trained in full.
+intermediate, output), lora_alpha = 2r, lr 1e-3, the head trained in full (lr 1e-2).
 Full fine-tuning numbers come from results/full_finetune.json (experiment 2, lr 1e-4).
 Writes results/lora_rank.json and lora_rank.png.
 Run: PYTHONPATH=src python experiments/lora_rank.py   (about 12 minutes on 2 cores)
@@ -21,7 +21,8 @@ ALL_LINEAR = r"layers\.\d+\..*(query|key|value|dense)"
 def run(rank: int, seed: int, features: dict, target=ALL_LINEAR) -> dict:
     config = lorakit.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=target)
     top, parameters = common.lora_top(config)
-    result = common.train(top, parameters, features, lr=LR, seed=seed)
+    groups = common.with_head(top, parameters, LR)
+    result = common.train(top, groups, features, lr=LR, seed=seed)
     result.update(seed=seed, rank=rank, trainable=common.count(parameters))
     return result
 
