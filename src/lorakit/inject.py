@@ -55,16 +55,32 @@ def inject(
             init=config.init_lora_weights,
             dtype=adapter_dtype or _default_adapter_dtype(layer.base_layer.weight.dtype),
         )
-    for name in _saved_module_names(model, config):
+    saved_names = _saved_module_names(model, config)
+    for name in saved_names:
         wrapper = model.get_submodule(name)
         if not isinstance(wrapper, ModulesToSave):
             wrapper = ModulesToSave(wrapper)
             _replace(model, name, wrapper)
         wrapper.add_adapter(adapter_name)
     state.configs[adapter_name] = config
-    # Also refreshes trainability: a new inactive adapter's tensors are frozen.
-    set_active(model, [adapter_name] if activate or len(state.configs) == 1 else state.active)
+    if activate or len(state.configs) == 1:
+        set_active(model, [adapter_name])
+    else:  # a new inactive adapter's tensors are frozen; nothing else changes
+        _freeze_adapter(model, adapter_name, [*targets, *saved_names])
     return model
+
+
+def _freeze_adapter(model: nn.Module, adapter_name: str, module_names: list[str]) -> None:
+    """Freeze one adapter's tensors, touching only its modules (so adding the 100th adapter
+    costs what adding the first did)."""
+    for name in module_names:
+        module = model.get_submodule(name)
+        if isinstance(module, LoraLayer):
+            parameters = module.adapter_parameters(adapter_name)
+        else:
+            parameters = list(module.modules_to_save[adapter_name].parameters())
+        for parameter in parameters:
+            parameter.requires_grad_(False)
 
 
 def unload(model: nn.Module) -> nn.Module:

@@ -36,6 +36,7 @@ __all__ = [
     "lora_keys",
     "model_tensor",
     "module_path",
+    "parse_lora_key",
     "plain_key",
     "saved_module_alias_keys",
 ]
@@ -71,6 +72,22 @@ def saved_module_alias_keys(module_path: str, parameter: str) -> tuple[str, str]
         f"{PREFIX}{module_path}.modules_to_save.{parameter}",
         f"{PREFIX}{module_path}.original_module.{parameter}",
     )
+
+
+_LORA_SUFFIXES = {
+    ".lora_A.weight": "lora_A",
+    ".lora_B.weight": "lora_B",
+    ".lora_embedding_A": "lora_A",
+    ".lora_embedding_B": "lora_B",
+}
+
+
+def parse_lora_key(file_key: str) -> tuple[str, str] | None:
+    """``(module path, "lora_A" | "lora_B")`` for a LoRA factor's file key, else None."""
+    for suffix, role in _LORA_SUFFIXES.items():
+        if file_key.endswith(suffix):
+            return module_path(file_key.removesuffix(suffix)), role
+    return None
 
 
 def module_path(file_key: str) -> str:
