@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.run import train_from_settings
 
     result = train_from_settings(settings)
-    if result is not None:
+    if result.adapter_dir is not None:  # the main process (rank 0 under torchrun)
         print(json.dumps({"steps": result.steps, "final_loss": result.final_loss,
                           **{f"eval_{k}": v for k, v in result.eval_metrics.items()},
                           "adapter": str(result.adapter_dir) if result.adapter_dir else None}))  # fmt: skip
