@@ -27,7 +27,7 @@ class DemoSettings:
 
     output: str = "lorakit-demo"
     model: str = "smollm2-135m-instruct"
-    steps: int = 80
+    steps: int = 60
     batch_size: int = 8
     lr: float = 1e-3
     rank: int = 16
@@ -35,7 +35,7 @@ class DemoSettings:
     dropout: float = 0.05
     max_length: int = 96
     eval_size: int = 200
-    style: str = "plain"  # "plain": "Review: ...\nSentiment:" / "chat": the chat template
+    style: str = "chat"  # "chat": the chat template / "plain": "Review: ...\nSentiment:"
     seed: int = 0
     progress: bool = True
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from lorakit.demo import DemoSettings
 from lorakit.errors import UserError
+
+DEFAULTS = DemoSettings()  # lorakit.demo imports nothing heavy at module level
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,30 +22,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument(
-        "--output", default="lorakit-demo", help="output dir (default: %(default)s)"
+        "--output", default=DEFAULTS.output, help="output dir (default: %(default)s)"
     )
     parser.add_argument(
-        "--steps", type=int, default=80, help="optimizer steps (default: %(default)s)"
+        "--steps", type=int, default=DEFAULTS.steps, help="optimizer steps (default: %(default)s)"
     )
     parser.add_argument(
-        "--batch-size", type=int, default=8, help="reviews per step (default: %(default)s)"
+        "--batch-size",
+        type=int,
+        default=DEFAULTS.batch_size,
+        help="reviews per step (default: %(default)s)",
     )
     parser.add_argument(
-        "--lr", type=float, default=1e-3, help="learning rate (default: %(default)s)"
+        "--lr", type=float, default=DEFAULTS.lr, help="learning rate (default: %(default)s)"
     )
     parser.add_argument(
-        "--eval-size", type=int, default=200, help="held-out test reviews (default: %(default)s)"
+        "--eval-size",
+        type=int,
+        default=DEFAULTS.eval_size,
+        help="held-out test reviews (default: %(default)s)",
     )
     parser.add_argument(
-        "--max-length", type=int, default=96, help="max tokens per example (default: %(default)s)"
+        "--max-length",
+        type=int,
+        default=DEFAULTS.max_length,
+        help="max tokens per example (default: %(default)s)",
     )
     parser.add_argument(
         "--style",
-        choices=["plain", "chat"],
-        default="plain",
-        help="prompt form: plain 'Review: ...\\nSentiment:' or the chat template (default: %(default)s)",
+        choices=["chat", "plain"],
+        default=DEFAULTS.style,
+        help="prompt form: the chat template, or plain 'Review: ...\\nSentiment:' (default: %(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument(
+        "--seed", type=int, default=DEFAULTS.seed, help="random seed (default: %(default)s)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -53,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.lr > 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
-    from lorakit.demo import DemoSettings, run_demo
+    from lorakit.demo import run_demo
 
     settings = DemoSettings(
         output=args.output,
