@@ -102,7 +102,11 @@ def plot_ranks(summary: dict, reference: dict, path) -> None:
         color="black",
         label="Gaussian noise, r @ 90%",
     )
-    axis.set_xticks(range(len(types)), [f"{t}\n(max {summary[t]['max_rank']})" for t in types])
+    axis.set_xticks(
+        range(len(types)),
+        [f"{t.replace('.', chr(10))}\n(max {summary[t]['max_rank']})" for t in types],
+        fontsize=7,
+    )
     axis.set(
         ylabel="rank", yscale="log", title="Full fine-tune of MiniLM block 5: effective rank of ΔW"
     )
@@ -133,7 +137,7 @@ def main() -> None:
     summary = {}
     for layer_index, layer in enumerate(runs[0]["layers"]):
         rows = [run["layers"][layer_index] for run in runs]
-        summary[layer["module_type"] if layer["name"].startswith("layers") else layer["name"]] = {
+        summary[first_spectra[layer_index].module_type] = {
             "name": layer["name"],
             "shape": layer["shape"],
             "max_rank": layer["max_rank"],
@@ -143,7 +147,6 @@ def main() -> None:
             },
         }
     reference = random_reference(first_spectra)
-    reference = {key: reference[value["name"].rsplit(".", 1)[-1]] for key, value in summary.items()}
     accuracy = common.mean_std([r["accuracy"] for r in runs])
     extracted = {  # seed 0 only
         rank: common.mean_std([runs[0]["extracted"][rank]["accuracy"]])
@@ -164,7 +167,16 @@ def main() -> None:
             "summary_by_module": summary,
             "gaussian_reference": reference,
             "extracted_accuracy": extracted,
-            "runs": runs,
+            "runs": [  # the first 64 singular values per layer (all are in the .runs.jsonl)
+                {
+                    **r,
+                    "layers": [
+                        {**row, "singular_values": row["singular_values"][:64]}
+                        for row in r["layers"]
+                    ],
+                }
+                for r in runs
+            ],
         },
     )
     plot_spectra(
