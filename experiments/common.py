@@ -34,10 +34,10 @@ from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit")) / "experiments"
-EVAL_SIZE, TRAIN_SIZE, MAX_LENGTH = 300, 600, 32
+EVAL_SIZE, TRAIN_SIZE, MAX_LENGTH = 600, 1600, 32
 TOP_LAYERS = (5,)
 SEEDS = (0, 1, 2)
-STEPS, BATCH = 30, 16
+STEPS, BATCH = 100, 16
 HEAD_LR = 1e-2
 
 

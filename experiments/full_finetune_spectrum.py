@@ -25,7 +25,7 @@ from lorakit.analysis import (
 )
 from lorakit.analysis.plots import plot_spectra, save_figure
 
-LR = 2e-4
+LR = 1e-4
 EXTRACT_RANKS = (1, 4, 16, 64)
 
 

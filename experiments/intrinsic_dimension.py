@@ -111,7 +111,10 @@ def main() -> None:
     gains = {d: m - baseline[0] for d, m in means.items()}
     found = {
         "d90": d90(means, full[0]),
-        "d90_of_gain_over_head_only": d90(gains, full[0] - baseline[0]),
+        # undefined when full fine-tuning does not beat the head-only baseline
+        "d90_of_gain_over_head_only": d90(gains, full[0] - baseline[0])
+        if full[0] > baseline[0]
+        else None,
     }
     common.write_json(
         "intrinsic_dimension.json",
