@@ -191,8 +191,7 @@ def _check_base(
     message = (
         f"adapter {adapter.directory} was trained on different base weights: module {module!r} "
         f"does not match the fingerprint saved with the adapter ({reason}). Load it onto the "
-        "base model it was trained on, or pass allow_base_mismatch=True (CLI: "
-        "--allow-base-mismatch) to load it anyway."
+        "base model it was trained on, or pass allow_base_mismatch=True to load it anyway."
     )
     if not allow_base_mismatch:
         raise BaseModelMismatchError(message)
