@@ -114,6 +114,13 @@ def test_extraction_reports_what_lora_cannot_capture_and_refuses_bad_arguments()
     change = extraction.uncaptured["classifier.bias"]
     assert change["change"] == pytest.approx(0.5 * math.sqrt(2), rel=1e-6)
     assert change["relative"] is None  # the base bias is zero
+    without_query = extract_lora(
+        base, tuned, rank=1, exclude=["bert.encoder.layer.0.attention.self.query"]
+    )
+    assert [layer.name for layer in without_query.layers] == [
+        "bert.encoder.layer.1.attention.self.query"
+    ]
+    assert "bert.encoder.layer.0.attention.self.query.weight" in without_query.uncaptured
     with pytest.raises(ValueError, match="exactly one"):
         extract_lora(base, tuned)
     with pytest.raises(ValueError, match="no linear layer differs"):

@@ -16,6 +16,7 @@ embeddings, a new head) is not captured by LoRA and is listed in ``Extraction.un
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -87,11 +88,13 @@ class Extraction:
 
 
 def _changed_linear_updates(
-    base: nn.Module, finetuned: nn.Module, dtype: torch.dtype
+    base: nn.Module, finetuned: nn.Module, dtype: torch.dtype, exclude: set[str]
 ) -> dict[str, torch.Tensor]:
     tuned = dict(linear_weights(finetuned))
     deltas = {}
     for name, weight in linear_weights(base):
+        if name in exclude:
+            continue
         if name in tuned and tuned[name].shape == weight.shape:
             delta = tuned[name].detach().to(dtype) - weight.detach().to(dtype)
             if torch.any(delta):
@@ -135,18 +138,21 @@ def extract_lora(
     energy: float | None = None,
     max_rank: int | None = None,
     lora_alpha: float | None = None,
+    exclude: Iterable[str] = (),
 ) -> Extraction:
     """Extract a LoRA adapter for ``base`` approximating ``finetuned``'s linear-layer updates.
 
     Exactly one of ``rank`` (the same r everywhere, capped at min(d, k)) or ``energy`` (per layer,
     the smallest r keeping that share of ``||ΔW||_F^2``, capped at ``max_rank``). ``lora_alpha``
     defaults to the config's r; each layer's scale s comes from ``functional.scaling``.
+    ``exclude``: module names left out (e.g. a new classification head, better saved in full);
+    their changes are then listed in ``uncaptured``.
     """
     if (rank is None) == (energy is None):
         raise ValueError("give exactly one of rank (an integer) or energy (a share in (0, 1])")
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank}")
-    deltas = _changed_linear_updates(base, finetuned, torch.float64)
+    deltas = _changed_linear_updates(base, finetuned, torch.float64, set(exclude))
     if not deltas:
         raise ValueError("no linear layer differs between the base and the fine-tuned model")
     ranks = {}
