@@ -106,6 +106,18 @@ def save_adapter(
     return target
 
 
+_WEIGHT_FILE_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*")
+
+
+def _remove_stale_weights(directory: Path, written: set[str]) -> None:
+    """Weight files of an earlier save (e.g. other shards) that the new save did not write, as
+    ``save_pretrained`` removes them: left behind they could be loaded instead of the new ones."""
+    for pattern in _WEIGHT_FILE_PATTERNS:
+        for path in directory.glob(pattern):
+            if path.name not in written and path.is_file():
+                path.unlink()
+
+
 def save_merged_model(
     model: nn.Module, directory: str | os.PathLike[str], tokenizer: object | None = None
 ) -> nn.Module:
@@ -127,8 +139,10 @@ def save_merged_model(
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         target.mkdir(exist_ok=True)
-        for path in sorted(staging.iterdir()):
+        written = sorted(staging.iterdir())
+        for path in written:
             os.replace(path, target / path.name)
+        _remove_stale_weights(target, {path.name for path in written})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return model
