@@ -214,7 +214,7 @@ class _Run:
             last = index == len(batches) - 1
             sync = nullcontext() if last or not self.dist.enabled else self.ddp_model.no_sync()
             with sync:
-                micro_loss, _ = batch_loss_sum(self.ddp_model, batch)
+                micro_loss, _, _ = batch_loss_sum(self.ddp_model, batch)
                 (micro_loss * (self.dist.world_size / targets)).backward()
             loss_sum += float(micro_loss.detach())
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
