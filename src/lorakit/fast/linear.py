@@ -20,6 +20,7 @@ never the activation to fp32; the fp32 gradients of A and B are cast back.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -38,6 +39,11 @@ class RankSide(NamedTuple):
     lora_B: torch.Tensor
     rank_scale: float
     drop_levels: int
+
+
+def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype`` (itself when it already is; an adapter is r (d + k) numbers)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def base_output(
@@ -124,7 +130,7 @@ def lora_linear_inference(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    adapters: list[RankSide],
+    adapters: Sequence[RankSide],
     fan_in_fan_out: bool,
 ) -> torch.Tensor:
     """``W0 x + b + sum_a c_a B_a A_a (x * mask_a)`` without autograd: one fresh (..., d) output,
@@ -134,6 +140,6 @@ def lora_linear_inference(
     for adapter in adapters:
         seed = new_seed() if adapter.drop_levels else 0
         x_kept = dropped(x2, adapter.drop_levels, seed)
-        low_rank = F.linear(x_kept, adapter.lora_A.to(x.dtype))  # (N, r)
-        out.addmm_(low_rank, adapter.lora_B.to(x.dtype).T, alpha=adapter.rank_scale)
+        low_rank = F.linear(x_kept, as_dtype(adapter.lora_A, x.dtype))  # (N, r)
+        out.addmm_(low_rank, as_dtype(adapter.lora_B, x.dtype).T, alpha=adapter.rank_scale)
     return out.view(*x.shape[:-1], out.shape[-1])
