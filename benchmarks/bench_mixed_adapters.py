@@ -112,13 +112,13 @@ def build_peft(base, adapters, args, targets=None):
     return model.eval()
 
 
-def timed(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def timed(fn, inner: int) -> float:
+    """Seconds per call, over ``inner`` back-to-back calls (so one sample lasts >= ~50 ms and a
+    scheduler preemption on a shared machine is averaged out)."""
+    start = time.perf_counter()
+    for _ in range(inner):
         fn()
-        times.append(time.perf_counter() - start)
-    return times
+    return (time.perf_counter() - start) / inner
 
 
 def contenders(single, served, bank, peft_model, ids, picks):
@@ -142,15 +142,15 @@ def contenders(single, served, bank, peft_model, ids, picks):
     return {"base": run_base, "single": run_single, "mixed": run_mixed, "peft": run_peft}
 
 
-def measure(runs: dict, repeats: int) -> dict[str, list[float]]:
-    """Alternate the contenders (A B C D, A B C D, ...) after one warm-up each."""
+def measure(runs: dict, repeats: int, sample_seconds: float = 0.05) -> dict[str, list[float]]:
+    """Alternate the contenders (A B C D, A B C D, ...) after a warm-up; seconds per call."""
     raw = {name: [] for name in runs}
     with torch.no_grad():
-        for run in runs.values():
-            run()
+        fastest = min(timed(run, 1) for run in runs.values() for _ in range(2))
+        inner = min(200, max(1, int(sample_seconds / fastest)))
         for _ in range(repeats):
             for name, run in runs.items():
-                raw[name] += timed(run, 1)
+                raw[name].append(timed(run, inner))
     return raw
 
 
@@ -194,7 +194,15 @@ def layer_level(args) -> list[dict]:
         runs = {"base": lambda x=x: base(x), "single": lambda x=x: single(x), "mixed": run_mixed,
                 "peft": lambda x=x, names=names: peft_layer(x, adapter_names=names)}  # fmt: skip
         rows.append(
-            summarise("layer", phase, shape, pool, kind, picks, measure(runs, args.repeats))
+            summarise(
+                "layer",
+                phase,
+                shape,
+                pool,
+                kind,
+                picks,
+                measure(runs, args.repeats, args.sample_seconds),
+            )
         )
     return rows
 
@@ -227,7 +235,11 @@ def model_level(args) -> list[dict]:
     for phase, shape, pool, kind in cases(args):
         ids = torch.randint(0, base.config.vocab_size, shape, generator=generator)
         picks = choose(kind, shape[0], pool, generator)
-        raw = measure(contenders(single, served, bank, peft_model, ids, picks), args.repeats)
+        raw = measure(
+            contenders(single, served, bank, peft_model, ids, picks),
+            args.repeats,
+            args.sample_seconds,
+        )
         rows.append(summarise("model", phase, shape, pool, kind, picks, raw))
     return rows
 
@@ -239,13 +251,16 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--targets", default=",".join(ALL_LINEAR))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: steady on a shared machine)"
+    )
     parser.add_argument(
         "--levels", default="layer,model", help="layer (one d x k layer), model, or both"
     )
     parser.add_argument(
         "--layer-shape", default="1536x576", help="d x k of the layer-level layer (up_proj)"
     )
+    parser.add_argument("--sample-seconds", type=float, default=0.05, help="length of one sample")
     parser.add_argument("--out", default="benchmarks/results/mixed_adapters.json")
     args = parser.parse_args(argv)
     args.targets = args.targets.split(",")
@@ -254,6 +269,7 @@ def main(argv=None) -> int:
     args.pools = [1, 8, 32, 128]
     if args.quick:
         args.layers, args.repeats, args.pools, args.layer_shape = 1, 1, [1, 4], (96, 64)
+        args.sample_seconds = 0.0
     torch.set_num_threads(args.threads)
     rows = layer_level(args) if "layer" in args.levels else []
     if "model" in args.levels:

@@ -40,6 +40,15 @@ TARGETS = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: tiny ops on a shared, oversubscribed machine are far steadier."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
@@ -321,3 +330,15 @@ def test_runtime_load_and_unload(world):
         == 404
     )
     assert httpx.get(world["url"] + "/health").json()["status"] == "ok"
+
+
+def test_cli_sizes_and_user_errors(tmp_path):
+    from lorakit.cli import main
+    from lorakit.commands.serve import parse_size
+
+    assert parse_size("256MB") == 256_000_000 and parse_size("1GiB") == 1024**3
+    assert parse_size("1000") == 1000
+    with pytest.raises(lorakit.UserError, match="not a size"):
+        parse_size("lots")
+    missing = str(tmp_path / "missing")
+    assert main(["serve", "--model", str(tmp_path), "--adapters", missing]) == 2
