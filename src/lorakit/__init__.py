@@ -9,6 +9,7 @@ Quick start::
     model = lorakit.inject(model, config)          # wraps the targets in place, freezes the rest
     lorakit.print_trainable_parameters(model)
     ...train...
+    lorakit.save_adapter(model, "my-adapter")     # PEFT's format: peft, transformers, vLLM read it
     model = lorakit.merge_and_unload(model)        # plain model, zero inference overhead
 """
 
@@ -16,7 +17,9 @@ from lorakit.accounting import ParameterCount, count_parameters, print_trainable
 from lorakit.config import LoraConfig, TaskType
 from lorakit.errors import AdapterFileError, BaseModelMismatchError, UserError
 from lorakit.inject import inject, unload
+from lorakit.io import load_adapter, read_adapter, save_adapter, save_merged_model
 from lorakit.merge import merge, merge_and_unload, unmerge
+from lorakit.peft_compat import PeftModel, get_peft_model
 from lorakit.state import (
     active_adapters,
     adapter_configs,
@@ -34,6 +37,7 @@ __all__ = [
     "BaseModelMismatchError",
     "LoraConfig",
     "ParameterCount",
+    "PeftModel",
     "TaskType",
     "UserError",
     "active_adapters",
@@ -42,10 +46,15 @@ __all__ = [
     "delete_adapter",
     "disabled",
     "find_targets",
+    "get_peft_model",
     "inject",
+    "load_adapter",
     "merge",
     "merge_and_unload",
     "print_trainable_parameters",
+    "read_adapter",
+    "save_adapter",
+    "save_merged_model",
     "set_active",
     "unload",
     "unmerge",

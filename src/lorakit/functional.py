@@ -27,6 +27,7 @@ __all__ = [
     "lora_embedding_forward",
     "lora_forward",
     "lora_parameter_count",
+    "rank_side_scale",
     "scaling",
 ]
 
@@ -36,6 +37,17 @@ def scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
     if rank <= 0:
         raise ValueError(f"rank must be a positive integer, got r={rank}")
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def rank_side_scale(scale: float, dropout: float = 0.0) -> float:
+    """``s / (1 - p)``: the factor put on the rank-r product when inverted dropout is applied as a
+    0/1 mask, so that ``s * B A (x * mask / (1 - p)) = (s / (1 - p)) * B (A (x * mask))``.
+
+    ``p`` is the drop probability actually used (0 without dropout, giving ``s``).
+    """
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got p={dropout}")
+    return scale / (1.0 - dropout)
 
 
 def lora_parameter_count(out_features: int, in_features: int, rank: int) -> int:
@@ -82,17 +94,18 @@ def lora_forward(
     dropout: float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
-    """The low-rank branch ``s * dropout(x) A^T B^T``, in the adapter's dtype.
+    """The low-rank branch ``s * dropout(x) A^T B^T``, computed and returned in ``x``'s dtype.
 
-    Shapes: ``x`` (..., k), ``lora_A`` (r, k), ``lora_B`` (d, r) -> (..., d). The rank-r
-    product is computed first and the scale is applied on the rank-r side, so no extra
-    (..., d) or (..., k) tensor is made beyond the result (and the dropout copy when p > 0).
+    Shapes: ``x`` (..., k), ``lora_A`` (r, k), ``lora_B`` (d, r) -> (..., d). The adapter is cast
+    to ``x``'s dtype (r (d + k) numbers) rather than ``x`` to the adapter's (a full copy of the
+    activation, e.g. fp32 of a bf16 model), as autocast would. The rank-r product is computed
+    first and the scale is applied on the rank-r side. This is the plain reference path; the
+    training fast path (``lorakit.fast``) computes the same thing without the dropout copy.
     """
-    x = x.to(lora_A.dtype)
     if dropout > 0.0 and training:
         x = F.dropout(x, p=dropout, training=True)
-    low_rank = F.linear(x, lora_A)  # (..., r)
-    return F.linear(low_rank * scale, lora_B)  # (..., d)
+    low_rank = F.linear(x, lora_A.to(x.dtype))  # (..., r)
+    return F.linear(low_rank * scale, lora_B.to(x.dtype))  # (..., d)
 
 
 def lora_embedding_forward(

@@ -41,9 +41,8 @@ def inject(
     if not targets:
         raise ValueError(no_match_message(model, config))
     state = state_of(model, create=True)
-    modules = dict(model.named_modules())
     for name in targets:
-        layer = modules[name]
+        layer = model.get_submodule(name)
         if not isinstance(layer, LoraLayer):
             layer = wrap(layer, name)
             _replace(model, name, layer)
@@ -56,8 +55,9 @@ def inject(
             init=config.init_lora_weights,
             dtype=adapter_dtype or _default_adapter_dtype(layer.base_layer.weight.dtype),
         )
-    for name in _saved_module_names(model, config):
-        wrapper = dict(model.named_modules())[name]
+    saved_names = _saved_module_names(model, config)
+    for name in saved_names:
+        wrapper = model.get_submodule(name)
         if not isinstance(wrapper, ModulesToSave):
             wrapper = ModulesToSave(wrapper)
             _replace(model, name, wrapper)
@@ -65,7 +65,22 @@ def inject(
     state.configs[adapter_name] = config
     if activate or len(state.configs) == 1:
         set_active(model, [adapter_name])
+    else:  # a new inactive adapter's tensors are frozen; nothing else changes
+        _freeze_adapter(model, adapter_name, [*targets, *saved_names])
     return model
+
+
+def _freeze_adapter(model: nn.Module, adapter_name: str, module_names: list[str]) -> None:
+    """Freeze one adapter's tensors, touching only its modules (so adding the 100th adapter
+    costs what adding the first did)."""
+    for name in module_names:
+        module = model.get_submodule(name)
+        if isinstance(module, LoraLayer):
+            parameters = module.adapter_parameters(adapter_name)
+        else:
+            parameters = list(module.modules_to_save[adapter_name].parameters())
+        for parameter in parameters:
+            parameter.requires_grad_(False)
 
 
 def unload(model: nn.Module) -> nn.Module:

@@ -1,8 +1,10 @@
 """Merge adapters into the base weights, exactly reversibly, or for good.
 
 ``merge`` folds ``W = W0 + sum_a s_a B_a A_a`` (computed in float32, rounded once to the weight
-dtype) and keeps the original ``W0`` tensor, so ``unmerge`` restores it bit for bit however many
-cycles are done and in every dtype. The cost: while merged, each adapted layer holds two weights.
+dtype) into a new weight and keeps the original ``W0`` Parameter, so ``unmerge`` restores it bit
+for bit however many cycles are done and in every dtype. The cost: while merged, each adapted
+layer holds two weights. A weight tied to another module (GPT-2's ``wte`` / ``lm_head``) is
+untied by the merge: the other module keeps the original, so outputs equal the unmerged model's.
 ``merge_and_unload`` folds the adapters and returns the plain model with no lorakit module left.
 """
 
@@ -19,9 +21,14 @@ __all__ = ["merge", "merge_and_unload", "unmerge"]
 
 
 def _chosen(model: nn.Module, adapter_names: Sequence[str] | None) -> tuple[str, ...]:
-    names = active_adapters(model) if adapter_names is None else tuple(adapter_names)
     state = state_of(model)
-    known = () if state is None else tuple(state.configs)
+    if state is None:
+        raise ValueError(
+            f"this {type(model).__name__} has no lorakit adapters (call merge on the model that "
+            "lorakit.inject or lorakit.load_adapter returned)"
+        )
+    names = active_adapters(model) if adapter_names is None else tuple(adapter_names)
+    known = tuple(state.configs)
     unknown = [name for name in names if name not in known]
     if unknown:
         raise KeyError(f"unknown adapter(s) {unknown}; this model has {list(known)}")
@@ -51,15 +58,29 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
+def _tied_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of Parameters that more than one module uses (e.g. tied input/output embeddings)."""
+    seen: dict[int, int] = {}
+    for _, parameter in model.named_parameters(remove_duplicate=False):
+        seen[id(parameter)] = seen.get(id(parameter), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
+
+
 def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:
     """Fold the given adapters (default: the active ones) into the weights and return the plain
     model: LoRA layers replaced by their (now merged) base modules, ``modules_to_save`` replaced
     by the trained copy of the first merged adapter that has one."""
     names = _chosen(model, adapter_names)
+    tied = _tied_parameter_ids(model)
     merge(model, names)
+    untied = False
     for name, layer in list(lora_layers(model)):
-        layer.original_weight = None  # the merged weight is now the weight
+        untied |= bool(layer.merged_adapters) and id(layer.original_weight) in tied
+        layer.forget_original()
         _replace(model, name, layer.base_layer)
+    if untied and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
+        # The merged embedding no longer equals the (unadapted) output embedding it was tied to.
+        model.config.tie_word_embeddings = False
     for name, wrapper in list(saved_modules(model)):
         trained = next(
             (wrapper.modules_to_save[n] for n in names if n in wrapper.modules_to_save),

@@ -27,6 +27,7 @@ __all__ = [
     "set_active",
     "state_of",
     "use_adapters",
+    "walk_modules",
 ]
 
 
@@ -61,15 +62,33 @@ def active_adapters(model: nn.Module) -> tuple[str, ...]:
     return () if state is None else state.active
 
 
+def walk_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` like ``named_modules()``, but without descending into LoRA layers and
+    saved-module wrappers (they are yielded themselves). Its cost does not grow with the number
+    of adapters on the model."""
+    seen: set[int] = set()
+    pending: list[tuple[str, nn.Module]] = [("", model)]
+    while pending:
+        name, module = pending.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield name, module
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            continue
+        children = [(n, c) for n, c in module._modules.items() if c is not None]
+        pending.extend((f"{name}.{n}" if name else n, c) for n, c in reversed(children))
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     """``(name, layer)`` for every LoRA layer of the model (found by type, never by name)."""
-    for name, module in model.named_modules():
+    for name, module in walk_modules(model):
         if isinstance(module, LoraLayer):
             yield name, module
 
 
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
-    for name, module in model.named_modules():
+    for name, module in walk_modules(model):
         if isinstance(module, ModulesToSave):
             yield name, module
 

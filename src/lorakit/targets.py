@@ -5,8 +5,9 @@
 - ``"all-linear"``: every ``nn.Linear`` / ``Conv1D`` except the output embedding and, for
   ``SEQ_CLS``, the ``score`` / ``classifier`` head.
 - ``exclude_modules``: the same rules, removing matches.
-- ``layers_to_transform``: the layer index is read from the name with PEFT's regex
-  ``.*\\.<layers_pattern>\\.(\\d+)\\.`` (any container name when ``layers_pattern`` is unset).
+- ``layers_to_transform``: the layer index is the first ``<layers_pattern>.<digits>.`` segment of
+  the name (any container name when ``layers_pattern`` is unset).
+- modules in ``modules_to_save`` (and everything inside them) are never adapted.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.layers import LoraLayer, ModulesToSave, is_linear
+from lorakit.state import walk_modules
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -48,15 +50,10 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 def model_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(name, module)`` of the ORIGINAL model: a LoRA layer stands for the module it wraps and
     the insides of LoRA layers and saved-module wrappers are skipped."""
-    skip_prefixes: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in skip_prefixes):
-            continue
+    for name, module in walk_modules(model):
         if isinstance(module, LoraLayer):
-            skip_prefixes.append(name + ".")
             yield name, module.base_layer
         elif isinstance(module, ModulesToSave):
-            skip_prefixes.append(name + ".")
             yield name, module.original_module
         else:
             yield name, module
@@ -69,14 +66,19 @@ def matches(spec: str | list[str], module_name: str) -> bool:
     return any(module_name == entry or module_name.endswith("." + entry) for entry in spec)
 
 
+def _inside_saved_module(saved: list[str], module_name: str) -> bool:
+    return any(re.match(rf"(^|.*\.){re.escape(entry)}($|\..*)", module_name) for entry in saved)
+
+
 def _layer_index(module_name: str, layers_pattern: str | list[str] | None) -> int | None:
+    """The FIRST numbered segment (``layers.3.experts.0`` -> 3), after ``layers_pattern`` if set."""
     if not layers_pattern:
-        found = re.match(r".*\.[^.]*\.(\d+)\.", module_name)
+        found = re.match(r".*?\.[^.]*\.(\d+)\.", module_name)
     else:
         patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
         found = None
         for pattern in patterns:
-            found = re.match(rf".*\.{pattern}\.(\d+)\.", module_name)
+            found = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", module_name)
             if found is not None:
                 break
     return None if found is None else int(found.group(1))
@@ -131,7 +133,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             continue
         if config.exclude_modules is not None and matches(config.exclude_modules, name):
             continue
-        if saved and matches(saved, name):
+        if saved and _inside_saved_module(saved, name):
             continue
         if _in_selected_layer(config, name):
             targets.append(name)

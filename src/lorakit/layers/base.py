@@ -75,7 +75,9 @@ class LoraLayer(nn.Module):
 
     Per adapter name: ``ranks[name]`` (r), ``alphas[name]``, ``scalings[name]`` (s) and
     ``dropouts[name]`` (p). ``active_adapters`` are added to the output; ``merged_adapters``
-    are folded into the base weight, whose original tensor is kept so that unmerging is exact.
+    are folded into the base weight. Merging installs a NEW weight Parameter and keeps the
+    original one aside, so unmerging is exact and a weight tied to another module (an output
+    embedding) is never changed behind that module's back.
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -87,7 +89,9 @@ class LoraLayer(nn.Module):
         self.dropouts: dict[str, float] = {}
         self.active_adapters: tuple[str, ...] = ()
         self.merged_adapters: tuple[str, ...] = ()
-        self.original_weight: torch.Tensor | None = None
+        # While merged: the original weight Parameter (in a tuple so it is not registered as a
+        # parameter of this layer). Modules tied to it (e.g. an output embedding) keep using it.
+        self._original_parameter: tuple[nn.Parameter, ...] = ()
 
     # ----------------------------------------------------------------- subclass interface
     def _create_adapter(
@@ -113,6 +117,11 @@ class LoraLayer(nn.Module):
     def base_forward_with_weight(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output computed with ``weight`` in place of its own."""
         raise NotImplementedError
+
+    def fused_forward(self, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor | None:
+        """``base(x)`` plus the named adapters in one fused pass (``lorakit.fast``), or None
+        where the layer has no fast path for this call (the plain path is then taken)."""
+        return None
 
     # ----------------------------------------------------------------- adapters
     @property
@@ -161,6 +170,9 @@ class LoraLayer(nn.Module):
         active = self.active_adapters if override is None else override
         active = tuple(name for name in active if name in self.ranks)
         if not self.merged_adapters:
+            fused = None if args or kwargs else self.fused_forward(x, active)
+            if fused is not None:
+                return fused
             out = self.base_layer(x, *args, **kwargs)
             pending = active
         elif set(active) == set(self.merged_adapters):
@@ -168,8 +180,10 @@ class LoraLayer(nn.Module):
         else:
             out = self.base_forward_with_weight(self.original_weight, x)
             pending = active
+        in_place = not torch.is_grad_enabled()  # out is the base layer's fresh output
         for name in pending:
-            out = out + self.lora_branch(name, x).to(out.dtype)
+            branch = self.lora_branch(name, x)
+            out = out.add_(branch) if in_place else out + branch.to(out.dtype)
         return out
 
     # ----------------------------------------------------------------- merge
@@ -181,25 +195,34 @@ class LoraLayer(nn.Module):
         to_merge = [name for name in adapter_names if name not in self.merged_adapters]
         if not to_merge:
             return
-        weight = self.base_layer.weight
-        original = self.original_weight if self.original_weight is not None else weight.data
-        merged = original.to(torch.float32) + self._merged_delta((*self.merged_adapters, *to_merge))
-        merged = merged.to(weight.dtype)
+        original = self._original_parameter[0] if self.merged_adapters else self.base_layer.weight
+        delta = self._merged_delta((*self.merged_adapters, *to_merge))
+        merged = (original.detach().to(torch.float32) + delta).to(original.dtype)
         if not torch.isfinite(merged).all():
             raise ValueError(
                 f"merging adapter(s) {to_merge} would put non-finite values into the base weight "
                 "(the adapter holds inf/NaN or overflows the weight dtype); nothing was changed."
             )
-        self.original_weight = original
-        weight.data = merged
+        self._original_parameter = (original,)
+        self.base_layer.weight = nn.Parameter(merged, requires_grad=False)
         self.merged_adapters = (*self.merged_adapters, *to_merge)
 
+    @property
+    def original_weight(self) -> torch.Tensor:
+        """The base weight without any merged adapter (the very tensor the model was built with)."""
+        return self._original_parameter[0] if self.merged_adapters else self.base_layer.weight
+
     def unmerge(self) -> None:
-        """Restore the original base weight bit for bit."""
-        if self.original_weight is None:
+        """Put the original weight Parameter back: bit-identical, and ties to it restored."""
+        if not self.merged_adapters:
             return
-        self.base_layer.weight.data = self.original_weight
-        self.original_weight = None
+        self.base_layer.weight = self._original_parameter[0]
+        self._original_parameter = ()
+        self.merged_adapters = ()
+
+    def forget_original(self) -> None:
+        """Keep the merged weight for good (used by ``merge_and_unload``)."""
+        self._original_parameter = ()
         self.merged_adapters = ()
 
     def _merged_delta(self, adapter_names: Sequence[str]) -> torch.Tensor:

@@ -8,12 +8,13 @@ PEFT's: ``<path>.lora_A.<adapter>.weight`` (r, k) and ``<path>.lora_B.<adapter>.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit import functional
+from lorakit import fast, functional
 from lorakit.layers.base import LoraLayer
 
 __all__ = ["LoraLinear", "is_conv1d"]
@@ -85,6 +86,23 @@ class LoraLinear(LoraLayer):
             dropout=self.dropouts[adapter_name],
             training=self.training,
         )
+
+    def fused_forward(self, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor | None:
+        base = self.base_layer
+        if not adapter_names or not (type(base) is nn.Linear or self.fan_in_fan_out):
+            return None
+        if not fast.module_is_plain(base):
+            return None
+        adapters = []
+        for name in adapter_names:
+            dropout = self.dropouts[name] if self.training else 0.0
+            adapter = fast.rank_side(
+                self.lora_A[name].weight, self.lora_B[name].weight, self.scalings[name], dropout
+            )
+            if adapter is None:
+                return None
+            adapters.append(adapter)
+        return fast.fused_lora_linear(x, base.weight, base.bias, adapters, self.fan_in_fan_out)
 
     def base_forward_with_weight(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         bias = self.base_layer.bias

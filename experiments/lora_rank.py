@@ -1,0 +1,107 @@
+"""Experiment 3: LoRA at r = 1, 4, 16, 64 against full fine-tuning, same task, steps and batch.
+
+Adapters on every linear layer of the top MiniLM block (query, key, value, attention output,
+intermediate, output), lora_alpha = 2r, lr 1e-3, the head trained in full (lr 1e-2).
+Full fine-tuning numbers come from results/full_finetune.json (experiment 2, lr 1e-4).
+Writes results/lora_rank.json and lora_rank.png.
+Run: PYTHONPATH=src python experiments/lora_rank.py   (about 12 minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import common
+
+import lorakit
+
+RANKS = (1, 4, 16, 64)
+LR = 1e-3
+ALL_LINEAR = r"layers\.\d+\..*(query|key|value|dense)"
+
+
+def run(rank: int, seed: int, features: dict, target=ALL_LINEAR) -> dict:
+    config = lorakit.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=target)
+    top, parameters = common.lora_top(config)
+    groups = common.with_head(top, parameters, LR)
+    result = common.train(top, groups, features, lr=LR, seed=seed)
+    result.update(seed=seed, rank=rank, trainable=common.count(parameters))
+    return result
+
+
+def plot(summary: dict, full: list, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lorakit.analysis.plots import save_figure
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    params = [summary[str(r)]["trainable"] for r in RANKS]
+    means = [100 * summary[str(r)]["accuracy"][0] for r in RANKS]
+    stds = [100 * summary[str(r)]["accuracy"][1] for r in RANKS]
+    axis.errorbar(params, means, yerr=stds, marker="o", capsize=3, label="LoRA r = 1, 4, 16, 64")
+    for r, x, y in zip(RANKS, params, means, strict=True):
+        axis.annotate(f"r={r}", (x, y), textcoords="offset points", xytext=(4, -12), fontsize=8)
+    axis.axhspan(
+        100 * (full[0] - full[1]),
+        100 * (full[0] + full[1]),
+        color="grey",
+        alpha=0.3,
+        label="full fine-tuning (mean ± sd)",
+    )
+    axis.set(
+        xscale="log",
+        xlabel="trainable parameters (incl. 770 of the head)",
+        ylabel="accuracy on 300 held-out reviews (%)",
+        title="LoRA rank vs full fine-tuning (MiniLM block 5)",
+    )
+    axis.legend(fontsize=8)
+    save_figure(figure, path)
+
+
+def main() -> None:
+    features = common.cached_features()
+    runs = []
+    for rank in RANKS:
+        for seed in common.SEEDS:
+            runs.append(run(rank, seed, features))
+            print(
+                f"r={rank} seed {seed}: {runs[-1]['accuracy']:.3f} ({runs[-1]['seconds']:.0f} s)",
+                flush=True,
+            )
+    full = common.full_finetune_results()
+    summary = {
+        str(rank): {
+            "trainable": runs[RANKS.index(rank) * len(common.SEEDS)]["trainable"],
+            "accuracy": common.mean_std([r["accuracy"] for r in runs if r["rank"] == rank]),
+        }
+        for rank in RANKS
+    }
+    full_accuracy = full["accuracy"]
+    full_trainable = full["runs"][0]["trainable"]
+    common.write_json(
+        "lora_rank.json",
+        {
+            "setup": {
+                "lr": LR,
+                "alpha": "2r",
+                "target_modules": ALL_LINEAR,
+                "steps": common.STEPS,
+                "batch": common.BATCH,
+                "seeds": list(common.SEEDS),
+            },
+            "summary": summary,
+            "full_finetune": {"accuracy": full_accuracy, "trainable": full_trainable},
+            "runs": runs,
+        },
+    )
+    plot(summary, full_accuracy, common.RESULTS / "lora_rank.png")
+    print(f"{'setting':<16} {'trainable':>10} {'accuracy %':>14}")
+    for rank in RANKS:
+        row = summary[str(rank)]
+        print(f"LoRA r={rank:<10} {row['trainable']:>10,} {common.fmt(*row['accuracy']):>14}")
+    print(f"{'full':<16} {full_trainable:>10,} {common.fmt(*full_accuracy):>14}")
+
+
+if __name__ == "__main__":
+    main()

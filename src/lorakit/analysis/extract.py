@@ -1,0 +1,198 @@
+"""Turn a full fine-tune into a LoRA adapter by truncated SVD.
+
+For each linear layer, ``ΔW = W_ft - W0`` (d x k) = ``U diag(σ) V^T``. Keeping r directions,
+with the adapter's scaling ``s`` (``functional.scaling``)::
+
+    B = U_r diag(sqrt(σ_r)) / sqrt(s)    (d, r)
+    A = diag(sqrt(σ_r)) V_r^T / sqrt(s)  (r, k)     so that  s B A = U_r diag(σ_r) V_r^T,
+
+the best rank-r approximation (Eckart–Young). Its relative error is
+``||ΔW - s B A||_F / ||ΔW||_F = sqrt(sum_{i>r} σ_i^2 / sum_i σ_i^2)``.
+The rank is fixed, or chosen per layer as the smallest keeping a share of the energy (then the
+config carries ``rank_pattern``). Everything else the fine-tune changed (biases, norms,
+embeddings, a new head) is not captured by LoRA and is listed in ``Extraction.uncaptured``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lorakit import functional
+from lorakit.analysis.spectrum import energy_rank, linear_weights
+from lorakit.config import LoraConfig
+
+__all__ = ["ExtractedLayer", "Extraction", "apply_extraction", "extract_lora", "truncated_factors"]
+
+
+def truncated_factors(
+    delta: torch.Tensor, rank: int, scale: float, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(A (r, k), B (d, r), relative Frobenius error)`` with ``s B A`` the best rank-r fit of ΔW."""
+    u, sigma, vh = torch.linalg.svd(delta.detach().to(dtype), full_matrices=False)
+    root = torch.sqrt(sigma[:rank] / scale)  # (r,)
+    lora_B = u[:, :rank] * root  # (d, r)
+    lora_A = root[:, None] * vh[:rank]  # (r, k)
+    total = float((sigma**2).sum())
+    error = math.sqrt(float((sigma[rank:] ** 2).sum()) / total) if total > 0 else 0.0
+    return lora_A, lora_B, error
+
+
+@dataclass
+class ExtractedLayer:
+    """One layer of an extraction: its rank, relative Frobenius error and size."""
+
+    name: str
+    shape: tuple[int, int]
+    rank: int
+    relative_error: float
+    parameters: int
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "shape": list(self.shape)}
+
+
+@dataclass
+class Extraction:
+    """An extracted adapter: its config, ``{module name: (A, B)}`` (float32) and a report."""
+
+    config: LoraConfig
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    layers: list[ExtractedLayer]
+    dense_parameters: int
+    uncaptured: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def parameters(self) -> int:
+        return sum(layer.parameters for layer in self.layers)
+
+    @property
+    def relative_error(self) -> float:
+        """The largest per-layer relative Frobenius error."""
+        return max((layer.relative_error for layer in self.layers), default=0.0)
+
+    def to_dict(self) -> dict:
+        return {
+            "config": self.config.to_dict(),
+            "parameters": self.parameters,
+            "bytes_float32": 4 * self.parameters,
+            "dense_parameters": self.dense_parameters,
+            "max_relative_error": self.relative_error,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "uncaptured_changes": self.uncaptured,
+        }
+
+
+def _changed_linear_updates(
+    base: nn.Module, finetuned: nn.Module, dtype: torch.dtype, exclude: set[str]
+) -> dict[str, torch.Tensor]:
+    tuned = dict(linear_weights(finetuned))
+    deltas = {}
+    for name, weight in linear_weights(base):
+        if name in exclude:
+            continue
+        if name in tuned and tuned[name].shape == weight.shape:
+            delta = tuned[name].detach().to(dtype) - weight.detach().to(dtype)
+            if torch.any(delta):
+                deltas[name] = delta
+    return deltas
+
+
+def _uncaptured_changes(base: nn.Module, finetuned: nn.Module, captured: set[str]) -> dict:
+    """``{"change": ||p_ft - p0||, "relative": change / ||p0|| (None if p0 = 0)}`` of every other
+    parameter the fine-tune moved (biases, norms, embeddings, heads)."""
+    tuned = dict(finetuned.named_parameters())
+    changes = {}
+    for name, parameter in base.named_parameters():
+        module_name = name.rsplit(".", 1)[0]
+        if name.endswith(".weight") and module_name in captured:
+            continue
+        other = tuned.get(name)
+        if other is None or other.shape != parameter.shape or torch.equal(other, parameter):
+            continue
+        norm = float(parameter.detach().double().norm())
+        change = float((other.detach().double() - parameter.detach().double()).norm())
+        changes[name] = {"change": change, "relative": change / norm if norm > 0 else None}
+    return changes
+
+
+def _target_spec(model: nn.Module, names: list[str]) -> list[str]:
+    """Module types (``q_proj``) when they select exactly ``names`` in ``model``, else full names."""
+    from lorakit.targets import find_targets
+
+    types = sorted({name.rsplit(".", 1)[-1] for name in names})
+    if sorted(find_targets(model, LoraConfig(target_modules=types))) == sorted(names):
+        return types
+    return sorted(names)
+
+
+def extract_lora(
+    base: nn.Module,
+    finetuned: nn.Module,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    max_rank: int | None = None,
+    lora_alpha: float | None = None,
+    exclude: Iterable[str] = (),
+) -> Extraction:
+    """Extract a LoRA adapter for ``base`` approximating ``finetuned``'s linear-layer updates.
+
+    Exactly one of ``rank`` (the same r everywhere, capped at min(d, k)) or ``energy`` (per layer,
+    the smallest r keeping that share of ``||ΔW||_F^2``, capped at ``max_rank``). ``lora_alpha``
+    defaults to the config's r; each layer's scale s comes from ``functional.scaling``.
+    ``exclude``: module names left out (e.g. a new classification head, better saved in full);
+    their changes are then listed in ``uncaptured``.
+    """
+    if (rank is None) == (energy is None):
+        raise ValueError("give exactly one of rank (an integer) or energy (a share in (0, 1])")
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank}")
+    deltas = _changed_linear_updates(base, finetuned, torch.float64, set(exclude))
+    if not deltas:
+        raise ValueError("no linear layer differs between the base and the fine-tuned model")
+    ranks = {}
+    for name, delta in deltas.items():
+        chosen = (
+            rank if rank is not None else max(1, energy_rank(torch.linalg.svdvals(delta), energy))
+        )
+        ranks[name] = min(chosen, max_rank or chosen, *delta.shape)
+    common = rank if rank is not None else max(ranks.values())
+    config = LoraConfig(
+        r=common,
+        lora_alpha=float(lora_alpha or common),
+        target_modules=_target_spec(base, list(deltas)),
+        rank_pattern={name: r for name, r in ranks.items() if r != common},
+    )
+    factors, layers = {}, []
+    for name, delta in deltas.items():
+        r = config.rank_for(name)
+        scale = functional.scaling(r, config.alpha_for(name), config.use_rslora)
+        lora_A, lora_B, error = truncated_factors(delta, r, scale)
+        factors[name] = (lora_A.float(), lora_B.float())
+        size = functional.lora_parameter_count(delta.shape[0], delta.shape[1], r)
+        layers.append(ExtractedLayer(name, tuple(delta.shape), r, error, size))
+    dense = sum(d.numel() for d in deltas.values())
+    uncaptured = _uncaptured_changes(base, finetuned, set(deltas))
+    return Extraction(config, factors, layers, dense, uncaptured)
+
+
+def apply_extraction(
+    model: nn.Module, extraction: Extraction, adapter_name: str = "default"
+) -> nn.Module:
+    """Inject the extracted adapter into ``model`` (the base) and copy its tensors in."""
+    from lorakit.inject import inject
+    from lorakit.state import lora_layers
+
+    model = inject(model, extraction.config, adapter_name=adapter_name)
+    layers = dict(lora_layers(model))
+    with torch.no_grad():
+        for name, (lora_A, lora_B) in extraction.factors.items():
+            parameter_A, parameter_B = layers[name].adapter_parameters(adapter_name)
+            parameter_A.copy_(lora_A.to(parameter_A.dtype))
+            parameter_B.copy_(lora_B.to(parameter_B.dtype))
+    return model

@@ -1,0 +1,175 @@
+"""Intrinsic dimension: train only a d-dimensional θ_d inside a fixed random subspace.
+
+Li et al. 2018 / Aghajanyan et al. 2020: the chosen parameters θ_D (D numbers in all) become
+
+    θ_D = θ_0 + P θ_d                        (plain random subspace)
+    θ_D^(i) = θ_0^(i) + λ_i (P θ_d)^(i)      (SAID: one learned scalar λ_i per tensor i)
+
+with P (D x d) a Fastfood transform that is never stored densely. θ_d (zero-padded to L, the
+next power of two >= d) goes through n = ceil(D / L) independent blocks, stacked and cut to D::
+
+    P_b = H G_b Π_b H B_b / sqrt(L ||G_b||^2 n)      (L x L)
+
+H is the (unnormalised, ±1) Walsh–Hadamard matrix applied in O(L log L), B_b a random ±1
+diagonal, Π_b a random permutation, G_b a Gaussian diagonal. Each block's columns have norm
+exactly 1/sqrt(n), so the columns of P have unit norm (up to the cut of the last block).
+Memory: O(D) for the random diagonals and permutations, never O(D d).
+d90 is the smallest d whose score reaches 90% of full fine-tuning's (``d90``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+__all__ = ["Fastfood", "IntrinsicDimension", "d90", "hadamard_transform"]
+
+
+@functools.lru_cache(maxsize=16)
+def _sylvester(size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (size x size) ±1 Sylvester–Hadamard matrix (size a power of two)."""
+    matrix = torch.ones(1, 1, dtype=dtype)
+    while matrix.shape[0] < size:
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
+    return matrix
+
+
+def _fwht(x: torch.Tensor, factor_bits: int = 6) -> torch.Tensor:
+    """Unnormalised Walsh–Hadamard transform along the last dim (a power of two L).
+
+    ``H_L = H_{f1} ⊗ H_{f2} ⊗ ...`` with factors of at most 2^factor_bits: the last dim is viewed
+    as a tensor of those sizes and each axis is multiplied by its small Hadamard matrix, i.e. the
+    butterfly stages grouped into BLAS-sized chunks; O(L log L) work.
+    """
+    length = x.shape[-1]
+    if length & (length - 1):
+        raise ValueError(f"the Hadamard transform needs a power-of-two length, got {length}")
+    bits, sizes = length.bit_length() - 1, []
+    while bits > 0:
+        sizes.append(1 << min(bits, factor_bits))
+        bits -= min(bits, factor_bits)
+    y = x.reshape(-1, *sizes)  # (batch, f1, f2, ...)
+    for axis, size in enumerate(sizes, start=1):
+        y = torch.movedim(torch.movedim(y, axis, -1) @ _sylvester(size, x.dtype), -1, axis)
+    return y.reshape(x.shape)
+
+
+class _Hadamard(torch.autograd.Function):
+    """H x with H symmetric: the backward is H applied to the gradient (nothing saved)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _fwht(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _fwht(grad)
+
+
+def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
+    """``x H`` along the last dim (H the ±1 Sylvester–Hadamard matrix, ``H H = L I``)."""
+    return _Hadamard.apply(x)
+
+
+class Fastfood(nn.Module):
+    """The fixed linear map P: R^d -> R^D above (buffers only, nothing trainable).
+
+    ``forward(theta_d)``: (d,) -> (D,). Random state comes from ``seed`` alone.
+    """
+
+    def __init__(self, dimension: int, total: int, seed: int = 0) -> None:
+        super().__init__()
+        if dimension < 1 or total < 1:
+            raise ValueError(f"dimension d={dimension} and total D={total} must be positive")
+        self.dimension, self.total = dimension, total
+        self.block = 1 << max(dimension - 1, 0).bit_length()  # L: power of two >= d
+        blocks = math.ceil(total / self.block)
+        generator = torch.Generator().manual_seed(seed)
+        signs = torch.randint(0, 2, (blocks, self.block), generator=generator) * 2 - 1
+        self.register_buffer("signs", signs.to(torch.int8))  # B: (n, L)
+        perm = torch.argsort(torch.rand(blocks, self.block, generator=generator), dim=1)
+        self.register_buffer("permutation", perm)  # Π: (n, L)
+        gauss = torch.randn(blocks, self.block, generator=generator)
+        self.register_buffer("gaussian", gauss)  # G: (n, L)
+        norm = torch.sqrt(self.block * (gauss.double() ** 2).sum(1, keepdim=True) * blocks)
+        self.register_buffer("normaliser", norm)  # (n, 1)
+
+    def forward(self, theta_d: torch.Tensor) -> torch.Tensor:
+        padded = torch.zeros(self.block, dtype=theta_d.dtype, device=theta_d.device)
+        padded = padded.index_copy(0, torch.arange(self.dimension), theta_d)  # (L,)
+        x = self.signs.to(theta_d.dtype) * padded  # B x: (n, L)
+        x = hadamard_transform(x)  # H B x
+        x = torch.gather(x, 1, self.permutation)  # Π H B x
+        x = hadamard_transform(self.gaussian.to(theta_d.dtype) * x)  # H G Π H B x
+        return (x / self.normaliser.to(theta_d.dtype)).reshape(-1)[: self.total]  # (D,)
+
+
+class IntrinsicDimension(nn.Module):
+    """Reparametrise chosen parameters of ``model`` as ``θ_0 + λ P θ_d`` and train only θ_d (and λ).
+
+    ``parameter_names``: the parameters to reparametrise (default: all that require grad). They
+    are frozen (θ_0); any other parameter keeps its ``requires_grad`` (e.g. a new classification
+    head may train directly; it is then not counted in d). ``said=True`` adds one scalar λ_i per
+    tensor (initialised to 1), counted in ``trainable_dimension``. Calls go through
+    ``torch.func.functional_call``, so the model's own tensors are never modified.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dimension: int,
+        parameter_names: Sequence[str] | None = None,
+        *,
+        said: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        named = dict(model.named_parameters())
+        if parameter_names is None:
+            parameter_names = [name for name, p in named.items() if p.requires_grad]
+        unknown = [name for name in parameter_names if name not in named]
+        if unknown:
+            raise ValueError(
+                f"unknown parameter name(s) {unknown[:5]}; see model.named_parameters()"
+            )
+        self.model = model
+        self.names = list(parameter_names)
+        for name in self.names:
+            named[name].requires_grad_(False)
+        self.sizes = [named[name].numel() for name in self.names]
+        self.projection = Fastfood(dimension, sum(self.sizes), seed=seed)
+        self.theta_d = nn.Parameter(torch.zeros(dimension))
+        self.scales = nn.Parameter(torch.ones(len(self.names))) if said else None
+
+    @property
+    def trainable_dimension(self) -> int:
+        """d as Aghajanyan et al. count it: len(θ_d) plus the SAID scalars."""
+        return self.theta_d.numel() + (0 if self.scales is None else self.scales.numel())
+
+    def reparametrised(self) -> dict[str, torch.Tensor]:
+        """``{name: θ_0 + λ_i (P θ_d)_i}`` for the chosen parameters (differentiable in θ_d, λ)."""
+        named = dict(self.model.named_parameters())
+        flat = self.projection(self.theta_d)  # (D,)
+        chunks = torch.split(flat, self.sizes)
+        params = {}
+        for index, (name, chunk) in enumerate(zip(self.names, chunks, strict=True)):
+            base = named[name]
+            step = chunk.view(base.shape).to(base.dtype)
+            if self.scales is not None:
+                step = self.scales[index] * step
+            params[name] = base + step
+        return params
+
+    def forward(self, *args, **kwargs):
+        return functional_call(self.model, self.reparametrised(), args, kwargs, strict=False)
+
+
+def d90(scores: Mapping[int, float], full_score: float, threshold: float = 0.9) -> int | None:
+    """Smallest d with ``scores[d] >= threshold * full_score`` (None if no d reaches it)."""
+    reached = [d for d, score in scores.items() if score >= threshold * full_score]
+    return min(reached) if reached else None

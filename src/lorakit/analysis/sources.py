@@ -1,0 +1,76 @@
+"""Where updates come from on disk: an adapter directory, or a base and a fine-tuned model directory.
+
+Models load offline (a local directory or a ``lorakit.models`` built-in name); the task (causal
+LM or sequence classification) is read from ``config.json``'s ``architectures`` unless given, and
+any other architecture loads with ``transformers.AutoModel``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.analysis.spectrum import Spectrum, tensor_spectra, update_spectra
+from lorakit.errors import UserError
+
+__all__ = ["adapter_dir_spectra", "detect_task", "load_model_dir", "model_dirs_spectra"]
+
+
+def detect_task(directory: str | os.PathLike[str]) -> str | None:
+    """``"seq-cls"``, ``"causal-lm"`` or None (another architecture) from ``config.json``."""
+    config_path = Path(directory) / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{directory} is not a transformers model directory (no config.json)")
+    architectures = json.loads(config_path.read_text()).get("architectures") or [""]
+    name = architectures[0]
+    if name.endswith("ForSequenceClassification"):
+        return "seq-cls"
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal-lm"
+    return None
+
+
+def load_model_dir(
+    spec: str | os.PathLike[str], task: str | None = None, dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """A model from a local directory or a lorakit built-in name (``lorakit.models``), offline.
+
+    No tokenizer is needed: only the weights are analysed.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from lorakit.models import resolve_model
+
+    directory = resolve_model(str(spec))
+    task = task or detect_task(directory)
+    loader = {
+        "causal-lm": AutoModelForCausalLM,
+        "seq-cls": AutoModelForSequenceClassification,
+        None: AutoModel,
+    }[task]
+    return loader.from_pretrained(directory, dtype=dtype, local_files_only=True).eval()
+
+
+def adapter_dir_spectra(directory: str | os.PathLike[str]) -> list[Spectrum]:
+    """Spectra of ``s B A`` for every layer of a PEFT-format adapter directory (from the factors)."""
+    from lorakit.io import read_adapter
+
+    adapter = read_adapter(directory)
+    spectra = tensor_spectra(adapter.tensors, adapter.config)
+    if not spectra:
+        raise UserError(f"the adapter in {directory} holds no LoRA A/B tensors to analyse")
+    return spectra
+
+
+def model_dirs_spectra(
+    base: str | os.PathLike[str], finetuned: str | os.PathLike[str], task: str | None = None
+) -> list[Spectrum]:
+    """Spectra of ``W_ft - W0`` for every linear layer that differs between two model directories."""
+    spectra = update_spectra(load_model_dir(base, task), load_model_dir(finetuned, task))
+    if not spectra:
+        raise UserError(f"no linear layer differs between {base} and {finetuned}")
+    return spectra

@@ -1,0 +1,274 @@
+"""How low is the rank of a weight update? Singular values and effective ranks of ΔW.
+
+For one (d x k) update ΔW with singular values σ_1 >= ... >= σ_n (n = min(d, k)):
+
+- energy share of the first r directions: ``sum_{i<=r} σ_i^2 / sum_i σ_i^2`` (squared Frobenius
+  norm captured by the best rank-r approximation, Eckart–Young);
+- ``energy_rank(p)``: the smallest r whose energy share is >= p (90% and 99% in reports);
+- entropy effective rank (Roy & Vetterli 2007): ``exp(-sum_i p_i log p_i)``, ``p_i = σ_i / sum σ``;
+- stable rank: ``||ΔW||_F^2 / ||ΔW||_2^2 = sum σ_i^2 / σ_1^2``.
+
+An adapter's update ``ΔW = s B A`` (A: r x k, B: d x r) is never formed: with ``B = Q_B R_B`` and
+``A^T = Q_A R_A`` (thin QR), ``ΔW = Q_B (s R_B R_A^T) Q_A^T``, so the SVD of the (r x r) core gives
+the singular values, and the singular vectors are ``Q_B U_core`` and ``Q_A V_core``.
+All of it is computed in float64 (or float32 on request), whatever the storage dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorakit import functional
+
+__all__ = [
+    "Spectrum",
+    "adapter_factors",
+    "adapter_spectra",
+    "energy_rank",
+    "entropy_rank",
+    "low_rank_svd",
+    "singular_values",
+    "spectrum_of_factors",
+    "spectrum_of_matrix",
+    "stable_rank",
+    "tensor_factors",
+    "tensor_spectra",
+    "update_spectra",
+]
+
+
+def singular_values(matrix: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Singular values (descending) of a (d, k) matrix, computed in ``dtype``."""
+    return torch.linalg.svdvals(matrix.detach().to(dtype))
+
+
+def low_rank_svd(
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of ``ΔW = s B A`` without forming the (d, k) product.
+
+    Shapes: ``lora_A`` (r, k), ``lora_B`` (d, r). Returns ``U`` (d, r), ``S`` (r,) descending,
+    ``V`` (k, r) with ``ΔW = U diag(S) V^T``. Cost O((d + k) r^2) instead of O(d k min(d, k)).
+    """
+    q_b, r_b = torch.linalg.qr(lora_B.detach().to(dtype))  # (d, r), (r, r)
+    q_a, r_a = torch.linalg.qr(lora_A.detach().to(dtype).T)  # (k, r), (r, r)
+    # The core s R_B R_A^T is the same maths as s B A, applied to the triangular factors.
+    core = functional.delta_weight(r_a.T, r_b, scale, dtype=dtype)  # (r, r)
+    u_core, s, vh_core = torch.linalg.svd(core, full_matrices=False)
+    return q_b @ u_core, s, q_a @ vh_core.T
+
+
+def energy_rank(values: torch.Tensor, share: float) -> int:
+    """Smallest r with ``sum_{i<=r} σ_i^2 >= share * sum σ_i^2`` (0 for a zero matrix)."""
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"energy share must be in (0, 1], got {share}")
+    energy = values.to(torch.float64) ** 2
+    total = float(energy.sum())
+    if total == 0.0:
+        return 0
+    cumulative = torch.cumsum(energy, 0) / total
+    # A relative tolerance so that share=1.0 is reached despite rounding in the cumulative sum.
+    target = torch.tensor(share - 1e-12, dtype=torch.float64)
+    return min(int(torch.searchsorted(cumulative, target)) + 1, len(values))
+
+
+def entropy_rank(values: torch.Tensor) -> float:
+    """Roy & Vetterli's effective rank ``exp(H(p))``, ``p_i = σ_i / sum σ`` (0 for a zero matrix)."""
+    values = values.to(torch.float64)
+    total = float(values.sum())
+    if total == 0.0:
+        return 0.0
+    p = values[values > 0] / total
+    return math.exp(float(-(p * torch.log(p)).sum()))
+
+
+def stable_rank(values: torch.Tensor) -> float:
+    """``||ΔW||_F^2 / ||ΔW||_2^2 = sum σ_i^2 / σ_1^2`` (0 for a zero matrix)."""
+    values = values.to(torch.float64)
+    if values.numel() == 0 or float(values.max()) == 0.0:
+        return 0.0
+    return float((values**2).sum() / values.max() ** 2)
+
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+@dataclass
+class Spectrum:
+    """The singular values of one layer's update and the ranks derived from them.
+
+    ``shape`` is (d, k) of ΔW; ``singular_values`` is float64, descending; ``max_rank`` is the
+    rank bound of the parametrisation (r for an adapter, min(d, k) for a full update).
+    """
+
+    name: str
+    shape: tuple[int, int]
+    singular_values: torch.Tensor
+    max_rank: int
+
+    @property
+    def module_type(self) -> str:
+        """The last component of the module name (``q_proj``, ``query``, ``c_attn``, ...)."""
+        return self.name.rsplit(".", 1)[-1]
+
+    @property
+    def layer_index(self) -> int | None:
+        """The first ``.<digits>.`` in the module name (the transformer block), if any."""
+        found = _LAYER_INDEX.search(f".{self.name}.")
+        return int(found.group(1)) if found else None
+
+    def energy_rank(self, share: float) -> int:
+        return energy_rank(self.singular_values, share)
+
+    def energy_share(self, rank: int) -> float:
+        """Share of ``||ΔW||_F^2`` kept by the best rank-``rank`` approximation."""
+        energy = self.singular_values**2
+        total = float(energy.sum())
+        return 1.0 if total == 0.0 else float(energy[:rank].sum()) / total
+
+    def to_dict(self, max_values: int | None = None) -> dict:
+        """JSON-ready summary; ``max_values`` caps how many singular values are listed."""
+        values = self.singular_values[:max_values] if max_values else self.singular_values
+        return {
+            "name": self.name,
+            "module_type": self.module_type,
+            "layer": self.layer_index,
+            "shape": list(self.shape),
+            "max_rank": self.max_rank,
+            "frobenius_norm": float(torch.linalg.vector_norm(self.singular_values)),
+            "spectral_norm": float(self.singular_values[0]) if len(self.singular_values) else 0.0,
+            "rank_90": self.energy_rank(0.9),
+            "rank_99": self.energy_rank(0.99),
+            "entropy_rank": entropy_rank(self.singular_values),
+            "stable_rank": stable_rank(self.singular_values),
+            "singular_values": [float(v) for v in values],
+        }
+
+
+def spectrum_of_matrix(
+    name: str, delta: torch.Tensor, dtype: torch.dtype = torch.float64
+) -> Spectrum:
+    """Spectrum of a dense (d, k) update, e.g. ``W_ft - W0``."""
+    d, k = delta.shape
+    return Spectrum(name, (d, k), singular_values(delta, dtype), min(d, k))
+
+
+def spectrum_of_factors(
+    name: str,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    dtype: torch.dtype = torch.float64,
+) -> Spectrum:
+    """Spectrum of ``s B A`` from the factors (A: r x k, B: d x r), never forming (d, k)."""
+    _, values, _ = low_rank_svd(lora_A, lora_B, scale, dtype)
+    return Spectrum(name, (lora_B.shape[0], lora_A.shape[1]), values, lora_A.shape[0])
+
+
+def adapter_factors(
+    model: nn.Module, adapter_name: str = "default"
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, float]]:
+    """``(module name, A (r, k), B (d, r), s)`` for every LoRA layer holding ``adapter_name``.
+
+    Embedding adapters are included (A (r, num), B (dim, r)); their update is the transpose,
+    which has the same singular values.
+    """
+    from lorakit.state import lora_layers
+
+    for name, layer in lora_layers(model):
+        if adapter_name not in layer.ranks:
+            continue
+        lora_A, lora_B = layer.adapter_parameters(adapter_name)
+        yield name, lora_A, lora_B, layer.scalings[adapter_name]
+
+
+def adapter_spectra(
+    model: nn.Module, adapter_name: str = "default", dtype: torch.dtype = torch.float64
+) -> list[Spectrum]:
+    """Spectra of every layer's ``s B A`` for one adapter injected in ``model``."""
+    return [
+        spectrum_of_factors(name, lora_A, lora_B, scale, dtype)
+        for name, lora_A, lora_B, scale in adapter_factors(model, adapter_name)
+    ]
+
+
+def tensor_factors(
+    tensors: Mapping[str, torch.Tensor], config
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, float]]:
+    """``(module name, A, B, s)`` from a PEFT adapter file's tensors and its ``LoraConfig``.
+
+    Keys ``base_model.model.<path>.lora_A.weight`` / ``.lora_B.weight`` (and the embedding
+    ``lora_embedding_A`` / ``_B``); s comes from ``config.rank_for`` / ``alpha_for`` and
+    ``functional.scaling`` (rsLoRA respected).
+    """
+    suffixes = (".lora_A.weight", ".lora_embedding_A")
+    for key in sorted(tensors):
+        suffix = next((s for s in suffixes if key.endswith(s)), None)
+        if suffix is None:
+            continue
+        path = key[: -len(suffix)]
+        lora_A = tensors[key]
+        lora_B = tensors[path + suffix.replace("_A", "_B")]
+        name = path.removeprefix("base_model.model.")
+        rank = lora_A.shape[0]
+        scale = functional.scaling(rank, config.alpha_for(name), config.use_rslora)
+        yield name, lora_A, lora_B, scale
+
+
+def tensor_spectra(
+    tensors: Mapping[str, torch.Tensor], config, dtype: torch.dtype = torch.float64
+) -> list[Spectrum]:
+    """Spectra of an adapter read from disk (``lorakit.io.read_adapter``'s tensors + config)."""
+    return [
+        spectrum_of_factors(name, lora_A, lora_B, scale, dtype)
+        for name, lora_A, lora_B, scale in tensor_factors(tensors, config)
+    ]
+
+
+def linear_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(module name, weight as (d, k))`` of every ``nn.Linear`` and transformers ``Conv1D``."""
+    from lorakit.layers.linear import is_conv1d
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            yield name, module.weight
+        elif is_conv1d(module):
+            yield name, module.weight.T
+
+
+def update_spectra(
+    base: nn.Module,
+    finetuned: nn.Module,
+    dtype: torch.dtype = torch.float64,
+    names: Iterable[str] | None = None,
+) -> list[Spectrum]:
+    """Spectra of ``ΔW = W_ft - W0`` for every linear layer present in both models.
+
+    Layers whose weights are identical (untouched by fine-tuning) are skipped; ``names``
+    restricts the analysis to those modules.
+    """
+    tuned = dict(linear_weights(finetuned))
+    wanted = None if names is None else set(names)
+    spectra = []
+    for name, weight in linear_weights(base):
+        if name not in tuned or (wanted is not None and name not in wanted):
+            continue
+        if tuned[name].shape != weight.shape:
+            raise ValueError(
+                f"layer {name!r} has shape {tuple(weight.shape)} in the base but "
+                f"{tuple(tuned[name].shape)} in the fine-tuned model; they are not the same model"
+            )
+        delta = tuned[name].detach().to(dtype) - weight.detach().to(dtype)
+        if not torch.any(delta):
+            continue
+        spectra.append(spectrum_of_matrix(name, delta, dtype))
+    return spectra

@@ -1,0 +1,72 @@
+"""``lorakit analyze``: how low is the rank of an update? Singular values and effective ranks.
+
+lorakit analyze ADAPTER_DIR [--json] [--plots DIR] [--energy 0.9]
+lorakit analyze --base DIR --finetuned DIR [--json] [--plots DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from lorakit.errors import UserError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "analyze",
+        help="spectrum and effective rank of an adapter's or a fine-tune's weight update",
+        description="Per-layer singular values of ΔW (s·B·A of an adapter, from its factors; or "
+        "W_ft - W0 of a full fine-tune), effective rank at 90/99%% energy, entropy effective rank, "
+        "stable rank, and the rank advised per module type.",
+    )
+    parser.add_argument("adapter", nargs="?", help="a PEFT-format adapter directory")
+    parser.add_argument("--base", help="base model directory (with --finetuned)")
+    parser.add_argument("--finetuned", help="fully fine-tuned model directory (with --base)")
+    parser.add_argument("--task", choices=["causal-lm", "seq-cls"], help="model class to load")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--plots", metavar="DIR", help="write spectra.png and ranks.png here")
+    parser.add_argument(
+        "--energy", type=float, default=0.9, help="energy share for the rank advice (0.9)"
+    )
+    parser.set_defaults(func=run)
+
+
+def _check(args: argparse.Namespace) -> None:
+    from_models = args.base is not None or args.finetuned is not None
+    if from_models and (args.base is None or args.finetuned is None):
+        raise UserError("analyze: give both --base and --finetuned (two model directories)")
+    if from_models == (args.adapter is not None):
+        raise UserError("analyze: give either an ADAPTER_DIR or --base DIR --finetuned DIR")
+    if not 0.0 < args.energy <= 1.0:
+        raise UserError(f"analyze: --energy must be in (0, 1], got {args.energy}")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check(args)
+    from lorakit.analysis.report import format_table, rank_advice, spectra_report
+    from lorakit.analysis.sources import adapter_dir_spectra, model_dirs_spectra
+
+    if args.adapter is not None:
+        spectra = adapter_dir_spectra(args.adapter)
+    else:
+        spectra = model_dirs_spectra(args.base, args.finetuned, args.task)
+    shares = sorted({0.9, 0.99, args.energy})
+    if args.json:
+        print(json.dumps(spectra_report(spectra, shares=shares), indent=2))
+    else:
+        print(format_table(spectra))
+        advice = ", ".join(
+            f"{a.module_type}: r={a.rank}" for a in rank_advice(spectra, args.energy)
+        )
+        print(f"\nadvised rank at {args.energy:g} of the energy: {advice}")
+    if args.plots:
+        from lorakit.analysis.plots import plot_effective_ranks, plot_spectra
+
+        written = [
+            plot_spectra(spectra, f"{args.plots}/spectra.png"),
+            plot_effective_ranks(spectra, f"{args.plots}/ranks.png"),
+        ]
+        if not args.json:
+            print("plots: " + ", ".join(str(path) for path in written))
+    return 0

@@ -1,0 +1,86 @@
+"""``lorakit extract``: a full fine-tune -> a PEFT-format LoRA adapter by truncated SVD.
+
+lorakit extract --base DIR --finetuned DIR --output DIR (--rank R | --energy 0.9) [--max-rank R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from lorakit.errors import UserError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "extract",
+        help="extract a LoRA adapter from a fully fine-tuned model (truncated SVD of ΔW)",
+        description="For every linear layer, ΔW = W_ft - W0 is cut to its best rank-r "
+        "approximation s·B·A and saved as a PEFT-format adapter for the base model. The rank is "
+        "fixed (--rank) or chosen per layer to keep a share of ||ΔW||_F^2 (--energy, written "
+        "with rank_pattern). Prints each layer's relative Frobenius error and the adapter size.",
+    )
+    parser.add_argument("--base", required=True, help="base model directory")
+    parser.add_argument("--finetuned", required=True, help="fully fine-tuned model directory")
+    parser.add_argument("--output", required=True, help="directory for the adapter")
+    choice = parser.add_mutually_exclusive_group(required=True)
+    choice.add_argument("--rank", type=int, help="the same rank r for every layer")
+    choice.add_argument("--energy", type=float, help="per-layer rank keeping this energy share")
+    parser.add_argument("--max-rank", type=int, help="cap on the per-layer rank with --energy")
+    parser.add_argument("--task", choices=["causal-lm", "seq-cls"], help="model class to load")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(func=run)
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.rank is not None and args.rank < 1:
+        raise UserError(f"extract: --rank must be a positive integer, got {args.rank}")
+    if args.energy is not None and not 0.0 < args.energy <= 1.0:
+        raise UserError(f"extract: --energy must be in (0, 1], got {args.energy}")
+    if args.max_rank is not None and (args.max_rank < 1 or args.energy is None):
+        raise UserError("extract: --max-rank needs --energy and a positive integer")
+
+
+def _print_report(extraction) -> None:
+    print(f"{'layer':<52} {'rank':>5} {'rel. error':>11}")
+    for layer in extraction.layers:
+        print(f"{layer.name:<52} {layer.rank:>5} {layer.relative_error:>11.4f}")
+    ratio = extraction.dense_parameters / max(extraction.parameters, 1)
+    print(
+        f"\nadapter: {extraction.parameters:,} parameters ({4 * extraction.parameters / 1e6:.2f} MB "
+        f"in float32), {ratio:.1f}x fewer than the dense update ({extraction.dense_parameters:,}); "
+        f"largest relative error {extraction.relative_error:.4f}"
+    )
+    if extraction.uncaptured:
+        names = ", ".join(list(extraction.uncaptured)[:6])
+        more = len(extraction.uncaptured) - 6
+        print(
+            f"not captured by LoRA (changed outside linear weights): {names}"
+            + (f" and {more} more" if more > 0 else "")
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    _check(args)
+    from lorakit.analysis.extract import apply_extraction, extract_lora
+    from lorakit.analysis.sources import load_model_dir
+    from lorakit.io import save_adapter
+
+    base = load_model_dir(args.base, args.task)
+    finetuned = load_model_dir(args.finetuned, args.task)
+    try:
+        extraction = extract_lora(
+            base, finetuned, rank=args.rank, energy=args.energy, max_rank=args.max_rank
+        )
+    except ValueError as error:
+        raise UserError(f"extract: {error}") from error
+    extraction.config.base_model_name_or_path = str(args.base)
+    del finetuned
+    model = apply_extraction(base, extraction)
+    directory = save_adapter(model, args.output)
+    if args.json:
+        print(json.dumps({**extraction.to_dict(), "output": str(directory)}, indent=2))
+    else:
+        _print_report(extraction)
+        print(f"saved: {directory}")
+    return 0

@@ -1,0 +1,68 @@
+"""``lorakit plan MODEL``: parameter counts and memory of a LoRA setup, before any download or
+training (the model is built on the meta device). See ``lorakit.plan``."""
+
+from __future__ import annotations
+
+import argparse
+
+from lorakit.errors import UserError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="count LoRA parameters and estimate training/inference memory (no weights loaded)",
+        description=(
+            "Build MODEL on the meta device (no weights, no memory), add a LoRA adapter and print "
+            "trainable parameters per module type, the adapter file size and the memory of LoRA "
+            "vs. full fine-tuning (GB = 1e9 bytes; activations not included)."
+        ),
+    )
+    parser.add_argument(
+        "model",
+        help="built-in name (llama-2-7b, smollm2-135m-instruct, minilm-l6), a transformers model "
+        "directory with config.json, or a config.json file",
+    )
+    parser.add_argument("-r", "--rank", type=int, default=16, help="LoRA rank r (default 16)")
+    parser.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 2 * rank)")
+    parser.add_argument(
+        "--target-modules",
+        default="all-linear",
+        help="comma-separated module names (e.g. q_proj,v_proj) or 'all-linear' (default)",
+    )
+    parser.add_argument(
+        "--dtype", default=None, help="dtype of the frozen base (default: the config's)"
+    )
+    parser.add_argument(
+        "--adapters",
+        type=int,
+        default=1,
+        help="number of adapters served beside one base, for the inference estimate (default 1)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from lorakit.plan import format_report, plan
+
+    if args.rank <= 0 or args.adapters < 0:
+        raise UserError(
+            f"--rank must be positive and --adapters non-negative "
+            f"(got --rank {args.rank}, --adapters {args.adapters})"
+        )
+    targets = args.target_modules
+    if targets != "all-linear":
+        targets = [name.strip() for name in targets.split(",") if name.strip()]
+    result = plan(
+        args.model,
+        r=args.rank,
+        lora_alpha=args.alpha,
+        target_modules=targets,
+        dtype=args.dtype,
+        num_adapters=args.adapters,
+    )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_report(result))
+    return 0

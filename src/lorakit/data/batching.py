@@ -1,0 +1,117 @@
+"""Length-bucketed batches with padding.
+
+``plan_batches`` decides which examples go together (indices only: cheap to recompute, so a
+resumed run or each data-parallel rank can skip or slice batches exactly); ``collate`` pads them::
+
+    input_ids       (B, T)  long   pad_token_id after each sequence (right padding)
+    attention_mask  (B, T)  long   1 on real tokens, 0 on padding
+    labels          (B, T)  long   -100 on padding and on tokens that are not learnt
+
+with T the longest sequence in the batch. ``pad_left`` builds left-padded prompts for
+next-token scoring and generation (the last column is every prompt's last token).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from lorakit.data.tokenize import IGNORE_INDEX, TokenizedData
+from lorakit.errors import UserError
+
+__all__ = ["batches", "collate", "pad_left", "plan_batches"]
+
+
+def plan_batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    *,
+    seed: int = 0,
+    shuffle: bool = True,
+    bucket_batches: int = 8,
+    drop_last: bool = False,
+) -> list[list[int]]:
+    """Index batches grouped by length, deterministic for a given ``seed``.
+
+    With ``shuffle``: the indices are permuted (``random.Random(seed)``), cut into chunks of
+    ``batch_size * bucket_batches``, each chunk is sorted by length (stable) and cut into batches,
+    and the batches are shuffled together. Without: the same without either permutation.
+    Similar lengths share a batch (little padding) while the order stays random. For a new order
+    each epoch pass ``seed + epoch``. ``drop_last`` drops batches smaller than ``batch_size``.
+    """
+    if batch_size < 1 or bucket_batches < 1:
+        raise UserError(
+            f"batch_size and bucket_batches must be >= 1, got {batch_size}, {bucket_batches}"
+        )
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    if shuffle:
+        rng.shuffle(order)
+    chunk_size = batch_size * bucket_batches
+    planned: list[list[int]] = []
+    for chunk_start in range(0, len(order), chunk_size):
+        chunk = sorted(order[chunk_start : chunk_start + chunk_size], key=lambda i: lengths[i])
+        planned += [chunk[start : start + batch_size] for start in range(0, len(chunk), batch_size)]
+    if drop_last:
+        planned = [batch for batch in planned if len(batch) == batch_size]
+    if shuffle:
+        rng.shuffle(planned)
+    return planned
+
+
+def collate(data: TokenizedData, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Right-padded tensors for the examples ``indices`` (shapes in the module docstring); the
+    keys are exactly the model's ``forward`` arguments, so ``model(**batch).loss`` works."""
+    width = max(len(data.input_ids[i]) for i in indices)
+    input_ids = torch.full((len(indices), width), data.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
+    labels = torch.full((len(indices), width), IGNORE_INDEX, dtype=torch.long)
+    for row, index in enumerate(indices):
+        length = len(data.input_ids[index])
+        input_ids[row, :length] = torch.tensor(data.input_ids[index])
+        attention_mask[row, :length] = 1
+        labels[row, :length] = torch.tensor(data.labels[index])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def batches(
+    data: TokenizedData,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    shuffle: bool = True,
+    bucket_batches: int = 8,
+    drop_last: bool = False,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """``collate`` over ``plan_batches(data.lengths, ...)`` (same arguments, same order)."""
+    plan = plan_batches(
+        data.lengths,
+        batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        bucket_batches=bucket_batches,
+        drop_last=drop_last,
+    )
+    for indices in plan:
+        yield collate(data, indices)
+
+
+def pad_left(
+    sequences: Sequence[Sequence[int]], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, both (B, T), padded on the left.
+
+    Models with absolute or rotary positions should get
+    ``position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)`` so each prompt starts at 0.
+    """
+    if not sequences or any(len(ids) == 0 for ids in sequences):
+        raise UserError("pad_left needs at least one sequence and no empty sequence")
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    return input_ids, attention_mask

@@ -1,0 +1,170 @@
+"""Reading examples from files: JSONL (prompt/completion or chat messages) and labelled CSV.
+
+Every malformed record raises ``UserError`` naming the file and the line number.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from lorakit.data.examples import (
+    ROLES,
+    Example,
+    chat_classification_example,
+    plain_classification_example,
+)
+from lorakit.errors import UserError
+
+__all__ = ["DEFAULT_INSTRUCTION", "DEFAULT_TEMPLATE", "read_csv", "read_jsonl"]
+
+DEFAULT_TEMPLATE = "Text: {text}\nLabel:"
+DEFAULT_INSTRUCTION = "Classify this text. Answer with one word.\n\nText: {text}"
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[Example]:
+    """Examples from a JSONL file, one JSON object per line (blank lines skipped).
+
+    Each object is ``{"prompt": str, "completion": str}`` or
+    ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`` with at least
+    one assistant message. Other keys are ignored.
+    """
+    path = Path(path)
+    examples = []
+    with _open_text(path) as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UserError(f"{where}: not valid JSON ({error.msg})") from None
+            examples.append(_example_from_record(record, where))
+    if not examples:
+        raise UserError(f"{path}: no examples (the file is empty)")
+    return examples
+
+
+def _open_text(path: Path):
+    try:
+        return open(path, encoding="utf-8", newline="")
+    except FileNotFoundError:
+        raise UserError(f"data file '{path}' does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"data path '{path}' is a directory; give a .jsonl or .csv file") from None
+
+
+def _example_from_record(record: object, where: str) -> Example:
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    has_pair = "prompt" in record or "completion" in record
+    if has_pair and "messages" in record:
+        raise UserError(f"{where}: give either prompt/completion or messages, not both")
+    if "messages" in record:
+        return Example(messages=_checked_messages(record["messages"], where), source=where)
+    if not has_pair:
+        raise UserError(
+            f"{where}: expected keys 'prompt' and 'completion', or 'messages'; got {sorted(record)}"
+        )
+    for key in ("prompt", "completion"):
+        if not isinstance(record.get(key), str):
+            raise UserError(f"{where}: '{key}' must be a string, got {record.get(key)!r}")
+    if not record["completion"]:
+        raise UserError(f"{where}: 'completion' is empty (nothing to learn)")
+    return Example(prompt=record["prompt"], completion=record["completion"], source=where)
+
+
+def _checked_messages(messages: object, where: str) -> tuple[dict[str, str], ...]:
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: 'messages' must be a non-empty list")
+    checked = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise UserError(f"{where}: messages[{index}] must be an object with role and content")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise UserError(f"{where}: messages[{index}] role {role!r} is not one of {ROLES}")
+        if not isinstance(content, str):
+            raise UserError(f"{where}: messages[{index}] content must be a string")
+        checked.append({"role": role, "content": content})
+    if checked[0]["role"] == "assistant":
+        raise UserError(f"{where}: the first message is from the assistant; start with user")
+    if not any(message["role"] == "assistant" for message in checked):
+        raise UserError(f"{where}: no assistant message (nothing to learn)")
+    return tuple(checked)
+
+
+def read_csv(
+    path: str | os.PathLike[str],
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    style: str = "plain",
+    template: str = DEFAULT_TEMPLATE,
+    instruction: str = DEFAULT_INSTRUCTION,
+    label_words: Mapping[str, str] | Sequence[str] | None = None,
+) -> list[Example]:
+    """Classification examples from a CSV file with a header row.
+
+    ``style="plain"``: prompt ``template.format(text=...)``, completion ``" " + word``.
+    ``style="chat"``: user ``instruction.format(text=...)``, assistant ``word``.
+    ``label_words`` maps raw label values to answer words (a dict), or lists the allowed values
+    in choice order; default: the distinct values of the label column, sorted.
+    """
+    path = Path(path)
+    _check_format(template if style == "plain" else instruction, style)
+    with _open_text(path) as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        for column in (text_column, label_column):
+            if column not in columns:
+                raise UserError(f"{path}: no column '{column}'; the columns are {columns}")
+        rows = []
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            text, raw_label = row.get(text_column), row.get(label_column)
+            if not text or not text.strip() or raw_label is None or not raw_label.strip():
+                raise UserError(f"{where}: empty '{text_column}' or '{label_column}'")
+            rows.append((text.strip(), raw_label.strip(), where))
+    if not rows:
+        raise UserError(f"{path}: no rows")
+    word_of = _label_mapping(label_words, sorted({raw for _, raw, _ in rows}))
+    words = list(dict.fromkeys(word_of.values()))
+    examples = []
+    for text, raw_label, where in rows:
+        if raw_label not in word_of:
+            raise UserError(f"{where}: label {raw_label!r} is not one of {sorted(word_of)}")
+        label = words.index(word_of[raw_label])
+        if style == "plain":
+            examples.append(plain_classification_example(text, label, words, template, where))
+        else:
+            examples.append(chat_classification_example(text, label, words, instruction, where))
+    return examples
+
+
+def _check_format(template: str, style: str) -> None:
+    if style not in ("plain", "chat"):
+        raise UserError(f"unknown style '{style}'; choose 'plain' or 'chat'")
+    if "{text}" not in template:
+        raise UserError(f"template {template!r} must contain '{{text}}'")
+    try:
+        template.format(text="")
+    except (KeyError, IndexError, ValueError) as error:
+        raise UserError(
+            f"template {template!r} has a field other than {{text}} ({error!r}); "
+            "write literal braces as {{ and }}"
+        ) from None
+
+
+def _label_mapping(
+    label_words: Mapping[str, str] | Sequence[str] | None, values: list[str]
+) -> dict[str, str]:
+    if label_words is None:
+        return {value: value for value in values}
+    if isinstance(label_words, Mapping):
+        return dict(label_words)
+    return {value: value for value in label_words}

@@ -1,0 +1,180 @@
+"""Tokenisation with loss masks: labels are -100 everywhere except the tokens the model must learn.
+
+For an example made of segments ``s_1 .. s_m`` (each a token list, learnt or not)::
+
+    input_ids = s_1 + s_2 + ... + s_m                     (length T <= max_length)
+    labels[t] = input_ids[t] if token t is learnt else -100
+
+Labels are aligned with ``input_ids`` (the transformers convention: the model shifts them, so
+position t predicts token t+1). Plain examples are two segments: the prompt (tokenised with the
+tokenizer's own special tokens, e.g. a BOS) and ``completion + EOS`` (learnt). Chat examples are
+rendered with the tokenizer's chat template; each assistant turn's content up to and including
+its end-of-turn token is learnt, everything else (system, user, role headers) is not.
+
+Truncation keeps the last learnt answer: tokens are dropped from the left of the sequence
+(the start of the prompt); only if the answer alone exceeds ``max_length`` is it cut on the right.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from lorakit.data.examples import Example
+from lorakit.errors import UserError
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TokenizedData",
+    "chat_segments",
+    "example_segments",
+    "prompt_token_ids",
+    "tokenize_example",
+    "tokenize_examples",
+]
+
+IGNORE_INDEX = -100
+
+Segment = tuple[list[int], bool]  # (token ids, learnt?)
+
+
+@dataclass
+class TokenizedData:
+    """Token sequences ready for batching.
+
+    ``input_ids[i]`` and ``labels[i]`` have equal length (<= ``max_length``); ``class_labels[i]`` is
+    the example's class index (or None); ``num_truncated`` counts sequences that were cut.
+    """
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    pad_token_id: int
+    class_labels: list[int | None] = field(default_factory=list)
+    num_truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        """``{"input_ids": [...], "labels": [...]}`` of one sequence (a map-style dataset)."""
+        return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.input_ids]
+
+
+def _ids(tokenizer, text: str, special: bool = False) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _require_chat_template(tokenizer, example: Example) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"{example.source or 'example'}: chat messages need a tokenizer with a chat template; "
+            "this tokenizer has none (use prompt/completion data, or style='plain')"
+        )
+
+
+def _render(tokenizer, messages: Sequence[dict[str, str]], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
+def chat_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
+    """The chat rendered as ``(text, learnt)`` pieces whose concatenation is the full rendering.
+
+    Assistant turn i is the text the template adds between ``messages[:i]`` with a generation
+    prompt and ``messages[:i+1]``; its learnt part ends after its last EOS token (what follows,
+    e.g. a newline, is context).
+    """
+    _require_chat_template(tokenizer, example)
+    messages, eos = example.messages, tokenizer.eos_token
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:index], generation_prompt=True)
+        after = _render(tokenizer, messages[: index + 1], generation_prompt=False)
+        if not (before.startswith(done) and after.startswith(before)):
+            raise UserError(
+                f"{example.source or 'example'}: the chat template does not render turns as a "
+                "growing prefix, so assistant tokens cannot be separated; use prompt/completion"
+            )
+        answer = after[len(before) :]
+        end = answer.rfind(eos) + len(eos) if eos and eos in answer else len(answer)
+        pieces += [(before[len(done) :], False), (answer[:end], True), (answer[end:], False)]
+        done = after
+    if messages[-1]["role"] != "assistant":  # else the last rendering was the whole chat
+        full = _render(tokenizer, messages, generation_prompt=False)
+        pieces.append((full[len(done) :], False))
+    return [(text, learnt) for text, learnt in pieces if text]
+
+
+def example_segments(example: Example, tokenizer) -> list[Segment]:
+    """Token segments of one example (see the module docstring)."""
+    if example.is_chat:
+        return [
+            (_ids(tokenizer, text), learnt) for text, learnt in chat_segments(example, tokenizer)
+        ]
+    if tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has no EOS token to end completions with")
+    prompt = _ids(tokenizer, example.prompt, special=True)
+    completion = [*_ids(tokenizer, example.completion), tokenizer.eos_token_id]
+    return [(prompt, False), (completion, True)]
+
+
+def tokenize_example(
+    example: Example, tokenizer, max_length: int
+) -> tuple[list[int], list[int], bool]:
+    """``(input_ids, labels, truncated)`` for one example, at most ``max_length`` tokens."""
+    segments = example_segments(example, tokenizer)
+    last_learnt_segment = _last_learnt_segment(segments, example)  # raises if nothing is learnt
+    input_ids = [token for ids, _ in segments for token in ids]
+    learnt = [flag for ids, flag in segments for _ in ids]
+    labels = [
+        token if flag else IGNORE_INDEX for token, flag in zip(input_ids, learnt, strict=True)
+    ]
+    if len(input_ids) <= max_length:
+        return input_ids, labels, False
+    answer_start = sum(len(ids) for ids, _ in segments[:last_learnt_segment])
+    start = min(len(input_ids) - max_length, answer_start)  # drop from the left, keep the answer
+    end = start + max_length
+    return input_ids[start:end], labels[start:end], True
+
+
+def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int) -> TokenizedData:
+    """Tokenise every example (see the module docstring for the masks and truncation)."""
+    if max_length < 2:
+        raise UserError(f"max_length must be at least 2, got {max_length}")
+    if tokenizer.pad_token_id is None:
+        raise UserError("the tokenizer has no pad token; set tokenizer.pad_token (load_model does)")
+    data = TokenizedData(input_ids=[], labels=[], pad_token_id=tokenizer.pad_token_id)
+    for example in examples:
+        input_ids, labels, truncated = tokenize_example(example, tokenizer, max_length)
+        data.input_ids.append(input_ids)
+        data.labels.append(labels)
+        data.class_labels.append(example.label)
+        data.num_truncated += truncated
+    return data
+
+
+def prompt_token_ids(example: Example, tokenizer) -> list[int]:
+    """The tokens before the last answer: what a model is given to predict that answer.
+
+    Exactly the training tokens that precede the last learnt segment (plain: the prompt; chat:
+    the messages before the last assistant turn plus the generation prompt, e.g.
+    ``<|im_start|>assistant\\n``), so scoring sees what training saw.
+    """
+    segments = example_segments(example, tokenizer)
+    last = _last_learnt_segment(segments, example)
+    return [token for ids, _ in segments[:last] for token in ids]
+
+
+def _last_learnt_segment(segments: Sequence[Segment], example: Example) -> int:
+    learnt = [index for index, (ids, flag) in enumerate(segments) if flag and ids]
+    if not learnt:
+        raise UserError(f"{example.source or 'example'}: no answer tokens to learn")
+    return learnt[-1]

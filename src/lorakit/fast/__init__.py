@@ -1,0 +1,121 @@
+"""The fast path for LoRA linear layers: the base matmul and every adapter in one pass.
+
+Training (grad enabled and something to differentiate): one autograd node per layer
+(``FusedLoraLinear``) that keeps x once, never a dropout copy of it, and adds the rank-r branch
+into the base output in place. Inference: the same without autograd. ``LoraLinear`` calls
+``fused_lora_linear`` first and falls back to the plain path (``functional.lora_forward``) when it
+returns None: several adapters while training, a trainable base weight, autocast, functorch
+transforms, ``torch.compile`` tracing (the compiler fuses the plain path itself), hooks on the base
+layer, mixed or non-float dtypes. ``disabled()`` turns the fast path off (for comparisons).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from lorakit import functional
+from lorakit.fast.dropout import DROPOUT_LEVELS, drop_levels, drop_probability, keep_mask, new_seed
+from lorakit.fast.linear import FusedLoraLinear, RankSide, lora_linear_inference
+
+__all__ = [
+    "FusedLoraLinear",
+    "RankSide",
+    "disabled",
+    "fused_lora_linear",
+    "is_enabled",
+    "keep_mask",
+    "module_is_plain",
+    "rank_side",
+]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_enabled = True
+
+
+def is_enabled() -> bool:
+    return _enabled
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block every LoRA layer takes the plain (unfused) path."""
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def module_is_plain(module: nn.Module) -> bool:
+    """True when calling ``module`` does nothing but its own forward (no hooks anywhere)."""
+    return not (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or nn.modules.module._global_forward_hooks
+        or nn.modules.module._global_forward_pre_hooks
+    )
+
+
+def rank_side(
+    lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, dropout: float
+) -> RankSide | None:
+    """One adapter for the fast path: A, B, ``c = s / (1 - p)`` with p rounded to 1/65536
+    (``lorakit.fast.dropout``); None when p rounds to 1."""
+    levels = drop_levels(dropout)
+    if levels >= DROPOUT_LEVELS:
+        return None
+    rank_scale = functional.rank_side_scale(scale, drop_probability(levels))
+    return RankSide(lora_A, lora_B, rank_scale, levels)
+
+
+def fused_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    adapters: Sequence[RankSide],
+    fan_in_fan_out: bool = False,
+) -> torch.Tensor | None:
+    """``W0 x + b + sum_a c_a B_a A_a (x * mask_a)`` (..., d), or None where the fast path
+    cannot apply (the caller then takes the plain path)."""
+    if not _applies(x, weight, bias, adapters):
+        return None
+    trainable = (x, bias, *(t for a in adapters for t in (a.lora_A, a.lora_B)))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in trainable):
+        if len(adapters) != 1:
+            return None
+        lora_A, lora_B, rank_scale, levels = adapters[0]
+        seed = new_seed() if levels else 0
+        return FusedLoraLinear.apply(
+            x, weight, bias, lora_A, lora_B, rank_scale, levels, seed, fan_in_fan_out
+        )
+    with torch.no_grad():
+        return lora_linear_inference(x, weight, bias, list(adapters), fan_in_fan_out)
+
+
+def _applies(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, adapters: Sequence[RankSide]
+) -> bool:
+    if not _enabled or not adapters or torch.compiler.is_compiling() or _transforms_active():
+        return False
+    if weight.requires_grad or x.dtype not in _FLOAT_DTYPES or weight.dtype != x.dtype:
+        return False
+    if x.dim() == 0 or x.numel() == 0 or torch.is_autocast_enabled(x.device.type):
+        return False
+    if bias is not None and bias.dtype != x.dtype:
+        return False
+    devices = {x.device, weight.device, *(t.device for a in adapters for t in a[:2])}
+    dtypes_ok = all(
+        a.lora_A.dtype in _FLOAT_DTYPES and a.lora_B.dtype in _FLOAT_DTYPES for a in adapters
+    )
+    return len(devices) == 1 and dtypes_ok
+
+
+def _transforms_active() -> bool:
+    """functorch transforms (vmap, grad, jvp) need what this Function does not define."""
+    check = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(check and check())

@@ -1,0 +1,139 @@
+"""Fused LoRA linear layer: ``h = W0 x + b + c * B (A (x * mask))`` in one autograd node.
+
+``c = s / (1 - p)`` (``functional.rank_side_scale``) is applied to the rank-r side; ``mask`` is the
+0/1 dropout keep-mask of the input of A (all ones without dropout), regenerated from a seed in the
+backward pass (``lorakit.fast.dropout``), never stored. Shapes: x (..., k), W0 (d, k) (``nn.Linear``)
+or (k, d) (``Conv1D``, ``fan_in_fan_out``), A (r, k), B (d, r), h (..., d).
+
+What the node keeps for backward: x (once, and only if A trains: the frozen base needs only W0),
+the (N, r) rank-r product ``u = A (x * mask)`` and the parameters. Gradients, with
+``G = dL/dh`` (N, d) and ``g = c * G B`` (N, r)::
+
+    dL/dx = G W0 + mask * (g A)        (accumulated in place into G W0)
+    dL/dA = g^T (x * mask)
+    dL/dB = c * G^T u
+    dL/db = sum over rows of G
+
+Matmuls run in x's dtype: fp32 adapters on a bf16 model are cast to bf16 (r (d + k) numbers),
+never the activation to fp32; the fp32 gradients of A and B are cast back.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from lorakit.fast.dropout import keep_mask, new_seed
+
+__all__ = ["FusedLoraLinear", "RankSide", "lora_linear_inference"]
+
+
+class RankSide(NamedTuple):
+    """One adapter as the fast path sees it: A (r, k), B (d, r), the rank-side factor
+    ``c = s / (1 - p)`` and the drop probability in 1/65536 units (0: no dropout)."""
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    rank_scale: float
+    drop_levels: int
+
+
+def base_output(
+    x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fan_in_fan_out: bool
+) -> torch.Tensor:
+    """``x W0^T + b`` (N, d) as a fresh tensor; ``W0`` stored (k, d) when ``fan_in_fan_out``."""
+    if not fan_in_fan_out:
+        return F.linear(x2, weight, bias)
+    return x2 @ weight if bias is None else torch.addmm(bias, x2, weight)
+
+
+def base_input_grad(
+    grad2: torch.Tensor, weight: torch.Tensor, fan_in_fan_out: bool
+) -> torch.Tensor:
+    """``G W0`` (N, k): the base layer's input gradient, as a fresh tensor."""
+    return grad2 @ weight.T if fan_in_fan_out else grad2 @ weight
+
+
+def dropped(x2: torch.Tensor, drop_levels: int, seed: int) -> torch.Tensor:
+    """``x * mask`` (a temporary; the 1 / (1 - p) rescale lives in the rank-side factor)."""
+    if drop_levels == 0:
+        return x2
+    return x2 * keep_mask(x2.shape, drop_levels, seed, x2.device)
+
+
+class FusedLoraLinear(torch.autograd.Function):
+    """The training node; see the module docstring for the formulas. Non-tensor arguments:
+    ``rank_scale`` (c), ``drop_levels``, ``seed`` (of the dropout mask), ``fan_in_fan_out``."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        rank_scale: float,
+        drop_levels: int,
+        seed: int,
+        fan_in_fan_out: bool,
+    ) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # (N, k)
+        out = base_output(x2, weight, bias, fan_in_fan_out)  # (N, d)
+        low_rank = F.linear(dropped(x2, drop_levels, seed), lora_A.to(x.dtype))  # (N, r)
+        out.addmm_(low_rank, lora_B.to(x.dtype).T, alpha=rank_scale)
+        keep_x = x if ctx.needs_input_grad[3] else None
+        ctx.save_for_backward(keep_x, weight, lora_A, lora_B, low_rank)
+        ctx.x_shape = x.shape
+        ctx.settings = (rank_scale, drop_levels, seed, fan_in_fan_out)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight, lora_A, lora_B, low_rank = ctx.saved_tensors
+        rank_scale, drop_levels, seed, fan_in_fan_out = ctx.settings
+        needs_x, _, needs_bias, needs_A, needs_B = ctx.needs_input_grad[:5]
+        grad2 = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d)
+        lora_A_x = lora_A.to(grad2.dtype)
+        grad_low = (grad2 @ lora_B.to(grad2.dtype)).mul_(rank_scale)  # g = c G B: (N, r)
+        mask = None
+        if drop_levels and (needs_x or needs_A):
+            mask = keep_mask((grad2.shape[0], ctx.x_shape[-1]), drop_levels, seed, grad2.device)
+        grad_x = grad_bias = grad_A = grad_B = None
+        if needs_x:
+            grad_x = base_input_grad(grad2, weight, fan_in_fan_out)  # (N, k)
+            if mask is None:
+                grad_x.addmm_(grad_low, lora_A_x)
+            else:
+                grad_x.add_((grad_low @ lora_A_x).mul_(mask))
+            grad_x = grad_x.view(ctx.x_shape)
+        if needs_A:
+            x2 = x.reshape(-1, x.shape[-1])
+            x_kept = x2 if mask is None else x2 * mask  # temporary (N, k)
+            grad_A = (grad_low.T @ x_kept).to(lora_A.dtype)  # (r, k)
+        if needs_B:
+            grad_B = (grad2.T @ low_rank).mul_(rank_scale).to(lora_B.dtype)  # (d, r)
+        if needs_bias:
+            grad_bias = grad2.sum(0).to(weight.dtype)
+        return grad_x, None, grad_bias, grad_A, grad_B, None, None, None, None
+
+
+def lora_linear_inference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    adapters: list[RankSide],
+    fan_in_fan_out: bool,
+) -> torch.Tensor:
+    """``W0 x + b + sum_a c_a B_a A_a (x * mask_a)`` without autograd: one fresh (..., d) output,
+    each adapter added into it in place, rank-r product first."""
+    x2 = x.reshape(-1, x.shape[-1])  # (N, k)
+    out = base_output(x2, weight, bias, fan_in_fan_out)  # (N, d)
+    for adapter in adapters:
+        seed = new_seed() if adapter.drop_levels else 0
+        x_kept = dropped(x2, adapter.drop_levels, seed)
+        low_rank = F.linear(x_kept, adapter.lora_A.to(x.dtype))  # (N, r)
+        out.addmm_(low_rank, adapter.lora_B.to(x.dtype).T, alpha=adapter.rank_scale)
+    return out.view(*x.shape[:-1], out.shape[-1])

@@ -1,0 +1,24 @@
+"""Adapter files in PEFT's format, bound to their base model, safe against bad files.
+
+- ``save_adapter(model, directory, adapter_name="default", *, dtype=None)``
+- ``load_adapter(model, directory, adapter_name="default", *, allow_base_mismatch=False)``
+- ``read_adapter(directory)`` -> ``AdapterFile`` (``.config``, ``.tensors``, ``.fingerprint``)
+- ``save_merged_model(model, directory, tokenizer=None)``
+- ``lorakit.io.atomic``: atomic file writes.
+
+Format facts and lorakit's additions: docs/adapter-files.md.
+"""
+
+from lorakit.io import atomic
+from lorakit.io.load import load_adapter
+from lorakit.io.read import AdapterFile, read_adapter
+from lorakit.io.save import save_adapter, save_merged_model
+
+__all__ = [
+    "AdapterFile",
+    "atomic",
+    "load_adapter",
+    "read_adapter",
+    "save_adapter",
+    "save_merged_model",
+]

@@ -1,0 +1,193 @@
+"""``adapter_config.json`` both ways, as PEFT writes and reads it.
+
+Written: ``json.dumps(d, indent=2, sort_keys=True)`` without a trailing newline, lists sorted,
+``"all-linear"`` (and an unset ``target_modules``) expanded to the module names as PEFT does.
+Read: ``peft_type`` must be "LORA"; the fields lorakit understands become a ``LoraConfig``;
+PEFT fields that change the numbers in ways lorakit does not implement (DoRA, LoRA bias, ...)
+are refused; other PEFT fields are ignored; unknown keys are ignored with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Any
+
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterFileError
+from lorakit.layers import is_linear
+from lorakit.targets import SEQ_CLS_HEADS, find_targets, model_modules, resolved_target_spec
+
+__all__ = ["config_from_json", "config_to_json", "written_target_modules"]
+
+CONFIG_NAME = "adapter_config.json"
+
+# LoraConfig fields stored under the same name in adapter_config.json.
+_FIELDS = (
+    "alpha_pattern",
+    "base_model_name_or_path",
+    "bias",
+    "exclude_modules",
+    "fan_in_fan_out",
+    "init_lora_weights",
+    "layers_pattern",
+    "layers_to_transform",
+    "lora_alpha",
+    "lora_dropout",
+    "modules_to_save",
+    "r",
+    "rank_pattern",
+    "target_modules",
+    "task_type",
+    "use_rslora",
+)
+# PEFT features that change the numbers and that lorakit does not implement: refused unless
+# they hold their "off" value.
+_UNSUPPORTED = (
+    "alora_invocation_tokens",
+    "arrow_config",
+    "layer_replication",
+    "lora_bias",
+    "target_parameters",
+    "trainable_token_indices",
+    "use_bdlora",
+    "use_dora",
+    "use_qalora",
+)
+# Other keys PEFT (0.21) writes; they do not change what a saved adapter computes.
+_IGNORED = (
+    "auto_mapping",
+    "corda_config",
+    "ensure_weight_tying",
+    "eva_config",
+    "inference_mode",
+    "kasa_config",
+    "loftq_config",
+    "lora_ga_config",
+    "megatron_config",
+    "megatron_core",
+    "monteclora_config",
+    "peft_type",
+    "peft_version",
+    "qalora_group_size",
+    "revision",
+    "velora_config",
+)
+# PEFT's limit above which it writes the shortest distinguishing suffixes instead of names.
+_MIN_TARGETS_FOR_SUFFIXES = 20
+
+
+def written_target_modules(model: nn.Module, config: LoraConfig) -> str | list[str]:
+    """``target_modules`` as PEFT writes it: a regex unchanged; "all-linear" or unset resolved
+    to names; lists of 20 or more names condensed to the shortest distinguishing suffixes."""
+    spec = resolved_target_spec(model, config)
+    if config.targets_all_linear:
+        spec = find_targets(model, LoraConfig(target_modules=spec, task_type=config.task_type))
+    if isinstance(spec, str):
+        return spec
+    if len(spec) >= _MIN_TARGETS_FOR_SUFFIXES:
+        spec = _shortest_suffixes(model, spec)
+    return sorted(set(spec))
+
+
+def _suffixes(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))][::-1]  # shortest first
+
+
+def _shortest_suffixes(model: nn.Module, targets: list[str]) -> list[str]:
+    """PEFT's condensation: for each target (in order of its suffix list), keep its shortest
+    suffix that is not a suffix of any non-target module, unless a kept suffix covers it."""
+    ends = tuple("." + t for t in targets)
+    others = [n for n, _ in model_modules(model) if n not in targets and not n.endswith(ends)]
+    other_suffixes = {suffix for name in others for suffix in _suffixes(name)}
+    required: list[str] = []
+    for name, suffixes in sorted(((t, _suffixes(t)) for t in set(targets)), key=lambda x: x[1]):
+        for suffix in suffixes:
+            if suffix in required or suffix in other_suffixes:
+                continue
+            if not any(name.endswith("." + kept) for kept in required):
+                required.append(suffix)
+                break
+    return required if 0 < len(required) < len(set(targets)) else list(targets)
+
+
+def _written_modules_to_save(config: LoraConfig) -> list[str] | None:
+    saved = list(config.modules_to_save or [])
+    if config.task_type == "SEQ_CLS":
+        saved += [head for head in SEQ_CLS_HEADS if head not in saved]
+    return saved or None
+
+
+def config_to_json(model: nn.Module, config: LoraConfig, adapter_modules: list[nn.Module]) -> str:
+    """The text of ``adapter_config.json`` for ``config`` as adapted on ``model``.
+
+    ``adapter_modules``: the base modules the adapter wraps (``fan_in_fan_out`` is written
+    true when one of them is a transformers ``Conv1D``, as PEFT does).
+    """
+    values: dict[str, Any] = {name: getattr(config, name) for name in _FIELDS}
+    values["target_modules"] = written_target_modules(model, config)
+    values["modules_to_save"] = _written_modules_to_save(config)
+    values["fan_in_fan_out"] = config.fan_in_fan_out or any(
+        getattr(m, "nf", None) is not None and is_linear(m) for m in adapter_modules
+    )
+    values["base_model_name_or_path"] = config.base_model_name_or_path or (
+        getattr(model, "name_or_path", None) or None
+    )
+    if config.exclude_modules is None:
+        del values["exclude_modules"]  # a key older peft versions do not know
+    values |= {
+        "auto_mapping": None,
+        "inference_mode": True,
+        "peft_type": "LORA",
+        "revision": None,
+        "use_dora": False,
+    }
+    return json.dumps(values, indent=2, sort_keys=True)
+
+
+def config_from_json(text: str, source: str) -> LoraConfig:
+    """Parse ``adapter_config.json`` text into a ``LoraConfig``; ``source`` names the file in
+    errors. Raises ``AdapterFileError`` for anything lorakit cannot load faithfully."""
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise AdapterFileError(
+            f"{source} is not valid JSON ({error.msg} at line {error.lineno}, column "
+            f"{error.colno}); fix or re-save the adapter."
+        ) from None
+    if not isinstance(values, dict):
+        raise AdapterFileError(f"{source} must hold a JSON object, not {type(values).__name__}.")
+    peft_type = values.get("peft_type")
+    if peft_type != "LORA":
+        raise AdapterFileError(
+            f"{source} has peft_type={peft_type!r}; lorakit loads LoRA adapters only "
+            '(peft_type "LORA").'
+        )
+    for key in _UNSUPPORTED:
+        if values.get(key) not in (None, False, {}, []):
+            raise AdapterFileError(
+                f"{source} uses {key}={values[key]!r}, a PEFT feature lorakit does not implement; "
+                "it cannot be loaded without changing the adapter's outputs."
+            )
+    unknown = sorted(set(values) - set(_FIELDS) - set(_UNSUPPORTED) - set(_IGNORED))
+    if unknown:
+        warnings.warn(
+            f"{source}: ignoring keys lorakit does not know (from a newer PEFT?): {unknown}",
+            stacklevel=3,
+        )
+    fields = {name: values[name] for name in _FIELDS if name in values}
+    for name in ("r", "lora_alpha"):
+        if name not in fields:
+            raise AdapterFileError(f"{source} has no {name!r}; the adapter cannot be loaded.")
+    if fields.get("init_lora_weights") not in (True, False, "gaussian"):
+        fields["init_lora_weights"] = True  # init schemes do not matter for a trained adapter
+    for name in ("rank_pattern", "alpha_pattern"):
+        if fields.get(name) is None:
+            fields[name] = {}
+    try:
+        return LoraConfig(**fields)
+    except (TypeError, ValueError) as error:
+        raise AdapterFileError(f"{source}: {error}") from None

@@ -1,0 +1,134 @@
+"""A cheap fingerprint of the base weights an adapter was trained on, checked on load.
+
+Per adapted module the fingerprint keeps the base weight's shape and dtype and ``SAMPLES``
+elements taken at fixed, well-spread positions of the flattened weight (a golden-ratio
+sequence, so the samples hit many rows and columns whatever the shape): their exact bytes
+(SHA-256) and their values as float32. Cost: one small gather per module, independent of the
+weight size (about a millisecond for a 135M model).
+
+Comparison: same dtype -> the sampled bytes must be identical (any change of a sampled element
+is caught, even below the dtype's precision); different dtypes (an fp32 checkpoint loaded in
+bf16, say) -> values must agree within the rounding of the coarser dtype (relative 2^-7).
+A different checkpoint of the same shape (another fine-tune, another seed, a merged model)
+differs in nearly every element, so 64 samples per module are far more than enough.
+
+Stored as compact JSON in the safetensors header metadata under ``METADATA_KEY`` (peft, vLLM
+and transformers ignore extra metadata), computed from the ORIGINAL weight of merged layers.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from lorakit.errors import AdapterFileError
+from lorakit.layers import LoraLayer
+
+__all__ = ["METADATA_KEY", "compute", "first_mismatch", "from_metadata", "to_metadata"]
+
+METADATA_KEY = "lorakit.base_fingerprint"
+SAMPLES = 64
+_METHOD = "golden64-v1"
+_GOLDEN = (math.sqrt(5) - 1) / 2
+_RELATIVE_TOLERANCE = 2.0**-7  # rounding to bf16 (and fp16 -> bf16 double rounding)
+_ABSOLUTE_TOLERANCE = 6e-8  # fp16 subnormal spacing
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The ORIGINAL base weight of a (possibly merged) LoRA layer, or the module's weight."""
+    if isinstance(module, LoraLayer):
+        if module.original_weight is not None:
+            return module.original_weight
+        return module.base_layer.weight
+    return module.weight
+
+
+def sample_positions(numel: int, count: int = SAMPLES) -> torch.Tensor:
+    """``count`` positions in ``[0, numel)``: ``floor(frac((j + 0.5) * 0.618...) * numel)``."""
+    j = torch.arange(min(count, numel), dtype=torch.float64)
+    return torch.floor(torch.frac((j + 0.5) * _GOLDEN) * numel).long()
+
+
+def weight_fingerprint(weight: torch.Tensor) -> dict[str, object]:
+    """``{"shape", "dtype", "sha256", "values"}`` of one weight (see the module docstring)."""
+    flat = weight.detach().reshape(-1)
+    samples = flat[sample_positions(flat.numel()).to(flat.device)].cpu().contiguous()
+    values = samples.to(torch.float32).numpy().astype("<f4").tobytes()
+    return {
+        "shape": list(weight.shape),
+        "dtype": str(weight.dtype).removeprefix("torch."),
+        "sha256": hashlib.sha256(samples.view(torch.uint8).numpy().tobytes()).hexdigest()[:32],
+        "values": base64.b64encode(values).decode("ascii"),
+    }
+
+
+def compute(model: nn.Module, module_names: Iterable[str]) -> dict[str, dict[str, object]]:
+    """Fingerprints of the base weights of ``module_names`` (skipped on the meta device)."""
+    result = {}
+    for name in module_names:
+        weight = base_weight(model.get_submodule(name))
+        if weight.device.type != "meta":
+            result[name] = weight_fingerprint(weight)
+    return result
+
+
+def to_metadata(fingerprints: dict[str, dict[str, object]]) -> str:
+    """Compact, deterministic JSON for the safetensors header."""
+    payload = {"method": _METHOD, "modules": fingerprints}
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"))
+
+
+def from_metadata(text: str, source: str) -> dict[str, dict[str, object]]:
+    """Parse the header entry written by ``to_metadata``."""
+    try:
+        payload = json.loads(text)
+        if payload["method"] != _METHOD:
+            raise ValueError(f"unknown method {payload['method']!r}")
+        return dict(payload["modules"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise AdapterFileError(
+            f"{source}: the base-model fingerprint ({METADATA_KEY}) is unreadable ({error}); "
+            "the file may be corrupted, or written by a newer lorakit."
+        ) from None
+
+
+def _values(fingerprint: dict[str, object]) -> torch.Tensor:
+    raw = base64.b64decode(str(fingerprint["values"]))
+    return torch.frombuffer(bytearray(raw), dtype=torch.float32)
+
+
+def describe_difference(stored: dict[str, object], weight: torch.Tensor) -> str | None:
+    """None if ``weight`` fits the stored fingerprint, else a short reason."""
+    current = weight_fingerprint(weight)
+    if current["shape"] != stored["shape"]:
+        return f"shape {current['shape']} != {stored['shape']}"
+    if current["dtype"] == stored["dtype"]:
+        return None if current["sha256"] == stored["sha256"] else "sampled weights differ"
+    expected, actual = _values(stored), _values(current)
+    tolerance = _RELATIVE_TOLERANCE * torch.maximum(expected.abs(), actual.abs())
+    if bool(((expected - actual).abs() <= tolerance + _ABSOLUTE_TOLERANCE).all()):
+        return None
+    return f"sampled weights differ beyond {stored['dtype']}/{current['dtype']} rounding"
+
+
+def first_mismatch(
+    model: nn.Module, stored: dict[str, dict[str, object]], module_names: Iterable[str]
+) -> tuple[str, str] | None:
+    """``(module, reason)`` of the first of ``module_names`` whose base weight does not fit its
+    stored fingerprint (modules without a stored fingerprint are not checked), or None."""
+    for name in module_names:
+        if name not in stored:
+            continue
+        weight = base_weight(model.get_submodule(name))
+        if weight.device.type == "meta":
+            continue
+        reason = describe_difference(stored[name], weight)
+        if reason is not None:
+            return name, reason
+    return None

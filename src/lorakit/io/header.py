@@ -1,0 +1,116 @@
+"""The safetensors header, read and checked without loading any tensor.
+
+Layout: 8 bytes little-endian ``n``, then ``n`` bytes of JSON
+``{"__metadata__": {str: str}, key: {"dtype", "shape", "data_offsets": [start, end]}, ...}``,
+then the tensor bytes (offsets relative to the end of the header).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lorakit.errors import AdapterFileError
+
+__all__ = ["DTYPE_SIZES", "SafetensorsHeader", "TensorInfo", "read_header", "serialize"]
+
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class SafetensorsHeader:
+    """What the header of one safetensors file says (``file_size`` in bytes)."""
+
+    metadata: dict[str, str] = field(default_factory=dict)
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    file_size: int = 0
+
+
+def _broken(path: Path, what: str) -> AdapterFileError:
+    return AdapterFileError(
+        f"{path} is not a valid safetensors file: {what}. The file is truncated or corrupted; "
+        "save the adapter again (or restore it from a copy)."
+    )
+
+
+def read_header(path: str | Path) -> SafetensorsHeader:
+    """Read and check the header of ``path`` (reads ``8 + n`` bytes, not the tensors).
+
+    Raises ``AdapterFileError`` if the header is malformed or the file is shorter than the
+    tensors it declares.
+    """
+    path = Path(path)
+    file_size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise _broken(path, f"only {len(prefix)} bytes long")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > _MAX_HEADER_BYTES or 8 + length > file_size:
+            raise _broken(path, f"header length {length} does not fit a {file_size}-byte file")
+        raw = handle.read(length)
+    try:
+        entries = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _broken(path, f"header is not JSON ({error})") from None
+    if not isinstance(entries, dict):
+        raise _broken(path, "header is not a JSON object")
+    header = SafetensorsHeader(metadata=entries.pop("__metadata__", None) or {})
+    header.file_size = file_size
+    for key, entry in entries.items():
+        header.tensors[key] = _tensor_info(path, key, entry)
+    data_size = file_size - 8 - length
+    end = max((info.end for info in header.tensors.values()), default=0)
+    if end > data_size:
+        raise _broken(path, f"tensors need {end} data bytes, the file has {data_size}")
+    return header
+
+
+def _tensor_info(path: Path, key: str, entry: object) -> TensorInfo:
+    try:
+        dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        info = TensorInfo(str(dtype), tuple(int(n) for n in shape), int(start), int(end))
+    except (TypeError, KeyError, ValueError) as error:
+        raise _broken(path, f"entry {key!r} is malformed ({error})") from None
+    if info.dtype not in DTYPE_SIZES:
+        raise _broken(path, f"tensor {key!r} has unknown dtype {info.dtype!r}")
+    if info.end - info.start != info.numel * DTYPE_SIZES[info.dtype] or info.start < 0:
+        raise _broken(path, f"tensor {key!r} offsets do not match its shape and dtype")
+    return info
+
+
+def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes with a deterministic header: ``safetensors.torch.save`` orders the
+    tensors (dtype, then key) but writes metadata entries in hash order, so the metadata is
+    re-emitted here with sorted keys (same JSON encoding, header padded to 8 bytes)."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    (length,) = struct.unpack("<Q", data[:8])
+    entries = json.loads(data[8 : 8 + length])
+    entries["__metadata__"] = dict(sorted(entries.get("__metadata__", {}).items()))
+    ordered = {"__metadata__": entries.pop("__metadata__"), **entries}
+    header = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + data[8 + length :]

@@ -1,0 +1,177 @@
+"""PEFT's tensor key names, in one place.
+
+A file key is ``base_model.model.`` + the module path in the ORIGINAL model + a suffix; the
+adapter name never appears in a file (PEFT removes it):
+
+| what | file key | shape |
+|---|---|---|
+| Linear / Conv1D A, B | ``<path>.lora_A.weight``, ``<path>.lora_B.weight`` | (r, k), (d, r) |
+| Embedding A, B | ``<path>.lora_embedding_A``, ``<path>.lora_embedding_B`` | (r, num), (dim, r) |
+| bias of an adapted layer (``bias`` != "none") | ``<path>.base_layer.bias`` | (d,) |
+| base weight of an adapted embedding (resized vocab) | ``<path>.base_layer.weight`` | base |
+| any other parameter (biases, ``modules_to_save``, resized embeddings) | ``<path>.<param>`` | full |
+
+In the model (``model.state_dict()``) the same tensors carry the adapter name:
+``<path>.lora_A.<adapter>.weight``, ``<path>.lora_embedding_A.<adapter>``,
+``<path>.modules_to_save.<adapter>.<param>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave, linear_shape
+from lorakit.targets import model_modules
+
+__all__ = [
+    "PREFIX",
+    "Slot",
+    "adapted_base_key",
+    "adapter_slots",
+    "expected_shape",
+    "lora_keys",
+    "model_tensor",
+    "module_path",
+    "parse_lora_key",
+    "plain_key",
+    "saved_module_alias_keys",
+]
+
+PREFIX = "base_model.model."
+
+
+def lora_keys(module_path: str, is_embedding: bool) -> tuple[str, str]:
+    """File keys of A and B for the LoRA layer at ``module_path`` (original module name)."""
+    if is_embedding:
+        return (
+            f"{PREFIX}{module_path}.lora_embedding_A",
+            f"{PREFIX}{module_path}.lora_embedding_B",
+        )
+    return f"{PREFIX}{module_path}.lora_A.weight", f"{PREFIX}{module_path}.lora_B.weight"
+
+
+def adapted_base_key(module_path: str, parameter: str) -> str:
+    """File key of a parameter of an adapted layer's base module, e.g. ``<path>.base_layer.bias``."""
+    return f"{PREFIX}{module_path}.base_layer.{parameter}"
+
+
+def plain_key(parameter_path: str) -> str:
+    """File key of a parameter outside any LoRA layer, e.g. ``classifier.weight``."""
+    return f"{PREFIX}{parameter_path}"
+
+
+def saved_module_alias_keys(module_path: str, parameter: str) -> tuple[str, str]:
+    """Keys peft also writes for a ``modules_to_save`` module when ``bias="all"``:
+    ``<path>.modules_to_save.<param>`` (the trained copy) and ``<path>.original_module.<param>``
+    (the frozen original). lorakit never writes them and ignores them on load."""
+    return (
+        f"{PREFIX}{module_path}.modules_to_save.{parameter}",
+        f"{PREFIX}{module_path}.original_module.{parameter}",
+    )
+
+
+_LORA_SUFFIXES = {
+    ".lora_A.weight": "lora_A",
+    ".lora_B.weight": "lora_B",
+    ".lora_embedding_A": "lora_A",
+    ".lora_embedding_B": "lora_B",
+}
+
+
+def parse_lora_key(file_key: str) -> tuple[str, str] | None:
+    """``(module path, "lora_A" | "lora_B")`` for a LoRA factor's file key, else None."""
+    for suffix, role in _LORA_SUFFIXES.items():
+        if file_key.endswith(suffix):
+            return module_path(file_key.removesuffix(suffix)), role
+    return None
+
+
+def module_path(file_key: str) -> str:
+    """The model path of a file key without the ``base_model.model.`` prefix."""
+    return file_key.removeprefix(PREFIX)
+
+
+# --------------------------------------------------------------------------- the layout
+@dataclass(frozen=True)
+class Slot:
+    """One tensor of an adapter file: its file key, the ORIGINAL module path it belongs to and
+    its role: "lora_A" / "lora_B", "bias" (a base bias trained by ``bias`` mode), "saved" (a
+    ``modules_to_save`` tensor; ``parameter`` is its state-dict key) or "base_weight" (the base
+    weight of an input/output embedding, only when the vocabulary was resized)."""
+
+    key: str
+    module: str
+    role: str
+    parameter: str = ""
+
+
+def adapter_slots(
+    model: nn.Module,
+    bias: str,
+    lora_modules: Sequence[str],
+    saved_modules: Sequence[str],
+    embedding_modules: Sequence[str] = (),
+) -> list[Slot]:
+    """Every tensor an adapter file holds, in PEFT's names.
+
+    ``lora_modules``: modules with LoRA tensors; ``saved_modules``: modules saved in full;
+    ``embedding_modules``: embeddings whose base weight is saved (resized vocabulary).
+    Works before injection (on the plain model) and after (names are original names).
+    """
+    modules = dict(model_modules(model))
+    lora_set, saved_prefixes = set(lora_modules), tuple(f"{m}." for m in saved_modules)
+    slots: list[Slot] = []
+    for name in lora_modules:
+        key_A, key_B = lora_keys(name, isinstance(modules[name], nn.Embedding))
+        slots += [Slot(key_A, name, "lora_A"), Slot(key_B, name, "lora_B")]
+    for name, module in modules.items():
+        if bias == "none" or name in saved_modules or name.startswith(saved_prefixes):
+            continue
+        if not isinstance(getattr(module, "bias", None), nn.Parameter):
+            continue
+        if name in lora_set:
+            slots.append(Slot(adapted_base_key(name, "bias"), name, "bias", "bias"))
+        elif bias == "all":
+            slots.append(Slot(plain_key(f"{name}.bias"), name, "bias", "bias"))
+    for name in saved_modules:
+        for parameter in modules[name].state_dict():
+            slots.append(Slot(plain_key(f"{name}.{parameter}"), name, "saved", parameter))
+    for name in embedding_modules:
+        key = adapted_base_key(name, "weight") if name in lora_set else plain_key(f"{name}.weight")
+        slots.append(Slot(key, name, "base_weight", "weight"))
+    return slots
+
+
+def expected_shape(modules: dict[str, nn.Module], slot: Slot, rank: int) -> tuple[int, ...]:
+    """The shape ``slot`` must have; ``modules`` is ``dict(model_modules(model))`` (original
+    modules, before or after injection) and ``rank`` the adapter's rank for ``slot.module``."""
+    module = modules[slot.module]
+    if slot.role in ("lora_A", "lora_B"):
+        if isinstance(module, nn.Embedding):
+            num, dim = module.num_embeddings, module.embedding_dim
+            return (rank, num) if slot.role == "lora_A" else (dim, rank)
+        out_features, in_features = linear_shape(module)
+        return (rank, in_features) if slot.role == "lora_A" else (out_features, rank)
+    if slot.role == "saved":
+        return tuple(module.state_dict()[slot.parameter].shape)
+    return tuple(getattr(module, slot.parameter).shape)
+
+
+def model_tensor(model: nn.Module, slot: Slot, adapter_name: str) -> torch.Tensor:
+    """The model's tensor behind ``slot`` for adapter ``adapter_name`` (after injection)."""
+    module = model.get_submodule(slot.module)
+    if slot.role in ("lora_A", "lora_B"):
+        if isinstance(module, LoraEmbedding):
+            table = module.lora_embedding_A if slot.role == "lora_A" else module.lora_embedding_B
+            return table[adapter_name]
+        return getattr(module, slot.role)[adapter_name].weight
+    if slot.role == "saved":
+        return module.modules_to_save[adapter_name].state_dict(keep_vars=True)[slot.parameter]
+    base = module.base_layer if isinstance(module, LoraLayer) else module
+    if isinstance(base, ModulesToSave):
+        base = base.original_module
+    return getattr(base, slot.parameter)

@@ -1,0 +1,254 @@
+"""Load an adapter file into a model: check everything first, then change the model.
+
+Order: read the files (``read_adapter``) -> work out which tensors the config implies for this
+model (``keys.adapter_slots``) -> refuse missing or unexpected keys, wrong shapes, a rank that
+disagrees with the config, non-finite values, a base whose fingerprint differs -> only then
+inject the adapter and copy the tensors in. Any failure after injection rolls the model back
+to exactly what it was.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterFileError, BaseModelMismatchError
+from lorakit.inject import _replace, _saved_module_names, inject, unload
+from lorakit.io import fingerprint
+from lorakit.io.keys import (
+    Slot,
+    adapted_base_key,
+    adapter_slots,
+    expected_shape,
+    model_tensor,
+    plain_key,
+    saved_module_alias_keys,
+)
+from lorakit.io.read import AdapterFile, adapter_directory, read_adapter
+from lorakit.io.save import _embedding_names
+from lorakit.state import (
+    active_adapters,
+    adapter_configs,
+    delete_adapter,
+    lora_layers,
+    saved_modules,
+    state_of,
+)
+from lorakit.targets import find_targets, matches, model_modules
+
+__all__ = ["load_adapter"]
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    adapter_name: str = "default",
+    *,
+    allow_base_mismatch: bool = False,
+    activate: bool = False,
+    adapter_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Load the adapter in ``directory`` (or ``directory/adapter_name``) as ``adapter_name``.
+
+    The adapter is injected from the file's config (the model may have no adapters yet, or
+    others). It becomes active if it is the model's first adapter or ``activate`` is set.
+    ``adapter_dtype``: dtype of the adapter tensors in the model (default: float32 on a
+    float16/bfloat16 base, else the base dtype), whatever the file's dtype.
+    Raises ``AdapterFileError`` (keys, shapes, values, files) or ``BaseModelMismatchError``
+    (the base weights differ from those the adapter was saved with; override with
+    ``allow_base_mismatch=True``). On any error the model is left unchanged.
+    """
+    if adapter_name in adapter_configs(model):
+        raise AdapterFileError(
+            f"the model already has an adapter named {adapter_name!r}; load under another "
+            "adapter_name, or remove it first with lorakit.delete_adapter(model, name)."
+        )
+    adapter = read_adapter(adapter_directory(directory, adapter_name))
+    config, slots = _plan(model, adapter)
+    _check_tensors(model, adapter, config, slots)
+    replaced = {s.module for s in slots if s.role == "base_weight"}  # the file brings these
+    checked = [s.module for s in slots if s.role == "lora_A" and s.module not in replaced]
+    _check_base(model, adapter, checked, allow_base_mismatch)
+    _apply(model, adapter, config, slots, adapter_name, activate, adapter_dtype)
+    return model
+
+
+def _plan(model: nn.Module, adapter: AdapterFile) -> tuple[LoraConfig, list[Slot]]:
+    """The config to inject (``modules_to_save`` entries that name no module and have no
+    tensor dropped, e.g. peft's automatic "classifier"/"score") and the tensors it implies."""
+    config = adapter.config
+    names = [name for name, _ in model_modules(model) if name]
+    saved = config.modules_to_save or []
+    kept = [
+        entry
+        for entry in saved
+        if any(matches([entry], n) for n in names) or _has_tensors_for(adapter, entry)
+    ]
+    if kept != saved:
+        config = config.replace(modules_to_save=kept or None)
+    source = adapter.directory
+    try:
+        targets = find_targets(model, config)
+        saved_names = _saved_module_names(model, config)
+    except ValueError as error:
+        raise AdapterFileError(f"adapter {source} does not fit this model: {error}") from None
+    if not targets:
+        raise AdapterFileError(
+            f"adapter {source}: target_modules={config.target_modules!r} matches no module of "
+            f"this {type(model).__name__}; was it trained on another architecture?"
+        )
+    embeddings = [
+        n for n in _embedding_names(model) if _base_weight_key(n, targets) in adapter.tensors
+    ]
+    return config, adapter_slots(model, config.bias, targets, saved_names, embeddings)
+
+
+def _has_tensors_for(adapter: AdapterFile, entry: str) -> bool:
+    return any(f".{entry}." in "." + key for key in adapter.tensors)
+
+
+def _base_weight_key(module: str, targets: Sequence[str]) -> str:
+    return (
+        adapted_base_key(module, "weight") if module in targets else plain_key(f"{module}.weight")
+    )
+
+
+def _listed(keys: Sequence[str], limit: int = 6) -> str:
+    shown = ", ".join(sorted(keys)[:limit])
+    return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def _check_tensors(
+    model: nn.Module, adapter: AdapterFile, config: LoraConfig, slots: list[Slot]
+) -> None:
+    """Keys, shapes, ranks and values; raises ``AdapterFileError`` naming the tensors."""
+    source = adapter.directory
+    expected = {slot.key for slot in slots}
+    ignored = {
+        alias
+        for slot in slots
+        if slot.role == "saved"
+        for alias in saved_module_alias_keys(slot.module, slot.parameter)
+    }
+    missing = sorted(expected - set(adapter.tensors))
+    unexpected = sorted(set(adapter.tensors) - expected - ignored)
+    if missing:
+        raise AdapterFileError(
+            f"adapter {source} lacks tensors its config implies for this model: "
+            f"{_listed(missing)}. The file is incomplete, or the model is not its base."
+        )
+    if unexpected:
+        raise AdapterFileError(
+            f"adapter {source} has tensors that fit no module of this model under its config: "
+            f"{_listed(unexpected)}. Is the model the adapter's base architecture?"
+        )
+    modules = dict(model_modules(model))
+    for slot in sorted(slots, key=lambda s: s.role != "base_weight"):  # vocabulary first
+        tensor = adapter.tensors[slot.key]
+        rank = config.rank_for(slot.module)
+        shape = expected_shape(modules, slot, rank)
+        if tuple(tensor.shape) != shape:
+            raise AdapterFileError(_shape_message(source, slot, tuple(tensor.shape), shape, rank))
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise AdapterFileError(
+                f"adapter {source}: tensor {slot.key} holds inf/NaN values; the adapter is "
+                "broken (diverged training?) and was not loaded."
+            )
+
+
+def _shape_message(source, slot: Slot, got: tuple, want: tuple, rank: int) -> str:
+    message = f"adapter {source}: tensor {slot.key} has shape {list(got)}, expected {list(want)}"
+    if slot.role in ("lora_A", "lora_B"):
+        rank_axis = 0 if slot.role == "lora_A" else 1
+        if got[1 - rank_axis] == want[1 - rank_axis] and len(got) == 2:
+            return (
+                f"{message}: the config gives rank r={rank} for {slot.module} (r / rank_pattern "
+                f"in adapter_config.json) but the tensor has rank {got[rank_axis]}. The config "
+                "and the weights disagree; fix adapter_config.json or re-save the adapter."
+            )
+    if slot.role == "base_weight":
+        return (
+            f"{message}: the adapter was saved with a resized vocabulary of {got[0]} tokens; "
+            f"call model.resize_token_embeddings({got[0]}) before loading it."
+        )
+    return f"{message} on this model: it was trained on a base with other dimensions."
+
+
+def _check_base(
+    model: nn.Module, adapter: AdapterFile, modules: list[str], allow_base_mismatch: bool
+) -> None:
+    if adapter.fingerprint is None:
+        warnings.warn(
+            f"adapter {adapter.directory} has no base-model fingerprint (written by peft or "
+            "another tool): lorakit cannot verify it was trained on this base model.",
+            stacklevel=3,
+        )
+        return
+    found = fingerprint.first_mismatch(model, adapter.fingerprint, modules)
+    if found is None:
+        return
+    module, reason = found
+    message = (
+        f"adapter {adapter.directory} was trained on different base weights: module {module!r} "
+        f"does not match the fingerprint saved with the adapter ({reason}). Load it onto the "
+        "base model it was trained on, or pass allow_base_mismatch=True (CLI: "
+        "--allow-base-mismatch) to load it anyway."
+    )
+    if not allow_base_mismatch:
+        raise BaseModelMismatchError(message)
+    warnings.warn(
+        message.replace(" Load it onto", " Loading anyway as asked. Load it onto"), stacklevel=3
+    )
+
+
+def _apply(
+    model: nn.Module,
+    adapter: AdapterFile,
+    config: LoraConfig,
+    slots: list[Slot],
+    adapter_name: str,
+    activate: bool,
+    adapter_dtype: torch.dtype | None,
+) -> None:
+    """Inject and copy; on any failure put the model back exactly as it was."""
+    had_state = state_of(model) is not None
+    wrapped_before = {id(m) for _, m in [*lora_layers(model), *saved_modules(model)]}
+    base_backup: list[tuple[torch.Tensor, torch.Tensor]] = []  # (base tensor, its old value)
+    try:
+        inject(model, config, adapter_name, adapter_dtype=adapter_dtype, activate=activate)
+        trainable = adapter_name in active_adapters(model)
+        with torch.no_grad():
+            for slot in slots:
+                target = model_tensor(model, slot, adapter_name)
+                if slot.role in ("bias", "base_weight"):
+                    base_backup.append((target, target.detach().clone()))
+                target.copy_(adapter.tensors[slot.key].to(target.dtype))
+                if slot.role in ("lora_A", "lora_B", "saved"):
+                    target.requires_grad_(trainable)
+    except BaseException:
+        _roll_back(model, adapter_name, had_state, wrapped_before, base_backup)
+        raise
+
+
+def _roll_back(model, adapter_name, had_state, wrapped_before, base_backup) -> None:
+    """Undo ``_apply``: old base values back, the adapter and any new wrapper removed."""
+    with torch.no_grad():
+        for target, old_value in base_backup:
+            target.copy_(old_value)
+    if adapter_name not in adapter_configs(model):
+        return
+    if not had_state:
+        unload(model)
+        return
+    delete_adapter(model, adapter_name)
+    for name, layer in list(lora_layers(model)):
+        if id(layer) not in wrapped_before:
+            _replace(model, name, layer.base_layer)
+    for name, wrapper in list(saved_modules(model)):
+        if id(wrapper) not in wrapped_before:
+            _replace(model, name, wrapper.original_module)

@@ -1,0 +1,147 @@
+"""Save adapters in PEFT's layout, and merged models as plain transformers directories.
+
+``save_adapter`` writes ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's key
+names and config; header metadata ``{"format": "pt"}`` plus lorakit's base fingerprint and a copy
+of the config). The adapter "default" goes to ``directory``, any other to
+``directory/<adapter_name>``, as PEFT does. Both files are written atomically and the bytes are
+deterministic (saving twice gives identical files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.errors import UserError
+from lorakit.io import atomic, fingerprint
+from lorakit.io.config_json import CONFIG_NAME, config_to_json
+from lorakit.io.header import serialize
+from lorakit.io.keys import adapter_slots, model_tensor
+from lorakit.io.read import CONFIG_METADATA_KEY, WEIGHTS_NAME
+from lorakit.layers import LoraLayer
+from lorakit.state import adapter_configs, lora_layers, saved_modules
+from lorakit.targets import model_modules
+
+__all__ = ["adapter_file_contents", "save_adapter", "save_merged_model"]
+
+
+def _config_of(model: nn.Module, adapter_name: str) -> LoraConfig:
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        raise UserError(
+            f"the model has no adapter named {adapter_name!r} (it has {sorted(configs)}); "
+            "pass one of those as adapter_name."
+        )
+    return configs[adapter_name]
+
+
+def _embedding_names(model: nn.Module) -> list[str]:
+    """Original names of the model's input and output embeddings (for a resized vocabulary)."""
+    wanted = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter, lambda: None)()
+        if module is not None:
+            wanted.append(module.base_layer if isinstance(module, LoraLayer) else module)
+    ids = {id(module) for module in wanted}
+    return [name for name, module in model_modules(model) if id(module) in ids]
+
+
+def _vocabulary_resized(model: nn.Module, config: LoraConfig) -> bool:
+    """True when the base model's local ``config.json`` has another ``vocab_size`` (what PEFT
+    checks; without a local base directory nothing can be compared and False is returned)."""
+    base = config.base_model_name_or_path or getattr(model, "name_or_path", None)
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not base or vocab_size is None or not (Path(base) / "config.json").is_file():
+        return False
+    base_vocab = json.loads((Path(base) / "config.json").read_text()).get("vocab_size")
+    return base_vocab is not None and base_vocab != vocab_size
+
+
+def adapter_file_contents(
+    model: nn.Module,
+    adapter_name: str = "default",
+    *,
+    dtype: torch.dtype | None = None,
+    save_embedding_layers: bool | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """``(tensors, header metadata, config text)`` of adapter ``adapter_name``, as saved."""
+    config = _config_of(model, adapter_name)
+    layers = [(name, layer) for name, layer in lora_layers(model) if adapter_name in layer.ranks]
+    saved = [name for name, w in saved_modules(model) if adapter_name in w.modules_to_save]
+    if save_embedding_layers is None:
+        save_embedding_layers = _vocabulary_resized(model, config)
+    embeddings = _embedding_names(model) if save_embedding_layers else []
+    lora_names = [name for name, _ in layers]
+    slots = adapter_slots(model, config.bias, lora_names, saved, embeddings)
+    tensors = {}
+    for slot in slots:
+        tensor = model_tensor(model, slot, adapter_name).detach()
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        tensors[slot.key] = tensor.to("cpu", copy=True).contiguous()
+    config_text = config_to_json(model, config, [layer.base_layer for _, layer in layers])
+    metadata = {
+        "format": "pt",
+        fingerprint.METADATA_KEY: fingerprint.to_metadata(fingerprint.compute(model, lora_names)),
+        CONFIG_METADATA_KEY: config_text,
+    }
+    return tensors, metadata, config_text
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    adapter_name: str = "default",
+    *,
+    dtype: torch.dtype | None = None,
+    save_embedding_layers: bool | None = None,
+) -> Path:
+    """Save adapter ``adapter_name`` of ``model`` in PEFT's format; returns the directory used.
+
+    ``dtype``: the dtype of the saved floating tensors (default: as they are in the model).
+    ``save_embedding_layers``: also save the full input/output embedding weights, needed only
+    when the vocabulary was resized (None: detected from the base model's local config.json).
+    """
+    tensors, metadata, config_text = adapter_file_contents(
+        model, adapter_name, dtype=dtype, save_embedding_layers=save_embedding_layers
+    )
+    target = Path(directory) if adapter_name == "default" else Path(directory) / adapter_name
+    target.mkdir(parents=True, exist_ok=True)
+    atomic.write_bytes(target / WEIGHTS_NAME, serialize(tensors, metadata))
+    atomic.write_text(target / CONFIG_NAME, config_text)
+    return target
+
+
+def save_merged_model(
+    model: nn.Module, directory: str | os.PathLike[str], tokenizer: object | None = None
+) -> nn.Module:
+    """Merge the active adapters into the weights, remove every lorakit module and save a plain
+    transformers directory (``AutoModel*.from_pretrained`` loads it without lorakit).
+
+    The model is changed in place (it becomes the merged plain model) and returned. Files are
+    written to a temporary directory beside ``directory`` and then moved in with ``os.replace``.
+    """
+    from lorakit.merge import merge_and_unload
+
+    if adapter_configs(model):
+        model = merge_and_unload(model)
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        target.mkdir(exist_ok=True)
+        for path in sorted(staging.iterdir()):
+            os.replace(path, target / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return model

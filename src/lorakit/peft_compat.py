@@ -1,0 +1,257 @@
+"""PEFT's front door over lorakit: ``get_peft_model`` and ``PeftModel`` with PEFT's method names.
+
+Code written for HuggingFace PEFT runs by changing the import::
+
+    from lorakit import LoraConfig, PeftModel, TaskType, get_peft_model
+
+Every method is one call into lorakit's own API (``inject``, ``set_active``, ``disabled``,
+``merge_and_unload``, ``lorakit.io``); nothing is implemented twice. The adapters live IN the
+transformers model (its target modules are wrapped in place), so the wrapped model also works on
+its own, and ``PeftModel`` only adds the PEFT-named methods around it.
+
+Deliberate differences from PEFT (docs/migrating-from-peft.md):
+
+- ``peft_model.model`` and ``get_base_model()`` are the transformers model, as in PEFT. Any other
+  attribute is the transformers model's, so ``peft_model.base_model`` is its backbone (what
+  transformers means by ``base_model``, and what trainers such as TRL's ``SFTTrainer`` call),
+  not PEFT's ``LoraModel`` tuner: write ``peft_model.model`` where PEFT code says
+  ``peft_model.base_model.model``.
+- Unmerging is exact (the original weights are kept while merged); ``disable_adapter()`` gives
+  the exact base output even while merged and never unmerges or changes a weight.
+- ``from_pretrained`` / ``load_adapter`` refuse an adapter saved on different base weights
+  (``allow_base_mismatch=True`` overrides).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.accounting import count_parameters
+from lorakit.config import LoraConfig
+from lorakit.inject import inject, unload
+from lorakit.merge import merge, merge_and_unload, unmerge
+from lorakit.state import (
+    active_adapters,
+    adapter_configs,
+    delete_adapter,
+    disabled,
+    lora_layers,
+    saved_modules,
+    set_active,
+)
+
+__all__ = ["PeftModel", "get_peft_model"]
+
+
+def get_peft_model(
+    model: nn.Module,
+    peft_config: LoraConfig,
+    adapter_name: str = "default",
+    *,
+    autocast_adapter_dtype: bool = True,
+) -> PeftModel:
+    """PEFT's ``get_peft_model``: inject adapter ``adapter_name`` into ``model`` and wrap it.
+
+    ``autocast_adapter_dtype`` (PEFT's meaning): adapters in float32 on a float16/bfloat16 base;
+    False keeps them in the base dtype.
+    """
+    if isinstance(model, PeftModel):
+        raise TypeError(
+            "get_peft_model got a model that is already a lorakit PeftModel; add another adapter "
+            "with peft_model.add_adapter(name, config) instead."
+        )
+    _check_config(peft_config)
+    adapter_dtype = None if autocast_adapter_dtype else _base_dtype(model)
+    inject(model, peft_config, adapter_name, adapter_dtype=adapter_dtype)
+    return PeftModel(model)
+
+
+class PeftModel(nn.Module):
+    """PEFT's ``PeftModel`` methods around a transformers model that holds lorakit adapters.
+
+    ``forward`` and ``generate`` call the transformers model (``self.model``) with the same
+    arguments; the active adapters apply. Attributes not defined here are the model's.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules")  # absent while copying or unpickling
+            if modules is None or "model" not in modules or name == "model":
+                raise
+            return getattr(modules["model"], name)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike[str],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        *,
+        allow_base_mismatch: bool = False,
+    ) -> PeftModel:
+        """Load the adapter saved in directory ``model_id`` onto ``model`` and wrap it.
+
+        ``is_trainable=False`` (PEFT's default) loads it frozen, for inference.
+        """
+        wrapper = cls(model)
+        wrapper.load_adapter(
+            model_id, adapter_name, is_trainable, allow_base_mismatch=allow_base_mismatch
+        )
+        wrapper.set_adapter(adapter_name)
+        if not is_trainable:
+            _freeze_adapter(model, adapter_name)
+        return wrapper
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike[str],
+        adapter_name: str,
+        is_trainable: bool = False,
+        *,
+        allow_base_mismatch: bool = False,
+    ) -> None:
+        """Load another adapter from directory ``model_id``; the active adapters stay as they
+        were (unless the model had none). Frozen unless ``is_trainable``."""
+        from lorakit.io import load_adapter
+
+        load_adapter(self.model, model_id, adapter_name, allow_base_mismatch=allow_base_mismatch)
+        if not is_trainable:
+            _freeze_adapter(self.model, adapter_name)
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        selected_adapters: Sequence[str] | None = None,
+        *,
+        safe_serialization: bool = True,
+        save_embedding_layers: bool | None = None,
+        is_main_process: bool = True,
+    ) -> None:
+        """Save adapters in PEFT's format: ``default`` in ``save_directory``, any other adapter
+        in ``save_directory/<name>`` (PEFT's layout). Only the main process writes."""
+        from lorakit.io import save_adapter
+
+        if not safe_serialization:
+            raise ValueError(
+                "safe_serialization=False asks for a pickle file (adapter_model.bin); lorakit "
+                "writes safetensors only, which peft, vLLM and LoRAX all read. Drop the argument."
+            )
+        if not is_main_process:
+            return
+        for adapter_name in selected_adapters or list(self.peft_config):
+            save_adapter(
+                self.model,
+                save_directory,
+                adapter_name,
+                save_embedding_layers=save_embedding_layers,
+            )
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        """``{adapter_name: LoraConfig}``."""
+        return adapter_configs(self.model)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(active_adapters(self.model))
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """The active adapter's name (a list when several are active), as in PEFT."""
+        names = self.active_adapters
+        return names[0] if len(names) == 1 else names
+
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+        """Add a new adapter; it is not made active (as in PEFT: call ``set_adapter``)."""
+        _check_config(peft_config)
+        inject(self.model, peft_config, adapter_name, activate=False)
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Make ``adapter_name`` the active (and trainable) adapter."""
+        set_active(self.model, [adapter_name] if isinstance(adapter_name, str) else adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        delete_adapter(self.model, adapter_name)
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model computes the base model's output exactly (also while
+        merged), without changing any weight."""
+        with disabled(self.model):
+            yield
+
+    # ------------------------------------------------------------------ counting
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, all)`` parameter counts."""
+        counts = count_parameters(self.model)
+        return counts.trainable, counts.total
+
+    def print_trainable_parameters(self) -> None:
+        """``trainable params: ... || all params: ... || trainable%: ...``"""
+        print(count_parameters(self.model))
+
+    # ------------------------------------------------------------------ merging
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Fold the (active) adapters into the weights; ``unmerge_adapter`` undoes it exactly."""
+        merge(self.model, adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        unmerge(self.model)
+
+    def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> nn.Module:
+        """The plain transformers model with the (active) adapters folded into its weights."""
+        return merge_and_unload(self.model, adapter_names)
+
+    def unload(self) -> nn.Module:
+        """The plain transformers model with its original weights (adapters dropped)."""
+        return unload(self.model)
+
+    def get_base_model(self) -> nn.Module:
+        """The transformers model (holding the adapters)."""
+        return self.model
+
+    # ------------------------------------------------------------------ running
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.generate(*args, **kwargs)
+
+
+def _check_config(config: Any) -> None:
+    if not isinstance(config, LoraConfig):
+        raise TypeError(
+            f"expected a lorakit.LoraConfig, got {type(config).__module__}."
+            f"{type(config).__qualname__}; import LoraConfig from lorakit (same field names "
+            "as peft's), or convert with lorakit.LoraConfig(**fields)."
+        )
+
+
+def _base_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _freeze_adapter(model: nn.Module, adapter_name: str) -> None:
+    """PEFT's inference mode: the adapter's tensors (and saved-module copies) get no gradient."""
+    for _, layer in lora_layers(model):
+        if adapter_name in layer.adapter_names:
+            for parameter in layer.adapter_parameters(adapter_name):
+                parameter.requires_grad_(False)
+    for _, wrapper in saved_modules(model):
+        if adapter_name in wrapper.modules_to_save:
+            wrapper.modules_to_save[adapter_name].requires_grad_(False)

@@ -1,0 +1,328 @@
+"""Plan before you train: parameter counts and memory of a LoRA setup, without loading weights.
+
+The model is built from its config on PyTorch's ``meta`` device (shapes only, no storage), the
+adapter is put in with ``lorakit.inject`` and counted with ``lorakit.count_parameters``, so the
+numbers are exactly those of a real run. The memory model (GB = 1e9 bytes; weights, gradients and
+optimizer states only, activations not included)::
+
+    full fine-tuning  = P_base * 16 bytes            (fp32 weight + gradient + AdamW m and v)
+    LoRA training     = P_frozen * b_dtype + P_trainable * 16 bytes
+    adapter file      = P_trainable * 4 (float32) or * 2 (bfloat16) bytes of tensors
+    inference merged  = P_base * b_dtype
+    base + N adapters = P_base * b_dtype + N * P_trainable * b_dtype
+
+For Llama-2-7B (float16) with r=16 on all seven projections: P_base = 6,738,415,616, so full
+fine-tuning needs 107.8 GB of trainable state (the seed rounds P_base to 7B: ~112 GB), the frozen
+float16 base 13.5 GB (~14 GB) and the 39,976,960 adapter parameters 0.64 GB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.accounting import ParameterCount, count_parameters
+from lorakit.config import LoraConfig
+from lorakit.errors import UserError
+from lorakit.inject import inject
+from lorakit.state import lora_layers
+
+__all__ = ["BUILTIN_CONFIGS", "ModuleTypePlan", "Plan", "build_meta_model", "format_report", "plan"]
+
+FULL_FINETUNE_BYTES_PER_PARAMETER = 16  # fp32 weight 4 + gradient 4 + AdamW first 4 + second 4
+GB = 1e9
+MB = 1e6
+
+_LLAMA_DEFAULTS = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+
+BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
+    # meta-llama/Llama-2-7b-hf config.json (the numbers that decide the parameter count).
+    "llama-2-7b": {
+        **_LLAMA_DEFAULTS,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+    },
+    # HuggingFaceTB/SmolLM2-135M-Instruct config.json.
+    "smollm2-135m-instruct": {
+        **_LLAMA_DEFAULTS,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": 49152,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 100000,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+    },
+}
+
+
+@dataclass(frozen=True)
+class ModuleTypePlan:
+    """The adapted modules sharing one name (e.g. every ``q_proj``)."""
+
+    name: str
+    modules: int
+    base_parameters: int
+    lora_parameters: int
+
+
+_DERIVED = (
+    *("dtype_bytes", "frozen_parameters", "trainable_percent", "peft_line", "adapter_file_bytes"),
+    *("full_finetune_bytes", "lora_frozen_bytes", "lora_trainable_state_bytes"),
+    *("lora_training_bytes", "inference_merged_bytes", "inference_with_adapters_bytes"),
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Parameter counts of a model with one LoRA adapter, and the memory they imply (bytes)."""
+
+    model: str
+    architecture: str
+    dtype: str
+    config: LoraConfig
+    base_parameters: int
+    trainable_parameters: int
+    total_parameters: int
+    module_types: tuple[ModuleTypePlan, ...]
+    num_adapters: int = 1
+
+    @property
+    def dtype_bytes(self) -> int:
+        return getattr(torch, self.dtype).itemsize
+
+    @property
+    def frozen_parameters(self) -> int:
+        return self.total_parameters - self.trainable_parameters
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_parameters / self.total_parameters
+
+    @property
+    def peft_line(self) -> str:
+        """PEFT's ``print_trainable_parameters`` line."""
+        return str(ParameterCount(self.trainable_parameters, self.total_parameters))
+
+    @property
+    def adapter_file_bytes(self) -> dict[str, int]:
+        """Tensor bytes of the saved adapter per storage dtype (the header adds a few KB)."""
+        return {"float32": self.trainable_parameters * 4, "bfloat16": self.trainable_parameters * 2}
+
+    @property
+    def full_finetune_bytes(self) -> int:
+        return self.base_parameters * FULL_FINETUNE_BYTES_PER_PARAMETER
+
+    @property
+    def lora_frozen_bytes(self) -> int:
+        return self.frozen_parameters * self.dtype_bytes
+
+    @property
+    def lora_trainable_state_bytes(self) -> int:
+        return self.trainable_parameters * FULL_FINETUNE_BYTES_PER_PARAMETER
+
+    @property
+    def lora_training_bytes(self) -> int:
+        return self.lora_frozen_bytes + self.lora_trainable_state_bytes
+
+    @property
+    def inference_merged_bytes(self) -> int:
+        return self.base_parameters * self.dtype_bytes
+
+    @property
+    def inference_with_adapters_bytes(self) -> int:
+        adapter_bytes = self.trainable_parameters * self.dtype_bytes
+        return self.inference_merged_bytes + self.num_adapters * adapter_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every count and byte figure, JSON-ready."""
+        counts = dataclasses.asdict(self)
+        counts["config"] = {
+            "r": self.config.r,
+            "lora_alpha": self.config.lora_alpha,
+            "target_modules": self.config.target_modules,
+        }
+        for name in _DERIVED:
+            counts[name] = getattr(self, name)
+        return counts
+
+
+def plan(
+    model: str,
+    *,
+    r: int = 16,
+    lora_alpha: float | None = None,
+    target_modules: str | list[str] = "all-linear",
+    dtype: str | None = None,
+    num_adapters: int = 1,
+) -> Plan:
+    """Count a LoRA setup on ``model`` (built-in name, HF model directory or config.json).
+
+    ``lora_alpha`` defaults to ``2 * r``; ``dtype`` to the config's dtype (float32 if none).
+    """
+    try:
+        config = LoraConfig(
+            r=r,
+            lora_alpha=2 * r if lora_alpha is None else lora_alpha,
+            target_modules=target_modules,
+        )
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    meta_model, dtype_name = build_meta_model(model, dtype)
+    base_parameters = count_parameters(meta_model).total
+    try:
+        inject(meta_model, config)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    counts = count_parameters(meta_model)
+    return Plan(
+        model=model,
+        architecture=type(meta_model).__name__,
+        dtype=dtype_name,
+        config=config,
+        base_parameters=base_parameters,
+        trainable_parameters=counts.trainable,
+        total_parameters=counts.total,
+        module_types=_module_types(meta_model),
+        num_adapters=num_adapters,
+    )
+
+
+def build_meta_model(spec: str, dtype: str | None = None) -> tuple[nn.Module, str]:
+    """The model named by ``spec`` on the meta device (no memory), and its dtype's name.
+
+    The class is the config's first ``architectures`` entry (e.g. ``LlamaForCausalLM``,
+    ``BertModel``); without one, the causal-LM class of its ``model_type``, else the bare model.
+    """
+    import transformers
+
+    values = _config_values(spec)
+    model_type = values.pop("model_type", None)
+    if model_type is None:
+        raise UserError(f"model spec {spec!r}: its config has no 'model_type'; cannot build it.")
+    config_dtype = values.pop("torch_dtype", None) or values.pop("dtype", None)
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **values)
+    except ValueError as error:
+        raise UserError(f"model spec {spec!r}: {error}") from None
+    dtype_name = _dtype_name(dtype or config_dtype or "float32")
+    architecture = (values.get("architectures") or [""])[0]
+    model_class = getattr(transformers, architecture, None) if architecture else None
+    with torch.device("meta"):
+        if model_class is not None:
+            model = model_class(config)
+        else:
+            try:
+                model = transformers.AutoModelForCausalLM.from_config(config)
+            except ValueError:  # no causal-LM class for this type (e.g. an encoder)
+                model = transformers.AutoModel.from_config(config)
+    return model.to(getattr(torch, dtype_name)), dtype_name
+
+
+def _config_values(spec: str) -> dict[str, Any]:
+    """The config.json contents for ``spec``: a built-in config, a lorakit built-in model that
+    ships as a directory (``minilm-l6``), a model directory, or a config file."""
+    from lorakit.models import BUILTIN_MODELS, resolve_model
+
+    if spec.lower() in BUILTIN_CONFIGS:
+        return dict(BUILTIN_CONFIGS[spec.lower()])
+    path = Path(spec)
+    if spec in BUILTIN_MODELS and not BUILTIN_MODELS[spec].is_gguf:
+        path = resolve_model(spec)  # a directory inside an installed package: no conversion
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        names = ", ".join(
+            [*BUILTIN_CONFIGS, *(n for n in BUILTIN_MODELS if n not in BUILTIN_CONFIGS)]
+        )
+        raise UserError(
+            f"unknown model spec {spec!r}: not a built-in name ({names}), not a transformers "
+            "model directory with a config.json, and not a config file."
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"cannot read the model config {str(path)!r}: {error}") from None
+
+
+def _dtype_name(dtype: Any) -> str:
+    name = str(dtype).removeprefix("torch.")
+    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+    name = aliases.get(name, name)
+    if name not in ("float32", "float16", "bfloat16", "float64"):
+        raise UserError(f"dtype {dtype!r} is not supported: use float32, float16 or bfloat16.")
+    return name
+
+
+def _module_types(model: nn.Module) -> tuple[ModuleTypePlan, ...]:
+    """Group the adapted modules by their last name component (``q_proj``, ``down_proj``...)."""
+    groups: dict[str, list[int]] = {}
+    for name, layer in lora_layers(model):
+        entry = groups.setdefault(name.rsplit(".", 1)[-1], [0, 0, 0])
+        entry[0] += 1
+        entry[1] += sum(p.numel() for p in layer.base_layer.parameters())
+        entry[2] += sum(
+            p.numel() for adapter in layer.adapter_names for p in layer.adapter_parameters(adapter)
+        )
+    return tuple(ModuleTypePlan(name, *numbers) for name, numbers in groups.items())
+
+
+def _gb(n_bytes: int) -> str:
+    return f"{n_bytes / GB:,.1f} GB" if n_bytes >= 10 * GB else f"{n_bytes / GB:,.2f} GB"
+
+
+def format_report(result: Plan) -> str:
+    """The plan as text: counts per module type, the PEFT line, file size and memory."""
+    config = result.config
+    lines = [
+        f"model: {result.model} ({result.architecture}, {result.dtype}; built on the meta "
+        "device, no weights loaded)",
+        f"LoRA: r={config.r}, lora_alpha={config.lora_alpha:g}, "
+        f"target_modules={config.target_modules!r}",
+        "",
+        f"{'module type':<14}{'modules':>8}{'base params':>16}{'LoRA params':>14}",
+    ]
+    for group in result.module_types:
+        lines.append(
+            f"{group.name:<14}{group.modules:>8,}{group.base_parameters:>16,}"
+            f"{group.lora_parameters:>14,}"
+        )
+    lines += [
+        "",
+        result.peft_line,
+        "adapter file: "
+        + ", ".join(f"{n / MB:,.1f} MB in {k}" for k, n in result.adapter_file_bytes.items()),
+        "",
+        "training memory (weights + gradients + AdamW states; activations not included; "
+        "GB = 1e9 bytes)",
+        f"  full fine-tuning: {result.base_parameters:,} params x 16 bytes = "
+        f"{_gb(result.full_finetune_bytes)}",
+        f"  LoRA: {result.frozen_parameters:,} frozen x {result.dtype_bytes} bytes "
+        f"({result.dtype}) = {_gb(result.lora_frozen_bytes)}",
+        f"      + {result.trainable_parameters:,} trainable x 16 bytes = "
+        f"{_gb(result.lora_trainable_state_bytes)}",
+        f"      = {_gb(result.lora_training_bytes)} "
+        f"({result.full_finetune_bytes / result.lora_training_bytes:.1f}x less)",
+        f"inference memory (weights only, adapters in {result.dtype})",
+        f"  merged: {_gb(result.inference_merged_bytes)}",
+        f"  base + {result.num_adapters} adapter(s): {_gb(result.inference_with_adapters_bytes)}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,34 @@
+"""Training LoRA adapters: our own loop (``train``), checkpoints with exact resume, DDP.
+
+    from lorakit.train import TrainingConfig, train, pad_collate
+    result = train(model, examples, pad_collate(tokenizer.pad_token_id),
+                   TrainingConfig(output_dir="run", max_steps=100, lr=2e-4))
+
+Modules: ``config`` (TrainingConfig), ``schedule`` (warmup + cosine), ``optim`` (AdamW, LoRA+
+groups), ``batches`` (deterministic batch plan, padding), ``losses`` (token-sum loss, evaluation),
+``checkpoint`` + ``rng`` (atomic checkpoints, RNG capture), ``metrics`` (JSONL, loss curve),
+``distributed`` (torchrun / DDP), ``loop`` (the loop itself).
+"""
+
+from lorakit.train.batches import BatchPlan, pad_collate
+from lorakit.train.checkpoint import latest_checkpoint
+from lorakit.train.config import TrainingConfig
+from lorakit.train.loop import TrainResult, enable_gradient_checkpointing, train
+from lorakit.train.losses import evaluate, exact_match_counts
+from lorakit.train.optim import build_optimizer, parameter_groups
+from lorakit.train.schedule import lr_factor
+
+__all__ = [
+    "BatchPlan",
+    "TrainResult",
+    "TrainingConfig",
+    "build_optimizer",
+    "enable_gradient_checkpointing",
+    "evaluate",
+    "exact_match_counts",
+    "latest_checkpoint",
+    "lr_factor",
+    "pad_collate",
+    "parameter_groups",
+    "train",
+]

@@ -1,0 +1,301 @@
+"""The training loop: AdamW on the adapter, warmup + cosine, accumulation, clipping, LoRA+,
+periodic evaluation, checkpoints, exact resume, DDP under torchrun.
+
+One optimizer step ``t`` (see ``BatchPlan``) runs ``grad_accum`` micro-batches per process and
+minimises the mean loss per target token of the whole global batch::
+
+    L_t = sum_{micro, rank} sum_{targets} CE / N_t,     N_t = number of targets in the step
+
+so accumulation and data parallelism reproduce the big-batch gradient (DDP averages over the
+``W`` processes, hence each process back-propagates ``W * loss_sum / N_t``).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lorakit.errors import UserError
+from lorakit.train.batches import BatchPlan
+from lorakit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lorakit.train.config import TrainingConfig
+from lorakit.train.distributed import Distributed, setup_distributed
+from lorakit.train.losses import (
+    MetricFn,
+    batch_loss_sum,
+    evaluate,
+    exact_match_counts,
+    target_count,
+)
+from lorakit.train.metrics import MetricsLog, plot_loss_curve, read_metrics
+from lorakit.train.optim import build_optimizer, parameter_groups
+from lorakit.train.schedule import build_scheduler, warmup_steps_for
+
+__all__ = ["TrainResult", "enable_gradient_checkpointing", "train"]
+
+Collate = Callable[[Sequence[Any]], dict[str, torch.Tensor]]
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    steps: int
+    final_loss: float | None
+    output_dir: Path
+    metrics_path: Path
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    adapter_dir: Path | None = None
+    loss_curve: Path | None = None
+    resumed_from: int = 0
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in backward (non-reentrant), trading compute for memory. Inputs of
+    the first block are made to require grad so that frozen embeddings still pass gradients."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise UserError(f"{type(model).__name__} does not support gradient checkpointing")
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(
+    model: nn.Module,
+    train_data: Sequence[Any],
+    collate: Collate,
+    config: TrainingConfig,
+    *,
+    eval_data: Sequence[Any] | None = None,
+    metric_fn: MetricFn | None = exact_match_counts,
+    resume: bool | str = False,
+) -> TrainResult:
+    """Train the active adapter of ``model`` (already injected) on ``train_data``.
+
+    ``collate(examples) -> batch`` turns examples into tensors (``input_ids``, ``attention_mask``,
+    ``labels``; see ``pad_collate``). ``resume``: True continues from the newest checkpoint in
+    ``config.output_dir`` (starts fresh if there is none), a path continues from that checkpoint.
+    """
+    if len(train_data) == 0:
+        raise UserError("the training data is empty")
+    return _Run(model, train_data, collate, config, eval_data, metric_fn).run(resume)
+
+
+class _Run:
+    """The state of one training run (kept out of ``train`` to keep functions short)."""
+
+    def __init__(self, model, train_data, collate, config, eval_data, metric_fn) -> None:
+        self.model, self.data, self.collate, self.config = model, train_data, collate, config
+        self.eval_data, self.metric_fn = eval_data, metric_fn
+        self.dist: Distributed = setup_distributed()
+        self.output_dir = Path(config.output_dir)
+        self.plan = BatchPlan(
+            len(train_data),
+            config.batch_size,
+            config.grad_accum,
+            self.dist.world_size,
+            config.seed,
+            drop_last=self.dist.enabled,
+        )
+        if self.plan.steps_per_epoch == 0:
+            raise UserError(
+                f"{len(train_data)} training examples are fewer than one global batch "
+                f"({self.plan.global_batch} = batch_size x grad_accum x processes)"
+            )
+        self.total_steps = config.total_steps(self.plan.steps_per_epoch)
+        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", enabled=self.dist.is_main)
+        self.last_loss: float | None = None
+        self.last_eval: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ set-up
+    def _prepare(self, resume: bool | str) -> int:
+        config = self.config
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        self.parameters = parameter_groups(self.model).all
+        self.optimizer = build_optimizer(
+            self.model, config.lr, config.weight_decay, config.loraplus_ratio
+        )
+        warmup = warmup_steps_for(self.total_steps, config.warmup_steps, config.warmup_ratio)
+        self.scheduler = build_scheduler(
+            self.optimizer, self.total_steps, warmup, config.min_lr_ratio
+        )
+        seed_everything(config.seed + self.dist.rank)
+        start_step = self._restore(resume) if resume else 0
+        self.ddp_model = self.dist.wrap(self.model)
+        self.model.train()
+        return start_step
+
+    def _restore(self, resume: bool | str) -> int:
+        directory = latest_checkpoint(self.output_dir) if resume is True else Path(resume)
+        if directory is None:
+            return 0
+        checkpoint = load_checkpoint(directory, self.model, self.optimizer, self.scheduler)
+        if self.dist.rank != 0:  # each process continues its own dropout stream
+            seed_everything(self.config.seed + self.dist.rank + checkpoint.step)
+        saved_plan = checkpoint.state.get("data_plan", {})
+        if saved_plan != self._plan_fields():
+            raise UserError(
+                f"checkpoint {directory} was written for different data or batch settings "
+                f"({saved_plan}) than this run ({self._plan_fields()}); resume with the same ones"
+            )
+        self.metrics.truncate_after(checkpoint.step)
+        return checkpoint.step
+
+    def _plan_fields(self) -> dict[str, int]:
+        plan = self.plan
+        return {
+            "num_examples": plan.num_examples,
+            "global_batch": plan.global_batch,
+            "seed": plan.seed,
+            "total_steps": self.total_steps,
+        }
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, resume: bool | str) -> TrainResult:
+        start_step = self._prepare(resume)
+        progress = self._progress_bar(start_step)
+        for step in range(start_step, self.total_steps):
+            record = self._optimizer_step(step)
+            self.last_loss = record["loss"]
+            self.metrics.write(record)
+            if progress is not None:
+                progress.set_postfix(
+                    loss=f"{record['loss']:.4f}",
+                    lr=f"{record['lr']:.2e}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                )
+                progress.update(1)
+            self._after_step(step + 1)
+        if progress is not None:
+            progress.close()
+        return self._finish(start_step)
+
+    def _progress_bar(self, start_step: int):
+        if not (self.config.progress and self.dist.is_main):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.total_steps, initial=start_step, desc="train", unit="step")
+
+    def _optimizer_step(self, step: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        batches = [
+            self.collate([self.data[i] for i in indices])
+            for indices in self.plan.micro_batches(step, self.dist.rank)
+            if indices
+        ]
+        targets = self.dist.sum(sum(target_count(batch) for batch in batches))
+        if targets == 0:
+            raise UserError(f"step {step}: no target tokens in the batch (all labels are -100)")
+        loss_sum, tokens = 0.0, 0
+        for index, batch in enumerate(batches):
+            last = index == len(batches) - 1
+            sync = nullcontext() if last or not self.dist.enabled else self.ddp_model.no_sync()
+            with sync:
+                micro_loss, _ = batch_loss_sum(self.ddp_model, batch)
+                (micro_loss * (self.dist.world_size / targets)).backward()
+            loss_sum += float(micro_loss.detach())
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+        max_norm = self.config.max_grad_norm or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, max_norm))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - started
+        return {
+            "step": step + 1,
+            "epoch": round((step + 1) / self.plan.steps_per_epoch, 4),
+            "loss": self.dist.sum(loss_sum) / targets,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": self.dist.sum(tokens) / max(elapsed, 1e-9),
+        }
+
+    def _after_step(self, done: int) -> None:
+        config = self.config
+        if config.eval_every and done % config.eval_every == 0 and self.eval_data:
+            self._evaluate(done)
+        if config.checkpoint_every and done % config.checkpoint_every == 0:
+            self._checkpoint(done)
+
+    def _evaluate(self, done: int) -> None:
+        if self.dist.is_main:
+            self.last_eval = self.evaluate()
+            record = {"step": done, **{f"eval_{k}": v for k, v in self.last_eval.items()}}
+            self.metrics.write(record)
+        self.dist.barrier()
+
+    def evaluate(self) -> dict[str, float]:
+        size = self.config.batch_size
+        batches = (
+            self.collate(self.eval_data[i : i + size]) for i in range(0, len(self.eval_data), size)
+        )
+        return evaluate(self.model, batches, self.metric_fn)
+
+    def _checkpoint(self, done: int) -> None:
+        if self.dist.is_main:
+            extra = {
+                "data_plan": self._plan_fields(),
+                "epoch": done // self.plan.steps_per_epoch,
+                "batch_in_epoch": done % self.plan.steps_per_epoch,
+                "examples_seen": done * self.plan.global_batch,
+                "training_config": self.config.to_dict(),
+            }
+            save_checkpoint(
+                self.output_dir,
+                done,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                extra,
+                adapter_name=self.config.adapter_name,
+                keep=self.config.keep_checkpoints,
+            )
+        self.dist.barrier()
+
+    def _finish(self, start_step: int) -> TrainResult:
+        evaluated_last = self.config.eval_every and self.total_steps % self.config.eval_every == 0
+        if self.eval_data and not evaluated_last:
+            self._evaluate(self.total_steps)
+        result = TrainResult(
+            steps=self.total_steps,
+            final_loss=self.last_loss,
+            output_dir=self.output_dir,
+            metrics_path=self.metrics.path,
+            eval_metrics=self.last_eval,
+            resumed_from=start_step,
+        )
+        if self.dist.is_main:
+            from lorakit.io import save_adapter
+
+            result.adapter_dir = self.output_dir / "adapter"
+            save_adapter(self.model, result.adapter_dir, self.config.adapter_name)
+            if self.config.plot:
+                records = read_metrics(self.metrics.path)
+                result.loss_curve = plot_loss_curve(records, self.output_dir / "loss_curve.png")
+        self.dist.barrier()
+        self.model.eval()
+        return result

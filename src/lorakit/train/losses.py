@@ -1,0 +1,100 @@
+"""Loss as a SUM over target tokens plus their count, so that the loss of a step can be divided by
+the number of target tokens of the WHOLE step (all micro-batches, all processes). That makes
+gradient accumulation and data-parallel training give the same update as one big batch:
+
+    loss_step = sum_{micro, rank} sum_{tokens t} CE(logits_t, label_t) / N_step
+
+Causal LM batches: ``labels`` (B, T) aligned with ``input_ids`` (-100 = ignored); token t is
+predicted from position t - 1. Sequence classification: ``labels`` (B,) class ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["batch_loss_sum", "evaluate", "exact_match_counts", "target_count"]
+
+Batch = dict[str, torch.Tensor]
+MetricFn = Callable[[torch.Tensor, Batch], dict[str, tuple[float, int]]]
+
+
+def target_count(batch: Batch) -> int:
+    """How many targets carry loss: shifted label tokens != -100, or rows for classification."""
+    labels = batch["labels"]
+    if labels.dim() == 1:
+        return int(labels.numel())
+    return int((labels[:, 1:] != -100).sum())
+
+
+def _forward(model: nn.Module, batch: Batch) -> torch.Tensor:
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    output = model(**inputs)
+    return output.logits if hasattr(output, "logits") else output[0]
+
+
+def logits_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy in float32. logits (B, T, V) with labels (B, T), or (B, C) with (B,)."""
+    if labels.dim() == 1:
+        return F.cross_entropy(logits.float(), labels, reduction="sum")
+    shifted_logits = logits[:, :-1].float()  # (B, T-1, V)
+    shifted_labels = labels[:, 1:]  # (B, T-1)
+    return F.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
+        shifted_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+
+
+def batch_loss_sum(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(summed loss over targets, logits)`` for one batch."""
+    logits = _forward(model, batch)
+    return logits_loss_sum(logits, batch["labels"]), logits
+
+
+def exact_match_counts(logits: torch.Tensor, batch: Batch) -> dict[str, tuple[float, int]]:
+    """Accuracy for classification-style data: an example is right when the argmax prediction
+    matches every one of its target tokens (teacher forcing), or its class for (B,) labels.
+    Returns ``{"accuracy": (correct, examples)}``."""
+    labels = batch["labels"]
+    if labels.dim() == 1:
+        return {"accuracy": (float((logits.argmax(-1) == labels).sum()), int(labels.numel()))}
+    predictions = logits[:, :-1].argmax(-1)  # (B, T-1)
+    targets = labels[:, 1:]
+    scored = targets != -100
+    wrong = ((predictions != targets) & scored).any(dim=1)
+    has_target = scored.any(dim=1)
+    correct = (~wrong & has_target).sum()
+    return {"accuracy": (float(correct), int(has_target.sum()))}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, batches: Iterable[Batch], metric_fn: MetricFn | None = exact_match_counts
+) -> dict[str, float]:
+    """Mean loss per target over all batches (and each metric's ratio), model in eval mode.
+
+    The model's previous train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    loss_sum, count = 0.0, 0
+    metric_totals: dict[str, list[float]] = {}
+    try:
+        for batch in batches:
+            batch_loss, logits = batch_loss_sum(model, batch)
+            loss_sum += float(batch_loss)
+            count += target_count(batch)
+            for name, (value, n) in (metric_fn(logits, batch) if metric_fn else {}).items():
+                totals = metric_totals.setdefault(name, [0.0, 0])
+                totals[0] += value
+                totals[1] += n
+    finally:
+        model.train(was_training)
+    results = {"loss": loss_sum / max(count, 1)}
+    results.update({name: value / max(n, 1) for name, (value, n) in metric_totals.items()})
+    return results

@@ -1,0 +1,87 @@
+"""Every parameter count the seed article states, checked on real model structures.
+
+Llama-2-7B is built from its config on the ``meta`` device (no memory). The seed prints
+``all params: 6,778,957,824 || trainable%: 0.5897``; no Llama-2-7B configuration reproduces that
+(it is 565,248 more than the real 6,738,415,616 + 39,976,960). peft 0.21.2 prints the true figure
+``6,778,392,576`` (0.5898%), and so do we.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lorakit
+from lorakit import functional
+
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _llama2_7b() -> LlamaForCausalLM:
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    )
+    with torch.device("meta"):
+        return LlamaForCausalLM(config)
+
+
+def test_llama2_7b_base_parameter_count() -> None:
+    assert lorakit.count_parameters(_llama2_7b()).total == 6_738_415_616
+
+
+def test_llama2_7b_seed_config_prints_peft_line(capsys) -> None:
+    model = lorakit.inject(
+        _llama2_7b(),
+        lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=SEVEN, lora_dropout=0.05),
+    )
+    counts = lorakit.print_trainable_parameters(model)
+    assert capsys.readouterr().out == (
+        "trainable params: 39,976,960 || all params: 6,778,392,576 || trainable%: 0.5898\n"
+    )
+    assert counts.trainable == 39_976_960
+    # The seed's "all params" is off by 565,248 (see module docstring).
+    assert 6_778_957_824 - counts.total == 565_248
+
+
+@pytest.mark.parametrize(
+    ("targets", "per_block"),
+    [
+        (["q_proj", "v_proj"], 262_144),  # 2 x 16 x (4096 + 4096)
+        (["q_proj", "k_proj", "v_proj", "o_proj"], 524_288),  # 4 x 16 x (4096 + 4096)
+        (SEVEN, 1_249_280),  # 524,288 + 3 x 16 x (4096 + 11008)
+    ],
+)
+def test_seed_per_block_counts(targets: list[str], per_block: int) -> None:
+    model = lorakit.inject(_llama2_7b(), lorakit.LoraConfig(r=16, target_modules=targets))
+    assert lorakit.count_parameters(model).trainable == 32 * per_block
+
+
+def test_seed_mlp_share_per_block() -> None:
+    mlp = lorakit.inject(
+        _llama2_7b(), lorakit.LoraConfig(r=16, target_modules=["gate_proj", "up_proj", "down_proj"])
+    )
+    assert lorakit.count_parameters(mlp).trainable == 32 * 724_992
+    assert 3 * functional.lora_parameter_count(11008, 4096, 16) == 724_992
+
+
+def test_all_linear_equals_the_seven_projections_on_llama() -> None:
+    model = lorakit.inject(_llama2_7b(), lorakit.LoraConfig(r=16, target_modules="all-linear"))
+    assert lorakit.count_parameters(model).trainable == 39_976_960
+
+
+def test_seed_lora_linear_example_counts() -> None:
+    base = nn.Linear(256, 512, bias=False)
+    wrapper = nn.Sequential()
+    wrapper.add_module("proj", base)
+    lorakit.inject(wrapper, lorakit.LoraConfig(r=8, lora_alpha=8, target_modules=["proj"]))
+    counts = lorakit.count_parameters(wrapper)
+    assert counts.trainable == 6_144
+    assert counts.total - counts.trainable == 131_072
+    assert round((counts.total - counts.trainable) / counts.trainable, 1) == 21.3

@@ -1,0 +1,127 @@
+"""Extraction of a LoRA adapter from a full fine-tune, on a tiny model whose fine-tune is the base
+plus a known low-rank update and small noise."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from lorakit.analysis import apply_extraction, extract_lora
+from lorakit.analysis.extract import truncated_factors
+from lorakit.functional import scaling
+from lorakit.state import lora_layers
+from tests import tiny_models
+
+UPDATE_RANKS = {"q_proj": 2, "v_proj": 4, "down_proj": 3}
+
+
+def fine_tuned(
+    base: torch.nn.Module, noise: float = 1e-4, seed: int = 7, ranks: dict | None = None
+) -> torch.nn.Module:
+    """``base`` + a rank-``ranks[type]`` update (norm 0.5) + Gaussian noise in each such layer."""
+    ranks = UPDATE_RANKS if ranks is None else ranks
+    tuned = copy.deepcopy(base)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, module in tuned.named_modules():
+            rank = ranks.get(name.rsplit(".", 1)[-1])
+            if rank is None:
+                continue
+            d, k = module.weight.shape
+            left = torch.randn(d, rank, generator=generator)
+            right = torch.randn(rank, k, generator=generator)
+            update = left @ right
+            module.weight += 0.5 * update / update.norm()
+            module.weight += noise * torch.randn(d, k, generator=generator)
+    return tuned
+
+
+def test_truncated_factors_are_the_best_rank_r_fit():
+    generator = torch.Generator().manual_seed(0)
+    delta = torch.randn(30, 20, generator=generator, dtype=torch.float64)
+    scale = scaling(5, 10.0)
+    lora_A, lora_B, error = truncated_factors(delta, 5, scale)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    best = u[:, :5] @ torch.diag(s[:5]) @ vh[:5]
+    torch.testing.assert_close(scale * lora_B @ lora_A, best)
+    assert error == pytest.approx(float((delta - best).norm() / delta.norm()))
+    # A and B share the singular values evenly: ||B||_F = ||A||_F
+    assert float(lora_B.norm()) == pytest.approx(float(lora_A.norm()))
+
+
+def test_fixed_rank_extraction_reproduces_the_fine_tuned_outputs():
+    base = tiny_models.llama()
+    tuned = fine_tuned(base)
+    extraction = extract_lora(base, tuned, rank=4)
+    assert extraction.config.target_modules == ["down_proj", "q_proj", "v_proj"]
+    assert extraction.config.rank_pattern == {}
+    assert len(extraction.layers) == 6 and all(layer.rank == 4 for layer in extraction.layers)
+    for layer in extraction.layers:
+        module = dict(tuned.named_modules())[layer.name]
+        delta = (
+            module.weight.detach().double()
+            - dict(base.named_modules())[layer.name].weight.detach().double()
+        )
+        tail = torch.linalg.svdvals(delta)[4:]
+        assert layer.relative_error == pytest.approx(float(tail.norm() / delta.norm()), rel=1e-6)
+        assert layer.relative_error < 2e-2  # rank >= the true update rank: only noise is lost
+        assert layer.parameters == 4 * sum(layer.shape)
+    ids = tiny_models.input_ids()
+    with torch.no_grad():
+        expected = tuned(ids).logits
+        before = base(ids).logits
+        adapted = apply_extraction(base, extraction)(ids).logits
+    change = (expected - before).norm()
+    assert float((adapted - expected).norm() / change) < 2 * extraction.relative_error + 1e-3
+
+
+def test_energy_extraction_chooses_per_layer_ranks_with_rank_pattern():
+    base = tiny_models.llama()
+    tuned = fine_tuned(base, noise=1e-5)
+    extraction = extract_lora(base, tuned, energy=0.999)
+    ranks = {layer.name.rsplit(".", 1)[-1]: layer.rank for layer in extraction.layers}
+    assert ranks == UPDATE_RANKS
+    assert extraction.config.r == 4
+    pattern = extraction.config.rank_pattern
+    assert set(pattern.values()) == {2, 3} and len(pattern) == 4
+    model = apply_extraction(copy.deepcopy(base), extraction)
+    for name, layer in lora_layers(model):
+        rank = layer.ranks["default"]
+        assert rank == UPDATE_RANKS[name.rsplit(".", 1)[-1]]
+        assert layer.scalings["default"] == pytest.approx(4.0 / rank)
+        delta = (
+            dict(tuned.named_modules())[name].weight.detach().double()
+            - layer.base_layer.weight.detach().double()
+        )
+        got = layer.delta_weight("default").detach().double()
+        assert float((got - delta).norm() / delta.norm()) < 2e-3
+    capped = extract_lora(base, tuned, energy=0.999, max_rank=3)
+    assert max(layer.rank for layer in capped.layers) == 3
+    assert capped.relative_error > extraction.relative_error
+
+
+def test_extraction_reports_what_lora_cannot_capture_and_refuses_bad_arguments():
+    base = tiny_models.bert()
+    tuned = fine_tuned(base, ranks={"query": 1})
+    with torch.no_grad():
+        tuned.classifier.bias += 0.5
+    extraction = extract_lora(base, tuned, rank=1)
+    assert extraction.config.target_modules == ["query"]
+    assert list(extraction.uncaptured) == ["classifier.bias"]
+    change = extraction.uncaptured["classifier.bias"]
+    assert change["change"] == pytest.approx(0.5 * math.sqrt(2), rel=1e-6)
+    assert change["relative"] is None  # the base bias is zero
+    without_query = extract_lora(
+        base, tuned, rank=1, exclude=["bert.encoder.layer.0.attention.self.query"]
+    )
+    assert [layer.name for layer in without_query.layers] == [
+        "bert.encoder.layer.1.attention.self.query"
+    ]
+    assert "bert.encoder.layer.0.attention.self.query.weight" in without_query.uncaptured
+    with pytest.raises(ValueError, match="exactly one"):
+        extract_lora(base, tuned)
+    with pytest.raises(ValueError, match="no linear layer differs"):
+        extract_lora(base, copy.deepcopy(base), rank=2)

@@ -1,0 +1,148 @@
+"""lorakit.data file formats: JSONL (prompt/completion, chat), CSV with a template; line-numbered
+errors; the fixed split applied to files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lorakit import data
+from lorakit.errors import UserError
+
+
+def write_jsonl(path: Path, records: list[object]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_jsonl_pairs_and_chats(tmp_path: Path) -> None:
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+    ]
+    path = tmp_path / "train.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "2+2=", "completion": " 4", "id": 7})
+        + "\n\n"
+        + json.dumps({"messages": chat})
+        + "\n",
+        encoding="utf-8",
+    )
+    first, second = data.load_examples(path)
+    assert (first.prompt, first.completion, first.is_chat) == ("2+2=", " 4", False)
+    assert first.source == f"{path}:1"
+    assert second.is_chat and list(second.messages) == chat
+    assert second.answer == "Hello."
+    assert second.source == f"{path}:3"  # the blank line 2 is skipped but still counted
+
+
+BAD_RECORDS = [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object, got list"),
+    ('{"text": "x"}', "expected keys 'prompt' and 'completion', or 'messages'"),
+    ('{"prompt": "x"}', "'completion' must be a string"),
+    ('{"prompt": 3, "completion": "y"}', "'prompt' must be a string"),
+    ('{"prompt": "x", "completion": ""}', "'completion' is empty"),
+    ('{"prompt": "x", "completion": "y", "messages": []}', "not both"),
+    ('{"messages": []}', "non-empty list"),
+    ('{"messages": [{"role": "bot", "content": "x"}]}', "role 'bot' is not one of"),
+    ('{"messages": [{"role": "user", "content": 1}]}', r"messages\[0\] content must be a string"),
+    ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant message"),
+    ('{"messages": [{"role": "assistant", "content": "x"}]}', "start with user"),
+    ('{"messages": ["hi"]}', "must be an object"),
+]
+
+
+@pytest.mark.parametrize(("bad_line", "message"), BAD_RECORDS)
+def test_jsonl_errors_name_file_and_line(tmp_path: Path, bad_line: str, message: str) -> None:
+    good = json.dumps({"prompt": "a", "completion": "b"})
+    path = tmp_path / "data.jsonl"
+    path.write_text(f"{good}\n{good}\n{bad_line}\n{good}\n", encoding="utf-8")
+    with pytest.raises(UserError, match=message) as error:
+        data.read_jsonl(path)
+    assert str(error.value).startswith(f"{path}:3: ")
+
+
+def test_missing_and_empty_files(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        data.load_examples(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(UserError, match="no examples"):
+        data.load_examples(tmp_path / "empty.jsonl")
+    with pytest.raises(UserError, match=r"\.jsonl or \.csv file or a built-in dataset"):
+        data.load_examples(tmp_path / "data.txt")
+    with pytest.raises(UserError, match="unknown split 'dev'"):
+        data.load_examples("rotten-tomatoes", split="dev")
+
+
+def write_csv(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_csv_plain_template_and_label_words(tmp_path: Path) -> None:
+    path = write_csv(
+        tmp_path / "reviews.csv",
+        'review,stars,other\n"Great, fun.",good,x\nDull.,bad,y\nFine film,good,z\n',
+    )
+    examples = data.load_examples(
+        path,
+        text_column="review",
+        label_column="stars",
+        template="Review: {text}\nSentiment:",
+        label_words={"good": "positive", "bad": "negative"},
+    )
+    assert [e.prompt for e in examples] == [
+        "Review: Great, fun.\nSentiment:",
+        "Review: Dull.\nSentiment:",
+        "Review: Fine film\nSentiment:",
+    ]
+    assert [e.completion for e in examples] == [" positive", " negative", " positive"]
+    assert all(e.choices == (" positive", " negative") for e in examples)
+    assert [e.label for e in examples] == [0, 1, 0]
+    assert examples[1].source == f"{path}:3"
+
+
+def test_csv_chat_style_and_default_labels(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "t.csv", "text,label\nhello,spam\nhi mum,ham\n")
+    examples = data.load_examples(path, style="chat", instruction="Spam or ham?\n{text}")
+    assert examples[0].messages == (
+        {"role": "user", "content": "Spam or ham?\nhello"},
+        {"role": "assistant", "content": "spam"},
+    )
+    assert [e.choices for e in examples] == [("ham", "spam")] * 2  # sorted distinct values
+    assert [e.label for e in examples] == [1, 0]
+
+
+def test_csv_errors(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "t.csv", "body,label\nx,a\n")
+    with pytest.raises(UserError, match=r"no column 'text'; the columns are \['body', 'label'\]"):
+        data.read_csv(path)
+    path = write_csv(tmp_path / "u.csv", "text,label\nx,a\n,b\n")
+    with pytest.raises(UserError, match=f"^{path}:3: empty 'text'"):
+        data.read_csv(path)
+    path = write_csv(tmp_path / "v.csv", "text,label\nx,a\ny,c\n")
+    with pytest.raises(UserError, match=f"^{path}:3: label 'c' is not one of"):
+        data.read_csv(path, label_words=["a", "b"])
+    with pytest.raises(UserError, match="must contain"):
+        data.read_csv(path, template="no field")
+    with pytest.raises(UserError, match="field other than"):
+        data.read_csv(path, template="{text} {label}")
+    with pytest.raises(UserError, match="do not apply to JSONL"):
+        data.load_examples(tmp_path / "x.jsonl", template="{text}")
+
+
+def test_file_split_is_a_partition_by_prompt(tmp_path: Path) -> None:
+    records = [{"prompt": f"question {i % 150}", "completion": f" answer {i}"} for i in range(300)]
+    path = write_jsonl(tmp_path / "qa.jsonl", records)
+    every = data.load_examples(path)
+    parts = {split: data.load_examples(path, split=split) for split in data.SPLITS}
+    assert sum(len(part) for part in parts.values()) == len(every) == 300
+    prompts = {split: {e.prompt for e in part} for split, part in parts.items()}
+    assert not prompts["train"] & prompts["test"]
+    assert not prompts["train"] & prompts["validation"]
+    assert not prompts["validation"] & prompts["test"]
+    assert 0.65 < len(parts["train"]) / 300 < 0.95  # 80% expected, 150 distinct prompts

@@ -1,0 +1,248 @@
+"""Tokenisation masks, truncation, length-bucketed batches, padding, and choice scoring, on a tiny
+byte-level BPE tokenizer with a ChatML template and tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from lorakit import data
+from lorakit.errors import UserError
+from tests import tiny_tokenizer
+
+IGNORE = -100
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = tiny_tokenizer.build()
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_plain_labels_exactly_on_completion_and_eos(tokenizer) -> None:
+    example = data.Example(prompt="Review: a dull film\nSentiment:", completion=" negative")
+    input_ids, labels, truncated = data.tokenize_example(example, tokenizer, max_length=100)
+    prompt, completion = ids(tokenizer, example.prompt), ids(tokenizer, " negative")
+    eos = tokenizer.eos_token_id
+    assert input_ids == [*prompt, *completion, eos]
+    assert labels == [IGNORE] * len(prompt) + [*completion, eos]
+    assert not truncated
+    assert data.prompt_token_ids(example, tokenizer) == prompt
+
+
+def test_chat_labels_exactly_on_assistant_turns(tokenizer) -> None:
+    messages = (
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+    )
+    example = data.Example(messages=messages)
+    input_ids, labels, _ = data.tokenize_example(example, tokenizer, max_length=500)
+    full_text = tokenizer.apply_chat_template(list(messages), tokenize=False)
+    assert input_ids == ids(tokenizer, full_text)  # the pieces tokenise like the whole text
+    learnt_runs, run = [], []
+    for token, label in zip(input_ids, labels, strict=True):
+        assert label in (IGNORE, token)
+        if label == IGNORE and run:
+            learnt_runs.append(tokenizer.decode(run))
+            run = []
+        elif label != IGNORE:
+            run.append(token)
+    assert learnt_runs == ["Hello.<|im_end|>", "Paris.<|im_end|>"]
+    prompt = data.prompt_token_ids(example, tokenizer)
+    expected_prompt = tokenizer.apply_chat_template(
+        list(messages[:4]), tokenize=False, add_generation_prompt=True
+    )
+    assert tokenizer.decode(prompt) == expected_prompt
+    assert input_ids[: len(prompt)] == prompt
+
+
+def test_truncation_keeps_the_answer(tokenizer) -> None:
+    example = data.Example(prompt="the quick brown fox jumps over the lazy dog", completion=" yes")
+    full_ids, full_labels, _ = data.tokenize_example(example, tokenizer, max_length=1000)
+    answer_length = sum(label != IGNORE for label in full_labels)
+    for max_length in (answer_length + 1, answer_length + 3, len(full_ids) - 1):
+        input_ids, labels, truncated = data.tokenize_example(example, tokenizer, max_length)
+        assert truncated and len(input_ids) == max_length
+        assert input_ids == full_ids[-max_length:]  # prompt cut on the left
+        assert labels == full_labels[-max_length:]
+    long_answer = data.Example(prompt="Q:", completion=" the quick brown fox jumps over")
+    full_ids, full_labels, _ = data.tokenize_example(long_answer, tokenizer, 1000)
+    prompt_length = len(ids(tokenizer, "Q:"))
+    input_ids, labels, _ = data.tokenize_example(long_answer, tokenizer, 4)
+    assert input_ids == full_ids[prompt_length : prompt_length + 4] == labels  # answer start kept
+
+    tokenized = data.tokenize_examples([example, long_answer, example], tokenizer, max_length=6)
+    assert tokenized.num_truncated == 3 and tokenized.lengths == [6, 6, 6]
+    assert tokenized.pad_token_id == tokenizer.eos_token_id
+    input_ids, labels, _ = data.tokenize_example(long_answer, tokenizer, 6)
+    assert tokenized[1] == {"input_ids": input_ids, "labels": labels}
+
+
+def test_tokenizer_requirements(tokenizer) -> None:
+    chat = data.Example(
+        messages=({"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"})
+    )
+    no_template = tiny_tokenizer.build(chat_template=False)
+    no_template.pad_token = no_template.eos_token
+    with pytest.raises(UserError, match="chat template"):
+        data.tokenize_examples([chat], no_template, 32)
+    no_pad = tiny_tokenizer.build()
+    with pytest.raises(UserError, match="no pad token"):
+        data.tokenize_examples([chat], no_pad, 32)
+    with pytest.raises(UserError, match="at least 2"):
+        data.tokenize_examples([chat], tokenizer, 1)
+
+
+def test_plan_batches_partition_determinism_and_bucketing() -> None:
+    lengths = [(7 * i) % 23 + 1 for i in range(50)]
+    plan = data.plan_batches(lengths, 4, seed=1)
+    assert sorted(i for batch in plan for i in batch) == list(range(50))
+    assert plan == data.plan_batches(lengths, 4, seed=1)
+    assert plan != data.plan_batches(lengths, 4, seed=2)
+    assert sorted(len(b) for b in plan) == [2] + [4] * 12
+    assert all(len(b) == 4 for b in data.plan_batches(lengths, 4, seed=1, drop_last=True))
+    # One chunk covering everything, no shuffle: batches are consecutive runs of sorted lengths.
+    ordered = data.plan_batches(lengths, 4, shuffle=False, bucket_batches=100)
+    flat_lengths = [lengths[i] for batch in ordered for i in batch]
+    assert flat_lengths == sorted(lengths)
+
+    # Bucketing pads less than batching in random order.
+    def padding(batches_: list[list[int]]) -> int:
+        return sum(
+            max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches_
+        )
+
+    random_order = data.plan_batches(lengths, 4, seed=1, bucket_batches=1)
+    assert padding(plan) < padding(random_order)
+
+
+def test_collate_right_pads_and_masks() -> None:
+    tokenized = data.TokenizedData(
+        input_ids=[[5, 6, 7], [8, 9]], labels=[[IGNORE, 6, 7], [IGNORE, 9]], pad_token_id=0
+    )
+    batch = data.collate(tokenized, [1, 0])
+    assert batch["input_ids"].tolist() == [[8, 9, 0], [5, 6, 7]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert batch["labels"].tolist() == [[IGNORE, 9, IGNORE], [IGNORE, 6, 7]]
+    input_ids, attention_mask = data.pad_left([[5, 6, 7], [8]], pad_token_id=0)
+    assert input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def tiny_llama(vocab_size: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(vocab_size: int) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=vocab_size, n_positions=256)
+    return GPT2LMHeadModel(config).eval()
+
+
+def sentiment_examples() -> list[data.Example]:
+    reviews = [("a warm, funny film", 0), ("a dull, lifeless mess", 1), ("fine", 0)]
+    reviews += [("the lazy dog of a movie: dull, dull, dull and lifeless", 1)]
+    return [
+        data.Example(
+            messages=(
+                {"role": "user", "content": f"Is this movie review positive or negative? {text}"},
+                {"role": "assistant", "content": ("positive", "negative")[label]},
+            ),
+            choices=("positive", "negative"),
+            label=label,
+        )
+        for text, label in reviews
+    ]
+
+
+def test_batch_loss_equals_per_token_reference(tokenizer) -> None:
+    """model(**batch).loss is the mean cross-entropy over exactly the learnt tokens, padding
+    and prompts excluded (reference: float64 log-softmax of each unpadded sequence)."""
+    model = tiny_llama(len(tokenizer))
+    tokenized = data.tokenize_examples(sentiment_examples(), tokenizer, max_length=64)
+    batch = data.collate(tokenized, list(range(len(tokenized))))
+    loss = model(**batch).loss
+    total, count = 0.0, 0
+    for input_ids, labels in zip(tokenized.input_ids, tokenized.labels, strict=True):
+        with torch.no_grad():
+            logits = model(torch.tensor([input_ids])).logits[0].double()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        for position in range(len(input_ids) - 1):
+            target = labels[position + 1]
+            if target != IGNORE:
+                total -= log_probs[position, target].item()
+                count += 1
+    examples = sentiment_examples()
+    assert count == sum(len(ids(tokenizer, e.answer)) + 1 for e in examples)  # answer + <|im_end|>
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_score_choices_matches_unpadded_forward(tokenizer, build) -> None:
+    model = build(len(tokenizer))
+    examples = sentiment_examples()
+    scores = data.score_choices(model, tokenizer, examples, batch_size=3)
+    choice_ids = data.choice_token_ids(("positive", "negative"), tokenizer)
+    assert choice_ids == [ids(tokenizer, "positive")[0], ids(tokenizer, "negative")[0]]
+    for row, example in enumerate(examples):
+        prompt = data.prompt_token_ids(example, tokenizer)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt])).logits[0, -1].double()
+        expected = torch.log_softmax(logits, dim=-1)[choice_ids]
+        torch.testing.assert_close(scores[row].double(), expected, atol=1e-5, rtol=1e-5)
+    result = data.classify(model, tokenizer, examples, batch_size=2)
+    assert result.predictions == scores.argmax(-1).tolist()
+    expected_accuracy = sum(
+        p == e.label for p, e in zip(result.predictions, examples, strict=True)
+    ) / len(examples)
+    assert result.accuracy == expected_accuracy
+
+
+def test_choices_must_start_differently(tokenizer) -> None:
+    with pytest.raises(UserError, match="share a first token"):
+        data.choice_token_ids(("positive", "positively"), tokenizer)
+    plain = data.Example(prompt="x", completion=" a")
+    with pytest.raises(UserError, match="same non-empty choices"):
+        data.score_choices(tiny_llama(len(tokenizer)), tokenizer, [plain])
+
+
+@pytest.mark.integration
+def test_smollm2_tokenizer_masks_and_choice_tokens() -> None:
+    """With the real SmolLM2 tokenizer (ChatML), the masked pieces tokenise exactly like the
+    whole rendered text, and the sentiment answers are single, distinct tokens."""
+    from transformers import AutoTokenizer
+
+    from lorakit.models import resolve_model
+
+    smol = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
+    smol.pad_token = smol.eos_token
+    assert data.choice_token_ids(data.SENTIMENT_LABELS, smol) == [16185, 17728]
+    chats = data.load_examples("rotten-tomatoes", split="train")[:200]
+    plains = data.load_examples("rotten-tomatoes", split="train", style="plain")[:200]
+    for chat, plain in zip(chats, plains, strict=True):
+        input_ids, labels, _ = data.tokenize_example(chat, smol, max_length=10_000)
+        whole = smol.apply_chat_template(list(chat.messages), tokenize=False)
+        assert input_ids == ids(smol, whole)
+        learnt = [token for token, label in zip(input_ids, labels, strict=True) if label != IGNORE]
+        assert smol.decode(learnt) == chat.answer + "<|im_end|>"
+        input_ids, labels, _ = data.tokenize_example(plain, smol, max_length=10_000)
+        assert input_ids == [*ids(smol, plain.prompt + plain.completion), smol.eos_token_id]

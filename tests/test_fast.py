@@ -1,0 +1,246 @@
+"""The fused LoRA linear path (``lorakit.fast``) against independent references: float64
+gradcheck, the plain formula in float64 with the same dropout mask, the unfused path in fp32
+(1e-6 relative), the real ``peft`` package for a whole training step, and dropout statistics."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit import fast
+from lorakit.fast.dropout import DROPOUT_LEVELS, drop_levels, keep_mask, new_seed
+from lorakit.state import lora_layers
+from tests import tiny_models
+
+torch.set_default_dtype(torch.float32)
+
+
+def _layer(dtype=torch.float32, dropout=0.0, bias=True, in_f=12, out_f=10, r=3, alpha=6.0):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(in_f, out_f, bias=bias)).to(dtype)
+    config = lorakit.LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=["0"], lora_dropout=dropout, init_lora_weights=False
+    )
+    lorakit.inject(model, config)
+    tiny_models.randomize_adapters(model, std=0.3)
+    if bias:
+        model[0].base_layer.bias.requires_grad_(True)  # as with bias="all": its gradient too
+    return model[0].train()
+
+
+def _reference(x, weight, bias, lora_A, lora_B, scale, mask=None, p=0.0):
+    """The plain formula in float64: x W^T + b + s B A (x * mask / (1 - p))."""
+    x, weight, lora_A, lora_B = (t.double() for t in (x, weight, lora_A, lora_B))
+    kept = x if mask is None else x * mask / (1 - p)
+    out = x @ weight.T + (kept @ lora_A.T * scale) @ lora_B.T
+    return out if bias is None else out + bias.double()
+
+
+@pytest.mark.parametrize("drop", [0, 3277])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_gradcheck_float64(drop, fan_in_fan_out):
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape, grad=True):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_(grad)
+
+    weight = rand(5, 4, grad=False) if fan_in_fan_out else rand(4, 5, grad=False)
+    inputs = (
+        rand(2, 3, 5),
+        weight,
+        rand(4),
+        rand(2, 5),
+        rand(4, 2),
+        1.7,
+        drop,
+        1234,
+        fan_in_fan_out,
+    )
+    assert torch.autograd.gradcheck(fast.FusedLoraLinear.apply, inputs)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_matches_float64_formula_with_the_same_mask(dropout):
+    layer = _layer(torch.float64, dropout=dropout)
+    x = torch.randn(4, 7, 12, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(11)
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "FusedLoraLinearBackward"
+    torch.manual_seed(11)
+    levels = drop_levels(dropout)
+    mask = keep_mask((28, 12), levels, new_seed(), x.device).view(4, 7, 12) if levels else None
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    bias = layer.base_layer.bias
+    x_ref = x.detach().clone().requires_grad_()
+    ref = _reference(
+        x_ref,
+        layer.base_layer.weight,
+        bias,
+        A,
+        B,
+        layer.scalings["default"],
+        mask,
+        levels / DROPOUT_LEVELS,
+    )
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, A, B, bias), grad)
+    want = torch.autograd.grad(ref, (x_ref, A, B, bias), grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False])
+def test_fp32_equals_unfused_path(grad_enabled):
+    layer = _layer(torch.float32)
+    x = torch.randn(3, 16, 12, requires_grad=grad_enabled)
+    params = [x, layer.base_layer.bias, *layer.adapter_parameters("default")]
+    with torch.set_grad_enabled(grad_enabled):
+        out = layer(x)
+        with fast.disabled():
+            plain = layer(x)
+    assert (type(out.grad_fn).__name__ == "FusedLoraLinearBackward") == grad_enabled
+    assert (out - plain).abs().max() <= 1e-6 * plain.abs().max()
+    if grad_enabled:
+        grad = torch.randn_like(out)
+        for g, w in zip(
+            torch.autograd.grad(out, params, grad),
+            torch.autograd.grad(plain, params, grad),
+            strict=True,
+        ):
+            assert (g - w).abs().max() <= 1e-6 * w.abs().max()
+
+
+def test_whole_training_step_matches_peft():
+    fields = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    ours = lorakit.inject(tiny_models.llama(dtype=torch.float64), lorakit.LoraConfig(**fields))
+    theirs = peft.get_peft_model(tiny_models.llama(dtype=torch.float64), peft.LoraConfig(**fields))
+    tiny_models.randomize_adapters(ours, std=0.3)
+    theirs.load_state_dict(
+        {"base_model.model." + k: v for k, v in ours.state_dict().items() if "lora_" in k},
+        strict=False,
+    )
+    ids = tiny_models.input_ids(batch=2, length=10)
+    ours.train()(ids, labels=ids).loss.backward()
+    theirs.train()(input_ids=ids, labels=ids).loss.backward()
+    theirs_grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    for name, parameter in ours.named_parameters():
+        if parameter.requires_grad:
+            want = theirs_grads["base_model.model." + name]
+            assert (parameter.grad - want).abs().max() <= 1e-10 * want.abs().max(), name
+
+
+def test_dropout_rate_independence_and_expectation():
+    levels = drop_levels(0.05)
+    mask = keep_mask((1000, 1000), levels, seed=7, device=torch.device("cpu"))
+    drop_rate = 1 - mask.float().mean().item()
+    assert abs(drop_rate - 0.05) < 5 * (0.05 * 0.95 / 1e6) ** 0.5  # 5 standard deviations
+    assert torch.equal(mask, keep_mask((1000, 1000), levels, 7, torch.device("cpu")))
+    other = keep_mask((1000, 1000), levels, 8, torch.device("cpu"))
+    both_dropped = (~mask & ~other).float().mean().item()  # independent: about p^2
+    assert abs(both_dropped - 0.05**2) < 5 * (0.05**2 / 1e6) ** 0.5
+    # Same semantics as F.dropout (the plain path): same mean and spread of the branch output.
+    layer = _layer(torch.float64, dropout=0.2, bias=False)
+    x = torch.randn(64, 12, dtype=torch.float64)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        fused = torch.stack([layer(x) for _ in range(300)])
+        with fast.disabled():
+            plain = torch.stack([layer(x) for _ in range(300)])
+        exact = layer.eval()(x)
+    spread = plain.std(0).mean()
+    assert (fused.mean(0) - exact).abs().mean() < 0.15 * spread
+    assert 0.9 < (fused.std(0).mean() / spread).item() < 1.1
+
+
+def test_saves_x_once_and_nothing_full_size_in_bf16():
+    """q, k, v share their input: the fused nodes keep that one tensor, nothing (N, k) else,
+    and no fp32 copy of the bf16 activation, even with dropout and fp32 adapters."""
+    model = nn.ModuleDict({n: nn.Linear(64, 48) for n in "qkv"}).to(torch.bfloat16)
+    lorakit.inject(
+        model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=list("qkv"), lora_dropout=0.1)
+    )
+    assert model["q"].lora_A["default"].weight.dtype == torch.float32
+    model.train()
+    x = torch.randn(8, 32, 64, dtype=torch.bfloat16, requires_grad=True)
+    parameters = {p.data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        if tensor.data_ptr() not in parameters:
+            saved[tensor.data_ptr()] = (tensor.dtype, tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = sum(model[n](x).float().sum() for n in "qkv")
+    assert saved.pop(x.data_ptr()) == (torch.bfloat16, x.numel())
+    assert all(numel == 8 * 32 * 4 and dtype == torch.bfloat16 for dtype, numel in saved.values())
+    out.backward()
+    assert model["q"].lora_A["default"].weight.grad.dtype == torch.float32
+    assert x.grad.dtype == torch.bfloat16
+
+
+def test_bf16_close_to_float64_formula():
+    layer = _layer(torch.bfloat16, in_f=64, out_f=48)
+    x = torch.randn(4, 16, 64, dtype=torch.bfloat16)
+    A, B = layer.adapter_parameters("default")
+    ref = _reference(
+        x, layer.base_layer.weight, layer.base_layer.bias, A, B, layer.scalings["default"]
+    )
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+def _grad_fn_name(layer, x):
+    return type(layer(x).grad_fn).__name__
+
+
+def test_falls_back_to_the_plain_path_where_it_cannot_apply():
+    layer = _layer()
+    x = torch.randn(2, 12, requires_grad=True)
+    assert _grad_fn_name(layer, x) == "FusedLoraLinearBackward"
+    handle = layer.base_layer.register_forward_hook(lambda *args: None)
+    assert _grad_fn_name(layer, x) != "FusedLoraLinearBackward"
+    handle.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _grad_fn_name(layer, x) != "FusedLoraLinearBackward"
+    layer.base_layer.weight.requires_grad_(True)
+    assert _grad_fn_name(layer, x) != "FusedLoraLinearBackward"
+    layer.base_layer.weight.requires_grad_(False)
+    layer.add_adapter("second", 2, 4.0, 0.0, False, False, torch.float32)
+    layer.active_adapters = ("default", "second")
+    out = layer(x)
+    assert type(out.grad_fn).__name__ != "FusedLoraLinearBackward"
+    with torch.no_grad():  # inference takes every active adapter in one fused pass
+        fused = layer(x)
+        with fast.disabled():
+            plain = layer(x)
+    assert (fused - plain).abs().max() <= 1e-6 * plain.abs().max()
+    torch.testing.assert_close(out.detach(), plain, rtol=1e-6, atol=1e-6)
+
+
+def test_conv1d_layout_and_embedding_untouched():
+    model = tiny_models.gpt2()
+    config = lorakit.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "wte"], init_lora_weights=False
+    )
+    lorakit.inject(model, config)
+    tiny_models.randomize_adapters(model, std=0.3)
+    ids = tiny_models.input_ids(batch=2, length=8)
+    model.train()
+    loss = model(ids, labels=ids).loss
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    with fast.disabled():
+        loss_plain = model(ids, labels=ids).loss
+        plain = torch.autograd.grad(loss_plain, [p for p in model.parameters() if p.requires_grad])
+    assert abs(loss.item() - loss_plain.item()) <= 1e-6 * abs(loss_plain.item())
+    for g, w in zip(grads, plain, strict=True):
+        assert (g - w).abs().max() <= 1e-5 * w.abs().max()
+    layers = dict(lora_layers(model))
+    attn = layers["transformer.h.0.attn.c_attn"]
+    x = torch.randn(2, 8, 64, requires_grad=True)
+    assert _grad_fn_name(attn, x) == "FusedLoraLinearBackward"

@@ -1,0 +1,191 @@
+"""Adapter files against the real ``peft`` package (the oracle), both directions, and against
+transformers' own ``model.load_adapter``.
+
+(a) lorakit saves -> ``peft.PeftModel.from_pretrained`` -> same logits as lorakit's model.
+(b) peft saves (rank/alpha patterns, rsLoRA, bias modes, modules_to_save, embeddings, BF16/F16
+    files) -> ``lorakit.io.load_adapter`` -> same logits as peft's model.
+Every trainable tensor (LoRA A and B, trained biases, saved modules) is perturbed with noise
+first, so no tensor can be dropped or mis-mapped without the logits changing.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import peft
+import pytest
+import torch
+
+import lorakit
+from lorakit.io import load_adapter, save_adapter
+from tests import tiny_models
+
+QV = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}
+EMBEDDING = {"llama": "embed_tokens", "gpt2": "wte", "bert": "word_embeddings"}
+SAVED = {"llama": ["lm_head"], "gpt2": ["ln_f"], "bert": ["pooler.dense"]}
+TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS"}
+TOLERANCE = 1e-5
+
+CONFIGS = {
+    "qv": lambda arch: dict(r=4, lora_alpha=8, target_modules=QV[arch]),
+    "all-linear-patterns": lambda arch: dict(
+        r=4,
+        lora_alpha=16,
+        target_modules="all-linear",
+        rank_pattern={QV[arch][0]: 2},
+        alpha_pattern={QV[arch][-1]: 3},
+    ),
+    "rslora": lambda arch: dict(r=8, lora_alpha=4, use_rslora=True, target_modules=QV[arch]),
+    "bias-all": lambda arch: dict(r=4, lora_alpha=8, target_modules=QV[arch], bias="all"),
+    "bias-lora-only": lambda arch: dict(
+        r=4, lora_alpha=8, target_modules=QV[arch], bias="lora_only"
+    ),
+    "modules-to-save": lambda arch: dict(
+        r=4, lora_alpha=8, target_modules=QV[arch], modules_to_save=SAVED[arch]
+    ),
+    "embedding": lambda arch: dict(r=4, lora_alpha=8, target_modules=[EMBEDDING[arch], *QV[arch]]),
+}
+ARCHS = ["llama", "gpt2", "bert"]
+MATRIX = [name for name in CONFIGS if name != "qv"]  # "qv" is inside every other config
+
+
+def _fields(arch: str, config_name: str) -> dict:
+    return CONFIGS[config_name](arch) | {"task_type": TASK[arch], "init_lora_weights": False}
+
+
+def _perturb_trainable(model: torch.nn.Module, seed: int = 7) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, parameter in sorted(model.named_parameters()):
+            if parameter.requires_grad:
+                noise = torch.randn(parameter.shape, generator=generator) * 0.2
+                parameter.add_(noise.to(parameter.dtype))
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tiny_models.input_ids()).logits.float()
+
+
+@functools.cache
+def _base_logits(arch: str) -> torch.Tensor:
+    return _logits(tiny_models.BUILDERS[arch]())
+
+
+def _assert_same_and_not_base(ours: torch.Tensor, theirs: torch.Tensor, arch: str) -> None:
+    assert (ours - theirs).abs().max().item() <= TOLERANCE
+    base = _base_logits(arch)
+    assert (ours - base).abs().max().item() > 1e-3  # the adapter really changes the outputs
+
+
+@pytest.mark.parametrize("config_name", MATRIX)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lorakit_file_loads_in_peft_with_identical_logits(arch, config_name, tmp_path) -> None:
+    ours = lorakit.inject(
+        tiny_models.BUILDERS[arch](), lorakit.LoraConfig(**_fields(arch, config_name))
+    )
+    _perturb_trainable(ours)
+    save_adapter(ours, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(tiny_models.BUILDERS[arch](), tmp_path)
+    _assert_same_and_not_base(_logits(ours.eval()), _logits(theirs.eval()), arch)
+
+
+@pytest.mark.parametrize("config_name", MATRIX)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_peft_file_loads_in_lorakit_with_identical_logits(arch, config_name, tmp_path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(
+            tiny_models.BUILDERS[arch](), peft.LoraConfig(**_fields(arch, config_name))
+        )
+        _perturb_trainable(theirs)
+        theirs.save_pretrained(tmp_path)
+    ours = tiny_models.BUILDERS[arch]()
+    with pytest.warns(UserWarning, match="no base-model fingerprint"):
+        load_adapter(ours, tmp_path)
+    _assert_same_and_not_base(_logits(ours), _logits(theirs.eval()), arch)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_peft_half_precision_files_load_like_peft_loads_them(dtype, tmp_path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half = peft.get_peft_model(
+            tiny_models.llama(dtype=dtype),
+            peft.LoraConfig(**_fields("llama", "all-linear-patterns")),
+            autocast_adapter_dtype=False,
+        )
+        half.save_pretrained(tmp_path)
+        theirs = peft.PeftModel.from_pretrained(tiny_models.llama(), tmp_path)
+    stored = lorakit.io.read_adapter(tmp_path).tensors
+    assert {t.dtype for t in stored.values()} == {dtype}
+    ours = tiny_models.llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_adapter(ours, tmp_path)
+    _assert_same_and_not_base(_logits(ours), _logits(theirs.eval()), "llama")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_transformers_load_adapter_accepts_a_lorakit_file(arch, tmp_path) -> None:
+    ours = lorakit.inject(tiny_models.BUILDERS[arch](), lorakit.LoraConfig(**_fields(arch, "qv")))
+    _perturb_trainable(ours)
+    save_adapter(ours, tmp_path)
+    plain = tiny_models.BUILDERS[arch]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain.load_adapter(str(tmp_path))
+    _assert_same_and_not_base(_logits(ours), _logits(plain), arch)
+
+
+def test_peft_saves_of_a_lorakit_loaded_adapter_round_trip(tmp_path) -> None:
+    """peft file -> lorakit -> lorakit file -> peft: still peft's numbers."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(
+            tiny_models.gpt2(), peft.LoraConfig(**_fields("gpt2", "all-linear-patterns"))
+        )
+        theirs.save_pretrained(tmp_path / "peft")
+        ours = tiny_models.gpt2()
+        load_adapter(ours, tmp_path / "peft")
+        save_adapter(ours, tmp_path / "lorakit")
+        again = peft.PeftModel.from_pretrained(tiny_models.gpt2(), tmp_path / "lorakit")
+    _assert_same_and_not_base(_logits(again.eval()), _logits(theirs.eval()), "gpt2")
+
+
+def _three_layer_llama() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def test_all_linear_with_20_or_more_targets_is_written_as_peft_writes_it(tmp_path) -> None:
+    """21 targets: peft condenses them to the shortest distinguishing suffixes."""
+    import json
+
+    fields = dict(r=2, lora_alpha=4, target_modules="all-linear", task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.get_peft_model(_three_layer_llama(), peft.LoraConfig(**fields)).save_pretrained(
+            tmp_path / "peft"
+        )
+    save_adapter(
+        lorakit.inject(_three_layer_llama(), lorakit.LoraConfig(**fields)), tmp_path / "ours"
+    )
+    theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["target_modules"]
+    ours = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["target_modules"]
+    assert ours == sorted(theirs)
+    assert "q_proj" in ours and "lm_head" not in ours

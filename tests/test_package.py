@@ -1,0 +1,38 @@
+"""The package itself: light to import, a tidy public API, a CLI that answers in one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import lorakit
+from lorakit import cli
+
+HEAVY = ("transformers", "peft", "fastapi", "uvicorn", "matplotlib", "trl", "openai")
+
+
+def test_import_pulls_in_nothing_heavy_beyond_torch() -> None:
+    code = f"import sys, lorakit; print([m for m in {HEAVY!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_public_api_is_explicit() -> None:
+    assert sorted(lorakit.__all__) == sorted(set(lorakit.__all__))
+    for name in lorakit.__all__:
+        assert hasattr(lorakit, name), name
+
+
+def test_cli_help_lists_every_command() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "lorakit", "--help"], capture_output=True, text=True, check=True
+    )
+    for name in cli.command_modules():
+        assert name in out.stdout
+
+
+def test_cli_bad_arguments_give_one_line(capsys) -> None:
+    code = cli.main(["no-such-command"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "invalid choice" in err and "Traceback" not in err

@@ -1,0 +1,127 @@
+"""``lorakit plan``: exact counts on meta-device models, checked against hand arithmetic from the
+configs and against the real ``peft`` package on a tiny model that does hold weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorakit.cli import main
+from lorakit.errors import UserError
+from lorakit.plan import format_report, plan
+from tests import tiny_models
+
+SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def llama2_7b():
+    return plan("llama-2-7b", r=16, lora_alpha=32, target_modules=SEVEN_PROJECTIONS)
+
+
+def test_llama2_7b_counts_match_the_seed_arithmetic(llama2_7b):
+    hidden, mlp, layers, vocab, r = 4096, 11008, 32, 32000, 16
+    per_block = 4 * hidden * hidden + 3 * hidden * mlp + 2 * hidden  # attention, MLP, 2 norms
+    base = layers * per_block + 2 * vocab * hidden + hidden  # + embed, lm_head, final norm
+    # The seed's per-block sum: attention 524,288 + MLP 724,992 = 1,249,280.
+    lora_per_block = 4 * r * (hidden + hidden) + 3 * r * (hidden + mlp)
+    assert lora_per_block == 1_249_280
+    assert llama2_7b.base_parameters == base == 6_738_415_616
+    assert llama2_7b.trainable_parameters == layers * lora_per_block == 39_976_960
+    assert llama2_7b.total_parameters == 6_778_392_576
+    # The seed prints all params 6,778,957,824, which no Llama-2-7B config gives.
+    assert llama2_7b.peft_line == (
+        "trainable params: 39,976,960 || all params: 6,778,392,576 || trainable%: 0.5898"
+    )
+    by_type = {group.name: group for group in llama2_7b.module_types}
+    assert by_type["q_proj"].lora_parameters == layers * r * (hidden + hidden)
+    assert by_type["down_proj"].lora_parameters == layers * r * (mlp + hidden)
+    assert by_type["down_proj"].base_parameters == layers * mlp * hidden
+    assert {g.modules for g in llama2_7b.module_types} == {32}
+
+
+def test_llama2_7b_memory_matches_the_seed_reasoning(llama2_7b):
+    assert llama2_7b.dtype == "float16"
+    assert llama2_7b.full_finetune_bytes == 6_738_415_616 * 16 == 107_814_649_856  # 107.8 GB
+    assert llama2_7b.lora_frozen_bytes == 6_738_415_616 * 2  # 13.5 GB (~14 GB in the seed)
+    assert llama2_7b.lora_trainable_state_bytes == 39_976_960 * 16 == 639_631_360  # 0.64 GB
+    assert llama2_7b.lora_training_bytes == 13_476_831_232 + 639_631_360
+    assert llama2_7b.adapter_file_bytes == {"float32": 159_907_840, "bfloat16": 79_953_920}
+    assert llama2_7b.inference_merged_bytes == 13_476_831_232
+    report = format_report(llama2_7b)
+    for text in ("= 107.8 GB", "= 13.5 GB", "= 0.64 GB", "80.0 MB in bfloat16", "1e9 bytes"):
+        assert text in report
+
+
+def test_all_linear_equals_the_seven_projections_on_llama(llama2_7b):
+    all_linear = plan("llama-2-7b", r=16, num_adapters=3)
+    assert all_linear.trainable_parameters == llama2_7b.trainable_parameters
+    assert all_linear.config.lora_alpha == 32  # default 2 r
+    assert all_linear.inference_with_adapters_bytes == 13_476_831_232 + 3 * 39_976_960 * 2
+
+
+def test_smollm2_builtin_counts():
+    result = plan("smollm2-135m-instruct", r=8, target_modules=["q_proj", "v_proj"])
+    hidden, kv, layers, r = 576, 192, 30, 8
+    assert result.base_parameters == 134_515_008  # DATA.md, tied embeddings counted once
+    assert result.trainable_parameters == layers * r * ((hidden + hidden) + (hidden + kv))
+    assert result.dtype == "bfloat16"
+    assert result.lora_frozen_bytes == result.frozen_parameters * 2
+
+
+@pytest.mark.parametrize("as_file", [False, True])
+def test_local_config_matches_peft_on_real_weights(tmp_path, as_file):
+    import peft
+
+    model = tiny_models.llama()
+    model.config.save_pretrained(tmp_path)
+    spec = str(tmp_path / "config.json") if as_file else str(tmp_path)
+    result = plan(spec, r=4, lora_alpha=8, target_modules="all-linear", dtype="float32")
+    reference = peft.get_peft_model(
+        model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    )
+    trainable, total = reference.get_nb_trainable_parameters()
+    assert (result.trainable_parameters, result.total_parameters) == (trainable, total)
+    assert result.dtype_bytes == 4
+
+
+def test_unknown_spec_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="unknown model spec 'no-such-model'"):
+        plan("no-such-model")
+    with pytest.raises(UserError, match="unknown model spec"):
+        plan(str(tmp_path))  # a directory without config.json
+    with pytest.raises(UserError, match="lora_alpha=-1 is invalid"):
+        plan("llama-2-7b", lora_alpha=-1)
+    with pytest.raises(UserError, match="matched no module of this LlamaForCausalLM"):
+        plan("smollm2-135m-instruct", target_modules=["no_such_proj"])
+
+
+def test_cli_json_and_errors(capsys):
+    assert main(["plan", "llama-2-7b", "--rank", "16", "--alpha", "32", "--json"]) == 0
+    numbers = json.loads(capsys.readouterr().out)
+    assert numbers["trainable_parameters"] == 39_976_960
+    assert numbers["full_finetune_bytes"] == 107_814_649_856
+    assert numbers["config"]["target_modules"] == "all-linear"
+    assert main(["plan", "smollm2-135m-instruct", "--target-modules", "q_proj,v_proj"]) == 0
+    assert "q_proj" in capsys.readouterr().out
+    assert main(["plan", "gpt-17"]) == 2
+    assert "unknown model spec 'gpt-17'" in capsys.readouterr().err
+
+
+def test_packaged_encoder_matches_peft_on_its_real_weights():
+    import peft
+    from transformers import AutoModel
+
+    from lorakit.models import resolve_model
+
+    result = plan("minilm-l6", r=8, target_modules=["query", "value"])
+    assert result.architecture == "BertModel"  # the config's own architecture, no LM head
+    real = AutoModel.from_pretrained(resolve_model("minilm-l6"))
+    assert result.base_parameters == sum(p.numel() for p in real.parameters())
+    reference = peft.get_peft_model(
+        real, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"])
+    )
+    trainable, total = reference.get_nb_trainable_parameters()
+    assert (result.trainable_parameters, result.total_parameters) == (trainable, total)
+    assert trainable == 6 * 2 * 8 * (384 + 384)  # 6 layers, query + value, hidden 384

@@ -1,0 +1,81 @@
+"""A small training job on a tiny random Llama, run as a subprocess by the resume (SIGKILL) and
+DDP tests. ``python tests/train_job.py OUTPUT_DIR [--resume] [--slow SECONDS] ...``.
+The data is fixed (seeded), the adapter is initialised from a fixed seed, dropout is on."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(_ROOT / "src"), str(_ROOT)]  # this checkout's lorakit, and tests.
+
+import lorakit  # noqa: E402
+from lorakit.train import TrainingConfig, pad_collate, train  # noqa: E402
+from tests import tiny_models  # noqa: E402
+
+
+def make_data(count: int = 48, seed: int = 5) -> list[dict[str, list[int]]]:
+    """Classification-style examples: a marker token (5 or 6) then 2-7 random tokens; the marker
+    picks the 2-token completion ([10, 11] or [20, 21]); loss only on the completion."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(count):
+        length = int(torch.randint(3, 9, (1,), generator=generator))
+        marker = 5 + int(torch.randint(0, 2, (1,), generator=generator))
+        prompt = [marker, *torch.randint(30, 128, (length - 1,), generator=generator).tolist()]
+        completion = [10, 11] if marker == 5 else [20, 21]
+        examples.append({"input_ids": prompt + completion, "labels": [-100] * length + completion})
+    return examples
+
+
+def build_model(dropout: float) -> torch.nn.Module:
+    model = tiny_models.llama()
+    torch.manual_seed(11)
+    config = lorakit.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "v_proj", "down_proj"]
+    )
+    return lorakit.inject(model, config)
+
+
+def run(argv: list[str] | None = None) -> torch.nn.Module:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("output_dir")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--slow", type=float, default=0.0, help="sleep per micro-batch (s)")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--checkpoint-every", type=int, default=4)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    model = build_model(args.dropout)
+    collate = pad_collate(0)
+
+    def slow_collate(examples):
+        time.sleep(args.slow)
+        return collate(examples)
+
+    config = TrainingConfig(
+        output_dir=args.output_dir,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=5e-3,
+        warmup_steps=2,
+        checkpoint_every=args.checkpoint_every,
+        progress=False,
+        plot=False,
+        seed=3,
+    )
+    train(model, make_data(), slow_collate, config, resume=args.resume)
+    return model
+
+
+if __name__ == "__main__":
+    run()
