@@ -273,9 +273,7 @@ def test_admin_load_is_guarded(world, body, headers, status):
 
 def test_runtime_load_and_unload(world):
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    shutil.copytree(
-        world["root"] / "spare" / "ad3", world["root"] / "adapters" / "late" / "copy"
-    )
+    shutil.copytree(world["root"] / "spare" / "ad3", world["root"] / "adapters" / "late" / "copy")
     response = httpx.post(
         world["url"] + "/v1/load_lora_adapter",
         json={"lora_name": "fresh", "lora_path": "late/copy"},
