@@ -229,6 +229,8 @@ def summarise(level, phase, shape, pool, kind, picks, raw) -> dict:
 
 def cases(args):
     for phase, shape in (("prefill", (8, 64)), ("decode", (32, 1))):
+        if phase not in args.phases:
+            continue
         yield phase, shape, 1, "identical"
         for pool in args.pools[1:]:
             for kind in ("uniform", "distinct", "zipf"):
@@ -268,11 +270,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--layer-shape", default="1536x576", help="d x k of the layer-level layer (up_proj)"
     )
+    parser.add_argument("--phases", default="prefill,decode")
     parser.add_argument("--sample-seconds", type=float, default=0.05, help="length of one sample")
     parser.add_argument("--out", default="benchmarks/results/mixed_adapters.json")
     args = parser.parse_args(argv)
     args.targets = args.targets.split(",")
     args.levels = args.levels.split(",")
+    args.phases = args.phases.split(",")
     args.layer_shape = tuple(int(n) for n in args.layer_shape.split("x"))
     args.pools = [1, 8, 32, 128]
     if args.quick:
