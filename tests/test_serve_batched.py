@@ -28,6 +28,15 @@ ADAPTER_SPECS = [  # different ranks, alphas, targets, patterns, rsLoRA
 ]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: tiny ops on a shared, oversubscribed machine are far steadier."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def reference_model():
     model = tiny_models.llama()
     for index, spec in enumerate(ADAPTER_SPECS):
@@ -190,8 +199,8 @@ def test_concurrent_loads_and_evictions_keep_the_bank_consistent(setup):
         try:
             for round_ in range(5):
                 name = f"w{index}-{round_}"
-                bank.load_from_model(name, reference, f"a{index % 3}")
-                assert bank.slot_of(name) < 3
+                slot = bank.load_from_model(name, reference, f"a{index % 3}")
+                assert 0 <= slot < 3  # (another thread may already have evicted it)
         except BankFullError:
             pass
         except Exception as error:  # pragma: no cover - reported below
