@@ -255,6 +255,14 @@ def test_conv1d_layout_and_embedding_untouched():
     assert abs(loss.item() - loss_plain.item()) <= 1e-6 * abs(loss_plain.item())
     for g, w in zip(grads, plain, strict=True):
         assert (g - w).abs().max() <= 1e-5 * w.abs().max()
+    with torch.no_grad():  # embedding: plain branch added in place; Conv1D: fused inference
+        logits = model.eval()(ids).logits
+        with fast.disabled():
+            plain_logits = model(ids).logits
+        with lorakit.disabled(model):
+            base_logits = model(ids).logits
+    assert (logits - base_logits).abs().max() > 1e-3  # the adapters change the output
+    assert (logits - plain_logits).abs().max() <= 1e-5 * plain_logits.abs().max()
     layers = dict(lora_layers(model))
     attn = layers["transformer.h.0.attn.c_attn"]
     x = torch.randn(2, 8, 64, requires_grad=True)
