@@ -214,7 +214,14 @@ def _apply(
     wrapped_before = {id(m) for _, m in [*lora_layers(model), *saved_modules(model)]}
     base_backup: list[tuple[torch.Tensor, torch.Tensor]] = []  # (base tensor, its old value)
     try:
-        inject(model, config, adapter_name, adapter_dtype=adapter_dtype, activate=activate)
+        inject(
+            model,
+            config,
+            adapter_name,
+            adapter_dtype=adapter_dtype,
+            activate=activate,
+            initialize=False,  # every adapter tensor is copied from the file below
+        )
         trainable = adapter_name in active_adapters(model)
         with torch.no_grad():
             for slot in slots:
