@@ -214,3 +214,28 @@ def test_concurrent_loads_and_evictions_keep_the_bank_consistent(setup):
     assert not errors
     slots = [bank.slot_of(n) for n in bank.names()]
     assert len(slots) == len(set(slots)) == 3
+
+
+def test_acquire_with_a_loader_loads_and_holds_atomically(setup):
+    reference = setup[0]
+    _, bank = served(reference, capacity=1)
+    calls = []
+
+    def loader(name):
+        calls.append(name)
+        config = reference.lorakit_state.configs["a0"]
+        tensors = {}
+        for path, layer in lora_layers(reference):
+            if "a0" in layer.ranks:
+                lora_A, lora_B = layer.adapter_parameters("a0")
+                tensors[f"base_model.model.{path}.lora_A.weight"] = lora_A.detach()
+                tensors[f"base_model.model.{path}.lora_B.weight"] = lora_B.detach()
+        return config, tensors
+
+    slot = bank.acquire("x", loader)
+    assert bank.acquire("x", loader) == slot and calls == ["x"]  # loaded once
+    with pytest.raises(BankFullError):
+        bank.acquire("y", loader)  # the only slot is held by running requests
+    bank.release("x")
+    bank.release("x")
+    assert bank.acquire("y", loader) == slot and bank.names() == ["y"]

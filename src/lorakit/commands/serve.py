@@ -117,9 +117,7 @@ def build(args: argparse.Namespace):
     except ValueError as error:
         raise UserError(str(error)) from None
     adapters = ServedAdapters(bank, registry, model, allow_base_mismatch=args.allow_base_mismatch)
-    engine = Engine(
-        model, bank, tokenizer, max_batch=args.max_batch, adapter_loader=adapters.ensure_loaded
-    )
+    engine = Engine(model, bank, tokenizer, max_batch=args.max_batch, adapter_loader=adapters.read)
     positions = getattr(model.config, "max_position_embeddings", None) or 2048
     settings = ServerSettings(
         model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),

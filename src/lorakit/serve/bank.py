@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +42,9 @@ __all__ = [
 ]
 
 _PLACEHOLDER = "lorakit-serving-placeholder"
+
+
+Loader = Callable[[str], tuple[LoraConfig, Mapping[str, torch.Tensor]]]
 
 
 class BankFullError(RuntimeError):
@@ -190,9 +193,16 @@ class AdapterBank:
         return name
 
     # ----------------------------------------------------------------- use, pin, evict
-    def acquire(self, name: str) -> int:
-        """Mark ``name`` used by a running request (not evictable until ``release``); its slot."""
+    def acquire(self, name: str, loader: Loader | None = None) -> int:
+        """Mark ``name`` used by a running request (not evictable until ``release``); its slot.
+
+        ``loader(name) -> (config, tensors)`` loads it first when it is not in the bank; loading
+        and acquiring are one atomic step, so no other thread can evict it in between.
+        """
         with self._lock:
+            if name not in self._slot_of and loader is not None:
+                config, tensors = loader(name)
+                self.load(name, config, tensors)
             slot = self._slot_of[self._known(name)]
             self._slot_of.move_to_end(name)
             self._in_use[name] = self._in_use.get(name, 0) + 1

@@ -146,13 +146,15 @@ class ServedAdapters:
         check_base(self.model, adapter, self.allow_base_mismatch)
         return adapter
 
+    def read(self, name: str):
+        """``(config, tensors)`` of a registered adapter, its base fingerprint checked."""
+        adapter = self._read(self.registry.path(name))
+        return adapter.config, adapter.tensors
+
     def ensure_loaded(self, name: str) -> None:
         """Put a registered adapter into the bank if it is not there (LRU may evict another)."""
-        with self._lock:
-            if name in self.bank:
-                return
-            adapter = self._read(self.registry.path(name))
-            self.bank.load(name, adapter.config, adapter.tensors)
+        self.bank.acquire(name, self.read)
+        self.bank.release(name)
 
     def add(self, name: str, relative_path: str | None) -> None:
         """Register ``root/relative_path`` as ``name`` and load it (errors leave nothing behind)."""
