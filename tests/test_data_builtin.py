@@ -37,10 +37,7 @@ def rotten_splits() -> dict[str, list[data.Example]]:
 
 def test_rotten_tomatoes_sizes_and_disjoint_splits(rotten_splits) -> None:
     assert {split: len(part) for split, part in rotten_splits.items()} == ROTTEN_TOMATOES_SIZES
-    texts = {
-        split: [key(e.messages[0]["content"].split("Review: ", 1)[1]) for e in part]
-        for split, part in rotten_splits.items()
-    }
+    texts = {split: [key(e.text) for e in part] for split, part in rotten_splits.items()}
     for split, split_texts in texts.items():
         assert len(set(split_texts)) == len(split_texts), f"duplicates in {split}"
     train, validation, test = (set(texts[s]) for s in data.SPLITS)
@@ -63,7 +60,8 @@ def test_rotten_tomatoes_labels_match_raw_file(rotten_splits) -> None:
     seen = {}
     for part in rotten_splits.values():
         for example in part:
-            text = key(example.messages[0]["content"].split("Review: ", 1)[1])
+            assert example.messages[0]["content"].endswith("\n\nReview: " + example.text)
+            text = key(example.text)
             assert example.choices == ("positive", "negative")
             assert example.answer == example.choices[example.label]
             seen[text] = example.answer
@@ -86,8 +84,8 @@ def test_rotten_tomatoes_plain_style_and_fixed_order(rotten_splits) -> None:
     chat = rotten_splits["test"]
     assert len(plain) == len(chat)
     for p, c in zip(plain[:50], chat[:50], strict=True):
-        review = c.messages[0]["content"].split("Review: ", 1)[1]
-        assert p.prompt == f"Review: {review}\nSentiment:"
+        assert p.text == c.text
+        assert p.prompt == f"Review: {c.text}\nSentiment:"
         assert p.completion == " " + c.answer and p.label == c.label
     # Both classes appear early: the hash order is a fair sample, not file order.
     counts = Counter(e.label for e in chat[:200])

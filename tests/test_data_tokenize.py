@@ -83,6 +83,8 @@ def test_truncation_keeps_the_answer(tokenizer) -> None:
     tokenized = data.tokenize_examples([example, long_answer, example], tokenizer, max_length=6)
     assert tokenized.num_truncated == 3 and tokenized.lengths == [6, 6, 6]
     assert tokenized.pad_token_id == tokenizer.eos_token_id
+    input_ids, labels, _ = data.tokenize_example(long_answer, tokenizer, 6)
+    assert tokenized[1] == {"input_ids": input_ids, "labels": labels}
 
 
 def test_tokenizer_requirements(tokenizer) -> None:
@@ -221,3 +223,26 @@ def test_choices_must_start_differently(tokenizer) -> None:
     plain = data.Example(prompt="x", completion=" a")
     with pytest.raises(UserError, match="same non-empty choices"):
         data.score_choices(tiny_llama(len(tokenizer)), tokenizer, [plain])
+
+
+@pytest.mark.integration
+def test_smollm2_tokenizer_masks_and_choice_tokens() -> None:
+    """With the real SmolLM2 tokenizer (ChatML), the masked pieces tokenise exactly like the
+    whole rendered text, and the sentiment answers are single, distinct tokens."""
+    from transformers import AutoTokenizer
+
+    from lorakit.models import resolve_model
+
+    smol = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
+    smol.pad_token = smol.eos_token
+    assert data.choice_token_ids(data.SENTIMENT_LABELS, smol) == [16185, 17728]
+    chats = data.load_examples("rotten-tomatoes", split="train")[:200]
+    plains = data.load_examples("rotten-tomatoes", split="train", style="plain")[:200]
+    for chat, plain in zip(chats, plains, strict=True):
+        input_ids, labels, _ = data.tokenize_example(chat, smol, max_length=10_000)
+        whole = smol.apply_chat_template(list(chat.messages), tokenize=False)
+        assert input_ids == ids(smol, whole)
+        learnt = [token for token, label in zip(input_ids, labels, strict=True) if label != IGNORE]
+        assert smol.decode(learnt) == chat.answer + "<|im_end|>"
+        input_ids, labels, _ = data.tokenize_example(plain, smol, max_length=10_000)
+        assert input_ids == [*ids(smol, plain.prompt + plain.completion), smol.eos_token_id]

@@ -155,3 +155,31 @@ def test_peft_files_without_fingerprint_load_with_a_note(tmp_path) -> None:
     assert read_adapter(tmp_path).fingerprint is None
     with pytest.warns(UserWarning, match="cannot verify it was trained on this base"):
         load_adapter(tiny_models.llama(seed=1), tmp_path)
+
+
+@pytest.mark.integration
+def test_smollm2_adapter_round_trip_and_fingerprint_cost(tmp_path) -> None:
+    """The real 135M model: the fingerprint of all 210 linear layers costs well under a second,
+    the config lists PEFT's condensed suffixes, and the adapter reloads onto a fresh copy."""
+    import copy
+    import time
+
+    from lorakit.models import load_model
+
+    model, _ = load_model()
+    fresh = copy.deepcopy(model)
+    lorakit.inject(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    tiny_models.randomize_adapters(model, std=0.02)
+    names = [name for name, _ in lorakit.state.lora_layers(model)]
+    fingerprint.compute(model, names[:1])  # warm up
+    start = time.perf_counter()
+    stored = fingerprint.compute(model, names)
+    elapsed = time.perf_counter() - start
+    assert len(stored) == 210 and elapsed < 1.0, elapsed
+    save_adapter(model, tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+    assert written == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    load_adapter(fresh, tmp_path)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, fresh(ids).logits)

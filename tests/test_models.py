@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -142,7 +143,10 @@ def test_converted_once_then_reused(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         models._publish_directory(target, {"source": gguf_path.name}, lambda d: None)
 
     monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    stale = tmp_path / "models" / ".smollm2-135m-instruct.tmp-killed"  # from a SIGKILLed run
+    stale.mkdir(parents=True)
     first = models.resolve_model("smollm2-135m-instruct")
+    assert not stale.exists()
     second = models.resolve_model("smollm2-135m-instruct")
     assert first == second == tmp_path / "models" / "smollm2-135m-instruct"
     assert [p.name for p in calls] == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
@@ -176,3 +180,76 @@ def test_smollm2_conversion_matches_gguf_weights() -> None:
     output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+def test_conversion_prerequisites_are_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args: object):
+        return None if name == "gguf" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(UserError, match="needs the package 'gguf'") as error:
+        models.resolve_model("smollm2-135m-instruct")
+    assert str(error.value).endswith(INSTALL_SMOLLM2)
+
+
+def test_unwritable_cache_is_a_user_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    monkeypatch.setenv("LORAKIT_CACHE", str(read_only / "cache"))
+    monkeypatch.setattr(models, "_convert_gguf", lambda *args: pytest.fail("must not convert"))
+    try:
+        if os.access(read_only, os.W_OK):  # root ignores permissions: simulate the refusal
+
+            def refuse(self, *args, **kwargs):
+                raise PermissionError(13, "Permission denied")
+
+            monkeypatch.setattr(Path, "mkdir", refuse)
+        with pytest.raises(UserError, match="set LORAKIT_CACHE to a writable directory"):
+            models.resolve_model("smollm2-135m-instruct")
+    finally:
+        read_only.chmod(0o700)
+
+
+RACER = """
+import sys, time
+from pathlib import Path
+from lorakit import models
+
+def slow_convert(gguf_path, target):
+    log = Path(sys.argv[1])
+    (log / f"convert-{time.time_ns()}").write_text("")
+    time.sleep(1.0)
+    models._publish_directory(target, {"source": gguf_path.name}, lambda d: None)
+
+models._convert_gguf = slow_convert
+print(models.resolve_model("smollm2-135m-instruct"))
+"""
+
+
+def test_two_racing_processes_convert_once(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    log = tmp_path / "log"
+    log.mkdir()
+    env = {**os.environ, "LORAKIT_CACHE": str(tmp_path / "cache")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(models.__file__).parents[1]), *sys.path])
+    racers = [
+        subprocess.Popen([sys.executable, "-c", RACER, str(log)], env=env, stdout=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    outputs = [racer.communicate(timeout=120)[0].decode().strip() for racer in racers]
+    assert [racer.returncode for racer in racers] == [0, 0]
+    target = tmp_path / "cache" / "models" / "smollm2-135m-instruct"
+    assert outputs == [str(target)] * 2
+    assert len(list(log.iterdir())) == 1
+    assert sorted(p.name for p in target.parent.iterdir()) == [
+        ".smollm2-135m-instruct.lock",
+        "smollm2-135m-instruct",
+    ]

@@ -203,3 +203,18 @@ def test_load_adapter_keeps_the_active_one_and_refuses_a_wrong_base(pair, tmp_pa
         PeftModel.from_pretrained(tiny_models.llama(seed=1), tmp_path)
     with pytest.warns(UserWarning, match="different base weights"):
         PeftModel.from_pretrained(tiny_models.llama(seed=1), tmp_path, allow_base_mismatch=True)
+
+
+def test_copies_and_save_arguments(pair, tmp_path):
+    import copy
+
+    ours, _ = pair
+    clone = copy.deepcopy(ours)  # e.g. a frozen reference model for DPO
+    ids = tiny_models.input_ids()
+    with torch.no_grad():
+        assert torch.equal(clone(input_ids=ids).logits, ours(input_ids=ids).logits)
+    assert clone.model is not ours.model
+    with pytest.raises(ValueError, match="safetensors only"):
+        ours.save_pretrained(tmp_path, safe_serialization=False)
+    ours.save_pretrained(tmp_path / "not-main", is_main_process=False)
+    assert not (tmp_path / "not-main").exists()

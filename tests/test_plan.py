@@ -91,6 +91,8 @@ def test_unknown_spec_is_a_user_error(tmp_path):
         plan("no-such-model")
     with pytest.raises(UserError, match="unknown model spec"):
         plan(str(tmp_path))  # a directory without config.json
+    with pytest.raises(UserError, match="lora_alpha=-1 is invalid"):
+        plan("llama-2-7b", lora_alpha=-1)
     with pytest.raises(UserError, match="matched no module of this LlamaForCausalLM"):
         plan("smollm2-135m-instruct", target_modules=["no_such_proj"])
 
@@ -105,3 +107,21 @@ def test_cli_json_and_errors(capsys):
     assert "q_proj" in capsys.readouterr().out
     assert main(["plan", "gpt-17"]) == 2
     assert "unknown model spec 'gpt-17'" in capsys.readouterr().err
+
+
+def test_packaged_encoder_matches_peft_on_its_real_weights():
+    import peft
+    from transformers import AutoModel
+
+    from lorakit.models import resolve_model
+
+    result = plan("minilm-l6", r=8, target_modules=["query", "value"])
+    assert result.architecture == "BertModel"  # the config's own architecture, no LM head
+    real = AutoModel.from_pretrained(resolve_model("minilm-l6"))
+    assert result.base_parameters == sum(p.numel() for p in real.parameters())
+    reference = peft.get_peft_model(
+        real, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"])
+    )
+    trainable, total = reference.get_nb_trainable_parameters()
+    assert (result.trainable_parameters, result.total_parameters) == (trainable, total)
+    assert trainable == 6 * 2 * 8 * (384 + 384)  # 6 layers, query + value, hidden 384

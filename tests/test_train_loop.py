@@ -187,3 +187,20 @@ def test_bad_settings_are_user_errors(tmp_path):
         for p in model.parameters():
             p.requires_grad_(False)
         train(model, make_data(4), pad_collate(0), _config(tmp_path, max_steps=1))
+
+
+def test_loss_on_target_columns_only_equals_the_full_loss():
+    from lorakit.train.losses import batch_loss_sum, logits_loss_sum
+
+    model = build_model(0.0)
+    tiny_models.randomize_adapters(model)
+    batch = pad_collate(0)(make_data(count=6))
+    loss, logits, _ = batch_loss_sum(model, batch)
+    assert logits.shape[1] < batch["input_ids"].shape[1]  # the column path was taken
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = logits_loss_sum(full, batch["labels"])
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-6)
+    hf_mean = model(**batch).loss  # HF's mean over the shifted targets
+    count = int((batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(loss / count, hf_mean, atol=1e-6, rtol=1e-6)

@@ -29,12 +29,14 @@ def inject(
     *,
     adapter_dtype: torch.dtype | None = None,
     activate: bool = True,
+    initialize: bool = True,
 ) -> nn.Module:
     """Add adapter ``adapter_name`` described by ``config`` to ``model`` (in place) and return it.
 
     Adapter tensors are created in ``adapter_dtype`` (default: float32 on a float16/bfloat16 base,
     otherwise the base dtype) on the base weight's device. With ``activate`` the new adapter
-    becomes the only active one and the only trainable one.
+    becomes the only active one and the only trainable one. ``initialize=False`` leaves the
+    adapter tensors uninitialised, for callers that copy values in right away (loading a file).
     """
     _check_adapter_name(model, adapter_name)
     targets = find_targets(model, config)
@@ -52,19 +54,35 @@ def inject(
             alpha=config.alpha_for(name),
             dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
-            init=config.init_lora_weights,
+            init=config.init_lora_weights if initialize else None,
             dtype=adapter_dtype or _default_adapter_dtype(layer.base_layer.weight.dtype),
         )
-    for name in _saved_module_names(model, config):
+    saved_names = _saved_module_names(model, config)
+    for name in saved_names:
         wrapper = model.get_submodule(name)
         if not isinstance(wrapper, ModulesToSave):
             wrapper = ModulesToSave(wrapper)
             _replace(model, name, wrapper)
         wrapper.add_adapter(adapter_name)
     state.configs[adapter_name] = config
-    # Also refreshes trainability: a new inactive adapter's tensors are frozen.
-    set_active(model, [adapter_name] if activate or len(state.configs) == 1 else state.active)
+    if activate or len(state.configs) == 1:
+        set_active(model, [adapter_name])
+    else:  # a new inactive adapter's tensors are frozen; nothing else changes
+        _freeze_adapter(model, adapter_name, [*targets, *saved_names])
     return model
+
+
+def _freeze_adapter(model: nn.Module, adapter_name: str, module_names: list[str]) -> None:
+    """Freeze one adapter's tensors, touching only its modules (so adding the 100th adapter
+    costs what adding the first did)."""
+    for name in module_names:
+        module = model.get_submodule(name)
+        if isinstance(module, LoraLayer):
+            parameters = module.adapter_parameters(adapter_name)
+        else:
+            parameters = list(module.modules_to_save[adapter_name].parameters())
+        for parameter in parameters:
+            parameter.requires_grad_(False)
 
 
 def unload(model: nn.Module) -> nn.Module:

@@ -155,10 +155,25 @@ def _converted_directory(builtin: BuiltinModel, gguf_path: Path) -> Path:
     target = cache_root() / "models" / builtin.name
     if _is_complete(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / f".{builtin.name}.lock"):
-        if not _is_complete(target):  # another process may have finished while we waited
-            _convert_gguf(gguf_path, target)
+    for module, install in (("gguf", builtin.install), ("accelerate", "pip install accelerate")):
+        if importlib.util.find_spec(module) is None:
+            raise UserError(
+                f"converting '{builtin.name}' from GGUF needs the package '{module}'; "
+                f"install it with: {install}"
+            )
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(target.parent / f".{builtin.name}.lock") as locked:
+            if not _is_complete(target):  # another process may have finished while we waited
+                if locked:  # staging dirs left by killed conversions (no live one holds the lock)
+                    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+                        shutil.rmtree(stale, ignore_errors=True)
+                _convert_gguf(gguf_path, target)
+    except PermissionError as error:
+        raise UserError(
+            f"cannot write the model cache at '{target.parent}' ({error.strerror}); "
+            "set LORAKIT_CACHE to a writable directory"
+        ) from None
     return target
 
 
@@ -174,20 +189,19 @@ def _is_complete(directory: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _file_lock(lock_path: Path) -> Iterator[None]:
+def _file_lock(lock_path: Path) -> Iterator[bool]:
     """An exclusive advisory lock (POSIX ``flock``), so racing processes convert only once.
-
-    Without ``fcntl`` (Windows) there is no lock; the atomic rename still keeps the cache whole.
-    """
+    Yields whether the lock is held: without ``fcntl`` (Windows) there is none, and the atomic
+    rename alone keeps the cache whole."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - non-POSIX
-        yield
+        yield False
         return
     with open(lock_path, "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 

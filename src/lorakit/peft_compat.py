@@ -87,9 +87,10 @@ class PeftModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "model":
+            modules = self.__dict__.get("_modules")  # absent while copying or unpickling
+            if modules is None or "model" not in modules or name == "model":
                 raise
-            return getattr(self._modules["model"], name)
+            return getattr(modules["model"], name)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -135,13 +136,29 @@ class PeftModel(nn.Module):
         self,
         save_directory: str | os.PathLike[str],
         selected_adapters: Sequence[str] | None = None,
+        *,
+        safe_serialization: bool = True,
+        save_embedding_layers: bool | None = None,
+        is_main_process: bool = True,
     ) -> None:
         """Save adapters in PEFT's format: ``default`` in ``save_directory``, any other adapter
-        in ``save_directory/<name>`` (PEFT's layout)."""
+        in ``save_directory/<name>`` (PEFT's layout). Only the main process writes."""
         from lorakit.io import save_adapter
 
+        if not safe_serialization:
+            raise ValueError(
+                "safe_serialization=False asks for a pickle file (adapter_model.bin); lorakit "
+                "writes safetensors only, which peft, vLLM and LoRAX all read. Drop the argument."
+            )
+        if not is_main_process:
+            return
         for adapter_name in selected_adapters or list(self.peft_config):
-            save_adapter(self.model, save_directory, adapter_name)
+            save_adapter(
+                self.model,
+                save_directory,
+                adapter_name,
+                save_embedding_layers=save_embedding_layers,
+            )
 
     # ------------------------------------------------------------------ adapters
     @property

@@ -84,6 +84,13 @@ class ModuleTypePlan:
     lora_parameters: int
 
 
+_DERIVED = (
+    *("dtype_bytes", "frozen_parameters", "trainable_percent", "peft_line", "adapter_file_bytes"),
+    *("full_finetune_bytes", "lora_frozen_bytes", "lora_trainable_state_bytes"),
+    *("lora_training_bytes", "inference_merged_bytes", "inference_with_adapters_bytes"),
+)
+
+
 @dataclass(frozen=True)
 class Plan:
     """Parameter counts of a model with one LoRA adapter, and the memory they imply (bytes)."""
@@ -153,19 +160,7 @@ class Plan:
             "lora_alpha": self.config.lora_alpha,
             "target_modules": self.config.target_modules,
         }
-        for name in (
-            "dtype_bytes",
-            "frozen_parameters",
-            "trainable_percent",
-            "peft_line",
-            "adapter_file_bytes",
-            "full_finetune_bytes",
-            "lora_frozen_bytes",
-            "lora_trainable_state_bytes",
-            "lora_training_bytes",
-            "inference_merged_bytes",
-            "inference_with_adapters_bytes",
-        ):
+        for name in _DERIVED:
             counts[name] = getattr(self, name)
         return counts
 
@@ -183,11 +178,14 @@ def plan(
 
     ``lora_alpha`` defaults to ``2 * r``; ``dtype`` to the config's dtype (float32 if none).
     """
-    config = LoraConfig(
-        r=r,
-        lora_alpha=2 * r if lora_alpha is None else lora_alpha,
-        target_modules=target_modules,
-    )
+    try:
+        config = LoraConfig(
+            r=r,
+            lora_alpha=2 * r if lora_alpha is None else lora_alpha,
+            target_modules=target_modules,
+        )
+    except ValueError as error:
+        raise UserError(str(error)) from None
     meta_model, dtype_name = build_meta_model(model, dtype)
     base_parameters = count_parameters(meta_model).total
     try:
@@ -209,8 +207,12 @@ def plan(
 
 
 def build_meta_model(spec: str, dtype: str | None = None) -> tuple[nn.Module, str]:
-    """The model named by ``spec`` on the meta device (no memory), and its dtype's name."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    """The model named by ``spec`` on the meta device (no memory), and its dtype's name.
+
+    The class is the config's first ``architectures`` entry (e.g. ``LlamaForCausalLM``,
+    ``BertModel``); without one, the causal-LM class of its ``model_type``, else the bare model.
+    """
+    import transformers
 
     values = _config_values(spec)
     model_type = values.pop("model_type", None)
@@ -218,28 +220,42 @@ def build_meta_model(spec: str, dtype: str | None = None) -> tuple[nn.Module, st
         raise UserError(f"model spec {spec!r}: its config has no 'model_type'; cannot build it.")
     config_dtype = values.pop("torch_dtype", None) or values.pop("dtype", None)
     try:
-        config = AutoConfig.for_model(model_type, **values)
+        config = transformers.AutoConfig.for_model(model_type, **values)
     except ValueError as error:
         raise UserError(f"model spec {spec!r}: {error}") from None
     dtype_name = _dtype_name(dtype or config_dtype or "float32")
+    architecture = (values.get("architectures") or [""])[0]
+    model_class = getattr(transformers, architecture, None) if architecture else None
     with torch.device("meta"):
-        try:
-            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype_name))
-        except ValueError:  # not a causal LM (e.g. an encoder): the bare model
-            model = AutoModel.from_config(config, dtype=getattr(torch, dtype_name))
-    return model, dtype_name
+        if model_class is not None:
+            model = model_class(config)
+        else:
+            try:
+                model = transformers.AutoModelForCausalLM.from_config(config)
+            except ValueError:  # no causal-LM class for this type (e.g. an encoder)
+                model = transformers.AutoModel.from_config(config)
+    return model.to(getattr(torch, dtype_name)), dtype_name
 
 
 def _config_values(spec: str) -> dict[str, Any]:
+    """The config.json contents for ``spec``: a built-in config, a lorakit built-in model that
+    ships as a directory (``minilm-l6``), a model directory, or a config file."""
+    from lorakit.models import BUILTIN_MODELS, resolve_model
+
     if spec.lower() in BUILTIN_CONFIGS:
         return dict(BUILTIN_CONFIGS[spec.lower()])
     path = Path(spec)
+    if spec in BUILTIN_MODELS and not BUILTIN_MODELS[spec].is_gguf:
+        path = resolve_model(spec)  # a directory inside an installed package: no conversion
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
+        names = ", ".join(
+            [*BUILTIN_CONFIGS, *(n for n in BUILTIN_MODELS if n not in BUILTIN_CONFIGS)]
+        )
         raise UserError(
-            f"unknown model spec {spec!r}: not a built-in name ({', '.join(BUILTIN_CONFIGS)}), "
-            "not a transformers model directory with a config.json, and not a config file."
+            f"unknown model spec {spec!r}: not a built-in name ({names}), not a transformers "
+            "model directory with a config.json, and not a config file."
         )
     try:
         return json.loads(path.read_text(encoding="utf-8"))

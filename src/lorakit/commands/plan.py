@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "model",
-        help="built-in name (llama-2-7b, smollm2-135m-instruct), a transformers model "
+        help="built-in name (llama-2-7b, smollm2-135m-instruct, minilm-l6), a transformers model "
         "directory with config.json, or a config.json file",
     )
     parser.add_argument("-r", "--rank", type=int, default=16, help="LoRA rank r (default 16)")

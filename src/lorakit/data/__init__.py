@@ -27,7 +27,7 @@ from lorakit.data.builtin import (
     SENTIMENT_TEMPLATE,
     load_builtin,
 )
-from lorakit.data.examples import SPLITS, Example, select_split, split_of
+from lorakit.data.examples import SPLITS, Example, check_split, select_split, split_of
 from lorakit.data.formats import read_csv, read_jsonl
 from lorakit.data.scoring import ClassificationResult, choice_token_ids, classify, score_choices
 from lorakit.data.tokenize import (
@@ -83,6 +83,7 @@ def load_examples(
     files say their own form. ``csv_options`` go to
     ``read_csv`` (``text_column``, ``label_column``, ``template``, ``instruction``, ``label_words``).
     """
+    check_split(split)
     spec_text = os.fspath(spec)
     if spec_text in BUILTIN_DATASETS:
         if csv_options:

@@ -38,8 +38,9 @@ class Example:
     - plain: ``prompt`` + ``completion`` (the model learns ``completion`` then EOS given ``prompt``);
     - chat: ``messages`` = ``({"role": ..., "content": ...}, ...)``; every assistant turn is learnt.
 
-    ``choices``/``label``: for classification, the candidate answers (plain: completions such as
-    ``" positive"``; chat: assistant contents such as ``"positive"``) and the right one's index.
+    ``choices``/``label``/``text``: for classification, the candidate answers (plain: completions
+    such as ``" positive"``; chat: assistant contents such as ``"positive"``), the right one's
+    index, and the raw text before templating (for sequence-classification models).
     ``source`` says where the example came from (``file.jsonl:12``), for error messages.
     """
 
@@ -48,6 +49,7 @@ class Example:
     messages: tuple[dict[str, str], ...] = ()
     choices: tuple[str, ...] = ()
     label: int | None = None
+    text: str = ""
     source: str = ""
 
     @property
@@ -72,6 +74,7 @@ def plain_classification_example(
         completion=choices[label],
         choices=choices,
         label=label,
+        text=text,
         source=source,
     )
 
@@ -84,7 +87,9 @@ def chat_classification_example(
         {"role": "user", "content": instruction.format(text=text)},
         {"role": "assistant", "content": label_words[label]},
     )
-    return Example(messages=messages, choices=tuple(label_words), label=label, source=source)
+    return Example(
+        messages=messages, choices=tuple(label_words), label=label, text=text, source=source
+    )
 
 
 def normalize_text(text: str) -> str:

@@ -79,7 +79,8 @@ def score_choices(
     """Next-token log-probabilities (N, C) of each example's choices (module docstring).
 
     All examples must share the same ``choices``. ``max_length`` keeps the last tokens of
-    longer prompts. The model's train/eval mode is left as it is (call ``model.eval()``).
+    longer prompts. Prompts are batched in order of length (less padding); rows of the result
+    follow ``examples``. The model's train/eval mode is left as it is (call ``model.eval()``).
     """
     if not examples:
         raise UserError("no examples to score")
@@ -90,12 +91,14 @@ def score_choices(
     arguments = _forward_arguments(model)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores = []
-    for start in range(0, len(examples), batch_size):
-        prompts = [prompt_token_ids(e, tokenizer) for e in examples[start : start + batch_size]]
-        if max_length is not None:
-            prompts = [ids[-max_length:] for ids in prompts]
-        input_ids, attention_mask = pad_left(prompts, pad_id)
+    prompts = [prompt_token_ids(example, tokenizer) for example in examples]
+    if max_length is not None:
+        prompts = [ids[-max_length:] for ids in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
+    scores = torch.empty(len(prompts), len(choices))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        input_ids, attention_mask = pad_left([prompts[i] for i in rows], pad_id)
         inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
         if "position_ids" in arguments:
             inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
@@ -103,8 +106,8 @@ def score_choices(
             inputs["logits_to_keep"] = 1
         logits = model(**inputs).logits[:, -1, :].float()  # (B, V) at each prompt's last token
         log_probs = torch.log_softmax(logits, dim=-1)
-        scores.append(log_probs[:, choice_ids.to(device)].cpu())  # (B, C)
-    return torch.cat(scores)
+        scores[rows] = log_probs[:, choice_ids.to(device)].cpu()  # (B, C)
+    return scores
 
 
 def classify(

@@ -55,6 +55,10 @@ class TokenizedData:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        """``{"input_ids": [...], "labels": [...]}`` of one sequence (a map-style dataset)."""
+        return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
+
     @property
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.input_ids]
@@ -103,8 +107,9 @@ def chat_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
         end = answer.rfind(eos) + len(eos) if eos and eos in answer else len(answer)
         pieces += [(before[len(done) :], False), (answer[:end], True), (answer[end:], False)]
         done = after
-    full = _render(tokenizer, messages, generation_prompt=False)
-    pieces.append((full[len(done) :], False))
+    if messages[-1]["role"] != "assistant":  # else the last rendering was the whole chat
+        full = _render(tokenizer, messages, generation_prompt=False)
+        pieces.append((full[len(done) :], False))
     return [(text, learnt) for text, learnt in pieces if text]
 
 

@@ -32,10 +32,13 @@ __all__ = [
     "Slot",
     "adapted_base_key",
     "adapter_slots",
+    "base_weight_key",
+    "embedding_module_names",
     "expected_shape",
     "lora_keys",
     "model_tensor",
     "module_path",
+    "parse_lora_key",
     "plain_key",
     "saved_module_alias_keys",
 ]
@@ -58,6 +61,25 @@ def adapted_base_key(module_path: str, parameter: str) -> str:
     return f"{PREFIX}{module_path}.base_layer.{parameter}"
 
 
+def base_weight_key(module_path: str, adapted: bool) -> str:
+    """File key of an embedding's full base weight (saved for a resized vocabulary)."""
+    return (
+        adapted_base_key(module_path, "weight") if adapted else plain_key(f"{module_path}.weight")
+    )
+
+
+def embedding_module_names(model: nn.Module) -> list[str]:
+    """Original names of the model's input and output embeddings (``get_input_embeddings``,
+    ``get_output_embeddings``), the modules whose base weight a resized vocabulary changes."""
+    wanted = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter, lambda: None)()
+        if module is not None:
+            wanted.append(module.base_layer if isinstance(module, LoraLayer) else module)
+    ids = {id(module) for module in wanted}
+    return [name for name, module in model_modules(model) if id(module) in ids]
+
+
 def plain_key(parameter_path: str) -> str:
     """File key of a parameter outside any LoRA layer, e.g. ``classifier.weight``."""
     return f"{PREFIX}{parameter_path}"
@@ -71,6 +93,22 @@ def saved_module_alias_keys(module_path: str, parameter: str) -> tuple[str, str]
         f"{PREFIX}{module_path}.modules_to_save.{parameter}",
         f"{PREFIX}{module_path}.original_module.{parameter}",
     )
+
+
+_LORA_SUFFIXES = {
+    ".lora_A.weight": "lora_A",
+    ".lora_B.weight": "lora_B",
+    ".lora_embedding_A": "lora_A",
+    ".lora_embedding_B": "lora_B",
+}
+
+
+def parse_lora_key(file_key: str) -> tuple[str, str] | None:
+    """``(module path, "lora_A" | "lora_B")`` for a LoRA factor's file key, else None."""
+    for suffix, role in _LORA_SUFFIXES.items():
+        if file_key.endswith(suffix):
+            return module_path(file_key.removesuffix(suffix)), role
+    return None
 
 
 def module_path(file_key: str) -> str:
@@ -124,8 +162,7 @@ def adapter_slots(
         for parameter in modules[name].state_dict():
             slots.append(Slot(plain_key(f"{name}.{parameter}"), name, "saved", parameter))
     for name in embedding_modules:
-        key = adapted_base_key(name, "weight") if name in lora_set else plain_key(f"{name}.weight")
-        slots.append(Slot(key, name, "base_weight", "weight"))
+        slots.append(Slot(base_weight_key(name, name in lora_set), name, "base_weight", "weight"))
     return slots
 
 

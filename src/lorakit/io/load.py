@@ -22,16 +22,22 @@ from lorakit.inject import _replace, _saved_module_names, inject, unload
 from lorakit.io import fingerprint
 from lorakit.io.keys import (
     Slot,
-    adapted_base_key,
     adapter_slots,
+    base_weight_key,
+    embedding_module_names,
     expected_shape,
     model_tensor,
-    plain_key,
     saved_module_alias_keys,
 )
 from lorakit.io.read import AdapterFile, adapter_directory, read_adapter
-from lorakit.io.save import _embedding_names
-from lorakit.state import active_adapters, adapter_configs, delete_adapter, lora_layers, state_of
+from lorakit.state import (
+    active_adapters,
+    adapter_configs,
+    delete_adapter,
+    lora_layers,
+    saved_modules,
+    state_of,
+)
 from lorakit.targets import find_targets, matches, model_modules
 
 __all__ = ["load_adapter"]
@@ -64,9 +70,9 @@ def load_adapter(
     adapter = read_adapter(adapter_directory(directory, adapter_name))
     config, slots = _plan(model, adapter)
     _check_tensors(model, adapter, config, slots)
-    _check_base(
-        model, adapter, [s.module for s in slots if s.role == "lora_A"], allow_base_mismatch
-    )
+    replaced = {s.module for s in slots if s.role == "base_weight"}  # the file brings these
+    checked = [s.module for s in slots if s.role == "lora_A" and s.module not in replaced]
+    _check_base(model, adapter, checked, allow_base_mismatch)
     _apply(model, adapter, config, slots, adapter_name, activate, adapter_dtype)
     return model
 
@@ -96,19 +102,15 @@ def _plan(model: nn.Module, adapter: AdapterFile) -> tuple[LoraConfig, list[Slot
             f"this {type(model).__name__}; was it trained on another architecture?"
         )
     embeddings = [
-        n for n in _embedding_names(model) if _base_weight_key(n, targets) in adapter.tensors
+        name
+        for name in embedding_module_names(model)
+        if base_weight_key(name, name in targets) in adapter.tensors
     ]
     return config, adapter_slots(model, config.bias, targets, saved_names, embeddings)
 
 
 def _has_tensors_for(adapter: AdapterFile, entry: str) -> bool:
     return any(f".{entry}." in "." + key for key in adapter.tensors)
-
-
-def _base_weight_key(module: str, targets: Sequence[str]) -> str:
-    return (
-        adapted_base_key(module, "weight") if module in targets else plain_key(f"{module}.weight")
-    )
 
 
 def _listed(keys: Sequence[str], limit: int = 6) -> str:
@@ -141,7 +143,7 @@ def _check_tensors(
             f"{_listed(unexpected)}. Is the model the adapter's base architecture?"
         )
     modules = dict(model_modules(model))
-    for slot in slots:
+    for slot in sorted(slots, key=lambda s: s.role != "base_weight"):  # vocabulary first
         tensor = adapter.tensors[slot.key]
         rank = config.rank_for(slot.module)
         shape = expected_shape(modules, slot, rank)
@@ -164,6 +166,11 @@ def _shape_message(source, slot: Slot, got: tuple, want: tuple, rank: int) -> st
                 f"in adapter_config.json) but the tensor has rank {got[rank_axis]}. The config "
                 "and the weights disagree; fix adapter_config.json or re-save the adapter."
             )
+    if slot.role == "base_weight":
+        return (
+            f"{message}: the adapter was saved with a resized vocabulary of {got[0]} tokens; "
+            f"call model.resize_token_embeddings({got[0]}) before loading it."
+        )
     return f"{message} on this model: it was trained on a base with other dimensions."
 
 
@@ -184,8 +191,7 @@ def _check_base(
     message = (
         f"adapter {adapter.directory} was trained on different base weights: module {module!r} "
         f"does not match the fingerprint saved with the adapter ({reason}). Load it onto the "
-        "base model it was trained on, or pass allow_base_mismatch=True (CLI: "
-        "--allow-base-mismatch) to load it anyway."
+        "base model it was trained on, or pass allow_base_mismatch=True to load it anyway."
     )
     if not allow_base_mismatch:
         raise BaseModelMismatchError(message)
@@ -205,29 +211,36 @@ def _apply(
 ) -> None:
     """Inject and copy; on any failure put the model back exactly as it was."""
     had_state = state_of(model) is not None
-    wrapped_before = {id(layer) for _, layer in lora_layers(model)}
-    base_backup: dict[str, torch.Tensor] = {}
+    wrapped_before = {id(m) for _, m in [*lora_layers(model), *saved_modules(model)]}
+    base_backup: list[tuple[torch.Tensor, torch.Tensor]] = []  # (base tensor, its old value)
     try:
-        inject(model, config, adapter_name, adapter_dtype=adapter_dtype, activate=activate)
+        inject(
+            model,
+            config,
+            adapter_name,
+            adapter_dtype=adapter_dtype,
+            activate=activate,
+            initialize=False,  # every adapter tensor is copied from the file below
+        )
         trainable = adapter_name in active_adapters(model)
         with torch.no_grad():
             for slot in slots:
                 target = model_tensor(model, slot, adapter_name)
                 if slot.role in ("bias", "base_weight"):
-                    base_backup[slot.key] = target.detach().clone()
+                    base_backup.append((target, target.detach().clone()))
                 target.copy_(adapter.tensors[slot.key].to(target.dtype))
                 if slot.role in ("lora_A", "lora_B", "saved"):
                     target.requires_grad_(trainable)
     except BaseException:
-        _roll_back(model, slots, adapter_name, had_state, wrapped_before, base_backup)
+        _roll_back(model, adapter_name, had_state, wrapped_before, base_backup)
         raise
 
 
-def _roll_back(model, slots, adapter_name, had_state, wrapped_before, base_backup) -> None:
+def _roll_back(model, adapter_name, had_state, wrapped_before, base_backup) -> None:
+    """Undo ``_apply``: old base values back, the adapter and any new wrapper removed."""
     with torch.no_grad():
-        for slot in slots:
-            if slot.key in base_backup:
-                model_tensor(model, slot, adapter_name).copy_(base_backup[slot.key])
+        for target, old_value in base_backup:
+            target.copy_(old_value)
     if adapter_name not in adapter_configs(model):
         return
     if not had_state:
@@ -237,3 +250,6 @@ def _roll_back(model, slots, adapter_name, had_state, wrapped_before, base_backu
     for name, layer in list(lora_layers(model)):
         if id(layer) not in wrapped_before:
             _replace(model, name, layer.base_layer)
+    for name, wrapper in list(saved_modules(model)):
+        if id(wrapper) not in wrapped_before:
+            _replace(model, name, wrapper.original_module)

@@ -5,7 +5,8 @@ Epoch ``e`` visits the examples in the order of ``torch.randperm(n)`` drawn from
 seeded with ``seed + e`` (its own generator: the global RNG, used by dropout, is not touched).
 The order is cut into global batches of ``batch_size * grad_accum * world_size`` examples (a
 shorter last one is kept); optimizer step ``t`` consumes global batch ``t mod steps_per_epoch``
-of epoch ``t // steps_per_epoch``. A global batch is split into ``grad_accum`` micro-batches per
+of epoch ``t // steps_per_epoch``. Under DDP the short last batch is dropped (``drop_last``) so
+every process always has the same number of non-empty micro-batches. A global batch is split into ``grad_accum`` micro-batches per
 process; process ``rank`` takes a contiguous slice of each micro-batch.
 """
 
@@ -33,6 +34,7 @@ class BatchPlan:
     world_size: int = 1
     seed: int = 0
     shuffle: bool = True
+    drop_last: bool = False  # drop a last global batch smaller than the others (used by DDP)
 
     @property
     def global_batch(self) -> int:
@@ -40,6 +42,8 @@ class BatchPlan:
 
     @property
     def steps_per_epoch(self) -> int:
+        if self.drop_last:
+            return self.num_examples // self.global_batch
         return math.ceil(self.num_examples / self.global_batch)
 
     def epoch_order(self, epoch: int) -> list[int]:

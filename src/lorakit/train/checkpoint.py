@@ -155,7 +155,8 @@ def load_checkpoint(
     state = json.loads((directory / STATE_FILE).read_text())
     _restore_trainable(model, load_file(directory / "trainable.safetensors"), directory)
     _restore_optimizer(optimizer, directory, state["optimizer_param_groups"])
-    scheduler.load_state_dict(state["scheduler"])
+    lambdas = [None] * len(optimizer.param_groups)  # the schedule function is rebuilt, not stored
+    scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": lambdas})
     restore_rng_state(load_file(directory / "rng.safetensors"), state["rng"])
     return Checkpoint(step=int(state["step"]), directory=directory, state=state)
 

@@ -111,8 +111,18 @@ class _Run:
         self.dist: Distributed = setup_distributed()
         self.output_dir = Path(config.output_dir)
         self.plan = BatchPlan(
-            len(train_data), config.batch_size, config.grad_accum, self.dist.world_size, config.seed
+            len(train_data),
+            config.batch_size,
+            config.grad_accum,
+            self.dist.world_size,
+            config.seed,
+            drop_last=self.dist.enabled,
         )
+        if self.plan.steps_per_epoch == 0:
+            raise UserError(
+                f"{len(train_data)} training examples are fewer than one global batch "
+                f"({self.plan.global_batch} = batch_size x grad_accum x processes)"
+            )
         self.total_steps = config.total_steps(self.plan.steps_per_epoch)
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", enabled=self.dist.is_main)
         self.last_loss: float | None = None
@@ -204,7 +214,7 @@ class _Run:
             last = index == len(batches) - 1
             sync = nullcontext() if last or not self.dist.enabled else self.ddp_model.no_sync()
             with sync:
-                micro_loss, _ = batch_loss_sum(self.ddp_model, batch)
+                micro_loss, _, _ = batch_loss_sum(self.ddp_model, batch)
                 (micro_loss * (self.dist.world_size / targets)).backward()
             loss_sum += float(micro_loss.detach())
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0

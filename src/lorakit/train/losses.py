@@ -10,6 +10,7 @@ predicted from position t - 1. Sequence classification: ``labels`` (B,) class id
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 
 import torch
@@ -30,10 +31,31 @@ def target_count(batch: Batch) -> int:
     return int((labels[:, 1:] != -100).sum())
 
 
-def _forward(model: nn.Module, batch: Batch) -> torch.Tensor:
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    inner = getattr(model, "module", model)  # DDP keeps the model as .module
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def _forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, labels)``, aligned as ``logits[:, j]`` predicts ``labels[:, j + 1]``.
+
+    For causal LMs that accept ``logits_to_keep``, logits are computed only at the K columns
+    that predict a target (plus one repeated column, so the shift still lines up); with short
+    answers (classification) this skips most of the vocabulary projection and its backward.
+    Then logits are (B, K + 1, V) and labels (B, K + 1) = [-100, labels at those columns + 1].
+    """
     inputs = {key: value for key, value in batch.items() if key != "labels"}
+    labels = batch["labels"]
+    if labels.dim() == 2 and _accepts_logits_to_keep(model):
+        predicting = (labels[:, 1:] != -100).any(dim=0).nonzero().flatten()  # (K,) columns t-1
+        if 0 < len(predicting) + 1 < labels.shape[1]:
+            columns = torch.cat([predicting, predicting[-1:]])  # (K + 1,)
+            output = model(**inputs, logits_to_keep=columns)
+            aligned = torch.full((labels.shape[0], len(columns)), -100, dtype=labels.dtype)
+            aligned[:, 1:] = labels[:, predicting + 1]
+            return output.logits, aligned
     output = model(**inputs)
-    return output.logits if hasattr(output, "logits") else output[0]
+    return (output.logits if hasattr(output, "logits") else output[0]), labels
 
 
 def logits_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -50,10 +72,12 @@ def logits_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-def batch_loss_sum(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(summed loss over targets, logits)`` for one batch."""
-    logits = _forward(model, batch)
-    return logits_loss_sum(logits, batch["labels"]), logits
+def batch_loss_sum(
+    model: nn.Module, batch: Batch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(summed loss over targets, logits, labels aligned with the logits)`` for one batch."""
+    logits, labels = _forward(model, batch)
+    return logits_loss_sum(logits, labels), logits, labels
 
 
 def exact_match_counts(logits: torch.Tensor, batch: Batch) -> dict[str, tuple[float, int]]:
@@ -86,10 +110,11 @@ def evaluate(
     metric_totals: dict[str, list[float]] = {}
     try:
         for batch in batches:
-            batch_loss, logits = batch_loss_sum(model, batch)
+            batch_loss, logits, labels = batch_loss_sum(model, batch)
             loss_sum += float(batch_loss)
             count += target_count(batch)
-            for name, (value, n) in (metric_fn(logits, batch) if metric_fn else {}).items():
+            metrics = metric_fn(logits, {**batch, "labels": labels}) if metric_fn else {}
+            for name, (value, n) in metrics.items():
                 totals = metric_totals.setdefault(name, [0.0, 0])
                 totals[0] += value
                 totals[1] += n

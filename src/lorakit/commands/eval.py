@@ -1,0 +1,76 @@
+"""``lorakit eval``: loss and accuracy of a model (+ optional adapter) on data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from lorakit.errors import UserError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="loss / accuracy of a model (+ adapter) on data",
+        description=(
+            "Mean loss per answer token on the data and, for classification data (examples with "
+            "choices, e.g. rotten-tomatoes), accuracy by comparing the choices' next-token "
+            "scores; otherwise exact-match accuracy of the answers (teacher forcing)."
+        ),
+    )
+    parser.add_argument(
+        "--model", default="smollm2-135m-instruct", help="model spec (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--adapter", help="adapter directory (PEFT format); default: the base model alone"
+    )
+    parser.add_argument(
+        "--data", required=True, help="rotten-tomatoes, chatterbot, a .jsonl or a .csv file"
+    )
+    parser.add_argument("--split", help="train/validation/test/all (built-ins default: test)")
+    parser.add_argument(
+        "--style", choices=["chat", "plain"], help="prompt form for built-ins and CSV"
+    )
+    parser.add_argument("--limit", type=int, help="only the first N examples")
+    parser.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
+    parser.add_argument("--max-length", type=int, default=256, help="(default: %(default)s)")
+    parser.set_defaults(func=run)
+
+
+def load_model_and_adapter(model_spec: str, adapter: str | None):
+    """``(model, tokenizer)`` with the adapter loaded (and active) when one is given."""
+    from lorakit.io import load_adapter
+    from lorakit.models import load_model
+
+    model, tokenizer = load_model(model_spec)
+    if adapter:
+        load_adapter(model, adapter, activate=True)
+    return model.eval(), tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1 or args.max_length < 2:
+        raise UserError("--batch-size must be >= 1 and --max-length >= 2")
+    from lorakit import data
+    from lorakit.train.cli_options import load_examples_for
+    from lorakit.train.losses import evaluate
+
+    examples = load_examples_for(args.data, args.split, args.style, "test")[: args.limit]
+    model, tokenizer = load_model_and_adapter(args.model, args.adapter)
+    tokenized = data.tokenize_examples(examples, tokenizer, args.max_length)
+    order = data.plan_batches(tokenized.lengths, args.batch_size, shuffle=False)
+    results = evaluate(model, (data.collate(tokenized, indices) for indices in order))
+    report = {"examples": len(examples), "loss": results["loss"]}
+    if all(example.choices for example in examples):
+        scored = data.classify(
+            model, tokenizer, examples, batch_size=args.batch_size, max_length=args.max_length
+        )
+        report["accuracy"] = scored.accuracy
+        report["accuracy_kind"] = "choice scoring"
+    else:
+        report["accuracy"] = results["accuracy"]
+        report["accuracy_kind"] = "exact match of the answer tokens"
+    print(json.dumps(report))
+    return 0

@@ -1,0 +1,93 @@
+"""``lorakit inspect DIRECTORY [--json]``: what an adapter is, before loading it.
+
+Reads ``adapter_config.json`` and the safetensors header only (``lorakit.io.summary``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="summarise an adapter directory (reads the file header only)",
+        description="Base model, fingerprint, target modules, ranks, alphas, scaling, dtype, "
+        "parameter count, file size and compression ratio of a PEFT-format adapter.",
+    )
+    parser.add_argument("directory", help="adapter directory (adapter_config.json + safetensors)")
+    parser.add_argument(
+        "--adapter-name",
+        default="default",
+        help="look in DIRECTORY/NAME when DIRECTORY holds several adapters (PEFT's layout)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.set_defaults(func=run)
+
+
+def _counts(counter: dict[str, int]) -> str:
+    if len(counter) == 1:
+        return next(iter(counter))
+    return ", ".join(f"{value} ({count} modules)" for value, count in counter.items())
+
+
+def _size(n_bytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024 or unit == "GiB":
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    return ""  # pragma: no cover
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary as aligned ``label: value`` lines."""
+    fingerprint = summary["fingerprint"]
+    if not fingerprint["present"]:
+        fingerprint_text = "absent (written by peft?): the base cannot be verified on load"
+    elif not fingerprint.get("readable", True):
+        fingerprint_text = "present but unreadable"
+    else:
+        fingerprint_text = (
+            f"present ({fingerprint['modules']} modules, base dtype "
+            f"{', '.join(fingerprint['base_dtypes'])})"
+        )
+    ratio = summary["compression_ratio"]
+    targets = summary["target_modules"]
+    if isinstance(targets, list) and len(targets) > 6:
+        targets_text = f"{len(targets)} names ({', '.join(targets[:2])}, ...; --json lists all)"
+    else:
+        targets_text = json.dumps(targets)
+    rows = [
+        ("adapter", summary["directory"]),
+        ("base model", summary["base_model"] or "(not recorded)"),
+        ("fingerprint", fingerprint_text),
+        ("task type", summary["task_type"] or "-"),
+        ("target modules", targets_text),
+        ("adapted", f"{summary['adapted_modules']} modules: {', '.join(summary['module_types'])}"),
+        ("rank", _counts(summary["ranks"])),
+        ("alpha", _counts(summary["alphas"])),
+        ("scaling", _counts(summary["scalings"]) + (" (rsLoRA)" if summary["use_rslora"] else "")),
+        ("bias", summary["bias"]),
+        ("modules to save", ", ".join(summary["modules_to_save"] or []) or "-"),
+        ("dtype", ", ".join(f"{k} ({v} tensors)" for k, v in summary["dtypes"].items())),
+        ("parameters", f"{summary['parameters']:,} ({summary['lora_parameters']:,} LoRA)"),
+        ("file size", _size(summary["file_bytes"])),
+        (
+            "compression",
+            "-"
+            if ratio is None
+            else f"{ratio:.1f}x ({summary['adapted_base_parameters']:,} base parameters adapted)",
+        ),
+    ]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label + ':':<{width + 1}} {value}" for label, value in rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorakit.io.summary import summarize_adapter
+
+    summary = summarize_adapter(args.directory, args.adapter_name)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0

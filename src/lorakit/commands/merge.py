@@ -1,0 +1,32 @@
+"""``lorakit merge``: fold an adapter into the base weights and save a plain transformers model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "merge",
+        help="merge an adapter into its base model and save a standard transformers directory",
+        description=(
+            "W = W0 + s B A for every adapted layer, then save_pretrained: the result loads with "
+            "transformers' AutoModel* alone, with no LoRA overhead at inference."
+        ),
+    )
+    parser.add_argument(
+        "--model", default="smollm2-135m-instruct", help="base model spec (default: %(default)s)"
+    )
+    parser.add_argument("--adapter", required=True, help="adapter directory (PEFT format)")
+    parser.add_argument("--output", required=True, help="directory for the merged model")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorakit.commands.eval import load_model_and_adapter
+    from lorakit.io import save_merged_model
+
+    model, tokenizer = load_model_and_adapter(args.model, args.adapter)
+    save_merged_model(model, args.output, tokenizer=tokenizer)
+    print(f"merged model saved to {args.output}")
+    return 0

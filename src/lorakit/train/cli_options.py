@@ -1,0 +1,105 @@
+"""Shared pieces of the ``train``/``eval``/``generate``/``merge`` commands: settings merged from
+defaults, a YAML/JSON config file and command-line flags (flags win), and model/data loading.
+
+(Kept here, not in ``lorakit.commands``, because every module there is a subcommand.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import UserError
+
+__all__ = ["TRAIN_DEFAULTS", "load_config_file", "load_examples_for", "merged_settings"]
+
+# Every ``lorakit train`` setting and its default (the config file uses these keys).
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "model": "smollm2-135m-instruct",
+    "data": None,
+    "split": None,
+    "eval_data": None,
+    "eval_split": None,
+    "style": None,
+    "output": "lorakit-run",
+    "target_modules": "all-linear",
+    "r": 16,
+    "alpha": 32.0,
+    "dropout": 0.05,
+    "lr": 2e-4,
+    "steps": None,
+    "epochs": 1.0,
+    "batch_size": 8,
+    "grad_accum": 1,
+    "max_length": 256,
+    "warmup_ratio": 0.05,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "loraplus_ratio": None,
+    "eval_every": 0,
+    "checkpoint_every": 0,
+    "keep_checkpoints": 2,
+    "resume": False,
+    "seed": 0,
+    "gradient_checkpointing": False,
+    "no_progress": False,
+}
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Settings from a ``.yaml``/``.yml``/``.json`` file (keys as in ``TRAIN_DEFAULTS``; dashes
+    are accepted for underscores)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            loaded = json.loads(text)
+        else:
+            import yaml
+
+            loaded = yaml.safe_load(text)
+    except (ValueError, Exception) as error:  # yaml.YAMLError and json.JSONDecodeError
+        raise UserError(f"config file {path} cannot be parsed: {error}".splitlines()[0]) from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"config file {path} must hold a mapping of setting: value")
+    settings = {str(key).replace("-", "_"): value for key, value in loaded.items()}
+    unknown = sorted(set(settings) - set(TRAIN_DEFAULTS))
+    if unknown:
+        raise UserError(
+            f"config file {path}: unknown setting(s) {unknown}; known: {', '.join(TRAIN_DEFAULTS)}"
+        )
+    return settings
+
+
+def merged_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Defaults, then the config file (``--config``), then every flag given on the command line
+    (flags default to None, so only the ones given override)."""
+    settings = dict(TRAIN_DEFAULTS)
+    if getattr(args, "config", None):
+        settings.update(load_config_file(args.config))
+    for key in TRAIN_DEFAULTS:
+        value = getattr(args, key, None)
+        if value is not None:
+            settings[key] = value
+    if not settings["data"]:
+        raise UserError("no training data: give --data SPEC (or 'data:' in the config file)")
+    if isinstance(settings["target_modules"], str) and settings["target_modules"] != "all-linear":
+        settings["target_modules"] = [m.strip() for m in settings["target_modules"].split(",")]
+    return settings
+
+
+def load_examples_for(spec: str, split: str | None, style: str | None, default_split: str):
+    """Examples of ``spec``: built-in datasets default to ``default_split``, files to all rows."""
+    from lorakit import data
+
+    if split is None and spec in data.BUILTIN_DATASETS:
+        split = default_split
+    examples = data.load_examples(spec, split, style=style)
+    if not examples:
+        raise UserError(f"data '{spec}' (split {split or 'all'}) holds no examples")
+    return examples

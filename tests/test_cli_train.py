@@ -1,0 +1,186 @@
+"""``lorakit train / eval / generate / merge`` on a tiny random Llama saved to a tmp directory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from lorakit import cli, data
+from lorakit.io import load_adapter
+from tests import tiny_tokenizer
+
+WORDS = ["good", "great", "fine", "dull", "bad", "poor", "warm", "cold", "fun", "slow"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama + ChatML tokenizer saved as a plain transformers directory."""
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = tiny_tokenizer.build()
+    tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def jsonl(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "reviews.jsonl"
+    lines = []
+    for i in range(24):
+        word = WORDS[i % len(WORDS)]
+        answer = "positive" if i % len(WORDS) in (0, 1, 2, 6, 8) else "negative"
+        lines.append(
+            json.dumps({"prompt": f"Review: {word} film\nSentiment:", "completion": f" {answer}"})
+        )
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _main(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, model_dir, jsonl):
+    output = tmp_path_factory.mktemp("run")
+    code = cli.main(["train", "--model", str(model_dir), "--data", str(jsonl), "--output",
+                     str(output), "--steps", "4", "--batch-size", "4", "--lr", "1e-2",
+                     "--r", "4", "--alpha", "8", "--target-modules", "q_proj,v_proj",
+                     "--no-progress"])  # fmt: skip
+    assert code == 0
+    return output
+
+
+def test_train_writes_adapter_metrics_and_curve(trained):
+    assert (trained / "adapter" / "adapter_model.safetensors").exists()
+    config = json.loads((trained / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").open()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert (trained / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_config_file_with_flag_override(tmp_path, capsys, model_dir, jsonl):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {model_dir}\ndata: {jsonl}\nsteps: 5\nlr: 0.003\nr: 2\n"
+        "target-modules: [q_proj]\nbatch_size: 4\nno_progress: true\n"
+    )
+    code, out, _ = _main(
+        capsys, "train", "--config", config, "--steps", "2", "--output", tmp_path / "o"
+    )
+    assert code == 0
+    settings = json.loads((tmp_path / "o" / "train_settings.json").read_text())
+    assert settings["steps"] == 2 and settings["lr"] == 0.003 and settings["r"] == 2
+    records = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").open()]
+    assert len([r for r in records if "loss" in r]) == 2
+    assert json.loads(out.splitlines()[0])["steps"] == 2
+
+
+def test_eval_loss_matches_the_model_with_the_adapter(capsys, model_dir, jsonl, trained):
+    code, out, _ = _main(capsys, "eval", "--model", model_dir, "--adapter", trained / "adapter",
+                         "--data", jsonl, "--batch-size", "64")  # fmt: skip
+    assert code == 0
+    report = json.loads(out)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    load_adapter(model, trained / "adapter")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenized = data.tokenize_examples(data.load_examples(jsonl), tokenizer, 256)
+    with torch.no_grad():
+        expected = model.eval()(**data.collate(tokenized, range(len(tokenized)))).loss  # HF's mean
+    assert report["examples"] == 24
+    assert report["loss"] == pytest.approx(float(expected), abs=1e-5)
+    assert 0.0 <= report["accuracy"] <= 1.0
+
+
+def test_merge_writes_a_plain_model_with_the_adapters_outputs(tmp_path, capsys, model_dir, trained):
+    code, _, _ = _main(capsys, "merge", "--model", model_dir, "--adapter", trained / "adapter",
+                       "--output", tmp_path / "merged")  # fmt: skip
+    assert code == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    adapted = load_adapter(
+        AutoModelForCausalLM.from_pretrained(model_dir), trained / "adapter"
+    ).eval()
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=1e-5)
+    assert not any("lora" in name for name in merged.state_dict())
+    # generation through the CLI (adapter) equals greedy generation of the merged plain model
+    code, out, _ = _main(capsys, "generate", "Is this movie review positive?", "--model", model_dir,
+                         "--adapter", trained / "adapter", "--max-new-tokens", "6")  # fmt: skip
+    assert code == 0
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Is this movie review positive?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    greedy = merged.generate(**encoded, max_new_tokens=6, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    expected = tokenizer.decode(
+        greedy[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+    assert out.rstrip("\n") == expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--model", "x"], "no training data"),
+        (["train", "--data", "nope.txt", "--steps", "1"], "unknown data"),
+        (["train", "--data", "rotten-tomatoes", "--steps", "0"], "max_steps"),
+        (["train", "--data", "d.jsonl", "--r", "abc"], "invalid int value"),
+        (["demo", "--steps", "0"], "--steps must be >= 1"),
+        (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["merge", "--adapter", "a"], "required"),
+    ],
+)
+def test_wrong_arguments_give_one_line(capsys, argv, message):
+    code, _, err = _main(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_config_file_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: x.jsonl\nlearning_rate: 1\n")
+    code, _, err = _main(capsys, "train", "--config", bad)
+    assert code == 2 and "unknown setting(s) ['learning_rate']" in err and err.count("\n") == 1
+    code, _, err = _main(capsys, "train", "--config", tmp_path / "missing.yaml")
+    assert code == 2 and "does not exist" in err
+
+
+def test_help_of_every_command_lists_its_options(capsys):
+    for command, options in {
+        "train": ["--config", "--model", "--data", "--target-modules", "--r", "--alpha",
+                  "--dropout", "--lr", "--steps", "--epochs", "--batch-size", "--grad-accum",
+                  "--max-length", "--output", "--eval-every", "--checkpoint-every", "--resume",
+                  "--loraplus-ratio", "--seed", "--gradient-checkpointing"],
+        "eval": ["--model", "--adapter", "--data", "--split"],
+        "generate": ["--model", "--adapter", "--max-new-tokens", "--raw"],
+        "merge": ["--model", "--adapter", "--output"],
+        "demo": ["--output", "--steps", "--eval-size"],
+    }.items():  # fmt: skip
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        out = capsys.readouterr().out
+        for option in options:
+            assert option in out, (command, option)

@@ -1,0 +1,76 @@
+"""``torch.compile`` of lorakit layers and of a tiny model with adapters: forward and backward,
+no graph break inside a LoRA layer, same values as eager (the plain path, which the compiler
+fuses itself; the eager fast path is skipped while tracing)."""
+
+from __future__ import annotations
+
+import torch
+import torch._dynamo
+from torch import nn
+
+import lorakit
+from tests import tiny_models
+
+
+def _lora_linear(dropout: float = 0.0) -> nn.Module:
+    model = nn.Sequential(nn.Linear(16, 12))
+    config = lorakit.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["0"], lora_dropout=dropout, init_lora_weights=False
+    )
+    lorakit.inject(model, config)
+    tiny_models.randomize_adapters(model, std=0.3)
+    return model[0]
+
+
+def test_single_layer_has_no_graph_break_in_training_and_eval():
+    layer = _lora_linear(dropout=0.1)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    for training in (True, False):
+        layer.train(training)
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(layer)(x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert explanation.graph_count == 1
+
+
+def test_single_layer_fullgraph_forward_and_backward_match_eager():
+    layer = _lora_linear().train()
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor")
+    params = [x, *layer.adapter_parameters("default")]
+    out = compiled(x)
+    eager = layer(x)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(out)
+    for got, want in zip(
+        torch.autograd.grad(out, params, grad),
+        torch.autograd.grad(eager, params, grad),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_tiny_model_compiles_forward_and_backward():
+    model = tiny_models.llama()
+    config = lorakit.LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False
+    )
+    lorakit.inject(model, config)
+    tiny_models.randomize_adapters(model, std=0.3)
+    model.train()
+    ids = tiny_models.input_ids(batch=2, length=8)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    eager_loss = model(ids, labels=ids).loss
+    eager = torch.autograd.grad(eager_loss, trainable)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    loss = compiled(ids, labels=ids).loss
+    grads = torch.autograd.grad(loss, trainable)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    layer = model.model.layers[0].self_attn.q_proj
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(layer)(torch.randn(2, 8, 64, requires_grad=True))
+    assert explanation.graph_break_count == 0, explanation.break_reasons

@@ -1,0 +1,57 @@
+"""Each benchmark runs once in ``--quick`` mode (tiny model) and writes its JSON. Values checked
+are deterministic ones (bytes saved for backward, merge errors, logit agreement), never timings."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(monkeypatch, tmp_path: Path, module_name: str, *extra: str) -> dict:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = __import__(module_name)
+    out = tmp_path / f"{module_name}.json"
+    argv = [module_name, "--quick", "--repeats", "1", "--threads", "1", "--out", str(out), *extra]
+    monkeypatch.setattr(sys, "argv", argv)
+    module.main()
+    payload = json.loads(out.read_text())
+    assert payload["versions"]["torch"] and payload["versions"]["peft"]
+    return payload
+
+
+def test_training_benchmark(monkeypatch, tmp_path):
+    payload = _run(monkeypatch, tmp_path, "bench_training")
+    (result,) = payload["results"]
+    assert result["dropout"] == 0.05
+    assert set(result["times_s"]) == {"lorakit", "peft", "lorakit-plain", "frozen"}
+    saved = result["saved_bytes"]
+    assert saved["lorakit"] < 0.75 * saved["peft"]  # no dropout copies, x kept once
+    assert saved["lorakit"] < saved["lorakit-plain"]
+
+
+def test_inference_benchmark(monkeypatch, tmp_path):
+    payload = _run(monkeypatch, tmp_path, "bench_inference")
+    for result in payload["results"].values():
+        change = result["max_abs_logit_change"]
+        assert change["base"] == 0.0 and change["lorakit"] > 1e-3  # adapters do something
+        for name in ("peft", "lorakit-merged", "peft-merged"):
+            assert change[name] == pytest.approx(change["lorakit"], rel=1e-4)
+
+
+def test_merge_benchmark(monkeypatch, tmp_path):
+    payload = _run(monkeypatch, tmp_path, "bench_merge")
+    for errors in payload["max_abs_error"].values():
+        assert errors["lorakit"] == {"1": 0.0, "100": 0.0}
+    assert payload["max_abs_error"]["bf16"]["peft"]["100"] > 0.0
+
+
+def test_loading_benchmark(monkeypatch, tmp_path):
+    payload = _run(monkeypatch, tmp_path, "bench_loading")
+    assert set(payload["times_s"]) == {"1st", "5th"}
+    for times in payload["times_s"].values():
+        assert all(len(values) == 1 and values[0] > 0 for values in times.values())

@@ -1,0 +1,106 @@
+"""Atomic saves: a saving process killed (SIGKILL) at random moments never leaves a broken or
+half-written adapter; what is in the directory always loads, consistently (config and tensors
+of one save)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import lorakit
+from lorakit.io import atomic, load_adapter, save_adapter
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+TARGETS = ["0", "1", "2", "3"]
+
+# Saves forever, alternating versions v = 1, 2: every LoRA tensor filled with v, lora_alpha 8 * v.
+_SAVER = """
+import sys
+sys.path.insert(0, sys.argv[2])
+import torch
+import lorakit
+from lorakit.io import save_adapter
+torch.manual_seed(0)  # the same base weights as _toy_model()
+model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+lorakit.inject(model, lorakit.LoraConfig(r=32, lora_alpha=8, target_modules=["0", "1", "2", "3"]))
+print("ready", flush=True)
+state = lorakit.adapter_configs(model)
+for i in range(10**9):
+    version = 1 + i % 2
+    state["default"] = state["default"].replace(lora_alpha=8 * version)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.fill_(float(version))
+    save_adapter(model, sys.argv[1])
+"""
+
+
+def _toy_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
+
+
+def _loaded_version(directory: Path) -> float:
+    """Load the adapter; check that all tensors and lora_alpha belong to the same save."""
+    model = _toy_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_adapter(model, directory)
+    values = {
+        float(p.unique().item())
+        for _, layer in lorakit.state.lora_layers(model)
+        for p in layer.adapter_parameters("default")
+    }
+    assert len(values) == 1, values
+    (version,) = values
+    assert lorakit.adapter_configs(model)["default"].lora_alpha == 8 * version
+    return version
+
+
+def test_killed_saver_never_leaves_a_broken_adapter(tmp_path) -> None:
+    previous = lorakit.inject(
+        _toy_model(), lorakit.LoraConfig(r=32, lora_alpha=4, target_modules=TARGETS)
+    )
+    with torch.no_grad():
+        for _, layer in lorakit.state.lora_layers(previous):
+            for parameter in layer.adapter_parameters("default"):
+                parameter.fill_(0.5)
+    save_adapter(previous, tmp_path)
+    assert _loaded_version(tmp_path) == 0.5
+    rng = random.Random(1234)
+    seen = set()
+    for _trial in range(3):
+        saver = subprocess.Popen(
+            [sys.executable, "-c", _SAVER, str(tmp_path), SRC],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert saver.stdout.readline().strip() == b"ready"
+            time.sleep(rng.uniform(0.0, 0.5))
+        finally:
+            os.kill(saver.pid, signal.SIGKILL)
+            saver.wait(timeout=30)
+        seen.add(_loaded_version(tmp_path))
+    assert seen <= {0.5, 1.0, 2.0}
+    assert seen & {1.0, 2.0}  # the saver did overwrite the adapter at least once
+
+
+def test_write_bytes_replaces_atomically_and_cleans_stale_temporaries(tmp_path) -> None:
+    target = tmp_path / "file.bin"
+    stale = tmp_path / ".file.bin.abc123.tmp"
+    stale.write_bytes(b"left by a killed writer")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    atomic.write_bytes(target, b"one")
+    atomic.write_text(target, "two")
+    assert target.read_text() == "two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]

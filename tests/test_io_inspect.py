@@ -1,0 +1,111 @@
+"""``lorakit inspect``: the numbers come from the header alone and match the model's."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import peft
+import pytest
+import safetensors
+import safetensors.torch
+
+import lorakit
+from lorakit.cli import main
+from lorakit.io import save_adapter
+from lorakit.io.summary import summarize_adapter
+from tests import tiny_models
+
+
+@pytest.fixture
+def llama_adapter(tmp_path):
+    config = lorakit.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules="all-linear",
+        rank_pattern={"q_proj": 2},
+        alpha_pattern={"v_proj": 3},
+        use_rslora=True,
+    )
+    model = lorakit.inject(tiny_models.llama(), config)
+    tiny_models.randomize_adapters(model)
+    save_adapter(model, tmp_path / "adapter")
+    return model, tmp_path / "adapter"
+
+
+def _forbid_tensor_reads(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("inspect must not read tensors")
+
+    monkeypatch.setattr(safetensors.torch, "load", refuse)
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    monkeypatch.setattr(safetensors, "safe_open", refuse)
+
+
+def test_json_summary_matches_the_model(llama_adapter, monkeypatch, capsys) -> None:
+    model, directory = llama_adapter
+    _forbid_tensor_reads(monkeypatch)
+    assert main(["inspect", str(directory), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+
+    layers = list(lorakit.state.lora_layers(model))
+    base = sum(layer.out_features * layer.in_features for _, layer in layers)  # sum d*k
+    lora = sum(
+        layer.ranks["default"] * (layer.out_features + layer.in_features) for _, layer in layers
+    )
+    assert summary["adapted_modules"] == 14
+    assert summary["ranks"] == {"2": 2, "4": 12}
+    assert summary["alphas"] == {"3": 2, "8": 12}
+    # rsLoRA: alpha / sqrt(r): q_proj 8/sqrt(2), v_proj 3/2, others 8/2
+    assert summary["scalings"] == {"1.5": 2, "4": 10, f"{round(8 / 2**0.5, 6):g}": 2}
+    assert summary["lora_parameters"] == lora == lorakit.count_parameters(model).trainable
+    assert summary["parameters"] == lora and summary["other_parameters"] == 0
+    assert summary["adapted_base_parameters"] == base
+    assert summary["compression_ratio"] == pytest.approx(base / lora, rel=1e-12)
+    assert summary["file_bytes"] == (directory / "adapter_model.safetensors").stat().st_size
+    assert summary["dtypes"] == {"F32": 28}
+    assert summary["fingerprint"] == {
+        "present": True,
+        "readable": True,
+        "modules": 14,
+        "base_dtypes": ["float32"],
+    }
+    assert summary["use_rslora"] is True and summary["task_type"] is None
+
+
+def test_text_output_names_the_essentials(llama_adapter, capsys) -> None:
+    _, directory = llama_adapter
+    assert main(["inspect", str(directory)]) == 0
+    text = capsys.readouterr().out
+    for expected in (
+        "fingerprint:     present (14 modules",
+        "rank:            2 (2 modules), 4 (12 modules)",
+        "(rsLoRA)",
+        "F32 (28 tensors)",
+        "compression:",
+    ):
+        assert expected in text, text
+
+
+def test_peft_adapter_without_fingerprint_and_with_saved_head(tmp_path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(
+            tiny_models.bert(),
+            peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query"], task_type="SEQ_CLS"),
+        )
+        theirs.save_pretrained(tmp_path)
+    summary = summarize_adapter(tmp_path)
+    assert summary["fingerprint"] == {"present": False}
+    assert summary["ranks"] == {"8": 2} and summary["scalings"] == {"2": 2}
+    assert summary["lora_parameters"] == 2 * 8 * (64 + 64)
+    assert summary["other_parameters"] == 2 * 64 + 2  # classifier weight and bias, in full
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path, capsys) -> None:
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8}')
+    (tmp_path / "adapter_model.bin").write_bytes(b"not opened")
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "never unpickles" in capsys.readouterr().err

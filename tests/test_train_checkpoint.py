@@ -1,0 +1,114 @@
+"""Checkpoints: contents, atomic layout, pruning, and exact resume after SIGKILL (dropout on)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.errors import UserError
+from lorakit.train import TrainingConfig, latest_checkpoint, pad_collate, train
+from lorakit.train.checkpoint import load_checkpoint
+from lorakit.train.optim import build_optimizer
+from lorakit.train.schedule import build_scheduler
+from tests.train_job import build_model, make_data
+from tests.train_job import run as run_job
+
+JOB = Path(__file__).with_name("train_job.py")
+
+
+def _trainable(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def test_checkpoint_holds_adapter_optimizer_scheduler_rng_and_position(tmp_path):
+    model = run_job([str(tmp_path), "--steps", "6", "--checkpoint-every", "2"])
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["step-00000004", "step-00000006"]  # keep_checkpoints=2, no temp dirs left
+    newest = latest_checkpoint(tmp_path)
+    assert newest == tmp_path / "checkpoints" / "step-00000006"
+    state = json.loads((newest / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["examples_seen"] == 24
+    assert state["epoch"] == 0 and state["batch_in_epoch"] == 6  # 48 examples / 4 per step
+    assert state["scheduler"]["last_epoch"] == 6
+    # the PEFT adapter and the resume tensors hold the final weights
+    adapter = load_file(newest / "adapter" / "adapter_model.safetensors")
+    final = _trainable(model)
+    q_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert torch.equal(adapter[q_a], final["model.layers.0.self_attn.q_proj.lora_A.default.weight"])
+    assert load_file(newest / "trainable.safetensors").keys() == final.keys()
+    moments = load_file(newest / "optimizer.safetensors")
+    assert len([k for k in moments if k.endswith(".exp_avg")]) == len(final)
+
+
+def test_load_checkpoint_restores_optimizer_state_exactly(tmp_path):
+    trained = run_job([str(tmp_path), "--steps", "3", "--checkpoint-every", "3"])
+    fresh = build_model(0.1)
+    optimizer = build_optimizer(fresh, lr=5e-3)
+    scheduler = build_scheduler(optimizer, total_steps=3, warmup_steps=2)
+    checkpoint = load_checkpoint(latest_checkpoint(tmp_path), fresh, optimizer, scheduler)
+    assert checkpoint.step == 3 and scheduler.last_epoch == 3
+    for name, tensor in _trainable(trained).items():
+        assert torch.equal(dict(fresh.named_parameters())[name], tensor)
+    first = optimizer.state[optimizer.param_groups[0]["params"][0]]
+    assert float(first["step"]) == 3.0 and first["exp_avg"].abs().sum() > 0
+
+
+def test_resume_refuses_a_model_with_other_adapter_shapes(tmp_path):
+    run_job([str(tmp_path), "--steps", "2", "--checkpoint-every", "2"])
+    import lorakit
+    from tests import tiny_models
+
+    other = lorakit.inject(
+        tiny_models.llama(),
+        lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"]),
+    )
+    config = TrainingConfig(output_dir=str(tmp_path), max_steps=4, batch_size=4, progress=False)
+    with pytest.raises(UserError, match="shape"):
+        train(other, make_data(), pad_collate(0), config, resume=True)
+
+
+def _start_job(output_dir: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, str(JOB), str(output_dir), "--steps", "12", *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
+    """Kill the job (dropout 0.1) with SIGKILL right after its step-4 checkpoint, resume it, and
+    compare with a run that was never interrupted: identical final adapter (<= 1e-6)."""
+    killed_dir = tmp_path / "killed"
+    job = _start_job(killed_dir, "--slow", "0.25")
+    checkpoint = killed_dir / "checkpoints" / "step-00000004"
+    deadline = time.monotonic() + 60
+    while not checkpoint.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(job.pid, signal.SIGKILL)
+    job.wait()
+    assert job.returncode == -signal.SIGKILL
+    assert checkpoint.exists() and not (killed_dir / "adapter").exists()  # really interrupted
+    resumed = subprocess.run(
+        [sys.executable, str(JOB), str(killed_dir), "--steps", "12", "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    uninterrupted = run_job([str(tmp_path / "straight"), "--steps", "12"])
+    resumed_adapter = load_file(killed_dir / "adapter" / "adapter_model.safetensors")
+    straight_adapter = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    assert resumed_adapter.keys() == straight_adapter.keys()
+    for key, tensor in straight_adapter.items():
+        torch.testing.assert_close(resumed_adapter[key], tensor, atol=1e-6, rtol=0)
+    steps = [
+        r["step"] for r in map(json.loads, (killed_dir / "metrics.jsonl").open()) if "loss" in r
+    ]
+    assert steps == list(range(1, 13))  # no duplicated or missing records after resume
+    assert _trainable(uninterrupted)  # the in-process run really trained an adapter
