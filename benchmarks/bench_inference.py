@@ -65,6 +65,7 @@ def run_shape(models, plain, shape, vocab, repeats):
 def main() -> None:
     args = common.parser(__doc__.splitlines()[0], "inference").parse_args()
     torch.set_num_threads(args.threads)
+    clock = common.set_clock(args.clock, args.threads)
     config = common.smollm2_config(args.layers, args.quick)
     models, plain = contenders(common.base_model(config))
     results = {}
@@ -79,7 +80,7 @@ def main() -> None:
                        ("lorakit", "peft", "lorakit-plain", "lorakit-merged", "peft-merged"))))  # fmt: skip
     print(common.table(rows, ("shape", "base ms", "lorakit/base", "peft/base", "plain/base",
                               "lorakit merged/base", "peft merged/base")))  # fmt: skip
-    common.write_json(args.out, {"workload": "inference", "threads": args.threads,
+    common.write_json(args.out, {"workload": "inference", "threads": args.threads, "clock": clock,
                                  "layers": args.layers, "quick": args.quick,
                                  "versions": common.versions(), "results": results})  # fmt: skip
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import tempfile
-import time
 from pathlib import Path
 
 import common
@@ -32,9 +31,9 @@ def timed_rounds(contenders: dict, repeats: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for round_index in range(repeats + 1):
         for name, (load, remove) in contenders.items():
-            start = time.perf_counter()
+            start = common.now()
             load()
-            elapsed = time.perf_counter() - start
+            elapsed = common.now() - start
             remove()
             if round_index:
                 times[name].append(elapsed)
@@ -92,6 +91,7 @@ def nth_adapter(base, directory: Path, count: int, repeats: int):
 def main() -> None:
     args = common.parser(__doc__.splitlines()[0], "loading").parse_args()
     torch.set_num_threads(args.threads)
+    clock = common.set_clock(args.clock, args.threads)
     base = common.base_model(common.smollm2_config(args.layers, args.quick))
     count = 5 if args.quick else 100
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,7 +110,7 @@ def main() -> None:
         f"lorakit {count}th / 1st: {nth['lorakit'] / first['lorakit']:.3f}; "
         f"peft: {nth['peft'] / first['peft']:.3f}"
     )
-    common.write_json(args.out, {"workload": "adapter loading", "threads": args.threads,
+    common.write_json(args.out, {"workload": "adapter loading", "threads": args.threads, "clock": clock,
                                  "layers": args.layers, "quick": args.quick, "adapters": count,
                                  "versions": common.versions(), "times_s": results})  # fmt: skip
 

@@ -10,8 +10,11 @@ Contenders, alternated in one process, medians of the repeats:
     mixed     lorakit serving: AdapterBank + batched op (lorakit.serve.routed)
     peft      peft, the same adapters, ``adapter_names=`` per row
 
-SmolLM2-135M shapes (its LlamaConfig; ``--layers`` of its 30), random weights, logits of the last
-position only. Usage: ``python benchmarks/bench_mixed_adapters.py [--quick] [--out FILE]``.
+SmolLM2-135M shapes (its LlamaConfig; ``--layers`` of its 30), random weights; the model level
+times the decoder stack (no LM head); the layer level times one (d x k) layer with a per-token
+choice (so prefill can hold 32 or 128 distinct adapters). Medians of seconds per call.
+
+Usage: ``PYTHONPATH=src python benchmarks/bench_mixed_adapters.py [--quick] [--out FILE]``.
 """
 
 from __future__ import annotations
@@ -112,45 +115,50 @@ def build_peft(base, adapters, args, targets=None):
     return model.eval()
 
 
-def timed(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def timed(fn, inner: int) -> float:
+    """Seconds per call, over ``inner`` back-to-back calls (so one sample lasts >= ~50 ms and a
+    scheduler preemption on a shared machine is averaged out)."""
+    start = time.perf_counter()
+    for _ in range(inner):
         fn()
-        times.append(time.perf_counter() - start)
-    return times
+    return (time.perf_counter() - start) / inner
 
 
 def contenders(single, served, bank, peft_model, ids, picks):
+    """The decoder stack only (``model.model``): the LM head, which no adapter touches, would
+    otherwise dominate decode at few layers. PEFT's per-row routing is entered through the same
+    context manager its own ``forward(adapter_names=...)`` uses."""
     slots = torch.tensor([bank.slot_of(f"a{p}") for p in picks])[:, None].expand(ids.shape)
     names = [f"a{p}" for p in picks]
+    peft_stack = peft_model.base_model.model.model
 
     def run_base():
         with lorakit.disabled(single):
-            single(ids, logits_to_keep=1)
+            single.model(ids)
 
     def run_single():
-        single(ids, logits_to_keep=1)
+        single.model(ids)
 
     def run_mixed():
         with routed(bank, slots):
-            served(ids, logits_to_keep=1)
+            served.model(ids)
 
     def run_peft():
-        peft_model(input_ids=ids, adapter_names=names, logits_to_keep=1)
+        with peft_model.base_model._enable_peft_forward_hooks(adapter_names=names):
+            peft_stack(input_ids=ids)
 
     return {"base": run_base, "single": run_single, "mixed": run_mixed, "peft": run_peft}
 
 
-def measure(runs: dict, repeats: int) -> dict[str, list[float]]:
-    """Alternate the contenders (A B C D, A B C D, ...) after one warm-up each."""
+def measure(runs: dict, repeats: int, sample_seconds: float = 0.05) -> dict[str, list[float]]:
+    """Alternate the contenders (A B C D, A B C D, ...) after a warm-up; seconds per call."""
     raw = {name: [] for name in runs}
     with torch.no_grad():
-        for run in runs.values():
-            run()
+        fastest = min(timed(run, 1) for run in runs.values() for _ in range(2))
+        inner = min(200, max(1, int(sample_seconds / fastest)))
         for _ in range(repeats):
             for name, run in runs.items():
-                raw[name] += timed(run, 1)
+                raw[name].append(timed(run, inner))
     return raw
 
 
@@ -194,7 +202,15 @@ def layer_level(args) -> list[dict]:
         runs = {"base": lambda x=x: base(x), "single": lambda x=x: single(x), "mixed": run_mixed,
                 "peft": lambda x=x, names=names: peft_layer(x, adapter_names=names)}  # fmt: skip
         rows.append(
-            summarise("layer", phase, shape, pool, kind, picks, measure(runs, args.repeats))
+            summarise(
+                "layer",
+                phase,
+                shape,
+                pool,
+                kind,
+                picks,
+                measure(runs, args.repeats, args.sample_seconds),
+            )
         )
     return rows
 
@@ -213,6 +229,8 @@ def summarise(level, phase, shape, pool, kind, picks, raw) -> dict:
 
 def cases(args):
     for phase, shape in (("prefill", (8, 64)), ("decode", (32, 1))):
+        if phase not in args.phases:
+            continue
         yield phase, shape, 1, "identical"
         for pool in args.pools[1:]:
             for kind in ("uniform", "distinct", "zipf"):
@@ -227,7 +245,11 @@ def model_level(args) -> list[dict]:
     for phase, shape, pool, kind in cases(args):
         ids = torch.randint(0, base.config.vocab_size, shape, generator=generator)
         picks = choose(kind, shape[0], pool, generator)
-        raw = measure(contenders(single, served, bank, peft_model, ids, picks), args.repeats)
+        raw = measure(
+            contenders(single, served, bank, peft_model, ids, picks),
+            args.repeats,
+            args.sample_seconds,
+        )
         rows.append(summarise("model", phase, shape, pool, kind, picks, raw))
     return rows
 
@@ -239,21 +261,27 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--targets", default=",".join(ALL_LINEAR))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: steady on a shared machine)"
+    )
     parser.add_argument(
         "--levels", default="layer,model", help="layer (one d x k layer), model, or both"
     )
     parser.add_argument(
         "--layer-shape", default="1536x576", help="d x k of the layer-level layer (up_proj)"
     )
+    parser.add_argument("--phases", default="prefill,decode")
+    parser.add_argument("--sample-seconds", type=float, default=0.05, help="length of one sample")
     parser.add_argument("--out", default="benchmarks/results/mixed_adapters.json")
     args = parser.parse_args(argv)
     args.targets = args.targets.split(",")
     args.levels = args.levels.split(",")
+    args.phases = args.phases.split(",")
     args.layer_shape = tuple(int(n) for n in args.layer_shape.split("x"))
     args.pools = [1, 8, 32, 128]
     if args.quick:
         args.layers, args.repeats, args.pools, args.layer_shape = 1, 1, [1, 4], (96, 64)
+        args.sample_seconds = 0.0
     torch.set_num_threads(args.threads)
     rows = layer_level(args) if "layer" in args.levels else []
     if "model" in args.levels:

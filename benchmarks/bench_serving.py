@@ -150,7 +150,9 @@ def main(argv=None) -> int:
     parser.add_argument("--zipf", type=float, default=1.0)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: steady on a shared machine)"
+    )
     parser.add_argument("--out", default="benchmarks/results/serving.json")
     args = parser.parse_args(argv)
     args.targets = args.targets.split(",")

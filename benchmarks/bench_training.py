@@ -164,6 +164,7 @@ def main() -> None:
     parse.add_argument("--memory-only", action="store_true", help="skip the timed rounds")
     args = parse.parse_args()
     torch.set_num_threads(args.threads)
+    clock = common.set_clock(args.clock, args.threads)
     settings = SETTINGS[:1] if args.quick else SETTINGS
     if args.setting is not None:
         settings = [SETTINGS[index] for index in args.setting]
@@ -172,7 +173,7 @@ def main() -> None:
         results.append(run_setting(args, *setting))
         print(f"done {results[-1]['setting']} in {results[-1]['seconds']:.0f} s", flush=True)
     print(report(results))
-    common.write_json(args.out, {"workload": "training step", "threads": args.threads,
+    common.write_json(args.out, {"workload": "training step", "threads": args.threads, "clock": clock,
                                  "layers": args.layers, "quick": args.quick,
                                  "versions": common.versions(), "results": results})  # fmt: skip
 

@@ -30,7 +30,30 @@ def parser(description: str, name: str) -> argparse.ArgumentParser:
     parse.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
     parse.add_argument("--layers", type=int, default=8, help="decoder layers (real: 30)")
     parse.add_argument("--out", type=Path, default=RESULTS / f"{name}.json")
+    parse.add_argument(
+        "--clock",
+        choices=("auto", "cpu", "wall"),
+        default="auto",
+        help="cpu: this process's CPU time (robust on a shared machine with --threads 1); "
+        "auto: cpu with one thread, wall otherwise",
+    )
     return parse
+
+
+def set_clock(clock: str, threads: int) -> str:
+    """Choose the timer for ``alternate``; returns the clock used (recorded in the JSON)."""
+    global _timer
+    chosen = ("cpu" if threads == 1 else "wall") if clock == "auto" else clock
+    _timer = time.process_time if chosen == "cpu" else time.perf_counter
+    return chosen
+
+
+_timer = time.perf_counter
+
+
+def now() -> float:
+    """The current reading of the chosen clock (seconds)."""
+    return _timer()
 
 
 def smollm2_config(layers: int, quick: bool):
@@ -67,9 +90,9 @@ def alternate(contenders: dict[str, Callable[[], object]], repeats: int, warmup:
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeats):
         for name, run in contenders.items():
-            start = time.perf_counter()
+            start = _timer()
             run()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(_timer() - start)
     return times
 
 

@@ -34,10 +34,10 @@ from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit")) / "experiments"
-EVAL_SIZE, TRAIN_SIZE, MAX_LENGTH = 300, 600, 32
+EVAL_SIZE, TRAIN_SIZE, MAX_LENGTH = 600, 1600, 32
 TOP_LAYERS = (5,)
 SEEDS = (0, 1, 2)
-STEPS, BATCH = 30, 16
+STEPS, BATCH = 100, 16
 HEAD_LR = 1e-2
 
 
@@ -167,6 +167,9 @@ def train(
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation); NaN for no values, sd 0 for one."""
+    if not values:
+        return math.nan, math.nan
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
@@ -210,7 +213,12 @@ def with_head(top: Top, parameters: list, lr: float) -> list[dict]:
 
 def full_finetune_results(wait_seconds: float = 3600) -> dict:
     """results/full_finetune.json of experiment 2 (waits for it when run alongside)."""
-    path = RESULTS / "full_finetune.json"
+    return wait_for_json("full_finetune.json", wait_seconds)
+
+
+def wait_for_json(name: str, wait_seconds: float = 3600) -> dict:
+    """``results/<name>``, waiting for another experiment running alongside to write it."""
+    path = RESULTS / name
     deadline = time.monotonic() + wait_seconds
     while not path.is_file() and time.monotonic() < deadline:
         time.sleep(10)
@@ -223,3 +231,45 @@ def count(parameters) -> int:
 
 def fmt(mean: float, std: float) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}" if not math.isnan(mean) else "-"
+
+
+def sweep(name: str, keys: list[str], run_one: Callable[[str, int], dict]) -> list[dict] | None:
+    """Run ``run_one(key, seed)`` for every key and seed not yet in ``results/<name>.runs.jsonl``.
+
+    Command line: ``--seed N`` runs one seed only (start one process per seed to use the cores of
+    a busy machine); ``--threads`` sets torch's threads (default 1). Each finished run is appended
+    to the JSONL at once, so an interrupted sweep resumes where it stopped. Returns every record
+    once all keys x ``SEEDS`` are present (the caller then writes its summary), else None.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=f"experiment {name}")
+    parser.add_argument("--seed", type=int, choices=SEEDS, help="run only this seed")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    path = RESULTS / f"{name}.runs.jsonl"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    def records() -> list[dict]:
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    seeds = SEEDS if args.seed is None else (args.seed,)
+    for key in keys:
+        for seed in seeds:
+            if any(r["key"] == key and r["seed"] == seed for r in records()):
+                continue
+            record = {"key": key, "seed": seed, **run_one(key, seed)}
+            with path.open("a") as stream:  # one short line per append
+                stream.write(json.dumps(record) + "\n")
+            print(
+                f"{name} {key} seed {seed}: {record['accuracy']:.3f} ({record['seconds']:.0f} s)",
+                flush=True,
+            )
+    found = records()
+    complete = all(
+        any(r["key"] == k and r["seed"] == s for r in found) for k in keys for s in SEEDS
+    )
+    return found if complete else None

@@ -9,7 +9,7 @@ linear-probe baseline. d90 = the smallest d whose mean accuracy reaches 90% of f
 (results/full_finetune.json); also reported against the gain over the head-only baseline,
 because on a binary task 90% of the accuracy is close to chance + probe.
 Writes results/intrinsic_dimension.json and intrinsic_dimension.png.
-Run: PYTHONPATH=src python experiments/intrinsic_dimension.py   (about 15 minutes on 2 cores)
+Run: PYTHONPATH=src python experiments/intrinsic_dimension.py   (one process per seed: add --seed 0 / 1 / 2)
 """
 
 from __future__ import annotations
@@ -83,22 +83,26 @@ def plot(summary: dict, full: list, baseline: list, found: dict, path) -> None:
 
 
 def main() -> None:
-    features = common.cached_features()
-    runs = []
-    for dimension in (0, *DIMENSIONS):
-        for seed in common.SEEDS:
-            runs.append(run(dimension, seed, features))
-            print(
-                f"d={dimension} seed {seed}: {runs[-1]['accuracy']:.3f} "
-                f"({runs[-1]['seconds']:.0f} s)",
-                flush=True,
-            )
+    features: dict = {}
+
+    def run_one(key: str, seed: int) -> dict:
+        features.update(features or common.cached_features())
+        return run(int(key), seed, features)
+
+    runs = common.sweep("intrinsic_dimension", [str(d) for d in (0, *DIMENSIONS)], run_one)
+    if runs is None:
+        return
+    for record in runs:
+        record["dimension"] = int(record["key"])
+    top = common.fresh_top()
+    names = [n for n, _ in top.named_parameters() if not n.startswith("classifier.")]
+    projected = sum(top.get_parameter(n).numel() for n in names)
     full = common.full_finetune_results()["accuracy"]
     summary = {
         str(d): {
             "accuracy": common.mean_std([r["accuracy"] for r in runs if r["dimension"] == d]),
-            "counted_dimension": next(r["counted_dimension"] for r in runs if r["dimension"] == d),
-            "projected": next(r["projected"] for r in runs if r["dimension"] == d),
+            "counted_dimension": d + len(names) if d else 0,
+            "projected": projected if d else 0,
         }
         for d in (0, *DIMENSIONS)
     }
@@ -107,7 +111,10 @@ def main() -> None:
     gains = {d: m - baseline[0] for d, m in means.items()}
     found = {
         "d90": d90(means, full[0]),
-        "d90_of_gain_over_head_only": d90(gains, full[0] - baseline[0]),
+        # undefined when full fine-tuning does not beat the head-only baseline
+        "d90_of_gain_over_head_only": d90(gains, full[0] - baseline[0])
+        if full[0] > baseline[0]
+        else None,
     }
     common.write_json(
         "intrinsic_dimension.json",

@@ -4,7 +4,7 @@ Adapters on every linear layer of the top MiniLM block (query, key, value, atten
 intermediate, output), lora_alpha = 2r, lr 1e-3, the head trained in full (lr 1e-2).
 Full fine-tuning numbers come from results/full_finetune.json (experiment 2, lr 1e-4).
 Writes results/lora_rank.json and lora_rank.png.
-Run: PYTHONPATH=src python experiments/lora_rank.py   (about 12 minutes on 2 cores)
+Run: PYTHONPATH=src python experiments/lora_rank.py   (one process per seed: add --seed 0 / 1 / 2)
 """
 
 from __future__ import annotations
@@ -59,20 +59,27 @@ def plot(summary: dict, full: list, path) -> None:
     save_figure(figure, path)
 
 
+def trainable(rank: int, target=ALL_LINEAR) -> int:
+    config = lorakit.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=target)
+    return common.count(common.lora_top(config)[1])
+
+
 def main() -> None:
-    features = common.cached_features()
-    runs = []
-    for rank in RANKS:
-        for seed in common.SEEDS:
-            runs.append(run(rank, seed, features))
-            print(
-                f"r={rank} seed {seed}: {runs[-1]['accuracy']:.3f} ({runs[-1]['seconds']:.0f} s)",
-                flush=True,
-            )
+    features: dict = {}
+
+    def run_one(key: str, seed: int) -> dict:
+        features.update(features or common.cached_features())
+        return run(int(key), seed, features)
+
+    runs = common.sweep("lora_rank", [str(r) for r in RANKS], run_one)
+    if runs is None:
+        return
+    for record in runs:
+        record["rank"] = int(record["key"])
     full = common.full_finetune_results()
     summary = {
         str(rank): {
-            "trainable": runs[RANKS.index(rank) * len(common.SEEDS)]["trainable"],
+            "trainable": trainable(rank),
             "accuracy": common.mean_std([r["accuracy"] for r in runs if r["rank"] == rank]),
         }
         for rank in RANKS

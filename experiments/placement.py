@@ -6,15 +6,13 @@ query/key/value/attention-output and 1920 on each MLP matrix: all six at r = 4 c
 4 * (4 * 768 + 2 * 1920) = 27,648, exactly q/v at r = 18 (2 * 18 * 768). Same lr (1e-3), alpha
 = 2r, steps and seeds as experiment 3; the all-linear r = 4 runs are taken from
 results/lora_rank.json. Writes results/placement.json and placement.png.
-Run: PYTHONPATH=src python experiments/placement.py   (about 3 minutes on 2 cores)
+Run: PYTHONPATH=src python experiments/placement.py   (one process per seed: add --seed 0 / 1 / 2)
 """
 
 from __future__ import annotations
 
-import json
-
 import common
-from lora_rank import run
+from lora_rank import run, trainable
 
 QV = r"layers\.\d+\..*(query|value)"
 
@@ -45,23 +43,29 @@ def plot(rows: dict, path) -> None:
 
 
 def main() -> None:
-    features = common.cached_features()
-    earlier = json.loads((common.RESULTS / "lora_rank.json").read_text())
+    features: dict = {}
+
+    def run_one(key: str, seed: int) -> dict:
+        features.update(features or common.cached_features())
+        return run(18, seed, features, target=QV)
+
+    qv = common.sweep("placement", ["qv18"], run_one)
+    if qv is None:
+        return
+    earlier = common.wait_for_json("lora_rank.json")  # experiment 3
     all_linear = [r for r in earlier["runs"] if r["rank"] == 4]
-    qv = []
-    for seed in common.SEEDS:
-        qv.append(run(18, seed, features, target=QV))
-        print(f"q/v r=18 seed {seed}: {qv[-1]['accuracy']:.3f}", flush=True)
     rows = {
         "all linear, r=4": all_linear,
         "q/v only, r=18": qv,
     }
     summary = {
         label: {
-            "trainable": runs[0]["trainable"],
+            "trainable": trainable(4) if label.startswith("all") else trainable(18, QV),
             "accuracy": common.mean_std([r["accuracy"] for r in runs]),
             "per_seed": [r["accuracy"] for r in runs],
-            "final_loss": common.mean_std([r["final_loss"] for r in runs]),
+            "final_loss": common.mean_std(
+                [r["final_loss"] for r in runs if r.get("final_loss") is not None]
+            ),
         }
         for label, runs in rows.items()
     }

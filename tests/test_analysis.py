@@ -78,6 +78,14 @@ def test_rank_advice_by_module_type():
     # v_proj energies 4, 1: r=1 keeps 0.8, r=2 keeps 1.0
     assert (advice["v_proj"].rank, advice["v_proj"].layers) == (2, 1)
     assert spectra[1].layer_index == 1 and spectra[0].module_type == "q_proj"
+    # BERT has three different "dense" layers per block: the type keeps what tells them apart
+    bert_names = [
+        "bert.encoder.layer.3.attention.output.dense",
+        "bert.encoder.layer.3.output.dense",
+    ]
+    types = [spectrum_of_matrix(name, torch.eye(2)).module_type for name in bert_names]
+    assert types == ["attention.output.dense", "output.dense"]
+    assert spectrum_of_matrix("classifier", torch.eye(2)).module_type == "classifier"
 
 
 @pytest.mark.parametrize("builder", ["llama", "gpt2"])
@@ -156,7 +164,7 @@ def test_update_spectra_of_a_known_low_rank_fine_tune():
     text = format_table(spectra)
     assert "o_proj" in text and "r @90%" in text
     full = spectra_report(spectra)
-    assert full["advice"]["0.9"][0]["module_type"] == "o_proj"
+    assert full["advice"]["0.9"][0]["module_type"] == "self_attn.o_proj"
 
 
 def _orthonormal(k: int, n: int, seed: int) -> torch.Tensor:

@@ -183,16 +183,31 @@ def test_saves_x_once_and_nothing_full_size_in_bf16():
     assert x.grad.dtype == torch.bfloat16
 
 
-def test_bf16_close_to_float64_formula():
-    layer = _layer(torch.bfloat16, in_f=64, out_f=48)
-    x = torch.randn(4, 16, 64, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_bf16_base_fp32_adapters_close_to_float64_formula(dropout):
+    """bf16 activations, fp32 adapters: output within bf16 rounding; the fp32 gradient of A is
+    accumulated in fp32 (close to float64), that of B from the bf16 rank-r product u."""
+    layer = _layer(torch.bfloat16, dropout=dropout, in_f=64, out_f=48)
+    x = torch.randn(4, 16, 64, dtype=torch.bfloat16, requires_grad=True)
     A, B = layer.adapter_parameters("default")
-    ref = _reference(
-        x, layer.base_layer.weight, layer.base_layer.bias, A, B, layer.scalings["default"]
-    )
+    assert A.dtype == torch.float32
+    torch.manual_seed(3)
     out = layer(x)
+    torch.manual_seed(3)
+    levels = drop_levels(dropout)
+    mask = keep_mask((64, 64), levels, new_seed(), x.device).view(4, 16, 64) if levels else None
+    base = layer.base_layer
+    ref = _reference(x, base.weight, base.bias, A, B, layer.scalings["default"], mask,
+                     levels / DROPOUT_LEVELS)  # fmt: skip
     assert out.dtype == torch.bfloat16
     assert (out.double() - ref).abs().max() <= 2e-2 * ref.abs().max()
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, A, B), grad)
+    want = torch.autograd.grad(ref, (x, A, B), grad.double())
+    tolerances = (2e-2, 1e-5, 1e-2)  # x: bf16 result; A: fp32 accumulation; B: bf16 u
+    for g, w, tolerance in zip(got, want, tolerances, strict=True):
+        assert (g.double() - w).abs().max() <= tolerance * w.abs().max()
+    assert got[1].dtype == got[2].dtype == torch.float32
 
 
 def _grad_fn_name(layer, x):
@@ -240,7 +255,34 @@ def test_conv1d_layout_and_embedding_untouched():
     assert abs(loss.item() - loss_plain.item()) <= 1e-6 * abs(loss_plain.item())
     for g, w in zip(grads, plain, strict=True):
         assert (g - w).abs().max() <= 1e-5 * w.abs().max()
+    with torch.no_grad():  # embedding: plain branch added in place; Conv1D: fused inference
+        logits = model.eval()(ids).logits
+        with fast.disabled():
+            plain_logits = model(ids).logits
+        with lorakit.disabled(model):
+            base_logits = model(ids).logits
+    assert (logits - base_logits).abs().max() > 1e-3  # the adapters change the output
+    assert (logits - plain_logits).abs().max() <= 1e-5 * plain_logits.abs().max()
     layers = dict(lora_layers(model))
     attn = layers["transformer.h.0.attn.c_attn"]
     x = torch.randn(2, 8, 64, requires_grad=True)
     assert _grad_fn_name(attn, x) == "FusedLoraLinearBackward"
+
+
+def test_gradient_checkpointing_recomputes_the_same_dropout_mask():
+    """Checkpointing re-runs forwards under the saved RNG state, so the regenerated seeds (and
+    masks) match: gradients equal those of the same step without checkpointing."""
+    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.2)
+    grads = []
+    for checkpointing in (False, True):
+        model = lorakit.inject(tiny_models.llama(), config)
+        tiny_models.randomize_adapters(model, std=0.3)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        torch.manual_seed(4)
+        ids = tiny_models.input_ids(batch=2, length=10)
+        model(ids, labels=ids).loss.backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    for plain, checkpointed in zip(*grads, strict=True):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)

@@ -133,6 +133,12 @@ def test_unsupported_peft_feature(adapter_dir) -> None:
     _refused(adapter_dir, r"use_dora=True.*does not implement")
 
 
+def test_inits_that_change_the_base_are_refused(adapter_dir) -> None:
+    _edit_config(adapter_dir, init_lora_weights="pissa_niter_4")
+    _rewrite_weights(adapter_dir, lambda tensors: None)
+    _refused(adapter_dir, r"init_lora_weights='pissa_niter_4'.*changes the base weights")
+
+
 def test_rank_disagreeing_with_tensor_shapes(adapter_dir) -> None:
     _edit_config(adapter_dir, r=8)
     _rewrite_weights(adapter_dir, lambda tensors: None)  # drop lorakit's copy of the config

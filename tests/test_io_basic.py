@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+import sys
 import warnings
 
 import peft
@@ -142,21 +142,37 @@ def test_saving_twice_gives_identical_bytes(tmp_path) -> None:
     ]  # no temporary file left behind
 
 
+def _calls_made(function, *args) -> int:
+    """How many Python and C function calls ``function(*args)`` makes: a deterministic measure of
+    work (unlike a timing, it does not depend on the machine's load)."""
+    calls = 0
+
+    def count(frame, event, arg) -> None:
+        nonlocal calls
+        if event in ("call", "c_call"):
+            calls += 1
+
+    sys.setprofile(count)
+    try:
+        function(*args)
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
 def test_loading_many_adapters_does_not_slow_down(tmp_path) -> None:
-    """The 100th adapter loads about as fast as the first (no per-load work that grows with the
-    number of adapters already on the model; before the fix it took 3.5x). Bound: 2x + 5 ms."""
+    """The 100th adapter costs what the first did: no per-load work that grows with the number of
+    adapters already on the model (before the fix, set_active walked every parameter and module
+    walks descended into every adapter: the 100th load took 3.5x the first)."""
     save_adapter(_adapted("llama"), tmp_path)
     model = tiny_models.llama()
-    durations = []
+    work = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for index in range(100):
-            start = time.perf_counter()
-            load_adapter(model, tmp_path, f"adapter_{index}")
-            durations.append(time.perf_counter() - start)
-    first, last = min(durations[1:6]), min(durations[-5:])
-    assert last <= 2 * first + 0.005, (first, last)
+            work.append(_calls_made(load_adapter, model, tmp_path, f"adapter_{index}"))
     assert len(lorakit.adapter_configs(model)) == 100
+    assert work[-1] <= 1.05 * work[1], (work[1], work[-1])
 
 
 def _resized_llama(vocabulary: int = 136) -> torch.nn.Module:

@@ -36,7 +36,12 @@ def test_merged_model_loads_with_plain_transformers_and_gives_the_same_outputs(t
     with torch.no_grad():
         expected = model(ids).logits
         base = tiny_models.llama()(ids).logits
+    (tmp_path / "merged").mkdir()
+    stale = tmp_path / "merged" / "model-00001-of-00002.safetensors"  # from an earlier save
+    stale.write_bytes(b"old shard")
+    (tmp_path / "merged" / "notes.txt").write_text("the user's file")
     merged = save_merged_model(model, tmp_path / "merged")
+    assert not stale.exists() and (tmp_path / "merged" / "notes.txt").exists()
     assert not list(lorakit.state.lora_layers(merged))
     assert (tmp_path / "merged" / "config.json").is_file()
     result = subprocess.run(

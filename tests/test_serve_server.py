@@ -16,17 +16,19 @@ import httpx
 import openai
 import pytest
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import lorakit
 from lorakit.cli import build_parser
 from lorakit.commands.serve import build
-from lorakit.state import lora_layers
+from lorakit.io import save_adapter
 from tests import tiny_models
 
 TOKEN = "s3cret-admin"
+# Six adapter slots: 2 layers x sum(d + k) over the 7 linears (928) x max rank 6 x 4 bytes, plus
+# a float32 scaling per layer and slot: 44,600 bytes a slot.
+BUDGET = 6 * 44_600 + 1_000
 LINES = [
     "the quick brown fox jumps over the lazy dog",
     "low rank adapters share one base model",
@@ -40,6 +42,15 @@ TARGETS = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: tiny ops on a shared, oversubscribed machine are far steadier."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
@@ -49,32 +60,6 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
-
-
-def save_peft(model, adapter_name: str, directory) -> None:
-    """PEFT layout: adapter_config.json + adapter_model.safetensors (keys without the name)."""
-    directory.mkdir(parents=True)
-    config = lorakit.adapter_configs(model)[adapter_name]
-    tensors = {}
-    for path, layer in lora_layers(model):
-        if adapter_name in layer.ranks:
-            lora_A, lora_B = layer.adapter_parameters(adapter_name)
-            tensors[f"base_model.model.{path}.lora_A.weight"] = lora_A.detach().contiguous()
-            tensors[f"base_model.model.{path}.lora_B.weight"] = lora_B.detach().contiguous()
-    fields = dict(
-        r=config.r, lora_alpha=config.lora_alpha, target_modules=sorted(config.target_modules)
-    )
-    fields.update(
-        peft_type="LORA",
-        use_rslora=config.use_rslora,
-        rank_pattern=config.rank_pattern,
-        alpha_pattern=config.alpha_pattern,
-        bias="none",
-        lora_dropout=0.0,
-        task_type="CAUSAL_LM",
-    )
-    (directory / "adapter_config.json").write_text(json.dumps(fields, indent=2, sort_keys=True))
-    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def free_port() -> int:
@@ -111,8 +96,11 @@ def world(tmp_path_factory):
         lorakit.inject(reference, lorakit.LoraConfig(**spec), adapter_name=f"ad{index}")
     tiny_models.randomize_adapters(reference, std=0.4)
     for index in range(16):
-        save_peft(reference, f"ad{index}", root / "adapters" / f"ad{index}")
-    save_peft(reference, "ad3", root / "spare" / "outside")  # for the escape attempts
+        save_adapter(reference, root / "adapters", f"ad{index}")  # -> adapters/ad<i>
+    save_adapter(reference, root / "spare", "ad3")  # outside the adapter directory
+    alien = LlamaForCausalLM(config).eval()  # same shapes, other weights (seed moved on)
+    lorakit.inject(alien, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="alien")
+    save_adapter(alien, root / "spare", "alien")
     port = free_port()
     args = build_parser().parse_args(
         [
@@ -125,8 +113,8 @@ def world(tmp_path_factory):
             str(port),
             "--admin-token",
             TOKEN,
-            "--max-adapters",
-            "6",
+            "--adapter-memory",
+            str(BUDGET),
             "--max-prompt-tokens",
             "40",
             "--max-tokens-limit",
@@ -211,7 +199,8 @@ def test_64_concurrent_streams_over_16_adapters(world):
         assert text == expected_text(world, prompt, adapter, max_tokens), (prompt, adapter)
     assert len(set(texts)) > 16  # different adapters give different outputs
     health = httpx.get(world["url"] + "/health").json()
-    assert health["adapters_loaded"] <= health["adapter_capacity"] == 6
+    assert health["adapters_loaded"] <= health["adapter_capacity"] == 6  # < 16: LRU evicted
+    assert health["adapter_memory_bytes"] <= BUDGET
 
 
 def test_chat_stream_is_openai_sse_ending_with_done(world):
@@ -268,7 +257,7 @@ def test_openai_client_sees_not_found(world):
     [
         ({"lora_name": "x", "lora_path": "ad1"}, {}, 401),
         ({"lora_name": "x", "lora_path": "ad1"}, {"Authorization": "Bearer wrong"}, 401),
-        ({"lora_name": "x", "lora_path": "../spare/outside"}, None, 400),
+        ({"lora_name": "x", "lora_path": "../spare/ad3"}, None, 400),
         ({"lora_name": "x", "lora_path": "/etc"}, None, 400),
         ({"lora_name": "../x"}, None, 400),
         ({"lora_name": "x", "lora_path": "escape"}, None, 400),  # a symlink out of the directory
@@ -279,7 +268,7 @@ def test_openai_client_sees_not_found(world):
 def test_admin_load_is_guarded(world, body, headers, status):
     link = world["root"] / "adapters" / "escape"
     if not link.exists():
-        link.symlink_to(world["root"] / "spare" / "outside")
+        link.symlink_to(world["root"] / "spare" / "ad3")
     headers = {"Authorization": f"Bearer {TOKEN}"} if headers is None else headers
     response = httpx.post(world["url"] + "/v1/load_lora_adapter", json=body, headers=headers)
     assert response.status_code == status, response.text
@@ -288,9 +277,7 @@ def test_admin_load_is_guarded(world, body, headers, status):
 
 def test_runtime_load_and_unload(world):
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    shutil.copytree(
-        world["root"] / "spare" / "outside", world["root"] / "adapters" / "late" / "copy"
-    )
+    shutil.copytree(world["root"] / "spare" / "ad3", world["root"] / "adapters" / "late" / "copy")
     response = httpx.post(
         world["url"] + "/v1/load_lora_adapter",
         json={"lora_name": "fresh", "lora_path": "late/copy"},
@@ -321,3 +308,25 @@ def test_runtime_load_and_unload(world):
         == 404
     )
     assert httpx.get(world["url"] + "/health").json()["status"] == "ok"
+
+
+def test_cli_sizes_and_user_errors(tmp_path):
+    from lorakit.cli import main
+    from lorakit.commands.serve import parse_size
+
+    assert parse_size("256MB") == 256_000_000 and parse_size("1GiB") == 1024**3
+    assert parse_size("1000") == 1000
+    with pytest.raises(lorakit.UserError, match="not a size"):
+        parse_size("lots")
+    missing = str(tmp_path / "missing")
+    assert main(["serve", "--model", str(tmp_path), "--adapters", missing]) == 2
+
+
+def test_an_adapter_of_another_base_is_refused(world):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    shutil.copytree(world["root"] / "spare" / "alien", world["root"] / "adapters" / "late-alien")
+    body = {"lora_name": "alien", "lora_path": "late-alien"}
+    response = httpx.post(world["url"] + "/v1/load_lora_adapter", json=body, headers=auth)
+    assert response.status_code == 400
+    assert "different base weights" in response.json()["error"]["message"]
+    assert "alien" not in [m.id for m in client(world).models.list().data]

@@ -29,12 +29,14 @@ def inject(
     *,
     adapter_dtype: torch.dtype | None = None,
     activate: bool = True,
+    initialize: bool = True,
 ) -> nn.Module:
     """Add adapter ``adapter_name`` described by ``config`` to ``model`` (in place) and return it.
 
     Adapter tensors are created in ``adapter_dtype`` (default: float32 on a float16/bfloat16 base,
     otherwise the base dtype) on the base weight's device. With ``activate`` the new adapter
-    becomes the only active one and the only trainable one.
+    becomes the only active one and the only trainable one. ``initialize=False`` leaves the
+    adapter tensors uninitialised, for callers that copy values in right away (loading a file).
     """
     _check_adapter_name(model, adapter_name)
     targets = find_targets(model, config)
@@ -52,7 +54,7 @@ def inject(
             alpha=config.alpha_for(name),
             dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
-            init=config.init_lora_weights,
+            init=config.init_lora_weights if initialize else None,
             dtype=adapter_dtype or _default_adapter_dtype(layer.base_layer.weight.dtype),
         )
     saved_names = _saved_module_names(model, config)

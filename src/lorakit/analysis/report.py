@@ -102,10 +102,10 @@ def format_table(spectra: Sequence[Spectrum]) -> str:
     advice90 = {a.module_type: a for a in rank_advice(spectra, 0.9)} if spectra else {}
     advice99 = {a.module_type: a for a in rank_advice(spectra, 0.99)} if spectra else {}
     if advice90:
-        lines += ["", f"{'module type':<20} {'layers':>6} {'r @90%':>7} {'r @99%':>7}"]
+        lines += ["", f"{'module type':<26} {'layers':>6} {'r @90%':>7} {'r @99%':>7}"]
         for module_type, advice in advice90.items():
             lines.append(
-                f"{module_type:<20} {advice.layers:>6} {advice.rank:>7} "
+                f"{module_type:<26} {advice.layers:>6} {advice.rank:>7} "
                 f"{advice99[module_type].rank:>7}"
             )
     return "\n".join(lines)

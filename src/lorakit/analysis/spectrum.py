@@ -117,8 +117,11 @@ class Spectrum:
 
     @property
     def module_type(self) -> str:
-        """The last component of the module name (``q_proj``, ``query``, ``c_attn``, ...)."""
-        return self.name.rsplit(".", 1)[-1]
+        """The module's role, the same in every block: the name after the block index
+        (``model.layers.3.self_attn.q_proj`` -> ``self_attn.q_proj``, BERT's
+        ``...layer.0.output.dense`` -> ``output.dense``), or the name itself outside blocks."""
+        found = _LAYER_INDEX.search(self.name)
+        return self.name[found.end() :] if found else self.name
 
     @property
     def layer_index(self) -> int | None:

@@ -60,6 +60,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask"
     )
+    parser.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="serve adapters whose saved base fingerprint does not match --model",
+    )
     parser.add_argument("--served-model-name", default=None, help="the base model's id in the API")
     parser.set_defaults(func=run)
 
@@ -73,25 +78,6 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def _load_model(spec: str):
-    try:
-        from lorakit.models import load_model
-    except ImportError:
-        return _load_local(spec)
-    return load_model(spec)
-
-
-def _load_local(spec: str):
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not Path(spec).is_dir():
-        raise UserError(f"--model {spec!r} is not a local transformers directory")
-    model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True)
-    return model, AutoTokenizer.from_pretrained(spec, local_files_only=True)
-
-
 def _adapter_defaults(registry) -> tuple[list[str] | str, int]:
     """(target modules, max rank) covering every adapter of the directory."""
     from lorakit.serve.registry import read_peft_adapter
@@ -99,7 +85,7 @@ def _adapter_defaults(registry) -> tuple[list[str] | str, int]:
     targets: set[str] = set()
     regex, rank = False, 0
     for name in registry.names():
-        config, _ = read_peft_adapter(registry.path(name))
+        config = read_peft_adapter(registry.path(name)).config
         rank = max([rank, config.r, *config.rank_pattern.values()])
         if isinstance(config.target_modules, list):
             targets.update(config.target_modules)
@@ -110,6 +96,7 @@ def _adapter_defaults(registry) -> tuple[list[str] | str, int]:
 
 def build(args: argparse.Namespace):
     """The FastAPI app for ``args`` (model loaded, bank allocated, adapters registered)."""
+    from lorakit.models import load_model
     from lorakit.serve import AdapterBank, prepare_for_serving
     from lorakit.serve.app import ServerSettings, create_app
     from lorakit.serve.engine import Engine
@@ -119,7 +106,7 @@ def build(args: argparse.Namespace):
     targets, max_rank = _adapter_defaults(registry)
     if args.target_modules:
         targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
-    model, tokenizer = _load_model(args.model)
+    model, tokenizer = load_model(args.model)
     prepare_for_serving(model, targets)
     budget = parse_size(args.adapter_memory) if args.adapter_memory else None
     capacity = args.max_adapters or (None if budget else 8)
@@ -129,10 +116,8 @@ def build(args: argparse.Namespace):
         )
     except ValueError as error:
         raise UserError(str(error)) from None
-    adapters = ServedAdapters(bank, registry)
-    engine = Engine(
-        model, bank, tokenizer, max_batch=args.max_batch, adapter_loader=adapters.ensure_loaded
-    )
+    adapters = ServedAdapters(bank, registry, model, allow_base_mismatch=args.allow_base_mismatch)
+    engine = Engine(model, bank, tokenizer, max_batch=args.max_batch, adapter_loader=adapters.read)
     positions = getattr(model.config, "max_position_embeddings", None) or 2048
     settings = ServerSettings(
         model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),

@@ -84,8 +84,7 @@ def fused_lora_linear(
     cannot apply (the caller then takes the plain path)."""
     if not _applies(x, weight, bias, adapters):
         return None
-    trainable = (x, bias, *(t for a in adapters for t in (a.lora_A, a.lora_B)))
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in trainable):
+    if torch.is_grad_enabled() and _any_requires_grad(x, bias, adapters):
         if len(adapters) != 1:
             return None
         lora_A, lora_B, rank_scale, levels = adapters[0]
@@ -93,8 +92,18 @@ def fused_lora_linear(
         return FusedLoraLinear.apply(
             x, weight, bias, lora_A, lora_B, rank_scale, levels, seed, fan_in_fan_out
         )
+    if not torch.is_grad_enabled():  # e.g. under inference_mode: no context switch needed
+        return lora_linear_inference(x, weight, bias, adapters, fan_in_fan_out)
     with torch.no_grad():
-        return lora_linear_inference(x, weight, bias, list(adapters), fan_in_fan_out)
+        return lora_linear_inference(x, weight, bias, adapters, fan_in_fan_out)
+
+
+def _any_requires_grad(
+    x: torch.Tensor, bias: torch.Tensor | None, adapters: Sequence[RankSide]
+) -> bool:
+    if x.requires_grad or (bias is not None and bias.requires_grad):
+        return True
+    return any(a.lora_A.requires_grad or a.lora_B.requires_grad for a in adapters)
 
 
 def _applies(
@@ -102,20 +111,24 @@ def _applies(
 ) -> bool:
     if not _enabled or not adapters or torch.compiler.is_compiling() or _transforms_active():
         return False
-    if weight.requires_grad or x.dtype not in _FLOAT_DTYPES or weight.dtype != x.dtype:
+    dtype, device = x.dtype, x.device
+    if weight.requires_grad or dtype not in _FLOAT_DTYPES or weight.dtype != dtype:
         return False
-    if x.dim() == 0 or x.numel() == 0 or torch.is_autocast_enabled(x.device.type):
+    if weight.device != device or x.dim() == 0 or x.numel() == 0:
         return False
-    if bias is not None and bias.dtype != x.dtype:
+    if torch.is_autocast_enabled(device.type) or (bias is not None and bias.dtype != dtype):
         return False
-    devices = {x.device, weight.device, *(t.device for a in adapters for t in a[:2])}
-    dtypes_ok = all(
-        a.lora_A.dtype in _FLOAT_DTYPES and a.lora_B.dtype in _FLOAT_DTYPES for a in adapters
-    )
-    return len(devices) == 1 and dtypes_ok
+    for lora_A, lora_B, _, _ in adapters:
+        if lora_A.device != device or lora_B.device != device:
+            return False
+        if lora_A.dtype not in _FLOAT_DTYPES or lora_B.dtype not in _FLOAT_DTYPES:
+            return False
+    return True
+
+
+_functorch_check = getattr(torch._C, "_are_functorch_transforms_active", None)
 
 
 def _transforms_active() -> bool:
     """functorch transforms (vmap, grad, jvp) need what this Function does not define."""
-    check = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(check and check())
+    return _functorch_check is not None and _functorch_check()

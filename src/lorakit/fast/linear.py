@@ -15,11 +15,14 @@ the (N, r) rank-r product ``u = A (x * mask)`` and the parameters. Gradients, wi
     dL/db = sum over rows of G
 
 Matmuls run in x's dtype: fp32 adapters on a bf16 model are cast to bf16 (r (d + k) numbers),
-never the activation to fp32; the fp32 gradients of A and B are cast back.
+never the activation to fp32. The gradients of wider (fp32) adapters are accumulated in fp32 from
+row chunks cast on the fly (``adapter_grads``), so they keep fp32 accuracy without an fp32 copy
+of a whole activation.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -38,6 +41,11 @@ class RankSide(NamedTuple):
     lora_B: torch.Tensor
     rank_scale: float
     drop_levels: int
+
+
+def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype`` (itself when it already is; an adapter is r (d + k) numbers)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def base_output(
@@ -96,35 +104,82 @@ class FusedLoraLinear(torch.autograd.Function):
         rank_scale, drop_levels, seed, fan_in_fan_out = ctx.settings
         needs_x, _, needs_bias, needs_A, needs_B = ctx.needs_input_grad[:5]
         grad2 = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d)
-        lora_A_x = lora_A.to(grad2.dtype)
-        grad_low = (grad2 @ lora_B.to(grad2.dtype)).mul_(rank_scale)  # g = c G B: (N, r)
         mask = None
         if drop_levels and (needs_x or needs_A):
             mask = keep_mask((grad2.shape[0], ctx.x_shape[-1]), drop_levels, seed, grad2.device)
-        grad_x = grad_bias = grad_A = grad_B = None
+        x2 = None if x is None else x.reshape(-1, x.shape[-1])  # (N, k)
+        grad_low, grad_A, grad_B = adapter_grads(
+            grad2, x2, mask, low_rank, lora_A, lora_B, rank_scale, needs_A, needs_B
+        )
+        grad_x = grad_bias = None
         if needs_x:
             grad_x = base_input_grad(grad2, weight, fan_in_fan_out)  # (N, k)
+            grad_low = as_dtype(grad_low, grad2.dtype)
+            lora_A_x = as_dtype(lora_A, grad2.dtype)
             if mask is None:
                 grad_x.addmm_(grad_low, lora_A_x)
             else:
                 grad_x.add_((grad_low @ lora_A_x).mul_(mask))
             grad_x = grad_x.view(ctx.x_shape)
-        if needs_A:
-            x2 = x.reshape(-1, x.shape[-1])
-            x_kept = x2 if mask is None else x2 * mask  # temporary (N, k)
-            grad_A = (grad_low.T @ x_kept).to(lora_A.dtype)  # (r, k)
-        if needs_B:
-            grad_B = (grad2.T @ low_rank).mul_(rank_scale).to(lora_B.dtype)  # (d, r)
         if needs_bias:
-            grad_bias = grad2.sum(0).to(weight.dtype)
+            grad_bias = grad2.sum(0)
         return grad_x, None, grad_bias, grad_A, grad_B, None, None, None, None
+
+
+CHUNK_ELEMENTS = 1 << 22  # rows of G and x cast to the adapter dtype at a time: at most 4M values
+
+
+def adapter_grads(
+    grad2: torch.Tensor,
+    x2: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    low_rank: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    rank_scale: float,
+    needs_A: bool,
+    needs_B: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``g = c G B`` (N, r), ``dL/dA = g^T (x * mask)`` (r, k), ``dL/dB = c G^T u`` (d, r).
+
+    When the adapter is wider than the activations (fp32 adapters on a bf16 model) these rank-r
+    products are accumulated in the adapter's dtype from row chunks of G and x cast on the fly,
+    so the adapter gradients keep fp32 accuracy with no fp32 copy of a whole activation.
+    """
+    acc = lora_A.dtype
+    if torch.finfo(acc).bits <= torch.finfo(grad2.dtype).bits:
+        grad_low = (grad2 @ as_dtype(lora_B, grad2.dtype)).mul_(rank_scale)  # (N, r)
+        grad_A = grad_B = None
+        if needs_A:
+            x_kept = x2 if mask is None else x2 * mask  # temporary (N, k)
+            grad_A = (grad_low.T @ x_kept).to(acc)
+        if needs_B:
+            grad_B = (grad2.T @ low_rank).mul_(rank_scale).to(lora_B.dtype)
+        return grad_low, grad_A, grad_B
+    rows, width = grad2.shape[0], max(grad2.shape[1], lora_A.shape[1])
+    step = max(1, CHUNK_ELEMENTS // width)
+    grad_low = grad2.new_empty((rows, lora_A.shape[0]), dtype=acc)
+    grad_A = torch.zeros_like(lora_A) if needs_A else None
+    grad_B = torch.zeros_like(lora_B, dtype=acc) if needs_B else None
+    for start in range(0, rows, step):
+        part = slice(start, start + step)
+        grad_part = grad2[part].to(acc)  # (n, d)
+        torch.mm(grad_part, lora_B.to(acc), out=grad_low[part]).mul_(rank_scale)
+        if needs_B:
+            grad_B.addmm_(grad_part.T, low_rank[part].to(acc), alpha=rank_scale)
+        if needs_A:
+            x_part = x2[part].to(acc)  # (n, k)
+            if mask is not None:
+                x_part.mul_(mask[part])
+            grad_A.addmm_(grad_low[part].T, x_part)
+    return grad_low, grad_A, grad_B.to(lora_B.dtype) if needs_B else None
 
 
 def lora_linear_inference(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    adapters: list[RankSide],
+    adapters: Sequence[RankSide],
     fan_in_fan_out: bool,
 ) -> torch.Tensor:
     """``W0 x + b + sum_a c_a B_a A_a (x * mask_a)`` without autograd: one fresh (..., d) output,
@@ -134,6 +189,6 @@ def lora_linear_inference(
     for adapter in adapters:
         seed = new_seed() if adapter.drop_levels else 0
         x_kept = dropped(x2, adapter.drop_levels, seed)
-        low_rank = F.linear(x_kept, adapter.lora_A.to(x.dtype))  # (N, r)
-        out.addmm_(low_rank, adapter.lora_B.to(x.dtype).T, alpha=adapter.rank_scale)
+        low_rank = F.linear(x_kept, as_dtype(adapter.lora_A, x.dtype))  # (N, r)
+        out.addmm_(low_rank, as_dtype(adapter.lora_B, x.dtype).T, alpha=adapter.rank_scale)
     return out.view(*x.shape[:-1], out.shape[-1])

@@ -75,6 +75,8 @@ _IGNORED = (
     "revision",
     "velora_config",
 )
+# init_lora_weights values with which PEFT rewrites the base weights at initialisation.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 # PEFT's limit above which it writes the shortest distinguishing suffixes instead of names.
 _MIN_TARGETS_FOR_SUFFIXES = 20
 
@@ -182,8 +184,16 @@ def config_from_json(text: str, source: str) -> LoraConfig:
     for name in ("r", "lora_alpha"):
         if name not in fields:
             raise AdapterFileError(f"{source} has no {name!r}; the adapter cannot be loaded.")
-    if fields.get("init_lora_weights") not in (True, False, "gaussian"):
-        fields["init_lora_weights"] = True  # init schemes do not matter for a trained adapter
+    init = fields.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise AdapterFileError(
+            f"{source} has init_lora_weights={init!r}: this initialisation changes the base "
+            "weights, so the adapter only fits that changed base. Convert it with peft first "
+            "(save_pretrained(..., path_initial_model_for_weight_conversion=...)), which makes "
+            "it a plain LoRA adapter for the original base."
+        )
+    if init not in (True, False, "gaussian"):
+        fields["init_lora_weights"] = True  # other inits do not matter for a trained adapter
     for name in ("rank_pattern", "alpha_pattern"):
         if fields.get(name) is None:
             fields[name] = {}

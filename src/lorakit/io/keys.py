@@ -32,6 +32,8 @@ __all__ = [
     "Slot",
     "adapted_base_key",
     "adapter_slots",
+    "base_weight_key",
+    "embedding_module_names",
     "expected_shape",
     "lora_keys",
     "model_tensor",
@@ -57,6 +59,25 @@ def lora_keys(module_path: str, is_embedding: bool) -> tuple[str, str]:
 def adapted_base_key(module_path: str, parameter: str) -> str:
     """File key of a parameter of an adapted layer's base module, e.g. ``<path>.base_layer.bias``."""
     return f"{PREFIX}{module_path}.base_layer.{parameter}"
+
+
+def base_weight_key(module_path: str, adapted: bool) -> str:
+    """File key of an embedding's full base weight (saved for a resized vocabulary)."""
+    return (
+        adapted_base_key(module_path, "weight") if adapted else plain_key(f"{module_path}.weight")
+    )
+
+
+def embedding_module_names(model: nn.Module) -> list[str]:
+    """Original names of the model's input and output embeddings (``get_input_embeddings``,
+    ``get_output_embeddings``), the modules whose base weight a resized vocabulary changes."""
+    wanted = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter, lambda: None)()
+        if module is not None:
+            wanted.append(module.base_layer if isinstance(module, LoraLayer) else module)
+    ids = {id(module) for module in wanted}
+    return [name for name, module in model_modules(model) if id(module) in ids]
 
 
 def plain_key(parameter_path: str) -> str:
@@ -141,8 +162,7 @@ def adapter_slots(
         for parameter in modules[name].state_dict():
             slots.append(Slot(plain_key(f"{name}.{parameter}"), name, "saved", parameter))
     for name in embedding_modules:
-        key = adapted_base_key(name, "weight") if name in lora_set else plain_key(f"{name}.weight")
-        slots.append(Slot(key, name, "base_weight", "weight"))
+        slots.append(Slot(base_weight_key(name, name in lora_set), name, "base_weight", "weight"))
     return slots
 
 

@@ -22,15 +22,14 @@ from lorakit.inject import _replace, _saved_module_names, inject, unload
 from lorakit.io import fingerprint
 from lorakit.io.keys import (
     Slot,
-    adapted_base_key,
     adapter_slots,
+    base_weight_key,
+    embedding_module_names,
     expected_shape,
     model_tensor,
-    plain_key,
     saved_module_alias_keys,
 )
 from lorakit.io.read import AdapterFile, adapter_directory, read_adapter
-from lorakit.io.save import _embedding_names
 from lorakit.state import (
     active_adapters,
     adapter_configs,
@@ -103,19 +102,15 @@ def _plan(model: nn.Module, adapter: AdapterFile) -> tuple[LoraConfig, list[Slot
             f"this {type(model).__name__}; was it trained on another architecture?"
         )
     embeddings = [
-        n for n in _embedding_names(model) if _base_weight_key(n, targets) in adapter.tensors
+        name
+        for name in embedding_module_names(model)
+        if base_weight_key(name, name in targets) in adapter.tensors
     ]
     return config, adapter_slots(model, config.bias, targets, saved_names, embeddings)
 
 
 def _has_tensors_for(adapter: AdapterFile, entry: str) -> bool:
     return any(f".{entry}." in "." + key for key in adapter.tensors)
-
-
-def _base_weight_key(module: str, targets: Sequence[str]) -> str:
-    return (
-        adapted_base_key(module, "weight") if module in targets else plain_key(f"{module}.weight")
-    )
 
 
 def _listed(keys: Sequence[str], limit: int = 6) -> str:
@@ -196,8 +191,7 @@ def _check_base(
     message = (
         f"adapter {adapter.directory} was trained on different base weights: module {module!r} "
         f"does not match the fingerprint saved with the adapter ({reason}). Load it onto the "
-        "base model it was trained on, or pass allow_base_mismatch=True (CLI: "
-        "--allow-base-mismatch) to load it anyway."
+        "base model it was trained on, or pass allow_base_mismatch=True to load it anyway."
     )
     if not allow_base_mismatch:
         raise BaseModelMismatchError(message)
@@ -220,7 +214,14 @@ def _apply(
     wrapped_before = {id(m) for _, m in [*lora_layers(model), *saved_modules(model)]}
     base_backup: list[tuple[torch.Tensor, torch.Tensor]] = []  # (base tensor, its old value)
     try:
-        inject(model, config, adapter_name, adapter_dtype=adapter_dtype, activate=activate)
+        inject(
+            model,
+            config,
+            adapter_name,
+            adapter_dtype=adapter_dtype,
+            activate=activate,
+            initialize=False,  # every adapter tensor is copied from the file below
+        )
         trainable = adapter_name in active_adapters(model)
         with torch.no_grad():
             for slot in slots:

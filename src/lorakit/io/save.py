@@ -23,11 +23,9 @@ from lorakit.errors import UserError
 from lorakit.io import atomic, fingerprint
 from lorakit.io.config_json import CONFIG_NAME, config_to_json
 from lorakit.io.header import serialize
-from lorakit.io.keys import adapter_slots, model_tensor
+from lorakit.io.keys import adapter_slots, embedding_module_names, model_tensor
 from lorakit.io.read import CONFIG_METADATA_KEY, WEIGHTS_NAME
-from lorakit.layers import LoraLayer
 from lorakit.state import adapter_configs, lora_layers, saved_modules
-from lorakit.targets import model_modules
 
 __all__ = ["adapter_file_contents", "save_adapter", "save_merged_model"]
 
@@ -40,17 +38,6 @@ def _config_of(model: nn.Module, adapter_name: str) -> LoraConfig:
             "pass one of those as adapter_name."
         )
     return configs[adapter_name]
-
-
-def _embedding_names(model: nn.Module) -> list[str]:
-    """Original names of the model's input and output embeddings (for a resized vocabulary)."""
-    wanted = []
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        module = getattr(model, getter, lambda: None)()
-        if module is not None:
-            wanted.append(module.base_layer if isinstance(module, LoraLayer) else module)
-    ids = {id(module) for module in wanted}
-    return [name for name, module in model_modules(model) if id(module) in ids]
 
 
 def _vocabulary_resized(model: nn.Module, config: LoraConfig) -> bool:
@@ -77,7 +64,7 @@ def adapter_file_contents(
     saved = [name for name, w in saved_modules(model) if adapter_name in w.modules_to_save]
     if save_embedding_layers is None:
         save_embedding_layers = _vocabulary_resized(model, config)
-    embeddings = _embedding_names(model) if save_embedding_layers else []
+    embeddings = embedding_module_names(model) if save_embedding_layers else []
     lora_names = [name for name, _ in layers]
     slots = adapter_slots(model, config.bias, lora_names, saved, embeddings)
     tensors = {}
@@ -119,6 +106,18 @@ def save_adapter(
     return target
 
 
+_WEIGHT_FILE_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*")
+
+
+def _remove_stale_weights(directory: Path, written: set[str]) -> None:
+    """Weight files of an earlier save (e.g. other shards) that the new save did not write, as
+    ``save_pretrained`` removes them: left behind they could be loaded instead of the new ones."""
+    for pattern in _WEIGHT_FILE_PATTERNS:
+        for path in directory.glob(pattern):
+            if path.name not in written and path.is_file():
+                path.unlink()
+
+
 def save_merged_model(
     model: nn.Module, directory: str | os.PathLike[str], tokenizer: object | None = None
 ) -> nn.Module:
@@ -140,8 +139,10 @@ def save_merged_model(
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         target.mkdir(exist_ok=True)
-        for path in sorted(staging.iterdir()):
+        written = sorted(staging.iterdir())
+        for path in written:
             os.replace(path, target / path.name)
+        _remove_stale_weights(target, {path.name for path in written})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return model

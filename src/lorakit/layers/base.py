@@ -95,7 +95,7 @@ class LoraLayer(nn.Module):
 
     # ----------------------------------------------------------------- subclass interface
     def _create_adapter(
-        self, adapter_name: str, rank: int, init: bool | str, dtype: torch.dtype
+        self, adapter_name: str, rank: int, init: bool | str | None, dtype: torch.dtype
     ) -> None:
         raise NotImplementedError
 
@@ -140,9 +140,11 @@ class LoraLayer(nn.Module):
         alpha: float,
         dropout: float,
         use_rslora: bool,
-        init: bool | str,
+        init: bool | str | None,
         dtype: torch.dtype,
     ) -> None:
+        """Create adapter tensors; ``init`` is ``LoraConfig.init_lora_weights``, or None to
+        leave them uninitialised (their values are about to be copied in from a file)."""
         if adapter_name in self.ranks:
             raise ValueError(f"adapter {adapter_name!r} already exists on this layer")
         self._create_adapter(adapter_name, rank, init, dtype)

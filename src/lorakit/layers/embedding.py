@@ -31,12 +31,14 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_B = nn.ParameterDict()
 
     def _create_adapter(
-        self, adapter_name: str, rank: int, init: bool | str, dtype: torch.dtype
+        self, adapter_name: str, rank: int, init: bool | str | None, dtype: torch.dtype
     ) -> None:
         device = self.base_layer.weight.device
         lora_A = torch.empty(rank, self.num_embeddings, device=device, dtype=dtype)
         lora_B = torch.empty(self.embedding_dim, rank, device=device, dtype=dtype)
-        if init is False:
+        if init is None:  # about to be overwritten (loading a file)
+            pass
+        elif init is False:
             nn.init.normal_(lora_A)
             nn.init.normal_(lora_B)
         else:

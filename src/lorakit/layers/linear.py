@@ -47,12 +47,16 @@ class LoraLinear(LoraLayer):
         self.lora_B = nn.ModuleDict()
 
     def _create_adapter(
-        self, adapter_name: str, rank: int, init: bool | str, dtype: torch.dtype
+        self, adapter_name: str, rank: int, init: bool | str | None, dtype: torch.dtype
     ) -> None:
         device = self.base_layer.weight.device
-        lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
-        lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
-        if init is True:
+        # init None: values are about to be overwritten (loading a file): allocate, don't draw.
+        make_device = "meta" if init is None else device
+        lora_A = nn.Linear(self.in_features, rank, bias=False, device=make_device, dtype=dtype)
+        lora_B = nn.Linear(rank, self.out_features, bias=False, device=make_device, dtype=dtype)
+        if init is None:
+            lora_A, lora_B = lora_A.to_empty(device=device), lora_B.to_empty(device=device)
+        elif init is True:
             nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(lora_B.weight)
         elif init == "gaussian":

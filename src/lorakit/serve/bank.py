@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -27,9 +27,10 @@ from torch import nn
 
 from lorakit import functional
 from lorakit.config import LoraConfig
-from lorakit.errors import AdapterFileError
 from lorakit.inject import inject
 from lorakit.layers import LoraLinear
+from lorakit.serve.checks import PEFT_PREFIX as _PREFIX
+from lorakit.serve.checks import lora_pairs
 from lorakit.state import adapter_configs, delete_adapter, lora_layers
 
 __all__ = [
@@ -41,7 +42,9 @@ __all__ = [
 ]
 
 _PLACEHOLDER = "lorakit-serving-placeholder"
-_PREFIX = "base_model.model."
+
+
+Loader = Callable[[str], tuple[LoraConfig, Mapping[str, torch.Tensor]]]
 
 
 class BankFullError(RuntimeError):
@@ -190,9 +193,16 @@ class AdapterBank:
         return name
 
     # ----------------------------------------------------------------- use, pin, evict
-    def acquire(self, name: str) -> int:
-        """Mark ``name`` used by a running request (not evictable until ``release``); its slot."""
+    def acquire(self, name: str, loader: Loader | None = None) -> int:
+        """Mark ``name`` used by a running request (not evictable until ``release``); its slot.
+
+        ``loader(name) -> (config, tensors)`` loads it first when it is not in the bank; loading
+        and acquiring are one atomic step, so no other thread can evict it in between.
+        """
         with self._lock:
+            if name not in self._slot_of and loader is not None:
+                config, tensors = loader(name)
+                self.load(name, config, tensors)
             slot = self._slot_of[self._known(name)]
             self._slot_of.move_to_end(name)
             self._in_use[name] = self._in_use.get(name, 0) + 1
@@ -254,7 +264,7 @@ class AdapterBank:
     ) -> int:
         """Load an adapter from PEFT-format tensors (``base_model.model.<path>.lora_A.weight``
         (r, k) and ``.lora_B.weight`` (d, r)); evicts the LRU adapter when full. Returns its slot."""
-        pairs = self._validated_pairs(name, config, tensors)
+        pairs = lora_pairs(name, config, tensors, self._stacks, self.max_rank)
         with self._lock:
             if name in self._slot_of:
                 raise ValueError(f"adapter {name!r} is already loaded; unload it first.")
@@ -297,55 +307,3 @@ class AdapterBank:
         stack.scaling[slot] = scale
         stack.scaling_values[slot] = scale
         stack.present.add(slot)
-
-    def _validated_pairs(self, name: str, config: LoraConfig, tensors: Mapping[str, torch.Tensor]):
-        """``{layer path: (A, B)}`` after checking every key, shape and rank (before any write)."""
-        if getattr(config, "use_dora", False):
-            raise AdapterFileError(
-                f"adapter {name!r} uses DoRA, which the serving bank does not support."
-            )
-        parts: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in tensors.items():
-            path = key.removeprefix(_PREFIX)
-            for suffix, part in ((".lora_A.weight", "A"), (".lora_B.weight", "B")):
-                if path.endswith(suffix):
-                    parts.setdefault(path.removesuffix(suffix), {})[part] = tensor
-                    break
-            else:
-                raise AdapterFileError(
-                    f"adapter {name!r}: tensor {key!r} is not a LoRA linear weight; the serving "
-                    "bank supports lora_A/lora_B of linear layers only (no embeddings, biases, "
-                    "modules_to_save)."
-                )
-        pairs = {}
-        for path, part in parts.items():
-            pairs[path] = self._checked_pair(name, path, part)
-        if not pairs:
-            raise AdapterFileError(f"adapter {name!r} holds no LoRA tensors.")
-        return pairs
-
-    def _checked_pair(self, name: str, path: str, part: dict[str, torch.Tensor]):
-        stack = self._stacks.get(path)
-        if stack is None:
-            raise AdapterFileError(
-                f"adapter {name!r} adapts {path!r}, which the served model was not prepared "
-                f"for (routed layers: e.g. {self.layer_names[:3]}...); restart the server with "
-                "target modules that include it."
-            )
-        if set(part) != {"A", "B"}:
-            raise AdapterFileError(f"adapter {name!r}: {path!r} lacks lora_A or lora_B.")
-        lora_A, lora_B = part["A"], part["B"]
-        rank = lora_A.shape[0]
-        _, k = stack.lora_A.shape[1:]
-        d = stack.lora_B.shape[1]
-        if tuple(lora_A.shape) != (rank, k) or tuple(lora_B.shape) != (d, rank):
-            raise AdapterFileError(
-                f"adapter {name!r}: {path!r} has lora_A {tuple(lora_A.shape)} and lora_B "
-                f"{tuple(lora_B.shape)}; expected ({rank}, {k}) and ({d}, {rank}) for this model."
-            )
-        if rank > self.max_rank:
-            raise AdapterFileError(
-                f"adapter {name!r}: {path!r} has rank {rank} > the bank's max_rank "
-                f"{self.max_rank}; restart the server with a larger --max-rank."
-            )
-        return lora_A, lora_B

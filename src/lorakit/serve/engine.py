@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lorakit.serve.bank import AdapterBank, BankFullError
+from lorakit.serve.bank import AdapterBank, BankFullError, Loader
 from lorakit.serve.batched import routed
 from lorakit.serve.kv import BatchedCache
 from lorakit.serve.sampling import SamplingParams, StopTextTracker, next_token
@@ -83,8 +83,8 @@ class Engine:
 
     ``model``: a causal LM prepared with ``prepare_for_serving`` and served by ``bank``;
     ``tokenizer``: turns generated ids into streamed text (optional: ids only);
-    ``adapter_loader(name)``: loads a missing adapter into the bank (raises ``KeyError`` when
-    unknown); ``max_batch``: running requests at most.
+    ``adapter_loader(name) -> (config, tensors)``: reads an adapter missing from the bank
+    (raises ``KeyError`` when unknown; None: only adapters already in the bank are served); ``max_batch``: running requests at most.
     """
 
     def __init__(
@@ -94,7 +94,7 @@ class Engine:
         tokenizer=None,
         *,
         max_batch: int = 32,
-        adapter_loader: Callable[[str], None] | None = None,
+        adapter_loader: Loader | None = None,
         eos_token_ids: Sequence[int] | None = None,
     ) -> None:
         self.model = model.eval()
@@ -246,11 +246,7 @@ class Engine:
     def _acquire_adapter(self, request: _Request) -> None:
         if request.adapter is None:
             return
-        if request.adapter not in self.bank:
-            if self.adapter_loader is None:
-                raise KeyError(f"adapter {request.adapter!r} is not loaded")
-            self.adapter_loader(request.adapter)
-        request.slot = self.bank.acquire(request.adapter)
+        request.slot = self.bank.acquire(request.adapter, self.adapter_loader)
 
     def _prefill(self, request: _Request) -> None:
         """Run the prompt alone with its adapter; sample the first token; join the batch."""

@@ -8,55 +8,50 @@ Files are read with ``lorakit.io.read_adapter`` (safetensors only, never pickle)
 
 from __future__ import annotations
 
-import json
+import logging
 import re
 import threading
-from dataclasses import fields
 from pathlib import Path
 
-import torch
+from torch import nn
 
-from lorakit.config import LoraConfig
-from lorakit.errors import AdapterFileError, UserError
+from lorakit.errors import BaseModelMismatchError, UserError
+from lorakit.io import fingerprint
+from lorakit.io.read import AdapterFile, read_adapter
+from lorakit.serve.checks import PEFT_PREFIX
 
-__all__ = ["AdapterRegistry", "read_peft_adapter"]
+__all__ = ["AdapterRegistry", "ServedAdapters", "check_base", "read_peft_adapter"]
+
+log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
-def read_peft_adapter(directory: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """(config, tensors with PEFT keys) of a PEFT adapter directory."""
-    try:
-        from lorakit.io import read_adapter  # the project's reader, when installed
-    except ImportError:
-        return _read_minimal(directory)
-    adapter = read_adapter(directory)
-    return adapter.config, dict(adapter.tensors)
+def read_peft_adapter(directory: Path) -> AdapterFile:
+    """The adapter files of ``directory`` (config, PEFT-keyed tensors, base fingerprint)."""
+    return read_adapter(directory)
 
 
-def _read_minimal(directory: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """A small reader of ``adapter_config.json`` + ``adapter_model.safetensors`` (fallback)."""
-    from safetensors.torch import load_file
-
-    config_path, weights_path = (
-        directory / "adapter_config.json",
-        directory / "adapter_model.safetensors",
+def check_base(model: nn.Module, adapter: AdapterFile, allow_base_mismatch: bool) -> None:
+    """Refuse an adapter whose saved fingerprint says it was trained on other base weights."""
+    if adapter.fingerprint is None:
+        return  # written by peft or another tool: nothing to verify
+    modules = sorted(
+        {key.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0] for key in adapter.tensors}
     )
-    if not weights_path.is_file():
-        raise AdapterFileError(
-            f"{directory} has no adapter_model.safetensors (lorakit never reads pickled .bin files; "
-            "convert with peft: load it and save_pretrained(safe_serialization=True))."
+    found = fingerprint.first_mismatch(model, adapter.fingerprint, modules)
+    if found is None:
+        return
+    message = (
+        f"adapter {adapter.directory} was trained on different base weights: module "
+        f"{found[0]!r} does not match its saved fingerprint ({found[1]})."
+    )
+    if not allow_base_mismatch:
+        raise BaseModelMismatchError(
+            message
+            + " Serve it with its own base model, or start the server with --allow-base-mismatch."
         )
-    try:
-        raw = json.loads(config_path.read_text())
-    except (OSError, ValueError) as error:
-        raise AdapterFileError(f"cannot read {config_path}: {error}") from None
-    known = {f.name for f in fields(LoraConfig)}
-    try:
-        config = LoraConfig(**{k: v for k, v in raw.items() if k in known})
-    except (TypeError, ValueError) as error:
-        raise AdapterFileError(f"{config_path}: {error}") from None
-    return config, load_file(str(weights_path))
+    log.warning("%s Serving it anyway (--allow-base-mismatch).", message)
 
 
 class AdapterRegistry:
@@ -132,27 +127,43 @@ class AdapterRegistry:
 class ServedAdapters:
     """The registry and the bank together: load on first use, add and remove at runtime."""
 
-    def __init__(self, bank, registry: AdapterRegistry) -> None:
+    def __init__(
+        self,
+        bank,
+        registry: AdapterRegistry,
+        model: nn.Module,
+        *,
+        allow_base_mismatch: bool = False,
+    ) -> None:
         self.bank = bank
         self.registry = registry
+        self.model = model
+        self.allow_base_mismatch = allow_base_mismatch
         self._lock = threading.Lock()
+
+    def _read(self, path: Path) -> AdapterFile:
+        adapter = read_peft_adapter(path)
+        check_base(self.model, adapter, self.allow_base_mismatch)
+        return adapter
+
+    def read(self, name: str):
+        """``(config, tensors)`` of a registered adapter, its base fingerprint checked."""
+        adapter = self._read(self.registry.path(name))
+        return adapter.config, adapter.tensors
 
     def ensure_loaded(self, name: str) -> None:
         """Put a registered adapter into the bank if it is not there (LRU may evict another)."""
-        with self._lock:
-            if name in self.bank:
-                return
-            config, tensors = read_peft_adapter(self.registry.path(name))
-            self.bank.load(name, config, tensors)
+        self.bank.acquire(name, self.read)
+        self.bank.release(name)
 
     def add(self, name: str, relative_path: str | None) -> None:
         """Register ``root/relative_path`` as ``name`` and load it (errors leave nothing behind)."""
         path = self.registry.resolve(name, relative_path)
         if name in self.registry:
             raise ValueError(f"adapter {name!r} is already loaded; unload it first.")
-        config, tensors = read_peft_adapter(path)
+        adapter = self._read(path)
         with self._lock:
-            self.bank.load(name, config, tensors)
+            self.bank.load(name, adapter.config, adapter.tensors)
             try:
                 self.registry.register(name, path)
             except ValueError:

@@ -1,0 +1,84 @@
+"""Checks on an adapter's tensors before the bank writes any of them (PEFT keys and shapes)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterFileError
+
+if TYPE_CHECKING:
+    from lorakit.serve.bank import LayerStack
+
+__all__ = ["PEFT_PREFIX", "lora_pairs"]
+
+PEFT_PREFIX = "base_model.model."
+
+
+def lora_pairs(
+    name: str,
+    config: LoraConfig,
+    tensors: Mapping[str, torch.Tensor],
+    stacks: Mapping[str, LayerStack],
+    max_rank: int,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{layer path: (A, B)}`` after checking every key, shape and rank (before any write)."""
+    if getattr(config, "use_dora", False):
+        raise AdapterFileError(
+            f"adapter {name!r} uses DoRA, which the serving bank does not support."
+        )
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        path = key.removeprefix(PEFT_PREFIX)
+        for suffix, part in ((".lora_A.weight", "A"), (".lora_B.weight", "B")):
+            if path.endswith(suffix):
+                parts.setdefault(path.removesuffix(suffix), {})[part] = tensor
+                break
+        else:
+            raise AdapterFileError(
+                f"adapter {name!r}: tensor {key!r} is not a LoRA linear weight; the serving "
+                "bank supports lora_A/lora_B of linear layers only (no embeddings, biases, "
+                "modules_to_save)."
+            )
+    pairs = {}
+    for path, part in parts.items():
+        pairs[path] = _checked_pair(name, path, part, stacks, max_rank)
+    if not pairs:
+        raise AdapterFileError(f"adapter {name!r} holds no LoRA tensors.")
+    return pairs
+
+
+def _checked_pair(
+    name: str,
+    path: str,
+    part: dict[str, torch.Tensor],
+    stacks: Mapping[str, LayerStack],
+    max_rank: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    stack = stacks.get(path)
+    if stack is None:
+        raise AdapterFileError(
+            f"adapter {name!r} adapts {path!r}, which the served model was not prepared "
+            f"for (routed layers: e.g. {list(stacks)[:3]}...); restart the server with "
+            "target modules that include it."
+        )
+    if set(part) != {"A", "B"}:
+        raise AdapterFileError(f"adapter {name!r}: {path!r} lacks lora_A or lora_B.")
+    lora_A, lora_B = part["A"], part["B"]
+    rank = lora_A.shape[0]
+    _, k = stack.lora_A.shape[1:]
+    d = stack.lora_B.shape[1]
+    if tuple(lora_A.shape) != (rank, k) or tuple(lora_B.shape) != (d, rank):
+        raise AdapterFileError(
+            f"adapter {name!r}: {path!r} has lora_A {tuple(lora_A.shape)} and lora_B "
+            f"{tuple(lora_B.shape)}; expected ({rank}, {k}) and ({d}, {rank}) for this model."
+        )
+    if rank > max_rank:
+        raise AdapterFileError(
+            f"adapter {name!r}: {path!r} has rank {rank} > the bank's max_rank "
+            f"{max_rank}; restart the server with a larger --max-rank."
+        )
+    return lora_A, lora_B
