@@ -17,7 +17,7 @@ import openai
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 import lorakit
 from lorakit.cli import build_parser
@@ -74,22 +74,9 @@ def world(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("serve")
     tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=96,
-        tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
+    base = tiny_models.save_llama_with_tokenizer(
+        root / "model", tokenizer, max_position_embeddings=96, bos_token_id=tokenizer.bos_token_id
     )
-    base = LlamaForCausalLM(config).eval()
-    base.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
     reference = LlamaForCausalLM.from_pretrained(root / "model").eval()
     for index in range(16):
         spec = dict(r=2 + index % 3 * 2, lora_alpha=4 + index, target_modules=TARGETS[index % 3])
@@ -98,7 +85,7 @@ def world(tmp_path_factory):
     for index in range(16):
         save_adapter(reference, root / "adapters", f"ad{index}")  # -> adapters/ad<i>
     save_adapter(reference, root / "spare", "ad3")  # outside the adapter directory
-    alien = LlamaForCausalLM(config).eval()  # same shapes, other weights (seed moved on)
+    alien = LlamaForCausalLM(base.config).eval()  # same shapes, other weights (seed moved on)
     lorakit.inject(alien, lorakit.LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="alien")
     save_adapter(alien, root / "spare", "alien")
     port = free_port()

@@ -14,13 +14,13 @@ import peft
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
 import lorakit
 from lorakit.io import save_adapter
 from lorakit.state import lora_layers
-from tests import tiny_tokenizer
+from tests import tiny_models, tiny_tokenizer
 from tests.test_seed_snippets import CONFIG_SNIPPET, adapt, run
 
 SFT_SNIPPET = """
@@ -65,21 +65,7 @@ def base_dir(tmp_path_factory) -> Path:
     """A tiny Llama + tokenizer directory, like a hub checkout (no download)."""
     directory = tmp_path_factory.mktemp("tiny-llama-chat")
     tokenizer = tiny_tokenizer.build()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    tiny_models.save_llama_with_tokenizer(directory, tokenizer, pad_token_id=tokenizer.eos_token_id)
     return directory
 
 

@@ -16,9 +16,9 @@ from transformers import (
 )
 
 
-def llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+def llama_config(**overrides) -> LlamaConfig:
+    """The tiny Llama's config (GQA: 4 heads, 2 KV heads); ``overrides`` replace fields."""
+    fields = dict(
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=2,
@@ -28,7 +28,25 @@ def llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM
         max_position_embeddings=128,
         tie_word_embeddings=False,
     )
-    return LlamaForCausalLM(config).to(dtype).eval()
+    return LlamaConfig(**(fields | overrides))
+
+
+def llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(llama_config()).to(dtype).eval()
+
+
+def save_llama_with_tokenizer(directory, tokenizer, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """Save a tiny random Llama sized to ``tokenizer`` plus the tokenizer into ``directory``
+    (a local model directory like a hub checkout, without any download); returns the model."""
+    torch.manual_seed(seed)
+    config = llama_config(
+        vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, **overrides
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return model
 
 
 def gpt2(seed: int = 0) -> GPT2LMHeadModel:
