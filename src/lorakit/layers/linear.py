@@ -33,6 +33,19 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return module.out_features, module.in_features
 
 
+def _uninitialised_linear(
+    in_features: int, out_features: int, device: torch.device, dtype: torch.dtype
+) -> nn.Linear:
+    """A bias-free ``nn.Linear`` whose weight is allocated but not drawn: building it on the
+    meta device and ``to_empty`` costs more than the whole file read when loading adapters."""
+    linear = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(linear)
+    linear.in_features, linear.out_features = in_features, out_features
+    linear.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+    linear.register_parameter("bias", None)
+    return linear
+
+
 class LoraLinear(LoraLayer):
     """LoRA for ``nn.Linear`` and ``Conv1D``: ``h = base(x) + sum_a s_a B_a A_a dropout(x)``.
 
@@ -50,13 +63,13 @@ class LoraLinear(LoraLayer):
         self, adapter_name: str, rank: int, init: bool | str | None, dtype: torch.dtype
     ) -> None:
         device = self.base_layer.weight.device
-        # init None: values are about to be overwritten (loading a file): allocate, don't draw.
-        make_device = "meta" if init is None else device
-        lora_A = nn.Linear(self.in_features, rank, bias=False, device=make_device, dtype=dtype)
-        lora_B = nn.Linear(rank, self.out_features, bias=False, device=make_device, dtype=dtype)
-        if init is None:
-            lora_A, lora_B = lora_A.to_empty(device=device), lora_B.to_empty(device=device)
-        elif init is True:
+        if init is None:  # values are about to be copied in (loading a file): allocate only
+            lora_A = _uninitialised_linear(self.in_features, rank, device, dtype)
+            lora_B = _uninitialised_linear(rank, self.out_features, device, dtype)
+        else:
+            lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
+            lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
+        if init is True:
             nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(lora_B.weight)
         elif init == "gaussian":
