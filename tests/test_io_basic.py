@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 
 import peft
@@ -15,6 +14,7 @@ import lorakit
 from lorakit.errors import AdapterFileError
 from lorakit.io import load_adapter, read_adapter, save_adapter
 from tests import tiny_models
+from tests.call_count import calls_made
 
 TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS"}
 TARGETS = {
@@ -142,24 +142,6 @@ def test_saving_twice_gives_identical_bytes(tmp_path) -> None:
     ]  # no temporary file left behind
 
 
-def _calls_made(function, *args) -> int:
-    """How many Python and C function calls ``function(*args)`` makes: a deterministic measure of
-    work (unlike a timing, it does not depend on the machine's load)."""
-    calls = 0
-
-    def count(frame, event, arg) -> None:
-        nonlocal calls
-        if event in ("call", "c_call"):
-            calls += 1
-
-    sys.setprofile(count)
-    try:
-        function(*args)
-    finally:
-        sys.setprofile(None)
-    return calls
-
-
 def test_loading_many_adapters_does_not_slow_down(tmp_path) -> None:
     """The 100th adapter costs what the first did: no per-load work that grows with the number of
     adapters already on the model (before the fix, set_active walked every parameter and module
@@ -170,7 +152,7 @@ def test_loading_many_adapters_does_not_slow_down(tmp_path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for index in range(100):
-            work.append(_calls_made(load_adapter, model, tmp_path, f"adapter_{index}"))
+            work.append(calls_made(load_adapter, model, tmp_path, f"adapter_{index}"))
     assert len(lorakit.adapter_configs(model)) == 100
     assert work[-1] <= 1.05 * work[1], (work[1], work[-1])
 

@@ -11,6 +11,7 @@ import torch
 import lorakit
 from lorakit.state import lora_layers
 from tests import tiny_models
+from tests.call_count import calls_made
 
 CONFIG = lorakit.LoraConfig(
     r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
@@ -155,3 +156,16 @@ def test_adapter_tensors_follow_the_base_device_and_fp32_for_half_bases() -> Non
     assert layer.lora_A["default"].weight.dtype == torch.float32
     out = layer(torch.randn(2, 64, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16
+
+
+def test_activating_costs_the_same_with_100_adapters_as_with_2() -> None:
+    """set_active touches the adapters it switches, not every parameter of the model."""
+    model = lorakit.inject(tiny_models.llama(), CONFIG)
+    lorakit.inject(model, CONFIG, "a1", activate=False)
+    with_two = calls_made(lorakit.set_active, model, ["a1"])
+    for index in range(2, 100):
+        lorakit.inject(model, CONFIG, f"a{index}", activate=False)
+    with_hundred = calls_made(lorakit.set_active, model, ["a99"])
+    assert with_hundred == with_two
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".a99." in n for n in trainable)

@@ -14,7 +14,14 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.layers import LoraLayer, ModulesToSave, wrap
-from lorakit.state import adapter_configs, lora_layers, saved_modules, set_active, state_of
+from lorakit.state import (
+    adapter_configs,
+    freeze_all,
+    lora_layers,
+    saved_modules,
+    set_active,
+    state_of,
+)
 from lorakit.targets import SEQ_CLS_HEADS, find_targets, matches, model_modules, no_match_message
 
 __all__ = ["inject", "unload"]
@@ -42,7 +49,11 @@ def inject(
     targets = find_targets(model, config)
     if not targets:
         raise ValueError(no_match_message(model, config))
-    state = state_of(model, create=True)
+    if state_of(model) is None:
+        state = state_of(model, create=True)  # records the flags that unload restores
+        freeze_all(model)
+    else:
+        state = state_of(model)
     for name in targets:
         layer = model.get_submodule(name)
         if not isinstance(layer, LoraLayer):

@@ -39,6 +39,8 @@ class AdapterState:
     configs: dict[str, LoraConfig] = field(default_factory=dict)
     active: tuple[str, ...] = ()
     original_requires_grad: dict[str, bool] = field(default_factory=dict)
+    trainable: list[nn.Parameter] = field(default_factory=list)
+    """What ``set_active`` made trainable (so the next call freezes just these)."""
 
 
 def state_of(model: nn.Module, create: bool = False) -> AdapterState | None:
@@ -105,39 +107,50 @@ def _require(model: nn.Module, adapter_names: Sequence[str]) -> AdapterState:
 def set_active(model: nn.Module, adapter_names: Sequence[str]) -> None:
     """Make exactly ``adapter_names`` active (their outputs are summed) and trainable.
 
-    Every other adapter's tensors are frozen; the base stays frozen. Biases chosen by the
-    active configs' ``bias`` mode train too.
+    Every other adapter's tensors are frozen; the base stays frozen (it is frozen once, when the
+    first adapter is injected). Biases chosen by the active configs' ``bias`` mode train too. The
+    cost does not grow with the number of adapters the model holds.
     """
     state = _require(model, adapter_names)
-    state.active = tuple(adapter_names)
-    for parameter in model.parameters():
+    for parameter in state.trainable:
         parameter.requires_grad_(False)
+    state.active = tuple(adapter_names)
+    trainable: list[nn.Parameter] = []
     for _, layer in lora_layers(model):
         layer.active_adapters = tuple(n for n in adapter_names if n in layer.ranks)
         for name in layer.active_adapters:
-            for parameter in layer.adapter_parameters(name):
-                parameter.requires_grad_(True)
+            trainable += layer.adapter_parameters(name)
     for _, wrapper in saved_modules(model):
         wrapper.active_adapters = tuple(n for n in adapter_names if n in wrapper.modules_to_save)
         for name in wrapper.active_adapters:
-            wrapper.modules_to_save[name].requires_grad_(True)
-    _train_biases(model, {state.configs[name].bias for name in adapter_names})
+            trainable += wrapper.modules_to_save[name].parameters()
+    trainable += _trained_biases(model, {state.configs[name].bias for name in adapter_names})
+    for parameter in trainable:
+        parameter.requires_grad_(True)
+    state.trainable = trainable
 
 
-def _train_biases(model: nn.Module, modes: set[str]) -> None:
+def freeze_all(model: nn.Module) -> None:
+    """Freeze every parameter (done once, before the first adapter is injected)."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+
+
+def _trained_biases(model: nn.Module, modes: set[str]) -> list[nn.Parameter]:
+    """The biases that ``bias="all"`` (every bias of the base model, not of saved-module
+    originals) or ``bias="lora_only"`` (the adapted layers' biases) trains."""
     if "all" in modes:
-        frozen_originals = {
-            id(p) for _, w in saved_modules(model) for p in w.original_module.parameters()
-        }
-        for module in model.modules():
-            bias = getattr(module, "bias", None)
-            if isinstance(bias, nn.Parameter) and id(bias) not in frozen_originals:
-                bias.requires_grad_(True)
+        modules = (
+            module.base_layer if isinstance(module, LoraLayer) else module
+            for _, module in walk_modules(model)
+            if not isinstance(module, ModulesToSave)
+        )
     elif "lora_only" in modes:
-        for _, layer in lora_layers(model):
-            bias = getattr(layer.base_layer, "bias", None)
-            if isinstance(bias, nn.Parameter) and layer.active_adapters:
-                bias.requires_grad_(True)
+        modules = (layer.base_layer for _, layer in lora_layers(model) if layer.active_adapters)
+    else:
+        return []
+    biases = (getattr(module, "bias", None) for module in modules)
+    return [bias for bias in biases if isinstance(bias, nn.Parameter)]
 
 
 @contextmanager
