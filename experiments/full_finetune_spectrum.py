@@ -23,7 +23,7 @@ from lorakit.analysis import (
     spectrum_of_matrix,
     update_spectra,
 )
-from lorakit.analysis.plots import plot_spectra, save_figure
+from lorakit.analysis.plots import plot_effective_ranks, plot_spectra, save_figure
 
 LR = 1e-4
 EXTRACT_RANKS = (1, 4, 16, 64)
@@ -119,6 +119,10 @@ def plot_ranks(summary: dict, reference: dict, path) -> None:
     save_figure(figure, path)
 
 
+def summary_blocks(by_layer: dict[str, list]) -> dict[str, tuple[float, float]]:
+    return {block: common.mean_std(values) for block, values in by_layer.items()}
+
+
 def main() -> None:
     data: dict = {}
 
@@ -130,6 +134,8 @@ def main() -> None:
     if runs is None:
         return
     runs.sort(key=lambda r: r["seed"])
+    # the new head is not a pretrained weight: its "update" is left out of the summaries
+    kept = [i for i, row in enumerate(runs[0]["layers"]) if "classifier" not in row["name"]]
     first_spectra = [
         Spectrum(
             row["name"],
@@ -137,11 +143,13 @@ def main() -> None:
             torch.tensor(row["singular_values"], dtype=torch.float64),
             row["max_rank"],
         )
-        for row in runs[0]["layers"]
+        for row in (runs[0]["layers"][i] for i in kept)
     ]
     summary = {}  # per module type: mean ± sd over the six layers and the seeds
-    for index, spectrum in enumerate(first_spectra):
+    by_layer: dict[str, list] = {}  # per block: r @ 90% of its six matrices, all seeds
+    for index, spectrum in zip(kept, first_spectra, strict=True):
         rows = [run["layers"][index] for run in runs]
+        by_layer.setdefault(str(spectrum.layer_index), []).extend(r["rank_90"] for r in rows)
         entry = summary.setdefault(
             spectrum.module_type,
             {"shape": list(spectrum.shape), "max_rank": spectrum.max_rank, "rows": []},
@@ -171,6 +179,7 @@ def main() -> None:
             },
             "accuracy": accuracy,
             "summary_by_module": summary,
+            "rank_90_by_block": summary_blocks(by_layer),
             "gaussian_reference": reference,
             "extracted_accuracy": extracted,
             "runs": [  # the first 64 singular values per layer (all are in the .runs.jsonl)
@@ -191,6 +200,11 @@ def main() -> None:
         title="ΔW of a full fine-tune (MiniLM-L6, 36 layers, seed 0)",
     )
     plot_ranks(summary, reference, common.RESULTS / "full_finetune_ranks.png")
+    plot_effective_ranks(
+        first_spectra,
+        common.RESULTS / "full_finetune_layers.png",
+        title="Effective rank of ΔW by block (full fine-tune, seed 0)",
+    )
     print(f"full fine-tune accuracy {common.fmt(*accuracy)} %")
     print(f"{'module':<28} {'shape':>9} {'r90':>12} {'r99':>12} {'erank':>14} {'noise r90':>10}")
     for key, row in summary.items():
@@ -199,6 +213,8 @@ def main() -> None:
             f"{row['rank_90'][0]:>6.1f}±{row['rank_90'][1]:<5.1f} {row['rank_99'][0]:>6.1f}±{row['rank_99'][1]:<5.1f}"
             f"{row['entropy_rank'][0]:>8.1f}±{row['entropy_rank'][1]:<5.1f} {reference[key]['rank_90']:>10}"
         )
+    for block, (mean, std) in summary_blocks(by_layer).items():
+        print(f"block {block}: r @ 90% = {mean:.1f} ± {std:.1f} (six matrices x seeds)")
     for rank, (mean, std) in extracted.items():
         print(f"extracted r={rank}: accuracy {common.fmt(mean, std)} %")
 

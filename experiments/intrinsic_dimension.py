@@ -19,7 +19,7 @@ import common
 
 from lorakit.analysis.intrinsic import IntrinsicDimension, d90
 
-DIMENSIONS = (100, 1000, 10000)
+DIMENSIONS = (100, 1000, 10000, 100000)
 SEEDS = (0, 1)
 SUBSPACE_LR = 5e-3
 HEAD_LR = common.HEAD_LR

@@ -11,3 +11,4 @@ python experiments/lora_rank.py                  # 3: LoRA r = 1, 4, 16, 64 vs f
 python experiments/placement.py                  # 4: all linear at low r vs q/v at high r
 python experiments/intrinsic_dimension.py --seed 0   # 1: d90 by SAID, seed 0 of every d first
 python experiments/intrinsic_dimension.py --seed 1
+python experiments/probe.py                      # 0 again: adds the tuned probe (grid chosen on eval)

@@ -42,7 +42,10 @@ def full_finetune(data: dict) -> None:
 
 
 def probe(data: dict) -> None:
-    print(f"Linear probe: {pct(data['accuracy'])} % (train {pct(data['train_accuracy'])} %)\n")
+    print(f"Linear probe: {pct(data['accuracy'])} % (train {pct(data['train_accuracy'])} %)")
+    if "tuned_accuracy" in data:
+        print(f"Best of the grid, chosen on eval: {pct(data['tuned_accuracy'])} %")
+    print()
 
 
 def lora_rank(data: dict) -> None:
