@@ -12,3 +12,4 @@ python experiments/placement.py                  # 4: all linear at low r vs q/v
 python experiments/intrinsic_dimension.py --seed 0   # 1: d90 by SAID, seed 0 of every d first
 python experiments/intrinsic_dimension.py --seed 1
 python experiments/probe.py                      # 0 again: adds the tuned probe (grid chosen on eval)
+python experiments/lora_r64_lower_lr.py          # 3, follow-up: r = 64 at a 4x smaller lr

@@ -45,6 +45,8 @@ def probe(data: dict) -> None:
     print(f"Linear probe: {pct(data['accuracy'])} % (train {pct(data['train_accuracy'])} %)")
     if "tuned_accuracy" in data:
         print(f"Best of the grid, chosen on eval: {pct(data['tuned_accuracy'])} %")
+    if "head_100_steps_accuracy" in data:
+        print(f"Head only, 100 steps like the others: {pct(data['head_100_steps_accuracy'])} %")
     print()
 
 
