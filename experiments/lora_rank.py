@@ -49,7 +49,7 @@ def plot(summary: dict, full: list, probe: list, path) -> None:
         alpha=0.3,
         label="full fine-tuning (mean ± sd)",
     )
-    axis.axhline(100 * probe[0], color="tab:red", linestyle="--", label="linear probe (frozen)")
+    axis.axhline(100 * probe[0], color="tab:red", linestyle="--", label="head only (frozen)")
     axis.set(
         xscale="log",
         xlabel="trainable parameters (incl. 770 of the head)",
@@ -103,7 +103,7 @@ def main() -> None:
             "runs": runs,
         },
     )
-    probe = common.wait_for_json("probe.json")["accuracy"]
+    probe = common.wait_for_json("probe.json").get("head_100_steps_accuracy")
     plot(summary, full_accuracy, probe, common.RESULTS / "lora_rank.png")
     print(f"{'setting':<16} {'trainable':>10} {'accuracy %':>14}")
     for rank in RANKS:

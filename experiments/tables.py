@@ -76,7 +76,7 @@ def intrinsic(data: dict) -> None:
     print(f"D = {data['setup']['projected_parameters']:,} parameters in the subspace.\n")
     print("| d | d counted (θ_d + λ) | accuracy % | per seed |")
     print("|---|---|---|---|")
-    print(f"| linear probe (frozen backbone) | 0 | {pct(data['probe_accuracy'])} | |")
+    print(f"| head only (frozen backbone) | 0 | {pct(data['probe_accuracy'])} | |")
     for d, row in data["summary"].items():
         seeds = ", ".join(
             f"{100 * r['accuracy']:.1f}" for r in data["runs"] if r["dimension"] == int(d)
@@ -87,8 +87,8 @@ def intrinsic(data: dict) -> None:
         f"{pct(data['full_finetune_accuracy'])} |"
     )
     print(
-        f"\nd90 = {data['d90']}; d90 of the gain over the probe = "
-        f"{data['d90_of_gain_over_probe']}\n"
+        f"\nd90 = {data['d90']}; d90 of the gain over head-only = "
+        f"{data['d90_of_gain_over_head_only']}\n"
     )
 
 
