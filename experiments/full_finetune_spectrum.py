@@ -1,7 +1,7 @@
 """Experiment 2: how low is the rank of a FULL fine-tune's update ΔW = W_ft - W0?
 
-Fully fine-tunes the top MiniLM block (see common.py) on Rotten Tomatoes for 3 seeds, then
-measures every linear layer's ΔW: rank at 90/99% energy, entropy effective rank, stable rank;
+Fully fine-tunes all six MiniLM blocks (see common.py) on Rotten Tomatoes for 3 seeds, then
+measures every linear layer's ΔW (36 of them), summarised per module type: rank at 90/99% energy, entropy effective rank, stable rank;
 the same measures for a Gaussian random matrix of each shape (the "no structure" reference);
 and (seed 0) the accuracy of LoRA adapters EXTRACTED from the fine-tune by truncated SVD at
 r = 1..64.
@@ -23,17 +23,18 @@ from lorakit.analysis import (
     spectrum_of_matrix,
     update_spectra,
 )
-from lorakit.analysis.plots import plot_spectra, save_figure
+from lorakit.analysis.plots import plot_effective_ranks, plot_spectra, save_figure
 
 LR = 1e-4
 EXTRACT_RANKS = (1, 4, 16, 64)
 
 
-def run_seed(seed: int, features: dict) -> dict:
-    top = common.fresh_top()
+def run_seed(seed: int, data: dict) -> dict:
+    top = common.fresh_model()
     initial = copy.deepcopy(top)
-    groups = common.with_head(top, list(top.parameters()), LR)
-    result = common.train(top, groups, features, lr=LR, seed=seed)
+    body = [p for p in top.parameters() if p.requires_grad]  # embeddings stay frozen
+    groups = common.with_head(top, body, LR)
+    result = common.train(top, groups, data, lr=LR, seed=seed)
     spectra = update_spectra(initial, top)
     # Layers whose base changed outside linear weights (norms, biases, pooler) stay fine-tuned in
     # the "extracted" models below: only the linear weights are replaced by base + s B A.
@@ -48,7 +49,7 @@ def run_seed(seed: int, features: dict) -> dict:
                     model.get_parameter(name).copy_(parameter)
         model = apply_extraction(model, extraction)
         extracted[str(rank)] = {
-            "accuracy": common.accuracy(model, features),
+            "accuracy": common.accuracy(model, data),
             "max_relative_error": extraction.relative_error,
             "parameters": extraction.parameters,
         }
@@ -56,7 +57,7 @@ def run_seed(seed: int, features: dict) -> dict:
         seed=seed,
         layers=[s.to_dict() for s in spectra],
         extracted=extracted,
-        trainable=common.count(top.parameters()),
+        trainable=common.count(body),
     )
     return result
 
@@ -66,6 +67,8 @@ def random_reference(spectra: list) -> dict:
     generator = torch.Generator().manual_seed(0)
     out = {}
     for s in spectra:
+        if s.module_type in out:
+            continue
         noise = torch.randn(*s.shape, generator=generator, dtype=torch.float64)
         row = spectrum_of_matrix(s.name, noise).to_dict(max_values=1)
         out[s.module_type] = {
@@ -108,23 +111,31 @@ def plot_ranks(summary: dict, reference: dict, path) -> None:
         fontsize=7,
     )
     axis.set(
-        ylabel="rank", yscale="log", title="Full fine-tune of MiniLM block 5: effective rank of ΔW"
+        ylabel="rank",
+        yscale="log",
+        title="Full fine-tune of MiniLM-L6: effective rank of ΔW (mean over 6 layers x seeds)",
     )
     axis.legend(fontsize=8)
     save_figure(figure, path)
 
 
+def summary_blocks(by_layer: dict[str, list]) -> dict[str, tuple[float, float]]:
+    return {block: common.mean_std(values) for block, values in by_layer.items()}
+
+
 def main() -> None:
-    features: dict = {}
+    data: dict = {}
 
     def run_one(key: str, seed: int) -> dict:
-        features.update(features or common.cached_features())
-        return run_seed(seed, features)
+        data.update(data or common.token_data())
+        return run_seed(seed, data)
 
     runs = common.sweep("full_finetune", ["full"], run_one)
     if runs is None:
         return
     runs.sort(key=lambda r: r["seed"])
+    # the new head is not a pretrained weight: its "update" is left out of the summaries
+    kept = [i for i, row in enumerate(runs[0]["layers"]) if "classifier" not in row["name"]]
     first_spectra = [
         Spectrum(
             row["name"],
@@ -132,20 +143,23 @@ def main() -> None:
             torch.tensor(row["singular_values"], dtype=torch.float64),
             row["max_rank"],
         )
-        for row in runs[0]["layers"]
+        for row in (runs[0]["layers"][i] for i in kept)
     ]
-    summary = {}
-    for layer_index, layer in enumerate(runs[0]["layers"]):
-        rows = [run["layers"][layer_index] for run in runs]
-        summary[first_spectra[layer_index].module_type] = {
-            "name": layer["name"],
-            "shape": layer["shape"],
-            "max_rank": layer["max_rank"],
-            **{
-                key: common.mean_std([r[key] for r in rows])
-                for key in ("rank_90", "rank_99", "entropy_rank", "stable_rank")
-            },
-        }
+    summary = {}  # per module type: mean ± sd over the six layers and the seeds
+    by_layer: dict[str, list] = {}  # per block: r @ 90% of its six matrices, all seeds
+    for index, spectrum in zip(kept, first_spectra, strict=True):
+        rows = [run["layers"][index] for run in runs]
+        by_layer.setdefault(str(spectrum.layer_index), []).extend(r["rank_90"] for r in rows)
+        entry = summary.setdefault(
+            spectrum.module_type,
+            {"shape": list(spectrum.shape), "max_rank": spectrum.max_rank, "rows": []},
+        )
+        entry["rows"] += rows
+    for entry in summary.values():
+        rows = entry.pop("rows")
+        entry["count"] = len(rows)
+        for key in ("rank_90", "rank_99", "entropy_rank", "stable_rank"):
+            entry[key] = common.mean_std([r[key] for r in rows])
     reference = random_reference(first_spectra)
     accuracy = common.mean_std([r["accuracy"] for r in runs])
     extracted = {  # seed 0 only
@@ -161,10 +175,11 @@ def main() -> None:
                 "steps": common.STEPS,
                 "batch": common.BATCH,
                 "seeds": list(common.SEEDS),
-                "scope": "MiniLM-L6 block 5 + new head on mean pooling; layers 0-4 frozen",
+                "scope": "MiniLM-L6, all 6 blocks + new head on mean pooling; embeddings frozen",
             },
             "accuracy": accuracy,
             "summary_by_module": summary,
+            "rank_90_by_block": summary_blocks(by_layer),
             "gaussian_reference": reference,
             "extracted_accuracy": extracted,
             "runs": [  # the first 64 singular values per layer (all are in the .runs.jsonl)
@@ -182,9 +197,14 @@ def main() -> None:
     plot_spectra(
         first_spectra,
         common.RESULTS / "full_finetune_spectra.png",
-        title="ΔW of a full fine-tune (MiniLM block 5, seed 0)",
+        title="ΔW of a full fine-tune (MiniLM-L6, 36 layers, seed 0)",
     )
     plot_ranks(summary, reference, common.RESULTS / "full_finetune_ranks.png")
+    plot_effective_ranks(
+        first_spectra,
+        common.RESULTS / "full_finetune_layers.png",
+        title="Effective rank of ΔW by block (full fine-tune, seed 0)",
+    )
     print(f"full fine-tune accuracy {common.fmt(*accuracy)} %")
     print(f"{'module':<28} {'shape':>9} {'r90':>12} {'r99':>12} {'erank':>14} {'noise r90':>10}")
     for key, row in summary.items():
@@ -193,6 +213,8 @@ def main() -> None:
             f"{row['rank_90'][0]:>6.1f}±{row['rank_90'][1]:<5.1f} {row['rank_99'][0]:>6.1f}±{row['rank_99'][1]:<5.1f}"
             f"{row['entropy_rank'][0]:>8.1f}±{row['entropy_rank'][1]:<5.1f} {reference[key]['rank_90']:>10}"
         )
+    for block, (mean, std) in summary_blocks(by_layer).items():
+        print(f"block {block}: r @ 90% = {mean:.1f} ± {std:.1f} (six matrices x seeds)")
     for rank, (mean, std) in extracted.items():
         print(f"extracted r={rank}: accuracy {common.fmt(mean, std)} %")
 

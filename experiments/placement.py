@@ -1,9 +1,10 @@
 """Experiment 4: the seed's claim — all linear layers at low rank vs q/v only at high rank, for the
 same number of trainable parameters.
 
-In the MiniLM block (d_model 384, d_ffn 1536) one rank of LoRA costs 768 parameters on each of
+In a MiniLM block (d_model 384, d_ffn 1536) one rank of LoRA costs 768 parameters on each of
 query/key/value/attention-output and 1920 on each MLP matrix: all six at r = 4 cost
-4 * (4 * 768 + 2 * 1920) = 27,648, exactly q/v at r = 18 (2 * 18 * 768). Same lr (1e-3), alpha
+4 * (4 * 768 + 2 * 1920) = 27,648 per block, exactly q/v at r = 18 (2 * 18 * 768); over the six
+blocks both cost 165,888. Same lr (1e-3), alpha
 = 2r, steps and seeds as experiment 3; the all-linear r = 4 runs are taken from
 results/lora_rank.json. Writes results/placement.json and placement.png.
 Run: PYTHONPATH=src python experiments/placement.py   (one process per seed: add --seed 0 / 1 / 2)
@@ -37,17 +38,17 @@ def plot(rows: dict, path) -> None:
     axis.set(
         ylim=(max(0, low - 5), 100),
         ylabel="accuracy (%)",
-        title="Same budget (27,648 LoRA parameters)",
+        title="Same budget (165,888 LoRA parameters)",
     )
     save_figure(figure, path)
 
 
 def main() -> None:
-    features: dict = {}
+    data: dict = {}
 
     def run_one(key: str, seed: int) -> dict:
-        features.update(features or common.cached_features())
-        return run(18, seed, features, target=QV)
+        data.update(data or common.token_data())
+        return run(18, seed, data, target=QV)
 
     qv = common.sweep("placement", ["qv18"], run_one)
     if qv is None:

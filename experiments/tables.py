@@ -41,13 +41,25 @@ def full_finetune(data: dict) -> None:
     print()
 
 
+def probe(data: dict) -> None:
+    print(f"Linear probe: {pct(data['accuracy'])} % (train {pct(data['train_accuracy'])} %)")
+    if "tuned_accuracy" in data:
+        print(f"Best of the grid, chosen on eval: {pct(data['tuned_accuracy'])} %")
+    if "head_100_steps_accuracy" in data:
+        print(f"Head only, 100 steps like the others: {pct(data['head_100_steps_accuracy'])} %")
+    print()
+
+
 def lora_rank(data: dict) -> None:
-    print("| setting | trainable parameters | accuracy % |")
-    print("|---|---|---|")
+    print("| setting | trainable parameters | accuracy % | per seed |")
+    print("|---|---|---|---|")
     for rank, row in data["summary"].items():
-        print(f"| LoRA r = {rank} | {row['trainable']:,} | {pct(row['accuracy'])} |")
+        seeds = ", ".join(
+            f"{100 * r['accuracy']:.1f}" for r in data["runs"] if r["rank"] == int(rank)
+        )
+        print(f"| LoRA r = {rank} | {row['trainable']:,} | {pct(row['accuracy'])} | {seeds} |")
     full = data["full_finetune"]
-    print(f"| full fine-tuning | {full['trainable']:,} | {pct(full['accuracy'])} |\n")
+    print(f"| full fine-tuning | {full['trainable']:,} | {pct(full['accuracy'])} | |\n")
 
 
 def placement(data: dict) -> None:
@@ -62,11 +74,14 @@ def placement(data: dict) -> None:
 
 def intrinsic(data: dict) -> None:
     print(f"D = {data['setup']['projected_parameters']:,} parameters in the subspace.\n")
-    print("| d | d counted (θ_d + λ) | accuracy % |")
-    print("|---|---|---|")
+    print("| d | d counted (θ_d + λ) | accuracy % | per seed |")
+    print("|---|---|---|---|")
+    print(f"| head only (frozen backbone) | 0 | {pct(data['probe_accuracy'])} | |")
     for d, row in data["summary"].items():
-        label = "0 (head only)" if d == "0" else d
-        print(f"| {label} | {row['counted_dimension']:,} | {pct(row['accuracy'])} |")
+        seeds = ", ".join(
+            f"{100 * r['accuracy']:.1f}" for r in data["runs"] if r["dimension"] == int(d)
+        )
+        print(f"| {d} | {row['counted_dimension']:,} | {pct(row['accuracy'])} | {seeds} |")
     print(
         f"| full fine-tuning | {data['setup']['projected_parameters']:,} | "
         f"{pct(data['full_finetune_accuracy'])} |"
@@ -79,6 +94,7 @@ def intrinsic(data: dict) -> None:
 
 def main() -> None:
     for name, render in [
+        ("probe.json", probe),
         ("full_finetune.json", full_finetune),
         ("lora_rank.json", lora_rank),
         ("placement.json", placement),
