@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import common
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -44,11 +43,7 @@ def smollm2_config(layers: int, tiny: bool = False) -> LlamaConfig:
     if tiny:
         return LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)  # fmt: skip
-    return LlamaConfig(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
-        num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
-        rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
+    return common.smollm2_config(layers, quick=False)  # bos 1, eos 2: LlamaConfig's defaults
 
 
 def random_adapter(model, targets, rank, seed) -> dict[str, torch.Tensor]:
@@ -291,22 +286,16 @@ def main(argv=None) -> int:
 
 
 def versions() -> dict[str, str]:
-    import peft
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "lorakit": lorakit.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()}  # fmt: skip
+    return common.versions() | {
+        "lorakit": lorakit.__version__,
+        "threads": str(torch.get_num_threads()),
+    }
 
 
 def write(args, rows) -> None:
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     payload = {"workload": 3, "settings": settings, "versions": versions(), "rows": rows}
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(out)
-    print(f"wrote {out}")
+    common.write_json(Path(args.out), payload)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import threading
 import time
 from pathlib import Path
 
+import common
 import torch
 from bench_mixed_adapters import ALL_LINEAR, build_peft, random_adapter, smollm2_config, versions
 from transformers import LlamaForCausalLM
@@ -188,8 +188,6 @@ def report(args, raw, peft) -> None:
     print(
         f"{'peft':>8} {peft['tokens_per_s']:8.1f} {peft['requests_per_s']:6.2f} {peft['ttft_p50']:9.3f} {peft['ttft_p99']:9.3f}"
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     model = (
         "SmolLM2-135M-Instruct (real weights)"
         if args.real
@@ -198,10 +196,7 @@ def report(args, raw, peft) -> None:
     payload = {"workload": 6, "model": model, "settings": {k: v for k, v in vars(args).items() if k != "out"},
                "versions": versions(), "raw": {str(c): runs for c, runs in raw.items()}, "medians": {str(c): m for c, m in medians.items()},
                "peft_switching": peft}  # fmt: skip
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(out)
-    print(f"wrote {out}")
+    common.write_json(Path(args.out), payload)
 
 
 if __name__ == "__main__":
