@@ -239,3 +239,8 @@ def test_acquire_with_a_loader_loads_and_holds_atomically(setup):
     bank.release("x")
     bank.release("x")
     assert bank.acquire("y", loader) == slot and bank.names() == ["y"]
+    bank.release("y")
+    # preparing an adapter (what the HTTP threads do) never holds its slot: once it held it for
+    # an instant, and the engine, seeing every slot busy with nothing running, failed a request
+    assert bank.ensure_loaded("x", loader) == slot and bank.names() == ["x"]
+    assert bank.acquire("y", loader) == slot and bank.names() == ["y"]

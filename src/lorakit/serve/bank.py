@@ -200,12 +200,22 @@ class AdapterBank:
         and acquiring are one atomic step, so no other thread can evict it in between.
         """
         with self._lock:
+            slot = self.ensure_loaded(name, loader)
+            self._in_use[name] = self._in_use.get(name, 0) + 1
+            return slot
+
+    def ensure_loaded(self, name: str, loader: Loader | None = None) -> int:
+        """Load ``name`` with ``loader`` unless it is in the bank; mark it recently used; its slot.
+
+        Unlike ``acquire`` this does not hold the slot: a thread that only prepares an adapter
+        never makes the bank look busy to the engine.
+        """
+        with self._lock:
             if name not in self._slot_of and loader is not None:
                 config, tensors = loader(name)
                 self.load(name, config, tensors)
             slot = self._slot_of[self._known(name)]
             self._slot_of.move_to_end(name)
-            self._in_use[name] = self._in_use.get(name, 0) + 1
             return slot
 
     def release(self, name: str) -> None:

@@ -153,8 +153,7 @@ class ServedAdapters:
 
     def ensure_loaded(self, name: str) -> None:
         """Put a registered adapter into the bank if it is not there (LRU may evict another)."""
-        self.bank.acquire(name, self.read)
-        self.bank.release(name)
+        self.bank.ensure_loaded(name, self.read)
 
     def add(self, name: str, relative_path: str | None) -> None:
         """Register ``root/relative_path`` as ``name`` and load it (errors leave nothing behind)."""
