@@ -102,6 +102,27 @@ def test_other_adapters_go_to_subdirectories_and_load_by_name(tmp_path) -> None:
             assert torch.equal(_logits(fresh), _logits(model))
 
 
+def test_adapters_on_the_same_modules_load_side_by_side(tmp_path) -> None:
+    """A second file on the same layers joins the existing LoRA layers (never re-wraps them,
+    which would drop the first adapter)."""
+    first, second = _adapted("llama"), _adapted("llama")
+    tiny_models.randomize_adapters(second, seed=9, std=0.3)
+    save_adapter(first, tmp_path / "first")
+    save_adapter(second, tmp_path / "second")
+    fresh = tiny_models.llama()
+    load_adapter(fresh, tmp_path / "first", "one")
+    load_adapter(fresh, tmp_path / "second", "two")
+    layer = fresh.get_submodule("model.layers.1.mlp.down_proj")
+    assert layer.adapter_names == ("one", "two") and not isinstance(
+        layer.base_layer, lorakit.layers.LoraLayer
+    )
+    for name, source in (("one", first), ("two", second)):
+        expected = _logits(source)
+        with lorakit.use_adapters(fresh, [name]):
+            assert torch.equal(_logits(fresh), expected)
+    assert not torch.equal(_logits(first), _logits(second))
+
+
 def test_read_adapter_returns_config_and_tensors(tmp_path) -> None:
     model = _adapted("bert")
     save_adapter(model, tmp_path)

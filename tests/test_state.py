@@ -104,6 +104,25 @@ def test_use_adapters_is_confined_to_its_thread(two_adapters) -> None:
     assert torch.equal(seen["other"], default_out)
 
 
+def test_use_adapters_and_disabled_touch_only_their_model(two_adapters) -> None:
+    """Choosing adapters for one model leaves another model in the same block alone (both
+    models have an adapter named "default"; once the choice leaked to every model)."""
+    other = lorakit.inject(tiny_models.llama(), CONFIG)
+    tiny_models.randomize_adapters(other, seed=3, std=0.2)
+    ids = tiny_models.input_ids()
+    other_out, base = _logits(other, ids), _logits(tiny_models.llama(), ids)
+    with lorakit.use_adapters(two_adapters, ["second"]), lorakit.disabled(two_adapters):
+        assert torch.equal(_logits(two_adapters, ids), base)
+        assert torch.equal(_logits(other, ids), other_out)
+    with lorakit.use_adapters(two_adapters, []), lorakit.use_adapters(other, ["default"]):
+        assert torch.equal(_logits(two_adapters, ids), base)
+        assert torch.equal(_logits(other, ids), other_out)
+    with lorakit.disabled(other):
+        assert torch.equal(_logits(other, ids), base)
+        assert not torch.equal(_logits(two_adapters, ids), base)
+    assert not torch.equal(other_out, base)
+
+
 def test_delete_adapter_removes_its_tensors(two_adapters) -> None:
     lorakit.delete_adapter(two_adapters, "second")
     assert list(lorakit.adapter_configs(two_adapters)) == ["default"]

@@ -8,6 +8,7 @@ records the config on the model. ``unload`` puts back the very same module objec
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from lorakit.state import (
 )
 from lorakit.targets import SEQ_CLS_HEADS, find_targets, matches, model_modules, no_match_message
 
-__all__ = ["inject", "unload"]
+__all__ = ["add_planned_adapter", "inject", "unload"]
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
@@ -49,13 +50,47 @@ def inject(
     targets = find_targets(model, config)
     if not targets:
         raise ValueError(no_match_message(model, config))
+    add_planned_adapter(
+        model,
+        config,
+        adapter_name,
+        targets,
+        _saved_module_names(model, config),
+        adapter_dtype=adapter_dtype,
+        activate=activate,
+        init=config.init_lora_weights if initialize else None,
+    )
+    return model
+
+
+def add_planned_adapter(
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_name: str,
+    targets: list[str],
+    saved_names: list[str],
+    *,
+    modules: Mapping[str, nn.Module] | None = None,
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    adapter_dtype: torch.dtype | None = None,
+    activate: bool = True,
+    init: bool | str | None = True,
+) -> None:
+    """``inject`` once the targets are known (``find_targets``) and the name checked.
+
+    ``modules``: the model's modules as they are now, LoRA layers included
+    (``dict(walk_modules(model))``), to save the lookups; ``factors[name] = (A, B)``: tensors the new adapter of LoRA linear layer ``name``
+    takes as its weights (no copy when dtype and device already fit: the caller hands them
+    over); ``init``: ``LoraConfig.init_lora_weights``, or None for uninitialised tensors.
+    """
     if state_of(model) is None:
         state = state_of(model, create=True)  # records the flags that unload restores
         freeze_all(model)
     else:
         state = state_of(model)
+    factors = factors or {}
     for name in targets:
-        layer = model.get_submodule(name)
+        layer = modules[name] if modules is not None else model.get_submodule(name)
         if not isinstance(layer, LoraLayer):
             layer = wrap(layer, name)
             _replace(model, name, layer)
@@ -65,10 +100,10 @@ def inject(
             alpha=config.alpha_for(name),
             dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
-            init=config.init_lora_weights if initialize else None,
+            init=init,
             dtype=adapter_dtype or _default_adapter_dtype(layer.base_layer.weight.dtype),
+            values=factors.get(name),
         )
-    saved_names = _saved_module_names(model, config)
     for name in saved_names:
         wrapper = model.get_submodule(name)
         if not isinstance(wrapper, ModulesToSave):
@@ -80,7 +115,6 @@ def inject(
         set_active(model, [adapter_name])
     else:  # a new inactive adapter's tensors are frozen; nothing else changes
         _freeze_adapter(model, adapter_name, [*targets, *saved_names])
-    return model
 
 
 def _freeze_adapter(model: nn.Module, adapter_name: str, module_names: list[str]) -> None:

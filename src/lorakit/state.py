@@ -155,21 +155,25 @@ def _trained_biases(model: nn.Module, modes: set[str]) -> list[nn.Parameter]:
 
 @contextmanager
 def use_adapters(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[None]:
-    """Within the block, forwards use exactly ``adapter_names`` (``[]``: the base model).
-
-    Nothing on the model changes; only the calling thread / task is affected.
-    """
+    """Within the block, ``model``'s forwards use exactly ``adapter_names`` (``[]``: the base
+    model). Nothing on the model changes; only this model and only the calling thread / task
+    are affected (other models keep their active adapters, even in the same block)."""
     _require(model, adapter_names)
-    with adapter_override(adapter_names):
+    with adapter_override(_switchable(model), adapter_names):
         yield
 
 
 @contextmanager
 def disabled(model: nn.Module) -> Iterator[None]:
     """Within the block the model computes exactly the base output (even while merged: the
-    original weights are kept), and no weight is modified."""
-    with adapter_override(()):
+    original weights are kept), and no weight is modified. Other models are not affected."""
+    with adapter_override(_switchable(model), ()):
         yield
+
+
+def _switchable(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that choose adapters per call: LoRA layers and saved modules."""
+    return [m for _, m in walk_modules(model) if isinstance(m, (LoraLayer, ModulesToSave))]
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:

@@ -51,12 +51,16 @@ def model_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(name, module)`` of the ORIGINAL model: a LoRA layer stands for the module it wraps and
     the insides of LoRA layers and saved-module wrappers are skipped."""
     for name, module in walk_modules(model):
-        if isinstance(module, LoraLayer):
-            yield name, module.base_layer
-        elif isinstance(module, ModulesToSave):
-            yield name, module.original_module
-        else:
-            yield name, module
+        yield name, original_module(module)
+
+
+def original_module(module: nn.Module) -> nn.Module:
+    """The module a LoRA layer or saved-module wrapper stands for; any other module itself."""
+    if isinstance(module, LoraLayer):
+        return module.base_layer
+    if isinstance(module, ModulesToSave):
+        return module.original_module
+    return module
 
 
 def matches(spec: str | list[str], module_name: str) -> bool:

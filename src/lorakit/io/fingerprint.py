@@ -19,10 +19,11 @@ and transformers ignore extra metadata), computed from the ORIGINAL weight of me
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -49,21 +50,35 @@ def base_weight(module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
+@functools.lru_cache(maxsize=256)
 def sample_positions(numel: int, count: int = SAMPLES) -> torch.Tensor:
     """``count`` positions in ``[0, numel)``: ``floor(frac((j + 0.5) * 0.618...) * numel)``."""
     j = torch.arange(min(count, numel), dtype=torch.float64)
     return torch.floor(torch.frac((j + 0.5) * _GOLDEN) * numel).long()
 
 
+def _samples(weight: torch.Tensor) -> torch.Tensor:
+    """The sampled elements of ``weight`` (flattened), on the CPU."""
+    flat = weight.detach().reshape(-1)
+    return flat[sample_positions(flat.numel()).to(flat.device)].cpu().contiguous()
+
+
+def _digest(samples: torch.Tensor) -> str:
+    return hashlib.sha256(samples.view(torch.uint8).numpy().tobytes()).hexdigest()[:32]
+
+
+def _dtype_name(weight: torch.Tensor) -> str:
+    return str(weight.dtype).removeprefix("torch.")
+
+
 def weight_fingerprint(weight: torch.Tensor) -> dict[str, object]:
     """``{"shape", "dtype", "sha256", "values"}`` of one weight (see the module docstring)."""
-    flat = weight.detach().reshape(-1)
-    samples = flat[sample_positions(flat.numel()).to(flat.device)].cpu().contiguous()
+    samples = _samples(weight)
     values = samples.to(torch.float32).numpy().astype("<f4").tobytes()
     return {
         "shape": list(weight.shape),
-        "dtype": str(weight.dtype).removeprefix("torch."),
-        "sha256": hashlib.sha256(samples.view(torch.uint8).numpy().tobytes()).hexdigest()[:32],
+        "dtype": _dtype_name(weight),
+        "sha256": _digest(samples),
         "values": base64.b64encode(values).decode("ascii"),
     }
 
@@ -105,11 +120,11 @@ def _values(fingerprint: dict[str, object]) -> torch.Tensor:
 
 def describe_difference(stored: dict[str, object], weight: torch.Tensor) -> str | None:
     """None if ``weight`` fits the stored fingerprint, else a short reason."""
+    if list(weight.shape) != stored["shape"]:
+        return f"shape {list(weight.shape)} != {stored['shape']}"
+    if _dtype_name(weight) == stored["dtype"]:  # the common case: compare the digests only
+        return None if _digest(_samples(weight)) == stored["sha256"] else "sampled weights differ"
     current = weight_fingerprint(weight)
-    if current["shape"] != stored["shape"]:
-        return f"shape {current['shape']} != {stored['shape']}"
-    if current["dtype"] == stored["dtype"]:
-        return None if current["sha256"] == stored["sha256"] else "sampled weights differ"
     expected, actual = _values(stored), _values(current)
     tolerance = _RELATIVE_TOLERANCE * torch.maximum(expected.abs(), actual.abs())
     if bool(((expected - actual).abs() <= tolerance + _ABSOLUTE_TOLERANCE).all()):
@@ -118,14 +133,19 @@ def describe_difference(stored: dict[str, object], weight: torch.Tensor) -> str 
 
 
 def first_mismatch(
-    model: nn.Module, stored: dict[str, dict[str, object]], module_names: Iterable[str]
+    model: nn.Module,
+    stored: dict[str, dict[str, object]],
+    module_names: Iterable[str],
+    modules: Mapping[str, nn.Module] | None = None,
 ) -> tuple[str, str] | None:
     """``(module, reason)`` of the first of ``module_names`` whose base weight does not fit its
-    stored fingerprint (modules without a stored fingerprint are not checked), or None."""
+    stored fingerprint (modules without a stored fingerprint are not checked), or None.
+    ``modules``: name -> module of ``model``, when the caller has it (saves the lookups)."""
     for name in module_names:
         if name not in stored:
             continue
-        weight = base_weight(model.get_submodule(name))
+        module = modules[name] if modules is not None else model.get_submodule(name)
+        weight = base_weight(module)
         if weight.device.type == "meta":
             continue
         reason = describe_difference(stored[name], weight)

@@ -17,7 +17,15 @@ import torch
 
 from lorakit.errors import AdapterFileError
 
-__all__ = ["DTYPE_SIZES", "SafetensorsHeader", "TensorInfo", "read_header", "serialize"]
+__all__ = [
+    "DTYPE_SIZES",
+    "SafetensorsHeader",
+    "TensorInfo",
+    "header_length",
+    "parse_header",
+    "read_header",
+    "serialize",
+]
 
 DTYPE_SIZES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -64,12 +72,23 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     file_size = path.stat().st_size
     with path.open("rb") as handle:
         prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise _broken(path, f"only {len(prefix)} bytes long")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > _MAX_HEADER_BYTES or 8 + length > file_size:
-            raise _broken(path, f"header length {length} does not fit a {file_size}-byte file")
+        length = header_length(path, prefix, file_size)
         raw = handle.read(length)
+    return parse_header(path, raw, file_size)
+
+
+def header_length(path: Path, prefix: bytes, file_size: int) -> int:
+    """The JSON length ``n`` from the first 8 bytes, checked against the file size."""
+    if len(prefix) < 8:
+        raise _broken(path, f"only {len(prefix)} bytes long")
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length > _MAX_HEADER_BYTES or 8 + length > file_size:
+        raise _broken(path, f"header length {length} does not fit a {file_size}-byte file")
+    return length
+
+
+def parse_header(path: Path, raw: bytes, file_size: int) -> SafetensorsHeader:
+    """The header from its JSON bytes ``raw``; checks every entry and the data size."""
     try:
         entries = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -80,7 +99,7 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     header.file_size = file_size
     for key, entry in entries.items():
         header.tensors[key] = _tensor_info(path, key, entry)
-    data_size = file_size - 8 - length
+    data_size = file_size - 8 - len(raw)
     end = max((info.end for info in header.tensors.values()), default=0)
     if end > data_size:
         raise _broken(path, f"tensors need {end} data bytes, the file has {data_size}")

@@ -136,14 +136,16 @@ def adapter_slots(
     lora_modules: Sequence[str],
     saved_modules: Sequence[str],
     embedding_modules: Sequence[str] = (),
+    modules: dict[str, nn.Module] | None = None,
 ) -> list[Slot]:
     """Every tensor an adapter file holds, in PEFT's names.
 
     ``lora_modules``: modules with LoRA tensors; ``saved_modules``: modules saved in full;
     ``embedding_modules``: embeddings whose base weight is saved (resized vocabulary).
     Works before injection (on the plain model) and after (names are original names).
+    ``modules``: ``dict(model_modules(model))`` when the caller has it.
     """
-    modules = dict(model_modules(model))
+    modules = dict(model_modules(model)) if modules is None else modules
     lora_set, saved_prefixes = set(lora_modules), tuple(f"{m}." for m in saved_modules)
     slots: list[Slot] = []
     for name in lora_modules:

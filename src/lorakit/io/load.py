@@ -12,13 +12,20 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, BaseModelMismatchError
-from lorakit.inject import _replace, _saved_module_names, inject, unload
+from lorakit.inject import (
+    _check_adapter_name,
+    _replace,
+    _saved_module_names,
+    add_planned_adapter,
+    unload,
+)
 from lorakit.io import fingerprint
 from lorakit.io.keys import (
     Slot,
@@ -37,8 +44,9 @@ from lorakit.state import (
     lora_layers,
     saved_modules,
     state_of,
+    walk_modules,
 )
-from lorakit.targets import find_targets, matches, model_modules
+from lorakit.targets import find_targets, matches, original_module
 
 __all__ = ["load_adapter"]
 
@@ -67,21 +75,35 @@ def load_adapter(
             f"the model already has an adapter named {adapter_name!r}; load under another "
             "adapter_name, or remove it first with lorakit.delete_adapter(model, name)."
         )
+    _check_adapter_name(model, adapter_name)
     adapter = read_adapter(adapter_directory(directory, adapter_name))
-    config, slots = _plan(model, adapter)
-    _check_tensors(model, adapter, config, slots)
-    replaced = {s.module for s in slots if s.role == "base_weight"}  # the file brings these
-    checked = [s.module for s in slots if s.role == "lora_A" and s.module not in replaced]
-    _check_base(model, adapter, checked, allow_base_mismatch)
-    _apply(model, adapter, config, slots, adapter_name, activate, adapter_dtype)
+    current = dict(walk_modules(model))  # LoRA layers as they are, for adding the adapter
+    modules = {name: original_module(module) for name, module in current.items()}
+    plan = _plan(model, adapter, modules)
+    _check_tensors(adapter, plan, modules)
+    replaced = {s.module for s in plan.slots if s.role == "base_weight"}  # the file brings these
+    checked = [s.module for s in plan.slots if s.role == "lora_A" and s.module not in replaced]
+    _check_base(model, adapter, checked, allow_base_mismatch, modules)
+    _apply(model, adapter, plan, current, adapter_name, activate, adapter_dtype)
     return model
 
 
-def _plan(model: nn.Module, adapter: AdapterFile) -> tuple[LoraConfig, list[Slot]]:
+@dataclass(frozen=True)
+class _Plan:
+    """What loading a file into a model will do: inject ``config`` into ``targets`` (and wrap
+    ``saved_names``), filling the tensors ``slots`` lists from the file."""
+
+    config: LoraConfig
+    targets: list[str]
+    saved_names: list[str]
+    slots: list[Slot]
+
+
+def _plan(model: nn.Module, adapter: AdapterFile, modules: dict[str, nn.Module]) -> _Plan:
     """The config to inject (``modules_to_save`` entries that name no module and have no
     tensor dropped, e.g. peft's automatic "classifier"/"score") and the tensors it implies."""
     config = adapter.config
-    names = [name for name, _ in model_modules(model) if name]
+    names = [name for name in modules if name]
     saved = config.modules_to_save or []
     kept = [
         entry
@@ -106,7 +128,8 @@ def _plan(model: nn.Module, adapter: AdapterFile) -> tuple[LoraConfig, list[Slot
         for name in embedding_module_names(model)
         if base_weight_key(name, name in targets) in adapter.tensors
     ]
-    return config, adapter_slots(model, config.bias, targets, saved_names, embeddings)
+    slots = adapter_slots(model, config.bias, targets, saved_names, embeddings, modules)
+    return _Plan(config, targets, saved_names, slots)
 
 
 def _has_tensors_for(adapter: AdapterFile, entry: str) -> bool:
@@ -118,11 +141,9 @@ def _listed(keys: Sequence[str], limit: int = 6) -> str:
     return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def _check_tensors(
-    model: nn.Module, adapter: AdapterFile, config: LoraConfig, slots: list[Slot]
-) -> None:
+def _check_tensors(adapter: AdapterFile, plan: _Plan, modules: dict[str, nn.Module]) -> None:
     """Keys, shapes, ranks and values; raises ``AdapterFileError`` naming the tensors."""
-    source = adapter.directory
+    source, config, slots = adapter.directory, plan.config, plan.slots
     expected = {slot.key for slot in slots}
     ignored = {
         alias
@@ -142,14 +163,13 @@ def _check_tensors(
             f"adapter {source} has tensors that fit no module of this model under its config: "
             f"{_listed(unexpected)}. Is the model the adapter's base architecture?"
         )
-    modules = dict(model_modules(model))
     for slot in sorted(slots, key=lambda s: s.role != "base_weight"):  # vocabulary first
         tensor = adapter.tensors[slot.key]
         rank = config.rank_for(slot.module)
         shape = expected_shape(modules, slot, rank)
         if tuple(tensor.shape) != shape:
             raise AdapterFileError(_shape_message(source, slot, tuple(tensor.shape), shape, rank))
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if slot.key in adapter.nonfinite:
             raise AdapterFileError(
                 f"adapter {source}: tensor {slot.key} holds inf/NaN values; the adapter is "
                 "broken (diverged training?) and was not loaded."
@@ -175,7 +195,11 @@ def _shape_message(source, slot: Slot, got: tuple, want: tuple, rank: int) -> st
 
 
 def _check_base(
-    model: nn.Module, adapter: AdapterFile, modules: list[str], allow_base_mismatch: bool
+    model: nn.Module,
+    adapter: AdapterFile,
+    checked: list[str],
+    allow_base_mismatch: bool,
+    modules: dict[str, nn.Module],
 ) -> None:
     if adapter.fingerprint is None:
         warnings.warn(
@@ -184,7 +208,7 @@ def _check_base(
             stacklevel=3,
         )
         return
-    found = fingerprint.first_mismatch(model, adapter.fingerprint, modules)
+    found = fingerprint.first_mismatch(model, adapter.fingerprint, checked, modules)
     if found is None:
         return
     module, reason = found
@@ -203,33 +227,45 @@ def _check_base(
 def _apply(
     model: nn.Module,
     adapter: AdapterFile,
-    config: LoraConfig,
-    slots: list[Slot],
+    plan: _Plan,
+    current: dict[str, nn.Module],
     adapter_name: str,
     activate: bool,
     adapter_dtype: torch.dtype | None,
 ) -> None:
-    """Inject and copy; on any failure put the model back exactly as it was."""
+    """Inject (the LoRA factors are handed over, not copied) and copy the rest; on any failure
+    put the model back exactly as it was."""
     had_state = state_of(model) is not None
     wrapped_before = {id(m) for _, m in [*lora_layers(model), *saved_modules(model)]}
     base_backup: list[tuple[torch.Tensor, torch.Tensor]] = []  # (base tensor, its old value)
+    factors: dict[str, list[torch.Tensor]] = {}
+    for slot in plan.slots:
+        if slot.role in ("lora_A", "lora_B"):
+            pair = factors.setdefault(slot.module, [adapter.tensors[slot.key]] * 2)
+            pair[slot.role == "lora_B"] = adapter.tensors[slot.key]
     try:
-        inject(
+        add_planned_adapter(
             model,
-            config,
+            plan.config,
             adapter_name,
+            plan.targets,
+            plan.saved_names,
+            modules=current,
+            factors={name: (a, b) for name, (a, b) in factors.items()},
             adapter_dtype=adapter_dtype,
             activate=activate,
-            initialize=False,  # every adapter tensor is copied from the file below
+            init=None,  # every other adapter tensor is copied from the file below
         )
         trainable = adapter_name in active_adapters(model)
         with torch.no_grad():
-            for slot in slots:
+            for slot in plan.slots:
+                if slot.role in ("lora_A", "lora_B"):
+                    continue
                 target = model_tensor(model, slot, adapter_name)
                 if slot.role in ("bias", "base_weight"):
                     base_backup.append((target, target.detach().clone()))
                 target.copy_(adapter.tensors[slot.key].to(target.dtype))
-                if slot.role in ("lora_A", "lora_B", "saved"):
+                if slot.role == "saved":
                     target.requires_grad_(trainable)
     except BaseException:
         _roll_back(model, adapter_name, had_state, wrapped_before, base_backup)

@@ -18,7 +18,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
 from lorakit.io import fingerprint
 from lorakit.io.config_json import CONFIG_NAME, config_from_json
-from lorakit.io.header import read_header
+from lorakit.io.tensors import read_safetensors
 
 __all__ = [
     "CONFIG_METADATA_KEY",
@@ -45,6 +45,7 @@ class AdapterFile:
     tensors: dict[str, torch.Tensor]
     fingerprint: dict[str, dict[str, object]] | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    nonfinite: frozenset[str] = frozenset()  # keys of tensors holding inf/NaN
 
 
 def adapter_directory(directory: str | Path, adapter_name: str = "default") -> Path:
@@ -90,8 +91,8 @@ def read_adapter(directory: str | Path) -> AdapterFile:
     config_path = directory / CONFIG_NAME
     config_text = config_path.read_text(encoding="utf-8", errors="replace")
     config = config_from_json(config_text, str(config_path))
-    header = read_header(weights_path)
-    tensors = _load_tensors(weights_path)
+    contents = read_safetensors(weights_path)
+    header = contents.header
     stored_text = header.metadata.get(CONFIG_METADATA_KEY)
     if stored_text is not None and stored_text != config_text:
         config = _reconcile(config, stored_text, str(config_path))
@@ -99,25 +100,13 @@ def read_adapter(directory: str | Path) -> AdapterFile:
     return AdapterFile(
         directory=directory,
         config=config,
-        tensors=tensors,
+        tensors=contents.tensors,
+        nonfinite=contents.nonfinite,
         fingerprint=None
         if stored_fingerprint is None
         else fingerprint.from_metadata(stored_fingerprint, str(weights_path)),
         metadata=dict(header.metadata),
     )
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    try:
-        return load(path.read_bytes())
-    except (SafetensorError, ValueError, RuntimeError) as error:
-        raise AdapterFileError(
-            f"{path} could not be read as safetensors ({error}); the file is corrupted. "
-            "Save the adapter again (or restore it from a copy)."
-        ) from None
 
 
 def _numeric(config: LoraConfig) -> dict[str, object]:

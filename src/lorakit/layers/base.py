@@ -7,7 +7,8 @@ object back. Subclasses add the adapter tensors and say how the low-rank branch 
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable, Iterator, Sequence
+import types
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -17,12 +18,12 @@ from lorakit import functional
 
 __all__ = ["LoraLayer", "adapter_override", "current_override", "current_router", "row_router"]
 
-# Per-call choice of adapters, without touching any module (safe across threads and async tasks).
-# None: each layer uses its own ``active_adapters``. A tuple: exactly these adapters (() = none).
-_OVERRIDE: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
-    "lorakit_adapter_override", default=None
+# Per-call choice of adapters, without touching any module (safe across threads and async tasks):
+# id(layer) -> exactly these adapters (() = none), for the layers of the models chosen. A layer
+# not in the mapping (another model) uses its own ``active_adapters``.
+_OVERRIDE: contextvars.ContextVar[Mapping[int, tuple[str, ...]]] = contextvars.ContextVar(
+    "lorakit_adapter_override", default=types.MappingProxyType({})
 )
-
 
 # Per-row adapter routing for batched multi-adapter serving (``lorakit.serve``): when set, every
 # LoRA layer calls ``router(layer, x, base_output)`` and returns its result.
@@ -50,20 +51,22 @@ def row_router(router: Router) -> Iterator[None]:
         _ROUTER.reset(token)
 
 
-def current_override() -> tuple[str, ...] | None:
-    """The adapters chosen for the current call by ``adapter_override``, or None."""
+def current_override(layer: nn.Module) -> tuple[str, ...] | None:
+    """The adapters chosen for ``layer`` in the current call by ``adapter_override``, or None."""
     if torch.compiler.is_compiling():
         return None
-    return _OVERRIDE.get()
+    return _OVERRIDE.get().get(id(layer))
 
 
 @contextmanager
-def adapter_override(adapter_names: Sequence[str]) -> Iterator[None]:
-    """Run forwards inside the block with exactly ``adapter_names`` active (``[]``: none).
+def adapter_override(layers: Iterable[nn.Module], adapter_names: Sequence[str]) -> Iterator[None]:
+    """Run forwards inside the block with exactly ``adapter_names`` active (``[]``: none) in
+    ``layers`` (LoRA layers and saved-module wrappers; other layers keep their own choice).
 
     Only the calling thread / task sees the change; modules and weights are not modified.
     """
-    token = _OVERRIDE.set(tuple(adapter_names))
+    names = tuple(adapter_names)
+    token = _OVERRIDE.set({**_OVERRIDE.get(), **{id(layer): names for layer in layers}})
     try:
         yield
     finally:
@@ -95,7 +98,12 @@ class LoraLayer(nn.Module):
 
     # ----------------------------------------------------------------- subclass interface
     def _create_adapter(
-        self, adapter_name: str, rank: int, init: bool | str | None, dtype: torch.dtype
+        self,
+        adapter_name: str,
+        rank: int,
+        init: bool | str | None,
+        dtype: torch.dtype,
+        values: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> None:
         raise NotImplementedError
 
@@ -142,12 +150,18 @@ class LoraLayer(nn.Module):
         use_rslora: bool,
         init: bool | str | None,
         dtype: torch.dtype,
+        values: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """Create adapter tensors; ``init`` is ``LoraConfig.init_lora_weights``, or None to
-        leave them uninitialised (their values are about to be copied in from a file)."""
+        leave them uninitialised (their values are about to be copied in from a file).
+        ``values = (A, B)``: take these tensors as the adapter's (moved to the base weight's
+        device and ``dtype``; no copy when they already fit, so the caller must hand them over)."""
         if adapter_name in self.ranks:
             raise ValueError(f"adapter {adapter_name!r} already exists on this layer")
-        self._create_adapter(adapter_name, rank, init, dtype)
+        if values is not None:
+            device = self.base_layer.weight.device
+            values = (values[0].to(device, dtype), values[1].to(device, dtype))
+        self._create_adapter(adapter_name, rank, init, dtype, values)
         self.ranks[adapter_name] = rank
         self.alphas[adapter_name] = alpha
         self.scalings[adapter_name] = functional.scaling(rank, alpha, use_rslora)
@@ -168,7 +182,7 @@ class LoraLayer(nn.Module):
         router = current_router()
         if router is not None:
             return router(self, x, self.base_layer(x, *args, **kwargs))
-        override = current_override()
+        override = current_override(self)
         active = self.active_adapters if override is None else override
         active = tuple(name for name in active if name in self.ranks)
         if not self.merged_adapters:

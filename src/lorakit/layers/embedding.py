@@ -31,8 +31,17 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_B = nn.ParameterDict()
 
     def _create_adapter(
-        self, adapter_name: str, rank: int, init: bool | str | None, dtype: torch.dtype
+        self,
+        adapter_name: str,
+        rank: int,
+        init: bool | str | None,
+        dtype: torch.dtype,
+        values: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> None:
+        if values is not None:
+            self.lora_embedding_A[adapter_name] = nn.Parameter(values[0])
+            self.lora_embedding_B[adapter_name] = nn.Parameter(values[1])
+            return
         device = self.base_layer.weight.device
         lora_A = torch.empty(rank, self.num_embeddings, device=device, dtype=dtype)
         lora_B = torch.empty(self.embedding_dim, rank, device=device, dtype=dtype)

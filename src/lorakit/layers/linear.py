@@ -33,15 +33,14 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return module.out_features, module.in_features
 
 
-def _uninitialised_linear(
-    in_features: int, out_features: int, device: torch.device, dtype: torch.dtype
-) -> nn.Linear:
-    """A bias-free ``nn.Linear`` whose weight is allocated but not drawn: building it on the
-    meta device and ``to_empty`` costs more than the whole file read when loading adapters."""
+def _factor(weight: torch.Tensor) -> nn.Linear:
+    """A bias-free ``nn.Linear`` holding ``weight`` (out, in) as its Parameter, built without
+    ``nn.Linear.__init__``: its random draw would be thrown away, and when loading adapters
+    building hundreds of modules the usual way costs more than reading the file."""
     linear = nn.Linear.__new__(nn.Linear)
     nn.Module.__init__(linear)
-    linear.in_features, linear.out_features = in_features, out_features
-    linear.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+    linear.__dict__.update(out_features=weight.shape[0], in_features=weight.shape[1])
+    linear.register_parameter("weight", nn.Parameter(weight))
     linear.register_parameter("bias", None)
     return linear
 
@@ -60,12 +59,20 @@ class LoraLinear(LoraLayer):
         self.lora_B = nn.ModuleDict()
 
     def _create_adapter(
-        self, adapter_name: str, rank: int, init: bool | str | None, dtype: torch.dtype
+        self,
+        adapter_name: str,
+        rank: int,
+        init: bool | str | None,
+        dtype: torch.dtype,
+        values: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> None:
+        if values is not None:  # taken over as they are
+            self.lora_A[adapter_name], self.lora_B[adapter_name] = map(_factor, values)
+            return
         device = self.base_layer.weight.device
         if init is None:  # values are about to be copied in (loading a file): allocate only
-            lora_A = _uninitialised_linear(self.in_features, rank, device, dtype)
-            lora_B = _uninitialised_linear(rank, self.out_features, device, dtype)
+            lora_A = _factor(torch.empty(rank, self.in_features, device=device, dtype=dtype))
+            lora_B = _factor(torch.empty(self.out_features, rank, device=device, dtype=dtype))
         else:
             lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
             lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)

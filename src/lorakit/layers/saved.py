@@ -40,7 +40,7 @@ class ModulesToSave(nn.Module):
         self.active_adapters = tuple(a for a in self.active_adapters if a != adapter_name)
 
     def chosen_module(self) -> nn.Module:
-        override = current_override()
+        override = current_override(self)
         active = self.active_adapters if override is None else override
         for name in active:
             if name in self.modules_to_save:
