@@ -116,14 +116,16 @@ def set_active(model: nn.Module, adapter_names: Sequence[str]) -> None:
         parameter.requires_grad_(False)
     state.active = tuple(adapter_names)
     trainable: list[nn.Parameter] = []
-    for _, layer in lora_layers(model):
-        layer.active_adapters = tuple(n for n in adapter_names if n in layer.ranks)
-        for name in layer.active_adapters:
-            trainable += layer.adapter_parameters(name)
-    for _, wrapper in saved_modules(model):
-        wrapper.active_adapters = tuple(n for n in adapter_names if n in wrapper.modules_to_save)
-        for name in wrapper.active_adapters:
-            trainable += wrapper.modules_to_save[name].parameters()
+    for _, module in walk_modules(model):
+        if isinstance(module, LoraLayer):
+            module.active_adapters = tuple(n for n in adapter_names if n in module.ranks)
+            for name in module.active_adapters:
+                trainable += module.adapter_parameters(name)
+        elif isinstance(module, ModulesToSave):
+            saved = module.modules_to_save
+            module.active_adapters = tuple(n for n in adapter_names if n in saved)
+            for name in module.active_adapters:
+                trainable += saved[name].parameters()
     trainable += _trained_biases(model, {state.configs[name].bias for name in adapter_names})
     for parameter in trainable:
         parameter.requires_grad_(True)

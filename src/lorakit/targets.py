@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from torch import nn
 
@@ -98,7 +98,9 @@ def _in_selected_layer(config: LoraConfig, module_name: str) -> bool:
     return index == wanted if isinstance(wanted, int) else index in wanted
 
 
-def _excluded_heads(model: nn.Module, config: LoraConfig) -> set[str]:
+def _excluded_heads(
+    model: nn.Module, config: LoraConfig, modules: list[tuple[str, nn.Module]]
+) -> set[str]:
     """Names "all-linear" never adapts: the output embedding, or a sequence-classification head."""
     heads: list[nn.Module] = []
     output_embeddings = getattr(model, "get_output_embeddings", lambda: None)()
@@ -107,7 +109,7 @@ def _excluded_heads(model: nn.Module, config: LoraConfig) -> set[str]:
     elif config.task_type == "SEQ_CLS":
         heads.extend(getattr(model, name) for name in SEQ_CLS_HEADS if hasattr(model, name))
     wrapped = {id(m.base_layer if isinstance(m, LoraLayer) else m) for m in heads}
-    return {name for name, module in model_modules(model) if id(module) in wrapped}
+    return {name for name, module in modules if id(module) in wrapped}
 
 
 def resolved_target_spec(model: nn.Module, config: LoraConfig) -> str | list[str]:
@@ -123,16 +125,22 @@ def resolved_target_spec(model: nn.Module, config: LoraConfig) -> str | list[str
     )
 
 
-def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Names of the modules ``config`` adapts, in model order (pure: the model is not changed)."""
+def find_targets(
+    model: nn.Module,
+    config: LoraConfig,
+    modules: Mapping[str, nn.Module] | None = None,
+) -> list[str]:
+    """Names of the modules ``config`` adapts, in model order (pure: the model is not changed).
+    ``modules``: ``dict(model_modules(model))`` when the caller has it (saves a walk)."""
     spec = resolved_target_spec(model, config)
     saved = config.modules_to_save or []
+    named = list(model_modules(model) if modules is None else modules.items())
     if config.targets_all_linear:
-        excluded = _excluded_heads(model, config)
-        candidates = [n for n, m in model_modules(model) if is_linear(m) and n not in excluded]
+        excluded = _excluded_heads(model, config, named)
+        candidates = [n for n, m in named if is_linear(m) and n not in excluded]
         spec = candidates
     targets = []
-    for name, _module in model_modules(model):
+    for name, _module in named:
         if not name or not matches(spec, name):
             continue
         if config.exclude_modules is not None and matches(config.exclude_modules, name):

@@ -68,16 +68,20 @@ def base_weight_key(module_path: str, adapted: bool) -> str:
     )
 
 
-def embedding_module_names(model: nn.Module) -> list[str]:
+def embedding_module_names(
+    model: nn.Module, modules: dict[str, nn.Module] | None = None
+) -> list[str]:
     """Original names of the model's input and output embeddings (``get_input_embeddings``,
-    ``get_output_embeddings``), the modules whose base weight a resized vocabulary changes."""
+    ``get_output_embeddings``), the modules whose base weight a resized vocabulary changes.
+    ``modules``: ``dict(model_modules(model))`` when the caller has it."""
     wanted = []
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         module = getattr(model, getter, lambda: None)()
         if module is not None:
             wanted.append(module.base_layer if isinstance(module, LoraLayer) else module)
     ids = {id(module) for module in wanted}
-    return [name for name, module in model_modules(model) if id(module) in ids]
+    named = model_modules(model) if modules is None else modules.items()
+    return [name for name, module in named if id(module) in ids]
 
 
 def plain_key(parameter_path: str) -> str:

@@ -37,6 +37,7 @@ from lorakit.io.keys import (
     saved_module_alias_keys,
 )
 from lorakit.io.read import AdapterFile, adapter_directory, read_adapter
+from lorakit.layers import LoraLayer, ModulesToSave
 from lorakit.state import (
     active_adapters,
     adapter_configs,
@@ -114,7 +115,7 @@ def _plan(model: nn.Module, adapter: AdapterFile, modules: dict[str, nn.Module])
         config = config.replace(modules_to_save=kept or None)
     source = adapter.directory
     try:
-        targets = find_targets(model, config)
+        targets = find_targets(model, config, modules)
         saved_names = _saved_module_names(model, config)
     except ValueError as error:
         raise AdapterFileError(f"adapter {source} does not fit this model: {error}") from None
@@ -125,7 +126,7 @@ def _plan(model: nn.Module, adapter: AdapterFile, modules: dict[str, nn.Module])
         )
     embeddings = [
         name
-        for name in embedding_module_names(model)
+        for name in embedding_module_names(model, modules)
         if base_weight_key(name, name in targets) in adapter.tensors
     ]
     slots = adapter_slots(model, config.bias, targets, saved_names, embeddings, modules)
@@ -236,7 +237,7 @@ def _apply(
     """Inject (the LoRA factors are handed over, not copied) and copy the rest; on any failure
     put the model back exactly as it was."""
     had_state = state_of(model) is not None
-    wrapped_before = {id(m) for _, m in [*lora_layers(model), *saved_modules(model)]}
+    wrapped_before = {id(m) for m in current.values() if isinstance(m, (LoraLayer, ModulesToSave))}
     base_backup: list[tuple[torch.Tensor, torch.Tensor]] = []  # (base tensor, its old value)
     factors: dict[str, list[torch.Tensor]] = {}
     for slot in plan.slots:
