@@ -184,3 +184,24 @@ def test_help_of_every_command_lists_its_options(capsys):
         out = capsys.readouterr().out
         for option in options:
             assert option in out, (command, option)
+
+
+def test_adapter_on_another_base_is_refused_unless_the_flag_is_given(
+    tmp_path, capsys, model_dir, jsonl, trained
+):
+    other = tmp_path / "other-llama"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))  # same shapes, other weights
+    model.save_pretrained(other)
+    tiny_tokenizer.build().save_pretrained(other)
+    argv = ["--model", other, "--adapter", trained / "adapter", "--data", jsonl]
+    code, _, err = _main(capsys, "eval", *argv)
+    assert code == 2 and "trained on different base weights" in err
+    assert "pass --allow-base-mismatch to load it anyway" in err and "=True" not in err
+    code, out, err = _main(capsys, "eval", *argv, "--allow-base-mismatch")
+    assert code == 0 and json.loads(out)["examples"] == 24
+    code, _, err = _main(capsys, "merge", *argv[:4], "--output", tmp_path / "merged")
+    assert code == 2 and "--allow-base-mismatch" in err

@@ -24,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--adapter", help="adapter directory (PEFT format); default: the base model alone"
     )
+    add_base_mismatch_option(parser)
     parser.add_argument(
         "--data", required=True, help="rotten-tomatoes, chatterbot, a .jsonl or a .csv file"
     )
@@ -37,14 +38,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def load_model_and_adapter(model_spec: str, adapter: str | None):
+def add_base_mismatch_option(parser: argparse.ArgumentParser) -> None:
+    """``--allow-base-mismatch``, for commands that load an adapter onto ``--model``."""
+    parser.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="load the adapter even if the base-model fingerprint saved with it does not match "
+        "--model (a warning is printed)",
+    )
+
+
+def load_model_and_adapter(model_spec: str, adapter: str | None, allow_base_mismatch: bool = False):
     """``(model, tokenizer)`` with the adapter loaded (and active) when one is given."""
+    from lorakit.errors import BaseModelMismatchError
     from lorakit.io import load_adapter
     from lorakit.models import load_model
 
     model, tokenizer = load_model(model_spec)
     if adapter:
-        load_adapter(model, adapter, activate=True)
+        try:
+            load_adapter(model, adapter, activate=True, allow_base_mismatch=allow_base_mismatch)
+        except BaseModelMismatchError as error:  # name the flag, not the Python argument
+            raise BaseModelMismatchError(
+                str(error).replace("allow_base_mismatch=True", "--allow-base-mismatch")
+            ) from None
     return model.eval(), tokenizer
 
 
@@ -58,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.losses import evaluate
 
     examples = load_examples_for(args.data, args.split, args.style, "test")[: args.limit]
-    model, tokenizer = load_model_and_adapter(args.model, args.adapter)
+    model, tokenizer = load_model_and_adapter(args.model, args.adapter, args.allow_base_mismatch)
     tokenized = data.tokenize_examples(examples, tokenizer, args.max_length)
     order = data.plan_batches(tokenized.lengths, args.batch_size, shuffle=False)
     results = evaluate(model, (data.collate(tokenized, indices) for indices in order))

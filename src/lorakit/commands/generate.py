@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from lorakit.commands.eval import add_base_mismatch_option
 from lorakit.errors import UserError
 
 
@@ -21,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model", default="smollm2-135m-instruct", help="model spec (default: %(default)s)"
     )
     parser.add_argument("--adapter", help="adapter directory (PEFT format)")
+    add_base_mismatch_option(parser)
     parser.add_argument("--max-new-tokens", type=int, default=64, help="(default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0: greedy; > 0: sample at this temperature (default: %(default)s)")  # fmt: skip
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.commands.eval import load_model_and_adapter
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_adapter(args.model, args.adapter)
+    model, tokenizer = load_model_and_adapter(args.model, args.adapter, args.allow_base_mismatch)
     text = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, raw=args.raw)  # fmt: skip
     print(text)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from lorakit.commands.eval import add_base_mismatch_option
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -18,6 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model", default="smollm2-135m-instruct", help="base model spec (default: %(default)s)"
     )
     parser.add_argument("--adapter", required=True, help="adapter directory (PEFT format)")
+    add_base_mismatch_option(parser)
     parser.add_argument("--output", required=True, help="directory for the merged model")
     parser.set_defaults(func=run)
 
@@ -26,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.commands.eval import load_model_and_adapter
     from lorakit.io import save_merged_model
 
-    model, tokenizer = load_model_and_adapter(args.model, args.adapter)
+    model, tokenizer = load_model_and_adapter(args.model, args.adapter, args.allow_base_mismatch)
     save_merged_model(model, args.output, tokenizer=tokenizer)
     print(f"merged model saved to {args.output}")
     return 0
