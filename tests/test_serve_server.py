@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -317,3 +318,19 @@ def test_an_adapter_of_another_base_is_refused(world):
     assert response.status_code == 400
     assert "different base weights" in response.json()["error"]["message"]
     assert "alien" not in [m.id for m in client(world).models.list().data]
+
+
+def test_an_adapter_with_nan_weights_is_refused(world):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    target = world["root"] / "adapters" / "late-nan"
+    shutil.copytree(world["root"] / "spare" / "ad3", target)
+    tensors = load_file(target / "adapter_model.safetensors")
+    key = sorted(k for k in tensors if k.endswith("lora_B.weight"))[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, target / "adapter_model.safetensors")  # (drops lorakit's metadata)
+    body = {"lora_name": "nan", "lora_path": "late-nan"}
+    response = httpx.post(world["url"] + "/v1/load_lora_adapter", json=body, headers=auth)
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert f"tensor {key} holds inf/NaN" in message
+    assert "nan" not in [m.id for m in client(world).models.list().data]

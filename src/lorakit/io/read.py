@@ -43,9 +43,9 @@ class AdapterFile:
     directory: Path
     config: LoraConfig
     tensors: dict[str, torch.Tensor]
+    nonfinite: frozenset[str]  # keys of tensors holding inf/NaN
     fingerprint: dict[str, dict[str, object]] | None = None
     metadata: dict[str, str] = field(default_factory=dict)
-    nonfinite: frozenset[str] = frozenset()  # keys of tensors holding inf/NaN
 
 
 def adapter_directory(directory: str | Path, adapter_name: str = "default") -> Path:
