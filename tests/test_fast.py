@@ -157,8 +157,9 @@ def test_dropout_rate_independence_and_expectation():
 
 
 def test_saves_x_once_and_nothing_full_size_in_bf16():
-    """q, k, v share their input: the fused nodes keep that one tensor, nothing (N, k) else,
-    and no fp32 copy of the bf16 activation, even with dropout and fp32 adapters."""
+    """q, k, v share their input: the fused nodes keep that one tensor, nothing (N, k) else
+    (each dropout mask as N k / 8 bytes of bits), and no fp32 copy of the bf16 activation, even
+    with dropout and fp32 adapters."""
     model = nn.ModuleDict({n: nn.Linear(64, 48) for n in "qkv"}).to(torch.bfloat16)
     lorakit.inject(
         model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=list("qkv"), lora_dropout=0.1)
@@ -177,6 +178,8 @@ def test_saves_x_once_and_nothing_full_size_in_bf16():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         out = sum(model[n](x).float().sum() for n in "qkv")
     assert saved.pop(x.data_ptr()) == (torch.bfloat16, x.numel())
+    masks = [key for key, (dtype, _) in saved.items() if dtype == torch.uint8]
+    assert [saved.pop(key) for key in masks] == [(torch.uint8, x.numel() // 8)] * 3
     assert all(numel == 8 * 32 * 4 and dtype == torch.bfloat16 for dtype, numel in saved.values())
     out.backward()
     assert model["q"].lora_A["default"].weight.grad.dtype == torch.float32
@@ -286,3 +289,17 @@ def test_gradient_checkpointing_recomputes_the_same_dropout_mask():
         grads.append([p.grad for p in model.parameters() if p.requires_grad])
     for plain, checkpointed in zip(*grads, strict=True):
         torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(64, 24), (7, 5), (1,), (3, 0)])
+def test_packed_mask_round_trips(shape):
+    """Bits in, the same mask out, for sizes that are and are not multiples of 8."""
+    from lorakit.fast.dropout import pack_mask, unpack_mask
+
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.3
+    packed = pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+    assert torch.equal(unpack_mask(packed, shape), mask)
+    if mask.numel() >= 8:  # element 8i + j is bit j of byte i
+        first = sum(int(mask.reshape(-1)[j]) << j for j in range(8))
+        assert int(packed[0]) == first

@@ -1,12 +1,13 @@
 """Fused LoRA linear layer: ``h = W0 x + b + c * B (A (x * mask))`` in one autograd node.
 
 ``c = s / (1 - p)`` (``functional.rank_side_scale``) is applied to the rank-r side; ``mask`` is the
-0/1 dropout keep-mask of the input of A (all ones without dropout), regenerated from a seed in the
-backward pass (``lorakit.fast.dropout``), never stored. Shapes: x (..., k), W0 (d, k) (``nn.Linear``)
-or (k, d) (``Conv1D``, ``fan_in_fan_out``), A (r, k), B (d, r), h (..., d).
+0/1 dropout keep-mask of the input of A (all ones without dropout), drawn from a seed and kept
+as bits for the backward pass (``lorakit.fast.dropout``). Shapes: x (..., k), W0 (d, k)
+(``nn.Linear``) or (k, d) (``Conv1D``, ``fan_in_fan_out``), A (r, k), B (d, r), h (..., d).
 
 What the node keeps for backward: x (once, and only if A trains: the frozen base needs only W0),
-the (N, r) rank-r product ``u = A (x * mask)`` and the parameters. Gradients, with
+the (N, r) rank-r product ``u = A (x * mask)``, the mask's bits (N k / 8 bytes) and the
+parameters. Gradients, with
 ``G = dL/dh`` (N, d) and ``g = c * G B`` (N, r)::
 
     dL/dx = G W0 + mask * (g A)        (accumulated in place into G W0)
@@ -28,7 +29,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from lorakit.fast.dropout import keep_mask, new_seed
+from lorakit.fast.dropout import keep_mask, new_seed, pack_mask, unpack_mask
 
 __all__ = ["FusedLoraLinear", "RankSide", "lora_linear_inference"]
 
@@ -64,11 +65,14 @@ def base_input_grad(
     return grad2 @ weight.T if fan_in_fan_out else grad2 @ weight
 
 
-def dropped(x2: torch.Tensor, drop_levels: int, seed: int) -> torch.Tensor:
+def dropout_mask(x2: torch.Tensor, drop_levels: int, seed: int) -> torch.Tensor | None:
+    """The keep-mask for ``x2`` (None without dropout)."""
+    return keep_mask(x2.shape, drop_levels, seed, x2.device) if drop_levels else None
+
+
+def dropped(x2: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """``x * mask`` (a temporary; the 1 / (1 - p) rescale lives in the rank-side factor)."""
-    if drop_levels == 0:
-        return x2
-    return x2 * keep_mask(x2.shape, drop_levels, seed, x2.device)
+    return x2 if mask is None else x2 * mask
 
 
 class FusedLoraLinear(torch.autograd.Function):
@@ -90,23 +94,26 @@ class FusedLoraLinear(torch.autograd.Function):
     ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (N, k)
         out = base_output(x2, weight, bias, fan_in_fan_out)  # (N, d)
-        low_rank = F.linear(dropped(x2, drop_levels, seed), lora_A.to(x.dtype))  # (N, r)
+        mask = dropout_mask(x2, drop_levels, seed)
+        low_rank = F.linear(dropped(x2, mask), lora_A.to(x.dtype))  # (N, r)
         out.addmm_(low_rank, lora_B.to(x.dtype).T, alpha=rank_scale)
         keep_x = x if ctx.needs_input_grad[3] else None
-        ctx.save_for_backward(keep_x, weight, lora_A, lora_B, low_rank)
+        needs_mask = mask is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[3])
+        mask_bits = pack_mask(mask) if needs_mask else None
+        ctx.save_for_backward(keep_x, weight, lora_A, lora_B, low_rank, mask_bits)
         ctx.x_shape = x.shape
         ctx.settings = (rank_scale, drop_levels, seed, fan_in_fan_out)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, weight, lora_A, lora_B, low_rank = ctx.saved_tensors
-        rank_scale, drop_levels, seed, fan_in_fan_out = ctx.settings
+        x, weight, lora_A, lora_B, low_rank, packed_mask = ctx.saved_tensors
+        rank_scale, _, _, fan_in_fan_out = ctx.settings
         needs_x, _, needs_bias, needs_A, needs_B = ctx.needs_input_grad[:5]
         grad2 = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d)
         mask = None
-        if drop_levels and (needs_x or needs_A):
-            mask = keep_mask((grad2.shape[0], ctx.x_shape[-1]), drop_levels, seed, grad2.device)
+        if packed_mask is not None:
+            mask = unpack_mask(packed_mask, (grad2.shape[0], ctx.x_shape[-1]))
         x2 = None if x is None else x.reshape(-1, x.shape[-1])  # (N, k)
         grad_low, grad_A, grad_B = adapter_grads(
             grad2, x2, mask, low_rank, lora_A, lora_B, rank_scale, needs_A, needs_B
@@ -188,7 +195,7 @@ def lora_linear_inference(
     out = base_output(x2, weight, bias, fan_in_fan_out)  # (N, d)
     for adapter in adapters:
         seed = new_seed() if adapter.drop_levels else 0
-        x_kept = dropped(x2, adapter.drop_levels, seed)
+        x_kept = dropped(x2, dropout_mask(x2, adapter.drop_levels, seed))
         low_rank = F.linear(x_kept, as_dtype(adapter.lora_A, x.dtype))  # (N, r)
         out.addmm_(low_rank, as_dtype(adapter.lora_B, x.dtype).T, alpha=adapter.rank_scale)
     return out.view(*x.shape[:-1], out.shape[-1])
