@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -89,3 +90,26 @@ def test_any_shape_merges_and_unmerges_exactly(
     assert torch.equal(layer.base_layer.weight, original)
     tolerance = 1e-5 if dtype == torch.float32 else 5e-2
     assert (merged - unmerged).abs().max() <= tolerance * max(1.0, unmerged.abs().max().item())
+
+
+def test_given_factors_are_taken_over_without_a_copy_and_checked() -> None:
+    """``add_adapter(values=(A, B))`` (how a file is loaded): the tensors become the adapter's
+    parameters as they are when dtype and device fit, converted otherwise, refused if the shapes
+    do not fit the rank."""
+    layer = LoraLinear(nn.Linear(6, 5))
+    lora_A, lora_B = torch.randn(3, 6), torch.randn(5, 3)
+    layer.add_adapter(
+        "a", 3, 6.0, 0.0, False, init=True, dtype=torch.float32, values=(lora_A, lora_B)
+    )
+    assert layer.lora_A["a"].weight.data_ptr() == lora_A.data_ptr()
+    assert torch.equal(layer.lora_B["a"].weight, lora_B)  # init=True did not zero it
+    layer.active_adapters = ("a",)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + 2.0 * x @ (lora_B @ lora_A).T)
+    layer.add_adapter("b", 3, 6.0, 0.0, False, init=None, dtype=torch.float32,
+                      values=(lora_A.double(), lora_B.bfloat16()))  # fmt: skip
+    assert layer.lora_B["b"].weight.dtype == torch.float32
+    assert torch.equal(layer.lora_B["b"].weight, lora_B.bfloat16().float())
+    with pytest.raises(ValueError, match=r"rank 2 needs \(\(2, 6\), \(5, 2\)\)"):
+        layer.add_adapter("c", 2, 4.0, 0.0, False, None, torch.float32, values=(lora_A, lora_B))
+    assert "c" not in layer.ranks

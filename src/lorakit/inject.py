@@ -79,9 +79,10 @@ def add_planned_adapter(
     """``inject`` once the targets are known (``find_targets``) and the name checked.
 
     ``modules``: the model's modules as they are now, LoRA layers included
-    (``dict(walk_modules(model))``), to save the lookups; ``factors[name] = (A, B)``: tensors the new adapter of LoRA linear layer ``name``
-    takes as its weights (no copy when dtype and device already fit: the caller hands them
-    over); ``init``: ``LoraConfig.init_lora_weights``, or None for uninitialised tensors.
+    (``dict(walk_modules(model))``), to save the lookups; ``factors[name] = (A, B)``: tensors
+    the new adapter of LoRA layer ``name`` takes as its weights (no copy when dtype and device
+    already fit: the caller hands them over); ``init``: ``LoraConfig.init_lora_weights``, or
+    None for uninitialised tensors.
     """
     if state_of(model) is None:
         state = state_of(model, create=True)  # records the flags that unload restores

@@ -114,6 +114,10 @@ class LoraLayer(nn.Module):
         """The trainable tensors of one adapter (A first, then B)."""
         raise NotImplementedError
 
+    def factor_shapes(self, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The shapes of A and B for an adapter of rank ``rank``."""
+        raise NotImplementedError
+
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``s * B A`` in float32, laid out like ``base_layer.weight``."""
         raise NotImplementedError
@@ -159,6 +163,12 @@ class LoraLayer(nn.Module):
         if adapter_name in self.ranks:
             raise ValueError(f"adapter {adapter_name!r} already exists on this layer")
         if values is not None:
+            expected = self.factor_shapes(rank)
+            if (tuple(values[0].shape), tuple(values[1].shape)) != expected:
+                raise ValueError(
+                    f"adapter {adapter_name!r}: factors of shapes {tuple(values[0].shape)}, "
+                    f"{tuple(values[1].shape)} given; rank {rank} needs {expected}"
+                )
             device = self.base_layer.weight.device
             values = (values[0].to(device, dtype), values[1].to(device, dtype))
         self._create_adapter(adapter_name, rank, init, dtype, values)

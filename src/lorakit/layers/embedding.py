@@ -60,6 +60,9 @@ class LoraEmbedding(LoraLayer):
         del self.lora_embedding_A[adapter_name]
         del self.lora_embedding_B[adapter_name]
 
+    def factor_shapes(self, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        return (rank, self.num_embeddings), (self.embedding_dim, rank)
+
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         return [self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]]
 

@@ -90,6 +90,9 @@ class LoraLinear(LoraLayer):
         del self.lora_A[adapter_name]
         del self.lora_B[adapter_name]
 
+    def factor_shapes(self, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        return (rank, self.in_features), (self.out_features, rank)
+
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         return [self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight]
 
