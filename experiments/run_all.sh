@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce every table and plot of docs/low-rank.md on ONE CPU thread (about 42 minutes).
+# Reproduce every table and plot of docs/low-rank.md on ONE CPU thread (about 1 h 45 min).
 # Order matters: experiments 1, 3 and 4 compare against experiment 0's probe and experiment 2's
 # full fine-tunes. Every sweep resumes where it stopped (results/*.runs.jsonl).
 set -euo pipefail
