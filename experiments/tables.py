@@ -92,6 +92,18 @@ def intrinsic(data: dict) -> None:
     )
 
 
+def smollm2(data: dict) -> None:
+    from smollm2_report import markdown
+
+    setup = data["setup"]
+    print(
+        f"{setup['steps']} steps x {setup['batch']} reviews, max {setup['max_length']} tokens, "
+        f"{setup['eval_size']} test reviews, lr {setup['full_lr']} full / {setup['lora_lr']} LoRA\n"
+    )
+    fields = ("summary", "summary_by_module", "rank_90_by_blocks", "rank_advice_90")
+    print(markdown(*(data[f] for f in fields), data["gaussian_reference"]) + "\n")
+
+
 def main() -> None:
     for name, render in [
         ("probe.json", probe),
@@ -99,6 +111,7 @@ def main() -> None:
         ("lora_rank.json", lora_rank),
         ("placement.json", placement),
         ("intrinsic_dimension.json", intrinsic),
+        ("smollm2.json", smollm2),
     ]:
         data = load(name)
         print(f"### {name}\n")
