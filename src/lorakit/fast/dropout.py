@@ -22,6 +22,7 @@ __all__ = [
     "drop_levels",
     "drop_probability",
     "keep_mask",
+    "multiplier",
     "new_seed",
     "pack_mask",
     "unpack_mask",
@@ -95,3 +96,10 @@ def unpack_mask(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> to
         numel *= size
     words = torch.index_select(_byte_table(packed.device), 0, packed.int())
     return words.view(torch.bool)[:numel].view(shape)
+
+
+def multiplier(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The 0/1 mask as numbers of ``dtype``, to multiply with. Read as bytes first: on CPU a
+    bool -> float cast, or a float-by-bool product, takes a slow element-by-element path (5-9x
+    a float-by-float product, measured), while the uint8 -> float cast is vectorised."""
+    return mask.view(torch.uint8).to(dtype)

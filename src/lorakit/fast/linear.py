@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from lorakit.fast.dropout import keep_mask, new_seed, pack_mask, unpack_mask
+from lorakit.fast.dropout import keep_mask, multiplier, new_seed, pack_mask, unpack_mask
 
 __all__ = ["FusedLoraLinear", "RankSide", "lora_linear_inference"]
 
@@ -66,13 +66,13 @@ def base_input_grad(
 
 
 def dropout_mask(x2: torch.Tensor, drop_levels: int, seed: int) -> torch.Tensor | None:
-    """The keep-mask for ``x2`` (None without dropout)."""
+    """The boolean keep-mask for ``x2`` (None without dropout)."""
     return keep_mask(x2.shape, drop_levels, seed, x2.device) if drop_levels else None
 
 
 def dropped(x2: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """``x * mask`` (a temporary; the 1 / (1 - p) rescale lives in the rank-side factor)."""
-    return x2 if mask is None else x2 * mask
+    return x2 if mask is None else x2 * multiplier(mask, x2.dtype)
 
 
 class FusedLoraLinear(torch.autograd.Function):
@@ -111,9 +111,10 @@ class FusedLoraLinear(torch.autograd.Function):
         rank_scale, _, _, fan_in_fan_out = ctx.settings
         needs_x, _, needs_bias, needs_A, needs_B = ctx.needs_input_grad[:5]
         grad2 = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d)
-        mask = None
+        mask = None  # as 0/1 numbers in the gradient's dtype
         if packed_mask is not None:
-            mask = unpack_mask(packed_mask, (grad2.shape[0], ctx.x_shape[-1]))
+            bits = unpack_mask(packed_mask, (grad2.shape[0], ctx.x_shape[-1]))
+            mask = multiplier(bits, grad2.dtype)
         x2 = None if x is None else x.reshape(-1, x.shape[-1])  # (N, k)
         grad_low, grad_A, grad_B = adapter_grads(
             grad2, x2, mask, low_rank, lora_A, lora_B, rank_scale, needs_A, needs_B
@@ -126,7 +127,7 @@ class FusedLoraLinear(torch.autograd.Function):
             if mask is None:
                 grad_x.addmm_(grad_low, lora_A_x)
             else:
-                grad_x.add_((grad_low @ lora_A_x).mul_(mask))
+                grad_x.addcmul_(grad_low @ lora_A_x, mask)
             grad_x = grad_x.view(ctx.x_shape)
         if needs_bias:
             grad_bias = grad2.sum(0)
@@ -177,7 +178,7 @@ def adapter_grads(
         if needs_A:
             x_part = x2[part].to(acc)  # (n, k)
             if mask is not None:
-                x_part.mul_(mask[part])
+                x_part.mul_(mask[part].to(acc))
             grad_A.addmm_(grad_low[part].T, x_part)
     return grad_low, grad_A, grad_B.to(lora_B.dtype) if needs_B else None
 
