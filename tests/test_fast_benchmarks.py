@@ -55,3 +55,9 @@ def test_loading_benchmark(monkeypatch, tmp_path):
     assert set(payload["times_s"]) == {"1st", "5th"}
     for times in payload["times_s"].values():
         assert all(len(values) == 1 and values[0] > 0 for values in times.values())
+
+
+def test_dropout_cost_benchmark(monkeypatch, tmp_path):
+    payload = _run(monkeypatch, tmp_path, "bench_dropout_cost")
+    assert set(payload["times_s"]) == {"frozen", "dropout 0", "dropout 0.05"}
+    assert all(len(times) == 1 and times[0] > 0 for times in payload["times_s"].values())
