@@ -2,7 +2,9 @@
 
 - ``save_adapter(model, directory, adapter_name="default", *, dtype=None)``
 - ``load_adapter(model, directory, adapter_name="default", *, allow_base_mismatch=False)``
-- ``read_adapter(directory)`` -> ``AdapterFile`` (``.config``, ``.tensors``, ``.fingerprint``)
+- ``read_adapter(directory)`` -> ``AdapterFile`` (``.config``, ``.tensors``, ``.nonfinite``,
+  ``.fingerprint``); the weights file is read by ``lorakit.io.tensors.read_safetensors`` (one
+  read, tensors checked for inf/NaN in bulk)
 - ``save_merged_model(model, directory, tokenizer=None)``
 - ``lorakit.io.atomic``: atomic file writes.
 
