@@ -77,7 +77,16 @@ def random_reference(spectra: list) -> dict:
     return out
 
 
-def plot_ranks(summary: dict, reference: dict, path) -> None:
+def plot_ranks(
+    summary: dict,
+    reference: dict,
+    path,
+    title: str = "Full fine-tune of MiniLM-L6: effective rank of ΔW (mean over 6 layers x seeds)",
+    wrap_names: bool = True,
+) -> None:
+    """Bars of mean ± sd r @ 90% / r @ 99% / entropy rank per module type (``summary[type][key]
+    = (mean, sd)``), Gaussian noise's r @ 90% marked; ``wrap_names`` breaks the tick labels at
+    the dots of the module names."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,14 +116,13 @@ def plot_ranks(summary: dict, reference: dict, path) -> None:
     )
     axis.set_xticks(
         range(len(types)),
-        [f"{t.replace('.', chr(10))}\n(max {summary[t]['max_rank']})" for t in types],
+        [
+            f"{t.replace('.', chr(10)) if wrap_names else t}\n(max {summary[t]['max_rank']})"
+            for t in types
+        ],
         fontsize=7,
     )
-    axis.set(
-        ylabel="rank",
-        yscale="log",
-        title="Full fine-tune of MiniLM-L6: effective rank of ΔW (mean over 6 layers x seeds)",
-    )
+    axis.set(ylabel="rank", yscale="log", title=title)
     axis.legend(fontsize=8)
     save_figure(figure, path)
 

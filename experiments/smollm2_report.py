@@ -10,7 +10,7 @@ import json
 
 import common
 import torch
-from full_finetune_spectrum import random_reference
+from full_finetune_spectrum import plot_ranks, random_reference
 
 from lorakit.analysis import Spectrum
 from lorakit.analysis.plots import plot_effective_ranks, plot_spectra, save_figure
@@ -128,43 +128,6 @@ def plot_accuracy(summary: dict, path) -> None:
     save_figure(figure, path)
 
 
-def plot_ranks(by_type: dict, reference: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    types = list(by_type)
-    figure, axis = plt.subplots(figsize=(8, 4))
-    names = {"rank_90": "r @ 90%", "rank_99": "r @ 99%", "entropy_rank": "entropy rank"}
-    for offset, key in enumerate(names):
-        axis.bar(
-            [i + (offset - 1) * 0.2 for i in range(len(types))],
-            [by_type[t][key][0] for t in types],
-            0.2,
-            yerr=[by_type[t][key][1] for t in types],
-            label=names[key],
-        )
-    axis.scatter(
-        range(len(types)),
-        [reference[t]["rank_90"] for t in types],
-        marker="_",
-        s=400,
-        color="black",
-        label="Gaussian noise, r @ 90%",
-    )
-    axis.set_xticks(
-        range(len(types)), [f"{t}\n(max {by_type[t]['max_rank']})" for t in types], fontsize=7
-    )
-    axis.set(
-        ylabel="rank",
-        yscale="log",
-        title="Full fine-tune of SmolLM2-135M: effective rank of ΔW (30 blocks x 3 seeds)",
-    )
-    axis.legend(fontsize=8)
-    save_figure(figure, path)
-
-
 def markdown(summary: dict, by_type: dict, thirds: dict, advice: dict, reference: dict) -> str:
     """The tables of docs/low-rank.md's SmolLM2 section."""
     lines = [
@@ -241,7 +204,13 @@ def report(runs: list[dict]) -> None:
         },
     )
     plot_accuracy(summary, common.RESULTS / "smollm2_accuracy.png")
-    plot_ranks(by_type, reference, common.RESULTS / "smollm2_ranks.png")
+    plot_ranks(
+        by_type,
+        reference,
+        common.RESULTS / "smollm2_ranks.png",
+        title="Full fine-tune of SmolLM2-135M: effective rank of ΔW (30 blocks x 3 seeds)",
+        wrap_names=False,
+    )
     title = "ΔW of a full fine-tune (SmolLM2-135M, 210 layers, seed 0)"
     plot_spectra(first, common.RESULTS / "smollm2_spectra.png", title=title)
     plot_effective_ranks(
