@@ -102,13 +102,13 @@ class FusedLoraLinear(torch.autograd.Function):
         mask_bits = pack_mask(mask) if needs_mask else None
         ctx.save_for_backward(keep_x, weight, lora_A, lora_B, low_rank, mask_bits)
         ctx.x_shape = x.shape
-        ctx.settings = (rank_scale, drop_levels, seed, fan_in_fan_out)
+        ctx.settings = (rank_scale, fan_in_fan_out)  # the mask travels as its bits
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, weight, lora_A, lora_B, low_rank, packed_mask = ctx.saved_tensors
-        rank_scale, _, _, fan_in_fan_out = ctx.settings
+        rank_scale, fan_in_fan_out = ctx.settings
         needs_x, _, needs_bias, needs_A, needs_B = ctx.needs_input_grad[:5]
         grad2 = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d)
         mask = None  # as 0/1 numbers in the gradient's dtype

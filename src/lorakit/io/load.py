@@ -170,11 +170,7 @@ def _check_tensors(adapter: AdapterFile, plan: _Plan, modules: dict[str, nn.Modu
         shape = expected_shape(modules, slot, rank)
         if tuple(tensor.shape) != shape:
             raise AdapterFileError(_shape_message(source, slot, tuple(tensor.shape), shape, rank))
-        if slot.key in adapter.nonfinite:
-            raise AdapterFileError(
-                f"adapter {source}: tensor {slot.key} holds inf/NaN values; the adapter is "
-                "broken (diverged training?) and was not loaded."
-            )
+        adapter.require_finite([slot.key])
 
 
 def _shape_message(source, slot: Slot, got: tuple, want: tuple, rank: int) -> str:
@@ -239,11 +235,10 @@ def _apply(
     had_state = state_of(model) is not None
     wrapped_before = {id(m) for m in current.values() if isinstance(m, (LoraLayer, ModulesToSave))}
     base_backup: list[tuple[torch.Tensor, torch.Tensor]] = []  # (base tensor, its old value)
-    factors: dict[str, list[torch.Tensor]] = {}
+    factors: dict[str, dict[str, torch.Tensor]] = {}  # module -> {"lora_A": A, "lora_B": B}
     for slot in plan.slots:
         if slot.role in ("lora_A", "lora_B"):
-            pair = factors.setdefault(slot.module, [adapter.tensors[slot.key]] * 2)
-            pair[slot.role == "lora_B"] = adapter.tensors[slot.key]
+            factors.setdefault(slot.module, {})[slot.role] = adapter.tensors[slot.key]
     try:
         add_planned_adapter(
             model,
@@ -252,7 +247,7 @@ def _apply(
             plan.targets,
             plan.saved_names,
             modules=current,
-            factors={name: (a, b) for name, (a, b) in factors.items()},
+            factors={name: (pair["lora_A"], pair["lora_B"]) for name, pair in factors.items()},
             adapter_dtype=adapter_dtype,
             activate=activate,
             init=None,  # every other adapter tensor is copied from the file below

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,16 @@ class AdapterFile:
     nonfinite: frozenset[str]  # keys of tensors holding inf/NaN
     fingerprint: dict[str, dict[str, object]] | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+
+    def require_finite(self, keys: Iterable[str] | None = None) -> None:
+        """Raise ``AdapterFileError`` naming the first of ``keys`` (default: every tensor, in
+        key order) that holds inf/NaN values."""
+        for key in sorted(self.nonfinite) if keys is None else keys:
+            if key in self.nonfinite:
+                raise AdapterFileError(
+                    f"adapter {self.directory}: tensor {key} holds inf/NaN values; the adapter "
+                    "is broken (diverged training?) and was not loaded."
+                )
 
 
 def adapter_directory(directory: str | Path, adapter_name: str = "default") -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from lorakit.errors import AdapterFileError, BaseModelMismatchError, UserError
+from lorakit.errors import BaseModelMismatchError, UserError
 from lorakit.io import fingerprint
 from lorakit.io.read import AdapterFile, read_adapter
 from lorakit.serve.checks import PEFT_PREFIX
@@ -143,11 +143,7 @@ class ServedAdapters:
 
     def _read(self, path: Path) -> AdapterFile:
         adapter = read_peft_adapter(path)
-        if adapter.nonfinite:
-            raise AdapterFileError(
-                f"adapter {path}: tensor {min(adapter.nonfinite)} holds inf/NaN values; the "
-                "adapter is broken (diverged training?) and is not served."
-            )
+        adapter.require_finite()
         check_base(self.model, adapter, self.allow_base_mismatch)
         return adapter
 
