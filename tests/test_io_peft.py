@@ -11,6 +11,7 @@ first, so no tensor can be dropped or mis-mapped without the logits changing.
 from __future__ import annotations
 
 import functools
+import json
 import warnings
 
 import peft
@@ -129,7 +130,7 @@ def test_peft_half_precision_files_load_like_peft_loads_them(dtype, tmp_path) ->
     _assert_same_and_not_base(_logits(ours), _logits(theirs.eval()), "llama")
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_transformers_load_adapter_accepts_a_lorakit_file(arch, tmp_path) -> None:
     ours = lorakit.inject(tiny_models.BUILDERS[arch](), lorakit.LoraConfig(**_fields(arch, "qv")))
     _perturb_trainable(ours)
@@ -189,3 +190,38 @@ def test_all_linear_with_20_or_more_targets_is_written_as_peft_writes_it(tmp_pat
     ours = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["target_modules"]
     assert ours == sorted(theirs)
     assert "q_proj" in ours and "lm_head" not in ours
+
+
+def test_overlapping_patterns_keep_their_order_so_every_reader_resolves_the_same(tmp_path):
+    """Pattern keys are regexes and the first match wins (lorakit and PEFT alike): for
+    ``layers.1...q_proj`` "q_proj" (r=2) comes first; sorted, the layer regex (r=4) would win
+    and the file would no longer describe its own tensors."""
+    patterns = {"q_proj": 2, r"layers\.1\..*": 4}
+    config = lorakit.LoraConfig(
+        r=3, lora_alpha=6, target_modules="all-linear", init_lora_weights=False,
+        rank_pattern=patterns, alpha_pattern={"q_proj": 5, r"layers\.1\..*": 7},
+    )  # fmt: skip
+    ours = lorakit.inject(tiny_models.llama(), config)
+    _perturb_trainable(ours)
+    save_adapter(ours, tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert list(written["rank_pattern"]) == list(patterns)  # not sorted: order is meaning
+    reloaded = tiny_models.llama()
+    load_adapter(reloaded, tmp_path)
+    assert dict(lorakit.state.lora_layers(reloaded))["model.layers.1.self_attn.q_proj"].ranks == {
+        "default": 2
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(tiny_models.llama(), tmp_path)
+    _assert_same_and_not_base(_logits(ours.eval()), _logits(reloaded), "llama")
+    _assert_same_and_not_base(_logits(ours), _logits(theirs.eval()), "llama")
+
+
+def test_patterns_that_do_not_overlap_are_written_sorted(tmp_path):
+    config = lorakit.LoraConfig(
+        r=3, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2, "q_proj": 4}
+    )
+    save_adapter(lorakit.inject(tiny_models.llama(), config), tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert list(written["rank_pattern"]) == ["q_proj", "v_proj"]

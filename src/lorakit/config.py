@@ -158,12 +158,12 @@ class LoraConfig:
 
     def rank_for(self, module_name: str) -> int:
         """The rank of ``module_name``: the first matching ``rank_pattern`` key, else ``r``."""
-        key = _pattern_key(self.rank_pattern, module_name)
+        key = pattern_key(self.rank_pattern, module_name)
         return self.r if key is None else self.rank_pattern[key]
 
     def alpha_for(self, module_name: str) -> float:
         """The alpha of ``module_name``: the first matching ``alpha_pattern`` key, else ``lora_alpha``."""
-        key = _pattern_key(self.alpha_pattern, module_name)
+        key = pattern_key(self.alpha_pattern, module_name)
         return self.lora_alpha if key is None else self.alpha_pattern[key]
 
     def replace(self, **changes: Any) -> LoraConfig:
@@ -174,7 +174,9 @@ class LoraConfig:
         return dataclasses.asdict(self)
 
 
-def _pattern_key(pattern: dict[str, Any], module_name: str) -> str | None:
+def pattern_key(pattern: dict[str, Any], module_name: str) -> str | None:
+    """The first key of a ``rank_pattern`` / ``alpha_pattern`` that matches ``module_name``
+    (PEFT's rule: the key is a regex matching the whole name or a dotted suffix); None if none."""
     for key in pattern:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return key

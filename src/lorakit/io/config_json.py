@@ -1,6 +1,7 @@
 """``adapter_config.json`` both ways, as PEFT writes and reads it.
 
-Written: ``json.dumps(d, indent=2, sort_keys=True)`` without a trailing newline, lists sorted,
+Written: ``json.dumps(d, indent=2)`` with keys sorted, no trailing newline, lists sorted, pattern
+dicts sorted unless that would change which key matches first (then in the order given),
 ``"all-linear"`` (and an unset ``target_modules``) expanded to the module names as PEFT does.
 Read: ``peft_type`` must be "LORA"; the fields lorakit understands become a ``LoraConfig``;
 PEFT fields that change the numbers in ways lorakit does not implement (DoRA, LoRA bias, ...)
@@ -15,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, pattern_key
 from lorakit.errors import AdapterFileError
 from lorakit.layers import is_linear
 from lorakit.targets import SEQ_CLS_HEADS, find_targets, model_modules, resolved_target_spec
@@ -147,7 +148,21 @@ def config_to_json(model: nn.Module, config: LoraConfig, adapter_modules: list[n
         "revision": None,
         "use_dora": False,
     }
-    return json.dumps(values, indent=2, sort_keys=True)
+    names = [name for name, _ in model_modules(model)]
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        values[field_name] = _pattern_in_file_order(values[field_name], names)
+    return json.dumps(dict(sorted(values.items())), indent=2)
+
+
+def _pattern_in_file_order(pattern: dict[str, Any], module_names: list[str]) -> dict[str, Any]:
+    """``pattern`` with its keys sorted, unless sorting would change which key matches first
+    for some module of the model (keys are regexes and the first match wins, in lorakit as in
+    PEFT): then in the order given, so that every reader resolves each module's rank/alpha as
+    the adapter was trained. Both orders are deterministic."""
+    ordered = dict(sorted(pattern.items()))
+    if all(pattern_key(ordered, name) == pattern_key(pattern, name) for name in module_names):
+        return ordered
+    return dict(pattern)
 
 
 def config_from_json(text: str, source: str) -> LoraConfig:
