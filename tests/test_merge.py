@@ -92,15 +92,26 @@ def test_non_finite_adapter_refuses_to_merge_and_changes_nothing() -> None:
     assert all(not layer.merged_adapters for _, layer in lora_layers(model))
 
 
-def test_overflowing_merge_in_half_precision_is_refused() -> None:
+@pytest.mark.parametrize("merge_call", [lorakit.merge, lorakit.merge_and_unload])
+def test_overflowing_merge_in_half_precision_changes_no_layer(merge_call) -> None:
+    """The overflow shows only once W0 + s B A is rounded to fp16, in the LAST layer: every
+    earlier layer's merge must not have been installed either."""
     model = lorakit.inject(tiny_models.llama(dtype=torch.float16), CONFIG)
     tiny_models.randomize_adapters(model)
-    layer = next(iter(lora_layers(model)))[1]
+    last = list(lora_layers(model))[-1][1]
     with torch.no_grad():
-        layer.lora_B["default"].weight.fill_(1e4)
-        layer.lora_A["default"].weight.fill_(1e4)
+        last.lora_B["default"].weight.fill_(1e4)
+        last.lora_A["default"].weight.fill_(1e4)
+    assert torch.isfinite(last.delta_weight("default")).all()  # finite in float32
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    weights = {n: id(layer.base_layer.weight) for n, layer in lora_layers(model)}
     with pytest.raises(ValueError, match="non-finite"):
-        lorakit.merge(model)
+        merge_call(model)
+    assert all(not layer.merged_adapters for _, layer in lora_layers(model))
+    assert weights == {n: id(layer.base_layer.weight) for n, layer in lora_layers(model)}
+    after = dict(model.named_parameters())
+    assert set(after) == set(before)
+    assert all(torch.equal(before[n], after[n]) for n in before)
 
 
 def test_merge_and_unload_returns_a_plain_model_with_the_same_outputs() -> None:

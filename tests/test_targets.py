@@ -60,12 +60,33 @@ def test_nothing_matched_lists_request_and_closest_names() -> None:
         lorakit.inject(tiny_models.llama(), LoraConfig(target_modules=["q_prj", "value"]))
     message = str(error.value)
     assert "['q_prj', 'value']" in message
-    assert "q_proj" in message and "v_proj" in message
+    closest = message.split("Closest module names: ")[1].split("]")[0]  # by difflib, not the list
+    assert "'q_proj'" in closest and "'v_proj'" in closest and "'gate_proj'" not in closest
 
 
 def test_unsupported_type_names_module_and_type() -> None:
     with pytest.raises(TypeError, match=r"'norm' is a torch.nn.modules.normalization.LayerNorm"):
         lorakit.inject(Toy(), LoraConfig(target_modules=["norm"]))
+
+
+def test_a_refused_injection_leaves_the_model_as_it_was() -> None:
+    """The unsupported module comes after supported ones: nothing may be wrapped or frozen."""
+    model = tiny_models.llama()
+    lorakit.inject(model, LoraConfig(target_modules=["v_proj"]), "first")
+    modules = dict(model.named_modules())
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(TypeError, match="input_layernorm"):
+        lorakit.inject(model, LoraConfig(target_modules=["q_proj", "input_layernorm"]), "second")
+    assert dict(model.named_modules()) == modules  # the very same module objects
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == trainable
+    assert list(lorakit.adapter_configs(model)) == ["first"]
+    fresh = tiny_models.llama()
+    with pytest.raises(TypeError):
+        lorakit.inject(fresh, LoraConfig(target_modules=["q_proj", "input_layernorm"]))
+    assert "lorakit_state" not in fresh.__dict__
+    assert all(p.requires_grad for p in fresh.parameters())
+    lorakit.inject(fresh, LoraConfig(target_modules=["q_proj"]))  # a corrected retry works
+    assert len(list(lorakit.state.lora_layers(fresh))) == len(fresh.model.layers)
 
 
 def test_targets_found_again_after_injection() -> None:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.layers import LoraLayer, ModulesToSave, wrap
+from lorakit.layers import LoraLayer, ModulesToSave, layer_class_for, wrap
 from lorakit.state import (
     adapter_configs,
     freeze_all,
@@ -84,14 +84,22 @@ def add_planned_adapter(
     already fit: the caller hands them over); ``init``: ``LoraConfig.init_lora_weights``, or
     None for uninitialised tensors.
     """
+    current = {
+        name: modules[name] if modules is not None else model.get_submodule(name)
+        for name in targets
+    }
+    for name, module in current.items():  # every check before any change: all or nothing
+        if not isinstance(module, LoraLayer):
+            layer_class_for(module, name)
+        elif adapter_name in module.ranks:
+            raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}.")
     if state_of(model) is None:
         state = state_of(model, create=True)  # records the flags that unload restores
         freeze_all(model)
     else:
         state = state_of(model)
     factors = factors or {}
-    for name in targets:
-        layer = modules[name] if modules is not None else model.get_submodule(name)
+    for name, layer in current.items():
         if not isinstance(layer, LoraLayer):
             layer = wrap(layer, name)
             _replace(model, name, layer)

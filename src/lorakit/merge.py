@@ -38,16 +38,18 @@ def _chosen(model: nn.Module, adapter_names: Sequence[str] | None) -> tuple[str,
 def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:
     """Fold the given adapters (default: the active ones) into the base weights, in place.
 
-    Idempotent. If any adapter's delta is not finite, raises ValueError before any layer changes.
+    Idempotent. All or nothing: every layer's merged weight is computed and checked before any
+    is installed, so if one would hold inf/NaN (a non-finite adapter, or an overflow of the
+    weight dtype) ValueError is raised and no layer has changed.
     """
     names = _chosen(model, adapter_names)
-    layers = [layer for _, layer in lora_layers(model)]
-    for layer in layers:  # check everything first: all or nothing
-        for name in names:
-            if name in layer.ranks and name not in layer.merged_adapters:
-                layer._merged_delta([name])
-    for layer in layers:
-        layer.merge([name for name in names if name in layer.ranks])
+    prepared = []
+    for _, layer in lora_layers(model):
+        weight = layer.prepare_merge([name for name in names if name in layer.ranks])
+        if weight is not None:
+            prepared.append((layer, weight))
+    for layer, weight in prepared:
+        layer.install_merge(weight)
     return model
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "current_router",
     "is_conv1d",
     "is_linear",
+    "layer_class_for",
     "linear_shape",
     "row_router",
     "wrap",
@@ -47,14 +48,19 @@ _DISPATCH: list[tuple[Callable[[nn.Module], bool], type[LoraLayer]]] = [
 ]
 
 
-def wrap(module: nn.Module, module_name: str) -> LoraLayer:
-    """A new LoRA layer wrapping ``module`` (no adapters yet)."""
+def layer_class_for(module: nn.Module, module_name: str) -> type[LoraLayer]:
+    """The LoRA layer class that wraps ``module``; TypeError naming the module if none does."""
     for accepts, layer_class in _DISPATCH:
         if accepts(module):
-            return layer_class(module)
+            return layer_class
     supported = "nn.Linear, transformers Conv1D, nn.Embedding"
     raise TypeError(
         f"module {module_name!r} is a {type(module).__module__}.{type(module).__qualname__}, "
         f"which lorakit cannot adapt (supported: {supported}). Remove it from target_modules "
         "or add it to exclude_modules."
     )
+
+
+def wrap(module: nn.Module, module_name: str) -> LoraLayer:
+    """A new LoRA layer wrapping ``module`` (no adapters yet)."""
+    return layer_class_for(module, module_name)(module)

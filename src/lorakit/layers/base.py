@@ -218,18 +218,34 @@ class LoraLayer(nn.Module):
 
         Raises ValueError (and leaves the weight untouched) if a delta is not finite.
         """
-        to_merge = [name for name in adapter_names if name not in self.merged_adapters]
+        prepared = self.prepare_merge(adapter_names)
+        if prepared is not None:
+            self.install_merge(prepared)
+
+    def prepare_merge(
+        self, adapter_names: Sequence[str]
+    ) -> tuple[tuple[str, ...], torch.Tensor] | None:
+        """``(names, W)``: the weight with the named adapters merged, ``W0 + sum_a s_a B_a A_a``
+        (float32 sum, rounded once to W0's dtype), for the adapters not merged yet; None if
+        there are none. Changes nothing; raises ValueError if W would hold inf/NaN."""
+        to_merge = tuple(name for name in adapter_names if name not in self.merged_adapters)
         if not to_merge:
-            return
-        original = self._original_parameter[0] if self.merged_adapters else self.base_layer.weight
+            return None
+        original = self.original_weight
         delta = self._merged_delta((*self.merged_adapters, *to_merge))
         merged = (original.detach().to(torch.float32) + delta).to(original.dtype)
         if not torch.isfinite(merged).all():
             raise ValueError(
-                f"merging adapter(s) {to_merge} would put non-finite values into the base weight "
-                "(the adapter holds inf/NaN or overflows the weight dtype); nothing was changed."
+                f"merging adapter(s) {list(to_merge)} would put non-finite values into the base "
+                "weight (the adapter holds inf/NaN or overflows the weight dtype); nothing was "
+                "changed."
             )
-        self._original_parameter = (original,)
+        return to_merge, merged
+
+    def install_merge(self, prepared: tuple[tuple[str, ...], torch.Tensor]) -> None:
+        """Install a weight from ``prepare_merge``, keeping the original Parameter for unmerge."""
+        to_merge, merged = prepared
+        self._original_parameter = (self.original_weight,)
         self.base_layer.weight = nn.Parameter(merged, requires_grad=False)
         self.merged_adapters = (*self.merged_adapters, *to_merge)
 
