@@ -28,6 +28,16 @@ from lorakit import LoraConfig, TaskType
             "cannot be combined with a regex",
         ),
         ({"target_modules": ["q_proj"], "layers_to_transform": [-1]}, "layers_to_transform"),
+        ({"lora_alpha": float("inf")}, "LoraConfig.lora_alpha=inf"),
+        ({"lora_alpha": True}, "LoraConfig.lora_alpha=True"),
+        ({"alpha_pattern": {"q_proj": float("nan")}}, "alpha_pattern['q_proj']=nan"),
+        ({"use_rslora": "no"}, "LoraConfig.use_rslora='no'"),
+        ({"fan_in_fan_out": "yes"}, "LoraConfig.fan_in_fan_out='yes'"),
+        ({"task_type": "FOO"}, "LoraConfig.task_type='FOO'"),
+        ({"modules_to_save": "classifier"}, 'not "classifier"'),
+        ({"modules_to_save": ["classifier", 3]}, "LoraConfig.modules_to_save"),
+        ({"rank_pattern": ["q_proj"]}, "LoraConfig.rank_pattern"),
+        ({"base_model_name_or_path": 7}, "LoraConfig.base_model_name_or_path=7"),
     ],
 )
 def test_invalid_values_raise_naming_the_field(fields: dict, message: str) -> None:

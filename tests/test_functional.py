@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import lorakit
 from lorakit import functional
 
 
@@ -19,8 +20,15 @@ def test_scaling_plain_and_rslora() -> None:
 
 
 def test_parameter_count_and_compression_match_the_seed() -> None:
-    # The seed's 4096 x 4096 projection at r = 16: 16,777,216 full vs 131,072 LoRA, 128x.
-    assert 4096 * 4096 == 16_777_216
+    # The seed's 4096 x 4096 projection at r = 16: 16,777,216 full vs 131,072 LoRA, 128x,
+    # counted on a real (meta-device, no memory) layer injected by lorakit.
+    with torch.device("meta"):
+        model = torch.nn.Sequential()
+        model.add_module("proj", torch.nn.Linear(4096, 4096, bias=False))
+    lorakit.inject(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=["proj"]))
+    counts = lorakit.count_parameters(model)
+    assert counts.total - counts.trainable == 16_777_216 and counts.trainable == 131_072
+    assert (counts.total - counts.trainable) / counts.trainable == 128.0
     assert functional.lora_parameter_count(4096, 4096, 16) == 131_072
     assert functional.compression_ratio(4096, 4096, 16) == 128.0
     # The seed's quiz: 4096 x 4096 at r = 8.

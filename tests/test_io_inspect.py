@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import struct
 import warnings
 
 import peft
@@ -40,6 +42,8 @@ def _forbid_tensor_reads(monkeypatch) -> None:
     monkeypatch.setattr(safetensors.torch, "load", refuse)
     monkeypatch.setattr(safetensors.torch, "load_file", refuse)
     monkeypatch.setattr(safetensors, "safe_open", refuse)
+    monkeypatch.setattr(lorakit.io.tensors, "read_safetensors", refuse)  # lorakit's own reader
+    monkeypatch.setattr(lorakit.io.read, "read_safetensors", refuse)
 
 
 def test_json_summary_matches_the_model(llama_adapter, monkeypatch, capsys) -> None:
@@ -109,3 +113,66 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys) -> None:
     (tmp_path / "adapter_model.bin").write_bytes(b"not opened")
     assert main(["inspect", str(tmp_path)]) == 2
     assert "never unpickles" in capsys.readouterr().err
+
+
+def _write_header_only_file(path, tensors: dict, metadata: dict) -> int:
+    """A safetensors file whose data region is a hole (sparse): header real, tensors zeros."""
+    entries, offset = {"__metadata__": metadata}, 0
+    for name, shape in tensors.items():
+        size = 4 * math.prod(shape)
+        entries[name] = {
+            "dtype": "F32",
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    header = json.dumps(entries).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(header)) + header)
+        handle.truncate(8 + len(header) + offset)
+    return 8 + len(header) + offset
+
+
+def test_a_4_gib_adapter_is_summarised_from_its_header_alone(tmp_path, monkeypatch) -> None:
+    """r=64 on a (2**24 x 8192) matrix: 4 GiB of factors that inspect must never read."""
+    d, k, r = 2**24, 8192, 64
+    prefix = "base_model.model.model.layers.0.mlp.down_proj"
+    size = _write_header_only_file(
+        tmp_path / "adapter_model.safetensors",
+        {f"{prefix}.lora_A.weight": (r, k), f"{prefix}.lora_B.weight": (d, r)},
+        {"format": "pt"},
+    )
+    (tmp_path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["down_proj"],
+        "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    }))  # fmt: skip
+    _forbid_tensor_reads(monkeypatch)
+    summary = summarize_adapter(tmp_path)
+    assert size > 4 * 2**30 and summary["file_bytes"] == size
+    assert summary["lora_parameters"] == r * (d + k) == summary["parameters"]
+    assert summary["compression_ratio"] == pytest.approx(d * k / (r * (d + k)), rel=1e-12)
+    assert summary["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert summary["scalings"] == {"2": 1} and summary["fingerprint"] == {"present": False}
+
+
+def test_text_output_names_the_base_model(tmp_path, capsys) -> None:
+    config = lorakit.LoraConfig(r=2, target_modules=["q_proj"], base_model_name_or_path="my/base")
+    save_adapter(lorakit.inject(tiny_models.llama(), config), tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert "my/base" in capsys.readouterr().out
+
+
+def test_a_file_missing_one_factor_is_one_line_naming_the_module(tmp_path, capsys) -> None:
+    _write_header_only_file(
+        tmp_path / "adapter_model.safetensors",
+        {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": (2, 64)},
+        {"format": "pt"},
+    )
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]})
+    )
+    assert main(["inspect", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "no lora_B tensor for module 'model.layers.0.self_attn.q_proj'" in error
+    assert "Traceback" not in error

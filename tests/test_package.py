@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import lorakit
 from lorakit import cli
+
+# The subprocesses import this checkout's lorakit, whatever version is installed.
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+ENV = os.environ | {"PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 HEAVY = ("transformers", "peft", "fastapi", "uvicorn", "matplotlib", "trl", "openai")
 
 
 def test_import_pulls_in_nothing_heavy_beyond_torch() -> None:
-    code = f"import sys, lorakit; print([m for m in {HEAVY!r} if m in sys.modules])"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    code = (
+        f"import sys, lorakit; print([m for m in {HEAVY!r} if m in sys.modules], lorakit.__file__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=ENV
+    )
+    heavy, _, imported = out.stdout.strip().partition(" ")
+    assert heavy == "[]" and imported.startswith(SRC), out.stdout
 
 
 def test_public_api_is_explicit() -> None:
@@ -25,7 +36,11 @@ def test_public_api_is_explicit() -> None:
 
 def test_cli_help_lists_every_command() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "lorakit", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "lorakit", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=ENV,
     )
     for name in cli.command_modules():
         assert name in out.stdout

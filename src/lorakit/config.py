@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,19 +89,38 @@ class LoraConfig:
 
     def _validate(self) -> None:
         _check(_is_positive_int(self.r), "r", self.r, "a positive integer")
+        _check(_is_positive_number(self.lora_alpha), "lora_alpha", self.lora_alpha, POSITIVE)
         _check(
-            isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0,
-            "lora_alpha",
-            self.lora_alpha,
-            "a positive number",
-        )
-        _check(
-            isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0,
+            _is_number(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0,
             "lora_dropout",
             self.lora_dropout,
             "a probability in [0, 1)",
         )
         _check(self.bias in BIAS_MODES, "bias", self.bias, f"one of {BIAS_MODES}")
+        for flag in ("fan_in_fan_out", "use_rslora"):
+            _check(
+                isinstance(getattr(self, flag), bool), flag, getattr(self, flag), "True or False"
+            )
+        tasks = [task.value for task in TaskType]
+        _check(self.task_type is None or self.task_type in tasks, "task_type", self.task_type,
+               f"None or one of {tasks}")  # fmt: skip
+        _check(
+            self.modules_to_save is None
+            or (isinstance(self.modules_to_save, list)
+                and all(isinstance(n, str) and n for n in self.modules_to_save)),
+            "modules_to_save",
+            self.modules_to_save,
+            'None or a list of module names (e.g. ["classifier"], not "classifier")',
+        )  # fmt: skip
+        _check(
+            self.base_model_name_or_path is None or isinstance(self.base_model_name_or_path, str),
+            "base_model_name_or_path",
+            self.base_model_name_or_path,
+            "None or a string",
+        )
+        for pattern in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, pattern)
+            _check(isinstance(value, dict), pattern, value, "a dict {regex: value}")
         _check(
             any(
                 self.init_lora_weights is mode or self.init_lora_weights == mode
@@ -116,12 +136,7 @@ class LoraConfig:
             _check(_is_positive_int(rank), f"rank_pattern[{key!r}]", rank, "a positive integer")
             _check_regex(f"rank_pattern key {key!r}", key)
         for key, alpha in self.alpha_pattern.items():
-            _check(
-                isinstance(alpha, (int, float)) and alpha > 0,
-                f"alpha_pattern[{key!r}]",
-                alpha,
-                "a positive number",
-            )
+            _check(_is_positive_number(alpha), f"alpha_pattern[{key!r}]", alpha, POSITIVE)
             _check_regex(f"alpha_pattern key {key!r}", key)
         self._validate_layer_selection()
 
@@ -183,8 +198,19 @@ def pattern_key(pattern: dict[str, Any], module_name: str) -> str | None:
     return None
 
 
+POSITIVE = "a positive finite number"
+
+
 def _is_positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_positive_number(value: Any) -> bool:
+    return _is_number(value) and value > 0
 
 
 def _check(ok: bool, field_name: str, value: Any, expected: str) -> None:

@@ -12,25 +12,50 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["write_bytes", "write_text"]
+__all__ = ["write_bytes", "write_files", "write_text"]
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically (the directory must exist)."""
-    target = Path(path)
-    _remove_stale_temporaries(target)
+    write_files({path: data})
+
+
+def write_files(files: dict[str | os.PathLike[str], bytes]) -> None:
+    """Replace several files of one directory: every new file is written and fsynced under a
+    temporary name first, then all are renamed in one burst (in the order given).
+
+    Each file is replaced atomically. The set is not (POSIX has no multi-file rename): a crash
+    can only fall between two renames, microseconds apart, never while data is written.
+    """
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, data in files.items():
+            target = Path(path)
+            _remove_stale_temporaries(target)
+            staged.append((_write_temporary(target, data), target))
+        for temporary, target in staged:
+            os.replace(temporary, target)
+    except BaseException:
+        for temporary, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+        raise
+    for directory in {target.parent for _, target in staged}:
+        _fsync_directory(directory)
+
+
+def _write_temporary(target: Path, data: bytes) -> str:
     fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temporary, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
-    _fsync_directory(target.parent)
+    return temporary
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -4,7 +4,7 @@ Per adapted module the fingerprint keeps the base weight's shape and dtype and `
 elements taken at fixed, well-spread positions of the flattened weight (a golden-ratio
 sequence, so the samples hit many rows and columns whatever the shape): their exact bytes
 (SHA-256) and their values as float32. Cost: one small gather per module, independent of the
-weight size (about a millisecond for a 135M model).
+weight size (7-8 ms for all 210 linear layers of SmolLM2-135M on a 2-core CPU).
 
 Comparison: same dtype -> the sampled bytes must be identical (any change of a sampled element
 is caught, even below the dtype's precision); different dtypes (an fp32 checkpoint loaded in

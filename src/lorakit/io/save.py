@@ -101,8 +101,15 @@ def save_adapter(
     )
     target = Path(directory) if adapter_name == "default" else Path(directory) / adapter_name
     target.mkdir(parents=True, exist_ok=True)
-    atomic.write_bytes(target / WEIGHTS_NAME, serialize(tensors, metadata))
-    atomic.write_text(target / CONFIG_NAME, config_text)
+    # Both files staged, then renamed back to back: weights first, so that a crash between the
+    # renames leaves the new weights, whose header carries the config they were saved with
+    # (lorakit's loader then uses that copy; see read.py).
+    atomic.write_files(
+        {
+            target / WEIGHTS_NAME: serialize(tensors, metadata),
+            target / CONFIG_NAME: config_text.encode("utf-8"),
+        }
+    )
     return target
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit import functional
+from lorakit.errors import AdapterFileError
 from lorakit.io.config_json import CONFIG_NAME, config_from_json
 from lorakit.io.fingerprint import METADATA_KEY
 from lorakit.io.header import read_header
@@ -30,6 +31,23 @@ def _factor_shapes(tensors) -> dict[str, dict[str, tuple[int, ...]]]:
         if parsed is not None:
             factors.setdefault(parsed[0], {})[parsed[1]] = info.shape
     return factors
+
+
+def _checked_factors(path: Path, module: str, shapes: dict) -> tuple[int, int, int]:
+    """``(r, k, d)`` of one module's factors: A (r, k) and B (d, r), both present."""
+    a_shape, b_shape = shapes.get("lora_A"), shapes.get("lora_B")
+    if a_shape is None or b_shape is None:
+        missing = "lora_A" if a_shape is None else "lora_B"
+        raise AdapterFileError(
+            f"{path} has no {missing} tensor for module {module!r} (only its "
+            f"{'lora_B' if a_shape is None else 'lora_A'}); the file is incomplete, re-save it."
+        )
+    if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+        raise AdapterFileError(
+            f"{path}: module {module!r} has lora_A {list(a_shape)} and lora_B {list(b_shape)}; "
+            "expected (r, k) and (d, r) with the same r. The file is damaged; re-save it."
+        )
+    return a_shape[0], a_shape[1], b_shape[0]
 
 
 def _fingerprint_summary(metadata: dict[str, str]) -> dict[str, Any]:
@@ -57,8 +75,7 @@ def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> d
     ranks, alphas, scalings = Counter(), Counter(), Counter()
     base_parameters = lora_parameters = 0
     for module, shapes in sorted(factors.items()):
-        rank, in_features = shapes["lora_A"]
-        out_features = shapes["lora_B"][0]
+        rank, in_features, out_features = _checked_factors(weights, module, shapes)
         alpha = config.alpha_for(module)
         ranks[rank] += 1
         alphas[alpha] += 1
