@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import peft
 import pytest
@@ -161,6 +165,32 @@ def test_saving_twice_gives_identical_bytes(tmp_path) -> None:
         "adapter_config.json",
         "adapter_model.safetensors",
     ]  # no temporary file left behind
+
+
+_SAVE_IN_A_FRESH_PROCESS = """
+import sys
+sys.path.insert(0, sys.argv[2])
+import torch, lorakit
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 16))
+config = lorakit.LoraConfig(r=2, target_modules=["1", "0"], rank_pattern={"1": 3, "0": 4},
+                            alpha_pattern={"1": 5.0, "0": 6.0})
+lorakit.save_adapter(lorakit.inject(model, config), sys.argv[1])
+"""
+
+
+def test_bytes_do_not_depend_on_the_process_or_its_hash_seed(tmp_path) -> None:
+    """Two fresh interpreters with different PYTHONHASHSEED (set and dict iteration orders of
+    str keys change with it) write byte-identical files."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    for seed in ("1", "2"):
+        subprocess.run(
+            [sys.executable, "-c", _SAVE_IN_A_FRESH_PROCESS, str(tmp_path / seed), src],
+            check=True,
+            env=os.environ | {"PYTHONHASHSEED": seed},
+        )
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes()
 
 
 def test_loading_many_adapters_does_not_slow_down(tmp_path) -> None:
