@@ -63,4 +63,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     torch.testing.assert_close(
         torch.tensor(ddp_losses), torch.tensor(one_losses), atol=1e-5, rtol=0
     )
-    assert single is not None
+    # the one-process file holds that run's final in-memory weights
+    weights = {k: v for k, v in single.named_parameters() if v.requires_grad}
+    assert len(weights) == 12
+    for name, tensor in weights.items():
+        layer, kind = name.split(".lora_")
+        assert torch.equal(
+            one[f"base_model.model.{layer}.lora_{kind.replace('.default', '')}"], tensor
+        )

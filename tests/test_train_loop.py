@@ -85,7 +85,7 @@ def test_loop_matches_reference_with_hf_loss_clipping_and_adamw(tmp_path):
     tiny_models.randomize_adapters(reference)
     config = _config(tmp_path, max_steps=2, batch_size=4, warmup_steps=1, max_grad_norm=0.01)
     result = train(ours, data, pad_collate(0), config)
-    plan = BatchPlan(len(data), 4, seed=0)
+    plan = BatchPlan(len(data), 4, seed=0, lengths=tuple(len(e["input_ids"]) for e in data))
     params = [p for p in reference.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
     logged_norms = [r["grad_norm"] for r in _records(result.metrics_path)]
@@ -132,14 +132,15 @@ def test_accumulation_2x2_equals_batch_4(tmp_path):
 def test_loss_goes_down_and_only_the_adapter_changes(tmp_path):
     model = build_model(dropout=0.0)
     base_before = {k: v.clone() for k, v in model.named_parameters() if not v.requires_grad}
-    config = _config(tmp_path, max_steps=40, batch_size=8, lr=5e-2, plot=True)
-    held_out = make_data(count=16, seed=99)
+    config = _config(tmp_path, max_steps=60, batch_size=8, lr=5e-2, plot=True)
+    held_out = make_data(count=64, seed=99)
     before = evaluate(model, [pad_collate(0)(held_out)])
-    result = train(model, make_data(count=16), pad_collate(0), config, eval_data=held_out)
+    result = train(model, make_data(count=64), pad_collate(0), config, eval_data=held_out)
     losses = [r["loss"] for r in _records(result.metrics_path) if "loss" in r]
-    assert len(losses) == 40
+    assert len(losses) == 60
     # The frozen random lm_head (std 0.02, hidden 64) caps the logit margin, so the loss
-    # plateaus near 3.7 from ln(128) = 4.85; the argmax answers become right.
+    # plateaus near 3.7 from ln(128) = 4.85; the argmax answers become right (held-out accuracy
+    # 0.83-0.98 over training seeds 0-5 with these settings).
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5
     assert before["accuracy"] == 0.0 and result.eval_metrics["accuracy"] >= 0.7
     assert result.eval_metrics["loss"] < before["loss"] - 0.5

@@ -93,7 +93,8 @@ def _train(model, tokenizer, settings: DemoSettings, output: Path):
     )
     _say(f"training LoRA r={settings.rank} on {len(tokenized)} training reviews, "
          f"{settings.steps} steps of {settings.batch_size}")  # fmt: skip
-    result = train(model, range(len(tokenized)), lambda idx: data.collate(tokenized, idx), training)
+    result = train(model, range(len(tokenized)), lambda idx: data.collate(tokenized, idx), training,
+                   length_of=lambda index: len(tokenized.input_ids[index]))  # fmt: skip
     return result, counts, len(tokenized)
 
 

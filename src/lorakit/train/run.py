@@ -88,6 +88,9 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
         source = tokenized_all[items[0][0]]
         return data.collate(source, [index for _, index in items])
 
+    def length_of(item) -> int:  # batches group examples of similar length
+        return len(tokenized_all[item[0]].input_ids[item[1]])
+
     result = train(
         model,
         [("train", i) for i in range(len(tokenized))],
@@ -95,5 +98,6 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
         training,
         eval_data=[("eval", i) for i in range(len(eval_tokenized))] if eval_tokenized else None,
         resume=bool(settings["resume"]),
+        length_of=length_of,
     )
     return result
