@@ -43,7 +43,7 @@ def test_batches_by_length_pad_far_less_than_a_plain_shuffle():
     plain = _padding(lengths, _epoch(shuffled, 0))
     grouped = _padding(lengths, _epoch(by_length, 0))
     assert plain > 0.5  # a random batch of 8 usually holds one long example (measured 0.61)
-    assert grouped < 0.15 * plain  # measured 0.06
+    assert grouped < 0.15 * plain  # measured 0.054
     from lorakit.train.batches import padding_fraction
 
     assert padding_fraction(lengths, _epoch(by_length, 0)) == pytest.approx(grouped)

@@ -6,9 +6,10 @@ dropout, is not touched). With ``G = batch_size * grad_accum * world_size`` (the
 
     order   = randperm(n)                          a fresh random order of the examples
     full    = order[: n - n % G]                   the rest, n % G examples, is the short batch
-    chunks  = full cut into pieces of G * bucket_batches examples
-    batches = each chunk sorted by length (stable), cut into global batches of G
-    epoch   = the global batches in a random order (randperm), then the short batch (if kept)
+    batches = lorakit.data.plan_batches(lengths of full, G, seed + epoch, bucket_batches):
+              shuffled, chunks of G * bucket_batches sorted by length, cut into global
+              batches of G, the batches shuffled
+    epoch   = those global batches, then the short batch (if kept)
 
 so a global batch holds examples of similar length (little padding) while the order of batches,
 and which examples meet, changes every epoch. Without ``lengths`` (or ``bucket_batches=0``) the
@@ -107,17 +108,15 @@ class BatchPlan:
         order = torch.randperm(n, generator=generator).tolist()
         cut = n - n % size
         full, rest = order[:cut], order[cut:]
-        if self.by_length:
-            lengths = self.lengths
-            chunk = size * self.bucket_batches
-            full = [
-                index
-                for start in range(0, cut, chunk)
-                for index in sorted(full[start : start + chunk], key=lambda i: lengths[i])
-            ]
-        batches = [full[start : start + size] for start in range(0, cut, size)]
-        if self.by_length:  # the sorted batches run short to long: shuffle them
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+        if self.by_length:  # lorakit.data's length buckets, on whole global batches
+            from lorakit.data.batching import plan_batches
+
+            full_lengths = [self.lengths[i] for i in full]
+            planned = plan_batches(full_lengths, size, seed=self.seed + epoch,
+                                   bucket_batches=self.bucket_batches)  # fmt: skip
+            batches = [[full[j] for j in batch] for batch in planned]
+        else:
+            batches = [full[start : start + size] for start in range(0, cut, size)]
         if rest and not self.drop_last:
             batches.append(rest)
         return batches
