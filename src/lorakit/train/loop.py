@@ -180,13 +180,13 @@ class _Run:
             record = self._optimizer_step(step)
             self.last_loss = record["loss"]
             self.metrics.write(record)
-            if progress is not None:
+            if progress is not None:  # count first, so "n/N" shows step n's values
+                progress.update(1)
                 progress.set_postfix(
                     loss=f"{record['loss']:.4f}",
                     lr=f"{record['lr']:.2e}",
                     tok_s=f"{record['tokens_per_s']:.0f}",
                 )
-                progress.update(1)
             self._after_step(step + 1)
         if progress is not None:
             progress.close()
