@@ -22,7 +22,8 @@ _OPTIONS = [
                      "CSV (default: chat for built-ins, plain for CSV)"),
     ("--output", str, "output directory (adapter/, checkpoints/, metrics.jsonl, loss_curve.png)"),
     ("--target-modules", str, "comma-separated module names, or all-linear"),
-    ("--r", int, "LoRA rank"),
+    ("--r", int, "LoRA rank; also --rank, the spelling to use under torchrun (whose parser "
+                 "reads --r as an abbreviation of its own options on Python < 3.12)"),
     ("--alpha", float, "lora_alpha (scaling = alpha / r)"),
     ("--dropout", float, "dropout on the LoRA input"),
     ("--lr", float, "peak learning rate (AdamW, warmup then cosine)"),
@@ -43,6 +44,9 @@ _OPTIONS = [
 ]  # fmt: skip
 
 
+_ALIASES = {"--r": ("--rank",)}
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
@@ -57,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for flag, kind, text in _OPTIONS:
         if "(default:" not in text and "(required" not in text:
             text += f" (default: {D[flag[2:].replace('-', '_')]})"
-        parser.add_argument(flag, type=kind, default=None, help=text)
+        parser.add_argument(flag, *_ALIASES.get(flag, ()), type=kind, default=None, help=text)
     parser.add_argument("--resume", action="store_true", default=None,
                         help="continue from the newest checkpoint in --output")  # fmt: skip
     parser.add_argument("--gradient-checkpointing", action="store_true", default=None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,8 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
         tokenized["eval"] = data.tokenize_examples(eval_examples, tokenizer, settings["max_length"])
     output = Path(settings["output"])
     output.mkdir(parents=True, exist_ok=True)
-    (output / "train_settings.json").write_text(json.dumps(settings, indent=1, default=str))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one process writes it
+        (output / "train_settings.json").write_text(json.dumps(settings, indent=1, default=str))
     return _train_tokenized(model, tokenized, training, bool(settings["resume"]))
 
 
