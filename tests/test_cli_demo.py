@@ -4,28 +4,108 @@ from __future__ import annotations
 
 import json
 
-from lorakit import cli
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import lorakit
+from lorakit import cli, data
+from lorakit.errors import UserError
 from tests.test_cli_train import model_dir  # noqa: F401  (the tiny model fixture)
 
 
-def test_demo_runs_and_writes_its_summary(tmp_path, capsys, model_dir):  # noqa: F811
-    from lorakit.demo import DemoSettings, run_demo
+def _settings(tmp_path, model_dir, **overrides):  # noqa: F811
+    from lorakit.demo import DemoSettings
 
-    settings = DemoSettings(output=str(tmp_path / "demo"), model=str(model_dir), steps=2,
-                            eval_size=8, max_length=64, progress=False)  # fmt: skip
-    summary = run_demo(settings)
+    fields = dict(output=str(tmp_path / "demo"), model=str(model_dir), steps=2, eval_size=8,
+                  max_length=64, progress=False)  # fmt: skip
+    return DemoSettings(**(fields | overrides))
+
+
+def _predict_one_at_a_time(model, tokenizer, examples, max_length) -> list[int]:
+    """Each review's choice by an unpadded forward of its (shortened) prompt, by hand."""
+    positive, negative = (tokenizer(w, add_special_tokens=False)["input_ids"][0]
+                          for w in ("positive", "negative"))  # fmt: skip
+    predictions = []
+    for example in examples:
+        prompt = data.prompt_token_ids(data.fit_example(example, tokenizer, max_length), tokenizer)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt])).logits[0, -1]
+        predictions.append(0 if logits[positive] > logits[negative] else 1)
+    return predictions
+
+
+def test_demo_runs_and_writes_its_summary(tmp_path, capsys, model_dir):  # noqa: F811
+    from lorakit.demo import run_demo
+    from lorakit.io import load_adapter
+
+    summary = run_demo(_settings(tmp_path, model_dir))
     out = capsys.readouterr().out
-    assert "zero-shot accuracy" in out and "predictions identical" in out
+    assert "zero-shot accuracy" in out and "8/8 predictions identical" in out
+    demo = tmp_path / "demo"
+    assert json.loads((demo / "summary.json").read_text()) == summary
+    # predictions: the first 8 test reviews with their dataset labels
+    rows = [json.loads(line) for line in (demo / "predictions.jsonl").read_text().splitlines()]
+    held_out = data.load_examples("rotten-tomatoes", "test", style="chat")[:8]
+    assert [(r["review"], r["label"]) for r in rows] == [(e.source, e.label) for e in held_out]
+    # the accuracies are the counts of right predictions, and the predictions are the models'
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    assert [r["zero_shot"] for r in rows] == _predict_one_at_a_time(base, tokenizer, held_out, 64)
+    adapted = load_adapter(AutoModelForCausalLM.from_pretrained(model_dir), demo / "adapter")
+    tuned = _predict_one_at_a_time(adapted.eval(), tokenizer, held_out, 64)
+    assert [r["fine_tuned"] for r in rows] == [r["merged"] for r in rows] == tuned
+    for key, column in (("zero_shot_accuracy", "zero_shot"), ("fine_tuned_accuracy", "fine_tuned"),
+                        ("merged_accuracy", "merged")):  # fmt: skip
+        assert summary[key] == sum(r[column] == r["label"] for r in rows) / 8
+    assert summary["merged_predictions_agree"] == 8
+    assert summary["merged_max_abs_logprob_difference"] < 1e-4
+    # sizes and counts from the model itself: r (in + out) per projection, 2 layers
+    config = base.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    kv, hidden, inner = (
+        config.num_key_value_heads * head_dim,
+        config.hidden_size,
+        config.intermediate_size,
+    )
+    per_layer = 16 * ((hidden + hidden) * 2 + (hidden + kv) * 2 + (hidden + inner) * 3)
+    assert summary["trainable_parameters"] == 2 * per_layer == 29_696
+    assert summary["base_parameters"] == sum(p.numel() for p in base.parameters())
+    adapter_file = demo / "adapter" / "adapter_model.safetensors"
+    assert summary["adapter_bytes"] == adapter_file.stat().st_size
+    assert summary["base_model_bytes"] == (model_dir / "model.safetensors").stat().st_size
+    assert summary["adapter_percent_of_base"] == pytest.approx(
+        100 * summary["adapter_bytes"] / summary["base_model_bytes"]
+    )
+    losses = [json.loads(line)["loss"] for line in (demo / "metrics.jsonl").open()]
+    assert summary["steps"] == 2 == len(losses) and summary["final_train_loss"] == losses[-1]
+    assert summary["held_out_reviews"] == 8 and summary["training_reviews"] == 16
+    assert (demo / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert (demo / "summary.txt").read_text().splitlines()[0].startswith("Rotten")
+
+
+def test_a_merged_model_that_disagrees_fails_the_demo(tmp_path, monkeypatch, model_dir):  # noqa: F811
+    """Force a mismatch: after the real merge, swap the output rows of "positive" and
+    "negative", so the merged model predicts the other answer on every review."""
+    from lorakit.demo import run_demo
+
+    real_merge = lorakit.merge_and_unload
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pair = [
+        tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("positive", "negative")
+    ]
+
+    def merge_then_swap(model):
+        merged = real_merge(model)
+        with torch.no_grad():
+            merged.lm_head.weight[pair] = merged.lm_head.weight[pair[::-1]].clone()
+        return merged
+
+    monkeypatch.setattr(lorakit, "merge_and_unload", merge_then_swap)
+    with pytest.raises(UserError, match=r"merge check failed: .* on 4 of 4 held-out reviews"):
+        run_demo(_settings(tmp_path, model_dir, steps=1, eval_size=4))
     written = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert written["held_out_reviews"] == 8 and written["training_reviews"] == 16
-    assert written["merged_predictions_agree"] == 8  # merging keeps every prediction
-    assert written["merged_max_abs_logprob_difference"] < 1e-4
-    assert 0.0 <= written["zero_shot_accuracy"] <= 1.0 and written["steps"] == 2
-    adapter = tmp_path / "demo" / "adapter" / "adapter_model.safetensors"
-    assert written["adapter_bytes"] == adapter.stat().st_size
-    assert (tmp_path / "demo" / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
-    assert (tmp_path / "demo" / "summary.txt").read_text().splitlines()[0].startswith("Rotten")
-    assert summary["fine_tuned_accuracy"] == written["fine_tuned_accuracy"]
+    assert written["merged_predictions_agree"] == 0  # the evidence stays on disk
 
 
 def test_demo_bad_flag_is_one_line(capsys):

@@ -90,7 +90,19 @@ def test_config_file_with_flag_override(tmp_path, capsys, model_dir, jsonl):
     assert json.loads(out.splitlines()[0])["steps"] == 2
 
 
-def test_eval_loss_matches_the_model_with_the_adapter(capsys, model_dir, jsonl, trained):
+@pytest.fixture(scope="module")
+def well_trained(tmp_path_factory, model_dir, jsonl):
+    """An adapter trained long enough to get some answers exactly right (not all)."""
+    output = tmp_path_factory.mktemp("run-long")
+    code = cli.main(["train", "--model", str(model_dir), "--data", str(jsonl), "--output",
+                     str(output), "--steps", "20", "--batch-size", "8", "--lr", "1e-2",
+                     "--r", "8", "--alpha", "16", "--dropout", "0", "--no-progress"])  # fmt: skip
+    assert code == 0
+    return output
+
+
+def test_eval_loss_matches_the_model_with_the_adapter(capsys, model_dir, jsonl, well_trained):
+    trained = well_trained
     code, out, _ = _main(capsys, "eval", "--model", model_dir, "--adapter", trained / "adapter",
                          "--data", jsonl, "--batch-size", "64")  # fmt: skip
     assert code == 0
@@ -105,7 +117,16 @@ def test_eval_loss_matches_the_model_with_the_adapter(capsys, model_dir, jsonl, 
         expected = model.eval()(**data.collate(tokenized, range(len(tokenized)))).loss  # HF's mean
     assert report["examples"] == 24
     assert report["loss"] == pytest.approx(float(expected), abs=1e-5)
-    assert 0.0 <= report["accuracy"] <= 1.0
+    # exact match counted here: every answer token (and EOS) is the argmax, one example at a time
+    right = 0
+    for input_ids, labels in zip(tokenized.input_ids, tokenized.labels, strict=True):
+        with torch.no_grad():
+            predicted = model(torch.tensor([input_ids])).logits[0, :-1].argmax(-1).tolist()
+        answer = [(p, t) for p, t in zip(predicted, labels[1:], strict=True) if t != -100]
+        right += all(p == t for p, t in answer)
+    assert report["accuracy_kind"] == "exact match of the answer tokens"
+    assert report["accuracy"] == right / 24
+    assert 0 < right < 24  # measured 20 of 24: a count that can be wrong both ways
 
 
 def test_merge_writes_a_plain_model_with_the_adapters_outputs(tmp_path, capsys, model_dir, trained):
@@ -146,17 +167,61 @@ def test_merge_writes_a_plain_model_with_the_adapters_outputs(tmp_path, capsys, 
     [
         (["train", "--model", "x"], "no training data"),
         (["train", "--data", "nope.txt", "--steps", "1"], "unknown data"),
-        (["train", "--data", "rotten-tomatoes", "--steps", "0"], "max_steps"),
+        (["train", "--data", "rotten-tomatoes", "--steps", "0"], "--steps must be >= 1, got 0"),
+        (["train", "--data", "d.jsonl", "--warmup-ratio", "-1"],
+         "--warmup-ratio must be in [0, 1], got -1.0"),
+        (["train", "--data", "d.jsonl", "--keep-checkpoints", "-1"],
+         "--keep-checkpoints must be a positive integer, got -1"),
+        (["train", "--data", "d.jsonl", "--max-length", "1"],
+         "--max-length must be an integer >= 2, got 1"),
+        (["train", "--data", "d.jsonl", "--model", "minilm-l6"],
+         "lorakit.models.load_model('minilm-l6', task='seq-cls', num_labels=N)"),
+        (["demo", "--eval-size", "5000"],
+         "--eval-size 5000: the Rotten Tomatoes test split holds only 1271 reviews"),
         (["train", "--data", "d.jsonl", "--r", "abc"], "invalid int value"),
         (["demo", "--steps", "0"], "--steps must be >= 1"),
         (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
         (["merge", "--adapter", "a"], "required"),
     ],
-)
+)  # fmt: skip
 def test_wrong_arguments_give_one_line(capsys, argv, message):
     code, _, err = _main(capsys, *argv)
     assert code == 2
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_json_config_file_with_flag_override(tmp_path, capsys, model_dir, jsonl):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({
+        "model": str(model_dir), "data": str(jsonl), "steps": 5, "lr": 0.004, "r": 2,
+        "alpha": 6, "target-modules": ["q_proj", "v_proj"], "batch_size": 4, "no_progress": True,
+    }))  # fmt: skip
+    code, out, _ = _main(
+        capsys, "train", "--config", config, "--steps", "3", "--output", tmp_path / "o"
+    )
+    assert code == 0
+    settings = json.loads((tmp_path / "o" / "train_settings.json").read_text())
+    assert (settings["steps"], settings["lr"], settings["r"], settings["batch_size"]) == (
+        3, 0.004, 2, 4,
+    )  # fmt: skip
+    adapter = json.loads((tmp_path / "o" / "adapter" / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"]) == (2, 6)
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    records = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").open()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[0]["lr"] == pytest.approx(0.004)  # warmup ceil(0.05 * 3) = 1 step: (0+1)/1
+    assert json.loads(out.splitlines()[0])["steps"] == 3
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_config_file_that_is_not_utf8_names_file_and_line(tmp_path, capsys, suffix):
+    config = tmp_path / f"run{suffix}"
+    lines = ["data: reviews.jsonl", "model: caf\xe9"] if suffix == ".yaml" else [
+        "{", '"model": "caf\xe9"}']  # fmt: skip
+    config.write_bytes("\n".join(lines).encode("latin-1"))
+    code, _, err = _main(capsys, "train", "--config", config)
+    assert code == 2 and err.count("\n") == 1
+    assert f"{config}:2: not valid UTF-8 (byte 0xe9)" in err
 
 
 def test_config_file_errors_are_one_line(tmp_path, capsys):
@@ -205,3 +270,69 @@ def test_adapter_on_another_base_is_refused_unless_the_flag_is_given(
     assert code == 0 and json.loads(out)["examples"] == 24
     code, _, err = _main(capsys, "merge", *argv[:4], "--output", tmp_path / "merged")
     assert code == 2 and "--allow-base-mismatch" in err
+
+
+def _refuse_to_load(monkeypatch):
+    """Make any model load fail loudly: errors must come before it."""
+    import lorakit.models
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error was found")
+
+    monkeypatch.setattr(lorakit.models, "load_model", load_model)
+
+
+def test_errors_found_before_the_model_loads(tmp_path, capsys, monkeypatch, model_dir, jsonl):
+    _refuse_to_load(monkeypatch)
+    code, _, err = _main(capsys, "train", "--model", model_dir, "--data", jsonl,
+                         "--target-modules", "nosuch", "--output", tmp_path / "o")  # fmt: skip
+    assert code == 2 and "nosuch" in err and "matched no module" in err and err.count("\n") == 1
+    for command in (["eval", "--data", jsonl], ["generate", "hi"],
+                    ["merge", "--output", tmp_path / "m"]):  # fmt: skip
+        code, _, err = _main(capsys, *command, "--model", model_dir, "--adapter", tmp_path / "no")
+        assert code == 2 and f"adapter directory {tmp_path / 'no'} does not exist" in err
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    for command in (["merge", "--adapter", tmp_path / "no"], ["train", "--data", jsonl]):
+        code, _, err = _main(capsys, *command, "--model", model_dir, "--output", file)
+        assert code == 2 and f"--output {file} is a file" in err and err.count("\n") == 1
+    assert file.read_text() == "x"
+
+
+def test_model_directory_without_tokenizer_is_one_line(tmp_path, capsys, model_dir):
+    no_tokenizer = tmp_path / "weights-only"
+    AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(no_tokenizer)
+    capsys.readouterr()  # the bar of the load just above
+    code, _, err = _main(capsys, "generate", "hi", "--model", no_tokenizer)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"model directory '{no_tokenizer}' has no tokenizer files" in err
+
+
+def test_cli_hides_the_weight_loading_bar_and_restores_it(capsys, model_dir):
+    from transformers.utils import logging as transformers_logging
+
+    from lorakit.models import load_model
+
+    load_model(model_dir)  # the Python API shows transformers' bar by default
+    assert "Loading weights" in capsys.readouterr().err
+    code, _, err = _main(capsys, "generate", "hi", "--model", model_dir, "--max-new-tokens", "2")
+    assert code == 0 and "Loading weights" not in err
+    assert transformers_logging.is_progress_bar_enabled()  # switched back on afterwards
+
+
+def test_every_option_of_every_command_has_help_with_one_default():
+    import argparse
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"train", "eval", "generate", "merge", "demo", "plan", "serve"} <= set(commands.choices)
+    for name, command in commands.choices.items():
+        formatter = command._get_formatter()
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            where = (name, action.option_strings or action.dest)
+            assert action.help and action.help != argparse.SUPPRESS, where
+            text = formatter._expand_help(action)
+            assert len(text.strip()) > 10, where
+            assert text.lower().count("default") <= 1 and "None" not in text, (where, text)

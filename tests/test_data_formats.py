@@ -146,3 +146,34 @@ def test_file_split_is_a_partition_by_prompt(tmp_path: Path) -> None:
     assert not prompts["train"] & prompts["validation"]
     assert not prompts["validation"] & prompts["test"]
     assert 0.65 < len(parts["train"]) / 300 < 0.95  # 80% expected, 150 distinct prompts
+
+
+def test_invalid_utf8_names_the_file_and_line(tmp_path: Path) -> None:
+    good = json.dumps({"prompt": "café", "completion": " ok"}).encode()  # ASCII-escaped
+    jsonl = tmp_path / "latin1.jsonl"
+    jsonl.write_bytes(good + b"\n" + good + b"\n" + '{"prompt": "caf\xe9"}'.encode("latin-1"))
+    with pytest.raises(UserError) as error:
+        data.load_examples(jsonl)
+    assert str(error.value).startswith(f"{jsonl}:3: not valid UTF-8 (byte 0xe9)")
+    csv_path = tmp_path / "latin1.csv"
+    csv_path.write_bytes("text,label\nfine,pos\nna\xefve,neg\n".encode("latin-1"))
+    with pytest.raises(UserError) as error:
+        data.load_examples(csv_path)
+    assert str(error.value).startswith(f"{csv_path}:3: not valid UTF-8 (byte 0xef)")
+    # the same text saved as UTF-8 reads, with the accented characters intact
+    csv_path.write_text("text,label\nfine,pos\nna\xefve,neg\n", encoding="utf-8")
+    assert [e.text for e in data.load_examples(csv_path)] == ["fine", "na\xefve"]
+
+
+def test_csv_row_with_more_fields_than_the_header_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "extra.csv"
+    path.write_text('text,label\n"fine, really",pos\nbad, film,neg\nok,pos\n', encoding="utf-8")
+    with pytest.raises(UserError) as error:
+        data.load_examples(path)
+    assert (
+        str(error.value)
+        == f"{path}:3: 3 fields, the header has 2 (quote fields that contain commas)"
+    )
+    # a quoted comma stays inside its field
+    path.write_text('text,label\n"fine, really",pos\nok,neg\n', encoding="utf-8")
+    assert [e.text for e in data.load_examples(path)] == ["fine, really", "ok"]

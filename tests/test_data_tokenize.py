@@ -8,6 +8,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from lorakit import data
+from lorakit.data.examples import chat_classification_example, plain_classification_example
 from lorakit.errors import UserError
 from tests import tiny_tokenizer
 
@@ -215,6 +216,71 @@ def test_score_choices_matches_unpadded_forward(tokenizer, build) -> None:
         p == e.label for p, e in zip(result.predictions, examples, strict=True)
     ) / len(examples)
     assert result.accuracy == expected_accuracy
+
+
+LONG_REVIEW = (
+    "a warm and funny film about a lazy dog that jumps over the quick brown fox , then the "
+    "movie turns dull and lifeless for an hour , and the fine cast cannot save the mess"
+)
+
+
+def _longest_prefix_that_fits(render, tokenizer, max_length: int) -> str:
+    """By hand: the most words of LONG_REVIEW whose rendering (whole text, tokenised at once)
+    takes at most max_length tokens; checks every word count."""
+    words = LONG_REVIEW.split(" ")
+    fitting = [k for k in range(len(words) + 1) if len(render(" ".join(words[:k]))) <= max_length]
+    return " ".join(words[: max(fitting)])
+
+
+def test_a_long_review_is_shortened_inside_the_template(tokenizer) -> None:
+    """Too long for max_length: words are cut off the END of the review, so the instruction,
+    the "Review:" frame and the answer survive (a left cut would lose the instruction)."""
+    chat = chat_classification_example(LONG_REVIEW, 1, data.SENTIMENT_LABELS,
+                                            data.SENTIMENT_INSTRUCTION)  # fmt: skip
+    plain = plain_classification_example(LONG_REVIEW, 1, data.SENTIMENT_LABELS,
+                                              data.SENTIMENT_TEMPLATE)  # fmt: skip
+
+    def render_chat(text: str) -> list[int]:
+        messages = [{"role": "user", "content": data.SENTIMENT_INSTRUCTION.format(text=text)},
+                    {"role": "assistant", "content": "negative"}]  # fmt: skip
+        return ids(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False))
+
+    def render_plain(text: str) -> list[int]:
+        prompt = data.SENTIMENT_TEMPLATE.format(text=text)
+        return (
+            tokenizer(prompt)["input_ids"] + ids(tokenizer, " negative") + [tokenizer.eos_token_id]
+        )
+
+    for example, render, max_length in ((chat, render_chat, 80), (plain, render_plain, 30)):
+        assert len(render(LONG_REVIEW)) > max_length + 10  # really too long
+        kept = _longest_prefix_that_fits(render, tokenizer, max_length)
+        assert 3 <= len(kept.split()) < len(LONG_REVIEW.split())
+        input_ids, labels, truncated = data.tokenize_example(example, tokenizer, max_length)
+        assert truncated and input_ids == render(kept)  # exactly the shortened text, whole
+        learnt = tokenizer.decode([label for label in labels if label != IGNORE])
+        assert learnt == ("negative<|im_end|>" if example is chat else " negative<|im_end|>")
+        fitted = data.fit_example(example, tokenizer, max_length)
+        assert fitted.text == kept and fitted.label == 1 and fitted.choices == example.choices
+    whole_plain = render_plain(LONG_REVIEW)  # fits exactly; the chat form is longer
+    tokenized = data.tokenize_examples([chat, plain], tokenizer, max_length=len(whole_plain))
+    assert tokenized.num_truncated == 1 and tokenized.input_ids[1] == whole_plain
+
+
+def test_scoring_sees_the_prompt_training_sees(tokenizer) -> None:
+    """score_choices with max_length scores the shortened review (instruction kept), exactly
+    as an example written with the shortened text from the start."""
+    model = tiny_llama(len(tokenizer))
+    example = chat_classification_example(LONG_REVIEW, 0, data.SENTIMENT_LABELS,
+                                               data.SENTIMENT_INSTRUCTION)  # fmt: skip
+    kept = data.fit_example(example, tokenizer, 80).text
+    by_hand = chat_classification_example(kept, 0, data.SENTIMENT_LABELS,
+                                               data.SENTIMENT_INSTRUCTION)  # fmt: skip
+    scores = data.score_choices(model, tokenizer, [example], max_length=80)
+    expected = data.score_choices(model, tokenizer, [by_hand])
+    assert torch.equal(scores, expected)
+    prompt = tokenizer.decode(data.prompt_token_ids(by_hand, tokenizer))
+    assert prompt.startswith("<|im_start|>user\nIs this movie review positive or negative?")
+    assert prompt.endswith(f"Review: {kept}<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_choices_must_start_differently(tokenizer) -> None:

@@ -199,6 +199,16 @@ def test_load_adapter_keeps_the_active_one_and_refuses_a_wrong_base(pair, tmp_pa
     ours.load_adapter(tmp_path, "copy")
     assert ours.active_adapter == "default"
     assert set(ours.peft_config) == {"default", "copy"}
+    from lorakit.state import lora_layers
+
+    layers = list(lora_layers(ours.model))
+    assert len(layers) == 6  # q_proj, v_proj, down_proj in 2 layers
+    for name, layer in layers:  # the copy holds the saved (random, non-zero) A and B exactly
+        source, copy = layer.adapter_parameters("default"), layer.adapter_parameters("copy")
+        assert [tuple(t.shape) for t in copy] == [tuple(t.shape) for t in source], name
+        assert all(torch.equal(c, s) for c, s in zip(copy, source, strict=True)), name
+        assert source[1].abs().max() > 0.1, name  # B is not its zero init
+    assert ours.peft_config["copy"].r == ours.peft_config["default"].r == 4
     with pytest.raises(lorakit.BaseModelMismatchError, match="different base weights"):
         PeftModel.from_pretrained(tiny_models.llama(seed=1), tmp_path)
     with pytest.warns(UserWarning, match="different base weights"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -14,10 +15,12 @@ from safetensors.torch import load_file
 
 from lorakit.state import lora_layers
 from lorakit.train.distributed import Distributed
+from tests.test_cli_train import jsonl, model_dir  # noqa: F401  (tiny model + data fixtures)
 from tests.train_job import build_model
 from tests.train_job import run as run_job
 
 JOB = Path(__file__).with_name("train_job.py")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_ddp_syncs_only_the_adapter_parameters():
@@ -63,4 +66,47 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     torch.testing.assert_close(
         torch.tensor(ddp_losses), torch.tensor(one_losses), atol=1e-5, rtol=0
     )
-    assert single is not None
+    # the one-process file holds that run's final in-memory weights
+    weights = {k: v for k, v in single.named_parameters() if v.requires_grad}
+    assert len(weights) == 12
+    for name, tensor in weights.items():
+        layer, kind = name.split(".lora_")
+        assert torch.equal(
+            one[f"base_model.model.{layer}.lora_{kind.replace('.default', '')}"], tensor
+        )
+
+
+def test_torchrun_lorakit_train_matches_one_process(tmp_path, model_dir, jsonl):  # noqa: F811
+    """``torchrun --nproc_per_node 2 -m lorakit train`` (batch 2 per process) ends with the
+    adapter and losses of ``lorakit train`` in one process with batch 4."""
+    from lorakit import cli
+
+    flags = ["--model", str(model_dir), "--data", str(jsonl), "--steps", "3", "--lr", "1e-2",
+             "--rank", "4", "--alpha", "8", "--dropout", "0", "--target-modules", "q_proj,v_proj",
+             "--no-progress"]  # fmt: skip
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "lorakit", "train", *flags, "--batch-size", "2", "--output", str(tmp_path / "ddp"),
+    ]  # fmt: skip
+    environment = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=180,
+                               env=environment)  # fmt: skip
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    printed = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 1 and json.loads(printed[0])["steps"] == 3  # rank 0 reports
+    adapter_config = json.loads((tmp_path / "ddp" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4  # --rank: the spelling of --r that torchrun leaves alone
+    assert cli.main(["train", *flags, "--batch-size", "4", "--output", str(tmp_path / "one")]) == 0
+    ddp = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
+    one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    assert ddp.keys() == one.keys() and len(one) == 2 * 2 * 2  # A, B of q and v in 2 layers
+    for key, tensor in one.items():
+        torch.testing.assert_close(ddp[key], tensor, atol=1e-5, rtol=0)
+    assert all(t.abs().max() > 1e-3 for k, t in one.items() if "lora_B" in k)  # trained
+    losses = {
+        run: [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").open()]
+        for run in ("ddp", "one")
+    }
+    assert len(losses["one"]) == 3
+    torch.testing.assert_close(torch.tensor(losses["ddp"]), torch.tensor(losses["one"]),
+                               atol=1e-5, rtol=0)  # fmt: skip

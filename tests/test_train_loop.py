@@ -85,7 +85,7 @@ def test_loop_matches_reference_with_hf_loss_clipping_and_adamw(tmp_path):
     tiny_models.randomize_adapters(reference)
     config = _config(tmp_path, max_steps=2, batch_size=4, warmup_steps=1, max_grad_norm=0.01)
     result = train(ours, data, pad_collate(0), config)
-    plan = BatchPlan(len(data), 4, seed=0)
+    plan = BatchPlan(len(data), 4, seed=0, lengths=tuple(len(e["input_ids"]) for e in data))
     params = [p for p in reference.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
     logged_norms = [r["grad_norm"] for r in _records(result.metrics_path)]
@@ -132,14 +132,15 @@ def test_accumulation_2x2_equals_batch_4(tmp_path):
 def test_loss_goes_down_and_only_the_adapter_changes(tmp_path):
     model = build_model(dropout=0.0)
     base_before = {k: v.clone() for k, v in model.named_parameters() if not v.requires_grad}
-    config = _config(tmp_path, max_steps=40, batch_size=8, lr=5e-2, plot=True)
-    held_out = make_data(count=16, seed=99)
+    config = _config(tmp_path, max_steps=60, batch_size=8, lr=5e-2, plot=True)
+    held_out = make_data(count=64, seed=99)
     before = evaluate(model, [pad_collate(0)(held_out)])
-    result = train(model, make_data(count=16), pad_collate(0), config, eval_data=held_out)
+    result = train(model, make_data(count=64), pad_collate(0), config, eval_data=held_out)
     losses = [r["loss"] for r in _records(result.metrics_path) if "loss" in r]
-    assert len(losses) == 40
+    assert len(losses) == 60
     # The frozen random lm_head (std 0.02, hidden 64) caps the logit margin, so the loss
-    # plateaus near 3.7 from ln(128) = 4.85; the argmax answers become right.
+    # plateaus near 3.7 from ln(128) = 4.85; the argmax answers become right (held-out accuracy
+    # 0.97-1.0 over training seeds 0-5 with these settings).
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5
     assert before["accuracy"] == 0.0 and result.eval_metrics["accuracy"] >= 0.7
     assert result.eval_metrics["loss"] < before["loss"] - 0.5
@@ -204,3 +205,104 @@ def test_loss_on_target_columns_only_equals_the_full_loss():
     hf_mean = model(**batch).loss  # HF's mean over the shifted targets
     count = int((batch["labels"][:, 1:] != -100).sum())
     torch.testing.assert_close(loss / count, hf_mean, atol=1e-6, rtol=1e-6)
+
+
+def test_the_loop_trains_a_sequence_classifier_with_class_labels(tmp_path):
+    """labels of shape (B,) (class ids): the logged loss of the first step is the mean
+    cross-entropy of the untrained classifier on that batch (computed here by hand), and LoRA on
+    query/value plus a trained copy of the head learns a marker-token rule."""
+    import lorakit
+
+    generator = torch.Generator().manual_seed(0)
+    examples = []
+    for index in range(48):
+        label = index % 2
+        tokens = torch.randint(10, 128, (int(torch.randint(4, 10, (1,), generator=generator)),),
+                               generator=generator).tolist()  # fmt: skip
+        examples.append({"input_ids": [1 + label, *tokens], "label": label})
+
+    def collate(items):
+        batch = pad_collate(0)(items)
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                "labels": torch.tensor([item["label"] for item in items])}  # fmt: skip
+
+    model = tiny_models.bert()
+    torch.manual_seed(1)
+    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                modules_to_save=["classifier"])  # fmt: skip
+    lorakit.inject(model, config)
+    lengths = tuple(len(example["input_ids"]) for example in examples)
+    first_step = BatchPlan(48, 8, seed=0, lengths=lengths).step_indices(0)
+    first_batch = collate([examples[i] for i in first_step])
+    with torch.no_grad():
+        inputs = {key: first_batch[key] for key in ("input_ids", "attention_mask")}
+        logits = model.eval()(**inputs).logits.double()  # (8, 2), dropout off
+    expected_first = float(torch.nn.functional.cross_entropy(logits, first_batch["labels"]))
+    config = _config(tmp_path, max_steps=30, batch_size=8)
+    result = train(model, examples, collate, config, eval_data=examples)
+    records = [r for r in _records(result.metrics_path) if "loss" in r]
+    assert records[0]["loss"] == pytest.approx(expected_first, rel=1e-5)
+    chance = math.log(2)  # per example; measured 0.22 after 30 steps
+    assert result.eval_metrics["accuracy"] == 1.0 and result.eval_metrics["loss"] < 0.5 * chance
+
+
+def _loss_and_accuracy_by_hand(model, examples) -> tuple[float, float]:
+    """HF's mean loss over all answer tokens (one padded batch), and the share of examples
+    whose every answer token is the argmax of the full-sequence logits (one at a time)."""
+    model.eval()
+    with torch.no_grad():
+        loss = float(model(**pad_collate(0)(examples)).loss)
+        right = 0
+        for example in examples:
+            logits = model(torch.tensor([example["input_ids"]])).logits[0]
+            predicted = logits[:-1].argmax(-1).tolist()
+            targets = example["labels"][1:]
+            right += all(p == t for p, t in zip(predicted, targets, strict=True) if t != -100)
+    return loss, right / len(examples)
+
+
+def test_periodic_evaluation_records_loss_and_accuracy_at_its_steps(tmp_path):
+    """eval_every=2 over 5 steps: eval records at steps 2 and 4 and a final one at 5, each
+    equal to the loss/accuracy of that step's weights (read back from the step's checkpoint
+    adapter, or the final model) computed by hand."""
+    from lorakit.io import load_adapter
+
+    held_out = make_data(count=12, seed=99)
+    model = build_model(0.0)
+    config = _config(tmp_path, max_steps=5, batch_size=8, lr=5e-2, eval_every=2,
+                     checkpoint_every=2, keep_checkpoints=3)  # fmt: skip
+    result = train(model, make_data(count=32), pad_collate(0), config, eval_data=held_out)
+    evals = [r for r in _records(result.metrics_path) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4, 5]
+    for record in evals:
+        if record["step"] == 5:
+            weights = model
+        else:
+            step_dir = tmp_path / "checkpoints" / f"step-{record['step']:08d}" / "adapter"
+            weights = load_adapter(tiny_models.llama(), step_dir)
+        loss, accuracy = _loss_and_accuracy_by_hand(weights, held_out)
+        assert record["eval_loss"] == pytest.approx(loss, rel=1e-5)
+        assert record["eval_accuracy"] == accuracy
+    assert len({round(r["eval_loss"], 4) for r in evals}) == 3  # the weights really changed
+    assert result.eval_metrics == {
+        "loss": evals[-1]["eval_loss"],
+        "accuracy": evals[-1]["eval_accuracy"],
+    }
+
+
+def test_progress_bar_shows_each_steps_loss_lr_and_tokens_per_second(tmp_path, capsys):
+    """The bar's postfix after every step carries that step's logged loss, lr and tokens/s."""
+    import re
+
+    config = _config(tmp_path, max_steps=3, batch_size=4, progress=True)
+    result = train(build_model(0.0), make_data(count=12), pad_collate(0), config)
+    err = capsys.readouterr().err
+    records = [r for r in _records(result.metrics_path) if "loss" in r]
+    shown = re.findall(r"(\d)/3 \[[^\]]*loss=([\d.]+), lr=([\d.e+-]+), tok_s=(\d+)\]", err)
+    last_of_step = {int(step): values for step, *values in shown}
+    assert sorted(last_of_step) == [1, 2, 3]
+    for record in records:
+        loss, lr, tokens_per_s = last_of_step[record["step"]]
+        assert loss == f"{record['loss']:.4f}" and lr == f"{record['lr']:.2e}"
+        assert tokens_per_s == f"{record['tokens_per_s']:.0f}" and float(tokens_per_s) > 0
+    assert "train: 100%" in err

@@ -54,16 +54,19 @@ def _accuracy(model, tokenizer, examples, settings: DemoSettings) -> tuple[float
     return result.accuracy, result.predictions, result.log_probs
 
 
-def _held_out(settings: DemoSettings, tokenizer):
-    """The first ``eval_size`` test reviews (a fixed pseudo-random sample), shortest first so
-    that batches carry little padding."""
+def _held_out(settings: DemoSettings):
+    """The first ``eval_size`` test reviews (a fixed pseudo-random sample); checked before the
+    model loads."""
     from lorakit import data
+    from lorakit.errors import UserError
 
     test = data.load_examples("rotten-tomatoes", "test", style=settings.style)
     if len(test) < settings.eval_size:
-        raise ValueError(f"only {len(test)} test reviews, asked for {settings.eval_size}")
-    chosen = test[: settings.eval_size]
-    return sorted(chosen, key=lambda e: len(data.prompt_token_ids(e, tokenizer)))
+        raise UserError(
+            f"--eval-size {settings.eval_size}: the Rotten Tomatoes test split holds only "
+            f"{len(test)} reviews; give at most {len(test)}"
+        )
+    return test[: settings.eval_size]
 
 
 def _train(model, tokenizer, settings: DemoSettings, output: Path):
@@ -93,7 +96,8 @@ def _train(model, tokenizer, settings: DemoSettings, output: Path):
     )
     _say(f"training LoRA r={settings.rank} on {len(tokenized)} training reviews, "
          f"{settings.steps} steps of {settings.batch_size}")  # fmt: skip
-    result = train(model, range(len(tokenized)), lambda idx: data.collate(tokenized, idx), training)
+    result = train(model, range(len(tokenized)), lambda idx: data.collate(tokenized, idx), training,
+                   length_of=lambda index: len(tokenized.input_ids[index]))  # fmt: skip
     return result, counts, len(tokenized)
 
 
@@ -123,14 +127,14 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
 
     started = time.perf_counter()
     output = Path(settings.output)
+    held_out = _held_out(settings)
     output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
     _say(f"loading {settings.model}")
-    model, tokenizer = load_model(settings.model)
+    model, tokenizer = load_model(settings.model, progress=False)
     base_parameters = sum(p.numel() for p in model.parameters())
-    held_out = _held_out(settings, tokenizer)
     _say(f"zero-shot accuracy on {len(held_out)} held-out test reviews ...")
-    before, _, _ = _accuracy(model, tokenizer, held_out, settings)
+    before, zero_shot_predictions, _ = _accuracy(model, tokenizer, held_out, settings)
     _say(f"zero-shot accuracy: {before:.1%}")
     result, counts, train_size = _train(model, tokenizer, settings, output)
     after, predictions, log_probs = _accuracy(model, tokenizer, held_out, settings)
@@ -140,6 +144,8 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     model = lorakit.merge_and_unload(model)
     merged, merged_predictions, merged_log_probs = _accuracy(model, tokenizer, held_out, settings)
     agree = sum(a == b for a, b in zip(predictions, merged_predictions, strict=True))
+    _write_predictions(output / "predictions.jsonl", held_out,
+                       zero_shot_predictions, predictions, merged_predictions)  # fmt: skip
     summary = {
         "model": settings.model,
         "held_out_reviews": len(held_out),
@@ -164,7 +170,33 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     lines = summary_lines(summary)
     (output / "summary.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
+    _check_merged_agrees(summary, output)
     return summary
+
+
+def _write_predictions(path: Path, held_out, zero_shot, fine_tuned, merged) -> None:
+    """One JSON line per held-out review: where it comes from, its label and each model's
+    predicted choice index (0 = positive, 1 = negative)."""
+    lines = []
+    for example, *predicted in zip(held_out, zero_shot, fine_tuned, merged, strict=True):
+        row = {"review": example.source, "label": example.label}
+        row.update(zip(("zero_shot", "fine_tuned", "merged"), predicted, strict=True))
+        lines.append(json.dumps(row))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _check_merged_agrees(summary: dict[str, Any], output: Path) -> None:
+    """The merged model must predict exactly what the model with the adapter predicted."""
+    from lorakit.errors import UserError
+
+    disagree = summary["held_out_reviews"] - summary["merged_predictions_agree"]
+    if disagree:
+        raise UserError(
+            f"merge check failed: the merged model's prediction differs from the adapter's on "
+            f"{disagree} of {summary['held_out_reviews']} held-out reviews (max |log-prob "
+            f"difference| {summary['merged_max_abs_logprob_difference']:.2e}); see "
+            f"{output / 'predictions.jsonl'} and summary.json"
+        )
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:

@@ -39,7 +39,9 @@ __all__ = [
     "TASKS",
     "BuiltinModel",
     "cache_root",
+    "check_model_spec",
     "load_model",
+    "load_tokenizer",
     "resolve_model",
 ]
 
@@ -258,12 +260,71 @@ def _publish_directory(
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def check_model_spec(spec: str | os.PathLike[str], task: str = "causal-lm") -> None:
+    """Refuse an unknown ``task`` or an encoder built-in loaded as a causal LM (before any
+    loading). The message says how to load an encoder: the Python call with ``task``."""
+    if task not in TASKS:
+        raise UserError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
+    spec_text = os.fspath(spec)
+    builtin = BUILTIN_MODELS.get(spec_text)
+    if builtin is not None and builtin.is_encoder and task == "causal-lm":
+        raise UserError(
+            f"'{spec_text}' is an encoder (sequence classification), and the lorakit commands "
+            "train and evaluate causal language models only; load it from Python with "
+            f"lorakit.models.load_model('{spec_text}', task='seq-cls', num_labels=N) and train "
+            "it with lorakit.train.train or transformers.Trainer (see docs/models-and-data.md)"
+        )
+
+
+# Files of which a transformers tokenizer directory holds at least one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
+
+
+def load_tokenizer(directory: Path):
+    """The tokenizer saved in ``directory`` with a pad token (``pad = eos`` when it has none)."""
+    from transformers import AutoTokenizer
+
+    hint = "save one there with tokenizer.save_pretrained(directory)"
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"model directory '{directory}' has no tokenizer files; {hint}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+        raise UserError(
+            f"cannot load the tokenizer in '{directory}' ({first_line}); {hint}"
+        ) from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError(f"tokenizer in '{directory}' has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@contextlib.contextmanager
+def _loading_bars(show: bool) -> Iterator[None]:
+    """transformers' "Loading weights" progress bar on or off for the block (restored after)."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    if show or not was_enabled:
+        yield
+        return
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.enable_progress_bar()
+
+
 def load_model(
     spec: str | os.PathLike[str] = DEFAULT_MODEL,
     *,
     dtype: torch.dtype = torch.float32,
     task: str = "causal-lm",
     num_labels: int = 2,
+    progress: bool = True,
 ) -> tuple[torch.nn.Module, object]:
     """Load ``(model, tokenizer)`` for ``spec`` from local files only (never downloads).
 
@@ -271,28 +332,22 @@ def load_model(
     ``AutoModelForSequenceClassification`` with ``num_labels`` outputs (a new head when the
     checkpoint has none). The tokenizer always has a pad token (``pad = eos`` when the model
     defines none, as for SmolLM2), and ``model.config.pad_token_id`` matches it. The model is
-    returned in eval mode.
+    returned in eval mode. ``progress=False`` hides transformers' weight-loading bar.
     """
-    if task not in TASKS:
-        raise UserError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
-    spec_text = os.fspath(spec)
-    builtin = BUILTIN_MODELS.get(spec_text)
-    if builtin is not None and builtin.is_encoder and task == "causal-lm":
-        raise UserError(f"'{spec_text}' is an encoder; load it with task='seq-cls'")
-    directory = resolve_model(spec_text)
+    check_model_spec(spec, task)
+    directory = resolve_model(os.fspath(spec))
 
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise UserError(f"tokenizer in '{directory}' has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
-    if task == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            directory, dtype=dtype, num_labels=num_labels, local_files_only=True
-        )
+    tokenizer = load_tokenizer(directory)
+    with _loading_bars(progress):
+        if task == "causal-lm":
+            model = AutoModelForCausalLM.from_pretrained(
+                directory, dtype=dtype, local_files_only=True
+            )
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                directory, dtype=dtype, num_labels=num_labels, local_files_only=True
+            )
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer

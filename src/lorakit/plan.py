@@ -218,23 +218,54 @@ def build_meta_model(spec: str, dtype: str | None = None) -> tuple[nn.Module, st
     model_type = values.pop("model_type", None)
     if model_type is None:
         raise UserError(f"model spec {spec!r}: its config has no 'model_type'; cannot build it.")
+    if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:
+        raise UserError(
+            f"model spec {spec!r}: unknown model_type {model_type!r} (not a transformers "
+            f"{transformers.__version__} model type such as 'llama', 'gpt2', 'bert')"
+        )
     config_dtype = values.pop("torch_dtype", None) or values.pop("dtype", None)
     try:
         config = transformers.AutoConfig.for_model(model_type, **values)
-    except ValueError as error:
-        raise UserError(f"model spec {spec!r}: {error}") from None
+    except _CONFIG_ERRORS as error:
+        raise UserError(f"model spec {spec!r}: invalid config: {_first_line(error)}") from None
     dtype_name = _dtype_name(dtype or config_dtype or "float32")
-    architecture = (values.get("architectures") or [""])[0]
-    model_class = getattr(transformers, architecture, None) if architecture else None
-    with torch.device("meta"):
-        if model_class is not None:
-            model = model_class(config)
-        else:
-            try:
-                model = transformers.AutoModelForCausalLM.from_config(config)
-            except ValueError:  # no causal-LM class for this type (e.g. an encoder)
-                model = transformers.AutoModel.from_config(config)
+    architectures = values.get("architectures") or [""]
+    architecture = architectures[0] if isinstance(architectures, list) else ""
+    model_class = getattr(transformers, str(architecture), None) if architecture else None
+    try:
+        with torch.device("meta"):
+            if model_class is not None:
+                model = model_class(config)
+            else:
+                try:
+                    model = transformers.AutoModelForCausalLM.from_config(config)
+                except ValueError:  # no causal-LM class for this type (e.g. an encoder)
+                    model = transformers.AutoModel.from_config(config)
+    except _CONFIG_ERRORS as error:  # e.g. a negative size: the config's values, not lorakit
+        raise UserError(
+            f"model spec {spec!r}: cannot build {architecture or model_type} from its config: "
+            f"{_first_line(error)}"
+        ) from None
     return model.to(getattr(torch, dtype_name)), dtype_name
+
+
+def _strict_dataclass_error() -> type[Exception]:
+    try:  # transformers >= 5 validates configs with huggingface_hub's strict dataclasses
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        return ValueError
+    return StrictDataclassError
+
+
+# What building a config or a model from bad config values raises (transformers' own checks,
+# or torch refusing a size such as a negative dimension).
+_CONFIG_ERRORS = (ValueError, TypeError, ArithmeticError, RuntimeError, _strict_dataclass_error())
+
+
+def _first_line(error: BaseException) -> str:
+    """The gist of an error: its cause's message when it wraps one, first line only."""
+    text = str(error.__cause__ or error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]
 
 
 def _config_values(spec: str) -> dict[str, Any]:
@@ -258,9 +289,15 @@ def _config_values(spec: str) -> dict[str, Any]:
             "model directory with a config.json, and not a config file."
         )
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: JSON syntax, or bytes that are not UTF-8
         raise UserError(f"cannot read the model config {str(path)!r}: {error}") from None
+    if not isinstance(values, dict):
+        raise UserError(
+            f"model config {str(path)!r} holds a JSON {type(values).__name__}, not an object of "
+            'settings such as {"model_type": "llama", "hidden_size": 4096, ...}'
+        )
+    return values
 
 
 def _dtype_name(dtype: Any) -> str:

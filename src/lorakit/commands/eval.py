@@ -32,9 +32,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--style", choices=["chat", "plain"], help="prompt form for built-ins and CSV"
     )
-    parser.add_argument("--limit", type=int, help="only the first N examples")
-    parser.add_argument("--batch-size", type=int, default=16, help="(default: %(default)s)")
-    parser.add_argument("--max-length", type=int, default=256, help="(default: %(default)s)")
+    parser.add_argument("--limit", type=int, help="only the first N examples (default: all)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="examples per forward pass (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--max-length", type=int, default=256,
+                        help="maximum tokens per example; longer reviews (classification data) "
+                        "are shortened inside the template, other examples lose their start "
+                        "(default: %(default)s)")  # fmt: skip
     parser.set_defaults(func=run)
 
 
@@ -49,12 +53,16 @@ def add_base_mismatch_option(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model_and_adapter(model_spec: str, adapter: str | None, allow_base_mismatch: bool = False):
-    """``(model, tokenizer)`` with the adapter loaded (and active) when one is given."""
+    """``(model, tokenizer)`` with the adapter loaded (and active) when one is given. The
+    adapter files are read and checked before the model loads (a wrong path fails at once)."""
     from lorakit.errors import BaseModelMismatchError
-    from lorakit.io import load_adapter
-    from lorakit.models import load_model
+    from lorakit.io import load_adapter, read_adapter
+    from lorakit.models import check_model_spec, load_model
 
-    model, tokenizer = load_model(model_spec)
+    check_model_spec(model_spec)
+    if adapter:
+        read_adapter(adapter)
+    model, tokenizer = load_model(model_spec, progress=False)
     if adapter:
         try:
             load_adapter(model, adapter, activate=True, allow_base_mismatch=allow_base_mismatch)

@@ -23,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--adapter", help="adapter directory (PEFT format)")
     add_base_mismatch_option(parser)
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="(default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=64,
+                        help="most tokens to generate (default: %(default)s)")  # fmt: skip
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0: greedy; > 0: sample at this temperature (default: %(default)s)")  # fmt: skip
     parser.add_argument(

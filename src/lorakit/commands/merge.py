@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lorakit.commands.eval import add_base_mismatch_option
+from lorakit.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,6 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; give a directory (new or existing)")
     from lorakit.commands.eval import load_model_and_adapter
     from lorakit.io import save_merged_model
 

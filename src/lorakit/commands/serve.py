@@ -28,8 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="model spec or local transformers directory",
     )
     parser.add_argument("--adapters", required=True, help="directory of PEFT adapter directories")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=8000, help="port to listen on (default: %(default)s)"
+    )
     parser.add_argument(
         "--admin-token",
         default=os.environ.get("LORAKIT_ADMIN_TOKEN"),
@@ -56,7 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-batch", type=int, default=32, help="requests decoded together at most"
     )
-    parser.add_argument("--max-prompt-tokens", type=int, default=1024)
+    parser.add_argument("--max-prompt-tokens", type=int, default=1024,
+                        help="longest prompt accepted, in tokens; at most the model's positions - 1 "
+                        "(default: %(default)s)")  # fmt: skip
     parser.add_argument(
         "--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask"
     )
@@ -106,7 +112,7 @@ def build(args: argparse.Namespace):
     targets, max_rank = _adapter_defaults(registry)
     if args.target_modules:
         targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, progress=False)
     prepare_for_serving(model, targets)
     budget = parse_size(args.adapter_memory) if args.adapter_memory else None
     capacity = args.max_adapters or (None if budget else 8)

@@ -33,6 +33,7 @@ from lorakit.data.scoring import ClassificationResult, choice_token_ids, classif
 from lorakit.data.tokenize import (
     IGNORE_INDEX,
     TokenizedData,
+    fit_example,
     prompt_token_ids,
     tokenize_example,
     tokenize_examples,
@@ -53,6 +54,7 @@ __all__ = [
     "choice_token_ids",
     "classify",
     "collate",
+    "fit_example",
     "load_examples",
     "pad_left",
     "plan_batches",

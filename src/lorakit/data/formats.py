@@ -6,6 +6,7 @@ Every malformed record raises ``UserError`` naming the file and the line number.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -19,7 +20,7 @@ from lorakit.data.examples import (
 )
 from lorakit.errors import UserError
 
-__all__ = ["DEFAULT_INSTRUCTION", "DEFAULT_TEMPLATE", "read_csv", "read_jsonl"]
+__all__ = ["DEFAULT_INSTRUCTION", "DEFAULT_TEMPLATE", "read_csv", "read_jsonl", "read_utf8"]
 
 DEFAULT_TEMPLATE = "Text: {text}\nLabel:"
 DEFAULT_INSTRUCTION = "Classify this text. Answer with one word.\n\nText: {text}"
@@ -34,7 +35,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Example]:
     """
     path = Path(path)
     examples = []
-    with _open_text(path) as handle:
+    with io.StringIO(read_utf8(path), newline="") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -49,13 +50,23 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Example]:
     return examples
 
 
-def _open_text(path: Path):
+def read_utf8(path: str | os.PathLike[str], what: str = "data") -> str:
+    """The text of a UTF-8 file; ``UserError`` naming ``file:line`` of the first byte that is
+    not UTF-8 (and for a missing file or a directory). ``what`` names the file in messages."""
+    path = Path(path)
     try:
-        return open(path, encoding="utf-8", newline="")
+        raw = path.read_bytes()
     except FileNotFoundError:
-        raise UserError(f"data file '{path}' does not exist") from None
+        raise UserError(f"{what} file '{path}' does not exist") from None
     except IsADirectoryError:
-        raise UserError(f"data path '{path}' is a directory; give a .jsonl or .csv file") from None
+        raise UserError(f"{what} path '{path}' is a directory, not a file") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise UserError(
+            f"{path}:{line}: not valid UTF-8 (byte {raw[error.start]:#04x}); save the file as UTF-8"
+        ) from None
 
 
 def _example_from_record(record: object, where: str) -> Example:
@@ -117,7 +128,7 @@ def read_csv(
     """
     path = Path(path)
     _check_format(template if style == "plain" else instruction, style)
-    with _open_text(path) as handle:
+    with io.StringIO(read_utf8(path), newline="") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         for column in (text_column, label_column):
@@ -126,6 +137,11 @@ def read_csv(
         rows = []
         for row in reader:
             where = f"{path}:{reader.line_num}"
+            if None in row:  # DictReader's key for fields beyond the header's
+                raise UserError(
+                    f"{where}: {len(columns) + len(row[None])} fields, the header has "
+                    f"{len(columns)} (quote fields that contain commas)"
+                )
             text, raw_label = row.get(text_column), row.get(label_column)
             if not text or not text.strip() or raw_label is None or not raw_label.strip():
                 raise UserError(f"{where}: empty '{text_column}' or '{label_column}'")

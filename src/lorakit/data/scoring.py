@@ -22,7 +22,7 @@ import torch
 
 from lorakit.data.batching import pad_left
 from lorakit.data.examples import Example
-from lorakit.data.tokenize import prompt_token_ids
+from lorakit.data.tokenize import fit_example, prompt_token_ids
 from lorakit.errors import UserError
 
 __all__ = ["ClassificationResult", "choice_token_ids", "classify", "score_choices"]
@@ -78,8 +78,9 @@ def score_choices(
 ) -> torch.Tensor:
     """Next-token log-probabilities (N, C) of each example's choices (module docstring).
 
-    All examples must share the same ``choices``. ``max_length`` keeps the last tokens of
-    longer prompts. Prompts are batched in order of length (less padding); rows of the result
+    All examples must share the same ``choices``. ``max_length``: examples with ``text`` are
+    shortened as for training (``fit_example``: words cut off the end of the text, so that
+    prompt + answer fit); other prompts keep their last ``max_length`` tokens. Prompts are batched in order of length (less padding); rows of the result
     follow ``examples``. The model's train/eval mode is left as it is (call ``model.eval()``).
     """
     if not examples:
@@ -91,6 +92,8 @@ def score_choices(
     arguments = _forward_arguments(model)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if max_length is not None:  # the prompts training sees: text shortened to fit (fit_example)
+        examples = [fit_example(example, tokenizer, max_length) for example in examples]
     prompts = [prompt_token_ids(example, tokenizer) for example in examples]
     if max_length is not None:
         prompts = [ids[-max_length:] for ids in prompts]

@@ -11,12 +11,18 @@ tokenizer's own special tokens, e.g. a BOS) and ``completion + EOS`` (learnt). C
 rendered with the tokenizer's chat template; each assistant turn's content up to and including
 its end-of-turn token is learnt, everything else (system, user, role headers) is not.
 
-Truncation keeps the last learnt answer: tokens are dropped from the left of the sequence
-(the start of the prompt); only if the answer alone exceeds ``max_length`` is it cut on the right.
+Too long for ``max_length``: classification examples (with ``text``, e.g. a review inside an
+instruction template) are shortened by cutting whole words off the END of the text, keeping the
+template, the instruction and the answer intact (``fit_example``; scoring uses the same
+shortened prompt). Other examples are cut by tokens: dropped from the left of the sequence
+(the start of the prompt), keeping the last learnt answer; only if the answer alone exceeds
+``max_length`` is it cut on the right.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +34,7 @@ __all__ = [
     "TokenizedData",
     "chat_segments",
     "example_segments",
+    "fit_example",
     "prompt_token_ids",
     "tokenize_example",
     "tokenize_examples",
@@ -126,10 +133,69 @@ def example_segments(example: Example, tokenizer) -> list[Segment]:
     return [(prompt, False), (completion, True)]
 
 
+def _token_count(example: Example, tokenizer) -> int:
+    return sum(len(ids) for ids, _ in example_segments(example, tokenizer))
+
+
+def _with_text(example: Example, short: str) -> Example | None:
+    """``example`` with its ``text`` replaced by ``short`` where the text appears (once) in the
+    prompt or in one non-assistant message; None when it cannot be located unambiguously."""
+    text = example.text
+    if not example.is_chat:
+        if example.prompt.count(text) != 1:
+            return None
+        return dataclasses.replace(example, prompt=example.prompt.replace(text, short), text=short)
+    holders = [i for i, m in enumerate(example.messages) if text in m["content"]]
+    if len(holders) != 1 or example.messages[holders[0]]["role"] == "assistant":
+        return None
+    message = example.messages[holders[0]]
+    if message["content"].count(text) != 1:
+        return None
+    messages = list(example.messages)
+    messages[holders[0]] = {**message, "content": message["content"].replace(text, short)}
+    return dataclasses.replace(example, messages=tuple(messages), text=short)
+
+
+def fit_example(example: Example, tokenizer, max_length: int) -> Example:
+    """``example`` itself if it tokenises to at most ``max_length`` tokens; else, for an example
+    with ``text`` (classification data), the example with the longest word prefix of its text
+    that fits (binary search over word counts), template and answer unchanged. Examples without
+    ``text``, or whose template alone does not fit, are returned as they are (``tokenize_example``
+    then cuts tokens from the left)."""
+    if not example.text or _token_count(example, tokenizer) <= max_length:
+        return example
+    word_ends = [match.end() for match in re.finditer(r"\S+", example.text)]
+    candidates = [example.text[:end] for end in [0, *word_ends[:-1]]]
+
+    def fits(words: int) -> Example | None:
+        shortened = _with_text(example, candidates[words])
+        if shortened is None or _token_count(shortened, tokenizer) > max_length:
+            return None
+        return shortened
+
+    best = fits(0)
+    if best is None:
+        return example
+    low, high = 0, len(candidates) - 1  # fits(low) holds; the full text (all words) does not
+    while low < high:
+        middle = (low + high + 1) // 2
+        shortened = fits(middle)
+        if shortened is None:
+            high = middle - 1
+        else:
+            low, best = middle, shortened
+    return best
+
+
 def tokenize_example(
     example: Example, tokenizer, max_length: int
 ) -> tuple[list[int], list[int], bool]:
-    """``(input_ids, labels, truncated)`` for one example, at most ``max_length`` tokens."""
+    """``(input_ids, labels, truncated)`` for one example, at most ``max_length`` tokens
+    (shortened by ``fit_example`` first; see the module docstring)."""
+    fitted = fit_example(example, tokenizer, max_length)
+    if fitted is not example:
+        input_ids, labels, _ = tokenize_example(fitted, tokenizer, max_length)
+        return input_ids, labels, True
     segments = example_segments(example, tokenizer)
     last_learnt_segment = _last_learnt_segment(segments, example)  # raises if nothing is learnt
     input_ids = [token for ids, _ in segments for token in ids]

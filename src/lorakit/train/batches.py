@@ -1,32 +1,50 @@
 """Which examples go into which step: a deterministic plan, so that a resumed run sees exactly
-the batches the interrupted one would have seen.
+the batches the interrupted one would have seen, and every DDP process its share of them.
 
-Epoch ``e`` visits the examples in the order of ``torch.randperm(n)`` drawn from a generator
-seeded with ``seed + e`` (its own generator: the global RNG, used by dropout, is not touched).
-The order is cut into global batches of ``batch_size * grad_accum * world_size`` examples (a
-shorter last one is kept); optimizer step ``t`` consumes global batch ``t mod steps_per_epoch``
-of epoch ``t // steps_per_epoch``. Under DDP the short last batch is dropped (``drop_last``) so
-every process always has the same number of non-empty micro-batches. A global batch is split into ``grad_accum`` micro-batches per
-process; process ``rank`` takes a contiguous slice of each micro-batch.
+Epoch ``e`` draws everything from its own generator seeded ``seed + e`` (the global RNG, used by
+dropout, is not touched). With ``G = batch_size * grad_accum * world_size`` (the global batch)::
+
+    order   = randperm(n)                          a fresh random order of the examples
+    full    = order[: n - n % G]                   the rest, n % G examples, is the short batch
+    batches = lorakit.data.plan_batches(lengths of full, G, seed + epoch, bucket_batches):
+              shuffled, chunks of G * bucket_batches sorted by length, cut into global
+              batches of G, the batches shuffled
+    epoch   = those global batches, then the short batch (if kept)
+
+so a global batch holds examples of similar length (little padding) while the order of batches,
+and which examples meet, changes every epoch. Without ``lengths`` (or ``bucket_batches=0``) the
+chunks are not sorted: a plain shuffle. Optimizer step ``t`` consumes global batch
+``t mod steps_per_epoch`` of epoch ``t // steps_per_epoch``. Under DDP the short batch is
+dropped (``drop_last``), so every process always has the same number of non-empty
+micro-batches, and the full batches are the same as in a single process with the same ``G``.
+A global batch is split into ``grad_accum`` micro-batches (contiguous, so also of similar
+length); process ``rank`` takes a contiguous slice of each micro-batch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["BatchPlan", "pad_collate"]
+__all__ = ["BatchPlan", "example_lengths", "pad_collate", "padding_fraction", "shortest_first"]
 
 Batch = dict[str, torch.Tensor]
+LengthOf = Callable[[Any], int]
 
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """The example indices of every micro-batch of every optimizer step."""
+    """The example indices of every micro-batch of every optimizer step.
+
+    ``lengths[i]``: token count of example ``i`` (``None``: unknown, plain shuffle).
+    ``bucket_batches``: how many global batches of a random chunk are sorted by length together
+    (more: less padding, less randomness in which examples share a batch; 0: plain shuffle).
+    """
 
     num_examples: int
     batch_size: int
@@ -34,11 +52,24 @@ class BatchPlan:
     world_size: int = 1
     seed: int = 0
     shuffle: bool = True
-    drop_last: bool = False  # drop a last global batch smaller than the others (used by DDP)
+    drop_last: bool = False  # drop the short global batch (used by DDP)
+    lengths: tuple[int, ...] | None = None
+    bucket_batches: int = 50
+    _epochs: dict[int, list[list[int]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        if self.lengths is not None and len(self.lengths) != self.num_examples:
+            raise ValueError(f"{len(self.lengths)} lengths for {self.num_examples} examples")
 
     @property
     def global_batch(self) -> int:
         return self.batch_size * self.grad_accum * self.world_size
+
+    @property
+    def by_length(self) -> bool:
+        return self.shuffle and self.lengths is not None and self.bucket_batches > 0
 
     @property
     def steps_per_epoch(self) -> int:
@@ -46,21 +77,58 @@ class BatchPlan:
             return self.num_examples // self.global_batch
         return math.ceil(self.num_examples / self.global_batch)
 
-    def epoch_order(self, epoch: int) -> list[int]:
+    def identity(self) -> dict[str, Any]:
+        """What decides the batches (saved in checkpoints; resume requires the same)."""
+        lengths = None
+        if self.by_length:  # other lengths (e.g. another max_length) give other batches
+            encoded = ",".join(map(str, self.lengths)).encode()
+            lengths = hashlib.sha256(encoded).hexdigest()[:16]
+        return {
+            "num_examples": self.num_examples,
+            "global_batch": self.global_batch,
+            "seed": self.seed,
+            "batches": f"by length, chunks of {self.bucket_batches}"
+            if self.by_length
+            else "shuffle",
+            "lengths_sha256": lengths,
+        }
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The global batches of ``epoch``, in the order the steps take them (cached)."""
+        if epoch not in self._epochs:
+            self._epochs.clear()  # one epoch at a time is all the loop needs
+            self._epochs[epoch] = self._plan_epoch(epoch)
+        return self._epochs[epoch]
+
+    def _plan_epoch(self, epoch: int) -> list[list[int]]:
+        size, n = self.global_batch, self.num_examples
         if not self.shuffle:
-            return list(range(self.num_examples))
+            return [list(range(start, min(start + size, n))) for start in range(0, n, size)]
         generator = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.num_examples, generator=generator).tolist()
+        order = torch.randperm(n, generator=generator).tolist()
+        cut = n - n % size
+        full, rest = order[:cut], order[cut:]
+        if self.by_length:  # lorakit.data's length buckets, on whole global batches
+            from lorakit.data.batching import plan_batches
+
+            full_lengths = [self.lengths[i] for i in full]
+            planned = plan_batches(full_lengths, size, seed=self.seed + epoch,
+                                   bucket_batches=self.bucket_batches)  # fmt: skip
+            batches = [[full[j] for j in batch] for batch in planned]
+        else:
+            batches = [full[start : start + size] for start in range(0, cut, size)]
+        if rest and not self.drop_last:
+            batches.append(rest)
+        return batches
 
     def step_indices(self, step: int) -> list[int]:
         """All example indices (every process, every micro-batch) of optimizer step ``step``."""
         epoch, position = divmod(step, self.steps_per_epoch)
-        start = position * self.global_batch
-        return self.epoch_order(epoch)[start : start + self.global_batch]
+        return self.epoch_batches(epoch)[position]
 
     def micro_batches(self, step: int, rank: int = 0) -> list[list[int]]:
         """The ``grad_accum`` micro-batches (lists of indices) that process ``rank`` runs at
-        ``step``. Empty lists are possible at the end of an epoch with few examples left."""
+        ``step``. Empty lists are possible in the short batch at the end of an epoch."""
         indices = self.step_indices(step)
         per_micro = math.ceil(len(indices) / self.grad_accum)
         result = []
@@ -69,6 +137,32 @@ class BatchPlan:
             per_rank = math.ceil(len(chunk) / self.world_size)
             result.append(chunk[rank * per_rank : (rank + 1) * per_rank])
         return result
+
+
+def example_lengths(examples: Sequence[Any], length_of: LengthOf | None) -> tuple[int, ...] | None:
+    """``length_of`` of every example; by default ``len(example["input_ids"])`` when every
+    example is a mapping with ``input_ids``; else None (lengths unknown)."""
+    if length_of is None:
+        if not all(isinstance(e, Mapping) and "input_ids" in e for e in examples):
+            return None
+        return tuple(len(example["input_ids"]) for example in examples)
+    return tuple(int(length_of(example)) for example in examples)
+
+
+def shortest_first(examples: Sequence[Any], length_of: LengthOf | None) -> list[int]:
+    """Indices of ``examples`` shortest first when lengths are known (evaluation order: batches
+    of similar length), else in order."""
+    lengths = example_lengths(examples, length_of)
+    order = list(range(len(examples)))
+    return order if lengths is None else sorted(order, key=lambda i: lengths[i])
+
+
+def padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
+    """Share of padding tokens when each batch is padded to its longest example:
+    ``sum_b (|b| * max_{i in b} len_i - sum_{i in b} len_i) / sum_b |b| * max_{i in b} len_i``."""
+    padded = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches if batch)
+    real = sum(lengths[i] for batch in batches for i in batch)
+    return (padded - real) / padded if padded else 0.0
 
 
 def pad_collate(pad_token_id: int) -> Callable[[Sequence[dict[str, Any]]], Batch]:

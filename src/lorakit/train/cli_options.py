@@ -52,10 +52,12 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Settings from a ``.yaml``/``.yml``/``.json`` file (keys as in ``TRAIN_DEFAULTS``; dashes
     are accepted for underscores)."""
+    from lorakit.data.formats import read_utf8
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
-    text = path.read_text()
+    text = read_utf8(path, "config")
     try:
         if path.suffix.lower() == ".json":
             loaded = json.loads(text)
@@ -88,6 +90,11 @@ def merged_settings(args: argparse.Namespace) -> dict[str, Any]:
             settings[key] = value
     if not settings["data"]:
         raise UserError("no training data: give --data SPEC (or 'data:' in the config file)")
+    if not isinstance(settings["max_length"], int) or settings["max_length"] < 2:
+        raise UserError(f"--max-length must be an integer >= 2, got {settings['max_length']!r}")
+    output = Path(settings["output"])
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; give a directory (new or existing)")
     if isinstance(settings["target_modules"], str) and settings["target_modules"] != "all-linear":
         settings["target_modules"] = [m.strip() for m in settings["target_modules"].split(",")]
     return settings

@@ -7,7 +7,16 @@ from typing import Any
 
 from lorakit.errors import UserError
 
-__all__ = ["TrainingConfig"]
+__all__ = ["SettingError", "TrainingConfig"]
+
+
+class SettingError(UserError):
+    """A ``TrainingConfig`` field with a bad value: ``setting`` names the field, ``problem``
+    says what is wrong (the CLI names its flag instead of the field)."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting} {problem}")
+        self.setting, self.problem = setting, problem
 
 
 @dataclass
@@ -40,27 +49,29 @@ class TrainingConfig:
     adapter_name: str = "default"
 
     def __post_init__(self) -> None:
-        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum}
-        for name, value in positive.items():
+        for name in ("batch_size", "grad_accum", "keep_checkpoints"):
+            value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise UserError(f"{name} must be a positive integer, got {value!r}")
+                raise SettingError(name, f"must be a positive integer, got {value!r}")
         if self.max_steps is not None and self.max_steps < 1:
-            raise UserError(f"max_steps must be >= 1, got {self.max_steps}")
+            raise SettingError("max_steps", f"must be >= 1, got {self.max_steps}")
         if self.max_steps is None and not self.epochs > 0:
-            raise UserError(f"epochs must be > 0 (or give max_steps), got {self.epochs}")
+            raise SettingError("epochs", f"must be > 0 (or give max_steps), got {self.epochs}")
         if not self.lr > 0:
-            raise UserError(f"lr must be > 0, got {self.lr}")
+            raise SettingError("lr", f"must be > 0, got {self.lr}")
         if self.loraplus_ratio is not None and not self.loraplus_ratio > 0:
-            raise UserError(f"loraplus_ratio must be > 0, got {self.loraplus_ratio}")
+            raise SettingError("loraplus_ratio", f"must be > 0, got {self.loraplus_ratio}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise UserError(
-                f"max_grad_norm must be > 0 (or None to disable), got {self.max_grad_norm}"
+            raise SettingError(
+                "max_grad_norm", f"must be > 0 (or None to disable), got {self.max_grad_norm}"
             )
-        for name in ("eval_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise UserError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("eval_every", "checkpoint_every", "warmup_steps", "weight_decay"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise SettingError(name, f"must be >= 0, got {value}")
+        for name in ("warmup_ratio", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise SettingError(name, f"must be in [0, 1], got {getattr(self, name)}")
 
     def total_steps(self, steps_per_epoch: int) -> int:
         if self.max_steps is not None:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import UserError
-from lorakit.train.batches import BatchPlan
+from lorakit.train.batches import BatchPlan, LengthOf, example_lengths, shortest_first
 from lorakit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lorakit.train.config import TrainingConfig
 from lorakit.train.distributed import Distributed, setup_distributed
@@ -90,24 +90,29 @@ def train(
     eval_data: Sequence[Any] | None = None,
     metric_fn: MetricFn | None = exact_match_counts,
     resume: bool | str = False,
+    length_of: LengthOf | None = None,
 ) -> TrainResult:
     """Train the active adapter of ``model`` (already injected) on ``train_data``.
 
     ``collate(examples) -> batch`` turns examples into tensors (``input_ids``, ``attention_mask``,
     ``labels``; see ``pad_collate``). ``resume``: True continues from the newest checkpoint in
     ``config.output_dir`` (starts fresh if there is none), a path continues from that checkpoint.
+    ``length_of(example) -> tokens`` lets batches group examples of similar length (less
+    padding; see ``BatchPlan``); by default it is ``len(example["input_ids"])`` for mapping
+    examples, and without it batches are a plain shuffle.
     """
     if len(train_data) == 0:
         raise UserError("the training data is empty")
-    return _Run(model, train_data, collate, config, eval_data, metric_fn).run(resume)
+    return _Run(model, train_data, collate, config, eval_data, metric_fn, length_of).run(resume)
 
 
 class _Run:
     """The state of one training run (kept out of ``train`` to keep functions short)."""
 
-    def __init__(self, model, train_data, collate, config, eval_data, metric_fn) -> None:
+    def __init__(self, model, train_data, collate, config, eval_data, metric_fn, length_of):
         self.model, self.data, self.collate, self.config = model, train_data, collate, config
         self.eval_data, self.metric_fn = eval_data, metric_fn
+        self.eval_order = shortest_first(eval_data or [], length_of)
         self.dist: Distributed = setup_distributed()
         self.output_dir = Path(config.output_dir)
         self.plan = BatchPlan(
@@ -117,6 +122,7 @@ class _Run:
             self.dist.world_size,
             config.seed,
             drop_last=self.dist.enabled,
+            lengths=example_lengths(train_data, length_of),
         )
         if self.plan.steps_per_epoch == 0:
             raise UserError(
@@ -163,14 +169,8 @@ class _Run:
         self.metrics.truncate_after(checkpoint.step)
         return checkpoint.step
 
-    def _plan_fields(self) -> dict[str, int]:
-        plan = self.plan
-        return {
-            "num_examples": plan.num_examples,
-            "global_batch": plan.global_batch,
-            "seed": plan.seed,
-            "total_steps": self.total_steps,
-        }
+    def _plan_fields(self) -> dict[str, Any]:
+        return {**self.plan.identity(), "total_steps": self.total_steps}
 
     # ------------------------------------------------------------------ the loop
     def run(self, resume: bool | str) -> TrainResult:
@@ -180,13 +180,13 @@ class _Run:
             record = self._optimizer_step(step)
             self.last_loss = record["loss"]
             self.metrics.write(record)
-            if progress is not None:
+            if progress is not None:  # count first, so "n/N" shows step n's values
+                progress.update(1)
                 progress.set_postfix(
                     loss=f"{record['loss']:.4f}",
                     lr=f"{record['lr']:.2e}",
                     tok_s=f"{record['tokens_per_s']:.0f}",
                 )
-                progress.update(1)
             self._after_step(step + 1)
         if progress is not None:
             progress.close()
@@ -249,9 +249,10 @@ class _Run:
         self.dist.barrier()
 
     def evaluate(self) -> dict[str, float]:
-        size = self.config.batch_size
+        size, order = self.config.batch_size, self.eval_order
         batches = (
-            self.collate(self.eval_data[i : i + size]) for i in range(0, len(self.eval_data), size)
+            self.collate([self.eval_data[i] for i in order[start : start + size]])
+            for start in range(0, len(order), size)
         )
         return evaluate(self.model, batches, self.metric_fn)
 

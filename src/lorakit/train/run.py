@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,22 @@ def _lora_config(settings: dict[str, Any]):
         raise UserError(f"invalid LoRA settings: {error}") from None
 
 
+# TrainingConfig fields whose flag is not ``--`` + the field name with dashes.
+_FLAGS = {"output_dir": "--output", "max_steps": "--steps", "progress": "--no-progress"}
+
+
 def _training_config(settings: dict[str, Any]):
+    """The ``TrainingConfig`` of the settings; a bad value is reported by its flag's name."""
+    from lorakit.train.config import SettingError
+
+    try:
+        return _build_training_config(settings)
+    except SettingError as error:
+        flag = _FLAGS.get(error.setting, "--" + error.setting.replace("_", "-"))
+        raise UserError(f"{flag} {error.problem}") from None
+
+
+def _build_training_config(settings: dict[str, Any]):
     from lorakit.train.config import TrainingConfig
 
     return TrainingConfig(
@@ -49,51 +65,80 @@ def _training_config(settings: dict[str, Any]):
     )
 
 
+def check_targets_before_loading(model_directory, lora) -> None:
+    """Inject ``lora`` into the model built on the meta device (no weights, no memory), so that
+    target modules that match nothing are reported before the weights load. A model that
+    cannot be built that way is left to the real load to judge."""
+    import lorakit
+    from lorakit.plan import build_meta_model
+
+    try:
+        meta_model, _ = build_meta_model(str(model_directory))
+    except UserError:
+        return
+    try:
+        lorakit.inject(meta_model, lora)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
 def train_from_settings(settings: dict[str, Any]) -> TrainResult:
-    """Load model and data, inject LoRA, train, save (adapter, metrics, loss curve, settings)."""
+    """Check the settings, the data and the LoRA targets, then load the model, inject LoRA,
+    train and save (adapter, metrics, loss curve, settings)."""
     import torch
 
     import lorakit
     from lorakit import data
-    from lorakit.models import load_model
+    from lorakit.models import check_model_spec, load_model, resolve_model
     from lorakit.train.cli_options import load_examples_for
-    from lorakit.train.loop import train
 
     training = _training_config(settings)
     lora = _lora_config(settings)
+    check_model_spec(settings["model"])
     examples = load_examples_for(settings["data"], settings["split"], settings["style"], "train")
     eval_examples = None
     if settings["eval_data"]:
         eval_examples = load_examples_for(
             settings["eval_data"], settings["eval_split"], settings["style"], "validation"
         )
+    check_targets_before_loading(resolve_model(settings["model"]), lora)
     torch.manual_seed(settings["seed"])  # the adapter's initial A
-    model, tokenizer = load_model(settings["model"])
+    model, tokenizer = load_model(settings["model"], progress=False)
     try:
         lorakit.inject(model, lora)
     except ValueError as error:
         raise UserError(str(error)) from None
-    tokenized = data.tokenize_examples(examples, tokenizer, settings["max_length"])
-    eval_tokenized = (
-        data.tokenize_examples(eval_examples, tokenizer, settings["max_length"])
-        if eval_examples
-        else None
-    )
+    tokenized = {"train": data.tokenize_examples(examples, tokenizer, settings["max_length"])}
+    if eval_examples:
+        tokenized["eval"] = data.tokenize_examples(eval_examples, tokenizer, settings["max_length"])
     output = Path(settings["output"])
     output.mkdir(parents=True, exist_ok=True)
-    (output / "train_settings.json").write_text(json.dumps(settings, indent=1, default=str))
-    tokenized_all = {"train": tokenized, "eval": eval_tokenized}
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one process writes it
+        (output / "train_settings.json").write_text(json.dumps(settings, indent=1, default=str))
+    return _train_tokenized(model, tokenized, training, bool(settings["resume"]))
 
-    def collate(items):  # items are ("train"|"eval", index) pairs
-        source = tokenized_all[items[0][0]]
-        return data.collate(source, [index for _, index in items])
 
-    result = train(
+def _train_tokenized(model, tokenized: dict, training, resume: bool) -> TrainResult:
+    """Train on ``tokenized["train"]`` (and evaluate on ``tokenized["eval"]`` if present); the
+    loop's examples are ``("train"|"eval", index)`` pairs."""
+    from lorakit import data
+    from lorakit.train.loop import train
+
+    def collate(items):
+        return data.collate(tokenized[items[0][0]], [index for _, index in items])
+
+    def length_of(item) -> int:  # batches group examples of similar length
+        return len(tokenized[item[0]].input_ids[item[1]])
+
+    eval_items = (
+        [("eval", i) for i in range(len(tokenized["eval"]))] if "eval" in tokenized else None
+    )
+    return train(
         model,
-        [("train", i) for i in range(len(tokenized))],
+        [("train", i) for i in range(len(tokenized["train"]))],
         collate,
         training,
-        eval_data=[("eval", i) for i in range(len(eval_tokenized))] if eval_tokenized else None,
-        resume=bool(settings["resume"]),
+        eval_data=eval_items,
+        resume=resume,
+        length_of=length_of,
     )
-    return result
