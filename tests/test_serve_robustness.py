@@ -1,0 +1,179 @@
+"""Bad input and races against the HTTP app: every one gets OpenAI's JSON error with a 4xx code
+(never a 500, a dropped stream or a hang), and no interleaving leaves an adapter stuck.
+
+The app runs in process (Starlette's TestClient, engine thread started by the app's lifespan)
+on a tiny random Llama with the tiny ChatML tokenizer and four PEFT-format adapters on disk.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from transformers import LlamaForCausalLM
+
+import lorakit
+from lorakit.io import save_adapter
+from lorakit.serve import AdapterBank, prepare_for_serving
+from lorakit.serve.app import ServerSettings, create_app
+from lorakit.serve.engine import Engine
+from lorakit.serve.registry import AdapterRegistry, ServedAdapters
+from lorakit.serve.sampling import SamplingParams
+from tests import tiny_models, tiny_tokenizer
+
+TOKEN = "admin-secret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+BASE = "base"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: tiny ops on a shared, oversubscribed machine are far steadier."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def base_model(tokenizer) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = tiny_models.llama_config(
+        vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Four adapters ad0..ad3 (q_proj, v_proj, r=2) saved under ``root/adapters``."""
+    root = tmp_path_factory.mktemp("robust")
+    tokenizer = tiny_tokenizer.build()
+    reference = base_model(tokenizer)
+    for index in range(4):
+        config = lorakit.LoraConfig(r=2, lora_alpha=4 + index, target_modules=["q_proj", "v_proj"])
+        lorakit.inject(reference, config, adapter_name=f"ad{index}")
+    tiny_models.randomize_adapters(reference, std=0.3)
+    for index in range(4):
+        save_adapter(reference, root / "adapters", f"ad{index}")
+    return root, tokenizer
+
+
+class Served:
+    """One app over a fresh model, bank (2 slots), engine and registry; ``client`` is live."""
+
+    def __init__(self, root, tokenizer) -> None:
+        self.root, self.tokenizer = root, tokenizer
+        model = base_model(tokenizer)
+        prepare_for_serving(model, ["q_proj", "v_proj"])
+        self.bank = AdapterBank(model, max_rank=4, capacity=2)
+        self.adapters = ServedAdapters(self.bank, AdapterRegistry(root / "adapters"), model)
+        self.engine = Engine(
+            model, self.bank, tokenizer, max_batch=4, adapter_loader=self.adapters.read
+        )
+        settings = ServerSettings(
+            model_name=BASE,
+            admin_token=TOKEN,
+            max_prompt_tokens=40,
+            max_tokens_limit=24,
+            max_positions=128,
+        )
+        self.app = create_app(self.engine, self.adapters, tokenizer, settings)
+        self.client = TestClient(self.app)
+
+    def post(self, path: str, body, headers=None):
+        if isinstance(body, bytes):
+            return self.client.post(path, content=body, headers=headers)
+        return self.client.post(path, json=body, headers=headers)
+
+    def model_ids(self) -> list[str]:
+        return [card["id"] for card in self.client.get("/v1/models").json()["data"]]
+
+
+@pytest.fixture
+def served(files):
+    served = Served(*files)
+    with served.client:  # runs the lifespan: starts and stops the engine
+        yield served
+
+
+def assert_error(response, status: int, param: str | None, *words: str) -> dict:
+    """An OpenAI error object with ``status``, ``param`` and a message holding ``words``."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param, error
+    for word in words:
+        assert word in error["message"], error
+    return error
+
+
+def completion(**fields) -> dict:
+    return {"model": "ad0", "prompt": "hello world", "max_tokens": 3, **fields}
+
+
+def test_json_nested_100k_deep_is_a_400(served):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    error = assert_error(served.post("/v1/completions", deep), 400, None, "nested too deeply")
+    assert error["code"] == "invalid_json"
+    deep_object = b'{"model": ' * 20_000 + b"1" + b"}" * 20_000
+    assert_error(served.post("/v1/chat/completions", deep_object), 400, None, "nested too deeply")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("seed", [2**70, 2**64, -(2**63) - 1])
+def test_seed_out_of_torch_range_is_a_400_naming_seed(served, seed, stream):
+    body = completion(seed=seed, temperature=1.0, stream=stream)
+    assert_error(served.post("/v1/completions", body), 400, "seed", "seed", str(seed))
+    chat = {"model": "ad1", "messages": [{"role": "user", "content": "hi"}], "seed": seed}
+    assert_error(served.post("/v1/chat/completions", {**chat, "stream": stream}), 400, "seed")
+
+
+def test_seeds_at_the_ends_of_the_range_are_served(served):
+    for seed in (2**64 - 1, -(2**63)):
+        response = served.post("/v1/completions", completion(seed=seed, temperature=1.0))
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "param", "where"),
+    [
+        ("/v1/completions", '{"model": "ad0", "prompt": "\\ud800abc"}', "prompt", "'prompt'"),
+        ("/v1/completions", '{"model": "ad0", "prompt": ["x\\udfff"]}', "prompt", "'prompt[0]'"),
+        (
+            "/v1/chat/completions",
+            '{"model": "ad0", "messages": [{"role": "user", "content": "hi \\udc80"}]}',
+            "messages",
+            "'messages[0].content'",
+        ),
+        (
+            "/v1/completions",
+            '{"model": "ad0", "prompt": "hi", "stop": "\\ud83d"}',
+            "stop",
+            "'stop'",
+        ),
+    ],
+)
+def test_lone_surrogates_are_a_400_naming_the_field(served, path, raw, param, where):
+    error = assert_error(served.post(path, raw.encode()), 400, param, where, "surrogate")
+    assert error["type"] == "invalid_request_error"
+    # a surrogate pair (valid UTF-16 for one character) is fine
+    ok = served.post("/v1/completions", b'{"model": "ad0", "prompt": "hi \\ud83d\\ude00"}')
+    assert ok.status_code == 200, ok.text
+
+
+def test_sampling_params_name_the_field_out_of_range():
+    from lorakit.serve.sampling import InvalidSamplingParam
+
+    for fields, name in [
+        (dict(seed=2**64), "seed"),
+        (dict(seed=-(2**63) - 1), "seed"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(max_tokens=0), "max_tokens"),
+    ]:
+        with pytest.raises(InvalidSamplingParam, match=name) as caught:
+            SamplingParams(**fields)
+        assert caught.value.field == name
+    generator = torch.Generator().manual_seed(SamplingParams(seed=2**64 - 1).seed)  # accepted
+    assert generator.initial_seed() == 2**64 - 1
