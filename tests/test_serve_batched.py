@@ -257,3 +257,29 @@ def test_acquire_with_a_loader_loads_and_holds_atomically(setup):
     # an instant, and the engine, seeing every slot busy with nothing running, failed a request
     assert bank.ensure_loaded("x", loader) == slot and bank.names() == ["x"]
     assert bank.acquire("y", loader) == slot and bank.names() == ["y"]
+
+
+@pytest.mark.parametrize(
+    ("role", "bad_tensor", "shape"),
+    [
+        ("lora_A", torch.tensor(1.0), "()"),
+        ("lora_A", torch.ones(64), "(64,)"),
+        ("lora_B", torch.ones(64, 2, 1), "(64, 2, 1)"),
+        ("lora_A", torch.ones(0, 64), "(0, 64)"),  # rank 0: the scaling alpha / r would divide by 0
+    ],
+)
+def test_a_factor_that_is_not_a_matrix_is_refused_naming_the_tensor(role, bad_tensor, shape):
+    model = tiny_models.llama()
+    prepare_for_serving(model, ["q_proj"])
+    bank = AdapterBank(model, max_rank=4, capacity=1)
+    path = "model.layers.0.self_attn.q_proj"
+    tensors = {
+        f"base_model.model.{path}.lora_A.weight": torch.ones(2, 64),
+        f"base_model.model.{path}.lora_B.weight": torch.ones(64, 2),
+    }
+    tensors[f"base_model.model.{path}.{role}.weight"] = bad_tensor
+    config = lorakit.LoraConfig(r=2, target_modules=["q_proj"])
+    with pytest.raises(AdapterFileError) as caught:
+        bank.load("bad", config, tensors)
+    assert f"tensor {path}.{role}.weight has shape {shape}" in str(caught.value)
+    assert bank.names() == []

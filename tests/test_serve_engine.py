@@ -198,3 +198,63 @@ def test_unknown_adapter_fails_the_request_not_the_engine(served):
         assert last.finish_reason == "error" and "nope" in last.error
         ids, _, last = engine.generate([1, 2], "a1", SamplingParams(max_tokens=2))
         assert last.finish_reason == "length" and len(ids) == 2
+
+
+class DiskOnFire(RuntimeError):
+    """Not a KeyError or ValueError: an error the engine cannot have foreseen."""
+
+
+def zero_dim_adapter(name):
+    """A file read_adapter accepts but whose lora_A is a 0-d tensor."""
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    tensors = {
+        f"{prefix}.lora_A.weight": torch.tensor(1.0),
+        f"{prefix}.lora_B.weight": torch.ones(64, 2),
+    }
+    return lorakit.LoraConfig(r=2, target_modules=["q_proj"]), tensors
+
+
+@pytest.mark.parametrize("failure", ["raises", "zero-dim"])
+def test_a_failing_adapter_load_ends_only_its_own_request(served, failure):
+    reference, model, bank = served
+    loaded_before = sorted(bank.names())
+    calls, good, bad = [], [], []
+    good_done, bad_done = threading.Event(), threading.Event()
+
+    def loader(name):
+        calls.append((name, engine.load[0]))  # (adapter, requests running meanwhile)
+        if failure == "raises":
+            raise DiskOnFire(f"cannot read {name}")
+        return zero_dim_adapter(name)
+
+    def on_bad(event):
+        bad.append(event)
+        if event.finish_reason is not None:
+            bad_done.set()
+
+    def on_good(event):
+        good.append(event)
+        if len(good) == 1:  # the good request is running: now the broken one arrives
+            engine.submit([1, 2], "broken", SamplingParams(max_tokens=3), on_bad)
+        if event.finish_reason is not None:
+            good_done.set()
+
+    engine = Engine(model, bank, max_batch=4, adapter_loader=loader)
+    with engine:
+        engine.submit([3, 4, 5], "a0", SamplingParams(max_tokens=12), on_good)
+        assert bad_done.wait(timeout=60) and good_done.wait(timeout=60)  # (deadlock guards)
+        assert calls == [("broken", 1)]  # read once, while the good request was running
+        last = bad[-1]
+        assert (last.finish_reason, last.completion_tokens) == ("error", 0)
+        if failure == "raises":
+            assert last.error_kind == "internal" and last.error == "cannot read broken"
+        else:
+            assert last.error_kind == "invalid_adapter"
+            assert "layers.0.self_attn.q_proj.lora_A.weight has shape ()" in last.error
+        assert good[-1].finish_reason == "length" and good[-1].error is None
+        assert [i for e in good for i in e.token_ids] == alone_merged(
+            reference, [3, 4, 5], "a0", 12
+        )
+        ids, _, after = engine.generate([1, 2], "a1", SamplingParams(max_tokens=2))
+        assert after.finish_reason == "length" and len(ids) == 2  # still serving
+    assert sorted(bank.names()) == loaded_before  # the failed load evicted nothing

@@ -7,9 +7,12 @@ on a tiny random Llama with the tiny ChatML tokenizer and four PEFT-format adapt
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 import lorakit
@@ -177,3 +180,36 @@ def test_sampling_params_name_the_field_out_of_range():
         assert caught.value.field == name
     generator = torch.Generator().manual_seed(SamplingParams(seed=2**64 - 1).seed)  # accepted
     assert generator.initial_seed() == 2**64 - 1
+
+
+def broken_copy(files, tmp_path, name: str, edit) -> Served:
+    """A server over a copy of the adapter directory plus ``name``: ad0 with ``edit`` applied to
+    its tensors (it may still lazily load by ``name``: the registry seeds it)."""
+    root, tokenizer = files
+    shutil.copytree(root / "adapters", tmp_path / "adapters")
+    target = tmp_path / "adapters" / name
+    shutil.copytree(root / "adapters" / "ad0", target)
+    tensors = load_file(target / "adapter_model.safetensors")
+    save_file(edit(tensors), target / "adapter_model.safetensors")
+    return Served(tmp_path, tokenizer)
+
+
+def zero_dim_lora_A(tensors: dict) -> dict:
+    return {
+        k: torch.tensor(1.0) if k.endswith("q_proj.lora_A.weight") else v
+        for k, v in tensors.items()
+    }
+
+
+def test_an_adapter_with_a_0d_factor_is_a_400_naming_the_tensor(files, tmp_path):
+    served = broken_copy(files, tmp_path, "zerod", zero_dim_lora_A)
+    tensor = "model.layers.0.self_attn.q_proj.lora_A.weight has shape ()"
+    with served.client:
+        body = {"lora_name": "zerod-again", "lora_path": "zerod"}
+        response = served.post("/v1/load_lora_adapter", body, AUTH)
+        assert_error(response, 400, "lora_path", tensor)
+        assert "zerod-again" not in served.model_ids()
+        lazily = served.post("/v1/completions", completion(model="zerod"))
+        assert_error(lazily, 400, "model", tensor)
+        assert served.bank.names() == []  # nothing half-loaded
+        assert served.post("/v1/completions", completion()).status_code == 200

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -25,57 +23,19 @@ from torch import nn
 from lorakit.serve.bank import AdapterBank, BankFullError, Loader
 from lorakit.serve.batched import routed
 from lorakit.serve.kv import BatchedCache
-from lorakit.serve.sampling import SamplingParams, StopTextTracker, next_token
+from lorakit.serve.requests import (
+    INTERNAL,
+    NO_ADAPTER_SLOT,
+    Event,
+    GenerationRequest,
+    RequestHandle,
+    failure_kind,
+)
+from lorakit.serve.sampling import SamplingParams, next_token
 
 __all__ = ["Engine", "Event", "RequestHandle"]
 
 log = logging.getLogger(__name__)
-_ids = itertools.count()
-
-
-@dataclass(frozen=True)
-class Event:
-    """A streamed piece of one request: new ``text`` and ``token_ids`` since the last event.
-
-    The last event has ``finish_reason`` ("stop", "length", "cancelled" or "error" with
-    ``error``) and the token counts.
-    """
-
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: str | None = None
-    error: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@dataclass
-class _Request:
-    prompt_ids: list[int]
-    adapter: str | None
-    params: SamplingParams
-    on_event: Callable[[Event], None]
-    id: int = field(default_factory=lambda: next(_ids))
-    generated: list[int] = field(default_factory=list)
-    slot: int = -1
-    cancelled: bool = False
-    done: bool = False
-
-    def __post_init__(self) -> None:
-        seed = self.params.seed if self.params.seed is not None else torch.seed()
-        self.generator = torch.Generator().manual_seed(seed)
-        self.stop_text = StopTextTracker(self.params.stop)
-        self.pending_ids: list[int] = []
-
-
-class RequestHandle:
-    """What ``submit`` returns: ``cancel()`` stops the request at the next token boundary."""
-
-    def __init__(self, request: _Request) -> None:
-        self._request = request
-
-    def cancel(self) -> None:
-        self._request.cancelled = True
 
 
 class Engine:
@@ -106,8 +66,8 @@ class Engine:
             eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
             eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.eos_token_ids = set(eos_token_ids)
-        self._waiting: collections.deque[_Request] = collections.deque()
-        self._running: list[_Request] = []
+        self._waiting: collections.deque[GenerationRequest] = collections.deque()
+        self._running: list[GenerationRequest] = []
         self._cache = BatchedCache()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -152,7 +112,7 @@ class Engine:
         """Queue a request; ``on_event`` is called from the engine thread for every piece."""
         if not prompt_ids:
             raise ValueError("the prompt is empty; give at least one token.")
-        request = _Request(list(prompt_ids), adapter, params, on_event)
+        request = GenerationRequest(list(prompt_ids), adapter, params, on_event)
         with self._wake:
             self._waiting.append(request)
             self._wake.notify_all()
@@ -209,7 +169,8 @@ class Engine:
             except Exception as error:  # keep serving: fail the affected requests only
                 log.exception("engine step failed")
                 for request in self._running:
-                    self._finish(request, "error", f"{type(error).__name__}: {error}")
+                    message = f"{type(error).__name__}: {error}"
+                    self._finish(request, "error", message, kind=INTERNAL)
                 self._running, self._cache = [], BatchedCache()
         for request in [*self._running, *self._waiting]:
             self._finish(request, "cancelled")
@@ -217,6 +178,9 @@ class Engine:
         self._waiting.clear()
 
     def _admit(self) -> None:
+        """Move waiting requests into the batch. Whatever goes wrong while one request's adapter
+        is read, checked or loaded, or its prompt prefilled, ends that request with an error
+        event and touches no other request."""
         deferred = []
         while self._waiting and len(self._running) < self.max_batch:
             with self._wake:
@@ -227,28 +191,33 @@ class Engine:
             try:
                 self._acquire_adapter(request)
             except BankFullError:
-                deferred.append(request)  # retry when a running request frees its adapter
-                if not self._running:
-                    self._finish(request, "error", "no adapter slot is free (all pinned)")
-                    deferred.pop()
+                if self._running:
+                    deferred.append(request)  # retried when a running request frees its slot
+                else:
+                    message = "no adapter slot is free (all pinned)"
+                    self._finish(request, "error", message, kind=NO_ADAPTER_SLOT)
                 continue
-            except (KeyError, ValueError) as error:
-                self._finish(request, "error", str(error).strip("\"'"))
+            except Exception as error:
+                kind = failure_kind(error)
+                if kind == INTERNAL:
+                    log.exception("loading adapter %r failed", request.adapter)
+                message = str(error).strip("\"'") if isinstance(error, KeyError) else str(error)
+                self._finish(request, "error", message or type(error).__name__, kind=kind)
                 continue
             try:
                 self._prefill(request)
             except Exception as error:
                 log.exception("prefill failed")
-                self._finish(request, "error", f"{type(error).__name__}: {error}")
+                self._finish(request, "error", f"{type(error).__name__}: {error}", kind=INTERNAL)
         with self._wake:
             self._waiting.extendleft(reversed(deferred))
 
-    def _acquire_adapter(self, request: _Request) -> None:
+    def _acquire_adapter(self, request: GenerationRequest) -> None:
         if request.adapter is None:
             return
         request.slot = self.bank.acquire(request.adapter, self.adapter_loader)
 
-    def _prefill(self, request: _Request) -> None:
+    def _prefill(self, request: GenerationRequest) -> None:
         """Run the prompt alone with its adapter; sample the first token; join the batch."""
         ids = torch.tensor([request.prompt_ids])
         with routed(self.bank, torch.full_like(ids, request.slot)):
@@ -285,7 +254,7 @@ class Engine:
             self._cache.keep(keep)
 
     # ----------------------------------------------------------------- tokens out
-    def _accept(self, request: _Request, logits: torch.Tensor) -> None:
+    def _accept(self, request: GenerationRequest, logits: torch.Tensor) -> None:
         token = next_token(logits.float(), request.params, request.generator)
         if token in self.eos_token_ids:
             self._emit(request, final="stop")
@@ -295,7 +264,7 @@ class Engine:
         length_reached = len(request.generated) >= request.params.max_tokens
         self._emit(request, final="length" if length_reached else None)
 
-    def _emit(self, request: _Request, final: str | None) -> None:
+    def _emit(self, request: GenerationRequest, final: str | None) -> None:
         text = ""
         if self.tokenizer is not None:
             decoded = self.tokenizer.decode(request.generated, skip_special_tokens=True)
@@ -306,27 +275,26 @@ class Engine:
             return
         ids, request.pending_ids = tuple(request.pending_ids), []
         if final is None:
-            _deliver(request, Event(text, ids))
+            request.deliver(Event(text, ids))
         else:
             self._finish(request, final, text=text, ids=ids)
 
     def _finish(
-        self, request: _Request, reason: str, error: str | None = None, *, text: str = "", ids=()
+        self,
+        request: GenerationRequest,
+        reason: str,
+        error: str | None = None,
+        *,
+        kind: str | None = None,
+        text: str = "",
+        ids=(),
     ) -> None:
         if request.done:
             return
         request.done = True
         if request.adapter is not None and request.slot >= 0:
             self.bank.release(request.adapter)
-        event = Event(
-            text, tuple(ids), reason, error, len(request.prompt_ids), len(request.generated)
+        prompt_tokens, completion_tokens = len(request.prompt_ids), len(request.generated)
+        request.deliver(
+            Event(text, tuple(ids), reason, error, prompt_tokens, completion_tokens, kind)
         )
-        _deliver(request, event)
-
-
-def _deliver(request: _Request, event: Event) -> None:
-    try:
-        request.on_event(event)
-    except Exception:  # a consumer's callback must not stop the engine
-        log.exception("on_event callback failed")
-        request.cancelled = True

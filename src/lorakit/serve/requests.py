@@ -1,0 +1,99 @@
+"""What the engine hands out and keeps per request: ``Event`` (a streamed piece), the request's
+state, ``RequestHandle`` (cancel), and the kinds of failure a request can end with."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lorakit.serve.sampling import SamplingParams, StopTextTracker
+
+__all__ = [
+    "ADAPTER_NOT_FOUND",
+    "INTERNAL",
+    "INVALID_ADAPTER",
+    "NO_ADAPTER_SLOT",
+    "Event",
+    "GenerationRequest",
+    "RequestHandle",
+    "failure_kind",
+]
+
+log = logging.getLogger(__name__)
+_ids = itertools.count()
+
+# Event.error_kind of a request that ended with finish_reason "error":
+ADAPTER_NOT_FOUND = "adapter_not_found"  # unknown, or unloaded after the request was queued
+INVALID_ADAPTER = "invalid_adapter"  # its files could not be read or do not fit the model
+NO_ADAPTER_SLOT = "no_adapter_slot"  # every slot pinned, none will free up
+INTERNAL = "internal"  # anything else (a bug, or the model failed)
+
+
+def failure_kind(error: BaseException) -> str:
+    """The ``error_kind`` for an exception raised while admitting or loading a request."""
+    if isinstance(error, KeyError):
+        return ADAPTER_NOT_FOUND
+    if isinstance(error, ValueError):  # AdapterFileError, BaseModelMismatchError, bad shapes
+        return INVALID_ADAPTER
+    return INTERNAL
+
+
+@dataclass(frozen=True)
+class Event:
+    """A streamed piece of one request: new ``text`` and ``token_ids`` since the last event.
+
+    The last event has ``finish_reason`` ("stop", "length", "cancelled" or "error" with
+    ``error``, a message, and ``error_kind``, one of this module's constants) and the token
+    counts.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error_kind: str | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """One request's state inside the engine (its slot, generated ids, generator, stop text)."""
+
+    prompt_ids: list[int]
+    adapter: str | None
+    params: SamplingParams
+    on_event: Callable[[Event], None]
+    id: int = field(default_factory=lambda: next(_ids))
+    generated: list[int] = field(default_factory=list)
+    slot: int = -1
+    cancelled: bool = False
+    done: bool = False
+
+    def __post_init__(self) -> None:
+        seed = self.params.seed if self.params.seed is not None else torch.seed()
+        self.generator = torch.Generator().manual_seed(seed)
+        self.stop_text = StopTextTracker(self.params.stop)
+        self.pending_ids: list[int] = []
+
+    def deliver(self, event: Event) -> None:
+        """Hand ``event`` to the consumer; a failing callback cancels the request, nothing else."""
+        try:
+            self.on_event(event)
+        except Exception:  # a consumer's callback must not stop the engine
+            log.exception("on_event callback failed")
+            self.cancelled = True
+
+
+class RequestHandle:
+    """What ``Engine.submit`` returns: ``cancel()`` stops the request at the next token boundary."""
+
+    def __init__(self, request: GenerationRequest) -> None:
+        self._request = request
+
+    def cancel(self) -> None:
+        self._request.cancelled = True
