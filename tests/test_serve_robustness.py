@@ -213,3 +213,39 @@ def test_an_adapter_with_a_0d_factor_is_a_400_naming_the_tensor(files, tmp_path)
         assert_error(lazily, 400, "model", tensor)
         assert served.bank.names() == []  # nothing half-loaded
         assert served.post("/v1/completions", completion()).status_code == 200
+
+
+RAISING_TEMPLATE = (  # Llama-2 / Mistral style: the template itself refuses some conversations
+    "{% if messages[0]['role'] != 'user' %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}" + tiny_tokenizer.CHATML_TEMPLATE
+)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_chat_template_that_raises_is_a_400_with_its_message(served, monkeypatch, stream):
+    monkeypatch.setattr(served.tokenizer, "chat_template", RAISING_TEMPLATE)
+    messages = [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "hello"}]
+    body = {"model": "ad1", "messages": messages, "max_tokens": 2, "stream": stream}
+    response = served.post("/v1/chat/completions", body)
+    assert_error(response, 400, "messages", "chat template", "roles must alternate user/assistant")
+    body["messages"] = messages[1:]  # what the template accepts is served
+    response = served.post("/v1/chat/completions", body)
+    assert response.status_code == 200, response.text
+
+
+def test_an_adapter_may_not_take_the_base_models_name(served):
+    before = served.model_ids()
+    assert before == [BASE, "ad0", "ad1", "ad2", "ad3"]
+    response = served.post("/v1/load_lora_adapter", {"lora_name": BASE, "lora_path": "ad1"}, AUTH)
+    assert_error(response, 400, "lora_name", f"{BASE!r} is the base model's name")
+    assert served.model_ids() == before and served.bank.names() == []
+    ok = served.post("/v1/completions", completion(model=BASE))
+    assert ok.status_code == 200 and ok.json()["model"] == BASE
+
+
+def test_an_adapter_directory_named_like_the_base_stops_the_start(files, tmp_path):
+    root, tokenizer = files
+    shutil.copytree(root / "adapters" / "ad0", tmp_path / "adapters" / BASE)
+    with pytest.raises(lorakit.UserError, match="has the base model's name 'base'"):
+        Served(tmp_path, tokenizer)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from jinja2.exceptions import TemplateError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -28,7 +29,7 @@ from lorakit.serve import protocol
 from lorakit.serve.bank import AdapterInUseError, BankFullError
 from lorakit.serve.engine import Engine
 from lorakit.serve.protocol import APIError, CompletionJob
-from lorakit.serve.registry import ServedAdapters
+from lorakit.serve.registry import AdapterNameError, ServedAdapters
 
 __all__ = ["ServerSettings", "create_app"]
 
@@ -60,6 +61,7 @@ def create_app(
         finally:
             engine.stop()
 
+    adapters.registry.reserve(settings.model_name)  # no adapter may take the base model's name
     app = FastAPI(title="lorakit", lifespan=lifespan)
     _install_error_handlers(app)
     created = int(time.time())
@@ -127,6 +129,8 @@ def _add_admin_routes(app: FastAPI, adapters: ServedAdapters, settings: ServerSe
         path = body.get("lora_path")
         try:
             await run_in_threadpool(adapters.add, name, path)
+        except AdapterNameError as error:
+            raise APIError(400, str(error), param="lora_name") from None
         except (UserError, ValueError) as error:
             raise APIError(400, str(error), param="lora_path") from None
         except BankFullError as error:
@@ -223,9 +227,16 @@ async def _adapter_for(
 def _prompt_ids(job: CompletionJob, tokenizer, settings: ServerSettings) -> list[int]:
     if job.chat:
         if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(
-                job.prompt, add_generation_prompt=True, tokenize=False
-            )
+            try:
+                text = tokenizer.apply_chat_template(
+                    job.prompt, add_generation_prompt=True, tokenize=False
+                )
+            except TemplateError as error:  # e.g. Llama-2's "roles must alternate user/assistant"
+                raise APIError(
+                    400,
+                    f"the model's chat template refused the messages: {error}",
+                    param="messages",
+                ) from None
         else:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in job.prompt) + "assistant:"
         ids = tokenizer.encode(text)
