@@ -229,6 +229,33 @@ def test_concurrent_loads_and_evictions_keep_the_bank_consistent(setup):
     assert len(slots) == len(set(slots)) == 3
 
 
+def adapter_tensors(reference, adapter: str) -> dict[str, torch.Tensor]:
+    """PEFT-keyed tensors of ``adapter`` in the injected ``reference`` (what a file holds)."""
+    tensors = {}
+    for path, layer in lora_layers(reference):
+        if adapter in layer.ranks:
+            lora_A, lora_B = layer.adapter_parameters(adapter)
+            tensors[f"base_model.model.{path}.lora_A.weight"] = lora_A.detach().clone()
+            tensors[f"base_model.model.{path}.lora_B.weight"] = lora_B.detach().clone()
+    return tensors
+
+
+def lock_is_free_for_others(lock) -> bool:
+    """Whether another thread could take ``lock`` now (non-blocking: no timing involved)."""
+    result = []
+
+    def probe():
+        taken = lock.acquire(blocking=False)
+        result.append(taken)
+        if taken:
+            lock.release()
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join()
+    return result[0]
+
+
 def test_acquire_with_a_loader_loads_and_holds_atomically(setup):
     reference = setup[0]
     _, bank = served(reference, capacity=1)
@@ -236,27 +263,51 @@ def test_acquire_with_a_loader_loads_and_holds_atomically(setup):
 
     def loader(name):
         calls.append(name)
-        config = reference.lorakit_state.configs["a0"]
-        tensors = {}
-        for path, layer in lora_layers(reference):
-            if "a0" in layer.ranks:
-                lora_A, lora_B = layer.adapter_parameters("a0")
-                tensors[f"base_model.model.{path}.lora_A.weight"] = lora_A.detach()
-                tensors[f"base_model.model.{path}.lora_B.weight"] = lora_B.detach()
-        return config, tensors
+        return reference.lorakit_state.configs["a0"], adapter_tensors(reference, "a0")
 
     slot = bank.acquire("x", loader)
     assert bank.acquire("x", loader) == slot and calls == ["x"]  # loaded once
     with pytest.raises(BankFullError):
         bank.acquire("y", loader)  # the only slot is held by running requests
+    assert calls == ["x"]  # ... so y's files were not even read
     bank.release("x")
     bank.release("x")
     assert bank.acquire("y", loader) == slot and bank.names() == ["y"]
+    assert calls == ["x", "y"] and bank.evictions == 1
     bank.release("y")
     # preparing an adapter (what the HTTP threads do) never holds its slot: once it held it for
     # an instant, and the engine, seeing every slot busy with nothing running, failed a request
     assert bank.ensure_loaded("x", loader) == slot and bank.names() == ["x"]
     assert bank.acquire("y", loader) == slot and bank.names() == ["y"]
+
+
+def test_the_loader_runs_outside_the_bank_lock_and_forget_cancels_its_load(setup):
+    reference = setup[0]
+    _, bank = served(reference, capacity=2)
+    bank.load_from_model("other", reference, "a1")
+    seen = []
+
+    def loader(name):
+        seen.append(lock_is_free_for_others(bank.lock))  # the engine could use the bank now
+        if name == "unloaded-meanwhile":
+            bank.forget(name)  # an unload arrives while the files are being read
+        return reference.lorakit_state.configs["a0"], adapter_tensors(reference, "a0")
+
+    slot = bank.ensure_loaded("x", loader)
+    assert seen == [True] and bank.names() == ["other", "x"] and bank.slot_of("x") == slot
+    with pytest.raises(KeyError, match="unloaded while it was being read"):
+        bank.acquire("unloaded-meanwhile", loader)
+    assert seen == [True, True] and bank.names() == [
+        "other",
+        "x",
+    ]  # nothing loaded, held or evicted
+    bank.acquire("other")
+    with pytest.raises(AdapterInUseError):
+        bank.forget("other")
+    assert "other" in bank  # forget refused: nothing changed
+    bank.release("other")
+    bank.forget("other")
+    assert bank.names() == ["x"]
 
 
 @pytest.mark.parametrize(

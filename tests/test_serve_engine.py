@@ -14,6 +14,7 @@ from lorakit.serve import AdapterBank, prepare_for_serving
 from lorakit.serve.engine import Engine
 from lorakit.serve.sampling import SamplingParams, StopTextTracker, next_token
 from tests import tiny_models
+from tests.test_serve_batched import adapter_tensors
 
 SPECS = [
     dict(r=4, lora_alpha=8, target_modules="all-linear"),
@@ -258,3 +259,41 @@ def test_a_failing_adapter_load_ends_only_its_own_request(served, failure):
         ids, _, after = engine.generate([1, 2], "a1", SamplingParams(max_tokens=2))
         assert after.finish_reason == "length" and len(ids) == 2  # still serving
     assert sorted(bank.names()) == loaded_before  # the failed load evicted nothing
+
+
+def test_a_request_waiting_for_a_slot_reads_its_adapter_once(served):
+    """One slot, held by a running request: the waiting one is read when the slot frees, not
+    at every decode step in between."""
+    reference, _, _ = served
+    model = tiny_models.llama()
+    prepare_for_serving(model)
+    model.generation_config.eos_token_id = None
+    bank = AdapterBank(model, max_rank=8, capacity=1)
+    files = {"x": "a0", "y": "a1"}
+    calls, events = [], {"x": [], "y": []}
+    done = threading.Semaphore(0)
+
+    def loader(name):
+        calls.append(name)
+        return lorakit.adapter_configs(reference)[files[name]], adapter_tensors(
+            reference, files[name]
+        )
+
+    def collect(name):
+        def on_event(event):
+            events[name].append(event)
+            if name == "x" and len(events["x"]) == 1:  # x is running: y arrives, must wait
+                engine.submit([6, 7], "y", SamplingParams(max_tokens=3), collect("y"))
+            if event.finish_reason is not None:
+                done.release()
+
+        return on_event
+
+    with Engine(model, bank, adapter_loader=loader) as engine:
+        engine.submit([1, 2, 3], "x", SamplingParams(max_tokens=20), collect("x"))
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)  # (deadlock guards)
+    assert calls == ["x", "y"] and bank.evictions == 1
+    for name, prompt, max_tokens in [("x", [1, 2, 3], 20), ("y", [6, 7], 3)]:
+        assert events[name][-1].finish_reason == "length"
+        got = [i for e in events[name] for i in e.token_ids]
+        assert got == alone_merged(reference, prompt, files[name], max_tokens), name

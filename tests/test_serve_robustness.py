@@ -249,3 +249,41 @@ def test_an_adapter_directory_named_like_the_base_stops_the_start(files, tmp_pat
     shutil.copytree(root / "adapters" / "ad0", tmp_path / "adapters" / BASE)
     with pytest.raises(lorakit.UserError, match="has the base model's name 'base'"):
         Served(tmp_path, tokenizer)
+
+
+def test_an_unload_while_a_request_reads_the_adapter_leaves_nothing_stuck(served, monkeypatch):
+    """The unload lands between a lazy load's file read and its write into the bank."""
+    adapters, read = served.adapters, served.adapters.read
+
+    def read_then_unload(name):
+        files = read(name)
+        adapters.remove(name)  # (the admin route, on another thread, at this very moment)
+        return files
+
+    monkeypatch.setattr(adapters, "read", read_then_unload)
+    with pytest.raises(KeyError, match="'ad0' was unloaded while it was being read"):
+        adapters.ensure_loaded("ad0")
+    assert "ad0" not in served.bank and "ad0" not in served.model_ids()
+    monkeypatch.undo()
+    # the name is free again: loading it back and unloading it work (they said "already loaded"
+    # and 404 when the adapter was left in the bank but not in the registry)
+    assert served.post("/v1/load_lora_adapter", {"lora_name": "ad0"}, AUTH).status_code == 200
+    assert "ad0" in served.bank and "ad0" in served.model_ids()
+    assert served.post("/v1/unload_lora_adapter", {"lora_name": "ad0"}, AUTH).status_code == 200
+    assert "ad0" not in served.bank and "ad0" not in served.model_ids()
+
+
+def test_unload_forgets_the_name_while_holding_the_bank_lock(served, monkeypatch):
+    """No lazy load can slip in between the bank eviction and the registry forgetting the name."""
+    from tests.test_serve_batched import lock_is_free_for_others
+
+    served.adapters.ensure_loaded("ad1")
+    registry, unregister, seen = served.adapters.registry, served.adapters.registry.unregister, []
+
+    def unregister_watched(name):
+        seen.append(("ad1" in served.bank, lock_is_free_for_others(served.bank.lock)))
+        unregister(name)
+
+    monkeypatch.setattr(registry, "unregister", unregister_watched)
+    assert served.post("/v1/unload_lora_adapter", {"lora_name": "ad1"}, AUTH).status_code == 200
+    assert seen == [(False, False)]  # evicted already, and the bank still locked

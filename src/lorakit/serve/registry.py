@@ -169,7 +169,6 @@ class ServedAdapters:
         self.registry = registry
         self.model = model
         self.allow_base_mismatch = allow_base_mismatch
-        self._lock = threading.Lock()
 
     def _read(self, path: Path) -> AdapterFile:
         adapter = read_peft_adapter(path)
@@ -192,18 +191,23 @@ class ServedAdapters:
         if name in self.registry:
             raise ValueError(f"adapter {name!r} is already loaded; unload it first.")
         adapter = self._read(path)
-        with self._lock:
+        with self.bank.lock:  # loaded and registered in one step: see remove
             self.bank.load(name, adapter.config, adapter.tensors)
             try:
                 self.registry.register(name, path)
             except ValueError:
-                self.bank.evict(name)
+                self.bank.forget(name)
                 raise
 
     def remove(self, name: str) -> None:
-        """Evict and forget ``name`` (``AdapterInUseError`` while a request uses it)."""
-        self.registry.path(name)
-        with self._lock:
-            if name in self.bank:
-                self.bank.evict(name)
+        """Evict and forget ``name``: ``KeyError`` when unknown, ``AdapterInUseError`` (nothing
+        changes) while a running request uses it.
+
+        One step under the bank's lock, and ``bank.forget`` makes loads of ``name`` already
+        reading its files fail: a request arriving meanwhile can never load the adapter back
+        into the bank after it left the registry (a name stuck in the bank, unloadable).
+        """
+        with self.bank.lock:
+            self.registry.path(name)
+            self.bank.forget(name)
             self.registry.unregister(name)
