@@ -197,6 +197,7 @@ def test_unknown_adapter_fails_the_request_not_the_engine(served):
     with Engine(model, bank) as engine:
         _, _, last = engine.generate([1, 2], "nope", SamplingParams(max_tokens=2))
         assert last.finish_reason == "error" and "nope" in last.error
+        assert last.error_kind == "adapter_not_found"
         ids, _, last = engine.generate([1, 2], "a1", SamplingParams(max_tokens=2))
         assert last.finish_reason == "length" and len(ids) == 2
 
@@ -297,3 +298,20 @@ def test_a_request_waiting_for_a_slot_reads_its_adapter_once(served):
         assert events[name][-1].finish_reason == "length"
         got = [i for e in events[name] for i in e.token_ids]
         assert got == alone_merged(reference, prompt, files[name], max_tokens), name
+
+
+def test_submit_after_stop_raises_instead_of_queueing_forever(served):
+    from lorakit.serve.engine import EngineStoppedError
+
+    _, model, bank = served
+    engine = Engine(model, bank)
+    events = []
+    engine.submit([1, 2], "a0", SamplingParams(max_tokens=2), events.append)  # waits for start
+    with engine:
+        pass
+    assert events[-1].finish_reason in ("length", "cancelled")  # served or cancelled, not lost
+    with pytest.raises(EngineStoppedError, match="engine is stopped"):
+        engine.submit([1, 2], "a0", SamplingParams(max_tokens=2), events.append)
+    with engine:  # a restarted engine serves again
+        ids, _, last = engine.generate([1, 2], "a0", SamplingParams(max_tokens=2))
+    assert last.finish_reason == "length" and len(ids) == 2

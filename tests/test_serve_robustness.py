@@ -7,7 +7,10 @@ on a tiny random Llama with the tiny ChatML tokenizer and four PEFT-format adapt
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import threading
+import time
 
 import pytest
 import torch
@@ -108,6 +111,36 @@ def assert_error(response, status: int, param: str | None, *words: str) -> dict:
     for word in words:
         assert word in error["message"], error
     return error
+
+
+@contextlib.contextmanager
+def engine_held(engine: Engine, adapter: str | None = None):
+    """Keep the engine thread inside a request's first-token callback (the request holds its
+    adapter) until the block ends: what the test does meanwhile cannot race the engine."""
+    started, release, done = threading.Event(), threading.Event(), threading.Event()
+
+    def on_event(event):
+        if not started.is_set():
+            started.set()
+            release.wait()
+        if event.finish_reason is not None:
+            done.set()
+
+    engine.submit([5, 6, 7], adapter, SamplingParams(max_tokens=3), on_event)
+    assert started.wait(timeout=60)  # (deadlock guard)
+    try:
+        yield
+    finally:
+        release.set()
+    assert done.wait(timeout=60)
+
+
+def wait_until(condition) -> None:
+    """Poll a condition another thread will make true (a deadlock guard, not a timing check)."""
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.005)
 
 
 def completion(**fields) -> dict:
@@ -287,3 +320,34 @@ def test_unload_forgets_the_name_while_holding_the_bank_lock(served, monkeypatch
     monkeypatch.setattr(registry, "unregister", unregister_watched)
     assert served.post("/v1/unload_lora_adapter", {"lora_name": "ad1"}, AUTH).status_code == 200
     assert seen == [(False, False)]  # evicted already, and the bank still locked
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_adapter_unloaded_after_its_request_was_queued_is_a_404(served, stream):
+    responses = []
+    with engine_held(served.engine):
+        asking = threading.Thread(
+            target=lambda: responses.append(
+                served.post("/v1/completions", completion(model="ad2", stream=stream))
+            )
+        )
+        asking.start()
+        wait_until(lambda: served.engine.load == (0, 1))  # ad2 prepared and its request queued
+        assert "ad2" in served.bank
+        assert served.post("/v1/unload_lora_adapter", {"lora_name": "ad2"}, AUTH).status_code == 200
+    asking.join()
+    error = assert_error(
+        responses[0], 404, "model", "'ad2' does not exist", "unknown adapter 'ad2'"
+    )
+    assert error["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_after_the_engine_stopped_is_a_503(files, stream):
+    served = Served(*files)
+    served.engine.start()
+    served.engine.stop()  # (no lifespan: the client below does not start the engine again)
+    response = served.post("/v1/completions", completion(stream=stream))
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert error["type"] == "server_error" and "engine is stopped" in error["message"]

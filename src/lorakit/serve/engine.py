@@ -11,7 +11,6 @@ Requests are submitted from any thread (``submit`` with a callback) or from asyn
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import threading
@@ -26,14 +25,16 @@ from lorakit.serve.kv import BatchedCache
 from lorakit.serve.requests import (
     INTERNAL,
     NO_ADAPTER_SLOT,
+    EngineStoppedError,
     Event,
+    EventStream,
     GenerationRequest,
     RequestHandle,
     failure_kind,
 )
 from lorakit.serve.sampling import SamplingParams, next_token
 
-__all__ = ["Engine", "Event", "RequestHandle"]
+__all__ = ["Engine", "EngineStoppedError", "Event", "EventStream", "RequestHandle"]
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ class Engine:
         return self
 
     def stop(self) -> None:
-        """Finish the loop; requests still queued or running end with ``cancelled``."""
+        """Finish the loop; requests still queued or running end with ``cancelled``, and
+        ``submit`` raises ``EngineStoppedError`` until the next ``start()``."""
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
@@ -109,32 +111,40 @@ class Engine:
         params: SamplingParams,
         on_event: Callable[[Event], None],
     ) -> RequestHandle:
-        """Queue a request; ``on_event`` is called from the engine thread for every piece."""
+        """Queue a request; ``on_event`` is called from the engine thread for every piece.
+
+        Before ``start()`` the request waits for it; after ``stop()`` this raises
+        ``EngineStoppedError``."""
         if not prompt_ids:
             raise ValueError("the prompt is empty; give at least one token.")
         request = GenerationRequest(list(prompt_ids), adapter, params, on_event)
         with self._wake:
+            if self._stopping:
+                raise EngineStoppedError(
+                    "the generation engine is stopped (the server is shutting down); no "
+                    "request can be served."
+                )
             self._waiting.append(request)
             self._wake.notify_all()
         return RequestHandle(request)
+
+    def open_stream(
+        self, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams
+    ) -> EventStream:
+        """Submit now (errors such as ``EngineStoppedError`` raise here, before any event);
+        an async iterator of the request's events. Call from a running event loop."""
+        return EventStream(lambda on_event: self.submit(prompt_ids, adapter, params, on_event))
 
     async def stream(
         self, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams
     ) -> AsyncIterator[Event]:
         """Async iterator of the request's events (cancels the request if the consumer leaves)."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        handle = self.submit(
-            prompt_ids, adapter, params, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e)
-        )
+        events = self.open_stream(prompt_ids, adapter, params)
         try:
-            while True:
-                event = await queue.get()
+            async for event in events:
                 yield event
-                if event.finish_reason is not None:
-                    return
         finally:
-            handle.cancel()
+            events.cancel()
 
     def generate(
         self, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams

@@ -3,6 +3,7 @@ state, ``RequestHandle`` (cancel), and the kinds of failure a request can end wi
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from collections.abc import Callable
@@ -17,7 +18,9 @@ __all__ = [
     "INTERNAL",
     "INVALID_ADAPTER",
     "NO_ADAPTER_SLOT",
+    "EngineStoppedError",
     "Event",
+    "EventStream",
     "GenerationRequest",
     "RequestHandle",
     "failure_kind",
@@ -31,6 +34,10 @@ ADAPTER_NOT_FOUND = "adapter_not_found"  # unknown, or unloaded after the reques
 INVALID_ADAPTER = "invalid_adapter"  # its files could not be read or do not fit the model
 NO_ADAPTER_SLOT = "no_adapter_slot"  # every slot pinned, none will free up
 INTERNAL = "internal"  # anything else (a bug, or the model failed)
+
+
+class EngineStoppedError(RuntimeError):
+    """``submit`` after ``Engine.stop()``: no thread would ever serve the request."""
 
 
 def failure_kind(error: BaseException) -> str:
@@ -97,3 +104,32 @@ class RequestHandle:
 
     def cancel(self) -> None:
         self._request.cancelled = True
+
+
+class EventStream:
+    """Async iterator over one submitted request's events, ending after the final one.
+
+    Built on the event loop that consumes it: the engine thread hands events over with
+    ``call_soon_threadsafe``. ``cancel()`` stops the request (when its consumer leaves).
+    """
+
+    def __init__(self, submit: Callable[[Callable[[Event], None]], RequestHandle]) -> None:
+        loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._finished = False
+        self._handle = submit(
+            lambda event: loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        )
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._finished:
+            raise StopAsyncIteration
+        event = await self._queue.get()
+        self._finished = event.finish_reason is not None
+        return event
+
+    def cancel(self) -> None:
+        self._handle.cancel()
