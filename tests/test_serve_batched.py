@@ -6,6 +6,7 @@ time with ``lorakit.use_adapters`` (and a float64 formula at the layer level).
 
 from __future__ import annotations
 
+import math
 import threading
 
 import pytest
@@ -68,8 +69,10 @@ def choices(kind: str, batch: int, count: int) -> list[int]:
         return [1] * batch
     if kind == "uniform":
         return torch.randint(-1, count, (batch,), generator=generator).tolist()
-    if kind == "distinct":
-        return [i % count for i in range(batch)]
+    if kind == "distinct":  # every row its own adapter
+        if batch > count:
+            raise ValueError(f"{batch} rows cannot have distinct adapters out of {count}")
+        return list(range(batch))
     if kind == "zipf":
         weights = 1.0 / torch.arange(1, count + 1, dtype=torch.float64) ** 1.5
         return torch.multinomial(weights, batch, replacement=True, generator=generator).tolist()
@@ -86,9 +89,11 @@ def choices(kind: str, batch: int, count: int) -> list[int]:
 @pytest.mark.parametrize("mode", [None, "loop", "padded"])
 def test_mixed_batch_equals_each_request_alone(setup, kind, mode):
     reference, model, bank = setup
-    batch, length = 8, 6
+    batch, length = (len(ADAPTER_SPECS) if kind == "distinct" else 8), 6
     ids = tiny_models.input_ids(batch, length)
     picks = choices(kind, batch, len(ADAPTER_SPECS))
+    if kind == "distinct":
+        assert sorted(picks) == list(range(len(ADAPTER_SPECS)))
     slots = torch.tensor([bank.slot_of(f"a{p}") if p >= 0 else -1 for p in picks])
     with routed(bank, slots[:, None].expand(batch, length), mode=mode) as plan:
         mixed = model(ids).logits
@@ -119,17 +124,38 @@ def test_per_token_rows_match_float64_formula(setup, mode):
     with routed(bank, token_slots, mode=mode):
         got = layer(x)
     expected = ref_layer.base_layer(x).double()
+    used = set()
     for index, slot in enumerate(token_slots.reshape(-1).tolist()):
         if slot < 0:
             continue
         adapter = bank.names()[[bank.slot_of(n) for n in bank.names()].index(slot)]
         if adapter in ref_layer.ranks:
+            used.add(adapter)
             A, B = (p.double() for p in ref_layer.adapter_parameters(adapter))
+            spec = ADAPTER_SPECS[int(adapter.removeprefix("a"))]
+            assert A.shape[0] == rank_for(spec, name)
             row = x.reshape(-1, x.shape[-1])[index].double()
-            expected.view(-1, expected.shape[-1])[index] += ref_layer.scalings[adapter] * (
+            expected.view(-1, expected.shape[-1])[index] += spec_scaling(spec, name) * (
                 B @ (A @ row)
             )
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5)
+    # the rows use the three adapters of this layer, with three different scalings
+    assert used == {"a1", "a2", "a4"} and -1 in token_slots
+    assert sorted(spec_scaling(ADAPTER_SPECS[i], name) for i in (1, 2, 4)) == [1.0, 11 / 3, 8.0]
+
+
+def rank_for(spec: dict, layer_name: str) -> int:
+    """r, or the rank_pattern entry whose key ends the layer's name."""
+    pattern = spec.get("rank_pattern", {})
+    return next((r for key, r in pattern.items() if layer_name.endswith(key)), spec["r"])
+
+
+def spec_scaling(spec: dict, layer_name: str) -> float:
+    """alpha / r, or alpha / sqrt(r) with rsLoRA, from the spec (alpha_pattern, rank_pattern)."""
+    pattern = spec.get("alpha_pattern", {})
+    alpha = next((a for key, a in pattern.items() if layer_name.endswith(key)), spec["lora_alpha"])
+    rank = rank_for(spec, layer_name)
+    return alpha / math.sqrt(rank) if spec.get("use_rslora") else alpha / rank
 
 
 def test_plan_groups_contiguous_rows_as_slices_and_others_as_indices():

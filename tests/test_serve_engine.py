@@ -4,6 +4,7 @@ generated alone by transformers' ``generate`` on the model with that adapter mer
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 
 import pytest
@@ -106,12 +107,15 @@ def test_greedy_in_a_mixed_continuous_batch_equals_alone_merged(served):
 
         return on_event
 
-    with engine:
-        for index, (prompt, adapter, max_tokens) in enumerate(requests()):
-            events = results.setdefault(index, [])
-            engine.submit(prompt, adapter, SamplingParams(max_tokens=max_tokens), collector(events))
+    for index, (prompt, adapter, max_tokens) in enumerate(requests()):
+        events = results.setdefault(index, [])
+        engine.submit(prompt, adapter, SamplingParams(max_tokens=max_tokens), collector(events))
+    with engine:  # all 7 queued before the loop starts: the batching below is deterministic
         for _ in results:
             assert finished.acquire(timeout=60)
+    # max_tokens 3, 4, 5, 6, 7, 3, 4 and 3 rows: requests 0-2 run together, and each later one
+    # joins as an earlier one ends, while the other two are mid-generation (6 joins in all)
+    assert (engine.stats.max_running, engine.stats.joined_running) == (3, 6)
     distinct_outputs = set()
     for index, (prompt, adapter, max_tokens) in enumerate(requests()):
         got = [i for e in results[index] for i in e.token_ids]
@@ -141,18 +145,55 @@ def test_sampling_is_reproducible_per_seed_whatever_the_batch(served):
     assert other != alone
 
 
+def tempered(logits: list[float], temperature: float) -> list[float]:
+    """softmax(logits / T), the plain formula in float64."""
+    weights = [math.exp(value / temperature) for value in logits]
+    return [w / sum(weights) for w in weights]
+
+
+def shares(draws: list[int], size: int) -> list[float]:
+    return [draws.count(token) / len(draws) for token in range(size)]
+
+
 def test_next_token_top_p_and_temperature():
     logits = torch.tensor([0.0, 3.0, 1.0, 2.9])
     generator = torch.Generator().manual_seed(0)
     assert next_token(logits, SamplingParams(), generator) == 1
     tiny_p = SamplingParams(temperature=1.0, top_p=1e-6)
     assert {next_token(logits, tiny_p, generator) for _ in range(20)} == {1}
-    half = SamplingParams(temperature=1.0, top_p=0.6)  # tokens 1 and 3 hold ~0.73 together
+    # probabilities 0.024, 0.478, 0.065, 0.433: token 1 alone holds 0.478 < 0.6, so the nucleus
+    # is tokens 1 and 3 (0.911 together), renormalised
+    half = SamplingParams(temperature=1.0, top_p=0.6)
     draws = [next_token(logits, half, generator) for _ in range(400)]
     assert set(draws) == {1, 3}
-    share = draws.count(1) / len(draws)
-    expected = torch.softmax(logits, 0)[1] / torch.softmax(logits, 0)[[1, 3]].sum()
-    assert abs(share - float(expected)) < 0.08
+    p = tempered(logits.tolist(), 1.0)
+    assert abs(draws.count(1) / len(draws) - p[1] / (p[1] + p[3])) < 0.08
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampling_follows_softmax_of_logits_over_temperature(temperature):
+    """Frequencies of 8000 seeded draws against softmax(logits / T) (binomial sd <= 0.0056;
+    T=1 would be off by >= 0.07 somewhere, so the test sees a temperature that is ignored)."""
+    logits = [0.0, 0.4, 0.8, 1.2]
+    expected = tempered(logits, temperature)
+    assert max(abs(a - b) for a, b in zip(expected, tempered(logits, 1.0), strict=True)) > 0.07
+    generator = torch.Generator().manual_seed(1)
+    params = SamplingParams(temperature=temperature)
+    draws = [next_token(torch.tensor(logits), params, generator) for _ in range(8000)]
+    for got, want in zip(shares(draws, 4), expected, strict=True):
+        assert abs(got - want) < 0.025, (shares(draws, 4), expected)
+
+
+def test_top_p_is_taken_from_the_tempered_probabilities():
+    """T=0.5: p = 0.010, 0.548, 0.074, 0.368, so top_p=0.9 keeps tokens 1 and 3 (0.916); at T=1
+    (0.058, 0.431, 0.158, 0.352) it would keep token 2 as well."""
+    logits = [0.0, 2.0, 1.0, 1.8]
+    p = tempered(logits, 0.5)
+    generator = torch.Generator().manual_seed(2)
+    params = SamplingParams(temperature=0.5, top_p=0.9)
+    draws = [next_token(torch.tensor(logits), params, generator) for _ in range(4000)]
+    assert set(draws) == {1, 3}
+    assert abs(draws.count(1) / len(draws) - p[1] / (p[1] + p[3])) < 0.025
 
 
 def test_stop_strings_cut_the_text_and_hold_back_prefixes():

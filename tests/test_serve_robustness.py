@@ -351,3 +351,24 @@ def test_a_request_after_the_engine_stopped_is_a_503(files, stream):
     assert response.status_code == 503, response.text
     error = response.json()["error"]
     assert error["type"] == "server_error" and "engine is stopped" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "headers", [None, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}]
+)
+def test_unload_without_the_admin_token_is_a_401(served, headers):
+    served.adapters.ensure_loaded("ad3")
+    response = served.post("/v1/unload_lora_adapter", {"lora_name": "ad3"}, headers)
+    error = assert_error(response, 401, None, "admin token")
+    assert error["type"] == "authentication_error"
+    assert "ad3" in served.model_ids() and "ad3" in served.bank  # nothing was unloaded
+
+
+def test_unload_of_an_adapter_a_running_request_uses_is_a_409(served):
+    with engine_held(served.engine, "ad1"):  # a running request holds ad1
+        response = served.post("/v1/unload_lora_adapter", {"lora_name": "ad1"}, AUTH)
+        assert_error(response, 409, "lora_name", "'ad1' is used by 1 running request(s)")
+        assert "ad1" in served.model_ids() and "ad1" in served.bank
+    # once the request has finished, the same unload succeeds
+    assert served.post("/v1/unload_lora_adapter", {"lora_name": "ad1"}, AUTH).status_code == 200
+    assert "ad1" not in served.model_ids() and "ad1" not in served.bank

@@ -76,6 +76,9 @@ def create_app(
             "adapters_loaded": len(bank.names()),
             "adapter_capacity": bank.capacity,
             "adapter_memory_bytes": bank.memory_bytes(),
+            "adapter_evictions": bank.evictions,
+            "max_running_batch": engine.stats.max_running,
+            "joined_running_batch": engine.stats.joined_running,
         }
 
     @app.get("/v1/models")

@@ -25,6 +25,7 @@ from lorakit.serve.kv import BatchedCache
 from lorakit.serve.requests import (
     INTERNAL,
     NO_ADAPTER_SLOT,
+    EngineStats,
     EngineStoppedError,
     Event,
     EventStream,
@@ -45,7 +46,9 @@ class Engine:
     ``model``: a causal LM prepared with ``prepare_for_serving`` and served by ``bank``;
     ``tokenizer``: turns generated ids into streamed text (optional: ids only);
     ``adapter_loader(name) -> (config, tensors)``: reads an adapter missing from the bank
-    (raises ``KeyError`` when unknown; None: only adapters already in the bank are served); ``max_batch``: running requests at most.
+    (``KeyError`` when unknown; None: only adapters already in the bank are served; any other
+    exception ends only that request); ``max_batch``: running requests at most.
+    ``stats`` (``EngineStats``) records how full the running batch got.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class Engine:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.stats = EngineStats()
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> Engine:
@@ -236,9 +240,11 @@ class Engine:
         if request.done:
             return
         self._cache.add(output.cache, len(request.prompt_ids))
+        self.stats.joined_running += bool(self._running)
         self._running.append(request)
 
     def _decode_step(self) -> None:
+        self.stats.max_running = max(self.stats.max_running, len(self._running))
         last = torch.tensor([[r.generated[-1]] for r in self._running])
         slots = torch.tensor([[r.slot] for r in self._running])
         attention_mask, position_ids = self._cache.step_inputs()
@@ -266,24 +272,10 @@ class Engine:
     # ----------------------------------------------------------------- tokens out
     def _accept(self, request: GenerationRequest, logits: torch.Tensor) -> None:
         token = next_token(logits.float(), request.params, request.generator)
-        if token in self.eos_token_ids:
-            self._emit(request, final="stop")
+        piece = request.take(token, self.eos_token_ids, self.tokenizer)
+        if piece is None:
             return
-        request.generated.append(token)
-        request.pending_ids.append(token)
-        length_reached = len(request.generated) >= request.params.max_tokens
-        self._emit(request, final="length" if length_reached else None)
-
-    def _emit(self, request: GenerationRequest, final: str | None) -> None:
-        text = ""
-        if self.tokenizer is not None:
-            decoded = self.tokenizer.decode(request.generated, skip_special_tokens=True)
-            text = request.stop_text.update(decoded, final=final is not None)
-            if request.stop_text.stopped:
-                final = "stop"
-        if final is None and not text and not request.pending_ids:
-            return
-        ids, request.pending_ids = tuple(request.pending_ids), []
+        final, text, ids = piece
         if final is None:
             request.deliver(Event(text, ids))
         else:

@@ -18,6 +18,7 @@ __all__ = [
     "INTERNAL",
     "INVALID_ADAPTER",
     "NO_ADAPTER_SLOT",
+    "EngineStats",
     "EngineStoppedError",
     "Event",
     "EventStream",
@@ -34,6 +35,15 @@ ADAPTER_NOT_FOUND = "adapter_not_found"  # unknown, or unloaded after the reques
 INVALID_ADAPTER = "invalid_adapter"  # its files could not be read or do not fit the model
 NO_ADAPTER_SLOT = "no_adapter_slot"  # every slot pinned, none will free up
 INTERNAL = "internal"  # anything else (a bug, or the model failed)
+
+
+@dataclass
+class EngineStats:
+    """Evidence of continuous batching: ``max_running``, the most requests one decode step
+    served; ``joined_running``, requests admitted while others were mid-generation."""
+
+    max_running: int = 0
+    joined_running: int = 0
 
 
 class EngineStoppedError(RuntimeError):
@@ -86,6 +96,32 @@ class GenerationRequest:
         self.generator = torch.Generator().manual_seed(seed)
         self.stop_text = StopTextTracker(self.params.stop)
         self.pending_ids: list[int] = []
+
+    def take(
+        self, token: int, eos_token_ids: set[int], tokenizer
+    ) -> tuple[str | None, str, tuple[int, ...]] | None:
+        """Record a sampled ``token``: ``(finish reason or None, new text, new ids)`` to send,
+        or None when nothing can be sent yet (text that may still become a stop string, or an
+        incomplete character, is held back). EOS ends with "stop" and is not part of the output.
+        """
+        final = None
+        if token in eos_token_ids:
+            final = "stop"
+        else:
+            self.generated.append(token)
+            self.pending_ids.append(token)
+            if len(self.generated) >= self.params.max_tokens:
+                final = "length"
+        text = ""
+        if tokenizer is not None:
+            decoded = tokenizer.decode(self.generated, skip_special_tokens=True)
+            text = self.stop_text.update(decoded, final=final is not None)
+            if self.stop_text.stopped:
+                final = "stop"
+        if final is None and not text and not self.pending_ids:
+            return None
+        ids, self.pending_ids = tuple(self.pending_ids), []
+        return final, text, ids
 
     def deliver(self, event: Event) -> None:
         """Hand ``event`` to the consumer; a failing callback cancels the request, nothing else."""
