@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lorakit.errors import UserError
 from lorakit.serve.sampling import SamplingParams, StopTextTracker
 
 __all__ = [
@@ -54,7 +55,7 @@ def failure_kind(error: BaseException) -> str:
     """The ``error_kind`` for an exception raised while admitting or loading a request."""
     if isinstance(error, KeyError):
         return ADAPTER_NOT_FOUND
-    if isinstance(error, ValueError):  # AdapterFileError, BaseModelMismatchError, bad shapes
+    if isinstance(error, (ValueError, UserError)):  # AdapterFileError, base mismatch, shapes
         return INVALID_ADAPTER
     return INTERNAL
 
