@@ -6,6 +6,7 @@ time with ``lorakit.use_adapters`` (and a float64 formula at the layer level).
 
 from __future__ import annotations
 
+import math
 import threading
 
 import pytest
@@ -68,8 +69,10 @@ def choices(kind: str, batch: int, count: int) -> list[int]:
         return [1] * batch
     if kind == "uniform":
         return torch.randint(-1, count, (batch,), generator=generator).tolist()
-    if kind == "distinct":
-        return [i % count for i in range(batch)]
+    if kind == "distinct":  # every row its own adapter
+        if batch > count:
+            raise ValueError(f"{batch} rows cannot have distinct adapters out of {count}")
+        return list(range(batch))
     if kind == "zipf":
         weights = 1.0 / torch.arange(1, count + 1, dtype=torch.float64) ** 1.5
         return torch.multinomial(weights, batch, replacement=True, generator=generator).tolist()
@@ -86,9 +89,11 @@ def choices(kind: str, batch: int, count: int) -> list[int]:
 @pytest.mark.parametrize("mode", [None, "loop", "padded"])
 def test_mixed_batch_equals_each_request_alone(setup, kind, mode):
     reference, model, bank = setup
-    batch, length = 8, 6
+    batch, length = (len(ADAPTER_SPECS) if kind == "distinct" else 8), 6
     ids = tiny_models.input_ids(batch, length)
     picks = choices(kind, batch, len(ADAPTER_SPECS))
+    if kind == "distinct":
+        assert sorted(picks) == list(range(len(ADAPTER_SPECS)))
     slots = torch.tensor([bank.slot_of(f"a{p}") if p >= 0 else -1 for p in picks])
     with routed(bank, slots[:, None].expand(batch, length), mode=mode) as plan:
         mixed = model(ids).logits
@@ -119,17 +124,38 @@ def test_per_token_rows_match_float64_formula(setup, mode):
     with routed(bank, token_slots, mode=mode):
         got = layer(x)
     expected = ref_layer.base_layer(x).double()
+    used = set()
     for index, slot in enumerate(token_slots.reshape(-1).tolist()):
         if slot < 0:
             continue
         adapter = bank.names()[[bank.slot_of(n) for n in bank.names()].index(slot)]
         if adapter in ref_layer.ranks:
+            used.add(adapter)
             A, B = (p.double() for p in ref_layer.adapter_parameters(adapter))
+            spec = ADAPTER_SPECS[int(adapter.removeprefix("a"))]
+            assert A.shape[0] == rank_for(spec, name)
             row = x.reshape(-1, x.shape[-1])[index].double()
-            expected.view(-1, expected.shape[-1])[index] += ref_layer.scalings[adapter] * (
+            expected.view(-1, expected.shape[-1])[index] += spec_scaling(spec, name) * (
                 B @ (A @ row)
             )
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5)
+    # the rows use the three adapters of this layer, with three different scalings
+    assert used == {"a1", "a2", "a4"} and -1 in token_slots
+    assert sorted(spec_scaling(ADAPTER_SPECS[i], name) for i in (1, 2, 4)) == [1.0, 11 / 3, 8.0]
+
+
+def rank_for(spec: dict, layer_name: str) -> int:
+    """r, or the rank_pattern entry whose key ends the layer's name."""
+    pattern = spec.get("rank_pattern", {})
+    return next((r for key, r in pattern.items() if layer_name.endswith(key)), spec["r"])
+
+
+def spec_scaling(spec: dict, layer_name: str) -> float:
+    """alpha / r, or alpha / sqrt(r) with rsLoRA, from the spec (alpha_pattern, rank_pattern)."""
+    pattern = spec.get("alpha_pattern", {})
+    alpha = next((a for key, a in pattern.items() if layer_name.endswith(key)), spec["lora_alpha"])
+    rank = rank_for(spec, layer_name)
+    return alpha / math.sqrt(rank) if spec.get("use_rslora") else alpha / rank
 
 
 def test_plan_groups_contiguous_rows_as_slices_and_others_as_indices():
@@ -229,6 +255,33 @@ def test_concurrent_loads_and_evictions_keep_the_bank_consistent(setup):
     assert len(slots) == len(set(slots)) == 3
 
 
+def adapter_tensors(reference, adapter: str) -> dict[str, torch.Tensor]:
+    """PEFT-keyed tensors of ``adapter`` in the injected ``reference`` (what a file holds)."""
+    tensors = {}
+    for path, layer in lora_layers(reference):
+        if adapter in layer.ranks:
+            lora_A, lora_B = layer.adapter_parameters(adapter)
+            tensors[f"base_model.model.{path}.lora_A.weight"] = lora_A.detach().clone()
+            tensors[f"base_model.model.{path}.lora_B.weight"] = lora_B.detach().clone()
+    return tensors
+
+
+def lock_is_free_for_others(lock) -> bool:
+    """Whether another thread could take ``lock`` now (non-blocking: no timing involved)."""
+    result = []
+
+    def probe():
+        taken = lock.acquire(blocking=False)
+        result.append(taken)
+        if taken:
+            lock.release()
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join()
+    return result[0]
+
+
 def test_acquire_with_a_loader_loads_and_holds_atomically(setup):
     reference = setup[0]
     _, bank = served(reference, capacity=1)
@@ -236,24 +289,74 @@ def test_acquire_with_a_loader_loads_and_holds_atomically(setup):
 
     def loader(name):
         calls.append(name)
-        config = reference.lorakit_state.configs["a0"]
-        tensors = {}
-        for path, layer in lora_layers(reference):
-            if "a0" in layer.ranks:
-                lora_A, lora_B = layer.adapter_parameters("a0")
-                tensors[f"base_model.model.{path}.lora_A.weight"] = lora_A.detach()
-                tensors[f"base_model.model.{path}.lora_B.weight"] = lora_B.detach()
-        return config, tensors
+        return reference.lorakit_state.configs["a0"], adapter_tensors(reference, "a0")
 
     slot = bank.acquire("x", loader)
     assert bank.acquire("x", loader) == slot and calls == ["x"]  # loaded once
     with pytest.raises(BankFullError):
         bank.acquire("y", loader)  # the only slot is held by running requests
+    assert calls == ["x"]  # ... so y's files were not even read
     bank.release("x")
     bank.release("x")
     assert bank.acquire("y", loader) == slot and bank.names() == ["y"]
+    assert calls == ["x", "y"] and bank.evictions == 1
     bank.release("y")
     # preparing an adapter (what the HTTP threads do) never holds its slot: once it held it for
     # an instant, and the engine, seeing every slot busy with nothing running, failed a request
     assert bank.ensure_loaded("x", loader) == slot and bank.names() == ["x"]
     assert bank.acquire("y", loader) == slot and bank.names() == ["y"]
+
+
+def test_the_loader_runs_outside_the_bank_lock_and_forget_cancels_its_load(setup):
+    reference = setup[0]
+    _, bank = served(reference, capacity=2)
+    bank.load_from_model("other", reference, "a1")
+    seen = []
+
+    def loader(name):
+        seen.append(lock_is_free_for_others(bank.lock))  # the engine could use the bank now
+        if name == "unloaded-meanwhile":
+            bank.forget(name)  # an unload arrives while the files are being read
+        return reference.lorakit_state.configs["a0"], adapter_tensors(reference, "a0")
+
+    slot = bank.ensure_loaded("x", loader)
+    assert seen == [True] and bank.names() == ["other", "x"] and bank.slot_of("x") == slot
+    with pytest.raises(KeyError, match="unloaded while it was being read"):
+        bank.acquire("unloaded-meanwhile", loader)
+    assert seen == [True, True] and bank.names() == [
+        "other",
+        "x",
+    ]  # nothing loaded, held or evicted
+    bank.acquire("other")
+    with pytest.raises(AdapterInUseError):
+        bank.forget("other")
+    assert "other" in bank  # forget refused: nothing changed
+    bank.release("other")
+    bank.forget("other")
+    assert bank.names() == ["x"]
+
+
+@pytest.mark.parametrize(
+    ("role", "bad_tensor", "shape"),
+    [
+        ("lora_A", torch.tensor(1.0), "()"),
+        ("lora_A", torch.ones(64), "(64,)"),
+        ("lora_B", torch.ones(64, 2, 1), "(64, 2, 1)"),
+        ("lora_A", torch.ones(0, 64), "(0, 64)"),  # rank 0: the scaling alpha / r would divide by 0
+    ],
+)
+def test_a_factor_that_is_not_a_matrix_is_refused_naming_the_tensor(role, bad_tensor, shape):
+    model = tiny_models.llama()
+    prepare_for_serving(model, ["q_proj"])
+    bank = AdapterBank(model, max_rank=4, capacity=1)
+    path = "model.layers.0.self_attn.q_proj"
+    tensors = {
+        f"base_model.model.{path}.lora_A.weight": torch.ones(2, 64),
+        f"base_model.model.{path}.lora_B.weight": torch.ones(64, 2),
+    }
+    tensors[f"base_model.model.{path}.{role}.weight"] = bad_tensor
+    config = lorakit.LoraConfig(r=2, target_modules=["q_proj"])
+    with pytest.raises(AdapterFileError) as caught:
+        bank.load("bad", config, tensors)
+    assert f"tensor {path}.{role}.weight has shape {shape}" in str(caught.value)
+    assert bank.names() == []

@@ -4,6 +4,7 @@ generated alone by transformers' ``generate`` on the model with that adapter mer
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 
 import pytest
@@ -14,6 +15,7 @@ from lorakit.serve import AdapterBank, prepare_for_serving
 from lorakit.serve.engine import Engine
 from lorakit.serve.sampling import SamplingParams, StopTextTracker, next_token
 from tests import tiny_models
+from tests.test_serve_batched import adapter_tensors
 
 SPECS = [
     dict(r=4, lora_alpha=8, target_modules="all-linear"),
@@ -105,12 +107,15 @@ def test_greedy_in_a_mixed_continuous_batch_equals_alone_merged(served):
 
         return on_event
 
-    with engine:
-        for index, (prompt, adapter, max_tokens) in enumerate(requests()):
-            events = results.setdefault(index, [])
-            engine.submit(prompt, adapter, SamplingParams(max_tokens=max_tokens), collector(events))
+    for index, (prompt, adapter, max_tokens) in enumerate(requests()):
+        events = results.setdefault(index, [])
+        engine.submit(prompt, adapter, SamplingParams(max_tokens=max_tokens), collector(events))
+    with engine:  # all 7 queued before the loop starts: the batching below is deterministic
         for _ in results:
             assert finished.acquire(timeout=60)
+    # max_tokens 3, 4, 5, 6, 7, 3, 4 and 3 rows: requests 0-2 run together, and each later one
+    # joins as an earlier one ends, while the other two are mid-generation (6 joins in all)
+    assert (engine.stats.max_running, engine.stats.joined_running) == (3, 6)
     distinct_outputs = set()
     for index, (prompt, adapter, max_tokens) in enumerate(requests()):
         got = [i for e in results[index] for i in e.token_ids]
@@ -140,18 +145,55 @@ def test_sampling_is_reproducible_per_seed_whatever_the_batch(served):
     assert other != alone
 
 
+def tempered(logits: list[float], temperature: float) -> list[float]:
+    """softmax(logits / T), the plain formula in float64."""
+    weights = [math.exp(value / temperature) for value in logits]
+    return [w / sum(weights) for w in weights]
+
+
+def shares(draws: list[int], size: int) -> list[float]:
+    return [draws.count(token) / len(draws) for token in range(size)]
+
+
 def test_next_token_top_p_and_temperature():
     logits = torch.tensor([0.0, 3.0, 1.0, 2.9])
     generator = torch.Generator().manual_seed(0)
     assert next_token(logits, SamplingParams(), generator) == 1
     tiny_p = SamplingParams(temperature=1.0, top_p=1e-6)
     assert {next_token(logits, tiny_p, generator) for _ in range(20)} == {1}
-    half = SamplingParams(temperature=1.0, top_p=0.6)  # tokens 1 and 3 hold ~0.73 together
+    # probabilities 0.024, 0.478, 0.065, 0.433: token 1 alone holds 0.478 < 0.6, so the nucleus
+    # is tokens 1 and 3 (0.911 together), renormalised
+    half = SamplingParams(temperature=1.0, top_p=0.6)
     draws = [next_token(logits, half, generator) for _ in range(400)]
     assert set(draws) == {1, 3}
-    share = draws.count(1) / len(draws)
-    expected = torch.softmax(logits, 0)[1] / torch.softmax(logits, 0)[[1, 3]].sum()
-    assert abs(share - float(expected)) < 0.08
+    p = tempered(logits.tolist(), 1.0)
+    assert abs(draws.count(1) / len(draws) - p[1] / (p[1] + p[3])) < 0.08
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampling_follows_softmax_of_logits_over_temperature(temperature):
+    """Frequencies of 8000 seeded draws against softmax(logits / T) (binomial sd <= 0.0056;
+    T=1 would be off by >= 0.07 somewhere, so the test sees a temperature that is ignored)."""
+    logits = [0.0, 0.4, 0.8, 1.2]
+    expected = tempered(logits, temperature)
+    assert max(abs(a - b) for a, b in zip(expected, tempered(logits, 1.0), strict=True)) > 0.07
+    generator = torch.Generator().manual_seed(1)
+    params = SamplingParams(temperature=temperature)
+    draws = [next_token(torch.tensor(logits), params, generator) for _ in range(8000)]
+    for got, want in zip(shares(draws, 4), expected, strict=True):
+        assert abs(got - want) < 0.025, (shares(draws, 4), expected)
+
+
+def test_top_p_is_taken_from_the_tempered_probabilities():
+    """T=0.5: p = 0.010, 0.548, 0.074, 0.368, so top_p=0.9 keeps tokens 1 and 3 (0.916); at T=1
+    (0.058, 0.431, 0.158, 0.352) it would keep token 2 as well."""
+    logits = [0.0, 2.0, 1.0, 1.8]
+    p = tempered(logits, 0.5)
+    generator = torch.Generator().manual_seed(2)
+    params = SamplingParams(temperature=0.5, top_p=0.9)
+    draws = [next_token(torch.tensor(logits), params, generator) for _ in range(4000)]
+    assert set(draws) == {1, 3}
+    assert abs(draws.count(1) / len(draws) - p[1] / (p[1] + p[3])) < 0.025
 
 
 def test_stop_strings_cut_the_text_and_hold_back_prefixes():
@@ -196,5 +238,121 @@ def test_unknown_adapter_fails_the_request_not_the_engine(served):
     with Engine(model, bank) as engine:
         _, _, last = engine.generate([1, 2], "nope", SamplingParams(max_tokens=2))
         assert last.finish_reason == "error" and "nope" in last.error
+        assert last.error_kind == "adapter_not_found"
         ids, _, last = engine.generate([1, 2], "a1", SamplingParams(max_tokens=2))
         assert last.finish_reason == "length" and len(ids) == 2
+
+
+class DiskOnFire(RuntimeError):
+    """Not a KeyError or ValueError: an error the engine cannot have foreseen."""
+
+
+def zero_dim_adapter(name):
+    """A file read_adapter accepts but whose lora_A is a 0-d tensor."""
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    tensors = {
+        f"{prefix}.lora_A.weight": torch.tensor(1.0),
+        f"{prefix}.lora_B.weight": torch.ones(64, 2),
+    }
+    return lorakit.LoraConfig(r=2, target_modules=["q_proj"]), tensors
+
+
+@pytest.mark.parametrize("failure", ["raises", "zero-dim"])
+def test_a_failing_adapter_load_ends_only_its_own_request(served, failure):
+    reference, model, bank = served
+    loaded_before = sorted(bank.names())
+    calls, good, bad = [], [], []
+    good_done, bad_done = threading.Event(), threading.Event()
+
+    def loader(name):
+        calls.append((name, engine.load[0]))  # (adapter, requests running meanwhile)
+        if failure == "raises":
+            raise DiskOnFire(f"cannot read {name}")
+        return zero_dim_adapter(name)
+
+    def on_bad(event):
+        bad.append(event)
+        if event.finish_reason is not None:
+            bad_done.set()
+
+    def on_good(event):
+        good.append(event)
+        if len(good) == 1:  # the good request is running: now the broken one arrives
+            engine.submit([1, 2], "broken", SamplingParams(max_tokens=3), on_bad)
+        if event.finish_reason is not None:
+            good_done.set()
+
+    engine = Engine(model, bank, max_batch=4, adapter_loader=loader)
+    with engine:
+        engine.submit([3, 4, 5], "a0", SamplingParams(max_tokens=12), on_good)
+        assert bad_done.wait(timeout=60) and good_done.wait(timeout=60)  # (deadlock guards)
+        assert calls == [("broken", 1)]  # read once, while the good request was running
+        last = bad[-1]
+        assert (last.finish_reason, last.completion_tokens) == ("error", 0)
+        if failure == "raises":
+            assert last.error_kind == "internal" and last.error == "cannot read broken"
+        else:
+            assert last.error_kind == "invalid_adapter"
+            assert "layers.0.self_attn.q_proj.lora_A.weight has shape ()" in last.error
+        assert good[-1].finish_reason == "length" and good[-1].error is None
+        assert [i for e in good for i in e.token_ids] == alone_merged(
+            reference, [3, 4, 5], "a0", 12
+        )
+        ids, _, after = engine.generate([1, 2], "a1", SamplingParams(max_tokens=2))
+        assert after.finish_reason == "length" and len(ids) == 2  # still serving
+    assert sorted(bank.names()) == loaded_before  # the failed load evicted nothing
+
+
+def test_a_request_waiting_for_a_slot_reads_its_adapter_once(served):
+    """One slot, held by a running request: the waiting one is read when the slot frees, not
+    at every decode step in between."""
+    reference, _, _ = served
+    model = tiny_models.llama()
+    prepare_for_serving(model)
+    model.generation_config.eos_token_id = None
+    bank = AdapterBank(model, max_rank=8, capacity=1)
+    files = {"x": "a0", "y": "a1"}
+    calls, events = [], {"x": [], "y": []}
+    done = threading.Semaphore(0)
+
+    def loader(name):
+        calls.append(name)
+        return lorakit.adapter_configs(reference)[files[name]], adapter_tensors(
+            reference, files[name]
+        )
+
+    def collect(name):
+        def on_event(event):
+            events[name].append(event)
+            if name == "x" and len(events["x"]) == 1:  # x is running: y arrives, must wait
+                engine.submit([6, 7], "y", SamplingParams(max_tokens=3), collect("y"))
+            if event.finish_reason is not None:
+                done.release()
+
+        return on_event
+
+    with Engine(model, bank, adapter_loader=loader) as engine:
+        engine.submit([1, 2, 3], "x", SamplingParams(max_tokens=20), collect("x"))
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)  # (deadlock guards)
+    assert calls == ["x", "y"] and bank.evictions == 1
+    for name, prompt, max_tokens in [("x", [1, 2, 3], 20), ("y", [6, 7], 3)]:
+        assert events[name][-1].finish_reason == "length"
+        got = [i for e in events[name] for i in e.token_ids]
+        assert got == alone_merged(reference, prompt, files[name], max_tokens), name
+
+
+def test_submit_after_stop_raises_instead_of_queueing_forever(served):
+    from lorakit.serve.engine import EngineStoppedError
+
+    _, model, bank = served
+    engine = Engine(model, bank)
+    events = []
+    engine.submit([1, 2], "a0", SamplingParams(max_tokens=2), events.append)  # waits for start
+    with engine:
+        pass
+    assert events[-1].finish_reason in ("length", "cancelled")  # served or cancelled, not lost
+    with pytest.raises(EngineStoppedError, match="engine is stopped"):
+        engine.submit([1, 2], "a0", SamplingParams(max_tokens=2), events.append)
+    with engine:  # a restarted engine serves again
+        ids, _, last = engine.generate([1, 2], "a0", SamplingParams(max_tokens=2))
+    assert last.finish_reason == "length" and len(ids) == 2

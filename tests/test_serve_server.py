@@ -6,11 +6,13 @@ transformers' ``generate`` on a model holding the same adapter."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import shutil
 import socket
 import threading
 import time
+import weakref
 
 import httpx
 import openai
@@ -24,6 +26,8 @@ import lorakit
 from lorakit.cli import build_parser
 from lorakit.commands.serve import build
 from lorakit.io import save_adapter
+from lorakit.serve import registry as registry_module
+from lorakit.serve.registry import read_peft_adapter
 from tests import tiny_models
 
 TOKEN = "s3cret-admin"
@@ -167,8 +171,17 @@ def test_completion_and_chat_match_generate_alone(world):
     assert chat.choices[0].message.content == expected_text(world, prompt, "ad2", 6)
 
 
-def test_64_concurrent_streams_over_16_adapters(world):
+def test_64_concurrent_streams_over_16_adapters(world, monkeypatch):
     prompts = [(LINES[i % 4][: 10 + i % 17], f"ad{i % 16}", 4 + i % 5) for i in range(64)]
+    read_tensors = []  # weak references to every tensor read from an adapter file
+
+    def read_watched(directory):
+        adapter = read_peft_adapter(directory)
+        read_tensors.extend(weakref.ref(tensor) for tensor in adapter.tensors.values())
+        return adapter
+
+    monkeypatch.setattr(registry_module, "read_peft_adapter", read_watched)
+    before = httpx.get(world["url"] + "/health").json()
 
     async def one(api, prompt, adapter, max_tokens):
         stream = await api.completions.create(
@@ -187,8 +200,15 @@ def test_64_concurrent_streams_over_16_adapters(world):
         assert text == expected_text(world, prompt, adapter, max_tokens), (prompt, adapter)
     assert len(set(texts)) > 16  # different adapters give different outputs
     health = httpx.get(world["url"] + "/health").json()
-    assert health["adapters_loaded"] <= health["adapter_capacity"] == 6  # < 16: LRU evicted
+    assert health["adapters_loaded"] <= health["adapter_capacity"] == 6
     assert health["adapter_memory_bytes"] <= BUDGET
+    # 16 adapters through 6 slots: at least 10 had to be evicted to make room
+    assert health["adapter_evictions"] - before["adapter_evictions"] >= 16 - 6
+    assert health["max_running_batch"] > 1 and health["joined_running_batch"] > 0
+    # the adapters live only in the bank's fixed stacks: no tensor read from a file survives
+    gc.collect()
+    assert len(read_tensors) >= 10 * 4  # >= 10 reads of >= 2 layers x (A, B)
+    assert [ref for ref in read_tensors if ref() is not None] == []
 
 
 def test_chat_stream_is_openai_sse_ending_with_done(world):
@@ -334,3 +354,21 @@ def test_an_adapter_with_nan_weights_is_refused(world):
     message = response.json()["error"]["message"]
     assert f"tensor {key} holds inf/NaN" in message
     assert "nan" not in [m.id for m in client(world).models.list().data]
+
+
+def test_serve_listens_on_loopback_unless_told_otherwise(monkeypatch, tmp_path, capsys):
+    import uvicorn
+
+    from lorakit.commands import serve as serve_command
+
+    listened = []
+    monkeypatch.setattr(serve_command, "build", lambda args: "the app")
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: listened.append((app, options)))
+    args = build_parser().parse_args(["serve", "--adapters", str(tmp_path)])
+    assert args.host == "127.0.0.1"
+    assert args.func(args) == 0
+    assert listened[0][0] == "the app" and listened[0][1]["host"] == "127.0.0.1"
+    assert "warning" not in capsys.readouterr().out
+    args = build_parser().parse_args(["serve", "--adapters", str(tmp_path), "--host", "0.0.0.0"])
+    assert args.func(args) == 0 and listened[1][1]["host"] == "0.0.0.0"
+    assert "reachable from other machines" in capsys.readouterr().out

@@ -10,7 +10,6 @@ behind ``Authorization: Bearer <admin token>``. Every error is OpenAI's JSON err
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,16 +18,17 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
+from jinja2.exceptions import TemplateError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from lorakit.errors import UserError
-from lorakit.serve import protocol
+from lorakit.serve import protocol, responses
 from lorakit.serve.bank import AdapterInUseError, BankFullError
 from lorakit.serve.engine import Engine
 from lorakit.serve.protocol import APIError, CompletionJob
-from lorakit.serve.registry import ServedAdapters
+from lorakit.serve.registry import AdapterNameError, ServedAdapters
 
 __all__ = ["ServerSettings", "create_app"]
 
@@ -60,6 +60,7 @@ def create_app(
         finally:
             engine.stop()
 
+    adapters.registry.reserve(settings.model_name)  # no adapter may take the base model's name
     app = FastAPI(title="lorakit", lifespan=lifespan)
     _install_error_handlers(app)
     created = int(time.time())
@@ -75,6 +76,9 @@ def create_app(
             "adapters_loaded": len(bank.names()),
             "adapter_capacity": bank.capacity,
             "adapter_memory_bytes": bank.memory_bytes(),
+            "adapter_evictions": bank.evictions,
+            "max_running_batch": engine.stats.max_running,
+            "joined_running_batch": engine.stats.joined_running,
         }
 
     @app.get("/v1/models")
@@ -98,11 +102,7 @@ def create_app(
         job = protocol.parse_job(body, chat=chat, max_tokens_limit=settings.max_tokens_limit)
         adapter = await _adapter_for(job.model, adapters, settings)
         prompt_ids = _prompt_ids(job, tokenizer, settings)
-        if job.stream:
-            return StreamingResponse(
-                _sse(engine, job, prompt_ids, adapter), media_type="text/event-stream"
-            )
-        return await _complete(engine, job, prompt_ids, adapter)
+        return await responses.answer(engine, job, prompt_ids, adapter)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -127,6 +127,8 @@ def _add_admin_routes(app: FastAPI, adapters: ServedAdapters, settings: ServerSe
         path = body.get("lora_path")
         try:
             await run_in_threadpool(adapters.add, name, path)
+        except AdapterNameError as error:
+            raise APIError(400, str(error), param="lora_name") from None
         except (UserError, ValueError) as error:
             raise APIError(400, str(error), param="lora_path") from None
         except BankFullError as error:
@@ -223,9 +225,16 @@ async def _adapter_for(
 def _prompt_ids(job: CompletionJob, tokenizer, settings: ServerSettings) -> list[int]:
     if job.chat:
         if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(
-                job.prompt, add_generation_prompt=True, tokenize=False
-            )
+            try:
+                text = tokenizer.apply_chat_template(
+                    job.prompt, add_generation_prompt=True, tokenize=False
+                )
+            except TemplateError as error:  # e.g. Llama-2's "roles must alternate user/assistant"
+                raise APIError(
+                    400,
+                    f"the model's chat template refused the messages: {error}",
+                    param="messages",
+                ) from None
         else:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in job.prompt) + "assistant:"
         ids = tokenizer.encode(text)
@@ -254,59 +263,3 @@ def _prompt_ids(job: CompletionJob, tokenizer, settings: ServerSettings) -> list
             code="context_length_exceeded",
         )
     return ids
-
-
-async def _complete(
-    engine: Engine, job: CompletionJob, prompt_ids: list[int], adapter: str | None
-) -> dict:
-    request_id, pieces, last = protocol.new_id(job.chat), [], None
-    async for event in engine.stream(prompt_ids, adapter, job.params):
-        pieces.append(event.text)
-        last = event
-    if last.finish_reason not in ("stop", "length"):
-        raise APIError(
-            503, f"generation failed: {last.error or last.finish_reason}", type="server_error"
-        )
-    usage = {
-        "prompt_tokens": last.prompt_tokens,
-        "completion_tokens": last.completion_tokens,
-        "total_tokens": last.prompt_tokens + last.completion_tokens,
-    }
-    return protocol.full_response(request_id, job, "".join(pieces), last.finish_reason, usage)
-
-
-async def _sse(
-    engine: Engine, job: CompletionJob, prompt_ids: list[int], adapter: str | None
-) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format, then ``data: [DONE]``."""
-    request_id = protocol.new_id(job.chat)
-
-    def chunk(text: str | None, finish: str | None) -> str:
-        if job.chat:
-            delta = (
-                {"role": "assistant", "content": ""}
-                if text is None
-                else ({"content": text} if text else {})
-            )
-            payload = protocol.chat_chunk(request_id, job.model, delta, finish)
-        else:
-            payload = protocol.completion_chunk(request_id, job.model, text or "", finish)
-        return f"data: {json.dumps(payload)}\n\n"
-
-    if job.chat:
-        yield chunk(None, None)
-    async for event in engine.stream(prompt_ids, adapter, job.params):
-        if event.finish_reason is None:
-            if event.text:
-                yield chunk(event.text, None)
-            continue
-        if event.finish_reason in ("stop", "length"):
-            if event.text:
-                yield chunk(event.text, None)
-            yield chunk("", event.finish_reason)
-        else:
-            failure = APIError(
-                503, f"generation failed: {event.error or event.finish_reason}", type="server_error"
-            )
-            yield f"data: {json.dumps(protocol.error_body(failure))}\n\n"
-    yield "data: [DONE]\n\n"

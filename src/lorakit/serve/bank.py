@@ -12,13 +12,14 @@ A layer the adapter does not target is all zeros in that slot.
 The model itself needs LoRA layers around the targets but no adapters of its own:
 ``prepare_for_serving(model, target_modules)`` wraps them empty. Loading and eviction are allowed
 while serving: slots in use by a running request (``acquire``/``release``) or pinned are never
-evicted; otherwise the least recently used adapter makes room. All methods are thread-safe.
+evicted; otherwise the least recently used adapter makes room. All methods are thread-safe;
+lazy loads (``acquire`` / ``ensure_loaded`` with a loader) read files outside the lock.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -134,6 +135,8 @@ class AdapterBank:
         self._free = list(range(self.capacity - 1, -1, -1))
         self._in_use: dict[str, int] = {}
         self._pinned: set[str] = set()
+        self._forgotten: Counter[str] = Counter()  # times each name was forget()-ed
+        self.evictions = 0  # adapters the LRU policy evicted to make room
 
     # ----------------------------------------------------------------- sizing
     def _capacity(self, linears, capacity: int | None, memory_budget: int | None) -> int:
@@ -203,30 +206,53 @@ class AdapterBank:
         return name
 
     # ----------------------------------------------------------------- use, pin, evict
+    @property
+    def lock(self) -> threading.RLock:
+        """The bank's re-entrant lock: hold it to make several bank calls and your own
+        bookkeeping one atomic step (``ServedAdapters.remove`` does)."""
+        return self._lock
+
     def acquire(self, name: str, loader: Loader | None = None) -> int:
         """Mark ``name`` used by a running request (not evictable until ``release``); its slot.
 
-        ``loader(name) -> (config, tensors)`` loads it first when it is not in the bank; loading
-        and acquiring are one atomic step, so no other thread can evict it in between.
+        A missing adapter is read with ``loader`` first, as in ``ensure_loaded``; writing it into
+        a slot and acquiring it are one atomic step, so no other thread can evict it in between.
         """
-        with self._lock:
-            slot = self.ensure_loaded(name, loader)
-            self._in_use[name] = self._in_use.get(name, 0) + 1
-            return slot
+        return self._lazy_load(name, loader, hold=True)
 
     def ensure_loaded(self, name: str, loader: Loader | None = None) -> int:
-        """Load ``name`` with ``loader`` unless it is in the bank; mark it recently used; its slot.
+        """Load ``name`` with ``loader(name) -> (config, tensors)`` unless it is in the bank; mark
+        it recently used; its slot. ``KeyError``: unknown (no loader, or the loader's), or
+        ``forget``-ed while it was being read; ``BankFullError``: no free or evictable slot.
 
-        Unlike ``acquire`` this does not hold the slot: a thread that only prepares an adapter
-        never makes the bank look busy to the engine.
+        The loader runs outside the bank's lock (file reads never stall the threads using the
+        bank), and only when a slot is free or evictable: while the bank is full of adapters in
+        use nothing is read. Unlike ``acquire`` this does not hold the slot: a thread that only
+        prepares an adapter never makes the bank look busy to the engine.
         """
+        return self._lazy_load(name, loader, hold=False)
+
+    def _lazy_load(self, name: str, loader: Loader | None, *, hold: bool) -> int:
         with self._lock:
-            if name not in self._slot_of and loader is not None:
-                config, tensors = loader(name)
-                self.load(name, config, tensors)
-            slot = self._slot_of[self._known(name)]
-            self._slot_of.move_to_end(name)
-            return slot
+            if name in self._slot_of or loader is None:
+                return self._use(name, hold)
+            self._require_room()
+            generation = self._forgotten[name]
+        config, tensors = loader(name)
+        pairs = lora_pairs(name, config, tensors, self._stacks, self.max_rank)
+        with self._lock:
+            if self._forgotten[name] != generation:
+                raise KeyError(f"adapter {name!r} was unloaded while it was being read")
+            if name not in self._slot_of:  # (another thread may have loaded it meanwhile)
+                self._commit(name, config, pairs, pin=False)
+            return self._use(name, hold)
+
+    def _use(self, name: str, hold: bool) -> int:
+        slot = self._slot_of[self._known(name)]
+        self._slot_of.move_to_end(name)
+        if hold:
+            self._in_use[name] = self._in_use.get(name, 0) + 1
+        return slot
 
     def release(self, name: str) -> None:
         with self._lock:
@@ -245,6 +271,15 @@ class AdapterBank:
         with self._lock:
             self._pinned.discard(name)
 
+    def forget(self, name: str) -> None:
+        """Evict ``name`` if it is loaded, and make the loads of it under way (``acquire`` /
+        ``ensure_loaded`` reading its files) fail with ``KeyError`` instead of putting it back.
+        ``AdapterInUseError`` while a request uses it (then nothing changes)."""
+        with self._lock:
+            if name in self._slot_of:
+                self.evict(name)
+            self._forgotten[name] += 1
+
     def evict(self, name: str) -> None:
         """Remove ``name`` now. Raises ``AdapterInUseError`` while a request uses it."""
         with self._lock:
@@ -261,17 +296,24 @@ class AdapterBank:
                 stack.present.discard(slot)
             self._free.append(slot)
 
+    def _evictable(self, name: str) -> bool:
+        return name not in self._pinned and not self._in_use.get(name)
+
+    def _require_room(self) -> None:
+        if not self._free and not any(self._evictable(n) for n in self._slot_of):
+            raise BankFullError(
+                f"all {self.capacity} adapter slots are pinned or used by running requests; "
+                "raise the capacity (--max-adapters / --adapter-memory), unpin, or retry later."
+            )
+
     def _take_slot(self) -> int:
+        self._require_room()
         if self._free:
             return self._free.pop()
-        for victim in self._slot_of:  # least recently used first
-            if victim not in self._pinned and not self._in_use.get(victim):
-                self.evict(victim)
-                return self._free.pop()
-        raise BankFullError(
-            f"all {self.capacity} adapter slots are pinned or used by running requests; raise "
-            "the capacity (--max-adapters / --adapter-memory), unpin, or retry later."
-        )
+        victim = next(n for n in self._slot_of if self._evictable(n))  # least recently used
+        self.evict(victim)
+        self.evictions += 1
+        return self._free.pop()
 
     # ----------------------------------------------------------------- load
     def load(
@@ -288,15 +330,19 @@ class AdapterBank:
         with self._lock:
             if name in self._slot_of:
                 raise ValueError(f"adapter {name!r} is already loaded; unload it first.")
-            slot = self._take_slot()
-            with torch.no_grad():
-                for layer_name, stack in self._stacks.items():
-                    self._write(stack, slot, pairs.get(layer_name), config)
-            self._slot_of[name] = slot
-            self._configs[name] = config
-            if pin:
-                self._pinned.add(name)
-            return slot
+            return self._commit(name, config, pairs, pin=pin)
+
+    def _commit(self, name: str, config: LoraConfig, pairs: dict, *, pin: bool) -> int:
+        """Write checked ``pairs`` into a slot (evicting the LRU adapter if needed); its slot."""
+        slot = self._take_slot()
+        with torch.no_grad():
+            for layer_name, stack in self._stacks.items():
+                self._write(stack, slot, pairs.get(layer_name), config)
+        self._slot_of[name] = slot
+        self._configs[name] = config
+        if pin:
+            self._pinned.add(name)
+        return slot
 
     def load_from_model(
         self, name: str, model: nn.Module, adapter_name: str = "default", *, pin: bool = False

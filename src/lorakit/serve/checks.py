@@ -25,7 +25,11 @@ def lora_pairs(
     stacks: Mapping[str, LayerStack],
     max_rank: int,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{layer path: (A, B)}`` after checking every key, shape and rank (before any write)."""
+    """``{layer path: (A, B)}`` after checking every key, shape and rank (before any write).
+
+    Raises ``AdapterFileError`` naming the tensor: a key that is not a linear LoRA factor, a
+    factor that is not a non-empty 2-D matrix, shapes that do not fit the layer, rank > max_rank.
+    """
     if getattr(config, "use_dora", False):
         raise AdapterFileError(
             f"adapter {name!r} uses DoRA, which the serving bank does not support."
@@ -68,6 +72,13 @@ def _checked_pair(
     if set(part) != {"A", "B"}:
         raise AdapterFileError(f"adapter {name!r}: {path!r} lacks lora_A or lora_B.")
     lora_A, lora_B = part["A"], part["B"]
+    for role, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if tensor.ndim != 2 or 0 in tensor.shape:
+            raise AdapterFileError(
+                f"adapter {name!r}: tensor {path}.{role}.weight has shape "
+                f"{tuple(tensor.shape)}; a LoRA factor is a non-empty matrix "
+                "(lora_A (r, in_features), lora_B (out_features, r)). The file is broken."
+            )
     rank = lora_A.shape[0]
     _, k = stack.lora_A.shape[1:]
     d = stack.lora_B.shape[1]

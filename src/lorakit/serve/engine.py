@@ -11,13 +11,10 @@ Requests are submitted from any thread (``submit`` with a callback) or from asyn
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import itertools
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -25,57 +22,22 @@ from torch import nn
 from lorakit.serve.bank import AdapterBank, BankFullError, Loader
 from lorakit.serve.batched import routed
 from lorakit.serve.kv import BatchedCache
-from lorakit.serve.sampling import SamplingParams, StopTextTracker, next_token
+from lorakit.serve.requests import (
+    INTERNAL,
+    NO_ADAPTER_SLOT,
+    EngineStats,
+    EngineStoppedError,
+    Event,
+    EventStream,
+    GenerationRequest,
+    RequestHandle,
+    failure_kind,
+)
+from lorakit.serve.sampling import SamplingParams, next_token
 
-__all__ = ["Engine", "Event", "RequestHandle"]
+__all__ = ["Engine", "EngineStoppedError", "Event", "EventStream", "RequestHandle"]
 
 log = logging.getLogger(__name__)
-_ids = itertools.count()
-
-
-@dataclass(frozen=True)
-class Event:
-    """A streamed piece of one request: new ``text`` and ``token_ids`` since the last event.
-
-    The last event has ``finish_reason`` ("stop", "length", "cancelled" or "error" with
-    ``error``) and the token counts.
-    """
-
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: str | None = None
-    error: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@dataclass
-class _Request:
-    prompt_ids: list[int]
-    adapter: str | None
-    params: SamplingParams
-    on_event: Callable[[Event], None]
-    id: int = field(default_factory=lambda: next(_ids))
-    generated: list[int] = field(default_factory=list)
-    slot: int = -1
-    cancelled: bool = False
-    done: bool = False
-
-    def __post_init__(self) -> None:
-        seed = self.params.seed if self.params.seed is not None else torch.seed()
-        self.generator = torch.Generator().manual_seed(seed)
-        self.stop_text = StopTextTracker(self.params.stop)
-        self.pending_ids: list[int] = []
-
-
-class RequestHandle:
-    """What ``submit`` returns: ``cancel()`` stops the request at the next token boundary."""
-
-    def __init__(self, request: _Request) -> None:
-        self._request = request
-
-    def cancel(self) -> None:
-        self._request.cancelled = True
 
 
 class Engine:
@@ -84,7 +46,9 @@ class Engine:
     ``model``: a causal LM prepared with ``prepare_for_serving`` and served by ``bank``;
     ``tokenizer``: turns generated ids into streamed text (optional: ids only);
     ``adapter_loader(name) -> (config, tensors)``: reads an adapter missing from the bank
-    (raises ``KeyError`` when unknown; None: only adapters already in the bank are served); ``max_batch``: running requests at most.
+    (``KeyError`` when unknown; None: only adapters already in the bank are served; any other
+    exception ends only that request); ``max_batch``: running requests at most.
+    ``stats`` (``EngineStats``) records how full the running batch got.
     """
 
     def __init__(
@@ -106,12 +70,13 @@ class Engine:
             eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
             eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.eos_token_ids = set(eos_token_ids)
-        self._waiting: collections.deque[_Request] = collections.deque()
-        self._running: list[_Request] = []
+        self._waiting: collections.deque[GenerationRequest] = collections.deque()
+        self._running: list[GenerationRequest] = []
         self._cache = BatchedCache()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.stats = EngineStats()
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> Engine:
@@ -122,7 +87,8 @@ class Engine:
         return self
 
     def stop(self) -> None:
-        """Finish the loop; requests still queued or running end with ``cancelled``."""
+        """Finish the loop; requests still queued or running end with ``cancelled``, and
+        ``submit`` raises ``EngineStoppedError`` until the next ``start()``."""
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
@@ -149,32 +115,40 @@ class Engine:
         params: SamplingParams,
         on_event: Callable[[Event], None],
     ) -> RequestHandle:
-        """Queue a request; ``on_event`` is called from the engine thread for every piece."""
+        """Queue a request; ``on_event`` is called from the engine thread for every piece.
+
+        Before ``start()`` the request waits for it; after ``stop()`` this raises
+        ``EngineStoppedError``."""
         if not prompt_ids:
             raise ValueError("the prompt is empty; give at least one token.")
-        request = _Request(list(prompt_ids), adapter, params, on_event)
+        request = GenerationRequest(list(prompt_ids), adapter, params, on_event)
         with self._wake:
+            if self._stopping:
+                raise EngineStoppedError(
+                    "the generation engine is stopped (the server is shutting down); no "
+                    "request can be served."
+                )
             self._waiting.append(request)
             self._wake.notify_all()
         return RequestHandle(request)
+
+    def open_stream(
+        self, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams
+    ) -> EventStream:
+        """Submit now (errors such as ``EngineStoppedError`` raise here, before any event);
+        an async iterator of the request's events. Call from a running event loop."""
+        return EventStream(lambda on_event: self.submit(prompt_ids, adapter, params, on_event))
 
     async def stream(
         self, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams
     ) -> AsyncIterator[Event]:
         """Async iterator of the request's events (cancels the request if the consumer leaves)."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        handle = self.submit(
-            prompt_ids, adapter, params, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e)
-        )
+        events = self.open_stream(prompt_ids, adapter, params)
         try:
-            while True:
-                event = await queue.get()
+            async for event in events:
                 yield event
-                if event.finish_reason is not None:
-                    return
         finally:
-            handle.cancel()
+            events.cancel()
 
     def generate(
         self, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams
@@ -209,7 +183,8 @@ class Engine:
             except Exception as error:  # keep serving: fail the affected requests only
                 log.exception("engine step failed")
                 for request in self._running:
-                    self._finish(request, "error", f"{type(error).__name__}: {error}")
+                    message = f"{type(error).__name__}: {error}"
+                    self._finish(request, "error", message, kind=INTERNAL)
                 self._running, self._cache = [], BatchedCache()
         for request in [*self._running, *self._waiting]:
             self._finish(request, "cancelled")
@@ -217,6 +192,9 @@ class Engine:
         self._waiting.clear()
 
     def _admit(self) -> None:
+        """Move waiting requests into the batch. Whatever goes wrong while one request's adapter
+        is read, checked or loaded, or its prompt prefilled, ends that request with an error
+        event and touches no other request."""
         deferred = []
         while self._waiting and len(self._running) < self.max_batch:
             with self._wake:
@@ -227,28 +205,33 @@ class Engine:
             try:
                 self._acquire_adapter(request)
             except BankFullError:
-                deferred.append(request)  # retry when a running request frees its adapter
-                if not self._running:
-                    self._finish(request, "error", "no adapter slot is free (all pinned)")
-                    deferred.pop()
+                if self._running:
+                    deferred.append(request)  # retried when a running request frees its slot
+                else:
+                    message = "no adapter slot is free (all pinned)"
+                    self._finish(request, "error", message, kind=NO_ADAPTER_SLOT)
                 continue
-            except (KeyError, ValueError) as error:
-                self._finish(request, "error", str(error).strip("\"'"))
+            except Exception as error:
+                kind = failure_kind(error)
+                if kind == INTERNAL:
+                    log.exception("loading adapter %r failed", request.adapter)
+                message = str(error).strip("\"'") if isinstance(error, KeyError) else str(error)
+                self._finish(request, "error", message or type(error).__name__, kind=kind)
                 continue
             try:
                 self._prefill(request)
             except Exception as error:
                 log.exception("prefill failed")
-                self._finish(request, "error", f"{type(error).__name__}: {error}")
+                self._finish(request, "error", f"{type(error).__name__}: {error}", kind=INTERNAL)
         with self._wake:
             self._waiting.extendleft(reversed(deferred))
 
-    def _acquire_adapter(self, request: _Request) -> None:
+    def _acquire_adapter(self, request: GenerationRequest) -> None:
         if request.adapter is None:
             return
         request.slot = self.bank.acquire(request.adapter, self.adapter_loader)
 
-    def _prefill(self, request: _Request) -> None:
+    def _prefill(self, request: GenerationRequest) -> None:
         """Run the prompt alone with its adapter; sample the first token; join the batch."""
         ids = torch.tensor([request.prompt_ids])
         with routed(self.bank, torch.full_like(ids, request.slot)):
@@ -257,9 +240,11 @@ class Engine:
         if request.done:
             return
         self._cache.add(output.cache, len(request.prompt_ids))
+        self.stats.joined_running += bool(self._running)
         self._running.append(request)
 
     def _decode_step(self) -> None:
+        self.stats.max_running = max(self.stats.max_running, len(self._running))
         last = torch.tensor([[r.generated[-1]] for r in self._running])
         slots = torch.tensor([[r.slot] for r in self._running])
         attention_mask, position_ids = self._cache.step_inputs()
@@ -285,48 +270,33 @@ class Engine:
             self._cache.keep(keep)
 
     # ----------------------------------------------------------------- tokens out
-    def _accept(self, request: _Request, logits: torch.Tensor) -> None:
+    def _accept(self, request: GenerationRequest, logits: torch.Tensor) -> None:
         token = next_token(logits.float(), request.params, request.generator)
-        if token in self.eos_token_ids:
-            self._emit(request, final="stop")
+        piece = request.take(token, self.eos_token_ids, self.tokenizer)
+        if piece is None:
             return
-        request.generated.append(token)
-        request.pending_ids.append(token)
-        length_reached = len(request.generated) >= request.params.max_tokens
-        self._emit(request, final="length" if length_reached else None)
-
-    def _emit(self, request: _Request, final: str | None) -> None:
-        text = ""
-        if self.tokenizer is not None:
-            decoded = self.tokenizer.decode(request.generated, skip_special_tokens=True)
-            text = request.stop_text.update(decoded, final=final is not None)
-            if request.stop_text.stopped:
-                final = "stop"
-        if final is None and not text and not request.pending_ids:
-            return
-        ids, request.pending_ids = tuple(request.pending_ids), []
+        final, text, ids = piece
         if final is None:
-            _deliver(request, Event(text, ids))
+            request.deliver(Event(text, ids))
         else:
             self._finish(request, final, text=text, ids=ids)
 
     def _finish(
-        self, request: _Request, reason: str, error: str | None = None, *, text: str = "", ids=()
+        self,
+        request: GenerationRequest,
+        reason: str,
+        error: str | None = None,
+        *,
+        kind: str | None = None,
+        text: str = "",
+        ids=(),
     ) -> None:
         if request.done:
             return
         request.done = True
         if request.adapter is not None and request.slot >= 0:
             self.bank.release(request.adapter)
-        event = Event(
-            text, tuple(ids), reason, error, len(request.prompt_ids), len(request.generated)
+        prompt_tokens, completion_tokens = len(request.prompt_ids), len(request.generated)
+        request.deliver(
+            Event(text, tuple(ids), reason, error, prompt_tokens, completion_tokens, kind)
         )
-        _deliver(request, event)
-
-
-def _deliver(request: _Request, event: Event) -> None:
-    try:
-        request.on_event(event)
-    except Exception:  # a consumer's callback must not stop the engine
-        log.exception("on_event callback failed")
-        request.cancelled = True

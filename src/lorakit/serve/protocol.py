@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from lorakit.serve.sampling import SamplingParams
+from lorakit.serve.sampling import InvalidSamplingParam, SamplingParams
 
 __all__ = [
     "APIError",
@@ -55,7 +56,9 @@ def error_body(error: APIError) -> dict[str, Any]:
 
 
 def parse_body(raw: bytes, max_bytes: int) -> dict[str, Any]:
-    """The JSON object of a request body (413 when too large, 400 when not a JSON object)."""
+    """The JSON object of a request body: 413 when too large; 400 when not a JSON object, nested
+    too deeply to parse, or holding a string that is not valid Unicode (a lone surrogate such as
+    ``"\\ud800"``, which JSON allows but no tokenizer or UTF-8 encoder accepts)."""
     if len(raw) > max_bytes:
         raise APIError(
             413,
@@ -68,9 +71,44 @@ def parse_body(raw: bytes, max_bytes: int) -> dict[str, Any]:
         raise APIError(
             400, f"the request body is not valid JSON: {error}", code="invalid_json"
         ) from None
+    except RecursionError:
+        raise APIError(
+            400, "the request body is nested too deeply to parse", code="invalid_json"
+        ) from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    _require_unicode(body)
     return body
+
+
+def _require_unicode(body: dict[str, Any]) -> None:
+    """400 naming the first field (path like ``messages[0].content``) whose text, or key, holds
+    a lone surrogate. Walks iteratively: the body may be nested as deep as the parser allowed."""
+    pending: list[tuple[str, Any]] = [("", body)]
+    while pending:
+        where, value = pending.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                printable = key.encode("utf-8", "backslashreplace").decode("utf-8")
+                path = f"{where}.{printable}" if where else printable
+                _require_valid_text(key, f"the key '{path}'", path)
+                pending.append((path, item))
+        elif isinstance(value, list):
+            pending.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            _require_valid_text(value, f"'{where}'", where)
+
+
+def _require_valid_text(text: str, what: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise APIError(
+            400,
+            f"{what} holds an unpaired surrogate U+{ord(text[error.start]):04X} at character "
+            f"{error.start}; send valid Unicode text",
+            param=re.split(r"[.\[]", path, maxsplit=1)[0],
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -156,17 +194,16 @@ def parse_job(body: dict[str, Any], *, chat: bool, max_tokens_limit: int) -> Com
     stop = [stop] if isinstance(stop, str) else stop
     if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise APIError(400, "'stop' must be a non-empty string or up to 4 of them", param="stop")
-    seed = _field(body, "seed", (int,), None)
     try:
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=float(_field(body, "temperature", (int, float), 1.0)),
             top_p=float(_field(body, "top_p", (int, float), 1.0)),
-            seed=seed,
+            seed=_field(body, "seed", (int,), None),
             stop=tuple(stop),
         )
-    except ValueError as error:
-        raise APIError(400, str(error)) from None
+    except InvalidSamplingParam as error:
+        raise APIError(400, str(error), param=error.field) from None
     stream = _field(body, "stream", (bool,), False)
     return CompletionJob(model, _prompt(body, chat), params, stream, chat)
 

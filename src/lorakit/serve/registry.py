@@ -20,11 +20,21 @@ from lorakit.io import fingerprint
 from lorakit.io.read import AdapterFile, read_adapter
 from lorakit.serve.checks import PEFT_PREFIX
 
-__all__ = ["AdapterRegistry", "ServedAdapters", "check_base", "read_peft_adapter"]
+__all__ = [
+    "AdapterNameError",
+    "AdapterRegistry",
+    "ServedAdapters",
+    "check_base",
+    "read_peft_adapter",
+]
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class AdapterNameError(UserError):
+    """A runtime adapter name that is malformed, or reserved (the base model's name)."""
 
 
 def read_peft_adapter(directory: Path) -> AdapterFile:
@@ -65,6 +75,7 @@ class AdapterRegistry:
             )
         self._lock = threading.Lock()
         self._paths: dict[str, Path] = {}
+        self._reserved: set[str] = set()
         for child in sorted(self.root.iterdir()):
             if (child / "adapter_config.json").is_file() and _NAME.fullmatch(child.name):
                 self._paths[child.name] = child.resolve()
@@ -83,12 +94,30 @@ class AdapterRegistry:
                 raise KeyError(f"unknown adapter {name!r}; known: {sorted(self._paths)}")
             return self._paths[name]
 
+    def reserve(self, name: str) -> None:
+        """Refuse ``name`` as an adapter name from now on (the base model's id: requests for it
+        get the base, so an adapter under it could never be reached). ``UserError`` when an
+        adapter subdirectory already has it."""
+        with self._lock:
+            if name in self._paths:
+                raise UserError(
+                    f"the adapter {self._paths[name]} has the base model's name {name!r}; "
+                    "rename its directory or give the base another id (--served-model-name)."
+                )
+            self._reserved.add(name)
+
     def check_name(self, name: object) -> str:
         if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
-            raise UserError(
+            raise AdapterNameError(
                 f"adapter name {name!r} is invalid: use 1-128 letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit."
             )
+        with self._lock:
+            if name in self._reserved:
+                raise AdapterNameError(
+                    f"adapter name {name!r} is the base model's name (requests for it get the "
+                    "base model); choose another name."
+                )
         return name
 
     def resolve(self, name: str, relative_path: str | None) -> Path:
@@ -112,6 +141,7 @@ class AdapterRegistry:
         return resolved
 
     def register(self, name: str, path: Path) -> None:
+        self.check_name(name)
         with self._lock:
             if name in self._paths:
                 raise ValueError(f"adapter {name!r} is already loaded; unload it first.")
@@ -139,7 +169,6 @@ class ServedAdapters:
         self.registry = registry
         self.model = model
         self.allow_base_mismatch = allow_base_mismatch
-        self._lock = threading.Lock()
 
     def _read(self, path: Path) -> AdapterFile:
         adapter = read_peft_adapter(path)
@@ -162,18 +191,23 @@ class ServedAdapters:
         if name in self.registry:
             raise ValueError(f"adapter {name!r} is already loaded; unload it first.")
         adapter = self._read(path)
-        with self._lock:
+        with self.bank.lock:  # loaded and registered in one step: see remove
             self.bank.load(name, adapter.config, adapter.tensors)
             try:
                 self.registry.register(name, path)
             except ValueError:
-                self.bank.evict(name)
+                self.bank.forget(name)
                 raise
 
     def remove(self, name: str) -> None:
-        """Evict and forget ``name`` (``AdapterInUseError`` while a request uses it)."""
-        self.registry.path(name)
-        with self._lock:
-            if name in self.bank:
-                self.bank.evict(name)
+        """Evict and forget ``name``: ``KeyError`` when unknown, ``AdapterInUseError`` (nothing
+        changes) while a running request uses it.
+
+        One step under the bank's lock, and ``bank.forget`` makes loads of ``name`` already
+        reading its files fail: a request arriving meanwhile can never load the adapter back
+        into the bank after it left the registry (a name stuck in the bank, unloadable).
+        """
+        with self.bank.lock:
+            self.registry.path(name)
+            self.bank.forget(name)
             self.registry.unregister(name)

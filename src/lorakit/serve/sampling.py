@@ -6,7 +6,17 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingParams", "StopTextTracker", "next_token"]
+__all__ = ["SEED_RANGE", "InvalidSamplingParam", "SamplingParams", "StopTextTracker", "next_token"]
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+class InvalidSamplingParam(ValueError):
+    """A ``SamplingParams`` field out of range; ``field`` names it (OpenAI's name)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -15,7 +25,8 @@ class SamplingParams:
 
     ``temperature == 0`` is greedy; otherwise tokens are drawn from softmax(logits / temperature)
     restricted to the smallest set of most likely tokens whose probability reaches ``top_p``,
-    with a generator seeded by ``seed`` (None: a random seed).
+    with a generator seeded by ``seed`` (None: a random seed; else in ``SEED_RANGE``).
+    Out-of-range fields raise ``InvalidSamplingParam`` naming the field.
     """
 
     max_tokens: int = 16
@@ -26,13 +37,23 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise InvalidSamplingParam(
+                "max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}"
+            )
         if not 0.0 <= self.temperature <= 100.0:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
+            raise InvalidSamplingParam(
+                "temperature", f"temperature must be in [0, 100], got {self.temperature}"
+            )
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidSamplingParam("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise InvalidSamplingParam(
+                "seed", f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed}"
+            )
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+            raise InvalidSamplingParam(
+                "stop", f"stop strings must be non-empty strings, got {self.stop!r}"
+            )
 
 
 def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

@@ -1,0 +1,172 @@
+"""What the engine hands out and keeps per request: ``Event`` (a streamed piece), the request's
+state, ``RequestHandle`` (cancel), and the kinds of failure a request can end with."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lorakit.errors import UserError
+from lorakit.serve.sampling import SamplingParams, StopTextTracker
+
+__all__ = [
+    "ADAPTER_NOT_FOUND",
+    "INTERNAL",
+    "INVALID_ADAPTER",
+    "NO_ADAPTER_SLOT",
+    "EngineStats",
+    "EngineStoppedError",
+    "Event",
+    "EventStream",
+    "GenerationRequest",
+    "RequestHandle",
+    "failure_kind",
+]
+
+log = logging.getLogger(__name__)
+_ids = itertools.count()
+
+# Event.error_kind of a request that ended with finish_reason "error":
+ADAPTER_NOT_FOUND = "adapter_not_found"  # unknown, or unloaded after the request was queued
+INVALID_ADAPTER = "invalid_adapter"  # its files could not be read or do not fit the model
+NO_ADAPTER_SLOT = "no_adapter_slot"  # every slot pinned, none will free up
+INTERNAL = "internal"  # anything else (a bug, or the model failed)
+
+
+@dataclass
+class EngineStats:
+    """Evidence of continuous batching: ``max_running``, the most requests one decode step
+    served; ``joined_running``, requests admitted while others were mid-generation."""
+
+    max_running: int = 0
+    joined_running: int = 0
+
+
+class EngineStoppedError(RuntimeError):
+    """``submit`` after ``Engine.stop()``: no thread would ever serve the request."""
+
+
+def failure_kind(error: BaseException) -> str:
+    """The ``error_kind`` for an exception raised while admitting or loading a request."""
+    if isinstance(error, KeyError):
+        return ADAPTER_NOT_FOUND
+    if isinstance(error, (ValueError, UserError)):  # AdapterFileError, base mismatch, shapes
+        return INVALID_ADAPTER
+    return INTERNAL
+
+
+@dataclass(frozen=True)
+class Event:
+    """A streamed piece of one request: new ``text`` and ``token_ids`` since the last event.
+
+    The last event has ``finish_reason`` ("stop", "length", "cancelled" or "error" with
+    ``error``, a message, and ``error_kind``, one of this module's constants) and the token
+    counts.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error_kind: str | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """One request's state inside the engine (its slot, generated ids, generator, stop text)."""
+
+    prompt_ids: list[int]
+    adapter: str | None
+    params: SamplingParams
+    on_event: Callable[[Event], None]
+    id: int = field(default_factory=lambda: next(_ids))
+    generated: list[int] = field(default_factory=list)
+    slot: int = -1
+    cancelled: bool = False
+    done: bool = False
+
+    def __post_init__(self) -> None:
+        seed = self.params.seed if self.params.seed is not None else torch.seed()
+        self.generator = torch.Generator().manual_seed(seed)
+        self.stop_text = StopTextTracker(self.params.stop)
+        self.pending_ids: list[int] = []
+
+    def take(
+        self, token: int, eos_token_ids: set[int], tokenizer
+    ) -> tuple[str | None, str, tuple[int, ...]] | None:
+        """Record a sampled ``token``: ``(finish reason or None, new text, new ids)`` to send,
+        or None when nothing can be sent yet (text that may still become a stop string, or an
+        incomplete character, is held back). EOS ends with "stop" and is not part of the output.
+        """
+        final = None
+        if token in eos_token_ids:
+            final = "stop"
+        else:
+            self.generated.append(token)
+            self.pending_ids.append(token)
+            if len(self.generated) >= self.params.max_tokens:
+                final = "length"
+        text = ""
+        if tokenizer is not None:
+            decoded = tokenizer.decode(self.generated, skip_special_tokens=True)
+            text = self.stop_text.update(decoded, final=final is not None)
+            if self.stop_text.stopped:
+                final = "stop"
+        if final is None and not text and not self.pending_ids:
+            return None
+        ids, self.pending_ids = tuple(self.pending_ids), []
+        return final, text, ids
+
+    def deliver(self, event: Event) -> None:
+        """Hand ``event`` to the consumer; a failing callback cancels the request, nothing else."""
+        try:
+            self.on_event(event)
+        except Exception:  # a consumer's callback must not stop the engine
+            log.exception("on_event callback failed")
+            self.cancelled = True
+
+
+class RequestHandle:
+    """What ``Engine.submit`` returns: ``cancel()`` stops the request at the next token boundary."""
+
+    def __init__(self, request: GenerationRequest) -> None:
+        self._request = request
+
+    def cancel(self) -> None:
+        self._request.cancelled = True
+
+
+class EventStream:
+    """Async iterator over one submitted request's events, ending after the final one.
+
+    Built on the event loop that consumes it: the engine thread hands events over with
+    ``call_soon_threadsafe``. ``cancel()`` stops the request (when its consumer leaves).
+    """
+
+    def __init__(self, submit: Callable[[Callable[[Event], None]], RequestHandle]) -> None:
+        loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._finished = False
+        self._handle = submit(
+            lambda event: loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        )
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._finished:
+            raise StopAsyncIteration
+        event = await self._queue.get()
+        self._finished = event.finish_reason is not None
+        return event
+
+    def cancel(self) -> None:
+        self._handle.cancel()

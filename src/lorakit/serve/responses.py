@@ -1,0 +1,126 @@
+"""Answers to completion requests: the whole response, or server-sent events, from the engine's
+events; and the HTTP error a failed request maps to.
+
+The request is submitted, and its first event awaited, before any response starts: a request
+that fails before its first token (its adapter unloaded after it was queued, or unreadable; the
+engine stopped) gets a JSON error with its own status code, not a 200 and a broken stream.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
+
+from lorakit.serve import protocol
+from lorakit.serve.engine import Engine, EngineStoppedError
+from lorakit.serve.protocol import APIError, CompletionJob
+from lorakit.serve.requests import (
+    ADAPTER_NOT_FOUND,
+    INVALID_ADAPTER,
+    NO_ADAPTER_SLOT,
+    Event,
+    EventStream,
+)
+
+__all__ = ["answer", "failure"]
+
+_DONE = ("stop", "length")
+
+
+def failure(event: Event, model: str) -> APIError:
+    """The HTTP error for a request that ended without "stop" or "length"."""
+    if event.error_kind == ADAPTER_NOT_FOUND:
+        return APIError(
+            404,
+            f"the model {model!r} does not exist (any more): {event.error}",
+            param="model",
+            code="model_not_found",
+        )
+    if event.error_kind == INVALID_ADAPTER:
+        return APIError(
+            400, f"the adapter {model!r} cannot be served: {event.error}", param="model"
+        )
+    if event.error_kind == NO_ADAPTER_SLOT:
+        return APIError(503, str(event.error), type="server_busy")
+    reason = event.error or event.finish_reason
+    return APIError(503, f"generation failed: {reason}", type="server_error")
+
+
+async def answer(engine: Engine, job: CompletionJob, prompt_ids: list[int], adapter: str | None):
+    """A JSON response (or ``StreamingResponse`` when ``job.stream``); raises ``APIError``
+    when the request fails before its first token."""
+    try:
+        events = engine.open_stream(prompt_ids, adapter, job.params)
+    except EngineStoppedError as error:
+        raise APIError(503, str(error), type="server_error") from None
+    try:
+        first = await anext(events)
+    except BaseException:  # the client left, or the server is cancelling this handler
+        events.cancel()
+        raise
+    if first.finish_reason is not None and first.finish_reason not in _DONE:
+        raise failure(first, job.model)
+    if job.stream:
+        return StreamingResponse(
+            _sse(job, first, events),
+            media_type="text/event-stream",
+            background=BackgroundTask(events.cancel),  # also when the client disconnects
+        )
+    return await _complete(job, first, events)
+
+
+async def _complete(job: CompletionJob, first: Event, events: EventStream) -> dict:
+    pieces, last = [first.text], first
+    async for event in events:
+        pieces.append(event.text)
+        last = event
+    if last.finish_reason not in _DONE:
+        raise failure(last, job.model)
+    usage = {
+        "prompt_tokens": last.prompt_tokens,
+        "completion_tokens": last.completion_tokens,
+        "total_tokens": last.prompt_tokens + last.completion_tokens,
+    }
+    return protocol.full_response(
+        protocol.new_id(job.chat), job, "".join(pieces), last.finish_reason, usage
+    )
+
+
+async def _sse(job: CompletionJob, first: Event, events: EventStream) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, then ``data: [DONE]``. A request failing
+    after its first token ends with an error object in the stream (the status is sent)."""
+    request_id = protocol.new_id(job.chat)
+
+    def chunk(text: str | None, finish: str | None) -> str:
+        if job.chat:
+            delta = (
+                {"role": "assistant", "content": ""}
+                if text is None
+                else ({"content": text} if text else {})
+            )
+            payload = protocol.chat_chunk(request_id, job.model, delta, finish)
+        else:
+            payload = protocol.completion_chunk(request_id, job.model, text or "", finish)
+        return f"data: {json.dumps(payload)}\n\n"
+
+    async def everything() -> AsyncIterator[Event]:
+        yield first
+        async for event in events:
+            yield event
+
+    try:
+        if job.chat:
+            yield chunk(None, None)
+        async for event in everything():
+            if event.text:
+                yield chunk(event.text, None)
+            if event.finish_reason in _DONE:
+                yield chunk("", event.finish_reason)
+            elif event.finish_reason is not None:
+                yield f"data: {json.dumps(protocol.error_body(failure(event, job.model)))}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        events.cancel()
