@@ -108,6 +108,19 @@ def test_a_merged_model_that_disagrees_fails_the_demo(tmp_path, monkeypatch, mod
     assert written["merged_predictions_agree"] == 0  # the evidence stays on disk
 
 
+def test_only_near_ties_may_flip_in_the_merge_check():
+    """Margins of 1e-6 and 0.5 between the two answers, both flipped by the merge: the first
+    is within the merge's rounding (max difference 1e-5), the second is a real disagreement;
+    a large max difference (a broken merge) excuses nothing beyond 1e-4."""
+    from lorakit.demo import _near_ties
+
+    log_probs = torch.tensor([[-0.693147, -0.693148], [-0.2, -0.7], [-0.3, -1.5]])
+    predictions, merged = [0, 0, 0], [1, 1, 0]
+    assert _near_ties(log_probs, predictions, merged, max_difference=1e-5) == 1
+    assert _near_ties(log_probs, predictions, merged, max_difference=5.0) == 1
+    assert _near_ties(log_probs, predictions, merged, max_difference=1e-8) == 0
+
+
 def test_demo_bad_flag_is_one_line(capsys):
     assert cli.main(["demo", "--eval-size", "0"]) == 2
     assert capsys.readouterr().err.count("\n") == 1

@@ -231,6 +231,24 @@ def test_config_file_errors_are_one_line(tmp_path, capsys):
     assert code == 2 and "unknown setting(s) ['learning_rate']" in err and err.count("\n") == 1
     code, _, err = _main(capsys, "train", "--config", tmp_path / "missing.yaml")
     assert code == 2 and "does not exist" in err
+    for line, message in (("lr: fast", "lr: 'fast' is not a number"),
+                          ("r: 2.5", "r: 2.5 is not an integer"),
+                          ("steps: true", "steps: True is not an integer")):  # fmt: skip
+        bad.write_text(f"data: x.jsonl\n{line}\n")
+        code, _, err = _main(capsys, "train", "--config", bad)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_yaml_numbers_written_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads ``2e-4`` as a string; the config file still means 0.0002."""
+    config = tmp_path / "run.yaml"
+    config.write_text("data: x.jsonl\nlr: 2e-4\nr: '8'\nalpha: 16\nsteps: 3\n")
+    from lorakit.train.cli_options import load_config_file
+
+    loaded = load_config_file(config)
+    assert loaded["lr"] == 2e-4 and isinstance(loaded["lr"], float)
+    assert loaded["r"] == 8 and loaded["alpha"] == 16.0 and isinstance(loaded["alpha"], float)
+    assert loaded["steps"] == 3 and loaded["data"] == "x.jsonl"
 
 
 def test_help_of_every_command_lists_its_options(capsys):
@@ -287,6 +305,12 @@ def test_errors_found_before_the_model_loads(tmp_path, capsys, monkeypatch, mode
     code, _, err = _main(capsys, "train", "--model", model_dir, "--data", jsonl,
                          "--target-modules", "nosuch", "--output", tmp_path / "o")  # fmt: skip
     assert code == 2 and "nosuch" in err and "matched no module" in err and err.count("\n") == 1
+    code, _, err = _main(capsys, "train", "--model", model_dir, "--data", jsonl,
+                         "--target-modules", "input_layernorm", "--output", tmp_path / "o")  # fmt: skip
+    assert code == 2 and "input_layernorm" in err and "cannot adapt" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    code, _, err = _main(capsys, "plan", model_dir, "--target-modules", "input_layernorm")
+    assert code == 2 and "cannot adapt" in err and err.count("\n") == 1
     for command in (["eval", "--data", jsonl], ["generate", "hi"],
                     ["merge", "--output", tmp_path / "m"]):  # fmt: skip
         code, _, err = _main(capsys, *command, "--model", model_dir, "--adapter", tmp_path / "no")

@@ -245,11 +245,9 @@ def test_a_long_review_is_shortened_inside_the_template(tokenizer) -> None:
                     {"role": "assistant", "content": "negative"}]  # fmt: skip
         return ids(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False))
 
-    def render_plain(text: str) -> list[int]:
+    def render_plain(text: str, answer: str = " negative") -> list[int]:
         prompt = data.SENTIMENT_TEMPLATE.format(text=text)
-        return (
-            tokenizer(prompt)["input_ids"] + ids(tokenizer, " negative") + [tokenizer.eos_token_id]
-        )
+        return tokenizer(prompt)["input_ids"] + ids(tokenizer, answer) + [tokenizer.eos_token_id]
 
     for example, render, max_length in ((chat, render_chat, 80), (plain, render_plain, 30)):
         assert len(render(LONG_REVIEW)) > max_length + 10  # really too long
@@ -261,9 +259,26 @@ def test_a_long_review_is_shortened_inside_the_template(tokenizer) -> None:
         assert learnt == ("negative<|im_end|>" if example is chat else " negative<|im_end|>")
         fitted = data.fit_example(example, tokenizer, max_length)
         assert fitted.text == kept and fitted.label == 1 and fitted.choices == example.choices
-    whole_plain = render_plain(LONG_REVIEW)  # fits exactly; the chat form is longer
-    tokenized = data.tokenize_examples([chat, plain], tokenizer, max_length=len(whole_plain))
-    assert tokenized.num_truncated == 1 and tokenized.input_ids[1] == whole_plain
+    # the budget is measured with the longest choice: fits exactly; the chat form is longer
+    budget = max(len(render_plain(LONG_REVIEW, choice)) for choice in plain.choices)
+    tokenized = data.tokenize_examples([chat, plain], tokenizer, max_length=budget)
+    assert tokenized.num_truncated == 1 and tokenized.input_ids[1] == render_plain(LONG_REVIEW)
+
+
+def test_the_cut_does_not_depend_on_the_label(tokenizer) -> None:
+    """Answers of 1 and 3+ tokens: the same review is cut to the same words for either label,
+    so the prompt's length never tells which label an example has."""
+    words = ("good", "very bad indeed")
+    assert len(ids(tokenizer, " " + words[1])) > len(ids(tokenizer, " " + words[0]))
+    fitted = [
+        data.fit_example(plain_classification_example(LONG_REVIEW, label, words,
+                                                      "Review: {text}\nVerdict:"),
+                         tokenizer, 30)
+        for label in (0, 1)
+    ]  # fmt: skip
+    assert fitted[0].text == fitted[1].text and len(fitted[0].text) < len(LONG_REVIEW)
+    assert fitted[0].prompt == fitted[1].prompt
+    assert (fitted[0].completion, fitted[1].completion) == (" good", " very bad indeed")
 
 
 def test_scoring_sees_the_prompt_training_sees(tokenizer) -> None:

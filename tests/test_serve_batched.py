@@ -336,6 +336,25 @@ def test_the_loader_runs_outside_the_bank_lock_and_forget_cancels_its_load(setup
     assert bank.names() == ["x"]
 
 
+def test_an_adapter_re_added_while_a_request_read_it_serves_that_request(setup):
+    """Unload then load again while a request's lazy load is reading the files: the request
+    uses the re-added adapter instead of failing as if it were still unloaded."""
+    reference = setup[0]
+    _, bank = served(reference, capacity=2)
+    config, tensors = reference.lorakit_state.configs["a0"], adapter_tensors(reference, "a0")
+
+    def loader(name):
+        bank.forget(name)  # unloaded ...
+        bank.load(name, config, tensors)  # ... and added again, before this read finishes
+        return config, tensors
+
+    slot = bank.acquire("x", loader)
+    assert bank.names() == ["x"] and bank.slot_of("x") == slot
+    with pytest.raises(AdapterInUseError):
+        bank.evict("x")  # the request holds it
+    bank.release("x")
+
+
 @pytest.mark.parametrize(
     ("role", "bad_tensor", "shape"),
     [

@@ -164,6 +164,12 @@ def test_seed_out_of_torch_range_is_a_400_naming_seed(served, seed, stream):
     assert_error(served.post("/v1/chat/completions", {**chat, "stream": stream}), 400, "seed")
 
 
+@pytest.mark.parametrize("name", ["temperature", "top_p"])
+def test_an_integer_too_large_for_a_float_is_a_400_naming_the_field(served, name):
+    raw = f'{{"model": "ad0", "prompt": "hi", "{name}": 1{"0" * 400}}}'
+    assert_error(served.post("/v1/completions", raw.encode()), 400, name, "out of range")
+
+
 def test_seeds_at_the_ends_of_the_range_are_served(served):
     for seed in (2**64 - 1, -(2**63)):
         response = served.post("/v1/completions", completion(seed=seed, temperature=1.0))

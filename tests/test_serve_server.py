@@ -281,6 +281,8 @@ def test_admin_load_is_guarded(world, body, headers, status):
     response = httpx.post(world["url"] + "/v1/load_lora_adapter", json=body, headers=headers)
     assert response.status_code == status, response.text
     assert response.json()["error"]["message"]
+    if body == {"lora_name": "ad1", "lora_path": "ad1"}:  # the name is the offending field
+        assert response.json()["error"]["param"] == "lora_name"
 
 
 def test_runtime_load_and_unload(world):

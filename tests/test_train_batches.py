@@ -5,6 +5,7 @@ global batches as one process."""
 from __future__ import annotations
 
 import itertools
+import json
 import random
 
 import pytest
@@ -144,3 +145,18 @@ def test_the_loop_groups_by_length_and_a_resume_with_other_lengths_is_refused(tm
     with pytest.raises(UserError, match="different data or batch settings"):
         train(build_model(0.0), range(24), collate, config, resume=True,
               length_of=lambda i: lengths[i] + (i == 0))  # fmt: skip
+
+
+def test_a_checkpoint_from_before_length_grouping_says_why_it_cannot_resume(tmp_path):
+    data = make_data(count=24)
+    collate = lambda items: pad_collate(0)([data[i] for i in items])  # noqa: E731
+    config = TrainingConfig(output_dir=str(tmp_path), max_steps=2, batch_size=8, progress=False,
+                            plot=False, checkpoint_every=2, seed=4)  # fmt: skip
+    train(build_model(0.0), range(24), collate, config)
+    (state_file,) = tmp_path.glob("checkpoints/step-*/trainer_state.json")
+    state = json.loads(state_file.read_text())
+    del state["data_plan"]["batches"], state["data_plan"]["lengths_sha256"]  # an older layout
+    state_file.write_text(json.dumps(state))
+    config.max_steps = 3
+    with pytest.raises(UserError, match="drew batches by plain shuffling"):
+        train(build_model(0.0), range(24), collate, config, resume=True)

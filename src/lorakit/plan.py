@@ -190,7 +190,7 @@ def plan(
     base_parameters = count_parameters(meta_model).total
     try:
         inject(meta_model, config)
-    except ValueError as error:
+    except (ValueError, TypeError) as error:  # TypeError: a module lorakit cannot adapt
         raise UserError(str(error)) from None
     counts = count_parameters(meta_model)
     return Plan(

@@ -113,7 +113,10 @@ def build(args: argparse.Namespace):
     if args.target_modules:
         targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
     model, tokenizer = load_model(args.model, progress=False)
-    prepare_for_serving(model, targets)
+    try:
+        prepare_for_serving(model, targets)
+    except (ValueError, TypeError) as error:  # no match, or a module lorakit cannot adapt
+        raise UserError(f"--target-modules: {error}") from None
     budget = parse_size(args.adapter_memory) if args.adapter_memory else None
     capacity = args.max_adapters or (None if budget else 8)
     try:

@@ -80,8 +80,9 @@ def score_choices(
 
     All examples must share the same ``choices``. ``max_length``: examples with ``text`` are
     shortened as for training (``fit_example``: words cut off the end of the text, so that
-    prompt + answer fit); other prompts keep their last ``max_length`` tokens. Prompts are batched in order of length (less padding); rows of the result
-    follow ``examples``. The model's train/eval mode is left as it is (call ``model.eval()``).
+    prompt + answer fit, the answer being the longest choice whatever the label); other prompts
+    keep their last ``max_length`` tokens. Prompts are batched in order of length (less
+    padding); rows of the result follow ``examples``. The model's train/eval mode is left as it is (call ``model.eval()``).
     """
     if not examples:
         raise UserError("no examples to score")

@@ -161,30 +161,52 @@ def fit_example(example: Example, tokenizer, max_length: int) -> Example:
     with ``text`` (classification data), the example with the longest word prefix of its text
     that fits (binary search over word counts), template and answer unchanged. Examples without
     ``text``, or whose template alone does not fit, are returned as they are (``tokenize_example``
-    then cuts tokens from the left)."""
-    if not example.text or _token_count(example, tokenizer) <= max_length:
+    then cuts tokens from the left).
+
+    An example with ``choices`` is measured with its longest choice as the answer, so the cut
+    does not depend on the label: training and scoring see the same prompt for every label, and
+    the prompt length never hints at the answer."""
+    probe = _longest_answer(example, tokenizer)
+    if not example.text or _token_count(probe, tokenizer) <= max_length:
         return example
     word_ends = [match.end() for match in re.finditer(r"\S+", example.text)]
     candidates = [example.text[:end] for end in [0, *word_ends[:-1]]]
 
-    def fits(words: int) -> Example | None:
-        shortened = _with_text(example, candidates[words])
-        if shortened is None or _token_count(shortened, tokenizer) > max_length:
-            return None
-        return shortened
+    def fits(words: int) -> bool:
+        shortened = _with_text(probe, candidates[words])
+        return shortened is not None and _token_count(shortened, tokenizer) <= max_length
 
-    best = fits(0)
-    if best is None:
+    if not fits(0):
         return example
     low, high = 0, len(candidates) - 1  # fits(low) holds; the full text (all words) does not
     while low < high:
         middle = (low + high + 1) // 2
-        shortened = fits(middle)
-        if shortened is None:
-            high = middle - 1
+        if fits(middle):
+            low = middle
         else:
-            low, best = middle, shortened
-    return best
+            high = middle - 1
+    return _with_text(example, candidates[low])
+
+
+def _longest_answer(example: Example, tokenizer) -> Example:
+    """``example`` with the choice that tokenises longest as its answer (itself if no choices)."""
+    if not example.choices:
+        return example
+    variants = [_with_answer(example, choice) for choice in example.choices]
+    return max(variants, key=lambda variant: _token_count(variant, tokenizer))
+
+
+def _with_answer(example: Example, answer: str) -> Example:
+    """``example`` with ``answer`` as its completion (plain) or last assistant content (chat)."""
+    if not example.is_chat:
+        return dataclasses.replace(example, completion=answer)
+    messages = list(example.messages)
+    turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    if not turns:
+        return example
+    last = turns[-1]
+    messages[last] = {**messages[last], "content": answer}
+    return dataclasses.replace(example, messages=tuple(messages))
 
 
 def tokenize_example(

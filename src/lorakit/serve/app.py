@@ -258,7 +258,8 @@ def _prompt_ids(job: CompletionJob, tokenizer, settings: ServerSettings) -> list
     if len(ids) + job.params.max_tokens > settings.max_positions:
         raise APIError(
             400,
-            f"prompt ({len(ids)} tokens) + max_tokens ({job.params.max_tokens}) exceeds the model's {settings.max_positions} positions",
+            f"prompt ({len(ids)} tokens) + max_tokens ({job.params.max_tokens}) exceeds the "
+            f"model's {settings.max_positions} positions",
             param="max_tokens",
             code="context_length_exceeded",
         )

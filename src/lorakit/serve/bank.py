@@ -225,8 +225,9 @@ class AdapterBank:
         it recently used; its slot. ``KeyError``: unknown (no loader, or the loader's), or
         ``forget``-ed while it was being read; ``BankFullError``: no free or evictable slot.
 
-        The loader runs outside the bank's lock (file reads never stall the threads using the
-        bank), and only when a slot is free or evictable: while the bank is full of adapters in
+        The loader runs outside the bank's lock (another thread's read never stalls the threads
+        using the bank; the calling thread of course waits for its own), and only when a slot is
+        free or evictable: while the bank is full of adapters in
         use nothing is read. Unlike ``acquire`` this does not hold the slot: a thread that only
         prepares an adapter never makes the bank look busy to the engine.
         """
@@ -241,10 +242,11 @@ class AdapterBank:
         config, tensors = loader(name)
         pairs = lora_pairs(name, config, tensors, self._stacks, self.max_rank)
         with self._lock:
+            if name in self._slot_of:  # another thread loaded it meanwhile (or re-added it)
+                return self._use(name, hold)
             if self._forgotten[name] != generation:
                 raise KeyError(f"adapter {name!r} was unloaded while it was being read")
-            if name not in self._slot_of:  # (another thread may have loaded it meanwhile)
-                self._commit(name, config, pairs, pin=False)
+            self._commit(name, config, pairs, pin=False)
             return self._use(name, hold)
 
     def _use(self, name: str, hold: bool) -> int:

@@ -197,8 +197,8 @@ def parse_job(body: dict[str, Any], *, chat: bool, max_tokens_limit: int) -> Com
     try:
         params = SamplingParams(
             max_tokens=max_tokens,
-            temperature=float(_field(body, "temperature", (int, float), 1.0)),
-            top_p=float(_field(body, "top_p", (int, float), 1.0)),
+            temperature=_float_field(body, "temperature", 1.0),
+            top_p=_float_field(body, "top_p", 1.0),
             seed=_field(body, "seed", (int,), None),
             stop=tuple(stop),
         )
@@ -206,6 +206,15 @@ def parse_job(body: dict[str, Any], *, chat: bool, max_tokens_limit: int) -> Com
         raise APIError(400, str(error), param=error.field) from None
     stream = _field(body, "stream", (bool,), False)
     return CompletionJob(model, _prompt(body, chat), params, stream, chat)
+
+
+def _float_field(body: dict[str, Any], name: str, default: float) -> float:
+    """A number field as a float; an integer too large for a float (JSON allows any) is a 400."""
+    value = _field(body, name, (int, float), default)
+    try:
+        return float(value)
+    except OverflowError:
+        raise APIError(400, f"'{name}' is out of range", param=name) from None
 
 
 def new_id(chat: bool) -> str:

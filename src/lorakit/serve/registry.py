@@ -189,13 +189,13 @@ class ServedAdapters:
         """Register ``root/relative_path`` as ``name`` and load it (errors leave nothing behind)."""
         path = self.registry.resolve(name, relative_path)
         if name in self.registry:
-            raise ValueError(f"adapter {name!r} is already loaded; unload it first.")
+            raise AdapterNameError(f"adapter {name!r} is already loaded; unload it first.")
         adapter = self._read(path)
         with self.bank.lock:  # loaded and registered in one step: see remove
             self.bank.load(name, adapter.config, adapter.tensors)
             try:
                 self.registry.register(name, path)
-            except ValueError:
+            except BaseException:
                 self.bank.forget(name)
                 raise
 

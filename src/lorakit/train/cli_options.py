@@ -75,7 +75,30 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(
             f"config file {path}: unknown setting(s) {unknown}; known: {', '.join(TRAIN_DEFAULTS)}"
         )
-    return settings
+    return {key: _number(path, key, value) for key, value in settings.items()}
+
+
+_FLOATS = {"alpha", "dropout", "lr", "epochs", "warmup_ratio", "weight_decay", "max_grad_norm",
+           "loraplus_ratio"}  # fmt: skip
+_INTEGERS = {"r", "steps", "batch_size", "grad_accum", "max_length", "eval_every",
+             "checkpoint_every", "keep_checkpoints", "seed"}  # fmt: skip
+
+
+def _number(path: Path, key: str, value: Any) -> Any:
+    """A numeric setting as its type. YAML 1.1 reads ``2e-4`` (no dot) as a string, so numeric
+    strings are converted; anything else that is not a number is an error naming the key."""
+    if value is None or (key not in _FLOATS and key not in _INTEGERS):
+        return value
+    kind = float if key in _FLOATS else int
+    if isinstance(value, bool) or (kind is int and isinstance(value, float)):
+        raise UserError(f"config file {path}: {key}: {value!r} is not an integer")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UserError(
+            f"config file {path}: {key}: {value!r} is not a number"
+            + (" (an integer)" if kind is int else "")
+        ) from None
 
 
 def merged_settings(args: argparse.Namespace) -> dict[str, Any]:

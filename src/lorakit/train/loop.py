@@ -161,6 +161,12 @@ class _Run:
         if self.dist.rank != 0:  # each process continues its own dropout stream
             seed_everything(self.config.seed + self.dist.rank + checkpoint.step)
         saved_plan = checkpoint.state.get("data_plan", {})
+        if saved_plan and "batches" not in saved_plan:
+            raise UserError(
+                f"checkpoint {directory} was written by a lorakit that drew batches by plain "
+                "shuffling; this one groups them by length, so the run cannot continue with the "
+                "same batches. Start a new run (a new --output, or without --resume)."
+            )
         if saved_plan != self._plan_fields():
             raise UserError(
                 f"checkpoint {directory} was written for different data or batch settings "

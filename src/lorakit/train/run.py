@@ -78,7 +78,7 @@ def check_targets_before_loading(model_directory, lora) -> None:
         return
     try:
         lorakit.inject(meta_model, lora)
-    except ValueError as error:
+    except (ValueError, TypeError) as error:  # TypeError: a module lorakit cannot adapt
         raise UserError(str(error)) from None
 
 
@@ -106,7 +106,7 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     model, tokenizer = load_model(settings["model"], progress=False)
     try:
         lorakit.inject(model, lora)
-    except ValueError as error:
+    except (ValueError, TypeError) as error:
         raise UserError(str(error)) from None
     tokenized = {"train": data.tokenize_examples(examples, tokenizer, settings["max_length"])}
     if eval_examples:
