@@ -1,15 +1,8 @@
 """``AdapterBank``: the LoRA adapters of one base model held apart from it, stacked by slot.
 
-For every adapted linear layer (d x k) the bank keeps (punica's layout)::
-
-    A_stack: (slots, r_max, k)    B_stack: (slots, d, r_max)    scaling: (slots,)
-
-An adapter of rank r <= r_max occupies one slot: its A in rows [0, r) of ``A_stack[slot]``, its B in
-columns [0, r) of ``B_stack[slot]``, zeros elsewhere; zero padding adds exactly nothing, so adapters
-of different ranks and alphas (and ``rank_pattern`` / ``alpha_pattern`` / rsLoRA) share one stack.
-A layer the adapter does not target is all zeros in that slot.
-
-The model itself needs LoRA layers around the targets but no adapters of its own:
+Each adapted linear layer has its stacks (``lorakit.serve.stacks``: A (slots, r_max, k), B^T
+(slots, r_max, d), scaling (slots,)); an adapter occupies the same slot in every layer. The model
+itself needs LoRA layers around the targets but no adapters of its own:
 ``prepare_for_serving(model, target_modules)`` wraps them empty. Loading and eviction are allowed
 while serving: slots in use by a running request (``acquire``/``release``) or pinned are never
 evicted; otherwise the least recently used adapter makes room. All methods are thread-safe;
@@ -21,18 +14,22 @@ from __future__ import annotations
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from lorakit import functional
 from lorakit.config import LoraConfig
-from lorakit.inject import inject
 from lorakit.layers import LoraLinear
 from lorakit.serve.checks import PEFT_PREFIX as _PREFIX
 from lorakit.serve.checks import lora_pairs
-from lorakit.state import adapter_configs, delete_adapter, lora_layers
+from lorakit.serve.stacks import (
+    LayerStack,
+    allocate_stack,
+    prepare_for_serving,
+    slot_bytes,
+    write_slot,
+)
+from lorakit.state import adapter_configs, lora_layers
 
 __all__ = [
     "AdapterBank",
@@ -41,9 +38,6 @@ __all__ = [
     "LayerStack",
     "prepare_for_serving",
 ]
-
-_PLACEHOLDER = "lorakit-serving-placeholder"
-
 
 Loader = Callable[[str], tuple[LoraConfig, Mapping[str, torch.Tensor]]]
 
@@ -54,41 +48,6 @@ class BankFullError(RuntimeError):
 
 class AdapterInUseError(RuntimeError):
     """The adapter cannot be evicted now: a running request uses it."""
-
-
-@dataclass
-class LayerStack:
-    """The stacked adapters of one linear layer. ``present``: slots with an adapter here.
-
-    B is held transposed, ``lora_B_t`` (slots, r_max, d), so that the batched product
-    ``low (S, L, r) @ B^T (S, r, d)`` reads contiguous rows (about 1.6x faster on CPU than a
-    transposed view); ``lora_B`` is the (slots, d, r_max) view of the same memory.
-    """
-
-    name: str
-    lora_A: torch.Tensor  # (slots, r_max, k)
-    lora_B_t: torch.Tensor  # (slots, r_max, d)
-    scaling: torch.Tensor  # (slots,) float32
-    present: set[int] = field(default_factory=set)
-    scaling_values: dict[int, float] = field(default_factory=dict)  # the same, as Python floats
-
-    @property
-    def lora_B(self) -> torch.Tensor:
-        """B of every slot, (slots, d, r_max): a view of ``lora_B_t`` (writes go through)."""
-        return self.lora_B_t.transpose(1, 2)
-
-
-def prepare_for_serving(model: nn.Module, target_modules: str | list[str] = "all-linear") -> int:
-    """Wrap the ``target_modules`` of ``model`` in LoRA layers with no adapter (in place).
-
-    The layers compute exactly the base output until a bank routes rows to adapters. Returns the
-    number of LoRA layers the model now has. Uses lorakit's injection rules (PEFT's matching).
-    """
-    config = LoraConfig(r=1, lora_alpha=1, target_modules=target_modules)
-    inject(model, config, adapter_name=_PLACEHOLDER, activate=False)
-    delete_adapter(model, _PLACEHOLDER)
-    model.requires_grad_(False)
-    return sum(1 for _ in lora_layers(model))
 
 
 class AdapterBank:
@@ -126,7 +85,7 @@ class AdapterBank:
         self._stacks: dict[str, LayerStack] = {}
         self._by_layer: dict[int, LayerStack] = {}
         for name, layer in linears:
-            stack = self._allocate(name, layer, weight.device)
+            stack = allocate_stack(name, layer, self.capacity, self.max_rank, self.dtype)
             self._stacks[name] = stack
             self._by_layer[id(layer)] = stack
         self._lock = threading.RLock()
@@ -140,11 +99,7 @@ class AdapterBank:
 
     # ----------------------------------------------------------------- sizing
     def _capacity(self, linears, capacity: int | None, memory_budget: int | None) -> int:
-        item = torch.empty((), dtype=self.dtype).element_size()
-        per_layer = [
-            self.max_rank * (lay.in_features + lay.out_features) * item + 4 for _, lay in linears
-        ]
-        self.slot_bytes = sum(per_layer)  # A and B padded to max_rank, plus a float32 scaling
+        self.slot_bytes = sum(slot_bytes(layer, self.max_rank, self.dtype) for _, layer in linears)
         slots = capacity
         if memory_budget is not None:
             fitting = memory_budget // self.slot_bytes
@@ -158,15 +113,6 @@ class AdapterBank:
         if slots is None or slots < 1:
             raise ValueError(f"give a capacity >= 1 or a memory_budget (got capacity={capacity})")
         return int(slots)
-
-    def _allocate(self, name: str, layer: LoraLinear, device: torch.device) -> LayerStack:
-        slots, r, d, k = self.capacity, self.max_rank, layer.out_features, layer.in_features
-        return LayerStack(
-            name=name,
-            lora_A=torch.zeros(slots, r, k, dtype=self.dtype, device=device),
-            lora_B_t=torch.zeros(slots, r, d, dtype=self.dtype, device=device),
-            scaling=torch.zeros(slots, dtype=torch.float32, device=device),
-        )
 
     def memory_bytes(self) -> int:
         """Bytes held by the stacked tensors (fixed at construction; <= ``memory_budget``)."""
@@ -339,7 +285,7 @@ class AdapterBank:
         slot = self._take_slot()
         with torch.no_grad():
             for layer_name, stack in self._stacks.items():
-                self._write(stack, slot, pairs.get(layer_name), config)
+                write_slot(stack, slot, pairs.get(layer_name), config)
         self._slot_of[name] = slot
         self._configs[name] = config
         if pin:
@@ -358,20 +304,3 @@ class AdapterBank:
                 tensors[f"{_PREFIX}{path}.lora_A.weight"] = lora_A.detach()
                 tensors[f"{_PREFIX}{path}.lora_B.weight"] = lora_B.detach()
         return self.load(name, config, tensors, pin=pin)
-
-    def _write(self, stack: LayerStack, slot: int, pair, config: LoraConfig) -> None:
-        stack.lora_A[slot].zero_()
-        stack.lora_B_t[slot].zero_()
-        if pair is None:
-            stack.scaling[slot] = 0.0
-            stack.present.discard(slot)
-            return
-        lora_A, lora_B = pair
-        rank = lora_A.shape[0]
-        stack.lora_A[slot, :rank].copy_(lora_A)
-        stack.lora_B_t[slot, :rank].copy_(lora_B.T)
-        alpha = config.alpha_for(stack.name)
-        scale = functional.scaling(rank, alpha, config.use_rslora)
-        stack.scaling[slot] = scale
-        stack.scaling_values[slot] = scale
-        stack.present.add(slot)

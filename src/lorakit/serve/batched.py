@@ -31,7 +31,8 @@ import torch
 
 from lorakit import functional
 from lorakit.layers import row_router
-from lorakit.serve.bank import AdapterBank, LayerStack
+from lorakit.serve.bank import AdapterBank
+from lorakit.serve.stacks import LayerStack
 
 __all__ = [
     "BankRouter",

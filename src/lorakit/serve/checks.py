@@ -11,7 +11,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
 
 if TYPE_CHECKING:
-    from lorakit.serve.bank import LayerStack
+    from lorakit.serve.stacks import LayerStack
 
 __all__ = ["PEFT_PREFIX", "lora_pairs"]
 

@@ -1,0 +1,107 @@
+"""The per-layer tensors of the adapter bank, and the model side of serving.
+
+For every adapted linear layer (d x k) the bank keeps (punica's layout, B transposed)::
+
+    A_stack: (slots, r_max, k)    B_stack^T: (slots, r_max, d)    scaling: (slots,)
+
+An adapter of rank r <= r_max occupies one slot: its A in rows [0, r) of ``A_stack[slot]``, its
+B^T in rows [0, r) of ``B_stack^T[slot]``, zeros elsewhere; zero padding adds exactly nothing, so
+adapters of different ranks and alphas (and ``rank_pattern`` / ``alpha_pattern`` / rsLoRA) share
+one stack. A layer the adapter does not target is all zeros in that slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lorakit import functional
+from lorakit.config import LoraConfig
+from lorakit.inject import inject
+from lorakit.layers import LoraLinear
+from lorakit.state import delete_adapter, lora_layers
+
+__all__ = ["LayerStack", "allocate_stack", "prepare_for_serving", "slot_bytes", "write_slot"]
+
+_PLACEHOLDER = "lorakit-serving-placeholder"
+
+
+@dataclass
+class LayerStack:
+    """The stacked adapters of one linear layer. ``present``: slots with an adapter here.
+
+    B is held transposed, ``lora_B_t`` (slots, r_max, d), so that the batched product
+    ``low (S, L, r) @ B^T (S, r, d)`` reads contiguous rows (about 1.6x faster on CPU than a
+    transposed view); ``lora_B`` is the (slots, d, r_max) view of the same memory.
+    """
+
+    name: str
+    lora_A: torch.Tensor  # (slots, r_max, k)
+    lora_B_t: torch.Tensor  # (slots, r_max, d)
+    scaling: torch.Tensor  # (slots,) float32
+    present: set[int] = field(default_factory=set)
+    scaling_values: dict[int, float] = field(default_factory=dict)  # the same, as Python floats
+
+    @property
+    def lora_B(self) -> torch.Tensor:
+        """B of every slot, (slots, d, r_max): a view of ``lora_B_t`` (writes go through)."""
+        return self.lora_B_t.transpose(1, 2)
+
+
+def prepare_for_serving(model: nn.Module, target_modules: str | list[str] = "all-linear") -> int:
+    """Wrap the ``target_modules`` of ``model`` in LoRA layers with no adapter (in place).
+
+    The layers compute exactly the base output until a bank routes rows to adapters. Returns the
+    number of LoRA layers the model now has. Uses lorakit's injection rules (PEFT's matching).
+    """
+    config = LoraConfig(r=1, lora_alpha=1, target_modules=target_modules)
+    inject(model, config, adapter_name=_PLACEHOLDER, activate=False)
+    delete_adapter(model, _PLACEHOLDER)
+    model.requires_grad_(False)
+    return sum(1 for _ in lora_layers(model))
+
+
+def slot_bytes(layer: LoraLinear, max_rank: int, dtype: torch.dtype) -> int:
+    """Bytes one slot takes in ``layer``'s stacks: A and B padded to ``max_rank``, plus a
+    float32 scaling."""
+    item = torch.empty((), dtype=dtype).element_size()
+    return max_rank * (layer.in_features + layer.out_features) * item + 4
+
+
+def allocate_stack(
+    name: str, layer: LoraLinear, slots: int, max_rank: int, dtype: torch.dtype
+) -> LayerStack:
+    """Zeroed stacks of ``slots`` adapters of rank <= ``max_rank`` for ``layer``."""
+    d, k, device = layer.out_features, layer.in_features, layer.base_layer.weight.device
+    return LayerStack(
+        name=name,
+        lora_A=torch.zeros(slots, max_rank, k, dtype=dtype, device=device),
+        lora_B_t=torch.zeros(slots, max_rank, d, dtype=dtype, device=device),
+        scaling=torch.zeros(slots, dtype=torch.float32, device=device),
+    )
+
+
+def write_slot(
+    stack: LayerStack,
+    slot: int,
+    pair: tuple[torch.Tensor, torch.Tensor] | None,
+    config: LoraConfig,
+) -> None:
+    """Put ``pair = (A (r, k), B (d, r))`` of an adapter with ``config`` into ``slot`` (zeros
+    beyond rank r; ``pair`` None: the adapter does not adapt this layer, all zeros)."""
+    stack.lora_A[slot].zero_()
+    stack.lora_B_t[slot].zero_()
+    if pair is None:
+        stack.scaling[slot] = 0.0
+        stack.present.discard(slot)
+        return
+    lora_A, lora_B = pair
+    rank = lora_A.shape[0]
+    stack.lora_A[slot, :rank].copy_(lora_A)
+    stack.lora_B_t[slot, :rank].copy_(lora_B.T)
+    scale = functional.scaling(rank, config.alpha_for(stack.name), config.use_rslora)
+    stack.scaling[slot] = scale
+    stack.scaling_values[slot] = scale
+    stack.present.add(slot)
