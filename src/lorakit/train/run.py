@@ -70,7 +70,7 @@ def check_targets_before_loading(model_directory, lora) -> None:
     target modules that match nothing are reported before the weights load. A model that
     cannot be built that way is left to the real load to judge."""
     import lorakit
-    from lorakit.plan import build_meta_model
+    from lorakit.meta_model import build_meta_model
 
     try:
         meta_model, _ = build_meta_model(str(model_directory))
