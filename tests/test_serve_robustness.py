@@ -32,13 +32,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 BASE = "base"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: tiny ops on a shared, oversubscribed machine are far steadier."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def base_model(tokenizer) -> LlamaForCausalLM:
