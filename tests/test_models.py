@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit import models
+from lorakit import model_cache, models
 from lorakit.errors import UserError
 from tests import tiny_models, tiny_tokenizer
 
@@ -108,12 +108,12 @@ def test_publish_is_atomic_and_tolerates_a_race(tmp_path: Path) -> None:
     def write(directory: Path) -> None:
         (directory / "config.json").write_text("{}")
 
-    models._publish_directory(target, {"version": 1}, write)
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", models.CONVERSION_MARKER]
-    assert json.loads((target / models.CONVERSION_MARKER).read_text()) == {"version": 1}
+    model_cache.publish_directory(target, {"version": 1}, write)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", model_cache.CONVERSION_MARKER]
+    assert json.loads((target / model_cache.CONVERSION_MARKER).read_text()) == {"version": 1}
     # A second publisher losing the race keeps the winner's directory and leaves no staging dir.
-    models._publish_directory(target, {"version": 2}, write)
-    assert json.loads((target / models.CONVERSION_MARKER).read_text()) == {"version": 1}
+    model_cache.publish_directory(target, {"version": 2}, write)
+    assert json.loads((target / model_cache.CONVERSION_MARKER).read_text()) == {"version": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
@@ -123,7 +123,7 @@ def test_failed_conversion_leaves_nothing(tmp_path: Path) -> None:
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        models._publish_directory(tmp_path / "model", {}, broken)
+        model_cache.publish_directory(tmp_path / "model", {}, broken)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -140,9 +140,9 @@ def test_converted_once_then_reused(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 
     def fake_convert(gguf_path: Path, target: Path) -> None:
         calls.append(gguf_path)
-        models._publish_directory(target, {"source": gguf_path.name}, lambda d: None)
+        model_cache.publish_directory(target, {"source": gguf_path.name}, lambda d: None)
 
-    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(model_cache, "convert_gguf", fake_convert)
     stale = tmp_path / "models" / ".smollm2-135m-instruct.tmp-killed"  # from a SIGKILLed run
     stale.mkdir(parents=True)
     first = models.resolve_model("smollm2-135m-instruct")
@@ -202,7 +202,7 @@ def test_unwritable_cache_is_a_user_error(monkeypatch: pytest.MonkeyPatch, tmp_p
     read_only.mkdir()
     read_only.chmod(0o500)
     monkeypatch.setenv("LORAKIT_CACHE", str(read_only / "cache"))
-    monkeypatch.setattr(models, "_convert_gguf", lambda *args: pytest.fail("must not convert"))
+    monkeypatch.setattr(model_cache, "convert_gguf", lambda *args: pytest.fail("must not convert"))
     try:
         if os.access(read_only, os.W_OK):  # root ignores permissions: simulate the refusal
 
@@ -219,15 +219,15 @@ def test_unwritable_cache_is_a_user_error(monkeypatch: pytest.MonkeyPatch, tmp_p
 RACER = """
 import sys, time
 from pathlib import Path
-from lorakit import models
+from lorakit import model_cache, models
 
 def slow_convert(gguf_path, target):
     log = Path(sys.argv[1])
     (log / f"convert-{time.time_ns()}").write_text("")
     time.sleep(1.0)
-    models._publish_directory(target, {"source": gguf_path.name}, lambda d: None)
+    model_cache.publish_directory(target, {"source": gguf_path.name}, lambda d: None)
 
-models._convert_gguf = slow_convert
+model_cache.convert_gguf = slow_convert
 print(models.resolve_model("smollm2-135m-instruct"))
 """
 

@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import os
-import shutil
-import sys
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lorakit import model_cache
 from lorakit.errors import UserError
+from lorakit.model_cache import cache_root
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -47,8 +45,6 @@ __all__ = [
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TASKS = ("causal-lm", "seq-cls")
-CONVERSION_MARKER = "lorakit-conversion.json"
-CONVERSION_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -93,16 +89,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 
-def cache_root() -> Path:
-    """The lorakit cache: ``$LORAKIT_CACHE`` if set, else ``$XDG_CACHE_HOME/lorakit`` or
-    ``~/.cache/lorakit``."""
-    if os.environ.get("LORAKIT_CACHE"):
-        return Path(os.environ["LORAKIT_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "lorakit"
-
-
 def _package_folder(builtin: BuiltinModel) -> Path:
     """The installed package's folder, found without importing the package."""
     try:
@@ -135,7 +121,9 @@ def resolve_model(spec: str | os.PathLike[str] = DEFAULT_MODEL) -> Path:
         folder = _package_folder(builtin)
         if not builtin.is_gguf:
             return folder / builtin.relative_path
-        return _converted_directory(builtin, folder / builtin.relative_path)
+        return model_cache.converted_directory(
+            builtin.name, builtin.install, folder / builtin.relative_path
+        )
     path = Path(spec_text).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -150,114 +138,6 @@ def resolve_model(spec: str | os.PathLike[str] = DEFAULT_MODEL) -> Path:
         f"unknown model '{spec_text}': not a directory and not a built-in "
         f"(built-ins: {_builtin_names()})"
     )
-
-
-def _converted_directory(builtin: BuiltinModel, gguf_path: Path) -> Path:
-    """``<cache>/models/<name>``, converted from the GGUF file on first use (process-safe)."""
-    target = cache_root() / "models" / builtin.name
-    if _is_complete(target):
-        return target
-    for module, install in (("gguf", builtin.install), ("accelerate", "pip install accelerate")):
-        if importlib.util.find_spec(module) is None:
-            raise UserError(
-                f"converting '{builtin.name}' from GGUF needs the package '{module}'; "
-                f"install it with: {install}"
-            )
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with _file_lock(target.parent / f".{builtin.name}.lock") as locked:
-            if not _is_complete(target):  # another process may have finished while we waited
-                if locked:  # staging dirs left by killed conversions (no live one holds the lock)
-                    for stale in target.parent.glob(f".{target.name}.tmp-*"):
-                        shutil.rmtree(stale, ignore_errors=True)
-                _convert_gguf(gguf_path, target)
-    except PermissionError as error:
-        raise UserError(
-            f"cannot write the model cache at '{target.parent}' ({error.strerror}); "
-            "set LORAKIT_CACHE to a writable directory"
-        ) from None
-    return target
-
-
-def _is_complete(directory: Path) -> bool:
-    """A converted directory is complete once it exists with its marker (it appears by rename)."""
-    if not directory.exists():
-        return False
-    if not (directory / CONVERSION_MARKER).is_file():
-        raise UserError(
-            f"model cache '{directory}' is incomplete or not made by lorakit; delete it and retry"
-        )
-    return True
-
-
-@contextlib.contextmanager
-def _file_lock(lock_path: Path) -> Iterator[bool]:
-    """An exclusive advisory lock (POSIX ``flock``), so racing processes convert only once.
-    Yields whether the lock is held: without ``fcntl`` (Windows) there is none, and the atomic
-    rename alone keeps the cache whole."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield False
-        return
-    with open(lock_path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _convert_gguf(gguf_path: Path, target: Path) -> None:
-    """Dequantise ``gguf_path`` into a plain fp32 transformers directory at ``target``.
-
-    A GGUF-loaded model refuses ``save_pretrained`` ("quantized with gguf"), so the weights move
-    into a fresh model built from the same config without ``quantization_config``
-    (``load_state_dict(strict=True)``, tied embeddings kept). Written into a temporary directory
-    beside ``target`` and renamed into place, so a reader never sees half a model.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    print(f"lorakit: converting {gguf_path.name} to {target} (once, ~30 s) ...", file=sys.stderr)
-    folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32, local_files_only=True
-    )
-    config_dict = gguf_model.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config = type(gguf_model.config).from_dict(config_dict)
-    plain_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain_model.load_state_dict(gguf_model.state_dict(), strict=True)
-    del gguf_model
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    plain_model.config.pad_token_id = tokenizer.pad_token_id
-
-    marker = {"source": gguf_path.name, "version": CONVERSION_VERSION}
-    _publish_directory(target, marker, plain_model.save_pretrained, tokenizer.save_pretrained)
-
-
-def _publish_directory(
-    target: Path, marker: dict[str, object], *writers: Callable[[Path], object]
-) -> None:
-    """Run each ``writer(staging_dir)``, add the ``marker`` JSON, and rename the staging directory to
-    ``target``. If another process published ``target`` first, ours is discarded; on any error the
-    staging directory is removed and ``target`` is left untouched."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        for write in writers:
-            write(staging)
-        (staging / CONVERSION_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        os.chmod(staging, 0o755)  # mkdtemp makes it 0700; the cache is readable like ~/.cache
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not _is_complete(target):
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def check_model_spec(spec: str | os.PathLike[str], task: str = "causal-lm") -> None:
