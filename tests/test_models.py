@@ -109,7 +109,10 @@ def test_publish_is_atomic_and_tolerates_a_race(tmp_path: Path) -> None:
         (directory / "config.json").write_text("{}")
 
     model_cache.publish_directory(target, {"version": 1}, write)
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", model_cache.CONVERSION_MARKER]
+    assert sorted(p.name for p in target.iterdir()) == [
+        "config.json",
+        model_cache.CONVERSION_MARKER,
+    ]
     assert json.loads((target / model_cache.CONVERSION_MARKER).read_text()) == {"version": 1}
     # A second publisher losing the race keeps the winner's directory and leaves no staging dir.
     model_cache.publish_directory(target, {"version": 2}, write)
