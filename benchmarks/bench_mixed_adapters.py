@@ -1,4 +1,4 @@
-"""Workload 3 of BENCHMARKS.md: mixed-adapter batches.
+"""Workload 3 of docs/performance.md: mixed-adapter batches.
 
 One forward of a batch whose sequences each use their own adapter, drawn from a pool of 1, 8,
 32 or 128 adapters by identical / uniform / distinct / zipf(1.5) choice: prefill (8 x 64) and

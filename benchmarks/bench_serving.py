@@ -1,4 +1,4 @@
-"""Workload 6 of BENCHMARKS.md: serving many adapters with the engine.
+"""Workload 6 of docs/performance.md: serving many adapters with the engine.
 
 Requests arrive as a Poisson process (``--rate`` per second), each asks for an adapter drawn by
 zipf(``--zipf``) over 1, 8 or 64 adapters (S-LoRA's generator), with prompt and output lengths

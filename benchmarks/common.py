@@ -1,6 +1,6 @@
 """Shared benchmark machinery: SmolLM2-135M shapes, A B A B timing, memory probes, JSON output.
 
-Timing rule (docs/BENCHMARKS.md): every contender runs in this one process, after a warm-up,
+Timing rule (docs/performance.md, "How we measure"): every contender runs in this one process, after a warm-up,
 in alternation (A B C A B C ...), and the reported time is the median over the repeats; ratios
 are taken between medians measured side by side.
 """

@@ -1,4 +1,4 @@
-"""Experiment 1: the intrinsic dimension d90 of a real task, next to the parameter count.
+"""Experiment 5: the intrinsic dimension d90 of a real task, next to the parameter count.
 
 Random-subspace training (Li et al. 2018) with SAID's per-tensor scales (Aghajanyan et al. 2020):
 every parameter of the six MiniLM blocks (D = 10.6M numbers, 96 tensors) is
@@ -6,7 +6,7 @@ every parameter of the six MiniLM blocks (D = 10.6M numbers, 96 tensors) is
 tuned), plus the 770-parameter head (lr 1e-2), which trains in every setting. d is swept over
 ``DIMENSIONS`` for seeds 0, 1, 2 (a SAID step costs ~3.6x a full fine-tuning step on one core:
 each seed is ~10 minutes; the subspace seed = the run seed). The frozen-backbone baseline is the head trained alone with the same
-loop (experiment 0, results/probe.json). d90 = the smallest d whose mean accuracy reaches 90% of full
+loop (experiment 1, results/probe.json). d90 = the smallest d whose mean accuracy reaches 90% of full
 fine-tuning's (results/full_finetune.json); also reported against the gain over that baseline,
 because on a binary task 90% of the accuracy is close to chance + probe.
 Writes results/intrinsic_dimension.json and intrinsic_dimension.png.

@@ -1,5 +1,5 @@
-"""Experiment 4: the seed's claim — all linear layers at low rank vs q/v only at high rank, for the
-same number of trainable parameters.
+"""Experiment 4: a common rule of thumb tested — all linear layers at low rank vs q/v only at high
+rank, for the same number of trainable parameters.
 
 In a MiniLM block (d_model 384, d_ffn 1536) one rank of LoRA costs 768 parameters on each of
 query/key/value/attention-output and 1920 on each MLP matrix: all six at r = 4 cost

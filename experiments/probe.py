@@ -1,4 +1,4 @@
-"""Experiment 0: the frozen-backbone baseline — a linear probe on MiniLM's mean-pooled embedding.
+"""Experiment 1: the frozen-backbone baseline — a linear probe on MiniLM's mean-pooled embedding.
 
 The 384-number sentence embedding of every review is computed once with the pretrained model
 (eval mode), then only the 2-way head (770 parameters) trains, to convergence: full-batch AdamW,

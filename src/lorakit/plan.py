@@ -12,7 +12,7 @@ optimizer states only, activations not included)::
     base + N adapters = P_base * b_dtype + N * P_trainable * b_dtype
 
 For Llama-2-7B (float16) with r=16 on all seven projections: P_base = 6,738,415,616, so full
-fine-tuning needs 107.8 GB of trainable state (the seed rounds P_base to 7B: ~112 GB), the frozen
+fine-tuning needs 107.8 GB of trainable state (rounding P_base to 7B gives the ~112 GB often quoted), the frozen
 float16 base 13.5 GB (~14 GB) and the 39,976,960 adapter parameters 0.64 GB.
 """
 
