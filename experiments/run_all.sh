@@ -12,8 +12,8 @@ python experiments/placement.py                  # 4: all linear at low r vs q/v
 python experiments/intrinsic_dimension.py --seed 0   # 5: d90 by SAID, seed 0 of every d first
 python experiments/intrinsic_dimension.py --seed 1
 python experiments/intrinsic_dimension.py --seed 2
-python experiments/probe.py                      # 0 again: adds the tuned probe (grid chosen on eval)
+python experiments/probe.py                      # 1 again: adds the tuned probe (grid chosen on eval)
 python experiments/lora_r64_lower_lr.py          # 3, follow-up: r = 64 at a 4x smaller lr
-python experiments/smollm2_rank.py --seed 0   # 2-4 on SmolLM2-135M: zero-shot, full FT, LoRA r = 1, 4, 16, q/v
+python experiments/smollm2_rank.py --seed 0   # 6: 2-4 on SmolLM2-135M: zero-shot, full FT, LoRA r = 1, 4, 16, q/v
 python experiments/smollm2_rank.py --seed 1   # (one seed at a time: every setting has
 python experiments/smollm2_rank.py --seed 2   #  seeds 0 and 1 before seed 2 starts)
