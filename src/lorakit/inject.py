@@ -23,7 +23,14 @@ from lorakit.state import (
     set_active,
     state_of,
 )
-from lorakit.targets import SEQ_CLS_HEADS, find_targets, matches, model_modules, no_match_message
+from lorakit.targets import (
+    SEQ_CLS_HEADS,
+    check_every_entry_matches,
+    find_targets,
+    matches,
+    model_modules,
+    no_match_message,
+)
 
 __all__ = ["add_planned_adapter", "inject", "unload"]
 
@@ -38,6 +45,7 @@ def inject(
     adapter_dtype: torch.dtype | None = None,
     activate: bool = True,
     initialize: bool = True,
+    strict_targets: bool = True,
 ) -> nn.Module:
     """Add adapter ``adapter_name`` described by ``config`` to ``model`` (in place) and return it.
 
@@ -47,11 +55,18 @@ def inject(
     adapter tensors uninitialised, for callers that copy values in right away (loading a file).
     New LoRA layers take the training mode of the module they wrap: in an eval-mode model LoRA
     dropout stays off until ``model.train()``.
+
+    ``strict_targets``: every entry of a list ``target_modules`` must match a module, else
+    ``TargetModulesError`` names the entries and the closest module names (a typo is not
+    dropped silently, as PEFT does when another entry matches). False accepts such entries,
+    as PEFT does (for configs written elsewhere, e.g. for another model family).
     """
     _check_adapter_name(model, adapter_name)
     targets = find_targets(model, config)
     if not targets:
         raise ValueError(no_match_message(model, config))
+    if strict_targets:
+        check_every_entry_matches(model, config)
     add_planned_adapter(
         model,
         config,

@@ -20,6 +20,10 @@ Deliberate differences from PEFT (docs/migrating-from-peft.md):
   the exact base output even while merged and never unmerges or changes a weight.
 - ``from_pretrained`` / ``load_adapter`` refuse an adapter saved on different base weights
   (``allow_base_mismatch=True`` overrides).
+- ``get_peft_model`` / ``add_adapter`` refuse a ``target_modules`` list with an entry that
+  matches no module (PEFT drops it silently when another entry matches).
+- New LoRA layers take the training mode of the module they wrap (PEFT's dropout starts in
+  train mode even in an eval-mode model).
 """
 
 from __future__ import annotations
