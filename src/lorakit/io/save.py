@@ -132,7 +132,8 @@ def save_merged_model(
     transformers directory (``AutoModel*.from_pretrained`` loads it without lorakit).
 
     The model is changed in place (it becomes the merged plain model) and returned. Files are
-    written to a temporary directory beside ``directory`` and then moved in with ``os.replace``.
+    written to a temporary directory beside ``directory`` and then moved in with ``os.replace``,
+    with the permissions of any new file there (``0666 & ~umask``).
     """
     from lorakit.merge import merge_and_unload
 
@@ -147,7 +148,10 @@ def save_merged_model(
             tokenizer.save_pretrained(staging)
         target.mkdir(exist_ok=True)
         written = sorted(staging.iterdir())
+        mode = atomic.new_file_mode(target)  # save_pretrained writes weights 0600 (mkstemp)
         for path in written:
+            if path.is_file():
+                path.chmod(mode)
             os.replace(path, target / path.name)
         _remove_stale_weights(target, {path.name for path in written})
     finally:
