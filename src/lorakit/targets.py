@@ -156,18 +156,23 @@ def find_targets(
     return targets
 
 
-def no_match_message(model: nn.Module, config: LoraConfig) -> str:
-    """An error message for a config that matched nothing: what was asked, what exists."""
-    spec = resolved_target_spec(model, config)
-    requested = [spec] if isinstance(spec, str) else list(spec)
-    leaf_names = sorted({name.rsplit(".", 1)[-1] for name, _ in model_modules(model) if name})
-    adaptable = sorted(
+def _adaptable_leaf_names(model: nn.Module) -> list[str]:
+    """The last name parts of the modules lorakit can adapt (for error messages), sorted."""
+    return sorted(
         {
             name.rsplit(".", 1)[-1]
             for name, module in model_modules(model)
             if name and (is_linear(module) or isinstance(module, nn.Embedding))
         }
     )
+
+
+def no_match_message(model: nn.Module, config: LoraConfig) -> str:
+    """An error message for a config that matched nothing: what was asked, what exists."""
+    spec = resolved_target_spec(model, config)
+    requested = [spec] if isinstance(spec, str) else list(spec)
+    leaf_names = sorted({name.rsplit(".", 1)[-1] for name, _ in model_modules(model) if name})
+    adaptable = _adaptable_leaf_names(model)
     close = sorted(
         {
             hit
@@ -215,13 +220,7 @@ def _unmatched_message(model: nn.Module, unmatched: list[str], names: list[str])
         close = difflib.get_close_matches(entry, endings, n=1, cutoff=0.6)
         if close:
             hints.append(f"{entry!r}: did you mean {close[0]!r}?")
-    adaptable = sorted(
-        {
-            name.rsplit(".", 1)[-1]
-            for name, module in model_modules(model)
-            if name and (is_linear(module) or isinstance(module, nn.Embedding))
-        }
-    )
+    adaptable = _adaptable_leaf_names(model)
     message = (
         f"target_modules entries {unmatched} match no module of this {type(model).__name__} "
         "(every entry of a target_modules list must be the full name of a module or its last "
