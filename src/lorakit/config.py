@@ -47,8 +47,9 @@ class LoraConfig:
     """Numerator of the scaling ``s``."""
     target_modules: str | list[str] | None = None
     """A string is a regex matched against the WHOLE module name; a list matches names equal to
-    an entry or ending in ``"." + entry``; ``"all-linear"`` is every Linear/Conv1D except the
-    output embedding (and, for ``SEQ_CLS``, the classification head)."""
+    an entry or ending in ``"." + entry`` (``inject`` refuses an entry that matches no module);
+    ``"all-linear"`` is every Linear/Conv1D except the output embedding (and, for ``SEQ_CLS``,
+    the classification head)."""
     exclude_modules: str | list[str] | None = None
     """Same matching rules as ``target_modules``; matching modules are never adapted."""
     lora_dropout: float = 0.0

@@ -82,6 +82,8 @@ def _train(model, tokenizer, settings: DemoSettings, output: Path):
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=SEVEN_PROJECTIONS,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=settings.model,  # the spec, not the cache path
     )
     lorakit.inject(model, config)
     counts = lorakit.count_parameters(model)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["AdapterFileError", "BaseModelMismatchError", "UserError"]
+__all__ = ["AdapterFileError", "BaseModelMismatchError", "TargetModulesError", "UserError"]
 
 
 class UserError(Exception):
@@ -15,3 +15,7 @@ class AdapterFileError(UserError, ValueError):
 
 class BaseModelMismatchError(AdapterFileError):
     """The adapter was trained on different base weights than the model it is loaded onto."""
+
+
+class TargetModulesError(UserError, ValueError):
+    """A ``target_modules`` list with entries that name no module of the model (a typo)."""

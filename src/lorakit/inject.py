@@ -23,7 +23,14 @@ from lorakit.state import (
     set_active,
     state_of,
 )
-from lorakit.targets import SEQ_CLS_HEADS, find_targets, matches, model_modules, no_match_message
+from lorakit.targets import (
+    SEQ_CLS_HEADS,
+    check_every_entry_matches,
+    find_targets,
+    matches,
+    model_modules,
+    no_match_message,
+)
 
 __all__ = ["add_planned_adapter", "inject", "unload"]
 
@@ -38,6 +45,7 @@ def inject(
     adapter_dtype: torch.dtype | None = None,
     activate: bool = True,
     initialize: bool = True,
+    strict_targets: bool = True,
 ) -> nn.Module:
     """Add adapter ``adapter_name`` described by ``config`` to ``model`` (in place) and return it.
 
@@ -45,11 +53,20 @@ def inject(
     otherwise the base dtype) on the base weight's device. With ``activate`` the new adapter
     becomes the only active one and the only trainable one. ``initialize=False`` leaves the
     adapter tensors uninitialised, for callers that copy values in right away (loading a file).
+    New LoRA layers take the training mode of the module they wrap: in an eval-mode model LoRA
+    dropout stays off until ``model.train()``.
+
+    ``strict_targets``: every entry of a list ``target_modules`` must match a module, else
+    ``TargetModulesError`` names the entries and the closest module names (a typo is not
+    dropped silently, as PEFT does when another entry matches). False accepts such entries,
+    as PEFT does (for configs written elsewhere, e.g. for another model family).
     """
     _check_adapter_name(model, adapter_name)
     targets = find_targets(model, config)
     if not targets:
         raise ValueError(no_match_message(model, config))
+    if strict_targets:
+        check_every_entry_matches(model, config)
     add_planned_adapter(
         model,
         config,
@@ -102,6 +119,7 @@ def add_planned_adapter(
     for name, layer in current.items():
         if not isinstance(layer, LoraLayer):
             layer = wrap(layer, name)
+            layer.training = layer.base_layer.training  # a new wrapper takes the module's mode
             _replace(model, name, layer)
         layer.add_adapter(
             adapter_name,
@@ -113,17 +131,30 @@ def add_planned_adapter(
             dtype=adapter_dtype or _default_adapter_dtype(layer.base_layer.weight.dtype),
             values=factors.get(name),
         )
+        _give_layer_mode(layer, adapter_name)
     for name in saved_names:
         wrapper = model.get_submodule(name)
         if not isinstance(wrapper, ModulesToSave):
             wrapper = ModulesToSave(wrapper)
             _replace(model, name, wrapper)
-        wrapper.add_adapter(adapter_name)
+        wrapper.add_adapter(adapter_name)  # a copy of the original: its modes included
+        wrapper.training = wrapper.modules_to_save.training = wrapper.original_module.training
     state.configs[adapter_name] = config
     if activate or len(state.configs) == 1:
         set_active(model, [adapter_name])
     else:  # a new inactive adapter's tensors are frozen; nothing else changes
         _freeze_adapter(model, adapter_name, [*targets, *saved_names])
+
+
+def _give_layer_mode(layer: LoraLayer, adapter_name: str) -> None:
+    """The layer's training mode (dropout on or off) to its adapter containers and to the new
+    adapter's modules; the work does not grow with the number of adapters on the layer."""
+    for container in layer.children():
+        if container is layer.base_layer:
+            continue
+        container.training = layer.training
+        if isinstance(container, nn.ModuleDict) and adapter_name in container:
+            container[adapter_name].train(layer.training)
 
 
 def _freeze_adapter(model: nn.Module, adapter_name: str, module_names: list[str]) -> None:

@@ -20,6 +20,10 @@ Deliberate differences from PEFT (docs/migrating-from-peft.md):
   the exact base output even while merged and never unmerges or changes a weight.
 - ``from_pretrained`` / ``load_adapter`` refuse an adapter saved on different base weights
   (``allow_base_mismatch=True`` overrides).
+- ``get_peft_model`` / ``add_adapter`` refuse a ``target_modules`` list with an entry that
+  matches no module (PEFT drops it silently when another entry matches).
+- New LoRA layers take the training mode of the module they wrap (PEFT's dropout starts in
+  train mode even in an eval-mode model).
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.training = model.training  # the wrapper reports the model's mode
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -105,7 +110,9 @@ class PeftModel(nn.Module):
     ) -> PeftModel:
         """Load the adapter saved in directory ``model_id`` onto ``model`` and wrap it.
 
-        ``is_trainable=False`` (PEFT's default) loads it frozen, for inference.
+        ``is_trainable=False`` (PEFT's default) loads it frozen, for inference, and puts the
+        whole model in eval mode (dropout off), as PEFT does. ``is_trainable=True`` leaves the
+        model's mode as it was; the new LoRA layers take the mode of the modules they wrap.
         """
         wrapper = cls(model)
         wrapper.load_adapter(
@@ -125,12 +132,14 @@ class PeftModel(nn.Module):
         allow_base_mismatch: bool = False,
     ) -> None:
         """Load another adapter from directory ``model_id``; the active adapters stay as they
-        were (unless the model had none). Frozen unless ``is_trainable``."""
+        were (unless the model had none). Unless ``is_trainable``: frozen, and the whole model
+        in eval mode, as PEFT does."""
         from lorakit.io import load_adapter
 
         load_adapter(self.model, model_id, adapter_name, allow_base_mismatch=allow_base_mismatch)
         if not is_trainable:
             _freeze_adapter(self.model, adapter_name)
+            self.eval()
 
     def save_pretrained(
         self,

@@ -2,6 +2,8 @@
 
 - ``target_modules`` as a string: a regex that must match the WHOLE module name.
 - as a list: a name equal to an entry or ending in ``"." + entry`` (entries are not regexes).
+  ``check_every_entry_matches`` refuses a list with an entry that names no module (a typo that
+  PEFT drops silently when another entry matches).
 - ``"all-linear"``: every ``nn.Linear`` / ``Conv1D`` except the output embedding and, for
   ``SEQ_CLS``, the ``score`` / ``classifier`` head.
 - ``exclude_modules``: the same rules, removing matches.
@@ -19,12 +21,14 @@ from collections.abc import Iterator, Mapping
 from torch import nn
 
 from lorakit.config import LoraConfig
+from lorakit.errors import TargetModulesError
 from lorakit.layers import LoraLayer, ModulesToSave, is_linear
 from lorakit.state import walk_modules
 
 __all__ = [
     "DEFAULT_TARGETS",
     "SEQ_CLS_HEADS",
+    "check_every_entry_matches",
     "find_targets",
     "matches",
     "model_modules",
@@ -152,18 +156,23 @@ def find_targets(
     return targets
 
 
-def no_match_message(model: nn.Module, config: LoraConfig) -> str:
-    """An error message for a config that matched nothing: what was asked, what exists."""
-    spec = resolved_target_spec(model, config)
-    requested = [spec] if isinstance(spec, str) else list(spec)
-    leaf_names = sorted({name.rsplit(".", 1)[-1] for name, _ in model_modules(model) if name})
-    adaptable = sorted(
+def _adaptable_leaf_names(model: nn.Module) -> list[str]:
+    """The last name parts of the modules lorakit can adapt (for error messages), sorted."""
+    return sorted(
         {
             name.rsplit(".", 1)[-1]
             for name, module in model_modules(model)
             if name and (is_linear(module) or isinstance(module, nn.Embedding))
         }
     )
+
+
+def no_match_message(model: nn.Module, config: LoraConfig) -> str:
+    """An error message for a config that matched nothing: what was asked, what exists."""
+    spec = resolved_target_spec(model, config)
+    requested = [spec] if isinstance(spec, str) else list(spec)
+    leaf_names = sorted({name.rsplit(".", 1)[-1] for name, _ in model_modules(model) if name})
+    adaptable = _adaptable_leaf_names(model)
     close = sorted(
         {
             hit
@@ -180,3 +189,43 @@ def no_match_message(model: nn.Module, config: LoraConfig) -> str:
         message += f" Closest module names: {close}."
     message += f" Adaptable modules (last name part): {adaptable[:20]}."
     return message
+
+
+def check_every_entry_matches(
+    model: nn.Module, config: LoraConfig, modules: Mapping[str, nn.Module] | None = None
+) -> None:
+    """Raise ``TargetModulesError`` if an entry of a list ``config.target_modules`` matches no
+    module of ``model`` (PEFT's list rule, before ``exclude_modules`` and layer selection), naming
+    each such entry and the closest module names. A regex string, "all-linear" and an unset
+    ``target_modules`` are not checked entry by entry. ``modules``: ``dict(model_modules(model))``
+    when the caller has it."""
+    if not isinstance(config.target_modules, list):
+        return
+    names = [name for name, _ in (model_modules(model) if modules is None else modules.items())]
+    names = [name for name in names if name]
+    unmatched = [
+        entry
+        for entry in config.target_modules
+        if not any(matches([entry], name) for name in names)
+    ]
+    if unmatched:
+        raise TargetModulesError(_unmatched_message(model, unmatched, names))
+
+
+def _unmatched_message(model: nn.Module, unmatched: list[str], names: list[str]) -> str:
+    hints = []
+    for entry in unmatched:
+        depth = entry.count(".") + 1  # compare with name endings of as many parts
+        endings = sorted({".".join(name.split(".")[-depth:]) for name in names})
+        close = difflib.get_close_matches(entry, endings, n=1, cutoff=0.6)
+        if close:
+            hints.append(f"{entry!r}: did you mean {close[0]!r}?")
+    adaptable = _adaptable_leaf_names(model)
+    message = (
+        f"target_modules entries {unmatched} match no module of this {type(model).__name__} "
+        "(every entry of a target_modules list must be the full name of a module or its last "
+        "dotted parts)."
+    )
+    if hints:
+        message += " " + " ".join(hints)
+    return message + f" Adaptable modules (last name part): {adaptable[:20]}."

@@ -60,6 +60,12 @@ def _print_report(extraction) -> None:
         )
 
 
+def _is_causal_lm(model) -> bool:
+    from transformers import GenerationMixin
+
+    return isinstance(model, GenerationMixin) and not model.config.is_encoder_decoder
+
+
 def run(args: argparse.Namespace) -> int:
     _check(args)
     from lorakit.analysis.extract import apply_extraction, extract_lora
@@ -74,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise UserError(f"extract: {error}") from error
-    extraction.config.base_model_name_or_path = str(args.base)
+    extraction.config.base_model_name_or_path = str(args.base)  # the spec as given
+    if _is_causal_lm(base):  # what peft's AutoPeftModelForCausalLM needs to open it
+        extraction.config.task_type = "CAUSAL_LM"
     del finetuned
     model = apply_extraction(base, extraction)
     directory = save_adapter(model, args.output)

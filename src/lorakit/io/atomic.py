@@ -2,17 +2,20 @@
 
 A reader (or a crash at any moment) sees either the old file or the complete new one, never a
 partial file. A crash may leave a ``.<name>.*.tmp`` file behind; the next save removes those.
+Files get the permissions of any new file (``0666 & ~umask``), not ``mkstemp``'s 0600, so other
+users or a serving container can read them where the umask allows.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
+import stat
 import time
 from pathlib import Path
 
-__all__ = ["write_bytes", "write_files", "write_text"]
+__all__ = ["new_file_mode", "write_bytes", "write_files", "write_text"]
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -44,8 +47,32 @@ def write_files(files: dict[str | os.PathLike[str], bytes]) -> None:
         _fsync_directory(directory)
 
 
+def _create_new_file(directory: Path, prefix: str) -> tuple[int, str]:
+    """``(fd, path)`` of a new file ``<prefix><random>.tmp`` in ``directory``, opened for writing,
+    created with mode 0666 so that the umask (and any default ACL) applies as to any new file."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        path = os.path.join(directory, f"{prefix}{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file in {directory}")
+
+
+def new_file_mode(directory: str | os.PathLike[str]) -> int:
+    """The permission bits a new file in ``directory`` gets (``0666 & ~umask`` without default
+    ACLs), found by creating one: reading the umask would change it for every thread."""
+    fd, probe = _create_new_file(Path(directory), ".mode-probe.")
+    try:
+        return stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
 def _write_temporary(target: Path, data: bytes) -> str:
-    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, temporary = _create_new_file(target.parent, f".{target.name}.")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

@@ -42,10 +42,12 @@ def _config_of(model: nn.Module, adapter_name: str) -> LoraConfig:
 
 def _vocabulary_resized(model: nn.Module, config: LoraConfig) -> bool:
     """True when the base model's local ``config.json`` has another ``vocab_size`` (what PEFT
-    checks; without a local base directory nothing can be compared and False is returned)."""
-    base = config.base_model_name_or_path or getattr(model, "name_or_path", None)
+    checks; without a local base directory nothing can be compared and False is returned). The
+    config's base may be a built-in's name; the directory the model was loaded from is then used."""
+    candidates = (config.base_model_name_or_path, getattr(model, "name_or_path", None))
+    base = next((c for c in candidates if c and (Path(c) / "config.json").is_file()), None)
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
-    if not base or vocab_size is None or not (Path(base) / "config.json").is_file():
+    if base is None or vocab_size is None:
         return False
     base_vocab = json.loads((Path(base) / "config.json").read_text()).get("vocab_size")
     return base_vocab is not None and base_vocab != vocab_size
@@ -132,7 +134,8 @@ def save_merged_model(
     transformers directory (``AutoModel*.from_pretrained`` loads it without lorakit).
 
     The model is changed in place (it becomes the merged plain model) and returned. Files are
-    written to a temporary directory beside ``directory`` and then moved in with ``os.replace``.
+    written to a temporary directory beside ``directory`` and then moved in with ``os.replace``,
+    with the permissions of any new file there (``0666 & ~umask``).
     """
     from lorakit.merge import merge_and_unload
 
@@ -147,7 +150,10 @@ def save_merged_model(
             tokenizer.save_pretrained(staging)
         target.mkdir(exist_ok=True)
         written = sorted(staging.iterdir())
+        mode = atomic.new_file_mode(target)  # save_pretrained writes weights 0600 (mkstemp)
         for path in written:
+            if path.is_file():
+                path.chmod(mode)
             os.replace(path, target / path.name)
         _remove_stale_weights(target, {path.name for path in written})
     finally:

@@ -57,7 +57,8 @@ def prepare_for_serving(model: nn.Module, target_modules: str | list[str] = "all
     number of LoRA layers the model now has. Uses lorakit's injection rules (PEFT's matching).
     """
     config = LoraConfig(r=1, lora_alpha=1, target_modules=target_modules)
-    inject(model, config, adapter_name=_PLACEHOLDER, activate=False)
+    # strict_targets=False: the union of the adapters' lists may name modules this model lacks
+    inject(model, config, adapter_name=_PLACEHOLDER, activate=False, strict_targets=False)
     delete_adapter(model, _PLACEHOLDER)
     model.requires_grad_(False)
     return sum(1 for _ in lora_layers(model))

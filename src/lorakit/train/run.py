@@ -14,6 +14,9 @@ __all__ = ["train_from_settings"]
 
 
 def _lora_config(settings: dict[str, Any]):
+    """The adapter's config. ``task_type`` CAUSAL_LM lets peft's ``AutoPeftModelForCausalLM``
+    open the adapter; the base is recorded as the user gave it (a built-in's name, not its cache
+    path; a local directory as written)."""
     from lorakit import LoraConfig
 
     try:
@@ -22,6 +25,8 @@ def _lora_config(settings: dict[str, Any]):
             lora_alpha=settings["alpha"],
             lora_dropout=settings["dropout"],
             target_modules=settings["target_modules"],
+            task_type="CAUSAL_LM",
+            base_model_name_or_path=str(settings["model"]),
         )
     except (ValueError, TypeError) as error:
         raise UserError(f"invalid LoRA settings: {error}") from None
