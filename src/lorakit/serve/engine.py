@@ -262,8 +262,12 @@ class Engine:
         for row, request in enumerate(self._running):
             if request.cancelled:
                 self._finish(request, "cancelled")
-            else:
+                continue
+            try:
                 self._accept(request, logits[row])
+            except Exception as error:  # this row's sampling or text: end this request alone
+                log.exception("request %d failed in a decode step", request.id)
+                self._finish(request, "error", f"{type(error).__name__}: {error}", kind=INTERNAL)
         keep = [row for row, request in enumerate(self._running) if not request.done]
         if len(keep) < len(self._running):
             self._running = [self._running[row] for row in keep]
