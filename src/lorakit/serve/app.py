@@ -19,15 +19,14 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from jinja2.exceptions import TemplateError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from lorakit.errors import UserError
-from lorakit.serve import protocol, responses
+from lorakit.serve import prompts, protocol, responses
 from lorakit.serve.bank import AdapterInUseError, BankFullError
 from lorakit.serve.engine import Engine
-from lorakit.serve.protocol import APIError, CompletionJob
+from lorakit.serve.protocol import APIError
 from lorakit.serve.registry import AdapterNameError, ServedAdapters
 
 __all__ = ["ServerSettings", "create_app"]
@@ -79,6 +78,7 @@ def create_app(
             "adapter_evictions": bank.evictions,
             "max_running_batch": engine.stats.max_running,
             "joined_running_batch": engine.stats.joined_running,
+            "cancelled_requests": engine.stats.cancelled,
         }
 
     @app.get("/v1/models")
@@ -101,8 +101,14 @@ def create_app(
         body = protocol.parse_body(await request.body(), settings.max_body_bytes)
         job = protocol.parse_job(body, chat=chat, max_tokens_limit=settings.max_tokens_limit)
         adapter = await _adapter_for(job.model, adapters, settings)
-        prompt_ids = _prompt_ids(job, tokenizer, settings)
-        return await responses.answer(engine, job, prompt_ids, adapter)
+        prompt_ids = await run_in_threadpool(  # bounded work, but never on the event loop
+            prompts.prompt_ids,
+            job,
+            tokenizer,
+            max_prompt_tokens=settings.max_prompt_tokens,
+            max_positions=settings.max_positions,
+        )
+        return await responses.answer(engine, job, prompt_ids, adapter, request.receive)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -154,7 +160,9 @@ def _add_admin_routes(app: FastAPI, adapters: ServedAdapters, settings: ServerSe
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, error: APIError) -> JSONResponse:
-        return JSONResponse(protocol.error_body(error), status_code=error.status)
+        return JSONResponse(
+            protocol.error_body(error), status_code=error.status, headers=error.headers
+        )
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
@@ -220,47 +228,3 @@ async def _adapter_for(
             404, f"the model {model!r} does not exist", param="model", code="model_not_found"
         ) from None
     return model
-
-
-def _prompt_ids(job: CompletionJob, tokenizer, settings: ServerSettings) -> list[int]:
-    if job.chat:
-        if getattr(tokenizer, "chat_template", None):
-            try:
-                text = tokenizer.apply_chat_template(
-                    job.prompt, add_generation_prompt=True, tokenize=False
-                )
-            except TemplateError as error:  # e.g. Llama-2's "roles must alternate user/assistant"
-                raise APIError(
-                    400,
-                    f"the model's chat template refused the messages: {error}",
-                    param="messages",
-                ) from None
-        else:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in job.prompt) + "assistant:"
-        ids = tokenizer.encode(text)
-    elif isinstance(job.prompt, str):
-        ids = tokenizer.encode(job.prompt)
-    else:
-        ids = job.prompt
-        if any(not 0 <= t < len(tokenizer) for t in ids):
-            raise APIError(
-                400, f"prompt token ids must be in [0, {len(tokenizer)})", param="prompt"
-            )
-    if not ids:
-        raise APIError(400, "the prompt is empty", param="prompt")
-    if len(ids) > settings.max_prompt_tokens:
-        raise APIError(
-            413,
-            f"the prompt has {len(ids)} tokens; the limit is {settings.max_prompt_tokens}",
-            param="prompt",
-            code="context_length_exceeded",
-        )
-    if len(ids) + job.params.max_tokens > settings.max_positions:
-        raise APIError(
-            400,
-            f"prompt ({len(ids)} tokens) + max_tokens ({job.params.max_tokens}) exceeds the "
-            f"model's {settings.max_positions} positions",
-            param="max_tokens",
-            code="context_length_exceeded",
-        )
-    return ids
