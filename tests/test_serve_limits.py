@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 
 import pytest
+from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
 from lorakit.serve.app import ServerSettings, create_app
+from lorakit.serve.connections import ConnectionLimits
 from lorakit.serve.engine import Engine
 from lorakit.serve.prompts import max_prompt_chars
 from tests import test_serve_robustness as robust
 from tests.test_serve_robustness import assert_error, completion
+from tests.test_serve_server import free_port
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 files = robust.files  # (the module-scoped fixture: four adapters on disk)
@@ -148,11 +152,9 @@ def test_a_tiny_temperature_is_served_as_greedy(served, stream):
     assert text == greedy.json()["choices"][0]["text"]
 
 
-def post_then_leave(served, body: dict, *, when_generating: threading.Event) -> list[dict]:
-    """Call the app as a server would (ASGI), and disconnect once ``when_generating`` is set;
-    what the app sent back."""
-    raw = json.dumps(body).encode()
-    scope = {
+def completion_scope(length: int) -> dict:
+    """The ASGI scope of ``POST /v1/completions`` with a JSON body of ``length`` bytes."""
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -162,11 +164,18 @@ def post_then_leave(served, body: dict, *, when_generating: threading.Event) -> 
         "raw_path": b"/v1/completions",
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(raw))],
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % length)],
         "client": ("127.0.0.1", 40000),
         "server": ("127.0.0.1", 8000),
         "state": {},
     }
+
+
+def post_then_leave(served, body: dict, *, when_generating: threading.Event) -> list[dict]:
+    """Call the app as a server would (ASGI), and disconnect once ``when_generating`` is set;
+    what the app sent back."""
+    raw = json.dumps(body).encode()
+    scope = completion_scope(len(raw))
     sent: list[dict] = []
 
     async def main() -> None:
@@ -211,8 +220,8 @@ def test_a_client_that_leaves_cancels_its_request(served, monkeypatch, stream):
     before = engine.stats.cancelled
     body = completion(model="ad1", max_tokens=24, stream=stream)
     sent = post_then_leave(served, body, when_generating=generating)
+    robust.wait_until(lambda: engine.stats.cancelled == before + 1)  # (else: never cancelled)
     robust.wait_until(lambda: engine.load == (0, 0))
-    assert engine.stats.cancelled == before + 1
     assert len(accepted) == 1  # one token (the prefill's) of the 24 asked
     if not stream:  # (an answer for nobody: the request ended "cancelled")
         assert sent[0]["status"] == 503
@@ -266,3 +275,102 @@ def test_cancelled_requests_leave_a_full_queue_at_once(served):
         "length",
     ]
     assert third is not None
+
+
+@pytest.fixture(scope="module")
+def limited_server():
+    """A real uvicorn on 127.0.0.1 with 1-second keep-alive and request timeouts, serving a
+    two-route app (GET /, POST /echo that reads its body)."""
+    import uvicorn
+
+    app = FastAPI()
+
+    @app.get("/")
+    async def root() -> dict:
+        return {"ok": True}
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict:
+        return {"bytes": len(await request.body())}
+
+    limits = ConnectionLimits(timeout_keep_alive=1, timeout_request=1, max_header_bytes=4096)
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", **limits.uvicorn_options()
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    robust.wait_until(lambda: server.started)
+    yield port
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (a socket.timeout after 10
+    s fails the test: the server never closed it)."""
+    sock.settimeout(10)
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"",  # connects and says nothing
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Le",  # half a request head
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789",  # half a body
+    ],
+)
+def test_a_connection_without_a_whole_request_is_closed(limited_server, sent):
+    with socket.create_connection(("127.0.0.1", limited_server)) as sock:
+        sock.sendall(sent)
+        assert read_until_closed(sock) == b""  # closed, nothing answered
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_its_answer(limited_server):
+    with socket.create_connection(("127.0.0.1", limited_server)) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = read_until_closed(sock)  # answered, then closed once idle for 1 s
+    assert received.startswith(b"HTTP/1.1 200 OK") and received.endswith(b'{"ok":true}')
+
+
+def test_an_unfinished_request_head_over_the_limit_is_a_400(limited_server):
+    """h11 bounds the buffer of a head still incomplete (4096 bytes here): a client dripping
+    an endless header is answered 400 and closed, without waiting for the timeout."""
+    with socket.create_connection(("127.0.0.1", limited_server)) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8000)
+        assert read_until_closed(sock).startswith(b"HTTP/1.1 400")
+
+
+def test_connection_limits_are_checked():
+    with pytest.raises(ValueError, match="timeout_request must be > 0"):
+        ConnectionLimits(timeout_request=0)
+    with pytest.raises(ValueError, match="backlog must be >= 1"):
+        ConnectionLimits(backlog=0)
+    options = ConnectionLimits(timeout_request=7).uvicorn_options()
+    assert options["http"].timeout_request == 7 and options["limit_concurrency"] == 512
+
+
+def test_a_client_leaving_mid_body_is_not_an_internal_error(served, caplog):
+    """The request timeout closes a connection whose body is still coming; the app then reads
+    a disconnect instead of the rest of the body: quietly dropped, not logged as a crash."""
+    scope = completion_scope(100)
+    messages = [
+        {"type": "http.request", "body": b'{"model": "ad0", ', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(served.app(scope, receive, send))
+    assert [r for r in caplog.records if r.levelname == "ERROR"] == []
+    assert sent[0]["status"] == 499

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from lorakit.errors import UserError
 from lorakit.serve import prompts, protocol, responses
@@ -168,6 +169,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
         wrapped = APIError(error.status_code, str(error.detail), code=str(error.status_code))
         return JSONResponse(protocol.error_body(wrapped), status_code=error.status_code)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(_: Request, error: ClientDisconnect) -> Response:
+        # The client went away (or the request timeout closed it) before its body was read:
+        # nobody will read this answer (499: nginx's "client closed request").
+        return Response(status_code=499)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
