@@ -16,6 +16,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
+import lorakit
 from lorakit.serve.app import ServerSettings, create_app
 from lorakit.serve.connections import ConnectionLimits
 from lorakit.serve.engine import Engine
@@ -374,3 +375,54 @@ def test_a_client_leaving_mid_body_is_not_an_internal_error(served, caplog):
     asyncio.run(served.app(scope, receive, send))
     assert [r for r in caplog.records if r.levelname == "ERROR"] == []
     assert sent[0]["status"] == 499
+
+
+def serve_args(*extra: str):
+    from lorakit.cli import build_parser
+
+    return build_parser().parse_args(["serve", "--adapters", "adapters", "--model", "m", *extra])
+
+
+def test_the_admin_token_comes_from_a_file_the_environment_or_argv(tmp_path, capsys):
+    from lorakit.commands.serve import server_settings
+
+    environ = {"LORAKIT_ADMIN_TOKEN": "from-env\n"}
+    assert server_settings(serve_args(), 96, environ).admin_token == "from-env"
+    assert server_settings(serve_args(), 96, {}).admin_token is None  # admin routes disabled
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    settings = server_settings(serve_args("--admin-token-file", str(token_file)), 96, environ)
+    assert settings.admin_token == "from-file" and settings.max_prompt_tokens == 95
+    assert "warning" not in capsys.readouterr().err
+    settings = server_settings(serve_args("--admin-token", "from-argv"), 96, environ)
+    assert settings.admin_token == "from-argv"
+    assert "visible to other users (ps)" in capsys.readouterr().err
+    token_file.write_text("  \n")
+    with pytest.raises(lorakit.UserError, match="is empty"):
+        server_settings(serve_args("--admin-token-file", str(token_file)), 96, {})
+    with pytest.raises(lorakit.UserError, match="missing"):
+        server_settings(serve_args("--admin-token-file", str(tmp_path / "missing")), 96, {})
+    both = serve_args("--admin-token-file", str(token_file), "--admin-token", "x")
+    with pytest.raises(lorakit.UserError, match="not both"):
+        server_settings(both, 96, {})
+
+
+def test_serve_hands_its_connection_limits_to_uvicorn(monkeypatch):
+    import uvicorn
+
+    from lorakit.commands import serve as serve_command
+    from lorakit.serve.connections import RequestTimeoutProtocol
+
+    assert serve_command.connection_limits(serve_args()) == ConnectionLimits()  # same defaults
+    runs = []
+    monkeypatch.setattr(serve_command, "build", lambda args: "the app")
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: runs.append(options))
+    args = serve_args("--timeout-request", "3", "--timeout-keep-alive", "2", "--backlog", "64")
+    assert args.func(args) == 0
+    options = runs[0]
+    assert issubclass(options["http"], RequestTimeoutProtocol)
+    assert options["http"].timeout_request == 3.0 and options["timeout_keep_alive"] == 2.0
+    assert options["backlog"] == 64 and options["limit_concurrency"] == 512
+    assert options["h11_max_incomplete_event_size"] == 16384
+    with pytest.raises(lorakit.UserError, match="--timeout-request: timeout_request must be > 0"):
+        serve_command.connection_limits(serve_args("--timeout-request", "0"))

@@ -191,7 +191,8 @@ def _check_admin(request: Request, settings: ServerSettings) -> None:
     if not settings.admin_token:
         raise APIError(
             401,
-            "runtime adapter loading is disabled; start the server with --admin-token",
+            "runtime adapter loading is disabled; start the server with an admin token "
+            "($LORAKIT_ADMIN_TOKEN or --admin-token-file)",
             type="authentication_error",
         )
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
