@@ -5,6 +5,10 @@ and ``/v1/chat/completions`` (``model`` = an adapter name, or the base name for 
 as server-sent events ending with ``data: [DONE]``), and vLLM's admin routes
 ``POST /v1/load_lora_adapter {lora_name, lora_path}`` / ``/v1/unload_lora_adapter {lora_name}``
 behind ``Authorization: Bearer <admin token>``. Every error is OpenAI's JSON error object.
+
+Prompts are measured and tokenized in a worker thread (``prompts.prompt_ids``), never on the
+event loop; a client that disconnects cancels its request and a full waiting queue is a 429
+(``responses.answer``); connection timeouts are uvicorn's business (``connections``).
 """
 
 from __future__ import annotations
