@@ -426,3 +426,11 @@ def test_serve_hands_its_connection_limits_to_uvicorn(monkeypatch):
     assert options["h11_max_incomplete_event_size"] == 16384
     with pytest.raises(lorakit.UserError, match="--timeout-request: timeout_request must be > 0"):
         serve_command.connection_limits(serve_args("--timeout-request", "0"))
+
+
+def test_max_waiting_below_one_is_a_user_error(tmp_path, capsys):
+    from lorakit.cli import main
+
+    args = ["serve", "--model", str(tmp_path), "--adapters", str(tmp_path), "--max-waiting", "0"]
+    assert main(args) == 2
+    assert "--max-waiting must be >= 1, got 0" in capsys.readouterr().err

@@ -202,6 +202,8 @@ def build(args: argparse.Namespace):
     from lorakit.serve.engine import Engine
     from lorakit.serve.registry import AdapterRegistry, ServedAdapters
 
+    if args.max_waiting < 1:
+        raise UserError(f"--max-waiting must be >= 1, got {args.max_waiting}")
     registry = AdapterRegistry(args.adapters)
     targets, max_rank = _adapter_defaults(registry)
     if args.target_modules:
@@ -220,8 +222,6 @@ def build(args: argparse.Namespace):
     except ValueError as error:
         raise UserError(str(error)) from None
     adapters = ServedAdapters(bank, registry, model, allow_base_mismatch=args.allow_base_mismatch)
-    if args.max_waiting < 1:
-        raise UserError(f"--max-waiting must be >= 1, got {args.max_waiting}")
     engine = Engine(
         model,
         bank,

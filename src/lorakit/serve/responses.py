@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi.responses import StreamingResponse
@@ -34,6 +35,7 @@ from lorakit.serve.requests import (
 
 __all__ = ["RETRY_AFTER_SECONDS", "answer", "failure"]
 
+log = logging.getLogger(__name__)
 _DONE = ("stop", "length")
 RETRY_AFTER_SECONDS = 1  # the Retry-After of a 429 (waiting queue full)
 
@@ -111,8 +113,11 @@ def _cancel_on_disconnect(receive: Receive | None, events: EventStream) -> async
         return None
 
     async def watch() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
+        try:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # a receive that fails: the connection is gone as well
+            log.debug("receive failed while watching for a disconnect", exc_info=True)
         events.cancel()  # (no effect on a request that has already finished)
 
     return asyncio.ensure_future(watch())
