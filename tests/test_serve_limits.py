@@ -67,7 +67,7 @@ class EncodeWatch:
     def __init__(self, tokenizer, monkeypatch) -> None:
         self.lengths: list[int] = []
         self.on_event_loop: list[bool] = []
-        self.entered, self.release = threading.Event(), threading.Event()
+        self.entered, self.release, self.finished = (threading.Event() for _ in range(3))
         self.hold = False
         encode = tokenizer.encode
 
@@ -77,6 +77,7 @@ class EncodeWatch:
             if self.hold:
                 self.entered.set()
                 self.release.wait(timeout=30)
+                self.finished.set()
             return encode(text, *args, **kwargs)
 
         monkeypatch.setattr(tokenizer, "encode", watched)
@@ -122,12 +123,12 @@ def test_health_answers_while_a_prompt_is_being_tokenized(served, monkeypatch):
     try:
         assert watch.entered.wait(timeout=30)  # (deadlock guard)
         health = served.client.get("/health")
-        released_before_health = watch.release.is_set()
+        encoded_before_health = watch.finished.is_set()
     finally:
         watch.release.set()
         asking.join()
     assert health.status_code == 200 and health.json()["status"] == "ok"
-    assert not released_before_health  # /health answered while encode was still running
+    assert not encoded_before_health  # /health answered while encode was still running
     assert answers[0].status_code == 200 and watch.on_event_loop == [False]
 
 
