@@ -53,7 +53,7 @@ class RequestTimeoutProtocol(H11Protocol):
         # IDLE: no request head yet (or not all of it); SEND_BODY: the body is still coming.
         # DONE: the request is in, the app is answering: the next response re-arms the timer.
         if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
-            self.logger.info("closing a connection that sent no whole request in time")
+            self.logger.debug("closing a connection that sent no whole request in time")
             self.transport.close()
 
 
