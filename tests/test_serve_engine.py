@@ -350,3 +350,65 @@ def test_submit_after_stop_raises_instead_of_queueing_forever(served):
     with engine:  # a restarted engine serves again
         ids, _, last = engine.generate([1, 2], "a0", SamplingParams(max_tokens=2))
     assert last.finish_reason == "length" and len(ids) == 2
+
+
+def test_a_tiny_temperature_is_greedy(served):
+    """2.8e-309 is inside [0, 100] but 1 / 2.8e-309 overflows float64: the logits become inf and
+    the probabilities NaN. Such a temperature means greedy."""
+    reference, model, bank = served
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.9])
+    for temperature in (2.8e-309, 1e-300, 1e-9):
+        params = SamplingParams(temperature=temperature, seed=3)
+        assert next_token(logits, params, torch.Generator().manual_seed(3)) == 1
+    with Engine(model, bank, max_batch=4) as engine:
+        params = SamplingParams(max_tokens=6, temperature=2.8e-309, seed=4)
+        ids, _, last = engine.generate([5, 6, 7], "a1", params)
+    assert last.finish_reason == "length" and last.error is None
+    assert ids == alone_merged(reference, [5, 6, 7], "a1", 6)
+
+
+def test_a_row_failing_in_a_decode_step_ends_only_its_request(served, monkeypatch):
+    """The sampler raises for one request at its second token (a decode step, the batch
+    running): that request ends with an error, the others go on and equal their solo runs."""
+    import lorakit.serve.engine as engine_module
+
+    reference, model, bank = served
+    calls = []
+
+    def failing_for_seed_13(logits, params, generator):
+        if params.seed == 13:
+            calls.append(len(calls))
+            if len(calls) == 2:
+                raise RuntimeError("sampler on fire")
+        return next_token(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "next_token", failing_for_seed_13)
+    jobs = [([3, 4, 5], "a0", 7), ([1, 2], "a1", 8), ([9, 8, 7, 6], None, 6), ([4, 4], "a2", 5)]
+    events = {index: [] for index in range(len(jobs))}
+    finished = threading.Semaphore(0)
+
+    def collector(index):
+        def on_event(event):
+            events[index].append(event)
+            if event.finish_reason is not None:
+                finished.release()
+
+        return on_event
+
+    engine = Engine(model, bank, max_batch=4)
+    for index, (prompt, adapter, max_tokens) in enumerate(jobs):
+        seed = 13 if index == 1 else index
+        params = SamplingParams(max_tokens=max_tokens, seed=seed)
+        engine.submit(prompt, adapter, params, collector(index))
+    with engine:  # all queued before the loop starts: they run in one batch
+        for _ in jobs:
+            assert finished.acquire(timeout=60)  # (deadlock guard)
+    assert engine.stats.max_running == 4
+    failed = events[1][-1]
+    assert failed.finish_reason == "error" and failed.error_kind == "internal"
+    assert "sampler on fire" in failed.error and failed.completion_tokens == 1
+    for index in (0, 2, 3):
+        prompt, adapter, max_tokens = jobs[index]
+        assert events[index][-1].finish_reason == "length", events[index][-1]
+        got = [i for e in events[index] for i in e.token_ids]
+        assert got == alone_merged(reference, prompt, adapter, max_tokens), index

@@ -6,10 +6,14 @@ import argparse
 import logging
 import os
 import re
+import sys
+from collections.abc import Mapping
 
 from lorakit.errors import UserError
 
-__all__ = ["build", "register", "run"]
+__all__ = ["admin_token", "build", "connection_limits", "register", "run", "server_settings"]
+
+ADMIN_TOKEN_ENV = "LORAKIT_ADMIN_TOKEN"
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
@@ -35,10 +39,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--port", type=int, default=8000, help="port to listen on (default: %(default)s)"
     )
     parser.add_argument(
+        "--admin-token-file",
+        default=None,
+        help="file holding the bearer token for /v1/load_lora_adapter and "
+        f"/v1/unload_lora_adapter (default: ${ADMIN_TOKEN_ENV}; without a token they are "
+        "disabled)",
+    )
+    parser.add_argument(
         "--admin-token",
-        default=os.environ.get("LORAKIT_ADMIN_TOKEN"),
-        help="bearer token for /v1/load_lora_adapter and /v1/unload_lora_adapter "
-        "(default $LORAKIT_ADMIN_TOKEN; without one they are disabled)",
+        default=None,
+        help="the admin token itself; visible to every user in ps, so prefer "
+        f"${ADMIN_TOKEN_ENV} or --admin-token-file",
     )
     parser.add_argument(
         "--max-adapters", type=int, default=None, help="adapter slots in memory (default 8)"
@@ -61,11 +72,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-batch", type=int, default=32, help="requests decoded together at most"
     )
     parser.add_argument("--max-prompt-tokens", type=int, default=1024,
-                        help="longest prompt accepted, in tokens; at most the model's positions - 1 "
+                        help="longest prompt accepted, in tokens; at most the model's positions - 1; "
+                        "a text over 32 characters a token is refused before it is tokenized "
                         "(default: %(default)s)")  # fmt: skip
     parser.add_argument(
         "--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask"
     )
+    parser.add_argument("--max-waiting", type=int, default=128,
+                        help="requests queued for the running batch at most; more are answered "
+                        "429 with Retry-After (default: %(default)s)")  # fmt: skip
+    _add_connection_options(parser)
     parser.add_argument(
         "--allow-base-mismatch",
         action="store_true",
@@ -73,6 +89,84 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--served-model-name", default=None, help="the base model's id in the API")
     parser.set_defaults(func=run)
+
+
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+    # The defaults of serve.connections.ConnectionLimits (not imported here: uvicorn is heavy
+    # for every other command; a test checks they agree).
+    group = parser.add_argument_group("connection limits")
+    group.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                       help="seconds an idle connection stays open after a response "
+                       "(default: %(default)s)")  # fmt: skip
+    group.add_argument("--timeout-request", type=float, default=30.0,
+                       help="seconds a client has to send a whole request (head and body) after "
+                       "connecting or after its previous response; silent or slower connections "
+                       "are closed (default: %(default)s)")  # fmt: skip
+    group.add_argument("--max-header-bytes", type=int, default=16384,
+                       help="a request head still incomplete past this many bytes is refused "
+                       "(400) (default: %(default)s)")  # fmt: skip
+    group.add_argument("--max-connections", type=int, default=512,
+                       help="open connections and running requests at most; beyond, uvicorn "
+                       "answers 503 (default: %(default)s)")  # fmt: skip
+    group.add_argument("--backlog", type=int, default=256,
+                       help="connections queued by the kernel before they are accepted "
+                       "(default: %(default)s)")  # fmt: skip
+
+
+def admin_token(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> str | None:
+    """The admin token: from ``--admin-token-file``, else ``--admin-token`` (with a warning on
+    stderr: the command line shows in ps), else ``$LORAKIT_ADMIN_TOKEN``; None: admin routes
+    disabled. Surrounding whitespace (a file's newline) is dropped."""
+    environ = os.environ if environ is None else environ
+    if args.admin_token_file and args.admin_token:
+        raise UserError("give --admin-token-file or --admin-token, not both")
+    if args.admin_token_file:
+        try:
+            with open(args.admin_token_file, encoding="utf-8") as file:
+                token = file.read(64 * 1024).strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"--admin-token-file {args.admin_token_file}: {error}") from None
+        if not token:
+            raise UserError(f"--admin-token-file {args.admin_token_file} is empty")
+        return token
+    if args.admin_token:
+        print(
+            "lorakit serve: warning: --admin-token on the command line is visible to other "
+            f"users (ps); set ${ADMIN_TOKEN_ENV} or use --admin-token-file instead",
+            file=sys.stderr,
+        )
+        return args.admin_token.strip() or None
+    return environ.get(ADMIN_TOKEN_ENV, "").strip() or None
+
+
+def connection_limits(args: argparse.Namespace):
+    """The ``ConnectionLimits`` of ``args`` (``UserError`` for a value out of range)."""
+    from lorakit.serve.connections import ConnectionLimits
+
+    try:
+        return ConnectionLimits(
+            timeout_keep_alive=args.timeout_keep_alive,
+            timeout_request=args.timeout_request,
+            max_header_bytes=args.max_header_bytes,
+            max_connections=args.max_connections,
+            backlog=args.backlog,
+        )
+    except ValueError as error:
+        option = "--" + str(error).split(" ", 1)[0].replace("_", "-")
+        raise UserError(f"{option}: {error}") from None
+
+
+def server_settings(args: argparse.Namespace, positions: int, environ=None):
+    """The app's ``ServerSettings`` from ``args`` (``positions``: the model's)."""
+    from lorakit.serve.app import ServerSettings
+
+    return ServerSettings(
+        model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
+        admin_token=admin_token(args, environ),
+        max_prompt_tokens=min(args.max_prompt_tokens, positions - 1),
+        max_tokens_limit=args.max_tokens_limit,
+        max_positions=positions,
+    )
 
 
 def parse_size(text: str) -> int:
@@ -104,10 +198,12 @@ def build(args: argparse.Namespace):
     """The FastAPI app for ``args`` (model loaded, bank allocated, adapters registered)."""
     from lorakit.models import load_model
     from lorakit.serve import AdapterBank, prepare_for_serving
-    from lorakit.serve.app import ServerSettings, create_app
+    from lorakit.serve.app import create_app
     from lorakit.serve.engine import Engine
     from lorakit.serve.registry import AdapterRegistry, ServedAdapters
 
+    if args.max_waiting < 1:
+        raise UserError(f"--max-waiting must be >= 1, got {args.max_waiting}")
     registry = AdapterRegistry(args.adapters)
     targets, max_rank = _adapter_defaults(registry)
     if args.target_modules:
@@ -126,16 +222,16 @@ def build(args: argparse.Namespace):
     except ValueError as error:
         raise UserError(str(error)) from None
     adapters = ServedAdapters(bank, registry, model, allow_base_mismatch=args.allow_base_mismatch)
-    engine = Engine(model, bank, tokenizer, max_batch=args.max_batch, adapter_loader=adapters.read)
-    positions = getattr(model.config, "max_position_embeddings", None) or 2048
-    settings = ServerSettings(
-        model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
-        admin_token=args.admin_token or None,
-        max_prompt_tokens=min(args.max_prompt_tokens, positions - 1),
-        max_tokens_limit=args.max_tokens_limit,
-        max_positions=positions,
+    engine = Engine(
+        model,
+        bank,
+        tokenizer,
+        max_batch=args.max_batch,
+        adapter_loader=adapters.read,
+        max_waiting=args.max_waiting,
     )
-    return create_app(engine, adapters, tokenizer, settings)
+    positions = getattr(model.config, "max_position_embeddings", None) or 2048
+    return create_app(engine, adapters, tokenizer, server_settings(args, positions))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,5 +240,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"lorakit serve: warning: listening on {args.host}, reachable from other machines")
-    uvicorn.run(build(args), host=args.host, port=args.port, log_level="info")
+    limits = connection_limits(args)  # (checked before the model loads)
+    uvicorn.run(
+        build(args), host=args.host, port=args.port, log_level="info", **limits.uvicorn_options()
+    )
     return 0

@@ -5,6 +5,10 @@ and ``/v1/chat/completions`` (``model`` = an adapter name, or the base name for 
 as server-sent events ending with ``data: [DONE]``), and vLLM's admin routes
 ``POST /v1/load_lora_adapter {lora_name, lora_path}`` / ``/v1/unload_lora_adapter {lora_name}``
 behind ``Authorization: Bearer <admin token>``. Every error is OpenAI's JSON error object.
+
+Prompts are measured and tokenized in a worker thread (``prompts.prompt_ids``), never on the
+event loop; a client that disconnects cancels its request and a full waiting queue is a 429
+(``responses.answer``); connection timeouts are uvicorn's business (``connections``).
 """
 
 from __future__ import annotations
@@ -18,16 +22,16 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from jinja2.exceptions import TemplateError
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from lorakit.errors import UserError
-from lorakit.serve import protocol, responses
+from lorakit.serve import prompts, protocol, responses
 from lorakit.serve.bank import AdapterInUseError, BankFullError
 from lorakit.serve.engine import Engine
-from lorakit.serve.protocol import APIError, CompletionJob
+from lorakit.serve.protocol import APIError
 from lorakit.serve.registry import AdapterNameError, ServedAdapters
 
 __all__ = ["ServerSettings", "create_app"]
@@ -79,6 +83,7 @@ def create_app(
             "adapter_evictions": bank.evictions,
             "max_running_batch": engine.stats.max_running,
             "joined_running_batch": engine.stats.joined_running,
+            "cancelled_requests": engine.stats.cancelled,
         }
 
     @app.get("/v1/models")
@@ -101,8 +106,14 @@ def create_app(
         body = protocol.parse_body(await request.body(), settings.max_body_bytes)
         job = protocol.parse_job(body, chat=chat, max_tokens_limit=settings.max_tokens_limit)
         adapter = await _adapter_for(job.model, adapters, settings)
-        prompt_ids = _prompt_ids(job, tokenizer, settings)
-        return await responses.answer(engine, job, prompt_ids, adapter)
+        prompt_ids = await run_in_threadpool(  # bounded work, but never on the event loop
+            prompts.prompt_ids,
+            job,
+            tokenizer,
+            max_prompt_tokens=settings.max_prompt_tokens,
+            max_positions=settings.max_positions,
+        )
+        return await responses.answer(engine, job, prompt_ids, adapter, request.receive)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -154,12 +165,20 @@ def _add_admin_routes(app: FastAPI, adapters: ServedAdapters, settings: ServerSe
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, error: APIError) -> JSONResponse:
-        return JSONResponse(protocol.error_body(error), status_code=error.status)
+        return JSONResponse(
+            protocol.error_body(error), status_code=error.status, headers=error.headers
+        )
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
         wrapped = APIError(error.status_code, str(error.detail), code=str(error.status_code))
         return JSONResponse(protocol.error_body(wrapped), status_code=error.status_code)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(_: Request, error: ClientDisconnect) -> Response:
+        # The client went away (or the request timeout closed it) before its body was read:
+        # nobody will read this answer (499: nginx's "client closed request").
+        return Response(status_code=499)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -176,7 +195,8 @@ def _check_admin(request: Request, settings: ServerSettings) -> None:
     if not settings.admin_token:
         raise APIError(
             401,
-            "runtime adapter loading is disabled; start the server with --admin-token",
+            "runtime adapter loading is disabled; start the server with an admin token "
+            "($LORAKIT_ADMIN_TOKEN or --admin-token-file)",
             type="authentication_error",
         )
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -220,47 +240,3 @@ async def _adapter_for(
             404, f"the model {model!r} does not exist", param="model", code="model_not_found"
         ) from None
     return model
-
-
-def _prompt_ids(job: CompletionJob, tokenizer, settings: ServerSettings) -> list[int]:
-    if job.chat:
-        if getattr(tokenizer, "chat_template", None):
-            try:
-                text = tokenizer.apply_chat_template(
-                    job.prompt, add_generation_prompt=True, tokenize=False
-                )
-            except TemplateError as error:  # e.g. Llama-2's "roles must alternate user/assistant"
-                raise APIError(
-                    400,
-                    f"the model's chat template refused the messages: {error}",
-                    param="messages",
-                ) from None
-        else:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in job.prompt) + "assistant:"
-        ids = tokenizer.encode(text)
-    elif isinstance(job.prompt, str):
-        ids = tokenizer.encode(job.prompt)
-    else:
-        ids = job.prompt
-        if any(not 0 <= t < len(tokenizer) for t in ids):
-            raise APIError(
-                400, f"prompt token ids must be in [0, {len(tokenizer)})", param="prompt"
-            )
-    if not ids:
-        raise APIError(400, "the prompt is empty", param="prompt")
-    if len(ids) > settings.max_prompt_tokens:
-        raise APIError(
-            413,
-            f"the prompt has {len(ids)} tokens; the limit is {settings.max_prompt_tokens}",
-            param="prompt",
-            code="context_length_exceeded",
-        )
-    if len(ids) + job.params.max_tokens > settings.max_positions:
-        raise APIError(
-            400,
-            f"prompt ({len(ids)} tokens) + max_tokens ({job.params.max_tokens}) exceeds the "
-            f"model's {settings.max_positions} positions",
-            param="max_tokens",
-            code="context_length_exceeded",
-        )
-    return ids

@@ -30,12 +30,20 @@ from lorakit.serve.requests import (
     Event,
     EventStream,
     GenerationRequest,
+    QueueFullError,
     RequestHandle,
     failure_kind,
 )
 from lorakit.serve.sampling import SamplingParams, next_token
 
-__all__ = ["Engine", "EngineStoppedError", "Event", "EventStream", "RequestHandle"]
+__all__ = [
+    "Engine",
+    "EngineStoppedError",
+    "Event",
+    "EventStream",
+    "QueueFullError",
+    "RequestHandle",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +55,10 @@ class Engine:
     ``tokenizer``: turns generated ids into streamed text (optional: ids only);
     ``adapter_loader(name) -> (config, tensors)``: reads an adapter missing from the bank
     (``KeyError`` when unknown; None: only adapters already in the bank are served; any other
-    exception ends only that request); ``max_batch``: running requests at most.
-    ``stats`` (``EngineStats``) records how full the running batch got.
+    exception ends only that request); ``max_batch``: running requests at most;
+    ``max_waiting``: queued requests at most (None: no bound), beyond which ``submit`` raises
+    ``QueueFullError``. ``stats`` (``EngineStats``) records how full the running batch got and
+    how many requests were cancelled.
     """
 
     def __init__(
@@ -60,11 +70,13 @@ class Engine:
         max_batch: int = 32,
         adapter_loader: Loader | None = None,
         eos_token_ids: Sequence[int] | None = None,
+        max_waiting: int | None = None,
     ) -> None:
         self.model = model.eval()
         self.bank = bank
         self.tokenizer = tokenizer
         self.max_batch = max_batch
+        self.max_waiting = max_waiting
         self.adapter_loader = adapter_loader
         if eos_token_ids is None:
             eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -118,7 +130,8 @@ class Engine:
         """Queue a request; ``on_event`` is called from the engine thread for every piece.
 
         Before ``start()`` the request waits for it; after ``stop()`` this raises
-        ``EngineStoppedError``."""
+        ``EngineStoppedError``; with ``max_waiting`` requests already queued (cancelled ones
+        not counted), ``QueueFullError``."""
         if not prompt_ids:
             raise ValueError("the prompt is empty; give at least one token.")
         request = GenerationRequest(list(prompt_ids), adapter, params, on_event)
@@ -128,6 +141,13 @@ class Engine:
                     "the generation engine is stopped (the server is shutting down); no "
                     "request can be served."
                 )
+            if self.max_waiting is not None:
+                queued = sum(not r.cancelled for r in self._waiting)
+                if queued >= self.max_waiting:
+                    raise QueueFullError(
+                        f"{queued} requests are already waiting (the limit is "
+                        f"{self.max_waiting}); retry later"
+                    )
             self._waiting.append(request)
             self._wake.notify_all()
         return RequestHandle(request)
@@ -194,7 +214,14 @@ class Engine:
     def _admit(self) -> None:
         """Move waiting requests into the batch. Whatever goes wrong while one request's adapter
         is read, checked or loaded, or its prompt prefilled, ends that request with an error
-        event and touches no other request."""
+        event and touches no other request. Cancelled requests leave the queue at once, even
+        while the batch is full."""
+        with self._wake:
+            cancelled = [r for r in self._waiting if r.cancelled]
+            if cancelled:
+                self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+        for request in cancelled:
+            self._finish(request, "cancelled")
         deferred = []
         while self._waiting and len(self._running) < self.max_batch:
             with self._wake:
@@ -262,8 +289,12 @@ class Engine:
         for row, request in enumerate(self._running):
             if request.cancelled:
                 self._finish(request, "cancelled")
-            else:
+                continue
+            try:
                 self._accept(request, logits[row])
+            except Exception as error:  # this row's sampling or text: end this request alone
+                log.exception("request %d failed in a decode step", request.id)
+                self._finish(request, "error", f"{type(error).__name__}: {error}", kind=INTERNAL)
         keep = [row for row, request in enumerate(self._running) if not request.done]
         if len(keep) < len(self._running):
             self._running = [self._running[row] for row in keep]
@@ -294,6 +325,7 @@ class Engine:
         if request.done:
             return
         request.done = True
+        self.stats.cancelled += reason == "cancelled"
         if request.adapter is not None and request.slot >= 0:
             self.bank.release(request.adapter)
         prompt_tokens, completion_tokens = len(request.prompt_ids), len(request.generated)

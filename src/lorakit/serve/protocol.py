@@ -23,7 +23,8 @@ __all__ = [
 
 
 class APIError(Exception):
-    """An HTTP error answered as ``{"error": {"message", "type", "param", "code"}}``."""
+    """An HTTP error answered as ``{"error": {"message", "type", "param", "code"}}``, with
+    ``headers`` (e.g. ``Retry-After``) on the response."""
 
     def __init__(
         self,
@@ -33,6 +34,7 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = (
@@ -42,6 +44,7 @@ class APIError(Exception):
             param,
             code,
         )
+        self.headers = headers or {}
 
 
 def error_body(error: APIError) -> dict[str, Any]:

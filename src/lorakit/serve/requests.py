@@ -24,6 +24,7 @@ __all__ = [
     "Event",
     "EventStream",
     "GenerationRequest",
+    "QueueFullError",
     "RequestHandle",
     "failure_kind",
 ]
@@ -41,14 +42,21 @@ INTERNAL = "internal"  # anything else (a bug, or the model failed)
 @dataclass
 class EngineStats:
     """Evidence of continuous batching: ``max_running``, the most requests one decode step
-    served; ``joined_running``, requests admitted while others were mid-generation."""
+    served; ``joined_running``, requests admitted while others were mid-generation; and
+    ``cancelled``, requests ended by ``RequestHandle.cancel`` (their client left) or by
+    ``Engine.stop``."""
 
     max_running: int = 0
     joined_running: int = 0
+    cancelled: int = 0
 
 
 class EngineStoppedError(RuntimeError):
     """``submit`` after ``Engine.stop()``: no thread would ever serve the request."""
+
+
+class QueueFullError(RuntimeError):
+    """``submit`` while ``Engine.max_waiting`` requests are already queued: retry later."""
 
 
 def failure_kind(error: BaseException) -> str:
@@ -134,7 +142,9 @@ class GenerationRequest:
 
 
 class RequestHandle:
-    """What ``Engine.submit`` returns: ``cancel()`` stops the request at the next token boundary."""
+    """What ``Engine.submit`` returns: ``cancel()`` stops the request at the next token boundary
+    (a queued one leaves the queue; a running one leaves the batch, freeing its KV rows and its
+    adapter slot) and ends it with finish reason "cancelled"."""
 
     def __init__(self, request: GenerationRequest) -> None:
         self._request = request

@@ -3,19 +3,27 @@ events; and the HTTP error a failed request maps to.
 
 The request is submitted, and its first event awaited, before any response starts: a request
 that fails before its first token (its adapter unloaded after it was queued, or unreadable; the
-engine stopped) gets a JSON error with its own status code, not a 200 and a broken stream.
+engine stopped; the waiting queue full) gets a JSON error with its own status code, not a 200
+and a broken stream.
+
+A client that disconnects cancels its request, streaming or not: a task awaits the ASGI
+``http.disconnect`` message while the request is generated and then cancels it, so the engine
+drops it at the next token boundary (freeing its KV rows and adapter slot) instead of
+generating for nobody.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from lorakit.serve import protocol
-from lorakit.serve.engine import Engine, EngineStoppedError
+from lorakit.serve.engine import Engine, EngineStoppedError, QueueFullError
 from lorakit.serve.protocol import APIError, CompletionJob
 from lorakit.serve.requests import (
     ADAPTER_NOT_FOUND,
@@ -25,9 +33,13 @@ from lorakit.serve.requests import (
     EventStream,
 )
 
-__all__ = ["answer", "failure"]
+__all__ = ["RETRY_AFTER_SECONDS", "answer", "failure"]
 
+log = logging.getLogger(__name__)
 _DONE = ("stop", "length")
+RETRY_AFTER_SECONDS = 1  # the Retry-After of a 429 (waiting queue full)
+
+Receive = Callable[[], Awaitable[dict]]
 
 
 def failure(event: Event, model: str) -> APIError:
@@ -49,27 +61,66 @@ def failure(event: Event, model: str) -> APIError:
     return APIError(503, f"generation failed: {reason}", type="server_error")
 
 
-async def answer(engine: Engine, job: CompletionJob, prompt_ids: list[int], adapter: str | None):
+async def answer(
+    engine: Engine,
+    job: CompletionJob,
+    prompt_ids: list[int],
+    adapter: str | None,
+    receive: Receive | None = None,
+):
     """A JSON response (or ``StreamingResponse`` when ``job.stream``); raises ``APIError``
-    when the request fails before its first token."""
+    when the request fails before its first token, 429 (with ``Retry-After``) when the engine's
+    waiting queue is full. ``receive``: the request's ASGI receive, watched for the client's
+    disconnect (None: not watched)."""
     try:
         events = engine.open_stream(prompt_ids, adapter, job.params)
     except EngineStoppedError as error:
         raise APIError(503, str(error), type="server_error") from None
+    except QueueFullError as error:
+        raise APIError(
+            429,
+            f"the server is busy: {error}",
+            type="server_busy",
+            code="queue_full",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        ) from None
+    watcher = _cancel_on_disconnect(receive, events)
+    streaming = False
     try:
         first = await anext(events)
-    except BaseException:  # the client left, or the server is cancelling this handler
+        if first.finish_reason is not None and first.finish_reason not in _DONE:
+            raise failure(first, job.model)
+        if job.stream:
+            streaming = True
+            return StreamingResponse(
+                _sse(job, first, events, watcher),
+                media_type="text/event-stream",
+                background=BackgroundTask(events.cancel),  # also when the client disconnects
+            )
+        return await _complete(job, first, events)
+    except BaseException:  # the server is cancelling this handler, or it failed
         events.cancel()
         raise
-    if first.finish_reason is not None and first.finish_reason not in _DONE:
-        raise failure(first, job.model)
-    if job.stream:
-        return StreamingResponse(
-            _sse(job, first, events),
-            media_type="text/event-stream",
-            background=BackgroundTask(events.cancel),  # also when the client disconnects
-        )
-    return await _complete(job, first, events)
+    finally:
+        if not streaming and watcher is not None:
+            watcher.cancel()
+
+
+def _cancel_on_disconnect(receive: Receive | None, events: EventStream) -> asyncio.Task | None:
+    """A task that cancels the request when ``receive`` says the client disconnected (once the
+    body is read, receive blocks until the client leaves or the response is complete)."""
+    if receive is None:
+        return None
+
+    async def watch() -> None:
+        try:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # a receive that fails: the connection is gone as well
+            log.debug("receive failed while watching for a disconnect", exc_info=True)
+        events.cancel()  # (no effect on a request that has already finished)
+
+    return asyncio.ensure_future(watch())
 
 
 async def _complete(job: CompletionJob, first: Event, events: EventStream) -> dict:
@@ -89,7 +140,9 @@ async def _complete(job: CompletionJob, first: Event, events: EventStream) -> di
     )
 
 
-async def _sse(job: CompletionJob, first: Event, events: EventStream) -> AsyncIterator[str]:
+async def _sse(
+    job: CompletionJob, first: Event, events: EventStream, watcher: asyncio.Task | None
+) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format, then ``data: [DONE]``. A request failing
     after its first token ends with an error object in the stream (the status is sent)."""
     request_id = protocol.new_id(job.chat)
@@ -124,3 +177,5 @@ async def _sse(job: CompletionJob, first: Event, events: EventStream) -> AsyncIt
         yield "data: [DONE]\n\n"
     finally:
         events.cancel()
+        if watcher is not None:
+            watcher.cancel()

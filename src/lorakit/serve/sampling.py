@@ -6,9 +6,17 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SEED_RANGE", "InvalidSamplingParam", "SamplingParams", "StopTextTracker", "next_token"]
+__all__ = [
+    "GREEDY_BELOW",
+    "SEED_RANGE",
+    "InvalidSamplingParam",
+    "SamplingParams",
+    "StopTextTracker",
+    "next_token",
+]
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy (see next_token)
 
 
 class InvalidSamplingParam(ValueError):
@@ -23,7 +31,7 @@ class InvalidSamplingParam(ValueError):
 class SamplingParams:
     """Per-request generation settings (OpenAI's names).
 
-    ``temperature == 0`` is greedy; otherwise tokens are drawn from softmax(logits / temperature)
+    ``temperature < GREEDY_BELOW`` (0 included) is greedy; otherwise tokens are drawn from softmax(logits / temperature)
     restricted to the smallest set of most likely tokens whose probability reaches ``top_p``,
     with a generator seeded by ``seed`` (None: a random seed; else in ``SEED_RANGE``).
     Out-of-range fields raise ``InvalidSamplingParam`` naming the field.
@@ -57,8 +65,17 @@ class SamplingParams:
 
 
 def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token id from ``logits`` (vocab,) under ``params``."""
-    if params.temperature == 0.0:
+    """One token id from ``logits`` (vocab,) under ``params``:
+    argmax(logits) when greedy, else a draw from p = softmax(logits / T) cut to the top-p nucleus.
+
+    Temperatures below ``GREEDY_BELOW`` (1e-5) are greedy. Dividing by a tinier T overflows:
+    1 / 2.8e-309 is inf in float64, the scaled logits become inf and p NaN, and the draw fails.
+    Nothing is lost: at T = 1e-5 a runner-up 0.001 below the top logit is already
+    exp(-100) ~ 4e-44 times as likely, so smaller temperatures choose the argmax all the same
+    (bar exact ties). For T >= 1e-5 and finite float32 logits (|l| < 3.4e38), |l / T| < 3.4e43
+    stays far inside float64.
+    """
+    if params.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.double() / params.temperature, dim=-1)
     if params.top_p < 1.0:

@@ -1,0 +1,89 @@
+"""A request's prompt as token ids, within the server's limits, never tokenizing unbounded text.
+
+Tokenizing costs time and memory in proportion to the text (900 KB: about 3 s and hundreds of
+MB that the allocator keeps), so a prompt is first measured in characters: a text longer than
+``max_prompt_tokens * MAX_CHARS_PER_TOKEN`` characters is refused (413) without being tokenized,
+and only texts within that bound reach the tokenizer. Call ``prompt_ids`` off the event loop
+(``run_in_threadpool``): even a bounded text takes milliseconds to tokenize.
+"""
+
+from __future__ import annotations
+
+from jinja2.exceptions import TemplateError
+
+from lorakit.serve.protocol import APIError, CompletionJob
+
+__all__ = ["MAX_CHARS_PER_TOKEN", "max_prompt_chars", "prompt_ids"]
+
+# A token is rarely more than a few characters (English text averages about 4 in SmolLM2's
+# vocabulary, and its longest tokens, runs of spaces or '#', are 81). A prompt averaging more
+# than 32 characters a token is a pathological one, refused by length.
+MAX_CHARS_PER_TOKEN = 32
+
+
+def max_prompt_chars(max_prompt_tokens: int) -> int:
+    """The longest prompt text tokenized: ``max_prompt_tokens * MAX_CHARS_PER_TOKEN``."""
+    return max_prompt_tokens * MAX_CHARS_PER_TOKEN
+
+
+def prompt_ids(job: CompletionJob, tokenizer, *, max_prompt_tokens: int, max_positions: int):
+    """The token ids of ``job``'s prompt (text, token ids, or chat messages rendered by the
+    tokenizer's chat template): 413 when longer than ``max_prompt_tokens`` tokens (or than
+    ``max_prompt_chars`` characters, before tokenizing), 400 when empty, out of the vocabulary, or
+    leaving no room for ``max_tokens`` within ``max_positions``."""
+    limit = max_prompt_chars(max_prompt_tokens)
+    if job.chat:
+        given = sum(len(m["role"]) + len(m["content"]) for m in job.prompt)
+        _check_chars(given, limit, max_prompt_tokens, "messages")
+        text = _chat_text(job.prompt, tokenizer)
+        _check_chars(len(text), limit, max_prompt_tokens, "messages")
+        ids = tokenizer.encode(text)
+    elif isinstance(job.prompt, str):
+        _check_chars(len(job.prompt), limit, max_prompt_tokens, "prompt")
+        ids = tokenizer.encode(job.prompt)
+    else:
+        ids = job.prompt
+    if not ids:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    if len(ids) > max_prompt_tokens:
+        raise APIError(
+            413,
+            f"the prompt has {len(ids)} tokens; the limit is {max_prompt_tokens}",
+            param="prompt",
+            code="context_length_exceeded",
+        )
+    given_ids = isinstance(job.prompt, list) and not job.chat
+    if given_ids and any(not 0 <= t < len(tokenizer) for t in ids):
+        raise APIError(400, f"prompt token ids must be in [0, {len(tokenizer)})", param="prompt")
+    if len(ids) + job.params.max_tokens > max_positions:
+        raise APIError(
+            400,
+            f"prompt ({len(ids)} tokens) + max_tokens ({job.params.max_tokens}) exceeds the "
+            f"model's {max_positions} positions",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return ids
+
+
+def _check_chars(chars: int, limit: int, max_prompt_tokens: int, param: str) -> None:
+    if chars > limit:
+        raise APIError(
+            413,
+            f"the prompt has {chars} characters, more than {limit} ({max_prompt_tokens} tokens "
+            f"x {MAX_CHARS_PER_TOKEN} characters, far beyond the limit of {max_prompt_tokens} "
+            "tokens); it was refused without tokenizing it. Shorten the prompt",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def _chat_text(messages: list[dict[str, str]], tokenizer) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except TemplateError as error:  # e.g. Llama-2's "roles must alternate user/assistant"
+        raise APIError(
+            400, f"the model's chat template refused the messages: {error}", param="messages"
+        ) from None
