@@ -34,6 +34,7 @@ def _predict_one_at_a_time(model, tokenizer, examples, max_length) -> list[int]:
     return predictions
 
 
+@pytest.mark.slow
 def test_demo_runs_and_writes_its_summary(tmp_path, capsys, model_dir):
     from lorakit.demo import run_demo
     from lorakit.io import load_adapter
@@ -83,6 +84,7 @@ def test_demo_runs_and_writes_its_summary(tmp_path, capsys, model_dir):
     assert (demo / "summary.txt").read_text().splitlines()[0].startswith("Rotten")
 
 
+@pytest.mark.slow
 def test_a_merged_model_that_disagrees_fails_the_demo(tmp_path, monkeypatch, model_dir):
     """Force a mismatch: after the real merge, swap the output rows of "positive" and
     "negative", so the merged model predicts the other answer on every review."""
