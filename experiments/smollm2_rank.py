@@ -15,6 +15,8 @@ the label (``lorakit.data.classify``, as the demo calls it). Settings, each for 
   0.9% (40,320 vs 40,704 per block) — experiment 4;
 - ``zero_shot``: the untouched model (once: it has no randomness).
 
+The constants (``MODEL``, ``STEPS``, ``BATCH``, ``MAX_LENGTH``, ``EVAL_SIZE``, the learning
+rates, ``SETTINGS``) live in smollm2_settings.py, which smollm2_report.py records too.
 Every setting trains with the same loop — lorakit's own pieces: ``BatchPlan`` (data order from the
 seed), ``batch_loss_sum`` (mean CE over the answer tokens), ``build_optimizer`` (AdamW, no
 weight decay), ``build_scheduler`` (10% warm-up, cosine to 0), gradient clipping at 1.0 — for
@@ -31,22 +33,22 @@ import statistics
 import time
 
 import common
+import smollm2_report
 import torch
+from smollm2_settings import (
+    BATCH,
+    EVAL_SIZE,
+    FULL_LR,
+    LORA_LR,
+    MAX_LENGTH,
+    MODEL,
+    SETTINGS,
+    STEPS,
+)
 
 import lorakit
 from lorakit import data
 
-MODEL = "smollm2-135m-instruct"
-STEPS, BATCH, MAX_LENGTH, EVAL_SIZE = 30, 8, 96, 200
-FULL_LR, LORA_LR = 5e-5, 1e-3
-SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SETTINGS = {  # key: (target modules, rank); None = full fine-tuning
-    "full": None,
-    "r1": (SEVEN, 1),
-    "r4": (SEVEN, 4),
-    "r16": (SEVEN, 16),
-    "qv_r21": (["q_proj", "v_proj"], 21),
-}
 KEYS = ["zero_shot", *SETTINGS]
 _CACHE: dict = {}
 
@@ -144,8 +146,6 @@ def main() -> None:
     runs = common.sweep("smollm2", KEYS, run, {"zero_shot": (0,)})
     if runs is None:
         return
-    import smollm2_report
-
     smollm2_report.report(runs)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import common
+import smollm2_settings as settings
 import torch
 from full_finetune_spectrum import plot_ranks, random_reference
 
@@ -165,8 +166,6 @@ def markdown(summary: dict, by_type: dict, thirds: dict, advice: dict, reference
 
 
 def report(runs: list[dict]) -> None:
-    import smollm2_rank as experiment
-
     summary = accuracy_summary(runs)
     full_runs = sorted([r for r in runs if r["key"] == "full"], key=lambda r: r["seed"])
     by_type, thirds, advice = spectrum_summary(full_runs)
@@ -176,13 +175,13 @@ def report(runs: list[dict]) -> None:
         "smollm2.json",
         {
             "setup": {
-                "model": experiment.MODEL,
-                "steps": experiment.STEPS,
-                "batch": experiment.BATCH,
-                "max_length": experiment.MAX_LENGTH,
-                "eval_size": experiment.EVAL_SIZE,
-                "full_lr": experiment.FULL_LR,
-                "lora_lr": experiment.LORA_LR,
+                "model": settings.MODEL,
+                "steps": settings.STEPS,
+                "batch": settings.BATCH,
+                "max_length": settings.MAX_LENGTH,
+                "eval_size": settings.EVAL_SIZE,
+                "full_lr": settings.FULL_LR,
+                "lora_lr": settings.LORA_LR,
                 "alpha": "2r",
                 "seeds": list(common.SEEDS),
             },

@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny random transformers models (no download) and seeding."""
+"""Shared fixtures: tiny random transformers models (no download), seeding, and a tiny model
+directory with a JSONL data file for the command-line tests."""
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,7 +12,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
-from tests import tiny_models
+from tests import tiny_models, tiny_tokenizer
+
+WORDS = ["good", "great", "fine", "dull", "bad", "poor", "warm", "cold", "fun", "slow"]
 
 
 @pytest.fixture(autouse=True)
@@ -41,3 +45,28 @@ def tiny_gpt2():
 @pytest.fixture
 def tiny_bert():
     return tiny_models.bert()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama + ChatML tokenizer saved as a plain transformers directory."""
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = tiny_tokenizer.build()
+    tokenizer.pad_token = tokenizer.eos_token
+    tiny_models.save_llama_with_tokenizer(directory, tokenizer, pad_token_id=tokenizer.pad_token_id)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def jsonl(tmp_path_factory):
+    """24 prompt/completion reviews ("Review: good film\nSentiment:" -> " positive") as JSONL."""
+    path = tmp_path_factory.mktemp("data") / "reviews.jsonl"
+    lines = []
+    for i in range(24):
+        word = WORDS[i % len(WORDS)]
+        answer = "positive" if i % len(WORDS) in (0, 1, 2, 6, 8) else "negative"
+        lines.append(
+            json.dumps({"prompt": f"Review: {word} film\nSentiment:", "completion": f" {answer}"})
+        )
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -11,7 +11,7 @@ import torch
 
 from lorakit.cli import main
 from tests import tiny_models
-from tests.test_analysis_extract import UPDATE_RANKS, fine_tuned
+from tests.tiny_models import UPDATE_RANKS, fine_tuned
 
 
 @pytest.fixture(scope="module")

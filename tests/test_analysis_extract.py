@@ -14,29 +14,7 @@ from lorakit.analysis.extract import truncated_factors
 from lorakit.functional import scaling
 from lorakit.state import lora_layers
 from tests import tiny_models
-
-UPDATE_RANKS = {"q_proj": 2, "v_proj": 4, "down_proj": 3}
-
-
-def fine_tuned(
-    base: torch.nn.Module, noise: float = 1e-4, seed: int = 7, ranks: dict | None = None
-) -> torch.nn.Module:
-    """``base`` + a rank-``ranks[type]`` update (norm 0.5) + Gaussian noise in each such layer."""
-    ranks = UPDATE_RANKS if ranks is None else ranks
-    tuned = copy.deepcopy(base)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, module in tuned.named_modules():
-            rank = ranks.get(name.rsplit(".", 1)[-1])
-            if rank is None:
-                continue
-            d, k = module.weight.shape
-            left = torch.randn(d, rank, generator=generator)
-            right = torch.randn(rank, k, generator=generator)
-            update = left @ right
-            module.weight += 0.5 * update / update.norm()
-            module.weight += noise * torch.randn(d, k, generator=generator)
-    return tuned
+from tests.tiny_models import UPDATE_RANKS, fine_tuned
 
 
 def test_truncated_factors_are_the_best_rank_r_fit():

@@ -11,10 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import lorakit
 from lorakit import cli, data
 from lorakit.errors import UserError
-from tests.test_cli_train import model_dir  # noqa: F401  (the tiny model fixture)
 
 
-def _settings(tmp_path, model_dir, **overrides):  # noqa: F811
+def _settings(tmp_path, model_dir, **overrides):
     from lorakit.demo import DemoSettings
 
     fields = dict(output=str(tmp_path / "demo"), model=str(model_dir), steps=2, eval_size=8,
@@ -35,7 +34,8 @@ def _predict_one_at_a_time(model, tokenizer, examples, max_length) -> list[int]:
     return predictions
 
 
-def test_demo_runs_and_writes_its_summary(tmp_path, capsys, model_dir):  # noqa: F811
+@pytest.mark.slow
+def test_demo_runs_and_writes_its_summary(tmp_path, capsys, model_dir):
     from lorakit.demo import run_demo
     from lorakit.io import load_adapter
 
@@ -84,7 +84,8 @@ def test_demo_runs_and_writes_its_summary(tmp_path, capsys, model_dir):  # noqa:
     assert (demo / "summary.txt").read_text().splitlines()[0].startswith("Rotten")
 
 
-def test_a_merged_model_that_disagrees_fails_the_demo(tmp_path, monkeypatch, model_dir):  # noqa: F811
+@pytest.mark.slow
+def test_a_merged_model_that_disagrees_fails_the_demo(tmp_path, monkeypatch, model_dir):
     """Force a mismatch: after the real merge, swap the output rows of "positive" and
     "negative", so the merged model predicts the other answer on every review."""
     from lorakit.demo import run_demo

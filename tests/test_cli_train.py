@@ -6,44 +6,11 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from lorakit import cli, data
 from lorakit.io import load_adapter
 from tests import tiny_tokenizer
-
-WORDS = ["good", "great", "fine", "dull", "bad", "poor", "warm", "cold", "fun", "slow"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny Llama + ChatML tokenizer saved as a plain transformers directory."""
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = tiny_tokenizer.build()
-    tokenizer.pad_token = tokenizer.eos_token
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def jsonl(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "reviews.jsonl"
-    lines = []
-    for i in range(24):
-        word = WORDS[i % len(WORDS)]
-        answer = "positive" if i % len(WORDS) in (0, 1, 2, 6, 8) else "negative"
-        lines.append(
-            json.dumps({"prompt": f"Review: {word} film\nSentiment:", "completion": f" {answer}"})
-        )
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def _main(capsys, *argv) -> tuple[int, str, str]:

@@ -4,6 +4,7 @@ fuses itself; the eager fast path is skipped while tracing)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch._dynamo
 from torch import nn
@@ -33,6 +34,7 @@ def test_single_layer_has_no_graph_break_in_training_and_eval():
         assert explanation.graph_count == 1
 
 
+@pytest.mark.slow
 def test_single_layer_fullgraph_forward_and_backward_match_eager():
     layer = _lora_linear().train()
     x = torch.randn(3, 5, 16, requires_grad=True)
@@ -51,6 +53,7 @@ def test_single_layer_fullgraph_forward_and_backward_match_eager():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_tiny_model_compiles_forward_and_backward():
     model = tiny_models.llama()
     config = lorakit.LoraConfig(

@@ -11,6 +11,8 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
+pytestmark = pytest.mark.slow  # each runs a whole benchmark script
+
 
 def _run(monkeypatch, tmp_path: Path, module_name: str, *extra: str) -> dict:
     monkeypatch.syspath_prepend(str(BENCHMARKS))

@@ -68,6 +68,7 @@ def _loaded_version(directory: Path) -> float:
     return version
 
 
+@pytest.mark.slow
 def test_killed_saver_never_leaves_a_broken_adapter(tmp_path) -> None:
     previous = lorakit.inject(
         _toy_model(), lorakit.LoraConfig(r=32, lora_alpha=4, target_modules=TARGETS)

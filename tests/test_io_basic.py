@@ -179,6 +179,7 @@ lorakit.save_adapter(lorakit.inject(model, config), sys.argv[1])
 """
 
 
+@pytest.mark.slow
 def test_bytes_do_not_depend_on_the_process_or_its_hash_seed(tmp_path) -> None:
     """Two fresh interpreters with different PYTHONHASHSEED (set and dict iteration orders of
     str keys change with it) write byte-identical files."""

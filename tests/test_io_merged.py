@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import lorakit
@@ -27,6 +28,7 @@ print(json.dumps(logits.flatten().tolist()))
 """
 
 
+@pytest.mark.slow
 def test_merged_model_loads_with_plain_transformers_and_gives_the_same_outputs(tmp_path) -> None:
     model = lorakit.inject(
         tiny_models.llama(), lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")

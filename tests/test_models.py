@@ -235,6 +235,7 @@ print(models.resolve_model("smollm2-135m-instruct"))
 """
 
 
+@pytest.mark.slow
 def test_two_racing_processes_convert_once(tmp_path: Path) -> None:
     import subprocess
     import sys

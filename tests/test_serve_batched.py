@@ -18,6 +18,8 @@ from lorakit.serve import AdapterBank, BankFullError, plan_rows, prepare_for_ser
 from lorakit.serve.bank import AdapterInUseError
 from lorakit.state import lora_layers
 from tests import tiny_models
+from tests.locks import lock_is_free_for_others
+from tests.tiny_models import adapter_tensors
 
 ADAPTER_SPECS = [  # different ranks, alphas, targets, patterns, rsLoRA
     dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
@@ -247,33 +249,6 @@ def test_concurrent_loads_and_evictions_keep_the_bank_consistent(setup):
     assert not errors
     slots = [bank.slot_of(n) for n in bank.names()]
     assert len(slots) == len(set(slots)) == 3
-
-
-def adapter_tensors(reference, adapter: str) -> dict[str, torch.Tensor]:
-    """PEFT-keyed tensors of ``adapter`` in the injected ``reference`` (what a file holds)."""
-    tensors = {}
-    for path, layer in lora_layers(reference):
-        if adapter in layer.ranks:
-            lora_A, lora_B = layer.adapter_parameters(adapter)
-            tensors[f"base_model.model.{path}.lora_A.weight"] = lora_A.detach().clone()
-            tensors[f"base_model.model.{path}.lora_B.weight"] = lora_B.detach().clone()
-    return tensors
-
-
-def lock_is_free_for_others(lock) -> bool:
-    """Whether another thread could take ``lock`` now (non-blocking: no timing involved)."""
-    result = []
-
-    def probe():
-        taken = lock.acquire(blocking=False)
-        result.append(taken)
-        if taken:
-            lock.release()
-
-    thread = threading.Thread(target=probe)
-    thread.start()
-    thread.join()
-    return result[0]
 
 
 def test_acquire_with_a_loader_loads_and_holds_atomically(setup):

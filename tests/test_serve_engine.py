@@ -15,7 +15,7 @@ from lorakit.serve import AdapterBank, prepare_for_serving
 from lorakit.serve.engine import Engine
 from lorakit.serve.sampling import SamplingParams, StopTextTracker, next_token
 from tests import tiny_models
-from tests.test_serve_batched import adapter_tensors
+from tests.tiny_models import adapter_tensors
 
 SPECS = [
     dict(r=4, lora_alpha=8, target_modules="all-linear"),

@@ -26,6 +26,7 @@ from lorakit.serve.engine import Engine
 from lorakit.serve.registry import AdapterRegistry, ServedAdapters
 from lorakit.serve.sampling import SamplingParams
 from tests import tiny_models, tiny_tokenizer
+from tests.locks import lock_is_free_for_others
 
 TOKEN = "admin-secret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -308,8 +309,6 @@ def test_an_unload_while_a_request_reads_the_adapter_leaves_nothing_stuck(served
 
 def test_unload_forgets_the_name_while_holding_the_bank_lock(served, monkeypatch):
     """No lazy load can slip in between the bank eviction and the registry forgetting the name."""
-    from tests.test_serve_batched import lock_is_free_for_others
-
     served.adapters.ensure_loaded("ad1")
     registry, unregister, seen = served.adapters.registry, served.adapters.registry.unregister, []
 

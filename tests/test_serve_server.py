@@ -165,6 +165,7 @@ def test_completion_and_chat_match_generate_alone(world):
     assert chat.choices[0].message.content == expected_text(world, prompt, "ad2", 6)
 
 
+@pytest.mark.slow
 def test_64_concurrent_streams_over_16_adapters(world, monkeypatch):
     prompts = [(LINES[i % 4][: 10 + i % 17], f"ad{i % 16}", 4 + i % 5) for i in range(64)]
     read_tensors = []  # weak references to every tensor read from an adapter file

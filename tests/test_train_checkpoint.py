@@ -81,6 +81,7 @@ def _start_job(output_dir: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
     """Kill the job (dropout 0.1) with SIGKILL right after its step-4 checkpoint, resume it, and
     compare with a run that was never interrupted: bit-identical final adapter."""

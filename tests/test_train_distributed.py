@@ -9,13 +9,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
 from lorakit.state import lora_layers
 from lorakit.train.distributed import Distributed
-from tests.test_cli_train import jsonl, model_dir  # noqa: F401  (tiny model + data fixtures)
 from tests.train_job import build_model
 from tests.train_job import run as run_job
 
@@ -38,6 +38,7 @@ def test_ddp_syncs_only_the_adapter_parameters():
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     """Tolerance 1e-5: both runs see the same 4 examples per step and normalise by the step's
     total target count; only float32 summation order differs (per-process padding and the
@@ -76,7 +77,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         )
 
 
-def test_torchrun_lorakit_train_matches_one_process(tmp_path, model_dir, jsonl):  # noqa: F811
+@pytest.mark.slow
+def test_torchrun_lorakit_train_matches_one_process(tmp_path, model_dir, jsonl):
     """``torchrun --nproc_per_node 2 -m lorakit train`` (batch 2 per process) ends with the
     adapter and losses of ``lorakit train`` in one process with batch 4."""
     from lorakit import cli

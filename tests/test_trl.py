@@ -21,7 +21,7 @@ import lorakit
 from lorakit.io import save_adapter
 from lorakit.state import lora_layers
 from tests import tiny_models, tiny_tokenizer
-from tests.test_seed_snippets import CONFIG_SNIPPET, adapt, run
+from tests.seed_snippets import CONFIG_SNIPPET, adapt, run
 
 SFT_SNIPPET = """
 from transformers import TrainingArguments

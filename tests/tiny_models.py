@@ -1,9 +1,14 @@
 """Tiny random models built from transformers configs (no download), for fast tests.
 
 Llama uses grouped-query attention (4 heads, 2 KV heads); GPT-2's attention uses ``Conv1D``.
+Also the helpers several test files share: random adapter values (``randomize_adapters``), an
+adapter's tensors as a file holds them (``adapter_tensors``), and a fine-tune with a known
+low-rank update (``fine_tuned``, ``UPDATE_RANKS``).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from transformers import (
@@ -99,3 +104,41 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 3, std: float = 0.05)
                 for parameter in layer.adapter_parameters(adapter_name):
                     noise = torch.randn(parameter.shape, generator=generator) * std
                     parameter.copy_(noise.to(parameter.dtype))
+
+
+def adapter_tensors(reference, adapter: str) -> dict[str, torch.Tensor]:
+    """PEFT-keyed tensors of ``adapter`` in the injected ``reference`` (what a file holds)."""
+    from lorakit.state import lora_layers
+
+    tensors = {}
+    for path, layer in lora_layers(reference):
+        if adapter in layer.ranks:
+            lora_A, lora_B = layer.adapter_parameters(adapter)
+            tensors[f"base_model.model.{path}.lora_A.weight"] = lora_A.detach().clone()
+            tensors[f"base_model.model.{path}.lora_B.weight"] = lora_B.detach().clone()
+    return tensors
+
+
+# The rank of the update ``fine_tuned`` adds, per module type.
+UPDATE_RANKS = {"q_proj": 2, "v_proj": 4, "down_proj": 3}
+
+
+def fine_tuned(
+    base: torch.nn.Module, noise: float = 1e-4, seed: int = 7, ranks: dict | None = None
+) -> torch.nn.Module:
+    """``base`` + a rank-``ranks[type]`` update (norm 0.5) + Gaussian noise in each such layer."""
+    ranks = UPDATE_RANKS if ranks is None else ranks
+    tuned = copy.deepcopy(base)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, module in tuned.named_modules():
+            rank = ranks.get(name.rsplit(".", 1)[-1])
+            if rank is None:
+                continue
+            d, k = module.weight.shape
+            left = torch.randn(d, rank, generator=generator)
+            right = torch.randn(rank, k, generator=generator)
+            update = left @ right
+            module.weight += 0.5 * update / update.norm()
+            module.weight += noise * torch.randn(d, k, generator=generator)
+    return tuned

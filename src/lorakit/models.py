@@ -157,8 +157,15 @@ def check_model_spec(spec: str | os.PathLike[str], task: str = "causal-lm") -> N
 
 
 # Files of which a transformers tokenizer directory holds at least one.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
-                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def load_tokenizer(directory: Path):

@@ -1,7 +1,8 @@
 """Subspace similarity between two adapters (Hu et al. 2021, LoRA paper §7).
 
 With ``U_1`` (k, r1) and ``U_2`` (k, r2) orthonormal bases (e.g. the right singular vectors of
-two adapters' A matrices, or of their updates ΔW), ordered by singular value::
+two adapters' A matrices, ``torch.linalg.svd(A, full_matrices=False).Vh.T``, or of their
+updates ΔW, the ``V`` of ``spectrum.low_rank_svd(A, B, s)``), ordered by singular value::
 
     φ(U_1, U_2, i, j) = ||U_1[:, :i]^T U_2[:, :j]||_F^2 / min(i, j)   in [0, 1]
 
@@ -13,30 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from lorakit.analysis.spectrum import low_rank_svd
-
-__all__ = [
-    "right_singular_vectors",
-    "similarity_grid",
-    "subspace_similarity",
-    "update_right_singular_vectors",
-]
-
-
-def right_singular_vectors(
-    lora_A: torch.Tensor, dtype: torch.dtype = torch.float64
-) -> torch.Tensor:
-    """Right singular vectors of A (r, k) as columns (k, min(r, k)), by decreasing σ."""
-    _, _, vh = torch.linalg.svd(lora_A.detach().to(dtype), full_matrices=False)
-    return vh.T
-
-
-def update_right_singular_vectors(
-    lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, dtype: torch.dtype = torch.float64
-) -> torch.Tensor:
-    """Right singular vectors (k, r) of ``ΔW = s B A``, from the factors (no d x k product)."""
-    _, _, v = low_rank_svd(lora_A, lora_B, scale, dtype)
-    return v
+__all__ = ["similarity_grid", "subspace_similarity"]
 
 
 def subspace_similarity(u1: torch.Tensor, u2: torch.Tensor, i: int, j: int) -> float:

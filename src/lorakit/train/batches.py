@@ -112,8 +112,9 @@ class BatchPlan:
             from lorakit.data.batching import plan_batches
 
             full_lengths = [self.lengths[i] for i in full]
-            planned = plan_batches(full_lengths, size, seed=self.seed + epoch,
-                                   bucket_batches=self.bucket_batches)  # fmt: skip
+            planned = plan_batches(
+                full_lengths, size, seed=self.seed + epoch, bucket_batches=self.bucket_batches
+            )
             batches = [[full[j] for j in batch] for batch in planned]
         else:
             batches = [full[start : start + size] for start in range(0, cut, size)]
