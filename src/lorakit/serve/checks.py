@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,9 +14,36 @@ from lorakit.errors import AdapterFileError
 if TYPE_CHECKING:
     from lorakit.serve.stacks import LayerStack
 
-__all__ = ["PEFT_PREFIX", "lora_pairs"]
+__all__ = ["PEFT_PREFIX", "PreparedAdapter", "lora_pairs", "prepare_adapter"]
 
 PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class PreparedAdapter:
+    """An adapter checked against the bank and ready to be written into a slot: ``pairs``
+    ``{layer: (A (r, k), B (d, r))}`` and ``scales`` ``{layer: s}``."""
+
+    name: str
+    config: LoraConfig
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    scales: dict[str, float]
+
+
+def prepare_adapter(
+    name: str,
+    config: LoraConfig,
+    tensors: Mapping[str, torch.Tensor],
+    stacks: Mapping[str, LayerStack],
+    max_rank: int,
+) -> PreparedAdapter:
+    """``lora_pairs`` and each layer's scaling (the config's ``alpha_pattern`` resolved): all
+    the work of a load that needs no lock."""
+    from lorakit.serve.stacks import slot_scaling
+
+    pairs = lora_pairs(name, config, tensors, stacks, max_rank)
+    scales = {layer: slot_scaling(config, layer, a.shape[0]) for layer, (a, _) in pairs.items()}
+    return PreparedAdapter(name, config, pairs, scales)
 
 
 def lora_pairs(

@@ -191,8 +191,9 @@ class ServedAdapters:
         if name in self.registry:
             raise AdapterNameError(f"adapter {name!r} is already loaded; unload it first.")
         adapter = self._read(path)
+        prepared = self.bank.prepare(name, adapter.config, adapter.tensors)  # outside the lock
         with self.bank.lock:  # loaded and registered in one step: see remove
-            self.bank.load(name, adapter.config, adapter.tensors)
+            self.bank.load_prepared(prepared)
             try:
                 self.registry.register(name, path)
             except BaseException:
