@@ -56,7 +56,7 @@ def lora_pairs(
     """``{layer path: (A, B)}`` after checking every key, shape and rank (before any write).
 
     Raises ``AdapterFileError`` naming the tensor: a key that is not a linear LoRA factor, a
-    factor that is not a non-empty 2-D matrix, shapes that do not fit the layer, rank > max_rank.
+    factor that is not a non-empty floating-point 2-D matrix, shapes that do not fit the layer, rank > max_rank.
     """
     if getattr(config, "use_dora", False):
         raise AdapterFileError(
@@ -106,6 +106,11 @@ def _checked_pair(
                 f"adapter {name!r}: tensor {path}.{role}.weight has shape "
                 f"{tuple(tensor.shape)}; a LoRA factor is a non-empty matrix "
                 "(lora_A (r, in_features), lora_B (out_features, r)). The file is broken."
+            )
+        if not tensor.is_floating_point():
+            raise AdapterFileError(
+                f"adapter {name!r}: tensor {path}.{role}.weight has dtype {tensor.dtype}; LoRA "
+                "factors are floating point. The file is broken."
             )
     rank = lora_A.shape[0]
     _, k = stack.lora_A.shape[1:]
