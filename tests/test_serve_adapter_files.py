@@ -12,7 +12,14 @@ import shutil
 import threading
 
 import pytest
+from fastapi.testclient import TestClient
 
+from lorakit.cli import build_parser
+from lorakit.commands.serve import build
+from lorakit.io import read as read_module
+from lorakit.io import tensors as tensors_module
+from tests import tiny_models
+from tests.bad_adapters import CASES
 from tests.test_serve_robustness import AUTH, Served, assert_error, completion, files  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -102,3 +109,117 @@ def test_a_pattern_that_could_backtrack_forever_is_a_400_and_health_answers(
         health = served.client.get("/health")
         assert health.status_code == 200 and health.json()["adapters_loaded"] == 0
         assert served.post("/v1/completions", completion()).status_code == 200
+
+
+# ----------------------------------------------------------------- malformed files (issue 12.6)
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_a_malformed_adapter_is_a_400_naming_the_problem(files, tmp_path, case):  # noqa: F811
+    served = served_copy(files, tmp_path, "bad", case.edit)
+    with served.client:
+        response = served.post(
+            "/v1/load_lora_adapter", {"lora_name": "b2", "lora_path": "bad"}, AUTH
+        )
+        assert_error(response, 400, "lora_path", *case.words_for("server"))
+        if "bad" in served.adapters.registry:  # registered at start: loaded on first use
+            lazily = served.post("/v1/completions", completion(model="bad"))
+            assert_error(lazily, 400, "model", *case.words_for("server"))
+        assert served.bank.names() == [] and "b2" not in served.model_ids()
+        assert served.post("/v1/completions", completion()).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("lora_path", "words"),
+    [("x" * 5000, "File name too long"), ("loop", "cannot be resolved"), ("a\x00b", "null")],
+    ids=["over-long", "symlink-loop", "nul-byte"],
+)
+def test_unusable_lora_paths_are_a_400(files, lora_path, words):  # noqa: F811
+    served = Served(*files)
+    loop = served.root / "adapters" / "loop"
+    if not loop.is_symlink():
+        loop.symlink_to(loop)
+    try:
+        with served.client:
+            body = {"lora_name": "x", "lora_path": lora_path}
+            assert_error(served.post("/v1/load_lora_adapter", body, AUTH), 400, "lora_path", words)
+    finally:
+        loop.unlink()
+
+
+# ----------------------------------------------------------------- symlinks out (issue 12.8)
+def test_a_file_symlinked_out_of_the_adapter_directory_is_refused(files, tmp_path):  # noqa: F811
+    root, _ = files
+    outside = tmp_path / "outside"
+    shutil.copytree(root / "adapters" / "ad1", outside)
+
+    def link_weights_out(directory):
+        (directory / "adapter_model.safetensors").unlink()
+        (directory / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
+
+    served = served_copy(files, tmp_path, "leak", link_weights_out)
+    assert "leak" not in served.adapters.registry  # present at start-up: skipped
+    assert "leads outside the adapter directory" in served.adapters.registry.skipped["leak"]
+    with served.client:
+        body = {"lora_name": "leak2", "lora_path": "leak"}
+        response = served.post("/v1/load_lora_adapter", body, AUTH)
+        assert_error(response, 400, "lora_path", "leads outside the adapter directory", "symlink")
+        # a registered adapter whose file is swapped for a link out afterwards: refused on read
+        link_weights_out(served.root / "adapters" / "ad2")
+        lazily = served.post("/v1/completions", completion(model="ad2"))
+        assert_error(lazily, 400, "model", "leads outside the adapter directory")
+        assert served.bank.names() == [] and "leak2" not in served.model_ids()
+
+
+def test_a_symlinked_directory_is_served_only_when_it_stays_inside(files, tmp_path):  # noqa: F811
+    root, tokenizer = files
+    shutil.copytree(root / "adapters", tmp_path / "adapters")
+    shutil.copytree(root / "adapters" / "ad0", tmp_path / "outside")
+    (tmp_path / "adapters" / "out").symlink_to(tmp_path / "outside", target_is_directory=True)
+    (tmp_path / "adapters" / "alias").symlink_to("ad1", target_is_directory=True)  # inside
+    served = Served(tmp_path, tokenizer)
+    assert served.adapters.registry.names() == ["ad0", "ad1", "ad2", "ad3", "alias"]
+    assert "leads outside the adapter directory" in served.adapters.registry.skipped["out"]
+    with served.client:
+        missing = served.post("/v1/completions", completion(model="out"))
+        assert_error(missing, 404, "model", "does not exist")
+        body = {"lora_name": "out2", "lora_path": "out"}
+        response = served.post("/v1/load_lora_adapter", body, AUTH)
+        assert_error(response, 400, "lora_path", "leads outside the adapter directory")
+        assert served.post("/v1/completions", completion(model="alias")).status_code == 200
+
+
+# ----------------------------------------------------------------- start-up scan (issue 12.7)
+def test_start_up_skips_a_broken_adapter_and_reads_headers_only(
+    files,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    caplog,
+):
+
+    root, tokenizer = files
+    tiny_models.save_llama_with_tokenizer(tmp_path / "model", tokenizer)
+    shutil.copytree(root / "adapters" / "ad1", tmp_path / "adapters" / "good")
+    shutil.copytree(root / "adapters" / "ad2", tmp_path / "adapters" / "broken")
+    (tmp_path / "adapters" / "broken" / "adapter_model.safetensors").write_bytes(
+        b"\x08" + b"\0" * 7
+    )
+    reads = []
+    real = tensors_module.read_safetensors
+    counting = lambda path: reads.append(path) or real(path)  # noqa: E731
+    monkeypatch.setattr(tensors_module, "read_safetensors", counting)
+    monkeypatch.setattr(read_module, "read_safetensors", counting)
+    args = build_parser().parse_args(
+        ["serve", "--model", str(tmp_path / "model"), "--adapters", str(tmp_path / "adapters")]
+    )
+    with caplog.at_level("INFO"):
+        app = build(args)
+    assert reads == []  # start-up read configs and headers only
+    warning = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "'broken'" in warning and "not a valid safetensors file" in warning
+    summary = next(r.getMessage() for r in caplog.records if "served" in r.getMessage())
+    assert "1 served (good), 1 skipped" in summary and "skipped broken: " in summary
+    with TestClient(app) as client:
+        ids = [card["id"] for card in client.get("/v1/models").json()["data"]]
+        assert ids == ["model", "good"]
+        response = client.post("/v1/completions", json=completion(model="good"))
+        assert response.status_code == 200, response.text
+    assert len(reads) == 1  # the good adapter, read on first use
