@@ -20,6 +20,7 @@ from lorakit.io import read as read_module
 from lorakit.io import tensors as tensors_module
 from tests import tiny_models
 from tests.bad_adapters import CASES
+from tests.test_io_inspect import _write_header_only_file
 from tests.test_serve_robustness import AUTH, Served, assert_error, completion, files  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -223,3 +224,25 @@ def test_start_up_skips_a_broken_adapter_and_reads_headers_only(
         response = client.post("/v1/completions", json=completion(model="good"))
         assert response.status_code == 200, response.text
     assert len(reads) == 1  # the good adapter, read on first use
+
+
+def test_a_file_that_does_not_fit_is_refused_from_its_header(files, tmp_path, monkeypatch):  # noqa: F811
+    """512 MiB of factors (a sparse file) of the wrong shape: a 400 before any data is read."""
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+
+    def oversized(directory):
+        (directory / "adapter_model.safetensors").unlink()
+        _write_header_only_file(
+            directory / "adapter_model.safetensors",
+            {f"{prefix}.lora_A.weight": (2**15, 2**12), f"{prefix}.lora_B.weight": (64, 2**15)},
+            {"format": "pt"},
+        )
+
+    served = served_copy(files, tmp_path, "oversized", oversized)
+    reads = []
+    monkeypatch.setattr(read_module, "read_safetensors", lambda path: reads.append(path))
+    with served.client:
+        body = {"lora_name": "o2", "lora_path": "oversized"}
+        response = served.post("/v1/load_lora_adapter", body, AUTH)
+        assert_error(response, 400, "lora_path", "has lora_A (32768, 4096)", "expected")
+    assert reads == []

@@ -23,7 +23,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.layers import LoraLinear
 from lorakit.serve.checks import PEFT_PREFIX as _PREFIX
-from lorakit.serve.checks import PreparedAdapter, prepare_adapter
+from lorakit.serve.checks import PreparedAdapter, lora_pairs, prepare_adapter
 from lorakit.serve.stacks import (
     LayerStack,
     allocate_stack,
@@ -290,6 +290,11 @@ class AdapterBank:
         """Check ``tensors`` against the bank (``AdapterFileError``) and work out each layer's
         scaling (``checks.prepare_adapter``); takes no lock (nothing of the bank changes)."""
         return prepare_adapter(name, config, tensors, self._stacks, self.max_rank)
+
+    def check_shapes(self, name: str, config: LoraConfig, entries: Mapping[str, object]) -> None:
+        """``prepare``'s checks on a file's header entries (keys, shapes, dtypes, ranks), before
+        its data is read; ``AdapterFileError``."""
+        lora_pairs(name, config, entries, self._stacks, self.max_rank)
 
     def load_prepared(self, prepared: PreparedAdapter, *, pin: bool = False) -> int:
         """``load`` of an adapter ``prepare`` checked: only the slot write happens here."""

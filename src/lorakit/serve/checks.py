@@ -10,6 +10,7 @@ import torch
 
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
+from lorakit.io.tensors import TORCH_DTYPES
 
 if TYPE_CHECKING:
     from lorakit.serve.stacks import LayerStack
@@ -55,7 +56,8 @@ def lora_pairs(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{layer path: (A, B)}`` after checking every key, shape and rank (before any write).
 
-    Raises ``AdapterFileError`` naming the tensor: a key that is not a linear LoRA factor, a
+    ``tensors`` may also map keys to safetensors header entries (``TensorInfo``: shape and
+    dtype), to check a file before reading its data. Raises ``AdapterFileError`` naming the tensor: a key that is not a linear LoRA factor, a
     factor that is not a non-empty floating-point 2-D matrix, shapes that do not fit the layer, rank > max_rank.
     """
     if getattr(config, "use_dora", False):
@@ -83,6 +85,13 @@ def lora_pairs(
     return pairs
 
 
+def _floating(factor) -> bool:
+    """A tensor's, or a safetensors header entry's (``TensorInfo``), dtype is floating point."""
+    if isinstance(factor, torch.Tensor):
+        return factor.is_floating_point()
+    return TORCH_DTYPES[factor.dtype].is_floating_point
+
+
 def _checked_pair(
     name: str,
     path: str,
@@ -101,13 +110,13 @@ def _checked_pair(
         raise AdapterFileError(f"adapter {name!r}: {path!r} lacks lora_A or lora_B.")
     lora_A, lora_B = part["A"], part["B"]
     for role, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
-        if tensor.ndim != 2 or 0 in tensor.shape:
+        if len(tensor.shape) != 2 or 0 in tensor.shape:
             raise AdapterFileError(
                 f"adapter {name!r}: tensor {path}.{role}.weight has shape "
                 f"{tuple(tensor.shape)}; a LoRA factor is a non-empty matrix "
                 "(lora_A (r, in_features), lora_B (out_features, r)). The file is broken."
             )
-        if not tensor.is_floating_point():
+        if not _floating(tensor):
             raise AdapterFileError(
                 f"adapter {name!r}: tensor {path}.{role}.weight has dtype {tensor.dtype}; LoRA "
                 "factors are floating point. The file is broken."

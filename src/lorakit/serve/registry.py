@@ -230,15 +230,20 @@ class ServedAdapters:
         self.model = model
         self.allow_base_mismatch = allow_base_mismatch
 
-    def _read(self, path: Path) -> AdapterFile:
-        adapter = read_peft_adapter(self.registry.inside(path, str(path)))
+    def _read(self, name: str, path: Path) -> AdapterFile:
+        """The adapter files at ``path``: keys and shapes checked against the bank from the header
+        before the data is read, values and base fingerprint after."""
+        path = self.registry.inside(path, str(path))
+        header = read_adapter_header(path)
+        self.bank.check_shapes(name, header.config, header.tensors)
+        adapter = read_peft_adapter(path)
         adapter.require_finite()
         check_base(self.model, adapter, self.allow_base_mismatch)
         return adapter
 
     def read(self, name: str):
         """``(config, tensors)`` of a registered adapter, its base fingerprint checked."""
-        adapter = self._read(self.registry.path(name))
+        adapter = self._read(name, self.registry.path(name))
         return adapter.config, adapter.tensors
 
     def ensure_loaded(self, name: str) -> None:
@@ -250,7 +255,7 @@ class ServedAdapters:
         path = self.registry.resolve(name, relative_path)
         if name in self.registry:
             raise AdapterNameError(f"adapter {name!r} is already loaded; unload it first.")
-        adapter = self._read(path)
+        adapter = self._read(name, path)
         prepared = self.bank.prepare(name, adapter.config, adapter.tensors)  # outside the lock
         with self.bank.lock:  # loaded and registered in one step: see remove
             self.bank.load_prepared(prepared)
