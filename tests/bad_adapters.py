@@ -98,6 +98,14 @@ def write_config(text: str | bytes) -> Callable[[Path], None]:
     return edit
 
 
+def edit_config(**changes) -> Callable[[Path], None]:
+    def edit(directory: Path) -> None:
+        path = directory / CONFIG
+        path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+    return edit
+
+
 def weights_replaced_by(kind: str) -> Callable[[Path], None]:
     def edit(directory: Path) -> None:
         path = directory / WEIGHTS
@@ -169,6 +177,10 @@ CASES = [
          (Q_B, "beyond +-65504"), inspect_refuses=False),
     Case("values just beyond float16", replace_tensors(**{Q_A: lambda t: t * 0 + 7e4}),
          (Q_A, "beyond +-65504"), inspect_refuses=False),
+    Case("rank_pattern that backtracks", edit_config(rank_pattern={"(.*)*x": 4}),
+         ("LoraConfig.rank_pattern key '(.*)*x'", "nested quantifiers")),
+    Case("target_modules that backtracks", edit_config(target_modules="(a|aa)*b"),
+         ("LoraConfig.target_modules '(a|aa)*b'", "nested quantifiers")),
     Case("weights a directory", weights_replaced_by("directory"), ("not a regular file",)),
     Case("weights a symlink loop", weights_replaced_by("loop"), ("not a regular file",),
          server_words=("cannot be resolved", WEIGHTS)),

@@ -103,3 +103,17 @@ def test_rank_and_alpha_patterns_keep_peft_semantics() -> None:
     assert config.rank_for("model.layers.3.self_attn.xv_proj") == 8
     assert config.alpha_for("model.layers.3.self_attn.o") == 5
     assert config.alpha_for("model.layers.3.self_attn.o_proj") == 8
+
+
+def test_pattern_dicts_are_bounded_in_all() -> None:
+    three_stars = {f".*{i}.*{i}.*x": 2 for i in range(4)}  # each at the limit, four in all
+    LoraConfig(rank_pattern=three_stars)
+    with pytest.raises(ValueError, match=r"LoraConfig\.rank_pattern is refused: its keys together"):
+        LoraConfig(rank_pattern={**three_stars, ".*y": 2})
+    many = {f"model.layers.{i}.q_proj": 2 for i in range(10_001)}
+    with pytest.raises(
+        ValueError, match=r"LoraConfig\.alpha_pattern has 10001 keys; at most 10000"
+    ):
+        LoraConfig(alpha_pattern=many)
+    with pytest.raises(ValueError, match=r"LoraConfig\.rank_pattern key 3 is invalid"):
+        LoraConfig(rank_pattern={3: 2})

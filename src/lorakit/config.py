@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorakit.patterns import check_pattern, compiled
+from lorakit.patterns import check_pattern, check_pattern_set, compiled, shown
 
 __all__ = ["ALL_LINEAR", "LoraConfig", "TaskType"]
 
@@ -136,10 +136,10 @@ class LoraConfig:
             _check_name_spec(name, getattr(self, name))
         for key, rank in self.rank_pattern.items():
             _check(_is_positive_int(rank), f"rank_pattern[{key!r}]", rank, "a positive integer")
-            _check_regex("rank_pattern key", key)
         for key, alpha in self.alpha_pattern.items():
             _check(_is_positive_number(alpha), f"alpha_pattern[{key!r}]", alpha, POSITIVE)
-            _check_regex("alpha_pattern key", key)
+        for name in ("rank_pattern", "alpha_pattern"):
+            check_pattern_set(f"LoraConfig.{name}", list(getattr(self, name)))
         self._validate_layer_selection()
 
     def _validate_layer_selection(self) -> None:
@@ -226,14 +226,9 @@ def _check(ok: bool, field_name: str, value: Any, expected: str) -> None:
         raise ValueError(f"LoraConfig.{field_name}={value!r} is invalid: expected {expected}.")
 
 
-def _shown(pattern: Any, limit: int = 80) -> str:
-    text = repr(pattern)
-    return text if len(text) <= limit else text[: limit - 5] + "...'"
-
-
 def _check_regex(field_name: str, pattern: Any) -> None:
     """``field_name``: e.g. "rank_pattern key"; the error shows it with the pattern."""
-    what = f"LoraConfig.{field_name} {_shown(pattern)}"
+    what = f"LoraConfig.{field_name} {shown(pattern)}"
     if not isinstance(pattern, str):
         raise ValueError(f"{what} is invalid: expected a regex string.")
     check_pattern(what, pattern)

@@ -15,7 +15,10 @@ inspect`` and a server. ``check_pattern`` refuses, before any matching:
   times the number of branches of each alternation (one when each branch starts with its own
   literal character: the first character decides). ``MAX_BACKTRACKING = 65**3`` admits three
   ``.*`` (PEFT's own example ``.*decoder.*(SelfAttention|EncDecAttention).*(q|k|v|o)$``), and
-  any number of plain names and alternations of names.
+  any number of plain names and alternations of names;
+- ``rank_pattern`` / ``alpha_pattern`` (every key is tried on every module name) with more than
+  ``MAX_PATTERN_KEYS`` keys, or keys whose estimates add up to more than
+  ``MAX_TOTAL_BACKTRACKING`` (four keys with three ``.*`` each, or thousands of plain names).
 
 What is accepted keeps ``re``'s (and PEFT's) meaning: nothing is rewritten.
 """
@@ -32,11 +35,22 @@ except ImportError:  # pragma: no cover - Python 3.10
     import sre_constants as _sre
     import sre_parse as _parser
 
-__all__ = ["MAX_BACKTRACKING", "MAX_PATTERN_CHARS", "check_pattern", "compiled"]
+__all__ = [
+    "MAX_BACKTRACKING",
+    "MAX_PATTERN_CHARS",
+    "MAX_PATTERN_KEYS",
+    "MAX_TOTAL_BACKTRACKING",
+    "check_pattern",
+    "check_pattern_set",
+    "compiled",
+    "shown",
+]
 
 MAX_PATTERN_CHARS = 4096
 _CHOICES_CAP = 65  # choices counted for an open-ended repeat (module names are short)
 MAX_BACKTRACKING = _CHOICES_CAP**3
+MAX_TOTAL_BACKTRACKING = 4 * MAX_BACKTRACKING  # all keys of one rank_pattern / alpha_pattern
+MAX_PATTERN_KEYS = 10_000
 _REPEATS = {_sre.MAX_REPEAT, _sre.MIN_REPEAT} | (
     {_sre.POSSESSIVE_REPEAT} if hasattr(_sre, "POSSESSIVE_REPEAT") else set()
 )
@@ -48,9 +62,10 @@ class _Refused(Exception):
     """Why a pattern is refused (turned into a ValueError naming the field)."""
 
 
-def check_pattern(what: str, pattern: str) -> None:
+def check_pattern(what: str, pattern: str) -> int:
     """Raise ``ValueError`` naming ``what`` (e.g. "LoraConfig.rank_pattern key '(.*)*x'") if
-    ``pattern`` is not a regex or could take unbounded time to match (module docstring)."""
+    ``pattern`` is not a regex or could take unbounded time to match (module docstring);
+    else its estimated backtracking work."""
     if len(pattern) > MAX_PATTERN_CHARS:
         raise ValueError(
             f"{what} is {len(pattern)} characters long; patterns from adapter configs may have "
@@ -72,6 +87,33 @@ def check_pattern(what: str, pattern: str) -> None:
             f"in bounded time (about {cost:.3g} ways to try per name, at most "
             f"{MAX_BACKTRACKING}: e.g. three '.*'); simplify it, or list the module names instead."
         )
+    return cost
+
+
+def check_pattern_set(what: str, patterns: list[str]) -> None:
+    """Check every key of a ``rank_pattern`` / ``alpha_pattern`` (each is tried on every module
+    name): at most ``MAX_PATTERN_KEYS`` keys, each bounded, ``MAX_TOTAL_BACKTRACKING`` in all."""
+    if len(patterns) > MAX_PATTERN_KEYS:
+        raise ValueError(
+            f"{what} has {len(patterns)} keys; at most {MAX_PATTERN_KEYS} are accepted (each is "
+            "tried on every module name)."
+        )
+    for key in patterns:
+        if not isinstance(key, str):
+            raise ValueError(f"{what} key {shown(key)} is invalid: expected a regex string.")
+    total = sum(check_pattern(f"{what} key {shown(key)}", key) for key in patterns)
+    if total > MAX_TOTAL_BACKTRACKING:
+        raise ValueError(
+            f"{what} is refused: its keys together would take too long to match (about "
+            f"{total:.3g} ways to try per name, at most {MAX_TOTAL_BACKTRACKING}); use fewer "
+            "open-ended repeats, or list the module names instead."
+        )
+
+
+def shown(pattern: object, limit: int = 80) -> str:
+    """``repr(pattern)``, cut to ``limit`` characters (patterns may be thousands long)."""
+    text = repr(pattern)
+    return text if len(text) <= limit else text[: limit - 5] + "...'"
 
 
 def _cost(items: list) -> int:
