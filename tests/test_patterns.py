@@ -26,6 +26,8 @@ TOO_MANY = "too many open-ended repeats"
         (".*" * 4 + "x", TOO_MANY),
         (".*a" * 6 + "b", TOO_MANY),
         ("a?" * 20 + "a" * 20, TOO_MANY),
+        (".?" * 7 + "." * 7 + "x", TOO_MANY),
+        ("(.|..)" * 7 + "x", TOO_MANY),
         ("(.*){40}x", TOO_MANY),
         ("(a|b|ab)" * 12, TOO_MANY),
         (r"(a)\1", "backreferences"),
@@ -54,6 +56,9 @@ def test_unbounded_patterns_are_refused_with_the_reason(pattern, reason) -> None
         ".*decoder.*(SelfAttention|EncDecAttention).*(q|k|v|o)$",  # PEFT's docstring example
         r"layers\.(1[0-9]|2[0-3])\.mlp\.(gate|up)_proj",
         "(" + "|".join(f"model.layers.{i}.mlp.down_proj" for i in range(60)) + ")",
+        "(" + "|".join(rf"model\.layers\.{i}\.mlp\.down_proj" for i in range(100)) + ")",
+        ".?" * 6 + "." * 6 + "x",
+        "(a|ab)" * 12 + "x",
         "(?:ab){3}c?d*",
         "(q|k)?_proj",
     ],

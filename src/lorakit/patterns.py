@@ -11,11 +11,13 @@ inspect`` and a server. ``check_pattern`` refuses, before any matching:
   and itself holds a variable repeat or an alternation (``(a+)+``, ``(.*)*``, ``(a|ab)*``);
 - backreferences and conditional groups (``\\1``, ``(?(1)a|b)``);
 - patterns whose estimated backtracking work exceeds ``MAX_BACKTRACKING``: the product over the
-  repeats of their number of choices (``max - min + 1``, at most 65 for an open-ended one)
-  times the number of branches of each alternation (one when each branch starts with its own
-  literal character: the first character decides). ``MAX_BACKTRACKING = 65**3`` admits three
-  ``.*`` (PEFT's own example ``.*decoder.*(SelfAttention|EncDecAttention).*(q|k|v|o)$``), and
-  any number of plain names and alternations of names;
+  repeats of their number of choices (``max - min + 1``, at most 65 for an open-ended one; 2**3
+  for an optional ``?``) times, for each alternation, its number of branches (one when each
+  branch starts with its own literal character: the first character decides; cubed when the
+  branches are not plain strings, e.g. ``(.|..)``).
+  ``MAX_BACKTRACKING = 65**3`` admits three ``.*`` (PEFT's own example
+  ``.*decoder.*(SelfAttention|EncDecAttention).*(q|k|v|o)$``) or six ``?``, and plain names and
+  alternations of names;
 - ``rank_pattern`` / ``alpha_pattern`` (every key is tried on every module name) with more than
   ``MAX_PATTERN_KEYS`` keys, or keys whose estimates add up to more than
   ``MAX_TOTAL_BACKTRACKING`` (four keys with three ``.*`` each, or thousands of plain names).
@@ -55,6 +57,11 @@ _REPEATS = {_sre.MAX_REPEAT, _sre.MIN_REPEAT} | (
     {_sre.POSSESSIVE_REPEAT} if hasattr(_sre, "POSSESSIVE_REPEAT") else set()
 )
 _REFUSED = {_sre.GROUPREF, _sre.GROUPREF_EXISTS}
+# An optional item, or an alternation of branches that may match the same text (``(.|..)``), is a
+# choice ``re`` retries in full on every failure, where an open-ended repeat of one character
+# (``.*``, ``\d+``) is scanned quickly: such choices count cubed (measured: 18 ``.?`` in a row
+# cost ``re`` far more than three ``.*``).
+_FULL_CHOICE_WEIGHT = 3
 _HINT = "write it without repeats inside repeats, or list the module names instead"
 
 
@@ -132,8 +139,8 @@ def _item_cost(op, value) -> int:
     if op in _REPEATS:
         low, high, body = value
         inner = _cost(list(body))
-        if high <= 1:  # '?': matched once or not at all
-            return (high - low + 1) * inner
+        if high <= 1:  # '?': matched once or not at all, a full backtracking choice
+            return (high - low + 1) ** _FULL_CHOICE_WEIGHT * inner
         if low != high and inner > 1:
             raise _Refused(
                 "a repeated group holds a repeat or an alternation (nested quantifiers such as "
@@ -147,7 +154,9 @@ def _item_cost(op, value) -> int:
         firsts = [_first_literal(list(branch)) for branch in value[1]]
         if None not in firsts and len(set(firsts)) == len(firsts):
             return max(costs)  # the first character decides the branch: nothing to retry
-        return sum(costs)
+        if all(op == _sre.LITERAL for branch in value[1] for op, _ in branch):
+            return sum(costs)  # plain strings: they can overlap only where the name allows
+        return len(costs) ** _FULL_CHOICE_WEIGHT * max(costs)
     if op == _sre.SUBPATTERN:
         return _cost(list(value[-1]))
     if op in (_sre.ASSERT, _sre.ASSERT_NOT):
