@@ -85,7 +85,9 @@ def read_header(path: str | Path) -> SafetensorsHeader:
 def unreadable(path: Path, error: OSError) -> AdapterFileError:
     """The error for a file that cannot be opened or read (``error.strerror`` says why)."""
     reason = error.strerror or type(error).__name__
-    return AdapterFileError(f"cannot read {path}: {reason}. Check the path and its permissions.")
+    text = str(path)
+    shown = text if len(text) <= 300 else f"{text[:150]}...{text[-100:]}"
+    return AdapterFileError(f"cannot read {shown}: {reason}. Check the path and its permissions.")
 
 
 def header_length(path: Path, prefix: bytes, file_size: int) -> int:

@@ -115,7 +115,8 @@ class AdapterRegistry:
             RuntimeError,
             ValueError,
         ) as error:  # a loop (RuntimeError before 3.13), a NUL
-            raise UserError(f"{shown} cannot be resolved ({error}).") from None
+            reason = getattr(error, "strerror", None) or error  # no 5000-character file names
+            raise UserError(f"{shown} cannot be resolved ({reason}).") from None
         for path in found:
             if not path.is_relative_to(self.root):
                 raise UserError(
@@ -195,7 +196,9 @@ class AdapterRegistry:
         try:
             has_config = (resolved / CONFIG_NAME).is_file()
         except (OSError, ValueError) as error:  # e.g. a name too long for the file system
-            raise UserError(f"{shown} cannot be read ({error}).") from None
+            raise UserError(
+                f"{shown} cannot be read ({getattr(error, 'strerror', None) or error})."
+            ) from None
         if not has_config:
             raise UserError(f"{shown} holds no {CONFIG_NAME}.")
         return resolved
