@@ -15,6 +15,8 @@ __all__ = ["admin_token", "build", "connection_limits", "register", "run", "serv
 
 ADMIN_TOKEN_ENV = "LORAKIT_ADMIN_TOKEN"
 
+log = logging.getLogger("lorakit.serve")
+
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
 
@@ -179,18 +181,27 @@ def parse_size(text: str) -> int:
 
 
 def _adapter_defaults(registry) -> tuple[list[str] | str, int]:
-    """(target modules, max rank) covering every adapter of the directory."""
-    from lorakit.serve.registry import read_peft_adapter
-
+    """(target modules, max rank) covering every adapter of the directory, from the configs and
+    safetensors headers alone (no tensor data is read); adapters that cannot be read are skipped
+    with a warning and listed in the start-up summary."""
+    headers = registry.read_headers()
     targets: set[str] = set()
     regex, rank = False, 0
-    for name in registry.names():
-        config = read_peft_adapter(registry.path(name)).config
+    for header in headers.values():
+        config = header.config
         rank = max([rank, config.r, *config.rank_pattern.values()])
         if isinstance(config.target_modules, list):
             targets.update(config.target_modules)
         else:
             regex = True
+    log.info(
+        "adapters in %s: %d served (%s), %d skipped%s",
+        registry.root,
+        len(headers),
+        ", ".join(headers) or "none",
+        len(registry.skipped),
+        "".join(f"\n  skipped {name}: {reason}" for name, reason in registry.skipped.items()),
+    )
     return ("all-linear" if regex or not targets else sorted(targets)), (rank or 16)
 
 
