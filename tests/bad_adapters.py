@@ -9,6 +9,7 @@ the header inspect does not use (the fingerprint, the config copy) are summarise
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Callable
@@ -185,3 +186,22 @@ CASES = [
     Case("weights a symlink loop", weights_replaced_by("loop"), ("not a regular file",),
          server_words=("cannot be resolved", WEIGHTS)),
 ]  # fmt: skip
+
+
+def write_header_only_file(path, tensors: dict, metadata: dict) -> int:
+    """A safetensors file whose data region is a hole (sparse): header real, tensors zeros."""
+    entries, offset = {"__metadata__": metadata}, 0
+    for name, shape in tensors.items():
+        size = 4 * math.prod(shape)
+        entries[name] = {
+            "dtype": "F32",
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    header = json.dumps(entries).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(header)) + header)
+        handle.truncate(8 + len(header) + offset)
+    return 8 + len(header) + offset

@@ -70,3 +70,12 @@ def jsonl(tmp_path_factory):
         )
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def adapter_files(tmp_path_factory):
+    """``(root, tokenizer)``: four adapters ad0..ad3 (q_proj, v_proj, r=2) under ``root/adapters``
+    for the in-process serving tests (tests/serving.py)."""
+    from tests import serving
+
+    return serving.write_adapters(tmp_path_factory.mktemp("served"))

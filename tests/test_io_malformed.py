@@ -17,8 +17,7 @@ from lorakit.errors import AdapterFileError
 from lorakit.io import load_adapter, save_adapter
 from lorakit.io import read as read_module
 from tests import tiny_models
-from tests.bad_adapters import CASES, Case
-from tests.test_io_inspect import _write_header_only_file
+from tests.bad_adapters import CASES, Case, write_header_only_file
 
 CONFIG = lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
 
@@ -95,7 +94,7 @@ def test_wrong_keys_are_refused_from_the_header_without_reading_the_data(
     """A 1 GiB file (sparse: no disk used) whose keys fit no module: refused before any byte of
     tensor data is read."""
     prefix = "base_model.model.model.layers.0.self_attn.wrong_proj"
-    size = _write_header_only_file(
+    size = write_header_only_file(
         tmp_path / "adapter_model.safetensors",
         {f"{prefix}.lora_A.weight": (2**15, 2**12), f"{prefix}.lora_B.weight": (64, 2)},
         {"format": "pt"},

@@ -19,17 +19,16 @@ from lorakit.commands.serve import build
 from lorakit.io import read as read_module
 from lorakit.io import tensors as tensors_module
 from tests import tiny_models
-from tests.bad_adapters import CASES
-from tests.test_io_inspect import _write_header_only_file
-from tests.test_serve_robustness import AUTH, Served, assert_error, completion, files  # noqa: F401
+from tests.bad_adapters import CASES, write_header_only_file
+from tests.serving import AUTH, Served, assert_error, completion
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def served_copy(files, tmp_path, name: str, edit=None) -> Served:  # noqa: F811
+def served_copy(adapter_files, tmp_path, name: str, edit=None) -> Served:
     """A server over a copy of the adapters plus ``name``, a copy of ad0 changed by
     ``edit(directory)``."""
-    root, tokenizer = files
+    root, tokenizer = adapter_files
     shutil.copytree(root / "adapters", tmp_path / "adapters")
     shutil.copytree(root / "adapters" / "ad0", tmp_path / "adapters" / name)
     if edit is not None:
@@ -52,8 +51,8 @@ def in_thread(function, *args):
     return not thread.is_alive(), result[0] if result else None
 
 
-def test_health_answers_while_the_bank_lock_is_held(files):  # noqa: F811
-    served = Served(*files)
+def test_health_answers_while_the_bank_lock_is_held(adapter_files):
+    served = Served(*adapter_files)
     with served.client:
         with served.bank.lock:  # e.g. a load or an unload in progress on another thread
             finished, response = in_thread(served.client.get, "/health")
@@ -61,8 +60,8 @@ def test_health_answers_while_the_bank_lock_is_held(files):  # noqa: F811
         assert response.status_code == 200 and response.json()["adapters_loaded"] == 0
 
 
-def test_a_runtime_load_resolves_patterns_outside_the_bank_lock(files, monkeypatch):  # noqa: F811
-    served = Served(*files)
+def test_a_runtime_load_resolves_patterns_outside_the_bank_lock(adapter_files, monkeypatch):
+    served = Served(*adapter_files)
     config_type = type(served.adapters.read("ad1")[0])
     alpha_for, held = config_type.alpha_for, []
 
@@ -95,11 +94,11 @@ def test_a_runtime_load_resolves_patterns_outside_the_bank_lock(files, monkeypat
     ],
 )
 def test_a_pattern_that_could_backtrack_forever_is_a_400_and_health_answers(
-    files,  # noqa: F811
+    adapter_files,
     tmp_path,
     changes,
 ):
-    served = served_copy(files, tmp_path, "evil", lambda d: edit_config(d, **changes))
+    served = served_copy(adapter_files, tmp_path, "evil", lambda d: edit_config(d, **changes))
     field = next(iter(changes))
     with served.client:
         body = {"lora_name": "evil2", "lora_path": "evil"}
@@ -114,8 +113,8 @@ def test_a_pattern_that_could_backtrack_forever_is_a_400_and_health_answers(
 
 # ----------------------------------------------------------------- malformed files (issue 12.6)
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
-def test_a_malformed_adapter_is_a_400_naming_the_problem(files, tmp_path, case):  # noqa: F811
-    served = served_copy(files, tmp_path, "bad", case.edit)
+def test_a_malformed_adapter_is_a_400_naming_the_problem(adapter_files, tmp_path, case):
+    served = served_copy(adapter_files, tmp_path, "bad", case.edit)
     with served.client:
         response = served.post(
             "/v1/load_lora_adapter", {"lora_name": "b2", "lora_path": "bad"}, AUTH
@@ -133,8 +132,8 @@ def test_a_malformed_adapter_is_a_400_naming_the_problem(files, tmp_path, case):
     [("x" * 5000, "File name too long"), ("loop", "cannot be resolved"), ("a\x00b", "null")],
     ids=["over-long", "symlink-loop", "nul-byte"],
 )
-def test_unusable_lora_paths_are_a_400(files, lora_path, words):  # noqa: F811
-    served = Served(*files)
+def test_unusable_lora_paths_are_a_400(adapter_files, lora_path, words):
+    served = Served(*adapter_files)
     loop = served.root / "adapters" / "loop"
     if not loop.is_symlink():
         loop.symlink_to(loop)
@@ -149,8 +148,8 @@ def test_unusable_lora_paths_are_a_400(files, lora_path, words):  # noqa: F811
 
 
 # ----------------------------------------------------------------- symlinks out (issue 12.8)
-def test_a_file_symlinked_out_of_the_adapter_directory_is_refused(files, tmp_path):  # noqa: F811
-    root, _ = files
+def test_a_file_symlinked_out_of_the_adapter_directory_is_refused(adapter_files, tmp_path):
+    root, _ = adapter_files
     outside = tmp_path / "outside"
     shutil.copytree(root / "adapters" / "ad1", outside)
 
@@ -158,7 +157,7 @@ def test_a_file_symlinked_out_of_the_adapter_directory_is_refused(files, tmp_pat
         (directory / "adapter_model.safetensors").unlink()
         (directory / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
 
-    served = served_copy(files, tmp_path, "leak", link_weights_out)
+    served = served_copy(adapter_files, tmp_path, "leak", link_weights_out)
     assert "leak" not in served.adapters.registry  # present at start-up: skipped
     assert "leads outside the adapter directory" in served.adapters.registry.skipped["leak"]
     with served.client:
@@ -172,8 +171,8 @@ def test_a_file_symlinked_out_of_the_adapter_directory_is_refused(files, tmp_pat
         assert served.bank.names() == [] and "leak2" not in served.model_ids()
 
 
-def test_a_symlinked_directory_is_served_only_when_it_stays_inside(files, tmp_path):  # noqa: F811
-    root, tokenizer = files
+def test_a_symlinked_directory_is_served_only_when_it_stays_inside(adapter_files, tmp_path):
+    root, tokenizer = adapter_files
     shutil.copytree(root / "adapters", tmp_path / "adapters")
     shutil.copytree(root / "adapters" / "ad0", tmp_path / "outside")
     (tmp_path / "adapters" / "out").symlink_to(tmp_path / "outside", target_is_directory=True)
@@ -192,13 +191,13 @@ def test_a_symlinked_directory_is_served_only_when_it_stays_inside(files, tmp_pa
 
 # ----------------------------------------------------------------- start-up scan (issue 12.7)
 def test_start_up_skips_a_broken_adapter_and_reads_headers_only(
-    files,  # noqa: F811
+    adapter_files,
     tmp_path,
     monkeypatch,
     caplog,
 ):
 
-    root, tokenizer = files
+    root, tokenizer = adapter_files
     tiny_models.save_llama_with_tokenizer(tmp_path / "model", tokenizer)
     shutil.copytree(root / "adapters" / "ad1", tmp_path / "adapters" / "good")
     shutil.copytree(root / "adapters" / "ad2", tmp_path / "adapters" / "broken")
@@ -228,19 +227,19 @@ def test_start_up_skips_a_broken_adapter_and_reads_headers_only(
     assert len(reads) == 1  # the good adapter, read on first use
 
 
-def test_a_file_that_does_not_fit_is_refused_from_its_header(files, tmp_path, monkeypatch):  # noqa: F811
+def test_a_file_that_does_not_fit_is_refused_from_its_header(adapter_files, tmp_path, monkeypatch):
     """512 MiB of factors (a sparse file) of the wrong shape: a 400 before any data is read."""
     prefix = "base_model.model.model.layers.0.self_attn.q_proj"
 
     def oversized(directory):
         (directory / "adapter_model.safetensors").unlink()
-        _write_header_only_file(
+        write_header_only_file(
             directory / "adapter_model.safetensors",
             {f"{prefix}.lora_A.weight": (2**15, 2**12), f"{prefix}.lora_B.weight": (64, 2**15)},
             {"format": "pt"},
         )
 
-    served = served_copy(files, tmp_path, "oversized", oversized)
+    served = served_copy(adapter_files, tmp_path, "oversized", oversized)
     reads = []
     monkeypatch.setattr(read_module, "read_safetensors", lambda path: reads.append(path))
     with served.client:
