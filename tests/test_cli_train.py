@@ -360,3 +360,22 @@ def test_every_option_of_every_command_has_help_with_one_default():
             text = formatter._expand_help(action)
             assert len(text.strip()) > 10, where
             assert text.lower().count("default") <= 1 and "None" not in text, (where, text)
+
+
+def test_a_second_run_into_the_same_output_is_refused_until_overwrite(
+    tmp_path, capsys, model_dir, jsonl
+):
+    argv = ["train", "--model", model_dir, "--data", jsonl, "--output", tmp_path / "o",
+            "--batch-size", "4", "--r", "2", "--no-progress"]  # fmt: skip
+    assert _main(capsys, *argv, "--steps", "3", "--checkpoint-every", "3")[0] == 0
+    code, _, err = _main(capsys, *argv, "--steps", "2")
+    assert code == 2 and err.count("\n") == 1
+    assert "holds a previous training run (adapter/, checkpoints/, metrics.jsonl)" in err
+    code, _, err = _main(capsys, *argv, "--steps", "2", "--resume", "--overwrite")
+    assert code == 2 and "give one" in err
+    code, out, _ = _main(capsys, *argv, "--steps", "2", "--overwrite")
+    assert code == 0 and json.loads(out.splitlines()[0])["steps"] == 2
+    records = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").open()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]  # no zig-zag: the old run is gone
+    assert not (tmp_path / "o" / "checkpoints").exists()
+    assert json.loads((tmp_path / "o" / "train_settings.json").read_text())["steps"] == 2

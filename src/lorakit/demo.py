@@ -93,6 +93,7 @@ def _train(model, tokenizer, settings: DemoSettings, output: Path):
         warmup_steps=max(1, settings.steps // 10),
         seed=settings.seed,
         progress=settings.progress,
+        overwrite=True,  # a demo replaces the previous demo's results in its output directory
     )
     _say(f"training LoRA r={settings.rank} on {len(tokenized)} training reviews, "
          f"{settings.steps} steps of {settings.batch_size}")  # fmt: skip

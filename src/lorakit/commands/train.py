@@ -64,6 +64,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser.add_argument(flag, *_ALIASES.get(flag, ()), type=kind, default=None, help=text)
     parser.add_argument("--resume", action="store_true", default=None,
                         help="continue from the newest checkpoint in --output")  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true", default=None,
+                        help="delete a previous run in --output (adapter/, checkpoints/, "
+                             "metrics.jsonl, loss_curve.png, train_settings.json) and start over; "
+                             "without it (or --resume) such a directory is refused")  # fmt: skip
     parser.add_argument("--gradient-checkpointing", action="store_true", default=None,
                         help="recompute activations in backward to save memory")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")

@@ -6,8 +6,9 @@
 
 Modules: ``config`` (TrainingConfig), ``schedule`` (warmup + cosine), ``optim`` (AdamW, LoRA+
 groups), ``batches`` (deterministic batch plan, padding), ``losses`` (token-sum loss, evaluation),
-``checkpoint`` + ``rng`` (atomic checkpoints, RNG capture), ``metrics`` (JSONL, loss curve),
-``distributed`` (torchrun / DDP), ``loop`` (the loop itself).
+``checkpoint`` + ``rng`` (atomic checkpoints, RNG capture), ``output_dir`` (one run per
+directory), ``metrics`` (JSONL, loss curve), ``distributed`` (torchrun / DDP), ``loop`` (the loop
+itself).
 """
 
 from lorakit.train.batches import BatchPlan, pad_collate

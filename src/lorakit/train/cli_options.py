@@ -43,6 +43,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "checkpoint_every": 0,
     "keep_checkpoints": 2,
     "resume": False,
+    "overwrite": False,
     "seed": 0,
     "gradient_checkpointing": False,
     "no_progress": False,

@@ -47,6 +47,7 @@ class TrainingConfig:
     progress: bool = True  # tqdm progress bar
     plot: bool = True  # loss-curve PNG at the end
     adapter_name: str = "default"
+    overwrite: bool = False  # a new run may delete a previous run in output_dir (see train)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "keep_checkpoints"):

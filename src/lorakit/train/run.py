@@ -62,6 +62,7 @@ def _build_training_config(settings: dict[str, Any]):
         seed=settings["seed"],
         gradient_checkpointing=bool(settings["gradient_checkpointing"]),
         progress=not settings["no_progress"],
+        overwrite=bool(settings["overwrite"]),
     )
 
 
@@ -91,6 +92,7 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     from lorakit import data
     from lorakit.models import check_model_spec, load_model, resolve_model
     from lorakit.train.cli_options import load_examples_for
+    from lorakit.train.output_dir import prepare_output_dir
 
     training = _training_config(settings)
     lora = _lora_config(settings)
@@ -102,6 +104,14 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
             settings["eval_data"], settings["eval_split"], settings["style"], "validation"
         )
     check_targets_before_loading(resolve_model(settings["model"]), lora)
+    # only now that every check passed may --overwrite delete; under torchrun, rank 0 writes
+    main = int(os.environ.get("RANK", "0")) == 0
+    prepare_output_dir(
+        settings["output"],
+        resume=bool(settings["resume"]),
+        overwrite=training.overwrite,
+        is_main=main,
+    )
     torch.manual_seed(settings["seed"])  # the adapter's initial A
     model, tokenizer = load_model(settings["model"], progress=False)
     try:
@@ -113,7 +123,7 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
         tokenized["eval"] = data.tokenize_examples(eval_examples, tokenizer, settings["max_length"])
     output = Path(settings["output"])
     output.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one process writes it
+    if main:
         (output / "train_settings.json").write_text(json.dumps(settings, indent=1, default=str))
     return _train_tokenized(model, tokenized, training, bool(settings["resume"]))
 
