@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lorakit
@@ -124,3 +125,32 @@ def test_only_near_ties_may_flip_in_the_merge_check():
 def test_demo_bad_flag_is_one_line(capsys):
     assert cli.main(["demo", "--eval-size", "0"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_same_seed_same_result_whether_or_not_the_model_was_in_the_cache(
+    tmp_path, capsys, tiny_builtin_model
+):
+    """The first run converts the built-in model (drawing random numbers), the second reads it
+    from the cache: the same accuracies, losses and adapter weights."""
+    from lorakit.demo import run_demo
+    from lorakit.models import DEFAULT_MODEL
+
+    summaries, adapters = [], []
+    for run in ("converted", "cached"):
+        settings = _settings(tmp_path / run, DEFAULT_MODEL, steps=3, lr=1e-2)
+        summaries.append(run_demo(settings))
+        adapters.append(
+            load_file(tmp_path / run / "demo" / "adapter" / "adapter_model.safetensors")
+        )
+    assert len(tiny_builtin_model) == 1  # converted once, then read from the cache
+    numbers = (
+        "zero_shot_accuracy",
+        "fine_tuned_accuracy",
+        "final_train_loss",
+        "trainable_parameters",
+    )
+    first, second = ({key: summary[key] for key in numbers} for summary in summaries)
+    assert first == second and first["trainable_parameters"] == 29_696
+    assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) == 28
+    for key, tensor in adapters[0].items():
+        assert torch.equal(adapters[1][key], tensor), key

@@ -379,3 +379,20 @@ def test_a_second_run_into_the_same_output_is_refused_until_overwrite(
     assert [r["step"] for r in records if "loss" in r] == [1, 2]  # no zig-zag: the old run is gone
     assert not (tmp_path / "o" / "checkpoints").exists()
     assert json.loads((tmp_path / "o" / "train_settings.json").read_text())["steps"] == 2
+
+
+def test_train_gives_the_same_adapter_whether_or_not_the_model_was_in_the_cache(
+    tmp_path, capsys, jsonl, tiny_builtin_model
+):
+    from safetensors.torch import load_file
+
+    adapters = []
+    for run in ("converted", "cached"):
+        code, _, _ = _main(capsys, "train", "--data", jsonl, "--output", tmp_path / run,
+                           "--steps", "2", "--batch-size", "4", "--r", "2", "--no-progress")  # fmt: skip
+        assert code == 0
+        adapters.append(load_file(tmp_path / run / "adapter" / "adapter_model.safetensors"))
+    assert len(tiny_builtin_model) == 1  # converted once, then read from the cache
+    assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) == 28
+    for key, tensor in adapters[0].items():
+        assert torch.equal(adapters[1][key], tensor), key

@@ -70,6 +70,8 @@ def _held_out(settings: DemoSettings):
 
 
 def _train(model, tokenizer, settings: DemoSettings, output: Path):
+    import torch
+
     import lorakit
     from lorakit import data
     from lorakit.train import TrainingConfig, train
@@ -83,6 +85,7 @@ def _train(model, tokenizer, settings: DemoSettings, output: Path):
         lora_dropout=settings.dropout,
         target_modules=SEVEN_PROJECTIONS,
     )
+    torch.manual_seed(settings.seed)  # the adapter's initial A, whatever loading the model drew
     lorakit.inject(model, config)
     counts = lorakit.count_parameters(model)
     training = TrainingConfig(
@@ -120,8 +123,6 @@ def _sizes(settings: DemoSettings, adapter_dir: Path, base_parameters: int) -> d
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
     """Run the whole demo; returns the summary (also written to ``<output>/summary.json``)."""
-    import torch
-
     import lorakit
     from lorakit.io import save_adapter
     from lorakit.models import load_model
@@ -130,7 +131,6 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     output = Path(settings.output)
     held_out = _held_out(settings)
     output.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(settings.seed)
     _say(f"loading {settings.model}")
     model, tokenizer = load_model(settings.model, progress=False)
     base_parameters = sum(p.numel() for p in model.parameters())

@@ -112,8 +112,8 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
         overwrite=training.overwrite,
         is_main=main,
     )
-    torch.manual_seed(settings["seed"])  # the adapter's initial A
     model, tokenizer = load_model(settings["model"], progress=False)
+    torch.manual_seed(settings["seed"])  # the adapter's initial A, whatever the loading drew
     try:
         lorakit.inject(model, lora)
     except (ValueError, TypeError) as error:
