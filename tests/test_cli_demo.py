@@ -154,3 +154,20 @@ def test_same_seed_same_result_whether_or_not_the_model_was_in_the_cache(
     assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) == 28
     for key, tensor in adapters[0].items():
         assert torch.equal(adapters[1][key], tensor), key
+
+
+def test_the_summary_gives_sizes_in_binary_units():
+    from lorakit.demo import summary_lines
+
+    summary = {
+        "held_out_reviews": 200, "model": "m", "zero_shot_accuracy": 0.675, "steps": 60,
+        "training_reviews": 480, "fine_tuned_accuracy": 0.805, "accuracy_gain_points": 13.0,
+        "trainable_parameters": 4_884_480, "adapter_bytes": 19_696_256,
+        "base_model_bytes": 538_090_408, "adapter_percent_of_base": 3.66,
+        "merged_predictions_agree": 200, "merged_max_abs_logprob_difference": 3e-5,
+        "merged_disagreements_at_near_ties": 0, "adapter_dir": "a", "loss_curve": "c",
+        "seconds": 219.0,
+    }  # fmt: skip
+    line = summary_lines(summary)[3]
+    # the real demo's files: 19,696,256 and 538,090,408 bytes
+    assert line == "  adapter: 4,884,480 parameters, 18.8 MiB vs base model 513.2 MiB (3.66%)"

@@ -220,7 +220,8 @@ def _check_merged_agrees(summary: dict[str, Any], output: Path) -> None:
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
     """The readable summary."""
-    mb = 1024 * 1024
+    from lorakit.units import format_bytes
+
     return [
         f"Rotten Tomatoes sentiment, {summary['held_out_reviews']} held-out test reviews "
         f"(never seen in training), {summary['model']}:",
@@ -228,7 +229,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         f"  after LoRA ({summary['steps']} steps, {summary['training_reviews']} reviews) "
         f"{summary['fine_tuned_accuracy']:.1%}  ({summary['accuracy_gain_points']:+.1f} points)",
         f"  adapter: {summary['trainable_parameters']:,} parameters, "
-        f"{summary['adapter_bytes'] / mb:.1f} MB vs base model {summary['base_model_bytes'] / mb:.0f} MB "
+        f"{format_bytes(summary['adapter_bytes'])} vs base model "
+        f"{format_bytes(summary['base_model_bytes'])} "
         f"({summary['adapter_percent_of_base']:.2f}%)",
         f"  merged model: {summary['merged_predictions_agree']}/{summary['held_out_reviews']} "
         f"predictions identical (max |log-prob difference| "
