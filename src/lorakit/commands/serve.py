@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import re
+import socket
 
 from lorakit.errors import UserError
 
@@ -109,6 +110,10 @@ def build(args: argparse.Namespace):
     from lorakit.serve.registry import AdapterRegistry, ServedAdapters
 
     registry = AdapterRegistry(args.adapters)
+    names = registry.names()
+    logging.getLogger(__name__).info(
+        "%d adapter(s) in %s: %s", len(names), registry.root, ", ".join(names) or "none yet"
+    )
     targets, max_rank = _adapter_defaults(registry)
     if args.target_modules:
         targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
@@ -144,5 +149,29 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"lorakit serve: warning: listening on {args.host}, reachable from other machines")
-    uvicorn.run(build(args), host=args.host, port=args.port, log_level="info")
+    listening = _listening_socket(args.host, args.port)  # before the model loads
+    config = uvicorn.Config(build(args), host=args.host, port=args.port, log_level="info")
+    host = f"[{args.host}]" if ":" in args.host else args.host  # uvicorn does not say it here
+    logging.getLogger(__name__).info("listening on http://%s:%d (Ctrl+C stops)", host, args.port)
+    uvicorn.Server(config).run(sockets=[listening])
     return 0
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port``, so that a busy port is reported at once, not after the
+    model has loaded (uvicorn then listens on it)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        listening = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as error:
+        raise UserError(f"--host {host}: {error.strerror or error}") from None
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind((host, port))
+    except OSError as error:
+        listening.close()
+        raise UserError(
+            f"cannot listen on {host}:{port} ({error.strerror or error}); stop the program "
+            "using that port or pass another --port"
+        ) from None
+    return listening

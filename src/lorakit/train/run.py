@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,37 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     output.mkdir(parents=True, exist_ok=True)
     if main:
         (output / "train_settings.json").write_text(json.dumps(settings, indent=1, default=str))
+        _announce(model, tokenized, training, settings["max_length"])
     return _train_tokenized(model, tokenized, training, bool(settings["resume"]))
+
+
+def _announce(model, tokenized: dict, training, max_length: int) -> None:
+    """Say on stderr what the run will do (examples, optimizer steps, trainable parameters), and
+    how many examples ``max_length`` shortened."""
+    from lorakit.accounting import count_parameters
+    from lorakit.train.batches import BatchPlan
+
+    for part, kind in (("train", "training"), ("eval", "evaluation")):
+        if part in tokenized and tokenized[part].num_truncated:
+            print(
+                f"lorakit: warning: {tokenized[part].num_truncated} of {len(tokenized[part])} "
+                f"{kind} examples are longer than --max-length {max_length} tokens and were "
+                "shortened; raise --max-length to train on them whole",
+                file=sys.stderr,
+            )
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    examples = len(tokenized["train"])
+    plan = BatchPlan(
+        examples, training.batch_size, training.grad_accum, processes, drop_last=processes > 1
+    )
+    steps = training.total_steps(plan.steps_per_epoch) if plan.steps_per_epoch else 0
+    counts = count_parameters(model)
+    print(
+        f"lorakit: training on {examples} examples, {steps} optimizer steps of "
+        f"{plan.global_batch} examples, {counts.trainable:,} trainable parameters "
+        f"({100 * counts.trainable / counts.total:.2f}% of {counts.total:,})",
+        file=sys.stderr,
+    )
 
 
 def _train_tokenized(model, tokenized: dict, training, resume: bool) -> TrainResult:

@@ -1,0 +1,76 @@
+"""``lorakit serve`` start-up: the port is taken before the model loads, the adapters are named."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from lorakit import cli
+from lorakit.commands import serve
+from tests.test_cli_train import model_dir  # noqa: F401  (the tiny model fixture)
+
+
+def test_a_busy_port_is_reported_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import lorakit.models
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the busy port was found")
+
+    monkeypatch.setattr(lorakit.models, "load_model", load_model)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = cli.main(["serve", "--adapters", str(tmp_path), "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 2 and err == (
+        f"lorakit: error: cannot listen on 127.0.0.1:{port} (Address already in use); stop the "
+        "program using that port or pass another --port\n"
+    )
+
+
+def test_serve_binds_first_and_hands_the_socket_to_uvicorn(tmp_path, monkeypatch):
+    import uvicorn
+
+    events = []
+    real_listening_socket = serve._listening_socket
+
+    def listening_socket(host, port):
+        events.append("bind")
+        return real_listening_socket(host, port)
+
+    def build(args):
+        events.append("build")
+        return object()
+
+    def run(server, sockets=None):
+        events.append(("run", [s.getsockname() for s in sockets]))
+        for listening in sockets:
+            listening.close()
+
+    monkeypatch.setattr(serve, "_listening_socket", listening_socket)
+    monkeypatch.setattr(serve, "build", build)
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    with socket.socket() as probe:  # a port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert cli.main(["serve", "--adapters", str(tmp_path), "--port", str(port)]) == 0
+    assert events == ["bind", "build", ("run", [("127.0.0.1", port)])]
+
+
+def test_serve_logs_the_adapters_it_found(tmp_path, caplog, model_dir):  # noqa: F811
+    import lorakit
+    from lorakit.io import save_adapter
+    from tests import tiny_models
+
+    for name in ("support", "billing"):
+        model = tiny_models.llama()
+        lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+        save_adapter(model, tmp_path / "adapters" / name)
+    args = cli.build_parser().parse_args(
+        ["serve", "--model", str(model_dir), "--adapters", str(tmp_path / "adapters")]
+    )
+    with caplog.at_level(logging.INFO, logger="lorakit.commands.serve"):
+        serve.build(args)
+    found = [r.getMessage() for r in caplog.records if r.name == "lorakit.commands.serve"]
+    assert found == [f"2 adapter(s) in {(tmp_path / 'adapters').resolve()}: billing, support"]
