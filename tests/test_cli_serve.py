@@ -29,33 +29,24 @@ def test_a_busy_port_is_reported_before_the_model_loads(tmp_path, capsys, monkey
     )
 
 
-def test_serve_binds_first_and_hands_the_socket_to_uvicorn(tmp_path, monkeypatch):
+def test_serve_checks_the_port_before_building(tmp_path, monkeypatch):
     import uvicorn
 
     events = []
-    real_listening_socket = serve._listening_socket
+    real_check_port = serve._check_port
 
-    def listening_socket(host, port):
-        events.append("bind")
-        return real_listening_socket(host, port)
+    def check_port(host, port):
+        events.append(("check", host, port))
+        real_check_port(host, port)
 
-    def build(args):
-        events.append("build")
-        return object()
-
-    def run(server, sockets=None):
-        events.append(("run", [s.getsockname() for s in sockets]))
-        for listening in sockets:
-            listening.close()
-
-    monkeypatch.setattr(serve, "_listening_socket", listening_socket)
-    monkeypatch.setattr(serve, "build", build)
-    monkeypatch.setattr(uvicorn.Server, "run", run)
+    monkeypatch.setattr(serve, "_check_port", check_port)
+    monkeypatch.setattr(serve, "build", lambda args: events.append("build") or "the app")
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: events.append(("run", app)))
     with socket.socket() as probe:  # a port that was free a moment ago
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     assert cli.main(["serve", "--adapters", str(tmp_path), "--port", str(port)]) == 0
-    assert events == ["bind", "build", ("run", [("127.0.0.1", port)])]
+    assert events == [("check", "127.0.0.1", port), "build", ("run", "the app")]
 
 
 def test_serve_logs_the_adapters_it_found(tmp_path, caplog, model_dir):  # noqa: F811

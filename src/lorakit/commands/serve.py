@@ -149,29 +149,25 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"lorakit serve: warning: listening on {args.host}, reachable from other machines")
-    listening = _listening_socket(args.host, args.port)  # before the model loads
-    config = uvicorn.Config(build(args), host=args.host, port=args.port, log_level="info")
-    host = f"[{args.host}]" if ":" in args.host else args.host  # uvicorn does not say it here
-    logging.getLogger(__name__).info("listening on http://%s:%d (Ctrl+C stops)", host, args.port)
-    uvicorn.Server(config).run(sockets=[listening])
+    _check_port(args.host, args.port)  # before the model loads
+    uvicorn.run(build(args), host=args.host, port=args.port, log_level="info")
     return 0
 
 
-def _listening_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port``, so that a busy port is reported at once, not after the
-    model has loaded (uvicorn then listens on it)."""
+def _check_port(host: str, port: int) -> None:
+    """Bind ``host:port`` once and let it go, so that a busy port is reported at once, not
+    after the model has loaded."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        listening = socket.socket(family, socket.SOCK_STREAM)
+        probe = socket.socket(family, socket.SOCK_STREAM)
     except OSError as error:
         raise UserError(f"--host {host}: {error.strerror or error}") from None
-    try:
-        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listening.bind((host, port))
-    except OSError as error:
-        listening.close()
-        raise UserError(
-            f"cannot listen on {host}:{port} ({error.strerror or error}); stop the program "
-            "using that port or pass another --port"
-        ) from None
-    return listening
+    with probe:
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+        except OSError as error:
+            raise UserError(
+                f"cannot listen on {host}:{port} ({error.strerror or error}); stop the program "
+                "using that port or pass another --port"
+            ) from None
