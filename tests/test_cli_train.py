@@ -243,7 +243,7 @@ def test_yaml_numbers_written_without_a_dot_are_numbers(tmp_path):
     """YAML 1.1 (PyYAML) reads ``2e-4`` as a string; the config file still means 0.0002."""
     config = tmp_path / "run.yaml"
     config.write_text("data: x.jsonl\nlr: 2e-4\nr: '8'\nalpha: 16\nsteps: 3\n")
-    from lorakit.train.cli_options import load_config_file
+    from lorakit.train.settings import load_config_file
 
     loaded = load_config_file(config)
     assert loaded["lr"] == 2e-4 and isinstance(loaded["lr"], float)
@@ -491,3 +491,41 @@ def test_train_prints_a_summary_and_counts_the_shortened_examples(
         "lorakit: warning: 24 of 24 training examples are longer than --max-length 6 tokens and "
         "were shortened; raise --max-length to train on them whole"
     )
+
+
+def test_every_train_option_is_a_settings_field_spelled_once(tmp_path):
+    """The parser's options are exactly the ``setting`` fields of TrainSettings and
+    TrainingConfig; a flag's value reaches its field, aliases included."""
+    import argparse
+    from dataclasses import fields
+
+    from lorakit.train.config import TrainingConfig
+    from lorakit.train.settings import (
+        TrainSettings,
+        build_settings,
+        merged_values,
+        option_fields,
+        setting_key,
+    )
+
+    commands = next(
+        a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    parser = commands.choices["train"]
+    flags = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
+    assert set(flags) - {"-h", "--config"} == {
+        f.metadata.get("flag") or "--" + f.name.replace("_", "-") for f in option_fields()
+    }
+    assert flags["--r"].option_strings == ["--r", "--rank"]
+    assert {f.name for f in option_fields()} >= {f.name for f in fields(TrainSettings)}
+    assert "warmup_steps" not in {f.name for f in option_fields()}  # not every field is a flag
+    argv = ["--data", "d.jsonl", "--rank", "4", "--steps", "7", "--output", str(tmp_path / "o"),
+            "--no-progress", "--gradient-checkpointing", "--lr", "0.01"]  # fmt: skip
+    values = merged_values(None, vars(parser.parse_args(argv)))
+    assert {setting_key(f) for f in option_fields()} == set(values)
+    job, training = build_settings(values)
+    assert (job.r, job.data, job.target_modules) == (4, "d.jsonl", "all-linear")
+    assert training == TrainingConfig(
+        output_dir=str(tmp_path / "o"), max_steps=7, lr=0.01, progress=False,
+        gradient_checkpointing=True,
+    )  # fmt: skip

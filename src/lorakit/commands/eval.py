@@ -88,8 +88,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.max_length < 2:
         raise UserError("--batch-size must be >= 1 and --max-length >= 2")
     from lorakit import data
-    from lorakit.train.cli_options import load_examples_for
     from lorakit.train.losses import evaluate
+    from lorakit.train.settings import load_examples_for
 
     examples = load_examples_for(args.data, args.split, args.style, "test")[: args.limit]
     model, tokenizer = load_model_and_adapter(args.model, args.adapter, args.allow_base_mismatch)
