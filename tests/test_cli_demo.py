@@ -171,3 +171,17 @@ def test_the_summary_gives_sizes_in_binary_units():
     line = summary_lines(summary)[3]
     # the real demo's files: 19,696,256 and 538,090,408 bytes
     assert line == "  adapter: 4,884,480 parameters, 18.8 MiB vs base model 513.2 MiB (3.66%)"
+
+
+def test_demo_options_are_its_settings_fields(monkeypatch, capsys):
+    import lorakit.demo
+    from lorakit.demo import DemoSettings
+
+    given = []
+    monkeypatch.setattr(lorakit.demo, "run_demo", given.append)
+    argv = ["demo", "--steps", "5", "--no-progress", "--style", "plain", "--output", "o"]
+    assert cli.main(argv) == 0
+    assert given == [DemoSettings(output="o", steps=5, style="plain", progress=False)]
+    assert cli.main(["demo"]) == 0 and given[1] == DemoSettings()
+    assert cli.main(["demo", "--lr", "0"]) == 2
+    assert capsys.readouterr().err == "lorakit: error: --lr must be > 0, got 0.0\n"

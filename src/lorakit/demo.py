@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorakit.train.config import SettingError, setting
+
 __all__ = ["DemoSettings", "run_demo"]
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -23,21 +25,33 @@ SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 
 @dataclass
 class DemoSettings:
-    """What the demo does (the defaults finish in a few minutes on 2 CPU cores)."""
+    """What the demo does (the defaults finish in a few minutes on 2 CPU cores). The fields made
+    with ``setting`` are ``lorakit demo``'s options (see ``lorakit.train.config.setting``)."""
 
-    output: str = "lorakit-demo"
+    output: str = setting("lorakit-demo", "output dir")
     model: str = "smollm2-135m-instruct"
-    steps: int = 60
-    batch_size: int = 8
-    lr: float = 1e-3
+    steps: int = setting(60, "optimizer steps")
+    batch_size: int = setting(8, "reviews per step")
+    lr: float = setting(1e-3, "learning rate")
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
-    max_length: int = 96
-    eval_size: int = 200
-    style: str = "chat"  # "chat": the chat template / "plain": "Review: ...\nSentiment:"
-    seed: int = 0
-    progress: bool = True
+    max_length: int = setting(96, "max tokens per example")
+    eval_size: int = setting(200, "held-out test reviews")
+    style: str = setting(
+        "chat",
+        "prompt form: the chat template, or plain 'Review: ...\\nSentiment:'",
+        choices=("chat", "plain"),
+    )
+    seed: int = setting(0, "random seed")
+    progress: bool = setting(True, "no progress bar", flag="--no-progress", negated=True)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise SettingError(name, f"must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise SettingError("lr", f"must be > 0, got {self.lr}")
 
 
 def _say(message: str) -> None:

@@ -8,10 +8,41 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import MISSING
 from pathlib import Path
 
-from lorakit.train.config import flag_name
-from lorakit.train.settings import option_fields, setting_defaults, setting_key, setting_kind
+from lorakit.train.config import (
+    TrainingConfig,
+    flag_name,
+    setting_fields,
+    setting_key,
+    setting_kind,
+)
+from lorakit.train.settings import TrainSettings
+
+
+def add_setting_options(parser: argparse.ArgumentParser, owner: type, *, unset: bool) -> None:
+    """One option per ``setting`` field of the dataclass ``owner``, its destination the field's
+    key. "(default: X)" is added to a help text that does not mention its default. ``unset``:
+    every option defaults to None (so that only the flags given override a config file)."""
+    for option in setting_fields(owner):
+        key, text, kind = setting_key(option), option.metadata["help"], setting_kind(owner, option)
+        flags = (flag_name(option), *option.metadata["aliases"])
+        if kind is bool:  # a switch: given, True
+            default = None if unset else False
+            parser.add_argument(*flags, dest=key, action="store_true", default=default, help=text)
+            continue
+        default = option.default if option.default is not MISSING else None
+        if "(default:" not in text and "(required" not in text:
+            text += f" (default: {default})"
+        parser.add_argument(
+            *flags,
+            dest=key,
+            type=kind,
+            choices=option.metadata["choices"],
+            default=None if unset else default,
+            help=text,
+        )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,17 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--config", help="YAML or JSON file with settings (default: none)")
-    defaults = setting_defaults()
-    for option in option_fields():
-        key, text = setting_key(option), option.metadata["help"]
-        flags = (flag_name(option), *option.metadata["aliases"])
-        if setting_kind(option) is bool:  # given: True; not given: None (the file decides)
-            parser.add_argument(*flags, dest=key, action="store_true", default=None, help=text)
-            continue
-        if "(default:" not in text and "(required" not in text:
-            text += f" (default: {defaults[key]})"
-        kind = setting_kind(option)
-        parser.add_argument(*flags, dest=key, type=kind, default=None, help=text)
+    for owner in (TrainSettings, TrainingConfig):
+        add_setting_options(parser, owner, unset=True)
     parser.set_defaults(func=run)
 
 

@@ -8,12 +8,21 @@ unless ``flag=`` names another, and the config file uses the flag's name with un
 
 from __future__ import annotations
 
-from dataclasses import Field, asdict, dataclass, field
+import typing
+from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any
 
 from lorakit.errors import UserError
 
-__all__ = ["SettingError", "TrainingConfig", "flag_name", "setting"]
+__all__ = [
+    "SettingError",
+    "TrainingConfig",
+    "flag_name",
+    "setting",
+    "setting_fields",
+    "setting_key",
+    "setting_kind",
+]
 
 
 def setting(
@@ -23,18 +32,44 @@ def setting(
     flag: str | None = None,
     aliases: tuple[str, ...] = (),
     negated: bool = False,
+    choices: tuple[str, ...] | None = None,
 ) -> Any:
     """A dataclass field that is also a command-line option. ``help``: its help text (the
     parser adds "(default: X)" unless the text mentions its default); ``flag``: the flag when it
     is not ``--<name-with-dashes>``; ``aliases``: more spellings of the flag; ``negated``: a
-    bool whose flag turns it off (``progress`` is ``--no-progress``)."""
-    metadata = {"help": help, "flag": flag, "aliases": aliases, "negated": negated}
+    bool whose flag turns it off (``progress`` is ``--no-progress``); ``choices``: the values
+    allowed."""
+    metadata = {
+        "help": help,
+        "flag": flag,
+        "aliases": aliases,
+        "negated": negated,
+        "choices": choices,
+    }
     return field(default=default, metadata=metadata)
 
 
 def flag_name(setting_field: Field) -> str:
     """The command-line flag of a ``setting`` field (``max_steps`` -> ``--steps``)."""
     return setting_field.metadata.get("flag") or "--" + setting_field.name.replace("_", "-")
+
+
+def setting_key(setting_field: Field) -> str:
+    """A setting's key in config files: its flag without dashes (``--steps`` -> ``steps``)."""
+    return flag_name(setting_field)[2:].replace("-", "_")
+
+
+def setting_fields(owner: type) -> list[Field]:
+    """The ``setting`` fields (those with a help text) of the dataclass ``owner``."""
+    return [f for f in fields(owner) if "help" in f.metadata]
+
+
+def setting_kind(owner: type, setting_field: Field) -> type:
+    """The scalar type of a setting of ``owner`` (``int | None`` -> int, ``str | list[str]``
+    -> str)."""
+    hint = typing.get_type_hints(owner)[setting_field.name]
+    kinds = typing.get_args(hint) or (hint,)
+    return next(kind for kind in (bool, int, float, str) if kind in kinds)
 
 
 class SettingError(UserError):

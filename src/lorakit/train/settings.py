@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import json
 import os
-import typing
-from dataclasses import Field, dataclass, fields
+from dataclasses import Field, dataclass
 from pathlib import Path
 from typing import Any
 
 from lorakit.errors import UserError
-from lorakit.train.config import SettingError, TrainingConfig, flag_name, setting
+from lorakit.train.config import (
+    SettingError,
+    TrainingConfig,
+    flag_name,
+    setting,
+    setting_fields,
+    setting_key,
+    setting_kind,
+)
 
 __all__ = [
     "TrainSettings",
@@ -28,8 +35,6 @@ __all__ = [
     "merged_values",
     "option_fields",
     "setting_defaults",
-    "setting_key",
-    "setting_kind",
 ]
 
 
@@ -104,22 +109,12 @@ class TrainSettings:
 
 def option_fields() -> list[Field]:
     """Every option of ``lorakit train``: the ``setting`` fields of both dataclasses."""
-    return [
-        f for cls in (TrainSettings, TrainingConfig) for f in fields(cls) if "help" in f.metadata
-    ]
+    return [*setting_fields(TrainSettings), *setting_fields(TrainingConfig)]
 
 
-def setting_key(option: Field) -> str:
-    """The config-file key of an option: its flag without dashes (``--steps`` -> ``steps``)."""
-    return flag_name(option)[2:].replace("-", "_")
-
-
-def setting_kind(option: Field) -> type:
-    """The scalar type of an option (``int | None`` -> int, ``str | list[str]`` -> str)."""
-    owner = TrainSettings if option in fields(TrainSettings) else TrainingConfig
-    hint = typing.get_type_hints(owner)[option.name]
-    kinds = typing.get_args(hint) or (hint,)
-    return next(kind for kind in (bool, int, float, str) if kind in kinds)
+def _kind(option: Field) -> type:
+    owner = TrainSettings if option in setting_fields(TrainSettings) else TrainingConfig
+    return setting_kind(owner, option)
 
 
 def setting_defaults() -> dict[str, Any]:
@@ -161,9 +156,7 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(
             f"config file {path}: unknown setting(s) {unknown}; known: {', '.join(options)}"
         )
-    return {
-        key: _number(path, key, value, setting_kind(options[key])) for key, value in values.items()
-    }
+    return {key: _number(path, key, value, _kind(options[key])) for key, value in values.items()}
 
 
 def _number(path: Path, key: str, value: Any, kind: type) -> Any:
@@ -203,9 +196,9 @@ def build_settings(values: dict[str, Any]) -> tuple[TrainSettings, TrainingConfi
     try:
         for cls in (TrainSettings, TrainingConfig):
             arguments = {}
-            for option in (f for f in fields(cls) if "help" in f.metadata):
+            for option in setting_fields(cls):
                 value = values[setting_key(option)]
-                if setting_kind(option) is bool:
+                if setting_kind(cls, option) is bool:
                     value = bool(value) != option.metadata["negated"]
                 arguments[option.name] = value
             built[cls] = cls(**arguments)
