@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import re
+import socket
 import sys
 from collections.abc import Mapping
 
@@ -252,7 +253,27 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"lorakit serve: warning: listening on {args.host}, reachable from other machines")
     limits = connection_limits(args)  # (checked before the model loads)
+    _check_port(args.host, args.port)  # before the model loads
     uvicorn.run(
         build(args), host=args.host, port=args.port, log_level="info", **limits.uvicorn_options()
     )
     return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    """Bind ``host:port`` once and let it go, so that a busy port is reported at once, not
+    after the model has loaded."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        probe = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as error:
+        raise UserError(f"--host {host}: {error.strerror or error}") from None
+    with probe:
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+        except OSError as error:
+            raise UserError(
+                f"cannot listen on {host}:{port} ({error.strerror or error}); stop the program "
+                "using that port or pass another --port"
+            ) from None

@@ -243,8 +243,9 @@ def _check_base(
     )
     if not allow_base_mismatch:
         raise BaseModelMismatchError(message)
+    overridden = message.split(" Load it onto")[0].removesuffix(".")
     warnings.warn(
-        message.replace(" Load it onto", " Loading anyway as asked. Load it onto"), stacklevel=3
+        f"{overridden}; loaded anyway: allow_base_mismatch=True overrode the check", stacklevel=3
     )
 
 
