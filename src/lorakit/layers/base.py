@@ -6,71 +6,15 @@ object back. Subclasses add the adapter tensors and say how the low-rank branch 
 
 from __future__ import annotations
 
-import contextvars
-import types
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from lorakit import functional
+from lorakit.layers.per_call import current_override, current_router
 
-__all__ = ["LoraLayer", "adapter_override", "current_override", "current_router", "row_router"]
-
-# Per-call choice of adapters, without touching any module (safe across threads and async tasks):
-# id(layer) -> exactly these adapters (() = none), for the layers of the models chosen. A layer
-# not in the mapping (another model) uses its own ``active_adapters``.
-_OVERRIDE: contextvars.ContextVar[Mapping[int, tuple[str, ...]]] = contextvars.ContextVar(
-    "lorakit_adapter_override", default=types.MappingProxyType({})
-)
-
-# Per-row adapter routing for batched multi-adapter serving (``lorakit.serve``): when set, every
-# LoRA layer calls ``router(layer, x, base_output)`` and returns its result.
-Router = Callable[["LoraLayer", torch.Tensor, torch.Tensor], torch.Tensor]
-_ROUTER: contextvars.ContextVar[Router | None] = contextvars.ContextVar(
-    "lorakit_row_router", default=None
-)
-
-
-def current_router() -> Router | None:
-    """The per-row router installed by ``row_router`` for the current call, or None."""
-    if torch.compiler.is_compiling():
-        return None
-    return _ROUTER.get()
-
-
-@contextmanager
-def row_router(router: Router) -> Iterator[None]:
-    """Within the block every LoRA layer returns ``router(layer, x, base_layer(x))``: the router
-    adds each row's own adapter output (see ``lorakit.serve``). Only this thread / task sees it."""
-    token = _ROUTER.set(router)
-    try:
-        yield
-    finally:
-        _ROUTER.reset(token)
-
-
-def current_override(layer: nn.Module) -> tuple[str, ...] | None:
-    """The adapters chosen for ``layer`` in the current call by ``adapter_override``, or None."""
-    if torch.compiler.is_compiling():
-        return None
-    return _OVERRIDE.get().get(id(layer))
-
-
-@contextmanager
-def adapter_override(layers: Iterable[nn.Module], adapter_names: Sequence[str]) -> Iterator[None]:
-    """Run forwards inside the block with exactly ``adapter_names`` active (``[]``: none) in
-    ``layers`` (LoRA layers and saved-module wrappers; other layers keep their own choice).
-
-    Only the calling thread / task sees the change; modules and weights are not modified.
-    """
-    names = tuple(adapter_names)
-    token = _OVERRIDE.set({**_OVERRIDE.get(), **{id(layer): names for layer in layers}})
-    try:
-        yield
-    finally:
-        _OVERRIDE.reset(token)
+__all__ = ["LoraLayer"]
 
 
 class LoraLayer(nn.Module):
