@@ -1,25 +1,15 @@
 """``LoraLayer``: what every LoRA layer shares: named adapters, the forward, merge state.
 
 A LoRA layer WRAPS the original module, kept as ``base_layer``; ``lorakit.unload`` puts that very
-object back. Subclasses (``LoraLinear``, ``LoraEmbedding``) say how their factors are initialised
-and how the base and the low-rank branch are computed (``lorakit.functional``).
+object back. Subclasses (``LoraLinear``, ``LoraEmbedding``) give the factors' shapes and init
+rule and compute the base and the low-rank branch (``lorakit.functional``). ``forward`` is the
+whole layer: ``h = base(x) + sum_a s_a B_a A_a dropout(x)`` by one of four named paths.
 
-The forward, read top-down::
-
-    h = base(x) + sum_a s_a B_a A_a dropout(x)     over the adapters a chosen for this call
-                                                   (use_adapters / disabled, else the active
-                                                   ones) that are not merged into the weight
-
-computed by one of four paths chosen in ``LoraLayer.forward``: per-row routing (serving), the
-base alone (no adapter to add, or exactly the merged ones), the fused fast path
-(``lorakit.fast``) or the plain formula.
-
-Merge and unmerge replace the layer's ``MergeState`` whole (one reference assignment) and a
-forward reads it once, so a forward running in another thread during a merge sees each layer
-either before or after it, never half-way: every layer then computes ``W0 x + s B A x`` (merged
-or not, equal within rounding). Which layers of a model such a forward sees merged is not
-defined. A base layer called as a module (hooks, extra arguments, a subclass) reads its own
-weight when it runs, and is not covered by this.
+Merge and unmerge replace the layer's ``MergeState`` whole and a forward reads it once, so a
+forward running in another thread during a merge sees each layer before or after it, never
+half-way: every layer computes ``W0 x + s B A x``, merged or not (equal within rounding); which
+layers of the model it sees merged is not defined. A base layer called as a module (hooks, extra
+arguments, a subclass) reads its own weight when it runs and is not covered.
 """
 
 from __future__ import annotations
@@ -37,12 +27,9 @@ __all__ = ["LoraLayer", "MergeState"]
 
 
 class MergeState(NamedTuple):
-    """Which adapters a layer's weight holds. Immutable: merge and unmerge install a new one.
-
-    ``adapters``: merged into ``weight``, () when unmerged. While merged, ``weight`` is the
-    merged weight Parameter and ``original`` the original one kept aside (in this tuple, so it is
-    not registered as a parameter of the layer); both None when unmerged.
-    """
+    """Which adapters a layer's weight holds (immutable: merge and unmerge install a new one):
+    ``adapters`` merged into ``weight`` (the merged Parameter), ``original`` the original one
+    kept aside (not registered as a parameter of the layer). ((), None, None) when unmerged."""
 
     adapters: tuple[str, ...]
     weight: nn.Parameter | None
