@@ -210,3 +210,21 @@ def test_merge_and_unmerge_while_other_threads_run_the_model_give_no_torn_output
     errors = [(out - reference).abs().max().item() for out in outputs]
     torn = [error for error in errors if error > 1e-4]
     assert len(outputs) == 120 and not torn, f"{len(torn)} of 120 outputs torn: {torn[:5]}"
+
+
+def test_a_call_choosing_other_adapters_than_the_merged_ones_adds_them_to_the_original() -> None:
+    model = lorakit.inject(tiny_models.llama(), CONFIG)
+    lorakit.inject(model, CONFIG, "second", activate=False)
+    tiny_models.randomize_adapters(model, std=0.2)
+    ids = tiny_models.input_ids()
+    with torch.no_grad():
+        with lorakit.use_adapters(model, ["default", "second"]):
+            both = model(input_ids=ids).logits
+        with lorakit.use_adapters(model, ["second"]):
+            second = model(input_ids=ids).logits
+        lorakit.merge(model, ["default"])
+        with lorakit.use_adapters(model, ["default", "second"]):
+            torch.testing.assert_close(model(input_ids=ids).logits, both, rtol=1e-5, atol=1e-5)
+        with lorakit.use_adapters(model, ["second"]):
+            torch.testing.assert_close(model(input_ids=ids).logits, second, rtol=1e-5, atol=1e-5)
+    assert (both - second).abs().max() > 1e-2
