@@ -60,8 +60,8 @@ def test_serve_logs_the_adapters_it_found(tmp_path, caplog, model_dir):
     args = cli.build_parser().parse_args(
         ["serve", "--model", str(model_dir), "--adapters", str(tmp_path / "adapters")]
     )
-    with caplog.at_level(logging.INFO, logger="lorakit.commands.serve"):
+    with caplog.at_level(logging.INFO, logger="lorakit.serve"):
         serve.build(args)
-    found = [r.getMessage() for r in caplog.records if r.name == "lorakit.commands.serve"]
+    found = [r.getMessage() for r in caplog.records if r.name == "lorakit.serve"]
     root = (tmp_path / "adapters").resolve()
     assert found == [f"adapters in {root}: 2 served (billing, support), 0 skipped"]
