@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
+from lorakit.io.keys import lora_keys
 from lorakit.layers import LoraLinear
-from lorakit.serve.checks import PEFT_PREFIX as _PREFIX
 from lorakit.serve.checks import PreparedAdapter, lora_pairs, prepare_adapter
 from lorakit.serve.stacks import (
     LayerStack,
@@ -324,7 +324,7 @@ class AdapterBank:
         tensors = {}
         for path, layer in lora_layers(model):
             if adapter_name in layer.ranks:
+                key_A, key_B = lora_keys(path, is_embedding=False)
                 lora_A, lora_B = layer.adapter_parameters(adapter_name)
-                tensors[f"{_PREFIX}{path}.lora_A.weight"] = lora_A.detach()
-                tensors[f"{_PREFIX}{path}.lora_B.weight"] = lora_B.detach()
+                tensors[key_A], tensors[key_B] = lora_A.detach(), lora_B.detach()
         return self.load(name, config, tensors, pin=pin)
