@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
+from lorakit.inject import default_adapter_dtype
 from lorakit.io.keys import lora_keys
 from lorakit.layers import LoraLinear
 from lorakit.serve.checks import PreparedAdapter, lora_pairs, prepare_adapter
@@ -58,7 +59,8 @@ class AdapterBank:
 
     ``capacity`` slots are allocated up front, or as many as fit in ``memory_budget`` bytes
     (``memory_bytes()`` never exceeds it). ``max_rank`` is r_max. ``dtype``: of the stacks
-    (default: the base weights' dtype, float32 for half-precision bases).
+    (default: ``lorakit.inject.default_adapter_dtype``, as for an injected adapter: the base
+    weights' dtype, float32 for half-precision bases).
     """
 
     def __init__(
@@ -79,9 +81,7 @@ class AdapterBank:
         if max_rank < 1:
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")
         weight = linears[0][1].base_layer.weight
-        self.dtype = dtype or (
-            torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        )
+        self.dtype = dtype or default_adapter_dtype(weight.dtype)
         self.max_rank = max_rank
         self.capacity = self._capacity(linears, capacity, memory_budget)
         self.memory_budget = memory_budget
