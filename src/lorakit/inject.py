@@ -109,10 +109,7 @@ def add_planned_adapter(
     already fit: the caller hands them over); ``init``: ``LoraConfig.init_lora_weights``, or
     None for uninitialised tensors.
     """
-    current = {
-        name: modules[name] if modules is not None else model.get_submodule(name)
-        for name in targets
-    }
+    current = _current_modules(model, targets, modules)
     for name, module in current.items():  # every check before any change: all or nothing
         if isinstance(module, LoraLayer) and adapter_name in module.ranks:
             raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}.")
@@ -158,9 +155,7 @@ def wrap_targets(
     has them. What ``inject`` does before adding an adapter, and all that serving needs (the
     bank holds the adapters, ``lorakit.serve.prepare_for_serving``).
     """
-    current = {
-        name: modules[name] if modules is not None else model.get_submodule(name) for name in names
-    }
+    current = _current_modules(model, names, modules)
     for name, module in current.items():
         if not isinstance(module, LoraLayer):
             layer_class_for(module, name)
@@ -176,6 +171,15 @@ def wrap_targets(
             _replace(model, name, module)
         layers[name] = module
     return layers
+
+
+def _current_modules(
+    model: nn.Module, names: Iterable[str], modules: Mapping[str, nn.Module] | None
+) -> dict[str, nn.Module]:
+    """``{name: the module there now}``, from ``modules`` when the caller has them."""
+    return {
+        name: modules[name] if modules is not None else model.get_submodule(name) for name in names
+    }
 
 
 def _give_layer_mode(layer: LoraLayer, adapter_name: str | None = None) -> None:
