@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorakit.io.keys import lora_key_pairs, lora_keys, parse_lora_key
+from lorakit.io.keys import key_names_module, lora_key_pairs, lora_keys, parse_lora_key
 
 P = "base_model.model."
 
@@ -32,3 +32,10 @@ def test_lora_key_pairs_groups_the_factors_by_module_and_leaves_other_keys_out()
         "b.v": {"lora_A": f"{P}b.v.lora_A.weight"},
     }
     assert list(lora_key_pairs(keys, embeddings=False)) == ["a.q", "b.v"]
+
+
+def test_key_names_module_matches_whole_dotted_parts_only() -> None:
+    assert key_names_module(f"{P}score.weight", "score")
+    assert key_names_module(f"{P}model.classifier.dense.bias", "classifier.dense")
+    assert not key_names_module(f"{P}scores.weight", "score")
+    assert not key_names_module(f"{P}floral_head.weight", "head")

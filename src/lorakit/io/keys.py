@@ -35,6 +35,7 @@ __all__ = [
     "base_weight_key",
     "embedding_module_names",
     "expected_shape",
+    "key_names_module",
     "lora_key_pairs",
     "lora_keys",
     "model_tensor",
@@ -129,6 +130,12 @@ def lora_key_pairs(
         if parsed is not None:
             pairs.setdefault(parsed[0], {})[parsed[1]] = key
     return pairs
+
+
+def key_names_module(file_key: str, module_name: str) -> bool:
+    """Whether ``module_name`` is a whole dotted part of ``file_key``'s path (``score`` in
+    ``base_model.model.score.weight``, not in ``base_model.model.scores.weight``)."""
+    return f".{module_name}." in "." + file_key
 
 
 def module_path(file_key: str) -> str:

@@ -34,6 +34,7 @@ from lorakit.io.keys import (
     base_weight_key,
     embedding_module_names,
     expected_shape,
+    key_names_module,
     model_tensor,
     saved_module_alias_keys,
 )
@@ -144,7 +145,7 @@ def _plan(model: nn.Module, adapter: AdapterHeader, modules: dict[str, nn.Module
 
 
 def _has_tensors_for(adapter: AdapterHeader, entry: str) -> bool:
-    return any(f".{entry}." in "." + key for key in adapter.tensors)
+    return any(key_names_module(key, entry) for key in adapter.tensors)
 
 
 def _listed(keys: Sequence[str], limit: int = 6) -> str:
