@@ -139,6 +139,24 @@ def test_collate_right_pads_and_masks() -> None:
     assert attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
+def test_the_training_loops_collate_pads_exactly_like_data_collate() -> None:
+    from lorakit.train import pad_collate
+
+    tokenized = data.TokenizedData(
+        input_ids=[[5, 6, 7], [8, 9], [4]],
+        labels=[[IGNORE, 6, 7], [IGNORE, 9], [4]],
+        pad_token_id=2,
+    )
+    ours = data.collate(tokenized, [1, 0, 2])
+    theirs = pad_collate(2)([tokenized[1], tokenized[0], tokenized[2]])
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+    assert all(tensor.dtype == torch.long for tensor in theirs.values())
+    no_labels = pad_collate(2)([{"input_ids": [8, 9]}, {"input_ids": torch.tensor([4])}])
+    assert no_labels["labels"].tolist() == [[8, 9], [4, IGNORE]]  # every token learnt
+    assert no_labels["input_ids"].tolist() == [[8, 9], [4, 2]]
+
+
 def tiny_llama(vocab_size: int) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(

@@ -39,10 +39,11 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 64,
     """The model's continuation of ``prompt`` (chat template applied unless ``raw`` or absent)."""
     import torch
 
-    if not raw and getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    from lorakit.data.chat import chat_prompt_ids, has_chat_template
+
+    if not raw and has_chat_template(tokenizer):  # the prompt as training and the server see it
+        ids = torch.tensor([chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])])
+        encoded = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     else:
         encoded = tokenizer(prompt, return_tensors="pt")
     sampling = (

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from torch import nn
 
-from lorakit.errors import BaseModelMismatchError, UserError
+from lorakit.errors import UserError
 from lorakit.io import fingerprint
 from lorakit.io.config_json import CONFIG_NAME
+from lorakit.io.keys import lora_key_pairs
 from lorakit.io.read import (
     PICKLE_NAME,
     WEIGHTS_NAME,
@@ -29,7 +30,6 @@ from lorakit.io.read import (
     read_adapter,
     read_adapter_header,
 )
-from lorakit.serve.checks import PEFT_PREFIX
 
 __all__ = [
     "AdapterNameError",
@@ -54,25 +54,18 @@ def read_peft_adapter(directory: Path) -> AdapterFile:
 
 
 def check_base(model: nn.Module, adapter: AdapterFile, allow_base_mismatch: bool) -> None:
-    """Refuse an adapter whose saved fingerprint says it was trained on other base weights."""
-    if adapter.fingerprint is None:
-        return  # written by peft or another tool: nothing to verify
-    modules = sorted(
-        {key.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0] for key in adapter.tensors}
+    """Refuse an adapter whose saved fingerprint says it was trained on other base weights
+    (``fingerprint.refuse_other_base``); with ``allow_base_mismatch``, log it and serve it."""
+    message = fingerprint.refuse_other_base(
+        model,
+        adapter.fingerprint,
+        adapter.directory,
+        sorted(lora_key_pairs(adapter.tensors)),
+        allow_mismatch=allow_base_mismatch,
+        remedy="Serve it with its own base model, or start the server with --allow-base-mismatch.",
     )
-    found = fingerprint.first_mismatch(model, adapter.fingerprint, modules)
-    if found is None:
-        return
-    message = (
-        f"adapter {adapter.directory} was trained on different base weights: module "
-        f"{found[0]!r} does not match its saved fingerprint ({found[1]})."
-    )
-    if not allow_base_mismatch:
-        raise BaseModelMismatchError(
-            message
-            + " Serve it with its own base model, or start the server with --allow-base-mismatch."
-        )
-    log.warning("%s Serving it anyway (--allow-base-mismatch).", message)
+    if message is not None:
+        log.warning("%s Serving it anyway (--allow-base-mismatch).", message)
 
 
 class AdapterRegistry:
