@@ -31,13 +31,18 @@ from lorakit.targets import (
     matches,
     model_modules,
     no_match_message,
+    original_module,
 )
 
 __all__ = [
     "add_planned_adapter",
+    "check_adapter_name",
     "default_adapter_dtype",
+    "forget_state",
     "freeze_adapter",
     "inject",
+    "replace_module",
+    "saved_module_names",
     "unload",
     "wrap_targets",
 ]
@@ -69,7 +74,7 @@ def inject(
     dropped silently, as PEFT does when another entry matches). False accepts such entries,
     as PEFT does (for configs written elsewhere, e.g. for another model family).
     """
-    _check_adapter_name(model, adapter_name)
+    check_adapter_name(model, adapter_name)
     targets = find_targets(model, config)
     if not targets:
         raise ValueError(no_match_message(model, config))
@@ -80,7 +85,7 @@ def inject(
         config,
         adapter_name,
         targets,
-        _saved_module_names(model, config),
+        saved_module_names(model, config),
         adapter_dtype=adapter_dtype,
         activate=activate,
         init=config.init_lora_weights if initialize else None,
@@ -132,7 +137,7 @@ def add_planned_adapter(
         wrapper = model.get_submodule(name)
         if not isinstance(wrapper, ModulesToSave):
             wrapper = ModulesToSave(wrapper)
-            _replace(model, name, wrapper)
+            replace_module(model, name, wrapper)
         wrapper.add_adapter(adapter_name)  # a copy of the original: its modes included
         wrapper.training = wrapper.modules_to_save.training = wrapper.original_module.training
     state.configs[adapter_name] = config
@@ -168,7 +173,7 @@ def wrap_targets(
             module = wrap(module, name)
             module.training = module.base_layer.training  # a new wrapper takes the module's mode
             _give_layer_mode(module)
-            _replace(model, name, module)
+            replace_module(model, name, module)
         layers[name] = module
     return layers
 
@@ -222,14 +227,14 @@ def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter: restore the original module objects, weights and trainability."""
     for name, layer in list(lora_layers(model)):
         layer.unmerge()
-        _replace(model, name, layer.base_layer)
+        replace_module(model, name, layer.base_layer)
     for name, wrapper in list(saved_modules(model)):
-        _replace(model, name, wrapper.original_module)
-    _forget_state(model)
+        replace_module(model, name, original_module(wrapper))
+    forget_state(model)
     return model
 
 
-def _forget_state(model: nn.Module) -> None:
+def forget_state(model: nn.Module) -> None:
     """Drop lorakit's record from ``model`` and give parameters back their original trainability."""
     state = state_of(model)
     if state is None:
@@ -247,7 +252,8 @@ def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
 
 
-def _check_adapter_name(model: nn.Module, adapter_name: str) -> None:
+def check_adapter_name(model: nn.Module, adapter_name: str) -> None:
+    """Refuse a malformed adapter name (ValueError) or one ``model`` already holds."""
     if not isinstance(adapter_name, str) or not _ADAPTER_NAME.fullmatch(adapter_name):
         raise ValueError(
             f"adapter_name={adapter_name!r} is invalid: use letters, digits, '_' or '-' only "
@@ -260,7 +266,9 @@ def _check_adapter_name(model: nn.Module, adapter_name: str) -> None:
         )
 
 
-def _saved_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
+def saved_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
+    """The modules of ``model`` whose trained copies ``config`` saves (``modules_to_save``, plus
+    the classification head for SEQ_CLS)."""
     wanted = list(config.modules_to_save or [])
     if config.task_type == "SEQ_CLS":
         wanted += [head for head in SEQ_CLS_HEADS if head not in wanted]
@@ -280,7 +288,8 @@ def _saved_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
     return found
 
 
-def _replace(model: nn.Module, name: str, new_module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
+    """Put ``new_module`` where the submodule called ``name`` is (a LoRA layer in, or back out)."""
     parent_name, _, child_name = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child_name, new_module)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from lorakit.inject import _forget_state, _replace
+from lorakit.inject import forget_state, replace_module
 from lorakit.state import active_adapters, lora_layers, saved_modules, state_of
 
 __all__ = ["merge", "merge_and_unload", "unmerge"]
@@ -85,7 +85,7 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
     for name, layer in list(lora_layers(model)):
         untied |= bool(layer.merged_adapters) and id(layer.original_weight) in tied
         layer.forget_original()
-        _replace(model, name, layer.base_layer)
+        replace_module(model, name, layer.base_layer)
     if untied and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
         # The merged embedding no longer equals the (unadapted) output embedding it was tied to.
         model.config.tie_word_embeddings = False
@@ -94,6 +94,6 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
             (wrapper.modules_to_save[n] for n in names if n in wrapper.modules_to_save),
             wrapper.original_module,
         )
-        _replace(model, name, trained)
-    _forget_state(model)
+        replace_module(model, name, trained)
+    forget_state(model)
     return model

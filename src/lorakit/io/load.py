@@ -21,10 +21,10 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
 from lorakit.inject import (
-    _check_adapter_name,
-    _replace,
-    _saved_module_names,
     add_planned_adapter,
+    check_adapter_name,
+    replace_module,
+    saved_module_names,
     unload,
 )
 from lorakit.io import fingerprint
@@ -85,7 +85,7 @@ def load_adapter(
             f"the model already has an adapter named {adapter_name!r}; load under another "
             "adapter_name, or remove it first with lorakit.delete_adapter(model, name)."
         )
-    _check_adapter_name(model, adapter_name)
+    check_adapter_name(model, adapter_name)
     header = read_adapter_header(adapter_directory(directory, adapter_name))
     current = dict(walk_modules(model))  # LoRA layers as they are, for adding the adapter
     modules = {name: original_module(module) for name, module in current.items()}
@@ -127,7 +127,7 @@ def _plan(model: nn.Module, adapter: AdapterHeader, modules: dict[str, nn.Module
     source = adapter.directory
     try:
         targets = find_targets(model, config, modules)
-        saved_names = _saved_module_names(model, config)
+        saved_names = saved_module_names(model, config)
     except ValueError as error:
         raise AdapterFileError(f"adapter {source} does not fit this model: {error}") from None
     if not targets:
@@ -316,7 +316,7 @@ def _roll_back(model, adapter_name, had_state, wrapped_before, base_backup) -> N
     delete_adapter(model, adapter_name)
     for name, layer in list(lora_layers(model)):
         if id(layer) not in wrapped_before:
-            _replace(model, name, layer.base_layer)
+            replace_module(model, name, layer.base_layer)
     for name, wrapper in list(saved_modules(model)):
         if id(wrapper) not in wrapped_before:
-            _replace(model, name, wrapper.original_module)
+            replace_module(model, name, original_module(wrapper))

@@ -36,7 +36,6 @@ __all__ = [
     "AdapterRegistry",
     "ServedAdapters",
     "check_base",
-    "read_peft_adapter",
 ]
 
 log = logging.getLogger(__name__)
@@ -46,11 +45,6 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 class AdapterNameError(UserError):
     """A runtime adapter name that is malformed, or reserved (the base model's name)."""
-
-
-def read_peft_adapter(directory: Path) -> AdapterFile:
-    """The adapter files of ``directory`` (config, PEFT-keyed tensors, base fingerprint)."""
-    return read_adapter(directory)
 
 
 def check_base(model: nn.Module, adapter: AdapterFile, allow_base_mismatch: bool) -> None:
@@ -232,7 +226,7 @@ class ServedAdapters:
         path = self.registry.inside(path, str(path))
         header = read_adapter_header(path)
         self.bank.check_shapes(name, header.config, header.tensors)
-        adapter = read_peft_adapter(path)
+        adapter = read_adapter(path)
         adapter.require_finite()
         check_base(self.model, adapter, self.allow_base_mismatch)
         return adapter
