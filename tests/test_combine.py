@@ -277,3 +277,41 @@ def test_peft_written_adapters_without_fingerprint_combine(two_adapters, tmp_pat
         torch.testing.assert_close(delta, _float64_sum(model, WEIGHTS)[name], rtol=1e-6, atol=1e-7)
     assert "model.layers.0.self_attn.q_proj" in result.fingerprint
     assert "model.layers.0.mlp.down_proj" not in result.fingerprint  # only b had it: no print
+
+
+@pytest.mark.parametrize(
+    ("builder", "first", "second"),
+    [
+        ("gpt2", ["c_attn"], ["c_attn", "c_fc"]),  # transformers Conv1D (fan_in_fan_out)
+        ("llama", ["embed_tokens", "q_proj"], ["embed_tokens"]),  # embeddings
+    ],
+)
+def test_conv1d_and_embedding_adapters_combine_exactly_and_load_in_peft(
+    tmp_path, builder, first, second
+):
+    from peft import PeftModel
+
+    from tests.tiny_models import BUILDERS
+
+    directories = []
+    for index, targets in enumerate((first, second)):
+        model = BUILDERS[builder]()
+        lorakit.inject(model, lorakit.LoraConfig(r=2 + index, lora_alpha=4, target_modules=targets))
+        randomize_adapters(model, seed=index, std=0.2)
+        directories.append(lorakit.save_adapter(model, tmp_path / str(index)))
+    both = BUILDERS[builder]()
+    for index, directory in enumerate(directories):
+        lorakit.load_adapter(both, directory, f"adapter{index}")
+        for _, layer in lora_layers(both):
+            if f"adapter{index}" in layer.ranks:
+                with torch.no_grad():
+                    layer.adapter_parameters(f"adapter{index}")[1].mul_(WEIGHTS[index])
+    lorakit.set_active(both, ["adapter0", "adapter1"])
+    lorakit.combine(directories, WEIGHTS).save(tmp_path / "cat")
+    combined = BUILDERS[builder]()
+    lorakit.load_adapter(combined, tmp_path / "cat")
+    peft_model = PeftModel.from_pretrained(BUILDERS[builder](), str(tmp_path / "cat")).eval()
+    with torch.no_grad():
+        expected = both(input_ids()).logits
+        torch.testing.assert_close(combined(input_ids()).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(peft_model(input_ids()).logits, expected, rtol=1e-5, atol=1e-5)
