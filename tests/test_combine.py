@@ -263,6 +263,12 @@ def test_bad_arguments_are_refused(two_adapters, arguments, message):
         lorakit.combine([dir_a, dir_b], options.pop("weights"), **options)
 
 
+def test_a_single_string_is_not_taken_for_a_list_of_adapters(two_adapters):
+    dir_a, _, _ = two_adapters
+    with pytest.raises(UserError, match="must be a list of adapters"):
+        lorakit.combine(str(dir_a), [1.0])
+
+
 def test_peft_written_adapters_without_fingerprint_combine(two_adapters, tmp_path):
     """An adapter saved by peft (no fingerprint) combines; the result carries the other's."""
     from peft import PeftModel

@@ -212,6 +212,8 @@ def combine(
     writes PEFT's files, ``.add_to(model, name)`` injects it. Raises ``UserError`` for bad
     arguments and incompatible adapters (different shapes or base weights, naming the module).
     """
+    if isinstance(adapters, (str, os.PathLike)):
+        raise UserError(f"combine: adapters must be a list of adapters, got one: {adapters!r}")
     weights = _check_arguments(len(adapters), weights, method, rank, density, majority_sign_method)
     sources = read_sources(adapters, model)
     check_compatible(sources)
