@@ -239,6 +239,25 @@ class PeftModel(nn.Module):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self.model.generate(*args, **kwargs)
 
+    # ------------------------------------------------------------------ combining
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        **options: Any,
+    ) -> None:
+        """PEFT's ``add_weighted_adapter``: a new adapter from ``adapters`` and ``weights``, every
+        method on the updates ``ΔW = s B A`` (``lorakit.combining.peft_names`` has the names,
+        the options and the PEFT methods refused because they combine A and B apart)."""
+        from lorakit.combining.peft_names import add_weighted_adapter
+
+        add_weighted_adapter(
+            self.model, adapters, weights, adapter_name, combination_type, svd_rank, **options
+        )
+
 
 def _check_config(config: Any) -> None:
     if not isinstance(config, LoraConfig):
