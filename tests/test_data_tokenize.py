@@ -253,14 +253,18 @@ def _longest_prefix_that_fits(render, tokenizer, max_length: int) -> str:
 def test_a_long_review_is_shortened_inside_the_template(tokenizer) -> None:
     """Too long for max_length: words are cut off the END of the review, so the instruction,
     the "Review:" frame and the answer survive (a left cut would lose the instruction)."""
-    chat = chat_classification_example(LONG_REVIEW, 1, data.SENTIMENT_LABELS,
-                                            data.SENTIMENT_INSTRUCTION)  # fmt: skip
-    plain = plain_classification_example(LONG_REVIEW, 1, data.SENTIMENT_LABELS,
-                                              data.SENTIMENT_TEMPLATE)  # fmt: skip
+    chat = chat_classification_example(
+        LONG_REVIEW, 1, data.SENTIMENT_LABELS, data.SENTIMENT_INSTRUCTION
+    )
+    plain = plain_classification_example(
+        LONG_REVIEW, 1, data.SENTIMENT_LABELS, data.SENTIMENT_TEMPLATE
+    )
 
     def render_chat(text: str) -> list[int]:
-        messages = [{"role": "user", "content": data.SENTIMENT_INSTRUCTION.format(text=text)},
-                    {"role": "assistant", "content": "negative"}]  # fmt: skip
+        messages = [
+            {"role": "user", "content": data.SENTIMENT_INSTRUCTION.format(text=text)},
+            {"role": "assistant", "content": "negative"},
+        ]
         return ids(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False))
 
     def render_plain(text: str, answer: str = " negative") -> list[int]:
@@ -289,11 +293,13 @@ def test_the_cut_does_not_depend_on_the_label(tokenizer) -> None:
     words = ("good", "very bad indeed")
     assert len(ids(tokenizer, " " + words[1])) > len(ids(tokenizer, " " + words[0]))
     fitted = [
-        data.fit_example(plain_classification_example(LONG_REVIEW, label, words,
-                                                      "Review: {text}\nVerdict:"),
-                         tokenizer, 30)
+        data.fit_example(
+            plain_classification_example(LONG_REVIEW, label, words, "Review: {text}\nVerdict:"),
+            tokenizer,
+            30,
+        )
         for label in (0, 1)
-    ]  # fmt: skip
+    ]
     assert fitted[0].text == fitted[1].text and len(fitted[0].text) < len(LONG_REVIEW)
     assert fitted[0].prompt == fitted[1].prompt
     assert (fitted[0].completion, fitted[1].completion) == (" good", " very bad indeed")
@@ -303,11 +309,13 @@ def test_scoring_sees_the_prompt_training_sees(tokenizer) -> None:
     """score_choices with max_length scores the shortened review (instruction kept), exactly
     as an example written with the shortened text from the start."""
     model = tiny_llama(len(tokenizer))
-    example = chat_classification_example(LONG_REVIEW, 0, data.SENTIMENT_LABELS,
-                                               data.SENTIMENT_INSTRUCTION)  # fmt: skip
+    example = chat_classification_example(
+        LONG_REVIEW, 0, data.SENTIMENT_LABELS, data.SENTIMENT_INSTRUCTION
+    )
     kept = data.fit_example(example, tokenizer, 80).text
-    by_hand = chat_classification_example(kept, 0, data.SENTIMENT_LABELS,
-                                               data.SENTIMENT_INSTRUCTION)  # fmt: skip
+    by_hand = chat_classification_example(
+        kept, 0, data.SENTIMENT_LABELS, data.SENTIMENT_INSTRUCTION
+    )
     scores = data.score_choices(model, tokenizer, [example], max_length=80)
     expected = data.score_choices(model, tokenizer, [by_hand])
     assert torch.equal(scores, expected)

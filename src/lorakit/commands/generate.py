@@ -23,10 +23,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--adapter", help="adapter directory (PEFT format)")
     add_base_mismatch_option(parser)
-    parser.add_argument("--max-new-tokens", type=int, default=64,
-                        help="most tokens to generate (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--temperature", type=float, default=0.0,
-                        help="0: greedy; > 0: sample at this temperature (default: %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=64,
+        help="most tokens to generate (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0: greedy; > 0: sample at this temperature (default: %(default)s)",
+    )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed for sampling (default: %(default)s)"
     )
@@ -34,8 +42,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 64,
-                  temperature: float = 0.0, raw: bool = False) -> str:  # fmt: skip
+def generate_text(
+    model,
+    tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    raw: bool = False,
+) -> str:
     """The model's continuation of ``prompt`` (chat template applied unless ``raw`` or absent)."""
     import torch
 
@@ -70,7 +85,13 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_adapter(args.model, args.adapter, args.allow_base_mismatch)
-    text = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, raw=args.raw)  # fmt: skip
+    text = generate_text(
+        model,
+        tokenizer,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        raw=args.raw,
+    )
     print(text)
     return 0
