@@ -10,10 +10,12 @@ Layout of ``<output_dir>/checkpoints/step-<NNNNNNNN>/``::
 
 Only safetensors and JSON: nothing is ever unpickled. The tensors are whole: under FSDP every
 process gathers its pieces first (``TrainingState``, see ``lorakit.train.fsdp``) and process 0
-writes the same files as a one-process run; loading cuts each process's piece back out. A checkpoint is built in a temporary
-directory beside the final one, fsynced, and renamed into place (``os.replace``), so a run killed
-at any moment leaves either the complete checkpoint or none (a killed writer's temporary
-directory is removed by a later save). Only the newest ``keep`` are kept.
+writes the same files as a one-process run; loading cuts each process's piece back out.
+
+A checkpoint is built in a temporary directory beside the final one, fsynced, and renamed into
+place (``os.replace``), so a run killed at any moment leaves either the complete checkpoint or
+none (a killed writer's temporary directory is removed by a later save). Only the newest
+``keep`` are kept.
 """
 
 from __future__ import annotations
