@@ -105,7 +105,9 @@ def train(
     ``config.overwrite`` (which deletes that run's files; see ``lorakit.train.output_dir``).
     ``length_of(example) -> tokens`` lets batches group examples of similar length (less
     padding; see ``BatchPlan``); by default it is ``len(example["input_ids"])`` for mapping
-    examples, and without it batches are a plain shuffle.
+    examples, and without it batches are a plain shuffle. Under torchrun with
+    ``config.strategy == "fsdp"`` the model is sharded in place and stays sharded afterwards
+    (``lorakit.train.fsdp``); the saved ``adapter/`` is whole.
     """
     if len(train_data) == 0:
         raise UserError("the training data is empty")
