@@ -54,6 +54,34 @@ def test_llama2_7b_memory_matches_the_seed_reasoning(llama2_7b):
         assert text in report
 
 
+def test_llama2_7b_per_device_memory_under_fsdp_and_ddp(capsys):
+    """4 devices, FSDP: a quarter of the LoRA training bytes, plus what is gathered whole while
+    computing: everything outside the blocks (embeddings, head, final norm) and two blocks."""
+    hidden, mlp, layers, vocab, r, devices = 4096, 11008, 32, 32000, 16, 4
+    frozen_base = 6_738_415_616 * 2  # float16
+    adapter_state = 39_976_960 * 16  # fp32 weight, gradient, AdamW m and v
+    block_frozen = 4 * hidden * hidden + 3 * hidden * mlp + 2 * hidden
+    block_lora = 4 * r * (hidden + hidden) + 3 * r * (hidden + mlp)
+    outside_frozen = 2 * vocab * hidden + hidden
+    assert block_frozen * layers + outside_frozen == 6_738_415_616
+    sharded = (frozen_base + adapter_state) // devices  # divides exactly here
+    gathered = outside_frozen * 2 + 2 * (block_frozen * 2 + block_lora * 4)
+    assert (sharded, gathered) == (3_529_115_648, 1_343_823_872)
+    fsdp = plan("llama-2-7b", r=16, target_modules=SEVEN_PROJECTIONS, devices=4, strategy="fsdp")
+    assert fsdp.largest_block == (block_frozen, block_lora)
+    assert fsdp.outside_blocks == (outside_frozen, 0)
+    assert fsdp.fsdp_sharded_bytes == sharded and fsdp.fsdp_gathered_bytes == gathered
+    assert fsdp.per_device_training_bytes == sharded + gathered == 4_872_939_520  # 4.87 GB
+    ddp = plan("llama-2-7b", r=16, target_modules=SEVEN_PROJECTIONS, devices=4)
+    assert ddp.per_device_training_bytes == frozen_base + adapter_state  # 14.1 GB each
+    assert main(["plan", "llama-2-7b", "--devices", "4", "--strategy", "fsdp"]) == 0
+    report = capsys.readouterr().out
+    assert "per device (4 devices, FSDP): 14.1 GB / 4 = 3.53 GB" in report
+    assert "(outside the blocks + 2 blocks) 1.34 GB = 4.87 GB" in report
+    assert main(["plan", "llama-2-7b", "--devices", "0"]) == 2
+    assert "--devices must be >= 1" in capsys.readouterr().err
+
+
 def test_all_linear_equals_the_seven_projections_on_llama(llama2_7b):
     all_linear = plan("llama-2-7b", r=16, num_adapters=3)
     assert all_linear.trainable_parameters == llama2_7b.trainable_parameters

@@ -78,9 +78,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_lorakit_train_matches_one_process(tmp_path, model_dir, jsonl):
-    """``torchrun --nproc_per_node 2 -m lorakit train`` (batch 2 per process) ends with the
-    adapter and losses of ``lorakit train`` in one process with batch 4."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_lorakit_train_matches_one_process(tmp_path, model_dir, jsonl, strategy):
+    """``torchrun --nproc_per_node 2 -m lorakit train`` (batch 2 per process; DDP, or FSDP with
+    the base sharded) ends with the adapter and losses of ``lorakit train`` in one process with
+    batch 4."""
     from lorakit import cli
 
     flags = ["--model", str(model_dir), "--data", str(jsonl), "--steps", "3", "--lr", "1e-2",
@@ -89,6 +91,7 @@ def test_torchrun_lorakit_train_matches_one_process(tmp_path, model_dir, jsonl):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "lorakit", "train", *flags, "--batch-size", "2", "--output", str(tmp_path / "ddp"),
+        "--strategy", strategy,
     ]  # fmt: skip
     environment = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(command, capture_output=True, text=True, timeout=180,

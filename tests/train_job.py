@@ -1,10 +1,15 @@
-"""A small training job on a tiny random Llama, run as a subprocess by the resume (SIGKILL) and
-DDP tests. ``python tests/train_job.py OUTPUT_DIR [--resume] [--slow SECONDS] ...``.
-The data is fixed (seeded), the adapter is initialised from a fixed seed, dropout is on."""
+"""A small training job on a tiny random Llama, run as a subprocess by the resume (SIGKILL), DDP
+and FSDP tests. ``python tests/train_job.py OUTPUT_DIR [--resume] [--slow SECONDS] ...``.
+The data is fixed (seeded), the adapter is initialised from a fixed seed, dropout is on.
+Each process writes ``OUTPUT_DIR/process-<rank>.json``: its pid, and the bytes of the parameters
+it holds at the end (``lorakit.train.fsdp.local_parameter_bytes``) and its peak RSS."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -16,6 +21,7 @@ sys.path[:0] = [str(_ROOT / "src"), str(_ROOT)]  # this checkout's lorakit, and 
 
 import lorakit  # noqa: E402
 from lorakit.train import TrainingConfig, pad_collate, train  # noqa: E402
+from lorakit.train.fsdp import local_parameter_bytes  # noqa: E402
 from tests import tiny_models  # noqa: E402
 
 
@@ -52,9 +58,15 @@ def run(argv: list[str] | None = None) -> torch.nn.Module:
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--checkpoint-every", type=int, default=4)
+    parser.add_argument("--strategy", default="ddp")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--eval-every", type=int, default=0, help="evaluate on 8 more examples")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model = build_model(args.dropout)
+    report = Path(args.output_dir) / f"process-{os.environ.get('RANK', '0')}.json"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps({"pid": os.getpid()}))
     collate = pad_collate(0)
 
     def slow_collate(examples):
@@ -72,8 +84,15 @@ def run(argv: list[str] | None = None) -> torch.nn.Module:
         progress=False,
         plot=False,
         seed=3,
+        strategy=args.strategy,
+        eval_every=args.eval_every,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
-    train(model, make_data(), slow_collate, config, resume=args.resume)
+    eval_data = make_data(8, seed=6) if args.eval_every else None
+    train(model, make_data(), slow_collate, config, eval_data=eval_data, resume=args.resume)
+    held = local_parameter_bytes(model)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    report.write_text(json.dumps({"pid": os.getpid(), **held, "peak_rss": peak_rss}))
     return model
 
 

@@ -11,6 +11,17 @@ optimizer states only, activations not included)::
     inference merged  = P_base * b_dtype
     base + N adapters = P_base * b_dtype + N * P_trainable * b_dtype
 
+Per device when training on N devices (``lorakit train --strategy ddp|fsdp`` under torchrun)::
+
+    DDP   = LoRA training                       (every device holds everything)
+    FSDP  = ceil(LoRA training / N)             (each device 1/N of base and adapter state)
+          + bytes(outside blocks) + 2 * bytes(largest block)
+
+The FSDP term on the second line is what is gathered whole while computing (``lorakit.train.fsdp``):
+the parameters outside the transformer blocks (embeddings, head, final norm: FSDP's root unit,
+kept gathered from forward to backward) and the block being computed plus the next one
+(prefetched); bytes(unit) = frozen * b_dtype + trainable * 4.
+
 For Llama-2-7B (float16) with r=16 on all seven projections: P_base = 6,738,415,616, so full
 fine-tuning needs 107.8 GB of trainable state (rounding P_base to 7B gives the ~112 GB often quoted), the frozen
 float16 base 13.5 GB (~14 GB) and the 39,976,960 adapter parameters 0.64 GB.
@@ -53,6 +64,7 @@ _DERIVED = (
     *("dtype_bytes", "frozen_parameters", "trainable_percent", "peft_line", "adapter_file_bytes"),
     *("full_finetune_bytes", "lora_frozen_bytes", "lora_trainable_state_bytes"),
     *("lora_training_bytes", "inference_merged_bytes", "inference_with_adapters_bytes"),
+    *("fsdp_sharded_bytes", "fsdp_gathered_bytes", "per_device_training_bytes"),
 )
 
 
@@ -69,6 +81,10 @@ class Plan:
     total_parameters: int
     module_types: tuple[ModuleTypePlan, ...]
     num_adapters: int = 1
+    devices: int = 1
+    strategy: str = "ddp"
+    largest_block: tuple[int, int] = (0, 0)  # (frozen, trainable) parameters of one FSDP unit
+    outside_blocks: tuple[int, int] = (0, 0)  # (frozen, trainable) of the root unit
 
     @property
     def dtype_bytes(self) -> int:
@@ -117,6 +133,27 @@ class Plan:
         adapter_bytes = self.trainable_parameters * self.dtype_bytes
         return self.inference_merged_bytes + self.num_adapters * adapter_bytes
 
+    def unit_bytes(self, frozen: int, trainable: int) -> int:
+        """Bytes of an FSDP unit gathered whole: frozen in ``dtype``, the adapter in float32."""
+        return frozen * self.dtype_bytes + trainable * 4
+
+    @property
+    def fsdp_sharded_bytes(self) -> int:
+        """One device's piece of the frozen base and the adapter's weights, gradients, AdamW."""
+        return -(-self.lora_training_bytes // self.devices)
+
+    @property
+    def fsdp_gathered_bytes(self) -> int:
+        """Gathered while computing: the root unit, the block computed and the next one."""
+        return self.unit_bytes(*self.outside_blocks) + 2 * self.unit_bytes(*self.largest_block)
+
+    @property
+    def per_device_training_bytes(self) -> int:
+        """Weights, gradients and AdamW states one device holds under ``strategy``."""
+        if self.strategy == "fsdp":
+            return self.fsdp_sharded_bytes + self.fsdp_gathered_bytes
+        return self.lora_training_bytes
+
     def to_dict(self) -> dict[str, Any]:
         """Every count and byte figure, JSON-ready."""
         counts = dataclasses.asdict(self)
@@ -138,11 +175,18 @@ def plan(
     target_modules: str | list[str] = "all-linear",
     dtype: str | None = None,
     num_adapters: int = 1,
+    devices: int = 1,
+    strategy: str = "ddp",
 ) -> Plan:
     """Count a LoRA setup on ``model`` (built-in name, HF model directory or config.json).
 
-    ``lora_alpha`` defaults to ``2 * r``; ``dtype`` to the config's dtype (float32 if none).
+    ``lora_alpha`` defaults to ``2 * r``; ``dtype`` to the config's dtype (float32 if none);
+    ``devices`` and ``strategy`` ("ddp" or "fsdp") give the per-device training memory.
     """
+    if devices < 1 or strategy not in ("ddp", "fsdp"):
+        raise UserError(
+            f"--devices must be >= 1 and --strategy ddp or fsdp (got {devices}, {strategy!r})"
+        )
     try:
         config = LoraConfig(
             r=r,
@@ -168,7 +212,26 @@ def plan(
         total_parameters=counts.total,
         module_types=_module_types(meta_model),
         num_adapters=num_adapters,
+        devices=devices,
+        strategy=strategy,
+        **_fsdp_units(meta_model),
     )
+
+
+def _fsdp_units(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``(frozen, trainable)`` parameters of the largest transformer block and outside them."""
+    from lorakit.train.fsdp import fsdp_units
+
+    def counts(parameters) -> tuple[int, int]:
+        parameters = list(parameters)
+        trainable = sum(p.numel() for p in parameters if p.requires_grad)
+        return sum(p.numel() for p in parameters) - trainable, trainable
+
+    blocks = [counts(block.parameters()) for block in fsdp_units(model)]
+    largest = max(blocks, key=sum, default=(0, 0))
+    inside = {id(p) for block in fsdp_units(model) for p in block.parameters()}
+    outside = counts(p for p in model.parameters() if id(p) not in inside)
+    return {"largest_block": largest, "outside_blocks": outside}
 
 
 def _module_types(model: nn.Module) -> tuple[ModuleTypePlan, ...]:
@@ -220,8 +283,25 @@ def format_report(result: Plan) -> str:
         f"{_gb(result.lora_trainable_state_bytes)}",
         f"      = {_gb(result.lora_training_bytes)} "
         f"({result.full_finetune_bytes / result.lora_training_bytes:.1f}x less)",
+        *_per_device_lines(result),
         f"inference memory (weights only, adapters in {result.dtype})",
         f"  merged: {_gb(result.inference_merged_bytes)}",
         f"  base + {result.num_adapters} adapter(s): {_gb(result.inference_with_adapters_bytes)}",
     ]
     return "\n".join(lines)
+
+
+def _per_device_lines(result: Plan) -> list[str]:
+    """The per-device training memory on ``result.devices`` devices (none for one device)."""
+    devices, strategy = result.devices, result.strategy
+    if devices == 1 and strategy == "ddp":
+        return []
+    if strategy == "ddp":
+        return [f"  per device ({devices} devices, DDP: each holds everything): "
+                f"{_gb(result.per_device_training_bytes)}"]  # fmt: skip
+    return [
+        f"  per device ({devices} devices, FSDP): {_gb(result.lora_training_bytes)} / {devices} "
+        f"= {_gb(result.fsdp_sharded_bytes)}",
+        f"      + gathered while computing (outside the blocks + 2 blocks) "
+        f"{_gb(result.fsdp_gathered_bytes)} = {_gb(result.per_device_training_bytes)}",
+    ]

@@ -39,6 +39,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=1,
         help="number of adapters served beside one base, for the inference estimate (default 1)",
     )
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="devices (torchrun processes) to train on, for the per-device memory (default 1)",
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=("ddp", "fsdp"),
+        default="ddp",
+        help="how the devices share the model, as lorakit train --strategy (default ddp)",
+    )
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     parser.set_defaults(func=run)
 
@@ -63,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         target_modules=targets,
         dtype=args.dtype,
         num_adapters=args.adapters,
+        devices=args.devices,
+        strategy=args.strategy,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_report(result))
     return 0

@@ -8,10 +8,14 @@ Layout of ``<output_dir>/checkpoints/step-<NNNNNNNN>/``::
     rng.safetensors           torch + numpy RNG states
     trainer_state.json        step, data position, optimizer param groups, scheduler, Python RNG
 
-Only safetensors and JSON: nothing is ever unpickled. A checkpoint is built in a temporary
-directory beside the final one, fsynced, and renamed into place (``os.replace``), so a run killed
-at any moment leaves either the complete checkpoint or none (a killed writer's temporary
-directory is removed by a later save). Only the newest ``keep`` are kept.
+Only safetensors and JSON: nothing is ever unpickled. The tensors are whole: under FSDP every
+process gathers its pieces first (``TrainingState``, see ``lorakit.train.fsdp``) and process 0
+writes the same files as a one-process run; loading cuts each process's piece back out.
+
+A checkpoint is built in a temporary directory beside the final one, fsynced, and renamed into
+place (``os.replace``), so a run killed at any moment leaves either the complete checkpoint or
+none (a killed writer's temporary directory is removed by a later save). Only the newest
+``keep`` are kept.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +34,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.errors import UserError
+from lorakit.train.fsdp import shard_like
 from lorakit.train.rng import capture_rng_state, restore_rng_state
 
-__all__ = ["Checkpoint", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "Checkpoint",
+    "Saver",
+    "TrainingState",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+    "training_state",
+]
 
 STATE_FILE = "trainer_state.json"
 _PREFIX = "step-"
@@ -47,6 +61,47 @@ class Checkpoint:
     state: dict[str, Any]
 
 
+@dataclass
+class TrainingState:
+    """What a checkpoint keeps of the model and optimizer, as whole tensors: ``trainable``
+    ``{model key: tensor}``, ``optimizer`` an ``optimizer.state_dict()``, and
+    ``write_adapter(directory)``, which writes the adapter in PEFT format."""
+
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    write_adapter: Callable[[Path], object]
+
+
+def training_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, adapter_name: str = "default"
+) -> TrainingState:
+    """The ``TrainingState`` of an unsharded model (FSDP: ``lorakit.train.fsdp``)."""
+    from lorakit.io import save_adapter
+
+    return TrainingState(
+        trainable_tensors(model),
+        optimizer.state_dict(),
+        lambda directory: save_adapter(model, directory, adapter_name),
+    )
+
+
+class Saver:
+    """Collects what a run saves of an unsharded model (under FSDP:
+    ``lorakit.train.fsdp.ShardedSaver``, with the same methods)."""
+
+    def __init__(self, adapter_name: str = "default") -> None:
+        self.adapter_name = adapter_name
+
+    def training_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainingState:
+        return training_state(model, optimizer, self.adapter_name)
+
+    def adapter_writer(self, model: nn.Module) -> Callable[[Path], object]:
+        """A function writing the adapter into a directory."""
+        from lorakit.io import save_adapter
+
+        return lambda directory: save_adapter(model, directory, self.adapter_name)
+
+
 def checkpoint_root(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / "checkpoints"
 
@@ -55,8 +110,7 @@ def _contiguous(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().cpu().contiguous()
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
-    state_dict = optimizer.state_dict()
+def _optimizer_tensors(state_dict: dict[str, Any]) -> tuple[dict, list]:
     tensors = {}
     for index, fields in state_dict["state"].items():
         for name, value in fields.items():
@@ -76,6 +130,11 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, directory: Path, groups
     for group in groups:
         if "betas" in group:
             group["betas"] = tuple(group["betas"])
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, fields in state.items():  # moments of a sharded parameter: this process's piece
+        for name, tensor in fields.items():
+            if index < len(parameters) and tensor.shape == parameters[index].shape:
+                fields[name] = shard_like(tensor, parameters[index])
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
@@ -93,13 +152,20 @@ def save_checkpoint(
     extra_state: dict[str, Any],
     adapter_name: str = "default",
     keep: int = 2,
+    *,
+    state: TrainingState | None = None,
 ) -> Path:
     """Write the checkpoint of optimizer step ``step`` atomically; prune to the newest ``keep``.
+
+    ``state``: the model's and optimizer's tensors, whole (default: ``training_state(model,
+    optimizer, adapter_name)``; under FSDP the gathered ones, see ``lorakit.train.fsdp``).
 
     Every file and directory is fsynced before the rename (and the parent after it), so a power
     cut cannot leave a renamed but empty checkpoint. A write that fails (a full disk) removes
     the temporary directory and raises a ``UserError``; the previous checkpoints stay.
     """
+    if state is None:
+        state = training_state(model, optimizer, adapter_name)
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(root)
@@ -108,7 +174,7 @@ def save_checkpoint(
     try:
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir()
-        _write_files(temporary, step, model, optimizer, scheduler, extra_state, adapter_name)
+        _write_files(temporary, step, state, scheduler, extra_state)
         _fsync_tree(temporary)
         if final.exists():
             shutil.rmtree(final)
@@ -127,12 +193,10 @@ def save_checkpoint(
     return final
 
 
-def _write_files(directory: Path, step, model, optimizer, scheduler, extra_state, adapter_name):
-    from lorakit.io import save_adapter
-
-    save_adapter(model, directory / "adapter", adapter_name)
-    save_file(trainable_tensors(model), str(directory / "trainable.safetensors"))
-    optimizer_tensors, groups = _optimizer_tensors(optimizer)
+def _write_files(directory: Path, step, training: TrainingState, scheduler, extra_state):
+    training.write_adapter(directory / "adapter")
+    save_file(training.trainable, str(directory / "trainable.safetensors"))
+    optimizer_tensors, groups = _optimizer_tensors(training.optimizer)
     save_file(optimizer_tensors, str(directory / "optimizer.safetensors"))
     rng_tensors, rng_fields = capture_rng_state()
     rng_tensors = {k: _contiguous(v) for k, v in rng_tensors.items()}
@@ -246,4 +310,4 @@ def _restore_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], sourc
                     f"checkpoint {source}: {name} has shape {tuple(tensors[name].shape)}, the "
                     f"model has {tuple(parameter.shape)}; resume with the same adapter settings"
                 )
-            parameter.copy_(tensors[name])
+            parameter.copy_(shard_like(tensors[name], parameter))

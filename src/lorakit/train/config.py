@@ -72,6 +72,9 @@ def setting_kind(owner: type, setting_field: Field) -> type:
     return next(kind for kind in (bool, int, float, str) if kind in kinds)
 
 
+STRATEGIES = ("ddp", "fsdp")  # see lorakit.train.distributed
+
+
 class SettingError(UserError):
     """A ``TrainingConfig`` field with a bad value: ``setting`` names the field, ``problem``
     says what is wrong (the CLI names its flag instead of the field)."""
@@ -113,6 +116,13 @@ class TrainingConfig:
     checkpoint_every: int = setting(0, "write a checkpoint every N steps (0: none)")
     keep_checkpoints: int = setting(2, "how many of the newest checkpoints to keep (>= 1)")
     seed: int = setting(0, "random seed (adapter initialisation, batches, dropout)")
+    strategy: str = setting(
+        "ddp",
+        "how processes under torchrun share the work: ddp (each holds the whole model) or fsdp "
+        "(FSDP2: the base and the adapter sharded, each process holds about 1/N; needs torchrun "
+        "with 2 or more processes)",
+        choices=STRATEGIES,
+    )
     gradient_checkpointing: bool = setting(
         False, "recompute activations in backward to save memory"
     )
@@ -147,6 +157,8 @@ class TrainingConfig:
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise SettingError(name, f"must be >= 0, got {value}")
+        if self.strategy not in STRATEGIES:
+            raise SettingError("strategy", f"must be one of {STRATEGIES}, got {self.strategy!r}")
         for name in ("warmup_ratio", "min_lr_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise SettingError(name, f"must be in [0, 1], got {getattr(self, name)}")

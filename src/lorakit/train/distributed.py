@@ -1,20 +1,28 @@
-"""Data-parallel training under ``torchrun`` (DDP; gloo on CPU, nccl on CUDA).
+"""Data-parallel training under ``torchrun`` (DDP or FSDP2; gloo on CPU, nccl on CUDA).
 
 ``torchrun --nproc_per_node N -m lorakit train ...`` sets ``WORLD_SIZE``/``RANK``; the loop then
-wraps the model in ``DistributedDataParallel`` AFTER the base is frozen, so DDP registers hooks
-only for parameters with ``requires_grad``: only adapter gradients are all-reduced.
+wraps the model AFTER the base is frozen. ``strategy="ddp"``: ``DistributedDataParallel``, which
+registers hooks only for parameters with ``requires_grad``, so only adapter gradients are
+all-reduced; every process holds the whole model. ``strategy="fsdp"``: the model is sharded in
+place (``lorakit.train.fsdp``); each process holds about 1/N of the base and of the adapter.
+FSDP in one process would shard nothing, so ``setup_distributed`` refuses it there (a clear
+error rather than a silent fallback that would hide a missing ``torchrun``).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Distributed", "setup_distributed"]
+from lorakit.errors import UserError
+
+__all__ = ["Distributed", "check_strategy", "setup_distributed"]
 
 
 @dataclass
@@ -23,6 +31,7 @@ class Distributed:
 
     rank: int = 0
     world_size: int = 1
+    strategy: str = "ddp"  # "ddp" or "fsdp" (lorakit.train.config.STRATEGIES)
 
     @property
     def enabled(self) -> bool:
@@ -32,11 +41,36 @@ class Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def sharded(self) -> bool:
+        return self.enabled and self.strategy == "fsdp"
+
     def wrap(self, model: nn.Module) -> nn.Module:
-        """``model`` itself, or a DDP wrapper syncing only the parameters that train."""
+        """``model`` itself; a DDP wrapper syncing only the parameters that train; or under
+        FSDP ``model`` sharded in place (build the optimizer after this)."""
         if not self.enabled:
             return model
+        if self.sharded:
+            from lorakit.train.fsdp import shard
+
+            return shard(model)
         return nn.parallel.DistributedDataParallel(model)
+
+    @contextmanager
+    def accumulating(self, wrapped: nn.Module) -> Iterator[None]:
+        """Within the block, backward keeps gradients local (a micro-batch that is not the last
+        of its step): ``no_sync`` of DDP, ``set_requires_gradient_sync(False)`` of FSDP."""
+        if not self.enabled:
+            yield
+        elif self.sharded:
+            wrapped.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                wrapped.set_requires_gradient_sync(True)
+        else:
+            with wrapped.no_sync():
+                yield
 
     def sum(self, value: float) -> float:
         """Sum of ``value`` over all processes."""
@@ -51,12 +85,24 @@ class Distributed:
             dist.barrier()
 
 
-def setup_distributed() -> Distributed:
+def check_strategy(strategy: str) -> None:
+    """Refuse ``fsdp`` outside torchrun with 2 or more processes (it would shard nothing)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if strategy == "fsdp" and world_size < 2:
+        raise UserError(
+            f"--strategy fsdp shards the model across processes, but this is {world_size} "
+            "process; start it with torchrun --nproc_per_node N (N >= 2), or drop --strategy "
+            "fsdp to train in one process"
+        )
+
+
+def setup_distributed(strategy: str = "ddp") -> Distributed:
     """Join the process group described by torchrun's environment (once); else single-process."""
+    check_strategy(strategy)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Distributed()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
-    return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size())
+    return Distributed(dist.get_rank(), dist.get_world_size(), strategy)

@@ -1,13 +1,15 @@
 """The training loop: AdamW on the adapter, warmup + cosine, accumulation, clipping, LoRA+,
-periodic evaluation, checkpoints, exact resume, DDP under torchrun.
+periodic evaluation, checkpoints, exact resume, DDP or FSDP under torchrun.
 
 One optimizer step ``t`` (see ``BatchPlan``) runs ``grad_accum`` micro-batches per process and
 minimises the mean loss per target token of the whole global batch::
 
     L_t = sum_{micro, rank} sum_{targets} CE / N_t,     N_t = number of targets in the step
 
-so accumulation and data parallelism reproduce the big-batch gradient (DDP averages over the
-``W`` processes, hence each process back-propagates ``W * loss_sum / N_t``).
+so accumulation and data parallelism reproduce the big-batch gradient (DDP and FSDP average over
+the ``W`` processes, hence each process back-propagates ``W * loss_sum / N_t``). Under FSDP
+(``lorakit.train.fsdp``) forward passes are collective, so every process evaluates, and
+checkpoints and the adapter are gathered by all processes and written by process 0.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from torch import nn
 
 from lorakit.errors import UserError
 from lorakit.train.batches import BatchPlan, LengthOf, example_lengths, shortest_first
-from lorakit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lorakit.train.checkpoint import Saver, latest_checkpoint, load_checkpoint, save_checkpoint
 from lorakit.train.config import TrainingConfig
 from lorakit.train.distributed import Distributed, setup_distributed
+from lorakit.train.fsdp import ShardedSaver, reshard, whole
 from lorakit.train.losses import (
     MetricFn,
     batch_loss_sum,
@@ -102,7 +105,9 @@ def train(
     ``config.overwrite`` (which deletes that run's files; see ``lorakit.train.output_dir``).
     ``length_of(example) -> tokens`` lets batches group examples of similar length (less
     padding; see ``BatchPlan``); by default it is ``len(example["input_ids"])`` for mapping
-    examples, and without it batches are a plain shuffle.
+    examples, and without it batches are a plain shuffle. Under torchrun with
+    ``config.strategy == "fsdp"`` the model is sharded in place and stays sharded afterwards
+    (``lorakit.train.fsdp``); the saved ``adapter/`` is whole.
     """
     if len(train_data) == 0:
         raise UserError("the training data is empty")
@@ -116,7 +121,7 @@ class _Run:
         self.model, self.data, self.collate, self.config = model, train_data, collate, config
         self.eval_data, self.metric_fn = eval_data, metric_fn
         self.eval_order = shortest_first(eval_data or [], length_of)
-        self.dist: Distributed = setup_distributed()
+        self.dist: Distributed = setup_distributed(config.strategy)
         self.output_dir = Path(config.output_dir)
         self.plan = BatchPlan(
             len(train_data),
@@ -147,6 +152,9 @@ class _Run:
         self.dist.barrier()  # no process writes before every process has looked
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
+        name = config.adapter_name  # a ShardedSaver is built before sharding
+        self.saver = ShardedSaver(self.model, name) if self.dist.sharded else Saver(name)
+        self.ddp_model = self.dist.wrap(self.model)  # FSDP: before the optimizer sees parameters
         self.parameters = parameter_groups(self.model).all
         self.optimizer = build_optimizer(
             self.model, config.lr, config.weight_decay, config.loraplus_ratio
@@ -157,7 +165,6 @@ class _Run:
         )
         seed_everything(config.seed + self.dist.rank)
         start_step = self._restore(resume) if resume else 0
-        self.ddp_model = self.dist.wrap(self.model)
         self.model.train()
         return start_step
 
@@ -227,14 +234,14 @@ class _Run:
         loss_sum, tokens = 0.0, 0
         for index, batch in enumerate(batches):
             last = index == len(batches) - 1
-            sync = nullcontext() if last or not self.dist.enabled else self.ddp_model.no_sync()
+            sync = nullcontext() if last else self.dist.accumulating(self.ddp_model)
             with sync:
                 micro_loss, _, _ = batch_loss_sum(self.ddp_model, batch)
                 (micro_loss * (self.dist.world_size / targets)).backward()
             loss_sum += float(micro_loss.detach())
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
         max_norm = self.config.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, max_norm))
+        grad_norm = float(whole(torch.nn.utils.clip_grad_norm_(self.parameters, max_norm)))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -257,8 +264,11 @@ class _Run:
             self._checkpoint(done)
 
     def _evaluate(self, done: int) -> None:
-        if self.dist.is_main:
+        if self.dist.is_main or self.dist.sharded:  # a sharded forward needs every process
             self.last_eval = self.evaluate()
+        if self.dist.sharded:
+            reshard(self.model)
+        if self.dist.is_main:
             record = {"step": done, **{f"eval_{k}": v for k, v in self.last_eval.items()}}
             self.metrics.write(record)
         self.dist.barrier()
@@ -272,6 +282,7 @@ class _Run:
         return evaluate(self.model, batches, self.metric_fn)
 
     def _checkpoint(self, done: int) -> None:
+        state = self.saver.training_state(self.model, self.optimizer)  # FSDP: every process
         if self.dist.is_main:
             extra = {
                 "data_plan": self._plan_fields(),
@@ -289,6 +300,7 @@ class _Run:
                 extra,
                 adapter_name=self.config.adapter_name,
                 keep=self.config.keep_checkpoints,
+                state=state,
             )
         self.dist.barrier()
 
@@ -304,11 +316,10 @@ class _Run:
             eval_metrics=self.last_eval,
             resumed_from=start_step,
         )
+        write_adapter = self.saver.adapter_writer(self.model)  # FSDP: gathered by every process
         if self.dist.is_main:
-            from lorakit.io import save_adapter
-
             result.adapter_dir = self.output_dir / "adapter"
-            save_adapter(self.model, result.adapter_dir, self.config.adapter_name)
+            write_adapter(result.adapter_dir)
             if self.config.plot:
                 records = read_metrics(self.metrics.path)
                 result.loss_curve = plot_loss_curve(records, self.output_dir / "loss_curve.png")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import UserError
+from lorakit.train.distributed import check_strategy
 from lorakit.train.loop import TrainResult
 
 __all__ = ["train_from_settings"]
@@ -45,6 +46,7 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     from lorakit.train.settings import build_settings, load_examples_for
 
     job, training = build_settings(settings)
+    check_strategy(training.strategy)  # fsdp outside torchrun: before any loading
     lora = job.lora_config()
     check_model_spec(job.model)
     examples = load_examples_for(job.data, job.split, job.style, "train")
