@@ -209,23 +209,25 @@ class ShardedSaver:
 
 def _parameter_names_by_key(model: nn.Module, adapter_name: str, keys: set[str]) -> dict[str, str]:
     """``{file key: parameter name}`` for the file keys ``keys`` of adapter ``adapter_name``."""
-    from lorakit.io.keys import adapter_slots, embedding_module_names, model_tensor
+    from lorakit.io.keys import adapter_file_tensors, embedding_module_names, model_tensor
     from lorakit.state import adapter_configs, lora_layers, saved_modules
 
     config = adapter_configs(model)[adapter_name]
     lora_names = [name for name, layer in lora_layers(model) if adapter_name in layer.ranks]
     saved = [name for name, w in saved_modules(model) if adapter_name in w.modules_to_save]
-    slots = adapter_slots(model, config.bias, lora_names, saved, embedding_module_names(model))
+    entries = adapter_file_tensors(
+        model, config.bias, lora_names, saved, embedding_module_names(model)
+    )
     names = {id(parameter): name for name, parameter in model.named_parameters()}
     found = {}
-    for slot in slots:
-        if slot.key in keys:
-            tensor = model_tensor(model, slot, adapter_name)
+    for entry in entries:
+        if entry.key in keys:
+            tensor = model_tensor(model, entry, adapter_name)
             if id(tensor) not in names:
                 raise UserError(
-                    f"--strategy fsdp cannot save {slot.key}: it is not a parameter of the model"
+                    f"--strategy fsdp cannot save {entry.key}: it is not a parameter of the model"
                 )
-            found[slot.key] = names[id(tensor)]
+            found[entry.key] = names[id(tensor)]
     if set(found) != keys:
         raise UserError(f"--strategy fsdp cannot save {sorted(keys - set(found))[:3]}")
     return found
