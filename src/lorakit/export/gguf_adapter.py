@@ -148,7 +148,7 @@ def _split_tensors(
     for key, tensor in adapter.tensors.items():
         parsed = parse_lora_key(key)
         if parsed is None:
-            unsupported.append(f"{key}: {_why_not_lora(key)}")
+            unsupported.append(f"{key}: {_why_not_lora(key, adapter.config, model)}")
             continue
         module, role = parsed
         factors.setdefault(module, {})[role] = tensor
@@ -166,16 +166,25 @@ def _split_tensors(
     return pairs, unsupported
 
 
-def _why_not_lora(key: str) -> str:
+def _why_not_lora(key: str, config, model: nn.Module) -> str:
+    """Why a tensor that is not a LoRA factor (``keys.py`` lists what a file holds) cannot go
+    into a llama.cpp adapter."""
+    from lorakit.io.keys import embedding_module_names, module_path
+    from lorakit.targets import matches
+
+    module = module_path(key).rsplit(".", 1)[0].removesuffix(".base_layer")
+    if config.modules_to_save and matches(config.modules_to_save, module):
+        return (
+            "a full trained copy of a module (modules_to_save); llama.cpp adapters hold LoRA "
+            "pairs only"
+        )
     if key.endswith(".bias"):
-        return "a trained bias (bias='all'/'lora_only'); llama.cpp adapters hold only LoRA pairs"
-    if key.endswith(".base_layer.weight") or "embed" in key or "lm_head" in key:
+        return "a trained bias (bias='all'/'lora_only'); llama.cpp adapters hold LoRA pairs only"
+    if module in embedding_module_names(model):
         return (
             "a full embedding weight (a resized vocabulary); a llama.cpp adapter cannot change it"
         )
-    return (
-        "a full trained copy of a module (modules_to_save); llama.cpp adapters hold LoRA pairs only"
-    )
+    return "a tensor that is not a LoRA factor"
 
 
 def _why_not_exportable(module: str, is_embedding: bool, layout: GgufLayout) -> str | None:
