@@ -222,3 +222,31 @@ def test_lorakit_merge_agrees_with_the_file(tmp_path) -> None:
         arrays, done.alpha, done.modules[name], identity, base.config, True
     )
     np.testing.assert_allclose(change.detach().numpy(), reference.T, atol=2e-6)
+
+
+def test_fold_scale_keeps_the_update() -> None:
+    """``functional.fold_scale``: ``s_t B' A == s B A`` for the reader's own scale ``s_t``."""
+    from lorakit.functional import delta_weight, fold_scale
+
+    lora_A, lora_B = torch.randn(4, 10), torch.randn(6, 4)
+    rslora_scale, llama_cpp_scale = 6 / math.sqrt(4), 6 / 4  # alpha 6, r 4
+    folded = fold_scale(lora_B, rslora_scale, llama_cpp_scale)
+    torch.testing.assert_close(
+        delta_weight(lora_A, folded, llama_cpp_scale), delta_weight(lora_A, lora_B, rslora_scale)
+    )
+    assert not torch.allclose(folded, lora_B)
+
+
+def test_cli_drops_what_it_says_with_drop_unsupported(tmp_path, model_dir, capsys) -> None:
+    from lorakit.cli import main
+    from lorakit.models import load_model
+
+    base, _ = load_model(model_dir, progress=False)
+    _, adapter = saved_adapter(tmp_path / "adapter", base, modules_to_save=["lm_head"])
+    args = ["export", str(adapter), "--model", str(model_dir), "--format", "gguf"]
+    assert main([*args, "--output", str(tmp_path / "a.gguf")]) == 2
+    assert "modules_to_save" in capsys.readouterr().err
+    assert main([*args, "--drop-unsupported", "--output", str(tmp_path / "a.gguf")]) == 0
+    out = capsys.readouterr().out
+    assert "lorakit: dropped base_model.model.lm_head.weight: a full trained copy" in out
+    assert "8 modules" in out and (tmp_path / "a.gguf").is_file()

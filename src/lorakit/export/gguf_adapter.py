@@ -81,22 +81,7 @@ def export_adapter(
         )
     if not pairs:
         raise UserError(f"adapter {adapter.directory}: no LoRA pair is left to export")
-    config = adapter.config
-    scales = {
-        m: scaling(A.shape[0], config.alpha_for(m), config.use_rslora)
-        for m, (_, A, _) in pairs.items()
-    }
-    file_alpha = _file_alpha([scales[m] * A.shape[0] for m, (_, A, _) in pairs.items()])
-    tensors = {}
-    for module, (name, lora_A, lora_B) in pairs.items():
-        lora_B = fold_scale(lora_B, scales[module], file_alpha / lora_A.shape[0])
-        order = layout.row_order(name, lora_B.shape[0])
-        if order is not None:
-            lora_B = lora_B[order]  # llama.cpp's rotary row order, as for the base weight
-        if name == TOKEN_EMBEDDING:
-            lora_A = lora_A.T  # llama.cpp gathers rows of A: (vocab, r)
-        tensors[name + ".lora_a"] = encode_tensor(lora_A, tensor_type)
-        tensors[name + ".lora_b"] = encode_tensor(lora_B, tensor_type)
+    file_alpha, tensors = _llama_cpp_tensors(pairs, adapter.config, layout, tensor_type)
 
     def fill(writer) -> None:
         import gguf
@@ -110,6 +95,27 @@ def export_adapter(
     path = write_gguf(output, layout.arch, fill)
     modules = {module: pair[0] for module, pair in pairs.items()}
     return AdapterExport(path, layout.arch, float(file_alpha), modules, unsupported)
+
+
+def _llama_cpp_tensors(pairs, config, layout: GgufLayout, tensor_type: str):
+    """``(file alpha, {GGUF tensor name: encoded})``: each module's B folded to its own scale
+    under ``alpha / r``, q/k rows in llama.cpp's order, token_embd's A transposed."""
+    scales = {
+        m: scaling(A.shape[0], config.alpha_for(m), config.use_rslora)
+        for m, (_, A, _) in pairs.items()
+    }
+    file_alpha = _file_alpha([scales[m] * A.shape[0] for m, (_, A, _) in pairs.items()])
+    tensors = {}
+    for module, (name, lora_A, lora_B) in pairs.items():
+        lora_B = fold_scale(lora_B, scales[module], file_alpha / lora_A.shape[0])  # (out, r)
+        order = layout.row_order(name, lora_B.shape[0])
+        if order is not None:
+            lora_B = lora_B[order]  # llama.cpp's rotary row order, as for the base weight
+        if name == TOKEN_EMBEDDING:
+            lora_A = lora_A.T  # (vocab, r): llama.cpp gathers rows of A per token
+        tensors[name + ".lora_a"] = encode_tensor(lora_A, tensor_type)
+        tensors[name + ".lora_b"] = encode_tensor(lora_B, tensor_type)
+    return file_alpha, tensors
 
 
 def _refuse_dora(directory: Path) -> None:
