@@ -167,3 +167,20 @@ def test_inspect_describes_a_gguf_adapter(tmp_path, capsys) -> None:
     assert summary["scalings"] == {"2": 4.0, "4": 2.0}
     assert summary["parameters"] == 2 * 2 * (96 + 64) + 2 * 4 * (64 + 64) + 4 * 4 * (64 + 32)
     assert main(["inspect", str(tmp_path / "missing.gguf")]) == 2
+
+
+def test_commands_taking_an_adapter_accept_a_gguf_file(tmp_path, model_dir, capsys) -> None:
+    """``lorakit merge`` (like eval, generate, export) loads ``--adapter x.gguf``."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.models import load_model
+
+    base, _ = load_model(model_dir, progress=False)
+    adapted, directory = saved_adapter(tmp_path / "adapter", base)
+    export_adapter(directory, base, tmp_path / "a.gguf")
+    merged_dir = tmp_path / "merged"
+    args = ["merge", "--model", str(model_dir), "--adapter", str(tmp_path / "a.gguf")]
+    assert main([*args, "--output", str(merged_dir)]) == 0
+    assert "no base-model fingerprint" in capsys.readouterr().err
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    torch.testing.assert_close(logits(merged), logits(adapted), rtol=1e-5, atol=1e-5)
