@@ -24,6 +24,7 @@ __all__ = [
     "compression_ratio",
     "delta_weight",
     "embedding_delta_weight",
+    "fold_scale",
     "lora_embedding_forward",
     "lora_forward",
     "lora_parameter_count",
@@ -48,6 +49,12 @@ def rank_side_scale(scale: float, dropout: float = 0.0) -> float:
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got p={dropout}")
     return scale / (1.0 - dropout)
+
+
+def fold_scale(lora_B: torch.Tensor, scale: float, target_scale: float) -> torch.Tensor:
+    """``B' = B * (s / s_t)`` in float32, so that ``s_t B' A = s B A``: an adapter re-expressed
+    for a reader that applies its own scale ``s_t`` (llama.cpp: ``alpha / r``). Shapes kept."""
+    return lora_B.to(torch.float32) * (scale / target_scale)
 
 
 def lora_parameter_count(out_features: int, in_features: int, rank: int) -> int:

@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "TASKS",
     "BuiltinModel",
+    "builtin_gguf_file",
     "cache_root",
     "check_model_spec",
     "load_model",
@@ -104,6 +105,15 @@ def _package_folder(builtin: BuiltinModel) -> Path:
         f"built-in model '{builtin.name}' needs the package '{builtin.package}' "
         f"(with {builtin.relative_path}); install it with: {builtin.install}"
     )
+
+
+def builtin_gguf_file(spec: str | os.PathLike[str]) -> Path | None:
+    """The GGUF file a built-in model is converted from (its tokenizer keys are reused when the
+    model is exported back to GGUF); None for any other spec."""
+    builtin = BUILTIN_MODELS.get(os.fspath(spec))
+    if builtin is None or not builtin.is_gguf:
+        return None
+    return _package_folder(builtin) / builtin.relative_path
 
 
 def _builtin_names() -> str:

@@ -70,7 +70,7 @@ def load_model_and_adapter(model_spec: str, adapter: str | None, allow_base_mism
     from lorakit.models import check_model_spec, load_model
 
     check_model_spec(model_spec)
-    if adapter:
+    if adapter and not adapter.endswith(".gguf"):  # a GGUF LoRA file is checked on load
         read_adapter(adapter)
     model, tokenizer = load_model(model_spec, progress=False)
     if adapter:

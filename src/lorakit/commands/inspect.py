@@ -1,6 +1,7 @@
 """``lorakit inspect DIRECTORY [--json]``: what an adapter is, before loading it.
 
-Reads ``adapter_config.json`` and the safetensors header only (``lorakit.io.summary``).
+Reads ``adapter_config.json`` and the safetensors header only (``lorakit.io.summary``); a
+``FILE.gguf`` is described as a llama.cpp LoRA file (``lorakit.export.gguf_read``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Base model, fingerprint, target modules, ranks, alphas, scaling, dtype, "
         "parameter count, file size and compression ratio of a PEFT-format adapter.",
     )
-    parser.add_argument("directory", help="adapter directory (adapter_config.json + safetensors)")
+    parser.add_argument(
+        "directory",
+        help="adapter directory (adapter_config.json + safetensors), or a GGUF LoRA FILE.gguf",
+    )
     parser.add_argument(
         "--adapter-name",
         default="default",
@@ -80,6 +84,12 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.directory.endswith(".gguf"):  # a llama.cpp LoRA file
+        from lorakit.export.gguf_read import format_gguf_summary, summarize_gguf_adapter
+
+        summary = summarize_gguf_adapter(args.directory)
+        print(json.dumps(summary, indent=2) if args.json else format_gguf_summary(summary))
+        return 0
     from lorakit.io.summary import summarize_adapter
 
     summary = summarize_adapter(args.directory, args.adapter_name)

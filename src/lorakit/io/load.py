@@ -79,7 +79,15 @@ def load_adapter(
     Raises ``AdapterFileError`` (keys, shapes, values, files) or ``BaseModelMismatchError``
     (the base weights differ from those the adapter was saved with; override with
     ``allow_base_mismatch=True``). On any error the model is left unchanged.
+    A path ending in ``.gguf`` is a llama.cpp LoRA file (``lorakit.export.gguf_read``).
     """
+    if os.fspath(directory).endswith(".gguf"):
+        from lorakit.export.gguf_read import load_gguf_adapter
+
+        options = dict(allow_base_mismatch=allow_base_mismatch, activate=activate)
+        return load_gguf_adapter(
+            model, directory, adapter_name, adapter_dtype=adapter_dtype, **options
+        )
     if adapter_name in adapter_configs(model):
         raise AdapterFileError(
             f"the model already has an adapter named {adapter_name!r}; load under another "

@@ -1,0 +1,223 @@
+"""A PEFT-format adapter -> a GGUF LoRA adapter file as llama.cpp reads it.
+
+llama.cpp (``llama-adapter.cpp``, ``llama-graph.cpp``) reads ``general.type = "adapter"``,
+``adapter.type = "lora"``, one float ``adapter.lora.alpha`` for the whole file and, per adapted
+tensor ``T`` of the base GGUF, ``T.lora_a`` / ``T.lora_b`` with ``ne = [in, r]`` / ``[r, out]``
+(numpy ``(r, in)`` / ``(out, r)``: PEFT's own layout). It computes::
+
+    y = W x + (alpha / r) * B (A x),   r = lora_b's ne[0]
+
+For ``token_embd`` it reads ``lora_a`` transposed (numpy ``(vocab, r)``) and adds
+``(alpha / r) * B A[:, token]``. lorakit's scale per module is ``s = alpha_m / r_m`` (or
+``alpha_m / sqrt(r_m)`` with rsLoRA, with ``rank_pattern`` / ``alpha_pattern``), so the file
+carries one alpha (the most common ``s * r``) and each B is folded, ``B' = B * s r / alpha``
+(``functional.fold_scale``): under llama.cpp's rule every module gets exactly its own ``s``.
+Llama's q/k B rows are put in llama.cpp's rotary order (``gguf_names.rope_row_order``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.errors import UserError
+from lorakit.export.gguf_io import encode_tensor, write_gguf
+from lorakit.export.gguf_names import GgufLayout, gguf_layout
+from lorakit.functional import fold_scale, scaling
+
+__all__ = ["ADAPTER_TYPES", "AdapterExport", "export_adapter"]
+
+ADAPTER_TYPES = ("f32", "f16", "bf16")  # lora_a/lora_b rows are r long: too short for q8_0 blocks
+TOKEN_EMBEDDING = "token_embd.weight"
+
+
+@dataclass
+class AdapterExport:
+    """What ``export_adapter`` wrote: the file, its alpha, the modules, what it left out."""
+
+    path: Path
+    arch: str
+    alpha: float
+    modules: dict[str, str] = field(default_factory=dict)  # transformers module -> GGUF tensor
+    dropped: list[str] = field(default_factory=list)  # "what: why" for each tensor left out
+
+
+def export_adapter(
+    adapter_directory: str | os.PathLike[str],
+    model: nn.Module,
+    output: str | os.PathLike[str],
+    *,
+    drop_unsupported: bool = False,
+    tensor_type: str = "f32",
+) -> AdapterExport:
+    """Write the PEFT adapter in ``adapter_directory`` (trained on ``model``'s architecture) as a
+    GGUF LoRA adapter at ``output``. What llama.cpp cannot apply (trained biases, full
+    ``modules_to_save`` copies, resized vocabularies, modules without a GGUF tensor) raises
+    ``UserError`` naming it and why, unless ``drop_unsupported`` (then listed in ``.dropped``).
+    DoRA is always refused."""
+    from lorakit.io import read_adapter
+
+    if tensor_type not in ADAPTER_TYPES:
+        raise UserError(f"--type {tensor_type} for an adapter: choose one of {ADAPTER_TYPES}")
+    _refuse_dora(Path(adapter_directory))
+    adapter = read_adapter(adapter_directory)
+    adapter.require_finite()
+    layout = gguf_layout(model.config)
+    pairs, unsupported = _split_tensors(adapter, layout, model)
+    if unsupported and not drop_unsupported:
+        listed = "; ".join(unsupported[:4]) + (
+            f" ... ({len(unsupported)} in all)" * (len(unsupported) > 4)
+        )
+        raise UserError(
+            f"adapter {adapter.directory} holds what llama.cpp's LoRA format cannot carry: "
+            f"{listed}. Export without them with --drop-unsupported (drop_unsupported=True), "
+            "or merge the adapter into a full GGUF model (lorakit export MODEL --adapter DIR)."
+        )
+    if not pairs:
+        raise UserError(f"adapter {adapter.directory}: no LoRA pair is left to export")
+    file_alpha, tensors = _llama_cpp_tensors(pairs, adapter.config, layout, tensor_type)
+
+    def fill(writer) -> None:
+        import gguf
+
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(file_alpha))
+        for tensor_name, (data, qtype) in tensors.items():
+            writer.add_tensor(tensor_name, data, raw_dtype=qtype)
+
+    path = write_gguf(output, layout.arch, fill)
+    modules = {module: pair[0] for module, pair in pairs.items()}
+    return AdapterExport(path, layout.arch, float(file_alpha), modules, unsupported)
+
+
+def _llama_cpp_tensors(pairs, config, layout: GgufLayout, tensor_type: str):
+    """``(file alpha, {GGUF tensor name: encoded})``: each module's B folded to its own scale
+    under ``alpha / r``, q/k rows in llama.cpp's order, token_embd's A transposed."""
+    scales = {
+        m: scaling(A.shape[0], config.alpha_for(m), config.use_rslora)
+        for m, (_, A, _) in pairs.items()
+    }
+    file_alpha = _file_alpha([scales[m] * A.shape[0] for m, (_, A, _) in pairs.items()])
+    tensors = {}
+    for module, (name, lora_A, lora_B) in pairs.items():
+        lora_B = fold_scale(lora_B, scales[module], file_alpha / lora_A.shape[0])  # (out, r)
+        order = layout.row_order(name, lora_B.shape[0])
+        if order is not None:
+            lora_B = lora_B[order]  # llama.cpp's rotary row order, as for the base weight
+        if name == TOKEN_EMBEDDING:
+            lora_A = lora_A.T  # (vocab, r): llama.cpp gathers rows of A per token
+        tensors[name + ".lora_a"] = encode_tensor(lora_A, tensor_type)
+        tensors[name + ".lora_b"] = encode_tensor(lora_B, tensor_type)
+    return file_alpha, tensors
+
+
+def _refuse_dora(directory: Path) -> None:
+    from lorakit.io.read import CONFIG_NAME, adapter_directory
+
+    config_path = adapter_directory(directory) / CONFIG_NAME
+    try:
+        uses_dora = json.loads(config_path.read_text(encoding="utf-8")).get("use_dora") is True
+    except (OSError, ValueError, AttributeError):
+        return  # read_adapter reports the broken file
+    if uses_dora:
+        raise UserError(
+            f"adapter {directory} is a DoRA adapter (use_dora: true): llama.cpp's LoRA format has "
+            "no magnitude vectors, so it cannot be exported as a GGUF adapter (and dropping them "
+            "would change every output)."
+        )
+
+
+def _file_alpha(effective_alphas: list[float]) -> float:
+    """The most common ``s * r`` (so most B need no folding), as the float32 llama.cpp reads."""
+    import numpy as np
+
+    return float(np.float32(Counter(effective_alphas).most_common(1)[0][0]))
+
+
+def _split_tensors(
+    adapter, layout: GgufLayout, model: nn.Module
+) -> tuple[dict[str, tuple[str, torch.Tensor, torch.Tensor]], list[str]]:
+    """``({module: (GGUF tensor, A, B)}, ["what: why", ...])``: the exportable LoRA pairs and
+    the tensors llama.cpp cannot apply."""
+    from lorakit.io.keys import parse_lora_key
+
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    embeddings: set[str] = set()
+    unsupported = []
+    for key, tensor in adapter.tensors.items():
+        parsed = parse_lora_key(key)
+        if parsed is None:
+            unsupported.append(f"{key}: {_why_not_lora(key, adapter.config, model)}")
+            continue
+        module, role = parsed
+        factors.setdefault(module, {})[role] = tensor
+        if "lora_embedding_" in key:
+            embeddings.add(module)
+    pairs = {}
+    for module, factor in factors.items():
+        reason = _why_not_exportable(module, module in embeddings, layout)
+        if reason is not None:
+            unsupported.append(f"{module} (LoRA): {reason}")
+            continue
+        lora_A, lora_B = factor["lora_A"], factor["lora_B"]
+        _check_fits(adapter.directory, model, module, module in embeddings, lora_A, lora_B)
+        pairs[module] = (layout.tensor_name(module), lora_A, lora_B)
+    return pairs, unsupported
+
+
+def _why_not_lora(key: str, config, model: nn.Module) -> str:
+    """Why a tensor that is not a LoRA factor (``keys.py`` lists what a file holds) cannot go
+    into a llama.cpp adapter."""
+    from lorakit.io.keys import embedding_module_names, module_path
+    from lorakit.targets import matches
+
+    module = module_path(key).rsplit(".", 1)[0].removesuffix(".base_layer")
+    if config.modules_to_save and matches(config.modules_to_save, module):
+        return (
+            "a full trained copy of a module (modules_to_save); llama.cpp adapters hold LoRA "
+            "pairs only"
+        )
+    if key.endswith(".bias"):
+        return "a trained bias (bias='all'/'lora_only'); llama.cpp adapters hold LoRA pairs only"
+    if module in embedding_module_names(model):
+        return (
+            "a full embedding weight (a resized vocabulary); a llama.cpp adapter cannot change it"
+        )
+    return "a tensor that is not a LoRA factor"
+
+
+def _why_not_exportable(module: str, is_embedding: bool, layout: GgufLayout) -> str | None:
+    name = layout.tensor_name(module)
+    if name is None and layout.tied_embeddings and module.endswith("lm_head"):
+        return "lm_head is tied to the token embedding; llama.cpp has no separate output tensor"
+    if name is None:
+        return f"no llama.cpp tensor for this module in the {layout.arch} architecture"
+    if is_embedding != (name == TOKEN_EMBEDDING):
+        return f"an embedding-layout LoRA on {name}, which llama.cpp reads as a matrix product"
+    if name == TOKEN_EMBEDDING and layout.tied_embeddings:
+        return (
+            "the token embedding is tied to the output; llama.cpp would apply this LoRA to the "
+            "output projection too (lorakit does not)"
+        )
+    return None
+
+
+def _check_fits(source, model, module, is_embedding, lora_A, lora_B) -> None:
+    """A (r, in) and B (out, r) must fit the model's module (embedding: A (r, vocab), B (dim, r))."""
+    try:
+        weight = model.get_submodule(module).weight
+    except AttributeError:
+        raise UserError(f"adapter {source}: the model has no module {module!r}") from None
+    rows, cols = weight.shape[::-1] if is_embedding else weight.shape  # (out, in)
+    if lora_A.shape[1] != cols or lora_B.shape[0] != rows or lora_A.shape[0] != lora_B.shape[1]:
+        raise UserError(
+            f"adapter {source}: {module} has A {list(lora_A.shape)} and B {list(lora_B.shape)}, "
+            f"which do not fit the model's weight {list(weight.shape)}; is --model its base?"
+        )

@@ -1,0 +1,81 @@
+"""Writing GGUF files: tensor encodings and an atomic write through ``gguf.GGUFWriter``.
+
+Layout convention (``gguf`` package): a numpy array of shape ``(rows, cols)`` is stored with
+ggml dimensions ``ne = [cols, rows]`` (ggml lists the fastest-varying axis first), so a
+transformers ``nn.Linear`` weight ``(out, in)`` is written as it is and llama.cpp reads it as
+``ne = [in, out]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lorakit.errors import UserError
+from lorakit.io.atomic import new_file_mode
+
+__all__ = ["TENSOR_TYPES", "decode_tensor", "encode_tensor", "write_gguf"]
+
+# --type value -> GGMLQuantizationType name. q8_0 / q4_0 quantise blocks of 32 along a row.
+TENSOR_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
+QUANTIZED_BLOCK = 32
+
+
+def _qtype(name: str):
+    import gguf
+
+    return gguf.GGMLQuantizationType[name]
+
+
+def encode_tensor(tensor: torch.Tensor, type_name: str) -> tuple[np.ndarray, object]:
+    """``(data, GGMLQuantizationType)`` of ``tensor`` stored as ``type_name`` (a ``TENSOR_TYPES``
+    key); quantised types need a last dimension that is a multiple of 32 (the caller picks f16
+    otherwise)."""
+    import gguf
+
+    qtype = _qtype(TENSOR_TYPES[type_name])
+    array = tensor.detach().to(torch.float32).cpu().contiguous().numpy()
+    return gguf.quants.quantize(array, qtype), qtype
+
+
+def decode_tensor(reader_tensor) -> torch.Tensor:
+    """A ``gguf.GGUFReader`` tensor as float32, numpy axis order (``ne`` reversed)."""
+    import gguf
+
+    array = gguf.quants.dequantize(reader_tensor.data, reader_tensor.tensor_type)
+    shape = tuple(int(n) for n in reversed(reader_tensor.shape))
+    return torch.from_numpy(np.array(array, dtype=np.float32).reshape(shape))
+
+
+def write_gguf(path: str | os.PathLike[str], arch: str, fill: Callable[[object], None]) -> Path:
+    """Write a GGUF file: ``fill(writer)`` adds key/values and tensors to a ``gguf.GGUFWriter``
+    for ``arch``; the file appears at ``path`` only when complete (temporary file + rename)."""
+    import gguf
+
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"--output {target} is a directory; give a file name ending in .gguf")
+    if not target.parent.is_dir():
+        raise UserError(f"--output {target}: directory {target.parent} does not exist")
+    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(temporary, arch)
+        fill(writer)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.chmod(temporary, new_file_mode(target.parent))
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    return target

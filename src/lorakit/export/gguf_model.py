@@ -1,0 +1,153 @@
+"""A transformers causal LM (optionally merged with an adapter first) -> a full GGUF model file.
+
+What llama.cpp's converter writes for these architectures, and what llama.cpp reads:
+
+- ``{arch}.context_length, embedding_length, feed_forward_length, block_count,
+  attention.head_count, attention.head_count_kv, attention.layer_norm_rms_epsilon,
+  rope.freq_base, rope.dimension_count, vocab_size`` (+ ``attention.key_length/value_length``
+  when the head size is not ``hidden / heads``), ``general.file_type``, ``general.name``;
+- every weight under its GGUF name (``gguf_names``), Llama's q/k rows in llama.cpp's rotary
+  order, ``output.weight`` left out when tied to ``token_embd``;
+- 1-D tensors (norms, biases) in f32; matrices in the chosen type, except that q8_0 / q4_0 need
+  rows of a multiple of 32 values (others are written f16);
+- the tokenizer (``gguf_tokenizer``): copied from the GGUF file the model came from when there is
+  one (the built-in SmolLM2), else derived from a byte-level BPE tokenizer.
+
+Rotary scaling other than the default (llama3, yarn, ...) is refused: llama.cpp's converter
+writes extra keys and tensors for it that lorakit does not produce.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch import nn
+
+from lorakit.errors import UserError
+from lorakit.export.gguf_io import QUANTIZED_BLOCK, TENSOR_TYPES, encode_tensor, write_gguf
+from lorakit.export.gguf_names import GgufLayout, gguf_layout
+
+__all__ = ["FILE_TYPES", "export_model", "model_tensors"]
+
+# --type -> gguf.LlamaFileType member (general.file_type)
+FILE_TYPES = {
+    "f32": "ALL_F32",
+    "f16": "MOSTLY_F16",
+    "bf16": "MOSTLY_BF16",
+    "q8_0": "MOSTLY_Q8_0",
+    "q4_0": "MOSTLY_Q4_0",
+}
+
+
+def export_model(
+    model: nn.Module,
+    output: str | os.PathLike[str],
+    tensor_type: str = "f16",
+    *,
+    tokenizer=None,
+    tokenizer_gguf: str | os.PathLike[str] | None = None,
+    name: str | None = None,
+) -> Path:
+    """Write ``model`` (a plain transformers causal LM: merge adapters first) as a GGUF model.
+
+    ``tokenizer_gguf``: a GGUF file whose ``tokenizer.*`` keys are copied (exact for a model
+    converted from it); else ``tokenizer`` (a byte-level BPE fast tokenizer) is described;
+    with neither, the file has no vocabulary (llama.cpp cannot run it, but it can be read).
+    """
+    if tensor_type not in TENSOR_TYPES:
+        raise UserError(f"--type {tensor_type}: choose one of {sorted(TENSOR_TYPES)}")
+    from lorakit.state import state_of
+
+    if state_of(model) is not None:
+        raise UserError("the model still has lorakit adapters; merge_and_unload it first")
+    config = model.config
+    layout = gguf_layout(config)
+    _refuse_rope_scaling(config)
+    tensors = model_tensors(model, layout, tensor_type)
+    from lorakit.export import gguf_tokenizer
+
+    if tokenizer_gguf is not None:
+        vocabulary = gguf_tokenizer.copied_keys(tokenizer_gguf)
+    elif tokenizer is not None:
+        vocabulary = gguf_tokenizer.tokenizer_keys(tokenizer, config.vocab_size, layout.model_type)
+    else:
+        vocabulary = []
+
+    def fill(writer) -> None:
+        import gguf
+
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name or Path(getattr(config, "_name_or_path", "") or "model").name)
+        _add_hyperparameters(writer, config, layout)
+        writer.add_file_type(gguf.LlamaFileType[FILE_TYPES[tensor_type]])
+        if tensor_type in ("q8_0", "q4_0"):
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for key, value, value_type, sub_type in vocabulary:
+            writer.add_key_value(key, value, value_type, sub_type)
+        for tensor_name, (data, qtype) in tensors.items():
+            writer.add_tensor(tensor_name, data, raw_dtype=qtype)
+
+    return write_gguf(output, layout.arch, fill)
+
+
+def _refuse_rope_scaling(config) -> None:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in (None, "default"):
+        raise UserError(
+            f"this model uses rotary scaling {kind!r}, which lorakit's GGUF export does not "
+            "write; use llama.cpp's convert_hf_to_gguf.py on the (merged) model directory"
+        )
+
+
+def _rope_theta(config) -> float:
+    rope = getattr(config, "rope_parameters", None) or {}
+    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def _add_hyperparameters(writer, config, layout: GgufLayout) -> None:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_block_count(layout.blocks)
+    writer.add_head_count(layout.heads)
+    writer.add_head_count_kv(layout.kv_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    if head_dim * layout.heads != config.hidden_size:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+
+
+def model_tensors(model: nn.Module, layout: GgufLayout, tensor_type: str) -> dict[str, tuple]:
+    """``{GGUF name: (encoded data, GGMLQuantizationType)}`` of every weight of ``model``."""
+    import gguf
+
+    name_map = gguf.get_tensor_name_map(
+        next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == layout.arch), layout.blocks
+    )
+    tensors = {}
+    for parameter_name, tensor in model.state_dict().items():
+        if parameter_name == "lm_head.weight" and layout.tied_embeddings:
+            continue  # llama.cpp reads token_embd for the output when there is no output.weight
+        mapped = name_map.get_type_and_name(parameter_name, try_suffixes=(".weight", ".bias"))
+        if mapped is None:
+            raise UserError(
+                f"{parameter_name}: no GGUF tensor of architecture {layout.arch!r} holds it; "
+                "the model has parts llama.cpp does not run"
+            )
+        gguf_name = mapped[1]
+        order = layout.row_order(gguf_name, tensor.shape[0])
+        if order is not None:
+            tensor = tensor[order]  # llama.cpp's rotary row order (weights and biases alike)
+        chosen = tensor_type
+        if tensor.dim() == 1:
+            chosen = "f32"
+        elif tensor_type in ("q8_0", "q4_0") and tensor.shape[-1] % QUANTIZED_BLOCK:
+            chosen = "f16"
+        tensors[gguf_name] = encode_tensor(tensor, chosen)
+    return tensors

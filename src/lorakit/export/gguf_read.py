@@ -1,0 +1,222 @@
+"""GGUF LoRA adapter files (llama.cpp's format) read back into lorakit: the inverse of
+``gguf_adapter``.
+
+A file holds one ``adapter.lora.alpha`` and per GGUF tensor ``T`` a pair ``T.lora_a`` (numpy
+``(r, in)``; ``(vocab, r)`` for ``token_embd``) and ``T.lora_b`` (``(out, r)``, Llama's q/k rows in
+llama.cpp's rotary order). llama.cpp applies ``(alpha / r) B A`` to each, which is lorakit's rule
+with ``lora_alpha = alpha`` and each module's own rank (a ``rank_pattern`` entry when it differs
+from the most common one), so the adapter loads exactly; the q/k rows are put back in
+transformers' order. ``load_gguf_adapter`` converts the file into a PEFT-format adapter in a
+temporary directory and loads that with ``lorakit.load_adapter`` and all its checks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.errors import AdapterFileError
+from lorakit.export.gguf_io import decode_tensor
+from lorakit.export.gguf_names import gguf_layout
+
+__all__ = [
+    "GgufAdapter",
+    "format_gguf_summary",
+    "gguf_adapter_as_peft",
+    "load_gguf_adapter",
+    "read_gguf_adapter",
+    "summarize_gguf_adapter",
+]
+
+SUFFIXES = (".lora_a", ".lora_b")
+TOKEN_EMBEDDING = "token_embd.weight"
+
+
+@dataclass
+class GgufAdapter:
+    """A GGUF LoRA file, checked: ``pairs`` maps each GGUF tensor name to its ``gguf`` reader
+    tensors ``(lora_a, lora_b)`` (data not decoded until ``factors`` is called)."""
+
+    path: Path
+    arch: str
+    alpha: float
+    pairs: dict[str, tuple[Any, Any]]
+
+    def rank(self, name: str) -> int:
+        """r = lora_b's ne[0], as llama.cpp takes it."""
+        return int(self.pairs[name][1].shape[0])
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lora_a, lora_b)`` of ``name`` as float32 in numpy axis order, as stored."""
+        lora_a, lora_b = self.pairs[name]
+        return decode_tensor(lora_a), decode_tensor(lora_b)
+
+
+def _field(reader, key: str, path: Path):
+    field = reader.fields.get(key)
+    if field is None:
+        raise AdapterFileError(f"{path} has no {key!r}: it is not a GGUF LoRA adapter")
+    return field.contents()
+
+
+def read_gguf_adapter(path: str | os.PathLike[str]) -> GgufAdapter:
+    """Open and check a GGUF LoRA adapter (keys, tensor names, complete pairs, shapes); every
+    problem is an ``AdapterFileError``."""
+    import gguf
+
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (OSError, ValueError, KeyError, IndexError) as error:
+        raise AdapterFileError(f"{path} is not a readable GGUF file ({error})") from None
+    kind, lora = _field(reader, "general.type", path), _field(reader, gguf.Keys.Adapter.TYPE, path)
+    if kind != "adapter" or lora != "lora":
+        raise AdapterFileError(
+            f"{path} is a GGUF {kind!r} file of adapter type {lora!r}, not a LoRA adapter"
+        )
+    alpha = float(_field(reader, gguf.Keys.Adapter.LORA_ALPHA, path))
+    found: dict[str, dict[str, Any]] = {}
+    for tensor in reader.tensors:
+        suffix = next((s for s in SUFFIXES if tensor.name.endswith(s)), None)
+        if suffix is None:
+            raise AdapterFileError(
+                f"{path}: tensor {tensor.name} is not a .lora_a/.lora_b factor; lorakit reads "
+                "LoRA pairs only (not the norm weights some tools add)"
+            )
+        found.setdefault(tensor.name.removesuffix(suffix), {})[suffix] = tensor
+    pairs = {}
+    for name, halves in found.items():
+        if len(halves) != 2:
+            raise AdapterFileError(f"{path}: the LoRA pair of {name} is missing one component")
+        lora_a, lora_b = halves[".lora_a"], halves[".lora_b"]
+        rank_of_a = lora_a.shape[0] if name == TOKEN_EMBEDDING else lora_a.shape[1]  # ne order
+        if len(lora_a.shape) != 2 or len(lora_b.shape) != 2 or rank_of_a != lora_b.shape[0]:
+            raise AdapterFileError(
+                f"{path}: {name} has lora_a ne={list(lora_a.shape)} and lora_b "
+                f"ne={list(lora_b.shape)}, which do not share a rank"
+            )
+        pairs[name] = (lora_a, lora_b)
+    if not pairs:
+        raise AdapterFileError(f"{path} holds no LoRA pair")
+    return GgufAdapter(path, str(_field(reader, "general.architecture", path)), alpha, pairs)
+
+
+def gguf_adapter_as_peft(adapter: GgufAdapter, model: nn.Module):
+    """``(LoraConfig, {PEFT key: tensor})`` of ``adapter`` for ``model``: the names mapped back
+    to ``model``'s modules, q/k rows to transformers' order, ``token_embd``'s A transposed."""
+    from lorakit.config import LoraConfig
+    from lorakit.io.keys import lora_keys
+    from lorakit.targets import model_modules
+
+    layout = gguf_layout(model.config)
+    if adapter.arch != layout.arch:
+        raise AdapterFileError(
+            f"{adapter.path} is a LoRA for GGUF architecture {adapter.arch!r}; this "
+            f"{type(model).__name__} is {layout.arch!r}"
+        )
+    modules = {layout.tensor_name(name): name for name, _ in model_modules(model) if name}
+    tensors, ranks = {}, {}
+    for name in adapter.pairs:
+        module = modules.get(name)
+        if module is None:
+            raise AdapterFileError(
+                f"{adapter.path}: tensor {name} names no module of this {type(model).__name__}"
+            )
+        lora_a, lora_b = adapter.factors(name)
+        order = layout.row_order(name, lora_b.shape[0])
+        if order is not None:
+            lora_b = lora_b[torch.argsort(order)]  # back to transformers' row order
+        is_embedding = name == TOKEN_EMBEDDING
+        lora_A = lora_a.T.contiguous() if is_embedding else lora_a
+        key_A, key_B = lora_keys(module, is_embedding)
+        tensors[key_A], tensors[key_B] = lora_A, lora_b.contiguous()
+        ranks[module] = lora_A.shape[0]
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=adapter.alpha,
+        target_modules=sorted(ranks),
+        rank_pattern={re.escape(m): r for m, r in sorted(ranks.items()) if r != rank},
+        task_type="CAUSAL_LM",
+    )
+    return config, tensors
+
+
+def load_gguf_adapter(model: nn.Module, path: str | os.PathLike[str], adapter_name: str, **options):
+    """``lorakit.load_adapter`` for a GGUF LoRA file: converted to a PEFT-format adapter in a
+    temporary directory and loaded from there (same checks, same ``options``)."""
+    from safetensors.torch import save_file
+
+    from lorakit.io.config_json import CONFIG_NAME, config_to_json
+    from lorakit.io.load import load_adapter
+    from lorakit.io.read import WEIGHTS_NAME
+
+    path = Path(path)
+    config, tensors = gguf_adapter_as_peft(read_gguf_adapter(path), model)
+    adapted = [model.get_submodule(name) for name in config.target_modules]
+    with tempfile.TemporaryDirectory(prefix="lorakit-gguf-") as directory:
+        save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        Path(directory, CONFIG_NAME).write_text(config_to_json(model, config, adapted))
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                load_adapter(model, directory, adapter_name, **options)
+        except AdapterFileError as error:
+            raise type(error)(str(error).replace(directory, str(path))) from None
+    for warning in caught:  # the temporary directory's name means nothing to the caller
+        text = str(warning.message).replace(directory, str(path))
+        warnings.warn(text, warning.category, stacklevel=3)
+    return model
+
+
+def summarize_gguf_adapter(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What ``lorakit inspect FILE.gguf`` shows: architecture, alpha, ranks, llama.cpp's scales,
+    tensor types, parameter count, file size, the GGUF tensors adapted."""
+    adapter = read_gguf_adapter(path)
+    names = sorted(adapter.pairs)
+    ranks = Counter(adapter.rank(name) for name in names)
+    types = Counter(t.tensor_type.name for pair in adapter.pairs.values() for t in pair)
+    return {
+        "file": str(adapter.path),
+        "format": "GGUF LoRA adapter (llama.cpp)",
+        "architecture": adapter.arch,
+        "alpha": adapter.alpha,
+        "adapted_tensors": len(names),
+        "ranks": {str(rank): count for rank, count in sorted(ranks.items())},
+        "scalings": {str(rank): adapter.alpha / rank for rank in sorted(ranks)},
+        "tensor_types": dict(types),
+        "parameters": sum(int(t.n_elements) for pair in adapter.pairs.values() for t in pair),
+        "file_bytes": adapter.path.stat().st_size,
+        "tensors": names,
+    }
+
+
+def format_gguf_summary(summary: dict[str, Any]) -> str:
+    """The summary as aligned ``label: value`` lines."""
+    from lorakit.units import format_bytes
+
+    tensors = summary["tensors"]
+    shown = ", ".join(tensors[:3]) + (f", ... ({len(tensors)} in all)" if len(tensors) > 3 else "")
+    rows = [
+        ("adapter", summary["file"]),
+        ("format", summary["format"]),
+        ("architecture", summary["architecture"]),
+        ("alpha", f"{summary['alpha']:g}"),
+        ("rank", ", ".join(f"{r} ({n} tensors)" for r, n in summary["ranks"].items())),
+        ("scaling", ", ".join(f"{s:g} (r={r})" for r, s in summary["scalings"].items())),
+        ("tensor types", ", ".join(f"{k} ({v})" for k, v in summary["tensor_types"].items())),
+        ("parameters", f"{summary['parameters']:,}"),
+        ("file size", format_bytes(summary["file_bytes"])),
+        ("adapted", shown),
+    ]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label + ':':<{width + 1}} {value}" for label, value in rows)

@@ -1,0 +1,110 @@
+"""The ``tokenizer.*`` keys of a GGUF model, as llama.cpp reads them.
+
+For a byte-level BPE tokenizer (GPT-2 style: SmolLM2, Qwen2) llama.cpp needs
+``tokenizer.ggml.model = "gpt2"``, ``.pre`` (which pre-tokenizer regexes to use), ``.tokens``
+(every id's string), ``.token_type`` (1 normal, 3 control = special added token, 4 user-defined
+= other added token, 5 unused padding id), ``.merges`` ("a b" strings), the bos/eos/unk/padding
+ids, ``.add_bos_token`` and ``tokenizer.chat_template``. llama.cpp's converter picks ``.pre`` by
+hashing the tokenizer's output on a test text; lorakit names it from the model type
+(``PRE_TOKENIZERS``, else "default"), so a model converted from a GGUF file copies that file's
+keys instead (``copied_keys``), which is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from lorakit.errors import UserError
+
+__all__ = ["PRE_TOKENIZERS", "copied_keys", "tokenizer_keys"]
+
+PRE_TOKENIZERS = {"qwen2": "qwen2"}  # transformers model_type -> tokenizer.ggml.pre
+
+Entry = tuple[str, Any, Any, Any]  # (key, value, GGUFValueType, array element type or None)
+
+
+def copied_keys(path: str | os.PathLike[str]) -> list[Entry]:
+    """Every ``tokenizer.*`` key of the GGUF file at ``path``, with its stored types."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    entries = []
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer."):
+            is_array = field.types[0] == gguf.GGUFValueType.ARRAY
+            sub_type = field.types[-1] if is_array else None
+            entries.append((key, field.contents(), field.types[0], sub_type))
+    return entries
+
+
+def tokenizer_keys(tokenizer, vocab_size: int, model_type: str) -> list[Entry]:
+    """The ``tokenizer.*`` entries for a transformers fast tokenizer with a byte-level BPE model;
+    ``vocab_size``: the model's (ids the tokenizer lacks become unused ``[PAD<id>]`` tokens)."""
+    import gguf
+
+    described = _bpe_description(tokenizer)
+    V = gguf.GGUFValueType
+    tokens, types = _tokens_and_types(tokenizer, vocab_size)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in described["model"]["merges"]]
+    entries: list[Entry] = [
+        ("tokenizer.ggml.model", "gpt2", V.STRING, None),
+        ("tokenizer.ggml.pre", PRE_TOKENIZERS.get(model_type, "default"), V.STRING, None),
+        ("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
+        ("tokenizer.ggml.token_type", types, V.ARRAY, V.INT32),
+        ("tokenizer.ggml.merges", merges, V.ARRAY, V.STRING),
+        (
+            "tokenizer.ggml.add_bos_token",
+            bool(getattr(tokenizer, "add_bos_token", False)),
+            V.BOOL,
+            None,
+        ),
+    ]
+    for role in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{role}_token_id", None)
+        if token_id is not None:
+            key = "padding" if role == "pad" else ("unknown" if role == "unk" else role)
+            entries.append((f"tokenizer.ggml.{key}_token_id", int(token_id), V.UINT32, None))
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        entries.append(("tokenizer.chat_template", template, V.STRING, None))
+    return entries
+
+
+def _bpe_description(tokenizer) -> dict[str, Any]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    described = json.loads(backend.to_str()) if backend is not None else {}
+    model = described.get("model") or {}
+    pre = json.dumps(described.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or "ByteLevel" not in pre:
+        raise UserError(
+            f"GGUF export describes byte-level BPE tokenizers (GPT-2 style) only; this "
+            f"{type(tokenizer).__name__} is {model.get('type')!r} with pre-tokenizer {pre[:80]}. "
+            "Use llama.cpp's convert_hf_to_gguf.py on the (merged) model directory."
+        )
+    return described
+
+
+def _tokens_and_types(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+    import gguf
+
+    by_id = {token_id: token for token, token_id in tokenizer.get_vocab().items()}
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    if max(by_id, default=-1) >= vocab_size:
+        raise UserError(
+            f"the tokenizer has ids up to {max(by_id)} but the model's vocabulary is {vocab_size}"
+        )
+    tokens, types = [], []
+    for token_id in range(vocab_size):
+        if token_id not in by_id:
+            tokens.append(f"[PAD{token_id}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif token_id in added:
+            special = added[token_id].special
+            tokens.append(by_id[token_id])
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[token_id])
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, [int(t) for t in types]

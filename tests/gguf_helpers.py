@@ -1,0 +1,82 @@
+"""Shared by the GGUF tests: tiny Qwen2 / Mistral models, a saved adapter with non-zero B, and
+the independent oracles (the ``gguf`` package's reader, transformers' inverse of llama.cpp's
+q/k permutation)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import lorakit
+from tests import tiny_models
+
+SIZES = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
+
+
+def qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(**SIZES)).eval()
+
+
+def mistral(seed: int = 0) -> MistralForCausalLM:
+    torch.manual_seed(seed)
+    return MistralForCausalLM(MistralConfig(**SIZES)).eval()
+
+
+BUILDERS = {"llama": tiny_models.llama, "qwen2": qwen2, "mistral": mistral}
+
+
+def saved_adapter(directory, base: torch.nn.Module, std: float = 0.2, **config_fields):
+    """``(adapted copy of base, directory)``: a random adapter (B != 0) saved in PEFT's format."""
+    fields = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])
+    adapted = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(**(fields | config_fields)))
+    tiny_models.randomize_adapters(adapted, std=std)
+    lorakit.save_adapter(adapted, directory)
+    return adapted, directory
+
+
+def reader_tensors(path) -> dict[str, np.ndarray]:
+    """Every tensor of a GGUF file as float64, numpy axis order, read by the ``gguf`` package."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    arrays = {}
+    for tensor in reader.tensors:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        arrays[tensor.name] = np.asarray(values, dtype=np.float64).reshape(
+            tuple(int(n) for n in reversed(tensor.shape))
+        )
+    return arrays
+
+
+def reader_fields(path) -> dict[str, object]:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return {key: field.contents() for key, field in reader.fields.items() if "." in key}
+
+
+def transformers_row_order(array: np.ndarray, gguf_name: str, config) -> np.ndarray:
+    """transformers' own inverse of llama.cpp's q/k permutation (its GGUF loader's
+    ``LlamaTensorProcessor``): rows in GGUF order -> rows in transformers order."""
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    processor = LlamaTensorProcessor(
+        config={
+            "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": config.num_key_value_heads,
+        }
+    )
+    return processor.process(array, gguf_name).weights
