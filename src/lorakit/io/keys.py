@@ -6,13 +6,15 @@ adapter name never appears in a file (PEFT removes it):
 | what | file key | shape |
 |---|---|---|
 | Linear / Conv1D A, B | ``<path>.lora_A.weight``, ``<path>.lora_B.weight`` | (r, k), (d, r) |
+| DoRA magnitude (``use_dora``) | ``<path>.lora_magnitude_vector`` (no ``.weight``) | (d,) |
 | Embedding A, B | ``<path>.lora_embedding_A``, ``<path>.lora_embedding_B`` | (r, num), (dim, r) |
 | bias of an adapted layer (``bias`` != "none") | ``<path>.base_layer.bias`` | (d,) |
 | base weight of an adapted embedding (resized vocab) | ``<path>.base_layer.weight`` | base |
 | any other parameter (biases, ``modules_to_save``, resized embeddings) | ``<path>.<param>`` | full |
 
 In the model (``model.state_dict()``) the same tensors carry the adapter name:
-``<path>.lora_A.<adapter>.weight``, ``<path>.lora_embedding_A.<adapter>``,
+``<path>.lora_A.<adapter>.weight``, ``<path>.lora_magnitude_vector.<adapter>.weight``,
+``<path>.lora_embedding_A.<adapter>``,
 ``<path>.modules_to_save.<adapter>.<param>``.
 """
 
@@ -35,7 +37,9 @@ __all__ = [
     "base_weight_key",
     "embedding_module_names",
     "expected_shape",
+    "is_magnitude_key",
     "lora_keys",
+    "magnitude_key",
     "model_tensor",
     "module_path",
     "parse_lora_key",
@@ -54,6 +58,16 @@ def lora_keys(module_path: str, is_embedding: bool) -> tuple[str, str]:
             f"{PREFIX}{module_path}.lora_embedding_B",
         )
     return f"{PREFIX}{module_path}.lora_A.weight", f"{PREFIX}{module_path}.lora_B.weight"
+
+
+def magnitude_key(module_path: str) -> str:
+    """File key of the DoRA magnitude vector of the LoRA layer at ``module_path``."""
+    return f"{PREFIX}{module_path}.lora_magnitude_vector"
+
+
+def is_magnitude_key(file_key: str) -> bool:
+    """True for the file key of a DoRA magnitude vector."""
+    return file_key.endswith(".lora_magnitude_vector")
 
 
 def adapted_base_key(module_path: str, parameter: str) -> str:
@@ -124,7 +138,7 @@ def module_path(file_key: str) -> str:
 @dataclass(frozen=True)
 class Slot:
     """One tensor of an adapter file: its file key, the ORIGINAL module path it belongs to and
-    its role: "lora_A" / "lora_B", "bias" (a base bias trained by ``bias`` mode), "saved" (a
+    its role: "lora_A" / "lora_B", "magnitude" (DoRA's m), "bias" (a base bias trained by ``bias`` mode), "saved" (a
     ``modules_to_save`` tensor; ``parameter`` is its state-dict key) or "base_weight" (the base
     weight of an input/output embedding, only when the vocabulary was resized)."""
 
@@ -141,13 +155,15 @@ def adapter_slots(
     saved_modules: Sequence[str],
     embedding_modules: Sequence[str] = (),
     modules: dict[str, nn.Module] | None = None,
+    use_dora: bool = False,
 ) -> list[Slot]:
     """Every tensor an adapter file holds, in PEFT's names.
 
     ``lora_modules``: modules with LoRA tensors; ``saved_modules``: modules saved in full;
     ``embedding_modules``: embeddings whose base weight is saved (resized vocabulary).
     Works before injection (on the plain model) and after (names are original names).
-    ``modules``: ``dict(model_modules(model))`` when the caller has it.
+    ``modules``: ``dict(model_modules(model))`` when the caller has it. ``use_dora``: each
+    LoRA module also has a DoRA magnitude vector.
     """
     modules = dict(model_modules(model)) if modules is None else modules
     lora_set, saved_prefixes = set(lora_modules), tuple(f"{m}." for m in saved_modules)
@@ -155,6 +171,8 @@ def adapter_slots(
     for name in lora_modules:
         key_A, key_B = lora_keys(name, isinstance(modules[name], nn.Embedding))
         slots += [Slot(key_A, name, "lora_A"), Slot(key_B, name, "lora_B")]
+        if use_dora:
+            slots.append(Slot(magnitude_key(name), name, "magnitude"))
     for name, module in modules.items():
         if bias == "none" or name in saved_modules or name.startswith(saved_prefixes):
             continue
@@ -184,6 +202,8 @@ def expected_shape(modules: dict[str, nn.Module], slot: Slot, rank: int) -> tupl
         return (rank, in_features) if slot.role == "lora_A" else (out_features, rank)
     if slot.role == "saved":
         return tuple(module.state_dict()[slot.parameter].shape)
+    if slot.role == "magnitude":
+        return (linear_shape(module)[0],)
     return tuple(getattr(module, slot.parameter).shape)
 
 
@@ -197,6 +217,8 @@ def model_tensor(model: nn.Module, slot: Slot, adapter_name: str) -> torch.Tenso
         return getattr(module, slot.role)[adapter_name].weight
     if slot.role == "saved":
         return module.modules_to_save[adapter_name].state_dict(keep_vars=True)[slot.parameter]
+    if slot.role == "magnitude":
+        return module.lora_magnitude_vector[adapter_name].weight
     base = module.base_layer if isinstance(module, LoraLayer) else module
     if isinstance(base, ModulesToSave):
         base = base.original_module

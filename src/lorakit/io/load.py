@@ -139,7 +139,9 @@ def _plan(model: nn.Module, adapter: AdapterHeader, modules: dict[str, nn.Module
         for name in embedding_module_names(model, modules)
         if base_weight_key(name, name in targets) in adapter.tensors
     ]
-    slots = adapter_slots(model, config.bias, targets, saved_names, embeddings, modules)
+    slots = adapter_slots(
+        model, config.bias, targets, saved_names, embeddings, modules, use_dora=config.use_dora
+    )
     return _Plan(config, targets, saved_names, slots)
 
 

@@ -324,7 +324,7 @@ class AdapterBank:
         tensors = {}
         for path, layer in lora_layers(model):
             if adapter_name in layer.ranks:
-                lora_A, lora_B = layer.adapter_parameters(adapter_name)
+                lora_A, lora_B = layer.adapter_parameters(adapter_name)[:2]
                 tensors[f"{_PREFIX}{path}.lora_A.weight"] = lora_A.detach()
                 tensors[f"{_PREFIX}{path}.lora_B.weight"] = lora_B.detach()
         return self.load(name, config, tensors, pin=pin)
