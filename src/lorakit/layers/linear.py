@@ -180,8 +180,8 @@ class LoraLinear(LoraLayer):
 
     def fast_adapters(
         self, x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[str]
-    ) -> list[fast.RankSide] | None:
-        if not self.base_is_plain() or any(map(self.is_dora, adapters)):
+    ) -> list[fast.RankSide | fast.DoraSide] | None:
+        if not self.base_is_plain():
             return None
         fast_adapters = []
         for name in adapters:
@@ -191,13 +191,16 @@ class LoraLinear(LoraLayer):
             )
             if adapter is None:
                 return None
+            if self.is_dora(name):
+                magnitude = self.lora_magnitude_vector[name].weight
+                adapter = fast.DoraSide(adapter, magnitude, self.dora_row_norms(name, weight))
             fast_adapters.append(adapter)
         if not fast.applies(x, weight, self.base_layer.bias, fast_adapters):
             return None
         return fast_adapters
 
     def fast_output(
-        self, x: torch.Tensor, weight: torch.Tensor, fast_adapters: list[fast.RankSide]
+        self, x: torch.Tensor, weight: torch.Tensor, fast_adapters: list
     ) -> torch.Tensor:
         bias = self.base_layer.bias
         return fast.fused_lora_linear(x, weight, bias, fast_adapters, self.fan_in_fan_out)
