@@ -12,6 +12,7 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 import lorakit
 from lorakit import fast, functional
@@ -243,3 +244,22 @@ def test_magnitude_trains_and_is_in_the_optimizer() -> None:
     model.train()
     model(tiny_models.input_ids()).logits.sum().backward()
     assert all(isinstance(m.grad, torch.Tensor) and m.grad.abs().max() > 0 for m in magnitudes)
+
+
+def test_train_cli_use_dora_writes_a_dora_adapter_peft_loads(tmp_path, model_dir, jsonl) -> None:
+    from lorakit import cli
+
+    output = tmp_path / "run"
+    code = cli.main(["train", "--model", str(model_dir), "--data", str(jsonl), "--output",
+                     str(output), "--steps", "2", "--batch-size", "4", "--lr", "1e-2", "--r", "4",
+                     "--target-modules", "q_proj,v_proj", "--use-dora", "--no-progress"])  # fmt: skip
+    assert code == 0
+    adapter = output / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] is True
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    magnitudes = [k for k in tensors if k.endswith(".lora_magnitude_vector")]
+    assert len(magnitudes) == 4  # q_proj and v_proj of two blocks
+    base = peft.AutoPeftModelForCausalLM.from_pretrained(adapter).eval()
+    ours = lorakit.load_adapter(AutoModelForCausalLM.from_pretrained(model_dir).eval(), adapter)
+    ids = tiny_models.input_ids(vocab=50)
+    torch.testing.assert_close(ours(ids).logits, base(ids).logits, atol=1e-5, rtol=0)

@@ -231,9 +231,11 @@ def dora_row_norms(
     cross = (B * _weight_times_A(weight, A, fan_in_fan_out, dtype)).sum(dim=1)  # (d,)
     lora_sq = ((B @ (A @ A.T)) * B).sum(dim=1).clamp_min(0.0) * (scale * scale)  # (d,)
     squared = base_sq + (2.0 * scale) * cross + lora_sq
+    norms = squared.clamp_min(0.0).sqrt()
+    if squared.device.type == "meta":  # shapes only (e.g. ``lorakit plan``): nothing to guard
+        return norms
     bound = (base_sq.sqrt() + lora_sq.sqrt()).pow(2)
     cancelled = (squared < CANCELLATION_GUARD * bound).nonzero().flatten()
-    norms = squared.clamp_min(0.0).sqrt()
     if cancelled.numel():
         norms[cancelled] = exact_row_norms(weight, A, B, scale, fan_in_fan_out, cancelled)
     return norms
