@@ -6,7 +6,7 @@ Training: a step (forward, backward, AdamW) of batch 4 x 128 at dropout 0 and 0.
 for backward (parameters left out). Inference (unmerged, no KV cache, as bench_inference.py):
 prefill 4 x 128 and one-token forwards at batch 1 and 32.
 
-    python benchmarks/bench_dora.py [--quick] [--threads 1] [--layers 2] [--repeats 3]
+    python benchmarks/bench_dora.py [--quick] [--threads 1] [--layers 2] [--repeats 3] [--vocab N]
 """
 
 from __future__ import annotations
@@ -112,10 +112,16 @@ def report(train: dict, infer: dict) -> str:
 
 
 def main() -> None:
-    args = common.parser(__doc__.splitlines()[0], "dora").parse_args()
+    parse = common.parser(__doc__.splitlines()[0], "dora")
+    parse.add_argument(
+        "--vocab", type=int, default=None, help="vocabulary size (default: SmolLM2's 49152)"
+    )
+    args = parse.parse_args()
     torch.set_num_threads(args.threads)
     clock = common.set_clock(args.clock, args.threads)
     config = common.smollm2_config(args.layers, args.quick)
+    if args.vocab is not None:  # a small vocabulary: the adapted layers dominate the step
+        config.vocab_size = args.vocab
     base = common.base_model(config).train()
     batch, length = (2, 16) if args.quick else (4, 128)
     ids = torch.randint(
@@ -130,6 +136,7 @@ def main() -> None:
     print(report(train, infer))
     common.write_json(args.out, {"workload": "dora", "threads": args.threads, "clock": clock,
                                  "layers": args.layers, "quick": args.quick,
+                                 "vocab": config.vocab_size,
                                  "versions": common.versions(),
                                  "training": train, "inference": infer})  # fmt: skip
 

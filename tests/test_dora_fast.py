@@ -130,3 +130,17 @@ def test_bf16_training_with_fp32_adapters_takes_the_plain_path() -> None:
     reference = _reference(layer, x)
     torch.testing.assert_close(fused.double(), reference, rtol=0.02, atol=0.02)
     torch.testing.assert_close(out.double(), reference, rtol=0.02, atol=0.02)
+
+
+def test_cached_inference_scales_follow_in_place_updates() -> None:
+    layer = _layer(torch.float64).eval()
+    x = torch.randn(2, 3, 12, dtype=torch.float64)
+    with torch.no_grad():
+        before = layer(x)
+        torch.testing.assert_close(layer(x), before, rtol=0, atol=0)  # served from the cache
+        for parameter in layer.adapter_parameters("default"):  # as an optimiser step would
+            parameter.mul_(1.5)
+            after = layer(x)
+            torch.testing.assert_close(after, _reference(layer, x), rtol=1e-12, atol=1e-12)
+            assert (after - before).abs().max() > 1e-3
+            before = after

@@ -25,7 +25,7 @@ Inference (no autograd) takes any mix of LoRA and DoRA adapters without dropout:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -45,12 +45,14 @@ __all__ = ["DoraSide", "FusedDoraLinear", "dora_linear_inference", "fused_dora_l
 
 
 class DoraSide(NamedTuple):
-    """A DoRA adapter for the fast path: its ``RankSide``, the magnitude ``m`` (d,) and the
-    detached row norms ``n`` (d,) of ``W0 + s B A``."""
+    """A DoRA adapter for the fast path: its ``RankSide``, the magnitude ``m`` (d,), the
+    detached row norms ``n`` (d,) of ``W0 + s B A``, and ``scales(dtype)``: ``(f - 1, f B)`` in
+    ``dtype`` for inference (the layer caches them; ``layers.dora.RowNorms``)."""
 
     side: RankSide
     magnitude: torch.Tensor
     norms: torch.Tensor
+    scales: Callable[[torch.dtype], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _scaled_rows(lora_B: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -180,17 +182,17 @@ def dora_linear_inference(
     dtype = x.dtype
     x_rows = x.reshape(-1, x.shape[-1])  # (N, k)
     out = linear_output(x_rows, weight, None, fan_in_fan_out)  # (N, d)
-    gain = None  # sum over DoRA adapters of (f - 1), in the norms' dtype
+    gain = None  # sum over DoRA adapters of (f - 1)
     rows_out = []
     for adapter in adapters:
         if isinstance(adapter, DoraSide):
-            factor = functional.dora_factor(adapter.magnitude, adapter.norms)
-            gain = factor - 1.0 if gain is None else gain + (factor - 1.0)
-            rows_out.append((adapter.side, _scaled_rows(adapter.side.lora_B, factor, dtype)))
+            adapter_gain, scaled_B = adapter.scales(dtype)
+            gain = adapter_gain if gain is None else gain + adapter_gain
+            rows_out.append((adapter.side, scaled_B))
         else:
             rows_out.append((adapter, as_dtype(adapter.lora_B, dtype)))
     if gain is not None:
-        out.addcmul_(out, as_dtype(gain, dtype))  # out * (1 + gain), keeping gain's precision
+        out.addcmul_(out, gain)  # out * (1 + gain): f - 1 keeps its precision in bf16
     if bias is not None:
         out.add_(bias)
     for side, lora_B in rows_out:

@@ -41,6 +41,11 @@ def _stamp(tensor: torch.Tensor) -> tuple[int, int] | None:
         return None
 
 
+def _same(cached: tuple, tensors: tuple) -> bool:
+    """True when ``cached`` holds the very tensor objects ``tensors`` (identity, in order)."""
+    return all(a is b for a, b in zip(cached, tensors, strict=True))
+
+
 class RowNorms:
     """Cached ``||W0_i||^2`` and per-adapter row norms ``n`` of one layer (not a module: no
     state-dict entries). An entry is reused only for the very same tensors at the same
@@ -49,13 +54,38 @@ class RowNorms:
     def __init__(self) -> None:
         self._base: tuple | None = None  # (W0, stamp, fan_in_fan_out, dtype, ||W0_i||^2)
         self._norms: dict[str, tuple] = {}  # adapter -> (W0, A, B, stamps, scale, n)
+        self._scales: dict[str, tuple] = {}  # adapter -> (n, m, B, stamps, dtype, f - 1, f B)
 
     def clear(self, adapter_name: str | None = None) -> None:
         if adapter_name is None:
             self._base = None
             self._norms.clear()
+            self._scales.clear()
         else:
             self._norms.pop(adapter_name, None)
+            self._scales.pop(adapter_name, None)
+
+    def inference_scales(
+        self,
+        adapter_name: str,
+        norms: torch.Tensor,
+        magnitude: torch.Tensor,
+        lora_B: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(f - 1, f B)`` in ``dtype`` for a call without autograd, reused while ``n``, ``m``
+        and B are unchanged (decoding then spends no time on them)."""
+        stamps = [_stamp(magnitude), _stamp(lora_B)]
+        cached = self._scales.get(adapter_name)
+        hit = cached is not None and _same(cached[:3], (norms, magnitude, lora_B))
+        if hit and None not in stamps and cached[3:5] == (stamps, dtype):
+            return cached[5], cached[6]
+        factor = functional.dora_factor(magnitude.detach(), norms)  # (d,)
+        gain = (factor - 1.0).to(dtype)
+        scaled_B = (lora_B.detach().to(factor.dtype) * factor[:, None]).to(dtype)  # (d, r)
+        if None not in stamps and not torch.compiler.is_compiling():
+            self._scales[adapter_name] = (norms, magnitude, lora_B, stamps, dtype, gain, scaled_B)
+        return gain, scaled_B
 
     def base_sq_norms(
         self, weight: torch.Tensor, fan_in_fan_out: bool, dtype: torch.dtype
@@ -84,10 +114,9 @@ class RowNorms:
         compiling = torch.compiler.is_compiling()
         stamps = None if compiling else [_stamp(t) for t in (weight, lora_A, lora_B)]
         cached = self._norms.get(adapter_name)
-        if stamps is not None and None not in stamps and cached is not None:
-            same = all(a is b for a, b in zip(cached[:3], (weight, lora_A, lora_B), strict=True))
-            if same and cached[3:5] == (stamps, scale):
-                return cached[5]
+        hit = cached is not None and _same(cached[:3], (weight, lora_A, lora_B))
+        if hit and stamps is not None and None not in stamps and cached[3:5] == (stamps, scale):
+            return cached[5]
         dtype = functional.norm_dtype(weight, lora_A, lora_B)
         base_sq = self.base_sq_norms(weight, fan_in_fan_out, dtype)
         norms = functional.dora_row_norms(base_sq, weight, lora_A, lora_B, scale, fan_in_fan_out)

@@ -142,6 +142,16 @@ class LoraLinear(LoraLayer):
         lora_part = functional.lora_forward(x, lora_A, lora_B, self.scalings[adapter_name])
         return functional.dora_output(base_part, lora_part, self.dora_factor(adapter_name, weight))
 
+    def _dora_side(self, name: str, side: fast.RankSide, weight: torch.Tensor) -> fast.DoraSide:
+        magnitude = self.lora_magnitude_vector[name].weight
+        norms = self.dora_row_norms(name, weight)
+        lora_B = side.lora_B
+
+        def scales(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.row_norms.inference_scales(name, norms, magnitude, lora_B, dtype)
+
+        return fast.DoraSide(side, magnitude, norms, scales)
+
     def merge_delta(self, adapter_name: str) -> torch.Tensor:
         if not self.is_dora(adapter_name):
             return self.delta_weight(adapter_name)
@@ -192,8 +202,7 @@ class LoraLinear(LoraLayer):
             if adapter is None:
                 return None
             if self.is_dora(name):
-                magnitude = self.lora_magnitude_vector[name].weight
-                adapter = fast.DoraSide(adapter, magnitude, self.dora_row_norms(name, weight))
+                adapter = self._dora_side(name, adapter, weight)
             fast_adapters.append(adapter)
         if not fast.applies(x, weight, self.base_layer.bias, fast_adapters):
             return None
