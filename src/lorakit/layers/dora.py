@@ -7,7 +7,8 @@ PEFT's name in the model; in a file it is ``<path>.lora_magnitude_vector`` (no `
 
 ``RowNorms`` keeps ``||W0_i||^2`` (computed once per base weight, in float32) and each
 adapter's ``n`` until W0, A or B change (their version counters, which every in-place update
-such as an optimiser step bumps): inference and gradient accumulation compute ``n`` once.
+such as an optimiser step bumps): inference and gradient accumulation compute ``n`` once. A
+write through ``.data`` bumps no counter and is not seen: call ``clear()`` after one.
 """
 
 from __future__ import annotations
