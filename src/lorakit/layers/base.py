@@ -56,7 +56,8 @@ class LoraLayer(nn.Module):
     """
 
     supports_dora = False
-    """Whether ``add_magnitude`` is implemented (checked before a model is changed)."""
+    """Whether the layer takes DoRA adapters (``add_magnitude``; checked before a model is
+    changed)."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -128,10 +129,7 @@ class LoraLayer(nn.Module):
         if in_place and len(adapters) > 1 and any(map(self.is_dora, adapters)):
             base_out = out.clone()
         for name in adapters:
-            if self.is_dora(name):
-                branch = self.dora_branch(name, x, weight, base_out)
-            else:
-                branch = self.lora_branch(name, x)
+            branch = self.adapter_branch(name, x, weight, base_out)
             out = out.add_(branch) if in_place else out + branch.to(out.dtype)
         return out
 
@@ -173,23 +171,15 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def is_dora(self, adapter_name: str) -> bool:
-        """True when ``adapter_name`` is a DoRA adapter (it has a magnitude vector)."""
+        """True when ``adapter_name`` is a DoRA adapter (``supports_dora`` layers only)."""
         return False
 
-    def add_magnitude(self, adapter_name: str, initialise: bool) -> None:
-        """Give a new adapter DoRA's magnitude vector (initialised to the row norms of
-        ``W0 + s B A``, or left uninitialised for a value about to be copied in)."""
-        raise ValueError(
-            f"DoRA (use_dora=True) is not supported for {type(self.base_layer).__name__} "
-            "layers (lorakit implements it for nn.Linear and transformers Conv1D); remove this "
-            "module from target_modules or set use_dora=False."
-        )
-
-    def dora_branch(
+    def adapter_branch(
         self, adapter_name: str, x: torch.Tensor, weight: torch.Tensor, base_out: torch.Tensor
     ) -> torch.Tensor:
-        """What DoRA adapter ``adapter_name`` adds to ``base_out`` (the base output with W0)."""
-        raise NotImplementedError
+        """What the adapter adds to ``base_out`` (the base output computed with ``weight``):
+        ``lora_branch`` (a DoRA layer also scales the base output, ``layers/dora.py``)."""
+        return self.lora_branch(adapter_name, x)
 
     def base_is_plain(self) -> bool:
         """True when ``base_forward_with_weight`` computes exactly what calling the base layer
@@ -237,7 +227,11 @@ class LoraLayer(nn.Module):
         device and ``dtype``; no copy when they already fit, so the caller must hand them over).
         ``use_dora``: also a DoRA magnitude vector (``add_magnitude``)."""
         if use_dora and not self.supports_dora:
-            self.add_magnitude(adapter_name, init is not None)  # raises, naming the layer type
+            raise ValueError(
+                f"DoRA (use_dora=True) is not supported for {type(self.base_layer).__name__} "
+                "layers (lorakit implements it for nn.Linear and transformers Conv1D); remove "
+                "this module from target_modules or set use_dora=False."
+            )
         if adapter_name in self.ranks:
             raise ValueError(f"adapter {adapter_name!r} already exists on this layer")
         if values is not None:
@@ -257,7 +251,7 @@ class LoraLayer(nn.Module):
         self.scalings[adapter_name] = functional.scaling(rank, alpha, use_rslora)
         self.dropouts[adapter_name] = dropout
         if use_dora:
-            self.add_magnitude(adapter_name, init is not None)
+            self.add_magnitude(adapter_name, init is not None)  # a supports_dora layer's
 
     def _new_factors(
         self, rank: int, init: bool | str | None, dtype: torch.dtype

@@ -126,6 +126,13 @@ class LoraLinear(LoraLayer):
         magnitude = self.lora_magnitude_vector[adapter_name].weight
         return functional.dora_factor(magnitude, self.dora_row_norms(adapter_name, weight))
 
+    def adapter_branch(
+        self, adapter_name: str, x: torch.Tensor, weight: torch.Tensor, base_out: torch.Tensor
+    ) -> torch.Tensor:
+        if self.is_dora(adapter_name):
+            return self.dora_branch(adapter_name, x, weight, base_out)
+        return self.lora_branch(adapter_name, x)
+
     def dora_branch(
         self, adapter_name: str, x: torch.Tensor, weight: torch.Tensor, base_out: torch.Tensor
     ) -> torch.Tensor:
