@@ -91,6 +91,8 @@ def fused_lora_linear(
     if any(isinstance(a, DoraSide) for a in adapters):
         if torch.is_grad_enabled() and _any_requires_grad(x, bias, adapters):
             return fused_dora_linear(x, weight, bias, adapters[0], fan_in_fan_out)
+        if not torch.is_grad_enabled():
+            return dora_linear_inference(x, weight, bias, adapters, fan_in_fan_out)
         with torch.no_grad():
             return dora_linear_inference(x, weight, bias, adapters, fan_in_fan_out)
     if torch.is_grad_enabled() and _any_requires_grad(x, bias, adapters):
