@@ -263,3 +263,18 @@ def test_train_cli_use_dora_writes_a_dora_adapter_peft_loads(tmp_path, model_dir
     ours = lorakit.load_adapter(AutoModelForCausalLM.from_pretrained(model_dir).eval(), adapter)
     ids = tiny_models.input_ids(vocab=50)
     torch.testing.assert_close(ours(ids).logits, base(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_demo_with_use_dora_trains_merges_and_says_dora(tmp_path, model_dir, capsys) -> None:
+    from lorakit.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(output=str(tmp_path / "demo"), model=str(model_dir), steps=2,
+                            eval_size=8, max_length=64, progress=False, use_dora=True)  # fmt: skip
+    summary = run_demo(settings)
+    assert summary["use_dora"] is True
+    assert summary["merged_predictions_agree"] == 8  # the merged DoRA model predicts the same
+    assert summary["merged_max_abs_logprob_difference"] < 1e-4
+    assert "after DoRA (2 steps" in capsys.readouterr().out
+    config = json.loads((tmp_path / "demo" / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
