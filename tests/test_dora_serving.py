@@ -89,7 +89,7 @@ def test_a_peft_dora_directory_is_served_with_peft_outputs(tmp_path) -> None:
     served = ServedAdapters(bank, AdapterRegistry(tmp_path), model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a peft file has no base fingerprint
-        served.add("dora", "dora")
+        served.ensure_loaded("dora")  # the registry found the directory at start-up
     ids = tiny_models.input_ids(2, 6)
     with routed(bank, torch.full((2, 6), bank.slot_of("dora"))):
         got = model(ids).logits
@@ -97,3 +97,37 @@ def test_a_peft_dora_directory_is_served_with_peft_outputs(tmp_path) -> None:
         expected = theirs.eval()(ids).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert (expected - base(ids).logits).abs().max() > 1e-2
+
+
+def test_a_slot_reused_by_a_lora_adapter_loses_the_dora_gain(setup) -> None:
+    reference, _, _ = setup
+    model = tiny_models.llama()
+    prepare_for_serving(model, "all-linear")
+    bank = AdapterBank(model, max_rank=4, capacity=1)
+    bank.load_from_model("dora", reference, "dora")
+    slot = bank.slot_of("dora")
+    bank.forget("dora")
+    assert bank.load_from_model("lora", reference, "lora") == slot
+    ids = tiny_models.input_ids(2, 5)
+    with routed(bank, torch.full((2, 5), slot)):
+        served = model(ids).logits
+    with torch.no_grad(), lorakit.use_adapters(reference, ["lora"]):
+        alone = reference(ids).logits
+    torch.testing.assert_close(served, alone, rtol=0, atol=1e-5)
+
+
+def test_a_dora_adapter_without_its_magnitudes_is_refused(setup) -> None:
+    from lorakit.errors import AdapterFileError
+
+    reference, _, bank = setup
+    tensors = {
+        f"base_model.model.{path}.{role}.weight": tensor
+        for path, layer in lora_layers(reference)
+        if "dora" in layer.ranks
+        for role, tensor in zip(
+            ("lora_A", "lora_B"), layer.adapter_parameters("dora"), strict=False
+        )
+    }
+    config = lorakit.LoraConfig(**SPECS["dora"])
+    with pytest.raises(AdapterFileError, match=r"uses DoRA but has no .*lora_magnitude_vector"):
+        bank.prepare("broken", config, tensors)

@@ -309,7 +309,8 @@ class AdapterBank:
         with torch.no_grad():
             for layer_name, stack in self._stacks.items():
                 pair = prepared.pairs.get(layer_name)
-                write_slot(stack, slot, pair, prepared.scales.get(layer_name, 0.0))
+                scale, gain = prepared.scales.get(layer_name, 0.0), prepared.gains.get(layer_name)
+                write_slot(stack, slot, pair, scale, gain)
         self._slot_of[prepared.name] = slot
         self._configs[prepared.name] = prepared.config
         if pin:
@@ -324,7 +325,9 @@ class AdapterBank:
         tensors = {}
         for path, layer in lora_layers(model):
             if adapter_name in layer.ranks:
-                lora_A, lora_B = layer.adapter_parameters(adapter_name)[:2]
+                lora_A, lora_B, *magnitude = layer.adapter_parameters(adapter_name)
                 tensors[f"{_PREFIX}{path}.lora_A.weight"] = lora_A.detach()
                 tensors[f"{_PREFIX}{path}.lora_B.weight"] = lora_B.detach()
+                if magnitude:  # DoRA
+                    tensors[f"{_PREFIX}{path}.lora_magnitude_vector"] = magnitude[0].detach()
         return self.load(name, config, tensors, pin=pin)

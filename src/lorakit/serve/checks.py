@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,12 +23,14 @@ PEFT_PREFIX = "base_model.model."
 @dataclass(frozen=True)
 class PreparedAdapter:
     """An adapter checked against the bank and ready to be written into a slot: ``pairs``
-    ``{layer: (A (r, k), B (d, r))}`` and ``scales`` ``{layer: s}``."""
+    ``{layer: (A (r, k), B (d, r))}``, ``scales`` ``{layer: s}`` and, for a DoRA adapter,
+    ``gains`` ``{layer: f - 1 (d,)}`` (its pairs then hold ``f B``; ``stacks.dora_slot_factors``)."""
 
     name: str
     config: LoraConfig
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
     scales: dict[str, float]
+    gains: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def prepare_adapter(
@@ -40,11 +42,22 @@ def prepare_adapter(
 ) -> PreparedAdapter:
     """``lora_pairs`` and each layer's scaling (the config's ``alpha_pattern`` resolved): all
     the work of a load that needs no lock."""
-    from lorakit.serve.stacks import slot_scaling
+    from lorakit.serve.stacks import dora_slot_factors, slot_scaling
 
-    pairs = lora_pairs(name, config, tensors, stacks, max_rank)
-    scales = {layer: slot_scaling(config, layer, a.shape[0]) for layer, (a, _) in pairs.items()}
-    return PreparedAdapter(name, config, pairs, scales)
+    factors = lora_pairs(name, config, tensors, stacks, max_rank)
+    scales = {layer: slot_scaling(config, layer, f[0].shape[0]) for layer, f in factors.items()}
+    pairs, gains = {}, {}
+    for layer, found in factors.items():
+        if len(found) == 3:  # DoRA: (A, B, m)
+            lora_A, lora_B, magnitude = found
+            with torch.no_grad():
+                scaled_B, gains[layer] = dora_slot_factors(
+                    stacks[layer], lora_A, lora_B, magnitude, scales[layer]
+                )
+            pairs[layer] = (lora_A, scaled_B)
+        else:
+            pairs[layer] = found
+    return PreparedAdapter(name, config, pairs, scales, gains)
 
 
 def lora_pairs(
@@ -53,21 +66,21 @@ def lora_pairs(
     tensors: Mapping[str, torch.Tensor],
     stacks: Mapping[str, LayerStack],
     max_rank: int,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{layer path: (A, B)}`` after checking every key, shape and rank (before any write).
+) -> dict[str, tuple[torch.Tensor, ...]]:
+    """``{layer path: (A, B)}`` after checking every key, shape and rank (before any write);
+    ``(A, B, m)`` for a DoRA adapter (``config.use_dora``: ``.lora_magnitude_vector`` keys).
 
     ``tensors`` may also map keys to safetensors header entries (``TensorInfo``: shape and
     dtype), to check a file before reading its data. Raises ``AdapterFileError`` naming the tensor: a key that is not a linear LoRA factor, a
     factor that is not a non-empty floating-point 2-D matrix, shapes that do not fit the layer, rank > max_rank.
     """
-    if getattr(config, "use_dora", False):
-        raise AdapterFileError(
-            f"adapter {name!r} uses DoRA, which the serving bank does not support."
-        )
+    suffixes = [(".lora_A.weight", "A"), (".lora_B.weight", "B")]
+    if config.use_dora:
+        suffixes.append((".lora_magnitude_vector", "m"))
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         path = key.removeprefix(PEFT_PREFIX)
-        for suffix, part in ((".lora_A.weight", "A"), (".lora_B.weight", "B")):
+        for suffix, part in suffixes:
             if path.endswith(suffix):
                 parts.setdefault(path.removesuffix(suffix), {})[part] = tensor
                 break
@@ -80,9 +93,28 @@ def lora_pairs(
     pairs = {}
     for path, part in parts.items():
         pairs[path] = _checked_pair(name, path, part, stacks, max_rank)
+        if config.use_dora:
+            pairs[path] += (_checked_magnitude(name, path, part, pairs[path][1]),)
     if not pairs:
         raise AdapterFileError(f"adapter {name!r} holds no LoRA tensors.")
     return pairs
+
+
+def _checked_magnitude(name: str, path: str, part: dict, lora_B) -> torch.Tensor:
+    """DoRA's magnitude of ``path``: present, floating point, of shape (d,)."""
+    magnitude = part.get("m")
+    if magnitude is None:
+        raise AdapterFileError(
+            f"adapter {name!r} uses DoRA but has no {path}.lora_magnitude_vector; the file is "
+            "incomplete, re-save it."
+        )
+    if tuple(magnitude.shape) != (lora_B.shape[0],) or not _floating(magnitude):
+        raise AdapterFileError(
+            f"adapter {name!r}: tensor {path}.lora_magnitude_vector has shape "
+            f"{tuple(magnitude.shape)} and dtype {magnitude.dtype}; DoRA's magnitude is a "
+            f"floating-point vector of the {lora_B.shape[0]} output features. The file is broken."
+        )
+    return magnitude
 
 
 def _floating(factor) -> bool:
@@ -106,7 +138,7 @@ def _checked_pair(
             f"for (routed layers: e.g. {list(stacks)[:3]}...); restart the server with "
             "target modules that include it."
         )
-    if set(part) != {"A", "B"}:
+    if not {"A", "B"} <= set(part):
         raise AdapterFileError(f"adapter {name!r}: {path!r} lacks lora_A or lora_B.")
     lora_A, lora_B = part["A"], part["B"]
     for role, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
