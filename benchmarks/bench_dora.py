@@ -4,7 +4,8 @@ SmolLM2-135M shapes (fewer layers), all-linear r=16 alpha=32, non-zero A and B, 
 Training: a step (forward, backward, AdamW) of batch 4 x 128 at dropout 0 and 0.05; contenders
 ``lora`` (lorakit LoRA), ``dora`` (lorakit DoRA), ``peft-dora``; plus the bytes each forward saves
 for backward (parameters left out). Inference (unmerged, no KV cache, as bench_inference.py):
-prefill 4 x 128 and one-token forwards at batch 1 and 32.
+prefill 4 x 128 and one-token forwards at batch 1 and 32. Serving: the adapter bank with 32
+adapters, one per row, all LoRA vs half DoRA (decode 32 x 1 and 32 rows x 16 tokens).
 
     python benchmarks/bench_dora.py [--quick] [--threads 1] [--layers 2] [--repeats 3] [--vocab N]
 """
@@ -90,6 +91,48 @@ def inference(models: dict, vocab: int, repeats: int, quick: bool) -> dict:
     return results
 
 
+def serving(base, vocab: int, repeats: int, quick: bool) -> dict:
+    """A mixed batch of 32 adapters (one per row), all LoRA vs half DoRA, through the bank:
+    decode 32 x 1 and 32 rows x 16 tokens."""
+    import lorakit
+    from lorakit.serve import AdapterBank, prepare_for_serving, routed
+
+    model = copy.deepcopy(base).eval()
+    prepare_for_serving(model, "all-linear")
+    layers = {name: layer.base_layer for name, layer in lorakit.state.lora_layers(model)}
+    generator = torch.Generator().manual_seed(5)
+    banks = {kind: AdapterBank(model, max_rank=16, capacity=32) for kind in ("lora", "half-dora")}
+    for index in range(32):
+        tensors = {}
+        for path, base_layer in layers.items():
+            d, k = base_layer.weight.shape
+            prefix = f"base_model.model.{path}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(16, k, generator=generator) * 0.02
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(d, 16, generator=generator) * 0.02
+            noise = 1 + 0.1 * torch.randn(d, generator=generator)
+            tensors[f"{prefix}.lora_magnitude_vector"] = base_layer.weight.norm(dim=1) * noise
+        for kind, bank in banks.items():
+            use_dora = kind == "half-dora" and index % 2 == 1
+            config = lorakit.LoraConfig(**fields(0.0, use_dora))
+            kept = {key: v for key, v in tensors.items() if use_dora or "magnitude" not in key}
+            bank.load(f"a{index}", config, kept)
+    results = {}
+    for label, length in (("mixed decode 32x1", 1), ("mixed 32x16", 16)):
+        length = min(length, 4) if quick else length
+        ids = torch.randint(0, vocab, (32, length), generator=torch.Generator().manual_seed(6))
+        slots = {kind: torch.tensor([bank.slot_of(f"a{i}") for i in range(32)])[:, None]
+                 for kind, bank in banks.items()}  # fmt: skip
+
+        def run(kind, ids=ids, slots=slots, length=length):
+            with routed(banks[kind], slots[kind].expand(32, length)):
+                model(input_ids=ids)
+
+        runs = {kind: (lambda kind=kind, run=run: run(kind)) for kind in banks}
+        with torch.inference_mode():
+            results[label] = {"times_s": common.alternate(runs, repeats), "calls_per_round": 1}
+    return results
+
+
 def report(train: dict, infer: dict) -> str:
     rows = []
     for setting, result in train.items():
@@ -133,12 +176,18 @@ def main() -> None:
         train[f"dropout={dropout}"] = training(build(base, dropout), ids, args.repeats)
         print(f"done training dropout={dropout} at {time.perf_counter() - start:.0f} s", flush=True)
     infer = inference(build(base, 0.0), config.vocab_size, args.repeats, args.quick)
+    served = serving(base, config.vocab_size, args.repeats, args.quick)
     print(report(train, infer))
+    for label, result in served.items():
+        t = {name: common.median(values) for name, values in result["times_s"].items()}
+        print(f"{label}: all LoRA {t['lora']:.4f} s, half DoRA / all LoRA "
+              f"{common.ratio(t['half-dora'], t['lora'])}")  # fmt: skip
     common.write_json(args.out, {"workload": "dora", "threads": args.threads, "clock": clock,
                                  "layers": args.layers, "quick": args.quick,
                                  "vocab": config.vocab_size,
                                  "versions": common.versions(),
-                                 "training": train, "inference": infer})  # fmt: skip
+                                 "training": train, "inference": infer,
+                                 "serving": served})  # fmt: skip
 
 
 if __name__ == "__main__":
