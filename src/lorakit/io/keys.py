@@ -138,9 +138,10 @@ def module_path(file_key: str) -> str:
 @dataclass(frozen=True)
 class Slot:
     """One tensor of an adapter file: its file key, the ORIGINAL module path it belongs to and
-    its role: "lora_A" / "lora_B", "magnitude" (DoRA's m), "bias" (a base bias trained by ``bias`` mode), "saved" (a
-    ``modules_to_save`` tensor; ``parameter`` is its state-dict key) or "base_weight" (the base
-    weight of an input/output embedding, only when the vocabulary was resized)."""
+    its role: "lora_A" / "lora_B", "magnitude" (DoRA's m), "bias" (a base bias trained by
+    ``bias`` mode), "saved" (a ``modules_to_save`` tensor; ``parameter`` is its state-dict key)
+    or "base_weight" (the base weight of an input/output embedding, only when the vocabulary was
+    resized)."""
 
     key: str
     module: str
