@@ -275,6 +275,7 @@ def test_demo_with_use_dora_trains_merges_and_says_dora(tmp_path, model_dir, cap
     assert summary["use_dora"] is True
     assert summary["merged_predictions_agree"] == 8  # the merged DoRA model predicts the same
     assert summary["merged_max_abs_logprob_difference"] < 1e-4
-    assert "after DoRA (2 steps" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "training DoRA r=16" in out and "after DoRA (2 steps" in out
     config = json.loads((tmp_path / "demo" / "adapter" / "adapter_config.json").read_text())
     assert config["use_dora"] is True

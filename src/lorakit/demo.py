@@ -116,7 +116,8 @@ def _train(model, tokenizer, settings: DemoSettings, output: Path):
         progress=settings.progress,
         overwrite=True,  # a demo replaces the previous demo's results in its output directory
     )
-    _say(f"training LoRA r={settings.rank} on {len(tokenized)} training reviews, "
+    kind = "DoRA" if settings.use_dora else "LoRA"
+    _say(f"training {kind} r={settings.rank} on {len(tokenized)} training reviews, "
          f"{settings.steps} steps of {settings.batch_size}")  # fmt: skip
     result = train(model, range(len(tokenized)), lambda idx: data.collate(tokenized, idx), training,
                    length_of=lambda index: len(tokenized.input_ids[index]))  # fmt: skip
