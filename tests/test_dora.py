@@ -246,6 +246,7 @@ def test_magnitude_trains_and_is_in_the_optimizer() -> None:
     assert all(isinstance(m.grad, torch.Tensor) and m.grad.abs().max() > 0 for m in magnitudes)
 
 
+@pytest.mark.slow
 def test_train_cli_use_dora_writes_a_dora_adapter_peft_loads(tmp_path, model_dir, jsonl) -> None:
     from lorakit import cli
 
