@@ -204,5 +204,7 @@ def test_demo_options_are_its_settings_fields(monkeypatch, capsys):
     assert cli.main(argv) == 0
     assert given == [DemoSettings(output="o", steps=5, style="plain", progress=False)]
     assert cli.main(["demo"]) == 0 and given[1] == DemoSettings()
+    assert cli.main(["demo", "--use-dora", "--steps", "3"]) == 0
+    assert given[2] == DemoSettings(use_dora=True, steps=3)
     assert cli.main(["demo", "--lr", "0"]) == 2
     assert capsys.readouterr().err == "lorakit: error: --lr must be > 0, got 0.0\n"

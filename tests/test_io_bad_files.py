@@ -129,8 +129,8 @@ def test_unknown_peft_type(adapter_dir) -> None:
 
 
 def test_unsupported_peft_feature(adapter_dir) -> None:
-    _edit_config(adapter_dir, use_dora=True)
-    _refused(adapter_dir, r"use_dora=True.*does not implement")
+    _edit_config(adapter_dir, lora_bias=True)
+    _refused(adapter_dir, r"lora_bias=True.*does not implement")
 
 
 def test_inits_that_change_the_base_are_refused(adapter_dir) -> None:

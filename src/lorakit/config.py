@@ -62,6 +62,9 @@ class LoraConfig:
     """Base weight stored (in, out). Detected automatically for transformers' Conv1D."""
     use_rslora: bool = False
     """Scale by ``lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``."""
+    use_dora: bool = False
+    """DoRA: a trained magnitude per output feature rescales each row of ``W0 + s B A``
+    (``lorakit.functional``); nn.Linear and Conv1D layers only (embeddings are refused)."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
     """Per-module ranks: key matches name m when ``re.match(rf"(.*\\.)?({key})$", m)``; first wins."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -100,7 +103,7 @@ class LoraConfig:
             "a probability in [0, 1)",
         )
         _check(self.bias in BIAS_MODES, "bias", self.bias, f"one of {BIAS_MODES}")
-        for flag in ("fan_in_fan_out", "use_rslora"):
+        for flag in ("fan_in_fan_out", "use_rslora", "use_dora"):
             _check(
                 isinstance(getattr(self, flag), bool), flag, getattr(self, flag), "True or False"
             )

@@ -36,6 +36,7 @@ class DemoSettings:
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
+    use_dora: bool = setting(False, "train a DoRA adapter (PEFT's use_dora=True) instead of LoRA")
     max_length: int = setting(96, "max tokens per example")
     eval_size: int = setting(200, "held-out test reviews")
     style: str = setting(
@@ -97,6 +98,7 @@ def _train(model, tokenizer, settings: DemoSettings, output: Path):
         r=settings.rank,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
+        use_dora=settings.use_dora,
         target_modules=SEVEN_PROJECTIONS,
         task_type="CAUSAL_LM",
         base_model_name_or_path=settings.model,  # the spec, not the cache path
@@ -114,8 +116,9 @@ def _train(model, tokenizer, settings: DemoSettings, output: Path):
         progress=settings.progress,
         overwrite=True,  # a demo replaces the previous demo's results in its output directory
     )
+    kind = "DoRA" if settings.use_dora else "LoRA"
     _say(
-        f"training LoRA r={settings.rank} on {len(tokenized)} training reviews, "
+        f"training {kind} r={settings.rank} on {len(tokenized)} training reviews, "
         f"{settings.steps} steps of {settings.batch_size}"
     )
     result = train(
@@ -192,6 +195,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         "base_parameters": base_parameters,
         **sizes,
         "steps": result.steps,
+        "use_dora": settings.use_dora,
         "final_train_loss": result.final_loss,
         "settings": settings.__dict__,
         "adapter_dir": str(adapter_dir),
@@ -254,7 +258,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         f"Rotten Tomatoes sentiment, {summary['held_out_reviews']} held-out test reviews "
         f"(never seen in training), {summary['model']}:",
         f"  zero-shot accuracy     {summary['zero_shot_accuracy']:.1%}",
-        f"  after LoRA ({summary['steps']} steps, {summary['training_reviews']} reviews) "
+        f"  after {'DoRA' if summary.get('use_dora') else 'LoRA'} ({summary['steps']} steps, {summary['training_reviews']} reviews) "
         f"{summary['fine_tuned_accuracy']:.1%}  ({summary['accuracy_gain_points']:+.1f} points)",
         f"  adapter: {summary['trainable_parameters']:,} parameters, "
         f"{format_bytes(summary['adapter_bytes'])} vs base model "

@@ -116,6 +116,15 @@ def add_planned_adapter(
     """
     current = _current_modules(model, targets, modules)
     for name, module in current.items():  # every check before any change: all or nothing
+        layer_class = (
+            type(module) if isinstance(module, LoraLayer) else layer_class_for(module, name)
+        )
+        if config.use_dora and not layer_class.supports_dora:
+            raise ValueError(
+                f"module {name!r} is a {type(original_module(module)).__name__}: lorakit "
+                "implements DoRA (use_dora=True) for nn.Linear and transformers Conv1D only; "
+                "remove it from target_modules (or add it to exclude_modules)."
+            )
         if isinstance(module, LoraLayer) and adapter_name in module.ranks:
             raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}.")
     layers = wrap_targets(model, targets, modules=current)
@@ -131,6 +140,7 @@ def add_planned_adapter(
             init=init,
             dtype=adapter_dtype or default_adapter_dtype(layer.base_layer.weight.dtype),
             values=factors.get(name),
+            use_dora=config.use_dora,
         )
         _give_layer_mode(layer, adapter_name)
     for name in saved_names:

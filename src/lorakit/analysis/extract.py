@@ -192,7 +192,7 @@ def apply_extraction(
     layers = dict(lora_layers(model))
     with torch.no_grad():
         for name, (lora_A, lora_B) in extraction.factors.items():
-            parameter_A, parameter_B = layers[name].adapter_parameters(adapter_name)
+            parameter_A, parameter_B = layers[name].adapter_parameters(adapter_name)[:2]
             parameter_A.copy_(lora_A.to(parameter_A.dtype))
             parameter_B.copy_(lora_B.to(parameter_B.dtype))
     return model

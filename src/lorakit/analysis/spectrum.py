@@ -191,7 +191,7 @@ def adapter_factors(
     for name, layer in lora_layers(model):
         if adapter_name not in layer.ranks:
             continue
-        lora_A, lora_B = layer.adapter_parameters(adapter_name)
+        lora_A, lora_B = layer.adapter_parameters(adapter_name)[:2]
         yield name, lora_A, lora_B, layer.scalings[adapter_name]
 
 

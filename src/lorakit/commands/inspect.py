@@ -39,6 +39,13 @@ def _counts(counter: dict[str, int]) -> str:
     return ", ".join(f"{value} ({count} modules)" for value, count in counter.items())
 
 
+def _dora_text(summary: dict[str, Any]) -> str:
+    if not summary["use_dora"]:
+        return "no"
+    count = summary["dora_magnitude_parameters"]
+    return f"yes (magnitude vectors: {count:,} parameters, one per output feature)"
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The summary as aligned ``label: value`` lines."""
     fingerprint = summary["fingerprint"]
@@ -67,6 +74,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("rank", _counts(summary["ranks"])),
         ("alpha", _counts(summary["alphas"])),
         ("scaling", _counts(summary["scalings"]) + (" (rsLoRA)" if summary["use_rslora"] else "")),
+        ("DoRA", _dora_text(summary)),
         ("bias", summary["bias"]),
         ("modules to save", ", ".join(summary["modules_to_save"] or []) or "-"),
         ("dtype", ", ".join(f"{k} ({v} tensors)" for k, v in summary["dtypes"].items())),

@@ -20,10 +20,13 @@ import torch
 from torch import nn
 
 from lorakit import functional
+from lorakit.fast.dora import DoraSide, FusedDoraLinear, dora_linear_inference, fused_dora_linear
 from lorakit.fast.dropout import DROPOUT_LEVELS, drop_levels, drop_probability, keep_mask, new_seed
 from lorakit.fast.linear import FusedLoraLinear, RankSide, linear_output, lora_linear_inference
 
 __all__ = [
+    "DoraSide",
+    "FusedDoraLinear",
     "FusedLoraLinear",
     "RankSide",
     "applies",
@@ -80,10 +83,18 @@ def fused_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    adapters: Sequence[RankSide],
+    adapters: Sequence[RankSide | DoraSide],
     fan_in_fan_out: bool = False,
 ) -> torch.Tensor:
-    """``W0 x + b + sum_a c_a B_a A_a (x * mask_a)`` (..., d), for a call where ``applies``."""
+    """``W0 x + b + sum_a c_a B_a A_a (x * mask_a)`` (..., d), for a call where ``applies``
+    (DoRA adapters: ``lorakit.fast.dora``)."""
+    if any(isinstance(a, DoraSide) for a in adapters):
+        if torch.is_grad_enabled() and _any_requires_grad(x, bias, adapters):
+            return fused_dora_linear(x, weight, bias, adapters[0], fan_in_fan_out)
+        if not torch.is_grad_enabled():
+            return dora_linear_inference(x, weight, bias, adapters, fan_in_fan_out)
+        with torch.no_grad():
+            return dora_linear_inference(x, weight, bias, adapters, fan_in_fan_out)
     if torch.is_grad_enabled() and _any_requires_grad(x, bias, adapters):
         lora_A, lora_B, rank_scale, levels = adapters[0]
         seed = new_seed() if levels else 0
@@ -97,15 +108,25 @@ def fused_lora_linear(
 
 
 def _any_requires_grad(
-    x: torch.Tensor, bias: torch.Tensor | None, adapters: Sequence[RankSide]
+    x: torch.Tensor, bias: torch.Tensor | None, adapters: Sequence[RankSide | DoraSide]
 ) -> bool:
     if x.requires_grad or (bias is not None and bias.requires_grad):
         return True
-    return any(a.lora_A.requires_grad or a.lora_B.requires_grad for a in adapters)
+    for adapter in adapters:
+        if isinstance(adapter, DoraSide):
+            if adapter.magnitude.requires_grad:
+                return True
+            adapter = adapter.side
+        if adapter.lora_A.requires_grad or adapter.lora_B.requires_grad:
+            return True
+    return False
 
 
 def applies(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, adapters: Sequence[RankSide]
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    adapters: Sequence[RankSide | DoraSide],
 ) -> bool:
     """True when ``fused_lora_linear`` can compute this call (see the module docstring)."""
     if not adapters or torch.compiler.is_compiling() or _PLAIN_PATH.get() or _transforms_active():
@@ -113,6 +134,9 @@ def applies(
     training = torch.is_grad_enabled() and _any_requires_grad(x, bias, adapters)
     if training and len(adapters) != 1:
         return False
+    if not _dora_applies(x, adapters, training):
+        return False
+    adapters = [a.side if isinstance(a, DoraSide) else a for a in adapters]
     dtype, device = x.dtype, x.device
     if weight.requires_grad or dtype not in _FLOAT_DTYPES or weight.dtype != dtype:
         return False
@@ -124,6 +148,22 @@ def applies(
         if lora_A.device != device or lora_B.device != device:
             return False
         if lora_A.dtype not in _FLOAT_DTYPES or lora_B.dtype not in _FLOAT_DTYPES:
+            return False
+    return True
+
+
+def _dora_applies(x: torch.Tensor, adapters: Sequence, training: bool) -> bool:
+    """DoRA adapters: in training, factors and magnitude in x's dtype (the node computes its
+    gradients in it); without autograd, no dropout (the inference formula has none)."""
+    for adapter in adapters:
+        if not isinstance(adapter, DoraSide):
+            continue
+        tensors = (adapter.side.lora_A, adapter.side.lora_B, adapter.magnitude)
+        if training and any(t.dtype != x.dtype for t in tensors):
+            return False
+        if not training and adapter.side.drop_levels:
+            return False
+        if any(t.device != x.device for t in (*tensors, adapter.norms)):
             return False
     return True
 

@@ -4,7 +4,7 @@ Written: ``json.dumps(d, indent=2)`` with keys sorted, no trailing newline, list
 dicts sorted unless that would change which key matches first (then in the order given),
 ``"all-linear"`` (and an unset ``target_modules``) expanded to the module names as PEFT does.
 Read: ``peft_type`` must be "LORA"; the fields lorakit understands become a ``LoraConfig``;
-PEFT fields that change the numbers in ways lorakit does not implement (DoRA, LoRA bias, ...)
+PEFT fields that change the numbers in ways lorakit does not implement (LoRA bias, ...)
 are refused; other PEFT fields are ignored; unknown keys are ignored with a warning.
 """
 
@@ -44,6 +44,7 @@ _FIELDS = (
     "rank_pattern",
     "target_modules",
     "task_type",
+    "use_dora",
     "use_rslora",
 )
 # PEFT features that change the numbers and that lorakit does not implement: refused unless
@@ -56,7 +57,6 @@ _UNSUPPORTED = (
     "target_parameters",
     "trainable_token_indices",
     "use_bdlora",
-    "use_dora",
     "use_qalora",
 )
 # Other keys PEFT (0.21) writes; they do not change what a saved adapter computes.
@@ -148,7 +148,6 @@ def config_to_json(model: nn.Module, config: LoraConfig, adapter_modules: list[n
         "inference_mode": True,
         "peft_type": "LORA",
         "revision": None,
-        "use_dora": False,
     }
     names = [name for name, _ in model_modules(model)]
     for field_name in ("rank_pattern", "alpha_pattern"):

@@ -6,13 +6,15 @@ adapter name never appears in a file (PEFT removes it):
 | what | file key | shape |
 |---|---|---|
 | Linear / Conv1D A, B | ``<path>.lora_A.weight``, ``<path>.lora_B.weight`` | (r, k), (d, r) |
+| DoRA magnitude (``use_dora``) | ``<path>.lora_magnitude_vector`` (no ``.weight``) | (d,) |
 | Embedding A, B | ``<path>.lora_embedding_A``, ``<path>.lora_embedding_B`` | (r, num), (dim, r) |
 | bias of an adapted layer (``bias`` != "none") | ``<path>.base_layer.bias`` | (d,) |
 | base weight of an adapted embedding (resized vocab) | ``<path>.base_layer.weight`` | base |
 | any other parameter (biases, ``modules_to_save``, resized embeddings) | ``<path>.<param>`` | full |
 
 In the model (``model.state_dict()``) the same tensors carry the adapter name:
-``<path>.lora_A.<adapter>.weight``, ``<path>.lora_embedding_A.<adapter>``,
+``<path>.lora_A.<adapter>.weight``, ``<path>.lora_magnitude_vector.<adapter>.weight``,
+``<path>.lora_embedding_A.<adapter>``,
 ``<path>.modules_to_save.<adapter>.<param>``.
 """
 
@@ -35,9 +37,11 @@ __all__ = [
     "base_weight_key",
     "embedding_module_names",
     "expected_shape",
+    "is_magnitude_key",
     "key_names_module",
     "lora_key_pairs",
     "lora_keys",
+    "magnitude_key",
     "model_tensor",
     "module_path",
     "parse_lora_key",
@@ -56,6 +60,16 @@ def lora_keys(module_path: str, is_embedding: bool) -> tuple[str, str]:
             f"{PREFIX}{module_path}.lora_embedding_B",
         )
     return f"{PREFIX}{module_path}.lora_A.weight", f"{PREFIX}{module_path}.lora_B.weight"
+
+
+def magnitude_key(module_path: str) -> str:
+    """File key of the DoRA magnitude vector of the LoRA layer at ``module_path``."""
+    return f"{PREFIX}{module_path}.lora_magnitude_vector"
+
+
+def is_magnitude_key(file_key: str) -> bool:
+    """True for the file key of a DoRA magnitude vector."""
+    return file_key.endswith(".lora_magnitude_vector")
 
 
 def adapted_base_key(module_path: str, parameter: str) -> str:
@@ -146,10 +160,11 @@ def module_path(file_key: str) -> str:
 # --------------------------------------------------------------------------- the layout
 @dataclass(frozen=True)
 class FileTensor:
-    """One tensor an adapter file holds (or must hold): its file key, the ORIGINAL module path it belongs to and
-    its role: "lora_A" / "lora_B", "bias" (a base bias trained by ``bias`` mode), "saved" (a
-    ``modules_to_save`` tensor; ``parameter`` is its state-dict key) or "base_weight" (the base
-    weight of an input/output embedding, only when the vocabulary was resized)."""
+    """One tensor of an adapter file: its file key, the ORIGINAL module path it belongs to and
+    its role: "lora_A" / "lora_B", "magnitude" (DoRA's m), "bias" (a base bias trained by
+    ``bias`` mode), "saved" (a ``modules_to_save`` tensor; ``parameter`` is its state-dict key)
+    or "base_weight" (the base weight of an input/output embedding, only when the vocabulary was
+    resized)."""
 
     key: str
     module: str
@@ -164,13 +179,15 @@ def adapter_file_tensors(
     saved_modules: Sequence[str],
     embedding_modules: Sequence[str] = (),
     modules: dict[str, nn.Module] | None = None,
+    use_dora: bool = False,
 ) -> list[FileTensor]:
     """Every tensor an adapter file holds, in PEFT's names.
 
     ``lora_modules``: modules with LoRA tensors; ``saved_modules``: modules saved in full;
     ``embedding_modules``: embeddings whose base weight is saved (resized vocabulary).
     Works before injection (on the plain model) and after (names are original names).
-    ``modules``: ``dict(model_modules(model))`` when the caller has it.
+    ``modules``: ``dict(model_modules(model))`` when the caller has it. ``use_dora``: each
+    LoRA module also has a DoRA magnitude vector.
     """
     modules = dict(model_modules(model)) if modules is None else modules
     lora_set, saved_prefixes = set(lora_modules), tuple(f"{m}." for m in saved_modules)
@@ -178,6 +195,8 @@ def adapter_file_tensors(
     for name in lora_modules:
         key_A, key_B = lora_keys(name, isinstance(modules[name], nn.Embedding))
         tensors += [FileTensor(key_A, name, "lora_A"), FileTensor(key_B, name, "lora_B")]
+        if use_dora:
+            tensors.append(FileTensor(magnitude_key(name), name, "magnitude"))
     for name, module in modules.items():
         if bias == "none" or name in saved_modules or name.startswith(saved_prefixes):
             continue
@@ -209,6 +228,8 @@ def expected_shape(modules: dict[str, nn.Module], entry: FileTensor, rank: int) 
         return (rank, in_features) if entry.role == "lora_A" else (out_features, rank)
     if entry.role == "saved":
         return tuple(module.state_dict()[entry.parameter].shape)
+    if entry.role == "magnitude":
+        return (linear_shape(module)[0],)
     return tuple(getattr(module, entry.parameter).shape)
 
 
@@ -222,6 +243,8 @@ def model_tensor(model: nn.Module, entry: FileTensor, adapter_name: str) -> torc
         return getattr(module, entry.role)[adapter_name].weight
     if entry.role == "saved":
         return module.modules_to_save[adapter_name].state_dict(keep_vars=True)[entry.parameter]
+    if entry.role == "magnitude":
+        return module.lora_magnitude_vector[adapter_name].weight
     base = module.base_layer if isinstance(module, LoraLayer) else module
     if isinstance(base, ModulesToSave):
         base = base.original_module

@@ -148,7 +148,9 @@ def _plan(model: nn.Module, adapter: AdapterHeader, modules: dict[str, nn.Module
         for name in embedding_module_names(model, modules)
         if base_weight_key(name, name in targets) in adapter.tensors
     ]
-    tensors = adapter_file_tensors(model, config.bias, targets, saved_names, embeddings, modules)
+    tensors = adapter_file_tensors(
+        model, config.bias, targets, saved_names, embeddings, modules, use_dora=config.use_dora
+    )
     return _Plan(config, targets, saved_names, tensors)
 
 

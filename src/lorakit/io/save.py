@@ -68,7 +68,9 @@ def adapter_file_contents(
         save_embedding_layers = _vocabulary_resized(model, config)
     embeddings = embedding_module_names(model) if save_embedding_layers else []
     lora_names = [name for name, _ in layers]
-    entries = adapter_file_tensors(model, config.bias, lora_names, saved, embeddings)
+    entries = adapter_file_tensors(
+        model, config.bias, lora_names, saved, embeddings, use_dora=config.use_dora
+    )
     tensors = {}
     for entry in entries:
         tensor = model_tensor(model, entry, adapter_name).detach()

@@ -17,7 +17,7 @@ from lorakit.io import fingerprint
 from lorakit.io.config_json import CONFIG_NAME, config_from_json, read_config_text
 from lorakit.io.fingerprint import METADATA_KEY
 from lorakit.io.header import TensorInfo, read_header
-from lorakit.io.keys import parse_lora_key
+from lorakit.io.keys import is_magnitude_key, parse_lora_key
 from lorakit.io.read import adapter_directory, weights_path
 from lorakit.io.tensors import TORCH_DTYPES
 
@@ -103,6 +103,10 @@ def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> d
         "alphas": {f"{k:g}": v for k, v in sorted(alphas.items())},
         "scalings": {f"{k:g}": v for k, v in sorted(scalings.items())},
         "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
+        "dora_magnitude_parameters": sum(
+            info.numel for key, info in header.tensors.items() if is_magnitude_key(key)
+        ),
         "bias": config.bias,
         "modules_to_save": config.modules_to_save,
         "dtypes": dict(sorted(Counter(i.dtype for i in header.tensors.values()).items())),

@@ -3,7 +3,8 @@
 A LoRA layer WRAPS the original module, kept as ``base_layer``; ``lorakit.unload`` puts that very
 object back. Subclasses (``LoraLinear``, ``LoraEmbedding``) give the factors' shapes and init
 rule and compute the base and the low-rank branch (``lorakit.functional``). ``forward`` is the
-whole layer: ``h = base(x) + sum_a s_a B_a A_a dropout(x)`` by one of four named paths.
+whole layer: ``h = base(x) + sum_a s_a B_a A_a dropout(x)`` by one of four named paths (a DoRA
+adapter adds ``(f - 1) W0 x~ + f s B A x~`` instead: ``dora_branch``, ``layers/dora.py``).
 
 Merge and unmerge replace the layer's ``MergeState`` whole and a forward reads it once, so a
 forward running in another thread during a merge sees each layer before or after it, never
@@ -53,6 +54,10 @@ class LoraLayer(nn.Module):
     original one aside, so unmerging is exact and a weight tied to another module (an output
     embedding) is never changed behind that module's back.
     """
+
+    supports_dora = False
+    """Whether the layer takes DoRA adapters (``add_magnitude``; checked before a model is
+    changed)."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -120,8 +125,11 @@ class LoraLayer(nn.Module):
         a fresh tensor)."""
         out = self.base_output(weight, x, *args, **kwargs)
         in_place = not torch.is_grad_enabled()
+        base_out = out  # DoRA scales the base output: keep it apart from the sum
+        if in_place and len(adapters) > 1 and any(map(self.is_dora, adapters)):
+            base_out = out.clone()
         for name in adapters:
-            branch = self.lora_branch(name, x)
+            branch = self.adapter_branch(name, x, weight, base_out)
             out = out.add_(branch) if in_place else out + branch.to(out.dtype)
         return out
 
@@ -149,6 +157,11 @@ class LoraLayer(nn.Module):
         """``s * B A`` in float32, laid out like ``base_layer.weight``."""
         raise NotImplementedError
 
+    def merge_delta(self, adapter_name: str) -> torch.Tensor:
+        """What merging the adapter adds to the original weight (float32, laid out like it):
+        ``delta_weight`` for LoRA."""
+        return self.delta_weight(adapter_name)
+
     def lora_branch(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """The low-rank output of one adapter for input ``x``."""
         raise NotImplementedError
@@ -156,6 +169,17 @@ class LoraLayer(nn.Module):
     def base_forward_with_weight(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output computed with ``weight`` in place of its own."""
         raise NotImplementedError
+
+    def is_dora(self, adapter_name: str) -> bool:
+        """True when ``adapter_name`` is a DoRA adapter (``supports_dora`` layers only)."""
+        return False
+
+    def adapter_branch(
+        self, adapter_name: str, x: torch.Tensor, weight: torch.Tensor, base_out: torch.Tensor
+    ) -> torch.Tensor:
+        """What the adapter adds to ``base_out`` (the base output computed with ``weight``):
+        ``lora_branch`` (a DoRA layer also scales the base output, ``layers/dora.py``)."""
+        return self.lora_branch(adapter_name, x)
 
     def base_is_plain(self) -> bool:
         """True when ``base_forward_with_weight`` computes exactly what calling the base layer
@@ -195,11 +219,19 @@ class LoraLayer(nn.Module):
         init: bool | str | None,
         dtype: torch.dtype,
         values: tuple[torch.Tensor, torch.Tensor] | None = None,
+        use_dora: bool = False,
     ) -> None:
         """Create adapter tensors; ``init`` is ``LoraConfig.init_lora_weights``, or None to
         leave them uninitialised (their values are about to be copied in from a file).
         ``values = (A, B)``: take these tensors as the adapter's (moved to the base weight's
-        device and ``dtype``; no copy when they already fit, so the caller must hand them over)."""
+        device and ``dtype``; no copy when they already fit, so the caller must hand them over).
+        ``use_dora``: also a DoRA magnitude vector (``add_magnitude``)."""
+        if use_dora and not self.supports_dora:
+            raise ValueError(
+                f"DoRA (use_dora=True) is not supported for {type(self.base_layer).__name__} "
+                "layers (lorakit implements it for nn.Linear and transformers Conv1D); remove "
+                "this module from target_modules or set use_dora=False."
+            )
         if adapter_name in self.ranks:
             raise ValueError(f"adapter {adapter_name!r} already exists on this layer")
         if values is not None:
@@ -218,6 +250,8 @@ class LoraLayer(nn.Module):
         self.alphas[adapter_name] = alpha
         self.scalings[adapter_name] = functional.scaling(rank, alpha, use_rslora)
         self.dropouts[adapter_name] = dropout
+        if use_dora:
+            self.add_magnitude(adapter_name, init is not None)  # a supports_dora layer's
 
     def _new_factors(
         self, rank: int, init: bool | str | None, dtype: torch.dtype
@@ -256,7 +290,8 @@ class LoraLayer(nn.Module):
         self, adapter_names: Sequence[str]
     ) -> tuple[tuple[str, ...], torch.Tensor] | None:
         """``(names, W)``: the weight with the named adapters merged, ``W0 + sum_a s_a B_a A_a``
-        (float32 sum, rounded once to W0's dtype), for the adapters not merged yet; None if
+        (a DoRA adapter adds ``f (W0 + s B A) - W0`` instead, ``merge_delta``; float32 sum,
+        rounded once to W0's dtype), for the adapters not merged yet; None if
         there are none. Changes nothing; raises ValueError if W would hold inf/NaN."""
         to_merge = tuple(name for name in adapter_names if name not in self.merged_adapters)
         if not to_merge:
@@ -309,7 +344,7 @@ class LoraLayer(nn.Module):
     def _merged_delta(self, adapter_names: Sequence[str]) -> torch.Tensor:
         total = None
         for name in adapter_names:
-            delta = self.delta_weight(name)
+            delta = self.merge_delta(name)
             if not torch.isfinite(delta).all():
                 raise ValueError(
                     f"adapter {name!r} holds non-finite values (inf/NaN); refusing to merge it "
@@ -319,5 +354,8 @@ class LoraLayer(nn.Module):
         return total
 
     def extra_repr(self) -> str:
-        parts = [f"{n}: r={self.ranks[n]}, s={self.scalings[n]:g}" for n in self.ranks]
+        parts = [
+            f"{n}: r={self.ranks[n]}, s={self.scalings[n]:g}{', DoRA' if self.is_dora(n) else ''}"
+            for n in self.ranks
+        ]
         return "; ".join(parts)

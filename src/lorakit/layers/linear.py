@@ -15,6 +15,7 @@ from torch import nn
 
 from lorakit import fast, functional
 from lorakit.layers.base import LoraLayer
+from lorakit.layers.dora import Magnitude, RowNorms
 
 __all__ = ["LoraLinear", "is_conv1d"]
 
@@ -56,6 +57,8 @@ class LoraLinear(LoraLayer):
         self.out_features, self.in_features = linear_shape(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only (layers/dora.py)
+        self.row_norms = RowNorms()
 
     def init_factors(self, lora_A: torch.Tensor, lora_B: torch.Tensor, init: bool | str) -> None:
         """True: A kaiming-uniform, B = 0; "gaussian": A ~ N(0, 1/r^2), B = 0; False: both
@@ -78,12 +81,97 @@ class LoraLinear(LoraLayer):
     def _delete_adapter_tensors(self, adapter_name: str) -> None:
         del self.lora_A[adapter_name]
         del self.lora_B[adapter_name]
+        if self.is_dora(adapter_name):
+            del self.lora_magnitude_vector[adapter_name]
+            self.row_norms.clear(adapter_name)
 
     def factor_shapes(self, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
         return (rank, self.in_features), (self.out_features, rank)
 
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
-        return [self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight]
+        """``[A, B]``, then DoRA's magnitude ``m`` for a DoRA adapter."""
+        parameters = [self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight]
+        if self.is_dora(adapter_name):
+            parameters.append(self.lora_magnitude_vector[adapter_name].weight)
+        return parameters
+
+    # ----------------------------------------------------------------- DoRA
+    supports_dora = True
+
+    def is_dora(self, adapter_name: str) -> bool:
+        return adapter_name in self.lora_magnitude_vector
+
+    def add_magnitude(self, adapter_name: str, initialise: bool) -> None:
+        """``m = ||W0 + s B A||_row`` (d,), in A's dtype (PEFT's initialisation)."""
+        lora_A = self.lora_A[adapter_name].weight
+        values = torch.empty(self.out_features, dtype=lora_A.dtype, device=lora_A.device)
+        self.lora_magnitude_vector[adapter_name] = Magnitude(values)
+        if initialise:
+            with torch.no_grad():
+                values.copy_(self.dora_row_norms(adapter_name, self.original_weight))
+
+    def dora_row_norms(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``n = ||W + s B A||_row`` (d,) for base weight ``weight`` (detached, cached)."""
+        return self.row_norms.row_norms(
+            adapter_name,
+            weight,
+            self.lora_A[adapter_name].weight,
+            self.lora_B[adapter_name].weight,
+            self.scalings[adapter_name],
+            self.fan_in_fan_out,
+        )
+
+    def dora_factor(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``f = m / n`` (d,); gradient to ``m`` only."""
+        magnitude = self.lora_magnitude_vector[adapter_name].weight
+        return functional.dora_factor(magnitude, self.dora_row_norms(adapter_name, weight))
+
+    def adapter_branch(
+        self, adapter_name: str, x: torch.Tensor, weight: torch.Tensor, base_out: torch.Tensor
+    ) -> torch.Tensor:
+        if self.is_dora(adapter_name):
+            return self.dora_branch(adapter_name, x, weight, base_out)
+        return self.lora_branch(adapter_name, x)
+
+    def dora_branch(
+        self, adapter_name: str, x: torch.Tensor, weight: torch.Tensor, base_out: torch.Tensor
+    ) -> torch.Tensor:
+        """``(f - 1) (W0 x~) + f s B A x~`` with ``x~ = dropout(x)``. Without dropout ``W0 x``
+        is ``base_out`` less the bias; with dropout it is a second product on ``x~`` (as PEFT)."""
+        dropout = self.dropouts[adapter_name] if self.training else 0.0
+        if dropout > 0.0:
+            x = torch.nn.functional.dropout(x, p=dropout, training=True)
+            base_part = fast.linear_output(x, weight, None, self.fan_in_fan_out)
+        else:
+            bias = self.base_layer.bias
+            base_part = base_out if bias is None else base_out - bias
+        lora_A, lora_B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        lora_part = functional.lora_forward(x, lora_A, lora_B, self.scalings[adapter_name])
+        return functional.dora_output(base_part, lora_part, self.dora_factor(adapter_name, weight))
+
+    def _dora_side(self, name: str, side: fast.RankSide, weight: torch.Tensor) -> fast.DoraSide:
+        magnitude = self.lora_magnitude_vector[name].weight
+        norms = self.dora_row_norms(name, weight)
+        lora_B = side.lora_B
+
+        def scales(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.row_norms.inference_scales(name, norms, magnitude, lora_B, dtype)
+
+        return fast.DoraSide(side, magnitude, norms, scales)
+
+    def merge_delta(self, adapter_name: str) -> torch.Tensor:
+        if not self.is_dora(adapter_name):
+            return self.delta_weight(adapter_name)
+        weight = self.original_weight
+        return functional.dora_merge_delta(
+            weight,
+            self.lora_A[adapter_name].weight,
+            self.lora_B[adapter_name].weight,
+            self.scalings[adapter_name],
+            self.lora_magnitude_vector[adapter_name].weight,
+            self.dora_row_norms(adapter_name, weight),
+            self.fan_in_fan_out,
+        )
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         return functional.delta_weight(
@@ -109,7 +197,7 @@ class LoraLinear(LoraLayer):
 
     def fast_adapters(
         self, x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[str]
-    ) -> list[fast.RankSide] | None:
+    ) -> list[fast.RankSide | fast.DoraSide] | None:
         if not self.base_is_plain():
             return None
         fast_adapters = []
@@ -120,13 +208,15 @@ class LoraLinear(LoraLayer):
             )
             if adapter is None:
                 return None
+            if self.is_dora(name):
+                adapter = self._dora_side(name, adapter, weight)
             fast_adapters.append(adapter)
         if not fast.applies(x, weight, self.base_layer.bias, fast_adapters):
             return None
         return fast_adapters
 
     def fast_output(
-        self, x: torch.Tensor, weight: torch.Tensor, fast_adapters: list[fast.RankSide]
+        self, x: torch.Tensor, weight: torch.Tensor, fast_adapters: list
     ) -> torch.Tensor:
         bias = self.base_layer.bias
         return fast.fused_lora_linear(x, weight, bias, fast_adapters, self.fan_in_fan_out)

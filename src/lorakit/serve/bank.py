@@ -22,7 +22,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.inject import default_adapter_dtype
-from lorakit.io.keys import lora_keys
+from lorakit.io.keys import lora_keys, magnitude_key
 from lorakit.layers import LoraLinear
 from lorakit.serve.checks import PreparedAdapter, lora_pairs, prepare_adapter
 from lorakit.serve.stacks import (
@@ -309,7 +309,8 @@ class AdapterBank:
         with torch.no_grad():
             for layer_name, stack in self._stacks.items():
                 pair = prepared.pairs.get(layer_name)
-                write_slot(stack, slot, pair, prepared.scales.get(layer_name, 0.0))
+                scale, gain = prepared.scales.get(layer_name, 0.0), prepared.gains.get(layer_name)
+                write_slot(stack, slot, pair, scale, gain)
         self._slot_of[prepared.name] = slot
         self._configs[prepared.name] = prepared.config
         if pin:
@@ -325,6 +326,8 @@ class AdapterBank:
         for path, layer in lora_layers(model):
             if adapter_name in layer.ranks:
                 key_A, key_B = lora_keys(path, is_embedding=False)
-                lora_A, lora_B = layer.adapter_parameters(adapter_name)
+                lora_A, lora_B, *magnitude = layer.adapter_parameters(adapter_name)
                 tensors[key_A], tensors[key_B] = lora_A.detach(), lora_B.detach()
+                if magnitude:  # DoRA
+                    tensors[magnitude_key(path)] = magnitude[0].detach()
         return self.load(name, config, tensors, pin=pin)

@@ -39,6 +39,7 @@ __all__ = [
     "PaddedSegments",
     "RowPlan",
     "Segment",
+    "add_dora_gains",
     "add_lora_looped",
     "add_lora_padded",
     "plan_rows",
@@ -82,6 +83,7 @@ class RowPlan:
     looped: tuple[Segment, ...]
     padded: PaddedSegments | None
     slots: frozenset[int]
+    row_slots: torch.Tensor | None = None  # (N,) each row's slot, -1 for none (DoRA's gains)
 
 
 def plan_rows(row_slots: torch.Tensor | Sequence[int], mode: str | None = None) -> RowPlan:
@@ -102,7 +104,7 @@ def plan_rows(row_slots: torch.Tensor | Sequence[int], mode: str | None = None) 
         short = short if len(short) >= 2 else {}
     looped = tuple(_segment(slot, rows) for slot, rows in groups.items() if slot not in short)
     padded = _padded(short) if short else None
-    return RowPlan(len(values), looped, padded, frozenset(groups))
+    return RowPlan(len(values), looped, padded, frozenset(groups), torch.tensor(values))
 
 
 def _segment(slot: int, rows: list[int]) -> Segment:
@@ -180,6 +182,19 @@ def add_lora_padded(out: torch.Tensor, x: torch.Tensor, stack: LayerStack, plan:
     out.index_add_(0, group.dest_rows, delta.to(out.dtype))
 
 
+def add_dora_gains(
+    out: torch.Tensor, stack: LayerStack, plan: RowPlan, bias: torch.Tensor | None
+) -> None:
+    """``out[i] += (f - 1)[slot[i]] * (out[i] - b)``: a DoRA slot's per-output scale of its rows'
+    base output (bias excluded); LoRA slots and rows without an adapter have gain 0. ``out``
+    (N, d) holds the base output; gathered gains (N, d)."""
+    none = stack.dora_gain.shape[0] - 1  # the all-zero row
+    row_slots = plan.row_slots.to(out.device)
+    gains = stack.dora_gain.index_select(0, torch.where(row_slots >= 0, row_slots, none))
+    base = out if bias is None else out - bias
+    out.addcmul_(base, gains.to(out.dtype))
+
+
 class BankRouter:
     """The ``row_router`` callable: each LoRA layer's rows get their slot's adapter from the bank."""
 
@@ -201,6 +216,8 @@ class BankRouter:
             )
         out = base_output.view(rows, base_output.shape[-1])  # shares storage: in-place adds
         flat_x = x.reshape(rows, x.shape[-1])
+        if stack.dora_slots & self.plan.slots:  # before the LoRA adds: it scales the base output
+            add_dora_gains(out, stack, self.plan, getattr(layer.base_layer, "bias", None))
         if self.plan.looped:
             add_lora_looped(out, flat_x, stack, self.plan)
         if self.plan.padded is not None and stack.present & self.plan.padded.slots:

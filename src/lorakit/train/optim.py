@@ -38,7 +38,7 @@ def parameter_groups(model: nn.Module) -> ParameterGroups:
     b_ids: set[int] = set()
     for _, layer in lora_layers(model):
         for adapter_name in layer.adapter_names:
-            lora_a, lora_b = layer.adapter_parameters(adapter_name)
+            lora_a, lora_b = layer.adapter_parameters(adapter_name)[:2]  # (DoRA: then m)
             a_ids.add(id(lora_a))
             b_ids.add(id(lora_b))
     groups = ParameterGroups([], [], [])

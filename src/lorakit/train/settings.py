@@ -79,6 +79,9 @@ class TrainSettings:
     )
     alpha: float = setting(32.0, "lora_alpha (scaling = alpha / r)")
     dropout: float = setting(0.05, "dropout on the LoRA input")
+    use_dora: bool = setting(
+        False, "DoRA: also train a magnitude per output feature (PEFT's use_dora=True)"
+    )
     max_length: int = setting(
         256,
         "maximum tokens per example: longer reviews (classification data) are shortened inside "
@@ -93,7 +96,7 @@ class TrainSettings:
             raise SettingError("max_length", f"must be an integer >= 2, got {self.max_length!r}")
 
     def lora_config(self):
-        """The ``LoraConfig`` of ``r``, ``alpha``, ``dropout`` and ``target_modules``.
+        """The ``LoraConfig`` of ``r``, ``alpha``, ``dropout``, ``use_dora`` and ``target_modules``.
         ``task_type`` CAUSAL_LM lets peft's ``AutoPeftModelForCausalLM`` open the adapter; the
         base is recorded as the user gave it (a built-in's name, not its cache path; a local
         directory as written)."""
@@ -104,6 +107,7 @@ class TrainSettings:
                 r=self.r,
                 lora_alpha=self.alpha,
                 lora_dropout=self.dropout,
+                use_dora=self.use_dora,
                 target_modules=self.target_modules,
                 task_type="CAUSAL_LM",
                 base_model_name_or_path=str(self.model),
