@@ -3,7 +3,7 @@
 SmolLM2-135M shapes (fewer layers), all-linear r=16 alpha=32 with non-zero B, fp32; a forward of
 batch 4 x 128 (prefill) and one-token forwards at batch 1 and 32 (the linear-layer shapes of a
 decode step; no KV cache, so every contender does the same work). Contenders: ``base`` (no
-adapters), ``lorakit`` / ``peft`` unmerged, ``lorakit-plain`` (``lorakit.fast.disabled()``),
+adapters), ``lorakit`` / ``peft`` unmerged, ``lorakit-plain`` (``lorakit.fast.plain_path()``),
 ``lorakit-merged`` / ``peft-merged``.
 
     python benchmarks/bench_inference.py [--quick] [--threads 2] [--layers 8] [--repeats 5]
@@ -34,7 +34,7 @@ def contenders(base):
         model.eval()
 
     def plain(ids):
-        with lorakit.fast.disabled():
+        with lorakit.fast.plain_path():
             return ours(input_ids=ids)
 
     return models, plain

@@ -2,7 +2,7 @@
 
 SmolLM2-135M shapes (fewer layers), all-linear r=16 alpha=32, batch 4 x 128, AdamW; settings
 fp32 with dropout 0.05 and 0.0, and a bf16 base with fp32 adapters (dropout 0.05). Contenders:
-``lorakit`` (fast path), ``lorakit-plain`` (``lorakit.fast.disabled()``), ``peft``, and
+``lorakit`` (fast path), ``lorakit-plain`` (``lorakit.fast.plain_path()``), ``peft``, and
 ``frozen`` (fully frozen model, ``inputs_embeds.requires_grad_()``, forward + backward: the floor
 of any LoRA step). Memory: bytes saved for backward (deterministic, each storage once, parameters
 left out; ``full-ft`` = full fine-tuning for scale) and the peak-RSS delta of a step.
@@ -65,7 +65,7 @@ def step_functions(base, ours, theirs, ids):
     lorakit_step = training_step(ours, ours_opt, input_ids=ids)
 
     def lorakit_plain():
-        with lorakit.fast.disabled():
+        with lorakit.fast.plain_path():
             lorakit_step()
 
     def frozen():
@@ -88,7 +88,7 @@ def memory(base, ours, theirs, ids, steps, repeats):
         return lambda: model(**inputs, labels=ids).loss
 
     def plain_forward():
-        with lorakit.fast.disabled():
+        with lorakit.fast.plain_path():
             return ours(input_ids=ids, labels=ids).loss
 
     def frozen_forward():

@@ -70,3 +70,37 @@ def jsonl(tmp_path_factory):
         )
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def adapter_files(tmp_path_factory):
+    """``(root, tokenizer)``: four adapters ad0..ad3 (q_proj, v_proj, r=2) under ``root/adapters``
+    for the in-process serving tests (tests/serving.py)."""
+    from tests import serving
+
+    return serving.write_adapters(tmp_path_factory.mktemp("served"))
+
+
+@pytest.fixture
+def tiny_builtin_model(monkeypatch, tmp_path):
+    """The built-in ``smollm2-135m-instruct`` converted into an empty cache (``$LORAKIT_CACHE``
+    in ``tmp_path``) as a tiny random Llama with the ChatML tokenizer, by a conversion that
+    reseeds and draws from torch's global RNG, as building a transformers model does. Yields
+    the list of conversions made (GGUF paths)."""
+    from lorakit import model_cache
+    from tests import tiny_tokenizer
+
+    conversions = []
+
+    def convert(gguf_path, target):
+        conversions.append(gguf_path)
+        tokenizer = tiny_tokenizer.build()
+
+        def write(directory):
+            tiny_models.save_llama_with_tokenizer(directory, tokenizer, seed=7)
+
+        model_cache.publish_directory(target, {"source": gguf_path.name}, write)
+
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(model_cache, "convert_gguf", convert)
+    return conversions

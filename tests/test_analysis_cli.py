@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lorakit.cli import main
 from tests import tiny_models
@@ -107,3 +108,52 @@ def test_readable_table_and_user_errors(model_dirs, capsys, tmp_path):
     assert code == 2 and "no linear layer differs" in err
     code, _, err = _run(capsys, [*argv, "--output", str(tmp_path / "x"), "--energy", "1.5"])
     assert code == 2 and "--energy" in err
+
+
+def test_analyze_and_extract_show_no_loading_bars(model_dirs, capsys, tmp_path):
+    from transformers.utils import logging as transformers_logging
+
+    base_dir, tuned_dir, _, _ = model_dirs
+    pair = ["--base", str(base_dir), "--finetuned", str(tuned_dir)]
+    code, _, err = _run(capsys, ["analyze", *pair])
+    assert code == 0 and "Loading weights" not in err and err == ""
+    code, _, err = _run(capsys, ["extract", *pair, "--output", str(tmp_path / "a"), "--rank", "2"])
+    assert code == 0 and "Loading weights" not in err and err == ""
+    assert transformers_logging.is_progress_bar_enabled()  # switched back on afterwards
+
+
+def test_extract_gives_the_adapter_size_in_binary_units(model_dirs, capsys, tmp_path):
+    base_dir, tuned_dir, _, _ = model_dirs
+    pair = ["--base", str(base_dir), "--finetuned", str(tuned_dir)]
+    code, out, _ = _run(capsys, ["extract", *pair, "--output", str(tmp_path / "a"), "--rank", "2"])
+    adapter = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    parameters = sum(t.numel() for t in tensors.values())
+    assert code == 0 and adapter["r"] == 2 and f"adapter: {parameters:,} parameters" in out
+    assert f"({4 * parameters / 1024:.1f} KiB in float32)" in out and " MB" not in out
+
+
+def test_analyze_help_shows_a_single_percent_sign(capsys):
+    with pytest.raises(SystemExit):
+        main(["analyze", "--help"])
+    out = capsys.readouterr().out
+    assert "90/99% energy" in " ".join(out.split()) and "%%" not in out
+
+
+def test_analyze_lists_layers_in_numeric_order(capsys, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    import lorakit
+    from lorakit.io import save_adapter
+
+    deep = LlamaForCausalLM(tiny_models.llama_config(num_hidden_layers=12))
+    lorakit.inject(deep, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    tiny_models.randomize_adapters(deep)
+    save_adapter(deep, tmp_path / "adapter")
+    code, out, _ = _run(capsys, ["analyze", str(tmp_path / "adapter"), "--json"])
+    assert code == 0
+    layers = [layer["layer"] for layer in json.loads(out)["layers"]]
+    assert layers == list(range(12))
+    code, out, _ = _run(capsys, ["analyze", str(tmp_path / "adapter")])
+    rows = [line.split()[0] for line in out.splitlines() if line.startswith("model.layers.")]
+    assert rows == [f"model.layers.{i}.self_attn.q_proj" for i in range(12)]

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lorakit
@@ -125,3 +126,63 @@ def test_only_near_ties_may_flip_in_the_merge_check():
 def test_demo_bad_flag_is_one_line(capsys):
     assert cli.main(["demo", "--eval-size", "0"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_same_seed_same_result_whether_or_not_the_model_was_in_the_cache(
+    tmp_path, capsys, tiny_builtin_model
+):
+    """The first run converts the built-in model (drawing random numbers), the second reads it
+    from the cache: the same accuracies, losses and adapter weights."""
+    from lorakit.demo import run_demo
+    from lorakit.models import DEFAULT_MODEL
+
+    summaries, adapters = [], []
+    for run in ("converted", "cached"):
+        settings = _settings(tmp_path / run, DEFAULT_MODEL, steps=3, lr=1e-2)
+        summaries.append(run_demo(settings))
+        adapters.append(
+            load_file(tmp_path / run / "demo" / "adapter" / "adapter_model.safetensors")
+        )
+    assert len(tiny_builtin_model) == 1  # converted once, then read from the cache
+    numbers = (
+        "zero_shot_accuracy",
+        "fine_tuned_accuracy",
+        "final_train_loss",
+        "trainable_parameters",
+    )
+    first, second = ({key: summary[key] for key in numbers} for summary in summaries)
+    assert first == second and first["trainable_parameters"] == 29_696
+    assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) == 28
+    for key, tensor in adapters[0].items():
+        assert torch.equal(adapters[1][key], tensor), key
+
+
+def test_the_summary_gives_sizes_in_binary_units():
+    from lorakit.demo import summary_lines
+
+    summary = {
+        "held_out_reviews": 200, "model": "m", "zero_shot_accuracy": 0.675, "steps": 60,
+        "training_reviews": 480, "fine_tuned_accuracy": 0.805, "accuracy_gain_points": 13.0,
+        "trainable_parameters": 4_884_480, "adapter_bytes": 19_696_256,
+        "base_model_bytes": 538_090_408, "adapter_percent_of_base": 3.66,
+        "merged_predictions_agree": 200, "merged_max_abs_logprob_difference": 3e-5,
+        "merged_disagreements_at_near_ties": 0, "adapter_dir": "a", "loss_curve": "c",
+        "seconds": 219.0,
+    }  # fmt: skip
+    line = summary_lines(summary)[3]
+    # the real demo's files: 19,696,256 and 538,090,408 bytes
+    assert line == "  adapter: 4,884,480 parameters, 18.8 MiB vs base model 513.2 MiB (3.66%)"
+
+
+def test_demo_options_are_its_settings_fields(monkeypatch, capsys):
+    import lorakit.demo
+    from lorakit.demo import DemoSettings
+
+    given = []
+    monkeypatch.setattr(lorakit.demo, "run_demo", given.append)
+    argv = ["demo", "--steps", "5", "--no-progress", "--style", "plain", "--output", "o"]
+    assert cli.main(argv) == 0
+    assert given == [DemoSettings(output="o", steps=5, style="plain", progress=False)]
+    assert cli.main(["demo"]) == 0 and given[1] == DemoSettings()
+    assert cli.main(["demo", "--lr", "0"]) == 2
+    assert capsys.readouterr().err == "lorakit: error: --lr must be > 0, got 0.0\n"

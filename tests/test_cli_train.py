@@ -210,7 +210,7 @@ def test_yaml_numbers_written_without_a_dot_are_numbers(tmp_path):
     """YAML 1.1 (PyYAML) reads ``2e-4`` as a string; the config file still means 0.0002."""
     config = tmp_path / "run.yaml"
     config.write_text("data: x.jsonl\nlr: 2e-4\nr: '8'\nalpha: 16\nsteps: 3\n")
-    from lorakit.train.cli_options import load_config_file
+    from lorakit.train.settings import load_config_file
 
     loaded = load_config_file(config)
     assert loaded["lr"] == 2e-4 and isinstance(loaded["lr"], float)
@@ -327,3 +327,172 @@ def test_every_option_of_every_command_has_help_with_one_default():
             text = formatter._expand_help(action)
             assert len(text.strip()) > 10, where
             assert text.lower().count("default") <= 1 and "None" not in text, (where, text)
+
+
+def test_a_second_run_into_the_same_output_is_refused_until_overwrite(
+    tmp_path, capsys, model_dir, jsonl
+):
+    argv = ["train", "--model", model_dir, "--data", jsonl, "--output", tmp_path / "o",
+            "--batch-size", "4", "--r", "2", "--no-progress"]  # fmt: skip
+    assert _main(capsys, *argv, "--steps", "3", "--checkpoint-every", "3")[0] == 0
+    code, _, err = _main(capsys, *argv, "--steps", "2")
+    assert code == 2 and err.count("\n") == 1
+    assert "holds a previous training run (adapter/, checkpoints/, metrics.jsonl)" in err
+    code, _, err = _main(capsys, *argv, "--steps", "2", "--resume", "--overwrite")
+    assert code == 2 and "give one" in err
+    code, out, _ = _main(capsys, *argv, "--steps", "2", "--overwrite")
+    assert code == 0 and json.loads(out.splitlines()[0])["steps"] == 2
+    records = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").open()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]  # no zig-zag: the old run is gone
+    assert not (tmp_path / "o" / "checkpoints").exists()
+    assert json.loads((tmp_path / "o" / "train_settings.json").read_text())["steps"] == 2
+
+
+def test_train_gives_the_same_adapter_whether_or_not_the_model_was_in_the_cache(
+    tmp_path, capsys, jsonl, tiny_builtin_model
+):
+    from safetensors.torch import load_file
+
+    adapters = []
+    for run in ("converted", "cached"):
+        code, _, _ = _main(capsys, "train", "--data", jsonl, "--output", tmp_path / run,
+                           "--steps", "2", "--batch-size", "4", "--r", "2", "--no-progress")  # fmt: skip
+        assert code == 0
+        adapters.append(load_file(tmp_path / run / "adapter" / "adapter_model.safetensors"))
+    assert len(tiny_builtin_model) == 1  # converted once, then read from the cache
+    assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) == 28
+    for key, tensor in adapters[0].items():
+        assert torch.equal(adapters[1][key], tensor), key
+
+
+def test_allowed_base_mismatch_is_one_notice_saying_the_check_was_overridden(
+    tmp_path, capsys, model_dir, jsonl, trained
+):
+    import warnings
+
+    other = tmp_path / "other-llama"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.add_(0.01)
+    model.save_pretrained(other)
+    tiny_tokenizer.build().save_pretrained(other)
+    capsys.readouterr()  # the bar of the save just above
+    argv = ["--model", other, "--adapter", trained / "adapter", "--allow-base-mismatch"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, out, err = _main(capsys, "eval", *argv, "--data", jsonl)
+    assert code == 0 and json.loads(out)["examples"] == 24
+    assert [str(w.message) for w in caught] == []  # no raw Python warning with a file path
+    (line,) = err.splitlines()
+    assert line.startswith(f"lorakit: warning: adapter {trained / 'adapter'} was trained on ")
+    assert "module 'model.layers.0.self_attn.q_proj'" in line
+    assert line.endswith("loaded anyway: --allow-base-mismatch overrode the check")
+    assert "allow_base_mismatch=True" not in line and ".py:" not in line
+    # the Python API says the same with its own spelling
+    with pytest.warns(UserWarning) as recorded:
+        load_adapter(AutoModelForCausalLM.from_pretrained(other), trained / "adapter",
+                     allow_base_mismatch=True)  # fmt: skip
+    (message,) = [str(w.message) for w in recorded if "base weights" in str(w.message)]
+    assert message.endswith("loaded anyway: allow_base_mismatch=True overrode the check")
+    assert "pass allow_base_mismatch" not in message
+
+
+def test_merge_shows_no_progress_bars(tmp_path, capsys, model_dir, trained):
+    code, out, err = _main(capsys, "merge", "--model", model_dir, "--adapter",
+                           trained / "adapter", "--output", tmp_path / "merged")  # fmt: skip
+    assert code == 0 and out == f"merged model saved to {tmp_path / 'merged'}\n"
+    assert err == ""  # neither "Loading weights" nor "Writing model shards"
+
+
+def test_version(capsys):
+    import lorakit
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"lorakit {lorakit.__version__}\n"
+
+
+def test_argument_errors_name_the_command_once(capsys):
+    code, _, err = _main(capsys, "train", "--r", "abc")
+    assert code == 2 and "lorakit: error: lorakit" not in err
+    assert err == (
+        "lorakit: error: train: argument --r/--rank: invalid int value: 'abc' "
+        "(see 'lorakit train --help')\n"
+    )
+    code, _, err = _main(capsys, "nosuch")
+    assert code == 2 and err.startswith(
+        "lorakit: error: argument COMMAND: invalid choice: 'nosuch'"
+    )
+    assert err.endswith("(see 'lorakit --help')\n")
+
+
+def test_no_help_text_shows_a_doubled_percent_sign():
+    import argparse
+
+    commands = next(
+        a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    for name, command in commands.choices.items():
+        assert "%%" not in command.format_help(), name
+
+
+def test_train_prints_a_summary_and_counts_the_shortened_examples(
+    tmp_path, capsys, model_dir, jsonl
+):
+    argv = ["train", "--model", model_dir, "--data", jsonl, "--steps", "3", "--batch-size", "4",
+            "--r", "2", "--target-modules", "q_proj,v_proj", "--no-progress"]  # fmt: skip
+    code, _, err = _main(capsys, *argv, "--output", tmp_path / "long")
+    # r (in + out) per module, 2 layers: q_proj 64 -> 64, v_proj 64 -> 32 (2 KV heads of 16)
+    trainable = 2 * (2 * (64 + 64) + 2 * (64 + 32))
+    total = trainable + sum(
+        p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters()
+    )
+    capsys.readouterr()
+    assert code == 0 and err.splitlines() == [
+        f"lorakit: training on 24 examples, 3 optimizer steps of 4 examples, {trainable:,} "
+        f"trainable parameters ({100 * trainable / total:.2f}% of {total:,})"
+    ]
+    code, _, err = _main(capsys, *argv, "--output", tmp_path / "short", "--max-length", "6")
+    assert code == 0 and err.splitlines()[0] == (
+        "lorakit: warning: 24 of 24 training examples are longer than --max-length 6 tokens and "
+        "were shortened; raise --max-length to train on them whole"
+    )
+
+
+def test_every_train_option_is_a_settings_field_spelled_once(tmp_path):
+    """The parser's options are exactly the ``setting`` fields of TrainSettings and
+    TrainingConfig; a flag's value reaches its field, aliases included."""
+    import argparse
+    from dataclasses import fields
+
+    from lorakit.train.config import TrainingConfig
+    from lorakit.train.settings import (
+        TrainSettings,
+        build_settings,
+        merged_values,
+        option_fields,
+        setting_key,
+    )
+
+    commands = next(
+        a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    parser = commands.choices["train"]
+    flags = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
+    assert set(flags) - {"-h", "--config"} == {
+        f.metadata.get("flag") or "--" + f.name.replace("_", "-") for f in option_fields()
+    }
+    assert flags["--r"].option_strings == ["--r", "--rank"]
+    assert {f.name for f in option_fields()} >= {f.name for f in fields(TrainSettings)}
+    assert "warmup_steps" not in {f.name for f in option_fields()}  # not every field is a flag
+    argv = ["--data", "d.jsonl", "--rank", "4", "--steps", "7", "--output", str(tmp_path / "o"),
+            "--no-progress", "--gradient-checkpointing", "--lr", "0.01"]  # fmt: skip
+    values = merged_values(None, vars(parser.parse_args(argv)))
+    assert {setting_key(f) for f in option_fields()} == set(values)
+    job, training = build_settings(values)
+    assert (job.r, job.data, job.target_modules) == (4, "d.jsonl", "all-linear")
+    assert training == TrainingConfig(
+        output_dir=str(tmp_path / "o"), max_steps=7, lr=0.01, progress=False,
+        gradient_checkpointing=True,
+    )  # fmt: skip

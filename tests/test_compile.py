@@ -4,6 +4,9 @@ fuses itself; the eager fast path is skipped while tracing)."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import pytest
 import torch
 import torch._dynamo
@@ -77,3 +80,94 @@ def test_tiny_model_compiles_forward_and_backward():
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(layer)(torch.randn(2, 8, 64, requires_grad=True))
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def _two_adapter_llama() -> nn.Module:
+    model = tiny_models.llama()
+    config = lorakit.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    lorakit.inject(model, config)
+    lorakit.inject(model, config.replace(r=2), "b", activate=False)
+    tiny_models.randomize_adapters(model, std=0.3)
+    return model
+
+
+def _assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
+    # compiled runs take the plain path, eager inference the fused one: same values, not bits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_model_follows_disabled_and_use_adapters():
+    """The per-call choice is an input of the compiled graph (guarded), not baked in."""
+    model = _two_adapter_llama()
+    ids = tiny_models.input_ids()
+    with torch.no_grad():
+        active_out = model(input_ids=ids).logits
+        with lorakit.disabled(model):
+            base_out = model(input_ids=ids).logits
+        with lorakit.use_adapters(model, ["b"]):
+            b_out = model(input_ids=ids).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager")
+        _assert_same(compiled(input_ids=ids).logits, active_out)
+        with lorakit.disabled(model):
+            _assert_same(compiled(input_ids=ids).logits, base_out)
+        with lorakit.use_adapters(model, ["b"]):
+            _assert_same(compiled(input_ids=ids).logits, b_out)
+        _assert_same(compiled(input_ids=ids).logits, active_out)
+    assert not torch.equal(base_out, active_out) and not torch.equal(b_out, active_out)
+
+
+def test_compiled_model_follows_disabled_while_merged():
+    model = _two_adapter_llama()
+    ids = tiny_models.input_ids()
+    with torch.no_grad():
+        with lorakit.disabled(model):
+            base_out = model(input_ids=ids).logits
+        lorakit.merge(model)
+        merged_out = model(input_ids=ids).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager")
+        _assert_same(compiled(input_ids=ids).logits, merged_out)
+        with lorakit.disabled(model):
+            _assert_same(compiled(input_ids=ids).logits, base_out)
+
+
+def test_compiled_choice_stays_in_its_thread_and_task():
+    """Per thread through the guarded record; blocks of two asyncio tasks interleaved on one
+    thread make compiled code read each task's own choice (outside the graph)."""
+    model = _two_adapter_llama()
+    ids = tiny_models.input_ids()
+    with torch.no_grad():
+        active_out = model(input_ids=ids).logits
+        with lorakit.use_adapters(model, ["b"]):
+            b_out = model(input_ids=ids).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager")
+        seen = {}
+        with lorakit.use_adapters(model, ["b"]):
+            worker = threading.Thread(
+                target=lambda: seen.update(other=compiled(input_ids=ids).logits)
+            )
+            worker.start()
+            worker.join()
+            seen["this"] = compiled(input_ids=ids).logits
+        _assert_same(seen["other"], active_out)
+        _assert_same(seen["this"], b_out)
+
+        async def run(names, entered, other_entered):
+            with lorakit.use_adapters(model, names):
+                entered.set()
+                await other_entered.wait()  # both blocks open: the tasks interleave
+                return compiled(input_ids=ids).logits
+
+        async def both():
+            first, second = asyncio.Event(), asyncio.Event()
+            return await asyncio.gather(run(["b"], first, second), run([], second, first))
+
+        in_b, in_base = asyncio.run(both())
+        _assert_same(in_b, b_out)
+        with lorakit.disabled(model):
+            _assert_same(in_base, model(input_ids=ids).logits)
+        _assert_same(compiled(input_ids=ids).logits, active_out)

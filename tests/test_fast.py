@@ -4,6 +4,8 @@ gradcheck, the plain formula in float64 with the same dropout mask, the unfused 
 
 from __future__ import annotations
 
+import threading
+
 import peft
 import pytest
 import torch
@@ -100,7 +102,7 @@ def test_fp32_equals_unfused_path(grad_enabled):
     params = [x, layer.base_layer.bias, *layer.adapter_parameters("default")]
     with torch.set_grad_enabled(grad_enabled):
         out = layer(x)
-        with fast.disabled():
+        with fast.plain_path():
             plain = layer(x)
     assert (type(out.grad_fn).__name__ == "FusedLoraLinearBackward") == grad_enabled
     assert (out - plain).abs().max() <= 1e-6 * plain.abs().max()
@@ -148,7 +150,7 @@ def test_dropout_rate_independence_and_expectation():
     torch.manual_seed(5)
     with torch.no_grad():
         fused = torch.stack([layer(x) for _ in range(300)])
-        with fast.disabled():
+        with fast.plain_path():
             plain = torch.stack([layer(x) for _ in range(300)])
         exact = layer.eval()(x)
     spread = plain.std(0).mean()
@@ -235,10 +237,24 @@ def test_falls_back_to_the_plain_path_where_it_cannot_apply():
     assert type(out.grad_fn).__name__ != "FusedLoraLinearBackward"
     with torch.no_grad():  # inference takes every active adapter in one fused pass
         fused = layer(x)
-        with fast.disabled():
+        with fast.plain_path():
             plain = layer(x)
     assert (fused - plain).abs().max() <= 1e-6 * plain.abs().max()
     torch.testing.assert_close(out.detach(), plain, rtol=1e-6, atol=1e-6)
+
+
+def test_plain_path_holds_only_in_its_block_and_its_thread():
+    layer = _layer()
+    x = torch.randn(2, 12, requires_grad=True)
+    seen = {}
+    with fast.plain_path():
+        worker = threading.Thread(target=lambda: seen.update(other=_grad_fn_name(layer, x)))
+        worker.start()
+        worker.join()
+        seen["inside"] = _grad_fn_name(layer, x)
+    assert seen == {"other": "FusedLoraLinearBackward", "inside": "AddBackward0"}
+    assert _grad_fn_name(layer, x) == "FusedLoraLinearBackward"
+    assert not hasattr(fast, "disabled") and not hasattr(fast, "is_enabled")
 
 
 def test_conv1d_layout_and_embedding_untouched():
@@ -252,7 +268,7 @@ def test_conv1d_layout_and_embedding_untouched():
     model.train()
     loss = model(ids, labels=ids).loss
     grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
-    with fast.disabled():
+    with fast.plain_path():
         loss_plain = model(ids, labels=ids).loss
         plain = torch.autograd.grad(loss_plain, [p for p in model.parameters() if p.requires_grad])
     assert abs(loss.item() - loss_plain.item()) <= 1e-6 * abs(loss_plain.item())
@@ -260,7 +276,7 @@ def test_conv1d_layout_and_embedding_untouched():
         assert (g - w).abs().max() <= 1e-5 * w.abs().max()
     with torch.no_grad():  # embedding: plain branch added in place; Conv1D: fused inference
         logits = model.eval()(ids).logits
-        with fast.disabled():
+        with fast.plain_path():
             plain_logits = model(ids).logits
         with lorakit.disabled(model):
             base_logits = model(ids).logits

@@ -56,7 +56,7 @@ def test_same_shapes_different_weights_is_refused_naming_module_and_override(tmp
     assert not lorakit.adapter_configs(other)
     assert before.keys() == other.state_dict().keys()
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
-    with pytest.warns(UserWarning, match="Loading anyway"):
+    with pytest.warns(UserWarning, match="loaded anyway"):
         load_adapter(other, tmp_path, allow_base_mismatch=True)
     assert lorakit.active_adapters(other) == ("default",)
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
-import struct
 import warnings
 
 import peft
@@ -17,6 +15,7 @@ from lorakit.cli import main
 from lorakit.io import save_adapter
 from lorakit.io.summary import summarize_adapter
 from tests import tiny_models
+from tests.bad_adapters import write_header_only_file
 
 
 @pytest.fixture
@@ -115,30 +114,11 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys) -> None:
     assert "never unpickles" in capsys.readouterr().err
 
 
-def _write_header_only_file(path, tensors: dict, metadata: dict) -> int:
-    """A safetensors file whose data region is a hole (sparse): header real, tensors zeros."""
-    entries, offset = {"__metadata__": metadata}, 0
-    for name, shape in tensors.items():
-        size = 4 * math.prod(shape)
-        entries[name] = {
-            "dtype": "F32",
-            "shape": list(shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    header = json.dumps(entries).encode()
-    header += b" " * (-len(header) % 8)
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(header)) + header)
-        handle.truncate(8 + len(header) + offset)
-    return 8 + len(header) + offset
-
-
 def test_a_4_gib_adapter_is_summarised_from_its_header_alone(tmp_path, monkeypatch) -> None:
     """r=64 on a (2**24 x 8192) matrix: 4 GiB of factors that inspect must never read."""
     d, k, r = 2**24, 8192, 64
     prefix = "base_model.model.model.layers.0.mlp.down_proj"
-    size = _write_header_only_file(
+    size = write_header_only_file(
         tmp_path / "adapter_model.safetensors",
         {f"{prefix}.lora_A.weight": (r, k), f"{prefix}.lora_B.weight": (d, r)},
         {"format": "pt"},
@@ -164,7 +144,7 @@ def test_text_output_names_the_base_model(tmp_path, capsys) -> None:
 
 
 def test_a_file_missing_one_factor_is_one_line_naming_the_module(tmp_path, capsys) -> None:
-    _write_header_only_file(
+    write_header_only_file(
         tmp_path / "adapter_model.safetensors",
         {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": (2, 64)},
         {"format": "pt"},

@@ -3,6 +3,9 @@ however many cycles (PEFT drifts to 2.45e-2 after 100 bf16 cycles)."""
 
 from __future__ import annotations
 
+import sys
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -170,3 +173,58 @@ def test_unmerge_restores_the_tie() -> None:
 def test_merge_on_a_model_without_adapters_says_so() -> None:
     with pytest.raises(ValueError, match="has no lorakit adapters"):
         lorakit.merge(tiny_models.llama())
+
+
+def test_merge_and_unmerge_while_other_threads_run_the_model_give_no_torn_output() -> None:
+    """Each layer reads its merge state once per forward, so a forward that runs during a
+    merge or unmerge computes every layer as merged or as unmerged, never the delta twice or not
+    at all: its output equals the (merged = unmerged) reference whatever it saw."""
+    model = lorakit.inject(tiny_models.llama(), CONFIG)
+    tiny_models.randomize_adapters(model, std=0.2)
+    ids = tiny_models.input_ids(batch=1, length=4)
+    with torch.no_grad():
+        with lorakit.disabled(model):
+            base = model(input_ids=ids).logits
+        reference = model(input_ids=ids).logits
+    assert (reference - base).abs().max() > 0.1  # a missing or doubled delta shows
+    outputs: list[torch.Tensor] = []
+
+    def reader() -> None:
+        with torch.no_grad():
+            for _ in range(60):
+                outputs.append(model(input_ids=ids).logits)
+
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, inside forwards and merges
+    try:
+        readers = [threading.Thread(target=reader) for _ in range(2)]
+        for thread in readers:
+            thread.start()
+        while any(thread.is_alive() for thread in readers):
+            lorakit.merge(model)
+            lorakit.unmerge(model)
+        for thread in readers:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switch_interval)
+    errors = [(out - reference).abs().max().item() for out in outputs]
+    torn = [error for error in errors if error > 1e-4]
+    assert len(outputs) == 120 and not torn, f"{len(torn)} of 120 outputs torn: {torn[:5]}"
+
+
+def test_a_call_choosing_other_adapters_than_the_merged_ones_adds_them_to_the_original() -> None:
+    model = lorakit.inject(tiny_models.llama(), CONFIG)
+    lorakit.inject(model, CONFIG, "second", activate=False)
+    tiny_models.randomize_adapters(model, std=0.2)
+    ids = tiny_models.input_ids()
+    with torch.no_grad():
+        with lorakit.use_adapters(model, ["default", "second"]):
+            both = model(input_ids=ids).logits
+        with lorakit.use_adapters(model, ["second"]):
+            second = model(input_ids=ids).logits
+        lorakit.merge(model, ["default"])
+        with lorakit.use_adapters(model, ["default", "second"]):
+            torch.testing.assert_close(model(input_ids=ids).logits, both, rtol=1e-5, atol=1e-5)
+        with lorakit.use_adapters(model, ["second"]):
+            torch.testing.assert_close(model(input_ids=ids).logits, second, rtol=1e-5, atol=1e-5)
+    assert (both - second).abs().max() > 1e-2

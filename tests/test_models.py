@@ -257,3 +257,64 @@ def test_two_racing_processes_convert_once(tmp_path: Path) -> None:
         ".smollm2-135m-instruct.lock",
         "smollm2-135m-instruct",
     ]
+
+
+def _read_gguf_as_tiny_llama(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers' GGUF reading replaced by a tiny random Llama (seeded, so reading it moves
+    torch's global RNG) and the tiny ChatML tokenizer; the rest of convert_gguf runs for real."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    real_model, real_tokenizer = AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
+
+    def model_from_pretrained(*args, **kwargs):
+        if "gguf_file" not in kwargs:
+            return real_model(*args, **kwargs)
+        torch.manual_seed(7)
+        config = tiny_models.llama_config(vocab_size=len(tiny_tokenizer.build()))
+        return LlamaForCausalLM(config)
+
+    def tokenizer_from_pretrained(*args, **kwargs):
+        return tiny_tokenizer.build() if "gguf_file" in kwargs else real_tokenizer(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", model_from_pretrained)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", tokenizer_from_pretrained)
+
+
+def _load_then_train_one_step(output: Path) -> tuple[dict, torch.Tensor, dict]:
+    """Seed 0, load the built-in model, note the RNG state, inject LoRA, one training step:
+    (base weights, RNG state after the load, adapter weights after the step)."""
+    import lorakit
+    from lorakit.train import TrainingConfig, pad_collate, train
+
+    torch.manual_seed(0)
+    model, _ = models.load_model("smollm2-135m-instruct", progress=False)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    rng_after_load = torch.get_rng_state()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, lora_dropout=0.1, target_modules=["q_proj"]))
+    examples = [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]}] * 4
+    config = TrainingConfig(output_dir=str(output), max_steps=1, batch_size=4, progress=False,
+                            plot=False, lr=1e-2)  # fmt: skip
+    train(model, examples, pad_collate(0), config)
+    adapter = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    return base, rng_after_load, adapter
+
+
+def test_converting_in_process_gives_what_the_cache_gives(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Same seed, same result whether the built-in model was converted in this process or read
+    from the cache: identical weights, RNG state and first training step (the conversion
+    draws random numbers, which must not show)."""
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    _read_gguf_as_tiny_llama(monkeypatch)
+    converted = _load_then_train_one_step(tmp_path / "first")
+    assert models.resolve_model("smollm2-135m-instruct").parent == tmp_path / "cache" / "models"
+    cached = _load_then_train_one_step(tmp_path / "second")
+    for first, second in zip(converted, cached, strict=True):
+        if isinstance(first, torch.Tensor):
+            assert torch.equal(first, second)
+            continue
+        assert first.keys() == second.keys()
+        for key in first:
+            assert torch.equal(first[key], second[key]), key
+    assert all(k.endswith((".lora_A.default.weight", ".lora_B.default.weight")) for k in cached[2])

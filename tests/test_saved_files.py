@@ -60,23 +60,6 @@ def test_atomic_writes_leave_no_probe_or_temporary_files(tmp_path):
     assert (tmp_path / "a").read_bytes() == b"1" and (tmp_path / "b").read_bytes() == b"2"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny Llama + tokenizer saved as a plain transformers directory."""
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    tiny_models.save_llama_with_tokenizer(directory, tiny_tokenizer.build())
-    return directory
-
-
-@pytest.fixture(scope="module")
-def jsonl(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "d.jsonl"
-    rows = [{"prompt": f"Review: {w} film\nSentiment:", "completion": f" {a}"}
-            for w, a in [("good", "positive"), ("bad", "negative")] * 4]  # fmt: skip
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
 def _train(model_spec, data, output) -> dict:
     code = cli.main(["train", "--model", str(model_spec), "--data", str(data), "--output",
                      str(output), "--steps", "2", "--batch-size", "4", "--r", "2",

@@ -2,7 +2,7 @@
 tokenized (and tokenized off the event loop), tiny temperatures, clients that leave, a bounded
 waiting queue, and connection timeouts on a real uvicorn.
 
-Most tests run the app in process (``Served`` from test_serve_robustness: a tiny random Llama,
+Most tests run the app in process (``Served`` from tests/serving.py: a tiny random Llama,
 four PEFT adapters on disk, ``max_prompt_tokens=40``)."""
 
 from __future__ import annotations
@@ -21,16 +21,14 @@ from lorakit.serve.app import ServerSettings, create_app
 from lorakit.serve.connections import ConnectionLimits
 from lorakit.serve.engine import Engine
 from lorakit.serve.prompts import max_prompt_chars
-from tests import test_serve_robustness as robust
-from tests.test_serve_robustness import assert_error, completion
-from tests.test_serve_server import free_port
+from tests import serving
+from tests.serving import assert_error, completion, free_port
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-files = robust.files  # (the module-scoped fixture: four adapters on disk)
 
 
-class Limited(robust.Served):
-    """``robust.Served`` with an engine whose waiting queue holds ``max_waiting`` at most."""
+class Limited(serving.Served):
+    """``serving.Served`` with an engine whose waiting queue holds ``max_waiting`` at most."""
 
     def __init__(self, root, tokenizer, *, max_waiting: int | None = None) -> None:
         super().__init__(root, tokenizer)
@@ -43,8 +41,8 @@ class Limited(robust.Served):
             max_waiting=max_waiting,
         )
         settings = ServerSettings(
-            model_name=robust.BASE,
-            admin_token=robust.TOKEN,
+            model_name=serving.BASE,
+            admin_token=serving.TOKEN,
             max_prompt_tokens=40,
             max_tokens_limit=24,
             max_positions=128,
@@ -54,8 +52,8 @@ class Limited(robust.Served):
 
 
 @pytest.fixture
-def served(files):
-    served = Limited(*files, max_waiting=2)
+def served(adapter_files):
+    served = Limited(*adapter_files, max_waiting=2)
     with served.client:  # runs the lifespan: starts and stops the engine
         yield served
 
@@ -215,21 +213,21 @@ def test_a_client_that_leaves_cancels_its_request(served, monkeypatch, stream):
         accepted.append(request.id)
         if len(accepted) == 1:
             generating.set()
-            robust.wait_until(lambda: request.cancelled)  # the client's disconnect did this
+            serving.wait_until(lambda: request.cancelled)  # the client's disconnect did this
         accept(request, logits)
 
     monkeypatch.setattr(engine, "_accept", gated_accept)
     before = engine.stats.cancelled
     body = completion(model="ad1", max_tokens=24, stream=stream)
     sent = post_then_leave(served, body, when_generating=generating)
-    robust.wait_until(lambda: engine.stats.cancelled == before + 1)  # (else: never cancelled)
-    robust.wait_until(lambda: engine.load == (0, 0))
+    serving.wait_until(lambda: engine.stats.cancelled == before + 1)  # (else: never cancelled)
+    serving.wait_until(lambda: engine.load == (0, 0))
     assert len(accepted) == 1  # one token (the prefill's) of the 24 asked
     if not stream:  # (an answer for nobody: the request ended "cancelled")
         assert sent[0]["status"] == 503
     monkeypatch.undo()
     # its adapter slot was released: unloading ad1 is not refused as "in use"
-    unload = served.post("/v1/unload_lora_adapter", {"lora_name": "ad1"}, robust.AUTH)
+    unload = served.post("/v1/unload_lora_adapter", {"lora_name": "ad1"}, serving.AUTH)
     assert unload.status_code == 200, unload.text
     assert served.client.get("/health").json()["cancelled_requests"] == before + 1
 
@@ -240,11 +238,11 @@ def test_a_full_waiting_queue_is_a_429_with_retry_after(served):
     def ask() -> None:
         answers.append(served.post("/v1/completions", completion()))
 
-    with robust.engine_held(served.engine):  # the engine thread is busy: requests queue up
+    with serving.engine_held(served.engine):  # the engine thread is busy: requests queue up
         askers = [threading.Thread(target=ask) for _ in range(2)]
         for asker in askers:
             asker.start()
-        robust.wait_until(lambda: served.engine.load == (0, 2))  # max_waiting=2: full
+        serving.wait_until(lambda: served.engine.load == (0, 2))  # max_waiting=2: full
         response = served.post("/v1/completions", completion(stream=True))
         error = assert_error(response, 429, None, "2 requests are already waiting", "retry")
         assert error["type"] == "server_busy" and error["code"] == "queue_full"
@@ -260,7 +258,7 @@ def test_cancelled_requests_leave_a_full_queue_at_once(served):
     from lorakit.serve.sampling import SamplingParams
 
     events = []
-    with robust.engine_held(served.engine):
+    with serving.engine_held(served.engine):
         handles = [
             served.engine.submit([5, 6], "ad0", SamplingParams(max_tokens=2), events.append)
             for _ in range(2)
@@ -270,7 +268,7 @@ def test_cancelled_requests_leave_a_full_queue_at_once(served):
         # the queue holds two cancelled requests: they do not count against max_waiting=2
         assert served.engine.load == (0, 2)
         third = served.engine.submit([5, 6], "ad0", SamplingParams(max_tokens=2), events.append)
-    robust.wait_until(lambda: len([e for e in events if e.finish_reason]) == 3)
+    serving.wait_until(lambda: len([e for e in events if e.finish_reason]) == 3)
     assert sorted(e.finish_reason for e in events if e.finish_reason) == [
         "cancelled",
         "cancelled",
@@ -303,7 +301,7 @@ def limited_server():
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    robust.wait_until(lambda: server.started)
+    serving.wait_until(lambda: server.started)
     yield port
     server.should_exit = True
     thread.join(timeout=10)

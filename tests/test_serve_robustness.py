@@ -7,139 +7,36 @@ on a tiny random Llama with the tiny ChatML tokenizer and four PEFT-format adapt
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import threading
-import time
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
-from transformers import LlamaForCausalLM
 
 import lorakit
-from lorakit.io import save_adapter
-from lorakit.serve import AdapterBank, prepare_for_serving
-from lorakit.serve.app import ServerSettings, create_app
-from lorakit.serve.engine import Engine
-from lorakit.serve.registry import AdapterRegistry, ServedAdapters
 from lorakit.serve.sampling import SamplingParams
-from tests import tiny_models, tiny_tokenizer
+from tests import tiny_tokenizer
 from tests.locks import lock_is_free_for_others
-
-TOKEN = "admin-secret"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-BASE = "base"
-
+from tests.serving import (
+    AUTH,
+    BASE,
+    TOKEN,
+    Served,
+    assert_error,
+    completion,
+    engine_held,
+    wait_until,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def base_model(tokenizer) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = tiny_models.llama_config(
-        vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """Four adapters ad0..ad3 (q_proj, v_proj, r=2) saved under ``root/adapters``."""
-    root = tmp_path_factory.mktemp("robust")
-    tokenizer = tiny_tokenizer.build()
-    reference = base_model(tokenizer)
-    for index in range(4):
-        config = lorakit.LoraConfig(r=2, lora_alpha=4 + index, target_modules=["q_proj", "v_proj"])
-        lorakit.inject(reference, config, adapter_name=f"ad{index}")
-    tiny_models.randomize_adapters(reference, std=0.3)
-    for index in range(4):
-        save_adapter(reference, root / "adapters", f"ad{index}")
-    return root, tokenizer
-
-
-class Served:
-    """One app over a fresh model, bank (2 slots), engine and registry; ``client`` is live."""
-
-    def __init__(self, root, tokenizer) -> None:
-        self.root, self.tokenizer = root, tokenizer
-        model = base_model(tokenizer)
-        prepare_for_serving(model, ["q_proj", "v_proj"])
-        self.bank = AdapterBank(model, max_rank=4, capacity=2)
-        self.adapters = ServedAdapters(self.bank, AdapterRegistry(root / "adapters"), model)
-        self.engine = Engine(
-            model, self.bank, tokenizer, max_batch=4, adapter_loader=self.adapters.read
-        )
-        settings = ServerSettings(
-            model_name=BASE,
-            admin_token=TOKEN,
-            max_prompt_tokens=40,
-            max_tokens_limit=24,
-            max_positions=128,
-        )
-        self.app = create_app(self.engine, self.adapters, tokenizer, settings)
-        self.client = TestClient(self.app)
-
-    def post(self, path: str, body, headers=None):
-        if isinstance(body, bytes):
-            return self.client.post(path, content=body, headers=headers)
-        return self.client.post(path, json=body, headers=headers)
-
-    def model_ids(self) -> list[str]:
-        return [card["id"] for card in self.client.get("/v1/models").json()["data"]]
-
-
 @pytest.fixture
-def served(files):
-    served = Served(*files)
+def served(adapter_files):
+    served = Served(*adapter_files)
     with served.client:  # runs the lifespan: starts and stops the engine
         yield served
-
-
-def assert_error(response, status: int, param: str | None, *words: str) -> dict:
-    """An OpenAI error object with ``status``, ``param`` and a message holding ``words``."""
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["param"] == param, error
-    for word in words:
-        assert word in error["message"], error
-    return error
-
-
-@contextlib.contextmanager
-def engine_held(engine: Engine, adapter: str | None = None):
-    """Keep the engine thread inside a request's first-token callback (the request holds its
-    adapter) until the block ends: what the test does meanwhile cannot race the engine."""
-    started, release, done = threading.Event(), threading.Event(), threading.Event()
-
-    def on_event(event):
-        if not started.is_set():
-            started.set()
-            release.wait()
-        if event.finish_reason is not None:
-            done.set()
-
-    engine.submit([5, 6, 7], adapter, SamplingParams(max_tokens=3), on_event)
-    assert started.wait(timeout=60)  # (deadlock guard)
-    try:
-        yield
-    finally:
-        release.set()
-    assert done.wait(timeout=60)
-
-
-def wait_until(condition) -> None:
-    """Poll a condition another thread will make true (a deadlock guard, not a timing check)."""
-    deadline = time.monotonic() + 60
-    while not condition():
-        assert time.monotonic() < deadline, "condition never held"
-        time.sleep(0.005)
-
-
-def completion(**fields) -> dict:
-    return {"model": "ad0", "prompt": "hello world", "max_tokens": 3, **fields}
 
 
 def test_json_nested_100k_deep_is_a_400(served):
@@ -216,10 +113,10 @@ def test_sampling_params_name_the_field_out_of_range():
     assert generator.initial_seed() == 2**64 - 1
 
 
-def broken_copy(files, tmp_path, name: str, edit) -> Served:
+def broken_copy(adapter_files, tmp_path, name: str, edit) -> Served:
     """A server over a copy of the adapter directory plus ``name``: ad0 with ``edit`` applied to
     its tensors (it may still lazily load by ``name``: the registry seeds it)."""
-    root, tokenizer = files
+    root, tokenizer = adapter_files
     shutil.copytree(root / "adapters", tmp_path / "adapters")
     target = tmp_path / "adapters" / name
     shutil.copytree(root / "adapters" / "ad0", target)
@@ -235,8 +132,8 @@ def zero_dim_lora_A(tensors: dict) -> dict:
     }
 
 
-def test_an_adapter_with_a_0d_factor_is_a_400_naming_the_tensor(files, tmp_path):
-    served = broken_copy(files, tmp_path, "zerod", zero_dim_lora_A)
+def test_an_adapter_with_a_0d_factor_is_a_400_naming_the_tensor(adapter_files, tmp_path):
+    served = broken_copy(adapter_files, tmp_path, "zerod", zero_dim_lora_A)
     tensor = "model.layers.0.self_attn.q_proj.lora_A.weight has shape ()"
     with served.client:
         body = {"lora_name": "zerod-again", "lora_path": "zerod"}
@@ -278,8 +175,8 @@ def test_an_adapter_may_not_take_the_base_models_name(served):
     assert ok.status_code == 200 and ok.json()["model"] == BASE
 
 
-def test_an_adapter_directory_named_like_the_base_stops_the_start(files, tmp_path):
-    root, tokenizer = files
+def test_an_adapter_directory_named_like_the_base_stops_the_start(adapter_files, tmp_path):
+    root, tokenizer = adapter_files
     shutil.copytree(root / "adapters" / "ad0", tmp_path / "adapters" / BASE)
     with pytest.raises(lorakit.UserError, match="has the base model's name 'base'"):
         Served(tmp_path, tokenizer)
@@ -290,9 +187,9 @@ def test_an_unload_while_a_request_reads_the_adapter_leaves_nothing_stuck(served
     adapters, read = served.adapters, served.adapters.read
 
     def read_then_unload(name):
-        files = read(name)
+        adapter_files = read(name)
         adapters.remove(name)  # (the admin route, on another thread, at this very moment)
-        return files
+        return adapter_files
 
     monkeypatch.setattr(adapters, "read", read_then_unload)
     with pytest.raises(KeyError, match="'ad0' was unloaded while it was being read"):
@@ -342,8 +239,8 @@ def test_an_adapter_unloaded_after_its_request_was_queued_is_a_404(served, strea
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_request_after_the_engine_stopped_is_a_503(files, stream):
-    served = Served(*files)
+def test_a_request_after_the_engine_stopped_is_a_503(adapter_files, stream):
+    served = Served(*adapter_files)
     served.engine.start()
     served.engine.stop()  # (no lifespan: the client below does not start the engine again)
     response = served.post("/v1/completions", completion(stream=stream))

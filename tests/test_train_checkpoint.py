@@ -121,3 +121,110 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
         key = f"base_model.model.{layer}.lora_{kind.replace('.default', '')}"
         assert torch.equal(straight_adapter[key], tensor), key
         assert (tensor - initial[name]).abs().max() > 1e-3, name
+
+
+def _loss_steps(output_dir: Path) -> list[int]:
+    records = map(json.loads, (output_dir / "metrics.jsonl").open())
+    return [r["step"] for r in records if "loss" in r]
+
+
+def _job_config(output_dir: Path, **overrides) -> TrainingConfig:
+    settings = dict(output_dir=str(output_dir), max_steps=3, batch_size=4, progress=False,
+                    plot=False, seed=3)  # fmt: skip
+    return TrainingConfig(**{**settings, **overrides})
+
+
+def test_a_new_run_refuses_a_directory_holding_a_previous_run(tmp_path):
+    train(build_model(0.0), make_data(), pad_collate(0), _job_config(tmp_path, checkpoint_every=3))
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError) as error:
+        train(build_model(0.0), make_data(), pad_collate(0), _job_config(tmp_path, max_steps=2))
+    message = str(error.value)
+    assert "\n" not in message and "adapter/, checkpoints/, metrics.jsonl" in message
+    assert "--resume" in message and "--overwrite" in message
+    assert _loss_steps(tmp_path) == [1, 2, 3]  # untouched
+    # --overwrite starts clean: the old run's checkpoints are gone, other files stay
+    config = _job_config(tmp_path, max_steps=2, overwrite=True)
+    train(build_model(0.0), make_data(), pad_collate(0), config)
+    assert _loss_steps(tmp_path) == [1, 2]
+    assert not (tmp_path / "checkpoints").exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_resume_without_a_checkpoint_starts_the_metrics_over(tmp_path):
+    """A run killed before its first checkpoint left metrics; resuming starts from step 0, so
+    those records are dropped instead of duplicated."""
+    train(build_model(0.0), make_data(), pad_collate(0), _job_config(tmp_path))
+    assert latest_checkpoint(tmp_path) is None
+    train(build_model(0.0), make_data(), pad_collate(0), _job_config(tmp_path), resume=True)
+    assert _loss_steps(tmp_path) == [1, 2, 3]
+
+
+def test_a_killed_writers_temporary_checkpoint_is_removed(tmp_path):
+    root = tmp_path / "checkpoints"
+    stale = root / ".tmp-step-00000004-4194999"  # above Linux's largest pid: no such process
+    live = root / f".tmp-step-00000004-{os.getppid()}"  # a live process: left alone
+    for directory in (stale, live):
+        directory.mkdir(parents=True)
+        (directory / "trainable.safetensors").write_bytes(b"half")
+        os.utime(directory, (time.time() - 600, time.time() - 600))
+    config = _job_config(tmp_path, checkpoint_every=3)
+    train(build_model(0.0), make_data(), pad_collate(0), config, resume=True)
+    assert sorted(p.name for p in root.iterdir()) == [live.name, "step-00000003"]
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch):
+    import errno
+
+    from lorakit.train import checkpoint as checkpoint_module
+
+    real_save_file = checkpoint_module.save_file
+
+    def save_file(tensors, path):
+        if "step-00000004" in path and path.endswith("optimizer.safetensors"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save_file(tensors, path)
+
+    monkeypatch.setattr(checkpoint_module, "save_file", save_file)
+    config = _job_config(tmp_path, max_steps=6, checkpoint_every=2)
+    with pytest.raises(UserError) as error:
+        train(build_model(0.0), make_data(), pad_collate(0), config)
+    message = str(error.value)
+    previous = tmp_path / "checkpoints" / "step-00000002"
+    assert "\n" not in message and "No space left on device" in message
+    assert "step 4" in message and f"previous checkpoint {previous} is kept" in message
+    assert sorted(p.name for p in previous.parent.iterdir()) == ["step-00000002"]  # no temp dir
+    assert latest_checkpoint(tmp_path) == previous
+    assert json.loads((previous / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_checkpoint_files_and_directories_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(source, target):
+        events.append(("replace", str(source)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    train(build_model(0.0), make_data(), pad_collate(0), _job_config(tmp_path, checkpoint_every=3))
+    final = tmp_path / "checkpoints" / "step-00000003"
+    (rename,) = [
+        i
+        for i, (kind, path) in enumerate(events)
+        if kind == "replace" and Path(path).name.startswith(".tmp-step-")
+    ]
+    temporary = events[rename][1]
+    synced_before = {path for kind, path in events[:rename] if kind == "fsync"}
+    written = [p.relative_to(final) for p in final.rglob("*")]
+    assert len(written) >= 7  # 4 files, adapter/ and its 2 files
+    for relative in written:
+        assert f"{temporary}/{relative}" in synced_before, relative
+    assert temporary in synced_before
+    synced_after = {path for kind, path in events[rename:] if kind == "fsync"}
+    assert str(final.parent) in synced_after

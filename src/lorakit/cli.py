@@ -8,6 +8,7 @@ import importlib
 import pkgutil
 import sys
 
+from lorakit import __version__
 from lorakit.errors import UserError
 
 __all__ = ["main"]
@@ -25,13 +26,17 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports bad arguments as one readable line instead of a usage dump."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{self.prog}: {message} (see '{self.prog} --help')")
+        command = self.prog.removeprefix("lorakit").strip()  # main prints "lorakit: error: "
+        raise UserError(f"{command + ': ' if command else ''}{message} (see '{self.prog} --help')")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="lorakit",
         description="LoRA adapters: inject, train, save (PEFT format), merge, serve, analyse.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"lorakit {__version__}", help="print the version"
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in command_modules():

@@ -1,7 +1,8 @@
 """``LoraConfig``: what to adapt and how, with PEFT's field names and meanings.
 
 The fields round-trip through PEFT's ``adapter_config.json`` (see ``lorakit.io``). Invalid
-values raise ``ValueError`` at construction, naming the field and the value.
+values raise ``ValueError`` at construction, naming the field and the value; so do regexes that
+could take unbounded time to match (``lorakit.patterns``: configs are untrusted input).
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from lorakit.patterns import check_pattern, check_pattern_set, compiled, shown
 
 __all__ = ["ALL_LINEAR", "LoraConfig", "TaskType"]
 
@@ -135,10 +137,10 @@ class LoraConfig:
             _check_name_spec(name, getattr(self, name))
         for key, rank in self.rank_pattern.items():
             _check(_is_positive_int(rank), f"rank_pattern[{key!r}]", rank, "a positive integer")
-            _check_regex(f"rank_pattern key {key!r}", key)
         for key, alpha in self.alpha_pattern.items():
             _check(_is_positive_number(alpha), f"alpha_pattern[{key!r}]", alpha, POSITIVE)
-            _check_regex(f"alpha_pattern key {key!r}", key)
+        for name in ("rank_pattern", "alpha_pattern"):
+            check_pattern_set(f"LoraConfig.{name}", list(getattr(self, name)))
         self._validate_layer_selection()
 
     def _validate_layer_selection(self) -> None:
@@ -150,6 +152,12 @@ class LoraConfig:
                     "layers_pattern."
                 )
             return
+        patterns = self.layers_pattern
+        if patterns is not None:
+            _check(isinstance(patterns, (str, list)), "layers_pattern", patterns,
+                   "None, a regex string or a list of them")  # fmt: skip
+            for pattern in [patterns] if isinstance(patterns, str) else patterns:
+                _check_regex("layers_pattern", pattern)
         indices = (
             [self.layers_to_transform]
             if isinstance(self.layers_to_transform, int)
@@ -194,7 +202,7 @@ def pattern_key(pattern: dict[str, Any], module_name: str) -> str | None:
     """The first key of a ``rank_pattern`` / ``alpha_pattern`` that matches ``module_name``
     (PEFT's rule: the key is a regex matching the whole name or a dotted suffix); None if none."""
     for key in pattern:
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if compiled(rf"(.*\.)?({key})$").match(module_name):
             return key
     return None
 
@@ -219,11 +227,12 @@ def _check(ok: bool, field_name: str, value: Any, expected: str) -> None:
         raise ValueError(f"LoraConfig.{field_name}={value!r} is invalid: expected {expected}.")
 
 
-def _check_regex(what: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as error:
-        raise ValueError(f"LoraConfig {what} is not a valid regular expression: {error}") from None
+def _check_regex(field_name: str, pattern: Any) -> None:
+    """``field_name``: e.g. "rank_pattern key"; the error shows it with the pattern."""
+    what = f"LoraConfig.{field_name} {shown(pattern)}"
+    if not isinstance(pattern, str):
+        raise ValueError(f"{what} is invalid: expected a regex string.")
+    check_pattern(what, pattern)
 
 
 def _check_name_spec(field_name: str, spec: Any) -> None:
@@ -231,7 +240,7 @@ def _check_name_spec(field_name: str, spec: Any) -> None:
         return
     if isinstance(spec, str):
         if spec != ALL_LINEAR:
-            _check_regex(f"{field_name}={spec!r}", spec)
+            _check_regex(field_name, spec)
         return
     if not isinstance(spec, list) or not all(isinstance(s, str) and s for s in spec):
         raise ValueError(

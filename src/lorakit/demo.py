@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorakit.train.config import SettingError, setting
+
 __all__ = ["DemoSettings", "run_demo"]
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -23,21 +25,33 @@ SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 
 @dataclass
 class DemoSettings:
-    """What the demo does (the defaults finish in a few minutes on 2 CPU cores)."""
+    """What the demo does (the defaults finish in a few minutes on 2 CPU cores). The fields made
+    with ``setting`` are ``lorakit demo``'s options (see ``lorakit.train.config.setting``)."""
 
-    output: str = "lorakit-demo"
+    output: str = setting("lorakit-demo", "output dir")
     model: str = "smollm2-135m-instruct"
-    steps: int = 60
-    batch_size: int = 8
-    lr: float = 1e-3
+    steps: int = setting(60, "optimizer steps")
+    batch_size: int = setting(8, "reviews per step")
+    lr: float = setting(1e-3, "learning rate")
     rank: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
-    max_length: int = 96
-    eval_size: int = 200
-    style: str = "chat"  # "chat": the chat template / "plain": "Review: ...\nSentiment:"
-    seed: int = 0
-    progress: bool = True
+    max_length: int = setting(96, "max tokens per example")
+    eval_size: int = setting(200, "held-out test reviews")
+    style: str = setting(
+        "chat",
+        "prompt form: the chat template, or plain 'Review: ...\\nSentiment:'",
+        choices=("chat", "plain"),
+    )
+    seed: int = setting(0, "random seed")
+    progress: bool = setting(True, "no progress bar", flag="--no-progress", negated=True)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise SettingError(name, f"must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise SettingError("lr", f"must be > 0, got {self.lr}")
 
 
 def _say(message: str) -> None:
@@ -70,6 +84,8 @@ def _held_out(settings: DemoSettings):
 
 
 def _train(model, tokenizer, settings: DemoSettings, output: Path):
+    import torch
+
     import lorakit
     from lorakit import data
     from lorakit.train import TrainingConfig, train
@@ -85,6 +101,7 @@ def _train(model, tokenizer, settings: DemoSettings, output: Path):
         task_type="CAUSAL_LM",
         base_model_name_or_path=settings.model,  # the spec, not the cache path
     )
+    torch.manual_seed(settings.seed)  # the adapter's initial A, whatever loading the model drew
     lorakit.inject(model, config)
     counts = lorakit.count_parameters(model)
     training = TrainingConfig(
@@ -95,6 +112,7 @@ def _train(model, tokenizer, settings: DemoSettings, output: Path):
         warmup_steps=max(1, settings.steps // 10),
         seed=settings.seed,
         progress=settings.progress,
+        overwrite=True,  # a demo replaces the previous demo's results in its output directory
     )
     _say(f"training LoRA r={settings.rank} on {len(tokenized)} training reviews, "
          f"{settings.steps} steps of {settings.batch_size}")  # fmt: skip
@@ -121,8 +139,6 @@ def _sizes(settings: DemoSettings, adapter_dir: Path, base_parameters: int) -> d
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
     """Run the whole demo; returns the summary (also written to ``<output>/summary.json``)."""
-    import torch
-
     import lorakit
     from lorakit.io import save_adapter
     from lorakit.models import load_model
@@ -131,7 +147,6 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     output = Path(settings.output)
     held_out = _held_out(settings)
     output.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(settings.seed)
     _say(f"loading {settings.model}")
     model, tokenizer = load_model(settings.model, progress=False)
     base_parameters = sum(p.numel() for p in model.parameters())
@@ -221,7 +236,8 @@ def _check_merged_agrees(summary: dict[str, Any], output: Path) -> None:
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
     """The readable summary."""
-    mb = 1024 * 1024
+    from lorakit.units import format_bytes
+
     return [
         f"Rotten Tomatoes sentiment, {summary['held_out_reviews']} held-out test reviews "
         f"(never seen in training), {summary['model']}:",
@@ -229,7 +245,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         f"  after LoRA ({summary['steps']} steps, {summary['training_reviews']} reviews) "
         f"{summary['fine_tuned_accuracy']:.1%}  ({summary['accuracy_gain_points']:+.1f} points)",
         f"  adapter: {summary['trainable_parameters']:,} parameters, "
-        f"{summary['adapter_bytes'] / mb:.1f} MB vs base model {summary['base_model_bytes'] / mb:.0f} MB "
+        f"{format_bytes(summary['adapter_bytes'])} vs base model "
+        f"{format_bytes(summary['base_model_bytes'])} "
         f"({summary['adapter_percent_of_base']:.2f}%)",
         f"  merged model: {summary['merged_predictions_agree']}/{summary['held_out_reviews']} "
         f"predictions identical (max |log-prob difference| "

@@ -6,6 +6,12 @@ for bit however many cycles are done and in every dtype. The cost: while merged,
 layer holds two weights. A weight tied to another module (GPT-2's ``wte`` / ``lm_head``) is
 untied by the merge: the other module keeps the original, so outputs equal the unmerged model's.
 ``merge_and_unload`` folds the adapters and returns the plain model with no lorakit module left.
+
+Forwards may run in other threads during ``merge`` / ``unmerge``: each layer switches in one step
+(``layers.base.MergeState``), so each layer of such a forward computes ``W0 x + s B A x`` either
+merged or not, and the output equals the merged and the unmerged model's within rounding. Which
+layers it sees merged is not defined (no model-wide lock); ``merge_and_unload``, which replaces
+modules, must not run beside forwards.
 """
 
 from __future__ import annotations

@@ -107,10 +107,22 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
     into a fresh model built from the same config without ``quantization_config``
     (``load_state_dict(strict=True)``, tied embeddings kept). Written into a temporary directory
     beside ``target`` and renamed into place, so a reader never sees half a model.
+
+    Building that model draws random initial weights from torch's global RNG; the conversion
+    runs on a forked RNG, so a seeded run gets the same random numbers after ``load_model``
+    whether the model was converted in the process or read from the cache.
     """
+    print(f"lorakit: converting {gguf_path.name} to {target} (once, ~30 s) ...", file=sys.stderr)
+    with torch.random.fork_rng(devices=[]):
+        model, tokenizer = _dequantised_model(gguf_path)
+    marker = {"source": gguf_path.name, "version": CONVERSION_VERSION}
+    publish_directory(target, marker, model.save_pretrained, tokenizer.save_pretrained)
+
+
+def _dequantised_model(gguf_path: Path):
+    """``(plain fp32 model, tokenizer with a pad token)`` read from the GGUF file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"lorakit: converting {gguf_path.name} to {target} (once, ~30 s) ...", file=sys.stderr)
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     gguf_model = AutoModelForCausalLM.from_pretrained(
@@ -125,9 +137,7 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     plain_model.config.pad_token_id = tokenizer.pad_token_id
-
-    marker = {"source": gguf_path.name, "version": CONVERSION_VERSION}
-    publish_directory(target, marker, plain_model.save_pretrained, tokenizer.save_pretrained)
+    return plain_model, tokenizer
 
 
 def publish_directory(

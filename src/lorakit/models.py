@@ -41,6 +41,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "resolve_model",
+    "transformers_progress_bars",
 ]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -190,8 +191,9 @@ def load_tokenizer(directory: Path):
 
 
 @contextlib.contextmanager
-def _loading_bars(show: bool) -> Iterator[None]:
-    """transformers' "Loading weights" progress bar on or off for the block (restored after)."""
+def transformers_progress_bars(show: bool) -> Iterator[None]:
+    """transformers' progress bars ("Loading weights", "Writing model shards") on or off for
+    the block (restored after)."""
     from transformers.utils import logging as transformers_logging
 
     was_enabled = transformers_logging.is_progress_bar_enabled()
@@ -227,7 +229,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     tokenizer = load_tokenizer(directory)
-    with _loading_bars(progress):
+    with transformers_progress_bars(progress):
         if task == "causal-lm":
             model = AutoModelForCausalLM.from_pretrained(
                 directory, dtype=dtype, local_files_only=True

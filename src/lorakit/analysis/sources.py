@@ -35,15 +35,19 @@ def detect_task(directory: str | os.PathLike[str]) -> str | None:
 
 
 def load_model_dir(
-    spec: str | os.PathLike[str], task: str | None = None, dtype: torch.dtype = torch.float32
+    spec: str | os.PathLike[str],
+    task: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
 ) -> nn.Module:
     """A model from a local directory or a lorakit built-in name (``lorakit.models``), offline.
 
-    No tokenizer is needed: only the weights are analysed.
+    No tokenizer is needed: only the weights are analysed. ``progress=False`` hides
+    transformers' weight-loading bar.
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from lorakit.models import resolve_model
+    from lorakit.models import resolve_model, transformers_progress_bars
 
     directory = resolve_model(str(spec))
     task = task or detect_task(directory)
@@ -52,7 +56,8 @@ def load_model_dir(
         "seq-cls": AutoModelForSequenceClassification,
         None: AutoModel,
     }[task]
-    return loader.from_pretrained(directory, dtype=dtype, local_files_only=True).eval()
+    with transformers_progress_bars(progress):
+        return loader.from_pretrained(directory, dtype=dtype, local_files_only=True).eval()
 
 
 def adapter_dir_spectra(directory: str | os.PathLike[str]) -> list[Spectrum]:
@@ -67,10 +72,17 @@ def adapter_dir_spectra(directory: str | os.PathLike[str]) -> list[Spectrum]:
 
 
 def model_dirs_spectra(
-    base: str | os.PathLike[str], finetuned: str | os.PathLike[str], task: str | None = None
+    base: str | os.PathLike[str],
+    finetuned: str | os.PathLike[str],
+    task: str | None = None,
+    progress: bool = True,
 ) -> list[Spectrum]:
-    """Spectra of ``W_ft - W0`` for every linear layer that differs between two model directories."""
-    spectra = update_spectra(load_model_dir(base, task), load_model_dir(finetuned, task))
+    """Spectra of ``W_ft - W0`` for every linear layer that differs between two model directories
+    (``progress=False`` hides transformers' weight-loading bars)."""
+    spectra = update_spectra(
+        load_model_dir(base, task, progress=progress),
+        load_model_dir(finetuned, task, progress=progress),
+    )
     if not spectra:
         raise UserError(f"no linear layer differs between {base} and {finetuned}")
     return spectra

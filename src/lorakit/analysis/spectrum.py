@@ -214,7 +214,7 @@ def tensor_factors(
     ``functional.scaling`` (rsLoRA respected).
     """
     suffixes = (".lora_A.weight", ".lora_embedding_A")
-    for key in sorted(tensors):
+    for key in sorted(tensors, key=_natural_key):  # layers 2 before 10
         suffix = next((s for s in suffixes if key.endswith(s)), None)
         if suffix is None:
             continue
@@ -225,6 +225,11 @@ def tensor_factors(
         rank = lora_A.shape[0]
         scale = functional.scaling(rank, config.alpha_for(name), config.use_rslora)
         yield name, lora_A, lora_B, scale
+
+
+def _natural_key(name: str) -> list[tuple[int, int | str]]:
+    """Sort key reading digit runs as numbers: ``layers.2`` before ``layers.10``."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name)]
 
 
 def tensor_spectra(

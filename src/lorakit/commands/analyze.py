@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "analyze",
         help="spectrum and effective rank of an adapter's or a fine-tune's weight update",
         description="Per-layer singular values of ΔW (s·B·A of an adapter, from its factors; or "
-        "W_ft - W0 of a full fine-tune), effective rank at 90/99%% energy, entropy effective rank, "
+        "W_ft - W0 of a full fine-tune), effective rank at 90/99% energy, entropy effective rank, "
         "stable rank, and the rank advised per module type.",
     )
     parser.add_argument("adapter", nargs="?", help="a PEFT-format adapter directory")
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter is not None:
         spectra = adapter_dir_spectra(args.adapter)
     else:
-        spectra = model_dirs_spectra(args.base, args.finetuned, args.task)
+        spectra = model_dirs_spectra(args.base, args.finetuned, args.task, progress=False)
     shares = sorted({0.9, 0.99, args.energy})
     if args.json:
         print(json.dumps(spectra_report(spectra, shares=shares), indent=2))

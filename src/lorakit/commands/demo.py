@@ -1,13 +1,16 @@
-"""``lorakit demo``: fine-tune SmolLM2-135M-Instruct on movie-review sentiment and report."""
+"""``lorakit demo``: fine-tune SmolLM2-135M-Instruct on movie-review sentiment and report.
+
+The options are the ``setting`` fields of ``lorakit.demo.DemoSettings``.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from lorakit.demo import DemoSettings
+from lorakit.commands.train import add_setting_options
+from lorakit.demo import DemoSettings  # lorakit.demo imports nothing heavy at module level
 from lorakit.errors import UserError
-
-DEFAULTS = DemoSettings()  # lorakit.demo imports nothing heavy at module level
+from lorakit.train.config import SettingError, flag_name, setting_fields, setting_key
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,64 +24,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "check the merged model agrees, write loss_curve.png and summary.json/.txt."
         ),
     )
-    parser.add_argument(
-        "--output", default=DEFAULTS.output, help="output dir (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--steps", type=int, default=DEFAULTS.steps, help="optimizer steps (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=DEFAULTS.batch_size,
-        help="reviews per step (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--lr", type=float, default=DEFAULTS.lr, help="learning rate (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--eval-size",
-        type=int,
-        default=DEFAULTS.eval_size,
-        help="held-out test reviews (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-length",
-        type=int,
-        default=DEFAULTS.max_length,
-        help="max tokens per example (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--style",
-        choices=["chat", "plain"],
-        default=DEFAULTS.style,
-        help="prompt form: the chat template, or plain 'Review: ...\\nSentiment:' (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=DEFAULTS.seed, help="random seed (default: %(default)s)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_setting_options(parser, DemoSettings, unset=False)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("steps", "batch_size", "eval_size", "max_length"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not args.lr > 0:
-        raise UserError(f"--lr must be > 0, got {args.lr}")
     from lorakit.demo import run_demo
 
-    settings = DemoSettings(
-        output=args.output,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        eval_size=args.eval_size,
-        max_length=args.max_length,
-        style=args.style,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
+    options = setting_fields(DemoSettings)
+    arguments = {}
+    for option in options:
+        value = getattr(args, setting_key(option))
+        arguments[option.name] = (not value) if option.metadata["negated"] else value
+    try:
+        settings = DemoSettings(**arguments)
+    except SettingError as error:
+        flag = next(flag_name(f) for f in options if f.name == error.setting)
+        raise UserError(f"{flag} {error.problem}") from None
     run_demo(settings)
     return 0

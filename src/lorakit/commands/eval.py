@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import warnings
 
 from lorakit.errors import UserError
 
@@ -65,12 +67,19 @@ def load_model_and_adapter(model_spec: str, adapter: str | None, allow_base_mism
     model, tokenizer = load_model(model_spec, progress=False)
     if adapter:
         try:
-            load_adapter(model, adapter, activate=True, allow_base_mismatch=allow_base_mismatch)
-        except BaseModelMismatchError as error:  # name the flag, not the Python argument
-            raise BaseModelMismatchError(
-                str(error).replace("allow_base_mismatch=True", "--allow-base-mismatch")
-            ) from None
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                load_adapter(model, adapter, activate=True, allow_base_mismatch=allow_base_mismatch)
+        except BaseModelMismatchError as error:
+            raise BaseModelMismatchError(_flag_spelling(str(error))) from None
+        for warning in caught:  # one clean line each, not Python's warning with a file path
+            print(f"lorakit: warning: {_flag_spelling(str(warning.message))}", file=sys.stderr)
     return model.eval(), tokenizer
+
+
+def _flag_spelling(message: str) -> str:
+    """A library message as the CLI says it: the flag, not the Python argument."""
+    return message.replace("allow_base_mismatch=True", "--allow-base-mismatch")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,8 +88,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.max_length < 2:
         raise UserError("--batch-size must be >= 1 and --max-length >= 2")
     from lorakit import data
-    from lorakit.train.cli_options import load_examples_for
     from lorakit.train.losses import evaluate
+    from lorakit.train.settings import load_examples_for
 
     examples = load_examples_for(args.data, args.split, args.style, "test")[: args.limit]
     model, tokenizer = load_model_and_adapter(args.model, args.adapter, args.allow_base_mismatch)

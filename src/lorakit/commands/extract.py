@@ -45,10 +45,12 @@ def _print_report(extraction) -> None:
     print(f"{'layer':<52} {'rank':>5} {'rel. error':>11}")
     for layer in extraction.layers:
         print(f"{layer.name:<52} {layer.rank:>5} {layer.relative_error:>11.4f}")
+    from lorakit.units import format_bytes
+
     ratio = extraction.dense_parameters / max(extraction.parameters, 1)
+    size = format_bytes(4 * extraction.parameters)
     print(
-        f"\nadapter: {extraction.parameters:,} parameters ({4 * extraction.parameters / 1e6:.2f} MB "
-        f"in float32), {ratio:.1f}x fewer than the dense update ({extraction.dense_parameters:,}); "
+        f"\nadapter: {extraction.parameters:,} parameters ({size} in float32), {ratio:.1f}x fewer than the dense update ({extraction.dense_parameters:,}); "
         f"largest relative error {extraction.relative_error:.4f}"
     )
     if extraction.uncaptured:
@@ -72,8 +74,8 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.analysis.sources import load_model_dir
     from lorakit.io import save_adapter
 
-    base = load_model_dir(args.base, args.task)
-    finetuned = load_model_dir(args.finetuned, args.task)
+    base = load_model_dir(args.base, args.task, progress=False)
+    finetuned = load_model_dir(args.finetuned, args.task, progress=False)
     try:
         extraction = extract_lora(
             base, finetuned, rank=args.rank, energy=args.energy, max_rank=args.max_rank

@@ -9,6 +9,8 @@ import argparse
 import json
 from typing import Any
 
+from lorakit.units import format_bytes
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -31,14 +33,6 @@ def _counts(counter: dict[str, int]) -> str:
     if len(counter) == 1:
         return next(iter(counter))
     return ", ".join(f"{value} ({count} modules)" for value, count in counter.items())
-
-
-def _size(n_bytes: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n_bytes < 1024 or unit == "GiB":
-            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
-        n_bytes /= 1024
-    return ""  # pragma: no cover
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -73,7 +67,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("modules to save", ", ".join(summary["modules_to_save"] or []) or "-"),
         ("dtype", ", ".join(f"{k} ({v} tensors)" for k, v in summary["dtypes"].items())),
         ("parameters", f"{summary['parameters']:,} ({summary['lora_parameters']:,} LoRA)"),
-        ("file size", _size(summary["file_bytes"])),
+        ("file size", format_bytes(summary["file_bytes"])),
         (
             "compression",
             "-"

@@ -34,8 +34,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--output {output} is a file; give a directory (new or existing)")
     from lorakit.commands.eval import load_model_and_adapter
     from lorakit.io import save_merged_model
+    from lorakit.models import transformers_progress_bars
 
     model, tokenizer = load_model_and_adapter(args.model, args.adapter, args.allow_base_mismatch)
-    save_merged_model(model, args.output, tokenizer=tokenizer)
+    with transformers_progress_bars(False):
+        save_merged_model(model, args.output, tokenizer=tokenizer)
     print(f"merged model saved to {args.output}")
     return 0

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import re
+import socket
 import sys
 from collections.abc import Mapping
 
@@ -14,6 +15,8 @@ from lorakit.errors import UserError
 __all__ = ["admin_token", "build", "connection_limits", "register", "run", "server_settings"]
 
 ADMIN_TOKEN_ENV = "LORAKIT_ADMIN_TOKEN"
+
+log = logging.getLogger("lorakit.serve")
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
@@ -179,18 +182,27 @@ def parse_size(text: str) -> int:
 
 
 def _adapter_defaults(registry) -> tuple[list[str] | str, int]:
-    """(target modules, max rank) covering every adapter of the directory."""
-    from lorakit.serve.registry import read_peft_adapter
-
+    """(target modules, max rank) covering every adapter of the directory, from the configs and
+    safetensors headers alone (no tensor data is read); adapters that cannot be read are skipped
+    with a warning and listed in the start-up summary."""
+    headers = registry.read_headers()
     targets: set[str] = set()
     regex, rank = False, 0
-    for name in registry.names():
-        config = read_peft_adapter(registry.path(name)).config
+    for header in headers.values():
+        config = header.config
         rank = max([rank, config.r, *config.rank_pattern.values()])
         if isinstance(config.target_modules, list):
             targets.update(config.target_modules)
         else:
             regex = True
+    log.info(
+        "adapters in %s: %d served (%s), %d skipped%s",
+        registry.root,
+        len(headers),
+        ", ".join(headers) or "none",
+        len(registry.skipped),
+        "".join(f"\n  skipped {name}: {reason}" for name, reason in registry.skipped.items()),
+    )
     return ("all-linear" if regex or not targets else sorted(targets)), (rank or 16)
 
 
@@ -241,7 +253,27 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"lorakit serve: warning: listening on {args.host}, reachable from other machines")
     limits = connection_limits(args)  # (checked before the model loads)
+    _check_port(args.host, args.port)  # before the model loads
     uvicorn.run(
         build(args), host=args.host, port=args.port, log_level="info", **limits.uvicorn_options()
     )
     return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    """Bind ``host:port`` once and let it go, so that a busy port is reported at once, not
+    after the model has loaded."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        probe = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as error:
+        raise UserError(f"--host {host}: {error.strerror or error}") from None
+    with probe:
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+        except OSError as error:
+            raise UserError(
+                f"cannot listen on {host}:{port} ({error.strerror or error}); stop the program "
+                "using that port or pass another --port"
+            ) from None

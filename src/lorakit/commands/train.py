@@ -1,50 +1,48 @@
-"""``lorakit train``: fine-tune a LoRA adapter on a model (flags, or a YAML/JSON config file)."""
+"""``lorakit train``: fine-tune a LoRA adapter on a model (flags, or a YAML/JSON config file).
+
+The options are the ``setting`` fields of ``TrainSettings`` and ``TrainingConfig``
+(``lorakit.train.settings``): a new option is one new field there, with its help text.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import MISSING
 from pathlib import Path
 
-from lorakit.train.cli_options import TRAIN_DEFAULTS as D
-
-_OPTIONS = [
-    # (flag, type, help); "(default: X)" is added from TRAIN_DEFAULTS unless the help says it
-    ("--model", str, "model spec: a local transformers directory or a built-in name (a causal LM)"),
-    ("--data", str, "training data: rotten-tomatoes, chatterbot, a .jsonl or a .csv file "
-                    "(required, here or in --config)"),
-    ("--split", str, "split of --data: train/validation/test/all (default: train for "
-                     "built-ins, all rows of a file)"),
-    ("--eval-data", str, "evaluation data, a spec as for --data (default: no evaluation)"),
-    ("--eval-split", str, "split of --eval-data (default: validation for built-ins, all rows "
-                          "of a file)"),
-    ("--style", str, "chat (the chat template) or plain (prompt/completion) for built-ins and "
-                     "CSV (default: chat for built-ins, plain for CSV)"),
-    ("--output", str, "output directory (adapter/, checkpoints/, metrics.jsonl, loss_curve.png)"),
-    ("--target-modules", str, "comma-separated module names, or all-linear"),
-    ("--r", int, "LoRA rank; also --rank, the spelling to use under torchrun (whose parser "
-                 "reads --r as an abbreviation of its own options on Python < 3.12)"),
-    ("--alpha", float, "lora_alpha (scaling = alpha / r)"),
-    ("--dropout", float, "dropout on the LoRA input"),
-    ("--lr", float, "peak learning rate (AdamW, warmup then cosine)"),
-    ("--steps", int, "optimizer steps, overriding --epochs (default: from --epochs)"),
-    ("--epochs", float, "passes over the training data"),
-    ("--batch-size", int, "examples per micro-batch (per process)"),
-    ("--grad-accum", int, "micro-batches accumulated per optimizer step"),
-    ("--max-length", int, "maximum tokens per example: longer reviews (classification data) "
-                          "are shortened inside the template, other examples lose their start"),
-    ("--warmup-ratio", float, "fraction of the steps spent warming up, in [0, 1]"),
-    ("--weight-decay", float, "AdamW weight decay"),
-    ("--max-grad-norm", float, "clip the gradient norm to this"),
-    ("--loraplus-ratio", float, "LoRA+: B learns at lr * ratio, e.g. 16 (default: off)"),
-    ("--eval-every", int, "evaluate every N steps (0: only at the end)"),
-    ("--checkpoint-every", int, "write a checkpoint every N steps (0: none)"),
-    ("--keep-checkpoints", int, "how many of the newest checkpoints to keep (>= 1)"),
-    ("--seed", int, "random seed (adapter initialisation, batches, dropout)"),
-]  # fmt: skip
+from lorakit.train.config import (
+    TrainingConfig,
+    flag_name,
+    setting_fields,
+    setting_key,
+    setting_kind,
+)
+from lorakit.train.settings import TrainSettings
 
 
-_ALIASES = {"--r": ("--rank",)}
+def add_setting_options(parser: argparse.ArgumentParser, owner: type, *, unset: bool) -> None:
+    """One option per ``setting`` field of the dataclass ``owner``, its destination the field's
+    key. "(default: X)" is added to a help text that does not mention its default. ``unset``:
+    every option defaults to None (so that only the flags given override a config file)."""
+    for option in setting_fields(owner):
+        key, text, kind = setting_key(option), option.metadata["help"], setting_kind(owner, option)
+        flags = (flag_name(option), *option.metadata["aliases"])
+        if kind is bool:  # a switch: given, True
+            default = None if unset else False
+            parser.add_argument(*flags, dest=key, action="store_true", default=default, help=text)
+            continue
+        default = option.default if option.default is not MISSING else None
+        if "(default:" not in text and "(required" not in text:
+            text += f" (default: {default})"
+        parser.add_argument(
+            *flags,
+            dest=key,
+            type=kind,
+            choices=option.metadata["choices"],
+            default=None if unset else default,
+            help=text,
+        )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -58,28 +56,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--config", help="YAML or JSON file with settings (default: none)")
-    for flag, kind, text in _OPTIONS:
-        if "(default:" not in text and "(required" not in text:
-            text += f" (default: {D[flag[2:].replace('-', '_')]})"
-        parser.add_argument(flag, *_ALIASES.get(flag, ()), type=kind, default=None, help=text)
-    parser.add_argument("--resume", action="store_true", default=None,
-                        help="continue from the newest checkpoint in --output")  # fmt: skip
-    parser.add_argument("--gradient-checkpointing", action="store_true", default=None,
-                        help="recompute activations in backward to save memory")  # fmt: skip
-    parser.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
+    for owner in (TrainSettings, TrainingConfig):
+        add_setting_options(parser, owner, unset=True)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.train.cli_options import merged_settings
-
-    settings = merged_settings(args)
     from lorakit.train.run import train_from_settings
+    from lorakit.train.settings import merged_values
 
-    result = train_from_settings(settings)
+    values = merged_values(args.config, vars(args))
+    result = train_from_settings(values)
     if result.adapter_dir is not None:  # the main process (rank 0 under torchrun)
-        print(json.dumps({"steps": result.steps, "final_loss": result.final_loss,
-                          **{f"eval_{k}": v for k, v in result.eval_metrics.items()},
-                          "adapter": str(result.adapter_dir) if result.adapter_dir else None}))  # fmt: skip
-        print(f"adapter saved to {Path(settings['output']) / 'adapter'}")
+        report = {
+            "steps": result.steps,
+            "final_loss": result.final_loss,
+            **{f"eval_{k}": v for k, v in result.eval_metrics.items()},
+            "adapter": str(result.adapter_dir),
+        }
+        print(json.dumps(report))
+        print(f"adapter saved to {Path(values['output']) / 'adapter'}")
     return 0

@@ -2,15 +2,17 @@
 
 Training (grad enabled and something to differentiate): one autograd node per layer
 (``FusedLoraLinear``) that keeps x once, never a dropout copy of it, and adds the rank-r branch
-into the base output in place. Inference: the same without autograd. ``LoraLinear`` calls
-``fused_lora_linear`` first and falls back to the plain path (``functional.lora_forward``) when it
-returns None: several adapters while training, a trainable base weight, autocast, functorch
-transforms, ``torch.compile`` tracing (the compiler fuses the plain path itself), hooks on the base
-layer, mixed or non-float dtypes. ``disabled()`` turns the fast path off (for comparisons).
+into the base output in place. Inference: the same without autograd. ``LoraLinear`` takes it where
+``applies`` says so and the plain formula (``functional.lora_forward``) elsewhere: several adapters
+while training, a trainable base weight, autocast, functorch transforms, ``torch.compile`` tracing
+(the compiler fuses the plain path itself), hooks on the base layer, mixed or non-float dtypes,
+and inside ``with lorakit.fast.plain_path():`` (for comparisons and debugging; only the calling
+thread / task).
 """
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -19,36 +21,37 @@ from torch import nn
 
 from lorakit import functional
 from lorakit.fast.dropout import DROPOUT_LEVELS, drop_levels, drop_probability, keep_mask, new_seed
-from lorakit.fast.linear import FusedLoraLinear, RankSide, lora_linear_inference
+from lorakit.fast.linear import FusedLoraLinear, RankSide, linear_output, lora_linear_inference
 
 __all__ = [
     "FusedLoraLinear",
     "RankSide",
-    "disabled",
+    "applies",
     "fused_lora_linear",
-    "is_enabled",
     "keep_mask",
+    "linear_output",
     "module_is_plain",
+    "plain_path",
     "rank_side",
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_enabled = True
-
-
-def is_enabled() -> bool:
-    return _enabled
+_PLAIN_PATH: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "lorakit_fast_plain_path", default=False
+)
 
 
 @contextmanager
-def disabled() -> Iterator[None]:
-    """Within the block every LoRA layer takes the plain (unfused) path."""
-    global _enabled
-    previous, _enabled = _enabled, False
+def plain_path() -> Iterator[None]:
+    """Within the block LoRA layers compute the plain formula (``functional.lora_forward``)
+    instead of the fused fast path: same values, for comparisons and debugging. Only the calling
+    thread / asyncio task is affected. (Not ``lorakit.disabled(model)``, which drops the
+    adapters.)"""
+    token = _PLAIN_PATH.set(True)
     try:
         yield
     finally:
-        _enabled = previous
+        _PLAIN_PATH.reset(token)
 
 
 def module_is_plain(module: nn.Module) -> bool:
@@ -79,14 +82,9 @@ def fused_lora_linear(
     bias: torch.Tensor | None,
     adapters: Sequence[RankSide],
     fan_in_fan_out: bool = False,
-) -> torch.Tensor | None:
-    """``W0 x + b + sum_a c_a B_a A_a (x * mask_a)`` (..., d), or None where the fast path
-    cannot apply (the caller then takes the plain path)."""
-    if not _applies(x, weight, bias, adapters):
-        return None
+) -> torch.Tensor:
+    """``W0 x + b + sum_a c_a B_a A_a (x * mask_a)`` (..., d), for a call where ``applies``."""
     if torch.is_grad_enabled() and _any_requires_grad(x, bias, adapters):
-        if len(adapters) != 1:
-            return None
         lora_A, lora_B, rank_scale, levels = adapters[0]
         seed = new_seed() if levels else 0
         return FusedLoraLinear.apply(
@@ -106,10 +104,14 @@ def _any_requires_grad(
     return any(a.lora_A.requires_grad or a.lora_B.requires_grad for a in adapters)
 
 
-def _applies(
+def applies(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, adapters: Sequence[RankSide]
 ) -> bool:
-    if not _enabled or not adapters or torch.compiler.is_compiling() or _transforms_active():
+    """True when ``fused_lora_linear`` can compute this call (see the module docstring)."""
+    if not adapters or torch.compiler.is_compiling() or _PLAIN_PATH.get() or _transforms_active():
+        return False
+    training = torch.is_grad_enabled() and _any_requires_grad(x, bias, adapters)
+    if training and len(adapters) != 1:
         return False
     dtype, device = x.dtype, x.device
     if weight.requires_grad or dtype not in _FLOAT_DTYPES or weight.dtype != dtype:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from lorakit.fast.dropout import keep_mask, multiplier, new_seed, pack_mask, unpack_mask
 
-__all__ = ["FusedLoraLinear", "RankSide", "lora_linear_inference"]
+__all__ = ["FusedLoraLinear", "RankSide", "linear_output", "lora_linear_inference"]
 
 
 class RankSide(NamedTuple):
@@ -49,30 +49,34 @@ def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
-def base_output(
-    x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fan_in_fan_out: bool
+def linear_output(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fan_in_fan_out: bool
 ) -> torch.Tensor:
-    """``x W0^T + b`` (N, d) as a fresh tensor; ``W0`` stored (k, d) when ``fan_in_fan_out``."""
+    """The base layer's output ``x W0^T + b`` (..., d) for x (..., k), as a fresh tensor:
+    ``nn.Linear``'s ``F.linear``, or for ``Conv1D`` (``fan_in_fan_out``: W0 stored (k, d))
+    its ``addmm`` on the rows of x."""
     if not fan_in_fan_out:
-        return F.linear(x2, weight, bias)
-    return x2 @ weight if bias is None else torch.addmm(bias, x2, weight)
+        return F.linear(x, weight, bias)
+    x_rows = x.reshape(-1, x.shape[-1])  # (N, k)
+    out = x_rows @ weight if bias is None else torch.addmm(bias, x_rows, weight)  # (N, d)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def base_input_grad(
-    grad2: torch.Tensor, weight: torch.Tensor, fan_in_fan_out: bool
+    grad_rows: torch.Tensor, weight: torch.Tensor, fan_in_fan_out: bool
 ) -> torch.Tensor:
     """``G W0`` (N, k): the base layer's input gradient, as a fresh tensor."""
-    return grad2 @ weight.T if fan_in_fan_out else grad2 @ weight
+    return grad_rows @ weight.T if fan_in_fan_out else grad_rows @ weight
 
 
-def dropout_mask(x2: torch.Tensor, drop_levels: int, seed: int) -> torch.Tensor | None:
-    """The boolean keep-mask for ``x2`` (None without dropout)."""
-    return keep_mask(x2.shape, drop_levels, seed, x2.device) if drop_levels else None
+def dropout_mask(x_rows: torch.Tensor, drop_levels: int, seed: int) -> torch.Tensor | None:
+    """The boolean keep-mask for ``x_rows`` (None without dropout)."""
+    return keep_mask(x_rows.shape, drop_levels, seed, x_rows.device) if drop_levels else None
 
 
-def dropped(x2: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def dropped(x_rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """``x * mask`` (a temporary; the 1 / (1 - p) rescale lives in the rank-side factor)."""
-    return x2 if mask is None else x2 * multiplier(mask, x2.dtype)
+    return x_rows if mask is None else x_rows * multiplier(mask, x_rows.dtype)
 
 
 class FusedLoraLinear(torch.autograd.Function):
@@ -92,10 +96,10 @@ class FusedLoraLinear(torch.autograd.Function):
         seed: int,
         fan_in_fan_out: bool,
     ) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])  # (N, k)
-        out = base_output(x2, weight, bias, fan_in_fan_out)  # (N, d)
-        mask = dropout_mask(x2, drop_levels, seed)
-        low_rank = F.linear(dropped(x2, mask), lora_A.to(x.dtype))  # (N, r)
+        x_rows = x.reshape(-1, x.shape[-1])  # (N, k)
+        out = linear_output(x_rows, weight, bias, fan_in_fan_out)  # (N, d)
+        mask = dropout_mask(x_rows, drop_levels, seed)
+        low_rank = F.linear(dropped(x_rows, mask), lora_A.to(x.dtype))  # (N, r)
         out.addmm_(low_rank, lora_B.to(x.dtype).T, alpha=rank_scale)
         keep_x = x if ctx.needs_input_grad[3] else None
         needs_mask = mask is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[3])
@@ -110,27 +114,27 @@ class FusedLoraLinear(torch.autograd.Function):
         x, weight, lora_A, lora_B, low_rank, packed_mask = ctx.saved_tensors
         rank_scale, fan_in_fan_out = ctx.settings
         needs_x, _, needs_bias, needs_A, needs_B = ctx.needs_input_grad[:5]
-        grad2 = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d)
+        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d)
         mask = None  # as 0/1 numbers in the gradient's dtype
         if packed_mask is not None:
-            bits = unpack_mask(packed_mask, (grad2.shape[0], ctx.x_shape[-1]))
-            mask = multiplier(bits, grad2.dtype)
-        x2 = None if x is None else x.reshape(-1, x.shape[-1])  # (N, k)
-        grad_low, grad_A, grad_B = adapter_grads(
-            grad2, x2, mask, low_rank, lora_A, lora_B, rank_scale, needs_A, needs_B
+            bits = unpack_mask(packed_mask, (grad_rows.shape[0], ctx.x_shape[-1]))
+            mask = multiplier(bits, grad_rows.dtype)
+        x_rows = None if x is None else x.reshape(-1, x.shape[-1])  # (N, k)
+        grad_low_rank, grad_A, grad_B = adapter_grads(
+            grad_rows, x_rows, mask, low_rank, lora_A, lora_B, rank_scale, needs_A, needs_B
         )
         grad_x = grad_bias = None
         if needs_x:
-            grad_x = base_input_grad(grad2, weight, fan_in_fan_out)  # (N, k)
-            grad_low = as_dtype(grad_low, grad2.dtype)
-            lora_A_x = as_dtype(lora_A, grad2.dtype)
+            grad_x = base_input_grad(grad_rows, weight, fan_in_fan_out)  # (N, k)
+            grad_low_rank = as_dtype(grad_low_rank, grad_rows.dtype)
+            lora_A_cast = as_dtype(lora_A, grad_rows.dtype)
             if mask is None:
-                grad_x.addmm_(grad_low, lora_A_x)
+                grad_x.addmm_(grad_low_rank, lora_A_cast)
             else:
-                grad_x.addcmul_(grad_low @ lora_A_x, mask)
+                grad_x.addcmul_(grad_low_rank @ lora_A_cast, mask)
             grad_x = grad_x.view(ctx.x_shape)
         if needs_bias:
-            grad_bias = grad2.sum(0)
+            grad_bias = grad_rows.sum(0)
         return grad_x, None, grad_bias, grad_A, grad_B, None, None, None, None
 
 
@@ -138,8 +142,8 @@ CHUNK_ELEMENTS = 1 << 22  # rows of G and x cast to the adapter dtype at a time:
 
 
 def adapter_grads(
-    grad2: torch.Tensor,
-    x2: torch.Tensor | None,
+    grad_rows: torch.Tensor,
+    x_rows: torch.Tensor | None,
     mask: torch.Tensor | None,
     low_rank: torch.Tensor,
     lora_A: torch.Tensor,
@@ -154,33 +158,33 @@ def adapter_grads(
     products are accumulated in the adapter's dtype from row chunks of G and x cast on the fly,
     so the adapter gradients keep fp32 accuracy with no fp32 copy of a whole activation.
     """
-    acc = lora_A.dtype
-    if torch.finfo(acc).bits <= torch.finfo(grad2.dtype).bits:
-        grad_low = (grad2 @ as_dtype(lora_B, grad2.dtype)).mul_(rank_scale)  # (N, r)
+    accumulate_dtype = lora_A.dtype
+    if torch.finfo(accumulate_dtype).bits <= torch.finfo(grad_rows.dtype).bits:
+        grad_low_rank = (grad_rows @ as_dtype(lora_B, grad_rows.dtype)).mul_(rank_scale)  # (N, r)
         grad_A = grad_B = None
         if needs_A:
-            x_kept = x2 if mask is None else x2 * mask  # temporary (N, k)
-            grad_A = (grad_low.T @ x_kept).to(acc)
+            x_kept = x_rows if mask is None else x_rows * mask  # temporary (N, k)
+            grad_A = (grad_low_rank.T @ x_kept).to(accumulate_dtype)
         if needs_B:
-            grad_B = (grad2.T @ low_rank).mul_(rank_scale).to(lora_B.dtype)
-        return grad_low, grad_A, grad_B
-    rows, width = grad2.shape[0], max(grad2.shape[1], lora_A.shape[1])
+            grad_B = (grad_rows.T @ low_rank).mul_(rank_scale).to(lora_B.dtype)
+        return grad_low_rank, grad_A, grad_B
+    rows, width = grad_rows.shape[0], max(grad_rows.shape[1], lora_A.shape[1])
     step = max(1, CHUNK_ELEMENTS // width)
-    grad_low = grad2.new_empty((rows, lora_A.shape[0]), dtype=acc)
+    grad_low_rank = grad_rows.new_empty((rows, lora_A.shape[0]), dtype=accumulate_dtype)
     grad_A = torch.zeros_like(lora_A) if needs_A else None
-    grad_B = torch.zeros_like(lora_B, dtype=acc) if needs_B else None
+    grad_B = torch.zeros_like(lora_B, dtype=accumulate_dtype) if needs_B else None
     for start in range(0, rows, step):
         part = slice(start, start + step)
-        grad_part = grad2[part].to(acc)  # (n, d)
-        torch.mm(grad_part, lora_B.to(acc), out=grad_low[part]).mul_(rank_scale)
+        grad_part = grad_rows[part].to(accumulate_dtype)  # (n, d)
+        torch.mm(grad_part, lora_B.to(accumulate_dtype), out=grad_low_rank[part]).mul_(rank_scale)
         if needs_B:
-            grad_B.addmm_(grad_part.T, low_rank[part].to(acc), alpha=rank_scale)
+            grad_B.addmm_(grad_part.T, low_rank[part].to(accumulate_dtype), alpha=rank_scale)
         if needs_A:
-            x_part = x2[part].to(acc)  # (n, k)
+            x_part = x_rows[part].to(accumulate_dtype)  # (n, k)
             if mask is not None:
-                x_part.mul_(mask[part].to(acc))
-            grad_A.addmm_(grad_low[part].T, x_part)
-    return grad_low, grad_A, grad_B.to(lora_B.dtype) if needs_B else None
+                x_part.mul_(mask[part].to(accumulate_dtype))
+            grad_A.addmm_(grad_low_rank[part].T, x_part)
+    return grad_low_rank, grad_A, grad_B.to(lora_B.dtype) if needs_B else None
 
 
 def lora_linear_inference(
@@ -192,11 +196,11 @@ def lora_linear_inference(
 ) -> torch.Tensor:
     """``W0 x + b + sum_a c_a B_a A_a (x * mask_a)`` without autograd: one fresh (..., d) output,
     each adapter added into it in place, rank-r product first."""
-    x2 = x.reshape(-1, x.shape[-1])  # (N, k)
-    out = base_output(x2, weight, bias, fan_in_fan_out)  # (N, d)
+    x_rows = x.reshape(-1, x.shape[-1])  # (N, k)
+    out = linear_output(x_rows, weight, bias, fan_in_fan_out)  # (N, d)
     for adapter in adapters:
         seed = new_seed() if adapter.drop_levels else 0
-        x_kept = dropped(x2, dropout_mask(x2, adapter.drop_levels, seed))
+        x_kept = dropped(x_rows, dropout_mask(x_rows, adapter.drop_levels, seed))
         low_rank = F.linear(x_kept, as_dtype(adapter.lora_A, x.dtype))  # (N, r)
         out.addmm_(low_rank, as_dtype(adapter.lora_B, x.dtype).T, alpha=adapter.rank_scale)
     return out.view(*x.shape[:-1], out.shape[-1])

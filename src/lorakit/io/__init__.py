@@ -3,8 +3,10 @@
 - ``save_adapter(model, directory, adapter_name="default", *, dtype=None)``
 - ``load_adapter(model, directory, adapter_name="default", *, allow_base_mismatch=False)``
 - ``read_adapter(directory)`` -> ``AdapterFile`` (``.config``, ``.tensors``, ``.nonfinite``,
-  ``.fingerprint``); the weights file is read by ``lorakit.io.tensors.read_safetensors`` (one
-  read, tensors checked for inf/NaN in bulk)
+  ``.huge``, ``.fingerprint``); in two steps, ``read.read_adapter_header`` (config and header, no
+  data) then ``read.read_adapter_data``; the weights file is read by
+  ``lorakit.io.tensors.read_safetensors`` (one read, values checked for inf/NaN and range in bulk).
+  Adapter files are untrusted input: every malformed file is an ``AdapterFileError``.
 - ``save_merged_model(model, directory, tokenizer=None)``
 - ``lorakit.io.atomic``: atomic file writes.
 

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from lorakit.config import LoraConfig, pattern_key
 from lorakit.errors import AdapterFileError
+from lorakit.io.header import unreadable
 from lorakit.layers import is_linear
 from lorakit.targets import SEQ_CLS_HEADS, find_targets, model_modules, resolved_target_spec
 
-__all__ = ["config_from_json", "config_to_json", "written_target_modules"]
+__all__ = ["config_from_json", "config_to_json", "read_config_text", "written_target_modules"]
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -165,6 +167,22 @@ def _pattern_in_file_order(pattern: dict[str, Any], module_names: list[str]) -> 
     return dict(pattern)
 
 
+def read_config_text(path: Path) -> str:
+    """The text of ``adapter_config.json`` at ``path``; ``AdapterFileError`` if it cannot be read
+    or is not UTF-8 (JSON files are UTF-8, and PEFT writes them so)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise unreadable(path, error) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise AdapterFileError(
+            f"{path} is not UTF-8 text (byte {error.start}); it is not a JSON file written by "
+            "peft or lorakit. Fix or re-save the adapter."
+        ) from None
+
+
 def config_from_json(text: str, source: str) -> LoraConfig:
     """Parse ``adapter_config.json`` text into a ``LoraConfig``; ``source`` names the file in
     errors. Raises ``AdapterFileError`` for anything lorakit cannot load faithfully."""
@@ -175,6 +193,8 @@ def config_from_json(text: str, source: str) -> LoraConfig:
             f"{source} is not valid JSON ({error.msg} at line {error.lineno}, column "
             f"{error.colno}); fix or re-save the adapter."
         ) from None
+    except RecursionError:
+        raise AdapterFileError(f"{source}: the JSON is nested too deeply to be a config.") from None
     if not isinstance(values, dict):
         raise AdapterFileError(f"{source} must hold a JSON object, not {type(values).__name__}.")
     peft_type = values.get("peft_type")

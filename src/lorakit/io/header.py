@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ __all__ = [
     "parse_header",
     "read_header",
     "serialize",
+    "unreadable",
 ]
 
 DTYPE_SIZES = {
@@ -65,16 +67,27 @@ def _broken(path: Path, what: str) -> AdapterFileError:
 def read_header(path: str | Path) -> SafetensorsHeader:
     """Read and check the header of ``path`` (reads ``8 + n`` bytes, not the tensors).
 
-    Raises ``AdapterFileError`` if the header is malformed or the file is shorter than the
-    tensors it declares.
+    Raises ``AdapterFileError`` if the header is malformed, the file is shorter than the
+    tensors it declares, or it cannot be read (a directory, a symlink loop, no permission).
     """
     path = Path(path)
-    file_size = path.stat().st_size
-    with path.open("rb") as handle:
-        prefix = handle.read(8)
-        length = header_length(path, prefix, file_size)
-        raw = handle.read(length)
+    try:
+        with path.open("rb") as handle:
+            file_size = os.fstat(handle.fileno()).st_size
+            prefix = handle.read(8)
+            length = header_length(path, prefix, file_size)
+            raw = handle.read(length)
+    except OSError as error:
+        raise unreadable(path, error) from None
     return parse_header(path, raw, file_size)
+
+
+def unreadable(path: Path, error: OSError) -> AdapterFileError:
+    """The error for a file that cannot be opened or read (``error.strerror`` says why)."""
+    reason = error.strerror or type(error).__name__
+    text = str(path)
+    shown = text if len(text) <= 300 else f"{text[:150]}...{text[-100:]}"
+    return AdapterFileError(f"cannot read {shown}: {reason}. Check the path and its permissions.")
 
 
 def header_length(path: Path, prefix: bytes, file_size: int) -> int:
@@ -93,9 +106,16 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> SafetensorsHeader:
         entries = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise _broken(path, f"header is not JSON ({error})") from None
+    except RecursionError:
+        raise _broken(path, "header JSON is nested too deeply") from None
     if not isinstance(entries, dict):
         raise _broken(path, "header is not a JSON object")
-    header = SafetensorsHeader(metadata=entries.pop("__metadata__", None) or {})
+    metadata = entries.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(value, str) for value in metadata.values()
+    ):
+        raise _broken(path, "__metadata__ is not an object of strings")
+    header = SafetensorsHeader(metadata=metadata)
     header.file_size = file_size
     for key, entry in entries.items():
         header.tensors[key] = _tensor_info(path, key, entry)
@@ -106,12 +126,23 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> SafetensorsHeader:
     return header
 
 
+def _is_count(value: object) -> bool:
+    """A JSON integer >= 0 (not a bool, not a float such as 4.0: safetensors' shapes are usize)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _tensor_info(path: Path, key: str, entry: object) -> TensorInfo:
     try:
-        dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        info = TensorInfo(str(dtype), tuple(int(n) for n in shape), int(start), int(end))
-    except (TypeError, KeyError, ValueError) as error:
-        raise _broken(path, f"entry {key!r} is malformed ({error})") from None
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    except (TypeError, KeyError) as error:
+        raise _broken(path, f"entry {key!r} is malformed (no {error})") from None
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        raise _broken(path, f"tensor {key!r} has shape {shape!r}, not a list of integers >= 0")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)):
+        raise _broken(path, f"tensor {key!r} has data_offsets {offsets!r}, not [start, end]")
+    if not isinstance(dtype, str):
+        raise _broken(path, f"tensor {key!r} has dtype {dtype!r}, not a string")
+    info = TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
     if info.dtype not in DTYPE_SIZES:
         raise _broken(path, f"tensor {key!r} has unknown dtype {info.dtype!r}")
     if info.end - info.start != info.numel * DTYPE_SIZES[info.dtype] or info.start < 0:

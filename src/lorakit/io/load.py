@@ -1,9 +1,10 @@
 """Load an adapter file into a model: check everything first, then change the model.
 
-Order: read the files (``read_adapter``) -> work out which tensors the config implies for this
-model (``keys.adapter_slots``) -> refuse missing or unexpected keys, wrong shapes, a rank that
-disagrees with the config, non-finite values, a base whose fingerprint differs -> only then
-inject the adapter and copy the tensors in. Any failure after injection rolls the model back
+Order: read the config and the safetensors header (``read_adapter_header``) -> work out which
+tensors the config implies for this model (``keys.adapter_slots``) -> refuse missing or
+unexpected keys, wrong shapes or dtypes, a rank that disagrees with the config, all from the
+header -> only then read the tensor data (``read_adapter_data``) -> refuse non-finite or absurd
+values, a base whose fingerprint differs -> only then inject the adapter and copy the tensors in. Any failure after injection rolls the model back
 to exactly what it was.
 """
 
@@ -36,7 +37,14 @@ from lorakit.io.keys import (
     model_tensor,
     saved_module_alias_keys,
 )
-from lorakit.io.read import AdapterFile, adapter_directory, read_adapter
+from lorakit.io.read import (
+    AdapterFile,
+    AdapterHeader,
+    adapter_directory,
+    read_adapter_data,
+    read_adapter_header,
+)
+from lorakit.io.tensors import TORCH_DTYPES
 from lorakit.layers import LoraLayer, ModulesToSave
 from lorakit.state import (
     active_adapters,
@@ -77,11 +85,13 @@ def load_adapter(
             "adapter_name, or remove it first with lorakit.delete_adapter(model, name)."
         )
     _check_adapter_name(model, adapter_name)
-    adapter = read_adapter(adapter_directory(directory, adapter_name))
+    header = read_adapter_header(adapter_directory(directory, adapter_name))
     current = dict(walk_modules(model))  # LoRA layers as they are, for adding the adapter
     modules = {name: original_module(module) for name, module in current.items()}
-    plan = _plan(model, adapter, modules)
-    _check_tensors(adapter, plan, modules)
+    plan = _plan(model, header, modules)
+    _check_tensors(header, plan, modules)  # from the header: no data read yet
+    adapter = read_adapter_data(header)
+    adapter.require_finite([slot.key for slot in plan.slots])
     replaced = {s.module for s in plan.slots if s.role == "base_weight"}  # the file brings these
     checked = [s.module for s in plan.slots if s.role == "lora_A" and s.module not in replaced]
     _check_base(model, adapter, checked, allow_base_mismatch, modules)
@@ -100,7 +110,7 @@ class _Plan:
     slots: list[Slot]
 
 
-def _plan(model: nn.Module, adapter: AdapterFile, modules: dict[str, nn.Module]) -> _Plan:
+def _plan(model: nn.Module, adapter: AdapterHeader, modules: dict[str, nn.Module]) -> _Plan:
     """The config to inject (``modules_to_save`` entries that name no module and have no
     tensor dropped, e.g. peft's automatic "classifier"/"score") and the tensors it implies."""
     config = adapter.config
@@ -133,7 +143,7 @@ def _plan(model: nn.Module, adapter: AdapterFile, modules: dict[str, nn.Module])
     return _Plan(config, targets, saved_names, slots)
 
 
-def _has_tensors_for(adapter: AdapterFile, entry: str) -> bool:
+def _has_tensors_for(adapter: AdapterHeader, entry: str) -> bool:
     return any(f".{entry}." in "." + key for key in adapter.tensors)
 
 
@@ -142,8 +152,9 @@ def _listed(keys: Sequence[str], limit: int = 6) -> str:
     return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def _check_tensors(adapter: AdapterFile, plan: _Plan, modules: dict[str, nn.Module]) -> None:
-    """Keys, shapes, ranks and values; raises ``AdapterFileError`` naming the tensors."""
+def _check_tensors(adapter: AdapterHeader, plan: _Plan, modules: dict[str, nn.Module]) -> None:
+    """Keys, shapes, dtypes and ranks from the header; raises ``AdapterFileError`` naming the
+    tensors."""
     source, config, slots = adapter.directory, plan.config, plan.slots
     expected = {slot.key for slot in slots}
     ignored = {
@@ -165,25 +176,41 @@ def _check_tensors(adapter: AdapterFile, plan: _Plan, modules: dict[str, nn.Modu
             f"{_listed(unexpected)}. Is the model the adapter's base architecture?"
         )
     for slot in sorted(slots, key=lambda s: s.role != "base_weight"):  # vocabulary first
-        tensor = adapter.tensors[slot.key]
+        info = adapter.tensors[slot.key]
         rank = config.rank_for(slot.module)
         shape = expected_shape(modules, slot, rank)
-        if tuple(tensor.shape) != shape:
-            raise AdapterFileError(_shape_message(source, slot, tuple(tensor.shape), shape, rank))
-        adapter.require_finite([slot.key])
+        if tuple(info.shape) != shape:
+            raise AdapterFileError(_shape_message(source, slot, tuple(info.shape), shape, rank))
+        _check_dtype(source, slot, info.dtype, modules)
+
+
+def _check_dtype(source, slot: Slot, dtype: str, modules: dict[str, nn.Module]) -> None:
+    """LoRA factors, biases and base weights must be floating point; a saved module's tensor
+    the same kind (floating point or not) as the model's."""
+    floating = TORCH_DTYPES[dtype].is_floating_point
+    if slot.role == "saved":
+        wanted = modules[slot.module].state_dict()[slot.parameter].is_floating_point()
+    else:
+        wanted = True
+    if floating != wanted:
+        raise AdapterFileError(
+            f"adapter {source}: tensor {slot.key} has dtype {dtype}, expected a "
+            f"{'floating-point' if wanted else 'non-floating-point'} dtype. The file is broken; "
+            "re-save the adapter."
+        )
 
 
 def _shape_message(source, slot: Slot, got: tuple, want: tuple, rank: int) -> str:
     message = f"adapter {source}: tensor {slot.key} has shape {list(got)}, expected {list(want)}"
-    if slot.role in ("lora_A", "lora_B"):
+    if slot.role in ("lora_A", "lora_B") and len(got) == 2 == len(want):
         rank_axis = 0 if slot.role == "lora_A" else 1
-        if got[1 - rank_axis] == want[1 - rank_axis] and len(got) == 2:
+        if got[1 - rank_axis] == want[1 - rank_axis]:
             return (
                 f"{message}: the config gives rank r={rank} for {slot.module} (r / rank_pattern "
                 f"in adapter_config.json) but the tensor has rank {got[rank_axis]}. The config "
                 "and the weights disagree; fix adapter_config.json or re-save the adapter."
             )
-    if slot.role == "base_weight":
+    if slot.role == "base_weight" and len(got) == len(want) and got[1:] == want[1:]:
         return (
             f"{message}: the adapter was saved with a resized vocabulary of {got[0]} tokens; "
             f"call model.resize_token_embeddings({got[0]}) before loading it."
@@ -216,8 +243,9 @@ def _check_base(
     )
     if not allow_base_mismatch:
         raise BaseModelMismatchError(message)
+    overridden = message.split(" Load it onto")[0].removesuffix(".")
     warnings.warn(
-        message.replace(" Load it onto", " Loading anyway as asked. Load it onto"), stacklevel=3
+        f"{overridden}; loaded anyway: allow_base_mismatch=True overrode the check", stacklevel=3
     )
 
 

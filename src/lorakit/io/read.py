@@ -2,7 +2,10 @@
 
 ``read_adapter(directory)`` -> ``AdapterFile`` with ``.config`` (``LoraConfig``), ``.tensors``
 (PEFT key -> tensor, as stored), ``.fingerprint`` (or None for files written by peft) and
-``.metadata``. Pickle files (``adapter_model.bin``) are never opened.
+``.metadata``; in two steps, ``read_adapter_header`` (config and safetensors header: keys, dtypes,
+shapes; no tensor data) then ``read_adapter_data``, so that callers can refuse a file that does
+not fit before reading its data. Pickle files (``adapter_model.bin``) are never opened. Every
+failure, down to an unreadable path or JSON nested too deeply, is an ``AdapterFileError``.
 """
 
 from __future__ import annotations
@@ -18,16 +21,21 @@ import torch
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
 from lorakit.io import fingerprint
-from lorakit.io.config_json import CONFIG_NAME, config_from_json
-from lorakit.io.tensors import read_safetensors
+from lorakit.io.config_json import CONFIG_NAME, config_from_json, read_config_text
+from lorakit.io.header import TensorInfo, read_header, unreadable
+from lorakit.io.tensors import MAX_ABS_VALUE, read_safetensors
 
 __all__ = [
     "CONFIG_METADATA_KEY",
     "PICKLE_NAME",
     "WEIGHTS_NAME",
     "AdapterFile",
+    "AdapterHeader",
     "adapter_directory",
     "read_adapter",
+    "read_adapter_data",
+    "read_adapter_header",
+    "weights_path",
 ]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -35,6 +43,22 @@ PICKLE_NAME = "adapter_model.bin"
 # lorakit also stores the config text inside the weights file: both are then written together
 # in one atomic rename, so a save interrupted between the two files is detected and repaired.
 CONFIG_METADATA_KEY = "lorakit.adapter_config"
+
+
+@dataclass
+class AdapterHeader:
+    """An adapter's config and safetensors header, checked, without any tensor data:
+    ``tensors`` maps each key to its dtype, shape and offsets (``header.TensorInfo``)."""
+
+    directory: Path
+    config: LoraConfig
+    tensors: dict[str, TensorInfo]
+    fingerprint: dict[str, dict[str, object]] | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def weights_path(self) -> Path:
+        return self.directory / WEIGHTS_NAME
 
 
 @dataclass
@@ -47,15 +71,22 @@ class AdapterFile:
     nonfinite: frozenset[str]  # keys of tensors holding inf/NaN
     fingerprint: dict[str, dict[str, object]] | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    huge: frozenset[str] = frozenset()  # keys of tensors with finite values beyond MAX_ABS_VALUE
 
     def require_finite(self, keys: Iterable[str] | None = None) -> None:
         """Raise ``AdapterFileError`` naming the first of ``keys`` (default: every tensor, in
-        key order) that holds inf/NaN values."""
-        for key in sorted(self.nonfinite) if keys is None else keys:
+        key order) that holds inf/NaN values or finite values beyond +-``MAX_ABS_VALUE``."""
+        for key in sorted(self.nonfinite | self.huge) if keys is None else keys:
             if key in self.nonfinite:
                 raise AdapterFileError(
                     f"adapter {self.directory}: tensor {key} holds inf/NaN values; the adapter "
                     "is broken (diverged training?) and was not loaded."
+                )
+            if key in self.huge:
+                raise AdapterFileError(
+                    f"adapter {self.directory}: tensor {key} holds values beyond "
+                    f"+-{MAX_ABS_VALUE:g} (float16's range); the adapter is broken (diverged "
+                    "training, or bytes that are not what the header says) and was not loaded."
                 )
 
 
@@ -63,10 +94,14 @@ def adapter_directory(directory: str | Path, adapter_name: str = "default") -> P
     """``directory/adapter_name`` if it holds an adapter (PEFT's layout for adapters other than
     "default"), else ``directory``. Raises ``AdapterFileError`` naming what was looked for."""
     directory = Path(directory)
-    for candidate in (directory / adapter_name, directory):
-        if (candidate / CONFIG_NAME).is_file():
-            return candidate
-    if not directory.exists():
+    try:
+        for candidate in (directory / adapter_name, directory):
+            if (candidate / CONFIG_NAME).is_file():
+                return candidate
+        exists = directory.exists()
+    except OSError as error:  # e.g. a name too long for the file system
+        raise unreadable(directory, error) from None
+    if not exists:
         raise AdapterFileError(f"adapter directory {directory} does not exist.")
     raise AdapterFileError(
         f"no {CONFIG_NAME} in {directory} (nor in {directory / adapter_name}); is this an "
@@ -87,37 +122,72 @@ def pickle_refusal(path: Path) -> AdapterFileError:
     )
 
 
-def read_adapter(directory: str | Path) -> AdapterFile:
-    """Read ``adapter_config.json`` and ``adapter_model.safetensors`` from ``directory``.
+def weights_path(directory: Path) -> Path:
+    """``directory/adapter_model.safetensors``; ``AdapterFileError`` when it is missing or not a
+    file (a pickle-only adapter gets the conversion hint)."""
+    path = directory / WEIGHTS_NAME
+    if path.is_file():
+        return path
+    if (directory / PICKLE_NAME).is_file():
+        raise pickle_refusal(directory / PICKLE_NAME)
+    if path.exists() or path.is_symlink():
+        raise AdapterFileError(f"{path} is not a regular file (a directory, or a broken link).")
+    raise AdapterFileError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}.")
 
-    Raises ``AdapterFileError`` for a missing, truncated or corrupted file, an unusable config,
-    or a pickle-only adapter.
-    """
+
+def read_adapter_header(directory: str | Path) -> AdapterHeader:
+    """Read ``adapter_config.json`` and the safetensors HEADER of ``directory`` (no tensor data),
+    checked as ``read_adapter`` checks them. Raises ``AdapterFileError``."""
     directory = adapter_directory(directory)
-    weights_path = directory / WEIGHTS_NAME
-    if not weights_path.is_file():
-        if (directory / PICKLE_NAME).is_file():
-            raise pickle_refusal(directory / PICKLE_NAME)
-        raise AdapterFileError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}.")
+    try:
+        weights = weights_path(directory)
+    except OSError as error:
+        raise unreadable(directory, error) from None
     config_path = directory / CONFIG_NAME
-    config_text = config_path.read_text(encoding="utf-8", errors="replace")
+    config_text = read_config_text(config_path)
     config = config_from_json(config_text, str(config_path))
-    contents = read_safetensors(weights_path)
-    header = contents.header
+    header = read_header(weights)
     stored_text = header.metadata.get(CONFIG_METADATA_KEY)
     if stored_text is not None and stored_text != config_text:
         config = _reconcile(config, stored_text, str(config_path))
     stored_fingerprint = header.metadata.get(fingerprint.METADATA_KEY)
-    return AdapterFile(
+    return AdapterHeader(
         directory=directory,
         config=config,
-        tensors=contents.tensors,
-        nonfinite=contents.nonfinite,
+        tensors=header.tensors,
         fingerprint=None
         if stored_fingerprint is None
-        else fingerprint.from_metadata(stored_fingerprint, str(weights_path)),
+        else fingerprint.from_metadata(stored_fingerprint, str(weights)),
         metadata=dict(header.metadata),
     )
+
+
+def read_adapter_data(header: AdapterHeader) -> AdapterFile:
+    """The tensors ``header`` describes, read whole and checked (``read_safetensors``); refused
+    if the file changed since its header was read."""
+    contents = read_safetensors(header.weights_path)
+    if contents.header.tensors != header.tensors:
+        raise AdapterFileError(
+            f"{header.weights_path} changed while it was being read; retry once the save ends."
+        )
+    return AdapterFile(
+        directory=header.directory,
+        config=header.config,
+        tensors=contents.tensors,
+        nonfinite=contents.nonfinite,
+        fingerprint=header.fingerprint,
+        metadata=header.metadata,
+        huge=contents.huge,
+    )
+
+
+def read_adapter(directory: str | Path) -> AdapterFile:
+    """Read ``adapter_config.json`` and ``adapter_model.safetensors`` from ``directory``.
+
+    Raises ``AdapterFileError`` for a missing, unreadable, truncated or corrupted file, an
+    unusable config, or a pickle-only adapter.
+    """
+    return read_adapter_data(read_adapter_header(directory))
 
 
 def _numeric(config: LoraConfig) -> dict[str, object]:

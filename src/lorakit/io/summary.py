@@ -7,46 +7,56 @@ the adapter changes, per trainable LoRA parameter; ``functional.lora_parameter_c
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from lorakit import functional
 from lorakit.errors import AdapterFileError
-from lorakit.io.config_json import CONFIG_NAME, config_from_json
+from lorakit.io import fingerprint
+from lorakit.io.config_json import CONFIG_NAME, config_from_json, read_config_text
 from lorakit.io.fingerprint import METADATA_KEY
-from lorakit.io.header import read_header
+from lorakit.io.header import TensorInfo, read_header
 from lorakit.io.keys import parse_lora_key
-from lorakit.io.read import PICKLE_NAME, WEIGHTS_NAME, adapter_directory, pickle_refusal
+from lorakit.io.read import adapter_directory, weights_path
+from lorakit.io.tensors import TORCH_DTYPES
 
 __all__ = ["summarize_adapter"]
 
 
-def _factor_shapes(tensors) -> dict[str, dict[str, tuple[int, ...]]]:
-    """``{module: {"lora_A": shape, "lora_B": shape}}`` from the header entries."""
-    factors: dict[str, dict[str, tuple[int, ...]]] = {}
+def _factor_infos(tensors: dict[str, TensorInfo]) -> dict[str, dict[str, TensorInfo]]:
+    """``{module: {"lora_A": info, "lora_B": info}}`` from the header entries."""
+    factors: dict[str, dict[str, TensorInfo]] = {}
     for key, info in tensors.items():
         parsed = parse_lora_key(key)
         if parsed is not None:
-            factors.setdefault(parsed[0], {})[parsed[1]] = info.shape
+            factors.setdefault(parsed[0], {})[parsed[1]] = info
     return factors
 
 
-def _checked_factors(path: Path, module: str, shapes: dict) -> tuple[int, int, int]:
-    """``(r, k, d)`` of one module's factors: A (r, k) and B (d, r), both present."""
-    a_shape, b_shape = shapes.get("lora_A"), shapes.get("lora_B")
-    if a_shape is None or b_shape is None:
-        missing = "lora_A" if a_shape is None else "lora_B"
+def _checked_factors(path: Path, module: str, infos: dict) -> tuple[int, int, int]:
+    """``(r, k, d)`` of one module's factors: A (r, k) and B (d, r), both present, r >= 1,
+    floating point."""
+    a_info, b_info = infos.get("lora_A"), infos.get("lora_B")
+    if a_info is None or b_info is None:
+        missing = "lora_A" if a_info is None else "lora_B"
         raise AdapterFileError(
             f"{path} has no {missing} tensor for module {module!r} (only its "
-            f"{'lora_B' if a_shape is None else 'lora_A'}); the file is incomplete, re-save it."
+            f"{'lora_B' if a_info is None else 'lora_A'}); the file is incomplete, re-save it."
         )
-    if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+    a_shape, b_shape = a_info.shape, b_info.shape
+    if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1] or a_shape[0] < 1:
         raise AdapterFileError(
-            f"{path}: module {module!r} has lora_A {list(a_shape)} and lora_B {list(b_shape)}; "
-            "expected (r, k) and (d, r) with the same r. The file is damaged; re-save it."
+            f"{path}: module {module!r} has lora_A of shape {list(a_shape)} and lora_B of shape "
+            f"{list(b_shape)}; expected (r, k) and (d, r) with the same r >= 1. The file is "
+            "damaged; re-save it."
         )
+    for role, info in (("lora_A", a_info), ("lora_B", b_info)):
+        if not TORCH_DTYPES[info.dtype].is_floating_point:
+            raise AdapterFileError(
+                f"{path}: module {module!r} has a {role} of dtype {info.dtype}; LoRA factors are "
+                "floating point. The file is damaged; re-save it."
+            )
     return a_shape[0], a_shape[1], b_shape[0]
 
 
@@ -55,27 +65,25 @@ def _fingerprint_summary(metadata: dict[str, str]) -> dict[str, Any]:
     if text is None:
         return {"present": False}
     try:
-        modules = json.loads(text)["modules"]
-        dtypes = sorted({str(entry["dtype"]) for entry in modules.values()})
-    except (ValueError, KeyError, TypeError, AttributeError):
+        modules = fingerprint.from_metadata(text, METADATA_KEY)
+    except AdapterFileError:
         return {"present": True, "readable": False}
+    dtypes = sorted({str(entry["dtype"]) for entry in modules.values()})
     return {"present": True, "readable": True, "modules": len(modules), "base_dtypes": dtypes}
 
 
 def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> dict[str, Any]:
     """A JSON-ready summary of the adapter in ``directory`` (see the module docstring)."""
     directory = adapter_directory(directory, adapter_name)
-    weights = directory / WEIGHTS_NAME
-    if not weights.is_file() and (directory / PICKLE_NAME).is_file():
-        raise pickle_refusal(directory / PICKLE_NAME)
+    weights = weights_path(directory)
     config_path = directory / CONFIG_NAME
-    config = config_from_json(config_path.read_text(encoding="utf-8"), str(config_path))
+    config = config_from_json(read_config_text(config_path), str(config_path))
     header = read_header(weights)
-    factors = _factor_shapes(header.tensors)
+    factors = _factor_infos(header.tensors)
     ranks, alphas, scalings = Counter(), Counter(), Counter()
     base_parameters = lora_parameters = 0
-    for module, shapes in sorted(factors.items()):
-        rank, in_features, out_features = _checked_factors(weights, module, shapes)
+    for module, infos in sorted(factors.items()):
+        rank, in_features, out_features = _checked_factors(weights, module, infos)
         alpha = config.alpha_for(module)
         ranks[rank] += 1
         alphas[alpha] += 1

@@ -6,22 +6,31 @@ Here the file is read into one buffer with a single ``readinto``; every tensor s
 of it and is then cloned into storage of its own (tensors that share one storage are refused, or
 silently dropped as "tied", by safetensors' and transformers' savers).
 
-Finite values are checked once per dtype over the bytes that dtype's tensors span: a float sum
-is finite only if every term is (a NaN or an infinity propagates), so a finite sum proves every
-tensor finite in one pass. A sum that is not finite (a bad value, an overflow, or the bytes of
-another dtype's tensor lying in between) sends that dtype's tensors to an exact check one by one.
+Values are checked once per dtype over the bytes that dtype's tensors span: the minimum and
+maximum of the span (one pass; a NaN propagates) within +-``MAX_ABS_VALUE`` prove every tensor
+finite and in range. Otherwise (a bad value, or the bytes of another dtype's tensor lying in
+between) that dtype's tensors are checked one by one. ``MAX_ABS_VALUE`` is float16's largest
+value, 65504: a LoRA factor, bias or saved weight beyond it is a broken file (a diverged run, or
+bytes that are not what they claim), and no float16 model could use it.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lorakit.io.header import DTYPE_SIZES, SafetensorsHeader, header_length, parse_header
+from lorakit.io.header import (
+    DTYPE_SIZES,
+    SafetensorsHeader,
+    header_length,
+    parse_header,
+    unreadable,
+)
 
-__all__ = ["TORCH_DTYPES", "SafetensorsFile", "read_safetensors"]
+__all__ = ["MAX_ABS_VALUE", "TORCH_DTYPES", "SafetensorsFile", "read_safetensors"]
 
 TORCH_DTYPES = {
     "F64": torch.float64,
@@ -41,43 +50,43 @@ TORCH_DTYPES = {
     "F8_E5M2": torch.float8_e5m2,
 }
 assert set(TORCH_DTYPES) == set(DTYPE_SIZES)
-_SUMMABLE = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float32,
-    "BF16": torch.float32,
-}
+MAX_ABS_VALUE = 65504.0  # float16's largest finite value
 
 
 @dataclass
 class SafetensorsFile:
     """A safetensors file in memory: ``tensors`` (key -> tensor with its own storage, the file's
-    dtype) and ``nonfinite`` (keys of floating-point tensors holding inf or NaN)."""
+    dtype), ``nonfinite`` (keys of floating-point tensors holding inf or NaN) and ``huge`` (keys
+    of those holding finite values beyond +-``MAX_ABS_VALUE``)."""
 
     header: SafetensorsHeader
     tensors: dict[str, torch.Tensor]
     nonfinite: frozenset[str]
+    huge: frozenset[str] = frozenset()
 
 
 def read_safetensors(path: str | Path) -> SafetensorsFile:
     """Read and check ``path`` (raises ``AdapterFileError`` for a truncated or malformed file)."""
     path = Path(path)
-    buffer = _read_all(path)
+    try:
+        buffer = _read_all(path)
+    except OSError as error:
+        raise unreadable(path, error) from None
     length = header_length(path, bytes(buffer[:8].numpy()), buffer.numel())
     header = parse_header(path, bytes(buffer[8 : 8 + length].numpy()), buffer.numel())
     data_offset = 8 + length
     views = {key: _view(buffer, data_offset, info) for key, info in header.tensors.items()}
-    nonfinite = _nonfinite(buffer, data_offset, header, views)
+    nonfinite, huge = _bad_values(buffer, data_offset, header, views)
     tensors = {key: view.clone() for key, view in views.items()}
-    return SafetensorsFile(header, tensors, nonfinite)
+    return SafetensorsFile(header, tensors, nonfinite, huge)
 
 
 def _read_all(path: Path) -> torch.Tensor:
-    size = path.stat().st_size
-    buffer = torch.empty(size, dtype=torch.uint8)
-    target = memoryview(buffer.numpy())
-    done = 0
     with path.open("rb", buffering=0) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        buffer = torch.empty(size, dtype=torch.uint8)
+        target = memoryview(buffer.numpy())
+        done = 0
         while done < size:
             count = handle.readinto(target[done:])
             if not count:
@@ -94,10 +103,13 @@ def _view(buffer: torch.Tensor, data_offset: int, info) -> torch.Tensor:
     return raw.view(TORCH_DTYPES[info.dtype]).view(info.shape)
 
 
-def _nonfinite(
+def _bad_values(
     buffer: torch.Tensor, data_offset: int, header: SafetensorsHeader, views: dict
-) -> frozenset[str]:
-    bad: set[str] = set()
+) -> tuple[frozenset[str], frozenset[str]]:
+    """Keys of the floating-point tensors holding inf/NaN, and of those holding finite values
+    beyond ``MAX_ABS_VALUE`` (see the module docstring for the bulk check)."""
+    nonfinite: set[str] = set()
+    huge: set[str] = set()
     by_dtype: dict[str, list[str]] = {}
     for key, info in header.tensors.items():
         if views[key].is_floating_point() and info.end > info.start:
@@ -106,12 +118,23 @@ def _nonfinite(
         start = data_offset + min(header.tensors[k].start for k in keys)
         end = data_offset + max(header.tensors[k].end for k in keys)
         size = DTYPE_SIZES[dtype]
-        if dtype in _SUMMABLE and start % size == 0 and (end - start) % size == 0:
+        if start % size == 0 and (end - start) % size == 0:
             span = buffer[start:end].view(TORCH_DTYPES[dtype])
-            if bool(torch.isfinite(span.sum(dtype=_SUMMABLE[dtype]))):
+            if _within_range(_checkable(span)):
                 continue
-        bad.update(k for k in keys if not bool(torch.isfinite(_checkable(views[k])).all()))
-    return frozenset(bad)
+        for key in keys:
+            values = _checkable(views[key])
+            if not bool(torch.isfinite(values).all()):
+                nonfinite.add(key)
+            elif not _within_range(values):
+                huge.add(key)
+    return frozenset(nonfinite), frozenset(huge)
+
+
+def _within_range(values: torch.Tensor) -> bool:
+    """Every value finite and within +-``MAX_ABS_VALUE`` (a NaN fails both comparisons)."""
+    low, high = torch.aminmax(values)
+    return bool(low >= -MAX_ABS_VALUE) and bool(high <= MAX_ABS_VALUE)
 
 
 def _checkable(tensor: torch.Tensor) -> torch.Tensor:

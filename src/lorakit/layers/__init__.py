@@ -9,15 +9,15 @@ from collections.abc import Callable
 
 from torch import nn
 
-from lorakit.layers.base import (
-    LoraLayer,
+from lorakit.layers.base import LoraLayer
+from lorakit.layers.embedding import LoraEmbedding
+from lorakit.layers.linear import LoraLinear, is_conv1d, linear_shape
+from lorakit.layers.per_call import (
     adapter_override,
     current_override,
     current_router,
     row_router,
 )
-from lorakit.layers.embedding import LoraEmbedding
-from lorakit.layers.linear import LoraLinear, is_conv1d, linear_shape
 from lorakit.layers.saved import ModulesToSave
 
 __all__ = [

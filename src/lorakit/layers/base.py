@@ -1,76 +1,47 @@
-"""``LoraLayer``: the bookkeeping every LoRA layer shares (named adapters, activity, merge state).
+"""``LoraLayer``: what every LoRA layer shares: named adapters, the forward, merge state.
 
 A LoRA layer WRAPS the original module, kept as ``base_layer``; ``lorakit.unload`` puts that very
-object back. Subclasses add the adapter tensors and say how the low-rank branch is computed.
+object back. Subclasses (``LoraLinear``, ``LoraEmbedding``) give the factors' shapes and init
+rule and compute the base and the low-rank branch (``lorakit.functional``). ``forward`` is the
+whole layer: ``h = base(x) + sum_a s_a B_a A_a dropout(x)`` by one of four named paths.
+
+Merge and unmerge replace the layer's ``MergeState`` whole and a forward reads it once, so a
+forward running in another thread during a merge sees each layer before or after it, never
+half-way: every layer computes ``W0 x + s B A x``, merged or not (equal within rounding); which
+layers of the model it sees merged is not defined. A base layer called as a module (hooks, extra
+arguments, a subclass) reads its own weight when it runs and is not covered.
 """
 
 from __future__ import annotations
 
-import contextvars
-import types
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from lorakit import functional
+from lorakit.layers.per_call import current_override, current_router
 
-__all__ = ["LoraLayer", "adapter_override", "current_override", "current_router", "row_router"]
-
-# Per-call choice of adapters, without touching any module (safe across threads and async tasks):
-# id(layer) -> exactly these adapters (() = none), for the layers of the models chosen. A layer
-# not in the mapping (another model) uses its own ``active_adapters``.
-_OVERRIDE: contextvars.ContextVar[Mapping[int, tuple[str, ...]]] = contextvars.ContextVar(
-    "lorakit_adapter_override", default=types.MappingProxyType({})
-)
-
-# Per-row adapter routing for batched multi-adapter serving (``lorakit.serve``): when set, every
-# LoRA layer calls ``router(layer, x, base_output)`` and returns its result.
-Router = Callable[["LoraLayer", torch.Tensor, torch.Tensor], torch.Tensor]
-_ROUTER: contextvars.ContextVar[Router | None] = contextvars.ContextVar(
-    "lorakit_row_router", default=None
-)
+__all__ = ["LoraLayer", "MergeState"]
 
 
-def current_router() -> Router | None:
-    """The per-row router installed by ``row_router`` for the current call, or None."""
-    if torch.compiler.is_compiling():
-        return None
-    return _ROUTER.get()
+class MergeState(NamedTuple):
+    """Which adapters a layer's weight holds (immutable: merge and unmerge install a new one):
+    ``adapters`` merged into ``weight`` (the merged Parameter), ``original`` the original one
+    kept aside (not registered as a parameter of the layer). ((), None, None) when unmerged."""
+
+    adapters: tuple[str, ...]
+    weight: nn.Parameter | None
+    original: nn.Parameter | None
 
 
-@contextmanager
-def row_router(router: Router) -> Iterator[None]:
-    """Within the block every LoRA layer returns ``router(layer, x, base_layer(x))``: the router
-    adds each row's own adapter output (see ``lorakit.serve``). Only this thread / task sees it."""
-    token = _ROUTER.set(router)
-    try:
-        yield
-    finally:
-        _ROUTER.reset(token)
+def _unmerged() -> MergeState:
+    return MergeState((), None, None)  # a new object each time: a reader compares by identity
 
 
-def current_override(layer: nn.Module) -> tuple[str, ...] | None:
-    """The adapters chosen for ``layer`` in the current call by ``adapter_override``, or None."""
-    if torch.compiler.is_compiling():
-        return None
-    return _OVERRIDE.get().get(id(layer))
-
-
-@contextmanager
-def adapter_override(layers: Iterable[nn.Module], adapter_names: Sequence[str]) -> Iterator[None]:
-    """Run forwards inside the block with exactly ``adapter_names`` active (``[]``: none) in
-    ``layers`` (LoRA layers and saved-module wrappers; other layers keep their own choice).
-
-    Only the calling thread / task sees the change; modules and weights are not modified.
-    """
-    names = tuple(adapter_names)
-    token = _OVERRIDE.set({**_OVERRIDE.get(), **{id(layer): names for layer in layers}})
-    try:
-        yield
-    finally:
-        _OVERRIDE.reset(token)
+def _same_adapters(chosen: tuple[str, ...], merged: tuple[str, ...]) -> bool:
+    return chosen == merged or (bool(merged) and set(chosen) == set(merged))
 
 
 class LoraLayer(nn.Module):
@@ -91,20 +62,76 @@ class LoraLayer(nn.Module):
         self.scalings: dict[str, float] = {}
         self.dropouts: dict[str, float] = {}
         self.active_adapters: tuple[str, ...] = ()
-        self.merged_adapters: tuple[str, ...] = ()
-        # While merged: the original weight Parameter (in a tuple so it is not registered as a
-        # parameter of this layer). Modules tied to it (e.g. an output embedding) keep using it.
-        self._original_parameter: tuple[nn.Parameter, ...] = ()
+        self._merge_state = _unmerged()
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``base(x) + sum_a s_a B_a A_a dropout(x)`` over the chosen, unmerged adapters.
+
+        Shapes: those of the base layer (``LoraLinear``: x (..., k) -> (..., d)).
+        """
+        router = current_router()
+        if router is not None:  # serving: each row adds its own adapter (lorakit.serve)
+            return router(self, x, self.base_layer(x, *args, **kwargs))
+        merge, original = self.read_merge_state()  # once: merge/unmerge replace it whole
+        adapters = self.chosen_adapters()
+        if _same_adapters(adapters, merge.adapters):  # nothing to add: none, or the merged ones
+            weight = merge.weight if merge.adapters else original
+            return self.base_output(weight, x, *args, **kwargs)
+        fast_adapters = None if args or kwargs else self.fast_adapters(x, original, adapters)
+        if fast_adapters is not None:  # fused: base and adapters in one pass (lorakit.fast)
+            return self.fast_output(x, original, fast_adapters)
+        return self.plain_output(x, original, adapters, *args, **kwargs)
+
+    def chosen_adapters(self) -> tuple[str, ...]:
+        """The adapters this call adds: the per-call choice (``use_adapters``, ``disabled``) or
+        else ``active_adapters``, kept to those this layer has."""
+        override = current_override(self)
+        chosen = self.active_adapters if override is None else override
+        return tuple(name for name in chosen if name in self.ranks)
+
+    def read_merge_state(self) -> tuple[MergeState, torch.Tensor]:
+        """``(state, W0)``: the merge state and the original base weight, read consistently with
+        a merge or unmerge running in another thread (merge installs the state before the
+        weight, unmerge the weight before the state; a state that changed while the live weight
+        was read is read again)."""
+        while True:
+            state = self._merge_state
+            if state.adapters:
+                return state, state.original
+            weight = self.base_layer.weight
+            if self._merge_state is state:
+                return state, weight
+
+    def base_output(self, weight: torch.Tensor, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``base(x)`` computed with ``weight`` (the merged or the original one). A base layer
+        with hooks, extra arguments or of a subclass is called itself when ``weight`` is its
+        own (it then reads its weight when it runs)."""
+        base = self.base_layer
+        if (args or kwargs or not self.base_is_plain()) and weight is base.weight:
+            return base(x, *args, **kwargs)
+        return self.base_forward_with_weight(weight, x)
+
+    def plain_output(
+        self, x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[str], *args, **kwargs
+    ) -> torch.Tensor:
+        """The plain formula: ``base(x)`` with ``weight``, plus each adapter's branch
+        ``s B A dropout(x)`` (added in place when no gradient is recorded: the base output is
+        a fresh tensor)."""
+        out = self.base_output(weight, x, *args, **kwargs)
+        in_place = not torch.is_grad_enabled()
+        for name in adapters:
+            branch = self.lora_branch(name, x)
+            out = out.add_(branch) if in_place else out + branch.to(out.dtype)
+        return out
 
     # ----------------------------------------------------------------- subclass interface
-    def _create_adapter(
-        self,
-        adapter_name: str,
-        rank: int,
-        init: bool | str | None,
-        dtype: torch.dtype,
-        values: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> None:
+    def init_factors(self, lora_A: torch.Tensor, lora_B: torch.Tensor, init: bool | str) -> None:
+        """Initialise new factors in place by ``LoraConfig.init_lora_weights`` (``init``)."""
+        raise NotImplementedError
+
+    def store_factors(self, adapter_name: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+        """Register the factors as the adapter's Parameters (taken over, no copy)."""
         raise NotImplementedError
 
     def _delete_adapter_tensors(self, adapter_name: str) -> None:
@@ -130,10 +157,23 @@ class LoraLayer(nn.Module):
         """The base layer's output computed with ``weight`` in place of its own."""
         raise NotImplementedError
 
-    def fused_forward(self, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor | None:
-        """``base(x)`` plus the named adapters in one fused pass (``lorakit.fast``), or None
-        where the layer has no fast path for this call (the plain path is then taken)."""
+    def base_is_plain(self) -> bool:
+        """True when ``base_forward_with_weight`` computes exactly what calling the base layer
+        does (its exact type, no hooks)."""
+        return False
+
+    def fast_adapters(
+        self, x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[str]
+    ) -> list | None:
+        """The adapters as the fast path takes them, or None where it does not apply to this
+        call (the layer has none, or see ``lorakit.fast``): the plain formula is then used."""
         return None
+
+    def fast_output(
+        self, x: torch.Tensor, weight: torch.Tensor, fast_adapters: list
+    ) -> torch.Tensor:
+        """``base(x)`` with ``weight`` plus the adapters from ``fast_adapters``, fused."""
+        raise NotImplementedError
 
     # ----------------------------------------------------------------- adapters
     @property
@@ -171,11 +211,26 @@ class LoraLayer(nn.Module):
                 )
             device = self.base_layer.weight.device
             values = (values[0].to(device, dtype), values[1].to(device, dtype))
-        self._create_adapter(adapter_name, rank, init, dtype, values)
+        else:
+            values = self._new_factors(rank, init, dtype)
+        self.store_factors(adapter_name, *values)
         self.ranks[adapter_name] = rank
         self.alphas[adapter_name] = alpha
         self.scalings[adapter_name] = functional.scaling(rank, alpha, use_rslora)
         self.dropouts[adapter_name] = dropout
+
+    def _new_factors(
+        self, rank: int, init: bool | str | None, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """New A and B of ``factor_shapes(rank)`` on the base weight's device, initialised by
+        ``init_factors`` (left uninitialised when ``init`` is None)."""
+        device = self.base_layer.weight.device
+        shape_A, shape_B = self.factor_shapes(rank)
+        lora_A = torch.empty(shape_A, device=device, dtype=dtype)
+        lora_B = torch.empty(shape_B, device=device, dtype=dtype)
+        if init is not None:
+            self.init_factors(lora_A, lora_B, init)
+        return lora_A, lora_B
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
@@ -186,31 +241,6 @@ class LoraLayer(nn.Module):
         for table in (self.ranks, self.alphas, self.scalings, self.dropouts):
             table.pop(adapter_name, None)
         self.active_adapters = tuple(a for a in self.active_adapters if a != adapter_name)
-
-    # ----------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        router = current_router()
-        if router is not None:
-            return router(self, x, self.base_layer(x, *args, **kwargs))
-        override = current_override(self)
-        active = self.active_adapters if override is None else override
-        active = tuple(name for name in active if name in self.ranks)
-        if not self.merged_adapters:
-            fused = None if args or kwargs else self.fused_forward(x, active)
-            if fused is not None:
-                return fused
-            out = self.base_layer(x, *args, **kwargs)
-            pending = active
-        elif set(active) == set(self.merged_adapters):
-            return self.base_layer(x, *args, **kwargs)
-        else:
-            out = self.base_forward_with_weight(self.original_weight, x)
-            pending = active
-        in_place = not torch.is_grad_enabled()  # out is the base layer's fresh output
-        for name in pending:
-            branch = self.lora_branch(name, x)
-            out = out.add_(branch) if in_place else out + branch.to(out.dtype)
-        return out
 
     # ----------------------------------------------------------------- merge
     def merge(self, adapter_names: Sequence[str]) -> None:
@@ -243,29 +273,38 @@ class LoraLayer(nn.Module):
         return to_merge, merged
 
     def install_merge(self, prepared: tuple[tuple[str, ...], torch.Tensor]) -> None:
-        """Install a weight from ``prepare_merge``, keeping the original Parameter for unmerge."""
+        """Install a weight from ``prepare_merge``, keeping the original Parameter for unmerge.
+        The new state goes in before the weight (see ``read_merge_state``)."""
         to_merge, merged = prepared
-        self._original_parameter = (self.original_weight,)
-        self.base_layer.weight = nn.Parameter(merged, requires_grad=False)
-        self.merged_adapters = (*self.merged_adapters, *to_merge)
+        state = self._merge_state
+        weight = nn.Parameter(merged, requires_grad=False)
+        original = self.original_weight
+        self._merge_state = MergeState((*state.adapters, *to_merge), weight, original)
+        self.base_layer.weight = weight
+
+    @property
+    def merged_adapters(self) -> tuple[str, ...]:
+        """The adapters folded into the base weight (() when unmerged)."""
+        return self._merge_state.adapters
 
     @property
     def original_weight(self) -> torch.Tensor:
         """The base weight without any merged adapter (the very tensor the model was built with)."""
-        return self._original_parameter[0] if self.merged_adapters else self.base_layer.weight
+        state = self._merge_state
+        return state.original if state.adapters else self.base_layer.weight
 
     def unmerge(self) -> None:
-        """Put the original weight Parameter back: bit-identical, and ties to it restored."""
-        if not self.merged_adapters:
+        """Put the original weight Parameter back: bit-identical, and ties to it restored.
+        The weight goes back before the state (see ``read_merge_state``)."""
+        state = self._merge_state
+        if not state.adapters:
             return
-        self.base_layer.weight = self._original_parameter[0]
-        self._original_parameter = ()
-        self.merged_adapters = ()
+        self.base_layer.weight = state.original
+        self._merge_state = _unmerged()
 
     def forget_original(self) -> None:
         """Keep the merged weight for good (used by ``merge_and_unload``)."""
-        self._original_parameter = ()
-        self.merged_adapters = ()
+        self._merge_state = _unmerged()
 
     def _merged_delta(self, adapter_names: Sequence[str]) -> torch.Tensor:
         total = None

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit import functional
+from lorakit import fast, functional
 from lorakit.layers.base import LoraLayer
 
 __all__ = ["LoraEmbedding"]
@@ -30,29 +30,15 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
-    def _create_adapter(
-        self,
-        adapter_name: str,
-        rank: int,
-        init: bool | str | None,
-        dtype: torch.dtype,
-        values: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> None:
-        if values is not None:
-            self.lora_embedding_A[adapter_name] = nn.Parameter(values[0])
-            self.lora_embedding_B[adapter_name] = nn.Parameter(values[1])
-            return
-        device = self.base_layer.weight.device
-        lora_A = torch.empty(rank, self.num_embeddings, device=device, dtype=dtype)
-        lora_B = torch.empty(self.embedding_dim, rank, device=device, dtype=dtype)
-        if init is None:  # about to be overwritten (loading a file)
-            pass
-        elif init is False:
+    def init_factors(self, lora_A: torch.Tensor, lora_B: torch.Tensor, init: bool | str) -> None:
+        """True or "gaussian": A = 0, B ~ N(0, 1) (PEFT's); False: both ~ N(0, 1) (for tests)."""
+        if init is False:
             nn.init.normal_(lora_A)
-            nn.init.normal_(lora_B)
         else:
             nn.init.zeros_(lora_A)
-            nn.init.normal_(lora_B)
+        nn.init.normal_(lora_B)
+
+    def store_factors(self, adapter_name: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         self.lora_embedding_A[adapter_name] = nn.Parameter(lora_A)
         self.lora_embedding_B[adapter_name] = nn.Parameter(lora_B)
 
@@ -81,6 +67,9 @@ class LoraEmbedding(LoraLayer):
             self.scalings[adapter_name],
             padding_idx=self.base_layer.padding_idx,
         )
+
+    def base_is_plain(self) -> bool:
+        return type(self.base_layer) is nn.Embedding and fast.module_is_plain(self.base_layer)
 
     def base_forward_with_weight(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer

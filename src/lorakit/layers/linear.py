@@ -11,7 +11,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lorakit import fast, functional
@@ -58,33 +57,23 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
-    def _create_adapter(
-        self,
-        adapter_name: str,
-        rank: int,
-        init: bool | str | None,
-        dtype: torch.dtype,
-        values: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> None:
-        if values is not None:  # taken over as they are
-            self.lora_A[adapter_name], self.lora_B[adapter_name] = map(_factor, values)
-            return
-        device = self.base_layer.weight.device
-        if init is None:  # values are about to be copied in (loading a file): allocate only
-            lora_A = _factor(torch.empty(rank, self.in_features, device=device, dtype=dtype))
-            lora_B = _factor(torch.empty(self.out_features, rank, device=device, dtype=dtype))
-        else:
-            lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
-            lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
+    def init_factors(self, lora_A: torch.Tensor, lora_B: torch.Tensor, init: bool | str) -> None:
+        """True: A kaiming-uniform, B = 0; "gaussian": A ~ N(0, 1/r^2), B = 0; False: both
+        kaiming-uniform (B != 0, for tests). Both are first drawn as ``nn.Linear(k, r)`` and
+        ``nn.Linear(r, d)`` would draw them (as PEFT's layers do), so a seed gives the values it
+        always gave."""
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(lora_B, a=math.sqrt(5))
         if init is True:
-            nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
-            nn.init.zeros_(lora_B.weight)
+            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+            nn.init.zeros_(lora_B)
         elif init == "gaussian":
-            nn.init.normal_(lora_A.weight, std=1 / rank)
-            nn.init.zeros_(lora_B.weight)
-        # init False: nn.Linear's own random init for both (B != 0), for tests.
-        self.lora_A[adapter_name] = lora_A
-        self.lora_B[adapter_name] = lora_B
+            nn.init.normal_(lora_A, std=1 / lora_A.shape[0])
+            nn.init.zeros_(lora_B)
+
+    def store_factors(self, adapter_name: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+        self.lora_A[adapter_name] = _factor(lora_A)
+        self.lora_B[adapter_name] = _factor(lora_B)
 
     def _delete_adapter_tensors(self, adapter_name: str) -> None:
         del self.lora_A[adapter_name]
@@ -114,26 +103,33 @@ class LoraLinear(LoraLayer):
             training=self.training,
         )
 
-    def fused_forward(self, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor | None:
+    def base_is_plain(self) -> bool:
         base = self.base_layer
-        if not adapter_names or not (type(base) is nn.Linear or self.fan_in_fan_out):
+        return (type(base) is nn.Linear or self.fan_in_fan_out) and fast.module_is_plain(base)
+
+    def fast_adapters(
+        self, x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[str]
+    ) -> list[fast.RankSide] | None:
+        if not self.base_is_plain():
             return None
-        if not fast.module_is_plain(base):
-            return None
-        adapters = []
-        for name in adapter_names:
+        fast_adapters = []
+        for name in adapters:
             dropout = self.dropouts[name] if self.training else 0.0
             adapter = fast.rank_side(
                 self.lora_A[name].weight, self.lora_B[name].weight, self.scalings[name], dropout
             )
             if adapter is None:
                 return None
-            adapters.append(adapter)
-        return fast.fused_lora_linear(x, base.weight, base.bias, adapters, self.fan_in_fan_out)
+            fast_adapters.append(adapter)
+        if not fast.applies(x, weight, self.base_layer.bias, fast_adapters):
+            return None
+        return fast_adapters
+
+    def fast_output(
+        self, x: torch.Tensor, weight: torch.Tensor, fast_adapters: list[fast.RankSide]
+    ) -> torch.Tensor:
+        bias = self.base_layer.bias
+        return fast.fused_lora_linear(x, weight, bias, fast_adapters, self.fan_in_fan_out)
 
     def base_forward_with_weight(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        bias = self.base_layer.bias
-        if self.fan_in_fan_out:  # Conv1D: x @ W + b with W (k, d)
-            out = x @ weight
-            return out if bias is None else out + bias
-        return F.linear(x, weight, bias)
+        return fast.linear_output(x, weight, self.base_layer.bias, self.fan_in_fan_out)

@@ -11,7 +11,7 @@ import copy
 import torch
 from torch import nn
 
-from lorakit.layers.base import current_override
+from lorakit.layers.per_call import current_override
 
 __all__ = ["ModulesToSave"]
 

@@ -77,7 +77,7 @@ def create_app(
             "status": "ok",
             "running": running,
             "waiting": waiting,
-            "adapters_loaded": len(bank.names()),
+            "adapters_loaded": bank.loaded_count,  # lock-free: a load never stalls /health
             "adapter_capacity": bank.capacity,
             "adapter_memory_bytes": bank.memory_bytes(),
             "adapter_evictions": bank.evictions,

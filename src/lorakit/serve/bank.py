@@ -6,7 +6,9 @@ itself needs LoRA layers around the targets but no adapters of its own:
 ``prepare_for_serving(model, target_modules)`` wraps them empty. Loading and eviction are allowed
 while serving: slots in use by a running request (``acquire``/``release``) or pinned are never
 evicted; otherwise the least recently used adapter makes room. All methods are thread-safe;
-lazy loads (``acquire`` / ``ensure_loaded`` with a loader) read files outside the lock.
+lazy loads (``acquire`` / ``ensure_loaded`` with a loader) read files outside the lock, and every
+load checks the tensors and resolves the config's patterns (``prepare``) outside it too: under
+the lock only the slot is written.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.layers import LoraLinear
 from lorakit.serve.checks import PEFT_PREFIX as _PREFIX
-from lorakit.serve.checks import lora_pairs
+from lorakit.serve.checks import PreparedAdapter, lora_pairs, prepare_adapter
 from lorakit.serve.stacks import (
     LayerStack,
     allocate_stack,
@@ -36,6 +38,7 @@ __all__ = [
     "AdapterInUseError",
     "BankFullError",
     "LayerStack",
+    "PreparedAdapter",
     "prepare_for_serving",
 ]
 
@@ -138,6 +141,12 @@ class AdapterBank:
         with self._lock:
             return name in self._slot_of
 
+    @property
+    def loaded_count(self) -> int:
+        """How many adapters are loaded, read WITHOUT the lock (a snapshot for ``/health``, which
+        must answer while a load or an unload holds the lock)."""
+        return len(self._slot_of)
+
     def config(self, name: str) -> LoraConfig:
         with self._lock:
             return self._configs[self._known(name)]
@@ -185,14 +194,13 @@ class AdapterBank:
                 return self._use(name, hold)
             self._require_room()
             generation = self._forgotten[name]
-        config, tensors = loader(name)
-        pairs = lora_pairs(name, config, tensors, self._stacks, self.max_rank)
+        prepared = self.prepare(name, *loader(name))
         with self._lock:
             if name in self._slot_of:  # another thread loaded it meanwhile (or re-added it)
                 return self._use(name, hold)
             if self._forgotten[name] != generation:
                 raise KeyError(f"adapter {name!r} was unloaded while it was being read")
-            self._commit(name, config, pairs, pin=False)
+            self._commit(prepared, pin=False)
             return self._use(name, hold)
 
     def _use(self, name: str, hold: bool) -> int:
@@ -274,22 +282,38 @@ class AdapterBank:
     ) -> int:
         """Load an adapter from PEFT-format tensors (``base_model.model.<path>.lora_A.weight``
         (r, k) and ``.lora_B.weight`` (d, r)); evicts the LRU adapter when full. Returns its slot."""
-        pairs = lora_pairs(name, config, tensors, self._stacks, self.max_rank)
-        with self._lock:
-            if name in self._slot_of:
-                raise ValueError(f"adapter {name!r} is already loaded; unload it first.")
-            return self._commit(name, config, pairs, pin=pin)
+        return self.load_prepared(self.prepare(name, config, tensors), pin=pin)
 
-    def _commit(self, name: str, config: LoraConfig, pairs: dict, *, pin: bool) -> int:
-        """Write checked ``pairs`` into a slot (evicting the LRU adapter if needed); its slot."""
+    def prepare(
+        self, name: str, config: LoraConfig, tensors: Mapping[str, torch.Tensor]
+    ) -> PreparedAdapter:
+        """Check ``tensors`` against the bank (``AdapterFileError``) and work out each layer's
+        scaling (``checks.prepare_adapter``); takes no lock (nothing of the bank changes)."""
+        return prepare_adapter(name, config, tensors, self._stacks, self.max_rank)
+
+    def check_shapes(self, name: str, config: LoraConfig, entries: Mapping[str, object]) -> None:
+        """``prepare``'s checks on a file's header entries (keys, shapes, dtypes, ranks), before
+        its data is read; ``AdapterFileError``."""
+        lora_pairs(name, config, entries, self._stacks, self.max_rank)
+
+    def load_prepared(self, prepared: PreparedAdapter, *, pin: bool = False) -> int:
+        """``load`` of an adapter ``prepare`` checked: only the slot write happens here."""
+        with self._lock:
+            if prepared.name in self._slot_of:
+                raise ValueError(f"adapter {prepared.name!r} is already loaded; unload it first.")
+            return self._commit(prepared, pin=pin)
+
+    def _commit(self, prepared: PreparedAdapter, *, pin: bool) -> int:
+        """Write a prepared adapter into a slot (evicting the LRU adapter if needed); its slot."""
         slot = self._take_slot()
         with torch.no_grad():
             for layer_name, stack in self._stacks.items():
-                write_slot(stack, slot, pairs.get(layer_name), config)
-        self._slot_of[name] = slot
-        self._configs[name] = config
+                pair = prepared.pairs.get(layer_name)
+                write_slot(stack, slot, pair, prepared.scales.get(layer_name, 0.0))
+        self._slot_of[prepared.name] = slot
+        self._configs[prepared.name] = prepared.config
         if pin:
-            self._pinned.add(name)
+            self._pinned.add(prepared.name)
         return slot
 
     def load_from_model(

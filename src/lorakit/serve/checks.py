@@ -3,19 +3,48 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
+from lorakit.io.tensors import TORCH_DTYPES
 
 if TYPE_CHECKING:
     from lorakit.serve.stacks import LayerStack
 
-__all__ = ["PEFT_PREFIX", "lora_pairs"]
+__all__ = ["PEFT_PREFIX", "PreparedAdapter", "lora_pairs", "prepare_adapter"]
 
 PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class PreparedAdapter:
+    """An adapter checked against the bank and ready to be written into a slot: ``pairs``
+    ``{layer: (A (r, k), B (d, r))}`` and ``scales`` ``{layer: s}``."""
+
+    name: str
+    config: LoraConfig
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    scales: dict[str, float]
+
+
+def prepare_adapter(
+    name: str,
+    config: LoraConfig,
+    tensors: Mapping[str, torch.Tensor],
+    stacks: Mapping[str, LayerStack],
+    max_rank: int,
+) -> PreparedAdapter:
+    """``lora_pairs`` and each layer's scaling (the config's ``alpha_pattern`` resolved): all
+    the work of a load that needs no lock."""
+    from lorakit.serve.stacks import slot_scaling
+
+    pairs = lora_pairs(name, config, tensors, stacks, max_rank)
+    scales = {layer: slot_scaling(config, layer, a.shape[0]) for layer, (a, _) in pairs.items()}
+    return PreparedAdapter(name, config, pairs, scales)
 
 
 def lora_pairs(
@@ -27,8 +56,9 @@ def lora_pairs(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{layer path: (A, B)}`` after checking every key, shape and rank (before any write).
 
-    Raises ``AdapterFileError`` naming the tensor: a key that is not a linear LoRA factor, a
-    factor that is not a non-empty 2-D matrix, shapes that do not fit the layer, rank > max_rank.
+    ``tensors`` may also map keys to safetensors header entries (``TensorInfo``: shape and
+    dtype), to check a file before reading its data. Raises ``AdapterFileError`` naming the tensor: a key that is not a linear LoRA factor, a
+    factor that is not a non-empty floating-point 2-D matrix, shapes that do not fit the layer, rank > max_rank.
     """
     if getattr(config, "use_dora", False):
         raise AdapterFileError(
@@ -55,6 +85,13 @@ def lora_pairs(
     return pairs
 
 
+def _floating(factor) -> bool:
+    """A tensor's, or a safetensors header entry's (``TensorInfo``), dtype is floating point."""
+    if isinstance(factor, torch.Tensor):
+        return factor.is_floating_point()
+    return TORCH_DTYPES[factor.dtype].is_floating_point
+
+
 def _checked_pair(
     name: str,
     path: str,
@@ -73,11 +110,16 @@ def _checked_pair(
         raise AdapterFileError(f"adapter {name!r}: {path!r} lacks lora_A or lora_B.")
     lora_A, lora_B = part["A"], part["B"]
     for role, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
-        if tensor.ndim != 2 or 0 in tensor.shape:
+        if len(tensor.shape) != 2 or 0 in tensor.shape:
             raise AdapterFileError(
                 f"adapter {name!r}: tensor {path}.{role}.weight has shape "
                 f"{tuple(tensor.shape)}; a LoRA factor is a non-empty matrix "
                 "(lora_A (r, in_features), lora_B (out_features, r)). The file is broken."
+            )
+        if not _floating(tensor):
+            raise AdapterFileError(
+                f"adapter {name!r}: tensor {path}.{role}.weight has dtype {tensor.dtype}; LoRA "
+                "factors are floating point. The file is broken."
             )
     rank = lora_A.shape[0]
     _, k = stack.lora_A.shape[1:]

@@ -2,8 +2,11 @@
 
 Every subdirectory of ``root`` holding an ``adapter_config.json`` is an adapter named after it.
 Runtime loads (``register``) accept only names of letters, digits, ``.``, ``_``, ``-`` and paths
-that stay inside ``root`` once resolved (no ``..``, no absolute paths, no symlinks out).
-Files are read with ``lorakit.io.read_adapter`` (safetensors only, never pickle).
+that stay inside ``root`` once resolved (no ``..``, no absolute paths). No symlinks out: a
+directory, or an adapter file in it, that resolves outside ``root`` is refused, at start-up
+(skipped with a warning), on a runtime load and on every read. Files are read with
+``lorakit.io.read_adapter`` (safetensors only, never pickle). ``read_headers`` is the start-up
+scan: configs and safetensors headers only, broken adapters skipped and reported.
 """
 
 from __future__ import annotations
@@ -17,7 +20,15 @@ from torch import nn
 
 from lorakit.errors import BaseModelMismatchError, UserError
 from lorakit.io import fingerprint
-from lorakit.io.read import AdapterFile, read_adapter
+from lorakit.io.config_json import CONFIG_NAME
+from lorakit.io.read import (
+    PICKLE_NAME,
+    WEIGHTS_NAME,
+    AdapterFile,
+    AdapterHeader,
+    read_adapter,
+    read_adapter_header,
+)
 from lorakit.serve.checks import PEFT_PREFIX
 
 __all__ = [
@@ -76,9 +87,56 @@ class AdapterRegistry:
         self._lock = threading.Lock()
         self._paths: dict[str, Path] = {}
         self._reserved: set[str] = set()
+        self.skipped: dict[str, str] = {}  # name -> why it is not served (start-up scan)
         for child in sorted(self.root.iterdir()):
-            if (child / "adapter_config.json").is_file() and _NAME.fullmatch(child.name):
-                self._paths[child.name] = child.resolve()
+            if not _NAME.fullmatch(child.name):
+                continue
+            try:
+                if (child / CONFIG_NAME).is_file():
+                    self._paths[child.name] = self.inside(child, str(child))
+            except UserError as error:
+                self._skip(child.name, str(error))
+
+    def _skip(self, name: str, reason: str) -> None:
+        log.warning("not serving adapter %r: %s", name, reason)
+        self.skipped[name] = reason
+
+    def inside(self, directory: Path, shown: str) -> Path:
+        """``directory`` resolved; ``UserError`` when it, or one of its adapter files, resolves
+        outside ``root`` (a symlink out) or cannot be resolved (a loop, a name too long)."""
+        try:
+            resolved = directory.resolve()
+            files = [
+                (resolved / name).resolve() for name in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME)
+            ]
+            found = [path for path in (resolved, *files) if path == resolved or path.exists()]
+        except (
+            OSError,
+            RuntimeError,
+            ValueError,
+        ) as error:  # a loop (RuntimeError before 3.13), a NUL
+            reason = getattr(error, "strerror", None) or error  # no 5000-character file names
+            raise UserError(f"{shown} cannot be resolved ({reason}).") from None
+        for path in found:
+            if not path.is_relative_to(self.root):
+                raise UserError(
+                    f"{shown} leads outside the adapter directory {self.root} (to {path}, "
+                    "through a symlink); copy the adapter into the adapter directory instead."
+                )
+        return resolved
+
+    def read_headers(self) -> dict[str, AdapterHeader]:
+        """The config and safetensors header of every registered adapter (no tensor data);
+        an adapter that cannot be read is skipped: unregistered, logged and kept in
+        ``skipped`` with the reason."""
+        headers = {}
+        for name in self.names():
+            try:
+                headers[name] = read_adapter_header(self.inside(self.path(name), name))
+            except UserError as error:
+                self.unregister(name)
+                self._skip(name, str(error))
+        return headers
 
     def names(self) -> list[str]:
         with self._lock:
@@ -133,11 +191,16 @@ class AdapterRegistry:
                 f"lora_path {relative_path!r} is not allowed: give a path relative to the adapter "
                 "directory, without '..'."
             )
-        resolved = (self.root / candidate).resolve()
-        if not resolved.is_relative_to(self.root):
-            raise UserError(f"lora_path {relative_path!r} leaves the adapter directory.")
-        if not (resolved / "adapter_config.json").is_file():
-            raise UserError(f"lora_path {relative_path!r} holds no adapter_config.json.")
+        shown = f"lora_path {relative_path[:200]!r}"
+        resolved = self.inside(self.root / candidate, shown)
+        try:
+            has_config = (resolved / CONFIG_NAME).is_file()
+        except (OSError, ValueError) as error:  # e.g. a name too long for the file system
+            raise UserError(
+                f"{shown} cannot be read ({getattr(error, 'strerror', None) or error})."
+            ) from None
+        if not has_config:
+            raise UserError(f"{shown} holds no {CONFIG_NAME}.")
         return resolved
 
     def register(self, name: str, path: Path) -> None:
@@ -170,7 +233,12 @@ class ServedAdapters:
         self.model = model
         self.allow_base_mismatch = allow_base_mismatch
 
-    def _read(self, path: Path) -> AdapterFile:
+    def _read(self, name: str, path: Path) -> AdapterFile:
+        """The adapter files at ``path``: keys and shapes checked against the bank from the header
+        before the data is read, values and base fingerprint after."""
+        path = self.registry.inside(path, str(path))
+        header = read_adapter_header(path)
+        self.bank.check_shapes(name, header.config, header.tensors)
         adapter = read_peft_adapter(path)
         adapter.require_finite()
         check_base(self.model, adapter, self.allow_base_mismatch)
@@ -178,7 +246,7 @@ class ServedAdapters:
 
     def read(self, name: str):
         """``(config, tensors)`` of a registered adapter, its base fingerprint checked."""
-        adapter = self._read(self.registry.path(name))
+        adapter = self._read(name, self.registry.path(name))
         return adapter.config, adapter.tensors
 
     def ensure_loaded(self, name: str) -> None:
@@ -190,9 +258,10 @@ class ServedAdapters:
         path = self.registry.resolve(name, relative_path)
         if name in self.registry:
             raise AdapterNameError(f"adapter {name!r} is already loaded; unload it first.")
-        adapter = self._read(path)
+        adapter = self._read(name, path)
+        prepared = self.bank.prepare(name, adapter.config, adapter.tensors)  # outside the lock
         with self.bank.lock:  # loaded and registered in one step: see remove
-            self.bank.load(name, adapter.config, adapter.tensors)
+            self.bank.load_prepared(prepared)
             try:
                 self.registry.register(name, path)
             except BaseException:

@@ -23,7 +23,14 @@ from lorakit.inject import inject
 from lorakit.layers import LoraLinear
 from lorakit.state import delete_adapter, lora_layers
 
-__all__ = ["LayerStack", "allocate_stack", "prepare_for_serving", "slot_bytes", "write_slot"]
+__all__ = [
+    "LayerStack",
+    "allocate_stack",
+    "prepare_for_serving",
+    "slot_bytes",
+    "slot_scaling",
+    "write_slot",
+]
 
 _PLACEHOLDER = "lorakit-serving-placeholder"
 
@@ -84,14 +91,22 @@ def allocate_stack(
     )
 
 
+def slot_scaling(config: LoraConfig, layer_name: str, rank: int) -> float:
+    """The scaling ``s`` of an adapter with ``config`` and rank ``rank`` at ``layer_name``
+    (``alpha_pattern`` and rsLoRA applied). Matches the config's regexes: call it outside any
+    lock the server needs (the patterns are bounded, ``lorakit.patterns``, but not free)."""
+    return functional.scaling(rank, config.alpha_for(layer_name), config.use_rslora)
+
+
 def write_slot(
     stack: LayerStack,
     slot: int,
     pair: tuple[torch.Tensor, torch.Tensor] | None,
-    config: LoraConfig,
+    scale: float = 0.0,
 ) -> None:
-    """Put ``pair = (A (r, k), B (d, r))`` of an adapter with ``config`` into ``slot`` (zeros
-    beyond rank r; ``pair`` None: the adapter does not adapt this layer, all zeros)."""
+    """Put ``pair = (A (r, k), B (d, r))`` with scaling ``scale`` (``slot_scaling``) into
+    ``slot`` (zeros beyond rank r; ``pair`` None: the adapter does not adapt this layer, all
+    zeros)."""
     stack.lora_A[slot].zero_()
     stack.lora_B_t[slot].zero_()
     if pair is None:
@@ -102,7 +117,6 @@ def write_slot(
     rank = lora_A.shape[0]
     stack.lora_A[slot, :rank].copy_(lora_A)
     stack.lora_B_t[slot, :rank].copy_(lora_B.T)
-    scale = functional.scaling(rank, config.alpha_for(stack.name), config.use_rslora)
     stack.scaling[slot] = scale
     stack.scaling_values[slot] = scale
     stack.present.add(slot)

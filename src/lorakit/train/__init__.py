@@ -4,10 +4,12 @@
     result = train(model, examples, pad_collate(tokenizer.pad_token_id),
                    TrainingConfig(output_dir="run", max_steps=100, lr=2e-4))
 
-Modules: ``config`` (TrainingConfig), ``schedule`` (warmup + cosine), ``optim`` (AdamW, LoRA+
-groups), ``batches`` (deterministic batch plan, padding), ``losses`` (token-sum loss, evaluation),
-``checkpoint`` + ``rng`` (atomic checkpoints, RNG capture), ``metrics`` (JSONL, loss curve),
-``distributed`` (torchrun / DDP), ``loop`` (the loop itself).
+Modules: ``config`` (TrainingConfig; its ``setting`` fields are also ``lorakit train``
+options), ``settings`` (the command's other settings, the config file), ``run`` (the command's
+run), ``schedule`` (warmup + cosine), ``optim`` (AdamW, LoRA+ groups), ``batches``
+(deterministic batch plan, padding), ``losses`` (token-sum loss, evaluation), ``checkpoint`` +
+``rng`` (atomic checkpoints, RNG capture), ``output_dir`` (one run per directory), ``metrics``
+(JSONL, loss curve), ``distributed`` (torchrun / DDP), ``loop`` (the loop itself).
 """
 
 from lorakit.train.batches import BatchPlan, pad_collate

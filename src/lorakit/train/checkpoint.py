@@ -9,8 +9,9 @@ Layout of ``<output_dir>/checkpoints/step-<NNNNNNNN>/``::
     trainer_state.json        step, data position, optimizer param groups, scheduler, Python RNG
 
 Only safetensors and JSON: nothing is ever unpickled. A checkpoint is built in a temporary
-directory beside the final one and renamed into place (``os.replace``), so a run killed at any
-moment leaves either the complete checkpoint or none. Only the newest ``keep`` are kept.
+directory beside the final one, fsynced, and renamed into place (``os.replace``), so a run killed
+at any moment leaves either the complete checkpoint or none (a killed writer's temporary
+directory is removed by a later save). Only the newest ``keep`` are kept.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ __all__ = ["Checkpoint", "latest_checkpoint", "load_checkpoint", "save_checkpoin
 
 STATE_FILE = "trainer_state.json"
 _PREFIX = "step-"
+_TEMPORARY = ".tmp-"  # + the final name + "-<pid>" of the writing process
 
 
 @dataclass
@@ -91,23 +94,49 @@ def save_checkpoint(
     adapter_name: str = "default",
     keep: int = 2,
 ) -> Path:
-    """Write the checkpoint of optimizer step ``step`` atomically; prune to the newest ``keep``."""
-    from lorakit.io import save_adapter
+    """Write the checkpoint of optimizer step ``step`` atomically; prune to the newest ``keep``.
 
+    Every file and directory is fsynced before the rename (and the parent after it), so a power
+    cut cannot leave a renamed but empty checkpoint. A write that fails (a full disk) removes
+    the temporary directory and raises a ``UserError``; the previous checkpoints stay.
+    """
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(root)
     final = root / f"{_PREFIX}{step:08d}"
-    temporary = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    save_adapter(model, temporary / "adapter", adapter_name)
-    save_file(trainable_tensors(model), str(temporary / "trainable.safetensors"))
+    temporary = root / f"{_TEMPORARY}{final.name}-{os.getpid()}"
+    try:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir()
+        _write_files(temporary, step, model, optimizer, scheduler, extra_state, adapter_name)
+        _fsync_tree(temporary)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        _fsync(root)
+    except OSError as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        previous = latest_checkpoint(output_dir)
+        kept = f"the previous checkpoint {previous} is kept" if previous else "no checkpoint kept"
+        raise UserError(
+            f"cannot write the checkpoint of step {step} in {root} "
+            f"({error.strerror or error}); {kept}. Free space (or fix the directory) and "
+            "continue with --resume"
+        ) from None
+    _prune(root, keep)
+    return final
+
+
+def _write_files(directory: Path, step, model, optimizer, scheduler, extra_state, adapter_name):
+    from lorakit.io import save_adapter
+
+    save_adapter(model, directory / "adapter", adapter_name)
+    save_file(trainable_tensors(model), str(directory / "trainable.safetensors"))
     optimizer_tensors, groups = _optimizer_tensors(optimizer)
-    save_file(optimizer_tensors, str(temporary / "optimizer.safetensors"))
+    save_file(optimizer_tensors, str(directory / "optimizer.safetensors"))
     rng_tensors, rng_fields = capture_rng_state()
-    save_file(
-        {k: _contiguous(v) for k, v in rng_tensors.items()}, str(temporary / "rng.safetensors")
-    )
+    rng_tensors = {k: _contiguous(v) for k, v in rng_tensors.items()}
+    save_file(rng_tensors, str(directory / "rng.safetensors"))
     scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     state = {
         "step": step,
@@ -116,12 +145,52 @@ def save_checkpoint(
         "rng": rng_fields,
         **extra_state,
     }
-    (temporary / STATE_FILE).write_text(json.dumps(state, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(temporary, final)
-    _prune(root, keep)
-    return final
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file or a directory's entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """fsync every file under ``directory``, then the directories, deepest first."""
+    directories = [directory, *(p for p in directory.rglob("*") if p.is_dir())]
+    for path in directory.rglob("*"):
+        if path.is_file():
+            _fsync(path)
+    for path in sorted(directories, key=lambda p: len(p.parts), reverse=True):
+        _fsync(path)
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    """Temporary checkpoint directories of killed writers: the process named in the directory
+    no longer exists on this machine, and nothing was added to the directory for a minute."""
+    for leftover in root.glob(f"{_TEMPORARY}*"):
+        pid_text = leftover.name.rsplit("-", 1)[-1]
+        pid = int(pid_text) if pid_text.isdigit() else None
+        if pid == os.getpid() or (pid is not None and _process_exists(pid)):
+            continue
+        try:
+            stale = time.time() - leftover.stat().st_mtime > 60
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
 
 
 def _checkpoint_dirs(root: Path) -> list[Path]:

@@ -1,13 +1,75 @@
-"""``TrainingConfig``: every knob of the training loop, validated once."""
+"""``TrainingConfig``: every knob of the training loop, validated once.
+
+Each field is documented once, where it is declared. A field made with ``setting(default,
+help)`` is also a ``lorakit train`` option: its flag is ``--`` + the field name with dashes
+unless ``flag=`` names another, and the config file uses the flag's name with underscores
+(``lorakit.train.settings`` reads them; ``lorakit.commands.train`` builds the parser).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import typing
+from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any
 
 from lorakit.errors import UserError
 
-__all__ = ["SettingError", "TrainingConfig"]
+__all__ = [
+    "SettingError",
+    "TrainingConfig",
+    "flag_name",
+    "setting",
+    "setting_fields",
+    "setting_key",
+    "setting_kind",
+]
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    aliases: tuple[str, ...] = (),
+    negated: bool = False,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """A dataclass field that is also a command-line option. ``help``: its help text (the
+    parser adds "(default: X)" unless the text mentions its default); ``flag``: the flag when it
+    is not ``--<name-with-dashes>``; ``aliases``: more spellings of the flag; ``negated``: a
+    bool whose flag turns it off (``progress`` is ``--no-progress``); ``choices``: the values
+    allowed."""
+    metadata = {
+        "help": help,
+        "flag": flag,
+        "aliases": aliases,
+        "negated": negated,
+        "choices": choices,
+    }
+    return field(default=default, metadata=metadata)
+
+
+def flag_name(setting_field: Field) -> str:
+    """The command-line flag of a ``setting`` field (``max_steps`` -> ``--steps``)."""
+    return setting_field.metadata.get("flag") or "--" + setting_field.name.replace("_", "-")
+
+
+def setting_key(setting_field: Field) -> str:
+    """A setting's key in config files: its flag without dashes (``--steps`` -> ``steps``)."""
+    return flag_name(setting_field)[2:].replace("-", "_")
+
+
+def setting_fields(owner: type) -> list[Field]:
+    """The ``setting`` fields (those with a help text) of the dataclass ``owner``."""
+    return [f for f in fields(owner) if "help" in f.metadata]
+
+
+def setting_kind(owner: type, setting_field: Field) -> type:
+    """The scalar type of a setting of ``owner`` (``int | None`` -> int, ``str | list[str]``
+    -> str)."""
+    hint = typing.get_type_hints(owner)[setting_field.name]
+    kinds = typing.get_args(hint) or (hint,)
+    return next(kind for kind in (bool, int, float, str) if kind in kinds)
 
 
 class SettingError(UserError):
@@ -27,26 +89,42 @@ class TrainingConfig:
     Length of the run: ``max_steps`` if set, else ``epochs`` passes over the data.
     """
 
-    output_dir: str = "lorakit-run"
-    max_steps: int | None = None  # optimizer steps; overrides epochs
-    epochs: float = 1.0
-    batch_size: int = 8  # examples per micro-batch per process
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 2e-4
-    loraplus_ratio: float | None = None  # LoRA+: B trains at lr * ratio
-    weight_decay: float = 0.0
+    output_dir: str = setting(
+        "lorakit-run",
+        "output directory (adapter/, checkpoints/, metrics.jsonl, loss_curve.png)",
+        flag="--output",
+    )
+    max_steps: int | None = setting(
+        None, "optimizer steps, overriding --epochs (default: from --epochs)", flag="--steps"
+    )
+    epochs: float = setting(1.0, "passes over the training data")
+    batch_size: int = setting(8, "examples per micro-batch (per process)")
+    grad_accum: int = setting(1, "micro-batches accumulated per optimizer step")
+    lr: float = setting(2e-4, "peak learning rate (AdamW, warmup then cosine)")
+    loraplus_ratio: float | None = setting(
+        None, "LoRA+: B learns at lr * ratio, e.g. 16 (default: off)"
+    )
+    weight_decay: float = setting(0.0, "AdamW weight decay")
     warmup_steps: int | None = None  # default: ceil(warmup_ratio * total steps)
-    warmup_ratio: float = 0.05
+    warmup_ratio: float = setting(0.05, "fraction of the steps spent warming up, in [0, 1]")
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
-    max_grad_norm: float | None = 1.0  # clip the global L2 norm of the gradients; None: off
-    eval_every: int = 0  # steps between evaluations (0: only at the end if eval data is given)
-    checkpoint_every: int = 0  # steps between checkpoints (0: none)
-    keep_checkpoints: int = 2
-    seed: int = 0
-    gradient_checkpointing: bool = False
-    progress: bool = True  # tqdm progress bar
+    max_grad_norm: float | None = setting(1.0, "clip the gradient norm to this")  # None: off
+    eval_every: int = setting(0, "evaluate every N steps (0: only at the end)")
+    checkpoint_every: int = setting(0, "write a checkpoint every N steps (0: none)")
+    keep_checkpoints: int = setting(2, "how many of the newest checkpoints to keep (>= 1)")
+    seed: int = setting(0, "random seed (adapter initialisation, batches, dropout)")
+    gradient_checkpointing: bool = setting(
+        False, "recompute activations in backward to save memory"
+    )
+    progress: bool = setting(True, "no progress bar", flag="--no-progress", negated=True)
     plot: bool = True  # loss-curve PNG at the end
     adapter_name: str = "default"
+    overwrite: bool = setting(
+        False,
+        "delete a previous run in --output (adapter/, checkpoints/, metrics.jsonl, "
+        "loss_curve.png, train_settings.json) and start over; without it (or --resume) such a "
+        "directory is refused",
+    )
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "keep_checkpoints"):

@@ -38,6 +38,7 @@ from lorakit.train.losses import (
 )
 from lorakit.train.metrics import MetricsLog, plot_loss_curve, read_metrics
 from lorakit.train.optim import build_optimizer, parameter_groups
+from lorakit.train.output_dir import prepare_output_dir
 from lorakit.train.schedule import build_scheduler, warmup_steps_for
 
 __all__ = ["TrainResult", "enable_gradient_checkpointing", "train"]
@@ -97,6 +98,8 @@ def train(
     ``collate(examples) -> batch`` turns examples into tensors (``input_ids``, ``attention_mask``,
     ``labels``; see ``pad_collate``). ``resume``: True continues from the newest checkpoint in
     ``config.output_dir`` (starts fresh if there is none), a path continues from that checkpoint.
+    Without ``resume``, an output directory holding a previous run is refused unless
+    ``config.overwrite`` (which deletes that run's files; see ``lorakit.train.output_dir``).
     ``length_of(example) -> tokens`` lets batches group examples of similar length (less
     padding; see ``BatchPlan``); by default it is ``len(example["input_ids"])`` for mapping
     examples, and without it batches are a plain shuffle.
@@ -137,6 +140,11 @@ class _Run:
     # ------------------------------------------------------------------ set-up
     def _prepare(self, resume: bool | str) -> int:
         config = self.config
+        main = self.dist.is_main
+        prepare_output_dir(
+            self.output_dir, resume=bool(resume), overwrite=config.overwrite, is_main=main
+        )
+        self.dist.barrier()  # no process writes before every process has looked
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         self.parameters = parameter_groups(self.model).all
@@ -155,7 +163,8 @@ class _Run:
 
     def _restore(self, resume: bool | str) -> int:
         directory = latest_checkpoint(self.output_dir) if resume is True else Path(resume)
-        if directory is None:
+        if directory is None:  # killed before its first checkpoint: start over, metrics too
+            self.metrics.truncate_after(0)
             return 0
         checkpoint = load_checkpoint(directory, self.model, self.optimizer, self.scheduler)
         if self.dist.rank != 0:  # each process continues its own dropout stream

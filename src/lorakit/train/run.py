@@ -1,9 +1,11 @@
-"""Training from a settings dictionary (what ``lorakit train`` builds from flags/config)."""
+"""``lorakit train``'s run: from the settings values (by key, see ``lorakit.train.settings``) to
+a trained, saved adapter."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,63 +13,6 @@ from lorakit.errors import UserError
 from lorakit.train.loop import TrainResult
 
 __all__ = ["train_from_settings"]
-
-
-def _lora_config(settings: dict[str, Any]):
-    """The adapter's config. ``task_type`` CAUSAL_LM lets peft's ``AutoPeftModelForCausalLM``
-    open the adapter; the base is recorded as the user gave it (a built-in's name, not its cache
-    path; a local directory as written)."""
-    from lorakit import LoraConfig
-
-    try:
-        return LoraConfig(
-            r=settings["r"],
-            lora_alpha=settings["alpha"],
-            lora_dropout=settings["dropout"],
-            target_modules=settings["target_modules"],
-            task_type="CAUSAL_LM",
-            base_model_name_or_path=str(settings["model"]),
-        )
-    except (ValueError, TypeError) as error:
-        raise UserError(f"invalid LoRA settings: {error}") from None
-
-
-# TrainingConfig fields whose flag is not ``--`` + the field name with dashes.
-_FLAGS = {"output_dir": "--output", "max_steps": "--steps", "progress": "--no-progress"}
-
-
-def _training_config(settings: dict[str, Any]):
-    """The ``TrainingConfig`` of the settings; a bad value is reported by its flag's name."""
-    from lorakit.train.config import SettingError
-
-    try:
-        return _build_training_config(settings)
-    except SettingError as error:
-        flag = _FLAGS.get(error.setting, "--" + error.setting.replace("_", "-"))
-        raise UserError(f"{flag} {error.problem}") from None
-
-
-def _build_training_config(settings: dict[str, Any]):
-    from lorakit.train.config import TrainingConfig
-
-    return TrainingConfig(
-        output_dir=str(settings["output"]),
-        max_steps=settings["steps"],
-        epochs=settings["epochs"],
-        batch_size=settings["batch_size"],
-        grad_accum=settings["grad_accum"],
-        lr=settings["lr"],
-        loraplus_ratio=settings["loraplus_ratio"],
-        weight_decay=settings["weight_decay"],
-        warmup_ratio=settings["warmup_ratio"],
-        max_grad_norm=settings["max_grad_norm"],
-        eval_every=settings["eval_every"],
-        checkpoint_every=settings["checkpoint_every"],
-        keep_checkpoints=settings["keep_checkpoints"],
-        seed=settings["seed"],
-        gradient_checkpointing=bool(settings["gradient_checkpointing"]),
-        progress=not settings["no_progress"],
-    )
 
 
 def check_targets_before_loading(model_directory, lora) -> None:
@@ -88,39 +33,74 @@ def check_targets_before_loading(model_directory, lora) -> None:
 
 
 def train_from_settings(settings: dict[str, Any]) -> TrainResult:
-    """Check the settings, the data and the LoRA targets, then load the model, inject LoRA,
-    train and save (adapter, metrics, loss curve, settings)."""
+    """Check the settings (``{key: value}``, see ``lorakit.train.settings``), the data and the
+    LoRA targets, then load the model, inject LoRA, train and save (adapter, metrics, loss
+    curve, and the settings as ``train_settings.json``, itself a valid config file)."""
     import torch
 
     import lorakit
     from lorakit import data
     from lorakit.models import check_model_spec, load_model, resolve_model
-    from lorakit.train.cli_options import load_examples_for
+    from lorakit.train.output_dir import prepare_output_dir
+    from lorakit.train.settings import build_settings, load_examples_for
 
-    training = _training_config(settings)
-    lora = _lora_config(settings)
-    check_model_spec(settings["model"])
-    examples = load_examples_for(settings["data"], settings["split"], settings["style"], "train")
+    job, training = build_settings(settings)
+    lora = job.lora_config()
+    check_model_spec(job.model)
+    examples = load_examples_for(job.data, job.split, job.style, "train")
     eval_examples = None
-    if settings["eval_data"]:
-        eval_examples = load_examples_for(
-            settings["eval_data"], settings["eval_split"], settings["style"], "validation"
-        )
-    check_targets_before_loading(resolve_model(settings["model"]), lora)
-    torch.manual_seed(settings["seed"])  # the adapter's initial A
-    model, tokenizer = load_model(settings["model"], progress=False)
+    if job.eval_data:
+        eval_examples = load_examples_for(job.eval_data, job.eval_split, job.style, "validation")
+    check_targets_before_loading(resolve_model(job.model), lora)
+    # only now that every check passed may --overwrite delete; under torchrun, rank 0 writes
+    main = int(os.environ.get("RANK", "0")) == 0
+    prepare_output_dir(
+        training.output_dir, resume=job.resume, overwrite=training.overwrite, is_main=main
+    )
+    model, tokenizer = load_model(job.model, progress=False)
+    torch.manual_seed(training.seed)  # the adapter's initial A, whatever the loading drew
     try:
         lorakit.inject(model, lora)
     except (ValueError, TypeError) as error:
         raise UserError(str(error)) from None
-    tokenized = {"train": data.tokenize_examples(examples, tokenizer, settings["max_length"])}
+    tokenized = {"train": data.tokenize_examples(examples, tokenizer, job.max_length)}
     if eval_examples:
-        tokenized["eval"] = data.tokenize_examples(eval_examples, tokenizer, settings["max_length"])
-    output = Path(settings["output"])
+        tokenized["eval"] = data.tokenize_examples(eval_examples, tokenizer, job.max_length)
+    output = Path(training.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one process writes it
+    if main:
         (output / "train_settings.json").write_text(json.dumps(settings, indent=1, default=str))
-    return _train_tokenized(model, tokenized, training, bool(settings["resume"]))
+        _announce(model, tokenized, training, job.max_length)
+    return _train_tokenized(model, tokenized, training, job.resume)
+
+
+def _announce(model, tokenized: dict, training, max_length: int) -> None:
+    """Say on stderr what the run will do (examples, optimizer steps, trainable parameters), and
+    how many examples ``max_length`` shortened."""
+    from lorakit.accounting import count_parameters
+    from lorakit.train.batches import BatchPlan
+
+    for part, kind in (("train", "training"), ("eval", "evaluation")):
+        if part in tokenized and tokenized[part].num_truncated:
+            print(
+                f"lorakit: warning: {tokenized[part].num_truncated} of {len(tokenized[part])} "
+                f"{kind} examples are longer than --max-length {max_length} tokens and were "
+                "shortened; raise --max-length to train on them whole",
+                file=sys.stderr,
+            )
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    examples = len(tokenized["train"])
+    plan = BatchPlan(
+        examples, training.batch_size, training.grad_accum, processes, drop_last=processes > 1
+    )
+    steps = training.total_steps(plan.steps_per_epoch) if plan.steps_per_epoch else 0
+    counts = count_parameters(model)
+    print(
+        f"lorakit: training on {examples} examples, {steps} optimizer steps of "
+        f"{plan.global_batch} examples, {counts.trainable:,} trainable parameters "
+        f"({100 * counts.trainable / counts.total:.2f}% of {counts.total:,})",
+        file=sys.stderr,
+    )
 
 
 def _train_tokenized(model, tokenized: dict, training, resume: bool) -> TrainResult:

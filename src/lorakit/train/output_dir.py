@@ -1,0 +1,58 @@
+"""The output directory of a training run: one run per directory.
+
+A run writes ``adapter/``, ``checkpoints/``, ``metrics.jsonl``, ``loss_curve.png`` and (from the
+CLI) ``train_settings.json``. Training into a directory that already holds a run's
+``adapter/``, ``checkpoints/`` or ``metrics.jsonl`` would mix the two runs (metrics appended to
+the old ones, old checkpoints picked up by a later resume), so a new run refuses it unless it
+resumes that run or is told to overwrite it; overwriting deletes those files (and only those).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from lorakit.errors import UserError
+
+__all__ = ["RUN_FILES", "prepare_output_dir", "previous_run_files"]
+
+# What a training run writes into its output directory (what --overwrite deletes).
+RUN_FILES = ("adapter", "checkpoints", "metrics.jsonl", "loss_curve.png", "train_settings.json")
+# The files that say a directory holds a previous run.
+_MARKERS = ("adapter", "checkpoints", "metrics.jsonl")
+
+
+def previous_run_files(output_dir: str | os.PathLike) -> list[str]:
+    """The names of the previous run's marker files in ``output_dir`` (empty: none)."""
+    directory = Path(output_dir)
+    return [name for name in _MARKERS if (directory / name).exists()]
+
+
+def prepare_output_dir(
+    output_dir: str | os.PathLike, *, resume: bool, overwrite: bool, is_main: bool = True
+) -> None:
+    """Refuse to start a new run in a directory holding a previous one, unless ``resume``
+    (continue it) or ``overwrite`` (the main process deletes the previous run's ``RUN_FILES``).
+    """
+    if resume and overwrite:
+        raise UserError("--resume continues the previous run and --overwrite deletes it; give one")
+    found = previous_run_files(output_dir)
+    if resume or not found:
+        return
+    if not overwrite:
+        listed = ", ".join(name + ("/" if name != "metrics.jsonl" else "") for name in found)
+        raise UserError(
+            f"output directory {output_dir} holds a previous training run ({listed}); continue "
+            "it with --resume (resume=True), replace it with --overwrite (TrainingConfig("
+            "overwrite=True); deletes that run's files), or choose another output directory"
+        )
+    if not is_main:  # under torchrun, the main process deletes
+        return
+    directory = Path(output_dir)
+    for name in RUN_FILES:
+        path = directory / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()

@@ -1,0 +1,228 @@
+"""The settings of ``lorakit train``, each spelled once, as a dataclass field with its help text.
+
+``TrainSettings`` holds what the command needs besides the loop: the model, the data, the LoRA
+adapter, the example length and ``resume``; ``TrainingConfig`` holds the loop's settings. Every
+``setting(...)`` field of the two is an option (see ``lorakit.train.config.setting``); its
+*key* is its flag without dashes (``--output`` -> ``output``), the name used by the config file
+and by ``train_settings.json`` (which is therefore a valid config file). ``lorakit.commands.train``
+builds the parser from these fields; nothing here knows argparse.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import Field, dataclass
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import UserError
+from lorakit.train.config import (
+    SettingError,
+    TrainingConfig,
+    flag_name,
+    setting,
+    setting_fields,
+    setting_key,
+    setting_kind,
+)
+
+__all__ = [
+    "TrainSettings",
+    "build_settings",
+    "load_config_file",
+    "load_examples_for",
+    "merged_values",
+    "option_fields",
+    "setting_defaults",
+]
+
+
+@dataclass
+class TrainSettings:
+    """What ``lorakit train`` takes besides ``TrainingConfig``."""
+
+    model: str = setting(
+        "smollm2-135m-instruct",
+        "model spec: a local transformers directory or a built-in name (a causal LM)",
+    )
+    data: str | None = setting(
+        None,
+        "training data: rotten-tomatoes, chatterbot, a .jsonl or a .csv file "
+        "(required, here or in --config)",
+    )
+    split: str | None = setting(
+        None,
+        "split of --data: train/validation/test/all (default: train for built-ins, all rows of "
+        "a file)",
+    )
+    eval_data: str | None = setting(
+        None, "evaluation data, a spec as for --data (default: no evaluation)"
+    )
+    eval_split: str | None = setting(
+        None,
+        "split of --eval-data (default: validation for built-ins, all rows of a file)",
+    )
+    style: str | None = setting(
+        None,
+        "chat (the chat template) or plain (prompt/completion) for built-ins and CSV "
+        "(default: chat for built-ins, plain for CSV)",
+    )
+    target_modules: str | list[str] = setting(
+        "all-linear", "comma-separated module names, or all-linear"
+    )
+    r: int = setting(
+        16,
+        "LoRA rank; also --rank, the spelling to use under torchrun (whose parser reads --r as "
+        "an abbreviation of its own options on Python < 3.12)",
+        aliases=("--rank",),
+    )
+    alpha: float = setting(32.0, "lora_alpha (scaling = alpha / r)")
+    dropout: float = setting(0.05, "dropout on the LoRA input")
+    max_length: int = setting(
+        256,
+        "maximum tokens per example: longer reviews (classification data) are shortened inside "
+        "the template, other examples lose their start",
+    )
+    resume: bool = setting(False, "continue from the newest checkpoint in --output")
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise UserError("no training data: give --data SPEC (or 'data:' in the config file)")
+        if not isinstance(self.max_length, int) or self.max_length < 2:
+            raise SettingError("max_length", f"must be an integer >= 2, got {self.max_length!r}")
+
+    def lora_config(self):
+        """The ``LoraConfig`` of ``r``, ``alpha``, ``dropout`` and ``target_modules``.
+        ``task_type`` CAUSAL_LM lets peft's ``AutoPeftModelForCausalLM`` open the adapter; the
+        base is recorded as the user gave it (a built-in's name, not its cache path; a local
+        directory as written)."""
+        from lorakit import LoraConfig
+
+        try:
+            return LoraConfig(
+                r=self.r,
+                lora_alpha=self.alpha,
+                lora_dropout=self.dropout,
+                target_modules=self.target_modules,
+                task_type="CAUSAL_LM",
+                base_model_name_or_path=str(self.model),
+            )
+        except (ValueError, TypeError) as error:
+            raise UserError(f"invalid LoRA settings: {error}") from None
+
+
+def option_fields() -> list[Field]:
+    """Every option of ``lorakit train``: the ``setting`` fields of both dataclasses."""
+    return [*setting_fields(TrainSettings), *setting_fields(TrainingConfig)]
+
+
+def _kind(option: Field) -> type:
+    owner = TrainSettings if option in setting_fields(TrainSettings) else TrainingConfig
+    return setting_kind(owner, option)
+
+
+def setting_defaults() -> dict[str, Any]:
+    """``{key: default}`` of every option (a negated bool's key defaults to False)."""
+    return {
+        setting_key(f): (False if f.metadata["negated"] else f.default) for f in option_fields()
+    }
+
+
+def flag_of(name: str) -> str:
+    """The flag of the option whose field is ``name`` (for messages)."""
+    return next(flag_name(f) for f in option_fields() if f.name == name)
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Settings from a ``.yaml``/``.yml``/``.json`` file, by key (dashes are accepted for
+    underscores); numbers written as strings (YAML 1.1 reads ``2e-4`` so) are converted."""
+    from lorakit.data.formats import read_utf8
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    text = read_utf8(path, "config")
+    try:
+        if path.suffix.lower() == ".json":
+            loaded = json.loads(text)
+        else:
+            import yaml
+
+            loaded = yaml.safe_load(text)
+    except Exception as error:  # yaml.YAMLError, json.JSONDecodeError (a ValueError)
+        raise UserError(f"config file {path} cannot be parsed: {error}".splitlines()[0]) from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"config file {path} must hold a mapping of setting: value")
+    values = {str(key).replace("-", "_"): value for key, value in loaded.items()}
+    options = {setting_key(f): f for f in option_fields()}
+    unknown = sorted(set(values) - set(options))
+    if unknown:
+        raise UserError(
+            f"config file {path}: unknown setting(s) {unknown}; known: {', '.join(options)}"
+        )
+    return {key: _number(path, key, value, _kind(options[key])) for key, value in values.items()}
+
+
+def _number(path: Path, key: str, value: Any, kind: type) -> Any:
+    """A numeric setting as its type; anything else that is not a number is an error naming
+    the key."""
+    if value is None or kind not in (int, float):
+        return value
+    if isinstance(value, bool) or (kind is int and isinstance(value, float)):
+        raise UserError(f"config file {path}: {key}: {value!r} is not an integer")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UserError(
+            f"config file {path}: {key}: {value!r} is not a number"
+            + (" (an integer)" if kind is int else "")
+        ) from None
+
+
+def merged_values(config_file: str | None, given: dict[str, Any]) -> dict[str, Any]:
+    """``{key: value}``: the defaults, then the config file, then every ``given`` value that is
+    not None (the flags given on the command line); ``target_modules`` as a list unless it is
+    ``all-linear``."""
+    values = setting_defaults()
+    if config_file:
+        values.update(load_config_file(config_file))
+    values.update({key: given[key] for key in values if given.get(key) is not None})
+    targets = values["target_modules"]
+    if isinstance(targets, str) and targets != "all-linear":
+        values["target_modules"] = [name.strip() for name in targets.split(",")]
+    return values
+
+
+def build_settings(values: dict[str, Any]) -> tuple[TrainSettings, TrainingConfig]:
+    """The two dataclasses of ``values`` (by key). A bad value raises a ``UserError`` naming its
+    flag (``--warmup-ratio must be in [0, 1], got -1.0``)."""
+    built = {}
+    try:
+        for cls in (TrainSettings, TrainingConfig):
+            arguments = {}
+            for option in setting_fields(cls):
+                value = values[setting_key(option)]
+                if setting_kind(cls, option) is bool:
+                    value = bool(value) != option.metadata["negated"]
+                arguments[option.name] = value
+            built[cls] = cls(**arguments)
+    except SettingError as error:
+        raise UserError(f"{flag_of(error.setting)} {error.problem}") from None
+    training = built[TrainingConfig]
+    output = Path(training.output_dir)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; give a directory (new or existing)")
+    return built[TrainSettings], training
+
+
+def load_examples_for(spec: str, split: str | None, style: str | None, default_split: str):
+    """Examples of ``spec``: built-in datasets default to ``default_split``, files to all rows."""
+    from lorakit import data
+
+    if split is None and spec in data.BUILTIN_DATASETS:
+        split = default_split
+    examples = data.load_examples(spec, split, style=style)
+    if not examples:
+        raise UserError(f"data '{spec}' (split {split or 'all'}) holds no examples")
+    return examples

@@ -1,0 +1,132 @@
+"""Helpers for the serving tests that run the HTTP app in process: a tiny random Llama with the
+tiny ChatML tokenizer, four PEFT adapters on disk (the ``adapter_files`` fixture in conftest),
+``Served`` (app + bank + engine + registry), OpenAI error checks and engine/condition waits."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+import torch
+from fastapi.testclient import TestClient
+from transformers import LlamaForCausalLM
+
+import lorakit
+from lorakit.io import save_adapter
+from lorakit.serve import AdapterBank, prepare_for_serving
+from lorakit.serve.app import ServerSettings, create_app
+from lorakit.serve.engine import Engine
+from lorakit.serve.registry import AdapterRegistry, ServedAdapters
+from lorakit.serve.sampling import SamplingParams
+from tests import tiny_models, tiny_tokenizer
+
+TOKEN = "admin-secret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+BASE = "base"
+
+
+def base_model(tokenizer) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = tiny_models.llama_config(
+        vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def write_adapters(root) -> tuple:
+    """Four adapters ad0..ad3 (q_proj, v_proj, r=2) saved under ``root/adapters``; returns
+    ``(root, tokenizer)``."""
+    tokenizer = tiny_tokenizer.build()
+    reference = base_model(tokenizer)
+    for index in range(4):
+        config = lorakit.LoraConfig(r=2, lora_alpha=4 + index, target_modules=["q_proj", "v_proj"])
+        lorakit.inject(reference, config, adapter_name=f"ad{index}")
+    tiny_models.randomize_adapters(reference, std=0.3)
+    for index in range(4):
+        save_adapter(reference, root / "adapters", f"ad{index}")
+    return root, tokenizer
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Served:
+    """One app over a fresh model, bank (2 slots), engine and registry; ``client`` is live."""
+
+    def __init__(self, root, tokenizer) -> None:
+        self.root, self.tokenizer = root, tokenizer
+        model = base_model(tokenizer)
+        prepare_for_serving(model, ["q_proj", "v_proj"])
+        self.bank = AdapterBank(model, max_rank=4, capacity=2)
+        self.adapters = ServedAdapters(self.bank, AdapterRegistry(root / "adapters"), model)
+        self.engine = Engine(
+            model, self.bank, tokenizer, max_batch=4, adapter_loader=self.adapters.read
+        )
+        settings = ServerSettings(
+            model_name=BASE,
+            admin_token=TOKEN,
+            max_prompt_tokens=40,
+            max_tokens_limit=24,
+            max_positions=128,
+        )
+        self.app = create_app(self.engine, self.adapters, tokenizer, settings)
+        self.client = TestClient(self.app)
+
+    def post(self, path: str, body, headers=None):
+        if isinstance(body, bytes):
+            return self.client.post(path, content=body, headers=headers)
+        return self.client.post(path, json=body, headers=headers)
+
+    def model_ids(self) -> list[str]:
+        return [card["id"] for card in self.client.get("/v1/models").json()["data"]]
+
+
+def assert_error(response, status: int, param: str | None, *words: str) -> dict:
+    """An OpenAI error object with ``status``, ``param`` and a message holding ``words``."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param, error
+    for word in words:
+        assert word in error["message"], error
+    return error
+
+
+@contextlib.contextmanager
+def engine_held(engine: Engine, adapter: str | None = None):
+    """Keep the engine thread inside a request's first-token callback (the request holds its
+    adapter) until the block ends: what the test does meanwhile cannot race the engine."""
+    started, release, done = threading.Event(), threading.Event(), threading.Event()
+
+    def on_event(event):
+        if not started.is_set():
+            started.set()
+            release.wait()
+        if event.finish_reason is not None:
+            done.set()
+
+    engine.submit([5, 6, 7], adapter, SamplingParams(max_tokens=3), on_event)
+    assert started.wait(timeout=60)  # (deadlock guard)
+    try:
+        yield
+    finally:
+        release.set()
+    assert done.wait(timeout=60)
+
+
+def wait_until(condition) -> None:
+    """Poll a condition another thread will make true (a deadlock guard, not a timing check)."""
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.005)
+
+
+def completion(**fields) -> dict:
+    return {"model": "ad0", "prompt": "hello world", "max_tokens": 3, **fields}

@@ -1,0 +1,124 @@
+"""Regexes from adapter configs: the ones that could backtrack without bound are refused before
+any matching, naming the field and the pattern; the patterns PEFT users write are accepted and
+keep their meaning."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from lorakit import LoraConfig
+from lorakit.patterns import MAX_PATTERN_CHARS, check_pattern
+
+NESTED = "nested quantifiers"
+TOO_MANY = "too many open-ended repeats"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [
+        ("(.*)*x", NESTED),
+        ("(a+)+b", NESTED),
+        ("(?:.*a)+x", NESTED),
+        ("(a|aa)*b", NESTED),
+        ("(x|x){1,40}y", NESTED),
+        (".*" * 4 + "x", TOO_MANY),
+        (".*a" * 6 + "b", TOO_MANY),
+        ("a?" * 20 + "a" * 20, TOO_MANY),
+        (".?" * 7 + "." * 7 + "x", TOO_MANY),
+        ("(.|..)" * 7 + "x", TOO_MANY),
+        ("(.*){40}x", TOO_MANY),
+        ("(a|b|ab)" * 12, TOO_MANY),
+        (r"(a)\1", "backreferences"),
+        (r"(a)?(?(1)b|c)", "backreferences"),
+        ("q" * (MAX_PATTERN_CHARS + 1), "characters long"),
+        ("(" * 5000 + ")" * 5000, "characters long"),
+        ("(?:" * 1000 + ")" * 1000, "nests groups too deeply"),
+        ("(unclosed", "not a valid regular expression"),
+        ("a{4294967296}", "not a valid regular expression"),
+    ],
+)
+def test_unbounded_patterns_are_refused_with_the_reason(pattern, reason) -> None:
+    with pytest.raises(ValueError, match=re.escape(reason)) as caught:
+        check_pattern("LoraConfig.rank_pattern key", pattern)
+    assert str(caught.value).startswith("LoraConfig.rank_pattern key")
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "q_proj",
+        "model.layers.0.self_attn.q_proj",
+        r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+        r"^(?!.*vision_tower).*\.(q_proj|k_proj|v_proj)$",
+        r"model\.layers\.\d+\.self_attn\.(q|k|v)_proj",
+        ".*decoder.*(SelfAttention|EncDecAttention).*(q|k|v|o)$",  # PEFT's docstring example
+        r"layers\.(1[0-9]|2[0-3])\.mlp\.(gate|up)_proj",
+        "(" + "|".join(f"model.layers.{i}.mlp.down_proj" for i in range(60)) + ")",
+        "(" + "|".join(rf"model\.layers\.{i}\.mlp\.down_proj" for i in range(100)) + ")",
+        ".?" * 6 + "." * 6 + "x",
+        "(a|ab)" * 12 + "x",
+        "(?:ab){3}c?d*",
+        "(q|k)?_proj",
+    ],
+)
+def test_the_patterns_peft_users_write_are_accepted(pattern) -> None:
+    check_pattern("LoraConfig.target_modules", pattern)
+    LoraConfig(target_modules=pattern, rank_pattern={pattern: 4}, alpha_pattern={pattern: 2})
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"target_modules": "(.*)*x"}, ["LoraConfig.target_modules '(.*)*x'", NESTED]),
+        ({"exclude_modules": "(a+)+"}, ["LoraConfig.exclude_modules '(a+)+'", NESTED]),
+        ({"rank_pattern": {"(.*)*x": 4}}, ["LoraConfig.rank_pattern key '(.*)*x'", NESTED]),
+        ({"alpha_pattern": {"(.*)*x": 4}}, ["LoraConfig.alpha_pattern key '(.*)*x'", NESTED]),
+        (
+            {"target_modules": ["q_proj"], "layers_to_transform": [0], "layers_pattern": "(h+)+"},
+            ["LoraConfig.layers_pattern '(h+)+'", NESTED],
+        ),
+        (
+            {"target_modules": ["q_proj"], "layers_to_transform": [0], "layers_pattern": ["x", 3]},
+            ["LoraConfig.layers_pattern 3", "expected a regex string"],
+        ),
+        (
+            {"target_modules": ["q_proj"], "layers_to_transform": [0], "layers_pattern": 3},
+            ["LoraConfig.layers_pattern=3"],
+        ),
+        ({"rank_pattern": {"x" * 10_000: 4}}, ["LoraConfig.rank_pattern key 'xxx", "10000"]),
+    ],
+)
+def test_the_config_names_the_field_and_the_pattern(fields, words) -> None:
+    with pytest.raises(ValueError) as caught:
+        LoraConfig(**fields)
+    message = str(caught.value)
+    assert all(word in message for word in words), message
+    assert len(message) < 600  # a 10 000-character key is not repeated whole
+
+
+def test_rank_and_alpha_patterns_keep_peft_semantics() -> None:
+    config = LoraConfig(
+        r=8, rank_pattern={r"layers\.0\.self_attn\.q_proj": 2, "v_proj": 3}, alpha_pattern={"o": 5}
+    )
+    assert config.rank_for("model.layers.0.self_attn.q_proj") == 2
+    assert config.rank_for("model.layers.10.self_attn.q_proj") == 8  # suffix after a dot only
+    assert config.rank_for("model.layers.3.self_attn.v_proj") == 3
+    assert config.rank_for("model.layers.3.self_attn.xv_proj") == 8
+    assert config.alpha_for("model.layers.3.self_attn.o") == 5
+    assert config.alpha_for("model.layers.3.self_attn.o_proj") == 8
+
+
+def test_pattern_dicts_are_bounded_in_all() -> None:
+    three_stars = {f".*{i}.*{i}.*x": 2 for i in range(4)}  # each at the limit, four in all
+    LoraConfig(rank_pattern=three_stars)
+    with pytest.raises(ValueError, match=r"LoraConfig\.rank_pattern is refused: its keys together"):
+        LoraConfig(rank_pattern={**three_stars, ".*y": 2})
+    many = {f"model.layers.{i}.q_proj": 2 for i in range(10_001)}
+    with pytest.raises(
+        ValueError, match=r"LoraConfig\.alpha_pattern has 10001 keys; at most 10000"
+    ):
+        LoraConfig(alpha_pattern=many)
+    with pytest.raises(ValueError, match=r"LoraConfig\.rank_pattern key 3 is invalid"):
+        LoraConfig(rank_pattern={3: 2})
