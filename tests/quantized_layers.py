@@ -87,3 +87,35 @@ QUANTIZERS = {
     "gguf-Q4_1": lambda linear: gguf(linear, "Q4_1"),
     "gguf-Q8_0": lambda linear: gguf(linear, "Q8_0"),
 }
+
+
+def quantize_linears(model: nn.Module, name: str, only: tuple[str, ...] = ("proj",)) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` of ``model`` whose name ends with one of ``only``
+    by its ``name`` quantization (``QUANTIZERS``); returns ``model``."""
+    for module_name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and module_name.endswith(only):
+            parent_name, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, QUANTIZERS[name](module))
+    return model
+
+
+def dequantized_twin(model: nn.Module) -> nn.Module:
+    """A copy of a quantized ``model`` whose quantized linears are float ``nn.Linear`` holding
+    their dequantized weights: the float reference a LoRA on the quantized model must match."""
+    import copy
+
+    from lorakit import quantized
+
+    twin = copy.deepcopy(model)
+    for module_name, module in list(twin.named_modules()):
+        if module_name and quantized.is_quantized(module):
+            linear = nn.Linear(
+                module.in_features, module.out_features, bias=module.bias is not None
+            )
+            with torch.no_grad():
+                linear.weight.copy_(quantized.dequantized_weight(module))
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            parent_name, _, child = module_name.rpartition(".")
+            setattr(twin.get_submodule(parent_name), child, linear.requires_grad_(False))
+    return twin

@@ -128,7 +128,7 @@ def add_planned_adapter(
             dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
             init=init,
-            dtype=adapter_dtype or _default_adapter_dtype(layer.base_layer.weight.dtype),
+            dtype=adapter_dtype or _default_adapter_dtype(layer.base_float_dtype),
             values=factors.get(name),
         )
         _give_layer_mode(layer, adapter_name)
