@@ -219,3 +219,12 @@ def test_inference_without_gradients_never_repacks_an_adapted_4bit_base(name):
     for _, layer in lora_layers(model):
         assert not getattr(layer.base_layer.weight.quant_state, "packing_format_for_cpu", False)
     torch.testing.assert_close(logits, _logits(twin, tiny_models.input_ids()), rtol=1e-5, atol=1e-5)
+
+
+def test_serving_many_adapters_on_a_quantized_base_is_refused_clearly():
+    from lorakit.errors import UserError
+    from lorakit.serve.bank import AdapterBank
+
+    model, _ = _pair("gguf-Q4_1")
+    with pytest.raises(UserError, match="quantized base is not supported yet"):
+        AdapterBank(model, max_rank=4, capacity=2)
