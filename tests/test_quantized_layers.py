@@ -228,3 +228,31 @@ def test_serving_many_adapters_on_a_quantized_base_is_refused_clearly():
     model, _ = _pair("gguf-Q4_1")
     with pytest.raises(UserError, match="quantized base is not supported yet"):
         AdapterBank(model, max_rank=4, capacity=2)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_training_saves_no_dequantized_weight_for_backward(name):
+    """Autograd keeps the quantized storage (or nothing) for the base: no float (d, k) tensor."""
+    layer = quantized_layers.QUANTIZERS[name](quantized_layers.float_linear())
+    model = nn.Sequential(layer)
+    lorakit.inject(model, _config(target_modules=["0"]))
+    model.train()
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    x = torch.randn(3, 64, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(x)
+    dequantized = [  # (d, k) or its transpose, as F.linear saves it
+        t
+        for t in saved
+        if tuple(t.shape) in ((48, 64), (64, 48))
+        and t.is_floating_point()
+        and type(t) is torch.Tensor
+    ]
+    assert dequantized == []
+    out.sum().backward()
+    assert model[0].lora_B["default"].weight.grad.abs().max() > 0

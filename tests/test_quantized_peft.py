@@ -96,6 +96,7 @@ def test_logits_and_lora_gradients_equal_peft_on_a_bitsandbytes_model(float_dir,
         torch.testing.assert_close(grad, their_grads[key], rtol=0, atol=TOLERANCE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantization", ["nf4-dq", "int8"])
 def test_adapter_files_move_between_peft_and_lorakit_on_a_quantized_base(
     float_dir, quantization, tmp_path
@@ -118,6 +119,7 @@ def test_adapter_files_move_between_peft_and_lorakit_on_a_quantized_base(
         torch.testing.assert_close(loaded_by_us(ids).logits, expected, rtol=0, atol=TOLERANCE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantization", ["nf4-dq", "int8"])
 def test_merge_and_unload_of_a_bitsandbytes_model_saves_and_reloads_as_a_float_model(
     float_dir, quantization, tmp_path

@@ -142,6 +142,7 @@ def test_torchao_int8_that_also_quantizes_activations_is_refused():
         quantized.check_supported(layer[0], "model.fc")
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch
 def test_importing_and_checking_plain_layers_imports_no_quantization_library():
     code = (
         "import sys, torch; from lorakit import quantized;"

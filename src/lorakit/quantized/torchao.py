@@ -2,7 +2,9 @@
 ``torchao.quantization.quantize_(model, Int8WeightOnlyConfig())`` leaves it.
 
 ``W0[i, :] = qdata[i, :] * scale[i]`` (per-row scales, ``block_size`` (1, in)), dequantized by
-the tensor's own ``dequantize()``. The forward is the module's own (torchao's int8 kernel). An
+the tensor's own ``dequantize()``. The forward is torchao's int8 kernel; its input gradient
+``dL/dx = dL/dy W0`` dequantizes the weight again in backward, because torchao's own autograd
+keeps a float32 copy of the (out, in) codes for backward (4x the int8 weight). An
 ``Int8Tensor`` that also quantizes activations (``act_quant_kwargs`` set, i.e. dynamic int8
 activation configs) is refused: its output is not ``x W0^T``, so a float merge could not match
 it. torchao's other tensor types (int4, NF4, float8) are refused by class name upstream.
@@ -56,8 +58,26 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
         return module.weight.dequantize().to(torch.float32)
 
 
+class _FrozenInt8Linear(torch.autograd.Function):
+    """``y = x W0^T`` by torchao's kernel; backward ``dL/dx = dL/dy dequant(W0)``, recomputed
+    (nothing of the weight saved). The weight is frozen (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        ctx.module = module
+        with torch.no_grad():
+            return torch.nn.functional.linear(x, module.weight)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        weight = dequantized_weight(ctx.module).to(grad_output.dtype)
+        return grad_output @ weight, None  # (..., out) @ (out, in) -> (..., in)
+
+
 def base_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return module(x)
+    """``x W0^T + b`` (the bias outside the int8 kernel, so a trained bias gets its gradient)."""
+    out = _FrozenInt8Linear.apply(x, module)
+    return out if module.bias is None else out + module.bias.to(out.dtype)
 
 
 def storage(module: nn.Module) -> dict[str, torch.Tensor]:
