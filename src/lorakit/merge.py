@@ -7,6 +7,10 @@ layer holds two weights. A weight tied to another module (GPT-2's ``wte`` / ``lm
 untied by the merge: the other module keeps the original, so outputs equal the unmerged model's.
 ``merge_and_unload`` folds the adapters and returns the plain model with no lorakit module left.
 
+On a quantized base (``lorakit.quantized``, docs/quantized.md) the quantized bytes are never
+written: ``merge`` keeps the float ``W = dequant(W0) + sum_a s_a B_a A_a`` beside them,
+``unmerge`` drops it, and ``merge_and_unload`` returns a float model.
+
 Forwards may run in other threads during ``merge`` / ``unmerge``: each layer switches in one step
 (``layers.base.MergeState``), so each layer of such a forward computes ``W0 x + s B A x`` either
 merged or not, and the output equals the merged and the unmerged model's within rounding. Which

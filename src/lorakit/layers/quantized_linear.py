@@ -16,6 +16,8 @@ what the quantized base itself keeps (its packed weight), never a dequantized co
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,7 +56,9 @@ class QuantizedLoraLinear(LoraLinear):
         """``(state, None)``: ``None`` stands for the quantized base itself (never replaced)."""
         return self._merge_state, None
 
-    def base_output(self, weight: torch.Tensor | None, x: torch.Tensor, *args, **kwargs):
+    def base_output(
+        self, weight: torch.Tensor | None, x: torch.Tensor, *args, **kwargs
+    ) -> torch.Tensor:
         """The quantized base's own output (``weight`` None), or ``x W^T + b`` with the merged
         float ``weight``."""
         if weight is None:
@@ -70,7 +74,10 @@ class QuantizedLoraLinear(LoraLinear):
     def base_is_plain(self) -> bool:
         return False
 
-    def fast_adapters(self, x, weight, adapters):
+    def fast_adapters(
+        self, x: torch.Tensor, weight: torch.Tensor | None, adapters: Sequence[str]
+    ) -> None:
+        """None: no fused path on a quantized base (the plain formula runs)."""
         return None
 
     # ----------------------------------------------------------------- merge
@@ -79,7 +86,9 @@ class QuantizedLoraLinear(LoraLinear):
         """None: a quantized base has no float weight (see ``lorakit.quantized``)."""
         return None
 
-    def prepare_merge(self, adapter_names):
+    def prepare_merge(
+        self, adapter_names: Sequence[str]
+    ) -> tuple[tuple[str, ...], torch.Tensor] | None:
         """``(names, W)`` with ``W = dequant(W0) + sum_a s_a B_a A_a`` (float32, (d, k)) over the
         merged and the named adapters; None if all are merged. Changes nothing."""
         to_merge = tuple(name for name in adapter_names if name not in self.merged_adapters)
@@ -88,7 +97,7 @@ class QuantizedLoraLinear(LoraLinear):
         delta = self._merged_delta((*self.merged_adapters, *to_merge))
         return to_merge, merged_weight(self.base_layer, [delta])
 
-    def install_merge(self, prepared) -> None:
+    def install_merge(self, prepared: tuple[tuple[str, ...], torch.Tensor]) -> None:
         """Keep ``W`` beside the quantized base (which is not touched)."""
         to_merge, weight = prepared
         adapters = (*self.merged_adapters, *to_merge)
