@@ -256,3 +256,17 @@ def test_training_saves_no_dequantized_weight_for_backward(name):
     assert dequantized == []
     out.sum().backward()
     assert model[0].lora_B["default"].weight.grad.abs().max() > 0
+
+
+def test_merge_and_unload_refuses_a_repacked_layer_before_changing_anything():
+    model, _ = _pair("bnb-nf4-dq", target_modules=["q_proj"])
+    k_proj = model.model.layers[1].self_attn.k_proj
+    k_proj.weight.quant_state.packing_format_for_cpu = True  # what bnb's eval forward sets
+    layers_before = dict(lora_layers(model))
+    with pytest.raises(
+        UnsupportedQuantizedLayerError, match=r"'model\.layers\.1\.self_attn\.k_proj'"
+    ):
+        lorakit.merge_and_unload(model)
+    assert dict(lora_layers(model)) == layers_before
+    assert all(layer.merged_adapters == () for layer in layers_before.values())
+    assert model.model.layers[1].self_attn.k_proj is k_proj

@@ -80,7 +80,9 @@ def test_a_4bit_layer_not_yet_quantized_is_refused():
     import bitsandbytes as bnb
 
     layer = bnb.nn.Linear4bit(64, 48)  # built but never moved to a device: no quant_state
-    with pytest.raises(UnsupportedQuantizedLayerError, match="not quantized yet"):
+    with pytest.raises(
+        UnsupportedQuantizedLayerError, match=r"'model\.q_proj': .*not quantized yet"
+    ):
         quantized.check_supported(layer, "model.q_proj")
 
 

@@ -98,6 +98,9 @@ def merge_and_unload(
     float rounding; nothing is quantized again (``lorakit.quantized.merge.requantize`` does that,
     on request, reporting the error it adds)."""
     names = _chosen(model, adapter_names)
+    for name, module in model.named_modules():  # before any change (e.g. one bnb repacked)
+        if quantized.is_quantized(module):
+            quantized.check_supported(module, name)
     tied = _tied_parameter_ids(model)
     merge(model, names)
     untied = False

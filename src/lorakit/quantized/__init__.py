@@ -105,12 +105,11 @@ _PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
 
 def backend_for(module: nn.Module) -> ModuleType | None:
     """The backend module that runs ``module`` (first match wins), or None for a module no
-    backend claims (a plain float layer, or an unknown quantized one: see ``check_supported``)."""
+    backend claims (a plain float layer, or an unknown quantized one: see ``check_supported``).
+    The layer's state is not checked here (``check_supported`` does)."""
     for accepts, backend_path in _DISPATCH:
         if accepts(module):
-            backend = importlib.import_module(backend_path)
-            backend.check(module)
-            return backend
+            return importlib.import_module(backend_path)
     return None
 
 
@@ -138,8 +137,14 @@ def looks_quantized(module: nn.Module) -> str | None:
 
 def check_supported(module: nn.Module, module_name: str) -> None:
     """Raise ``UnsupportedQuantizedLayerError`` (naming the module and its class) if ``module``
-    looks quantized but no backend runs it; return quietly for known and plain layers."""
-    if backend_for(module) is not None:
+    looks quantized but no backend runs it, or a backend's layer is in a state it cannot use
+    (not quantized yet, repacked); return quietly for usable quantized and for plain layers."""
+    backend = backend_for(module)
+    if backend is not None:
+        try:
+            backend.check(module)
+        except UnsupportedQuantizedLayerError as error:
+            raise UnsupportedQuantizedLayerError(f"module {module_name!r}: {error}") from None
         return
     reason = looks_quantized(module)
     if reason is not None:
@@ -154,12 +159,14 @@ def check_supported(module: nn.Module, module_name: str) -> None:
 
 
 def _backend(module: nn.Module) -> ModuleType:
+    """The backend of a usable quantized layer; ``UnsupportedQuantizedLayerError`` otherwise."""
     backend = backend_for(module)
     if backend is None:
         raise UnsupportedQuantizedLayerError(
             f"{_class_path(type(module))} is not a quantized layer lorakit knows "
             "(see lorakit.quantized for the supported formats)"
         )
+    backend.check(module)
     return backend
 
 
