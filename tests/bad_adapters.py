@@ -132,60 +132,136 @@ def _fingerprint(modules) -> str:
 
 
 CASES = [
-    Case("config nested 100k deep", write_config(_config_with()[:-1] + f', "x": {DEEP}}}'),
-         ("adapter_config.json", "nested too deeply")),
+    Case(
+        "config nested 100k deep",
+        write_config(_config_with()[:-1] + f', "x": {DEEP}}}'),
+        ("adapter_config.json", "nested too deeply"),
+    ),
     Case("config a bare deep list", write_config(DEEP), ("nested too deeply",)),
-    Case("config not UTF-8", write_config(b'{"peft_type": "LORA", "r": 2, "x": "\xff\xfe"}'),
-         ("not UTF-8",)),
-    Case("config is a symlink loop",
-         lambda d: ((d / CONFIG).unlink(), os.symlink(CONFIG, d / CONFIG)), (CONFIG,)),
-    Case("header nested 100k deep", edit_header(lambda e: b'{"a": ' + DEEP.encode() + b"}"),
-         ("not a valid safetensors file", "nested too deeply")),
-    Case("__metadata__ a list", edit_header(lambda e: e.update(__metadata__=["pt"])),
-         ("__metadata__ is not an object of strings",)),
-    Case("__metadata__ a string", edit_header(lambda e: e.update(__metadata__="pt")),
-         ("__metadata__ is not an object of strings",)),
-    Case("metadata value not a string", edit_metadata(format=5),
-         ("__metadata__ is not an object of strings",)),
-    Case("config copy not an object", edit_metadata(**{"lorakit.adapter_config": "[1, 2]"}),
-         ("copy inside", "must hold a JSON object"), inspect_refuses=False),
-    Case("config copy nested deep", edit_metadata(**{"lorakit.adapter_config": DEEP}),
-         ("copy inside", "nested too deeply"), inspect_refuses=False),
-    Case("fingerprint nested deep", edit_metadata(**{_FINGERPRINT: DEEP}),
-         ("fingerprint", "unreadable", "nested too deeply"), inspect_refuses=False),
-    Case("fingerprint modules a list", edit_metadata(**{_FINGERPRINT: _fingerprint([])}),
-         ("fingerprint", "'modules' is not an object"), inspect_refuses=False),
-    Case("fingerprint entry not an object", edit_metadata(**{_FINGERPRINT: _fingerprint({_Q: 5})}),
-         ("fingerprint", f"module {_Q!r}: not an object"), inspect_refuses=False),
-    Case("fingerprint entry without shape",
-         edit_metadata(**{_FINGERPRINT: _fingerprint({_Q: {"dtype": "float32"}})}),
-         ("fingerprint", "shape None"), inspect_refuses=False),
-    Case("fingerprint values not base64",
-         edit_metadata(**{_FINGERPRINT: _fingerprint({_Q: {
-             "shape": [64, 64], "dtype": "float32", "sha256": "0", "values": "%%"}})}),
-         ("fingerprint", "not base64"), inspect_refuses=False),
+    Case(
+        "config not UTF-8",
+        write_config(b'{"peft_type": "LORA", "r": 2, "x": "\xff\xfe"}'),
+        ("not UTF-8",),
+    ),
+    Case(
+        "config is a symlink loop",
+        lambda d: ((d / CONFIG).unlink(), os.symlink(CONFIG, d / CONFIG)),
+        (CONFIG,),
+    ),
+    Case(
+        "header nested 100k deep",
+        edit_header(lambda e: b'{"a": ' + DEEP.encode() + b"}"),
+        ("not a valid safetensors file", "nested too deeply"),
+    ),
+    Case(
+        "__metadata__ a list",
+        edit_header(lambda e: e.update(__metadata__=["pt"])),
+        ("__metadata__ is not an object of strings",),
+    ),
+    Case(
+        "__metadata__ a string",
+        edit_header(lambda e: e.update(__metadata__="pt")),
+        ("__metadata__ is not an object of strings",),
+    ),
+    Case(
+        "metadata value not a string",
+        edit_metadata(format=5),
+        ("__metadata__ is not an object of strings",),
+    ),
+    Case(
+        "config copy not an object",
+        edit_metadata(**{"lorakit.adapter_config": "[1, 2]"}),
+        ("copy inside", "must hold a JSON object"),
+        inspect_refuses=False,
+    ),
+    Case(
+        "config copy nested deep",
+        edit_metadata(**{"lorakit.adapter_config": DEEP}),
+        ("copy inside", "nested too deeply"),
+        inspect_refuses=False,
+    ),
+    Case(
+        "fingerprint nested deep",
+        edit_metadata(**{_FINGERPRINT: DEEP}),
+        ("fingerprint", "unreadable", "nested too deeply"),
+        inspect_refuses=False,
+    ),
+    Case(
+        "fingerprint modules a list",
+        edit_metadata(**{_FINGERPRINT: _fingerprint([])}),
+        ("fingerprint", "'modules' is not an object"),
+        inspect_refuses=False,
+    ),
+    Case(
+        "fingerprint entry not an object",
+        edit_metadata(**{_FINGERPRINT: _fingerprint({_Q: 5})}),
+        ("fingerprint", f"module {_Q!r}: not an object"),
+        inspect_refuses=False,
+    ),
+    Case(
+        "fingerprint entry without shape",
+        edit_metadata(**{_FINGERPRINT: _fingerprint({_Q: {"dtype": "float32"}})}),
+        ("fingerprint", "shape None"),
+        inspect_refuses=False,
+    ),
+    Case(
+        "fingerprint values not base64",
+        edit_metadata(
+            **{
+                _FINGERPRINT: _fingerprint(
+                    {_Q: {"shape": [64, 64], "dtype": "float32", "sha256": "0", "values": "%%"}}
+                )
+            }
+        ),
+        ("fingerprint", "not base64"),
+        inspect_refuses=False,
+    ),
     Case("negative shape", edit_entry(Q_A, shape=[-2, 64]), ("shape [-2, 64]",)),
     Case("float shape", edit_entry(Q_A, shape=[2.0, 64]), ("shape [2.0, 64]",)),
     Case("boolean shape", edit_entry(Q_A, shape=[True, 64]), ("shape [True, 64]",)),
-    Case("data_offsets not integers", edit_entry(Q_A, data_offsets=[0.0, 512.0]),
-         ("data_offsets",)),
+    Case(
+        "data_offsets not integers", edit_entry(Q_A, data_offsets=[0.0, 512.0]), ("data_offsets",)
+    ),
     Case("1-D factor", replace_tensors(**{Q_A: lambda t: t.reshape(-1)}), ("q_proj", "shape")),
     Case("boolean factor", replace_tensors(**{Q_A: lambda t: t > 0}), ("q_proj", "dtype")),
-    Case("integer factor", replace_tensors(**{Q_B: lambda t: t.to(torch.int32)}), ("q_proj", "dtype")),
-    Case("rank-0 factors", replace_tensors(**{Q_A: lambda t: t[:0], Q_B: lambda t: t[:, :0]}),
-         ("q_proj", "0, 64")),
-    Case("finite but absurd values", replace_tensors(**{Q_B: lambda t: torch.full_like(t, 3e38)}),
-         (Q_B, "beyond +-65504"), inspect_refuses=False),
-    Case("values just beyond float16", replace_tensors(**{Q_A: lambda t: t * 0 + 7e4}),
-         (Q_A, "beyond +-65504"), inspect_refuses=False),
-    Case("rank_pattern that backtracks", edit_config(rank_pattern={"(.*)*x": 4}),
-         ("LoraConfig.rank_pattern key '(.*)*x'", "nested quantifiers")),
-    Case("target_modules that backtracks", edit_config(target_modules="(a|aa)*b"),
-         ("LoraConfig.target_modules '(a|aa)*b'", "nested quantifiers")),
+    Case(
+        "integer factor", replace_tensors(**{Q_B: lambda t: t.to(torch.int32)}), ("q_proj", "dtype")
+    ),
+    Case(
+        "rank-0 factors",
+        replace_tensors(**{Q_A: lambda t: t[:0], Q_B: lambda t: t[:, :0]}),
+        ("q_proj", "0, 64"),
+    ),
+    Case(
+        "finite but absurd values",
+        replace_tensors(**{Q_B: lambda t: torch.full_like(t, 3e38)}),
+        (Q_B, "beyond +-65504"),
+        inspect_refuses=False,
+    ),
+    Case(
+        "values just beyond float16",
+        replace_tensors(**{Q_A: lambda t: t * 0 + 7e4}),
+        (Q_A, "beyond +-65504"),
+        inspect_refuses=False,
+    ),
+    Case(
+        "rank_pattern that backtracks",
+        edit_config(rank_pattern={"(.*)*x": 4}),
+        ("LoraConfig.rank_pattern key '(.*)*x'", "nested quantifiers"),
+    ),
+    Case(
+        "target_modules that backtracks",
+        edit_config(target_modules="(a|aa)*b"),
+        ("LoraConfig.target_modules '(a|aa)*b'", "nested quantifiers"),
+    ),
     Case("weights a directory", weights_replaced_by("directory"), ("not a regular file",)),
-    Case("weights a symlink loop", weights_replaced_by("loop"), ("not a regular file",),
-         server_words=("cannot be resolved", WEIGHTS)),
-]  # fmt: skip
+    Case(
+        "weights a symlink loop",
+        weights_replaced_by("loop"),
+        ("not a regular file",),
+        server_words=("cannot be resolved", WEIGHTS),
+    ),
+]
 
 
 def write_header_only_file(path, tensors: dict, metadata: dict) -> int:

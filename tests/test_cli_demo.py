@@ -17,15 +17,22 @@ from lorakit.errors import UserError
 def _settings(tmp_path, model_dir, **overrides):
     from lorakit.demo import DemoSettings
 
-    fields = dict(output=str(tmp_path / "demo"), model=str(model_dir), steps=2, eval_size=8,
-                  max_length=64, progress=False)  # fmt: skip
+    fields = dict(
+        output=str(tmp_path / "demo"),
+        model=str(model_dir),
+        steps=2,
+        eval_size=8,
+        max_length=64,
+        progress=False,
+    )
     return DemoSettings(**(fields | overrides))
 
 
 def _predict_one_at_a_time(model, tokenizer, examples, max_length) -> list[int]:
     """Each review's choice by an unpadded forward of its (shortened) prompt, by hand."""
-    positive, negative = (tokenizer(w, add_special_tokens=False)["input_ids"][0]
-                          for w in ("positive", "negative"))  # fmt: skip
+    positive, negative = (
+        tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("positive", "negative")
+    )
     predictions = []
     for example in examples:
         prompt = data.prompt_token_ids(data.fit_example(example, tokenizer, max_length), tokenizer)
@@ -56,8 +63,11 @@ def test_demo_runs_and_writes_its_summary(tmp_path, capsys, model_dir):
     adapted = load_adapter(AutoModelForCausalLM.from_pretrained(model_dir), demo / "adapter")
     tuned = _predict_one_at_a_time(adapted.eval(), tokenizer, held_out, 64)
     assert [r["fine_tuned"] for r in rows] == [r["merged"] for r in rows] == tuned
-    for key, column in (("zero_shot_accuracy", "zero_shot"), ("fine_tuned_accuracy", "fine_tuned"),
-                        ("merged_accuracy", "merged")):  # fmt: skip
+    for key, column in (
+        ("zero_shot_accuracy", "zero_shot"),
+        ("fine_tuned_accuracy", "fine_tuned"),
+        ("merged_accuracy", "merged"),
+    ):
         assert summary[key] == sum(r[column] == r["label"] for r in rows) / 8
     assert summary["merged_predictions_agree"] == 8
     assert summary["merged_max_abs_logprob_difference"] < 1e-4
@@ -161,14 +171,24 @@ def test_the_summary_gives_sizes_in_binary_units():
     from lorakit.demo import summary_lines
 
     summary = {
-        "held_out_reviews": 200, "model": "m", "zero_shot_accuracy": 0.675, "steps": 60,
-        "training_reviews": 480, "fine_tuned_accuracy": 0.805, "accuracy_gain_points": 13.0,
-        "trainable_parameters": 4_884_480, "adapter_bytes": 19_696_256,
-        "base_model_bytes": 538_090_408, "adapter_percent_of_base": 3.66,
-        "merged_predictions_agree": 200, "merged_max_abs_logprob_difference": 3e-5,
-        "merged_disagreements_at_near_ties": 0, "adapter_dir": "a", "loss_curve": "c",
+        "held_out_reviews": 200,
+        "model": "m",
+        "zero_shot_accuracy": 0.675,
+        "steps": 60,
+        "training_reviews": 480,
+        "fine_tuned_accuracy": 0.805,
+        "accuracy_gain_points": 13.0,
+        "trainable_parameters": 4_884_480,
+        "adapter_bytes": 19_696_256,
+        "base_model_bytes": 538_090_408,
+        "adapter_percent_of_base": 3.66,
+        "merged_predictions_agree": 200,
+        "merged_max_abs_logprob_difference": 3e-5,
+        "merged_disagreements_at_near_ties": 0,
+        "adapter_dir": "a",
+        "loss_curve": "c",
         "seconds": 219.0,
-    }  # fmt: skip
+    }
     line = summary_lines(summary)[3]
     # the real demo's files: 19,696,256 and 538,090,408 bytes
     assert line == "  adapter: 4,884,480 parameters, 18.8 MiB vs base model 513.2 MiB (3.66%)"

@@ -98,6 +98,7 @@ def _assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_compiled_model_follows_disabled_and_use_adapters():
     """The per-call choice is an input of the compiled graph (guarded), not baked in."""
     model = _two_adapter_llama()
@@ -119,6 +120,7 @@ def test_compiled_model_follows_disabled_and_use_adapters():
     assert not torch.equal(base_out, active_out) and not torch.equal(b_out, active_out)
 
 
+@pytest.mark.slow
 def test_compiled_model_follows_disabled_while_merged():
     model = _two_adapter_llama()
     ids = tiny_models.input_ids()
@@ -134,6 +136,7 @@ def test_compiled_model_follows_disabled_while_merged():
             _assert_same(compiled(input_ids=ids).logits, base_out)
 
 
+@pytest.mark.slow
 def test_compiled_choice_stays_in_its_thread_and_task():
     """Per thread through the guarded record; blocks of two asyncio tasks interleaved on one
     thread make compiled code read each task's own choice (outside the graph)."""

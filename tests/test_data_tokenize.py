@@ -139,6 +139,24 @@ def test_collate_right_pads_and_masks() -> None:
     assert attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
+def test_the_training_loops_collate_pads_exactly_like_data_collate() -> None:
+    from lorakit.train import pad_collate
+
+    tokenized = data.TokenizedData(
+        input_ids=[[5, 6, 7], [8, 9], [4]],
+        labels=[[IGNORE, 6, 7], [IGNORE, 9], [4]],
+        pad_token_id=2,
+    )
+    ours = data.collate(tokenized, [1, 0, 2])
+    theirs = pad_collate(2)([tokenized[1], tokenized[0], tokenized[2]])
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+    assert all(tensor.dtype == torch.long for tensor in theirs.values())
+    no_labels = pad_collate(2)([{"input_ids": [8, 9]}, {"input_ids": torch.tensor([4])}])
+    assert no_labels["labels"].tolist() == [[8, 9], [4, IGNORE]]  # every token learnt
+    assert no_labels["input_ids"].tolist() == [[8, 9], [4, 2]]
+
+
 def tiny_llama(vocab_size: int) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -235,14 +253,18 @@ def _longest_prefix_that_fits(render, tokenizer, max_length: int) -> str:
 def test_a_long_review_is_shortened_inside_the_template(tokenizer) -> None:
     """Too long for max_length: words are cut off the END of the review, so the instruction,
     the "Review:" frame and the answer survive (a left cut would lose the instruction)."""
-    chat = chat_classification_example(LONG_REVIEW, 1, data.SENTIMENT_LABELS,
-                                            data.SENTIMENT_INSTRUCTION)  # fmt: skip
-    plain = plain_classification_example(LONG_REVIEW, 1, data.SENTIMENT_LABELS,
-                                              data.SENTIMENT_TEMPLATE)  # fmt: skip
+    chat = chat_classification_example(
+        LONG_REVIEW, 1, data.SENTIMENT_LABELS, data.SENTIMENT_INSTRUCTION
+    )
+    plain = plain_classification_example(
+        LONG_REVIEW, 1, data.SENTIMENT_LABELS, data.SENTIMENT_TEMPLATE
+    )
 
     def render_chat(text: str) -> list[int]:
-        messages = [{"role": "user", "content": data.SENTIMENT_INSTRUCTION.format(text=text)},
-                    {"role": "assistant", "content": "negative"}]  # fmt: skip
+        messages = [
+            {"role": "user", "content": data.SENTIMENT_INSTRUCTION.format(text=text)},
+            {"role": "assistant", "content": "negative"},
+        ]
         return ids(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False))
 
     def render_plain(text: str, answer: str = " negative") -> list[int]:
@@ -271,11 +293,13 @@ def test_the_cut_does_not_depend_on_the_label(tokenizer) -> None:
     words = ("good", "very bad indeed")
     assert len(ids(tokenizer, " " + words[1])) > len(ids(tokenizer, " " + words[0]))
     fitted = [
-        data.fit_example(plain_classification_example(LONG_REVIEW, label, words,
-                                                      "Review: {text}\nVerdict:"),
-                         tokenizer, 30)
+        data.fit_example(
+            plain_classification_example(LONG_REVIEW, label, words, "Review: {text}\nVerdict:"),
+            tokenizer,
+            30,
+        )
         for label in (0, 1)
-    ]  # fmt: skip
+    ]
     assert fitted[0].text == fitted[1].text and len(fitted[0].text) < len(LONG_REVIEW)
     assert fitted[0].prompt == fitted[1].prompt
     assert (fitted[0].completion, fitted[1].completion) == (" good", " very bad indeed")
@@ -285,11 +309,13 @@ def test_scoring_sees_the_prompt_training_sees(tokenizer) -> None:
     """score_choices with max_length scores the shortened review (instruction kept), exactly
     as an example written with the shortened text from the start."""
     model = tiny_llama(len(tokenizer))
-    example = chat_classification_example(LONG_REVIEW, 0, data.SENTIMENT_LABELS,
-                                               data.SENTIMENT_INSTRUCTION)  # fmt: skip
+    example = chat_classification_example(
+        LONG_REVIEW, 0, data.SENTIMENT_LABELS, data.SENTIMENT_INSTRUCTION
+    )
     kept = data.fit_example(example, tokenizer, 80).text
-    by_hand = chat_classification_example(kept, 0, data.SENTIMENT_LABELS,
-                                               data.SENTIMENT_INSTRUCTION)  # fmt: skip
+    by_hand = chat_classification_example(
+        kept, 0, data.SENTIMENT_LABELS, data.SENTIMENT_INSTRUCTION
+    )
     scores = data.score_choices(model, tokenizer, [example], max_length=80)
     expected = data.score_choices(model, tokenizer, [by_hand])
     assert torch.equal(scores, expected)

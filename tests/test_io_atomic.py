@@ -132,8 +132,11 @@ def test_a_crash_between_the_two_renames_still_loads_one_consistent_save(
     with pytest.warns(UserWarning, match="does not match the config saved with the weights"):
         load_adapter(model := _toy_model(), tmp_path)
     assert lorakit.adapter_configs(model)["default"].lora_alpha == 16  # new, as the tensors
-    assert {p.item() for _, layer in lorakit.state.lora_layers(model)
-            for p in layer.adapter_parameters("default")[0].unique()} == {2.0}  # fmt: skip
+    assert {
+        p.item()
+        for _, layer in lorakit.state.lora_layers(model)
+        for p in layer.adapter_parameters("default")[0].unique()
+    } == {2.0}
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",

@@ -184,3 +184,41 @@ def test_smollm2_adapter_round_trip_and_fingerprint_cost(tmp_path) -> None:
     ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, fresh(ids).logits)
+
+
+def test_loading_and_serving_refuse_another_base_with_one_message(tmp_path, caplog) -> None:
+    from lorakit.serve.registry import check_base
+
+    _saved(tmp_path)
+    other = tiny_models.llama(seed=1)
+    with pytest.raises(BaseModelMismatchError) as loading:
+        load_adapter(other, tmp_path)
+    with pytest.raises(BaseModelMismatchError) as serving:
+        check_base(other, read_adapter(tmp_path), allow_base_mismatch=False)
+    # the same finding, each path with its own remedy
+    found = str(loading.value).split(" Load it onto")[0]
+    assert found.endswith(
+        "does not match the fingerprint saved with the adapter (sampled weights differ)."
+    )
+    assert str(serving.value) == (
+        f"{found} Serve it with its own base model, or start the server with --allow-base-mismatch."
+    )
+    with caplog.at_level("WARNING", logger="lorakit.serve.registry"):
+        check_base(other, read_adapter(tmp_path), allow_base_mismatch=True)
+    assert caplog.messages == [f"{found} Serving it anyway (--allow-base-mismatch)."]
+
+
+def test_refuse_other_base_checks_nothing_without_a_fingerprint_and_passes_the_right_base(
+    tmp_path,
+) -> None:
+    model = _saved(tmp_path)
+    stored = read_adapter(tmp_path).fingerprint
+    names = sorted(stored)
+    refuse = fingerprint.refuse_other_base
+    assert refuse(model, stored, tmp_path, names, allow_mismatch=False, remedy="-") is None
+    other = tiny_models.llama(seed=1)
+    assert refuse(other, None, tmp_path, names, allow_mismatch=False, remedy="-") is None
+    message = refuse(other, stored, tmp_path, names, allow_mismatch=True, remedy="do X.")
+    assert message is not None and message.startswith(f"adapter {tmp_path} was trained on")
+    with pytest.raises(BaseModelMismatchError, match=r"\)\. do X\.$"):
+        refuse(other, stored, tmp_path, names, allow_mismatch=False, remedy="do X.")

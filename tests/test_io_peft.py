@@ -198,9 +198,13 @@ def test_overlapping_patterns_keep_their_order_so_every_reader_resolves_the_same
     and the file would no longer describe its own tensors."""
     patterns = {"q_proj": 2, r"layers\.1\..*": 4}
     config = lorakit.LoraConfig(
-        r=3, lora_alpha=6, target_modules="all-linear", init_lora_weights=False,
-        rank_pattern=patterns, alpha_pattern={"q_proj": 5, r"layers\.1\..*": 7},
-    )  # fmt: skip
+        r=3,
+        lora_alpha=6,
+        target_modules="all-linear",
+        init_lora_weights=False,
+        rank_pattern=patterns,
+        alpha_pattern={"q_proj": 5, r"layers\.1\..*": 7},
+    )
     ours = lorakit.inject(tiny_models.llama(), config)
     _perturb_trainable(ours)
     save_adapter(ours, tmp_path)

@@ -84,11 +84,14 @@ def test_int_bytes_read_as_nan_inside_a_float_span_are_not_called_non_finite(tmp
     first, second = torch.randn(3), torch.randn(2, 2)
     nan_pattern = torch.full((2,), 0x7FC00000, dtype=torch.int32)
     path = tmp_path / "t.safetensors"
-    _hand_written(path, [
-        ("first", "F32", [3], first.numpy().tobytes()),
-        ("ints", "I32", [2], nan_pattern.numpy().tobytes()),
-        ("second", "F32", [2, 2], second.numpy().tobytes()),
-    ])  # fmt: skip
+    _hand_written(
+        path,
+        [
+            ("first", "F32", [3], first.numpy().tobytes()),
+            ("ints", "I32", [2], nan_pattern.numpy().tobytes()),
+            ("second", "F32", [2, 2], second.numpy().tobytes()),
+        ],
+    )
     contents = read_safetensors(path)
     assert contents.nonfinite == frozenset()
     assert torch.equal(contents.tensors["first"], first)
@@ -99,10 +102,13 @@ def test_int_bytes_read_as_nan_inside_a_float_span_are_not_called_non_finite(tmp
 def test_misaligned_tensor_is_read_right_and_checked(tmp_path) -> None:
     values = torch.tensor([[1.5, float("inf")], [-2.0, 0.25]])
     path = tmp_path / "t.safetensors"
-    _hand_written(path, [
-        ("byte", "U8", [1], b"\x07"),
-        ("floats", "F32", [2, 2], values.numpy().tobytes()),
-    ])  # fmt: skip
+    _hand_written(
+        path,
+        [
+            ("byte", "U8", [1], b"\x07"),
+            ("floats", "F32", [2, 2], values.numpy().tobytes()),
+        ],
+    )
     contents = read_safetensors(path)
     assert torch.equal(contents.tensors["floats"], values)
     assert contents.tensors["byte"].tolist() == [7] and contents.nonfinite == {"floats"}

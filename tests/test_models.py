@@ -292,8 +292,9 @@ def _load_then_train_one_step(output: Path) -> tuple[dict, torch.Tensor, dict]:
     rng_after_load = torch.get_rng_state()
     lorakit.inject(model, lorakit.LoraConfig(r=2, lora_dropout=0.1, target_modules=["q_proj"]))
     examples = [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]}] * 4
-    config = TrainingConfig(output_dir=str(output), max_steps=1, batch_size=4, progress=False,
-                            plot=False, lr=1e-2)  # fmt: skip
+    config = TrainingConfig(
+        output_dir=str(output), max_steps=1, batch_size=4, progress=False, plot=False, lr=1e-2
+    )
     train(model, examples, pad_collate(0), config)
     adapter = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
     return base, rng_after_load, adapter

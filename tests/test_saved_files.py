@@ -61,9 +61,26 @@ def test_atomic_writes_leave_no_probe_or_temporary_files(tmp_path):
 
 
 def _train(model_spec, data, output) -> dict:
-    code = cli.main(["train", "--model", str(model_spec), "--data", str(data), "--output",
-                     str(output), "--steps", "2", "--batch-size", "4", "--r", "2",
-                     "--target-modules", "q_proj,v_proj", "--no-progress"])  # fmt: skip
+    code = cli.main(
+        [
+            "train",
+            "--model",
+            str(model_spec),
+            "--data",
+            str(data),
+            "--output",
+            str(output),
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--r",
+            "2",
+            "--target-modules",
+            "q_proj,v_proj",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     return json.loads((output / "adapter" / "adapter_config.json").read_text())
 
@@ -88,9 +105,14 @@ def _fake_builtin(monkeypatch, model_dir, name: str = "tiny-builtin") -> str:
     import lorakit.models
 
     builtin = lorakit.models.BuiltinModel(
-        name=name, package="tiny_builtin", install="-", relative_path=model_dir.name,
-        is_gguf=False, is_encoder=False, description="a test model",
-    )  # fmt: skip
+        name=name,
+        package="tiny_builtin",
+        install="-",
+        relative_path=model_dir.name,
+        is_gguf=False,
+        is_encoder=False,
+        description="a test model",
+    )
     monkeypatch.setitem(lorakit.models.BUILTIN_MODELS, name, builtin)
     monkeypatch.setattr(lorakit.models, "_package_folder", lambda _builtin: model_dir.parent)
     assert lorakit.models.resolve_model(name) == model_dir
@@ -116,8 +138,18 @@ def test_extract_records_the_base_spec_as_given(tmp_path, monkeypatch, model_dir
         (name, tmp_path / "from-builtin"),
         (str(model_dir), tmp_path / "from-dir"),
     ):
-        argv = ["extract", "--base", base, "--finetuned", str(tmp_path / "tuned"), "--output",
-                str(output), "--rank", "1", "--json"]  # fmt: skip
+        argv = [
+            "extract",
+            "--base",
+            base,
+            "--finetuned",
+            str(tmp_path / "tuned"),
+            "--output",
+            str(output),
+            "--rank",
+            "1",
+            "--json",
+        ]
         assert cli.main(argv) == 0
         config = json.loads((output / "adapter_config.json").read_text())
         assert config["base_model_name_or_path"] == base

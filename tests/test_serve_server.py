@@ -27,7 +27,6 @@ from lorakit.cli import build_parser
 from lorakit.commands.serve import build
 from lorakit.io import save_adapter
 from lorakit.serve import registry as registry_module
-from lorakit.serve.registry import read_peft_adapter
 from tests import tiny_models
 
 TOKEN = "s3cret-admin"
@@ -170,12 +169,14 @@ def test_64_concurrent_streams_over_16_adapters(world, monkeypatch):
     prompts = [(LINES[i % 4][: 10 + i % 17], f"ad{i % 16}", 4 + i % 5) for i in range(64)]
     read_tensors = []  # weak references to every tensor read from an adapter file
 
+    read_real = registry_module.read_adapter
+
     def read_watched(directory):
-        adapter = read_peft_adapter(directory)
+        adapter = read_real(directory)
         read_tensors.extend(weakref.ref(tensor) for tensor in adapter.tensors.values())
         return adapter
 
-    monkeypatch.setattr(registry_module, "read_peft_adapter", read_watched)
+    monkeypatch.setattr(registry_module, "read_adapter", read_watched)
     before = httpx.get(world["url"] + "/health").json()
 
     async def one(api, prompt, adapter, max_tokens):

@@ -61,7 +61,10 @@ def test_peft_matching_rules_still_apply_to_list_entries():
 
 def test_a_regex_and_all_linear_are_single_patterns():
     model = lorakit.inject(tiny_models.llama(), LoraConfig(target_modules=r".*\.(q_proj|v_prj)"))
-    assert _adapted_names(model) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]  # fmt: skip
+    assert _adapted_names(model) == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+    ]
     model = lorakit.inject(tiny_models.llama(), LoraConfig(target_modules="all-linear"))
     assert len(_adapted_names(model)) == 2 * 7
 
@@ -135,8 +138,18 @@ def test_train_refuses_a_typo_in_target_modules_before_loading(
     monkeypatch.setattr(lorakit.models, "load_model", refuse)
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "a", "completion": " b"}) + "\n")
-    code, err = _main(capsys, "train", "--model", config_dir, "--data", data,
-                      "--target-modules", "q_proj,v_prj", "--output", tmp_path / "o")  # fmt: skip
+    code, err = _main(
+        capsys,
+        "train",
+        "--model",
+        config_dir,
+        "--data",
+        data,
+        "--target-modules",
+        "q_proj,v_prj",
+        "--output",
+        tmp_path / "o",
+    )
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert "'v_prj': did you mean 'v_proj'" in err
     assert not (tmp_path / "o").exists()

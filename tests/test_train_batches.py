@@ -73,8 +73,9 @@ def test_every_example_once_per_epoch_and_each_rank_its_share(
     lengths = _mixed_lengths(count)
     global_batch = batch_size * grad_accum * world_size
     drop_last = world_size > 1
-    plan = BatchPlan(count, batch_size, grad_accum, world_size, seed=7, lengths=lengths,
-                     drop_last=drop_last)  # fmt: skip
+    plan = BatchPlan(
+        count, batch_size, grad_accum, world_size, seed=7, lengths=lengths, drop_last=drop_last
+    )
     for epoch in range(3):
         steps = range(epoch * plan.steps_per_epoch, (epoch + 1) * plan.steps_per_epoch)
         seen = []
@@ -136,22 +137,42 @@ def test_the_loop_groups_by_length_and_a_resume_with_other_lengths_is_refused(tm
         seen.append(sorted(items))
         return pad_collate(0)([data[i] for i in items])
 
-    config = TrainingConfig(output_dir=str(tmp_path), max_steps=3, batch_size=8, progress=False,
-                            plot=False, checkpoint_every=3, seed=4)  # fmt: skip
+    config = TrainingConfig(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        batch_size=8,
+        progress=False,
+        plot=False,
+        checkpoint_every=3,
+        seed=4,
+    )
     train(build_model(0.0), range(24), collate, config, length_of=lambda i: lengths[i])
     plan = BatchPlan(24, 8, seed=4, lengths=tuple(lengths))
     assert seen == [sorted(plan.step_indices(step)) for step in range(3)]
     config.max_steps = 3
     with pytest.raises(UserError, match="different data or batch settings"):
-        train(build_model(0.0), range(24), collate, config, resume=True,
-              length_of=lambda i: lengths[i] + (i == 0))  # fmt: skip
+        train(
+            build_model(0.0),
+            range(24),
+            collate,
+            config,
+            resume=True,
+            length_of=lambda i: lengths[i] + (i == 0),
+        )
 
 
 def test_a_checkpoint_from_before_length_grouping_says_why_it_cannot_resume(tmp_path):
     data = make_data(count=24)
     collate = lambda items: pad_collate(0)([data[i] for i in items])  # noqa: E731
-    config = TrainingConfig(output_dir=str(tmp_path), max_steps=2, batch_size=8, progress=False,
-                            plot=False, checkpoint_every=2, seed=4)  # fmt: skip
+    config = TrainingConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        batch_size=8,
+        progress=False,
+        plot=False,
+        checkpoint_every=2,
+        seed=4,
+    )
     train(build_model(0.0), range(24), collate, config)
     (state_file,) = tmp_path.glob("checkpoints/step-*/trainer_state.json")
     state = json.loads(state_file.read_text())

@@ -25,8 +25,9 @@ def test_smollm2_trains_two_steps_saves_reloads_and_generates(tmp_path):
     lorakit.inject(
         model, lorakit.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     )
-    config = TrainingConfig(output_dir=str(tmp_path), max_steps=2, batch_size=4, lr=1e-3,
-                            progress=False, plot=False)  # fmt: skip
+    config = TrainingConfig(
+        output_dir=str(tmp_path), max_steps=2, batch_size=4, lr=1e-3, progress=False, plot=False
+    )
     result = train(model, range(len(tokenized)), lambda i: data.collate(tokenized, i), config)
     assert result.steps == 2 and result.final_loss is not None and result.final_loss > 0
     trained = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" in k}

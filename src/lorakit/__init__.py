@@ -14,6 +14,7 @@ Quick start::
 """
 
 from lorakit.accounting import ParameterCount, count_parameters, print_trainable_parameters
+from lorakit.combining import combine
 from lorakit.config import LoraConfig, TaskType
 from lorakit.errors import AdapterFileError, BaseModelMismatchError, UserError
 from lorakit.inject import inject, unload
@@ -42,6 +43,7 @@ __all__ = [
     "UserError",
     "active_adapters",
     "adapter_configs",
+    "combine",
     "count_parameters",
     "delete_adapter",
     "disabled",

@@ -114,10 +114,17 @@ def _train(model, tokenizer, settings: DemoSettings, output: Path):
         progress=settings.progress,
         overwrite=True,  # a demo replaces the previous demo's results in its output directory
     )
-    _say(f"training LoRA r={settings.rank} on {len(tokenized)} training reviews, "
-         f"{settings.steps} steps of {settings.batch_size}")  # fmt: skip
-    result = train(model, range(len(tokenized)), lambda idx: data.collate(tokenized, idx), training,
-                   length_of=lambda index: len(tokenized.input_ids[index]))  # fmt: skip
+    _say(
+        f"training LoRA r={settings.rank} on {len(tokenized)} training reviews, "
+        f"{settings.steps} steps of {settings.batch_size}"
+    )
+    result = train(
+        model,
+        range(len(tokenized)),
+        lambda idx: data.collate(tokenized, idx),
+        training,
+        length_of=lambda index: len(tokenized.input_ids[index]),
+    )
     return result, counts, len(tokenized)
 
 
@@ -163,8 +170,13 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     agree = sum(a == b for a, b in zip(predictions, merged_predictions, strict=True))
     max_difference = float((merged_log_probs - log_probs).abs().max())
     near_ties = _near_ties(log_probs, predictions, merged_predictions, max_difference)
-    _write_predictions(output / "predictions.jsonl", held_out,
-                       zero_shot_predictions, predictions, merged_predictions)  # fmt: skip
+    _write_predictions(
+        output / "predictions.jsonl",
+        held_out,
+        zero_shot_predictions,
+        predictions,
+        merged_predictions,
+    )
     summary = {
         "model": settings.model,
         "held_out_reviews": len(held_out),

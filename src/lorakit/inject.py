@@ -8,7 +8,7 @@ records the config on the model. ``unload`` puts back the very same module objec
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from lorakit.state import (
     saved_modules,
     set_active,
     state_of,
+    walk_modules,
 )
 from lorakit.targets import (
     SEQ_CLS_HEADS,
@@ -30,9 +31,21 @@ from lorakit.targets import (
     matches,
     model_modules,
     no_match_message,
+    original_module,
 )
 
-__all__ = ["add_planned_adapter", "inject", "unload"]
+__all__ = [
+    "add_planned_adapter",
+    "check_adapter_name",
+    "default_adapter_dtype",
+    "forget_state",
+    "freeze_adapter",
+    "inject",
+    "replace_module",
+    "saved_module_names",
+    "unload",
+    "wrap_targets",
+]
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
@@ -61,7 +74,7 @@ def inject(
     dropped silently, as PEFT does when another entry matches). False accepts such entries,
     as PEFT does (for configs written elsewhere, e.g. for another model family).
     """
-    _check_adapter_name(model, adapter_name)
+    check_adapter_name(model, adapter_name)
     targets = find_targets(model, config)
     if not targets:
         raise ValueError(no_match_message(model, config))
@@ -72,7 +85,7 @@ def inject(
         config,
         adapter_name,
         targets,
-        _saved_module_names(model, config),
+        saved_module_names(model, config),
         adapter_dtype=adapter_dtype,
         activate=activate,
         init=config.init_lora_weights if initialize else None,
@@ -101,26 +114,14 @@ def add_planned_adapter(
     already fit: the caller hands them over); ``init``: ``LoraConfig.init_lora_weights``, or
     None for uninitialised tensors.
     """
-    current = {
-        name: modules[name] if modules is not None else model.get_submodule(name)
-        for name in targets
-    }
+    current = _current_modules(model, targets, modules)
     for name, module in current.items():  # every check before any change: all or nothing
-        if not isinstance(module, LoraLayer):
-            layer_class_for(module, name)
-        elif adapter_name in module.ranks:
+        if isinstance(module, LoraLayer) and adapter_name in module.ranks:
             raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}.")
-    if state_of(model) is None:
-        state = state_of(model, create=True)  # records the flags that unload restores
-        freeze_all(model)
-    else:
-        state = state_of(model)
+    layers = wrap_targets(model, targets, modules=current)
+    state = state_of(model)
     factors = factors or {}
-    for name, layer in current.items():
-        if not isinstance(layer, LoraLayer):
-            layer = wrap(layer, name)
-            layer.training = layer.base_layer.training  # a new wrapper takes the module's mode
-            _replace(model, name, layer)
+    for name, layer in layers.items():
         layer.add_adapter(
             adapter_name,
             rank=config.rank_for(name),
@@ -128,7 +129,7 @@ def add_planned_adapter(
             dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
             init=init,
-            dtype=adapter_dtype or _default_adapter_dtype(layer.base_float_dtype),
+            dtype=adapter_dtype or default_adapter_dtype(layer.base_float_dtype),
             values=factors.get(name),
         )
         _give_layer_mode(layer, adapter_name)
@@ -136,19 +137,60 @@ def add_planned_adapter(
         wrapper = model.get_submodule(name)
         if not isinstance(wrapper, ModulesToSave):
             wrapper = ModulesToSave(wrapper)
-            _replace(model, name, wrapper)
+            replace_module(model, name, wrapper)
         wrapper.add_adapter(adapter_name)  # a copy of the original: its modes included
         wrapper.training = wrapper.modules_to_save.training = wrapper.original_module.training
     state.configs[adapter_name] = config
     if activate or len(state.configs) == 1:
         set_active(model, [adapter_name])
     else:  # a new inactive adapter's tensors are frozen; nothing else changes
-        _freeze_adapter(model, adapter_name, [*targets, *saved_names])
+        freeze_adapter(model, adapter_name, [*targets, *saved_names])
 
 
-def _give_layer_mode(layer: LoraLayer, adapter_name: str) -> None:
-    """The layer's training mode (dropout on or off) to its adapter containers and to the new
-    adapter's modules; the work does not grow with the number of adapters on the layer."""
+def wrap_targets(
+    model: nn.Module, names: Iterable[str], *, modules: Mapping[str, nn.Module] | None = None
+) -> dict[str, LoraLayer]:
+    """Wrap each module of ``names`` (in place) in a LoRA layer that holds no adapter yet; a
+    module that is a LoRA layer already is kept. Returns ``{name: LoRA layer}``.
+
+    Every module is checked (``layer_class_for``: ``TypeError`` naming one lorakit cannot
+    adapt) before any change. The first wrapping freezes the model and records its adapter
+    state, so ``unload`` restores the original modules and trainability. A new layer takes the
+    training mode of the module it wraps. ``modules``: name -> current module, when the caller
+    has them. What ``inject`` does before adding an adapter, and all that serving needs (the
+    bank holds the adapters, ``lorakit.serve.prepare_for_serving``).
+    """
+    current = _current_modules(model, names, modules)
+    for name, module in current.items():
+        if not isinstance(module, LoraLayer):
+            layer_class_for(module, name)
+    if state_of(model) is None:
+        state_of(model, create=True)  # records the flags that unload restores
+        freeze_all(model)
+    layers: dict[str, LoraLayer] = {}
+    for name, module in current.items():
+        if not isinstance(module, LoraLayer):
+            module = wrap(module, name)
+            module.training = module.base_layer.training  # a new wrapper takes the module's mode
+            _give_layer_mode(module)
+            replace_module(model, name, module)
+        layers[name] = module
+    return layers
+
+
+def _current_modules(
+    model: nn.Module, names: Iterable[str], modules: Mapping[str, nn.Module] | None
+) -> dict[str, nn.Module]:
+    """``{name: the module there now}``, from ``modules`` when the caller has them."""
+    return {
+        name: modules[name] if modules is not None else model.get_submodule(name) for name in names
+    }
+
+
+def _give_layer_mode(layer: LoraLayer, adapter_name: str | None = None) -> None:
+    """The layer's training mode (dropout on or off) to its adapter containers and to the
+    modules of adapter ``adapter_name`` (if given); the work does not grow with the number of
+    adapters on the layer."""
     for container in layer.children():
         if container is layer.base_layer:
             continue
@@ -157,15 +199,26 @@ def _give_layer_mode(layer: LoraLayer, adapter_name: str) -> None:
             container[adapter_name].train(layer.training)
 
 
-def _freeze_adapter(model: nn.Module, adapter_name: str, module_names: list[str]) -> None:
-    """Freeze one adapter's tensors, touching only its modules (so adding the 100th adapter
-    costs what adding the first did)."""
-    for name in module_names:
-        module = model.get_submodule(name)
-        if isinstance(module, LoraLayer):
+def freeze_adapter(
+    model: nn.Module, adapter_name: str, module_names: Iterable[str] | None = None
+) -> None:
+    """Freeze one adapter's tensors (its LoRA factors and saved-module copies get no gradient);
+    every other flag stays as it is.
+
+    ``module_names``: the modules holding the adapter, when the caller knows them (adding the
+    100th adapter then costs what adding the first did); default: every LoRA layer and saved
+    module of the model."""
+    if module_names is None:
+        holders = [m for _, m in walk_modules(model) if isinstance(m, (LoraLayer, ModulesToSave))]
+    else:
+        holders = [model.get_submodule(name) for name in module_names]
+    for module in holders:
+        if isinstance(module, LoraLayer) and adapter_name in module.ranks:
             parameters = module.adapter_parameters(adapter_name)
-        else:
+        elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
             parameters = list(module.modules_to_save[adapter_name].parameters())
+        else:
+            continue
         for parameter in parameters:
             parameter.requires_grad_(False)
 
@@ -174,14 +227,14 @@ def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter: restore the original module objects, weights and trainability."""
     for name, layer in list(lora_layers(model)):
         layer.unmerge()
-        _replace(model, name, layer.base_layer)
+        replace_module(model, name, layer.base_layer)
     for name, wrapper in list(saved_modules(model)):
-        _replace(model, name, wrapper.original_module)
-    _forget_state(model)
+        replace_module(model, name, original_module(wrapper))
+    forget_state(model)
     return model
 
 
-def _forget_state(model: nn.Module) -> None:
+def forget_state(model: nn.Module) -> None:
     """Drop lorakit's record from ``model`` and give parameters back their original trainability."""
     state = state_of(model)
     if state is None:
@@ -192,11 +245,15 @@ def _forget_state(model: nn.Module) -> None:
     del model.lorakit_state
 
 
-def _default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype adapter tensors get on a base of ``base_dtype``: float32 on a float16 or
+    bfloat16 base (small updates survive the optimizer's steps), else the base dtype. The one
+    rule for the model's adapters (``inject``, ``load_adapter``) and the serving bank."""
     return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
 
 
-def _check_adapter_name(model: nn.Module, adapter_name: str) -> None:
+def check_adapter_name(model: nn.Module, adapter_name: str) -> None:
+    """Refuse a malformed adapter name (ValueError) or one ``model`` already holds."""
     if not isinstance(adapter_name, str) or not _ADAPTER_NAME.fullmatch(adapter_name):
         raise ValueError(
             f"adapter_name={adapter_name!r} is invalid: use letters, digits, '_' or '-' only "
@@ -209,7 +266,9 @@ def _check_adapter_name(model: nn.Module, adapter_name: str) -> None:
         )
 
 
-def _saved_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
+def saved_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
+    """The modules of ``model`` whose trained copies ``config`` saves (``modules_to_save``, plus
+    the classification head for SEQ_CLS)."""
     wanted = list(config.modules_to_save or [])
     if config.task_type == "SEQ_CLS":
         wanted += [head for head in SEQ_CLS_HEADS if head not in wanted]
@@ -229,7 +288,8 @@ def _saved_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
     return found
 
 
-def _replace(model: nn.Module, name: str, new_module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
+    """Put ``new_module`` where the submodule called ``name`` is (a LoRA layer in, or back out)."""
     parent_name, _, child_name = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child_name, new_module)

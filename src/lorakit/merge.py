@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lorakit import quantized
-from lorakit.inject import _forget_state, _replace
+from lorakit.inject import forget_state, replace_module
 from lorakit.quantized.merge import float_linear
 from lorakit.state import active_adapters, lora_layers, saved_modules, state_of
 
@@ -106,7 +106,7 @@ def merge_and_unload(
     untied = False
     for name, layer in list(lora_layers(model)):
         untied |= bool(layer.merged_adapters) and id(layer.original_weight) in tied
-        _replace(model, name, layer.unloaded_module(float_dtype))
+        replace_module(model, name, layer.unloaded_module(float_dtype))
     if untied and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
         # The merged embedding no longer equals the (unadapted) output embedding it was tied to.
         model.config.tie_word_embeddings = False
@@ -115,9 +115,9 @@ def merge_and_unload(
             (wrapper.modules_to_save[n] for n in names if n in wrapper.modules_to_save),
             wrapper.original_module,
         )
-        _replace(model, name, trained)
+        replace_module(model, name, trained)
     _dequantize_remaining(model, float_dtype or torch.float32)
-    _forget_state(model)
+    forget_state(model)
     return model
 
 
@@ -127,7 +127,7 @@ def _dequantize_remaining(model: nn.Module, float_dtype: torch.dtype) -> None:
     for name, module in list(model.named_modules()):
         if name and quantized.is_quantized(module):
             weight = quantized.dequantized_weight(module)
-            _replace(model, name, float_linear(module, weight, float_dtype))
+            replace_module(model, name, float_linear(module, weight, float_dtype))
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:
         quantizer.remove_quantization_config(model)

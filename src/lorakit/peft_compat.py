@@ -38,15 +38,13 @@ from torch import nn
 
 from lorakit.accounting import count_parameters
 from lorakit.config import LoraConfig
-from lorakit.inject import inject, unload
+from lorakit.inject import freeze_adapter, inject, unload
 from lorakit.merge import merge, merge_and_unload, unmerge
 from lorakit.state import (
     active_adapters,
     adapter_configs,
     delete_adapter,
     disabled,
-    lora_layers,
-    saved_modules,
     set_active,
 )
 
@@ -120,7 +118,7 @@ class PeftModel(nn.Module):
         )
         wrapper.set_adapter(adapter_name)
         if not is_trainable:
-            _freeze_adapter(model, adapter_name)
+            freeze_adapter(model, adapter_name)
         return wrapper
 
     def load_adapter(
@@ -138,7 +136,7 @@ class PeftModel(nn.Module):
 
         load_adapter(self.model, model_id, adapter_name, allow_base_mismatch=allow_base_mismatch)
         if not is_trainable:
-            _freeze_adapter(self.model, adapter_name)
+            freeze_adapter(self.model, adapter_name)
             self.eval()
 
     def save_pretrained(
@@ -241,6 +239,25 @@ class PeftModel(nn.Module):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self.model.generate(*args, **kwargs)
 
+    # ------------------------------------------------------------------ combining
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        **options: Any,
+    ) -> None:
+        """PEFT's ``add_weighted_adapter``: a new adapter from ``adapters`` and ``weights``, every
+        method on the updates ``ΔW = s B A`` (``lorakit.combining.peft_names`` has the names,
+        the options and the PEFT methods refused because they combine A and B apart)."""
+        from lorakit.combining.peft_names import add_weighted_adapter
+
+        add_weighted_adapter(
+            self.model, adapters, weights, adapter_name, combination_type, svd_rank, **options
+        )
+
 
 def _check_config(config: Any) -> None:
     if not isinstance(config, LoraConfig):
@@ -253,14 +270,3 @@ def _check_config(config: Any) -> None:
 
 def _base_dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
-
-
-def _freeze_adapter(model: nn.Module, adapter_name: str) -> None:
-    """PEFT's inference mode: the adapter's tensors (and saved-module copies) get no gradient."""
-    for _, layer in lora_layers(model):
-        if adapter_name in layer.adapter_names:
-            for parameter in layer.adapter_parameters(adapter_name):
-                parameter.requires_grad_(False)
-    for _, wrapper in saved_modules(model):
-        if adapter_name in wrapper.modules_to_save:
-            wrapper.modules_to_save[adapter_name].requires_grad_(False)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lorakit import functional
+from lorakit.io.keys import lora_key_pairs
 
 __all__ = [
     "Spectrum",
@@ -213,15 +214,15 @@ def tensor_factors(
     ``lora_embedding_A`` / ``_B``); s comes from ``config.rank_for`` / ``alpha_for`` and
     ``functional.scaling`` (rsLoRA respected).
     """
-    suffixes = (".lora_A.weight", ".lora_embedding_A")
-    for key in sorted(tensors, key=_natural_key):  # layers 2 before 10
-        suffix = next((s for s in suffixes if key.endswith(s)), None)
-        if suffix is None:
+    pairs = lora_key_pairs(tensors)  # {module: {"lora_A": key, "lora_B": key}}
+    for name, keys in sorted(
+        pairs.items(), key=lambda item: _natural_key(item[1].get("lora_A", ""))
+    ):  # layers 2 before 10
+        if "lora_A" not in keys:
             continue
-        path = key[: -len(suffix)]
-        lora_A = tensors[key]
-        lora_B = tensors[path + suffix.replace("_A", "_B")]
-        name = path.removeprefix("base_model.model.")
+        if "lora_B" not in keys:
+            raise KeyError(f"{keys['lora_A']} has no lora_B beside it")
+        lora_A, lora_B = tensors[keys["lora_A"]], tensors[keys["lora_B"]]
         rank = lora_A.shape[0]
         scale = functional.scaling(rank, config.alpha_for(name), config.use_rslora)
         yield name, lora_A, lora_B, scale

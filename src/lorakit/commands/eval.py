@@ -35,12 +35,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--style", choices=["chat", "plain"], help="prompt form for built-ins and CSV"
     )
     parser.add_argument("--limit", type=int, help="only the first N examples (default: all)")
-    parser.add_argument("--batch-size", type=int, default=16,
-                        help="examples per forward pass (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--max-length", type=int, default=256,
-                        help="maximum tokens per example; longer reviews (classification data) "
-                        "are shortened inside the template, other examples lose their start "
-                        "(default: %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="examples per forward pass (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=256,
+        help="maximum tokens per example; longer reviews (classification data) "
+        "are shortened inside the template, other examples lose their start "
+        "(default: %(default)s)",
+    )
     parser.set_defaults(func=run)
 
 

@@ -23,10 +23,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--adapter", help="adapter directory (PEFT format)")
     add_base_mismatch_option(parser)
-    parser.add_argument("--max-new-tokens", type=int, default=64,
-                        help="most tokens to generate (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--temperature", type=float, default=0.0,
-                        help="0: greedy; > 0: sample at this temperature (default: %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=64,
+        help="most tokens to generate (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0: greedy; > 0: sample at this temperature (default: %(default)s)",
+    )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed for sampling (default: %(default)s)"
     )
@@ -34,15 +42,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 64,
-                  temperature: float = 0.0, raw: bool = False) -> str:  # fmt: skip
+def generate_text(
+    model,
+    tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    raw: bool = False,
+) -> str:
     """The model's continuation of ``prompt`` (chat template applied unless ``raw`` or absent)."""
     import torch
 
-    if not raw and getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    from lorakit.data.chat import chat_prompt_ids, has_chat_template
+
+    if not raw and has_chat_template(tokenizer):  # the prompt as training and the server see it
+        ids = torch.tensor([chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])])
+        encoded = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     else:
         encoded = tokenizer(prompt, return_tensors="pt")
     sampling = (
@@ -69,7 +85,13 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_adapter(args.model, args.adapter, args.allow_base_mismatch)
-    text = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, raw=args.raw)  # fmt: skip
+    text = generate_text(
+        model,
+        tokenizer,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        raw=args.raw,
+    )
     print(text)
     return 0

@@ -74,16 +74,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-batch", type=int, default=32, help="requests decoded together at most"
     )
-    parser.add_argument("--max-prompt-tokens", type=int, default=1024,
-                        help="longest prompt accepted, in tokens; at most the model's positions - 1; "
-                        "a text over 32 characters a token is refused before it is tokenized "
-                        "(default: %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=1024,
+        help="longest prompt accepted, in tokens; at most the model's positions - 1; "
+        "a text over 32 characters a token is refused before it is tokenized "
+        "(default: %(default)s)",
+    )
     parser.add_argument(
         "--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask"
     )
-    parser.add_argument("--max-waiting", type=int, default=128,
-                        help="requests queued for the running batch at most; more are answered "
-                        "429 with Retry-After (default: %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--max-waiting",
+        type=int,
+        default=128,
+        help="requests queued for the running batch at most; more are answered "
+        "429 with Retry-After (default: %(default)s)",
+    )
     _add_connection_options(parser)
     parser.add_argument(
         "--allow-base-mismatch",
@@ -98,22 +106,40 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     # The defaults of serve.connections.ConnectionLimits (not imported here: uvicorn is heavy
     # for every other command; a test checks they agree).
     group = parser.add_argument_group("connection limits")
-    group.add_argument("--timeout-keep-alive", type=float, default=5.0,
-                       help="seconds an idle connection stays open after a response "
-                       "(default: %(default)s)")  # fmt: skip
-    group.add_argument("--timeout-request", type=float, default=30.0,
-                       help="seconds a client has to send a whole request (head and body) after "
-                       "connecting or after its previous response; silent or slower connections "
-                       "are closed (default: %(default)s)")  # fmt: skip
-    group.add_argument("--max-header-bytes", type=int, default=16384,
-                       help="a request head still incomplete past this many bytes is refused "
-                       "(400) (default: %(default)s)")  # fmt: skip
-    group.add_argument("--max-connections", type=int, default=512,
-                       help="open connections and running requests at most; beyond, uvicorn "
-                       "answers 503 (default: %(default)s)")  # fmt: skip
-    group.add_argument("--backlog", type=int, default=256,
-                       help="connections queued by the kernel before they are accepted "
-                       "(default: %(default)s)")  # fmt: skip
+    group.add_argument(
+        "--timeout-keep-alive",
+        type=float,
+        default=5.0,
+        help="seconds an idle connection stays open after a response (default: %(default)s)",
+    )
+    group.add_argument(
+        "--timeout-request",
+        type=float,
+        default=30.0,
+        help="seconds a client has to send a whole request (head and body) after "
+        "connecting or after its previous response; silent or slower connections "
+        "are closed (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=16384,
+        help="a request head still incomplete past this many bytes is refused "
+        "(400) (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-connections",
+        type=int,
+        default=512,
+        help="open connections and running requests at most; beyond, uvicorn "
+        "answers 503 (default: %(default)s)",
+    )
+    group.add_argument(
+        "--backlog",
+        type=int,
+        default=256,
+        help="connections queued by the kernel before they are accepted (default: %(default)s)",
+    )
 
 
 def admin_token(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> str | None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lorakit.data.batching import batches, collate, pad_left, plan_batches
+from lorakit.data.batching import batches, collate, pad_left, pad_right, plan_batches
 from lorakit.data.builtin import (
     BUILTIN_DATASETS,
     SENTIMENT_INSTRUCTION,
@@ -57,6 +57,7 @@ __all__ = [
     "fit_example",
     "load_examples",
     "pad_left",
+    "pad_right",
     "plan_batches",
     "prompt_token_ids",
     "read_csv",

@@ -1,7 +1,8 @@
 """Length-bucketed batches with padding.
 
 ``plan_batches`` decides which examples go together (indices only: cheap to recompute, so a
-resumed run or each data-parallel rank can skip or slice batches exactly); ``collate`` pads them::
+resumed run or each data-parallel rank can skip or slice batches exactly); ``collate`` pads them
+(``pad_right``, also behind ``lorakit.train.pad_collate``)::
 
     input_ids       (B, T)  long   pad_token_id after each sequence (right padding)
     attention_mask  (B, T)  long   1 on real tokens, 0 on padding
@@ -21,7 +22,7 @@ import torch
 from lorakit.data.tokenize import IGNORE_INDEX, TokenizedData
 from lorakit.errors import UserError
 
-__all__ = ["batches", "collate", "pad_left", "plan_batches"]
+__all__ = ["batches", "collate", "pad_left", "pad_right", "plan_batches"]
 
 
 def plan_batches(
@@ -62,18 +63,30 @@ def plan_batches(
 
 
 def collate(data: TokenizedData, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-    """Right-padded tensors for the examples ``indices`` (shapes in the module docstring); the
-    keys are exactly the model's ``forward`` arguments, so ``model(**batch).loss`` works."""
-    width = max(len(data.input_ids[i]) for i in indices)
-    input_ids = torch.full((len(indices), width), data.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
-    labels = torch.full((len(indices), width), IGNORE_INDEX, dtype=torch.long)
-    for row, index in enumerate(indices):
-        length = len(data.input_ids[index])
-        input_ids[row, :length] = torch.tensor(data.input_ids[index])
+    """Right-padded tensors for the examples ``indices`` (``pad_right``; shapes in the module
+    docstring); the keys are exactly the model's ``forward`` arguments, so
+    ``model(**batch).loss`` works."""
+    return pad_right(
+        [data.input_ids[i] for i in indices], [data.labels[i] for i in indices], data.pad_token_id
+    )
+
+
+def pad_right(
+    input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """The one right-padding of training batches: ``input_ids``, ``attention_mask`` and
+    ``labels``, each (B, T) long with T the longest sequence; after each sequence come
+    ``pad_token_id``, mask 0 and label -100. ``labels[i]`` has the length of ``input_ids[i]``."""
+    width = max(len(ids) for ids in input_ids)
+    padded_ids = torch.full((len(input_ids), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(input_ids), width), dtype=torch.long)
+    padded_labels = torch.full((len(input_ids), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (ids, row_labels) in enumerate(zip(input_ids, labels, strict=True)):
+        length = len(ids)
+        padded_ids[row, :length] = torch.as_tensor(ids, dtype=torch.long)
         attention_mask[row, :length] = 1
-        labels[row, :length] = torch.tensor(data.labels[index])
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        padded_labels[row, :length] = torch.as_tensor(row_labels, dtype=torch.long)
+    return {"input_ids": padded_ids, "attention_mask": attention_mask, "labels": padded_labels}
 
 
 def batches(

@@ -8,8 +8,10 @@ For an example made of segments ``s_1 .. s_m`` (each a token list, learnt or not
 Labels are aligned with ``input_ids`` (the transformers convention: the model shifts them, so
 position t predicts token t+1). Plain examples are two segments: the prompt (tokenised with the
 tokenizer's own special tokens, e.g. a BOS) and ``completion + EOS`` (learnt). Chat examples are
-rendered with the tokenizer's chat template; each assistant turn's content up to and including
-its end-of-turn token is learnt, everything else (system, user, role headers) is not.
+rendered with the tokenizer's chat template by ``data.chat.render_chat`` (the rendering the
+server and ``lorakit generate`` use too; the pieces are tokenized without special tokens); each
+assistant turn's content up to and including its end-of-turn token is learnt, everything else
+(system, user, role headers) is not.
 
 Too long for ``max_length``: classification examples (with ``text``, e.g. a review inside an
 instruction template) are shortened by cutting whole words off the END of the text, keeping the
@@ -26,6 +28,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from lorakit.data.chat import render_chat, require_chat_template
 from lorakit.data.examples import Example
 from lorakit.errors import UserError
 
@@ -75,20 +78,6 @@ def _ids(tokenizer, text: str, special: bool = False) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _require_chat_template(tokenizer, example: Example) -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        raise UserError(
-            f"{example.source or 'example'}: chat messages need a tokenizer with a chat template; "
-            "this tokenizer has none (use prompt/completion data, or style='plain')"
-        )
-
-
-def _render(tokenizer, messages: Sequence[dict[str, str]], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=generation_prompt
-    )
-
-
 def chat_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
     """The chat rendered as ``(text, learnt)`` pieces whose concatenation is the full rendering.
 
@@ -96,15 +85,15 @@ def chat_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
     prompt and ``messages[:i+1]``; its learnt part ends after its last EOS token (what follows,
     e.g. a newline, is context).
     """
-    _require_chat_template(tokenizer, example)
+    require_chat_template(tokenizer, example.source or "example")
     messages, eos = example.messages, tokenizer.eos_token
     pieces: list[tuple[str, bool]] = []
     done = ""
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:index], generation_prompt=True)
-        after = _render(tokenizer, messages[: index + 1], generation_prompt=False)
+        before = render_chat(tokenizer, messages[:index], add_generation_prompt=True)
+        after = render_chat(tokenizer, messages[: index + 1], add_generation_prompt=False)
         if not (before.startswith(done) and after.startswith(before)):
             raise UserError(
                 f"{example.source or 'example'}: the chat template does not render turns as a "
@@ -115,7 +104,7 @@ def chat_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
         pieces += [(before[len(done) :], False), (answer[:end], True), (answer[end:], False)]
         done = after
     if messages[-1]["role"] != "assistant":  # else the last rendering was the whole chat
-        full = _render(tokenizer, messages, generation_prompt=False)
+        full = render_chat(tokenizer, messages, add_generation_prompt=False)
         pieces.append((full[len(done) :], False))
     return [(text, learnt) for text, learnt in pieces if text]
 

@@ -34,10 +34,17 @@ import torch
 from torch import nn
 
 from lorakit import quantized
-from lorakit.errors import AdapterFileError
+from lorakit.errors import AdapterFileError, BaseModelMismatchError
 from lorakit.layers import LoraLayer
 
-__all__ = ["METADATA_KEY", "compute", "first_mismatch", "from_metadata", "to_metadata"]
+__all__ = [
+    "METADATA_KEY",
+    "compute",
+    "first_mismatch",
+    "from_metadata",
+    "refuse_other_base",
+    "to_metadata",
+]
 
 METADATA_KEY = "lorakit.base_fingerprint"
 SAMPLES = 64
@@ -216,3 +223,38 @@ def first_mismatch(
         if reason is not None:
             return name, reason
     return None
+
+
+def refuse_other_base(
+    model: nn.Module,
+    stored: dict[str, dict[str, object]] | None,
+    directory: object,
+    module_names: Iterable[str],
+    *,
+    allow_mismatch: bool,
+    remedy: str,
+    modules: Mapping[str, nn.Module] | None = None,
+) -> str | None:
+    """The one rule for an adapter saved on other base weights, for every path that loads one.
+
+    ``stored``: the fingerprint saved with the adapter in ``directory`` (None: written by peft
+    or another tool, nothing to verify); ``module_names``: the modules to check
+    (``first_mismatch``). When one does not fit, the message is
+    ``adapter <directory> was trained on different base weights: module <m> does not match the
+    fingerprint saved with the adapter (<reason>).``: raised as ``BaseModelMismatchError`` with
+    ``remedy`` (what the caller's user can do) appended, or, with ``allow_mismatch``, returned
+    for the caller to warn with. None when the weights fit.
+    """
+    if stored is None:
+        return None
+    found = first_mismatch(model, stored, module_names, modules)
+    if found is None:
+        return None
+    module, reason = found
+    message = (
+        f"adapter {directory} was trained on different base weights: module {module!r} "
+        f"does not match the fingerprint saved with the adapter ({reason})."
+    )
+    if not allow_mismatch:
+        raise BaseModelMismatchError(f"{message} {remedy}")
+    return message

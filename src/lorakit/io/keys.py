@@ -18,7 +18,7 @@ In the model (``model.state_dict()``) the same tensors carry the adapter name:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,12 +29,14 @@ from lorakit.targets import model_modules
 
 __all__ = [
     "PREFIX",
-    "Slot",
+    "FileTensor",
     "adapted_base_key",
-    "adapter_slots",
+    "adapter_file_tensors",
     "base_weight_key",
     "embedding_module_names",
     "expected_shape",
+    "key_names_module",
+    "lora_key_pairs",
     "lora_keys",
     "model_tensor",
     "module_path",
@@ -99,20 +101,41 @@ def saved_module_alias_keys(module_path: str, parameter: str) -> tuple[str, str]
     )
 
 
-_LORA_SUFFIXES = {
-    ".lora_A.weight": "lora_A",
-    ".lora_B.weight": "lora_B",
-    ".lora_embedding_A": "lora_A",
-    ".lora_embedding_B": "lora_B",
-}
+_LINEAR_SUFFIXES = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B"}
+_EMBEDDING_SUFFIXES = {".lora_embedding_A": "lora_A", ".lora_embedding_B": "lora_B"}
 
 
-def parse_lora_key(file_key: str) -> tuple[str, str] | None:
-    """``(module path, "lora_A" | "lora_B")`` for a LoRA factor's file key, else None."""
-    for suffix, role in _LORA_SUFFIXES.items():
+def parse_lora_key(file_key: str, *, embeddings: bool = True) -> tuple[str, str] | None:
+    """``(module path, "lora_A" | "lora_B")`` for a LoRA factor's file key, else None.
+
+    ``base_model.model.<path>.lora_A.weight`` -> ``(<path>, "lora_A")`` (the prefix is optional);
+    ``embeddings=False`` recognises the factors of linear layers only (``.lora_A.weight`` /
+    ``.lora_B.weight``), not those of embeddings (``.lora_embedding_A`` / ``_B``)."""
+    suffixes = {**_LINEAR_SUFFIXES, **_EMBEDDING_SUFFIXES} if embeddings else _LINEAR_SUFFIXES
+    for suffix, role in suffixes.items():
         if file_key.endswith(suffix):
             return module_path(file_key.removesuffix(suffix)), role
     return None
+
+
+def lora_key_pairs(
+    file_keys: Iterable[str], *, embeddings: bool = True
+) -> dict[str, dict[str, str]]:
+    """``{module path: {"lora_A": key of A, "lora_B": key of B}}`` for the LoRA factor keys
+    among ``file_keys`` (``parse_lora_key``; other keys are left out). A module may lack one of
+    its two factors: the caller says what that means."""
+    pairs: dict[str, dict[str, str]] = {}
+    for key in file_keys:
+        parsed = parse_lora_key(key, embeddings=embeddings)
+        if parsed is not None:
+            pairs.setdefault(parsed[0], {})[parsed[1]] = key
+    return pairs
+
+
+def key_names_module(file_key: str, module_name: str) -> bool:
+    """Whether ``module_name`` is a whole dotted part of ``file_key``'s path (``score`` in
+    ``base_model.model.score.weight``, not in ``base_model.model.scores.weight``)."""
+    return f".{module_name}." in "." + file_key
 
 
 def module_path(file_key: str) -> str:
@@ -122,8 +145,8 @@ def module_path(file_key: str) -> str:
 
 # --------------------------------------------------------------------------- the layout
 @dataclass(frozen=True)
-class Slot:
-    """One tensor of an adapter file: its file key, the ORIGINAL module path it belongs to and
+class FileTensor:
+    """One tensor an adapter file holds (or must hold): its file key, the ORIGINAL module path it belongs to and
     its role: "lora_A" / "lora_B", "bias" (a base bias trained by ``bias`` mode), "saved" (a
     ``modules_to_save`` tensor; ``parameter`` is its state-dict key) or "base_weight" (the base
     weight of an input/output embedding, only when the vocabulary was resized)."""
@@ -134,14 +157,14 @@ class Slot:
     parameter: str = ""
 
 
-def adapter_slots(
+def adapter_file_tensors(
     model: nn.Module,
     bias: str,
     lora_modules: Sequence[str],
     saved_modules: Sequence[str],
     embedding_modules: Sequence[str] = (),
     modules: dict[str, nn.Module] | None = None,
-) -> list[Slot]:
+) -> list[FileTensor]:
     """Every tensor an adapter file holds, in PEFT's names.
 
     ``lora_modules``: modules with LoRA tensors; ``saved_modules``: modules saved in full;
@@ -151,53 +174,55 @@ def adapter_slots(
     """
     modules = dict(model_modules(model)) if modules is None else modules
     lora_set, saved_prefixes = set(lora_modules), tuple(f"{m}." for m in saved_modules)
-    slots: list[Slot] = []
+    tensors: list[FileTensor] = []
     for name in lora_modules:
         key_A, key_B = lora_keys(name, isinstance(modules[name], nn.Embedding))
-        slots += [Slot(key_A, name, "lora_A"), Slot(key_B, name, "lora_B")]
+        tensors += [FileTensor(key_A, name, "lora_A"), FileTensor(key_B, name, "lora_B")]
     for name, module in modules.items():
         if bias == "none" or name in saved_modules or name.startswith(saved_prefixes):
             continue
         if not isinstance(getattr(module, "bias", None), nn.Parameter):
             continue
         if name in lora_set:
-            slots.append(Slot(adapted_base_key(name, "bias"), name, "bias", "bias"))
+            tensors.append(FileTensor(adapted_base_key(name, "bias"), name, "bias", "bias"))
         elif bias == "all":
-            slots.append(Slot(plain_key(f"{name}.bias"), name, "bias", "bias"))
+            tensors.append(FileTensor(plain_key(f"{name}.bias"), name, "bias", "bias"))
     for name in saved_modules:
         for parameter in modules[name].state_dict():
-            slots.append(Slot(plain_key(f"{name}.{parameter}"), name, "saved", parameter))
+            tensors.append(FileTensor(plain_key(f"{name}.{parameter}"), name, "saved", parameter))
     for name in embedding_modules:
-        slots.append(Slot(base_weight_key(name, name in lora_set), name, "base_weight", "weight"))
-    return slots
+        tensors.append(
+            FileTensor(base_weight_key(name, name in lora_set), name, "base_weight", "weight")
+        )
+    return tensors
 
 
-def expected_shape(modules: dict[str, nn.Module], slot: Slot, rank: int) -> tuple[int, ...]:
-    """The shape ``slot`` must have; ``modules`` is ``dict(model_modules(model))`` (original
-    modules, before or after injection) and ``rank`` the adapter's rank for ``slot.module``."""
-    module = modules[slot.module]
-    if slot.role in ("lora_A", "lora_B"):
+def expected_shape(modules: dict[str, nn.Module], entry: FileTensor, rank: int) -> tuple[int, ...]:
+    """The shape ``entry`` must have; ``modules`` is ``dict(model_modules(model))`` (original
+    modules, before or after injection) and ``rank`` the adapter's rank for ``entry.module``."""
+    module = modules[entry.module]
+    if entry.role in ("lora_A", "lora_B"):
         if isinstance(module, nn.Embedding):
             num, dim = module.num_embeddings, module.embedding_dim
-            return (rank, num) if slot.role == "lora_A" else (dim, rank)
+            return (rank, num) if entry.role == "lora_A" else (dim, rank)
         out_features, in_features = linear_shape(module)
-        return (rank, in_features) if slot.role == "lora_A" else (out_features, rank)
-    if slot.role == "saved":
-        return tuple(module.state_dict()[slot.parameter].shape)
-    return tuple(getattr(module, slot.parameter).shape)
+        return (rank, in_features) if entry.role == "lora_A" else (out_features, rank)
+    if entry.role == "saved":
+        return tuple(module.state_dict()[entry.parameter].shape)
+    return tuple(getattr(module, entry.parameter).shape)
 
 
-def model_tensor(model: nn.Module, slot: Slot, adapter_name: str) -> torch.Tensor:
-    """The model's tensor behind ``slot`` for adapter ``adapter_name`` (after injection)."""
-    module = model.get_submodule(slot.module)
-    if slot.role in ("lora_A", "lora_B"):
+def model_tensor(model: nn.Module, entry: FileTensor, adapter_name: str) -> torch.Tensor:
+    """The model's tensor behind ``entry`` for adapter ``adapter_name`` (after injection)."""
+    module = model.get_submodule(entry.module)
+    if entry.role in ("lora_A", "lora_B"):
         if isinstance(module, LoraEmbedding):
-            table = module.lora_embedding_A if slot.role == "lora_A" else module.lora_embedding_B
+            table = module.lora_embedding_A if entry.role == "lora_A" else module.lora_embedding_B
             return table[adapter_name]
-        return getattr(module, slot.role)[adapter_name].weight
-    if slot.role == "saved":
-        return module.modules_to_save[adapter_name].state_dict(keep_vars=True)[slot.parameter]
+        return getattr(module, entry.role)[adapter_name].weight
+    if entry.role == "saved":
+        return module.modules_to_save[adapter_name].state_dict(keep_vars=True)[entry.parameter]
     base = module.base_layer if isinstance(module, LoraLayer) else module
     if isinstance(base, ModulesToSave):
         base = base.original_module
-    return getattr(base, slot.parameter)
+    return getattr(base, entry.parameter)

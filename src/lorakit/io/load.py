@@ -1,7 +1,7 @@
 """Load an adapter file into a model: check everything first, then change the model.
 
 Order: read the config and the safetensors header (``read_adapter_header``) -> work out which
-tensors the config implies for this model (``keys.adapter_slots``) -> refuse missing or
+tensors the config implies for this model (``keys.adapter_file_tensors``) -> refuse missing or
 unexpected keys, wrong shapes or dtypes, a rank that disagrees with the config, all from the
 header -> only then read the tensor data (``read_adapter_data``) -> refuse non-finite or absurd
 values, a base whose fingerprint differs -> only then inject the adapter and copy the tensors in. Any failure after injection rolls the model back
@@ -19,21 +19,22 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.errors import AdapterFileError, BaseModelMismatchError
+from lorakit.errors import AdapterFileError
 from lorakit.inject import (
-    _check_adapter_name,
-    _replace,
-    _saved_module_names,
     add_planned_adapter,
+    check_adapter_name,
+    replace_module,
+    saved_module_names,
     unload,
 )
 from lorakit.io import fingerprint
 from lorakit.io.keys import (
-    Slot,
-    adapter_slots,
+    FileTensor,
+    adapter_file_tensors,
     base_weight_key,
     embedding_module_names,
     expected_shape,
+    key_names_module,
     model_tensor,
     saved_module_alias_keys,
 )
@@ -84,16 +85,16 @@ def load_adapter(
             f"the model already has an adapter named {adapter_name!r}; load under another "
             "adapter_name, or remove it first with lorakit.delete_adapter(model, name)."
         )
-    _check_adapter_name(model, adapter_name)
+    check_adapter_name(model, adapter_name)
     header = read_adapter_header(adapter_directory(directory, adapter_name))
     current = dict(walk_modules(model))  # LoRA layers as they are, for adding the adapter
     modules = {name: original_module(module) for name, module in current.items()}
     plan = _plan(model, header, modules)
     _check_tensors(header, plan, modules)  # from the header: no data read yet
     adapter = read_adapter_data(header)
-    adapter.require_finite([slot.key for slot in plan.slots])
-    replaced = {s.module for s in plan.slots if s.role == "base_weight"}  # the file brings these
-    checked = [s.module for s in plan.slots if s.role == "lora_A" and s.module not in replaced]
+    adapter.require_finite([entry.key for entry in plan.tensors])
+    replaced = {e.module for e in plan.tensors if e.role == "base_weight"}  # the file brings these
+    checked = [e.module for e in plan.tensors if e.role == "lora_A" and e.module not in replaced]
     _check_base(model, adapter, checked, allow_base_mismatch, modules)
     _apply(model, adapter, plan, current, adapter_name, activate, adapter_dtype)
     return model
@@ -102,12 +103,12 @@ def load_adapter(
 @dataclass(frozen=True)
 class _Plan:
     """What loading a file into a model will do: inject ``config`` into ``targets`` (and wrap
-    ``saved_names``), filling the tensors ``slots`` lists from the file."""
+    ``saved_names``), filling the file tensors ``tensors`` lists."""
 
     config: LoraConfig
     targets: list[str]
     saved_names: list[str]
-    slots: list[Slot]
+    tensors: list[FileTensor]
 
 
 def _plan(model: nn.Module, adapter: AdapterHeader, modules: dict[str, nn.Module]) -> _Plan:
@@ -126,7 +127,7 @@ def _plan(model: nn.Module, adapter: AdapterHeader, modules: dict[str, nn.Module
     source = adapter.directory
     try:
         targets = find_targets(model, config, modules)
-        saved_names = _saved_module_names(model, config)
+        saved_names = saved_module_names(model, config)
     except ValueError as error:
         raise AdapterFileError(f"adapter {source} does not fit this model: {error}") from None
     if not targets:
@@ -139,12 +140,12 @@ def _plan(model: nn.Module, adapter: AdapterHeader, modules: dict[str, nn.Module
         for name in embedding_module_names(model, modules)
         if base_weight_key(name, name in targets) in adapter.tensors
     ]
-    slots = adapter_slots(model, config.bias, targets, saved_names, embeddings, modules)
-    return _Plan(config, targets, saved_names, slots)
+    tensors = adapter_file_tensors(model, config.bias, targets, saved_names, embeddings, modules)
+    return _Plan(config, targets, saved_names, tensors)
 
 
 def _has_tensors_for(adapter: AdapterHeader, entry: str) -> bool:
-    return any(f".{entry}." in "." + key for key in adapter.tensors)
+    return any(key_names_module(key, entry) for key in adapter.tensors)
 
 
 def _listed(keys: Sequence[str], limit: int = 6) -> str:
@@ -155,13 +156,13 @@ def _listed(keys: Sequence[str], limit: int = 6) -> str:
 def _check_tensors(adapter: AdapterHeader, plan: _Plan, modules: dict[str, nn.Module]) -> None:
     """Keys, shapes, dtypes and ranks from the header; raises ``AdapterFileError`` naming the
     tensors."""
-    source, config, slots = adapter.directory, plan.config, plan.slots
-    expected = {slot.key for slot in slots}
+    source, config, entries = adapter.directory, plan.config, plan.tensors
+    expected = {entry.key for entry in entries}
     ignored = {
         alias
-        for slot in slots
-        if slot.role == "saved"
-        for alias in saved_module_alias_keys(slot.module, slot.parameter)
+        for entry in entries
+        if entry.role == "saved"
+        for alias in saved_module_alias_keys(entry.module, entry.parameter)
     }
     missing = sorted(expected - set(adapter.tensors))
     unexpected = sorted(set(adapter.tensors) - expected - ignored)
@@ -175,47 +176,53 @@ def _check_tensors(adapter: AdapterHeader, plan: _Plan, modules: dict[str, nn.Mo
             f"adapter {source} has tensors that fit no module of this model under its config: "
             f"{_listed(unexpected)}. Is the model the adapter's base architecture?"
         )
-    for slot in sorted(slots, key=lambda s: s.role != "base_weight"):  # vocabulary first
-        info = adapter.tensors[slot.key]
-        rank = config.rank_for(slot.module)
-        shape = expected_shape(modules, slot, rank)
+    for entry in sorted(entries, key=lambda e: e.role != "base_weight"):  # vocabulary first
+        info = adapter.tensors[entry.key]
+        rank = config.rank_for(entry.module)
+        shape = expected_shape(modules, entry, rank)
         if tuple(info.shape) != shape:
-            raise AdapterFileError(_shape_message(source, slot, tuple(info.shape), shape, rank))
-        _check_dtype(source, slot, info.dtype, modules)
+            raise AdapterFileError(_shape_message(source, entry, tuple(info.shape), shape, rank))
+        _check_dtype(source, entry, info.dtype, modules)
 
 
-def _check_dtype(source, slot: Slot, dtype: str, modules: dict[str, nn.Module]) -> None:
+def _check_dtype(source, entry: FileTensor, dtype: str, modules: dict[str, nn.Module]) -> None:
     """LoRA factors, biases and base weights must be floating point; a saved module's tensor
     the same kind (floating point or not) as the model's."""
     floating = TORCH_DTYPES[dtype].is_floating_point
-    if slot.role == "saved":
-        wanted = modules[slot.module].state_dict()[slot.parameter].is_floating_point()
+    if entry.role == "saved":
+        wanted = modules[entry.module].state_dict()[entry.parameter].is_floating_point()
     else:
         wanted = True
     if floating != wanted:
         raise AdapterFileError(
-            f"adapter {source}: tensor {slot.key} has dtype {dtype}, expected a "
+            f"adapter {source}: tensor {entry.key} has dtype {dtype}, expected a "
             f"{'floating-point' if wanted else 'non-floating-point'} dtype. The file is broken; "
             "re-save the adapter."
         )
 
 
-def _shape_message(source, slot: Slot, got: tuple, want: tuple, rank: int) -> str:
-    message = f"adapter {source}: tensor {slot.key} has shape {list(got)}, expected {list(want)}"
-    if slot.role in ("lora_A", "lora_B") and len(got) == 2 == len(want):
-        rank_axis = 0 if slot.role == "lora_A" else 1
+def _shape_message(source, entry: FileTensor, got: tuple, want: tuple, rank: int) -> str:
+    message = f"adapter {source}: tensor {entry.key} has shape {list(got)}, expected {list(want)}"
+    if entry.role in ("lora_A", "lora_B") and len(got) == 2 == len(want):
+        rank_axis = 0 if entry.role == "lora_A" else 1
         if got[1 - rank_axis] == want[1 - rank_axis]:
             return (
-                f"{message}: the config gives rank r={rank} for {slot.module} (r / rank_pattern "
+                f"{message}: the config gives rank r={rank} for {entry.module} (r / rank_pattern "
                 f"in adapter_config.json) but the tensor has rank {got[rank_axis]}. The config "
                 "and the weights disagree; fix adapter_config.json or re-save the adapter."
             )
-    if slot.role == "base_weight" and len(got) == len(want) and got[1:] == want[1:]:
+    if entry.role == "base_weight" and len(got) == len(want) and got[1:] == want[1:]:
         return (
             f"{message}: the adapter was saved with a resized vocabulary of {got[0]} tokens; "
             f"call model.resize_token_embeddings({got[0]}) before loading it."
         )
     return f"{message} on this model: it was trained on a base with other dimensions."
+
+
+_LOAD_REMEDY = (
+    "Load it onto the base model it was trained on, or pass allow_base_mismatch=True to load "
+    "it anyway."
+)
 
 
 def _check_base(
@@ -232,21 +239,21 @@ def _check_base(
             stacklevel=3,
         )
         return
-    found = fingerprint.first_mismatch(model, adapter.fingerprint, checked, modules)
-    if found is None:
-        return
-    module, reason = found
-    message = (
-        f"adapter {adapter.directory} was trained on different base weights: module {module!r} "
-        f"does not match the fingerprint saved with the adapter ({reason}). Load it onto the "
-        "base model it was trained on, or pass allow_base_mismatch=True to load it anyway."
+    message = fingerprint.refuse_other_base(
+        model,
+        adapter.fingerprint,
+        adapter.directory,
+        checked,
+        allow_mismatch=allow_base_mismatch,
+        remedy=_LOAD_REMEDY,
+        modules=modules,
     )
-    if not allow_base_mismatch:
-        raise BaseModelMismatchError(message)
-    overridden = message.split(" Load it onto")[0].removesuffix(".")
-    warnings.warn(
-        f"{overridden}; loaded anyway: allow_base_mismatch=True overrode the check", stacklevel=3
-    )
+    if message is not None:
+        overridden = message.removesuffix(".")
+        warnings.warn(
+            f"{overridden}; loaded anyway: allow_base_mismatch=True overrode the check",
+            stacklevel=3,
+        )
 
 
 def _apply(
@@ -264,9 +271,9 @@ def _apply(
     wrapped_before = {id(m) for m in current.values() if isinstance(m, (LoraLayer, ModulesToSave))}
     base_backup: list[tuple[torch.Tensor, torch.Tensor]] = []  # (base tensor, its old value)
     factors: dict[str, dict[str, torch.Tensor]] = {}  # module -> {"lora_A": A, "lora_B": B}
-    for slot in plan.slots:
-        if slot.role in ("lora_A", "lora_B"):
-            factors.setdefault(slot.module, {})[slot.role] = adapter.tensors[slot.key]
+    for entry in plan.tensors:
+        if entry.role in ("lora_A", "lora_B"):
+            factors.setdefault(entry.module, {})[entry.role] = adapter.tensors[entry.key]
     try:
         add_planned_adapter(
             model,
@@ -282,14 +289,14 @@ def _apply(
         )
         trainable = adapter_name in active_adapters(model)
         with torch.no_grad():
-            for slot in plan.slots:
-                if slot.role in ("lora_A", "lora_B"):
+            for entry in plan.tensors:
+                if entry.role in ("lora_A", "lora_B"):
                     continue
-                target = model_tensor(model, slot, adapter_name)
-                if slot.role in ("bias", "base_weight"):
+                target = model_tensor(model, entry, adapter_name)
+                if entry.role in ("bias", "base_weight"):
                     base_backup.append((target, target.detach().clone()))
-                target.copy_(adapter.tensors[slot.key].to(target.dtype))
-                if slot.role == "saved":
+                target.copy_(adapter.tensors[entry.key].to(target.dtype))
+                if entry.role == "saved":
                     target.requires_grad_(trainable)
     except BaseException:
         _roll_back(model, adapter_name, had_state, wrapped_before, base_backup)
@@ -309,7 +316,7 @@ def _roll_back(model, adapter_name, had_state, wrapped_before, base_backup) -> N
     delete_adapter(model, adapter_name)
     for name, layer in list(lora_layers(model)):
         if id(layer) not in wrapped_before:
-            _replace(model, name, layer.base_layer)
+            replace_module(model, name, layer.base_layer)
     for name, wrapper in list(saved_modules(model)):
         if id(wrapper) not in wrapped_before:
-            _replace(model, name, wrapper.original_module)
+            replace_module(model, name, original_module(wrapper))

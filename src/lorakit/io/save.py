@@ -23,7 +23,7 @@ from lorakit.errors import UserError
 from lorakit.io import atomic, fingerprint
 from lorakit.io.config_json import CONFIG_NAME, config_to_json
 from lorakit.io.header import serialize
-from lorakit.io.keys import adapter_slots, embedding_module_names, model_tensor
+from lorakit.io.keys import adapter_file_tensors, embedding_module_names, model_tensor
 from lorakit.io.read import CONFIG_METADATA_KEY, WEIGHTS_NAME
 from lorakit.state import adapter_configs, lora_layers, saved_modules
 
@@ -68,13 +68,13 @@ def adapter_file_contents(
         save_embedding_layers = _vocabulary_resized(model, config)
     embeddings = embedding_module_names(model) if save_embedding_layers else []
     lora_names = [name for name, _ in layers]
-    slots = adapter_slots(model, config.bias, lora_names, saved, embeddings)
+    entries = adapter_file_tensors(model, config.bias, lora_names, saved, embeddings)
     tensors = {}
-    for slot in slots:
-        tensor = model_tensor(model, slot, adapter_name).detach()
+    for entry in entries:
+        tensor = model_tensor(model, entry, adapter_name).detach()
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
-        tensors[slot.key] = tensor.to("cpu", copy=True).contiguous()
+        tensors[entry.key] = tensor.to("cpu", copy=True).contiguous()
     config_text = config_to_json(model, config, [layer.base_layer for _, layer in layers])
     metadata = {
         "format": "pt",

@@ -22,8 +22,9 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import UserError
+from lorakit.inject import default_adapter_dtype
+from lorakit.io.keys import lora_keys
 from lorakit.layers import LoraLinear, QuantizedLoraLinear
-from lorakit.serve.checks import PEFT_PREFIX as _PREFIX
 from lorakit.serve.checks import PreparedAdapter, lora_pairs, prepare_adapter
 from lorakit.serve.stacks import (
     LayerStack,
@@ -59,7 +60,8 @@ class AdapterBank:
 
     ``capacity`` slots are allocated up front, or as many as fit in ``memory_budget`` bytes
     (``memory_bytes()`` never exceeds it). ``max_rank`` is r_max. ``dtype``: of the stacks
-    (default: the base weights' dtype, float32 for half-precision bases).
+    (default: ``lorakit.inject.default_adapter_dtype``, as for an injected adapter: the base
+    weights' dtype, float32 for half-precision bases).
     """
 
     def __init__(
@@ -89,9 +91,7 @@ class AdapterBank:
         if max_rank < 1:
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")
         weight = linears[0][1].base_layer.weight
-        self.dtype = dtype or (
-            torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        )
+        self.dtype = dtype or default_adapter_dtype(weight.dtype)
         self.max_rank = max_rank
         self.capacity = self._capacity(linears, capacity, memory_budget)
         self.memory_budget = memory_budget
@@ -334,7 +334,7 @@ class AdapterBank:
         tensors = {}
         for path, layer in lora_layers(model):
             if adapter_name in layer.ranks:
+                key_A, key_B = lora_keys(path, is_embedding=False)
                 lora_A, lora_B = layer.adapter_parameters(adapter_name)
-                tensors[f"{_PREFIX}{path}.lora_A.weight"] = lora_A.detach()
-                tensors[f"{_PREFIX}{path}.lora_B.weight"] = lora_B.detach()
+                tensors[key_A], tensors[key_B] = lora_A.detach(), lora_B.detach()
         return self.load(name, config, tensors, pin=pin)

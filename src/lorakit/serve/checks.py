@@ -10,14 +10,13 @@ import torch
 
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
+from lorakit.io.keys import parse_lora_key
 from lorakit.io.tensors import TORCH_DTYPES
 
 if TYPE_CHECKING:
     from lorakit.serve.stacks import LayerStack
 
-__all__ = ["PEFT_PREFIX", "PreparedAdapter", "lora_pairs", "prepare_adapter"]
-
-PEFT_PREFIX = "base_model.model."
+__all__ = ["PreparedAdapter", "lora_pairs", "prepare_adapter"]
 
 
 @dataclass(frozen=True)
@@ -66,17 +65,15 @@ def lora_pairs(
         )
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        path = key.removeprefix(PEFT_PREFIX)
-        for suffix, part in ((".lora_A.weight", "A"), (".lora_B.weight", "B")):
-            if path.endswith(suffix):
-                parts.setdefault(path.removesuffix(suffix), {})[part] = tensor
-                break
-        else:
+        parsed = parse_lora_key(key, embeddings=False)
+        if parsed is None:
             raise AdapterFileError(
                 f"adapter {name!r}: tensor {key!r} is not a LoRA linear weight; the serving "
                 "bank supports lora_A/lora_B of linear layers only (no embeddings, biases, "
                 "modules_to_save)."
             )
+        path, role = parsed
+        parts.setdefault(path, {})[role] = tensor
     pairs = {}
     for path, part in parts.items():
         pairs[path] = _checked_pair(name, path, part, stacks, max_rank)
@@ -106,9 +103,9 @@ def _checked_pair(
             f"for (routed layers: e.g. {list(stacks)[:3]}...); restart the server with "
             "target modules that include it."
         )
-    if set(part) != {"A", "B"}:
+    if set(part) != {"lora_A", "lora_B"}:
         raise AdapterFileError(f"adapter {name!r}: {path!r} lacks lora_A or lora_B.")
-    lora_A, lora_B = part["A"], part["B"]
+    lora_A, lora_B = part["lora_A"], part["lora_B"]
     for role, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
         if len(tensor.shape) != 2 or 0 in tensor.shape:
             raise AdapterFileError(

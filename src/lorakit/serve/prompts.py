@@ -9,8 +9,7 @@ and only texts within that bound reach the tokenizer. Call ``prompt_ids`` off th
 
 from __future__ import annotations
 
-from jinja2.exceptions import TemplateError
-
+from lorakit.data.chat import ChatTemplateError, encode_chat, render_chat
 from lorakit.serve.protocol import APIError, CompletionJob
 
 __all__ = ["MAX_CHARS_PER_TOKEN", "max_prompt_chars", "prompt_ids"]
@@ -27,17 +26,20 @@ def max_prompt_chars(max_prompt_tokens: int) -> int:
 
 
 def prompt_ids(job: CompletionJob, tokenizer, *, max_prompt_tokens: int, max_positions: int):
-    """The token ids of ``job``'s prompt (text, token ids, or chat messages rendered by the
-    tokenizer's chat template): 413 when longer than ``max_prompt_tokens`` tokens (or than
-    ``max_prompt_chars`` characters, before tokenizing), 400 when empty, out of the vocabulary, or
-    leaving no room for ``max_tokens`` within ``max_positions``."""
+    """The token ids of ``job``'s prompt (text, token ids, or chat messages rendered as
+    everywhere, by ``lorakit.data.chat``): 413 when longer than ``max_prompt_tokens`` tokens
+    (or than ``max_prompt_chars`` characters, before tokenizing), 400 when empty, out of the
+    vocabulary, or leaving no room for ``max_tokens`` within ``max_positions``."""
     limit = max_prompt_chars(max_prompt_tokens)
     if job.chat:
         given = sum(len(m["role"]) + len(m["content"]) for m in job.prompt)
         _check_chars(given, limit, max_prompt_tokens, "messages")
-        text = _chat_text(job.prompt, tokenizer)
+        try:
+            text = render_chat(tokenizer, job.prompt, add_generation_prompt=True)
+        except ChatTemplateError as error:  # e.g. Llama-2's "roles must alternate user/assistant"
+            raise APIError(400, str(error), param="messages") from None
         _check_chars(len(text), limit, max_prompt_tokens, "messages")
-        ids = tokenizer.encode(text)
+        ids = encode_chat(tokenizer, text)
     elif isinstance(job.prompt, str):
         _check_chars(len(job.prompt), limit, max_prompt_tokens, "prompt")
         ids = tokenizer.encode(job.prompt)
@@ -76,14 +78,3 @@ def _check_chars(chars: int, limit: int, max_prompt_tokens: int, param: str) -> 
             param=param,
             code="context_length_exceeded",
         )
-
-
-def _chat_text(messages: list[dict[str, str]], tokenizer) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-    try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except TemplateError as error:  # e.g. Llama-2's "roles must alternate user/assistant"
-        raise APIError(
-            400, f"the model's chat template refused the messages: {error}", param="messages"
-        ) from None

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from torch import nn
 
-from lorakit.errors import BaseModelMismatchError, UserError
+from lorakit.errors import UserError
 from lorakit.io import fingerprint
 from lorakit.io.config_json import CONFIG_NAME
+from lorakit.io.keys import lora_key_pairs
 from lorakit.io.read import (
     PICKLE_NAME,
     WEIGHTS_NAME,
@@ -29,14 +30,12 @@ from lorakit.io.read import (
     read_adapter,
     read_adapter_header,
 )
-from lorakit.serve.checks import PEFT_PREFIX
 
 __all__ = [
     "AdapterNameError",
     "AdapterRegistry",
     "ServedAdapters",
     "check_base",
-    "read_peft_adapter",
 ]
 
 log = logging.getLogger(__name__)
@@ -48,31 +47,19 @@ class AdapterNameError(UserError):
     """A runtime adapter name that is malformed, or reserved (the base model's name)."""
 
 
-def read_peft_adapter(directory: Path) -> AdapterFile:
-    """The adapter files of ``directory`` (config, PEFT-keyed tensors, base fingerprint)."""
-    return read_adapter(directory)
-
-
 def check_base(model: nn.Module, adapter: AdapterFile, allow_base_mismatch: bool) -> None:
-    """Refuse an adapter whose saved fingerprint says it was trained on other base weights."""
-    if adapter.fingerprint is None:
-        return  # written by peft or another tool: nothing to verify
-    modules = sorted(
-        {key.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0] for key in adapter.tensors}
+    """Refuse an adapter whose saved fingerprint says it was trained on other base weights
+    (``fingerprint.refuse_other_base``); with ``allow_base_mismatch``, log it and serve it."""
+    message = fingerprint.refuse_other_base(
+        model,
+        adapter.fingerprint,
+        adapter.directory,
+        sorted(lora_key_pairs(adapter.tensors)),
+        allow_mismatch=allow_base_mismatch,
+        remedy="Serve it with its own base model, or start the server with --allow-base-mismatch.",
     )
-    found = fingerprint.first_mismatch(model, adapter.fingerprint, modules)
-    if found is None:
-        return
-    message = (
-        f"adapter {adapter.directory} was trained on different base weights: module "
-        f"{found[0]!r} does not match its saved fingerprint ({found[1]})."
-    )
-    if not allow_base_mismatch:
-        raise BaseModelMismatchError(
-            message
-            + " Serve it with its own base model, or start the server with --allow-base-mismatch."
-        )
-    log.warning("%s Serving it anyway (--allow-base-mismatch).", message)
+    if message is not None:
+        log.warning("%s Serving it anyway (--allow-base-mismatch).", message)
 
 
 class AdapterRegistry:
@@ -239,7 +226,7 @@ class ServedAdapters:
         path = self.registry.inside(path, str(path))
         header = read_adapter_header(path)
         self.bank.check_shapes(name, header.config, header.tensors)
-        adapter = read_peft_adapter(path)
+        adapter = read_adapter(path)
         adapter.require_finite()
         check_base(self.model, adapter, self.allow_base_mismatch)
         return adapter

@@ -19,9 +19,10 @@ from torch import nn
 
 from lorakit import functional
 from lorakit.config import LoraConfig
-from lorakit.inject import inject
+from lorakit.inject import wrap_targets
 from lorakit.layers import LoraLinear
-from lorakit.state import delete_adapter, lora_layers
+from lorakit.state import lora_layers
+from lorakit.targets import find_targets, no_match_message
 
 __all__ = [
     "LayerStack",
@@ -31,8 +32,6 @@ __all__ = [
     "slot_scaling",
     "write_slot",
 ]
-
-_PLACEHOLDER = "lorakit-serving-placeholder"
 
 
 @dataclass
@@ -61,12 +60,15 @@ def prepare_for_serving(model: nn.Module, target_modules: str | list[str] = "all
     """Wrap the ``target_modules`` of ``model`` in LoRA layers with no adapter (in place).
 
     The layers compute exactly the base output until a bank routes rows to adapters. Returns the
-    number of LoRA layers the model now has. Uses lorakit's injection rules (PEFT's matching).
+    number of LoRA layers the model now has. Targets are found by PEFT's matching rules
+    (``find_targets``) and wrapped by the code ``inject`` uses (``wrap_targets``).
     """
     config = LoraConfig(r=1, lora_alpha=1, target_modules=target_modules)
-    # strict_targets=False: the union of the adapters' lists may name modules this model lacks
-    inject(model, config, adapter_name=_PLACEHOLDER, activate=False, strict_targets=False)
-    delete_adapter(model, _PLACEHOLDER)
+    # not strict: the union of the adapters' lists may name modules this model lacks
+    targets = find_targets(model, config)
+    if not targets:
+        raise ValueError(no_match_message(model, config))
+    wrap_targets(model, targets)
     model.requires_grad_(False)
     return sum(1 for _ in lora_layers(model))
 

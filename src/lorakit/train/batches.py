@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from lorakit.data.batching import pad_right
+
 __all__ = ["BatchPlan", "example_lengths", "pad_collate", "padding_fraction", "shortest_first"]
 
 Batch = dict[str, torch.Tensor]
@@ -168,24 +170,17 @@ def padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -
 
 def pad_collate(pad_token_id: int) -> Callable[[Sequence[dict[str, Any]]], Batch]:
     """A collate function for examples ``{"input_ids": [...], "labels": [...]}`` (labels
-    optional, -100 = no loss): right-pads to the longest example and adds ``attention_mask``.
+    optional, -100 = no loss): right-pads to the longest example and adds ``attention_mask``
+    (``lorakit.data.pad_right``, the padding of ``lorakit.data.collate`` too).
 
     Output shapes: ``input_ids``, ``attention_mask``, ``labels`` all (batch, longest).
     """
 
     def collate(examples: Sequence[dict[str, Any]]) -> Batch:
-        longest = max(len(example["input_ids"]) for example in examples)
-        ids, mask, labels = [], [], []
-        for example in examples:
-            tokens = list(example["input_ids"])
-            padding = longest - len(tokens)
-            ids.append(tokens + [pad_token_id] * padding)
-            mask.append([1] * len(tokens) + [0] * padding)
-            labels.append(list(example.get("labels", tokens)) + [-100] * padding)
-        return {
-            "input_ids": torch.tensor(ids, dtype=torch.long),
-            "attention_mask": torch.tensor(mask, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
-        }
+        ids = [example["input_ids"] for example in examples]
+        labels = [
+            example.get("labels", tokens) for example, tokens in zip(examples, ids, strict=True)
+        ]
+        return pad_right(ids, labels, pad_token_id)
 
     return collate

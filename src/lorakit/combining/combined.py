@@ -1,0 +1,270 @@
+"""``combine``: several adapters and weights -> one ordinary LoRA adapter (``CombinedAdapter``).
+
+Per module, over the adapters that adapt it (a module present in only some adapters takes
+what is there), with ``ΔWᵢ = sᵢ Bᵢ Aᵢ`` (each adapter's own scale) and weights ``wᵢ``:
+
+- ``cat`` (exact): ``A = [A₁; …; Aₙ]`` (Σrᵢ, k), ``B = [c₁B₁, …, cₙBₙ]`` (d, Σrᵢ) with
+  ``cᵢ = wᵢ sᵢ / s``, where ``s`` is the output's scale for that module. Then
+  ``s B A = Σ wᵢ sᵢ Bᵢ Aᵢ`` exactly (up to one float rounding of ``cᵢ Bᵢ``): the same output as
+  running the adapters together with those weights. Rank ``Σ rᵢ``.
+- ``svd``: ``Σ wᵢ ΔWᵢ`` cut to its best rank-``rank`` approximation
+  (``analysis.extract.truncated_factors``); ``energy_kept = ||kept||_F² / ||ΔW||_F²``.
+- ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: ``combining.methods`` on the
+  full ΔWᵢ (never on A and B apart), then the same SVD cut.
+
+The output config uses the same rank r everywhere it can (``rank_pattern`` lists the modules
+whose rank differs, by exact, escaped name), ``lora_alpha = r`` and no rsLoRA; each module's
+scale ``s = functional.scaling(its rank, r)`` is folded into its factors, so any reader that
+implements PEFT's config (peft, lorakit, vLLM) computes the same ΔW.
+
+DARE draws its masks per module from ``torch.Generator().manual_seed(module_seed(seed, name))``
+(a hash of the seed and the module name): the same seed gives the same adapter, whatever the
+module order or which other modules are present.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit import functional
+from lorakit.combining.methods import MERGERS, SIGN_METHODS
+from lorakit.combining.sources import AdapterUpdates, ModuleFactors, check_compatible, read_sources
+from lorakit.config import LoraConfig
+from lorakit.errors import UserError
+
+__all__ = ["METHODS", "CombinedAdapter", "ModuleReport", "combine", "module_seed"]
+
+METHODS = ("cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+_PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+
+
+@dataclass
+class ModuleReport:
+    """One module of the result: its rank, the share of ``||Σ||_F²`` kept by the rank cut (1
+    for ``cat``) and which adapters contributed."""
+
+    name: str
+    rank: int
+    energy_kept: float
+    adapters: list[str]
+
+
+@dataclass
+class CombinedAdapter:
+    """A combined adapter: ``factors[module] = (A (r, k), B (d, r))`` float32, with
+    ``ΔW = s B A`` and ``s`` from ``config`` (see the module docstring)."""
+
+    config: LoraConfig
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    embeddings: frozenset[str]
+    fingerprint: dict[str, dict[str, object]]
+    modules: list[ModuleReport]
+    method: str
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def scale_for(self, module: str) -> float:
+        return functional.scaling(
+            self.config.rank_for(module), self.config.alpha_for(module), self.config.use_rslora
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "method": self.method,
+            **self.extra,
+            "config": self.config.to_dict(),
+            "modules": [report.__dict__ for report in self.modules],
+        }
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write PEFT's two files into ``directory`` atomically (as ``lorakit.save_adapter``
+        does, with the inputs' base fingerprint); returns the directory."""
+        from lorakit.combining.files import write_adapter_files
+
+        return write_adapter_files(self, Path(directory))
+
+    def add_to(self, model: nn.Module, adapter_name: str) -> nn.Module:
+        """Inject this adapter into ``model`` as ``adapter_name`` (not made active)."""
+        from lorakit.combining.files import add_to_model
+
+        return add_to_model(self, model, adapter_name)
+
+
+def module_seed(seed: int, module: str) -> int:
+    """The DARE seed of one module: 60 bits of SHA-256 of ``"{seed}:{module}"``."""
+    return int(hashlib.sha256(f"{seed}:{module}".encode()).hexdigest()[:15], 16)
+
+
+def _check_arguments(count, weights, method, rank, density, majority_sign_method) -> list[float]:
+    if count == 0:
+        raise UserError("combine: give at least one adapter")
+    weights = [1.0] * count if weights is None else [float(w) for w in weights]
+    if len(weights) != count:
+        raise UserError(f"combine: {count} adapters but {len(weights)} weights; give one each")
+    if not all(torch.isfinite(torch.tensor(weights))):
+        raise UserError(f"combine: weights must be finite numbers, got {weights}")
+    if method not in METHODS:
+        raise UserError(f"combine: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if rank is not None and (not isinstance(rank, int) or rank < 1 or method == "cat"):
+        raise UserError(
+            f"combine: rank={rank!r} must be a positive integer and is for the SVD methods "
+            "(cat's rank is the sum of the adapters' ranks)"
+        )
+    if method in _PRUNING and (density is None or not 0.0 < density <= 1.0):
+        raise UserError(f"combine: method {method} needs density in (0, 1], got {density}")
+    if method not in _PRUNING and density is not None:
+        raise UserError(f"combine: density is for {', '.join(_PRUNING)}, not {method}")
+    if majority_sign_method not in SIGN_METHODS:
+        raise UserError(f"combine: majority_sign_method must be one of {SIGN_METHODS}")
+    return weights
+
+
+def _contributions(
+    sources: Sequence[AdapterUpdates], weights: Sequence[float]
+) -> dict[str, list[tuple[AdapterUpdates, float, ModuleFactors]]]:
+    """module -> [(adapter, weight, factors)] over the adapters that adapt it, in input order."""
+    found: dict[str, list[tuple[AdapterUpdates, float, ModuleFactors]]] = {}
+    for source, weight in zip(sources, weights, strict=True):
+        for name, factors in source.modules.items():
+            found.setdefault(name, []).append((source, weight, factors))
+    return found
+
+
+def _output_config(sources: Sequence[AdapterUpdates], ranks: dict[str, int]) -> LoraConfig:
+    """One rank (the most common) with ``rank_pattern`` for the others, ``alpha = r``."""
+    common = Counter(ranks.values()).most_common(1)[0][0]
+    task_types = {source.config.task_type for source in sources}
+    first = sources[0].config
+    return LoraConfig(
+        r=common,
+        lora_alpha=common,
+        target_modules=sorted(ranks),
+        rank_pattern={re.escape(n): r for n, r in sorted(ranks.items()) if r != common},
+        lora_dropout=first.lora_dropout,
+        fan_in_fan_out=any(source.config.fan_in_fan_out for source in sources),
+        task_type=task_types.pop() if len(task_types) == 1 else None,
+        base_model_name_or_path=next(
+            (s.config.base_model_name_or_path for s in sources if s.config.base_model_name_or_path),
+            None,
+        ),
+    )
+
+
+def _cat_factors(parts, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A = [A₁; …]``, ``B = [(wᵢ sᵢ / s) Bᵢ, …]`` in float64 (see the module docstring)."""
+    lora_A = torch.cat([f.lora_A.double() for _, _, f in parts], dim=0)  # (Σr, k)
+    lora_B = torch.cat([f.lora_B.double() * (w * f.scale / scale) for _, w, f in parts], dim=1)
+    return lora_A, lora_B  # (Σr, k), (d, Σr)
+
+
+def _merged_delta(name, parts, method, density, majority_sign_method, seed) -> torch.Tensor:
+    updates = [factors.delta() for _, _, factors in parts]  # each (d, k) float64
+    weights = [weight for _, weight, _ in parts]
+    options: dict[str, object] = {}
+    if method in _PRUNING:
+        options["density"] = density
+    if method in ("ties", "dare_ties"):
+        options["majority_sign_method"] = majority_sign_method
+    if method.startswith("dare"):
+        options["generator"] = torch.Generator().manual_seed(module_seed(seed, name))
+    return MERGERS[method](updates, weights, **options)
+
+
+def _module_ranks(contributions, method: str, rank: int | None) -> dict[str, int]:
+    ranks = {}
+    for name, parts in contributions.items():
+        total = sum(factors.rank for _, _, factors in parts)
+        d, k = parts[0][2].shape
+        if method == "cat":
+            ranks[name] = total
+        else:  # the exact sum has rank <= Σ rᵢ; a pruned one can have up to min(d, k)
+            ranks[name] = min(rank, d, k, total if method == "svd" else min(d, k))
+    return ranks
+
+
+def combine(
+    adapters: Sequence[str | os.PathLike[str]],
+    weights: Sequence[float] | None = None,
+    *,
+    method: str = "cat",
+    rank: int | None = None,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+    seed: int = 0,
+    model: nn.Module | None = None,
+) -> CombinedAdapter:
+    """Combine ``adapters`` (directories, or names of adapters on ``model``) with ``weights``
+    (default 1 each) into one adapter; ``method`` one of ``METHODS`` (module docstring).
+
+    ``rank``: the SVD methods' rank per module (default: the largest input rank, as PEFT),
+    capped at min(d, k) (and at Σrᵢ for ``svd``). ``density``: the share of entries kept by
+    ``ties``/``dare_*``/``magnitude_prune``. ``majority_sign_method``: "total" or "frequency"
+    (TIES). ``seed``: DARE's masks. Returns a ``CombinedAdapter``; ``.save(directory)``
+    writes PEFT's files, ``.add_to(model, name)`` injects it. Raises ``UserError`` for bad
+    arguments and incompatible adapters (different shapes or base weights, naming the module).
+    """
+    if isinstance(adapters, (str, os.PathLike)):
+        raise UserError(f"combine: adapters must be a list of adapters, got one: {adapters!r}")
+    weights = _check_arguments(len(adapters), weights, method, rank, density, majority_sign_method)
+    sources = read_sources(adapters, model)
+    check_compatible(sources)
+    contributions = _contributions(sources, weights)
+    if not contributions:
+        raise UserError("combine: the adapters adapt no module")
+    if rank is None:
+        rank = max(f.rank for s in sources for f in s.modules.values())
+    config = _output_config(sources, _module_ranks(contributions, method, rank))
+    result = CombinedAdapter(config, {}, frozenset(), {}, [], method)
+    for name, parts in contributions.items():
+        scale = result.scale_for(name)
+        if method == "cat":
+            lora_A, lora_B = _cat_factors(parts, scale)
+            energy = 1.0
+        else:
+            from lorakit.analysis.extract import truncated_factors
+
+            delta = _merged_delta(name, parts, method, density, majority_sign_method, seed)
+            lora_A, lora_B, error = truncated_factors(delta, config.rank_for(name), scale)
+            energy = 1.0 - error**2
+        result.factors[name] = (lora_A.float(), lora_B.float())
+        labels = [source.label for source, _, _ in parts]
+        result.modules.append(ModuleReport(name, config.rank_for(name), energy, labels))
+    result.embeddings = frozenset(n for n, p in contributions.items() if p[0][2].is_embedding)
+    result.fingerprint = _union_fingerprint(sources, list(contributions))
+    result.extra = _settings(sources, weights, rank, density, majority_sign_method, seed, method)
+    return result
+
+
+def _union_fingerprint(sources: Sequence[AdapterUpdates], names: list[str]) -> dict:
+    """Each module's base fingerprint, from the first adapter that carries one."""
+    union: dict[str, dict[str, object]] = {}
+    for source in sources:
+        for name, entry in (source.fingerprint or {}).items():
+            if name in names:
+                union.setdefault(name, entry)
+    return union
+
+
+def _settings(sources, weights, rank, density, majority_sign_method, seed, method) -> dict:
+    settings: dict[str, object] = {
+        "adapters": [s.label for s in sources],
+        "weights": list(weights),
+    }
+    if method != "cat":
+        settings["rank"] = rank
+    if method in _PRUNING:
+        settings["density"] = density
+    if method in ("ties", "dare_ties"):
+        settings["majority_sign_method"] = majority_sign_method
+    if method.startswith("dare"):
+        settings["seed"] = seed
+    return json.loads(json.dumps(settings))

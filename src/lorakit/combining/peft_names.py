@@ -1,0 +1,105 @@
+"""PEFT's ``add_weighted_adapter`` over ``lorakit.combine`` (what ``PeftModel`` calls).
+
+PEFT's ``combination_type`` names map to lorakit's methods, all computed on the updates
+``ΔWᵢ = sᵢ Bᵢ Aᵢ``:
+
+| PEFT name | lorakit method |
+|---|---|
+| ``cat`` | ``cat`` (exact, rank Σ rᵢ) |
+| ``svd`` | ``svd`` (the exact weighted sum, best rank-``svd_rank`` fit) |
+| ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd`` | ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` |
+
+Refused, with the reason: ``linear``, ``ties``, ``dare_linear``, ``dare_ties`` and
+``magnitude_prune`` in PEFT's meaning combine the A's and the B's SEPARATELY
+(``Σ √wᵢsᵢ Bᵢ · Σ √wᵢsᵢ Aᵢ``, cross terms ``Bᵢ Aⱼ`` included), which is not the weighted sum
+of the updates (peft #1155, #1555); the ``_svd`` names are the same operations on ΔW. Also
+refused: ``svd_clamp`` (not implemented) and an ``adapter_name`` that exists (PEFT returns
+silently and keeps the old one). Fixed: PEFT's ``cat`` copies the first adapter's
+``use_rslora`` into the new config, which then scales by ``r/√r`` instead of 1 and the result
+is off by ``√(Σ rᵢ)``; lorakit's config always reproduces the exact sum.
+``svd_full_matrices`` and ``svd_driver`` are accepted and change nothing (CPU results are the
+same; the reduced SVD is always used). DARE is seeded by ``seed`` (lorakit's addition, default
+0), where PEFT draws from the global generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from lorakit.combining.combined import combine
+
+__all__ = ["PEFT_METHODS", "add_weighted_adapter"]
+
+PEFT_METHODS = {
+    "cat": "cat",
+    "svd": "svd",
+    "ties_svd": "ties",
+    "dare_linear_svd": "dare_linear",
+    "dare_ties_svd": "dare_ties",
+    "magnitude_prune_svd": "magnitude_prune",
+}
+_ON_FACTORS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+
+
+def _method_for(combination_type: str) -> str:
+    if combination_type in _ON_FACTORS:
+        instead = "'cat' (exact) or 'svd'" if combination_type == "linear" else (
+            f"'{combination_type}_svd' (the same operation on ΔW)"
+        )  # fmt: skip
+        raise ValueError(
+            f"combination_type={combination_type!r} combines the A's and the B's separately in "
+            "PEFT, which is not the weighted sum of the updates (the cross terms B_i A_j enter); "
+            f"lorakit refuses it. Use {instead}."
+        )
+    if combination_type not in PEFT_METHODS:
+        raise ValueError(
+            f"unknown combination_type {combination_type!r}; choose one of {sorted(PEFT_METHODS)}"
+        )
+    return PEFT_METHODS[combination_type]
+
+
+def add_weighted_adapter(
+    model: nn.Module,
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    adapter_name: str,
+    combination_type: str = "svd",
+    svd_rank: int | None = None,
+    svd_clamp: float | None = None,
+    svd_full_matrices: bool = True,
+    svd_driver: str | None = None,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+    seed: int = 0,
+) -> None:
+    """Add adapter ``adapter_name`` to ``model``, combined from its adapters ``adapters`` with
+    ``weights`` (PEFT's argument names and meanings; see the module docstring). The new
+    adapter is not made active (as in PEFT)."""
+    from lorakit.state import adapter_configs
+
+    del svd_full_matrices, svd_driver  # accepted for PEFT's signature; no effect here
+    method = _method_for(combination_type)
+    if svd_clamp is not None:
+        raise ValueError("svd_clamp is not implemented by lorakit; leave it None")
+    known = adapter_configs(model)
+    if adapter_name in known:
+        raise ValueError(
+            f"the model already has an adapter named {adapter_name!r}; choose a new name or "
+            "delete it first (PEFT would silently keep the old one)."
+        )
+    unknown = [name for name in adapters if name not in known]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(known)}")
+    result = combine(
+        list(adapters),
+        list(weights),
+        method=method,
+        rank=None if method == "cat" else svd_rank,
+        density=density if method not in ("cat", "svd") else None,
+        majority_sign_method=majority_sign_method,
+        seed=seed,
+        model=model,
+    )
+    result.add_to(model, adapter_name)

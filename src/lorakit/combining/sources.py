@@ -1,0 +1,200 @@
+"""The adapters to combine, read into one shape whatever they come from, and checked together.
+
+An adapter is a directory (PEFT's files, read with ``lorakit.io.read_adapter``) or an adapter
+on a model (its LoRA layers' tensors). Either becomes an ``AdapterUpdates``: per adapted module
+the factors ``A`` (r, k), ``B`` (d, r) and the scale ``s`` (from the adapter's own r, alpha,
+rsLoRA and patterns, via ``functional.scaling``), so that the module's update is
+``ΔW = s B A`` (d, k). Embeddings keep PEFT's factor layout (A (r, num), B (dim, r)); all
+combining happens on ``B A`` in that layout, and only the file keys differ.
+
+Only LoRA factors combine: an adapter that also trains biases or saves full modules
+(``modules_to_save``) is refused. Adapters that share a module must agree on its shape and
+kind, and on its base weights where both carry lorakit's base fingerprint.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorakit import functional
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterFileError, BaseModelMismatchError, UserError
+
+__all__ = ["AdapterUpdates", "ModuleFactors", "check_compatible", "read_sources"]
+
+_RELATIVE_TOLERANCE = 2.0**-7  # the fingerprint's rule across dtypes (io/fingerprint.py)
+_ABSOLUTE_TOLERANCE = 6e-8
+
+
+@dataclass
+class ModuleFactors:
+    """One module of one adapter: ``ΔW = scale * lora_B @ lora_A``."""
+
+    lora_A: torch.Tensor  # (r, k)
+    lora_B: torch.Tensor  # (d, r)
+    scale: float
+    is_embedding: bool
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(d, k): the shape of ``B A``."""
+        return self.lora_B.shape[0], self.lora_A.shape[1]
+
+    def delta(self) -> torch.Tensor:
+        """``s B A`` (d, k) in float64."""
+        return functional.delta_weight(self.lora_A, self.lora_B, self.scale, dtype=torch.float64)
+
+
+@dataclass
+class AdapterUpdates:
+    """An adapter to combine: ``label`` (its directory, or "adapter 'name' of the model") for
+    messages, its config, its modules and its base fingerprint (None if it has none)."""
+
+    label: str
+    config: LoraConfig
+    modules: dict[str, ModuleFactors]
+    fingerprint: dict[str, dict[str, object]] | None
+
+
+def _from_directory(directory: str | os.PathLike[str]) -> AdapterUpdates:
+    from lorakit.io import read_adapter
+    from lorakit.io.keys import parse_lora_key
+
+    adapter = read_adapter(directory)
+    adapter.require_finite()
+    label, config = str(adapter.directory), adapter.config
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    embeddings = set()
+    for key, tensor in adapter.tensors.items():
+        parsed = parse_lora_key(key)
+        if parsed is None:
+            raise UserError(
+                f"adapter {label} holds {key}, which is not a LoRA factor (a trained bias or a "
+                "module saved in full); only LoRA factors can be combined. Combine adapters "
+                "trained with bias='none' and no modules_to_save."
+            )
+        module, role = parsed
+        factors.setdefault(module, {})[role] = tensor
+        if "lora_embedding_" in key:
+            embeddings.add(module)
+    modules = {}
+    for module, pair in factors.items():
+        if set(pair) != {"lora_A", "lora_B"} or pair["lora_A"].shape[0] != pair["lora_B"].shape[1]:
+            raise AdapterFileError(
+                f"adapter {label}: module {module} lacks one of its factors A, B or their "
+                "ranks differ; the file is broken, re-save the adapter."
+            )
+        rank = config.rank_for(module)
+        if pair["lora_A"].shape[0] != rank:
+            raise AdapterFileError(
+                f"adapter {label}: module {module} has rank {pair['lora_A'].shape[0]} in the "
+                f"weights but {rank} in adapter_config.json; fix the config or re-save it."
+            )
+        scale = functional.scaling(rank, config.alpha_for(module), config.use_rslora)
+        modules[module] = ModuleFactors(pair["lora_A"], pair["lora_B"], scale, module in embeddings)
+    return AdapterUpdates(label, config, modules, adapter.fingerprint)
+
+
+def _from_model(model: nn.Module, adapter_name: str) -> AdapterUpdates:
+    from lorakit.io import fingerprint
+    from lorakit.layers import LoraEmbedding
+    from lorakit.state import adapter_configs, lora_layers, saved_modules
+
+    config = adapter_configs(model)[adapter_name]
+    label = f"adapter {adapter_name!r} of the model"
+    saved = [name for name, w in saved_modules(model) if adapter_name in w.modules_to_save]
+    if config.bias != "none" or saved:
+        raise UserError(
+            f"{label} trains biases (bias={config.bias!r}) or saves full modules ({saved}); "
+            "only LoRA factors can be combined."
+        )
+    modules = {}
+    for name, layer in lora_layers(model):
+        if adapter_name in layer.ranks:
+            lora_A, lora_B = (p.detach() for p in layer.adapter_parameters(adapter_name))
+            scale = layer.scalings[adapter_name]
+            modules[name] = ModuleFactors(lora_A, lora_B, scale, isinstance(layer, LoraEmbedding))
+    return AdapterUpdates(label, config, modules, fingerprint.compute(model, list(modules)))
+
+
+def read_sources(
+    adapters: Sequence[str | os.PathLike[str]], model: nn.Module | None = None
+) -> list[AdapterUpdates]:
+    """Each entry: the name of an adapter on ``model`` (when given and it has one of that
+    name), else an adapter directory. Raises ``UserError`` / ``AdapterFileError``."""
+    from lorakit.state import adapter_configs
+
+    on_model = adapter_configs(model) if model is not None else {}
+    sources = []
+    for entry in adapters:
+        if isinstance(entry, str) and entry in on_model:
+            sources.append(_from_model(model, entry))
+        else:
+            sources.append(_from_directory(entry))
+    return sources
+
+
+def _decoded(entry: dict[str, object]) -> torch.Tensor:
+    raw = base64.b64decode(str(entry["values"]))
+    return torch.frombuffer(bytearray(raw), dtype=torch.float32)
+
+
+def fingerprint_difference(first: dict[str, object], second: dict[str, object]) -> str | None:
+    """None when two stored fingerprints of one module describe the same base weight (same
+    shape; same sampled bytes, or within rounding when the dtypes differ), else why not."""
+    if first["shape"] != second["shape"]:
+        return f"base shapes {first['shape']} and {second['shape']}"
+    if first["dtype"] == second["dtype"]:
+        return None if first["sha256"] == second["sha256"] else "sampled base weights differ"
+    a, b = _decoded(first), _decoded(second)
+    tolerance = _RELATIVE_TOLERANCE * torch.maximum(a.abs(), b.abs()) + _ABSOLUTE_TOLERANCE
+    if bool(((a - b).abs() <= tolerance).all()):
+        return None
+    return "sampled base weights differ beyond dtype rounding"
+
+
+def check_compatible(sources: Sequence[AdapterUpdates]) -> None:
+    """Refuse (naming the module and both adapters) modules whose shape or kind differ between
+    adapters, and base fingerprints that differ. ``BaseModelMismatchError`` / ``UserError``."""
+    seen: dict[str, tuple[AdapterUpdates, ModuleFactors]] = {}
+    prints: dict[str, tuple[AdapterUpdates, dict[str, object]]] = {}
+    for source in sources:
+        for name, factors in source.modules.items():
+            if name in seen:
+                first, known = seen[name]
+                if known.shape != factors.shape or known.is_embedding != factors.is_embedding:
+                    raise UserError(
+                        f"module {name}: {first.label} adapts a {_kind(known)} and "
+                        f"{source.label} a {_kind(factors)}; these adapters belong to "
+                        "different base models and cannot be combined."
+                    )
+            else:
+                seen[name] = (source, factors)
+            stored = (source.fingerprint or {}).get(name)
+            if stored is None:
+                continue
+            if name not in prints:
+                prints[name] = (source, stored)
+                continue
+            first, known_print = prints[name]
+            reason = fingerprint_difference(known_print, stored)
+            if reason is not None:
+                raise BaseModelMismatchError(
+                    f"module {name}: {first.label} and {source.label} were trained on different "
+                    f"base weights ({reason}); combine adapters of the same base model."
+                )
+
+
+def _kind(factors: ModuleFactors) -> str:
+    d, k = factors.shape
+    return f"{'embedding' if factors.is_embedding else 'linear'} layer with ΔW of shape ({d}, {k})"

@@ -1,0 +1,98 @@
+"""``lorakit combine``: several adapter directories and weights -> one PEFT-format adapter.
+
+lorakit combine A B [C ...] [--weights 0.7 0.3 ...] [--method cat|svd|ties|dare_linear|dare_ties|
+    magnitude_prune] [--rank R] [--density D] [--majority-sign total|frequency] [--seed S]
+    --output DIR [--json]
+
+No base model is loaded: the adapters' files carry what is needed (docs/combining.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from lorakit.errors import UserError
+
+METHODS = ("cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "combine",
+        help="combine adapters into one (exact cat, SVD to a rank, TIES/DARE on ΔW)",
+        description="Per module, ΔW = Σ wᵢ sᵢ Bᵢ Aᵢ over the adapters that adapt it. cat keeps "
+        "it exactly (rank Σ rᵢ); svd cuts it to --rank; ties, dare_linear, dare_ties and "
+        "magnitude_prune combine the full updates (keeping --density of the entries) and cut "
+        "the result to --rank. Prints each module's rank and the energy kept by the cut.",
+    )
+    parser.add_argument("adapters", nargs="+", help="adapter directories (PEFT format)")
+    parser.add_argument(
+        "--weights", nargs="+", type=float, help="one weight per adapter (default: 1 each)"
+    )
+    parser.add_argument("--method", choices=METHODS, default="cat", help="default: %(default)s")
+    parser.add_argument(
+        "--rank",
+        type=int,
+        help="rank per module for the SVD methods (default: the largest input rank)",
+    )
+    parser.add_argument(
+        "--density",
+        type=float,
+        help="share of entries kept, in (0, 1] (ties, dare_*, magnitude_prune)",
+    )
+    parser.add_argument(
+        "--majority-sign",
+        choices=("total", "frequency"),
+        default="total",
+        help="TIES sign election: sign of the sum, or of the sum of signs (default: %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="DARE's seed (default: %(default)s)")
+    parser.add_argument("--output", required=True, help="directory for the combined adapter")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(func=run)
+
+
+def _check(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"combine: --output {output} is a file; give a directory (new or existing)")
+    if args.weights is not None and len(args.weights) != len(args.adapters):
+        raise UserError(
+            f"combine: {len(args.adapters)} adapters but {len(args.weights)} --weights; give one "
+            "weight per adapter, in the same order"
+        )
+
+
+def _print_report(result, directory) -> None:
+    print(f"{'module':<52} {'rank':>5} {'energy kept':>12}")
+    for report in result.modules:
+        print(f"{report.name:<52} {report.rank:>5} {report.energy_kept:>12.4f}")
+    lowest = min(report.energy_kept for report in result.modules)
+    print(
+        f"\nmethod {result.method}: {len(result.modules)} modules, lowest energy kept {lowest:.4f}"
+    )
+    print(f"saved: {directory}")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check(args)
+    from lorakit.combining import combine
+
+    result = combine(
+        args.adapters,
+        args.weights,
+        method=args.method,
+        rank=args.rank,
+        density=args.density,
+        majority_sign_method=args.majority_sign,
+        seed=args.seed,
+    )
+    directory = result.save(args.output)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "output": str(directory)}, indent=2))
+    else:
+        _print_report(result, directory)
+    return 0
