@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "TASKS",
     "BuiltinModel",
+    "builtin_gguf_file",
     "cache_root",
     "check_model_spec",
     "load_model",
@@ -227,7 +228,7 @@ def load_model(
     blocks of a built-in GGUF model's file) for a quantized frozen base (docs/quantized.md).
     """
     check_model_spec(spec, task)
-    gguf_file = _gguf_file(os.fspath(spec))
+    gguf_file = builtin_gguf_file(os.fspath(spec))
     if quantization is not None:
         from lorakit.quantized.loading import check_quantization
 
@@ -256,7 +257,7 @@ def load_model(
     return model.eval(), tokenizer
 
 
-def _gguf_file(spec: str) -> Path | None:
+def builtin_gguf_file(spec: str) -> Path | None:
     """The GGUF file of a built-in GGUF model (found without converting it), else None."""
     builtin = BUILTIN_MODELS.get(spec)
     if builtin is None or not builtin.is_gguf:

@@ -1,0 +1,54 @@
+"""``lorakit train --quantization``: a QLoRA run on the tiny Llama (bitsandbytes NF4 base), and
+the refusals that come before any model is loaded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lorakit.models
+from lorakit import cli
+from lorakit.io import load_adapter, read_adapter
+from lorakit.models import load_model
+from tests import tiny_models
+
+
+@pytest.mark.slow
+def test_train_on_an_nf4_base_saves_an_adapter_bound_to_it(tmp_path, model_dir, jsonl):
+    output = tmp_path / "run"
+    code = cli.main(["train", "--model", str(model_dir), "--data", str(jsonl), "--output",
+                     str(output), "--steps", "2", "--batch-size", "4", "--lr", "1e-2",
+                     "--r", "4", "--alpha", "8", "--quantization", "nf4", "--no-progress"])  # fmt: skip
+    assert code == 0
+    assert json.loads((output / "train_settings.json").read_text())["quantization"] == "nf4"
+    fingerprints = read_adapter(output / "adapter").fingerprint
+    assert {entry["dtype"] for entry in fingerprints.values()} == {"bnb-nf4-dq"}
+    assert len(fingerprints) == 14  # "all-linear": the 7 projections of both blocks
+    model, tokenizer = load_model(model_dir, quantization="nf4", progress=False)
+    load_adapter(model, output / "adapter")
+    trained = [p for key, p in model.named_parameters() if ".lora_B." in key]
+    assert trained and all(p.abs().max() > 0 for p in trained)  # the steps moved B off zero
+    ids = tiny_models.input_ids(vocab=len(tokenizer))
+    with torch.no_grad():
+        assert torch.isfinite(model.train()(ids).logits).all()
+
+
+@pytest.mark.parametrize(
+    ("quantization", "message"),
+    [("gguf", "no GGUF file"), ("q3", "invalid choice: 'q3'")],
+)
+def test_a_quantization_that_cannot_apply_is_refused_before_loading(
+    tmp_path, capsys, monkeypatch, model_dir, jsonl, quantization, message
+):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error was found")
+
+    monkeypatch.setattr(lorakit.models, "load_model", refuse)
+    output = tmp_path / "run"
+    argv = ["train", "--model", model_dir, "--data", jsonl, "--output", output]
+    code = cli.main([str(a) for a in [*argv, "--quantization", quantization]])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not output.exists()
