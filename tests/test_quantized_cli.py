@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import lorakit.models
 from lorakit import cli
@@ -15,24 +16,53 @@ from lorakit.models import load_model
 from tests import tiny_models
 
 
-@pytest.mark.slow
-def test_train_on_an_nf4_base_saves_an_adapter_bound_to_it(tmp_path, model_dir, jsonl):
-    output = tmp_path / "run"
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory, model_dir, jsonl):
+    """A 2-step ``lorakit train --quantization nf4`` run on the tiny Llama."""
+    output = tmp_path_factory.mktemp("qlora") / "run"
     code = cli.main(["train", "--model", str(model_dir), "--data", str(jsonl), "--output",
                      str(output), "--steps", "2", "--batch-size", "4", "--lr", "1e-2",
                      "--r", "4", "--alpha", "8", "--quantization", "nf4", "--no-progress"])  # fmt: skip
     assert code == 0
-    assert json.loads((output / "train_settings.json").read_text())["quantization"] == "nf4"
-    fingerprints = read_adapter(output / "adapter").fingerprint
+    return output
+
+
+@pytest.mark.slow
+def test_train_on_an_nf4_base_saves_an_adapter_bound_to_it(qlora_run, model_dir):
+    assert json.loads((qlora_run / "train_settings.json").read_text())["quantization"] == "nf4"
+    fingerprints = read_adapter(qlora_run / "adapter").fingerprint
     assert {entry["dtype"] for entry in fingerprints.values()} == {"bnb-nf4-dq"}
     assert len(fingerprints) == 14  # "all-linear": the 7 projections of both blocks
     model, tokenizer = load_model(model_dir, quantization="nf4", progress=False)
-    load_adapter(model, output / "adapter")
+    load_adapter(model, qlora_run / "adapter")
     trained = [p for key, p in model.named_parameters() if ".lora_B." in key]
     assert trained and all(p.abs().max() > 0 for p in trained)  # the steps moved B off zero
     ids = tiny_models.input_ids(vocab=len(tokenizer))
     with torch.no_grad():
         assert torch.isfinite(model.train()(ids).logits).all()
+
+
+@pytest.mark.slow
+def test_eval_and_merge_take_the_quantization_the_adapter_was_trained_on(
+    qlora_run, model_dir, jsonl, capsys, tmp_path
+):
+    adapter = qlora_run / "adapter"
+    code = cli.main(["eval", "--model", str(model_dir), "--adapter", str(adapter), "--data",
+                     str(jsonl), "--limit", "4", "--quantization", "nf4"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0 and "warning" not in captured.err and '"loss"' in captured.out
+    code = cli.main(["eval", "--model", str(model_dir), "--adapter", str(adapter), "--data",
+                     str(jsonl), "--limit", "4"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "trained on a bnb-nf4-dq base, this base is float32" in err
+    merged = tmp_path / "merged"
+    code = cli.main(["merge", "--model", str(model_dir), "--adapter", str(adapter), "--output",
+                     str(merged), "--quantization", "nf4"])  # fmt: skip
+    assert code == 0
+    config = json.loads((merged / "config.json").read_text())
+    assert "quantization_config" not in config
+    plain = AutoModelForCausalLM.from_pretrained(merged)
+    assert type(plain.model.layers[0].self_attn.q_proj) is torch.nn.Linear
 
 
 @pytest.mark.parametrize(
