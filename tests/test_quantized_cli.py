@@ -82,3 +82,19 @@ def test_a_quantization_that_cannot_apply_is_refused_before_loading(
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
     assert not output.exists()
+
+
+@pytest.mark.slow
+def test_the_demo_runs_on_an_nf4_base_and_its_float_merge_agrees(tmp_path, model_dir, capsys):
+    from lorakit.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(
+        output=str(tmp_path / "demo"), model=str(model_dir), steps=2, eval_size=8,
+        max_length=64, progress=False, quantization="nf4",
+    )  # fmt: skip
+    summary = run_demo(settings)
+    assert summary["settings"]["quantization"] == "nf4"
+    assert summary["merged_predictions_agree"] == 8
+    assert summary["merged_max_abs_logprob_difference"] < 1e-4
+    float_model, _ = load_model(model_dir, progress=False)
+    assert summary["base_parameters"] == sum(p.numel() for p in float_model.parameters())

@@ -46,3 +46,18 @@ def test_smollm2_loads_with_the_gguf_blocks_of_its_file():
     ids = torch.tensor([[1, 504, 3437, 314, 253, 2]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, float_model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_the_loader_keeps_4bit_bytes_as_loaded_in_eval_mode(model_dir):
+    model, tokenizer = load_model(model_dir, quantization="nf4", progress=False)
+    layers = [m for m in model.modules() if quantized.is_quantized(m)]
+    before = [quantized.storage(m)["codes"].clone() for m in layers]
+    ids = tiny_models.input_ids(vocab=len(tokenizer))
+    with torch.no_grad():
+        eval_logits = model.eval()(ids).logits  # bitsandbytes would repack here on AVX512-BF16
+        train_logits = model.train()(ids).logits
+    assert all(
+        torch.equal(b, quantized.storage(m)["codes"]) for b, m in zip(before, layers, strict=True)
+    )
+    assert not any(m.weight.quant_state.__dict__.get("packing_format_for_cpu") for m in layers)
+    torch.testing.assert_close(eval_logits, train_logits, rtol=1e-5, atol=1e-5)

@@ -253,6 +253,10 @@ def load_model(
         from lorakit.quantized.gguf_file import replace_llama_linears
 
         replace_llama_linears(model, gguf_file)
+    elif quantization is not None:
+        from lorakit.quantized.loading import keep_4bit_storage
+
+        keep_4bit_storage(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
 

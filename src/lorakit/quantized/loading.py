@@ -11,7 +11,10 @@ quantization=...)`` does.
 ===========  ===========================================================================
 
 bitsandbytes models are loaded on the CPU (``device_map="cpu"``); transformers keeps the output
-layer (and a tied one) in float, as it does for every bitsandbytes load.
+layer (and a tied one) in float, as it does for every bitsandbytes load. The loader turns off
+bitsandbytes' in-place repacking of 4-bit layers for its AVX512-BF16 CPU inference kernel
+(``keep_4bit_storage``): the stored bytes stay as loaded in every mode, and an eval-mode forward
+computes ``x W0^T`` like a training one (see ``lorakit.quantized.bnb``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 
 from lorakit.errors import UserError
 
-__all__ = ["QUANTIZATIONS", "bitsandbytes_config", "check_quantization"]
+__all__ = ["QUANTIZATIONS", "bitsandbytes_config", "check_quantization", "keep_4bit_storage"]
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", "gguf")
 
@@ -60,3 +63,15 @@ def bitsandbytes_config(quantization: str, compute_dtype: torch.dtype):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
     )
+
+
+def keep_4bit_storage(model: torch.nn.Module) -> int:
+    """Turn off, on every bitsandbytes ``Linear4bit`` of ``model``, the eval-mode CPU repacking
+    of its stored bytes (``support_avx512bf16_for_cpu``); returns how many layers. Only for
+    models lorakit's loader builds (a user's own model is left as bitsandbytes made it)."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
