@@ -46,6 +46,12 @@ class DemoSettings:
     )
     seed: int = setting(0, "random seed")
     progress: bool = setting(True, "no progress bar", flag="--no-progress", negated=True)
+    quantization: str | None = setting(
+        None,
+        "fine-tune on a quantized frozen base: nf4, fp4, int8 (bitsandbytes, on the CPU) or gguf "
+        "(the model's own Q4_1 GGUF blocks); see docs/quantized.md (default: float)",
+        choices=("nf4", "fp4", "int8", "gguf"),
+    )
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_size", "max_length"):
@@ -147,6 +153,25 @@ def _sizes(settings: DemoSettings, adapter_dir: Path, base_parameters: int) -> d
     }
 
 
+def _base_parameter_count(model) -> int:
+    """The model's numbers, a quantized linear counted as its (out x in) matrix (+ bias), not
+    as its packed storage."""
+    from lorakit import quantized
+
+    count, seen = 0, set()  # a tied weight (embedding and output layer) counts once
+    for module in model.modules():
+        if quantized.is_quantized(module):
+            out_features, in_features = quantized.shape(module)
+            bias = getattr(module, "bias", None)
+            count += out_features * in_features + (0 if bias is None else bias.numel())
+            continue
+        for parameter in module.parameters(recurse=False):
+            if id(parameter) not in seen:
+                seen.add(id(parameter))
+                count += parameter.numel()
+    return count
+
+
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
     """Run the whole demo; returns the summary (also written to ``<output>/summary.json``)."""
     import lorakit
@@ -158,8 +183,10 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     held_out = _held_out(settings)
     output.mkdir(parents=True, exist_ok=True)
     _say(f"loading {settings.model}")
-    model, tokenizer = load_model(settings.model, progress=False)
-    base_parameters = sum(p.numel() for p in model.parameters())
+    model, tokenizer = load_model(
+        settings.model, progress=False, quantization=settings.quantization
+    )
+    base_parameters = _base_parameter_count(model)
     _say(f"zero-shot accuracy on {len(held_out)} held-out test reviews ...")
     before, zero_shot_predictions, _ = _accuracy(model, tokenizer, held_out, settings)
     _say(f"zero-shot accuracy: {before:.1%}")

@@ -138,7 +138,7 @@ def add_planned_adapter(
             dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
             init=init,
-            dtype=adapter_dtype or default_adapter_dtype(layer.base_layer.weight.dtype),
+            dtype=adapter_dtype or default_adapter_dtype(layer.base_float_dtype),
             values=factors.get(name),
             use_dora=config.use_dora,
         )

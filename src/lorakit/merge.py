@@ -7,6 +7,10 @@ layer holds two weights. A weight tied to another module (GPT-2's ``wte`` / ``lm
 untied by the merge: the other module keeps the original, so outputs equal the unmerged model's.
 ``merge_and_unload`` folds the adapters and returns the plain model with no lorakit module left.
 
+On a quantized base (``lorakit.quantized``, docs/quantized.md) the quantized bytes are never
+written: ``merge`` keeps the float ``W = dequant(W0) + sum_a s_a B_a A_a`` beside them,
+``unmerge`` drops it, and ``merge_and_unload`` returns a float model.
+
 Forwards may run in other threads during ``merge`` / ``unmerge``: each layer switches in one step
 (``layers.base.MergeState``), so each layer of such a forward computes ``W0 x + s B A x`` either
 merged or not, and the output equals the merged and the unmerged model's within rounding. Which
@@ -18,9 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
+from lorakit import quantized
 from lorakit.inject import forget_state, replace_module
+from lorakit.quantized.merge import float_linear
 from lorakit.state import active_adapters, lora_layers, saved_modules, state_of
 
 __all__ = ["merge", "merge_and_unload", "unmerge"]
@@ -74,18 +81,32 @@ def _tied_parameter_ids(model: nn.Module) -> set[int]:
     return {key for key, count in seen.items() if count > 1}
 
 
-def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:
+def merge_and_unload(
+    model: nn.Module,
+    adapter_names: Sequence[str] | None = None,
+    *,
+    float_dtype: torch.dtype | None = None,
+) -> nn.Module:
     """Fold the given adapters (default: the active ones) into the weights and return the plain
     model: LoRA layers replaced by their (now merged) base modules, ``modules_to_save`` replaced
-    by the trained copy of the first merged adapter that has one."""
+    by the trained copy of the first merged adapter that has one.
+
+    On a quantized base (``lorakit.quantized``) the result is a float model: every quantized
+    linear (adapted or not) becomes a plain ``nn.Linear`` in ``float_dtype`` (default float32)
+    holding ``dequant(W0)`` (+ ``s B A`` where adapted), computed in float32, and transformers'
+    quantization config is removed. Its outputs equal the unmerged quantized model's within
+    float rounding; nothing is quantized again (``lorakit.quantized.merge.requantize`` does that,
+    on request, reporting the error it adds)."""
     names = _chosen(model, adapter_names)
+    for name, module in model.named_modules():  # before any change (e.g. one bnb repacked)
+        if quantized.is_quantized(module):
+            quantized.check_supported(module, name)
     tied = _tied_parameter_ids(model)
     merge(model, names)
     untied = False
     for name, layer in list(lora_layers(model)):
         untied |= bool(layer.merged_adapters) and id(layer.original_weight) in tied
-        layer.forget_original()
-        replace_module(model, name, layer.base_layer)
+        replace_module(model, name, layer.unloaded_module(float_dtype))
     if untied and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
         # The merged embedding no longer equals the (unadapted) output embedding it was tied to.
         model.config.tie_word_embeddings = False
@@ -95,5 +116,18 @@ def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = Non
             wrapper.original_module,
         )
         replace_module(model, name, trained)
+    _dequantize_remaining(model, float_dtype or torch.float32)
     forget_state(model)
     return model
+
+
+def _dequantize_remaining(model: nn.Module, float_dtype: torch.dtype) -> None:
+    """Replace every quantized linear left in ``model`` by a float ``nn.Linear`` holding its
+    dequantized weight, and drop transformers' record of the quantization."""
+    for name, module in list(model.named_modules()):
+        if name and quantized.is_quantized(module):
+            weight = quantized.dequantized_weight(module)
+            replace_module(model, name, float_linear(module, weight, float_dtype))
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)

@@ -224,6 +224,7 @@ def load_model(
     task: str = "causal-lm",
     num_labels: int = 2,
     progress: bool = True,
+    quantization: str | None = None,
 ) -> tuple[torch.nn.Module, object]:
     """Load ``(model, tokenizer)`` for ``spec`` from local files only (never downloads).
 
@@ -232,21 +233,38 @@ def load_model(
     checkpoint has none). The tokenizer always has a pad token (``pad = eos`` when the model
     defines none, as for SmolLM2), and ``model.config.pad_token_id`` matches it. The model is
     returned in eval mode. ``progress=False`` hides transformers' weight-loading bar.
+    ``quantization``: ``nf4``, ``fp4``, ``int8`` (bitsandbytes, on the CPU) or ``gguf`` (the
+    blocks of a built-in GGUF model's file) for a quantized frozen base (docs/quantized.md).
     """
     check_model_spec(spec, task)
+    gguf_file = builtin_gguf_file(os.fspath(spec))
+    if quantization is not None:
+        from lorakit.quantized.loading import check_quantization
+
+        check_quantization(quantization, gguf_file)
     directory = resolve_model(os.fspath(spec))
 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     tokenizer = load_tokenizer(directory)
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    options = {} if task == "causal-lm" else {"num_labels": num_labels}
+    if quantization in ("nf4", "fp4", "int8"):
+        from lorakit.quantized.loading import bitsandbytes_config
+
+        options |= {
+            "quantization_config": bitsandbytes_config(quantization, dtype),
+            "device_map": "cpu",
+        }
     with transformers_progress_bars(progress):
-        if task == "causal-lm":
-            model = AutoModelForCausalLM.from_pretrained(
-                directory, dtype=dtype, local_files_only=True
-            )
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                directory, dtype=dtype, num_labels=num_labels, local_files_only=True
-            )
+        model = auto.from_pretrained(directory, dtype=dtype, local_files_only=True, **options)
+    if quantization == "gguf":
+        from lorakit.quantized.gguf_file import replace_llama_linears
+
+        replace_llama_linears(model, gguf_file)
+    elif quantization is not None:
+        from lorakit.quantized.loading import keep_4bit_storage
+
+        keep_4bit_storage(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer

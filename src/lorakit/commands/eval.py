@@ -27,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--adapter", help="adapter directory (PEFT format); default: the base model alone"
     )
     add_base_mismatch_option(parser)
+    add_quantization_option(parser)
     parser.add_argument(
         "--data", required=True, help="rotten-tomatoes, chatterbot, a .jsonl or a .csv file"
     )
@@ -62,17 +63,38 @@ def add_base_mismatch_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_model_and_adapter(model_spec: str, adapter: str | None, allow_base_mismatch: bool = False):
+def add_quantization_option(parser: argparse.ArgumentParser) -> None:
+    """``--quantization``: load ``--model`` as a quantized base (docs/quantized.md)."""
+    parser.add_argument(
+        "--quantization",
+        choices=["nf4", "fp4", "int8", "gguf"],
+        help="load --model quantized, as an adapter trained with lorakit train --quantization "
+        "needs: nf4, fp4, int8 (bitsandbytes, on the CPU) or gguf (a built-in model's GGUF "
+        "blocks) (default: float)",
+    )
+
+
+def load_model_and_adapter(
+    model_spec: str,
+    adapter: str | None,
+    allow_base_mismatch: bool = False,
+    quantization: str | None = None,
+):
     """``(model, tokenizer)`` with the adapter loaded (and active) when one is given. The
-    adapter files are read and checked before the model loads (a wrong path fails at once)."""
+    adapter files are read and checked before the model loads (a wrong path fails at once).
+    ``quantization``: load the base quantized (``lorakit.models.load_model``)."""
     from lorakit.errors import BaseModelMismatchError
     from lorakit.io import load_adapter, read_adapter
-    from lorakit.models import check_model_spec, load_model
+    from lorakit.models import builtin_gguf_file, check_model_spec, load_model
 
     check_model_spec(model_spec)
+    if quantization is not None:
+        from lorakit.quantized.loading import check_quantization
+
+        check_quantization(quantization, builtin_gguf_file(str(model_spec)))
     if adapter and not adapter.endswith(".gguf"):  # a GGUF LoRA file is checked on load
         read_adapter(adapter)
-    model, tokenizer = load_model(model_spec, progress=False)
+    model, tokenizer = load_model(model_spec, progress=False, quantization=quantization)
     if adapter:
         try:
             with warnings.catch_warnings(record=True) as caught:
@@ -100,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.settings import load_examples_for
 
     examples = load_examples_for(args.data, args.split, args.style, "test")[: args.limit]
-    model, tokenizer = load_model_and_adapter(args.model, args.adapter, args.allow_base_mismatch)
+    model, tokenizer = load_model_and_adapter(
+        args.model, args.adapter, args.allow_base_mismatch, args.quantization
+    )
     tokenized = data.tokenize_examples(examples, tokenizer, args.max_length)
     order = data.plan_batches(tokenized.lengths, args.batch_size, shuffle=False)
     results = evaluate(model, (data.collate(tokenized, indices) for indices in order))

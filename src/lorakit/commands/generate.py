@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lorakit.commands.eval import add_base_mismatch_option
+from lorakit.commands.eval import add_base_mismatch_option, add_quantization_option
 from lorakit.errors import UserError
 
 
@@ -23,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--adapter", help="adapter directory (PEFT format)")
     add_base_mismatch_option(parser)
+    add_quantization_option(parser)
     parser.add_argument(
         "--max-new-tokens",
         type=int,
@@ -84,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.commands.eval import load_model_and_adapter
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_adapter(args.model, args.adapter, args.allow_base_mismatch)
+    model, tokenizer = load_model_and_adapter(
+        args.model, args.adapter, args.allow_base_mismatch, args.quantization
+    )
     text = generate_text(
         model,
         tokenizer,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lorakit.commands.eval import add_base_mismatch_option
+from lorakit.commands.eval import add_base_mismatch_option, add_quantization_option
 from lorakit.errors import UserError
 
 
@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--adapter", required=True, help="adapter directory (PEFT format)")
     add_base_mismatch_option(parser)
+    add_quantization_option(parser)
     parser.add_argument("--output", required=True, help="directory for the merged model")
     parser.set_defaults(func=run)
 
@@ -36,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.io import save_merged_model
     from lorakit.models import transformers_progress_bars
 
-    model, tokenizer = load_model_and_adapter(args.model, args.adapter, args.allow_base_mismatch)
+    model, tokenizer = load_model_and_adapter(
+        args.model, args.adapter, args.allow_base_mismatch, args.quantization
+    )
     with transformers_progress_bars(False):
         save_merged_model(model, args.output, tokenizer=tokenizer)
     print(f"merged model saved to {args.output}")

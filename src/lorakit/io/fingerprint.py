@@ -14,6 +14,11 @@ differs in nearly every element, so 64 samples per module are far more than enou
 
 Stored as compact JSON in the safetensors header metadata under ``METADATA_KEY`` (peft, vLLM
 and transformers ignore extra metadata), computed from the ORIGINAL weight of merged layers.
+
+A quantized base (``lorakit.quantized``) is fingerprinted by its packed codes as stored, with
+its format name (``bnb-nf4-dq``, ``gguf-Q4_1``, ...) in place of the dtype: an adapter trained on
+one quantization of a model does not fit another quantization, nor the float model, unless the
+user says so (``allow_base_mismatch``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from lorakit import quantized
 from lorakit.errors import AdapterFileError, BaseModelMismatchError
 from lorakit.layers import LoraLayer
 
@@ -57,6 +63,21 @@ def base_weight(module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
+def base_identity(module: nn.Module) -> tuple[torch.Tensor, str]:
+    """``(tensor, dtype name)`` that identify the base of ``module``: its original float weight
+    and dtype, or for a quantized base its packed codes and format name."""
+    base = module.base_layer if isinstance(module, LoraLayer) else module
+    if quantized.is_quantized(base):
+        codes = next(iter(quantized.storage(base).values()))
+        return codes, quantized.describe(base)
+    weight = base_weight(module)
+    return weight, _dtype_name(weight)
+
+
+def _is_quantized_format(dtype_name: str) -> bool:
+    return not isinstance(getattr(torch, dtype_name, None), torch.dtype)
+
+
 @functools.lru_cache(maxsize=256)
 def sample_positions(numel: int, count: int = SAMPLES) -> torch.Tensor:
     """``count`` positions in ``[0, numel)``: ``floor(frac((j + 0.5) * 0.618...) * numel)``."""
@@ -78,13 +99,14 @@ def _dtype_name(weight: torch.Tensor) -> str:
     return str(weight.dtype).removeprefix("torch.")
 
 
-def weight_fingerprint(weight: torch.Tensor) -> dict[str, object]:
-    """``{"shape", "dtype", "sha256", "values"}`` of one weight (see the module docstring)."""
+def weight_fingerprint(weight: torch.Tensor, dtype_name: str | None = None) -> dict[str, object]:
+    """``{"shape", "dtype", "sha256", "values"}`` of one weight (see the module docstring);
+    ``dtype_name``: a quantized base's format name, in place of the tensor's dtype."""
     samples = _samples(weight)
     values = samples.to(torch.float32).numpy().astype("<f4").tobytes()
     return {
         "shape": list(weight.shape),
-        "dtype": _dtype_name(weight),
+        "dtype": dtype_name or _dtype_name(weight),
         "sha256": _digest(samples),
         "values": base64.b64encode(values).decode("ascii"),
     }
@@ -94,9 +116,9 @@ def compute(model: nn.Module, module_names: Iterable[str]) -> dict[str, dict[str
     """Fingerprints of the base weights of ``module_names`` (skipped on the meta device)."""
     result = {}
     for name in module_names:
-        weight = base_weight(model.get_submodule(name))
+        weight, dtype_name = base_identity(model.get_submodule(name))
         if weight.device.type != "meta":
-            result[name] = weight_fingerprint(weight)
+            result[name] = weight_fingerprint(weight, dtype_name)
     return result
 
 
@@ -156,11 +178,22 @@ def _values(fingerprint: dict[str, object]) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.float32)
 
 
-def describe_difference(stored: dict[str, object], weight: torch.Tensor) -> str | None:
-    """None if ``weight`` fits the stored fingerprint, else a short reason."""
+def describe_difference(
+    stored: dict[str, object], weight: torch.Tensor, dtype_name: str | None = None
+) -> str | None:
+    """None if ``weight`` (of ``dtype_name``, a quantized format's name, if given) fits the
+    stored fingerprint, else a short reason."""
+    dtype_name = dtype_name or _dtype_name(weight)
+    if dtype_name != stored["dtype"] and (
+        _is_quantized_format(dtype_name) or _is_quantized_format(str(stored["dtype"]))
+    ):
+        return (
+            f"the adapter was trained on a {stored['dtype']} base, this base is {dtype_name}; "
+            "a different quantization computes different outputs"
+        )
     if list(weight.shape) != stored["shape"]:
         return f"shape {list(weight.shape)} != {stored['shape']}"
-    if _dtype_name(weight) == stored["dtype"]:  # the common case: compare the digests only
+    if dtype_name == stored["dtype"]:  # the common case: compare the digests only
         return None if _digest(_samples(weight)) == stored["sha256"] else "sampled weights differ"
     current = weight_fingerprint(weight)
     expected, actual = _values(stored), _values(current)
@@ -183,10 +216,10 @@ def first_mismatch(
         if name not in stored:
             continue
         module = modules[name] if modules is not None else model.get_submodule(name)
-        weight = base_weight(module)
+        weight, dtype_name = base_identity(module)
         if weight.device.type == "meta":
             continue
-        reason = describe_difference(stored[name], weight)
+        reason = describe_difference(stored[name], weight, dtype_name)
         if reason is not None:
             return name, reason
     return None

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from lorakit import quantized
 from lorakit.layers.base import LoraLayer
 from lorakit.layers.embedding import LoraEmbedding
 from lorakit.layers.linear import LoraLinear, is_conv1d, linear_shape
@@ -18,6 +19,7 @@ from lorakit.layers.per_call import (
     current_router,
     row_router,
 )
+from lorakit.layers.quantized_linear import QuantizedLoraLinear
 from lorakit.layers.saved import ModulesToSave
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "LoraLayer",
     "LoraLinear",
     "ModulesToSave",
+    "QuantizedLoraLinear",
     "adapter_override",
     "current_override",
     "current_router",
@@ -38,22 +41,28 @@ __all__ = [
 
 
 def is_linear(module: nn.Module) -> bool:
-    """``nn.Linear`` or transformers' ``Conv1D`` (what "all-linear" selects)."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """``nn.Linear``, transformers' ``Conv1D`` or a quantized linear layer lorakit knows (what
+    "all-linear" selects)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module) or quantized.is_quantized(module)
 
 
 _DISPATCH: list[tuple[Callable[[nn.Module], bool], type[LoraLayer]]] = [
+    (quantized.is_quantized, QuantizedLoraLinear),
     (is_linear, LoraLinear),
     (lambda module: isinstance(module, nn.Embedding), LoraEmbedding),
 ]
 
 
 def layer_class_for(module: nn.Module, module_name: str) -> type[LoraLayer]:
-    """The LoRA layer class that wraps ``module``; TypeError naming the module if none does."""
+    """The LoRA layer class that wraps ``module``; TypeError naming the module if none does
+    (``UnsupportedQuantizedLayerError`` for a quantized layer of a format lorakit does not know)."""
+    quantized.check_supported(module, module_name)
     for accepts, layer_class in _DISPATCH:
         if accepts(module):
             return layer_class
-    supported = "nn.Linear, transformers Conv1D, nn.Embedding"
+    supported = (
+        "nn.Linear, transformers Conv1D, nn.Embedding, the quantized linears of lorakit.quantized"
+    )
     raise TypeError(
         f"module {module_name!r} is a {type(module).__module__}.{type(module).__qualname__}, "
         f"which lorakit cannot adapt (supported: {supported}). Remove it from target_modules "

@@ -206,6 +206,17 @@ class LoraLayer(nn.Module):
         return self.base_layer.weight
 
     @property
+    def base_device(self) -> torch.device:
+        """The device of the base layer's weight (where new adapter tensors go)."""
+        return self.base_layer.weight.device
+
+    @property
+    def base_float_dtype(self) -> torch.dtype:
+        """The base weight's dtype (a quantized base says float32): sets the adapter's default
+        dtype (float32 on a float16/bfloat16 base, else this)."""
+        return self.base_layer.weight.dtype
+
+    @property
     def adapter_names(self) -> tuple[str, ...]:
         return tuple(self.ranks)
 
@@ -241,7 +252,7 @@ class LoraLayer(nn.Module):
                     f"adapter {adapter_name!r}: factors of shapes {tuple(values[0].shape)}, "
                     f"{tuple(values[1].shape)} given; rank {rank} needs {expected}"
                 )
-            device = self.base_layer.weight.device
+            device = self.base_device
             values = (values[0].to(device, dtype), values[1].to(device, dtype))
         else:
             values = self._new_factors(rank, init, dtype)
@@ -258,7 +269,7 @@ class LoraLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """New A and B of ``factor_shapes(rank)`` on the base weight's device, initialised by
         ``init_factors`` (left uninitialised when ``init`` is None)."""
-        device = self.base_layer.weight.device
+        device = self.base_device
         shape_A, shape_B = self.factor_shapes(rank)
         lora_A = torch.empty(shape_A, device=device, dtype=dtype)
         lora_B = torch.empty(shape_B, device=device, dtype=dtype)
@@ -340,6 +351,12 @@ class LoraLayer(nn.Module):
     def forget_original(self) -> None:
         """Keep the merged weight for good (used by ``merge_and_unload``)."""
         self._merge_state = _unmerged()
+
+    def unloaded_module(self, float_dtype: torch.dtype | None = None) -> nn.Module:
+        """What replaces this layer in ``merge_and_unload``: the base layer, holding the merged
+        weight for good (``float_dtype`` concerns quantized bases only)."""
+        self.forget_original()
+        return self.base_layer
 
     def _merged_delta(self, adapter_names: Sequence[str]) -> torch.Tensor:
         total = None

@@ -49,6 +49,11 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     check_strategy(training.strategy)  # fsdp outside torchrun: before any loading
     lora = job.lora_config()
     check_model_spec(job.model)
+    if job.quantization is not None:
+        from lorakit.models import builtin_gguf_file
+        from lorakit.quantized.loading import check_quantization
+
+        check_quantization(job.quantization, builtin_gguf_file(str(job.model)))
     examples = load_examples_for(job.data, job.split, job.style, "train")
     eval_examples = None
     if job.eval_data:
@@ -59,7 +64,7 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     prepare_output_dir(
         training.output_dir, resume=job.resume, overwrite=training.overwrite, is_main=main
     )
-    model, tokenizer = load_model(job.model, progress=False)
+    model, tokenizer = load_model(job.model, progress=False, quantization=job.quantization)
     torch.manual_seed(training.seed)  # the adapter's initial A, whatever the loading drew
     try:
         lorakit.inject(model, lora)

@@ -88,6 +88,12 @@ class TrainSettings:
         "the template, other examples lose their start",
     )
     resume: bool = setting(False, "continue from the newest checkpoint in --output")
+    quantization: str | None = setting(
+        None,
+        "train on a quantized frozen base: nf4, fp4, int8 (bitsandbytes, on the CPU) or gguf "
+        "(the built-in model's own GGUF blocks); see docs/quantized.md (default: float)",
+        choices=("nf4", "fp4", "int8", "gguf"),
+    )
 
     def __post_init__(self) -> None:
         if not self.data:

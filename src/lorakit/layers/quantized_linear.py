@@ -1,0 +1,119 @@
+"""``QuantizedLoraLinear``: LoRA beside a quantized frozen linear base (QLoRA).
+
+``h = base(x) + sum_a s_a B_a A_a dropout(x)``, where ``base(x)`` is the quantized layer's own
+kernel (``lorakit.quantized.base_forward``) and A (r, k), B (d, r) are float tensors (float32 by
+default) with PEFT's keys, exactly as for ``LoraLinear``. The quantized storage is never written:
+
+- merging computes ``W = dequant(W0) + sum_a s_a B_a A_a`` in float32
+  (``lorakit.quantized.merge.merged_weight``) and keeps it BESIDE the untouched base (one float
+  (d, k) matrix per merged layer, while merged); the merged forward is ``x W^T + b``;
+- unmerging drops that matrix: the quantized bytes are bit-identical after any number of cycles;
+- ``merge_and_unload`` replaces the layer by a plain float ``nn.Linear`` holding ``W``.
+
+There is no fused fast path here: the plain formula runs, and autograd keeps for backward only
+what the quantized base itself keeps (its packed weight), never a dequantized copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit import quantized
+from lorakit.layers.base import MergeState
+from lorakit.layers.linear import LoraLinear
+from lorakit.quantized.merge import float_linear, merged_weight
+
+__all__ = ["QuantizedLoraLinear"]
+
+
+class QuantizedLoraLinear(LoraLinear):
+    """LoRA for a quantized linear base (``lorakit.quantized``: bitsandbytes 4-bit / 8-bit,
+    torchao weight-only int8, GGUF blocks). Shapes as ``LoraLinear``: x (..., k) -> (..., d).
+
+    ``base_format``: the storage format (``"bnb-nf4-dq"``, ``"gguf-Q4_1"``, ...).
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.out_features, self.in_features = quantized.shape(base_layer)
+        self.base_format = quantized.describe(base_layer)
+
+    # ----------------------------------------------------------------- the base
+    @property
+    def base_device(self) -> torch.device:
+        return next(iter(quantized.storage(self.base_layer).values())).device
+
+    @property
+    def base_float_dtype(self) -> torch.dtype:
+        """Float32: the dtype the adapter and a merged weight take on a quantized base."""
+        return torch.float32
+
+    def read_merge_state(self) -> tuple[MergeState, torch.Tensor | None]:
+        """``(state, None)``: ``None`` stands for the quantized base itself (never replaced)."""
+        return self._merge_state, None
+
+    def base_output(
+        self, weight: torch.Tensor | None, x: torch.Tensor, *args, **kwargs
+    ) -> torch.Tensor:
+        """The quantized base's own output (``weight`` None), or ``x W^T + b`` with the merged
+        float ``weight``."""
+        if weight is None:
+            if args or kwargs:
+                return self.base_layer(x, *args, **kwargs)
+            return quantized.base_forward(self.base_layer, x)
+        return self.base_forward_with_weight(weight, x)
+
+    def base_forward_with_weight(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        bias = self.base_layer.bias
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    def base_is_plain(self) -> bool:
+        return False
+
+    def fast_adapters(
+        self, x: torch.Tensor, weight: torch.Tensor | None, adapters: Sequence[str]
+    ) -> None:
+        """None: no fused path on a quantized base (the plain formula runs)."""
+        return None
+
+    # ----------------------------------------------------------------- merge
+    @property
+    def original_weight(self) -> None:
+        """None: a quantized base has no float weight (see ``lorakit.quantized``)."""
+        return None
+
+    def prepare_merge(
+        self, adapter_names: Sequence[str]
+    ) -> tuple[tuple[str, ...], torch.Tensor] | None:
+        """``(names, W)`` with ``W = dequant(W0) + sum_a s_a B_a A_a`` (float32, (d, k)) over the
+        merged and the named adapters; None if all are merged. Changes nothing."""
+        to_merge = tuple(name for name in adapter_names if name not in self.merged_adapters)
+        if not to_merge:
+            return None
+        delta = self._merged_delta((*self.merged_adapters, *to_merge))
+        return to_merge, merged_weight(self.base_layer, [delta])
+
+    def install_merge(self, prepared: tuple[tuple[str, ...], torch.Tensor]) -> None:
+        """Keep ``W`` beside the quantized base (which is not touched)."""
+        to_merge, weight = prepared
+        adapters = (*self.merged_adapters, *to_merge)
+        self._merge_state = MergeState(adapters, nn.Parameter(weight, requires_grad=False), None)
+
+    def unmerge(self) -> None:
+        """Drop the merged float weight; the quantized base was never changed."""
+        self._merge_state = MergeState((), None, None)
+
+    def forget_original(self) -> None:
+        self._merge_state = MergeState((), None, None)
+
+    def unloaded_module(self, float_dtype: torch.dtype | None = None) -> nn.Module:
+        """What replaces this layer in ``merge_and_unload``: a plain ``nn.Linear`` in
+        ``float_dtype`` (default float32) holding ``dequant(W0)`` plus the merged adapters."""
+        state = self._merge_state
+        weight = state.weight if state.adapters else quantized.dequantized_weight(self.base_layer)
+        self.forget_original()
+        return float_linear(self.base_layer, weight.detach(), float_dtype or torch.float32)

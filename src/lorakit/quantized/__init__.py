@@ -1,0 +1,195 @@
+"""A quantized frozen base under LoRA (QLoRA): one protocol, one file per backend.
+
+A LoRA layer needs only two things from its frozen base (``h = base(x) + s B A x``):
+
+- ``base_forward(module, x)``: the base layer's own output, computed by its own kernel;
+- ``dequantized_weight(module)``: ``W0`` as a float32 (out, in) tensor, for merging
+  (``W = dequant(W0) + s B A``, see ``lorakit.quantized.merge``) and for checks.
+
+plus ``describe(module)`` (the format's name, for errors and fingerprints) and
+``storage(module)`` (the packed tensors as stored, to prove they are never changed).
+
+Backends, tried in order, first match wins; each is imported only when a module matches it, so
+bitsandbytes and torchao stay optional (``pip install "lorakit[quant]"``):
+
+===================  ===========================================================================
+``bnb``              bitsandbytes ``Linear4bit`` (NF4 / FP4, with or without double quantization)
+                     and ``Linear8bitLt`` (LLM.int8), also as loaded by transformers with
+                     ``BitsAndBytesConfig``
+``torchao``          an ``nn.Linear`` whose weight is torchao's weight-only ``Int8Tensor``
+                     (``quantize_(model, Int8WeightOnlyConfig())``)
+``gguf_blocks``      lorakit's ``GGUFLinear``: Q4_0 / Q4_1 / Q8_0 blocks read from a GGUF file
+===================  ===========================================================================
+
+Anything else that looks quantized (a class named like a quantized layer, e.g. optimum-quanto's
+``QLinear``, which subclasses ``nn.Linear``; or a weight that is not a plain float tensor) is
+refused by ``check_supported`` with ``UnsupportedQuantizedLayerError``, never treated as a plain
+``nn.Linear``: its ``.weight`` is not the matrix its forward uses, so a merge would be wrong.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from lorakit.errors import UserError
+
+__all__ = [
+    "UnsupportedQuantizedLayerError",
+    "backend_for",
+    "base_forward",
+    "check_supported",
+    "dequantized_weight",
+    "describe",
+    "is_quantized",
+    "looks_quantized",
+    "shape",
+    "storage",
+]
+
+
+class UnsupportedQuantizedLayerError(UserError, TypeError):
+    """A quantized layer type (or block format) lorakit does not know how to run or merge."""
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _mro_paths(module: nn.Module) -> list[str]:
+    return [_class_path(cls) for cls in type(module).__mro__]
+
+
+def _is_bnb_layer(module: nn.Module) -> bool:
+    return any(
+        path.startswith("bitsandbytes.") and path.endswith((".Linear4bit", ".Linear8bitLt"))
+        for path in _mro_paths(module)
+    )
+
+
+def _is_torchao_int8(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(module, nn.Linear)
+        and weight is not None
+        and _class_path(type(weight)).startswith("torchao.")
+        and type(weight).__name__ == "Int8Tensor"
+    )
+
+
+def _is_gguf_linear(module: nn.Module) -> bool:
+    return any(path == "lorakit.quantized.gguf_blocks.GGUFLinear" for path in _mro_paths(module))
+
+
+# (accepts, backend module): first match wins. The predicates look at class names only, so no
+# backend library is imported to decide; the backend module is imported when it is used.
+_DISPATCH: list[tuple[Callable[[nn.Module], bool], str]] = [
+    (_is_gguf_linear, "lorakit.quantized.gguf_blocks"),
+    (_is_bnb_layer, "lorakit.quantized.bnb"),
+    (_is_torchao_int8, "lorakit.quantized.torchao"),
+]
+
+# Class names (or modules) that mark a quantized layer: refused unless a backend took it first.
+_QUANTIZED_NAME = re.compile(
+    r"quant|qlinear|gptq|awq|hqq|bitsandbytes|bnb|gguf|ggml|eetq|aqlm|marlin|exllama|"
+    r"fp8|fp4|nf4|int8|int4|4bit|8bit",
+    re.IGNORECASE,
+)
+_PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
+
+
+def backend_for(module: nn.Module) -> ModuleType | None:
+    """The backend module that runs ``module`` (first match wins), or None for a module no
+    backend claims (a plain float layer, or an unknown quantized one: see ``check_supported``).
+    The layer's state is not checked here (``check_supported`` does)."""
+    for accepts, backend_path in _DISPATCH:
+        if accepts(module):
+            return importlib.import_module(backend_path)
+    return None
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """True if a known backend runs ``module`` (its weight is quantized storage)."""
+    return backend_for(module) is not None
+
+
+def looks_quantized(module: nn.Module) -> str | None:
+    """Why ``module`` looks like a quantized layer no backend knows, or None if it looks plain:
+    a class (or base class, outside torch) named like one, or a direct parameter / buffer that
+    is not a plain tensor, or a ``weight`` that is not floating point."""
+    for path in _mro_paths(module):
+        if not path.startswith("torch.") and _QUANTIZED_NAME.search(path):
+            return f"its class {path} is a quantized layer type"
+    tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+    for name, tensor in tensors:
+        if type(tensor) not in _PLAIN_TENSOR_TYPES:
+            return f"its {name!r} is a {_class_path(type(tensor))}, not a plain tensor"
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and not weight.is_floating_point():
+        return f"its weight is stored as {weight.dtype}, not a float type"
+    return None
+
+
+def check_supported(module: nn.Module, module_name: str) -> None:
+    """Raise ``UnsupportedQuantizedLayerError`` (naming the module and its class) if ``module``
+    looks quantized but no backend runs it, or a backend's layer is in a state it cannot use
+    (not quantized yet, repacked); return quietly for usable quantized and for plain layers."""
+    backend = backend_for(module)
+    if backend is not None:
+        try:
+            backend.check(module)
+        except UnsupportedQuantizedLayerError as error:
+            raise UnsupportedQuantizedLayerError(f"module {module_name!r}: {error}") from None
+        return
+    reason = looks_quantized(module)
+    if reason is not None:
+        raise UnsupportedQuantizedLayerError(
+            f"module {module_name!r} ({_class_path(type(module))}) looks quantized ({reason}); "
+            "lorakit does not know this format and will not treat it as a plain nn.Linear (its "
+            "weight is not the matrix its forward uses, so a merge would be wrong). Supported: "
+            "bitsandbytes Linear4bit/Linear8bitLt, torchao Int8WeightOnly, lorakit GGUFLinear "
+            "(Q4_0/Q4_1/Q8_0). Load the base in float or in one of these, or exclude the module "
+            "(exclude_modules)."
+        )
+
+
+def _backend(module: nn.Module) -> ModuleType:
+    """The backend of a usable quantized layer; ``UnsupportedQuantizedLayerError`` otherwise."""
+    backend = backend_for(module)
+    if backend is None:
+        raise UnsupportedQuantizedLayerError(
+            f"{_class_path(type(module))} is not a quantized layer lorakit knows "
+            "(see lorakit.quantized for the supported formats)"
+        )
+    backend.check(module)
+    return backend
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """``W0`` of a quantized linear base as a new float32 tensor of shape (out, in)."""
+    return _backend(module).dequantized_weight(module)
+
+
+def base_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The base layer's output ``W0 x + b`` (..., out) for ``x`` (..., in), by its own kernel."""
+    return _backend(module).base_forward(module, x)
+
+
+def describe(module: nn.Module) -> str:
+    """The storage format, e.g. ``"bnb-nf4-dq"``, ``"bnb-int8"``, ``"gguf-Q4_1"``."""
+    return _backend(module).describe(module)
+
+
+def shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a quantized linear base."""
+    return _backend(module).shape(module)
+
+
+def storage(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors that hold the quantized weight, as stored (packed codes and scales)."""
+    return _backend(module).storage(module)

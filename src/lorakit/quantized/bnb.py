@@ -1,0 +1,168 @@
+"""bitsandbytes bases: ``Linear4bit`` (NF4 / FP4, double quantization) and ``Linear8bitLt``.
+
+Dequantization uses bitsandbytes' own functions (the same numbers its kernels and PEFT use):
+
+- 4-bit: ``W0 = dequantize_4bit(codes, quant_state)``: per block of ``blocksize`` weights,
+  ``code_table[q] * absmax`` (with double quantization ``absmax`` is itself 8-bit blockwise);
+- 8-bit (LLM.int8): ``W0[i, :] = CB[i, :] * SCB[i] / 127`` (row-wise absmax scales).
+
+The 4-bit forward calls ``bitsandbytes.matmul_4bit`` as ``Linear4bit.forward`` does in
+training, but never through that forward's CPU inference branch: on a CPU with AVX512-BF16, an
+eval-mode no-grad call repacks the stored bytes in place (``packing_format_for_cpu``), computes
+differently (we measured 7e-2 on a 64-wide layer) and cannot be undone exactly with double
+quantization. A module already repacked that way is refused. The 8-bit forward is the
+module's own (it casts inputs to float16 for quantization, as bitsandbytes does).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = [
+    "base_forward",
+    "check",
+    "dequantized_weight",
+    "describe",
+    "is_4bit",
+    "requantize",
+    "shape",
+    "storage",
+]
+
+
+def is_4bit(module: nn.Module) -> bool:
+    """True for ``Linear4bit`` (and subclasses), False for ``Linear8bitLt``."""
+    import bitsandbytes as bnb
+
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+def check(module: nn.Module) -> None:
+    """Refuse a 4-bit layer without quantized weights or one bitsandbytes repacked for its CPU
+    inference kernel (``UnsupportedQuantizedLayerError``)."""
+    from lorakit.quantized import UnsupportedQuantizedLayerError
+
+    if not is_4bit(module):
+        if module.weight.dtype != torch.int8:
+            raise UnsupportedQuantizedLayerError(
+                f"this Linear8bitLt holds {module.weight.dtype} weights, not int8 (not "
+                "quantized yet, or has_fp16_weights=True); move it to a device first "
+                "(.to('cpu') quantizes it) or load the model with BitsAndBytesConfig"
+            )
+        return
+    state = getattr(module.weight, "quant_state", None)
+    if state is None:
+        raise UnsupportedQuantizedLayerError(
+            "this Linear4bit is not quantized yet (no quant_state); move it to a device first "
+            "(.to('cpu') quantizes it) or load the model with BitsAndBytesConfig"
+        )
+    if getattr(state, "packing_format_for_cpu", False):
+        raise UnsupportedQuantizedLayerError(
+            "this Linear4bit was repacked in place for bitsandbytes' CPU inference kernel (an "
+            "eval-mode, no-grad forward on an AVX512-BF16 CPU did it); its stored bytes are no "
+            "longer the checkpoint's. Load the model afresh and add LoRA before running it."
+        )
+
+
+def shape(module: nn.Module) -> tuple[int, int]:
+    if is_4bit(module):
+        out_features, in_features = module.weight.quant_state.shape
+        return int(out_features), int(in_features)
+    return tuple(module.weight.shape)
+
+
+def describe(module: nn.Module) -> str:
+    """``bnb-nf4``, ``bnb-fp4`` (``-dq`` with double quantization) or ``bnb-int8``."""
+    if not is_4bit(module):
+        return "bnb-int8"
+    state = module.weight.quant_state
+    return f"bnb-{state.quant_type}" + ("-dq" if state.nested else "")
+
+
+def _int8_scales(module: nn.Module) -> torch.Tensor:
+    """``SCB``: the weight's row-wise absmax (on the weight before the first forward, on the
+    layer's ``state`` after it)."""
+    scales = getattr(module.weight, "SCB", None)
+    return scales if scales is not None else module.state.SCB
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """``W0`` (out, in) in float32, by bitsandbytes' own dequantization."""
+    import bitsandbytes.functional as bnb_functional
+
+    with torch.no_grad():
+        if is_4bit(module):
+            weight = bnb_functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+        else:
+            weight = bnb_functional.int8_vectorwise_dequant(
+                module.weight.data, _int8_scales(module)
+            )
+    return weight.to(torch.float32)
+
+
+def base_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x W0^T + b`` by bitsandbytes' kernels (4-bit: in ``compute_dtype``, returned in
+    ``x``'s dtype). Shapes: x (..., in) -> (..., out)."""
+    if not is_4bit(module):
+        return module(x)
+    import bitsandbytes as bnb
+
+    compute_dtype = module.compute_dtype or x.dtype
+    bias = None if module.bias is None else module.bias.to(compute_dtype)
+    out = bnb.matmul_4bit(
+        x.to(compute_dtype), module.weight, bias=bias, quant_state=module.weight.quant_state
+    )
+    return out.to(x.dtype)
+
+
+def storage(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The packed codes and scales as stored (4-bit: codes, absmax and, with double
+    quantization, the nested absmax; 8-bit: codes and row scales)."""
+    if not is_4bit(module):
+        return {"codes": module.weight.data, "row_scales": _int8_scales(module)}
+    state = module.weight.quant_state
+    tensors = {"codes": module.weight.data, "absmax": state.absmax}
+    if state.nested:
+        tensors["nested_absmax"] = state.state2.absmax
+    return tensors
+
+
+def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """A new layer of ``module``'s format (same quant type, double quantization, block size,
+    compute dtype; same bias) holding ``weight`` (out, in) quantized afresh."""
+    import bitsandbytes as bnb
+
+    out_features, in_features = shape(module)
+    has_bias = module.bias is not None
+    if is_4bit(module):
+        state = module.weight.quant_state
+        new = bnb.nn.Linear4bit(
+            in_features,
+            out_features,
+            bias=has_bias,
+            compute_dtype=module.compute_dtype,
+            compress_statistics=bool(state.nested),
+            quant_type=state.quant_type,
+        )
+        new.weight = bnb.nn.Params4bit(
+            weight.detach().to(state.dtype).cpu(),
+            requires_grad=False,
+            blocksize=state.blocksize,
+            compress_statistics=bool(state.nested),
+            quant_type=state.quant_type,
+        )
+    else:
+        new = bnb.nn.Linear8bitLt(
+            in_features,
+            out_features,
+            bias=has_bias,
+            has_fp16_weights=False,
+            threshold=module.state.threshold,
+        )
+        new.weight = bnb.nn.Int8Params(
+            weight.detach().to(torch.float16).cpu(), requires_grad=False, has_fp16_weights=False
+        )
+    if has_bias:
+        new.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+    return new.to(module.weight.device)

@@ -1,0 +1,128 @@
+"""Read GGUF tensors straight from a ``.gguf`` file into ``GGUFLinear`` modules, and put them into
+a transformers Llama model in place of its ``nn.Linear`` layers (train on exactly the weights
+llama.cpp deploys).
+
+The container is parsed by the ``gguf`` package (``GGUFReader``, a read-only memory map); the
+blocks are copied once into the module (the file may be deleted afterwards) and dequantized by
+lorakit's own ``dequantize_blocks``. llama.cpp stores the rows of ``attn_q`` / ``attn_k``
+interleaved for its rotary kernel; transformers undoes that when it loads a GGUF file
+(``reshape(heads, dim/2, 2, in).swapaxes(1, 2)``). Blocks never cross rows, so the same
+reordering is applied to the packed rows themselves: exact, nothing dequantized.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from lorakit.errors import UserError
+from lorakit.quantized.gguf_blocks import GGUFLinear, block_format
+
+__all__ = [
+    "LLAMA_LINEARS",
+    "gguf_linear",
+    "llama_module_name",
+    "replace_llama_linears",
+    "rotary_row_order",
+]
+
+# GGUF tensor (within blk.N) -> transformers module (within model.layers.N)
+LLAMA_LINEARS = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+
+
+def _reader(path: str | os.PathLike[str]):
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise UserError("reading GGUF files needs the package 'gguf': pip install gguf") from None
+    if not os.path.isfile(path):
+        raise UserError(f"GGUF file '{path}' does not exist")
+    return GGUFReader(path)
+
+
+def rotary_row_order(rows: int, heads: int) -> torch.Tensor:
+    """Row indices ``p`` with ``W_transformers = W_gguf[p]`` for ``attn_q`` / ``attn_k``:
+    ``arange(rows).reshape(heads, rows / heads / 2, 2).swapaxes(1, 2).reshape(-1)``."""
+    return torch.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(1, 2).reshape(-1)
+
+
+def gguf_linear(tensor, row_order: torch.Tensor | None = None) -> GGUFLinear:
+    """A ``GGUFLinear`` holding a copy of one ``gguf`` reader tensor's blocks (rows reordered by
+    ``row_order`` if given). Unsupported block types raise, naming the type and the tensor."""
+    fmt = block_format(tensor.tensor_type.name, f"GGUF tensor {tensor.name!r}")
+    in_features = int(tensor.shape[0])  # ggml order: ne0 = in, ne1 = out
+    packed = torch.from_numpy(tensor.data.copy())  # (out, in / 32 * block_bytes) uint8
+    if row_order is not None:
+        packed = packed[row_order].contiguous()
+    return GGUFLinear(packed, fmt.name, in_features, tensor_name=f"GGUF tensor {tensor.name!r}")
+
+
+def llama_module_name(tensor_name: str) -> str | None:
+    """The transformers module of a GGUF Llama tensor (``blk.3.attn_q.weight`` ->
+    ``model.layers.3.self_attn.q_proj``), or None for tensors that are not block linears."""
+    match = _BLOCK_TENSOR.fullmatch(tensor_name)
+    if match is None or match.group(2) not in LLAMA_LINEARS:
+        return None
+    return f"model.layers.{match.group(1)}.{LLAMA_LINEARS[match.group(2)]}"
+
+
+def replace_llama_linears(
+    model: nn.Module, path: str | os.PathLike[str], only: Iterable[str] | None = None
+) -> list[str]:
+    """Replace the block linears of a transformers Llama ``model`` (built from the same GGUF
+    file's config) by ``GGUFLinear`` modules read from ``path``; returns the replaced names.
+
+    ``only``: GGUF tensor kinds to replace (e.g. ``["attn_q", "attn_v"]``), default all of
+    ``LLAMA_LINEARS``. Embeddings and norms stay as they are. Raises ``UserError`` if the file is
+    not a Llama, or a tensor does not fit the module it replaces (nothing is replaced then).
+    """
+    reader = _reader(path)
+    architecture = reader.fields["general.architecture"].contents()
+    if architecture != "llama":
+        raise UserError(f"GGUF file '{path}' holds a {architecture!r} model; only llama is read")
+    heads_q = int(reader.fields["llama.attention.head_count"].contents())
+    heads_kv = int(reader.fields["llama.attention.head_count_kv"].contents())
+    kinds = set(LLAMA_LINEARS if only is None else only)
+    replacements = {}
+    for tensor in reader.tensors:
+        match = _BLOCK_TENSOR.fullmatch(tensor.name)
+        if match is None or match.group(2) not in kinds or match.group(2) not in LLAMA_LINEARS:
+            continue
+        name = llama_module_name(tensor.name)
+        heads = {"attn_q": heads_q, "attn_k": heads_kv}.get(match.group(2))
+        order = None if heads is None else rotary_row_order(int(tensor.shape[1]), heads)
+        module = gguf_linear(tensor, order)
+        _check_fits(model, name, module, tensor.name)
+        replacements[name] = module
+    for name, module in replacements.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, module)
+    return list(replacements)
+
+
+def _check_fits(model: nn.Module, name: str, module: GGUFLinear, tensor_name: str) -> None:
+    try:
+        current = model.get_submodule(name)
+    except AttributeError:
+        raise UserError(f"GGUF tensor {tensor_name!r}: the model has no module {name!r}") from None
+    expected = (getattr(current, "out_features", None), getattr(current, "in_features", None))
+    if expected != (module.out_features, module.in_features):
+        raise UserError(
+            f"GGUF tensor {tensor_name!r} is ({module.out_features}, {module.in_features}) but "
+            f"{name!r} is {expected}; build the model from this GGUF file's config"
+        )
+    if getattr(current, "bias", None) is not None:
+        raise UserError(f"{name!r} has a bias, which GGUF tensor {tensor_name!r} does not hold")

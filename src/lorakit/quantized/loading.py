@@ -1,0 +1,77 @@
+"""Load a model's linear layers quantized, by name: what ``lorakit.models.load_model(spec,
+quantization=...)`` does.
+
+===========  ===========================================================================
+``nf4``      bitsandbytes 4-bit NF4 with double quantization (QLoRA's choice), computing in
+             the model's dtype: ``BitsAndBytesConfig(load_in_4bit=True, ...)``
+``fp4``      bitsandbytes 4-bit FP4 with double quantization
+``int8``     bitsandbytes LLM.int8 (``load_in_8bit=True``)
+``gguf``     the GGUF blocks of a built-in GGUF model's file (SmolLM2: Q4_1), in place of its
+             block linears (``gguf_file.replace_llama_linears``): exactly what llama.cpp runs
+===========  ===========================================================================
+
+bitsandbytes models are loaded on the CPU (``device_map="cpu"``); transformers keeps the output
+layer (and a tied one) in float, as it does for every bitsandbytes load. The loader turns off
+bitsandbytes' in-place repacking of 4-bit layers for its AVX512-BF16 CPU inference kernel
+(``keep_4bit_storage``): the stored bytes stay as loaded in every mode, and an eval-mode forward
+computes ``x W0^T`` like a training one (see ``lorakit.quantized.bnb``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from lorakit.errors import UserError
+
+__all__ = ["QUANTIZATIONS", "bitsandbytes_config", "check_quantization", "keep_4bit_storage"]
+
+QUANTIZATIONS = ("nf4", "fp4", "int8", "gguf")
+
+
+def check_quantization(quantization: str, gguf_file: Path | None) -> None:
+    """``UserError`` for an unknown name, a missing package, or ``gguf`` without a GGUF file."""
+    if quantization not in QUANTIZATIONS:
+        raise UserError(
+            f"unknown quantization '{quantization}'; choose one of: {', '.join(QUANTIZATIONS)}"
+        )
+    if quantization == "gguf":
+        if gguf_file is None:
+            raise UserError(
+                "quantization 'gguf' reads the blocks of a built-in GGUF model's file (e.g. "
+                "smollm2-135m-instruct); this model has no GGUF file. Choose nf4, fp4 or int8"
+            )
+        return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(
+            f"quantization '{quantization}' needs bitsandbytes; install it with: "
+            'pip install "lorakit[quant]"'
+        )
+
+
+def bitsandbytes_config(quantization: str, compute_dtype: torch.dtype):
+    """transformers' ``BitsAndBytesConfig`` for ``nf4``, ``fp4`` or ``int8``."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def keep_4bit_storage(model: torch.nn.Module) -> int:
+    """Turn off, on every bitsandbytes ``Linear4bit`` of ``model``, the eval-mode CPU repacking
+    of its stored bytes (``support_avx512bf16_for_cpu``); returns how many layers. Only for
+    models lorakit's loader builds (a user's own model is left as bitsandbytes made it)."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
