@@ -150,6 +150,16 @@ def test_dropout_trains_on_a_quantized_base():
     )
 
 
+@pytest.mark.parametrize("name", ["bnb-nf4-dq", "gguf-Q4_1"])
+def test_dora_on_a_quantized_base_is_refused_and_nothing_changes(name):
+    model = quantized_layers.quantize_linears(tiny_models.llama(), name)
+    before = dict(model.named_modules())
+    with pytest.raises(ValueError, match=r"DoRA \(use_dora=True\)"):
+        lorakit.inject(model, _config(use_dora=True))
+    assert dict(model.named_modules()) == before
+    assert lorakit.adapter_configs(model) == {}
+
+
 def test_an_unknown_quantized_layer_in_the_targets_is_refused_and_nothing_changes():
     model = tiny_models.llama()
     attention = model.model.layers[1].self_attn

@@ -34,8 +34,11 @@ class QuantizedLoraLinear(LoraLinear):
     """LoRA for a quantized linear base (``lorakit.quantized``: bitsandbytes 4-bit / 8-bit,
     torchao weight-only int8, GGUF blocks). Shapes as ``LoraLinear``: x (..., k) -> (..., d).
 
-    ``base_format``: the storage format (``"bnb-nf4-dq"``, ``"gguf-Q4_1"``, ...).
+    ``base_format``: the storage format (``"bnb-nf4-dq"``, ``"gguf-Q4_1"``, ...). DoRA is not
+    implemented on a quantized base yet (its row norms read W0): ``use_dora=True`` is refused.
     """
+
+    supports_dora = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
