@@ -45,7 +45,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def train_adapter(model, tokenizer, name: str, dataset: str) -> float:
     """Inject adapter ``name``, train it on ``dataset``; returns the mean loss of the last 5 steps."""
-    from lorakit.train import BatchPlan, build_optimizer
+    from lorakit.train import BatchOrder, build_optimizer
     from lorakit.train.losses import batch_loss_sum, target_count
     from lorakit.train.schedule import build_scheduler
 
@@ -53,7 +53,7 @@ def train_adapter(model, tokenizer, name: str, dataset: str) -> float:
     tokenized = data.tokenize_examples(examples, tokenizer, MAX_LENGTH)
     lorakit.inject(model, CONFIG, name)
     lorakit.set_active(model, [name])
-    plan = BatchPlan(len(tokenized.input_ids), BATCH, seed=0)
+    plan = BatchOrder(len(tokenized.input_ids), BATCH, seed=0)
     optimizer = build_optimizer(model, LR)
     scheduler = build_scheduler(optimizer, STEPS, max(1, STEPS // 10))
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ the label (``lorakit.data.classify``, as the demo calls it). Settings, each for 
 
 The constants (``MODEL``, ``STEPS``, ``BATCH``, ``MAX_LENGTH``, ``EVAL_SIZE``, the learning
 rates, ``SETTINGS``) live in smollm2_settings.py, which smollm2_report.py records too.
-Every setting trains with the same loop — lorakit's own pieces: ``BatchPlan`` (data order from the
+Every setting trains with the same loop — lorakit's own pieces: ``BatchOrder`` (data order from the
 seed), ``batch_loss_sum`` (mean CE over the answer tokens), ``build_optimizer`` (AdamW, no
 weight decay), ``build_scheduler`` (10% warm-up, cosine to 0), gradient clipping at 1.0 — for
 ``STEPS`` steps of ``BATCH`` reviews at most ``MAX_LENGTH`` tokens. One thread.
@@ -81,12 +81,12 @@ def accuracy(model, cache: dict) -> float:
 
 def train(model, cache: dict, lr: float, seed: int) -> dict:
     """``STEPS`` AdamW steps on the trainable parameters; returns losses and wall time."""
-    from lorakit.train import BatchPlan, build_optimizer
+    from lorakit.train import BatchOrder, build_optimizer
     from lorakit.train.losses import batch_loss_sum, target_count
     from lorakit.train.schedule import build_scheduler
 
     tokenized = cache["train"]
-    plan = BatchPlan(len(tokenized.input_ids), BATCH, seed=seed)
+    plan = BatchOrder(len(tokenized.input_ids), BATCH, seed=seed)
     optimizer = build_optimizer(model, lr)
     scheduler = build_scheduler(optimizer, STEPS, max(1, STEPS // 10))
     parameters = [p for p in model.parameters() if p.requires_grad]

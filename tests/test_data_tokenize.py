@@ -103,16 +103,16 @@ def test_tokenizer_requirements(tokenizer) -> None:
         data.tokenize_examples([chat], tokenizer, 1)
 
 
-def test_plan_batches_partition_determinism_and_bucketing() -> None:
+def test_length_grouped_batches_partition_determinism_and_bucketing() -> None:
     lengths = [(7 * i) % 23 + 1 for i in range(50)]
-    plan = data.plan_batches(lengths, 4, seed=1)
+    plan = data.length_grouped_batches(lengths, 4, seed=1)
     assert sorted(i for batch in plan for i in batch) == list(range(50))
-    assert plan == data.plan_batches(lengths, 4, seed=1)
-    assert plan != data.plan_batches(lengths, 4, seed=2)
+    assert plan == data.length_grouped_batches(lengths, 4, seed=1)
+    assert plan != data.length_grouped_batches(lengths, 4, seed=2)
     assert sorted(len(b) for b in plan) == [2] + [4] * 12
-    assert all(len(b) == 4 for b in data.plan_batches(lengths, 4, seed=1, drop_last=True))
+    assert all(len(b) == 4 for b in data.length_grouped_batches(lengths, 4, seed=1, drop_last=True))
     # One chunk covering everything, no shuffle: batches are consecutive runs of sorted lengths.
-    ordered = data.plan_batches(lengths, 4, shuffle=False, bucket_batches=100)
+    ordered = data.length_grouped_batches(lengths, 4, shuffle=False, bucket_batches=100)
     flat_lengths = [lengths[i] for batch in ordered for i in batch]
     assert flat_lengths == sorted(lengths)
 
@@ -122,7 +122,7 @@ def test_plan_batches_partition_determinism_and_bucketing() -> None:
             max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches_
         )
 
-    random_order = data.plan_batches(lengths, 4, seed=1, bucket_batches=1)
+    random_order = data.length_grouped_batches(lengths, 4, seed=1, bucket_batches=1)
     assert padding(plan) < padding(random_order)
 
 

@@ -14,7 +14,7 @@ import torch
 
 import lorakit
 from lorakit.errors import AdapterFileError
-from lorakit.serve import AdapterBank, BankFullError, plan_rows, prepare_for_serving, routed
+from lorakit.serve import AdapterBank, BankFullError, group_rows, prepare_for_serving, routed
 from lorakit.serve.bank import AdapterInUseError
 from lorakit.state import lora_layers
 from tests import tiny_models
@@ -155,23 +155,23 @@ def spec_scaling(spec: dict, layer_name: str) -> float:
 
 
 def test_plan_groups_contiguous_rows_as_slices_and_others_as_indices():
-    plan = plan_rows([3, 3, -1, 1, 3], mode="loop")
+    plan = group_rows([3, 3, -1, 1, 3], mode="loop")
     by_slot = {segment.slot: segment.rows for segment in plan.looped}
     assert set(by_slot) == {1, 3} and plan.num_rows == 5 and plan.padded is None
     assert by_slot[1] == slice(3, 4)
     assert by_slot[3].tolist() == [0, 1, 4]
     # short segments: batched, padded to 2 rows; slots 0..5 hold 3 of them, so the grid is the
     # run 0..5 read in place, slots 1, 3, 4 filled with row 0 whose results are dropped
-    padded = plan_rows([0, 2, 0, 5, -1]).padded
+    padded = group_rows([0, 2, 0, 5, -1]).padded
     assert padded.slot_run == slice(0, 6) and padded.length == 2
     assert padded.segment_slots.tolist() == [0, 1, 2, 3, 4, 5]
     assert padded.gather_rows.tolist() == [0, 2, 0, 0, 1, 0, 0, 0, 0, 0, 3, 0]
     assert padded.valid.tolist() == [0, 1, 4, 10] and padded.dest_rows.tolist() == [0, 2, 1, 3]
-    gathered = plan_rows([0, 9, 0, -1]).padded  # a run of 10 slots for 2: gather those two
+    gathered = group_rows([0, 9, 0, -1]).padded  # a run of 10 slots for 2: gather those two
     assert gathered.slot_run is None and gathered.segment_slots.tolist() == [0, 9]
     assert gathered.gather_rows.tolist() == [0, 2, 1, 0] and gathered.valid.tolist() == [0, 1, 2]
     assert gathered.dest_rows.tolist() == [0, 2, 1]
-    long_and_short = plan_rows([7] * 20 + [1, 2])  # a long segment loops, the short ones pad
+    long_and_short = group_rows([7] * 20 + [1, 2])  # a long segment loops, the short ones pad
     assert [s.slot for s in long_and_short.looped] == [7] and long_and_short.padded.length == 1
 
 

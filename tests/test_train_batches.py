@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lorakit.errors import UserError
-from lorakit.train import BatchPlan, TrainingConfig, pad_collate, train
+from lorakit.train import BatchOrder, TrainingConfig, pad_collate, train
 from tests.train_job import build_model, make_data
 
 
@@ -32,15 +32,15 @@ def _padding(lengths, batches) -> float:
     return (padded - real) / padded
 
 
-def _epoch(plan: BatchPlan, epoch: int) -> list[list[int]]:
+def _epoch(plan: BatchOrder, epoch: int) -> list[list[int]]:
     steps = plan.steps_per_epoch
     return [plan.step_indices(step) for step in range(epoch * steps, (epoch + 1) * steps)]
 
 
 def test_batches_by_length_pad_far_less_than_a_plain_shuffle():
     lengths = _mixed_lengths()
-    shuffled = BatchPlan(len(lengths), batch_size=8, seed=1)
-    by_length = BatchPlan(len(lengths), batch_size=8, seed=1, lengths=lengths)
+    shuffled = BatchOrder(len(lengths), batch_size=8, seed=1)
+    by_length = BatchOrder(len(lengths), batch_size=8, seed=1, lengths=lengths)
     plain = _padding(lengths, _epoch(shuffled, 0))
     grouped = _padding(lengths, _epoch(by_length, 0))
     assert plain > 0.5  # a random batch of 8 usually holds one long example (measured 0.61)
@@ -52,7 +52,7 @@ def test_batches_by_length_pad_far_less_than_a_plain_shuffle():
 
 def test_the_order_of_batches_is_random_not_short_to_long():
     lengths = _mixed_lengths()
-    plan = BatchPlan(len(lengths), batch_size=8, seed=1, lengths=lengths, bucket_batches=10)
+    plan = BatchOrder(len(lengths), batch_size=8, seed=1, lengths=lengths, bucket_batches=10)
     longest = [max(lengths[i] for i in batch) for batch in _epoch(plan, 0)]
     ups = sum(b > a for a, b in itertools.pairwise(longest))
     downs = sum(b < a for a, b in itertools.pairwise(longest))
@@ -73,7 +73,7 @@ def test_every_example_once_per_epoch_and_each_rank_its_share(
     lengths = _mixed_lengths(count)
     global_batch = batch_size * grad_accum * world_size
     drop_last = world_size > 1
-    plan = BatchPlan(
+    plan = BatchOrder(
         count, batch_size, grad_accum, world_size, seed=7, lengths=lengths, drop_last=drop_last
     )
     for epoch in range(3):
@@ -96,8 +96,8 @@ def test_every_example_once_per_epoch_and_each_rank_its_share(
 
 def test_ranks_get_the_global_batches_of_one_process_with_the_same_global_batch():
     lengths = _mixed_lengths(1003)
-    one = BatchPlan(1003, batch_size=4, seed=3, lengths=lengths)
-    two = BatchPlan(1003, batch_size=2, world_size=2, seed=3, lengths=lengths, drop_last=True)
+    one = BatchOrder(1003, batch_size=4, seed=3, lengths=lengths)
+    two = BatchOrder(1003, batch_size=2, world_size=2, seed=3, lengths=lengths, drop_last=True)
     assert two.steps_per_epoch == one.steps_per_epoch - 1  # 1003 % 4 = 3 left over, dropped
     for epoch in range(2):
         assert _epoch(two, epoch) == _epoch(one, epoch)[:-1]  # the short batch comes last
@@ -106,23 +106,23 @@ def test_ranks_get_the_global_batches_of_one_process_with_the_same_global_batch(
 
 def test_the_plan_depends_only_on_seed_and_epoch():
     lengths = _mixed_lengths(300)
-    first = BatchPlan(300, 8, seed=5, lengths=lengths)
-    again = BatchPlan(300, 8, seed=5, lengths=lengths)
+    first = BatchOrder(300, 8, seed=5, lengths=lengths)
+    again = BatchOrder(300, 8, seed=5, lengths=lengths)
     assert [again.step_indices(s) for s in range(90, 30, -1)] == [
         first.step_indices(s) for s in range(90, 30, -1)
     ]  # steps asked in any order (as after a resume) give the same batches
-    other_seed = BatchPlan(300, 8, seed=6, lengths=lengths)
+    other_seed = BatchOrder(300, 8, seed=6, lengths=lengths)
     assert _epoch(other_seed, 0) != _epoch(first, 0)
     # epoch e of seed s uses seed s + e: epoch 1 of seed 5 is epoch 0 of seed 6
     assert _epoch(first, 1) == _epoch(other_seed, 0)
 
 
 def test_without_lengths_the_plan_is_the_plain_shuffle():
-    plan = BatchPlan(10, batch_size=4, seed=2)
+    plan = BatchOrder(10, batch_size=4, seed=2)
     order = torch.randperm(10, generator=torch.Generator().manual_seed(2)).tolist()
     assert _epoch(plan, 0) == [order[0:4], order[4:8], order[8:10]]
     with pytest.raises(ValueError, match="3 lengths for 10 examples"):
-        BatchPlan(10, batch_size=4, lengths=(1, 2, 3))
+        BatchOrder(10, batch_size=4, lengths=(1, 2, 3))
 
 
 def test_the_loop_groups_by_length_and_a_resume_with_other_lengths_is_refused(tmp_path):
@@ -147,7 +147,7 @@ def test_the_loop_groups_by_length_and_a_resume_with_other_lengths_is_refused(tm
         seed=4,
     )
     train(build_model(0.0), range(24), collate, config, length_of=lambda i: lengths[i])
-    plan = BatchPlan(24, 8, seed=4, lengths=tuple(lengths))
+    plan = BatchOrder(24, 8, seed=4, lengths=tuple(lengths))
     assert seen == [sorted(plan.step_indices(step)) for step in range(3)]
     config.max_steps = 3
     with pytest.raises(UserError, match="different data or batch settings"):

@@ -11,7 +11,7 @@ import torch
 from lorakit.errors import UserError
 from lorakit.state import lora_layers
 from lorakit.train import (
-    BatchPlan,
+    BatchOrder,
     TrainingConfig,
     build_optimizer,
     evaluate,
@@ -85,7 +85,7 @@ def test_loop_matches_reference_with_hf_loss_clipping_and_adamw(tmp_path):
     tiny_models.randomize_adapters(reference)
     config = _config(tmp_path, max_steps=2, batch_size=4, warmup_steps=1, max_grad_norm=0.01)
     result = train(ours, data, pad_collate(0), config)
-    plan = BatchPlan(len(data), 4, seed=0, lengths=tuple(len(e["input_ids"]) for e in data))
+    plan = BatchOrder(len(data), 4, seed=0, lengths=tuple(len(e["input_ids"]) for e in data))
     params = [p for p in reference.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
     logged_norms = [r["grad_norm"] for r in _records(result.metrics_path)]
@@ -232,7 +232,7 @@ def test_the_loop_trains_a_sequence_classifier_with_class_labels(tmp_path):
                                 modules_to_save=["classifier"])  # fmt: skip
     lorakit.inject(model, config)
     lengths = tuple(len(example["input_ids"]) for example in examples)
-    first_step = BatchPlan(48, 8, seed=0, lengths=lengths).step_indices(0)
+    first_step = BatchOrder(48, 8, seed=0, lengths=lengths).step_indices(0)
     first_batch = collate([examples[i] for i in first_step])
     with torch.no_grad():
         inputs = {key: first_batch[key] for key in ("input_ids", "attention_mask")}

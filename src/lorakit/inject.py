@@ -35,7 +35,7 @@ from lorakit.targets import (
 )
 
 __all__ = [
-    "add_planned_adapter",
+    "add_adapter_to_modules",
     "check_adapter_name",
     "default_adapter_dtype",
     "forget_state",
@@ -80,7 +80,7 @@ def inject(
         raise ValueError(no_match_message(model, config))
     if strict_targets:
         check_every_entry_matches(model, config)
-    add_planned_adapter(
+    add_adapter_to_modules(
         model,
         config,
         adapter_name,
@@ -93,7 +93,7 @@ def inject(
     return model
 
 
-def add_planned_adapter(
+def add_adapter_to_modules(
     model: nn.Module,
     config: LoraConfig,
     adapter_name: str,

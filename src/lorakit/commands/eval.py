@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.adapter, args.allow_base_mismatch, args.quantization
     )
     tokenized = data.tokenize_examples(examples, tokenizer, args.max_length)
-    order = data.plan_batches(tokenized.lengths, args.batch_size, shuffle=False)
+    order = data.length_grouped_batches(tokenized.lengths, args.batch_size, shuffle=False)
     results = evaluate(model, (data.collate(tokenized, indices) for indices in order))
     report = {"examples": len(examples), "loss": results["loss"]}
     if all(example.choices for example in examples):

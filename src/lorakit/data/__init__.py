@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lorakit.data.batching import batches, collate, pad_left, pad_right, plan_batches
+from lorakit.data.batching import batches, collate, length_grouped_batches, pad_left, pad_right
 from lorakit.data.builtin import (
     BUILTIN_DATASETS,
     SENTIMENT_INSTRUCTION,
@@ -55,10 +55,10 @@ __all__ = [
     "classify",
     "collate",
     "fit_example",
+    "length_grouped_batches",
     "load_examples",
     "pad_left",
     "pad_right",
-    "plan_batches",
     "prompt_token_ids",
     "read_csv",
     "read_jsonl",

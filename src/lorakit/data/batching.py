@@ -1,6 +1,6 @@
 """Length-bucketed batches with padding.
 
-``plan_batches`` decides which examples go together (indices only: cheap to recompute, so a
+``length_grouped_batches`` decides which examples go together (indices only: cheap to recompute, so a
 resumed run or each data-parallel rank can skip or slice batches exactly); ``collate`` pads them
 (``pad_right``, also behind ``lorakit.train.pad_collate``)::
 
@@ -22,10 +22,10 @@ import torch
 from lorakit.data.tokenize import IGNORE_INDEX, TokenizedData
 from lorakit.errors import UserError
 
-__all__ = ["batches", "collate", "pad_left", "pad_right", "plan_batches"]
+__all__ = ["batches", "collate", "length_grouped_batches", "pad_left", "pad_right"]
 
 
-def plan_batches(
+def length_grouped_batches(
     lengths: Sequence[int],
     batch_size: int,
     *,
@@ -98,8 +98,8 @@ def batches(
     bucket_batches: int = 8,
     drop_last: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """``collate`` over ``plan_batches(data.lengths, ...)`` (same arguments, same order)."""
-    plan = plan_batches(
+    """``collate`` over ``length_grouped_batches(data.lengths, ...)`` (same arguments, same order)."""
+    plan = length_grouped_batches(
         data.lengths,
         batch_size,
         seed=seed,

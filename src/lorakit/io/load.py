@@ -21,7 +21,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
 from lorakit.inject import (
-    add_planned_adapter,
+    add_adapter_to_modules,
     check_adapter_name,
     replace_module,
     saved_module_names,
@@ -97,19 +97,21 @@ def load_adapter(
     header = read_adapter_header(adapter_directory(directory, adapter_name))
     current = dict(walk_modules(model))  # LoRA layers as they are, for adding the adapter
     modules = {name: original_module(module) for name, module in current.items()}
-    plan = _plan(model, header, modules)
-    _check_tensors(header, plan, modules)  # from the header: no data read yet
+    to_load = _load_targets(model, header, modules)
+    _check_tensors(header, to_load, modules)  # from the header: no data read yet
     adapter = read_adapter_data(header)
-    adapter.require_finite([entry.key for entry in plan.tensors])
-    replaced = {e.module for e in plan.tensors if e.role == "base_weight"}  # the file brings these
-    checked = [e.module for e in plan.tensors if e.role == "lora_A" and e.module not in replaced]
+    adapter.require_finite([entry.key for entry in to_load.tensors])
+    replaced = {
+        e.module for e in to_load.tensors if e.role == "base_weight"
+    }  # the file brings these
+    checked = [e.module for e in to_load.tensors if e.role == "lora_A" and e.module not in replaced]
     _check_base(model, adapter, checked, allow_base_mismatch, modules)
-    _apply(model, adapter, plan, current, adapter_name, activate, adapter_dtype)
+    _apply(model, adapter, to_load, current, adapter_name, activate, adapter_dtype)
     return model
 
 
 @dataclass(frozen=True)
-class _Plan:
+class _LoadTargets:
     """What loading a file into a model will do: inject ``config`` into ``targets`` (and wrap
     ``saved_names``), filling the file tensors ``tensors`` lists."""
 
@@ -119,7 +121,9 @@ class _Plan:
     tensors: list[FileTensor]
 
 
-def _plan(model: nn.Module, adapter: AdapterHeader, modules: dict[str, nn.Module]) -> _Plan:
+def _load_targets(
+    model: nn.Module, adapter: AdapterHeader, modules: dict[str, nn.Module]
+) -> _LoadTargets:
     """The config to inject (``modules_to_save`` entries that name no module and have no
     tensor dropped, e.g. peft's automatic "classifier"/"score") and the tensors it implies."""
     config = adapter.config
@@ -151,7 +155,7 @@ def _plan(model: nn.Module, adapter: AdapterHeader, modules: dict[str, nn.Module
     tensors = adapter_file_tensors(
         model, config.bias, targets, saved_names, embeddings, modules, use_dora=config.use_dora
     )
-    return _Plan(config, targets, saved_names, tensors)
+    return _LoadTargets(config, targets, saved_names, tensors)
 
 
 def _has_tensors_for(adapter: AdapterHeader, entry: str) -> bool:
@@ -163,10 +167,12 @@ def _listed(keys: Sequence[str], limit: int = 6) -> str:
     return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def _check_tensors(adapter: AdapterHeader, plan: _Plan, modules: dict[str, nn.Module]) -> None:
+def _check_tensors(
+    adapter: AdapterHeader, to_load: _LoadTargets, modules: dict[str, nn.Module]
+) -> None:
     """Keys, shapes, dtypes and ranks from the header; raises ``AdapterFileError`` naming the
     tensors."""
-    source, config, entries = adapter.directory, plan.config, plan.tensors
+    source, config, entries = adapter.directory, to_load.config, to_load.tensors
     expected = {entry.key for entry in entries}
     ignored = {
         alias
@@ -269,7 +275,7 @@ def _check_base(
 def _apply(
     model: nn.Module,
     adapter: AdapterFile,
-    plan: _Plan,
+    to_load: _LoadTargets,
     current: dict[str, nn.Module],
     adapter_name: str,
     activate: bool,
@@ -281,16 +287,16 @@ def _apply(
     wrapped_before = {id(m) for m in current.values() if isinstance(m, (LoraLayer, ModulesToSave))}
     base_backup: list[tuple[torch.Tensor, torch.Tensor]] = []  # (base tensor, its old value)
     factors: dict[str, dict[str, torch.Tensor]] = {}  # module -> {"lora_A": A, "lora_B": B}
-    for entry in plan.tensors:
+    for entry in to_load.tensors:
         if entry.role in ("lora_A", "lora_B"):
             factors.setdefault(entry.module, {})[entry.role] = adapter.tensors[entry.key]
     try:
-        add_planned_adapter(
+        add_adapter_to_modules(
             model,
-            plan.config,
+            to_load.config,
             adapter_name,
-            plan.targets,
-            plan.saved_names,
+            to_load.targets,
+            to_load.saved_names,
             modules=current,
             factors={name: (pair["lora_A"], pair["lora_B"]) for name, pair in factors.items()},
             adapter_dtype=adapter_dtype,
@@ -299,7 +305,7 @@ def _apply(
         )
         trainable = adapter_name in active_adapters(model)
         with torch.no_grad():
-            for entry in plan.tensors:
+            for entry in to_load.tensors:
                 if entry.role in ("lora_A", "lora_B"):
                     continue
                 target = model_tensor(model, entry, adapter_name)

@@ -17,7 +17,7 @@ from lorakit.serve.bank import (
     LayerStack,
     prepare_for_serving,
 )
-from lorakit.serve.batched import BankRouter, RowPlan, plan_rows, routed
+from lorakit.serve.batched import BankRouter, RowGroups, group_rows, routed
 
 __all__ = [
     "AdapterBank",
@@ -25,8 +25,8 @@ __all__ = [
     "BankFullError",
     "BankRouter",
     "LayerStack",
-    "RowPlan",
-    "plan_rows",
+    "RowGroups",
+    "group_rows",
     "prepare_for_serving",
     "routed",
 ]

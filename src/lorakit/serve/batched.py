@@ -5,8 +5,8 @@ Semantics (punica's SGMV), for rows ``i`` of ``x`` (N, k) and slots ``slot[i]``:
     y[i] = base(x)[i] + s[slot[i]] * B[slot[i]] A[slot[i]] x[i]       (slot[i] = -1: y[i] = base(x)[i])
 
 with the bank's stacks A (slots, r_max, k), B (slots, d, r_max), s (slots,). The rows are grouped
-into segments of equal slot once per forward (``plan_rows``); every layer of that forward reuses
-the plan. Two ways to run the segments, chosen per segment by its size:
+into segments of equal slot once per forward (``group_rows``); every layer of that forward reuses
+the groups. Two ways to run the segments, chosen per segment by its size:
 
 - looped: one pair of small matmuls per segment (``functional.lora_forward``), on a slice of rows
   when they are contiguous (no copy), for segments of ``LOOP_MIN_ROWS`` rows or more;
@@ -37,12 +37,12 @@ from lorakit.serve.stacks import LayerStack
 __all__ = [
     "BankRouter",
     "PaddedSegments",
-    "RowPlan",
+    "RowGroups",
     "Segment",
     "add_dora_gains",
     "add_lora_looped",
     "add_lora_padded",
-    "plan_rows",
+    "group_rows",
     "routed",
 ]
 
@@ -76,7 +76,7 @@ class PaddedSegments:
 
 
 @dataclass(frozen=True)
-class RowPlan:
+class RowGroups:
     """How the N rows of one forward map to adapter slots (built once, used by every layer)."""
 
     num_rows: int
@@ -86,7 +86,7 @@ class RowPlan:
     row_slots: torch.Tensor | None = None  # (N,) each row's slot, -1 for none (DoRA's gains)
 
 
-def plan_rows(row_slots: torch.Tensor | Sequence[int], mode: str | None = None) -> RowPlan:
+def group_rows(row_slots: torch.Tensor | Sequence[int], mode: str | None = None) -> RowGroups:
     """Group rows by slot (-1: no adapter). ``mode``: None (by segment size), "loop" or "padded"."""
     values = torch.as_tensor(row_slots, dtype=torch.long).reshape(-1).tolist()
     groups: dict[int, list[int]] = {}
@@ -104,7 +104,7 @@ def plan_rows(row_slots: torch.Tensor | Sequence[int], mode: str | None = None) 
         short = short if len(short) >= 2 else {}
     looped = tuple(_segment(slot, rows) for slot, rows in groups.items() if slot not in short)
     padded = _padded(short) if short else None
-    return RowPlan(len(values), looped, padded, frozenset(groups), torch.tensor(values))
+    return RowGroups(len(values), looped, padded, frozenset(groups), torch.tensor(values))
 
 
 def _segment(slot: int, rows: list[int]) -> Segment:
@@ -140,9 +140,11 @@ def _padded(groups: dict[int, list[int]]) -> PaddedSegments:
     )
 
 
-def add_lora_looped(out: torch.Tensor, x: torch.Tensor, stack: LayerStack, plan: RowPlan) -> None:
+def add_lora_looped(
+    out: torch.Tensor, x: torch.Tensor, stack: LayerStack, groups: RowGroups
+) -> None:
     """``out[rows] += s B A x[rows]`` per looped segment. ``out`` (N, d), ``x`` (N, k), in place."""
-    for segment in plan.looped:
+    for segment in groups.looped:
         if segment.slot not in stack.present:
             continue
         slot, rows = segment.slot, segment.rows
@@ -156,14 +158,16 @@ def add_lora_looped(out: torch.Tensor, x: torch.Tensor, stack: LayerStack, plan:
             out.index_add_(0, rows, delta)
 
 
-def add_lora_padded(out: torch.Tensor, x: torch.Tensor, stack: LayerStack, plan: RowPlan) -> None:
+def add_lora_padded(
+    out: torch.Tensor, x: torch.Tensor, stack: LayerStack, groups: RowGroups
+) -> None:
     """All short segments at once: ``out[i] += s[slot] * B[slot] (A[slot] x[i])``.
 
     Shapes: x gathered (S, L, k); A (S, r, k); low (S, L, r); B^T (S, r, d); delta (S, L, d).
     Rank side first, scale on the rank side (as ``functional.lora_forward``). Slots with no
     adapter on this layer hold zeros.
     """
-    group = plan.padded
+    group = groups.padded
     segments, length = group.segment_slots.numel(), group.length
     x_rows = x.index_select(0, group.gather_rows).to(stack.lora_A.dtype)
     x_rows = x_rows.view(segments, length, x.shape[-1])  # (S, L, k)
@@ -183,13 +187,13 @@ def add_lora_padded(out: torch.Tensor, x: torch.Tensor, stack: LayerStack, plan:
 
 
 def add_dora_gains(
-    out: torch.Tensor, stack: LayerStack, plan: RowPlan, bias: torch.Tensor | None
+    out: torch.Tensor, stack: LayerStack, groups: RowGroups, bias: torch.Tensor | None
 ) -> None:
     """``out[i] += (f - 1)[slot[i]] * (out[i] - b)``: a DoRA slot's per-output scale of its rows'
     base output (bias excluded); LoRA slots and rows without an adapter have gain 0. ``out``
     (N, d) holds the base output; gathered gains (N, d)."""
     none = stack.dora_gain.shape[0] - 1  # the all-zero row
-    row_slots = plan.row_slots.to(out.device)
+    row_slots = groups.row_slots.to(out.device)
     gains = stack.dora_gain.index_select(0, torch.where(row_slots >= 0, row_slots, none))
     base = out if bias is None else out - bias
     out.addcmul_(base, gains.to(out.dtype))
@@ -198,42 +202,42 @@ def add_dora_gains(
 class BankRouter:
     """The ``row_router`` callable: each LoRA layer's rows get their slot's adapter from the bank."""
 
-    def __init__(self, bank: AdapterBank, plan: RowPlan) -> None:
+    def __init__(self, bank: AdapterBank, groups: RowGroups) -> None:
         self.bank = bank
-        self.plan = plan
+        self.groups = groups
 
     def __call__(
         self, layer: torch.nn.Module, x: torch.Tensor, base_output: torch.Tensor
     ) -> torch.Tensor:
         stack = self.bank.stack_for(layer)
-        if stack is None or not (stack.present & self.plan.slots):
+        if stack is None or not (stack.present & self.groups.slots):
             return base_output  # a layer no adapter of this batch touches (or not routed)
         rows = x.shape[:-1].numel()
-        if rows != self.plan.num_rows:
+        if rows != self.groups.num_rows:
             raise ValueError(
-                f"layer {stack.name!r} got {rows} rows but the plan has {self.plan.num_rows} "
+                f"layer {stack.name!r} got {rows} rows but the row groups have {self.groups.num_rows} "
                 "slots; give one slot per token (batch * sequence)."
             )
         out = base_output.view(rows, base_output.shape[-1])  # shares storage: in-place adds
         flat_x = x.reshape(rows, x.shape[-1])
-        if stack.dora_slots & self.plan.slots:  # before the LoRA adds: it scales the base output
-            add_dora_gains(out, stack, self.plan, getattr(layer.base_layer, "bias", None))
-        if self.plan.looped:
-            add_lora_looped(out, flat_x, stack, self.plan)
-        if self.plan.padded is not None and stack.present & self.plan.padded.slots:
-            add_lora_padded(out, flat_x, stack, self.plan)
+        if stack.dora_slots & self.groups.slots:  # before the LoRA adds: it scales the base output
+            add_dora_gains(out, stack, self.groups, getattr(layer.base_layer, "bias", None))
+        if self.groups.looped:
+            add_lora_looped(out, flat_x, stack, self.groups)
+        if self.groups.padded is not None and stack.present & self.groups.padded.slots:
+            add_lora_padded(out, flat_x, stack, self.groups)
         return base_output
 
 
 @contextmanager
 def routed(
     bank: AdapterBank, token_slots: torch.Tensor | Sequence[int], mode: str | None = None
-) -> Iterator[RowPlan]:
+) -> Iterator[RowGroups]:
     """Within the block, every forward of the bank's model adds each token's adapter.
 
     ``token_slots``: one slot per token, shaped like ``input_ids`` (B, T) or flat (B*T,);
     a per-sequence choice (B,) is expanded with ``token_slots[:, None].expand(B, T)`` by the caller.
     """
-    plan = plan_rows(token_slots, mode=mode)
-    with torch.no_grad(), row_router(BankRouter(bank, plan)):
-        yield plan
+    groups = group_rows(token_slots, mode=mode)
+    with torch.no_grad(), row_router(BankRouter(bank, groups)):
+        yield groups

@@ -12,7 +12,7 @@ run), ``schedule`` (warmup + cosine), ``optim`` (AdamW, LoRA+ groups), ``batches
 (JSONL, loss curve), ``distributed`` (torchrun / DDP), ``loop`` (the loop itself).
 """
 
-from lorakit.train.batches import BatchPlan, pad_collate
+from lorakit.train.batches import BatchOrder, pad_collate
 from lorakit.train.checkpoint import latest_checkpoint
 from lorakit.train.config import TrainingConfig
 from lorakit.train.loop import TrainResult, enable_gradient_checkpointing, train
@@ -21,7 +21,7 @@ from lorakit.train.optim import build_optimizer, parameter_groups
 from lorakit.train.schedule import lr_factor
 
 __all__ = [
-    "BatchPlan",
+    "BatchOrder",
     "TrainResult",
     "TrainingConfig",
     "build_optimizer",

@@ -6,7 +6,7 @@ dropout, is not touched). With ``G = batch_size * grad_accum * world_size`` (the
 
     order   = randperm(n)                          a fresh random order of the examples
     full    = order[: n - n % G]                   the rest, n % G examples, is the short batch
-    batches = lorakit.data.plan_batches(lengths of full, G, seed + epoch, bucket_batches):
+    batches = lorakit.data.length_grouped_batches(lengths of full, G, seed + epoch, bucket_batches):
               shuffled, chunks of G * bucket_batches sorted by length, cut into global
               batches of G, the batches shuffled
     epoch   = those global batches, then the short batch (if kept)
@@ -33,14 +33,14 @@ import torch
 
 from lorakit.data.batching import pad_right
 
-__all__ = ["BatchPlan", "example_lengths", "pad_collate", "padding_fraction", "shortest_first"]
+__all__ = ["BatchOrder", "example_lengths", "pad_collate", "padding_fraction", "shortest_first"]
 
 Batch = dict[str, torch.Tensor]
 LengthOf = Callable[[Any], int]
 
 
 @dataclass(frozen=True)
-class BatchPlan:
+class BatchOrder:
     """The example indices of every micro-batch of every optimizer step.
 
     ``lengths[i]``: token count of example ``i`` (``None``: unknown, plain shuffle).
@@ -111,10 +111,10 @@ class BatchPlan:
         cut = n - n % size
         full, rest = order[:cut], order[cut:]
         if self.by_length:  # lorakit.data's length buckets, on whole global batches
-            from lorakit.data.batching import plan_batches
+            from lorakit.data.batching import length_grouped_batches
 
             full_lengths = [self.lengths[i] for i in full]
-            planned = plan_batches(
+            planned = length_grouped_batches(
                 full_lengths, size, seed=self.seed + epoch, bucket_batches=self.bucket_batches
             )
             batches = [[full[j] for j in batch] for batch in planned]

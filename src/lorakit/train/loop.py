@@ -1,7 +1,7 @@
 """The training loop: AdamW on the adapter, warmup + cosine, accumulation, clipping, LoRA+,
 periodic evaluation, checkpoints, exact resume, DDP or FSDP under torchrun.
 
-One optimizer step ``t`` (see ``BatchPlan``) runs ``grad_accum`` micro-batches per process and
+One optimizer step ``t`` (see ``BatchOrder``) runs ``grad_accum`` micro-batches per process and
 minimises the mean loss per target token of the whole global batch::
 
     L_t = sum_{micro, rank} sum_{targets} CE / N_t,     N_t = number of targets in the step
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import UserError
-from lorakit.train.batches import BatchPlan, LengthOf, example_lengths, shortest_first
+from lorakit.train.batches import BatchOrder, LengthOf, example_lengths, shortest_first
 from lorakit.train.checkpoint import Saver, latest_checkpoint, load_checkpoint, save_checkpoint
 from lorakit.train.config import TrainingConfig
 from lorakit.train.distributed import Distributed, setup_distributed
@@ -104,7 +104,7 @@ def train(
     Without ``resume``, an output directory holding a previous run is refused unless
     ``config.overwrite`` (which deletes that run's files; see ``lorakit.train.output_dir``).
     ``length_of(example) -> tokens`` lets batches group examples of similar length (less
-    padding; see ``BatchPlan``); by default it is ``len(example["input_ids"])`` for mapping
+    padding; see ``BatchOrder``); by default it is ``len(example["input_ids"])`` for mapping
     examples, and without it batches are a plain shuffle. Under torchrun with
     ``config.strategy == "fsdp"`` the model is sharded in place and stays sharded afterwards
     (``lorakit.train.fsdp``); the saved ``adapter/`` is whole.
@@ -123,7 +123,7 @@ class _Run:
         self.eval_order = shortest_first(eval_data or [], length_of)
         self.dist: Distributed = setup_distributed(config.strategy)
         self.output_dir = Path(config.output_dir)
-        self.plan = BatchPlan(
+        self.batch_order = BatchOrder(
             len(train_data),
             config.batch_size,
             config.grad_accum,
@@ -132,12 +132,12 @@ class _Run:
             drop_last=self.dist.enabled,
             lengths=example_lengths(train_data, length_of),
         )
-        if self.plan.steps_per_epoch == 0:
+        if self.batch_order.steps_per_epoch == 0:
             raise UserError(
                 f"{len(train_data)} training examples are fewer than one global batch "
-                f"({self.plan.global_batch} = batch_size x grad_accum x processes)"
+                f"({self.batch_order.global_batch} = batch_size x grad_accum x processes)"
             )
-        self.total_steps = config.total_steps(self.plan.steps_per_epoch)
+        self.total_steps = config.total_steps(self.batch_order.steps_per_epoch)
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", enabled=self.dist.is_main)
         self.last_loss: float | None = None
         self.last_eval: dict[str, float] = {}
@@ -192,7 +192,7 @@ class _Run:
         return checkpoint.step
 
     def _plan_fields(self) -> dict[str, Any]:
-        return {**self.plan.identity(), "total_steps": self.total_steps}
+        return {**self.batch_order.identity(), "total_steps": self.total_steps}
 
     # ------------------------------------------------------------------ the loop
     def run(self, resume: bool | str) -> TrainResult:
@@ -225,7 +225,7 @@ class _Run:
         started = time.perf_counter()
         batches = [
             self.collate([self.data[i] for i in indices])
-            for indices in self.plan.micro_batches(step, self.dist.rank)
+            for indices in self.batch_order.micro_batches(step, self.dist.rank)
             if indices
         ]
         targets = self.dist.sum(sum(target_count(batch) for batch in batches))
@@ -249,7 +249,7 @@ class _Run:
         elapsed = time.perf_counter() - started
         return {
             "step": step + 1,
-            "epoch": round((step + 1) / self.plan.steps_per_epoch, 4),
+            "epoch": round((step + 1) / self.batch_order.steps_per_epoch, 4),
             "loss": self.dist.sum(loss_sum) / targets,
             "lr": lr,
             "grad_norm": grad_norm,
@@ -286,9 +286,9 @@ class _Run:
         if self.dist.is_main:
             extra = {
                 "data_plan": self._plan_fields(),
-                "epoch": done // self.plan.steps_per_epoch,
-                "batch_in_epoch": done % self.plan.steps_per_epoch,
-                "examples_seen": done * self.plan.global_batch,
+                "epoch": done // self.batch_order.steps_per_epoch,
+                "batch_in_epoch": done % self.batch_order.steps_per_epoch,
+                "examples_seen": done * self.batch_order.global_batch,
                 "training_config": self.config.to_dict(),
             }
             save_checkpoint(

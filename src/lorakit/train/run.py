@@ -85,7 +85,7 @@ def _announce(model, tokenized: dict, training, max_length: int) -> None:
     """Say on stderr what the run will do (examples, optimizer steps, trainable parameters), and
     how many examples ``max_length`` shortened."""
     from lorakit.accounting import count_parameters
-    from lorakit.train.batches import BatchPlan
+    from lorakit.train.batches import BatchOrder
 
     for part, kind in (("train", "training"), ("eval", "evaluation")):
         if part in tokenized and tokenized[part].num_truncated:
@@ -97,14 +97,14 @@ def _announce(model, tokenized: dict, training, max_length: int) -> None:
             )
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     examples = len(tokenized["train"])
-    plan = BatchPlan(
+    order = BatchOrder(
         examples, training.batch_size, training.grad_accum, processes, drop_last=processes > 1
     )
-    steps = training.total_steps(plan.steps_per_epoch) if plan.steps_per_epoch else 0
+    steps = training.total_steps(order.steps_per_epoch) if order.steps_per_epoch else 0
     counts = count_parameters(model)
     print(
         f"lorakit: training on {examples} examples, {steps} optimizer steps of "
-        f"{plan.global_batch} examples, {counts.trainable:,} trainable parameters "
+        f"{order.global_batch} examples, {counts.trainable:,} trainable parameters "
         f"({100 * counts.trainable / counts.total:.2f}% of {counts.total:,})",
         file=sys.stderr,
     )
