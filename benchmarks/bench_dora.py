@@ -22,8 +22,14 @@ SHAPES = {"prefill 4x128": (4, 128, 1), "decode 1x1": (1, 1, 20), "decode 32x1":
 
 
 def fields(dropout: float, use_dora: bool) -> dict:
-    return dict(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear",
-                task_type="CAUSAL_LM", use_dora=use_dora)  # fmt: skip
+    return dict(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+        use_dora=use_dora,
+    )
 
 
 def build(base, dropout: float) -> dict:
@@ -86,8 +92,11 @@ def inference(models: dict, vocab: int, repeats: int, quick: bool) -> dict:
             logits = {name: model(input_ids=ids).logits for name, model in models.items()}
             difference = (logits["dora"] - logits["peft-dora"]).abs().max().item()
             times = common.alternate(runs, repeats)
-        results[label] = {"times_s": times, "calls_per_round": calls,
-                          "max_abs_logit_diff_dora_vs_peft": difference}  # fmt: skip
+        results[label] = {
+            "times_s": times,
+            "calls_per_round": calls,
+            "max_abs_logit_diff_dora_vs_peft": difference,
+        }
     return results
 
 
@@ -120,8 +129,10 @@ def serving(base, vocab: int, repeats: int, quick: bool) -> dict:
     for label, length in (("mixed decode 32x1", 1), ("mixed 32x16", 16)):
         length = min(length, 4) if quick else length
         ids = torch.randint(0, vocab, (32, length), generator=torch.Generator().manual_seed(6))
-        slots = {kind: torch.tensor([bank.slot_of(f"a{i}") for i in range(32)])[:, None]
-                 for kind, bank in banks.items()}  # fmt: skip
+        slots = {
+            kind: torch.tensor([bank.slot_of(f"a{i}") for i in range(32)])[:, None]
+            for kind, bank in banks.items()
+        }
 
         def run(kind, ids=ids, slots=slots, length=length):
             with routed(banks[kind], slots[kind].expand(32, length)):
@@ -138,19 +149,38 @@ def report(train: dict, infer: dict) -> str:
     for setting, result in train.items():
         t = {name: common.median(values) for name, values in result["times_s"].items()}
         saved = result["saved_bytes"]
-        rows.append((f"train {setting}", f"{t['lora']:.3f}",
-                     common.ratio(t["dora"], t["lora"]), common.ratio(t["dora"], t["peft-dora"]),
-                     common.ratio(t["peft-dora"], t["lora"]),
-                     f"{saved['lora'] / 2**20:.1f} / {saved['dora'] / 2**20:.1f} / "
-                     f"{saved['peft-dora'] / 2**20:.1f}"))  # fmt: skip
+        rows.append(
+            (
+                f"train {setting}",
+                f"{t['lora']:.3f}",
+                common.ratio(t["dora"], t["lora"]),
+                common.ratio(t["dora"], t["peft-dora"]),
+                common.ratio(t["peft-dora"], t["lora"]),
+                f"{saved['lora'] / 2**20:.1f} / {saved['dora'] / 2**20:.1f} / "
+                f"{saved['peft-dora'] / 2**20:.1f}",
+            )
+        )
     for label, result in infer.items():
         t = {name: common.median(values) for name, values in result["times_s"].items()}
         per_call = t["lora"] / result["calls_per_round"]
-        rows.append((label, f"{per_call:.4f}", common.ratio(t["dora"], t["lora"]),
-                     common.ratio(t["dora"], t["peft-dora"]),
-                     common.ratio(t["peft-dora"], t["lora"]), "-"))  # fmt: skip
-    header = ("workload", "lora s", "dora/lora", "dora/peft-dora", "peft-dora/lora",
-              "saved MiB lora / dora / peft-dora")  # fmt: skip
+        rows.append(
+            (
+                label,
+                f"{per_call:.4f}",
+                common.ratio(t["dora"], t["lora"]),
+                common.ratio(t["dora"], t["peft-dora"]),
+                common.ratio(t["peft-dora"], t["lora"]),
+                "-",
+            )
+        )
+    header = (
+        "workload",
+        "lora s",
+        "dora/lora",
+        "dora/peft-dora",
+        "peft-dora/lora",
+        "saved MiB lora / dora / peft-dora",
+    )
     return common.table(rows, header)
 
 
@@ -180,14 +210,25 @@ def main() -> None:
     print(report(train, infer))
     for label, result in served.items():
         t = {name: common.median(values) for name, values in result["times_s"].items()}
-        print(f"{label}: all LoRA {t['lora']:.4f} s, half DoRA / all LoRA "
-              f"{common.ratio(t['half-dora'], t['lora'])}")  # fmt: skip
-    common.write_json(args.out, {"workload": "dora", "threads": args.threads, "clock": clock,
-                                 "layers": args.layers, "quick": args.quick,
-                                 "vocab": config.vocab_size,
-                                 "versions": common.versions(),
-                                 "training": train, "inference": infer,
-                                 "serving": served})  # fmt: skip
+        print(
+            f"{label}: all LoRA {t['lora']:.4f} s, half DoRA / all LoRA "
+            f"{common.ratio(t['half-dora'], t['lora'])}"
+        )
+    common.write_json(
+        args.out,
+        {
+            "workload": "dora",
+            "threads": args.threads,
+            "clock": clock,
+            "layers": args.layers,
+            "quick": args.quick,
+            "vocab": config.vocab_size,
+            "versions": common.versions(),
+            "training": train,
+            "inference": infer,
+            "serving": served,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,13 @@ def lora_step(base, dropout: float, ids: torch.Tensor):
     """A training step (forward, backward, AdamW) of a copy of ``base`` with non-zero adapters."""
     import lorakit
 
-    config = lorakit.LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout,
-                                target_modules="all-linear", init_lora_weights=False)  # fmt: skip
+    config = lorakit.LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=dropout,
+        target_modules="all-linear",
+        init_lora_weights=False,
+    )
     model = lorakit.inject(copy.deepcopy(base), config).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -47,18 +52,37 @@ def main() -> None:
         base(inputs_embeds=embeds, labels=ids).loss.backward()
 
     times = common.alternate(
-        {"frozen": frozen, "dropout 0": lora_step(base, 0.0, ids),
-         "dropout 0.05": lora_step(base, 0.05, ids)},
+        {
+            "frozen": frozen,
+            "dropout 0": lora_step(base, 0.0, ids),
+            "dropout 0.05": lora_step(base, 0.05, ids),
+        },
         args.repeats,
-    )  # fmt: skip
+    )
     medians = {name: common.median(values) for name, values in times.items()}
-    rows = [(name, f"{seconds:.3f}", f"{seconds / medians['frozen']:.3f}",
-             f"{seconds / medians['dropout 0']:.3f}") for name, seconds in medians.items()]  # fmt: skip
+    rows = [
+        (
+            name,
+            f"{seconds:.3f}",
+            f"{seconds / medians['frozen']:.3f}",
+            f"{seconds / medians['dropout 0']:.3f}",
+        )
+        for name, seconds in medians.items()
+    ]
     print(common.table(rows, ("step", "seconds", "/ frozen", "/ dropout 0")))
-    common.write_json(args.out, {"workload": "dropout cost of the fused training step",
-                                 "threads": args.threads, "clock": clock, "layers": args.layers,
-                                 "quick": args.quick, "batch": [batch, length],
-                                 "versions": common.versions(), "times_s": times})  # fmt: skip
+    common.write_json(
+        args.out,
+        {
+            "workload": "dropout cost of the fused training step",
+            "threads": args.threads,
+            "clock": clock,
+            "layers": args.layers,
+            "quick": args.quick,
+            "batch": [batch, length],
+            "versions": common.versions(),
+            "times_s": times,
+        },
+    )
 
 
 if __name__ == "__main__":

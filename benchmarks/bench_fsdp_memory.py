@@ -59,8 +59,14 @@ def worker(args: argparse.Namespace) -> None:
     ]
     for example in examples:
         example["labels"] = example["input_ids"]
-    training = TrainingConfig(output_dir=args.output, max_steps=args.steps, batch_size=1,
-                              progress=False, plot=False, strategy=args.strategy)  # fmt: skip
+    training = TrainingConfig(
+        output_dir=args.output,
+        max_steps=args.steps,
+        batch_size=1,
+        progress=False,
+        plot=False,
+        strategy=args.strategy,
+    )
     train(model, examples, pad_collate(0), training)
     report = {
         **local_parameter_bytes(model),
@@ -76,10 +82,23 @@ def worker(args: argparse.Namespace) -> None:
 def measure(args: argparse.Namespace, strategy: str) -> list[dict[str, int]]:
     output = tempfile.mkdtemp(prefix=f"fsdp-memory-{strategy}-")
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        "--nproc_per_node", str(args.processes), __file__, "--worker", "--strategy", strategy,
-        "--model", args.model, "--steps", str(args.steps), "--output", output,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(args.processes),
+        __file__,
+        "--worker",
+        "--strategy",
+        strategy,
+        "--model",
+        args.model,
+        "--steps",
+        str(args.steps),
+        "--output",
+        output,
+    ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
     subprocess.run(command, check=True, env=environment, capture_output=True)
     return [
@@ -101,8 +120,10 @@ def main() -> None:
         worker(args)
         return
     print(f"{args.model}, {args.processes} processes, MB = 1e6 bytes")
-    print(f"{'strategy':<9}{'rank':>5}{'frozen MB':>11}{'adapter MB':>12}{'RSS start':>10}"
-          f"{'RSS load':>10}{'RSS end':>9}{'RSS peak':>10}{'end-start':>10}")  # fmt: skip
+    print(
+        f"{'strategy':<9}{'rank':>5}{'frozen MB':>11}{'adapter MB':>12}{'RSS start':>10}"
+        f"{'RSS load':>10}{'RSS end':>9}{'RSS peak':>10}{'end-start':>10}"
+    )
     for strategy in ("ddp", "fsdp"):
         for rank, held in enumerate(measure(args, strategy)):
             print(

@@ -28,8 +28,13 @@ def contenders(base):
     ours_merged = lorakit.merge(copy.deepcopy(ours))
     theirs_merged, _ = copy.deepcopy(theirs), None
     theirs_merged.merge_adapter()
-    models = {"base": base, "lorakit": ours, "peft": theirs, "lorakit-merged": ours_merged,
-              "peft-merged": theirs_merged}  # fmt: skip
+    models = {
+        "base": base,
+        "lorakit": ours,
+        "peft": theirs,
+        "lorakit-merged": ours_merged,
+        "peft-merged": theirs_merged,
+    }
     for model in models.values():
         model.eval()
 
@@ -49,7 +54,7 @@ def run_shape(models, plain, shape, vocab, repeats):
             for _ in range(calls):
                 model(input_ids=ids)
 
-        return run  # fmt: skip
+        return run
 
     runs = {name: forward(model) for name, model in models.items()}
     runs["lorakit-plain"] = lambda: [plain(ids) for _ in range(calls)]
@@ -75,14 +80,48 @@ def main() -> None:
     rows = []
     for label, result in results.items():
         t = {name: common.median(values) for name, values in result["times_s"].items()}
-        rows.append((label, f"{t['base'] / result['calls_per_round'] * 1e3:.2f}",
-                     *(f"{t[name] / t['base']:.3f}" for name in
-                       ("lorakit", "peft", "lorakit-plain", "lorakit-merged", "peft-merged"))))  # fmt: skip
-    print(common.table(rows, ("shape", "base ms", "lorakit/base", "peft/base", "plain/base",
-                              "lorakit merged/base", "peft merged/base")))  # fmt: skip
-    common.write_json(args.out, {"workload": "inference", "threads": args.threads, "clock": clock,
-                                 "layers": args.layers, "quick": args.quick,
-                                 "versions": common.versions(), "results": results})  # fmt: skip
+        rows.append(
+            (
+                label,
+                f"{t['base'] / result['calls_per_round'] * 1e3:.2f}",
+                *(
+                    f"{t[name] / t['base']:.3f}"
+                    for name in (
+                        "lorakit",
+                        "peft",
+                        "lorakit-plain",
+                        "lorakit-merged",
+                        "peft-merged",
+                    )
+                ),
+            )
+        )
+    print(
+        common.table(
+            rows,
+            (
+                "shape",
+                "base ms",
+                "lorakit/base",
+                "peft/base",
+                "plain/base",
+                "lorakit merged/base",
+                "peft merged/base",
+            ),
+        )
+    )
+    common.write_json(
+        args.out,
+        {
+            "workload": "inference",
+            "threads": args.threads,
+            "clock": clock,
+            "layers": args.layers,
+            "quick": args.quick,
+            "versions": common.versions(),
+            "results": results,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,12 @@ def save_adapter(base, directory: Path) -> None:
     import lorakit
     import lorakit.io
 
-    model = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(
-        r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))  # fmt: skip
+    model = lorakit.inject(
+        copy.deepcopy(base),
+        lorakit.LoraConfig(
+            r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False
+        ),
+    )
     lorakit.io.save_adapter(model, directory)
 
 
@@ -53,12 +57,17 @@ def first_adapter(base, directory: Path, repeats: int):
     def peft_load():
         holder["peft"] = peft.PeftModel.from_pretrained(theirs_base, directory)
 
-    return timed_rounds({
-        "raw": (lambda: load_file(directory / "adapter_model.safetensors"), lambda: None),
-        "lorakit": (lambda: lorakit.io.load_adapter(ours, directory, activate=True),
-                    lambda: lorakit.unload(ours)),
-        "peft": (peft_load, lambda: holder.pop("peft").unload()),
-    }, repeats)  # fmt: skip
+    return timed_rounds(
+        {
+            "raw": (lambda: load_file(directory / "adapter_model.safetensors"), lambda: None),
+            "lorakit": (
+                lambda: lorakit.io.load_adapter(ours, directory, activate=True),
+                lambda: lorakit.unload(ours),
+            ),
+            "peft": (peft_load, lambda: holder.pop("peft").unload()),
+        },
+        repeats,
+    )
 
 
 def nth_adapter(base, directory: Path, count: int, repeats: int):
@@ -80,12 +89,17 @@ def nth_adapter(base, directory: Path, count: int, repeats: int):
         theirs.load_adapter(directory, adapter_name=last)
         theirs.set_adapter(last)
 
-    return timed_rounds({
-        "raw": (lambda: load_file(directory / "adapter_model.safetensors"), lambda: None),
-        "lorakit": (lambda: lorakit.io.load_adapter(ours, directory, last, activate=True),
-                    lambda: lorakit.delete_adapter(ours, last)),
-        "peft": (peft_load, lambda: (theirs.set_adapter("a0"), theirs.delete_adapter(last))),
-    }, repeats)  # fmt: skip
+    return timed_rounds(
+        {
+            "raw": (lambda: load_file(directory / "adapter_model.safetensors"), lambda: None),
+            "lorakit": (
+                lambda: lorakit.io.load_adapter(ours, directory, last, activate=True),
+                lambda: lorakit.delete_adapter(ours, last),
+            ),
+            "peft": (peft_load, lambda: (theirs.set_adapter("a0"), theirs.delete_adapter(last))),
+        },
+        repeats,
+    )
 
 
 def main() -> None:
@@ -97,22 +111,45 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "adapter"
         save_adapter(base, directory)
-        results = {"1st": first_adapter(base, directory, args.repeats),
-                   f"{count}th": nth_adapter(base, directory, count, args.repeats)}  # fmt: skip
+        results = {
+            "1st": first_adapter(base, directory, args.repeats),
+            f"{count}th": nth_adapter(base, directory, count, args.repeats),
+        }
     medians = {k: {n: common.median(v) for n, v in r.items()} for k, r in results.items()}
-    rows = [(k, f"{m['raw'] * 1e3:.1f}", f"{m['lorakit'] * 1e3:.1f}", f"{m['peft'] * 1e3:.1f}",
-             f"{m['lorakit'] / m['raw']:.2f}", f"{m['lorakit'] / m['peft']:.3f}")
-            for k, m in medians.items()]  # fmt: skip
+    rows = [
+        (
+            k,
+            f"{m['raw'] * 1e3:.1f}",
+            f"{m['lorakit'] * 1e3:.1f}",
+            f"{m['peft'] * 1e3:.1f}",
+            f"{m['lorakit'] / m['raw']:.2f}",
+            f"{m['lorakit'] / m['peft']:.3f}",
+        )
+        for k, m in medians.items()
+    ]
     first, nth = medians.values()
-    print(common.table(rows, ("adapter", "raw ms", "lorakit ms", "peft ms", "lorakit/raw",
-                              "lorakit/peft")))  # fmt: skip
+    print(
+        common.table(
+            rows, ("adapter", "raw ms", "lorakit ms", "peft ms", "lorakit/raw", "lorakit/peft")
+        )
+    )
     print(
         f"lorakit {count}th / 1st: {nth['lorakit'] / first['lorakit']:.3f}; "
         f"peft: {nth['peft'] / first['peft']:.3f}"
     )
-    common.write_json(args.out, {"workload": "adapter loading", "threads": args.threads, "clock": clock,
-                                 "layers": args.layers, "quick": args.quick, "adapters": count,
-                                 "versions": common.versions(), "times_s": results})  # fmt: skip
+    common.write_json(
+        args.out,
+        {
+            "workload": "adapter loading",
+            "threads": args.threads,
+            "clock": clock,
+            "layers": args.layers,
+            "quick": args.quick,
+            "adapters": count,
+            "versions": common.versions(),
+            "times_s": results,
+        },
+    )
 
 
 if __name__ == "__main__":

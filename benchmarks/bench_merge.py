@@ -58,16 +58,34 @@ def main() -> None:
     for label, dtype in DTYPES.items():
         original, ours, theirs = pair(dtype, size)
         results[label] = {
-            "lorakit": cycles(original, lambda m=ours: lorakit.merge(m),
-                              lambda m=ours: lorakit.unmerge(m), lambda m=ours: m[0].weight),
-            "peft": cycles(original, theirs.merge_adapter, theirs.unmerge_adapter,
-                           lambda m=theirs: m.base_model.model[0].weight),
-        }  # fmt: skip
-    rows = [(label, *(f"{r[lib][n]:.3g}" for lib in ("lorakit", "peft") for n in ("1", "100")))
-            for label, r in results.items()]  # fmt: skip
+            "lorakit": cycles(
+                original,
+                lambda m=ours: lorakit.merge(m),
+                lambda m=ours: lorakit.unmerge(m),
+                lambda m=ours: m[0].weight,
+            ),
+            "peft": cycles(
+                original,
+                theirs.merge_adapter,
+                theirs.unmerge_adapter,
+                lambda m=theirs: m.base_model.model[0].weight,
+            ),
+        }
+    rows = [
+        (label, *(f"{r[lib][n]:.3g}" for lib in ("lorakit", "peft") for n in ("1", "100")))
+        for label, r in results.items()
+    ]
     print(common.table(rows, ("dtype", "lorakit 1", "lorakit 100", "peft 1", "peft 100")))
-    common.write_json(args.out, {"workload": "merge exactness", "size": size, "quick": args.quick,
-                                 "versions": common.versions(), "max_abs_error": results})  # fmt: skip
+    common.write_json(
+        args.out,
+        {
+            "workload": "merge exactness",
+            "size": size,
+            "quick": args.quick,
+            "versions": common.versions(),
+            "max_abs_error": results,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,15 @@ def smollm2_config(layers: int, tiny: bool = False) -> LlamaConfig:
 
     ``tiny``: a 64-wide model with a 128-token vocabulary instead (``--quick``, for tests)."""
     if tiny:
-        return LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)  # fmt: skip
+        return LlamaConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+            max_position_embeddings=256,
+        )
     return common.smollm2_config(layers, quick=False)  # bos 1, eos 2: LlamaConfig's defaults
 
 
@@ -194,8 +201,12 @@ def layer_level(args) -> list[dict]:
             with routed(bank, slots):
                 served(x)
 
-        runs = {"base": lambda x=x: base(x), "single": lambda x=x: single(x), "mixed": run_mixed,
-                "peft": lambda x=x, names=names: peft_layer(x, adapter_names=names)}  # fmt: skip
+        runs = {
+            "base": lambda x=x: base(x),
+            "single": lambda x=x: single(x),
+            "mixed": run_mixed,
+            "peft": lambda x=x, names=names: peft_layer(x, adapter_names=names),
+        }
         rows.append(
             summarise(
                 "layer",
@@ -212,13 +223,26 @@ def layer_level(args) -> list[dict]:
 
 def summarise(level, phase, shape, pool, kind, picks, raw) -> dict:
     median = {name: statistics.median(times) for name, times in raw.items()}
-    row = dict(level=level, phase=phase, shape=list(shape), pool=pool, choice=kind, distinct=len(set(picks)), raw=raw,
-               median=median, mixed_over_single=median["mixed"] / median["single"],
-               mixed_over_peft=median["mixed"] / median["peft"], peft_over_base=median["peft"] / median["base"],
-               mixed_over_base=median["mixed"] / median["base"])  # fmt: skip
-    print(f"{level:5s} {phase:8s} {pool:4d} {kind:9s} distinct={row['distinct']:3d}  mixed/single={row['mixed_over_single']:.2f}  "
-          f"mixed/peft={row['mixed_over_peft']:.2f}  mixed/base={row['mixed_over_base']:.2f}  "
-          f"peft/base={row['peft_over_base']:.2f}  (mixed {median['mixed'] * 1e3:.2f} ms)", flush=True)  # fmt: skip
+    row = dict(
+        level=level,
+        phase=phase,
+        shape=list(shape),
+        pool=pool,
+        choice=kind,
+        distinct=len(set(picks)),
+        raw=raw,
+        median=median,
+        mixed_over_single=median["mixed"] / median["single"],
+        mixed_over_peft=median["mixed"] / median["peft"],
+        peft_over_base=median["peft"] / median["base"],
+        mixed_over_base=median["mixed"] / median["base"],
+    )
+    print(
+        f"{level:5s} {phase:8s} {pool:4d} {kind:9s} distinct={row['distinct']:3d}  mixed/single={row['mixed_over_single']:.2f}  "
+        f"mixed/peft={row['mixed_over_peft']:.2f}  mixed/base={row['mixed_over_base']:.2f}  "
+        f"peft/base={row['peft_over_base']:.2f}  (mixed {median['mixed'] * 1e3:.2f} ms)",
+        flush=True,
+    )
     return row
 
 

@@ -45,12 +45,14 @@ def workload(args, adapter_count: int, vocab: int) -> list[dict]:
     requests = []
     for arrival in arrivals:
         prompt_length = int(torch.randint(8, 64, (1,), generator=generator))
-        requests.append(dict(
-            arrival=arrival,
-            adapter=f"a{int(torch.multinomial(weights, 1, generator=generator))}",
-            prompt=torch.randint(0, vocab, (prompt_length,), generator=generator).tolist(),
-            output=int(torch.randint(8, 64, (1,), generator=generator)),
-        ))  # fmt: skip
+        requests.append(
+            dict(
+                arrival=arrival,
+                adapter=f"a{int(torch.multinomial(weights, 1, generator=generator))}",
+                prompt=torch.randint(0, vocab, (prompt_length,), generator=generator).tolist(),
+                output=int(torch.randint(8, 64, (1,), generator=generator)),
+            )
+        )
     return requests
 
 
@@ -88,8 +90,13 @@ def summary(requests, submitted, first, finish, start) -> dict:
     elapsed = max(finish.values()) - start
     ttft = sorted(first[i] - submitted[i] for i in first)
     tokens = sum(r["output"] for r in requests)
-    return {"seconds": elapsed, "tokens_per_s": tokens / elapsed, "requests_per_s": len(requests) / elapsed,
-            "ttft_p50": ttft[len(ttft) // 2], "ttft_p99": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))]}  # fmt: skip
+    return {
+        "seconds": elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "requests_per_s": len(requests) / elapsed,
+        "ttft_p50": ttft[len(ttft) // 2],
+        "ttft_p99": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))],
+    }
 
 
 def peft_run(peft_model, requests: list[dict]) -> dict:
@@ -183,8 +190,10 @@ def report(args, raw, peft) -> None:
         f"{'adapters':>8} {'tok/s':>8} {'req/s':>6} {'ttft p50':>9} {'ttft p99':>9} {'vs 1':>5} {'vs peft':>8}"
     )
     for count, m in medians.items():
-        print(f"{count:8d} {m['tokens_per_s']:8.1f} {m['requests_per_s']:6.2f} {m['ttft_p50']:9.3f} {m['ttft_p99']:9.3f} "
-              f"{m['tokens_per_s'] / one:5.2f} {m['tokens_per_s'] / peft['tokens_per_s']:8.1f}")  # fmt: skip
+        print(
+            f"{count:8d} {m['tokens_per_s']:8.1f} {m['requests_per_s']:6.2f} {m['ttft_p50']:9.3f} {m['ttft_p99']:9.3f} "
+            f"{m['tokens_per_s'] / one:5.2f} {m['tokens_per_s'] / peft['tokens_per_s']:8.1f}"
+        )
     print(
         f"{'peft':>8} {peft['tokens_per_s']:8.1f} {peft['requests_per_s']:6.2f} {peft['ttft_p50']:9.3f} {peft['ttft_p99']:9.3f}"
     )
@@ -193,9 +202,15 @@ def report(args, raw, peft) -> None:
         if args.real
         else f"SmolLM2-135M config, {args.layers} layers, random weights"
     )
-    payload = {"workload": 6, "model": model, "settings": {k: v for k, v in vars(args).items() if k != "out"},
-               "versions": versions(), "raw": {str(c): runs for c, runs in raw.items()}, "medians": {str(c): m for c, m in medians.items()},
-               "peft_switching": peft}  # fmt: skip
+    payload = {
+        "workload": 6,
+        "model": model,
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "versions": versions(),
+        "raw": {str(c): runs for c, runs in raw.items()},
+        "medians": {str(c): m for c, m in medians.items()},
+        "peft_switching": peft,
+    }
     common.write_json(Path(args.out), payload)
 
 

@@ -27,8 +27,13 @@ SETTINGS = [
 
 
 def lora_fields(dropout: float) -> dict:
-    return dict(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear",
-                task_type="CAUSAL_LM")  # fmt: skip
+    return dict(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
 
 
 def build(base, dropout: float):
@@ -58,7 +63,7 @@ def step_functions(base, ours, theirs, ids):
             model(**inputs, labels=ids).loss.backward()
             optimizer.step()
 
-        return run  # fmt: skip
+        return run
 
     ours_opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
     theirs_opt = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
@@ -96,9 +101,13 @@ def memory(base, ours, theirs, ids, steps, repeats):
         return base(inputs_embeds=embeds, labels=ids).loss
 
     full = copy.deepcopy(base).train().requires_grad_(True)
-    forwards = {"lorakit": forward(ours, input_ids=ids), "peft": forward(theirs, input_ids=ids),
-                "lorakit-plain": plain_forward, "frozen": frozen_forward,
-                "full-ft": forward(full, input_ids=ids)}  # fmt: skip
+    forwards = {
+        "lorakit": forward(ours, input_ids=ids),
+        "peft": forward(theirs, input_ids=ids),
+        "lorakit-plain": plain_forward,
+        "frozen": frozen_forward,
+        "full-ft": forward(full, input_ids=ids),
+    }
     saved = {}
     for name, run in forwards.items():
         model = {"peft": theirs, "full-ft": full}.get(name, ours if "lorakit" in name else base)
@@ -123,9 +132,15 @@ def run_setting(args, label, dtype, dropout) -> dict:
     start = time.perf_counter()
     times = {} if args.memory_only else common.alternate(steps, args.repeats)
     saved, rss = memory(base, ours, theirs, ids, steps, max(1, min(3, args.repeats)))
-    return {"setting": f"{label} dropout={dropout}", "dtype": label, "dropout": dropout,
-            "times_s": times, "saved_bytes": saved, "rss_delta_bytes": rss,
-            "seconds": time.perf_counter() - start}  # fmt: skip
+    return {
+        "setting": f"{label} dropout={dropout}",
+        "dtype": label,
+        "dropout": dropout,
+        "times_s": times,
+        "saved_bytes": saved,
+        "rss_delta_bytes": rss,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def report(results: list[dict]) -> str:
@@ -135,20 +150,34 @@ def report(results: list[dict]) -> str:
         saved = result["saved_bytes"]
         added = {name: saved[name] - saved["frozen"] for name in ("lorakit", "peft")}
         rss = {n: common.median(v) for n, v in result["rss_delta_bytes"].items() if None not in v}
-        rows.append((result["setting"], f"{t['lorakit']:.3f}" if t else "-",
-                     common.ratio(t.get("lorakit"), t.get("peft")),
-                     common.ratio(t.get("lorakit"), t.get("frozen")),
-                     common.ratio(t.get("peft"), t.get("frozen")),
-                     common.ratio(t.get("lorakit-plain"), t.get("peft")),
-                     f"{saved['lorakit'] / 2**20:.1f} / {saved['peft'] / 2**20:.1f}",
-                     common.ratio(saved["lorakit"], saved["peft"]),
-                     common.ratio(added["lorakit"], added["peft"]),
-                     f"{saved['lorakit'] / saved['full-ft']:.2f} / {saved['peft'] / saved['full-ft']:.2f}",
-                     common.ratio(rss.get("lorakit"), rss.get("peft"))))  # fmt: skip
-    header = ("setting", "lorakit s/step", "lorakit/peft", "lorakit/frozen", "peft/frozen",
-              "plain/peft", "saved MiB lorakit / peft", "saved lorakit/peft",
-              "saved above frozen lorakit/peft", "saved vs full-ft lorakit / peft",
-              "rss lorakit/peft")  # fmt: skip
+        rows.append(
+            (
+                result["setting"],
+                f"{t['lorakit']:.3f}" if t else "-",
+                common.ratio(t.get("lorakit"), t.get("peft")),
+                common.ratio(t.get("lorakit"), t.get("frozen")),
+                common.ratio(t.get("peft"), t.get("frozen")),
+                common.ratio(t.get("lorakit-plain"), t.get("peft")),
+                f"{saved['lorakit'] / 2**20:.1f} / {saved['peft'] / 2**20:.1f}",
+                common.ratio(saved["lorakit"], saved["peft"]),
+                common.ratio(added["lorakit"], added["peft"]),
+                f"{saved['lorakit'] / saved['full-ft']:.2f} / {saved['peft'] / saved['full-ft']:.2f}",
+                common.ratio(rss.get("lorakit"), rss.get("peft")),
+            )
+        )
+    header = (
+        "setting",
+        "lorakit s/step",
+        "lorakit/peft",
+        "lorakit/frozen",
+        "peft/frozen",
+        "plain/peft",
+        "saved MiB lorakit / peft",
+        "saved lorakit/peft",
+        "saved above frozen lorakit/peft",
+        "saved vs full-ft lorakit / peft",
+        "rss lorakit/peft",
+    )
     return common.table(rows, header)
 
 
@@ -173,9 +202,18 @@ def main() -> None:
         results.append(run_setting(args, *setting))
         print(f"done {results[-1]['setting']} in {results[-1]['seconds']:.0f} s", flush=True)
     print(report(results))
-    common.write_json(args.out, {"workload": "training step", "threads": args.threads, "clock": clock,
-                                 "layers": args.layers, "quick": args.quick,
-                                 "versions": common.versions(), "results": results})  # fmt: skip
+    common.write_json(
+        args.out,
+        {
+            "workload": "training step",
+            "threads": args.threads,
+            "clock": clock,
+            "layers": args.layers,
+            "quick": args.quick,
+            "versions": common.versions(),
+            "results": results,
+        },
+    )
 
 
 if __name__ == "__main__":

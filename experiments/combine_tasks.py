@@ -107,8 +107,10 @@ def main() -> None:
         ),
     }
     rows = {"base model": scores(model, tokenizer, held_out)}
-    training = {name: train_adapter(model, tokenizer, name, dataset)
-                for name, dataset in (("sentiment", "rotten-tomatoes"), ("chat", "chatterbot"))}  # fmt: skip
+    training = {
+        name: train_adapter(model, tokenizer, name, dataset)
+        for name, dataset in (("sentiment", "rotten-tomatoes"), ("chat", "chatterbot"))
+    }
     for name in ("sentiment", "chat"):
         with lorakit.use_adapters(model, [name]):
             rows[f"{name} adapter alone"] = scores(model, tokenizer, held_out)
@@ -124,12 +126,19 @@ def main() -> None:
                 "lowest_energy_kept": energies[label]
             }
     report = {
-        "settings": {"model": MODEL, "steps": STEPS, "batch": BATCH, "max_length": MAX_LENGTH,
-                     "eval_size": EVAL_SIZE, "lr": LR, "config": CONFIG.to_dict()},
+        "settings": {
+            "model": MODEL,
+            "steps": STEPS,
+            "batch": BATCH,
+            "max_length": MAX_LENGTH,
+            "eval_size": EVAL_SIZE,
+            "lr": LR,
+            "config": CONFIG.to_dict(),
+        },
         "final_training_loss": training,
         "rows": rows,
         "seconds": time.perf_counter() - started,
-    }  # fmt: skip
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "combine_tasks.json").write_text(json.dumps(report, indent=2) + "\n")
     print("| adapter | sentiment accuracy | chat loss / token | lowest energy kept |")

@@ -22,10 +22,30 @@ def _main(capsys, *argv) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, model_dir, jsonl):
     output = tmp_path_factory.mktemp("run")
-    code = cli.main(["train", "--model", str(model_dir), "--data", str(jsonl), "--output",
-                     str(output), "--steps", "4", "--batch-size", "4", "--lr", "1e-2",
-                     "--r", "4", "--alpha", "8", "--target-modules", "q_proj,v_proj",
-                     "--no-progress"])  # fmt: skip
+    code = cli.main(
+        [
+            "train",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(jsonl),
+            "--output",
+            str(output),
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-2",
+            "--r",
+            "4",
+            "--alpha",
+            "8",
+            "--target-modules",
+            "q_proj,v_proj",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     return output
 
@@ -61,17 +81,48 @@ def test_config_file_with_flag_override(tmp_path, capsys, model_dir, jsonl):
 def well_trained(tmp_path_factory, model_dir, jsonl):
     """An adapter trained long enough to get some answers exactly right (not all)."""
     output = tmp_path_factory.mktemp("run-long")
-    code = cli.main(["train", "--model", str(model_dir), "--data", str(jsonl), "--output",
-                     str(output), "--steps", "20", "--batch-size", "8", "--lr", "1e-2",
-                     "--r", "8", "--alpha", "16", "--dropout", "0", "--no-progress"])  # fmt: skip
+    code = cli.main(
+        [
+            "train",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(jsonl),
+            "--output",
+            str(output),
+            "--steps",
+            "20",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-2",
+            "--r",
+            "8",
+            "--alpha",
+            "16",
+            "--dropout",
+            "0",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     return output
 
 
 def test_eval_loss_matches_the_model_with_the_adapter(capsys, model_dir, jsonl, well_trained):
     trained = well_trained
-    code, out, _ = _main(capsys, "eval", "--model", model_dir, "--adapter", trained / "adapter",
-                         "--data", jsonl, "--batch-size", "64")  # fmt: skip
+    code, out, _ = _main(
+        capsys,
+        "eval",
+        "--model",
+        model_dir,
+        "--adapter",
+        trained / "adapter",
+        "--data",
+        jsonl,
+        "--batch-size",
+        "64",
+    )
     assert code == 0
     report = json.loads(out)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -97,8 +148,16 @@ def test_eval_loss_matches_the_model_with_the_adapter(capsys, model_dir, jsonl, 
 
 
 def test_merge_writes_a_plain_model_with_the_adapters_outputs(tmp_path, capsys, model_dir, trained):
-    code, _, _ = _main(capsys, "merge", "--model", model_dir, "--adapter", trained / "adapter",
-                       "--output", tmp_path / "merged")  # fmt: skip
+    code, _, _ = _main(
+        capsys,
+        "merge",
+        "--model",
+        model_dir,
+        "--adapter",
+        trained / "adapter",
+        "--output",
+        tmp_path / "merged",
+    )
     assert code == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     adapted = load_adapter(
@@ -109,8 +168,17 @@ def test_merge_writes_a_plain_model_with_the_adapters_outputs(tmp_path, capsys, 
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=1e-5)
     assert not any("lora" in name for name in merged.state_dict())
     # generation through the CLI (adapter) equals greedy generation of the merged plain model
-    code, out, _ = _main(capsys, "generate", "Is this movie review positive?", "--model", model_dir,
-                         "--adapter", trained / "adapter", "--max-new-tokens", "6")  # fmt: skip
+    code, out, _ = _main(
+        capsys,
+        "generate",
+        "Is this movie review positive?",
+        "--model",
+        model_dir,
+        "--adapter",
+        trained / "adapter",
+        "--max-new-tokens",
+        "6",
+    )
     assert code == 0
     from transformers import AutoTokenizer
 
@@ -121,8 +189,9 @@ def test_merge_writes_a_plain_model_with_the_adapters_outputs(tmp_path, capsys, 
         add_generation_prompt=True,
     )
     encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    greedy = merged.generate(**encoded, max_new_tokens=6, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    greedy = merged.generate(
+        **encoded, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
     expected = tokenizer.decode(
         greedy[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True
     )
@@ -135,22 +204,32 @@ def test_merge_writes_a_plain_model_with_the_adapters_outputs(tmp_path, capsys, 
         (["train", "--model", "x"], "no training data"),
         (["train", "--data", "nope.txt", "--steps", "1"], "unknown data"),
         (["train", "--data", "rotten-tomatoes", "--steps", "0"], "--steps must be >= 1, got 0"),
-        (["train", "--data", "d.jsonl", "--warmup-ratio", "-1"],
-         "--warmup-ratio must be in [0, 1], got -1.0"),
-        (["train", "--data", "d.jsonl", "--keep-checkpoints", "-1"],
-         "--keep-checkpoints must be a positive integer, got -1"),
-        (["train", "--data", "d.jsonl", "--max-length", "1"],
-         "--max-length must be an integer >= 2, got 1"),
-        (["train", "--data", "d.jsonl", "--model", "minilm-l6"],
-         "lorakit.models.load_model('minilm-l6', task='seq-cls', num_labels=N)"),
-        (["demo", "--eval-size", "5000"],
-         "--eval-size 5000: the Rotten Tomatoes test split holds only 1271 reviews"),
+        (
+            ["train", "--data", "d.jsonl", "--warmup-ratio", "-1"],
+            "--warmup-ratio must be in [0, 1], got -1.0",
+        ),
+        (
+            ["train", "--data", "d.jsonl", "--keep-checkpoints", "-1"],
+            "--keep-checkpoints must be a positive integer, got -1",
+        ),
+        (
+            ["train", "--data", "d.jsonl", "--max-length", "1"],
+            "--max-length must be an integer >= 2, got 1",
+        ),
+        (
+            ["train", "--data", "d.jsonl", "--model", "minilm-l6"],
+            "lorakit.models.load_model('minilm-l6', task='seq-cls', num_labels=N)",
+        ),
+        (
+            ["demo", "--eval-size", "5000"],
+            "--eval-size 5000: the Rotten Tomatoes test split holds only 1271 reviews",
+        ),
         (["train", "--data", "d.jsonl", "--r", "abc"], "invalid int value"),
         (["demo", "--steps", "0"], "--steps must be >= 1"),
         (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
         (["merge", "--adapter", "a"], "required"),
     ],
-)  # fmt: skip
+)
 def test_wrong_arguments_give_one_line(capsys, argv, message):
     code, _, err = _main(capsys, *argv)
     assert code == 2
@@ -159,18 +238,32 @@ def test_wrong_arguments_give_one_line(capsys, argv, message):
 
 def test_json_config_file_with_flag_override(tmp_path, capsys, model_dir, jsonl):
     config = tmp_path / "run.json"
-    config.write_text(json.dumps({
-        "model": str(model_dir), "data": str(jsonl), "steps": 5, "lr": 0.004, "r": 2,
-        "alpha": 6, "target-modules": ["q_proj", "v_proj"], "batch_size": 4, "no_progress": True,
-    }))  # fmt: skip
+    config.write_text(
+        json.dumps(
+            {
+                "model": str(model_dir),
+                "data": str(jsonl),
+                "steps": 5,
+                "lr": 0.004,
+                "r": 2,
+                "alpha": 6,
+                "target-modules": ["q_proj", "v_proj"],
+                "batch_size": 4,
+                "no_progress": True,
+            }
+        )
+    )
     code, out, _ = _main(
         capsys, "train", "--config", config, "--steps", "3", "--output", tmp_path / "o"
     )
     assert code == 0
     settings = json.loads((tmp_path / "o" / "train_settings.json").read_text())
     assert (settings["steps"], settings["lr"], settings["r"], settings["batch_size"]) == (
-        3, 0.004, 2, 4,
-    )  # fmt: skip
+        3,
+        0.004,
+        2,
+        4,
+    )
     adapter = json.loads((tmp_path / "o" / "adapter" / "adapter_config.json").read_text())
     assert (adapter["r"], adapter["lora_alpha"]) == (2, 6)
     assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
@@ -183,8 +276,11 @@ def test_json_config_file_with_flag_override(tmp_path, capsys, model_dir, jsonl)
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
 def test_config_file_that_is_not_utf8_names_file_and_line(tmp_path, capsys, suffix):
     config = tmp_path / f"run{suffix}"
-    lines = ["data: reviews.jsonl", "model: caf\xe9"] if suffix == ".yaml" else [
-        "{", '"model": "caf\xe9"}']  # fmt: skip
+    lines = (
+        ["data: reviews.jsonl", "model: caf\xe9"]
+        if suffix == ".yaml"
+        else ["{", '"model": "caf\xe9"}']
+    )
     config.write_bytes("\n".join(lines).encode("latin-1"))
     code, _, err = _main(capsys, "train", "--config", config)
     assert code == 2 and err.count("\n") == 1
@@ -198,9 +294,11 @@ def test_config_file_errors_are_one_line(tmp_path, capsys):
     assert code == 2 and "unknown setting(s) ['learning_rate']" in err and err.count("\n") == 1
     code, _, err = _main(capsys, "train", "--config", tmp_path / "missing.yaml")
     assert code == 2 and "does not exist" in err
-    for line, message in (("lr: fast", "lr: 'fast' is not a number"),
-                          ("r: 2.5", "r: 2.5 is not an integer"),
-                          ("steps: true", "steps: True is not an integer")):  # fmt: skip
+    for line, message in (
+        ("lr: fast", "lr: 'fast' is not a number"),
+        ("r: 2.5", "r: 2.5 is not an integer"),
+        ("steps: true", "steps: True is not an integer"),
+    ):
         bad.write_text(f"data: x.jsonl\n{line}\n")
         code, _, err = _main(capsys, "train", "--config", bad)
         assert code == 2 and message in err and err.count("\n") == 1, err
@@ -220,15 +318,33 @@ def test_yaml_numbers_written_without_a_dot_are_numbers(tmp_path):
 
 def test_help_of_every_command_lists_its_options(capsys):
     for command, options in {
-        "train": ["--config", "--model", "--data", "--target-modules", "--r", "--alpha",
-                  "--dropout", "--lr", "--steps", "--epochs", "--batch-size", "--grad-accum",
-                  "--max-length", "--output", "--eval-every", "--checkpoint-every", "--resume",
-                  "--loraplus-ratio", "--seed", "--gradient-checkpointing"],
+        "train": [
+            "--config",
+            "--model",
+            "--data",
+            "--target-modules",
+            "--r",
+            "--alpha",
+            "--dropout",
+            "--lr",
+            "--steps",
+            "--epochs",
+            "--batch-size",
+            "--grad-accum",
+            "--max-length",
+            "--output",
+            "--eval-every",
+            "--checkpoint-every",
+            "--resume",
+            "--loraplus-ratio",
+            "--seed",
+            "--gradient-checkpointing",
+        ],
         "eval": ["--model", "--adapter", "--data", "--split"],
         "generate": ["--model", "--adapter", "--max-new-tokens", "--raw"],
         "merge": ["--model", "--adapter", "--output"],
         "demo": ["--output", "--steps", "--eval-size"],
-    }.items():  # fmt: skip
+    }.items():
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])
         out = capsys.readouterr().out
@@ -269,17 +385,40 @@ def _refuse_to_load(monkeypatch):
 
 def test_errors_found_before_the_model_loads(tmp_path, capsys, monkeypatch, model_dir, jsonl):
     _refuse_to_load(monkeypatch)
-    code, _, err = _main(capsys, "train", "--model", model_dir, "--data", jsonl,
-                         "--target-modules", "nosuch", "--output", tmp_path / "o")  # fmt: skip
+    code, _, err = _main(
+        capsys,
+        "train",
+        "--model",
+        model_dir,
+        "--data",
+        jsonl,
+        "--target-modules",
+        "nosuch",
+        "--output",
+        tmp_path / "o",
+    )
     assert code == 2 and "nosuch" in err and "matched no module" in err and err.count("\n") == 1
-    code, _, err = _main(capsys, "train", "--model", model_dir, "--data", jsonl,
-                         "--target-modules", "input_layernorm", "--output", tmp_path / "o")  # fmt: skip
+    code, _, err = _main(
+        capsys,
+        "train",
+        "--model",
+        model_dir,
+        "--data",
+        jsonl,
+        "--target-modules",
+        "input_layernorm",
+        "--output",
+        tmp_path / "o",
+    )
     assert code == 2 and "input_layernorm" in err and "cannot adapt" in err
     assert err.count("\n") == 1 and "Traceback" not in err
     code, _, err = _main(capsys, "plan", model_dir, "--target-modules", "input_layernorm")
     assert code == 2 and "cannot adapt" in err and err.count("\n") == 1
-    for command in (["eval", "--data", jsonl], ["generate", "hi"],
-                    ["merge", "--output", tmp_path / "m"]):  # fmt: skip
+    for command in (
+        ["eval", "--data", jsonl],
+        ["generate", "hi"],
+        ["merge", "--output", tmp_path / "m"],
+    ):
         code, _, err = _main(capsys, *command, "--model", model_dir, "--adapter", tmp_path / "no")
         assert code == 2 and f"adapter directory {tmp_path / 'no'} does not exist" in err
     file = tmp_path / "a-file"
@@ -332,8 +471,20 @@ def test_every_option_of_every_command_has_help_with_one_default():
 def test_a_second_run_into_the_same_output_is_refused_until_overwrite(
     tmp_path, capsys, model_dir, jsonl
 ):
-    argv = ["train", "--model", model_dir, "--data", jsonl, "--output", tmp_path / "o",
-            "--batch-size", "4", "--r", "2", "--no-progress"]  # fmt: skip
+    argv = [
+        "train",
+        "--model",
+        model_dir,
+        "--data",
+        jsonl,
+        "--output",
+        tmp_path / "o",
+        "--batch-size",
+        "4",
+        "--r",
+        "2",
+        "--no-progress",
+    ]
     assert _main(capsys, *argv, "--steps", "3", "--checkpoint-every", "3")[0] == 0
     code, _, err = _main(capsys, *argv, "--steps", "2")
     assert code == 2 and err.count("\n") == 1
@@ -355,8 +506,21 @@ def test_train_gives_the_same_adapter_whether_or_not_the_model_was_in_the_cache(
 
     adapters = []
     for run in ("converted", "cached"):
-        code, _, _ = _main(capsys, "train", "--data", jsonl, "--output", tmp_path / run,
-                           "--steps", "2", "--batch-size", "4", "--r", "2", "--no-progress")  # fmt: skip
+        code, _, _ = _main(
+            capsys,
+            "train",
+            "--data",
+            jsonl,
+            "--output",
+            tmp_path / run,
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--r",
+            "2",
+            "--no-progress",
+        )
         assert code == 0
         adapters.append(load_file(tmp_path / run / "adapter" / "adapter_model.safetensors"))
     assert len(tiny_builtin_model) == 1  # converted once, then read from the cache
@@ -390,16 +554,27 @@ def test_allowed_base_mismatch_is_one_notice_saying_the_check_was_overridden(
     assert "allow_base_mismatch=True" not in line and ".py:" not in line
     # the Python API says the same with its own spelling
     with pytest.warns(UserWarning) as recorded:
-        load_adapter(AutoModelForCausalLM.from_pretrained(other), trained / "adapter",
-                     allow_base_mismatch=True)  # fmt: skip
+        load_adapter(
+            AutoModelForCausalLM.from_pretrained(other),
+            trained / "adapter",
+            allow_base_mismatch=True,
+        )
     (message,) = [str(w.message) for w in recorded if "base weights" in str(w.message)]
     assert message.endswith("loaded anyway: allow_base_mismatch=True overrode the check")
     assert "pass allow_base_mismatch" not in message
 
 
 def test_merge_shows_no_progress_bars(tmp_path, capsys, model_dir, trained):
-    code, out, err = _main(capsys, "merge", "--model", model_dir, "--adapter",
-                           trained / "adapter", "--output", tmp_path / "merged")  # fmt: skip
+    code, out, err = _main(
+        capsys,
+        "merge",
+        "--model",
+        model_dir,
+        "--adapter",
+        trained / "adapter",
+        "--output",
+        tmp_path / "merged",
+    )
     assert code == 0 and out == f"merged model saved to {tmp_path / 'merged'}\n"
     assert err == ""  # neither "Loading weights" nor "Writing model shards"
 
@@ -440,8 +615,22 @@ def test_no_help_text_shows_a_doubled_percent_sign():
 def test_train_prints_a_summary_and_counts_the_shortened_examples(
     tmp_path, capsys, model_dir, jsonl
 ):
-    argv = ["train", "--model", model_dir, "--data", jsonl, "--steps", "3", "--batch-size", "4",
-            "--r", "2", "--target-modules", "q_proj,v_proj", "--no-progress"]  # fmt: skip
+    argv = [
+        "train",
+        "--model",
+        model_dir,
+        "--data",
+        jsonl,
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--r",
+        "2",
+        "--target-modules",
+        "q_proj,v_proj",
+        "--no-progress",
+    ]
     code, _, err = _main(capsys, *argv, "--output", tmp_path / "long")
     # r (in + out) per module, 2 layers: q_proj 64 -> 64, v_proj 64 -> 32 (2 KV heads of 16)
     trainable = 2 * (2 * (64 + 64) + 2 * (64 + 32))
@@ -486,13 +675,28 @@ def test_every_train_option_is_a_settings_field_spelled_once(tmp_path):
     assert flags["--r"].option_strings == ["--r", "--rank"]
     assert {f.name for f in option_fields()} >= {f.name for f in fields(TrainSettings)}
     assert "warmup_steps" not in {f.name for f in option_fields()}  # not every field is a flag
-    argv = ["--data", "d.jsonl", "--rank", "4", "--steps", "7", "--output", str(tmp_path / "o"),
-            "--no-progress", "--gradient-checkpointing", "--lr", "0.01"]  # fmt: skip
+    argv = [
+        "--data",
+        "d.jsonl",
+        "--rank",
+        "4",
+        "--steps",
+        "7",
+        "--output",
+        str(tmp_path / "o"),
+        "--no-progress",
+        "--gradient-checkpointing",
+        "--lr",
+        "0.01",
+    ]
     values = merged_values(None, vars(parser.parse_args(argv)))
     assert {setting_key(f) for f in option_fields()} == set(values)
     job, training = build_settings(values)
     assert (job.r, job.data, job.target_modules) == (4, "d.jsonl", "all-linear")
     assert training == TrainingConfig(
-        output_dir=str(tmp_path / "o"), max_steps=7, lr=0.01, progress=False,
+        output_dir=str(tmp_path / "o"),
+        max_steps=7,
+        lr=0.01,
+        progress=False,
         gradient_checkpointing=True,
-    )  # fmt: skip
+    )

@@ -251,9 +251,29 @@ def test_train_cli_use_dora_writes_a_dora_adapter_peft_loads(tmp_path, model_dir
     from lorakit import cli
 
     output = tmp_path / "run"
-    code = cli.main(["train", "--model", str(model_dir), "--data", str(jsonl), "--output",
-                     str(output), "--steps", "2", "--batch-size", "4", "--lr", "1e-2", "--r", "4",
-                     "--target-modules", "q_proj,v_proj", "--use-dora", "--no-progress"])  # fmt: skip
+    code = cli.main(
+        [
+            "train",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(jsonl),
+            "--output",
+            str(output),
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-2",
+            "--r",
+            "4",
+            "--target-modules",
+            "q_proj,v_proj",
+            "--use-dora",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     adapter = output / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] is True
@@ -270,8 +290,15 @@ def test_train_cli_use_dora_writes_a_dora_adapter_peft_loads(tmp_path, model_dir
 def test_demo_with_use_dora_trains_merges_and_says_dora(tmp_path, model_dir, capsys) -> None:
     from lorakit.demo import DemoSettings, run_demo
 
-    settings = DemoSettings(output=str(tmp_path / "demo"), model=str(model_dir), steps=2,
-                            eval_size=8, max_length=64, progress=False, use_dora=True)  # fmt: skip
+    settings = DemoSettings(
+        output=str(tmp_path / "demo"),
+        model=str(model_dir),
+        steps=2,
+        eval_size=8,
+        max_length=64,
+        progress=False,
+        use_dora=True,
+    )
     summary = run_demo(settings)
     assert summary["use_dora"] is True
     assert summary["merged_predictions_agree"] == 8  # the merged DoRA model predicts the same

@@ -18,9 +18,13 @@ def _layer(dtype=torch.float32, dropout=0.0, fan_in_fan_out=False, adapters=("de
     model = nn.Sequential(nn.Linear(12, 10)).to(dtype)
     for index, name in enumerate(adapters):
         config = lorakit.LoraConfig(
-            r=3, lora_alpha=6.0, target_modules=["0"], lora_dropout=dropout,
-            init_lora_weights=False, use_dora=name != "plain",
-        )  # fmt: skip
+            r=3,
+            lora_alpha=6.0,
+            target_modules=["0"],
+            lora_dropout=dropout,
+            init_lora_weights=False,
+            use_dora=name != "plain",
+        )
         lorakit.inject(model, config, adapter_name=name, activate=index == 0)
     layer = model[0]
     with torch.no_grad():
@@ -53,8 +57,19 @@ def test_gradcheck_float64(drop: int, fan_in_fan_out: bool) -> None:
 
     weight = rand(5, 4, grad=False) if fan_in_fan_out else rand(4, 5, grad=False)
     norms = rand(4, grad=False).abs() + 0.5
-    inputs = (rand(2, 3, 5), weight, rand(4), rand(2, 5), rand(4, 2), rand(4), norms,
-              1.7, drop, 1234, fan_in_fan_out)  # fmt: skip
+    inputs = (
+        rand(2, 3, 5),
+        weight,
+        rand(4),
+        rand(2, 5),
+        rand(4, 2),
+        rand(4),
+        norms,
+        1.7,
+        drop,
+        1234,
+        fan_in_fan_out,
+    )
     assert torch.autograd.gradcheck(fast.FusedDoraLinear.apply, inputs)
 
 

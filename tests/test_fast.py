@@ -202,8 +202,9 @@ def test_bf16_base_fp32_adapters_close_to_float64_formula(dropout):
     levels = drop_levels(dropout)
     mask = keep_mask((64, 64), levels, new_seed(), x.device).view(4, 16, 64) if levels else None
     base = layer.base_layer
-    ref = _reference(x, base.weight, base.bias, A, B, layer.scalings["default"], mask,
-                     levels / DROPOUT_LEVELS)  # fmt: skip
+    ref = _reference(
+        x, base.weight, base.bias, A, B, layer.scalings["default"], mask, levels / DROPOUT_LEVELS
+    )
     assert out.dtype == torch.bfloat16
     assert (out.double() - ref).abs().max() <= 2e-2 * ref.abs().max()
     grad = torch.randn_like(out)

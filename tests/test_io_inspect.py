@@ -123,10 +123,17 @@ def test_a_4_gib_adapter_is_summarised_from_its_header_alone(tmp_path, monkeypat
         {f"{prefix}.lora_A.weight": (r, k), f"{prefix}.lora_B.weight": (d, r)},
         {"format": "pt"},
     )
-    (tmp_path / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["down_proj"],
-        "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    }))  # fmt: skip
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": r,
+                "lora_alpha": 2 * r,
+                "target_modules": ["down_proj"],
+                "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
+            }
+        )
+    )
     _forbid_tensor_reads(monkeypatch)
     summary = summarize_adapter(tmp_path)
     assert size > 4 * 2**30 and summary["file_bytes"] == size

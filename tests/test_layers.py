@@ -106,8 +106,16 @@ def test_given_factors_are_taken_over_without_a_copy_and_checked() -> None:
     layer.active_adapters = ("a",)
     x = torch.randn(4, 6)
     torch.testing.assert_close(layer(x), layer.base_layer(x) + 2.0 * x @ (lora_B @ lora_A).T)
-    layer.add_adapter("b", 3, 6.0, 0.0, False, init=None, dtype=torch.float32,
-                      values=(lora_A.double(), lora_B.bfloat16()))  # fmt: skip
+    layer.add_adapter(
+        "b",
+        3,
+        6.0,
+        0.0,
+        False,
+        init=None,
+        dtype=torch.float32,
+        values=(lora_A.double(), lora_B.bfloat16()),
+    )
     assert layer.lora_B["b"].weight.dtype == torch.float32
     assert torch.equal(layer.lora_B["b"].weight, lora_B.bfloat16().float())
     with pytest.raises(ValueError, match=r"rank 2 needs \(\(2, 6\), \(5, 2\)\)"):

@@ -128,18 +128,24 @@ def test_unknown_spec_is_a_user_error(tmp_path):
 @pytest.mark.parametrize(
     ("contents", "message"),
     [
-        ('{"model_type": "llama", "hidden_size": -5}',
-         "invalid config: The hidden size (-5) is not a multiple of the number of attention heads"),
-        ('{"model_type": "llama", "vocab_size": -3}',
-         "cannot build LlamaForCausalLM from its config: Trying to create tensor with negative "
-         "dimension -3"),
-        ('{"model_type": "llama", "num_hidden_layers": "x"}',
-         "invalid config: Field 'num_hidden_layers' expected int, got str"),
+        (
+            '{"model_type": "llama", "hidden_size": -5}',
+            "invalid config: The hidden size (-5) is not a multiple of the number of attention heads",
+        ),
+        (
+            '{"model_type": "llama", "vocab_size": -3}',
+            "cannot build LlamaForCausalLM from its config: Trying to create tensor with negative "
+            "dimension -3",
+        ),
+        (
+            '{"model_type": "llama", "num_hidden_layers": "x"}',
+            "invalid config: Field 'num_hidden_layers' expected int, got str",
+        ),
         ('[{"model_type": "llama"}]', "holds a JSON list, not an object of settings"),
         ('{"model_type": "nosuch"}', "unknown model_type 'nosuch'"),
         ('{"model_type": "llama",', "cannot read the model config"),
     ],
-)  # fmt: skip
+)
 def test_malformed_config_files_are_one_line_errors_naming_the_file(
     tmp_path, capsys, contents, message
 ):

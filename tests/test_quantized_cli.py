@@ -20,9 +20,30 @@ from tests import tiny_models
 def qlora_run(tmp_path_factory, model_dir, jsonl):
     """A 2-step ``lorakit train --quantization nf4`` run on the tiny Llama."""
     output = tmp_path_factory.mktemp("qlora") / "run"
-    code = cli.main(["train", "--model", str(model_dir), "--data", str(jsonl), "--output",
-                     str(output), "--steps", "2", "--batch-size", "4", "--lr", "1e-2",
-                     "--r", "4", "--alpha", "8", "--quantization", "nf4", "--no-progress"])  # fmt: skip
+    code = cli.main(
+        [
+            "train",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(jsonl),
+            "--output",
+            str(output),
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-2",
+            "--r",
+            "4",
+            "--alpha",
+            "8",
+            "--quantization",
+            "nf4",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     return output
 
@@ -47,17 +68,52 @@ def test_eval_and_merge_take_the_quantization_the_adapter_was_trained_on(
     qlora_run, model_dir, jsonl, capsys, tmp_path
 ):
     adapter = qlora_run / "adapter"
-    code = cli.main(["eval", "--model", str(model_dir), "--adapter", str(adapter), "--data",
-                     str(jsonl), "--limit", "4", "--quantization", "nf4"])  # fmt: skip
+    code = cli.main(
+        [
+            "eval",
+            "--model",
+            str(model_dir),
+            "--adapter",
+            str(adapter),
+            "--data",
+            str(jsonl),
+            "--limit",
+            "4",
+            "--quantization",
+            "nf4",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0 and "warning" not in captured.err and '"loss"' in captured.out
-    code = cli.main(["eval", "--model", str(model_dir), "--adapter", str(adapter), "--data",
-                     str(jsonl), "--limit", "4"])  # fmt: skip
+    code = cli.main(
+        [
+            "eval",
+            "--model",
+            str(model_dir),
+            "--adapter",
+            str(adapter),
+            "--data",
+            str(jsonl),
+            "--limit",
+            "4",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "trained on a bnb-nf4-dq base, this base is float32" in err
     merged = tmp_path / "merged"
-    code = cli.main(["merge", "--model", str(model_dir), "--adapter", str(adapter), "--output",
-                     str(merged), "--quantization", "nf4"])  # fmt: skip
+    code = cli.main(
+        [
+            "merge",
+            "--model",
+            str(model_dir),
+            "--adapter",
+            str(adapter),
+            "--output",
+            str(merged),
+            "--quantization",
+            "nf4",
+        ]
+    )
     assert code == 0
     config = json.loads((merged / "config.json").read_text())
     assert "quantization_config" not in config
@@ -89,9 +145,14 @@ def test_the_demo_runs_on_an_nf4_base_and_its_float_merge_agrees(tmp_path, model
     from lorakit.demo import DemoSettings, run_demo
 
     settings = DemoSettings(
-        output=str(tmp_path / "demo"), model=str(model_dir), steps=2, eval_size=8,
-        max_length=64, progress=False, quantization="nf4",
-    )  # fmt: skip
+        output=str(tmp_path / "demo"),
+        model=str(model_dir),
+        steps=2,
+        eval_size=8,
+        max_length=64,
+        progress=False,
+        quantization="nf4",
+    )
     summary = run_demo(settings)
     assert summary["settings"]["quantization"] == "nf4"
     assert summary["merged_predictions_agree"] == 8

@@ -129,8 +129,9 @@ def _loss_steps(output_dir: Path) -> list[int]:
 
 
 def _job_config(output_dir: Path, **overrides) -> TrainingConfig:
-    settings = dict(output_dir=str(output_dir), max_steps=3, batch_size=4, progress=False,
-                    plot=False, seed=3)  # fmt: skip
+    settings = dict(
+        output_dir=str(output_dir), max_steps=3, batch_size=4, progress=False, plot=False, seed=3
+    )
     return TrainingConfig(**{**settings, **overrides})
 
 

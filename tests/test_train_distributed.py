@@ -45,14 +45,38 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     all-reduce), which Adam's 1/sqrt(v) can magnify for near-zero gradient entries (measured
     max difference ~5e-8 after 3 steps at lr 5e-3)."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(JOB), str(tmp_path / "ddp"), "--steps", "3", "--batch-size", "2", "--dropout", "0",
-        "--checkpoint-every", "0",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(JOB),
+        str(tmp_path / "ddp"),
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--dropout",
+        "0",
+        "--checkpoint-every",
+        "0",
+    ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
-    single = run_job([str(tmp_path / "single"), "--steps", "3", "--batch-size", "4",
-                      "--dropout", "0", "--checkpoint-every", "0"])  # fmt: skip
+    single = run_job(
+        [
+            str(tmp_path / "single"),
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--dropout",
+            "0",
+            "--checkpoint-every",
+            "0",
+        ]
+    )
     ddp = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
     one = load_file(tmp_path / "single" / "adapter" / "adapter_model.safetensors")
     assert ddp.keys() == one.keys() and len(one) == 12
@@ -85,17 +109,47 @@ def test_torchrun_lorakit_train_matches_one_process(tmp_path, model_dir, jsonl, 
     batch 4."""
     from lorakit import cli
 
-    flags = ["--model", str(model_dir), "--data", str(jsonl), "--steps", "3", "--lr", "1e-2",
-             "--rank", "4", "--alpha", "8", "--dropout", "0", "--target-modules", "q_proj,v_proj",
-             "--no-progress"]  # fmt: skip
+    flags = [
+        "--model",
+        str(model_dir),
+        "--data",
+        str(jsonl),
+        "--steps",
+        "3",
+        "--lr",
+        "1e-2",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--dropout",
+        "0",
+        "--target-modules",
+        "q_proj,v_proj",
+        "--no-progress",
+    ]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "lorakit", "train", *flags, "--batch-size", "2", "--output", str(tmp_path / "ddp"),
-        "--strategy", strategy,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "lorakit",
+        "train",
+        *flags,
+        "--batch-size",
+        "2",
+        "--output",
+        str(tmp_path / "ddp"),
+        "--strategy",
+        strategy,
+    ]
     environment = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=180,
-                               env=environment)  # fmt: skip
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=180, env=environment
+    )
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
     printed = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     assert len(printed) == 1 and json.loads(printed[0])["steps"] == 3  # rank 0 reports
@@ -113,5 +167,6 @@ def test_torchrun_lorakit_train_matches_one_process(tmp_path, model_dir, jsonl, 
         for run in ("ddp", "one")
     }
     assert len(losses["one"]) == 3
-    torch.testing.assert_close(torch.tensor(losses["ddp"]), torch.tensor(losses["one"]),
-                               atol=1e-5, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor(losses["ddp"]), torch.tensor(losses["one"]), atol=1e-5, rtol=0
+    )

@@ -86,12 +86,26 @@ def test_sharded_blocks_take_the_fast_path_with_the_same_values(one_process_grou
 
 def _torchrun_job(output: Path, *flags: str) -> subprocess.Popen:
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(JOB), str(output), "--strategy", "fsdp", "--batch-size", "2", "--dropout", "0", *flags,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(JOB),
+        str(output),
+        "--strategy",
+        "fsdp",
+        "--batch-size",
+        "2",
+        "--dropout",
+        "0",
+        *flags,
+    ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=environment)  # fmt: skip
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment
+    )
 
 
 def _finish(job: subprocess.Popen) -> None:
@@ -194,8 +208,19 @@ def test_fsdp_in_one_process_is_refused_before_anything_loads(tmp_path, monkeypa
     with pytest.raises(UserError, match=r"--strategy fsdp .* 1 process; start it with torchrun"):
         train(build_model(0.0), make_data(8), pad_collate(0), config)
     missing_model = str(tmp_path / "no-such-model")
-    code = main(["train", "--model", missing_model, "--data", "rotten-tomatoes",
-                 "--strategy", "fsdp", "--output", str(tmp_path / "cli")])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--model",
+            missing_model,
+            "--data",
+            "rotten-tomatoes",
+            "--strategy",
+            "fsdp",
+            "--output",
+            str(tmp_path / "cli"),
+        ]
+    )
     assert code == 2
     assert "torchrun --nproc_per_node N" in capsys.readouterr().err  # not the missing model
     with pytest.raises(SettingError, match="strategy must be one of"):

@@ -217,19 +217,24 @@ def test_the_loop_trains_a_sequence_classifier_with_class_labels(tmp_path):
     examples = []
     for index in range(48):
         label = index % 2
-        tokens = torch.randint(10, 128, (int(torch.randint(4, 10, (1,), generator=generator)),),
-                               generator=generator).tolist()  # fmt: skip
+        tokens = torch.randint(
+            10, 128, (int(torch.randint(4, 10, (1,), generator=generator)),), generator=generator
+        ).tolist()
         examples.append({"input_ids": [1 + label, *tokens], "label": label})
 
     def collate(items):
         batch = pad_collate(0)(items)
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                "labels": torch.tensor([item["label"] for item in items])}  # fmt: skip
+        return {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "labels": torch.tensor([item["label"] for item in items]),
+        }
 
     model = tiny_models.bert()
     torch.manual_seed(1)
-    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
-                                modules_to_save=["classifier"])  # fmt: skip
+    config = lorakit.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"]
+    )
     lorakit.inject(model, config)
     lengths = tuple(len(example["input_ids"]) for example in examples)
     first_step = BatchOrder(48, 8, seed=0, lengths=lengths).step_indices(0)
@@ -269,8 +274,15 @@ def test_periodic_evaluation_records_loss_and_accuracy_at_its_steps(tmp_path):
 
     held_out = make_data(count=12, seed=99)
     model = build_model(0.0)
-    config = _config(tmp_path, max_steps=5, batch_size=8, lr=5e-2, eval_every=2,
-                     checkpoint_every=2, keep_checkpoints=3)  # fmt: skip
+    config = _config(
+        tmp_path,
+        max_steps=5,
+        batch_size=8,
+        lr=5e-2,
+        eval_every=2,
+        checkpoint_every=2,
+        keep_checkpoints=3,
+    )
     result = train(model, make_data(count=32), pad_collate(0), config, eval_data=held_out)
     evals = [r for r in _records(result.metrics_path) if "eval_loss" in r]
     assert [r["step"] for r in evals] == [2, 4, 5]

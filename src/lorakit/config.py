@@ -108,16 +108,22 @@ class LoraConfig:
                 isinstance(getattr(self, flag), bool), flag, getattr(self, flag), "True or False"
             )
         tasks = [task.value for task in TaskType]
-        _check(self.task_type is None or self.task_type in tasks, "task_type", self.task_type,
-               f"None or one of {tasks}")  # fmt: skip
+        _check(
+            self.task_type is None or self.task_type in tasks,
+            "task_type",
+            self.task_type,
+            f"None or one of {tasks}",
+        )
         _check(
             self.modules_to_save is None
-            or (isinstance(self.modules_to_save, list)
-                and all(isinstance(n, str) and n for n in self.modules_to_save)),
+            or (
+                isinstance(self.modules_to_save, list)
+                and all(isinstance(n, str) and n for n in self.modules_to_save)
+            ),
             "modules_to_save",
             self.modules_to_save,
             'None or a list of module names (e.g. ["classifier"], not "classifier")',
-        )  # fmt: skip
+        )
         _check(
             self.base_model_name_or_path is None or isinstance(self.base_model_name_or_path, str),
             "base_model_name_or_path",
@@ -157,8 +163,12 @@ class LoraConfig:
             return
         patterns = self.layers_pattern
         if patterns is not None:
-            _check(isinstance(patterns, (str, list)), "layers_pattern", patterns,
-                   "None, a regex string or a list of them")  # fmt: skip
+            _check(
+                isinstance(patterns, (str, list)),
+                "layers_pattern",
+                patterns,
+                "None, a regex string or a list of them",
+            )
             for pattern in [patterns] if isinstance(patterns, str) else patterns:
                 _check_regex("layers_pattern", pattern)
         indices = (

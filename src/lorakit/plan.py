@@ -297,8 +297,10 @@ def _per_device_lines(result: Plan) -> list[str]:
     if devices == 1 and strategy == "ddp":
         return []
     if strategy == "ddp":
-        return [f"  per device ({devices} devices, DDP: each holds everything): "
-                f"{_gb(result.per_device_training_bytes)}"]  # fmt: skip
+        return [
+            f"  per device ({devices} devices, DDP: each holds everything): "
+            f"{_gb(result.per_device_training_bytes)}"
+        ]
     return [
         f"  per device ({devices} devices, FSDP): {_gb(result.lora_training_bytes)} / {devices} "
         f"= {_gb(result.fsdp_sharded_bytes)}",

@@ -45,9 +45,11 @@ _ON_FACTORS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 def _method_for(combination_type: str) -> str:
     if combination_type in _ON_FACTORS:
-        instead = "'cat' (exact) or 'svd'" if combination_type == "linear" else (
-            f"'{combination_type}_svd' (the same operation on ΔW)"
-        )  # fmt: skip
+        instead = (
+            "'cat' (exact) or 'svd'"
+            if combination_type == "linear"
+            else (f"'{combination_type}_svd' (the same operation on ΔW)")
+        )
         raise ValueError(
             f"combination_type={combination_type!r} combines the A's and the B's separately in "
             "PEFT, which is not the weighted sum of the updates (the cross terms B_i A_j enter); "

@@ -165,9 +165,18 @@ def fused_dora_linear(
     lora_A, lora_B, rank_scale, levels = adapter.side
     seed = new_seed() if levels else 0
     return FusedDoraLinear.apply(
-        x, weight, bias, lora_A, lora_B, adapter.magnitude, adapter.norms,
-        rank_scale, levels, seed, fan_in_fan_out,
-    )  # fmt: skip
+        x,
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        adapter.magnitude,
+        adapter.norms,
+        rank_scale,
+        levels,
+        seed,
+        fan_in_fan_out,
+    )
 
 
 def dora_linear_inference(
