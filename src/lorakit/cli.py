@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import pkgutil
 import sys
 
@@ -44,7 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Warnings third-party packages log when transformers imports them, about their own build and
+# nothing the user can act on: torchao (installed for quantized bases) cannot load its CUDA
+# kernels on a CPU machine, and registers enums that torch's pytree now handles natively.
+_IMPORT_TIME_NOISE = ("torchao", "torch.utils._pytree")
+
+
 def main(argv: list[str] | None = None) -> int:
+    for name in _IMPORT_TIME_NOISE:
+        logging.getLogger(name).setLevel(logging.ERROR)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
