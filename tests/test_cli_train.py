@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from lorakit import cli, data
 from lorakit.io import load_adapter
 from tests import tiny_tokenizer
+from tests.cli_runs import train_cli
 
 
 def _main(capsys, *argv) -> tuple[int, str, str]:
@@ -22,29 +23,22 @@ def _main(capsys, *argv) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, model_dir, jsonl):
     output = tmp_path_factory.mktemp("run")
-    code = cli.main(
-        [
-            "train",
-            "--model",
-            str(model_dir),
-            "--data",
-            str(jsonl),
-            "--output",
-            str(output),
-            "--steps",
-            "4",
-            "--batch-size",
-            "4",
-            "--lr",
-            "1e-2",
-            "--r",
-            "4",
-            "--alpha",
-            "8",
-            "--target-modules",
-            "q_proj,v_proj",
-            "--no-progress",
-        ]
+    code = train_cli(
+        model_dir,
+        jsonl,
+        output,
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--r",
+        "4",
+        "--alpha",
+        "8",
+        "--target-modules",
+        "q_proj,v_proj",
     )
     assert code == 0
     return output
@@ -81,29 +75,22 @@ def test_config_file_with_flag_override(tmp_path, capsys, model_dir, jsonl):
 def well_trained(tmp_path_factory, model_dir, jsonl):
     """An adapter trained long enough to get some answers exactly right (not all)."""
     output = tmp_path_factory.mktemp("run-long")
-    code = cli.main(
-        [
-            "train",
-            "--model",
-            str(model_dir),
-            "--data",
-            str(jsonl),
-            "--output",
-            str(output),
-            "--steps",
-            "20",
-            "--batch-size",
-            "8",
-            "--lr",
-            "1e-2",
-            "--r",
-            "8",
-            "--alpha",
-            "16",
-            "--dropout",
-            "0",
-            "--no-progress",
-        ]
+    code = train_cli(
+        model_dir,
+        jsonl,
+        output,
+        "--steps",
+        "20",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-2",
+        "--r",
+        "8",
+        "--alpha",
+        "16",
+        "--dropout",
+        "0",
     )
     assert code == 0
     return output

@@ -18,6 +18,7 @@ import lorakit
 from lorakit import fast, functional
 from lorakit.state import lora_layers
 from tests import tiny_models
+from tests.cli_runs import train_cli
 
 TARGETS = {"llama": "all-linear", "gpt2": ["c_attn", "c_proj", "c_fc"]}
 
@@ -248,31 +249,22 @@ def test_magnitude_trains_and_is_in_the_optimizer() -> None:
 
 @pytest.mark.slow
 def test_train_cli_use_dora_writes_a_dora_adapter_peft_loads(tmp_path, model_dir, jsonl) -> None:
-    from lorakit import cli
-
     output = tmp_path / "run"
-    code = cli.main(
-        [
-            "train",
-            "--model",
-            str(model_dir),
-            "--data",
-            str(jsonl),
-            "--output",
-            str(output),
-            "--steps",
-            "2",
-            "--batch-size",
-            "4",
-            "--lr",
-            "1e-2",
-            "--r",
-            "4",
-            "--target-modules",
-            "q_proj,v_proj",
-            "--use-dora",
-            "--no-progress",
-        ]
+    code = train_cli(
+        model_dir,
+        jsonl,
+        output,
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--r",
+        "4",
+        "--target-modules",
+        "q_proj,v_proj",
+        "--use-dora",
     )
     assert code == 0
     adapter = output / "adapter"

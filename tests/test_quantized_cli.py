@@ -14,35 +14,29 @@ from lorakit import cli
 from lorakit.io import load_adapter, read_adapter
 from lorakit.models import load_model
 from tests import tiny_models
+from tests.cli_runs import train_cli
 
 
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory, model_dir, jsonl):
     """A 2-step ``lorakit train --quantization nf4`` run on the tiny Llama."""
     output = tmp_path_factory.mktemp("qlora") / "run"
-    code = cli.main(
-        [
-            "train",
-            "--model",
-            str(model_dir),
-            "--data",
-            str(jsonl),
-            "--output",
-            str(output),
-            "--steps",
-            "2",
-            "--batch-size",
-            "4",
-            "--lr",
-            "1e-2",
-            "--r",
-            "4",
-            "--alpha",
-            "8",
-            "--quantization",
-            "nf4",
-            "--no-progress",
-        ]
+    code = train_cli(
+        model_dir,
+        jsonl,
+        output,
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--r",
+        "4",
+        "--alpha",
+        "8",
+        "--quantization",
+        "nf4",
     )
     assert code == 0
     return output

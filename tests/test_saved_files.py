@@ -20,6 +20,7 @@ import lorakit
 from lorakit import LoraConfig, cli
 from lorakit.io import atomic
 from tests import tiny_models, tiny_tokenizer
+from tests.cli_runs import train_cli
 
 
 @pytest.fixture
@@ -61,25 +62,18 @@ def test_atomic_writes_leave_no_probe_or_temporary_files(tmp_path):
 
 
 def _train(model_spec, data, output) -> dict:
-    code = cli.main(
-        [
-            "train",
-            "--model",
-            str(model_spec),
-            "--data",
-            str(data),
-            "--output",
-            str(output),
-            "--steps",
-            "2",
-            "--batch-size",
-            "4",
-            "--r",
-            "2",
-            "--target-modules",
-            "q_proj,v_proj",
-            "--no-progress",
-        ]
+    code = train_cli(
+        model_spec,
+        data,
+        output,
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--r",
+        "2",
+        "--target-modules",
+        "q_proj,v_proj",
     )
     assert code == 0
     return json.loads((output / "adapter" / "adapter_config.json").read_text())
