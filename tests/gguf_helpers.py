@@ -13,16 +13,7 @@ from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2Fo
 import lorakit
 from tests import tiny_models
 
-SIZES = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-    max_position_embeddings=128,
-    tie_word_embeddings=False,
-)
+SIZES = tiny_models.DECODER_SIZES  # the tiny Llama's sizes, for Qwen2 and Mistral too
 
 
 def qwen2(seed: int = 0) -> Qwen2ForCausalLM:

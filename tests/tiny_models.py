@@ -20,20 +20,22 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+# The tiny decoder's sizes (GQA: 4 heads, 2 KV heads), shared by the Llama-family test models.
+DECODER_SIZES = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
+
 
 def llama_config(**overrides) -> LlamaConfig:
-    """The tiny Llama's config (GQA: 4 heads, 2 KV heads); ``overrides`` replace fields."""
-    fields = dict(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    return LlamaConfig(**(fields | overrides))
+    """The tiny Llama's config (``DECODER_SIZES``); ``overrides`` replace fields."""
+    return LlamaConfig(**(DECODER_SIZES | overrides))
 
 
 def llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
