@@ -303,13 +303,18 @@ class LoraLayer(nn.Module):
         """``(names, W)``: the weight with the named adapters merged, ``W0 + sum_a s_a B_a A_a``
         (a DoRA adapter adds ``f (W0 + s B A) - W0`` instead, ``merge_delta``; float32 sum,
         rounded once to W0's dtype), for the adapters not merged yet; None if
-        there are none. Changes nothing; raises ValueError if W would hold inf/NaN."""
+        there are none. Changes nothing; raises ValueError if W would hold inf/NaN.
+
+        Computed without autograd: with grad enabled, torch (2.13) takes a parameter's autograd
+        lock and then waits for the GIL, while a thread running the model holds the GIL and
+        waits for that lock, so a merge beside a running forward could deadlock."""
         to_merge = tuple(name for name in adapter_names if name not in self.merged_adapters)
         if not to_merge:
             return None
         original = self.original_weight
-        delta = self._merged_delta((*self.merged_adapters, *to_merge))
-        merged = (original.detach().to(torch.float32) + delta).to(original.dtype)
+        with torch.no_grad():  # a weight edit: no graph, and no autograd locks (see below)
+            delta = self._merged_delta((*self.merged_adapters, *to_merge))
+            merged = (original.detach().to(torch.float32) + delta).to(original.dtype)
         if not torch.isfinite(merged).all():
             raise ValueError(
                 f"merging adapter(s) {list(to_merge)} would put non-finite values into the base "
