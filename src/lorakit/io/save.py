@@ -93,16 +93,27 @@ def save_adapter(
     *,
     dtype: torch.dtype | None = None,
     save_embedding_layers: bool | None = None,
+    initial_adapter: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Save adapter ``adapter_name`` of ``model`` in PEFT's format; returns the directory used.
 
     ``dtype``: the dtype of the saved floating tensors (default: as they are in the model).
     ``save_embedding_layers``: also save the full input/output embedding weights, needed only
     when the vocabulary was resized (None: detected from the base model's local config.json).
+    ``initial_adapter``: the directory of this adapter saved right after a PiSSA/OLoRA init,
+    before training: the adapter is then saved converted into a plain LoRA of twice the rank
+    for the ORIGINAL base weights (PEFT's ``path_initial_model_for_weight_conversion``;
+    ``lorakit.io.convert``).
     """
     tensors, metadata, config_text = adapter_file_contents(
         model, adapter_name, dtype=dtype, save_embedding_layers=save_embedding_layers
     )
+    if initial_adapter is not None:
+        from lorakit.io.convert import converted_contents
+
+        tensors, metadata, config_text = converted_contents(
+            model, adapter_name, tensors, initial_adapter
+        )
     target = Path(directory) if adapter_name == "default" else Path(directory) / adapter_name
     target.mkdir(parents=True, exist_ok=True)
     # Both files staged, then renamed back to back: weights first, so that a crash between the

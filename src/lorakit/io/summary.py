@@ -103,6 +103,7 @@ def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> d
         "alphas": {f"{k:g}": v for k, v in sorted(alphas.items())},
         "scalings": {f"{k:g}": v for k, v in sorted(scalings.items())},
         "use_rslora": config.use_rslora,
+        "init_lora_weights": config.init_lora_weights,
         "use_dora": config.use_dora,
         "dora_magnitude_parameters": sum(
             info.numel for key, info in header.tensors.items() if is_magnitude_key(key)

@@ -1,0 +1,134 @@
+"""Initialisations that take the adapter from the base weight: PiSSA and OLoRA (PEFT's
+``init_lora_weights="pissa"``, ``"pissa_niter_K"`` and ``"olora"``).
+
+Both put the weight's principal part into the adapter and leave the rest as the new base, so the
+layer computes what it did before (within float rounding)::
+
+    W0 = W_res + s B A        (W0: d x k, A: r x k, B: d x r, s the adapter's scaling)
+
+- PiSSA: ``W0 = U S V^T`` (SVD, singular values descending); with ``S_r`` the first r values,
+  ``A = diag(sqrt(S_r / s)) V_r^T`` and ``B = U_r diag(sqrt(S_r / s))``. ``"pissa_niter_K"``
+  takes ``U_r, S_r, V_r`` from ``torch.svd_lowrank(W0, r, niter=K)`` (randomised: faster on large
+  matrices, depends on torch's random state).
+- OLoRA: ``W0 = Q R`` (QR decomposition); ``A = R[:r]`` (r x k), ``B = Q[:, :r]`` (d x r).
+
+Everything is computed in float32; ``W_res`` is rounded to the base weight's dtype and written
+into the base weight Parameter in place, so the base model is changed (``lorakit.unload`` gives
+back the modules holding ``W_res``, as PEFT's ``unload`` does). A saved adapter then only fits
+``W_res``: its fingerprint says so (``lorakit.io``), and ``save_adapter(...,
+initial_adapter=...)`` converts it into a plain LoRA for the original weights (``convert``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+__all__ = [
+    "BASE_CHANGING_INITS",
+    "changes_base",
+    "check_layer_takes",
+    "initialise_from_base",
+    "olora_factors",
+    "pissa_factors",
+]
+
+BASE_CHANGING_INITS = ("pissa", "pissa_niter_K", "olora")
+_PISSA = re.compile(r"pissa(?:_niter_(\d+))?")
+
+
+def changes_base(init: object) -> bool:
+    """True when ``init`` (``LoraConfig.init_lora_weights``) rewrites the base weight."""
+    return isinstance(init, str) and (init == "olora" or _PISSA.fullmatch(init) is not None)
+
+
+def pissa_factors(
+    weight: torch.Tensor, rank: int, scale: float, niter: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A, B, W_res)`` for PiSSA (module docstring), all float32.
+
+    ``weight`` (d, k); ``A`` (r, k), ``B`` (d, r), ``W_res = W0 - s B A`` (d, k).
+    ``niter``: None for the exact SVD, K for ``torch.svd_lowrank`` with K iterations.
+    """
+    weight = weight.to(torch.float32)
+    if niter is None:
+        left, values, right_t = torch.linalg.svd(weight, full_matrices=False)
+        left, values, right_t = left[:, :rank], values[:rank], right_t[:rank]
+    else:
+        left, values, right = torch.svd_lowrank(weight, rank, niter=niter)
+        right_t = right.t()
+    root = torch.sqrt(values / scale)  # (r,)
+    lora_A = root[:, None] * right_t  # (r, k)
+    lora_B = left * root[None, :]  # (d, r)
+    return lora_A, lora_B, weight - scale * lora_B @ lora_A
+
+
+def olora_factors(
+    weight: torch.Tensor, rank: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A, B, W_res)`` for OLoRA, all float32: ``W0 = Q R``, ``A = R[:r]`` (r, k),
+    ``B = Q[:, :r]`` (d, r), ``W_res = W0 - s B A`` (d, k)."""
+    weight = weight.to(torch.float32)
+    q, r = torch.linalg.qr(weight)
+    lora_A, lora_B = r[:rank].contiguous(), q[:, :rank].contiguous()
+    return lora_A, lora_B, weight - scale * lora_B @ lora_A
+
+
+def _factors_for(
+    init: str, weight: torch.Tensor, rank: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if init == "olora":
+        return olora_factors(weight, rank, scale)
+    niter = _PISSA.fullmatch(init).group(1)
+    return pissa_factors(weight, rank, scale, None if niter is None else int(niter))
+
+
+def check_layer_takes(layer_class: type, module: nn.Module, name: str, init: str) -> None:
+    """``ValueError`` unless the LoRA layer ``layer_class`` wrapping ``module`` can take a
+    base-changing ``init``: a ``LoraLinear`` (``nn.Linear`` / ``Conv1D``) with a float32,
+    float16 or bfloat16 weight and nothing merged."""
+    from lorakit.layers import LoraLinear
+
+    base = getattr(module, "base_layer", module)
+    if layer_class is not LoraLinear:
+        raise ValueError(
+            f"init_lora_weights={init!r} rewrites the base weight and lorakit implements it for "
+            f"nn.Linear and Conv1D only; module {name!r} is a {type(base).__name__}: remove it "
+            "from target_modules (or add it to exclude_modules)."
+        )
+    weight = getattr(base, "weight", None)
+    if weight is None or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"init_lora_weights={init!r} needs a float32/float16/bfloat16 base weight; module "
+            f"{name!r} has {getattr(weight, 'dtype', None)}. Initialise on the unquantized model, "
+            "then quantize the residual base."
+        )
+    if getattr(module, "merged_adapters", ()):
+        raise ValueError(
+            f"module {name!r} has merged adapters {module.merged_adapters}; unmerge them before "
+            f"adding an adapter with init_lora_weights={init!r}."
+        )
+
+
+def initialise_from_base(layer, adapter_name: str, init: str) -> None:
+    """Set the factors of ``adapter_name`` (already on ``layer``, a ``LoraLinear``) by ``init``
+    and overwrite the base weight with ``W_res`` in place (see the module docstring). The
+    fingerprint of the weight before the change is kept in
+    ``layer.base_fingerprints_before_init[adapter_name]`` (what a converted adapter fits)."""
+    from lorakit.io.fingerprint import weight_fingerprint
+
+    base_weight = layer.base_layer.weight
+    with torch.no_grad():
+        layer.base_fingerprints_before_init[adapter_name] = weight_fingerprint(base_weight)
+        weight = base_weight.t() if layer.fan_in_fan_out else base_weight  # (d, k)
+        scale = layer.scalings[adapter_name]
+        lora_A, lora_B, residual = _factors_for(init, weight, layer.ranks[adapter_name], scale)
+        factor_A = layer.lora_A[adapter_name].weight
+        factor_B = layer.lora_B[adapter_name].weight
+        factor_A.copy_(lora_A.to(factor_A.dtype))
+        factor_B.copy_(lora_B.to(factor_B.dtype))
+        residual = residual.t() if layer.fan_in_fan_out else residual
+        base_weight.copy_(residual.to(base_weight.dtype))
+        layer.row_norms.clear(adapter_name)
