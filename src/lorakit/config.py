@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorakit.init_methods import changes_base
+from lorakit.init_methods import EvaConfig, changes_base
 from lorakit.patterns import check_pattern, check_pattern_set, compiled, shown
 
 __all__ = ["ALL_LINEAR", "LoraConfig", "TaskType"]
@@ -81,6 +81,8 @@ class LoraConfig:
     "pissa", "pissa_niter_K" (K an integer) and "olora" take A and B from the base weight and
     overwrite the base with the rest (``lorakit.init_methods``); "eva": zero B, A set from
     layer inputs by ``lorakit.eva.initialize_lora_eva_weights``."""
+    eva_config: EvaConfig | None = None
+    """EVA's settings (``init_lora_weights="eva"``); None: the defaults."""
     task_type: str | None = None
     """PEFT task type, e.g. "CAUSAL_LM" or "SEQ_CLS"."""
     base_model_name_or_path: str | None = None
@@ -95,6 +97,14 @@ class LoraConfig:
             self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = sorted(self.modules_to_save)
+        if isinstance(self.eva_config, dict):
+            self.eva_config = EvaConfig(**self.eva_config)
+        _check(
+            self.eva_config is None or isinstance(self.eva_config, EvaConfig),
+            "eva_config",
+            self.eva_config,
+            "None or a lorakit.EvaConfig",
+        )
         self._validate()
 
     def _validate(self) -> None:

@@ -21,13 +21,16 @@ initial_adapter=...)`` converts it into a plain LoRA for the original weights (`
 
 from __future__ import annotations
 
+import math
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 __all__ = [
     "BASE_CHANGING_INITS",
+    "EvaConfig",
     "changes_base",
     "check_layer_takes",
     "initialise_from_base",
@@ -37,6 +40,32 @@ __all__ = [
 
 BASE_CHANGING_INITS = ("pissa", "pissa_niter_K", "olora")
 _PISSA = re.compile(r"pissa(?:_niter_(\d+))?")
+
+
+@dataclass
+class EvaConfig:
+    """Settings of EVA, ``init_lora_weights="eva"`` (PEFT's ``EvaConfig``, same fields and
+    defaults; the procedure is ``lorakit.eva.initialize_lora_eva_weights``)."""
+
+    rho: float = 2.0
+    """A layer's rank may grow to ``round(r * rho)`` (>= 1; 1 keeps every rank)."""
+    tau: float = 0.99
+    """Stop reading batches once every needed component's cosine similarity with its value one
+    batch earlier is >= tau (in [0, 1])."""
+    use_label_mask: bool = True
+    """Leave out token positions whose ``labels`` equal ``label_mask_value``."""
+    label_mask_value: int = -100
+    """The label of positions left out."""
+    whiten: bool = False
+    """Divide each component by the square root of its singular value."""
+    adjust_scaling_factors: bool = True
+    """``alpha *= new_rank / r`` for a layer whose rank changed (same gradient scale)."""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.rho, (int, float)) and math.isfinite(self.rho) and self.rho >= 1):
+            raise ValueError(f"EvaConfig.rho={self.rho!r} is invalid: expected a number >= 1.")
+        if not (isinstance(self.tau, (int, float)) and 0.0 <= self.tau <= 1.0):
+            raise ValueError(f"EvaConfig.tau={self.tau!r} is invalid: expected a number in [0, 1].")
 
 
 def changes_base(init: object) -> bool:
