@@ -18,7 +18,7 @@ from lorakit.combining import combine
 from lorakit.config import LoraConfig, TaskType
 from lorakit.errors import AdapterFileError, BaseModelMismatchError, UserError
 from lorakit.eva import initialize_lora_eva_weights
-from lorakit.init_methods import EvaConfig
+from lorakit.init_methods import EvaConfig, LoftQConfig
 from lorakit.inject import inject, unload
 from lorakit.io import load_adapter, read_adapter, save_adapter, save_merged_model
 from lorakit.merge import merge, merge_and_unload, unmerge
@@ -39,6 +39,7 @@ __all__ = [
     "AdapterFileError",
     "BaseModelMismatchError",
     "EvaConfig",
+    "LoftQConfig",
     "LoraConfig",
     "ParameterCount",
     "PeftModel",

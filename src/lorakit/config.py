@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorakit.init_methods import EvaConfig, changes_base
+from lorakit.init_methods import EvaConfig, LoftQConfig, changes_base
 from lorakit.patterns import check_pattern, check_pattern_set, compiled, shown
 
 __all__ = ["ALL_LINEAR", "LoraConfig", "TaskType"]
@@ -78,11 +78,13 @@ class LoraConfig:
     """Modules trained and saved in full (e.g. a classification head)."""
     init_lora_weights: bool | str = True
     """True: Kaiming-uniform A, zero B. "gaussian": normal A (std 1/r), zero B. False: random B.
-    "pissa", "pissa_niter_K" (K an integer) and "olora" take A and B from the base weight and
+    "pissa", "pissa_niter_K" (K an integer), "olora" and "loftq" take A and B from the base weight and
     overwrite the base with the rest (``lorakit.init_methods``); "eva": zero B, A set from
     layer inputs by ``lorakit.eva.initialize_lora_eva_weights``."""
     eva_config: EvaConfig | None = None
     """EVA's settings (``init_lora_weights="eva"``); None: the defaults."""
+    loftq_config: LoftQConfig | None = None
+    """LoftQ's settings (``init_lora_weights="loftq"``); None: the defaults."""
     task_type: str | None = None
     """PEFT task type, e.g. "CAUSAL_LM" or "SEQ_CLS"."""
     base_model_name_or_path: str | None = None
@@ -99,6 +101,14 @@ class LoraConfig:
             self.modules_to_save = sorted(self.modules_to_save)
         if isinstance(self.eva_config, dict):
             self.eva_config = EvaConfig(**self.eva_config)
+        if isinstance(self.loftq_config, dict):
+            self.loftq_config = LoftQConfig(**self.loftq_config) if self.loftq_config else None
+        _check(
+            self.loftq_config is None or isinstance(self.loftq_config, LoftQConfig),
+            "loftq_config",
+            self.loftq_config,
+            "None or a lorakit.LoftQConfig",
+        )
         _check(
             self.eva_config is None or isinstance(self.eva_config, EvaConfig),
             "eva_config",
@@ -155,7 +165,8 @@ class LoraConfig:
             or changes_base(self.init_lora_weights),
             "init_lora_weights",
             self.init_lora_weights,
-            'True, False, "gaussian", "pissa", "pissa_niter_K" (K an integer), "olora" or "eva"',
+            'True, False, "gaussian", "pissa", "pissa_niter_K" (K an integer), "olora", "loftq" '
+            'or "eva"',
         )
         if self.use_dora and changes_base(self.init_lora_weights):
             raise ValueError(

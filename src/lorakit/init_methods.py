@@ -1,5 +1,6 @@
-"""Initialisations that take the adapter from the base weight: PiSSA and OLoRA (PEFT's
-``init_lora_weights="pissa"``, ``"pissa_niter_K"`` and ``"olora"``).
+"""Initialisations that take the adapter from the base weight: PiSSA, OLoRA and LoftQ (PEFT's
+``init_lora_weights="pissa"``, ``"pissa_niter_K"``, ``"olora"`` and ``"loftq"``; LoftQ in
+``loftq_factors``), and the settings of the data-driven EVA (``lorakit.eva``).
 
 Both put the weight's principal part into the adapter and leave the rest as the new base, so the
 layer computes what it did before (within float rounding)::
@@ -31,14 +32,16 @@ from torch import nn
 __all__ = [
     "BASE_CHANGING_INITS",
     "EvaConfig",
+    "LoftQConfig",
     "changes_base",
     "check_layer_takes",
     "initialise_from_base",
+    "loftq_factors",
     "olora_factors",
     "pissa_factors",
 ]
 
-BASE_CHANGING_INITS = ("pissa", "pissa_niter_K", "olora")
+BASE_CHANGING_INITS = ("pissa", "pissa_niter_K", "olora", "loftq")
 _PISSA = re.compile(r"pissa(?:_niter_(\d+))?")
 
 
@@ -68,9 +71,56 @@ class EvaConfig:
             raise ValueError(f"EvaConfig.tau={self.tau!r} is invalid: expected a number in [0, 1].")
 
 
+@dataclass
+class LoftQConfig:
+    """Settings of LoftQ, ``init_lora_weights="loftq"`` (PEFT's ``LoftQConfig``)."""
+
+    loftq_bits: int = 4
+    """4 (NF4) or 8 (int8 row-wise), bitsandbytes' formats."""
+    loftq_iter: int = 1
+    """Alternating quantize / SVD steps (>= 1)."""
+
+    def __post_init__(self) -> None:
+        if self.loftq_bits not in (4, 8):
+            raise ValueError(
+                f"LoftQConfig.loftq_bits={self.loftq_bits!r} is invalid: expected 4 or 8."
+            )
+        if not (isinstance(self.loftq_iter, int) and self.loftq_iter >= 1):
+            raise ValueError(
+                f"LoftQConfig.loftq_iter={self.loftq_iter!r} is invalid: expected an integer >= 1."
+            )
+
+
 def changes_base(init: object) -> bool:
     """True when ``init`` (``LoraConfig.init_lora_weights``) rewrites the base weight."""
-    return isinstance(init, str) and (init == "olora" or _PISSA.fullmatch(init) is not None)
+    return isinstance(init, str) and (
+        init in ("olora", "loftq") or _PISSA.fullmatch(init) is not None
+    )
+
+
+def loftq_factors(
+    weight: torch.Tensor, rank: int, bits: int, iterations: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A, B, Q)`` for LoftQ (PEFT's ``loftq_init``), all float32, ``weight`` (d, k).
+
+    ``R = W0``; ``iterations`` times: ``Q = deq(quant(R))``, ``W0 - Q = U S V^T``,
+    ``B = U_r sqrt(S_r)`` (d, r), ``A = sqrt(S_r) V_r^T`` (r, k), and (but after the last step)
+    ``R = W0 - B A``. The new base is ``Q`` (already on the quantization grid: quantizing it
+    again gives Q back), and ``W0 ~ Q + B A``: as in PEFT the scaling is not applied to the
+    factors, so the layer starts at ``W0`` only when ``s = 1`` (``lora_alpha = r``).
+    """
+    from lorakit.quantized.bnb import round_trip
+
+    weight = weight.to(torch.float32)
+    target = weight
+    for step in range(iterations):
+        quantized = round_trip(target, bits)
+        left, values, right_t = torch.linalg.svd(weight - quantized, full_matrices=False)
+        root = values[:rank].sqrt()
+        lora_B, lora_A = left[:, :rank] * root, root[:, None] * right_t[:rank]
+        if step + 1 < iterations:
+            target = weight - lora_B @ lora_A
+    return lora_A, lora_B, quantized
 
 
 def pissa_factors(
@@ -106,8 +156,11 @@ def olora_factors(
 
 
 def _factors_for(
-    init: str, weight: torch.Tensor, rank: int, scale: float
+    init: str, weight: torch.Tensor, rank: int, scale: float, loftq: LoftQConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if init == "loftq":
+        loftq = loftq or LoftQConfig()
+        return loftq_factors(weight, rank, loftq.loftq_bits, loftq.loftq_iter)
     if init == "olora":
         return olora_factors(weight, rank, scale)
     niter = _PISSA.fullmatch(init).group(1)
@@ -141,7 +194,9 @@ def check_layer_takes(layer_class: type, module: nn.Module, name: str, init: str
         )
 
 
-def initialise_from_base(layer, adapter_name: str, init: str) -> None:
+def initialise_from_base(
+    layer, adapter_name: str, init: str, loftq: LoftQConfig | None = None
+) -> None:
     """Set the factors of ``adapter_name`` (already on ``layer``, a ``LoraLinear``) by ``init``
     and overwrite the base weight with ``W_res`` in place (see the module docstring). The
     fingerprint of the weight before the change is kept in
@@ -153,7 +208,8 @@ def initialise_from_base(layer, adapter_name: str, init: str) -> None:
         layer.base_fingerprints_before_init[adapter_name] = weight_fingerprint(base_weight)
         weight = base_weight.t() if layer.fan_in_fan_out else base_weight  # (d, k)
         scale = layer.scalings[adapter_name]
-        lora_A, lora_B, residual = _factors_for(init, weight, layer.ranks[adapter_name], scale)
+        rank = layer.ranks[adapter_name]
+        lora_A, lora_B, residual = _factors_for(init, weight, rank, scale, loftq)
         factor_A = layer.lora_A[adapter_name].weight
         factor_B = layer.lora_B[adapter_name].weight
         factor_A.copy_(lora_A.to(factor_A.dtype))

@@ -146,7 +146,7 @@ def add_adapter_to_modules(
             use_dora=config.use_dora,
         )
         if changes_base(init):  # PiSSA / OLoRA: A, B from W0, which becomes W0 - s B A
-            initialise_from_base(layer, adapter_name, init)
+            initialise_from_base(layer, adapter_name, init, config.loftq_config)
         _give_layer_mode(layer, adapter_name)
     for name in saved_names:
         wrapper = model.get_submodule(name)

@@ -80,8 +80,8 @@ _IGNORED = (
     "velora_config",
 )
 # init_lora_weights values with which PEFT rewrites the base weights at initialisation and that
-# lorakit does not implement (PiSSA and OLoRA it does: ``lorakit.init_methods``).
-_BASE_CHANGING_INITS = ("corda", "loftq")
+# lorakit does not implement (PiSSA, OLoRA and LoftQ it does: ``lorakit.init_methods``).
+_BASE_CHANGING_INITS = ("corda",)
 # PEFT's limit above which it writes the shortest distinguishing suffixes instead of names.
 _MIN_TARGETS_FOR_SUFFIXES = 20
 

@@ -95,6 +95,12 @@ def converted_contents(
     from the adapter's saved ``tensors`` and the initial adapter in directory
     ``initial_adapter`` (see the module docstring)."""
     config = adapter_configs(model)[adapter_name]
+    if config.init_lora_weights == "loftq":
+        raise UserError(
+            "a LoftQ adapter cannot be converted on save: its initial factors only approximate "
+            "W0 - Q, so no plain LoRA for the original base reproduces it. Save it without "
+            "initial_adapter and use it with the quantized base."
+        )
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
         raise UserError(
             "converting on save (initial_adapter=...) is not supported with use_rslora=True "
