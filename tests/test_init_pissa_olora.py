@@ -118,6 +118,7 @@ def test_front_door_trains_merges_and_round_trips_with_peft(init, tmp_path):
     torch.testing.assert_close(_logits(ours, ids), trained, rtol=0, atol=TOLERANCE)
     with pytest.raises(BaseModelMismatchError, match="different base weights"):
         load_adapter(copy.deepcopy(original), tmp_path)  # records the residual's fingerprint
+    assert f"init:            {init} (fits the base" in format_summary(summarize_adapter(tmp_path))
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])

@@ -20,6 +20,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import UserError
+from lorakit.init_methods import changes_base
 from lorakit.io import atomic, fingerprint
 from lorakit.io.config_json import CONFIG_NAME, config_to_json
 from lorakit.io.header import serialize
@@ -28,6 +29,9 @@ from lorakit.io.read import CONFIG_METADATA_KEY, WEIGHTS_NAME
 from lorakit.state import adapter_configs, lora_layers, saved_modules
 
 __all__ = ["adapter_file_contents", "save_adapter", "save_merged_model"]
+
+# The base-changing init an adapter was made with (its adapter_config.json says true).
+BASE_INIT_METADATA_KEY = "lorakit.base_changing_init"
 
 
 def _config_of(model: nn.Module, adapter_name: str) -> LoraConfig:
@@ -83,6 +87,8 @@ def adapter_file_contents(
         fingerprint.METADATA_KEY: fingerprint.to_metadata(fingerprint.compute(model, lora_names)),
         CONFIG_METADATA_KEY: config_text,
     }
+    if changes_base(config.init_lora_weights):  # the file says true (see config_json)
+        metadata[BASE_INIT_METADATA_KEY] = config.init_lora_weights
     return tensors, metadata, config_text
 
 
