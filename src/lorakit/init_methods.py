@@ -216,4 +216,4 @@ def initialise_from_base(
         factor_B.copy_(lora_B.to(factor_B.dtype))
         residual = residual.t() if layer.fan_in_fan_out else residual
         base_weight.copy_(residual.to(base_weight.dtype))
-        layer.row_norms.clear(adapter_name)
+        layer.row_norms.clear()  # every adapter's cached DoRA norms used the old base
