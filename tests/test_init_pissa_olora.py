@@ -215,3 +215,20 @@ def test_config_checks_name_the_problem():
     with pytest.raises(ValueError, match=r"nn\.Linear and Conv1D only.*embed_tokens"):
         lorakit.inject(model, config)
     assert not hasattr(model, "lorakit_state")  # refused before any change
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_convert_through_inject_and_save_adapter(init, tmp_path):
+    original = tiny_models.llama()
+    config = lorakit.LoraConfig(**FIELDS, init_lora_weights=init, modules_to_save=["lm_head"])
+    model = lorakit.inject(copy.deepcopy(original), config)
+    save_adapter(model, tmp_path / "init")
+    tiny_models.randomize_adapters(model)  # stands in for training (every A, B and the head)
+    with torch.no_grad():
+        model.lm_head.modules_to_save["default"].weight.add_(0.01)
+    ids = tiny_models.input_ids()
+    trained = _logits(model, ids)
+    save_adapter(model, tmp_path / "plain", initial_adapter=tmp_path / "init")
+    loaded = load_adapter(copy.deepcopy(original), tmp_path / "plain")  # fingerprint fits W0
+    torch.testing.assert_close(_logits(loaded, ids), trained, rtol=0, atol=TOLERANCE)
+    assert lorakit.adapter_configs(loaded)["default"].r == 4
