@@ -17,6 +17,8 @@ from lorakit.accounting import ParameterCount, count_parameters, print_trainable
 from lorakit.combining import combine
 from lorakit.config import LoraConfig, TaskType
 from lorakit.errors import AdapterFileError, BaseModelMismatchError, UserError
+from lorakit.eva import initialize_lora_eva_weights
+from lorakit.init_methods import EvaConfig, LoftQConfig
 from lorakit.inject import inject, unload
 from lorakit.io import load_adapter, read_adapter, save_adapter, save_merged_model
 from lorakit.merge import merge, merge_and_unload, unmerge
@@ -36,6 +38,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterFileError",
     "BaseModelMismatchError",
+    "EvaConfig",
+    "LoftQConfig",
     "LoraConfig",
     "ParameterCount",
     "PeftModel",
@@ -49,6 +53,7 @@ __all__ = [
     "disabled",
     "find_targets",
     "get_peft_model",
+    "initialize_lora_eva_weights",
     "inject",
     "load_adapter",
     "merge",

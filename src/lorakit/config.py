@@ -13,13 +13,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorakit.init_methods import EvaConfig, LoftQConfig, changes_base
 from lorakit.patterns import check_pattern, check_pattern_set, compiled, shown
 
 __all__ = ["ALL_LINEAR", "LoraConfig", "TaskType"]
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = (True, False, "gaussian")
+INIT_MODES = (True, False, "gaussian", "eva")
 
 
 class TaskType(str, enum.Enum):
@@ -76,7 +77,14 @@ class LoraConfig:
     modules_to_save: list[str] | None = None
     """Modules trained and saved in full (e.g. a classification head)."""
     init_lora_weights: bool | str = True
-    """True: Kaiming-uniform A, zero B. "gaussian": normal A (std 1/r), zero B. False: random B."""
+    """True: Kaiming-uniform A, zero B. "gaussian": normal A (std 1/r), zero B. False: random B.
+    "pissa", "pissa_niter_K" (K an integer), "olora" and "loftq" take A and B from the base weight and
+    overwrite the base with the rest (``lorakit.init_methods``); "eva": zero B, A set from
+    layer inputs by ``lorakit.eva.initialize_lora_eva_weights``."""
+    eva_config: EvaConfig | None = None
+    """EVA's settings (``init_lora_weights="eva"``); None: the defaults."""
+    loftq_config: LoftQConfig | None = None
+    """LoftQ's settings (``init_lora_weights="loftq"``); None: the defaults."""
     task_type: str | None = None
     """PEFT task type, e.g. "CAUSAL_LM" or "SEQ_CLS"."""
     base_model_name_or_path: str | None = None
@@ -91,6 +99,22 @@ class LoraConfig:
             self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = sorted(self.modules_to_save)
+        if isinstance(self.eva_config, dict):
+            self.eva_config = EvaConfig(**self.eva_config)
+        if isinstance(self.loftq_config, dict):
+            self.loftq_config = LoftQConfig(**self.loftq_config) if self.loftq_config else None
+        _check(
+            self.loftq_config is None or isinstance(self.loftq_config, LoftQConfig),
+            "loftq_config",
+            self.loftq_config,
+            "None or a lorakit.LoftQConfig",
+        )
+        _check(
+            self.eva_config is None or isinstance(self.eva_config, EvaConfig),
+            "eva_config",
+            self.eva_config,
+            "None or a lorakit.EvaConfig",
+        )
         self._validate()
 
     def _validate(self) -> None:
@@ -137,11 +161,18 @@ class LoraConfig:
             any(
                 self.init_lora_weights is mode or self.init_lora_weights == mode
                 for mode in INIT_MODES
-            ),
+            )
+            or changes_base(self.init_lora_weights),
             "init_lora_weights",
             self.init_lora_weights,
-            'True, False or "gaussian"',
+            'True, False, "gaussian", "pissa", "pissa_niter_K" (K an integer), "olora", "loftq" '
+            'or "eva"',
         )
+        if self.use_dora and changes_base(self.init_lora_weights):
+            raise ValueError(
+                f"LoraConfig.init_lora_weights={self.init_lora_weights!r} with use_dora=True is "
+                "not implemented in lorakit; use one of them."
+            )
         for name in ("target_modules", "exclude_modules"):
             _check_name_spec(name, getattr(self, name))
         for key, rank in self.rank_pattern.items():

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
+from lorakit.init_methods import changes_base, check_layer_takes, initialise_from_base
 from lorakit.layers import LoraLayer, ModulesToSave, layer_class_for, wrap
 from lorakit.state import (
     adapter_configs,
@@ -127,6 +128,8 @@ def add_adapter_to_modules(
             )
         if isinstance(module, LoraLayer) and adapter_name in module.ranks:
             raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}.")
+        if changes_base(init):
+            check_layer_takes(layer_class, module, name, init)
     layers = wrap_targets(model, targets, modules=current)
     state = state_of(model)
     factors = factors or {}
@@ -142,6 +145,8 @@ def add_adapter_to_modules(
             values=factors.get(name),
             use_dora=config.use_dora,
         )
+        if changes_base(init):  # PiSSA / OLoRA: A, B from W0, which becomes W0 - s B A
+            initialise_from_base(layer, adapter_name, init, config.loftq_config)
         _give_layer_mode(layer, adapter_name)
     for name in saved_names:
         wrapper = model.get_submodule(name)

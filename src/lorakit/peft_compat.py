@@ -147,9 +147,13 @@ class PeftModel(nn.Module):
         safe_serialization: bool = True,
         save_embedding_layers: bool | None = None,
         is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | os.PathLike[str] | None = None,
     ) -> None:
         """Save adapters in PEFT's format: ``default`` in ``save_directory``, any other adapter
-        in ``save_directory/<name>`` (PEFT's layout). Only the main process writes."""
+        in ``save_directory/<name>`` (PEFT's layout). Only the main process writes.
+        ``path_initial_model_for_weight_conversion``: the PiSSA/OLoRA adapter as saved before
+        training; each adapter is saved converted into a plain LoRA for the original base
+        (``save_adapter(..., initial_adapter=...)``). Unlike peft, that directory is only read."""
         from lorakit.io import save_adapter
 
         if not safe_serialization:
@@ -165,6 +169,7 @@ class PeftModel(nn.Module):
                 save_directory,
                 adapter_name,
                 save_embedding_layers=save_embedding_layers,
+                initial_adapter=path_initial_model_for_weight_conversion,
             )
 
     # ------------------------------------------------------------------ adapters

@@ -10,6 +10,7 @@ import argparse
 import json
 from typing import Any
 
+from lorakit.init_methods import changes_base
 from lorakit.units import format_bytes
 
 
@@ -46,6 +47,12 @@ def _dora_text(summary: dict[str, Any]) -> str:
     return f"yes (magnitude vectors: {count:,} parameters, one per output feature)"
 
 
+def _init_text(init: bool | str) -> str:
+    if changes_base(init):
+        return f"{init} (fits the base that this init overwrote, not the original weights)"
+    return json.dumps(init)
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The summary as aligned ``label: value`` lines."""
     fingerprint = summary["fingerprint"]
@@ -75,6 +82,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("alpha", _counts(summary["alphas"])),
         ("scaling", _counts(summary["scalings"]) + (" (rsLoRA)" if summary["use_rslora"] else "")),
         ("DoRA", _dora_text(summary)),
+        ("init", _init_text(summary["init_lora_weights"])),
         ("bias", summary["bias"]),
         ("modules to save", ", ".join(summary["modules_to_save"] or []) or "-"),
         ("dtype", ", ".join(f"{k} ({v} tensors)" for k, v in summary["dtypes"].items())),

@@ -19,6 +19,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig, pattern_key
 from lorakit.errors import AdapterFileError
+from lorakit.init_methods import changes_base
 from lorakit.io.header import unreadable
 from lorakit.layers import is_linear
 from lorakit.targets import SEQ_CLS_HEADS, find_targets, model_modules, resolved_target_spec
@@ -78,8 +79,9 @@ _IGNORED = (
     "revision",
     "velora_config",
 )
-# init_lora_weights values with which PEFT rewrites the base weights at initialisation.
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+# init_lora_weights values with which PEFT rewrites the base weights at initialisation and that
+# lorakit does not implement (PiSSA, OLoRA and LoftQ it does: ``lorakit.init_methods``).
+_BASE_CHANGING_INITS = ("corda",)
 # PEFT's limit above which it writes the shortest distinguishing suffixes instead of names.
 _MIN_TARGETS_FOR_SUFFIXES = 20
 
@@ -133,6 +135,8 @@ def config_to_json(model: nn.Module, config: LoraConfig, adapter_modules: list[n
     true when one of them is a transformers ``Conv1D``, as PEFT does).
     """
     values: dict[str, Any] = {name: getattr(config, name) for name in _FIELDS}
+    if changes_base(config.init_lora_weights):  # peft would rerun it on the residual base
+        values["init_lora_weights"] = True
     values["target_modules"] = written_target_modules(model, config)
     values["modules_to_save"] = _written_modules_to_save(config)
     values["fan_in_fan_out"] = config.fan_in_fan_out or any(
@@ -226,7 +230,7 @@ def config_from_json(text: str, source: str) -> LoraConfig:
             "(save_pretrained(..., path_initial_model_for_weight_conversion=...)), which makes "
             "it a plain LoRA adapter for the original base."
         )
-    if init not in (True, False, "gaussian"):
+    if init not in (True, False, "gaussian", "eva") and not changes_base(init):
         fields["init_lora_weights"] = True  # other inits do not matter for a trained adapter
     for name in ("rank_pattern", "alpha_pattern"):
         if fields.get(name) is None:

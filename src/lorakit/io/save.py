@@ -20,6 +20,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import UserError
+from lorakit.init_methods import changes_base
 from lorakit.io import atomic, fingerprint
 from lorakit.io.config_json import CONFIG_NAME, config_to_json
 from lorakit.io.header import serialize
@@ -28,6 +29,9 @@ from lorakit.io.read import CONFIG_METADATA_KEY, WEIGHTS_NAME
 from lorakit.state import adapter_configs, lora_layers, saved_modules
 
 __all__ = ["adapter_file_contents", "save_adapter", "save_merged_model"]
+
+# The base-changing init an adapter was made with (its adapter_config.json says true).
+BASE_INIT_METADATA_KEY = "lorakit.base_changing_init"
 
 
 def _config_of(model: nn.Module, adapter_name: str) -> LoraConfig:
@@ -83,6 +87,8 @@ def adapter_file_contents(
         fingerprint.METADATA_KEY: fingerprint.to_metadata(fingerprint.compute(model, lora_names)),
         CONFIG_METADATA_KEY: config_text,
     }
+    if changes_base(config.init_lora_weights):  # the file says true (see config_json)
+        metadata[BASE_INIT_METADATA_KEY] = config.init_lora_weights
     return tensors, metadata, config_text
 
 
@@ -93,16 +99,27 @@ def save_adapter(
     *,
     dtype: torch.dtype | None = None,
     save_embedding_layers: bool | None = None,
+    initial_adapter: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Save adapter ``adapter_name`` of ``model`` in PEFT's format; returns the directory used.
 
     ``dtype``: the dtype of the saved floating tensors (default: as they are in the model).
     ``save_embedding_layers``: also save the full input/output embedding weights, needed only
     when the vocabulary was resized (None: detected from the base model's local config.json).
+    ``initial_adapter``: the directory of this adapter saved right after a PiSSA/OLoRA init,
+    before training: the adapter is then saved converted into a plain LoRA of twice the rank
+    for the ORIGINAL base weights (PEFT's ``path_initial_model_for_weight_conversion``;
+    ``lorakit.io.convert``).
     """
     tensors, metadata, config_text = adapter_file_contents(
         model, adapter_name, dtype=dtype, save_embedding_layers=save_embedding_layers
     )
+    if initial_adapter is not None:
+        from lorakit.io.convert import converted_contents
+
+        tensors, metadata, config_text = converted_contents(
+            model, adapter_name, tensors, initial_adapter
+        )
     target = Path(directory) if adapter_name == "default" else Path(directory) / adapter_name
     target.mkdir(parents=True, exist_ok=True)
     # Both files staged, then renamed back to back: weights first, so that a crash between the

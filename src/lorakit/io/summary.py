@@ -19,6 +19,7 @@ from lorakit.io.fingerprint import METADATA_KEY
 from lorakit.io.header import TensorInfo, read_header
 from lorakit.io.keys import is_magnitude_key, parse_lora_key
 from lorakit.io.read import adapter_directory, weights_path
+from lorakit.io.save import BASE_INIT_METADATA_KEY
 from lorakit.io.tensors import TORCH_DTYPES
 
 __all__ = ["summarize_adapter"]
@@ -103,6 +104,7 @@ def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> d
         "alphas": {f"{k:g}": v for k, v in sorted(alphas.items())},
         "scalings": {f"{k:g}": v for k, v in sorted(scalings.items())},
         "use_rslora": config.use_rslora,
+        "init_lora_weights": header.metadata.get(BASE_INIT_METADATA_KEY, config.init_lora_weights),
         "use_dora": config.use_dora,
         "dora_magnitude_parameters": sum(
             info.numel for key, info in header.tensors.items() if is_magnitude_key(key)

@@ -68,6 +68,9 @@ class LoraLayer(nn.Module):
         self.dropouts: dict[str, float] = {}
         self.active_adapters: tuple[str, ...] = ()
         self._merge_state = _unmerged()
+        self.base_fingerprints_before_init: dict[str, dict] = {}
+        """Per adapter made by a base-changing init (``lorakit.init_methods``): the fingerprint
+        of the base weight before it was overwritten (what a converted adapter fits)."""
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -62,7 +62,8 @@ class LoraLinear(LoraLayer):
 
     def init_factors(self, lora_A: torch.Tensor, lora_B: torch.Tensor, init: bool | str) -> None:
         """True: A kaiming-uniform, B = 0; "gaussian": A ~ N(0, 1/r^2), B = 0; False: both
-        kaiming-uniform (B != 0, for tests). Both are first drawn as ``nn.Linear(k, r)`` and
+        kaiming-uniform (B != 0, for tests); "eva", "pissa*", "olora": A as drawn, B = 0 (set
+        later from data or W0). Both are first drawn as ``nn.Linear(k, r)`` and
         ``nn.Linear(r, d)`` would draw them (as PEFT's layers do), so a seed gives the values it
         always gave."""
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
@@ -70,6 +71,8 @@ class LoraLinear(LoraLayer):
         if init is True:
             nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
             nn.init.zeros_(lora_B)
+        elif init is not False and init != "gaussian":  # "eva", "pissa*", "olora": B = 0 until
+            nn.init.zeros_(lora_B)  # set from data or from W0 (PEFT draws A once, as here)
         elif init == "gaussian":
             nn.init.normal_(lora_A, std=1 / lora_A.shape[0])
             nn.init.zeros_(lora_B)

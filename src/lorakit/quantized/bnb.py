@@ -166,3 +166,19 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     if has_bias:
         new.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
     return new.to(module.weight.device)
+
+
+def round_trip(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """``dequantize(quantize(weight))`` (out, in), float32, as a bitsandbytes layer would store
+    ``weight``: 4 bits NF4 in blocks of 64 without double quantization, or 8 bits row-wise
+    absmax of the float16 weight (what ``Params4bit`` / ``Int8Params`` do; LoftQ's quantizer)."""
+    import bitsandbytes.functional as bnb_functional
+
+    with torch.no_grad():
+        if bits == 4:
+            codes, state = bnb_functional.quantize_4bit(
+                weight.contiguous(), blocksize=64, compress_statistics=False, quant_type="nf4"
+            )
+            return bnb_functional.dequantize_4bit(codes, state).to(torch.float32)
+        codes, scales, _ = bnb_functional.int8_vectorwise_quant(weight.to(torch.float16))
+        return bnb_functional.int8_vectorwise_dequant(codes, scales).to(torch.float32)

@@ -1,0 +1,244 @@
+"""EVA (Explained Variance Adaptation; PEFT's ``init_lora_weights="eva"``): A from the principal
+directions of each layer's inputs, B = 0, ranks moved to the layers whose inputs need them.
+
+``inject`` with ``init_lora_weights="eva"`` gives B = 0 (A as drawn); then
+``initialize_lora_eva_weights(model, dataloader)`` runs the model (no gradient, eval mode) over
+batches and, per adapted ``nn.Linear`` / ``Conv1D`` layer with inputs X (n tokens x k)::
+
+    mean = sum(X) / n,   C = (X^T X - n mean mean^T) / (n - 1)       (k x k, float64)
+    C = V diag(lam) V^T,  lam descending;   explained ratio_i = lam_i / sum(lam)
+
+Token positions count when ``attention_mask`` is 1 and (``use_label_mask``) ``labels`` is not
+``label_mask_value``. Batches are read until every needed component's cosine similarity with
+its value one batch earlier is >= ``tau`` (or the loader ends). Ranks: the budget is the sum of
+the layers' ranks; each layer offers its first ``round(r * rho)`` ratios, and the budget's worth
+of largest ratios over all layers decide how many each layer gets. Layer with rank r' > 0:
+``A = V[:, :r']^T`` (r' x k; ``whiten``: row i divided by ``((n - 1) lam_i) ** (1/4)``, the
+square root of the i-th singular value of the centred X), B = 0, and with
+``adjust_scaling_factors`` ``alpha' = alpha r' / r``; r' = 0: the layer loses the adapter. The
+config's ``target_modules``, ``rank_pattern`` and ``alpha_pattern`` then name what was chosen,
+as PEFT writes them. PEFT computes the same principal directions by incremental PCA (randomised
+SVD); lorakit's are exact, so values agree to PEFT's approximation, not bit for bit.
+
+Memory: one k x k float64 matrix per distinct layer input (layers reading the same tensor, e.g.
+q/k/v, share one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from lorakit.init_methods import EvaConfig
+from lorakit.layers import LoraLinear
+from lorakit.state import adapter_configs, lora_layers, state_of
+
+__all__ = ["explained_variance", "initialize_lora_eva_weights", "redistribute_ranks"]
+
+
+class _InputMoments:
+    """Running ``n``, ``sum x`` and ``sum x x^T`` (float64) of one layer input's rows."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total: torch.Tensor | None = None
+        self.outer: torch.Tensor | None = None
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows.detach().to(torch.float64)  # (n, k)
+        if self.total is None:
+            self.total = rows.new_zeros(rows.shape[1])
+            self.outer = rows.new_zeros(rows.shape[1], rows.shape[1])
+        self.count += rows.shape[0]
+        self.total += rows.sum(0)
+        self.outer += rows.T @ rows
+
+
+def explained_variance(moments: _InputMoments) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(components (k, k) rows descending, eigenvalues (k,))`` of the inputs' covariance."""
+    mean = moments.total / moments.count
+    covariance = (moments.outer - moments.count * torch.outer(mean, mean)) / max(
+        moments.count - 1, 1
+    )
+    values, vectors = torch.linalg.eigh(covariance)
+    return vectors.flip(1).T, values.flip(0).clamp_min(0)
+
+
+def redistribute_ranks(
+    ratios: Mapping[str, torch.Tensor], ranks: Mapping[str, int], rho: float
+) -> dict[str, int]:
+    """New ranks: the ``sum(ranks)`` largest of each layer's first ``round(r * rho)`` explained
+    variance ratios (ties: earlier layer first), counted per layer."""
+    offered = [
+        (float(value), order, name)
+        for order, name in enumerate(ratios)
+        for value in ratios[name][: round(ranks[name] * rho)]
+    ]
+    offered.sort(key=lambda item: (-item[0], item[1]))
+    counts = dict.fromkeys(ratios, 0)
+    for _, _, name in offered[: sum(ranks.values())]:
+        counts[name] += 1
+    return counts
+
+
+def _token_rows(x: torch.Tensor, batch: object, config: EvaConfig) -> torch.Tensor:
+    """The rows of layer input ``x`` (..., k) that count (module docstring), as (n, k)."""
+    if isinstance(batch, Mapping) and "input_ids" in batch and x.dim() == 3:
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(batch["input_ids"]) if mask is None else mask
+        mask = mask.bool()
+        if config.use_label_mask and "labels" in batch:
+            mask = mask & (batch["labels"] != config.label_mask_value)
+        return x[mask.to(x.device)]
+    return x.reshape(-1, x.shape[-1])
+
+
+def _default_forward(model: nn.Module, batch: object) -> None:
+    model(**batch) if isinstance(batch, Mapping) else model(batch)
+
+
+def _collect(model, layers, loader, config, ranks, forward_fn):
+    """Run batches through ``model`` and return ``{layer: (components, eigenvalues, n)}``."""
+    moments: dict[str, _InputMoments] = {}
+    leader: dict[str, str] = {}  # layer -> the layer whose input it shares
+    seen: dict[int, tuple[torch.Tensor, str]] = {}
+    current: dict[str, object] = {}
+
+    def hook_for(name):
+        def hook(module, args):
+            x = args[0]
+            if name not in leader:  # first batch: layers fed the very same tensor share stats
+                leader[name] = seen.setdefault(id(x), (x, name))[1]  # x kept: its id stays unique
+            if leader[name] == name:
+                moments.setdefault(name, _InputMoments()).add(
+                    _token_rows(x, current["batch"], config)
+                )
+
+        return hook
+
+    handles = [layers[name].register_forward_pre_hook(hook_for(name)) for name in layers]
+    previous: dict[str, torch.Tensor] = {}
+    try:
+        for batch in loader:
+            current["batch"] = batch
+            seen.clear()
+            forward_fn(model, batch)
+            results = {name: explained_variance(m) for name, m in moments.items()}
+            wanted = {name: round(ranks[name] * config.rho) for name in results}
+            converged = previous and all(
+                bool(
+                    (
+                        torch.cosine_similarity(
+                            results[n][0][: wanted[n]], previous[n][: wanted[n]]
+                        ).abs()
+                        >= config.tau
+                    ).all()
+                )
+                for n in results
+            )
+            previous = {name: value[0] for name, value in results.items()}
+            if converged:
+                break
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not moments:
+        raise ValueError("the dataloader gave no batches; EVA needs layer inputs to start from.")
+    return {name: (*results[leader[name]], moments[leader[name]].count) for name in layers}
+
+
+@torch.no_grad()
+def initialize_lora_eva_weights(
+    model: nn.Module,
+    dataloader: Iterable,
+    adapter_name: str = "default",
+    *,
+    forward_fn: Callable[[nn.Module, object], object] | None = None,
+) -> dict[str, int]:
+    """Run EVA (module docstring) for adapter ``adapter_name`` (injected with
+    ``init_lora_weights="eva"``) over the batches of ``dataloader``; returns the new rank of
+    each layer. ``model``: the transformers model or a lorakit ``PeftModel``. ``forward_fn(model,
+    batch)``: how to run one batch (default ``model(**batch)`` for dicts, else ``model(batch)``).
+    """
+    model = getattr(model, "model", model) if hasattr(model, "peft_config") else model
+    config = adapter_configs(model).get(adapter_name)
+    if config is None or config.init_lora_weights != "eva":
+        raise ValueError(
+            f"adapter {adapter_name!r} was not injected with init_lora_weights='eva' (found "
+            f"{getattr(config, 'init_lora_weights', None)!r}); inject it with that setting first."
+        )
+    eva = config.eva_config or EvaConfig()
+    layers = {
+        name: layer
+        for name, layer in lora_layers(model)
+        if adapter_name in layer.ranks and type(layer) is LoraLinear
+    }
+    ranks = {name: layer.ranks[adapter_name] for name, layer in layers.items()}
+    training = model.training
+    model.eval()
+    try:
+        stats = _collect(model, layers, dataloader, eva, ranks, forward_fn or _default_forward)
+    finally:
+        model.train(training)
+    ratios = {
+        name: values / values.sum().clamp_min(1e-30) for name, (_, values, _) in stats.items()
+    }
+    new_ranks = redistribute_ranks(ratios, ranks, eva.rho)
+    _apply(model, config, adapter_name, layers, stats, new_ranks, eva)
+    return new_ranks
+
+
+def _apply(model, config, adapter_name, layers, stats, new_ranks, eva) -> None:
+    """Give each layer its EVA factors (or remove its adapter at rank 0) and record the
+    chosen modules, ranks and alphas in the adapter's config."""
+    from lorakit.inject import _give_layer_mode, replace_module
+
+    rank_pattern, alpha_pattern, kept = {}, {}, []
+    for name, layer in layers.items():
+        rank, alpha = layer.ranks[adapter_name], layer.alphas[adapter_name]
+        new_rank = new_ranks[name]
+        if new_rank == 0:
+            layer.delete_adapter(adapter_name)
+            if not layer.ranks:
+                replace_module(model, name, layer.base_layer)
+            continue
+        components, values, count = stats[name]
+        lora_A = components[:new_rank].clone()  # (r', k)
+        if eva.whiten:
+            lora_A /= ((count - 1) * values[:new_rank]).clamp_min(1e-30).sqrt().sqrt()[:, None]
+        if new_rank != rank and eva.adjust_scaling_factors:
+            alpha *= new_rank / rank
+        dtype = layer.lora_A[adapter_name].weight.dtype
+        trainable = layer.lora_A[adapter_name].weight.requires_grad
+        active, dropout = layer.active_adapters, layer.dropouts[adapter_name]
+        layer.delete_adapter(adapter_name)
+        zeros = torch.zeros(layer.out_features, new_rank, dtype=dtype)
+        layer.add_adapter(
+            adapter_name,
+            new_rank,
+            alpha,
+            dropout,
+            config.use_rslora,
+            None,
+            dtype,
+            values=(lora_A.to(dtype), zeros),
+        )
+        layer.active_adapters = active
+        _give_layer_mode(layer, adapter_name)
+        for parameter in layer.adapter_parameters(adapter_name):
+            parameter.requires_grad_(trainable)
+        kept.append(name)
+        if new_rank != config.r:
+            rank_pattern[name] = new_rank
+        if alpha != config.lora_alpha:
+            alpha_pattern[name] = alpha
+    untouched = [
+        n for n, layer in lora_layers(model) if adapter_name in layer.ranks and n not in layers
+    ]
+    state_of(model).configs[adapter_name] = config.replace(
+        target_modules=sorted(kept + untouched),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+    )

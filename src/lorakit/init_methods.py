@@ -1,0 +1,219 @@
+"""Initialisations that take the adapter from the base weight: PiSSA, OLoRA and LoftQ (PEFT's
+``init_lora_weights="pissa"``, ``"pissa_niter_K"``, ``"olora"`` and ``"loftq"``; LoftQ in
+``loftq_factors``), and the settings of the data-driven EVA (``lorakit.eva``).
+
+Both put the weight's principal part into the adapter and leave the rest as the new base, so the
+layer computes what it did before (within float rounding)::
+
+    W0 = W_res + s B A        (W0: d x k, A: r x k, B: d x r, s the adapter's scaling)
+
+- PiSSA: ``W0 = U S V^T`` (SVD, singular values descending); with ``S_r`` the first r values,
+  ``A = diag(sqrt(S_r / s)) V_r^T`` and ``B = U_r diag(sqrt(S_r / s))``. ``"pissa_niter_K"``
+  takes ``U_r, S_r, V_r`` from ``torch.svd_lowrank(W0, r, niter=K)`` (randomised: faster on large
+  matrices, depends on torch's random state).
+- OLoRA: ``W0 = Q R`` (QR decomposition); ``A = R[:r]`` (r x k), ``B = Q[:, :r]`` (d x r).
+
+Everything is computed in float32; ``W_res`` is rounded to the base weight's dtype and written
+into the base weight Parameter in place, so the base model is changed (``lorakit.unload`` gives
+back the modules holding ``W_res``, as PEFT's ``unload`` does). A saved adapter then only fits
+``W_res``: its fingerprint says so (``lorakit.io``), and ``save_adapter(...,
+initial_adapter=...)`` converts it into a plain LoRA for the original weights (``convert``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "BASE_CHANGING_INITS",
+    "EvaConfig",
+    "LoftQConfig",
+    "changes_base",
+    "check_layer_takes",
+    "initialise_from_base",
+    "loftq_factors",
+    "olora_factors",
+    "pissa_factors",
+]
+
+BASE_CHANGING_INITS = ("pissa", "pissa_niter_K", "olora", "loftq")
+_PISSA = re.compile(r"pissa(?:_niter_(\d+))?")
+
+
+@dataclass
+class EvaConfig:
+    """Settings of EVA, ``init_lora_weights="eva"`` (PEFT's ``EvaConfig``, same fields and
+    defaults; the procedure is ``lorakit.eva.initialize_lora_eva_weights``)."""
+
+    rho: float = 2.0
+    """A layer's rank may grow to ``round(r * rho)`` (>= 1; 1 keeps every rank)."""
+    tau: float = 0.99
+    """Stop reading batches once every needed component's cosine similarity with its value one
+    batch earlier is >= tau (in [0, 1])."""
+    use_label_mask: bool = True
+    """Leave out token positions whose ``labels`` equal ``label_mask_value``."""
+    label_mask_value: int = -100
+    """The label of positions left out."""
+    whiten: bool = False
+    """Divide each component by the square root of its singular value."""
+    adjust_scaling_factors: bool = True
+    """``alpha *= new_rank / r`` for a layer whose rank changed (same gradient scale)."""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.rho, (int, float)) and math.isfinite(self.rho) and self.rho >= 1):
+            raise ValueError(f"EvaConfig.rho={self.rho!r} is invalid: expected a number >= 1.")
+        if not (isinstance(self.tau, (int, float)) and 0.0 <= self.tau <= 1.0):
+            raise ValueError(f"EvaConfig.tau={self.tau!r} is invalid: expected a number in [0, 1].")
+
+
+@dataclass
+class LoftQConfig:
+    """Settings of LoftQ, ``init_lora_weights="loftq"`` (PEFT's ``LoftQConfig``)."""
+
+    loftq_bits: int = 4
+    """4 (NF4) or 8 (int8 row-wise), bitsandbytes' formats."""
+    loftq_iter: int = 1
+    """Alternating quantize / SVD steps (>= 1)."""
+
+    def __post_init__(self) -> None:
+        if self.loftq_bits not in (4, 8):
+            raise ValueError(
+                f"LoftQConfig.loftq_bits={self.loftq_bits!r} is invalid: expected 4 or 8."
+            )
+        if not (isinstance(self.loftq_iter, int) and self.loftq_iter >= 1):
+            raise ValueError(
+                f"LoftQConfig.loftq_iter={self.loftq_iter!r} is invalid: expected an integer >= 1."
+            )
+
+
+def changes_base(init: object) -> bool:
+    """True when ``init`` (``LoraConfig.init_lora_weights``) rewrites the base weight."""
+    return isinstance(init, str) and (
+        init in ("olora", "loftq") or _PISSA.fullmatch(init) is not None
+    )
+
+
+def loftq_factors(
+    weight: torch.Tensor, rank: int, bits: int, iterations: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A, B, Q)`` for LoftQ (PEFT's ``loftq_init``), all float32, ``weight`` (d, k).
+
+    ``R = W0``; ``iterations`` times: ``Q = deq(quant(R))``, ``W0 - Q = U S V^T``,
+    ``B = U_r sqrt(S_r)`` (d, r), ``A = sqrt(S_r) V_r^T`` (r, k), and (but after the last step)
+    ``R = W0 - B A``. The new base is ``Q`` (already on the quantization grid: quantizing it
+    again gives Q back), and ``W0 ~ Q + B A``: as in PEFT the scaling is not applied to the
+    factors, so the layer starts at ``W0`` only when ``s = 1`` (``lora_alpha = r``).
+    """
+    from lorakit.quantized.bnb import round_trip
+
+    weight = weight.to(torch.float32)
+    target = weight
+    for step in range(iterations):
+        quantized = round_trip(target, bits)
+        left, values, right_t = torch.linalg.svd(weight - quantized, full_matrices=False)
+        root = values[:rank].sqrt()
+        lora_B, lora_A = left[:, :rank] * root, root[:, None] * right_t[:rank]
+        if step + 1 < iterations:
+            target = weight - lora_B @ lora_A
+    return lora_A, lora_B, quantized
+
+
+def pissa_factors(
+    weight: torch.Tensor, rank: int, scale: float, niter: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A, B, W_res)`` for PiSSA (module docstring), all float32.
+
+    ``weight`` (d, k); ``A`` (r, k), ``B`` (d, r), ``W_res = W0 - s B A`` (d, k).
+    ``niter``: None for the exact SVD, K for ``torch.svd_lowrank`` with K iterations.
+    """
+    weight = weight.to(torch.float32)
+    if niter is None:
+        left, values, right_t = torch.linalg.svd(weight, full_matrices=False)
+        left, values, right_t = left[:, :rank], values[:rank], right_t[:rank]
+    else:
+        left, values, right = torch.svd_lowrank(weight, rank, niter=niter)
+        right_t = right.t()
+    root = torch.sqrt(values / scale)  # (r,)
+    lora_A = root[:, None] * right_t  # (r, k)
+    lora_B = left * root[None, :]  # (d, r)
+    return lora_A, lora_B, weight - scale * lora_B @ lora_A
+
+
+def olora_factors(
+    weight: torch.Tensor, rank: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A, B, W_res)`` for OLoRA, all float32: ``W0 = Q R``, ``A = R[:r]`` (r, k),
+    ``B = Q[:, :r]`` (d, r), ``W_res = W0 - s B A`` (d, k)."""
+    weight = weight.to(torch.float32)
+    q, r = torch.linalg.qr(weight)
+    lora_A, lora_B = r[:rank].contiguous(), q[:, :rank].contiguous()
+    return lora_A, lora_B, weight - scale * lora_B @ lora_A
+
+
+def _factors_for(
+    init: str, weight: torch.Tensor, rank: int, scale: float, loftq: LoftQConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if init == "loftq":
+        loftq = loftq or LoftQConfig()
+        return loftq_factors(weight, rank, loftq.loftq_bits, loftq.loftq_iter)
+    if init == "olora":
+        return olora_factors(weight, rank, scale)
+    niter = _PISSA.fullmatch(init).group(1)
+    return pissa_factors(weight, rank, scale, None if niter is None else int(niter))
+
+
+def check_layer_takes(layer_class: type, module: nn.Module, name: str, init: str) -> None:
+    """``ValueError`` unless the LoRA layer ``layer_class`` wrapping ``module`` can take a
+    base-changing ``init``: a ``LoraLinear`` (``nn.Linear`` / ``Conv1D``) with a float32,
+    float16 or bfloat16 weight and nothing merged."""
+    from lorakit.layers import LoraLinear
+
+    base = getattr(module, "base_layer", module)
+    if layer_class is not LoraLinear:
+        raise ValueError(
+            f"init_lora_weights={init!r} rewrites the base weight and lorakit implements it for "
+            f"nn.Linear and Conv1D only; module {name!r} is a {type(base).__name__}: remove it "
+            "from target_modules (or add it to exclude_modules)."
+        )
+    weight = getattr(base, "weight", None)
+    if weight is None or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"init_lora_weights={init!r} needs a float32/float16/bfloat16 base weight; module "
+            f"{name!r} has {getattr(weight, 'dtype', None)}. Initialise on the unquantized model, "
+            "then quantize the residual base."
+        )
+    if getattr(module, "merged_adapters", ()):
+        raise ValueError(
+            f"module {name!r} has merged adapters {module.merged_adapters}; unmerge them before "
+            f"adding an adapter with init_lora_weights={init!r}."
+        )
+
+
+def initialise_from_base(
+    layer, adapter_name: str, init: str, loftq: LoftQConfig | None = None
+) -> None:
+    """Set the factors of ``adapter_name`` (already on ``layer``, a ``LoraLinear``) by ``init``
+    and overwrite the base weight with ``W_res`` in place (see the module docstring). The
+    fingerprint of the weight before the change is kept in
+    ``layer.base_fingerprints_before_init[adapter_name]`` (what a converted adapter fits)."""
+    from lorakit.io.fingerprint import weight_fingerprint
+
+    base_weight = layer.base_layer.weight
+    with torch.no_grad():
+        layer.base_fingerprints_before_init[adapter_name] = weight_fingerprint(base_weight)
+        weight = base_weight.t() if layer.fan_in_fan_out else base_weight  # (d, k)
+        scale = layer.scalings[adapter_name]
+        rank = layer.ranks[adapter_name]
+        lora_A, lora_B, residual = _factors_for(init, weight, rank, scale, loftq)
+        factor_A = layer.lora_A[adapter_name].weight
+        factor_B = layer.lora_B[adapter_name].weight
+        factor_A.copy_(lora_A.to(factor_A.dtype))
+        factor_B.copy_(lora_B.to(factor_B.dtype))
+        residual = residual.t() if layer.fan_in_fan_out else residual
+        base_weight.copy_(residual.to(base_weight.dtype))
+        layer.row_norms.clear()  # every adapter's cached DoRA norms used the old base
