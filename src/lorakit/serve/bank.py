@@ -185,6 +185,11 @@ class AdapterBank:
         """
         return self._lazy_load(name, loader, hold=True)
 
+    def try_acquire(self, name: str) -> int | None:
+        """``acquire`` of a loaded adapter; None (and nothing held) when it is not in the bank."""
+        with self._lock:
+            return self._use(name, hold=True) if name in self._slot_of else None
+
     def ensure_loaded(self, name: str, loader: Loader | None = None) -> int:
         """Load ``name`` with ``loader(name) -> (config, tensors)`` unless it is in the bank; mark
         it recently used; its slot. ``KeyError``: unknown (no loader, or the loader's), or
@@ -265,8 +270,13 @@ class AdapterBank:
     def _evictable(self, name: str) -> bool:
         return name not in self._pinned and not self._in_use.get(name)
 
+    def has_room(self) -> bool:
+        """A load would find a free or evictable slot now."""
+        with self._lock:
+            return bool(self._free) or any(self._evictable(n) for n in self._slot_of)
+
     def _require_room(self) -> None:
-        if not self._free and not any(self._evictable(n) for n in self._slot_of):
+        if not self.has_room():
             raise BankFullError(
                 f"all {self.capacity} adapter slots are pinned or used by running requests; "
                 "raise the capacity (--max-adapters / --adapter-memory), unpin, or retry later."
