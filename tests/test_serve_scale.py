@@ -107,8 +107,11 @@ def test_a_thousand_adapters_served_within_the_memory_budget(thousand):
             thread.start()
         for thread in threads:
             thread.join(timeout=120)
-    assert bank.memory_bytes() <= budget and bank.loaded_count <= bank.capacity < len(names)
-    assert bank.evictions >= len(names) - bank.capacity
+    assert bank.resident_bytes() <= bank.memory_bytes() <= budget
+    needed = sum(bank.pages_for(int(of_template[n][1:].rstrip("qval"))) for n in names)
+    assert bank.pages < needed and bank.evictions > 0  # all 28 do not fit at once
+    held = sum(bank.pages_for(bank.config(name).r) for name in bank.names())
+    assert bank.resident_bytes() == held * bank.page_bytes
     for name in names:
         ids, _, last = results[name]
         assert last.finish_reason == "length", (name, last.error)
@@ -179,3 +182,58 @@ def test_a_failed_cold_load_fails_its_requests_only(thousand):
     assert missing.finish_reason == "error" and missing.error_kind == "adapter_not_found"
     assert "nope" in missing.error
     assert served.finish_reason == "length" and len(ids) == 2
+
+
+def test_bank_memory_follows_the_ranks_held(thousand):
+    """Pages of ``page_rank`` 4: a budget that holds 1,000 rank-4 adapters holds 62 rank-64
+    ones (1/16), and what is resident is counted page by page."""
+    _, reference, _ = thousand
+    model = served_model()
+    config = lorakit.adapter_configs(reference)
+    small, large = adapter_tensors(reference, "t4all"), adapter_tensors(reference, "t64all")
+    probe = AdapterBank(model, max_rank=64, capacity=1)
+    budget = COUNT * (probe.page_bytes + probe.slot_overhead)
+    bank = AdapterBank(model, max_rank=64, memory_budget=budget)
+    assert bank.pages == COUNT and bank.memory_bytes() <= budget
+    for index in range(COUNT):
+        bank.load(f"small{index}", config["t4all"], small)
+    assert bank.loaded_count == COUNT and bank.evictions == 0
+    assert (
+        bank.resident_bytes()
+        == COUNT * bank.page_bytes
+        == bank.memory_bytes() - (bank.capacity * bank.slot_overhead)
+    )
+    for name in bank.names():
+        bank.evict(name)
+    assert bank.resident_bytes() == 0
+    for index in range(COUNT // 16 + 1):
+        bank.load(f"large{index}", config["t64all"], large)
+    assert bank.loaded_count == COUNT // 16 and bank.evictions == 1  # the 63rd evicts one
+    assert bank.resident_bytes() == (COUNT // 16) * 16 * bank.page_bytes
+
+
+@pytest.mark.parametrize("mode", [None, "loop", "padded"])
+def test_a_mixed_rank_batch_equals_each_adapter_alone(thousand, mode):
+    """Ranks 4 to 64 in one batch: every row equals its adapter alone in lorakit.inject's
+    model; the padded grid has one entry per page held, not max_rank per adapter."""
+    from lorakit.serve import routed
+
+    _, reference, _ = thousand
+    model = served_model()
+    bank = AdapterBank(model, max_rank=64, capacity=10)
+    templates = list(lorakit.adapter_configs(reference))
+    for name in templates:
+        bank.load_from_model(name, reference, name)
+    ids = tiny_models.input_ids(len(templates), 5)
+    slots = torch.tensor([bank.slot_of(name) for name in templates])
+    with routed(bank, slots[:, None].expand(-1, 5), mode=mode) as plan:
+        mixed = model(ids).logits
+    for row, name in enumerate(templates):
+        with torch.no_grad(), lorakit.use_adapters(reference, [name]):
+            alone = reference(ids[row : row + 1]).logits
+        torch.testing.assert_close(mixed[row : row + 1], alone, rtol=0, atol=1e-5)
+    if mode == "padded":
+        ranks = [lorakit.adapter_configs(reference)[name].r for name in templates]
+        assert plan.padded.entry_pages.numel() == sum(r // 4 for r in ranks) == 2 * 31
+    with torch.no_grad():
+        assert (mixed - model(ids).logits).abs().max() > 1e-2  # the adapters matter

@@ -80,6 +80,7 @@ def create_app(
             "adapters_loaded": bank.loaded_count,  # lock-free: a load never stalls /health
             "adapter_capacity": bank.capacity,
             "adapter_memory_bytes": bank.memory_bytes(),
+            "adapter_resident_bytes": bank.resident_bytes(),  # the pages loaded adapters hold
             "adapter_evictions": bank.evictions,
             "max_running_batch": engine.stats.max_running,
             "joined_running_batch": engine.stats.joined_running,
