@@ -66,6 +66,7 @@ def create_app(
 
     adapters.registry.reserve(settings.model_name)  # no adapter may take the base model's name
     app = FastAPI(title="lorakit", lifespan=lifespan)
+    app.state.engine, app.state.adapters = engine, adapters  # (serve.ray_deployment starts it)
     _install_error_handlers(app)
     created = int(time.time())
 

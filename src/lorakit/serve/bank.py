@@ -267,6 +267,11 @@ class AdapterBank:
         with self._lock:
             self._pinned.add(self._known(name))
 
+    def pinned(self) -> list[str]:
+        """Pinned adapters (loaded ones only), least recently used first."""
+        with self._lock:
+            return [name for name in self._slot_of if name in self._pinned]
+
     def unpin(self, name: str) -> None:
         with self._lock:
             self._pinned.discard(name)
