@@ -16,6 +16,7 @@ lengths from U[8, 32) (EOS disabled). Reported:
   at runtime (load/unload churn); errors and RSS growth.
 
 Model: the tiny Llama (SmolLM2's family, hidden 64, 2 layers, random weights) by default;
+``--smollm2-layers N``: SmolLM2-135M's shapes (hidden 576, vocab 49152) with N layers, random weights;
 ``--real``: SmolLM2-135M-Instruct through ``lorakit.models``.
 ``python benchmarks/bench_serving_scale.py [--quick] [--threads 1] [--out FILE]``.
 """
@@ -47,20 +48,22 @@ RANKS = (4, 8, 16, 32, 64)
 TARGET_SETS = (["q_proj", "v_proj"], "all-linear")
 
 
-def base_model(real: bool):
-    if real:
+def base_model(args):
+    if args.real:
         from lorakit.models import load_model
 
         model, _ = load_model("smollm2-135m-instruct", progress=False)
+    elif args.smollm2_layers:  # SmolLM2-135M's shapes, fewer layers, random weights
+        model = common.base_model(common.smollm2_config(args.smollm2_layers, quick=False))
     else:
         model = common.base_model(common.smollm2_config(2, quick=True))
     model.generation_config.eos_token_id = None
     return model.eval()
 
 
-def write_adapters(root: Path, count: int, real: bool) -> None:
+def write_adapters(root: Path, count: int, args) -> None:
     """``count`` directories ``ad0000``...: ten templates (ranks x target sets) hard-linked."""
-    reference = base_model(real)
+    reference = base_model(args)
     templates = []
     for rank in RANKS:
         for targets in TARGET_SETS:
@@ -87,7 +90,7 @@ def start_server(root: Path, args):
     registry = AdapterRegistry(root / "adapters")
     targets, max_rank = _adapter_defaults(registry)
     listed = time.perf_counter() - start
-    model = base_model(args.real)
+    model = base_model(args)
     prepare_for_serving(model, targets)
     bank = AdapterBank(model, max_rank=max_rank, memory_budget=args.adapter_memory)
     adapters = ServedAdapters(bank, registry, model)
@@ -257,6 +260,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--real", action="store_true", help="SmolLM2-135M-Instruct (lorakit.models)"
     )
+    parser.add_argument(
+        "--smollm2-layers", type=int, default=0, help="SmolLM2-135M shapes with N layers"
+    )
     parser.add_argument("--adapters", type=int, default=1000)
     parser.add_argument("--adapter-memory", type=int, default=16_000_000, help="bytes")
     parser.add_argument("--requests", type=int, default=96)
@@ -273,7 +279,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        write_adapters(root, args.adapters, args.real)
+        write_adapters(root, args.adapters, args)
         engine, adapters, listed, startup = start_server(root, args)
         try:
             result = measure(args, engine, adapters, listed, startup)

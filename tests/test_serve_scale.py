@@ -237,3 +237,27 @@ def test_a_mixed_rank_batch_equals_each_adapter_alone(thousand, mode):
         assert plan.padded.entry_pages.numel() == sum(r // 4 for r in ranks) == 2 * 31
     with torch.no_grad():
         assert (mixed - model(ids).logits).abs().max() > 1e-2  # the adapters matter
+
+
+def test_stop_cancels_requests_waiting_for_a_load_and_leaves_no_hold(thousand):
+    _, reference, _ = thousand
+    model = served_model()
+    bank = AdapterBank(model, max_rank=64, capacity=2)
+    gate, entered, loaded = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_loader(name):
+        entered.set()
+        assert gate.wait(timeout=120)  # (deadlock guard)
+        return lorakit.adapter_configs(reference)["t4qv"], adapter_tensors(reference, "t4qv")
+
+    events = []
+    engine = Engine(model, bank, adapter_loader=slow_loader).start()
+    engine.submit([1, 2], "cold", SamplingParams(max_tokens=3), events.append)
+    assert entered.wait(timeout=120)
+    engine.stop()
+    assert [e.finish_reason for e in events] == ["cancelled"]
+    original_release = bank.release
+    bank.release = lambda name: (original_release(name), loaded.set())
+    gate.set()
+    assert loaded.wait(timeout=120)  # the loader thread let go of its own hold
+    assert "cold" in bank and bank.has_room() and not bank._in_use

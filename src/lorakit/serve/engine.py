@@ -137,10 +137,15 @@ class Engine:
         return 0 if self._cold is None else self._cold.loads
 
     def _loaded(self, requests: list[GenerationRequest]) -> None:
-        """A loader thread is done with these requests' adapter: back to the head of the queue."""
+        """A loader thread is done with these requests' adapter: back to the head of the queue
+        (cancelled, their slots released, when the loop has stopped meanwhile)."""
         with self._wake:
-            self._waiting.extendleft(reversed(requests))
-            self._wake.notify_all()
+            if not self._stopping:
+                self._waiting.extendleft(reversed(requests))
+                self._wake.notify_all()
+                return
+        for request in requests:
+            self._finish(request, "cancelled")
 
     # ----------------------------------------------------------------- submitting
     def submit(
