@@ -91,10 +91,8 @@ def test_mixed_batch_equals_each_request_alone(setup, kind, mode):
     if kind == "distinct":
         assert sorted(picks) == list(range(len(ADAPTER_SPECS)))
     slots = torch.tensor([bank.slot_of(f"a{p}") if p >= 0 else -1 for p in picks])
-    with routed(bank, slots[:, None].expand(batch, length), mode=mode) as plan:
+    with routed(bank, slots[:, None].expand(batch, length), mode=mode):
         mixed = model(ids).logits
-    if mode == "padded":  # both ways of reading the stacks are exercised
-        assert (plan.padded.slot_run is None) == (kind == "far-apart")
     for row, pick in enumerate(picks):
         names = [f"a{pick}"] if pick >= 0 else []
         with torch.no_grad(), lorakit.use_adapters(reference, names):
@@ -155,24 +153,31 @@ def spec_scaling(spec: dict, layer_name: str) -> float:
 
 
 def test_plan_groups_contiguous_rows_as_slices_and_others_as_indices():
-    plan = group_rows([3, 3, -1, 1, 3], mode="loop")
-    by_slot = {segment.slot: segment.rows for segment in plan.looped}
+    pages = {
+        0: torch.tensor([4]),
+        1: torch.tensor([0, 1]),
+        2: torch.tensor([2]),
+        3: torch.tensor([3, 6, 5]),
+        5: torch.tensor([7]),
+        7: torch.tensor([8]),
+    }
+    plan = group_rows([3, 3, -1, 1, 3], pages, mode="loop")
+    by_slot = {segment.slot: segment for segment in plan.looped}
     assert set(by_slot) == {1, 3} and plan.num_rows == 5 and plan.padded is None
-    assert by_slot[1] == slice(3, 4)
-    assert by_slot[3].tolist() == [0, 1, 4]
-    # short segments: batched, padded to 2 rows; slots 0..5 hold 3 of them, so the grid is the
-    # run 0..5 read in place, slots 1, 3, 4 filled with row 0 whose results are dropped
-    padded = group_rows([0, 2, 0, 5, -1]).padded
-    assert padded.slot_run == slice(0, 6) and padded.length == 2
-    assert padded.segment_slots.tolist() == [0, 1, 2, 3, 4, 5]
-    assert padded.gather_rows.tolist() == [0, 2, 0, 0, 1, 0, 0, 0, 0, 0, 3, 0]
-    assert padded.valid.tolist() == [0, 1, 4, 10] and padded.dest_rows.tolist() == [0, 2, 1, 3]
-    gathered = group_rows([0, 9, 0, -1]).padded  # a run of 10 slots for 2: gather those two
-    assert gathered.slot_run is None and gathered.segment_slots.tolist() == [0, 9]
-    assert gathered.gather_rows.tolist() == [0, 2, 1, 0] and gathered.valid.tolist() == [0, 1, 2]
-    assert gathered.dest_rows.tolist() == [0, 2, 1]
-    long_and_short = group_rows([7] * 20 + [1, 2])  # a long segment loops, the short ones pad
+    assert by_slot[1].rows == slice(3, 4) and by_slot[1].pages.tolist() == [0, 1]
+    assert by_slot[3].rows.tolist() == [0, 1, 4] and by_slot[3].pages.tolist() == [3, 6, 5]
+    # short segments: one grid entry per page of each slot, rows padded to the longest (2)
+    padded = group_rows([0, 1, 0, 5, -1], pages).padded
+    assert padded.length == 2
+    assert padded.entry_pages.tolist() == [4, 0, 1, 7]
+    assert padded.entry_slots.tolist() == [0, 1, 1, 5]
+    assert padded.gather_rows.tolist() == [0, 2, 1, 1, 1, 1, 3, 3]
+    assert padded.valid.tolist() == [0, 1, 2, 4, 6]
+    assert padded.dest_rows.tolist() == [0, 2, 1, 1, 3]  # row 1 gets both pages of slot 1
+    long_and_short = group_rows([7] * 20 + [1, 2], pages)  # a long segment loops, short ones pad
     assert [s.slot for s in long_and_short.looped] == [7] and long_and_short.padded.length == 1
+    with pytest.raises(KeyError, match=r"slots \[9\] hold no adapter"):
+        group_rows([9, 0], pages)
 
 
 def test_lru_eviction_pinning_and_in_use():
@@ -213,9 +218,9 @@ def test_memory_budget_bounds_the_bank_and_errors_are_clear(setup):
     model = tiny_models.llama()
     prepare_for_serving(model, ["q_proj", "v_proj"])
     probe = AdapterBank(model, max_rank=4, capacity=1)
-    budget = int(probe.slot_bytes * 3.5)
+    budget = int(probe.slot_bytes * 3.5)  # 3.5 adapters of rank 4, one page each
     bank = AdapterBank(model, max_rank=4, memory_budget=budget)
-    assert bank.capacity == 3 and bank.memory_bytes() <= budget
+    assert bank.pages == 3 and bank.capacity == 3 and bank.memory_bytes() <= budget
     with pytest.raises(AdapterFileError, match="not prepared"):
         bank.load_from_model("x", reference, "a3")  # targets o_proj, down_proj
     with pytest.raises(AdapterFileError, match="max_rank"):

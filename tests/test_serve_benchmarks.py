@@ -42,3 +42,14 @@ def test_serving_quick(tmp_path, capsys):
         assert medians["tokens_per_s"] > 0 and medians["ttft_p50"] <= medians["ttft_p99"]
     assert payload["peft_switching"]["tokens_per_s"] > 0
     assert "vs peft" in capsys.readouterr().out
+
+
+def test_serving_scale_quick(tmp_path, capsys):
+    out = tmp_path / "scale.json"
+    assert _import("bench_serving_scale").main(["--quick", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["medians"]["zipf"]["errors"] == 0 and payload["soak"]["error_count"] == 0
+    assert payload["raw"]["zipf"][0]["cold_requests"] > 0  # cold adapters were exercised
+    assert payload["soak"]["churn_cycles"] > 0 and payload["zipf_over_one"] > 0
+    assert payload["memory"][-1]["resident_bytes"] <= payload["bank"]["bytes"]
+    assert "zipf / one adapter" in capsys.readouterr().out

@@ -196,10 +196,12 @@ def test_64_concurrent_streams_over_16_adapters(world, monkeypatch):
         assert text == expected_text(world, prompt, adapter, max_tokens), (prompt, adapter)
     assert len(set(texts)) > 16  # different adapters give different outputs
     health = httpx.get(world["url"] + "/health").json()
-    assert health["adapters_loaded"] <= health["adapter_capacity"] == 6
-    assert health["adapter_memory_bytes"] <= BUDGET
-    # 16 adapters through 6 slots: at least 10 had to be evicted to make room
-    assert health["adapter_evictions"] - before["adapter_evictions"] >= 16 - 6
+    # the budget holds 6 adapters of the largest rank (6), more of ranks 2 and 4 (paged)
+    capacity = health["adapter_capacity"]
+    assert health["adapters_loaded"] <= capacity and 6 < capacity < 16
+    assert 0 < health["adapter_resident_bytes"] <= health["adapter_memory_bytes"] <= BUDGET
+    # 16 adapters through fewer slots: the others had to be evicted to make room
+    assert health["adapter_evictions"] - before["adapter_evictions"] >= 16 - capacity
     assert health["max_running_batch"] > 1 and health["joined_running_batch"] > 0
     # the adapters live only in the bank's fixed stacks: no tensor read from a file survives
     gc.collect()

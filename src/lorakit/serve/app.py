@@ -66,6 +66,7 @@ def create_app(
 
     adapters.registry.reserve(settings.model_name)  # no adapter may take the base model's name
     app = FastAPI(title="lorakit", lifespan=lifespan)
+    app.state.engine, app.state.adapters = engine, adapters  # (serve.ray_deployment starts it)
     _install_error_handlers(app)
     created = int(time.time())
 
@@ -80,6 +81,7 @@ def create_app(
             "adapters_loaded": bank.loaded_count,  # lock-free: a load never stalls /health
             "adapter_capacity": bank.capacity,
             "adapter_memory_bytes": bank.memory_bytes(),
+            "adapter_resident_bytes": bank.resident_bytes(),  # the pages loaded adapters hold
             "adapter_evictions": bank.evictions,
             "max_running_batch": engine.stats.max_running,
             "joined_running_batch": engine.stats.joined_running,

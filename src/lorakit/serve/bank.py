@@ -1,7 +1,9 @@
 """``AdapterBank``: the LoRA adapters of one base model held apart from it, stacked by slot.
 
-Each adapted linear layer has its stacks (``lorakit.serve.stacks``: A (slots, r_max, k), B^T
-(slots, r_max, d), scaling (slots,)); an adapter occupies the same slot in every layer. The model
+Each adapted linear layer has its page pools (``lorakit.serve.stacks``: A (pages, page_rank, k),
+B^T (pages, page_rank, d)) and scalings (slots,); an adapter of rank r holds a slot and
+``ceil(r / page_rank)`` pages, the same ones in every layer, so the bank's memory goes to the
+ranks actually held: a thousand rank-4 adapters take a sixteenth of the pages of rank-64 ones. The model
 itself needs LoRA layers around the targets but no adapters of its own:
 ``prepare_for_serving(model, target_modules)`` wraps them empty. Loading and eviction are allowed
 while serving: slots in use by a running request (``acquire``/``release``) or pinned are never
@@ -29,8 +31,8 @@ from lorakit.serve.checks import PreparedAdapter, lora_pairs, prepare_adapter
 from lorakit.serve.stacks import (
     LayerStack,
     allocate_stack,
+    page_bytes,
     prepare_for_serving,
-    slot_bytes,
     write_slot,
 )
 from lorakit.state import adapter_configs, lora_layers
@@ -56,12 +58,15 @@ class AdapterInUseError(RuntimeError):
 
 
 class AdapterBank:
-    """Adapters by name -> slot, their tensors stacked per layer (see the module docstring).
+    """Adapters by name -> slot and pages, their tensors paged per layer (see the module
+    docstring).
 
-    ``capacity`` slots are allocated up front, or as many as fit in ``memory_budget`` bytes
-    (``memory_bytes()`` never exceeds it). ``max_rank`` is r_max. ``dtype``: of the stacks
-    (default: ``lorakit.inject.default_adapter_dtype``, as for an injected adapter: the base
-    weights' dtype, float32 for half-precision bases).
+    ``capacity``: adapters resident at most (slots). ``memory_budget``: bytes of the page pools
+    and scalings (``memory_bytes()`` never exceeds it); without a budget, ``capacity`` adapters
+    of rank ``max_rank`` fit. ``max_rank``: the largest rank accepted. ``page_rank``: rows per
+    page (default: 4, or ``max_rank`` if smaller); an adapter's rank is rounded up to it.
+    ``dtype``: of the pools (default: ``lorakit.inject.default_adapter_dtype``, as for an
+    injected adapter: the base weights' dtype, float32 for half-precision bases).
     """
 
     def __init__(
@@ -72,6 +77,7 @@ class AdapterBank:
         capacity: int | None = None,
         memory_budget: int | None = None,
         dtype: torch.dtype | None = None,
+        page_rank: int | None = None,
     ) -> None:
         linears = [(n, layer) for n, layer in lora_layers(model) if isinstance(layer, LoraLinear)]
         if not linears:
@@ -93,45 +99,68 @@ class AdapterBank:
         weight = linears[0][1].base_layer.weight
         self.dtype = dtype or default_adapter_dtype(weight.dtype)
         self.max_rank = max_rank
-        self.capacity = self._capacity(linears, capacity, memory_budget)
+        self.page_rank = page_rank or min(4, max_rank)
+        if self.page_rank < 1:
+            raise ValueError(f"page_rank must be >= 1, got {page_rank}")
+        self.capacity, self.pages = self._sizes(linears, capacity, memory_budget)
         self.memory_budget = memory_budget
         self._stacks: dict[str, LayerStack] = {}
         self._by_layer: dict[int, LayerStack] = {}
         for name, layer in linears:
-            stack = allocate_stack(name, layer, self.capacity, self.max_rank, self.dtype)
+            stack = allocate_stack(
+                name, layer, self.capacity, self.pages, self.page_rank, self.dtype
+            )
             self._stacks[name] = stack
             self._by_layer[id(layer)] = stack
         self._lock = threading.RLock()
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # least recently used first
         self._configs: dict[str, LoraConfig] = {}
         self._free = list(range(self.capacity - 1, -1, -1))
+        self._free_pages = list(range(self.pages - 1, -1, -1))
+        self.page_table: dict[int, torch.Tensor] = {}  # slot -> its pages (n,), in rank order
         self._in_use: dict[str, int] = {}
         self._pinned: set[str] = set()
         self._forgotten: Counter[str] = Counter()  # times each name was forget()-ed
         self.evictions = 0  # adapters the LRU policy evicted to make room
 
     # ----------------------------------------------------------------- sizing
-    def _capacity(self, linears, capacity: int | None, memory_budget: int | None) -> int:
-        self.slot_bytes = sum(slot_bytes(layer, self.max_rank, self.dtype) for _, layer in linears)
-        slots = capacity
-        if memory_budget is not None:
-            fitting = memory_budget // self.slot_bytes
-            if fitting < 1:
+    def pages_for(self, rank: int) -> int:
+        """Pages an adapter of ``rank`` takes: ``ceil(rank / page_rank)``."""
+        return -(-rank // self.page_rank)
+
+    def _sizes(self, linears, capacity: int | None, memory_budget: int | None) -> tuple[int, int]:
+        """(slots, pages): a page costs ``page_bytes`` in every layer; a slot its scalings."""
+        self.page_bytes = sum(page_bytes(layer, self.page_rank, self.dtype) for _, layer in linears)
+        self.slot_overhead = 4 * len(linears)  # a float32 scaling per layer
+        per_adapter = self.pages_for(self.max_rank)
+        self.slot_bytes = per_adapter * self.page_bytes + self.slot_overhead  # at max_rank
+        if memory_budget is None:
+            if capacity is None or capacity < 1:
                 raise ValueError(
-                    f"memory_budget={memory_budget} bytes holds no adapter: one slot at "
-                    f"max_rank={self.max_rank} takes {self.slot_bytes} bytes; raise the budget or "
-                    "lower max_rank."
+                    f"give a capacity >= 1 or a memory_budget (got capacity={capacity})"
                 )
-            slots = fitting if slots is None else min(slots, fitting)
-        if slots is None or slots < 1:
-            raise ValueError(f"give a capacity >= 1 or a memory_budget (got capacity={capacity})")
-        return int(slots)
+            return capacity, capacity * per_adapter
+        # every slot may hold one page at least: never more slots than pages
+        pages = memory_budget // (self.page_bytes + self.slot_overhead)
+        slots = pages if capacity is None else min(capacity, pages)
+        pages = (memory_budget - slots * self.slot_overhead) // self.page_bytes
+        if slots < 1 or pages < per_adapter:
+            raise ValueError(
+                f"memory_budget={memory_budget} bytes holds no adapter of rank {self.max_rank}: "
+                f"one takes {self.slot_bytes} bytes; raise the budget or lower max_rank."
+            )
+        return int(slots), int(pages)
 
     def memory_bytes(self) -> int:
-        """Bytes held by the stacked tensors (fixed at construction; <= ``memory_budget``)."""
+        """Bytes held by the page pools and scalings (fixed at construction; <=
+        ``memory_budget``)."""
         return sum(
             s.lora_A.nbytes + s.lora_B_t.nbytes + s.scaling.nbytes for s in self._stacks.values()
         )
+
+    def resident_bytes(self) -> int:
+        """Bytes of the pages the loaded adapters hold (proportional to their ranks)."""
+        return (self.pages - len(self._free_pages)) * self.page_bytes
 
     # ----------------------------------------------------------------- lookup
     def stack_for(self, layer: nn.Module) -> LayerStack | None:
@@ -185,6 +214,11 @@ class AdapterBank:
         """
         return self._lazy_load(name, loader, hold=True)
 
+    def try_acquire(self, name: str) -> int | None:
+        """``acquire`` of a loaded adapter; None (and nothing held) when it is not in the bank."""
+        with self._lock:
+            return self._use(name, hold=True) if name in self._slot_of else None
+
     def ensure_loaded(self, name: str, loader: Loader | None = None) -> int:
         """Load ``name`` with ``loader(name) -> (config, tensors)`` unless it is in the bank; mark
         it recently used; its slot. ``KeyError``: unknown (no loader, or the loader's), or
@@ -233,6 +267,11 @@ class AdapterBank:
         with self._lock:
             self._pinned.add(self._known(name))
 
+    def pinned(self) -> list[str]:
+        """Pinned adapters (loaded ones only), least recently used first."""
+        with self._lock:
+            return [name for name in self._slot_of if name in self._pinned]
+
     def unpin(self, name: str) -> None:
         with self._lock:
             self._pinned.discard(name)
@@ -261,25 +300,42 @@ class AdapterBank:
             for stack in self._stacks.values():
                 stack.present.discard(slot)
             self._free.append(slot)
+            self._free_pages.extend(self.page_table.pop(slot).tolist())
 
     def _evictable(self, name: str) -> bool:
         return name not in self._pinned and not self._in_use.get(name)
 
-    def _require_room(self) -> None:
-        if not self._free and not any(self._evictable(n) for n in self._slot_of):
+    def has_room(self, pages: int = 1) -> bool:
+        """A load of an adapter of ``pages`` pages would find a slot and the pages now, evicting
+        adapters no request uses."""
+        with self._lock:
+            evictable = [n for n in self._slot_of if self._evictable(n)]
+            slot = bool(self._free) or bool(evictable)
+            freeable = sum(self.page_table[self._slot_of[n]].numel() for n in evictable)
+            return slot and len(self._free_pages) + freeable >= pages
+
+    def _require_room(self, pages: int = 1) -> None:
+        if pages > self.pages:
             raise BankFullError(
-                f"all {self.capacity} adapter slots are pinned or used by running requests; "
-                "raise the capacity (--max-adapters / --adapter-memory), unpin, or retry later."
+                f"an adapter of {pages} pages (rank up to {pages * self.page_rank}) cannot fit "
+                f"a bank of {self.pages} pages; raise --adapter-memory."
+            )
+        if not self.has_room(pages):
+            raise BankFullError(
+                f"all {self.capacity} adapter slots or {self.pages} pages are pinned or used by "
+                "running requests; raise the capacity (--max-adapters / --adapter-memory), "
+                "unpin, or retry later."
             )
 
-    def _take_slot(self) -> int:
-        self._require_room()
-        if self._free:
-            return self._free.pop()
-        victim = next(n for n in self._slot_of if self._evictable(n))  # least recently used
-        self.evict(victim)
-        self.evictions += 1
-        return self._free.pop()
+    def _take_slot(self, pages: int) -> tuple[int, torch.Tensor]:
+        """A free slot and ``pages`` free pages, evicting least recently used adapters."""
+        self._require_room(pages)
+        while not self._free or len(self._free_pages) < pages:
+            victim = next(n for n in self._slot_of if self._evictable(n))  # least recently used
+            self.evict(victim)
+            self.evictions += 1
+        taken = [self._free_pages.pop() for _ in range(pages)]
+        return self._free.pop(), torch.tensor(taken, dtype=torch.long)
 
     # ----------------------------------------------------------------- load
     def load(
@@ -315,12 +371,14 @@ class AdapterBank:
 
     def _commit(self, prepared: PreparedAdapter, *, pin: bool) -> int:
         """Write a prepared adapter into a slot (evicting the LRU adapter if needed); its slot."""
-        slot = self._take_slot()
+        rank = max(lora_A.shape[0] for lora_A, _ in prepared.pairs.values())
+        slot, pages = self._take_slot(self.pages_for(rank))
         with torch.no_grad():
             for layer_name, stack in self._stacks.items():
                 pair = prepared.pairs.get(layer_name)
                 scale, gain = prepared.scales.get(layer_name, 0.0), prepared.gains.get(layer_name)
-                write_slot(stack, slot, pair, scale, gain)
+                write_slot(stack, slot, pages, pair, scale, gain)
+        self.page_table[slot] = pages
         self._slot_of[prepared.name] = slot
         self._configs[prepared.name] = prepared.config
         if pin:

@@ -4,26 +4,27 @@ Semantics (punica's SGMV), for rows ``i`` of ``x`` (N, k) and slots ``slot[i]``:
 
     y[i] = base(x)[i] + s[slot[i]] * B[slot[i]] A[slot[i]] x[i]       (slot[i] = -1: y[i] = base(x)[i])
 
-with the bank's stacks A (slots, r_max, k), B (slots, d, r_max), s (slots,). The rows are grouped
-into segments of equal slot once per forward (``group_rows``); every layer of that forward reuses
-the groups. Two ways to run the segments, chosen per segment by its size:
+with each adapter's A and B spread over its rank-granular pages (``stacks``): B A x is the sum
+over its pages p of B_p A_p x, so an adapter's cost follows its own rank, never the largest
+rank of the batch or of the bank. The rows are grouped into segments of equal slot once per
+forward (``group_rows``, with the bank's page table); every layer of that forward reuses the
+groups. Two ways to run the segments, chosen per segment by its size:
 
-- looped: one pair of small matmuls per segment (``functional.lora_forward``), on a slice of rows
-  when they are contiguous (no copy), for segments of ``LOOP_MIN_ROWS`` rows or more;
-- padded: all the short segments at once (decode with many adapters, per-token choices): their
-  rows gathered into (S, L, k) padded to the longest (L), two batched matmuls against the A and B
-  of those S slots, and the valid rows scattered back. A fixed number of operations whatever the
-  number of adapters; with one row per segment this is punica's BGMV. When the slots lie within a
-  run of at most twice as many consecutive slots (the usual case: a batch uses most of the loaded
-  adapters), the matmuls read that run of the stacks in place (the slots in between get filler
-  rows whose results are dropped); otherwise the S slots' A and B are gathered into copies first.
+- looped: one pair of small matmuls per segment (``functional.lora_forward``) against its pages
+  gathered into (r, k) and (d, r), on a slice of rows when they are contiguous (no copy), for
+  segments of ``LOOP_MIN_ROWS`` rows or more;
+- padded: all the short segments at once (decode with many adapters, per-token choices): one
+  grid entry per (segment, page), the segment's rows gathered into (E, L, k) padded to the
+  longest segment (L), two batched matmuls against the E pages (A (E, p, k), B^T (E, p, d)),
+  and every entry's valid rows added back into its rows. A fixed number of operations whatever
+  the number of adapters and their ranks; with one row per segment this is punica's BGMV.
 
 Results are added into the base layer's output in place (inference only, no autograd).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -53,21 +54,23 @@ LOOP_MIN_ROWS = 16
 
 @dataclass(frozen=True)
 class Segment:
-    """Rows sharing one adapter slot: a ``slice`` when contiguous, else a LongTensor of rows."""
+    """Rows sharing one adapter slot: a ``slice`` when contiguous, else a LongTensor of rows;
+    ``pages`` (n,) the slot's pages."""
 
     slot: int
     rows: slice | torch.Tensor
+    pages: torch.Tensor
 
 
 @dataclass(frozen=True)
 class PaddedSegments:
-    """S short segments padded to L rows: ``gather_rows`` (S*L,) rows of x (padding repeats a
-    valid row), ``segment_slots`` (S,) the slot of each grid segment, ``slot_run`` the same as a
-    slice of consecutive slots when they are (None: gather them), ``valid`` (M,) positions of
-    real rows in the S*L grid (None: no padding), ``dest_rows`` (M,) where their results go."""
+    """E = sum over the short segments of their pages, each segment padded to L rows:
+    ``gather_rows`` (E*L,) rows of x (padding repeats a valid row), ``entry_pages`` (E,) and
+    ``entry_slots`` (E,) each grid entry's page and slot, ``valid`` (M,) positions of real rows
+    in the E*L grid (None: no padding), ``dest_rows`` (M,) where their results go."""
 
-    segment_slots: torch.Tensor
-    slot_run: slice | None
+    entry_pages: torch.Tensor
+    entry_slots: torch.Tensor
     length: int
     gather_rows: torch.Tensor
     valid: torch.Tensor | None
@@ -86,8 +89,13 @@ class RowGroups:
     row_slots: torch.Tensor | None = None  # (N,) each row's slot, -1 for none (DoRA's gains)
 
 
-def group_rows(row_slots: torch.Tensor | Sequence[int], mode: str | None = None) -> RowGroups:
-    """Group rows by slot (-1: no adapter). ``mode``: None (by segment size), "loop" or "padded"."""
+def group_rows(
+    row_slots: torch.Tensor | Sequence[int],
+    page_table: Mapping[int, torch.Tensor],
+    mode: str | None = None,
+) -> RowGroups:
+    """Group rows by slot (-1: no adapter); ``page_table`` slot -> its pages (n,) (the bank's).
+    ``mode``: None (by segment size), "loop" or "padded"."""
     values = torch.as_tensor(row_slots, dtype=torch.long).reshape(-1).tolist()
     groups: dict[int, list[int]] = {}
     for row, slot in enumerate(values):
@@ -95,6 +103,9 @@ def group_rows(row_slots: torch.Tensor | Sequence[int], mode: str | None = None)
             groups.setdefault(slot, []).append(row)
     if mode not in (None, "loop", "padded"):
         raise ValueError(f"mode must be None, 'loop' or 'padded', got {mode!r}")
+    missing = [slot for slot in groups if slot not in page_table]
+    if missing:
+        raise KeyError(f"slots {missing} hold no adapter; load one there first")
     if mode == "loop":
         short = {}
     elif mode == "padded":
@@ -102,36 +113,36 @@ def group_rows(row_slots: torch.Tensor | Sequence[int], mode: str | None = None)
     else:
         short = {slot: rows for slot, rows in groups.items() if len(rows) < LOOP_MIN_ROWS}
         short = short if len(short) >= 2 else {}
-    looped = tuple(_segment(slot, rows) for slot, rows in groups.items() if slot not in short)
-    padded = _padded(short) if short else None
+    looped = tuple(
+        _segment(slot, rows, page_table[slot]) for slot, rows in groups.items() if slot not in short
+    )
+    padded = _padded(short, page_table) if short else None
     return RowGroups(len(values), looped, padded, frozenset(groups), torch.tensor(values))
 
 
-def _segment(slot: int, rows: list[int]) -> Segment:
+def _segment(slot: int, rows: list[int], pages: torch.Tensor) -> Segment:
     if rows[-1] - rows[0] == len(rows) - 1:  # ascending and contiguous
-        return Segment(slot, slice(rows[0], rows[-1] + 1))
-    return Segment(slot, torch.tensor(rows))
+        return Segment(slot, slice(rows[0], rows[-1] + 1), pages)
+    return Segment(slot, torch.tensor(rows), pages)
 
 
-def _padded(groups: dict[int, list[int]]) -> PaddedSegments:
-    """The grid of short segments: one per slot in ``groups``, or one per slot of the run
-    ``min..max`` when that run is at most twice as long (reading it in place moves fewer bytes
-    than gathering copies: S slots read, written and read again)."""
+def _padded(groups: dict[int, list[int]], page_table: Mapping[int, torch.Tensor]) -> PaddedSegments:
+    """The grid of short segments: one entry per page of each segment's slot, its rows padded
+    to the longest segment."""
     length = max(len(rows) for rows in groups.values())
-    first, last = min(groups), max(groups)
-    in_place = last - first + 1 <= 2 * len(groups)
-    grid_slots = range(first, last + 1) if in_place else list(groups)
-    filler = next(iter(groups.values()))[0]
-    gather, valid, dest = [], [], []
-    for index, slot in enumerate(grid_slots):
-        rows = groups.get(slot, [])
-        gather += rows + [filler] * (length - len(rows))
-        valid += range(index * length, index * length + len(rows))
-        dest += rows
+    entry_pages, entry_slots, gather, valid, dest = [], [], [], [], []
+    for slot, rows in groups.items():
+        for page in page_table[slot].tolist():
+            start = len(gather)
+            entry_pages.append(page)
+            entry_slots.append(slot)
+            gather += rows + [rows[0]] * (length - len(rows))
+            valid += range(start, start + len(rows))
+            dest += rows
     no_padding = len(valid) == len(gather)
     return PaddedSegments(
-        segment_slots=torch.tensor(list(grid_slots)),
-        slot_run=slice(first, last + 1) if in_place else None,
+        entry_pages=torch.tensor(entry_pages),
+        entry_slots=torch.tensor(entry_slots),
         length=length,
         gather_rows=torch.tensor(gather),
         valid=None if no_padding else torch.tensor(valid),
@@ -143,15 +154,18 @@ def _padded(groups: dict[int, list[int]]) -> PaddedSegments:
 def add_lora_looped(
     out: torch.Tensor, x: torch.Tensor, stack: LayerStack, groups: RowGroups
 ) -> None:
-    """``out[rows] += s B A x[rows]`` per looped segment. ``out`` (N, d), ``x`` (N, k), in place."""
+    """``out[rows] += s B A x[rows]`` per looped segment. ``out`` (N, d), ``x`` (N, k), in place;
+    A (n*p, k) and B (d, n*p) gathered from the segment's n pages."""
     for segment in groups.looped:
         if segment.slot not in stack.present:
             continue
-        slot, rows = segment.slot, segment.rows
+        slot, rows, pages = segment.slot, segment.rows, segment.pages.to(stack.lora_A.device)
+        lora_A = stack.lora_A.index_select(0, pages).flatten(0, 1)  # (n*p, k)
+        lora_B = stack.lora_B_t.index_select(0, pages).flatten(0, 1).T  # (d, n*p)
         x_rows = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
-        delta = functional.lora_forward(
-            x_rows, stack.lora_A[slot], stack.lora_B[slot], stack.scaling_values[slot]
-        ).to(out.dtype)  # (n, d)
+        delta = functional.lora_forward(x_rows, lora_A, lora_B, stack.scaling_values[slot]).to(
+            out.dtype
+        )  # (n, d)
         if isinstance(rows, slice):
             out[rows] += delta
         else:
@@ -161,26 +175,24 @@ def add_lora_looped(
 def add_lora_padded(
     out: torch.Tensor, x: torch.Tensor, stack: LayerStack, groups: RowGroups
 ) -> None:
-    """All short segments at once: ``out[i] += s[slot] * B[slot] (A[slot] x[i])``.
+    """All short segments at once: ``out[i] += s[slot] * sum_p B_p (A_p x[i])`` over the pages
+    p of row i's slot.
 
-    Shapes: x gathered (S, L, k); A (S, r, k); low (S, L, r); B^T (S, r, d); delta (S, L, d).
-    Rank side first, scale on the rank side (as ``functional.lora_forward``). Slots with no
-    adapter on this layer hold zeros.
+    Shapes: x gathered (E, L, k); A pages (E, p, k); low (E, L, p); B^T pages (E, p, d); delta
+    (E, L, d). Rank side first, scale on the rank side (as ``functional.lora_forward``). Pages
+    of an adapter that does not adapt this layer hold zeros.
     """
     group = groups.padded
-    segments, length = group.segment_slots.numel(), group.length
+    entries, length = group.entry_pages.numel(), group.length
     x_rows = x.index_select(0, group.gather_rows).to(stack.lora_A.dtype)
-    x_rows = x_rows.view(segments, length, x.shape[-1])  # (S, L, k)
-    if group.slot_run is not None:  # views of the stacks, no copies
-        lora_A, lora_B_t = stack.lora_A[group.slot_run], stack.lora_B_t[group.slot_run]
-        scaling = stack.scaling[group.slot_run]
-    else:
-        lora_A = stack.lora_A.index_select(0, group.segment_slots)  # (S, r, k)
-        lora_B_t = stack.lora_B_t.index_select(0, group.segment_slots)  # (S, r, d)
-        scaling = stack.scaling.index_select(0, group.segment_slots)
-    low = torch.bmm(x_rows, lora_A.transpose(1, 2))  # (S, L, r)
+    x_rows = x_rows.view(entries, length, x.shape[-1])  # (E, L, k)
+    pages = group.entry_pages.to(stack.lora_A.device)
+    lora_A = stack.lora_A.index_select(0, pages)  # (E, p, k)
+    lora_B_t = stack.lora_B_t.index_select(0, pages)  # (E, p, d)
+    scaling = stack.scaling.index_select(0, group.entry_slots.to(stack.scaling.device))
+    low = torch.bmm(x_rows, lora_A.transpose(1, 2))  # (E, L, p)
     low = low * scaling.to(low.dtype).view(-1, 1, 1)
-    delta = torch.bmm(low, lora_B_t).view(segments * length, -1)  # (S*L, d)
+    delta = torch.bmm(low, lora_B_t).view(entries * length, -1)  # (E*L, d)
     if group.valid is not None:
         delta = delta.index_select(0, group.valid)  # (M, d)
     out.index_add_(0, group.dest_rows, delta.to(out.dtype))
@@ -238,6 +250,6 @@ def routed(
     ``token_slots``: one slot per token, shaped like ``input_ids`` (B, T) or flat (B*T,);
     a per-sequence choice (B,) is expanded with ``token_slots[:, None].expand(B, T)`` by the caller.
     """
-    groups = group_rows(token_slots, mode=mode)
+    groups = group_rows(token_slots, bank.page_table, mode=mode)
     with torch.no_grad(), row_router(BankRouter(bank, groups)):
         yield groups

@@ -150,8 +150,7 @@ def _checked_pair(
                 "factors are floating point. The file is broken."
             )
     rank = lora_A.shape[0]
-    _, k = stack.lora_A.shape[1:]
-    d = stack.lora_B.shape[1]
+    k, d = stack.in_features, stack.out_features
     if tuple(lora_A.shape) != (rank, k) or tuple(lora_B.shape) != (d, rank):
         raise AdapterFileError(
             f"adapter {name!r}: {path!r} has lora_A {tuple(lora_A.shape)} and lora_B "

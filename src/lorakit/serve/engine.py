@@ -6,6 +6,9 @@ runs one batched decode step for all running requests with the batched multi-ada
 (``batched.routed``, one slot per row), samples each row with its own settings and generator,
 streams the new text, and drops finished rows (continuous batching).
 
+A request whose adapter is not in the bank never stalls the loop: it waits aside while loader
+threads read its adapter (``cold_loads.ColdLoads``), and the other requests go on.
+
 Requests are submitted from any thread (``submit`` with a callback) or from asyncio (``stream``).
 """
 
@@ -21,6 +24,7 @@ from torch import nn
 
 from lorakit.serve.bank import AdapterBank, BankFullError, Loader
 from lorakit.serve.batched import routed
+from lorakit.serve.cold_loads import ColdLoads
 from lorakit.serve.kv import BatchedCache
 from lorakit.serve.requests import (
     INTERNAL,
@@ -55,7 +59,8 @@ class Engine:
     ``tokenizer``: turns generated ids into streamed text (optional: ids only);
     ``adapter_loader(name) -> (config, tensors)``: reads an adapter missing from the bank
     (``KeyError`` when unknown; None: only adapters already in the bank are served; any other
-    exception ends only that request); ``max_batch``: running requests at most;
+    exception ends only that request), called from ``load_workers`` threads of its own, never
+    from the decode loop; ``max_batch``: running requests at most;
     ``max_waiting``: queued requests at most (None: no bound), beyond which ``submit`` raises
     ``QueueFullError``. ``stats`` (``EngineStats``) records how full the running batch got and
     how many requests were cancelled.
@@ -71,6 +76,7 @@ class Engine:
         adapter_loader: Loader | None = None,
         eos_token_ids: Sequence[int] | None = None,
         max_waiting: int | None = None,
+        load_workers: int = 2,
     ) -> None:
         self.model = model.eval()
         self.bank = bank
@@ -78,6 +84,8 @@ class Engine:
         self.max_batch = max_batch
         self.max_waiting = max_waiting
         self.adapter_loader = adapter_loader
+        self.load_workers = load_workers
+        self._cold: ColdLoads | None = None
         if eos_token_ids is None:
             eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
             eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -94,6 +102,10 @@ class Engine:
     def start(self) -> Engine:
         if self._thread is None:
             self._stopping = False
+            if self.adapter_loader is not None:
+                self._cold = ColdLoads(
+                    self.bank, self.adapter_loader, self._loaded, workers=self.load_workers
+                )
             self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
             self._thread.start()
         return self
@@ -118,6 +130,22 @@ class Engine:
     def load(self) -> tuple[int, int]:
         """(running, waiting) request counts."""
         return len(self._running), len(self._waiting)
+
+    @property
+    def cold_loads(self) -> int:
+        """Adapter loads the engine started (0 without an ``adapter_loader``)."""
+        return 0 if self._cold is None else self._cold.loads
+
+    def _loaded(self, requests: list[GenerationRequest]) -> None:
+        """A loader thread is done with these requests' adapter: back to the head of the queue
+        (cancelled, their slots released, when the loop has stopped meanwhile)."""
+        with self._wake:
+            if not self._stopping:
+                self._waiting.extendleft(reversed(requests))
+                self._wake.notify_all()
+                return
+        for request in requests:
+            self._finish(request, "cancelled")
 
     # ----------------------------------------------------------------- submitting
     def submit(
@@ -200,16 +228,26 @@ class Engine:
                     self._admit()
                     if self._running:
                         self._decode_step()
+                    else:
+                        self._idle_while_deferred()
             except Exception as error:  # keep serving: fail the affected requests only
                 log.exception("engine step failed")
                 for request in self._running:
                     message = f"{type(error).__name__}: {error}"
                     self._finish(request, "error", message, kind=INTERNAL)
                 self._running, self._cache = [], BatchedCache()
-        for request in [*self._running, *self._waiting]:
+        parked = self._cold.drain() if self._cold is not None else []
+        for request in [*self._running, *self._waiting, *parked]:
             self._finish(request, "cancelled")
         self._running, self._cache = [], BatchedCache()
         self._waiting.clear()
+
+    def _idle_while_deferred(self) -> None:
+        """Nothing runs and the queue holds only requests waiting for a slot that a load under
+        way holds: sleep until something changes (or briefly) instead of spinning."""
+        with self._wake:
+            if self._waiting and not self._stopping:
+                self._wake.wait(timeout=0.01)
 
     def _admit(self) -> None:
         """Move waiting requests into the batch. Whatever goes wrong while one request's adapter
@@ -230,9 +268,10 @@ class Engine:
                 self._finish(request, "cancelled")
                 continue
             try:
-                self._acquire_adapter(request)
+                if not self._acquire_adapter(request):
+                    continue  # parked: its adapter is being loaded by a loader thread
             except BankFullError:
-                if self._running:
+                if self._running or (self._cold is not None and self._cold.in_flight):
                     deferred.append(request)  # retried when a running request frees its slot
                 else:
                     message = "no adapter slot is free (all pinned)"
@@ -253,10 +292,23 @@ class Engine:
         with self._wake:
             self._waiting.extendleft(reversed(deferred))
 
-    def _acquire_adapter(self, request: GenerationRequest) -> None:
-        if request.adapter is None:
-            return
-        request.slot = self.bank.acquire(request.adapter, self.adapter_loader)
+    def _acquire_adapter(self, request: GenerationRequest) -> bool:
+        """Hold the request's adapter in the bank; False: not resident, parked for a load
+        (re-raises a failed load's exception)."""
+        if request.load_error is not None:
+            error, request.load_error = request.load_error, None
+            if not (isinstance(error, BankFullError) and self.bank.has_room()):
+                raise error  # (a full bank that has room again since: load again)
+        if request.adapter is None or request.slot >= 0:
+            return True
+        slot = self.bank.try_acquire(request.adapter)
+        if slot is None and self._cold is None:
+            slot = self.bank.acquire(request.adapter)  # KeyError: not loaded, no loader
+        if slot is None:
+            self._cold.park(request)
+            return False
+        request.slot = slot
+        return True
 
     def _prefill(self, request: GenerationRequest) -> None:
         """Run the prompt alone with its adapter; sample the first token; join the batch."""

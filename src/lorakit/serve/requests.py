@@ -99,6 +99,7 @@ class GenerationRequest:
     slot: int = -1
     cancelled: bool = False
     done: bool = False
+    load_error: BaseException | None = None  # its adapter's load failed (``cold_loads``)
 
     def __post_init__(self) -> None:
         seed = self.params.seed if self.params.seed is not None else torch.seed()

@@ -1,17 +1,22 @@
 """The per-layer tensors of the adapter bank, and the model side of serving.
 
-For every adapted linear layer (d x k) the bank keeps (punica's layout, B transposed)::
+Adapter weights live in rank-granular pages (S-LoRA's idea): for every adapted linear layer
+(d x k) the bank keeps a pool of pages, each ``page_rank`` rows of A and of B^T (punica's
+layout, B transposed)::
 
-    A_stack: (slots, r_max, k)    B_stack^T: (slots, r_max, d)    scaling: (slots,)
+    A_pages: (pages, page_rank, k)    B_pages^T: (pages, page_rank, d)    scaling: (slots,)
 
-An adapter of rank r <= r_max occupies one slot: its A in rows [0, r) of ``A_stack[slot]``, its
-B^T in rows [0, r) of ``B_stack^T[slot]``, zeros elsewhere; zero padding adds exactly nothing, so
-adapters of different ranks and alphas (and ``rank_pattern`` / ``alpha_pattern`` / rsLoRA) share
-one stack. A layer the adapter does not target is all zeros in that slot.
+An adapter of rank r takes ``ceil(r / page_rank)`` pages, the same page numbers in every layer
+(one page table per adapter), and a slot (its scaling, DoRA gain and page table): its A rows
+[0, r) spread over its pages in order, zeros beyond r. Memory is proportional to the ranks held,
+not to ``max_rank x adapters``; a batch of mixed ranks computes ``sum_pages s B_p A_p x`` over
+each row's own pages, which is ``s B A x`` exactly (zero rows add nothing), so adapters of
+different ranks and alphas (and ``rank_pattern`` / ``alpha_pattern`` / rsLoRA) share one pool.
+A layer the adapter does not target is all zeros in its pages (and absent from ``present``).
 
-A DoRA adapter (``lorakit.functional``) is a LoRA adapter with ``f B`` in its B slot plus a gain
-``f - 1`` (d,) on its rows' base output, bias excluded (``dora_gain``, allocated at the first
-DoRA adapter; not counted in ``slot_bytes``): ``y = base + (f - 1) (W0 x) + s (f B) A x``.
+A DoRA adapter (``lorakit.functional``) is a LoRA adapter with ``f B`` in its B pages plus a
+gain ``f - 1`` (d,) on its rows' base output, bias excluded (``dora_gain``, by slot, allocated at
+the first DoRA adapter; not counted in ``page_bytes``): ``y = base + (f - 1) (W0 x) + s (f B) A x``.
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ __all__ = [
     "LayerStack",
     "allocate_stack",
     "dora_slot_factors",
+    "page_bytes",
     "prepare_for_serving",
-    "slot_bytes",
     "slot_scaling",
     "write_slot",
 ]
@@ -41,16 +46,15 @@ __all__ = [
 
 @dataclass
 class LayerStack:
-    """The stacked adapters of one linear layer. ``present``: slots with an adapter here.
+    """The paged adapters of one linear layer. ``present``: slots with an adapter here.
 
-    B is held transposed, ``lora_B_t`` (slots, r_max, d), so that the batched product
-    ``low (S, L, r) @ B^T (S, r, d)`` reads contiguous rows (about 1.6x faster on CPU than a
-    transposed view); ``lora_B`` is the (slots, d, r_max) view of the same memory.
+    B is held transposed, ``lora_B_t`` (pages, page_rank, d), so that the batched product
+    ``low (E, L, p) @ B^T (E, p, d)`` reads contiguous rows.
     """
 
     name: str
-    lora_A: torch.Tensor  # (slots, r_max, k)
-    lora_B_t: torch.Tensor  # (slots, r_max, d)
+    lora_A: torch.Tensor  # (pages, page_rank, k)
+    lora_B_t: torch.Tensor  # (pages, page_rank, d)
     scaling: torch.Tensor  # (slots,) float32
     present: set[int] = field(default_factory=set)
     scaling_values: dict[int, float] = field(default_factory=dict)  # the same, as Python floats
@@ -59,9 +63,16 @@ class LayerStack:
     dora_slots: set[int] = field(default_factory=set)
 
     @property
-    def lora_B(self) -> torch.Tensor:
-        """B of every slot, (slots, d, r_max): a view of ``lora_B_t`` (writes go through)."""
-        return self.lora_B_t.transpose(1, 2)
+    def in_features(self) -> int:
+        return self.lora_A.shape[2]
+
+    @property
+    def out_features(self) -> int:
+        return self.lora_B_t.shape[2]
+
+    @property
+    def page_rank(self) -> int:
+        return self.lora_A.shape[1]
 
 
 def prepare_for_serving(model: nn.Module, target_modules: str | list[str] = "all-linear") -> int:
@@ -81,22 +92,22 @@ def prepare_for_serving(model: nn.Module, target_modules: str | list[str] = "all
     return sum(1 for _ in lora_layers(model))
 
 
-def slot_bytes(layer: LoraLinear, max_rank: int, dtype: torch.dtype) -> int:
-    """Bytes one slot takes in ``layer``'s stacks: A and B padded to ``max_rank``, plus a
-    float32 scaling."""
+def page_bytes(layer: LoraLinear, page_rank: int, dtype: torch.dtype) -> int:
+    """Bytes one page takes in ``layer``'s pools: ``page_rank`` rows of A and of B^T."""
     item = torch.empty((), dtype=dtype).element_size()
-    return max_rank * (layer.in_features + layer.out_features) * item + 4
+    return page_rank * (layer.in_features + layer.out_features) * item
 
 
 def allocate_stack(
-    name: str, layer: LoraLinear, slots: int, max_rank: int, dtype: torch.dtype
+    name: str, layer: LoraLinear, slots: int, pages: int, page_rank: int, dtype: torch.dtype
 ) -> LayerStack:
-    """Zeroed stacks of ``slots`` adapters of rank <= ``max_rank`` for ``layer``."""
+    """Zeroed pools of ``pages`` pages of ``page_rank`` rows, and ``slots`` scalings, for
+    ``layer``."""
     d, k, device = layer.out_features, layer.in_features, layer.base_layer.weight.device
     return LayerStack(
         name=name,
-        lora_A=torch.zeros(slots, max_rank, k, dtype=dtype, device=device),
-        lora_B_t=torch.zeros(slots, max_rank, d, dtype=dtype, device=device),
+        lora_A=torch.zeros(pages, page_rank, k, dtype=dtype, device=device),
+        lora_B_t=torch.zeros(pages, page_rank, d, dtype=dtype, device=device),
         scaling=torch.zeros(slots, dtype=torch.float32, device=device),
         base_layer=layer.base_layer,
     )
@@ -136,7 +147,7 @@ def _write_gain(stack: LayerStack, slot: int, gain: torch.Tensor | None) -> None
         stack.dora_slots.discard(slot)
         return
     if stack.dora_gain is None:
-        slots, d = stack.lora_A.shape[0], stack.lora_B_t.shape[2]
+        slots, d = stack.scaling.shape[0], stack.out_features
         stack.dora_gain = torch.zeros(slots + 1, d, device=stack.lora_A.device)
     stack.dora_gain[slot].copy_(gain)
     stack.dora_slots.add(slot)
@@ -145,25 +156,31 @@ def _write_gain(stack: LayerStack, slot: int, gain: torch.Tensor | None) -> None
 def write_slot(
     stack: LayerStack,
     slot: int,
+    pages: torch.Tensor,
     pair: tuple[torch.Tensor, torch.Tensor] | None,
     scale: float = 0.0,
     gain: torch.Tensor | None = None,
 ) -> None:
-    """Put ``pair = (A (r, k), B (d, r))`` with scaling ``scale`` (``slot_scaling``) into
-    ``slot`` (zeros beyond rank r; ``pair`` None: the adapter does not adapt this layer, all
-    zeros). ``gain``: a DoRA adapter's ``f - 1`` (d,), with ``pair = (A, f B)``
-    (``dora_slot_factors``)."""
+    """Put ``pair = (A (r, k), B (d, r))`` with scaling ``scale`` (``slot_scaling``) into the
+    adapter's ``pages`` (n,) LongTensor, n * page_rank >= r, rows in page order, zeros beyond r;
+    ``pair`` None: the adapter does not adapt this layer, all zeros). ``gain``: a DoRA adapter's
+    ``f - 1`` (d,), with ``pair = (A, f B)`` (``dora_slot_factors``)."""
     _write_gain(stack, slot, gain if pair is not None else None)
-    stack.lora_A[slot].zero_()
-    stack.lora_B_t[slot].zero_()
+    count, page_rank = pages.numel(), stack.page_rank
+    rows_A = torch.zeros(count * page_rank, stack.in_features, dtype=stack.lora_A.dtype)
+    rows_B_t = torch.zeros(count * page_rank, stack.out_features, dtype=stack.lora_B_t.dtype)
     if pair is None:
         stack.scaling[slot] = 0.0
         stack.present.discard(slot)
-        return
-    lora_A, lora_B = pair
-    rank = lora_A.shape[0]
-    stack.lora_A[slot, :rank].copy_(lora_A)
-    stack.lora_B_t[slot, :rank].copy_(lora_B.T)
-    stack.scaling[slot] = scale
-    stack.scaling_values[slot] = scale
-    stack.present.add(slot)
+    else:
+        lora_A, lora_B = pair
+        rank = lora_A.shape[0]
+        rows_A[:rank] = lora_A
+        rows_B_t[:rank] = lora_B.T
+    device = stack.lora_A.device
+    stack.lora_A[pages.to(device)] = rows_A.view(count, page_rank, -1).to(device)
+    stack.lora_B_t[pages.to(device)] = rows_B_t.view(count, page_rank, -1).to(device)
+    if pair is not None:
+        stack.scaling[slot] = scale
+        stack.scaling_values[slot] = scale
+        stack.present.add(slot)
