@@ -65,6 +65,10 @@ class LoraConfig:
     use_dora: bool = False
     """DoRA: a trained magnitude per output feature rescales each row of ``W0 + s B A``
     (``lorakit.functional``); nn.Linear and Conv1D layers only (embeddings are refused)."""
+    lora_bias: bool = False
+    """A trainable bias ``b`` (d,) on B: the branch is ``s (B A x + b)`` and merging adds ``s b``
+    to the base bias (PEFT's ``lora_bias``; nn.Linear and Conv1D layers; not with DoRA or
+    ``init_lora_weights="gaussian"``, as in PEFT). Saved as ``<module>.lora_B.bias``."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
     """Per-module ranks: key matches name m when ``re.match(rf"(.*\\.)?({key})$", m)``; first wins."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -103,7 +107,7 @@ class LoraConfig:
             "a probability in [0, 1)",
         )
         _check(self.bias in BIAS_MODES, "bias", self.bias, f"one of {BIAS_MODES}")
-        for flag in ("fan_in_fan_out", "use_rslora", "use_dora"):
+        for flag in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias"):
             _check(
                 isinstance(getattr(self, flag), bool), flag, getattr(self, flag), "True or False"
             )
@@ -144,6 +148,12 @@ class LoraConfig:
         )
         for name in ("target_modules", "exclude_modules"):
             _check_name_spec(name, getattr(self, name))
+        _check(
+            not self.lora_bias or (not self.use_dora and self.init_lora_weights in (True, False)),
+            "lora_bias",
+            self.lora_bias,
+            "False with use_dora=True or an init_lora_weights other than True/False (PEFT's rule)",
+        )
         for key, rank in self.rank_pattern.items():
             _check(_is_positive_int(rank), f"rank_pattern[{key!r}]", rank, "a positive integer")
         for key, alpha in self.alpha_pattern.items():

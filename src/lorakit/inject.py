@@ -141,6 +141,7 @@ def add_adapter_to_modules(
             dtype=adapter_dtype or default_adapter_dtype(layer.base_float_dtype),
             values=factors.get(name),
             use_dora=config.use_dora,
+            lora_bias=config.lora_bias,
         )
         _give_layer_mode(layer, adapter_name)
     for name in saved_names:

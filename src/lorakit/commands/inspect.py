@@ -75,7 +75,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("alpha", _counts(summary["alphas"])),
         ("scaling", _counts(summary["scalings"]) + (" (rsLoRA)" if summary["use_rslora"] else "")),
         ("DoRA", _dora_text(summary)),
-        ("bias", summary["bias"]),
+        (
+            "bias",
+            summary["bias"] + (" + a bias on lora_B (lora_bias)" if summary["lora_bias"] else ""),
+        ),
         ("modules to save", ", ".join(summary["modules_to_save"] or []) or "-"),
         ("dtype", ", ".join(f"{k} ({v} tensors)" for k, v in summary["dtypes"].items())),
         ("parameters", f"{summary['parameters']:,} ({summary['lora_parameters']:,} LoRA)"),

@@ -7,6 +7,7 @@ adapter name never appears in a file (PEFT removes it):
 |---|---|---|
 | Linear / Conv1D A, B | ``<path>.lora_A.weight``, ``<path>.lora_B.weight`` | (r, k), (d, r) |
 | DoRA magnitude (``use_dora``) | ``<path>.lora_magnitude_vector`` (no ``.weight``) | (d,) |
+| bias on B (``lora_bias``) | ``<path>.lora_B.bias`` | (d,) |
 | Embedding A, B | ``<path>.lora_embedding_A``, ``<path>.lora_embedding_B`` | (r, num), (dim, r) |
 | bias of an adapted layer (``bias`` != "none") | ``<path>.base_layer.bias`` | (d,) |
 | base weight of an adapted embedding (resized vocab) | ``<path>.base_layer.weight`` | base |
@@ -39,6 +40,7 @@ __all__ = [
     "expected_shape",
     "is_magnitude_key",
     "key_names_module",
+    "lora_bias_key",
     "lora_key_pairs",
     "lora_keys",
     "magnitude_key",
@@ -65,6 +67,11 @@ def lora_keys(module_path: str, is_embedding: bool) -> tuple[str, str]:
 def magnitude_key(module_path: str) -> str:
     """File key of the DoRA magnitude vector of the LoRA layer at ``module_path``."""
     return f"{PREFIX}{module_path}.lora_magnitude_vector"
+
+
+def lora_bias_key(module_path: str) -> str:
+    """File key of the bias on B (``lora_bias=True``) of the LoRA layer at ``module_path``."""
+    return f"{PREFIX}{module_path}.lora_B.bias"
 
 
 def is_magnitude_key(file_key: str) -> bool:
@@ -161,7 +168,8 @@ def module_path(file_key: str) -> str:
 @dataclass(frozen=True)
 class FileTensor:
     """One tensor of an adapter file: its file key, the ORIGINAL module path it belongs to and
-    its role: "lora_A" / "lora_B", "magnitude" (DoRA's m), "bias" (a base bias trained by
+    its role: "lora_A" / "lora_B", "magnitude" (DoRA's m), "lora_bias" (the bias on B),
+    "bias" (a base bias trained by
     ``bias`` mode), "saved" (a ``modules_to_save`` tensor; ``parameter`` is its state-dict key)
     or "base_weight" (the base weight of an input/output embedding, only when the vocabulary was
     resized)."""
@@ -180,6 +188,7 @@ def adapter_file_tensors(
     embedding_modules: Sequence[str] = (),
     modules: dict[str, nn.Module] | None = None,
     use_dora: bool = False,
+    lora_bias: bool = False,
 ) -> list[FileTensor]:
     """Every tensor an adapter file holds, in PEFT's names.
 
@@ -187,7 +196,7 @@ def adapter_file_tensors(
     ``embedding_modules``: embeddings whose base weight is saved (resized vocabulary).
     Works before injection (on the plain model) and after (names are original names).
     ``modules``: ``dict(model_modules(model))`` when the caller has it. ``use_dora``: each
-    LoRA module also has a DoRA magnitude vector.
+    LoRA module also has a DoRA magnitude vector; ``lora_bias``: a bias on B.
     """
     modules = dict(model_modules(model)) if modules is None else modules
     lora_set, saved_prefixes = set(lora_modules), tuple(f"{m}." for m in saved_modules)
@@ -197,6 +206,8 @@ def adapter_file_tensors(
         tensors += [FileTensor(key_A, name, "lora_A"), FileTensor(key_B, name, "lora_B")]
         if use_dora:
             tensors.append(FileTensor(magnitude_key(name), name, "magnitude"))
+        if lora_bias:
+            tensors.append(FileTensor(lora_bias_key(name), name, "lora_bias"))
     for name, module in modules.items():
         if bias == "none" or name in saved_modules or name.startswith(saved_prefixes):
             continue
@@ -228,7 +239,7 @@ def expected_shape(modules: dict[str, nn.Module], entry: FileTensor, rank: int) 
         return (rank, in_features) if entry.role == "lora_A" else (out_features, rank)
     if entry.role == "saved":
         return tuple(module.state_dict()[entry.parameter].shape)
-    if entry.role == "magnitude":
+    if entry.role in ("magnitude", "lora_bias"):
         return (linear_shape(module)[0],)
     return tuple(getattr(module, entry.parameter).shape)
 
@@ -245,6 +256,8 @@ def model_tensor(model: nn.Module, entry: FileTensor, adapter_name: str) -> torc
         return module.modules_to_save[adapter_name].state_dict(keep_vars=True)[entry.parameter]
     if entry.role == "magnitude":
         return module.lora_magnitude_vector[adapter_name].weight
+    if entry.role == "lora_bias":
+        return module.lora_B[adapter_name].bias
     base = module.base_layer if isinstance(module, LoraLayer) else module
     if isinstance(base, ModulesToSave):
         base = base.original_module

@@ -153,7 +153,14 @@ def _load_targets(
         if base_weight_key(name, name in targets) in adapter.tensors
     ]
     tensors = adapter_file_tensors(
-        model, config.bias, targets, saved_names, embeddings, modules, use_dora=config.use_dora
+        model,
+        config.bias,
+        targets,
+        saved_names,
+        embeddings,
+        modules,
+        use_dora=config.use_dora,
+        lora_bias=config.lora_bias,
     )
     return _LoadTargets(config, targets, saved_names, tensors)
 

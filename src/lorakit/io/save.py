@@ -69,7 +69,13 @@ def adapter_file_contents(
     embeddings = embedding_module_names(model) if save_embedding_layers else []
     lora_names = [name for name, _ in layers]
     entries = adapter_file_tensors(
-        model, config.bias, lora_names, saved, embeddings, use_dora=config.use_dora
+        model,
+        config.bias,
+        lora_names,
+        saved,
+        embeddings,
+        use_dora=config.use_dora,
+        lora_bias=config.lora_bias,
     )
     tensors = {}
     for entry in entries:

@@ -108,6 +108,7 @@ def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> d
             info.numel for key, info in header.tensors.items() if is_magnitude_key(key)
         ),
         "bias": config.bias,
+        "lora_bias": config.lora_bias,
         "modules_to_save": config.modules_to_save,
         "dtypes": dict(sorted(Counter(i.dtype for i in header.tensors.values()).items())),
         "parameters": total,
