@@ -17,7 +17,10 @@ from transformers import LlamaForCausalLM
 
 import lorakit
 from lorakit.cli import main
-from lorakit.io import load_adapter, save_adapter
+from lorakit.errors import AdapterFileError, UserError
+from lorakit.export.gguf_adapter import export_adapter
+from lorakit.io import load_adapter, read_adapter, save_adapter
+from lorakit.serve.checks import lora_pairs
 from lorakit.io.summary import summarize_adapter
 from tests import tiny_models
 
@@ -248,3 +251,40 @@ def test_embedding_layers_refuse_lora_bias_as_peft_does():
             tiny_models.llama(),
             lorakit.LoraConfig(target_modules=["embed_tokens"], lora_bias=True),
         )
+
+
+def _saved(tmp_path, name="adapter"):
+    model = lorakit.inject(_llama_with_biases(), lorakit.LoraConfig(**_fields("llama")))
+    _perturb(model)
+    save_adapter(model, tmp_path / name)
+    return model, tmp_path / name
+
+
+def test_combine_refuses_lora_bias_from_files_and_from_a_model(tmp_path):
+    model, directory = _saved(tmp_path)
+    with pytest.raises(UserError, match=r"lora_B\.bias, which is not a LoRA factor"):
+        lorakit.combine([directory, directory], [0.5, 0.5], method="cat")
+    with pytest.raises(UserError, match="lora_bias=True"):
+        lorakit.combine(["default", "default"], [0.5, 0.5], method="cat", model=model)
+
+
+def test_gguf_export_refuses_the_bias_on_B_naming_it(tmp_path):
+    _, directory = _saved(tmp_path)
+    with pytest.raises(UserError, match=r"q_proj\.lora_B\.bias: a bias on lora_B"):
+        export_adapter(directory, _llama_with_biases(), tmp_path / "a.gguf")
+
+
+def test_serving_bank_refuses_the_bias_on_B(tmp_path):
+    _, directory = _saved(tmp_path)
+    adapter = read_adapter(directory)
+    with pytest.raises(AdapterFileError, match=r"lora_B\.bias.*is not a LoRA linear weight"):
+        lora_pairs("a", adapter.config, adapter.tensors, {}, max_rank=8)
+
+
+def test_set_active_freezes_the_bias_of_an_inactive_adapter():
+    model = lorakit.inject(_llama_with_biases(), lorakit.LoraConfig(**_fields("llama")))
+    lorakit.inject(model, lorakit.LoraConfig(**_fields("llama")), "other")
+    lorakit.set_active(model, ["other"])
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert not layer.lora_bias_of("default").requires_grad
+    assert layer.lora_bias_of("other").requires_grad
