@@ -20,8 +20,8 @@ from lorakit.cli import main
 from lorakit.errors import AdapterFileError, UserError
 from lorakit.export.gguf_adapter import export_adapter
 from lorakit.io import load_adapter, read_adapter, save_adapter
-from lorakit.serve.checks import lora_pairs
 from lorakit.io.summary import summarize_adapter
+from lorakit.serve.checks import lora_pairs
 from tests import tiny_models
 
 TOLERANCE = 1e-5
