@@ -69,6 +69,10 @@ class LoraConfig:
     """A trainable bias ``b`` (d,) on B: the branch is ``s (B A x + b)`` and merging adds ``s b``
     to the base bias (PEFT's ``lora_bias``; nn.Linear and Conv1D layers; not with DoRA or
     ``init_lora_weights="gaussian"``, as in PEFT). Saved as ``<module>.lora_B.bias``."""
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    """Rows of an embedding trained in full (PEFT's): a list of token ids for the input
+    embedding, or ``{module name suffix: token ids}``; saved as
+    ``<embedding>.token_adapter.trainable_tokens_delta`` (n, dim), the rows' new values."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
     """Per-module ranks: key matches name m when ``re.match(rf"(.*\\.)?({key})$", m)``; first wins."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -160,6 +164,7 @@ class LoraConfig:
             _check(_is_positive_number(alpha), f"alpha_pattern[{key!r}]", alpha, POSITIVE)
         for name in ("rank_pattern", "alpha_pattern"):
             check_pattern_set(f"LoraConfig.{name}", list(getattr(self, name)))
+        _check_token_indices(self.trainable_token_indices)
         self._validate_layer_selection()
 
     def _validate_layer_selection(self) -> None:
@@ -248,6 +253,28 @@ def _is_positive_number(value: Any) -> bool:
 def _check(ok: bool, field_name: str, value: Any, expected: str) -> None:
     if not ok:
         raise ValueError(f"LoraConfig.{field_name}={value!r} is invalid: expected {expected}.")
+
+
+def _check_token_indices(value: Any) -> None:
+    def ids(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and all(_is_int(i) and i >= 0 for i in v)
+
+    _check(
+        value is None
+        or ids(value)
+        or (
+            isinstance(value, dict)
+            and bool(value)
+            and all(isinstance(k, str) and k and ids(v) for k, v in value.items())
+        ),
+        "trainable_token_indices",
+        value,
+        "None, a non-empty list of token ids, or {module name: list of token ids}",
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_regex(field_name: str, pattern: Any) -> None:

@@ -44,6 +44,7 @@ __all__ = [
     "lora_forward",
     "lora_parameter_count",
     "rank_side_scale",
+    "replace_rows",
     "scaling",
 ]
 
@@ -131,6 +132,13 @@ def lora_forward(
     low_rank = F.linear(x, lora_A.to(x.dtype))  # (..., r)
     out = F.linear(low_rank * scale, lora_B.to(x.dtype))  # (..., d)
     return out if lora_bias is None else out + lora_bias_delta(lora_bias, scale).to(x.dtype)
+
+
+def replace_rows(weight: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``W`` with rows ``indices`` replaced by ``rows`` (a new tensor; gradients reach ``rows``):
+    trainable tokens (PEFT's ``trainable_token_indices``), whose adapter holds the new VALUES of
+    its rows. Shapes: ``weight`` (num, dim), ``indices`` (n,), ``rows`` (n, dim) -> (num, dim)."""
+    return weight.index_copy(0, indices, rows.to(weight.dtype))
 
 
 def lora_bias_delta(lora_bias: torch.Tensor, scale: float) -> torch.Tensor:

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.layers import LoraLayer, ModulesToSave, layer_class_for, wrap
+from lorakit.layers import LoraLayer, ModulesToSave, TrainableTokens, layer_class_for, wrap
+from lorakit.layers.tokens import token_targets
 from lorakit.state import (
     adapter_configs,
     freeze_all,
@@ -43,6 +44,7 @@ __all__ = [
     "inject",
     "replace_module",
     "saved_module_names",
+    "token_module_names",
     "unload",
     "wrap_targets",
 ]
@@ -115,6 +117,7 @@ def add_adapter_to_modules(
     None for uninitialised tensors.
     """
     current = _current_modules(model, targets, modules)
+    tokens = token_module_names(model, config, targets, saved_names)
     for name, module in current.items():  # every check before any change: all or nothing
         layer_class = (
             type(module) if isinstance(module, LoraLayer) else layer_class_for(module, name)
@@ -146,16 +149,26 @@ def add_adapter_to_modules(
         _give_layer_mode(layer, adapter_name)
     for name in saved_names:
         wrapper = model.get_submodule(name)
+        if isinstance(wrapper, TrainableTokens):
+            raise ValueError(f"module {name!r} trains token rows; it cannot also be saved in full.")
         if not isinstance(wrapper, ModulesToSave):
             wrapper = ModulesToSave(wrapper)
             replace_module(model, name, wrapper)
         wrapper.add_adapter(adapter_name)  # a copy of the original: its modes included
         wrapper.training = wrapper.modules_to_save.training = wrapper.original_module.training
+    for name, indices in tokens.items():
+        wrapper = model.get_submodule(name)
+        if isinstance(wrapper, ModulesToSave) and not isinstance(wrapper, TrainableTokens):
+            raise ValueError(f"module {name!r} is saved in full; it cannot also train token rows.")
+        if not isinstance(wrapper, TrainableTokens):
+            wrapper = TrainableTokens(wrapper)
+            replace_module(model, name, wrapper)
+        wrapper.add_tokens(adapter_name, indices, init)
     state.configs[adapter_name] = config
     if activate or len(state.configs) == 1:
         set_active(model, [adapter_name])
     else:  # a new inactive adapter's tensors are frozen; nothing else changes
-        freeze_adapter(model, adapter_name, [*targets, *saved_names])
+        freeze_adapter(model, adapter_name, [*targets, *saved_names, *tokens])
 
 
 def wrap_targets(
@@ -295,6 +308,22 @@ def saved_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
         raise ValueError(
             f"modules_to_save entries {missing} match no module of this {type(model).__name__}; "
             "check the names (e.g. print([n for n, _ in model.named_modules()]))."
+        )
+    return found
+
+
+def token_module_names(
+    model: nn.Module, config: LoraConfig, targets: Iterable[str], saved_names: Iterable[str]
+) -> dict[str, list[int]]:
+    """``{embedding name: token ids}`` whose rows ``config.trainable_token_indices`` trains
+    (``layers.tokens.token_targets``); ValueError for an embedding that is also a LoRA target
+    or in ``modules_to_save`` (as PEFT refuses the latter)."""
+    found = token_targets(model, config.trainable_token_indices, dict(model_modules(model)))
+    clash = sorted(set(found) & {*targets, *saved_names})
+    if clash:
+        raise ValueError(
+            f"{clash}: trainable_token_indices names module(s) that are also in target_modules "
+            "or modules_to_save; train an embedding one way only."
         )
     return found
 

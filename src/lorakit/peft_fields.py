@@ -82,8 +82,9 @@ PEFT_LORA_FIELDS: dict[str, FieldSupport] = {
     "loftq_config": _supported(_INIT),
     "eva_config": _supported(_INIT),
     # PEFT features lorakit does not implement
-    "trainable_token_indices": _refused(
-        "trains chosen embedding rows and saves them as trainable_tokens_delta; not implemented"
+    "trainable_token_indices": _supported(
+        "chosen rows of an nn.Embedding trained in full, saved as "
+        "<embedding>.token_adapter.trainable_tokens_delta; tied embeddings are refused"
     ),
     "target_parameters": _refused(
         "LoRA on bare nn.Parameters (fused MoE expert weights); not implemented"

@@ -90,6 +90,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             else f"{ratio:.1f}x ({summary['adapted_base_parameters']:,} base parameters adapted)",
         ),
     ]
+    if summary["trainable_token_indices"] is not None:
+        rows.insert(-4, ("trainable tokens", json.dumps(summary["trainable_token_indices"])))
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label + ':':<{width + 1}} {value}" for label, value in rows)
 

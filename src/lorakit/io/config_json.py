@@ -46,6 +46,7 @@ _FIELDS = (
     "rank_pattern",
     "target_modules",
     "task_type",
+    "trainable_token_indices",
     "use_dora",
     "use_rslora",
 )
@@ -139,6 +140,8 @@ def config_to_json(model: nn.Module, config: LoraConfig, adapter_modules: list[n
         del values["exclude_modules"]  # a key older peft versions do not know
     if not config.lora_bias:
         del values["lora_bias"]  # likewise (peft < 0.14)
+    if config.trainable_token_indices is None:
+        del values["trainable_token_indices"]  # likewise
     values |= {
         "auto_mapping": None,
         "inference_mode": True,
