@@ -267,3 +267,12 @@ def test_a_failed_load_keeps_the_rows_of_the_adapters_already_there(tmp_path, mo
     assert model.model.embed_tokens is wrapper
     assert list(wrapper.modules_to_save) == ["first"]
     assert torch.equal(_logits(model), before)
+
+
+def test_another_adapter_cannot_save_the_embedding_in_full_and_nothing_changes():
+    model = lorakit.inject(tiny_models.llama(), lorakit.LoraConfig(**_fields()))
+    before = dict(model.named_modules())
+    config = lorakit.LoraConfig(r=2, target_modules=["k_proj"], modules_to_save=["embed_tokens"])
+    with pytest.raises(ValueError, match="trains token rows"):
+        lorakit.inject(model, config, "full")
+    assert dict(model.named_modules()) == before  # no k_proj wrapped on the way

@@ -118,6 +118,8 @@ def add_adapter_to_modules(
     """
     current = _current_modules(model, targets, modules)
     tokens = token_module_names(model, config, targets, saved_names)
+    for name in [*saved_names, *tokens]:
+        _check_wrapper_kind(model.get_submodule(name), name, name in tokens)
     for name, module in current.items():  # every check before any change: all or nothing
         layer_class = (
             type(module) if isinstance(module, LoraLayer) else layer_class_for(module, name)
@@ -149,8 +151,6 @@ def add_adapter_to_modules(
         _give_layer_mode(layer, adapter_name)
     for name in saved_names:
         wrapper = model.get_submodule(name)
-        if isinstance(wrapper, TrainableTokens):
-            raise ValueError(f"module {name!r} trains token rows; it cannot also be saved in full.")
         if not isinstance(wrapper, ModulesToSave):
             wrapper = ModulesToSave(wrapper)
             replace_module(model, name, wrapper)
@@ -158,8 +158,6 @@ def add_adapter_to_modules(
         wrapper.training = wrapper.modules_to_save.training = wrapper.original_module.training
     for name, indices in tokens.items():
         wrapper = model.get_submodule(name)
-        if isinstance(wrapper, ModulesToSave) and not isinstance(wrapper, TrainableTokens):
-            raise ValueError(f"module {name!r} is saved in full; it cannot also train token rows.")
         if not isinstance(wrapper, TrainableTokens):
             wrapper = TrainableTokens(wrapper)
             replace_module(model, name, wrapper)
@@ -310,6 +308,14 @@ def saved_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
             "check the names (e.g. print([n for n, _ in model.named_modules()]))."
         )
     return found
+
+
+def _check_wrapper_kind(module: nn.Module, name: str, for_tokens: bool) -> None:
+    """ValueError when another adapter trains ``name`` the other way (token rows vs a full copy)."""
+    if for_tokens and isinstance(module, ModulesToSave) and not isinstance(module, TrainableTokens):
+        raise ValueError(f"module {name!r} is saved in full; it cannot also train token rows.")
+    if not for_tokens and isinstance(module, TrainableTokens):
+        raise ValueError(f"module {name!r} trains token rows; it cannot also be saved in full.")
 
 
 def token_module_names(
