@@ -129,8 +129,14 @@ def test_unknown_peft_type(adapter_dir) -> None:
 
 
 def test_unsupported_peft_feature(adapter_dir) -> None:
+    _edit_config(adapter_dir, alora_invocation_tokens=[5, 6])
+    _refused(adapter_dir, r"alora_invocation_tokens=\[5, 6\].*does not implement")
+
+
+def test_lora_bias_config_without_its_bias_tensors(adapter_dir) -> None:
     _edit_config(adapter_dir, lora_bias=True)
-    _refused(adapter_dir, r"lora_bias=True.*does not implement")
+    _rewrite_weights(adapter_dir, lambda tensors: None)  # drop lorakit's copy of the config
+    _refused(adapter_dir, r"lora_B\.bias")
 
 
 def test_base_changing_inits_lorakit_lacks_are_refused(adapter_dir) -> None:

@@ -66,6 +66,14 @@ class LoraConfig:
     use_dora: bool = False
     """DoRA: a trained magnitude per output feature rescales each row of ``W0 + s B A``
     (``lorakit.functional``); nn.Linear and Conv1D layers only (embeddings are refused)."""
+    lora_bias: bool = False
+    """A trainable bias ``b`` (d,) on B: the branch is ``s (B A x + b)`` and merging adds ``s b``
+    to the base bias (PEFT's ``lora_bias``; nn.Linear and Conv1D layers; not with DoRA or
+    ``init_lora_weights="gaussian"``, as in PEFT). Saved as ``<module>.lora_B.bias``."""
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    """Rows of an embedding trained in full (PEFT's): a list of token ids for the input
+    embedding, or ``{module name suffix: token ids}``; saved as
+    ``<embedding>.token_adapter.trainable_tokens_delta`` (n, dim), the rows' new values."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
     """Per-module ranks: key matches name m when ``re.match(rf"(.*\\.)?({key})$", m)``; first wins."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -127,7 +135,7 @@ class LoraConfig:
             "a probability in [0, 1)",
         )
         _check(self.bias in BIAS_MODES, "bias", self.bias, f"one of {BIAS_MODES}")
-        for flag in ("fan_in_fan_out", "use_rslora", "use_dora"):
+        for flag in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias"):
             _check(
                 isinstance(getattr(self, flag), bool), flag, getattr(self, flag), "True or False"
             )
@@ -175,12 +183,19 @@ class LoraConfig:
             )
         for name in ("target_modules", "exclude_modules"):
             _check_name_spec(name, getattr(self, name))
+        _check(
+            not self.lora_bias or (not self.use_dora and self.init_lora_weights in (True, False)),
+            "lora_bias",
+            self.lora_bias,
+            "False with use_dora=True or an init_lora_weights other than True/False (PEFT's rule)",
+        )
         for key, rank in self.rank_pattern.items():
             _check(_is_positive_int(rank), f"rank_pattern[{key!r}]", rank, "a positive integer")
         for key, alpha in self.alpha_pattern.items():
             _check(_is_positive_number(alpha), f"alpha_pattern[{key!r}]", alpha, POSITIVE)
         for name in ("rank_pattern", "alpha_pattern"):
             check_pattern_set(f"LoraConfig.{name}", list(getattr(self, name)))
+        _check_token_indices(self.trainable_token_indices)
         self._validate_layer_selection()
 
     def _validate_layer_selection(self) -> None:
@@ -269,6 +284,28 @@ def _is_positive_number(value: Any) -> bool:
 def _check(ok: bool, field_name: str, value: Any, expected: str) -> None:
     if not ok:
         raise ValueError(f"LoraConfig.{field_name}={value!r} is invalid: expected {expected}.")
+
+
+def _check_token_indices(value: Any) -> None:
+    def ids(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and all(_is_int(i) and i >= 0 for i in v)
+
+    _check(
+        value is None
+        or ids(value)
+        or (
+            isinstance(value, dict)
+            and bool(value)
+            and all(isinstance(k, str) and k and ids(v) for k, v in value.items())
+        ),
+        "trainable_token_indices",
+        value,
+        "None, a non-empty list of token ids, or {module name: list of token ids}",
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_regex(field_name: str, pattern: Any) -> None:

@@ -39,10 +39,12 @@ __all__ = [
     "dora_row_norms",
     "embedding_delta_weight",
     "fold_scale",
+    "lora_bias_delta",
     "lora_embedding_forward",
     "lora_forward",
     "lora_parameter_count",
     "rank_side_scale",
+    "replace_rows",
     "scaling",
 ]
 
@@ -114,8 +116,10 @@ def lora_forward(
     scale: float,
     dropout: float = 0.0,
     training: bool = False,
+    lora_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The low-rank branch ``s * dropout(x) A^T B^T``, computed and returned in ``x``'s dtype.
+    """The low-rank branch ``s * dropout(x) A^T B^T``, computed and returned in ``x``'s dtype
+    (plus ``s * b`` when the adapter has a bias on B, ``lora_bias`` (d,): ``lora_bias_delta``).
 
     Shapes: ``x`` (..., k), ``lora_A`` (r, k), ``lora_B`` (d, r) -> (..., d). The adapter is cast
     to ``x``'s dtype (r (d + k) numbers) rather than ``x`` to the adapter's (a full copy of the
@@ -126,7 +130,25 @@ def lora_forward(
     if dropout > 0.0 and training:
         x = F.dropout(x, p=dropout, training=True)
     low_rank = F.linear(x, lora_A.to(x.dtype))  # (..., r)
-    return F.linear(low_rank * scale, lora_B.to(x.dtype))  # (..., d)
+    out = F.linear(low_rank * scale, lora_B.to(x.dtype))  # (..., d)
+    return out if lora_bias is None else out + lora_bias_delta(lora_bias, scale).to(x.dtype)
+
+
+def replace_rows(weight: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``W`` with rows ``indices`` replaced by ``rows`` (a new tensor; gradients reach ``rows``):
+    trainable tokens (PEFT's ``trainable_token_indices``), whose adapter holds the new VALUES of
+    its rows. Shapes: ``weight`` (num, dim), ``indices`` (n,), ``rows`` (n, dim) -> (num, dim)."""
+    return weight.index_copy(0, indices, rows.to(weight.dtype))
+
+
+def lora_bias_delta(lora_bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """``s * b``: what an adapter with a bias on B (PEFT's ``lora_bias=True``) adds to every
+    output, and what merging it adds to the base bias. Shapes: ``lora_bias`` (d,) -> (d,);
+    computed in float32 (the branch casts it to the activation's dtype).
+
+    With it the branch is ``s (B A x + b)`` (PEFT applies ``lora_B``, bias included, before
+    the scale), so merging gives ``W0 + s B A`` and ``bias0 + s b``."""
+    return lora_bias.to(torch.float32) * scale
 
 
 def lora_embedding_forward(

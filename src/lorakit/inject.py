@@ -15,7 +15,8 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.init_methods import changes_base, check_layer_takes, initialise_from_base
-from lorakit.layers import LoraLayer, ModulesToSave, layer_class_for, wrap
+from lorakit.layers import LoraLayer, ModulesToSave, TrainableTokens, layer_class_for, wrap
+from lorakit.layers.tokens import token_targets
 from lorakit.state import (
     adapter_configs,
     freeze_all,
@@ -44,6 +45,7 @@ __all__ = [
     "inject",
     "replace_module",
     "saved_module_names",
+    "token_module_names",
     "unload",
     "wrap_targets",
 ]
@@ -116,6 +118,9 @@ def add_adapter_to_modules(
     None for uninitialised tensors.
     """
     current = _current_modules(model, targets, modules)
+    tokens = token_module_names(model, config, targets, saved_names)
+    for name in [*saved_names, *tokens]:
+        _check_wrapper_kind(model.get_submodule(name), name, name in tokens)
     for name, module in current.items():  # every check before any change: all or nothing
         layer_class = (
             type(module) if isinstance(module, LoraLayer) else layer_class_for(module, name)
@@ -144,6 +149,7 @@ def add_adapter_to_modules(
             dtype=adapter_dtype or default_adapter_dtype(layer.base_float_dtype),
             values=factors.get(name),
             use_dora=config.use_dora,
+            lora_bias=config.lora_bias,
         )
         if changes_base(init):  # PiSSA / OLoRA: A, B from W0, which becomes W0 - s B A
             initialise_from_base(layer, adapter_name, init, config.loftq_config)
@@ -155,11 +161,17 @@ def add_adapter_to_modules(
             replace_module(model, name, wrapper)
         wrapper.add_adapter(adapter_name)  # a copy of the original: its modes included
         wrapper.training = wrapper.modules_to_save.training = wrapper.original_module.training
+    for name, indices in tokens.items():
+        wrapper = model.get_submodule(name)
+        if not isinstance(wrapper, TrainableTokens):
+            wrapper = TrainableTokens(wrapper)
+            replace_module(model, name, wrapper)
+        wrapper.add_tokens(adapter_name, indices, init)
     state.configs[adapter_name] = config
     if activate or len(state.configs) == 1:
         set_active(model, [adapter_name])
     else:  # a new inactive adapter's tensors are frozen; nothing else changes
-        freeze_adapter(model, adapter_name, [*targets, *saved_names])
+        freeze_adapter(model, adapter_name, [*targets, *saved_names, *tokens])
 
 
 def wrap_targets(
@@ -299,6 +311,30 @@ def saved_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
         raise ValueError(
             f"modules_to_save entries {missing} match no module of this {type(model).__name__}; "
             "check the names (e.g. print([n for n, _ in model.named_modules()]))."
+        )
+    return found
+
+
+def _check_wrapper_kind(module: nn.Module, name: str, for_tokens: bool) -> None:
+    """ValueError when another adapter trains ``name`` the other way (token rows vs a full copy)."""
+    if for_tokens and isinstance(module, ModulesToSave) and not isinstance(module, TrainableTokens):
+        raise ValueError(f"module {name!r} is saved in full; it cannot also train token rows.")
+    if not for_tokens and isinstance(module, TrainableTokens):
+        raise ValueError(f"module {name!r} trains token rows; it cannot also be saved in full.")
+
+
+def token_module_names(
+    model: nn.Module, config: LoraConfig, targets: Iterable[str], saved_names: Iterable[str]
+) -> dict[str, list[int]]:
+    """``{embedding name: token ids}`` whose rows ``config.trainable_token_indices`` trains
+    (``layers.tokens.token_targets``); ValueError for an embedding that is also a LoRA target
+    or in ``modules_to_save`` (as PEFT refuses the latter)."""
+    found = token_targets(model, config.trainable_token_indices, dict(model_modules(model)))
+    clash = sorted(set(found) & {*targets, *saved_names})
+    if clash:
+        raise ValueError(
+            f"{clash}: trainable_token_indices names module(s) that are also in target_modules "
+            "or modules_to_save; train an embedding one way only."
         )
     return found
 

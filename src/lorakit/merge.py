@@ -27,6 +27,7 @@ from torch import nn
 
 from lorakit import quantized
 from lorakit.inject import forget_state, replace_module
+from lorakit.layers import TrainableTokens
 from lorakit.quantized.merge import float_linear
 from lorakit.state import active_adapters, lora_layers, saved_modules, state_of
 
@@ -111,6 +112,9 @@ def merge_and_unload(
         # The merged embedding no longer equals the (unadapted) output embedding it was tied to.
         model.config.tie_word_embeddings = False
     for name, wrapper in list(saved_modules(model)):
+        if isinstance(wrapper, TrainableTokens):
+            replace_module(model, name, wrapper.merged_module(names))
+            continue
         trained = next(
             (wrapper.modules_to_save[n] for n in names if n in wrapper.modules_to_save),
             wrapper.original_module,

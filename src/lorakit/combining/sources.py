@@ -113,10 +113,10 @@ def _from_model(model: nn.Module, adapter_name: str) -> AdapterUpdates:
     config = adapter_configs(model)[adapter_name]
     label = f"adapter {adapter_name!r} of the model"
     saved = [name for name, w in saved_modules(model) if adapter_name in w.modules_to_save]
-    if config.bias != "none" or saved:
+    if config.bias != "none" or config.lora_bias or saved:
         raise UserError(
-            f"{label} trains biases (bias={config.bias!r}) or saves full modules ({saved}); "
-            "only LoRA factors can be combined."
+            f"{label} trains biases (bias={config.bias!r}, lora_bias={config.lora_bias}) or "
+            f"saves full modules ({saved}); only LoRA factors can be combined."
         )
     modules = {}
     for name, layer in lora_layers(model):

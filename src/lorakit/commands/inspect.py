@@ -83,7 +83,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("scaling", _counts(summary["scalings"]) + (" (rsLoRA)" if summary["use_rslora"] else "")),
         ("DoRA", _dora_text(summary)),
         ("init", _init_text(summary["init_lora_weights"])),
-        ("bias", summary["bias"]),
+        (
+            "bias",
+            summary["bias"] + (" + a bias on lora_B (lora_bias)" if summary["lora_bias"] else ""),
+        ),
         ("modules to save", ", ".join(summary["modules_to_save"] or []) or "-"),
         ("dtype", ", ".join(f"{k} ({v} tensors)" for k, v in summary["dtypes"].items())),
         ("parameters", f"{summary['parameters']:,} ({summary['lora_parameters']:,} LoRA)"),
@@ -95,6 +98,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             else f"{ratio:.1f}x ({summary['adapted_base_parameters']:,} base parameters adapted)",
         ),
     ]
+    if summary["trainable_token_indices"] is not None:
+        rows.insert(-4, ("trainable tokens", json.dumps(summary["trainable_token_indices"])))
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label + ':':<{width + 1}} {value}" for label, value in rows)
 

@@ -184,6 +184,8 @@ def _why_not_lora(key: str, config, model: nn.Module) -> str:
             "a full trained copy of a module (modules_to_save); llama.cpp adapters hold LoRA "
             "pairs only"
         )
+    if key.endswith(".lora_B.bias"):
+        return "a bias on lora_B (lora_bias=True); llama.cpp adapters hold LoRA pairs only"
     if key.endswith(".bias"):
         return "a trained bias (bias='all'/'lora_only'); llama.cpp adapters hold LoRA pairs only"
     if module in embedding_module_names(model):

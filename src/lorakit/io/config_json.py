@@ -22,6 +22,7 @@ from lorakit.errors import AdapterFileError
 from lorakit.init_methods import changes_base
 from lorakit.io.header import unreadable
 from lorakit.layers import is_linear
+from lorakit.peft_fields import refused_fields
 from lorakit.targets import SEQ_CLS_HEADS, find_targets, model_modules, resolved_target_spec
 
 __all__ = ["config_from_json", "config_to_json", "read_config_text", "written_target_modules"]
@@ -39,27 +40,20 @@ _FIELDS = (
     "layers_pattern",
     "layers_to_transform",
     "lora_alpha",
+    "lora_bias",
     "lora_dropout",
     "modules_to_save",
     "r",
     "rank_pattern",
     "target_modules",
     "task_type",
+    "trainable_token_indices",
     "use_dora",
     "use_rslora",
 )
 # PEFT features that change the numbers and that lorakit does not implement: refused unless
-# they hold their "off" value.
-_UNSUPPORTED = (
-    "alora_invocation_tokens",
-    "arrow_config",
-    "layer_replication",
-    "lora_bias",
-    "target_parameters",
-    "trainable_token_indices",
-    "use_bdlora",
-    "use_qalora",
-)
+# they hold their "off" value (the table with the reasons: lorakit.peft_fields).
+_UNSUPPORTED = refused_fields()
 # Other keys PEFT (0.21) writes; they do not change what a saved adapter computes.
 _IGNORED = (
     "auto_mapping",
@@ -77,6 +71,7 @@ _IGNORED = (
     "peft_version",
     "qalora_group_size",
     "revision",
+    "runtime_config",
     "velora_config",
 )
 # init_lora_weights values with which PEFT rewrites the base weights at initialisation and that
@@ -147,6 +142,10 @@ def config_to_json(model: nn.Module, config: LoraConfig, adapter_modules: list[n
     )
     if config.exclude_modules is None:
         del values["exclude_modules"]  # a key older peft versions do not know
+    if not config.lora_bias:
+        del values["lora_bias"]  # likewise (peft < 0.14)
+    if config.trainable_token_indices is None:
+        del values["trainable_token_indices"]  # likewise
     values |= {
         "auto_mapping": None,
         "inference_mode": True,

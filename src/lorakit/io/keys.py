@@ -6,7 +6,9 @@ adapter name never appears in a file (PEFT removes it):
 | what | file key | shape |
 |---|---|---|
 | Linear / Conv1D A, B | ``<path>.lora_A.weight``, ``<path>.lora_B.weight`` | (r, k), (d, r) |
+| trainable tokens (``trainable_token_indices``) | ``<path>.token_adapter.trainable_tokens_delta`` | (n, dim) |
 | DoRA magnitude (``use_dora``) | ``<path>.lora_magnitude_vector`` (no ``.weight``) | (d,) |
+| bias on B (``lora_bias``) | ``<path>.lora_B.bias`` | (d,) |
 | Embedding A, B | ``<path>.lora_embedding_A``, ``<path>.lora_embedding_B`` | (r, num), (dim, r) |
 | bias of an adapted layer (``bias`` != "none") | ``<path>.base_layer.bias`` | (d,) |
 | base weight of an adapted embedding (resized vocab) | ``<path>.base_layer.weight`` | base |
@@ -20,13 +22,14 @@ In the model (``model.state_dict()``) the same tensors carry the adapter name:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave, linear_shape
+from lorakit.layers.tokens import DELTA_KEY
 from lorakit.targets import model_modules
 
 __all__ = [
@@ -39,6 +42,7 @@ __all__ = [
     "expected_shape",
     "is_magnitude_key",
     "key_names_module",
+    "lora_bias_key",
     "lora_key_pairs",
     "lora_keys",
     "magnitude_key",
@@ -65,6 +69,11 @@ def lora_keys(module_path: str, is_embedding: bool) -> tuple[str, str]:
 def magnitude_key(module_path: str) -> str:
     """File key of the DoRA magnitude vector of the LoRA layer at ``module_path``."""
     return f"{PREFIX}{module_path}.lora_magnitude_vector"
+
+
+def lora_bias_key(module_path: str) -> str:
+    """File key of the bias on B (``lora_bias=True``) of the LoRA layer at ``module_path``."""
+    return f"{PREFIX}{module_path}.lora_B.bias"
 
 
 def is_magnitude_key(file_key: str) -> bool:
@@ -161,7 +170,9 @@ def module_path(file_key: str) -> str:
 @dataclass(frozen=True)
 class FileTensor:
     """One tensor of an adapter file: its file key, the ORIGINAL module path it belongs to and
-    its role: "lora_A" / "lora_B", "magnitude" (DoRA's m), "bias" (a base bias trained by
+    its role: "lora_A" / "lora_B", "magnitude" (DoRA's m), "lora_bias" (the bias on B),
+    "tokens" (trained embedding rows, ``parameter`` is their count),
+    "bias" (a base bias trained by
     ``bias`` mode), "saved" (a ``modules_to_save`` tensor; ``parameter`` is its state-dict key)
     or "base_weight" (the base weight of an input/output embedding, only when the vocabulary was
     resized)."""
@@ -180,6 +191,8 @@ def adapter_file_tensors(
     embedding_modules: Sequence[str] = (),
     modules: dict[str, nn.Module] | None = None,
     use_dora: bool = False,
+    lora_bias: bool = False,
+    token_modules: Mapping[str, int] | None = None,
 ) -> list[FileTensor]:
     """Every tensor an adapter file holds, in PEFT's names.
 
@@ -187,7 +200,8 @@ def adapter_file_tensors(
     ``embedding_modules``: embeddings whose base weight is saved (resized vocabulary).
     Works before injection (on the plain model) and after (names are original names).
     ``modules``: ``dict(model_modules(model))`` when the caller has it. ``use_dora``: each
-    LoRA module also has a DoRA magnitude vector.
+    LoRA module also has a DoRA magnitude vector; ``lora_bias``: a bias on B;
+    ``token_modules``: ``{embedding: number of trained rows}`` (``trainable_token_indices``).
     """
     modules = dict(model_modules(model)) if modules is None else modules
     lora_set, saved_prefixes = set(lora_modules), tuple(f"{m}." for m in saved_modules)
@@ -197,6 +211,8 @@ def adapter_file_tensors(
         tensors += [FileTensor(key_A, name, "lora_A"), FileTensor(key_B, name, "lora_B")]
         if use_dora:
             tensors.append(FileTensor(magnitude_key(name), name, "magnitude"))
+        if lora_bias:
+            tensors.append(FileTensor(lora_bias_key(name), name, "lora_bias"))
     for name, module in modules.items():
         if bias == "none" or name in saved_modules or name.startswith(saved_prefixes):
             continue
@@ -209,6 +225,8 @@ def adapter_file_tensors(
     for name in saved_modules:
         for parameter in modules[name].state_dict():
             tensors.append(FileTensor(plain_key(f"{name}.{parameter}"), name, "saved", parameter))
+    for name, count in (token_modules or {}).items():
+        tensors.append(FileTensor(plain_key(f"{name}.{DELTA_KEY}"), name, "tokens", str(count)))
     for name in embedding_modules:
         tensors.append(
             FileTensor(base_weight_key(name, name in lora_set), name, "base_weight", "weight")
@@ -228,8 +246,10 @@ def expected_shape(modules: dict[str, nn.Module], entry: FileTensor, rank: int) 
         return (rank, in_features) if entry.role == "lora_A" else (out_features, rank)
     if entry.role == "saved":
         return tuple(module.state_dict()[entry.parameter].shape)
-    if entry.role == "magnitude":
+    if entry.role in ("magnitude", "lora_bias"):
         return (linear_shape(module)[0],)
+    if entry.role == "tokens":
+        return (int(entry.parameter), module.embedding_dim)
     return tuple(getattr(module, entry.parameter).shape)
 
 
@@ -245,6 +265,10 @@ def model_tensor(model: nn.Module, entry: FileTensor, adapter_name: str) -> torc
         return module.modules_to_save[adapter_name].state_dict(keep_vars=True)[entry.parameter]
     if entry.role == "magnitude":
         return module.lora_magnitude_vector[adapter_name].weight
+    if entry.role == "lora_bias":
+        return module.lora_B[adapter_name].bias
+    if entry.role == "tokens":
+        return module.modules_to_save[adapter_name].values
     base = module.base_layer if isinstance(module, LoraLayer) else module
     if isinstance(base, ModulesToSave):
         base = base.original_module

@@ -25,6 +25,7 @@ from lorakit.inject import (
     check_adapter_name,
     replace_module,
     saved_module_names,
+    token_module_names,
     unload,
 )
 from lorakit.io import fingerprint
@@ -140,6 +141,7 @@ def _load_targets(
     try:
         targets = find_targets(model, config, modules)
         saved_names = saved_module_names(model, config)
+        tokens = token_module_names(model, config, targets, saved_names)
     except ValueError as error:
         raise AdapterFileError(f"adapter {source} does not fit this model: {error}") from None
     if not targets:
@@ -153,7 +155,15 @@ def _load_targets(
         if base_weight_key(name, name in targets) in adapter.tensors
     ]
     tensors = adapter_file_tensors(
-        model, config.bias, targets, saved_names, embeddings, modules, use_dora=config.use_dora
+        model,
+        config.bias,
+        targets,
+        saved_names,
+        embeddings,
+        modules,
+        use_dora=config.use_dora,
+        lora_bias=config.lora_bias,
+        token_modules={name: len(indices) for name, indices in tokens.items()},
     )
     return _LoadTargets(config, targets, saved_names, tensors)
 
@@ -312,7 +322,7 @@ def _apply(
                 if entry.role in ("bias", "base_weight"):
                     base_backup.append((target, target.detach().clone()))
                 target.copy_(adapter.tensors[entry.key].to(target.dtype))
-                if entry.role == "saved":
+                if entry.role in ("saved", "tokens"):
                     target.requires_grad_(trainable)
     except BaseException:
         _roll_back(model, adapter_name, had_state, wrapped_before, base_backup)

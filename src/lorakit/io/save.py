@@ -26,6 +26,7 @@ from lorakit.io.config_json import CONFIG_NAME, config_to_json
 from lorakit.io.header import serialize
 from lorakit.io.keys import adapter_file_tensors, embedding_module_names, model_tensor
 from lorakit.io.read import CONFIG_METADATA_KEY, WEIGHTS_NAME
+from lorakit.layers import TrainableTokens
 from lorakit.state import adapter_configs, lora_layers, saved_modules
 
 __all__ = ["adapter_file_contents", "save_adapter", "save_merged_model"]
@@ -67,13 +68,26 @@ def adapter_file_contents(
     """``(tensors, header metadata, config text)`` of adapter ``adapter_name``, as saved."""
     config = _config_of(model, adapter_name)
     layers = [(name, layer) for name, layer in lora_layers(model) if adapter_name in layer.ranks]
-    saved = [name for name, w in saved_modules(model) if adapter_name in w.modules_to_save]
+    holders = [(n, w) for n, w in saved_modules(model) if adapter_name in w.modules_to_save]
+    saved = [name for name, w in holders if not isinstance(w, TrainableTokens)]
+    tokens = {
+        name: len(w.modules_to_save[adapter_name].indices)
+        for name, w in holders
+        if isinstance(w, TrainableTokens)
+    }
     if save_embedding_layers is None:
         save_embedding_layers = _vocabulary_resized(model, config)
     embeddings = embedding_module_names(model) if save_embedding_layers else []
     lora_names = [name for name, _ in layers]
     entries = adapter_file_tensors(
-        model, config.bias, lora_names, saved, embeddings, use_dora=config.use_dora
+        model,
+        config.bias,
+        lora_names,
+        saved,
+        embeddings,
+        use_dora=config.use_dora,
+        lora_bias=config.lora_bias,
+        token_modules=tokens,
     )
     tensors = {}
     for entry in entries:

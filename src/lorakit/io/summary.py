@@ -110,6 +110,8 @@ def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> d
             info.numel for key, info in header.tensors.items() if is_magnitude_key(key)
         ),
         "bias": config.bias,
+        "lora_bias": config.lora_bias,
+        "trainable_token_indices": config.trainable_token_indices,
         "modules_to_save": config.modules_to_save,
         "dtypes": dict(sorted(Counter(i.dtype for i in header.tensors.values()).items())),
         "parameters": total,

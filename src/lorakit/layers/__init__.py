@@ -21,6 +21,7 @@ from lorakit.layers.per_call import (
 )
 from lorakit.layers.quantized_linear import QuantizedLoraLinear
 from lorakit.layers.saved import ModulesToSave
+from lorakit.layers.tokens import TrainableTokens
 
 __all__ = [
     "LoraEmbedding",
@@ -28,6 +29,7 @@ __all__ = [
     "LoraLinear",
     "ModulesToSave",
     "QuantizedLoraLinear",
+    "TrainableTokens",
     "adapter_override",
     "current_override",
     "current_router",

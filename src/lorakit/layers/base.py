@@ -59,6 +59,9 @@ class LoraLayer(nn.Module):
     """Whether the layer takes DoRA adapters (``add_magnitude``; checked before a model is
     changed)."""
 
+    supports_lora_bias = False
+    """Whether the layer takes adapters with a bias on B (``add_lora_bias``)."""
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -234,12 +237,20 @@ class LoraLayer(nn.Module):
         dtype: torch.dtype,
         values: tuple[torch.Tensor, torch.Tensor] | None = None,
         use_dora: bool = False,
+        lora_bias: bool = False,
     ) -> None:
         """Create adapter tensors; ``init`` is ``LoraConfig.init_lora_weights``, or None to
         leave them uninitialised (their values are about to be copied in from a file).
         ``values = (A, B)``: take these tensors as the adapter's (moved to the base weight's
         device and ``dtype``; no copy when they already fit, so the caller must hand them over).
-        ``use_dora``: also a DoRA magnitude vector (``add_magnitude``)."""
+        ``use_dora``: also a DoRA magnitude vector (``add_magnitude``); ``lora_bias``: also a
+        bias on B (``add_lora_bias``)."""
+        if lora_bias and not self.supports_lora_bias:
+            raise ValueError(
+                f"lora_bias=True is not supported for {type(self.base_layer).__name__} layers "
+                "(lorakit, like PEFT, implements it for nn.Linear and transformers Conv1D); "
+                "remove this module from target_modules or set lora_bias=False."
+            )
         if use_dora and not self.supports_dora:
             raise ValueError(
                 f"DoRA (use_dora=True) is not supported for {type(self.base_layer).__name__} "
@@ -266,6 +277,8 @@ class LoraLayer(nn.Module):
         self.dropouts[adapter_name] = dropout
         if use_dora:
             self.add_magnitude(adapter_name, init is not None)  # a supports_dora layer's
+        if lora_bias:
+            self.add_lora_bias(adapter_name, init)  # a supports_lora_bias layer's
 
     def _new_factors(
         self, rank: int, init: bool | str | None, dtype: torch.dtype

@@ -2,7 +2,10 @@
 
 ``h = W0 x + s B A x`` with A (r, k) and B (d, r), for either layout of ``W0``: (d, k) for
 ``nn.Linear``, (k, d) for ``Conv1D`` (detected from the type, no flag needed). The adapter keys are
-PEFT's: ``<path>.lora_A.<adapter>.weight`` (r, k) and ``<path>.lora_B.<adapter>.weight`` (d, r).
+PEFT's: ``<path>.lora_A.<adapter>.weight`` (r, k) and ``<path>.lora_B.<adapter>.weight`` (d, r),
+and ``<path>.lora_B.<adapter>.bias`` (d,) for an adapter with a bias on B (``lora_bias=True``:
+``h = W0 x + bias0 + s (B A x + b)``; merging adds ``s b`` to the base bias, a new Parameter, the
+original kept aside for an exact unmerge).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from torch import nn
 from lorakit import fast, functional
 from lorakit.layers.base import LoraLayer
 from lorakit.layers.dora import Magnitude, RowNorms
+from lorakit.layers.lora_bias import LoraBiases, LoraBiasMixin
 
 __all__ = ["LoraLinear", "is_conv1d"]
 
@@ -45,7 +49,7 @@ def _factor(weight: torch.Tensor) -> nn.Linear:
     return linear
 
 
-class LoraLinear(LoraLayer):
+class LoraLinear(LoraBiasMixin, LoraLayer):
     """LoRA for ``nn.Linear`` and ``Conv1D``: ``h = base(x) + sum_a s_a B_a A_a dropout(x)``.
 
     Shapes: x (..., k) -> h (..., d); ``lora_A[a].weight`` (r, k), ``lora_B[a].weight`` (d, r).
@@ -92,10 +96,13 @@ class LoraLinear(LoraLayer):
         return (rank, self.in_features), (self.out_features, rank)
 
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
-        """``[A, B]``, then DoRA's magnitude ``m`` for a DoRA adapter."""
+        """``[A, B]``, then DoRA's magnitude ``m`` for a DoRA adapter, then the bias ``b`` on B
+        for a ``lora_bias`` adapter."""
         parameters = [self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight]
         if self.is_dora(adapter_name):
             parameters.append(self.lora_magnitude_vector[adapter_name].weight)
+        if self.lora_bias_of(adapter_name) is not None:
+            parameters.append(self.lora_bias_of(adapter_name))
         return parameters
 
     # ----------------------------------------------------------------- DoRA
@@ -146,7 +153,7 @@ class LoraLinear(LoraLayer):
             x = torch.nn.functional.dropout(x, p=dropout, training=True)
             base_part = fast.linear_output(x, weight, None, self.fan_in_fan_out)
         else:
-            bias = self.base_layer.bias
+            bias = self._bias_for(weight)
             base_part = base_out if bias is None else base_out - bias
         lora_A, lora_B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         lora_part = functional.lora_forward(x, lora_A, lora_B, self.scalings[adapter_name])
@@ -192,6 +199,7 @@ class LoraLinear(LoraLayer):
             self.scalings[adapter_name],
             dropout=self.dropouts[adapter_name],
             training=self.training,
+            lora_bias=self.lora_bias_of(adapter_name),
         )
 
     def base_is_plain(self) -> bool:
@@ -203,6 +211,9 @@ class LoraLinear(LoraLayer):
     ) -> list[fast.RankSide | fast.DoraSide] | None:
         if not self.base_is_plain():
             return None
+        with_bias = [self.lora_bias_of(name) is not None for name in adapters]
+        if any(with_bias) and any(map(self.is_dora, adapters)):
+            return None  # the fused DoRA path takes the base bias alone
         fast_adapters = []
         for name in adapters:
             dropout = self.dropouts[name] if self.training else 0.0
@@ -214,15 +225,21 @@ class LoraLinear(LoraLayer):
             if self.is_dora(name):
                 adapter = self._dora_side(name, adapter, weight)
             fast_adapters.append(adapter)
-        if not fast.applies(x, weight, self.base_layer.bias, fast_adapters):
+        if not fast.applies(x, weight, self.original_bias, fast_adapters):
             return None
+        if any(with_bias):  # the biases on B join the base bias: one addmm, gradients included
+            names = tuple(name for name in adapters if self.lora_bias_of(name) is not None)
+            return [*fast_adapters, LoraBiases(names)]
         return fast_adapters
 
     def fast_output(
         self, x: torch.Tensor, weight: torch.Tensor, fast_adapters: list
     ) -> torch.Tensor:
-        bias = self.base_layer.bias
+        bias = self.original_bias
+        if fast_adapters and isinstance(fast_adapters[-1], LoraBiases):
+            *fast_adapters, biases = fast_adapters
+            bias = self.bias_with_lora_biases(bias, biases.names, x.dtype)
         return fast.fused_lora_linear(x, weight, bias, fast_adapters, self.fan_in_fan_out)
 
     def base_forward_with_weight(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return fast.linear_output(x, weight, self.base_layer.bias, self.fan_in_fan_out)
+        return fast.linear_output(x, weight, self._bias_for(weight), self.fan_in_fan_out)

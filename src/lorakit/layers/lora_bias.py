@@ -1,0 +1,132 @@
+"""A trainable bias on B (PEFT's ``lora_bias=True``), for ``LoraLinear``.
+
+The branch is ``s (B A x + b)`` with ``b`` (d,) stored as ``lora_B[adapter].bias`` (the file key
+``<path>.lora_B.bias``, as PEFT's ``nn.Linear(r, d, bias=True)``); the maths is
+``lorakit.functional.lora_bias_delta``. Merging adds ``s b`` to the base bias: a NEW bias
+Parameter is installed and the original kept aside, so unmerging is exact, as for the weight
+(``layers/base.py``). The fast path adds ``s b`` to the base bias it passes to the fused call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from lorakit import functional
+
+__all__ = ["LoraBiasMixin", "LoraBiases"]
+
+
+class LoraBiases(NamedTuple):
+    """The last item of ``fast_adapters`` when some adapters have a bias on B: their names."""
+
+    names: tuple[str, ...]
+
+
+class LoraBiasMixin:
+    """``lora_bias`` for a LoRA layer whose ``lora_B[adapter]`` is an ``nn.Linear`` and whose
+    base has ``out_features``, ``weight`` and ``bias`` (``LoraLinear``)."""
+
+    _kept_bias: tuple[nn.Parameter | None, ...] = ()
+    """``(original base bias,)`` while a bias on B is merged (a tuple: an attribute holding a
+    Parameter would register it as one of the layer's)."""
+
+    supports_lora_bias = True
+
+    def add_lora_bias(self, adapter_name: str, init: bool | str | None) -> None:
+        """A bias ``b`` (d,) on B, in B's dtype: zeros for ``init`` True, nn.Linear's draw
+        ``U(-1/sqrt(r), 1/sqrt(r))`` for False (as PEFT's ``nn.Linear(r, d, bias=True)``),
+        uninitialised for None (about to be loaded)."""
+        factor = self.lora_B[adapter_name]
+        bias = torch.empty(
+            self.out_features, dtype=factor.weight.dtype, device=factor.weight.device
+        )
+        if init is True:
+            nn.init.zeros_(bias)
+        elif init is not None:
+            bound = 1 / math.sqrt(factor.weight.shape[1])
+            nn.init.uniform_(bias, -bound, bound)
+        factor.register_parameter("bias", nn.Parameter(bias))
+
+    def lora_bias_of(self, adapter_name: str) -> nn.Parameter | None:
+        """The bias on B of ``adapter_name`` (d,), or None for an adapter without one."""
+        return self.lora_B[adapter_name].bias
+
+    @property
+    def original_bias(self) -> torch.Tensor | None:
+        """The base bias without any merged ``s b`` (what the layer was built with)."""
+        return self._kept_bias[0] if self._kept_bias else self.base_layer.bias
+
+    def _bias_for(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The base bias that goes with ``weight``: the original one with the original weight,
+        the layer's (merged) one with the merged weight."""
+        return self.original_bias if weight is self.original_weight else self.base_layer.bias
+
+    def _merged_bias(self, adapter_names: Sequence[str]) -> torch.Tensor | None:
+        """``bias0 + sum_a s_a b_a`` over the named adapters that have a bias on B (float32 sum,
+        rounded once to bias0's dtype); None when none of them has one. Raises ValueError when
+        the base layer has no bias to merge into (PEFT refuses this merge too)."""
+        names = [n for n in adapter_names if self.lora_bias_of(n) is not None]
+        if not names:
+            return None
+        original = self.original_bias
+        if original is None:
+            raise ValueError(
+                f"cannot merge adapter(s) {names}: they have a bias on lora_B (lora_bias=True) "
+                f"but the base {type(self.base_layer).__name__} has no bias to add it to; use "
+                "the adapter unmerged."
+            )
+        total = original.detach().to(torch.float32)
+        for name in names:
+            total = total + functional.lora_bias_delta(self.lora_bias_of(name), self.scalings[name])
+        return total.to(original.dtype)
+
+    def prepare_merge(self, adapter_names: Sequence[str]):
+        """``(names, W, bias)``: the base's ``prepare_merge`` plus the merged bias (None when
+        no merged adapter has a bias on B)."""
+        prepared = super().prepare_merge(adapter_names)
+        if prepared is None:
+            return None
+        with torch.no_grad():
+            bias = self._merged_bias((*self.merged_adapters, *prepared[0]))
+        if bias is not None and not torch.isfinite(bias).all():
+            raise ValueError(
+                f"merging adapter(s) {list(prepared[0])} would put non-finite values into the "
+                "base bias; nothing was changed."
+            )
+        return (*prepared, bias)
+
+    def install_merge(self, prepared) -> None:
+        """Install the merged weight, then the merged bias (a new Parameter; the original one
+        is kept for ``unmerge``). A forward in another thread between the two swaps may see
+        the merged weight with the unmerged bias of a ``lora_bias`` adapter."""
+        names, weight, bias = prepared
+        super().install_merge((names, weight))
+        if bias is not None:
+            original = self.original_bias
+            self.base_layer.bias = nn.Parameter(bias, requires_grad=False)
+            self._kept_bias = (original,)
+
+    def unmerge(self) -> None:
+        """Put the original weight and bias Parameters back (bit-identical)."""
+        super().unmerge()
+        if self._kept_bias:
+            self.base_layer.bias = self._kept_bias[0]
+            self._kept_bias = ()
+
+    def forget_original(self) -> None:
+        super().forget_original()
+        self._kept_bias = ()
+
+    def bias_with_lora_biases(
+        self, bias: torch.Tensor | None, names: Sequence[str], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """``bias0 + sum_a s_a b_a`` in ``dtype`` with autograd (the fast path's bias)."""
+        total = sum(
+            functional.lora_bias_delta(self.lora_bias_of(n), self.scalings[n]) for n in names
+        )
+        return (total if bias is None else bias + total).to(dtype)

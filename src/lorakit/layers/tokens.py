@@ -1,0 +1,165 @@
+"""``TrainableTokens``: chosen rows of an embedding trained in full (PEFT's
+``trainable_token_indices``).
+
+Each adapter holds the NEW values of its rows, ``trainable_tokens_delta`` (n, dim), initialised
+to the rows' current values (PEFT's name: they are values, not differences); the forward looks
+tokens up in ``W0`` with those rows replaced (``lorakit.functional.replace_rows``). The file key
+is PEFT's, ``<embedding>.token_adapter.trainable_tokens_delta``.
+
+It is a ``ModulesToSave`` whose per-adapter "copy" is the small ``TokenRows`` module, so choosing,
+freezing, deleting and unloading adapters work as for saved modules. Merging leaves the weight as
+it is (the forward is already exact; merged or not, the outputs are the same), and
+``merge_and_unload`` writes the rows into the embedding (``merged_module``). Tied input/output
+embeddings are refused (``token_targets``): PEFT then replaces the rows in the output layer too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit import functional
+from lorakit.layers.per_call import current_override
+from lorakit.layers.saved import ModulesToSave
+
+__all__ = ["DELTA_KEY", "TokenRows", "TrainableTokens", "token_targets"]
+
+DELTA_KEY = "token_adapter.trainable_tokens_delta"
+"""The rows' key under the embedding's path, in the model and (without the adapter) in files."""
+
+
+class TokenRows(nn.Module):
+    """One adapter's rows: ``token_adapter.trainable_tokens_delta`` (n, dim) and their token
+    ``indices`` (n,) (a buffer kept out of the state dict: the config holds them)."""
+
+    def __init__(self, indices: Sequence[int], values: torch.Tensor) -> None:
+        super().__init__()
+        self.token_adapter = nn.Module()
+        self.token_adapter.trainable_tokens_delta = nn.Parameter(values)
+        index = torch.tensor(list(indices), dtype=torch.long, device=values.device)
+        self.register_buffer("indices", index, persistent=False)
+
+    @property
+    def values(self) -> nn.Parameter:
+        return self.token_adapter.trainable_tokens_delta
+
+
+class TrainableTokens(ModulesToSave):
+    """An ``nn.Embedding`` whose chosen rows each adapter trains (``TokenRows`` per adapter)."""
+
+    def add_tokens(
+        self, adapter_name: str, indices: Sequence[int], init: bool | str | None
+    ) -> None:
+        """Rows for ``adapter_name``: the embedding's current rows (``init`` True or a string),
+        standard-normal values (``init`` False, as PEFT), or uninitialised (None: about to be
+        loaded). Trainable, in the weight's dtype and device."""
+        weight = self.original_module.weight
+        if init is None:
+            values = torch.empty(
+                len(indices), weight.shape[1], dtype=weight.dtype, device=weight.device
+            )
+        elif init is False:
+            values = torch.randn(
+                len(indices), weight.shape[1], dtype=weight.dtype, device=weight.device
+            )
+        else:
+            values = weight.detach()[list(indices)].clone()
+        self.modules_to_save[adapter_name] = TokenRows(indices, values)
+
+    def chosen_rows(self) -> list[TokenRows]:
+        """The rows of the adapters this call uses (``use_adapters`` / ``disabled`` or else the
+        active ones), in order: a later adapter's row wins where two set the same token."""
+        override = current_override(self)
+        chosen = self.active_adapters if override is None else override
+        return [self.modules_to_save[n] for n in chosen if n in self.modules_to_save]
+
+    def weight_with_rows(self, rows: Sequence[TokenRows]) -> torch.Tensor:
+        """``W0`` with each adapter's rows in place (autograd reaches the rows only)."""
+        weight = self.original_module.weight
+        for adapter in rows:
+            weight = functional.replace_rows(weight, adapter.indices, adapter.values)
+        return weight
+
+    def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``E[ids]`` with ``E = W0`` with the chosen adapters' rows; shapes (...,) -> (..., dim)."""
+        rows = self.chosen_rows()
+        base = self.original_module
+        if not rows or args or kwargs:
+            return base(ids, *args, **kwargs)
+        out = F.embedding(
+            ids,
+            self.weight_with_rows(rows),
+            base.padding_idx,
+            base.max_norm,
+            base.norm_type,
+            base.scale_grad_by_freq,
+            base.sparse,
+        )
+        scale = getattr(base, "embed_scale", None)  # e.g. Gemma's scaled embeddings
+        return out if scale is None else out * scale.to(out.dtype)
+
+    def merged_module(self, adapter_names: Sequence[str]) -> nn.Module:
+        """The embedding holding the named adapters' rows for good (``merge_and_unload``): a new
+        weight Parameter, so a tensor shared with another module is never changed."""
+        rows = [self.modules_to_save[n] for n in adapter_names if n in self.modules_to_save]
+        base = self.original_module
+        if rows:
+            with torch.no_grad():
+                base.weight = nn.Parameter(self.weight_with_rows(rows).detach().clone())
+        return base
+
+
+def token_targets(model: nn.Module, indices, modules: dict[str, nn.Module]) -> dict[str, list[int]]:
+    """``{embedding name: token indices}`` for ``LoraConfig.trainable_token_indices``: a list is
+    for the input embedding (``get_input_embeddings``); a dict maps names to indices, a name
+    matching every module whose name ends with it (PEFT's rule). ``modules``: the ORIGINAL
+    modules by name. Raises ValueError naming what cannot be done."""
+    if indices is None:
+        return {}
+    if isinstance(indices, dict):
+        found = {}
+        for key, wanted in indices.items():
+            names = [n for n in modules if n and n.endswith(key)]
+            if not names:
+                raise ValueError(
+                    f"trainable_token_indices key {key!r} matches no module of this "
+                    f"{type(model).__name__}; name an embedding (e.g. 'embed_tokens')."
+                )
+            found |= {name: list(wanted) for name in names}
+    else:
+        embedding = model.get_input_embeddings()
+        if isinstance(embedding, ModulesToSave):  # rows of another adapter are there already
+            embedding = embedding.original_module
+        found = {n: list(indices) for n, m in modules.items() if m is embedding}
+        if not found:
+            raise ValueError(
+                f"trainable_token_indices is a list, but this {type(model).__name__} has no "
+                "input embedding (get_input_embeddings); give {embedding name: token ids}."
+            )
+    for name, wanted in found.items():
+        _check_embedding(model, name, modules[name], wanted)
+    return found
+
+
+def _check_embedding(model: nn.Module, name: str, module: nn.Module, indices: list[int]) -> None:
+    if not isinstance(module, nn.Embedding):
+        raise ValueError(
+            f"trainable_token_indices names {name!r}, a {type(module).__name__}; lorakit trains "
+            "token rows of nn.Embedding modules only."
+        )
+    bad = [i for i in indices if not 0 <= i < module.num_embeddings]
+    if bad:
+        raise ValueError(
+            f"trainable_token_indices for {name!r}: {bad} outside the vocabulary "
+            f"(0..{module.num_embeddings - 1})."
+        )
+    output = getattr(model, "get_output_embeddings", lambda: None)()
+    if output is not None and getattr(output, "weight", None) is module.weight:
+        raise ValueError(
+            f"trainable_token_indices on {name!r}, whose weight is tied to the output layer: "
+            "not implemented in lorakit (PEFT also changes the output layer's rows); untie "
+            "the embeddings (tie_word_embeddings=False) or leave out trainable_token_indices."
+        )

@@ -1,0 +1,132 @@
+"""Every field of PEFT's ``LoraConfig`` (peft 0.21.2) and what lorakit does with it, in one place.
+
+Each field is one of:
+
+- ``SUPPORTED``: lorakit reads, computes and writes it with PEFT's meaning and numbers;
+- ``REFUSED``: it changes what is trained, computed or saved in a way lorakit does not
+  implement, so an ``adapter_config.json`` that sets it (to anything but its "off" value) is
+  refused (``lorakit.io.config_json``) and lorakit's ``LoraConfig`` has no such field;
+- ``IGNORED``: it has no effect on the numbers or on the files (bookkeeping, or settings that
+  only matter together with a refused value of another field), so it is read and dropped.
+
+``tests/test_peft_fields.py`` walks ``dataclasses.fields(peft.LoraConfig)``: a field PEFT adds
+that is not listed here fails the suite instead of being silently dropped. docs/adapter-files.md
+("Every PEFT LoraConfig field") shows this table with the reasons.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+__all__ = ["IGNORED", "PEFT_LORA_FIELDS", "REFUSED", "SUPPORTED", "FieldSupport", "refused_fields"]
+
+SUPPORTED = "supported"
+REFUSED = "refused"
+IGNORED = "ignored"
+
+
+class FieldSupport(NamedTuple):
+    """``status``: SUPPORTED, REFUSED or IGNORED; ``why``: where it lives, or the reason."""
+
+    status: str
+    why: str
+
+
+def _supported(
+    why: str = "a lorakit LoraConfig field of the same name and meaning",
+) -> FieldSupport:
+    return FieldSupport(SUPPORTED, why)
+
+
+def _refused(why: str) -> FieldSupport:
+    return FieldSupport(REFUSED, why)
+
+
+def _ignored(why: str) -> FieldSupport:
+    return FieldSupport(IGNORED, why)
+
+
+_INIT = "issue 19 items 1-2: the settings of that initialisation (init_lora_weights)"
+
+PEFT_LORA_FIELDS: dict[str, FieldSupport] = {
+    # bookkeeping PEFT writes into every adapter_config.json
+    "task_type": _supported(),
+    "peft_type": _supported('must be "LORA" (other PEFT methods are refused when read)'),
+    "auto_mapping": _ignored("names a custom model class for AutoPeftModel; no numbers"),
+    "peft_version": _ignored("which PEFT wrote the file; informational"),
+    "base_model_name_or_path": _supported(),
+    "revision": _ignored("the hub revision of the base; lorakit checks the base by fingerprint"),
+    "inference_mode": _ignored("whether PEFT freezes the adapter on load; lorakit's load option"),
+    # what is adapted and how
+    "r": _supported(),
+    "target_modules": _supported(),
+    "exclude_modules": _supported(),
+    "lora_alpha": _supported(),
+    "lora_dropout": _supported(),
+    "fan_in_fan_out": _supported(),
+    "bias": _supported(),
+    "use_rslora": _supported(),
+    "modules_to_save": _supported(),
+    "init_lora_weights": _supported(
+        'True, False, "gaussian"; the SVD/data-driven ones per issue 19 items 1-2'
+    ),
+    "layers_to_transform": _supported(),
+    "layers_pattern": _supported(),
+    "rank_pattern": _supported(),
+    "alpha_pattern": _supported(),
+    "use_dora": _supported(),
+    "lora_bias": _supported(
+        "a trainable bias on lora_B (nn.Linear / Conv1D layers): h += s (B A x + b); merge adds "
+        "s b to the base bias"
+    ),
+    "loftq_config": _supported(_INIT),
+    "eva_config": _supported(_INIT),
+    # PEFT features lorakit does not implement
+    "trainable_token_indices": _supported(
+        "chosen rows of an nn.Embedding trained in full, saved as "
+        "<embedding>.token_adapter.trainable_tokens_delta; tied embeddings are refused"
+    ),
+    "target_parameters": _refused(
+        "LoRA on bare nn.Parameters (fused MoE expert weights); not implemented"
+    ),
+    "layer_replication": _refused(
+        "duplicates decoder layers of the base (a different model); not implemented"
+    ),
+    "alora_invocation_tokens": _refused(
+        "activated LoRA: the adapter applies only after the invocation tokens; not implemented"
+    ),
+    "use_qalora": _refused("QA-LoRA pools the input in groups before A; not implemented"),
+    "velora_config": _refused(
+        "VeLoRA changes the backward pass and saves extra buffers; not implemented"
+    ),
+    "monteclora_config": _refused("MonteCLoRA samples the factors (variational); not implemented"),
+    "kasa_config": _refused(
+        "KaSA truncates the base by SVD and trains a diagonal (lora_diag); not implemented"
+    ),
+    "use_bdlora": _refused("block-diagonal LoRA factors; not implemented"),
+    "arrow_config": _refused("Arrow routing between several adapters; not implemented"),
+    # settings that only act together with something refused (or are runtime-only)
+    "qalora_group_size": _ignored("used only with use_qalora=True, which is refused"),
+    "corda_config": _ignored(
+        'used only with init_lora_weights="corda", which changes the base and is refused'
+    ),
+    "lora_ga_config": _ignored(
+        'used only with init_lora_weights="lora_ga" (an initialisation; the trained factors '
+        "are what the file holds)"
+    ),
+    "megatron_config": _ignored(
+        "builds Megatron tensor-parallel LoRA layers (same maths and keys); lorakit adapts "
+        "torch modules only"
+    ),
+    "megatron_core": _ignored("the module name used with megatron_config"),
+    "runtime_config": _ignored("runtime-only (e.g. GPU offload of DoRA); never written to files"),
+    "ensure_weight_tying": _refused(
+        "ties the adapters of tied input/output embeddings (modules_to_save, trainable "
+        "tokens, target_modules) into one; not implemented"
+    ),
+}
+
+
+def refused_fields() -> tuple[str, ...]:
+    """The PEFT fields lorakit refuses when they are set (see ``REFUSED``), sorted."""
+    return tuple(sorted(k for k, v in PEFT_LORA_FIELDS.items() if v.status == REFUSED))
