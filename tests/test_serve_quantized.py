@@ -17,7 +17,7 @@ from transformers import LlamaForCausalLM
 import lorakit
 from lorakit.cli import build_parser
 from lorakit.commands.serve import build
-from lorakit.errors import BaseModelMismatchError
+from lorakit.errors import BaseModelMismatchError, UserError
 from lorakit.io import load_adapter, save_adapter
 from lorakit.models import load_model
 from lorakit.quantized import describe, is_quantized
@@ -164,6 +164,7 @@ def test_the_bank_routes_adapters_on_gguf_blocks_like_the_unmerged_model(tmp_pat
                 assert got.json()["choices"][0]["text"] == expected, (adapter, prompt)
 
 
+@pytest.mark.slow
 def test_a_dora_adapter_served_on_gguf_blocks_uses_the_dequantized_base_norms():
     from tests import tiny_tokenizer
 
@@ -187,3 +188,18 @@ def test_a_dora_adapter_served_on_gguf_blocks_uses_the_dequantized_base_norms():
         expected = twin(ids).logits
     assert (served - base).abs().max() > 1e-2
     torch.testing.assert_close(served, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_serve_refuses_gguf_on_a_model_without_a_gguf_file_before_loading(
+    tmp_path, model_dir, monkeypatch
+):
+    import lorakit.models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(lorakit.models, "load_model", no_loading)
+    argv = ["serve", "--model", str(model_dir), "--adapters", str(tmp_path)]
+    args = build_parser().parse_args([*argv, "--quantization", "gguf"])
+    with pytest.raises(UserError, match="this model has no GGUF file"):
+        build(args)
