@@ -231,13 +231,23 @@ def test_inference_without_gradients_never_repacks_an_adapted_4bit_base(name):
     torch.testing.assert_close(logits, _logits(twin, tiny_models.input_ids()), rtol=1e-5, atol=1e-5)
 
 
-def test_serving_many_adapters_on_a_quantized_base_is_refused_clearly():
-    from lorakit.errors import UserError
-    from lorakit.serve.bank import AdapterBank
+@pytest.mark.parametrize("name", FORMATS)
+def test_the_serving_bank_routes_an_adapter_on_a_quantized_base_as_the_unmerged_layer(name):
+    from lorakit.serve import AdapterBank, prepare_for_serving, routed
 
-    model, _ = _pair("gguf-Q4_1")
-    with pytest.raises(UserError, match="quantized base is not supported yet"):
-        AdapterBank(model, max_rank=4, capacity=2)
+    model, _ = _pair(name)
+    served = quantized_layers.quantize_linears(tiny_models.llama(), name)
+    prepare_for_serving(served, ALL_LINEAR)
+    bank = AdapterBank(served, max_rank=4, capacity=2)
+    slot = bank.load_from_model("default", model)
+    ids = tiny_models.input_ids()
+    with torch.no_grad():
+        expected = model.train()(ids).logits  # training mode: see the note at FORMATS
+        with routed(bank, torch.full(ids.shape, slot)):
+            got = served.train()(ids).logits
+        base = served(ids).logits
+    assert (expected - base).abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", FORMATS)

@@ -61,7 +61,14 @@ class ModuleTypePlan:
 
 
 _DERIVED = (
-    *("dtype_bytes", "frozen_parameters", "trainable_percent", "peft_line", "adapter_file_bytes"),
+    *(
+        "dtype_bytes",
+        "base_bytes",
+        "frozen_parameters",
+        "trainable_percent",
+        "peft_line",
+        "adapter_file_bytes",
+    ),
     *("full_finetune_bytes", "lora_frozen_bytes", "lora_trainable_state_bytes"),
     *("lora_training_bytes", "inference_merged_bytes", "inference_with_adapters_bytes"),
     *("fsdp_sharded_bytes", "fsdp_gathered_bytes", "per_device_training_bytes"),
@@ -85,6 +92,8 @@ class Plan:
     strategy: str = "ddp"
     largest_block: tuple[int, int] = (0, 0)  # (frozen, trainable) parameters of one FSDP unit
     outside_blocks: tuple[int, int] = (0, 0)  # (frozen, trainable) of the root unit
+    quantization: str | None = None  # the frozen base's linears (lorakit.quantized.footprint)
+    quantized_weights: tuple[int, int] = (0, 0)  # (weights, bytes) stored quantized
 
     @property
     def dtype_bytes(self) -> int:
@@ -113,8 +122,14 @@ class Plan:
         return self.base_parameters * FULL_FINETUNE_BYTES_PER_PARAMETER
 
     @property
+    def base_bytes(self) -> int:
+        """The frozen base: its quantized linears' bytes, the rest in ``dtype``."""
+        weights, quantized_bytes = self.quantized_weights
+        return (self.base_parameters - weights) * self.dtype_bytes + quantized_bytes
+
+    @property
     def lora_frozen_bytes(self) -> int:
-        return self.frozen_parameters * self.dtype_bytes
+        return self.base_bytes + (self.frozen_parameters - self.base_parameters) * self.dtype_bytes
 
     @property
     def lora_trainable_state_bytes(self) -> int:
@@ -130,8 +145,9 @@ class Plan:
 
     @property
     def inference_with_adapters_bytes(self) -> int:
-        adapter_bytes = self.trainable_parameters * self.dtype_bytes
-        return self.inference_merged_bytes + self.num_adapters * adapter_bytes
+        adapter_dtype_bytes = 4 if self.quantization else self.dtype_bytes  # float32 on it
+        adapter_bytes = self.trainable_parameters * adapter_dtype_bytes
+        return self.base_bytes + self.num_adapters * adapter_bytes
 
     def unit_bytes(self, frozen: int, trainable: int) -> int:
         """Bytes of an FSDP unit gathered whole: frozen in ``dtype``, the adapter in float32."""
@@ -177,11 +193,13 @@ def plan(
     num_adapters: int = 1,
     devices: int = 1,
     strategy: str = "ddp",
+    quantization: str | None = None,
 ) -> Plan:
     """Count a LoRA setup on ``model`` (built-in name, HF model directory or config.json).
 
     ``lora_alpha`` defaults to ``2 * r``; ``dtype`` to the config's dtype (float32 if none);
-    ``devices`` and ``strategy`` ("ddp" or "fsdp") give the per-device training memory.
+    ``devices`` and ``strategy`` ("ddp" or "fsdp") give the per-device training memory;
+    ``quantization`` (nf4, fp4, int8, q4_0, q4_1, q8_0) stores the base's linears quantized.
     """
     if devices < 1 or strategy not in ("ddp", "fsdp"):
         raise UserError(
@@ -197,6 +215,7 @@ def plan(
         raise UserError(str(error)) from None
     meta_model, dtype_name = build_meta_model(model, dtype)
     base_parameters = count_parameters(meta_model).total
+    quantized_weights = _quantized_weights(meta_model, quantization)
     try:
         inject(meta_model, config)
     except (ValueError, TypeError) as error:  # TypeError: a module lorakit cannot adapt
@@ -214,8 +233,21 @@ def plan(
         num_adapters=num_adapters,
         devices=devices,
         strategy=strategy,
+        quantization=quantization,
+        quantized_weights=quantized_weights,
         **_fsdp_units(meta_model),
     )
+
+
+def _quantized_weights(model: nn.Module, quantization: str | None) -> tuple[int, int]:
+    if quantization is None:
+        return 0, 0
+    from lorakit.quantized.footprint import quantized_base
+
+    try:
+        return quantized_base(model, quantization)
+    except ValueError as error:
+        raise UserError(f"--quantization: {error}") from None
 
 
 def _fsdp_units(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -277,18 +309,35 @@ def format_report(result: Plan) -> str:
         "GB = 1e9 bytes)",
         f"  full fine-tuning: {result.base_parameters:,} params x 16 bytes = "
         f"{_gb(result.full_finetune_bytes)}",
-        f"  LoRA: {result.frozen_parameters:,} frozen x {result.dtype_bytes} bytes "
-        f"({result.dtype}) = {_gb(result.lora_frozen_bytes)}",
+        *_frozen_lines(result),
         f"      + {result.trainable_parameters:,} trainable x 16 bytes = "
         f"{_gb(result.lora_trainable_state_bytes)}",
         f"      = {_gb(result.lora_training_bytes)} "
         f"({result.full_finetune_bytes / result.lora_training_bytes:.1f}x less)",
         *_per_device_lines(result),
-        f"inference memory (weights only, adapters in {result.dtype})",
+        f"inference memory (weights only, adapters in "
+        f"{'float32' if result.quantization else result.dtype})",
         f"  merged: {_gb(result.inference_merged_bytes)}",
         f"  base + {result.num_adapters} adapter(s): {_gb(result.inference_with_adapters_bytes)}",
     ]
     return "\n".join(lines)
+
+
+def _frozen_lines(result: Plan) -> list[str]:
+    """The frozen base's bytes: all in ``dtype``, or its linears quantized."""
+    if result.quantization is None:
+        return [
+            f"  LoRA: {result.frozen_parameters:,} frozen x {result.dtype_bytes} bytes "
+            f"({result.dtype}) = {_gb(result.lora_frozen_bytes)}"
+        ]
+    weights, quantized_bytes = result.quantized_weights
+    rest = result.frozen_parameters - weights
+    return [
+        f"  LoRA: {weights:,} frozen in {result.quantization} ({quantized_bytes / weights:.4f} "
+        f"bytes each, scales included) = {_gb(quantized_bytes)}",
+        f"      + {rest:,} frozen x {result.dtype_bytes} bytes ({result.dtype}) = "
+        f"{_gb(rest * result.dtype_bytes)}",
+    ]
 
 
 def _per_device_lines(result: Plan) -> list[str]:

@@ -51,6 +51,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="ddp",
         help="how the devices share the model, as lorakit train --strategy (default ddp)",
     )
+    parser.add_argument(
+        "--quantization",
+        choices=("nf4", "fp4", "int8", "q4_0", "q4_1", "q8_0"),
+        default=None,
+        help="store the frozen base's linear layers quantized (bitsandbytes nf4/fp4 with double "
+        "quantization, int8; GGUF q4_0/q4_1/q8_0); the output layer, embeddings and norms stay "
+        "in --dtype (default: not quantized)",
+    )
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     parser.set_defaults(func=run)
 
@@ -77,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         num_adapters=args.adapters,
         devices=args.devices,
         strategy=args.strategy,
+        quantization=args.quantization,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_report(result))
     return 0

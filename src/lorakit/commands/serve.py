@@ -10,6 +10,7 @@ import socket
 import sys
 from collections.abc import Mapping
 
+from lorakit.commands.eval import add_quantization_option
 from lorakit.errors import UserError
 
 __all__ = ["admin_token", "build", "connection_limits", "register", "run", "server_settings"]
@@ -99,6 +100,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="serve adapters whose saved base fingerprint does not match --model",
     )
     parser.add_argument("--served-model-name", default=None, help="the base model's id in the API")
+    add_quantization_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -234,7 +236,7 @@ def _adapter_defaults(registry) -> tuple[list[str] | str, int]:
 
 def build(args: argparse.Namespace):
     """The FastAPI app for ``args`` (model loaded, bank allocated, adapters registered)."""
-    from lorakit.models import load_model
+    from lorakit.models import builtin_gguf_file, load_model
     from lorakit.serve import AdapterBank, prepare_for_serving
     from lorakit.serve.app import create_app
     from lorakit.serve.engine import Engine
@@ -242,11 +244,15 @@ def build(args: argparse.Namespace):
 
     if args.max_waiting < 1:
         raise UserError(f"--max-waiting must be >= 1, got {args.max_waiting}")
+    if args.quantization is not None:  # before the adapters are scanned and the model loads
+        from lorakit.quantized.loading import check_quantization
+
+        check_quantization(args.quantization, builtin_gguf_file(str(args.model)))
     registry = AdapterRegistry(args.adapters)
     targets, max_rank = _adapter_defaults(registry)
     if args.target_modules:
         targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
-    model, tokenizer = load_model(args.model, progress=False)
+    model, tokenizer = load_model(args.model, progress=False, quantization=args.quantization)
     try:
         prepare_for_serving(model, targets)
     except (ValueError, TypeError) as error:  # no match, or a module lorakit cannot adapt

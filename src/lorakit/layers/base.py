@@ -83,7 +83,7 @@ class LoraLayer(nn.Module):
         """
         router = current_router()
         if router is not None:  # serving: each row adds its own adapter (lorakit.serve)
-            return router(self, x, self.base_layer(x, *args, **kwargs))
+            return router(self, x, self.routed_base_output(x, *args, **kwargs))
         merge, original = self.read_merge_state()  # once: merge/unmerge replace it whole
         adapters = self.chosen_adapters()
         if _same_adapters(adapters, merge.adapters):  # nothing to add: none, or the merged ones
@@ -93,6 +93,11 @@ class LoraLayer(nn.Module):
         if fast_adapters is not None:  # fused: base and adapters in one pass (lorakit.fast)
             return self.fast_output(x, original, fast_adapters)
         return self.plain_output(x, original, adapters, *args, **kwargs)
+
+    def routed_base_output(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base output a serving router adds each row's adapter to: the base layer's own
+        (a quantized base overrides this with its backend's kernel, as its unmerged forward)."""
+        return self.base_layer(x, *args, **kwargs)
 
     def chosen_adapters(self) -> tuple[str, ...]:
         """The adapters this call adds: the per-call choice (``use_adapters``, ``disabled``) or

@@ -70,6 +70,10 @@ class QuantizedLoraLinear(LoraLinear):
             return quantized.base_forward(self.base_layer, x)
         return self.base_forward_with_weight(weight, x)
 
+    def routed_base_output(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Serving: the quantized base's own kernel, exactly as the unmerged forward runs it."""
+        return self.base_output(None, x, *args, **kwargs)
+
     def base_forward_with_weight(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         bias = self.base_layer.bias
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))

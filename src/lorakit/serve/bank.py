@@ -23,10 +23,9 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.errors import UserError
 from lorakit.inject import default_adapter_dtype
 from lorakit.io.keys import lora_keys, magnitude_key
-from lorakit.layers import LoraLinear, QuantizedLoraLinear
+from lorakit.layers import LoraLinear
 from lorakit.serve.checks import PreparedAdapter, lora_pairs, prepare_adapter
 from lorakit.serve.stacks import (
     LayerStack,
@@ -85,19 +84,10 @@ class AdapterBank:
                 "the model has no LoRA linear layers to route; call "
                 "lorakit.serve.prepare_for_serving(model, target_modules) first."
             )
-        quantized = next(
-            (n for n, layer in linears if isinstance(layer, QuantizedLoraLinear)), None
-        )
-        if quantized is not None:
-            raise UserError(
-                f"serving many adapters on a quantized base is not supported yet ({quantized!r} "
-                "is quantized); serve the float model, or merge one adapter into a float model "
-                "(lorakit.merge_and_unload) and serve that"
-            )
         if max_rank < 1:
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")
-        weight = linears[0][1].base_layer.weight
-        self.dtype = dtype or default_adapter_dtype(weight.dtype)
+        base_dtype = linears[0][1].base_float_dtype  # float32 on a quantized base
+        self.dtype = dtype or default_adapter_dtype(base_dtype)
         self.max_rank = max_rank
         self.page_rank = page_rank or min(4, max_rank)
         if self.page_rank < 1:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lorakit import functional
+from lorakit import functional, quantized
 from lorakit.config import LoraConfig
 from lorakit.inject import wrap_targets
 from lorakit.layers import LoraLinear, is_conv1d
@@ -102,8 +102,8 @@ def allocate_stack(
     name: str, layer: LoraLinear, slots: int, pages: int, page_rank: int, dtype: torch.dtype
 ) -> LayerStack:
     """Zeroed pools of ``pages`` pages of ``page_rank`` rows, and ``slots`` scalings, for
-    ``layer``."""
-    d, k, device = layer.out_features, layer.in_features, layer.base_layer.weight.device
+    ``layer`` (on the device of its base, packed storage included)."""
+    d, k, device = layer.out_features, layer.in_features, layer.base_device
     return LayerStack(
         name=name,
         lora_A=torch.zeros(pages, page_rank, k, dtype=dtype, device=device),
@@ -128,9 +128,13 @@ def dora_slot_factors(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(f B (d, r), f - 1 (d,))`` of a DoRA adapter on ``stack``'s layer, with
-    ``f = m / ||W0 + s B A||_row`` (``functional.dora_row_norms``, W0 of the served model)."""
+    ``f = m / ||W0 + s B A||_row`` (``functional.dora_row_norms``, W0 of the served model;
+    a quantized W0 is dequantized for this, as the merge does)."""
     base = stack.base_layer
-    weight, fan_in_fan_out = base.weight, is_conv1d(base)
+    if quantized.is_quantized(base):  # W0 = dequant(packed), float32 (d, k); not kept
+        weight, fan_in_fan_out = quantized.dequantized_weight(base), False
+    else:
+        weight, fan_in_fan_out = base.weight, is_conv1d(base)
     dtype = functional.norm_dtype(weight, lora_A, lora_B)
     base_sq = functional.base_row_sq_norms(weight, fan_in_fan_out, dtype)
     norms = functional.dora_row_norms(base_sq, weight, lora_A, lora_B, scale, fan_in_fan_out)

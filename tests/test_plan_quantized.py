@@ -1,0 +1,81 @@
+"""``lorakit plan --quantization``: the frozen base's bytes with its linears quantized, checked
+against the bytes real quantized layers store and against the formula written out by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorakit import quantized
+from lorakit.cli import main
+from lorakit.errors import UserError
+from lorakit.plan import format_report, plan
+from lorakit.quantized.footprint import weight_bytes
+from tests import quantized_layers
+
+# Llama-2-7B: 32 blocks of q, k, v, o (4096 x 4096) and gate, up, down (11008 x 4096);
+# embeddings and output layer 32000 x 4096 and 65 norms of 4096 stay in float16.
+LINEAR_WEIGHTS = 32 * (4 * 4096 * 4096 + 3 * 11008 * 4096)
+FLOAT_WEIGHTS = 2 * 32000 * 4096 + 65 * 4096
+
+
+def test_llama2_7b_nf4_base_takes_3_87_gb():
+    result = plan("llama-2-7b", quantization="nf4")
+    assert result.quantized_weights[0] == LINEAR_WEIGHTS == 6_476_005_376
+    # per weight: half a byte of code, 1/64 byte of 8-bit absmax, 4/(64*256) byte of float32
+    # second-level absmax (every layer's weights are whole blocks of 64 * 256), 4 bytes a layer
+    per_weight = 0.5 + 1 / 64 + 4 / (64 * 256)
+    expected_linears = LINEAR_WEIGHTS * per_weight + 4 * 224
+    assert result.quantized_weights[1] == pytest.approx(expected_linears, abs=1)
+    assert result.base_bytes == pytest.approx(expected_linears + 2 * FLOAT_WEIGHTS, abs=1)
+    assert 3.5e9 < result.base_bytes < 3.9e9
+    adapter_state = 39_976_960 * 16  # r=16 all-linear, fp32 weights + gradients + AdamW
+    assert result.lora_training_bytes == result.base_bytes + adapter_state
+    assert result.inference_with_adapters_bytes == result.base_bytes + 39_976_960 * 4
+    report = format_report(result)
+    assert "6,476,005,376 frozen in nf4 (0.5159 bytes each" in report
+    assert "= 4.51 GB" in report
+
+
+@pytest.mark.parametrize(
+    ("quantization", "per_weight"),
+    [("int8", 1.0), ("q4_0", 18 / 32), ("q4_1", 20 / 32), ("q8_0", 34 / 32)],
+)
+def test_llama2_7b_other_formats_by_hand(quantization, per_weight):
+    result = plan("llama-2-7b", quantization=quantization)
+    # int8: one float32 scale per output row; a block has q, k, v, o, down (4096 rows each)
+    # and gate, up (11008 rows each)
+    row_scales = 4 * 32 * (4 * 4096 + 2 * 11008 + 4096) if quantization == "int8" else 0
+    assert result.quantized_weights[1] == LINEAR_WEIGHTS * per_weight + row_scales
+
+
+@pytest.mark.parametrize("name", ["bnb-nf4-dq", "bnb-fp4-dq", "bnb-int8", "gguf-Q4_0", "gguf-Q4_1"])
+@pytest.mark.parametrize("shape", [(96, 320), (48, 64)])
+def test_the_formula_is_what_a_real_quantized_layer_stores(name, shape):
+    layer = quantized_layers.QUANTIZERS[name](quantized_layers.float_linear(*shape))
+    stored = sum(tensor.nbytes for tensor in quantized.storage(layer).values())
+    if name.startswith("bnb-") and name != "bnb-int8":
+        stored += layer.weight.quant_state.offset.nbytes  # the double quantization's offset
+    plan_name = {"bnb-nf4-dq": "nf4", "bnb-fp4-dq": "fp4", "bnb-int8": "int8"}.get(name)
+    assert weight_bytes(plan_name or name.removeprefix("gguf-").lower(), *shape) == stored
+
+
+def test_cli_plan_quantized_json_and_a_row_of_partial_blocks(capsys, tmp_path):
+    assert main(["plan", "llama-2-7b", "--quantization", "q4_1", "--json"]) == 0
+    numbers = json.loads(capsys.readouterr().out)
+    assert numbers["quantization"] == "q4_1"
+    assert numbers["base_bytes"] == LINEAR_WEIGHTS * 20 // 32 + 2 * FLOAT_WEIGHTS
+    with pytest.raises(ValueError, match="in_features=48 is not a multiple"):
+        weight_bytes("q8_0", 16, 48)
+    with pytest.raises(ValueError, match="unknown quantization 'nf5'"):
+        weight_bytes("nf5", 16, 64)
+
+
+def test_a_gguf_format_on_a_model_with_partial_blocks_is_a_user_error(tmp_path):
+    config = {"model_type": "llama", "hidden_size": 48, "intermediate_size": 96}
+    config |= {"num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 64}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="--quantization: a q4_0 row holds whole blocks"):
+        plan(str(tmp_path), quantization="q4_0")
+    assert plan(str(tmp_path), quantization="nf4").base_bytes > 0
