@@ -63,3 +63,15 @@ def test_dropout_cost_benchmark(monkeypatch, tmp_path):
     payload = _run(monkeypatch, tmp_path, "bench_dropout_cost")
     assert set(payload["times_s"]) == {"frozen", "dropout 0", "dropout 0.05"}
     assert all(len(times) == 1 and times[0] > 0 for times in payload["times_s"].values())
+
+
+def test_layer_dominated_shapes(monkeypatch):
+    """``--shape layers`` / ``1b`` (issue 16): Llamas whose layers carry the compute."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import common
+
+    small, large = common.model_config("layers", 8, False), common.model_config("1b", 8, False)
+    assert (small.hidden_size, small.intermediate_size, small.num_hidden_layers) == (384, 1024, 4)
+    assert (large.hidden_size, large.intermediate_size, large.num_hidden_layers) == (2048, 8192, 2)
+    assert small.vocab_size == large.vocab_size == 2000
+    assert common.model_config("smollm2", 3, False).num_hidden_layers == 3
