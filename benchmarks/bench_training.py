@@ -1,14 +1,18 @@
 """Workload 1: a LoRA training step, lorakit beside PEFT and beside the frozen-base floor.
 
 SmolLM2-135M shapes (fewer layers), all-linear r=16 alpha=32, batch 4 x 128, AdamW; settings
-fp32 with dropout 0.05 and 0.0, and a bf16 base with fp32 adapters (dropout 0.05). Contenders:
+fp32 with dropout 0.05 and 0.0, and a bf16 base with fp32 adapters (dropout 0.05); fused AdamW
+on both sides (lorakit's trainer optimizer; transformers' Trainer default). Contenders:
 ``lorakit`` (fast path), ``lorakit-plain`` (``lorakit.fast.plain_path()``), ``peft``, and
 ``frozen`` (fully frozen model, ``inputs_embeds.requires_grad_()``, forward + backward: the floor
 of any LoRA step). Memory: bytes saved for backward (deterministic, each storage once, parameters
 left out; ``full-ft`` = full fine-tuning for scale) and the peak-RSS delta of a step.
 
     python benchmarks/bench_training.py [--quick] [--threads 2] [--layers 8] [--repeats 5]
-        [--setting 0 1 2] [--memory-only]
+        [--setting 0 1 2] [--memory-only] [--shape smollm2|layers|1b]
+
+``--shape layers`` / ``1b``: layer-dominated Llamas (hidden 384 x 4 layers / hidden 2048 x 2
+layers, vocab 2000), where the adapted layers carry almost all the compute.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ def build(base, dropout: float):
 
 def step_functions(base, ours, theirs, ids):
     import lorakit.fast
+    import lorakit.train
 
     def training_step(model, optimizer, **inputs):
         def run():
@@ -65,8 +70,11 @@ def step_functions(base, ours, theirs, ids):
 
         return run
 
-    ours_opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
-    theirs_opt = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-4)
+    # Each side's own default: lorakit's trainer optimizer (fused AdamW on CPU), and the fused
+    # AdamW that transformers' Trainer uses by default on torch >= 2.8 ("adamw_torch_fused").
+    ours_opt = lorakit.train.build_optimizer(ours, lr=1e-4)
+    trainable = [p for p in theirs.parameters() if p.requires_grad]
+    theirs_opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
     lorakit_step = training_step(ours, ours_opt, input_ids=ids)
 
     def lorakit_plain():
@@ -121,7 +129,7 @@ def memory(base, ours, theirs, ids, steps, repeats):
 
 
 def run_setting(args, label, dtype, dropout) -> dict:
-    config = common.smollm2_config(args.layers, args.quick)
+    config = common.model_config(args.shape, args.layers, args.quick)
     base = common.base_model(config, dtype).train()
     ours, theirs = build(base, dropout)
     batch, length = (2, 16) if args.quick else (4, 128)
@@ -190,6 +198,13 @@ def main() -> None:
         choices=range(len(SETTINGS)),
         help="indices into " + ", ".join(f"{d} p={p}" for d, _, p in SETTINGS),
     )
+    parse.add_argument(
+        "--shape",
+        choices=sorted(common.SHAPES),
+        default="smollm2",
+        help="smollm2 (--layers of SmolLM2-135M); layers: hidden 384 x 4 layers, vocab 2000; "
+        "1b: hidden 2048 x 2 layers (layer-dominated, issue 16)",
+    )
     parse.add_argument("--memory-only", action="store_true", help="skip the timed rounds")
     args = parse.parse_args()
     torch.set_num_threads(args.threads)
@@ -209,6 +224,7 @@ def main() -> None:
             "threads": args.threads,
             "clock": clock,
             "layers": args.layers,
+            "shape": args.shape,
             "quick": args.quick,
             "versions": common.versions(),
             "results": results,

@@ -85,6 +85,36 @@ def smollm2_config(layers: int, quick: bool):
     )
 
 
+# Layer-dominated shapes (issue 16): the transformer layers carry almost all the compute, as in
+# models of 1B and up, instead of SmolLM2's 49,152-word output layer.
+SHAPES = {
+    "smollm2": None,  # smollm2_config
+    "layers": dict(hidden=384, mlp=1024, heads=6, kv_heads=2, layers=4, vocab=2000),
+    "1b": dict(hidden=2048, mlp=8192, heads=32, kv_heads=8, layers=2, vocab=2000),
+}
+
+
+def model_config(shape: str, layers: int, quick: bool):
+    """The LlamaConfig of a named shape: ``smollm2`` (``smollm2_config`` with ``layers``), or a
+    layer-dominated Llama (``layers``: hidden 384, 4 layers; ``1b``: Llama-3.2-1B's hidden 2048 /
+    MLP 8192 / 32 heads / 8 KV, 2 layers), both with a 2,000-word vocabulary, untied."""
+    sizes = SHAPES[shape]
+    if sizes is None or quick:
+        return smollm2_config(layers, quick)
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=sizes["hidden"],
+        intermediate_size=sizes["mlp"],
+        num_hidden_layers=sizes["layers"],
+        num_attention_heads=sizes["heads"],
+        num_key_value_heads=sizes["kv_heads"],
+        vocab_size=sizes["vocab"],
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
+
+
 def base_model(config, dtype: torch.dtype = torch.float32, seed: int = 0):
     from transformers import LlamaForCausalLM
 

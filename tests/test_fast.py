@@ -320,3 +320,18 @@ def test_packed_mask_round_trips(shape):
     if mask.numel() >= 8:  # element 8i + j is bit j of byte i
         first = sum(int(mask.reshape(-1)[j]) << j for j in range(8))
         assert int(packed[0]) == first
+
+
+@pytest.mark.parametrize("levels", [0, 1, 3277, 32768, 65535, DROPOUT_LEVELS])
+@pytest.mark.parametrize("shape", [(37, 11), (4,)])
+def test_keep_mask_is_the_lane_comparison(levels, shape):
+    """The mask keeps an element exactly when its 16-bit lane (the seed's 64-bit words, four
+    lanes each) is at least ``levels - 32768``, whatever arithmetic computes it."""
+    numel = shape[0] * (shape[1] if len(shape) > 1 else 1)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64)
+    words.random_(-(1 << 63), (1 << 63) - 1, generator=torch.Generator().manual_seed(99))
+    want = (words.view(torch.int16)[:numel].int() >= levels - 32768).view(shape)
+    got = keep_mask(shape, levels, 99, torch.device("cpu"))
+    assert got.dtype == torch.bool and torch.equal(got, want)
+    if levels in (3277, 32768) and numel > 100:  # some dropped, some kept
+        assert not got.all() and got.any()

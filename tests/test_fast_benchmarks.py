@@ -81,3 +81,15 @@ def test_quantized_benchmark(monkeypatch, tmp_path):
     # the same adapter state, and lorakit keeps no more for backward than PEFT on the same base
     assert memory["lorakit 4-bit"]["optimizer"] == memory["peft 4-bit"]["optimizer"] > 0
     assert memory["lorakit 4-bit"]["saved"] <= memory["peft 4-bit"]["saved"]
+
+
+def test_layer_dominated_shapes(monkeypatch):
+    """``--shape layers`` / ``1b`` (issue 16): Llamas whose layers carry the compute."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import common
+
+    small, large = common.model_config("layers", 8, False), common.model_config("1b", 8, False)
+    assert (small.hidden_size, small.intermediate_size, small.num_hidden_layers) == (384, 1024, 4)
+    assert (large.hidden_size, large.intermediate_size, large.num_hidden_layers) == (2048, 8192, 2)
+    assert small.vocab_size == large.vocab_size == 2000
+    assert common.model_config("smollm2", 3, False).num_hidden_layers == 3

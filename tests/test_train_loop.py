@@ -76,6 +76,34 @@ def test_loraplus_groups_hold_exactly_the_B_matrices():
     assert len(plain.param_groups) == 1 and len(plain.param_groups[0]["params"]) == 12
 
 
+def test_optimizer_is_fused_on_cpu_and_steps_like_the_for_loop_adamw():
+    """The fused AdamW kernel (one call for all adapter tensors, issue 16) gives the for-loop
+    AdamW's update: same parameters after three steps with weight decay (1e-6 relative)."""
+    model = build_model(dropout=0.0)
+    optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.1, loraplus_ratio=4.0)
+    assert all(group["fused"] for group in optimizer.param_groups)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    reference = torch.optim.AdamW(
+        [
+            {"params": copies[: len(optimizer.param_groups[0]["params"])], "lr": 1e-2},
+            {"params": copies[len(optimizer.param_groups[0]["params"]) :], "lr": 4e-2},
+        ],
+        weight_decay=0.1,
+        foreach=False,
+    )
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for p, c in zip(params, copies, strict=True):
+            p.grad = torch.randn(p.shape, generator=generator)
+            c.grad = p.grad.clone()
+        optimizer.step()
+        reference.step()
+    for p, c in zip(params, copies, strict=True):
+        assert not torch.equal(p, torch.zeros_like(p))
+        torch.testing.assert_close(p, c, rtol=1e-6, atol=1e-7)
+
+
 def test_loop_matches_reference_with_hf_loss_clipping_and_adamw(tmp_path):
     """Two steps of our loop == a plain reference: HF's mean loss, gradient clipped by formula
     g * c / ||g||, AdamW, the schedule; clipping is active (tiny max norm)."""
