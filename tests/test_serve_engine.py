@@ -13,7 +13,7 @@ import torch
 import lorakit
 from lorakit.serve import AdapterBank, prepare_for_serving
 from lorakit.serve.engine import Engine
-from lorakit.serve.sampling import SamplingParams, StopTextTracker, next_token
+from lorakit.serve.sampling import SamplingParams, StopTextTracker, greedy_tokens, next_token
 from tests import tiny_models
 from tests.tiny_models import adapter_tensors
 
@@ -162,6 +162,19 @@ def test_next_token_top_p_and_temperature():
     assert set(draws) == {1, 3}
     p = tempered(logits.tolist(), 1.0)
     assert abs(draws.count(1) / len(draws) - p[1] / (p[1] + p[3])) < 0.08
+
+
+def test_batched_greedy_tokens_equal_next_token_row_by_row():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 50, generator=generator)
+    logits[2, [7, 30]] = 100.0  # a tie: the first index wins in both
+    logits[4] = 0.0  # all equal
+    params = [SamplingParams(), SamplingParams(temperature=1e-6), SamplingParams()] * 2
+    params[3] = SamplingParams(temperature=0.7, seed=1)  # a sampled row gets None
+    tokens = greedy_tokens(logits, params)
+    alone = [next_token(row, p, generator) for row, p in zip(logits, params, strict=True)]
+    assert tokens == [alone[0], alone[1], 7, None, 0, alone[5]]
+    assert greedy_tokens(logits[:1], [SamplingParams(temperature=1.0)]) == [None]
 
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
@@ -398,7 +411,8 @@ def test_a_row_failing_in_a_decode_step_ends_only_its_request(served, monkeypatc
     engine = Engine(model, bank, max_batch=4)
     for index, (prompt, adapter, max_tokens) in enumerate(jobs):
         seed = 13 if index == 1 else index
-        params = SamplingParams(max_tokens=max_tokens, seed=seed)
+        temperature = 1.0 if index == 1 else 0.0  # greedy rows take one batched argmax
+        params = SamplingParams(max_tokens=max_tokens, seed=seed, temperature=temperature)
         engine.submit(prompt, adapter, params, collector(index))
     with engine:  # all queued before the loop starts: they run in one batch
         for _ in jobs:

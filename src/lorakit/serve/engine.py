@@ -34,7 +34,7 @@ from lorakit.serve.requests import (
     RequestHandle,
     failure_kind,
 )
-from lorakit.serve.sampling import SamplingParams, next_token
+from lorakit.serve.sampling import SamplingParams, greedy_tokens, next_token
 
 __all__ = [
     "Engine",
@@ -286,12 +286,13 @@ class Engine:
         self._cache.cache = output.cache
         self._cache.advance()
         logits = output.logits[:, -1]
+        greedy = greedy_tokens(logits, [r.params for r in self._running])
         for row, request in enumerate(self._running):
             if request.cancelled:
                 self._finish(request, "cancelled")
                 continue
             try:
-                self._accept(request, logits[row])
+                self._accept(request, logits[row], greedy[row])
             except Exception as error:  # this row's sampling or text: end this request alone
                 log.exception("request %d failed in a decode step", request.id)
                 self._finish(request, "error", f"{type(error).__name__}: {error}", kind=INTERNAL)
@@ -301,8 +302,12 @@ class Engine:
             self._cache.keep(keep)
 
     # ----------------------------------------------------------------- tokens out
-    def _accept(self, request: GenerationRequest, logits: torch.Tensor) -> None:
-        token = next_token(logits.float(), request.params, request.generator)
+    def _accept(
+        self, request: GenerationRequest, logits: torch.Tensor, token: int | None = None
+    ) -> None:
+        """Take ``token`` (None: sample it from ``logits`` (vocab,) with the request's settings)."""
+        if token is None:
+            token = next_token(logits.float(), request.params, request.generator)
         piece = request.take(token, self.eos_token_ids, self.tokenizer)
         if piece is None:
             return
