@@ -426,3 +426,35 @@ def test_a_row_failing_in_a_decode_step_ends_only_its_request(served, monkeypatc
         assert events[index][-1].finish_reason == "length", events[index][-1]
         got = [i for e in events[index] for i in e.token_ids]
         assert got == alone_merged(reference, prompt, adapter, max_tokens), index
+
+
+def test_lorakit_generate_greedy_runs_the_engine_and_equals_transformers_generate(monkeypatch):
+    """``lorakit generate``'s greedy path is the engine without a bank over a model with its
+    adapter injected: the same ids as transformers' ``generate`` on that model."""
+    from lorakit.commands import generate as generate_command
+
+    model = tiny_models.llama()
+    lorakit.inject(model, lorakit.LoraConfig(**SPECS[0]))
+    tiny_models.randomize_adapters(model, std=0.3)
+    model.eval().generation_config.eos_token_id = None
+    prompt = [5, 9, 2, 7, 7, 1]
+    calls = []
+    run_engine = generate_command.engine_greedy
+    monkeypatch.setattr(
+        generate_command,
+        "engine_greedy",
+        lambda *args: calls.append(args) or run_engine(*args),
+    )
+
+    class IdsTokenizer:
+        def __call__(self, text, return_tensors):
+            return {"input_ids": torch.tensor([prompt]), "attention_mask": torch.ones(1, 6)}
+
+        def decode(self, ids, skip_special_tokens):
+            return ",".join(map(str, ids.tolist() if torch.is_tensor(ids) else ids))
+
+    text = generate_command.generate_text(model, IdsTokenizer(), "x", max_new_tokens=9, raw=True)
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=9, do_sample=False)
+    assert len(calls) == 1
+    assert text == ",".join(map(str, expected[0, len(prompt) :].tolist()))
