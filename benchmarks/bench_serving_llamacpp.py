@@ -10,6 +10,8 @@ medians over ``--repeats``:
   generated tokens/s from submitting all at once to the last token, and the same over one
   adapter (the mixed-adapter overhead: 64 adapters' time / 1 adapter's time - 1);
 - time to first token of a 64-token prompt on an idle engine (and llama.cpp on a reset context);
+- ``--dtype bfloat16``: the same in bf16 (AMX / AVX512-BF16 matmuls where the CPU has them;
+  outputs differ from float32's);
 - the fraction of arithmetic peak a 64-row decode step reaches: its multiply-adds (matmuls of
   the base and the adapters; attention left out) per second over a large fp32 GEMM's rate on the
   same threads (the achievable peak).
@@ -49,9 +51,10 @@ def build(args):
         from lorakit.models import load_model
 
         base, _ = load_model("smollm2-135m-instruct", progress=False)
+    base = base.to(getattr(torch, args.dtype))
     base.generation_config.eos_token_id = None
     adapters = [random_adapter(base, ALL_LINEAR, args.rank, seed) for seed in range(args.adapters)]
-    served = LlamaForCausalLM(base.config).eval()
+    served = LlamaForCausalLM(base.config).to(base.dtype).eval()
     served.load_state_dict(base.state_dict())
     served.generation_config.eos_token_id = None
     prepare_for_serving(served, ALL_LINEAR)
@@ -153,9 +156,9 @@ class LlamaCpp:
         return stamps[0] - start
 
 
-def peak_macs_per_s(size: int = 1024, repeats: int = 5) -> float:
-    """Multiply-adds per second of a (size x size) fp32 GEMM on the current threads (best of)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def peak_macs_per_s(size: int = 1024, repeats: int = 5, dtype=torch.float32) -> float:
+    """Multiply-adds per second of a (size x size) GEMM on the current threads (best of)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     torch.mm(a, b)
     best = min(common_time(lambda: torch.mm(a, b)) for _ in range(repeats))
     return size**3 / best
@@ -211,6 +214,9 @@ def main(argv=None) -> int:
     parse.add_argument("--concurrent", type=int, default=64)
     parse.add_argument("--concurrent-prompt", type=int, default=16)
     parse.add_argument("--tokens", type=int, default=64, help="generated per request")
+    parse.add_argument(
+        "--dtype", default="float32", help="float32 or bfloat16 (base, adapters and KV cache)"
+    )
     parse.add_argument("--hf-repeats", type=int, default=1, help="transformers generate runs")
     args = parse.parse_args(argv)
     if args.quick:
@@ -219,7 +225,7 @@ def main(argv=None) -> int:
     base, served, bank = build(args)
     result = measure(args, base, served, bank)
     med = {k: statistics.median(v) for k, v in result["raw"].items()}
-    peak = peak_macs_per_s(256 if args.quick else 1024)
+    peak = peak_macs_per_s(256 if args.quick else 1024, dtype=base.dtype)
     step_seconds = args.concurrent / med["mixed"]  # one decode step of all rows, roughly
     summary = {
         "one_stream_tokens_per_s": med["one"],
