@@ -9,8 +9,8 @@ of which the window ``[:rows, :, start:end]`` is the cache. A decode step writes
 in place at ``end`` (``WindowLayer.update``) and attention reads a view of the window: no
 per-step reallocation or concatenation (transformers' ``DynamicCache`` concatenates, copying the
 whole cache at every layer of every step; at 64 rows of SmolLM2-135M that was half the step).
-Only joins, leaves and running out of capacity copy (capacity grows by half again plus
-``TIME_HEADROOM`` columns). Padding columns hold zeros (finite, masked out).
+Only joins, leaves and running out of capacity copy (rows grow by half again, time by a
+quarter plus ``TIME_HEADROOM`` columns). Padding columns hold zeros (finite, masked out).
 
 A model whose cache layers are not plain full-attention ``DynamicLayer``s (sliding windows,
 linear attention) falls back to concatenation (``ConcatenatedCache``), the same semantics.
@@ -141,8 +141,9 @@ class BatchedCache:
                 return
             if rows <= row_cap and w.start >= extra_left and w.end + 1 <= time_cap:
                 return
-        row_cap = max([rows] + [layer.key_buffer.shape[0] for layer in layers[:1]])
-        time_cap = width + 1 + TIME_HEADROOM + width // 2
+        old_rows = layers[0].key_buffer.shape[0] if layers else 0
+        row_cap = max(rows, old_rows + old_rows // 2)  # joins one by one: few reallocations
+        time_cap = width + 1 + TIME_HEADROOM + width // 4
         sources = layers or like.layers
         new_layers = []
         for source in sources:
