@@ -16,14 +16,19 @@ medians over ``--repeats``:
   the base and the adapters; attention left out) per second over a large fp32 GEMM's rate on the
   same threads (the achievable peak).
 
-EOS is disabled: every request generates exactly its length. llama.cpp is skipped with a note
-when ``llama_cpp`` is not installed. ``--quick``: a tiny random model, no llama.cpp (a smoke run).
+EOS is disabled: every request generates exactly its length. llama.cpp runs in a child process
+(before lorakit's rounds) and is skipped with a note when ``llama_cpp`` is not installed or the
+child fails (the llama-cpp-python 0.3.36 built on the 2026-12-05 machine segfaulted at its
+first evaluation). ``--quick``: a tiny random model, no llama.cpp (a smoke run).
 ``python benchmarks/bench_serving_llamacpp.py --threads 1 [--out FILE]``
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -58,7 +63,7 @@ def build(args):
     served.load_state_dict(base.state_dict())
     served.generation_config.eos_token_id = None
     prepare_for_serving(served, ALL_LINEAR)
-    bank = AdapterBank(served, max_rank=args.rank, capacity=args.adapters)
+    bank = AdapterBank(served, max_rank=args.rank, capacity=args.adapters, dtype=base.dtype)
     config = lorakit.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=ALL_LINEAR)
     for index, tensors in enumerate(adapters):
         bank.load(f"a{index}", config, tensors)
@@ -186,25 +191,48 @@ def step_macs(model, rows: int, rank: int) -> float:
 def measure(args, base, served, bank) -> dict:
     """Raw samples of every contender, alternated over ``args.repeats`` rounds."""
     vocab = base.config.vocab_size
-    try:
-        llama = None if args.quick else LlamaCpp(args.threads)
-        note = None if llama else "--quick: llama.cpp not run"
-    except ImportError:
-        llama, note = None, "llama_cpp (llama-cpp-python) is not installed: llama.cpp skipped"
-    raw = {k: [] for k in ("one", "ttft", "mixed", "single", "hf_one", "cpp_one", "cpp_ttft")}
+    raw = {k: [] for k in ("one", "ttft", "mixed", "single", "hf_one")}
+    if args.quick:
+        note = "--quick: llama.cpp not run"
+    else:
+        cpp_raw, note = llamacpp_in_child(args, vocab)
+        raw |= cpp_raw
     with Engine(served, bank, max_batch=args.concurrent, eos_token_ids=[]) as engine:
         engine.generate([1, 2, 3], "a0", SamplingParams(max_tokens=3))  # warm-up
         for round_ in range(args.repeats):
             raw["one"].append(lorakit_one_stream(engine, vocab, args.tokens, round_))
             raw["ttft"].append(lorakit_ttft(engine, vocab, round_))
-            if llama is not None:
-                raw["cpp_one"].append(llama.one_stream(vocab, args.tokens, round_))
-                raw["cpp_ttft"].append(llama.ttft(vocab, round_))
             raw["mixed"].append(lorakit_concurrent(engine, vocab, args, args.adapters))
             raw["single"].append(lorakit_concurrent(engine, vocab, args, 1))
             if round_ < args.hf_repeats:
                 raw["hf_one"].append(transformers_one_stream(base, vocab, args.tokens, round_))
     return {"raw": {k: v for k, v in raw.items() if v}, "note": note}
+
+
+def llamacpp_in_child(args, vocab: int) -> tuple[dict, str | None]:
+    """llama.cpp's raw samples, measured in a child process (before lorakit's rounds, not
+    alternated with them): a llama.cpp build that crashes (a segfault) ends only the child."""
+    command = [sys.executable, __file__, "--llamacpp-child", str(vocab), "--threads"]
+    command += [str(args.threads), "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == 0 and lines:
+        return json.loads(lines[-1]), "llama.cpp measured in a child process before lorakit"
+    if "No module named 'llama_cpp'" in done.stderr:
+        return {}, "llama_cpp (llama-cpp-python) is not installed: llama.cpp skipped"
+    return {}, f"llama.cpp failed (exit {done.returncode}, e.g. a crash): skipped"
+
+
+def llamacpp_child(args) -> int:
+    """The child's side: print llama.cpp's raw samples as one JSON line."""
+    torch.set_num_threads(args.threads)
+    llama, vocab = LlamaCpp(args.threads), args.llamacpp_child
+    raw = {"cpp_one": [], "cpp_ttft": []}
+    for round_ in range(args.repeats):
+        raw["cpp_one"].append(llama.one_stream(vocab, args.tokens, round_))
+        raw["cpp_ttft"].append(llama.ttft(vocab, round_))
+    print(json.dumps(raw))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -218,7 +246,10 @@ def main(argv=None) -> int:
         "--dtype", default="float32", help="float32 or bfloat16 (base, adapters and KV cache)"
     )
     parse.add_argument("--hf-repeats", type=int, default=1, help="transformers generate runs")
+    parse.add_argument("--llamacpp-child", type=int, help=argparse.SUPPRESS)  # vocab size
     args = parse.parse_args(argv)
+    if args.llamacpp_child is not None:
+        return llamacpp_child(args)
     if args.quick:
         args.adapters, args.concurrent, args.tokens, args.repeats = 4, 4, 4, 1
     torch.set_num_threads(args.threads)
