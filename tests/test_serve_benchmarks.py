@@ -53,3 +53,15 @@ def test_serving_scale_quick(tmp_path, capsys):
     assert payload["soak"]["churn_cycles"] > 0 and payload["zipf_over_one"] > 0
     assert payload["memory"][-1]["resident_bytes"] <= payload["bank"]["bytes"]
     assert "zipf / one adapter" in capsys.readouterr().out
+
+
+def test_serving_beside_llamacpp_quick(tmp_path, capsys):
+    out = tmp_path / "serving_llamacpp.json"
+    assert _import("bench_serving_llamacpp").main(["--quick", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    summary = payload["summary"]
+    assert summary["one_stream_tokens_per_s"] > 0 and summary["ttft_s"] > 0
+    assert summary["concurrent_tokens_per_s"] > 0 and 0 < summary["fraction_of_peak"] < 1
+    assert set(payload["raw"]) >= {"one", "ttft", "mixed", "single", "hf_one"}
+    assert "llama.cpp not run" in payload["note"]
+    assert "mixed_adapter_overhead" in capsys.readouterr().out

@@ -13,7 +13,7 @@ import torch
 import lorakit
 from lorakit.serve import AdapterBank, prepare_for_serving
 from lorakit.serve.engine import Engine
-from lorakit.serve.sampling import SamplingParams, StopTextTracker, next_token
+from lorakit.serve.sampling import SamplingParams, StopTextTracker, greedy_tokens, next_token
 from tests import tiny_models
 from tests.tiny_models import adapter_tensors
 
@@ -162,6 +162,19 @@ def test_next_token_top_p_and_temperature():
     assert set(draws) == {1, 3}
     p = tempered(logits.tolist(), 1.0)
     assert abs(draws.count(1) / len(draws) - p[1] / (p[1] + p[3])) < 0.08
+
+
+def test_batched_greedy_tokens_equal_next_token_row_by_row():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 50, generator=generator)
+    logits[2, [7, 30]] = 100.0  # a tie: the first index wins in both
+    logits[4] = 0.0  # all equal
+    params = [SamplingParams(), SamplingParams(temperature=1e-6), SamplingParams()] * 2
+    params[3] = SamplingParams(temperature=0.7, seed=1)  # a sampled row gets None
+    tokens = greedy_tokens(logits, params)
+    alone = [next_token(row, p, generator) for row, p in zip(logits, params, strict=True)]
+    assert tokens == [alone[0], alone[1], 7, None, 0, alone[5]]
+    assert greedy_tokens(logits[:1], [SamplingParams(temperature=1.0)]) == [None]
 
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
@@ -398,7 +411,8 @@ def test_a_row_failing_in_a_decode_step_ends_only_its_request(served, monkeypatc
     engine = Engine(model, bank, max_batch=4)
     for index, (prompt, adapter, max_tokens) in enumerate(jobs):
         seed = 13 if index == 1 else index
-        params = SamplingParams(max_tokens=max_tokens, seed=seed)
+        temperature = 1.0 if index == 1 else 0.0  # greedy rows take one batched argmax
+        params = SamplingParams(max_tokens=max_tokens, seed=seed, temperature=temperature)
         engine.submit(prompt, adapter, params, collector(index))
     with engine:  # all queued before the loop starts: they run in one batch
         for _ in jobs:
@@ -412,3 +426,35 @@ def test_a_row_failing_in_a_decode_step_ends_only_its_request(served, monkeypatc
         assert events[index][-1].finish_reason == "length", events[index][-1]
         got = [i for e in events[index] for i in e.token_ids]
         assert got == alone_merged(reference, prompt, adapter, max_tokens), index
+
+
+def test_lorakit_generate_greedy_runs_the_engine_and_equals_transformers_generate(monkeypatch):
+    """``lorakit generate``'s greedy path is the engine without a bank over a model with its
+    adapter injected: the same ids as transformers' ``generate`` on that model."""
+    from lorakit.commands import generate as generate_command
+
+    model = tiny_models.llama()
+    lorakit.inject(model, lorakit.LoraConfig(**SPECS[0]))
+    tiny_models.randomize_adapters(model, std=0.3)
+    model.eval().generation_config.eos_token_id = None
+    prompt = [5, 9, 2, 7, 7, 1]
+    calls = []
+    run_engine = generate_command.engine_greedy
+    monkeypatch.setattr(
+        generate_command,
+        "engine_greedy",
+        lambda *args: calls.append(args) or run_engine(*args),
+    )
+
+    class IdsTokenizer:
+        def __call__(self, text, return_tensors):
+            return {"input_ids": torch.tensor([prompt]), "attention_mask": torch.ones(1, 6)}
+
+        def decode(self, ids, skip_special_tokens):
+            return ",".join(map(str, ids.tolist() if torch.is_tensor(ids) else ids))
+
+    text = generate_command.generate_text(model, IdsTokenizer(), "x", max_new_tokens=9, raw=True)
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=9, do_sample=False)
+    assert len(calls) == 1
+    assert text == ",".join(map(str, expected[0, len(prompt) :].tolist()))

@@ -62,9 +62,10 @@ def generate_text(
         encoded = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     else:
         encoded = tokenizer(prompt, return_tensors="pt")
-    sampling = (
-        {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    )
+    if temperature == 0 and isinstance(model, torch.nn.Module):
+        ids = engine_greedy(model, encoded["input_ids"][0].tolist(), max_new_tokens)
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    sampling = {"do_sample": True, "temperature": temperature}
     with torch.no_grad():
         output = model.generate(
             **encoded,
@@ -73,6 +74,18 @@ def generate_text(
             **sampling,
         )
     return tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def engine_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy ids after ``prompt_ids`` from the serving engine's decode path (preallocated KV
+    cache, last-position logits only; ``lorakit.serve.engine``), one stream, the model's own
+    active adapter applied by its LoRA layers; stops at the model's EOS like ``generate``."""
+    from lorakit.serve.engine import Engine
+    from lorakit.serve.sampling import SamplingParams
+
+    with Engine(model, None, max_batch=1) as engine:
+        ids, _, _ = engine.generate(prompt_ids, None, SamplingParams(max_tokens=max_new_tokens))
+    return ids
 
 
 def run(args: argparse.Namespace) -> int:

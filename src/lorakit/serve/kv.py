@@ -2,8 +2,18 @@
 
 Rows are requests; every row's real tokens are right-aligned at the end of the time axis, with
 ``mask`` (B, T) = 0 over the left padding. Joining pads either side on the left to a common length;
-leaving drops rows and trims time columns that are padding in every remaining row. Only joins and
-leaves copy the cache; a decode step appends one column (transformers' ``DynamicCache``).
+leaving drops rows and trims time columns that are padding in every remaining row.
+
+Storage: per attention layer two preallocated buffers (rows_cap, kv_heads, time_cap, head_dim),
+of which the window ``[:rows, :, start:end]`` is the cache. A decode step writes its one new column
+in place at ``end`` (``WindowLayer.update``) and attention reads a view of the window: no
+per-step reallocation or concatenation (transformers' ``DynamicCache`` concatenates, copying the
+whole cache at every layer of every step; at 64 rows of SmolLM2-135M that was half the step).
+Only joins, leaves and running out of capacity copy (rows grow by half again, time by a
+quarter plus ``TIME_HEADROOM`` columns). Padding columns hold zeros (finite, masked out).
+
+A model whose cache layers are not plain full-attention ``DynamicLayer``s (sliding windows,
+linear attention) falls back to concatenation (``ConcatenatedCache``), the same semantics.
 """
 
 from __future__ import annotations
@@ -11,8 +21,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
-__all__ = ["BatchedCache"]
+__all__ = ["BatchedCache", "ConcatenatedCache", "WindowLayer", "preallocatable"]
+
+TIME_HEADROOM = 64  # extra time columns allocated beyond what is needed now
 
 
 def _pad_time_left(tensor: torch.Tensor, extra: int) -> torch.Tensor:
@@ -20,8 +33,195 @@ def _pad_time_left(tensor: torch.Tensor, extra: int) -> torch.Tensor:
     return F.pad(tensor, (0, 0, extra, 0)) if extra else tensor
 
 
+def preallocatable(cache: DynamicCache) -> bool:
+    """True when every layer of ``cache`` is a plain full-attention ``DynamicLayer``."""
+    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+class _Window:
+    """The shared window of all layers: rows ``[0, rows)``, time columns ``[start, end)``."""
+
+    def __init__(self) -> None:
+        self.rows = self.start = self.end = 0
+
+
+class WindowLayer(DynamicLayer):
+    """A cache layer whose ``keys`` / ``values`` are views of preallocated buffers.
+
+    ``update(k, v)`` with k, v (rows, kv_heads, t, head_dim) writes them at columns
+    ``[end, end + t)`` of the window in place and returns the views ``[:rows, :, start:end + t]``;
+    ``BatchedCache.advance`` moves ``end`` after the step (all layers write the same columns).
+    """
+
+    def __init__(self, window: _Window, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.window, self.key_buffer, self.value_buffer = window, keys, values
+        self.device, self.is_initialized = keys.device, True
+        self.refresh()
+
+    def refresh(self, extra: int = 0) -> None:
+        """Point ``keys`` / ``values`` at the window (plus ``extra`` columns past ``end``)."""
+        w = self.window
+        self.keys = self.key_buffer[: w.rows, :, w.start : w.end + extra]
+        self.values = self.value_buffer[: w.rows, :, w.start : w.end + extra]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end, steps = self.window.end, key_states.shape[-2]
+        rows = self.window.rows
+        self.key_buffer[:rows, :, end : end + steps].copy_(key_states)
+        self.value_buffer[:rows, :, end : end + steps].copy_(value_states)
+        self.refresh(extra=steps)
+        return self.keys, self.values
+
+
 class BatchedCache:
-    """``cache`` (a DynamicCache over the running rows), ``mask`` (B, T), ``lengths`` (B,)."""
+    """``cache`` (a DynamicCache of ``WindowLayer``s over the running rows), ``mask`` (B, T),
+    ``lengths`` (B,). ``step_inputs`` before a decode step (it makes room for one column),
+    ``advance`` after it."""
+
+    def __init__(self) -> None:
+        self.cache: DynamicCache | None = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self.lengths = torch.zeros(0, dtype=torch.long)
+        self._window = _Window()
+        self._fallback: ConcatenatedCache | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.lengths.numel())
+
+    @property
+    def width(self) -> int:
+        return int(self.mask.shape[1])
+
+    def _layers(self) -> list[WindowLayer]:
+        return self.cache.layers if self.cache is not None else []
+
+    def add(self, row_cache: DynamicCache, length: int) -> None:
+        """Append one request whose cache holds exactly its ``length`` real tokens (batch 1)."""
+        if self._fallback is None and self.rows == 0 and not preallocatable(row_cache):
+            self._fallback = ConcatenatedCache()
+        if self._fallback is not None:
+            self._fallback.add(row_cache, length)
+            self.cache, self.mask, self.lengths = (
+                self._fallback.cache,
+                self._fallback.mask,
+                self._fallback.lengths,
+            )
+            return
+        width = max(self.width, length)
+        row_layers = list(row_cache.layers)  # before _reserve: the first row's cache is reused
+        self._reserve(self.rows + 1, width, extra_left=width - self.width, like=row_cache)
+        w = self._window
+        w.start = w.end - width  # grows to the left when this row is longer
+        for layer, new in zip(self._layers(), row_layers, strict=True):
+            for buffer, states in ((layer.key_buffer, new.keys), (layer.value_buffer, new.values)):
+                buffer[: w.rows, :, w.start : w.end - self.width].zero_()  # new left padding
+                buffer[w.rows, :, w.start : w.end - length].zero_()
+                buffer[w.rows, :, w.end - length : w.end].copy_(states[0])
+        w.rows += 1
+        for layer in self._layers():
+            layer.refresh()
+        row_mask = torch.cat(
+            [torch.zeros(width - length, dtype=torch.long), torch.ones(length, dtype=torch.long)]
+        )
+        self.mask = torch.cat([F.pad(self.mask, (width - self.width, 0)), row_mask[None]])
+        self.lengths = torch.cat([self.lengths, torch.tensor([length])])
+
+    def _reserve(self, rows: int, width: int, extra_left: int, like=None) -> None:
+        """Make room for ``rows`` rows and a window grown by ``extra_left`` columns on the left
+        to ``width``, plus one decode column on the right. Reallocates (copying the window) only
+        when the buffers are missing or too small; the new window ends at ``width``."""
+        w, old_width = self._window, self.width
+        layers = self._layers()
+        if layers:
+            row_cap, _, time_cap, _ = layers[0].key_buffer.shape
+            if self.rows == 0 and rows <= row_cap and width + 1 <= time_cap:
+                w.start = w.end = width  # empty: place the window anew
+                return
+            if rows <= row_cap and w.start >= extra_left and w.end + 1 <= time_cap:
+                return
+        old_rows = layers[0].key_buffer.shape[0] if layers else 0
+        row_cap = max(rows, old_rows + old_rows // 2)  # joins one by one: few reallocations
+        time_cap = width + 1 + TIME_HEADROOM + width // 4
+        sources = layers or like.layers
+        new_layers = []
+        for source in sources:
+            buffers = []
+            pair = (
+                (source.key_buffer, source.value_buffer) if layers else (source.keys, source.values)
+            )
+            for old in pair:
+                _, heads, _, head_dim = old.shape
+                buffer = old.new_zeros(row_cap, heads, time_cap, head_dim)
+                if layers:
+                    buffer[: w.rows, :, width - old_width : width] = old[
+                        : w.rows, :, w.start : w.end
+                    ]
+                buffers.append(buffer)
+            new_layers.append(buffers)
+        w.start, w.end = width - old_width, width
+        if self.cache is None:
+            self.cache = like
+        self.cache.layers = [WindowLayer(w, keys, values) for keys, values in new_layers]
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (in that order); drop time columns that are now all padding."""
+        if self._fallback is not None:
+            self._fallback.keep(rows)
+            self.cache, self.mask, self.lengths = (
+                self._fallback.cache,
+                self._fallback.mask,
+                self._fallback.lengths,
+            )
+            if not rows:
+                self._fallback = None
+            return
+        w = self._window
+        if not rows:
+            w.rows = w.start = w.end = 0
+            self.mask = torch.zeros(0, 0, dtype=torch.long)
+            self.lengths = torch.zeros(0, dtype=torch.long)
+            for layer in self._layers():
+                layer.refresh()
+            return
+        index = torch.tensor(rows, dtype=torch.long)
+        self.mask = self.mask.index_select(0, index)
+        self.lengths = self.lengths.index_select(0, index)
+        drop = self.width - int(self.lengths.max())
+        self.mask = self.mask[:, drop:]
+        if rows != list(range(len(rows))):  # moved rows: gather them to the front
+            for layer in self._layers():
+                for buffer in (layer.key_buffer, layer.value_buffer):
+                    window = buffer[:, :, w.start : w.end]
+                    window[: len(rows)] = window.index_select(0, index)
+        w.rows, w.start = len(rows), w.start + drop
+        for layer in self._layers():
+            layer.refresh()
+
+    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``attention_mask`` (B, T + 1) and ``position_ids`` (B, 1) for one decode step."""
+        if self._fallback is None:
+            self._reserve(self.rows, self.width, extra_left=0)
+        mask = torch.cat([self.mask, torch.ones(self.rows, 1, dtype=torch.long)], dim=1)
+        return mask, self.lengths[:, None].clone()
+
+    def advance(self) -> None:
+        """Record the column the decode step appended."""
+        self.mask = torch.cat([self.mask, torch.ones(self.rows, 1, dtype=torch.long)], dim=1)
+        self.lengths = self.lengths + 1
+        if self._fallback is not None:
+            self._fallback.mask, self._fallback.lengths = self.mask, self.lengths
+            self._fallback.cache = self.cache
+            return
+        self._window.end += 1
+        for layer in self._layers():
+            layer.refresh()
+
+
+class ConcatenatedCache:
+    """The same cache over transformers' own layers (any kind): joins and leaves pad and copy,
+    a decode step concatenates one column (``DynamicCache``)."""
 
     def __init__(self) -> None:
         self.cache: DynamicCache | None = None
@@ -37,7 +237,6 @@ class BatchedCache:
         return int(self.mask.shape[1])
 
     def add(self, row_cache: DynamicCache, length: int) -> None:
-        """Append one request whose cache holds exactly its ``length`` real tokens (batch 1)."""
         if self.cache is None or self.rows == 0:
             self.cache = row_cache
             self.mask = torch.ones(1, length, dtype=torch.long)
@@ -64,7 +263,6 @@ class BatchedCache:
         self.lengths = torch.cat([self.lengths, torch.tensor([length])])
 
     def keep(self, rows: list[int]) -> None:
-        """Keep only ``rows`` (in that order); drop time columns that are now all padding."""
         if not rows:
             self.__init__()
             return
@@ -76,13 +274,3 @@ class BatchedCache:
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, drop:]
             layer.values = layer.values.index_select(0, index)[:, :, drop:]
-
-    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``attention_mask`` (B, T + 1) and ``position_ids`` (B, 1) for one decode step."""
-        mask = torch.cat([self.mask, torch.ones(self.rows, 1, dtype=torch.long)], dim=1)
-        return mask, self.lengths[:, None].clone()
-
-    def advance(self) -> None:
-        """Record the column the decode step appended."""
-        self.mask = torch.cat([self.mask, torch.ones(self.rows, 1, dtype=torch.long)], dim=1)
-        self.lengths = self.lengths + 1

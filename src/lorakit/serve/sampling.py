@@ -12,6 +12,7 @@ __all__ = [
     "InvalidSamplingParam",
     "SamplingParams",
     "StopTextTracker",
+    "greedy_tokens",
     "next_token",
 ]
 
@@ -84,6 +85,16 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
         sorted_probs[before >= params.top_p] = 0.0  # the most likely token always stays
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def greedy_tokens(logits: torch.Tensor, params: list[SamplingParams]) -> list[int | None]:
+    """The greedy rows' tokens of ``logits`` (B, vocab) in one argmax over the batch (the same
+    ids as ``next_token`` row by row: argmax, first index of a tie); None for sampled rows."""
+    greedy = [p.temperature < GREEDY_BELOW for p in params]
+    if not any(greedy):
+        return [None] * len(params)
+    tokens = torch.argmax(logits, dim=-1).tolist()
+    return [token if is_greedy else None for token, is_greedy in zip(tokens, greedy, strict=True)]
 
 
 class StopTextTracker:
