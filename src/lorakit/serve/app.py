@@ -16,7 +16,6 @@ event loop; a client that disconnects cancels its request and a full waiting que
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import logging
 import time
@@ -265,7 +264,10 @@ async def _mixture_for(
             param="model",
         )
     name = await run_in_threadpool(mixtures.prepare, mixing.parse_mixture(field))
-    # every slot busy now (BankFullError): the engine loads it when a running request frees one
-    with contextlib.suppress(BankFullError):
+    try:
         await run_in_threadpool(mixtures.adapters.bank.ensure_loaded, name, mixtures.read)
+    except BankFullError:
+        pass  # every slot is busy now: the engine loads it when a running request frees one
+    except (UserError, KeyError) as error:  # an input replaced or unloaded meanwhile
+        raise APIError(400, f"'{mixing.FIELD}': {error}", param=mixing.FIELD) from None
     return name
