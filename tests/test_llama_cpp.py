@@ -4,15 +4,17 @@ GGUF base, with exported plain, rsLoRA and rank-pattern adapters; llama.cpp's ad
 
     effect = logits(base + adapter) - logits(base)        (T, vocab) over one prompt
 
-must equal lorakit's: correlation >= 0.99 and relative error ``|got - want| / |want|`` below
+must equal lorakit's: correlation >= 0.99 and relative error ``|got - want|_F / |want|_F`` below
 ``RELATIVE_BOUND``. The merged f32 GGUF model's effect must equal the unmerged adapter's likewise.
 
-Both sides run in float32 with llama.cpp's KV cache in f32 (its default f16 cache rounds K and V
-to 11 bits, which alone costs a few percent of the effect; docs/gguf.md gives both
-measurements). The bound sits between what a correct file reaches (measured: relative error
-below 1e-3) and what a wrongly scaled one gives: the rsLoRA adapter with the file alpha
-llama.cpp's own converter writes (``lora_alpha``, scale alpha/r instead of alpha/sqrt(r)) is off
-by about 0.65, and ``test_converter_style_rslora_scale_fails_the_bound`` checks that it fails.
+Both sides run in float32, llama.cpp with its KV cache in f32, so what is left is float32
+rounding in another summation order. Measured (llama-cpp-python 0.3.36, 2 threads; effects up
+to 4-10 in logits): the base 1.2e-6; plain 4.0e-5, rsLoRA 1.1e-5, rank pattern 2.2e-5, merged
+8.6e-6, correlations >= 0.9999999. ``RELATIVE_BOUND`` = 1e-3 leaves 25x for other CPUs' kernels
+and stays far below a wrongly scaled file: the rsLoRA adapter with the file alpha llama.cpp's
+own converter writes (``lora_alpha``: scale alpha/r instead of alpha/sqrt(r)) gives 0.61
+(correlation 0.983; ``test_converter_style_rslora_scale_fails_the_bound``). llama.cpp's default
+f16 KV cache rounds K and V to 11 bits: 0.004-0.007 then (docs/gguf.md).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ ADAPTERS = {
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
 PROMPT = "<|im_start|>user\nA gorgeous, witty, seductive movie.<|im_end|>\n<|im_start|>assistant\n"
-RELATIVE_BOUND = 0.02
+RELATIVE_BOUND = 1e-3
 CORRELATION_BOUND = 0.99
 
 
@@ -125,7 +127,7 @@ def test_llama_cpp_base_equals_lorakit(smollm2) -> None:
     """The exported f32 base, run by llama.cpp, gives lorakit's logits: what the adapter effects
     below are measured against."""
     relative, correlation = agreement(smollm2.llama_logits, smollm2.logits)
-    assert relative < 1e-4
+    assert relative < 1e-4  # measured 1.2e-6
     assert correlation > 0.9999
 
 
@@ -152,7 +154,7 @@ def test_converter_style_rslora_scale_fails_the_bound(smollm2, tmp_path) -> None
     reader.data.flush()
     got = llama_logits(smollm2.base, smollm2.tokens, gguf_file) - smollm2.llama_logits
     relative, _ = agreement(got, want)
-    assert relative > 0.5
+    assert relative > 0.5  # measured 0.61
 
 
 def test_llama_cpp_merged_model_equals_the_unmerged_adapter(smollm2, tmp_path) -> None:
