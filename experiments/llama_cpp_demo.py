@@ -15,7 +15,9 @@ with and without the adapter, next to the demo's own numbers (``summary.json``) 
 per-review predictions (``predictions.jsonl``). The prompt tokens come from lorakit's tokenizer;
 the script also counts how many prompts llama.cpp's own tokenizer encodes to the same tokens
 (what a user sending the text would get). llama.cpp runs with its default settings (f16 KV
-cache).
+cache) except one: its CPU weight repacking ("extra buffer types", llama-cli's ``--no-repack``)
+is off, because with it llama.cpp (0.3.36 here) crashes in its first decode on the Q4_1 file on
+this machine's CPU (AVX-512 + AMX); ``--repack`` turns it back on.
 
 Run (2 CPU threads; about a minute per pass on a quiet machine):
     lorakit demo --output runs/demo
@@ -26,6 +28,7 @@ Writes experiments/results/llama_cpp_demo.json (``--output``) and prints a summa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -48,6 +51,26 @@ def held_out_prompts(settings: dict, tokenizer) -> tuple[list[list[int]], list[i
     fitted = [fit_example(example, tokenizer, max_length) for example in examples]
     prompts = [prompt_token_ids(example, tokenizer)[-max_length:] for example in fitted]
     return prompts, choice_token_ids(examples[0].choices, tokenizer), [e.label for e in examples]
+
+
+@contextlib.contextmanager
+def weight_repacking(allowed: bool):
+    """Models loaded inside have llama.cpp's ``use_extra_bufts`` set to ``allowed``
+    (llama-cpp-python does not pass it through, so its default-params function is wrapped)."""
+    import llama_cpp.llama_cpp as low
+
+    original = low.llama_model_default_params
+
+    def default_params():
+        params = original()
+        params.use_extra_bufts = allowed
+        return params
+
+    low.llama_model_default_params = default_params
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = original
 
 
 def llama_cpp_scores(base: Path, adapter: Path | None, prompts, choices, threads: int):
@@ -102,6 +125,7 @@ def main() -> None:
     parser.add_argument("demo", type=Path, help="a `lorakit demo --output` directory")
     parser.add_argument("--base", type=Path, help="GGUF base (default: the packaged Q4_1 file)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repack", action="store_true", help="llama.cpp's weight repacking on")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -122,7 +146,8 @@ def main() -> None:
         ("fine_tuned", adapter, "fine_tuned"),
     ):
         started = time.perf_counter()
-        scores = llama_cpp_scores(base, lora, prompts, choices, args.threads)
+        with weight_repacking(args.repack):
+            scores = llama_cpp_scores(base, lora, prompts, choices, args.threads)
         predictions = scores.argmax(axis=1).tolist()
         lorakit_predictions = [row[demo_key] for row in demo_rows]
         result[name] = {
@@ -134,9 +159,9 @@ def main() -> None:
             "seconds": round(time.perf_counter() - started, 1),
         }
         print(name, result[name], flush=True)
-    result["prompts_tokenized_alike_by_llama_cpp"] = same_tokens_by_llama_cpp(
-        base, prompts, tokenizer
-    )
+    with weight_repacking(args.repack):
+        alike = same_tokens_by_llama_cpp(base, prompts, tokenizer)
+    result["prompts_tokenized_alike_by_llama_cpp"] = alike
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
