@@ -5,6 +5,9 @@ and ``/v1/chat/completions`` (``model`` = an adapter name, or the base name for 
 as server-sent events ending with ``data: [DONE]``), and vLLM's admin routes
 ``POST /v1/load_lora_adapter {lora_name, lora_path}`` / ``/v1/unload_lora_adapter {lora_name}``
 behind ``Authorization: Bearer <admin token>``. Every error is OpenAI's JSON error object.
+A completion body may carry ``merged_adapters`` (with ``model`` = the base name): a mixture of
+served adapters, combined once and served from the bank (``mixtures``; the engine's adapter
+loader is wrapped so that it reads mixtures too; ``app.state.mixtures``).
 
 Prompts are measured and tokenized in a worker thread (``prompts.prompt_ids``), never on the
 event loop; a client that disconnects cancels its request and a full waiting queue is a 429
@@ -28,6 +31,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from lorakit.errors import UserError
+from lorakit.serve import mixtures as mixing
 from lorakit.serve import prompts, protocol, responses
 from lorakit.serve.bank import AdapterInUseError, BankFullError
 from lorakit.serve.engine import Engine
@@ -65,8 +69,11 @@ def create_app(
             engine.stop()
 
     adapters.registry.reserve(settings.model_name)  # no adapter may take the base model's name
+    mixtures = mixing.Mixtures(adapters, engine.adapter_loader)
+    engine.adapter_loader = mixtures.read  # a mixture evicted from the bank comes back from it
     app = FastAPI(title="lorakit", lifespan=lifespan)
     app.state.engine, app.state.adapters = engine, adapters  # (serve.ray_deployment starts it)
+    app.state.mixtures = mixtures
     _install_error_handlers(app)
     created = int(time.time())
 
@@ -107,7 +114,10 @@ def create_app(
     async def run_job(request: Request, chat: bool):
         body = protocol.parse_body(await request.body(), settings.max_body_bytes)
         job = protocol.parse_job(body, chat=chat, max_tokens_limit=settings.max_tokens_limit)
-        adapter = await _adapter_for(job.model, adapters, settings)
+        if body.get(mixing.FIELD) is None:
+            adapter = await _adapter_for(job.model, adapters, settings)
+        else:
+            adapter = await _mixture_for(body[mixing.FIELD], job.model, mixtures, settings)
         prompt_ids = await run_in_threadpool(  # bounded work, but never on the event loop
             prompts.prompt_ids,
             job,
@@ -242,3 +252,24 @@ async def _adapter_for(
             404, f"the model {model!r} does not exist", param="model", code="model_not_found"
         ) from None
     return model
+
+
+async def _mixture_for(
+    field: object, model: str, mixtures: mixing.Mixtures, settings: ServerSettings
+) -> str:
+    """The bank name of the requested mixture, combined (once) and loaded (``mixtures``)."""
+    if model != settings.model_name:
+        raise APIError(
+            400,
+            f"with '{mixing.FIELD}', 'model' must be the base model {settings.model_name!r} "
+            f"(the adapters are named in {mixing.FIELD}.ids), got {model!r}",
+            param="model",
+        )
+    name = await run_in_threadpool(mixtures.prepare, mixing.parse_mixture(field))
+    try:
+        await run_in_threadpool(mixtures.adapters.bank.ensure_loaded, name, mixtures.read)
+    except BankFullError:
+        pass  # every slot is busy now: the engine loads it when a running request frees one
+    except (UserError, KeyError) as error:  # an input replaced or unloaded meanwhile
+        raise APIError(400, f"'{mixing.FIELD}': {error}", param=mixing.FIELD) from None
+    return name

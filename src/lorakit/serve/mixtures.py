@@ -1,0 +1,242 @@
+"""Per-request adapter mixtures: a request names adapters, weights and a method, and is served
+with their combination (``lorakit.combine``), as LoRAX's ``merged_adapters``.
+
+The request body (``/v1/completions`` or ``/v1/chat/completions``) carries, with ``model`` = the
+base model's name::
+
+    "merged_adapters": {
+        "ids": ["style", "task"],          # served adapters (names as in GET /v1/models)
+        "weights": [0.7, 0.3],             # default 1 each
+        "merge_strategy": "cat",           # lorakit.combine's method; "linear" = "cat"
+        "rank": 8, "density": 0.5,         # as combine(): rank for the SVD methods, density
+        "majority_sign_method": "total",   #   for ties / dare_* / magnitude_prune, TIES' sign
+        "seed": 0                          #   rule and DARE's seed
+    }
+
+``linear`` (LoRAX's default name) is the exact weighted sum of the updates,
+``ΔW = Σ wᵢ sᵢ Bᵢ Aᵢ`` (lorakit's ``cat``, rank Σ rᵢ), not PEFT's sums of the A's and B's.
+
+A mixture is computed once: ``Mixtures`` keys it by its settings and the identity of each input
+adapter's files (directory, size and modification time, so an adapter replaced at runtime gives
+a new key), keeps the combined tensors of the last ``cached`` mixtures in memory, and loads the
+result into the adapter bank under the name ``mixture:<key>``, where it is an adapter like any
+other: served in the same mixed batches, evicted by the bank's LRU policy and read back from
+memory (recombined only when the memory cache dropped it too). ``combined`` counts the
+``lorakit.combine`` calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+
+from lorakit.combining import METHODS, combine
+from lorakit.errors import UserError
+from lorakit.io import fingerprint
+from lorakit.io.config_json import CONFIG_NAME
+from lorakit.io.keys import lora_keys
+from lorakit.io.read import WEIGHTS_NAME
+from lorakit.serve.protocol import APIError
+from lorakit.serve.registry import ServedAdapters
+
+__all__ = ["FIELD", "PREFIX", "Mixture", "Mixtures", "parse_mixture"]
+
+FIELD = "merged_adapters"  # the request body field (LoRAX's name)
+PREFIX = "mixture:"  # bank names of mixtures; ':' is never part of an adapter's name
+_ALIASES = {"linear": "cat"}  # LoRAX's name for the weighted sum
+_KEYS = ("ids", "weights", "merge_strategy", "rank", "density", "majority_sign_method", "seed")
+_REMEMBERED = 1024  # mixture settings kept for recombining (tensors: ``cached``)
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """What a request asked for, checked for types (``combine`` checks the rest)."""
+
+    ids: tuple[str, ...]
+    weights: tuple[float, ...]
+    method: str
+    rank: int | None = None
+    density: float | None = None
+    majority_sign_method: str = "total"
+    seed: int = 0
+
+
+def _bad(message: str, key: str | None = None) -> APIError:
+    return APIError(400, message, param=FIELD if key is None else f"{FIELD}.{key}")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parse_mixture(value: object) -> Mixture:
+    """The ``merged_adapters`` field as a ``Mixture``; a 400 naming the bad entry otherwise."""
+    if not isinstance(value, dict):
+        raise _bad(f"'{FIELD}' must be an object with 'ids' and optional 'weights', ...")
+    unknown = sorted(set(value) - set(_KEYS))
+    if unknown:
+        raise _bad(f"'{FIELD}' has unknown entries {unknown}; known: {list(_KEYS)}", unknown[0])
+    ids = value.get("ids")
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
+        raise _bad(f"'{FIELD}.ids' must be a non-empty list of adapter names", "ids")
+    weights = value.get("weights", [1.0] * len(ids))
+    if not isinstance(weights, list) or not all(_number(w) for w in weights):
+        raise _bad(f"'{FIELD}.weights' must be a list of numbers, got {weights!r}", "weights")
+    if len(weights) != len(ids) or not all(math.isfinite(float(w)) for w in weights):
+        raise _bad(
+            f"'{FIELD}.weights': give one finite number per adapter ({len(ids)}), got {weights}",
+            "weights",
+        )
+    method = value.get("merge_strategy", "cat")
+    method = _ALIASES.get(method, method) if isinstance(method, str) else method
+    if method not in METHODS:
+        raise _bad(
+            f"'{FIELD}.merge_strategy' {value.get('merge_strategy')!r} is unknown; choose one "
+            f"of {', '.join([*METHODS, *_ALIASES])}",
+            "merge_strategy",
+        )
+    options = {}
+    for key, kinds in (("rank", int), ("density", (int, float)), ("seed", int)):
+        entry = value.get(key)
+        if entry is not None and (not isinstance(entry, kinds) or isinstance(entry, bool)):
+            raise _bad(f"'{FIELD}.{key}' must be a number, got {entry!r}", key)
+        options[key] = entry
+    sign = value.get("majority_sign_method", "total")
+    if not isinstance(sign, str):
+        raise _bad(f"'{FIELD}.majority_sign_method' must be a string", "majority_sign_method")
+    return Mixture(
+        ids=tuple(ids),
+        weights=tuple(float(w) for w in weights),
+        method=method,
+        rank=options["rank"],
+        density=None if options["density"] is None else float(options["density"]),
+        majority_sign_method=sign,
+        seed=options["seed"] or 0,
+    )
+
+
+class Mixtures:
+    """Mixtures of the adapters ``adapters`` serves (module docstring). ``read`` is the engine's
+    adapter loader for every bank name: mixtures from here, the rest from ``fallback``."""
+
+    def __init__(self, adapters: ServedAdapters, fallback, *, cached: int = 16) -> None:
+        self.adapters = adapters
+        self.fallback = fallback
+        self.cached = cached
+        self.combined = 0  # lorakit.combine calls made
+        self._lock = threading.Lock()  # one combine at a time; the caches
+        self._settings: OrderedDict[str, Mixture] = OrderedDict()
+        self._tensors: OrderedDict[str, tuple] = OrderedDict()  # name -> (config, tensors)
+
+    def name_of(self, mixture: Mixture) -> str:
+        """``mixture:<key>``; 400 when an input is not a served adapter."""
+        inputs = []
+        for adapter in mixture.ids:
+            if adapter not in self.adapters.registry:
+                raise _bad(
+                    f"'{FIELD}.ids': the adapter {adapter!r} is not served; see GET /v1/models",
+                    "ids",
+                )
+            inputs.append([adapter, *self._identity(adapter)])
+        text = json.dumps([asdict(mixture), inputs], sort_keys=True)
+        return PREFIX + hashlib.sha256(text.encode()).hexdigest()[:24]
+
+    def _identity(self, adapter: str) -> list[object]:
+        directory = self.adapters.registry.path(adapter)
+        stamps: list[object] = [str(directory)]
+        for file_name in (CONFIG_NAME, WEIGHTS_NAME):
+            try:
+                found = (directory / file_name).stat()
+                stamps += [found.st_size, found.st_mtime_ns]
+            except OSError:
+                stamps += [None, None]  # combine names the missing file
+        return stamps
+
+    def prepare(self, mixture: Mixture) -> str:
+        """Combine ``mixture`` unless it is cached and return its bank name; 400 when it cannot
+        be combined or served (the message says which adapter or setting)."""
+        name = self.name_of(mixture)
+        with self._lock:
+            if name not in self._tensors:
+                self._tensors[name] = self._combine(name, mixture)
+                self._settings[name] = mixture
+                self._trim()
+            self._tensors.move_to_end(name)
+        return name
+
+    def read(self, name: str):
+        """``(config, tensors)`` of a bank name: a mixture from memory (recombined if dropped),
+        anything else from ``fallback``. ``KeyError`` for a mixture never prepared."""
+        if not name.startswith(PREFIX):
+            if self.fallback is None:
+                raise KeyError(f"adapter {name!r} is not loaded")
+            return self.fallback(name)
+        with self._lock:
+            if name not in self._tensors:
+                if name not in self._settings:
+                    raise KeyError(f"mixture {name!r} is unknown; send its {FIELD} again")
+                try:
+                    self._tensors[name] = self._combine(name, self._settings[name])
+                except APIError as error:  # an input changed or left since
+                    raise UserError(error.message) from None
+                self._trim()
+            return self._tensors[name]
+
+    def _trim(self) -> None:
+        while len(self._tensors) > self.cached:
+            self._tensors.popitem(last=False)
+        while len(self._settings) > _REMEMBERED:
+            self._settings.popitem(last=False)
+
+    def _combine(self, name: str, mixture: Mixture):
+        """``lorakit.combine`` over the inputs' directories, checked against the bank and the
+        served base model; ``(config, PEFT-keyed tensors)``."""
+        registry = self.adapters.registry
+        try:
+            directories = [registry.inside(registry.path(i), i) for i in mixture.ids]
+            self.combined += 1
+            result = combine(
+                directories,
+                list(mixture.weights),
+                method=mixture.method,
+                rank=mixture.rank,
+                density=mixture.density,
+                majority_sign_method=mixture.majority_sign_method,
+                seed=mixture.seed,
+            )
+        except (UserError, KeyError, ValueError) as error:
+            raise _bad(f"'{FIELD}' cannot be combined: {_text(error)}") from None
+        tensors = {}
+        for module, (lora_A, lora_B) in result.factors.items():
+            key_A, key_B = lora_keys(module, module in result.embeddings)
+            tensors[key_A], tensors[key_B] = lora_A, lora_B
+        self._check_fits(name, result, tensors)
+        return result.config, tensors
+
+    def _check_fits(self, name: str, result, tensors) -> None:
+        try:
+            self.adapters.bank.check_shapes(name, result.config, tensors)
+            fingerprint.refuse_other_base(
+                self.adapters.model,
+                result.fingerprint or None,
+                f"mixture of {', '.join(a for a in result.extra['adapters'])}",
+                list(result.factors),
+                allow_mismatch=self.adapters.allow_base_mismatch,
+                remedy="Mix adapters of the served base model.",
+            )
+        except UserError as error:
+            hint = ""
+            if "max_rank" in str(error):
+                hint = (
+                    f" A mixture by 'cat' / 'linear' has the sum of the ranks; ask for "
+                    f"merge_strategy 'svd' with 'rank' <= {self.adapters.bank.max_rank} instead."
+                )
+            raise _bad(f"'{FIELD}' cannot be served: {_text(error)}{hint}") from None
+
+
+def _text(error: BaseException) -> str:
+    return error.args[0] if isinstance(error, KeyError) and error.args else str(error)
