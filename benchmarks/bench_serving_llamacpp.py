@@ -135,12 +135,18 @@ class LlamaCpp:
     def __init__(self, threads: int) -> None:
         from llama_cpp import Llama
 
+        from lorakit.export.llama_cpp import weight_repacking
         from lorakit.models import builtin_gguf_file
 
         self.path = builtin_gguf_file("smollm2-135m-instruct")
-        self.llm = Llama(
-            model_path=str(self.path), n_threads=threads, n_ctx=1024, n_batch=512, verbose=False
-        )
+        with weight_repacking(False):  # on: a SIGSEGV on this CPU (lorakit.export.llama_cpp)
+            self.llm = Llama(
+                model_path=str(self.path),
+                n_threads=threads,
+                n_ctx=1024,
+                n_batch=512,
+                verbose=False,
+            )
 
     def _stream(self, ids: list[int], tokens: int) -> list[float]:
         self.llm.reset()

@@ -28,7 +28,6 @@ Writes experiments/results/llama_cpp_demo.json (``--output``) and prints a summa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ import numpy as np
 from lorakit import data
 from lorakit.data.scoring import choice_token_ids
 from lorakit.data.tokenize import fit_example, prompt_token_ids
+from lorakit.export.llama_cpp import weight_repacking
 
 RESULTS = Path(__file__).parent / "results" / "llama_cpp_demo.json"
 
@@ -51,26 +51,6 @@ def held_out_prompts(settings: dict, tokenizer) -> tuple[list[list[int]], list[i
     fitted = [fit_example(example, tokenizer, max_length) for example in examples]
     prompts = [prompt_token_ids(example, tokenizer)[-max_length:] for example in fitted]
     return prompts, choice_token_ids(examples[0].choices, tokenizer), [e.label for e in examples]
-
-
-@contextlib.contextmanager
-def weight_repacking(allowed: bool):
-    """Models loaded inside have llama.cpp's ``use_extra_bufts`` set to ``allowed``
-    (llama-cpp-python does not pass it through, so its default-params function is wrapped)."""
-    import llama_cpp.llama_cpp as low
-
-    original = low.llama_model_default_params
-
-    def default_params():
-        params = original()
-        params.use_extra_bufts = allowed
-        return params
-
-    low.llama_model_default_params = default_params
-    try:
-        yield
-    finally:
-        low.llama_model_default_params = original
 
 
 def llama_cpp_scores(base: Path, adapter: Path | None, prompts, choices, threads: int):
