@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorakit.analysis.intrinsic import Fastfood, IntrinsicDimension, d90, hadamard_transform
+from lorakit.analysis.intrinsic import (
+    Fastfood,
+    IntrinsicDimension,
+    bootstrap_d90,
+    d90,
+    d90_of_gain,
+    hadamard_transform,
+)
 from tests import tiny_models
 
 
@@ -52,7 +59,7 @@ def dense_fastfood(projection: Fastfood) -> torch.Tensor:
     return torch.cat(blocks)[: projection.total]
 
 
-@pytest.mark.parametrize(("d", "total"), [(5, 20), (8, 64), (1, 3), (13, 100)])
+@pytest.mark.parametrize(("d", "total"), [(5, 20), (8, 64), (1, 3), (13, 100), (20, 7)])
 def test_fastfood_equals_its_dense_matrix(d, total):
     projection = Fastfood(d, total, seed=3)
     theta = torch.randn(d, dtype=torch.float64)
@@ -139,3 +146,84 @@ def test_d90_is_the_smallest_dimension_reaching_the_threshold():
     assert d90(scores, full_score=0.88) == 1000  # 0.9 * 0.88 = 0.792
     assert d90(scores, full_score=0.99) is None
     assert d90({5: 0.9, 50: 0.7}, full_score=1.0) == 5
+
+
+def float64_mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+    ).double()
+
+
+@pytest.mark.parametrize("said", [True, False])
+def test_theta_d_zero_gives_theta_0_exactly(said):
+    model = float64_mlp()
+    reference = {name: p.detach().clone() for name, p in model.named_parameters()}
+    wrapper = IntrinsicDimension(model, 5, said=said, seed=2)
+    if said:
+        with torch.no_grad():
+            wrapper.scales.copy_(torch.tensor([0.3, -2.0, 7.0, 0.5], dtype=wrapper.scales.dtype))
+    for name, value in wrapper.reparametrised().items():
+        assert torch.equal(value, reference[name]), name  # bit for bit, not approximately
+    x = torch.randn(6, 3, dtype=torch.float64)
+    assert torch.equal(wrapper(x), torch.func.functional_call(model, reference, (x,)))
+
+
+def test_said_equals_the_dense_formula_and_gradients_reach_only_theta_d_and_scales():
+    model = float64_mlp()
+    theta_0 = {name: p.detach().clone() for name, p in model.named_parameters()}
+    wrapper = IntrinsicDimension(model, 5, said=True, seed=4)
+    wrapper.double()
+    theta_d = torch.tensor([0.5, -1.0, 0.25, 2.0, -0.75], dtype=torch.float64)
+    scales = torch.tensor([1.5, -0.5, 2.0, 0.25], dtype=torch.float64)
+    with torch.no_grad():
+        wrapper.theta_d.copy_(theta_d)
+        wrapper.scales.copy_(scales)
+    dense = dense_fastfood(wrapper.projection)  # (D, d) = (26, 5)
+    pieces = torch.split(dense @ theta_d, wrapper.sizes)
+    expected = {
+        name: theta_0[name] + scales[i] * pieces[i].view(theta_0[name].shape)
+        for i, name in enumerate(wrapper.names)
+    }
+    params = wrapper.reparametrised()
+    for name in wrapper.names:
+        torch.testing.assert_close(params[name], expected[name], rtol=0, atol=1e-12)
+    # a linear loss sum_i <W_i, θ^(i)>: dL/dλ_i = <W_i, (Pθ_d)^(i)>, dL/dθ_d = P^T (λ_i W_i)_i
+    weights = {name: torch.randn(theta_0[name].shape, dtype=torch.float64) for name in params}
+    loss = sum((weights[name] * params[name]).sum() for name in params)
+    loss.backward()
+    flat_w = torch.cat([scales[i] * weights[n].reshape(-1) for i, n in enumerate(wrapper.names)])
+    torch.testing.assert_close(wrapper.theta_d.grad, dense.T @ flat_w, rtol=0, atol=1e-12)
+    expected_scale_grad = torch.stack(
+        [(weights[n].reshape(-1) * pieces[i]).sum() for i, n in enumerate(wrapper.names)]
+    )
+    torch.testing.assert_close(wrapper.scales.grad, expected_scale_grad, rtol=0, atol=1e-12)
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is None and not parameter.requires_grad, name
+        assert torch.equal(parameter, theta_0[name])
+
+
+def test_d90_of_gain_is_relative_to_the_frozen_baseline():
+    scores = {10: 0.74, 100: 0.77, 1000: 0.79}
+    # frozen 0.72, full 0.80: the gain 0.08 needs >= 0.072, i.e. a score >= 0.792 -> none
+    assert d90_of_gain(scores, full_score=0.80, frozen_score=0.72) is None
+    assert d90_of_gain(scores, full_score=0.80, frozen_score=0.60) == 1000  # needs >= 0.78
+    assert d90(scores, full_score=0.80) == 10  # the paper's: >= 0.72
+    assert d90_of_gain(scores, full_score=0.70, frozen_score=0.72) is None  # no gain to share
+
+
+def test_bootstrap_d90_interval_from_seeds():
+    same = bootstrap_d90({100: [0.8, 0.8], 1000: [0.87, 0.87]}, [0.88, 0.88], [0.7, 0.7])
+    assert same["of_full"] == {"point": 100, "low": 100, "high": 100, "undefined": 0.0}
+    assert same["of_gain"] == {"point": 1000, "low": 1000, "high": 1000, "undefined": 0.0}
+    # of gain: 0.9 * (0.88 - 0.70) needs a score >= 0.862, d = 1000 has 0.87
+    # d = 100 reaches 0.792 only when both resampled seeds are the 0.80 one (1 in 4 resamples)
+    mixed = bootstrap_d90(
+        {100: [0.70, 0.80], 1000: [0.85, 0.85]}, [0.88, 0.88], [0.70, 0.70], resamples=4000
+    )
+    assert mixed["of_full"]["point"] == 1000
+    assert (mixed["of_full"]["low"], mixed["of_full"]["high"]) == (100, 1000)
+    assert mixed["of_full"]["undefined"] == 0.0
+    assert mixed["of_gain"] == {"point": None, "low": None, "high": None, "undefined": 1.0}
+    with pytest.raises(ValueError, match="at least one score"):
+        bootstrap_d90({100: []}, [0.9], [0.7])
