@@ -192,7 +192,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     _say(f"zero-shot accuracy: {before:.1%}")
     result, counts, train_size = _train(model, tokenizer, settings, output)
     after, predictions, log_probs = _accuracy(model, tokenizer, held_out, settings)
-    _say(f"accuracy after LoRA fine-tuning: {after:.1%}")
+    _say(f"accuracy after {'DoRA' if settings.use_dora else 'LoRA'} fine-tuning: {after:.1%}")
     adapter_dir = save_adapter(model, output / "adapter")
     sizes = _sizes(settings, adapter_dir, base_parameters)
     model = lorakit.merge_and_unload(model)
