@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import pytest
 
-import said_study
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+SCRIPT_MODULES = ("common", "said_study")  # benchmarks/ has a ``common`` module too
 
 
-def test_rows_append_whole_and_a_torn_last_line_is_skipped(tmp_path):
+@pytest.fixture
+def said_study(monkeypatch):
+    """experiments/said_study.py, imported with experiments/ on the path only for this test; its
+    ``common`` leaves sys.modules afterwards, so benchmarks' ``import common`` gets its own."""
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    saved = {name: sys.modules.pop(name) for name in SCRIPT_MODULES if name in sys.modules}
+    yield importlib.import_module("said_study")
+    for name in SCRIPT_MODULES:
+        sys.modules.pop(name, None)
+    sys.modules.update(saved)
+
+
+def test_rows_append_whole_and_a_torn_last_line_is_skipped(said_study, tmp_path):
     path = tmp_path / "runs.jsonl"
     assert said_study.read_rows(path) == []
     said_study.append_row(path, {"key": "a", "x": 1})
@@ -20,7 +34,7 @@ def test_rows_append_whole_and_a_torn_last_line_is_skipped(tmp_path):
     assert said_study.read_rows(path) == [{"key": "a", "x": 1}, {"key": "b", "x": 2}]
 
 
-def test_lr_is_chosen_per_dimension_on_mean_validation_accuracy():
+def test_lr_is_chosen_per_dimension_on_mean_validation_accuracy(said_study):
     def row(d, lr, val, test):
         return {"dimension": d, "lr": lr, "val_accuracy": val, "test_accuracy": test}
 
