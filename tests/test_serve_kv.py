@@ -47,10 +47,25 @@ def assert_same(new: BatchedCache, old: ConcatenatedCache) -> None:
 
 # (operation, argument): join a row of that length, run that many decode steps, keep those rows
 SCRIPT = [
-    ("join", 5), ("step", 2), ("join", 9), ("join", 3), ("step", 3), ("keep", [2, 0]),
-    ("step", 1), ("join", 20), ("step", 4), ("keep", [1, 2]), ("keep", [1]), ("step", 2),
-    ("keep", []), ("join", 4), ("join", 4), ("step", 70), ("join", 2), ("step", 1),
-]  # fmt: skip
+    ("join", 5),
+    ("step", 2),
+    ("join", 9),
+    ("join", 3),
+    ("step", 3),
+    ("keep", [2, 0]),
+    ("step", 1),
+    ("join", 20),
+    ("step", 4),
+    ("keep", [1, 2]),
+    ("keep", [1]),
+    ("step", 2),
+    ("keep", []),
+    ("join", 4),
+    ("join", 4),
+    ("step", 70),
+    ("join", 2),
+    ("step", 1),
+]
 
 
 @pytest.mark.parametrize("headroom", [0, 64])

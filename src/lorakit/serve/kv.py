@@ -74,7 +74,41 @@ class WindowLayer(DynamicLayer):
         return self.keys, self.values
 
 
-class BatchedCache:
+class _MaskedRows:
+    """What both caches keep beside the keys and values: ``mask`` (rows, width), 1 on each row's
+    real tokens, which are right-aligned (left padding), and ``lengths`` (rows,)."""
+
+    mask: torch.Tensor
+    lengths: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return int(self.lengths.numel())
+
+    @property
+    def width(self) -> int:
+        return int(self.mask.shape[1])
+
+    def _mask_add_row(self, length: int) -> None:
+        """One more row of ``length`` tokens; the width grows to ``length`` if that is longer."""
+        width = max(self.width, length)
+        row_mask = torch.cat(
+            [torch.zeros(width - length, dtype=torch.long), torch.ones(length, dtype=torch.long)]
+        )
+        self.mask = torch.cat([F.pad(self.mask, (width - self.width, 0)), row_mask[None]])
+        self.lengths = torch.cat([self.lengths, torch.tensor([length])])
+
+    def _mask_keep_rows(self, index: torch.Tensor) -> int:
+        """Only the rows ``index`` (non-empty), without the leftmost columns none of them uses;
+        returns how many columns were dropped."""
+        self.mask = self.mask.index_select(0, index)
+        self.lengths = self.lengths.index_select(0, index)
+        drop = self.width - int(self.lengths.max())
+        self.mask = self.mask[:, drop:]
+        return drop
+
+
+class BatchedCache(_MaskedRows):
     """``cache`` (a DynamicCache of ``WindowLayer``s over the running rows), ``mask`` (B, T),
     ``lengths`` (B,). ``step_inputs`` before a decode step (it makes room for one column),
     ``advance`` after it."""
@@ -85,14 +119,6 @@ class BatchedCache:
         self.lengths = torch.zeros(0, dtype=torch.long)
         self._window = _Window()
         self._fallback: ConcatenatedCache | None = None
-
-    @property
-    def rows(self) -> int:
-        return int(self.lengths.numel())
-
-    @property
-    def width(self) -> int:
-        return int(self.mask.shape[1])
 
     def _layers(self) -> list[WindowLayer]:
         return self.cache.layers if self.cache is not None else []
@@ -122,11 +148,7 @@ class BatchedCache:
         w.rows += 1
         for layer in self._layers():
             layer.refresh()
-        row_mask = torch.cat(
-            [torch.zeros(width - length, dtype=torch.long), torch.ones(length, dtype=torch.long)]
-        )
-        self.mask = torch.cat([F.pad(self.mask, (width - self.width, 0)), row_mask[None]])
-        self.lengths = torch.cat([self.lengths, torch.tensor([length])])
+        self._mask_add_row(length)
 
     def _reserve(self, rows: int, width: int, extra_left: int, like=None) -> None:
         """Make room for ``rows`` rows and a window grown by ``extra_left`` columns on the left
@@ -186,10 +208,7 @@ class BatchedCache:
                 layer.refresh()
             return
         index = torch.tensor(rows, dtype=torch.long)
-        self.mask = self.mask.index_select(0, index)
-        self.lengths = self.lengths.index_select(0, index)
-        drop = self.width - int(self.lengths.max())
-        self.mask = self.mask[:, drop:]
+        drop = self._mask_keep_rows(index)
         if rows != list(range(len(rows))):  # moved rows: gather them to the front
             for layer in self._layers():
                 for buffer in (layer.key_buffer, layer.value_buffer):
@@ -219,7 +238,7 @@ class BatchedCache:
             layer.refresh()
 
 
-class ConcatenatedCache:
+class ConcatenatedCache(_MaskedRows):
     """The same cache over transformers' own layers (any kind): joins and leaves pad and copy,
     a decode step concatenates one column (``DynamicCache``)."""
 
@@ -227,14 +246,6 @@ class ConcatenatedCache:
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long)
         self.lengths = torch.zeros(0, dtype=torch.long)
-
-    @property
-    def rows(self) -> int:
-        return int(self.lengths.numel())
-
-    @property
-    def width(self) -> int:
-        return int(self.mask.shape[1])
 
     def add(self, row_cache: DynamicCache, length: int) -> None:
         if self.cache is None or self.rows == 0:
@@ -256,21 +267,14 @@ class ConcatenatedCache:
                     _pad_time_left(new.values, width - length),
                 ]
             )
-        row_mask = torch.cat(
-            [torch.zeros(width - length, dtype=torch.long), torch.ones(length, dtype=torch.long)]
-        )
-        self.mask = torch.cat([F.pad(self.mask, (width - self.width, 0)), row_mask[None]])
-        self.lengths = torch.cat([self.lengths, torch.tensor([length])])
+        self._mask_add_row(length)
 
     def keep(self, rows: list[int]) -> None:
         if not rows:
             self.__init__()
             return
         index = torch.tensor(rows, dtype=torch.long)
-        self.mask = self.mask.index_select(0, index)
-        self.lengths = self.lengths.index_select(0, index)
-        drop = self.width - int(self.lengths.max())
-        self.mask = self.mask[:, drop:]
+        drop = self._mask_keep_rows(index)
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, drop:]
             layer.values = layer.values.index_select(0, index)[:, :, drop:]
