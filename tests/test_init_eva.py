@@ -134,15 +134,9 @@ EVA_FIELDS = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_l
 
 def test_trains_merges_and_round_trips_with_peft(tmp_path):
     model = _eva_llama(EVA_FIELDS)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    assert parameters and all(p.requires_grad for p in parameters)
-    optimizer = torch.optim.SGD(parameters, lr=0.1)
     ids = tiny_models.input_ids()
-    for _ in range(3):
-        loss = model(ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    parameters = tiny_models.sgd_steps(model, ids, lr=0.1)
+    assert parameters and all(p.requires_grad for p in parameters)
     trained = model(ids).logits.detach()
     layer = model.model.get_submodule("model.layers.0.self_attn.q_proj")
     assert layer.lora_B["default"].weight.abs().max() > 0

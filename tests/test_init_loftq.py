@@ -66,14 +66,8 @@ def test_factors_and_quantized_base_equal_peft(peft_loftq_on_cpu, bits, iteratio
 def test_front_door_trains_merges_and_round_trips_with_peft(tmp_path):
     original = tiny_models.llama()
     model = lorakit.get_peft_model(copy.deepcopy(original), lorakit.LoraConfig(**FIELDS))
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(parameters, lr=0.05)
     ids = tiny_models.input_ids()
-    for _ in range(3):
-        loss = model(ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    tiny_models.sgd_steps(model, ids)
     trained = model(ids).logits.detach()
     layer = model.model.get_submodule("model.layers.1.self_attn.v_proj")
     base = layer.base_layer.weight.detach().clone()

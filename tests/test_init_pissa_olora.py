@@ -33,14 +33,7 @@ def _logits(model, ids):
 
 def _train(model, steps: int = 3) -> None:
     """A few SGD steps on a language-model loss (changes A and B of every adapted layer)."""
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(parameters, lr=0.05)
-    ids = tiny_models.input_ids(seed=5)
-    for _ in range(steps):
-        loss = model(ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    tiny_models.sgd_steps(model, tiny_models.input_ids(seed=5), steps)
 
 
 def _peft_model(base, init: str, **extra):

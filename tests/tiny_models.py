@@ -95,6 +95,21 @@ def input_ids(batch: int = 2, length: int = 12, vocab: int = 128, seed: int = 1)
     return torch.randint(0, vocab, (batch, length), generator=generator)
 
 
+def sgd_steps(
+    model: torch.nn.Module, ids: torch.Tensor, steps: int = 3, lr: float = 0.05
+) -> list[torch.nn.Parameter]:
+    """A few plain SGD steps on the language-model loss of ``ids`` over every parameter that
+    requires grad (the adapters); returns those parameters."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(parameters, lr=lr)
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return parameters
+
+
 def randomize_adapters(model: torch.nn.Module, seed: int = 3, std: float = 0.05) -> None:
     """Give every LoRA tensor a non-zero random value (so merges cannot pass trivially)."""
     from lorakit.state import lora_layers
