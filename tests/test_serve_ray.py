@@ -4,6 +4,7 @@ adapter lives on a bounded number of replicas, and the answers are those of one 
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -68,6 +69,20 @@ def texts_of_one_server(root) -> dict[str, str]:
         }
 
 
+def streamed_texts(port: int, body: dict) -> list[str]:
+    """The text of each server-sent event of a streamed completion ("[DONE]" for the last)."""
+    texts = []
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    with httpx.stream("POST", url, json=body, timeout=120) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                data = line.removeprefix("data: ")
+                texts.append(data if data == "[DONE]" else json.loads(data)["choices"][0]["text"])
+    return texts
+
+
 def test_two_replicas_serve_50_adapters_like_one_server(world):
     from lorakit.serve.ray_deployment import REPLICA_HEADER, build_app
 
@@ -89,9 +104,12 @@ def test_two_replicas_serve_50_adapters_like_one_server(world):
 
         with ThreadPoolExecutor(8) as pool:
             rounds = [list(pool.map(ask, range(ADAPTERS))) for _ in range(2)]
+        streamed = streamed_texts(port, request_body(7) | {"stream": True})
     finally:
         serve.shutdown()
         ray.shutdown()
+    assert streamed[-1] == "[DONE]" and "".join(streamed[:-1]) == expected["ad07"]
+    assert len(streamed) >= 3  # one event per token, then [DONE]
     replicas_of: dict[str, set[str]] = {}
     for answers in rounds:
         for index, (text, replica) in enumerate(answers):

@@ -11,15 +11,19 @@ already hold it (``@serve.multiplexed``, ``serve.get_multiplexed_model_id``). Ea
 whole lorakit server in-process (the same app as ``lorakit serve``, so answers are the same):
 its multiplexed cache of at most ``adapters_per_replica`` adapters is pinned in its bank; when
 Ray evicts one from the cache, it is unpinned (the bank's LRU may then reuse its pages).
-Responses are returned whole (a streamed response arrives at once, as one body).
+Responses are streamed from the replica to the client as the replica's app sends them (Ray
+Serve's streaming handles), so ``stream: true`` gives server-sent events token by token, and a
+client that leaves cancels its request in the replica's engine.
 """
 
 import argparse
 import asyncio
 
-import httpx
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import StreamingResponse
 from ray import serve
+
+from lorakit.serve.asgi_stream import ResponseStart, asgi_stream
 
 __all__ = ["OpenAIIngress", "build_app", "replica_deployment"]
 
@@ -55,9 +59,6 @@ def replica_deployment(adapters_per_replica: int):
             self.app = build(build_parser().parse_args(["serve", *serve_args]))
             self.app.state.engine.start()  # (the app's lifespan does not run in-process)
             self.adapters = self.app.state.adapters
-            self._client = httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=self.app), base_url="http://replica", timeout=None
-            )
 
         @serve.multiplexed(max_num_models_per_replica=adapters_per_replica)
         async def adapter(self, name: str) -> _Resident:
@@ -65,15 +66,18 @@ def replica_deployment(adapters_per_replica: int):
             self.adapters.bank.pin(name)
             return _Resident(self.adapters.bank, name)
 
-        async def forward(self, method: str, path: str, body: bytes, headers: dict) -> tuple:
-            """(status, content type, body, this replica's id) of lorakit's app for it."""
+        async def forward(self, method: str, path: str, body: bytes, headers: dict):
+            """lorakit's app on the request, as it answers: first (status, content type, this
+            replica's id), then the body's chunks (bytes)."""
             name = serve.get_multiplexed_model_id()
             if name and name in self.adapters.registry:
                 await self.adapter(name)
-            response = await self._client.request(method, path, content=body, headers=headers)
             replica = serve.get_replica_context().replica_id.unique_id
-            content_type = response.headers.get("content-type")
-            return response.status_code, content_type, response.content, replica
+            async for piece in asgi_stream(self.app, method, path, body, headers):
+                if isinstance(piece, ResponseStart):
+                    yield piece.status, piece.content_type, replica
+                else:
+                    yield piece
 
         def resident(self) -> list[str]:
             """The adapters of this replica's multiplexed cache (pinned in its bank)."""
@@ -106,13 +110,19 @@ class OpenAIIngress:
         headers = {
             k: v for k, v in request.headers.items() if k in ("authorization", "content-type")
         }
-        handle = self.replica.options(multiplexed_model_id=model) if model else self.replica
-        status, media_type, content, replica = await handle.forward.remote(
+        handle = self.replica.options(stream=True)
+        if model:
+            handle = handle.options(multiplexed_model_id=model)
+        pieces = handle.forward.remote(
             request.method, request.url.path, await request.body(), headers
         )
-        response = Response(content, status_code=status, media_type=media_type)
-        response.headers["x-lorakit-replica"] = replica  # which replica answered
-        return response
+        status, media_type, replica = await anext(pieces)
+        return StreamingResponse(
+            pieces,
+            status_code=status,
+            media_type=media_type,
+            headers={REPLICA_HEADER: replica},  # which replica answered
+        )
 
     @ingress_app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
