@@ -12,20 +12,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import lorakit
 from lorakit import cli, data
 from lorakit.errors import UserError
+from tests.cli_runs import demo_settings
 
 
 def _settings(tmp_path, model_dir, **overrides):
-    from lorakit.demo import DemoSettings
-
-    fields = dict(
-        output=str(tmp_path / "demo"),
-        model=str(model_dir),
-        steps=2,
-        eval_size=8,
-        max_length=64,
-        progress=False,
-    )
-    return DemoSettings(**(fields | overrides))
+    return demo_settings(tmp_path / "demo", model_dir, **overrides)
 
 
 def _predict_one_at_a_time(model, tokenizer, examples, max_length) -> list[int]:

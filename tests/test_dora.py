@@ -18,7 +18,7 @@ import lorakit
 from lorakit import fast, functional
 from lorakit.state import lora_layers
 from tests import tiny_models
-from tests.cli_runs import train_cli
+from tests.cli_runs import demo_settings, train_cli
 
 TARGETS = {"llama": "all-linear", "gpt2": ["c_attn", "c_proj", "c_fc"]}
 
@@ -250,22 +250,8 @@ def test_magnitude_trains_and_is_in_the_optimizer() -> None:
 @pytest.mark.slow
 def test_train_cli_use_dora_writes_a_dora_adapter_peft_loads(tmp_path, model_dir, jsonl) -> None:
     output = tmp_path / "run"
-    code = train_cli(
-        model_dir,
-        jsonl,
-        output,
-        "--steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--lr",
-        "1e-2",
-        "--r",
-        "4",
-        "--target-modules",
-        "q_proj,v_proj",
-        "--use-dora",
-    )
+    settings = "--steps 2 --batch-size 4 --lr 1e-2 --r 4 --target-modules q_proj,v_proj --use-dora"
+    code = train_cli(model_dir, jsonl, output, *settings.split())
     assert code == 0
     adapter = output / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] is True
@@ -280,17 +266,9 @@ def test_train_cli_use_dora_writes_a_dora_adapter_peft_loads(tmp_path, model_dir
 
 @pytest.mark.slow
 def test_demo_with_use_dora_trains_merges_and_says_dora(tmp_path, model_dir, capsys) -> None:
-    from lorakit.demo import DemoSettings, run_demo
+    from lorakit.demo import run_demo
 
-    settings = DemoSettings(
-        output=str(tmp_path / "demo"),
-        model=str(model_dir),
-        steps=2,
-        eval_size=8,
-        max_length=64,
-        progress=False,
-        use_dora=True,
-    )
+    settings = demo_settings(tmp_path / "demo", model_dir, use_dora=True)
     summary = run_demo(settings)
     assert summary["use_dora"] is True
     assert summary["merged_predictions_agree"] == 8  # the merged DoRA model predicts the same

@@ -14,30 +14,15 @@ from lorakit import cli
 from lorakit.io import load_adapter, read_adapter
 from lorakit.models import load_model
 from tests import tiny_models
-from tests.cli_runs import train_cli
+from tests.cli_runs import demo_settings, train_cli
 
 
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory, model_dir, jsonl):
     """A 2-step ``lorakit train --quantization nf4`` run on the tiny Llama."""
     output = tmp_path_factory.mktemp("qlora") / "run"
-    code = train_cli(
-        model_dir,
-        jsonl,
-        output,
-        "--steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--lr",
-        "1e-2",
-        "--r",
-        "4",
-        "--alpha",
-        "8",
-        "--quantization",
-        "nf4",
-    )
+    settings = "--steps 2 --batch-size 4 --lr 1e-2 --r 4 --alpha 8 --quantization nf4"
+    code = train_cli(model_dir, jsonl, output, *settings.split())
     assert code == 0
     return output
 
@@ -136,17 +121,9 @@ def test_a_quantization_that_cannot_apply_is_refused_before_loading(
 
 @pytest.mark.slow
 def test_the_demo_runs_on_an_nf4_base_and_its_float_merge_agrees(tmp_path, model_dir, capsys):
-    from lorakit.demo import DemoSettings, run_demo
+    from lorakit.demo import run_demo
 
-    settings = DemoSettings(
-        output=str(tmp_path / "demo"),
-        model=str(model_dir),
-        steps=2,
-        eval_size=8,
-        max_length=64,
-        progress=False,
-        quantization="nf4",
-    )
+    settings = demo_settings(tmp_path / "demo", model_dir, quantization="nf4")
     summary = run_demo(settings)
     assert summary["settings"]["quantization"] == "nf4"
     assert summary["merged_predictions_agree"] == 8
