@@ -186,7 +186,7 @@ def cold_load_seconds(adapters: ServedAdapters, names: list[str]) -> list[float]
 
 
 def rss_bytes() -> int:
-    return common._status_kib("VmRSS") * 1024
+    return common.rss_kib("VmRSS") * 1024
 
 
 def memory_growth(engine, adapters, names: list[str], steps: list[int]) -> list[dict]:

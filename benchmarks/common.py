@@ -160,7 +160,8 @@ def saved_tensor_bytes(step: Callable[[], torch.Tensor], exclude: list[torch.Ten
     return sum(held.values())
 
 
-def _status_kib(field: str) -> int:
+def rss_kib(field: str) -> int:
+    """A memory field of /proc/self/status in KiB (``VmRSS``, ``VmHWM``)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -172,9 +173,9 @@ def peak_rss_delta(run: Callable[[], object]) -> int | None:
     /proc/self/clear_refs); None where that is not available. Allocator caching makes it noisy."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
-        before = _status_kib("VmRSS")
+        before = rss_kib("VmRSS")
         run()
-        return (_status_kib("VmHWM") - before) * 1024
+        return (rss_kib("VmHWM") - before) * 1024
     except (OSError, RuntimeError):
         return None
 

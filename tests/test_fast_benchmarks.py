@@ -93,3 +93,13 @@ def test_layer_dominated_shapes(monkeypatch):
     assert (large.hidden_size, large.intermediate_size, large.num_hidden_layers) == (2048, 8192, 2)
     assert small.vocab_size == large.vocab_size == 2000
     assert common.model_config("smollm2", 3, False).num_hidden_layers == 3
+
+
+def test_training_rss_benchmark(monkeypatch, tmp_path):
+    payload = _run(monkeypatch, tmp_path, "bench_training_rss", "--steps", "1")
+    rows = {row["base"]: row for row in payload["rows"]}
+    assert set(rows) == {"float32", "bfloat16"}  # --quick: the float bases, each in a child
+    for row in rows.values():
+        assert "error" not in row, row
+        assert 0 < row["loaded"] <= row["training_peak"]  # the high-water mark of the steps
+        assert row["final_loss"] > 0
