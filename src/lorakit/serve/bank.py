@@ -2,7 +2,8 @@
 
 Each adapted linear layer has its page pools (``lorakit.serve.stacks``: A (pages, page_rank, k),
 B^T (pages, page_rank, d)) and scalings (slots,); an adapter of rank r holds a slot and
-``ceil(r / page_rank)`` pages, the same ones in every layer, so the bank's memory goes to the
+``ceil(r / page_rank)`` pages, the same ones in every layer (one aligned run where it can,
+``lorakit.serve.pages``, so the batched op reads them in place), so the bank's memory goes to the
 ranks actually held: a thousand rank-4 adapters take a sixteenth of the pages of rank-64 ones. The model
 itself needs LoRA layers around the targets but no adapters of its own:
 ``prepare_for_serving(model, target_modules)`` wraps them empty. Loading and eviction are allowed
