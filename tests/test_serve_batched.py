@@ -166,14 +166,15 @@ def test_plan_groups_contiguous_rows_as_slices_and_others_as_indices():
     assert set(by_slot) == {1, 3} and plan.num_rows == 5 and plan.padded is None
     assert by_slot[1].rows == slice(3, 4) and by_slot[1].pages.tolist() == [0, 1]
     assert by_slot[3].rows.tolist() == [0, 1, 4] and by_slot[3].pages.tolist() == [3, 6, 5]
-    # short segments: one grid entry per page of each slot, rows padded to the longest (2)
+    assert by_slot[1].first_page == 0 and by_slot[3].first_page is None  # [3, 6, 5]: gathered
+    # short segments: one grid entry per page (block 1: slot 0 starts at page 4, slot 1 holds 2
+    # pages), read in place over the run of pages 0..7 (4 used of 8), rows padded to 2
     padded = group_rows([0, 1, 0, 5, -1], pages).padded
-    assert padded.length == 2
-    assert padded.entry_pages.tolist() == [4, 0, 1, 7]
-    assert padded.entry_slots.tolist() == [0, 1, 1, 5]
-    assert padded.gather_rows.tolist() == [0, 2, 1, 1, 1, 1, 3, 3]
-    assert padded.valid.tolist() == [0, 1, 2, 4, 6]
-    assert padded.dest_rows.tolist() == [0, 2, 1, 1, 3]  # row 1 gets both pages of slot 1
+    assert padded.length == 2 and padded.block == 1 and padded.window_run == slice(0, 8)
+    assert padded.entry_slots.tolist() == [1, 1, 0, 0, 0, 0, 0, 5]  # fillers: the first slot, 0
+    assert padded.gather_rows.tolist() == [1, 0, 1, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 3, 0]
+    assert padded.valid.tolist() == [0, 2, 8, 9, 14]
+    assert padded.dest_rows.tolist() == [1, 1, 0, 2, 3]  # row 1 gets both pages of slot 1
     long_and_short = group_rows([7] * 20 + [1, 2], pages)  # a long segment loops, short ones pad
     assert [s.slot for s in long_and_short.looped] == [7] and long_and_short.padded.length == 1
     with pytest.raises(KeyError, match=r"slots \[9\] hold no adapter"):

@@ -2,7 +2,8 @@
 
 Each adapted linear layer has its page pools (``lorakit.serve.stacks``: A (pages, page_rank, k),
 B^T (pages, page_rank, d)) and scalings (slots,); an adapter of rank r holds a slot and
-``ceil(r / page_rank)`` pages, the same ones in every layer, so the bank's memory goes to the
+``ceil(r / page_rank)`` pages, the same ones in every layer (one aligned run where it can,
+``lorakit.serve.pages``, so the batched op reads them in place), so the bank's memory goes to the
 ranks actually held: a thousand rank-4 adapters take a sixteenth of the pages of rank-64 ones. The model
 itself needs LoRA layers around the targets but no adapters of its own:
 ``prepare_for_serving(model, target_modules)`` wraps them empty. Loading and eviction are allowed
@@ -27,6 +28,7 @@ from lorakit.inject import default_adapter_dtype
 from lorakit.io.keys import lora_keys, magnitude_key
 from lorakit.layers import LoraLinear
 from lorakit.serve.checks import PreparedAdapter, lora_pairs, prepare_adapter
+from lorakit.serve.pages import FreePages
 from lorakit.serve.stacks import (
     LayerStack,
     allocate_stack,
@@ -106,7 +108,7 @@ class AdapterBank:
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # least recently used first
         self._configs: dict[str, LoraConfig] = {}
         self._free = list(range(self.capacity - 1, -1, -1))
-        self._free_pages = list(range(self.pages - 1, -1, -1))
+        self._free_pages = FreePages(self.pages)  # aligned runs first (serve/pages.py)
         self.page_table: dict[int, torch.Tensor] = {}  # slot -> its pages (n,), in rank order
         self._in_use: dict[str, int] = {}
         self._pinned: set[str] = set()
@@ -150,7 +152,7 @@ class AdapterBank:
 
     def resident_bytes(self) -> int:
         """Bytes of the pages the loaded adapters hold (proportional to their ranks)."""
-        return (self.pages - len(self._free_pages)) * self.page_bytes
+        return (self.pages - self._free_pages.count) * self.page_bytes
 
     # ----------------------------------------------------------------- lookup
     def stack_for(self, layer: nn.Module) -> LayerStack | None:
@@ -290,7 +292,7 @@ class AdapterBank:
             for stack in self._stacks.values():
                 stack.present.discard(slot)
             self._free.append(slot)
-            self._free_pages.extend(self.page_table.pop(slot).tolist())
+            self._free_pages.give(self.page_table.pop(slot).tolist())
 
     def _evictable(self, name: str) -> bool:
         return name not in self._pinned and not self._in_use.get(name)
@@ -302,7 +304,7 @@ class AdapterBank:
             evictable = [n for n in self._slot_of if self._evictable(n)]
             slot = bool(self._free) or bool(evictable)
             freeable = sum(self.page_table[self._slot_of[n]].numel() for n in evictable)
-            return slot and len(self._free_pages) + freeable >= pages
+            return slot and self._free_pages.count + freeable >= pages
 
     def _require_room(self, pages: int = 1) -> None:
         if pages > self.pages:
@@ -320,11 +322,11 @@ class AdapterBank:
     def _take_slot(self, pages: int) -> tuple[int, torch.Tensor]:
         """A free slot and ``pages`` free pages, evicting least recently used adapters."""
         self._require_room(pages)
-        while not self._free or len(self._free_pages) < pages:
+        while not self._free or self._free_pages.count < pages:
             victim = next(n for n in self._slot_of if self._evictable(n))  # least recently used
             self.evict(victim)
             self.evictions += 1
-        taken = [self._free_pages.pop() for _ in range(pages)]
+        taken = self._free_pages.take(pages)
         return self._free.pop(), torch.tensor(taken, dtype=torch.long)
 
     # ----------------------------------------------------------------- load

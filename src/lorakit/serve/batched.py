@@ -7,35 +7,46 @@ Semantics (punica's SGMV), for rows ``i`` of ``x`` (N, k) and slots ``slot[i]``:
 with each adapter's A and B spread over its rank-granular pages (``stacks``): B A x is the sum
 over its pages p of B_p A_p x, so an adapter's cost follows its own rank, never the largest
 rank of the batch or of the bank. The rows are grouped into segments of equal slot once per
-forward (``group_rows``, with the bank's page table); every layer of that forward reuses the
-groups. Two ways to run the segments, chosen per segment by its size:
+forward (``row_groups.group_rows``, with the bank's page table); every layer of that forward
+reuses the groups. Two ways to run the segments, chosen per segment by its size:
 
 - looped: one pair of small matmuls per segment (``functional.lora_forward``) against its pages
-  gathered into (r, k) and (d, r), on a slice of rows when they are contiguous (no copy), for
-  segments of ``LOOP_MIN_ROWS`` rows or more;
+  as (r, k) and (d, r): a slice of the pools when the pages are consecutive (the bank's usual
+  placement, no copy), else gathered; rows sliced when contiguous; for segments of
+  ``LOOP_MIN_ROWS`` rows or more;
 - padded: all the short segments at once (decode with many adapters, per-token choices): one
-  grid entry per (segment, page), the segment's rows gathered into (E, L, k) padded to the
-  longest segment (L), two batched matmuls against the E pages (A (E, p, k), B^T (E, p, d)),
-  and every entry's valid rows added back into its rows. A fixed number of operations whatever
-  the number of adapters and their ranks; with one row per segment this is punica's BGMV.
+  grid entry per window of b consecutive pages of a segment (``row_groups``: one window per
+  adapter when the batch's adapters share a rank, one page each when their ranks are mixed), the
+  segment's rows gathered into (E, L, k) padded to the longest segment (L), two batched matmuls
+  against the E windows (A (E, b*p, k), B^T (E, b*p, d)), read in place from the pools when
+  they lie in a compact run, and every entry's valid rows added back into its rows. A fixed
+  number of operations whatever the number of adapters and their ranks; with one row per
+  segment this is punica's BGMV.
 
 Results are added into the base layer's output in place (inference only, no autograd).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
 from lorakit import functional
 from lorakit.layers import row_router
 from lorakit.serve.bank import AdapterBank
+from lorakit.serve.row_groups import (
+    LOOP_MIN_ROWS,
+    PaddedSegments,
+    RowGroups,
+    Segment,
+    group_rows,
+)
 from lorakit.serve.stacks import LayerStack
 
 __all__ = [
+    "LOOP_MIN_ROWS",
     "BankRouter",
     "PaddedSegments",
     "RowGroups",
@@ -47,155 +58,71 @@ __all__ = [
     "routed",
 ]
 
-# Segments with at least this many rows run as their own pair of matmuls; shorter ones are padded
-# and batched together (when there are at least two of them).
-LOOP_MIN_ROWS = 16
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Rows sharing one adapter slot: a ``slice`` when contiguous, else a LongTensor of rows;
-    ``pages`` (n,) the slot's pages."""
-
-    slot: int
-    rows: slice | torch.Tensor
-    pages: torch.Tensor
-
-
-@dataclass(frozen=True)
-class PaddedSegments:
-    """E = sum over the short segments of their pages, each segment padded to L rows:
-    ``gather_rows`` (E*L,) rows of x (padding repeats a valid row), ``entry_pages`` (E,) and
-    ``entry_slots`` (E,) each grid entry's page and slot, ``valid`` (M,) positions of real rows
-    in the E*L grid (None: no padding), ``dest_rows`` (M,) where their results go."""
-
-    entry_pages: torch.Tensor
-    entry_slots: torch.Tensor
-    length: int
-    gather_rows: torch.Tensor
-    valid: torch.Tensor | None
-    dest_rows: torch.Tensor
-    slots: frozenset[int]
-
-
-@dataclass(frozen=True)
-class RowGroups:
-    """How the N rows of one forward map to adapter slots (built once, used by every layer)."""
-
-    num_rows: int
-    looped: tuple[Segment, ...]
-    padded: PaddedSegments | None
-    slots: frozenset[int]
-    row_slots: torch.Tensor | None = None  # (N,) each row's slot, -1 for none (DoRA's gains)
-
-
-def group_rows(
-    row_slots: torch.Tensor | Sequence[int],
-    page_table: Mapping[int, torch.Tensor],
-    mode: str | None = None,
-) -> RowGroups:
-    """Group rows by slot (-1: no adapter); ``page_table`` slot -> its pages (n,) (the bank's).
-    ``mode``: None (by segment size), "loop" or "padded"."""
-    values = torch.as_tensor(row_slots, dtype=torch.long).reshape(-1).tolist()
-    groups: dict[int, list[int]] = {}
-    for row, slot in enumerate(values):
-        if slot >= 0:
-            groups.setdefault(slot, []).append(row)
-    if mode not in (None, "loop", "padded"):
-        raise ValueError(f"mode must be None, 'loop' or 'padded', got {mode!r}")
-    missing = [slot for slot in groups if slot not in page_table]
-    if missing:
-        raise KeyError(f"slots {missing} hold no adapter; load one there first")
-    if mode == "loop":
-        short = {}
-    elif mode == "padded":
-        short = groups
-    else:
-        short = {slot: rows for slot, rows in groups.items() if len(rows) < LOOP_MIN_ROWS}
-        short = short if len(short) >= 2 else {}
-    looped = tuple(
-        _segment(slot, rows, page_table[slot]) for slot, rows in groups.items() if slot not in short
-    )
-    padded = _padded(short, page_table) if short else None
-    return RowGroups(len(values), looped, padded, frozenset(groups), torch.tensor(values))
-
-
-def _segment(slot: int, rows: list[int], pages: torch.Tensor) -> Segment:
-    if rows[-1] - rows[0] == len(rows) - 1:  # ascending and contiguous
-        return Segment(slot, slice(rows[0], rows[-1] + 1), pages)
-    return Segment(slot, torch.tensor(rows), pages)
-
-
-def _padded(groups: dict[int, list[int]], page_table: Mapping[int, torch.Tensor]) -> PaddedSegments:
-    """The grid of short segments: one entry per page of each segment's slot, its rows padded
-    to the longest segment."""
-    length = max(len(rows) for rows in groups.values())
-    entry_pages, entry_slots, gather, valid, dest = [], [], [], [], []
-    for slot, rows in groups.items():
-        for page in page_table[slot].tolist():
-            start = len(gather)
-            entry_pages.append(page)
-            entry_slots.append(slot)
-            gather += rows + [rows[0]] * (length - len(rows))
-            valid += range(start, start + len(rows))
-            dest += rows
-    no_padding = len(valid) == len(gather)
-    return PaddedSegments(
-        entry_pages=torch.tensor(entry_pages),
-        entry_slots=torch.tensor(entry_slots),
-        length=length,
-        gather_rows=torch.tensor(gather),
-        valid=None if no_padding else torch.tensor(valid),
-        dest_rows=torch.tensor(dest),
-        slots=frozenset(groups),
-    )
-
 
 def add_lora_looped(
     out: torch.Tensor, x: torch.Tensor, stack: LayerStack, groups: RowGroups
 ) -> None:
     """``out[rows] += s B A x[rows]`` per looped segment. ``out`` (N, d), ``x`` (N, k), in place;
-    A (n*p, k) and B (d, n*p) gathered from the segment's n pages."""
+    A (n*p, k) and B (d, n*p) from the segment's n pages (a slice of the pools when consecutive)."""
     for segment in groups.looped:
         if segment.slot not in stack.present:
             continue
-        slot, rows, pages = segment.slot, segment.rows, segment.pages.to(stack.lora_A.device)
-        lora_A = stack.lora_A.index_select(0, pages).flatten(0, 1)  # (n*p, k)
-        lora_B = stack.lora_B_t.index_select(0, pages).flatten(0, 1).T  # (d, n*p)
+        lora_A, lora_B_t = _segment_pages(stack, segment)  # (n*p, k), (n*p, d)
+        rows = segment.rows
         x_rows = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
-        delta = functional.lora_forward(x_rows, lora_A, lora_B, stack.scaling_values[slot]).to(
-            out.dtype
-        )  # (n, d)
+        delta = functional.lora_forward(
+            x_rows, lora_A, lora_B_t.T, stack.scaling_values[segment.slot]
+        ).to(out.dtype)  # (n, d)
         if isinstance(rows, slice):
             out[rows] += delta
         else:
             out.index_add_(0, rows, delta)
 
 
+def _segment_pages(stack: LayerStack, segment: Segment) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (n*p, k) and B^T (n*p, d) of the segment's n pages: views when they are consecutive."""
+    if segment.first_page is not None:
+        pages = slice(segment.first_page, segment.first_page + segment.pages.numel())
+        return stack.lora_A[pages].flatten(0, 1), stack.lora_B_t[pages].flatten(0, 1)
+    pages = segment.pages.to(stack.lora_A.device)
+    lora_A = stack.lora_A.index_select(0, pages).flatten(0, 1)
+    return lora_A, stack.lora_B_t.index_select(0, pages).flatten(0, 1)
+
+
+def _windows(pool: torch.Tensor, grid: PaddedSegments) -> torch.Tensor:
+    """The grid's entries of a page pool (pages, p, m) as (E, b*p, m): the pool viewed as windows
+    of b = ``grid.block`` pages, then the run of them (a view) or the listed ones (a copy)."""
+    pages, page_rank, width = pool.shape
+    usable = pages // grid.block * grid.block
+    windows = pool[:usable].view(usable // grid.block, grid.block * page_rank, width)
+    if grid.window_run is not None:
+        return windows[grid.window_run]
+    return windows.index_select(0, grid.windows.to(pool.device))
+
+
 def add_lora_padded(
     out: torch.Tensor, x: torch.Tensor, stack: LayerStack, groups: RowGroups
 ) -> None:
-    """All short segments at once: ``out[i] += s[slot] * sum_p B_p (A_p x[i])`` over the pages
-    p of row i's slot.
+    """All short segments at once: ``out[i] += s[slot] * sum_w B_w (A_w x[i])`` over the windows
+    w of row i's slot (``row_groups.PaddedSegments``: b consecutive pages each).
 
-    Shapes: x gathered (E, L, k); A pages (E, p, k); low (E, L, p); B^T pages (E, p, d); delta
-    (E, L, d). Rank side first, scale on the rank side (as ``functional.lora_forward``). Pages
-    of an adapter that does not adapt this layer hold zeros.
+    Shapes: x gathered (E, L, k); A windows (E, b*p, k); low (E, L, b*p); B^T windows
+    (E, b*p, d); delta (E, L, d). Rank side first, scale on the rank side (as
+    ``functional.lora_forward``). Pages of an adapter that does not adapt this layer hold zeros;
+    the results of filler entries are dropped with the padding.
     """
-    group = groups.padded
-    entries, length = group.entry_pages.numel(), group.length
-    x_rows = x.index_select(0, group.gather_rows).to(stack.lora_A.dtype)
+    grid = groups.padded
+    entries, length = grid.entry_slots.numel(), grid.length
+    x_rows = x.index_select(0, grid.gather_rows).to(stack.lora_A.dtype)
     x_rows = x_rows.view(entries, length, x.shape[-1])  # (E, L, k)
-    pages = group.entry_pages.to(stack.lora_A.device)
-    lora_A = stack.lora_A.index_select(0, pages)  # (E, p, k)
-    lora_B_t = stack.lora_B_t.index_select(0, pages)  # (E, p, d)
-    scaling = stack.scaling.index_select(0, group.entry_slots.to(stack.scaling.device))
-    low = torch.bmm(x_rows, lora_A.transpose(1, 2))  # (E, L, p)
+    lora_A, lora_B_t = _windows(stack.lora_A, grid), _windows(stack.lora_B_t, grid)
+    scaling = stack.scaling.index_select(0, grid.entry_slots.to(stack.scaling.device))
+    low = torch.bmm(x_rows, lora_A.transpose(1, 2))  # (E, L, b*p)
     low = low * scaling.to(low.dtype).view(-1, 1, 1)
     delta = torch.bmm(low, lora_B_t).view(entries * length, -1)  # (E*L, d)
-    if group.valid is not None:
-        delta = delta.index_select(0, group.valid)  # (M, d)
-    out.index_add_(0, group.dest_rows, delta.to(out.dtype))
+    if grid.valid is not None:
+        delta = delta.index_select(0, grid.valid)  # (M, d)
+    out.index_add_(0, grid.dest_rows, delta.to(out.dtype))
 
 
 def add_dora_gains(

@@ -1,0 +1,61 @@
+"""The free pages of the adapter bank's pools, handed out in contiguous, aligned runs.
+
+An adapter of n pages gets, in this order of preference:
+
+1. n consecutive pages starting at a multiple of n (aligned): adapters of one page count then sit
+   at a regular stride, so the batched op reads a run of them in place as windows of n pages
+   (``lorakit.serve.row_groups``), as it would read slots of a stack of fixed rank;
+2. n consecutive pages anywhere (the op still reads them as one block, in windows of fewer pages);
+3. the n lowest free pages (scattered: the op reads them page by page).
+
+Any n free pages are accepted, so the number of adapters that fit (memory proportional to the
+ranks held) is the same whatever the placement; only the speed of the op depends on it.
+"""
+
+from __future__ import annotations
+
+__all__ = ["FreePages"]
+
+
+class FreePages:
+    """Which of ``pages`` pages are free (not thread-safe: the bank's lock guards it)."""
+
+    def __init__(self, pages: int) -> None:
+        self._free = bytearray(b"\x01") * pages
+        self.count = pages  # free pages
+
+    def take(self, count: int) -> list[int]:
+        """``count`` free pages, now in use: an aligned run, else a run, else the lowest ones.
+        ``ValueError`` if fewer are free (the caller evicts first)."""
+        if count < 1 or count > self.count:
+            raise ValueError(f"cannot take {count} pages: {self.count} are free")
+        start = self._run(count, aligned=True)
+        if start is None:
+            start = self._run(count, aligned=False)
+        if start is not None:
+            pages = list(range(start, start + count))
+        else:
+            pages = [page for page, free in enumerate(self._free) if free][:count]
+        for page in pages:
+            self._free[page] = 0
+        self.count -= count
+        return pages
+
+    def give(self, pages: list[int]) -> None:
+        """Return ``pages`` (in use) to the free pages."""
+        for index, page in enumerate(pages):
+            if self._free[page] or page in pages[:index]:
+                raise ValueError(f"page {page} is free already")
+        for page in pages:
+            self._free[page] = 1
+        self.count += len(pages)
+
+    def _run(self, count: int, *, aligned: bool) -> int | None:
+        """First start of ``count`` consecutive free pages (a multiple of ``count`` if
+        ``aligned``); None if there is none."""
+        wanted, position = b"\x01" * count, 0
+        while True:
+            position = self._free.find(wanted, position)
+            if position < 0 or not aligned or position % count == 0:
+                return None if position < 0 else position
+            position += -position % count  # the next aligned start

@@ -1,0 +1,149 @@
+"""Where the bank puts an adapter's pages (``serve/pages.py``) and how the batched op reads them
+(``serve/row_groups.py``): aligned runs read in place as whole-adapter windows, and every other
+placement (a bank fragmented by evictions and loads of other ranks, scattered pages, adapters
+far apart) still gives each row its adapter's float64 formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.serve import AdapterBank, group_rows, prepare_for_serving, routed
+from lorakit.serve.pages import FreePages
+from lorakit.state import lora_layers
+from tests import tiny_models
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TARGETS = ["q_proj", "up_proj"]
+
+
+def test_free_pages_prefer_an_aligned_run_then_a_run_then_the_lowest_pages():
+    pages = FreePages(12)
+    assert pages.take(1) == [0]
+    assert pages.take(4) == [4, 5, 6, 7]  # aligned: 1..4 is a run, but starts at 1
+    assert pages.take(2) == [2, 3]
+    assert pages.take(3) == [9, 10, 11]  # 8..10 would be a run, 9 is the aligned start
+    assert pages.count == 2  # pages 1 and 8 are free
+    pages.give([4, 5, 6, 7])
+    assert pages.take(3) == [6, 7, 8]  # aligned, although 4..6 comes first
+    assert pages.take(3) == [1, 4, 5]  # no run of 3 left: the lowest free pages
+    assert pages.count == 0
+    with pytest.raises(ValueError, match="cannot take 1 pages: 0 are free"):
+        pages.take(1)
+    with pytest.raises(ValueError, match="page 3 is free already"):
+        pages.give([2, 3, 3])
+    unaligned = FreePages(6)
+    assert unaligned.take(1) == [0] and unaligned.take(4) == [1, 2, 3, 4]  # no aligned run of 4
+
+
+def test_a_grid_of_one_rank_reads_whole_adapters_in_place_and_mixed_ranks_read_pages():
+    one_rank = {0: torch.arange(0, 4), 1: torch.arange(4, 8), 2: torch.arange(12, 16)}
+    grid = group_rows([2, 0, 1], one_rank, mode="padded").padded
+    assert grid.block == 4 and grid.window_run == slice(0, 4)  # window 2: a filler
+    assert grid.entry_slots.tolist() == [0, 1, 2, 2] and grid.gather_rows.tolist() == [1, 2, 0, 0]
+    assert grid.valid.tolist() == [0, 1, 3] and grid.dest_rows.tolist() == [1, 2, 0]
+    two_ranks = dict(one_rank) | {3: torch.tensor([16, 17])}  # rank 8: windows of 2 pages
+    grid = group_rows([0, 3, 2], two_ranks, mode="padded").padded
+    assert grid.block == 2 and grid.window_run == slice(0, 9)
+    assert grid.dest_rows.tolist() == [0, 0, 2, 2, 1]
+    far_apart = {0: torch.arange(0, 4), 5: torch.arange(40, 44)}
+    grid = group_rows([5, 0], far_apart, mode="padded").padded
+    assert grid.block == 4 and grid.window_run is None  # 11 windows for 2: gathered
+    assert grid.windows.tolist() == [0, 10] and grid.entry_slots.tolist() == [0, 5]
+    unaligned = {0: torch.arange(1, 5), 1: torch.arange(5, 9)}  # runs of 4 from page 1
+    assert group_rows([0, 1], unaligned, mode="padded").padded.block == 1
+    scattered = {0: torch.arange(0, 4), 1: torch.tensor([4, 6])}
+    assert group_rows([0, 1], scattered, mode="padded").padded.block == 1
+
+
+def random_adapter(rank: int, seed: int) -> tuple[lorakit.LoraConfig, dict]:
+    """PEFT-keyed random A (r, k) and B (d, r), non-zero, on ``TARGETS`` of the tiny Llama;
+    alpha = 3 r / 2 + 1."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in tiny_models.llama().named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
+            d, k = module.weight.shape
+            prefix = f"base_model.model.{name}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, k, generator=generator)
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(d, rank, generator=generator) * 0.1
+    config = lorakit.LoraConfig(r=rank, lora_alpha=1.5 * rank + 1, target_modules=TARGETS)
+    return config, tensors
+
+
+def served_bank(pages: int, max_rank: int = 16) -> tuple[torch.nn.Module, AdapterBank]:
+    model = tiny_models.llama()
+    prepare_for_serving(model, TARGETS)
+    probe = AdapterBank(model, max_rank=4, capacity=1)  # one page per adapter
+    budget = pages * (probe.page_bytes + probe.slot_overhead)
+    return model, AdapterBank(model, max_rank=max_rank, memory_budget=budget)
+
+
+def check_rows_match_float64(model, bank, adapters: dict, token_slots: torch.Tensor) -> None:
+    """Every LoRA layer, every mode: row i gets ``W0 x_i + s B A x_i`` of its slot's adapter
+    (``adapters``: name -> (config, tensors)), computed in float64 from the loaded tensors."""
+    slot_names = {bank.slot_of(name): name for name in adapters}
+    for path, layer in lora_layers(model):
+        x = torch.randn(token_slots.numel(), layer.in_features, generator=torch.Generator())
+        expected = layer.base_layer(x).double()
+        for row, slot in enumerate(token_slots.tolist()):
+            if slot >= 0:
+                config, tensors = adapters[slot_names[slot]]
+                A = tensors[f"base_model.model.{path}.lora_A.weight"].double()
+                B = tensors[f"base_model.model.{path}.lora_B.weight"].double()
+                expected[row] += config.lora_alpha / config.r * (B @ (A @ x[row].double()))
+        for mode in (None, "loop", "padded"):
+            with routed(bank, token_slots, mode=mode):
+                got = layer(x)
+            torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-4)
+        assert (expected - layer.base_layer(x).double()).abs().max() > 1e-1  # adapters matter
+
+
+def test_a_bank_fragmented_by_evictions_and_loads_gives_each_row_its_adapter():
+    model, bank = served_bank(pages=10)
+    tensors = {}
+    for seed, (name, rank) in enumerate(
+        [("r8", 8), ("r4", 4), ("r16", 16), ("r4b", 4)]  # pages 0-1, 2, 4-7 (aligned), 3
+    ):
+        tensors[name] = random_adapter(rank, seed)
+        bank.load(name, *tensors[name])
+    bank.evict("r8")
+    bank.evict("r4")
+    for seed, (name, rank) in enumerate([("r16b", 16), ("r12", 12)], start=10):
+        tensors[name] = random_adapter(rank, seed)
+        bank.load(name, *tensors[name])
+    adapters = {name: tensors[name] for name in bank.names()}
+    table = {name: bank.page_table[bank.slot_of(name)].tolist() for name in adapters}
+    # r16b: free 0, 1, 2, 8, 9 hold no run of 4: the lowest pages; r12 evicts r16 (least
+    # recently used) and takes the first run of 3 (no aligned one)
+    assert table == {"r4b": [3], "r16b": [0, 1, 2, 8], "r12": [4, 5, 6]}
+    picks = ["r12", "r16b", "r4b", "r16b", "r12", "r4b", "r4b", None]
+    token_slots = torch.tensor([bank.slot_of(p) if p else -1 for p in picks])
+    with routed(bank, token_slots, mode="padded") as plan:
+        assert plan.padded.block == 1  # scattered pages and mixed ranks: one entry per page
+    check_rows_match_float64(model, bank, adapters, token_slots)
+
+
+def test_adapters_of_one_rank_reloaded_into_freed_runs_are_read_in_place_or_gathered():
+    model, bank = served_bank(pages=24)
+    adapters = {f"a{i}": random_adapter(16, seed=i) for i in range(6)}
+    for name, adapter in adapters.items():
+        bank.load(name, *adapter)
+    for name in ("a1", "a3"):
+        bank.evict(name)
+        del adapters[name]
+    for name in ("b1", "b3"):
+        adapters[name] = random_adapter(16, seed=len(adapters) + 10)
+        bank.load(name, *adapters[name])
+    windows = {name: bank.page_table[bank.slot_of(name)].tolist() for name in ("b1", "b3")}
+    assert windows == {"b1": [4, 5, 6, 7], "b3": [12, 13, 14, 15]}  # the freed aligned runs
+    every = torch.tensor([bank.slot_of(name) for name in adapters] * 2)
+    with routed(bank, every, mode="padded") as plan:
+        assert plan.padded.block == 4 and plan.padded.window_run == slice(0, 6)
+    check_rows_match_float64(model, bank, adapters, every)
+    ends = torch.tensor([bank.slot_of("a0"), bank.slot_of("a5"), -1, bank.slot_of("a0")])
+    with routed(bank, ends, mode="padded") as plan:
+        assert plan.padded.window_run is None and plan.padded.windows.tolist() == [0, 5]
+    check_rows_match_float64(model, bank, {n: adapters[n] for n in ("a0", "a5")}, ends)
