@@ -17,6 +17,7 @@ from lorakit.config import LoraConfig
 from lorakit.init_methods import changes_base, check_layer_takes, initialise_from_base
 from lorakit.layers import LoraLayer, ModulesToSave, TrainableTokens, layer_class_for, wrap
 from lorakit.layers.tokens import token_targets
+from lorakit.parameter_targets import find_parameter_targets, wrap_parameter_targets
 from lorakit.state import (
     adapter_configs,
     freeze_all,
@@ -79,7 +80,8 @@ def inject(
     """
     check_adapter_name(model, adapter_name)
     targets = find_targets(model, config)
-    if not targets:
+    parameter_targets = find_parameter_targets(model, config)
+    if not targets and not parameter_targets:
         raise ValueError(no_match_message(model, config))
     if strict_targets:
         check_every_entry_matches(model, config)
@@ -92,6 +94,7 @@ def inject(
         adapter_dtype=adapter_dtype,
         activate=activate,
         init=config.init_lora_weights if initialize else None,
+        parameter_targets=parameter_targets,
     )
     return model
 
@@ -108,6 +111,7 @@ def add_adapter_to_modules(
     adapter_dtype: torch.dtype | None = None,
     activate: bool = True,
     init: bool | str | None = True,
+    parameter_targets: Mapping[str, str] | None = None,
 ) -> None:
     """``inject`` once the targets are known (``find_targets``) and the name checked.
 
@@ -115,7 +119,9 @@ def add_adapter_to_modules(
     (``dict(walk_modules(model))``), to save the lookups; ``factors[name] = (A, B)``: tensors
     the new adapter of LoRA layer ``name`` takes as its weights (no copy when dtype and device
     already fit: the caller hands them over); ``init``: ``LoraConfig.init_lora_weights``, or
-    None for uninitialised tensors.
+    None for uninitialised tensors; ``parameter_targets``: ``{layer path: parameter path}``
+    of the bare parameters to adapt (``lorakit.parameter_targets``; ``factors`` keyed by layer
+    path too).
     """
     current = _current_modules(model, targets, modules)
     tokens = token_module_names(model, config, targets, saved_names)
@@ -136,13 +142,20 @@ def add_adapter_to_modules(
         if changes_base(init):
             check_layer_takes(layer_class, module, name, init)
     layers = wrap_targets(model, targets, modules=current)
+    parameter_targets = dict(parameter_targets or {})
+    parameter_layers = wrap_parameter_targets(model, parameter_targets)
+    for name, layer in parameter_layers.items():
+        if adapter_name in layer.ranks:
+            raise ValueError(f"parameter {name!r} already has an adapter named {adapter_name!r}.")
+    layers |= parameter_layers
     state = state_of(model)
     factors = factors or {}
     for name, layer in layers.items():
+        pattern_name = parameter_targets.get(name, name)  # rank_pattern sees parameter paths
         layer.add_adapter(
             adapter_name,
-            rank=config.rank_for(name),
-            alpha=config.alpha_for(name),
+            rank=config.rank_for(pattern_name),
+            alpha=config.alpha_for(pattern_name),
             dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
             init=init,
@@ -171,7 +184,7 @@ def add_adapter_to_modules(
     if activate or len(state.configs) == 1:
         set_active(model, [adapter_name])
     else:  # a new inactive adapter's tensors are frozen; nothing else changes
-        freeze_adapter(model, adapter_name, [*targets, *saved_names, *tokens])
+        freeze_adapter(model, adapter_name, [*layers, *saved_names, *tokens])
 
 
 def wrap_targets(
@@ -252,7 +265,7 @@ def freeze_adapter(
 
 def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter: restore the original module objects, weights and trainability."""
-    for name, layer in list(lora_layers(model)):
+    for name, layer in reversed(list(lora_layers(model))):  # a nested layer before its outer one
         layer.unmerge()
         replace_module(model, name, layer.base_layer)
     for name, wrapper in list(saved_modules(model)):

@@ -48,6 +48,8 @@ from lorakit.io.read import (
 )
 from lorakit.io.tensors import TORCH_DTYPES
 from lorakit.layers import LoraLayer, ModulesToSave
+from lorakit.layers.parameter import LoraParameter, owner_of
+from lorakit.parameter_targets import find_parameter_targets
 from lorakit.state import (
     active_adapters,
     adapter_configs,
@@ -60,6 +62,8 @@ from lorakit.state import (
 from lorakit.targets import find_targets, matches, original_module
 
 __all__ = ["load_adapter"]
+
+LORA_ROLES = ("lora_A", "lora_B")
 
 
 def load_adapter(
@@ -106,7 +110,8 @@ def load_adapter(
         e.module for e in to_load.tensors if e.role == "base_weight"
     }  # the file brings these
     checked = [e.module for e in to_load.tensors if e.role == "lora_A" and e.module not in replaced]
-    _check_base(model, adapter, checked, allow_base_mismatch, modules)
+    with_parameters = modules | _parameter_views(to_load.parameter_targets, current)
+    _check_base(model, adapter, checked, allow_base_mismatch, with_parameters)
     _apply(model, adapter, to_load, current, adapter_name, activate, adapter_dtype)
     return model
 
@@ -120,6 +125,8 @@ class _LoadTargets:
     targets: list[str]
     saved_names: list[str]
     tensors: list[FileTensor]
+    parameter_targets: dict[str, str]
+    """``{LoRA layer path: parameter path}`` (``target_parameters``)."""
 
 
 def _load_targets(
@@ -142,9 +149,10 @@ def _load_targets(
         targets = find_targets(model, config, modules)
         saved_names = saved_module_names(model, config)
         tokens = token_module_names(model, config, targets, saved_names)
+        parameter_targets = find_parameter_targets(model, config)
     except ValueError as error:
         raise AdapterFileError(f"adapter {source} does not fit this model: {error}") from None
-    if not targets:
+    if not targets and not parameter_targets:
         raise AdapterFileError(
             f"adapter {source}: target_modules={config.target_modules!r} matches no module of "
             f"this {type(model).__name__}; was it trained on another architecture?"
@@ -164,8 +172,27 @@ def _load_targets(
         use_dora=config.use_dora,
         lora_bias=config.lora_bias,
         token_modules={name: len(indices) for name, indices in tokens.items()},
+        parameter_layers=parameter_targets,
     )
-    return _LoadTargets(config, targets, saved_names, tensors)
+    return _LoadTargets(config, targets, saved_names, tensors, parameter_targets)
+
+
+def _parameter_views(
+    parameter_targets: dict[str, str], current: dict[str, nn.Module]
+) -> dict[str, nn.Module]:
+    """``{layer path: a module whose base weight is the parameter}`` for the fingerprint check:
+    the ``LoraParameter`` layer already there, or a stand-in holding the parameter as
+    ``weight``."""
+    views: dict[str, nn.Module] = {}
+    for layer_path, parameter_path in parameter_targets.items():
+        if isinstance(current.get(layer_path), LoraParameter):
+            views[layer_path] = current[layer_path]
+            continue
+        owner, _, name = parameter_path.rpartition(".")
+        view = nn.Module()
+        view.weight = getattr(owner_of(current[owner]), name)
+        views[layer_path] = view
+    return views
 
 
 def _has_tensors_for(adapter: AdapterHeader, entry: str) -> bool:
@@ -204,7 +231,8 @@ def _check_tensors(
         )
     for entry in sorted(entries, key=lambda e: e.role != "base_weight"):  # vocabulary first
         info = adapter.tensors[entry.key]
-        rank = config.rank_for(entry.module)
+        on_parameter = entry.role in LORA_ROLES and entry.parameter  # rank_pattern: its path
+        rank = config.rank_for(entry.parameter if on_parameter else entry.module)
         shape = expected_shape(modules, entry, rank)
         if tuple(info.shape) != shape:
             raise AdapterFileError(_shape_message(source, entry, tuple(info.shape), shape, rank))
@@ -308,6 +336,7 @@ def _apply(
             to_load.targets,
             to_load.saved_names,
             modules=current,
+            parameter_targets=to_load.parameter_targets,
             factors={name: (pair["lora_A"], pair["lora_B"]) for name, pair in factors.items()},
             adapter_dtype=adapter_dtype,
             activate=activate,
@@ -340,7 +369,7 @@ def _roll_back(model, adapter_name, had_state, wrapped_before, base_backup) -> N
         unload(model)
         return
     delete_adapter(model, adapter_name)
-    for name, layer in list(lora_layers(model)):
+    for name, layer in reversed(list(lora_layers(model))):  # nested layers first
         if id(layer) not in wrapped_before:
             replace_module(model, name, layer.base_layer)
     for name, wrapper in list(saved_modules(model)):
