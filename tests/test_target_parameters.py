@@ -27,7 +27,7 @@ def _ids(seed: int = 1) -> torch.Tensor:
 
 
 def _config(**changes) -> lorakit.LoraConfig:
-    return lorakit.LoraConfig(r=2, lora_alpha=4, target_parameters=EXPERTS, **changes)
+    return lorakit.LoraConfig(**(dict(r=2, lora_alpha=4, target_parameters=EXPERTS) | changes))
 
 
 def _peft_model(base, **changes):
@@ -249,3 +249,51 @@ def test_combine_serving_and_gguf_export_refuse_parameter_adapters(tmp_path) -> 
         lora_pairs("moe", _config(), load_file(tmp_path / "adapter_model.safetensors"), {}, 8)
     with pytest.raises(UserError, match="target_parameters"):
         export_adapter(tmp_path, mixtral(), tmp_path / "out.gguf")
+
+
+def test_modules_and_parameters_together_equal_peft() -> None:
+    base = mixtral()
+    changes = dict(target_modules=["q_proj"])
+    model = lorakit.inject(copy.deepcopy(base), _config(**changes))
+    randomize_adapters(model, std=0.2)
+    reference = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=EXPERTS),
+    )
+    _copy_factors_into_peft(model, reference)
+    ids = _ids()
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_two_adapters_share_the_layers_and_add_up() -> None:
+    model = lorakit.inject(mixtral(), _config())
+    lorakit.inject(model, _config(r=4), "second", activate=False)
+    randomize_adapters(model, std=0.2)
+    ids = _ids()
+    outputs = {}
+    for names in (["default"], ["second"], ["default", "second"]):
+        with lorakit.use_adapters(model, names):
+            outputs[tuple(names)] = model(ids).logits
+    assert (outputs[("default",)] - outputs[("second",)]).abs().max() > 1e-2
+    layer = model.get_submodule("model.layers.0.mlp.experts")
+    assert tuple(layer.lora_A["second"].weight.shape) == (4 * 4, 48)
+    lorakit.merge(model, ["default", "second"])  # both deltas in the weight
+    with lorakit.use_adapters(model, ["default", "second"]):
+        merged = model(ids).logits
+    lorakit.unmerge(model)
+    torch.testing.assert_close(merged, outputs[("default", "second")], rtol=1e-5, atol=1e-5)
+    with pytest.raises(TargetModulesError, match="same set"):
+        lorakit.inject(model, lorakit.LoraConfig(target_parameters=["gate_up_proj"]), "third")
+
+
+def test_the_peft_front_door_takes_target_parameters(tmp_path) -> None:
+    from lorakit import PeftModel, get_peft_model
+
+    wrapped = get_peft_model(mixtral(), _config(init_lora_weights=False))
+    wrapped.save_pretrained(tmp_path)
+    ids = _ids()
+    expected = wrapped(ids).logits
+    loaded = PeftModel.from_pretrained(mixtral(), tmp_path)
+    torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=0)
+    plain = loaded.merge_and_unload()
+    torch.testing.assert_close(plain(ids).logits, expected, rtol=1e-5, atol=1e-5)
