@@ -90,6 +90,10 @@ class LoraConfig:
     layers_pattern: str | list[str] | None = None
     """Name of the layer container (e.g. "layers", "h") holding the indexed layers."""
     modules_to_save: list[str] | None = None
+    layer_replication: list[list[int]] | None = None
+    """PEFT's: ``[[start, end), ...]`` ranges of decoder layers stacked into a new, longer
+    layer list whose copies share the base weights, each copy adapted on its own
+    (``lorakit.replication``); e.g. ``[[0, 2], [1, 2]]`` turns layers 0, 1 into 0, 1, 1."""
     """Modules trained and saved in full (e.g. a classification head)."""
     init_lora_weights: bool | str = True
     """True: Kaiming-uniform A, zero B. "gaussian": normal A (std 1/r), zero B. False: random B.
@@ -206,7 +210,32 @@ class LoraConfig:
             check_pattern_set(f"LoraConfig.{name}", list(getattr(self, name)))
         _check_token_indices(self.trainable_token_indices)
         self._validate_target_parameters()
+        self._validate_layer_replication()
         self._validate_layer_selection()
+
+    def _validate_layer_replication(self) -> None:
+        ranges = self.layer_replication
+        if isinstance(ranges, (list, tuple)):
+            ranges = self.layer_replication = [
+                list(pair) if isinstance(pair, (list, tuple)) else pair for pair in ranges
+            ]
+        _check(
+            ranges is None
+            or (
+                isinstance(ranges, list)
+                and bool(ranges)
+                and all(
+                    isinstance(pair, list)
+                    and len(pair) == 2
+                    and all(_is_int(i) for i in pair)
+                    and 0 <= pair[0] < pair[1]
+                    for pair in ranges
+                )
+            ),
+            "layer_replication",
+            ranges,
+            "None or a non-empty list of [start, end) layer ranges with 0 <= start < end",
+        )
 
     def _validate_target_parameters(self) -> None:
         names = self.target_parameters

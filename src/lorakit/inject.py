@@ -18,6 +18,7 @@ from lorakit.init_methods import changes_base, check_layer_takes, initialise_fro
 from lorakit.layers import LoraLayer, ModulesToSave, TrainableTokens, layer_class_for, wrap
 from lorakit.layers.tokens import token_targets
 from lorakit.parameter_targets import find_parameter_targets, wrap_parameter_targets
+from lorakit.replication import replicate_layers, restore_layers
 from lorakit.state import (
     adapter_configs,
     freeze_all,
@@ -79,6 +80,28 @@ def inject(
     as PEFT does (for configs written elsewhere, e.g. for another model family).
     """
     check_adapter_name(model, adapter_name)
+    replicated = config.layer_replication and replicate_layers(model, config.layer_replication)
+    try:
+        _inject_checked(
+            model, config, adapter_name, adapter_dtype, activate, initialize, strict_targets
+        )
+    except BaseException:
+        if replicated:
+            restore_layers(model)
+        raise
+    return model
+
+
+def _inject_checked(
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_name: str,
+    adapter_dtype: torch.dtype | None,
+    activate: bool,
+    initialize: bool,
+    strict_targets: bool,
+) -> None:
+    """``inject`` once the name is checked and the layers replicated (if asked)."""
     targets = find_targets(model, config)
     parameter_targets = find_parameter_targets(model, config)
     if not targets and not parameter_targets:
@@ -96,7 +119,6 @@ def inject(
         init=config.init_lora_weights if initialize else None,
         parameter_targets=parameter_targets,
     )
-    return model
 
 
 def add_adapter_to_modules(
@@ -264,13 +286,15 @@ def freeze_adapter(
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove every adapter: restore the original module objects, weights and trainability."""
+    """Remove every adapter: restore the original module objects, weights and trainability
+    (and the original layer list of a model whose layers ``layer_replication`` copied)."""
     for name, layer in reversed(list(lora_layers(model))):  # a nested layer before its outer one
         layer.unmerge()
         replace_module(model, name, layer.base_layer)
     for name, wrapper in list(saved_modules(model)):
         replace_module(model, name, original_module(wrapper))
     forget_state(model)
+    restore_layers(model)
     return model
 
 

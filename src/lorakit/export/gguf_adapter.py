@@ -68,6 +68,12 @@ def export_adapter(
     _refuse_dora(Path(adapter_directory))
     adapter = read_adapter(adapter_directory)
     adapter.require_finite()
+    if adapter.config.layer_replication:
+        raise UserError(
+            f"adapter {adapter.directory} adapts replicated layers (layer_replication="
+            f"{adapter.config.layer_replication!r}), which a GGUF model does not have. Merge it "
+            "into a full GGUF model instead."
+        )
     if adapter.config.target_parameters:
         raise UserError(
             f"adapter {adapter.directory} adapts bare parameters (target_parameters="

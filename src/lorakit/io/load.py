@@ -50,6 +50,7 @@ from lorakit.io.tensors import TORCH_DTYPES
 from lorakit.layers import LoraLayer, ModulesToSave
 from lorakit.layers.parameter import LoraParameter, owner_of
 from lorakit.parameter_targets import find_parameter_targets
+from lorakit.replication import replicate_layers, restore_layers
 from lorakit.state import (
     active_adapters,
     adapter_configs,
@@ -100,6 +101,37 @@ def load_adapter(
         )
     check_adapter_name(model, adapter_name)
     header = read_adapter_header(adapter_directory(directory, adapter_name))
+    replicated = _replicate(model, header)
+    try:
+        _load_checked(model, header, adapter_name, allow_base_mismatch, activate, adapter_dtype)
+    except BaseException:
+        if replicated:
+            restore_layers(model)
+        raise
+    return model
+
+
+def _replicate(model: nn.Module, header: AdapterHeader) -> bool:
+    """The config's ``layer_replication`` applied to ``model`` (True if it changed it)."""
+    layer_map = header.config.layer_replication
+    if not layer_map:
+        return False
+    try:
+        return replicate_layers(model, layer_map)
+    except ValueError as error:
+        message = f"adapter {header.directory} does not fit this model: {error}"
+        raise AdapterFileError(message) from None
+
+
+def _load_checked(
+    model: nn.Module,
+    header: AdapterHeader,
+    adapter_name: str,
+    allow_base_mismatch: bool,
+    activate: bool,
+    adapter_dtype: torch.dtype | None,
+) -> None:
+    """``load_adapter`` once the header is read (and the layers replicated, if asked)."""
     current = dict(walk_modules(model))  # LoRA layers as they are, for adding the adapter
     modules = {name: original_module(module) for name, module in current.items()}
     to_load = _load_targets(model, header, modules)
@@ -113,7 +145,6 @@ def load_adapter(
     with_parameters = modules | _parameter_views(to_load.parameter_targets, current)
     _check_base(model, adapter, checked, allow_base_mismatch, with_parameters)
     _apply(model, adapter, to_load, current, adapter_name, activate, adapter_dtype)
-    return model
 
 
 @dataclass(frozen=True)

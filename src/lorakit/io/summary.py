@@ -115,6 +115,7 @@ def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> d
         "task_type": config.task_type,
         "target_modules": config.target_modules,
         "target_parameters": config.target_parameters,
+        "layer_replication": config.layer_replication,
         "adapted_modules": len(factors) - adapted_parameters,
         "adapted_parameters": adapted_parameters,
         "module_types": sorted(

@@ -79,6 +79,12 @@ def lora_pairs(
             f"{config.target_parameters!r}); the serving bank adds LoRA outputs of linear "
             "layers per row and cannot serve it. Merge it into the model instead."
         )
+    if config.layer_replication:
+        raise AdapterFileError(
+            f"adapter {name!r} adapts replicated layers (layer_replication="
+            f"{config.layer_replication!r}); the served model keeps its own layers. Merge it "
+            "into the model instead."
+        )
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         parsed = parse_lora_key(key, embeddings=False)
