@@ -297,3 +297,16 @@ def test_the_peft_front_door_takes_target_parameters(tmp_path) -> None:
     torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=0)
     plain = loaded.merge_and_unload()
     torch.testing.assert_close(plain(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_spectra_refuse_parameter_adapters(tmp_path) -> None:
+    from lorakit.analysis.sources import adapter_dir_spectra
+    from lorakit.analysis.spectrum import adapter_spectra
+    from lorakit.errors import UserError
+
+    model = lorakit.inject(mixtral(), _config())
+    lorakit.save_adapter(model, tmp_path)
+    with pytest.raises(UserError, match="per expert"):
+        adapter_dir_spectra(tmp_path)
+    with pytest.raises(UserError, match="per expert"):
+        adapter_spectra(model)

@@ -22,7 +22,12 @@ from lorakit.layers.parameter import LoraParameter, owner_of, parameter_layout
 from lorakit.state import lora_layers
 from lorakit.targets import model_modules
 
-__all__ = ["find_parameter_targets", "parameter_layer_paths", "wrap_parameter_targets"]
+__all__ = [
+    "find_parameter_targets",
+    "parameter_layer_paths",
+    "parameter_stand_ins",
+    "wrap_parameter_targets",
+]
 
 
 def _matches(entries: list[str], parameter_path: str) -> bool:
@@ -145,3 +150,22 @@ def _has_layer_for(module: nn.Module, parameter_name: str) -> bool:
             return True
         module = module.base_layer
     return False
+
+
+def parameter_stand_ins(
+    parameter_targets: dict[str, str], current: dict[str, nn.Module]
+) -> dict[str, nn.Module]:
+    """``{layer path: a module whose base weight is the parameter}`` for the fingerprint check
+    of a load (``lorakit.io.fingerprint`` reads a module's base weight):
+    the ``LoraParameter`` layer already there, or a stand-in holding the parameter as
+    ``weight``."""
+    views: dict[str, nn.Module] = {}
+    for layer_path, parameter_path in parameter_targets.items():
+        if isinstance(current.get(layer_path), LoraParameter):
+            views[layer_path] = current[layer_path]
+            continue
+        owner, _, name = parameter_path.rpartition(".")
+        view = nn.Module()
+        view.weight = getattr(owner_of(current[owner]), name)
+        views[layer_path] = view
+    return views

@@ -48,8 +48,7 @@ from lorakit.io.read import (
 )
 from lorakit.io.tensors import TORCH_DTYPES
 from lorakit.layers import LoraLayer, ModulesToSave
-from lorakit.layers.parameter import LoraParameter, owner_of
-from lorakit.parameter_targets import find_parameter_targets
+from lorakit.parameter_targets import find_parameter_targets, parameter_stand_ins
 from lorakit.replication import replicate_layers, restore_layers
 from lorakit.state import (
     active_adapters,
@@ -142,7 +141,7 @@ def _load_checked(
         e.module for e in to_load.tensors if e.role == "base_weight"
     }  # the file brings these
     checked = [e.module for e in to_load.tensors if e.role == "lora_A" and e.module not in replaced]
-    with_parameters = modules | _parameter_views(to_load.parameter_targets, current)
+    with_parameters = modules | parameter_stand_ins(to_load.parameter_targets, current)
     _check_base(model, adapter, checked, allow_base_mismatch, with_parameters)
     _apply(model, adapter, to_load, current, adapter_name, activate, adapter_dtype)
 
@@ -206,24 +205,6 @@ def _load_targets(
         parameter_layers=parameter_targets,
     )
     return _LoadTargets(config, targets, saved_names, tensors, parameter_targets)
-
-
-def _parameter_views(
-    parameter_targets: dict[str, str], current: dict[str, nn.Module]
-) -> dict[str, nn.Module]:
-    """``{layer path: a module whose base weight is the parameter}`` for the fingerprint check:
-    the ``LoraParameter`` layer already there, or a stand-in holding the parameter as
-    ``weight``."""
-    views: dict[str, nn.Module] = {}
-    for layer_path, parameter_path in parameter_targets.items():
-        if isinstance(current.get(layer_path), LoraParameter):
-            views[layer_path] = current[layer_path]
-            continue
-        owner, _, name = parameter_path.rpartition(".")
-        view = nn.Module()
-        view.weight = getattr(owner_of(current[owner]), name)
-        views[layer_path] = view
-    return views
 
 
 def _has_tensors_for(adapter: AdapterHeader, entry: str) -> bool:
