@@ -210,6 +210,9 @@ def test_inspect_shows_the_adapted_parameters(tmp_path, capsys) -> None:
     assert summary["target_parameters"] == EXPERTS
     assert summary["adapted_parameters"] == 4
     assert summary["ranks"] == {"2": 4}  # per expert, not the E r rows of the file
+    assert cli.main(["inspect", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert 'target parameters: ["experts.gate_up_proj", "experts.down_proj"] (4)' in text
 
 
 def test_an_entry_that_matches_no_parameter_is_named() -> None:
