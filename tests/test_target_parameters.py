@@ -17,6 +17,7 @@ from lorakit.errors import TargetModulesError
 from lorakit.layers.parameter import LoraParameter
 from lorakit.state import lora_layers
 from tests.tiny_models import gpt_oss, mixtral, randomize_adapters, sgd_steps
+from tests.tiny_models import llama as tiny_llama
 
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
 BUILDERS = {"mixtral": mixtral, "gpt_oss": gpt_oss}
@@ -313,3 +314,37 @@ def test_spectra_refuse_parameter_adapters(tmp_path) -> None:
         adapter_dir_spectra(tmp_path)
     with pytest.raises(UserError, match="per expert"):
         adapter_spectra(model)
+
+
+def test_unset_target_modules_take_the_default_first_as_in_peft() -> None:
+    from lorakit.targets import find_targets
+
+    only_parameters = lorakit.LoraConfig(target_parameters=EXPERTS)
+    assert find_targets(mixtral(), only_parameters) == []  # no default for mixtral
+    llama_model = tiny_llama()
+    config = lorakit.LoraConfig(target_parameters=["mlp.down_proj.weight"])
+    assert find_targets(llama_model, config)[:2] == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+    ]
+    explicit = config.replace(target_modules=[])
+    assert find_targets(llama_model, explicit) == []
+    lorakit.inject(llama_model, explicit)  # a 2-D parameter of an nn.Linear, as PEFT allows
+    assert isinstance(llama_model.get_submodule("model.layers.1.mlp.down_proj"), LoraParameter)
+
+
+def test_a_2d_parameter_equals_peft() -> None:
+    base = tiny_llama()
+    names = ["mlp.down_proj.weight"]
+    config = lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=names)
+    model = lorakit.inject(copy.deepcopy(base), config)
+    randomize_adapters(model, std=0.2)
+    reference = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=names),
+    )
+    _copy_factors_into_peft(model, reference)
+    ids = _ids()
+    actual = model(ids).logits
+    torch.testing.assert_close(actual, reference(ids).logits, rtol=0, atol=1e-5)
+    assert (actual - base(ids).logits).abs().max() > 1e-3

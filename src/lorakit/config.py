@@ -57,7 +57,9 @@ class LoraConfig:
     """Bare ``nn.Parameter``s to adapt (PEFT's): a parameter ``<module>.<name>`` is taken when
     it equals an entry or ends in ``"." + entry`` (e.g. ``"experts.gate_up_proj"``, the fused
     (E, d, k) expert weights of a transformers MoE layer); 2-D and 3-D parameters
-    (``lorakit.layers.parameter``). With it, an unset ``target_modules`` adapts no module.
+    (``lorakit.layers.parameter``). With it, an unset ``target_modules`` adapts the default
+    modules of the model type if lorakit has a default for it, else none (PEFT's rule; write
+    ``target_modules=[]`` for parameters only).
     Not with dropout, DoRA, ``lora_bias``, ``fan_in_fan_out`` or an init other than True,
     False or "gaussian" (PEFT's rules)."""
     exclude_modules: str | list[str] | None = None

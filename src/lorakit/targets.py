@@ -125,11 +125,11 @@ def resolved_target_spec(model: nn.Module, config: LoraConfig) -> str | list[str
     """``config.target_modules``, or the default for the model's architecture."""
     if config.target_modules is not None:
         return config.target_modules
-    if config.target_parameters:
-        return []  # parameters only (PEFT's rule)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in DEFAULT_TARGETS:
         return DEFAULT_TARGETS[model_type]
+    if config.target_parameters:
+        return []  # parameters only (PEFT's rule: the default, if any, comes first)
     raise ValueError(
         f"LoraConfig.target_modules is not set and lorakit has no default for model type "
         f"{model_type!r}; pass target_modules, e.g. ['q_proj', 'v_proj'] or 'all-linear'."
