@@ -687,3 +687,70 @@ def test_every_train_option_is_a_settings_field_spelled_once(tmp_path):
         progress=False,
         gradient_checkpointing=True,
     )
+
+
+def test_lora_bias_and_trainable_token_flags_reach_the_saved_adapter(
+    tmp_path, capsys, model_dir, jsonl
+):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    seen = AutoTokenizer.from_pretrained(model_dir)("Review: good film\nSentiment:").input_ids
+    ids = sorted(set(seen))[:3]  # tokens every training example holds: their rows get gradients
+    code = train_cli(
+        model_dir,
+        jsonl,
+        tmp_path / "o",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--target-modules",
+        "q_proj",
+        "--lora-bias",
+        "--trainable-token-indices",
+        ",".join(map(str, ids)),
+    )
+    assert code == 0
+    adapter = tmp_path / "o" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["lora_bias"] is True and config["trainable_token_indices"] == ids
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    biases = [k for k in tensors if k.endswith(".lora_B.bias")]
+    assert len(biases) == 2 and all(tensors[k].abs().max() > 0 for k in biases)  # trained
+    rows = tensors["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    embedding = AutoModelForCausalLM.from_pretrained(model_dir).get_input_embeddings().weight
+    assert rows.shape == (3, embedding.shape[1])
+    assert not torch.equal(rows, embedding[ids].detach())  # the rows trained
+    settings = json.loads((tmp_path / "o" / "train_settings.json").read_text())
+    assert settings["lora_bias"] is True and settings["trainable_token_indices"] == ",".join(
+        map(str, ids)
+    )
+
+
+def test_trainable_token_indices_from_a_config_file_and_a_bad_value(
+    tmp_path, capsys, model_dir, jsonl
+):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {model_dir}\ndata: {jsonl}\nsteps: 1\nbatch_size: 4\nno_progress: true\n"
+        "target-modules: [q_proj]\ntrainable_token_indices: [4, 9]\n"
+    )
+    code, _, _ = _main(capsys, "train", "--config", config, "--output", tmp_path / "o")
+    assert code == 0
+    adapter = json.loads((tmp_path / "o" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["trainable_token_indices"] == [4, 9]
+    code, _, err = _main(
+        capsys,
+        "train",
+        "--config",
+        config,
+        "--trainable-token-indices",
+        "4,x",
+        "--output",
+        tmp_path / "p",
+    )
+    assert code == 2 and "--trainable-token-indices takes comma-separated token ids" in err
+    assert "'4,x'" in err

@@ -16,8 +16,12 @@ from transformers import (
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
+    GptOssConfig,
+    GptOssForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
 )
 
 # The tiny decoder's sizes (GQA: 4 heads, 2 KV heads), shared by the Llama-family test models.
@@ -54,6 +58,30 @@ def save_llama_with_tokenizer(directory, tokenizer, seed: int = 0, **overrides) 
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return model
+
+
+MOE_SIZES = dict(DECODER_SIZES, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)
+
+
+def mixtral(seed: int = 0, dtype: torch.dtype = torch.float32) -> MixtralForCausalLM:
+    """A tiny Mixtral: 4 experts a layer, their weights fused into 3-D parameters stored
+    (experts, out, in): ``mlp.experts.gate_up_proj`` (4, 96, 64), ``mlp.experts.down_proj``
+    (4, 64, 48)."""
+    torch.manual_seed(seed)
+    return MixtralForCausalLM(MixtralConfig(**MOE_SIZES)).to(dtype).eval()
+
+
+def gpt_oss(seed: int = 0) -> GptOssForCausalLM:
+    """A tiny GPT-OSS, whose experts store each weight (in, out) (``is_transposed``):
+    ``mlp.experts.gate_up_proj`` (4, 64, 96), ``mlp.experts.down_proj`` (4, 48, 64)."""
+    torch.manual_seed(seed)
+    config = GptOssConfig(
+        **MOE_SIZES,
+        head_dim=16,
+        layer_types=["full_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    return GptOssForCausalLM(config).eval()
 
 
 def gpt2(seed: int = 0) -> GPT2LMHeadModel:

@@ -53,6 +53,15 @@ class LoraConfig:
     an entry or ending in ``"." + entry`` (``inject`` refuses an entry that matches no module);
     ``"all-linear"`` is every Linear/Conv1D except the output embedding (and, for ``SEQ_CLS``,
     the classification head)."""
+    target_parameters: list[str] | None = None
+    """Bare ``nn.Parameter``s to adapt (PEFT's): a parameter ``<module>.<name>`` is taken when
+    it equals an entry or ends in ``"." + entry`` (e.g. ``"experts.gate_up_proj"``, the fused
+    (E, d, k) expert weights of a transformers MoE layer); 2-D and 3-D parameters
+    (``lorakit.layers.parameter``). With it, an unset ``target_modules`` adapts the default
+    modules of the model type if lorakit has a default for it, else none (PEFT's rule; write
+    ``target_modules=[]`` for parameters only).
+    Not with dropout, DoRA, ``lora_bias``, ``fan_in_fan_out`` or an init other than True,
+    False or "gaussian" (PEFT's rules)."""
     exclude_modules: str | list[str] | None = None
     """Same matching rules as ``target_modules``; matching modules are never adapted."""
     lora_dropout: float = 0.0
@@ -83,6 +92,10 @@ class LoraConfig:
     layers_pattern: str | list[str] | None = None
     """Name of the layer container (e.g. "layers", "h") holding the indexed layers."""
     modules_to_save: list[str] | None = None
+    layer_replication: list[list[int]] | None = None
+    """PEFT's: ``[[start, end), ...]`` ranges of decoder layers stacked into a new, longer
+    layer list whose copies share the base weights, each copy adapted on its own
+    (``lorakit.replication``); e.g. ``[[0, 2], [1, 2]]`` turns layers 0, 1 into 0, 1, 1."""
     """Modules trained and saved in full (e.g. a classification head)."""
     init_lora_weights: bool | str = True
     """True: Kaiming-uniform A, zero B. "gaussian": normal A (std 1/r), zero B. False: random B.
@@ -107,6 +120,8 @@ class LoraConfig:
             self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = sorted(self.modules_to_save)
+        if isinstance(self.target_parameters, (set, tuple)):
+            self.target_parameters = sorted(self.target_parameters)
         if isinstance(self.eva_config, dict):
             self.eva_config = EvaConfig(**self.eva_config)
         if isinstance(self.loftq_config, dict):
@@ -196,7 +211,61 @@ class LoraConfig:
         for name in ("rank_pattern", "alpha_pattern"):
             check_pattern_set(f"LoraConfig.{name}", list(getattr(self, name)))
         _check_token_indices(self.trainable_token_indices)
+        self._validate_target_parameters()
+        self._validate_layer_replication()
         self._validate_layer_selection()
+
+    def _validate_layer_replication(self) -> None:
+        ranges = self.layer_replication
+        if isinstance(ranges, (list, tuple)):
+            ranges = self.layer_replication = [
+                list(pair) if isinstance(pair, (list, tuple)) else pair for pair in ranges
+            ]
+        _check(
+            ranges is None
+            or (
+                isinstance(ranges, list)
+                and bool(ranges)
+                and all(
+                    isinstance(pair, list)
+                    and len(pair) == 2
+                    and all(_is_int(i) for i in pair)
+                    and 0 <= pair[0] < pair[1]
+                    for pair in ranges
+                )
+            ),
+            "layer_replication",
+            ranges,
+            "None or a non-empty list of [start, end) layer ranges with 0 <= start < end",
+        )
+
+    def _validate_target_parameters(self) -> None:
+        names = self.target_parameters
+        if names is None:
+            return
+        _check(
+            isinstance(names, list) and all(isinstance(n, str) and n for n in names),
+            "target_parameters",
+            names,
+            'None or a list of parameter names (e.g. ["experts.gate_up_proj"])',
+        )
+        clashes = {
+            "lora_dropout": self.lora_dropout != 0,
+            "use_dora": self.use_dora,
+            "lora_bias": self.lora_bias,
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "init_lora_weights": not any(
+                self.init_lora_weights is m or self.init_lora_weights == m
+                for m in (True, False, "gaussian")
+            ),
+        }
+        for field_name, clash in clashes.items():
+            if clash:
+                raise ValueError(
+                    f"LoraConfig.{field_name}={getattr(self, field_name)!r} cannot be used with "
+                    f"target_parameters={names!r} (as in PEFT: a parameter's update is folded "
+                    "into the weight); use the default value, or target modules instead."
+                )
 
     def _validate_layer_selection(self) -> None:
         if self.layers_to_transform is None:

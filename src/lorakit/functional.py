@@ -11,6 +11,10 @@ For a frozen base weight ``W0`` (d x k) and an input ``x`` (..., k)::
 - Embeddings follow PEFT's convention: ``A`` is (r, num_embeddings) and ``B`` (dim, r);
   ``h = E[ids] + s * A^T[ids] B^T`` and the delta of the (num_embeddings, dim) table is
   ``s * (B A)^T``.
+- A bare parameter (PEFT's ``target_parameters``, e.g. the fused 3-D expert weights of a
+  mixture-of-experts layer, (E, d, k)): A is (E r, k) and B (d, E r); expert e's update is
+  ``s * B_e A_e`` with ``A_e = A[e r:(e + 1) r]`` (consecutive rows) and ``B_e = B[:, e::E]``
+  (every E-th column, PEFT's layout); ``parameter_delta_weight``.
 
 DoRA (weight-decomposed LoRA, Liu et al. 2024; PEFT's ``use_dora=True``) adds a magnitude ``m``
 (d,), one number per output feature, initialised to the row norms of ``W0 + s B A``::
@@ -43,6 +47,7 @@ __all__ = [
     "lora_embedding_forward",
     "lora_forward",
     "lora_parameter_count",
+    "parameter_delta_weight",
     "rank_side_scale",
     "replace_rows",
     "scaling",
@@ -97,6 +102,30 @@ def delta_weight(
     """
     delta = (lora_B.to(dtype) @ lora_A.to(dtype)) * scale  # (d, k)
     return delta.T if fan_in_fan_out else delta
+
+
+def parameter_delta_weight(
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    num_experts: int,
+    transposed: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The update of a bare parameter (``target_parameters``), in ``dtype``, laid out like it.
+
+    ``num_experts`` = 0 for a 2-D parameter (d, k): ``s * B A`` as ``delta_weight``. For a 3-D
+    parameter of E experts, A (E r, k) and B (d, E r) give (E, d, k) with expert e's block
+    ``s * B[:, e::E] @ A[e r:(e + 1) r]`` (PEFT's ``ParamWrapper`` layout); ``transposed``: the
+    parameter stores each expert (k, d) (transformers' ``is_transposed`` experts, e.g.
+    GPT-OSS), giving (E, k, d).
+    """
+    if num_experts == 0:
+        return delta_weight(lora_A, lora_B, scale, dtype=dtype)
+    experts_A = lora_A.to(dtype).reshape(num_experts, -1, lora_A.shape[-1])  # (E, r, k)
+    experts_B = lora_B.to(dtype).reshape(lora_B.shape[0], -1, num_experts)  # (d, r, E)
+    delta = torch.bmm(experts_B.permute(2, 0, 1), experts_A) * scale  # (E, d, k)
+    return delta.transpose(1, 2) if transposed else delta
 
 
 def embedding_delta_weight(

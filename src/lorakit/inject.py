@@ -17,6 +17,8 @@ from lorakit.config import LoraConfig
 from lorakit.init_methods import changes_base, check_layer_takes, initialise_from_base
 from lorakit.layers import LoraLayer, ModulesToSave, TrainableTokens, layer_class_for, wrap
 from lorakit.layers.tokens import token_targets
+from lorakit.parameter_targets import find_parameter_targets, wrap_parameter_targets
+from lorakit.replication import replicate_layers, restore_layers
 from lorakit.state import (
     adapter_configs,
     freeze_all,
@@ -78,8 +80,31 @@ def inject(
     as PEFT does (for configs written elsewhere, e.g. for another model family).
     """
     check_adapter_name(model, adapter_name)
+    replicated = config.layer_replication and replicate_layers(model, config.layer_replication)
+    try:
+        _inject_checked(
+            model, config, adapter_name, adapter_dtype, activate, initialize, strict_targets
+        )
+    except BaseException:
+        if replicated:
+            restore_layers(model)
+        raise
+    return model
+
+
+def _inject_checked(
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_name: str,
+    adapter_dtype: torch.dtype | None,
+    activate: bool,
+    initialize: bool,
+    strict_targets: bool,
+) -> None:
+    """``inject`` once the name is checked and the layers replicated (if asked)."""
     targets = find_targets(model, config)
-    if not targets:
+    parameter_targets = find_parameter_targets(model, config)
+    if not targets and not parameter_targets:
         raise ValueError(no_match_message(model, config))
     if strict_targets:
         check_every_entry_matches(model, config)
@@ -92,8 +117,8 @@ def inject(
         adapter_dtype=adapter_dtype,
         activate=activate,
         init=config.init_lora_weights if initialize else None,
+        parameter_targets=parameter_targets,
     )
-    return model
 
 
 def add_adapter_to_modules(
@@ -108,6 +133,7 @@ def add_adapter_to_modules(
     adapter_dtype: torch.dtype | None = None,
     activate: bool = True,
     init: bool | str | None = True,
+    parameter_targets: Mapping[str, str] | None = None,
 ) -> None:
     """``inject`` once the targets are known (``find_targets``) and the name checked.
 
@@ -115,7 +141,9 @@ def add_adapter_to_modules(
     (``dict(walk_modules(model))``), to save the lookups; ``factors[name] = (A, B)``: tensors
     the new adapter of LoRA layer ``name`` takes as its weights (no copy when dtype and device
     already fit: the caller hands them over); ``init``: ``LoraConfig.init_lora_weights``, or
-    None for uninitialised tensors.
+    None for uninitialised tensors; ``parameter_targets``: ``{layer path: parameter path}``
+    of the bare parameters to adapt (``lorakit.parameter_targets``; ``factors`` keyed by layer
+    path too).
     """
     current = _current_modules(model, targets, modules)
     tokens = token_module_names(model, config, targets, saved_names)
@@ -136,13 +164,20 @@ def add_adapter_to_modules(
         if changes_base(init):
             check_layer_takes(layer_class, module, name, init)
     layers = wrap_targets(model, targets, modules=current)
+    parameter_targets = dict(parameter_targets or {})
+    parameter_layers = wrap_parameter_targets(model, parameter_targets)
+    for name, layer in parameter_layers.items():
+        if adapter_name in layer.ranks:
+            raise ValueError(f"parameter {name!r} already has an adapter named {adapter_name!r}.")
+    layers |= parameter_layers
     state = state_of(model)
     factors = factors or {}
     for name, layer in layers.items():
+        pattern_name = parameter_targets.get(name, name)  # rank_pattern sees parameter paths
         layer.add_adapter(
             adapter_name,
-            rank=config.rank_for(name),
-            alpha=config.alpha_for(name),
+            rank=config.rank_for(pattern_name),
+            alpha=config.alpha_for(pattern_name),
             dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
             init=init,
@@ -171,7 +206,7 @@ def add_adapter_to_modules(
     if activate or len(state.configs) == 1:
         set_active(model, [adapter_name])
     else:  # a new inactive adapter's tensors are frozen; nothing else changes
-        freeze_adapter(model, adapter_name, [*targets, *saved_names, *tokens])
+        freeze_adapter(model, adapter_name, [*layers, *saved_names, *tokens])
 
 
 def wrap_targets(
@@ -251,13 +286,15 @@ def freeze_adapter(
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove every adapter: restore the original module objects, weights and trainability."""
-    for name, layer in list(lora_layers(model)):
+    """Remove every adapter: restore the original module objects, weights and trainability
+    (and the original layer list of a model whose layers ``layer_replication`` copied)."""
+    for name, layer in reversed(list(lora_layers(model))):  # a nested layer before its outer one
         layer.unmerge()
         replace_module(model, name, layer.base_layer)
     for name, wrapper in list(saved_modules(model)):
         replace_module(model, name, original_module(wrapper))
     forget_state(model)
+    restore_layers(model)
     return model
 
 

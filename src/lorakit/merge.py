@@ -105,7 +105,7 @@ def merge_and_unload(
     tied = _tied_parameter_ids(model)
     merge(model, names)
     untied = False
-    for name, layer in list(lora_layers(model)):
+    for name, layer in reversed(list(lora_layers(model))):  # nested layers before outer ones
         untied |= bool(layer.merged_adapters) and id(layer.original_weight) in tied
         replace_module(model, name, layer.unloaded_module(float_dtype))
     if untied and hasattr(getattr(model, "config", None), "tie_word_embeddings"):

@@ -86,11 +86,14 @@ PEFT_LORA_FIELDS: dict[str, FieldSupport] = {
         "chosen rows of an nn.Embedding trained in full, saved as "
         "<embedding>.token_adapter.trainable_tokens_delta; tied embeddings are refused"
     ),
-    "target_parameters": _refused(
-        "LoRA on bare nn.Parameters (fused MoE expert weights); not implemented"
+    "target_parameters": _supported(
+        "LoRA on bare 2-D / 3-D nn.Parameters (the fused expert weights of transformers MoE "
+        "layers): A (E r, k), B (d, E r), the weight replaced by W0 + delta during the owning "
+        "module's forward; not with dropout, DoRA, lora_bias or fan_in_fan_out (PEFT's rules)"
     ),
-    "layer_replication": _refused(
-        "duplicates decoder layers of the base (a different model); not implemented"
+    "layer_replication": _supported(
+        "decoder layers stacked from [start, end) ranges as copies sharing the base weights, "
+        "each copy adapted on its own (lorakit.replication); unload restores the layer list"
     ),
     "alora_invocation_tokens": _refused(
         "activated LoRA: the adapter applies only after the invocation tokens; not implemented"

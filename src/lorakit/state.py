@@ -66,7 +66,9 @@ def active_adapters(model: nn.Module) -> tuple[str, ...]:
 
 def walk_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(name, module)`` like ``named_modules()``, but without descending into LoRA layers and
-    saved-module wrappers (they are yielded themselves). Its cost does not grow with the number
+    saved-module wrappers (they are yielded themselves; a LoRA layer nested in another, as
+    ``LoraParameter`` layers on several parameters of one module are, is yielded too, at
+    ``<name>.base_layer``). Its cost does not grow with the number
     of adapters on the model."""
     seen: set[int] = set()
     pending: list[tuple[str, nn.Module]] = [("", model)]
@@ -76,6 +78,8 @@ def walk_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             continue
         seen.add(id(module))
         yield name, module
+        if isinstance(module, LoraLayer) and isinstance(module.base_layer, LoraLayer):
+            pending.append((f"{name}.base_layer", module.base_layer))  # nested (parameters)
         if isinstance(module, (LoraLayer, ModulesToSave)):
             continue
         children = [(n, c) for n, c in module._modules.items() if c is not None]

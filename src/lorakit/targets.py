@@ -55,13 +55,18 @@ def model_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(name, module)`` of the ORIGINAL model: a LoRA layer stands for the module it wraps and
     the insides of LoRA layers and saved-module wrappers are skipped."""
     for name, module in walk_modules(model):
+        if isinstance(module, LoraLayer) and name.endswith(".base_layer"):
+            continue  # a LoRA layer nested in another stands for the same module
         yield name, original_module(module)
 
 
 def original_module(module: nn.Module) -> nn.Module:
-    """The module a LoRA layer or saved-module wrapper stands for; any other module itself."""
+    """The module a LoRA layer (nested ones included) or saved-module wrapper stands for; any
+    other module itself."""
     if isinstance(module, LoraLayer):
-        return module.base_layer
+        while isinstance(module, LoraLayer):
+            module = module.base_layer
+        return module
     if isinstance(module, ModulesToSave):
         return module.original_module
     return module
@@ -123,6 +128,8 @@ def resolved_target_spec(model: nn.Module, config: LoraConfig) -> str | list[str
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in DEFAULT_TARGETS:
         return DEFAULT_TARGETS[model_type]
+    if config.target_parameters:
+        return []  # parameters only (PEFT's rule: the default, if any, comes first)
     raise ValueError(
         f"LoraConfig.target_modules is not set and lorakit has no default for model type "
         f"{model_type!r}; pass target_modules, e.g. ['q_proj', 'v_proj'] or 'all-linear'."

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lorakit import functional
+from lorakit.errors import UserError
 from lorakit.io.keys import lora_key_pairs
 
 __all__ = [
@@ -186,11 +187,14 @@ def adapter_factors(
     Embedding adapters are included (A (r, num), B (dim, r)); their update is the transpose,
     which has the same singular values.
     """
+    from lorakit.layers import LoraParameter
     from lorakit.state import lora_layers
 
     for name, layer in lora_layers(model):
         if adapter_name not in layer.ranks:
             continue
+        if isinstance(layer, LoraParameter):
+            raise _per_expert_error(name)
         lora_A, lora_B = layer.adapter_parameters(adapter_name)[:2]
         yield name, lora_A, lora_B, layer.scalings[adapter_name]
 
@@ -214,6 +218,8 @@ def tensor_factors(
     ``lora_embedding_A`` / ``_B``); s comes from ``config.rank_for`` / ``alpha_for`` and
     ``functional.scaling`` (rsLoRA respected).
     """
+    if config.target_parameters:
+        raise _per_expert_error(str(config.target_parameters))
     pairs = lora_key_pairs(tensors)  # {module: {"lora_A": key, "lora_B": key}}
     for name, keys in sorted(
         pairs.items(), key=lambda item: _natural_key(item[1].get("lora_A", ""))
@@ -226,6 +232,13 @@ def tensor_factors(
         rank = lora_A.shape[0]
         scale = functional.scaling(rank, config.alpha_for(name), config.use_rslora)
         yield name, lora_A, lora_B, scale
+
+
+def _per_expert_error(what: str) -> UserError:
+    return UserError(
+        f"the adapter adapts bare parameters ({what}, target_parameters): their factors hold "
+        "one rank-r block per expert, and spectra of such updates are not implemented."
+    )
 
 
 def _natural_key(name: str) -> list[tuple[int, int | str]]:

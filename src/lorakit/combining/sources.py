@@ -73,6 +73,7 @@ def _from_directory(directory: str | os.PathLike[str]) -> AdapterUpdates:
     adapter = read_adapter(directory)
     adapter.require_finite()
     label, config = str(adapter.directory), adapter.config
+    _refuse_other_layouts(f"adapter {label}", config)
     factors: dict[str, dict[str, torch.Tensor]] = {}
     embeddings = set()
     for key, tensor in adapter.tensors.items():
@@ -105,6 +106,20 @@ def _from_directory(directory: str | os.PathLike[str]) -> AdapterUpdates:
     return AdapterUpdates(label, config, modules, adapter.fingerprint)
 
 
+def _refuse_other_layouts(label: str, config: LoraConfig) -> None:
+    if config.target_parameters:
+        raise UserError(
+            f"{label} adapts bare parameters (target_parameters={config.target_parameters!r}), "
+            "whose factors hold one block per expert; lorakit combines LoRA pairs of modules "
+            "only."
+        )
+    if config.layer_replication:
+        raise UserError(
+            f"{label} adapts replicated layers (layer_replication={config.layer_replication!r});"
+            " lorakit combines adapters of the plain layers only."
+        )
+
+
 def _from_model(model: nn.Module, adapter_name: str) -> AdapterUpdates:
     from lorakit.io import fingerprint
     from lorakit.layers import LoraEmbedding
@@ -112,6 +127,7 @@ def _from_model(model: nn.Module, adapter_name: str) -> AdapterUpdates:
 
     config = adapter_configs(model)[adapter_name]
     label = f"adapter {adapter_name!r} of the model"
+    _refuse_other_layouts(label, config)
     saved = [name for name, w in saved_modules(model) if adapter_name in w.modules_to_save]
     if config.bias != "none" or config.lora_bias or saved:
         raise UserError(

@@ -100,6 +100,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     if summary["trainable_token_indices"] is not None:
         rows.insert(-4, ("trainable tokens", json.dumps(summary["trainable_token_indices"])))
+    if summary["target_parameters"]:
+        parameters = f"{json.dumps(summary['target_parameters'])} "
+        rows.insert(6, ("target parameters", parameters + f"({summary['adapted_parameters']})"))
+    if summary["layer_replication"]:
+        rows.insert(5, ("layer replication", json.dumps(summary["layer_replication"])))
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label + ':':<{width + 1}} {value}" for label, value in rows)
 

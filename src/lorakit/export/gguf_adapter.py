@@ -68,6 +68,18 @@ def export_adapter(
     _refuse_dora(Path(adapter_directory))
     adapter = read_adapter(adapter_directory)
     adapter.require_finite()
+    if adapter.config.layer_replication:
+        raise UserError(
+            f"adapter {adapter.directory} adapts replicated layers (layer_replication="
+            f"{adapter.config.layer_replication!r}), which a GGUF model does not have. Merge it "
+            "into a full GGUF model instead."
+        )
+    if adapter.config.target_parameters:
+        raise UserError(
+            f"adapter {adapter.directory} adapts bare parameters (target_parameters="
+            f"{adapter.config.target_parameters!r}); llama.cpp's LoRA format holds pairs for "
+            "named weight matrices only. Merge it into a full GGUF model instead."
+        )
     layout = gguf_layout(model.config)
     pairs, unsupported = _split_tensors(adapter, layout, model)
     if unsupported and not drop_unsupported:

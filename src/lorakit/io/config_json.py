@@ -37,6 +37,7 @@ _FIELDS = (
     "exclude_modules",
     "fan_in_fan_out",
     "init_lora_weights",
+    "layer_replication",
     "layers_pattern",
     "layers_to_transform",
     "lora_alpha",
@@ -46,6 +47,7 @@ _FIELDS = (
     "r",
     "rank_pattern",
     "target_modules",
+    "target_parameters",
     "task_type",
     "trainable_token_indices",
     "use_dora",
@@ -146,6 +148,10 @@ def config_to_json(model: nn.Module, config: LoraConfig, adapter_modules: list[n
         del values["lora_bias"]  # likewise (peft < 0.14)
     if config.trainable_token_indices is None:
         del values["trainable_token_indices"]  # likewise
+    if config.layer_replication is None:
+        del values["layer_replication"]  # likewise (peft < 0.10)
+    if config.target_parameters is None:
+        del values["target_parameters"]  # likewise (peft < 0.17)
     values |= {
         "auto_mapping": None,
         "inference_mode": True,

@@ -6,6 +6,7 @@ adapter name never appears in a file (PEFT removes it):
 | what | file key | shape |
 |---|---|---|
 | Linear / Conv1D A, B | ``<path>.lora_A.weight``, ``<path>.lora_B.weight`` | (r, k), (d, r) |
+| a bare parameter's A, B (``target_parameters``) | the same, ``<path>`` the layer's (``.base_layer`` per nesting) | (E r, k), (d, E r) |
 | trainable tokens (``trainable_token_indices``) | ``<path>.token_adapter.trainable_tokens_delta`` | (n, dim) |
 | DoRA magnitude (``use_dora``) | ``<path>.lora_magnitude_vector`` (no ``.weight``) | (d,) |
 | bias on B (``lora_bias``) | ``<path>.lora_B.bias`` | (d,) |
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave, linear_shape
+from lorakit.layers.parameter import parameter_layout
 from lorakit.layers.tokens import DELTA_KEY
 from lorakit.targets import model_modules
 
@@ -170,7 +172,8 @@ def module_path(file_key: str) -> str:
 @dataclass(frozen=True)
 class FileTensor:
     """One tensor of an adapter file: its file key, the ORIGINAL module path it belongs to and
-    its role: "lora_A" / "lora_B", "magnitude" (DoRA's m), "lora_bias" (the bias on B),
+    its role: "lora_A" / "lora_B" (for a bare parameter, ``parameter`` is its path and
+    ``module`` the path of its LoRA layer), "magnitude" (DoRA's m), "lora_bias" (the bias on B),
     "tokens" (trained embedding rows, ``parameter`` is their count),
     "bias" (a base bias trained by
     ``bias`` mode), "saved" (a ``modules_to_save`` tensor; ``parameter`` is its state-dict key)
@@ -193,6 +196,7 @@ def adapter_file_tensors(
     use_dora: bool = False,
     lora_bias: bool = False,
     token_modules: Mapping[str, int] | None = None,
+    parameter_layers: Mapping[str, str] | None = None,
 ) -> list[FileTensor]:
     """Every tensor an adapter file holds, in PEFT's names.
 
@@ -201,7 +205,8 @@ def adapter_file_tensors(
     Works before injection (on the plain model) and after (names are original names).
     ``modules``: ``dict(model_modules(model))`` when the caller has it. ``use_dora``: each
     LoRA module also has a DoRA magnitude vector; ``lora_bias``: a bias on B;
-    ``token_modules``: ``{embedding: number of trained rows}`` (``trainable_token_indices``).
+    ``token_modules``: ``{embedding: number of trained rows}`` (``trainable_token_indices``);
+    ``parameter_layers``: ``{LoRA layer path: parameter path}`` (``target_parameters``).
     """
     modules = dict(model_modules(model)) if modules is None else modules
     lora_set, saved_prefixes = set(lora_modules), tuple(f"{m}." for m in saved_modules)
@@ -213,6 +218,12 @@ def adapter_file_tensors(
             tensors.append(FileTensor(magnitude_key(name), name, "magnitude"))
         if lora_bias:
             tensors.append(FileTensor(lora_bias_key(name), name, "lora_bias"))
+    for layer_path, parameter_path in (parameter_layers or {}).items():
+        key_A, key_B = lora_keys(layer_path, False)
+        tensors += [
+            FileTensor(key_A, layer_path, "lora_A", parameter_path),
+            FileTensor(key_B, layer_path, "lora_B", parameter_path),
+        ]
     for name, module in modules.items():
         if bias == "none" or name in saved_modules or name.startswith(saved_prefixes):
             continue
@@ -237,6 +248,14 @@ def adapter_file_tensors(
 def expected_shape(modules: dict[str, nn.Module], entry: FileTensor, rank: int) -> tuple[int, ...]:
     """The shape ``entry`` must have; ``modules`` is ``dict(model_modules(model))`` (original
     modules, before or after injection) and ``rank`` the adapter's rank for ``entry.module``."""
+    if entry.role in ("lora_A", "lora_B") and entry.parameter:  # a bare parameter
+        owner, _, name = entry.parameter.rpartition(".")
+        transposed = bool(getattr(modules[owner], "is_transposed", False))
+        experts, out_features, in_features = parameter_layout(
+            getattr(modules[owner], name), transposed
+        )
+        rows = rank * max(1, experts)
+        return (rows, in_features) if entry.role == "lora_A" else (out_features, rows)
     module = modules[entry.module]
     if entry.role in ("lora_A", "lora_B"):
         if isinstance(module, nn.Embedding):

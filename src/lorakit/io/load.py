@@ -48,6 +48,8 @@ from lorakit.io.read import (
 )
 from lorakit.io.tensors import TORCH_DTYPES
 from lorakit.layers import LoraLayer, ModulesToSave
+from lorakit.parameter_targets import find_parameter_targets, parameter_stand_ins
+from lorakit.replication import replicate_layers, restore_layers
 from lorakit.state import (
     active_adapters,
     adapter_configs,
@@ -60,6 +62,8 @@ from lorakit.state import (
 from lorakit.targets import find_targets, matches, original_module
 
 __all__ = ["load_adapter"]
+
+LORA_ROLES = ("lora_A", "lora_B")
 
 
 def load_adapter(
@@ -96,6 +100,37 @@ def load_adapter(
         )
     check_adapter_name(model, adapter_name)
     header = read_adapter_header(adapter_directory(directory, adapter_name))
+    replicated = _replicate(model, header)
+    try:
+        _load_checked(model, header, adapter_name, allow_base_mismatch, activate, adapter_dtype)
+    except BaseException:
+        if replicated:
+            restore_layers(model)
+        raise
+    return model
+
+
+def _replicate(model: nn.Module, header: AdapterHeader) -> bool:
+    """The config's ``layer_replication`` applied to ``model`` (True if it changed it)."""
+    layer_map = header.config.layer_replication
+    if not layer_map:
+        return False
+    try:
+        return replicate_layers(model, layer_map)
+    except ValueError as error:
+        message = f"adapter {header.directory} does not fit this model: {error}"
+        raise AdapterFileError(message) from None
+
+
+def _load_checked(
+    model: nn.Module,
+    header: AdapterHeader,
+    adapter_name: str,
+    allow_base_mismatch: bool,
+    activate: bool,
+    adapter_dtype: torch.dtype | None,
+) -> None:
+    """``load_adapter`` once the header is read (and the layers replicated, if asked)."""
     current = dict(walk_modules(model))  # LoRA layers as they are, for adding the adapter
     modules = {name: original_module(module) for name, module in current.items()}
     to_load = _load_targets(model, header, modules)
@@ -106,9 +141,9 @@ def load_adapter(
         e.module for e in to_load.tensors if e.role == "base_weight"
     }  # the file brings these
     checked = [e.module for e in to_load.tensors if e.role == "lora_A" and e.module not in replaced]
-    _check_base(model, adapter, checked, allow_base_mismatch, modules)
+    with_parameters = modules | parameter_stand_ins(to_load.parameter_targets, current)
+    _check_base(model, adapter, checked, allow_base_mismatch, with_parameters)
     _apply(model, adapter, to_load, current, adapter_name, activate, adapter_dtype)
-    return model
 
 
 @dataclass(frozen=True)
@@ -120,6 +155,8 @@ class _LoadTargets:
     targets: list[str]
     saved_names: list[str]
     tensors: list[FileTensor]
+    parameter_targets: dict[str, str]
+    """``{LoRA layer path: parameter path}`` (``target_parameters``)."""
 
 
 def _load_targets(
@@ -142,9 +179,10 @@ def _load_targets(
         targets = find_targets(model, config, modules)
         saved_names = saved_module_names(model, config)
         tokens = token_module_names(model, config, targets, saved_names)
+        parameter_targets = find_parameter_targets(model, config)
     except ValueError as error:
         raise AdapterFileError(f"adapter {source} does not fit this model: {error}") from None
-    if not targets:
+    if not targets and not parameter_targets:
         raise AdapterFileError(
             f"adapter {source}: target_modules={config.target_modules!r} matches no module of "
             f"this {type(model).__name__}; was it trained on another architecture?"
@@ -164,8 +202,9 @@ def _load_targets(
         use_dora=config.use_dora,
         lora_bias=config.lora_bias,
         token_modules={name: len(indices) for name, indices in tokens.items()},
+        parameter_layers=parameter_targets,
     )
-    return _LoadTargets(config, targets, saved_names, tensors)
+    return _LoadTargets(config, targets, saved_names, tensors, parameter_targets)
 
 
 def _has_tensors_for(adapter: AdapterHeader, entry: str) -> bool:
@@ -204,7 +243,8 @@ def _check_tensors(
         )
     for entry in sorted(entries, key=lambda e: e.role != "base_weight"):  # vocabulary first
         info = adapter.tensors[entry.key]
-        rank = config.rank_for(entry.module)
+        on_parameter = entry.role in LORA_ROLES and entry.parameter  # rank_pattern: its path
+        rank = config.rank_for(entry.parameter if on_parameter else entry.module)
         shape = expected_shape(modules, entry, rank)
         if tuple(info.shape) != shape:
             raise AdapterFileError(_shape_message(source, entry, tuple(info.shape), shape, rank))
@@ -308,6 +348,7 @@ def _apply(
             to_load.targets,
             to_load.saved_names,
             modules=current,
+            parameter_targets=to_load.parameter_targets,
             factors={name: (pair["lora_A"], pair["lora_B"]) for name, pair in factors.items()},
             adapter_dtype=adapter_dtype,
             activate=activate,
@@ -340,7 +381,7 @@ def _roll_back(model, adapter_name, had_state, wrapped_before, base_backup) -> N
         unload(model)
         return
     delete_adapter(model, adapter_name)
-    for name, layer in list(lora_layers(model)):
+    for name, layer in reversed(list(lora_layers(model))):  # nested layers first
         if id(layer) not in wrapped_before:
             replace_module(model, name, layer.base_layer)
     for name, wrapper in list(saved_modules(model)):

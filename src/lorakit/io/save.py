@@ -27,6 +27,7 @@ from lorakit.io.header import serialize
 from lorakit.io.keys import adapter_file_tensors, embedding_module_names, model_tensor
 from lorakit.io.read import CONFIG_METADATA_KEY, WEIGHTS_NAME
 from lorakit.layers import TrainableTokens
+from lorakit.layers.parameter import LoraParameter
 from lorakit.state import adapter_configs, lora_layers, saved_modules
 
 __all__ = ["adapter_file_contents", "save_adapter", "save_merged_model"]
@@ -79,15 +80,21 @@ def adapter_file_contents(
         save_embedding_layers = _vocabulary_resized(model, config)
     embeddings = embedding_module_names(model) if save_embedding_layers else []
     lora_names = [name for name, _ in layers]
+    parameter_layers = {
+        name: layer.parameter_path(name)
+        for name, layer in layers
+        if isinstance(layer, LoraParameter)
+    }
     entries = adapter_file_tensors(
         model,
         config.bias,
-        lora_names,
+        [name for name in lora_names if name not in parameter_layers],
         saved,
         embeddings,
         use_dora=config.use_dora,
         lora_bias=config.lora_bias,
         token_modules=tokens,
+        parameter_layers=parameter_layers,
     )
     tensors = {}
     for entry in entries:

@@ -2,7 +2,9 @@
 safetensors HEADER only (no tensor is read, so it is instant for any file size).
 
 Compression ratio: over the adapted matrices, ``sum d*k / sum r*(d+k)`` (the base parameters
-the adapter changes, per trainable LoRA parameter; ``functional.lora_parameter_count``).
+the adapter changes, per trainable LoRA parameter; ``functional.lora_parameter_count``). A LoRA
+layer on a bare parameter (``target_parameters``; its path, less any ``.base_layer``, ends in
+the module part of an entry) counts as E matrices of rank r, E = (rows of A) / r.
 """
 
 from __future__ import annotations
@@ -73,6 +75,16 @@ def _fingerprint_summary(metadata: dict[str, str]) -> dict[str, Any]:
     return {"present": True, "readable": True, "modules": len(modules), "base_dtypes": dtypes}
 
 
+def _on_parameter(config, module: str) -> bool:
+    """Whether the LoRA layer at ``module`` adapts a bare parameter of ``config``'s
+    ``target_parameters`` (its owner's path ends in an entry's module part)."""
+    owner = module
+    while owner.endswith(".base_layer"):
+        owner = owner.removesuffix(".base_layer")
+    parts = [entry.rpartition(".")[0] for entry in config.target_parameters or []]
+    return any(owner == p or owner.endswith("." + p) for p in parts if p)
+
+
 def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> dict[str, Any]:
     """A JSON-ready summary of the adapter in ``directory`` (see the module docstring)."""
     directory = adapter_directory(directory, adapter_name)
@@ -82,15 +94,19 @@ def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> d
     header = read_header(weights)
     factors = _factor_infos(header.tensors)
     ranks, alphas, scalings = Counter(), Counter(), Counter()
-    base_parameters = lora_parameters = 0
+    base_parameters = lora_parameters = adapted_parameters = 0
     for module, infos in sorted(factors.items()):
         rank, in_features, out_features = _checked_factors(weights, module, infos)
-        alpha = config.alpha_for(module)
+        alpha, matrices = config.alpha_for(module), 1
+        if _on_parameter(config, module) and rank % config.r == 0:  # E experts of rank r
+            rank, matrices, adapted_parameters = config.r, rank // config.r, adapted_parameters + 1
         ranks[rank] += 1
         alphas[alpha] += 1
         scalings[round(functional.scaling(rank, alpha, config.use_rslora), 6)] += 1
-        base_parameters += out_features * in_features
-        lora_parameters += functional.lora_parameter_count(out_features, in_features, rank)
+        base_parameters += matrices * out_features * in_features
+        lora_parameters += matrices * functional.lora_parameter_count(
+            out_features, in_features, rank
+        )
     total = sum(info.numel for info in header.tensors.values())
     return {
         "directory": str(directory),
@@ -98,8 +114,13 @@ def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> d
         "fingerprint": _fingerprint_summary(header.metadata),
         "task_type": config.task_type,
         "target_modules": config.target_modules,
-        "adapted_modules": len(factors),
-        "module_types": sorted({module.rsplit(".", 1)[-1] for module in factors}),
+        "target_parameters": config.target_parameters,
+        "layer_replication": config.layer_replication,
+        "adapted_modules": len(factors) - adapted_parameters,
+        "adapted_parameters": adapted_parameters,
+        "module_types": sorted(
+            {m.rsplit(".", 1)[-1] for m in factors if not _on_parameter(config, m)}
+        ),
         "ranks": {str(k): v for k, v in sorted(ranks.items())},
         "alphas": {f"{k:g}": v for k, v in sorted(alphas.items())},
         "scalings": {f"{k:g}": v for k, v in sorted(scalings.items())},

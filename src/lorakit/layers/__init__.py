@@ -13,6 +13,7 @@ from lorakit import quantized
 from lorakit.layers.base import LoraLayer
 from lorakit.layers.embedding import LoraEmbedding
 from lorakit.layers.linear import LoraLinear, is_conv1d, linear_shape
+from lorakit.layers.parameter import LoraParameter
 from lorakit.layers.per_call import (
     adapter_override,
     current_override,
@@ -27,6 +28,7 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "LoraParameter",
     "ModulesToSave",
     "QuantizedLoraLinear",
     "TrainableTokens",

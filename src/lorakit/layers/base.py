@@ -115,7 +115,7 @@ class LoraLayer(nn.Module):
             state = self._merge_state
             if state.adapters:
                 return state, state.original
-            weight = self.base_layer.weight
+            weight = self.live_weight()
             if self._merge_state is state:
                 return state, weight
 
@@ -216,16 +216,25 @@ class LoraLayer(nn.Module):
         """The base layer's weight (so code that reads ``module.weight`` keeps working)."""
         return self.base_layer.weight
 
+    def live_weight(self) -> torch.Tensor:
+        """The weight the base holds now, merged or not: ``base_layer.weight`` (a layer on a
+        bare parameter, ``layers/parameter.py``, that parameter)."""
+        return self.base_layer.weight
+
+    def set_live_weight(self, weight: nn.Parameter) -> None:
+        """Install ``weight`` where ``live_weight`` reads it (merge and unmerge)."""
+        self.base_layer.weight = weight
+
     @property
     def base_device(self) -> torch.device:
         """The device of the base layer's weight (where new adapter tensors go)."""
-        return self.base_layer.weight.device
+        return self.live_weight().device
 
     @property
     def base_float_dtype(self) -> torch.dtype:
         """The base weight's dtype (a quantized base says float32): sets the adapter's default
         dtype (float32 on a float16/bfloat16 base, else this)."""
-        return self.base_layer.weight.dtype
+        return self.live_weight().dtype
 
     @property
     def adapter_names(self) -> tuple[str, ...]:
@@ -352,7 +361,7 @@ class LoraLayer(nn.Module):
         weight = nn.Parameter(merged, requires_grad=False)
         original = self.original_weight
         self._merge_state = MergeState((*state.adapters, *to_merge), weight, original)
-        self.base_layer.weight = weight
+        self.set_live_weight(weight)
 
     @property
     def merged_adapters(self) -> tuple[str, ...]:
@@ -363,7 +372,7 @@ class LoraLayer(nn.Module):
     def original_weight(self) -> torch.Tensor:
         """The base weight without any merged adapter (the very tensor the model was built with)."""
         state = self._merge_state
-        return state.original if state.adapters else self.base_layer.weight
+        return state.original if state.adapters else self.live_weight()
 
     def unmerge(self) -> None:
         """Put the original weight Parameter back: bit-identical, and ties to it restored.
@@ -371,7 +380,7 @@ class LoraLayer(nn.Module):
         state = self._merge_state
         if not state.adapters:
             return
-        self.base_layer.weight = state.original
+        self.set_live_weight(state.original)
         self._merge_state = _unmerged()
 
     def forget_original(self) -> None:

@@ -73,6 +73,18 @@ def lora_pairs(
     dtype), to check a file before reading its data. Raises ``AdapterFileError`` naming the tensor: a key that is not a linear LoRA factor, a
     factor that is not a non-empty floating-point 2-D matrix, shapes that do not fit the layer, rank > max_rank.
     """
+    if config.target_parameters:
+        raise AdapterFileError(
+            f"adapter {name!r} adapts bare parameters (target_parameters="
+            f"{config.target_parameters!r}); the serving bank adds LoRA outputs of linear "
+            "layers per row and cannot serve it. Merge it into the model instead."
+        )
+    if config.layer_replication:
+        raise AdapterFileError(
+            f"adapter {name!r} adapts replicated layers (layer_replication="
+            f"{config.layer_replication!r}); the served model keeps its own layers. Merge it "
+            "into the model instead."
+        )
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         parsed = parse_lora_key(key, embeddings=False)

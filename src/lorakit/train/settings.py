@@ -82,6 +82,15 @@ class TrainSettings:
     use_dora: bool = setting(
         False, "DoRA: also train a magnitude per output feature (PEFT's use_dora=True)"
     )
+    lora_bias: bool = setting(
+        False, "a trainable bias on lora_B, merged into the base bias (PEFT's lora_bias=True)"
+    )
+    trainable_token_indices: str | list[int] | None = setting(
+        None,
+        "comma-separated token ids whose rows of the input embedding train in full, saved as "
+        "PEFT's trainable_tokens_delta (PEFT's trainable_token_indices; a list in --config) "
+        "(default: none)",
+    )
     max_length: int = setting(
         256,
         "maximum tokens per example: longer reviews (classification data) are shortened inside "
@@ -102,7 +111,8 @@ class TrainSettings:
             raise SettingError("max_length", f"must be an integer >= 2, got {self.max_length!r}")
 
     def lora_config(self):
-        """The ``LoraConfig`` of ``r``, ``alpha``, ``dropout``, ``use_dora`` and ``target_modules``.
+        """The ``LoraConfig`` of ``r``, ``alpha``, ``dropout``, ``use_dora``, ``lora_bias``,
+        ``trainable_token_indices`` and ``target_modules``.
         ``task_type`` CAUSAL_LM lets peft's ``AutoPeftModelForCausalLM`` open the adapter; the
         base is recorded as the user gave it (a built-in's name, not its cache path; a local
         directory as written)."""
@@ -114,12 +124,28 @@ class TrainSettings:
                 lora_alpha=self.alpha,
                 lora_dropout=self.dropout,
                 use_dora=self.use_dora,
+                lora_bias=self.lora_bias,
+                trainable_token_indices=self._token_ids(),
                 target_modules=self.target_modules,
                 task_type="CAUSAL_LM",
                 base_model_name_or_path=str(self.model),
             )
         except (ValueError, TypeError) as error:
             raise UserError(f"invalid LoRA settings: {error}") from None
+
+    def _token_ids(self) -> list[int] | None:
+        """``trainable_token_indices`` as a list of ints ("5,7" from a flag, [5, 7] from a
+        file); a ``UserError`` naming the value if one is not an integer."""
+        given = self.trainable_token_indices
+        if given is None or isinstance(given, list):
+            return given
+        try:
+            return [int(part) for part in str(given).split(",")]
+        except ValueError:
+            raise UserError(
+                f"--trainable-token-indices takes comma-separated token ids (e.g. 5,17,42), "
+                f"got {given!r}"
+            ) from None
 
 
 def option_fields() -> list[Field]:
