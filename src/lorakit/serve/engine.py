@@ -28,6 +28,7 @@ from lorakit.serve.bank import AdapterBank, BankFullError, Loader
 from lorakit.serve.batched import routed
 from lorakit.serve.cold_loads import ColdLoads
 from lorakit.serve.kv import BatchedCache
+from lorakit.serve.one_adapter import routed_one
 from lorakit.serve.requests import (
     INTERNAL,
     NO_ADAPTER_SLOT,
@@ -318,16 +319,24 @@ class Engine:
         request.slot = slot
         return True
 
-    def _routed(self, slots: torch.Tensor):
-        """The bank's routing of ``slots`` (one per token); without a bank, the model as is."""
-        return contextlib.nullcontext() if self.bank is None else routed(self.bank, slots)
+    def _routed(self, row_slots: list[int], tokens: int):
+        """The bank's routing of rows with adapter slots ``row_slots`` and ``tokens`` tokens each;
+        without a bank, the model as is. All rows on one adapter (one stream, a prefill): the
+        one-segment op (``one_adapter.routed_one``: no grouping, no per-row copies)."""
+        if self.bank is None:
+            return contextlib.nullcontext()
+        first = row_slots[0]
+        if first >= 0 and row_slots.count(first) == len(row_slots):
+            return routed_one(self.bank, first)
+        slots = torch.tensor(row_slots)[:, None].expand(len(row_slots), tokens)
+        return routed(self.bank, slots)
 
     def _prefill(self, request: GenerationRequest) -> None:
         """Run the prompt alone with its adapter; sample the first token; join the batch.
         Only the last position's logits are computed when the model allows it (the lm_head
         over a 64-token prompt of SmolLM2 is a fifth of the prefill)."""
         ids = torch.tensor([request.prompt_ids])
-        with self._routed(torch.full_like(ids, request.slot)):
+        with self._routed([request.slot], ids.shape[1]):
             output = self.model(input_ids=ids, use_cache=True, **self._last_logits)
         self._accept(request, output.logits[0, -1])
         if request.done:
@@ -339,9 +348,8 @@ class Engine:
     def _decode_step(self) -> None:
         self.stats.max_running = max(self.stats.max_running, len(self._running))
         last = torch.tensor([[r.generated[-1]] for r in self._running])
-        slots = torch.tensor([[r.slot] for r in self._running])
         attention_mask, position_ids = self._cache.step_inputs()
-        with self._routed(slots):
+        with self._routed([r.slot for r in self._running], 1):
             output = self.model(
                 input_ids=last,
                 attention_mask=attention_mask,
