@@ -31,6 +31,7 @@ refused by ``check_supported`` with ``UnsupportedQuantizedLayerError``, never tr
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 from collections.abc import Callable
@@ -63,8 +64,15 @@ def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _mro_paths(module: nn.Module) -> list[str]:
-    return [_class_path(cls) for cls in type(module).__mro__]
+def _mro_paths(module: nn.Module) -> tuple[str, ...]:
+    return _class_mro_paths(type(module))
+
+
+@functools.cache
+def _class_mro_paths(cls: type) -> tuple[str, ...]:
+    """The class paths of ``cls`` and its bases (cached: a LoRA layer over a quantized base asks
+    for its backend at every forward)."""
+    return tuple(_class_path(base) for base in cls.__mro__)
 
 
 def _is_bnb_layer(module: nn.Module) -> bool:

@@ -56,7 +56,7 @@ def int8_rows_matmul(x: torch.Tensor, module: Int8RowsLinear) -> torch.Tensor:
     """``x W0^T`` (..., out) for ``x`` (..., in): the int8 kernel on bfloat16 activations
     where it applies, else ``F.linear`` on the dequantized weight; in ``x``'s dtype."""
     flat = x.reshape(-1, x.shape[-1])  # (m, k)
-    if kernel_applies(flat, module.codes):
+    if module.kernel_shape and x.is_cpu:
         out = torch._weight_int8pack_mm(
             flat.to(torch.bfloat16).contiguous(), module.codes, module.scale
         )
@@ -96,6 +96,7 @@ class Int8RowsLinear(nn.Module):
         self.register_buffer("codes", codes.contiguous())
         self.register_buffer("scale", scale.to(torch.bfloat16).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.kernel_shape = HAS_KERNEL and _kernel_shape(codes)  # (checked once: every forward)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8RowsLinear:
