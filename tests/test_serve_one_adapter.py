@@ -53,7 +53,7 @@ def test_one_adapter_route_equals_the_batched_op_and_the_adapter_alone(setup, na
     reference, model, bank = setup
     ids = tiny_models.input_ids(2, 7)
     slot = bank.slot_of(name)
-    with routed_one(bank, slot) as router:
+    with routed_one(OneAdapterRouter(bank, slot)) as router:
         got = model(ids).logits
     assert router.page_range is not None  # a bank filled once holds runs of pages
     with routed(bank, torch.full(ids.shape, slot)):
@@ -76,12 +76,12 @@ def test_scattered_pages_are_gathered_and_give_the_same_output(setup, monkeypatc
     monkeypatch.setattr("lorakit.serve.one_adapter.page_range", lambda pages: None)
     gathered = OneAdapterRouter(bank, slot)
     assert gathered.page_range is None
-    gathered_A, gathered_B = gathered.factors(stack)  # rows in page-table order: B A is equal
+    gathered_A, gathered_B_t = gathered.factors(stack)  # rows in page-table order: B A equal
     torch.testing.assert_close(
-        contiguous[1] @ contiguous[0], gathered_B @ gathered_A, rtol=0, atol=1e-6
+        contiguous[1].T @ contiguous[0], gathered_B_t.T @ gathered_A, rtol=0, atol=1e-6
     )
     ids = tiny_models.input_ids(1, 5)
-    with routed_one(bank, slot):
+    with routed_one(OneAdapterRouter(bank, slot)):
         got = model(ids).logits
     with torch.no_grad(), lorakit.use_adapters(reference, ["all"]):
         alone = reference(ids).logits
@@ -101,7 +101,7 @@ def test_a_dora_slot_takes_the_batched_path_and_equals_the_adapter_alone():
     bank = AdapterBank(model, max_rank=2, capacity=1)
     slot = bank.load_from_model("dora", reference, "dora")
     ids = tiny_models.input_ids(2, 6)
-    with routed_one(bank, slot):
+    with routed_one(OneAdapterRouter(bank, slot)):
         got = model(ids).logits
     with torch.no_grad(), lorakit.use_adapters(reference, ["dora"]):
         alone = reference(ids).logits
@@ -113,13 +113,44 @@ def test_the_engine_routes_one_stream_through_the_one_adapter_route(setup, monke
     calls = []
     original = engine_module.routed_one
     monkeypatch.setattr(
-        engine_module, "routed_one", lambda bank, slot: calls.append(slot) or original(bank, slot)
+        engine_module, "routed_one", lambda router: calls.append(router) or original(router)
     )
     prompt, tokens = [5, 9, 2, 7, 7, 1], 6
     with Engine(model, bank, max_batch=2, eos_token_ids=[]) as engine:
         got, _, _ = engine.generate(prompt, "mlp", SamplingParams(max_tokens=tokens))
-    assert calls == [bank.slot_of("mlp")] * tokens  # the prefill and every decode step
+    assert len(calls) == tokens  # the prefill and every decode step, one router kept throughout
+    assert {router.slot for router in calls} == {bank.slot_of("mlp")}
+    assert len({id(router) for router in calls}) == 1
     with torch.no_grad(), lorakit.use_adapters(reference, ["mlp"]):
         reference.generation_config.eos_token_id = None
         out = reference.generate(torch.tensor([prompt]), max_new_tokens=tokens, do_sample=False)
     assert got == out[0, len(prompt) :].tolist()
+
+
+def test_a_kept_router_is_dropped_when_its_slot_gets_another_adapter():
+    """The engine keeps a slot's router between steps; an adapter loaded into that slot after an
+    eviction (new pages) gets a new router, and its own output."""
+    reference = tiny_models.llama()
+    for name in ("first", "second"):
+        config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"])
+        lorakit.inject(reference, config, adapter_name=name)
+    tiny_models.randomize_adapters(reference, std=0.2)
+    reference.generation_config.eos_token_id = None
+    model = tiny_models.llama()
+    prepare_for_serving(model, ["q_proj", "up_proj"])
+    bank = AdapterBank(model, max_rank=4, capacity=1, page_rank=2)
+    prompt, params = [3, 8, 1, 4], SamplingParams(max_tokens=5)
+    with Engine(model, bank, max_batch=1, eos_token_ids=[]) as engine:
+        slot = bank.load_from_model("first", reference, "first")
+        first, _, _ = engine.generate(prompt, "first", params)
+        kept = engine._one_routers[slot]
+        bank.evict("first")
+        assert bank.load_from_model("second", reference, "second") == slot
+        assert not kept.is_current()
+        second, _, _ = engine.generate(prompt, "second", params)
+        assert engine._one_routers[slot] is not kept
+    for name, got in (("first", first), ("second", second)):
+        with torch.no_grad(), lorakit.use_adapters(reference, [name]):
+            out = reference.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False)
+        assert got == out[0, len(prompt) :].tolist(), name
+    assert first != second

@@ -28,7 +28,7 @@ from lorakit.serve.bank import AdapterBank, BankFullError, Loader
 from lorakit.serve.batched import routed
 from lorakit.serve.cold_loads import ColdLoads
 from lorakit.serve.kv import BatchedCache
-from lorakit.serve.one_adapter import routed_one
+from lorakit.serve.one_adapter import OneAdapterRouter, routed_one
 from lorakit.serve.requests import (
     INTERNAL,
     NO_ADAPTER_SLOT,
@@ -100,6 +100,7 @@ class Engine:
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._running: list[GenerationRequest] = []
         self._cache = BatchedCache()
+        self._one_routers: dict[int, OneAdapterRouter] = {}  # slot -> its one-adapter route
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -327,7 +328,10 @@ class Engine:
             return contextlib.nullcontext()
         first = row_slots[0]
         if first >= 0 and row_slots.count(first) == len(row_slots):
-            return routed_one(self.bank, first)
+            router = self._one_routers.get(first)
+            if router is None or not router.is_current():  # (kept while the slot's pages are)
+                router = self._one_routers[first] = OneAdapterRouter(self.bank, first)
+            return routed_one(router)
         slots = torch.tensor(row_slots)[:, None].expand(len(row_slots), tokens)
         return routed(self.bank, slots)
 

@@ -36,7 +36,12 @@ def page_range(pages: torch.Tensor) -> slice | None:
 
 
 class OneAdapterRouter:
-    """The ``row_router`` callable when every row takes adapter slot ``slot`` of ``bank``."""
+    """The ``row_router`` callable when every row takes adapter slot ``slot`` of ``bank``.
+
+    It keeps each layer's factors (views of the pools, or the gathered pages) for as long as the
+    slot keeps the same pages (``is_current``): the engine reuses it from one decode step to the
+    next.
+    """
 
     def __init__(self, bank: AdapterBank, slot: int) -> None:
         if slot not in bank.page_table:
@@ -45,11 +50,19 @@ class OneAdapterRouter:
         self.slot = slot
         self.pages = bank.page_table[slot]
         self.page_range = page_range(self.pages)
+        self._factors: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._general: BankRouter | None = None
 
+    def is_current(self) -> bool:
+        """True while the slot holds the adapter (the very page table) this router was made for."""
+        return self.bank.page_table.get(self.slot) is self.pages
+
     def factors(self, stack: LayerStack) -> tuple[torch.Tensor, torch.Tensor]:
-        """The slot's A (n*p, k) and B (d, n*p) in ``stack``: views of the pools when its pages
-        are consecutive, else gathered copies."""
+        """The slot's A (n*p, k) and B^T (n*p, d) in ``stack``: views of the pools when its
+        pages are a run, else gathered copies (kept while the pools are the same tensors)."""
+        cached = self._factors.get(id(stack))
+        if cached is not None and cached[0] is stack.lora_A:
+            return cached[1], cached[2]
         if self.page_range is not None:
             lora_A = stack.lora_A[self.page_range]  # (n, p, k)
             lora_B_t = stack.lora_B_t[self.page_range]  # (n, p, d)
@@ -57,7 +70,9 @@ class OneAdapterRouter:
             pages = self.pages.to(stack.lora_A.device)
             lora_A = stack.lora_A.index_select(0, pages)
             lora_B_t = stack.lora_B_t.index_select(0, pages)
-        return lora_A.flatten(0, 1), lora_B_t.flatten(0, 1).T
+        lora_A, lora_B_t = lora_A.flatten(0, 1), lora_B_t.flatten(0, 1)
+        self._factors[id(stack)] = (stack.lora_A, lora_A, lora_B_t)
+        return lora_A, lora_B_t
 
     def __call__(
         self, layer: torch.nn.Module, x: torch.Tensor, base_output: torch.Tensor
@@ -67,9 +82,16 @@ class OneAdapterRouter:
             return base_output  # a layer this adapter does not touch (or not routed)
         if self.slot in stack.dora_slots:
             return self._general_router(x)(layer, x, base_output)
-        lora_A, lora_B = self.factors(stack)
-        delta = functional.lora_forward(x, lora_A, lora_B, stack.scaling_values[self.slot])
-        return base_output.add_(delta.to(base_output.dtype))  # (..., d), in place
+        lora_A, lora_B_t = self.factors(stack)
+        scale = stack.scaling_values[self.slot]
+        rows = x.shape[:-1].numel()
+        out = base_output.view(rows, base_output.shape[-1])  # shares storage: in-place adds
+        flat_x = x.reshape(rows, x.shape[-1])
+        if flat_x.dtype == lora_A.dtype == out.dtype:
+            functional.add_lora_forward_(out, flat_x, lora_A, lora_B_t, scale)
+        else:  # e.g. a float32 bank beside a bfloat16 base: the adapter in x's dtype
+            out += functional.lora_forward(flat_x, lora_A, lora_B_t.T, scale).to(out.dtype)
+        return base_output
 
     def _general_router(self, x: torch.Tensor) -> BankRouter:
         rows = x.shape[:-1].numel()
@@ -80,9 +102,9 @@ class OneAdapterRouter:
 
 
 @contextmanager
-def routed_one(bank: AdapterBank, slot: int) -> Iterator[OneAdapterRouter]:
-    """Within the block every forward of the bank's model adds adapter ``slot`` to every token
-    (what ``batched.routed(bank, token_slots)`` does when all ``token_slots`` are ``slot``)."""
-    router = OneAdapterRouter(bank, slot)
+def routed_one(router: OneAdapterRouter) -> Iterator[OneAdapterRouter]:
+    """Within the block every forward of the bank's model adds ``router``'s adapter to every
+    token (what ``batched.routed(bank, token_slots)`` does when all ``token_slots`` are its slot):
+    ``with routed_one(OneAdapterRouter(bank, slot)): model(ids)``."""
     with torch.no_grad(), row_router(router):
         yield router
