@@ -117,3 +117,20 @@ def test_load_model_int8_rows_quantizes_every_linear(model_dir):
     formats = {quantized.describe(m) for m in model.modules() if quantized.is_quantized(m)}
     assert formats == {"int8-rows"}
     assert not any(type(m) is nn.Linear for m in model.modules())
+
+
+def test_lorakit_generate_on_int8_rows_prints_the_int8_models_greedy_text(model_dir, capsys):
+    from lorakit import cli
+
+    prompt = "hello there"
+    code = cli.main(
+        ["generate", prompt, "--model", str(model_dir), "--quantization", "int8-rows"]
+        + ["--raw", "--max-new-tokens", "6"]
+    )
+    assert code == 0
+    model, tokenizer = load_model(model_dir, quantization="int8-rows", progress=False)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=6, do_sample=False)
+    expected = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert expected.strip() and capsys.readouterr().out == expected + "\n"
