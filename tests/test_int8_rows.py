@@ -123,10 +123,8 @@ def test_lorakit_generate_on_int8_rows_prints_the_int8_models_greedy_text(model_
     from lorakit import cli
 
     prompt = "hello there"
-    code = cli.main(
-        ["generate", prompt, "--model", str(model_dir), "--quantization", "int8-rows"]
-        + ["--raw", "--max-new-tokens", "6"]
-    )
+    options = ["--quantization", "int8-rows", "--raw", "--max-new-tokens", "6"]
+    code = cli.main(["generate", prompt, "--model", str(model_dir), *options])
     assert code == 0
     model, tokenizer = load_model(model_dir, quantization="int8-rows", progress=False)
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
