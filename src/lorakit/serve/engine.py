@@ -4,8 +4,9 @@ A background thread runs the loop; at every token boundary it admits waiting req
 prefilled alone with its adapter, then joins the running batch's KV cache, ``kv.BatchedCache``),
 runs one batched decode step for all running requests with the batched multi-adapter op
 (``batched.routed``, one slot per row; when every row has the same adapter, as one stream and
-every prefill do, ``one_adapter.routed_one``, the same sum without grouping), samples each row with its own settings and generator,
-streams the new text, and drops finished rows (continuous batching).
+every prefill do, ``one_adapter.routed_one``, the same sum without grouping), samples each row
+with its own settings and generator, streams the new text, and drops finished rows (continuous
+batching).
 
 A request whose adapter is not in the bank never stalls the loop: it waits aside while loader
 threads read its adapter (``cold_loads.ColdLoads``), and the other requests go on.
