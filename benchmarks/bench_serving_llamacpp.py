@@ -12,6 +12,11 @@ medians over ``--repeats``:
 - time to first token of a 64-token prompt on an idle engine (and llama.cpp on a reset context);
 - ``--dtype bfloat16``: the same in bf16 (AMX / AVX512-BF16 matmuls where the CPU has them;
   outputs differ from float32's);
+- ``--quantization int8-rows``: lorakit serves the base as weight-only int8 (every linear, the
+  output layer included: ``lorakit.quantized.int8_rows``); transformers' ``generate`` stays on
+  the float model (the baseline of issue 17); outputs differ from float32's;
+- ``--one-stream-only``: only the one-stream rates (lorakit's engine and transformers'
+  ``generate`` alternated every round, llama.cpp as above) and their ratio;
 - the fraction of arithmetic peak a 64-row decode step reaches: its multiply-adds (matmuls of
   the base and the adapters; attention left out) per second over a large fp32 GEMM's rate on the
   same threads (the achievable peak).
@@ -62,6 +67,10 @@ def build(args):
     served = LlamaForCausalLM(base.config).to(base.dtype).eval()
     served.load_state_dict(base.state_dict())
     served.generation_config.eos_token_id = None
+    if args.quantization == "int8-rows":
+        from lorakit.quantized.int8_rows import quantize_linears
+
+        quantize_linears(served)
     prepare_for_serving(served, ALL_LINEAR)
     bank = AdapterBank(served, max_rank=args.rank, capacity=args.adapters, dtype=base.dtype)
     config = lorakit.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=ALL_LINEAR)
@@ -207,6 +216,9 @@ def measure(args, base, served, bank) -> dict:
         engine.generate([1, 2, 3], "a0", SamplingParams(max_tokens=3))  # warm-up
         for round_ in range(args.repeats):
             raw["one"].append(lorakit_one_stream(engine, vocab, args.tokens, round_))
+            if args.one_stream_only:
+                raw["hf_one"].append(transformers_one_stream(base, vocab, args.tokens, round_))
+                continue
             raw["ttft"].append(lorakit_ttft(engine, vocab, round_))
             raw["mixed"].append(lorakit_concurrent(engine, vocab, args, args.adapters))
             raw["single"].append(lorakit_concurrent(engine, vocab, args, 1))
@@ -252,6 +264,17 @@ def main(argv=None) -> int:
         "--dtype", default="float32", help="float32 or bfloat16 (base, adapters and KV cache)"
     )
     parse.add_argument("--hf-repeats", type=int, default=1, help="transformers generate runs")
+    parse.add_argument(
+        "--quantization",
+        choices=["none", "int8-rows"],
+        default="none",
+        help="the served base: float (--dtype) or lorakit's weight-only int8",
+    )
+    parse.add_argument(
+        "--one-stream-only",
+        action="store_true",
+        help="only one-stream decode rates (lorakit and transformers generate every round)",
+    )
     parse.add_argument("--llamacpp-child", type=int, help=argparse.SUPPRESS)  # vocab size
     args = parse.parse_args(argv)
     if args.llamacpp_child is not None:
@@ -262,24 +285,30 @@ def main(argv=None) -> int:
     base, served, bank = build(args)
     result = measure(args, base, served, bank)
     med = {k: statistics.median(v) for k, v in result["raw"].items()}
-    peak = peak_macs_per_s(256 if args.quick else 1024, dtype=base.dtype)
-    step_seconds = args.concurrent / med["mixed"]  # one decode step of all rows, roughly
-    summary = {
-        "one_stream_tokens_per_s": med["one"],
-        "ttft_s": med["ttft"],
-        "concurrent_tokens_per_s": med["mixed"],
-        "concurrent_one_adapter_tokens_per_s": med["single"],
-        "mixed_adapter_overhead": med["single"] / med["mixed"] - 1,
-        "peak_macs_per_s": peak,
-        "fraction_of_peak": step_macs(base, args.concurrent, args.rank) / step_seconds / peak,
-    }
+    summary = {"one_stream_tokens_per_s": med["one"]}
+    if not args.one_stream_only:
+        peak = peak_macs_per_s(256 if args.quick else 1024, dtype=base.dtype)
+        step_seconds = args.concurrent / med["mixed"]  # one decode step of all rows, roughly
+        summary |= {
+            "ttft_s": med["ttft"],
+            "concurrent_tokens_per_s": med["mixed"],
+            "concurrent_one_adapter_tokens_per_s": med["single"],
+            "mixed_adapter_overhead": med["single"] / med["mixed"] - 1,
+            "peak_macs_per_s": peak,
+            "fraction_of_peak": step_macs(base, args.concurrent, args.rank) / step_seconds / peak,
+        }
     if "hf_one" in med:
         summary["transformers_one_stream_tokens_per_s"] = med["hf_one"]
+        paired = zip(result["raw"]["one"], result["raw"]["hf_one"], strict=False)  # by round
+        summary["one_stream_vs_transformers"] = statistics.median(one / hf for one, hf in paired)
     if "cpp_one" in med:
         summary |= {
             "llamacpp_one_stream_tokens_per_s": med["cpp_one"],
-            "llamacpp_ttft_s": med["cpp_ttft"],
             "one_stream_vs_llamacpp": med["one"] / med["cpp_one"],
+        }
+    if "cpp_one" in med and not args.one_stream_only:
+        summary |= {
+            "llamacpp_ttft_s": med["cpp_ttft"],
             "concurrent_vs_llamacpp_one_stream": med["mixed"] / med["cpp_one"],
             "ttft_vs_llamacpp": med["ttft"] / med["cpp_ttft"],
         }

@@ -46,6 +46,17 @@ def test_lora_forward_equals_float64_formula() -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_add_lora_forward_adds_the_float64_formula_in_place() -> None:
+    x = torch.randn(7, 24, dtype=torch.float64)
+    lora_A = torch.randn(4, 24, dtype=torch.float64)
+    lora_B_t = torch.randn(4, 16, dtype=torch.float64)  # B^T
+    out = torch.randn(7, 16, dtype=torch.float64)
+    expected = out + 0.5 * x @ (lora_B_t.T @ lora_A).T
+    returned = functional.add_lora_forward_(out, x, lora_A, lora_B_t, 0.5)
+    assert returned is out
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_delta_weight_layouts() -> None:
     lora_A, lora_B = torch.randn(2, 6), torch.randn(5, 2)
     expected = 3.0 * lora_B.double() @ lora_A.double()

@@ -65,3 +65,15 @@ def test_serving_beside_llamacpp_quick(tmp_path, capsys):
     assert set(payload["raw"]) >= {"one", "ttft", "mixed", "single", "hf_one"}
     assert "llama.cpp not run" in payload["note"]
     assert "mixed_adapter_overhead" in capsys.readouterr().out
+
+
+def test_serving_beside_llamacpp_one_stream_only_on_int8_rows_quick(tmp_path):
+    out = tmp_path / "serving_llamacpp_one.json"
+    argv = ["--quick", "--one-stream-only", "--quantization", "int8-rows", "--out", str(out)]
+    assert _import("bench_serving_llamacpp").main(argv) == 0
+    payload = json.loads(out.read_text())
+    assert set(payload["raw"]) == {"one", "hf_one"}  # no concurrent or TTFT rounds
+    summary = payload["summary"]
+    ratio = summary["one_stream_tokens_per_s"] / summary["transformers_one_stream_tokens_per_s"]
+    assert summary["one_stream_vs_transformers"] == pytest.approx(ratio)  # one round: the ratio
+    assert payload["settings"]["quantization"] == "int8-rows"

@@ -1,6 +1,7 @@
 """Serving on a quantized base (QLoRA adapters): ``lorakit serve --quantization`` as a live
-uvicorn driven by the ``openai`` client on the tiny Llama loaded as bitsandbytes NF4 / LLM.int8,
-and the adapter bank's batched op on GGUF-block layers. A request with an adapter gives the same
+uvicorn driven by the ``openai`` client on the tiny Llama loaded as bitsandbytes NF4 / LLM.int8
+or lorakit's weight-only int8 (``int8-rows``), and the adapter bank's batched op on GGUF-block
+layers. A request with an adapter gives the same
 greedy tokens as the unmerged quantized model holding that adapter, generated alone."""
 
 from __future__ import annotations
@@ -50,7 +51,10 @@ def greedy(model, tokenizer, prompt: str, max_tokens: int) -> str:
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
-@pytest.fixture(scope="module", params=["nf4", "int8"])
+FORMATS = {"nf4": "bnb-nf4-dq", "int8": "bnb-int8", "int8-rows": "int8-rows"}
+
+
+@pytest.fixture(scope="module", params=list(FORMATS))
 def quantized_server(request, tmp_path_factory, model_dir):
     """``lorakit serve --quantization <q>`` live on 127.0.0.1 over two adapters trained on the
     same quantized base."""
@@ -85,7 +89,7 @@ def test_served_adapters_on_a_quantized_base_match_the_unmerged_quantized_model(
     api = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
     reference, tokenizer = load_model(model_dir, quantization=quantization, progress=False)
     formats = {describe(m) for m in reference.modules() if is_quantized(m)}
-    assert formats == {"bnb-nf4-dq" if quantization == "nf4" else "bnb-int8"}
+    assert formats == {FORMATS[quantization]}
     for name in ADAPTERS:
         load_adapter(reference, adapters / name, adapter_name=name)
     outputs = {}

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "add_lora_forward_",
     "base_row_sq_norms",
     "compression_ratio",
     "delta_weight",
@@ -161,6 +162,20 @@ def lora_forward(
     low_rank = F.linear(x, lora_A.to(x.dtype))  # (..., r)
     out = F.linear(low_rank * scale, lora_B.to(x.dtype))  # (..., d)
     return out if lora_bias is None else out + lora_bias_delta(lora_bias, scale).to(x.dtype)
+
+
+def add_lora_forward_(
+    out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B_t: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``out += s * (x A^T) B^T`` in place, no dropout (inference: serving one adapter on every
+    row); returns ``out``. The same sum as ``lora_forward`` added to ``out``, in three ops (rank
+    side first, scale on the rank side, the add fused into the product).
+
+    Shapes: ``out`` (N, d), ``x`` (N, k), ``lora_A`` (r, k), ``lora_B_t`` (r, d) = B^T, all of
+    ``out``'s dtype.
+    """
+    low_rank = F.linear(x, lora_A).mul_(scale)  # (N, r)
+    return out.addmm_(low_rank, lora_B_t)  # (N, d)
 
 
 def replace_rows(weight: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

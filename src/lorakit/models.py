@@ -233,8 +233,9 @@ def load_model(
     checkpoint has none). The tokenizer always has a pad token (``pad = eos`` when the model
     defines none, as for SmolLM2), and ``model.config.pad_token_id`` matches it. The model is
     returned in eval mode. ``progress=False`` hides transformers' weight-loading bar.
-    ``quantization``: ``nf4``, ``fp4``, ``int8`` (bitsandbytes, on the CPU) or ``gguf`` (the
-    blocks of a built-in GGUF model's file) for a quantized frozen base (docs/quantized.md).
+    ``quantization``: ``nf4``, ``fp4``, ``int8`` (bitsandbytes, on the CPU), ``gguf`` (the
+    blocks of a built-in GGUF model's file) or ``int8-rows`` (lorakit's weight-only int8, the
+    fast CPU decode) for a quantized frozen base (docs/quantized.md).
     """
     check_model_spec(spec, task)
     gguf_file = builtin_gguf_file(os.fspath(spec))
@@ -262,6 +263,10 @@ def load_model(
         from lorakit.quantized.gguf_file import replace_llama_linears
 
         replace_llama_linears(model, gguf_file)
+    elif quantization == "int8-rows":
+        from lorakit.quantized.int8_rows import quantize_linears
+
+        quantize_linears(model)
     elif quantization is not None:
         from lorakit.quantized.loading import keep_4bit_storage
 

@@ -67,10 +67,11 @@ def add_quantization_option(parser: argparse.ArgumentParser) -> None:
     """``--quantization``: load ``--model`` as a quantized base (docs/quantized.md)."""
     parser.add_argument(
         "--quantization",
-        choices=["nf4", "fp4", "int8", "gguf"],
+        choices=["nf4", "fp4", "int8", "gguf", "int8-rows"],
         help="load --model quantized, as an adapter trained with lorakit train --quantization "
         "needs: nf4, fp4, int8 (bitsandbytes, on the CPU) or gguf (a built-in model's GGUF "
-        "blocks) (default: float)",
+        "blocks); or int8-rows (lorakit's weight-only int8 of every linear layer: the fastest "
+        "CPU decode, outputs close to float32's) (default: float)",
     )
 
 

@@ -19,6 +19,8 @@ bitsandbytes and torchao stay optional (``pip install "lorakit[quant]"``):
 ``torchao``          an ``nn.Linear`` whose weight is torchao's weight-only ``Int8Tensor``
                      (``quantize_(model, Int8WeightOnlyConfig())``)
 ``gguf_blocks``      lorakit's ``GGUFLinear``: Q4_0 / Q4_1 / Q8_0 blocks read from a GGUF file
+``int8_rows``        lorakit's ``Int8RowsLinear``: weight-only int8 with per-row scales, run by
+                     torch's int8 kernel (the fast CPU base for serving, ``int8-rows``)
 ===================  ===========================================================================
 
 Anything else that looks quantized (a class named like a quantized layer, e.g. optimum-quanto's
@@ -29,6 +31,7 @@ refused by ``check_supported`` with ``UnsupportedQuantizedLayerError``, never tr
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 from collections.abc import Callable
@@ -61,8 +64,15 @@ def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _mro_paths(module: nn.Module) -> list[str]:
-    return [_class_path(cls) for cls in type(module).__mro__]
+def _mro_paths(module: nn.Module) -> tuple[str, ...]:
+    return _class_mro_paths(type(module))
+
+
+@functools.cache
+def _class_mro_paths(cls: type) -> tuple[str, ...]:
+    """The class paths of ``cls`` and its bases (cached: a LoRA layer over a quantized base asks
+    for its backend at every forward)."""
+    return tuple(_class_path(base) for base in cls.__mro__)
 
 
 def _is_bnb_layer(module: nn.Module) -> bool:
@@ -86,10 +96,15 @@ def _is_gguf_linear(module: nn.Module) -> bool:
     return any(path == "lorakit.quantized.gguf_blocks.GGUFLinear" for path in _mro_paths(module))
 
 
+def _is_int8_rows_linear(module: nn.Module) -> bool:
+    return any(path == "lorakit.quantized.int8_rows.Int8RowsLinear" for path in _mro_paths(module))
+
+
 # (accepts, backend module): first match wins. The predicates look at class names only, so no
 # backend library is imported to decide; the backend module is imported when it is used.
 _DISPATCH: list[tuple[Callable[[nn.Module], bool], str]] = [
     (_is_gguf_linear, "lorakit.quantized.gguf_blocks"),
+    (_is_int8_rows_linear, "lorakit.quantized.int8_rows"),
     (_is_bnb_layer, "lorakit.quantized.bnb"),
     (_is_torchao_int8, "lorakit.quantized.torchao"),
 ]
@@ -153,8 +168,8 @@ def check_supported(module: nn.Module, module_name: str) -> None:
             "lorakit does not know this format and will not treat it as a plain nn.Linear (its "
             "weight is not the matrix its forward uses, so a merge would be wrong). Supported: "
             "bitsandbytes Linear4bit/Linear8bitLt, torchao Int8WeightOnly, lorakit GGUFLinear "
-            "(Q4_0/Q4_1/Q8_0). Load the base in float or in one of these, or exclude the module "
-            "(exclude_modules)."
+            "(Q4_0/Q4_1/Q8_0) and Int8RowsLinear. Load the base in float or in one of these, or "
+            "exclude the module (exclude_modules)."
         )
 
 

@@ -8,6 +8,9 @@ quantization=...)`` does.
 ``int8``     bitsandbytes LLM.int8 (``load_in_8bit=True``)
 ``gguf``     the GGUF blocks of a built-in GGUF model's file (SmolLM2: Q4_1), in place of its
              block linears (``gguf_file.replace_llama_linears``): exactly what llama.cpp runs
+``int8-rows``  weight-only int8 with one scale per output row, every linear layer (the output
+             layer included) quantized on load by lorakit (``int8_rows.quantize_linears``):
+             the fast CPU base for decoding (no extra package)
 ===========  ===========================================================================
 
 bitsandbytes models are loaded on the CPU (``device_map="cpu"``); transformers keeps the output
@@ -28,7 +31,7 @@ from lorakit.errors import UserError
 
 __all__ = ["QUANTIZATIONS", "bitsandbytes_config", "check_quantization", "keep_4bit_storage"]
 
-QUANTIZATIONS = ("nf4", "fp4", "int8", "gguf")
+QUANTIZATIONS = ("nf4", "fp4", "int8", "gguf", "int8-rows")
 
 
 def check_quantization(quantization: str, gguf_file: Path | None) -> None:
@@ -43,6 +46,8 @@ def check_quantization(quantization: str, gguf_file: Path | None) -> None:
                 "quantization 'gguf' reads the blocks of a built-in GGUF model's file (e.g. "
                 "smollm2-135m-instruct); this model has no GGUF file. Choose nf4, fp4 or int8"
             )
+        return
+    if quantization == "int8-rows":
         return
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(

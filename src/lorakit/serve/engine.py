@@ -3,8 +3,10 @@
 A background thread runs the loop; at every token boundary it admits waiting requests (each is
 prefilled alone with its adapter, then joins the running batch's KV cache, ``kv.BatchedCache``),
 runs one batched decode step for all running requests with the batched multi-adapter op
-(``batched.routed``, one slot per row), samples each row with its own settings and generator,
-streams the new text, and drops finished rows (continuous batching).
+(``batched.routed``, one slot per row; when every row has the same adapter, as one stream and
+every prefill do, ``one_adapter.routed_one``, the same sum without grouping), samples each row
+with its own settings and generator, streams the new text, and drops finished rows (continuous
+batching).
 
 A request whose adapter is not in the bank never stalls the loop: it waits aside while loader
 threads read its adapter (``cold_loads.ColdLoads``), and the other requests go on.
@@ -28,6 +30,7 @@ from lorakit.serve.bank import AdapterBank, BankFullError, Loader
 from lorakit.serve.batched import routed
 from lorakit.serve.cold_loads import ColdLoads
 from lorakit.serve.kv import BatchedCache
+from lorakit.serve.one_adapter import OneAdapterRouter, routed_one
 from lorakit.serve.requests import (
     INTERNAL,
     NO_ADAPTER_SLOT,
@@ -99,6 +102,7 @@ class Engine:
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._running: list[GenerationRequest] = []
         self._cache = BatchedCache()
+        self._one_routers: dict[int, OneAdapterRouter] = {}  # slot -> its one-adapter route
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -318,16 +322,27 @@ class Engine:
         request.slot = slot
         return True
 
-    def _routed(self, slots: torch.Tensor):
-        """The bank's routing of ``slots`` (one per token); without a bank, the model as is."""
-        return contextlib.nullcontext() if self.bank is None else routed(self.bank, slots)
+    def _routed(self, row_slots: list[int], tokens: int):
+        """The bank's routing of rows with adapter slots ``row_slots`` and ``tokens`` tokens each;
+        without a bank, the model as is. All rows on one adapter (one stream, a prefill): the
+        one-segment op (``one_adapter.routed_one``: no grouping, no per-row copies)."""
+        if self.bank is None:
+            return contextlib.nullcontext()
+        first = row_slots[0]
+        if first >= 0 and row_slots.count(first) == len(row_slots):
+            router = self._one_routers.get(first)
+            if router is None or not router.is_current():  # (kept while the slot's pages are)
+                router = self._one_routers[first] = OneAdapterRouter(self.bank, first)
+            return routed_one(router)
+        slots = torch.tensor(row_slots)[:, None].expand(len(row_slots), tokens)
+        return routed(self.bank, slots)
 
     def _prefill(self, request: GenerationRequest) -> None:
         """Run the prompt alone with its adapter; sample the first token; join the batch.
         Only the last position's logits are computed when the model allows it (the lm_head
         over a 64-token prompt of SmolLM2 is a fifth of the prefill)."""
         ids = torch.tensor([request.prompt_ids])
-        with self._routed(torch.full_like(ids, request.slot)):
+        with self._routed([request.slot], ids.shape[1]):
             output = self.model(input_ids=ids, use_cache=True, **self._last_logits)
         self._accept(request, output.logits[0, -1])
         if request.done:
@@ -339,9 +354,8 @@ class Engine:
     def _decode_step(self) -> None:
         self.stats.max_running = max(self.stats.max_running, len(self._running))
         last = torch.tensor([[r.generated[-1]] for r in self._running])
-        slots = torch.tensor([[r.slot] for r in self._running])
         attention_mask, position_ids = self._cache.step_inputs()
-        with self._routed(slots):
+        with self._routed([r.slot for r in self._running], 1):
             output = self.model(
                 input_ids=last,
                 attention_mask=attention_mask,
