@@ -49,7 +49,7 @@ def _reference(x, weight, bias, lora_A, lora_B, scale, mask=None, p=0.0):
     return out if bias is None else out + bias.double()
 
 
-@pytest.mark.parametrize("drop", [0, 3277, SPARSE_LEVELS, 19661])  # positions up to 1/8; lanes
+@pytest.mark.parametrize("drop", [0, 3277, SPARSE_LEVELS, 19661])  # steps kept; redrawn; bits
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 def test_gradcheck_float64(drop, fan_in_fan_out):
     generator = torch.Generator().manual_seed(0)
@@ -72,7 +72,7 @@ def test_gradcheck_float64(drop, fan_in_fan_out):
     assert torch.autograd.gradcheck(fast.FusedLoraLinear.apply, inputs)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1, 0.3])
+@pytest.mark.parametrize("dropout", [0.0, 0.05, 0.1, 0.3])  # none; steps kept; redrawn; bits
 def test_matches_float64_formula_with_the_same_mask(dropout):
     layer = _layer(torch.float64, dropout=dropout)
     x = torch.randn(4, 7, 12, dtype=torch.float64, requires_grad=True)
@@ -167,12 +167,13 @@ def test_dropout_rate_independence_and_expectation(branch_dropout):
     assert 0.9 < (fused.std(0).mean() / spread).item() < 1.1
 
 
-@pytest.mark.parametrize("dropout", [0.1, 0.3])
+@pytest.mark.parametrize("dropout", [0.05, 0.1, 0.3])
 def test_saves_x_once_and_nothing_full_size_in_bf16(dropout):
     """q, k, v share their input: the fused nodes keep that one tensor, nothing (N, k) else
-    (each dropout mask as N k / 8 bytes of bits; nothing at p <= 1/8, whose masks are drawn
-    again from their seeds), and no fp32 copy of the bf16 activation, even with dropout and
-    fp32 adapters."""
+    (each dropout mask as N k / 8 bytes of bits; at p = 0.05 the int16 steps between its
+    drops, about p N k of them; at 1/16 < p <= 1/8 nothing, the masks are drawn again from
+    their seeds), and no fp32 copy of the bf16 activation, even with dropout and fp32
+    adapters."""
     model = nn.ModuleDict({n: nn.Linear(64, 48) for n in "qkv"}).to(torch.bfloat16)
     config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=list("qkv"), lora_dropout=dropout)
     lorakit.inject(model, config)
@@ -193,6 +194,11 @@ def test_saves_x_once_and_nothing_full_size_in_bf16(dropout):
     masks = [key for key, (dtype, _) in saved.items() if dtype == torch.uint8]
     bits = [] if dropout <= 1 / 8 else [(torch.uint8, x.numel() // 8)] * 3
     assert [saved.pop(key) for key in masks] == bits
+    steps = [saved.pop(key) for key, (dtype, _) in list(saved.items()) if dtype == torch.int16]
+    assert len(steps) == (3 if dropout <= 1 / 16 else 0)
+    for _, count in steps:  # one per drop: 2 bytes each, fewer bytes than N k / 8 bits
+        assert abs(count - dropout * x.numel()) < 5 * (dropout * x.numel()) ** 0.5
+        assert 2 * count < x.numel() // 8
     assert all(numel == 8 * 32 * 4 and dtype == torch.bfloat16 for dtype, numel in saved.values())
     out.backward()
     assert model["q"].lora_A["default"].weight.grad.dtype == torch.float32

@@ -17,8 +17,9 @@ round (``dropped_positions``): where the drops are, as gaps between them. The ga
 independent Bernoulli(p) sequence are independent geometric variables, so drawing ``p n (1 + e)``
 of them (``floor(log(1 - U) / log(1 - p))`` kept elements before each drop, U uniform) gives
 the same distribution as a draw per element, for a twentieth of the random numbers
-at p = 0.05. Nothing is kept for backward: the positions are drawn again from the seed, which costs
-less than packing and unpacking bits. The fused nodes apply either form through ``InputMask``:
+at p = 0.05. For backward the steps between the drops are kept as int16 (2 p n bytes, less
+than the n / 8 bytes of bits for p <= 1/16), or, outside ``KEPT_GAP_LEVELS``, nothing: the
+positions are drawn again from the seed. The fused nodes apply either form through ``InputMask``:
 ``kept(x)`` (x with its dropped elements zeroed, fresh) and ``zero_dropped_(t)`` (in place).
 """
 
@@ -49,6 +50,10 @@ __all__ = [
 
 DROPOUT_LEVELS = 1 << 16  # resolution of the drop probability: 1 / 65536
 SPARSE_LEVELS = DROPOUT_LEVELS // 8  # up to p = 1/8 (CPU): draw the drops' positions
+# From p = 2^-10 to 1/16 the steps between drops fit int16 (the longest that a float32 uniform
+# gives, 1 + 16.7 / -log(1 - p), is under 17,100) and take about 2 p n bytes, at most the n / 8
+# of bits: they are kept for backward; elsewhere the positions are drawn again from the seed.
+KEPT_GAP_LEVELS = (DROPOUT_LEVELS >> 10, DROPOUT_LEVELS // 16)
 
 
 def drop_levels(p: float) -> int:
@@ -181,9 +186,10 @@ def dropped_positions(numel: int, levels: int, seed: int, device: torch.device) 
 class SparseMask:
     """A keep-mask held as the sorted flat positions of its dropped elements (N k elements)."""
 
-    def __init__(self, positions: torch.Tensor, shape: tuple[int, int]) -> None:
+    def __init__(self, positions: torch.Tensor, shape: tuple[int, int], levels: int) -> None:
         self.positions = positions
         self.shape = shape  # (N, k)
+        self.levels = levels
 
     def kept(self, x_rows: torch.Tensor) -> torch.Tensor:
         """``x * mask`` (N, k) as a fresh contiguous tensor."""
@@ -200,9 +206,13 @@ class SparseMask:
         rows.view(-1).index_fill_(0, positions, 0)
         return rows
 
-    def saved(self) -> None:
-        """Nothing to keep for backward: the positions are drawn again from the seed."""
-        return None
+    def saved(self) -> torch.Tensor | None:
+        """What backward needs to restore the positions: the steps between them as int16
+        (``positions = cumsum(steps) - 1``) where the drop probability is in
+        ``KEPT_GAP_LEVELS``, else nothing (``restored_mask`` draws them again from the seed)."""
+        if not KEPT_GAP_LEVELS[0] <= self.levels <= KEPT_GAP_LEVELS[1]:
+            return None
+        return torch.diff(self.positions, prepend=self.positions.new_full((1,), -1)).to(torch.int16)
 
 
 class DenseMask:
@@ -237,7 +247,7 @@ def input_mask(
         return None
     if draws_positions(levels, device):
         positions = dropped_positions(shape[0] * shape[1], levels, seed, device)
-        return SparseMask(positions, shape)
+        return SparseMask(positions, shape, levels)
     return DenseMask(keep_mask(shape, levels, seed, device), dtype)
 
 
@@ -249,10 +259,14 @@ def restored_mask(
     device: torch.device,
     dtype: torch.dtype,
 ) -> InputMask | None:
-    """In backward, the mask ``input_mask`` gave in forward: drawn again from the seed
-    (positions) or unpacked from its saved ``bits``."""
+    """In backward, the mask ``input_mask`` gave in forward, from what its ``saved()`` kept:
+    the packed bits, the int16 steps between the positions, or nothing (drawn again from the
+    seed)."""
     if not levels:
         return None
     if bits is None:
         return input_mask(shape, levels, seed, device, dtype)
+    if bits.dtype == torch.int16:
+        positions = bits.cumsum(0, dtype=torch.int64).sub_(1)
+        return SparseMask(positions, shape, levels)
     return DenseMask(unpack_mask(bits, shape), dtype)
