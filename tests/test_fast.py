@@ -306,10 +306,13 @@ def test_conv1d_layout_and_embedding_untouched():
     assert _grad_fn_name(attn, x) == "FusedLoraLinearBackward"
 
 
-def test_gradient_checkpointing_recomputes_the_same_dropout_mask():
+@pytest.mark.parametrize("dropout", [0.05, 0.2])  # positions; lanes
+def test_gradient_checkpointing_recomputes_the_same_dropout_mask(dropout):
     """Checkpointing re-runs forwards under the saved RNG state, so the regenerated seeds (and
     masks) match: gradients equal those of the same step without checkpointing."""
-    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.2)
+    config = lorakit.LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=dropout
+    )
     grads = []
     for checkpointing in (False, True):
         model = lorakit.inject(tiny_models.llama(), config)
