@@ -421,3 +421,23 @@ def test_masked_gradients_equal_the_formula_in_row_chunks(dropout, monkeypatch):
         grads.append(layer.lora_A["default"].weight.grad.clone())
         layer.zero_grad()
     assert (grads[1] - grads[0]).abs().max() <= 1e-5 * grads[0].abs().max()  # fp32 sum order
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropout", [0.05, 0.3])
+def test_dropout_on_a_non_contiguous_input_equals_its_contiguous_copy(dtype, dropout):
+    """A transposed input (rows not contiguous) gets the same mask, output and gradients as
+    its contiguous copy (the masked copies of x are made contiguous, in both mask forms and in
+    the row chunks of fp32 adapters on a bf16 base)."""
+    layer = _layer(dtype, dropout=dropout, in_f=64, out_f=48)
+    x_t = torch.randn(64, 40, dtype=dtype).T.requires_grad_()  # (40, 64), strides (1, 40)
+    x_c = x_t.detach().contiguous().requires_grad_()
+    results = []
+    for x in (x_t, x_c):
+        torch.manual_seed(8)
+        out = layer(x)
+        out.float().square().sum().backward()
+        results.append((out.detach(), x.grad, layer.lora_A["default"].weight.grad.clone()))
+        layer.zero_grad()
+    for got, want in zip(*results, strict=True):  # products on either layout: sum order
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()

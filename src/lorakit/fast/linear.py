@@ -194,9 +194,11 @@ def adapter_grads(
         if needs_B:
             grad_B.addmm_(grad_part.T, low_rank[part].to(accumulate_dtype), alpha=rank_scale)
         if needs_A:
-            x_part = x_rows[part].to(accumulate_dtype)  # (n, k)
+            x_part = x_rows[part].to(  # (n, k), a contiguous copy, masked in place
+                accumulate_dtype, copy=True, memory_format=torch.contiguous_format
+            )
             if mask is not None:
-                x_part = mask.zero_dropped_(x_part.contiguous(), start)
+                mask.zero_dropped_(x_part, start)
             grad_A.addmm_(grad_low_rank[part].T, x_part)
     return grad_low_rank, grad_A, grad_B.to(lora_B.dtype) if needs_B else None
 
