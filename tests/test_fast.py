@@ -4,6 +4,7 @@ gradcheck, the plain formula in float64 with the same dropout mask, the unfused 
 
 from __future__ import annotations
 
+import math
 import threading
 
 import peft
@@ -13,7 +14,14 @@ from torch import nn
 
 import lorakit
 from lorakit import fast
-from lorakit.fast.dropout import DROPOUT_LEVELS, drop_levels, keep_mask, new_seed
+from lorakit.fast.dropout import (
+    DROPOUT_LEVELS,
+    SPARSE_LEVELS,
+    drop_levels,
+    dropped_positions,
+    keep_mask,
+    new_seed,
+)
 from lorakit.state import lora_layers
 from tests import tiny_models
 
@@ -41,7 +49,7 @@ def _reference(x, weight, bias, lora_A, lora_B, scale, mask=None, p=0.0):
     return out if bias is None else out + bias.double()
 
 
-@pytest.mark.parametrize("drop", [0, 3277])
+@pytest.mark.parametrize("drop", [0, 3277, SPARSE_LEVELS, 19661])  # steps kept; redrawn; bits
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 def test_gradcheck_float64(drop, fan_in_fan_out):
     generator = torch.Generator().manual_seed(0)
@@ -64,7 +72,7 @@ def test_gradcheck_float64(drop, fan_in_fan_out):
     assert torch.autograd.gradcheck(fast.FusedLoraLinear.apply, inputs)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("dropout", [0.0, 0.05, 0.1, 0.3])  # none; steps kept; redrawn; bits
 def test_matches_float64_formula_with_the_same_mask(dropout):
     layer = _layer(torch.float64, dropout=dropout)
     x = torch.randn(4, 7, 12, dtype=torch.float64, requires_grad=True)
@@ -135,7 +143,8 @@ def test_whole_training_step_matches_peft():
             assert (parameter.grad - want).abs().max() <= 1e-10 * want.abs().max(), name
 
 
-def test_dropout_rate_independence_and_expectation():
+@pytest.mark.parametrize("branch_dropout", [0.1, 0.2])
+def test_dropout_rate_independence_and_expectation(branch_dropout):
     levels = drop_levels(0.05)
     mask = keep_mask((1000, 1000), levels, seed=7, device=torch.device("cpu"))
     drop_rate = 1 - mask.float().mean().item()
@@ -145,7 +154,7 @@ def test_dropout_rate_independence_and_expectation():
     both_dropped = (~mask & ~other).float().mean().item()  # independent: about p^2
     assert abs(both_dropped - 0.05**2) < 5 * (0.05**2 / 1e6) ** 0.5
     # Same semantics as F.dropout (the plain path): same mean and spread of the branch output.
-    layer = _layer(torch.float64, dropout=0.2, bias=False)
+    layer = _layer(torch.float64, dropout=branch_dropout, bias=False)  # positions; lanes
     x = torch.randn(64, 12, dtype=torch.float64)
     torch.manual_seed(5)
     with torch.no_grad():
@@ -158,14 +167,16 @@ def test_dropout_rate_independence_and_expectation():
     assert 0.9 < (fused.std(0).mean() / spread).item() < 1.1
 
 
-def test_saves_x_once_and_nothing_full_size_in_bf16():
+@pytest.mark.parametrize("dropout", [0.05, 0.1, 0.3])
+def test_saves_x_once_and_nothing_full_size_in_bf16(dropout):
     """q, k, v share their input: the fused nodes keep that one tensor, nothing (N, k) else
-    (each dropout mask as N k / 8 bytes of bits), and no fp32 copy of the bf16 activation, even
-    with dropout and fp32 adapters."""
+    (each dropout mask as N k / 8 bytes of bits; at p = 0.05 the int16 steps between its
+    drops, about p N k of them; at 1/16 < p <= 1/8 nothing, the masks are drawn again from
+    their seeds), and no fp32 copy of the bf16 activation, even with dropout and fp32
+    adapters."""
     model = nn.ModuleDict({n: nn.Linear(64, 48) for n in "qkv"}).to(torch.bfloat16)
-    lorakit.inject(
-        model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=list("qkv"), lora_dropout=0.1)
-    )
+    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=list("qkv"), lora_dropout=dropout)
+    lorakit.inject(model, config)
     assert model["q"].lora_A["default"].weight.dtype == torch.float32
     model.train()
     x = torch.randn(8, 32, 64, dtype=torch.bfloat16, requires_grad=True)
@@ -181,7 +192,13 @@ def test_saves_x_once_and_nothing_full_size_in_bf16():
         out = sum(model[n](x).float().sum() for n in "qkv")
     assert saved.pop(x.data_ptr()) == (torch.bfloat16, x.numel())
     masks = [key for key, (dtype, _) in saved.items() if dtype == torch.uint8]
-    assert [saved.pop(key) for key in masks] == [(torch.uint8, x.numel() // 8)] * 3
+    bits = [] if dropout <= 1 / 8 else [(torch.uint8, x.numel() // 8)] * 3
+    assert [saved.pop(key) for key in masks] == bits
+    steps = [saved.pop(key) for key, (dtype, _) in list(saved.items()) if dtype == torch.int16]
+    assert len(steps) == (3 if dropout <= 1 / 16 else 0)
+    for _, count in steps:  # one per drop: 2 bytes each, fewer bytes than N k / 8 bits
+        assert abs(count - dropout * x.numel()) < 5 * (dropout * x.numel()) ** 0.5
+        assert 2 * count < x.numel() // 8
     assert all(numel == 8 * 32 * 4 and dtype == torch.bfloat16 for dtype, numel in saved.values())
     out.backward()
     assert model["q"].lora_A["default"].weight.grad.dtype == torch.float32
@@ -289,10 +306,13 @@ def test_conv1d_layout_and_embedding_untouched():
     assert _grad_fn_name(attn, x) == "FusedLoraLinearBackward"
 
 
-def test_gradient_checkpointing_recomputes_the_same_dropout_mask():
+@pytest.mark.parametrize("dropout", [0.05, 0.2])  # positions; lanes
+def test_gradient_checkpointing_recomputes_the_same_dropout_mask(dropout):
     """Checkpointing re-runs forwards under the saved RNG state, so the regenerated seeds (and
     masks) match: gradients equal those of the same step without checkpointing."""
-    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.2)
+    config = lorakit.LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=dropout
+    )
     grads = []
     for checkpointing in (False, True):
         model = lorakit.inject(tiny_models.llama(), config)
@@ -322,16 +342,102 @@ def test_packed_mask_round_trips(shape):
         assert int(packed[0]) == first
 
 
-@pytest.mark.parametrize("levels", [0, 1, 3277, 32768, 65535, DROPOUT_LEVELS])
+@pytest.mark.parametrize("levels", [0, SPARSE_LEVELS + 1, 32768, 65535, DROPOUT_LEVELS])
 @pytest.mark.parametrize("shape", [(37, 11), (4,)])
 def test_keep_mask_is_the_lane_comparison(levels, shape):
-    """The mask keeps an element exactly when its 16-bit lane (the seed's 64-bit words, four
-    lanes each) is at least ``levels - 32768``, whatever arithmetic computes it."""
+    """Above p = 1/8: the mask keeps an element exactly when its 16-bit lane (the seed's 64-bit
+    words, four lanes each) is at least ``levels - 32768``, whatever arithmetic computes it."""
     numel = shape[0] * (shape[1] if len(shape) > 1 else 1)
     words = torch.empty((numel + 3) // 4, dtype=torch.int64)
     words.random_(-(1 << 63), (1 << 63) - 1, generator=torch.Generator().manual_seed(99))
     want = (words.view(torch.int16)[:numel].int() >= levels - 32768).view(shape)
     got = keep_mask(shape, levels, 99, torch.device("cpu"))
     assert got.dtype == torch.bool and torch.equal(got, want)
-    if levels in (3277, 32768) and numel > 100:  # some dropped, some kept
+    if levels in (SPARSE_LEVELS + 1, 32768) and numel > 100:  # some dropped, some kept
         assert not got.all() and got.any()
+
+
+@pytest.mark.parametrize("levels", [1, 3277, SPARSE_LEVELS])
+@pytest.mark.parametrize("shape", [(37, 11), (4,), (0, 5)])
+def test_keep_mask_drops_at_geometric_gaps(levels, shape):
+    """Up to p = 1/8 (CPU) the mask drops the elements at the cumulated geometric gaps
+    ``floor(log(1 - U) / log(1 - p))`` of the seed's float32 uniforms (the gaps computed here
+    with the same float32 operations, their positions one by one in Python)."""
+    numel = math.prod(shape)
+    p = levels / DROPOUT_LEVELS
+    batch = int(numel * p + 8 * math.sqrt(numel * p) + 16)
+    uniforms = torch.rand(batch, generator=torch.Generator().manual_seed(99))
+    gaps = (torch.log1p(-uniforms) * (1.0 / math.log1p(-p))).floor().tolist()
+    dropped, position = [], -1
+    for gap in gaps:
+        position += int(gap) + 1
+        if position >= numel:
+            break
+        dropped.append(position)
+    assert position >= numel  # one batch was enough
+    want = torch.ones(numel, dtype=torch.bool)
+    want[dropped] = False
+    got = keep_mask(shape, levels, 99, torch.device("cpu"))
+    assert got.dtype == torch.bool and torch.equal(got, want.view(shape))
+    positions = dropped_positions(numel, levels, 99, torch.device("cpu"))
+    assert positions.tolist() == dropped
+
+
+@pytest.mark.parametrize("dropout", [0.05, 0.1])
+def test_position_masks_drop_independently_everywhere(dropout):
+    """Masks drawn as positions: the rate is p in each part of the tensor, and neighbours
+    (next element, next row) are dropped together with probability p^2."""
+    mask = keep_mask((1000, 1000), drop_levels(dropout), seed=3, device=torch.device("cpu"))
+    dropped = (~mask).double()
+    sigma = (dropout * (1 - dropout) / 250_000) ** 0.5
+    for part in (
+        dropped[:500, :500],
+        dropped[:500, 500:],
+        dropped[500:, :500],
+        dropped[500:, 500:],
+    ):
+        assert abs(part.mean().item() - dropout) < 5 * sigma
+    pairs = {
+        "next element": dropped[:, 1:] * dropped[:, :-1],
+        "next row": dropped[1:] * dropped[:-1],
+    }
+    for name, both in pairs.items():
+        assert abs(both.mean().item() - dropout**2) < 5 * (dropout**2 / 999_000) ** 0.5, name
+
+
+@pytest.mark.parametrize("dropout", [0.3, 0.1])
+def test_masked_gradients_equal_the_formula_in_row_chunks(dropout, monkeypatch):
+    """fp32 adapters on a bf16 base take A's gradient from row chunks of x: each chunk is
+    masked with its own rows of the mask (both mask forms), as one whole-x product would be."""
+    import lorakit.fast.linear as fast_linear
+
+    layer = _layer(torch.bfloat16, dropout=dropout, in_f=64, out_f=48)
+    x = torch.randn(6, 10, 64, dtype=torch.bfloat16)
+    grads = []
+    for chunk in (fast_linear.CHUNK_ELEMENTS, 64 * 7):  # one chunk; 7 rows a chunk
+        monkeypatch.setattr(fast_linear, "CHUNK_ELEMENTS", chunk)
+        torch.manual_seed(2)
+        layer(x).float().square().sum().backward()
+        grads.append(layer.lora_A["default"].weight.grad.clone())
+        layer.zero_grad()
+    assert (grads[1] - grads[0]).abs().max() <= 1e-5 * grads[0].abs().max()  # fp32 sum order
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropout", [0.05, 0.3])
+def test_dropout_on_a_non_contiguous_input_equals_its_contiguous_copy(dtype, dropout):
+    """A transposed input (rows not contiguous) gets the same mask, output and gradients as
+    its contiguous copy (the masked copies of x are made contiguous, in both mask forms and in
+    the row chunks of fp32 adapters on a bf16 base)."""
+    layer = _layer(dtype, dropout=dropout, in_f=64, out_f=48)
+    x_t = torch.randn(64, 40, dtype=dtype).T.requires_grad_()  # (40, 64), strides (1, 40)
+    x_c = x_t.detach().contiguous().requires_grad_()
+    results = []
+    for x in (x_t, x_c):
+        torch.manual_seed(8)
+        out = layer(x)
+        out.float().square().sum().backward()
+        results.append((out.detach(), x.grad, layer.lora_A["default"].weight.grad.clone()))
+        layer.zero_grad()
+    for got, want in zip(*results, strict=True):  # products on either layout: sum order
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()

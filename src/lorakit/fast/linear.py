@@ -6,11 +6,14 @@ as bits for the backward pass (``lorakit.fast.dropout``). Shapes: x (..., k), W0
 (``nn.Linear``) or (k, d) (``Conv1D``, ``fan_in_fan_out``), A (r, k), B (d, r), h (..., d).
 
 What the node keeps for backward: x (once, and only if A trains: the frozen base needs only W0),
-the (N, r) rank-r product ``u = A (x * mask)``, the mask's bits (N k / 8 bytes) and the
+the (N, r) rank-r product ``u = A (x * mask)``, the mask (N k / 8 bytes of bits; for
+``p <= 1/8`` on CPU, where it is the drops' positions, the int16 steps between them, about
+2 p N k bytes, or for 1/16 < p <= 1/8 nothing: drawn again from the seed) and the
 parameters. Gradients, with
 ``G = dL/dh`` (N, d) and ``g = c * G B`` (N, r)::
 
-    dL/dx = G W0 + mask * (g A)        (accumulated in place into G W0)
+    dL/dx = G W0 + mask * (g A)        (without dropout g A accumulated into G W0; with it
+                                        G W0 accumulated into the masked g A by the GEMM)
     dL/dA = g^T (x * mask)
     dL/dB = c * G^T u
     dL/db = sum over rows of G
@@ -29,7 +32,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from lorakit.fast.dropout import keep_mask, multiplier, new_seed, pack_mask, unpack_mask
+from lorakit.fast.dropout import InputMask, input_mask, keep_mask, new_seed, restored_mask
 
 __all__ = ["FusedLoraLinear", "RankSide", "linear_output", "lora_linear_inference"]
 
@@ -74,11 +77,6 @@ def dropout_mask(x_rows: torch.Tensor, drop_levels: int, seed: int) -> torch.Ten
     return keep_mask(x_rows.shape, drop_levels, seed, x_rows.device) if drop_levels else None
 
 
-def dropped(x_rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``x * mask`` (a temporary; the 1 / (1 - p) rescale lives in the rank-side factor)."""
-    return x_rows if mask is None else x_rows * multiplier(mask, x_rows.dtype)
-
-
 class FusedLoraLinear(torch.autograd.Function):
     """The training node; see the module docstring for the formulas. Non-tensor arguments:
     ``rank_scale`` (c), ``drop_levels``, ``seed`` (of the dropout mask), ``fan_in_fan_out``."""
@@ -98,44 +96,60 @@ class FusedLoraLinear(torch.autograd.Function):
     ) -> torch.Tensor:
         x_rows = x.reshape(-1, x.shape[-1])  # (N, k)
         out = linear_output(x_rows, weight, bias, fan_in_fan_out)  # (N, d)
-        mask = dropout_mask(x_rows, drop_levels, seed)
-        low_rank = F.linear(dropped(x_rows, mask), lora_A.to(x.dtype))  # (N, r)
+        mask = input_mask(x_rows.shape, drop_levels, seed, x.device, x.dtype)
+        kept = x_rows if mask is None else mask.kept(x_rows)
+        low_rank = F.linear(kept, lora_A.to(x.dtype))  # (N, r)
         out.addmm_(low_rank, lora_B.to(x.dtype).T, alpha=rank_scale)
         keep_x = x if ctx.needs_input_grad[3] else None
         needs_mask = mask is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[3])
-        mask_bits = pack_mask(mask) if needs_mask else None
+        mask_bits = mask.saved() if needs_mask else None
         ctx.save_for_backward(keep_x, weight, lora_A, lora_B, low_rank, mask_bits)
         ctx.x_shape = x.shape
-        ctx.settings = (rank_scale, fan_in_fan_out)  # the mask travels as its bits
+        ctx.settings = (rank_scale, fan_in_fan_out, drop_levels, seed)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, weight, lora_A, lora_B, low_rank, packed_mask = ctx.saved_tensors
-        rank_scale, fan_in_fan_out = ctx.settings
+        x, weight, lora_A, lora_B, low_rank, mask_bits = ctx.saved_tensors
+        rank_scale, fan_in_fan_out, drop_levels, seed = ctx.settings
         needs_x, _, needs_bias, needs_A, needs_B = ctx.needs_input_grad[:5]
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d)
-        mask = None  # as 0/1 numbers in the gradient's dtype
-        if packed_mask is not None:
-            bits = unpack_mask(packed_mask, (grad_rows.shape[0], ctx.x_shape[-1]))
-            mask = multiplier(bits, grad_rows.dtype)
+        mask = None
+        if needs_x or needs_A:
+            shape = (grad_rows.shape[0], ctx.x_shape[-1])
+            mask = restored_mask(
+                mask_bits, shape, drop_levels, seed, grad_rows.device, grad_rows.dtype
+            )
         x_rows = None if x is None else x.reshape(-1, x.shape[-1])  # (N, k)
         grad_low_rank, grad_A, grad_B = adapter_grads(
             grad_rows, x_rows, mask, low_rank, lora_A, lora_B, rank_scale, needs_A, needs_B
         )
         grad_x = grad_bias = None
         if needs_x:
-            grad_x = base_input_grad(grad_rows, weight, fan_in_fan_out)  # (N, k)
             grad_low_rank = as_dtype(grad_low_rank, grad_rows.dtype)
-            lora_A_cast = as_dtype(lora_A, grad_rows.dtype)
-            if mask is None:
-                grad_x.addmm_(grad_low_rank, lora_A_cast)
-            else:
-                grad_x.addcmul_(grad_low_rank @ lora_A_cast, mask)
+            grad_x = input_grad(grad_rows, weight, fan_in_fan_out, grad_low_rank, lora_A, mask)
             grad_x = grad_x.view(ctx.x_shape)
         if needs_bias:
             grad_bias = grad_rows.sum(0)
         return grad_x, None, grad_bias, grad_A, grad_B, None, None, None, None
+
+
+def input_grad(
+    grad_rows: torch.Tensor,
+    weight: torch.Tensor,
+    fan_in_fan_out: bool,
+    grad_low_rank: torch.Tensor,
+    lora_A: torch.Tensor,
+    mask: InputMask | None,
+) -> torch.Tensor:
+    """``dL/dx = G W0 + mask * (g A)`` (N, k). Without dropout ``g A`` (K = r) is added into
+    ``G W0``; with it the masked ``g A`` is computed first and the base GEMM adds ``G W0`` into it
+    (beta = 1), so the mask costs no pass over a separate product."""
+    lora_A = as_dtype(lora_A, grad_rows.dtype)
+    if mask is None:
+        return base_input_grad(grad_rows, weight, fan_in_fan_out).addmm_(grad_low_rank, lora_A)
+    grad_x = mask.zero_dropped_(grad_low_rank @ lora_A)  # (N, k)
+    return grad_x.addmm_(grad_rows, weight.T if fan_in_fan_out else weight)
 
 
 CHUNK_ELEMENTS = 1 << 22  # rows of G and x cast to the adapter dtype at a time: at most 4M values
@@ -144,7 +158,7 @@ CHUNK_ELEMENTS = 1 << 22  # rows of G and x cast to the adapter dtype at a time:
 def adapter_grads(
     grad_rows: torch.Tensor,
     x_rows: torch.Tensor | None,
-    mask: torch.Tensor | None,
+    mask: InputMask | None,
     low_rank: torch.Tensor,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
@@ -163,7 +177,7 @@ def adapter_grads(
         grad_low_rank = (grad_rows @ as_dtype(lora_B, grad_rows.dtype)).mul_(rank_scale)  # (N, r)
         grad_A = grad_B = None
         if needs_A:
-            x_kept = x_rows if mask is None else x_rows * mask  # temporary (N, k)
+            x_kept = x_rows if mask is None else mask.kept(x_rows)  # temporary (N, k)
             grad_A = (grad_low_rank.T @ x_kept).to(accumulate_dtype)
         if needs_B:
             grad_B = (grad_rows.T @ low_rank).mul_(rank_scale).to(lora_B.dtype)
@@ -180,9 +194,11 @@ def adapter_grads(
         if needs_B:
             grad_B.addmm_(grad_part.T, low_rank[part].to(accumulate_dtype), alpha=rank_scale)
         if needs_A:
-            x_part = x_rows[part].to(accumulate_dtype)  # (n, k)
+            x_part = x_rows[part].to(  # (n, k), a contiguous copy, masked in place
+                accumulate_dtype, copy=True, memory_format=torch.contiguous_format
+            )
             if mask is not None:
-                x_part.mul_(mask[part].to(accumulate_dtype))
+                mask.zero_dropped_(x_part, start)
             grad_A.addmm_(grad_low_rank[part].T, x_part)
     return grad_low_rank, grad_A, grad_B.to(lora_B.dtype) if needs_B else None
 
@@ -200,7 +216,8 @@ def lora_linear_inference(
     out = linear_output(x_rows, weight, bias, fan_in_fan_out)  # (N, d)
     for adapter in adapters:
         seed = new_seed() if adapter.drop_levels else 0
-        x_kept = dropped(x_rows, dropout_mask(x_rows, adapter.drop_levels, seed))
+        mask = input_mask(x_rows.shape, adapter.drop_levels, seed, x.device, x.dtype)
+        x_kept = x_rows if mask is None else mask.kept(x_rows)
         low_rank = F.linear(x_kept, as_dtype(adapter.lora_A, x.dtype))  # (N, r)
         out.addmm_(low_rank, as_dtype(adapter.lora_B, x.dtype).T, alpha=adapter.rank_scale)
     return out.view(*x.shape[:-1], out.shape[-1])
