@@ -23,18 +23,22 @@ from lorakit import functional
 from lorakit.fast.dora import DoraSide, FusedDoraLinear, dora_linear_inference, fused_dora_linear
 from lorakit.fast.dropout import DROPOUT_LEVELS, drop_levels, drop_probability, keep_mask, new_seed
 from lorakit.fast.linear import FusedLoraLinear, RankSide, linear_output, lora_linear_inference
+from lorakit.fast.quantized import FusedQuantizedLoraLinear
 
 __all__ = [
     "DoraSide",
     "FusedDoraLinear",
     "FusedLoraLinear",
+    "FusedQuantizedLoraLinear",
     "RankSide",
     "applies",
     "fused_lora_linear",
+    "fused_quantized_lora_linear",
     "keep_mask",
     "linear_output",
     "module_is_plain",
     "plain_path",
+    "quantized_applies",
     "rank_side",
 ]
 
@@ -105,6 +109,32 @@ def fused_lora_linear(
         return lora_linear_inference(x, weight, bias, adapters, fan_in_fan_out)
     with torch.no_grad():
         return lora_linear_inference(x, weight, bias, adapters, fan_in_fan_out)
+
+
+def fused_quantized_lora_linear(
+    x: torch.Tensor, base_layer: nn.Module, adapter: RankSide
+) -> torch.Tensor:
+    """``base(x) + c B A (x * mask)`` (..., d) on a quantized ``base_layer``, for a training call
+    where ``quantized_applies`` (``lorakit.fast.quantized``)."""
+    lora_A, lora_B, rank_scale, levels = adapter
+    seed = new_seed() if levels else 0
+    return FusedQuantizedLoraLinear.apply(x, base_layer, lora_A, lora_B, rank_scale, levels, seed)
+
+
+def quantized_applies(x: torch.Tensor, adapters: Sequence[RankSide]) -> bool:
+    """True when ``fused_quantized_lora_linear`` can compute this call: training one adapter
+    (inference takes the plain formula, which adds in place without a graph), float x and
+    adapters on one device, no autocast, transforms or compiling, not in ``plain_path``."""
+    if len(adapters) != 1 or torch.compiler.is_compiling() or _PLAIN_PATH.get():
+        return False
+    if _transforms_active() or not torch.is_grad_enabled():
+        return False
+    if not _any_requires_grad(x, None, adapters) or x.dtype not in _FLOAT_DTYPES:
+        return False
+    if x.dim() == 0 or x.numel() == 0 or torch.is_autocast_enabled(x.device.type):
+        return False
+    lora_A, lora_B, _, _ = adapters[0]
+    return all(p.device == x.device and p.dtype in _FLOAT_DTYPES for p in (lora_A, lora_B))
 
 
 def _any_requires_grad(

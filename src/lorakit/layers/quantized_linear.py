@@ -10,8 +10,10 @@ default) with PEFT's keys, exactly as for ``LoraLinear``. The quantized storage 
 - unmerging drops that matrix: the quantized bytes are bit-identical after any number of cycles;
 - ``merge_and_unload`` replaces the layer by a plain float ``nn.Linear`` holding ``W``.
 
-There is no fused fast path here: the plain formula runs, and autograd keeps for backward only
-what the quantized base itself keeps (its packed weight), never a dequantized copy.
+Training one adapter takes the fused node of ``lorakit.fast.quantized`` (the base by its own
+kernel, its input gradient from a dequantized weight that lives only for that product; x kept
+once, the dropout mask as bits); elsewhere the plain formula runs. Neither keeps a dequantized
+copy of the weight for backward.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit import quantized
+from lorakit import fast, quantized
 from lorakit.layers.base import MergeState
 from lorakit.layers.linear import LoraLinear
 from lorakit.quantized.merge import float_linear, merged_weight
@@ -83,9 +85,30 @@ class QuantizedLoraLinear(LoraLinear):
 
     def fast_adapters(
         self, x: torch.Tensor, weight: torch.Tensor | None, adapters: Sequence[str]
-    ) -> None:
-        """None: no fused path on a quantized base (the plain formula runs)."""
-        return None
+    ) -> list[fast.RankSide] | None:
+        """The one training adapter for the fused node (``lorakit.fast.quantized``), or None
+        for the plain formula: several adapters, a bias on B, a trainable base bias, hooks on
+        the base layer, inference (see ``fast.quantized_applies``)."""
+        bias = getattr(self.base_layer, "bias", None)
+        if not fast.module_is_plain(self.base_layer) or (bias is not None and bias.requires_grad):
+            return None
+        if any(self.lora_bias_of(name) is not None for name in adapters):
+            return None
+        sides = []
+        for name in adapters:
+            dropout = self.dropouts[name] if self.training else 0.0
+            side = fast.rank_side(
+                self.lora_A[name].weight, self.lora_B[name].weight, self.scalings[name], dropout
+            )
+            if side is None:
+                return None
+            sides.append(side)
+        return sides if fast.quantized_applies(x, sides) else None
+
+    def fast_output(
+        self, x: torch.Tensor, weight: torch.Tensor | None, fast_adapters: list
+    ) -> torch.Tensor:
+        return fast.fused_quantized_lora_linear(x, self.base_layer, fast_adapters[0])
 
     # ----------------------------------------------------------------- merge
     @property

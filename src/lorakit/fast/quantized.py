@@ -1,0 +1,91 @@
+"""Fused LoRA beside a quantized frozen base (QLoRA): ``h = base(x) + c * B (A (x * mask))`` in one
+autograd node.
+
+The same node as ``lorakit.fast.linear.FusedLoraLinear`` with the base run by its own kernel
+(``lorakit.quantized.base_forward``: bitsandbytes 4-/8-bit, torchao int8, GGUF blocks, int8 rows)
+and no graph recorded for it. Its input gradient ``G dequant(W0)`` is computed in backward from a
+dequantized weight (d, k) that lives only for that product, as the quantized backends' own
+backward passes compute it (bitsandbytes' ``MatMul4Bit`` / ``MatMul8bitLt``, lorakit's GGUF and
+int8-rows layers multiply G by the dequantized weight). With ``G = dL/dh`` (N, d) and
+``g = c G B`` (N, r)::
+
+    dL/dx = G dequant(W0) + mask * (g A)
+    dL/dA = g^T (x * mask)          dL/dB = c G^T u,  u = A (x * mask) (N, r)
+
+Kept for backward: x once (only if A trains), u, the dropout mask as ``lorakit.fast.dropout``
+saves it (bits, gaps or nothing), never a dropout copy of x and never a dequantized weight. The
+masks are drawn exactly as the float fast path draws them (one seed a call), so a run on a
+quantized base and a run on the float model it came from draw the same dropout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit import quantized
+from lorakit.fast.dropout import input_mask, restored_mask
+from lorakit.fast.linear import adapter_grads, as_dtype
+
+__all__ = ["FusedQuantizedLoraLinear"]
+
+
+class FusedQuantizedLoraLinear(torch.autograd.Function):
+    """The training node. Arguments: x (..., k), the quantized ``base_layer`` (its bias, if
+    any, is frozen and inside its kernel), A (r, k), B (d, r), ``rank_scale`` (c),
+    ``drop_levels`` and ``seed`` of the dropout mask. Returns h (..., d) in x's dtype."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        base_layer: nn.Module,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        rank_scale: float,
+        drop_levels: int,
+        seed: int,
+    ) -> torch.Tensor:
+        x_rows = x.reshape(-1, x.shape[-1])  # (N, k)
+        out = quantized.base_forward(base_layer, x_rows).to(x.dtype)  # (N, d), a fresh tensor
+        mask = input_mask(x_rows.shape, drop_levels, seed, x.device, x.dtype)
+        kept = x_rows if mask is None else mask.kept(x_rows)
+        low_rank = F.linear(kept, as_dtype(lora_A, x.dtype))  # (N, r)
+        out.addmm_(low_rank, as_dtype(lora_B, x.dtype).T, alpha=rank_scale)
+        keep_x = x if ctx.needs_input_grad[2] else None
+        needs_mask = mask is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[2])
+        ctx.save_for_backward(
+            keep_x, lora_A, lora_B, low_rank, mask.saved() if needs_mask else None
+        )
+        ctx.base_layer = base_layer
+        ctx.x_shape = x.shape
+        ctx.settings = (rank_scale, drop_levels, seed)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, lora_A, lora_B, low_rank, mask_bits = ctx.saved_tensors
+        rank_scale, drop_levels, seed = ctx.settings
+        needs_x, _, needs_A, needs_B = ctx.needs_input_grad[:4]
+        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d)
+        mask = None
+        if needs_x or needs_A:
+            shape = (grad_rows.shape[0], ctx.x_shape[-1])
+            mask = restored_mask(
+                mask_bits, shape, drop_levels, seed, grad_rows.device, grad_rows.dtype
+            )
+        x_rows = None if x is None else x.reshape(-1, x.shape[-1])  # (N, k)
+        grad_low_rank, grad_A, grad_B = adapter_grads(
+            grad_rows, x_rows, mask, low_rank, lora_A, lora_B, rank_scale, needs_A, needs_B
+        )
+        grad_x = None
+        if needs_x:
+            grad_low_rank = as_dtype(grad_low_rank, grad_rows.dtype)
+            grad_x = grad_low_rank @ as_dtype(lora_A, grad_rows.dtype)  # (N, k)
+            if mask is not None:
+                mask.zero_dropped_(grad_x)
+            weight = quantized.dequantized_weight(ctx.base_layer)  # (d, k), only for this product
+            grad_x.addmm_(grad_rows, weight.to(grad_rows.dtype))
+            grad_x = grad_x.view(ctx.x_shape)
+        return grad_x, None, grad_A, grad_B, None, None, None
