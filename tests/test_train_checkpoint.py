@@ -102,7 +102,15 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
         timeout=120,
     )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    uninterrupted = run_job([str(tmp_path / "straight"), "--steps", "12"])
+    # the uninterrupted run in a process of its own too: all three runs start from the same
+    # state, whatever earlier tests left in this one
+    straight = subprocess.run(
+        [sys.executable, str(JOB), str(tmp_path / "straight"), "--steps", "12"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert straight.returncode == 0, straight.stdout + straight.stderr
     resumed_adapter = load_file(killed_dir / "adapter" / "adapter_model.safetensors")
     straight_adapter = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     assert resumed_adapter.keys() == straight_adapter.keys()
@@ -112,15 +120,13 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
         r["step"] for r in map(json.loads, (killed_dir / "metrics.jsonl").open()) if "loss" in r
     ]
     assert steps == list(range(1, 13))  # no duplicated or missing records after resume
-    # the file holds the in-process run's final weights, and training moved them (B from 0)
+    # training moved every factor (B from 0)
     initial = _trainable(build_model(0.1))
-    final = _trainable(uninterrupted)
-    assert len(final) == len(straight_adapter) == 12
-    for name, tensor in final.items():
+    assert len(initial) == len(straight_adapter) == 12
+    for name, tensor in initial.items():
         layer, kind = name.split(".lora_")
         key = f"base_model.model.{layer}.lora_{kind.replace('.default', '')}"
-        assert torch.equal(straight_adapter[key], tensor), key
-        assert (tensor - initial[name]).abs().max() > 1e-3, name
+        assert (straight_adapter[key] - tensor).abs().max() > 1e-3, name
 
 
 def _loss_steps(output_dir: Path) -> list[int]:
