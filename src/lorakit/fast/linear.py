@@ -111,18 +111,11 @@ class FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, weight, lora_A, lora_B, low_rank, mask_bits = ctx.saved_tensors
-        rank_scale, fan_in_fan_out, drop_levels, seed = ctx.settings
+        fan_in_fan_out = ctx.settings[1]
         needs_x, _, needs_bias, needs_A, needs_B = ctx.needs_input_grad[:5]
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d)
-        mask = None
-        if needs_x or needs_A:
-            shape = (grad_rows.shape[0], ctx.x_shape[-1])
-            mask = restored_mask(
-                mask_bits, shape, drop_levels, seed, grad_rows.device, grad_rows.dtype
-            )
-        x_rows = None if x is None else x.reshape(-1, x.shape[-1])  # (N, k)
-        grad_low_rank, grad_A, grad_B = adapter_grads(
-            grad_rows, x_rows, mask, low_rank, lora_A, lora_B, rank_scale, needs_A, needs_B
+        mask, grad_low_rank, grad_A, grad_B = rank_side_backward(
+            ctx, grad_rows, x, low_rank, lora_A, lora_B, mask_bits, (needs_x, needs_A, needs_B)
         )
         grad_x = grad_bias = None
         if needs_x:
@@ -132,6 +125,34 @@ class FusedLoraLinear(torch.autograd.Function):
         if needs_bias:
             grad_bias = grad_rows.sum(0)
         return grad_x, None, grad_bias, grad_A, grad_B, None, None, None, None
+
+
+def rank_side_backward(
+    ctx,
+    grad_rows: torch.Tensor,
+    x: torch.Tensor | None,
+    low_rank: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    mask_bits: torch.Tensor | None,
+    needs: tuple[bool, bool, bool],
+) -> tuple[InputMask | None, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The adapter's side of a fused node's backward (this node's and
+    ``lorakit.fast.quantized``'s): the forward's dropout mask restored when dL/dx or dL/dA
+    needs it, then ``adapter_grads``. ``ctx.settings`` starts with ``rank_scale`` and ends
+    with ``(drop_levels, seed)``; ``needs``: (dL/dx, dL/dA, dL/dB). Returns
+    ``(mask, g, dL/dA, dL/dB)``."""
+    needs_x, needs_A, needs_B = needs
+    rank_scale, *_, drop_levels, seed = ctx.settings
+    mask = None
+    if needs_x or needs_A:
+        shape = (grad_rows.shape[0], ctx.x_shape[-1])
+        mask = restored_mask(mask_bits, shape, drop_levels, seed, grad_rows.device, grad_rows.dtype)
+    x_rows = None if x is None else x.reshape(-1, x.shape[-1])  # (N, k)
+    grad_low_rank, grad_A, grad_B = adapter_grads(
+        grad_rows, x_rows, mask, low_rank, lora_A, lora_B, rank_scale, needs_A, needs_B
+    )
+    return mask, grad_low_rank, grad_A, grad_B
 
 
 def input_grad(

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit import quantized
-from lorakit.fast.dropout import input_mask, restored_mask
-from lorakit.fast.linear import adapter_grads, as_dtype
+from lorakit.fast.dropout import input_mask
+from lorakit.fast.linear import as_dtype, input_grad, rank_side_backward
 
 __all__ = ["FusedQuantizedLoraLinear"]
 
@@ -66,26 +66,16 @@ class FusedQuantizedLoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, lora_A, lora_B, low_rank, mask_bits = ctx.saved_tensors
-        rank_scale, drop_levels, seed = ctx.settings
         needs_x, _, needs_A, needs_B = ctx.needs_input_grad[:4]
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d)
-        mask = None
-        if needs_x or needs_A:
-            shape = (grad_rows.shape[0], ctx.x_shape[-1])
-            mask = restored_mask(
-                mask_bits, shape, drop_levels, seed, grad_rows.device, grad_rows.dtype
-            )
-        x_rows = None if x is None else x.reshape(-1, x.shape[-1])  # (N, k)
-        grad_low_rank, grad_A, grad_B = adapter_grads(
-            grad_rows, x_rows, mask, low_rank, lora_A, lora_B, rank_scale, needs_A, needs_B
+        mask, grad_low_rank, grad_A, grad_B = rank_side_backward(
+            ctx, grad_rows, x, low_rank, lora_A, lora_B, mask_bits, (needs_x, needs_A, needs_B)
         )
         grad_x = None
         if needs_x:
-            grad_low_rank = as_dtype(grad_low_rank, grad_rows.dtype)
-            grad_x = grad_low_rank @ as_dtype(lora_A, grad_rows.dtype)  # (N, k)
-            if mask is not None:
-                mask.zero_dropped_(grad_x)
             weight = quantized.dequantized_weight(ctx.base_layer)  # (d, k), only for this product
-            grad_x.addmm_(grad_rows, weight.to(grad_rows.dtype))
+            grad_low_rank = as_dtype(grad_low_rank, grad_rows.dtype)
+            weight = as_dtype(weight, grad_rows.dtype)
+            grad_x = input_grad(grad_rows, weight, False, grad_low_rank, lora_A, mask)
             grad_x = grad_x.view(ctx.x_shape)
         return grad_x, None, grad_A, grad_B, None, None, None
