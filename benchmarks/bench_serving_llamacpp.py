@@ -12,8 +12,9 @@ medians over ``--repeats``:
 - time to first token of a 64-token prompt on an idle engine (and llama.cpp on a reset context);
 - ``--dtype bfloat16``: the same in bf16 (AMX / AVX512-BF16 matmuls where the CPU has them;
   outputs differ from float32's);
-- ``--quantization int8-rows``: lorakit serves the base as weight-only int8 (every linear, the
-  output layer included: ``lorakit.quantized.int8_rows``); transformers' ``generate`` stays on
+- ``--quantization int8-rows`` / ``int4-groups``: lorakit serves the base as weight-only int8
+  (every linear, the output layer included: ``lorakit.quantized.int8_rows``) or 4-bit with a
+  scale and offset per 32 inputs (Q4_1's scheme, ``int4_groups``); transformers' ``generate`` stays on
   the float model (the baseline of issue 17); outputs differ from float32's;
 - ``--one-stream-only``: only the one-stream rates (lorakit's engine and transformers'
   ``generate`` alternated every round, llama.cpp as above) and their ratio;
@@ -67,10 +68,11 @@ def build(args):
     served = LlamaForCausalLM(base.config).to(base.dtype).eval()
     served.load_state_dict(base.state_dict())
     served.generation_config.eos_token_id = None
-    if args.quantization == "int8-rows":
-        from lorakit.quantized.int8_rows import quantize_linears
+    if args.quantization != "none":
+        from lorakit.quantized import int4_groups, int8_rows
 
-        quantize_linears(served)
+        backend = int8_rows if args.quantization == "int8-rows" else int4_groups
+        backend.quantize_linears(served)
     prepare_for_serving(served, ALL_LINEAR)
     bank = AdapterBank(served, max_rank=args.rank, capacity=args.adapters, dtype=base.dtype)
     config = lorakit.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=ALL_LINEAR)
@@ -266,7 +268,7 @@ def main(argv=None) -> int:
     parse.add_argument("--hf-repeats", type=int, default=1, help="transformers generate runs")
     parse.add_argument(
         "--quantization",
-        choices=["none", "int8-rows"],
+        choices=["none", "int8-rows", "int4-groups"],
         default="none",
         help="the served base: float (--dtype) or lorakit's weight-only int8",
     )

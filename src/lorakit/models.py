@@ -234,8 +234,9 @@ def load_model(
     defines none, as for SmolLM2), and ``model.config.pad_token_id`` matches it. The model is
     returned in eval mode. ``progress=False`` hides transformers' weight-loading bar.
     ``quantization``: ``nf4``, ``fp4``, ``int8`` (bitsandbytes, on the CPU), ``gguf`` (the
-    blocks of a built-in GGUF model's file) or ``int8-rows`` (lorakit's weight-only int8, the
-    fast CPU decode) for a quantized frozen base (docs/quantized.md).
+    blocks of a built-in GGUF model's file), ``int8-rows`` or ``int4-groups`` (lorakit's
+    weight-only int8 / 4-bit, the fast CPU decode) for a quantized frozen base
+    (docs/quantized.md).
     """
     check_model_spec(spec, task)
     gguf_file = builtin_gguf_file(os.fspath(spec))
@@ -265,6 +266,10 @@ def load_model(
         replace_llama_linears(model, gguf_file)
     elif quantization == "int8-rows":
         from lorakit.quantized.int8_rows import quantize_linears
+
+        quantize_linears(model)
+    elif quantization == "int4-groups":
+        from lorakit.quantized.int4_groups import quantize_linears
 
         quantize_linears(model)
     elif quantization is not None:

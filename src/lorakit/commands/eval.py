@@ -67,11 +67,12 @@ def add_quantization_option(parser: argparse.ArgumentParser) -> None:
     """``--quantization``: load ``--model`` as a quantized base (docs/quantized.md)."""
     parser.add_argument(
         "--quantization",
-        choices=["nf4", "fp4", "int8", "gguf", "int8-rows"],
+        choices=["nf4", "fp4", "int8", "gguf", "int8-rows", "int4-groups"],
         help="load --model quantized, as an adapter trained with lorakit train --quantization "
         "needs: nf4, fp4, int8 (bitsandbytes, on the CPU) or gguf (a built-in model's GGUF "
-        "blocks); or int8-rows (lorakit's weight-only int8 of every linear layer: the fastest "
-        "CPU decode, outputs close to float32's) (default: float)",
+        "blocks); or int8-rows (lorakit's weight-only int8 of every linear layer: fast CPU "
+        "decoding, outputs close to float32's) or int4-groups (4-bit with a scale and offset "
+        "per 32 inputs, Q4_1's scheme: the fastest CPU decoding) (default: float)",
     )
 
 

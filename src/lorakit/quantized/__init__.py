@@ -21,6 +21,8 @@ bitsandbytes and torchao stay optional (``pip install "lorakit[quant]"``):
 ``gguf_blocks``      lorakit's ``GGUFLinear``: Q4_0 / Q4_1 / Q8_0 blocks read from a GGUF file
 ``int8_rows``        lorakit's ``Int8RowsLinear``: weight-only int8 with per-row scales, run by
                      torch's int8 kernel (the fast CPU base for serving, ``int8-rows``)
+``int4_groups``      lorakit's ``Int4GroupsLinear``: 4-bit codes with a scale and an offset per
+                     32 inputs (Q4_1's scheme), run by torch's int4 kernel (``int4-groups``)
 ===================  ===========================================================================
 
 Anything else that looks quantized (a class named like a quantized layer, e.g. optimum-quanto's
@@ -100,11 +102,17 @@ def _is_int8_rows_linear(module: nn.Module) -> bool:
     return any(path == "lorakit.quantized.int8_rows.Int8RowsLinear" for path in _mro_paths(module))
 
 
+def _is_int4_groups_linear(module: nn.Module) -> bool:
+    path = "lorakit.quantized.int4_groups.Int4GroupsLinear"
+    return any(p == path for p in _mro_paths(module))
+
+
 # (accepts, backend module): first match wins. The predicates look at class names only, so no
 # backend library is imported to decide; the backend module is imported when it is used.
 _DISPATCH: list[tuple[Callable[[nn.Module], bool], str]] = [
     (_is_gguf_linear, "lorakit.quantized.gguf_blocks"),
     (_is_int8_rows_linear, "lorakit.quantized.int8_rows"),
+    (_is_int4_groups_linear, "lorakit.quantized.int4_groups"),
     (_is_bnb_layer, "lorakit.quantized.bnb"),
     (_is_torchao_int8, "lorakit.quantized.torchao"),
 ]

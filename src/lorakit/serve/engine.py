@@ -30,6 +30,7 @@ from lorakit.serve.bank import AdapterBank, BankFullError, Loader
 from lorakit.serve.batched import routed
 from lorakit.serve.cold_loads import ColdLoads
 from lorakit.serve.kv import BatchedCache
+from lorakit.serve.lean_decode import lean_decoder
 from lorakit.serve.one_adapter import OneAdapterRouter, routed_one
 from lorakit.serve.requests import (
     INTERNAL,
@@ -70,7 +71,10 @@ class Engine:
     from the decode loop; ``max_batch``: running requests at most;
     ``max_waiting``: queued requests at most (None: no bound), beyond which ``submit`` raises
     ``QueueFullError``. ``stats`` (``EngineStats``) records how full the running batch got and
-    how many requests were cancelled.
+    how many requests were cancelled. ``lean_decode``: decode steps of a Llama-family model run
+    ``lean_decode.LeanDecoder`` (the same function in fewer ops; with a bank, q/k/v and gate/up
+    are each one product over their concatenated weights, of which the model's weights become
+    views) instead of the model's own forward.
     """
 
     def __init__(
@@ -84,8 +88,10 @@ class Engine:
         eos_token_ids: Sequence[int] | None = None,
         max_waiting: int | None = None,
         load_workers: int = 2,
+        lean_decode: bool = True,
     ) -> None:
         self.model = model.eval()
+        self._lean = lean_decoder(model, fuse_siblings=bank is not None) if lean_decode else None
         self.bank = bank
         accepts = inspect.signature(model.forward).parameters
         self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
@@ -356,16 +362,19 @@ class Engine:
         last = torch.tensor([[r.generated[-1]] for r in self._running])
         attention_mask, position_ids = self._cache.step_inputs()
         with self._routed([r.slot for r in self._running], 1):
-            output = self.model(
-                input_ids=last,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=self._cache.cache,
-                use_cache=True,
-            )
-        self._cache.cache = output.cache
+            if self._lean is not None and self._cache.preallocated:
+                logits = self._lean.step(last, attention_mask, position_ids, self._cache.cache)
+            else:
+                output = self.model(
+                    input_ids=last,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    cache=self._cache.cache,
+                    use_cache=True,
+                )
+                self._cache.cache = output.cache
+                logits = output.logits[:, -1]
         self._cache.advance()
-        logits = output.logits[:, -1]
         greedy = greedy_tokens(logits, [r.params for r in self._running])
         for row, request in enumerate(self._running):
             if request.cancelled:

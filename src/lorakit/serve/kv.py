@@ -120,6 +120,11 @@ class BatchedCache(_MaskedRows):
         self._window = _Window()
         self._fallback: ConcatenatedCache | None = None
 
+    @property
+    def preallocated(self) -> bool:
+        """True when the cache's layers are ``WindowLayer``s (not the concatenating fallback)."""
+        return self._fallback is None and self.cache is not None
+
     def _layers(self) -> list[WindowLayer]:
         return self.cache.layers if self.cache is not None else []
 

@@ -1,0 +1,233 @@
+"""Weight-only 4-bit with a scale and an offset per group of 32 inputs: llama.cpp's Q4_1 scheme,
+run by torch's CPU int4 kernel. The fastest base for one-stream decoding on a CPU.
+
+For output row i and input group g (32 consecutive inputs), with codes q in [0, 15]:
+
+    W0[i, j] = (q[i, j] - 8) * scale[g, i] + offset[g, i]      (j in group g)
+
+``scale`` and ``offset`` are bfloat16 (``scale = (max - min) / 15`` of the group, ``offset = min +
+8 scale``; the codes are rounded against the rounded values, so a group's min and max are its
+codes 0 and 15 to within rounding). Q4_1 stores ``d = scale`` and ``m = min`` in float16; this is
+the same grid, kept in the form torch's kernel reads. A weight takes 0.625 bytes (half a byte of
+code, 4 bytes of scale and offset a group), as in Q4_1: at one token per step a decode reads
+under a sixth of float32's weight bytes (int8-rows: a quarter), and decoding is bound by them.
+
+Storage, in the layout of ``torch._weight_int4pack_mm_for_cpu`` (torch >= 2.6):
+
+- ``packed`` (out, in / 2) uint8: rows in blocks of 64; block b, input j, byte t (0..31) holds
+  the codes of rows 64b + t (low nibble) and 64b + 32 + t (high nibble); when out is an odd
+  multiple of 32, the last 32 rows are one block whose byte t (0..15) holds rows 2t and 2t + 1.
+  Each block fills exactly its own rows of the tensor, so layers whose sizes are multiples of
+  64 concatenate by rows (``lorakit.serve.siblings`` fuses q/k/v this way);
+- ``scales_and_offsets`` (in / 32, out, 2) bfloat16.
+
+Shapes the format takes: ``out`` and ``in`` multiples of 32 (every linear of the usual LLMs);
+``quantize_linears`` leaves any other layer as it is. A torch without the kernel computes
+``F.linear`` with the dequantized weight (the same W0; the kernel rounds ``x`` and the output to
+bfloat16). The backward pass (an adapter trained on this base) dequantizes: ``dL/dx = dL/dy W0``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "GROUP",
+    "Int4GroupsLinear",
+    "base_forward",
+    "check",
+    "dequantized_weight",
+    "describe",
+    "fits",
+    "pack",
+    "quantize_linears",
+    "requantize",
+    "shape",
+    "storage",
+    "unpack",
+]
+
+GROUP = 32  # inputs per scale and offset
+BLOCK = 64  # rows per packing block (a last block of 32 rows when out is an odd multiple of 32)
+CODE_MAX = 15
+HAS_KERNEL = hasattr(torch, "_weight_int4pack_mm_for_cpu")
+
+
+def fits(out_features: int, in_features: int) -> bool:
+    """Whether a (out, in) weight takes this format: both multiples of 32."""
+    return out_features % GROUP == 0 and in_features % GROUP == 0
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """Codes (out, in) in [0, 15] -> the kernel's layout (out, in / 2) uint8 (module doc)."""
+    out_features, in_features = codes.shape
+    codes = codes.to(torch.uint8)
+    full = out_features // BLOCK * BLOCK
+    blocks = codes[:full].view(-1, 2, BLOCK // 2, in_features)  # (blocks, 2, 32, in)
+    packed = [(blocks[:, 0] | (blocks[:, 1] << 4)).transpose(1, 2)]  # (blocks, in, 32)
+    if full < out_features:  # a tail of 32 rows: rows 2t and 2t + 1 share byte t
+        tail = codes[full:].view(BLOCK // 4, 2, in_features)  # (16, 2, in)
+        packed.append((tail[:, 0] | (tail[:, 1] << 4)).T[None])  # (1, in, 16)
+    return torch.cat([p.reshape(-1) for p in packed]).view(out_features, in_features // 2)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pack``: (out, in / 2) uint8 -> codes (out, in) uint8."""
+    out_features, in_features = packed.shape[0], packed.shape[1] * 2
+    full = out_features // BLOCK * BLOCK
+    flat = packed.reshape(-1)
+    blocks = flat[: full * in_features // 2].view(-1, in_features, BLOCK // 2)  # (b, in, 32)
+    rows = [torch.stack((blocks & 15, blocks >> 4), dim=1).transpose(2, 3)]  # (b, 2, 32, in)
+    if full < out_features:
+        tail = flat[full * in_features // 2 :].view(in_features, BLOCK // 4)  # (in, 16)
+        rows.append(torch.stack((tail & 15, tail >> 4), dim=-1).permute(1, 2, 0))  # (16, 2, in)
+    return torch.cat([r.reshape(-1, in_features) for r in rows])
+
+
+class Int4GroupsLinear(nn.Module):
+    """A frozen linear layer stored as 4-bit codes with a bfloat16 scale and offset per group.
+
+    Shapes: x (..., in) -> (..., out); ``packed`` (out, in / 2) uint8; ``scales_and_offsets``
+    (in / 32, out, 2) bfloat16; ``bias`` (out,) float or None.
+    """
+
+    def __init__(
+        self, packed: torch.Tensor, scales_and_offsets: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
+        super().__init__()
+        out_features, in_features = packed.shape[0], packed.shape[1] * 2
+        expected = (in_features // GROUP, out_features, 2)
+        if (
+            packed.dtype != torch.uint8
+            or not fits(out_features, in_features)
+            or tuple(scales_and_offsets.shape) != expected
+        ):
+            raise ValueError(
+                f"Int4GroupsLinear needs packed uint8 codes (out, in / 2) with out and in "
+                f"multiples of {GROUP}, and scales and offsets {expected}; got {packed.dtype} "
+                f"{tuple(packed.shape)} and {tuple(scales_and_offsets.shape)}"
+            )
+        self.out_features, self.in_features = out_features, in_features
+        self.register_buffer("packed", packed.contiguous())
+        self.register_buffer(
+            "scales_and_offsets", scales_and_offsets.to(torch.bfloat16).contiguous()
+        )
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        """Quantize a float ``weight`` (out, in), both multiples of 32 (a constant group:
+        scale 0, codes 8, the offset its value rounded to bfloat16)."""
+        out_features, in_features = weight.shape
+        if not fits(out_features, in_features):
+            raise ValueError(
+                f"int4-groups needs a weight whose sizes are multiples of {GROUP}; got "
+                f"{tuple(weight.shape)}"
+            )
+        with torch.no_grad():
+            groups = weight.detach().to(torch.float32).view(out_features, -1, GROUP)
+            low, high = groups.amin(-1), groups.amax(-1)  # (out, in / 32)
+            scale = ((high - low) / CODE_MAX).to(torch.bfloat16)
+            offset = (low + 8 * scale.float()).to(torch.bfloat16)
+            divisor = torch.where(scale > 0, scale, torch.ones_like(scale)).float()
+            steps = (groups - offset.float()[..., None]) / divisor[..., None] + 8
+            codes = steps.round().clamp(0, CODE_MAX).view(out_features, in_features)
+            scales_and_offsets = torch.stack((scale.T, offset.T), dim=-1)  # (in / 32, out, 2)
+        return cls(pack(codes), scales_and_offsets, bias)
+
+    def dequantized(self) -> torch.Tensor:
+        """``W0 = (q - 8) * scale + offset`` (out, in) in float32."""
+        codes = unpack(self.packed).to(torch.float32) - 8  # (out, in)
+        scale, offset = self.scales_and_offsets.float().unbind(-1)  # (in / 32, out) each
+        codes = codes.view(self.out_features, -1, GROUP)
+        weight = codes * scale.T[..., None] + offset.T[..., None]
+        return weight.view(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            out = _FrozenInt4Groups.apply(x, self)
+        else:
+            out = int4_groups_matmul(x, self)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups"
+
+
+def int4_groups_matmul(x: torch.Tensor, module: Int4GroupsLinear) -> torch.Tensor:
+    """``x W0^T`` (..., out) for ``x`` (..., in), in ``x``'s dtype: the int4 kernel on bfloat16
+    activations on the CPU, else ``F.linear`` on the dequantized weight."""
+    flat = x.reshape(-1, x.shape[-1])  # (m, k)
+    if HAS_KERNEL and x.is_cpu:
+        out = torch._weight_int4pack_mm_for_cpu(
+            flat.to(torch.bfloat16).contiguous(),
+            module.packed,
+            GROUP,
+            module.scales_and_offsets,
+        )
+    else:
+        out = F.linear(flat, module.dequantized().to(device=x.device, dtype=x.dtype))
+    return out.to(x.dtype).view(*x.shape[:-1], module.out_features)
+
+
+class _FrozenInt4Groups(torch.autograd.Function):
+    """``int4_groups_matmul`` with ``dL/dx = dL/dy W0`` recomputed (nothing saved)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: Int4GroupsLinear) -> torch.Tensor:
+        ctx.module = module
+        return int4_groups_matmul(x, module)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        weight = ctx.module.dequantized().to(grad_output.dtype)  # (n, k)
+        return grad_output @ weight, None
+
+
+def quantize_linears(model: nn.Module) -> int:
+    """Replace every ``nn.Linear`` of ``model`` (exact type) whose sizes are multiples of 32 by
+    an ``Int4GroupsLinear`` of its weight, in place; returns how many. An output layer tied to
+    the input embedding gets its own copy (the embedding keeps the float weight)."""
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and fits(module.out_features, module.in_features)
+    ]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Int4GroupsLinear.from_weight(module.weight, module.bias))
+    return len(targets)
+
+
+# ----------------------------------------------------------------- the quantized-base protocol
+def check(module: nn.Module) -> None:
+    """Nothing to check: an ``Int4GroupsLinear`` is usable as built."""
+
+
+def shape(module: Int4GroupsLinear) -> tuple[int, int]:
+    return module.out_features, module.in_features
+
+
+def describe(module: Int4GroupsLinear) -> str:
+    return "int4-groups"
+
+
+def dequantized_weight(module: Int4GroupsLinear) -> torch.Tensor:
+    with torch.no_grad():
+        return module.dequantized()
+
+
+def base_forward(module: Int4GroupsLinear, x: torch.Tensor) -> torch.Tensor:
+    return module(x)
+
+
+def storage(module: Int4GroupsLinear) -> dict[str, torch.Tensor]:
+    return {"packed": module.packed, "scales_and_offsets": module.scales_and_offsets}
+
+
+def requantize(module: Int4GroupsLinear, weight: torch.Tensor) -> Int4GroupsLinear:
+    """A new ``Int4GroupsLinear`` (same bias) of ``weight`` (out, in) quantized afresh."""
+    return Int4GroupsLinear.from_weight(weight, module.bias)

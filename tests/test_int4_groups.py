@@ -1,0 +1,131 @@
+"""lorakit's 4-bit base (``lorakit.quantized.int4_groups``): its packing against torch's own
+packer, its output against a float64 product with the dequantized weight, its quantization rule
+(Q4_1's grid), its backward, and a model loaded with ``quantization="int4-groups"`` under LoRA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit import quantized
+from lorakit.layers import QuantizedLoraLinear
+from lorakit.models import load_model
+from lorakit.quantized import int4_groups
+from lorakit.quantized.int4_groups import Int4GroupsLinear, pack, quantize_linears, unpack
+from lorakit.state import lora_layers
+from tests import tiny_models
+
+BF16_EPS = 2.0**-8
+SHAPES = [(32, 32), (64, 96), (96, 64), (160, 576), (576, 1536)]
+
+
+@pytest.mark.skipif(
+    not hasattr(torch, "_convert_weight_to_int4pack_for_cpu"), reason="torch < 2.6 has no packer"
+)
+@pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
+def test_packing_is_torchs_own_and_unpacking_inverts_it(out_features, in_features):
+    codes = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32)
+    packed = pack(codes)
+    assert torch.equal(packed, torch._convert_weight_to_int4pack_for_cpu(codes, 1))
+    assert torch.equal(unpack(packed).to(torch.int32), codes)
+
+
+@pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
+def test_output_equals_a_float64_product_with_the_dequantized_weight(out_features, in_features):
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, out_features)
+    layer = Int4GroupsLinear.from_weight(linear.weight, linear.bias)
+    x = torch.randn(3, 2, in_features)
+    with torch.no_grad():
+        got = layer(x)
+    bf16_x = x.to(torch.bfloat16).double() if int4_groups.HAS_KERNEL else x.double()
+    expected = bf16_x @ layer.dequantized().double().T + linear.bias.double()
+    assert got.shape == (3, 2, out_features) and got.dtype == torch.float32
+    scale = expected.abs() + expected.abs().mean()
+    assert ((got.double() - expected).abs() <= 2 * BF16_EPS * scale).all()
+
+
+def test_quantizing_puts_each_group_on_its_own_16_step_grid():
+    torch.manual_seed(1)
+    weight = torch.randn(64, 96)
+    weight[5, 32:64] = 0.25  # a constant group: scale 0, code 8, the offset its value
+    layer = Int4GroupsLinear.from_weight(weight)
+    codes = unpack(layer.packed).view(64, 3, 32)
+    scale, offset = layer.scales_and_offsets.float().unbind(-1)  # (3, 64)
+    assert codes.max() <= 15 and layer.scales_and_offsets.dtype == torch.bfloat16
+    groups = weight.view(64, 3, 32)
+    low, high = groups.amin(-1), groups.amax(-1)
+    expected_scale = ((high - low) / 15).to(torch.bfloat16).float()
+    assert torch.equal(scale.T, expected_scale)
+    assert torch.equal(offset.T, (low + 8 * expected_scale).to(torch.bfloat16).float())
+    assert (codes[5, 1] == 8).all() and torch.equal(layer.dequantized()[5, 32:64], weight[5, 32:64])
+    error = (layer.dequantized().view(64, 3, 32) - groups).abs()
+    # half a step, plus the offset's bfloat16 rounding (the codes are clamped to [0, 15])
+    bound = scale.T[..., None] / 2 + offset.T.abs()[..., None] * BF16_EPS + 1e-6
+    assert (error <= bound).all()
+    assert torch.equal(quantized.dequantized_weight(layer), layer.dequantized())
+
+
+def test_the_input_gradient_is_the_dequantized_weight_and_nothing_else_trains():
+    torch.manual_seed(2)
+    layer = Int4GroupsLinear.from_weight(torch.randn(32, 64), torch.randn(32))
+    x = torch.randn(5, 64, requires_grad=True)
+    grad_output = torch.randn(5, 32)
+    layer(x).backward(grad_output)
+    torch.testing.assert_close(x.grad, grad_output @ layer.dequantized())
+    assert not any(p.requires_grad for p in layer.parameters())
+
+
+def test_bad_shapes_are_refused_with_the_rule():
+    with pytest.raises(ValueError, match="multiples of 32"):
+        Int4GroupsLinear.from_weight(torch.randn(48, 64))
+    with pytest.raises(ValueError, match="multiples of 32"):
+        Int4GroupsLinear(torch.zeros(32, 16, dtype=torch.uint8), torch.zeros(2, 32, 2), None)
+
+
+def test_quantize_linears_takes_the_layers_that_fit_and_the_protocol_knows_them():
+    model = tiny_models.llama()
+    model.lm_head = nn.Linear(64, 120, bias=False)  # 120 outputs: not a multiple of 32
+    assert quantize_linears(model) == 14  # 2 layers x 7
+    for name, module in model.named_modules():
+        if name.endswith("_proj"):
+            assert quantized.describe(module) == "int4-groups"
+    assert type(model.lm_head) is nn.Linear
+    assert set(quantized.storage(model.model.layers[0].mlp.up_proj)) == {
+        "packed",
+        "scales_and_offsets",
+    }
+
+
+def test_greedy_decoding_on_int4_groups_with_an_adapter_equals_the_models_own_generate():
+    from lorakit.commands.generate import engine_greedy
+
+    float_model = tiny_models.llama()
+    model = tiny_models.llama()
+    quantize_linears(model)
+    config = lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    lorakit.inject(model, config)
+    tiny_models.randomize_adapters(model, std=0.3)
+    assert {type(layer) for _, layer in lora_layers(model)} == {QuantizedLoraLinear}
+    model.generation_config.eos_token_id = None
+    prompt = [5, 9, 2, 7, 7, 1]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=8, do_sample=False)[0, len(prompt) :]
+        with lorakit.disabled(model):
+            quantized_logits = model(ids).logits
+        float_logits = float_model(ids).logits
+    assert engine_greedy(model, prompt, 8) == expected.tolist()
+    error = (quantized_logits - float_logits).abs().max() / float_logits.abs().max()
+    assert 0 < error < 0.2
+
+
+def test_load_model_int4_groups_quantizes_the_linears_that_fit(model_dir):
+    model, _ = load_model(model_dir, quantization="int4-groups", progress=False)
+    for module in model.modules():
+        if type(module) is nn.Linear:  # left float: a size that is not a multiple of 32
+            assert not int4_groups.fits(module.out_features, module.in_features)
+    formats = {quantized.describe(m) for m in model.modules() if quantized.is_quantized(m)}
+    assert formats == {"int4-groups"}
