@@ -101,7 +101,8 @@ class _Block:
         self.post_norm = layer.post_attention_layernorm
         self.qkv = SiblingGroup([attention.q_proj, attention.k_proj, attention.v_proj], fuse=fuse)
         self.gate_up = SiblingGroup([mlp.gate_proj, mlp.up_proj], fuse=fuse)
-        self.o_proj, self.down_proj = attention.o_proj, mlp.down_proj
+        self.o_proj = SiblingGroup([attention.o_proj], fuse=fuse)
+        self.down_proj = SiblingGroup([mlp.down_proj], fuse=fuse)
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = attention.head_dim
@@ -154,7 +155,8 @@ class LeanDecoder:
                 block, rms_norm(x, block.input_norm), cos, sin, keep, cache_layer, router
             )
             gate, up = block.gate_up(rms_norm(x, block.post_norm), router)
-            x = x + block.down_proj(F.silu(gate).mul_(up))
+            (down,) = block.down_proj(F.silu(gate).mul_(up), router)
+            x = x + down
         return self.lm_head(rms_norm(x[:, -1], self.norm))
 
     @staticmethod
@@ -171,4 +173,5 @@ class LeanDecoder:
         out = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=keep, scale=block.scaling
         )  # (B, Hkv, G, hd)
-        return block.o_proj(out.reshape(rows, 1, block.heads * block.head_dim))
+        (projected,) = block.o_proj(out.reshape(rows, 1, block.heads * block.head_dim), router)
+        return projected

@@ -13,10 +13,13 @@ A DoRA slot (its gain scales the base output) takes the batched op's path.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from lorakit import functional
 from lorakit.layers import row_router
@@ -51,6 +54,7 @@ class OneAdapterRouter:
         self.pages = bank.page_table[slot]
         self.page_range = page_range(self.pages)
         self._factors: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._siblings: dict[tuple[int, ...], _SiblingFactors | None] = {}
         self._general: BankRouter | None = None
 
     def is_current(self) -> bool:
@@ -93,12 +97,77 @@ class OneAdapterRouter:
             out += functional.lora_forward(flat_x, lora_A, lora_B_t.T, scale).to(out.dtype)
         return base_output
 
+    def add_siblings(
+        self, layers: Sequence[nn.Module], widths: Sequence[int], x: torch.Tensor, out: torch.Tensor
+    ) -> bool:
+        """``out[:, part i] += s_i B_i A_i x`` for every layer i of ``layers`` (siblings that read
+        ``x`` (..., k), whose base outputs, ``widths`` d_i wide, lie side by side in ``out``
+        (..., sum d_i)) that this
+        slot adapts: one product ``low = x [s_1 A_1; ..; s_n A_n]^T`` (N, R) for all of them
+        (the scaled A's are concatenated once and kept), then ``low_i B_i^T`` added to each part.
+        Returns False, having added nothing, where the siblings need the per-layer call (a DoRA
+        slot, dtypes that differ); ``lorakit.serve.siblings`` then calls the router per layer.
+        """
+        key = tuple(map(id, layers))
+        entry = self._siblings.get(key)
+        if entry is None or not entry.current():
+            entry = self._siblings[key] = self._sibling_factors(layers, widths)
+        if entry is None or not (x.dtype == out.dtype == entry.lora_A.dtype):
+            return False
+        if not entry.parts:
+            return True  # no sibling is adapted by this slot
+        rows = x.shape[:-1].numel()
+        flat_out = out.view(rows, out.shape[-1])
+        low = F.linear(x.reshape(rows, x.shape[-1]), entry.lora_A)  # (N, R)
+        for columns, ranks, lora_B_t in entry.parts:
+            flat_out[:, columns].addmm_(low[:, ranks], lora_B_t)  # (N, d_i)
+        return True
+
+    def _sibling_factors(
+        self, layers: Sequence[nn.Module], widths: Sequence[int]
+    ) -> _SiblingFactors | None:
+        stacks, lora_As, parts = [], [], []
+        start = rank = 0
+        for layer, width in zip(layers, widths, strict=True):
+            stack = self.bank.stack_for(layer)
+            if stack is not None and self.slot in stack.present:
+                if self.slot in stack.dora_slots:
+                    return None
+                lora_A, lora_B_t = self.factors(stack)
+                stacks.append(stack)
+                lora_As.append(lora_A * stack.scaling_values[self.slot])
+                ranks = slice(rank, rank + lora_A.shape[0])
+                parts.append((slice(start, start + width), ranks, lora_B_t))
+                rank += lora_A.shape[0]
+            start += width
+        if not lora_As:
+            return _SiblingFactors(torch.zeros(0, 0, dtype=self.bank.dtype), [], [], [])
+        pools = [stack.lora_A for stack in stacks]
+        return _SiblingFactors(torch.cat(lora_As), parts, stacks, pools)
+
     def _general_router(self, x: torch.Tensor) -> BankRouter:
         rows = x.shape[:-1].numel()
         if self._general is None or self._general.groups.num_rows != rows:
             groups = group_rows([self.slot] * rows, self.bank.page_table)
             self._general = BankRouter(self.bank, groups)
         return self._general
+
+
+@dataclass
+class _SiblingFactors:
+    """Siblings' adapters of one slot: the scaled A's concatenated (R, k), and per adapted
+    sibling (its columns of the output, its ranks of ``low``, its B^T (r_i, d_i)); kept while
+    ``stacks`` hold the same ``pools``."""
+
+    lora_A: torch.Tensor
+    parts: list[tuple[slice, slice, torch.Tensor]]
+    stacks: list[LayerStack]
+    pools: list[torch.Tensor]
+
+    def current(self) -> bool:
+        return all(
+            stack.lora_A is pool for stack, pool in zip(self.stacks, self.pools, strict=True)
+        )
 
 
 @contextmanager

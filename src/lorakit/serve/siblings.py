@@ -112,15 +112,19 @@ def fuse_bases(bases: Sequence[nn.Module]) -> nn.Module | None:
 class SiblingGroup:
     """Modules that read the same input; ``group(x)`` -> their outputs, in order.
 
-    ``fuse``: compute the bases in one product (``fuse_bases``) when they allow it; otherwise,
-    and whenever a member's weight was rebound since (``intact``), each module is called itself.
+    ``fuse``: compute the bases in one product (``fuse_bases``; a group of one: its plain base)
+    when they allow it, the adapters added by the router; otherwise, and whenever a member's
+    weight was rebound since (``intact``), each module is called itself.
     """
 
     def __init__(self, modules: Sequence[nn.Module], *, fuse: bool) -> None:
         self.modules = list(modules)
         self.bases = [_base(m) for m in self.modules]
         self.widths = [getattr(b, "out_features", None) for b in self.bases]
-        self.fused = fuse_bases(self.bases) if fuse else None
+        if fuse and len(self.bases) == 1:  # one module: its base as it is, when plain
+            self.fused = self.bases[0] if _plain(self.bases[0]) else None
+        else:
+            self.fused = fuse_bases(self.bases) if fuse else None
         self._pointers = self._weight_pointers() if self.fused is not None else None
 
     def _weight_pointers(self) -> list[int]:
@@ -132,19 +136,23 @@ class SiblingGroup:
 
     def __call__(self, x: torch.Tensor, router=None) -> list[torch.Tensor]:
         """Outputs (..., d_i) for ``x`` (..., k); ``router``: the serving router in force
-        (``lorakit.layers.current_router()``), which adds each LoRA member's adapters."""
+        (``lorakit.layers.current_router()``), which adds each LoRA member's adapters (all at
+        once where it can: ``add_siblings``, e.g. ``one_adapter.OneAdapterRouter``)."""
         if not self.intact():
             return [module(x) for module in self.modules]
         fused = self.fused
         out = F.linear(x, fused.weight, fused.bias) if type(fused) is nn.Linear else fused(x)
-        parts = list(out.split(self.widths, dim=-1))
-        if router is not None:
-            for index, module in enumerate(self.modules):
-                if isinstance(module, LoraLayer):
-                    parts[index] = router(module, x, parts[index])
-        elif any(isinstance(m, LoraLayer) for m in self.modules):
+        lora = [isinstance(m, LoraLayer) for m in self.modules]
+        if router is None and any(lora):
             raise RuntimeError(
                 "a fused group of LoRA layers ran without a serving router; fuse only models "
                 "served from an adapter bank"
             )
+        add_siblings = getattr(router, "add_siblings", None)
+        if add_siblings is not None and add_siblings(self.modules, self.widths, x, out):
+            return list(out.split(self.widths, dim=-1))
+        parts = list(out.split(self.widths, dim=-1))
+        for index, module in enumerate(self.modules):
+            if lora[index]:
+                parts[index] = router(module, x, parts[index])
         return parts
