@@ -85,14 +85,17 @@ def test_bad_shapes_are_refused_with_the_rule():
         Int4GroupsLinear(torch.zeros(32, 16, dtype=torch.uint8), torch.zeros(2, 32, 2), None)
 
 
-def test_quantize_linears_takes_the_layers_that_fit_and_the_protocol_knows_them():
+def test_quantize_linears_takes_the_layers_that_fit_and_the_output_layer_in_int8():
     model = tiny_models.llama()
-    model.lm_head = nn.Linear(64, 120, bias=False)  # 120 outputs: not a multiple of 32
-    assert quantize_linears(model) == 14  # 2 layers x 7
+    assert quantize_linears(model) == 15  # 2 layers x 7, and lm_head
     for name, module in model.named_modules():
         if name.endswith("_proj"):
             assert quantized.describe(module) == "int4-groups"
-    assert type(model.lm_head) is nn.Linear
+    assert quantized.describe(model.lm_head) == "int8-rows"
+    model = tiny_models.llama()
+    model.model.layers[0].mlp.down_proj = nn.Linear(96, 48)  # 48 outputs: not a multiple of 32
+    assert quantize_linears(model) == 14
+    assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
     assert set(quantized.storage(model.model.layers[0].mlp.up_proj)) == {
         "packed",
         "scales_and_offsets",
@@ -128,4 +131,5 @@ def test_load_model_int4_groups_quantizes_the_linears_that_fit(model_dir):
         if type(module) is nn.Linear:  # left float: a size that is not a multiple of 32
             assert not int4_groups.fits(module.out_features, module.in_features)
     formats = {quantized.describe(m) for m in model.modules() if quantized.is_quantized(m)}
-    assert formats == {"int4-groups"}
+    assert formats == {"int4-groups", "int8-rows"}  # int8: the output layer
+    assert quantized.describe(model.lm_head) == "int8-rows"

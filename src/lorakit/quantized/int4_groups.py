@@ -22,7 +22,7 @@ Storage, in the layout of ``torch._weight_int4pack_mm_for_cpu`` (torch >= 2.6):
 - ``scales_and_offsets`` (in / 32, out, 2) bfloat16.
 
 Shapes the format takes: ``out`` and ``in`` multiples of 32 (every linear of the usual LLMs);
-``quantize_linears`` leaves any other layer as it is. A torch without the kernel computes
+``quantize_linears`` leaves any other layer as it is, and gives the output layer int8 rows. A torch without the kernel computes
 ``F.linear`` with the dequantized weight (the same W0; the kernel rounds ``x`` and the output to
 bfloat16). The backward pass (an adapter trained on this base) dequantizes: ``dL/dx = dL/dy W0``.
 """
@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lorakit.quantized.int8_rows import Int8RowsLinear
 
 __all__ = [
     "GROUP",
@@ -188,8 +190,15 @@ class _FrozenInt4Groups(torch.autograd.Function):
 
 def quantize_linears(model: nn.Module) -> int:
     """Replace every ``nn.Linear`` of ``model`` (exact type) whose sizes are multiples of 32 by
-    an ``Int4GroupsLinear`` of its weight, in place; returns how many. An output layer tied to
-    the input embedding gets its own copy (the embedding keeps the float weight)."""
+    an ``Int4GroupsLinear`` of its weight, in place; returns how many.
+
+    The output layer (``model.get_output_embeddings()``, when the model has one) becomes an
+    ``Int8RowsLinear`` instead, as llama.cpp's 4-bit files keep theirs at 6-8 bits: on
+    SmolLM2-135M a 4-bit output layer triples the largest logit error (13% of the largest
+    logit against 4%). A tied output layer gets its own copy (the embedding keeps the float
+    weight)."""
+    getter = getattr(model, "get_output_embeddings", None)
+    output = getter() if getter is not None else None
     targets = [
         (name, module)
         for name, module in model.named_modules()
@@ -198,7 +207,8 @@ def quantize_linears(model: nn.Module) -> int:
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int4GroupsLinear.from_weight(module.weight, module.bias))
+        kind = Int8RowsLinear if module is output else Int4GroupsLinear
+        setattr(parent, child, kind.from_weight(module.weight, module.bias))
     return len(targets)
 
 
