@@ -112,3 +112,21 @@ def test_a_decode_step_writes_in_place_without_reallocating():
     assert cache.cache.layers[0].keys.shape == (2, HEADS, 16, HEAD_DIM)
     # the shorter row's left padding is zeros (finite under the mask)
     assert torch.equal(cache.cache.layers[0].keys[1, :, :3], torch.zeros(HEADS, 3, HEAD_DIM))
+
+
+def test_a_long_run_of_short_requests_keeps_the_buffers_small():
+    """Rows join, decode and leave for many steps while at most two run: the buffers' row
+    capacity stays at the most rows ever held and the time capacity near the longest window.
+    (A reallocation for time used to grow the rows by half again each time: a server's KV
+    buffers grew without bound, 27,310 rows for 2 running requests after a minute.)"""
+    generator = torch.Generator().manual_seed(3)
+    cache = BatchedCache()
+    for request in range(60):
+        cache.add(row_cache(4 + request % 5, generator), 4 + request % 5)
+        for _ in range(7):
+            decode_step(cache, generator)
+        if cache.rows == 2:
+            cache.keep([1])  # the older request finishes
+    rows_cap, _, time_cap, _ = cache.cache.layers[0].key_buffer.shape
+    assert rows_cap == 2
+    assert time_cap <= 2 * (8 + 2 * 7) + kv.TIME_HEADROOM

@@ -169,7 +169,9 @@ class BatchedCache(_MaskedRows):
             if rows <= row_cap and w.start >= extra_left and w.end + 1 <= time_cap:
                 return
         old_rows = layers[0].key_buffer.shape[0] if layers else 0
-        row_cap = max(rows, old_rows + old_rows // 2)  # joins one by one: few reallocations
+        # rows grow by half again only when they run out (joins one by one: few reallocations);
+        # a reallocation for time alone keeps the row capacity
+        row_cap = old_rows if rows <= old_rows else max(rows, old_rows + old_rows // 2)
         time_cap = width + 1 + TIME_HEADROOM + width // 4
         sources = layers or like.layers
         new_layers = []
