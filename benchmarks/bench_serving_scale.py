@@ -372,11 +372,12 @@ def report(args, result: dict) -> None:
     print(
         f"soak {s['seconds']:.0f} s: {s['requests']} requests, {s['churn_cycles']} load/unload cycles, {s['error_count']} errors, RSS {s['rss_start'] / 1e6:.0f} -> {s['rss_end'] / 1e6:.0f} MB"
     )
-    model = (
-        "SmolLM2-135M-Instruct (real weights)"
-        if args.real
-        else "tiny Llama (hidden 64, 2 layers, random weights)"
-    )
+    if args.real:
+        model = "SmolLM2-135M-Instruct (real weights)"
+    elif args.smollm2_layers:
+        model = f"SmolLM2-135M shapes, {args.smollm2_layers} layers, random weights"
+    else:
+        model = "tiny Llama (hidden 64, 2 layers, random weights)"
     payload = {
         "model": model,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
