@@ -63,12 +63,18 @@ def family_model(family: str, seed: int = 0) -> nn.Module:
     return model
 
 
-def served(family: str, base: str):
-    """(served model, bank holding ``ADAPTERS`` with random non-zero factors)."""
+def served_reference(family: str = "llama") -> nn.Module:
+    """The model holding ``ADAPTERS`` with random non-zero factors."""
     reference = family_model(family)
     for name, spec in ADAPTERS.items():
         lorakit.inject(reference, lorakit.LoraConfig(**spec), adapter_name=name)
     tiny_models.randomize_adapters(reference, std=0.1)
+    return reference
+
+
+def served(family: str, base: str):
+    """(served model, bank holding ``ADAPTERS`` with random non-zero factors)."""
+    reference = served_reference(family)
     model = family_model(family)
     if base in QUANTIZE:
         QUANTIZE[base](model)
@@ -129,6 +135,25 @@ def test_a_step_equals_the_models_own_forward(family, base, slots):
     assert own.abs().max() > 0.1
     assert torch.allclose(lean, own, atol=atol), (lean - own).abs().max()
     assert_caches_equal(mine, theirs, atol)
+
+
+@pytest.mark.parametrize("slots", [[2, 2, 2], [2, 0, -1]], ids=["one", "mixed"])
+def test_a_dora_adapter_takes_the_per_layer_route_and_the_step_stays_right(slots):
+    """A DoRA slot scales its rows' base output: the one-adapter sibling product declines it
+    (``add_siblings`` -> False) and each layer's router call adds it."""
+    model, bank = served("llama", "float32")
+    reference = family_model("llama")
+    dora = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True)
+    lorakit.inject(reference, dora, adapter_name="dora")
+    tiny_models.randomize_adapters(reference, std=0.1)
+    bank = AdapterBank(model, max_rank=4, capacity=3, page_rank=2)
+    bank.load_from_model("all", served_reference(), "all")
+    bank.load_from_model("qv", served_reference(), "qv")
+    bank.load_from_model("dora", reference, "dora")
+    decoder = LeanDecoder(model, fuse_siblings=True)
+    lean, own, mine, theirs = both_steps(model, decoder, bank, slots)
+    assert torch.allclose(lean, own, atol=1e-5), (lean - own).abs().max()
+    assert_caches_equal(mine, theirs, 1e-5)
 
 
 def test_the_adapters_change_the_step():

@@ -154,3 +154,19 @@ def test_a_kept_router_is_dropped_when_its_slot_gets_another_adapter():
             out = reference.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False)
         assert got == out[0, len(prompt) :].tolist(), name
     assert first != second
+
+
+def test_the_engine_keeps_only_the_most_recent_routers(setup, monkeypatch):
+    """Each kept router may hold its adapter's scaled A factors (the lean step's sibling
+    products): the engine keeps the ``ONE_ROUTERS_KEPT`` most recently used, and a dropped one is
+    made again when its adapter comes back, with the same tokens."""
+    _, model, bank = setup
+    monkeypatch.setattr(engine_module, "ONE_ROUTERS_KEPT", 2)
+    params = SamplingParams(max_tokens=4)
+    with Engine(model, bank, max_batch=1, eos_token_ids=[]) as engine:
+        first = engine.generate([3, 8, 1], "qv", params)[0]
+        for name in ("all", "mlp"):
+            engine.generate([3, 8, 1], name, params)
+        assert list(engine._one_routers) == [bank.slot_of("all"), bank.slot_of("mlp")]
+        assert engine.generate([3, 8, 1], "qv", params)[0] == first
+        assert list(engine._one_routers) == [bank.slot_of("mlp"), bank.slot_of("qv")]

@@ -57,6 +57,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+ONE_ROUTERS_KEPT = 4
+"""One-adapter routers kept between steps: each holds its adapter's scaled A factors for the
+lean step's sibling products (about half the adapter's bytes), so only the recent few stay."""
+
 
 class Engine:
     """Continuous-batching generation over an ``AdapterBank``.
@@ -108,7 +112,10 @@ class Engine:
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._running: list[GenerationRequest] = []
         self._cache = BatchedCache()
-        self._one_routers: dict[int, OneAdapterRouter] = {}  # slot -> its one-adapter route
+        # slot -> its one-adapter route, the most recently used ONE_ROUTERS_KEPT
+        self._one_routers: collections.OrderedDict[int, OneAdapterRouter] = (
+            collections.OrderedDict()
+        )
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -339,6 +346,9 @@ class Engine:
             router = self._one_routers.get(first)
             if router is None or not router.is_current():  # (kept while the slot's pages are)
                 router = self._one_routers[first] = OneAdapterRouter(self.bank, first)
+            self._one_routers.move_to_end(first)
+            if len(self._one_routers) > ONE_ROUTERS_KEPT:
+                self._one_routers.popitem(last=False)
             return routed_one(router)
         slots = torch.tensor(row_slots)[:, None].expand(len(row_slots), tokens)
         return routed(self.bank, slots)
