@@ -133,3 +133,62 @@ def test_load_model_int4_groups_quantizes_the_linears_that_fit(model_dir):
     formats = {quantized.describe(m) for m in model.modules() if quantized.is_quantized(m)}
     assert formats == {"int4-groups", "int8-rows"}  # int8: the output layer
     assert quantized.describe(model.lm_head) == "int8-rows"
+
+
+def test_training_on_it_takes_the_fused_node_and_equals_the_plain_formula():
+    """An adapter trained on an int4-groups base (``lorakit.fast.quantized``): output, dL/dx,
+    dL/dA and dL/dB equal the plain formula's on the same base, with B != 0."""
+    from lorakit import fast
+
+    def run(model, x):
+        x = x.clone().requires_grad_(True)
+        out = model(x)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        layer = model[0]
+        grads = (layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad)
+        result = (out.detach(), x.grad, *(g.clone() for g in grads))
+        layer.zero_grad(set_to_none=True)
+        return result
+
+    torch.manual_seed(3)
+    model = nn.Sequential(Int4GroupsLinear.from_weight(torch.randn(64, 96), torch.randn(64)))
+    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False)
+    lorakit.inject(model, config)
+    with torch.no_grad():
+        model[0].lora_B["default"].weight.normal_(std=0.2)
+    model.train()
+    x = torch.randn(2, 5, 96)
+    assert type(model(x.requires_grad_()).grad_fn).__name__ == "FusedQuantizedLoraLinearBackward"
+    fused = run(model, x.detach())
+    with fast.plain_path():
+        plain = run(model, x.detach())
+    for got, expected in zip(fused, plain, strict=True):
+        assert expected.abs().max() > 0
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_merge_into_a_float_layer_is_the_dequantized_weight_plus_the_delta():
+    """``merge_and_unload`` on an int4-groups base gives float layers holding
+    ``W0 + s B A`` (float64 reference), whose outputs match the unmerged ones within the kernel's
+    bfloat16 rounding."""
+    model = tiny_models.llama()
+    quantize_linears(model)
+    lorakit.inject(
+        model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"])
+    )
+    tiny_models.randomize_adapters(model, std=0.3)
+    layer = model.model.layers[0].self_attn.q_proj
+    base = layer.base_layer.dequantized().double()
+    lora_A = layer.lora_A["default"].weight.double()
+    lora_B = layer.lora_B["default"].weight.double()
+    expected = base + layer.scalings["default"] * lora_B @ lora_A
+    ids = tiny_models.input_ids()
+    with torch.no_grad():
+        unmerged = model(ids).logits
+    merged = lorakit.merge_and_unload(model)
+    q_proj = merged.model.layers[0].self_attn.q_proj
+    assert type(q_proj) is nn.Linear
+    torch.testing.assert_close(q_proj.weight.double(), expected, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        error = (merged(ids).logits - unmerged).abs().max() / unmerged.abs().max()
+    assert error < 0.02
