@@ -32,6 +32,7 @@ from lorakit.serve.cold_loads import ColdLoads
 from lorakit.serve.kv import BatchedCache
 from lorakit.serve.lean_decode import lean_decoder
 from lorakit.serve.one_adapter import OneAdapterRouter, routed_one
+from lorakit.serve.openmp import release_idle_team
 from lorakit.serve.requests import (
     INTERNAL,
     NO_ADAPTER_SLOT,
@@ -123,8 +124,12 @@ class Engine:
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> Engine:
+        """Start the loop on its own thread. The calling thread's idle OpenMP team is released
+        first (``openmp.release_idle_team``: with it, the loop's team runs decode steps up to
+        1.9x slower)."""
         if self._thread is None:
             self._stopping = False
+            release_idle_team()
             if self.adapter_loader is not None:
                 self._cold = ColdLoads(
                     self.bank, self.adapter_loader, self._loaded, workers=self.load_workers
