@@ -54,7 +54,7 @@ class OneAdapterRouter:
         self.pages = bank.page_table[slot]
         self.page_range = page_range(self.pages)
         self._factors: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._siblings: dict[tuple[int, ...], _SiblingFactors | None] = {}
+        self._siblings: dict[tuple[int, ...], _SiblingFactors] = {}
         self._general: BankRouter | None = None
 
     def is_current(self) -> bool:
@@ -100,19 +100,19 @@ class OneAdapterRouter:
     def add_siblings(
         self, layers: Sequence[nn.Module], widths: Sequence[int], x: torch.Tensor, out: torch.Tensor
     ) -> bool:
-        """``out[:, part i] += s_i B_i A_i x`` for every layer i of ``layers`` (siblings that read
-        ``x`` (..., k), whose base outputs, ``widths`` d_i wide, lie side by side in ``out``
-        (..., sum d_i)) that this
-        slot adapts: one product ``low = x [s_1 A_1; ..; s_n A_n]^T`` (N, R) for all of them
-        (the scaled A's are concatenated once and kept), then ``low_i B_i^T`` added to each part.
-        Returns False, having added nothing, where the siblings need the per-layer call (a DoRA
-        slot, dtypes that differ); ``lorakit.serve.siblings`` then calls the router per layer.
+        """``out[:, part i] += s_i B_i A_i x`` for every layer i of ``layers`` that this slot
+        adapts (siblings that read ``x`` (..., k), whose base outputs, ``widths`` d_i wide, lie
+        side by side in ``out`` (..., sum d_i)): one product ``low = x [s_1 A_1; ..; s_n A_n]^T``
+        (N, R) for all of them (the scaled A's are concatenated once and kept), then
+        ``low_i B_i^T`` added to each part. Returns False, having added nothing, where the
+        siblings need the per-layer call (a DoRA slot, dtypes that differ);
+        ``lorakit.serve.siblings`` then calls the router per layer.
         """
         key = tuple(map(id, layers))
-        entry = self._siblings.get(key)
-        if entry is None or not entry.current():
-            entry = self._siblings[key] = self._sibling_factors(layers, widths)
-        if entry is None or not (x.dtype == out.dtype == entry.lora_A.dtype):
+        if key not in self._siblings or not self._siblings[key].current():
+            self._siblings[key] = self._sibling_factors(layers, widths)
+        entry = self._siblings[key]
+        if entry.lora_A is None or not (x.dtype == out.dtype == entry.lora_A.dtype):
             return False
         if not entry.parts:
             return True  # no sibling is adapted by this slot
@@ -125,14 +125,14 @@ class OneAdapterRouter:
 
     def _sibling_factors(
         self, layers: Sequence[nn.Module], widths: Sequence[int]
-    ) -> _SiblingFactors | None:
+    ) -> _SiblingFactors:
         stacks, lora_As, parts = [], [], []
         start = rank = 0
         for layer, width in zip(layers, widths, strict=True):
             stack = self.bank.stack_for(layer)
             if stack is not None and self.slot in stack.present:
                 if self.slot in stack.dora_slots:
-                    return None
+                    return _SiblingFactors(None, [], [], [])  # declined (kept: a slot stays DoRA)
                 lora_A, lora_B_t = self.factors(stack)
                 stacks.append(stack)
                 lora_As.append(lora_A * stack.scaling_values[self.slot])
@@ -155,11 +155,12 @@ class OneAdapterRouter:
 
 @dataclass
 class _SiblingFactors:
-    """Siblings' adapters of one slot: the scaled A's concatenated (R, k), and per adapted
-    sibling (its columns of the output, its ranks of ``low``, its B^T (r_i, d_i)); kept while
-    ``stacks`` hold the same ``pools``."""
+    """Siblings' adapters of one slot: the scaled A's concatenated (R, k) (None: the slot is
+    DoRA, the siblings take the per-layer call), and per adapted sibling (its columns of the
+    output, its ranks of ``low``, its B^T (r_i, d_i)); kept while ``stacks`` hold the same
+    ``pools``."""
 
-    lora_A: torch.Tensor
+    lora_A: torch.Tensor | None
     parts: list[tuple[slice, slice, torch.Tensor]]
     stacks: list[LayerStack]
     pools: list[torch.Tensor]

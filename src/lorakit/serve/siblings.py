@@ -121,6 +121,7 @@ class SiblingGroup:
         self.modules = list(modules)
         self.bases = [_base(m) for m in self.modules]
         self.widths = [getattr(b, "out_features", None) for b in self.bases]
+        self.lora = [isinstance(m, LoraLayer) for m in self.modules]
         if fuse and len(self.bases) == 1:  # one module: its base as it is, when plain
             self.fused = self.bases[0] if _plain(self.bases[0]) else None
         else:
@@ -142,8 +143,7 @@ class SiblingGroup:
             return [module(x) for module in self.modules]
         fused = self.fused
         out = F.linear(x, fused.weight, fused.bias) if type(fused) is nn.Linear else fused(x)
-        lora = [isinstance(m, LoraLayer) for m in self.modules]
-        if router is None and any(lora):
+        if router is None and any(self.lora):
             raise RuntimeError(
                 "a fused group of LoRA layers ran without a serving router; fuse only models "
                 "served from an adapter bank"
@@ -153,6 +153,6 @@ class SiblingGroup:
             return list(out.split(self.widths, dim=-1))
         parts = list(out.split(self.widths, dim=-1))
         for index, module in enumerate(self.modules):
-            if lora[index]:
+            if self.lora[index]:
                 parts[index] = router(module, x, parts[index])
         return parts
