@@ -191,6 +191,17 @@ def test_a_rebound_weight_ends_the_fusion_of_its_group_and_the_step_stays_right(
     assert torch.allclose(lean, own, atol=1e-5)
 
 
+def test_a_replaced_base_module_ends_the_fusion_of_its_group():
+    model, bank = served("llama", "float32")
+    decoder = LeanDecoder(model, fuse_siblings=True)
+    layer = model.model.layers[0].self_attn.k_proj
+    replacement = nn.Linear(layer.base_layer.in_features, layer.base_layer.out_features, bias=False)
+    layer.base_layer = replacement.requires_grad_(False)  # the old one's weight is unchanged
+    assert not decoder.blocks[0].qkv.intact() and decoder.blocks[0].gate_up.intact()
+    lean, own, _, _ = both_steps(model, decoder, bank, [0, 1, 0])
+    assert torch.allclose(lean, own, atol=1e-5)
+
+
 def test_a_model_without_a_bank_calls_its_lora_layers_itself():
     """``lorakit generate``: the model's own active adapter, no router, nothing fused."""
     model = tiny_models.llama()

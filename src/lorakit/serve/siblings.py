@@ -132,8 +132,13 @@ class SiblingGroup:
         return [getattr(b, _ROWS[type(b)][0]).data_ptr() for b in self.bases]
 
     def intact(self) -> bool:
-        """True while every member's weight is still the view it was given at fusion."""
-        return self.fused is not None and self._weight_pointers() == self._pointers
+        """True while every member's base is the module fused and its weight still the view it
+        was given then."""
+        return (
+            self.fused is not None
+            and all(_base(m) is b for m, b in zip(self.modules, self.bases, strict=True))
+            and self._weight_pointers() == self._pointers
+        )
 
     def __call__(self, x: torch.Tensor, router=None) -> list[torch.Tensor]:
         """Outputs (..., d_i) for ``x`` (..., k); ``router``: the serving router in force
