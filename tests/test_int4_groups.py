@@ -22,7 +22,8 @@ SHAPES = [(32, 32), (64, 96), (96, 64), (160, 576), (576, 1536)]
 
 
 @pytest.mark.skipif(
-    not hasattr(torch, "_convert_weight_to_int4pack_for_cpu"), reason="torch < 2.6 has no packer"
+    not hasattr(torch, "_convert_weight_to_int4pack_for_cpu"),
+    reason="this torch has no CPU int4 packer",
 )
 @pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
 def test_packing_is_torchs_own_and_unpacking_inverts_it(out_features, in_features):

@@ -12,7 +12,7 @@ the same grid, kept in the form torch's kernel reads. A weight takes 0.625 bytes
 code, 4 bytes of scale and offset a group), as in Q4_1: at one token per step a decode reads
 under a sixth of float32's weight bytes (int8-rows: a quarter), and decoding is bound by them.
 
-Storage, in the layout of ``torch._weight_int4pack_mm_for_cpu`` (torch >= 2.6):
+Storage, in the layout of ``torch._weight_int4pack_mm_for_cpu`` (a private op, in torch 2.13):
 
 - ``packed`` (out, in / 2) uint8: rows in blocks of 64; block b, input j, byte t (0..31) holds
   the codes of rows 64b + t (low nibble) and 64b + 32 + t (high nibble); when out is an odd
@@ -22,9 +22,10 @@ Storage, in the layout of ``torch._weight_int4pack_mm_for_cpu`` (torch >= 2.6):
 - ``scales_and_offsets`` (in / 32, out, 2) bfloat16.
 
 Shapes the format takes: ``out`` and ``in`` multiples of 32 (every linear of the usual LLMs);
-``quantize_linears`` leaves any other layer as it is, and gives the output layer int8 rows. A torch without the kernel computes
-``F.linear`` with the dequantized weight (the same W0; the kernel rounds ``x`` and the output to
-bfloat16). The backward pass (an adapter trained on this base) dequantizes: ``dL/dx = dL/dy W0``.
+``quantize_linears`` leaves any other layer as it is, and gives the output layer int8 rows. A
+torch without the kernel computes ``F.linear`` with the dequantized weight (the same W0; the
+kernel rounds ``x`` and the output to bfloat16). The backward pass (an adapter trained on this
+base) dequantizes: ``dL/dx = dL/dy W0``.
 """
 
 from __future__ import annotations

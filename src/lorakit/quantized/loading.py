@@ -13,7 +13,7 @@ quantization=...)`` does.
              the fast CPU base for decoding (no extra package)
 ``int4-groups``  weight-only 4-bit with a scale and an offset per 32 inputs (Q4_1's scheme),
              every linear layer whose sizes are multiples of 32 (``int4_groups``): half of
-             int8-rows' bytes, the fastest CPU base for one-stream decoding (torch >= 2.6)
+             int8-rows' bytes, the fastest CPU base for one-stream decoding
 ===========  ===========================================================================
 
 bitsandbytes models are loaded on the CPU (``device_map="cpu"``); transformers keeps the output
