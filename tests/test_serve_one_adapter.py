@@ -10,7 +10,7 @@ import torch
 
 import lorakit
 from lorakit.serve import AdapterBank, prepare_for_serving, routed
-from lorakit.serve import engine as engine_module
+from lorakit.serve import routing as routing_module
 from lorakit.serve.engine import Engine
 from lorakit.serve.one_adapter import OneAdapterRouter, page_range, routed_one
 from lorakit.serve.sampling import SamplingParams
@@ -111,9 +111,9 @@ def test_a_dora_slot_takes_the_batched_path_and_equals_the_adapter_alone():
 def test_the_engine_routes_one_stream_through_the_one_adapter_route(setup, monkeypatch):
     reference, model, bank = setup
     calls = []
-    original = engine_module.routed_one
+    original = routing_module.routed_one
     monkeypatch.setattr(
-        engine_module, "routed_one", lambda router: calls.append(router) or original(router)
+        routing_module, "routed_one", lambda router: calls.append(router) or original(router)
     )
     prompt, tokens = [5, 9, 2, 7, 7, 1], 6
     with Engine(model, bank, max_batch=2, eos_token_ids=[]) as engine:
@@ -143,12 +143,12 @@ def test_a_kept_router_is_dropped_when_its_slot_gets_another_adapter():
     with Engine(model, bank, max_batch=1, eos_token_ids=[]) as engine:
         slot = bank.load_from_model("first", reference, "first")
         first, _, _ = engine.generate(prompt, "first", params)
-        kept = engine._one_routers[slot]
+        kept = engine._routing.one_routers[slot]
         bank.evict("first")
         assert bank.load_from_model("second", reference, "second") == slot
         assert not kept.is_current()
         second, _, _ = engine.generate(prompt, "second", params)
-        assert engine._one_routers[slot] is not kept
+        assert engine._routing.one_routers[slot] is not kept
     for name, got in (("first", first), ("second", second)):
         with torch.no_grad(), lorakit.use_adapters(reference, [name]):
             out = reference.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False)
@@ -161,12 +161,12 @@ def test_the_engine_keeps_only_the_most_recent_routers(setup, monkeypatch):
     products): the engine keeps the ``ONE_ROUTERS_KEPT`` most recently used, and a dropped one is
     made again when its adapter comes back, with the same tokens."""
     _, model, bank = setup
-    monkeypatch.setattr(engine_module, "ONE_ROUTERS_KEPT", 2)
+    monkeypatch.setattr(routing_module, "ONE_ROUTERS_KEPT", 2)
     params = SamplingParams(max_tokens=4)
     with Engine(model, bank, max_batch=1, eos_token_ids=[]) as engine:
         first = engine.generate([3, 8, 1], "qv", params)[0]
         for name in ("all", "mlp"):
             engine.generate([3, 8, 1], name, params)
-        assert list(engine._one_routers) == [bank.slot_of("all"), bank.slot_of("mlp")]
+        assert list(engine._routing.one_routers) == [bank.slot_of("all"), bank.slot_of("mlp")]
         assert engine.generate([3, 8, 1], "qv", params)[0] == first
-        assert list(engine._one_routers) == [bank.slot_of("mlp"), bank.slot_of("qv")]
+        assert list(engine._routing.one_routers) == [bank.slot_of("mlp"), bank.slot_of("qv")]

@@ -17,7 +17,6 @@ Requests are submitted from any thread (``submit`` with a callback) or from asyn
 from __future__ import annotations
 
 import collections
-import contextlib
 import inspect
 import logging
 import threading
@@ -27,11 +26,9 @@ import torch
 from torch import nn
 
 from lorakit.serve.bank import AdapterBank, BankFullError, Loader
-from lorakit.serve.batched import routed
 from lorakit.serve.cold_loads import ColdLoads
 from lorakit.serve.kv import BatchedCache
 from lorakit.serve.lean_decode import lean_decoder
-from lorakit.serve.one_adapter import OneAdapterRouter, routed_one
 from lorakit.serve.openmp import release_idle_team
 from lorakit.serve.requests import (
     INTERNAL,
@@ -45,6 +42,7 @@ from lorakit.serve.requests import (
     RequestHandle,
     failure_kind,
 )
+from lorakit.serve.routing import Routing
 from lorakit.serve.sampling import SamplingParams, greedy_tokens, next_token
 
 __all__ = [
@@ -57,10 +55,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-ONE_ROUTERS_KEPT = 4
-"""One-adapter routers kept between steps: each holds its adapter's scaled A factors for the
-lean step's sibling products (about half the adapter's bytes), so only the recent few stay."""
 
 
 class Engine:
@@ -113,10 +107,7 @@ class Engine:
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._running: list[GenerationRequest] = []
         self._cache = BatchedCache()
-        # slot -> its one-adapter route, the most recently used ONE_ROUTERS_KEPT
-        self._one_routers: collections.OrderedDict[int, OneAdapterRouter] = (
-            collections.OrderedDict()
-        )
+        self._routing = Routing(bank)  # one-adapter route or the batched op, per forward
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -340,30 +331,12 @@ class Engine:
         request.slot = slot
         return True
 
-    def _routed(self, row_slots: list[int], tokens: int):
-        """The bank's routing of rows with adapter slots ``row_slots`` and ``tokens`` tokens each;
-        without a bank, the model as is. All rows on one adapter (one stream, a prefill): the
-        one-segment op (``one_adapter.routed_one``: no grouping, no per-row copies)."""
-        if self.bank is None:
-            return contextlib.nullcontext()
-        first = row_slots[0]
-        if first >= 0 and row_slots.count(first) == len(row_slots):
-            router = self._one_routers.get(first)
-            if router is None or not router.is_current():  # (kept while the slot's pages are)
-                router = self._one_routers[first] = OneAdapterRouter(self.bank, first)
-            self._one_routers.move_to_end(first)
-            if len(self._one_routers) > ONE_ROUTERS_KEPT:
-                self._one_routers.popitem(last=False)
-            return routed_one(router)
-        slots = torch.tensor(row_slots)[:, None].expand(len(row_slots), tokens)
-        return routed(self.bank, slots)
-
     def _prefill(self, request: GenerationRequest) -> None:
         """Run the prompt alone with its adapter; sample the first token; join the batch.
         Only the last position's logits are computed when the model allows it (the lm_head
         over a 64-token prompt of SmolLM2 is a fifth of the prefill)."""
         ids = torch.tensor([request.prompt_ids])
-        with self._routed([request.slot], ids.shape[1]):
+        with self._routing([request.slot], ids.shape[1]):
             output = self.model(input_ids=ids, use_cache=True, **self._last_logits)
         self._accept(request, output.logits[0, -1])
         if request.done:
@@ -376,7 +349,7 @@ class Engine:
         self.stats.max_running = max(self.stats.max_running, len(self._running))
         last = torch.tensor([[r.generated[-1]] for r in self._running])
         attention_mask, position_ids = self._cache.step_inputs()
-        with self._routed([r.slot for r in self._running], 1):
+        with self._routing([r.slot for r in self._running], 1):
             if self._lean is not None and self._cache.preallocated:
                 logits = self._lean.step(last, attention_mask, position_ids, self._cache.cache)
             else:
