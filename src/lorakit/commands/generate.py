@@ -78,13 +78,17 @@ def generate_text(
 
 def engine_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """Greedy ids after ``prompt_ids`` from the serving engine's decode path (preallocated KV
-    cache, last-position logits only; ``lorakit.serve.engine``), one stream, the model's own
-    active adapter applied by its LoRA layers; stops at the model's EOS like ``generate``."""
+    cache, last-position logits only, the lean decode step; ``lorakit.serve.engine``), one
+    stream, with the model's own active adapter: served from a one-slot bank where it can be
+    (``routing.own_adapter_bank``: fused q/k/v and gate/up), else added by the model's LoRA
+    layers; stops at the model's EOS like ``generate``."""
     from lorakit.serve.engine import Engine
+    from lorakit.serve.routing import own_adapter_bank
     from lorakit.serve.sampling import SamplingParams
 
-    with Engine(model, None, max_batch=1) as engine:
-        ids, _, _ = engine.generate(prompt_ids, None, SamplingParams(max_tokens=max_new_tokens))
+    bank, adapter = own_adapter_bank(model) or (None, None)
+    with Engine(model, bank, max_batch=1) as engine:
+        ids, _, _ = engine.generate(prompt_ids, adapter, SamplingParams(max_tokens=max_new_tokens))
     return ids
 
 
