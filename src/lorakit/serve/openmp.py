@@ -4,7 +4,8 @@ torch's CPU ops run their parallel regions on OpenMP (libgomp with Linux wheels)
 thread that runs them gets a team of worker threads of its own. The engine computes on its own
 thread, while the thread that loaded the model (usually the main thread) keeps an idle team.
 Counting both, libgomp sees more OpenMP threads than cores and throttles its spin-waiting, so the
-engine's team sleeps and wakes at each of a decode step's ~300 small parallel regions. Measured
+engine's team sleeps and wakes at each of a decode step's ~300 small parallel regions (our
+reading; the measurements fit it). Measured
 on a 2-core machine at 2 torch threads (SmolLM2-135M, int4-groups base, one stream, 40 steps):
 40.3 ms a step on the engine thread, 21.5 ms after the loading thread released its team (22.3 ms
 on the main thread itself).
