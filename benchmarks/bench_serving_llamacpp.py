@@ -14,7 +14,8 @@ medians over ``--repeats``:
   outputs differ from float32's);
 - ``--quantization int8-rows`` / ``int4-groups``: lorakit serves the base as weight-only int8
   (every linear, the output layer included: ``lorakit.quantized.int8_rows``) or 4-bit with a
-  scale and offset per 32 inputs (Q4_1's scheme, ``int4_groups``); transformers' ``generate`` stays on
+  scale and offset per 32 inputs (Q4_1's scheme, ``int4_groups``), and reports how far its
+  logits are from the float base's (64 random ids); transformers' ``generate`` stays on
   the float model (the baseline of issue 17); outputs differ from float32's;
 - ``--one-stream-only``: only the one-stream rates (lorakit's engine and transformers'
   ``generate`` alternated every round, llama.cpp as above) and their ratio;
@@ -255,6 +256,19 @@ def llamacpp_child(args) -> int:
     return 0
 
 
+def output_error(base, served, vocab: int) -> dict:
+    """How far the quantized served model (no adapter) is from the float base on 64 random ids
+    (seed 0): the largest logit error over the largest logit, and the share of positions whose
+    argmax agrees."""
+    ids = torch.tensor([prompt(vocab, 64, seed=0)])
+    with torch.inference_mode():
+        expected, got = base(ids).logits, served(ids).logits
+    return {
+        "quantized_max_logit_error": float((got - expected).abs().max() / expected.abs().max()),
+        "quantized_argmax_agreement": float((got.argmax(-1) == expected.argmax(-1)).float().mean()),
+    }
+
+
 def main(argv=None) -> int:
     parse = common.parser(__doc__.split("\n")[0], "serving_llamacpp")
     parse.add_argument("--rank", type=int, default=16)
@@ -270,7 +284,7 @@ def main(argv=None) -> int:
         "--quantization",
         choices=["none", "int8-rows", "int4-groups"],
         default="none",
-        help="the served base: float (--dtype) or lorakit's weight-only int8",
+        help="the served base: float (--dtype) or lorakit's weight-only int8 / 4-bit",
     )
     parse.add_argument(
         "--one-stream-only",
@@ -299,6 +313,8 @@ def main(argv=None) -> int:
             "peak_macs_per_s": peak,
             "fraction_of_peak": step_macs(base, args.concurrent, args.rank) / step_seconds / peak,
         }
+    if args.quantization != "none":
+        summary |= output_error(base, served, base.config.vocab_size)
     if "hf_one" in med:
         summary["transformers_one_stream_tokens_per_s"] = med["hf_one"]
         paired = zip(result["raw"]["one"], result["raw"]["hf_one"], strict=False)  # by round

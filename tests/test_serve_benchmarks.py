@@ -77,3 +77,12 @@ def test_serving_beside_llamacpp_one_stream_only_on_int8_rows_quick(tmp_path):
     ratio = summary["one_stream_tokens_per_s"] / summary["transformers_one_stream_tokens_per_s"]
     assert summary["one_stream_vs_transformers"] == pytest.approx(ratio)  # one round: the ratio
     assert payload["settings"]["quantization"] == "int8-rows"
+
+
+def test_serving_beside_llamacpp_on_int4_groups_reports_how_far_its_logits_are(tmp_path):
+    out = tmp_path / "serving_llamacpp_int4.json"
+    argv = ["--quick", "--one-stream-only", "--quantization", "int4-groups", "--out", str(out)]
+    assert _import("bench_serving_llamacpp").main(argv) == 0
+    summary = json.loads(out.read_text())["summary"]
+    assert 0 < summary["quantized_max_logit_error"] < 0.5  # 4-bit: close, not equal
+    assert 0 < summary["quantized_argmax_agreement"] <= 1
