@@ -119,3 +119,48 @@ def dequantized_twin(model: nn.Module) -> nn.Module:
             parent_name, _, child = module_name.rpartition(".")
             setattr(twin.get_submodule(parent_name), child, linear.requires_grad_(False))
     return twin
+
+
+def output_and_gradients(model: nn.Module, x: torch.Tensor, seed: int = 0) -> tuple:
+    """(output, dL/dx, dL/dA, dL/dB) of ``sum(out * weights)`` for ``model`` = a one-layer
+    ``nn.Sequential`` holding a LoRA layer with adapter ``default``; dropout seed ``seed``."""
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    out = model(x)
+    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+    layer = model[0]
+    grads = (layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad)
+    result = (out.detach(), x.grad, *(g.clone() for g in grads))
+    layer.zero_grad(set_to_none=True)
+    return result
+
+
+def greedy_logit_error(quantize) -> float:
+    """On the tiny Llama with its linears replaced by ``quantize(model)`` and a random adapter
+    (q, v, down; B != 0, wrapped as ``QuantizedLoraLinear``): assert that ``lorakit generate``'s
+    engine path gives transformers' greedy ids on that same model; return the largest logit
+    error of the quantized base (adapter disabled) against the float model, over the largest
+    float logit."""
+    import lorakit
+    from lorakit.commands.generate import engine_greedy
+    from lorakit.layers import QuantizedLoraLinear
+    from lorakit.state import lora_layers
+    from tests import tiny_models
+
+    float_model = tiny_models.llama()
+    model = tiny_models.llama()
+    quantize(model)
+    config = lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    lorakit.inject(model, config)
+    tiny_models.randomize_adapters(model, std=0.3)
+    assert {type(layer) for _, layer in lora_layers(model)} == {QuantizedLoraLinear}
+    model.generation_config.eos_token_id = None
+    prompt = [5, 9, 2, 7, 7, 1]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=8, do_sample=False)[0, len(prompt) :]
+        with lorakit.disabled(model):
+            quantized_logits = model(ids).logits
+        float_logits = float_model(ids).logits
+    assert engine_greedy(model, prompt, 8) == expected.tolist()
+    return float((quantized_logits - float_logits).abs().max() / float_logits.abs().max())

@@ -32,29 +32,16 @@ def _layers(name: str, dropout: float) -> tuple[nn.Sequential, nn.Sequential]:
     return model, twin
 
 
-def _run(model: nn.Module, x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """(output, dL/dx, dL/dA, dL/dB) of ``sum(out * weights)`` with the dropout seed ``seed``."""
-    x = x.detach().clone().requires_grad_(True)
-    torch.manual_seed(seed)
-    out = model(x)
-    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
-    layer = model[0]
-    grads = (layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad)
-    result = (out.detach(), x.grad, *(g.clone() for g in grads))
-    layer.zero_grad(set_to_none=True)
-    return result
-
-
 @pytest.mark.parametrize("name", FORMATS)
 def test_the_fused_node_runs_and_equals_the_plain_formula(name):
     model, _ = _layers(name, dropout=0.0)
     x = torch.randn(2, 5, 64)
     x_leaf = x.clone().requires_grad_(True)
     assert type(model(x_leaf).grad_fn).__name__ == "FusedQuantizedLoraLinearBackward"
-    fused = _run(model, x)
+    fused = quantized_layers.output_and_gradients(model, x)
     with fast.plain_path():
         assert type(model(x_leaf).grad_fn).__name__ != "FusedQuantizedLoraLinearBackward"
-        plain = _run(model, x)
+        plain = quantized_layers.output_and_gradients(model, x)
     for got, expected in zip(fused, plain, strict=True):
         assert expected.abs().max() > 0
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -71,11 +58,16 @@ def test_with_dropout_it_draws_the_float_fast_paths_masks(name, dropout):
     model, twin = _layers(name, dropout)
     x = torch.randn(3, 7, 64)
     for seed in (0, 1):
-        quantized_run, float_run = _run(model, x, seed), _run(twin, x, seed)
+        quantized_run, float_run = (
+            quantized_layers.output_and_gradients(model, x, seed),
+            quantized_layers.output_and_gradients(twin, x, seed),
+        )
         for got, expected in zip(quantized_run, float_run, strict=True):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    other_seed = _run(model, x, 2)[0]
-    assert not torch.equal(other_seed, _run(model, x, 0)[0])  # the dropout is on
+    other_seed = quantized_layers.output_and_gradients(model, x, 2)[0]
+    assert not torch.equal(
+        other_seed, quantized_layers.output_and_gradients(model, x, 0)[0]
+    )  # the dropout is on
 
 
 def test_inference_and_several_adapters_take_the_plain_formula():

@@ -10,12 +10,10 @@ from torch import nn
 
 import lorakit
 from lorakit import quantized
-from lorakit.layers import QuantizedLoraLinear
 from lorakit.models import load_model
 from lorakit.quantized import int4_groups
 from lorakit.quantized.int4_groups import Int4GroupsLinear, pack, quantize_linears, unpack
-from lorakit.state import lora_layers
-from tests import tiny_models
+from tests import quantized_layers, tiny_models
 
 BF16_EPS = 2.0**-8
 SHAPES = [(32, 32), (64, 96), (96, 64), (160, 576), (576, 1536)]
@@ -104,26 +102,7 @@ def test_quantize_linears_takes_the_layers_that_fit_and_the_output_layer_in_int8
 
 
 def test_greedy_decoding_on_int4_groups_with_an_adapter_equals_the_models_own_generate():
-    from lorakit.commands.generate import engine_greedy
-
-    float_model = tiny_models.llama()
-    model = tiny_models.llama()
-    quantize_linears(model)
-    config = lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"])
-    lorakit.inject(model, config)
-    tiny_models.randomize_adapters(model, std=0.3)
-    assert {type(layer) for _, layer in lora_layers(model)} == {QuantizedLoraLinear}
-    model.generation_config.eos_token_id = None
-    prompt = [5, 9, 2, 7, 7, 1]
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        expected = model.generate(ids, max_new_tokens=8, do_sample=False)[0, len(prompt) :]
-        with lorakit.disabled(model):
-            quantized_logits = model(ids).logits
-        float_logits = float_model(ids).logits
-    assert engine_greedy(model, prompt, 8) == expected.tolist()
-    error = (quantized_logits - float_logits).abs().max() / float_logits.abs().max()
-    assert 0 < error < 0.2
+    assert 0 < quantized_layers.greedy_logit_error(quantize_linears) < 0.2
 
 
 def test_load_model_int4_groups_quantizes_the_linears_that_fit(model_dir):
@@ -141,16 +120,6 @@ def test_training_on_it_takes_the_fused_node_and_equals_the_plain_formula():
     dL/dA and dL/dB equal the plain formula's on the same base, with B != 0."""
     from lorakit import fast
 
-    def run(model, x):
-        x = x.clone().requires_grad_(True)
-        out = model(x)
-        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
-        layer = model[0]
-        grads = (layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad)
-        result = (out.detach(), x.grad, *(g.clone() for g in grads))
-        layer.zero_grad(set_to_none=True)
-        return result
-
     torch.manual_seed(3)
     model = nn.Sequential(Int4GroupsLinear.from_weight(torch.randn(64, 96), torch.randn(64)))
     config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False)
@@ -160,9 +129,9 @@ def test_training_on_it_takes_the_fused_node_and_equals_the_plain_formula():
     model.train()
     x = torch.randn(2, 5, 96)
     assert type(model(x.requires_grad_()).grad_fn).__name__ == "FusedQuantizedLoraLinearBackward"
-    fused = run(model, x.detach())
+    fused = quantized_layers.output_and_gradients(model, x)
     with fast.plain_path():
-        plain = run(model, x.detach())
+        plain = quantized_layers.output_and_gradients(model, x)
     for got, expected in zip(fused, plain, strict=True):
         assert expected.abs().max() > 0
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.quantized.int8_rows import Int8RowsLinear
+from lorakit.quantized.weight_only import WeightOnlyLinear, replace_linears
 
 __all__ = [
     "GROUP",
@@ -89,7 +90,7 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([r.reshape(-1, in_features) for r in rows])
 
 
-class Int4GroupsLinear(nn.Module):
+class Int4GroupsLinear(WeightOnlyLinear):
     """A frozen linear layer stored as 4-bit codes with a bfloat16 scale and offset per group.
 
     Shapes: x (..., in) -> (..., out); ``packed`` (out, in / 2) uint8; ``scales_and_offsets``
@@ -148,12 +149,8 @@ class Int4GroupsLinear(nn.Module):
         weight = codes * scale.T[..., None] + offset.T[..., None]
         return weight.view(self.out_features, self.in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.requires_grad and torch.is_grad_enabled():
-            out = _FrozenInt4Groups.apply(x, self)
-        else:
-            out = int4_groups_matmul(x, self)
-        return out if self.bias is None else out + self.bias.to(out.dtype)
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return int4_groups_matmul(x, self)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups"
@@ -175,20 +172,6 @@ def int4_groups_matmul(x: torch.Tensor, module: Int4GroupsLinear) -> torch.Tenso
     return out.to(x.dtype).view(*x.shape[:-1], module.out_features)
 
 
-class _FrozenInt4Groups(torch.autograd.Function):
-    """``int4_groups_matmul`` with ``dL/dx = dL/dy W0`` recomputed (nothing saved)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, module: Int4GroupsLinear) -> torch.Tensor:
-        ctx.module = module
-        return int4_groups_matmul(x, module)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        weight = ctx.module.dequantized().to(grad_output.dtype)  # (n, k)
-        return grad_output @ weight, None
-
-
 def quantize_linears(model: nn.Module) -> int:
     """Replace every ``nn.Linear`` of ``model`` (exact type) whose sizes are multiples of 32 by
     an ``Int4GroupsLinear`` of its weight, in place; returns how many.
@@ -200,17 +183,14 @@ def quantize_linears(model: nn.Module) -> int:
     weight)."""
     getter = getattr(model, "get_output_embeddings", None)
     output = getter() if getter is not None else None
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear and fits(module.out_features, module.in_features)
-    ]
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        kind = Int8RowsLinear if module is output else Int4GroupsLinear
-        setattr(parent, child, kind.from_weight(module.weight, module.bias))
-    return len(targets)
+
+    def convert(linear: nn.Linear) -> nn.Module | None:
+        if not fits(linear.out_features, linear.in_features):
+            return None
+        kind = Int8RowsLinear if linear is output else Int4GroupsLinear
+        return kind.from_weight(linear.weight, linear.bias)
+
+    return replace_linears(model, convert)
 
 
 # ----------------------------------------------------------------- the quantized-base protocol

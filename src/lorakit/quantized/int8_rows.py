@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.quantized.weight_only import WeightOnlyLinear, replace_linears
+
 __all__ = [
     "Int8RowsLinear",
     "base_forward",
@@ -67,21 +69,7 @@ def int8_rows_matmul(x: torch.Tensor, module: Int8RowsLinear) -> torch.Tensor:
     return out.to(x.dtype).view(*x.shape[:-1], module.out_features)
 
 
-class _FrozenInt8Rows(torch.autograd.Function):
-    """``int8_rows_matmul`` with ``dL/dx = dL/dy W0`` recomputed (nothing saved)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, module: Int8RowsLinear) -> torch.Tensor:
-        ctx.module = module
-        return int8_rows_matmul(x, module)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        weight = ctx.module.dequantized().to(grad_output.dtype)  # (n, k)
-        return grad_output @ weight, None
-
-
-class Int8RowsLinear(nn.Module):
+class Int8RowsLinear(WeightOnlyLinear):
     """A frozen linear layer stored as int8 codes (out, in) and bfloat16 row scales (out,).
 
     Shapes: x (..., in) -> (..., out); ``bias`` (out,) float or None.
@@ -116,12 +104,8 @@ class Int8RowsLinear(nn.Module):
         """``W0 = codes * scale`` (out, in) in float32 (exact: int8 times bfloat16)."""
         return self.codes.to(torch.float32) * self.scale.to(torch.float32)[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.requires_grad and torch.is_grad_enabled():
-            out = _FrozenInt8Rows.apply(x, self)
-        else:  # (an autograd Function costs more than the kernel at one token)
-            out = int8_rows_matmul(x, self)
-        return out if self.bias is None else out + self.bias.to(out.dtype)
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_rows_matmul(x, self)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 rows"
@@ -131,14 +115,9 @@ def quantize_linears(model: nn.Module) -> int:
     """Replace every ``nn.Linear`` of ``model`` (exact type) by an ``Int8RowsLinear`` of its
     weight, in place; returns how many. An output layer tied to the input embedding gets its
     own int8 copy (the embedding keeps the float weight)."""
-    targets = [
-        (name, module) for name, module in model.named_modules() if type(module) is nn.Linear
-    ]
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8RowsLinear.from_weight(module.weight, module.bias))
-    return len(targets)
+    return replace_linears(
+        model, lambda linear: Int8RowsLinear.from_weight(linear.weight, linear.bias)
+    )
 
 
 # ----------------------------------------------------------------- the quantized-base protocol

@@ -1,0 +1,65 @@
+"""What lorakit's own weight-only formats share (``int8_rows``, ``int4_groups``).
+
+``WeightOnlyLinear``: a frozen linear layer ``y = x W0^T + b`` whose forward runs its format's
+kernel (``matmul(x)``) and whose backward, for an adapter trained on it, recomputes
+``dL/dx = dL/dy W0`` from ``dequantized()`` (nothing saved). ``replace_linears``: swap a model's
+``nn.Linear`` layers for such layers, in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["WeightOnlyLinear", "replace_linears"]
+
+
+class WeightOnlyLinear(nn.Module):
+    """Subclasses store the weight and define ``matmul(x)`` (``x W0^T`` (..., out) in ``x``'s
+    dtype) and ``dequantized()`` (``W0`` (out, in) in float32); ``bias`` (out,) or None."""
+
+    bias: nn.Parameter | None
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantized(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            out = _FrozenMatmul.apply(x, self)
+        else:  # (an autograd Function costs more than the kernel at one token)
+            out = self.matmul(x)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
+class _FrozenMatmul(torch.autograd.Function):
+    """``module.matmul(x)`` with ``dL/dx = dL/dy W0`` recomputed (nothing saved)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: WeightOnlyLinear) -> torch.Tensor:
+        ctx.module = module
+        return module.matmul(x)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        weight = ctx.module.dequantized().to(grad_output.dtype)  # (n, k)
+        return grad_output @ weight, None
+
+
+def replace_linears(model: nn.Module, convert: Callable[[nn.Linear], nn.Module | None]) -> int:
+    """Replace, in place, every ``nn.Linear`` of ``model`` (exact type) by ``convert(linear)``
+    where that is not None; returns how many were replaced."""
+    targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+    replaced = 0
+    for name, module in targets:
+        new = convert(module)
+        if new is not None:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, new)
+            replaced += 1
+    return replaced
