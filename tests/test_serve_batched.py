@@ -163,20 +163,29 @@ def test_plan_groups_contiguous_rows_as_slices_and_others_as_indices():
     }
     plan = group_rows([3, 3, -1, 1, 3], pages, mode="loop")
     by_slot = {segment.slot: segment for segment in plan.looped}
-    assert set(by_slot) == {1, 3} and plan.num_rows == 5 and plan.padded is None
+    assert set(by_slot) == {1, 3} and plan.num_rows == 5 and plan.padded() == ()
     assert by_slot[1].rows == slice(3, 4) and by_slot[1].pages.tolist() == [0, 1]
     assert by_slot[3].rows.tolist() == [0, 1, 4] and by_slot[3].pages.tolist() == [3, 6, 5]
     assert by_slot[1].first_page == 0 and by_slot[3].first_page is None  # [3, 6, 5]: gathered
-    # short segments: one grid entry per page (block 1: slot 0 starts at page 4, slot 1 holds 2
-    # pages), read in place over the run of pages 0..7 (4 used of 8), rows padded to 2
-    padded = group_rows([0, 1, 0, 5, -1], pages).padded
-    assert padded.length == 2 and padded.block == 1 and padded.window_run == slice(0, 8)
-    assert padded.entry_slots.tolist() == [1, 1, 0, 0, 0, 0, 0, 5]  # fillers: the first slot, 0
-    assert padded.gather_rows.tolist() == [1, 0, 1, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 3, 0]
-    assert padded.valid.tolist() == [0, 2, 8, 9, 14]
-    assert padded.dest_rows.tolist() == [1, 1, 0, 2, 3]  # row 1 gets both pages of slot 1
+    # short segments: a grid per length bucket, one entry per page (block 1: slot 1 holds 2
+    # pages, slot 5 starts at page 7); one-row segments apart from the two-row one
+    short = group_rows([0, 1, 0, 5, -1], pages)
+    one_row, two_rows = short.padded()
+    assert (one_row.length, one_row.block, one_row.window_run) == (1, 1, None)  # 0, 1, 7: gathered
+    assert one_row.windows.tolist() == [0, 1, 7] and one_row.entry_slots.tolist() == [1, 1, 5]
+    assert one_row.gather_rows.tolist() == [1, 1, 3] and one_row.valid is None
+    assert one_row.dest_rows.tolist() == [1, 1, 3]  # row 1 gets both pages of slot 1
+    assert (two_rows.length, two_rows.window_run) == (2, slice(4, 5))  # slot 0: page 4, in place
+    assert two_rows.gather_rows.tolist() == [0, 2] and two_rows.dest_rows.tolist() == [0, 2]
+    # a layer that only slots 0 and 5 adapt reads only their pages; its grids are kept
+    layer = short.padded({0, 5, 9})
+    assert [grid.entry_slots.tolist() for grid in layer] == [[5], [0]]
+    assert short.padded({5, 0}) is layer and short.padded(set()) == ()
+    padded = group_rows([0, 1, 0, 5, 2], pages, mode="padded").padded()[1]  # slot 0's bucket
+    assert padded.length == 2 and padded.valid is None
     long_and_short = group_rows([7] * 20 + [1, 2], pages)  # a long segment loops, short ones pad
-    assert [s.slot for s in long_and_short.looped] == [7] and long_and_short.padded.length == 1
+    assert [s.slot for s in long_and_short.looped] == [7]
+    assert [grid.length for grid in long_and_short.padded()] == [1]
     with pytest.raises(KeyError, match=r"slots \[9\] hold no adapter"):
         group_rows([9, 0], pages)
 

@@ -40,36 +40,38 @@ def test_free_pages_prefer_an_aligned_run_then_a_run_then_the_lowest_pages():
 
 def test_a_grid_of_one_rank_reads_whole_adapters_in_place_and_mixed_ranks_read_pages():
     one_rank = {0: torch.arange(0, 4), 1: torch.arange(4, 8), 2: torch.arange(12, 16)}
-    grid = group_rows([2, 0, 1], one_rank, mode="padded").padded
+    grid = group_rows([2, 0, 1], one_rank, mode="padded").padded()[0]
     assert grid.block == 4 and grid.window_run == slice(0, 4)  # window 2: a filler
     assert grid.entry_slots.tolist() == [0, 1, 2, 2] and grid.gather_rows.tolist() == [1, 2, 0, 0]
     assert grid.valid.tolist() == [0, 1, 3] and grid.dest_rows.tolist() == [1, 2, 0]
     two_ranks = dict(one_rank) | {3: torch.tensor([16, 17])}  # rank 8: windows of 2 pages
-    grid = group_rows([0, 3, 2], two_ranks, mode="padded").padded
+    grid = group_rows([0, 3, 2], two_ranks, mode="padded").padded()[0]
     assert grid.block == 2 and grid.window_run == slice(0, 9)
     assert grid.dest_rows.tolist() == [0, 0, 2, 2, 1]
     far_apart = {0: torch.arange(0, 4), 5: torch.arange(40, 44)}
-    grid = group_rows([5, 0], far_apart, mode="padded").padded
+    grid = group_rows([5, 0], far_apart, mode="padded").padded()[0]
     assert grid.block == 4 and grid.window_run is None  # 11 windows for 2: gathered
     assert grid.windows.tolist() == [0, 10] and grid.entry_slots.tolist() == [0, 5]
     unaligned = {0: torch.arange(1, 5), 1: torch.arange(5, 9)}  # runs of 4 from page 1
-    assert group_rows([0, 1], unaligned, mode="padded").padded.block == 1
+    assert group_rows([0, 1], unaligned, mode="padded").padded()[0].block == 1
     scattered = {0: torch.arange(0, 4), 1: torch.tensor([4, 6])}
-    assert group_rows([0, 1], scattered, mode="padded").padded.block == 1
+    assert group_rows([0, 1], scattered, mode="padded").padded()[0].block == 1
 
 
-def random_adapter(rank: int, seed: int) -> tuple[lorakit.LoraConfig, dict]:
-    """PEFT-keyed random A (r, k) and B (d, r), non-zero, on ``TARGETS`` of the tiny Llama;
+def random_adapter(
+    rank: int, seed: int, targets: list[str] = TARGETS
+) -> tuple[lorakit.LoraConfig, dict]:
+    """PEFT-keyed random A (r, k) and B (d, r), non-zero, on ``targets`` of the tiny Llama;
     alpha = 3 r / 2 + 1."""
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, module in tiny_models.llama().named_modules():
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
             d, k = module.weight.shape
             prefix = f"base_model.model.{name}"
             tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, k, generator=generator)
             tensors[f"{prefix}.lora_B.weight"] = torch.randn(d, rank, generator=generator) * 0.1
-    config = lorakit.LoraConfig(r=rank, lora_alpha=1.5 * rank + 1, target_modules=TARGETS)
+    config = lorakit.LoraConfig(r=rank, lora_alpha=1.5 * rank + 1, target_modules=targets)
     return config, tensors
 
 
@@ -89,8 +91,8 @@ def check_rows_match_float64(model, bank, adapters: dict, token_slots: torch.Ten
         x = torch.randn(token_slots.numel(), layer.in_features, generator=torch.Generator())
         expected = layer.base_layer(x).double()
         for row, slot in enumerate(token_slots.tolist()):
-            if slot >= 0:
-                config, tensors = adapters[slot_names[slot]]
+            config, tensors = adapters[slot_names[slot]] if slot >= 0 else (None, {})
+            if f"base_model.model.{path}.lora_A.weight" in tensors:  # the adapter adapts it
                 A = tensors[f"base_model.model.{path}.lora_A.weight"].double()
                 B = tensors[f"base_model.model.{path}.lora_B.weight"].double()
                 expected[row] += config.lora_alpha / config.r * (B @ (A @ x[row].double()))
@@ -99,6 +101,43 @@ def check_rows_match_float64(model, bank, adapters: dict, token_slots: torch.Ten
                 got = layer(x)
             torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-4)
         assert (expected - layer.base_layer(x).double()).abs().max() > 1e-1  # adapters matter
+
+
+def test_free_pages_from_the_end_mirror_the_preferences():
+    pages = FreePages(12)
+    assert pages.take(1, from_end=True) == [11]
+    assert pages.take(4, from_end=True) == [4, 5, 6, 7]  # the last aligned run: 8..11 holds 11
+    assert pages.take(2, from_end=True) == [8, 9]
+    assert pages.take(3, from_end=True) == [0, 1, 2]  # 9..11, 6..8, 3..5 are not free
+    assert pages.take(2, from_end=True) == [3, 10]  # no run of 2 left: the highest free pages
+
+
+def test_adapters_of_some_layers_sit_at_the_end_and_a_layer_reads_only_its_adapters():
+    model, bank = served_bank(pages=16)
+    adapters = {
+        "all_a": random_adapter(8, seed=1),
+        "q_a": random_adapter(4, seed=2, targets=["q_proj"]),
+        "all_b": random_adapter(4, seed=3),
+        "q_b": random_adapter(8, seed=4, targets=["q_proj"]),
+    }
+    for name, adapter in adapters.items():
+        bank.load(name, *adapter)
+    table = {name: bank.page_table[bank.slot_of(name)].tolist() for name in adapters}
+    assert table == {"all_a": [0, 1], "q_a": [15], "all_b": [2], "q_b": [12, 13]}
+    token_slots = torch.tensor([bank.slot_of(name) for name in [*adapters, "all_a", "q_b"]])
+    up_proj = next(layer for path, layer in lora_layers(model) if path.endswith("up_proj"))
+    q_proj = next(layer for path, layer in lora_layers(model) if path.endswith("q_proj"))
+    with routed(bank, token_slots, mode="padded") as plan:
+        one_row, two_rows = plan.padded(bank.stack_for(up_proj).present)
+        # up_proj: only the all-linear adapters, one compact run of pages read in place
+        assert one_row.entry_slots.tolist() == [bank.slot_of("all_b")]
+        assert two_rows.window_run == slice(0, 1) and two_rows.block == 2  # all_a's 2 pages
+        assert one_row.window_run == slice(2, 3)
+        q_grids = plan.padded(bank.stack_for(q_proj).present)
+        assert sorted(q_grids[0].entry_slots.tolist()) == sorted(
+            [bank.slot_of("q_a"), bank.slot_of("all_b")]
+        )
+    check_rows_match_float64(model, bank, adapters, token_slots)
 
 
 def test_a_bank_fragmented_by_evictions_and_loads_gives_each_row_its_adapter():
@@ -122,7 +161,8 @@ def test_a_bank_fragmented_by_evictions_and_loads_gives_each_row_its_adapter():
     picks = ["r12", "r16b", "r4b", "r16b", "r12", "r4b", "r4b", None]
     token_slots = torch.tensor([bank.slot_of(p) if p else -1 for p in picks])
     with routed(bank, token_slots, mode="padded") as plan:
-        assert plan.padded.block == 1  # scattered pages and mixed ranks: one entry per page
+        # scattered pages and mixed ranks: one entry per page, in each length bucket
+        assert [grid.block for grid in plan.padded()] == [1, 1]
     check_rows_match_float64(model, bank, adapters, token_slots)
 
 
@@ -141,9 +181,11 @@ def test_adapters_of_one_rank_reloaded_into_freed_runs_are_read_in_place_or_gath
     assert windows == {"b1": [4, 5, 6, 7], "b3": [12, 13, 14, 15]}  # the freed aligned runs
     every = torch.tensor([bank.slot_of(name) for name in adapters] * 2)
     with routed(bank, every, mode="padded") as plan:
-        assert plan.padded.block == 4 and plan.padded.window_run == slice(0, 6)
+        (grid,) = plan.padded()
+        assert grid.block == 4 and grid.window_run == slice(0, 6)
     check_rows_match_float64(model, bank, adapters, every)
-    ends = torch.tensor([bank.slot_of("a0"), bank.slot_of("a5"), -1, bank.slot_of("a0")])
+    ends = torch.tensor([bank.slot_of("a0"), bank.slot_of("a5"), -1, -1])
     with routed(bank, ends, mode="padded") as plan:
-        assert plan.padded.window_run is None and plan.padded.windows.tolist() == [0, 5]
+        (grid,) = plan.padded()
+        assert grid.window_run is None and grid.windows.tolist() == [0, 5]
     check_rows_match_float64(model, bank, {n: adapters[n] for n in ("a0", "a5")}, ends)

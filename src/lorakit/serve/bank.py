@@ -319,14 +319,15 @@ class AdapterBank:
                 "unpin, or retry later."
             )
 
-    def _take_slot(self, pages: int) -> tuple[int, torch.Tensor]:
-        """A free slot and ``pages`` free pages, evicting least recently used adapters."""
+    def _take_slot(self, pages: int, *, from_end: bool = False) -> tuple[int, torch.Tensor]:
+        """A free slot and ``pages`` free pages (``FreePages.take``), evicting least recently
+        used adapters."""
         self._require_room(pages)
         while not self._free or self._free_pages.count < pages:
             victim = next(n for n in self._slot_of if self._evictable(n))  # least recently used
             self.evict(victim)
             self.evictions += 1
-        taken = self._free_pages.take(pages)
+        taken = self._free_pages.take(pages, from_end=from_end)
         return self._free.pop(), torch.tensor(taken, dtype=torch.long)
 
     # ----------------------------------------------------------------- load
@@ -364,7 +365,9 @@ class AdapterBank:
     def _commit(self, prepared: PreparedAdapter, *, pin: bool) -> int:
         """Write a prepared adapter into a slot (evicting the LRU adapter if needed); its slot."""
         rank = max(lora_A.shape[0] for lora_A, _ in prepared.pairs.values())
-        slot, pages = self._take_slot(self.pages_for(rank))
+        # adapters of only some layers from the end: the others' pages stay one compact run
+        some_layers = any(name not in prepared.pairs for name in self._stacks)
+        slot, pages = self._take_slot(self.pages_for(rank), from_end=some_layers)
         with torch.no_grad():
             for layer_name, stack in self._stacks.items():
                 pair = prepared.pairs.get(layer_name)

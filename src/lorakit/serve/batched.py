@@ -14,14 +14,15 @@ reuses the groups. Two ways to run the segments, chosen per segment by its size:
   as (r, k) and (d, r): a slice of the pools when the pages are consecutive (the bank's usual
   placement, no copy), else gathered; rows sliced when contiguous; for segments of
   ``LOOP_MIN_ROWS`` rows or more;
-- padded: all the short segments at once (decode with many adapters, per-token choices): one
-  grid entry per window of b consecutive pages of a segment (``row_groups``: one window per
-  adapter when the batch's adapters share a rank, one page each when their ranks are mixed), the
-  segment's rows gathered into (E, L, k) padded to the longest segment (L), two batched matmuls
-  against the E windows (A (E, b*p, k), B^T (E, b*p, d)), read in place from the pools when
-  they lie in a compact run, and every entry's valid rows added back into its rows. A fixed
-  number of operations whatever the number of adapters and their ranks; with one row per
-  segment this is punica's BGMV.
+- padded: the short segments (decode with many adapters, per-token choices) of the adapters
+  that adapt this layer, a grid per length bucket (``row_groups``): one grid entry per window of
+  b consecutive pages of a segment (one window per adapter when the grid's adapters share a
+  rank, one page each when their ranks are mixed), the segment's rows gathered into (E, L, k)
+  padded to the grid's longest segment (L), two batched matmuls against the E windows
+  (A (E, b*p, k), B^T (E, b*p, d)), read in place from the pools when they lie in a compact run,
+  and every entry's valid rows added back into its rows. A fixed number of operations per
+  bucket whatever the number of adapters and their ranks; with one row per segment this is
+  punica's BGMV.
 
 Results are added into the base layer's output in place (inference only, no autograd).
 """
@@ -101,17 +102,16 @@ def _windows(pool: torch.Tensor, grid: PaddedSegments) -> torch.Tensor:
 
 
 def add_lora_padded(
-    out: torch.Tensor, x: torch.Tensor, stack: LayerStack, groups: RowGroups
+    out: torch.Tensor, x: torch.Tensor, stack: LayerStack, grid: PaddedSegments
 ) -> None:
-    """All short segments at once: ``out[i] += s[slot] * sum_w B_w (A_w x[i])`` over the windows
-    w of row i's slot (``row_groups.PaddedSegments``: b consecutive pages each).
+    """The segments of one grid at once: ``out[i] += s[slot] * sum_w B_w (A_w x[i])`` over the
+    windows w of row i's slot (``row_groups.PaddedSegments``: b consecutive pages each).
 
     Shapes: x gathered (E, L, k); A windows (E, b*p, k); low (E, L, b*p); B^T windows
     (E, b*p, d); delta (E, L, d). Rank side first, scale on the rank side (as
     ``functional.lora_forward``). Pages of an adapter that does not adapt this layer hold zeros;
     the results of filler entries are dropped with the padding.
     """
-    grid = groups.padded
     entries, length = grid.entry_slots.numel(), grid.length
     x_rows = x.index_select(0, grid.gather_rows).to(stack.lora_A.dtype)
     x_rows = x_rows.view(entries, length, x.shape[-1])  # (E, L, k)
@@ -163,8 +163,8 @@ class BankRouter:
             add_dora_gains(out, stack, self.groups, getattr(layer.base_layer, "bias", None))
         if self.groups.looped:
             add_lora_looped(out, flat_x, stack, self.groups)
-        if self.groups.padded is not None and stack.present & self.groups.padded.slots:
-            add_lora_padded(out, flat_x, stack, self.groups)
+        for grid in self.groups.padded(stack.present):
+            add_lora_padded(out, flat_x, stack, grid)
         return base_output
 
 

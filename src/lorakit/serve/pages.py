@@ -10,6 +10,11 @@ An adapter of n pages gets, in this order of preference:
 
 Any n free pages are accepted, so the number of adapters that fit (memory proportional to the
 ranks held) is the same whatever the placement; only the speed of the op depends on it.
+
+``from_end``: the same preferences searched from the last page down. The bank places adapters
+that adapt only some of the layers (q/v only, say) from the end and the others from the start,
+so in a layer that only the latter adapt, their pages form one compact run that the op reads in
+place, instead of runs broken by the former's zero pages.
 """
 
 from __future__ import annotations
@@ -24,18 +29,21 @@ class FreePages:
         self._free = bytearray(b"\x01") * pages
         self.count = pages  # free pages
 
-    def take(self, count: int) -> list[int]:
-        """``count`` free pages, now in use: an aligned run, else a run, else the lowest ones.
+    def take(self, count: int, *, from_end: bool = False) -> list[int]:
+        """``count`` free pages, now in use: an aligned run, else a run, else the lowest ones
+        (``from_end``: the last aligned run, else the last run, else the highest pages).
         ``ValueError`` if fewer are free (the caller evicts first)."""
         if count < 1 or count > self.count:
             raise ValueError(f"cannot take {count} pages: {self.count} are free")
-        start = self._run(count, aligned=True)
+        find = self._last_run if from_end else self._run
+        start = find(count, aligned=True)
         if start is None:
-            start = self._run(count, aligned=False)
+            start = find(count, aligned=False)
         if start is not None:
             pages = list(range(start, start + count))
         else:
-            pages = [page for page, free in enumerate(self._free) if free][:count]
+            free = [page for page, free in enumerate(self._free) if free]
+            pages = free[-count:] if from_end else free[:count]
         for page in pages:
             self._free[page] = 0
         self.count -= count
@@ -59,3 +67,15 @@ class FreePages:
             if position < 0 or not aligned or position % count == 0:
                 return None if position < 0 else position
             position += -position % count  # the next aligned start
+
+    def _last_run(self, count: int, *, aligned: bool) -> int | None:
+        """Last start of ``count`` consecutive free pages (a multiple of ``count`` if
+        ``aligned``); None if there is none."""
+        wanted = b"\x01" * count
+        if not aligned:
+            position = self._free.rfind(wanted)
+            return None if position < 0 else position
+        last = (len(self._free) - count) // count * count
+        return next(
+            (s for s in range(last, -1, -count) if self._free[s : s + count] == wanted), None
+        )

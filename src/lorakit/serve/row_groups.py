@@ -4,27 +4,38 @@
 
 Rows of one slot form a segment. Long segments (``LOOP_MIN_ROWS`` rows or more) run alone: their
 rows are a slice when contiguous, and their pages a slice of the pools when consecutive (the
-bank hands out consecutive pages, ``lorakit.serve.pages``), else gathered. The short ones form
-one padded grid whose entries are windows of ``block`` consecutive pages, window w = pages
-[w * block, (w + 1) * block): ``block`` is the largest size that tiles every short segment's pages
-(the gcd of their page counts and first pages when each is one consecutive run; 1 when one is
-scattered), so a batch of adapters of one rank, loaded into aligned runs, has one entry per
-adapter, as a stack of fixed rank would, and a batch of mixed ranks one entry per page. When
-the entries' windows lie within a run of at most twice as many windows (most of the bank's
-adapters in the batch), the op reads that run of the pools in place, the windows of no segment
-of the batch as fillers whose results are dropped; otherwise it gathers copies of the entries'
-windows.
+bank hands out consecutive pages, ``lorakit.serve.pages``), else gathered. The short ones are
+run as padded grids (``RowGroups.padded``), built for the slots a layer actually holds (an
+adapter that does not adapt a layer has only zero pages there, which are not read) and split
+by segment length into buckets of 1, 2, 3-4, 5-8 and 9-16 rows, so that a hot adapter's few
+rows do not pad every cold adapter's single row. A grid's entries are windows of ``block``
+consecutive pages, window w = pages [w * block, (w + 1) * block): ``block`` is the largest size
+that tiles every segment's pages (the gcd of their page counts and first pages when each is one
+consecutive run; 1 when one is scattered), so a batch of adapters of one rank, loaded into
+aligned runs, has one entry per adapter, as a stack of fixed rank would, and a batch of mixed
+ranks one entry per page. When the entries' windows lie within a run of at most twice as many
+windows (most of the bank's adapters in the batch), the op reads that run of the pools in
+place, the windows of no segment of the grid as fillers whose results are dropped; otherwise it
+gathers copies of the entries' windows.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence, Set
+from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["LOOP_MIN_ROWS", "PaddedSegments", "RowGroups", "Segment", "group_rows"]
+__all__ = [
+    "LOOP_MIN_ROWS",
+    "PaddedSegments",
+    "RowGroups",
+    "Segment",
+    "group_rows",
+    "length_bucket",
+    "padded_grids",
+]
 
 # Segments with at least this many rows run as their own pair of matmuls; shorter ones are padded
 # and batched together (when there are at least two of them).
@@ -67,13 +78,36 @@ class PaddedSegments:
 
 @dataclass(frozen=True)
 class RowGroups:
-    """How the N rows of one forward map to adapter slots (built once, used by every layer)."""
+    """How the N rows of one forward map to adapter slots (built once, used by every layer).
+
+    ``looped``: the long segments; ``short``: slot -> rows of the short ones, with their pages in
+    ``short_pages``, run as the grids of ``padded``."""
 
     num_rows: int
     looped: tuple[Segment, ...]
-    padded: PaddedSegments | None
+    short: Mapping[int, list[int]]
+    short_pages: Mapping[int, torch.Tensor]
     slots: frozenset[int]
     row_slots: torch.Tensor | None = None  # (N,) each row's slot, -1 for none (DoRA's gains)
+    _grids: dict[frozenset[int], tuple[PaddedSegments, ...]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    @property
+    def padded_slots(self) -> frozenset[int]:
+        """The slots of the short segments."""
+        return frozenset(self.short)
+
+    def padded(self, present: Set[int] | None = None) -> tuple[PaddedSegments, ...]:
+        """The grids of the short segments whose slot is in ``present`` (a layer's slots; None:
+        all), one per length bucket (``padded_grids``); built at a layer's first call and
+        reused by every layer with the same slots (one forward runs in one thread)."""
+        slots = self.padded_slots if present is None else self.padded_slots & frozenset(present)
+        grids = self._grids.get(slots)
+        if grids is None:
+            short = {slot: rows for slot, rows in self.short.items() if slot in slots}
+            grids = self._grids[slots] = padded_grids(short, self.short_pages)
+        return grids
 
 
 def group_rows(
@@ -103,8 +137,26 @@ def group_rows(
     looped = tuple(
         _segment(slot, rows, page_table[slot]) for slot, rows in groups.items() if slot not in short
     )
-    padded = _padded(short, page_table) if short else None
-    return RowGroups(len(values), looped, padded, frozenset(groups), torch.tensor(values))
+    short_pages = {slot: page_table[slot] for slot in short}
+    return RowGroups(
+        len(values), looped, short, short_pages, frozenset(groups), torch.tensor(values)
+    )
+
+
+def length_bucket(rows: int) -> int:
+    """The bucket of a segment of ``rows`` rows: the smallest power of two >= rows."""
+    return 1 << (rows - 1).bit_length()
+
+
+def padded_grids(
+    short: Mapping[int, list[int]], page_table: Mapping[int, torch.Tensor]
+) -> tuple[PaddedSegments, ...]:
+    """One grid (``_padded``) per length bucket of the segments ``short`` (slot -> rows), the
+    shortest first; () when there are none."""
+    buckets: dict[int, dict[int, list[int]]] = {}
+    for slot, rows in short.items():
+        buckets.setdefault(length_bucket(len(rows)), {})[slot] = rows
+    return tuple(_padded(buckets[size], page_table) for size in sorted(buckets))
 
 
 def first_of_run(pages: list[int]) -> int | None:
