@@ -92,11 +92,13 @@ def start_server(root: Path, args):
     """(engine, adapters, start-up seconds): listing + headers + model prepared + bank."""
     start = time.perf_counter()
     registry = AdapterRegistry(root / "adapters")
-    targets, max_rank = _adapter_defaults(registry)
+    targets, max_rank, shares = _adapter_defaults(registry)
     listed = time.perf_counter() - start
     model = base_model(args)
     prepare_for_serving(model, targets)
-    bank = AdapterBank(model, max_rank=max_rank, memory_budget=args.adapter_memory)
+    bank = AdapterBank(
+        model, max_rank=max_rank, memory_budget=args.adapter_memory, layer_shares=shares
+    )
     adapters = ServedAdapters(bank, registry, model)
     engine = Engine(model, bank, max_batch=args.max_batch, adapter_loader=adapters.read)
     return engine.start(), adapters, listed, time.perf_counter() - start

@@ -16,6 +16,7 @@ import lorakit
 from lorakit.errors import AdapterFileError
 from lorakit.serve import AdapterBank, BankFullError, group_rows, prepare_for_serving, routed
 from lorakit.serve.bank import AdapterInUseError
+from lorakit.serve.row_groups import GRID_OVERHEAD_BYTES
 from lorakit.state import lora_layers
 from tests import tiny_models
 from tests.locks import lock_is_free_for_others
@@ -181,6 +182,11 @@ def test_plan_groups_contiguous_rows_as_slices_and_others_as_indices():
     layer = short.padded({0, 5, 9})
     assert [grid.entry_slots.tolist() for grid in layer] == [[5], [0]]
     assert short.padded({5, 0}) is layer and short.padded(set()) == ()
+    # buckets share a grid where padding the shorter one's 3 entries by a row costs less than a
+    # grid: small rows (one grid, every segment padded to 2 rows) but not large ones
+    (merged,) = short.padded(row_bytes=GRID_OVERHEAD_BYTES // 3 - 1)
+    assert merged.length == 2 and sorted(merged.dest_rows.tolist()) == [0, 1, 1, 2, 3]
+    assert len(short.padded(row_bytes=GRID_OVERHEAD_BYTES // 3 + 1)) == 2
     padded = group_rows([0, 1, 0, 5, 2], pages, mode="padded").padded()[1]  # slot 0's bucket
     assert padded.length == 2 and padded.valid is None
     long_and_short = group_rows([7] * 20 + [1, 2], pages)  # a long segment loops, short ones pad

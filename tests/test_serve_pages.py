@@ -10,7 +10,9 @@ import torch
 
 import lorakit
 from lorakit.serve import AdapterBank, group_rows, prepare_for_serving, routed
+from lorakit.serve.bank import BankFullError
 from lorakit.serve.pages import FreePages
+from lorakit.serve.pool_sizes import layer_shares
 from lorakit.state import lora_layers
 from tests import tiny_models
 
@@ -189,3 +191,49 @@ def test_adapters_of_one_rank_reloaded_into_freed_runs_are_read_in_place_or_gath
         (grid,) = plan.padded()
         assert grid.window_run is None and grid.windows.tolist() == [0, 5]
     check_rows_match_float64(model, bank, {n: adapters[n] for n in ("a0", "a5")}, ends)
+
+
+def test_pools_sized_by_layer_shares_hold_more_adapters_in_the_same_budget():
+    model = tiny_models.llama()
+    prepare_for_serving(model, TARGETS)
+    probe = AdapterBank(model, max_rank=4, capacity=1)
+    budget = 8 * (probe.page_bytes + probe.slot_overhead)  # 8 pages in every pool
+    uniform = AdapterBank(model, max_rank=4, memory_budget=budget)
+    shares = {path: 1.0 if path.endswith("q_proj") else 0.5 for path, _ in lora_layers(model)}
+    bank = AdapterBank(model, max_rank=4, memory_budget=budget, layer_shares=shares)
+    assert uniform.pages == 8 and set(uniform.pool_pages.values()) == {8}
+    q_pages = {n for p, n in bank.pool_pages.items() if p.endswith("q_proj")}
+    up_pages = {n for p, n in bank.pool_pages.items() if p.endswith("up_proj")}
+    assert bank.pages > 8 and q_pages == {bank.pages} and up_pages == {bank.pages // 2}
+    assert bank.memory_bytes() <= budget
+    # all-linear adapters below the up_proj pools' end, q-only ones from the end
+    limit = bank.pages // 2
+    adapters = {f"all{i}": random_adapter(4, seed=i) for i in range(limit)}
+    adapters |= {f"q{i}": random_adapter(4, 50 + i, ["q_proj"]) for i in range(bank.pages - limit)}
+    for name in sorted(adapters, key=lambda name: name.startswith("all")):  # q0 first
+        bank.load(name, *adapters[name])
+    assert len(bank.names()) == bank.pages > 8 and bank.evictions == 0  # uniform: 8 fit
+    for name in bank.names():
+        page = int(bank.page_table[bank.slot_of(name)][0])
+        assert page < limit if name.startswith("all") else page >= limit, (name, page)
+    assert bank.resident_bytes() <= bank.memory_bytes()
+    # a new all-linear adapter evicts the least recently used adapter below the limit, "all0",
+    # not the least recently used one, "q0", whose page is of no use to it
+    bank.load("all_new", *random_adapter(4, seed=99))
+    assert "all0" not in bank and "q0" in bank
+    assert int(bank.page_table[bank.slot_of("all_new")][0]) < limit
+    served = {name: adapters.get(name) or random_adapter(4, seed=99) for name in bank.names()}
+    picks = ["all_new", "q0", "all1", f"q{bank.pages - limit - 1}", "all_new"]
+    check_rows_match_float64(model, bank, served, torch.tensor([bank.slot_of(n) for n in picks]))
+    with pytest.raises(BankFullError, match="pools for its layers hold"):
+        bank._require_room(limit + 1, limit)
+
+
+def test_layer_shares_weigh_ranks_and_give_up_on_crossing_sets():
+    def factors(rank: int, *paths: str) -> dict:
+        return {f"base_model.model.{path}.lora_A.weight": torch.empty(rank, 8) for path in paths}
+
+    qv, every = factors(4, "l.q", "l.v"), factors(12, "l.q", "l.v", "l.up")
+    assert layer_shares([qv, every, qv]) == {"l.q": 1.0, "l.v": 1.0, "l.up": 0.6}
+    assert layer_shares([qv, factors(4, "l.up")]) == {}  # q/v and MLP-only cross: equal pools
+    assert layer_shares([]) == {}

@@ -61,11 +61,15 @@ def test_start_up_lists_a_thousand_adapters_without_reading_tensor_data(thousand
         "lorakit.serve.registry.read_adapter", lambda path: reads.append(path) or 1 / 0
     )
     registry = AdapterRegistry(root)
-    targets, max_rank = _adapter_defaults(registry)
+    targets, max_rank, shares = _adapter_defaults(registry)
     assert len(registry.names()) == COUNT and not registry.skipped
     kinds = {target.rsplit(".", 1)[-1] for target in targets}  # every layer of every adapter
     assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert max_rank == 64
+    # the pools' shares: q/v-only adapters inside all-linear ones, the same ranks in each set
+    assert len(shares) == 2 * 7  # every layer of the tiny Llama
+    for path, share in shares.items():
+        assert share == (1.0 if path.endswith(("q_proj", "v_proj")) else 0.5), path
     assert reads == []  # configs and safetensors headers only
 
 

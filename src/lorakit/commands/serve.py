@@ -209,10 +209,13 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def _adapter_defaults(registry) -> tuple[list[str] | str, int]:
-    """(target modules, max rank) covering every adapter of the directory, from the configs and
-    safetensors headers alone (no tensor data is read); adapters that cannot be read are skipped
-    with a warning and listed in the start-up summary."""
+def _adapter_defaults(registry) -> tuple[list[str] | str, int, dict[str, float]]:
+    """(target modules, max rank, layer shares) covering every adapter of the directory, from
+    the configs and safetensors headers alone (no tensor data is read); adapters that cannot be
+    read are skipped with a warning and listed in the start-up summary. The layer shares
+    (``pool_sizes.layer_shares``) size the bank's pools to what the adapters adapt."""
+    from lorakit.serve.pool_sizes import layer_shares
+
     headers = registry.read_headers()
     targets: set[str] = set()
     regex, rank = False, 0
@@ -231,7 +234,8 @@ def _adapter_defaults(registry) -> tuple[list[str] | str, int]:
         len(registry.skipped),
         "".join(f"\n  skipped {name}: {reason}" for name, reason in registry.skipped.items()),
     )
-    return ("all-linear" if regex or not targets else sorted(targets)), (rank or 16)
+    shares = layer_shares(header.tensors for header in headers.values())
+    return ("all-linear" if regex or not targets else sorted(targets)), (rank or 16), shares
 
 
 def build(args: argparse.Namespace):
@@ -249,7 +253,7 @@ def build(args: argparse.Namespace):
 
         check_quantization(args.quantization, builtin_gguf_file(str(args.model)))
     registry = AdapterRegistry(args.adapters)
-    targets, max_rank = _adapter_defaults(registry)
+    targets, max_rank, shares = _adapter_defaults(registry)
     if args.target_modules:
         targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
     model, tokenizer = load_model(args.model, progress=False, quantization=args.quantization)
@@ -261,7 +265,11 @@ def build(args: argparse.Namespace):
     capacity = args.max_adapters or (None if budget else 8)
     try:
         bank = AdapterBank(
-            model, max_rank=args.max_rank or max_rank, capacity=capacity, memory_budget=budget
+            model,
+            max_rank=args.max_rank or max_rank,
+            capacity=capacity,
+            memory_budget=budget,
+            layer_shares=shares or None,
         )
     except ValueError as error:
         raise UserError(str(error)) from None

@@ -2,9 +2,11 @@
 
 Each adapted linear layer has its page pools (``lorakit.serve.stacks``: A (pages, page_rank, k),
 B^T (pages, page_rank, d)) and scalings (slots,); an adapter of rank r holds a slot and
-``ceil(r / page_rank)`` pages, the same ones in every layer (one aligned run where it can,
-``lorakit.serve.pages``, so the batched op reads them in place), so the bank's memory goes to the
-ranks actually held: a thousand rank-4 adapters take a sixteenth of the pages of rank-64 ones. The model
+``ceil(r / page_rank)`` pages, the same page numbers in every layer it adapts (one aligned run
+where it can, ``lorakit.serve.pages``, so the batched op reads them in place), so the bank's memory
+goes to the ranks actually held: a thousand rank-4 adapters take a sixteenth of the pages of
+rank-64 ones. Pools may differ in length (``layer_shares``, ``lorakit.serve.pool_sizes``): layers
+fewer adapters adapt (the MLP, when half of them are q/v-only) hold fewer pages. The model
 itself needs LoRA layers around the targets but no adapters of its own:
 ``prepare_for_serving(model, target_modules)`` wraps them empty. Loading and eviction are allowed
 while serving: slots in use by a running request (``acquire``/``release``) or pinned are never
@@ -29,6 +31,7 @@ from lorakit.io.keys import lora_keys, magnitude_key
 from lorakit.layers import LoraLinear
 from lorakit.serve.checks import PreparedAdapter, lora_pairs, prepare_adapter
 from lorakit.serve.pages import FreePages
+from lorakit.serve.pool_sizes import PoolSizes, pool_sizes
 from lorakit.serve.stacks import (
     LayerStack,
     allocate_stack,
@@ -68,6 +71,9 @@ class AdapterBank:
     page (default: 4, or ``max_rank`` if smaller); an adapter's rank is rounded up to it.
     ``dtype``: of the pools (default: ``lorakit.inject.default_adapter_dtype``, as for an
     injected adapter: the base weights' dtype, float32 for half-precision bases).
+    ``layer_shares``: per layer path, the part of the adapters' ranks that adapt it
+    (``pool_sizes.layer_shares`` of the adapters to serve): each layer's pool holds that part of
+    the page numbers (``serve/pool_sizes.py``); None: every pool holds all of them.
     """
 
     def __init__(
@@ -79,6 +85,7 @@ class AdapterBank:
         memory_budget: int | None = None,
         dtype: torch.dtype | None = None,
         page_rank: int | None = None,
+        layer_shares: Mapping[str, float] | None = None,
     ) -> None:
         linears = [(n, layer) for n, layer in lora_layers(model) if isinstance(layer, LoraLinear)]
         if not linears:
@@ -94,13 +101,14 @@ class AdapterBank:
         self.page_rank = page_rank or min(4, max_rank)
         if self.page_rank < 1:
             raise ValueError(f"page_rank must be >= 1, got {page_rank}")
-        self.capacity, self.pages = self._sizes(linears, capacity, memory_budget)
+        sizes = self._sizes(linears, capacity, memory_budget, layer_shares)
+        self.capacity, self.pages, self.pool_pages = sizes.slots, sizes.pages, sizes.lengths
         self.memory_budget = memory_budget
         self._stacks: dict[str, LayerStack] = {}
         self._by_layer: dict[int, LayerStack] = {}
         for name, layer in linears:
             stack = allocate_stack(
-                name, layer, self.capacity, self.pages, self.page_rank, self.dtype
+                name, layer, self.capacity, self.pool_pages[name], self.page_rank, self.dtype
             )
             self._stacks[name] = stack
             self._by_layer[id(layer)] = stack
@@ -120,28 +128,24 @@ class AdapterBank:
         """Pages an adapter of ``rank`` takes: ``ceil(rank / page_rank)``."""
         return -(-rank // self.page_rank)
 
-    def _sizes(self, linears, capacity: int | None, memory_budget: int | None) -> tuple[int, int]:
-        """(slots, pages): a page costs ``page_bytes`` in every layer; a slot its scalings."""
-        self.page_bytes = sum(page_bytes(layer, self.page_rank, self.dtype) for _, layer in linears)
+    def _sizes(self, linears, capacity: int | None, memory_budget: int | None, shares) -> PoolSizes:
+        """Slots, page numbers and pool lengths (``pool_sizes``): a page costs
+        ``page_bytes(layer)`` in each pool that holds it; a slot its scalings."""
+        sizes = {name: page_bytes(layer, self.page_rank, self.dtype) for name, layer in linears}
+        self._layer_page_bytes = sizes
+        self.page_bytes = sum(sizes.values())  # a page number in every pool
         self.slot_overhead = 4 * len(linears)  # a float32 scaling per layer
         per_adapter = self.pages_for(self.max_rank)
         self.slot_bytes = per_adapter * self.page_bytes + self.slot_overhead  # at max_rank
-        if memory_budget is None:
-            if capacity is None or capacity < 1:
-                raise ValueError(
-                    f"give a capacity >= 1 or a memory_budget (got capacity={capacity})"
-                )
-            return capacity, capacity * per_adapter
-        # every slot may hold one page at least: never more slots than pages
-        pages = memory_budget // (self.page_bytes + self.slot_overhead)
-        slots = pages if capacity is None else min(capacity, pages)
-        pages = (memory_budget - slots * self.slot_overhead) // self.page_bytes
-        if slots < 1 or pages < per_adapter:
-            raise ValueError(
-                f"memory_budget={memory_budget} bytes holds no adapter of rank {self.max_rank}: "
-                f"one takes {self.slot_bytes} bytes; raise the budget or lower max_rank."
-            )
-        return int(slots), int(pages)
+        return pool_sizes(
+            sizes,
+            max_rank=self.max_rank,
+            per_adapter=per_adapter,
+            slot_overhead=self.slot_overhead,
+            capacity=capacity,
+            memory_budget=memory_budget,
+            shares=shares,
+        )
 
     def memory_bytes(self) -> int:
         """Bytes held by the page pools and scalings (fixed at construction; <=
@@ -151,8 +155,12 @@ class AdapterBank:
         )
 
     def resident_bytes(self) -> int:
-        """Bytes of the pages the loaded adapters hold (proportional to their ranks)."""
-        return (self.pages - self._free_pages.count) * self.page_bytes
+        """Bytes of the pages the loaded adapters hold (proportional to their ranks): a page
+        number in use, in every pool long enough to hold it."""
+        return sum(
+            (length - self._free_pages.free_below(length)) * self._layer_page_bytes[name]
+            for name, length in self.pool_pages.items()
+        )
 
     # ----------------------------------------------------------------- lookup
     def stack_for(self, layer: nn.Module) -> LayerStack | None:
@@ -297,37 +305,48 @@ class AdapterBank:
     def _evictable(self, name: str) -> bool:
         return name not in self._pinned and not self._in_use.get(name)
 
-    def has_room(self, pages: int = 1) -> bool:
-        """A load of an adapter of ``pages`` pages would find a slot and the pages now, evicting
-        adapters no request uses."""
+    def has_room(self, pages: int = 1, limit: int | None = None) -> bool:
+        """A load of an adapter of ``pages`` pages below page ``limit`` (default: any) would
+        find a slot and the pages now, evicting adapters no request uses."""
+        limit = self.pages if limit is None else limit
         with self._lock:
             evictable = [n for n in self._slot_of if self._evictable(n)]
             slot = bool(self._free) or bool(evictable)
-            freeable = sum(self.page_table[self._slot_of[n]].numel() for n in evictable)
-            return slot and self._free_pages.count + freeable >= pages
+            freeable = sum(self._pages_below(n, limit) for n in evictable)
+            return slot and self._free_pages.free_below(limit) + freeable >= pages
 
-    def _require_room(self, pages: int = 1) -> None:
-        if pages > self.pages:
+    def _pages_below(self, name: str, limit: int) -> int:
+        return int((self.page_table[self._slot_of[name]] < limit).sum())
+
+    def _require_room(self, pages: int = 1, limit: int | None = None) -> None:
+        limit = self.pages if limit is None else limit
+        if pages > limit:
             raise BankFullError(
                 f"an adapter of {pages} pages (rank up to {pages * self.page_rank}) cannot fit "
-                f"a bank of {self.pages} pages; raise --adapter-memory."
+                f"a bank whose pools for its layers hold {limit} pages; raise --adapter-memory."
             )
-        if not self.has_room(pages):
+        if not self.has_room(pages, limit):
             raise BankFullError(
                 f"all {self.capacity} adapter slots or {self.pages} pages are pinned or used by "
                 "running requests; raise the capacity (--max-adapters / --adapter-memory), "
                 "unpin, or retry later."
             )
 
-    def _take_slot(self, pages: int, *, from_end: bool = False) -> tuple[int, torch.Tensor]:
-        """A free slot and ``pages`` free pages (``FreePages.take``), evicting least recently
-        used adapters."""
-        self._require_room(pages)
-        while not self._free or self._free_pages.count < pages:
-            victim = next(n for n in self._slot_of if self._evictable(n))  # least recently used
+    def _take_slot(self, pages: int, limit: int, from_end: bool) -> tuple[int, torch.Tensor]:
+        """A free slot and ``pages`` free pages below ``limit`` (``FreePages.take``), evicting
+        least recently used adapters (those holding pages below ``limit`` when pages are
+        short)."""
+        self._require_room(pages, limit)
+        while not self._free or self._free_pages.free_below(limit) < pages:
+            short = self._free_pages.free_below(limit) < pages
+            victim = next(  # least recently used, and freeing pages where they are needed
+                n
+                for n in self._slot_of
+                if self._evictable(n) and (not short or self._pages_below(n, limit))
+            )
             self.evict(victim)
             self.evictions += 1
-        taken = self._free_pages.take(pages, from_end=from_end)
+        taken = self._free_pages.take(pages, from_end=from_end, limit=limit)
         return self._free.pop(), torch.tensor(taken, dtype=torch.long)
 
     # ----------------------------------------------------------------- load
@@ -365,9 +384,11 @@ class AdapterBank:
     def _commit(self, prepared: PreparedAdapter, *, pin: bool) -> int:
         """Write a prepared adapter into a slot (evicting the LRU adapter if needed); its slot."""
         rank = max(lora_A.shape[0] for lora_A, _ in prepared.pairs.values())
-        # adapters of only some layers from the end: the others' pages stay one compact run
-        some_layers = any(name not in prepared.pairs for name in self._stacks)
-        slot, pages = self._take_slot(self.pages_for(rank), from_end=some_layers)
+        # pages below the shortest pool of its layers; adapters of only some layers from the
+        # end: the others' pages stay one compact run (serve/pages.py, serve/pool_sizes.py)
+        limit = min(self.pool_pages[name] for name in prepared.pairs)
+        some_layers = len(prepared.pairs) < len(self._stacks)
+        slot, pages = self._take_slot(self.pages_for(rank), limit, some_layers)
         with torch.no_grad():
             for layer_name, stack in self._stacks.items():
                 pair = prepared.pairs.get(layer_name)

@@ -109,8 +109,8 @@ def add_lora_padded(
 
     Shapes: x gathered (E, L, k); A windows (E, b*p, k); low (E, L, b*p); B^T windows
     (E, b*p, d); delta (E, L, d). Rank side first, scale on the rank side (as
-    ``functional.lora_forward``). Pages of an adapter that does not adapt this layer hold zeros;
-    the results of filler entries are dropped with the padding.
+    ``functional.lora_forward``). The grid holds only adapters of this layer; the results of
+    filler entries (whatever their pages hold) are dropped with the padding.
     """
     entries, length = grid.entry_slots.numel(), grid.length
     x_rows = x.index_select(0, grid.gather_rows).to(stack.lora_A.dtype)
@@ -163,7 +163,8 @@ class BankRouter:
             add_dora_gains(out, stack, self.groups, getattr(layer.base_layer, "bias", None))
         if self.groups.looped:
             add_lora_looped(out, flat_x, stack, self.groups)
-        for grid in self.groups.padded(stack.present):
+        row_bytes = (flat_x.shape[-1] + out.shape[-1]) * flat_x.element_size()
+        for grid in self.groups.padded(stack.present, row_bytes):
             add_lora_padded(out, flat_x, stack, grid)
         return base_output
 

@@ -29,25 +29,32 @@ class FreePages:
         self._free = bytearray(b"\x01") * pages
         self.count = pages  # free pages
 
-    def take(self, count: int, *, from_end: bool = False) -> list[int]:
-        """``count`` free pages, now in use: an aligned run, else a run, else the lowest ones
-        (``from_end``: the last aligned run, else the last run, else the highest pages).
-        ``ValueError`` if fewer are free (the caller evicts first)."""
-        if count < 1 or count > self.count:
-            raise ValueError(f"cannot take {count} pages: {self.count} are free")
+    def take(self, count: int, *, from_end: bool = False, limit: int | None = None) -> list[int]:
+        """``count`` free pages below ``limit`` (default: all), now in use: an aligned run, else
+        a run, else the lowest ones (``from_end``: the last aligned run, else the last run, else
+        the highest pages). ``ValueError`` if fewer are free (the caller evicts first)."""
+        limit = len(self._free) if limit is None else limit
+        free = self.free_below(limit)
+        if count < 1 or count > free:
+            where = "" if limit == len(self._free) else f" below page {limit}"
+            raise ValueError(f"cannot take {count} pages: {free} are free{where}")
         find = self._last_run if from_end else self._run
-        start = find(count, aligned=True)
+        start = find(count, limit, aligned=True)
         if start is None:
-            start = find(count, aligned=False)
+            start = find(count, limit, aligned=False)
         if start is not None:
             pages = list(range(start, start + count))
         else:
-            free = [page for page, free in enumerate(self._free) if free]
-            pages = free[-count:] if from_end else free[:count]
+            free_pages = [page for page in range(limit) if self._free[page]]
+            pages = free_pages[-count:] if from_end else free_pages[:count]
         for page in pages:
             self._free[page] = 0
         self.count -= count
         return pages
+
+    def free_below(self, limit: int) -> int:
+        """How many of the pages [0, ``limit``) are free."""
+        return self._free.count(1, 0, limit)
 
     def give(self, pages: list[int]) -> None:
         """Return ``pages`` (in use) to the free pages."""
@@ -58,24 +65,24 @@ class FreePages:
             self._free[page] = 1
         self.count += len(pages)
 
-    def _run(self, count: int, *, aligned: bool) -> int | None:
-        """First start of ``count`` consecutive free pages (a multiple of ``count`` if
-        ``aligned``); None if there is none."""
+    def _run(self, count: int, limit: int, *, aligned: bool) -> int | None:
+        """First start of ``count`` consecutive free pages below ``limit`` (a multiple of
+        ``count`` if ``aligned``); None if there is none."""
         wanted, position = b"\x01" * count, 0
         while True:
-            position = self._free.find(wanted, position)
+            position = self._free.find(wanted, position, limit)
             if position < 0 or not aligned or position % count == 0:
                 return None if position < 0 else position
             position += -position % count  # the next aligned start
 
-    def _last_run(self, count: int, *, aligned: bool) -> int | None:
-        """Last start of ``count`` consecutive free pages (a multiple of ``count`` if
-        ``aligned``); None if there is none."""
+    def _last_run(self, count: int, limit: int, *, aligned: bool) -> int | None:
+        """Last start of ``count`` consecutive free pages below ``limit`` (a multiple of
+        ``count`` if ``aligned``); None if there is none."""
         wanted = b"\x01" * count
         if not aligned:
-            position = self._free.rfind(wanted)
+            position = self._free.rfind(wanted, 0, limit)
             return None if position < 0 else position
-        last = (len(self._free) - count) // count * count
+        last = (limit - count) // count * count
         return next(
             (s for s in range(last, -1, -count) if self._free[s : s + count] == wanted), None
         )

@@ -8,7 +8,8 @@ bank hands out consecutive pages, ``lorakit.serve.pages``), else gathered. The s
 run as padded grids (``RowGroups.padded``), built for the slots a layer actually holds (an
 adapter that does not adapt a layer has only zero pages there, which are not read) and split
 by segment length into buckets of 1, 2, 3-4, 5-8 and 9-16 rows, so that a hot adapter's few
-rows do not pad every cold adapter's single row. A grid's entries are windows of ``block``
+rows do not pad every cold adapter's single row (buckets share a grid where that padding costs
+less than a grid's own operator launches, ``GRID_OVERHEAD_BYTES``: in small layers). A grid's entries are windows of ``block``
 consecutive pages, window w = pages [w * block, (w + 1) * block): ``block`` is the largest size
 that tiles every segment's pages (the gcd of their page counts and first pages when each is one
 consecutive run; 1 when one is scattered), so a batch of adapters of one rank, loaded into
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = [
+    "GRID_OVERHEAD_BYTES",
     "LOOP_MIN_ROWS",
     "PaddedSegments",
     "RowGroups",
@@ -40,6 +42,10 @@ __all__ = [
 # Segments with at least this many rows run as their own pair of matmuls; shorter ones are padded
 # and batched together (when there are at least two of them).
 LOOP_MIN_ROWS = 16
+
+# What a grid costs beyond its rows (about ten operator launches), as bytes of padded rows:
+# two length buckets run as one grid when merging them pads fewer bytes than this.
+GRID_OVERHEAD_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,7 @@ class RowGroups:
     short_pages: Mapping[int, torch.Tensor]
     slots: frozenset[int]
     row_slots: torch.Tensor | None = None  # (N,) each row's slot, -1 for none (DoRA's gains)
-    _grids: dict[frozenset[int], tuple[PaddedSegments, ...]] = field(
+    _grids: dict[tuple[frozenset[int], int | None], tuple[PaddedSegments, ...]] = field(
         default_factory=dict, compare=False, repr=False
     )
 
@@ -98,15 +104,20 @@ class RowGroups:
         """The slots of the short segments."""
         return frozenset(self.short)
 
-    def padded(self, present: Set[int] | None = None) -> tuple[PaddedSegments, ...]:
+    def padded(
+        self, present: Set[int] | None = None, row_bytes: int | None = None
+    ) -> tuple[PaddedSegments, ...]:
         """The grids of the short segments whose slot is in ``present`` (a layer's slots; None:
-        all), one per length bucket (``padded_grids``); built at a layer's first call and
-        reused by every layer with the same slots (one forward runs in one thread)."""
+        all), one per length bucket, buckets merged where padding ``row_bytes`` (a row's bytes
+        of x and of the output) costs less than a grid (``padded_grids``); built at a layer's
+        first call and reused by every layer with the same slots and row bytes (one forward
+        runs in one thread)."""
         slots = self.padded_slots if present is None else self.padded_slots & frozenset(present)
-        grids = self._grids.get(slots)
+        grids = self._grids.get((slots, row_bytes))
         if grids is None:
             short = {slot: rows for slot, rows in self.short.items() if slot in slots}
-            grids = self._grids[slots] = padded_grids(short, self.short_pages)
+            grids = padded_grids(short, self.short_pages, row_bytes)
+            self._grids[slots, row_bytes] = grids
         return grids
 
 
@@ -149,14 +160,29 @@ def length_bucket(rows: int) -> int:
 
 
 def padded_grids(
-    short: Mapping[int, list[int]], page_table: Mapping[int, torch.Tensor]
+    short: Mapping[int, list[int]],
+    page_table: Mapping[int, torch.Tensor],
+    row_bytes: int | None = None,
 ) -> tuple[PaddedSegments, ...]:
     """One grid (``_padded``) per length bucket of the segments ``short`` (slot -> rows), the
-    shortest first; () when there are none."""
+    shortest first; () when there are none. With ``row_bytes``, a bucket joins the grid of the
+    shorter ones when padding their entries (one per page at most) to its length adds fewer
+    than ``GRID_OVERHEAD_BYTES`` (small layers: one grid; SmolLM2's with 100 one-row adapters
+    beside a few hot ones: apart)."""
     buckets: dict[int, dict[int, list[int]]] = {}
     for slot, rows in short.items():
         buckets.setdefault(length_bucket(len(rows)), {})[slot] = rows
-    return tuple(_padded(buckets[size], page_table) for size in sorted(buckets))
+    grids: list[dict[int, list[int]]] = []
+    for size in sorted(buckets):
+        if grids and row_bytes is not None:
+            entries = sum(page_table[slot].numel() for slot in grids[-1])
+            length = max(len(rows) for rows in grids[-1].values())
+            longer = max(len(rows) for rows in buckets[size].values())
+            if entries * (longer - length) * row_bytes < GRID_OVERHEAD_BYTES:
+                grids[-1] = {**grids[-1], **buckets[size]}
+                continue
+        grids.append(buckets[size])
+    return tuple(_padded(grid, page_table) for grid in grids)
 
 
 def first_of_run(pages: list[int]) -> int | None:

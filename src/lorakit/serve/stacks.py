@@ -12,7 +12,8 @@ An adapter of rank r takes ``ceil(r / page_rank)`` pages, the same page numbers 
 not to ``max_rank x adapters``; a batch of mixed ranks computes ``sum_pages s B_p A_p x`` over
 each row's own pages, which is ``s B A x`` exactly (zero rows add nothing), so adapters of
 different ranks and alphas (and ``rank_pattern`` / ``alpha_pattern`` / rsLoRA) share one pool.
-A layer the adapter does not target is all zeros in its pages (and absent from ``present``).
+A layer the adapter does not target is absent from ``present``: its pages there are never
+read (nor written; a pool may even be shorter than them, ``serve/pool_sizes.py``).
 
 A DoRA adapter (``lorakit.functional``) is a LoRA adapter with ``f B`` in its B pages plus a
 gain ``f - 1`` (d,) on its rows' base output, bias excluded (``dora_gain``, by slot, allocated at
@@ -167,24 +168,24 @@ def write_slot(
 ) -> None:
     """Put ``pair = (A (r, k), B (d, r))`` with scaling ``scale`` (``slot_scaling``) into the
     adapter's ``pages`` (n,) LongTensor, n * page_rank >= r, rows in page order, zeros beyond r;
-    ``pair`` None: the adapter does not adapt this layer, all zeros). ``gain``: a DoRA adapter's
-    ``f - 1`` (d,), with ``pair = (A, f B)`` (``dora_slot_factors``)."""
+    ``pair`` None: the adapter does not adapt this layer: absent, nothing written). ``gain``: a
+    DoRA adapter's ``f - 1`` (d,), with ``pair = (A, f B)`` (``dora_slot_factors``)."""
     _write_gain(stack, slot, gain if pair is not None else None)
+    if pair is None:  # its pages here (if the pool holds them) are never read
+        stack.scaling[slot] = 0.0
+        stack.scaling_values.pop(slot, None)
+        stack.present.discard(slot)
+        return
     count, page_rank = pages.numel(), stack.page_rank
     rows_A = torch.zeros(count * page_rank, stack.in_features, dtype=stack.lora_A.dtype)
     rows_B_t = torch.zeros(count * page_rank, stack.out_features, dtype=stack.lora_B_t.dtype)
-    if pair is None:
-        stack.scaling[slot] = 0.0
-        stack.present.discard(slot)
-    else:
-        lora_A, lora_B = pair
-        rank = lora_A.shape[0]
-        rows_A[:rank] = lora_A
-        rows_B_t[:rank] = lora_B.T
+    lora_A, lora_B = pair
+    rank = lora_A.shape[0]
+    rows_A[:rank] = lora_A
+    rows_B_t[:rank] = lora_B.T
     device = stack.lora_A.device
     stack.lora_A[pages.to(device)] = rows_A.view(count, page_rank, -1).to(device)
     stack.lora_B_t[pages.to(device)] = rows_B_t.view(count, page_rank, -1).to(device)
-    if pair is not None:
-        stack.scaling[slot] = scale
-        stack.scaling_values[slot] = scale
-        stack.present.add(slot)
+    stack.scaling[slot] = scale
+    stack.scaling_values[slot] = scale
+    stack.present.add(slot)

@@ -1,0 +1,110 @@
+"""How many pages each layer's pool of the adapter bank holds, within a memory budget.
+
+Page numbers are shared by all layers (an adapter holds the same page numbers in every layer it
+adapts), but the pools need not all be as long: layer L's pool holds the pages [0, n_L). An
+adapter may take pages below the shortest pool of the layers it adapts (its *limit*), and none
+in the layers it does not adapt. With ``shares`` (per layer, the part of the adapters' ranks that
+adapt it: ``layer_shares``; used when the adapters' sets of layers nest), n_L = share_L x P for
+P page numbers, so a bank whose adapters are
+half q/v-only and half all-linear gives the MLP pools half the pages of the q/v ones, and the
+q/v-only adapters sit in the pages [n_MLP, P) that only the q/v pools have (the bank places
+them from the end): the same budget holds more adapters, in proportion to what they adapt.
+Without shares every pool has all P pages (every adapter may take any page).
+
+Every pool keeps at least the pages of one adapter of the largest rank, so an adapter added at
+runtime that adapts a layer the listed ones rarely do still loads (one such at a time, at worst).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Mapping
+
+from lorakit.io.keys import parse_lora_key
+
+__all__ = ["PoolSizes", "layer_shares", "pool_sizes"]
+
+
+class PoolSizes:
+    """``slots`` adapters at most, ``pages`` page numbers, ``lengths[layer]`` pages in each pool."""
+
+    def __init__(self, slots: int, pages: int, lengths: dict[str, int]) -> None:
+        self.slots, self.pages, self.lengths = slots, pages, lengths
+
+
+def layer_shares(adapters: Iterable[Mapping[str, object]]) -> dict[str, float]:
+    """Per layer path: the sum of the ranks of the adapters that adapt it over the sum of all
+    their ranks (1.0: every adapter adapts it). ``adapters``: each adapter's tensors by PEFT key
+    (tensors or safetensors header entries, anything with a ``shape``); its rank is its largest
+    lora_A's row count.
+
+    {} (pools of equal length) unless the adapters' sets of layers nest (q/v only inside
+    all-linear, say): adapters of crossing sets (q/v and MLP-only) would all be confined to the
+    shortest pool of their layers, and the longer pools would hold pages none of them can use.
+    """
+    total, covered, layer_sets = 0.0, {}, set()
+    for tensors in adapters:
+        paths, rank = set(), 0
+        for key, tensor in tensors.items():
+            parsed = parse_lora_key(key, embeddings=False)
+            if parsed is not None and parsed[1] == "lora_A":
+                paths.add(parsed[0])
+                rank = max(rank, int(tensor.shape[0]))
+        total += rank
+        layer_sets.add(frozenset(paths))
+        for path in paths:
+            covered[path] = covered.get(path, 0.0) + rank
+    chain = sorted(layer_sets, key=len)
+    if not total or any(not small <= large for small, large in itertools.pairwise(chain)):
+        return {}
+    return {path: weight / total for path, weight in covered.items()}
+
+
+def pool_sizes(
+    page_bytes: Mapping[str, int],
+    *,
+    max_rank: int,
+    per_adapter: int,
+    slot_overhead: int,
+    capacity: int | None,
+    memory_budget: int | None,
+    shares: Mapping[str, float] | None = None,
+) -> PoolSizes:
+    """The slots, page numbers and pool lengths: ``page_bytes[layer]`` a page's bytes in that
+    layer's pool, ``per_adapter`` the pages of an adapter of the largest rank ``max_rank``,
+    ``slot_overhead`` a slot's bytes. Without ``memory_budget``: ``capacity`` adapters of the largest rank fit.
+    With it: as many page numbers as fit ``sum_L n_L page_bytes[L] + slots x slot_overhead``
+    within the budget (slots: at most one per page number, and at most ``capacity``).
+    ``ValueError`` when no adapter of the largest rank fits."""
+    weight = {
+        name: 1.0 if shares is None else min(1.0, max(0.0, shares.get(name, 0.0)))
+        for name in page_bytes
+    }
+
+    def lengths(pages: int) -> dict[str, int]:
+        floor = min(per_adapter, pages)
+        return {name: max(floor, math.floor(weight[name] * pages)) for name in page_bytes}
+
+    if memory_budget is None:
+        if capacity is None or capacity < 1:
+            raise ValueError(f"give a capacity >= 1 or a memory_budget (got capacity={capacity})")
+        pages = capacity * per_adapter
+        return PoolSizes(capacity, pages, lengths(pages))
+    mean_page = sum(weight[name] * size for name, size in page_bytes.items())
+    estimate = int(memory_budget // (max(mean_page, 1.0) + slot_overhead))
+    slots = estimate if capacity is None else min(capacity, estimate)
+    pages = int((memory_budget - slots * slot_overhead) // max(mean_page, 1.0))
+
+    def pool_bytes(pages: int) -> int:
+        return sum(n * page_bytes[name] for name, n in lengths(pages).items())
+
+    while pages > 0 and pool_bytes(pages) + slots * slot_overhead > memory_budget:
+        pages -= 1  # the floor of one adapter per pool can push a tight budget over
+    if slots < 1 or pages < per_adapter:
+        one = per_adapter * sum(page_bytes.values()) + slot_overhead
+        raise ValueError(
+            f"memory_budget={memory_budget} bytes holds no adapter of rank {max_rank}: one "
+            f"takes {one} bytes; raise the budget or lower max_rank."
+        )
+    return PoolSizes(slots, pages, lengths(pages))
