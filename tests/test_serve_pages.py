@@ -237,3 +237,13 @@ def test_layer_shares_weigh_ranks_and_give_up_on_crossing_sets():
     assert layer_shares([qv, every, qv]) == {"l.q": 1.0, "l.v": 1.0, "l.up": 0.6}
     assert layer_shares([qv, factors(4, "l.up")]) == {}  # q/v and MLP-only cross: equal pools
     assert layer_shares([]) == {}
+
+
+def test_shares_that_name_none_of_the_layers_leave_the_pools_equal():
+    model = tiny_models.llama()
+    prepare_for_serving(model, TARGETS)
+    budget = 200_000
+    for shares in ({}, {"not.a.layer": 1.0}):
+        bank = AdapterBank(model, max_rank=4, memory_budget=budget, layer_shares=shares)
+        uniform = AdapterBank(model, max_rank=4, memory_budget=budget)
+        assert bank.pool_pages == uniform.pool_pages and bank.pages == uniform.pages

@@ -77,6 +77,8 @@ def pool_sizes(
     With it: as many page numbers as fit ``sum_L n_L page_bytes[L] + slots x slot_overhead``
     within the budget (slots: at most one per page number, and at most ``capacity``).
     ``ValueError`` when no adapter of the largest rank fits."""
+    if shares is not None and not any(shares.get(name, 0.0) > 0 for name in page_bytes):
+        shares = None  # no share for any of these layers: nothing to size the pools by
     weight = {
         name: 1.0 if shares is None else min(1.0, max(0.0, shares.get(name, 0.0)))
         for name in page_bytes
@@ -92,9 +94,9 @@ def pool_sizes(
         pages = capacity * per_adapter
         return PoolSizes(capacity, pages, lengths(pages))
     mean_page = sum(weight[name] * size for name, size in page_bytes.items())
-    estimate = int(memory_budget // (max(mean_page, 1.0) + slot_overhead))
+    estimate = int(memory_budget // (mean_page + slot_overhead))
     slots = estimate if capacity is None else min(capacity, estimate)
-    pages = int((memory_budget - slots * slot_overhead) // max(mean_page, 1.0))
+    pages = int((memory_budget - slots * slot_overhead) // mean_page)
 
     def pool_bytes(pages: int) -> int:
         return sum(n * page_bytes[name] for name, n in lengths(pages).items())
