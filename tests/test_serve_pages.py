@@ -247,3 +247,32 @@ def test_shares_that_name_none_of_the_layers_leave_the_pools_equal():
         bank = AdapterBank(model, max_rank=4, memory_budget=budget, layer_shares=shares)
         uniform = AdapterBank(model, max_rank=4, memory_budget=budget)
         assert bank.pool_pages == uniform.pool_pages and bank.pages == uniform.pages
+
+
+def test_a_load_that_found_no_room_below_its_limit_is_not_read_again_until_there_is():
+    model = tiny_models.llama()
+    prepare_for_serving(model, TARGETS)
+    probe = AdapterBank(model, max_rank=4, capacity=1)
+    budget = 8 * (probe.page_bytes + probe.slot_overhead)
+    shares = {path: 1.0 if path.endswith("q_proj") else 0.5 for path, _ in lora_layers(model)}
+    bank = AdapterBank(model, max_rank=4, memory_budget=budget, layer_shares=shares)
+    for index in range(bank.pages // 2):  # every page below the up_proj pools' end, in use
+        bank.load(f"all{index}", *random_adapter(4, seed=index))
+        bank.acquire(f"all{index}")
+    reads = []
+
+    def loader(name):
+        reads.append(name)
+        return random_adapter(4, seed=99)
+
+    with pytest.raises(BankFullError):
+        bank.acquire("late", loader)
+    assert reads == ["late"] and bank.has_room() and not bank.room_for("late")
+    with pytest.raises(BankFullError):
+        bank.acquire("late", loader)
+    assert reads == ["late"]  # its files are not read again while there is no room for it
+    bank.load("q", *random_adapter(4, seed=7, targets=["q_proj"]))  # room above the limit
+    bank.release("all0")
+    assert bank.room_for("late")
+    bank.acquire("late", loader)
+    assert reads == ["late", "late"] and "all0" not in bank and "q" in bank

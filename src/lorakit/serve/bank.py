@@ -119,6 +119,7 @@ class AdapterBank:
         self._free_pages = FreePages(self.pages)  # aligned runs first (serve/pages.py)
         self.page_table: dict[int, torch.Tensor] = {}  # slot -> its pages (n,), in rank order
         self._in_use: dict[str, int] = {}
+        self._needs: dict[str, tuple[int, int]] = {}  # pages, limit of loads that found no room
         self._pinned: set[str] = set()
         self._forgotten: Counter[str] = Counter()  # times each name was forget()-ed
         self.evictions = 0  # adapters the LRU policy evicted to make room
@@ -226,8 +227,8 @@ class AdapterBank:
 
         The loader runs outside the bank's lock (another thread's read never stalls the threads
         using the bank; the calling thread of course waits for its own), and only when a slot is
-        free or evictable: while the bank is full of adapters in
-        use nothing is read. Unlike ``acquire`` this does not hold the slot: a thread that only
+        free or evictable (and, for an adapter a load already found no room for, its pages below
+        its limit: ``room_for``): while the bank is full of adapters in use nothing is read. Unlike ``acquire`` this does not hold the slot: a thread that only
         prepares an adapter never makes the bank look busy to the engine.
         """
         return self._lazy_load(name, loader, hold=False)
@@ -236,7 +237,7 @@ class AdapterBank:
         with self._lock:
             if name in self._slot_of or loader is None:
                 return self._use(name, hold)
-            self._require_room()
+            self._require_room(*self._needs.get(name, (1, None)))
             generation = self._forgotten[name]
         prepared = self.prepare(name, *loader(name))
         with self._lock:
@@ -284,6 +285,7 @@ class AdapterBank:
             if name in self._slot_of:
                 self.evict(name)
             self._forgotten[name] += 1
+            self._needs.pop(name, None)
 
     def evict(self, name: str) -> None:
         """Remove ``name`` now. Raises ``AdapterInUseError`` while a request uses it."""
@@ -314,6 +316,12 @@ class AdapterBank:
             slot = bool(self._free) or bool(evictable)
             freeable = sum(self._pages_below(n, limit) for n in evictable)
             return slot and self._free_pages.free_below(limit) + freeable >= pages
+
+    def room_for(self, name: str) -> bool:
+        """``has_room`` for adapter ``name``: its pages below its limit when a load of it found no
+        room before (the bank learns them only from its tensors), else one page anywhere."""
+        with self._lock:
+            return self.has_room(*self._needs.get(name, (1, None)))
 
     def _pages_below(self, name: str, limit: int) -> int:
         return int((self.page_table[self._slot_of[name]] < limit).sum())
@@ -388,7 +396,12 @@ class AdapterBank:
         # end: the others' pages stay one compact run (serve/pages.py, serve/pool_sizes.py)
         limit = min(self.pool_pages[name] for name in prepared.pairs)
         some_layers = len(prepared.pairs) < len(self._stacks)
-        slot, pages = self._take_slot(self.pages_for(rank), limit, some_layers)
+        try:
+            slot, pages = self._take_slot(self.pages_for(rank), limit, some_layers)
+        except BankFullError:  # the next load checks this before reading the files again
+            self._needs[prepared.name] = (self.pages_for(rank), limit)
+            raise
+        self._needs.pop(prepared.name, None)
         with torch.no_grad():
             for layer_name, stack in self._stacks.items():
                 pair = prepared.pairs.get(layer_name)

@@ -316,7 +316,7 @@ class Engine:
         (re-raises a failed load's exception)."""
         if request.load_error is not None:
             error, request.load_error = request.load_error, None
-            if not (isinstance(error, BankFullError) and self.bank.has_room()):
+            if not (isinstance(error, BankFullError) and self.bank.room_for(request.adapter)):
                 raise error  # (a full bank that has room again since: load again)
         if request.adapter is None or request.slot >= 0:
             return True
