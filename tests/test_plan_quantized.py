@@ -12,7 +12,7 @@ from lorakit.cli import main
 from lorakit.errors import UserError
 from lorakit.plan import format_report, plan
 from lorakit.quantized.footprint import weight_bytes
-from tests import quantized_layers
+from tests import quantized_layers, tiny_models
 
 # Llama-2-7B: 32 blocks of q, k, v, o (4096 x 4096) and gate, up, down (11008 x 4096);
 # embeddings and output layer 32000 x 4096 and 65 norms of 4096 stay in float16.
@@ -79,3 +79,41 @@ def test_a_gguf_format_on_a_model_with_partial_blocks_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="--quantization: a q4_0 row holds whole blocks"):
         plan(str(tmp_path), quantization="q4_0")
     assert plan(str(tmp_path), quantization="nf4").base_bytes > 0
+
+
+def test_lorakits_cpu_formats_store_the_output_layer_in_int8_rows():
+    # Llama-2-7B (untied output layer): the block linears and the 32000 x 4096 output layer
+    output_weights = 32000 * 4096
+    int8 = plan("llama-2-7b", quantization="int8-rows")
+    rows = 32 * (5 * 4096 + 2 * 11008)  # q, k, v, o, down: 4096 rows; gate, up: 11008
+    assert int8.quantized_weights == (
+        LINEAR_WEIGHTS + output_weights,
+        LINEAR_WEIGHTS + 2 * rows + output_weights + 2 * 32000,
+    )
+    int4 = plan("llama-2-7b", quantization="int4-groups")
+    assert int4.quantized_weights[1] == LINEAR_WEIGHTS * 5 // 8 + output_weights + 2 * 32000
+    assert int4.base_bytes == int4.quantized_weights[1] + 2 * (32000 * 4096 + 65 * 4096)
+    assert "scales and the output layer's int8 rows included" in format_report(int4)
+    with pytest.raises(ValueError, match="multiples of 32; got 48 x 64"):
+        weight_bytes("int4-groups", 48, 64)
+
+
+@pytest.mark.parametrize(("quantization", "mlp"), [("int8-rows", 96), ("int4-groups", 80)])
+def test_cpu_formats_plan_what_quantize_linears_stores_on_a_tied_model(quantization, mlp):
+    from transformers import LlamaForCausalLM
+
+    from lorakit.quantized import int4_groups, int8_rows
+    from lorakit.quantized.footprint import quantized_base
+
+    # tied output layer; int4-groups: an MLP of 80 (not whole groups of 32) stays float
+    config = tiny_models.llama_config(tie_word_embeddings=True, intermediate_size=mlp)
+    model = LlamaForCausalLM(config)
+    float_weights = sum(p.numel() for p in model.parameters())
+    weights, planned = quantized_base(model, quantization)
+    {"int8-rows": int8_rows, "int4-groups": int4_groups}[quantization].quantize_linears(model)
+    layers = [m for m in model.modules() if quantized.is_quantized(m)]
+    stored = sum(t.nbytes for m in layers for t in quantized.storage(m).values())
+    assert planned == stored > 0
+    assert float_weights - weights == sum(p.numel() for p in model.parameters())
+    assert isinstance(model.lm_head, int8_rows.Int8RowsLinear)  # a copy: the embedding is float
+    assert len(layers) == 2 * (7 if quantization == "int8-rows" else 4) + 1

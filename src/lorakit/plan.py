@@ -199,7 +199,8 @@ def plan(
 
     ``lora_alpha`` defaults to ``2 * r``; ``dtype`` to the config's dtype (float32 if none);
     ``devices`` and ``strategy`` ("ddp" or "fsdp") give the per-device training memory;
-    ``quantization`` (nf4, fp4, int8, q4_0, q4_1, q8_0) stores the base's linears quantized.
+    ``quantization`` (nf4, fp4, int8, q4_0, q4_1, q8_0, int8-rows, int4-groups) stores the base's
+    linears quantized (``lorakit.quantized.footprint``).
     """
     if devices < 1 or strategy not in ("ddp", "fsdp"):
         raise UserError(
@@ -332,9 +333,12 @@ def _frozen_lines(result: Plan) -> list[str]:
         ]
     weights, quantized_bytes = result.quantized_weights
     rest = result.frozen_parameters - weights
+    included = "scales"
+    if result.quantization in ("int8-rows", "int4-groups"):
+        included = "scales and the output layer's int8 rows"  # a copy when tied
     return [
         f"  LoRA: {weights:,} frozen in {result.quantization} ({quantized_bytes / weights:.4f} "
-        f"bytes each, scales included) = {_gb(quantized_bytes)}",
+        f"bytes each, {included} included) = {_gb(quantized_bytes)}",
         f"      + {rest:,} frozen x {result.dtype_bytes} bytes ({result.dtype}) = "
         f"{_gb(rest * result.dtype_bytes)}",
     ]

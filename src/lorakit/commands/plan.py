@@ -53,11 +53,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--quantization",
-        choices=("nf4", "fp4", "int8", "q4_0", "q4_1", "q8_0"),
+        choices=("nf4", "fp4", "int8", "q4_0", "q4_1", "q8_0", "int8-rows", "int4-groups"),
         default=None,
         help="store the frozen base's linear layers quantized (bitsandbytes nf4/fp4 with double "
-        "quantization, int8; GGUF q4_0/q4_1/q8_0); the output layer, embeddings and norms stay "
-        "in --dtype (default: not quantized)",
+        "quantization, int8; GGUF q4_0/q4_1/q8_0: the output layer stays in --dtype; lorakit's "
+        "CPU formats int8-rows and int4-groups: the output layer in int8 rows); embeddings and "
+        "norms stay in --dtype (default: not quantized)",
     )
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     parser.set_defaults(func=run)

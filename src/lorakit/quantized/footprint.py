@@ -2,7 +2,11 @@
 
 Which layers are quantized: every ``nn.Linear`` except the output layer (``lm_head``, and the
 input embeddings it may be tied to), as transformers' bitsandbytes loading and lorakit's GGUF
-loading do; embeddings, norms and biases stay in the model's float dtype.
+loading do; embeddings, norms and biases stay in the model's float dtype. lorakit's own CPU
+formats (``lorakit.quantized.int8_rows`` / ``int4_groups``, ``--quantization int8-rows`` /
+``int4-groups`` on load) also store the output layer in int8 rows, a tied one as its own copy
+(the embedding keeps its float weight); int4-groups leaves a layer whose sizes are not
+multiples of 32 in float.
 
 Bytes of one (d, k) weight, n = d k (what the layer stores, ``lorakit.quantized.storage``)::
 
@@ -14,6 +18,9 @@ Bytes of one (d, k) weight, n = d k (what the layer stores, ``lorakit.quantized.
       ~ 0.5159 bytes a weight (without double quantization: 0.5 + 4 / 64 = 0.5625)
     int8 (LLM.int8): n + 4 d            one int8 a weight, one float32 scale a row
     q4_0 / q4_1 / q8_0 (GGUF, blocks of 32 weights along a row): (n / 32) * 18 / 20 / 34
+    int8-rows: n + 2 d                  one int8 a weight, one bfloat16 scale a row
+    int4-groups: n / 2 + 4 n / 32       half a byte a weight, a bfloat16 scale and offset per
+                                        group of 32 inputs: 0.625 bytes a weight
 
 (The quantization maps, 256 float32 values per state, and Python objects are left out.)
 Llama-2-7B in NF4: 6,476,005,376 weights in the 224 block linears take 3.34 GB, the float16
@@ -24,12 +31,20 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["BASE_QUANTIZATIONS", "quantized_base", "quantized_linears", "weight_bytes"]
+__all__ = [
+    "BASE_QUANTIZATIONS",
+    "WEIGHT_ONLY",
+    "quantized_base",
+    "quantized_linears",
+    "weight_bytes",
+]
 
 BNB_BLOCK, BNB_NESTED_BLOCK = 64, 256
 GGUF_BLOCK = 32
 GGUF_BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
-BASE_QUANTIZATIONS = ("nf4", "fp4", "int8", *GGUF_BLOCK_BYTES)
+WEIGHT_ONLY = ("int8-rows", "int4-groups")  # lorakit's CPU formats (lorakit.quantized)
+INT4_GROUP = 32
+BASE_QUANTIZATIONS = ("nf4", "fp4", "int8", *GGUF_BLOCK_BYTES, *WEIGHT_ONLY)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -45,6 +60,15 @@ def weight_bytes(quantization: str, out_features: int, in_features: int) -> int:
         return _ceil_div(n, 2) + blocks + 4 * _ceil_div(blocks, BNB_NESTED_BLOCK) + 4
     if quantization == "int8":
         return n + 4 * out_features
+    if quantization == "int8-rows":
+        return n + 2 * out_features
+    if quantization == "int4-groups":
+        if out_features % INT4_GROUP or in_features % INT4_GROUP:
+            raise ValueError(
+                f"int4-groups takes sizes that are multiples of {INT4_GROUP}; got "
+                f"{out_features} x {in_features}"
+            )
+        return n // 2 + 4 * (n // INT4_GROUP)
     if quantization in GGUF_BLOCK_BYTES:
         if in_features % GGUF_BLOCK:
             raise ValueError(
@@ -70,7 +94,30 @@ def quantized_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 
 
 def quantized_base(model: nn.Module, quantization: str) -> tuple[int, int]:
-    """``(weights, bytes)``: how many weights ``model`` stores quantized and their bytes."""
+    """``(weights, bytes)``: how many float weights ``model`` no longer stores in float, and the
+    bytes of its quantized layers."""
+    if quantization in WEIGHT_ONLY:
+        return _weight_only_base(model, quantization)
     linears = [module for _, module in quantized_linears(model)]
     weights = sum(module.weight.numel() for module in linears)
     return weights, sum(weight_bytes(quantization, *module.weight.shape) for module in linears)
+
+
+def _weight_only_base(model: nn.Module, quantization: str) -> tuple[int, int]:
+    """``quantized_base`` for int8-rows / int4-groups: every ``nn.Linear`` (exact type) in that
+    format, the output layer in int8 rows, layers int4-groups does not take left in float; a
+    tied output layer is an added copy (its weight stays in float with the embedding)."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weights = stored = 0
+    for module in model.modules():
+        if type(module) is not nn.Linear:
+            continue
+        out_features, in_features = module.weight.shape
+        kind = "int8-rows" if module is output else quantization
+        if kind == "int4-groups" and (out_features % INT4_GROUP or in_features % INT4_GROUP):
+            continue  # stays float
+        stored += weight_bytes(kind, out_features, in_features)
+        if inputs is None or module.weight is not inputs.weight:
+            weights += module.weight.numel()
+    return weights, stored
