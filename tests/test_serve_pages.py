@@ -13,6 +13,7 @@ from lorakit.serve import AdapterBank, group_rows, prepare_for_serving, routed
 from lorakit.serve.bank import BankFullError
 from lorakit.serve.pages import FreePages
 from lorakit.serve.pool_sizes import layer_shares
+from lorakit.serve.residency import Residency
 from lorakit.state import lora_layers
 from tests import tiny_models
 
@@ -225,8 +226,8 @@ def test_pools_sized_by_layer_shares_hold_more_adapters_in_the_same_budget():
     served = {name: adapters.get(name) or random_adapter(4, seed=99) for name in bank.names()}
     picks = ["all_new", "q0", "all1", f"q{bank.pages - limit - 1}", "all_new"]
     check_rows_match_float64(model, bank, served, torch.tensor([bank.slot_of(n) for n in picks]))
-    with pytest.raises(BankFullError, match="pools for its layers hold"):
-        bank._require_room(limit + 1, limit)
+    with pytest.raises(BankFullError, match=f"pools for its layers hold {limit} pages"):
+        Residency(bank.capacity, bank.pages).require_room(limit + 1, limit, bank.page_rank)
 
 
 def test_layer_shares_weigh_ranks_and_give_up_on_crossing_sets():

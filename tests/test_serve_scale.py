@@ -267,4 +267,5 @@ def test_stop_cancels_requests_waiting_for_a_load_and_leaves_no_hold(thousand):
     bank.release = lambda name: (original_release(name), loaded.set())
     gate.set()
     assert loaded.wait(timeout=120)  # the loader thread let go of its own hold
-    assert "cold" in bank and bank.has_room() and not bank._in_use
+    assert "cold" in bank and bank.has_room()
+    assert not any(bank.in_use(name) for name in bank.names())

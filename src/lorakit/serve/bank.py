@@ -19,7 +19,7 @@ the lock only the slot is written.
 from __future__ import annotations
 
 import threading
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Mapping
 
 import torch
@@ -30,8 +30,8 @@ from lorakit.inject import default_adapter_dtype
 from lorakit.io.keys import lora_keys, magnitude_key
 from lorakit.layers import LoraLinear
 from lorakit.serve.checks import PreparedAdapter, lora_pairs, prepare_adapter
-from lorakit.serve.pages import FreePages
 from lorakit.serve.pool_sizes import PoolSizes, pool_sizes
+from lorakit.serve.residency import AdapterInUseError, BankFullError, Residency
 from lorakit.serve.stacks import (
     LayerStack,
     allocate_stack,
@@ -51,14 +51,6 @@ __all__ = [
 ]
 
 Loader = Callable[[str], tuple[LoraConfig, Mapping[str, torch.Tensor]]]
-
-
-class BankFullError(RuntimeError):
-    """Every slot holds an adapter that is pinned or used by a running request."""
-
-
-class AdapterInUseError(RuntimeError):
-    """The adapter cannot be evicted now: a running request uses it."""
 
 
 class AdapterBank:
@@ -113,16 +105,9 @@ class AdapterBank:
             self._stacks[name] = stack
             self._by_layer[id(layer)] = stack
         self._lock = threading.RLock()
-        self._slot_of: OrderedDict[str, int] = OrderedDict()  # least recently used first
+        self._held = Residency(self.capacity, self.pages)  # slots, pages, LRU, holds, pins
         self._configs: dict[str, LoraConfig] = {}
-        self._free = list(range(self.capacity - 1, -1, -1))
-        self._free_pages = FreePages(self.pages)  # aligned runs first (serve/pages.py)
-        self.page_table: dict[int, torch.Tensor] = {}  # slot -> its pages (n,), in rank order
-        self._in_use: dict[str, int] = {}
-        self._needs: dict[str, tuple[int, int]] = {}  # pages, limit of loads that found no room
-        self._pinned: set[str] = set()
         self._forgotten: Counter[str] = Counter()  # times each name was forget()-ed
-        self.evictions = 0  # adapters the LRU policy evicted to make room
 
     # ----------------------------------------------------------------- sizing
     def pages_for(self, rank: int) -> int:
@@ -159,7 +144,7 @@ class AdapterBank:
         """Bytes of the pages the loaded adapters hold (proportional to their ranks): a page
         number in use, in every pool long enough to hold it."""
         return sum(
-            (length - self._free_pages.free_below(length)) * self._layer_page_bytes[name]
+            (length - self._held.free_pages.free_below(length)) * self._layer_page_bytes[name]
             for name, length in self.pool_pages.items()
         )
 
@@ -172,33 +157,40 @@ class AdapterBank:
     def layer_names(self) -> list[str]:
         return list(self._stacks)
 
+    @property
+    def page_table(self) -> dict[int, torch.Tensor]:
+        """Slot -> the pages (n,) of the adapter it holds, in rank order (read by the routers;
+        an entry is replaced, never changed, so a reader that kept one can tell by identity)."""
+        return self._held.page_table
+
+    @property
+    def evictions(self) -> int:
+        """Adapters the LRU policy evicted to make room."""
+        return self._held.evictions
+
     def names(self) -> list[str]:
         """Loaded adapters, least recently used first."""
         with self._lock:
-            return list(self._slot_of)
+            return self._held.names()
 
     def __contains__(self, name: object) -> bool:
         with self._lock:
-            return name in self._slot_of
+            return name in self._held
 
     @property
     def loaded_count(self) -> int:
         """How many adapters are loaded, read WITHOUT the lock (a snapshot for ``/health``, which
         must answer while a load or an unload holds the lock)."""
-        return len(self._slot_of)
+        return len(self._held)
 
     def config(self, name: str) -> LoraConfig:
         with self._lock:
-            return self._configs[self._known(name)]
+            self._held.slot(name)
+            return self._configs[name]
 
     def slot_of(self, name: str) -> int:
         with self._lock:
-            return self._slot_of[self._known(name)]
-
-    def _known(self, name: str) -> str:
-        if name not in self._slot_of:
-            raise KeyError(f"adapter {name!r} is not loaded; loaded: {sorted(self._slot_of)}")
-        return name
+            return self._held.slot(name)
 
     # ----------------------------------------------------------------- use, pin, evict
     @property
@@ -218,7 +210,7 @@ class AdapterBank:
     def try_acquire(self, name: str) -> int | None:
         """``acquire`` of a loaded adapter; None (and nothing held) when it is not in the bank."""
         with self._lock:
-            return self._use(name, hold=True) if name in self._slot_of else None
+            return self._held.use(name, hold=True) if name in self._held else None
 
     def ensure_loaded(self, name: str, loader: Loader | None = None) -> int:
         """Load ``name`` with ``loader(name) -> (config, tensors)`` unless it is in the bank; mark
@@ -228,134 +220,79 @@ class AdapterBank:
         The loader runs outside the bank's lock (another thread's read never stalls the threads
         using the bank; the calling thread of course waits for its own), and only when a slot is
         free or evictable (and, for an adapter a load already found no room for, its pages below
-        its limit: ``room_for``): while the bank is full of adapters in use nothing is read. Unlike ``acquire`` this does not hold the slot: a thread that only
-        prepares an adapter never makes the bank look busy to the engine.
+        its limit: ``room_for``): while the bank is full of adapters in use nothing is read.
+        Unlike ``acquire`` this does not hold the slot: a thread that only prepares an adapter
+        never makes the bank look busy to the engine.
         """
         return self._lazy_load(name, loader, hold=False)
 
     def _lazy_load(self, name: str, loader: Loader | None, *, hold: bool) -> int:
         with self._lock:
-            if name in self._slot_of or loader is None:
-                return self._use(name, hold)
-            self._require_room(*self._needs.get(name, (1, None)))
+            if name in self._held or loader is None:
+                return self._held.use(name, hold)
+            self._held.require_room(*self._held.needs(name), self.page_rank)
             generation = self._forgotten[name]
         prepared = self.prepare(name, *loader(name))
         with self._lock:
-            if name in self._slot_of:  # another thread loaded it meanwhile (or re-added it)
-                return self._use(name, hold)
+            if name in self._held:  # another thread loaded it meanwhile (or re-added it)
+                return self._held.use(name, hold)
             if self._forgotten[name] != generation:
                 raise KeyError(f"adapter {name!r} was unloaded while it was being read")
             self._commit(prepared, pin=False)
-            return self._use(name, hold)
-
-    def _use(self, name: str, hold: bool) -> int:
-        slot = self._slot_of[self._known(name)]
-        self._slot_of.move_to_end(name)
-        if hold:
-            self._in_use[name] = self._in_use.get(name, 0) + 1
-        return slot
+            return self._held.use(name, hold)
 
     def release(self, name: str) -> None:
         with self._lock:
-            count = self._in_use.get(name, 0) - 1
-            if count > 0:
-                self._in_use[name] = count
-            else:
-                self._in_use.pop(name, None)
+            self._held.release(name)
+
+    def in_use(self, name: str) -> int:
+        """How many running requests hold ``name``."""
+        with self._lock:
+            return self._held.in_use(name)
 
     def pin(self, name: str) -> None:
         """Never evict ``name`` by the LRU policy (``evict`` still removes it)."""
         with self._lock:
-            self._pinned.add(self._known(name))
+            self._held.pin(name)
 
     def pinned(self) -> list[str]:
         """Pinned adapters (loaded ones only), least recently used first."""
         with self._lock:
-            return [name for name in self._slot_of if name in self._pinned]
+            return self._held.pinned()
 
     def unpin(self, name: str) -> None:
         with self._lock:
-            self._pinned.discard(name)
+            self._held.unpin(name)
 
     def forget(self, name: str) -> None:
         """Evict ``name`` if it is loaded, and make the loads of it under way (``acquire`` /
         ``ensure_loaded`` reading its files) fail with ``KeyError`` instead of putting it back.
         ``AdapterInUseError`` while a request uses it (then nothing changes)."""
         with self._lock:
-            if name in self._slot_of:
+            if name in self._held:
                 self.evict(name)
             self._forgotten[name] += 1
-            self._needs.pop(name, None)
+            self._held.forget_needs(name)
 
     def evict(self, name: str) -> None:
         """Remove ``name`` now. Raises ``AdapterInUseError`` while a request uses it."""
         with self._lock:
-            self._known(name)
-            if self._in_use.get(name):
-                raise AdapterInUseError(
-                    f"adapter {name!r} is used by {self._in_use[name]} running request(s); "
-                    "retry when they finish."
-                )
-            slot = self._slot_of.pop(name)
-            self._pinned.discard(name)
+            slot = self._held.remove(name)
             del self._configs[name]
             for stack in self._stacks.values():
                 stack.present.discard(slot)
-            self._free.append(slot)
-            self._free_pages.give(self.page_table.pop(slot).tolist())
-
-    def _evictable(self, name: str) -> bool:
-        return name not in self._pinned and not self._in_use.get(name)
 
     def has_room(self, pages: int = 1, limit: int | None = None) -> bool:
         """A load of an adapter of ``pages`` pages below page ``limit`` (default: any) would
         find a slot and the pages now, evicting adapters no request uses."""
-        limit = self.pages if limit is None else limit
         with self._lock:
-            evictable = [n for n in self._slot_of if self._evictable(n)]
-            slot = bool(self._free) or bool(evictable)
-            freeable = sum(self._pages_below(n, limit) for n in evictable)
-            return slot and self._free_pages.free_below(limit) + freeable >= pages
+            return self._held.has_room(pages, limit)
 
     def room_for(self, name: str) -> bool:
         """``has_room`` for adapter ``name``: its pages below its limit when a load of it found no
         room before (the bank learns them only from its tensors), else one page anywhere."""
         with self._lock:
-            return self.has_room(*self._needs.get(name, (1, None)))
-
-    def _pages_below(self, name: str, limit: int) -> int:
-        return int((self.page_table[self._slot_of[name]] < limit).sum())
-
-    def _require_room(self, pages: int = 1, limit: int | None = None) -> None:
-        limit = self.pages if limit is None else limit
-        if pages > limit:
-            raise BankFullError(
-                f"an adapter of {pages} pages (rank up to {pages * self.page_rank}) cannot fit "
-                f"a bank whose pools for its layers hold {limit} pages; raise --adapter-memory."
-            )
-        if not self.has_room(pages, limit):
-            raise BankFullError(
-                f"all {self.capacity} adapter slots or {self.pages} pages are pinned or used by "
-                "running requests; raise the capacity (--max-adapters / --adapter-memory), "
-                "unpin, or retry later."
-            )
-
-    def _take_slot(self, pages: int, limit: int, from_end: bool) -> tuple[int, torch.Tensor]:
-        """A free slot and ``pages`` free pages below ``limit`` (``FreePages.take``), evicting
-        least recently used adapters (those holding pages below ``limit`` when pages are
-        short)."""
-        self._require_room(pages, limit)
-        while not self._free or self._free_pages.free_below(limit) < pages:
-            short = self._free_pages.free_below(limit) < pages
-            victim = next(  # least recently used, and freeing pages where they are needed
-                n
-                for n in self._slot_of
-                if self._evictable(n) and (not short or self._pages_below(n, limit))
-            )
-            self.evict(victim)
-            self.evictions += 1
-        taken = self._free_pages.take(pages, from_end=from_end, limit=limit)
-        return self._free.pop(), torch.tensor(taken, dtype=torch.long)
+            return self._held.has_room(*self._held.needs(name))
 
     # ----------------------------------------------------------------- load
     def load(
@@ -385,7 +322,7 @@ class AdapterBank:
     def load_prepared(self, prepared: PreparedAdapter, *, pin: bool = False) -> int:
         """``load`` of an adapter ``prepare`` checked: only the slot write happens here."""
         with self._lock:
-            if prepared.name in self._slot_of:
+            if prepared.name in self._held:
                 raise ValueError(f"adapter {prepared.name!r} is already loaded; unload it first.")
             return self._commit(prepared, pin=pin)
 
@@ -396,22 +333,20 @@ class AdapterBank:
         # end: the others' pages stay one compact run (serve/pages.py, serve/pool_sizes.py)
         limit = min(self.pool_pages[name] for name in prepared.pairs)
         some_layers = len(prepared.pairs) < len(self._stacks)
+        pages_needed = self.pages_for(rank)
         try:
-            slot, pages = self._take_slot(self.pages_for(rank), limit, some_layers)
+            self._held.require_room(pages_needed, limit, self.page_rank)
         except BankFullError:  # the next load checks this before reading the files again
-            self._needs[prepared.name] = (self.pages_for(rank), limit)
+            self._held.found_no_room(prepared.name, pages_needed, limit)
             raise
-        self._needs.pop(prepared.name, None)
+        slot, pages = self._held.take(pages_needed, limit, some_layers, self.evict)
         with torch.no_grad():
             for layer_name, stack in self._stacks.items():
                 pair = prepared.pairs.get(layer_name)
                 scale, gain = prepared.scales.get(layer_name, 0.0), prepared.gains.get(layer_name)
                 write_slot(stack, slot, pages, pair, scale, gain)
-        self.page_table[slot] = pages
-        self._slot_of[prepared.name] = slot
+        self._held.add(prepared.name, slot, pages, pin=pin)
         self._configs[prepared.name] = prepared.config
-        if pin:
-            self._pinned.add(prepared.name)
         return slot
 
     def load_from_model(
