@@ -100,7 +100,13 @@ def start_server(root: Path, args):
         model, max_rank=max_rank, memory_budget=args.adapter_memory, layer_shares=shares or None
     )
     adapters = ServedAdapters(bank, registry, model)
-    engine = Engine(model, bank, max_batch=args.max_batch, adapter_loader=adapters.read)
+    engine = Engine(
+        model,
+        bank,
+        max_batch=args.max_batch,
+        max_loras=args.max_loras,
+        adapter_loader=adapters.read,
+    )
     return engine.start(), adapters, listed, time.perf_counter() - start
 
 
@@ -275,6 +281,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rate", type=float, default=40.0, help="Poisson arrivals per second")
     parser.add_argument("--zipf", type=float, default=1.0)
     parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument(
+        "--max-loras", type=int, default=None, help="distinct adapters a step at most"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--soak", type=float, default=20.0, help="soak seconds")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")

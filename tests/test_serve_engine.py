@@ -119,6 +119,41 @@ def test_greedy_in_a_mixed_continuous_batch_equals_alone_merged(served):
     assert len(distinct_outputs) > 4  # the adapters change the outputs: the test can fail
 
 
+def test_max_loras_bounds_the_adapters_of_a_step_and_lets_later_requests_pass(served):
+    reference, model, bank = served
+    engine = Engine(model, bank, max_batch=4, max_loras=1)
+    step_adapters, finished, results = [], threading.Semaphore(0), {}
+    decode_step = engine._decode_step
+
+    def recording_step():
+        step_adapters.append({r.adapter for r in engine._running} - {None})
+        decode_step()
+
+    engine._decode_step = recording_step
+    order = [(0, "a0"), (1, "a1"), (2, "a0"), (3, None), (4, "a1")]  # a1 must wait for a0
+    for index, adapter in order:
+        prompt = [5 + index, 7, 9]
+
+        def on_event(event, index=index):
+            results.setdefault(index, []).extend(event.token_ids)
+            if event.finish_reason is not None:
+                finished.release()
+
+        engine.submit(prompt, adapter, SamplingParams(max_tokens=3 + index), on_event)
+    with engine:
+        for _ in order:
+            assert finished.acquire(timeout=60)
+    assert step_adapters and max(map(len, step_adapters)) == 1  # never two adapters in a step
+    assert {"a0"} in step_adapters and {"a1"} in step_adapters
+    # requests 2 (a0) and 3 (base) passed request 1 (a1), queued before them: the first step
+    # runs 0, 2 and 3
+    assert step_adapters[0] == {"a0"} and engine.stats.max_running == 3
+    for index, adapter in order:
+        assert results[index] == alone_merged(reference, [5 + index, 7, 9], adapter, 3 + index)
+    with pytest.raises(ValueError, match="max_loras must be >= 1"):
+        Engine(model, bank, max_loras=0)
+
+
 def test_sampling_is_reproducible_per_seed_whatever_the_batch(served):
     _, model, bank = served
     params = SamplingParams(max_tokens=6, temperature=1.3, top_p=0.9, seed=11)

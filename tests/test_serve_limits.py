@@ -433,3 +433,11 @@ def test_max_waiting_below_one_is_a_user_error(tmp_path, capsys):
     args = ["serve", "--model", str(tmp_path), "--adapters", str(tmp_path), "--max-waiting", "0"]
     assert main(args) == 2
     assert "--max-waiting must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_max_loras_below_one_is_a_user_error(tmp_path, capsys):
+    from lorakit.cli import main
+
+    args = ["serve", "--model", str(tmp_path), "--adapters", str(tmp_path), "--max-loras", "0"]
+    assert main(args) == 2
+    assert "--max-loras must be >= 1, got 0" in capsys.readouterr().err

@@ -76,6 +76,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-batch", type=int, default=32, help="requests decoded together at most"
     )
     parser.add_argument(
+        "--max-loras",
+        type=int,
+        default=None,
+        help="distinct adapters decoded together at most (as vLLM's --max-loras; requests for "
+        "other adapters wait their turn; fewer adapters a step read fewer bytes; default: no "
+        "bound)",
+    )
+    parser.add_argument(
         "--max-prompt-tokens",
         type=int,
         default=1024,
@@ -246,6 +254,8 @@ def build(args: argparse.Namespace):
     from lorakit.serve.engine import Engine
     from lorakit.serve.registry import AdapterRegistry, ServedAdapters
 
+    if args.max_loras is not None and args.max_loras < 1:
+        raise UserError(f"--max-loras must be >= 1, got {args.max_loras}")
     if args.max_waiting < 1:
         raise UserError(f"--max-waiting must be >= 1, got {args.max_waiting}")
     if args.quantization is not None:  # before the adapters are scanned and the model loads
@@ -279,6 +289,7 @@ def build(args: argparse.Namespace):
         bank,
         tokenizer,
         max_batch=args.max_batch,
+        max_loras=args.max_loras,
         adapter_loader=adapters.read,
         max_waiting=args.max_waiting,
     )

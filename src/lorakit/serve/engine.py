@@ -73,7 +73,11 @@ class Engine:
     how many requests were cancelled. ``lean_decode``: decode steps of a Llama-family model run
     ``lean_decode.LeanDecoder`` (the same function in fewer ops; with a bank, q/k/v and gate/up
     are each one product over their concatenated weights, of which the model's weights become
-    views) instead of the model's own forward.
+    views) instead of the model's own forward. ``max_loras``: distinct adapters in the running
+    batch at most (vLLM's ``--max-loras``; None: no bound): a request for another adapter waits,
+    in its place in the queue, until one of them leaves the batch, while requests behind it whose
+    adapters are in the batch go ahead. A decode step reads every adapter of its batch, so fewer
+    distinct adapters is fewer bytes a step, at the price of a longer wait for the others.
     """
 
     def __init__(
@@ -88,7 +92,10 @@ class Engine:
         max_waiting: int | None = None,
         load_workers: int = 2,
         lean_decode: bool = True,
+        max_loras: int | None = None,
     ) -> None:
+        if max_loras is not None and max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1 or None, got {max_loras}")
         self.model = model.eval()
         self._lean = lean_decoder(model, fuse_siblings=bank is not None) if lean_decode else None
         self.bank = bank
@@ -96,6 +103,7 @@ class Engine:
         self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
         self.tokenizer = tokenizer
         self.max_batch = max_batch
+        self.max_loras = max_loras
         self.max_waiting = max_waiting
         self.adapter_loader = adapter_loader
         self.load_workers = load_workers
@@ -286,6 +294,9 @@ class Engine:
             if request.cancelled:
                 self._finish(request, "cancelled")
                 continue
+            if not self._adapter_fits(request):
+                deferred.append(request)  # its adapter would exceed max_loras: waits its turn
+                continue
             try:
                 if not self._acquire_adapter(request):
                     continue  # parked: its adapter is being loaded by a loader thread
@@ -310,6 +321,14 @@ class Engine:
                 self._finish(request, "error", f"{type(error).__name__}: {error}", kind=INTERNAL)
         with self._wake:
             self._waiting.extendleft(reversed(deferred))
+
+    def _adapter_fits(self, request: GenerationRequest) -> bool:
+        """The request's adapter is in the running batch, or the batch has fewer than
+        ``max_loras`` distinct adapters."""
+        if self.max_loras is None or request.adapter is None:
+            return True
+        running = {r.adapter for r in self._running if r.adapter is not None}
+        return request.adapter in running or len(running) < self.max_loras
 
     def _acquire_adapter(self, request: GenerationRequest) -> bool:
         """Hold the request's adapter in the bank; False: not resident, parked for a load
