@@ -20,17 +20,20 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from lorakit.io.keys import parse_lora_key
 
 __all__ = ["PoolSizes", "layer_shares", "pool_sizes"]
 
 
+@dataclass(frozen=True)
 class PoolSizes:
     """``slots`` adapters at most, ``pages`` page numbers, ``lengths[layer]`` pages in each pool."""
 
-    def __init__(self, slots: int, pages: int, lengths: dict[str, int]) -> None:
-        self.slots, self.pages, self.lengths = slots, pages, lengths
+    slots: int
+    pages: int
+    lengths: dict[str, int]
 
 
 def layer_shares(adapters: Iterable[Mapping[str, object]]) -> dict[str, float]:
@@ -73,10 +76,10 @@ def pool_sizes(
 ) -> PoolSizes:
     """The slots, page numbers and pool lengths: ``page_bytes[layer]`` a page's bytes in that
     layer's pool, ``per_adapter`` the pages of an adapter of the largest rank ``max_rank``,
-    ``slot_overhead`` a slot's bytes. Without ``memory_budget``: ``capacity`` adapters of the largest rank fit.
-    With it: as many page numbers as fit ``sum_L n_L page_bytes[L] + slots x slot_overhead``
-    within the budget (slots: at most one per page number, and at most ``capacity``).
-    ``ValueError`` when no adapter of the largest rank fits."""
+    ``slot_overhead`` a slot's bytes. Without ``memory_budget``: ``capacity`` adapters of the
+    largest rank fit. With it: as many page numbers as fit ``sum_L n_L page_bytes[L] + slots x
+    slot_overhead`` within the budget (slots: at most one per page number, and at most
+    ``capacity``). ``ValueError`` when no adapter of the largest rank fits."""
     if shares is not None and not any(shares.get(name, 0.0) > 0 for name in page_bytes):
         shares = None  # no share for any of these layers: nothing to size the pools by
     weight = {

@@ -5,19 +5,19 @@
 Rows of one slot form a segment. Long segments (``LOOP_MIN_ROWS`` rows or more) run alone: their
 rows are a slice when contiguous, and their pages a slice of the pools when consecutive (the
 bank hands out consecutive pages, ``lorakit.serve.pages``), else gathered. The short ones are
-run as padded grids (``RowGroups.padded``), built for the slots a layer actually holds (an
-adapter that does not adapt a layer has only zero pages there, which are not read) and split
-by segment length into buckets of 1, 2, 3-4, 5-8 and 9-16 rows, so that a hot adapter's few
-rows do not pad every cold adapter's single row (buckets share a grid where that padding costs
-less than a grid's own operator launches, ``GRID_OVERHEAD_BYTES``: in small layers). A grid's entries are windows of ``block``
-consecutive pages, window w = pages [w * block, (w + 1) * block): ``block`` is the largest size
-that tiles every segment's pages (the gcd of their page counts and first pages when each is one
-consecutive run; 1 when one is scattered), so a batch of adapters of one rank, loaded into
-aligned runs, has one entry per adapter, as a stack of fixed rank would, and a batch of mixed
-ranks one entry per page. When the entries' windows lie within a run of at most twice as many
-windows (most of the bank's adapters in the batch), the op reads that run of the pools in
-place, the windows of no segment of the grid as fillers whose results are dropped; otherwise it
-gathers copies of the entries' windows.
+run as padded grids (``RowGroups.padded``), built for the slots a layer actually holds (the
+pages of an adapter that does not adapt a layer are not read there) and split by segment length
+into buckets of 1, 2, 3-4, 5-8 and 9-16 rows, so that a hot adapter's few rows do not pad every
+cold adapter's single row (buckets share a grid where that padding costs less than a grid's
+own operator launches, ``GRID_OVERHEAD_BYTES``: in small layers). A grid's entries are windows
+of ``block`` consecutive pages, window w = pages [w * block, (w + 1) * block): ``block`` is the
+largest size that tiles every segment's pages (the gcd of their page counts and first pages
+when each is one consecutive run; 1 when one is scattered), so a batch of adapters of one rank,
+loaded into aligned runs, has one entry per adapter, as a stack of fixed rank would, and a batch
+of mixed ranks one entry per page. When the entries' windows lie within a run of at most twice
+as many windows (most of the bank's adapters in the batch), the op reads that run of the pools
+in place, the windows of no segment of the grid as fillers whose results are dropped; otherwise
+it gathers copies of the entries' windows.
 """
 
 from __future__ import annotations
