@@ -79,9 +79,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-loras",
         type=int,
         default=None,
-        help="distinct adapters decoded together at most (as vLLM's --max-loras; requests for "
-        "other adapters wait their turn; fewer adapters a step read fewer bytes; default: no "
-        "bound)",
+        help="distinct adapters decoded together at most (as vLLM's --max-loras: requests for "
+        "other adapters wait their turn while those behind them go ahead; default: no bound)",
     )
     parser.add_argument(
         "--max-prompt-tokens",

@@ -76,8 +76,9 @@ class Engine:
     views) instead of the model's own forward. ``max_loras``: distinct adapters in the running
     batch at most (vLLM's ``--max-loras``; None: no bound): a request for another adapter waits,
     in its place in the queue, until one of them leaves the batch, while requests behind it whose
-    adapters are in the batch go ahead. A decode step reads every adapter of its batch, so fewer
-    distinct adapters is fewer bytes a step, at the price of a longer wait for the others.
+    adapters are in the batch go ahead. A decode step reads every adapter of its batch: fewer
+    distinct adapters is fewer bytes a step, but the batch may be smaller and the others wait
+    (docs/serving.md: on a thousand-adapter zipf workload it cost throughput).
     """
 
     def __init__(
