@@ -14,7 +14,7 @@ ranks held) is the same whatever the placement; only the speed of the op depends
 ``from_end``: the same preferences searched from the last page down. The bank places adapters
 that adapt only some of the layers (q/v only, say) from the end and the others from the start,
 so in a layer that only the latter adapt, their pages form one compact run that the op reads in
-place, instead of runs broken by the former's zero pages.
+place, instead of runs broken by the former's pages.
 """
 
 from __future__ import annotations
