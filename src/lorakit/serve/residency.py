@@ -150,7 +150,8 @@ class Residency:
         return self._free_slots.pop(), torch.tensor(taken, dtype=torch.long)
 
     def _pages_below(self, name: str, limit: int) -> int:
-        return int((self.page_table[self._slot_of[name]] < limit).sum())
+        pages = self.page_table[self._slot_of[name]]
+        return pages.numel() if limit >= self.pages else int((pages < limit).sum())
 
     # ----------------------------------------------------------------- add and remove
     def add(self, name: str, slot: int, pages: torch.Tensor, *, pin: bool = False) -> None:
