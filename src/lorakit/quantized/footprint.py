@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from lorakit.quantized.int4_groups import GROUP, fits
+
 __all__ = [
     "BASE_QUANTIZATIONS",
     "WEIGHT_ONLY",
@@ -43,7 +45,6 @@ BNB_BLOCK, BNB_NESTED_BLOCK = 64, 256
 GGUF_BLOCK = 32
 GGUF_BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
 WEIGHT_ONLY = ("int8-rows", "int4-groups")  # lorakit's CPU formats (lorakit.quantized)
-INT4_GROUP = 32
 BASE_QUANTIZATIONS = ("nf4", "fp4", "int8", *GGUF_BLOCK_BYTES, *WEIGHT_ONLY)
 
 
@@ -63,12 +64,12 @@ def weight_bytes(quantization: str, out_features: int, in_features: int) -> int:
     if quantization == "int8-rows":
         return n + 2 * out_features
     if quantization == "int4-groups":
-        if out_features % INT4_GROUP or in_features % INT4_GROUP:
+        if not fits(out_features, in_features):
             raise ValueError(
-                f"int4-groups takes sizes that are multiples of {INT4_GROUP}; got "
+                f"int4-groups takes sizes that are multiples of {GROUP}; got "
                 f"{out_features} x {in_features}"
             )
-        return n // 2 + 4 * (n // INT4_GROUP)
+        return n // 2 + 4 * (n // GROUP)
     if quantization in GGUF_BLOCK_BYTES:
         if in_features % GGUF_BLOCK:
             raise ValueError(
@@ -115,8 +116,8 @@ def _weight_only_base(model: nn.Module, quantization: str) -> tuple[int, int]:
             continue
         out_features, in_features = module.weight.shape
         kind = "int8-rows" if module is output else quantization
-        if kind == "int4-groups" and (out_features % INT4_GROUP or in_features % INT4_GROUP):
-            continue  # stays float
+        if kind == "int4-groups" and not fits(out_features, in_features):
+            continue  # stays float (as int4_groups.quantize_linears leaves it)
         stored += weight_bytes(kind, out_features, in_features)
         if inputs is None or module.weight is not inputs.weight:
             weights += module.weight.numel()
