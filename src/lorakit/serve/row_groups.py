@@ -99,11 +99,6 @@ class RowGroups:
         default_factory=dict, compare=False, repr=False
     )
 
-    @property
-    def padded_slots(self) -> frozenset[int]:
-        """The slots of the short segments."""
-        return frozenset(self.short)
-
     def padded(
         self, present: Set[int] | None = None, row_bytes: int | None = None
     ) -> tuple[PaddedSegments, ...]:
@@ -112,7 +107,7 @@ class RowGroups:
         of x and of the output) costs less than a grid (``padded_grids``); built at a layer's
         first call and reused by every layer with the same slots and row bytes (one forward
         runs in one thread)."""
-        slots = self.padded_slots if present is None else self.padded_slots & frozenset(present)
+        slots = frozenset(slot for slot in self.short if present is None or slot in present)
         grids = self._grids.get((slots, row_bytes))
         if grids is None:
             short = {slot: rows for slot, rows in self.short.items() if slot in slots}
