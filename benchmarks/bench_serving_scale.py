@@ -97,7 +97,7 @@ def start_server(root: Path, args):
     model = base_model(args)
     prepare_for_serving(model, targets)
     bank = AdapterBank(
-        model, max_rank=max_rank, memory_budget=args.adapter_memory, layer_shares=shares or None
+        model, max_rank=max_rank, memory_budget=args.adapter_memory, layer_shares=shares
     )
     adapters = ServedAdapters(bank, registry, model)
     engine = Engine(

@@ -278,7 +278,7 @@ def build(args: argparse.Namespace):
             max_rank=args.max_rank or max_rank,
             capacity=capacity,
             memory_budget=budget,
-            layer_shares=shares or None,
+            layer_shares=shares,
         )
     except ValueError as error:
         raise UserError(str(error)) from None
