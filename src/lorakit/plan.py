@@ -2,14 +2,15 @@
 
 The model is built from its config on PyTorch's ``meta`` device (shapes only, no storage), the
 adapter is put in with ``lorakit.inject`` and counted with ``lorakit.count_parameters``, so the
-numbers are exactly those of a real run. The memory model (GB = 1e9 bytes; weights, gradients and
-optimizer states only, activations not included)::
+numbers are exactly those of a real run. The memory model (GB = 1e9 bytes)::
 
     full fine-tuning  = P_base * 16 bytes            (fp32 weight + gradient + AdamW m and v)
     LoRA training     = P_frozen * b_dtype + P_trainable * 16 bytes
     adapter file      = P_trainable * 4 (float32) or * 2 (bfloat16) bytes of tensors
     inference merged  = P_base * b_dtype
     base + N adapters = P_base * b_dtype + N * P_trainable * b_dtype
+    activations       = what one training forward of batch x seq_len tokens keeps for backward,
+                        counted by running it on the meta device (``lorakit.activations``)
 
 Per device when training on N devices (``lorakit train --strategy ddp|fsdp`` under torchrun)::
 
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 from lorakit.accounting import ParameterCount, count_parameters
+from lorakit.activations import Activations, training_activations
 from lorakit.config import LoraConfig
 from lorakit.errors import UserError
 from lorakit.inject import inject
@@ -72,7 +74,9 @@ _DERIVED = (
     *("full_finetune_bytes", "lora_frozen_bytes", "lora_trainable_state_bytes"),
     *("lora_training_bytes", "inference_merged_bytes", "inference_with_adapters_bytes"),
     *("fsdp_sharded_bytes", "fsdp_gathered_bytes", "per_device_training_bytes"),
+    "training_with_activations_bytes",
 )
+DEFAULT_SEQ_LEN = 2048  # or the model's max_position_embeddings when shorter
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,9 @@ class Plan:
     outside_blocks: tuple[int, int] = (0, 0)  # (frozen, trainable) of the root unit
     quantization: str | None = None  # the frozen base's linears (lorakit.quantized.footprint)
     quantized_weights: tuple[int, int] = (0, 0)  # (weights, bytes) stored quantized
+    activations: Activations | None = None  # per device; None: see activations_error
+    lora_dropout: float = 0.0
+    activations_error: str = ""
 
     @property
     def dtype_bytes(self) -> int:
@@ -170,6 +177,13 @@ class Plan:
             return self.fsdp_sharded_bytes + self.fsdp_gathered_bytes
         return self.lora_training_bytes
 
+    @property
+    def training_with_activations_bytes(self) -> int | None:
+        """Per device: weights, gradients, AdamW states and one batch's activations."""
+        if self.activations is None:
+            return None
+        return self.per_device_training_bytes + self.activations.total_bytes
+
     def to_dict(self) -> dict[str, Any]:
         """Every count and byte figure, JSON-ready."""
         counts = dataclasses.asdict(self)
@@ -180,6 +194,8 @@ class Plan:
         }
         for name in _DERIVED:
             counts[name] = getattr(self, name)
+        if self.activations is not None:
+            counts["activations"]["total_bytes"] = self.activations.total_bytes
         return counts
 
 
@@ -194,34 +210,45 @@ def plan(
     devices: int = 1,
     strategy: str = "ddp",
     quantization: str | None = None,
+    batch_size: int = 1,
+    seq_len: int | None = None,
+    lora_dropout: float = 0.0,
 ) -> Plan:
     """Count a LoRA setup on ``model`` (built-in name, HF model directory or config.json).
 
     ``lora_alpha`` defaults to ``2 * r``; ``dtype`` to the config's dtype (float32 if none);
     ``devices`` and ``strategy`` ("ddp" or "fsdp") give the per-device training memory;
     ``quantization`` (nf4, fp4, int8, q4_0, q4_1, q8_0, int8-rows, int4-groups) stores the base's
-    linears quantized (``lorakit.quantized.footprint``).
+    linears quantized (``lorakit.quantized.footprint``); ``batch_size`` sequences of ``seq_len``
+    tokens (default 2048, or the model's maximum when shorter) per device, with LoRA dropout
+    ``lora_dropout``, give the activations (``lorakit.activations``).
     """
     if devices < 1 or strategy not in ("ddp", "fsdp"):
         raise UserError(
             f"--devices must be >= 1 and --strategy ddp or fsdp (got {devices}, {strategy!r})"
         )
+    if batch_size < 1 or (seq_len is not None and seq_len < 1):
+        raise UserError(f"--batch-size and --seq-len must be >= 1 (got {batch_size}, {seq_len})")
     try:
         config = LoraConfig(
             r=r,
             lora_alpha=2 * r if lora_alpha is None else lora_alpha,
             target_modules=target_modules,
+            lora_dropout=lora_dropout,
         )
     except ValueError as error:
         raise UserError(str(error)) from None
     meta_model, dtype_name = build_meta_model(model, dtype)
     base_parameters = count_parameters(meta_model).total
     quantized_weights = _quantized_weights(meta_model, quantization)
-    try:
-        inject(meta_model, config)
+    try:  # dropout cannot draw on meta: its masks are counted by rule
+        inject(meta_model, dataclasses.replace(config, lora_dropout=0.0))
     except (ValueError, TypeError) as error:  # TypeError: a module lorakit cannot adapt
         raise UserError(str(error)) from None
     counts = count_parameters(meta_model)
+    if seq_len is None:
+        seq_len = min(DEFAULT_SEQ_LEN, _max_positions(meta_model) or DEFAULT_SEQ_LEN)
+    activations, activations_error = _activations(meta_model, batch_size, seq_len, lora_dropout)
     return Plan(
         model=model,
         architecture=type(meta_model).__name__,
@@ -236,8 +263,32 @@ def plan(
         strategy=strategy,
         quantization=quantization,
         quantized_weights=quantized_weights,
+        activations=activations,
+        lora_dropout=lora_dropout,
+        activations_error=activations_error,
         **_fsdp_units(meta_model),
     )
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _activations(
+    model: nn.Module, batch: int, seq_len: int, dropout: float
+) -> tuple[Activations | None, str]:
+    """The activations, or None and why: a forward that cannot run on the meta device (code
+    that reads tensor values) is reported, not raised, as the counts above stand without it."""
+    try:
+        return training_activations(model, batch=batch, seq_len=seq_len, dropout=dropout), ""
+    except Exception as error:  # any model code may fail on meta; the plan reports it
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return None, f"{type(error).__name__}: {first_line[:200]}"
 
 
 def _quantized_weights(model: nn.Module, quantization: str | None) -> tuple[int, int]:
@@ -306,8 +357,7 @@ def format_report(result: Plan) -> str:
         "adapter file: "
         + ", ".join(f"{n / MB:,.1f} MB in {k}" for k, n in result.adapter_file_bytes.items()),
         "",
-        "training memory (weights + gradients + AdamW states; activations not included; "
-        "GB = 1e9 bytes)",
+        "training memory (weights + gradients + AdamW states; GB = 1e9 bytes)",
         f"  full fine-tuning: {result.base_parameters:,} params x 16 bytes = "
         f"{_gb(result.full_finetune_bytes)}",
         *_frozen_lines(result),
@@ -316,6 +366,7 @@ def format_report(result: Plan) -> str:
         f"      = {_gb(result.lora_training_bytes)} "
         f"({result.full_finetune_bytes / result.lora_training_bytes:.1f}x less)",
         *_per_device_lines(result),
+        *_activation_lines(result),
         f"inference memory (weights only, adapters in "
         f"{'float32' if result.quantization else result.dtype})",
         f"  merged: {_gb(result.inference_merged_bytes)}",
@@ -341,6 +392,24 @@ def _frozen_lines(result: Plan) -> list[str]:
         f"bytes each, {included} included) = {_gb(quantized_bytes)}",
         f"      + {rest:,} frozen x {result.dtype_bytes} bytes ({result.dtype}) = "
         f"{_gb(rest * result.dtype_bytes)}",
+    ]
+
+
+def _activation_lines(result: Plan) -> list[str]:
+    """One batch's activations and the training total with them (per device)."""
+    activations = result.activations
+    if activations is None:
+        return [
+            "  activations: not counted; this model's forward does not run on the meta device "
+            f"({result.activations_error})"
+        ]
+    dropout = f", dropout masks {_gb(activations.dropout_mask_bytes)}" * (result.lora_dropout > 0)
+    where = " per device" if result.devices > 1 else ""
+    return [
+        f"  activations kept for backward ({activations.batch} x {activations.seq_len} tokens"
+        f"{where}, flash attention, no gradient checkpointing{dropout}): "
+        f"{_gb(activations.total_bytes)}",
+        f"      training with activations{where}: {_gb(result.training_with_activations_bytes)}",
     ]
 
 

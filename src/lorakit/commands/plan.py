@@ -14,8 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="count LoRA parameters and estimate training/inference memory (no weights loaded)",
         description=(
             "Build MODEL on the meta device (no weights, no memory), add a LoRA adapter and print "
-            "trainable parameters per module type, the adapter file size and the memory of LoRA "
-            "vs. full fine-tuning (GB = 1e9 bytes; activations not included)."
+            "trainable parameters per module type, the adapter file size, the memory of LoRA "
+            "vs. full fine-tuning and the activations one training step keeps for backward "
+            "(GB = 1e9 bytes)."
         ),
     )
     parser.add_argument(
@@ -60,6 +61,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "CPU formats int8-rows and int4-groups: the output layer in int8 rows); embeddings and "
         "norms stay in --dtype (default: not quantized)",
     )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="sequences per training step (per device), for the activations (default 1)",
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="tokens per sequence, for the activations (default 2048, or the model's maximum "
+        "when shorter)",
+    )
+    parser.add_argument(
+        "--lora-dropout",
+        type=float,
+        default=0.0,
+        help="LoRA dropout: its masks add one bit per adapted layer's input element (default 0)",
+    )
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     parser.set_defaults(func=run)
 
@@ -87,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
         devices=args.devices,
         strategy=args.strategy,
         quantization=args.quantization,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lora_dropout=args.lora_dropout,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_report(result))
     return 0

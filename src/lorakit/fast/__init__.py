@@ -172,7 +172,7 @@ def applies(
         return False
     if weight.device != device or x.dim() == 0 or x.numel() == 0:
         return False
-    if torch.is_autocast_enabled(device.type) or (bias is not None and bias.dtype != dtype):
+    if _autocast(device) or (bias is not None and bias.dtype != dtype):
         return False
     for lora_A, lora_B, _, _ in adapters:
         if lora_A.device != device or lora_B.device != device:
@@ -180,6 +180,11 @@ def applies(
         if lora_A.dtype not in _FLOAT_DTYPES or lora_B.dtype not in _FLOAT_DTYPES:
             return False
     return True
+
+
+def _autocast(device: torch.device) -> bool:
+    """Autocast on for ``device`` (``meta``, where ``lorakit plan`` counts, has none)."""
+    return device.type != "meta" and torch.is_autocast_enabled(device.type)
 
 
 def _dora_applies(x: torch.Tensor, adapters: Sequence, training: bool) -> bool:
