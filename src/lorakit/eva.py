@@ -193,7 +193,8 @@ def initialize_lora_eva_weights(
 def _apply(model, config, adapter_name, layers, stats, new_ranks, eva) -> None:
     """Give each layer its EVA factors (or remove its adapter at rank 0) and record the
     chosen modules, ranks and alphas in the adapter's config."""
-    from lorakit.inject import _give_layer_mode, replace_module
+    from lorakit.inject import _give_layer_mode
+    from lorakit.wrapped_modules import replace_module
 
     rank_pattern, alpha_pattern, kept = {}, {}, []
     for name, layer in layers.items():

@@ -15,8 +15,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.init_methods import changes_base, check_layer_takes, initialise_from_base
-from lorakit.layers import LoraLayer, ModulesToSave, TrainableTokens, layer_class_for, wrap
-from lorakit.layers.tokens import token_targets
+from lorakit.layers import LoraLayer, ModulesToSave, layer_class_for, wrap
 from lorakit.parameter_targets import find_parameter_targets, wrap_parameter_targets
 from lorakit.replication import replicate_layers, restore_layers
 from lorakit.state import (
@@ -29,13 +28,17 @@ from lorakit.state import (
     walk_modules,
 )
 from lorakit.targets import (
-    SEQ_CLS_HEADS,
     check_every_entry_matches,
     find_targets,
-    matches,
-    model_modules,
     no_match_message,
     original_module,
+)
+from lorakit.wrapped_modules import (
+    add_to_wrappers,
+    check_wrapper_kind,
+    replace_module,
+    saved_module_names,
+    token_module_names,
 )
 
 __all__ = [
@@ -45,9 +48,6 @@ __all__ = [
     "forget_state",
     "freeze_adapter",
     "inject",
-    "replace_module",
-    "saved_module_names",
-    "token_module_names",
     "unload",
     "wrap_targets",
 ]
@@ -148,21 +148,8 @@ def add_adapter_to_modules(
     current = _current_modules(model, targets, modules)
     tokens = token_module_names(model, config, targets, saved_names)
     for name in [*saved_names, *tokens]:
-        _check_wrapper_kind(model.get_submodule(name), name, name in tokens)
-    for name, module in current.items():  # every check before any change: all or nothing
-        layer_class = (
-            type(module) if isinstance(module, LoraLayer) else layer_class_for(module, name)
-        )
-        if config.use_dora and not layer_class.supports_dora:
-            raise ValueError(
-                f"module {name!r} is a {type(original_module(module)).__name__}: lorakit "
-                "implements DoRA (use_dora=True) for nn.Linear and transformers Conv1D only; "
-                "remove it from target_modules (or add it to exclude_modules)."
-            )
-        if isinstance(module, LoraLayer) and adapter_name in module.ranks:
-            raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}.")
-        if changes_base(init):
-            check_layer_takes(layer_class, module, name, init)
+        check_wrapper_kind(model.get_submodule(name), name, name in tokens)
+    _check_targets(current, config, adapter_name, init)  # all checks first: all or nothing
     layers = wrap_targets(model, targets, modules=current)
     parameter_targets = dict(parameter_targets or {})
     parameter_layers = wrap_parameter_targets(model, parameter_targets)
@@ -189,24 +176,33 @@ def add_adapter_to_modules(
         if changes_base(init):  # PiSSA / OLoRA: A, B from W0, which becomes W0 - s B A
             initialise_from_base(layer, adapter_name, init, config.loftq_config)
         _give_layer_mode(layer, adapter_name)
-    for name in saved_names:
-        wrapper = model.get_submodule(name)
-        if not isinstance(wrapper, ModulesToSave):
-            wrapper = ModulesToSave(wrapper)
-            replace_module(model, name, wrapper)
-        wrapper.add_adapter(adapter_name)  # a copy of the original: its modes included
-        wrapper.training = wrapper.modules_to_save.training = wrapper.original_module.training
-    for name, indices in tokens.items():
-        wrapper = model.get_submodule(name)
-        if not isinstance(wrapper, TrainableTokens):
-            wrapper = TrainableTokens(wrapper)
-            replace_module(model, name, wrapper)
-        wrapper.add_tokens(adapter_name, indices, init)
+    add_to_wrappers(model, adapter_name, saved_names, tokens, init)
     state.configs[adapter_name] = config
     if activate or len(state.configs) == 1:
         set_active(model, [adapter_name])
     else:  # a new inactive adapter's tensors are frozen; nothing else changes
         freeze_adapter(model, adapter_name, [*layers, *saved_names, *tokens])
+
+
+def _check_targets(
+    current: Mapping[str, nn.Module], config: LoraConfig, adapter_name: str, init: bool | str | None
+) -> None:
+    """Raise ``ValueError`` naming the first target that cannot take this adapter: DoRA on a
+    layer kind without it, the name already taken, a base-changing init it cannot do."""
+    for name, module in current.items():
+        layer_class = (
+            type(module) if isinstance(module, LoraLayer) else layer_class_for(module, name)
+        )
+        if config.use_dora and not layer_class.supports_dora:
+            raise ValueError(
+                f"module {name!r} is a {type(original_module(module)).__name__}: lorakit "
+                "implements DoRA (use_dora=True) for nn.Linear and transformers Conv1D only; "
+                "remove it from target_modules (or add it to exclude_modules)."
+            )
+        if isinstance(module, LoraLayer) and adapter_name in module.ranks:
+            raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}.")
+        if changes_base(init):
+            check_layer_takes(layer_class, module, name, init)
 
 
 def wrap_targets(
@@ -328,56 +324,3 @@ def check_adapter_name(model: nn.Module, adapter_name: str) -> None:
             f"the model already has an adapter named {adapter_name!r}; choose another name or "
             "delete it first with lorakit.delete_adapter(model, name)."
         )
-
-
-def saved_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
-    """The modules of ``model`` whose trained copies ``config`` saves (``modules_to_save``, plus
-    the classification head for SEQ_CLS)."""
-    wanted = list(config.modules_to_save or [])
-    if config.task_type == "SEQ_CLS":
-        wanted += [head for head in SEQ_CLS_HEADS if head not in wanted]
-    if not wanted:
-        return []
-    found = [name for name, _ in model_modules(model) if name and matches(wanted, name)]
-    missing = [
-        entry
-        for entry in config.modules_to_save or []
-        if not any(matches([entry], name) for name in found)
-    ]
-    if missing:
-        raise ValueError(
-            f"modules_to_save entries {missing} match no module of this {type(model).__name__}; "
-            "check the names (e.g. print([n for n, _ in model.named_modules()]))."
-        )
-    return found
-
-
-def _check_wrapper_kind(module: nn.Module, name: str, for_tokens: bool) -> None:
-    """ValueError when another adapter trains ``name`` the other way (token rows vs a full copy)."""
-    if for_tokens and isinstance(module, ModulesToSave) and not isinstance(module, TrainableTokens):
-        raise ValueError(f"module {name!r} is saved in full; it cannot also train token rows.")
-    if not for_tokens and isinstance(module, TrainableTokens):
-        raise ValueError(f"module {name!r} trains token rows; it cannot also be saved in full.")
-
-
-def token_module_names(
-    model: nn.Module, config: LoraConfig, targets: Iterable[str], saved_names: Iterable[str]
-) -> dict[str, list[int]]:
-    """``{embedding name: token ids}`` whose rows ``config.trainable_token_indices`` trains
-    (``layers.tokens.token_targets``); ValueError for an embedding that is also a LoRA target
-    or in ``modules_to_save`` (as PEFT refuses the latter)."""
-    found = token_targets(model, config.trainable_token_indices, dict(model_modules(model)))
-    clash = sorted(set(found) & {*targets, *saved_names})
-    if clash:
-        raise ValueError(
-            f"{clash}: trainable_token_indices names module(s) that are also in target_modules "
-            "or modules_to_save; train an embedding one way only."
-        )
-    return found
-
-
-def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
-    """Put ``new_module`` where the submodule called ``name`` is (a LoRA layer in, or back out)."""
-    parent_name, _, child_name = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child_name, new_module)

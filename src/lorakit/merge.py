@@ -26,10 +26,11 @@ import torch
 from torch import nn
 
 from lorakit import quantized
-from lorakit.inject import forget_state, replace_module
+from lorakit.inject import forget_state
 from lorakit.layers import TrainableTokens
 from lorakit.quantized.merge import float_linear
 from lorakit.state import active_adapters, lora_layers, saved_modules, state_of
+from lorakit.wrapped_modules import replace_module
 
 __all__ = ["merge", "merge_and_unload", "unmerge"]
 

@@ -21,6 +21,7 @@ from lorakit.layers import LoraLayer
 from lorakit.layers.parameter import LoraParameter, owner_of, parameter_layout
 from lorakit.state import lora_layers
 from lorakit.targets import model_modules
+from lorakit.wrapped_modules import replace_module
 
 __all__ = [
     "find_parameter_targets",
@@ -122,8 +123,6 @@ def wrap_parameter_targets(
     """Put a ``LoraParameter`` layer (no adapter yet) on each target of ``targets`` (from
     ``find_parameter_targets``) that has none; returns ``{layer path: layer}``. The model's
     adapter state must exist (``inject.wrap_targets`` creates it)."""
-    from lorakit.inject import replace_module
-
     by_owner: dict[str, list[str]] = {}
     for parameter_path in targets.values():
         owner, _, name = parameter_path.rpartition(".")

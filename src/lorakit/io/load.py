@@ -20,14 +20,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
-from lorakit.inject import (
-    add_adapter_to_modules,
-    check_adapter_name,
-    replace_module,
-    saved_module_names,
-    token_module_names,
-    unload,
-)
+from lorakit.inject import add_adapter_to_modules, check_adapter_name, unload
 from lorakit.io import fingerprint
 from lorakit.io.keys import (
     FileTensor,
@@ -60,6 +53,7 @@ from lorakit.state import (
     walk_modules,
 )
 from lorakit.targets import find_targets, matches, original_module
+from lorakit.wrapped_modules import replace_module, saved_module_names, token_module_names
 
 __all__ = ["load_adapter"]
 

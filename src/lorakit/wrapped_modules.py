@@ -1,0 +1,100 @@
+"""The modules an adapter trains whole or by rows, beside its LoRA layers: ``modules_to_save``
+(a trained copy each, ``ModulesToSave``; the classification head for SEQ_CLS) and
+``trainable_token_indices`` (some embedding rows, ``TrainableTokens``). Which modules, the checks
+that keep one module to one kind, and wrapping them (``inject``; ``lorakit.io.load``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.layers import ModulesToSave, TrainableTokens
+from lorakit.layers.tokens import token_targets
+from lorakit.targets import SEQ_CLS_HEADS, matches, model_modules
+
+__all__ = [
+    "add_to_wrappers",
+    "check_wrapper_kind",
+    "replace_module",
+    "saved_module_names",
+    "token_module_names",
+]
+
+
+def saved_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
+    """The modules of ``model`` whose trained copies ``config`` saves (``modules_to_save``, plus
+    the classification head for SEQ_CLS)."""
+    wanted = list(config.modules_to_save or [])
+    if config.task_type == "SEQ_CLS":
+        wanted += [head for head in SEQ_CLS_HEADS if head not in wanted]
+    if not wanted:
+        return []
+    found = [name for name, _ in model_modules(model) if name and matches(wanted, name)]
+    missing = [
+        entry
+        for entry in config.modules_to_save or []
+        if not any(matches([entry], name) for name in found)
+    ]
+    if missing:
+        raise ValueError(
+            f"modules_to_save entries {missing} match no module of this {type(model).__name__}; "
+            "check the names (e.g. print([n for n, _ in model.named_modules()]))."
+        )
+    return found
+
+
+def check_wrapper_kind(module: nn.Module, name: str, for_tokens: bool) -> None:
+    """ValueError when another adapter trains ``name`` the other way (token rows vs a full copy)."""
+    if for_tokens and isinstance(module, ModulesToSave) and not isinstance(module, TrainableTokens):
+        raise ValueError(f"module {name!r} is saved in full; it cannot also train token rows.")
+    if not for_tokens and isinstance(module, TrainableTokens):
+        raise ValueError(f"module {name!r} trains token rows; it cannot also be saved in full.")
+
+
+def token_module_names(
+    model: nn.Module, config: LoraConfig, targets: Iterable[str], saved_names: Iterable[str]
+) -> dict[str, list[int]]:
+    """``{embedding name: token ids}`` whose rows ``config.trainable_token_indices`` trains
+    (``layers.tokens.token_targets``); ValueError for an embedding that is also a LoRA target
+    or in ``modules_to_save`` (as PEFT refuses the latter)."""
+    found = token_targets(model, config.trainable_token_indices, dict(model_modules(model)))
+    clash = sorted(set(found) & {*targets, *saved_names})
+    if clash:
+        raise ValueError(
+            f"{clash}: trainable_token_indices names module(s) that are also in target_modules "
+            "or modules_to_save; train an embedding one way only."
+        )
+    return found
+
+
+def add_to_wrappers(
+    model: nn.Module,
+    adapter_name: str,
+    saved_names: list[str],
+    tokens: Mapping[str, list[int]],
+    init: bool | str | None,
+) -> None:
+    """The adapter's copies of ``modules_to_save`` and its trainable token rows, each module
+    wrapped (``ModulesToSave``, ``TrainableTokens``) the first time."""
+    for name in saved_names:
+        wrapper = model.get_submodule(name)
+        if not isinstance(wrapper, ModulesToSave):
+            wrapper = ModulesToSave(wrapper)
+            replace_module(model, name, wrapper)
+        wrapper.add_adapter(adapter_name)  # a copy of the original: its modes included
+        wrapper.training = wrapper.modules_to_save.training = wrapper.original_module.training
+    for name, indices in tokens.items():
+        wrapper = model.get_submodule(name)
+        if not isinstance(wrapper, TrainableTokens):
+            wrapper = TrainableTokens(wrapper)
+            replace_module(model, name, wrapper)
+        wrapper.add_tokens(adapter_name, indices, init)
+
+
+def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
+    """Put ``new_module`` where the submodule called ``name`` is (a LoRA layer in, or back out)."""
+    parent_name, _, child_name = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child_name, new_module)
