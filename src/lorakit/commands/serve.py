@@ -42,64 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--port", type=int, default=8000, help="port to listen on (default: %(default)s)"
     )
-    parser.add_argument(
-        "--admin-token-file",
-        default=None,
-        help="file holding the bearer token for /v1/load_lora_adapter and "
-        f"/v1/unload_lora_adapter (default: ${ADMIN_TOKEN_ENV}; without a token they are "
-        "disabled)",
-    )
-    parser.add_argument(
-        "--admin-token",
-        default=None,
-        help="the admin token itself; visible to every user in ps, so prefer "
-        f"${ADMIN_TOKEN_ENV} or --admin-token-file",
-    )
-    parser.add_argument(
-        "--max-adapters", type=int, default=None, help="adapter slots in memory (default 8)"
-    )
-    parser.add_argument(
-        "--adapter-memory", default=None, help="memory budget of the adapter bank, e.g. 256MB"
-    )
-    parser.add_argument(
-        "--max-rank",
-        type=int,
-        default=None,
-        help="largest adapter rank (default: the largest in --adapters, else 16)",
-    )
-    parser.add_argument(
-        "--target-modules",
-        default=None,
-        help="comma-separated modules to route (default: the union of the adapters' targets)",
-    )
-    parser.add_argument(
-        "--max-batch", type=int, default=32, help="requests decoded together at most"
-    )
-    parser.add_argument(
-        "--max-loras",
-        type=int,
-        default=None,
-        help="distinct adapters decoded together at most (as vLLM's --max-loras: requests for "
-        "other adapters wait their turn while those behind them go ahead; default: no bound)",
-    )
-    parser.add_argument(
-        "--max-prompt-tokens",
-        type=int,
-        default=1024,
-        help="longest prompt accepted, in tokens; at most the model's positions - 1; "
-        "a text over 32 characters a token is refused before it is tokenized "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask"
-    )
-    parser.add_argument(
-        "--max-waiting",
-        type=int,
-        default=128,
-        help="requests queued for the running batch at most; more are answered "
-        "429 with Retry-After (default: %(default)s)",
-    )
+    _add_admin_options(parser)
+    _add_bank_options(parser)
+    _add_batch_options(parser)
     _add_connection_options(parser)
     parser.add_argument(
         "--allow-base-mismatch",
@@ -109,6 +54,79 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--served-model-name", default=None, help="the base model's id in the API")
     add_quantization_option(parser)
     parser.set_defaults(func=run)
+
+
+def _add_admin_options(parser: argparse.ArgumentParser) -> None:
+    """The bearer token of /v1/load_lora_adapter and /v1/unload_lora_adapter."""
+    group = parser.add_argument_group("loading adapters while serving")
+    group.add_argument(
+        "--admin-token-file",
+        default=None,
+        help="file holding the bearer token for /v1/load_lora_adapter and "
+        f"/v1/unload_lora_adapter (default: ${ADMIN_TOKEN_ENV}; without a token they are "
+        "disabled)",
+    )
+    group.add_argument(
+        "--admin-token",
+        default=None,
+        help="the admin token itself; visible to every user in ps, so prefer "
+        f"${ADMIN_TOKEN_ENV} or --admin-token-file",
+    )
+
+
+def _add_bank_options(parser: argparse.ArgumentParser) -> None:
+    """How many adapters the bank holds, in how much memory, of which rank and layers."""
+    group = parser.add_argument_group("adapter bank")
+    group.add_argument(
+        "--max-adapters", type=int, default=None, help="adapter slots in memory (default 8)"
+    )
+    group.add_argument(
+        "--adapter-memory", default=None, help="memory budget of the adapter bank, e.g. 256MB"
+    )
+    group.add_argument(
+        "--max-rank",
+        type=int,
+        default=None,
+        help="largest adapter rank (default: the largest in --adapters, else 16)",
+    )
+    group.add_argument(
+        "--target-modules",
+        default=None,
+        help="comma-separated modules to route (default: the union of the adapters' targets)",
+    )
+
+
+def _add_batch_options(parser: argparse.ArgumentParser) -> None:
+    """The running batch and what one request may ask."""
+    group = parser.add_argument_group("batching and request limits")
+    group.add_argument(
+        "--max-batch", type=int, default=32, help="requests decoded together at most"
+    )
+    group.add_argument(
+        "--max-loras",
+        type=int,
+        default=None,
+        help="distinct adapters decoded together at most (as vLLM's --max-loras: requests for "
+        "other adapters wait their turn while those behind them go ahead; default: no bound)",
+    )
+    group.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=1024,
+        help="longest prompt accepted, in tokens; at most the model's positions - 1; "
+        "a text over 32 characters a token is refused before it is tokenized "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask"
+    )
+    group.add_argument(
+        "--max-waiting",
+        type=int,
+        default=128,
+        help="requests queued for the running batch at most; more are answered "
+        "429 with Retry-After (default: %(default)s)",
+    )
 
 
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:
