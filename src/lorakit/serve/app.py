@@ -75,6 +75,16 @@ def create_app(
     app.state.engine, app.state.adapters = engine, adapters  # (serve.ray_deployment starts it)
     app.state.mixtures = mixtures
     _install_error_handlers(app)
+    _add_status_routes(app, engine, adapters, settings)
+    _add_generation_routes(app, engine, adapters, tokenizer, settings)
+    _add_admin_routes(app, adapters, settings)
+    return app
+
+
+def _add_status_routes(
+    app: FastAPI, engine: Engine, adapters: ServedAdapters, settings: ServerSettings
+) -> None:
+    """``/health`` (load, bank and engine counters) and ``/v1/models`` (the base and adapters)."""
     created = int(time.time())
 
     @app.get("/health")
@@ -111,6 +121,14 @@ def create_app(
         ]
         return {"object": "list", "data": cards}
 
+
+def _add_generation_routes(
+    app: FastAPI, engine: Engine, adapters: ServedAdapters, tokenizer, settings: ServerSettings
+) -> None:
+    """``/v1/completions`` and ``/v1/chat/completions``: parse, pick the adapter (or mixture),
+    tokenize off the event loop, answer (streamed or whole)."""
+    mixtures = app.state.mixtures
+
     async def run_job(request: Request, chat: bool):
         body = protocol.parse_body(await request.body(), settings.max_body_bytes)
         job = protocol.parse_job(body, chat=chat, max_tokens_limit=settings.max_tokens_limit)
@@ -134,9 +152,6 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await run_job(request, chat=True)
-
-    _add_admin_routes(app, adapters, settings)
-    return app
 
 
 def _add_admin_routes(app: FastAPI, adapters: ServedAdapters, settings: ServerSettings) -> None:
