@@ -141,6 +141,19 @@ class LoraConfig:
         self._validate()
 
     def _validate(self) -> None:
+        """Raise ``ValueError`` naming the first field that is not valid, and why."""
+        self._validate_kinds()  # first: the patterns read below must be dicts
+        self._validate_numbers()
+        self._validate_init()
+        for name in ("target_modules", "exclude_modules"):
+            _check_name_spec(name, getattr(self, name))
+        _check_token_indices(self.trainable_token_indices)
+        self._validate_target_parameters()
+        self._validate_layer_replication()
+        self._validate_layer_selection()
+
+    def _validate_numbers(self) -> None:
+        """r, lora_alpha, lora_dropout, and the per-module ranks and alphas."""
         _check(_is_positive_int(self.r), "r", self.r, "a positive integer")
         _check(_is_positive_number(self.lora_alpha), "lora_alpha", self.lora_alpha, POSITIVE)
         _check(
@@ -149,6 +162,15 @@ class LoraConfig:
             self.lora_dropout,
             "a probability in [0, 1)",
         )
+        for key, rank in self.rank_pattern.items():
+            _check(_is_positive_int(rank), f"rank_pattern[{key!r}]", rank, "a positive integer")
+        for key, alpha in self.alpha_pattern.items():
+            _check(_is_positive_number(alpha), f"alpha_pattern[{key!r}]", alpha, POSITIVE)
+        for name in ("rank_pattern", "alpha_pattern"):
+            check_pattern_set(f"LoraConfig.{name}", list(getattr(self, name)))
+
+    def _validate_kinds(self) -> None:
+        """The fields that take one of a few values or types."""
         _check(self.bias in BIAS_MODES, "bias", self.bias, f"one of {BIAS_MODES}")
         for flag in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias"):
             _check(
@@ -180,6 +202,9 @@ class LoraConfig:
         for pattern in ("rank_pattern", "alpha_pattern"):
             value = getattr(self, pattern)
             _check(isinstance(value, dict), pattern, value, "a dict {regex: value}")
+
+    def _validate_init(self) -> None:
+        """init_lora_weights, and what it cannot go with (DoRA; a bias on B)."""
         _check(
             any(
                 self.init_lora_weights is mode or self.init_lora_weights == mode
@@ -196,24 +221,12 @@ class LoraConfig:
                 f"LoraConfig.init_lora_weights={self.init_lora_weights!r} with use_dora=True is "
                 "not implemented in lorakit; use one of them."
             )
-        for name in ("target_modules", "exclude_modules"):
-            _check_name_spec(name, getattr(self, name))
         _check(
             not self.lora_bias or (not self.use_dora and self.init_lora_weights in (True, False)),
             "lora_bias",
             self.lora_bias,
             "False with use_dora=True or an init_lora_weights other than True/False (PEFT's rule)",
         )
-        for key, rank in self.rank_pattern.items():
-            _check(_is_positive_int(rank), f"rank_pattern[{key!r}]", rank, "a positive integer")
-        for key, alpha in self.alpha_pattern.items():
-            _check(_is_positive_number(alpha), f"alpha_pattern[{key!r}]", alpha, POSITIVE)
-        for name in ("rank_pattern", "alpha_pattern"):
-            check_pattern_set(f"LoraConfig.{name}", list(getattr(self, name)))
-        _check_token_indices(self.trainable_token_indices)
-        self._validate_target_parameters()
-        self._validate_layer_replication()
-        self._validate_layer_selection()
 
     def _validate_layer_replication(self) -> None:
         ranges = self.layer_replication
