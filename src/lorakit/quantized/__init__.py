@@ -72,44 +72,42 @@ def _mro_paths(module: nn.Module) -> tuple[str, ...]:
 
 @functools.cache
 def _class_mro_paths(cls: type) -> tuple[str, ...]:
-    """The class paths of ``cls`` and its bases (cached: a LoRA layer over a quantized base asks
-    for its backend at every forward)."""
+    """The class paths of ``cls`` and its bases."""
     return tuple(_class_path(base) for base in cls.__mro__)
 
 
-def _is_bnb_layer(module: nn.Module) -> bool:
+# The predicates take the layer's class and its ``weight``'s class (a torchao layer is a plain
+# nn.Linear holding a torchao tensor), so what they decide can be cached per pair of classes.
+def _is_bnb_layer(layer: type, weight: type) -> bool:
     return any(
         path.startswith("bitsandbytes.") and path.endswith((".Linear4bit", ".Linear8bitLt"))
-        for path in _mro_paths(module)
+        for path in _class_mro_paths(layer)
     )
 
 
-def _is_torchao_int8(module: nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
+def _is_torchao_int8(layer: type, weight: type) -> bool:
     return (
-        isinstance(module, nn.Linear)
-        and weight is not None
-        and _class_path(type(weight)).startswith("torchao.")
-        and type(weight).__name__ == "Int8Tensor"
+        issubclass(layer, nn.Linear)
+        and _class_path(weight).startswith("torchao.")
+        and weight.__name__ == "Int8Tensor"
     )
 
 
-def _is_gguf_linear(module: nn.Module) -> bool:
-    return any(path == "lorakit.quantized.gguf_blocks.GGUFLinear" for path in _mro_paths(module))
+def _is_gguf_linear(layer: type, weight: type) -> bool:
+    return "lorakit.quantized.gguf_blocks.GGUFLinear" in _class_mro_paths(layer)
 
 
-def _is_int8_rows_linear(module: nn.Module) -> bool:
-    return any(path == "lorakit.quantized.int8_rows.Int8RowsLinear" for path in _mro_paths(module))
+def _is_int8_rows_linear(layer: type, weight: type) -> bool:
+    return "lorakit.quantized.int8_rows.Int8RowsLinear" in _class_mro_paths(layer)
 
 
-def _is_int4_groups_linear(module: nn.Module) -> bool:
-    path = "lorakit.quantized.int4_groups.Int4GroupsLinear"
-    return any(p == path for p in _mro_paths(module))
+def _is_int4_groups_linear(layer: type, weight: type) -> bool:
+    return "lorakit.quantized.int4_groups.Int4GroupsLinear" in _class_mro_paths(layer)
 
 
 # (accepts, backend module): first match wins. The predicates look at class names only, so no
 # backend library is imported to decide; the backend module is imported when it is used.
-_DISPATCH: list[tuple[Callable[[nn.Module], bool], str]] = [
+_DISPATCH: list[tuple[Callable[[type, type], bool], str]] = [
     (_is_gguf_linear, "lorakit.quantized.gguf_blocks"),
     (_is_int8_rows_linear, "lorakit.quantized.int8_rows"),
     (_is_int4_groups_linear, "lorakit.quantized.int4_groups"),
@@ -130,8 +128,15 @@ def backend_for(module: nn.Module) -> ModuleType | None:
     """The backend module that runs ``module`` (first match wins), or None for a module no
     backend claims (a plain float layer, or an unknown quantized one: see ``check_supported``).
     The layer's state is not checked here (``check_supported`` does)."""
+    return _backend_for_classes(type(module), type(getattr(module, "weight", None)))
+
+
+@functools.cache
+def _backend_for_classes(layer: type, weight: type) -> ModuleType | None:
+    """``backend_for`` by the classes it looks at (cached: a LoRA layer over a quantized base
+    asks at every forward, and the search and import cost about 3 us a call)."""
     for accepts, backend_path in _DISPATCH:
-        if accepts(module):
+        if accepts(layer, weight):
             return importlib.import_module(backend_path)
     return None
 
