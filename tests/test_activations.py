@@ -12,7 +12,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 import lorakit
 from lorakit.activations import training_activations
 from lorakit.cli import main
-from lorakit.plan import format_report, plan
+from lorakit.plan import plan
+from lorakit.plan_report import format_report
 from tests import tiny_models
 
 BATCH, SEQ_LEN = 2, 24

@@ -9,7 +9,8 @@ import pytest
 
 from lorakit.cli import main
 from lorakit.errors import UserError
-from lorakit.plan import format_report, plan
+from lorakit.plan import plan
+from lorakit.plan_report import format_report
 from tests import tiny_models
 
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -10,7 +10,8 @@ import pytest
 from lorakit import quantized
 from lorakit.cli import main
 from lorakit.errors import UserError
-from lorakit.plan import format_report, plan
+from lorakit.plan import plan
+from lorakit.plan_report import format_report
 from lorakit.quantized.footprint import weight_bytes
 from tests import quantized_layers, tiny_models
 

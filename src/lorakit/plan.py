@@ -45,7 +45,7 @@ from lorakit.inject import inject
 from lorakit.meta_model import BUILTIN_CONFIGS, build_meta_model
 from lorakit.state import lora_layers
 
-__all__ = ["BUILTIN_CONFIGS", "ModuleTypePlan", "Plan", "build_meta_model", "format_report", "plan"]
+__all__ = ["BUILTIN_CONFIGS", "ModuleTypePlan", "Plan", "build_meta_model", "plan"]
 
 FULL_FINETUNE_BYTES_PER_PARAMETER = 16  # fp32 weight 4 + gradient 4 + AdamW first 4 + second 4
 GB = 1e9
@@ -329,103 +329,3 @@ def _module_types(model: nn.Module) -> tuple[ModuleTypePlan, ...]:
             p.numel() for adapter in layer.adapter_names for p in layer.adapter_parameters(adapter)
         )
     return tuple(ModuleTypePlan(name, *numbers) for name, numbers in groups.items())
-
-
-def _gb(n_bytes: int) -> str:
-    return f"{n_bytes / GB:,.1f} GB" if n_bytes >= 10 * GB else f"{n_bytes / GB:,.2f} GB"
-
-
-def format_report(result: Plan) -> str:
-    """The plan as text: counts per module type, the PEFT line, file size and memory."""
-    config = result.config
-    lines = [
-        f"model: {result.model} ({result.architecture}, {result.dtype}; built on the meta "
-        "device, no weights loaded)",
-        f"LoRA: r={config.r}, lora_alpha={config.lora_alpha:g}, "
-        f"target_modules={config.target_modules!r}",
-        "",
-        f"{'module type':<14}{'modules':>8}{'base params':>16}{'LoRA params':>14}",
-    ]
-    for group in result.module_types:
-        lines.append(
-            f"{group.name:<14}{group.modules:>8,}{group.base_parameters:>16,}"
-            f"{group.lora_parameters:>14,}"
-        )
-    lines += [
-        "",
-        result.peft_line,
-        "adapter file: "
-        + ", ".join(f"{n / MB:,.1f} MB in {k}" for k, n in result.adapter_file_bytes.items()),
-        "",
-        "training memory (weights + gradients + AdamW states; GB = 1e9 bytes)",
-        f"  full fine-tuning: {result.base_parameters:,} params x 16 bytes = "
-        f"{_gb(result.full_finetune_bytes)}",
-        *_frozen_lines(result),
-        f"      + {result.trainable_parameters:,} trainable x 16 bytes = "
-        f"{_gb(result.lora_trainable_state_bytes)}",
-        f"      = {_gb(result.lora_training_bytes)} "
-        f"({result.full_finetune_bytes / result.lora_training_bytes:.1f}x less)",
-        *_per_device_lines(result),
-        *_activation_lines(result),
-        f"inference memory (weights only, adapters in "
-        f"{'float32' if result.quantization else result.dtype})",
-        f"  merged: {_gb(result.inference_merged_bytes)}",
-        f"  base + {result.num_adapters} adapter(s): {_gb(result.inference_with_adapters_bytes)}",
-    ]
-    return "\n".join(lines)
-
-
-def _frozen_lines(result: Plan) -> list[str]:
-    """The frozen base's bytes: all in ``dtype``, or its linears quantized."""
-    if result.quantization is None:
-        return [
-            f"  LoRA: {result.frozen_parameters:,} frozen x {result.dtype_bytes} bytes "
-            f"({result.dtype}) = {_gb(result.lora_frozen_bytes)}"
-        ]
-    weights, quantized_bytes = result.quantized_weights
-    rest = result.frozen_parameters - weights
-    included = "scales"
-    if result.quantization in ("int8-rows", "int4-groups"):
-        included = "scales and the output layer's int8 rows"  # a copy when tied
-    return [
-        f"  LoRA: {weights:,} frozen in {result.quantization} ({quantized_bytes / weights:.4f} "
-        f"bytes each, {included} included) = {_gb(quantized_bytes)}",
-        f"      + {rest:,} frozen x {result.dtype_bytes} bytes ({result.dtype}) = "
-        f"{_gb(rest * result.dtype_bytes)}",
-    ]
-
-
-def _activation_lines(result: Plan) -> list[str]:
-    """One batch's activations and the training total with them (per device)."""
-    activations = result.activations
-    if activations is None:
-        return [
-            "  activations: not counted; this model's forward does not run on the meta device "
-            f"({result.activations_error})"
-        ]
-    dropout = f", dropout masks {_gb(activations.dropout_mask_bytes)}" * (result.lora_dropout > 0)
-    where = " per device" if result.devices > 1 else ""
-    return [
-        f"  activations kept for backward ({activations.batch} x {activations.seq_len} tokens"
-        f"{where}, flash attention, no gradient checkpointing{dropout}): "
-        f"{_gb(activations.total_bytes)}",
-        f"      training with activations{where}: {_gb(result.training_with_activations_bytes)}",
-    ]
-
-
-def _per_device_lines(result: Plan) -> list[str]:
-    """The per-device training memory on ``result.devices`` devices (none for one device)."""
-    devices, strategy = result.devices, result.strategy
-    if devices == 1 and strategy == "ddp":
-        return []
-    if strategy == "ddp":
-        return [
-            f"  per device ({devices} devices, DDP: each holds everything): "
-            f"{_gb(result.per_device_training_bytes)}"
-        ]
-    return [
-        f"  per device ({devices} devices, FSDP): {_gb(result.lora_training_bytes)} / {devices} "
-        f"= {_gb(result.fsdp_sharded_bytes)}",
-        f"      + gathered while computing (outside the blocks + 2 blocks) "
-        f"{_gb(result.fsdp_gathered_bytes)} = {_gb(result.per_device_training_bytes)}",
-    ]

@@ -87,7 +87,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from lorakit.plan import format_report, plan
+    from lorakit.plan import plan
+    from lorakit.plan_report import format_report
 
     if args.rank <= 0 or args.adapters < 0:
         raise UserError(
