@@ -208,3 +208,48 @@ def test_a_quantized_base_keeps_what_the_float_base_keeps(name):
     ids = torch.randint(0, 128, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(1))
     counted = training_activations(meta, batch=BATCH, seq_len=SEQ_LEN)
     assert real_saved_bytes(model, ids, True) == counted.saved_bytes
+
+
+def test_gradient_checkpointing_keeps_the_block_inputs_and_one_block_at_a_time():
+    """With checkpointing, a real forward keeps the head's tensors and each block's input (the
+    outer hooks see what the checkpoints store); each block's own share, counted on meta, is
+    what a real forward of that block saves (recomputed one block at a time in backward)."""
+    from lorakit.train.fsdp import fsdp_units
+    from lorakit.train.loop import enable_gradient_checkpointing
+
+    ids = torch.randint(0, 64, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(1))
+    meta, _ = build(llama_config(), torch.float32, "meta", "all-linear")
+    counted = training_activations(meta, batch=BATCH, seq_len=SEQ_LEN)
+    hidden, tokens, layers = 64, BATCH * SEQ_LEN, 2
+    assert counted.block_input_bytes == layers * tokens * hidden * 4
+    real, _ = build(llama_config(), torch.float32, "cpu", "all-linear")
+    per_block = [0, 0]
+    running = [None]
+    own = {t.untyped_storage().data_ptr() for t in (*real.parameters(), *real.buffers())}
+    seen: set[int] = set()
+
+    def pack(tensor):
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer not in own and pointer not in seen:
+            seen.add(pointer)
+            if running[0] is not None:
+                per_block[running[0]] += tensor.untyped_storage().nbytes()
+        return tensor
+
+    for index, block in enumerate(fsdp_units(real)):
+        block.register_forward_pre_hook(lambda *_, i=index: running.__setitem__(0, i))
+        block.register_forward_hook(lambda *_: running.__setitem__(0, None))
+    real.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        real(input_ids=ids, labels=ids)
+    assert tuple(per_block) == counted.block_bytes
+    real, _ = build(llama_config(), torch.float32, "cpu", "all-linear")
+    enable_gradient_checkpointing(real)
+    kept = real_saved_bytes(real, ids, True)
+    assert kept == counted.outside_bytes + counted.block_input_bytes
+    assert counted.checkpointed_bytes == counted.block_input_bytes + max(
+        counted.outside_bytes, max(counted.block_bytes)
+    )
+    qlora = plan("llama-2-7b", quantization="nf4", dtype="bfloat16")
+    assert qlora.activations.block_input_bytes == 32 * 2048 * 4096 * 2  # 0.54 GB
+    assert "(32 blocks' inputs 0.54 GB + one block recomputed or the head)" in format_report(qlora)

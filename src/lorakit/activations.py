@@ -31,10 +31,14 @@ Two things are counted by rule, as they cannot run on ``meta`` the way they run 
   for its (N, k) input (``lorakit.fast.dropout``; on CPU at p <= 1/16 it keeps int16 steps between
   the drops instead, about ``2 p N k`` bytes, which is less).
 
+Each saved tensor is also attributed to the transformer block (``train.fsdp.fsdp_units``) that
+saved it, and each block's input is measured, for gradient checkpointing
+(``Activations.checkpointed_bytes``): a checkpointed step keeps each block's input (N * H * b
+bytes) and the head's tensors through forward, then recomputes one block at a time in backward.
+
 Not counted: a padding mask (sequences are taken as full; a (batch, 1, T, T) boolean mask adds
-batch * T * T bytes, once), the short-lived buffers of backward (the logits' gradient, N * V * 4
-bytes, lives while the head's backward runs) and gradient checkpointing (which keeps each block's
-input, N * H * b bytes, and recomputes one block at a time).
+batch * T * T bytes, once) and the short-lived buffers of backward (the logits' gradient,
+N * V * 4 bytes, lives while the head's backward runs).
 """
 
 from __future__ import annotations
@@ -62,10 +66,29 @@ class Activations:
     seq_len: int
     saved_bytes: int  # tensors autograd saves (parameters and buffers left out)
     dropout_mask_bytes: int  # LoRA dropout's bits, one per adapted layer's input element
+    block_bytes: tuple[int, ...] = ()  # of saved_bytes, each transformer block's, in order
+    block_input_bytes: int = 0  # the blocks' input hidden states, together
 
     @property
     def total_bytes(self) -> int:
         return self.saved_bytes + self.dropout_mask_bytes
+
+    @property
+    def outside_bytes(self) -> int:
+        """Saved outside the blocks: the final norm and the loss (and what precedes block 0)."""
+        return self.saved_bytes - sum(self.block_bytes)
+
+    @property
+    def checkpointed_bytes(self) -> int | None:
+        """With gradient checkpointing (``lorakit train --gradient-checkpointing``): at most,
+        the blocks' inputs (what checkpointing keeps of each block) plus the larger of what
+        the head keeps (freed before any block's backward) and one block recomputed in backward,
+        with that block's dropout masks. None for a model without blocks found."""
+        if not self.block_bytes:
+            return None
+        block_masks = -(-self.dropout_mask_bytes // len(self.block_bytes))
+        largest = max(self.block_bytes) + block_masks
+        return self.block_input_bytes + max(self.outside_bytes, largest)
 
 
 def training_activations(
@@ -82,19 +105,64 @@ def training_activations(
     if type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
         inputs["labels"] = ids  # the loss's log-softmax is saved too
     skip = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
-    saved: dict[int, int] = {}
+    saved: dict[int, tuple[int, int | None]] = {}  # storage: (bytes, the block that saved it)
+    blocks = _Blocks(model)
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        if storage._cdata not in skip:
-            saved[storage._cdata] = storage.nbytes()
+        if storage._cdata not in skip and storage._cdata not in saved:
+            saved[storage._cdata] = (storage.nbytes(), blocks.running)
         return tensor
 
     keep = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
-    with _training(model), _FlashAttention(), _adapted_inputs(model) as adapted, keep:
+    with _training(model), _FlashAttention(), _adapted_inputs(model) as adapted, blocks, keep:
         model(**inputs)
     masks = sum(-(-elements // 8) for elements in adapted) if dropout > 0 else 0
-    return Activations(batch, seq_len, sum(saved.values()), masks)
+    per_block = [0] * len(blocks.modules)
+    for size, block in saved.values():
+        if block is not None:
+            per_block[block] += size
+    total = sum(size for size, _ in saved.values())
+    return Activations(batch, seq_len, total, masks, tuple(per_block), sum(blocks.inputs.values()))
+
+
+class _Blocks:
+    """While entered: which transformer block (``train.fsdp.fsdp_units``) is running, and the
+    storage bytes of each block's input hidden states."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from lorakit.train.fsdp import fsdp_units
+
+        self.modules = fsdp_units(model)
+        self.running: int | None = None
+        self.inputs: dict[int, int] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> _Blocks:
+        for index, block in enumerate(self.modules):
+            self._handles += [
+                block.register_forward_pre_hook(self._entering(index), with_kwargs=True),
+                block.register_forward_hook(self._leaving, always_call=True),
+            ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _entering(self, index: int):
+        def hook(_, args, kwargs):
+            self.running = index
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(hidden, torch.Tensor):
+                storage = hidden.untyped_storage()
+                self.inputs[storage._cdata] = storage.nbytes()
+
+        return hook
+
+    def _leaving(self, *_) -> None:
+        self.running = None
 
 
 @contextlib.contextmanager

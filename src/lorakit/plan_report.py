@@ -81,12 +81,21 @@ def _activation_lines(result: Plan) -> list[str]:
         ]
     dropout = f", dropout masks {_gb(activations.dropout_mask_bytes)}" * (result.lora_dropout > 0)
     where = " per device" if result.devices > 1 else ""
-    return [
+    lines = [
         f"  activations kept for backward ({activations.batch} x {activations.seq_len} tokens"
-        f"{where}, flash attention, no gradient checkpointing{dropout}): "
-        f"{_gb(activations.total_bytes)}",
+        f"{where}, flash attention{dropout}): {_gb(activations.total_bytes)}",
         f"      training with activations{where}: {_gb(result.training_with_activations_bytes)}",
     ]
+    checkpointed = activations.checkpointed_bytes
+    if checkpointed is not None:
+        blocks = len(activations.block_bytes)
+        lines += [
+            f"  with gradient checkpointing: {_gb(checkpointed)} ({blocks} blocks' inputs "
+            f"{_gb(activations.block_input_bytes)} + one block recomputed or the head)",
+            f"      training with them{where}: "
+            f"{_gb(result.per_device_training_bytes + checkpointed)}",
+        ]
+    return lines
 
 
 def _per_device_lines(result: Plan) -> list[str]:
