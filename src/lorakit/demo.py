@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorakit.io.atomic import write_text
 from lorakit.train.config import SettingError, setting
 
 __all__ = ["DemoSettings", "run_demo"]
@@ -208,13 +209,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         merged_predictions,
     )
     summary = {
-        "model": settings.model,
-        "held_out_reviews": len(held_out),
-        "training_reviews": train_size,
-        "zero_shot_accuracy": before,
-        "fine_tuned_accuracy": after,
-        "accuracy_gain_points": 100.0 * (after - before),
-        "merged_accuracy": merged,
+        **_accuracies(settings, held_out, train_size, before, after, merged),
         "merged_predictions_agree": agree,
         "merged_max_abs_logprob_difference": max_difference,
         "merged_disagreements_at_near_ties": near_ties,
@@ -229,12 +224,25 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         "loss_curve": str(result.loss_curve),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(output / "summary.json", json.dumps(summary, indent=2) + "\n")
     lines = summary_lines(summary)
-    (output / "summary.txt").write_text("\n".join(lines) + "\n")
+    write_text(output / "summary.txt", "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     _check_merged_agrees(summary, output)
     return summary
+
+
+def _accuracies(settings, held_out, train_size: int, before: float, after: float, merged: float):
+    """The summary's first fields: the data's sizes and the three accuracies."""
+    return {
+        "model": settings.model,
+        "held_out_reviews": len(held_out),
+        "training_reviews": train_size,
+        "zero_shot_accuracy": before,
+        "fine_tuned_accuracy": after,
+        "accuracy_gain_points": 100.0 * (after - before),
+        "merged_accuracy": merged,
+    }
 
 
 def _write_predictions(path: Path, held_out, zero_shot, fine_tuned, merged) -> None:
@@ -245,7 +253,7 @@ def _write_predictions(path: Path, held_out, zero_shot, fine_tuned, merged) -> N
         row = {"review": example.source, "label": example.label}
         row.update(zip(("zero_shot", "fine_tuned", "merged"), predicted, strict=True))
         lines.append(json.dumps(row))
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def _near_ties(log_probs, predictions, merged_predictions, max_difference: float) -> int:

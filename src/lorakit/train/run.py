@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import UserError
+from lorakit.io.atomic import write_text
 from lorakit.train.distributed import check_strategy
 from lorakit.train.loop import TrainResult
 
@@ -76,7 +77,7 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     output = Path(training.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     if main:
-        (output / "train_settings.json").write_text(json.dumps(settings, indent=1, default=str))
+        write_text(output / "train_settings.json", json.dumps(settings, indent=1, default=str))
         _announce(model, tokenized, training, job.max_length)
     return _train_tokenized(model, tokenized, training, job.resume)
 
