@@ -49,6 +49,7 @@ from transformers import LlamaForCausalLM
 import lorakit
 from lorakit.serve import AdapterBank, prepare_for_serving
 from lorakit.serve.engine import Engine
+from lorakit.serve.openmp import release_idle_team
 from lorakit.serve.sampling import SamplingParams
 
 PROMPT = 64  # prompt tokens of the one-stream and TTFT runs
@@ -221,12 +222,14 @@ def measure(args, base, served, bank) -> dict:
             raw["one"].append(lorakit_one_stream(engine, vocab, args.tokens, round_))
             if args.one_stream_only:
                 raw["hf_one"].append(transformers_one_stream(base, vocab, args.tokens, round_))
+                release_idle_team()  # as a server's idle main thread: see serve/openmp.py
                 continue
             raw["ttft"].append(lorakit_ttft(engine, vocab, round_))
             raw["mixed"].append(lorakit_concurrent(engine, vocab, args, args.adapters))
             raw["single"].append(lorakit_concurrent(engine, vocab, args, 1))
             if round_ < args.hf_repeats:
                 raw["hf_one"].append(transformers_one_stream(base, vocab, args.tokens, round_))
+                release_idle_team()
     return {"raw": {k: v for k, v in raw.items() if v}, "note": note}
 
 
