@@ -128,7 +128,7 @@ def training_activations(
 
 class _Blocks:
     """While entered: which transformer block (``train.fsdp.fsdp_units``) is running, and the
-    storage bytes of each block's input hidden states."""
+    storage bytes of each block's input hidden states (by block index)."""
 
     def __init__(self, model: nn.Module) -> None:
         from lorakit.train.fsdp import fsdp_units
@@ -156,8 +156,8 @@ class _Blocks:
             self.running = index
             hidden = args[0] if args else kwargs.get("hidden_states")
             if isinstance(hidden, torch.Tensor):
-                storage = hidden.untyped_storage()
-                self.inputs[storage._cdata] = storage.nbytes()
+                # by block: a freed input's storage address may be a later block's input's
+                self.inputs[index] = hidden.untyped_storage().nbytes()
 
         return hook
 

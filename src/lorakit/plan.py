@@ -99,7 +99,6 @@ class Plan:
     quantization: str | None = None  # the frozen base's linears (lorakit.quantized.footprint)
     quantized_weights: tuple[int, int] = (0, 0)  # (weights, bytes) stored quantized
     activations: Activations | None = None  # per device; None: see activations_error
-    lora_dropout: float = 0.0
     activations_error: str = ""
 
     @property
@@ -191,6 +190,7 @@ class Plan:
             "r": self.config.r,
             "lora_alpha": self.config.lora_alpha,
             "target_modules": self.config.target_modules,
+            "lora_dropout": self.config.lora_dropout,
         }
         for name in _DERIVED:
             counts[name] = getattr(self, name)
@@ -230,15 +230,7 @@ def plan(
         )
     if batch_size < 1 or (seq_len is not None and seq_len < 1):
         raise UserError(f"--batch-size and --seq-len must be >= 1 (got {batch_size}, {seq_len})")
-    try:
-        config = LoraConfig(
-            r=r,
-            lora_alpha=2 * r if lora_alpha is None else lora_alpha,
-            target_modules=target_modules,
-            lora_dropout=lora_dropout,
-        )
-    except ValueError as error:
-        raise UserError(str(error)) from None
+    config = _lora_config(r, lora_alpha, target_modules, lora_dropout)
     meta_model, dtype_name = build_meta_model(model, dtype)
     base_parameters = count_parameters(meta_model).total
     quantized_weights = _quantized_weights(meta_model, quantization)
@@ -247,8 +239,6 @@ def plan(
     except (ValueError, TypeError) as error:  # TypeError: a module lorakit cannot adapt
         raise UserError(str(error)) from None
     counts = count_parameters(meta_model)
-    if seq_len is None:
-        seq_len = min(DEFAULT_SEQ_LEN, _max_positions(meta_model) or DEFAULT_SEQ_LEN)
     activations, activations_error = _activations(meta_model, batch_size, seq_len, lora_dropout)
     return Plan(
         model=model,
@@ -265,10 +255,24 @@ def plan(
         quantization=quantization,
         quantized_weights=quantized_weights,
         activations=activations,
-        lora_dropout=lora_dropout,
         activations_error=activations_error,
         **_fsdp_units(meta_model),
     )
+
+
+def _lora_config(
+    r: int, lora_alpha: float | None, target_modules: str | list[str], lora_dropout: float
+) -> LoraConfig:
+    """The adapter's config (``lora_alpha`` None: ``2 * r``); a bad value is a ``UserError``."""
+    try:
+        return LoraConfig(
+            r=r,
+            lora_alpha=2 * r if lora_alpha is None else lora_alpha,
+            target_modules=target_modules,
+            lora_dropout=lora_dropout,
+        )
+    except ValueError as error:
+        raise UserError(str(error)) from None
 
 
 def _max_positions(model: nn.Module) -> int | None:
@@ -281,10 +285,13 @@ def _max_positions(model: nn.Module) -> int | None:
 
 
 def _activations(
-    model: nn.Module, batch: int, seq_len: int, dropout: float
+    model: nn.Module, batch: int, seq_len: int | None, dropout: float
 ) -> tuple[Activations | None, str]:
-    """The activations, or None and why: a forward that cannot run on the meta device (code
-    that reads tensor values) is reported, not raised, as the counts above stand without it."""
+    """The activations (``seq_len`` None: ``DEFAULT_SEQ_LEN`` or the model's maximum when
+    shorter), or None and why: a forward that cannot run on the meta device (code that reads
+    tensor values) is reported, not raised, as the counts above stand without it."""
+    if seq_len is None:
+        seq_len = min(DEFAULT_SEQ_LEN, _max_positions(model) or DEFAULT_SEQ_LEN)
     try:
         return training_activations(model, batch=batch, seq_len=seq_len, dropout=dropout), ""
     except Exception as error:  # any model code may fail on meta; the plan reports it

@@ -79,7 +79,9 @@ def _activation_lines(result: Plan) -> list[str]:
             "  activations: not counted; this model's forward does not run on the meta device "
             f"({result.activations_error})"
         ]
-    dropout = f", dropout masks {_gb(activations.dropout_mask_bytes)}" * (result.lora_dropout > 0)
+    dropout = f", dropout masks {_gb(activations.dropout_mask_bytes)}" * (
+        result.config.lora_dropout > 0
+    )
     where = " per device" if result.devices > 1 else ""
     lines = [
         f"  activations kept for backward ({activations.batch} x {activations.seq_len} tokens"

@@ -34,25 +34,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dtype", default=None, help="dtype of the frozen base (default: the config's)"
     )
-    parser.add_argument(
+    _add_memory_options(parser)
+    _add_activation_options(parser)
+    parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    parser.set_defaults(func=run)
+
+
+def _add_memory_options(parser: argparse.ArgumentParser) -> None:
+    """Serving several adapters, training on several devices, a quantized base."""
+    group = parser.add_argument_group("memory")
+    group.add_argument(
         "--adapters",
         type=int,
         default=1,
         help="number of adapters served beside one base, for the inference estimate (default 1)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--devices",
         type=int,
         default=1,
         help="devices (torchrun processes) to train on, for the per-device memory (default 1)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--strategy",
         choices=("ddp", "fsdp"),
         default="ddp",
         help="how the devices share the model, as lorakit train --strategy (default ddp)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--quantization",
         choices=("nf4", "fp4", "int8", "q4_0", "q4_1", "q8_0", "int8-rows", "int4-groups"),
         default=None,
@@ -61,27 +70,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "CPU formats int8-rows and int4-groups: the output layer in int8 rows); embeddings and "
         "norms stay in --dtype (default: not quantized)",
     )
-    parser.add_argument(
+
+
+def _add_activation_options(parser: argparse.ArgumentParser) -> None:
+    """The batch a training step runs on, for the activations it keeps."""
+    group = parser.add_argument_group("activations")
+    group.add_argument(
         "--batch-size",
         type=int,
         default=1,
         help="sequences per training step (per device), for the activations (default 1)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--seq-len",
         type=int,
         default=None,
         help="tokens per sequence, for the activations (default 2048, or the model's maximum "
         "when shorter)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--lora-dropout",
         type=float,
         default=0.0,
         help="LoRA dropout: its masks add one bit per adapted layer's input element (default 0)",
     )
-    parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
