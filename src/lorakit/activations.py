@@ -106,12 +106,14 @@ def training_activations(
         inputs["labels"] = ids  # the loss's log-softmax is saved too
     skip = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
     saved: dict[int, tuple[int, int | None]] = {}  # storage: (bytes, the block that saved it)
+    held = []  # each counted storage, so that its address stays its own while counting
     blocks = _Blocks(model)
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         if storage._cdata not in skip and storage._cdata not in saved:
             saved[storage._cdata] = (storage.nbytes(), blocks.running)
+            held.append(storage)
         return tensor
 
     keep = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
