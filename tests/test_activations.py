@@ -58,20 +58,13 @@ CASES = {
     "mistral-bf16-mlp": ("mistral", LLAMA_SIZES, torch.bfloat16, ["gate_proj", "down_proj"]),
     "gpt2-fp32-attn": (
         "gpt2",
-        dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64),
+        tiny_models.GPT2_SIZES,  # with GPT-2's own dropout (0.1), which CPU runs as it is
         torch.float32,
         ["c_attn", "c_proj"],
     ),
     "bert-fp32-qkv": (
         "bert",
-        dict(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=96,
-            vocab_size=128,
-            max_position_embeddings=64,
-        ),
+        tiny_models.BERT_SIZES,  # BERT's own dropout (0.1) too
         torch.float32,
         ["query", "key", "value"],
     ),

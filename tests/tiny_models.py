@@ -84,14 +84,21 @@ def gpt_oss(seed: int = 0) -> GptOssForCausalLM:
     return GptOssForCausalLM(config).eval()
 
 
+GPT2_SIZES = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+BERT_SIZES = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=96,
+    vocab_size=128,
+    max_position_embeddings=64,
+)
+
+
 def gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        vocab_size=128,
-        n_positions=64,
+        **GPT2_SIZES,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
@@ -102,12 +109,7 @@ def gpt2(seed: int = 0) -> GPT2LMHeadModel:
 def bert(seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     config = BertConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=96,
-        vocab_size=128,
-        max_position_embeddings=64,
+        **BERT_SIZES,
         num_labels=2,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
