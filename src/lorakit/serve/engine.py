@@ -247,9 +247,9 @@ class Engine:
     # ----------------------------------------------------------------- the loop
     def _loop(self) -> None:
         while True:
+            if not self._waiting and not self._running:  # idle (a stale read is harmless)
+                release_idle_team()  # its parked team would slow other threads' torch ops
             with self._wake:
-                if not self._stopping and not self._waiting and not self._running:
-                    release_idle_team()  # idle: its team would slow other threads' torch ops
                 while not self._stopping and not self._waiting and not self._running:
                     self._wake.wait()
                 if self._stopping:
