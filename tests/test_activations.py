@@ -203,46 +203,66 @@ def test_a_quantized_base_keeps_what_the_float_base_keeps(name):
     assert real_saved_bytes(model, ids, True) == counted.saved_bytes
 
 
-def test_gradient_checkpointing_keeps_the_block_inputs_and_one_block_at_a_time():
-    """With checkpointing, a real forward keeps the head's tensors and each block's input (the
-    outer hooks see what the checkpoints store); each block's own share, counted on meta, is
-    what a real forward of that block saves (recomputed one block at a time in backward)."""
-    from lorakit.train.fsdp import fsdp_units
-    from lorakit.train.loop import enable_gradient_checkpointing
+CHECKPOINTED = {
+    "llama": (LLAMA_SIZES, "all-linear", 64),
+    "gpt2": (tiny_models.GPT2_SIZES, ["c_attn", "c_proj"], 64),
+    "bert": (tiny_models.BERT_SIZES, ["query", "key", "value"], 64),
+}
 
-    ids = torch.randint(0, 64, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(1))
-    meta, _ = build(llama_config(), torch.float32, "meta", "all-linear")
-    counted = training_activations(meta, batch=BATCH, seq_len=SEQ_LEN)
-    hidden, tokens, layers = 64, BATCH * SEQ_LEN, 2
-    assert counted.block_input_bytes == layers * tokens * hidden * 4
-    real, _ = build(llama_config(), torch.float32, "cpu", "all-linear")
-    per_block = [0, 0]
-    running = [None]
-    own = {t.untyped_storage().data_ptr() for t in (*real.parameters(), *real.buffers())}
-    seen: set[int] = set()
+
+def real_block_bytes(model, ids, causal: bool) -> list[int]:
+    """What each block (transformers' checkpointing layers) saves in a real forward whose
+    input embeddings require grad (as checkpointing makes them), attributed by forward hooks."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    per_block, running, seen = [0] * len(blocks), [None], {}
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
 
     def pack(tensor):
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer not in own and pointer not in seen:
-            seen.add(pointer)
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in own and storage.data_ptr() not in seen:
+            seen[storage.data_ptr()] = storage
             if running[0] is not None:
-                per_block[running[0]] += tensor.untyped_storage().nbytes()
+                per_block[running[0]] += storage.nbytes()
         return tensor
 
-    for index, block in enumerate(fsdp_units(real)):
+    for index, block in enumerate(blocks):
         block.register_forward_pre_hook(lambda *_, i=index: running.__setitem__(0, i))
         block.register_forward_hook(lambda *_: running.__setitem__(0, None))
-    real.train()
+    model.enable_input_require_grads()
+    model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        real(input_ids=ids, labels=ids)
-    assert tuple(per_block) == counted.block_bytes
-    real, _ = build(llama_config(), torch.float32, "cpu", "all-linear")
+        model(input_ids=ids, labels=ids) if causal else model(input_ids=ids)
+    return per_block
+
+
+@pytest.mark.parametrize("model_type", CHECKPOINTED)
+def test_gradient_checkpointing_keeps_the_block_inputs_and_one_block_at_a_time(model_type):
+    """With checkpointing, a real forward keeps what lies outside the blocks and each block's
+    input (the outer hooks see what the checkpoints store); each block's share, counted on
+    meta, is what that block saves in a real forward (recomputed one at a time in backward)."""
+    from lorakit.train.loop import enable_gradient_checkpointing
+
+    sizes, targets, hidden = CHECKPOINTED[model_type]
+    config = AutoConfig.for_model(model_type, **sizes)
+    ids = torch.randint(0, 64, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(1))
+    meta, causal = build(config, torch.float32, "meta", targets)
+    counted = training_activations(meta, batch=BATCH, seq_len=SEQ_LEN)
+    assert counted.checkpoint_input_bytes == 2 * BATCH * SEQ_LEN * hidden * 4  # 2 blocks
+    real, _ = build(config, torch.float32, "cpu", targets)
+    assert tuple(real_block_bytes(real, ids, causal)) == counted.checkpoint_block_bytes
+    real, _ = build(config, torch.float32, "cpu", targets)
     enable_gradient_checkpointing(real)
-    kept = real_saved_bytes(real, ids, True)
-    assert kept == counted.outside_bytes + counted.block_input_bytes
-    assert counted.checkpointed_bytes == counted.block_input_bytes + max(
-        counted.outside_bytes, max(counted.block_bytes)
+    kept = real_saved_bytes(real, ids, causal)
+    assert kept == counted.checkpoint_outside_bytes + counted.checkpoint_input_bytes
+    assert counted.checkpointed_bytes == counted.checkpoint_input_bytes + max(
+        counted.checkpoint_outside_bytes, max(counted.checkpoint_block_bytes)
     )
+
+
+def test_llama_2_7b_qlora_with_checkpointing_in_the_report():
     qlora = plan("llama-2-7b", quantization="nf4", dtype="bfloat16")
-    assert qlora.activations.block_input_bytes == 32 * 2048 * 4096 * 2  # 0.54 GB
+    assert qlora.activations.checkpoint_input_bytes == 32 * 2048 * 4096 * 2  # 0.54 GB
     assert "(32 blocks' inputs 0.54 GB + one block recomputed or the head)" in format_report(qlora)
+    assert len(plan("minilm-l6").activations.checkpoint_block_bytes) == 6  # not the embeddings

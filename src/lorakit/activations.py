@@ -31,8 +31,7 @@ Two things are counted by rule, as they cannot run on ``meta`` the way they run 
   for its (N, k) input (``lorakit.fast.dropout``; on CPU at p <= 1/16 it keeps int16 steps between
   the drops instead, about ``2 p N k`` bytes, which is less).
 
-Each saved tensor is also attributed to the transformer block (``train.fsdp.fsdp_units``) that
-saved it, and each block's input is measured, for gradient checkpointing
+Each saved tensor is also attributed to the transformer block (``_Blocks``) that saved it, and each block's input is measured, for gradient checkpointing
 (``Activations.checkpointed_bytes``): a checkpointed step keeps each block's input (N * H * b
 bytes) and the head's tensors through forward, then recomputes one block at a time in backward.
 
@@ -60,42 +59,45 @@ __all__ = ["Activations", "training_activations"]
 
 @dataclass(frozen=True)
 class Activations:
-    """Bytes one training step keeps for backward on a ``(batch, seq_len)`` batch."""
+    """Bytes one training step keeps for backward on a ``(batch, seq_len)`` batch.
+
+    The ``checkpoint_*`` fields count the forward as gradient checkpointing runs it: with the
+    input embeddings' output requiring grad (``lorakit train --gradient-checkpointing`` asks for
+    it, so that the frozen embeddings pass gradients), which adds what the layers before the
+    first block keep (BERT's embedding norm, GPT-2's dropout) and what the first block keeps of
+    its input norm."""
 
     batch: int
     seq_len: int
     saved_bytes: int  # tensors autograd saves (parameters and buffers left out)
     dropout_mask_bytes: int  # LoRA dropout's bits, one per adapted layer's input element
-    block_bytes: tuple[int, ...] = ()  # of saved_bytes, each transformer block's, in order
-    block_input_bytes: int = 0  # the blocks' input hidden states, together
+    checkpoint_block_bytes: tuple[int, ...] = ()  # what each block saves, recomputed
+    checkpoint_input_bytes: int = 0  # the blocks' input hidden states, together
+    checkpoint_outside_bytes: int = 0  # saved outside the blocks (before the first; the head)
 
     @property
     def total_bytes(self) -> int:
         return self.saved_bytes + self.dropout_mask_bytes
 
     @property
-    def outside_bytes(self) -> int:
-        """Saved outside the blocks: the final norm and the loss (and what precedes block 0)."""
-        return self.saved_bytes - sum(self.block_bytes)
-
-    @property
     def checkpointed_bytes(self) -> int | None:
-        """With gradient checkpointing (``lorakit train --gradient-checkpointing``): at most,
-        the blocks' inputs (what checkpointing keeps of each block) plus the larger of what
-        the head keeps (freed before any block's backward) and one block recomputed in backward,
-        with that block's dropout masks. None for a model without blocks found."""
-        if not self.block_bytes:
+        """With gradient checkpointing: at most, the blocks' inputs (what checkpointing keeps of
+        each block) plus the larger of what is kept outside the blocks (the head's part is
+        freed before any block's backward) and one block recomputed in backward, with that
+        block's dropout masks. None for a model without blocks found."""
+        blocks = self.checkpoint_block_bytes
+        if not blocks:
             return None
-        block_masks = -(-self.dropout_mask_bytes // len(self.block_bytes))
-        largest = max(self.block_bytes) + block_masks
-        return self.block_input_bytes + max(self.outside_bytes, largest)
+        largest = max(blocks) + -(-self.dropout_mask_bytes // len(blocks))
+        return self.checkpoint_input_bytes + max(self.checkpoint_outside_bytes, largest)
 
 
 def training_activations(
     model: nn.Module, *, batch: int, seq_len: int, dropout: float = 0.0
 ) -> Activations:
     """Count what a training forward of ``model`` (on ``meta``, LoRA dropout off) saves for
-    backward on ``batch`` sequences of ``seq_len`` tokens; ``dropout`` > 0 adds its masks.
+    backward on ``batch`` sequences of ``seq_len`` tokens, and again as checkpointing runs it;
+    ``dropout`` > 0 adds its masks.
 
     Raises whatever the model's forward raises on ``meta`` (the caller reports it)."""
     if batch < 1 or seq_len < 1:
@@ -104,38 +106,70 @@ def training_activations(
     inputs: dict[str, object] = {"input_ids": ids}
     if type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
         inputs["labels"] = ids  # the loss's log-softmax is saved too
+    with _training(model), _FlashAttention():
+        saved, _, adapted = _count(model, inputs)
+        with _input_embeddings_require_grad(model):
+            by_block, block_inputs, _ = _count(model, inputs)
+    masks = sum(-(-elements // 8) for elements in adapted) if dropout > 0 else 0
+    outside = by_block.pop(None, 0)
+    blocks = tuple(by_block.get(index, 0) for index in range(len(block_inputs)))
+    return Activations(
+        batch, seq_len, sum(saved.values()), masks, blocks, sum(block_inputs), outside
+    )
+
+
+def _count(model: nn.Module, inputs: dict) -> tuple[dict, list[int], list[int]]:
+    """One forward under the hooks: ``{block index or None (outside): bytes saved}``, each
+    block's input bytes, and the element count of each adapted layer's input."""
     skip = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
-    saved: dict[int, tuple[int, int | None]] = {}  # storage: (bytes, the block that saved it)
+    seen: set[int] = set()
     held = []  # each counted storage, so that its address stays its own while counting
+    by_block: dict[int | None, int] = {}
     blocks = _Blocks(model)
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        if storage._cdata not in skip and storage._cdata not in saved:
-            saved[storage._cdata] = (storage.nbytes(), blocks.running)
+        if storage._cdata not in skip and storage._cdata not in seen:
+            seen.add(storage._cdata)
             held.append(storage)
+            by_block[blocks.running] = by_block.get(blocks.running, 0) + storage.nbytes()
         return tensor
 
     keep = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
-    with _training(model), _FlashAttention(), _adapted_inputs(model) as adapted, blocks, keep:
+    with _adapted_inputs(model) as adapted, blocks, keep:
         model(**inputs)
-    masks = sum(-(-elements // 8) for elements in adapted) if dropout > 0 else 0
-    per_block = [0] * len(blocks.modules)
-    for size, block in saved.values():
-        if block is not None:
-            per_block[block] += size
-    total = sum(size for size, _ in saved.values())
-    return Activations(batch, seq_len, total, masks, tuple(per_block), sum(blocks.inputs.values()))
+    block_inputs = [blocks.inputs.get(index, 0) for index in range(len(blocks.modules))]
+    return by_block, block_inputs, adapted
+
+
+@contextlib.contextmanager
+def _input_embeddings_require_grad(model: nn.Module) -> Iterator[None]:
+    """The input embeddings' output requires grad for the duration (as transformers'
+    ``enable_input_require_grads`` makes it; nothing where the model has no input embeddings)."""
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    if embeddings is None:
+        yield
+        return
+    handle = embeddings.register_forward_hook(lambda _, __, output: output.requires_grad_(True))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class _Blocks:
-    """While entered: which transformer block (``train.fsdp.fsdp_units``) is running, and the
-    storage bytes of each block's input hidden states (by block index)."""
+    """While entered: which block is running, and the storage bytes of each block's input hidden
+    states (by block index). The blocks are what gradient checkpointing recomputes one at a time:
+    transformers' ``GradientCheckpointingLayer``s (else ``train.fsdp.fsdp_units``, which for
+    BERT also counts the embeddings)."""
 
     def __init__(self, model: nn.Module) -> None:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
         from lorakit.train.fsdp import fsdp_units
 
-        self.modules = fsdp_units(model)
+        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        self.modules = layers or fsdp_units(model)
         self.running: int | None = None
         self.inputs: dict[int, int] = {}
         self._handles: list = []

@@ -195,7 +195,7 @@ class Plan:
         for name in _DERIVED:
             counts[name] = getattr(self, name)
         if self.activations is not None:
-            for name in ("total_bytes", "outside_bytes", "checkpointed_bytes"):
+            for name in ("total_bytes", "checkpointed_bytes"):
                 counts["activations"][name] = getattr(self.activations, name)
         return counts
 

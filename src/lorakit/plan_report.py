@@ -90,10 +90,10 @@ def _activation_lines(result: Plan) -> list[str]:
     ]
     checkpointed = activations.checkpointed_bytes
     if checkpointed is not None:
-        blocks = len(activations.block_bytes)
+        blocks = len(activations.checkpoint_block_bytes)
         lines += [
             f"  with gradient checkpointing: {_gb(checkpointed)} ({blocks} blocks' inputs "
-            f"{_gb(activations.block_input_bytes)} + one block recomputed or the head)",
+            f"{_gb(activations.checkpoint_input_bytes)} + one block recomputed or the head)",
             f"      training with them{where}: "
             f"{_gb(result.per_device_training_bytes + checkpointed)}",
         ]
