@@ -164,10 +164,12 @@ class _Blocks:
     BERT also counts the embeddings)."""
 
     def __init__(self, model: nn.Module) -> None:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-
         from lorakit.train.fsdp import fsdp_units
 
+        try:  # transformers >= 4.52
+            from transformers.modeling_layers import GradientCheckpointingLayer
+        except ImportError:
+            GradientCheckpointingLayer = ()  # isinstance(m, ()) is False: fsdp_units below
         layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
         self.modules = layers or fsdp_units(model)
         self.running: int | None = None
