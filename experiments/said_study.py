@@ -213,13 +213,16 @@ def train_all(args, path) -> None:
 
 
 def best_lr(rows: list[dict]) -> dict[int, list[dict]]:
-    """Per dimension, the rows of the lr with the highest mean validation accuracy."""
+    """Per dimension, the rows of the lr with the highest mean validation accuracy, among the
+    lrs run on the most seeds (a partly run lr is not compared on fewer seeds)."""
     chosen = {}
     for dimension in sorted({r["dimension"] for r in rows}):
         by_lr: dict[float, list[dict]] = {}
         for r in rows:
             if r["dimension"] == dimension:
                 by_lr.setdefault(r["lr"], []).append(r)
+        most = max(len(runs) for runs in by_lr.values())
+        by_lr = {lr: runs for lr, runs in by_lr.items() if len(runs) == most}
         lr = max(by_lr, key=lambda v: statistics.fmean(r["val_accuracy"] for r in by_lr[v]))
         chosen[dimension] = by_lr[lr]
     return chosen
