@@ -209,7 +209,13 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         merged_predictions,
     )
     summary = {
-        **_accuracies(settings, held_out, train_size, before, after, merged),
+        "model": settings.model,
+        "held_out_reviews": len(held_out),
+        "training_reviews": train_size,
+        "zero_shot_accuracy": before,
+        "fine_tuned_accuracy": after,
+        "accuracy_gain_points": 100.0 * (after - before),
+        "merged_accuracy": merged,
         "merged_predictions_agree": agree,
         "merged_max_abs_logprob_difference": max_difference,
         "merged_disagreements_at_near_ties": near_ties,
@@ -230,19 +236,6 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     print("\n".join(lines), flush=True)
     _check_merged_agrees(summary, output)
     return summary
-
-
-def _accuracies(settings, held_out, train_size: int, before: float, after: float, merged: float):
-    """The summary's first fields: the data's sizes and the three accuracies."""
-    return {
-        "model": settings.model,
-        "held_out_reviews": len(held_out),
-        "training_reviews": train_size,
-        "zero_shot_accuracy": before,
-        "fine_tuned_accuracy": after,
-        "accuracy_gain_points": 100.0 * (after - before),
-        "merged_accuracy": merged,
-    }
 
 
 def _write_predictions(path: Path, held_out, zero_shot, fine_tuned, merged) -> None:
