@@ -3,16 +3,15 @@
 Order: read the config and the safetensors header (``read_adapter_header``) -> work out which
 tensors the config implies for this model (``keys.adapter_file_tensors``) -> refuse missing or
 unexpected keys, wrong shapes or dtypes, a rank that disagrees with the config, all from the
-header -> only then read the tensor data (``read_adapter_data``) -> refuse non-finite or absurd
-values, a base whose fingerprint differs -> only then inject the adapter and copy the tensors in. Any failure after injection rolls the model back
-to exactly what it was.
+header (``load_checks.check_tensors``) -> only then read the tensor data
+(``read_adapter_data``) -> refuse non-finite or absurd values, a base whose fingerprint differs
+(``load_checks.check_base``) -> only then inject the adapter and copy the tensors in. Any
+failure after injection rolls the model back to exactly what it was.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,17 +20,15 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
 from lorakit.inject import add_adapter_to_modules, check_adapter_name, unload
-from lorakit.io import fingerprint
 from lorakit.io.keys import (
     FileTensor,
     adapter_file_tensors,
     base_weight_key,
     embedding_module_names,
-    expected_shape,
     key_names_module,
     model_tensor,
-    saved_module_alias_keys,
 )
+from lorakit.io.load_checks import check_base, check_tensors
 from lorakit.io.read import (
     AdapterFile,
     AdapterHeader,
@@ -39,7 +36,6 @@ from lorakit.io.read import (
     read_adapter_data,
     read_adapter_header,
 )
-from lorakit.io.tensors import TORCH_DTYPES
 from lorakit.layers import LoraLayer, ModulesToSave
 from lorakit.parameter_targets import find_parameter_targets, parameter_stand_ins
 from lorakit.replication import replicate_layers, restore_layers
@@ -56,8 +52,6 @@ from lorakit.targets import find_targets, matches, original_module
 from lorakit.wrapped_modules import replace_module, saved_module_names, token_module_names
 
 __all__ = ["load_adapter"]
-
-LORA_ROLES = ("lora_A", "lora_B")
 
 
 def load_adapter(
@@ -128,7 +122,9 @@ def _load_checked(
     current = dict(walk_modules(model))  # LoRA layers as they are, for adding the adapter
     modules = {name: original_module(module) for name, module in current.items()}
     to_load = _load_targets(model, header, modules)
-    _check_tensors(header, to_load, modules)  # from the header: no data read yet
+    check_tensors(
+        header, to_load.config, to_load.tensors, modules
+    )  # from the header: no data read yet
     adapter = read_adapter_data(header)
     adapter.require_finite([entry.key for entry in to_load.tensors])
     replaced = {
@@ -136,7 +132,7 @@ def _load_checked(
     }  # the file brings these
     checked = [e.module for e in to_load.tensors if e.role == "lora_A" and e.module not in replaced]
     with_parameters = modules | parameter_stand_ins(to_load.parameter_targets, current)
-    _check_base(model, adapter, checked, allow_base_mismatch, with_parameters)
+    check_base(model, adapter, checked, allow_base_mismatch, with_parameters)
     _apply(model, adapter, to_load, current, adapter_name, activate, adapter_dtype)
 
 
@@ -203,117 +199,6 @@ def _load_targets(
 
 def _has_tensors_for(adapter: AdapterHeader, entry: str) -> bool:
     return any(key_names_module(key, entry) for key in adapter.tensors)
-
-
-def _listed(keys: Sequence[str], limit: int = 6) -> str:
-    shown = ", ".join(sorted(keys)[:limit])
-    return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
-
-
-def _check_tensors(
-    adapter: AdapterHeader, to_load: _LoadTargets, modules: dict[str, nn.Module]
-) -> None:
-    """Keys, shapes, dtypes and ranks from the header; raises ``AdapterFileError`` naming the
-    tensors."""
-    source, config, entries = adapter.directory, to_load.config, to_load.tensors
-    expected = {entry.key for entry in entries}
-    ignored = {
-        alias
-        for entry in entries
-        if entry.role == "saved"
-        for alias in saved_module_alias_keys(entry.module, entry.parameter)
-    }
-    missing = sorted(expected - set(adapter.tensors))
-    unexpected = sorted(set(adapter.tensors) - expected - ignored)
-    if missing:
-        raise AdapterFileError(
-            f"adapter {source} lacks tensors its config implies for this model: "
-            f"{_listed(missing)}. The file is incomplete, or the model is not its base."
-        )
-    if unexpected:
-        raise AdapterFileError(
-            f"adapter {source} has tensors that fit no module of this model under its config: "
-            f"{_listed(unexpected)}. Is the model the adapter's base architecture?"
-        )
-    for entry in sorted(entries, key=lambda e: e.role != "base_weight"):  # vocabulary first
-        info = adapter.tensors[entry.key]
-        on_parameter = entry.role in LORA_ROLES and entry.parameter  # rank_pattern: its path
-        rank = config.rank_for(entry.parameter if on_parameter else entry.module)
-        shape = expected_shape(modules, entry, rank)
-        if tuple(info.shape) != shape:
-            raise AdapterFileError(_shape_message(source, entry, tuple(info.shape), shape, rank))
-        _check_dtype(source, entry, info.dtype, modules)
-
-
-def _check_dtype(source, entry: FileTensor, dtype: str, modules: dict[str, nn.Module]) -> None:
-    """LoRA factors, biases and base weights must be floating point; a saved module's tensor
-    the same kind (floating point or not) as the model's."""
-    floating = TORCH_DTYPES[dtype].is_floating_point
-    if entry.role == "saved":
-        wanted = modules[entry.module].state_dict()[entry.parameter].is_floating_point()
-    else:
-        wanted = True
-    if floating != wanted:
-        raise AdapterFileError(
-            f"adapter {source}: tensor {entry.key} has dtype {dtype}, expected a "
-            f"{'floating-point' if wanted else 'non-floating-point'} dtype. The file is broken; "
-            "re-save the adapter."
-        )
-
-
-def _shape_message(source, entry: FileTensor, got: tuple, want: tuple, rank: int) -> str:
-    message = f"adapter {source}: tensor {entry.key} has shape {list(got)}, expected {list(want)}"
-    if entry.role in ("lora_A", "lora_B") and len(got) == 2 == len(want):
-        rank_axis = 0 if entry.role == "lora_A" else 1
-        if got[1 - rank_axis] == want[1 - rank_axis]:
-            return (
-                f"{message}: the config gives rank r={rank} for {entry.module} (r / rank_pattern "
-                f"in adapter_config.json) but the tensor has rank {got[rank_axis]}. The config "
-                "and the weights disagree; fix adapter_config.json or re-save the adapter."
-            )
-    if entry.role == "base_weight" and len(got) == len(want) and got[1:] == want[1:]:
-        return (
-            f"{message}: the adapter was saved with a resized vocabulary of {got[0]} tokens; "
-            f"call model.resize_token_embeddings({got[0]}) before loading it."
-        )
-    return f"{message} on this model: it was trained on a base with other dimensions."
-
-
-_LOAD_REMEDY = (
-    "Load it onto the base model it was trained on, or pass allow_base_mismatch=True to load "
-    "it anyway."
-)
-
-
-def _check_base(
-    model: nn.Module,
-    adapter: AdapterFile,
-    checked: list[str],
-    allow_base_mismatch: bool,
-    modules: dict[str, nn.Module],
-) -> None:
-    if adapter.fingerprint is None:
-        warnings.warn(
-            f"adapter {adapter.directory} has no base-model fingerprint (written by peft or "
-            "another tool): lorakit cannot verify it was trained on this base model.",
-            stacklevel=3,
-        )
-        return
-    message = fingerprint.refuse_other_base(
-        model,
-        adapter.fingerprint,
-        adapter.directory,
-        checked,
-        allow_mismatch=allow_base_mismatch,
-        remedy=_LOAD_REMEDY,
-        modules=modules,
-    )
-    if message is not None:
-        overridden = message.removesuffix(".")
-        warnings.warn(
-            f"{overridden}; loaded anyway: allow_base_mismatch=True overrode the check",
-            stacklevel=3,
-        )
 
 
 def _apply(

@@ -1,0 +1,144 @@
+"""The checks ``load_adapter`` makes before it changes the model (``lorakit.io.load``).
+
+- ``check_tensors``: from the safetensors header alone (no data read): the file holds exactly
+  the tensors its config implies for this model, each of the expected shape (a rank that
+  disagrees with ``r`` / ``rank_pattern`` and a resized vocabulary are named as such) and of a
+  fitting dtype;
+- ``check_base``: the base weights the adapter's LoRA layers sit on are the ones it was saved
+  with (``lorakit.io.fingerprint``), unless ``allow_base_mismatch``.
+
+Both raise ``AdapterFileError`` / ``BaseModelMismatchError`` naming the tensor or the layer and
+the way out.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterFileError
+from lorakit.io import fingerprint
+from lorakit.io.keys import FileTensor, expected_shape, saved_module_alias_keys
+from lorakit.io.read import AdapterFile, AdapterHeader
+from lorakit.io.tensors import TORCH_DTYPES
+
+__all__ = ["check_base", "check_tensors"]
+
+LORA_ROLES = ("lora_A", "lora_B")
+
+
+def _listed(keys: Sequence[str], limit: int = 6) -> str:
+    shown = ", ".join(sorted(keys)[:limit])
+    return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def check_tensors(
+    adapter: AdapterHeader,
+    config: LoraConfig,
+    entries: list[FileTensor],
+    modules: dict[str, nn.Module],
+) -> None:
+    """Keys, shapes, dtypes and ranks from the header; raises ``AdapterFileError`` naming the
+    tensors."""
+    source = adapter.directory
+    expected = {entry.key for entry in entries}
+    ignored = {
+        alias
+        for entry in entries
+        if entry.role == "saved"
+        for alias in saved_module_alias_keys(entry.module, entry.parameter)
+    }
+    missing = sorted(expected - set(adapter.tensors))
+    unexpected = sorted(set(adapter.tensors) - expected - ignored)
+    if missing:
+        raise AdapterFileError(
+            f"adapter {source} lacks tensors its config implies for this model: "
+            f"{_listed(missing)}. The file is incomplete, or the model is not its base."
+        )
+    if unexpected:
+        raise AdapterFileError(
+            f"adapter {source} has tensors that fit no module of this model under its config: "
+            f"{_listed(unexpected)}. Is the model the adapter's base architecture?"
+        )
+    for entry in sorted(entries, key=lambda e: e.role != "base_weight"):  # vocabulary first
+        info = adapter.tensors[entry.key]
+        on_parameter = entry.role in LORA_ROLES and entry.parameter  # rank_pattern: its path
+        rank = config.rank_for(entry.parameter if on_parameter else entry.module)
+        shape = expected_shape(modules, entry, rank)
+        if tuple(info.shape) != shape:
+            raise AdapterFileError(_shape_message(source, entry, tuple(info.shape), shape, rank))
+        _check_dtype(source, entry, info.dtype, modules)
+
+
+def _check_dtype(source, entry: FileTensor, dtype: str, modules: dict[str, nn.Module]) -> None:
+    """LoRA factors, biases and base weights must be floating point; a saved module's tensor
+    the same kind (floating point or not) as the model's."""
+    floating = TORCH_DTYPES[dtype].is_floating_point
+    if entry.role == "saved":
+        wanted = modules[entry.module].state_dict()[entry.parameter].is_floating_point()
+    else:
+        wanted = True
+    if floating != wanted:
+        raise AdapterFileError(
+            f"adapter {source}: tensor {entry.key} has dtype {dtype}, expected a "
+            f"{'floating-point' if wanted else 'non-floating-point'} dtype. The file is broken; "
+            "re-save the adapter."
+        )
+
+
+def _shape_message(source, entry: FileTensor, got: tuple, want: tuple, rank: int) -> str:
+    message = f"adapter {source}: tensor {entry.key} has shape {list(got)}, expected {list(want)}"
+    if entry.role in ("lora_A", "lora_B") and len(got) == 2 == len(want):
+        rank_axis = 0 if entry.role == "lora_A" else 1
+        if got[1 - rank_axis] == want[1 - rank_axis]:
+            return (
+                f"{message}: the config gives rank r={rank} for {entry.module} (r / rank_pattern "
+                f"in adapter_config.json) but the tensor has rank {got[rank_axis]}. The config "
+                "and the weights disagree; fix adapter_config.json or re-save the adapter."
+            )
+    if entry.role == "base_weight" and len(got) == len(want) and got[1:] == want[1:]:
+        return (
+            f"{message}: the adapter was saved with a resized vocabulary of {got[0]} tokens; "
+            f"call model.resize_token_embeddings({got[0]}) before loading it."
+        )
+    return f"{message} on this model: it was trained on a base with other dimensions."
+
+
+_LOAD_REMEDY = (
+    "Load it onto the base model it was trained on, or pass allow_base_mismatch=True to load "
+    "it anyway."
+)
+
+
+def check_base(
+    model: nn.Module,
+    adapter: AdapterFile,
+    checked: list[str],
+    allow_base_mismatch: bool,
+    modules: dict[str, nn.Module],
+) -> None:
+    if adapter.fingerprint is None:
+        warnings.warn(
+            f"adapter {adapter.directory} has no base-model fingerprint (written by peft or "
+            "another tool): lorakit cannot verify it was trained on this base model.",
+            stacklevel=3,
+        )
+        return
+    message = fingerprint.refuse_other_base(
+        model,
+        adapter.fingerprint,
+        adapter.directory,
+        checked,
+        allow_mismatch=allow_base_mismatch,
+        remedy=_LOAD_REMEDY,
+        modules=modules,
+    )
+    if message is not None:
+        overridden = message.removesuffix(".")
+        warnings.warn(
+            f"{overridden}; loaded anyway: allow_base_mismatch=True overrode the check",
+            stacklevel=3,
+        )
