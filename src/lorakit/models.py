@@ -260,21 +260,9 @@ def load_model(
         }
     with transformers_progress_bars(progress):
         model = auto.from_pretrained(directory, dtype=dtype, local_files_only=True, **options)
-    if quantization == "gguf":
-        from lorakit.quantized.gguf_file import replace_llama_linears
+    if quantization is not None:
+        from lorakit.quantized.loading import quantize_loaded
 
-        replace_llama_linears(model, gguf_file)
-    elif quantization == "int8-rows":
-        from lorakit.quantized.int8_rows import quantize_linears
-
-        quantize_linears(model)
-    elif quantization == "int4-groups":
-        from lorakit.quantized.int4_groups import quantize_linears
-
-        quantize_linears(model)
-    elif quantization is not None:
-        from lorakit.quantized.loading import keep_4bit_storage
-
-        keep_4bit_storage(model)
+        quantize_loaded(model, quantization, gguf_file)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer

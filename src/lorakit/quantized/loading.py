@@ -32,7 +32,13 @@ import torch
 
 from lorakit.errors import UserError
 
-__all__ = ["QUANTIZATIONS", "bitsandbytes_config", "check_quantization", "keep_4bit_storage"]
+__all__ = [
+    "QUANTIZATIONS",
+    "bitsandbytes_config",
+    "check_quantization",
+    "keep_4bit_storage",
+    "quantize_loaded",
+]
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", "gguf", "int8-rows", "int4-groups")
 
@@ -83,3 +89,25 @@ def keep_4bit_storage(model: torch.nn.Module) -> int:
             module.support_avx512bf16_for_cpu = False
             count += 1
     return count
+
+
+def quantize_loaded(model: torch.nn.Module, quantization: str, gguf_file: Path | None) -> None:
+    """What ``lorakit.models.load_model`` does to a model transformers has just loaded, for
+    ``quantization`` (checked by ``check_quantization``): the built-in GGUF file's blocks in
+    place of its Llama linears (``gguf``), lorakit's weight-only formats (``int8-rows``,
+    ``int4-groups``), or, for bitsandbytes (quantized while loading), its stored 4-bit bytes
+    kept as they are (``keep_4bit_storage``)."""
+    if quantization == "gguf":
+        from lorakit.quantized.gguf_file import replace_llama_linears
+
+        replace_llama_linears(model, gguf_file)
+    elif quantization == "int8-rows":
+        from lorakit.quantized.int8_rows import quantize_linears
+
+        quantize_linears(model)
+    elif quantization == "int4-groups":
+        from lorakit.quantized.int4_groups import quantize_linears
+
+        quantize_linears(model)
+    else:
+        keep_4bit_storage(model)
