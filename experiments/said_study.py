@@ -109,34 +109,22 @@ def build(method: str, dimension: int, lr: float, seed: int, head: str):
     return wrapper, groups, trainable, wrapper.trainable_dimension
 
 
-def run(method: str, dimension: int, lr: float, seed: int, args, parts) -> dict:
-    """One training run with early stopping; the record of its best-validation state."""
-    forward, groups, trainable, counted = build(method, dimension, lr, seed, args.head)
-    ids, mask, labels = parts["train"]
-    torch.manual_seed(seed)  # dropout
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    warm = max(1, args.warmup)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
-    best = {"val": accuracy(forward, parts["val"]), "step": 0}
+def early_stopping(step, validate, test, trainable, args) -> dict:
+    """The loop every method shares: ``step(n)`` for n = 1 .. ``args.max_steps``; ``validate()``
+    (an accuracy) before the first step, every ``args.eval_every`` steps and after the last; stop
+    after ``args.patience`` evaluations without improvement; restore the ``trainable`` tensors of
+    the best validation, score ``test()`` on them and return the record."""
+    best = {"val": validate(), "step": 0}
     best_state = [t.detach().clone() for t in trainable]
-    curve, plan, stale, start = [(0, best["val"])], [], 0, time.perf_counter()
-    for step in range(1, args.max_steps + 1):
-        plan = plan or common.batches(mask, common.BATCH, generator)
-        index = plan.pop()
-        loss = nn.functional.cross_entropy(
-            forward(*common.trimmed(ids[index], mask[index])), labels[index]
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % args.eval_every and step != args.max_steps:
+    curve, stale, start = [(0, best["val"])], 0, time.perf_counter()
+    for number in range(1, args.max_steps + 1):
+        step(number)
+        if number % args.eval_every and number != args.max_steps:
             continue
-        val = accuracy(forward, parts["val"])
-        curve.append((step, val))
+        val = validate()
+        curve.append((number, val))
         if val > best["val"]:
-            best, stale = {"val": val, "step": step}, 0
+            best, stale = {"val": val, "step": number}, 0
             best_state = [t.detach().clone() for t in trainable]
         else:
             stale += 1
@@ -146,14 +134,46 @@ def run(method: str, dimension: int, lr: float, seed: int, args, parts) -> dict:
         for tensor, saved in zip(trainable, best_state, strict=True):
             tensor.copy_(saved)
     return {
-        "test_accuracy": accuracy(forward, parts["test"]),
+        "test_accuracy": test(),
         "val_accuracy": best["val"],
         "best_step": best["step"],
         "steps": curve[-1][0],
         "val_curve": curve,
-        "counted_dimension": counted,
         "seconds": time.perf_counter() - start,
     }
+
+
+def run(method: str, dimension: int, lr: float, seed: int, args, parts) -> dict:
+    """One training run with early stopping; the record of its best-validation state."""
+    forward, groups, trainable, counted = build(method, dimension, lr, seed, args.head)
+    ids, mask, labels = parts["train"]
+    torch.manual_seed(seed)  # dropout
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    warm = max(1, args.warmup)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
+    order: list = []
+
+    def step(_: int) -> None:
+        if not order:
+            order.extend(common.batches(mask, common.BATCH, generator))
+        index = order.pop()
+        loss = nn.functional.cross_entropy(
+            forward(*common.trimmed(ids[index], mask[index])), labels[index]
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+
+    record = early_stopping(
+        step,
+        lambda: accuracy(forward, parts["val"]),
+        lambda: accuracy(forward, parts["test"]),
+        trainable,
+        args,
+    )
+    return {**record, "counted_dimension": counted}
 
 
 def read_rows(path) -> list[dict]:
@@ -191,17 +211,25 @@ def key(method: str, dimension: int, lr: float, seed: int, head: str) -> str:
     return f"{method}|d={dimension}|lr={lr:g}|seed={seed}|head={head}"
 
 
-def train_all(args, path) -> None:
+def train_all(args, path, jobs=None, run_one=None) -> None:
+    """Each of ``jobs`` (default ``plan(args)``) without a row in ``path`` yet, trained by
+    ``run_one(method, dimension, lr, seed)`` (default ``run`` on MiniLM), until the budget."""
     torch.set_num_threads(1)
-    parts, start = splits(args.val_size), time.monotonic()
-    for method, dimension, lr, seed in plan(args):
+    if run_one is None:
+        parts = splits(args.val_size)
+
+        def run_one(method, dimension, lr, seed):
+            return run(method, dimension, lr, seed, args, parts)
+
+    start = time.monotonic()
+    for method, dimension, lr, seed in plan(args) if jobs is None else jobs:
         name = key(method, dimension, lr, seed, args.head)
         if any(r["key"] == name for r in read_rows(path)):
             continue
         if time.monotonic() - start > 60 * args.budget_minutes:
             print(f"budget of {args.budget_minutes} min spent; stopping before {name}")
             return
-        record = run(method, dimension, lr, seed, args, parts)
+        record = run_one(method, dimension, lr, seed)
         row = {"key": name, "method": method, "dimension": dimension, "lr": lr, "seed": seed}
         row.update(head=args.head, val_size=args.val_size, max_steps=args.max_steps, **record)
         append_row(path, row)
