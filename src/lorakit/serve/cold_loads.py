@@ -18,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from lorakit.serve.bank import AdapterBank, Loader
+from lorakit.serve.openmp import release_idle_team
 from lorakit.serve.requests import GenerationRequest
 
 __all__ = ["ColdLoads"]
@@ -83,6 +84,7 @@ class ColdLoads:
                 self.bank.release(name)  # this thread's hold
         if requests:
             self.on_ready(requests)
+        release_idle_team()  # the copies made this thread a team: idle, it slows the engine's
 
     def drain(self) -> list[GenerationRequest]:
         """Stop: the requests still waiting for a load (their loads finish into nothing)."""

@@ -12,7 +12,8 @@ on the main thread itself).
 
 ``release_idle_team()`` frees the calling thread's team with OpenMP 5.0's
 ``omp_pause_resource_all(omp_pause_soft)``; the runtime makes a new one if that thread runs
-parallel regions again. Without an OpenMP runtime that has the call it does nothing.
+parallel regions again. Without an OpenMP runtime that has the call it does nothing; it never
+raises (it only saves time).
 """
 
 from __future__ import annotations
@@ -21,26 +22,44 @@ import ctypes
 import functools
 import os
 
-__all__ = ["release_idle_team"]
+__all__ = ["release_idle_team", "runtime_paths"]
 
 OMP_PAUSE_SOFT = 1
 RUNTIMES = ("libgomp", "libiomp5", "libomp")
 
 
+def runtime_paths(maps_lines, torch_dir: str) -> list[str]:
+    """The OpenMP runtimes among the files mapped in ``maps_lines`` (``/proc/PID/maps``:
+    ``address perms offset dev inode path``, the path possibly holding spaces), torch's own
+    (under ``torch_dir``) first: another library's runtime (e.g. one bundled with scikit-learn)
+    has other teams."""
+    paths = set()
+    for line in maps_lines:
+        fields = line.rstrip("\n").split(maxsplit=5)
+        if len(fields) == 6 and os.path.basename(fields[5]).startswith(RUNTIMES):
+            paths.add(fields[5])
+    inside = os.path.join(os.path.realpath(torch_dir), "")
+    return sorted(paths, key=lambda path: (not os.path.realpath(path).startswith(inside), path))
+
+
 @functools.cache
 def _pause_all():
-    """``omp_pause_resource_all`` of the OpenMP runtime loaded in this process, or None."""
+    """``omp_pause_resource_all`` of torch's OpenMP runtime in this process, or None."""
+    import torch
+
     try:
         with open(f"/proc/{os.getpid()}/maps") as maps:
-            paths = {fields[-1] for fields in map(str.split, maps) if len(fields) >= 6}
+            paths = runtime_paths(maps, os.path.dirname(torch.__file__))
     except OSError:  # not Linux: nothing to release
         return None
-    for path in sorted(paths):
-        if os.path.basename(path).startswith(RUNTIMES):
+    for path in paths:
+        try:
             function = getattr(ctypes.CDLL(path), "omp_pause_resource_all", None)
-            if function is not None:
-                function.argtypes, function.restype = [ctypes.c_int], ctypes.c_int
-                return function
+        except OSError:  # e.g. mapped but deleted since: try the next
+            continue
+        if function is not None:
+            function.argtypes, function.restype = [ctypes.c_int], ctypes.c_int
+            return function
     return None
 
 
