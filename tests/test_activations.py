@@ -210,13 +210,15 @@ CHECKPOINTED = {
 }
 
 
-def real_block_bytes(model, ids, causal: bool) -> list[int]:
+def real_block_bytes(model, ids, causal: bool) -> tuple[list[int], int, int]:
     """What each block (transformers' checkpointing layers) saves in a real forward whose
-    input embeddings require grad (as checkpointing makes them), attributed by forward hooks."""
+    input embeddings require grad (as checkpointing makes them), attributed by forward hooks,
+    and what is saved before the first block and after the last."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     per_block, running, seen = [0] * len(blocks), [None], {}
+    outside = {"before": 0, "head": 0}
     own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
 
     def pack(tensor):
@@ -225,6 +227,8 @@ def real_block_bytes(model, ids, causal: bool) -> list[int]:
             seen[storage.data_ptr()] = storage
             if running[0] is not None:
                 per_block[running[0]] += storage.nbytes()
+            else:
+                outside["head" if any(per_block) else "before"] += storage.nbytes()
         return tensor
 
     for index, block in enumerate(blocks):
@@ -234,7 +238,7 @@ def real_block_bytes(model, ids, causal: bool) -> list[int]:
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model(input_ids=ids, labels=ids) if causal else model(input_ids=ids)
-    return per_block
+    return per_block, outside["before"], outside["head"]
 
 
 @pytest.mark.parametrize("model_type", CHECKPOINTED)
@@ -251,13 +255,17 @@ def test_gradient_checkpointing_keeps_the_block_inputs_and_one_block_at_a_time(m
     counted = training_activations(meta, batch=BATCH, seq_len=SEQ_LEN)
     assert counted.checkpoint_input_bytes == 2 * BATCH * SEQ_LEN * hidden * 4  # 2 blocks
     real, _ = build(config, torch.float32, "cpu", targets)
-    assert tuple(real_block_bytes(real, ids, causal)) == counted.checkpoint_block_bytes
+    per_block, before, head = real_block_bytes(real, ids, causal)
+    assert tuple(per_block) == counted.checkpoint_block_bytes
+    assert (before, head) == (counted.checkpoint_before_bytes, counted.checkpoint_head_bytes)
+    assert (before > 0) == (model_type != "llama")  # BERT's embedding norm, GPT-2's dropout
     real, _ = build(config, torch.float32, "cpu", targets)
     enable_gradient_checkpointing(real)
     kept = real_saved_bytes(real, ids, causal)
-    assert kept == counted.checkpoint_outside_bytes + counted.checkpoint_input_bytes
-    assert counted.checkpointed_bytes == counted.checkpoint_input_bytes + max(
-        counted.checkpoint_outside_bytes, max(counted.checkpoint_block_bytes)
+    assert kept == before + head + counted.checkpoint_input_bytes
+    # the head's part is freed before the blocks' backward; what came before them is not
+    assert counted.checkpointed_bytes == counted.checkpoint_input_bytes + before + max(
+        head, max(counted.checkpoint_block_bytes)
     )
 
 
@@ -266,3 +274,36 @@ def test_llama_2_7b_qlora_with_checkpointing_in_the_report():
     assert qlora.activations.checkpoint_input_bytes == 32 * 2048 * 4096 * 2  # 0.54 GB
     assert "(32 blocks' inputs 0.54 GB + one block recomputed or the head)" in format_report(qlora)
     assert len(plan("minilm-l6").activations.checkpoint_block_bytes) == 6  # not the embeddings
+
+
+def test_the_report_names_the_attention_path_and_what_comes_before_the_blocks(tmp_path):
+    """BERT's attention dropout sends CPU down the math path (the T x T weights are kept): the
+    report says so instead of "flash attention"; what its embeddings keep before the first
+    block is named and counted in the checkpointed total; a longer --seq-len than its learned
+    position table is refused."""
+    bert = plan("minilm-l6", seq_len=128)
+    activations = bert.activations
+    assert activations.attention == "math"
+    no_dropout = tmp_path / "config.json"
+    fields = json.loads(AutoConfig.for_model("bert", **tiny_models.BERT_SIZES).to_json_string())
+    no_dropout.write_text(json.dumps(fields | {"attention_probs_dropout_prob": 0.0}))
+    assert plan(str(no_dropout), target_modules=["query"]).activations.attention == "flash"
+    report = format_report(bert)
+    assert "attention dropout: CPU's math attention keeps the T x T weights" in report
+    assert activations.checkpoint_before_bytes > 0  # embedding norm and dropout
+    assert " MB before the first block + one block recomputed or the head" in report
+    assert activations.checkpointed_bytes == (
+        activations.checkpoint_input_bytes
+        + activations.checkpoint_before_bytes
+        + max(activations.checkpoint_head_bytes, max(activations.checkpoint_block_bytes))
+    )
+    with pytest.raises(lorakit.errors.UserError, match=r"BertModel's learned position table"):
+        plan("minilm-l6", seq_len=513)
+    assert plan("smollm2-135m-instruct", seq_len=8193).activations.seq_len == 8193  # rotary
+
+
+def test_checkpointing_that_saves_nothing_says_so(capsys):
+    assert main(["plan", "smollm2-135m-instruct", "--target-modules", "lm_head"]) == 0
+    assert "(no saving: checkpointing makes the input embeddings' output require" in (
+        capsys.readouterr().out
+    )

@@ -118,3 +118,40 @@ def test_cpu_formats_plan_what_quantize_linears_stores_on_a_tied_model(quantizat
     assert float_weights - weights == sum(p.numel() for p in model.parameters())
     assert isinstance(model.lm_head, int8_rows.Int8RowsLinear)  # a copy: the embedding is float
     assert len(layers) == 2 * (7 if quantization == "int8-rows" else 4) + 1
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+        {"load_in_8bit": True},
+    ],
+)
+def test_gpt2s_conv1d_projections_are_planned_as_bitsandbytes_stores_them(tmp_path, settings):
+    """transformers' bitsandbytes loading quantizes GPT-2's Conv1D projections too: the plan
+    counts the bytes the loaded 4-bit / 8-bit layers store."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_models.gpt2().save_pretrained(tmp_path)
+    quantization = "nf4" if settings.get("load_in_4bit") else "int8"
+    weights, planned = plan(str(tmp_path), quantization=quantization).quantized_weights
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = AutoModelForCausalLM.from_pretrained(
+            tmp_path, quantization_config=BitsAndBytesConfig(**settings), device_map="cpu"
+        )
+    layers = [m for m in loaded.modules() if quantized.is_quantized(m)]
+    assert len(layers) == 4 * tiny_models.GPT2_SIZES["n_layer"]  # c_attn, c_proj, c_fc, c_proj
+    stored = sum(t.nbytes for m in layers for t in quantized.storage(m).values())
+    offsets = [getattr(m.weight, "quant_state", None) for m in layers]  # double quantization's
+    stored += sum(state.offset.nbytes for state in offsets if state is not None)
+    assert planned == stored
+    assert weights == sum(m.in_features * m.out_features for m in layers)
+
+
+def test_a_cpu_format_that_would_quantize_nothing_is_a_user_error(tmp_path):
+    tiny_models.gpt2().save_pretrained(tmp_path)  # Conv1D projections, tied output layer
+    with pytest.raises(UserError, match="no layer of this GPT2LMHeadModel would be stored"):
+        plan(str(tmp_path), quantization="int4-groups")

@@ -73,7 +73,9 @@ class Activations:
     dropout_mask_bytes: int  # LoRA dropout's bits, one per adapted layer's input element
     checkpoint_block_bytes: tuple[int, ...] = ()  # what each block saves, recomputed
     checkpoint_input_bytes: int = 0  # the blocks' input hidden states, together
-    checkpoint_outside_bytes: int = 0  # saved outside the blocks (before the first; the head)
+    checkpoint_before_bytes: int = 0  # saved before the first block (kept to the end)
+    checkpoint_head_bytes: int = 0  # saved after the last block (freed before blocks' backward)
+    attention: str = "flash"  # "math": attention dropout > 0, CPU's path keeps the T x T weights
 
     @property
     def total_bytes(self) -> int:
@@ -82,14 +84,16 @@ class Activations:
     @property
     def checkpointed_bytes(self) -> int | None:
         """With gradient checkpointing: at most, the blocks' inputs (what checkpointing keeps of
-        each block) plus the larger of what is kept outside the blocks (the head's part is
-        freed before any block's backward) and one block recomputed in backward, with that
-        block's dropout masks. None for a model without blocks found."""
+        each block) and what is saved before the first block (both live until the end of
+        backward), plus the larger of the head's part (freed before any block's backward) and
+        one block recomputed in backward with that block's dropout masks. None for a model
+        without blocks found."""
         blocks = self.checkpoint_block_bytes
         if not blocks:
             return None
         largest = max(blocks) + -(-self.dropout_mask_bytes // len(blocks))
-        return self.checkpoint_input_bytes + max(self.checkpoint_outside_bytes, largest)
+        kept = self.checkpoint_input_bytes + self.checkpoint_before_bytes
+        return kept + max(self.checkpoint_head_bytes, largest)
 
 
 def training_activations(
@@ -106,25 +110,36 @@ def training_activations(
     inputs: dict[str, object] = {"input_ids": ids}
     if type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
         inputs["labels"] = ids  # the loss's log-softmax is saved too
-    with _training(model), _FlashAttention():
+    with _training(model), _FlashAttention() as attention:
         saved, _, adapted = _count(model, inputs)
         with _input_embeddings_require_grad(model):
             by_block, block_inputs, _ = _count(model, inputs)
     masks = sum(-(-elements // 8) for elements in adapted) if dropout > 0 else 0
-    outside = by_block.pop(None, 0)
+    before, head = by_block.pop(BEFORE, 0), by_block.pop(HEAD, 0)
     blocks = tuple(by_block.get(index, 0) for index in range(len(block_inputs)))
     return Activations(
-        batch, seq_len, sum(saved.values()), masks, blocks, sum(block_inputs), outside
+        batch,
+        seq_len,
+        sum(saved.values()),
+        masks,
+        blocks,
+        sum(block_inputs),
+        before,
+        head,
+        "math" if attention.math_calls else "flash",
     )
 
 
+BEFORE, HEAD = "before", "head"  # what is saved outside the blocks: before the first, after
+
+
 def _count(model: nn.Module, inputs: dict) -> tuple[dict, list[int], list[int]]:
-    """One forward under the hooks: ``{block index or None (outside): bytes saved}``, each
+    """One forward under the hooks: ``{block index, BEFORE or HEAD: bytes saved}``, each
     block's input bytes, and the element count of each adapted layer's input."""
     skip = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
     seen: set[int] = set()
     held = []  # each counted storage, so that its address stays its own while counting
-    by_block: dict[int | None, int] = {}
+    by_block: dict[int | str, int] = {}
     blocks = _Blocks(model)
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -132,7 +147,10 @@ def _count(model: nn.Module, inputs: dict) -> tuple[dict, list[int], list[int]]:
         if storage._cdata not in skip and storage._cdata not in seen:
             seen.add(storage._cdata)
             held.append(storage)
-            by_block[blocks.running] = by_block.get(blocks.running, 0) + storage.nbytes()
+            where = blocks.running
+            if where is None:
+                where = HEAD if blocks.started else BEFORE
+            by_block[where] = by_block.get(where, 0) + storage.nbytes()
         return tensor
 
     keep = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
@@ -158,7 +176,7 @@ def _input_embeddings_require_grad(model: nn.Module) -> Iterator[None]:
 
 
 class _Blocks:
-    """While entered: which block is running, and the storage bytes of each block's input hidden
+    """While entered: which block is running (whether one ran yet), and the storage bytes of each block's input hidden
     states (by block index). The blocks are what gradient checkpointing recomputes one at a time:
     transformers' ``GradientCheckpointingLayer``s (else ``train.fsdp.fsdp_units``, which for
     BERT also counts the embeddings)."""
@@ -173,6 +191,7 @@ class _Blocks:
         layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
         self.modules = layers or fsdp_units(model)
         self.running: int | None = None
+        self.started = False  # a block has run: what is saved outside the blocks is the head's
         self.inputs: dict[int, int] = {}
         self._handles: list = []
 
@@ -191,7 +210,7 @@ class _Blocks:
 
     def _entering(self, index: int):
         def hook(_, args, kwargs):
-            self.running = index
+            self.running, self.started = index, True
             hidden = args[0] if args else kwargs.get("hidden_states")
             if isinstance(hidden, torch.Tensor):
                 # by block: a freed input's storage address may be a later block's input's
@@ -233,7 +252,10 @@ def _adapted_inputs(model: nn.Module) -> Iterator[list[int]]:
 
 class _FlashAttention(TorchFunctionMode):
     """``F.scaled_dot_product_attention`` on ``meta`` as the CPU flash kernel's meta function,
-    so autograd saves what a real step saves (q, k, v, output, log-sum-exp)."""
+    so autograd saves what a real step saves (q, k, v, output, log-sum-exp). With attention
+    dropout CPU takes the math path, and so does the count (``math_calls``)."""
+
+    math_calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -245,6 +267,7 @@ class _FlashAttention(TorchFunctionMode):
         )
         options.update(kwargs)
         if options.get("dropout_p", 0.0) > 0:  # CPU takes the math path too (saves the weights)
+            self.math_calls += 1
             return func(*args, **kwargs)
         output, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query,

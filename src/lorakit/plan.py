@@ -239,6 +239,7 @@ def plan(
     except (ValueError, TypeError) as error:  # TypeError: a module lorakit cannot adapt
         raise UserError(str(error)) from None
     counts = count_parameters(meta_model)
+    _check_positions(meta_model, seq_len)
     activations, activations_error = _activations(meta_model, batch_size, seq_len, lora_dropout)
     return Plan(
         model=model,
@@ -284,6 +285,28 @@ def _max_positions(model: nn.Module) -> int | None:
     return None
 
 
+def _check_positions(model: nn.Module, seq_len: int | None) -> None:
+    """Refuse a ``seq_len`` longer than a learned absolute position table (GPT-2's ``wpe``,
+    BERT's ``position_embeddings``: an embedding other than the input one with the config's
+    maximum positions as rows); rotary models have no table and may run longer."""
+    limit = _max_positions(model)
+    if seq_len is None or limit is None or seq_len <= limit:
+        return
+    inputs = getattr(model, "get_input_embeddings", lambda: None)()
+    tables = [
+        module
+        for module in model.modules()
+        if isinstance(module, nn.Embedding)
+        and module is not inputs
+        and module.num_embeddings == limit
+    ]
+    if tables:
+        raise UserError(
+            f"--seq-len {seq_len} is longer than this {type(model).__name__}'s learned "
+            f"position table ({limit} positions); use --seq-len {limit} or less"
+        )
+
+
 def _activations(
     model: nn.Module, batch: int, seq_len: int | None, dropout: float
 ) -> tuple[Activations | None, str]:
@@ -305,9 +328,16 @@ def _quantized_weights(model: nn.Module, quantization: str | None) -> tuple[int,
     from lorakit.quantized.footprint import quantized_base
 
     try:
-        return quantized_base(model, quantization)
+        weights, stored = quantized_base(model, quantization)
     except ValueError as error:
         raise UserError(f"--quantization: {error}") from None
+    if weights == 0:
+        raise UserError(
+            f"--quantization {quantization}: no layer of this {type(model).__name__} would be "
+            "stored quantized (lorakit's int8-rows and int4-groups take nn.Linear layers, "
+            "and the output layer is kept apart); choose nf4, fp4, int8 or a GGUF format"
+        )
+    return weights, stored
 
 
 def _fsdp_units(model: nn.Module) -> dict[str, tuple[int, int]]:

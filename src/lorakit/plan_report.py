@@ -8,6 +8,8 @@ __all__ = ["format_report"]
 
 
 def _gb(n_bytes: int) -> str:
+    if n_bytes < GB / 100:  # would read 0.00 GB
+        return f"{n_bytes / 1e6:,.1f} MB"
     return f"{n_bytes / GB:,.1f} GB" if n_bytes >= 10 * GB else f"{n_bytes / GB:,.2f} GB"
 
 
@@ -83,20 +85,31 @@ def _activation_lines(result: Plan) -> list[str]:
         result.config.lora_dropout > 0
     )
     where = " per device" if result.devices > 1 else ""
+    attention = "flash attention"
+    if activations.attention == "math":  # (a GPU's flash kernel takes dropout, and keeps less)
+        attention = "attention dropout: CPU's math attention keeps the T x T weights"
     lines = [
         f"  activations kept for backward ({activations.batch} x {activations.seq_len} tokens"
-        f"{where}, flash attention{dropout}): {_gb(activations.total_bytes)}",
+        f"{where}, {attention}{dropout}): {_gb(activations.total_bytes)}",
         f"      training with activations{where}: {_gb(result.training_with_activations_bytes)}",
     ]
     checkpointed = activations.checkpointed_bytes
     if checkpointed is not None:
         blocks = len(activations.checkpoint_block_bytes)
+        before = activations.checkpoint_before_bytes
+        before = f" + {_gb(before)} before the first block" if before else ""
         lines += [
             f"  with gradient checkpointing: {_gb(checkpointed)} ({blocks} blocks' inputs "
-            f"{_gb(activations.checkpoint_input_bytes)} + one block recomputed or the head)",
+            f"{_gb(activations.checkpoint_input_bytes)}{before} + one block recomputed or "
+            "the head)",
             f"      training with them{where}: "
             f"{_gb(result.per_device_training_bytes + checkpointed)}",
         ]
+        if checkpointed >= activations.total_bytes:
+            lines.append(
+                "      (no saving: checkpointing makes the input embeddings' output require "
+                "grad, and the adapted layers keep little inside the blocks)"
+            )
     return lines
 
 

@@ -1,12 +1,12 @@
 """Bytes a quantized frozen base takes, before it is loaded (``lorakit plan --quantization``).
 
-Which layers are quantized: every ``nn.Linear`` except the output layer (``lm_head``, and the
-input embeddings it may be tied to), as transformers' bitsandbytes loading and lorakit's GGUF
-loading do; embeddings, norms and biases stay in the model's float dtype. lorakit's own CPU
+Which layers are quantized: every ``nn.Linear`` (and transformers ``Conv1D``, GPT-2's) except the
+output layer (``lm_head``, and the input embeddings it may be tied to), as transformers'
+bitsandbytes loading and lorakit's GGUF loading do; embeddings, norms and biases stay in the model's float dtype. lorakit's own CPU
 formats (``lorakit.quantized.int8_rows`` / ``int4_groups``, ``--quantization int8-rows`` /
 ``int4-groups`` on load) also store the output layer in int8 rows, a tied one as its own copy
 (the embedding keeps its float weight); int4-groups leaves a layer whose sizes are not
-multiples of 32 in float.
+multiples of 32 in float; they take ``nn.Linear`` layers only (none of GPT-2's projections).
 
 Bytes of one (d, k) weight, n = d k (what the layer stores, ``lorakit.quantized.storage``)::
 
@@ -82,16 +82,27 @@ def weight_bytes(quantization: str, out_features: int, in_features: int) -> int:
     )
 
 
-def quantized_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """The ``nn.Linear`` layers a quantized load stores quantized: all but the output layer
-    (``model.get_output_embeddings()``) and any layer sharing its weight."""
+def quantized_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers a quantized load stores quantized: every ``nn.Linear`` and transformers
+    ``Conv1D`` (GPT-2's projections, which transformers' bitsandbytes loading quantizes too)
+    but the output layer (``model.get_output_embeddings()``) and any layer sharing its weight."""
+    from transformers.pytorch_utils import Conv1D
+
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     kept = set() if output is None else {id(output), id(output.weight)}
     return [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not kept & {id(module), id(module.weight)}
+        if isinstance(module, (nn.Linear, Conv1D)) and not kept & {id(module), id(module.weight)}
     ]
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of an ``nn.Linear`` or a ``Conv1D`` (weight (in, out))."""
+    out_features, in_features = module.weight.shape
+    if not isinstance(module, nn.Linear):
+        return in_features, out_features
+    return out_features, in_features
 
 
 def quantized_base(model: nn.Module, quantization: str) -> tuple[int, int]:
@@ -101,7 +112,7 @@ def quantized_base(model: nn.Module, quantization: str) -> tuple[int, int]:
         return _weight_only_base(model, quantization)
     linears = [module for _, module in quantized_linears(model)]
     weights = sum(module.weight.numel() for module in linears)
-    return weights, sum(weight_bytes(quantization, *module.weight.shape) for module in linears)
+    return weights, sum(weight_bytes(quantization, *linear_shape(m)) for m in linears)
 
 
 def _weight_only_base(model: nn.Module, quantization: str) -> tuple[int, int]:
