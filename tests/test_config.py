@@ -84,3 +84,12 @@ def test_rank_and_alpha_patterns_first_match_wins() -> None:
 def test_sets_are_stored_sorted() -> None:
     config = LoraConfig(target_modules={"v_proj", "q_proj"})
     assert config.target_modules == ["q_proj", "v_proj"]
+
+
+def test_eva_and_loftq_settings_given_as_dicts_with_an_unknown_key_name_the_field():
+    with pytest.raises(ValueError, match=r"LoraConfig\.eva_config=\{'bogus': 1\} is invalid.*rho"):
+        LoraConfig(eva_config={"bogus": 1})
+    with pytest.raises(ValueError, match=r"LoraConfig\.loftq_config=.*fields of .*loftq_bits"):
+        LoraConfig(loftq_config={"bits": 4})
+    assert LoraConfig(loftq_config={"loftq_bits": 8}).loftq_config.loftq_bits == 8
+    assert LoraConfig(loftq_config={}).loftq_config is None

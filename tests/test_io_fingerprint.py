@@ -56,8 +56,9 @@ def test_same_shapes_different_weights_is_refused_naming_module_and_override(tmp
     assert not lorakit.adapter_configs(other)
     assert before.keys() == other.state_dict().keys()
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
-    with pytest.warns(UserWarning, match="loaded anyway"):
+    with pytest.warns(UserWarning, match="loaded anyway") as caught:
         load_adapter(other, tmp_path, allow_base_mismatch=True)
+    assert caught[0].filename == __file__  # the warning points at the caller's line
     assert lorakit.active_adapters(other) == ("default",)
 
 

@@ -120,9 +120,9 @@ class LoraConfig:
         if isinstance(self.target_parameters, (set, tuple)):
             self.target_parameters = sorted(self.target_parameters)
         if isinstance(self.eva_config, dict):
-            self.eva_config = EvaConfig(**self.eva_config)
+            self.eva_config = _settings(EvaConfig, "eva_config", self.eva_config)
         if isinstance(self.loftq_config, dict):
-            self.loftq_config = LoftQConfig(**self.loftq_config) if self.loftq_config else None
+            self.loftq_config = _settings(LoftQConfig, "loftq_config", self.loftq_config) or None
         if isinstance(self.layer_replication, (list, tuple)):
             self.layer_replication = [
                 list(pair) if isinstance(pair, (list, tuple)) else pair
@@ -159,3 +159,17 @@ def pattern_key(pattern: dict[str, Any], module_name: str) -> str | None:
         if compiled(rf"(.*\.)?({key})$").match(module_name):
             return key
     return None
+
+
+def _settings(kind: type, field_name: str, fields: dict[str, Any]):
+    """``kind(**fields)`` (an ``EvaConfig`` / ``LoftQConfig`` given as a dict, as PEFT's JSON
+    has it; None for an empty ``loftq_config``); an unknown key is a ``ValueError`` naming it."""
+    if not fields and kind is LoftQConfig:
+        return None
+    try:
+        return kind(**fields)
+    except TypeError as error:
+        raise ValueError(
+            f"LoraConfig.{field_name}={fields!r} is invalid: {error} (the fields of "
+            f"lorakit.{kind.__name__} are {', '.join(f.name for f in dataclasses.fields(kind))})."
+        ) from None

@@ -124,7 +124,7 @@ def check_base(
         warnings.warn(
             f"adapter {adapter.directory} has no base-model fingerprint (written by peft or "
             "another tool): lorakit cannot verify it was trained on this base model.",
-            stacklevel=3,
+            stacklevel=4,  # the caller of load_adapter
         )
         return
     message = fingerprint.refuse_other_base(
@@ -140,5 +140,5 @@ def check_base(
         overridden = message.removesuffix(".")
         warnings.warn(
             f"{overridden}; loaded anyway: allow_base_mismatch=True overrode the check",
-            stacklevel=3,
+            stacklevel=4,  # the caller of load_adapter
         )
