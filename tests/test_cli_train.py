@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lorakit import cli, data
+from lorakit.errors import UserError
 from lorakit.io import load_adapter
 from tests import tiny_tokenizer
 from tests.cli_runs import train_cli
@@ -754,3 +755,23 @@ def test_trainable_token_indices_from_a_config_file_and_a_bad_value(
     )
     assert code == 2 and "--trainable-token-indices takes comma-separated token ids" in err
     assert "'4,x'" in err
+
+
+def test_overwrite_deletes_the_previous_run_only_once_the_data_tokenized(
+    tmp_path, capsys, model_dir, jsonl, monkeypatch
+):
+    """A check that needs the tokenizer (a chat template refusing an example, say) fails after
+    the model loads: --overwrite must not have deleted the previous run by then."""
+    argv = ["train", "--model", model_dir, "--data", jsonl, "--output", tmp_path / "o"]
+    argv += ["--batch-size", "4", "--r", "2", "--no-progress", "--steps", "2"]
+    assert _main(capsys, *argv)[0] == 0
+    before = sorted(p.name for p in (tmp_path / "o").iterdir())
+
+    def refuse(*args, **kwargs):
+        raise UserError("reviews.jsonl:3: the model's chat template refused the messages")
+
+    monkeypatch.setattr(data, "tokenize_examples", refuse)
+    code, _, err = _main(capsys, *argv, "--overwrite")
+    assert code == 2 and "chat template refused" in err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == before
+    assert (tmp_path / "o" / "adapter" / "adapter_model.safetensors").is_file()

@@ -150,7 +150,9 @@ def test_the_loop_groups_by_length_and_a_resume_with_other_lengths_is_refused(tm
     plan = BatchOrder(24, 8, seed=4, lengths=tuple(lengths))
     assert seen == [sorted(plan.step_indices(step)) for step in range(3)]
     config.max_steps = 3
-    with pytest.raises(UserError, match="different data or batch settings"):
+    with pytest.raises(
+        UserError, match="other data, batch, optimizer or adapter settings: lengths sha256"
+    ):
         train(
             build_model(0.0),
             range(24),

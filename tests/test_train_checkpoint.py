@@ -72,8 +72,13 @@ def test_resume_refuses_a_model_with_other_adapter_shapes(tmp_path):
         lorakit.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"]),
     )
     config = TrainingConfig(output_dir=str(tmp_path), max_steps=4, batch_size=4, progress=False)
-    with pytest.raises(UserError, match="shape"):
+    with pytest.raises(UserError, match=r"adapter settings: .*--r 2 \(the checkpoint's: 4\)"):
         train(other, make_data(), pad_collate(0), config, resume=True)
+    # loaded directly (no settings to compare): the tensors' shapes refuse it
+    optimizer = build_optimizer(other, lr=5e-3)
+    scheduler = build_scheduler(optimizer, total_steps=4, warmup_steps=2)
+    with pytest.raises(UserError, match="has shape"):
+        load_checkpoint(latest_checkpoint(tmp_path), other, optimizer, scheduler)
 
 
 def _start_job(output_dir: Path, *extra: str) -> subprocess.Popen:
@@ -235,3 +240,121 @@ def test_checkpoint_files_and_directories_are_fsynced_before_the_rename(tmp_path
     assert temporary in synced_before
     synced_after = {path for kind, path in events[rename:] if kind == "fsync"}
     assert str(final.parent) in synced_after
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"lr": 1e-3}, r"--lr 0\.001 \(the checkpoint's: 0\.0002\)"),
+        ({"weight_decay": 0.1}, r"--weight-decay 0\.1 \(the checkpoint's: 0\.0\)"),
+        ({"loraplus_ratio": 16.0}, r"--loraplus-ratio 16\.0 \(the checkpoint's: None\)"),
+        ({"warmup_ratio": 0.5, "max_grad_norm": 0.5}, r"--warmup-ratio .*; --max-grad-norm"),
+    ],
+)
+def test_resume_refuses_other_optimizer_settings_naming_each(tmp_path, changes, named):
+    """A resumed run with another lr (or schedule, decay, LoRA+ ratio, clipping) would be a
+    hybrid of two runs: it is refused before anything is loaded, naming the flags."""
+    train(build_model(0.0), make_data(), pad_collate(0), _job_config(tmp_path, checkpoint_every=2))
+    model = build_model(0.0)
+    before = _trainable(model)
+    config = _job_config(tmp_path, max_steps=3, **changes)
+    with pytest.raises(UserError, match=f"adapter settings: {named}"):
+        train(model, make_data(), pad_collate(0), config, resume=True)
+    assert all(torch.equal(before[k], v) for k, v in _trainable(model).items())
+
+
+def test_resume_refuses_another_alpha_or_dropout(tmp_path):
+    train(build_model(0.0), make_data(), pad_collate(0), _job_config(tmp_path, checkpoint_every=2))
+    with pytest.raises(UserError, match=r"--dropout 0\.2 \(the checkpoint's: 0\.0\)"):
+        train(build_model(0.2), make_data(), pad_collate(0), _job_config(tmp_path), resume=True)
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        ("trainer_state.json", "JSONDecodeError"),
+        ("trainable.safetensors", "SafetensorError"),
+        ("rng.safetensors", "SafetensorError"),
+        ("optimizer.safetensors missing", "optimizer.safetensors is missing"),
+    ],
+)
+def test_a_damaged_checkpoint_is_named_with_the_way_back(tmp_path, damage, named):
+    train(build_model(0.0), make_data(), pad_collate(0), _job_config(tmp_path, checkpoint_every=2))
+    newest = latest_checkpoint(tmp_path)
+    path = newest / damage.split()[0]
+    if damage.endswith("missing"):
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:20])  # truncated
+    with pytest.raises(UserError) as error:
+        train(build_model(0.0), make_data(), pad_collate(0), _job_config(tmp_path), resume=True)
+    message = str(error.value)
+    assert f"checkpoint {newest} is damaged" in message and named in message
+    assert "Remove it" in message and "--resume again" in message
+
+
+def test_a_full_disk_inside_safetensors_is_one_line_too(tmp_path, monkeypatch):
+    """safetensors reports a failed write as its own SafetensorError, not an OSError."""
+    from safetensors import SafetensorError
+
+    from lorakit.train import checkpoint as checkpoint_module
+
+    def save_file(tensors, path):
+        raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", save_file)
+    config = _job_config(tmp_path, max_steps=2, checkpoint_every=2)
+    with pytest.raises(UserError, match=r"cannot write the checkpoint of step 2 .*File too large"):
+        train(build_model(0.0), make_data(), pad_collate(0), config)
+    assert list((tmp_path / "checkpoints").iterdir()) == []  # no temporary directory left
+
+
+def test_resuming_a_finished_run_reports_its_last_loss_and_evaluation(tmp_path):
+    def run(resume):
+        config = _job_config(tmp_path, checkpoint_every=3, eval_every=3)
+        data = make_data()
+        return train(
+            build_model(0.0), data, pad_collate(0), config, eval_data=data[:8], resume=resume
+        )
+
+    first = run(False)
+    again = run(True)
+    assert first.final_loss is not None and again.final_loss == first.final_loss
+    assert again.eval_metrics == first.eval_metrics != {}
+
+
+@pytest.mark.parametrize("checkpoint_every", [0, 2])
+def test_a_full_disk_at_the_final_adapter_says_where_the_weights_are(
+    tmp_path, monkeypatch, checkpoint_every
+):
+    import errno
+
+    from lorakit.io import atomic
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    config = _job_config(tmp_path, max_steps=2, checkpoint_every=checkpoint_every)
+    real = atomic.write_files
+    if checkpoint_every:  # the checkpoint's adapter is written; then the disk is full
+        calls = []
+
+        def full_after_one(files):
+            calls.append(files)
+            if len(calls) > 1:
+                full()
+            real(files)
+
+        monkeypatch.setattr(atomic, "write_files", full_after_one)
+    else:
+        monkeypatch.setattr(atomic, "write_files", full)
+    with pytest.raises(UserError) as error:
+        train(build_model(0.0), make_data(), pad_collate(0), config)
+    message = str(error.value)
+    assert "cannot write the trained adapter" in message and "No space left" in message
+    if checkpoint_every:
+        assert f"{latest_checkpoint(tmp_path)}, holds its step's weights" in message
+        assert "--resume" in message
+    else:
+        assert "weights are lost" in message
+    assert not (tmp_path / "adapter").exists()  # no empty directory left behind

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -43,11 +44,13 @@ __all__ = [
     "TrainingState",
     "latest_checkpoint",
     "load_checkpoint",
+    "read_state",
     "save_checkpoint",
     "training_state",
 ]
 
 STATE_FILE = "trainer_state.json"
+TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
 _PREFIX = "step-"
 _TEMPORARY = ".tmp-"  # + the final name + "-<pid>" of the writing process
 
@@ -180,14 +183,14 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(temporary, final)
         _fsync(root)
-    except OSError as error:
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk its own way
         shutil.rmtree(temporary, ignore_errors=True)
         previous = latest_checkpoint(output_dir)
         kept = f"the previous checkpoint {previous} is kept" if previous else "no checkpoint kept"
+        reason = getattr(error, "strerror", None) or error
         raise UserError(
-            f"cannot write the checkpoint of step {step} in {root} "
-            f"({error.strerror or error}); {kept}. Free space (or fix the directory) and "
-            "continue with --resume"
+            f"cannot write the checkpoint of step {step} in {root} ({reason}); {kept}. Free "
+            "space (or fix the directory) and continue with --resume"
         ) from None
     _prune(root, keep)
     return final
@@ -281,17 +284,48 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> Checkpoint:
-    """Restore trainable tensors, optimizer, scheduler and RNG states from ``directory``."""
+    """Restore trainable tensors, optimizer, scheduler and RNG states from ``directory``.
+
+    A damaged checkpoint (a file missing, truncated or not what lorakit writes) is a
+    ``UserError`` naming it and the way back to the one before."""
+    directory = Path(directory)
+    state = read_state(directory)
+    for name in TENSOR_FILES:
+        if not (directory / name).is_file():
+            raise UserError(_damaged(directory, f"{name} is missing"))
+    try:
+        tensors = load_file(directory / "trainable.safetensors")
+        _restore_trainable(model, tensors, directory)
+        _restore_optimizer(optimizer, directory, state["optimizer_param_groups"])
+        lambdas = [None] * len(optimizer.param_groups)  # the schedule is rebuilt, not stored
+        scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": lambdas})
+        restore_rng_state(load_file(directory / "rng.safetensors"), state["rng"])
+        return Checkpoint(step=int(state["step"]), directory=directory, state=state)
+    except (OSError, SafetensorError, KeyError, TypeError, ValueError) as error:
+        raise UserError(_damaged(directory, error)) from None
+
+
+def read_state(directory: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's ``trainer_state.json``; ``UserError`` when it is missing or damaged."""
     directory = Path(directory)
     if not (directory / STATE_FILE).exists():
         raise UserError(f"{directory} is not a lorakit training checkpoint (no {STATE_FILE})")
-    state = json.loads((directory / STATE_FILE).read_text())
-    _restore_trainable(model, load_file(directory / "trainable.safetensors"), directory)
-    _restore_optimizer(optimizer, directory, state["optimizer_param_groups"])
-    lambdas = [None] * len(optimizer.param_groups)  # the schedule function is rebuilt, not stored
-    scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": lambdas})
-    restore_rng_state(load_file(directory / "rng.safetensors"), state["rng"])
-    return Checkpoint(step=int(state["step"]), directory=directory, state=state)
+    try:
+        state = json.loads((directory / STATE_FILE).read_text())
+    except (OSError, ValueError) as error:  # (UnicodeDecodeError and JSONDecodeError too)
+        raise UserError(_damaged(directory, error)) from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise UserError(_damaged(directory, f"{STATE_FILE} holds no step"))
+    return state
+
+
+def _damaged(directory: Path, error: BaseException | str) -> str:
+    what = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return (
+        f"checkpoint {directory} is damaged ({what}). Remove it (its run's older checkpoints "
+        "stay) and --resume again to continue from the one before, or start over with "
+        "--overwrite"
+    )
 
 
 def _restore_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:

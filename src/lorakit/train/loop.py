@@ -14,6 +14,7 @@ checkpoints and the adapter are gathered by all processes and written by process
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -27,8 +28,15 @@ import torch
 from torch import nn
 
 from lorakit.errors import UserError
+from lorakit.state import adapter_configs
 from lorakit.train.batches import BatchOrder, LengthOf, example_lengths, shortest_first
-from lorakit.train.checkpoint import Saver, latest_checkpoint, load_checkpoint, save_checkpoint
+from lorakit.train.checkpoint import (
+    Saver,
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
 from lorakit.train.config import TrainingConfig
 from lorakit.train.distributed import Distributed, setup_distributed
 from lorakit.train.fsdp import ShardedSaver, reshard, whole
@@ -41,7 +49,8 @@ from lorakit.train.losses import (
 )
 from lorakit.train.metrics import MetricsLog, plot_loss_curve, read_metrics
 from lorakit.train.optim import build_optimizer, parameter_groups
-from lorakit.train.output_dir import prepare_output_dir
+from lorakit.train.output_dir import prepare_output_dir, write_final_adapter
+from lorakit.train.resume import check_resumable, last_values
 from lorakit.train.schedule import build_scheduler, warmup_steps_for
 
 __all__ = ["TrainResult", "enable_gradient_checkpointing", "train"]
@@ -173,26 +182,21 @@ class _Run:
         if directory is None:  # killed before its first checkpoint: start over, metrics too
             self.metrics.truncate_after(0)
             return 0
+        state = read_state(directory)  # checked before anything is loaded
+        check_resumable(directory, state, self._plan_fields(), self.config, self._lora_fields())
         checkpoint = load_checkpoint(directory, self.model, self.optimizer, self.scheduler)
         if self.dist.rank != 0:  # each process continues its own dropout stream
             seed_everything(self.config.seed + self.dist.rank + checkpoint.step)
-        saved_plan = checkpoint.state.get("data_plan", {})
-        if saved_plan and "batches" not in saved_plan:
-            raise UserError(
-                f"checkpoint {directory} was written by a lorakit that drew batches by plain "
-                "shuffling; this one groups them by length, so the run cannot continue with the "
-                "same batches. Start a new run (a new --output, or without --resume)."
-            )
-        if saved_plan != self._plan_fields():
-            raise UserError(
-                f"checkpoint {directory} was written for different data or batch settings "
-                f"({saved_plan}) than this run ({self._plan_fields()}); resume with the same ones"
-            )
         self.metrics.truncate_after(checkpoint.step)
+        self.last_loss, self.last_eval = last_values(read_metrics(self.metrics.path))
         return checkpoint.step
 
     def _plan_fields(self) -> dict[str, Any]:
         return {**self.batch_order.identity(), "total_steps": self.total_steps}
+
+    def _lora_fields(self) -> dict[str, Any]:
+        config = adapter_configs(self.model).get(self.config.adapter_name)
+        return {} if config is None else json.loads(json.dumps(config.to_dict()))
 
     # ------------------------------------------------------------------ the loop
     def run(self, resume: bool | str) -> TrainResult:
@@ -290,6 +294,7 @@ class _Run:
                 "batch_in_epoch": done % self.batch_order.steps_per_epoch,
                 "examples_seen": done * self.batch_order.global_batch,
                 "training_config": self.config.to_dict(),
+                "lora_config": self._lora_fields(),
             }
             save_checkpoint(
                 self.output_dir,
@@ -317,12 +322,15 @@ class _Run:
             resumed_from=start_step,
         )
         write_adapter = self.saver.adapter_writer(self.model)  # FSDP: gathered by every process
+        failure = None
         if self.dist.is_main:
             result.adapter_dir = self.output_dir / "adapter"
-            write_adapter(result.adapter_dir)
-            if self.config.plot:
+            failure = write_final_adapter(write_adapter, result.adapter_dir, self.output_dir)
+            if self.config.plot and failure is None:
                 records = read_metrics(self.metrics.path)
                 result.loss_curve = plot_loss_curve(records, self.output_dir / "loss_curve.png")
-        self.dist.barrier()
+        self.dist.barrier()  # (every process, the one that failed too)
+        if failure is not None:
+            raise failure
         self.model.eval()
         return result

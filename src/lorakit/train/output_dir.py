@@ -30,10 +30,16 @@ def previous_run_files(output_dir: str | os.PathLike) -> list[str]:
 
 
 def prepare_output_dir(
-    output_dir: str | os.PathLike, *, resume: bool, overwrite: bool, is_main: bool = True
+    output_dir: str | os.PathLike,
+    *,
+    resume: bool,
+    overwrite: bool,
+    is_main: bool = True,
+    delete: bool = True,
 ) -> None:
     """Refuse to start a new run in a directory holding a previous one, unless ``resume``
-    (continue it) or ``overwrite`` (the main process deletes the previous run's ``RUN_FILES``).
+    (continue it) or ``overwrite`` (the main process deletes the previous run's ``RUN_FILES``;
+    ``delete=False`` only checks, for a caller that deletes later, once nothing can fail).
     """
     if resume and overwrite:
         raise UserError("--resume continues the previous run and --overwrite deletes it; give one")
@@ -47,7 +53,7 @@ def prepare_output_dir(
             "it with --resume (resume=True), replace it with --overwrite (TrainingConfig("
             "overwrite=True); deletes that run's files), or choose another output directory"
         )
-    if not is_main:  # under torchrun, the main process deletes
+    if not (is_main and delete):  # under torchrun, the main process deletes
         return
     directory = Path(output_dir)
     for name in RUN_FILES:
@@ -56,3 +62,30 @@ def prepare_output_dir(
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+
+
+def write_final_adapter(write, directory: Path, output_dir: Path) -> UserError | None:
+    """Call ``write(directory)`` (the trained adapter); a failed write (a full disk) is
+    returned as a ``UserError`` that says where the weights still are (the newest checkpoint
+    under ``output_dir``, if any), with an adapter directory this call made removed again."""
+    from safetensors import SafetensorError
+
+    from lorakit.train.checkpoint import latest_checkpoint
+
+    made = not directory.exists()
+    try:
+        write(directory)
+    except (OSError, SafetensorError) as error:
+        if made:
+            shutil.rmtree(directory, ignore_errors=True)
+        newest = latest_checkpoint(output_dir)
+        where = (
+            f"the newest checkpoint, {newest}, holds its step's weights: free space and finish "
+            "the run with --resume"
+            if newest is not None
+            else "no checkpoint was written, so this run's weights are lost: free space and run "
+            "again (--checkpoint-every N keeps them on the way)"
+        )
+        reason = getattr(error, "strerror", None) or error
+        return UserError(f"cannot write the trained adapter to {directory} ({reason}); {where}")
+    return None

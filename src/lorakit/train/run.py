@@ -60,11 +60,9 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     if job.eval_data:
         eval_examples = load_examples_for(job.eval_data, job.eval_split, job.style, "validation")
     check_targets_before_loading(resolve_model(job.model), lora)
-    # only now that every check passed may --overwrite delete; under torchrun, rank 0 writes
-    main = int(os.environ.get("RANK", "0")) == 0
-    prepare_output_dir(
-        training.output_dir, resume=job.resume, overwrite=training.overwrite, is_main=main
-    )
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 writes
+    where = dict(resume=job.resume, overwrite=training.overwrite, is_main=main)
+    prepare_output_dir(training.output_dir, **where, delete=False)  # refuse before loading
     model, tokenizer = load_model(job.model, progress=False, quantization=job.quantization)
     torch.manual_seed(training.seed)  # the adapter's initial A, whatever the loading drew
     try:
@@ -74,6 +72,7 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     tokenized = {"train": data.tokenize_examples(examples, tokenizer, job.max_length)}
     if eval_examples:
         tokenized["eval"] = data.tokenize_examples(eval_examples, tokenizer, job.max_length)
+    prepare_output_dir(training.output_dir, **where)  # only now may --overwrite delete
     output = Path(training.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     if main:
