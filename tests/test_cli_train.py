@@ -286,6 +286,14 @@ def test_config_file_errors_are_one_line(tmp_path, capsys):
         ("lr: fast", "lr: 'fast' is not a number"),
         ("r: 2.5", "r: 2.5 is not an integer"),
         ("steps: true", "steps: True is not an integer"),
+        ("resume: 'false'", "resume: 'false' is not true or false"),
+        ("no_progress: 'no'", "no_progress: 'no' is not true or false"),
+        ("model: 7", "model: 7 is not a string (quote it)"),
+        ("output: [x]", "output: ['x'] is not a string"),
+        ("target_modules: {q: 1}", "target_modules: {'q': 1} is not a string or a list"),
+        ("lr: .inf", "--lr must be a finite number > 0, got inf"),
+        ("epochs: .inf", "--epochs must be a finite number > 0"),
+        ("weight_decay: .nan", "--weight-decay must be a finite number >= 0, got nan"),
     ):
         bad.write_text(f"data: x.jsonl\n{line}\n")
         code, _, err = _main(capsys, "train", "--config", bad)

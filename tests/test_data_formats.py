@@ -177,3 +177,44 @@ def test_csv_row_with_more_fields_than_the_header_is_an_error(tmp_path: Path) ->
     # a quoted comma stays inside its field
     path.write_text('text,label\n"fine, really",pos\nok,neg\n', encoding="utf-8")
     assert [e.text for e in data.load_examples(path)] == ["fine, really", "ok"]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column_or_record(tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8" and some editors start the file with a UTF-8 byte-order mark."""
+    csv_path = tmp_path / "bom.csv"
+    csv_path.write_bytes(b"\xef\xbb\xbftext,label\ngood film,positive\n")
+    (example,) = data.load_examples(csv_path)
+    assert example.completion.strip() == "positive"
+    jsonl_path = tmp_path / "bom.jsonl"
+    jsonl_path.write_bytes(
+        b"\xef\xbb\xbf" + json.dumps({"prompt": "a", "completion": "b"}).encode()
+    )
+    assert data.load_examples(jsonl_path)[0].prompt == "a"
+
+
+def test_a_huge_integer_is_a_line_numbered_error(tmp_path: Path) -> None:
+    path = tmp_path / "big.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": ' + "9" * 5000 + "}\n")
+    with pytest.raises(UserError, match=rf"{path}:2: not valid JSON \(Exceeds the limit"):
+        data.load_examples(path)
+
+
+def test_a_chat_template_that_refuses_an_example_names_its_file_and_line(tmp_path: Path) -> None:
+    from tests import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer.build()
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+        "{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    good = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, good[1]]
+    path = write_jsonl(tmp_path / "alt.jsonl", [{"messages": good}, {"messages": bad}])
+    examples = data.load_examples(path)
+    with pytest.raises(
+        UserError, match=rf"{path}:2: the model's chat template refused .*alternate"
+    ):
+        data.tokenize_examples(examples, tokenizer, 64)

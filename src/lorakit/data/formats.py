@@ -5,6 +5,7 @@ Every malformed record raises ``UserError`` naming the file and the line number.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -44,6 +45,8 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Example]:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise UserError(f"{where}: not valid JSON ({error.msg})") from None
+            except ValueError as error:  # e.g. an integer of more than 4,300 digits
+                raise UserError(f"{where}: not valid JSON ({error})") from None
             examples.append(_example_from_record(record, where))
     if not examples:
         raise UserError(f"{path}: no examples (the file is empty)")
@@ -60,6 +63,7 @@ def read_utf8(path: str | os.PathLike[str], what: str = "data") -> str:
         raise UserError(f"{what} file '{path}' does not exist") from None
     except IsADirectoryError:
         raise UserError(f"{what} path '{path}' is a directory, not a file") from None
+    raw = raw.removeprefix(codecs.BOM_UTF8)  # a byte-order mark (Excel's "CSV UTF-8")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:

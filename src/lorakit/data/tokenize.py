@@ -28,7 +28,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from lorakit.data.chat import render_chat, require_chat_template
+from lorakit.data.chat import ChatTemplateError, render_chat, require_chat_template
 from lorakit.data.examples import Example
 from lorakit.errors import UserError
 
@@ -79,6 +79,15 @@ def _ids(tokenizer, text: str, special: bool = False) -> list[int]:
 
 
 def chat_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
+    """``_chat_segments``; a template that refuses the messages is named with the example's
+    ``file:line``."""
+    try:
+        return _chat_segments(example, tokenizer)
+    except ChatTemplateError as error:
+        raise ChatTemplateError(f"{example.source or 'example'}: {error}") from None
+
+
+def _chat_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
     """The chat rendered as ``(text, learnt)`` pieces whose concatenation is the full rendering.
 
     Assistant turn i is the text the template adds between ``messages[:i]`` with a generation

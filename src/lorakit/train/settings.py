@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import typing
 from dataclasses import Field, dataclass
 from pathlib import Path
 from typing import Any
@@ -197,13 +198,41 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(
             f"config file {path}: unknown setting(s) {unknown}; known: {', '.join(options)}"
         )
-    return {key: _number(path, key, value, _kind(options[key])) for key, value in values.items()}
+    return {key: _typed(path, key, value, options[key]) for key, value in values.items()}
+
+
+def _typed(path: Path, key: str, value: Any, option: Field) -> Any:
+    """A config file's value as its setting's type: a number as ``_number``; a flag only as
+    true/false (YAML's, JSON's), never a string such as "false"; a name or path as a string
+    (or a list, where the setting takes one). Anything else is an error naming the key."""
+    kind = _kind(option)
+    if value is None or kind in (int, float):
+        return _number(path, key, value, kind)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"config file {path}: {key}: {value!r} is not true or false")
+        return value
+    takes_list = _takes_list(option)
+    if isinstance(value, str) or (takes_list and isinstance(value, list)):
+        return value  # (a list's items are checked by the setting: LoraConfig, token ids)
+    raise UserError(
+        f"config file {path}: {key}: {value!r} is not a string"
+        + " or a list" * takes_list
+        + " (quote it)" * isinstance(value, (int, float))
+    )
+
+
+def _takes_list(option: Field) -> bool:
+    """The setting's type allows a list (``target_modules``, ``trainable_token_indices``)."""
+    owner = TrainSettings if option in setting_fields(TrainSettings) else TrainingConfig
+    hint = typing.get_type_hints(owner)[option.name]
+    return any(typing.get_origin(kind) is list for kind in typing.get_args(hint))
 
 
 def _number(path: Path, key: str, value: Any, kind: type) -> Any:
     """A numeric setting as its type; anything else that is not a number is an error naming
     the key."""
-    if value is None or kind not in (int, float):
+    if value is None:
         return value
     if isinstance(value, bool) or (kind is int and isinstance(value, float)):
         raise UserError(f"config file {path}: {key}: {value!r} is not an integer")
