@@ -242,6 +242,19 @@ def test_adapters_with_trained_biases_or_saved_modules_are_refused(tmp_path):
         lorakit.combine([tmp_path / "saved", tmp_path / "saved"], [1, 1])
 
 
+def test_dora_adapters_are_refused_on_a_model_and_from_a_directory(tmp_path):
+    """A DoRA update is m / ||W0 + s B A|| (W0 + s B A) - W0, not B A: it has no low-rank sum
+    (combining one on a model crashed on its three tensors; from a file the message blamed
+    biases)."""
+    model = llama()
+    lorakit.inject(model, CONFIG_A.replace(use_dora=True))
+    lorakit.inject(model, CONFIG_A, adapter_name="plain")
+    lorakit.save_adapter(model, tmp_path / "dora")
+    for sources in (["default", "plain"], [tmp_path / "dora", "plain"]):
+        with pytest.raises(UserError, match=r"is a DoRA adapter .*combine plain LoRA adapters"):
+            lorakit.combine(sources, [1, 1], model=model)
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
@@ -321,3 +334,27 @@ def test_conv1d_and_embedding_adapters_combine_exactly_and_load_in_peft(
         expected = both(input_ids()).logits
         torch.testing.assert_close(combined(input_ids()).logits, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(peft_model(input_ids()).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_reader_that_ignores_the_patterns_computes_the_same_update(two_adapters, tmp_path):
+    """vLLM's PEFTHelper takes one scale, lora_alpha / r, for every module and reads neither
+    rank_pattern nor alpha_pattern: the combined file's modules of other ranks must not depend on
+    them (each module's scale is 1)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    dir_a, dir_b, model = two_adapters
+    lorakit.combine([dir_a, dir_b], WEIGHTS, method="cat").save(tmp_path / "cat")
+    config = json.loads((tmp_path / "cat" / "adapter_config.json").read_text())
+    assert config["rank_pattern"]  # ranks 4, 6 and 3: the patterns are needed
+    one_scale = config["lora_alpha"] / config["r"]  # vLLM's rule
+    tensors = load_file(tmp_path / "cat" / "adapter_model.safetensors")
+    expected = _float64_sum(model, WEIGHTS)
+    for key, lora_A in tensors.items():
+        if ".lora_A." not in key:
+            continue
+        lora_B = tensors[key.replace(".lora_A.", ".lora_B.")]
+        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        delta = one_scale * lora_B.double() @ lora_A.double()
+        torch.testing.assert_close(delta, expected[module], rtol=1e-6, atol=1e-7)

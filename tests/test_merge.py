@@ -229,3 +229,30 @@ def test_a_call_choosing_other_adapters_than_the_merged_ones_adds_them_to_the_or
         with lorakit.use_adapters(model, ["second"]):
             torch.testing.assert_close(model(input_ids=ids).logits, second, rtol=1e-5, atol=1e-5)
     assert (both - second).abs().max() > 1e-2
+
+
+def test_an_adapter_named_twice_is_refused_and_a_string_is_one_name() -> None:
+    """Merging ['default', 'default'] used to fold the adapter in twice (and the forward then
+    took the doubled weight as the merged state); each call that takes names refuses it."""
+    model = lorakit.inject(tiny_models.llama(), CONFIG)
+    tiny_models.randomize_adapters(model, std=0.2)
+    ids = tiny_models.input_ids()
+    with torch.no_grad():
+        unmerged = model(ids).logits
+    before = _weights(model)
+    twice = ["default", "default"]
+    for call in (
+        lorakit.merge,
+        lorakit.set_active,
+        lambda m, n: lorakit.use_adapters(m, n).__enter__(),
+    ):
+        with pytest.raises(ValueError, match=r"\['default'\] named more than once"):
+            call(model, twice)
+    assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
+    lorakit.merge(model, "default")  # one name, as PEFT takes it
+    with torch.no_grad():
+        assert (model(ids).logits - unmerged).abs().max() < 1e-4
+    layer = next(layer for _, layer in lora_layers(model))
+    layer.unmerge()
+    layer.merge(["default", "default"])  # a layer merges each adapter once
+    assert layer.merged_adapters == ("default",)

@@ -29,7 +29,13 @@ from lorakit import quantized
 from lorakit.inject import forget_state
 from lorakit.layers import TrainableTokens
 from lorakit.quantized.merge import float_linear
-from lorakit.state import active_adapters, lora_layers, saved_modules, state_of
+from lorakit.state import (
+    active_adapters,
+    adapter_name_list,
+    lora_layers,
+    saved_modules,
+    state_of,
+)
 from lorakit.wrapped_modules import replace_module
 
 __all__ = ["merge", "merge_and_unload", "unmerge"]
@@ -42,7 +48,7 @@ def _chosen(model: nn.Module, adapter_names: Sequence[str] | None) -> tuple[str,
             f"this {type(model).__name__} has no lorakit adapters (call merge on the model that "
             "lorakit.inject or lorakit.load_adapter returned)"
         )
-    names = active_adapters(model) if adapter_names is None else tuple(adapter_names)
+    names = active_adapters(model) if adapter_names is None else adapter_name_list(adapter_names)
     known = tuple(state.configs)
     unknown = [name for name in names if name not in known]
     if unknown:

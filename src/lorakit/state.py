@@ -20,6 +20,7 @@ __all__ = [
     "AdapterState",
     "active_adapters",
     "adapter_configs",
+    "adapter_name_list",
     "delete_adapter",
     "disabled",
     "lora_layers",
@@ -99,6 +100,18 @@ def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
             yield name, module
 
 
+def adapter_name_list(adapter_names: str | Sequence[str]) -> tuple[str, ...]:
+    """The names as a tuple (one name given as a string is that one name, as in PEFT); a name
+    given twice is a ``ValueError`` (the adapter would be added, or merged, twice)."""
+    names = (adapter_names,) if isinstance(adapter_names, str) else tuple(adapter_names)
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(
+            f"adapter(s) {repeated} named more than once in {list(names)}; name each adapter once"
+        )
+    return names
+
+
 def _require(model: nn.Module, adapter_names: Sequence[str]) -> AdapterState:
     state = state_of(model)
     known = [] if state is None else list(state.configs)
@@ -115,6 +128,7 @@ def set_active(model: nn.Module, adapter_names: Sequence[str]) -> None:
     first adapter is injected). Biases chosen by the active configs' ``bias`` mode train too. The
     cost does not grow with the number of adapters the model holds.
     """
+    adapter_names = adapter_name_list(adapter_names)
     state = _require(model, adapter_names)
     for parameter in state.trainable:
         parameter.requires_grad_(False)
@@ -164,6 +178,7 @@ def use_adapters(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[Non
     """Within the block, ``model``'s forwards use exactly ``adapter_names`` (``[]``: the base
     model). Nothing on the model changes; only this model and only the calling thread / task
     are affected (other models keep their active adapters, even in the same block)."""
+    adapter_names = adapter_name_list(adapter_names)
     _require(model, adapter_names)
     with adapter_override(_switchable(model), adapter_names):
         yield

@@ -13,9 +13,10 @@ what is there), with ``ΔWᵢ = sᵢ Bᵢ Aᵢ`` (each adapter's own scale) and 
   full ΔWᵢ (never on A and B apart), then the same SVD cut.
 
 The output config uses the same rank r everywhere it can (``rank_pattern`` lists the modules
-whose rank differs, by exact, escaped name), ``lora_alpha = r`` and no rsLoRA; each module's
-scale ``s = functional.scaling(its rank, r)`` is folded into its factors, so any reader that
-implements PEFT's config (peft, lorakit, vLLM) computes the same ΔW.
+whose rank differs, by exact, escaped name), ``lora_alpha = r``, ``alpha_pattern`` giving each
+of those modules its own rank as alpha, and no rsLoRA: every module's scale is 1, so a reader
+that implements PEFT's patterns (peft, lorakit) and one that ignores them (vLLM's
+``PEFTHelper`` takes one ``lora_alpha / r`` for all modules) compute the same ΔW.
 
 DARE draws its masks per module from ``torch.Generator().manual_seed(module_seed(seed, name))``
 (a hash of the seed and the module name): the same seed gives the same adapter, whatever the
@@ -140,7 +141,9 @@ def _contributions(
 
 
 def _output_config(sources: Sequence[AdapterUpdates], ranks: dict[str, int]) -> LoraConfig:
-    """One rank (the most common) with ``rank_pattern`` for the others, ``alpha = r``."""
+    """One rank (the most common) with ``rank_pattern`` for the others, and alpha = rank for
+    every module (``alpha_pattern``): scale 1 everywhere, whether a reader applies the patterns
+    or not."""
     common = Counter(ranks.values()).most_common(1)[0][0]
     task_types = {source.config.task_type for source in sources}
     first = sources[0].config
@@ -149,6 +152,7 @@ def _output_config(sources: Sequence[AdapterUpdates], ranks: dict[str, int]) -> 
         lora_alpha=common,
         target_modules=sorted(ranks),
         rank_pattern={re.escape(n): r for n, r in sorted(ranks.items()) if r != common},
+        alpha_pattern={re.escape(n): r for n, r in sorted(ranks.items()) if r != common},
         lora_dropout=first.lora_dropout,
         fan_in_fan_out=any(source.config.fan_in_fan_out for source in sources),
         task_type=task_types.pop() if len(task_types) == 1 else None,

@@ -107,6 +107,12 @@ def _from_directory(directory: str | os.PathLike[str]) -> AdapterUpdates:
 
 
 def _refuse_other_layouts(label: str, config: LoraConfig) -> None:
+    if config.use_dora:
+        raise UserError(
+            f"{label} is a DoRA adapter (use_dora=True): its magnitude vector rescales each "
+            "output row, so its update is not B A and has no low-rank sum with others; combine "
+            "plain LoRA adapters (merge a DoRA adapter into the weights instead: lorakit merge)"
+        )
     if config.target_parameters:
         raise UserError(
             f"{label} adapts bare parameters (target_parameters={config.target_parameters!r}), "

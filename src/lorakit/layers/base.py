@@ -338,7 +338,7 @@ class LoraLayer(nn.Module):
         Computed without autograd: with grad enabled, torch (2.13) takes a parameter's autograd
         lock and then waits for the GIL, while a thread running the model holds the GIL and
         waits for that lock, so a merge beside a running forward could deadlock."""
-        to_merge = tuple(name for name in adapter_names if name not in self.merged_adapters)
+        to_merge = tuple(dict.fromkeys(n for n in adapter_names if n not in self.merged_adapters))
         if not to_merge:
             return None
         original = self.original_weight

@@ -123,7 +123,7 @@ class QuantizedLoraLinear(LoraLinear):
     ) -> tuple[tuple[str, ...], torch.Tensor] | None:
         """``(names, W)`` with ``W = dequant(W0) + sum_a s_a B_a A_a`` (float32, (d, k)) over the
         merged and the named adapters; None if all are merged. Changes nothing."""
-        to_merge = tuple(name for name in adapter_names if name not in self.merged_adapters)
+        to_merge = tuple(dict.fromkeys(n for n in adapter_names if n not in self.merged_adapters))
         if not to_merge:
             return None
         delta = self._merged_delta((*self.merged_adapters, *to_merge))
