@@ -72,14 +72,16 @@ def test_token_embedding_round_trip(tmp_path) -> None:
     assert torch.equal(logits(loaded(tiny_models.llama, tmp_path / "a.gguf")), logits(adapted))
 
 
-def write_llama_cpp_style_file(path, pairs, alpha: float, arch: str = "llama") -> None:
-    """A GGUF LoRA as llama.cpp's converter writes one (``gguf.GGUFWriter`` directly)."""
+def write_llama_cpp_style_file(path, pairs, alpha: float | None, arch: str = "llama") -> None:
+    """A GGUF LoRA as llama.cpp's converter writes one (``gguf.GGUFWriter`` directly); alpha
+    None: no alpha key."""
     import gguf
 
     writer = gguf.GGUFWriter(path, arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    if alpha is not None:
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     for name, array in pairs.items():
         writer.add_tensor(name, array.astype(np.float32))
     writer.write_header_to_file()
@@ -118,6 +120,38 @@ def test_a_file_from_the_llama_cpp_world_loads_with_its_scale(tmp_path) -> None:
     assert lorakit.adapter_configs(model)["default"].r == 8
 
 
+@pytest.mark.parametrize(("alpha", "scale"), [(0.0, 1.0), (None, 1.0), (-8.0, -1.0)])
+def test_llama_cpps_alpha_rule_zero_or_absent_is_scale_one_and_a_sign_is_kept(
+    tmp_path, alpha, scale
+) -> None:
+    """llama.cpp scales a pair by alpha / rank, and by 1 where alpha is 0 (or the key is
+    absent, read as 0); a negative alpha is allowed there. Two ranks (8 and 4), so a single
+    lora_alpha / r could not give scale 1 to both."""
+    generator = np.random.default_rng(1)
+    pairs = {
+        "blk.0.attn_q.weight.lora_a": generator.normal(size=(8, 64)),
+        "blk.0.attn_q.weight.lora_b": converter_permute(generator.normal(size=(64, 8)), 4),
+        "blk.0.attn_v.weight.lora_a": generator.normal(size=(4, 64)),
+        "blk.0.attn_v.weight.lora_b": generator.normal(size=(32, 4)),
+        "blk.1.attn_v.weight.lora_a": generator.normal(size=(8, 64)),
+        "blk.1.attn_v.weight.lora_b": generator.normal(size=(32, 8)),
+    }
+    write_llama_cpp_style_file(tmp_path / "x.gguf", pairs, alpha=alpha)
+    model = loaded(tiny_models.llama, tmp_path / "x.gguf")
+    layers = dict(lora_layers(model))
+    x = torch.randn(3, 64)
+    for block, rank in ((0, 4), (1, 8)):
+        layer = layers[f"model.layers.{block}.self_attn.v_proj"]
+        with torch.no_grad():
+            effect = (layer(x) - layer.base_layer(x)).double().numpy()
+        lora_a = pairs[f"blk.{block}.attn_v.weight.lora_a"]
+        lora_b = pairs[f"blk.{block}.attn_v.weight.lora_b"]
+        expected = scale * (8.0 / rank if alpha == -8.0 else 1.0)
+        np.testing.assert_allclose(
+            effect, x.double().numpy() @ (expected * lora_b @ lora_a).T, rtol=1e-5, atol=1e-5
+        )
+
+
 def test_transformers_inverse_undoes_the_converter_permutation() -> None:
     """The oracle the export tests use is the inverse of the converter's permutation."""
     rows = np.arange(32 * 3).reshape(32, 3)
@@ -139,7 +173,10 @@ def test_files_that_do_not_fit_are_refused_and_leave_the_model_alone(tmp_path) -
     _, directory = saved_adapter(tmp_path / "adapter", base)
     export_adapter(directory, base, tmp_path / "qwen.gguf")
     (tmp_path / "junk.gguf").write_bytes(b"GGUF not really")
+    flat = {"blk.0.attn_q.weight.lora_a": np.zeros(64), "blk.0.attn_q.weight.lora_b": a.T}
+    write_llama_cpp_style_file(tmp_path / "flat.gguf", flat, 8.0)
     cases = {
+        "flat.gguf": "blk.0.attn_q.weight has lora_a ne=\\[64\\]",
         "half.gguf": "blk.0.attn_q.weight is missing one component",
         "far.gguf": "blk.7.attn_q.weight names no module",
         "qwen.gguf": "architecture 'qwen2'",

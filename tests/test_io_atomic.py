@@ -152,3 +152,49 @@ def test_write_bytes_replaces_atomically_and_cleans_stale_temporaries(tmp_path) 
     atomic.write_text(target, "two")
     assert target.read_text() == "two"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
+
+
+def test_write_with_fsyncs_renames_and_cleans_up(tmp_path, monkeypatch) -> None:
+    """A writer that opens a path itself (the GGUF writer): the file appears whole, after an
+    fsync of its data; a failing writer leaves neither the target nor a temporary file; a killed
+    writer's stale temporary is removed by the next write."""
+    target = tmp_path / "model.gguf"
+    stale = tmp_path / ".model.gguf.0badc0de.tmp"
+    stale.write_bytes(b"half")
+    os.utime(stale, (time.time() - 600, time.time() - 600))
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd)
+    )
+
+    def failing(path: str) -> None:
+        Path(path).write_bytes(b"part")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        atomic.write_with(target, failing)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # stale one gone, no new one
+    atomic.write_with(target, lambda path: Path(path).write_bytes(b"GGUF whole"))
+    assert target.read_bytes() == b"GGUF whole"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+    assert any(Path(p).name.startswith(".model.gguf.") for p in synced)  # data, then the dir
+    assert str(tmp_path) in synced
+
+
+def test_a_file_system_refusal_is_one_line_naming_the_path(capsys, monkeypatch) -> None:
+    import errno
+
+    import lorakit.plan
+    from lorakit import cli
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted", "/data/out/.x.gguf.ab.tmp")
+
+    monkeypatch.setattr(lorakit.plan, "plan", refuse)
+    assert cli.main(["plan", "llama-2-7b"]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "lorakit: error: Operation not permitted: /data/out/.x.gguf.ab.tmp; check the "
+        "permissions (and immutable flags), or choose another path\n"
+    )

@@ -98,8 +98,9 @@ def test_disable_adapter_is_exact_even_while_merged(pair):
 def test_merge_and_unload_matches_peft(pair):
     ours, theirs = pair
     ids = tiny_models.input_ids()
-    ours_merged = ours.merge_and_unload()
-    theirs_merged = theirs.merge_and_unload()
+    # PEFT's arguments, positional as PEFT orders them (progressbar, safe_merge)
+    ours_merged = ours.merge_and_unload(True, True)
+    theirs_merged = theirs.merge_and_unload(True, True)
     assert type(ours_merged) is type(theirs_merged)
     assert not any(isinstance(m, lorakit.layers.LoraLayer) for m in ours_merged.modules())
     ours_state, theirs_state = ours_merged.state_dict(), theirs_merged.state_dict()

@@ -4,6 +4,7 @@ only when needed, so ``lorakit --help`` stays fast."""
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import pkgutil
@@ -70,6 +71,26 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `lorakit plan ... | head`: the reader left, nothing to report
         sys.stderr.close()
         return 0
+    except OSError as error:  # the file system refused: a permission, a full disk, a read-only dir
+        if error.filename is None:
+            raise
+        print(f"lorakit: error: {file_system_message(error)}", file=sys.stderr)
+        return 1
+
+
+def file_system_message(error: OSError) -> str:
+    """``error`` as one line naming the path and what the file system said, with a remedy."""
+    path = error.filename
+    if error.filename2 is not None:
+        path = f"{path} -> {error.filename2}"
+    remedies = {
+        errno.EACCES: "check the permissions, or choose another path",
+        errno.EPERM: "check the permissions (and immutable flags), or choose another path",
+        errno.ENOSPC: "free space and run again",
+        errno.EROFS: "the file system is read-only; choose another path",
+    }
+    remedy = remedies.get(error.errno, "fix the path and run again")
+    return f"{error.strerror or error}: {path}; {remedy}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -218,15 +218,26 @@ class PeftModel(nn.Module):
         print(count_parameters(self.model))
 
     # ------------------------------------------------------------------ merging
-    def merge_adapter(self, adapter_names: Sequence[str] | None = None) -> None:
-        """Fold the (active) adapters into the weights; ``unmerge_adapter`` undoes it exactly."""
+    def merge_adapter(
+        self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False
+    ) -> None:
+        """Fold the (active) adapters into the weights; ``unmerge_adapter`` undoes it exactly.
+        ``safe_merge`` is PEFT's argument: lorakit always checks the merged weights for
+        inf/NaN before installing any (``lorakit.merge``)."""
         merge(self.model, adapter_names)
 
     def unmerge_adapter(self) -> None:
         unmerge(self.model)
 
-    def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> nn.Module:
-        """The plain transformers model with the (active) adapters folded into its weights."""
+    def merge_and_unload(
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Sequence[str] | None = None,
+    ) -> nn.Module:
+        """The plain transformers model with the (active) adapters folded into its weights.
+        PEFT's signature: ``progressbar`` (no bar is shown: the merge is one pass) and
+        ``safe_merge`` (always on: ``lorakit.merge`` checks before it installs) are accepted."""
         return merge_and_unload(self.model, adapter_names)
 
     def unload(self) -> nn.Module:

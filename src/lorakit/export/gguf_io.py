@@ -8,9 +8,7 @@ transformers ``nn.Linear`` weight ``(out, in)`` is written as it is and llama.cp
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import numpy as np
 import torch
 
 from lorakit.errors import UserError
-from lorakit.io.atomic import new_file_mode
+from lorakit.io import atomic
 
 __all__ = ["TENSOR_TYPES", "decode_tensor", "encode_tensor", "write_gguf"]
 
@@ -55,7 +53,8 @@ def decode_tensor(reader_tensor) -> torch.Tensor:
 
 def write_gguf(path: str | os.PathLike[str], arch: str, fill: Callable[[object], None]) -> Path:
     """Write a GGUF file: ``fill(writer)`` adds key/values and tensors to a ``gguf.GGUFWriter``
-    for ``arch``; the file appears at ``path`` only when complete (temporary file + rename)."""
+    for ``arch``; the file appears at ``path`` only when complete and on the disk
+    (``io.atomic.write_with``: temporary file, fsync, rename)."""
     import gguf
 
     target = Path(path)
@@ -63,19 +62,14 @@ def write_gguf(path: str | os.PathLike[str], arch: str, fill: Callable[[object],
         raise UserError(f"--output {target} is a directory; give a file name ending in .gguf")
     if not target.parent.is_dir():
         raise UserError(f"--output {target}: directory {target.parent} does not exist")
-    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+
+    def write(temporary: str) -> None:
         writer = gguf.GGUFWriter(temporary, arch)
         fill(writer)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.chmod(temporary, new_file_mode(target.parent))
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+
+    atomic.write_with(target, write)
     return target

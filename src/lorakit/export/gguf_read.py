@@ -83,7 +83,8 @@ def read_gguf_adapter(path: str | os.PathLike[str]) -> GgufAdapter:
         raise AdapterFileError(
             f"{path} is a GGUF {kind!r} file of adapter type {lora!r}, not a LoRA adapter"
         )
-    alpha = float(_field(reader, gguf.Keys.Adapter.LORA_ALPHA, path))
+    alpha_field = reader.fields.get(gguf.Keys.Adapter.LORA_ALPHA)  # llama.cpp: absent is 0
+    alpha = 0.0 if alpha_field is None else float(alpha_field.contents())
     found: dict[str, dict[str, Any]] = {}
     for tensor in reader.tensors:
         suffix = next((s for s in SUFFIXES if tensor.name.endswith(s)), None)
@@ -98,11 +99,12 @@ def read_gguf_adapter(path: str | os.PathLike[str]) -> GgufAdapter:
         if len(halves) != 2:
             raise AdapterFileError(f"{path}: the LoRA pair of {name} is missing one component")
         lora_a, lora_b = halves[".lora_a"], halves[".lora_b"]
-        rank_of_a = lora_a.shape[0] if name == TOKEN_EMBEDDING else lora_a.shape[1]  # ne order
-        if len(lora_a.shape) != 2 or len(lora_b.shape) != 2 or rank_of_a != lora_b.shape[0]:
+        matrices = len(lora_a.shape) == 2 == len(lora_b.shape)
+        rank_of_a = lora_a.shape[0] if name == TOKEN_EMBEDDING else lora_a.shape[-1]  # ne order
+        if not matrices or rank_of_a != lora_b.shape[0]:
             raise AdapterFileError(
-                f"{path}: {name} has lora_a ne={list(lora_a.shape)} and lora_b "
-                f"ne={list(lora_b.shape)}, which do not share a rank"
+                f"{path}: {name} has lora_a ne={[int(n) for n in lora_a.shape]} and lora_b "
+                f"ne={[int(n) for n in lora_b.shape]}, which are not two matrices sharing a rank"
             )
         pairs[name] = (lora_a, lora_b)
     if not pairs:
@@ -112,7 +114,9 @@ def read_gguf_adapter(path: str | os.PathLike[str]) -> GgufAdapter:
 
 def gguf_adapter_as_peft(adapter: GgufAdapter, model: nn.Module):
     """``(LoraConfig, {PEFT key: tensor})`` of ``adapter`` for ``model``: the names mapped back
-    to ``model``'s modules, q/k rows to transformers' order, ``token_embd``'s A transposed."""
+    to ``model``'s modules, q/k rows to transformers' order, ``token_embd``'s A transposed, and
+    llama.cpp's scale kept: ``alpha / r`` of each pair's rank, 1 where alpha is 0 or absent,
+    a negative alpha's sign moved into B (a LoraConfig's alpha is positive)."""
     from lorakit.config import LoraConfig
     from lorakit.io.keys import lora_keys
     from lorakit.targets import model_modules
@@ -124,7 +128,7 @@ def gguf_adapter_as_peft(adapter: GgufAdapter, model: nn.Module):
             f"{type(model).__name__} is {layout.arch!r}"
         )
     modules = {layout.tensor_name(name): name for name, _ in model_modules(model) if name}
-    tensors, ranks = {}, {}
+    tensors, ranks, b_keys = {}, {}, set()
     for name in adapter.pairs:
         module = modules.get(name)
         if module is None:
@@ -139,13 +143,21 @@ def gguf_adapter_as_peft(adapter: GgufAdapter, model: nn.Module):
         lora_A = lora_a.T.contiguous() if is_embedding else lora_a
         key_A, key_B = lora_keys(module, is_embedding)
         tensors[key_A], tensors[key_B] = lora_A, lora_b.contiguous()
+        b_keys.add(key_B)
         ranks[module] = lora_A.shape[0]
     rank = Counter(ranks.values()).most_common(1)[0][0]
+    others = {re.escape(m): r for m, r in sorted(ranks.items()) if r != rank}
+    alpha, alpha_pattern = abs(adapter.alpha), {}
+    if adapter.alpha < 0:  # llama.cpp scales by alpha / r whatever its sign: the sign goes to B
+        tensors = {key: -t if key in b_keys else t for key, t in tensors.items()}
+    if alpha == 0:  # llama.cpp: scale 1 (alpha 0, or no alpha at all): alpha = each rank
+        alpha, alpha_pattern = rank, others
     config = LoraConfig(
         r=rank,
-        lora_alpha=adapter.alpha,
+        lora_alpha=alpha,
         target_modules=sorted(ranks),
-        rank_pattern={re.escape(m): r for m, r in sorted(ranks.items()) if r != rank},
+        rank_pattern=others,
+        alpha_pattern=alpha_pattern,
         task_type="CAUSAL_LM",
     )
     return config, tensors

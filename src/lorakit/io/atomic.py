@@ -13,9 +13,10 @@ import os
 import secrets
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["new_file_mode", "write_bytes", "write_files", "write_text"]
+__all__ = ["new_file_mode", "write_bytes", "write_files", "write_text", "write_with"]
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -45,6 +46,30 @@ def write_files(files: dict[str | os.PathLike[str], bytes]) -> None:
         raise
     for directory in {target.parent for _, target in staged}:
         _fsync_directory(directory)
+
+
+def write_with(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
+    """Replace ``path`` atomically with the file that ``write(temporary_path)`` writes, for
+    writers that open a path themselves (``gguf.GGUFWriter``): the temporary file is fsynced,
+    renamed into place and the directory fsynced, as ``write_files`` does; a failed or
+    interrupted ``write`` leaves no temporary file (a killed one's is removed by the next)."""
+    target = Path(path)
+    _remove_stale_temporaries(target)
+    fd, temporary = _create_new_file(target.parent, f".{target.name}.")
+    os.close(fd)
+    try:
+        write(temporary)
+        fd = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    _fsync_directory(target.parent)
 
 
 def _create_new_file(directory: Path, prefix: str) -> tuple[int, str]:
