@@ -97,7 +97,8 @@ def merge_and_unload(
 ) -> nn.Module:
     """Fold the given adapters (default: the active ones) into the weights and return the plain
     model: LoRA layers replaced by their (now merged) base modules, ``modules_to_save`` replaced
-    by the trained copy of the first merged adapter that has one.
+    by the trained copy of the first merged adapter that has one. Adapters merged earlier
+    (``merge``) stay folded in, as in PEFT: unmerge them first to leave them out.
 
     On a quantized base (``lorakit.quantized``) the result is a float model: every quantized
     linear (adapted or not) becomes a plain ``nn.Linear`` in ``float_dtype`` (default float32)
