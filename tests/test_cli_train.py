@@ -294,6 +294,7 @@ def test_config_file_errors_are_one_line(tmp_path, capsys):
         ("lr: .inf", "--lr must be a finite number > 0, got inf"),
         ("epochs: .inf", "--epochs must be a finite number > 0"),
         ("weight_decay: .nan", "--weight-decay must be a finite number >= 0, got nan"),
+        ("quantization: int8-rows", "quantization: 'int8-rows' is not one of nf4, fp4, int8"),
     ):
         bad.write_text(f"data: x.jsonl\n{line}\n")
         code, _, err = _main(capsys, "train", "--config", bad)

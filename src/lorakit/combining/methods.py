@@ -20,7 +20,9 @@ included; shape (d, k)), never the LoRA factors A and B separately, and returns 
 come from ``generator``: ``torch.bernoulli`` on a float32 tensor of ``density``, one call per
 update in order, which is what PEFT's ``random_pruning`` does with the global generator on
 float32 updates. So PEFT's result after ``torch.manual_seed(seed)`` on float32 updates uses the
-same masks as ours with ``torch.Generator().manual_seed(seed)``.
+same masks as ours with ``torch.Generator().manual_seed(seed)``, for updates laid out (out, in)
+as ours are: PEFT draws a Conv1D's or an embedding's mask on its transposed layout, so there
+the masks differ (the same distribution, not the same draw).
 """
 
 from __future__ import annotations

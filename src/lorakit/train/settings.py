@@ -212,6 +212,9 @@ def _typed(path: Path, key: str, value: Any, option: Field) -> Any:
         if not isinstance(value, bool):
             raise UserError(f"config file {path}: {key}: {value!r} is not true or false")
         return value
+    choices = option.metadata.get("choices")
+    if choices and value not in choices:
+        raise UserError(f"config file {path}: {key}: {value!r} is not one of {', '.join(choices)}")
     takes_list = _takes_list(option)
     if isinstance(value, str) or (takes_list and isinstance(value, list)):
         return value  # (a list's items are checked by the setting: LoraConfig, token ids)
