@@ -427,17 +427,118 @@ def test_serve_hands_its_connection_limits_to_uvicorn(monkeypatch):
         serve_command.connection_limits(serve_args("--timeout-request", "0"))
 
 
-def test_max_waiting_below_one_is_a_user_error(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--max-waiting", "0", "--max-waiting must be >= 1, got 0"),
+        ("--max-loras", "0", "--max-loras must be >= 1, got 0"),
+        ("--max-batch", "0", "--max-batch must be >= 1, got 0"),  # every request hung
+        ("--max-prompt-tokens", "0", "--max-prompt-tokens must be >= 1"),  # every one refused
+        ("--max-tokens-limit", "-1", "--max-tokens-limit must be >= 1, got -1"),
+        ("--max-adapters", "0", "--max-adapters must be >= 1"),  # silently became 8
+        ("--max-rank", "0", "--max-rank must be >= 1"),
+        ("--port", "70000", "--port must be in 0-65535, got 70000"),  # was a traceback
+    ],
+)
+def test_serve_numbers_out_of_range_are_user_errors(tmp_path, capsys, option, value, message):
     from lorakit.cli import main
 
-    args = ["serve", "--model", str(tmp_path), "--adapters", str(tmp_path), "--max-waiting", "0"]
+    args = ["serve", "--model", str(tmp_path), "--adapters", str(tmp_path), option, value]
     assert main(args) == 2
-    assert "--max-waiting must be >= 1, got 0" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
-def test_max_loras_below_one_is_a_user_error(tmp_path, capsys):
-    from lorakit.cli import main
+def _post_body(served, scope: dict, chunks: list[bytes]) -> tuple[list[dict], int]:
+    """Call the app with ``chunks`` as the body; (messages sent, chunks the app read)."""
+    pending = [
+        {"type": "http.request", "body": chunk, "more_body": index < len(chunks) - 1}
+        for index, chunk in enumerate(chunks)
+    ]
+    read, sent = [0], []
 
-    args = ["serve", "--model", str(tmp_path), "--adapters", str(tmp_path), "--max-loras", "0"]
-    assert main(args) == 2
-    assert "--max-loras must be >= 1, got 0" in capsys.readouterr().err
+    async def receive() -> dict:
+        if not pending:
+            return {"type": "http.disconnect"}
+        read[0] += 1
+        return pending.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(served.app(scope, receive, send))
+    return sent, read[0]
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_held_in_memory(served):
+    """The 1 MiB limit is checked from Content-Length before anything is read, and on a chunked
+    body as soon as the bytes received pass it (it used to read the whole body first: a 400 MiB
+    body took 800 MB of memory before its 413)."""
+    limit = 1 << 20
+    megabyte = b"x" * (1 << 20)
+    sent, read = _post_body(served, completion_scope(400 * limit), [megabyte] * 400)
+    assert sent[0]["status"] == 413 and read == 0
+    assert b"419430400 bytes exceeds the limit of 1048576" in sent[1]["body"]
+    chunked = completion_scope(0)
+    chunked["headers"] = [(b"content-type", b"application/json")]  # no Content-Length
+    sent, read = _post_body(served, chunked, [megabyte[:300_000]] * 400)
+    assert sent[0]["status"] == 413 and read == 4  # 1.2 MB read, not 120 MB
+    assert b"more than 1200000 bytes" in sent[1]["body"]
+
+
+def test_an_unset_max_tokens_takes_openais_default_within_the_servers_limits(served, monkeypatch):
+    """Unset, max_tokens is 16 for completions and the rest of the context for chat, within the
+    server's limit (24 here) and the positions the prompt leaves (128 here): never a 400 that
+    blames a field the client did not send."""
+    submitted = []
+    submit = served.engine.submit
+
+    def record(prompt_ids, adapter, params, on_event):
+        submitted.append((len(prompt_ids), params.max_tokens))
+        return submit(prompt_ids, adapter, params, on_event)
+
+    monkeypatch.setattr(served.engine, "submit", record)
+    body = {"model": "ad0", "prompt": "hello world"}
+    assert served.post("/v1/completions", body).status_code == 200
+    chat = {"model": "ad0", "messages": [{"role": "user", "content": "hello"}]}
+    assert served.post("/v1/chat/completions", chat).status_code == 200
+    long_prompt = list(range(5, 5 + 40))  # 40 token ids: the limit; 88 positions left
+    assert served.post("/v1/completions", {**body, "prompt": long_prompt}).status_code == 200
+    assert [tokens for _, tokens in submitted] == [16, 24, 16]
+    # the room a prompt leaves shortens the default, never a given max_tokens
+    from lorakit.serve import protocol
+    from lorakit.serve.prompts import fit_max_tokens, prompt_ids
+
+    unset = protocol.parse_job({"model": "ad0", "prompt": "x"}, chat=False, max_tokens_limit=24)
+    given = protocol.parse_job(
+        {"model": "ad0", "prompt": "x", "max_tokens": 16}, chat=False, max_tokens_limit=24
+    )
+    assert fit_max_tokens(unset, 120, 128).params.max_tokens == 8
+    assert fit_max_tokens(given, 120, 128).params.max_tokens == 16
+    ids = list(range(5, 125))
+    for job, fits in ((unset, True), (given, False)):
+        job = protocol.CompletionJob(job.model, ids, job.params, False, False, job.max_tokens_given)
+        if fits:
+            assert prompt_ids(job, served.tokenizer, max_prompt_tokens=200, max_positions=128)
+        else:
+            with pytest.raises(
+                protocol.APIError, match=r"max_tokens \(16\) exceeds the model's 128"
+            ):
+                prompt_ids(job, served.tokenizer, max_prompt_tokens=200, max_positions=128)
+
+
+def test_a_non_ascii_admin_token_matches_the_bytes_a_client_sends():
+    """HTTP clients send a header's UTF-8 bytes; Starlette decodes them as Latin-1."""
+    from starlette.requests import Request
+
+    from lorakit.serve.app import _check_admin
+    from lorakit.serve.protocol import APIError
+
+    settings = ServerSettings(model_name="base", admin_token="sécret-ü")
+
+    def request(raw: bytes) -> Request:
+        return Request({"type": "http", "headers": [(b"authorization", raw)]})
+
+    _check_admin(request("Bearer sécret-ü".encode()), settings)  # accepted
+    for wrong in ("Bearer sécret-ü".encode("latin-1"), b"Bearer secret-u"):
+        with pytest.raises(APIError, match="wrong admin token"):
+            _check_admin(request(wrong), settings)

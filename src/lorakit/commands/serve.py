@@ -271,10 +271,7 @@ def build(args: argparse.Namespace):
     from lorakit.serve.engine import Engine
     from lorakit.serve.registry import AdapterRegistry, ServedAdapters
 
-    if args.max_loras is not None and args.max_loras < 1:
-        raise UserError(f"--max-loras must be >= 1, got {args.max_loras}")
-    if args.max_waiting < 1:
-        raise UserError(f"--max-waiting must be >= 1, got {args.max_waiting}")
+    check_numbers(args)
     if args.quantization is not None:  # before the adapters are scanned and the model loads
         from lorakit.quantized.loading import check_quantization
 
@@ -314,14 +311,39 @@ def build(args: argparse.Namespace):
     return create_app(engine, adapters, tokenizer, server_settings(args, positions))
 
 
+POSITIVE_OPTIONS = (
+    "max_batch",
+    "max_loras",
+    "max_waiting",
+    "max_prompt_tokens",
+    "max_tokens_limit",
+    "max_adapters",
+    "max_rank",
+)
+"""The options that must be >= 1 where given (0 would start a server that refuses or holds
+every request, or fall back to the default unseen)."""
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """``UserError`` naming the first option out of range: ``POSITIVE_OPTIONS`` below 1, a
+    ``--port`` outside 0-65535."""
+    for name in POSITIVE_OPTIONS:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in 0-65535, got {args.port}")
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"lorakit serve: warning: listening on {args.host}, reachable from other machines")
-    limits = connection_limits(args)  # (checked before the model loads)
-    _check_port(args.host, args.port)  # before the model loads
+    check_numbers(args)  # these three before the model loads
+    limits = connection_limits(args)
+    _check_port(args.host, args.port)
     uvicorn.run(
         build(args), host=args.host, port=args.port, log_level="info", **limits.uvicorn_options()
     )

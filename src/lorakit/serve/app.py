@@ -130,7 +130,9 @@ def _add_generation_routes(
     mixtures = app.state.mixtures
 
     async def run_job(request: Request, chat: bool):
-        body = protocol.parse_body(await request.body(), settings.max_body_bytes)
+        body = protocol.parse_body(
+            await bounded_body(request, settings.max_body_bytes), settings.max_body_bytes
+        )
         job = protocol.parse_job(body, chat=chat, max_tokens_limit=settings.max_tokens_limit)
         if body.get(mixing.FIELD) is None:
             adapter = await _adapter_for(job.model, adapters, settings)
@@ -143,6 +145,7 @@ def _add_generation_routes(
             max_prompt_tokens=settings.max_prompt_tokens,
             max_positions=settings.max_positions,
         )
+        job = prompts.fit_max_tokens(job, len(prompt_ids), settings.max_positions)
         return await responses.answer(engine, job, prompt_ids, adapter, request.receive)
 
     @app.post("/v1/completions")
@@ -160,7 +163,9 @@ def _add_admin_routes(app: FastAPI, adapters: ServedAdapters, settings: ServerSe
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request):
         _check_admin(request, settings)
-        body = protocol.parse_body(await request.body(), settings.max_body_bytes)
+        body = protocol.parse_body(
+            await bounded_body(request, settings.max_body_bytes), settings.max_body_bytes
+        )
         name = _string(body, "lora_name")
         path = body.get("lora_path")
         try:
@@ -176,7 +181,9 @@ def _add_admin_routes(app: FastAPI, adapters: ServedAdapters, settings: ServerSe
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request):
         _check_admin(request, settings)
-        body = protocol.parse_body(await request.body(), settings.max_body_bytes)
+        body = protocol.parse_body(
+            await bounded_body(request, settings.max_body_bytes), settings.max_body_bytes
+        )
         name = _string(body, "lora_name")
         try:
             await run_in_threadpool(adapters.remove, name)
@@ -227,8 +234,9 @@ def _check_admin(request: Request, settings: ServerSettings) -> None:
             type="authentication_error",
         )
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    # the header as its bytes (Starlette decodes them as Latin-1), against the token's UTF-8
     if scheme.lower() != "bearer" or not hmac.compare_digest(
-        token.strip().encode(), settings.admin_token.encode()
+        token.strip().encode("latin-1"), settings.admin_token.encode()
     ):
         raise APIError(
             401,
@@ -280,7 +288,11 @@ async def _mixture_for(
             f"(the adapters are named in {mixing.FIELD}.ids), got {model!r}",
             param="model",
         )
-    name = await run_in_threadpool(mixtures.prepare, mixing.parse_mixture(field))
+    mixture = mixing.parse_mixture(field)
+    try:
+        name = await run_in_threadpool(mixtures.prepare, mixture)
+    except KeyError as error:  # an input unloaded between its check and its read
+        raise APIError(400, f"'{mixing.FIELD}': {error}", param=mixing.FIELD) from None
     try:
         await run_in_threadpool(mixtures.adapters.bank.ensure_loaded, name, mixtures.read)
     except BankFullError:
@@ -288,3 +300,27 @@ async def _mixture_for(
     except (UserError, KeyError) as error:  # an input replaced or unloaded meanwhile
         raise APIError(400, f"'{mixing.FIELD}': {error}", param=mixing.FIELD) from None
     return name
+
+
+async def bounded_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, read only while it stays within ``max_bytes``: a larger one is a 413
+    from its Content-Length (nothing read) or as soon as the bytes received pass the limit (a
+    chunked body), so a client cannot make the server hold more than the limit in memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(int(declared), max_bytes)
+    received = bytearray()
+    async for chunk in request.stream():
+        received += chunk
+        if len(received) > max_bytes:
+            raise _too_large(len(received), max_bytes, at_least=True)
+    return bytes(received)
+
+
+def _too_large(size: int, max_bytes: int, at_least: bool = False) -> APIError:
+    more = "more than " if at_least else ""
+    return APIError(
+        413,
+        f"request body of {more}{size} bytes exceeds the limit of {max_bytes} bytes",
+        code="request_too_large",
+    )

@@ -9,10 +9,12 @@ and only texts within that bound reach the tokenizer. Call ``prompt_ids`` off th
 
 from __future__ import annotations
 
+import dataclasses
+
 from lorakit.data.chat import ChatTemplateError, encode_chat, render_chat
 from lorakit.serve.protocol import APIError, CompletionJob
 
-__all__ = ["MAX_CHARS_PER_TOKEN", "max_prompt_chars", "prompt_ids"]
+__all__ = ["MAX_CHARS_PER_TOKEN", "fit_max_tokens", "max_prompt_chars", "prompt_ids"]
 
 # A token is rarely more than a few characters (English text averages about 4 in SmolLM2's
 # vocabulary, and its longest tokens, runs of spaces or '#', are 81). A prompt averaging more
@@ -29,7 +31,8 @@ def prompt_ids(job: CompletionJob, tokenizer, *, max_prompt_tokens: int, max_pos
     """The token ids of ``job``'s prompt (text, token ids, or chat messages rendered as
     everywhere, by ``lorakit.data.chat``): 413 when longer than ``max_prompt_tokens`` tokens
     (or than ``max_prompt_chars`` characters, before tokenizing), 400 when empty, out of the
-    vocabulary, or leaving no room for ``max_tokens`` within ``max_positions``."""
+    vocabulary, or leaving no room for ``max_tokens`` within ``max_positions`` (for a default
+    ``max_tokens``, not given by the client, no room at all: ``fit_max_tokens`` shortens it)."""
     limit = max_prompt_chars(max_prompt_tokens)
     if job.chat:
         given = sum(len(m["role"]) + len(m["content"]) for m in job.prompt)
@@ -57,7 +60,8 @@ def prompt_ids(job: CompletionJob, tokenizer, *, max_prompt_tokens: int, max_pos
     given_ids = isinstance(job.prompt, list) and not job.chat
     if given_ids and any(not 0 <= t < len(tokenizer) for t in ids):
         raise APIError(400, f"prompt token ids must be in [0, {len(tokenizer)})", param="prompt")
-    if len(ids) + job.params.max_tokens > max_positions:
+    room = max_positions - len(ids)  # (a default max_tokens is fitted to it: fit_max_tokens)
+    if room < 1 or (job.max_tokens_given and job.params.max_tokens > room):
         raise APIError(
             400,
             f"prompt ({len(ids)} tokens) + max_tokens ({job.params.max_tokens}) exceeds the "
@@ -78,3 +82,13 @@ def _check_chars(chars: int, limit: int, max_prompt_tokens: int, param: str) -> 
             param=param,
             code="context_length_exceeded",
         )
+
+
+def fit_max_tokens(job: CompletionJob, prompt_tokens: int, max_positions: int) -> CompletionJob:
+    """``job`` with a default ``max_tokens`` (one the client did not give) shortened to the
+    positions the prompt leaves; a given one is kept (``prompt_ids`` refused it if too long)."""
+    room = max_positions - prompt_tokens
+    if job.max_tokens_given or job.params.max_tokens <= room:
+        return job
+    params = dataclasses.replace(job.params, max_tokens=room)
+    return dataclasses.replace(job, params=params)

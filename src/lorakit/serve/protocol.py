@@ -123,6 +123,8 @@ class CompletionJob:
     params: SamplingParams
     stream: bool
     chat: bool
+    max_tokens_given: bool = True
+    """False: ``params.max_tokens`` is the default, which the prompt's room may shorten."""
 
 
 def _field(
@@ -186,7 +188,11 @@ def parse_job(body: dict[str, Any], *, chat: bool, max_tokens_limit: int) -> Com
         if chat and body.get("max_completion_tokens") is not None
         else "max_tokens"
     )
-    max_tokens = _field(body, max_name, (int,), 16)
+    given = body.get(max_name) is not None
+    # unset: OpenAI's defaults, 16 for completions, the rest of the context for chat (within
+    # the server's limit; prompts.prompt_ids shortens it to the room the prompt leaves)
+    default = min(16, max_tokens_limit) if not chat else max_tokens_limit
+    max_tokens = _field(body, max_name, (int,), default)
     if not 1 <= max_tokens <= max_tokens_limit:
         raise APIError(
             400,
@@ -208,7 +214,7 @@ def parse_job(body: dict[str, Any], *, chat: bool, max_tokens_limit: int) -> Com
     except InvalidSamplingParam as error:
         raise APIError(400, str(error), param=error.field) from None
     stream = _field(body, "stream", (bool,), False)
-    return CompletionJob(model, _prompt(body, chat), params, stream, chat)
+    return CompletionJob(model, _prompt(body, chat), params, stream, chat, given)
 
 
 def _float_field(body: dict[str, Any], name: str, default: float) -> float:
