@@ -76,7 +76,8 @@ class Distributed:
         """Sum of ``value`` over all processes."""
         if not self.enabled:
             return value
-        tensor = torch.tensor([value], dtype=torch.float64)
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors
+        tensor = torch.tensor([value], dtype=torch.float64, device=device)
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return float(tensor.item())
 

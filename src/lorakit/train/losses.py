@@ -36,6 +36,15 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
+def _on_device_of(model: nn.Module, batch: Batch) -> Batch:
+    """The batch's tensors on the device of the model's first parameter (a model on a GPU
+    takes the CPU-collated batch there; on the CPU nothing is copied)."""
+    parameter = next(model.parameters(), None)
+    if parameter is None or parameter.device.type in ("cpu", "meta"):
+        return batch
+    return {k: v.to(parameter.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def _forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits, labels)``, aligned as ``logits[:, j]`` predicts ``labels[:, j + 1]``.
 
@@ -44,6 +53,7 @@ def _forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor
     answers (classification) this skips most of the vocabulary projection and its backward.
     Then logits are (B, K + 1, V) and labels (B, K + 1) = [-100, labels at those columns + 1].
     """
+    batch = _on_device_of(model, batch)
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     labels = batch["labels"]
     if labels.dim() == 2 and _accepts_logits_to_keep(model):
@@ -51,7 +61,9 @@ def _forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor
         if 0 < len(predicting) + 1 < labels.shape[1]:
             columns = torch.cat([predicting, predicting[-1:]])  # (K + 1,)
             output = model(**inputs, logits_to_keep=columns)
-            aligned = torch.full((labels.shape[0], len(columns)), -100, dtype=labels.dtype)
+            aligned = torch.full(
+                (labels.shape[0], len(columns)), -100, dtype=labels.dtype, device=labels.device
+            )
             aligned[:, 1:] = labels[:, predicting + 1]
             return output.logits, aligned
     output = model(**inputs)
