@@ -95,15 +95,15 @@ def test_huge_prompts_are_refused_before_they_are_tokenized(served, monkeypatch)
     huge = "hello world " * 75_000  # 900 KB
     for index in range(12):
         response = served.post("/v1/completions", completion(prompt=huge[index:]))
-        error = assert_error(response, 413, "prompt", "characters", "without tokenizing")
+        error = assert_error(response, 400, "prompt", "characters", "without tokenizing")
         assert error["code"] == "context_length_exceeded"
         chat = {"model": "ad1", "messages": [{"role": "user", "content": huge}], "stream": True}
         response = served.post("/v1/chat/completions", chat)
-        assert_error(response, 413, "messages", "characters")
+        assert_error(response, 400, "messages", "characters")
     assert watch.lengths == []  # never tokenized
     # within the character bound but over 40 tokens: tokenized (bounded), then refused by tokens
     response = served.post("/v1/completions", completion(prompt=huge[: bound - 5]))
-    assert_error(response, 413, "prompt", f"tokens; the limit is {40}")
+    assert_error(response, 400, "prompt", f"tokens; the limit is {40}")
     assert watch.lengths == [bound - 5]
     ok = served.post("/v1/completions", completion(prompt="hello world"))
     assert ok.status_code == 200, ok.text

@@ -239,7 +239,7 @@ def test_chat_stream_is_openai_sse_ending_with_done(world):
         ("/v1/completions", {"model": "ad1", "prompt": "hi", "max_tokens": 25}, 400),
         ("/v1/completions", {"model": "ad1", "prompt": "hi", "max_tokens": "many"}, 400),
         ("/v1/completions", {"model": "ad1", "prompt": "hi", "temperature": -1}, 400),
-        ("/v1/completions", {"model": "ad1", "prompt": " ".join(LINES * 3)}, 413),
+        ("/v1/completions", {"model": "ad1", "prompt": " ".join(LINES * 3)}, 400),  # as OpenAI
         ("/v1/completions", {"model": "ad1", "prompt": [10**6]}, 400),
         ("/v1/chat/completions", {"model": "ad1", "messages": "hi"}, 400),
         ("/v1/nowhere", {}, 404),

@@ -2,7 +2,8 @@
 
 Tokenizing costs time and memory in proportion to the text (900 KB: about 3 s and hundreds of
 MB that the allocator keeps), so a prompt is first measured in characters: a text longer than
-``max_prompt_tokens * MAX_CHARS_PER_TOKEN`` characters is refused (413) without being tokenized,
+``max_prompt_tokens * MAX_CHARS_PER_TOKEN`` characters is refused (400, ``code:
+context_length_exceeded``, as OpenAI and vLLM answer a prompt over the context) without being tokenized,
 and only texts within that bound reach the tokenizer. Call ``prompt_ids`` off the event loop
 (``run_in_threadpool``): even a bounded text takes milliseconds to tokenize.
 """
@@ -29,7 +30,8 @@ def max_prompt_chars(max_prompt_tokens: int) -> int:
 
 def prompt_ids(job: CompletionJob, tokenizer, *, max_prompt_tokens: int, max_positions: int):
     """The token ids of ``job``'s prompt (text, token ids, or chat messages rendered as
-    everywhere, by ``lorakit.data.chat``): 413 when longer than ``max_prompt_tokens`` tokens
+    everywhere, by ``lorakit.data.chat``): 400 (``context_length_exceeded``, as OpenAI's and
+    vLLM's answer to a prompt over the context) when longer than ``max_prompt_tokens`` tokens
     (or than ``max_prompt_chars`` characters, before tokenizing), 400 when empty, out of the
     vocabulary, or leaving no room for ``max_tokens`` within ``max_positions`` (for a default
     ``max_tokens``, not given by the client, no room at all: ``fit_max_tokens`` shortens it)."""
@@ -52,7 +54,7 @@ def prompt_ids(job: CompletionJob, tokenizer, *, max_prompt_tokens: int, max_pos
         raise APIError(400, "the prompt is empty", param="prompt")
     if len(ids) > max_prompt_tokens:
         raise APIError(
-            413,
+            400,
             f"the prompt has {len(ids)} tokens; the limit is {max_prompt_tokens}",
             param="prompt",
             code="context_length_exceeded",
@@ -75,7 +77,7 @@ def prompt_ids(job: CompletionJob, tokenizer, *, max_prompt_tokens: int, max_pos
 def _check_chars(chars: int, limit: int, max_prompt_tokens: int, param: str) -> None:
     if chars > limit:
         raise APIError(
-            413,
+            400,
             f"the prompt has {chars} characters, more than {limit} ({max_prompt_tokens} tokens "
             f"x {MAX_CHARS_PER_TOKEN} characters, far beyond the limit of {max_prompt_tokens} "
             "tokens); it was refused without tokenizing it. Shorten the prompt",
