@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -269,3 +270,35 @@ def test_stop_cancels_requests_waiting_for_a_load_and_leaves_no_hold(thousand):
     assert loaded.wait(timeout=120)  # the loader thread let go of its own hold
     assert "cold" in bank and bank.has_room()
     assert not any(bank.in_use(name) for name in bank.names())
+
+
+def test_requests_parked_on_a_cold_load_count_against_the_waiting_limit(thousand):
+    """A flood of requests for adapters being loaded used to bypass max_waiting (only the
+    engine's own queue was counted) and /health showed them nowhere."""
+    from lorakit.serve.engine import QueueFullError
+
+    _, reference, _ = thousand
+    model = served_model()
+    bank = AdapterBank(model, max_rank=64, capacity=4)
+    gate, entered = threading.Event(), threading.Event()
+
+    def slow_loader(name):
+        entered.set()
+        assert gate.wait(timeout=120)  # (deadlock guard)
+        return lorakit.adapter_configs(reference)["t16qv"], adapter_tensors(reference, "t16qv")
+
+    done = []
+    with Engine(model, bank, adapter_loader=slow_loader, max_waiting=3) as engine:
+        for _ in range(3):
+            engine.submit([5, 6], "cold", SamplingParams(max_tokens=1), done.append)
+        assert entered.wait(timeout=120)
+        deadline = time.monotonic() + 60
+        while engine.load != (0, 3) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.load == (0, 3)  # all three parked on the one load, and counted
+        with pytest.raises(QueueFullError):
+            engine.submit([5, 6], "cold", SamplingParams(max_tokens=1), done.append)
+        gate.set()
+        while len(done) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert [event.finish_reason for event in done] == ["length"] * 3

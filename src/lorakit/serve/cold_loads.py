@@ -56,6 +56,12 @@ class ColdLoads:
         """Adapters being loaded now."""
         return len(self._parked)
 
+    @property
+    def parked(self) -> int:
+        """Requests waiting for those loads (cancelled ones included until their load ends)."""
+        with self._lock:
+            return sum(len(waiting) for waiting in self._parked.values())
+
     def park(self, request: GenerationRequest) -> None:
         """Wait for ``request.adapter`` to be loaded (starting its load unless one is under way)."""
         name = request.adapter

@@ -157,8 +157,11 @@ class Engine:
 
     @property
     def load(self) -> tuple[int, int]:
-        """(running, waiting) request counts."""
-        return len(self._running), len(self._waiting)
+        """(running, waiting) request counts; waiting counts those parked on an adapter load."""
+        return len(self._running), len(self._waiting) + self._parked()
+
+    def _parked(self) -> int:
+        return 0 if self._cold is None else self._cold.parked
 
     @property
     def cold_loads(self) -> int:
@@ -188,7 +191,7 @@ class Engine:
 
         Before ``start()`` the request waits for it; after ``stop()`` this raises
         ``EngineStoppedError``; with ``max_waiting`` requests already queued (cancelled ones
-        not counted), ``QueueFullError``."""
+        not counted; those parked on an adapter load counted), ``QueueFullError``."""
         if not prompt_ids:
             raise ValueError("the prompt is empty; give at least one token.")
         request = GenerationRequest(list(prompt_ids), adapter, params, on_event)
@@ -199,7 +202,7 @@ class Engine:
                     "request can be served."
                 )
             if self.max_waiting is not None:
-                queued = sum(not r.cancelled for r in self._waiting)
+                queued = sum(not r.cancelled for r in self._waiting) + self._parked()
                 if queued >= self.max_waiting:
                     raise QueueFullError(
                         f"{queued} requests are already waiting (the limit is "
