@@ -542,3 +542,20 @@ def test_a_non_ascii_admin_token_matches_the_bytes_a_client_sends():
     for wrong in ("Bearer sécret-ü".encode("latin-1"), b"Bearer secret-u"):
         with pytest.raises(APIError, match="wrong admin token"):
             _check_admin(request(wrong), settings)
+
+
+def test_chat_content_as_openai_text_parts_is_the_joined_text(served):
+    def chat(content):
+        body = {"model": "ad0", "messages": [{"role": "user", "content": content}]}
+        return served.post("/v1/chat/completions", {**body, "max_tokens": 4, "temperature": 0})
+
+    parts = [{"type": "text", "text": "hello"}, {"type": "text", "text": "world"}]
+    joined = chat("hello\nworld")
+    assert joined.status_code == 200
+    as_parts = chat(parts)
+    assert as_parts.status_code == 200
+    text = as_parts.json()["choices"][0]["message"]["content"]
+    assert text == joined.json()["choices"][0]["message"]["content"]
+    image = [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+    assert_error(chat(image), 400, "messages[0].content", "only text parts")
+    assert_error(chat(None), 400, "messages[0].content", "a string or a list of text parts")

@@ -148,14 +148,29 @@ def _field(
     return value
 
 
+def _content(content: object, index: int) -> str:
+    """A message's text: a string, or OpenAI's list of text parts (``{"type": "text", "text":
+    ...}``), joined with newlines as vLLM joins them; other parts (images) are a 400."""
+    if isinstance(content, str):
+        return content
+    param = f"messages[{index}].content"
+    if isinstance(content, list) and content:
+        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if len(texts) == len(content) and all(isinstance(text, str) for text in texts):
+            return "\n".join(texts)
+        raise APIError(
+            400,
+            f'\'{param}\' may hold only text parts ({{"type": "text", "text": ...}})',
+            param=param,
+        )
+    raise APIError(400, f"'{param}' must be a string or a list of text parts", param=param)
+
+
 def _prompt(body: dict[str, Any], chat: bool) -> str | list[int] | list[dict[str, str]]:
     if chat:
         messages = _field(body, "messages", (list,), None, required=True)
         ok = messages and all(
-            isinstance(m, dict)
-            and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str)
-            for m in messages
+            isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages
         )
         if not ok:
             raise APIError(
@@ -163,7 +178,10 @@ def _prompt(body: dict[str, Any], chat: bool) -> str | list[int] | list[dict[str
                 "'messages' must be a non-empty list of {role, content} strings",
                 param="messages",
             )
-        return [{"role": m["role"], "content": m["content"]} for m in messages]
+        return [
+            {"role": m["role"], "content": _content(m.get("content"), index)}
+            for index, m in enumerate(messages)
+        ]
     prompt = _field(body, "prompt", (str, list), None, required=True)
     if isinstance(prompt, list):
         if len(prompt) == 1 and isinstance(prompt[0], str):
