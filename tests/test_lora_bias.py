@@ -246,11 +246,10 @@ def test_config_refuses_what_peft_refuses(fields, match):
 
 
 def test_embedding_layers_refuse_lora_bias_as_peft_does():
-    with pytest.raises(ValueError, match="lora_bias=True is not supported for Embedding"):
-        lorakit.inject(
-            tiny_models.llama(),
-            lorakit.LoraConfig(target_modules=["embed_tokens"], lora_bias=True),
-        )
+    model = tiny_models.llama()
+    with pytest.raises(ValueError, match=r"'model.embed_tokens' is a Embedding: .*lora_bias=True"):
+        lorakit.inject(model, lorakit.LoraConfig(target_modules=["embed_tokens"], lora_bias=True))
+    assert lorakit.adapter_configs(model) == {}
 
 
 def _saved(tmp_path, name="adapter"):

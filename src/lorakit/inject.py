@@ -187,8 +187,9 @@ def add_adapter_to_modules(
 def _check_targets(
     current: Mapping[str, nn.Module], config: LoraConfig, adapter_name: str, init: bool | str | None
 ) -> None:
-    """Raise ``ValueError`` naming the first target that cannot take this adapter: DoRA on a
-    layer kind without it, the name already taken, a base-changing init it cannot do."""
+    """Raise ``ValueError`` naming the first target that cannot take this adapter: DoRA or a
+    bias on B on a layer kind without it, the name already taken, a base-changing init it
+    cannot do."""
     for name, module in current.items():
         layer_class = (
             type(module) if isinstance(module, LoraLayer) else layer_class_for(module, name)
@@ -198,6 +199,13 @@ def _check_targets(
                 f"module {name!r} is a {type(original_module(module)).__name__}: lorakit "
                 "implements DoRA (use_dora=True) for nn.Linear and transformers Conv1D only; "
                 "remove it from target_modules (or add it to exclude_modules)."
+            )
+        if config.lora_bias and not layer_class.supports_lora_bias:
+            raise ValueError(
+                f"module {name!r} is a {type(original_module(module)).__name__}: lorakit "
+                "implements lora_bias=True (a bias on B) for float nn.Linear and transformers "
+                "Conv1D layers only; remove it from target_modules (or add it to "
+                "exclude_modules), or set lora_bias=False."
             )
         if isinstance(module, LoraLayer) and adapter_name in module.ranks:
             raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}.")

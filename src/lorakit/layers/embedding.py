@@ -14,7 +14,7 @@ from torch import nn
 from lorakit import fast, functional
 from lorakit.layers.base import LoraLayer
 
-__all__ = ["LoraEmbedding"]
+__all__ = ["LoraEmbedding", "times_embed_scale"]
 
 
 class LoraEmbedding(LoraLayer):
@@ -60,13 +60,17 @@ class LoraEmbedding(LoraLayer):
         )
 
     def lora_branch(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        return functional.lora_embedding_forward(
+        """``s A^T[ids] B^T``, times the base's ``embed_scale`` where it has one (transformers'
+        scaled word embeddings, e.g. BART's and Gemma's, scale every row they look up: so does
+        the merged weight's row, and PEFT's branch)."""
+        out = functional.lora_embedding_forward(
             x,
             self.lora_embedding_A[adapter_name],
             self.lora_embedding_B[adapter_name],
             self.scalings[adapter_name],
             padding_idx=self.base_layer.padding_idx,
         )
+        return times_embed_scale(self.base_layer, out)
 
     def base_is_plain(self) -> bool:
         return type(self.base_layer) is nn.Embedding and fast.module_is_plain(self.base_layer)
@@ -82,3 +86,12 @@ class LoraEmbedding(LoraLayer):
             base.scale_grad_by_freq,
             base.sparse,
         )
+
+
+def times_embed_scale(embedding: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """``out`` times ``embedding.embed_scale`` (a tensor buffer, as Gemma's, or a Python float,
+    as BART's) in ``out``'s dtype; ``out`` itself for an embedding without one."""
+    scale = getattr(embedding, "embed_scale", None)
+    if scale is None:
+        return out
+    return out * (scale.to(out.dtype) if torch.is_tensor(scale) else scale)

@@ -37,10 +37,12 @@ class QuantizedLoraLinear(LoraLinear):
     torchao weight-only int8, GGUF blocks). Shapes as ``LoraLinear``: x (..., k) -> (..., d).
 
     ``base_format``: the storage format (``"bnb-nf4-dq"``, ``"gguf-Q4_1"``, ...). DoRA is not
-    implemented on a quantized base yet (its row norms read W0): ``use_dora=True`` is refused.
+    implemented on a quantized base yet (its row norms read W0): ``use_dora=True`` is refused,
+    and so is ``lora_bias=True`` (merging would drop its ``s b``).
     """
 
     supports_dora = False
+    supports_lora_bias = False  # (its merge would have to add s b beside the quantized base)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)

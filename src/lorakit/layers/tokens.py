@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit import functional
+from lorakit.layers.embedding import times_embed_scale
 from lorakit.layers.per_call import current_override
 from lorakit.layers.saved import ModulesToSave
 
@@ -98,8 +99,7 @@ class TrainableTokens(ModulesToSave):
             base.scale_grad_by_freq,
             base.sparse,
         )
-        scale = getattr(base, "embed_scale", None)  # e.g. Gemma's scaled embeddings
-        return out if scale is None else out * scale.to(out.dtype)
+        return times_embed_scale(base, out)  # e.g. Gemma's and BART's scaled embeddings
 
     def merged_module(self, adapter_names: Sequence[str]) -> nn.Module:
         """The embedding holding the named adapters' rows for good (``merge_and_unload``): a new
