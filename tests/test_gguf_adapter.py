@@ -250,3 +250,20 @@ def test_cli_drops_what_it_says_with_drop_unsupported(tmp_path, model_dir, capsy
     out = capsys.readouterr().out
     assert "lorakit: dropped base_model.model.lm_head.weight: a full trained copy" in out
     assert "8 modules" in out and (tmp_path / "a.gguf").is_file()
+
+
+def test_cli_exports_an_adapter_kept_in_a_default_subdirectory(tmp_path, model_dir) -> None:
+    """PEFT's layout (DIR/default/adapter_config.json), which every reader takes: export used
+    to take DIR for a model spec."""
+    import shutil
+
+    from lorakit.cli import main
+    from lorakit.models import load_model
+
+    base, _ = load_model(model_dir, progress=False)
+    _, adapter = saved_adapter(tmp_path / "flat", base)
+    shutil.copytree(adapter, tmp_path / "nested" / "default")
+    for source, name in ((adapter, "flat.gguf"), (tmp_path / "nested", "nested.gguf")):
+        args = ["export", str(source), "--model", str(model_dir), "--format", "gguf"]
+        assert main([*args, "--output", str(tmp_path / name)]) == 0
+    assert (tmp_path / "flat.gguf").read_bytes() == (tmp_path / "nested.gguf").read_bytes()

@@ -67,3 +67,23 @@ def test_merged_model_loads_with_plain_transformers_and_gives_the_same_outputs(t
     assert (loaded - expected).abs().max().item() <= 1e-5
     assert (expected - base).abs().max().item() > 1e-3
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # the staging directory is gone
+
+
+def test_merged_files_reach_the_disk_before_they_replace_the_old_ones(tmp_path, monkeypatch):
+    import os
+
+    from lorakit.io import atomic
+
+    events = []
+    real_sync, real_replace = atomic.sync, os.replace
+    monkeypatch.setattr(atomic, "sync", lambda p: events.append(("sync", str(p))) or real_sync(p))
+    monkeypatch.setattr(
+        os, "replace", lambda a, b: events.append(("replace", str(a))) or real_replace(a, b)
+    )
+    model = lorakit.inject(tiny_models.llama(), lorakit.LoraConfig(target_modules=["q_proj"]))
+    save_merged_model(model, tmp_path / "merged")
+    replaced = [path for kind, path in events if kind == "replace"]
+    assert any(path.endswith("model.safetensors") for path in replaced)
+    for path in replaced:  # each file synced before any rename
+        assert events.index(("sync", path)) < events.index(("replace", replaced[0]))
+    assert events[-1] == ("sync", str(tmp_path / "merged"))  # then the directory

@@ -53,7 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _is_adapter(source: str) -> bool:
-    return (Path(source) / "adapter_config.json").is_file()
+    """An adapter directory, or one holding its adapter as ``default/`` (PEFT's layout, as
+    ``read_adapter`` takes it)."""
+    return any((Path(source, *sub) / "adapter_config.json").is_file() for sub in ((), ("default",)))
 
 
 def run(args: argparse.Namespace) -> int:

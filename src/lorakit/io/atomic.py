@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["new_file_mode", "write_bytes", "write_files", "write_text", "write_with"]
+__all__ = ["new_file_mode", "sync", "write_bytes", "write_files", "write_text", "write_with"]
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -59,17 +59,23 @@ def write_with(path: str | os.PathLike[str], write: Callable[[str], None]) -> No
     os.close(fd)
     try:
         write(temporary)
-        fd = os.open(temporary, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        sync(temporary)
         os.replace(temporary, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
     _fsync_directory(target.parent)
+
+
+def sync(path: str | os.PathLike[str]) -> None:
+    """fsync a file written by someone else's writer (its data reaches the disk before it is
+    renamed into place)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _create_new_file(directory: Path, prefix: str) -> tuple[int, str]:

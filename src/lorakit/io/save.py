@@ -174,8 +174,9 @@ def save_merged_model(
     transformers directory (``AutoModel*.from_pretrained`` loads it without lorakit).
 
     The model is changed in place (it becomes the merged plain model) and returned. Files are
-    written to a temporary directory beside ``directory`` and then moved in with ``os.replace``,
-    with the permissions of any new file there (``0666 & ~umask``).
+    written to a temporary directory beside ``directory``, fsynced, and then moved in with
+    ``os.replace`` in one burst (the directory fsynced after), with the permissions of any new
+    file there (``0666 & ~umask``).
     """
     from lorakit.merge import merge_and_unload
 
@@ -194,7 +195,10 @@ def save_merged_model(
         for path in written:
             if path.is_file():
                 path.chmod(mode)
+                atomic.sync(path)  # on the disk before it replaces the old file
+        for path in written:
             os.replace(path, target / path.name)
+        atomic.sync(target)
         _remove_stale_weights(target, {path.name for path in written})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
