@@ -179,10 +179,14 @@ def save_checkpoint(
         temporary.mkdir()
         _write_files(temporary, step, state, scheduler, extra_state)
         _fsync_tree(temporary)
-        if final.exists():
-            shutil.rmtree(final)
+        replaced = None
+        if final.exists():  # (a run resumed from an older checkpoint saves this step again)
+            replaced = root / f"{_TEMPORARY}old-{final.name}-{os.getpid()}"
+            os.replace(final, replaced)  # moved aside whole: a crash now leaves it, not half
         os.replace(temporary, final)
         _fsync(root)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
     except (OSError, SafetensorError) as error:  # safetensors reports a full disk its own way
         shutil.rmtree(temporary, ignore_errors=True)
         previous = latest_checkpoint(output_dir)
