@@ -142,6 +142,13 @@ def resolve_model(spec: str | os.PathLike[str] = DEFAULT_MODEL) -> Path:
                 f"model directory '{path}' has no config.json; give a transformers model "
                 f"directory (save_pretrained output) or a built-in name: {_builtin_names()}"
             )
+        if (path / "adapter_config.json").is_file():
+            raise UserError(
+                f"model directory '{path}' also holds an adapter (adapter_config.json): "
+                "transformers would apply it while loading, on top of the weights (a merged "
+                "model saved into its adapter's directory gets it twice). Keep models and "
+                "adapters in separate directories, and pass the adapter with --adapter"
+            )
         return path
     if path.exists():
         raise UserError(f"model spec '{spec_text}' is a file; give a transformers directory")
@@ -198,6 +205,19 @@ def load_tokenizer(directory: Path):
             raise UserError(f"tokenizer in '{directory}' has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+@contextlib.contextmanager
+def loading_errors(directory: Path) -> Iterator[None]:
+    """A model directory that transformers cannot load (no weights, a truncated weights file,
+    a config.json that is not JSON) as one ``UserError`` naming it, not a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"cannot load the model in {directory}: {first}") from None
 
 
 @contextlib.contextmanager
@@ -258,7 +278,7 @@ def load_model(
             "quantization_config": bitsandbytes_config(quantization, dtype),
             "device_map": "cpu",
         }
-    with transformers_progress_bars(progress):
+    with transformers_progress_bars(progress), loading_errors(directory):
         model = auto.from_pretrained(directory, dtype=dtype, local_files_only=True, **options)
     if quantization is not None:
         from lorakit.quantized.loading import quantize_loaded

@@ -25,7 +25,13 @@ def detect_task(directory: str | os.PathLike[str]) -> str | None:
     config_path = Path(directory) / "config.json"
     if not config_path.is_file():
         raise UserError(f"{directory} is not a transformers model directory (no config.json)")
-    architectures = json.loads(config_path.read_text()).get("architectures") or [""]
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{config_path} cannot be read as JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path} holds a {type(config).__name__}, not a JSON object")
+    architectures = config.get("architectures") or [""]
     name = architectures[0]
     if name.endswith("ForSequenceClassification"):
         return "seq-cls"
@@ -47,7 +53,7 @@ def load_model_dir(
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from lorakit.models import resolve_model, transformers_progress_bars
+    from lorakit.models import loading_errors, resolve_model, transformers_progress_bars
 
     directory = resolve_model(str(spec))
     task = task or detect_task(directory)
@@ -56,7 +62,7 @@ def load_model_dir(
         "seq-cls": AutoModelForSequenceClassification,
         None: AutoModel,
     }[task]
-    with transformers_progress_bars(progress):
+    with transformers_progress_bars(progress), loading_errors(directory):
         return loader.from_pretrained(directory, dtype=dtype, local_files_only=True).eval()
 
 

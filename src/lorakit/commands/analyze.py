@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from lorakit.errors import UserError
 
@@ -40,6 +41,8 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError("analyze: give either an ADAPTER_DIR or --base DIR --finetuned DIR")
     if not 0.0 < args.energy <= 1.0:
         raise UserError(f"analyze: --energy must be in (0, 1], got {args.energy}")
+    if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
+        raise UserError(f"analyze: --plots {args.plots} is a file; give a directory")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from lorakit.errors import UserError
 
@@ -39,6 +40,14 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError(f"extract: --energy must be in (0, 1], got {args.energy}")
     if args.max_rank is not None and (args.max_rank < 1 or args.energy is None):
         raise UserError("extract: --max-rank needs --energy and a positive integer")
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"extract: --output {output} is a file; give a directory")
+    if (output / "config.json").is_file():  # transformers would apply the adapter on loading
+        raise UserError(
+            f"extract: --output {output} is a model directory; write the adapter into its own "
+            "directory (a model directory holding an adapter loads with the adapter applied)"
+        )
 
 
 def _print_report(extraction) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from lorakit.commands.eval import add_base_mismatch_option, add_quantization_option
 from lorakit.errors import UserError
@@ -62,6 +63,7 @@ def generate_text(
         encoded = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     else:
         encoded = tokenizer(prompt, return_tensors="pt")
+    _check_length(model, encoded["input_ids"].shape[1], max_new_tokens)
     if temperature == 0 and isinstance(model, torch.nn.Module):
         ids = engine_greedy(model, encoded["input_ids"][0].tolist(), max_new_tokens)
         return tokenizer.decode(ids, skip_special_tokens=True)
@@ -76,6 +78,20 @@ def generate_text(
     return tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+def _check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    """``UserError`` for an empty prompt, or one that with ``max_new_tokens`` passes a learned
+    position table (GPT-2's ``n_positions``, BERT-like ``max_position_embeddings``)."""
+    if prompt_tokens == 0:
+        raise UserError("the prompt is empty; give some text to continue")
+    config = getattr(model, "config", None)
+    limit = getattr(config, "n_positions", None)  # (rotary models may run past their maximum)
+    if isinstance(limit, int) and prompt_tokens + max_new_tokens > limit:
+        raise UserError(
+            f"the prompt ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} is longer "
+            f"than this model's {limit} positions; shorten the prompt or ask for fewer tokens"
+        )
+
+
 def engine_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """Greedy ids after ``prompt_ids`` from the serving engine's decode path (preallocated KV
     cache, last-position logits only, the lean decode step; ``lorakit.serve.engine``), one
@@ -86,17 +102,23 @@ def engine_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int
     from lorakit.serve.routing import own_adapter_bank
     from lorakit.serve.sampling import SamplingParams
 
+    if not prompt_ids:
+        raise UserError("the prompt is empty; give some text to continue")
     bank, adapter = own_adapter_bank(model) or (None, None)
     with Engine(model, bank, max_batch=1) as engine:
-        ids, _, _ = engine.generate(prompt_ids, adapter, SamplingParams(max_tokens=max_new_tokens))
+        ids, _, last = engine.generate(
+            prompt_ids, adapter, SamplingParams(max_tokens=max_new_tokens)
+        )
+    if last.finish_reason == "error":  # e.g. prompt + new tokens beyond the model's positions
+        raise UserError(f"generation failed: {last.error}")
     return ids
 
 
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    if not args.temperature >= 0 or math.isinf(args.temperature):  # (nan too)
+        raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     import torch
 
     from lorakit.commands.eval import load_model_and_adapter

@@ -40,7 +40,10 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_and_adapter(
         args.model, args.adapter, args.allow_base_mismatch, args.quantization
     )
-    with transformers_progress_bars(False):
-        save_merged_model(model, args.output, tokenizer=tokenizer)
+    try:
+        with transformers_progress_bars(False):
+            save_merged_model(model, args.output, tokenizer=tokenizer)
+    except ValueError as error:  # e.g. a lora_bias adapter onto a base layer without a bias
+        raise UserError(f"cannot merge: {error}") from None
     print(f"merged model saved to {args.output}")
     return 0

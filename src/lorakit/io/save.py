@@ -180,9 +180,15 @@ def save_merged_model(
     """
     from lorakit.merge import merge_and_unload
 
+    target = Path(directory)
+    if (target / CONFIG_NAME).is_file():
+        raise UserError(
+            f"{target} holds an adapter ({CONFIG_NAME}): transformers would apply it again on "
+            "top of the merged weights whenever it loads the model; save the merged model into "
+            "another directory"
+        )
     if adapter_configs(model):
         model = merge_and_unload(model)
-    target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
