@@ -163,3 +163,19 @@ def test_a_file_missing_one_factor_is_one_line_naming_the_module(tmp_path, capsy
     error = capsys.readouterr().err
     assert "no lora_B tensor for module 'model.layers.0.self_attn.q_proj'" in error
     assert "Traceback" not in error
+
+
+def test_a_hand_edited_alpha_is_reported_as_load_adapter_uses_it(llama_adapter) -> None:
+    """The config saved inside the weights file wins over an edited adapter_config.json (the
+    numbers must fit the tensors): inspect showed the edited alpha and scaling, which
+    load_adapter and analyze do not use."""
+    _, directory = llama_adapter
+    path = directory / "adapter_config.json"
+    edited = json.loads(path.read_text()) | {"lora_alpha": 32}
+    path.write_text(json.dumps(edited))
+    with pytest.warns(UserWarning, match="using the config saved with the weights"):
+        summary = summarize_adapter(directory)
+    with pytest.warns(UserWarning):
+        loaded = lorakit.io.read_adapter(directory).config
+    assert loaded.lora_alpha == 8
+    assert set(summary["alphas"]) == {"8", "3"}, summary["alphas"]

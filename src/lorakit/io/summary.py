@@ -16,11 +16,10 @@ from typing import Any
 from lorakit import functional
 from lorakit.errors import AdapterFileError
 from lorakit.io import fingerprint
-from lorakit.io.config_json import CONFIG_NAME, config_from_json, read_config_text
 from lorakit.io.fingerprint import METADATA_KEY
 from lorakit.io.header import TensorInfo, read_header
 from lorakit.io.keys import is_magnitude_key, parse_lora_key
-from lorakit.io.read import adapter_directory, weights_path
+from lorakit.io.read import adapter_directory, read_adapter_header, weights_path
 from lorakit.io.save import BASE_INIT_METADATA_KEY
 from lorakit.io.tensors import TORCH_DTYPES
 
@@ -89,9 +88,8 @@ def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> d
     """A JSON-ready summary of the adapter in ``directory`` (see the module docstring)."""
     directory = adapter_directory(directory, adapter_name)
     weights = weights_path(directory)
-    config_path = directory / CONFIG_NAME
-    config = config_from_json(read_config_text(config_path), str(config_path))
-    header = read_header(weights)
+    config = read_adapter_header(directory).config  # as load_adapter reads it: a config.json
+    header = read_header(weights)  # edited after saving yields to the copy in the weights file
     factors = _factor_infos(header.tensors)
     ranks, alphas, scalings = Counter(), Counter(), Counter()
     base_parameters = lora_parameters = adapted_parameters = 0
