@@ -157,3 +157,57 @@ def test_analyze_lists_layers_in_numeric_order(capsys, tmp_path):
     code, out, _ = _run(capsys, ["analyze", str(tmp_path / "adapter")])
     rows = [line.split()[0] for line in out.splitlines() if line.startswith("model.layers.")]
     assert rows == [f"model.layers.{i}.self_attn.q_proj" for i in range(12)]
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("mismatch", "are not two matrices sharing a rank"),
+        ("flat", "are not two matrices sharing a rank"),
+        ("integer", "are not floating point"),
+    ],
+)
+def test_analyze_refuses_damaged_factors_in_one_line(tmp_path, capsys, damage, message):
+    """inspect refused these files in one line; analyze ended in a torch traceback (or, for
+    integer factors, analysed them)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import lorakit
+
+    model = lorakit.inject(tiny_models.llama(), lorakit.LoraConfig(target_modules=["q_proj"]))
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(path)
+    key = next(k for k in sorted(tensors) if k.endswith("lora_B.weight"))
+    tensors[key] = {
+        "mismatch": torch.zeros(64, 3),
+        "flat": torch.zeros(64),
+        "integer": tensors[key].to(torch.int32),
+    }[damage]
+    save_file(tensors, str(path), metadata=metadata)
+    assert main(["analyze", str(tmp_path / "adapter")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_layers_of_another_shape_are_named_not_dropped(tmp_path, capsys):
+    """A 'fine-tune' whose MLP is wider: analyze says the models differ in one line (it was a
+    traceback); extract lists the reshaped weights as not captured (they were dropped unseen)."""
+    from lorakit.analysis.extract import extract_lora
+
+    base = tiny_models.llama()
+    wide = tiny_models.LlamaForCausalLM(tiny_models.llama_config(intermediate_size=128))
+    base.save_pretrained(tmp_path / "base")
+    wide.save_pretrained(tmp_path / "wide")
+    capsys.readouterr()  # (the saving bars)
+    argv = ["analyze", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "wide")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "they are not the same model" in err and err.count("\n") == 1
+    extraction = extract_lora(base, wide, rank=2)
+    reshaped = {k: v for k, v in extraction.uncaptured.items() if v["change"] is None}
+    assert "model.layers.0.mlp.gate_proj.weight" in reshaped
+    assert reshaped["model.layers.0.mlp.gate_proj.weight"]["finetuned_shapes"] == [128, 64]

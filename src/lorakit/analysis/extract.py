@@ -104,7 +104,8 @@ def _changed_linear_updates(
 
 def _uncaptured_changes(base: nn.Module, finetuned: nn.Module, captured: set[str]) -> dict:
     """``{"change": ||p_ft - p0||, "relative": change / ||p0|| (None if p0 = 0)}`` of every other
-    parameter the fine-tune moved (biases, norms, embeddings, heads)."""
+    parameter the fine-tune moved (biases, norms, embeddings, heads); one of another shape (a
+    new head with other labels) has change None and both shapes."""
     tuned = dict(finetuned.named_parameters())
     changes = {}
     for name, parameter in base.named_parameters():
@@ -112,7 +113,13 @@ def _uncaptured_changes(base: nn.Module, finetuned: nn.Module, captured: set[str
         if name.endswith(".weight") and module_name in captured:
             continue
         other = tuned.get(name)
-        if other is None or other.shape != parameter.shape or torch.equal(other, parameter):
+        if other is None:
+            continue
+        if other.shape != parameter.shape:  # e.g. a new classification head: reshaped, not moved
+            changes[name] = {"change": None, "relative": None, "shapes": [*parameter.shape]}
+            changes[name]["finetuned_shapes"] = [*other.shape]
+            continue
+        if torch.equal(other, parameter):
             continue
         norm = float(parameter.detach().double().norm())
         change = float((other.detach().double() - parameter.detach().double()).norm())

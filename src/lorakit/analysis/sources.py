@@ -85,10 +85,13 @@ def model_dirs_spectra(
 ) -> list[Spectrum]:
     """Spectra of ``W_ft - W0`` for every linear layer that differs between two model directories
     (``progress=False`` hides transformers' weight-loading bars)."""
-    spectra = update_spectra(
-        load_model_dir(base, task, progress=progress),
-        load_model_dir(finetuned, task, progress=progress),
-    )
+    try:
+        spectra = update_spectra(
+            load_model_dir(base, task, progress=progress),
+            load_model_dir(finetuned, task, progress=progress),
+        )
+    except ValueError as error:  # a layer of another shape: not the same model
+        raise UserError(str(error)) from None
     if not spectra:
         raise UserError(f"no linear layer differs between {base} and {finetuned}")
     return spectra

@@ -229,9 +229,25 @@ def tensor_factors(
         if "lora_B" not in keys:
             raise KeyError(f"{keys['lora_A']} has no lora_B beside it")
         lora_A, lora_B = tensors[keys["lora_A"]], tensors[keys["lora_B"]]
+        _check_pair(keys["lora_A"], lora_A, lora_B)
         rank = lora_A.shape[0]
         scale = functional.scaling(rank, config.alpha_for(name), config.use_rslora)
         yield name, lora_A, lora_B, scale
+
+
+def _check_pair(key_A: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+    """``AdapterFileError`` naming the factor unless A (r, k) and B (d, r) are non-empty
+    floating-point matrices sharing r (what a damaged or hand-made file may not hold)."""
+    from lorakit.errors import AdapterFileError
+
+    shapes = f"A {list(lora_A.shape)} {lora_A.dtype}, B {list(lora_B.shape)} {lora_B.dtype}"
+    matrices = lora_A.dim() == 2 == lora_B.dim() and lora_A.numel() and lora_B.numel()
+    if not (matrices and lora_A.shape[0] == lora_B.shape[1]):
+        raise AdapterFileError(
+            f"{key_A}: its factors are not two matrices sharing a rank ({shapes})"
+        )
+    if not (lora_A.is_floating_point() and lora_B.is_floating_point()):
+        raise AdapterFileError(f"{key_A}: its factors are not floating point ({shapes})")
 
 
 def _per_expert_error(what: str) -> UserError:
