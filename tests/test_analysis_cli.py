@@ -211,3 +211,25 @@ def test_layers_of_another_shape_are_named_not_dropped(tmp_path, capsys):
     reshaped = {k: v for k, v in extraction.uncaptured.items() if v["change"] is None}
     assert "model.layers.0.mlp.gate_proj.weight" in reshaped
     assert reshaped["model.layers.0.mlp.gate_proj.weight"]["finetuned_shapes"] == [128, 64]
+
+
+def test_a_base_encoder_against_its_classification_fine_tune(tmp_path, capsys):
+    """minilm-l6 is a BertModel; its fine-tunes are BertForSequenceClassification, whose layers
+    are prefixed 'bert.': analyze compared nothing ("no linear layer differs")."""
+    from transformers import BertModel
+
+    tuned = tiny_models.bert()
+    with torch.no_grad():
+        query = tuned.bert.encoder.layer[0].attention.self.query.weight
+        query.add_(torch.outer(torch.ones(query.shape[0]), torch.linspace(0, 1, query.shape[1])))
+    base = BertModel(tuned.config, add_pooling_layer=True)
+    base.load_state_dict(tiny_models.bert().bert.state_dict())
+    base.save_pretrained(tmp_path / "base")
+    tuned.save_pretrained(tmp_path / "tuned")
+    capsys.readouterr()
+    argv = ["analyze", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "tuned")]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    names = [layer["name"] for layer in report["layers"]]
+    assert names == ["encoder.layer.0.attention.self.query"]
+    assert report["layers"][0]["rank_90"] == 1  # the rank-1 update added above

@@ -17,7 +17,13 @@ from torch import nn
 from lorakit.analysis.spectrum import Spectrum, tensor_spectra, update_spectra
 from lorakit.errors import UserError
 
-__all__ = ["adapter_dir_spectra", "detect_task", "load_model_dir", "model_dirs_spectra"]
+__all__ = [
+    "adapter_dir_spectra",
+    "comparable",
+    "detect_task",
+    "load_model_dir",
+    "model_dirs_spectra",
+]
 
 
 def detect_task(directory: str | os.PathLike[str]) -> str | None:
@@ -85,13 +91,24 @@ def model_dirs_spectra(
 ) -> list[Spectrum]:
     """Spectra of ``W_ft - W0`` for every linear layer that differs between two model directories
     (``progress=False`` hides transformers' weight-loading bars)."""
+    pair = comparable(
+        load_model_dir(base, task, progress=progress),
+        load_model_dir(finetuned, task, progress=progress),
+    )
     try:
-        spectra = update_spectra(
-            load_model_dir(base, task, progress=progress),
-            load_model_dir(finetuned, task, progress=progress),
-        )
+        spectra = update_spectra(*pair)
     except ValueError as error:  # a layer of another shape: not the same model
         raise UserError(str(error)) from None
     if not spectra:
         raise UserError(f"no linear layer differs between {base} and {finetuned}")
     return spectra
+
+
+def comparable(base: nn.Module, finetuned: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The two models as their layers can be compared: themselves when they are of one class;
+    else their shared transformers body (``base_model``), e.g. a ``BertModel`` against the
+    ``BertForSequenceClassification`` fine-tuned from it, whose layers are ``bert.``-prefixed
+    and whose head the base does not have."""
+    if type(base) is type(finetuned):
+        return base, finetuned
+    return getattr(base, "base_model", base), getattr(finetuned, "base_model", finetuned)

@@ -80,11 +80,13 @@ def _is_causal_lm(model) -> bool:
 def run(args: argparse.Namespace) -> int:
     _check(args)
     from lorakit.analysis.extract import apply_extraction, extract_lora
-    from lorakit.analysis.sources import load_model_dir
+    from lorakit.analysis.sources import comparable, load_model_dir
     from lorakit.io import save_adapter
 
-    base = load_model_dir(args.base, args.task, progress=False)
-    finetuned = load_model_dir(args.finetuned, args.task, progress=False)
+    base, finetuned = comparable(  # (a base BertModel, a BertForSequenceClassification)
+        load_model_dir(args.base, args.task, progress=False),
+        load_model_dir(args.finetuned, args.task, progress=False),
+    )
     try:
         extraction = extract_lora(
             base, finetuned, rank=args.rank, energy=args.energy, max_rank=args.max_rank
