@@ -559,3 +559,15 @@ def test_chat_content_as_openai_text_parts_is_the_joined_text(served):
     image = [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
     assert_error(chat(image), 400, "messages[0].content", "only text parts")
     assert_error(chat(None), 400, "messages[0].content", "a string or a list of text parts")
+
+
+def test_a_bad_prompt_loads_no_adapter(served):
+    """The prompt is checked before the adapter is loaded: a refused request used to load its
+    adapter into the bank first, evicting another."""
+    assert "ad1" not in served.bank
+    too_long = list(range(5, 5 + 41))  # over max_prompt_tokens = 40
+    response = served.post("/v1/completions", completion(model="ad1", prompt=too_long))
+    assert_error(response, 400, "prompt", "tokens; the limit is 40")
+    assert "ad1" not in served.bank
+    assert served.post("/v1/completions", completion(model="ad1")).status_code == 200
+    assert "ad1" in served.bank

@@ -134,18 +134,18 @@ def _add_generation_routes(
             await bounded_body(request, settings.max_body_bytes), settings.max_body_bytes
         )
         job = protocol.parse_job(body, chat=chat, max_tokens_limit=settings.max_tokens_limit)
-        if body.get(mixing.FIELD) is None:
-            adapter = await _adapter_for(job.model, adapters, settings)
-        else:
-            adapter = await _mixture_for(body[mixing.FIELD], job.model, mixtures, settings)
         prompt_ids = await run_in_threadpool(  # bounded work, but never on the event loop
             prompts.prompt_ids,
             job,
             tokenizer,
             max_prompt_tokens=settings.max_prompt_tokens,
             max_positions=settings.max_positions,
-        )
+        )  # (before the adapter is loaded: a bad prompt evicts no other adapter)
         job = prompts.fit_max_tokens(job, len(prompt_ids), settings.max_positions)
+        if body.get(mixing.FIELD) is None:
+            adapter = await _adapter_for(job.model, adapters, settings)
+        else:
+            adapter = await _mixture_for(body[mixing.FIELD], job.model, mixtures, settings)
         return await responses.answer(engine, job, prompt_ids, adapter, request.receive)
 
     @app.post("/v1/completions")
