@@ -571,3 +571,9 @@ def test_a_bad_prompt_loads_no_adapter(served):
     assert "ad1" not in served.bank
     assert served.post("/v1/completions", completion(model="ad1")).status_code == 200
     assert "ad1" in served.bank
+
+
+def test_a_wrong_method_is_an_openai_error_with_its_allow_header(served):
+    response = served.client.get("/v1/completions")
+    error = assert_error(response, 405, None, "Method Not Allowed")
+    assert error["code"] == "405" and response.headers["allow"] == "POST"

@@ -206,7 +206,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
         wrapped = APIError(error.status_code, str(error.detail), code=str(error.status_code))
-        return JSONResponse(protocol.error_body(wrapped), status_code=error.status_code)
+        return JSONResponse(  # (its headers kept: a 405's Allow)
+            protocol.error_body(wrapped), status_code=error.status_code, headers=error.headers
+        )
 
     @app.exception_handler(ClientDisconnect)
     async def client_left(_: Request, error: ClientDisconnect) -> Response:
