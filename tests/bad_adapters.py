@@ -172,37 +172,31 @@ CASES = [
         "config copy not an object",
         edit_metadata(**{"lorakit.adapter_config": "[1, 2]"}),
         ("copy inside", "must hold a JSON object"),
-        inspect_refuses=False,
     ),
     Case(
         "config copy nested deep",
         edit_metadata(**{"lorakit.adapter_config": DEEP}),
         ("copy inside", "nested too deeply"),
-        inspect_refuses=False,
     ),
     Case(
         "fingerprint nested deep",
         edit_metadata(**{_FINGERPRINT: DEEP}),
         ("fingerprint", "unreadable", "nested too deeply"),
-        inspect_refuses=False,
     ),
     Case(
         "fingerprint modules a list",
         edit_metadata(**{_FINGERPRINT: _fingerprint([])}),
         ("fingerprint", "'modules' is not an object"),
-        inspect_refuses=False,
     ),
     Case(
         "fingerprint entry not an object",
         edit_metadata(**{_FINGERPRINT: _fingerprint({_Q: 5})}),
         ("fingerprint", f"module {_Q!r}: not an object"),
-        inspect_refuses=False,
     ),
     Case(
         "fingerprint entry without shape",
         edit_metadata(**{_FINGERPRINT: _fingerprint({_Q: {"dtype": "float32"}})}),
         ("fingerprint", "shape None"),
-        inspect_refuses=False,
     ),
     Case(
         "fingerprint values not base64",
@@ -214,7 +208,6 @@ CASES = [
             }
         ),
         ("fingerprint", "not base64"),
-        inspect_refuses=False,
     ),
     Case("negative shape", edit_entry(Q_A, shape=[-2, 64]), ("shape [-2, 64]",)),
     Case("float shape", edit_entry(Q_A, shape=[2.0, 64]), ("shape [2.0, 64]",)),
