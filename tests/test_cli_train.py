@@ -784,3 +784,18 @@ def test_overwrite_deletes_the_previous_run_only_once_the_data_tokenized(
     assert code == 2 and "chat template refused" in err
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == before
     assert (tmp_path / "o" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_resume_with_another_lr_is_refused_and_the_runs_record_kept(
+    tmp_path, capsys, model_dir, jsonl
+):
+    argv = ["train", "--model", model_dir, "--data", jsonl, "--output", tmp_path / "o"]
+    argv += ["--batch-size", "4", "--r", "2", "--no-progress", "--steps", "4"]
+    assert _main(capsys, *argv, "--checkpoint-every", "2", "--lr", "1e-2")[0] == 0
+    code, _, err = _main(capsys, *argv, "--resume", "--lr", "1e-3")
+    assert code == 2 and "--lr 0.001 (the checkpoint's: 0.01)" in err
+    record = tmp_path / "o" / "train_settings.json"
+    assert f"--config {record} --resume repeats them" in err
+    assert json.loads(record.read_text())["lr"] == 1e-2  # the run's own settings, kept
+    code, out, _ = _main(capsys, "train", "--config", record, "--resume")
+    assert code == 0 and json.loads(out.splitlines()[0])["steps"] == 4

@@ -73,10 +73,12 @@ def check_resumable(
             shown = _LORA_FLAGS.get(name, name)
             differences.append(f"{shown} {lora.get(name)!r} (the checkpoint's: {value!r})")
     if differences:
+        settings = directory.parent.parent / "train_settings.json"
+        hint = f" (--config {settings} --resume repeats them)" if settings.is_file() else ""
         raise UserError(
-            f"checkpoint {directory} was written by a run with other data, batch, optimizer or adapter settings: "
-            f"{'; '.join(differences)}. Resume with the checkpoint's settings, or start a new "
-            "run (a new --output, or --overwrite)"
+            f"checkpoint {directory} was written by a run with other data, batch, optimizer or "
+            f"adapter settings: {'; '.join(differences)}. Resume with the checkpoint's "
+            f"settings{hint}, or start a new run (a new --output, or --overwrite)"
         )
 
 

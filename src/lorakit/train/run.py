@@ -76,7 +76,9 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     output = Path(training.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     if main:
-        write_text(output / "train_settings.json", json.dumps(settings, indent=1, default=str))
+        recorded = output / "train_settings.json"
+        if not (job.resume and recorded.is_file()):  # a resumed run keeps the run's own record
+            write_text(recorded, json.dumps(settings, indent=1, default=str))
         _announce(model, tokenized, training, job.max_length)
     return _train_tokenized(model, tokenized, training, job.resume)
 
