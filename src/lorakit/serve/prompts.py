@@ -2,9 +2,9 @@
 
 Tokenizing costs time and memory in proportion to the text (900 KB: about 3 s and hundreds of
 MB that the allocator keeps), so a prompt is first measured in characters: a text longer than
-``max_prompt_tokens * MAX_CHARS_PER_TOKEN`` characters is refused (400, ``code:
-context_length_exceeded``, as OpenAI and vLLM answer a prompt over the context) without being tokenized,
-and only texts within that bound reach the tokenizer. Call ``prompt_ids`` off the event loop
+``max_prompt_tokens * MAX_CHARS_PER_TOKEN`` characters is refused without being tokenized (400,
+``code: context_length_exceeded``, as OpenAI and vLLM answer a prompt over the context), and only
+texts within that bound reach the tokenizer. Call ``prompt_ids`` off the event loop
 (``run_in_threadpool``): even a bounded text takes milliseconds to tokenize.
 """
 
