@@ -130,9 +130,7 @@ def _add_generation_routes(
     mixtures = app.state.mixtures
 
     async def run_job(request: Request, chat: bool):
-        body = protocol.parse_body(
-            await bounded_body(request, settings.max_body_bytes), settings.max_body_bytes
-        )
+        body = await read_json(request, settings.max_body_bytes)
         job = protocol.parse_job(body, chat=chat, max_tokens_limit=settings.max_tokens_limit)
         prompt_ids = await run_in_threadpool(  # bounded work, but never on the event loop
             prompts.prompt_ids,
@@ -163,9 +161,7 @@ def _add_admin_routes(app: FastAPI, adapters: ServedAdapters, settings: ServerSe
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request):
         _check_admin(request, settings)
-        body = protocol.parse_body(
-            await bounded_body(request, settings.max_body_bytes), settings.max_body_bytes
-        )
+        body = await read_json(request, settings.max_body_bytes)
         name = _string(body, "lora_name")
         path = body.get("lora_path")
         try:
@@ -181,9 +177,7 @@ def _add_admin_routes(app: FastAPI, adapters: ServedAdapters, settings: ServerSe
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request):
         _check_admin(request, settings)
-        body = protocol.parse_body(
-            await bounded_body(request, settings.max_body_bytes), settings.max_body_bytes
-        )
+        body = await read_json(request, settings.max_body_bytes)
         name = _string(body, "lora_name")
         try:
             await run_in_threadpool(adapters.remove, name)
@@ -304,10 +298,15 @@ async def _mixture_for(
     return name
 
 
-async def bounded_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, read only while it stays within ``max_bytes``: a larger one is a 413
-    from its Content-Length (nothing read) or as soon as the bytes received pass the limit (a
-    chunked body), so a client cannot make the server hold more than the limit in memory."""
+async def read_json(request: Request, max_bytes: int) -> dict:
+    """The request's JSON object (``protocol.parse_body``), its body read only while it stays
+    within ``max_bytes``: a larger one is a 413 from its Content-Length (nothing read) or as
+    soon as the bytes received pass the limit (a chunked body), so a client cannot make the
+    server hold more than the limit in memory."""
+    return protocol.parse_body(await _bounded_body(request, max_bytes))
+
+
+async def _bounded_body(request: Request, max_bytes: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(int(declared), max_bytes)

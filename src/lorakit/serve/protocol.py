@@ -58,16 +58,11 @@ def error_body(error: APIError) -> dict[str, Any]:
     }
 
 
-def parse_body(raw: bytes, max_bytes: int) -> dict[str, Any]:
-    """The JSON object of a request body: 413 when too large; 400 when not a JSON object, nested
-    too deeply to parse, or holding a string that is not valid Unicode (a lone surrogate such as
-    ``"\\ud800"``, which JSON allows but no tokenizer or UTF-8 encoder accepts)."""
-    if len(raw) > max_bytes:
-        raise APIError(
-            413,
-            f"request body of {len(raw)} bytes exceeds the limit of {max_bytes} bytes",
-            code="request_too_large",
-        )
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The JSON object of a request body (its size bounded as it was read: ``app.read_json``):
+    400 when not a JSON object, nested too deeply to parse, or holding a string that is not
+    valid Unicode (a lone surrogate such as ``"\\ud800"``, which JSON allows but no tokenizer or
+    UTF-8 encoder accepts)."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:
