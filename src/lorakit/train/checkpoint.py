@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.errors import UserError
+from lorakit.io.atomic import sync
 from lorakit.train.fsdp import shard_like
 from lorakit.train.rng import capture_rng_state, restore_rng_state
 
@@ -184,7 +185,7 @@ def save_checkpoint(
             replaced = root / f"{_TEMPORARY}old-{final.name}-{os.getpid()}"
             os.replace(final, replaced)  # moved aside whole: a crash now leaves it, not half
         os.replace(temporary, final)
-        _fsync(root)
+        sync(root)
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
     except (OSError, SafetensorError) as error:  # safetensors reports a full disk its own way
@@ -219,23 +220,14 @@ def _write_files(directory: Path, step, training: TrainingState, scheduler, extr
     (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
 
 
-def _fsync(path: Path) -> None:
-    """Flush ``path`` (a file or a directory's entries) to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(directory: Path) -> None:
     """fsync every file under ``directory``, then the directories, deepest first."""
     directories = [directory, *(p for p in directory.rglob("*") if p.is_dir())]
     for path in directory.rglob("*"):
         if path.is_file():
-            _fsync(path)
+            sync(path)
     for path in sorted(directories, key=lambda p: len(p.parts), reverse=True):
-        _fsync(path)
+        sync(path)
 
 
 def _remove_stale_temporaries(root: Path) -> None:
