@@ -130,9 +130,5 @@ def _remove_stale_temporaries(target: Path) -> None:
 
 
 def _fsync_directory(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    with contextlib.suppress(OSError):  # (a file system that cannot fsync a directory)
+        sync(directory)
