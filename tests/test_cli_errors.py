@@ -92,3 +92,17 @@ def test_a_lora_bias_adapter_onto_a_base_without_biases_is_a_user_error(
         tmp_path / "merged",
     )
     assert "cannot merge:" in err and "bias" in err
+
+
+def test_generate_refuses_to_run_past_a_learned_position_table():
+    """GPT-2's 64 learned positions (tiny model): 60 prompt tokens + 10 new ones would index
+    past the table (the engine failed mid-way and generate printed what came before, exit 0);
+    a rotary Llama has no table to pass."""
+    from lorakit.commands.generate import _check_length
+    from lorakit.errors import UserError
+    from tests import tiny_models
+
+    with pytest.raises(UserError, match="60 tokens.*--max-new-tokens 10 .*64 positions"):
+        _check_length(tiny_models.gpt2(), 60, 10)
+    _check_length(tiny_models.gpt2(), 54, 10)
+    _check_length(tiny_models.llama(), 120, 100)  # past max_position_embeddings: allowed

@@ -285,13 +285,12 @@ def _max_positions(model: nn.Module) -> int | None:
     return None
 
 
-def _check_positions(model: nn.Module, seq_len: int | None) -> None:
-    """Refuse a ``seq_len`` longer than a learned absolute position table (GPT-2's ``wpe``,
-    BERT's ``position_embeddings``: an embedding other than the input one with the config's
-    maximum positions as rows); rotary models have no table and may run longer."""
+def learned_position_limit(model: nn.Module) -> int | None:
+    """The rows of the model's learned absolute position table (GPT-2's ``wpe``, BERT's
+    ``position_embeddings``: an embedding other than the input one with the config's maximum
+    positions as rows), which no sequence may pass; None for a model without one (rotary
+    models may run past their configured maximum)."""
     limit = _max_positions(model)
-    if seq_len is None or limit is None or seq_len <= limit:
-        return
     inputs = getattr(model, "get_input_embeddings", lambda: None)()
     tables = [
         module
@@ -300,7 +299,13 @@ def _check_positions(model: nn.Module, seq_len: int | None) -> None:
         and module is not inputs
         and module.num_embeddings == limit
     ]
-    if tables:
+    return limit if tables else None
+
+
+def _check_positions(model: nn.Module, seq_len: int | None) -> None:
+    """Refuse a ``seq_len`` longer than a learned absolute position table."""
+    limit = learned_position_limit(model)
+    if seq_len is not None and limit is not None and seq_len > limit:
         raise UserError(
             f"--seq-len {seq_len} is longer than this {type(model).__name__}'s learned "
             f"position table ({limit} positions); use --seq-len {limit} or less"

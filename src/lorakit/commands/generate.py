@@ -80,12 +80,13 @@ def generate_text(
 
 def _check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
     """``UserError`` for an empty prompt, or one that with ``max_new_tokens`` passes a learned
-    position table (GPT-2's ``n_positions``, BERT-like ``max_position_embeddings``)."""
+    position table (``plan.learned_position_limit``: GPT-2's ``wpe``)."""
     if prompt_tokens == 0:
         raise UserError("the prompt is empty; give some text to continue")
-    config = getattr(model, "config", None)
-    limit = getattr(config, "n_positions", None)  # (rotary models may run past their maximum)
-    if isinstance(limit, int) and prompt_tokens + max_new_tokens > limit:
+    from lorakit.plan import learned_position_limit
+
+    limit = learned_position_limit(model)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
         raise UserError(
             f"the prompt ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} is longer "
             f"than this model's {limit} positions; shorten the prompt or ask for fewer tokens"
