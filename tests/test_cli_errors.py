@@ -102,7 +102,7 @@ def test_generate_refuses_to_run_past_a_learned_position_table():
     from lorakit.errors import UserError
     from tests import tiny_models
 
-    with pytest.raises(UserError, match="60 tokens.*--max-new-tokens 10 .*64 positions"):
+    with pytest.raises(UserError, match=r"60 tokens.*--max-new-tokens 10 .*64 positions"):
         _check_length(tiny_models.gpt2(), 60, 10)
     _check_length(tiny_models.gpt2(), 54, 10)
     _check_length(tiny_models.llama(), 120, 100)  # past max_position_embeddings: allowed
