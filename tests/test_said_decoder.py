@@ -4,14 +4,12 @@ splits and the plan, early stopping, and SAID behind the causal LM's forward arg
 from __future__ import annotations
 
 import argparse
-import importlib
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+from tests.experiment_scripts import imported
+
 SCRIPT_MODULES = (  # benchmarks/ has a ``common`` module too
     "common",
     "said_study",
@@ -25,14 +23,8 @@ SCRIPT_MODULES = (  # benchmarks/ has a ``common`` module too
 
 @pytest.fixture
 def said_decoder(monkeypatch):
-    """experiments/said_decoder.py, imported with experiments/ on the path only for this test;
-    the experiment modules leave sys.modules afterwards."""
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))
-    saved = {name: sys.modules.pop(name) for name in SCRIPT_MODULES if name in sys.modules}
-    yield importlib.import_module("said_decoder")
-    for name in SCRIPT_MODULES:
-        sys.modules.pop(name, None)
-    sys.modules.update(saved)
+    """experiments/said_decoder.py (``tests.experiment_scripts``)."""
+    yield from imported(monkeypatch, "said_decoder", SCRIPT_MODULES)
 
 
 def test_validation_is_carved_from_the_end_of_the_training_reviews(said_decoder):

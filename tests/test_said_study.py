@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+from tests.experiment_scripts import imported
+
 SCRIPT_MODULES = ("common", "said_study")  # benchmarks/ has a ``common`` module too
 
 
 @pytest.fixture
 def said_study(monkeypatch):
-    """experiments/said_study.py, imported with experiments/ on the path only for this test; its
-    ``common`` leaves sys.modules afterwards, so benchmarks' ``import common`` gets its own."""
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))
-    saved = {name: sys.modules.pop(name) for name in SCRIPT_MODULES if name in sys.modules}
-    yield importlib.import_module("said_study")
-    for name in SCRIPT_MODULES:
-        sys.modules.pop(name, None)
-    sys.modules.update(saved)
+    """experiments/said_study.py (``tests.experiment_scripts``)."""
+    yield from imported(monkeypatch, "said_study", SCRIPT_MODULES)
 
 
 def test_rows_append_whole_and_a_torn_last_line_is_skipped(said_study, tmp_path):
