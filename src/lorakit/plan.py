@@ -290,6 +290,8 @@ def learned_position_limit(model: nn.Module) -> int | None:
     ``position_embeddings``: an embedding other than the input one with the config's maximum
     positions as rows), which no sequence may pass; None for a model without one (rotary
     models may run past their configured maximum)."""
+    if not isinstance(model, nn.Module):  # (e.g. a stand-in that only generates)
+        return None
     limit = _max_positions(model)
     inputs = getattr(model, "get_input_embeddings", lambda: None)()
     tables = [
