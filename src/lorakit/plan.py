@@ -43,6 +43,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import UserError
 from lorakit.inject import inject
 from lorakit.meta_model import BUILTIN_CONFIGS, build_meta_model
+from lorakit.positions import learned_position_limit, max_positions
 from lorakit.state import lora_layers
 
 __all__ = ["BUILTIN_CONFIGS", "ModuleTypePlan", "Plan", "build_meta_model", "plan"]
@@ -276,34 +277,6 @@ def _lora_config(
         raise UserError(str(error)) from None
 
 
-def _max_positions(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def learned_position_limit(model: nn.Module) -> int | None:
-    """The rows of the model's learned absolute position table (GPT-2's ``wpe``, BERT's
-    ``position_embeddings``: an embedding other than the input one with the config's maximum
-    positions as rows), which no sequence may pass; None for a model without one (rotary
-    models may run past their configured maximum)."""
-    if not isinstance(model, nn.Module):  # (e.g. a stand-in that only generates)
-        return None
-    limit = _max_positions(model)
-    inputs = getattr(model, "get_input_embeddings", lambda: None)()
-    tables = [
-        module
-        for module in model.modules()
-        if isinstance(module, nn.Embedding)
-        and module is not inputs
-        and module.num_embeddings == limit
-    ]
-    return limit if tables else None
-
-
 def _check_positions(model: nn.Module, seq_len: int | None) -> None:
     """Refuse a ``seq_len`` longer than a learned absolute position table."""
     limit = learned_position_limit(model)
@@ -321,7 +294,7 @@ def _activations(
     shorter), or None and why: a forward that cannot run on the meta device (code that reads
     tensor values) is reported, not raised, as the counts above stand without it."""
     if seq_len is None:
-        seq_len = min(DEFAULT_SEQ_LEN, _max_positions(model) or DEFAULT_SEQ_LEN)
+        seq_len = min(DEFAULT_SEQ_LEN, max_positions(model) or DEFAULT_SEQ_LEN)
     try:
         return training_activations(model, batch=batch, seq_len=seq_len, dropout=dropout), ""
     except Exception as error:  # any model code may fail on meta; the plan reports it

@@ -80,10 +80,10 @@ def generate_text(
 
 def _check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
     """``UserError`` for an empty prompt, or one that with ``max_new_tokens`` passes a learned
-    position table (``plan.learned_position_limit``: GPT-2's ``wpe``)."""
+    position table (``positions.learned_position_limit``: GPT-2's ``wpe``)."""
     if prompt_tokens == 0:
         raise UserError("the prompt is empty; give some text to continue")
-    from lorakit.plan import learned_position_limit
+    from lorakit.positions import learned_position_limit
 
     limit = learned_position_limit(model)
     if limit is not None and prompt_tokens + max_new_tokens > limit:
