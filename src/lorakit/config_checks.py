@@ -15,7 +15,7 @@ from lorakit.patterns import check_pattern, check_pattern_set, shown
 if TYPE_CHECKING:
     from lorakit.config import LoraConfig
 
-__all__ = ["ALL_LINEAR", "validate"]
+__all__ = ["ALL_LINEAR", "is_finite_number", "is_positive_number", "validate"]
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
@@ -38,9 +38,9 @@ def validate(config: LoraConfig) -> None:
 def _check_numbers(config: LoraConfig) -> None:
     """r, lora_alpha, lora_dropout, and the per-module ranks and alphas."""
     _check(_is_positive_int(config.r), "r", config.r, "a positive integer")
-    _check(_is_positive_number(config.lora_alpha), "lora_alpha", config.lora_alpha, POSITIVE)
+    _check(is_positive_number(config.lora_alpha), "lora_alpha", config.lora_alpha, POSITIVE)
     _check(
-        _is_number(config.lora_dropout) and 0.0 <= config.lora_dropout < 1.0,
+        is_finite_number(config.lora_dropout) and 0.0 <= config.lora_dropout < 1.0,
         "lora_dropout",
         config.lora_dropout,
         "a probability in [0, 1)",
@@ -48,7 +48,7 @@ def _check_numbers(config: LoraConfig) -> None:
     for key, rank in config.rank_pattern.items():
         _check(_is_positive_int(rank), f"rank_pattern[{key!r}]", rank, "a positive integer")
     for key, alpha in config.alpha_pattern.items():
-        _check(_is_positive_number(alpha), f"alpha_pattern[{key!r}]", alpha, POSITIVE)
+        _check(is_positive_number(alpha), f"alpha_pattern[{key!r}]", alpha, POSITIVE)
     for name in ("rank_pattern", "alpha_pattern"):
         check_pattern_set(f"LoraConfig.{name}", list(getattr(config, name)))
 
@@ -223,12 +223,13 @@ def _is_positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _is_number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
+    """An int or float (not a bool) that is finite."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _is_positive_number(value: Any) -> bool:
-    return _is_number(value) and value > 0
+def is_positive_number(value: Any) -> bool:
+    return is_finite_number(value) and value > 0
 
 
 def _check(ok: bool, field_name: str, value: Any, expected: str) -> None:

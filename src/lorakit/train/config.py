@@ -8,11 +8,11 @@ unless ``flag=`` names another, and the config file uses the flag's name with un
 
 from __future__ import annotations
 
-import math
 import typing
 from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any
 
+from lorakit.config_checks import is_finite_number, is_positive_number
 from lorakit.errors import UserError
 
 __all__ = [
@@ -144,24 +144,24 @@ class TrainingConfig:
                 raise SettingError(name, f"must be a positive integer, got {value!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise SettingError("max_steps", f"must be >= 1, got {self.max_steps}")
-        if self.max_steps is None and not _positive(self.epochs):
+        if self.max_steps is None and not is_positive_number(self.epochs):
             raise SettingError(
                 "epochs", f"must be a finite number > 0 (or give max_steps), got {self.epochs}"
             )
-        if not _positive(self.lr):
+        if not is_positive_number(self.lr):
             raise SettingError("lr", f"must be a finite number > 0, got {self.lr}")
-        if self.loraplus_ratio is not None and not _positive(self.loraplus_ratio):
+        if self.loraplus_ratio is not None and not is_positive_number(self.loraplus_ratio):
             raise SettingError(
                 "loraplus_ratio", f"must be a finite number > 0, got {self.loraplus_ratio}"
             )
-        if self.max_grad_norm is not None and not _positive(self.max_grad_norm):
+        if self.max_grad_norm is not None and not is_positive_number(self.max_grad_norm):
             raise SettingError(
                 "max_grad_norm",
                 f"must be a finite number > 0 (or None to disable), got {self.max_grad_norm}",
             )
         for name in ("eval_every", "checkpoint_every", "warmup_steps", "weight_decay"):
             value = getattr(self, name)
-            if value is not None and not (value >= 0 and math.isfinite(value)):
+            if value is not None and not (is_finite_number(value) and value >= 0):
                 raise SettingError(name, f"must be a finite number >= 0, got {value}")
         if self.strategy not in STRATEGIES:
             raise SettingError("strategy", f"must be one of {STRATEGIES}, got {self.strategy!r}")
@@ -176,8 +176,3 @@ class TrainingConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _positive(value: Any) -> bool:
-    """A finite number above 0 (inf and nan are not)."""
-    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
