@@ -410,9 +410,10 @@ def test_serve_hands_its_connection_limits_to_uvicorn(monkeypatch):
     import uvicorn
 
     from lorakit.commands import serve as serve_command
+    from lorakit.commands._serve_options import connection_limits
     from lorakit.serve.connections import RequestTimeoutProtocol
 
-    assert serve_command.connection_limits(serve_args()) == ConnectionLimits()  # same defaults
+    assert connection_limits(serve_args()) == ConnectionLimits()  # same defaults
     runs = []
     monkeypatch.setattr(serve_command, "build", lambda args: "the app")
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: runs.append(options))
@@ -424,7 +425,7 @@ def test_serve_hands_its_connection_limits_to_uvicorn(monkeypatch):
     assert options["backlog"] == 64 and options["limit_concurrency"] == 512
     assert options["h11_max_incomplete_event_size"] == 16384
     with pytest.raises(lorakit.UserError, match="--timeout-request: timeout_request must be > 0"):
-        serve_command.connection_limits(serve_args("--timeout-request", "0"))
+        connection_limits(serve_args("--timeout-request", "0"))
 
 
 @pytest.mark.parametrize(

@@ -320,7 +320,7 @@ def test_runtime_load_and_unload(world):
 
 def test_cli_sizes_and_user_errors(tmp_path):
     from lorakit.cli import main
-    from lorakit.commands.serve import parse_size
+    from lorakit.commands._serve_options import parse_size
 
     assert parse_size("256MB") == 256_000_000 and parse_size("1GiB") == 1024**3
     assert parse_size("1000") == 1000

@@ -17,11 +17,13 @@ __all__ = ["main"]
 
 
 def command_modules() -> list[str]:
-    """Every module in ``lorakit.commands``; each exposes ``register(subparsers)`` and sets
-    ``func=run`` on its parser. Command modules keep their heavy imports inside ``run``."""
+    """Every module in ``lorakit.commands`` but its helpers (names starting with ``_``); each
+    exposes ``register(subparsers)`` and sets ``func=run`` on its parser. Command modules keep
+    their heavy imports inside ``run``."""
     import lorakit.commands as package
 
-    return sorted(info.name for info in pkgutil.iter_modules(package.__path__))
+    names = (info.name for info in pkgutil.iter_modules(package.__path__))
+    return sorted(name for name in names if not name.startswith("_"))
 
 
 class _Parser(argparse.ArgumentParser):
