@@ -348,3 +348,15 @@ def test_a_2d_parameter_equals_peft() -> None:
     actual = model(ids).logits
     torch.testing.assert_close(actual, reference(ids).logits, rtol=0, atol=1e-5)
     assert (actual - base(ids).logits).abs().max() > 1e-3
+
+
+def test_a_module_targeted_both_ways_is_refused_before_anything_is_wrapped() -> None:
+    model = tiny_llama()
+    modules_before = [(name, type(module)) for name, module in model.named_modules()]
+    both = lorakit.LoraConfig(
+        r=2, target_modules=["q_proj"], target_parameters=["v_proj.weight", "q_proj.weight"]
+    )
+    with pytest.raises(TargetModulesError, match=r"self_attn\.q_proj.*one way only"):
+        lorakit.inject(model, both)
+    assert [(name, type(module)) for name, module in model.named_modules()] == modules_before
+    assert not list(lora_layers(model))

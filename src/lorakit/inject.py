@@ -16,7 +16,11 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.init_methods import changes_base, check_layer_takes, initialise_from_base
 from lorakit.layers import LoraLayer, ModulesToSave, layer_class_for, wrap
-from lorakit.parameter_targets import find_parameter_targets, wrap_parameter_targets
+from lorakit.parameter_targets import (
+    check_parameter_targets,
+    find_parameter_targets,
+    wrap_parameter_targets,
+)
 from lorakit.replication import replicate_layers, restore_layers
 from lorakit.state import (
     adapter_configs,
@@ -150,38 +154,52 @@ def add_adapter_to_modules(
     for name in [*saved_names, *tokens]:
         check_wrapper_kind(model.get_submodule(name), name, name in tokens)
     _check_targets(current, config, adapter_name, init)  # all checks first: all or nothing
-    layers = wrap_targets(model, targets, modules=current)
     parameter_targets = dict(parameter_targets or {})
-    parameter_layers = wrap_parameter_targets(model, parameter_targets)
-    for name, layer in parameter_layers.items():
-        if adapter_name in layer.ranks:
-            raise ValueError(f"parameter {name!r} already has an adapter named {adapter_name!r}.")
-    layers |= parameter_layers
-    state = state_of(model)
+    check_parameter_targets(model, parameter_targets, adapter_name, targets)
+    layers = wrap_targets(model, targets, modules=current)
+    layers |= wrap_parameter_targets(model, parameter_targets)
     factors = factors or {}
     for name, layer in layers.items():
         pattern_name = parameter_targets.get(name, name)  # rank_pattern sees parameter paths
-        layer.add_adapter(
-            adapter_name,
-            rank=config.rank_for(pattern_name),
-            alpha=config.alpha_for(pattern_name),
-            dropout=config.lora_dropout,
-            use_rslora=config.use_rslora,
-            init=init,
-            dtype=adapter_dtype or default_adapter_dtype(layer.base_float_dtype),
-            values=factors.get(name),
-            use_dora=config.use_dora,
-            lora_bias=config.lora_bias,
-        )
-        if changes_base(init):  # PiSSA / OLoRA: A, B from W0, which becomes W0 - s B A
-            initialise_from_base(layer, adapter_name, init, config.loftq_config)
-        _give_layer_mode(layer, adapter_name)
+        values = factors.get(name)
+        _add_to_layer(layer, config, adapter_name, pattern_name, init, adapter_dtype, values)
     add_to_wrappers(model, adapter_name, saved_names, tokens, init)
+    state = state_of(model)
     state.configs[adapter_name] = config
     if activate or len(state.configs) == 1:
         set_active(model, [adapter_name])
     else:  # a new inactive adapter's tensors are frozen; nothing else changes
         freeze_adapter(model, adapter_name, [*layers, *saved_names, *tokens])
+
+
+def _add_to_layer(
+    layer: LoraLayer,
+    config: LoraConfig,
+    adapter_name: str,
+    pattern_name: str,
+    init: bool | str | None,
+    adapter_dtype: torch.dtype | None,
+    values: tuple[torch.Tensor, torch.Tensor] | None,
+) -> None:
+    """Add the adapter to one wrapped layer: its rank and alpha from ``config``'s patterns
+    (matched against ``pattern_name``), its factors given (``values``: (A, B)) or
+    initialised by ``init`` (PiSSA / OLoRA also rewrite W0 as W0 - s B A), its train/eval mode
+    from the model's."""
+    layer.add_adapter(
+        adapter_name,
+        rank=config.rank_for(pattern_name),
+        alpha=config.alpha_for(pattern_name),
+        dropout=config.lora_dropout,
+        use_rslora=config.use_rslora,
+        init=init,
+        dtype=adapter_dtype or default_adapter_dtype(layer.base_float_dtype),
+        values=values,
+        use_dora=config.use_dora,
+        lora_bias=config.lora_bias,
+    )
+    if changes_base(init):  # PiSSA / OLoRA: A, B from W0, which becomes W0 - s B A
+        initialise_from_base(layer, adapter_name, init, config.loftq_config)
+    _give_layer_mode(layer, adapter_name)
 
 
 def _check_targets(

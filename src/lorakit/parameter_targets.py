@@ -6,7 +6,8 @@ children). Each target gets a ``LoraParameter`` layer (``lorakit.layers.paramete
 targets of one module nest, the first in the module's parameter order innermost, so the layer
 of the k-th of n targets of module ``m`` is at ``m`` followed by ``.base_layer`` (n - 1 - k)
 times: the paths of PEFT's keys. ``find_parameter_targets`` is pure (it works on a model with
-or without adapters); ``wrap_parameter_targets`` puts the layers in.
+or without adapters); ``check_parameter_targets`` refuses a conflict before
+``wrap_parameter_targets`` puts the layers in.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from lorakit.targets import model_modules
 from lorakit.wrapped_modules import replace_module
 
 __all__ = [
+    "check_parameter_targets",
     "find_parameter_targets",
     "parameter_layer_paths",
     "parameter_stand_ins",
@@ -117,12 +119,42 @@ def _check_same_as_before(model: nn.Module, found: Mapping[str, str]) -> None:
         )
 
 
+def check_parameter_targets(
+    model: nn.Module, targets: Mapping[str, str], adapter_name: str, module_targets=()
+) -> None:
+    """Raise before anything is wrapped (``inject`` is all or nothing): a parameter of
+    ``targets`` (from ``find_parameter_targets``) whose module is adapted through
+    ``target_modules`` (already, or in this call: ``module_targets``), or that already has an
+    adapter named ``adapter_name``. Changes nothing."""
+    module_targets = set(module_targets)
+    for parameter_path in targets.values():
+        owner, _, name = parameter_path.rpartition(".")
+        current = model.get_submodule(owner)
+        layer = _layer_for(current, name)
+        if layer is not None:
+            if adapter_name in layer.ranks:
+                raise ValueError(
+                    f"parameter {parameter_path!r} already has an adapter named "
+                    f"{adapter_name!r}; choose another adapter_name or delete that adapter."
+                )
+            continue
+        if owner in module_targets or (
+            isinstance(current, LoraLayer) and not isinstance(current, LoraParameter)
+        ):
+            raise TargetModulesError(
+                f"module {owner!r} is adapted through target_modules; its parameter "
+                f"{name!r} cannot also be in target_parameters. Target it one way only "
+                "(without target_modules, the model type's default modules are adapted)."
+            )
+
+
 def wrap_parameter_targets(
     model: nn.Module, targets: Mapping[str, str]
 ) -> dict[str, LoraParameter]:
     """Put a ``LoraParameter`` layer (no adapter yet) on each target of ``targets`` (from
-    ``find_parameter_targets``) that has none; returns ``{layer path: layer}``. The model's
-    adapter state must exist (``inject.wrap_targets`` creates it)."""
+    ``find_parameter_targets``, checked by ``check_parameter_targets``) that has none; returns
+    ``{layer path: layer}``. The model's adapter state must exist (``inject.wrap_targets``
+    creates it)."""
     by_owner: dict[str, list[str]] = {}
     for parameter_path in targets.values():
         owner, _, name = parameter_path.rpartition(".")
@@ -130,25 +162,21 @@ def wrap_parameter_targets(
     for owner, names in by_owner.items():
         for name in names:  # innermost first
             current = model.get_submodule(owner)
-            if _has_layer_for(current, name):
+            if _layer_for(current, name) is not None:
                 continue
-            if isinstance(current, LoraLayer) and not isinstance(current, LoraParameter):
-                raise TargetModulesError(
-                    f"module {owner!r} is adapted through target_modules; its parameter "
-                    f"{name!r} cannot also be in target_parameters. Target it one way only."
-                )
             layer = LoraParameter(current, name)
             layer.training = owner_of(current).training
             replace_module(model, owner, layer)
     return {path: model.get_submodule(path) for path in targets}
 
 
-def _has_layer_for(module: nn.Module, parameter_name: str) -> bool:
+def _layer_for(module: nn.Module, parameter_name: str) -> LoraParameter | None:
+    """The ``LoraParameter`` layer of ``parameter_name`` among those nested at ``module``."""
     while isinstance(module, LoraParameter):
         if module.parameter_name == parameter_name:
-            return True
+            return module
         module = module.base_layer
-    return False
+    return None
 
 
 def parameter_stand_ins(
