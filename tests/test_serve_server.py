@@ -242,6 +242,11 @@ def test_chat_stream_is_openai_sse_ending_with_done(world):
         ("/v1/completions", {"model": "ad1", "prompt": " ".join(LINES * 3)}, 400),  # as OpenAI
         ("/v1/completions", {"model": "ad1", "prompt": [10**6]}, 400),
         ("/v1/chat/completions", {"model": "ad1", "messages": "hi"}, 400),
+        ("/v1/completions", {"model": "ad1", "prompt": "hi", "logprobs": 2}, 400),
+        ("/v1/completions", {"model": "ad1", "prompt": "hi", "echo": True}, 400),
+        ("/v1/completions", {"model": "ad1", "prompt": "hi", "presence_penalty": 0.5}, 400),
+        ("/v1/completions", {"model": "ad1", "prompt": "hi", "logit_bias": {"5": 9}}, 400),
+        ("/v1/completions", {"model": "ad1", "prompt": "hi", "stream_options": {}}, 400),
         ("/v1/nowhere", {}, 404),
     ],
 )
@@ -251,6 +256,40 @@ def test_bad_requests_get_openai_errors(world, path, body, status):
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+def test_unimplemented_fields_are_refused_by_name_unless_they_ask_for_nothing(world):
+    api = client(world)
+    with pytest.raises(openai.BadRequestError) as refused:
+        api.chat.completions.create(
+            model="ad1", messages=[{"role": "user", "content": "hi"}], logprobs=True
+        )
+    assert refused.value.body["param"] == "logprobs"
+    assert refused.value.body["code"] == "unsupported_parameter"
+    neutral = dict(
+        logprobs=False, presence_penalty=0, frequency_penalty=0.0, logit_bias={}, temperature=0
+    )
+    got = api.completions.create(model="ad1", prompt="the quick brown", max_tokens=4, **neutral)
+    assert got.choices[0].text == expected_text(world, "the quick brown", "ad1", 4)
+
+
+def test_a_stream_with_include_usage_ends_with_the_usage_chunk(world):
+    stream = client(world).chat.completions.create(
+        model="ad3",
+        messages=[{"role": "user", "content": "low rank"}],
+        max_tokens=5,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].choices == []
+    text = "".join(c.choices[0].delta.content or "" for c in chunks[:-1])
+    assert text == expected_text(world, "user: low rank\nassistant:", "ad3", 5)
+    prompt_tokens = len(world["tokenizer"].encode("user: low rank\nassistant:"))
+    assert chunks[-1].usage.prompt_tokens == prompt_tokens
+    assert chunks[-1].usage.completion_tokens == 5
+    assert chunks[-1].usage.total_tokens == prompt_tokens + 5
 
 
 def test_openai_client_sees_not_found(world):

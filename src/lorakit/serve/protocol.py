@@ -19,6 +19,8 @@ __all__ = [
     "error_body",
     "parse_body",
     "parse_job",
+    "usage",
+    "usage_chunk",
 ]
 
 
@@ -120,6 +122,9 @@ class CompletionJob:
     chat: bool
     max_tokens_given: bool = True
     """False: ``params.max_tokens`` is the default, which the prompt's room may shorten."""
+    include_usage: bool = False
+    """``stream_options.include_usage``: a stream ends with a chunk holding the usage (its
+    ``choices`` empty) and every other chunk has ``"usage": null``, as OpenAI streams."""
 
 
 def _field(
@@ -191,9 +196,45 @@ def _prompt(body: dict[str, Any], chat: bool) -> str | list[int] | list[dict[str
     return prompt
 
 
+NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
+    "logprobs": (False, 0),
+    "top_logprobs": (0,),
+    "echo": (False,),
+    "best_of": (1,),
+    "suffix": ("",),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "repetition_penalty": (1, 1.0),
+    "logit_bias": ({},),
+    "tools": ([],),
+    "functions": ([],),
+    "response_format": ({"type": "text"},),
+}
+"""OpenAI (and vLLM) request fields this server does not implement, with the values that ask
+for nothing (null or absent too): any other value is a 400 naming the field, never silently
+ignored (a client that asked for log-probabilities or a penalty would read a result computed
+without them)."""
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    for name, neutral in NEUTRAL_VALUES.items():
+        value = body.get(name)
+        if value is None or any(type(value) is type(n) and value == n for n in neutral):
+            continue
+        raise APIError(
+            400,
+            f"'{name}' is not supported by this server; leave it out (or send "
+            f"{json.dumps(neutral[0])})",
+            param=name,
+            code="unsupported_parameter",
+        )
+
+
 def parse_job(body: dict[str, Any], *, chat: bool, max_tokens_limit: int) -> CompletionJob:
-    """Validate a /v1/completions or /v1/chat/completions body (400 on any bad field)."""
+    """Validate a /v1/completions or /v1/chat/completions body (400 on any bad field, and on a
+    field of ``NEUTRAL_VALUES`` that asks for something this server does not do)."""
     model = _field(body, "model", (str,), None, required=True)
+    _refuse_unsupported(body)
     if _field(body, "n", (int,), 1) != 1:
         raise APIError(400, "only n=1 is supported", param="n")
     max_name = (
@@ -227,7 +268,46 @@ def parse_job(body: dict[str, Any], *, chat: bool, max_tokens_limit: int) -> Com
     except InvalidSamplingParam as error:
         raise APIError(400, str(error), param=error.field) from None
     stream = _field(body, "stream", (bool,), False)
-    return CompletionJob(model, _prompt(body, chat), params, stream, chat, given)
+    include_usage = _include_usage(body, stream)
+    return CompletionJob(model, _prompt(body, chat), params, stream, chat, given, include_usage)
+
+
+def _include_usage(body: dict[str, Any], stream: bool) -> bool:
+    """``stream_options.include_usage`` (false when absent); 400 for options without a stream,
+    as OpenAI and vLLM answer."""
+    options = _field(body, "stream_options", (dict,), None)
+    if options is None:
+        return False
+    if not stream:
+        raise APIError(
+            400, "'stream_options' is only allowed when 'stream' is true", param="stream_options"
+        )
+    include = options.get("include_usage", False)
+    if include is not None and not isinstance(include, bool):
+        raise APIError(
+            400, "'stream_options.include_usage' must be a boolean", param="stream_options"
+        )
+    return bool(include)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def usage_chunk(request_id: str, job: CompletionJob, counts: dict[str, int]) -> dict[str, Any]:
+    """The last chunk of a stream with ``include_usage``: no choices, the request's usage."""
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk" if job.chat else "text_completion",
+        "created": int(time.time()),
+        "model": job.model,
+        "choices": [],
+        "usage": counts,
+    }
 
 
 def _float_field(body: dict[str, Any], name: str, default: float) -> float:

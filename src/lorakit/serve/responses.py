@@ -130,11 +130,7 @@ async def _complete(job: CompletionJob, first: Event, events: EventStream) -> di
         last = event
     if last.finish_reason not in _DONE:
         raise failure(last, job.model)
-    usage = {
-        "prompt_tokens": last.prompt_tokens,
-        "completion_tokens": last.completion_tokens,
-        "total_tokens": last.prompt_tokens + last.completion_tokens,
-    }
+    usage = protocol.usage(last.prompt_tokens, last.completion_tokens)
     return protocol.full_response(
         protocol.new_id(job.chat), job, "".join(pieces), last.finish_reason, usage
     )
@@ -143,8 +139,9 @@ async def _complete(job: CompletionJob, first: Event, events: EventStream) -> di
 async def _sse(
     job: CompletionJob, first: Event, events: EventStream, watcher: asyncio.Task | None
 ) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format, then ``data: [DONE]``. A request failing
-    after its first token ends with an error object in the stream (the status is sent)."""
+    """Server-sent events in OpenAI's chunk format (with ``job.include_usage``, a last chunk of
+    usage), then ``data: [DONE]``. A request failing after its first token ends with an error
+    object in the stream (the status is sent)."""
     request_id = protocol.new_id(job.chat)
 
     def chunk(text: str | None, finish: str | None) -> str:
@@ -157,6 +154,8 @@ async def _sse(
             payload = protocol.chat_chunk(request_id, job.model, delta, finish)
         else:
             payload = protocol.completion_chunk(request_id, job.model, text or "", finish)
+        if job.include_usage:
+            payload["usage"] = None
         return f"data: {json.dumps(payload)}\n\n"
 
     async def everything() -> AsyncIterator[Event]:
@@ -172,6 +171,10 @@ async def _sse(
                 yield chunk(event.text, None)
             if event.finish_reason in _DONE:
                 yield chunk("", event.finish_reason)
+                if job.include_usage:
+                    counts = protocol.usage(event.prompt_tokens, event.completion_tokens)
+                    payload = protocol.usage_chunk(request_id, job, counts)
+                    yield f"data: {json.dumps(payload)}\n\n"
             elif event.finish_reason is not None:
                 yield f"data: {json.dumps(protocol.error_body(failure(event, job.model)))}\n\n"
         yield "data: [DONE]\n\n"
