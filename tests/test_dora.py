@@ -196,19 +196,57 @@ def test_row_norms_are_cached_until_a_factor_changes() -> None:
         tiny_models.llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
     )
     tiny_models.randomize_adapters(model)
+    model.requires_grad_(False)  # a deployed adapter: nothing trains it
     layer = dict(lora_layers(model))["model.layers.0.self_attn.q_proj"]
     with torch.no_grad():
         layer.lora_magnitude_vector["default"].weight.fill_(1.0)
     first = layer.dora_row_norms("default", layer.base_layer.weight)
     assert layer.dora_row_norms("default", layer.base_layer.weight) is first  # cached
     with torch.no_grad():
-        layer.lora_B["default"].weight.mul_(2.0)  # an optimiser step does the same: in place
+        layer.lora_B["default"].weight.mul_(2.0)  # in place: its version counter moves
     second = layer.dora_row_norms("default", layer.base_layer.weight)
     W0 = layer.base_layer.weight.double()
     A, B = (t.double() for t in layer.adapter_parameters("default")[:2])
     expected = (W0 + layer.scalings["default"] * B @ A).norm(dim=1)
     torch.testing.assert_close(second.double(), expected, atol=1e-5, rtol=0)
     assert (second - first).abs().max() > 1e-3
+
+
+def _dora_reference(layer, x: torch.Tensor) -> torch.Tensor:
+    """``m * (W0 + s B A) x / ||W0 + s B A||_row + b`` in float64 from the layer's tensors now."""
+    W0 = layer.base_layer.weight.double()
+    A, B, m = (t.detach().double() for t in layer.adapter_parameters("default"))
+    weight = W0 + layer.scalings["default"] * B @ A
+    bias = layer.base_layer.bias
+    out = x.double() @ (m[:, None] * weight / weight.norm(dim=1, keepdim=True)).T
+    return out if bias is None else out + bias.double()
+
+
+def test_training_with_fused_adamw_uses_the_current_factors() -> None:
+    """torch's fused AdamW (what ``build_optimizer`` picks) steps A, B and m in place without
+    bumping their version counters: the row norms must follow them all the same."""
+    from lorakit.train.optim import build_optimizer
+
+    model = lorakit.inject(
+        tiny_models.llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
+    )
+    tiny_models.randomize_adapters(model)
+    layer = dict(lora_layers(model))["model.layers.0.self_attn.q_proj"]
+    optimizer = build_optimizer(model, lr=0.05)
+    assert optimizer.defaults["fused"]
+    x = torch.randn(6, layer.in_features, generator=torch.Generator().manual_seed(0))
+    before = [t.detach().clone() for t in layer.adapter_parameters("default")]
+    model.train()
+    for _ in range(4):
+        optimizer.zero_grad()
+        (layer(x) ** 2).mean().backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).double(), _dora_reference(layer, x), atol=1e-5, rtol=0)
+    after = layer.adapter_parameters("default")
+    moved = [(t - t0).abs().max() for t, t0 in zip(after, before, strict=True)]
+    assert min(moved) > 1e-2  # A, B and m all stepped: the test is not vacuous
 
 
 def test_embeddings_are_refused_before_any_change() -> None:

@@ -6,9 +6,11 @@ DoRA (``LoraConfig(use_dora=True)``, maths in ``lorakit.functional``) gives each
 PEFT's name in the model; in a file it is ``<path>.lora_magnitude_vector`` (no ``.weight``).
 
 ``RowNorms`` keeps ``||W0_i||^2`` (computed once per base weight, in float32) and each
-adapter's ``n`` until W0, A or B change (their version counters, which every in-place update
-such as an optimiser step bumps): inference and gradient accumulation compute ``n`` once. A
-write through ``.data`` bumps no counter and is not seen: call ``clear()`` after one.
+adapter's ``n`` until W0, A or B change (their version counters, which an in-place update such
+as ``copy_`` bumps): inference computes ``n`` once. Nothing is cached for a tensor that requires
+grad: an optimiser may change it in place without bumping its counter (torch's fused AdamW does,
+on CPU), so while an adapter trains ``n`` is computed at every forward, as PEFT does. A write
+through ``.data`` bumps no counter and is not seen: call ``clear()`` after one.
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ class Magnitude(nn.Module):
 
 
 def _stamp(tensor: torch.Tensor) -> tuple[int, int] | None:
-    """``(version, data pointer)`` of ``tensor``; None for an inference tensor (no version
-    counter: nothing is cached for it)."""
+    """``(version, data pointer)`` of ``tensor``; None (nothing is cached for it) for a tensor
+    that requires grad (torch's fused AdamW steps it in place without bumping its version) or
+    an inference tensor (no version counter)."""
+    if tensor.requires_grad:
+        return None
     try:
         return tensor._version, tensor.data_ptr()
     except RuntimeError:
