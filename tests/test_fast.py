@@ -441,3 +441,83 @@ def test_dropout_on_a_non_contiguous_input_equals_its_contiguous_copy(dtype, dro
         layer.zero_grad()
     for got, want in zip(*results, strict=True):  # products on either layout: sum order
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def _two_adapter_layer(first: dict, second: dict | None) -> nn.Module:
+    """An nn.Linear(12, 10) with adapters "a" (``first``) and "b" (``second``; None: "a"
+    alone), all active, random non-zero factors (and magnitudes, biases on B)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10))
+    adapters = {"a": first} if second is None else {"a": first, "b": second}
+    for name, changes in adapters.items():
+        config = lorakit.LoraConfig(r=3, target_modules=["0"], init_lora_weights=False, **changes)
+        lorakit.inject(model, config, adapter_name=name)
+    tiny_models.randomize_adapters(model, std=0.3)
+    with torch.no_grad():
+        for parameter_name, parameter in model.named_parameters():
+            if "lora_B" in parameter_name and parameter_name.endswith(".bias"):
+                parameter.normal_()
+    lorakit.set_active(model, list(adapters))
+    return model[0]
+
+
+def test_a_lora_adapters_dropout_is_kept_beside_a_dora_adapter_without_autograd():
+    """Train mode under no_grad (e.g. an evaluation that forgot .eval()): the LoRA adapter's
+    dropout draws its mask as on the plain path; the DoRA inference formula has no masks."""
+    layer = _two_adapter_layer({"use_dora": True}, {"lora_dropout": 0.5}).train()
+    x = torch.randn(64, 12)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        default = layer(x)
+        with fast.plain_path():
+            torch.manual_seed(1)
+            plain = layer(x)
+        layer.eval()
+        undropped = layer(x)
+    torch.testing.assert_close(default, plain, rtol=0, atol=1e-6)
+    assert (default - undropped).abs().max() > 1e-2  # a mask was drawn
+
+
+def test_two_adapters_whose_biases_on_b_train_both_reach_the_output():
+    """A and B frozen, only the biases on B trainable: the call records a gradient, so the
+    one-adapter training node must not take it (it added adapter "a" alone)."""
+    layer = _two_adapter_layer({"lora_bias": True}, {"lora_bias": True}).train()
+    for name in ("a", "b"):
+        layer.lora_A[name].weight.requires_grad_(False)
+        layer.lora_B[name].weight.requires_grad_(False)
+    x = torch.randn(4, 12)
+    with fast.plain_path():
+        plain = layer(x)
+    torch.testing.assert_close(layer(x), plain, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        only_a = layer.base_layer(x) + layer.lora_branch("a", x)
+    assert (plain - only_a).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ({"use_dora": True, "lora_dropout": 0.3}, None),
+        ({"lora_dropout": 0.3}, {"lora_dropout": 0.3}),
+    ],
+)
+def test_a_reentrant_checkpoint_draws_the_masks_of_its_recompute(first, second):
+    """``checkpoint(use_reentrant=True)`` runs the forward without autograd, then recomputes it
+    with autograd under the same RNG state: both must take the same path and draw the same
+    masks, so output and gradients equal those of the step without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    layer = _two_adapter_layer(first, second)
+    layer.train()
+    x = torch.randn(6, 12, requires_grad=True)
+    parameters = [p for p in layer.parameters() if p.requires_grad]
+    results = []
+    for checkpointed in (False, True):
+        for tensor in (*parameters, x):
+            tensor.grad = None
+        torch.manual_seed(7)
+        out = checkpoint(layer, x, use_reentrant=True) if checkpointed else layer(x)
+        (out**2).sum().backward()
+        results.append([out.detach(), x.grad, *(p.grad for p in parameters)])
+    for plain, checkpointed in zip(*results, strict=True):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-6, atol=1e-7)

@@ -121,3 +121,19 @@ def test_given_factors_are_taken_over_without_a_copy_and_checked() -> None:
     with pytest.raises(ValueError, match=r"rank 2 needs \(\(2, 6\), \(5, 2\)\)"):
         layer.add_adapter("c", 2, 4.0, 0.0, False, None, torch.float32, values=(lora_A, lora_B))
     assert "c" not in layer.ranks
+
+
+def test_a_hook_on_the_base_layer_keeps_the_base_output_under_no_grad() -> None:
+    """Without autograd the branch is added in place, but never into a tensor the base module
+    returned itself: a forward hook (activation capture) may hold it."""
+    base = nn.Linear(12, 6)
+    layer = _wrapped(base, r=2)
+    nn.init.normal_(layer.lora_B["default"].weight)
+    captured = []
+    base.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    x = torch.randn(3, 12)
+    expected_base = x @ base.weight.T + base.bias
+    with torch.no_grad():
+        out = layer(x)
+    torch.testing.assert_close(captured[0], expected_base, rtol=0, atol=1e-6)
+    assert (out - expected_base).abs().max() > 1e-2  # the branch is in the layer's output

@@ -92,14 +92,15 @@ def fused_lora_linear(
 ) -> torch.Tensor:
     """``W0 x + b + sum_a c_a B_a A_a (x * mask_a)`` (..., d), for a call where ``applies``
     (DoRA adapters: ``lorakit.fast.dora``)."""
+    training = _training(x, bias, adapters)
     if any(isinstance(a, DoraSide) for a in adapters):
-        if torch.is_grad_enabled() and _any_requires_grad(x, bias, adapters):
+        if training:
             return fused_dora_linear(x, weight, bias, adapters[0], fan_in_fan_out)
         if not torch.is_grad_enabled():
             return dora_linear_inference(x, weight, bias, adapters, fan_in_fan_out)
         with torch.no_grad():
             return dora_linear_inference(x, weight, bias, adapters, fan_in_fan_out)
-    if torch.is_grad_enabled() and _any_requires_grad(x, bias, adapters):
+    if training:
         lora_A, lora_B, rank_scale, levels = adapters[0]
         seed = new_seed() if levels else 0
         return FusedLoraLinear.apply(
@@ -127,14 +128,25 @@ def quantized_applies(x: torch.Tensor, adapters: Sequence[RankSide]) -> bool:
     adapters on one device, no autocast, transforms or compiling, not in ``plain_path``."""
     if len(adapters) != 1 or torch.compiler.is_compiling() or _PLAIN_PATH.get():
         return False
-    if _transforms_active() or not torch.is_grad_enabled():
-        return False
-    if not _any_requires_grad(x, None, adapters) or x.dtype not in _FLOAT_DTYPES:
+    if _transforms_active() or not _training(x, None, adapters) or x.dtype not in _FLOAT_DTYPES:
         return False
     if x.dim() == 0 or x.numel() == 0 or torch.is_autocast_enabled(x.device.type):
         return False
     lora_A, lora_B, _, _ = adapters[0]
     return all(p.device == x.device and p.dtype in _FLOAT_DTYPES for p in (lora_A, lora_B))
+
+
+def _training(
+    x: torch.Tensor, bias: torch.Tensor | None, adapters: Sequence[RankSide | DoraSide]
+) -> bool:
+    """The call takes the training computation: something records a gradient, or an adapter
+    drops out. With dropout the path must not depend on the grad mode: a reentrant checkpoint
+    runs the forward without autograd and recomputes it with, under the same RNG state, and
+    the two must draw the same masks (the training nodes draw theirs from one seed)."""
+    sides = [a.side if isinstance(a, DoraSide) else a for a in adapters]
+    if any(side.drop_levels for side in sides):
+        return True
+    return torch.is_grad_enabled() and _any_requires_grad(x, bias, adapters)
 
 
 def _any_requires_grad(
@@ -161,7 +173,7 @@ def applies(
     """True when ``fused_lora_linear`` can compute this call (see the module docstring)."""
     if not adapters or torch.compiler.is_compiling() or _PLAIN_PATH.get() or _transforms_active():
         return False
-    training = torch.is_grad_enabled() and _any_requires_grad(x, bias, adapters)
+    training = _training(x, bias, adapters)
     if training and len(adapters) != 1:
         return False
     if not _dora_applies(x, adapters, training):
@@ -188,15 +200,13 @@ def _autocast(device: torch.device) -> bool:
 
 
 def _dora_applies(x: torch.Tensor, adapters: Sequence, training: bool) -> bool:
-    """DoRA adapters: in training, factors and magnitude in x's dtype (the node computes its
-    gradients in it); without autograd, no dropout (the inference formula has none)."""
+    """DoRA adapters: in training (with dropout, always: ``_training``), factors and magnitude
+    in x's dtype (the node computes its gradients in it)."""
     for adapter in adapters:
         if not isinstance(adapter, DoraSide):
             continue
         tensors = (adapter.side.lora_A, adapter.side.lora_B, adapter.magnitude)
         if training and any(t.dtype != x.dtype for t in tensors):
-            return False
-        if not training and adapter.side.drop_levels:
             return False
         if any(t.device != x.device for t in (*tensors, adapter.norms)):
             return False

@@ -123,19 +123,26 @@ class LoraLayer(nn.Module):
         """``base(x)`` computed with ``weight`` (the merged or the original one). A base layer
         with hooks, extra arguments or of a subclass is called itself when ``weight`` is its
         own (it then reads its weight when it runs)."""
-        base = self.base_layer
-        if (args or kwargs or not self.base_is_plain()) and weight is base.weight:
-            return base(x, *args, **kwargs)
+        if self.calls_base_module(weight, *args, **kwargs):
+            return self.base_layer(x, *args, **kwargs)
         return self.base_forward_with_weight(weight, x)
+
+    def calls_base_module(self, weight: torch.Tensor, *args, **kwargs) -> bool:
+        """True when ``base_output`` runs the base layer itself (hooks, extra arguments, a
+        subclass): its output is then not ours to change in place (a forward hook may hold it)."""
+        plain = not (args or kwargs) and self.base_is_plain()
+        return not plain and weight is self.base_layer.weight
 
     def plain_output(
         self, x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[str], *args, **kwargs
     ) -> torch.Tensor:
         """The plain formula: ``base(x)`` with ``weight``, plus each adapter's branch
-        ``s B A dropout(x)`` (added in place when no gradient is recorded: the base output is
-        a fresh tensor)."""
+        ``s B A dropout(x)`` (added in place when no gradient is recorded and the base output
+        is a fresh tensor of ours, not the base module's, which its hooks may hold)."""
         out = self.base_output(weight, x, *args, **kwargs)
-        in_place = not torch.is_grad_enabled()
+        in_place = not torch.is_grad_enabled() and not self.calls_base_module(
+            weight, *args, **kwargs
+        )
         base_out = out  # DoRA scales the base output: keep it apart from the sum
         if in_place and len(adapters) > 1 and any(map(self.is_dora, adapters)):
             base_out = out.clone()

@@ -227,10 +227,17 @@ class LoraLinear(LoraBiasMixin, LoraLayer):
             fast_adapters.append(adapter)
         if not fast.applies(x, weight, self.original_bias, fast_adapters):
             return None
+        if len(fast_adapters) > 1 and self._lora_biases_train(adapters):
+            return None  # a bias on B that trains makes the call training: one adapter only
         if any(with_bias):  # the biases on B join the base bias: one addmm, gradients included
             names = tuple(name for name in adapters if self.lora_bias_of(name) is not None)
             return [*fast_adapters, LoraBiases(names)]
         return fast_adapters
+
+    def _lora_biases_train(self, adapters: Sequence[str]) -> bool:
+        """A bias on B of ``adapters`` records a gradient in this call."""
+        biases = [self.lora_bias_of(name) for name in adapters]
+        return torch.is_grad_enabled() and any(b is not None and b.requires_grad for b in biases)
 
     def fast_output(
         self, x: torch.Tensor, weight: torch.Tensor, fast_adapters: list

@@ -74,6 +74,9 @@ class QuantizedLoraLinear(LoraLinear):
             return quantized.base_forward(self.base_layer, x)
         return self.base_forward_with_weight(weight, x)
 
+    def calls_base_module(self, weight: torch.Tensor | None, *args, **kwargs) -> bool:
+        return weight is None and bool(args or kwargs)
+
     def routed_base_output(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Serving: the quantized base's own kernel, exactly as the unmerged forward runs it."""
         return self.base_output(None, x, *args, **kwargs)
@@ -90,9 +93,7 @@ class QuantizedLoraLinear(LoraLinear):
     ) -> list[fast.RankSide] | None:
         """The one training adapter for the fused node (``lorakit.fast.quantized``), or None
         for the plain formula: several adapters, a bias on B, a trainable base bias, hooks on
-        the base layer, inference (see ``fast.quantized_applies``)."""
-        if not torch.is_grad_enabled():  # inference: the plain formula adds in place
-            return None
+        the base layer, inference without dropout (see ``fast.quantized_applies``)."""
         bias = getattr(self.base_layer, "bias", None)
         if not fast.module_is_plain(self.base_layer) or (bias is not None and bias.requires_grad):
             return None
