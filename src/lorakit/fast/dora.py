@@ -187,7 +187,7 @@ def dora_linear_inference(
     fan_in_fan_out: bool,
 ) -> torch.Tensor:
     """``(1 + sum_DoRA (f_a - 1)) * (W0 x) + b + sum_a c_a (f_a B_a) A_a x`` without autograd
-    (no dropout: see ``applies_to_dora``): one fresh (..., d) output, updated in place."""
+    (no dropout: see ``lorakit.fast._training``): one fresh (..., d) output, updated in place."""
     dtype = x.dtype
     x_rows = x.reshape(-1, x.shape[-1])  # (N, k)
     out = linear_output(x_rows, weight, None, fan_in_fan_out)  # (N, d)

@@ -8,8 +8,8 @@ as bits for the backward pass (``lorakit.fast.dropout``). Shapes: x (..., k), W0
 What the node keeps for backward: x (once, and only if A trains: the frozen base needs only W0),
 the (N, r) rank-r product ``u = A (x * mask)``, the mask (N k / 8 bytes of bits; for
 ``p <= 1/8`` on CPU, where it is the drops' positions, the int16 steps between them, about
-2 p N k bytes, or for 1/16 < p <= 1/8 nothing: drawn again from the seed) and the
-parameters. Gradients, with
+2 p N k bytes, for 2^-10 <= p <= 1/16; outside that range nothing: drawn again from the
+seed) and the parameters. Gradients, with
 ``G = dL/dh`` (N, d) and ``g = c * G B`` (N, r)::
 
     dL/dx = G W0 + mask * (g A)        (without dropout g A accumulated into G W0; with it
