@@ -199,3 +199,27 @@ def test_demo_options_are_its_settings_fields(monkeypatch, capsys):
     assert given[2] == DemoSettings(use_dora=True, steps=3)
     assert cli.main(["demo", "--lr", "0"]) == 2
     assert capsys.readouterr().err == "lorakit: error: --lr must be > 0, got 0.0\n"
+
+
+def test_an_output_holding_a_training_run_is_refused_before_the_model_loads(tmp_path, capsys):
+    """The demo replaces its adapter, checkpoints and metrics: it writes only into an empty
+    directory or a previous demo's, never over a ``lorakit train`` run."""
+    from lorakit.demo import DEMO_MARKER, _claim_output
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (run / "train_settings.json").write_text("{}")
+    code = cli.main(["demo", "--output", str(run), "--no-progress"])
+    assert code == 2
+    captured = capsys.readouterr()
+    assert "holds files that are not a demo's (checkpoints, train_settings.json)" in captured.err
+    assert "[demo] loading" not in captured.out
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "train_settings.json"]
+    fresh = tmp_path / "fresh"
+    _claim_output(fresh)
+    (fresh / "adapter").mkdir()
+    _claim_output(fresh)  # a previous demo's directory: taken again
+    assert (fresh / DEMO_MARKER).is_file()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        _claim_output(tmp_path / "file")

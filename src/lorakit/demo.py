@@ -55,9 +55,11 @@ class DemoSettings:
     )
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_size", "max_length"):
+        for name in ("steps", "batch_size", "eval_size"):
             if getattr(self, name) < 1:
                 raise SettingError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.max_length < 2:  # a prompt token and the answer's
+            raise SettingError("max_length", f"must be >= 2, got {self.max_length}")
         if not self.lr > 0:
             raise SettingError("lr", f"must be > 0, got {self.lr}")
 
@@ -121,7 +123,7 @@ def _train(model, tokenizer, settings: DemoSettings, output: Path):
         warmup_steps=max(1, settings.steps // 10),
         seed=settings.seed,
         progress=settings.progress,
-        overwrite=True,  # a demo replaces the previous demo's results in its output directory
+        overwrite=True,  # the output is the demo's (_claim_output): a previous demo's results go
     )
     kind = "DoRA" if settings.use_dora else "LoRA"
     _say(
@@ -182,7 +184,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     started = time.perf_counter()
     output = Path(settings.output)
     held_out = _held_out(settings)
-    output.mkdir(parents=True, exist_ok=True)
+    _claim_output(output)
     _say(f"loading {settings.model}")
     model, tokenizer = load_model(
         settings.model, progress=False, quantization=settings.quantization
@@ -236,6 +238,34 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     print("\n".join(lines), flush=True)
     _check_merged_agrees(summary, output)
     return summary
+
+
+DEMO_MARKER = "demo_run.txt"
+"""Written first into a demo's output directory: a later demo may replace what is there."""
+
+
+def _claim_output(output: Path) -> None:
+    """Make ``output`` the demo's: absent, empty or a previous demo's (``DEMO_MARKER``), since
+    the demo replaces its adapter, checkpoints and metrics; any other directory (a ``lorakit
+    train`` run, say) is refused before the model loads, so nothing of it is lost."""
+    from lorakit.errors import UserError
+
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; give a directory for the demo's results")
+    if output.is_dir() and not (output / DEMO_MARKER).is_file():
+        held = sorted(path.name for path in output.iterdir())
+        if held:
+            shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+            raise UserError(
+                f"--output {output} holds files that are not a demo's ({shown}); the demo "
+                "replaces its adapter, checkpoints and metrics there: give another --output or "
+                "empty that directory"
+            )
+    output.mkdir(parents=True, exist_ok=True)
+    write_text(
+        output / DEMO_MARKER,
+        "written by `lorakit demo`; a later demo replaces this directory's results\n",
+    )
 
 
 def _write_predictions(path: Path, held_out, zero_shot, fine_tuned, merged) -> None:
