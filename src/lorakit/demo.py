@@ -245,14 +245,16 @@ DEMO_MARKER = "demo_run.txt"
 
 
 def _claim_output(output: Path) -> None:
-    """Make ``output`` the demo's: absent, empty or a previous demo's (``DEMO_MARKER``), since
+    """Make ``output`` the demo's: absent, empty or a previous demo's (``DEMO_MARKER``, or the
+    ``summary.json`` that demos wrote before the marker existed), since
     the demo replaces its adapter, checkpoints and metrics; any other directory (a ``lorakit
     train`` run, say) is refused before the model loads, so nothing of it is lost."""
     from lorakit.errors import UserError
 
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; give a directory for the demo's results")
-    if output.is_dir() and not (output / DEMO_MARKER).is_file():
+    earlier_demo = (output / DEMO_MARKER).is_file() or (output / "summary.json").is_file()
+    if output.is_dir() and not earlier_demo:  # (summary.json: a demo from before the marker)
         held = sorted(path.name for path in output.iterdir())
         if held:
             shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
