@@ -58,9 +58,22 @@ class ColdLoads:
 
     @property
     def parked(self) -> int:
-        """Requests waiting for those loads (cancelled ones included until their load ends)."""
+        """Requests waiting for those loads, cancelled ones not counted."""
         with self._lock:
-            return sum(len(waiting) for waiting in self._parked.values())
+            return sum(not r.cancelled for waiting in self._parked.values() for r in waiting)
+
+    def has_cancelled(self) -> bool:
+        with self._lock:
+            return any(r.cancelled for waiting in self._parked.values() for r in waiting)
+
+    def take_cancelled(self) -> list[GenerationRequest]:
+        """The cancelled requests among those waiting for a load, no longer waiting (the load
+        goes on; the engine ends them at once)."""
+        with self._lock:
+            cancelled = [r for waiting in self._parked.values() for r in waiting if r.cancelled]
+            for name, waiting in self._parked.items():
+                self._parked[name] = [r for r in waiting if not r.cancelled]
+        return cancelled
 
     def park(self, request: GenerationRequest) -> None:
         """Wait for ``request.adapter`` to be loaded (starting its load unless one is under way)."""

@@ -78,7 +78,9 @@ class Engine:
     in its place in the queue, until one of them leaves the batch, while requests behind it whose
     adapters are in the batch go ahead. A decode step reads every adapter of its batch: fewer
     distinct adapters is fewer bytes a step, but the batch may be smaller and the others wait
-    (docs/serving.md: on a thousand-adapter zipf workload it cost throughput).
+    (docs/serving.md: on a thousand-adapter zipf workload it cost throughput). A request that
+    waits (for a bank slot, or for ``max_loras``) lets later requests go ahead only until
+    ``max_batch`` of them were admitted; then nothing else is admitted until it runs.
     """
 
     def __init__(
@@ -95,6 +97,8 @@ class Engine:
         lean_decode: bool = True,
         max_loras: int | None = None,
     ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_loras is not None and max_loras < 1:
             raise ValueError(f"max_loras must be >= 1 or None, got {max_loras}")
         self.model = model.eval()
@@ -114,6 +118,8 @@ class Engine:
             eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.eos_token_ids = set(eos_token_ids)
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
+        self._starving: dict[int, GenerationRequest] = {}  # by id: see ``_defer``
+        self._admissions = 0  # requests admitted so far (``_defer`` counts from it)
         self._running: list[GenerationRequest] = []
         self._cache = BatchedCache()
         self._routing = Routing(bank)  # one-adapter route or the batched op, per forward
@@ -210,7 +216,11 @@ class Engine:
                     )
             self._waiting.append(request)
             self._wake.notify_all()
-        return RequestHandle(request)
+        return RequestHandle(request, self._notify)
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
 
     def open_stream(
         self, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams
@@ -253,7 +263,9 @@ class Engine:
             if not self._waiting and not self._running:  # idle (a stale read is harmless)
                 release_idle_team()  # its parked team would slow other threads' torch ops
             with self._wake:
-                while not self._stopping and not self._waiting and not self._running:
+                while not (self._stopping or self._waiting or self._running):
+                    if self._cold is not None and self._cold.has_cancelled():
+                        break  # a request waiting for a load was cancelled: end it now
                     self._wake.wait()
                 if self._stopping:
                     break
@@ -292,24 +304,29 @@ class Engine:
             cancelled = [r for r in self._waiting if r.cancelled]
             if cancelled:
                 self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+        if self._cold is not None:
+            cancelled += self._cold.take_cancelled()
         for request in cancelled:
             self._finish(request, "cancelled")
-        deferred = []
+        deferred: list[GenerationRequest] = []
         while self._waiting and len(self._running) < self.max_batch:
             with self._wake:
                 request = self._waiting.popleft()
             if request.cancelled:
                 self._finish(request, "cancelled")
                 continue
+            if self._starving and request.id not in self._starving:
+                deferred.append(request)  # a request kept waiting too long goes first
+                continue
             if not self._adapter_fits(request):
-                deferred.append(request)  # its adapter would exceed max_loras: waits its turn
+                self._defer(request, deferred)  # its adapter would exceed max_loras
                 continue
             try:
                 if not self._acquire_adapter(request):
                     continue  # parked: its adapter is being loaded by a loader thread
             except BankFullError:
-                if self._running or (self._cold is not None and self._cold.in_flight):
-                    deferred.append(request)  # retried when a running request frees its slot
+                if self._slot_will_free(deferred):
+                    self._defer(request, deferred)  # retried once a slot is let go
                 else:
                     message = "no adapter slot is free (all pinned)"
                     self._finish(request, "error", message, kind=NO_ADAPTER_SLOT)
@@ -321,6 +338,7 @@ class Engine:
                 message = str(error).strip("\"'") if isinstance(error, KeyError) else str(error)
                 self._finish(request, "error", message or type(error).__name__, kind=kind)
                 continue
+            self._admissions += 1
             try:
                 self._prefill(request)
             except Exception as error:
@@ -328,6 +346,27 @@ class Engine:
                 self._finish(request, "error", f"{type(error).__name__}: {error}", kind=INTERNAL)
         with self._wake:
             self._waiting.extendleft(reversed(deferred))
+
+    def _defer(self, request: GenerationRequest, deferred: list[GenerationRequest]) -> None:
+        """``request`` waits (for a slot, or for ``max_loras``) while requests behind it may go
+        ahead. Once ``max_batch`` requests were admitted since it first had to wait, it is
+        *starving*: until it runs no other request is admitted, so that requests for resident
+        adapters cannot keep its adapter out forever."""
+        deferred.append(request)
+        if request.blocked_since is None:
+            request.blocked_since = self._admissions
+        if self._admissions - request.blocked_since >= self.max_batch:
+            self._starving[request.id] = request
+
+    def _slot_will_free(self, deferred: list[GenerationRequest]) -> bool:
+        """A bank slot is held by something that will let it go: a running request, a load
+        under way, or a queued request that holds its adapter but has not started yet (a
+        finished load hands its slot to its requests before they run)."""
+        if self._running or (self._cold is not None and self._cold.in_flight):
+            return True
+        with self._wake:
+            queued = [*deferred, *self._waiting]
+        return any(r.slot >= 0 for r in queued)
 
     def _adapter_fits(self, request: GenerationRequest) -> bool:
         """The request's adapter is in the running batch, or the batch has fewer than
@@ -370,6 +409,7 @@ class Engine:
         self._cache.add(output.cache, len(request.prompt_ids))
         self.stats.joined_running += bool(self._running)
         self._running.append(request)
+        self._starving.pop(request.id, None)
 
     def _decode_step(self) -> None:
         self.stats.max_running = max(self.stats.max_running, len(self._running))
@@ -433,6 +473,7 @@ class Engine:
         if request.done:
             return
         request.done = True
+        self._starving.pop(request.id, None)
         self.stats.cancelled += reason == "cancelled"
         if request.adapter is not None and request.slot >= 0 and self.bank is not None:
             self.bank.release(request.adapter)

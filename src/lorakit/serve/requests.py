@@ -100,10 +100,14 @@ class GenerationRequest:
     cancelled: bool = False
     done: bool = False
     load_error: BaseException | None = None  # its adapter's load failed (``cold_loads``)
+    blocked_since: int | None = None  # admissions when it first had to wait (``Engine``)
 
     def __post_init__(self) -> None:
-        seed = self.params.seed if self.params.seed is not None else torch.seed()
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator()
+        if self.params.seed is None:  # a fresh seed from the OS: torch's global RNG untouched
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(self.params.seed)
         self.stop_text = StopTextTracker(self.params.stop)
         self.pending_ids: list[int] = []
 
@@ -144,14 +148,17 @@ class GenerationRequest:
 
 class RequestHandle:
     """What ``Engine.submit`` returns: ``cancel()`` stops the request at the next token boundary
-    (a queued one leaves the queue; a running one leaves the batch, freeing its KV rows and its
-    adapter slot) and ends it with finish reason "cancelled"."""
+    (a queued one, or one waiting for its adapter's load, leaves the queue; a running one leaves
+    the batch, freeing its KV rows and its adapter slot) and ends it with finish reason
+    "cancelled". ``wake``: tells the engine's loop to look (it may be idle)."""
 
-    def __init__(self, request: GenerationRequest) -> None:
+    def __init__(self, request: GenerationRequest, wake: Callable[[], None] = lambda: None):
         self._request = request
+        self._wake = wake
 
     def cancel(self) -> None:
         self._request.cancelled = True
+        self._wake()
 
 
 class EventStream:
