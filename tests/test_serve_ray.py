@@ -1,15 +1,18 @@
 """lorakit's engine as a Ray Serve deployment (``lorakit.serve.ray_deployment``): a local Ray
 cluster, two replicas, 50 adapters; requests are routed by adapter (model multiplexing), each
-adapter lives on a bounded number of replicas, and the answers are those of one lorakit server."""
+adapter lives on a bounded number of replicas, and the answers are those of one lorakit server
+(errors too: an adapter that fails to load, a 429 with its Retry-After)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 import lorakit
@@ -23,14 +26,13 @@ from tests.test_serve_server import tiny_tokenizer
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-pytestmark = pytest.mark.slow
-
 ADAPTERS, TEMPLATES, PER_REPLICA = 50, 10, 30
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A tiny model directory and 50 adapters (10 distinct, q/v and all-linear, ranks 2-8)."""
+    """A tiny model directory and 50 adapters (10 distinct, q/v and all-linear, ranks 2-8),
+    plus ``mismatch``, trained on other base weights (refused when loaded)."""
     root = tmp_path_factory.mktemp("ray")
     tokenizer = tiny_tokenizer()
     tiny_models.save_llama_with_tokenizer(root / "model", tokenizer, max_position_embeddings=96)
@@ -47,7 +49,52 @@ def world(tmp_path_factory):
         directory.mkdir(parents=True)
         for file in (root / "templates" / f"t{index % TEMPLATES}").iterdir():
             os.link(file, directory / file.name)
+    save_mismatched_adapter(tokenizer, root / "adapters")
     return root
+
+
+def save_mismatched_adapter(tokenizer, adapters) -> None:
+    """``adapters/mismatch``: an adapter of the same shapes saved on shifted base weights."""
+    other_base = base_model(tokenizer)
+    with torch.no_grad():
+        for parameter in other_base.parameters():
+            parameter.add_(0.01)
+    config = lorakit.LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    lorakit.inject(other_base, config, adapter_name="mismatch")
+    save_adapter(other_base, adapters, "mismatch")
+
+
+@pytest.fixture(scope="module")
+def ray_port():
+    """A local Ray cluster (started once for the module) and Serve's HTTP port."""
+    port = free_port()
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def deployed(app):
+    """``app`` served at ``/`` for the block (one application at a time), then deleted."""
+    serve.run(app, name="lorakit", route_prefix="/")
+    try:
+        yield
+    finally:
+        serve.delete("lorakit")
+
+
+@pytest.fixture
+def one_replica(world, ray_port):
+    """The completions URL of one replica that runs one request at a time, one more waiting."""
+    from lorakit.serve.ray_deployment import build_app
+
+    args = [*serve_args(world), "--max-batch", "1", "--max-waiting", "1"]
+    with deployed(build_app(args, replicas=1, adapters_per_replica=2)):
+        yield f"http://127.0.0.1:{ray_port}/v1/completions"
 
 
 def serve_args(root) -> list[str]:
@@ -55,7 +102,11 @@ def serve_args(root) -> list[str]:
 
 
 def request_body(index: int) -> dict:
-    return dict(model=f"ad{index:02d}", prompt="hello world", max_tokens=4, temperature=0)
+    return body_for(f"ad{index:02d}")
+
+
+def body_for(model: str, max_tokens: int = 4) -> dict:
+    return dict(model=model, prompt="hello world", max_tokens=max_tokens, temperature=0)
 
 
 def texts_of_one_server(root) -> dict[str, str]:
@@ -83,31 +134,25 @@ def streamed_texts(port: int, body: dict) -> list[str]:
     return texts
 
 
-def test_two_replicas_serve_50_adapters_like_one_server(world):
+@pytest.mark.slow
+def test_two_replicas_serve_50_adapters_like_one_server(world, ray_port):
     from lorakit.serve.ray_deployment import REPLICA_HEADER, build_app
 
     expected = texts_of_one_server(world)
     assert len(set(expected.values())) > 5  # the adapters differ
-    port = free_port()
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build_app(serve_args(world), replicas=2, adapters_per_replica=PER_REPLICA)
-        serve.run(app, name="lorakit", route_prefix="/")
+    app = build_app(serve_args(world), replicas=2, adapters_per_replica=PER_REPLICA)
+    with deployed(app):
 
         def ask(index):
             response = httpx.post(
-                f"http://127.0.0.1:{port}/v1/completions", json=request_body(index), timeout=120
+                f"http://127.0.0.1:{ray_port}/v1/completions", json=request_body(index), timeout=120
             )
             assert response.status_code == 200, response.text
             return response.json()["choices"][0]["text"], response.headers[REPLICA_HEADER]
 
         with ThreadPoolExecutor(8) as pool:
             rounds = [list(pool.map(ask, range(ADAPTERS))) for _ in range(2)]
-        streamed = streamed_texts(port, request_body(7) | {"stream": True})
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        streamed = streamed_texts(ray_port, request_body(7) | {"stream": True})
     assert streamed[-1] == "[DONE]" and "".join(streamed[:-1]) == expected["ad07"]
     assert len(streamed) >= 3  # one event per token, then [DONE]
     replicas_of: dict[str, set[str]] = {}
@@ -121,3 +166,45 @@ def test_two_replicas_serve_50_adapters_like_one_server(world):
     copies = sum(len(replicas) for replicas in replicas_of.values())
     assert copies <= 2 * PER_REPLICA  # each replica holds at most PER_REPLICA adapters
     print("adapter copies over replicas:", copies)
+
+
+@pytest.mark.slow
+def test_an_adapter_that_fails_to_load_is_answered_as_by_one_server(world, one_replica):
+    args = build_parser().parse_args(["serve", *serve_args(world)])
+    with TestClient(build(args)) as client:
+        expected = client.post("/v1/completions", json=body_for("mismatch"))
+    assert expected.status_code == 400, expected.text  # the base-weights check refuses it
+    answer = httpx.post(one_replica, json=body_for("mismatch"), timeout=120)
+    assert answer.status_code == expected.status_code, answer.text
+    assert answer.json() == expected.json()
+    assert httpx.post(one_replica, json=body_for("ad00"), timeout=120).status_code == 200
+
+
+@pytest.mark.slow
+def test_the_replica_answer_keeps_its_headers(one_replica):
+    """Eight long requests at once on one running and one waiting place: some are answered 429
+    by the replica's engine, with its Retry-After (and one content-length, the ingress's)."""
+
+    def ask(_):
+        return httpx.post(one_replica, json=body_for("ad00", max_tokens=80), timeout=120)
+
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(3):  # (a round where no request had to wait gives no 429: try again)
+            answers = list(pool.map(ask, range(8)))
+            busy = [answer for answer in answers if answer.status_code == 429]
+            if busy:
+                break
+    assert busy, [answer.status_code for answer in answers]
+    assert busy[0].json()["error"]["code"] == "queue_full"
+    assert busy[0].headers["retry-after"] == "1"
+    assert len(busy[0].headers.get_list("content-length")) <= 1
+
+
+@pytest.mark.parametrize("option", [["--max-adapters", "5"], ["--max-adapters=5"]])
+def test_build_app_keeps_the_users_max_adapters(option):
+    from lorakit.serve.ray_deployment import build_app
+
+    app = build_app(["--model", "m", "--adapters", "a", *option], adapters_per_replica=16)
+    replica = app._bound_deployment.init_args[0]  # (Ray's Application: the bound deployment)
+    replica_args = replica._bound_deployment.init_args[0]
+    assert build_parser().parse_args(["serve", *replica_args]).max_adapters == 5

@@ -13,21 +13,33 @@ its multiplexed cache of at most ``adapters_per_replica`` adapters is pinned in 
 Ray evicts one from the cache, it is unpinned (the bank's LRU may then reuse its pages).
 Responses are streamed from the replica to the client as the replica's app sends them (Ray
 Serve's streaming handles), so ``stream: true`` gives server-sent events token by token, and a
-client that leaves cancels its request in the replica's engine.
+client that leaves cancels its request in the replica's engine. The answer keeps the app's status
+and headers (a 429's ``Retry-After``), and an adapter that fails to load is reported by the app,
+as by one server (its JSON error, e.g. 400 for an adapter of other base weights).
 """
 
 import argparse
 import asyncio
+import logging
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 from ray import serve
+from starlette.datastructures import Headers
 
 from lorakit.serve.asgi_stream import ResponseStart, asgi_stream
 
 __all__ = ["OpenAIIngress", "build_app", "replica_deployment"]
 
+log = logging.getLogger(__name__)
+
 REPLICA_HEADER = "x-lorakit-replica"
+
+# Headers about the connection or the body's framing, which the ingress's own response sets.
+HOP_BY_HOP = frozenset(
+    b"connection keep-alive proxy-authenticate proxy-authorization te trailer "
+    b"transfer-encoding upgrade content-length".split()
+)
 
 
 class _Resident:
@@ -67,23 +79,57 @@ def replica_deployment(adapters_per_replica: int):
             return _Resident(self.adapters.bank, name)
 
         async def forward(self, method: str, path: str, body: bytes, headers: dict):
-            """lorakit's app on the request, as it answers: first (status, content type, this
-            replica's id), then the body's chunks (bytes)."""
-            name = serve.get_multiplexed_model_id()
-            if name and name in self.adapters.registry:
-                await self.adapter(name)
+            """lorakit's app on the request, as it answers: first (status, the response's raw
+            headers, this replica's id), then the body's chunks (bytes)."""
+            await self._hold_requested_adapter()
             replica = serve.get_replica_context().replica_id.unique_id
-            async for piece in asgi_stream(self.app, method, path, body, headers):
+            app, sent_headers = _keeping_response_headers(self.app)
+            async for piece in asgi_stream(app, method, path, body, headers):
                 if isinstance(piece, ResponseStart):
-                    yield piece.status, piece.content_type, replica
+                    yield piece.status, sent_headers, replica
                 else:
                     yield piece
+
+        async def _hold_requested_adapter(self) -> None:
+            """Load and pin the request's adapter through the multiplexed cache. A failed load
+            (other base weights, damaged files, a full bank) is left to the app, which loads
+            it again and answers as one server does (its JSON error, or a wait for a slot)."""
+            name = serve.get_multiplexed_model_id()
+            if not name or name not in self.adapters.registry:
+                return
+            try:
+                await self.adapter(name)
+            except Exception:
+                log.debug("adapter %r not held in the multiplexed cache", name, exc_info=True)
 
         def resident(self) -> list[str]:
             """The adapters of this replica's multiplexed cache (pinned in its bank)."""
             return sorted(self.adapters.bank.pinned())
 
     return LorakitReplica
+
+
+def _keeping_response_headers(app):
+    """``app`` wrapped to keep the raw headers of its response start, and the list that gets
+    them (``asgi_stream`` hands on only the status and content type)."""
+    sent_headers: list[tuple[bytes, bytes]] = []
+
+    async def wrapped(scope, receive, send) -> None:
+        async def keep_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                sent_headers.extend(message.get("headers", []))
+            await send(message)
+
+        await app(scope, receive, keep_headers)
+
+    return wrapped, sent_headers
+
+
+def _ingress_headers(replica_headers: list[tuple[bytes, bytes]], replica: str) -> Headers:
+    """The replica's response headers less the hop-by-hop ones, plus the answering replica's
+    id (a ``Headers``, so that repeated names stay repeated)."""
+    kept = [(key, value) for key, value in replica_headers if key.lower() not in HOP_BY_HOP]
+    return Headers(raw=[*kept, (REPLICA_HEADER.encode(), replica.encode())])
 
 
 ingress_app = FastAPI(title="lorakit (Ray Serve)")
@@ -116,12 +162,9 @@ class OpenAIIngress:
         pieces = handle.forward.remote(
             request.method, request.url.path, await request.body(), headers
         )
-        status, media_type, replica = await anext(pieces)
+        status, replica_headers, replica = await anext(pieces)
         return StreamingResponse(
-            pieces,
-            status_code=status,
-            media_type=media_type,
-            headers={REPLICA_HEADER: replica},  # which replica answered
+            pieces, status_code=status, headers=_ingress_headers(replica_headers, replica)
         )
 
     @ingress_app.post("/v1/completions")
@@ -158,7 +201,7 @@ def build_app(
         serve_args += ["--model", model]
     if adapters is not None:
         serve_args += ["--adapters", adapters]
-    if "--max-adapters" not in serve_args:
+    if not _gives_max_adapters(serve_args):
         serve_args += ["--max-adapters", str(adapters_per_replica + 2)]
     replica = (
         replica_deployment(adapters_per_replica)
@@ -166,3 +209,9 @@ def build_app(
         .bind(serve_args)
     )
     return OpenAIIngress.options(ray_actor_options={"num_cpus": 0}).bind(replica)
+
+
+def _gives_max_adapters(serve_args: list[str]) -> bool:
+    """Whether ``serve_args`` set ``--max-adapters`` (as ``--max-adapters N`` or
+    ``--max-adapters=N``): then the user's bank size is kept, not replaced by the default."""
+    return any(arg == "--max-adapters" or arg.startswith("--max-adapters=") for arg in serve_args)
