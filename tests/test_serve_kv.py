@@ -130,3 +130,62 @@ def test_a_long_run_of_short_requests_keeps_the_buffers_small():
     rows_cap, _, time_cap, _ = cache.cache.layers[0].key_buffer.shape
     assert rows_cap == 2
     assert time_cap <= 2 * (8 + 2 * 7) + kv.TIME_HEADROOM
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_a_sliding_window_model_is_served_past_its_window_as_alone(family):
+    """Prefills start from ``full_attention_cache``: rows of other lengths join and decode past
+    the window (5) with the tokens of a full recompute (the sliding cache layers failed the
+    batch: they count the positions they dropped, which joins break)."""
+    import threading
+
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    import lorakit
+    from lorakit.serve import AdapterBank, prepare_for_serving
+    from lorakit.serve.engine import Engine
+    from lorakit.serve.sampling import SamplingParams
+    from tests import tiny_models
+
+    def build():
+        torch.manual_seed(0)
+        if family == "mistral":
+            return MistralForCausalLM(MistralConfig(**tiny_models.DECODER_SIZES, sliding_window=5))
+        config = Qwen2Config(
+            **tiny_models.DECODER_SIZES,
+            sliding_window=5,
+            use_sliding_window=True,
+            max_window_layers=1,
+        )
+        assert "sliding_attention" in config.layer_types
+        return Qwen2ForCausalLM(config)
+
+    reference = build().eval()
+    lorakit.inject(reference, lorakit.LoraConfig(r=4, target_modules="all-linear"), "a0")
+    tiny_models.randomize_adapters(reference, std=0.3)
+    model = build().eval()
+    prepare_for_serving(model)
+    bank = AdapterBank(model, max_rank=4, capacity=1)
+    bank.load_from_model("a0", reference, "a0")
+    engine = Engine(model, bank, max_batch=4, eos_token_ids=[])
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7, 6, 5, 4, 3, 2], [1, 2], [3, 4, 5]]
+    got, done = {}, threading.Semaphore(0)
+    for index, prompt in enumerate(prompts):
+
+        def collect(event, index=index):
+            got.setdefault(index, []).extend(event.token_ids)
+            if event.finish_reason is not None:
+                got[index, "end"] = event.finish_reason
+                done.release()
+
+        engine.submit(prompt, "a0", SamplingParams(max_tokens=9), collect)
+    with engine:
+        for _ in prompts:
+            assert done.acquire(timeout=60)
+    for index, prompt in enumerate(prompts):
+        ids = list(prompt)
+        with torch.no_grad(), lorakit.use_adapters(reference, ["a0"]):
+            for _ in range(9):  # greedy, the whole sequence each time: no cache at all
+                ids.append(int(reference(torch.tensor([ids])).logits[0, -1].argmax()))
+        assert got[index, "end"] == "length"
+        assert got[index] == ids[len(prompt) :], index

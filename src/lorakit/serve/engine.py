@@ -27,7 +27,7 @@ from torch import nn
 
 from lorakit.serve.bank import AdapterBank, BankFullError, Loader
 from lorakit.serve.cold_loads import ColdLoads
-from lorakit.serve.kv import BatchedCache
+from lorakit.serve.kv import BatchedCache, full_attention_cache
 from lorakit.serve.lean_decode import lean_decoder
 from lorakit.serve.openmp import release_idle_team
 from lorakit.serve.requests import (
@@ -106,6 +106,7 @@ class Engine:
         self.bank = bank
         accepts = inspect.signature(model.forward).parameters
         self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
+        self._takes_cache = "cache" in accepts
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_loras = max_loras
@@ -402,7 +403,7 @@ class Engine:
         over a 64-token prompt of SmolLM2 is a fifth of the prefill)."""
         ids = torch.tensor([request.prompt_ids])
         with self._routing([request.slot], ids.shape[1]):
-            output = self.model(input_ids=ids, use_cache=True, **self._last_logits)
+            output = self.model(input_ids=ids, use_cache=True, **self._prefill_options())
         self._accept(request, output.logits[0, -1])
         if request.done:
             return
@@ -410,6 +411,14 @@ class Engine:
         self.stats.joined_running += bool(self._running)
         self._running.append(request)
         self._starving.pop(request.id, None)
+
+    def _prefill_options(self) -> dict:
+        """Only the last position's logits, and a fresh cache that keeps every position
+        (``kv.full_attention_cache``), where the model takes them."""
+        options = dict(self._last_logits)
+        if self._takes_cache:
+            options["cache"] = full_attention_cache(getattr(self.model, "config", None))
+        return options
 
     def _decode_step(self) -> None:
         self.stats.max_running = max(self.stats.max_running, len(self._running))

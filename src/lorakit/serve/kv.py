@@ -12,8 +12,10 @@ whole cache at every layer of every step; at 64 rows of SmolLM2-135M that was ha
 Only joins, leaves and running out of capacity copy (rows grow by half again, time by a
 quarter plus ``TIME_HEADROOM`` columns). Padding columns hold zeros (finite, masked out).
 
-A model whose cache layers are not plain full-attention ``DynamicLayer``s (sliding windows,
-linear attention) falls back to concatenation (``ConcatenatedCache``), the same semantics.
+A prefill starts from ``full_attention_cache``: every attention layer keeps every position, a
+sliding-window one included (its mask keeps it in its window). A model whose cache layers are
+still not plain ``DynamicLayer``s (linear attention, state-space layers) falls back to
+concatenation (``ConcatenatedCache``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-__all__ = ["BatchedCache", "ConcatenatedCache", "WindowLayer", "preallocatable"]
+__all__ = [
+    "BatchedCache",
+    "ConcatenatedCache",
+    "WindowLayer",
+    "full_attention_cache",
+    "preallocatable",
+]
 
 TIME_HEADROOM = 64  # extra time columns allocated beyond what is needed now
 
@@ -31,6 +39,23 @@ TIME_HEADROOM = 64  # extra time columns allocated beyond what is needed now
 def _pad_time_left(tensor: torch.Tensor, extra: int) -> torch.Tensor:
     """(B, heads, T, head_dim) -> (B, heads, T + extra, head_dim), zeros on the left."""
     return F.pad(tensor, (0, 0, extra, 0)) if extra else tensor
+
+
+ATTENTION_KINDS = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
+
+
+def full_attention_cache(config) -> DynamicCache | None:
+    """An empty cache whose layers all keep every position (``DynamicLayer``), for a prefill of
+    a model whose layers are all attention (``config.layer_types`` within ``ATTENTION_KINDS``);
+    None for another model (linear attention, state-space layers), which builds its own.
+
+    Built without the config, it has no sliding-window layers, which keep only their last
+    window - 1 positions and count what they dropped: bookkeeping that joining rows of other
+    lengths broke (the batch failed). A sliding-window model still attends within its window,
+    by its attention mask (each row's tokens are right-aligned and contiguous, so column
+    distance is position distance), over positions kept a little longer than it needs."""
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    return DynamicCache() if kinds <= ATTENTION_KINDS else None
 
 
 def preallocatable(cache: DynamicCache) -> bool:
