@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -16,8 +17,10 @@ from safetensors.torch import load_file
 
 from lorakit.errors import UserError
 from lorakit.train import TrainingConfig, latest_checkpoint, pad_collate, train
+from lorakit.train.batches import BatchOrder
 from lorakit.train.checkpoint import load_checkpoint
 from lorakit.train.optim import build_optimizer
+from lorakit.train.resume import check_resumable, resumed_drop_last
 from lorakit.train.schedule import build_scheduler
 from tests.train_job import build_model, make_data
 from tests.train_job import run as run_job
@@ -261,6 +264,37 @@ def test_resume_refuses_other_optimizer_settings_naming_each(tmp_path, changes, 
     with pytest.raises(UserError, match=f"adapter settings: {named}"):
         train(model, make_data(), pad_collate(0), config, resume=True)
     assert all(torch.equal(before[k], v) for k, v in _trainable(model).items())
+
+
+def _saved_plan(order: BatchOrder) -> dict:
+    """A checkpoint's ``trainer_state.json`` holding only ``order``'s data plan."""
+    return {"step": 4, "data_plan": {**order.identity(), "total_steps": 20}}
+
+
+def test_a_checkpoint_keeps_its_short_batch_under_another_process_count(tmp_path):
+    """With 50 examples and a global batch of 4 one process keeps the short batch (13 steps an
+    epoch) and torchrun drops it (12): a resume under the other process count follows the
+    checkpoint's plan where it can, and is refused, naming the short batch and what to do, where
+    its processes cannot split the short batch (1 example over 2 processes)."""
+    one = BatchOrder(50, batch_size=4, seed=3)
+    two = BatchOrder(50, batch_size=2, world_size=2, seed=3, drop_last=True)
+    for saved, resuming in ((one, two), (two, one)):
+        drop_last = resumed_drop_last(_saved_plan(saved), resuming)
+        follows = dataclasses.replace(resuming, drop_last=drop_last)
+        assert follows.identity() == saved.identity()
+        assert follows.steps_per_epoch == saved.steps_per_epoch
+        assert [follows.step_indices(s) for s in range(30)] == [
+            saved.step_indices(s) for s in range(30)
+        ]
+    one, two = dataclasses.replace(one, num_examples=49), dataclasses.replace(two, num_examples=49)
+    assert resumed_drop_last(_saved_plan(one), two) is True  # 1 example cannot be split
+    plan = {**two.identity(), "total_steps": 20}
+    with pytest.raises(
+        UserError,
+        match=r"short batch 'dropped \(1 of 49 examples\)' \(the "
+        r"checkpoint's: 'kept \(1 of 49 examples\)'\).*resume in one process",
+    ):
+        check_resumable(tmp_path, _saved_plan(one), plan, _job_config(tmp_path), {})
 
 
 def test_resume_refuses_another_alpha_or_dropout(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -101,12 +102,26 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         )
 
 
+TWO_LAYERS_Q_V = 2 * 2  # LoRA layers on q_proj and v_proj of the tiny Llama's 2 blocks
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_torchrun_lorakit_train_matches_one_process(tmp_path, model_dir, jsonl, strategy):
+@pytest.mark.parametrize(
+    ("strategy", "adapter_flags", "extra_keys"),
+    [
+        ("ddp", [], 0),
+        ("fsdp", [], 0),
+        ("fsdp", ["--use-dora", "--trainable-token-indices", "3,5"], TWO_LAYERS_Q_V + 1),
+        ("fsdp", ["--lora-bias"], TWO_LAYERS_Q_V),
+    ],
+    ids=["ddp", "fsdp", "fsdp-dora-tokens", "fsdp-lora-bias"],
+)
+def test_torchrun_lorakit_train_matches_one_process(
+    tmp_path, model_dir, jsonl, strategy, adapter_flags, extra_keys
+):
     """``torchrun --nproc_per_node 2 -m lorakit train`` (batch 2 per process; DDP, or FSDP with
     the base sharded) ends with the adapter and losses of ``lorakit train`` in one process with
-    batch 4."""
+    batch 4; under FSDP also with DoRA magnitudes, trainable token rows or biases on B."""
     from lorakit import cli
 
     flags = [
@@ -127,6 +142,7 @@ def test_torchrun_lorakit_train_matches_one_process(tmp_path, model_dir, jsonl, 
         "--target-modules",
         "q_proj,v_proj",
         "--no-progress",
+        *adapter_flags,
     ]
     command = [
         sys.executable,
@@ -158,7 +174,7 @@ def test_torchrun_lorakit_train_matches_one_process(tmp_path, model_dir, jsonl, 
     assert cli.main(["train", *flags, "--batch-size", "4", "--output", str(tmp_path / "one")]) == 0
     ddp = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
     one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
-    assert ddp.keys() == one.keys() and len(one) == 2 * 2 * 2  # A, B of q and v in 2 layers
+    assert ddp.keys() == one.keys() and len(one) == 2 * TWO_LAYERS_Q_V + extra_keys  # A, B
     for key, tensor in one.items():
         torch.testing.assert_close(ddp[key], tensor, atol=1e-5, rtol=0)
     assert all(t.abs().max() > 1e-3 for k, t in one.items() if "lora_B" in k)  # trained
@@ -170,3 +186,41 @@ def test_torchrun_lorakit_train_matches_one_process(tmp_path, model_dir, jsonl, 
     torch.testing.assert_close(
         torch.tensor(losses["ddp"]), torch.tensor(losses["one"]), atol=1e-5, rtol=0
     )
+
+
+def _run_copy(source: Path, target: Path) -> Path:
+    """A copy of run directory ``source`` without its final adapter: a run to resume from its
+    last checkpoint."""
+    shutil.copytree(source, target)
+    shutil.rmtree(target / "adapter")
+    return target
+
+
+@pytest.mark.slow
+def test_a_checkpoint_resumes_with_its_own_batches_under_another_process_count(tmp_path):
+    """48 examples in global batches of 10: one process keeps the short batch of 8 (5 steps an
+    epoch), torchrun drops it (4). A one-process checkpoint resumed by 2 DDP processes (and the
+    reverse) keeps the checkpoint's epochs, so step 5 takes the same examples and the adapter is
+    the uninterrupted run's (tolerance 1e-5, as above)."""
+    flags = ["--steps", "6", "--checkpoint-every", "4", "--dropout", "0"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    torchrun += ["--nproc_per_node", "2", str(JOB)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def two_processes(output: Path, *extra: str) -> None:
+        command = [*torchrun, str(output), *flags, "--batch-size", "5", *extra]
+        completed = subprocess.run(
+            command, capture_output=True, text=True, timeout=240, env=environment
+        )
+        assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+
+    run_job([str(tmp_path / "one"), *flags, "--batch-size", "10"])
+    two_processes(tmp_path / "two")
+    two_processes(_run_copy(tmp_path / "one", tmp_path / "one-then-two"), "--resume")
+    resumed = _run_copy(tmp_path / "two", tmp_path / "two-then-one")
+    run_job([str(resumed), *flags, "--batch-size", "10", "--resume"])
+    for uninterrupted, resumed in (("one", "one-then-two"), ("two", "two-then-one")):
+        expected = load_file(tmp_path / uninterrupted / "adapter" / "adapter_model.safetensors")
+        tensors = load_file(tmp_path / resumed / "adapter" / "adapter_model.safetensors")
+        for key, tensor in expected.items():
+            torch.testing.assert_close(tensors[key], tensor, atol=1e-5, rtol=0)

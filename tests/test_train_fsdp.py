@@ -25,7 +25,14 @@ from lorakit.cli import main
 from lorakit.errors import UserError
 from lorakit.train import TrainingConfig, pad_collate, train
 from lorakit.train.config import SettingError
-from lorakit.train.fsdp import check_shardable, fsdp_units, local_parameter_bytes, shard, whole
+from lorakit.train.fsdp import (
+    ShardedSaver,
+    check_shardable,
+    fsdp_units,
+    local_parameter_bytes,
+    shard,
+    whole,
+)
 from lorakit.train.loop import enable_gradient_checkpointing
 from tests import tiny_models
 from tests.train_job import build_model, make_data
@@ -200,6 +207,45 @@ def test_a_quantized_base_is_refused():
     with pytest.raises(UserError, match="quantization_config"):
         check_shardable(model)
     check_shardable(build_model(0.0))  # a float base passes
+
+
+def test_layer_replication_is_refused_by_name():
+    """Copied blocks share their base weights, which FSDP2 cannot shard in two units: a
+    UserError naming layer_replication before sharding, not torch's ValueError."""
+    config = lorakit.LoraConfig(r=4, target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]])
+    model = lorakit.inject(tiny_models.llama(), config)
+    with pytest.raises(
+        UserError, match=r"layer_replication yet \(adapter 'default'.*--strategy ddp"
+    ):
+        check_shardable(model)
+
+
+def _saved_keys(model) -> set[str]:
+    """The keys of the adapter file a one-process run saves of ``model``."""
+    from lorakit.io.save import adapter_file_contents
+
+    return set(adapter_file_contents(model)[0])
+
+
+@pytest.mark.parametrize(
+    ("settings", "key_end"),
+    [
+        ({"use_dora": True}, ".lora_magnitude_vector"),
+        ({"lora_bias": True}, ".lora_B.bias"),
+        ({"trainable_token_indices": [3, 5]}, ".token_adapter.trainable_tokens_delta"),
+    ],
+)
+def test_the_sharded_saver_knows_the_parameter_of_every_saved_key(settings, key_end):
+    """DoRA magnitudes, biases on B and trainable token rows are saved under FSDP too: each key
+    of the one-process adapter file maps to the parameter holding it."""
+    config = lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **settings)
+    model = lorakit.inject(tiny_models.llama(), config)
+    saver = ShardedSaver(model)
+    keys = _saved_keys(model)
+    assert saver.parameter_of.keys() == keys and any(key.endswith(key_end) for key in keys)
+    parameters = dict(model.named_parameters())
+    for key, name in saver.parameter_of.items():
+        assert parameters[name].requires_grad, key
 
 
 def test_fsdp_in_one_process_is_refused_before_anything_loads(tmp_path, monkeypatch, capsys):

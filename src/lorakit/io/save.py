@@ -59,14 +59,13 @@ def _vocabulary_resized(model: nn.Module, config: LoraConfig) -> bool:
     return base_vocab is not None and base_vocab != vocab_size
 
 
-def adapter_file_contents(
-    model: nn.Module,
-    adapter_name: str = "default",
-    *,
-    dtype: torch.dtype | None = None,
-    save_embedding_layers: bool | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
-    """``(tensors, header metadata, config text)`` of adapter ``adapter_name``, as saved."""
+def adapter_file_entries(
+    model: nn.Module, adapter_name: str, embeddings: list[str]
+) -> tuple[list, list[str]]:
+    """``(entries, LoRA layer names)``: every tensor of adapter ``adapter_name``'s file
+    (``lorakit.io.keys.FileTensor``: its key and the model tensor behind it; DoRA magnitudes,
+    biases on B, trainable token rows and LoRA on bare parameters included) and the names of
+    the LoRA layers holding the adapter; ``embeddings``: the embedding layers saved whole."""
     config = _config_of(model, adapter_name)
     layers = [(name, layer) for name, layer in lora_layers(model) if adapter_name in layer.ranks]
     holders = [(n, w) for n, w in saved_modules(model) if adapter_name in w.modules_to_save]
@@ -76,9 +75,6 @@ def adapter_file_contents(
         for name, w in holders
         if isinstance(w, TrainableTokens)
     }
-    if save_embedding_layers is None:
-        save_embedding_layers = _vocabulary_resized(model, config)
-    embeddings = embedding_module_names(model) if save_embedding_layers else []
     lora_names = [name for name, _ in layers]
     parameter_layers = {
         name: layer.parameter_path(name)
@@ -96,13 +92,30 @@ def adapter_file_contents(
         token_modules=tokens,
         parameter_layers=parameter_layers,
     )
+    return entries, lora_names
+
+
+def adapter_file_contents(
+    model: nn.Module,
+    adapter_name: str = "default",
+    *,
+    dtype: torch.dtype | None = None,
+    save_embedding_layers: bool | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """``(tensors, header metadata, config text)`` of adapter ``adapter_name``, as saved."""
+    config = _config_of(model, adapter_name)
+    if save_embedding_layers is None:
+        save_embedding_layers = _vocabulary_resized(model, config)
+    embeddings = embedding_module_names(model) if save_embedding_layers else []
+    entries, lora_names = adapter_file_entries(model, adapter_name, embeddings)
     tensors = {}
     for entry in entries:
         tensor = model_tensor(model, entry, adapter_name).detach()
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         tensors[entry.key] = tensor.to("cpu", copy=True).contiguous()
-    config_text = config_to_json(model, config, [layer.base_layer for _, layer in layers])
+    bases = [model.get_submodule(name).base_layer for name in lora_names]
+    config_text = config_to_json(model, config, bases)
     metadata = {
         "format": "pt",
         fingerprint.METADATA_KEY: fingerprint.to_metadata(fingerprint.compute(model, lora_names)),

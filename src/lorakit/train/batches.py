@@ -19,6 +19,11 @@ dropped (``drop_last``), so every process always has the same number of non-empt
 micro-batches, and the full batches are the same as in a single process with the same ``G``.
 A global batch is split into ``grad_accum`` micro-batches (contiguous, so also of similar
 length); process ``rank`` takes a contiguous slice of each micro-batch.
+
+Whether the short batch is kept changes the epoch's length, hence which batch a step takes, so
+``identity`` names it when there is one: a checkpoint of one process resumed under torchrun (or
+the reverse) follows the checkpoint's choice where it can (``splits_short_batch``; see
+``lorakit.train.resume.resumed_drop_last``) and is refused otherwise.
 """
 
 from __future__ import annotations
@@ -74,6 +79,22 @@ class BatchOrder:
         return self.shuffle and self.lengths is not None and self.bucket_batches > 0
 
     @property
+    def short_batch(self) -> int:
+        """How many examples are left over after the full global batches (``n mod G``)."""
+        return self.num_examples % self.global_batch
+
+    @property
+    def splits_short_batch(self) -> bool:
+        """Whether each micro-batch of the short batch gives examples to every process or to
+        none, so that processes keeping it run the same number of forward and backward passes
+        (DDP and FSDP need that). Always in one process, and when there is no short batch."""
+        short = list(range(self.short_batch))
+        shares = [self._split(short, rank) for rank in range(self.world_size)]
+        return all(
+            len({bool(share[micro]) for share in shares}) == 1 for micro in range(self.grad_accum)
+        )
+
+    @property
     def steps_per_epoch(self) -> int:
         if self.drop_last:
             return self.num_examples // self.global_batch
@@ -93,7 +114,17 @@ class BatchOrder:
             if self.by_length
             else "shuffle",
             "lengths_sha256": lengths,
+            **self._short_batch_identity(),
         }
+
+    def _short_batch_identity(self) -> dict[str, str]:
+        """``{"short_batch": "kept (k of n examples)"}`` (or "dropped ...") when there is a short
+        batch; nothing otherwise (then dropping it changes nothing, and checkpoints of one
+        process and of torchrun stay interchangeable)."""
+        if not self.short_batch:
+            return {}
+        what = "dropped" if self.drop_last else "kept"
+        return {"short_batch": f"{what} ({self.short_batch} of {self.num_examples} examples)"}
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The global batches of ``epoch``, in the order the steps take them (cached)."""
@@ -132,7 +163,11 @@ class BatchOrder:
     def micro_batches(self, step: int, rank: int = 0) -> list[list[int]]:
         """The ``grad_accum`` micro-batches (lists of indices) that process ``rank`` runs at
         ``step``. Empty lists are possible in the short batch at the end of an epoch."""
-        indices = self.step_indices(step)
+        return self._split(self.step_indices(step), rank)
+
+    def _split(self, indices: list[int], rank: int) -> list[list[int]]:
+        """Process ``rank``'s slice of each of the ``grad_accum`` micro-batches of the global
+        batch ``indices`` (contiguous micro-batches, contiguous slices)."""
         per_micro = math.ceil(len(indices) / self.grad_accum)
         result = []
         for micro in range(self.grad_accum):

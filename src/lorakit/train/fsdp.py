@@ -19,7 +19,8 @@ tensor and AdamW moment (``DTensor.full_tensor``, collective) and process 0 writ
 files a one-process run writes, atomically, with the base fingerprint taken before sharding
 (``ShardedSaver``). The adapter is small (0.6% of a 7B base at r=16), so gathering it
 costs little, the final adapter is one ordinary PEFT directory, and a checkpoint can be resumed
-with FSDP, DDP or one process alike. ``torch.distributed.checkpoint``'s sharded files would save
+with FSDP, DDP or one process alike (with the same global batch; see
+``lorakit.train.resume.resumed_drop_last`` for the short batch). ``torch.distributed.checkpoint``'s sharded files would save
 that gathering only for adapters of many GB, at the price of a second checkpoint format.
 """
 
@@ -79,13 +80,32 @@ def quantization_of(model: nn.Module) -> str | None:
     return None
 
 
+def replicated_adapters(model: nn.Module) -> dict[str, list[list[int]]]:
+    """``{adapter name: its layer_replication}`` of the adapters that copied blocks. A copy
+    shares its base weights with the block it copies, and FSDP2 cannot shard one parameter in
+    two units (each block is one)."""
+    from lorakit.state import adapter_configs
+
+    configs = adapter_configs(model).items()
+    return {name: c.layer_replication for name, c in configs if c.layer_replication}
+
+
 def check_shardable(model: nn.Module) -> None:
-    """Refuse what FSDP training does not handle yet: a quantized base."""
+    """Refuse what FSDP training does not handle yet, before anything is sharded: a quantized
+    base, and blocks copied by ``layer_replication``."""
     reason = quantization_of(model)
     if reason is not None:
         raise UserError(
             f"--strategy fsdp cannot shard a quantized base yet ({reason}); train it with "
             "--strategy ddp or in one process, or use an unquantized base"
+        )
+    replicated = replicated_adapters(model)
+    if replicated:
+        name, pairs = next(iter(replicated.items()))
+        raise UserError(
+            f"--strategy fsdp cannot shard a model with layer_replication yet (adapter "
+            f"{name!r}: layer_replication={pairs!r}; its copied blocks share base weights, which "
+            "FSDP would shard twice); train it with --strategy ddp or in one process"
         )
 
 
@@ -209,16 +229,11 @@ class ShardedSaver:
 
 def _parameter_names_by_key(model: nn.Module, adapter_name: str, keys: set[str]) -> dict[str, str]:
     """``{file key: parameter name}`` for the file keys ``keys`` of adapter ``adapter_name``."""
-    from lorakit.io.keys import adapter_file_tensors, embedding_module_names, model_tensor
-    from lorakit.state import adapter_configs, lora_layers, saved_modules
+    from lorakit.io.keys import embedding_module_names, model_tensor
+    from lorakit.io.save import adapter_file_entries
 
-    config = adapter_configs(model)[adapter_name]
-    lora_names = [name for name, layer in lora_layers(model) if adapter_name in layer.ranks]
-    saved = [name for name, w in saved_modules(model) if adapter_name in w.modules_to_save]
-    entries = adapter_file_tensors(
-        model, config.bias, lora_names, saved, embedding_module_names(model)
-    )
     names = {id(parameter): name for name, parameter in model.named_parameters()}
+    entries, _ = adapter_file_entries(model, adapter_name, embedding_module_names(model))
     found = {}
     for entry in entries:
         if entry.key in keys:

@@ -14,6 +14,7 @@ checkpoints and the adapter are gathered by all processes and written by process
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -50,7 +51,7 @@ from lorakit.train.losses import (
 from lorakit.train.metrics import MetricsLog, plot_loss_curve, read_metrics
 from lorakit.train.optim import build_optimizer, parameter_groups
 from lorakit.train.output_dir import prepare_output_dir, write_final_adapter
-from lorakit.train.resume import check_resumable, last_values
+from lorakit.train.resume import check_resumable, last_values, resumed_drop_last
 from lorakit.train.schedule import build_scheduler, warmup_steps_for
 
 __all__ = ["TrainResult", "enable_gradient_checkpointing", "train"]
@@ -120,27 +121,22 @@ def train(
     """
     if len(train_data) == 0:
         raise UserError("the training data is empty")
-    return _Run(model, train_data, collate, config, eval_data, metric_fn, length_of).run(resume)
+    run = _Run(model, train_data, collate, config, eval_data, metric_fn, length_of, resume)
+    return run.run()
 
 
 class _Run:
     """The state of one training run (kept out of ``train`` to keep functions short)."""
 
-    def __init__(self, model, train_data, collate, config, eval_data, metric_fn, length_of):
+    def __init__(self, model, train_data, collate, config, eval_data, metric_fn, length_of, resume):
         self.model, self.data, self.collate, self.config = model, train_data, collate, config
         self.eval_data, self.metric_fn = eval_data, metric_fn
         self.eval_order = shortest_first(eval_data or [], length_of)
         self.dist: Distributed = setup_distributed(config.strategy)
         self.output_dir = Path(config.output_dir)
-        self.batch_order = BatchOrder(
-            len(train_data),
-            config.batch_size,
-            config.grad_accum,
-            self.dist.world_size,
-            config.seed,
-            drop_last=self.dist.enabled,
-            lengths=example_lengths(train_data, length_of),
-        )
+        self.resume = resume
+        self.resume_from = self._checkpoint_to_resume()
+        self.batch_order = self._batch_order(example_lengths(train_data, length_of))
         if self.batch_order.steps_per_epoch == 0:
             raise UserError(
                 f"{len(train_data)} training examples are fewer than one global batch "
@@ -151,12 +147,37 @@ class _Run:
         self.last_loss: float | None = None
         self.last_eval: dict[str, float] = {}
 
+    def _checkpoint_to_resume(self) -> Path | None:
+        """The checkpoint ``resume`` names: the newest one (True), a path, or None."""
+        if not self.resume:
+            return None
+        return latest_checkpoint(self.output_dir) if self.resume is True else Path(self.resume)
+
+    def _batch_order(self, lengths: tuple[int, ...] | None) -> BatchOrder:
+        """The batch plan: under torchrun the epoch's short batch is dropped, in one process kept,
+        except that a resumed run follows its checkpoint's choice where it can
+        (``resumed_drop_last``), so that its epochs have the checkpoint's length."""
+        config = self.config
+        order = BatchOrder(
+            len(self.data),
+            config.batch_size,
+            config.grad_accum,
+            self.dist.world_size,
+            config.seed,
+            drop_last=self.dist.enabled,
+            lengths=lengths,
+        )
+        if self.resume_from is None:
+            return order
+        drop_last = resumed_drop_last(read_state(self.resume_from), order)
+        return dataclasses.replace(order, drop_last=drop_last)
+
     # ------------------------------------------------------------------ set-up
-    def _prepare(self, resume: bool | str) -> int:
+    def _prepare(self) -> int:
         config = self.config
         main = self.dist.is_main
         prepare_output_dir(
-            self.output_dir, resume=bool(resume), overwrite=config.overwrite, is_main=main
+            self.output_dir, resume=bool(self.resume), overwrite=config.overwrite, is_main=main
         )
         self.dist.barrier()  # no process writes before every process has looked
         if config.gradient_checkpointing:
@@ -173,12 +194,12 @@ class _Run:
             self.optimizer, self.total_steps, warmup, config.min_lr_ratio
         )
         seed_everything(config.seed + self.dist.rank)
-        start_step = self._restore(resume) if resume else 0
+        start_step = self._restore() if self.resume else 0
         self.model.train()
         return start_step
 
-    def _restore(self, resume: bool | str) -> int:
-        directory = latest_checkpoint(self.output_dir) if resume is True else Path(resume)
+    def _restore(self) -> int:
+        directory = self.resume_from
         if directory is None:  # killed before its first checkpoint: start over, metrics too
             self.metrics.truncate_after(0)
             return 0
@@ -199,8 +220,8 @@ class _Run:
         return {} if config is None else json.loads(json.dumps(config.to_dict()))
 
     # ------------------------------------------------------------------ the loop
-    def run(self, resume: bool | str) -> TrainResult:
-        start_step = self._prepare(resume)
+    def run(self) -> TrainResult:
+        start_step = self._prepare()
         progress = self._progress_bar(start_step)
         for step in range(start_step, self.total_steps):
             record = self._optimizer_step(step)

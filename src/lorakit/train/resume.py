@@ -8,6 +8,12 @@ these (``trainer_state.json``: ``data_plan``, ``training_config``, ``lora_config
 ``check_resumable`` names every one that differs, with its flag, before anything is loaded. The
 loop's last loss and evaluation come back from ``metrics.jsonl`` (``last_values``), so a run
 resumed at its last step reports them as the uninterrupted run does.
+
+One part of the plan follows the checkpoint rather than the run: whether the epoch's short batch
+(``n mod G`` examples) is kept, as one process does, or dropped, as torchrun does
+(``resumed_drop_last``), so that a checkpoint can be resumed under another process count with
+the same global batch. Where this run's processes cannot split the short batch evenly, the
+difference is refused, naming the way to resume.
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import UserError
+from lorakit.train.batches import BatchOrder
 from lorakit.train.config import TrainingConfig, flag_name
 
-__all__ = ["TRAJECTORY_SETTINGS", "check_resumable", "last_values"]
+__all__ = ["TRAJECTORY_SETTINGS", "check_resumable", "last_values", "resumed_drop_last"]
 
 TRAJECTORY_SETTINGS = (
     "lr",
@@ -35,6 +42,27 @@ TRAJECTORY_SETTINGS = (
 settings are checked through the data plan)."""
 
 _LORA_FLAGS = {"r": "--r", "lora_alpha": "--alpha", "lora_dropout": "--dropout"}
+
+_SHORT_BATCH_HINT = (
+    " (the checkpoint's run kept the epoch's short batch, which this run's processes cannot "
+    "split so that each gets a share of every micro-batch: resume in one process, or with a "
+    "--batch-size, --grad-accum and process count whose product is the checkpoint's global "
+    "batch and that split it)"
+)
+
+
+def resumed_drop_last(state: dict[str, Any], order: BatchOrder) -> bool:
+    """Whether the run resuming the checkpoint of ``state`` drops the epoch's short batch: as the
+    checkpoint's run did, where this run can (one process can drop it; processes can keep it
+    when ``order.splits_short_batch``), else as ``order`` (this run's own plan) does, and
+    ``check_resumable`` names the difference. Its epochs then have the checkpoint's length, so
+    every remaining step takes the batch the interrupted run would have taken."""
+    saved = str(state.get("data_plan", {}).get("short_batch", ""))
+    if saved.startswith("dropped"):
+        return True
+    if saved.startswith("kept") and order.splits_short_batch:
+        return False
+    return order.drop_last
 
 
 def check_resumable(
@@ -56,7 +84,7 @@ def check_resumable(
         )
     saved_training = state.get("training_config", {})
     differences = [
-        f"{key.replace('_', ' ')} {plan.get(key)!r} (the checkpoint's: {saved_plan[key]!r})"
+        _plan_difference(key, plan, saved_plan)
         for key in saved_plan
         if saved_plan[key] != plan.get(key) and key not in saved_training  # (named below)
     ]
@@ -80,6 +108,15 @@ def check_resumable(
             f"adapter settings: {'; '.join(differences)}. Resume with the checkpoint's "
             f"settings{hint}, or start a new run (a new --output, or --overwrite)"
         )
+
+
+def _plan_difference(key: str, plan: dict[str, Any], saved_plan: dict[str, Any]) -> str:
+    """One difference of the data plan, in words; for a short batch the checkpoint kept and this
+    run's processes must drop (the global batch being the same), what to do instead."""
+    text = f"{key.replace('_', ' ')} {plan.get(key)!r} (the checkpoint's: {saved_plan[key]!r})"
+    if key == "short_batch" and plan.get("global_batch") == saved_plan.get("global_batch"):
+        text += _SHORT_BATCH_HINT
+    return text
 
 
 def last_values(records: list[dict[str, Any]]) -> tuple[float | None, dict[str, float]]:
