@@ -277,3 +277,36 @@ def test_a_load_that_found_no_room_below_its_limit_is_not_read_again_until_there
     assert bank.room_for("late")
     bank.acquire("late", loader)
     assert reads == ["late", "late"] and "all0" not in bank and "q" in bank
+
+
+def test_without_a_budget_every_pool_holds_capacity_adapters_of_the_largest_rank():
+    """Layer shares size the pools only within a memory budget: with a capacity alone, an
+    adapter of every layer must fit capacity times (a share of 0.25 left room for one)."""
+    from lorakit.serve.pool_sizes import pool_sizes
+
+    sizes = pool_sizes(
+        {"l.q": 100, "l.up": 300},
+        max_rank=8,
+        per_adapter=2,
+        slot_overhead=10,
+        capacity=4,
+        memory_budget=None,
+        shares={"l.q": 1.0, "l.up": 0.25},
+    )
+    assert (sizes.slots, sizes.pages) == (4, 8)
+    assert sizes.lengths == {"l.q": 8, "l.up": 8}
+
+
+def test_a_budget_beside_a_capacity_allocates_no_page_the_slots_cannot_use():
+    from lorakit.serve.pool_sizes import pool_sizes
+
+    sizes = pool_sizes(
+        {"l.q": 100, "l.up": 300},
+        max_rank=8,
+        per_adapter=2,
+        slot_overhead=10,
+        capacity=2,
+        memory_budget=50_000_000,
+    )
+    assert (sizes.slots, sizes.pages) == (2, 4)  # (it took the whole budget: 124,999 pages)
+    assert sizes.lengths == {"l.q": 4, "l.up": 4}

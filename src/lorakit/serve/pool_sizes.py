@@ -77,9 +77,12 @@ def pool_sizes(
     """The slots, page numbers and pool lengths: ``page_bytes[layer]`` a page's bytes in that
     layer's pool, ``per_adapter`` the pages of an adapter of the largest rank ``max_rank``,
     ``slot_overhead`` a slot's bytes. Without ``memory_budget``: ``capacity`` adapters of the
-    largest rank fit. With it: as many page numbers as fit ``sum_L n_L page_bytes[L] + slots x
-    slot_overhead`` within the budget (slots: at most one per page number, and at most
-    ``capacity``). ``ValueError`` when no adapter of the largest rank fits."""
+    largest rank fit, in every pool (``shares`` size pools only within a budget). With it: as
+    many page numbers as fit ``sum_L n_L page_bytes[L] + slots x slot_overhead`` within the
+    budget, each pool ``n_L`` = its share of them (at least one adapter's); slots: as many as
+    the budget's bytes allow at one page each, at most ``capacity``; page numbers: at most
+    ``slots x per_adapter``, which is all that ``slots`` adapters can use. ``ValueError`` when no
+    adapter of the largest rank fits."""
     if shares is not None and not any(shares.get(name, 0.0) > 0 for name in page_bytes):
         shares = None  # no share for any of these layers: nothing to size the pools by
     weight = {
@@ -95,11 +98,12 @@ def pool_sizes(
         if capacity is None or capacity < 1:
             raise ValueError(f"give a capacity >= 1 or a memory_budget (got capacity={capacity})")
         pages = capacity * per_adapter
-        return PoolSizes(capacity, pages, lengths(pages))
+        return PoolSizes(capacity, pages, dict.fromkeys(page_bytes, pages))
     mean_page = sum(weight[name] * size for name, size in page_bytes.items())
     estimate = int(memory_budget // (mean_page + slot_overhead))
     slots = estimate if capacity is None else min(capacity, estimate)
     pages = int((memory_budget - slots * slot_overhead) // mean_page)
+    pages = min(pages, slots * per_adapter)  # more page numbers than slots can use: none
 
     def pool_bytes(pages: int) -> int:
         return sum(n * page_bytes[name] for name, n in lengths(pages).items())
