@@ -247,3 +247,21 @@ def test_a_file_that_does_not_fit_is_refused_from_its_header(adapter_files, tmp_
         response = served.post("/v1/load_lora_adapter", body, AUTH)
         assert_error(response, 400, "lora_path", "has lora_A (32768, 4096)", "expected")
     assert reads == []
+
+
+def test_an_adapter_replaced_on_disk_is_read_again_at_its_next_request(adapter_files, tmp_path):
+    """A retrained adapter copied over a served one: the next request reads the new files
+    (the bank kept serving the old weights until an eviction switched silently)."""
+    served = served_copy(adapter_files, tmp_path, "swap")
+    greedy = dict(temperature=0, max_tokens=6)
+    with served.client:
+        texts = {
+            name: served.post("/v1/completions", completion(model=name, **greedy)).json()
+            for name in ("ad0", "ad1", "swap")
+        }
+        texts = {name: body["choices"][0]["text"] for name, body in texts.items()}
+        assert texts["swap"] == texts["ad0"] != texts["ad1"]
+        for file in (tmp_path / "adapters" / "ad1").iterdir():
+            shutil.copy(file, tmp_path / "adapters" / "swap" / file.name)
+        again = served.post("/v1/completions", completion(model="swap", **greedy)).json()
+    assert again["choices"][0]["text"] == texts["ad1"]

@@ -37,11 +37,9 @@ from dataclasses import asdict, dataclass
 from lorakit.combining import METHODS, combine
 from lorakit.errors import UserError
 from lorakit.io import fingerprint
-from lorakit.io.config_json import CONFIG_NAME
 from lorakit.io.keys import lora_keys
-from lorakit.io.read import WEIGHTS_NAME
 from lorakit.serve.protocol import APIError
-from lorakit.serve.registry import ServedAdapters
+from lorakit.serve.registry import ServedAdapters, file_identity
 
 __all__ = ["FIELD", "PREFIX", "Mixture", "Mixtures", "parse_mixture"]
 
@@ -141,20 +139,9 @@ class Mixtures:
                     f"'{FIELD}.ids': the adapter {adapter!r} is not served; see GET /v1/models",
                     "ids",
                 )
-            inputs.append([adapter, *self._identity(adapter)])
+            inputs.append([adapter, *file_identity(self.adapters.registry.path(adapter))])
         text = json.dumps([asdict(mixture), inputs], sort_keys=True)
         return PREFIX + hashlib.sha256(text.encode()).hexdigest()[:24]
-
-    def _identity(self, adapter: str) -> list[object]:
-        directory = self.adapters.registry.path(adapter)
-        stamps: list[object] = [str(directory)]
-        for file_name in (CONFIG_NAME, WEIGHTS_NAME):
-            try:
-                found = (directory / file_name).stat()
-                stamps += [found.st_size, found.st_mtime_ns]
-            except OSError:
-                stamps += [None, None]  # combine names the missing file
-        return stamps
 
     def prepare(self, mixture: Mixture) -> str:
         """Combine ``mixture`` unless it is cached and return its bank name; 400 when it cannot

@@ -30,12 +30,14 @@ from lorakit.io.read import (
     read_adapter,
     read_adapter_header,
 )
+from lorakit.serve.residency import AdapterInUseError
 
 __all__ = [
     "AdapterNameError",
     "AdapterRegistry",
     "ServedAdapters",
     "check_base",
+    "file_identity",
 ]
 
 log = logging.getLogger(__name__)
@@ -204,6 +206,19 @@ class AdapterRegistry:
             del self._paths[name]
 
 
+def file_identity(directory: Path) -> list[object]:
+    """``[directory, size and mtime of the config, of the weights]`` of an adapter directory
+    (None for a missing file): what changes when its files are replaced."""
+    stamps: list[object] = [str(directory)]
+    for file_name in (CONFIG_NAME, WEIGHTS_NAME):
+        try:
+            found = (directory / file_name).stat()
+            stamps += [found.st_size, found.st_mtime_ns]
+        except OSError:
+            stamps += [None, None]
+    return stamps
+
+
 class ServedAdapters:
     """The registry and the bank together: load on first use, add and remove at runtime."""
 
@@ -219,6 +234,7 @@ class ServedAdapters:
         self.registry = registry
         self.model = model
         self.allow_base_mismatch = allow_base_mismatch
+        self._identities: dict[str, list[object]] = {}  # name -> file_identity when read
 
     def _read(self, name: str, path: Path) -> AdapterFile:
         """The adapter files at ``path``: keys and shapes checked against the bank from the header
@@ -233,18 +249,39 @@ class ServedAdapters:
 
     def read(self, name: str):
         """``(config, tensors)`` of a registered adapter, its base fingerprint checked."""
-        adapter = self._read(name, self.registry.path(name))
+        path = self.registry.path(name)
+        identity = file_identity(path)  # before reading: a change meanwhile is seen later
+        adapter = self._read(name, path)
+        self._identities[name] = identity
         return adapter.config, adapter.tensors
 
     def ensure_loaded(self, name: str) -> None:
-        """Put a registered adapter into the bank if it is not there (LRU may evict another)."""
+        """Put a registered adapter into the bank if it is not there (LRU may evict another),
+        or read it again if its files were replaced since (``_drop_if_replaced``)."""
+        self._drop_if_replaced(name)
         self.bank.ensure_loaded(name, self.read)
+
+    def _drop_if_replaced(self, name: str) -> None:
+        """Evict ``name`` when its files changed since they were read, so that the load that
+        follows reads the new ones. While a request uses (or a replica pins) the old weights
+        they stay, with a warning, and the next request looks again."""
+        with self.bank.lock:
+            known = self._identities.get(name)
+            if name not in self.bank or known is None:
+                return
+            if known == file_identity(self.registry.path(name)):
+                return
+            try:
+                self.bank.evict(name)
+            except AdapterInUseError:
+                log.warning("adapter %r was replaced on disk; in use, reloaded when free", name)
 
     def add(self, name: str, relative_path: str | None) -> None:
         """Register ``root/relative_path`` as ``name`` and load it (errors leave nothing behind)."""
         path = self.registry.resolve(name, relative_path)
         if name in self.registry:
             raise AdapterNameError(f"adapter {name!r} is already loaded; unload it first.")
+        identity = file_identity(path)
         adapter = self._read(name, path)
         prepared = self.bank.prepare(name, adapter.config, adapter.tensors)  # outside the lock
         with self.bank.lock:  # loaded and registered in one step: see remove
@@ -254,6 +291,7 @@ class ServedAdapters:
             except BaseException:
                 self.bank.forget(name)
                 raise
+            self._identities[name] = identity
 
     def remove(self, name: str) -> None:
         """Evict and forget ``name``: ``KeyError`` when unknown, ``AdapterInUseError`` (nothing
