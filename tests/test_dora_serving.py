@@ -131,3 +131,17 @@ def test_a_dora_adapter_without_its_magnitudes_is_refused(setup) -> None:
     config = lorakit.LoraConfig(**SPECS["dora"])
     with pytest.raises(AdapterFileError, match=r"uses DoRA but has no .*lora_magnitude_vector"):
         bank.prepare("broken", config, tensors)
+
+
+def test_the_dora_gain_tables_are_counted_in_the_banks_memory(setup) -> None:
+    reference, _, _ = setup
+    model = tiny_models.llama()
+    prepare_for_serving(model, "all-linear")
+    bank = AdapterBank(model, max_rank=4, capacity=2)
+    pools = bank.memory_bytes()
+    bank.load_from_model("lora", reference, "lora")
+    assert bank.memory_bytes() == pools  # no DoRA adapter: no gain table
+    bank.load_from_model("dora", reference, "dora")
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][:-1]  # (lm_head)
+    gains = sum((bank.capacity + 1) * layer.out_features * 4 for layer in linears)
+    assert bank.memory_bytes() == pools + gains

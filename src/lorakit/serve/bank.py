@@ -135,9 +135,14 @@ class AdapterBank:
 
     def memory_bytes(self) -> int:
         """Bytes held by the page pools and scalings (fixed at construction; <=
-        ``memory_budget``)."""
+        ``memory_budget``), plus the DoRA gain tables (``(slots + 1) x d`` float32 per layer,
+        made when the first DoRA adapter is loaded; outside ``memory_budget``)."""
         return sum(
-            s.lora_A.nbytes + s.lora_B_t.nbytes + s.scaling.nbytes for s in self._stacks.values()
+            s.lora_A.nbytes
+            + s.lora_B_t.nbytes
+            + s.scaling.nbytes
+            + (0 if s.dora_gain is None else s.dora_gain.nbytes)
+            for s in self._stacks.values()
         )
 
     def resident_bytes(self) -> int:
