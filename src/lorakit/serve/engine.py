@@ -25,14 +25,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import torch
 from torch import nn
 
-from lorakit.serve.bank import AdapterBank, BankFullError, Loader
+from lorakit.serve.admission import Admission
+from lorakit.serve.bank import AdapterBank, Loader
 from lorakit.serve.cold_loads import ColdLoads
 from lorakit.serve.kv import BatchedCache, full_attention_cache
 from lorakit.serve.lean_decode import lean_decoder
 from lorakit.serve.openmp import release_idle_team
 from lorakit.serve.requests import (
     INTERNAL,
-    NO_ADAPTER_SLOT,
     EngineStats,
     EngineStoppedError,
     Event,
@@ -40,7 +40,6 @@ from lorakit.serve.requests import (
     GenerationRequest,
     QueueFullError,
     RequestHandle,
-    failure_kind,
 )
 from lorakit.serve.routing import Routing
 from lorakit.serve.sampling import SamplingParams, greedy_tokens, next_token
@@ -57,7 +56,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class Engine:
+class Engine(Admission):
     """Continuous-batching generation over an ``AdapterBank``.
 
     ``model``: a causal LM prepared with ``prepare_for_serving`` and served by ``bank``
@@ -295,107 +294,6 @@ class Engine:
         with self._wake:
             if self._waiting and not self._stopping:
                 self._wake.wait(timeout=0.01)
-
-    def _admit(self) -> None:
-        """Move waiting requests into the batch. Whatever goes wrong while one request's adapter
-        is read, checked or loaded, or its prompt prefilled, ends that request with an error
-        event and touches no other request. Cancelled requests leave the queue at once, even
-        while the batch is full."""
-        with self._wake:
-            cancelled = [r for r in self._waiting if r.cancelled]
-            if cancelled:
-                self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
-        if self._cold is not None:
-            cancelled += self._cold.take_cancelled()
-        for request in cancelled:
-            self._finish(request, "cancelled")
-        deferred: list[GenerationRequest] = []
-        while self._waiting and len(self._running) < self.max_batch:
-            with self._wake:
-                request = self._waiting.popleft()
-            if request.cancelled:
-                self._finish(request, "cancelled")
-                continue
-            if self._starving and request.id not in self._starving:
-                deferred.append(request)  # a request kept waiting too long goes first
-                continue
-            if not self._adapter_fits(request):
-                self._defer(request, deferred)  # its adapter would exceed max_loras
-                continue
-            try:
-                if not self._acquire_adapter(request):
-                    continue  # parked: its adapter is being loaded by a loader thread
-            except BankFullError:
-                if self._slot_will_free(deferred):
-                    self._defer(request, deferred)  # retried once a slot is let go
-                else:
-                    message = "no adapter slot is free (all pinned)"
-                    self._finish(request, "error", message, kind=NO_ADAPTER_SLOT)
-                continue
-            except Exception as error:
-                kind = failure_kind(error)
-                if kind == INTERNAL:
-                    log.exception("loading adapter %r failed", request.adapter)
-                message = str(error).strip("\"'") if isinstance(error, KeyError) else str(error)
-                self._finish(request, "error", message or type(error).__name__, kind=kind)
-                continue
-            self._admissions += 1
-            try:
-                self._prefill(request)
-            except Exception as error:
-                log.exception("prefill failed")
-                self._finish(request, "error", f"{type(error).__name__}: {error}", kind=INTERNAL)
-        with self._wake:
-            self._waiting.extendleft(reversed(deferred))
-
-    def _defer(self, request: GenerationRequest, deferred: list[GenerationRequest]) -> None:
-        """``request`` waits (for a slot, or for ``max_loras``) while requests behind it may go
-        ahead. Once ``max_batch`` requests were admitted since it first had to wait, it is
-        *starving*: until it runs no other request is admitted, so that requests for resident
-        adapters cannot keep its adapter out forever."""
-        deferred.append(request)
-        if request.blocked_since is None:
-            request.blocked_since = self._admissions
-        if self._admissions - request.blocked_since >= self.max_batch:
-            self._starving[request.id] = request
-
-    def _slot_will_free(self, deferred: list[GenerationRequest]) -> bool:
-        """A bank slot is held by something that will let it go: a running request, a load
-        under way, or a queued request that holds its adapter but has not started yet (a
-        finished load hands its slot to its requests before they run)."""
-        if self._running or (self._cold is not None and self._cold.in_flight):
-            return True
-        with self._wake:
-            queued = [*deferred, *self._waiting]
-        return any(r.slot >= 0 for r in queued)
-
-    def _adapter_fits(self, request: GenerationRequest) -> bool:
-        """The request's adapter is in the running batch, or the batch has fewer than
-        ``max_loras`` distinct adapters."""
-        if self.max_loras is None or request.adapter is None:
-            return True
-        running = {r.adapter for r in self._running if r.adapter is not None}
-        return request.adapter in running or len(running) < self.max_loras
-
-    def _acquire_adapter(self, request: GenerationRequest) -> bool:
-        """Hold the request's adapter in the bank; False: not resident, parked for a load
-        (re-raises a failed load's exception)."""
-        if request.load_error is not None:
-            error, request.load_error = request.load_error, None
-            if not (isinstance(error, BankFullError) and self.bank.room_for(request.adapter)):
-                raise error  # (a full bank that has room again since: load again)
-        if request.adapter is None or request.slot >= 0:
-            return True
-        if self.bank is None:
-            raise KeyError(f"adapter {request.adapter!r}: this engine serves no bank of adapters")
-        slot = self.bank.try_acquire(request.adapter)
-        if slot is None and self._cold is None:
-            slot = self.bank.acquire(request.adapter)  # KeyError: not loaded, no loader
-        if slot is None:
-            self._cold.park(request)
-            return False
-        request.slot = slot
-        return True
 
     def _prefill(self, request: GenerationRequest) -> None:
         """Run the prompt alone with its adapter; sample the first token; join the batch.
