@@ -12,7 +12,7 @@ written: ``merge`` keeps the float ``W = dequant(W0) + sum_a s_a B_a A_a`` besid
 ``unmerge`` drops it, and ``merge_and_unload`` returns a float model.
 
 Forwards may run in other threads during ``merge`` / ``unmerge``: each layer switches in one step
-(``layers.base.MergeState``), so each layer of such a forward computes ``W0 x + s B A x`` either
+(``layers.merging.MergeState``), so each layer of such a forward computes ``W0 x + s B A x`` either
 merged or not, and the output equals the merged and the unmerged model's within rounding. Which
 layers it sees merged is not defined (no model-wide lock); ``merge_and_unload``, which replaces
 modules, must not run beside forwards.

@@ -6,46 +6,33 @@ rule and compute the base and the low-rank branch (``lorakit.functional``). ``fo
 whole layer: ``h = base(x) + sum_a s_a B_a A_a dropout(x)`` by one of four named paths (a DoRA
 adapter adds ``(f - 1) W0 x~ + f s B A x~`` instead: ``dora_branch``, ``layers/dora.py``).
 
-Merge and unmerge replace the layer's ``MergeState`` whole and a forward reads it once, so a
-forward running in another thread during a merge sees each layer before or after it, never
-half-way: every layer computes ``W0 x + s B A x``, merged or not (equal within rounding); which
-layers of the model it sees merged is not defined. A base layer called as a module (hooks, extra
-arguments, a subclass) reads its own weight when it runs and is not covered.
+Merging and unmerging (``lorakit.layers.merging``, the ``Merging`` half of the class) replace
+the layer's ``MergeState`` whole and a forward reads it once, so a forward running in another
+thread during a merge sees each layer before or after it, never half-way: every layer computes
+``W0 x + s B A x``, merged or not (equal within rounding); which layers of the model it sees
+merged is not defined. A base layer called as a module (hooks, extra arguments, a subclass)
+reads its own weight when it runs and is not covered.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from lorakit import functional
+from lorakit.layers.merging import Merging, unmerged
 from lorakit.layers.per_call import current_override, current_router
 
-__all__ = ["LoraLayer", "MergeState"]
-
-
-class MergeState(NamedTuple):
-    """Which adapters a layer's weight holds (immutable: merge and unmerge install a new one):
-    ``adapters`` merged into ``weight`` (the merged Parameter), ``original`` the original one
-    kept aside (not registered as a parameter of the layer). ((), None, None) when unmerged."""
-
-    adapters: tuple[str, ...]
-    weight: nn.Parameter | None
-    original: nn.Parameter | None
-
-
-def _unmerged() -> MergeState:
-    return MergeState((), None, None)  # a new object each time: a reader compares by identity
+__all__ = ["LoraLayer"]
 
 
 def _same_adapters(chosen: tuple[str, ...], merged: tuple[str, ...]) -> bool:
     return chosen == merged or (bool(merged) and set(chosen) == set(merged))
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(Merging, nn.Module):
     """Common state of a module with LoRA adapters beside a frozen ``base_layer``.
 
     Per adapter name: ``ranks[name]`` (r), ``alphas[name]``, ``scalings[name]`` (s) and
@@ -70,7 +57,7 @@ class LoraLayer(nn.Module):
         self.scalings: dict[str, float] = {}
         self.dropouts: dict[str, float] = {}
         self.active_adapters: tuple[str, ...] = ()
-        self._merge_state = _unmerged()
+        self._merge_state = unmerged()
         self.base_fingerprints_before_init: dict[str, dict] = {}
         """Per adapter made by a base-changing init (``lorakit.init_methods``): the fingerprint
         of the base weight before it was overwritten (what a converted adapter fits)."""
@@ -105,19 +92,6 @@ class LoraLayer(nn.Module):
         override = current_override(self)
         chosen = self.active_adapters if override is None else override
         return tuple(name for name in chosen if name in self.ranks)
-
-    def read_merge_state(self) -> tuple[MergeState, torch.Tensor]:
-        """``(state, W0)``: the merge state and the original base weight, read consistently with
-        a merge or unmerge running in another thread (merge installs the state before the
-        weight, unmerge the weight before the state; a state that changed while the live weight
-        was read is read again)."""
-        while True:
-            state = self._merge_state
-            if state.adapters:
-                return state, state.original
-            weight = self.live_weight()
-            if self._merge_state is state:
-                return state, weight
 
     def base_output(self, weight: torch.Tensor, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``base(x)`` computed with ``weight`` (the merged or the original one). A base layer
@@ -323,94 +297,6 @@ class LoraLayer(nn.Module):
         for table in (self.ranks, self.alphas, self.scalings, self.dropouts):
             table.pop(adapter_name, None)
         self.active_adapters = tuple(a for a in self.active_adapters if a != adapter_name)
-
-    # ----------------------------------------------------------------- merge
-    def merge(self, adapter_names: Sequence[str]) -> None:
-        """Fold ``s B A`` of each named adapter into the base weight (idempotent, exact undo).
-
-        Raises ValueError (and leaves the weight untouched) if a delta is not finite.
-        """
-        prepared = self.prepare_merge(adapter_names)
-        if prepared is not None:
-            self.install_merge(prepared)
-
-    def prepare_merge(
-        self, adapter_names: Sequence[str]
-    ) -> tuple[tuple[str, ...], torch.Tensor] | None:
-        """``(names, W)``: the weight with the named adapters merged, ``W0 + sum_a s_a B_a A_a``
-        (a DoRA adapter adds ``f (W0 + s B A) - W0`` instead, ``merge_delta``; float32 sum,
-        rounded once to W0's dtype), for the adapters not merged yet; None if
-        there are none. Changes nothing; raises ValueError if W would hold inf/NaN.
-
-        Computed without autograd: with grad enabled, torch (2.13) takes a parameter's autograd
-        lock and then waits for the GIL, while a thread running the model holds the GIL and
-        waits for that lock, so a merge beside a running forward could deadlock."""
-        to_merge = tuple(dict.fromkeys(n for n in adapter_names if n not in self.merged_adapters))
-        if not to_merge:
-            return None
-        original = self.original_weight
-        with torch.no_grad():  # a weight edit: no graph, and no autograd locks (see below)
-            delta = self._merged_delta((*self.merged_adapters, *to_merge))
-            merged = (original.detach().to(torch.float32) + delta).to(original.dtype)
-        if not torch.isfinite(merged).all():
-            raise ValueError(
-                f"merging adapter(s) {list(to_merge)} would put non-finite values into the base "
-                "weight (the adapter holds inf/NaN or overflows the weight dtype); nothing was "
-                "changed."
-            )
-        return to_merge, merged
-
-    def install_merge(self, prepared: tuple[tuple[str, ...], torch.Tensor]) -> None:
-        """Install a weight from ``prepare_merge``, keeping the original Parameter for unmerge.
-        The new state goes in before the weight (see ``read_merge_state``)."""
-        to_merge, merged = prepared
-        state = self._merge_state
-        weight = nn.Parameter(merged, requires_grad=False)
-        original = self.original_weight
-        self._merge_state = MergeState((*state.adapters, *to_merge), weight, original)
-        self.set_live_weight(weight)
-
-    @property
-    def merged_adapters(self) -> tuple[str, ...]:
-        """The adapters folded into the base weight (() when unmerged)."""
-        return self._merge_state.adapters
-
-    @property
-    def original_weight(self) -> torch.Tensor:
-        """The base weight without any merged adapter (the very tensor the model was built with)."""
-        state = self._merge_state
-        return state.original if state.adapters else self.live_weight()
-
-    def unmerge(self) -> None:
-        """Put the original weight Parameter back: bit-identical, and ties to it restored.
-        The weight goes back before the state (see ``read_merge_state``)."""
-        state = self._merge_state
-        if not state.adapters:
-            return
-        self.set_live_weight(state.original)
-        self._merge_state = _unmerged()
-
-    def forget_original(self) -> None:
-        """Keep the merged weight for good (used by ``merge_and_unload``)."""
-        self._merge_state = _unmerged()
-
-    def unloaded_module(self, float_dtype: torch.dtype | None = None) -> nn.Module:
-        """What replaces this layer in ``merge_and_unload``: the base layer, holding the merged
-        weight for good (``float_dtype`` concerns quantized bases only)."""
-        self.forget_original()
-        return self.base_layer
-
-    def _merged_delta(self, adapter_names: Sequence[str]) -> torch.Tensor:
-        total = None
-        for name in adapter_names:
-            delta = self.merge_delta(name)
-            if not torch.isfinite(delta).all():
-                raise ValueError(
-                    f"adapter {name!r} holds non-finite values (inf/NaN); refusing to merge it "
-                    "into the base weight. Nothing was changed."
-                )
-            total = delta if total is None else total + delta
-        return total
 
     def extra_repr(self) -> str:
         parts = [

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit import fast, quantized
-from lorakit.layers.base import MergeState
 from lorakit.layers.linear import LoraLinear
+from lorakit.layers.merging import MergeState
 from lorakit.quantized.merge import float_linear, merged_weight
 
 __all__ = ["QuantizedLoraLinear"]
