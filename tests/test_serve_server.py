@@ -242,7 +242,8 @@ def test_chat_stream_is_openai_sse_ending_with_done(world):
         ("/v1/completions", {"model": "ad1", "prompt": " ".join(LINES * 3)}, 400),  # as OpenAI
         ("/v1/completions", {"model": "ad1", "prompt": [10**6]}, 400),
         ("/v1/chat/completions", {"model": "ad1", "messages": "hi"}, 400),
-        ("/v1/completions", {"model": "ad1", "prompt": "hi", "logprobs": 2}, 400),
+        ("/v1/completions", {"model": "ad1", "prompt": "hi", "logprobs": 21}, 400),
+        ("/v1/chat/completions", {"model": "ad1", "messages": [], "top_logprobs": 2}, 400),
         ("/v1/completions", {"model": "ad1", "prompt": "hi", "echo": True}, 400),
         ("/v1/completions", {"model": "ad1", "prompt": "hi", "presence_penalty": 0.5}, 400),
         ("/v1/completions", {"model": "ad1", "prompt": "hi", "logit_bias": {"5": 9}}, 400),
@@ -261,16 +262,69 @@ def test_bad_requests_get_openai_errors(world, path, body, status):
 def test_unimplemented_fields_are_refused_by_name_unless_they_ask_for_nothing(world):
     api = client(world)
     with pytest.raises(openai.BadRequestError) as refused:
-        api.chat.completions.create(
-            model="ad1", messages=[{"role": "user", "content": "hi"}], logprobs=True
-        )
-    assert refused.value.body["param"] == "logprobs"
+        api.completions.create(model="ad1", prompt="hi", echo=True)
+    assert refused.value.body["param"] == "echo"
     assert refused.value.body["code"] == "unsupported_parameter"
     neutral = dict(
-        logprobs=False, presence_penalty=0, frequency_penalty=0.0, logit_bias={}, temperature=0
+        echo=False, presence_penalty=0, frequency_penalty=0.0, logit_bias={}, temperature=0
     )
     got = api.completions.create(model="ad1", prompt="the quick brown", max_tokens=4, **neutral)
     assert got.choices[0].text == expected_text(world, "the quick brown", "ad1", 4)
+
+
+def reference_logprobs(world, prompt: str, adapter: str, count: int):
+    """(the ``count`` greedy token ids, log_softmax of the logits before each (float64)) of the
+    reference model with ``adapter``, as ``expected_text`` generates them."""
+    reference, prompt_ids = world["reference"], world["tokenizer"].encode(prompt)
+    with torch.no_grad(), lorakit.use_adapters(reference, [adapter]):
+        out = reference.generate(torch.tensor([prompt_ids]), max_new_tokens=count, do_sample=False)
+        logits = reference(out).logits[0].double()
+    generated = out[0, len(prompt_ids) :].tolist()
+    before = logits[len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(generated)]
+    if generated[-1] == world["tokenizer"].eos_token_id:  # ends the answer, not a token of it
+        generated, before = generated[:-1], before[:-1]
+    return generated, torch.log_softmax(before, dim=-1)
+
+
+def test_logprobs_are_the_models_log_probabilities_of_each_token(world):
+    """Completions (``logprobs: n``) and chat (``logprobs: true, top_logprobs: n``), whole and
+    streamed, against log_softmax of the reference model's logits."""
+    api, tokenizer = client(world), world["tokenizer"]
+    got = api.completions.create(
+        model="ad1", prompt="the quick brown", max_tokens=5, temperature=0, logprobs=3
+    )
+    logprobs = got.choices[0].logprobs
+    generated, expected = reference_logprobs(world, "the quick brown", "ad1", 5)
+    assert logprobs.tokens == [tokenizer.decode([i]) for i in generated]
+    for row, token, logprob, top in zip(
+        expected, generated, logprobs.token_logprobs, logprobs.top_logprobs, strict=True
+    ):
+        assert abs(logprob - float(row[token])) < 1e-4
+        best = torch.topk(row, 3)
+        assert list(top) == [tokenizer.decode([i]) for i in best.indices.tolist()]
+        assert max(top.values()) == pytest.approx(float(best.values[0]), abs=1e-4)
+    assert logprobs.text_offset[0] == 0 and "".join(logprobs.tokens) == got.choices[0].text
+    stream = api.chat.completions.create(
+        model="ad2",
+        messages=[{"role": "user", "content": "hello world"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        stream=True,
+    )
+    content = [
+        item
+        for c in stream
+        if c.choices and c.choices[0].logprobs
+        for item in c.choices[0].logprobs.content
+    ]
+    generated, expected = reference_logprobs(world, "user: hello world\nassistant:", "ad2", 4)
+    assert [item.token for item in content] == [tokenizer.decode([i]) for i in generated]
+    for row, token, item in zip(expected, generated, content, strict=True):
+        assert abs(item.logprob - float(row[token])) < 1e-4
+        assert len(item.top_logprobs) == 2 and item.top_logprobs[0].token == item.token
+        assert bytes(item.bytes).decode() == item.token
 
 
 def test_a_stream_with_include_usage_ends_with_the_usage_chunk(world):

@@ -42,7 +42,7 @@ from lorakit.serve.requests import (
     RequestHandle,
 )
 from lorakit.serve.routing import Routing
-from lorakit.serve.sampling import SamplingParams, greedy_tokens, next_token
+from lorakit.serve.sampling import SamplingParams, greedy_tokens, next_token, token_logprob
 
 __all__ = [
     "Engine",
@@ -358,14 +358,16 @@ class Engine(Admission):
         """Take ``token`` (None: sample it from ``logits`` (vocab,) with the request's settings)."""
         if token is None:
             token = next_token(logits.float(), request.params, request.generator)
-        piece = request.take(token, self.eos_token_ids, self.tokenizer)
+        top = request.params.logprobs
+        logprob = None if top is None else token_logprob(logits, token, top)
+        piece = request.take(token, self.eos_token_ids, self.tokenizer, logprob)
         if piece is None:
             return
-        final, text, ids = piece
+        final, text, ids, logprobs = piece
         if final is None:
-            request.deliver(Event(text, ids))
+            request.deliver(Event(text, ids, logprobs=logprobs))
         else:
-            self._finish(request, final, text=text, ids=ids)
+            self._finish(request, final, text=text, ids=ids, logprobs=logprobs)
 
     def _finish(
         self,
@@ -376,6 +378,7 @@ class Engine(Admission):
         kind: str | None = None,
         text: str = "",
         ids=(),
+        logprobs=(),
     ) -> None:
         if request.done:
             return
@@ -386,5 +389,14 @@ class Engine(Admission):
             self.bank.release(request.adapter)
         prompt_tokens, completion_tokens = len(request.prompt_ids), len(request.generated)
         request.deliver(
-            Event(text, tuple(ids), reason, error, prompt_tokens, completion_tokens, kind)
+            Event(
+                text,
+                tuple(ids),
+                reason,
+                error,
+                prompt_tokens,
+                completion_tokens,
+                kind,
+                tuple(logprobs),
+            )
         )

@@ -6,16 +6,19 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lorakit.serve.sampling import InvalidSamplingParam, SamplingParams
+from lorakit.serve.sampling import InvalidSamplingParam, SamplingParams, TokenLogprob
 
 __all__ = [
     "APIError",
     "CompletionJob",
     "chat_chunk",
+    "chat_logprobs",
     "completion_chunk",
+    "completion_logprobs",
     "error_body",
     "parse_body",
     "parse_job",
@@ -197,8 +200,6 @@ def _prompt(body: dict[str, Any], chat: bool) -> str | list[int] | list[dict[str
 
 
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
-    "logprobs": (False, 0),
-    "top_logprobs": (0,),
     "echo": (False,),
     "best_of": (1,),
     "suffix": ("",),
@@ -264,12 +265,72 @@ def parse_job(body: dict[str, Any], *, chat: bool, max_tokens_limit: int) -> Com
             top_p=_float_field(body, "top_p", 1.0),
             seed=_field(body, "seed", (int,), None),
             stop=tuple(stop),
+            logprobs=_logprobs(body, chat),
         )
     except InvalidSamplingParam as error:
-        raise APIError(400, str(error), param=error.field) from None
+        field = "top_logprobs" if chat and error.field == "logprobs" else error.field
+        raise APIError(400, str(error), param=field) from None
     stream = _field(body, "stream", (bool,), False)
     include_usage = _include_usage(body, stream)
     return CompletionJob(model, _prompt(body, chat), params, stream, chat, given, include_usage)
+
+
+def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
+    """How many alternatives each token's log-probability comes with (None: no logprobs):
+    chat asks with ``logprobs: true`` and ``top_logprobs: n``, completions with
+    ``logprobs: n``, as in OpenAI's API."""
+    if not chat:
+        return _field(body, "logprobs", (int,), None)
+    wanted = _field(body, "logprobs", (bool,), False)
+    top = _field(body, "top_logprobs", (int,), None)
+    if top is not None and not wanted:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return (top or 0) if wanted else None
+
+
+LOWEST_LOGPROB = -9999.0
+"""What a log-probability of -inf (a token the model rules out) is sent as: JSON has no
+infinities (vLLM sends the same)."""
+
+
+def _entry(text: str, logprob: float) -> dict[str, Any]:
+    return {
+        "token": text,
+        "logprob": max(logprob, LOWEST_LOGPROB),
+        "bytes": list(text.encode("utf-8")),
+    }
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob], token_text: Callable[[int], str]) -> dict:
+    """OpenAI's chat ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs}]}``,
+    ``token_text(id)`` the text of one token."""
+    content = []
+    for entry in entries:
+        item = _entry(token_text(entry.token_id), entry.logprob)
+        item["top_logprobs"] = [_entry(token_text(i), lp) for i, lp in entry.top]
+        content.append(item)
+    return {"content": content}
+
+
+def completion_logprobs(
+    entries: Sequence[TokenLogprob], token_text: Callable[[int], str], offset: int = 0
+) -> dict:
+    """OpenAI's legacy completion ``logprobs``: ``tokens``, ``token_logprobs``,
+    ``top_logprobs`` (``{text: logprob}`` per token) and ``text_offset`` (each token's
+    character offset in the completion, from ``offset``)."""
+    tokens = [token_text(entry.token_id) for entry in entries]
+    offsets = []
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [max(entry.logprob, LOWEST_LOGPROB) for entry in entries],
+        "top_logprobs": [
+            {token_text(i): max(lp, LOWEST_LOGPROB) for i, lp in entry.top} for entry in entries
+        ],
+        "text_offset": offsets,
+    }
 
 
 def _include_usage(body: dict[str, Any], stream: bool) -> bool:
@@ -324,9 +385,9 @@ def new_id(chat: bool) -> str:
 
 
 def completion_chunk(
-    request_id: str, model: str, text: str, finish_reason: str | None
+    request_id: str, model: str, text: str, finish_reason: str | None, logprobs=None
 ) -> dict[str, Any]:
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return {
         "id": request_id,
         "object": "text_completion",
@@ -337,9 +398,9 @@ def completion_chunk(
 
 
 def chat_chunk(
-    request_id: str, model: str, delta: dict[str, str], finish_reason: str | None
+    request_id: str, model: str, delta: dict[str, str], finish_reason: str | None, logprobs=None
 ) -> dict[str, Any]:
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     return {
         "id": request_id,
         "object": "chat.completion.chunk",
@@ -350,18 +411,23 @@ def chat_chunk(
 
 
 def full_response(
-    request_id: str, job: CompletionJob, text: str, finish_reason: str, usage: dict[str, int]
+    request_id: str,
+    job: CompletionJob,
+    text: str,
+    finish_reason: str,
+    usage: dict[str, int],
+    logprobs: dict | None = None,
 ) -> dict[str, Any]:
     if job.chat:
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": text},
-            "logprobs": None,
+            "logprobs": logprobs,
             "finish_reason": finish_reason,
         }
         kind = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         kind = "text_completion"
     return {
         "id": request_id,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorakit.errors import UserError
-from lorakit.serve.sampling import SamplingParams, StopTextTracker
+from lorakit.serve.sampling import SamplingParams, StopTextTracker, TokenLogprob
 
 __all__ = [
     "ADAPTER_NOT_FOUND",
@@ -84,6 +84,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error_kind: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when the request asked for them
 
 
 @dataclass
@@ -110,13 +111,15 @@ class GenerationRequest:
             self.generator.manual_seed(self.params.seed)
         self.stop_text = StopTextTracker(self.params.stop)
         self.pending_ids: list[int] = []
+        self.pending_logprobs: list[TokenLogprob] = []
 
     def take(
-        self, token: int, eos_token_ids: set[int], tokenizer
-    ) -> tuple[str | None, str, tuple[int, ...]] | None:
-        """Record a sampled ``token``: ``(finish reason or None, new text, new ids)`` to send,
-        or None when nothing can be sent yet (text that may still become a stop string, or an
-        incomplete character, is held back). EOS ends with "stop" and is not part of the output.
+        self, token: int, eos_token_ids: set[int], tokenizer, logprob: TokenLogprob | None = None
+    ) -> tuple[str | None, str, tuple[int, ...], tuple[TokenLogprob, ...]] | None:
+        """Record a sampled ``token`` (with its ``logprob`` when asked for): ``(finish reason or
+        None, new text, new ids, their logprobs)`` to send, or None when nothing can be sent yet
+        (text that may still become a stop string, or an incomplete character, is held back).
+        EOS ends with "stop" and is not part of the output.
         """
         final = None
         if token in eos_token_ids:
@@ -124,6 +127,8 @@ class GenerationRequest:
         else:
             self.generated.append(token)
             self.pending_ids.append(token)
+            if logprob is not None:
+                self.pending_logprobs.append(logprob)
             if len(self.generated) >= self.params.max_tokens:
                 final = "length"
         text = ""
@@ -135,7 +140,8 @@ class GenerationRequest:
         if final is None and not text and not self.pending_ids:
             return None
         ids, self.pending_ids = tuple(self.pending_ids), []
-        return final, text, ids
+        logprobs, self.pending_logprobs = tuple(self.pending_logprobs), []
+        return final, text, ids, logprobs
 
     def deliver(self, event: Event) -> None:
         """Hand ``event`` to the consumer; a failing callback cancels the request, nothing else."""

@@ -93,11 +93,11 @@ async def answer(
         if job.stream:
             streaming = True
             return StreamingResponse(
-                _sse(job, first, events, watcher),
+                _sse(job, first, events, watcher, _token_text(engine.tokenizer)),
                 media_type="text/event-stream",
                 background=BackgroundTask(events.cancel),  # also when the client disconnects
             )
-        return await _complete(job, first, events)
+        return await _complete(job, first, events, _token_text(engine.tokenizer))
     except BaseException:  # the server is cancelling this handler, or it failed
         events.cancel()
         raise
@@ -123,37 +123,68 @@ def _cancel_on_disconnect(receive: Receive | None, events: EventStream) -> async
     return asyncio.ensure_future(watch())
 
 
-async def _complete(job: CompletionJob, first: Event, events: EventStream) -> dict:
-    pieces, last = [first.text], first
+def _token_text(tokenizer) -> Callable[[int], str]:
+    """The text of one token id, as logprobs name tokens (the id itself without a tokenizer)."""
+    if tokenizer is None:
+        return str
+    return lambda token_id: tokenizer.decode([token_id])
+
+
+def _logprobs(job: CompletionJob, entries, token_text, offset: int = 0) -> dict | None:
+    """The choice's ``logprobs`` for ``entries`` in the chat or the completion format (None
+    when the request asked for none)."""
+    if job.params.logprobs is None:
+        return None
+    if job.chat:
+        return protocol.chat_logprobs(entries, token_text)
+    return protocol.completion_logprobs(entries, token_text, offset)
+
+
+async def _complete(job: CompletionJob, first: Event, events: EventStream, token_text) -> dict:
+    pieces, entries, last = [first.text], list(first.logprobs), first
     async for event in events:
         pieces.append(event.text)
+        entries += event.logprobs
         last = event
     if last.finish_reason not in _DONE:
         raise failure(last, job.model)
     usage = protocol.usage(last.prompt_tokens, last.completion_tokens)
     return protocol.full_response(
-        protocol.new_id(job.chat), job, "".join(pieces), last.finish_reason, usage
+        protocol.new_id(job.chat),
+        job,
+        "".join(pieces),
+        last.finish_reason,
+        usage,
+        _logprobs(job, entries, token_text),
     )
 
 
 async def _sse(
-    job: CompletionJob, first: Event, events: EventStream, watcher: asyncio.Task | None
+    job: CompletionJob,
+    first: Event,
+    events: EventStream,
+    watcher: asyncio.Task | None,
+    token_text: Callable[[int], str],
 ) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format (with ``job.include_usage``, a last chunk of
     usage), then ``data: [DONE]``. A request failing after its first token ends with an error
     object in the stream (the status is sent)."""
     request_id = protocol.new_id(job.chat)
+    offset = 0  # characters of the completion sent so far (the legacy text_offset)
 
-    def chunk(text: str | None, finish: str | None) -> str:
+    def chunk(text: str | None, finish: str | None, entries=()) -> str:
+        nonlocal offset
+        logprobs = _logprobs(job, entries, token_text, offset) if entries else None
         if job.chat:
             delta = (
                 {"role": "assistant", "content": ""}
                 if text is None
                 else ({"content": text} if text else {})
             )
-            payload = protocol.chat_chunk(request_id, job.model, delta, finish)
+            payload = protocol.chat_chunk(request_id, job.model, delta, finish, logprobs)
         else:
-            payload = protocol.completion_chunk(request_id, job.model, text or "", finish)
+            payload = protocol.completion_chunk(request_id, job.model, text or "", finish, logprobs)
+        offset += len(text or "")
         if job.include_usage:
             payload["usage"] = None
         return f"data: {json.dumps(payload)}\n\n"
@@ -167,8 +198,8 @@ async def _sse(
         if job.chat:
             yield chunk(None, None)
         async for event in everything():
-            if event.text:
-                yield chunk(event.text, None)
+            if event.text or event.logprobs:
+                yield chunk(event.text, None, event.logprobs)
             if event.finish_reason in _DONE:
                 yield chunk("", event.finish_reason)
                 if job.include_usage:

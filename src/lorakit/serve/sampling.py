@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 __all__ = [
     "GREEDY_BELOW",
+    "MAX_LOGPROBS",
     "SEED_RANGE",
     "InvalidSamplingParam",
     "SamplingParams",
     "StopTextTracker",
+    "TokenLogprob",
     "greedy_tokens",
     "next_token",
+    "token_logprob",
 ]
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy (see next_token)
+MAX_LOGPROBS = 20  # most alternatives a request may ask for (OpenAI's top_logprobs, vLLM's)
 
 
 class InvalidSamplingParam(ValueError):
@@ -43,6 +48,8 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    """None: none; n: each token's log-probability and the n most likely alternatives'."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -58,6 +65,10 @@ class SamplingParams:
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise InvalidSamplingParam(
                 "seed", f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed}"
+            )
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidSamplingParam(
+                "logprobs", f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"
             )
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidSamplingParam(
@@ -95,6 +106,25 @@ def greedy_tokens(logits: torch.Tensor, params: list[SamplingParams]) -> list[in
         return [None] * len(params)
     tokens = torch.argmax(logits, dim=-1).tolist()
     return [token if is_greedy else None for token, is_greedy in zip(tokens, greedy, strict=True)]
+
+
+class TokenLogprob(NamedTuple):
+    """A generated token's log-probability and the ``top`` alternatives' (``(id, logprob)``,
+    most likely first), under the model's distribution (before temperature and top-p)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """``TokenLogprob`` of ``token`` from ``logits`` (vocab,): ``log_softmax`` in float32."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    alternatives = ()
+    if top:
+        values, ids = torch.topk(logprobs, top)
+        alternatives = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token, float(logprobs[token]), alternatives)
 
 
 class StopTextTracker:
