@@ -227,3 +227,17 @@ def test_bootstrap_d90_interval_from_seeds():
     assert mixed["of_gain"] == {"point": None, "low": None, "high": None, "undefined": 1.0}
     with pytest.raises(ValueError, match="at least one score"):
         bootstrap_d90({100: []}, [0.9], [0.7])
+
+
+def test_a_score_exactly_at_the_threshold_reaches_it():
+    """Accuracies are multiples of 1/n: 0.72 is 90% of 0.80 (in floats 0.9 * 0.80 is
+    0.7200000000000001), and a gain of 0.27 is 90% of 0.30."""
+    from lorakit.analysis.intrinsic import bootstrap_d90, d90, d90_of_gain
+
+    assert d90({1000: 0.72, 3000: 0.75}, full_score=0.80) == 1000
+    assert d90_of_gain({1000: 0.77, 3000: 0.79}, full_score=0.80, frozen_score=0.50) == 1000
+    assert d90({1000: 0.7199}, full_score=0.80) is None
+    found = bootstrap_d90({1000: [0.77, 0.77]}, full=[0.80], frozen=[0.50], resamples=10)
+    assert found["of_gain"]["point"] == 1000 and found["of_gain"]["undefined"] == 0
+    with pytest.raises(ValueError, match="resamples must be >= 1"):
+        bootstrap_d90({1000: [0.77]}, full=[0.80], frozen=[0.50], resamples=0)

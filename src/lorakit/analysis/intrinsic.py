@@ -180,9 +180,17 @@ class IntrinsicDimension(nn.Module):
         return functional_call(self.model, self.reparametrised(), args, kwargs, strict=False)
 
 
+TIE_TOLERANCE = 1e-9
+"""How far below ``threshold * full`` a score may be in floating point and still reach it:
+accuracies are multiples of 1/n, so a score exactly at 90% is common, and ``0.9 * 0.80`` is
+0.7200000000000001 in floating point (far below any accuracy's resolution)."""
+
+
 def d90(scores: Mapping[int, float], full_score: float, threshold: float = 0.9) -> int | None:
-    """Smallest d with ``scores[d] >= threshold * full_score`` (None if no d reaches it)."""
-    reached = [d for d, score in scores.items() if score >= threshold * full_score]
+    """Smallest d with ``scores[d] >= threshold * full_score`` (None if no d reaches it); a
+    score equal to the target up to rounding (``TIE_TOLERANCE``) reaches it."""
+    target = threshold * full_score - TIE_TOLERANCE * max(1.0, abs(full_score))
+    reached = [d for d, score in scores.items() if score >= target]
     return min(reached) if reached else None
 
 
@@ -221,6 +229,8 @@ def bootstrap_d90(
     """
     if not runs or not full or not frozen or any(not v for v in runs.values()):
         raise ValueError("bootstrap_d90 needs at least one score per dimension and baseline")
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
     rng = random.Random(seed)
 
     def draw(values: Sequence[float]) -> float:
