@@ -189,3 +189,34 @@ def test_subspace_similarity_of_known_subspaces():
             assert grid[i - 1, j - 1] == pytest.approx(subspace_similarity(u1, mixed, i, j))
     with pytest.raises(ValueError, match="must be in"):
         subspace_similarity(u1, mixed, 5, 1)
+
+
+def test_rank_advice_keeps_float64_energies_and_names_blocks_that_start_a_name():
+    """Energies padded in float32 advised rank 1 where float64 needs 2; a module named
+    ``0.attn.q`` (a top-level ModuleList of blocks) is the type ``attn.q`` in block 0."""
+    from lorakit.analysis.report import rank_advice
+    from lorakit.analysis.spectrum import Spectrum
+
+    values = torch.tensor([1.0, 1e-4], dtype=torch.float64)
+    assert rank_advice([Spectrum("model.layers.0.q_proj", (2, 2), values, 2)], 1.0)[0].rank == 2
+    blocks = [
+        Spectrum(f"{index}.attn.q", (2, 2), torch.ones(2, dtype=torch.float64), 2)
+        for index in range(3)
+    ]
+    assert [(s.module_type, s.layer_index) for s in blocks[:2]] == [("attn.q", 0), ("attn.q", 1)]
+    assert [(a.module_type, a.layers) for a in rank_advice(blocks)] == [("attn.q", 3)]
+
+
+def test_spectra_of_a_dora_adapter_are_refused_by_name(tmp_path):
+    """A DoRA update f (W0 + s B A) - W0 is not s B A: no spectrum of B A is reported."""
+    from lorakit.analysis.sources import adapter_dir_spectra
+    from lorakit.analysis.spectrum import adapter_spectra
+
+    model = lorakit.inject(
+        tiny_models.llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)
+    )
+    lorakit.save_adapter(model, tmp_path)
+    with pytest.raises(lorakit.UserError, match="DoRA adapter"):
+        adapter_spectra(model)
+    with pytest.raises(lorakit.UserError, match="DoRA adapter"):
+        adapter_dir_spectra(tmp_path)

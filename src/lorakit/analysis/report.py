@@ -47,7 +47,8 @@ def _uniform_rank(spectra: Sequence[Spectrum], share: float) -> int:
     for spectrum in spectra:
         energy = spectrum.singular_values.to(torch.float64) ** 2
         cumulative = torch.cumsum(energy, 0)
-        padded = torch.full((longest,), float(cumulative[-1]) if len(cumulative) else 0.0)
+        last = float(cumulative[-1]) if len(cumulative) else 0.0
+        padded = torch.full((longest,), last, dtype=torch.float64)
         padded[: len(cumulative)] = cumulative
         kept += padded
     total = float(kept[-1])

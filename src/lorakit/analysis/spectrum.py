@@ -122,8 +122,8 @@ class Spectrum:
         """The module's role, the same in every block: the name after the block index
         (``model.layers.3.self_attn.q_proj`` -> ``self_attn.q_proj``, BERT's
         ``...layer.0.output.dense`` -> ``output.dense``), or the name itself outside blocks."""
-        found = _LAYER_INDEX.search(self.name)
-        return self.name[found.end() :] if found else self.name
+        found = _LAYER_INDEX.search(f".{self.name}")  # (a name may start with the index)
+        return self.name[found.end() - 1 :] if found else self.name
 
     @property
     def layer_index(self) -> int | None:
@@ -195,6 +195,8 @@ def adapter_factors(
             continue
         if isinstance(layer, LoraParameter):
             raise _per_expert_error(name)
+        if layer.is_dora(adapter_name):
+            raise _dora_error(adapter_name)
         lora_A, lora_B = layer.adapter_parameters(adapter_name)[:2]
         yield name, lora_A, lora_B, layer.scalings[adapter_name]
 
@@ -220,6 +222,8 @@ def tensor_factors(
     """
     if config.target_parameters:
         raise _per_expert_error(str(config.target_parameters))
+    if config.use_dora:
+        raise _dora_error("in the file")
     pairs = lora_key_pairs(tensors)  # {module: {"lora_A": key, "lora_B": key}}
     for name, keys in sorted(
         pairs.items(), key=lambda item: _natural_key(item[1].get("lora_A", ""))
@@ -254,6 +258,14 @@ def _per_expert_error(what: str) -> UserError:
     return UserError(
         f"the adapter adapts bare parameters ({what}, target_parameters): their factors hold "
         "one rank-r block per expert, and spectra of such updates are not implemented."
+    )
+
+
+def _dora_error(what: str) -> UserError:
+    return UserError(
+        f"the adapter {what} is a DoRA adapter (use_dora): its update f (W0 + s B A) - W0 "
+        "rescales whole rows and is not the low-rank s B A, so a spectrum of B A would "
+        "mislead; spectra of DoRA updates are not implemented."
     )
 
 
