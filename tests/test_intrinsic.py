@@ -241,3 +241,28 @@ def test_a_score_exactly_at_the_threshold_reaches_it():
     assert found["of_gain"]["point"] == 1000 and found["of_gain"]["undefined"] == 0
     with pytest.raises(ValueError, match="resamples must be >= 1"):
         bootstrap_d90({1000: [0.77]}, full=[0.80], frozen=[0.50], resamples=0)
+
+
+def test_fastfood_of_a_half_precision_theta_runs_in_float32():
+    """In float16 the transform's intermediate values (about L |θ_d|) overflowed: NaN and
+    zeros came out. θ_d is rounded to float16 once; the transform itself runs in float32."""
+    projection = Fastfood(32768, 1_000_000, seed=0)
+    theta = torch.randn(32768, generator=torch.Generator().manual_seed(1)).half()
+    exact = projection(theta.double())
+    got = projection(theta)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert float((got.double() - exact).norm() / exact.norm()) < 1e-5
+    with pytest.raises(TypeError, match=r"tables were cast to torch\.float16"):
+        Fastfood(8, 64).half()(torch.ones(8))
+
+
+def test_fastfood_runs_on_the_device_of_theta():
+    projection = Fastfood(10, 200).to("meta")
+    assert projection(torch.ones(10, device="meta")).device.type == "meta"
+
+
+def test_half_precision_parameters_are_refused_by_name():
+    """SAID's steps are below bfloat16's resolution of θ_0: most would be rounded away."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).to(torch.bfloat16)
+    with pytest.raises(TypeError, match=r"parameter '0\.weight' is torch\.bfloat16"):
+        IntrinsicDimension(model, 4)

@@ -12,8 +12,13 @@ next power of two >= d) goes through n = ceil(D / L) independent blocks, stacked
 
 H is the (unnormalised, ±1) Walsh–Hadamard matrix applied in O(L log L), B_b a random ±1
 diagonal, Π_b a random permutation, G_b a Gaussian diagonal. Each block's columns have norm
-exactly 1/sqrt(n), so the columns of P have unit norm (up to the cut of the last block).
-Memory: O(D) for the random diagonals and permutations, never O(D d).
+exactly 1/sqrt(n), so the columns of P have unit norm when L divides D; the cut of the last
+block shortens them where D is not much larger than L (norms 0.72-0.74 at d = 1,000,
+D = 1,100; 0.995-1.000 at D = 10.6M, experiment 5b's). Memory: O(D) for the random diagonals
+and permutations, never O(D d). The transform runs in float32 at least (in float16 its
+intermediate values, about L |θ_d|, overflow), and the reparametrised tensors must be float32
+or float64: SAID's steps, about |θ_d| / sqrt(D) per number, are below bfloat16's resolution of
+θ_0, so most of them would be rounded away.
 d90 is the smallest d whose score reaches 90% of full fine-tuning's (``d90``, the paper's
 definition); ``d90_of_gain`` asks for 90% of the gain over the frozen baseline instead, and
 ``bootstrap_d90`` gives both with a percentile interval from resampled seeds.
@@ -42,9 +47,9 @@ __all__ = [
 
 
 @functools.lru_cache(maxsize=16)
-def _sylvester(size: int, dtype: torch.dtype) -> torch.Tensor:
+def _sylvester(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The (size x size) ±1 Sylvester–Hadamard matrix (size a power of two)."""
-    matrix = torch.ones(1, 1, dtype=dtype)
+    matrix = torch.ones(1, 1, dtype=dtype, device=device)
     while matrix.shape[0] < size:
         matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
     return matrix
@@ -66,7 +71,8 @@ def _fwht(x: torch.Tensor, factor_bits: int = 6) -> torch.Tensor:
         bits -= min(bits, factor_bits)
     y = x.reshape(-1, *sizes)  # (batch, f1, f2, ...)
     for axis, size in enumerate(sizes, start=1):
-        y = torch.movedim(torch.movedim(y, axis, -1) @ _sylvester(size, x.dtype), -1, axis)
+        factor = _sylvester(size, x.dtype, x.device)
+        y = torch.movedim(torch.movedim(y, axis, -1) @ factor, -1, axis)
     return y.reshape(x.shape)
 
 
@@ -111,13 +117,22 @@ class Fastfood(nn.Module):
         self.register_buffer("normaliser", norm)  # (n, 1)
 
     def forward(self, theta_d: torch.Tensor) -> torch.Tensor:
-        padded = torch.zeros(self.block, dtype=theta_d.dtype, device=theta_d.device)
-        padded = padded.index_copy(0, torch.arange(self.dimension), theta_d)  # (L,)
-        x = self.signs.to(theta_d.dtype) * padded  # B x: (n, L)
+        """P θ_d (D,), in θ_d's dtype or float32, whichever is wider."""
+        if self.normaliser.dtype not in (torch.float32, torch.float64):
+            raise TypeError(
+                f"the Fastfood tables were cast to {self.normaliser.dtype}, where the transform "
+                "overflows; keep them in float32 or float64 (cast the model, not this module)"
+            )
+        dtype = torch.promote_types(theta_d.dtype, torch.float32)
+        device = theta_d.device
+        padded = torch.zeros(self.block, dtype=dtype, device=device)
+        positions = torch.arange(self.dimension, device=device)
+        padded = padded.index_copy(0, positions, theta_d.to(dtype))  # (L,)
+        x = self.signs.to(dtype) * padded  # B x: (n, L)
         x = hadamard_transform(x)  # H B x
         x = torch.gather(x, 1, self.permutation)  # Π H B x
-        x = hadamard_transform(self.gaussian.to(theta_d.dtype) * x)  # H G Π H B x
-        return (x / self.normaliser.to(theta_d.dtype)).reshape(-1)[: self.total]  # (D,)
+        x = hadamard_transform(self.gaussian.to(dtype) * x)  # H G Π H B x
+        return (x / self.normaliser.to(dtype)).reshape(-1)[: self.total]  # (D,)
 
 
 class IntrinsicDimension(nn.Module):
@@ -147,6 +162,15 @@ class IntrinsicDimension(nn.Module):
         if unknown:
             raise ValueError(
                 f"unknown parameter name(s) {unknown[:5]}; see model.named_parameters()"
+            )
+        narrow = [
+            n for n in parameter_names if named[n].dtype not in (torch.float32, torch.float64)
+        ]
+        if narrow:
+            raise TypeError(
+                f"parameter {narrow[0]!r} is {named[narrow[0]].dtype}: SAID's steps (about "
+                "|θ_d| / sqrt(D) per number) are below its resolution of θ_0 and would be "
+                "rounded away; reparametrise a float32 (or float64) copy of the model"
             )
         self.model = model
         self.names = list(parameter_names)
