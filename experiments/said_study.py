@@ -295,6 +295,7 @@ def report(args, path) -> None:
         f"{args.name}.json",
         {"task": args.task, "head": args.head, "table": table, "d90": found, "rows": len(rows)},
     )
+    plot_curve(table, found, args.task, common.RESULTS / f"{args.name}.png")
     print("| setting | lr | seeds | test acc % | val acc % | steps (best) | counted d | h |")
     print("|---|---|---|---|---|---|---|---|")
     for t in table:
@@ -306,6 +307,37 @@ def report(args, path) -> None:
         )
     for name, value in found.items():
         print(f"d90 {name}: {value}")
+
+
+def plot_curve(table: list[dict], found: dict, task: str, path) -> None:
+    """Test and validation accuracy (mean ± std over seeds, best lr per d) against d, beside
+    the frozen and full fine-tuning bands and the d90 of the gain."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lorakit.analysis.plots import save_figure
+
+    said = [t for t in table if t["setting"].startswith("said")]
+    dims = [int(t["setting"].split("=")[1]) for t in said]
+    baselines = {t["setting"]: t for t in table if not t["setting"].startswith("said")}
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    for axis, split in zip(axes, ("test_accuracy", "val_accuracy"), strict=True):
+        means = [100 * t[split][0] for t in said]
+        spreads = [100 * t[split][1] for t in said]
+        axis.errorbar(dims, means, yerr=spreads, marker="o", capsize=3, label="SAID (best lr)")
+        for name, color in (("frozen", "tab:red"), ("full", "black")):
+            mean, spread = (100 * v for v in baselines[name][split])
+            axis.axhspan(mean - spread, mean + spread, color=color, alpha=0.15)
+            axis.axhline(mean, color=color, label=f"{name} (± std)")
+        point = found["of_gain"]["point"] if split == "test_accuracy" else None
+        if point:
+            axis.axvline(point, color="tab:green", linestyle=":", label=f"d90 of gain = {point}")
+        axis.set(xscale="log", xlabel="d", ylabel=f"{split.split('_')[0]} accuracy (%)")
+        axis.legend(fontsize=8)
+    figure.suptitle(f"SAID on MiniLM-L6, {task.replace('_', ' ')}")
+    save_figure(figure, path)
 
 
 def main() -> None:
