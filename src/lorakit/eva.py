@@ -18,7 +18,13 @@ square root of the i-th singular value of the centred X), B = 0, and with
 ``adjust_scaling_factors`` ``alpha' = alpha r' / r``; r' = 0: the layer loses the adapter. The
 config's ``target_modules``, ``rank_pattern`` and ``alpha_pattern`` then name what was chosen,
 as PEFT writes them. PEFT computes the same principal directions by incremental PCA (randomised
-SVD); lorakit's are exact, so values agree to PEFT's approximation, not bit for bit.
+SVD); lorakit's are exact, so directions agree to PEFT's approximation, not bit for bit. One
+difference is deliberate: lorakit reads the loader once, where PEFT cycles it until every layer
+has converged, counting repeated batches again. lorakit's statistics are those of the data
+given; PEFT's weigh the repeated batches twice, so with ``whiten`` its row scales (singular
+values of the repeated inputs, measured 1.35x larger on a small loader) and, with ``rho > 1``,
+the ranks it redistributes can differ from lorakit's. With a loader long enough to converge
+before it ends, the two read the same batches.
 
 Memory: one k x k float64 matrix per distinct layer input (layers reading the same tensor, e.g.
 q/k/v, share one).
