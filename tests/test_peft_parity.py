@@ -109,3 +109,20 @@ def test_print_trainable_parameters_matches_peft_line(capsys) -> None:
 def test_layer_count_is_by_type_not_by_name() -> None:
     model = lorakit.inject(tiny_models.llama(), lorakit.LoraConfig(target_modules=["q_proj"]))
     assert len(list(lora_layers(model))) == 2
+
+
+@pytest.mark.parametrize("init", [True, "gaussian", False])
+def test_a_seed_gives_peft_initial_factors_embeddings_included(init) -> None:
+    """The same seed, the same A and B as PEFT for every layer, an embedding first in the
+    model (PEFT draws its factors twice: the layers after it saw another random stream)."""
+    fields = dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
+    fields["init_lora_weights"] = init
+    torch.manual_seed(3)
+    ours = lorakit.inject(tiny_models.llama(), lorakit.LoraConfig(**fields))
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(tiny_models.llama(), peft.LoraConfig(**fields))
+    theirs_state = theirs.state_dict()
+    factors = {k: v for k, v in ours.state_dict().items() if "lora_" in k}
+    assert len(factors) == 2 + 2 * 2  # embedding A, B; q_proj A, B in each of two blocks
+    for key, value in factors.items():
+        assert torch.equal(value, theirs_state["base_model.model." + key]), key

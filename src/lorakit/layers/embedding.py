@@ -31,12 +31,16 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_B = nn.ParameterDict()
 
     def init_factors(self, lora_A: torch.Tensor, lora_B: torch.Tensor, init: bool | str) -> None:
-        """True or "gaussian": A = 0, B ~ N(0, 1) (PEFT's); False: both ~ N(0, 1) (for tests)."""
-        if init is False:
-            nn.init.normal_(lora_A)
-        else:
-            nn.init.zeros_(lora_A)
+        """True or "gaussian": A = 0, B ~ N(0, 1) (PEFT's); False: both ~ N(0, 1) (for tests).
+
+        The draws follow PEFT's, so a seed gives PEFT's factors (and leaves the generator where
+        PEFT leaves it, for the layers after): PEFT creates A and B with ``randn``, then resets
+        them, drawing B a second time."""
+        nn.init.normal_(lora_A)
         nn.init.normal_(lora_B)
+        if init is not False:
+            nn.init.zeros_(lora_A)
+            nn.init.normal_(lora_B)
 
     def store_factors(self, adapter_name: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         self.lora_embedding_A[adapter_name] = nn.Parameter(lora_A)
