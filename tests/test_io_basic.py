@@ -99,7 +99,7 @@ def test_other_adapters_go_to_subdirectories_and_load_by_name(tmp_path) -> None:
     assert (tmp_path / "second" / "adapter_config.json").is_file()
     fresh = tiny_models.llama()
     load_adapter(fresh, tmp_path)
-    load_adapter(fresh, tmp_path, "second")
+    load_adapter(fresh, tmp_path, "second", subfolder="second")  # (as in PEFT)
     assert lorakit.active_adapters(fresh) == ("default",)  # loading does not switch adapters
     for names in (["default"], ["second"], ["default", "second"]):
         with lorakit.use_adapters(model, names), lorakit.use_adapters(fresh, names):

@@ -35,10 +35,12 @@ __all__ = [
     "LoftQConfig",
     "changes_base",
     "check_layer_takes",
+    "check_redo_on_load",
     "initialise_from_base",
     "loftq_factors",
     "olora_factors",
     "pissa_factors",
+    "redo_base_change",
 ]
 
 BASE_CHANGING_INITS = ("pissa", "pissa_niter_K", "olora", "loftq")
@@ -201,6 +203,52 @@ def initialise_from_base(
     and overwrite the base weight with ``W_res`` in place (see the module docstring). The
     fingerprint of the weight before the change is kept in
     ``layer.base_fingerprints_before_init[adapter_name]`` (what a converted adapter fits)."""
+    lora_A, lora_B = _rewrite_base(layer, adapter_name, init, loftq)
+    with torch.no_grad():
+        factor_A = layer.lora_A[adapter_name].weight
+        factor_B = layer.lora_B[adapter_name].weight
+        factor_A.copy_(lora_A.to(factor_A.dtype))
+        factor_B.copy_(lora_B.to(factor_B.dtype))
+
+
+def redo_base_change(layer, adapter_name: str, init: str) -> None:
+    """What PEFT does when it loads a file whose config says ``init_lora_weights="pissa"`` or
+    ``"olora"`` (saved without conversion): run the init again on the base, which becomes
+    ``W0 - s B0 A0`` from the init's own factors, and keep the adapter's factors (the file's).
+    The trained adapter then computes what it did in training, given the ORIGINAL base."""
+    _rewrite_base(layer, adapter_name, init, None)
+
+
+def check_redo_on_load(init: str, module: nn.Module, name: str) -> None:
+    """``ValueError`` unless lorakit can redo ``init`` on ``module`` exactly as PEFT does when it
+    loads a file: never for ``"pissa_niter_K"`` (a randomised SVD: the base it trained on cannot
+    be computed again), nor OLoRA on a Conv1D (PEFT factors the stored, transposed weight
+    there)."""
+    convert = (
+        "convert the adapter into a plain LoRA for the original base when saving it (peft's "
+        "save_pretrained(..., path_initial_model_for_weight_conversion=<initial adapter>), "
+        "lorakit's save_adapter(..., initial_adapter=...)), or load it onto the residual model "
+        "after setting init_lora_weights to true in its adapter_config.json."
+    )
+    if _PISSA.fullmatch(init) and init != "pissa":
+        raise ValueError(
+            f"init_lora_weights={init!r}: peft reruns this randomised SVD on load, so the base "
+            f"it gives is not the one the adapter was trained on; {convert}"
+        )
+    base = getattr(module, "base_layer", module)
+    if init == "olora" and getattr(base, "nf", None) is not None:
+        raise ValueError(
+            f"init_lora_weights='olora' on the Conv1D {name!r}: peft factors the stored "
+            f"(transposed) weight there and lorakit cannot reproduce it; {convert}"
+        )
+
+
+def _rewrite_base(
+    layer, adapter_name: str, init: str, loftq: LoftQConfig | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compute ``init``'s factors from the base weight of ``layer`` with the scaling and rank of
+    ``adapter_name``, write ``W_res`` into the base weight in place (recording its fingerprint
+    before) and return the float32 factors ``(A, B)``."""
     from lorakit.io.fingerprint import weight_fingerprint
 
     base_weight = layer.base_layer.weight
@@ -210,10 +258,7 @@ def initialise_from_base(
         scale = layer.scalings[adapter_name]
         rank = layer.ranks[adapter_name]
         lora_A, lora_B, residual = _factors_for(init, weight, rank, scale, loftq)
-        factor_A = layer.lora_A[adapter_name].weight
-        factor_B = layer.lora_B[adapter_name].weight
-        factor_A.copy_(lora_A.to(factor_A.dtype))
-        factor_B.copy_(lora_B.to(factor_B.dtype))
         residual = residual.t() if layer.fan_in_fan_out else residual
         base_weight.copy_(residual.to(base_weight.dtype))
         layer.row_norms.clear()  # every adapter's cached DoRA norms used the old base
+    return lora_A, lora_B

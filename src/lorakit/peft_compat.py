@@ -105,8 +105,11 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         *,
         allow_base_mismatch: bool = False,
+        subfolder: str | None = None,
     ) -> PeftModel:
-        """Load the adapter saved in directory ``model_id`` onto ``model`` and wrap it.
+        """Load the adapter saved in directory ``model_id`` (or ``model_id/subfolder``) onto
+        ``model`` and wrap it. As in PEFT, ``adapter_name`` only names it: an adapter that
+        ``save_pretrained`` wrote in ``model_id/<name>`` loads with ``subfolder=<name>``.
 
         ``is_trainable=False`` (PEFT's default) loads it frozen, for inference, and puts the
         whole model in eval mode (dropout off), as PEFT does. ``is_trainable=True`` leaves the
@@ -114,7 +117,11 @@ class PeftModel(nn.Module):
         """
         wrapper = cls(model)
         wrapper.load_adapter(
-            model_id, adapter_name, is_trainable, allow_base_mismatch=allow_base_mismatch
+            model_id,
+            adapter_name,
+            is_trainable,
+            allow_base_mismatch=allow_base_mismatch,
+            subfolder=subfolder,
         )
         wrapper.set_adapter(adapter_name)
         if not is_trainable:
@@ -128,13 +135,20 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         *,
         allow_base_mismatch: bool = False,
+        subfolder: str | None = None,
     ) -> None:
-        """Load another adapter from directory ``model_id``; the active adapters stay as they
-        were (unless the model had none). Unless ``is_trainable``: frozen, and the whole model
-        in eval mode, as PEFT does."""
+        """Load another adapter from directory ``model_id`` (or ``model_id/subfolder``, PEFT's
+        argument); the active adapters stay as they were (unless the model had none). Unless
+        ``is_trainable``: frozen, and the whole model in eval mode, as PEFT does."""
         from lorakit.io import load_adapter
 
-        load_adapter(self.model, model_id, adapter_name, allow_base_mismatch=allow_base_mismatch)
+        load_adapter(
+            self.model,
+            model_id,
+            adapter_name,
+            allow_base_mismatch=allow_base_mismatch,
+            subfolder=subfolder,
+        )
         if not is_trainable:
             freeze_adapter(self.model, adapter_name)
             self.eval()
@@ -145,7 +159,7 @@ class PeftModel(nn.Module):
         selected_adapters: Sequence[str] | None = None,
         *,
         safe_serialization: bool = True,
-        save_embedding_layers: bool | None = None,
+        save_embedding_layers: bool | str | None = None,
         is_main_process: bool = True,
         path_initial_model_for_weight_conversion: str | os.PathLike[str] | None = None,
     ) -> None:

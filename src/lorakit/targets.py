@@ -8,8 +8,12 @@
   ``SEQ_CLS``, the ``score`` / ``classifier`` head.
 - ``exclude_modules``: the same rules, removing matches.
 - ``layers_to_transform``: the layer index is the first ``<layers_pattern>.<digits>.`` segment of
-  the name (any container name when ``layers_pattern`` is unset).
-- modules in ``modules_to_save`` (and everything inside them) are never adapted.
+  the name (any container name when ``layers_pattern`` is unset). A module named in full in a
+  ``target_modules`` list is adapted whatever its layer (PEFT's rule); an empty list selects all.
+- ``modules_to_save`` (plus ``classifier`` / ``score`` for ``SEQ_CLS``, as PEFT adds them) picks
+  every module whose name ends with an entry as a plain string (``saved_module_matches``:
+  ``"classifier"`` also picks ``pre_classifier``, ``"norm"`` every ``*_layernorm``); modules
+  named by an entry as a whole dotted part (and everything inside them) are never adapted.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ __all__ = [
     "matches",
     "model_modules",
     "no_match_message",
+    "saved_module_entries",
+    "saved_module_matches",
 ]
 
 SEQ_CLS_HEADS = ("classifier", "score")
@@ -79,6 +85,22 @@ def matches(spec: str | list[str], module_name: str) -> bool:
     return any(module_name == entry or module_name.endswith("." + entry) for entry in spec)
 
 
+def saved_module_entries(config: LoraConfig) -> list[str]:
+    """``config.modules_to_save`` plus, for ``SEQ_CLS``, the head names PEFT adds to it
+    (``classifier``, ``score``): the entries that pick the modules an adapter copies whole."""
+    entries = list(config.modules_to_save or [])
+    if config.task_type == "SEQ_CLS":
+        entries += [head for head in SEQ_CLS_HEADS if head not in entries]
+    return entries
+
+
+def saved_module_matches(entries: list[str], module_name: str) -> bool:
+    """PEFT's ``modules_to_save`` rule: the name ends with an entry as a plain string, not as a
+    dotted part (``pre_classifier`` ends with ``classifier``). Files from peft hold a copy of
+    every module this picks, so lorakit must pick the same ones to read and write them."""
+    return any(module_name.endswith(entry) for entry in entries)
+
+
 def _inside_saved_module(saved: list[str], module_name: str) -> bool:
     return any(re.match(rf"(^|.*\.){re.escape(entry)}($|\..*)", module_name) for entry in saved)
 
@@ -98,7 +120,9 @@ def _layer_index(module_name: str, layers_pattern: str | list[str] | None) -> in
 
 
 def _in_selected_layer(config: LoraConfig, module_name: str) -> bool:
-    if config.layers_to_transform is None:
+    """Whether ``layers_to_transform`` keeps ``module_name`` (unset or an empty list: every
+    module, as in PEFT)."""
+    if config.layers_to_transform is None or config.layers_to_transform == []:
         return True
     index = _layer_index(module_name, config.layers_pattern)
     if index is None:
@@ -144,7 +168,7 @@ def find_targets(
     """Names of the modules ``config`` adapts, in model order (pure: the model is not changed).
     ``modules``: ``dict(model_modules(model))`` when the caller has it (saves a walk)."""
     spec = resolved_target_spec(model, config)
-    saved = config.modules_to_save or []
+    saved = saved_module_entries(config)
     named = list(model_modules(model) if modules is None else modules.items())
     if config.targets_all_linear:
         excluded = _excluded_heads(model, config, named)
@@ -158,9 +182,15 @@ def find_targets(
             continue
         if saved and _inside_saved_module(saved, name):
             continue
-        if _in_selected_layer(config, name):
+        if _named_in_full(config, name) or _in_selected_layer(config, name):
             targets.append(name)
     return targets
+
+
+def _named_in_full(config: LoraConfig, module_name: str) -> bool:
+    """Whether a ``target_modules`` list holds ``module_name`` itself: PEFT then adapts it
+    without applying ``layers_to_transform`` (the user named that very module)."""
+    return isinstance(config.target_modules, list) and module_name in config.target_modules
 
 
 def _adaptable_leaf_names(model: nn.Module) -> list[str]:

@@ -12,7 +12,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.layers import ModulesToSave, TrainableTokens
 from lorakit.layers.tokens import token_targets
-from lorakit.targets import SEQ_CLS_HEADS, matches, model_modules
+from lorakit.targets import model_modules, saved_module_entries, saved_module_matches
 
 __all__ = [
     "add_to_wrappers",
@@ -25,17 +25,18 @@ __all__ = [
 
 def saved_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
     """The modules of ``model`` whose trained copies ``config`` saves (``modules_to_save``, plus
-    the classification head for SEQ_CLS)."""
-    wanted = list(config.modules_to_save or [])
-    if config.task_type == "SEQ_CLS":
-        wanted += [head for head in SEQ_CLS_HEADS if head not in wanted]
+    the classification heads for SEQ_CLS), picked by PEFT's rule (``saved_module_matches``: a
+    name ending with an entry), so that files move between lorakit and peft both ways."""
+    wanted = saved_module_entries(config)
     if not wanted:
         return []
-    found = [name for name, _ in model_modules(model) if name and matches(wanted, name)]
+    found = [
+        name for name, _ in model_modules(model) if name and saved_module_matches(wanted, name)
+    ]
     missing = [
         entry
         for entry in config.modules_to_save or []
-        if not any(matches([entry], name) for name in found)
+        if not any(saved_module_matches([entry], name) for name in found)
     ]
     if missing:
         raise ValueError(

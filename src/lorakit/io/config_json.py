@@ -23,7 +23,12 @@ from lorakit.init_methods import changes_base
 from lorakit.io.header import unreadable
 from lorakit.layers import is_linear
 from lorakit.peft_fields import refused_fields
-from lorakit.targets import SEQ_CLS_HEADS, find_targets, model_modules, resolved_target_spec
+from lorakit.targets import (
+    find_targets,
+    model_modules,
+    resolved_target_spec,
+    saved_module_entries,
+)
 
 __all__ = ["config_from_json", "config_to_json", "read_config_text", "written_target_modules"]
 
@@ -119,10 +124,8 @@ def _shortest_suffixes(model: nn.Module, targets: list[str]) -> list[str]:
 
 
 def _written_modules_to_save(config: LoraConfig) -> list[str] | None:
-    saved = list(config.modules_to_save or [])
-    if config.task_type == "SEQ_CLS":
-        saved += [head for head in SEQ_CLS_HEADS if head not in saved]
-    return saved or None
+    """``modules_to_save`` as peft writes it: the SEQ_CLS heads added."""
+    return saved_module_entries(config) or None
 
 
 def config_to_json(model: nn.Module, config: LoraConfig, adapter_modules: list[nn.Module]) -> str:

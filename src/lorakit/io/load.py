@@ -19,6 +19,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
+from lorakit.init_methods import check_layer_takes, check_redo_on_load, redo_base_change
 from lorakit.inject import add_adapter_to_modules, check_adapter_name, unload
 from lorakit.io.keys import (
     FileTensor,
@@ -36,7 +37,7 @@ from lorakit.io.read import (
     read_adapter_data,
     read_adapter_header,
 )
-from lorakit.layers import LoraLayer, ModulesToSave
+from lorakit.layers import LoraLayer, ModulesToSave, layer_class_for
 from lorakit.parameter_targets import find_parameter_targets, parameter_stand_ins
 from lorakit.replication import replicate_layers, restore_layers
 from lorakit.state import (
@@ -48,7 +49,7 @@ from lorakit.state import (
     state_of,
     walk_modules,
 )
-from lorakit.targets import find_targets, matches, original_module
+from lorakit.targets import find_targets, original_module, saved_module_matches
 from lorakit.wrapped_modules import replace_module, saved_module_names, token_module_names
 
 __all__ = ["load_adapter"]
@@ -62,8 +63,12 @@ def load_adapter(
     allow_base_mismatch: bool = False,
     activate: bool = False,
     adapter_dtype: torch.dtype | None = None,
+    subfolder: str | None = None,
 ) -> nn.Module:
-    """Load the adapter in ``directory`` (or ``directory/adapter_name``) as ``adapter_name``.
+    """Load the adapter in ``directory`` (or ``directory/subfolder``) as ``adapter_name``.
+
+    As in PEFT the name does not pick a subdirectory: an adapter saved as "other" beside
+    "default" (in ``directory/other``) loads with ``subfolder="other"``.
 
     The adapter is injected from the file's config (the model may have no adapters yet, or
     others). It becomes active if it is the model's first adapter or ``activate`` is set.
@@ -87,7 +92,7 @@ def load_adapter(
             "adapter_name, or remove it first with lorakit.delete_adapter(model, name)."
         )
     check_adapter_name(model, adapter_name)
-    header = read_adapter_header(adapter_directory(directory, adapter_name))
+    header = read_adapter_header(adapter_directory(directory, adapter_name, subfolder=subfolder))
     replicated = _replicate(model, header)
     try:
         _load_checked(model, header, adapter_name, allow_base_mismatch, activate, adapter_dtype)
@@ -122,6 +127,7 @@ def _load_checked(
     current = dict(walk_modules(model))  # LoRA layers as they are, for adding the adapter
     modules = {name: original_module(module) for name, module in current.items()}
     to_load = _load_targets(model, header, modules)
+    _check_init_redo(to_load, current)
     check_tensors(
         header, to_load.config, to_load.tensors, modules
     )  # from the header: no data read yet
@@ -147,6 +153,8 @@ class _LoadTargets:
     tensors: list[FileTensor]
     parameter_targets: dict[str, str]
     """``{LoRA layer path: parameter path}`` (``target_parameters``)."""
+    source: object = None
+    """The adapter's directory (for messages)."""
 
 
 def _load_targets(
@@ -160,7 +168,7 @@ def _load_targets(
     kept = [
         entry
         for entry in saved
-        if any(matches([entry], n) for n in names) or _has_tensors_for(adapter, entry)
+        if any(saved_module_matches([entry], n) for n in names) or _has_tensors_for(adapter, entry)
     ]
     if kept != saved:
         config = config.replace(modules_to_save=kept or None)
@@ -194,7 +202,39 @@ def _load_targets(
         token_modules={name: len(indices) for name, indices in tokens.items()},
         parameter_layers=parameter_targets,
     )
-    return _LoadTargets(config, targets, saved_names, tensors, parameter_targets)
+    return _LoadTargets(config, targets, saved_names, tensors, parameter_targets, source)
+
+
+def _init_to_redo(config: LoraConfig) -> str | None:
+    """The PiSSA / OLoRA init PEFT reruns when it loads a file saying so (None for any other:
+    lorakit writes ``true`` for its own such adapters; LoftQ files load as they are)."""
+    init = config.init_lora_weights
+    if isinstance(init, str) and (init == "olora" or init.startswith("pissa")):
+        return init
+    return None
+
+
+def _check_init_redo(to_load: _LoadTargets, current: dict[str, nn.Module]) -> None:
+    """``AdapterFileError`` (before anything changes) when the file asks for a PiSSA / OLoRA
+    init that lorakit cannot redo exactly as PEFT does on some target."""
+    init = _init_to_redo(to_load.config)
+    if init is None:
+        return
+    try:
+        for name in to_load.targets:
+            module = current[name]
+            layer_class = (
+                type(module) if isinstance(module, LoraLayer) else layer_class_for(module, name)
+            )
+            check_layer_takes(layer_class, module, name, init)
+            check_redo_on_load(init, module, name)
+        if to_load.parameter_targets:
+            raise ValueError(
+                f"init_lora_weights={init!r} on target_parameters: lorakit implements it for "
+                "nn.Linear and Conv1D modules only."
+            )
+    except ValueError as error:
+        raise AdapterFileError(f"adapter {to_load.source}: {error}") from None
 
 
 def _has_tensors_for(adapter: AdapterHeader, entry: str) -> bool:
@@ -233,6 +273,7 @@ def _apply(
             activate=activate,
             init=None,  # every other adapter tensor is copied from the file below
         )
+        _redo_init(model, to_load, adapter_name, base_backup)
         trainable = adapter_name in active_adapters(model)
         with torch.no_grad():
             for entry in to_load.tensors:
@@ -247,6 +288,24 @@ def _apply(
     except BaseException:
         _roll_back(model, adapter_name, had_state, wrapped_before, base_backup)
         raise
+
+
+def _redo_init(
+    model: nn.Module,
+    to_load: _LoadTargets,
+    adapter_name: str,
+    base_backup: list[tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    """PEFT's load of a PiSSA / OLoRA file: the init runs again on each target's base (now
+    ``W0 - s B0 A0``); the file's factors stay. Old base values go to ``base_backup``."""
+    init = _init_to_redo(to_load.config)
+    if init is None:
+        return
+    for name in to_load.targets:
+        layer = model.get_submodule(name)
+        weight = layer.base_layer.weight
+        base_backup.append((weight, weight.detach().clone()))
+        redo_base_change(layer, adapter_name, init)
 
 
 def _roll_back(model, adapter_name, had_state, wrapped_before, base_backup) -> None:

@@ -90,22 +90,31 @@ class AdapterFile:
                 )
 
 
-def adapter_directory(directory: str | Path, adapter_name: str = "default") -> Path:
-    """``directory/adapter_name`` if it holds an adapter (PEFT's layout for adapters other than
-    "default"), else ``directory``. Raises ``AdapterFileError`` naming what was looked for."""
+def adapter_directory(
+    directory: str | Path, adapter_name: str = "default", *, subfolder: str | None = None
+) -> Path:
+    """Where an adapter is read: ``directory`` (or ``directory/subfolder``), as PEFT's
+    ``from_pretrained`` / ``load_adapter`` read it whatever the ``adapter_name`` (PEFT saves
+    adapters other than "default" in ``directory/<name>``, read with ``subfolder=<name>``).
+    Only where PEFT would find nothing, a ``directory/adapter_name`` holding an adapter is
+    taken (e.g. ``DIR/default/``). Raises ``AdapterFileError`` naming what was looked for."""
     directory = Path(directory)
+    candidate = directory / subfolder if subfolder else directory
     try:
-        for candidate in (directory / adapter_name, directory):
-            if (candidate / CONFIG_NAME).is_file():
-                return candidate
-        exists = directory.exists()
+        if (candidate / CONFIG_NAME).is_file():
+            return candidate
+        nested = candidate / adapter_name if adapter_name and not subfolder else None
+        if nested is not None and (nested / CONFIG_NAME).is_file():
+            return nested
+        exists = candidate.exists()
     except OSError as error:  # e.g. a name too long for the file system
-        raise unreadable(directory, error) from None
+        raise unreadable(candidate, error) from None
     if not exists:
-        raise AdapterFileError(f"adapter directory {directory} does not exist.")
+        raise AdapterFileError(f"adapter directory {candidate} does not exist.")
+    also = f" (nor in {nested})" if nested is not None else ""
     raise AdapterFileError(
-        f"no {CONFIG_NAME} in {directory} (nor in {directory / adapter_name}); is this an "
-        "adapter directory saved by lorakit or peft?"
+        f"no {CONFIG_NAME} in {candidate}{also}; is this an adapter directory saved by "
+        "lorakit or peft?"
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,9 +27,10 @@ from lorakit.io.config_json import CONFIG_NAME, config_to_json
 from lorakit.io.header import serialize
 from lorakit.io.keys import adapter_file_tensors, embedding_module_names, model_tensor
 from lorakit.io.read import CONFIG_METADATA_KEY, WEIGHTS_NAME
-from lorakit.layers import TrainableTokens
+from lorakit.layers import LoraLayer, TrainableTokens
 from lorakit.layers.parameter import LoraParameter
 from lorakit.state import adapter_configs, lora_layers, saved_modules
+from lorakit.targets import model_modules
 
 __all__ = ["adapter_file_contents", "save_adapter", "save_merged_model"]
 
@@ -57,6 +59,44 @@ def _vocabulary_resized(model: nn.Module, config: LoraConfig) -> bool:
         return False
     base_vocab = json.loads((Path(base) / "config.json").read_text()).get("vocab_size")
     return base_vocab is not None and base_vocab != vocab_size
+
+
+# Names whose modules peft counts as embeddings when it decides "auto" (its EMBEDDING_LAYER_NAMES).
+_PEFT_EMBEDDING_NAMES = ("embed_tokens", "lm_head")
+
+
+def _embedding_targeted(model: nn.Module, config: LoraConfig) -> bool:
+    """PEFT's test for ``save_embedding_layers="auto"``: a ``target_modules`` list holding
+    ``embed_tokens`` or ``lm_head`` itself, or a regex matching a module so named."""
+    spec = config.target_modules
+    if isinstance(spec, str) and not config.targets_all_linear:
+        return any(
+            re.fullmatch(spec, name) and name.rsplit(".", 1)[-1] in _PEFT_EMBEDDING_NAMES
+            for name, _ in model_modules(model)
+        )
+    return isinstance(spec, list) and any(name in spec for name in _PEFT_EMBEDDING_NAMES)
+
+
+def _embeddings_to_save(
+    model: nn.Module, config: LoraConfig, save_embedding_layers: bool | str | None
+) -> list[str]:
+    """Names of the embedding modules whose full weights go into the file.
+
+    True / False: all / none. None: all when the vocabulary was resized (lorakit's default).
+    "auto" (PEFT's default): as PEFT, the embeddings that are LoRA layers when an embedding is
+    targeted (and no token rows are trained), else all when the vocabulary was resized."""
+    if save_embedding_layers == "auto":
+        targeted = _embedding_targeted(model, config) and not config.trainable_token_indices
+        if targeted:
+            return [
+                name
+                for name in embedding_module_names(model)
+                if isinstance(model.get_submodule(name), LoraLayer)
+            ]
+        save_embedding_layers = None
+    if save_embedding_layers is None:
+        save_embedding_layers = _vocabulary_resized(model, config)
+    return embedding_module_names(model) if save_embedding_layers else []
 
 
 def adapter_file_entries(
@@ -100,13 +140,11 @@ def adapter_file_contents(
     adapter_name: str = "default",
     *,
     dtype: torch.dtype | None = None,
-    save_embedding_layers: bool | None = None,
+    save_embedding_layers: bool | str | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
     """``(tensors, header metadata, config text)`` of adapter ``adapter_name``, as saved."""
     config = _config_of(model, adapter_name)
-    if save_embedding_layers is None:
-        save_embedding_layers = _vocabulary_resized(model, config)
-    embeddings = embedding_module_names(model) if save_embedding_layers else []
+    embeddings = _embeddings_to_save(model, config, save_embedding_layers)
     entries, lora_names = adapter_file_entries(model, adapter_name, embeddings)
     tensors = {}
     for entry in entries:
@@ -132,14 +170,15 @@ def save_adapter(
     adapter_name: str = "default",
     *,
     dtype: torch.dtype | None = None,
-    save_embedding_layers: bool | None = None,
+    save_embedding_layers: bool | str | None = None,
     initial_adapter: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Save adapter ``adapter_name`` of ``model`` in PEFT's format; returns the directory used.
 
     ``dtype``: the dtype of the saved floating tensors (default: as they are in the model).
     ``save_embedding_layers``: also save the full input/output embedding weights, needed only
-    when the vocabulary was resized (None: detected from the base model's local config.json).
+    when the vocabulary was resized (None: detected from the base model's local config.json;
+    "auto": PEFT's rule, which also saves the targeted embeddings, see ``_embeddings_to_save``).
     ``initial_adapter``: the directory of this adapter saved right after a PiSSA/OLoRA init,
     before training: the adapter is then saved converted into a plain LoRA of twice the rank
     for the ORIGINAL base weights (PEFT's ``path_initial_model_for_weight_conversion``;
