@@ -6,11 +6,14 @@ DoRA (``LoraConfig(use_dora=True)``, maths in ``lorakit.functional``) gives each
 PEFT's name in the model; in a file it is ``<path>.lora_magnitude_vector`` (no ``.weight``).
 
 ``RowNorms`` keeps ``||W0_i||^2`` (computed once per base weight, in float32) and each
-adapter's ``n`` until W0, A or B change (their version counters, which an in-place update such
-as ``copy_`` bumps): inference computes ``n`` once. Nothing is cached for a tensor that requires
-grad: an optimiser may change it in place without bumping its counter (torch's fused AdamW does,
-on CPU), so while an adapter trains ``n`` is computed at every forward, as PEFT does. A write
-through ``.data`` bumps no counter and is not seen: call ``clear()`` after one.
+adapter's ``n`` until W0, A or B change: inference computes ``n`` once. A frozen tensor is
+known unchanged by its version counter (which an in-place update such as ``copy_`` bumps); a
+tensor that requires grad by a copy of its values, compared at each use (an optimiser may
+change it in place without bumping its counter: torch's fused AdamW does), so a trainable
+adapter evaluated between steps reuses ``n`` until the next step changes A or B, and gradient
+accumulation's micro-steps compute it once. A trainable W0 is not copied: nothing is cached for
+it. A write through ``.data`` to a frozen tensor bumps no counter and is not seen: call
+``clear()`` after one.
 """
 
 from __future__ import annotations
@@ -35,16 +38,35 @@ class Magnitude(nn.Module):
         return f"out_features={self.weight.shape[0]}"
 
 
-def _stamp(tensor: torch.Tensor) -> tuple[int, int] | None:
-    """``(version, data pointer)`` of ``tensor``; None (nothing is cached for it) for a tensor
-    that requires grad (torch's fused AdamW steps it in place without bumping its version) or
-    an inference tensor (no version counter)."""
+def _stamp(tensor: torch.Tensor, *, snapshot: bool = True) -> object:
+    """What tells later whether ``tensor`` changed (``_unchanged``): its ``(version, data
+    pointer)``; for a tensor that requires grad a copy of its values instead (torch's fused
+    AdamW steps parameters in place without bumping their versions), or None where
+    ``snapshot`` is False (then nothing is cached); None for an inference tensor (no version)."""
     if tensor.requires_grad:
-        return None
+        return tensor.detach().clone() if snapshot else None
     try:
         return tensor._version, tensor.data_ptr()
     except RuntimeError:
         return None
+
+
+def _unchanged(stamp: object, tensor: torch.Tensor) -> bool:
+    """``tensor`` holds what it held when ``stamp`` was taken (a copy: the same values)."""
+    if stamp is None:
+        return False
+    if isinstance(stamp, torch.Tensor):
+        return tensor.requires_grad and torch.equal(stamp, tensor.detach())
+    if tensor.requires_grad:
+        return False
+    try:
+        return stamp == (tensor._version, tensor.data_ptr())
+    except RuntimeError:
+        return False
+
+
+def _all_unchanged(stamps: list, tensors: tuple) -> bool:
+    return all(_unchanged(s, t) for s, t in zip(stamps, tensors, strict=True))
 
 
 def _same(cached: tuple, tensors: tuple) -> bool:
@@ -81,15 +103,22 @@ class RowNorms:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(f - 1, f B)`` in ``dtype`` for a call without autograd, reused while ``n``, ``m``
         and B are unchanged (decoding then spends no time on them)."""
-        stamps = [_stamp(magnitude), _stamp(lora_B)]
+        compiling = torch.compiler.is_compiling()
         cached = self._scales.get(adapter_name)
-        hit = cached is not None and _same(cached[:3], (norms, magnitude, lora_B))
-        if hit and None not in stamps and cached[3:5] == (stamps, dtype):
+        hit = (
+            not compiling
+            and cached is not None
+            and _same(cached[:3], (norms, magnitude, lora_B))
+            and cached[4] == dtype
+            and _all_unchanged(cached[3], (magnitude, lora_B))
+        )
+        if hit:
             return cached[5], cached[6]
         factor = functional.dora_factor(magnitude.detach(), norms)  # (d,)
         gain = (factor - 1.0).to(dtype)
         scaled_B = (lora_B.detach().to(factor.dtype) * factor[:, None]).to(dtype)  # (d, r)
-        if None not in stamps and not torch.compiler.is_compiling():
+        stamps = [_stamp(magnitude), _stamp(lora_B)]
+        if not compiling and all(stamp is not None for stamp in stamps):
             self._scales[adapter_name] = (norms, magnitude, lora_B, stamps, dtype, gain, scaled_B)
         return gain, scaled_B
 
@@ -97,13 +126,20 @@ class RowNorms:
         self, weight: torch.Tensor, fan_in_fan_out: bool, dtype: torch.dtype
     ) -> torch.Tensor:
         """``||W0_i||^2`` (d,) in ``dtype``, computed once per weight version."""
-        stamp = None if torch.compiler.is_compiling() else _stamp(weight)
+        compiling = torch.compiler.is_compiling()
         cached = self._base
-        key = (stamp, fan_in_fan_out, dtype)
-        if stamp is not None and cached is not None and cached[0] is weight and cached[1:4] == key:
+        hit = (
+            not compiling
+            and cached is not None
+            and cached[0] is weight
+            and cached[2:4] == (fan_in_fan_out, dtype)
+            and _unchanged(cached[1], weight)
+        )
+        if hit:
             return cached[4]
         sq_norms = functional.base_row_sq_norms(weight, fan_in_fan_out, dtype)
-        if stamp is not None:
+        stamp = _stamp(weight, snapshot=False)  # (a trainable W0 is not copied: not cached)
+        if not compiling and stamp is not None:
             self._base = (weight, stamp, fan_in_fan_out, dtype, sq_norms)
         return sq_norms
 
@@ -118,14 +154,21 @@ class RowNorms:
     ) -> torch.Tensor:
         """``n = ||W0 + s B A||_row`` (d,), detached, reused while W0, A, B are unchanged."""
         compiling = torch.compiler.is_compiling()
-        stamps = None if compiling else [_stamp(t) for t in (weight, lora_A, lora_B)]
+        tensors = (weight, lora_A, lora_B)
         cached = self._norms.get(adapter_name)
-        hit = cached is not None and _same(cached[:3], (weight, lora_A, lora_B))
-        if hit and stamps is not None and None not in stamps and cached[3:5] == (stamps, scale):
+        hit = (
+            not compiling
+            and cached is not None
+            and _same(cached[:3], tensors)
+            and cached[4] == scale
+            and _all_unchanged(cached[3], tensors)
+        )
+        if hit:
             return cached[5]
         dtype = functional.norm_dtype(weight, lora_A, lora_B)
         base_sq = self.base_sq_norms(weight, fan_in_fan_out, dtype)
         norms = functional.dora_row_norms(base_sq, weight, lora_A, lora_B, scale, fan_in_fan_out)
-        if stamps is not None and None not in stamps:
+        stamps = [_stamp(weight, snapshot=False), _stamp(lora_A), _stamp(lora_B)]
+        if not compiling and all(stamp is not None for stamp in stamps):
             self._norms[adapter_name] = (weight, lora_A, lora_B, stamps, scale, norms)
         return norms
