@@ -122,3 +122,13 @@ def test_pattern_dicts_are_bounded_in_all() -> None:
         LoraConfig(alpha_pattern=many)
     with pytest.raises(ValueError, match=r"LoraConfig\.rank_pattern key 3 is invalid"):
         LoraConfig(rank_pattern={3: 2})
+
+
+@pytest.mark.parametrize(
+    "pattern", ["(?i)(?:a|Ab|b|Ba)*c", "(?i:(?:k|Kb)*c)", "(?i)(?:k|\u212ab|b)*c"]
+)
+def test_branches_told_apart_only_by_case_count_as_choices_under_ignorecase(pattern):
+    """Under (?i) 'a' and 'A' (and 'k' and the Kelvin sign) match the same character: such
+    branches overlap, and repeating them backtracks exponentially (an inject hung on one)."""
+    with pytest.raises(ValueError, match="refused"):
+        check_pattern("target_modules", pattern)

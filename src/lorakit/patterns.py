@@ -166,9 +166,13 @@ def _item_cost(op, value) -> int:
     return 1
 
 
-def _first_literal(items: list) -> int | None:
-    """The character a parsed sequence must start with, if it starts with a plain literal."""
-    return items[0][1] if items and items[0][0] == _sre.LITERAL else None
+def _first_literal(items: list) -> str | None:
+    """The character a parsed sequence must start with, if it starts with a plain literal,
+    case-folded: under ``(?i)`` (global or scoped) ``a`` and ``A`` (or ``k`` and the Kelvin
+    sign) match the same character, so branches are told apart only by folded characters."""
+    if not items or items[0][0] != _sre.LITERAL:
+        return None
+    return chr(items[0][1]).casefold()
 
 
 @functools.lru_cache(maxsize=16384)
