@@ -15,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit
 from lorakit import functional
+from tests import tiny_models
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -85,3 +86,18 @@ def test_seed_lora_linear_example_counts() -> None:
     assert counts.trainable == 6_144
     assert counts.total - counts.trainable == 131_072
     assert round((counts.total - counts.trainable) / counts.trainable, 1) == 21.3
+
+
+@pytest.mark.parametrize(
+    "name", ["bnb-nf4-dq", "bnb-int8", "gguf-Q4_1", "torchao-int8-weight-only"]
+)
+def test_a_quantized_base_counts_the_numbers_its_weights_stand_for(name) -> None:
+    """As PEFT counts them: a bitsandbytes 4-bit Params4bit holds two values a byte, and a
+    weight held in buffers (GGUF blocks) still counts (the total read 28.8M for SmolLM2)."""
+    from tests.quantized_layers import quantize_linears
+
+    config = lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    float_counts = lorakit.count_parameters(lorakit.inject(tiny_models.llama(), config))
+    quantized = quantize_linears(tiny_models.llama(), name)
+    counts = lorakit.count_parameters(lorakit.inject(quantized, config))
+    assert (counts.trainable, counts.total) == (float_counts.trainable, float_counts.total)

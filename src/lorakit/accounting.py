@@ -32,13 +32,39 @@ class ParameterCount:
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:
-    """Trainable and total parameters (each shared tensor counted once, as ``parameters()`` does)."""
+    """Trainable and total parameters (each shared tensor counted once, as ``parameters()`` does).
+
+    A quantized weight counts the numbers it stands for, as PEFT counts them: a bitsandbytes
+    ``Params4bit`` packs two 4-bit values a byte of its storage, and lorakit's own quantized
+    layers (int8 rows, int4 groups, GGUF blocks) hold their weight in buffers, counted at their
+    ``(out, in)`` shape."""
     trainable = total = 0
     for parameter in model.parameters():
-        total += parameter.numel()
+        numel = _logical_numel(parameter)
+        total += numel
         if parameter.requires_grad:
-            trainable += parameter.numel()
-    return ParameterCount(trainable=trainable, total=total)
+            trainable += numel
+    return ParameterCount(trainable=trainable, total=total + _buffer_held_weights(model))
+
+
+def _logical_numel(parameter: nn.Parameter) -> int:
+    """The numbers ``parameter`` holds: a ``Params4bit`` two per byte of its storage."""
+    if type(parameter).__name__ == "Params4bit":
+        return parameter.numel() * 2 * parameter.element_size()
+    return parameter.numel()
+
+
+def _buffer_held_weights(model: nn.Module) -> int:
+    """The numbers of the quantized weights held in buffers, not parameters (lorakit's own
+    quantized layers), each layer counted once."""
+    from lorakit import quantized
+
+    total = 0
+    for module in {id(m): m for m in model.modules()}.values():
+        if quantized.is_quantized(module) and module._parameters.get("weight") is None:
+            out_features, in_features = quantized.shape(module)  # (no weight Parameter)
+            total += out_features * in_features
+    return total
 
 
 def print_trainable_parameters(model: nn.Module) -> ParameterCount:
