@@ -319,3 +319,44 @@ def test_converting_in_process_gives_what_the_cache_gives(
         for key in first:
             assert torch.equal(first[key], second[key]), key
     assert all(k.endswith((".lora_A.default.weight", ".lora_B.default.weight")) for k in cached[2])
+
+
+def test_a_cache_root_that_is_a_file_is_a_user_error(monkeypatch, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "file"))
+    monkeypatch.setattr(model_cache, "convert_gguf", lambda *args: pytest.fail("must not convert"))
+    with pytest.raises(UserError, match="set LORAKIT_CACHE to a writable directory"):
+        models.resolve_model("smollm2-135m-instruct")
+
+
+def test_an_encoder_directory_is_refused_as_a_causal_lm(tmp_path: Path) -> None:
+    """transformers would load it with a new, random LM head: refused by name instead."""
+    directory = tmp_path / "bert"
+    tiny_models.bert().save_pretrained(directory)
+    tiny_tokenizer.build().save_pretrained(directory)
+    with pytest.raises(UserError, match=r"is an encoder \(bert\).*task='seq-cls'"):
+        models.load_model(directory, progress=False)
+    model, _ = models.load_model(directory, task="seq-cls", progress=False)
+    with pytest.raises(UserError, match="num_labels must be an integer >= 1, got 0"):
+        models.load_model(directory, task="seq-cls", num_labels=0, progress=False)
+    assert model.config.num_labels == 2
+
+
+@pytest.mark.parametrize(
+    ("damage", "file_name"),
+    [("{}", "tokenizer.json"), ("[]", "tokenizer.json"), ("[]", "config.json")],
+)
+def test_a_damaged_model_directory_is_one_user_error(saved_llama, damage, file_name) -> None:
+    (saved_llama / file_name).write_text(damage)
+    with pytest.raises(
+        UserError, match=f"cannot load the (tokenizer|model) in .*{saved_llama.name}"
+    ):
+        models.load_model(saved_llama, progress=False)
+
+
+def test_sizes_just_under_a_unit_take_the_next_unit() -> None:
+    from lorakit.units import format_bytes
+
+    assert format_bytes(1023) == "1023 B" and format_bytes(1023.5) == "1.0 KiB"
+    assert format_bytes(1_048_575) == "1.0 MiB" and format_bytes(1_073_741_823) == "1.0 GiB"
+    assert format_bytes(47_616) == "46.5 KiB"

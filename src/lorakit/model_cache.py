@@ -63,9 +63,10 @@ def converted_directory(name: str, install: str, gguf_path: Path) -> Path:
                     for stale in target.parent.glob(f".{target.name}.tmp-*"):
                         shutil.rmtree(stale, ignore_errors=True)
                 convert_gguf(gguf_path, target)
-    except PermissionError as error:
+    except OSError as error:  # not writable, a file in the way, a read-only file system, ...
         raise UserError(
-            f"cannot write the model cache at '{target.parent}' ({error.strerror}); "
+            f"cannot write the model cache at '{target.parent}' "
+            f"({error.strerror or type(error).__name__}); "
             "set LORAKIT_CACHE to a writable directory"
         ) from None
     return target

@@ -195,7 +195,7 @@ def load_tokenizer(directory: Path):
         raise UserError(f"model directory '{directory}' has no tokenizer files; {hint}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # a damaged tokenizer.json fails with KeyError, TypeError, ...
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
         raise UserError(
             f"cannot load the tokenizer in '{directory}' ({first_line}); {hint}"
@@ -210,14 +210,59 @@ def load_tokenizer(directory: Path):
 @contextlib.contextmanager
 def loading_errors(directory: Path) -> Iterator[None]:
     """A model directory that transformers cannot load (no weights, a truncated weights file,
-    a config.json that is not JSON) as one ``UserError`` naming it, not a traceback."""
+    a config.json that is not JSON or not an object, sizes that do not fit the weights, a
+    damaged pickle) as one ``UserError`` naming it, not a traceback."""
+    import pickle
+
     from safetensors import SafetensorError
 
     try:
         yield
-    except (OSError, ValueError, SafetensorError) as error:
+    except (
+        OSError,
+        ValueError,
+        TypeError,
+        RuntimeError,
+        SafetensorError,
+        pickle.UnpicklingError,
+    ) as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UserError(f"cannot load the model in {directory}: {first}") from None
+
+
+def _refuse_encoder(directory: Path) -> None:
+    """An encoder's directory (its config says it is not a decoder: BERT-like models, which
+    transformers would load as a causal LM with a new, random LM head) is refused by name."""
+    import json
+
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # (loading_errors reports a missing or broken config)
+    if not isinstance(config, dict):
+        return
+    architectures = config.get("architectures") or []
+    encoder = any(
+        isinstance(a, str) and a.startswith(_ENCODER_ARCHITECTURES) for a in architectures
+    )
+    if encoder or (config.get("model_type") in _ENCODER_TYPES and not config.get("is_decoder")):
+        raise UserError(
+            f"the model in {directory} is an encoder ({config.get('model_type')}), not a causal "
+            "language model; load it with lorakit.models.load_model(path, task='seq-cls', "
+            "num_labels=N) (see docs/models-and-data.md)"
+        )
+
+
+_ENCODER_TYPES = (
+    "bert",
+    "roberta",
+    "distilbert",
+    "deberta",
+    "deberta-v2",
+    "electra",
+    "xlm-roberta",
+)
+_ENCODER_ARCHITECTURES = ("BertModel", "BertFor", "RobertaModel", "RobertaFor", "DistilBert")
 
 
 @contextlib.contextmanager
@@ -259,6 +304,8 @@ def load_model(
     (docs/quantized.md).
     """
     check_model_spec(spec, task)
+    if task == "seq-cls" and not (isinstance(num_labels, int) and num_labels >= 1):
+        raise UserError(f"num_labels must be an integer >= 1, got {num_labels!r}")
     gguf_file = builtin_gguf_file(os.fspath(spec))
     if quantization is not None:
         from lorakit.quantized.loading import check_quantization
@@ -269,6 +316,8 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     tokenizer = load_tokenizer(directory)
+    if task == "causal-lm":
+        _refuse_encoder(directory)
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     options = {} if task == "causal-lm" else {"num_labels": num_labels}
     if quantization in ("nf4", "fp4", "int8"):

@@ -11,8 +11,8 @@ def format_bytes(n_bytes: float) -> str:
     """``n_bytes`` in the largest binary unit below it: ``512 B``, ``46.5 KiB``, ``18.8 MiB``,
     ``1.3 GiB`` (one decimal; whole bytes below 1 KiB)."""
     size = float(n_bytes)
-    for unit in ("B", "KiB", "MiB"):
-        if abs(size) < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+    for unit, decimals in (("B", 0), ("KiB", 1), ("MiB", 1)):
+        if abs(round(size, decimals)) < 1024:  # (1,048,575 B is 1.0 MiB, not 1024.0 KiB)
+            return f"{size:.{decimals}f} {unit}"
         size /= 1024
     return f"{size:.1f} GiB"
