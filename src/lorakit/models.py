@@ -311,7 +311,8 @@ def load_model(
         from lorakit.quantized.loading import check_quantization
 
         check_quantization(quantization, gguf_file)
-    directory = resolve_model(os.fspath(spec))
+    with transformers_progress_bars(progress):  # (a first use converts the built-in model)
+        directory = resolve_model(os.fspath(spec))
 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
