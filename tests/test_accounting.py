@@ -101,3 +101,18 @@ def test_a_quantized_base_counts_the_numbers_its_weights_stand_for(name) -> None
     quantized = quantize_linears(tiny_models.llama(), name)
     counts = lorakit.count_parameters(lorakit.inject(quantized, config))
     assert (counts.trainable, counts.total) == (float_counts.trainable, float_counts.total)
+
+
+def test_replicated_layers_of_a_quantized_base_share_their_weights_and_count_once() -> None:
+    """layer_replication shares the copies' base weights; a GGUF base holds them in buffers,
+    which were copied (memory and the count doubled)."""
+    from tests.quantized_layers import quantize_linears
+
+    config = lorakit.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], layer_replication=[[0, 2], [0, 2]]
+    )
+    float_counts = lorakit.count_parameters(lorakit.inject(tiny_models.llama(), config))
+    model = lorakit.inject(quantize_linears(tiny_models.llama(), "gguf-Q4_1"), config)
+    assert lorakit.count_parameters(model) == float_counts
+    first, copy = (model.get_submodule(f"model.layers.{i}.self_attn.k_proj") for i in (0, 2))
+    assert first is not copy and first.packed is copy.packed

@@ -317,3 +317,17 @@ def test_demo_with_use_dora_trains_merges_and_says_dora(tmp_path, model_dir, cap
     assert "training DoRA r=16" in out and "after DoRA (2 steps" in out
     config = json.loads((tmp_path / "demo" / "adapter" / "adapter_config.json").read_text())
     assert config["use_dora"] is True
+
+
+def test_norms_computed_under_inference_mode_are_not_reused_for_training() -> None:
+    """An evaluation under torch.inference_mode, then a training step: the cached norms were
+    inference tensors, which a backward cannot save."""
+    model = lorakit.inject(
+        tiny_models.llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
+    )
+    ids = tiny_models.input_ids()
+    with torch.inference_mode():
+        model.eval()(ids)
+    model.train()(ids).logits.sum().backward()
+    magnitudes = [p for n, p in model.named_parameters() if "lora_magnitude_vector" in n]
+    assert magnitudes and all(p.grad is not None for p in magnitudes)

@@ -360,3 +360,23 @@ def test_sizes_just_under_a_unit_take_the_next_unit() -> None:
     assert format_bytes(1023) == "1023 B" and format_bytes(1023.5) == "1.0 KiB"
     assert format_bytes(1_048_575) == "1.0 MiB" and format_bytes(1_073_741_823) == "1.0 GiB"
     assert format_bytes(47_616) == "46.5 KiB"
+
+
+def test_a_decoder_saved_from_an_encoder_family_is_a_causal_lm(tmp_path: Path) -> None:
+    """RobertaForCausalLM (is_decoder) is not refused as an encoder."""
+    from transformers import RobertaConfig, RobertaForCausalLM
+
+    directory = tmp_path / "roberta-lm"
+    tokenizer = tiny_tokenizer.build()
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=48,
+        is_decoder=True,
+    )
+    RobertaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    model, _ = models.load_model(directory, progress=False)
+    assert type(model).__name__ == "RobertaForCausalLM"

@@ -201,3 +201,24 @@ def test_a_randomised_pissa_file_is_refused_before_any_change(tmp_path):
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+def test_all_linear_leaves_the_modules_copied_whole_and_the_file_loads_both_ways(tmp_path):
+    """DistilBERT SEQ_CLS with all-linear: ``pre_classifier`` is copied whole (PEFT's suffix
+    rule), so no LoRA goes inside it (a file with LoRA in it and no weight loaded nowhere)."""
+    model = lorakit.inject(
+        _distilbert(), lorakit.LoraConfig(task_type="SEQ_CLS", r=2, target_modules="all-linear")
+    )
+    tiny_models.randomize_adapters(model, std=0.3)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "modules_to_save" in name:
+                parameter.add_(0.1)
+    assert not any("pre_classifier" in name for name, _ in lora_layers(model))
+    ids = torch.tensor([[1, 5, 9, 3]])
+    expected = model(ids).logits
+    lorakit.save_adapter(model, tmp_path)
+    reloaded = lorakit.load_adapter(_distilbert(), tmp_path)
+    torch.testing.assert_close(reloaded(ids).logits, expected, rtol=0, atol=1e-6)
+    theirs = _peft_load(_distilbert(), tmp_path)
+    torch.testing.assert_close(theirs(ids).logits, expected, rtol=0, atol=1e-6)

@@ -290,3 +290,24 @@ def test_merge_and_unload_refuses_a_repacked_layer_before_changing_anything():
     assert dict(lora_layers(model)) == layers_before
     assert all(layer.merged_adapters == () for layer in layers_before.values())
     assert model.model.layers[1].self_attn.k_proj is k_proj
+
+
+@pytest.mark.parametrize("name", ["gguf-Q4_1", "bnb-int8"])
+def test_a_hook_on_a_quantized_base_keeps_its_output_under_no_grad(name) -> None:
+    """These backends run the base module itself, so its forward hooks see (and may keep) its
+    output: the LoRA branch must not be added into that tensor."""
+    from tests.quantized_layers import QUANTIZERS, float_linear
+
+    holder = torch.nn.Sequential(QUANTIZERS[name](float_linear()))
+    lorakit.inject(holder, lorakit.LoraConfig(r=2, target_modules=["0"]))
+    layer = holder[0]
+    torch.nn.init.normal_(layer.lora_B["default"].weight)
+    captured = []
+    layer.base_layer.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        base = layer.base_layer(x).clone()
+        captured.clear()
+        out = layer(x)
+    torch.testing.assert_close(captured[0], base, rtol=0, atol=0)
+    assert (out - base).abs().max() > 1e-2

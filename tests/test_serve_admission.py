@@ -139,3 +139,48 @@ def test_a_request_without_a_seed_leaves_torchs_global_generator_alone(adapters)
 def test_max_batch_below_one_is_refused(adapters):
     with pytest.raises(ValueError, match="max_batch must be >= 1, got 0"):
         one_slot_engine(adapters, max_batch=0)
+
+
+def test_a_starving_request_does_not_block_one_that_already_holds_its_slot():
+    """One slot: Q's load finishes and hands it the slot while S is starving. Q must run (it
+    holds the slot S waits for); it was deferred behind S, and S waited for Q's slot: both
+    waited forever."""
+    reference = tiny_models.llama()
+    targets = {"a0": ["q_proj"], "a1": ["v_proj"], "a2": ["o_proj"]}
+    for name, modules in targets.items():
+        config = lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=modules)
+        lorakit.inject(reference, config, adapter_name=name)
+    tiny_models.randomize_adapters(reference, std=0.3)
+    configs = adapter_configs(reference)
+    files = {name: (configs[name], adapter_tensors(reference, name)) for name in targets}
+    gates = {"a2": threading.Event(), "a1": threading.Event()}
+
+    def loader(name):
+        if name in gates:
+            assert gates[name].wait(timeout=60)
+        return files[name]
+
+    model = tiny_models.llama()
+    prepare_for_serving(model)
+    model.generation_config.eos_token_id = None
+    bank = AdapterBank(model, max_rank=2, capacity=1)
+    bank.load("a0", *files["a0"])
+    engine = Engine(model, bank, adapter_loader=loader, max_batch=2).start()
+    finished = Finished()
+    try:
+        engine.submit([1, 2], "a2", SamplingParams(max_tokens=2), finished)  # Q: load gated
+        time.sleep(0.3)
+        engine.submit([1, 2, 3], "a0", SamplingParams(max_tokens=100), finished)
+        engine.submit([4, 5], "a1", SamplingParams(max_tokens=2), finished)  # S: starves
+        for _ in range(4):
+            engine.submit([6, 7], "a0", SamplingParams(max_tokens=20), finished)
+        time.sleep(0.5)
+        gates["a2"].set()  # Q's load ends first and hands Q the slot
+        time.sleep(0.5)
+        gates["a1"].set()
+        events = finished.wait(7, timeout=60)
+        assert [e.finish_reason for e in events] == ["length"] * 7
+    finally:
+        for gate in gates.values():
+            gate.set()
+        engine.stop()

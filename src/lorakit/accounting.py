@@ -56,15 +56,16 @@ def _logical_numel(parameter: nn.Parameter) -> int:
 
 def _buffer_held_weights(model: nn.Module) -> int:
     """The numbers of the quantized weights held in buffers, not parameters (lorakit's own
-    quantized layers), each layer counted once."""
+    quantized layers), each stored weight counted once (layer replication shares them)."""
     from lorakit import quantized
 
-    total = 0
-    for module in {id(m): m for m in model.modules()}.values():
+    counted: dict[tuple, int] = {}  # by the storage's addresses: replicated layers share it
+    for module in model.modules():
         if quantized.is_quantized(module) and module._parameters.get("weight") is None:
+            held = tuple(tensor.data_ptr() for tensor in quantized.storage(module).values())
             out_features, in_features = quantized.shape(module)  # (no weight Parameter)
-            total += out_features * in_features
-    return total
+            counted[held] = out_features * in_features
+    return sum(counted.values())
 
 
 def print_trainable_parameters(model: nn.Module) -> ParameterCount:

@@ -241,11 +241,13 @@ def _refuse_encoder(directory: Path) -> None:
         return  # (loading_errors reports a missing or broken config)
     if not isinstance(config, dict):
         return
-    architectures = config.get("architectures") or []
-    encoder = any(
-        isinstance(a, str) and a.startswith(_ENCODER_ARCHITECTURES) for a in architectures
-    )
-    if encoder or (config.get("model_type") in _ENCODER_TYPES and not config.get("is_decoder")):
+    if config.get("is_decoder"):
+        return  # (e.g. RobertaForCausalLM, BertLMHeadModel saved as decoders)
+    architectures = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return
+    encoder = any(a.startswith(_ENCODER_ARCHITECTURES) for a in architectures)
+    if encoder or config.get("model_type") in _ENCODER_TYPES:
         raise UserError(
             f"the model in {directory} is an encoder ({config.get('model_type')}), not a causal "
             "language model; load it with lorakit.models.load_model(path, task='seq-cls', "

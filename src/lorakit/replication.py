@@ -55,13 +55,17 @@ def _layer_list(model: nn.Module) -> tuple[nn.Module, str]:
 
 
 def _shared_copy(layer: nn.Module, index: int) -> nn.Module:
-    """A deep copy of ``layer`` whose parameters are ``layer``'s own objects; ``layer_idx``
-    attributes set to ``index``."""
+    """A deep copy of ``layer`` whose parameters and buffers are ``layer``'s own objects (a
+    quantized base such as lorakit's GGUF, int8-rows or int4-groups layers holds its weight in
+    buffers: shared too, not doubled); ``layer_idx`` attributes set to ``index``."""
     clone = copy.deepcopy(layer)
     for name, module in layer.named_modules():
         target = clone.get_submodule(name)
         for parameter_name, parameter in module.named_parameters(recurse=False):
             target.register_parameter(parameter_name, parameter)
+        for buffer_name, buffer in module.named_buffers(recurse=False):
+            persistent = buffer_name not in module._non_persistent_buffers_set
+            target.register_buffer(buffer_name, buffer, persistent=persistent)
     for module in clone.modules():
         if hasattr(module, "layer_idx"):
             module.layer_idx = index

@@ -12,8 +12,8 @@
   ``target_modules`` list is adapted whatever its layer (PEFT's rule); an empty list selects all.
 - ``modules_to_save`` (plus ``classifier`` / ``score`` for ``SEQ_CLS``, as PEFT adds them) picks
   every module whose name ends with an entry as a plain string (``saved_module_matches``:
-  ``"classifier"`` also picks ``pre_classifier``, ``"norm"`` every ``*_layernorm``); modules
-  named by an entry as a whole dotted part (and everything inside them) are never adapted.
+  ``"classifier"`` also picks ``pre_classifier``, ``"norm"`` every ``*_layernorm``); the modules
+  it picks (and everything inside them) are never adapted.
 """
 
 from __future__ import annotations
@@ -102,7 +102,12 @@ def saved_module_matches(entries: list[str], module_name: str) -> bool:
 
 
 def _inside_saved_module(saved: list[str], module_name: str) -> bool:
-    return any(re.match(rf"(^|.*\.){re.escape(entry)}($|\..*)", module_name) for entry in saved)
+    """``module_name`` is, or lies inside, a module ``saved`` picks (``saved_module_matches``,
+    the rule that copies it whole): no LoRA goes there (the copy is trained in full)."""
+    parts = module_name.split(".")
+    return any(
+        saved_module_matches(saved, ".".join(parts[:end])) for end in range(1, len(parts) + 1)
+    )
 
 
 def _layer_index(module_name: str, layers_pattern: str | list[str] | None) -> int | None:

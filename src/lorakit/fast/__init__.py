@@ -1,8 +1,9 @@
 """The fast path for LoRA linear layers: the base matmul and every adapter in one pass.
 
-Training (grad enabled and something to differentiate): one autograd node per layer
-(``FusedLoraLinear``) that keeps x once, never a dropout copy of it, and adds the rank-r branch
-into the base output in place. Inference: the same without autograd. ``LoraLinear`` takes it where
+Training (grad enabled and something to differentiate, or any call with dropout, whatever the
+grad mode: ``_training``): one autograd node per layer (``FusedLoraLinear``) that keeps x once,
+never a dropout copy of it, and adds the rank-r branch into the base output in place.
+Inference (no autograd, no dropout): the same without a node. ``LoraLinear`` takes it where
 ``applies`` says so and the plain formula (``functional.lora_forward``) elsewhere: several adapters
 while training, a trainable base weight, autocast, functorch transforms, ``torch.compile`` tracing
 (the compiler fuses the plain path itself), hooks on the base layer, mixed or non-float dtypes,
@@ -124,7 +125,8 @@ def fused_quantized_lora_linear(
 
 def quantized_applies(x: torch.Tensor, adapters: Sequence[RankSide]) -> bool:
     """True when ``fused_quantized_lora_linear`` can compute this call: training one adapter
-    (inference takes the plain formula, which adds in place without a graph), float x and
+    (``_training``: a gradient to record, or dropout; inference without dropout takes the
+    plain formula, which adds in place without a graph), float x and
     adapters on one device, no autocast, transforms or compiling, not in ``plain_path``."""
     if len(adapters) != 1 or torch.compiler.is_compiling() or _PLAIN_PATH.get():
         return False

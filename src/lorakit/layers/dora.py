@@ -12,8 +12,9 @@ tensor that requires grad by a copy of its values, compared at each use (an opti
 change it in place without bumping its counter: torch's fused AdamW does), so a trainable
 adapter evaluated between steps reuses ``n`` until the next step changes A or B, and gradient
 accumulation's micro-steps compute it once. A trainable W0 is not copied: nothing is cached for
-it. A write through ``.data`` to a frozen tensor bumps no counter and is not seen: call
-``clear()`` after one.
+it, nor anything computed under ``torch.inference_mode`` (an inference tensor cannot be saved
+for a later training step's backward). A write through ``.data`` to a frozen tensor bumps no
+counter and is not seen: call ``clear()`` after one.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class RowNorms:
         gain = (factor - 1.0).to(dtype)
         scaled_B = (lora_B.detach().to(factor.dtype) * factor[:, None]).to(dtype)  # (d, r)
         stamps = [_stamp(magnitude), _stamp(lora_B)]
-        if not compiling and all(stamp is not None for stamp in stamps):
+        if not compiling and not gain.is_inference() and all(s is not None for s in stamps):
             self._scales[adapter_name] = (norms, magnitude, lora_B, stamps, dtype, gain, scaled_B)
         return gain, scaled_B
 
@@ -139,7 +140,7 @@ class RowNorms:
             return cached[4]
         sq_norms = functional.base_row_sq_norms(weight, fan_in_fan_out, dtype)
         stamp = _stamp(weight, snapshot=False)  # (a trainable W0 is not copied: not cached)
-        if not compiling and stamp is not None:
+        if not compiling and not sq_norms.is_inference() and stamp is not None:
             self._base = (weight, stamp, fan_in_fan_out, dtype, sq_norms)
         return sq_norms
 
@@ -169,6 +170,6 @@ class RowNorms:
         base_sq = self.base_sq_norms(weight, fan_in_fan_out, dtype)
         norms = functional.dora_row_norms(base_sq, weight, lora_A, lora_B, scale, fan_in_fan_out)
         stamps = [_stamp(weight, snapshot=False), _stamp(lora_A), _stamp(lora_B)]
-        if not compiling and all(stamp is not None for stamp in stamps):
+        if not compiling and not norms.is_inference() and all(s is not None for s in stamps):
             self._norms[adapter_name] = (weight, lora_A, lora_B, stamps, scale, norms)
         return norms

@@ -75,7 +75,10 @@ class QuantizedLoraLinear(LoraLinear):
         return self.base_forward_with_weight(weight, x)
 
     def calls_base_module(self, weight: torch.Tensor | None, *args, **kwargs) -> bool:
-        return weight is None and bool(args or kwargs)
+        """The unmerged base runs its own module (some backends call it even without extra
+        arguments): its output is not ours to change in place when it has hooks."""
+        plain = not (args or kwargs) and fast.module_is_plain(self.base_layer)
+        return weight is None and not plain
 
     def routed_base_output(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Serving: the quantized base's own kernel, exactly as the unmerged forward runs it."""

@@ -50,9 +50,9 @@ class Admission:
             if request.cancelled:
                 self._finish(request, "cancelled")
                 continue
-            if self._starving and request.id not in self._starving:
-                deferred.append(request)  # a request kept waiting too long goes first
-                continue
+            if self._starving and request.id not in self._starving and request.slot < 0:
+                deferred.append(request)  # a request kept waiting too long goes first (one
+                continue  # already holding its slot runs: waiting, it would keep that slot)
             if not self._adapter_fits(request):
                 self._defer(request, deferred)  # its adapter would exceed max_loras
                 continue
