@@ -179,3 +179,16 @@ def test_a_hand_edited_alpha_is_reported_as_load_adapter_uses_it(llama_adapter) 
         loaded = lorakit.io.read_adapter(directory).config
     assert loaded.lora_alpha == 8
     assert set(summary["alphas"]) == {"8", "3"}, summary["alphas"]
+
+
+def test_a_named_adapter_is_read_from_its_subdirectory(tmp_path) -> None:
+    """PEFT's layout: "default" at the top, "other" in DIR/other; --adapter-name other
+    summarises "other" (it described "default" for a while)."""
+    model = lorakit.get_peft_model(
+        tiny_models.llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"])
+    )
+    model.add_adapter("other", lorakit.LoraConfig(r=8, target_modules=["v_proj"]))
+    model.save_pretrained(tmp_path)
+    assert summarize_adapter(tmp_path)["ranks"] == {"2": 2}
+    other = summarize_adapter(tmp_path, "other")
+    assert other["ranks"] == {"8": 2} and other["target_modules"] == ["v_proj"]

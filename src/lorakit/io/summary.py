@@ -85,8 +85,11 @@ def _on_parameter(config, module: str) -> bool:
 
 
 def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> dict[str, Any]:
-    """A JSON-ready summary of the adapter in ``directory`` (see the module docstring)."""
-    directory = adapter_directory(directory, adapter_name)
+    """A JSON-ready summary of the adapter in ``directory`` (see the module docstring); an
+    ``adapter_name`` other than "default" is read from ``directory/<name>``, where PEFT saves
+    it beside "default"."""
+    subfolder = None if adapter_name == "default" else adapter_name
+    directory = adapter_directory(directory, adapter_name, subfolder=subfolder)
     weights = weights_path(directory)
     config = read_adapter_header(directory).config  # as load_adapter reads it: a config.json
     header = read_header(weights)  # edited after saving yields to the copy in the weights file
