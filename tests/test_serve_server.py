@@ -272,6 +272,13 @@ def test_unimplemented_fields_are_refused_by_name_unless_they_ask_for_nothing(wo
     assert got.choices[0].text == expected_text(world, "the quick brown", "ad1", 4)
 
 
+def joined_as_decoded(tokens: list[str], ids: list[int], tokenizer) -> bool:
+    """The tokens' texts, joined, are the decoded ids (a decoder drops the leading space of a
+    whole text, which a token's own text keeps)."""
+    decoded = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return "".join(tokens).lstrip() == decoded.lstrip() and len(tokens) == len(ids)
+
+
 def reference_logprobs(world, prompt: str, adapter: str, count: int):
     """(the ``count`` greedy token ids, log_softmax of the logits before each (float64)) of the
     reference model with ``adapter``, as ``expected_text`` generates them."""
@@ -295,15 +302,19 @@ def test_logprobs_are_the_models_log_probabilities_of_each_token(world):
     )
     logprobs = got.choices[0].logprobs
     generated, expected = reference_logprobs(world, "the quick brown", "ad1", 5)
-    assert logprobs.tokens == [tokenizer.decode([i]) for i in generated]
+    assert joined_as_decoded(logprobs.tokens, generated, tokenizer)
     for row, token, logprob, top in zip(
         expected, generated, logprobs.token_logprobs, logprobs.top_logprobs, strict=True
     ):
         assert abs(logprob - float(row[token])) < 1e-4
         best = torch.topk(row, 3)
-        assert list(top) == [tokenizer.decode([i]) for i in best.indices.tolist()]
+        assert len(top) == 3 and all(
+            joined_as_decoded([t], [i], tokenizer)
+            for t, i in zip(top, best.indices.tolist(), strict=True)
+        )
         assert max(top.values()) == pytest.approx(float(best.values[0]), abs=1e-4)
-    assert logprobs.text_offset[0] == 0 and "".join(logprobs.tokens) == got.choices[0].text
+    offsets = [0] + [len("".join(logprobs.tokens[: i + 1])) for i in range(4)]
+    assert logprobs.text_offset == offsets
     stream = api.chat.completions.create(
         model="ad2",
         messages=[{"role": "user", "content": "hello world"}],
@@ -320,7 +331,7 @@ def test_logprobs_are_the_models_log_probabilities_of_each_token(world):
         for item in c.choices[0].logprobs.content
     ]
     generated, expected = reference_logprobs(world, "user: hello world\nassistant:", "ad2", 4)
-    assert [item.token for item in content] == [tokenizer.decode([i]) for i in generated]
+    assert joined_as_decoded([item.token for item in content], generated, tokenizer)
     for row, token, item in zip(expected, generated, content, strict=True):
         assert abs(item.logprob - float(row[token])) < 1e-4
         assert len(item.top_logprobs) == 2 and item.top_logprobs[0].token == item.token
@@ -465,3 +476,38 @@ def test_serve_listens_on_loopback_unless_told_otherwise(monkeypatch, tmp_path, 
     args = build_parser().parse_args(["serve", "--adapters", str(tmp_path), "--host", "0.0.0.0"])
     assert args.func(args) == 0 and listened[1][1]["host"] == "0.0.0.0"
     assert "reachable from other machines" in capsys.readouterr().out
+
+
+@pytest.mark.integration
+def test_a_token_piece_holds_its_exact_bytes():
+    """A character split across byte-level tokens: each token's bytes are its share of the
+    UTF-8 ('€' is e2 82 ac), where decoding the token alone gives U+FFFD (ef bf bd)."""
+    from lorakit.models import load_tokenizer, resolve_model
+    from lorakit.serve.token_pieces import token_piece
+
+    smollm2 = load_tokenizer(resolve_model("smollm2-135m-instruct"))
+    ids = smollm2.encode(" quick 5€ ok", add_special_tokens=False)
+    pieces = [token_piece(smollm2, i) for i in ids]
+    assert b"".join(data for _, data in pieces).decode() == " quick 5€ ok"
+    assert pieces[0][0] == " quick"
+
+
+def test_a_sentencepiece_token_keeps_its_space_and_a_byte_token_its_byte(world):
+    """'▁fo' is ' fo' (decoding it alone drops the space); '<0xE2>' is the byte e2."""
+    from lorakit.serve.token_pieces import token_piece
+
+    tokenizer = world["tokenizer"]
+    spaced = next(
+        token for token in tokenizer.get_vocab() if token.startswith("\u2581") and len(token) > 1
+    )
+    token_id = tokenizer.convert_tokens_to_ids(spaced)
+    assert token_piece(tokenizer, token_id) == (" " + spaced[1:], (" " + spaced[1:]).encode())
+    assert not tokenizer.decode([token_id]).startswith(" ")  # (what logprobs sent before)
+
+    class ByteFallback:
+        backend_tokenizer = None
+
+        def convert_ids_to_tokens(self, token_id):
+            return "<0xE2>"
+
+    assert token_piece(ByteFallback(), 7) == ("\ufffd", b"\xe2")

@@ -293,32 +293,30 @@ LOWEST_LOGPROB = -9999.0
 infinities (vLLM sends the same)."""
 
 
-def _entry(text: str, logprob: float) -> dict[str, Any]:
-    return {
-        "token": text,
-        "logprob": max(logprob, LOWEST_LOGPROB),
-        "bytes": list(text.encode("utf-8")),
-    }
+def _entry(piece: tuple[str, bytes], logprob: float) -> dict[str, Any]:
+    text, data = piece
+    return {"token": text, "logprob": max(logprob, LOWEST_LOGPROB), "bytes": list(data)}
 
 
-def chat_logprobs(entries: Sequence[TokenLogprob], token_text: Callable[[int], str]) -> dict:
-    """OpenAI's chat ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs}]}``,
-    ``token_text(id)`` the text of one token."""
+Piece = Callable[[int], tuple[str, bytes]]
+"""A token id's ``(text, exact bytes)`` (``lorakit.serve.token_pieces.token_piece``)."""
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob], piece: Piece) -> dict:
+    """OpenAI's chat ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
     content = []
     for entry in entries:
-        item = _entry(token_text(entry.token_id), entry.logprob)
-        item["top_logprobs"] = [_entry(token_text(i), lp) for i, lp in entry.top]
+        item = _entry(piece(entry.token_id), entry.logprob)
+        item["top_logprobs"] = [_entry(piece(i), lp) for i, lp in entry.top]
         content.append(item)
     return {"content": content}
 
 
-def completion_logprobs(
-    entries: Sequence[TokenLogprob], token_text: Callable[[int], str], offset: int = 0
-) -> dict:
+def completion_logprobs(entries: Sequence[TokenLogprob], piece: Piece, offset: int = 0) -> dict:
     """OpenAI's legacy completion ``logprobs``: ``tokens``, ``token_logprobs``,
     ``top_logprobs`` (``{text: logprob}`` per token) and ``text_offset`` (each token's
-    character offset in the completion, from ``offset``)."""
-    tokens = [token_text(entry.token_id) for entry in entries]
+    character offset in the completion, counted over the tokens' texts from ``offset``)."""
+    tokens = [piece(entry.token_id)[0] for entry in entries]
     offsets = []
     for text in tokens:
         offsets.append(offset)
@@ -327,7 +325,7 @@ def completion_logprobs(
         "tokens": tokens,
         "token_logprobs": [max(entry.logprob, LOWEST_LOGPROB) for entry in entries],
         "top_logprobs": [
-            {token_text(i): max(lp, LOWEST_LOGPROB) for i, lp in entry.top} for entry in entries
+            {piece(i)[0]: max(lp, LOWEST_LOGPROB) for i, lp in entry.top} for entry in entries
         ],
         "text_offset": offsets,
     }

@@ -32,6 +32,7 @@ from lorakit.serve.requests import (
     Event,
     EventStream,
 )
+from lorakit.serve.token_pieces import token_piece
 
 __all__ = ["RETRY_AFTER_SECONDS", "answer", "failure"]
 
@@ -93,11 +94,11 @@ async def answer(
         if job.stream:
             streaming = True
             return StreamingResponse(
-                _sse(job, first, events, watcher, _token_text(engine.tokenizer)),
+                _sse(job, first, events, watcher, _token_pieces(engine.tokenizer)),
                 media_type="text/event-stream",
                 background=BackgroundTask(events.cancel),  # also when the client disconnects
             )
-        return await _complete(job, first, events, _token_text(engine.tokenizer))
+        return await _complete(job, first, events, _token_pieces(engine.tokenizer))
     except BaseException:  # the server is cancelling this handler, or it failed
         events.cancel()
         raise
@@ -123,27 +124,25 @@ def _cancel_on_disconnect(receive: Receive | None, events: EventStream) -> async
     return asyncio.ensure_future(watch())
 
 
-def _token_text(tokenizer) -> Callable[[int], str]:
-    """The text of one token id, as logprobs name tokens (the id itself without a tokenizer)."""
-    if tokenizer is None:
-        return str
-    return lambda token_id: tokenizer.decode([token_id])
+def _token_pieces(tokenizer) -> protocol.Piece:
+    """A token id's ``(text, exact bytes)``, as logprobs name tokens (``token_pieces``)."""
+    return lambda token_id: token_piece(tokenizer, token_id)
 
 
-def _logprobs(job: CompletionJob, entries, token_text, offset: int = 0) -> dict | None:
+def _logprobs(job: CompletionJob, entries, pieces, offset: int = 0) -> dict | None:
     """The choice's ``logprobs`` for ``entries`` in the chat or the completion format (None
     when the request asked for none)."""
     if job.params.logprobs is None:
         return None
     if job.chat:
-        return protocol.chat_logprobs(entries, token_text)
-    return protocol.completion_logprobs(entries, token_text, offset)
+        return protocol.chat_logprobs(entries, pieces)
+    return protocol.completion_logprobs(entries, pieces, offset)
 
 
-async def _complete(job: CompletionJob, first: Event, events: EventStream, token_text) -> dict:
-    pieces, entries, last = [first.text], list(first.logprobs), first
+async def _complete(job: CompletionJob, first: Event, events: EventStream, pieces) -> dict:
+    texts, entries, last = [first.text], list(first.logprobs), first
     async for event in events:
-        pieces.append(event.text)
+        texts.append(event.text)
         entries += event.logprobs
         last = event
     if last.finish_reason not in _DONE:
@@ -152,10 +151,10 @@ async def _complete(job: CompletionJob, first: Event, events: EventStream, token
     return protocol.full_response(
         protocol.new_id(job.chat),
         job,
-        "".join(pieces),
+        "".join(texts),
         last.finish_reason,
         usage,
-        _logprobs(job, entries, token_text),
+        _logprobs(job, entries, pieces),
     )
 
 
@@ -164,17 +163,18 @@ async def _sse(
     first: Event,
     events: EventStream,
     watcher: asyncio.Task | None,
-    token_text: Callable[[int], str],
+    pieces: protocol.Piece,
 ) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format (with ``job.include_usage``, a last chunk of
     usage), then ``data: [DONE]``. A request failing after its first token ends with an error
     object in the stream (the status is sent)."""
     request_id = protocol.new_id(job.chat)
-    offset = 0  # characters of the completion sent so far (the legacy text_offset)
+    offset = 0  # characters of the tokens' texts so far (the legacy text_offset)
 
     def chunk(text: str | None, finish: str | None, entries=()) -> str:
         nonlocal offset
-        logprobs = _logprobs(job, entries, token_text, offset) if entries else None
+        logprobs = _logprobs(job, entries, pieces, offset) if entries else None
+        offset += sum(len(pieces(entry.token_id)[0]) for entry in entries)
         if job.chat:
             delta = (
                 {"role": "assistant", "content": ""}
@@ -184,7 +184,6 @@ async def _sse(
             payload = protocol.chat_chunk(request_id, job.model, delta, finish, logprobs)
         else:
             payload = protocol.completion_chunk(request_id, job.model, text or "", finish, logprobs)
-        offset += len(text or "")
         if job.include_usage:
             payload["usage"] = None
         return f"data: {json.dumps(payload)}\n\n"
