@@ -1,30 +1,15 @@
-"""OpenAI wire format: request parsing with 4xx errors, and response / stream-chunk builders."""
+"""OpenAI wire format: request parsing with 4xx errors (the response bodies: ``bodies``)."""
 
 from __future__ import annotations
 
 import json
 import re
-import time
-import uuid
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lorakit.serve.sampling import InvalidSamplingParam, SamplingParams, TokenLogprob
+from lorakit.serve.sampling import InvalidSamplingParam, SamplingParams
 
-__all__ = [
-    "APIError",
-    "CompletionJob",
-    "chat_chunk",
-    "chat_logprobs",
-    "completion_chunk",
-    "completion_logprobs",
-    "error_body",
-    "parse_body",
-    "parse_job",
-    "usage",
-    "usage_chunk",
-]
+__all__ = ["NEUTRAL_VALUES", "APIError", "CompletionJob", "error_body", "parse_body", "parse_job"]
 
 
 class APIError(Exception):
@@ -288,49 +273,6 @@ def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
     return (top or 0) if wanted else None
 
 
-LOWEST_LOGPROB = -9999.0
-"""What a log-probability of -inf (a token the model rules out) is sent as: JSON has no
-infinities (vLLM sends the same)."""
-
-
-def _entry(piece: tuple[str, bytes], logprob: float) -> dict[str, Any]:
-    text, data = piece
-    return {"token": text, "logprob": max(logprob, LOWEST_LOGPROB), "bytes": list(data)}
-
-
-Piece = Callable[[int], tuple[str, bytes]]
-"""A token id's ``(text, exact bytes)`` (``lorakit.serve.token_pieces.token_piece``)."""
-
-
-def chat_logprobs(entries: Sequence[TokenLogprob], piece: Piece) -> dict:
-    """OpenAI's chat ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
-    content = []
-    for entry in entries:
-        item = _entry(piece(entry.token_id), entry.logprob)
-        item["top_logprobs"] = [_entry(piece(i), lp) for i, lp in entry.top]
-        content.append(item)
-    return {"content": content}
-
-
-def completion_logprobs(entries: Sequence[TokenLogprob], piece: Piece, offset: int = 0) -> dict:
-    """OpenAI's legacy completion ``logprobs``: ``tokens``, ``token_logprobs``,
-    ``top_logprobs`` (``{text: logprob}`` per token) and ``text_offset`` (each token's
-    character offset in the completion, counted over the tokens' texts from ``offset``)."""
-    tokens = [piece(entry.token_id)[0] for entry in entries]
-    offsets = []
-    for text in tokens:
-        offsets.append(offset)
-        offset += len(text)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [max(entry.logprob, LOWEST_LOGPROB) for entry in entries],
-        "top_logprobs": [
-            {piece(i)[0]: max(lp, LOWEST_LOGPROB) for i, lp in entry.top} for entry in entries
-        ],
-        "text_offset": offsets,
-    }
-
-
 def _include_usage(body: dict[str, Any], stream: bool) -> bool:
     """``stream_options.include_usage`` (false when absent); 400 for options without a stream,
     as OpenAI and vLLM answer."""
@@ -349,26 +291,6 @@ def _include_usage(body: dict[str, Any], stream: bool) -> bool:
     return bool(include)
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def usage_chunk(request_id: str, job: CompletionJob, counts: dict[str, int]) -> dict[str, Any]:
-    """The last chunk of a stream with ``include_usage``: no choices, the request's usage."""
-    return {
-        "id": request_id,
-        "object": "chat.completion.chunk" if job.chat else "text_completion",
-        "created": int(time.time()),
-        "model": job.model,
-        "choices": [],
-        "usage": counts,
-    }
-
-
 def _float_field(body: dict[str, Any], name: str, default: float) -> float:
     """A number field as a float; an integer too large for a float (JSON allows any) is a 400."""
     value = _field(body, name, (int, float), default)
@@ -376,62 +298,3 @@ def _float_field(body: dict[str, Any], name: str, default: float) -> float:
         return float(value)
     except OverflowError:
         raise APIError(400, f"'{name}' is out of range", param=name) from None
-
-
-def new_id(chat: bool) -> str:
-    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-
-
-def completion_chunk(
-    request_id: str, model: str, text: str, finish_reason: str | None, logprobs=None
-) -> dict[str, Any]:
-    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-    }
-
-
-def chat_chunk(
-    request_id: str, model: str, delta: dict[str, str], finish_reason: str | None, logprobs=None
-) -> dict[str, Any]:
-    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-    return {
-        "id": request_id,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-    }
-
-
-def full_response(
-    request_id: str,
-    job: CompletionJob,
-    text: str,
-    finish_reason: str,
-    usage: dict[str, int],
-    logprobs: dict | None = None,
-) -> dict[str, Any]:
-    if job.chat:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": logprobs,
-            "finish_reason": finish_reason,
-        }
-        kind = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-        kind = "text_completion"
-    return {
-        "id": request_id,
-        "object": kind,
-        "created": int(time.time()),
-        "model": job.model,
-        "choices": [choice],
-        "usage": usage,
-    }

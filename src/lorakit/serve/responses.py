@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
-from lorakit.serve import protocol
+from lorakit.serve import bodies, protocol
 from lorakit.serve.engine import Engine, EngineStoppedError, QueueFullError
 from lorakit.serve.protocol import APIError, CompletionJob
 from lorakit.serve.requests import (
@@ -124,7 +124,7 @@ def _cancel_on_disconnect(receive: Receive | None, events: EventStream) -> async
     return asyncio.ensure_future(watch())
 
 
-def _token_pieces(tokenizer) -> protocol.Piece:
+def _token_pieces(tokenizer) -> bodies.Piece:
     """A token id's ``(text, exact bytes)``, as logprobs name tokens (``token_pieces``)."""
     return lambda token_id: token_piece(tokenizer, token_id)
 
@@ -135,8 +135,8 @@ def _logprobs(job: CompletionJob, entries, pieces, offset: int = 0) -> dict | No
     if job.params.logprobs is None:
         return None
     if job.chat:
-        return protocol.chat_logprobs(entries, pieces)
-    return protocol.completion_logprobs(entries, pieces, offset)
+        return bodies.chat_logprobs(entries, pieces)
+    return bodies.completion_logprobs(entries, pieces, offset)
 
 
 async def _complete(job: CompletionJob, first: Event, events: EventStream, pieces) -> dict:
@@ -147,9 +147,9 @@ async def _complete(job: CompletionJob, first: Event, events: EventStream, piece
         last = event
     if last.finish_reason not in _DONE:
         raise failure(last, job.model)
-    usage = protocol.usage(last.prompt_tokens, last.completion_tokens)
-    return protocol.full_response(
-        protocol.new_id(job.chat),
+    usage = bodies.usage(last.prompt_tokens, last.completion_tokens)
+    return bodies.full_response(
+        bodies.new_id(job.chat),
         job,
         "".join(texts),
         last.finish_reason,
@@ -163,12 +163,12 @@ async def _sse(
     first: Event,
     events: EventStream,
     watcher: asyncio.Task | None,
-    pieces: protocol.Piece,
+    pieces: bodies.Piece,
 ) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format (with ``job.include_usage``, a last chunk of
     usage), then ``data: [DONE]``. A request failing after its first token ends with an error
     object in the stream (the status is sent)."""
-    request_id = protocol.new_id(job.chat)
+    request_id = bodies.new_id(job.chat)
     offset = 0  # characters of the tokens' texts so far (the legacy text_offset)
 
     def chunk(text: str | None, finish: str | None, entries=()) -> str:
@@ -181,9 +181,9 @@ async def _sse(
                 if text is None
                 else ({"content": text} if text else {})
             )
-            payload = protocol.chat_chunk(request_id, job.model, delta, finish, logprobs)
+            payload = bodies.chat_chunk(request_id, job.model, delta, finish, logprobs)
         else:
-            payload = protocol.completion_chunk(request_id, job.model, text or "", finish, logprobs)
+            payload = bodies.completion_chunk(request_id, job.model, text or "", finish, logprobs)
         if job.include_usage:
             payload["usage"] = None
         return f"data: {json.dumps(payload)}\n\n"
@@ -202,8 +202,8 @@ async def _sse(
             if event.finish_reason in _DONE:
                 yield chunk("", event.finish_reason)
                 if job.include_usage:
-                    counts = protocol.usage(event.prompt_tokens, event.completion_tokens)
-                    payload = protocol.usage_chunk(request_id, job, counts)
+                    counts = bodies.usage(event.prompt_tokens, event.completion_tokens)
+                    payload = bodies.usage_chunk(request_id, job, counts)
                     yield f"data: {json.dumps(payload)}\n\n"
             elif event.finish_reason is not None:
                 yield f"data: {json.dumps(protocol.error_body(failure(event, job.model)))}\n\n"

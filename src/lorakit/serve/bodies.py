@@ -1,0 +1,148 @@
+"""OpenAI response bodies: whole responses, stream chunks, usage, and log-probabilities in the
+chat and the legacy completion formats (``protocol`` parses requests; ``responses`` sends
+these)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lorakit.serve.protocol import CompletionJob
+from lorakit.serve.sampling import TokenLogprob
+
+__all__ = [
+    "LOWEST_LOGPROB",
+    "Piece",
+    "chat_chunk",
+    "chat_logprobs",
+    "completion_chunk",
+    "completion_logprobs",
+    "full_response",
+    "new_id",
+    "usage",
+    "usage_chunk",
+]
+
+
+LOWEST_LOGPROB = -9999.0
+"""What a log-probability of -inf (a token the model rules out) is sent as: JSON has no
+infinities (vLLM sends the same)."""
+
+
+def _entry(piece: tuple[str, bytes], logprob: float) -> dict[str, Any]:
+    text, data = piece
+    return {"token": text, "logprob": max(logprob, LOWEST_LOGPROB), "bytes": list(data)}
+
+
+Piece = Callable[[int], tuple[str, bytes]]
+"""A token id's ``(text, exact bytes)`` (``lorakit.serve.token_pieces.token_piece``)."""
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob], piece: Piece) -> dict:
+    """OpenAI's chat ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
+    content = []
+    for entry in entries:
+        item = _entry(piece(entry.token_id), entry.logprob)
+        item["top_logprobs"] = [_entry(piece(i), lp) for i, lp in entry.top]
+        content.append(item)
+    return {"content": content}
+
+
+def completion_logprobs(entries: Sequence[TokenLogprob], piece: Piece, offset: int = 0) -> dict:
+    """OpenAI's legacy completion ``logprobs``: ``tokens``, ``token_logprobs``,
+    ``top_logprobs`` (``{text: logprob}`` per token) and ``text_offset`` (each token's
+    character offset in the completion, counted over the tokens' texts from ``offset``)."""
+    tokens = [piece(entry.token_id)[0] for entry in entries]
+    offsets = []
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [max(entry.logprob, LOWEST_LOGPROB) for entry in entries],
+        "top_logprobs": [
+            {piece(i)[0]: max(lp, LOWEST_LOGPROB) for i, lp in entry.top} for entry in entries
+        ],
+        "text_offset": offsets,
+    }
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def usage_chunk(request_id: str, job: CompletionJob, counts: dict[str, int]) -> dict[str, Any]:
+    """The last chunk of a stream with ``include_usage``: no choices, the request's usage."""
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk" if job.chat else "text_completion",
+        "created": int(time.time()),
+        "model": job.model,
+        "choices": [],
+        "usage": counts,
+    }
+
+
+def new_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def completion_chunk(
+    request_id: str, model: str, text: str, finish_reason: str | None, logprobs=None
+) -> dict[str, Any]:
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+    }
+
+
+def chat_chunk(
+    request_id: str, model: str, delta: dict[str, str], finish_reason: str | None, logprobs=None
+) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+    }
+
+
+def full_response(
+    request_id: str,
+    job: CompletionJob,
+    text: str,
+    finish_reason: str,
+    usage: dict[str, int],
+    logprobs: dict | None = None,
+) -> dict[str, Any]:
+    if job.chat:
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": logprobs,
+            "finish_reason": finish_reason,
+        }
+        kind = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        kind = "text_completion"
+    return {
+        "id": request_id,
+        "object": kind,
+        "created": int(time.time()),
+        "model": job.model,
+        "choices": [choice],
+        "usage": usage,
+    }
