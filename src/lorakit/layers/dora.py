@@ -19,6 +19,8 @@ counter and is not seen: call ``clear()`` after one.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -66,13 +68,35 @@ def _unchanged(stamp: object, tensor: torch.Tensor) -> bool:
         return False
 
 
-def _all_unchanged(stamps: list, tensors: tuple) -> bool:
-    return all(_unchanged(s, t) for s, t in zip(stamps, tensors, strict=True))
+class _Entry(NamedTuple):
+    """Values computed from ``tensors`` (the very objects), reused while every one of them is
+    unchanged (``stamps``) and ``key`` (the other inputs) is the same."""
+
+    tensors: tuple
+    stamps: list
+    key: tuple
+    values: tuple
 
 
-def _same(cached: tuple, tensors: tuple) -> bool:
-    """True when ``cached`` holds the very tensor objects ``tensors`` (identity, in order)."""
-    return all(a is b for a, b in zip(cached, tensors, strict=True))
+def _reuse(entry: _Entry | None, tensors: tuple, key: tuple) -> tuple | None:
+    """``entry.values`` when ``entry`` was made from these very, unchanged ``tensors`` with this
+    ``key``; None otherwise (and always while ``torch.compile`` traces)."""
+    if entry is None or torch.compiler.is_compiling() or entry.key != key:
+        return None
+    if not all(a is b for a, b in zip(entry.tensors, tensors, strict=True)):
+        return None
+    unchanged = all(_unchanged(s, t) for s, t in zip(entry.stamps, tensors, strict=True))
+    return entry.values if unchanged else None
+
+
+def _entry(tensors: tuple, key: tuple, values: tuple, copies: tuple) -> _Entry | None:
+    """A cache entry for ``values``, or None where nothing may be kept: while compiling, for
+    inference tensors (a later backward cannot save them), or for a tensor ``_stamp`` cannot
+    follow (``copies[i]``: whether tensor i may be followed by a copy of its values)."""
+    if torch.compiler.is_compiling() or any(v.is_inference() for v in values):
+        return None
+    stamps = [_stamp(t, snapshot=copy) for t, copy in zip(tensors, copies, strict=True)]
+    return None if any(s is None for s in stamps) else _Entry(tensors, stamps, key, values)
 
 
 class RowNorms:
@@ -81,9 +105,9 @@ class RowNorms:
     versions; nothing is cached while ``torch.compile`` traces."""
 
     def __init__(self) -> None:
-        self._base: tuple | None = None  # (W0, stamp, fan_in_fan_out, dtype, ||W0_i||^2)
-        self._norms: dict[str, tuple] = {}  # adapter -> (W0, A, B, stamps, scale, n)
-        self._scales: dict[str, tuple] = {}  # adapter -> (n, m, B, stamps, dtype, f - 1, f B)
+        self._base: _Entry | None = None  # W0; (fan_in_fan_out, dtype); (||W0_i||^2,)
+        self._norms: dict[str, _Entry] = {}  # adapter -> W0, A, B; (scale,); (n,)
+        self._scales: dict[str, _Entry] = {}  # adapter -> n, m, B; (dtype,); (f - 1, f B)
 
     def clear(self, adapter_name: str | None = None) -> None:
         if adapter_name is None:
@@ -104,44 +128,30 @@ class RowNorms:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(f - 1, f B)`` in ``dtype`` for a call without autograd, reused while ``n``, ``m``
         and B are unchanged (decoding then spends no time on them)."""
-        compiling = torch.compiler.is_compiling()
-        cached = self._scales.get(adapter_name)
-        hit = (
-            not compiling
-            and cached is not None
-            and _same(cached[:3], (norms, magnitude, lora_B))
-            and cached[4] == dtype
-            and _all_unchanged(cached[3], (magnitude, lora_B))
-        )
-        if hit:
-            return cached[5], cached[6]
+        tensors, key = (norms, magnitude, lora_B), (dtype,)
+        found = _reuse(self._scales.get(adapter_name), tensors, key)
+        if found is not None:
+            return found
         factor = functional.dora_factor(magnitude.detach(), norms)  # (d,)
         gain = (factor - 1.0).to(dtype)
         scaled_B = (lora_B.detach().to(factor.dtype) * factor[:, None]).to(dtype)  # (d, r)
-        stamps = [_stamp(magnitude), _stamp(lora_B)]
-        if not compiling and not gain.is_inference() and all(s is not None for s in stamps):
-            self._scales[adapter_name] = (norms, magnitude, lora_B, stamps, dtype, gain, scaled_B)
+        entry = _entry(tensors, key, (gain, scaled_B), copies=(False, True, True))
+        if entry is not None:
+            self._scales[adapter_name] = entry
         return gain, scaled_B
 
     def base_sq_norms(
         self, weight: torch.Tensor, fan_in_fan_out: bool, dtype: torch.dtype
     ) -> torch.Tensor:
         """``||W0_i||^2`` (d,) in ``dtype``, computed once per weight version."""
-        compiling = torch.compiler.is_compiling()
-        cached = self._base
-        hit = (
-            not compiling
-            and cached is not None
-            and cached[0] is weight
-            and cached[2:4] == (fan_in_fan_out, dtype)
-            and _unchanged(cached[1], weight)
-        )
-        if hit:
-            return cached[4]
+        key = (fan_in_fan_out, dtype)
+        found = _reuse(self._base, (weight,), key)
+        if found is not None:
+            return found[0]
         sq_norms = functional.base_row_sq_norms(weight, fan_in_fan_out, dtype)
-        stamp = _stamp(weight, snapshot=False)  # (a trainable W0 is not copied: not cached)
-        if not compiling and not sq_norms.is_inference() and stamp is not None:
-            self._base = (weight, stamp, fan_in_fan_out, dtype, sq_norms)
+        entry = _entry((weight,), key, (sq_norms,), copies=(False,))  # (W0 is never copied)
+        if entry is not None:
+            self._base = entry
         return sq_norms
 
     def row_norms(
@@ -154,22 +164,14 @@ class RowNorms:
         fan_in_fan_out: bool,
     ) -> torch.Tensor:
         """``n = ||W0 + s B A||_row`` (d,), detached, reused while W0, A, B are unchanged."""
-        compiling = torch.compiler.is_compiling()
-        tensors = (weight, lora_A, lora_B)
-        cached = self._norms.get(adapter_name)
-        hit = (
-            not compiling
-            and cached is not None
-            and _same(cached[:3], tensors)
-            and cached[4] == scale
-            and _all_unchanged(cached[3], tensors)
-        )
-        if hit:
-            return cached[5]
+        tensors, key = (weight, lora_A, lora_B), (scale,)
+        found = _reuse(self._norms.get(adapter_name), tensors, key)
+        if found is not None:
+            return found[0]
         dtype = functional.norm_dtype(weight, lora_A, lora_B)
         base_sq = self.base_sq_norms(weight, fan_in_fan_out, dtype)
         norms = functional.dora_row_norms(base_sq, weight, lora_A, lora_B, scale, fan_in_fan_out)
-        stamps = [_stamp(weight, snapshot=False), _stamp(lora_A), _stamp(lora_B)]
-        if not compiling and not norms.is_inference() and all(s is not None for s in stamps):
-            self._norms[adapter_name] = (weight, lora_A, lora_B, stamps, scale, norms)
+        entry = _entry(tensors, key, (norms,), copies=(False, True, True))
+        if entry is not None:
+            self._norms[adapter_name] = entry
         return norms
