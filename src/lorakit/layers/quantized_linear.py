@@ -97,6 +97,9 @@ class QuantizedLoraLinear(LoraLinear):
         """The one training adapter for the fused node (``lorakit.fast.quantized``), or None
         for the plain formula: several adapters, a bias on B, a trainable base bias, hooks on
         the base layer, inference without dropout (see ``fast.quantized_applies``)."""
+        dropping = self.training and any(self.dropouts[name] for name in adapters)
+        if not (torch.is_grad_enabled() or dropping):  # inference: the plain formula, at once
+            return None
         bias = getattr(self.base_layer, "bias", None)
         if not fast.module_is_plain(self.base_layer) or (bias is not None and bias.requires_grad):
             return None
