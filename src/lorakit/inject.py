@@ -209,9 +209,7 @@ def _check_targets(
     bias on B on a layer kind without it, the name already taken, a base-changing init it
     cannot do."""
     for name, module in current.items():
-        layer_class = (
-            type(module) if isinstance(module, LoraLayer) else layer_class_for(module, name)
-        )
+        layer_class = layer_class_for(module, name)
         if config.use_dora and not layer_class.supports_dora:
             raise ValueError(
                 f"module {name!r} is a {type(original_module(module)).__name__}: lorakit "
@@ -246,8 +244,7 @@ def wrap_targets(
     """
     current = _current_modules(model, names, modules)
     for name, module in current.items():
-        if not isinstance(module, LoraLayer):
-            layer_class_for(module, name)
+        layer_class_for(module, name)  # (refuses a module no LoRA layer wraps)
     if state_of(model) is None:
         state_of(model, create=True)  # records the flags that unload restores
         freeze_all(model)

@@ -19,7 +19,12 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
-from lorakit.init_methods import check_layer_takes, check_redo_on_load, redo_base_change
+from lorakit.init_methods import (
+    changes_base,
+    check_layer_takes,
+    check_redo_on_load,
+    redo_base_change,
+)
 from lorakit.inject import add_adapter_to_modules, check_adapter_name, unload
 from lorakit.io.keys import (
     FileTensor,
@@ -209,9 +214,7 @@ def _init_to_redo(config: LoraConfig) -> str | None:
     """The PiSSA / OLoRA init PEFT reruns when it loads a file saying so (None for any other:
     lorakit writes ``true`` for its own such adapters; LoftQ files load as they are)."""
     init = config.init_lora_weights
-    if isinstance(init, str) and (init == "olora" or init.startswith("pissa")):
-        return init
-    return None
+    return init if changes_base(init) and init != "loftq" else None
 
 
 def _check_init_redo(to_load: _LoadTargets, current: dict[str, nn.Module]) -> None:
@@ -223,9 +226,7 @@ def _check_init_redo(to_load: _LoadTargets, current: dict[str, nn.Module]) -> No
     try:
         for name in to_load.targets:
             module = current[name]
-            layer_class = (
-                type(module) if isinstance(module, LoraLayer) else layer_class_for(module, name)
-            )
+            layer_class = layer_class_for(module, name)
             check_layer_takes(layer_class, module, name, init)
             check_redo_on_load(init, module, name)
         if to_load.parameter_targets:

@@ -58,8 +58,11 @@ _DISPATCH: list[tuple[Callable[[nn.Module], bool], type[LoraLayer]]] = [
 
 
 def layer_class_for(module: nn.Module, module_name: str) -> type[LoraLayer]:
-    """The LoRA layer class that wraps ``module``; TypeError naming the module if none does
-    (``UnsupportedQuantizedLayerError`` for a quantized layer of a format lorakit does not know)."""
+    """The LoRA layer class that wraps ``module`` (its own class when it is a LoRA layer
+    already); TypeError naming the module if none does (``UnsupportedQuantizedLayerError`` for a
+    quantized layer of a format lorakit does not know)."""
+    if isinstance(module, LoraLayer):
+        return type(module)
     quantized.check_supported(module, module_name)
     for accepts, layer_class in _DISPATCH:
         if accepts(module):
