@@ -265,12 +265,14 @@ class ServedAdapters:
         """Evict ``name`` when its files changed since they were read, so that the load that
         follows reads the new ones. While a request uses (or a replica pins) the old weights
         they stay, with a warning, and the next request looks again."""
+        known = self._identities.get(name)
+        if known is None or name not in self.bank:
+            return
+        if known == file_identity(self.registry.path(name)):  # (two stats, outside the lock)
+            return
         with self.bank.lock:
-            known = self._identities.get(name)
-            if name not in self.bank or known is None:
-                return
-            if known == file_identity(self.registry.path(name)):
-                return
+            if name not in self.bank or self._identities.get(name) is not known:
+                return  # evicted, or read again, meanwhile
             try:
                 self.bank.evict(name)
             except AdapterInUseError:
