@@ -79,44 +79,38 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 def usage_chunk(request_id: str, job: CompletionJob, counts: dict[str, int]) -> dict[str, Any]:
     """The last chunk of a stream with ``include_usage``: no choices, the request's usage."""
-    return {
-        "id": request_id,
-        "object": "chat.completion.chunk" if job.chat else "text_completion",
-        "created": int(time.time()),
-        "model": job.model,
-        "choices": [],
-        "usage": counts,
-    }
+    kind = "chat.completion.chunk" if job.chat else "text_completion"
+    return _envelope(request_id, kind, job.model, [], usage=counts)
 
 
 def new_id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
 
 
+def _envelope(request_id: str, kind: str, model: str, choices: list, **extra) -> dict[str, Any]:
+    """What every response and chunk holds around its choices (``extra``: e.g. ``usage``)."""
+    body = {
+        "id": request_id,
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+    }
+    return body | extra
+
+
 def completion_chunk(
     request_id: str, model: str, text: str, finish_reason: str | None, logprobs=None
 ) -> dict[str, Any]:
     choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-    }
+    return _envelope(request_id, "text_completion", model, [choice])
 
 
 def chat_chunk(
     request_id: str, model: str, delta: dict[str, str], finish_reason: str | None, logprobs=None
 ) -> dict[str, Any]:
     choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-    return {
-        "id": request_id,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-    }
+    return _envelope(request_id, "chat.completion.chunk", model, [choice])
 
 
 def full_response(
@@ -138,11 +132,4 @@ def full_response(
     else:
         choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         kind = "text_completion"
-    return {
-        "id": request_id,
-        "object": kind,
-        "created": int(time.time()),
-        "model": job.model,
-        "choices": [choice],
-        "usage": usage,
-    }
+    return _envelope(request_id, kind, job.model, [choice], usage=usage)
