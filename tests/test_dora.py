@@ -181,14 +181,18 @@ def test_rows_that_cancel_are_computed_directly() -> None:
     base_sq = functional.base_row_sq_norms(W0_32)
     norms = functional.dora_row_norms(base_sq, W0_32, A_32, B_32, scale)
     exact_32 = torch.linalg.vector_norm(W0_32 + scale * B_32 @ A_32, dim=1).double()
-    # the guarded rows carry the direct float32 norm's error, not the expansion's
-    torch.testing.assert_close(norms.double(), exact_32, atol=0, rtol=1e-6)
-    assert abs(norms[3].double() - expected[3]) < 2 * abs(exact_32[3] - expected[3]) + 1e-9
+    others = [i for i in range(8) if i != 3]
+    torch.testing.assert_close(norms.double()[others], exact_32[others], atol=0, rtol=1e-6)
+    # row 3 keeps the direct float32 norm's precision, a few ulps of ||W0_3|| (its relative
+    # error is ~1e-5 either way: the summation order, which the CPU's kernels pick, decides it)
+    direct_precision = 4 * torch.finfo(torch.float32).eps * W0[3].norm()
+    assert abs(exact_32[3] - expected[3]) < direct_precision
+    assert abs(norms[3].double() - expected[3]) < direct_precision
     # without the guard the expansion would be far off on row 3 (this is what is guarded)
     cross = (B_32 * (W0_32 @ A_32.T)).sum(1)
     lora_sq = ((B_32 @ (A_32 @ A_32.T)) * B_32).sum(1) * scale**2
     unguarded = (base_sq + 2 * scale * cross + lora_sq).clamp_min(0).sqrt()
-    assert abs(unguarded[3].double() - expected[3]) > 100 * abs(norms[3].double() - expected[3])
+    assert abs(unguarded[3].double() - expected[3]) > 100 * direct_precision
 
 
 def test_row_norms_are_cached_until_a_factor_changes() -> None:
@@ -249,6 +253,46 @@ def test_training_with_fused_adamw_uses_the_current_factors() -> None:
     after = layer.adapter_parameters("default")
     moved = [(t - t0).abs().max() for t, t0 in zip(after, before, strict=True)]
     assert min(moved) > 1e-2  # A, B and m all stepped: the test is not vacuous
+
+
+class _DataWritingSGD(torch.optim.Optimizer):
+    """Plain SGD that writes through ``.data``: no version counter moves, as in a hand-rolled
+    or third-party optimiser that subclasses ``torch.optim.Optimizer``."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.data.add_(p.grad, alpha=-group["lr"])
+
+
+def test_any_optimizer_step_retires_the_cached_norms_of_trainable_tensors() -> None:
+    model = lorakit.inject(
+        tiny_models.llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
+    )
+    tiny_models.randomize_adapters(model)
+    layer = dict(lora_layers(model))["model.layers.0.self_attn.q_proj"]
+    optimizer = _DataWritingSGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    x = torch.randn(6, layer.in_features, generator=torch.Generator().manual_seed(1))
+    versions = [t._version for t in layer.adapter_parameters("default")]
+    for _ in range(3):
+        model.eval()
+        with torch.no_grad():  # norms computed (and cached) between steps
+            torch.testing.assert_close(
+                layer(x).double(), _dora_reference(layer, x), atol=1e-5, rtol=0
+            )
+        model.train()
+        optimizer.zero_grad()
+        (layer(x) ** 2).mean().backward()
+        optimizer.step()
+    assert [t._version for t in layer.adapter_parameters("default")] == versions  # unseen writes
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).double(), _dora_reference(layer, x), atol=1e-5, rtol=0)
 
 
 def test_embeddings_are_refused_before_any_change() -> None:

@@ -6,15 +6,17 @@ DoRA (``LoraConfig(use_dora=True)``, maths in ``lorakit.functional``) gives each
 PEFT's name in the model; in a file it is ``<path>.lora_magnitude_vector`` (no ``.weight``).
 
 ``RowNorms`` keeps ``||W0_i||^2`` (computed once per base weight, in float32) and each
-adapter's ``n`` until W0, A or B change: inference computes ``n`` once. A frozen tensor is
-known unchanged by its version counter (which an in-place update such as ``copy_`` bumps); a
-tensor that requires grad by a copy of its values, compared at each use (an optimiser may
-change it in place without bumping its counter: torch's fused AdamW does), so a trainable
-adapter evaluated between steps reuses ``n`` until the next step changes A or B, and gradient
-accumulation's micro-steps compute it once. A trainable W0 is not copied: nothing is cached for
-it, nor anything computed under ``torch.inference_mode`` (an inference tensor cannot be saved
-for a later training step's backward). A write through ``.data`` to a frozen tensor bumps no
-counter and is not seen: call ``clear()`` after one.
+adapter's ``n`` until W0, A or B change: inference computes ``n`` once. A tensor is known
+unchanged by its version counter (which an in-place update such as ``copy_`` bumps) and data
+pointer, and, for one that requires grad, by the count of optimiser steps taken in this process:
+an optimiser may step a parameter in place without bumping its counter (torch's fused AdamW
+does), so every ``torch.optim.Optimizer`` step (a global post-step hook, one integer increment)
+retires the cached norms of trainable tensors. A trainable adapter evaluated between steps so
+reuses ``n`` until the next step, and gradient accumulation's micro-steps compute it once.
+Nothing computed under ``torch.inference_mode`` is cached (an inference tensor has no version,
+and cannot be saved for a later training step's backward). A write through ``.data`` bumps no
+counter and is not seen, nor is a step of an optimiser that does not subclass
+``torch.optim.Optimizer``: call ``clear()`` after one.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lorakit import functional
 
@@ -41,31 +44,25 @@ class Magnitude(nn.Module):
         return f"out_features={self.weight.shape[0]}"
 
 
-def _stamp(tensor: torch.Tensor, *, snapshot: bool = True) -> object:
-    """What tells later whether ``tensor`` changed (``_unchanged``): its ``(version, data
-    pointer)``; for a tensor that requires grad a copy of its values instead (torch's fused
-    AdamW steps parameters in place without bumping their versions), or None where
-    ``snapshot`` is False (then nothing is cached); None for an inference tensor (no version)."""
-    if tensor.requires_grad:
-        return tensor.detach().clone() if snapshot else None
+_optimizer_steps = 0  # optimiser steps taken in this process (any torch.optim.Optimizer)
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def _stamp(tensor: torch.Tensor) -> tuple | None:
+    """What tells later whether ``tensor`` changed: its version, its data pointer and, if it
+    requires grad, the optimiser step count; None for an inference tensor (no version)."""
     try:
-        return tensor._version, tensor.data_ptr()
+        version, pointer = tensor._version, tensor.data_ptr()
     except RuntimeError:
         return None
-
-
-def _unchanged(stamp: object, tensor: torch.Tensor) -> bool:
-    """``tensor`` holds what it held when ``stamp`` was taken (a copy: the same values)."""
-    if stamp is None:
-        return False
-    if isinstance(stamp, torch.Tensor):
-        return tensor.requires_grad and torch.equal(stamp, tensor.detach())
-    if tensor.requires_grad:
-        return False
-    try:
-        return stamp == (tensor._version, tensor.data_ptr())
-    except RuntimeError:
-        return False
+    return version, pointer, _optimizer_steps if tensor.requires_grad else None
 
 
 class _Entry(NamedTuple):
@@ -85,17 +82,16 @@ def _reuse(entry: _Entry | None, tensors: tuple, key: tuple) -> tuple | None:
         return None
     if not all(a is b for a, b in zip(entry.tensors, tensors, strict=True)):
         return None
-    unchanged = all(_unchanged(s, t) for s, t in zip(entry.stamps, tensors, strict=True))
+    unchanged = all(s == _stamp(t) for s, t in zip(entry.stamps, tensors, strict=True))
     return entry.values if unchanged else None
 
 
-def _entry(tensors: tuple, key: tuple, values: tuple, copies: tuple) -> _Entry | None:
-    """A cache entry for ``values``, or None where nothing may be kept: while compiling, for
-    inference tensors (a later backward cannot save them), or for a tensor ``_stamp`` cannot
-    follow (``copies[i]``: whether tensor i may be followed by a copy of its values)."""
+def _entry(tensors: tuple, key: tuple, values: tuple) -> _Entry | None:
+    """A cache entry for ``values``, or None where nothing may be kept: while compiling, or
+    for inference tensors (a later backward cannot save them; ``_stamp`` cannot follow them)."""
     if torch.compiler.is_compiling() or any(v.is_inference() for v in values):
         return None
-    stamps = [_stamp(t, snapshot=copy) for t, copy in zip(tensors, copies, strict=True)]
+    stamps = [_stamp(t) for t in tensors]
     return None if any(s is None for s in stamps) else _Entry(tensors, stamps, key, values)
 
 
@@ -135,7 +131,7 @@ class RowNorms:
         factor = functional.dora_factor(magnitude.detach(), norms)  # (d,)
         gain = (factor - 1.0).to(dtype)
         scaled_B = (lora_B.detach().to(factor.dtype) * factor[:, None]).to(dtype)  # (d, r)
-        entry = _entry(tensors, key, (gain, scaled_B), copies=(False, True, True))
+        entry = _entry(tensors, key, (gain, scaled_B))
         if entry is not None:
             self._scales[adapter_name] = entry
         return gain, scaled_B
@@ -149,7 +145,7 @@ class RowNorms:
         if found is not None:
             return found[0]
         sq_norms = functional.base_row_sq_norms(weight, fan_in_fan_out, dtype)
-        entry = _entry((weight,), key, (sq_norms,), copies=(False,))  # (W0 is never copied)
+        entry = _entry((weight,), key, (sq_norms,))
         if entry is not None:
             self._base = entry
         return sq_norms
@@ -171,7 +167,7 @@ class RowNorms:
         dtype = functional.norm_dtype(weight, lora_A, lora_B)
         base_sq = self.base_sq_norms(weight, fan_in_fan_out, dtype)
         norms = functional.dora_row_norms(base_sq, weight, lora_A, lora_B, scale, fan_in_fan_out)
-        entry = _entry(tensors, key, (norms,), copies=(False, True, True))
+        entry = _entry(tensors, key, (norms,))
         if entry is not None:
             self._norms[adapter_name] = entry
         return norms
