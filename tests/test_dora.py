@@ -375,3 +375,23 @@ def test_norms_computed_under_inference_mode_are_not_reused_for_training() -> No
     model.train()(ids).logits.sum().backward()
     magnitudes = [p for n, p in model.named_parameters() if "lora_magnitude_vector" in n]
     assert magnitudes and all(p.grad is not None for p in magnitudes)
+
+
+def test_decoding_under_inference_mode_reuses_the_norms() -> None:
+    """torch.inference_mode (how generate is often run) computes the norms once, as normal
+    tensors, and a later training step both reuses and backpropagates through them."""
+    model = lorakit.inject(
+        tiny_models.llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
+    )
+    tiny_models.randomize_adapters(model)
+    layer = dict(lora_layers(model))["model.layers.0.self_attn.q_proj"]
+    weight = layer.base_layer.weight
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        first = layer.dora_row_norms("default", weight)
+        assert layer.dora_row_norms("default", weight) is first and not first.is_inference()
+        out = layer.eval()(x)
+    torch.testing.assert_close(out.double(), _dora_reference(layer, x), atol=1e-5, rtol=0)
+    assert layer.dora_row_norms("default", weight) is first
+    layer.train()(x).sum().backward()
+    assert layer.lora_magnitude_vector["default"].weight.grad is not None

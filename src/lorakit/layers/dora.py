@@ -13,14 +13,17 @@ an optimiser may step a parameter in place without bumping its counter (torch's 
 does), so every ``torch.optim.Optimizer`` step (a global post-step hook, one integer increment)
 retires the cached norms of trainable tensors. A trainable adapter evaluated between steps so
 reuses ``n`` until the next step, and gradient accumulation's micro-steps compute it once.
-Nothing computed under ``torch.inference_mode`` is cached (an inference tensor has no version,
-and cannot be saved for a later training step's backward). A write through ``.data`` bumps no
+Under ``torch.inference_mode`` the cached values are computed with inference mode locally off
+(``_normal_tensors``): an inference tensor could not be saved by a later training step's
+backward, and decoding under inference mode reuses them like any other. An inference tensor
+among the inputs (no version to follow) is never cached. A write through ``.data`` bumps no
 counter and is not seen, nor is a step of an optimiser that does not subclass
 ``torch.optim.Optimizer``: call ``clear()`` after one.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -63,6 +66,17 @@ def _stamp(tensor: torch.Tensor) -> tuple | None:
     except RuntimeError:
         return None
     return version, pointer, _optimizer_steps if tensor.requires_grad else None
+
+
+def _normal_tensors() -> contextlib.AbstractContextManager:
+    """Where ``torch.inference_mode`` is on, inference mode off and gradients off, so that what
+    is computed from parameters is a normal, cacheable tensor (a no-op elsewhere)."""
+    if not torch.is_inference_mode_enabled():
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack
 
 
 class _Entry(NamedTuple):
@@ -128,9 +142,10 @@ class RowNorms:
         found = _reuse(self._scales.get(adapter_name), tensors, key)
         if found is not None:
             return found
-        factor = functional.dora_factor(magnitude.detach(), norms)  # (d,)
-        gain = (factor - 1.0).to(dtype)
-        scaled_B = (lora_B.detach().to(factor.dtype) * factor[:, None]).to(dtype)  # (d, r)
+        with _normal_tensors():
+            factor = functional.dora_factor(magnitude.detach(), norms)  # (d,)
+            gain = (factor - 1.0).to(dtype)
+            scaled_B = (lora_B.detach().to(factor.dtype) * factor[:, None]).to(dtype)  # (d, r)
         entry = _entry(tensors, key, (gain, scaled_B))
         if entry is not None:
             self._scales[adapter_name] = entry
@@ -144,7 +159,8 @@ class RowNorms:
         found = _reuse(self._base, (weight,), key)
         if found is not None:
             return found[0]
-        sq_norms = functional.base_row_sq_norms(weight, fan_in_fan_out, dtype)
+        with _normal_tensors():
+            sq_norms = functional.base_row_sq_norms(weight, fan_in_fan_out, dtype)
         entry = _entry((weight,), key, (sq_norms,))
         if entry is not None:
             self._base = entry
@@ -166,7 +182,10 @@ class RowNorms:
             return found[0]
         dtype = functional.norm_dtype(weight, lora_A, lora_B)
         base_sq = self.base_sq_norms(weight, fan_in_fan_out, dtype)
-        norms = functional.dora_row_norms(base_sq, weight, lora_A, lora_B, scale, fan_in_fan_out)
+        with _normal_tensors():
+            norms = functional.dora_row_norms(
+                base_sq, weight, lora_A, lora_B, scale, fan_in_fan_out
+            )
         entry = _entry(tensors, key, (norms,))
         if entry is not None:
             self._norms[adapter_name] = entry
