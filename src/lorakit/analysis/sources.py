@@ -73,10 +73,16 @@ def load_model_dir(
 
 
 def adapter_dir_spectra(directory: str | os.PathLike[str]) -> list[Spectrum]:
-    """Spectra of ``s B A`` for every layer of a PEFT-format adapter directory (from the factors)."""
-    from lorakit.io import read_adapter
+    """Spectra of ``s B A`` for every layer of a PEFT-format adapter directory (from the factors).
 
-    adapter = read_adapter(directory)
+    An unconverted PiSSA / OLoRA adapter is refused (``AdapterFileError``) before its tensors are
+    read: its ``s B A`` holds the base's principal part, not the update from the original base
+    (``lorakit.io.read.refuse_residual_base_factors``)."""
+    from lorakit.io.read import read_adapter_data, read_adapter_header, refuse_residual_base_factors
+
+    header = read_adapter_header(directory)
+    refuse_residual_base_factors(header, "analysing its s B A as the update of the base weights")
+    adapter = read_adapter_data(header)
     spectra = tensor_spectra(adapter.tensors, adapter.config)
     if not spectra:
         raise UserError(f"the adapter in {directory} holds no LoRA A/B tensors to analyse")

@@ -9,7 +9,10 @@ combining happens on ``B A`` in that layout, and only the file keys differ.
 
 Only LoRA factors combine: an adapter that also trains biases or saves full modules
 (``modules_to_save``) is refused. Adapters that share a module must agree on its shape and
-kind, and on its base weights where both carry lorakit's base fingerprint.
+kind, and on its base weights where both carry lorakit's base fingerprint. A PiSSA / OLoRA
+adapter saved without conversion (by PEFT or lorakit) is refused, from the headers of all the
+directories before any tensor is read: its ``s B A`` holds the base's principal part, not an
+update of the original base (``lorakit.io.read.refuse_residual_base_factors``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import base64
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,6 +29,9 @@ from torch import nn
 from lorakit import functional
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, BaseModelMismatchError, UserError
+
+if TYPE_CHECKING:
+    from lorakit.io.read import AdapterHeader
 
 __all__ = ["AdapterUpdates", "ModuleFactors", "check_compatible", "read_sources"]
 
@@ -66,11 +73,12 @@ class AdapterUpdates:
     fingerprint: dict[str, dict[str, object]] | None
 
 
-def _from_directory(directory: str | os.PathLike[str]) -> AdapterUpdates:
-    from lorakit.io import read_adapter
+def _from_directory(header: AdapterHeader) -> AdapterUpdates:
+    """``header``: the directory's ``lorakit.io.read.AdapterHeader``, already checked."""
     from lorakit.io.keys import parse_lora_key
+    from lorakit.io.read import read_adapter_data
 
-    adapter = read_adapter(directory)
+    adapter = read_adapter_data(header)
     adapter.require_finite()
     label, config = str(adapter.directory), adapter.config
     _refuse_other_layouts(f"adapter {label}", config)
@@ -153,17 +161,21 @@ def read_sources(
     adapters: Sequence[str | os.PathLike[str]], model: nn.Module | None = None
 ) -> list[AdapterUpdates]:
     """Each entry: the name of an adapter on ``model`` (when given and it has one of that
-    name), else an adapter directory. Raises ``UserError`` / ``AdapterFileError``."""
+    name), else an adapter directory. Raises ``UserError`` / ``AdapterFileError``; every
+    directory's config and header are read and checked before any tensor data."""
+    from lorakit.io.read import read_adapter_header, refuse_residual_base_factors
     from lorakit.state import adapter_configs
 
     on_model = adapter_configs(model) if model is not None else {}
-    sources = []
-    for entry in adapters:
-        if isinstance(entry, str) and entry in on_model:
-            sources.append(_from_model(model, entry))
-        else:
-            sources.append(_from_directory(entry))
-    return sources
+    headers = {}  # position -> header, for the directory entries
+    for index, entry in enumerate(adapters):
+        if not (isinstance(entry, str) and entry in on_model):
+            headers[index] = read_adapter_header(entry)
+            refuse_residual_base_factors(headers[index], "combining its s B A as a weight update")
+    return [
+        _from_directory(headers[index]) if index in headers else _from_model(model, entry)
+        for index, entry in enumerate(adapters)
+    ]
 
 
 def _decoded(entry: dict[str, object]) -> torch.Tensor:

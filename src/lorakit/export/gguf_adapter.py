@@ -13,6 +13,11 @@ For ``token_embd`` it reads ``lora_a`` transposed (numpy ``(vocab, r)``) and add
 carries one alpha (the most common ``s * r``) and each B is folded, ``B' = B * s r / alpha``
 (``functional.fold_scale``): under llama.cpp's rule every module gets exactly its own ``s``.
 Llama's q/k B rows are put in llama.cpp's rotary order (``gguf_names.rope_row_order``).
+
+llama.cpp adds the LoRA to the base GGUF as it is, and no base weights are read here: a PiSSA /
+OLoRA adapter saved without conversion (by PEFT or lorakit), whose factors only fit the residual
+base its init made, is refused before anything is read or written
+(``lorakit.io.read.refuse_residual_base_factors``).
 """
 
 from __future__ import annotations
@@ -60,13 +65,20 @@ def export_adapter(
     GGUF LoRA adapter at ``output``. What llama.cpp cannot apply (trained biases, full
     ``modules_to_save`` copies, resized vocabularies, modules without a GGUF tensor) raises
     ``UserError`` naming it and why, unless ``drop_unsupported`` (then listed in ``.dropped``).
-    DoRA is always refused."""
-    from lorakit.io import read_adapter
+    DoRA is always refused, and so are unconverted PiSSA / OLoRA adapters (``AdapterFileError``,
+    module docstring)."""
+    from lorakit.io.read import (
+        read_adapter_data,
+        read_adapter_header,
+        refuse_residual_base_factors,
+    )
 
     if tensor_type not in ADAPTER_TYPES:
         raise UserError(f"--type {tensor_type} for an adapter: choose one of {ADAPTER_TYPES}")
     _refuse_dora(Path(adapter_directory))
-    adapter = read_adapter(adapter_directory)
+    header = read_adapter_header(adapter_directory)
+    refuse_residual_base_factors(header, "exporting it as a GGUF LoRA for the original model")
+    adapter = read_adapter_data(header)
     adapter.require_finite()
     if adapter.config.layer_replication:
         raise UserError(

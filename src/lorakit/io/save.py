@@ -26,16 +26,13 @@ from lorakit.io import atomic, fingerprint
 from lorakit.io.config_json import CONFIG_NAME, config_to_json
 from lorakit.io.header import serialize
 from lorakit.io.keys import adapter_file_tensors, embedding_module_names, model_tensor
-from lorakit.io.read import CONFIG_METADATA_KEY, WEIGHTS_NAME
+from lorakit.io.read import BASE_INIT_METADATA_KEY, CONFIG_METADATA_KEY, WEIGHTS_NAME
 from lorakit.layers import LoraLayer, TrainableTokens
 from lorakit.layers.parameter import LoraParameter
 from lorakit.state import adapter_configs, lora_layers, saved_modules
 from lorakit.targets import model_modules
 
 __all__ = ["adapter_file_contents", "save_adapter", "save_merged_model"]
-
-# The base-changing init an adapter was made with (its adapter_config.json says true).
-BASE_INIT_METADATA_KEY = "lorakit.base_changing_init"
 
 
 def _config_of(model: nn.Module, adapter_name: str) -> LoraConfig:

@@ -7,6 +7,13 @@ directory, or an adapter file in it, that resolves outside ``root`` is refused, 
 (skipped with a warning), on a runtime load and on every read. Files are read with
 ``lorakit.io.read_adapter`` (safetensors only, never pickle). ``read_headers`` is the start-up
 scan: configs and safetensors headers only, broken adapters skipped and reported.
+
+Every adapter shares the one unchanged base model, so a PiSSA / OLoRA file PEFT saved without
+conversion (``init_lora_weights`` "pissa", "pissa_niter_K", "olora"), whose factors only fit the
+residual base that init made, is refused (skipped at start-up, a 400 on a runtime load or a
+request), from its config alone (``io.read.refuse_residual_base_factors``). lorakit's own
+unconverted saves carry the residual base's fingerprint, which ``check_base`` compares with the
+served base: served on that residual model, refused on the original one.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from lorakit.io.read import (
     AdapterHeader,
     read_adapter,
     read_adapter_header,
+    refuse_residual_base_factors,
 )
 from lorakit.serve.residency import AdapterInUseError
 
@@ -41,6 +49,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# What serving a PiSSA / OLoRA file's factors would do (for ``refuse_residual_base_factors``).
+_SERVING = "serving it on the server's shared, unchanged base model"
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -121,7 +132,9 @@ class AdapterRegistry:
         headers = {}
         for name in self.names():
             try:
-                headers[name] = read_adapter_header(self.inside(self.path(name), name))
+                header = read_adapter_header(self.inside(self.path(name), name))
+                refuse_residual_base_factors(header, _SERVING, fingerprint_checked=True)
+                headers[name] = header
             except UserError as error:
                 self.unregister(name)
                 self._skip(name, str(error))
@@ -241,8 +254,11 @@ class ServedAdapters:
         before the data is read, values and base fingerprint after."""
         path = self.registry.inside(path, str(path))
         header = read_adapter_header(path)
+        refuse_residual_base_factors(header, _SERVING, fingerprint_checked=True)
         self.bank.check_shapes(name, header.config, header.tensors)
         adapter = read_adapter(path)
+        # again: the files may have been replaced since their header was read
+        refuse_residual_base_factors(adapter, _SERVING, fingerprint_checked=True)
         adapter.require_finite()
         check_base(self.model, adapter, self.allow_base_mismatch)
         return adapter
