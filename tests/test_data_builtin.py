@@ -133,3 +133,46 @@ def test_missing_dataset_package_prints_install(monkeypatch: pytest.MonkeyPatch)
         data.load_examples("chatterbot", style="markdown")
     with pytest.raises(UserError, match="apply to CSV files"):
         data.load_examples("chatterbot", template="{text}")
+
+
+# SHA-256 of the JSON list of each split's example sources, in order, recorded before the split
+# key of files changed (the built-ins' splits and order must never move: adapters trained on
+# their train split are evaluated on their test split).
+BUILTIN_SPLIT_DIGESTS = {
+    "rotten-tomatoes/train": "cf6b7cedbf0d52c0cd949b1c7675fff38becb8b35ae48eb3d4d98cbee90b17b3",
+    "rotten-tomatoes/validation": "89ebe2c17408ebd121394ca1a6ec3ca4f49fd28f40addddd9e3df12b2f6c4e93",
+    "rotten-tomatoes/test": "802993b3a745cb138263117c5aa555fd05a6b1b51916123e17ea1acd4db2973d",
+    "chatterbot/train": "f459106d970be1581d72f1b5e5defa8c70174959bc6016946ff9d418e19f221e",
+    "chatterbot/validation": "4e43f2f95daa94ba92264061a47e48b95cf407eed3ffc2394126b932e7a8ffc1",
+    "chatterbot/test": "fd6f6c2c2f4bf13ff9bdf84c8373d934b3b1f063ebec25db3d83240d23dd40cf",
+}
+
+
+@pytest.mark.parametrize("style", ["chat", "plain"])
+def test_builtin_splits_are_unchanged(style: str) -> None:
+    import json
+
+    for name_and_split, digest in BUILTIN_SPLIT_DIGESTS.items():
+        name, split = name_and_split.split("/")
+        sources = [e.source for e in data.load_examples(name, split, style=style)]
+        assert hashlib.sha256(json.dumps(sources).encode()).hexdigest() == digest, name_and_split
+
+
+def test_rotten_tomatoes_saved_as_csv_splits_like_the_builtin(
+    tmp_path: Path, rotten_splits
+) -> None:
+    """A CSV's split is decided by its text, as the built-in's is: the reviews written to a CSV
+    fall in the same splits, whatever the style or template."""
+    path = tmp_path / "rotten.csv"
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for part in rotten_splits.values():
+            writer.writerows((e.text, e.answer) for e in part)
+    for options in (
+        {"style": "chat"},
+        {"style": "plain", "template": "Review: {text}\nSentiment:"},
+    ):
+        for split in ("train", "test"):
+            texts = {e.text for e in data.load_examples(path, split, **options)}
+            assert texts == {e.text for e in rotten_splits[split]}, (options, split)

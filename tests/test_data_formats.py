@@ -182,8 +182,8 @@ def test_csv_row_with_more_fields_than_the_header_is_an_error(tmp_path: Path) ->
 def test_a_byte_order_mark_is_not_part_of_the_first_column_or_record(tmp_path: Path) -> None:
     """Excel's "CSV UTF-8" and some editors start the file with a UTF-8 byte-order mark."""
     csv_path = tmp_path / "bom.csv"
-    csv_path.write_bytes(b"\xef\xbb\xbftext,label\ngood film,positive\n")
-    (example,) = data.load_examples(csv_path)
+    csv_path.write_bytes(b"\xef\xbb\xbftext,label\ngood film,positive\ndull film,negative\n")
+    example, _ = data.load_examples(csv_path)
     assert example.completion.strip() == "positive"
     jsonl_path = tmp_path / "bom.jsonl"
     jsonl_path.write_bytes(
@@ -218,3 +218,67 @@ def test_a_chat_template_that_refuses_an_example_names_its_file_and_line(tmp_pat
         UserError, match=rf"{path}:2: the model's chat template refused .*alternate"
     ):
         data.tokenize_examples(examples, tokenizer, 64)
+
+
+def test_csv_split_is_by_the_text_whatever_the_style_and_template(tmp_path: Path) -> None:
+    """The split of a CSV row depends on its text alone: train and test hold the same rows for
+    every style and template, and no test text is in any training split."""
+    import random
+
+    rng = random.Random(0)
+    words = ["good", "bad", "great", "awful", "fine", "dull", "fun", "boring", "smart", "cold"]
+    rows = [" ".join(rng.choice(words) for _ in range(6)) + f" {i}" for i in range(400)]
+    path = tmp_path / "reviews.csv"
+    path.write_text(
+        "text,label\n" + "".join(f"{t},{('pos', 'neg')[i % 2]}\n" for i, t in enumerate(rows)),
+        encoding="utf-8",
+    )
+    settings = [
+        {"style": "plain"},
+        {"style": "chat"},
+        {"style": "plain", "template": "Review: {text}\nSentiment:"},
+        {"style": "chat", "instruction": "Spam? {text}"},
+    ]
+    expected = {split: [t for t in rows if data.split_of(t) == split] for split in data.SPLITS}
+    assert all(expected.values())
+    for options in settings:
+        for split in data.SPLITS:
+            texts = [e.text for e in data.load_examples(path, split, **options)]
+            assert texts == expected[split], (options, split)
+
+
+def test_csv_with_one_label_is_refused_unless_label_words_name_the_classes(
+    tmp_path: Path,
+) -> None:
+    """One distinct label would make the choices a single word (accuracy 1.0 for any model)."""
+    path = write_csv(tmp_path / "one.csv", "text,label\nwarm film,positive\ndull mess,positive\n")
+    with pytest.raises(UserError) as error:
+        data.load_examples(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: every row has the label 'positive'")
+    assert "label_words=" in message
+    examples = data.load_examples(path, label_words=["negative", "positive"])
+    assert [e.choices for e in examples] == [(" negative", " positive")] * 2
+    assert [e.label for e in examples] == [1, 1]
+    with pytest.raises(UserError, match="at least two"):
+        data.load_examples(path, label_words={"positive": "yes"})
+
+
+def test_an_unterminated_quote_is_named_at_the_line_it_opens(tmp_path: Path) -> None:
+    path = write_csv(
+        tmp_path / "quote.csv", 'text,label\n"a warm film,pos\na dull mess,neg\nok,pos\n'
+    )
+    with pytest.raises(UserError) as error:
+        data.load_examples(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}:2: ")
+    assert "quote" in message and "never closed" in message and "empty" not in message
+    path.write_text('text,label\nok,pos\nfine,"neg\n', encoding="utf-8")  # as the last field
+    with pytest.raises(UserError, match=f"^{path}:3: .*never closed"):
+        data.load_examples(path)
+    # a closed quote spanning lines is a field with a newline, named by its first line
+    path.write_text('text,label\nok,pos\n"two\nlines",neg\n,pos\n', encoding="utf-8")
+    with pytest.raises(UserError, match=f"^{path}:5: empty 'text'"):
+        data.load_examples(path)
+    path.write_text('text,label\nok,pos\n"two\nlines",neg\n', encoding="utf-8")
+    assert [(e.text, e.source) for e in data.load_examples(path)][1] == ("two\nlines", f"{path}:3")

@@ -3,6 +3,8 @@ byte-level BPE tokenizer with a ChatML template and tiny random models."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -79,7 +81,8 @@ def test_truncation_keeps_the_answer(tokenizer) -> None:
     full_ids, full_labels, _ = data.tokenize_example(long_answer, tokenizer, 1000)
     prompt_length = len(ids(tokenizer, "Q:"))
     input_ids, labels, _ = data.tokenize_example(long_answer, tokenizer, 4)
-    assert input_ids == full_ids[prompt_length : prompt_length + 4] == labels  # answer start kept
+    # the answer's start kept, after the last prompt token (test_a_long_answer_keeps_one_...)
+    assert input_ids[1:] == full_ids[prompt_length : prompt_length + 3] == labels[1:]
 
     tokenized = data.tokenize_examples([example, long_answer, example], tokenizer, max_length=6)
     assert tokenized.num_truncated == 3 and tokenized.lengths == [6, 6, 6]
@@ -345,6 +348,17 @@ def test_smollm2_tokenizer_masks_and_choice_tokens() -> None:
     assert data.choice_token_ids(data.SENTIMENT_LABELS, smol) == [16185, 17728]
     chats = data.load_examples("rotten-tomatoes", split="train")[:200]
     plains = data.load_examples("rotten-tomatoes", split="train", style="plain")[:200]
+    # the tokens scored (the first learnt answer token, per example) are the bare words' first
+    # tokens, and the scored prompts what the earlier code scored (text shortened inside the
+    # template, then the last max_length tokens): classify's results on SmolLM2 are unchanged
+    plain_ids = [ids(smol, " positive")[0], ids(smol, " negative")[0]]
+    assert plain_ids == [2731, 3524]
+    for examples, expected in ((chats, [16185, 17728]), (plains, plain_ids)):
+        for example in examples:
+            assert data.choice_token_ids(example.choices, smol, example) == expected
+            for max_length in (256, 64):
+                earlier = data.prompt_token_ids(data.fit_example(example, smol, max_length), smol)
+                assert data.prompt_token_ids(example, smol, max_length) == earlier[-max_length:]
     for chat, plain in zip(chats, plains, strict=True):
         input_ids, labels, _ = data.tokenize_example(chat, smol, max_length=10_000)
         whole = smol.apply_chat_template(list(chat.messages), tokenize=False)
@@ -353,3 +367,192 @@ def test_smollm2_tokenizer_masks_and_choice_tokens() -> None:
         assert smol.decode(learnt) == chat.answer + "<|im_end|>"
         input_ids, labels, _ = data.tokenize_example(plain, smol, max_length=10_000)
         assert input_ids == [*ids(smol, plain.prompt + plain.completion), smol.eos_token_id]
+
+
+# A DeepSeek-LLM-style chat template: the template writes "Assistant: " before the assistant's
+# content, so training learns " negative" (with its space), not the bare word "negative".
+SPACE_BEFORE_ANSWER_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ 'Assistant: ' + message['content'] + eos_token }}"
+    "{% else %}{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+class _PutsAllMassOn(torch.nn.Module):
+    """Stands in for a perfectly trained model: every position predicts ``token``."""
+
+    def __init__(self, token: int, vocab_size: int) -> None:
+        super().__init__()
+        self.token, self.vocab_size = token, vocab_size
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0):
+        from types import SimpleNamespace
+
+        logits = torch.full((*input_ids.shape, self.vocab_size), -30.0)
+        logits[..., self.token] = 0.0
+        return SimpleNamespace(logits=logits)
+
+
+def _first_learnt(example: data.Example, tokenizer) -> int:
+    input_ids, labels, _ = data.tokenize_example(example, tokenizer, 10_000)
+    return next(token for token, label in zip(input_ids, labels, strict=True) if label != IGNORE)
+
+
+def test_choice_tokens_are_the_first_tokens_training_learns() -> None:
+    """With a template that writes text right before the answer, classify reads the token that
+    training learns first (" negative"), not the bare word's first token ("negative")."""
+    tokenizer = tiny_tokenizer.build()
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.chat_template = SPACE_BEFORE_ANSWER_TEMPLATE
+    examples = [
+        chat_classification_example(text, label, data.SENTIMENT_LABELS, data.SENTIMENT_INSTRUCTION)
+        for text, label in (("a dull, lifeless mess", 1), ("a warm, funny film", 0))
+    ]
+    learnt = [_first_learnt(example, tokenizer) for example in examples[::-1]]  # pos, neg
+    assert learnt == [ids(tokenizer, " positive")[0], ids(tokenizer, " negative")[0]]
+    assert learnt != [ids(tokenizer, "positive")[0], ids(tokenizer, "negative")[0]]
+    trained_on_negative = _PutsAllMassOn(learnt[1], len(tokenizer))
+    result = data.classify(trained_on_negative, tokenizer, examples[:1])
+    assert result.predictions == [1] and result.accuracy == 1.0
+    assert result.log_probs[0, 1].item() == pytest.approx(0.0, abs=1e-6)
+    for example in examples:
+        assert data.choice_token_ids(example.choices, tokenizer, example) == learnt
+    # plain examples: the completion " negative" is the learnt segment, as before
+    plain = plain_classification_example(
+        "a dull, lifeless mess", 1, data.SENTIMENT_LABELS, data.SENTIMENT_TEMPLATE
+    )
+    assert data.choice_token_ids(plain.choices, tokenizer, plain) == learnt
+    with pytest.raises(UserError, match="share a first token"):
+        data.choice_token_ids(("positive", "positively"), tokenizer, examples[0])
+
+
+def test_fewer_than_two_choices_are_refused(tokenizer) -> None:
+    """One choice: every model would score 100%; refused with a message saying what to do."""
+    one = chat_classification_example("fine", 0, ("positive",), data.SENTIMENT_INSTRUCTION)
+    with pytest.raises(UserError, match=r"only one choice \['positive'\].*at least two"):
+        data.score_choices(tiny_llama(len(tokenizer)), tokenizer, [one])
+    with pytest.raises(UserError, match=r"only one choice \['positive'\].*label_words"):
+        data.choice_token_ids(one.choices, tokenizer)
+
+
+def test_truncation_cuts_a_trailing_turn_before_the_prompt(tokenizer) -> None:
+    """A chat ending with a (long) user turn: the tokens after the answer go first, so the
+    prompt stays and every answer token is learnt."""
+    messages = (
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "Thanks! " + "the quick brown fox " * 20},
+    )
+    full_ids, full_labels, _ = data.tokenize_example(
+        data.Example(messages=messages), tokenizer, 10_000
+    )
+    learnt = [k for k, label in enumerate(full_labels) if label != IGNORE]
+    answer_start, answer_end = learnt[0], learnt[-1] + 1
+    assert tokenizer.decode(full_ids[answer_start:answer_end]) == "Paris.<|im_end|>"
+    example = data.Example(messages=messages)
+    for max_length in (answer_end, answer_end + 5):  # prompt + answer fit: only the tail is cut
+        input_ids, labels, truncated = data.tokenize_example(example, tokenizer, max_length)
+        assert truncated and input_ids == full_ids[:max_length]
+        assert labels == full_labels[:max_length]
+    max_length = answer_end - 4  # not even prompt + answer fit: tail cut, then the left
+    input_ids, labels, truncated = data.tokenize_example(example, tokenizer, max_length)
+    assert truncated and input_ids == full_ids[answer_end - max_length : answer_end]
+    assert labels == full_labels[answer_end - max_length : answer_end]
+    targets = [label for label in labels[1:] if label != IGNORE]  # what the shifted loss sees
+    assert tokenizer.decode(targets) == "Paris.<|im_end|>"
+
+
+def test_a_long_answer_keeps_one_token_before_it(tokenizer) -> None:
+    """An answer longer than max_length: one prompt token stays, so the first answer token is
+    still predicted (at position 0 it would never be learnt)."""
+    example = data.Example(prompt="Q:", completion=" the quick brown fox jumps over")
+    full_ids, _, _ = data.tokenize_example(example, tokenizer, 1000)
+    prompt_length = len(ids(tokenizer, "Q:"))
+    input_ids, labels, truncated = data.tokenize_example(example, tokenizer, 4)
+    assert truncated
+    assert input_ids == full_ids[prompt_length - 1 : prompt_length + 3]
+    assert labels == [IGNORE, *full_ids[prompt_length : prompt_length + 3]]
+
+
+def bos_tokenizer():
+    """The tiny tokenizer adding a BOS (``<|endoftext|>``) to every text, as Llama's does; its
+    chat template writes the BOS too, as Llama's and Mistral's do."""
+    from tokenizers import processors
+
+    tokenizer = tiny_tokenizer.build()
+    tokenizer.bos_token = "<|endoftext|>"
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
+    tokenizer.chat_template = "{{ bos_token }}" + tiny_tokenizer.CHATML_TEMPLATE
+    tokenizer.pad_token = tokenizer.eos_token
+    assert tokenizer("hi")["input_ids"][0] == bos != tokenizer("hi")["input_ids"][1]
+    return tokenizer
+
+
+def test_left_truncation_keeps_the_bos() -> None:
+    tokenizer = bos_tokenizer()
+    bos = tokenizer.bos_token_id
+    plain = data.Example(prompt="Review: a warm, funny and moving film. " * 6, completion=" fine")
+    chat = data.Example(
+        messages=(
+            {"role": "user", "content": "Review: a warm, funny and moving film. " * 6},
+            {"role": "assistant", "content": "fine"},
+        )
+    )
+    model = tiny_llama(len(tokenizer))
+    for example in (plain, chat):
+        full_ids, full_labels, _ = data.tokenize_example(example, tokenizer, 10_000)
+        answer_end = max(k for k, label in enumerate(full_labels) if label != IGNORE) + 1
+        assert full_ids[0] == bos and answer_end > 20
+        input_ids, labels, truncated = data.tokenize_example(example, tokenizer, 16)
+        assert truncated and input_ids[0] == bos
+        assert input_ids == [bos, *full_ids[answer_end - 15 : answer_end]]
+        assert labels == [IGNORE, *full_labels[answer_end - 15 : answer_end]]
+        # scored on the same BOS-led prompt (the other choice is not longer: the same cut)
+        other = "x" if example.is_chat else " x"
+        classified = dataclasses.replace(example, choices=(example.answer, other), label=0)
+        assert data.tokenize_example(classified, tokenizer, 16)[0] == input_ids
+        scored = data.score_choices(model, tokenizer, [classified], max_length=16)
+        first = next(k for k, label in enumerate(labels) if label != IGNORE)
+        with torch.no_grad():
+            logits = model(torch.tensor([input_ids[:first]])).logits[0, -1].double()
+        choice = _first_learnt(example, tokenizer)
+        expected = torch.log_softmax(logits, -1)[choice].item()
+        assert scored[0, 0].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_scoring_uses_the_prompt_training_keeps_when_the_template_does_not_fit(
+    tokenizer,
+) -> None:
+    """The instruction alone is longer than max_length: tokens are cut from the left, and the
+    scored prompt is exactly the training prompt, the same for every label (the cut is
+    measured with the longest choice, as fit_example measures it)."""
+    instruction = "Is this movie review positive or negative? Answer with one word. " * 4
+    words = ("fine", "very bad indeed")
+    assert len(ids(tokenizer, words[1])) > len(ids(tokenizer, words[0]))
+    model = tiny_llama(len(tokenizer))
+    for build in (chat_classification_example, plain_classification_example):
+        examples = [build("fine", label, words, instruction + "{text}") for label in (0, 1)]
+        max_length = 30
+        assert len(data.prompt_token_ids(examples[0], tokenizer)) > max_length
+        prompts = []
+        for example in examples:
+            input_ids, labels, truncated = data.tokenize_example(example, tokenizer, max_length)
+            first = next(k for k, label in enumerate(labels) if label != IGNORE)
+            assert truncated and len(input_ids) <= max_length
+            prompts.append(input_ids[:first])
+        scores = data.score_choices(model, tokenizer, examples, max_length=max_length)
+        choice_ids = [_first_learnt(example, tokenizer) for example in examples]
+        for row, prompt in enumerate(prompts):  # each scored on its own training prompt
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt])).logits[0, -1].double()
+            expected = torch.log_softmax(logits, -1)[choice_ids]
+            torch.testing.assert_close(scores[row].double(), expected, atol=1e-5, rtol=1e-5)
+        assert prompts[0] == prompts[1]  # which is the same for either label
+        assert data.prompt_token_ids(examples[1], tokenizer, max_length) == prompts[0]

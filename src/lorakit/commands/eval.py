@@ -17,7 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Mean loss per answer token on the data and, for classification data (examples with "
             "choices, e.g. rotten-tomatoes), accuracy by comparing the choices' next-token "
-            "scores; otherwise exact-match accuracy of the answers (teacher forcing)."
+            "scores; otherwise exact-match accuracy of the answers (teacher forcing). Prints "
+            "JSON: examples, truncated (how many --max-length shortened, also warned about on "
+            "stderr), loss, accuracy, accuracy_kind."
         ),
     )
     parser.add_argument(
@@ -128,9 +130,20 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.adapter, args.allow_base_mismatch, args.quantization
     )
     tokenized = data.tokenize_examples(examples, tokenizer, args.max_length)
+    if tokenized.num_truncated:  # as lorakit train says it (train/run.py:_announce)
+        print(
+            f"lorakit: warning: {tokenized.num_truncated} of {len(tokenized)} evaluation "
+            f"examples are longer than --max-length {args.max_length} tokens and were "
+            "shortened; raise --max-length to evaluate them whole",
+            file=sys.stderr,
+        )
     order = data.length_grouped_batches(tokenized.lengths, args.batch_size, shuffle=False)
     results = evaluate(model, (data.collate(tokenized, indices) for indices in order))
-    report = {"examples": len(examples), "loss": results["loss"]}
+    report = {
+        "examples": len(examples),
+        "truncated": tokenized.num_truncated,
+        "loss": results["loss"],
+    }
     if all(example.choices for example in examples):
         scored = data.classify(
             model, tokenizer, examples, batch_size=args.batch_size, max_length=args.max_length

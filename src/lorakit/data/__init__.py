@@ -80,8 +80,8 @@ def load_examples(
     a ``.csv`` file.
 
     ``split``: ``None``/``"all"``, or ``"train"``/``"validation"``/``"test"`` — the fixed 80/10/10
-    split by a hash of the text (for files too: of the prompt, or of the messages before the
-    last assistant turn). ``style``: ``"chat"`` (messages, rendered by the chat template) or
+    split by a hash of the text (CSV files too, whatever ``style`` and template; JSONL files:
+    of the prompt, or of the messages before the last assistant turn). ``style``: ``"chat"`` (messages, rendered by the chat template) or
     ``"plain"`` (prompt/completion) for built-ins (default chat) and CSV (default plain); JSONL
     files say their own form. ``csv_options`` go to
     ``read_csv`` (``text_column``, ``label_column``, ``template``, ``instruction``, ``label_words``).
@@ -109,8 +109,12 @@ def load_examples(
 
 
 def _split_key(example: Example) -> str:
-    """The text that decides an example's split: its prompt (or chat context), so that the
-    same question with different answers never straddles train and test."""
+    """The text that decides an example's split: its raw ``text`` when it has one (CSV rows:
+    the same split whatever the style and template, as the built-ins split by their text);
+    else its prompt (or chat context), so that the same question with different answers never
+    straddles train and test."""
+    if example.text:
+        return example.text
     if not example.is_chat:
         return example.prompt
     last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")

@@ -128,19 +128,32 @@ def read_csv(
     ``style="plain"``: prompt ``template.format(text=...)``, completion ``" " + word``.
     ``style="chat"``: user ``instruction.format(text=...)``, assistant ``word``.
     ``label_words`` maps raw label values to answer words (a dict), or lists the allowed values
-    in choice order; default: the distinct values of the label column, sorted.
+    in choice order; default: the distinct values of the label column, sorted. There must be at
+    least two answer words: a file whose rows all carry one label needs ``label_words`` naming
+    every class (else ``UserError``; one choice would score 100% for any model). Errors name
+    ``file:line`` of the record's first line (an unterminated quote is named where it opens).
     """
     path = Path(path)
     _check_format(template if style == "plain" else instruction, style)
-    with io.StringIO(read_utf8(path), newline="") as handle:
+    text_of_file = read_utf8(path)
+    lines = io.StringIO(text_of_file, newline="").readlines()  # as csv counts them
+    with io.StringIO(text_of_file, newline="") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         for column in (text_column, label_column):
             if column not in columns:
                 raise UserError(f"{path}: no column '{column}'; the columns are {columns}")
         rows = []
+        end = reader.line_num
         for row in reader:
-            where = f"{path}:{reader.line_num}"
+            start, end = _record_start(lines, end), reader.line_num
+            where = f"{path}:{start}"
+            if end == len(lines) and _unterminated_quote("".join(lines[start - 1 :])):
+                raise UserError(
+                    f"{where}: a quote opened in this record is never closed, so the record "
+                    f"runs to the end of the file (line {end}); close the quote, and write a "
+                    'quote inside a quoted field as two ("")'
+                )
             if None in row:  # DictReader's key for fields beyond the header's
                 raise UserError(
                     f"{where}: {len(columns) + len(row[None])} fields, the header has "
@@ -152,8 +165,21 @@ def read_csv(
             rows.append((text.strip(), raw_label.strip(), where))
     if not rows:
         raise UserError(f"{path}: no rows")
-    word_of = _label_mapping(label_words, sorted({raw for _, raw, _ in rows}))
+    values = sorted({raw for _, raw, _ in rows})
+    if label_words is None and len(values) < 2:
+        raise UserError(
+            f"{path}: every row has the label {values[0]!r} (column '{label_column}'), so the "
+            "only choice would be that word and any model would score 100%; name every class "
+            f"with label_words, e.g. data.load_examples('{path}', label_words=[{values[0]!r}, "
+            "'<other class>']), or use data with more than one label"
+        )
+    word_of = _label_mapping(label_words, values)
     words = list(dict.fromkeys(word_of.values()))
+    if len(words) < 2:
+        raise UserError(
+            f"{path}: label_words {label_words!r} give the answer words {words}; give at least "
+            "two, one per class (a single choice scores 100% for any model)"
+        )
     examples = []
     for text, raw_label, where in rows:
         if raw_label not in word_of:
@@ -164,6 +190,27 @@ def read_csv(
         else:
             examples.append(chat_classification_example(text, label, words, instruction, where))
     return examples
+
+
+def _record_start(lines: Sequence[str], previous_end: int) -> int:
+    """The line (1-based) a CSV record starts on, after the previous record's last line
+    ``previous_end``: blank lines between records are skipped (csv skips them too)."""
+    start = previous_end + 1
+    while start <= len(lines) and lines[start - 1] in ("\n", "\r\n", "\r"):
+        start += 1
+    return start
+
+
+def _unterminated_quote(record: str) -> bool:
+    """Whether the CSV text ``record`` (one record, up to the end of the file) opens a quoted
+    field that is never closed (the lenient reader then takes the rest of the file as that
+    field)."""
+    try:
+        for _ in csv.reader(io.StringIO(record, newline=""), strict=True):
+            pass
+    except csv.Error as error:
+        return "unexpected end of data" in str(error)
+    return False
 
 
 def _check_format(template: str, style: str) -> None:

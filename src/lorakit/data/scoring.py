@@ -3,13 +3,17 @@
 For each example with ``choices`` ``c_1 .. c_C`` (e.g. ``"positive"``, ``"negative"``):
 
     p        = prompt_token_ids(example)       the tokens training puts before the answer
-                                               (chat: ... <|im_start|>assistant\\n)
-    first(c) = first token of tokenizer(c) without special tokens
+                                               (chat: ... <|im_start|>assistant\\n); with
+                                               max_length, those training keeps
+    first(c) = the first token training learns for the example with c as its answer (the
+               first token of the learnt answer segment: "positive" for SmolLM2's ChatML,
+               " negative" after a template's "Assistant:")
     score_j  = log_softmax(logits(p)[-1])[first(c_j)]      next-token log-probability
     predict  = argmax_j score_j
 
-The choices' first tokens must differ. Prompts are batched with left padding and position ids
-that start at 0 for each prompt, so a prompt's scores do not depend on its batch mates.
+There must be at least two choices, and their first tokens must differ. Prompts are batched
+with left padding and position ids that start at 0 for each prompt, so a prompt's scores do not
+depend on its batch mates.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 
 from lorakit.data.batching import pad_left
 from lorakit.data.examples import Example
-from lorakit.data.tokenize import fit_example, prompt_token_ids
+from lorakit.data.tokenize import answer_first_token, prompt_token_ids
 from lorakit.errors import UserError
 
 __all__ = ["ClassificationResult", "choice_token_ids", "classify", "score_choices"]
@@ -47,17 +51,33 @@ class ClassificationResult:
         return sum(p == t for p, t in pairs) / len(pairs)
 
 
-def choice_token_ids(choices: Sequence[str], tokenizer) -> list[int]:
-    """The first token of each choice (tokenised as training tokenises answers); must differ."""
+def choice_token_ids(
+    choices: Sequence[str], tokenizer, example: Example | None = None
+) -> list[int]:
+    """The first token training learns for each choice; they must differ.
+
+    ``example``: the token is the first of the learnt answer segment when ``example`` has the
+    choice as its answer, as training tokenises it (for chat examples the template may write
+    text right before the answer, which changes its first token: pass the example). Without
+    one, the choice tokenised alone: the learnt segment of a plain completion."""
+    choices = list(choices)
+    if len(choices) < 2:
+        raise UserError(
+            (f"only one choice {choices}" if choices else "no choices")
+            + " to score, so any model would be 100% accurate; give at least two choices "
+            "(for a CSV file: label_words listing every class)"
+        )
     first_tokens = []
     for choice in choices:
-        ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise UserError(f"choice {choice!r} tokenises to nothing")
-        first_tokens.append(ids[0])
+        if not tokenizer(choice, add_special_tokens=False)["input_ids"]:
+            raise UserError(f"choice {choice!r} tokenises to nothing; give a non-empty answer word")
+        if example is None:
+            first_tokens.append(tokenizer(choice, add_special_tokens=False)["input_ids"][0])
+        else:
+            first_tokens.append(answer_first_token(example, tokenizer, choice))
     if len(set(first_tokens)) != len(first_tokens):
         raise UserError(
-            f"choices {list(choices)} share a first token {first_tokens}; "
+            f"choices {choices} share a first token {first_tokens}; "
             "pick answer words that start differently"
         )
     return first_tokens
@@ -78,26 +98,24 @@ def score_choices(
 ) -> torch.Tensor:
     """Next-token log-probabilities (N, C) of each example's choices (module docstring).
 
-    All examples must share the same ``choices``. ``max_length``: examples with ``text`` are
-    shortened as for training (``fit_example``: words cut off the end of the text, so that
-    prompt + answer fit, the answer being the longest choice whatever the label); other prompts
-    keep their last ``max_length`` tokens. Prompts are batched in order of length (less
-    padding); rows of the result follow ``examples``. The model's train/eval mode is left as it is (call ``model.eval()``).
+    All examples must share the same choices (at least two). ``max_length``: each prompt is
+    the one training keeps (``prompt_token_ids(example, tokenizer, max_length)``: a long text
+    shortened inside its template, else tokens cut from the left after a BOS; the same for
+    every label). Prompts are batched in order of length (less padding); rows of the result
+    follow ``examples``. The model's train/eval mode is left as it is (call ``model.eval()``).
     """
     if not examples:
         raise UserError("no examples to score")
     choices = examples[0].choices
     if not choices or any(example.choices != choices for example in examples):
         raise UserError("every example needs the same non-empty choices to be scored")
-    choice_ids = torch.tensor(choice_token_ids(choices, tokenizer))
+    choice_ids = torch.tensor(
+        [choice_token_ids(choices, tokenizer, example) for example in examples]
+    )  # (N, C): per example, as each is rendered
     arguments = _forward_arguments(model)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if max_length is not None:  # the prompts training sees: text shortened to fit (fit_example)
-        examples = [fit_example(example, tokenizer, max_length) for example in examples]
-    prompts = [prompt_token_ids(example, tokenizer) for example in examples]
-    if max_length is not None:
-        prompts = [ids[-max_length:] for ids in prompts]
+    prompts = [prompt_token_ids(example, tokenizer, max_length) for example in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
     scores = torch.empty(len(prompts), len(choices))
     for start in range(0, len(order), batch_size):
@@ -110,7 +128,7 @@ def score_choices(
             inputs["logits_to_keep"] = 1
         logits = model(**inputs).logits[:, -1, :].float()  # (B, V) at each prompt's last token
         log_probs = torch.log_softmax(logits, dim=-1)
-        scores[rows] = log_probs[:, choice_ids.to(device)].cpu()  # (B, C)
+        scores[rows] = log_probs.gather(1, choice_ids[rows].to(device)).cpu()  # (B, C)
     return scores
 
 

@@ -16,9 +16,19 @@ assistant turn's content up to and including its end-of-turn token is learnt, ev
 Too long for ``max_length``: classification examples (with ``text``, e.g. a review inside an
 instruction template) are shortened by cutting whole words off the END of the text, keeping the
 template, the instruction and the answer intact (``fit_example``; scoring uses the same
-shortened prompt). Other examples are cut by tokens: dropped from the left of the sequence
-(the start of the prompt), keeping the last learnt answer; only if the answer alone exceeds
-``max_length`` is it cut on the right.
+shortened prompt). Other examples (and those whose template alone does not fit) are cut by
+tokens, keeping the last learnt answer (``_window``):
+
+1. the tokens after the last learnt segment go first (e.g. a trailing user turn), as many as
+   needed;
+2. if that is not enough, tokens are dropped from the left of the prompt, after the leading
+   special tokens the tokenizer puts before every text (a BOS), which stay;
+3. only if the answer alone does not fit is it cut on the right; one prompt token is kept
+   before it where possible, so its first token is still predicted (and learnt).
+
+For an example with ``choices`` the cut is measured with its longest choice as the answer, so
+the prompt kept does not depend on the label (as in ``fit_example``); ``prompt_token_ids(example,
+tokenizer, max_length)`` is that prompt, the one scoring uses.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from lorakit.errors import UserError
 __all__ = [
     "IGNORE_INDEX",
     "TokenizedData",
+    "answer_first_token",
     "chat_segments",
     "example_segments",
     "fit_example",
@@ -212,10 +223,19 @@ def tokenize_example(
 ) -> tuple[list[int], list[int], bool]:
     """``(input_ids, labels, truncated)`` for one example, at most ``max_length`` tokens
     (shortened by ``fit_example`` first; see the module docstring)."""
+    input_ids, labels, truncated, _ = _tokenize(example, tokenizer, max_length)
+    return input_ids, labels, truncated
+
+
+def _tokenize(
+    example: Example, tokenizer, max_length: int
+) -> tuple[list[int], list[int], bool, int]:
+    """``tokenize_example``'s result and the position of the last learnt segment's first token
+    in ``input_ids`` (the tokens before it are the prompt the answer is predicted from)."""
     fitted = fit_example(example, tokenizer, max_length)
     if fitted is not example:
-        input_ids, labels, _ = tokenize_example(fitted, tokenizer, max_length)
-        return input_ids, labels, True
+        input_ids, labels, _, answer_start = _tokenize(fitted, tokenizer, max_length)
+        return input_ids, labels, True, answer_start
     segments = example_segments(example, tokenizer)
     last_learnt_segment = _last_learnt_segment(segments, example)  # raises if nothing is learnt
     input_ids = [token for ids, _ in segments for token in ids]
@@ -223,12 +243,56 @@ def tokenize_example(
     labels = [
         token if flag else IGNORE_INDEX for token, flag in zip(input_ids, learnt, strict=True)
     ]
-    if len(input_ids) <= max_length:
-        return input_ids, labels, False
     answer_start = sum(len(ids) for ids, _ in segments[:last_learnt_segment])
-    start = min(len(input_ids) - max_length, answer_start)  # drop from the left, keep the answer
-    end = start + max_length
-    return input_ids[start:end], labels[start:end], True
+    if len(input_ids) <= max_length:
+        return input_ids, labels, False, answer_start
+    answer_end = answer_start + len(segments[last_learnt_segment][0])
+    answer_room = max(answer_end - answer_start, _longest_choice_length(example, tokenizer))
+    protected = _leading_special_count(input_ids[:answer_start], tokenizer)
+    kept, start, end = _window(answer_start, answer_end, answer_room, protected, max_length)
+    input_ids = input_ids[:kept] + input_ids[start:end]
+    labels = labels[:kept] + labels[start:end]
+    return input_ids, labels, True, kept + answer_start - start
+
+
+def _window(
+    answer_start: int, answer_end: int, answer_room: int, protected: int, max_length: int
+) -> tuple[int, int, int]:
+    """``(kept, start, end)``: a sequence too long for ``max_length`` keeps its tokens
+    ``[:kept] + [start:end]`` (module docstring). ``answer_room``: the answer length the cut
+    makes room for (the longest choice's, for classification); ``protected``: the leading
+    special tokens."""
+    if answer_start + answer_room <= max_length:  # prompt and answer fit: cut what follows
+        return 0, 0, max_length
+    kept = protected if max_length - protected >= 2 else 0  # room for 1 prompt + 1 answer token
+    context = min(answer_start - kept, max(1, max_length - kept - answer_room))
+    start = answer_start - context
+    return kept, start, min(answer_end, answer_start + max_length - kept - context)
+
+
+def _leading_special_count(prompt: list[int], tokenizer) -> int:
+    """How many tokens at the start of ``prompt`` are the special tokens the tokenizer puts
+    before every text (a BOS; none for SmolLM2), which truncation keeps."""
+    plain = _ids(tokenizer, "x")
+    marked = _ids(tokenizer, "x", special=True)
+    special = set(getattr(tokenizer, "all_special_ids", ()))
+    for offset in range(len(marked) - len(plain) + 1):
+        if marked[offset : offset + len(plain)] == plain:
+            leading = marked[:offset]
+            if leading and set(leading) <= special and prompt[: len(leading)] == leading:
+                return len(leading)
+            return 0
+    return 0
+
+
+def _longest_choice_length(example: Example, tokenizer) -> int:
+    """The most tokens the learnt answer segment has with any of ``example.choices`` as the
+    answer (0 without choices): the truncation makes room for it whatever the label."""
+    lengths = [0]
+    for choice in example.choices:
+        segments = example_segments(_with_answer(example, choice), tokenizer)
+        lengths.append(len(segments[_last_learnt_segment(segments, example)][0]))
+    return max(lengths)
 
 
 def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int) -> TokenizedData:
@@ -247,16 +311,29 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int) -
     return data
 
 
-def prompt_token_ids(example: Example, tokenizer) -> list[int]:
+def prompt_token_ids(example: Example, tokenizer, max_length: int | None = None) -> list[int]:
     """The tokens before the last answer: what a model is given to predict that answer.
 
     Exactly the training tokens that precede the last learnt segment (plain: the prompt; chat:
     the messages before the last assistant turn plus the generation prompt, e.g.
-    ``<|im_start|>assistant\\n``), so scoring sees what training saw.
+    ``<|im_start|>assistant\\n``), so scoring sees what training saw. ``max_length``: those of
+    the example as ``tokenize_example`` shortens it to ``max_length`` tokens (the same for
+    every label of a classification example).
     """
+    if max_length is not None:
+        input_ids, _, _, answer_start = _tokenize(example, tokenizer, max_length)
+        return input_ids[:answer_start]
     segments = example_segments(example, tokenizer)
     last = _last_learnt_segment(segments, example)
     return [token for ids, _ in segments[:last] for token in ids]
+
+
+def answer_first_token(example: Example, tokenizer, answer: str) -> int:
+    """The first token training learns for ``example`` with ``answer`` as its answer (the
+    completion, or the last assistant content): the first token of its last learnt segment,
+    as the chat template renders it (``" negative"`` after a template's ``"Assistant:"``)."""
+    segments = example_segments(_with_answer(example, answer), tokenizer)
+    return segments[_last_learnt_segment(segments, example)][0][0]
 
 
 def _last_learnt_segment(segments: Sequence[Segment], example: Example) -> int:
