@@ -146,3 +146,67 @@ def test_cat_of_rslora_adapters_is_exact_where_peft_is_off_by_sqrt_of_the_rank()
     torch.testing.assert_close(_delta(ours, name, "mix"), exact)
     peft_delta = real.base_model.model.get_submodule(name).get_delta_weight("mix").double()
     torch.testing.assert_close(peft_delta, exact * 8**0.5, rtol=1e-5, atol=1e-6)
+
+
+PEFT_NAMES = [
+    "svd",
+    "linear",
+    "cat",
+    "ties",
+    "ties_svd",
+    "dare_ties",
+    "dare_linear",
+    "dare_ties_svd",
+    "dare_linear_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+]
+
+
+@pytest.mark.parametrize("combination_type", PEFT_NAMES)
+@pytest.mark.parametrize("weight", [0.5, -0.7])
+def test_one_adapter_is_combined_exactly_as_peft_does(combination_type, weight) -> None:
+    """With ONE adapter PEFT switches every combination_type to ``linear`` (exact for one
+    adapter: ``weight * ΔW`` at the adapter's rank), ignoring ``svd_rank``, ``density`` and
+    ``majority_sign_method``: no pruning, no rank cut, no refusal. Real peft is the oracle."""
+    import peft
+
+    options = {"svd_rank": 2, "density": 0.3, "majority_sign_method": "frequency"}
+    ours = _front_door()
+    real = peft.get_peft_model(
+        llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), "task"
+    )
+    real.add_adapter(
+        "style", peft.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    )
+    _copy_to_peft(ours, real, ("task", "style"))
+    ours.add_weighted_adapter(["task"], [weight], "one", combination_type, **options)
+    real.add_weighted_adapter(["task"], [weight], "one", combination_type, **options)
+    for name, layer in lora_layers(ours.model):
+        exact = weight * _delta(ours, name, "task")
+        peft_delta = real.base_model.model.get_submodule(name).get_delta_weight("one").double()
+        torch.testing.assert_close(peft_delta, exact, rtol=1e-5, atol=1e-7)  # PEFT: exact
+        torch.testing.assert_close(_delta(ours, name, "one"), exact, rtol=1e-5, atol=1e-7)
+        assert layer.ranks["one"] == 4  # the adapter's rank, as PEFT's
+    assert sorted(ours.peft_config) == ["one", "style", "task"]
+
+
+def test_one_adapter_with_patterns_and_rslora_is_exact_at_each_modules_rank() -> None:
+    """Per-module ranks and scales (rank_pattern, alpha_pattern, rsLoRA) kept exactly: each
+    module's update is ``weight * ΔW`` at its own rank (PEFT's copy of ``use_rslora`` would
+    scale it by √r more, as with ``cat``)."""
+    config = lorakit.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"q_proj": 3},
+    )
+    ours = lorakit.get_peft_model(llama(), config, "task")
+    randomize_adapters(ours.model, std=0.2)
+    ours.add_weighted_adapter(["task"], [1.5], "one", "ties_svd", svd_rank=1, density=0.2)
+    for name, layer in lora_layers(ours.model):
+        exact = 1.5 * _delta(ours, name, "task")
+        torch.testing.assert_close(_delta(ours, name, "one"), exact, rtol=1e-5, atol=1e-7)
+        assert layer.ranks["one"] == layer.ranks["task"]

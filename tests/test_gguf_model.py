@@ -115,6 +115,55 @@ def test_tied_embeddings_leave_out_the_output_tensor(tmp_path) -> None:
     )
 
 
+def tied_model_with_trained_copy(module: str):
+    """``(adapted, merged)``: the tiny Llama with tied embeddings and an adapter whose
+    ``modules_to_save=[module]`` copy is trained (moved away from the tied matrix); the merge
+    unties ``lm_head`` from ``embed_tokens`` while the config says tied."""
+    torch.manual_seed(0)
+    tied = type(tiny_models.llama())(tiny_models.llama_config(tie_word_embeddings=True)).eval()
+    config = lorakit.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=[module]
+    )
+    adapted = lorakit.inject(tied, config)
+    tiny_models.randomize_adapters(adapted, std=0.2)
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "modules_to_save" in name:
+                parameter.add_(0.5)
+    merged = lorakit.merge_and_unload(copy.deepcopy(adapted))
+    merged.config.tie_word_embeddings = True  # what the merge leaves (the export must not trust)
+    assert not torch.equal(merged.lm_head.weight, merged.model.embed_tokens.weight)
+    return adapted, merged
+
+
+@pytest.mark.parametrize("module", ["lm_head", "embed_tokens"])
+def test_tied_model_untied_by_its_adapter_writes_the_output_tensor(tmp_path, module) -> None:
+    """A trained ``modules_to_save`` copy of ``lm_head`` (or ``embed_tokens``) on a tied model:
+    the merged head is no longer the embedding, so the file must hold it as ``output.weight``
+    (llama.cpp reads ``token_embd`` for the output only when ``output.weight`` is absent)."""
+    adapted, merged = tied_model_with_trained_copy(module)
+    export_model(merged, tmp_path / "m.gguf", "f32")
+    arrays = reader_tensors(tmp_path / "m.gguf")
+    np.testing.assert_array_equal(
+        arrays["output.weight"], merged.lm_head.weight.detach().double().numpy()
+    )
+    np.testing.assert_array_equal(
+        arrays["token_embd.weight"], merged.model.embed_tokens.weight.detach().double().numpy()
+    )
+    assert not np.array_equal(arrays["output.weight"], arrays["token_embd.weight"])
+    torch.testing.assert_close(logits(merged), logits(adapted), rtol=1e-5, atol=1e-5)
+
+
+def test_tied_config_with_equal_separate_matrices_leaves_out_the_output_tensor(tmp_path) -> None:
+    """Tied in the config and equal in value (e.g. loaded untied), though not one tensor: still
+    one matrix for llama.cpp, so no ``output.weight``."""
+    torch.manual_seed(0)
+    tied = type(tiny_models.llama())(tiny_models.llama_config(tie_word_embeddings=True)).eval()
+    tied.lm_head.weight = torch.nn.Parameter(tied.model.embed_tokens.weight.detach().clone())
+    export_model(tied, tmp_path / "m.gguf", "f32")
+    assert "output.weight" not in reader_tensors(tmp_path / "m.gguf")
+
+
 def test_merged_export_equals_the_unmerged_adapter(tmp_path) -> None:
     base = tiny_models.llama()
     adapted, _ = saved_adapter(
@@ -205,6 +254,50 @@ def test_refusals(tmp_path) -> None:
     with pytest.raises(UserError, match="model_type='gpt2'"):
         export_model(tiny_models.gpt2(), tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_qwen2_whose_heads_do_not_span_the_hidden_size_is_refused(tmp_path) -> None:
+    """llama.cpp's qwen2 loader takes q_proj / o_proj as hidden x hidden whatever
+    ``attention.key_length`` says: a Qwen2 with head_dim * heads != hidden_size would be
+    written and then fail to load there. Refused before anything is written."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tests.gguf_helpers import SIZES
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**SIZES, head_dim=32)).eval()
+    with pytest.raises(UserError) as refused:
+        export_model(model, tmp_path / "m.gguf", "f32")
+    message = str(refused.value)
+    for part in ("qwen2", "head_dim=32", "4 attention heads", "hidden_size=64", "llama.cpp"):
+        assert part in message
+    assert not (tmp_path / "m.gguf").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_llama_and_mistral_with_a_wider_head_dim_are_written_with_key_length(
+    tmp_path, arch
+) -> None:
+    """Llama's and Mistral's loaders read ``attention.key_length`` (q_proj hidden x heads *
+    head_dim): these export, with the keys, and read back as the same model."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tests.gguf_helpers import SIZES
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        model = type(tiny_models.llama())(tiny_models.llama_config(head_dim=32)).eval()
+    else:
+        model = MistralForCausalLM(MistralConfig(**SIZES, head_dim=32)).eval()
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (128, 64)
+    export_model(model, tmp_path / "m.gguf", "f32")
+    fields = reader_fields(tmp_path / "m.gguf")
+    assert fields["llama.attention.key_length"] == 32
+    assert fields["llama.attention.value_length"] == 32
+    assert fields["llama.rope.dimension_count"] == 32
+    arrays = reader_tensors(tmp_path / "m.gguf")
+    assert arrays["blk.0.attn_q.weight"].shape == (128, 64)
 
 
 def test_cli_exports_a_merged_model_and_an_adapter(tmp_path, model_dir, capsys) -> None:

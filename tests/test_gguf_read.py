@@ -206,6 +206,36 @@ def test_inspect_describes_a_gguf_adapter(tmp_path, capsys) -> None:
     assert main(["inspect", str(tmp_path / "missing.gguf")]) == 2
 
 
+@pytest.mark.parametrize(
+    ("alpha", "scalings"), [(0.0, [1.0, 1.0]), (None, [1.0, 1.0]), (-8.0, [-2.0, -1.0])]
+)
+def test_inspect_reports_the_scale_llama_cpp_and_load_apply(tmp_path, capsys, alpha, scalings):
+    """alpha 0 or absent: llama.cpp (and ``load_adapter``) scale each pair by 1, not alpha/r = 0;
+    a negative alpha keeps alpha/r. ``inspect`` must show those scales."""
+    generator = np.random.default_rng(2)
+    pairs = {
+        "blk.0.attn_v.weight.lora_a": generator.normal(size=(4, 64)),
+        "blk.0.attn_v.weight.lora_b": generator.normal(size=(32, 4)),
+        "blk.1.attn_v.weight.lora_a": generator.normal(size=(8, 64)),
+        "blk.1.attn_v.weight.lora_b": generator.normal(size=(32, 8)),
+    }
+    write_llama_cpp_style_file(tmp_path / "x.gguf", pairs, alpha=alpha)
+    assert main(["inspect", str(tmp_path / "x.gguf"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["scalings"] == {"4": scalings[0], "8": scalings[1]}
+    model = loaded(tiny_models.llama, tmp_path / "x.gguf")
+    layers = dict(lora_layers(model))
+    applied = {  # the scale load_adapter gives each pair, B's sign included
+        rank: layers[f"model.layers.{block}.self_attn.v_proj"].scalings["default"]
+        * float(np.sign(alpha or 1.0))
+        for block, rank in ((0, "4"), (1, "8"))
+    }
+    assert applied == summary["scalings"]
+    assert main(["inspect", str(tmp_path / "x.gguf")]) == 0
+    text = capsys.readouterr().out
+    assert re.search(rf"scaling:\s+{scalings[0]:g} \(r=4\), {scalings[1]:g} \(r=8\)\n", text)
+
+
 def test_commands_taking_an_adapter_accept_a_gguf_file(tmp_path, model_dir, capsys) -> None:
     """``lorakit merge`` (like eval, generate, export) loads ``--adapter x.gguf``."""
     from transformers import AutoModelForCausalLM

@@ -169,3 +169,92 @@ def test_llama_cpp_merged_model_equals_the_unmerged_adapter(smollm2, tmp_path) -
     relative, correlation = agreement(got, want)
     assert correlation >= CORRELATION_BOUND
     assert relative < RELATIVE_BOUND
+
+
+@pytest.mark.parametrize("module", ["lm_head", "embed_tokens"])
+def test_llama_cpp_merged_tied_model_with_a_trained_copy_equals_lorakit(tmp_path, module) -> None:
+    """A tied tiny Llama whose adapter trains a ``modules_to_save`` copy of ``lm_head`` (or of
+    ``embed_tokens``): merged, the head is no longer the embedding, and the f32 export must
+    write it as ``output.weight``, so llama.cpp's logits equal lorakit's unmerged adapter's
+    (without it llama.cpp used token_embd as the head: relative error 12 / 192). The merge is
+    done in process (``merge_and_unload`` + ``export_model``, what ``lorakit export MODEL
+    --adapter DIR`` runs after loading the adapter)."""
+    import copy
+
+    from lorakit.export.gguf_model import export_model
+    from tests import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer.build()
+    tokenizer.pad_token = tokenizer.eos_token
+    tiny_models.save_llama_with_tokenizer(
+        tmp_path / "model",
+        tokenizer,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model, tokenizer = load_model(str(tmp_path / "model"), progress=False)
+    config = lorakit.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=[module]
+    )
+    adapted = lorakit.inject(model, config)
+    tiny_models.randomize_adapters(adapted, std=0.2)
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "modules_to_save" in name:
+                parameter.add_(0.5)
+    tokens = [1, 5, 9, 30, 44, 100, 7]
+    want = lorakit_logits(adapted, tokens)
+    merged = lorakit.merge_and_unload(copy.deepcopy(adapted))
+    export_model(merged, tmp_path / "merged.gguf", "f32", tokenizer=tokenizer)
+    relative, correlation = agreement(llama_logits(tmp_path / "merged.gguf", tokens), want)
+    assert correlation >= CORRELATION_BOUND
+    assert relative < RELATIVE_BOUND  # measured 5.5e-7 (lm_head), 1.7e-7 (embed_tokens)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_llama_cpp_runs_llama_and_mistral_with_a_wider_head_dim(tmp_path, arch) -> None:
+    """head_dim * heads != hidden_size (``attention.key_length`` written): llama.cpp's llama
+    loader reads it, so these stay exportable and give lorakit's logits (Qwen2's loader does
+    not: refused, ``test_gguf_model.py``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    from lorakit.export.gguf_model import export_model
+    from tests import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer.build()
+    classes = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+    }
+    config_class, model_class = classes[arch]
+    sizes = tiny_models.DECODER_SIZES | {"vocab_size": len(tokenizer), "head_dim": 32}
+    torch.manual_seed(0)
+    model = model_class(config_class(**sizes)).eval()
+    export_model(model, tmp_path / "m.gguf", "f32", tokenizer=tokenizer)
+    tokens = [1, 5, 9, 30, 44, 100, 7]
+    relative, correlation = agreement(
+        llama_logits(tmp_path / "m.gguf", tokens), lorakit_logits(model, tokens)
+    )
+    assert correlation >= CORRELATION_BOUND
+    assert relative < 1e-4
+
+
+@pytest.mark.parametrize("template", [None, "bos", "both"])
+def test_llama_cpp_adds_the_special_tokens_the_tokenizer_adds(tmp_path, template) -> None:
+    """A tokenizer that adds BOS through its post-processor (Llama 3's tokenizer.json): llama.cpp
+    tokenizing with the file's flags gives the tokenizer's ids, BOS (and EOS) included."""
+    from lorakit.export.gguf_model import export_model
+    from tests.test_gguf_tokenizer import with_post_processor
+
+    tokenizer = with_post_processor(template)
+    model = tiny_models.save_llama_with_tokenizer(tmp_path / "hf", tokenizer)
+    export_model(model, tmp_path / "m.gguf", "f32", tokenizer=tokenizer)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    try:
+        text = "the lazy dog is fine"
+        got = llm.tokenize(text.encode(), add_bos=True, special=False)
+    finally:
+        llm.close()
+    want = tokenizer(text)["input_ids"]
+    assert (want[0] == tokenizer.bos_token_id) == (template is not None)
+    assert got == want

@@ -9,14 +9,18 @@ PEFT's ``combination_type`` names map to lorakit's methods, all computed on the 
 | ``svd`` | ``svd`` (the exact weighted sum, best rank-``svd_rank`` fit) |
 | ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd`` | ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune`` |
 
-Refused, with the reason: ``linear``, ``ties``, ``dare_linear``, ``dare_ties`` and
-``magnitude_prune`` in PEFT's meaning combine the A's and the B's SEPARATELY
+Refused for two adapters or more, with the reason: ``linear``, ``ties``, ``dare_linear``,
+``dare_ties`` and ``magnitude_prune`` in PEFT's meaning combine the A's and the B's SEPARATELY
 (``Σ √wᵢsᵢ Bᵢ · Σ √wᵢsᵢ Aᵢ``, cross terms ``Bᵢ Aⱼ`` included), which is not the weighted sum
 of the updates (peft #1155, #1555); the ``_svd`` names are the same operations on ΔW. Also
 refused: ``svd_clamp`` (not implemented) and an ``adapter_name`` that exists (PEFT returns
 silently and keeps the old one). Fixed: PEFT's ``cat`` copies the first adapter's
 ``use_rslora`` into the new config, which then scales by ``r/√r`` instead of 1 and the result
 is off by ``√(Σ rᵢ)``; lorakit's config always reproduces the exact sum.
+With ONE adapter PEFT switches every ``combination_type`` to ``linear``, which for one adapter
+is exact (``weight * ΔW`` at the adapter's rank) and ignores ``svd_rank``, ``svd_clamp``,
+``density`` and ``majority_sign_method``; lorakit does the same (its ``cat`` of one adapter:
+no pruning, no rank cut, no refusal), keeping each module's rank and scale exactly.
 ``svd_full_matrices`` and ``svd_driver`` are accepted and change nothing (CPU results are the
 same; the reduced SVD is always used). DARE is seeded by ``seed`` (lorakit's addition, default
 0), where PEFT draws from the global generator.
@@ -82,9 +86,18 @@ def add_weighted_adapter(
     from lorakit.state import adapter_configs
 
     del svd_full_matrices, svd_driver  # accepted for PEFT's signature; no effect here
-    method = _method_for(combination_type)
-    if svd_clamp is not None:
-        raise ValueError("svd_clamp is not implemented by lorakit; leave it None")
+    if len(adapters) == 1:
+        # PEFT: "if there is only one adapter, we can only use linear merging" -- every
+        # combination_type becomes linear, exact for one adapter (weight * ΔW at its rank);
+        # svd_rank, svd_clamp, density and majority_sign_method are not used. lorakit's exact
+        # method for that is cat (rank Σ rᵢ = r).
+        if combination_type not in (*PEFT_METHODS, *_ON_FACTORS):
+            _method_for(combination_type)  # the unknown-name error
+        method, svd_rank, density, majority_sign_method = "cat", None, None, "total"
+    else:
+        method = _method_for(combination_type)
+        if svd_clamp is not None:
+            raise ValueError("svd_clamp is not implemented by lorakit; leave it None")
     known = adapter_configs(model)
     if adapter_name in known:
         raise ValueError(

@@ -7,14 +7,17 @@ What llama.cpp's converter writes for these architectures, and what llama.cpp re
   rope.freq_base, rope.dimension_count, vocab_size`` (+ ``attention.key_length/value_length``
   when the head size is not ``hidden / heads``), ``general.file_type``, ``general.name``;
 - every weight under its GGUF name (``gguf_names``), Llama's q/k rows in llama.cpp's rotary
-  order, ``output.weight`` left out when tied to ``token_embd``;
+  order, ``output.weight`` left out when the head is ``token_embd`` (the same tensor or equal
+  values; an adapter's trained head or embedding copy unties them, whatever the config says);
 - 1-D tensors (norms, biases) in f32; matrices in the chosen type, except that q8_0 / q4_0 need
   rows of a multiple of 32 values (others are written f16);
 - the tokenizer (``gguf_tokenizer``): copied from the GGUF file the model came from when there is
   one (the built-in SmolLM2), else derived from a byte-level BPE tokenizer.
 
 Rotary scaling other than the default (llama3, yarn, ...) is refused: llama.cpp's converter
-writes extra keys and tensors for it that lorakit does not produce.
+writes extra keys and tensors for it that lorakit does not produce. So is a Qwen2 whose
+``head_dim * num_attention_heads`` is not its hidden size (``gguf_names.check_head_size``):
+llama.cpp's qwen2 loader cannot read it.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from lorakit.errors import UserError
 from lorakit.export.gguf_io import QUANTIZED_BLOCK, TENSOR_TYPES, encode_tensor, write_gguf
-from lorakit.export.gguf_names import GgufLayout, gguf_layout
+from lorakit.export.gguf_names import GgufLayout, check_head_size, gguf_layout
 
 __all__ = ["FILE_TYPES", "export_model", "model_tensors"]
 
@@ -63,6 +67,7 @@ def export_model(
         raise UserError("the model still has lorakit adapters; merge_and_unload it first")
     config = model.config
     layout = gguf_layout(config)
+    check_head_size(config)
     _refuse_rope_scaling(config)
     tensors = model_tensors(model, layout, tensor_type)
     from lorakit.export import gguf_tokenizer
@@ -131,8 +136,9 @@ def model_tensors(model: nn.Module, layout: GgufLayout, tensor_type: str) -> dic
         next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == layout.arch), layout.blocks
     )
     tensors = {}
+    head_is_embedding = layout.tied_embeddings and _head_is_embedding(model)
     for parameter_name, tensor in model.state_dict().items():
-        if parameter_name == "lm_head.weight" and layout.tied_embeddings:
+        if parameter_name == "lm_head.weight" and head_is_embedding:
             continue  # llama.cpp reads token_embd for the output when there is no output.weight
         mapped = name_map.get_type_and_name(parameter_name, try_suffixes=(".weight", ".bias"))
         if mapped is None:
@@ -151,3 +157,18 @@ def model_tensors(model: nn.Module, layout: GgufLayout, tensor_type: str) -> dic
             chosen = "f16"
         tensors[gguf_name] = encode_tensor(tensor, chosen)
     return tensors
+
+
+def _head_is_embedding(model: nn.Module) -> bool:
+    """Whether the output projection IS the token embedding: the same tensor, or equal values.
+
+    ``config.tie_word_embeddings`` is not enough: merging an adapter that trained a
+    ``modules_to_save`` copy of ``lm_head`` or ``embed_tokens`` unties them (the config still
+    says tied), and the file must then hold the head as ``output.weight``."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embedding is None:
+        return False
+    head, embedding = head.weight, embedding.weight
+    if head is embedding:
+        return True
+    return head.shape == embedding.shape and torch.equal(head.detach(), embedding.detach())

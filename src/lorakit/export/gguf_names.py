@@ -12,6 +12,10 @@ names llama.cpp uses):
   embedding pairs neighbouring rows, transformers' pairs row i with row i + head_dim/2): per head
   of ``rows / heads`` rows, ``reshape(heads, 2, half, ...).swapaxes(1, 2)``, with ``heads`` =
   ``num_attention_heads`` for q and ``num_key_value_heads`` for k. Qwen2 keeps the order.
+- A head size other than ``hidden_size / num_attention_heads`` (an explicit ``head_dim``) is
+  written as ``attention.key_length`` / ``value_length``. llama.cpp's ``llama`` loader reads them
+  (q_proj ``hidden x heads*head_dim``); its ``qwen2`` loader does not (q_proj and o_proj must be
+  ``hidden x hidden``), so such a Qwen2 cannot be loaded there (``check_head_size``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 
 from lorakit.errors import UserError
 
-__all__ = ["ARCHITECTURES", "GgufLayout", "gguf_layout", "rope_row_order"]
+__all__ = ["ARCHITECTURES", "GgufLayout", "check_head_size", "gguf_layout", "rope_row_order"]
 
 # transformers model_type -> (GGUF architecture, whether llama.cpp's converter reorders q/k rows)
 ARCHITECTURES: dict[str, tuple[str, bool]] = {
@@ -31,6 +35,10 @@ ARCHITECTURES: dict[str, tuple[str, bool]] = {
     "mistral": ("llama", True),
     "qwen2": ("qwen2", False),
 }
+
+# GGUF architectures whose llama.cpp loader ignores attention.key_length: heads * head_dim must
+# equal the hidden size there.
+HEADS_SPAN_HIDDEN = frozenset({"qwen2"})
 
 
 def rope_row_order(rows: int, heads: int) -> torch.Tensor:
@@ -103,3 +111,21 @@ def gguf_layout(model_config) -> GgufLayout:
         permutes_qk=permutes_qk,
         tied_embeddings=bool(getattr(model_config, "tie_word_embeddings", False)),
     )
+
+
+def check_head_size(model_config) -> None:
+    """``UserError`` when llama.cpp could not load the model's GGUF file because of its head size:
+    an explicit ``head_dim`` with ``head_dim * num_attention_heads != hidden_size`` on an
+    architecture whose loader ignores ``attention.key_length`` (``HEADS_SPAN_HIDDEN``)."""
+    layout = gguf_layout(model_config)
+    hidden = model_config.hidden_size
+    head_dim = getattr(model_config, "head_dim", None) or hidden // layout.heads
+    if layout.arch in HEADS_SPAN_HIDDEN and head_dim * layout.heads != hidden:
+        raise UserError(
+            f"model_type={layout.model_type!r} with head_dim={head_dim} and {layout.heads} "
+            f"attention heads ({head_dim * layout.heads}) differs from hidden_size={hidden}: "
+            f"llama.cpp's {layout.arch} loader expects q_proj and o_proj of hidden_size x "
+            "hidden_size and would refuse the file, so lorakit does not write it. Run this model "
+            "with transformers or lorakit (merge the adapter with `lorakit merge`), or use a "
+            "model whose head_dim * num_attention_heads equals hidden_size."
+        )

@@ -55,6 +55,11 @@ class GgufAdapter:
         """r = lora_b's ne[0], as llama.cpp takes it."""
         return int(self.pairs[name][1].shape[0])
 
+    def scale(self, rank: int) -> float:
+        """llama.cpp's scale of a pair of rank ``rank``: ``alpha / rank``, or 1 where the alpha
+        is 0 or absent (read as 0)."""
+        return self.alpha / rank if self.alpha != 0 else 1.0
+
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(lora_a, lora_b)`` of ``name`` as float32 in numpy axis order, as stored."""
         lora_a, lora_b = self.pairs[name]
@@ -191,7 +196,8 @@ def load_gguf_adapter(model: nn.Module, path: str | os.PathLike[str], adapter_na
 
 
 def summarize_gguf_adapter(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """What ``lorakit inspect FILE.gguf`` shows: architecture, alpha, ranks, llama.cpp's scales,
+    """What ``lorakit inspect FILE.gguf`` shows: architecture, alpha, ranks, llama.cpp's scales
+    (``GgufAdapter.scale``: 1 where the alpha is 0 or absent, as ``load_adapter`` applies),
     tensor types, parameter count, file size, the GGUF tensors adapted."""
     adapter = read_gguf_adapter(path)
     names = sorted(adapter.pairs)
@@ -204,7 +210,7 @@ def summarize_gguf_adapter(path: str | os.PathLike[str]) -> dict[str, Any]:
         "alpha": adapter.alpha,
         "adapted_tensors": len(names),
         "ranks": {str(rank): count for rank, count in sorted(ranks.items())},
-        "scalings": {str(rank): adapter.alpha / rank for rank in sorted(ranks)},
+        "scalings": {str(rank): adapter.scale(rank) for rank in sorted(ranks)},
         "tensor_types": dict(types),
         "parameters": sum(int(t.n_elements) for pair in adapter.pairs.values() for t in pair),
         "file_bytes": adapter.path.stat().st_size,
@@ -222,7 +228,10 @@ def format_gguf_summary(summary: dict[str, Any]) -> str:
         ("adapter", summary["file"]),
         ("format", summary["format"]),
         ("architecture", summary["architecture"]),
-        ("alpha", f"{summary['alpha']:g}"),
+        (
+            "alpha",
+            f"{summary['alpha']:g}" + (" (0 or absent: scale 1)" if not summary["alpha"] else ""),
+        ),
         ("rank", ", ".join(f"{r} ({n} tensors)" for r, n in summary["ranks"].items())),
         ("scaling", ", ".join(f"{s:g} (r={r})" for r, s in summary["scalings"].items())),
         ("tensor types", ", ".join(f"{k} ({v})" for k, v in summary["tensor_types"].items())),

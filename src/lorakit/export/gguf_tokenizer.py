@@ -4,10 +4,13 @@ For a byte-level BPE tokenizer (GPT-2 style: SmolLM2, Qwen2) llama.cpp needs
 ``tokenizer.ggml.model = "gpt2"``, ``.pre`` (which pre-tokenizer regexes to use), ``.tokens``
 (every id's string), ``.token_type`` (1 normal, 3 control = special added token, 4 user-defined
 = other added token, 5 unused padding id), ``.merges`` ("a b" strings), the bos/eos/unk/padding
-ids, ``.add_bos_token`` and ``tokenizer.chat_template``. llama.cpp's converter picks ``.pre`` by
-hashing the tokenizer's output on a test text; lorakit names it from the model type
-(``PRE_TOKENIZERS``, else "default"), so a model converted from a GGUF file copies that file's
-keys instead (``copied_keys``), which is exact.
+ids, ``.add_bos_token`` (and ``.add_eos_token`` when EOS is added: absent means no) and
+``tokenizer.chat_template``. Whether BOS / EOS are added is what the tokenizer does when it
+encodes (``added_special_tokens``: a post-processor such as Llama 3's adds BOS though its
+``add_bos_token`` attribute is False), which is what llama.cpp's converter reads from it.
+llama.cpp's converter picks ``.pre`` by hashing the tokenizer's output on a test text; lorakit
+names it from the model type (``PRE_TOKENIZERS``, else "default"), so a model converted from a
+GGUF file copies that file's keys instead (``copied_keys``), which is exact.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 from lorakit.errors import UserError
 
-__all__ = ["PRE_TOKENIZERS", "copied_keys", "tokenizer_keys"]
+__all__ = ["PRE_TOKENIZERS", "added_special_tokens", "copied_keys", "tokenizer_keys"]
 
 PRE_TOKENIZERS = {"qwen2": "qwen2"}  # transformers model_type -> tokenizer.ggml.pre
 
@@ -54,13 +57,11 @@ def tokenizer_keys(tokenizer, vocab_size: int, model_type: str) -> list[Entry]:
         ("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
         ("tokenizer.ggml.token_type", types, V.ARRAY, V.INT32),
         ("tokenizer.ggml.merges", merges, V.ARRAY, V.STRING),
-        (
-            "tokenizer.ggml.add_bos_token",
-            bool(getattr(tokenizer, "add_bos_token", False)),
-            V.BOOL,
-            None,
-        ),
     ]
+    add_bos, add_eos = added_special_tokens(tokenizer)
+    entries.append(("tokenizer.ggml.add_bos_token", add_bos, V.BOOL, None))
+    if add_eos:  # absent means no EOS to llama.cpp (as its converter leaves it out)
+        entries.append(("tokenizer.ggml.add_eos_token", True, V.BOOL, None))
     for role in ("bos", "eos", "unk", "pad"):
         token_id = getattr(tokenizer, f"{role}_token_id", None)
         if token_id is not None:
@@ -70,6 +71,23 @@ def tokenizer_keys(tokenizer, vocab_size: int, model_type: str) -> list[Entry]:
     if isinstance(template, str):
         entries.append(("tokenizer.chat_template", template, V.STRING, None))
     return entries
+
+
+PROBE = "Hello world"  # any text without special tokens
+
+
+def added_special_tokens(tokenizer) -> tuple[bool, bool]:
+    """``(adds BOS, adds EOS)``: what the tokenizer does when it encodes with
+    ``add_special_tokens=True`` (a ``TemplateProcessing`` post-processor, as Llama 3's, or a
+    tokenizer class's own flags): the first id is the BOS id (the last the EOS id) and the
+    encoding without special tokens does not start (end) with it. The ``add_bos_token``
+    attribute alone says False for a post-processor that adds BOS."""
+    full = list(tokenizer.encode(PROBE, add_special_tokens=True))
+    plain = list(tokenizer.encode(PROBE, add_special_tokens=False))
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    adds_bos = bos is not None and full[:1] == [bos] and plain[:1] != [bos]
+    adds_eos = eos is not None and full[-1:] == [eos] and plain[-1:] != [eos]
+    return adds_bos, adds_eos
 
 
 def _bpe_description(tokenizer) -> dict[str, Any]:
