@@ -17,6 +17,7 @@ import warnings
 import peft
 import pytest
 import torch
+import transformers
 
 import lorakit
 from lorakit.io import load_adapter, save_adapter
@@ -229,3 +230,32 @@ def test_patterns_that_do_not_overlap_are_written_sorted(tmp_path):
     save_adapter(lorakit.inject(tiny_models.llama(), config), tmp_path)
     written = json.loads((tmp_path / "adapter_config.json").read_text())
     assert list(written["rank_pattern"]) == ["q_proj", "v_proj"]
+
+
+def _tied_llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(tiny_models.llama_config(tie_word_embeddings=True)).eval()
+
+
+@pytest.mark.parametrize("save_embedding_layers", [None, True])
+@pytest.mark.parametrize("saved", ["lm_head", "embed_tokens"])
+def test_a_saved_copy_of_a_tied_embedding_is_loaded_as_the_copy(
+    saved, save_embedding_layers, tmp_path
+) -> None:
+    """On a tied model the file key of a ``modules_to_save`` copy of lm_head / embed_tokens is
+    also that embedding's base-weight key (a resized vocabulary): it holds the trained copy,
+    and loading it must leave the tied original as it was (it was written over it)."""
+    fields = dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=[saved])
+    ours = lorakit.inject(_tied_llama(), lorakit.LoraConfig(**fields, init_lora_weights=False))
+    _perturb_trainable(ours)
+    save_adapter(ours, tmp_path, save_embedding_layers=save_embedding_layers)
+    loaded = load_adapter(_tied_llama(), tmp_path)
+    expected = _logits(ours.eval())
+    torch.testing.assert_close(_logits(loaded), expected, atol=TOLERANCE, rtol=0)
+    original = loaded.get_input_embeddings()
+    original = getattr(original, "original_module", original)
+    assert torch.equal(original.weight, _tied_llama().model.embed_tokens.weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(_tied_llama(), tmp_path)
+    torch.testing.assert_close(_logits(theirs.eval()), expected, atol=TOLERANCE, rtol=0)

@@ -239,6 +239,8 @@ def adapter_file_tensors(
     for name, count in (token_modules or {}).items():
         tensors.append(FileTensor(plain_key(f"{name}.{DELTA_KEY}"), name, "tokens", str(count)))
     for name in embedding_modules:
+        if name in saved_modules or name.startswith(saved_prefixes):
+            continue  # its key is the saved copy's (the trained weight), not the base weight's
         tensors.append(
             FileTensor(base_weight_key(name, name in lora_set), name, "base_weight", "weight")
         )
