@@ -267,3 +267,33 @@ def test_cli_exports_an_adapter_kept_in_a_default_subdirectory(tmp_path, model_d
         args = ["export", str(source), "--model", str(model_dir), "--format", "gguf"]
         assert main([*args, "--output", str(tmp_path / name)]) == 0
     assert (tmp_path / "flat.gguf").read_bytes() == (tmp_path / "nested.gguf").read_bytes()
+
+
+def test_a_file_missing_one_factor_of_a_module_is_named(tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from lorakit.errors import AdapterFileError
+
+    base = tiny_models.llama()
+    _, directory = saved_adapter(tmp_path / "adapter", base)
+    weights = directory / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    dropped = next(key for key in sorted(tensors) if "v_proj.lora_B" in key)
+    del tensors[dropped]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(AdapterFileError, match=r"v_proj has no lora_B.*re-save"):
+        export_adapter(directory, base, tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()
+
+
+def test_an_adapter_for_a_base_llama_cpp_cannot_load_is_refused(tmp_path) -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tests.gguf_helpers import SIZES
+
+    torch.manual_seed(0)
+    base = Qwen2ForCausalLM(Qwen2Config(**SIZES, head_dim=32)).eval()
+    _, directory = saved_adapter(tmp_path / "adapter", base)
+    with pytest.raises(UserError, match=r"qwen2.*head_dim=32.*hidden_size=64"):
+        export_adapter(directory, base, tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()

@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.errors import UserError
+from lorakit.errors import AdapterFileError, UserError
 from lorakit.export.gguf_io import encode_tensor, write_gguf
-from lorakit.export.gguf_names import GgufLayout, gguf_layout
+from lorakit.export.gguf_names import GgufLayout, check_head_size, gguf_layout
 from lorakit.functional import fold_scale, scaling
 
 __all__ = ["ADAPTER_TYPES", "AdapterExport", "export_adapter"]
@@ -93,6 +93,7 @@ def export_adapter(
             "named weight matrices only. Merge it into a full GGUF model instead."
         )
     layout = gguf_layout(model.config)
+    check_head_size(model.config)  # llama.cpp could not load the base this adapter is for
     pairs, unsupported = _split_tensors(adapter, layout, model)
     if unsupported and not drop_unsupported:
         listed = "; ".join(unsupported[:4]) + (
@@ -190,6 +191,12 @@ def _split_tensors(
         if reason is not None:
             unsupported.append(f"{module} (LoRA): {reason}")
             continue
+        if set(factor) != {"lora_A", "lora_B"}:
+            missing = ({"lora_A", "lora_B"} - set(factor)).pop()
+            raise AdapterFileError(
+                f"adapter {adapter.directory}: module {module} has no {missing}; the file is "
+                "broken, re-save the adapter."
+            )
         lora_A, lora_B = factor["lora_A"], factor["lora_B"]
         _check_fits(adapter.directory, model, module, module in embeddings, lora_A, lora_B)
         pairs[module] = (layout.tensor_name(module), lora_A, lora_B)
