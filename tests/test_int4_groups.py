@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from transformers import LlamaForCausalLM
 
 import lorakit
 from lorakit import quantized
@@ -99,6 +100,28 @@ def test_quantize_linears_takes_the_layers_that_fit_and_the_output_layer_in_int8
         "packed",
         "scales_and_offsets",
     }
+
+
+def test_an_output_layer_of_any_size_takes_int8_rows_as_the_plan_counts_it():
+    """A vocabulary that is not a multiple of 32 (GPT-2's 50257): int8 rows take any shape, so
+    the output layer is quantized all the same, and the footprint is what is stored."""
+    from lorakit.quantized.footprint import quantized_base
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_models.llama_config(vocab_size=130)).eval()
+    weight = model.lm_head.weight.detach().clone()
+    planned = quantized_base(model, "int4-groups")
+    assert quantize_linears(model) == 15  # 2 layers x 7, and lm_head
+    assert quantized.describe(model.lm_head) == "int8-rows"
+    assert quantized.shape(model.lm_head) == (130, 64)
+    error = (quantized.dequantized_weight(model.lm_head) - weight).abs().max()
+    assert 0 < error <= weight.abs().max() / 127  # int8 rows' rounding of this very weight
+    layers = [m for m in model.modules() if quantized.is_quantized(m)]
+    stored = sum(
+        t.numel() * t.element_size() for m in layers for t in quantized.storage(m).values()
+    )
+    weights = sum(m.out_features * m.in_features for m in layers)
+    assert planned == (weights, stored)
 
 
 def test_greedy_decoding_on_int4_groups_with_an_adapter_equals_the_models_own_generate():

@@ -155,3 +155,40 @@ def test_a_cpu_format_that_would_quantize_nothing_is_a_user_error(tmp_path):
     tiny_models.gpt2().save_pretrained(tmp_path)  # Conv1D projections, tied output layer
     with pytest.raises(UserError, match="no layer of this GPT2LMHeadModel would be stored"):
         plan(str(tmp_path), quantization="int4-groups")
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8", "q4_1", "int4-groups"])
+def test_fsdp_on_a_quantized_base_is_refused_as_lorakit_train_refuses_it(quantization):
+    """``lorakit train --strategy fsdp`` on several processes refuses a quantized base
+    (``check_shardable``): the plan prints no per-device figures for it either, and says what
+    to do instead. (One process shards nothing, and trains: so plans it.)"""
+    from lorakit.train.fsdp import check_shardable
+
+    with pytest.raises(UserError) as planned:
+        plan("llama-2-7b", quantization=quantization, devices=4, strategy="fsdp")
+    message = str(planned.value)
+    assert message.startswith("--strategy fsdp cannot shard a quantized base yet (")
+    assert f"(--quantization {quantization})" in message
+    quantized_model = tiny_models.llama()
+    quantized_layers.quantize_linears(quantized_model, "bnb-nf4-dq")
+    with pytest.raises(UserError) as trained:
+        check_shardable(quantized_model)
+    # train's sentence around the reason (its reason names a parameter)
+    assert message.split("(")[0] == str(trained.value).split("(")[0]
+    assert message.split(")", 1)[1] == str(trained.value).split(")", 1)[1]
+    # what it advises is planned
+    ddp = plan("llama-2-7b", quantization=quantization, devices=4, strategy="ddp")
+    assert ddp.per_device_training_bytes == ddp.lora_training_bytes
+    single = plan("llama-2-7b", quantization=quantization, devices=1, strategy="fsdp")
+    assert single.base_bytes == ddp.base_bytes
+    assert plan("llama-2-7b", devices=4, strategy="fsdp").per_device_training_bytes > 0
+
+
+def test_cli_plan_fsdp_on_a_quantized_base_exits_2_with_the_message(capsys):
+    code = main(
+        ["plan", "llama-2-7b", "--devices", "4", "--strategy", "fsdp", "--quantization", "nf4"]
+    )
+    assert code == 2
+    captured = capsys.readouterr()
+    assert "--strategy fsdp cannot shard a quantized base yet (--quantization nf4)" in captured.err
+    assert "per device" not in captured.out.lower()

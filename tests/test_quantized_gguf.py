@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 
 from lorakit import quantized
+from lorakit.errors import UserError
 from lorakit.quantized import UnsupportedQuantizedLayerError
 from lorakit.quantized.gguf_blocks import BLOCK_FORMATS, GGUFLinear, dequantize_blocks
 from lorakit.quantized.gguf_file import gguf_linear, replace_llama_linears
@@ -133,15 +134,26 @@ GGUF_NAMES = {
 }
 
 
-def _write_tiny_gguf(path, model, unsupported: str | None = None) -> None:
-    """The tiny Llama's block linears as a GGUF file, laid out as llama.cpp writes them."""
+def _write_tiny_gguf(
+    path,
+    model,
+    unsupported: str | None = None,
+    *,
+    head_count_kv: bool = True,
+    missing: tuple[str, ...] = (),
+) -> None:
+    """The tiny Llama's block linears as a GGUF file, laid out as llama.cpp writes them
+    (without ``llama.attention.head_count_kv`` if asked, and without the ``missing`` tensors)."""
     config = model.config
     writer = GGUFWriter(str(path), "llama")
     writer.add_block_count(config.num_hidden_layers)
     writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
+    if head_count_kv:
+        writer.add_head_count_kv(config.num_key_value_heads)
     for index, layer in enumerate(model.model.layers):
         for module_name, (kind, block_type) in GGUF_NAMES.items():
+            if f"blk.{index}.{kind}.weight" in missing:
+                continue
             weight = layer.get_submodule(module_name).weight.detach().numpy()
             if kind in ("attn_q", "attn_k"):
                 heads = (
@@ -204,6 +216,86 @@ def test_reading_only_some_kinds_of_linears(tmp_path):
         "model.layers.1.self_attn.v_proj",
     ]
     assert not isinstance(model.model.layers[0].self_attn.q_proj, GGUFLinear)
+
+
+def _float_projections(model) -> dict[str, torch.nn.Module]:
+    return {n: m for n, m in model.named_modules() if n.endswith("_proj")}
+
+
+@pytest.mark.parametrize(
+    ("file_config", "field", "file_value", "model_field", "model_value"),
+    [
+        ({"num_hidden_layers": 1}, "llama.block_count", 1, "num_hidden_layers", 2),
+        ({"num_hidden_layers": 3}, "llama.block_count", 3, "num_hidden_layers", 2),
+        (
+            {"num_attention_heads": 2, "num_key_value_heads": 1},
+            "llama.attention.head_count",
+            2,
+            "num_attention_heads",
+            4,
+        ),
+        ({"num_key_value_heads": 4}, "llama.attention.head_count_kv", 4, "num_key_value_heads", 2),
+    ],
+)
+def test_a_file_made_for_another_model_is_refused_naming_the_field_and_changes_nothing(
+    tmp_path, file_config, field, file_value, model_field, model_value
+):
+    """Same tensor shapes or not: fewer blocks would leave layers float unreported, other head
+    counts would reorder q/k rows by the wrong heads (silently wrong weights)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    other = LlamaForCausalLM(tiny_models.llama_config(**file_config))
+    path = tmp_path / "other.gguf"
+    _write_tiny_gguf(path, other)
+    model = tiny_models.llama()
+    assert getattr(model.config, model_field) == model_value
+    before = _float_projections(model)
+    with pytest.raises(UserError) as refused:
+        replace_llama_linears(model, path)
+    message = str(refused.value)
+    assert str(path) in message and field in message and model_field in message
+    assert f"{field} = {file_value}" in message and f"{model_field} = {model_value}" in message
+    assert _float_projections(model) == before  # the very same float modules
+    assert not any(isinstance(module, GGUFLinear) for module in model.modules())
+
+
+def test_head_count_kv_defaults_to_head_count_as_in_llama_cpp(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_models.llama_config(num_key_value_heads=4))  # no GQA
+    key = model.model.layers[1].self_attn.k_proj.weight.detach().clone()
+    path = tmp_path / "mha.gguf"
+    _write_tiny_gguf(path, model, head_count_kv=False)
+    assert "llama.attention.head_count_kv" not in GGUFReader(path).fields
+    assert len(replace_llama_linears(model, path)) == 14
+    expected = quants.quantize(key.numpy(), GGMLQuantizationType.Q4_1)  # transformers' rows
+    assert np.array_equal(model.model.layers[1].self_attn.k_proj.packed.numpy(), expected)
+    gqa = tiny_models.llama()  # 4 heads, 2 kv heads: the file's default (4) does not fit it
+    with pytest.raises(UserError, match=r"head_count_kv = 4 \(none given.*= 2"):
+        replace_llama_linears(gqa, path)
+    assert not any(isinstance(module, GGUFLinear) for module in gqa.modules())
+
+
+def test_a_block_without_a_requested_linear_is_refused_and_changes_nothing(tmp_path):
+    model = tiny_models.llama()
+    path = tmp_path / "partial.gguf"
+    _write_tiny_gguf(path, model, missing=("blk.1.ffn_down.weight",))
+    with pytest.raises(UserError, match=r"'blk\.1\.ffn_down\.weight'"):
+        replace_llama_linears(model, path)
+    assert not any(isinstance(module, GGUFLinear) for module in model.modules())
+    replaced = replace_llama_linears(model, path, only=["attn_q", "ffn_up"])  # not asked: fine
+    assert len(replaced) == 4
+
+
+def test_unknown_kinds_in_only_are_refused(tmp_path):
+    model = tiny_models.llama()
+    path = tmp_path / "tiny.gguf"
+    _write_tiny_gguf(path, model)
+    with pytest.raises(UserError, match=r"'q_proj'.*attn_q"):
+        replace_llama_linears(model, path, only=["attn_v", "q_proj"])
+    assert not any(isinstance(module, GGUFLinear) for module in model.modules())
 
 
 # ----------------------------------------------------------------- the packaged SmolLM2 file

@@ -130,10 +130,87 @@ def test_layers_not_adapted_are_dequantized_too_by_merge_and_unload(name):
 
 
 def test_merge_and_unload_in_bfloat16_when_asked():
-    model, _ = _pair("bnb-nf4-dq")
+    model, _ = _pair("bnb-nf4-dq", target_modules=["q_proj", "v_proj"])
+    ids = tiny_models.input_ids()
+    unmerged = _logits(model, ids)
     plain = lorakit.merge_and_unload(model, float_dtype=torch.bfloat16)
     assert plain.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     assert plain.model.layers[0].self_attn.k_proj.weight.dtype == torch.bfloat16  # not adapted
+    # the whole model is cast, so it runs: embeddings, norms and lm_head are bfloat16 too
+    assert {p.dtype for p in plain.parameters()} == {torch.bfloat16}
+    assert _relative(_logits(plain, ids), unmerged) < 2e-2
+
+
+def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.float() - expected.float()).norm() / expected.float().norm())
+
+
+def _in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Every float parameter outside the quantized layers in ``dtype`` (a bnb 4-bit layer
+    computes in it too): a half-precision model with quantized linears."""
+    for module in model.modules():
+        if quantized.is_quantized(module):
+            if getattr(module, "compute_dtype", None) is not None:
+                module.compute_dtype = dtype
+            continue
+        for parameter in module.parameters(recurse=False):
+            parameter.data = parameter.data.to(dtype)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "name", ["bnb-nf4-dq", "bnb-int8", "gguf-Q4_1", "torchao-int8-weight-only"]
+)
+def test_merge_and_unload_keeps_a_half_precision_models_dtype_by_default(name, dtype):
+    model = _in_dtype(quantized_layers.quantize_linears(tiny_models.llama(), name), dtype)
+    lorakit.inject(model, _config(target_modules=["q_proj", "v_proj"]))
+    tiny_models.randomize_adapters(model, std=0.1)
+    ids = tiny_models.input_ids()
+    unmerged = _logits(model, ids)
+    plain = lorakit.merge_and_unload(model)
+    assert not any(quantized.is_quantized(m) for m in plain.modules())
+    assert {p.dtype for p in plain.parameters()} == {dtype}  # adapted or not: the model's dtype
+    assert plain.model.layers[0].self_attn.k_proj.weight.dtype == dtype  # not adapted
+    assert _relative(_logits(plain, ids), unmerged) < 2e-2
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8-rows", "int4-groups"])
+def test_merge_and_unload_of_a_model_loaded_in_bfloat16_runs_in_bfloat16(model_dir, quantization):
+    from lorakit.models import load_model
+
+    model, tokenizer = load_model(
+        model_dir, dtype=torch.bfloat16, quantization=quantization, progress=False
+    )
+    lorakit.inject(model, _config(target_modules=["q_proj", "v_proj"]))
+    tiny_models.randomize_adapters(model, std=0.1)
+    ids = tiny_models.input_ids(vocab=len(tokenizer))
+    unmerged = _logits(model, ids)
+    plain = lorakit.merge_and_unload(model)
+    assert {p.dtype for p in plain.parameters()} == {torch.bfloat16}
+    assert _relative(_logits(plain, ids), unmerged) < 2e-2
+
+
+def test_merge_and_unload_casts_the_whole_model_to_an_explicit_float_dtype():
+    model = _in_dtype(
+        quantized_layers.quantize_linears(tiny_models.llama(), "gguf-Q4_1"), torch.bfloat16
+    )
+    lorakit.inject(model, _config(target_modules=["q_proj", "v_proj"]))
+    tiny_models.randomize_adapters(model, std=0.1)
+    ids = tiny_models.input_ids()
+    unmerged = _logits(model, ids)
+    plain = lorakit.merge_and_unload(model, float_dtype=torch.float32)
+    assert {p.dtype for p in plain.parameters()} == {torch.float32}
+    assert _relative(_logits(plain, ids), unmerged) < 2e-2
+
+
+def test_a_float_dtype_that_is_not_a_float_type_is_refused_before_anything_changes():
+    model, _ = _pair("gguf-Q4_1", target_modules=["q_proj"])
+    layers_before = dict(lora_layers(model))
+    with pytest.raises(ValueError, match=r"float_dtype=torch\.int8"):
+        lorakit.merge_and_unload(model, float_dtype=torch.int8)
+    assert dict(lora_layers(model)) == layers_before
+    assert all(layer.merged_adapters == () for layer in layers_before.values())
 
 
 def test_dropout_trains_on_a_quantized_base():
@@ -172,6 +249,44 @@ def test_an_unknown_quantized_layer_in_the_targets_is_refused_and_nothing_change
         lorakit.inject(model, _config())
     assert dict(model.named_modules()) == before
     assert lorakit.adapter_configs(model) == {}
+
+
+@pytest.mark.parametrize("name", [*FORMATS, "int8-rows"])
+def test_modules_to_save_naming_a_quantized_layer_is_refused_and_nothing_changes(name):
+    """A full trained copy of quantized storage trains nothing (or bitsandbytes refuses
+    gradients): inject refuses it first, naming the module, its format and what to do."""
+    from lorakit.quantized import int8_rows
+
+    model = tiny_models.llama()
+    if name == "int8-rows":
+        int8_rows.quantize_linears(model)
+        saved, module = "lm_head", "lm_head"
+    else:
+        quantized_layers.quantize_linears(model, name, only=("o_proj",))
+        saved, module = "o_proj", "model.layers.0.self_attn.o_proj"
+    fmt = quantized.describe(model.get_submodule(module))
+    modules_before = dict(model.named_modules())
+    flags_before = {n: p.requires_grad for n, p in model.named_parameters()}
+    config = _config(target_modules=["q_proj"], modules_to_save=[saved])
+    with pytest.raises(ValueError, match=rf"'{module}'.*{fmt}.*target_modules.*unquantized"):
+        lorakit.inject(model, config)
+    assert dict(model.named_modules()) == modules_before
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags_before
+    assert lorakit.adapter_configs(model) == {}
+    assert not hasattr(model, "lorakit_state")
+
+
+def test_modules_to_save_naming_a_block_that_holds_a_quantized_layer_is_refused():
+    model = quantized_layers.quantize_linears(tiny_models.llama(), "gguf-Q4_1", only=("up_proj",))
+    modules_before = dict(model.named_modules())
+    config = _config(target_modules=["q_proj"], modules_to_save=["mlp"])
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp'.*'up_proj'.*gguf-Q4_1"):
+        lorakit.inject(model, config)
+    assert dict(model.named_modules()) == modules_before
+    # a float module beside the quantized ones is still saved in full, and trains
+    lorakit.inject(model, _config(target_modules=["up_proj"], modules_to_save=["lm_head"]))
+    trained = [n for n, p in model.named_parameters() if p.requires_grad and "lm_head" in n]
+    assert trained == ["lm_head.modules_to_save.default.weight"]
 
 
 @pytest.mark.parametrize("name", ["bnb-nf4-dq", "bnb-int8", "gguf-Q4_1"])
@@ -229,6 +344,46 @@ def test_inference_without_gradients_never_repacks_an_adapted_4bit_base(name):
     for _, layer in lora_layers(model):
         assert not getattr(layer.base_layer.weight.quant_state, "packing_format_for_cpu", False)
     torch.testing.assert_close(logits, _logits(twin, tiny_models.input_ids()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("load", ["inject", "load_adapter"])
+def test_a_users_4bit_model_keeps_every_layers_bytes_in_eval_mode_adapted_or_not(tmp_path, load):
+    """A model lorakit's loader did not build (as BitsAndBytesConfig leaves it): adding LoRA
+    turns bitsandbytes' eval-mode repacking off on every Linear4bit, adapted or not, so a
+    generation-style forward changes no stored byte, computes what training does, and
+    merge_and_unload still works."""
+    from transformers import LlamaForCausalLM
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)  # sizes bitsandbytes' AVX512-BF16 kernel takes (it repacks them)
+        model = LlamaForCausalLM(tiny_models.llama_config(intermediate_size=128))
+        return quantized_layers.quantize_linears(model, "bnb-nf4-dq")
+
+    model = build()
+    if load == "inject":
+        lorakit.inject(model, _config(target_modules=["q_proj", "v_proj"]))
+        tiny_models.randomize_adapters(model, std=0.1)
+    else:
+        trained = build()
+        lorakit.inject(trained, _config(target_modules=["q_proj", "v_proj"]))
+        tiny_models.randomize_adapters(trained, std=0.1)
+        save_adapter(trained, tmp_path)
+        load_adapter(model, tmp_path)
+    layers = {n: m for n, m in model.named_modules() if quantized.is_quantized(m)}
+    assert len(layers) == 14 and "model.layers.0.self_attn.o_proj" in layers  # not adapted
+    assert not any(m.support_avx512bf16_for_cpu for m in layers.values())
+    before = {n: quantized.storage(m)["codes"].clone() for n, m in layers.items()}
+    ids = tiny_models.input_ids()
+    training = _logits(model, ids)
+    model.eval()
+    with torch.no_grad():
+        inference = model(ids).logits
+    for name, layer in layers.items():
+        assert torch.equal(quantized.storage(layer)["codes"], before[name]), name
+        assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False), name
+    torch.testing.assert_close(inference, training, rtol=1e-5, atol=1e-5)
+    plain = lorakit.merge_and_unload(model)
+    torch.testing.assert_close(_logits(plain, ids), training, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", FORMATS)

@@ -69,11 +69,53 @@ def test_forwards_in_any_mode_leave_the_stored_bytes_unchanged(name):
     assert not getattr(state, "packing_format_for_cpu", False)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_an_8bit_forward_in_another_dtype_never_changes_the_stored_bias(training):
+    """bitsandbytes' Linear8bitLt.forward casts its bias to the input's dtype for good
+    (``bias.data = bias.data.to(x.dtype)``): lorakit's base forward must not let it."""
+    _, layer = _quantized("bnb-int8")
+    _, twin = _quantized("bnb-int8")  # the same layer, run by bitsandbytes itself
+    layer.train(training)
+    twin.train(training)
+    bias = layer.bias.detach().clone()
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        # float32 input: exactly the module's own output, as before
+        assert torch.equal(quantized.base_forward(layer, x), twin(x))
+        out = quantized.base_forward(layer, x.bfloat16())
+    assert layer.bias.dtype == torch.float32 and torch.equal(layer.bias, bias)
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 5, 48)
+    expected = F.linear(x.bfloat16().float(), quantized.dequantized_weight(layer), bias)
+    error = ((out.float() - expected).norm() / expected.norm()).item()
+    assert error < (1e-2 if training else 3e-2)  # eval: LLM.int8 quantizes x as well
+    with torch.no_grad():
+        assert torch.equal(quantized.base_forward(layer, x), twin(x))  # and still after it
+
+
+def test_a_merge_after_a_bfloat16_forward_keeps_the_8bit_layers_float32_bias():
+    import lorakit
+
+    layer = quantized_layers.bnb_8bit(quantized_layers.float_linear())
+    bias = layer.bias.detach().clone()
+    model = nn.Sequential(layer)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=["0"]))
+    with torch.no_grad():
+        model(torch.randn(2, 64, dtype=torch.bfloat16))
+    assert torch.equal(model[0].base_layer.bias, bias)
+    merged = lorakit.merge_and_unload(model)
+    assert torch.equal(merged[0].bias, bias)
+
+
 def test_a_4bit_layer_repacked_for_the_cpu_inference_kernel_is_refused():
     _, layer = _quantized("bnb-nf4-dq")
     layer.weight.quant_state.packing_format_for_cpu = True  # what bnb's eval forward sets
-    with pytest.raises(UnsupportedQuantizedLayerError, match="repacked"):
+    with pytest.raises(UnsupportedQuantizedLayerError, match="repacked") as refused:
         quantized.dequantized_weight(layer)
+    message = str(refused.value)
+    # what to do, and it is true: each of these turns the repacking off on every Linear4bit
+    assert "afresh" in message and "keep_4bit_storage(model)" in message
+    assert "lorakit.inject" in message and "load_model" in message
+    assert "add LoRA before running it" not in message
 
 
 def test_a_4bit_layer_not_yet_quantized_is_refused():

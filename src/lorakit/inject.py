@@ -16,11 +16,13 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.init_methods import changes_base, check_layer_takes, initialise_from_base
 from lorakit.layers import LoraLayer, ModulesToSave, layer_class_for, wrap
+from lorakit.layers.saved import check_saveable
 from lorakit.parameter_targets import (
     check_parameter_targets,
     find_parameter_targets,
     wrap_parameter_targets,
 )
+from lorakit.quantized.loading import keep_4bit_storage
 from lorakit.replication import replicate_layers, restore_layers
 from lorakit.state import (
     adapter_configs,
@@ -153,6 +155,8 @@ def add_adapter_to_modules(
     tokens = token_module_names(model, config, targets, saved_names)
     for name in [*saved_names, *tokens]:
         check_wrapper_kind(model.get_submodule(name), name, name in tokens)
+    for name in saved_names:  # a full copy of a quantized layer would train nothing
+        check_saveable(model.get_submodule(name), name)
     _check_targets(current, config, adapter_name, init)  # all checks first: all or nothing
     parameter_targets = dict(parameter_targets or {})
     check_parameter_targets(model, parameter_targets, adapter_name, targets)
@@ -241,11 +245,17 @@ def wrap_targets(
     training mode of the module it wraps. ``modules``: name -> current module, when the caller
     has them. What ``inject`` does before adding an adapter, and all that serving needs (the
     bank holds the adapters, ``lorakit.serve.prepare_for_serving``).
+
+    On a model holding bitsandbytes ``Linear4bit`` layers, the first wrapping turns off, on every
+    one of them (adapted or not), bitsandbytes' eval-mode CPU repacking
+    (``quantized.loading.keep_4bit_storage``): its stored bytes stay as loaded, so
+    ``merge_and_unload`` can still read them.
     """
     current = _current_modules(model, names, modules)
     for name, module in current.items():
         layer_class_for(module, name)  # (refuses a module no LoRA layer wraps)
-    if state_of(model) is None:
+    if state_of(model) is None:  # the first wrapping (every check passed: nothing can fail)
+        keep_4bit_storage(model)  # once: a walk of every module at each load would add up
         state_of(model, create=True)  # records the flags that unload restores
         freeze_all(model)
     layers: dict[str, LoraLayer] = {}

@@ -9,7 +9,8 @@ untied by the merge: the other module keeps the original, so outputs equal the u
 
 On a quantized base (``lorakit.quantized``, docs/quantized.md) the quantized bytes are never
 written: ``merge`` keeps the float ``W = dequant(W0) + sum_a s_a B_a A_a`` beside them,
-``unmerge`` drops it, and ``merge_and_unload`` returns a float model.
+``unmerge`` drops it, and ``merge_and_unload`` returns a float model in the model's own float
+dtype (a bfloat16 model's dequantized linears are bfloat16, so the result runs).
 
 Forwards may run in other threads during ``merge`` / ``unmerge``: each layer switches in one step
 (``layers.merging.MergeState``), so each layer of such a forward computes ``W0 x + s B A x`` either
@@ -27,7 +28,7 @@ from torch import nn
 
 from lorakit import quantized
 from lorakit.inject import forget_state
-from lorakit.layers import TrainableTokens
+from lorakit.layers import LoraLayer, ModulesToSave, TrainableTokens
 from lorakit.quantized.merge import float_linear
 from lorakit.state import (
     active_adapters,
@@ -35,10 +36,11 @@ from lorakit.state import (
     lora_layers,
     saved_modules,
     state_of,
+    walk_modules,
 )
 from lorakit.wrapped_modules import replace_module
 
-__all__ = ["merge", "merge_and_unload", "unmerge"]
+__all__ = ["merge", "merge_and_unload", "model_float_dtype", "unmerge"]
 
 
 def _chosen(model: nn.Module, adapter_names: Sequence[str] | None) -> tuple[str, ...]:
@@ -101,21 +103,36 @@ def merge_and_unload(
     (``merge``) stay folded in, as in PEFT: unmerge them first to leave them out.
 
     On a quantized base (``lorakit.quantized``) the result is a float model: every quantized
-    linear (adapted or not) becomes a plain ``nn.Linear`` in ``float_dtype`` (default float32)
-    holding ``dequant(W0)`` (+ ``s B A`` where adapted), computed in float32, and transformers'
-    quantization config is removed. Its outputs equal the unmerged quantized model's within
-    float rounding; nothing is quantized again (``lorakit.quantized.merge.requantize`` does that,
-    on request, reporting the error it adds)."""
+    linear (adapted or not) becomes a plain ``nn.Linear`` holding ``dequant(W0)`` (+ ``s B A``
+    where adapted), computed in float32, and transformers' quantization config is removed. Its
+    outputs equal the unmerged quantized model's within float rounding; nothing is quantized
+    again (``lorakit.quantized.merge.requantize`` does that, on request, reporting the error it
+    adds).
+
+    ``float_dtype``: None (default) gives those linears the model's own float dtype (that of its
+    input embeddings, else of most of its float weights outside the quantized layers; float32 if
+    it has none), so a bfloat16 model comes back all bfloat16 and runs. A dtype given casts the
+    whole returned model: every floating-point parameter (embeddings, norms, head, merged
+    layers) ends in ``float_dtype``, so it runs too (a float32 copy of a bfloat16 model, or the
+    reverse). A dtype that is not floating point is a ``ValueError``, raised before any change."""
     names = _chosen(model, adapter_names)
+    if float_dtype is not None and not (
+        isinstance(float_dtype, torch.dtype) and float_dtype.is_floating_point
+    ):
+        raise ValueError(
+            f"float_dtype={float_dtype!r} is not a floating-point torch dtype; pass e.g. "
+            "torch.bfloat16, or leave it out to keep the model's own dtype. Nothing was changed."
+        )
     for name, module in model.named_modules():  # before any change (e.g. one bnb repacked)
         if quantized.is_quantized(module):
             quantized.check_supported(module, name)
+    linear_dtype = float_dtype or model_float_dtype(model) or torch.float32
     tied = _tied_parameter_ids(model)
     merge(model, names)
     untied = False
     for name, layer in reversed(list(lora_layers(model))):  # nested layers before outer ones
         untied |= bool(layer.merged_adapters) and id(layer.original_weight) in tied
-        replace_module(model, name, layer.unloaded_module(float_dtype))
+        replace_module(model, name, layer.unloaded_module(linear_dtype))
     if untied and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
         # The merged embedding no longer equals the (unadapted) output embedding it was tied to.
         model.config.tie_word_embeddings = False
@@ -128,9 +145,64 @@ def merge_and_unload(
             wrapper.original_module,
         )
         replace_module(model, name, trained)
-    _dequantize_remaining(model, float_dtype or torch.float32)
+    _dequantize_remaining(model, linear_dtype)
+    if float_dtype is not None:
+        _cast_floats(model, float_dtype)
     forget_state(model)
     return model
+
+
+def model_float_dtype(model: nn.Module) -> torch.dtype | None:
+    """The float dtype ``model`` computes in, read from its base weights (adapter tensors and
+    quantized layers do not count): its input embeddings' weight dtype, else the dtype holding
+    most of its floating-point base weights; None if it has none (every weight quantized)."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embeddings = None
+    if callable(getter):
+        try:
+            embeddings = _unwrapped(getter())
+        except (AttributeError, NotImplementedError):  # a model without input embeddings
+            embeddings = None
+    weight = getattr(embeddings, "weight", None)
+    if (
+        isinstance(weight, torch.Tensor)
+        and weight.is_floating_point()
+        and not quantized.is_quantized(embeddings)
+    ):
+        return weight.dtype
+    sizes: dict[torch.dtype, int] = {}
+    for parameter in _base_parameters(model):
+        if parameter.is_floating_point():
+            sizes[parameter.dtype] = sizes.get(parameter.dtype, 0) + parameter.numel()
+    return max(sizes, key=sizes.__getitem__) if sizes else None
+
+
+def _unwrapped(module: nn.Module | None) -> nn.Module | None:
+    """The original module under lorakit's wrappers (LoRA layers, saved-module copies)."""
+    while isinstance(module, (LoraLayer, ModulesToSave)):
+        module = module.base_layer if isinstance(module, LoraLayer) else module.original_module
+    return module
+
+
+def _base_parameters(model: nn.Module):
+    """The parameters of the base model outside quantized layers: not the adapters' tensors nor
+    the trained copies of ``modules_to_save``."""
+    for _, module in walk_modules(model):
+        if isinstance(module, LoraLayer) and isinstance(module.base_layer, LoraLayer):
+            continue  # the nested layer is walked itself
+        base = _unwrapped(module)
+        recurse = base is not module  # a wrapper's base is not walked: take all of it
+        for each in base.modules() if recurse else (base,):
+            if not quantized.is_quantized(each):
+                yield from each.parameters(recurse=False)
+
+
+def _cast_floats(model: nn.Module, dtype: torch.dtype) -> None:
+    """Every floating-point parameter of ``model`` in ``dtype``, in place (buffers, such as
+    rotary frequencies, keep theirs, as transformers loads them)."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point() and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
 
 
 def _dequantize_remaining(model: nn.Module, float_dtype: torch.dtype) -> None:

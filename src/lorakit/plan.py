@@ -221,9 +221,10 @@ def plan(
     ``lora_alpha`` defaults to ``2 * r``; ``dtype`` to the config's dtype (float32 if none);
     ``devices`` and ``strategy`` ("ddp" or "fsdp") give the per-device training memory;
     ``quantization`` (nf4, fp4, int8, q4_0, q4_1, q8_0, int8-rows, int4-groups) stores the base's
-    linears quantized (``lorakit.quantized.footprint``); ``batch_size`` sequences of ``seq_len``
-    tokens (default 2048, or the model's maximum when shorter) per device, with LoRA dropout
-    ``lora_dropout``, give the activations (``lorakit.activations``).
+    linears quantized (``lorakit.quantized.footprint``; with ``strategy="fsdp"`` on several
+    devices it is a ``UserError``, as ``lorakit train`` refuses that setup); ``batch_size``
+    sequences of ``seq_len`` tokens (default 2048, or the model's maximum when shorter) per
+    device, with LoRA dropout ``lora_dropout``, give the activations (``lorakit.activations``).
     """
     if devices < 1 or strategy not in ("ddp", "fsdp"):
         raise UserError(
@@ -235,6 +236,7 @@ def plan(
     meta_model, dtype_name = build_meta_model(model, dtype)
     base_parameters = count_parameters(meta_model).total
     quantized_weights = _quantized_weights(meta_model, quantization)
+    _check_shardable(strategy, devices, quantization)
     try:  # dropout cannot draw on meta: its masks are counted by rule
         inject(meta_model, dataclasses.replace(config, lora_dropout=0.0))
     except (ValueError, TypeError) as error:  # TypeError: a module lorakit cannot adapt
@@ -260,6 +262,17 @@ def plan(
         activations_error=activations_error,
         **_fsdp_units(meta_model),
     )
+
+
+def _check_shardable(strategy: str, devices: int, quantization: str | None) -> None:
+    """Refuse what ``lorakit train`` refuses (``lorakit.train.fsdp.check_shardable``, with its
+    words): FSDP on several devices cannot shard a quantized base yet. (One process shards
+    nothing: train runs it, so it is planned.)"""
+    if strategy == "fsdp" and devices > 1 and quantization is not None:
+        raise UserError(
+            f"--strategy fsdp cannot shard a quantized base yet (--quantization {quantization}); "
+            "train it with --strategy ddp or in one process, or use an unquantized base"
+        )
 
 
 def _lora_config(

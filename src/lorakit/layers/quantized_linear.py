@@ -153,7 +153,9 @@ class QuantizedLoraLinear(LoraLinear):
 
     def unloaded_module(self, float_dtype: torch.dtype | None = None) -> nn.Module:
         """What replaces this layer in ``merge_and_unload``: a plain ``nn.Linear`` in
-        ``float_dtype`` (default float32) holding ``dequant(W0)`` plus the merged adapters."""
+        ``float_dtype`` holding ``dequant(W0)`` plus the merged adapters (computed in float32,
+        rounded once). ``merge_and_unload`` passes the model's own float dtype (or the one it
+        was asked for); None here means float32."""
         state = self._merge_state
         weight = state.weight if state.adapters else quantized.dequantized_weight(self.base_layer)
         self.forget_original()

@@ -10,8 +10,14 @@ The 4-bit forward calls ``bitsandbytes.matmul_4bit`` as ``Linear4bit.forward`` d
 training, but never through that forward's CPU inference branch: on a CPU with AVX512-BF16, an
 eval-mode no-grad call repacks the stored bytes in place (``packing_format_for_cpu``), computes
 differently (we measured 7e-2 on a 64-wide layer) and cannot be undone exactly with double
-quantization. A module already repacked that way is refused. The 8-bit forward is the
-module's own (it casts inputs to float16 for quantization, as bitsandbytes does).
+quantization. ``lorakit.inject`` (and ``load_adapter``, ``lorakit.models.load_model``) turn that
+repacking off on every ``Linear4bit`` of the model, adapted or not
+(``lorakit.quantized.loading.keep_4bit_storage``); a module already repacked is refused.
+
+The 8-bit forward is the module's own (it casts inputs to float16 for quantization, as
+bitsandbytes does), except that the stored bias is never cast: for an input of another dtype
+than the bias, ``bitsandbytes.matmul`` runs without it and the bias is added after
+(``_int8_forward``).
 """
 
 from __future__ import annotations
@@ -61,7 +67,11 @@ def check(module: nn.Module) -> None:
         raise UnsupportedQuantizedLayerError(
             "this Linear4bit was repacked in place for bitsandbytes' CPU inference kernel (an "
             "eval-mode, no-grad forward on an AVX512-BF16 CPU did it); its stored bytes are no "
-            "longer the checkpoint's. Load the model afresh and add LoRA before running it."
+            "longer the checkpoint's, and the repacking cannot be undone exactly. Load the model "
+            "afresh, then turn that repacking off before any eval-mode forward: load it with "
+            "lorakit.models.load_model(..., quantization=...), or call lorakit.inject / "
+            "lorakit.load_adapter on it, or lorakit.quantized.loading.keep_4bit_storage(model); "
+            "each does so on every Linear4bit of the model, adapted or not."
         )
 
 
@@ -103,9 +113,10 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
 
 def base_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x W0^T + b`` by bitsandbytes' kernels (4-bit: in ``compute_dtype``, returned in
-    ``x``'s dtype). Shapes: x (..., in) -> (..., out)."""
+    ``x``'s dtype; 8-bit: in ``x``'s dtype). Shapes: x (..., in) -> (..., out). The stored
+    bias is never changed (see ``_int8_forward``)."""
     if not is_4bit(module):
-        return module(x)
+        return _int8_forward(module, x)
     import bitsandbytes as bnb
 
     compute_dtype = module.compute_dtype or x.dtype
@@ -114,6 +125,30 @@ def base_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x.to(compute_dtype), module.weight, bias=bias, quant_state=module.weight.quant_state
     )
     return out.to(x.dtype)
+
+
+def _int8_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A ``Linear8bitLt``'s output, without its forward's in-place cast of the bias.
+
+    ``Linear8bitLt.forward`` casts a bias of another dtype than ``x`` for good
+    (``self.bias.data = self.bias.data.to(x.dtype)``): a bfloat16 input (or autocast) would
+    round a float32 bias once and for all. With no bias, or one of ``x``'s dtype, the module
+    runs itself (nothing is cast: the output is exactly as before); otherwise
+    ``bitsandbytes.matmul`` runs without the bias, as that forward runs it (same state, same
+    bookkeeping), and ``b`` (cast, not stored) is added to the output."""
+    bias = module.bias
+    if bias is None or bias.dtype == x.dtype:
+        return module(x)
+    import bitsandbytes as bnb
+
+    state = module.state
+    state.is_training = module.training
+    if module.weight.CB is not None:  # the first forward moves the codes onto the state
+        module.init_8bit_state()
+    out = bnb.matmul(x, module.weight, bias=None, state=state)
+    if not state.has_fp16_weights and state.CB is not None:
+        module.weight.data = state.CB
+    return out + bias.to(out.dtype)
 
 
 def storage(module: nn.Module) -> dict[str, torch.Tensor]:

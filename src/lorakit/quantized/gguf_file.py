@@ -86,23 +86,46 @@ def replace_llama_linears(
     file's config) by ``GGUFLinear`` modules read from ``path``; returns the replaced names.
 
     ``only``: GGUF tensor kinds to replace (e.g. ``["attn_q", "attn_v"]``), default all of
-    ``LLAMA_LINEARS``. Embeddings and norms stay as they are. Raises ``UserError`` if the file is
-    not a Llama, or a tensor does not fit the module it replaces (nothing is replaced then).
+    ``LLAMA_LINEARS``; an unknown kind is refused. Embeddings and norms stay as they are.
+
+    The file must be made for this model: its ``llama.block_count``,
+    ``llama.attention.head_count`` and ``llama.attention.head_count_kv`` (when absent,
+    ``head_count``, as llama.cpp reads it) must equal the model config's ``num_hidden_layers``,
+    ``num_attention_heads`` and ``num_key_value_heads`` (the head counts give the q/k row order),
+    and every block must hold every requested kind. Raises ``UserError`` (naming the file, the
+    field or tensor, and both values) if not, if the file is not a Llama, or if a tensor does not
+    fit the module it replaces; nothing is replaced then.
     """
+    kinds = _requested_kinds(only)
     reader = _reader(path)
-    architecture = reader.fields["general.architecture"].contents()
+    field = reader.fields.get("general.architecture")
+    architecture = None if field is None else field.contents()
     if architecture != "llama":
         raise UserError(f"GGUF file '{path}' holds a {architecture!r} model; only llama is read")
-    heads_q = int(reader.fields["llama.attention.head_count"].contents())
-    heads_kv = int(reader.fields["llama.attention.head_count_kv"].contents())
-    kinds = set(LLAMA_LINEARS if only is None else only)
-    replacements = {}
+    blocks, heads_q, heads_kv = _check_config(reader, model, path)
+    found = {}
     for tensor in reader.tensors:
         match = _BLOCK_TENSOR.fullmatch(tensor.name)
-        if match is None or match.group(2) not in kinds or match.group(2) not in LLAMA_LINEARS:
-            continue
+        if match is not None and match.group(2) in kinds:
+            found[int(match.group(1)), match.group(2)] = tensor
+    missing = [
+        f"blk.{index}.{kind}.weight"
+        for index in range(blocks)
+        for kind in LLAMA_LINEARS
+        if kind in kinds and (index, kind) not in found
+    ]
+    if missing:
+        shown = ", ".join(repr(name) for name in missing[:4])
+        more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        raise UserError(
+            f"GGUF file '{path}' lacks {shown}{more}: each of its {blocks} blocks "
+            f"(llama.block_count) must hold every kind asked for ({', '.join(sorted(kinds))}); "
+            "use a complete file, or pass only= the kinds it holds"
+        )
+    replacements = {}
+    for (_, kind), tensor in found.items():  # in the file's order
         name = llama_module_name(tensor.name)
-        heads = {"attn_q": heads_q, "attn_k": heads_kv}.get(match.group(2))
+        heads = {"attn_q": heads_q, "attn_k": heads_kv}.get(kind)
         order = None if heads is None else rotary_row_order(int(tensor.shape[1]), heads)
         module = gguf_linear(tensor, order)
         _check_fits(model, name, module, tensor.name)
@@ -111,6 +134,68 @@ def replace_llama_linears(
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, module)
     return list(replacements)
+
+
+def _requested_kinds(only: Iterable[str] | None) -> set[str]:
+    """The GGUF tensor kinds to read (``only``, default all); ``UserError`` for unknown ones."""
+    if only is None:
+        return set(LLAMA_LINEARS)
+    kinds = [only] if isinstance(only, str) else list(only)
+    unknown = [kind for kind in kinds if kind not in LLAMA_LINEARS]
+    if unknown:
+        raise UserError(
+            f"only={kinds!r}: unknown GGUF tensor kind(s) {unknown}; choose among "
+            f"{', '.join(LLAMA_LINEARS)} (the GGUF names of q_proj, k_proj, v_proj, o_proj, "
+            "gate_proj, up_proj, down_proj)"
+        )
+    return set(kinds)
+
+
+def _check_config(reader, model: nn.Module, path) -> tuple[int, int, int]:
+    """``(blocks, heads, kv heads)`` of the file, once each equals the model config's (else
+    ``UserError`` naming the file, the field and both values)."""
+    config = getattr(model, "config", None)
+
+    def file_value(key: str, default: int | None = None) -> int:
+        field = reader.fields.get(key)
+        if field is not None:
+            return int(field.contents())
+        if default is None:
+            raise UserError(
+                f"GGUF file '{path}' has no {key}, which llama.cpp requires too; the file is "
+                "incomplete: use a complete GGUF file"
+            )
+        return default
+
+    def model_value(name: str) -> int:
+        value = getattr(config, name, None)
+        if value is None and name == "num_key_value_heads":  # transformers' default too
+            value = getattr(config, "num_attention_heads", None)
+        if value is None:
+            raise UserError(
+                f"this {type(model).__name__} has no config.{name} to check GGUF file "
+                f"'{path}' against; build the model from the GGUF file's config (transformers' "
+                "LlamaConfig)"
+            )
+        return int(value)
+
+    heads = file_value("llama.attention.head_count")
+    kv_field = "llama.attention.head_count_kv"
+    kv_note = "" if kv_field in reader.fields else " (none given: llama.cpp then takes head_count)"
+    values = [
+        ("llama.block_count", file_value("llama.block_count"), "num_hidden_layers", ""),
+        ("llama.attention.head_count", heads, "num_attention_heads", ""),
+        (kv_field, file_value(kv_field, default=heads), "num_key_value_heads", kv_note),
+    ]
+    for key, value, name, note in values:
+        wanted = model_value(name)
+        if value != wanted:
+            raise UserError(
+                f"GGUF file '{path}' does not match this model: its {key} = {value}{note}, "
+                f"the model config's {name} = {wanted}. Build the model from this GGUF file's "
+                "config, or read the GGUF file made from this model; nothing was replaced"
+            )
+    return values[0][1], values[1][1], values[2][1]
 
 
 def _check_fits(model: nn.Module, name: str, module: GGUFLinear, tensor_name: str) -> None:

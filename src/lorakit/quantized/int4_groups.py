@@ -22,7 +22,8 @@ Storage, in the layout of ``torch._weight_int4pack_mm_for_cpu`` (a private op, i
 - ``scales_and_offsets`` (in / 32, out, 2) bfloat16.
 
 Shapes the format takes: ``out`` and ``in`` multiples of 32 (every linear of the usual LLMs);
-``quantize_linears`` leaves any other layer as it is, and gives the output layer int8 rows. A
+``quantize_linears`` leaves any other layer as it is, and gives the output layer int8 rows
+(whatever its sizes). A
 torch without the kernel computes ``F.linear`` with the dequantized weight (the same W0; the
 kernel rounds ``x`` and the output to bfloat16). The backward pass (an adapter trained on this
 base) dequantizes: ``dL/dx = dL/dy W0``.
@@ -177,18 +178,19 @@ def quantize_linears(model: nn.Module) -> int:
     an ``Int4GroupsLinear`` of its weight, in place; returns how many.
 
     The output layer (``model.get_output_embeddings()``, when the model has one) becomes an
-    ``Int8RowsLinear`` instead, as llama.cpp's 4-bit files keep theirs at 6-8 bits: on
-    SmolLM2-135M a 4-bit output layer triples the largest logit error (13% of the largest
-    logit against 4%). A tied output layer gets its own copy (the embedding keeps the float
-    weight)."""
+    ``Int8RowsLinear`` instead, whatever its sizes (int8 rows take any shape: a vocabulary of
+    50257 too), as llama.cpp's 4-bit files keep theirs at 6-8 bits: on SmolLM2-135M a 4-bit
+    output layer triples the largest logit error (13% of the largest logit against 4%). A tied
+    output layer gets its own copy (the embedding keeps the float weight)."""
     getter = getattr(model, "get_output_embeddings", None)
     output = getter() if getter is not None else None
 
     def convert(linear: nn.Linear) -> nn.Module | None:
+        if linear is output:  # before the size rule: int8 rows take any shape
+            return Int8RowsLinear.from_weight(linear.weight, linear.bias)
         if not fits(linear.out_features, linear.in_features):
             return None
-        kind = Int8RowsLinear if linear is output else Int4GroupsLinear
-        return kind.from_weight(linear.weight, linear.bias)
+        return Int4GroupsLinear.from_weight(linear.weight, linear.bias)
 
     return replace_linears(model, convert)
 

@@ -19,8 +19,9 @@ quantization=...)`` does.
 bitsandbytes models are loaded on the CPU (``device_map="cpu"``); transformers keeps the output
 layer (and a tied one) in float, as it does for every bitsandbytes load. The loader turns off
 bitsandbytes' in-place repacking of 4-bit layers for its AVX512-BF16 CPU inference kernel
-(``keep_4bit_storage``): the stored bytes stay as loaded in every mode, and an eval-mode forward
-computes ``x W0^T`` like a training one (see ``lorakit.quantized.bnb``).
+(``keep_4bit_storage``; ``lorakit.inject`` does the same on a model built elsewhere): the stored
+bytes stay as loaded in every mode, and an eval-mode forward computes ``x W0^T`` like a training
+one (see ``lorakit.quantized.bnb``).
 """
 
 from __future__ import annotations
@@ -81,8 +82,10 @@ def bitsandbytes_config(quantization: str, compute_dtype: torch.dtype):
 
 def keep_4bit_storage(model: torch.nn.Module) -> int:
     """Turn off, on every bitsandbytes ``Linear4bit`` of ``model``, the eval-mode CPU repacking
-    of its stored bytes (``support_avx512bf16_for_cpu``); returns how many layers. Only for
-    models lorakit's loader builds (a user's own model is left as bitsandbytes made it)."""
+    of its stored bytes (``support_avx512bf16_for_cpu``); returns how many layers. lorakit's
+    loader does it on load, and ``lorakit.inject`` / ``load_adapter`` on any model they adapt
+    (its layers adapted or not), so the bytes stay the checkpoint's and ``merge_and_unload``
+    can read them. Changes nothing on a model without such layers."""
     count = 0
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
