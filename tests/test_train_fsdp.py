@@ -209,6 +209,18 @@ def test_a_quantized_base_is_refused():
     check_shardable(build_model(0.0))  # a float base passes
 
 
+@pytest.mark.parametrize("quantize", ["int8_rows", "int4_groups"])
+def test_lorakits_own_weight_only_bases_are_refused(quantize):
+    """int8-rows / int4-groups (and GGUF blocks) keep their codes in buffers, not parameters:
+    the check names the quantized module rather than letting FSDP shard a model it cannot."""
+    import importlib
+
+    model = build_model(0.0)
+    importlib.import_module(f"lorakit.quantized.{quantize}").quantize_linears(model)
+    with pytest.raises(UserError, match=r"quantized base yet \(module .*(int8|int4)"):
+        check_shardable(model)
+
+
 def test_layer_replication_is_refused_by_name():
     """Copied blocks share their base weights, which FSDP2 cannot shard in two units: a
     UserError naming layer_replication before sharding, not torch's ValueError."""

@@ -67,11 +67,18 @@ def shard_like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 def quantization_of(model: nn.Module) -> str | None:
-    """Why ``model``'s base counts as quantized (a config ``quantization_config``, integer
-    weights, or weights of a tensor subclass such as bitsandbytes' ``Params4bit``), or None."""
+    """Why ``model``'s base counts as quantized (a config ``quantization_config``, a layer of a
+    ``lorakit.quantized`` format, integer weights, or weights of a tensor subclass such as
+    bitsandbytes' ``Params4bit``), or None. lorakit's own formats (GGUF blocks, int8-rows,
+    int4-groups) keep their codes in buffers, which the parameter test alone would miss."""
+    from lorakit import quantized
+
     config = getattr(model, "config", None)
     if getattr(model, "is_quantized", False) or getattr(config, "quantization_config", None):
         return "its config has a quantization_config"
+    for name, module in model.named_modules():
+        if quantized.is_quantized(module):
+            return f"module {name} is {quantized.describe(module)}"
     for name, parameter in model.named_parameters():
         if not parameter.is_floating_point():
             return f"parameter {name} is {parameter.dtype}"
