@@ -269,10 +269,9 @@ def _check_shardable(strategy: str, devices: int, quantization: str | None) -> N
     words): FSDP on several devices cannot shard a quantized base yet. (One process shards
     nothing: train runs it, so it is planned.)"""
     if strategy == "fsdp" and devices > 1 and quantization is not None:
-        raise UserError(
-            f"--strategy fsdp cannot shard a quantized base yet (--quantization {quantization}); "
-            "train it with --strategy ddp or in one process, or use an unquantized base"
-        )
+        from lorakit.train.fsdp import quantized_base_error
+
+        raise quantized_base_error(f"--quantization {quantization}")
 
 
 def _lora_config(

@@ -97,15 +97,21 @@ def replicated_adapters(model: nn.Module) -> dict[str, list[list[int]]]:
     return {name: c.layer_replication for name, c in configs if c.layer_replication}
 
 
+def quantized_base_error(reason: str) -> UserError:
+    """The refusal of FSDP on a quantized base (``reason``: what makes it quantized); ``lorakit
+    plan`` gives the same one."""
+    return UserError(
+        f"--strategy fsdp cannot shard a quantized base yet ({reason}); train it with "
+        "--strategy ddp or in one process, or use an unquantized base"
+    )
+
+
 def check_shardable(model: nn.Module) -> None:
     """Refuse what FSDP training does not handle yet, before anything is sharded: a quantized
     base, and blocks copied by ``layer_replication``."""
     reason = quantization_of(model)
     if reason is not None:
-        raise UserError(
-            f"--strategy fsdp cannot shard a quantized base yet ({reason}); train it with "
-            "--strategy ddp or in one process, or use an unquantized base"
-        )
+        raise quantized_base_error(reason)
     replicated = replicated_adapters(model)
     if replicated:
         name, pairs = next(iter(replicated.items()))
