@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 from torch import nn
+from transformers import LlamaForCausalLM
 
 import lorakit
 from lorakit.layers import LoraLayer
@@ -158,6 +159,29 @@ def test_merging_a_tied_embedding_leaves_the_output_embedding_alone() -> None:
     assert torch.equal(plain.lm_head.weight, lm_head_before)
     assert not torch.equal(plain.transformer.wte.weight, lm_head_before)
     assert plain.config.tie_word_embeddings is False
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("saved", ["lm_head", "embed_tokens"])
+def test_a_trained_copy_of_a_tied_embedding_unties_the_config(saved, tmp_path) -> None:
+    """The merge puts the trained copy in place of one of two tied embeddings: the config must
+    stop saying tied, or a reader that trusts it (llama.cpp's converter, vLLM, older
+    transformers) ties the trained matrix away."""
+    torch.manual_seed(0)
+    tied = LlamaForCausalLM(tiny_models.llama_config(tie_word_embeddings=True)).eval()
+    config = CONFIG.replace(target_modules=["q_proj"], modules_to_save=[saved])
+    model = lorakit.inject(tied, config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "modules_to_save" in name:
+                parameter.add_(0.5)
+        expected = model(input_ids=tiny_models.input_ids()).logits
+    plain = lorakit.merge_and_unload(model)
+    assert plain.config.tie_word_embeddings is False
+    plain.save_pretrained(tmp_path)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        actual = reloaded(input_ids=tiny_models.input_ids()).logits
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 

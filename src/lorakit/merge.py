@@ -133,9 +133,6 @@ def merge_and_unload(
     for name, layer in reversed(list(lora_layers(model))):  # nested layers before outer ones
         untied |= bool(layer.merged_adapters) and id(layer.original_weight) in tied
         replace_module(model, name, layer.unloaded_module(linear_dtype))
-    if untied and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
-        # The merged embedding no longer equals the (unadapted) output embedding it was tied to.
-        model.config.tie_word_embeddings = False
     for name, wrapper in list(saved_modules(model)):
         if isinstance(wrapper, TrainableTokens):
             replace_module(model, name, wrapper.merged_module(names))
@@ -144,7 +141,12 @@ def merge_and_unload(
             (wrapper.modules_to_save[n] for n in names if n in wrapper.modules_to_save),
             wrapper.original_module,
         )
+        original = wrapper.original_module.parameters()
+        untied |= trained is not wrapper.original_module and any(id(p) in tied for p in original)
         replace_module(model, name, trained)
+    if untied and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
+        # A merged (or trained copy of a) tied embedding no longer equals the other one.
+        model.config.tie_word_embeddings = False
     _dequantize_remaining(model, linear_dtype)
     if float_dtype is not None:
         _cast_floats(model, float_dtype)
