@@ -220,3 +220,28 @@ def test_spectra_of_a_dora_adapter_are_refused_by_name(tmp_path):
         adapter_spectra(model)
     with pytest.raises(lorakit.UserError, match="DoRA adapter"):
         adapter_dir_spectra(tmp_path)
+
+
+def test_the_json_report_says_when_it_lists_only_the_first_singular_values(capsys):
+    """spectra_report kept the first 64 singular values of a layer without a word."""
+    from lorakit.analysis import spectra_report, spectrum_of_matrix
+    from lorakit.cli import main
+
+    generator = torch.Generator().manual_seed(0)
+    wide = spectrum_of_matrix(
+        "model.layers.0.mlp.down_proj", torch.randn(100, 120, generator=generator)
+    )
+    narrow = spectrum_of_matrix(
+        "model.layers.0.self_attn.q_proj", torch.randn(8, 120, generator=generator)
+    )
+    layers = {layer["name"]: layer for layer in spectra_report([wide, narrow])["layers"]}
+    down, q = layers["model.layers.0.mlp.down_proj"], layers["model.layers.0.self_attn.q_proj"]
+    assert len(down["singular_values"]) == 64
+    assert down["singular_value_count"] == 100 and down["singular_values_truncated"] is True
+    assert len(q["singular_values"]) == 8
+    assert q["singular_value_count"] == 8 and q["singular_values_truncated"] is False
+    full = spectra_report([wide], max_values=None)["layers"][0]
+    assert len(full["singular_values"]) == 100 and full["singular_values_truncated"] is False
+    with pytest.raises(SystemExit):
+        main(["analyze", "--help"])
+    assert "first 64 singular values" in " ".join(capsys.readouterr().out.split())

@@ -233,3 +233,72 @@ def test_a_base_encoder_against_its_classification_fine_tune(tmp_path, capsys):
     names = [layer["name"] for layer in report["layers"]]
     assert names == ["encoder.layer.0.attention.self.query"]
     assert report["layers"][0]["rank_90"] == 1  # the rank-1 update added above
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_analyze_refuses_non_finite_factors_naming_the_key(tmp_path, capsys, value):
+    """A NaN / inf in a factor ended in torch's LinAlgError traceback."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import lorakit
+
+    model = lorakit.inject(tiny_models.llama(), lorakit.LoraConfig(target_modules=["q_proj"]))
+    tiny_models.randomize_adapters(model)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(path)
+    key = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"
+    tensors[key][0, 0] = value
+    save_file(tensors, str(path), metadata=metadata)
+    assert main(["analyze", str(tmp_path / "adapter")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lorakit: error: ") and err.count("\n") == 1, err
+    assert key in err and "NaN or inf" in err, err
+
+
+@pytest.mark.parametrize("where", ["base", "tuned"])
+def test_analyze_and_extract_refuse_non_finite_weights_naming_the_layer(
+    model_dirs, tmp_path, capsys, where
+):
+    """A NaN in a model's weight ended in torch's LinAlgError traceback."""
+    _, _, base, tuned = model_dirs
+    base, tuned = copy.deepcopy(base), copy.deepcopy(tuned)
+    broken = base if where == "base" else tuned
+    with torch.no_grad():
+        broken.model.layers[1].mlp.down_proj.weight[3, 3] = float("nan")
+    base.save_pretrained(tmp_path / "base")
+    tuned.save_pretrained(tmp_path / "tuned")
+    capsys.readouterr()
+    models = ["--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "tuned")]
+    for argv in (
+        ["analyze", *models],
+        ["extract", *models, "--output", str(tmp_path / "adapter"), "--rank", "4"],
+        ["extract", *models, "--output", str(tmp_path / "adapter"), "--energy", "0.9"],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("lorakit: error: ") and err.count("\n") == 1, err
+        assert "model.layers.1.mlp.down_proj" in err and "NaN or inf" in err, err
+        assert ("fine-tuned" if where == "tuned" else "base") in err, err
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_extract_says_why_a_tied_head_is_left_out(tmp_path, capsys):
+    base = tiny_models.gpt2()
+    fine_tuned(base, noise=0, ranks={"wte": 3, "c_attn": 2}).save_pretrained(tmp_path / "tuned")
+    base.save_pretrained(tmp_path / "base")
+    capsys.readouterr()
+    argv = ["extract", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "tuned")]
+    assert main([*argv, "--output", str(tmp_path / "a"), "--rank", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "lm_head" not in out.split("\n\n")[0]  # no row of the table
+    assert "left out (a LoRA on a tied weight" in out
+    assert "lm_head.weight (tied to transformer.wte.weight)" in out
+    assert main([*argv, "--output", str(tmp_path / "b"), "--rank", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [layer["name"].rsplit(".", 1)[-1] for layer in report["layers"]] == ["c_attn"] * 2
+    note = report["uncaptured_changes"]["lm_head.weight"]["note"]
+    assert note == "tied to transformer.wte.weight"

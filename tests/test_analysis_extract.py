@@ -103,3 +103,34 @@ def test_extraction_reports_what_lora_cannot_capture_and_refuses_bad_arguments()
         extract_lora(base, tuned)
     with pytest.raises(ValueError, match="no linear layer differs"):
         extract_lora(base, copy.deepcopy(base), rank=2)
+
+
+def test_a_tied_head_is_left_out_and_named_so_merged_and_unmerged_agree(tmp_path):
+    import warnings
+
+    from peft import PeftModel
+
+    from lorakit.io import save_adapter
+
+    base = tiny_models.gpt2()  # lm_head.weight IS transformer.wte.weight
+    tuned = fine_tuned(base, noise=0, ranks={"wte": 3, "c_attn": 2})
+    assert tuned.lm_head.weight is tuned.transformer.wte.weight
+    extraction = extract_lora(base, tuned, rank=3)
+    assert "lm_head" not in [layer.name for layer in extraction.layers]
+    assert extraction.config.target_modules == ["c_attn"]
+    head = extraction.uncaptured["lm_head.weight"]
+    assert head["note"] == "tied to transformer.wte.weight"
+    wte = extraction.uncaptured["transformer.wte.weight"]
+    assert head["change"] == pytest.approx(wte["change"]) and wte["change"] > 0.4
+    assert extraction.relative_error < 1e-6  # c_attn's rank-2 updates, exactly
+    save_adapter(apply_extraction(copy.deepcopy(base), extraction), tmp_path / "adapter")
+    ids = tiny_models.input_ids()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        adapted = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "adapter"))
+        unmerged = adapted(ids).logits
+        merged_model = adapted.merge_and_unload()
+        merged = merged_model(ids).logits
+    assert torch.equal(merged_model.transformer.wte.weight, base.transformer.wte.weight)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+    assert "note" not in wte

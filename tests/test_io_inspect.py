@@ -192,3 +192,68 @@ def test_a_named_adapter_is_read_from_its_subdirectory(tmp_path) -> None:
     assert summarize_adapter(tmp_path)["ranks"] == {"2": 2}
     other = summarize_adapter(tmp_path, "other")
     assert other["ranks"] == {"8": 2} and other["target_modules"] == ["v_proj"]
+
+
+def _peft_truth(model) -> dict:
+    """Ranks, alphas, scalings, adapted base parameters and LoRA parameters of a peft model."""
+    from collections import Counter
+
+    ranks, alphas, scalings, base = Counter(), Counter(), Counter(), 0
+    for _, module in model.named_modules():
+        if not isinstance(getattr(module, "r", None), dict) or "default" not in module.r:
+            continue
+        layer = module.get_base_layer()
+        name = getattr(module, "parameter_name", None)
+        weight = getattr(layer, name) if name else layer.weight
+        base += weight.numel()
+        ranks[str(module.r["default"])] += 1
+        alphas[f"{module.lora_alpha['default']:g}"] += 1
+        scalings[f"{round(module.scaling['default'], 6):g}"] += 1
+    lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    return {
+        "ranks": dict(sorted(ranks.items())),
+        "alphas": dict(sorted(alphas.items())),
+        "scalings": dict(sorted(scalings.items())),
+        "adapted_base_parameters": base,
+        "lora_parameters": lora,
+        "compression_ratio": base / lora,
+    }
+
+
+@pytest.mark.parametrize(
+    "parameters, rank_pattern, alpha_pattern",
+    [
+        (["mlp.experts.down_proj"], {"down_proj": 8}, {}),
+        (["mlp.experts.down_proj"], {"down_proj": 6}, {}),
+        (["mlp.experts.down_proj"], {"down_proj": 8}, {"down_proj": 3}),
+        (  # two parameters of one module (nested layers), each with its own rank and alpha
+            ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+            {"gate_up_proj": 8, "down_proj": 6},
+            {"gate_up_proj": 2},
+        ),
+    ],
+)
+def test_expert_parameters_with_rank_and_alpha_patterns_match_peft(
+    tmp_path, parameters, rank_pattern, alpha_pattern
+) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(
+            tiny_models.mixtral(),
+            peft.LoraConfig(
+                r=4,
+                lora_alpha=8,
+                target_modules=["q_proj"],
+                target_parameters=parameters,
+                rank_pattern=rank_pattern,
+                alpha_pattern=alpha_pattern,
+            ),
+        )
+        theirs.save_pretrained(tmp_path)
+    truth = _peft_truth(theirs)
+    summary = summarize_adapter(tmp_path)
+    ratio = truth.pop("compression_ratio")
+    assert {key: summary[key] for key in truth} == truth
+    assert summary["compression_ratio"] == pytest.approx(ratio)
+    assert summary["adapted_modules"] == 2  # the q_proj of both blocks
+    assert summary["adapted_parameters"] == 2 * len(parameters)

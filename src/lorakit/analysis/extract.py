@@ -11,6 +11,11 @@ the best rank-r approximation (Eckart–Young). Its relative error is
 The rank is fixed, or chosen per layer as the smallest keeping a share of the energy (then the
 config carries ``rank_pattern``). Everything else the fine-tune changed (biases, norms,
 embeddings, a new head) is not captured by LoRA and is listed in ``Extraction.uncaptured``.
+
+A linear layer whose weight is shared with another parameter (a head tied to the input
+embedding, GPT-2's ``lm_head``) gets no LoRA: merging ``s B A`` into it would change the
+embedding too, so the merged model would differ from the unmerged one. It is listed in
+``uncaptured`` with ``"note": "tied to <other parameter>"``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 from torch import nn
 
 from lorakit import functional
-from lorakit.analysis.spectrum import energy_rank, linear_weights
+from lorakit.analysis.spectrum import energy_rank, linear_weights, refuse_non_finite
 from lorakit.config import LoraConfig
 
 __all__ = ["ExtractedLayer", "Extraction", "apply_extraction", "extract_lora", "truncated_factors"]
@@ -87,6 +92,27 @@ class Extraction:
         }
 
 
+def _tied_linears(*models: nn.Module) -> dict[str, str]:
+    """``{linear module name: the other parameter its weight is}`` for every linear layer of
+    ``models`` whose weight tensor another parameter shares (tied weights)."""
+    from lorakit.layers.linear import is_conv1d
+
+    tied: dict[str, str] = {}
+    for model in models:
+        names: dict[int, list[str]] = {}
+        for name, parameter in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(parameter), []).append(name)
+        for module_name, module in model.named_modules():
+            if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+                continue
+            weight = module.weight
+            path = f"{module_name}.weight" if module_name else "weight"
+            shared = [n for n in names.get(id(weight), []) if n != path]
+            if shared and module_name not in tied:
+                tied[module_name] = shared[0]
+    return tied
+
+
 def _changed_linear_updates(
     base: nn.Module, finetuned: nn.Module, dtype: torch.dtype, exclude: set[str]
 ) -> dict[str, torch.Tensor]:
@@ -96,19 +122,23 @@ def _changed_linear_updates(
         if name in exclude:
             continue
         if name in tuned and tuned[name].shape == weight.shape:
+            refuse_non_finite(name, weight, tuned[name])  # (its SVD would fail)
             delta = tuned[name].detach().to(dtype) - weight.detach().to(dtype)
             if torch.any(delta):
                 deltas[name] = delta
     return deltas
 
 
-def _uncaptured_changes(base: nn.Module, finetuned: nn.Module, captured: set[str]) -> dict:
+def _uncaptured_changes(
+    base: nn.Module, finetuned: nn.Module, captured: set[str], tied: dict[str, str]
+) -> dict:
     """``{"change": ||p_ft - p0||, "relative": change / ||p0|| (None if p0 = 0)}`` of every other
     parameter the fine-tune moved (biases, norms, embeddings, heads); one of another shape (a
-    new head with other labels) has change None and both shapes."""
-    tuned = dict(finetuned.named_parameters())
+    new head with other labels) has change None and both shapes. The weight of a linear layer
+    in ``tied`` (``{module: the parameter its weight is}``) has ``"note": "tied to <other>"``."""
+    tuned = dict(finetuned.named_parameters(remove_duplicate=False))
     changes = {}
-    for name, parameter in base.named_parameters():
+    for name, parameter in base.named_parameters(remove_duplicate=False):
         module_name = name.rsplit(".", 1)[0]
         if name.endswith(".weight") and module_name in captured:
             continue
@@ -124,6 +154,8 @@ def _uncaptured_changes(base: nn.Module, finetuned: nn.Module, captured: set[str
         norm = float(parameter.detach().double().norm())
         change = float((other.detach().double() - parameter.detach().double()).norm())
         changes[name] = {"change": change, "relative": change / norm if norm > 0 else None}
+        if name.endswith(".weight") and module_name in tied:
+            changes[name]["note"] = f"tied to {tied[module_name]}"
     return changes
 
 
@@ -153,13 +185,15 @@ def extract_lora(
     the smallest r keeping that share of ``||ΔW||_F^2``, capped at ``max_rank``). ``lora_alpha``
     defaults to the config's r; each layer's scale s comes from ``functional.scaling``.
     ``exclude``: module names left out (e.g. a new classification head, better saved in full);
-    their changes are then listed in ``uncaptured``.
+    their changes are then listed in ``uncaptured``, as are those of linear layers whose weight
+    is tied to another parameter (never given a LoRA, noted "tied to <other>").
     """
     if (rank is None) == (energy is None):
         raise ValueError("give exactly one of rank (an integer) or energy (a share in (0, 1])")
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank}")
-    deltas = _changed_linear_updates(base, finetuned, torch.float64, set(exclude))
+    tied = _tied_linears(base, finetuned)
+    deltas = _changed_linear_updates(base, finetuned, torch.float64, set(exclude) | set(tied))
     if not deltas:
         raise ValueError("no linear layer differs between the base and the fine-tuned model")
     ranks = {}
@@ -184,7 +218,7 @@ def extract_lora(
         size = functional.lora_parameter_count(delta.shape[0], delta.shape[1], r)
         layers.append(ExtractedLayer(name, tuple(delta.shape), r, error, size))
     dense = sum(d.numel() for d in deltas.values())
-    uncaptured = _uncaptured_changes(base, finetuned, set(deltas))
+    uncaptured = _uncaptured_changes(base, finetuned, set(deltas), tied)
     return Extraction(config, factors, layers, dense, uncaptured)
 
 

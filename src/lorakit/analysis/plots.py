@@ -29,13 +29,21 @@ def _pyplot():
 
 
 def save_figure(figure, path: str | os.PathLike[str]) -> Path:
-    """Write ``figure`` as PNG atomically (temporary file in the target folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight")
-    os.replace(temporary, path)
-    _pyplot().close(figure)
+    """Write ``figure`` as PNG atomically and close it (``lorakit.io.atomic.write_with``: a
+    temporary file of its own in the target folder, fsynced, then renamed; runs writing into
+    one folder at once never see each other's partial files). The figure is closed, and no
+    temporary file is left, even when writing fails."""
+    from lorakit.io.atomic import write_with
+
+    try:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_with(
+            path,
+            lambda temporary: figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight"),
+        )
+    finally:
+        _pyplot().close(figure)
     return path
 
 

@@ -77,7 +77,11 @@ def rank_advice(spectra: Sequence[Spectrum], share: float = 0.9) -> list[RankAdv
 def spectra_report(
     spectra: Sequence[Spectrum], shares: Sequence[float] = (0.9, 0.99), max_values: int = 64
 ) -> dict:
-    """JSON-ready report: one entry per layer, plus rank advice per module type per share."""
+    """JSON-ready report: one entry per layer, plus rank advice per module type per share.
+
+    Each layer lists its first ``max_values`` singular values (all with None), with
+    ``singular_value_count`` and ``singular_values_truncated`` saying whether that is all of
+    them; the ranks and norms are computed from all."""
     return {
         "layers": [s.to_dict(max_values=max_values) for s in spectra],
         "advice": {

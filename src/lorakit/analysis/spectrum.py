@@ -35,6 +35,7 @@ __all__ = [
     "energy_rank",
     "entropy_rank",
     "low_rank_svd",
+    "refuse_non_finite",
     "singular_values",
     "spectrum_of_factors",
     "spectrum_of_matrix",
@@ -141,7 +142,9 @@ class Spectrum:
         return 1.0 if total == 0.0 else float(energy[:rank].sum()) / total
 
     def to_dict(self, max_values: int | None = None) -> dict:
-        """JSON-ready summary; ``max_values`` caps how many singular values are listed."""
+        """JSON-ready summary; ``max_values`` caps how many singular values are listed (the
+        first, largest ones); ``singular_value_count`` says how many there are and
+        ``singular_values_truncated`` whether the list stops short of them."""
         values = self.singular_values[:max_values] if max_values else self.singular_values
         return {
             "name": self.name,
@@ -156,6 +159,8 @@ class Spectrum:
             "entropy_rank": entropy_rank(self.singular_values),
             "stable_rank": stable_rank(self.singular_values),
             "singular_values": [float(v) for v in values],
+            "singular_value_count": len(self.singular_values),
+            "singular_values_truncated": len(values) < len(self.singular_values),
         }
 
 
@@ -233,15 +238,18 @@ def tensor_factors(
         if "lora_B" not in keys:
             raise KeyError(f"{keys['lora_A']} has no lora_B beside it")
         lora_A, lora_B = tensors[keys["lora_A"]], tensors[keys["lora_B"]]
-        _check_pair(keys["lora_A"], lora_A, lora_B)
+        _check_pair(keys["lora_A"], lora_A, lora_B, keys["lora_B"])
         rank = lora_A.shape[0]
         scale = functional.scaling(rank, config.alpha_for(name), config.use_rslora)
         yield name, lora_A, lora_B, scale
 
 
-def _check_pair(key_A: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+def _check_pair(
+    key_A: str, lora_A: torch.Tensor, lora_B: torch.Tensor, key_B: str | None = None
+) -> None:
     """``AdapterFileError`` naming the factor unless A (r, k) and B (d, r) are non-empty
-    floating-point matrices sharing r (what a damaged or hand-made file may not hold)."""
+    floating-point matrices sharing r, with finite values only (what a damaged or hand-made
+    file, or a diverged training run, may not hold)."""
     from lorakit.errors import AdapterFileError
 
     shapes = f"A {list(lora_A.shape)} {lora_A.dtype}, B {list(lora_B.shape)} {lora_B.dtype}"
@@ -252,6 +260,28 @@ def _check_pair(key_A: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         )
     if not (lora_A.is_floating_point() and lora_B.is_floating_point()):
         raise AdapterFileError(f"{key_A}: its factors are not floating point ({shapes})")
+    for key, factor in ((key_A, lora_A), (key_B or f"the lora_B beside {key_A}", lora_B)):
+        bad = int((~torch.isfinite(factor)).sum())
+        if bad:
+            raise AdapterFileError(
+                f"{key} holds {bad} NaN or inf value(s) of {factor.numel()}: the update has no "
+                "spectrum (did the training diverge?); re-train or re-save the adapter."
+            )
+
+
+def refuse_non_finite(name: str, base: torch.Tensor, finetuned: torch.Tensor) -> None:
+    """``ValueError`` naming layer ``name`` and the model(s) whose weight holds NaN or inf (its
+    ΔW has no SVD)."""
+    broken = [
+        f"{count} in the {which} model"
+        for which, weight in (("base", base), ("fine-tuned", finetuned))
+        if (count := int((~torch.isfinite(weight.detach())).sum()))
+    ]
+    if broken:
+        raise ValueError(
+            f"layer {name!r}: its weight holds NaN or inf values ({', '.join(broken)}), so "
+            "W_ft - W0 has no spectrum; check that model's checkpoint (did the training diverge?)"
+        )
 
 
 def _per_expert_error(what: str) -> UserError:
@@ -304,7 +334,8 @@ def update_spectra(
     """Spectra of ``ΔW = W_ft - W0`` for every linear layer present in both models.
 
     Layers whose weights are identical (untouched by fine-tuning) are skipped; ``names``
-    restricts the analysis to those modules.
+    restricts the analysis to those modules. ``ValueError`` naming the layer for one of another
+    shape or holding NaN / inf.
     """
     tuned = dict(linear_weights(finetuned))
     wanted = None if names is None else set(names)
@@ -317,6 +348,7 @@ def update_spectra(
                 f"layer {name!r} has shape {tuple(weight.shape)} in the base but "
                 f"{tuple(tuned[name].shape)} in the fine-tuned model; they are not the same model"
             )
+        refuse_non_finite(name, weight, tuned[name])
         delta = tuned[name].detach().to(dtype) - weight.detach().to(dtype)
         if not torch.any(delta):
             continue

@@ -25,7 +25,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--base", help="base model directory (with --finetuned)")
     parser.add_argument("--finetuned", help="fully fine-tuned model directory (with --base)")
     parser.add_argument("--task", choices=["causal-lm", "seq-cls"], help="model class to load")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the report as JSON; it lists each layer's first 64 singular values "
+        "(singular_value_count and singular_values_truncated say how many there are; the ranks "
+        "and norms use all)",
+    )
     parser.add_argument("--plots", metavar="DIR", help="write spectra.png and ranks.png here")
     parser.add_argument(
         "--energy", type=float, default=0.9, help="energy share for the rank advice (0.9)"

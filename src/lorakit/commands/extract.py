@@ -69,6 +69,12 @@ def _print_report(extraction) -> None:
             f"not captured by LoRA (changed outside linear weights): {names}"
             + (f" and {more} more" if more > 0 else "")
         )
+    tied = {n: c["note"] for n, c in extraction.uncaptured.items() if "note" in c}
+    if tied:
+        print(
+            "left out (a LoRA on a tied weight would change what it is tied to when merged): "
+            + ", ".join(f"{name} ({note})" for name, note in tied.items())
+        )
 
 
 def _is_causal_lm(model) -> bool:

@@ -4,11 +4,18 @@ safetensors HEADER only (no tensor is read, so it is instant for any file size).
 Compression ratio: over the adapted matrices, ``sum d*k / sum r*(d+k)`` (the base parameters
 the adapter changes, per trainable LoRA parameter; ``functional.lora_parameter_count``). A LoRA
 layer on a bare parameter (``target_parameters``; its path, less any ``.base_layer``, ends in
-the module part of an entry) counts as E matrices of rank r, E = (rows of A) / r.
+the module part of an entry) counts as E matrices of rank r, E = (rows of A) / r, where r and
+alpha are those of the PARAMETER's path (``rank_pattern`` / ``alpha_pattern`` keys such as
+``"down_proj"`` name the parameter, as ``load_adapter`` reads them). Several targeted parameters
+of one module nest (``lorakit.parameter_targets``: the first in the module's order innermost,
+``.base_layer`` deeper); the header does not say that order, so the parameters are matched to
+the nested layers in the one order whose ranks fit the factors' rows with a common E (in
+``target_parameters`` order where several fit).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -84,6 +91,53 @@ def _on_parameter(config, module: str) -> bool:
     return any(owner == p or owner.endswith("." + p) for p in parts if p)
 
 
+def _parameter_paths(
+    config, modules: list[str], factors: dict[str, dict[str, TensorInfo]], path: Path
+) -> dict[str, str]:
+    """``{LoRA layer path: parameter path}`` for the layers of ``modules`` on bare parameters
+    (the ``FileTensor.parameter`` of ``lorakit.io.keys.adapter_file_tensors``)."""
+    by_owner: dict[str, list[str]] = {}
+    for module in modules:
+        if _on_parameter(config, module):
+            by_owner.setdefault(module.replace(".base_layer", ""), []).append(module)
+    paths: dict[str, str] = {}
+    for owner, layers in by_owner.items():
+        layers.sort(key=lambda m: -m.count(".base_layer"))  # innermost (deepest) first
+        names = []
+        for entry in config.target_parameters or []:
+            part, _, name = entry.rpartition(".")
+            if (owner == part or owner.endswith("." + part)) and name not in names:
+                names.append(name)
+        rows = [factors[layer]["lora_A"].shape[0] for layer in layers]
+        fitting = [
+            order
+            for order in itertools.permutations(names, len(layers))
+            if _common_experts(config, owner, order, rows)
+        ]
+        if not fitting:
+            raise AdapterFileError(
+                f"{path}: the LoRA factors of {owner!r} ({len(layers)} layer(s) of "
+                f"{rows} rows) fit none of the parameters {names} that target_parameters names "
+                "there at the rank r / rank_pattern gives (E experts x r rows each); the config "
+                "and the weights disagree, fix adapter_config.json or re-save the adapter."
+            )
+        paths.update(
+            {layer: f"{owner}.{name}" for layer, name in zip(layers, fitting[0], strict=True)}
+        )
+    return paths
+
+
+def _common_experts(config, owner: str, names: tuple[str, ...], rows: list[int]) -> bool:
+    """Whether the layers' A rows are E * (rank of each parameter) for one E >= 1."""
+    experts = set()
+    for name, count in zip(names, rows, strict=True):
+        rank = config.rank_for(f"{owner}.{name}")
+        if count % rank:
+            return False
+        experts.add(count // rank)
+    return len(experts) == 1
+
+
 def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> dict[str, Any]:
     """A JSON-ready summary of the adapter in ``directory`` (see the module docstring); an
     ``adapter_name`` other than "default" is read from ``directory/<name>``, where PEFT saves
@@ -96,11 +150,17 @@ def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> d
     factors = _factor_infos(header.tensors)
     ranks, alphas, scalings = Counter(), Counter(), Counter()
     base_parameters = lora_parameters = adapted_parameters = 0
-    for module, infos in sorted(factors.items()):
-        rank, in_features, out_features = _checked_factors(weights, module, infos)
+    checked = {
+        module: _checked_factors(weights, module, infos) for module, infos in factors.items()
+    }
+    parameters = _parameter_paths(config, sorted(factors), factors, weights)
+    for module in sorted(factors):
+        rank, in_features, out_features = checked[module]
         alpha, matrices = config.alpha_for(module), 1
-        if _on_parameter(config, module) and rank % config.r == 0:  # E experts of rank r
-            rank, matrices, adapted_parameters = config.r, rank // config.r, adapted_parameters + 1
+        if module in parameters:  # E experts of the parameter's rank
+            parameter = parameters[module]
+            rows, rank, alpha = rank, config.rank_for(parameter), config.alpha_for(parameter)
+            matrices, adapted_parameters = rows // rank, adapted_parameters + 1
         ranks[rank] += 1
         alphas[alpha] += 1
         scalings[round(functional.scaling(rank, alpha, config.use_rslora), 6)] += 1
