@@ -7,6 +7,7 @@ PEFT-compatible front door and ``lorakit inspect``.
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -287,3 +288,24 @@ def test_set_active_freezes_the_bias_of_an_inactive_adapter():
     layer = model.get_submodule("model.layers.0.self_attn.q_proj")
     assert not layer.lora_bias_of("default").requires_grad
     assert layer.lora_bias_of("other").requires_grad
+
+
+@pytest.mark.parametrize("init", [True, False])
+def test_same_seed_gives_peft_factors_and_bias(init):
+    """PEFT's ``nn.Linear(r, d, bias=True)`` draws B's bias right after B's weight, before
+    ``init_lora_weights=True`` redraws A: the same seed must give the same A, B and bias."""
+    fields = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_bias=True)
+    original = _llama_with_biases()
+    torch.manual_seed(11)
+    ours = lorakit.inject(
+        copy.deepcopy(original), lorakit.LoraConfig(**fields, init_lora_weights=init)
+    )
+    torch.manual_seed(11)
+    theirs = peft.get_peft_model(
+        copy.deepcopy(original), peft.LoraConfig(**fields, init_lora_weights=init)
+    )
+    reference = {k.removeprefix("base_model.model."): v for k, v in theirs.state_dict().items()}
+    lora = {k: v for k, v in ours.state_dict().items() if ".lora_" in k}
+    assert any(k.endswith("lora_B.default.bias") for k in lora)
+    for key, value in lora.items():
+        assert torch.equal(value, reference[key]), key

@@ -84,3 +84,62 @@ def test_lora_bias_on_a_layer_without_it_is_refused_and_changes_nothing(target):
     assert state_of(model) is None
     assert {name: type(module) for name, module in model.named_modules()} == before
     assert all(p.requires_grad for p in model.parameters() if p.is_floating_point())
+
+
+def test_merged_adapter_keeps_the_embed_scale_when_switched_off_like_peft():
+    """Merged, then ``disable_adapter()`` / another adapter for one call: the base lookup runs
+    the subclass's forward (its ``embed_scale``) on the original weight, as peft does."""
+    ours = lorakit.get_peft_model(Embedded(), lorakit.LoraConfig(**FIELDS))
+    ours.add_adapter("other", lorakit.LoraConfig(**FIELDS))
+    tiny_models.randomize_adapters(ours.model, std=0.3)
+    theirs = peft.get_peft_model(Embedded(), peft.LoraConfig(**FIELDS))
+    theirs.add_adapter("other", peft.LoraConfig(**FIELDS))
+    theirs.load_state_dict(
+        {"base_model.model." + k: v for k, v in ours.model.state_dict().items() if "lora_" in k},
+        strict=False,
+    )
+    base = Embedded()(IDS)
+    with torch.no_grad():
+        with lorakit.use_adapters(ours.model, ["other"]):
+            other = ours(IDS)
+        ours.merge_adapter()
+        theirs.merge_adapter()
+        with ours.disable_adapter():
+            disabled = ours(IDS)
+        with theirs.disable_adapter():
+            torch.testing.assert_close(disabled, theirs(IDS), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(disabled, base, rtol=1e-6, atol=1e-6)
+        with lorakit.use_adapters(ours.model, ["other"]):
+            torch.testing.assert_close(ours(IDS), other, rtol=1e-5, atol=1e-5)
+        theirs.unmerge_adapter()
+        theirs.set_adapter("other")
+        torch.testing.assert_close(other, theirs(IDS), rtol=1e-5, atol=1e-5)
+
+
+class Doubled(nn.Linear):
+    """A linear subclass whose forward is not ``F.linear`` alone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def test_merged_adapter_on_a_linear_subclass_or_hooked_linear_runs_its_forward():
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    fields = dict(r=2, lora_alpha=4, target_modules=["lin"], init_lora_weights=False)
+    for hooked in (False, True):
+        model = Embedded()
+        if hooked:
+            model.lin.register_forward_hook(lambda module, args, out: out + 1.0)
+        else:
+            model.lin.__class__ = Doubled
+        expected = model.lin(x)
+        ours = lorakit.inject(model, lorakit.LoraConfig(**fields))
+        tiny_models.randomize_adapters(ours, std=0.3)
+        with torch.no_grad():
+            adapted = ours.lin(x)
+            lorakit.merge(ours)
+            with lorakit.disabled(ours):
+                torch.testing.assert_close(ours.lin(x), expected)
+            if hooked:  # (a subclass that doubles its output doubles the merged delta too)
+                torch.testing.assert_close(ours.lin(x), adapted, rtol=1e-5, atol=1e-5)

@@ -104,14 +104,20 @@ def _check_kinds(config: LoraConfig) -> None:
 
 def _check_init(config: LoraConfig) -> None:
     """init_lora_weights, and what it cannot go with (DoRA; a bias on B)."""
-    _check(
-        any(
-            config.init_lora_weights is mode or config.init_lora_weights == mode
-            for mode in INIT_MODES
+    init = config.init_lora_weights
+    if not isinstance(init, (bool, str)) and isinstance(init, (int, float)):
+        raise ValueError(
+            f"LoraConfig.init_lora_weights={init!r} is invalid: expected the bool True or False "
+            f"(not the number {init!r}: PEFT takes 0 as False and fails on 1 with an "
+            'AttributeError), "gaussian", "pissa", "pissa_niter_K" (K an integer), "olora", '
+            '"loftq" or "eva".'
         )
-        or changes_base(config.init_lora_weights),
+    _check(
+        isinstance(init, bool)
+        or (isinstance(init, str) and init in INIT_MODES)
+        or changes_base(init),
         "init_lora_weights",
-        config.init_lora_weights,
+        init,
         'True, False, "gaussian", "pissa", "pissa_niter_K" (K an integer), "olora", "loftq" '
         'or "eva"',
     )
@@ -130,6 +136,13 @@ def _check_init(config: LoraConfig) -> None:
 
 def _check_layer_replication(config: LoraConfig) -> None:
     ranges = config.layer_replication  # (pairs made lists by __post_init__)
+    if ranges is not None and changes_base(config.init_lora_weights):
+        raise ValueError(
+            f"LoraConfig.layer_replication={ranges!r} cannot be used with "
+            f"init_lora_weights={config.init_lora_weights!r}: the copies of a layer share its "
+            "base weights, which this init rewrites in place once per copy (the output would "
+            "change). Inject with init_lora_weights=True (or without layer_replication)."
+        )
     _check(
         ranges is None
         or (

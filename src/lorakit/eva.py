@@ -9,22 +9,30 @@ batches and, per adapted ``nn.Linear`` / ``Conv1D`` layer with inputs X (n token
     C = V diag(lam) V^T,  lam descending;   explained ratio_i = lam_i / sum(lam)
 
 Token positions count when ``attention_mask`` is 1 and (``use_label_mask``) ``labels`` is not
-``label_mask_value``. Batches are read until every needed component's cosine similarity with
-its value one batch earlier is >= ``tau`` (or the loader ends). Ranks: the budget is the sum of
-the layers' ranks; each layer offers its first ``round(r * rho)`` ratios, and the budget's worth
-of largest ratios over all layers decide how many each layer gets. Layer with rank r' > 0:
+``label_mask_value``. The statistics are the base model's: every adapter is off while they are
+taken (``lorakit.disabled``, as PEFT runs under ``disable_adapter``). Ranks: the budget is the
+sum of the layers' ranks; each layer offers its first ``round(r * rho)`` ratios, and the
+budget's worth of largest ratios over all layers decide how many each layer gets. Convergence,
+as PEFT judges it: after each batch a layer input compares its leading components with their
+values one batch earlier (|cosine| >= ``tau``); before the next batch, an input whose
+components needed by the current rank distribution all passed stops collecting (its statistics
+are frozen), and one that no longer passes (the distribution moved) collects again; reading
+stops once every input is frozen, or when the loader ends. Layer with rank r' > 0:
 ``A = V[:, :r']^T`` (r' x k; ``whiten``: row i divided by ``((n - 1) lam_i) ** (1/4)``, the
 square root of the i-th singular value of the centred X), B = 0, and with
-``adjust_scaling_factors`` ``alpha' = alpha r' / r``; r' = 0: the layer loses the adapter. The
+``adjust_scaling_factors`` ``alpha' = alpha r' / r``; r' = 0: the layer loses the adapter. A
+DoRA adapter stays DoRA (its magnitude ``||W0 + s B A|| = ||W0||`` per row, as PEFT's). The
 config's ``target_modules``, ``rank_pattern`` and ``alpha_pattern`` then name what was chosen,
-as PEFT writes them. PEFT computes the same principal directions by incremental PCA (randomised
-SVD); lorakit's are exact, so directions agree to PEFT's approximation, not bit for bit. One
-difference is deliberate: lorakit reads the loader once, where PEFT cycles it until every layer
-has converged, counting repeated batches again. lorakit's statistics are those of the data
-given; PEFT's weigh the repeated batches twice, so with ``whiten`` its row scales (singular
-values of the repeated inputs, measured 1.35x larger on a small loader) and, with ``rho > 1``,
-the ranks it redistributes can differ from lorakit's. With a loader long enough to converge
-before it ends, the two read the same batches.
+as PEFT writes them: every layer of the adapter whose rank or alpha differs from ``r`` /
+``lora_alpha``, those EVA does not re-initialise (embeddings) included. PEFT computes the
+principal directions by incremental PCA (randomised SVD); lorakit's are exact, so directions
+agree to PEFT's approximation, not bit for bit, and a component near the ``tau`` threshold can
+be judged converged a batch earlier or later. One difference is deliberate: lorakit reads the
+loader once, where PEFT cycles it until every layer has converged, counting repeated batches
+again. With a loader long enough for every layer to converge before it ends, the two read the
+same batches per layer (up to that threshold effect); with a shorter one PEFT's statistics
+weigh repeated batches twice, so with ``whiten`` its row scales and, with ``rho > 1``, the
+ranks it redistributes can differ from lorakit's.
 
 Memory: one k x k float64 matrix per distinct layer input (layers reading the same tensor, e.g.
 q/k/v, share one).
@@ -39,7 +47,7 @@ from torch import nn
 
 from lorakit.init_methods import EvaConfig
 from lorakit.layers import LoraLinear
-from lorakit.state import adapter_configs, lora_layers, state_of
+from lorakit.state import adapter_configs, disabled, lora_layers, state_of
 
 __all__ = ["explained_variance", "initialize_lora_eva_weights", "redistribute_ranks"]
 
@@ -106,18 +114,23 @@ def _default_forward(model: nn.Module, batch: object) -> None:
 
 
 def _collect(model, layers, loader, config, ranks, forward_fn):
-    """Run batches through ``model`` and return ``{layer: (components, eigenvalues, n)}``."""
+    """Run batches through ``model`` and return ``{layer: (components, eigenvalues, n)}``.
+
+    As PEFT does, a layer input whose needed components converged stops collecting (its
+    statistics are frozen) and starts again if a later rank distribution needs more of its
+    components than have converged; reading stops once every input is frozen."""
     moments: dict[str, _InputMoments] = {}
     leader: dict[str, str] = {}  # layer -> the layer whose input it shares
     seen: dict[int, tuple[torch.Tensor, str]] = {}
     current: dict[str, object] = {}
+    frozen: set[str] = set()  # leaders whose statistics no longer change
 
     def hook_for(name):
         def hook(module, args):
             x = args[0]
             if name not in leader:  # first batch: layers fed the very same tensor share stats
                 leader[name] = seen.setdefault(id(x), (x, name))[1]  # x kept: its id stays unique
-            if leader[name] == name:
+            if leader[name] == name and name not in frozen:
                 moments.setdefault(name, _InputMoments()).add(
                     _token_rows(x, current["batch"], config)
                 )
@@ -125,28 +138,43 @@ def _collect(model, layers, loader, config, ranks, forward_fn):
         return hook
 
     handles = [layers[name].register_forward_pre_hook(hook_for(name)) for name in layers]
-    previous: dict[str, torch.Tensor] = {}
+    results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    similar: dict[str, torch.Tensor] = {}  # leader -> per component: |cos| with before >= tau
+    offered = {name: round(ranks[name] * config.rho) for name in layers}
+    needed: dict[str, int] = {}  # leader -> components the current rank distribution needs
     try:
         for batch in loader:
+            for name in needed:  # PEFT's check before each batch, with the last distribution
+                count = needed[name]
+                done = count == 0 or (name in similar and bool(similar[name][:count].all()))
+                (frozen.add if done else frozen.discard)(name)
+            if needed and frozen >= needed.keys():
+                break
             current["batch"] = batch
             seen.clear()
             forward_fn(model, batch)
-            results = {name: explained_variance(m) for name, m in moments.items()}
-            wanted = {name: round(ranks[name] * config.rho) for name in results}
-            converged = previous and all(
-                bool(
-                    (
+            for name, m in moments.items():
+                if name in frozen:
+                    continue
+                components, values = explained_variance(m)
+                if name in results:
+                    wanted = max(offered[n] for n in layers if leader.get(n) == name)
+                    similar[name] = (
                         torch.cosine_similarity(
-                            results[n][0][: wanted[n]], previous[n][: wanted[n]]
+                            components[:wanted], results[name][0][:wanted]
                         ).abs()
                         >= config.tau
-                    ).all()
-                )
-                for n in results
-            )
-            previous = {name: value[0] for name, value in results.items()}
-            if converged:
-                break
+                    )
+                results[name] = (components, values)
+            if any(n not in leader for n in layers):
+                continue  # (a layer the forward did not reach)
+            ratios = {
+                name: (v := results[leader[name]][1]) / v.sum().clamp_min(1e-30) for name in layers
+            }
+            distribution = redistribute_ranks(ratios, ranks, config.rho)
+            needed = {name: 0 for name in moments}
+            for name, count in distribution.items():  # an input as many as its layers need
+                needed[leader[name]] = max(needed[leader[name]], count)
     finally:
         for handle in handles:
             handle.remove()
@@ -185,7 +213,8 @@ def initialize_lora_eva_weights(
     training = model.training
     model.eval()
     try:
-        stats = _collect(model, layers, dataloader, eva, ranks, forward_fn or _default_forward)
+        with disabled(model):  # the base model's inputs, as PEFT's disable_adapter()
+            stats = _collect(model, layers, dataloader, eva, ranks, forward_fn or _default_forward)
     finally:
         model.train(training)
     ratios = {
@@ -198,11 +227,14 @@ def initialize_lora_eva_weights(
 
 def _apply(model, config, adapter_name, layers, stats, new_ranks, eva) -> None:
     """Give each layer its EVA factors (or remove its adapter at rank 0) and record the
-    chosen modules, ranks and alphas in the adapter's config."""
+    chosen modules, ranks and alphas in the adapter's config: every LoRA layer of the adapter
+    whose rank or alpha differs from ``r`` / ``lora_alpha`` is named in ``rank_pattern`` /
+    ``alpha_pattern`` (those EVA skips too, e.g. embeddings), as PEFT's
+    ``_load_eva_state_dict`` writes them. A DoRA adapter stays DoRA: its magnitude is
+    ``||W0 + s B A||_row = ||W0||_row`` (B = 0), as PEFT's re-created layer computes it."""
     from lorakit.inject import _give_layer_mode
     from lorakit.wrapped_modules import replace_module
 
-    rank_pattern, alpha_pattern, kept = {}, {}, []
     for name, layer in layers.items():
         rank, alpha = layer.ranks[adapter_name], layer.alphas[adapter_name]
         new_rank = new_ranks[name]
@@ -228,24 +260,27 @@ def _apply(model, config, adapter_name, layers, stats, new_ranks, eva) -> None:
             alpha,
             dropout,
             config.use_rslora,
-            None,
+            "eva",  # with the values given: only DoRA's magnitude is computed from them
             dtype,
             values=(lora_A.to(dtype), zeros),
+            use_dora=config.use_dora,
+            lora_bias=config.lora_bias,
         )
         layer.active_adapters = active
         _give_layer_mode(layer, adapter_name)
         for parameter in layer.adapter_parameters(adapter_name):
             parameter.requires_grad_(trainable)
-        kept.append(name)
-        if new_rank != config.r:
-            rank_pattern[name] = new_rank
-        if alpha != config.lora_alpha:
-            alpha_pattern[name] = alpha
-    untouched = [
-        n for n, layer in lora_layers(model) if adapter_name in layer.ranks and n not in layers
-    ]
+    rank_pattern, alpha_pattern, targets = {}, {}, []
+    for name, layer in lora_layers(model):  # every layer of the adapter, EVA's or not
+        if adapter_name not in layer.ranks:
+            continue
+        targets.append(name)
+        if layer.ranks[adapter_name] != config.r:
+            rank_pattern[name] = layer.ranks[adapter_name]
+        if layer.alphas[adapter_name] != config.lora_alpha:
+            alpha_pattern[name] = layer.alphas[adapter_name]
     state_of(model).configs[adapter_name] = config.replace(
-        target_modules=sorted(kept + untouched),
+        target_modules=sorted(targets),
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )

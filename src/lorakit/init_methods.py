@@ -67,10 +67,15 @@ class EvaConfig:
     """``alpha *= new_rank / r`` for a layer whose rank changed (same gradient scale)."""
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.rho, (int, float)) and math.isfinite(self.rho) and self.rho >= 1):
-            raise ValueError(f"EvaConfig.rho={self.rho!r} is invalid: expected a number >= 1.")
-        if not (isinstance(self.tau, (int, float)) and 0.0 <= self.tau <= 1.0):
-            raise ValueError(f"EvaConfig.tau={self.tau!r} is invalid: expected a number in [0, 1].")
+        _check_setting(self, "rho", _is_number(self.rho) and self.rho >= 1, "a number >= 1")
+        _check_setting(
+            self, "tau", _is_number(self.tau) and 0.0 <= self.tau <= 1.0, "a number in [0, 1]"
+        )
+        for flag in ("use_label_mask", "whiten", "adjust_scaling_factors"):
+            _check_setting(self, flag, isinstance(getattr(self, flag), bool), "True or False")
+        _check_setting(
+            self, "label_mask_value", _is_int(self.label_mask_value), "an integer (a label id)"
+        )
 
 
 @dataclass
@@ -83,14 +88,35 @@ class LoftQConfig:
     """Alternating quantize / SVD steps (>= 1)."""
 
     def __post_init__(self) -> None:
-        if self.loftq_bits not in (4, 8):
-            raise ValueError(
-                f"LoftQConfig.loftq_bits={self.loftq_bits!r} is invalid: expected 4 or 8."
-            )
-        if not (isinstance(self.loftq_iter, int) and self.loftq_iter >= 1):
-            raise ValueError(
-                f"LoftQConfig.loftq_iter={self.loftq_iter!r} is invalid: expected an integer >= 1."
-            )
+        _check_setting(
+            self, "loftq_bits", _is_int(self.loftq_bits) and self.loftq_bits in (4, 8), "4 or 8"
+        )
+        _check_setting(
+            self,
+            "loftq_iter",
+            _is_int(self.loftq_iter) and self.loftq_iter >= 1,
+            "an integer >= 1",
+        )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    """An int or float, not a bool, and finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_setting(settings: object, field_name: str, ok: bool, expected: str) -> None:
+    """``ValueError`` naming the field of ``settings`` (an ``EvaConfig`` / ``LoftQConfig``),
+    its value and what it should be, unless ``ok``."""
+    if not ok:
+        value = getattr(settings, field_name)
+        raise ValueError(
+            f"{type(settings).__name__}.{field_name}={value!r} is invalid: expected {expected}"
+            f" (of type {type(value).__name__})."
+        )
 
 
 def changes_base(init: object) -> bool:
@@ -169,10 +195,20 @@ def _factors_for(
     return pissa_factors(weight, rank, scale, None if niter is None else int(niter))
 
 
-def check_layer_takes(layer_class: type, module: nn.Module, name: str, init: str) -> None:
+def check_layer_takes(
+    layer_class: type,
+    module: nn.Module,
+    name: str,
+    init: str,
+    rank: int | None = None,
+    shared_with: list[str] | tuple[str, ...] = (),
+) -> None:
     """``ValueError`` unless the LoRA layer ``layer_class`` wrapping ``module`` can take a
     base-changing ``init``: a ``LoraLinear`` (``nn.Linear`` / ``Conv1D``) with a float32,
-    float16 or bfloat16 weight and nothing merged."""
+    float16 or bfloat16 weight and nothing merged; with ``rank`` (the adapter's rank there)
+    at most ``min(d, k)`` of the weight; ``shared_with``: the other names under which the
+    model holds the very same weight Parameter (tied weights, ``layer_replication`` copies),
+    which must be none: the init rewrites the weight in place."""
     from lorakit.layers import LoraLinear
 
     base = getattr(module, "base_layer", module)
@@ -193,6 +229,25 @@ def check_layer_takes(layer_class: type, module: nn.Module, name: str, init: str
         raise ValueError(
             f"module {name!r} has merged adapters {module.merged_adapters}; unmerge them before "
             f"adding an adapter with init_lora_weights={init!r}."
+        )
+    smallest = min(weight.shape)
+    if rank is not None and rank > smallest:
+        raise ValueError(
+            f"module {name!r} has a weight of shape {tuple(weight.shape)}: "
+            f"init_lora_weights={init!r} takes the adapter from its principal part, which has "
+            f"at most min(d, k) = {smallest} directions, so it cannot give it rank {rank} (peft "
+            f"would train a rank-{smallest} adapter whose config says {rank}). Lower the rank "
+            f"there, e.g. rank_pattern={{{name!r}: {smallest}}}, or lower r, or remove the "
+            "module from target_modules (or add it to exclude_modules)."
+        )
+    if shared_with:
+        raise ValueError(
+            f"module {name!r}: its weight Parameter is shared with {sorted(shared_with)} (tied "
+            f"weights or layer_replication copies), and init_lora_weights={init!r} rewrites it "
+            "in place, which would change every module using it (and subtract the principal "
+            "part once per adapted sharer). Remove the module from target_modules (or add it "
+            "to exclude_modules), untie the weight first (give each module its own copy), or "
+            "use init_lora_weights=True."
         )
 
 

@@ -26,6 +26,7 @@ from lorakit.quantized.loading import keep_4bit_storage
 from lorakit.replication import replicate_layers, restore_layers
 from lorakit.state import (
     adapter_configs,
+    adapter_model,
     freeze_all,
     lora_layers,
     saved_modules,
@@ -85,6 +86,7 @@ def inject(
     dropped silently, as PEFT does when another entry matches). False accepts such entries,
     as PEFT does (for configs written elsewhere, e.g. for another model family).
     """
+    wrapper, model = model, adapter_model(model)  # a PeftModel: the model inside holds them
     check_adapter_name(model, adapter_name)
     replicated = config.layer_replication and replicate_layers(model, config.layer_replication)
     try:
@@ -95,7 +97,7 @@ def inject(
         if replicated:
             restore_layers(model)
         raise
-    return model
+    return wrapper
 
 
 def _inject_checked(
@@ -157,17 +159,27 @@ def add_adapter_to_modules(
         check_wrapper_kind(model.get_submodule(name), name, name in tokens)
     for name in saved_names:  # a full copy of a quantized layer would train nothing
         check_saveable(model.get_submodule(name), name)
-    _check_targets(current, config, adapter_name, init)  # all checks first: all or nothing
+    _check_targets(model, current, config, adapter_name, init)  # all checks first
     parameter_targets = dict(parameter_targets or {})
     check_parameter_targets(model, parameter_targets, adapter_name, targets)
-    layers = wrap_targets(model, targets, modules=current)
-    layers |= wrap_parameter_targets(model, parameter_targets)
-    factors = factors or {}
-    for name, layer in layers.items():
-        pattern_name = parameter_targets.get(name, name)  # rank_pattern sees parameter paths
-        values = factors.get(name)
-        _add_to_layer(layer, config, adapter_name, pattern_name, init, adapter_dtype, values)
-    add_to_wrappers(model, adapter_name, saved_names, tokens, init)
+    first = state_of(model) is None
+    wrappers_before = {name: model.get_submodule(name) for name in [*saved_names, *tokens]}
+    originals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    try:  # what can still fail (an init's SVD, memory) undoes every change: all or nothing
+        layers = wrap_targets(model, targets, modules=current)
+        layers |= wrap_parameter_targets(model, parameter_targets)
+        factors = factors or {}
+        for name, layer in layers.items():
+            pattern_name = parameter_targets.get(name, name)  # rank_pattern sees parameter paths
+            values = factors.get(name)
+            _add_to_layer(
+                layer, config, adapter_name, pattern_name, init, adapter_dtype, values, originals
+            )
+        add_to_wrappers(model, adapter_name, saved_names, tokens, init)
+    except BaseException:
+        _undo_adapter(model, adapter_name, {**current, **wrappers_before}, first, originals)
+        raise
+    originals.clear()
     state = state_of(model)
     state.configs[adapter_name] = config
     if activate or len(state.configs) == 1:
@@ -184,11 +196,13 @@ def _add_to_layer(
     init: bool | str | None,
     adapter_dtype: torch.dtype | None,
     values: tuple[torch.Tensor, torch.Tensor] | None,
+    originals: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> None:
     """Add the adapter to one wrapped layer: its rank and alpha from ``config``'s patterns
     (matched against ``pattern_name``), its factors given (``values``: (A, B)) or
     initialised by ``init`` (PiSSA / OLoRA also rewrite W0 as W0 - s B A), its train/eval mode
-    from the model's."""
+    from the model's. ``originals[pattern_name] = (base weight, a CPU copy of its values)``
+    is recorded before a base-changing init rewrites the weight (to undo a failed inject)."""
     layer.add_adapter(
         adapter_name,
         rank=config.rank_for(pattern_name),
@@ -202,16 +216,25 @@ def _add_to_layer(
         lora_bias=config.lora_bias,
     )
     if changes_base(init):  # PiSSA / OLoRA: A, B from W0, which becomes W0 - s B A
+        if originals is not None:
+            weight = layer.base_layer.weight
+            originals[pattern_name] = (weight, weight.detach().to("cpu", copy=True))
         initialise_from_base(layer, adapter_name, init, config.loftq_config)
     _give_layer_mode(layer, adapter_name)
 
 
 def _check_targets(
-    current: Mapping[str, nn.Module], config: LoraConfig, adapter_name: str, init: bool | str | None
+    model: nn.Module,
+    current: Mapping[str, nn.Module],
+    config: LoraConfig,
+    adapter_name: str,
+    init: bool | str | None,
 ) -> None:
     """Raise ``ValueError`` naming the first target that cannot take this adapter: DoRA or a
     bias on B on a layer kind without it, the name already taken, a base-changing init it
-    cannot do."""
+    cannot do (``check_layer_takes``: layer kind, dtype, a rank above min(d, k), a weight
+    shared with other modules)."""
+    holders = _parameter_holders(model) if changes_base(init) else {}
     for name, module in current.items():
         layer_class = layer_class_for(module, name)
         if config.use_dora and not layer_class.supports_dora:
@@ -230,7 +253,53 @@ def _check_targets(
         if isinstance(module, LoraLayer) and adapter_name in module.ranks:
             raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}.")
         if changes_base(init):
-            check_layer_takes(layer_class, module, name, init)
+            weight = getattr(getattr(module, "base_layer", module), "weight", None)
+            own = (f"{name}.weight", f"{name}.base_layer.weight")
+            shared = [n for n in holders.get(id(weight), ()) if n not in own]
+            check_layer_takes(
+                layer_class, module, name, init, config.rank_for(name), shared_with=shared
+            )
+
+
+def _parameter_holders(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(parameter): every name the model holds it under}`` (tied and shared ones too)."""
+    holders: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(parameter), []).append(name)
+    return holders
+
+
+def _undo_adapter(
+    model: nn.Module,
+    adapter_name: str,
+    before: Mapping[str, nn.Module],
+    first: bool,
+    originals: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    """Take back what a failed ``add_adapter_to_modules`` did: the base weights an init
+    rewrote get their values back, then either every wrapping goes (``first``: the model held
+    no adapter before) or the adapter is removed from the modules holding it and the modules
+    this call wrapped (``before``: name -> the module there before the call) are unwrapped."""
+    with torch.no_grad():
+        for weight, values in originals.values():
+            weight.copy_(values.to(weight.device))
+    if first:
+        if state_of(model) is not None:
+            unload(model)  # (layer_replication is restored by inject)
+        return
+    for name, layer in reversed(list(lora_layers(model))):  # a nested layer first
+        if adapter_name in layer.ranks:
+            layer.delete_adapter(adapter_name)
+        layer.base_fingerprints_before_init.pop(adapter_name, None)
+        if name in originals and hasattr(layer, "row_norms"):
+            layer.row_norms.clear()  # other adapters' cached DoRA norms saw the rewritten base
+        if name in before and not isinstance(before[name], LoraLayer):
+            replace_module(model, name, layer.base_layer)
+    for name, wrapper in list(saved_modules(model)):
+        if adapter_name in wrapper.modules_to_save:
+            wrapper.delete_adapter(adapter_name)
+        if name in before and before[name] is not wrapper:
+            replace_module(model, name, before[name])
 
 
 def wrap_targets(
@@ -317,6 +386,7 @@ def freeze_adapter(
 def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter: restore the original module objects, weights and trainability
     (and the original layer list of a model whose layers ``layer_replication`` copied)."""
+    model = adapter_model(model)  # lorakit's PeftModel: the model inside it
     for name, layer in reversed(list(lora_layers(model))):  # a nested layer before its outer one
         layer.unmerge()
         replace_module(model, name, layer.base_layer)

@@ -32,6 +32,7 @@ from lorakit.layers import LoraLayer, ModulesToSave, TrainableTokens
 from lorakit.quantized.merge import float_linear
 from lorakit.state import (
     active_adapters,
+    adapter_model,
     adapter_name_list,
     lora_layers,
     saved_modules,
@@ -115,6 +116,7 @@ def merge_and_unload(
     whole returned model: every floating-point parameter (embeddings, norms, head, merged
     layers) ends in ``float_dtype``, so it runs too (a float32 copy of a bfloat16 model, or the
     reverse). A dtype that is not floating point is a ``ValueError``, raised before any change."""
+    model = adapter_model(model)  # lorakit's PeftModel: the model inside it
     names = _chosen(model, adapter_names)
     if float_dtype is not None and not (
         isinstance(float_dtype, torch.dtype) and float_dtype.is_floating_point

@@ -20,6 +20,7 @@ __all__ = [
     "AdapterState",
     "active_adapters",
     "adapter_configs",
+    "adapter_model",
     "adapter_name_list",
     "delete_adapter",
     "disabled",
@@ -44,7 +45,16 @@ class AdapterState:
     """What ``set_active`` made trainable (so the next call freezes just these)."""
 
 
+def adapter_model(model: nn.Module) -> nn.Module:
+    """The module that holds the adapters: ``model`` itself, or for lorakit's ``PeftModel``
+    wrapper the transformers model inside it (so every top-level function takes either)."""
+    from lorakit.peft_compat import PeftModel  # (imports this module)
+
+    return model.model if isinstance(model, PeftModel) else model
+
+
 def state_of(model: nn.Module, create: bool = False) -> AdapterState | None:
+    model = adapter_model(model)
     state = model.__dict__.get("lorakit_state")
     if state is None and create:
         state = AdapterState(
@@ -72,7 +82,7 @@ def walk_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     ``<name>.base_layer``). Its cost does not grow with the number
     of adapters on the model."""
     seen: set[int] = set()
-    pending: list[tuple[str, nn.Module]] = [("", model)]
+    pending: list[tuple[str, nn.Module]] = [("", adapter_model(model))]
     while pending:
         name, module = pending.pop()
         if id(module) in seen:
@@ -121,33 +131,37 @@ def _require(model: nn.Module, adapter_names: Sequence[str]) -> AdapterState:
     return state
 
 
-def set_active(model: nn.Module, adapter_names: Sequence[str]) -> None:
+def set_active(model: nn.Module, adapter_names: Sequence[str], *, trainable: bool = True) -> None:
     """Make exactly ``adapter_names`` active (their outputs are summed) and trainable.
 
     Every other adapter's tensors are frozen; the base stays frozen (it is frozen once, when the
     first adapter is injected). Biases chosen by the active configs' ``bias`` mode train too. The
-    cost does not grow with the number of adapters the model holds.
+    cost does not grow with the number of adapters the model holds. ``trainable=False``: only
+    the active adapters change; every ``requires_grad`` flag stays as it is.
     """
     adapter_names = adapter_name_list(adapter_names)
     state = _require(model, adapter_names)
-    for parameter in state.trainable:
-        parameter.requires_grad_(False)
+    if trainable:
+        for parameter in state.trainable:
+            parameter.requires_grad_(False)
     state.active = tuple(adapter_names)
-    trainable: list[nn.Parameter] = []
+    chosen: list[nn.Parameter] = []
     for _, module in walk_modules(model):
         if isinstance(module, LoraLayer):
             module.active_adapters = tuple(n for n in adapter_names if n in module.ranks)
             for name in module.active_adapters:
-                trainable += module.adapter_parameters(name)
+                chosen += module.adapter_parameters(name)
         elif isinstance(module, ModulesToSave):
             saved = module.modules_to_save
             module.active_adapters = tuple(n for n in adapter_names if n in saved)
             for name in module.active_adapters:
-                trainable += saved[name].parameters()
-    trainable += _trained_biases(model, {state.configs[name].bias for name in adapter_names})
-    for parameter in trainable:
+                chosen += saved[name].parameters()
+    if not trainable:
+        return
+    chosen += _trained_biases(model, {state.configs[name].bias for name in adapter_names})
+    for parameter in chosen:
         parameter.requires_grad_(True)
-    state.trainable = trainable
+    state.trainable = chosen
 
 
 def freeze_all(model: nn.Module) -> None:

@@ -48,6 +48,7 @@ from lorakit.replication import replicate_layers, restore_layers
 from lorakit.state import (
     active_adapters,
     adapter_configs,
+    adapter_model,
     delete_adapter,
     lora_layers,
     saved_modules,
@@ -84,6 +85,7 @@ def load_adapter(
     ``allow_base_mismatch=True``). On any error the model is left unchanged.
     A path ending in ``.gguf`` is a llama.cpp LoRA file (``lorakit.export.gguf_read``).
     """
+    wrapper, model = model, adapter_model(model)  # a PeftModel: the model inside holds them
     if os.fspath(directory).endswith(".gguf"):
         from lorakit.export.gguf_read import load_gguf_adapter
 
@@ -105,7 +107,7 @@ def load_adapter(
         if replicated:
             restore_layers(model)
         raise
-    return model
+    return wrapper
 
 
 def _replicate(model: nn.Module, header: AdapterHeader) -> bool:

@@ -29,7 +29,7 @@ from lorakit.io.keys import adapter_file_tensors, embedding_module_names, model_
 from lorakit.io.read import BASE_INIT_METADATA_KEY, CONFIG_METADATA_KEY, WEIGHTS_NAME
 from lorakit.layers import LoraLayer, TrainableTokens
 from lorakit.layers.parameter import LoraParameter
-from lorakit.state import adapter_configs, lora_layers, saved_modules
+from lorakit.state import adapter_configs, adapter_model, lora_layers, saved_modules
 from lorakit.targets import model_modules
 
 __all__ = ["adapter_file_contents", "save_adapter", "save_merged_model"]
@@ -181,6 +181,7 @@ def save_adapter(
     for the ORIGINAL base weights (PEFT's ``path_initial_model_for_weight_conversion``;
     ``lorakit.io.convert``).
     """
+    model = adapter_model(model)  # lorakit's PeftModel: the model inside it
     tensors, metadata, config_text = adapter_file_contents(
         model, adapter_name, dtype=dtype, save_embedding_layers=save_embedding_layers
     )

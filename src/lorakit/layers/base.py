@@ -95,17 +95,27 @@ class LoraLayer(Merging, nn.Module):
 
     def base_output(self, weight: torch.Tensor, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``base(x)`` computed with ``weight`` (the merged or the original one). A base layer
-        with hooks, extra arguments or of a subclass is called itself when ``weight`` is its
-        own (it then reads its weight when it runs)."""
-        if self.calls_base_module(weight, *args, **kwargs):
+        with hooks, extra arguments or of a subclass is called itself: as it is when ``weight``
+        is its own (it then reads its weight when it runs), else with ``weight`` swapped in for
+        the call (``torch.func.functional_call``: its forward, e.g. a scaled embedding's
+        ``embed_scale``, and its hooks run on the original weight while merged). A plain base
+        is computed directly."""
+        if not self.calls_base_module(weight, *args, **kwargs):
+            return self.base_forward_with_weight(weight, x)
+        if weight is self.base_layer.weight:
             return self.base_layer(x, *args, **kwargs)
-        return self.base_forward_with_weight(weight, x)
+        swapped = {"weight": weight}
+        bias_for = getattr(self, "_bias_for", None)  # a merged bias on B goes with its weight
+        bias = None if bias_for is None else bias_for(weight)
+        if bias is not None and bias is not self.base_layer.bias:
+            swapped["bias"] = bias
+        return torch.func.functional_call(self.base_layer, swapped, (x, *args), kwargs)
 
     def calls_base_module(self, weight: torch.Tensor, *args, **kwargs) -> bool:
         """True when ``base_output`` runs the base layer itself (hooks, extra arguments, a
-        subclass): its output is then not ours to change in place (a forward hook may hold it)."""
-        plain = not (args or kwargs) and self.base_is_plain()
-        return not plain and weight is self.base_layer.weight
+        subclass), with whichever weight: its output is then not ours to change in place (a
+        forward hook may hold it)."""
+        return bool(args or kwargs) or not self.base_is_plain()
 
     def plain_output(
         self, x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[str], *args, **kwargs
@@ -254,6 +264,7 @@ class LoraLayer(Merging, nn.Module):
             )
         if adapter_name in self.ranks:
             raise ValueError(f"adapter {adapter_name!r} already exists on this layer")
+        bias = None
         if values is not None:
             expected = self.factor_shapes(rank)
             if (tuple(values[0].shape), tuple(values[1].shape)) != expected:
@@ -263,6 +274,8 @@ class LoraLayer(Merging, nn.Module):
                 )
             device = self.base_device
             values = (values[0].to(device, dtype), values[1].to(device, dtype))
+        elif lora_bias and init is not None:  # PEFT draws B's bias before A's init draw
+            *values, bias = self.new_factors_with_bias(rank, init, dtype)  # (lora_bias.py)
         else:
             values = self._new_factors(rank, init, dtype)
         self.store_factors(adapter_name, *values)
@@ -273,7 +286,7 @@ class LoraLayer(Merging, nn.Module):
         if use_dora:
             self.add_magnitude(adapter_name, init is not None)  # a supports_dora layer's
         if lora_bias:
-            self.add_lora_bias(adapter_name, init)  # a supports_lora_bias layer's
+            self.add_lora_bias(adapter_name, init, bias)  # a supports_lora_bias layer's
 
     def _new_factors(
         self, rank: int, init: bool | str | None, dtype: torch.dtype

@@ -37,19 +37,44 @@ class LoraBiasMixin:
 
     supports_lora_bias = True
 
-    def add_lora_bias(self, adapter_name: str, init: bool | str | None) -> None:
-        """A bias ``b`` (d,) on B, in B's dtype: zeros for ``init`` True, nn.Linear's draw
+    def new_factors_with_bias(
+        self, rank: int, init: bool | str, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """New ``(A, B, b)`` drawn in PEFT's order: ``nn.Linear(k, r)`` draws A,
+        ``nn.Linear(r, d, bias=True)`` draws B and then its bias ``U(-1/sqrt(r), 1/sqrt(r))``,
+        and only then does the init redraw A (True: kaiming-uniform, "gaussian": N(0, 1/r^2))
+        and zero B and b (False keeps the construction draws). The same seed thus gives PEFT's
+        A, B and b."""
+        lora_A, lora_B = self._new_factors(rank, False, dtype)  # the two weights' draws
+        bias = torch.empty(self.out_features, dtype=dtype, device=lora_B.device)
+        bound = 1 / math.sqrt(rank)
+        nn.init.uniform_(bias, -bound, bound)
+        if init is not False:
+            if init is True:
+                nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+            elif init == "gaussian":
+                nn.init.normal_(lora_A, std=1 / rank)
+            nn.init.zeros_(lora_B)
+            nn.init.zeros_(bias)
+        return lora_A, lora_B, bias
+
+    def add_lora_bias(
+        self, adapter_name: str, init: bool | str | None, bias: torch.Tensor | None = None
+    ) -> None:
+        """A bias ``b`` (d,) on B, in B's dtype: ``bias`` when given (from
+        ``new_factors_with_bias``, taken over), else zeros for ``init`` True, nn.Linear's draw
         ``U(-1/sqrt(r), 1/sqrt(r))`` for False (as PEFT's ``nn.Linear(r, d, bias=True)``),
         uninitialised for None (about to be loaded)."""
         factor = self.lora_B[adapter_name]
-        bias = torch.empty(
-            self.out_features, dtype=factor.weight.dtype, device=factor.weight.device
-        )
-        if init is True:
-            nn.init.zeros_(bias)
-        elif init is not None:
-            bound = 1 / math.sqrt(factor.weight.shape[1])
-            nn.init.uniform_(bias, -bound, bound)
+        if bias is None:
+            bias = torch.empty(
+                self.out_features, dtype=factor.weight.dtype, device=factor.weight.device
+            )
+            if init is True:
+                nn.init.zeros_(bias)
+            elif init is not None:
+                bound = 1 / math.sqrt(factor.weight.shape[1])
+                nn.init.uniform_(bias, -bound, bound)
         factor.register_parameter("bias", nn.Parameter(bias))
 
     def lora_bias_of(self, adapter_name: str) -> nn.Parameter | None:
