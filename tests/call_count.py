@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 
 
@@ -14,9 +15,12 @@ def calls_made(function, *args, **kwargs) -> int:
         if event in ("call", "c_call"):
             calls += 1
 
+    gc.collect()  # a collection inside the call would count its finalizers' calls too
+    gc.disable()
     sys.setprofile(count)
     try:
         function(*args, **kwargs)
     finally:
         sys.setprofile(None)
+        gc.enable()
     return calls
