@@ -556,3 +556,27 @@ def test_scoring_uses_the_prompt_training_keeps_when_the_template_does_not_fit(
             torch.testing.assert_close(scores[row].double(), expected, atol=1e-5, rtol=1e-5)
         assert prompts[0] == prompts[1]  # which is the same for either label
         assert data.prompt_token_ids(examples[1], tokenizer, max_length) == prompts[0]
+
+
+def test_the_scored_prompt_does_not_depend_on_the_label_when_only_the_long_choice_overflows():
+    """A text whose template does not fit with the longest choice: with the short label the
+    whole example fit, with the long one it was cut; the scored prompt gave the label away.
+    Both labels now get the prompt the longest choice leaves room for."""
+    from lorakit.data.tokenize import prompt_token_ids, tokenize_example
+
+    tokenizer = tiny_tokenizer.build()
+    words = ["fine", "the quick brown fox jumps over the lazy dog"]
+    template = (
+        "Is this movie review positive or negative? Answer with one word. Review: {text} Sentiment:"
+    )
+    for max_length in (45, 50, 60, 72):
+        prompts = [
+            prompt_token_ids(
+                plain_classification_example("fun", label, words, template), tokenizer, max_length
+            )
+            for label in (0, 1)
+        ]
+        assert prompts[0] == prompts[1], max_length
+        longest = plain_classification_example("fun", 1, words, template)
+        input_ids, _, _ = tokenize_example(longest, tokenizer, max_length)
+        assert len(input_ids) <= max_length

@@ -244,10 +244,10 @@ def _tokenize(
         token if flag else IGNORE_INDEX for token, flag in zip(input_ids, learnt, strict=True)
     ]
     answer_start = sum(len(ids) for ids, _ in segments[:last_learnt_segment])
-    if len(input_ids) <= max_length:
-        return input_ids, labels, False, answer_start
     answer_end = answer_start + len(segments[last_learnt_segment][0])
     answer_room = max(answer_end - answer_start, _longest_choice_length(example, tokenizer))
+    if len(input_ids) - (answer_end - answer_start) + answer_room <= max_length:
+        return input_ids, labels, False, answer_start  # fits with any choice as the answer
     protected = _leading_special_count(input_ids[:answer_start], tokenizer)
     kept, start, end = _window(answer_start, answer_end, answer_room, protected, max_length)
     input_ids = input_ids[:kept] + input_ids[start:end]
@@ -286,13 +286,14 @@ def _leading_special_count(prompt: list[int], tokenizer) -> int:
 
 
 def _longest_choice_length(example: Example, tokenizer) -> int:
-    """The most tokens the learnt answer segment has with any of ``example.choices`` as the
-    answer (0 without choices): the truncation makes room for it whatever the label."""
-    lengths = [0]
-    for choice in example.choices:
-        segments = example_segments(_with_answer(example, choice), tokenizer)
-        lengths.append(len(segments[_last_learnt_segment(segments, example)][0]))
-    return max(lengths)
+    """How many tokens the learnt answer segment has with the longest of ``example.choices``
+    (``_longest_answer``) as the answer (0 without choices): the truncation makes room for it
+    whatever the label."""
+    if not example.choices:
+        return 0
+    probe = _longest_answer(example, tokenizer)
+    segments = example_segments(probe, tokenizer)
+    return len(segments[_last_learnt_segment(segments, probe)][0])
 
 
 def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int) -> TokenizedData:
