@@ -295,6 +295,32 @@ def test_any_optimizer_step_retires_the_cached_norms_of_trainable_tensors() -> N
         torch.testing.assert_close(layer(x).double(), _dora_reference(layer, x), atol=1e-5, rtol=0)
 
 
+def test_a_hand_written_step_through_data_is_seen() -> None:
+    """No optimiser at all: ``p.data -= lr * p.grad`` bumps no version counter, but the backward
+    before it changed the gradient the cached norms were stamped with."""
+    model = lorakit.inject(
+        tiny_models.llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
+    )
+    tiny_models.randomize_adapters(model)
+    layer = dict(lora_layers(model))["model.layers.0.self_attn.q_proj"]
+    x = torch.randn(6, layer.in_features, generator=torch.Generator().manual_seed(2))
+    trained = [p for p in layer.parameters() if p.requires_grad]
+    for _ in range(3):
+        with torch.no_grad():
+            torch.testing.assert_close(
+                layer.eval()(x).double(), _dora_reference(layer, x), atol=1e-5, rtol=0
+            )
+        for parameter in trained:
+            parameter.grad = None
+        (layer.train()(x) ** 2).mean().backward()
+        for parameter in trained:
+            parameter.data.add_(parameter.grad, alpha=-0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            layer.eval()(x).double(), _dora_reference(layer, x), atol=1e-5, rtol=0
+        )
+
+
 def test_embeddings_are_refused_before_any_change() -> None:
     model = tiny_models.llama()
     config = lorakit.LoraConfig(target_modules=["q_proj", "embed_tokens"], use_dora=True)

@@ -8,22 +8,23 @@ PEFT's name in the model; in a file it is ``<path>.lora_magnitude_vector`` (no `
 ``RowNorms`` keeps ``||W0_i||^2`` (computed once per base weight, in float32) and each
 adapter's ``n`` until W0, A or B change: inference computes ``n`` once. A tensor is known
 unchanged by its version counter (which an in-place update such as ``copy_`` bumps) and data
-pointer, and, for one that requires grad, by the count of optimiser steps taken in this process:
-an optimiser may step a parameter in place without bumping its counter (torch's fused AdamW
-does), so every ``torch.optim.Optimizer`` step (a global post-step hook, one integer increment)
-retires the cached norms of trainable tensors. A trainable adapter evaluated between steps so
-reuses ``n`` until the next step, and gradient accumulation's micro-steps compute it once.
-Under ``torch.inference_mode`` the cached values are computed with inference mode locally off
-(``_normal_tensors``): an inference tensor could not be saved by a later training step's
+pointer and, for one that requires grad, by two more marks: the count of optimiser steps taken
+in this process (an optimiser may step a parameter in place without bumping its counter:
+torch's fused AdamW does; every ``torch.optim.Optimizer`` step, through a global post-step hook,
+adds one) and its ``.grad`` (the same tensor at the same version: a backward since the norms
+were computed, then a hand-written step through ``.data``, is seen too). So a training step
+computes ``n`` once per forward after a backward, evaluation between steps and decoding reuse
+it. Under ``torch.inference_mode`` the cached values are computed with inference mode locally
+off (``_normal_tensors``): an inference tensor could not be saved by a later training step's
 backward, and decoding under inference mode reuses them like any other. An inference tensor
-among the inputs (no version to follow) is never cached. A write through ``.data`` bumps no
-counter and is not seen, nor is a step of an optimiser that does not subclass
-``torch.optim.Optimizer``: call ``clear()`` after one.
+among the inputs (no version to follow) is never cached. A write through ``.data`` to a FROZEN
+tensor bumps no counter and is not seen: call ``clear()`` after one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -59,13 +60,32 @@ register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def _stamp(tensor: torch.Tensor) -> tuple | None:
-    """What tells later whether ``tensor`` changed: its version, its data pointer and, if it
-    requires grad, the optimiser step count; None for an inference tensor (no version)."""
+    """What tells later whether ``tensor`` changed: its version and data pointer and, if it
+    requires grad, the optimiser step count and its gradient (the very tensor, by weak
+    reference, and its version: a backward since, then a hand-written step through ``.data``,
+    is seen too); None for an inference tensor (no version)."""
     try:
         version, pointer = tensor._version, tensor.data_ptr()
     except RuntimeError:
         return None
-    return version, pointer, _optimizer_steps if tensor.requires_grad else None
+    if not tensor.requires_grad:
+        return version, pointer
+    grad = tensor.grad
+    gradient = None if grad is None else (weakref.ref(grad), grad._version)
+    return version, pointer, _optimizer_steps, gradient
+
+
+def _same(stamp: tuple | None, tensor: torch.Tensor) -> bool:
+    """``tensor`` is as it was when ``stamp`` was taken (``_stamp``)."""
+    now = _stamp(tensor)
+    if stamp is None or now is None or len(stamp) != len(now) or stamp[:3] != now[:3]:
+        return False
+    if len(stamp) == 2:  # frozen: version and pointer
+        return True
+    then, current = stamp[3], now[3]
+    if then is None or current is None:
+        return then is current
+    return then[0]() is current[0]() and then[1] == current[1]
 
 
 def _normal_tensors() -> contextlib.AbstractContextManager:
@@ -96,7 +116,7 @@ def _reuse(entry: _Entry | None, tensors: tuple, key: tuple) -> tuple | None:
         return None
     if not all(a is b for a, b in zip(entry.tensors, tensors, strict=True)):
         return None
-    unchanged = all(s == _stamp(t) for s, t in zip(entry.stamps, tensors, strict=True))
+    unchanged = all(_same(s, t) for s, t in zip(entry.stamps, tensors, strict=True))
     return entry.values if unchanged else None
 
 
