@@ -47,7 +47,7 @@ from torch import nn
 
 from lorakit.init_methods import EvaConfig
 from lorakit.layers import LoraLinear
-from lorakit.state import adapter_configs, disabled, lora_layers, state_of
+from lorakit.state import adapter_configs, adapter_model, disabled, lora_layers, state_of
 
 __all__ = ["explained_variance", "initialize_lora_eva_weights", "redistribute_ranks"]
 
@@ -196,7 +196,7 @@ def initialize_lora_eva_weights(
     each layer. ``model``: the transformers model or a lorakit ``PeftModel``. ``forward_fn(model,
     batch)``: how to run one batch (default ``model(**batch)`` for dicts, else ``model(batch)``).
     """
-    model = getattr(model, "model", model) if hasattr(model, "peft_config") else model
+    model = adapter_model(model)
     config = adapter_configs(model).get(adapter_name)
     if config is None or config.init_lora_weights != "eva":
         raise ValueError(

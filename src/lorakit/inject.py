@@ -29,6 +29,7 @@ from lorakit.state import (
     adapter_model,
     freeze_all,
     lora_layers,
+    parameter_holders,
     saved_modules,
     set_active,
     state_of,
@@ -234,7 +235,7 @@ def _check_targets(
     bias on B on a layer kind without it, the name already taken, a base-changing init it
     cannot do (``check_layer_takes``: layer kind, dtype, a rank above min(d, k), a weight
     shared with other modules)."""
-    holders = _parameter_holders(model) if changes_base(init) else {}
+    holders = parameter_holders(model) if changes_base(init) else {}
     for name, module in current.items():
         layer_class = layer_class_for(module, name)
         if config.use_dora and not layer_class.supports_dora:
@@ -259,14 +260,6 @@ def _check_targets(
             check_layer_takes(
                 layer_class, module, name, init, config.rank_for(name), shared_with=shared
             )
-
-
-def _parameter_holders(model: nn.Module) -> dict[int, list[str]]:
-    """``{id(parameter): every name the model holds it under}`` (tied and shared ones too)."""
-    holders: dict[int, list[str]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        holders.setdefault(id(parameter), []).append(name)
-    return holders
 
 
 def _undo_adapter(

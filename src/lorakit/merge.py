@@ -35,6 +35,7 @@ from lorakit.state import (
     adapter_model,
     adapter_name_list,
     lora_layers,
+    parameter_holders,
     saved_modules,
     state_of,
     walk_modules,
@@ -84,14 +85,6 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def _tied_parameter_ids(model: nn.Module) -> set[int]:
-    """ids of Parameters that more than one module uses (e.g. tied input/output embeddings)."""
-    seen: dict[int, int] = {}
-    for _, parameter in model.named_parameters(remove_duplicate=False):
-        seen[id(parameter)] = seen.get(id(parameter), 0) + 1
-    return {key for key, count in seen.items() if count > 1}
-
-
 def merge_and_unload(
     model: nn.Module,
     adapter_names: Sequence[str] | None = None,
@@ -125,11 +118,14 @@ def merge_and_unload(
             f"float_dtype={float_dtype!r} is not a floating-point torch dtype; pass e.g. "
             "torch.bfloat16, or leave it out to keep the model's own dtype. Nothing was changed."
         )
+    found_quantized = False
     for name, module in model.named_modules():  # before any change (e.g. one bnb repacked)
         if quantized.is_quantized(module):
             quantized.check_supported(module, name)
-    linear_dtype = float_dtype or model_float_dtype(model) or torch.float32
-    tied = _tied_parameter_ids(model)
+            found_quantized = True
+    own_dtype = model_float_dtype(model) if found_quantized and float_dtype is None else None
+    linear_dtype = float_dtype or own_dtype or torch.float32  # (used by quantized layers only)
+    tied = {key for key, names in parameter_holders(model).items() if len(names) > 1}
     merge(model, names)
     untied = False
     for name, layer in reversed(list(lora_layers(model))):  # nested layers before outer ones

@@ -25,6 +25,7 @@ __all__ = [
     "delete_adapter",
     "disabled",
     "lora_layers",
+    "parameter_holders",
     "saved_modules",
     "set_active",
     "state_of",
@@ -43,6 +44,15 @@ class AdapterState:
     original_requires_grad: dict[str, bool] = field(default_factory=dict)
     trainable: list[nn.Parameter] = field(default_factory=list)
     """What ``set_active`` made trainable (so the next call freezes just these)."""
+
+
+def parameter_holders(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(parameter): every name the model holds it under}``: a tied or shared parameter
+    has several names (e.g. ``lm_head.weight`` and ``model.embed_tokens.weight``)."""
+    holders: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(parameter), []).append(name)
+    return holders
 
 
 def adapter_model(model: nn.Module) -> nn.Module:

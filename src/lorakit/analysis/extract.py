@@ -96,12 +96,11 @@ def _tied_linears(*models: nn.Module) -> dict[str, str]:
     """``{linear module name: the other parameter its weight is}`` for every linear layer of
     ``models`` whose weight tensor another parameter shares (tied weights)."""
     from lorakit.layers.linear import is_conv1d
+    from lorakit.state import parameter_holders
 
     tied: dict[str, str] = {}
     for model in models:
-        names: dict[int, list[str]] = {}
-        for name, parameter in model.named_parameters(remove_duplicate=False):
-            names.setdefault(id(parameter), []).append(name)
+        names = parameter_holders(model)
         for module_name, module in model.named_modules():
             if not (isinstance(module, nn.Linear) or is_conv1d(module)):
                 continue
