@@ -133,22 +133,12 @@ def _int8_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ``Linear8bitLt.forward`` casts a bias of another dtype than ``x`` for good
     (``self.bias.data = self.bias.data.to(x.dtype)``): a bfloat16 input (or autocast) would
     round a float32 bias once and for all. With no bias, or one of ``x``'s dtype, the module
-    runs itself (nothing is cast: the output is exactly as before); otherwise
-    ``bitsandbytes.matmul`` runs without the bias, as that forward runs it (same state, same
-    bookkeeping), and ``b`` (cast, not stored) is added to the output."""
+    runs as it is; otherwise it runs with a cast copy of its bias swapped in for the call
+    (``torch.func.functional_call``: its own forward and hooks, the stored bias untouched)."""
     bias = module.bias
     if bias is None or bias.dtype == x.dtype:
         return module(x)
-    import bitsandbytes as bnb
-
-    state = module.state
-    state.is_training = module.training
-    if module.weight.CB is not None:  # the first forward moves the codes onto the state
-        module.init_8bit_state()
-    out = bnb.matmul(x, module.weight, bias=None, state=state)
-    if not state.has_fp16_weights and state.CB is not None:
-        module.weight.data = state.CB
-    return out + bias.to(out.dtype)
+    return torch.func.functional_call(module, {"bias": bias.to(x.dtype)}, (x,))
 
 
 def storage(module: nn.Module) -> dict[str, torch.Tensor]:
