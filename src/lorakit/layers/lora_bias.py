@@ -42,18 +42,15 @@ class LoraBiasMixin:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """New ``(A, B, b)`` drawn in PEFT's order: ``nn.Linear(k, r)`` draws A,
         ``nn.Linear(r, d, bias=True)`` draws B and then its bias ``U(-1/sqrt(r), 1/sqrt(r))``,
-        and only then does the init redraw A (True: kaiming-uniform, "gaussian": N(0, 1/r^2))
-        and zero B and b (False keeps the construction draws). The same seed thus gives PEFT's
-        A, B and b."""
+        and only then does init True redraw A (kaiming-uniform) and zero B and b (False keeps
+        the construction draws; ``LoraConfig`` takes ``lora_bias`` with these two only, as
+        PEFT). The same seed thus gives PEFT's A, B and b."""
         lora_A, lora_B = self._new_factors(rank, False, dtype)  # the two weights' draws
         bias = torch.empty(self.out_features, dtype=dtype, device=lora_B.device)
         bound = 1 / math.sqrt(rank)
         nn.init.uniform_(bias, -bound, bound)
-        if init is not False:
-            if init is True:
-                nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-            elif init == "gaussian":
-                nn.init.normal_(lora_A, std=1 / rank)
+        if init is True:
+            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
             nn.init.zeros_(lora_B)
             nn.init.zeros_(bias)
         return lora_A, lora_B, bias
