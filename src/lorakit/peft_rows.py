@@ -1,0 +1,158 @@
+"""PEFT's mixed batches: ``model(ids, adapter_names=[one name per row])``, each row with its own
+adapter (``"__base__"``: none), by the per-row routing of ``lorakit.serve`` (``row_router`` with
+the serving bank's ``BankRouter``) over a bank holding copies of the named adapters.
+``PeftModel.forward`` / ``generate`` / ``rows_routed`` use it. Each call builds its bank (a copy
+of the named adapters): the cost of a call is that of the routed forward plus that copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from lorakit.state import adapter_configs, disabled, lora_layers
+
+__all__ = ["batch_size", "rows_routed"]
+
+_BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
+
+
+def batch_size(args: tuple, kwargs: dict) -> int | None:
+    """The batch size of a forward / generate call (its input_ids or inputs_embeds), if known."""
+    inputs = kwargs.get("input_ids", args[0] if args else None)
+    if inputs is None:
+        inputs = kwargs.get("inputs_embeds")
+    return inputs.shape[0] if torch.is_tensor(inputs) and inputs.dim() >= 2 else None
+
+
+def _bank_of(model: nn.Module, names: list[str]):
+    """A serving bank (``lorakit.serve.AdapterBank``) holding copies of adapters ``names`` of
+    ``model``; TypeError where the bank would not add what the model's own layers add."""
+    from lorakit.layers import LoraLinear
+    from lorakit.serve.bank import AdapterBank
+
+    configs = adapter_configs(model)
+    layers = [layer for _, layer in lora_layers(model)]
+    for name in names:
+        config = configs[name]
+        extras = {
+            "lora_bias": config.lora_bias,
+            "modules_to_save": config.modules_to_save,
+            "trainable_token_indices": config.trainable_token_indices,
+            "target_parameters": config.target_parameters,
+            "layer_replication": config.layer_replication,
+        }
+        reasons = [field for field, value in extras.items() if value]
+        kinds = {type(layer.base_layer).__name__ for layer in layers if name in layer.ranks}
+        if any(name in layer.ranks and not isinstance(layer, LoraLinear) for layer in layers):
+            reasons.append(f"layers of kinds {sorted(kinds)}")
+        if reasons:
+            raise TypeError(
+                f"adapter_names: adapter {name!r} cannot be routed per row (it has "
+                f"{', '.join(reasons)}; lorakit's per-row routing, the serving bank of "
+                "lorakit.serve, takes LoRA/DoRA adapters on linear layers only). Run each "
+                "adapter's rows in a call of their own: with lorakit.use_adapters(model, [name]): "
+                "model(rows)."
+            )
+    lora_A = next(
+        layer.adapter_parameters(names[0])[0] for layer in layers if names[0] in layer.ranks
+    )
+    max_rank = max(layer.ranks[n] for layer in layers for n in names if n in layer.ranks)
+    bank = AdapterBank(model, max_rank=max_rank, capacity=len(names), dtype=lora_A.dtype)
+    for name in names:
+        bank.load_from_model(name, model, name)
+    return bank
+
+
+class _RowRouter:
+    """The ``row_router`` callable for one adapter slot per batch row (-1: none): the serving
+    bank's ``BankRouter``, whose row groups give every token of row ``i`` the row's slot. The
+    groups are made for the number of tokens a forward has (a prompt, then one per decode step;
+    beams of a row follow it), and kept while it does not change."""
+
+    def __init__(self, bank, row_slots: list[int]) -> None:
+        self.bank = bank
+        self.row_slots = torch.tensor(row_slots)
+        self.rows = -1
+        self.router = None
+
+    def __call__(self, layer: nn.Module, x: torch.Tensor, base_output: torch.Tensor):
+        from lorakit.serve.batched import BankRouter, group_rows
+
+        rows = x.shape[:-1].numel()
+        if rows != self.rows:
+            per_row, rest = divmod(rows, len(self.row_slots))
+            if rest or not per_row:
+                raise ValueError(
+                    f"adapter_names names {len(self.row_slots)} rows, but a layer got {rows} "
+                    "tokens (not a whole number per row); give one adapter name per row."
+                )
+            slots = self.row_slots.repeat_interleave(per_row)  # row-major: (batch, tokens)
+            self.router = BankRouter(self.bank, group_rows(slots, self.bank.page_table))
+            self.rows = rows
+        return self.router(layer, x, base_output)
+
+
+@contextmanager
+def rows_routed(
+    model: nn.Module, adapter_names: Sequence[str], batch: int | None = None
+) -> Iterator[None]:
+    """Within the block (inference only: no gradient, model in eval mode, nothing merged)
+    row ``i`` of every forward adds adapter ``adapter_names[i]`` alone (``"__base__"``:
+    none): the per-row routing of ``lorakit.serve`` (``lorakit.layers.row_router`` with
+    the serving bank's ``BankRouter``), from a bank holding copies of the named adapters.
+
+    It covers plain LoRA and DoRA adapters on linear layers (what the bank holds); any
+    other named adapter (an embedding or bare-parameter target, ``lora_bias``,
+    ``modules_to_save``, trainable tokens, replicated layers) is refused with a TypeError:
+    run each adapter's rows in their own call, ``with lorakit.use_adapters(model, [name])``.
+    """
+    names = _checked_row_names(model, adapter_names, batch)
+    used = list(dict.fromkeys(name for name in names if name != _BASE))
+    if not used:  # every row on the base model
+        with torch.no_grad(), disabled(model):
+            yield
+        return
+    from lorakit.layers import row_router
+
+    bank = _bank_of(model, used)
+    router = _RowRouter(bank, [-1 if name == _BASE else bank.slot_of(name) for name in names])
+    with torch.no_grad(), disabled(model), row_router(router):
+        yield
+
+
+def _checked_row_names(
+    model: nn.Module, adapter_names: Sequence[str], batch: int | None
+) -> list[str]:
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+        raise TypeError(
+            f"adapter_names takes one adapter name per row of the batch (a list of str), got "
+            f"{adapter_names!r}"
+        )
+    names = list(adapter_names)
+    known = adapter_configs(model)
+    unknown = sorted({name for name in names if name != _BASE and name not in known})
+    if unknown:
+        raise ValueError(
+            f"adapter_names: unknown adapter(s) {unknown}; this model has {list(known)} "
+            f"(and {_BASE!r}: no adapter)"
+        )
+    if batch is not None and len(names) != batch:
+        raise ValueError(
+            f"adapter_names needs one adapter name per row: got {len(names)} names for a "
+            f"batch of {batch} rows"
+        )
+    if model.training:
+        raise ValueError(
+            "Cannot pass `adapter_names` when the model is in training mode (as in PEFT): "
+            "call model.eval() first."
+        )
+    if any(layer.merged_adapters for _, layer in lora_layers(model)):
+        raise ValueError(
+            "Cannot pass `adapter_names` while adapters are merged (as in PEFT): call "
+            "unmerge_adapter() first."
+        )
+    return names
