@@ -10,11 +10,11 @@ import warnings
 import peft
 import pytest
 import torch
-from torch import nn
 
 import lorakit
 from lorakit.io import load_adapter, save_adapter
 from tests import tiny_models
+from tests.test_init_eva import _toy, _toy_batches
 
 
 def _lm_batches(count: int = 4) -> list[dict[str, torch.Tensor]]:
@@ -137,24 +137,6 @@ def test_statistics_come_from_the_base_model_with_other_adapters_active():
 
 
 # ----------------------------------------------------------------- bug 9: per-layer convergence
-def _toy_batches(count: int) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    scales = torch.tensor([30.0, 1.0, 0.5, 0.25])
-    mix = torch.randn(4, 24, generator=generator)
-    return [
-        (torch.randn(64, 4, generator=generator) * scales) @ mix
-        + 0.01 * torch.randn(64, 24, generator=generator)
-        for _ in range(count)
-    ]
-
-
-def _toy() -> nn.Module:
-    torch.manual_seed(3)
-    return nn.Sequential(
-        nn.Linear(24, 20), nn.Tanh(), nn.Linear(20, 12), nn.Tanh(), nn.Linear(12, 6)
-    )
-
-
 @pytest.mark.parametrize("tau", [0.99, 0.5])
 def test_whitened_scales_equal_peft_once_each_layer_converges(tau):
     """With a loader long enough for every layer to converge, PEFT stops collecting a layer's
@@ -166,12 +148,12 @@ def test_whitened_scales_equal_peft_once_each_layer_converges(tau):
     fields = dict(r=2, lora_alpha=4, target_modules=["0", "2", "4"], init_lora_weights="eva")
     eva = lorakit.EvaConfig(rho=1.0, whiten=True, tau=tau)
     ours = lorakit.inject(_toy(), lorakit.LoraConfig(**fields, eva_config=eva))
-    lorakit.initialize_lora_eva_weights(ours, _toy_batches(40))
+    lorakit.initialize_lora_eva_weights(ours, _toy_batches(count=40))
     theirs = _peft_state(
         _peft_eva(
             _toy(),
             fields,
-            _toy_batches(40),
+            _toy_batches(count=40),
             dict(rho=1.0, whiten=True, tau=tau),
             forward_fn=lambda m, x: m(x),
             prepare_model_inputs_fn=None,
