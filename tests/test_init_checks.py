@@ -68,7 +68,7 @@ def test_rank_equal_to_the_smaller_side_is_accepted_and_equals_peft(init):
 
 def _fail_on_call(monkeypatch, number: int) -> None:
     """Make the ``number``-th factorisation raise (as an SVD that does not converge would)."""
-    real, calls = init_methods._factors_for, []
+    real, calls = init_methods.factors_for, []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -76,7 +76,7 @@ def _fail_on_call(monkeypatch, number: int) -> None:
             raise RuntimeError("linalg.svd: the algorithm failed to converge")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(init_methods, "_factors_for", failing)
+    monkeypatch.setattr(init_methods, "factors_for", failing)
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora", "loftq"])

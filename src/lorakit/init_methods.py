@@ -14,7 +14,8 @@ layer computes what it did before (within float rounding)::
 - OLoRA: ``W0 = Q R`` (QR decomposition); ``A = R[:r]`` (r x k), ``B = Q[:, :r]`` (d x r).
 
 Everything is computed in float32; ``W_res`` is rounded to the base weight's dtype and written
-into the base weight Parameter in place, so the base model is changed (``lorakit.unload`` gives
+into the base weight Parameter in place (``lorakit.base_rewrite``: every layer's factorisation
+first, the writes last, so a failure leaves no layer half done), so the base model is changed (``lorakit.unload`` gives
 back the modules holding ``W_res``, as PEFT's ``unload`` does). A saved adapter then only fits
 ``W_res``: its fingerprint says so (``lorakit.io``), and ``save_adapter(...,
 initial_adapter=...)`` converts it into a plain LoRA for the original weights (``convert``).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,11 +38,10 @@ __all__ = [
     "changes_base",
     "check_layer_takes",
     "check_redo_on_load",
-    "initialise_from_base",
+    "factors_for",
     "loftq_factors",
     "olora_factors",
     "pissa_factors",
-    "redo_base_change",
 ]
 
 BASE_CHANGING_INITS = ("pissa", "pissa_niter_K", "olora", "loftq")
@@ -126,6 +127,10 @@ def changes_base(init: object) -> bool:
     )
 
 
+Residual = Callable[[torch.Tensor], torch.Tensor]
+"""``W_res = residual(W0)``: a base-changing init's new base from the float32 ``W0`` (d, k)."""
+
+
 def loftq_factors(
     weight: torch.Tensor, rank: int, bits: int, iterations: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,18 +142,9 @@ def loftq_factors(
     again gives Q back), and ``W0 ~ Q + B A``: as in PEFT the scaling is not applied to the
     factors, so the layer starts at ``W0`` only when ``s = 1`` (``lora_alpha = r``).
     """
-    from lorakit.quantized.bnb import round_trip
-
     weight = weight.to(torch.float32)
-    target = weight
-    for step in range(iterations):
-        quantized = round_trip(target, bits)
-        left, values, right_t = torch.linalg.svd(weight - quantized, full_matrices=False)
-        root = values[:rank].sqrt()
-        lora_B, lora_A = left[:, :rank] * root, root[:, None] * right_t[:rank]
-        if step + 1 < iterations:
-            target = weight - lora_B @ lora_A
-    return lora_A, lora_B, quantized
+    lora_A, lora_B, residual = _loftq(weight, rank, bits, iterations)
+    return lora_A, lora_B, residual(weight)
 
 
 def pissa_factors(
@@ -160,6 +156,48 @@ def pissa_factors(
     ``niter``: None for the exact SVD, K for ``torch.svd_lowrank`` with K iterations.
     """
     weight = weight.to(torch.float32)
+    lora_A, lora_B, residual = _pissa(weight, rank, scale, niter)
+    return lora_A, lora_B, residual(weight)
+
+
+def olora_factors(
+    weight: torch.Tensor, rank: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A, B, W_res)`` for OLoRA, all float32: ``W0 = Q R``, ``A = R[:r]`` (r, k),
+    ``B = Q[:, :r]`` (d, r), ``W_res = W0 - s B A`` (d, k)."""
+    weight = weight.to(torch.float32)
+    lora_A, lora_B, residual = _olora(weight, rank, scale)
+    return lora_A, lora_B, residual(weight)
+
+
+def _loftq(
+    weight: torch.Tensor, rank: int, bits: int, iterations: int
+) -> tuple[torch.Tensor, torch.Tensor, Residual]:
+    """``loftq_factors`` with ``Q`` as a ``Residual``: it quantizes ``W0 - B' A'`` again from
+    the step before last's factors (or ``W0``), the same float32 operations on the same
+    tensors, so the same bits, without holding a full-size ``Q`` per layer."""
+    from lorakit.quantized.bnb import round_trip
+
+    previous = None  # (B, A) of the step before, which the last target subtracts
+    target = weight
+    for step in range(iterations):
+        quantized = round_trip(target, bits)
+        left, values, right_t = torch.linalg.svd(weight - quantized, full_matrices=False)
+        root = values[:rank].sqrt()
+        lora_B, lora_A = left[:, :rank] * root, root[:, None] * right_t[:rank]
+        if step + 1 < iterations:
+            target = weight - lora_B @ lora_A
+            previous = (lora_B, lora_A)
+
+    def residual(full: torch.Tensor) -> torch.Tensor:
+        return round_trip(full if previous is None else full - previous[0] @ previous[1], bits)
+
+    return lora_A, lora_B, residual
+
+
+def _pissa(
+    weight: torch.Tensor, rank: int, scale: float, niter: int | None
+) -> tuple[torch.Tensor, torch.Tensor, Residual]:
     if niter is None:
         left, values, right_t = torch.linalg.svd(weight, full_matrices=False)
         left, values, right_t = left[:, :rank], values[:rank], right_t[:rank]
@@ -169,30 +207,33 @@ def pissa_factors(
     root = torch.sqrt(values / scale)  # (r,)
     lora_A = root[:, None] * right_t  # (r, k)
     lora_B = left * root[None, :]  # (d, r)
-    return lora_A, lora_B, weight - scale * lora_B @ lora_A
+    return lora_A, lora_B, _minus_scaled_product(scale, lora_A, lora_B)
 
 
-def olora_factors(
+def _olora(
     weight: torch.Tensor, rank: int, scale: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(A, B, W_res)`` for OLoRA, all float32: ``W0 = Q R``, ``A = R[:r]`` (r, k),
-    ``B = Q[:, :r]`` (d, r), ``W_res = W0 - s B A`` (d, k)."""
-    weight = weight.to(torch.float32)
+) -> tuple[torch.Tensor, torch.Tensor, Residual]:
     q, r = torch.linalg.qr(weight)
     lora_A, lora_B = r[:rank].contiguous(), q[:, :rank].contiguous()
-    return lora_A, lora_B, weight - scale * lora_B @ lora_A
+    return lora_A, lora_B, _minus_scaled_product(scale, lora_A, lora_B)
 
 
-def _factors_for(
+def _minus_scaled_product(scale: float, lora_A: torch.Tensor, lora_B: torch.Tensor) -> Residual:
+    """``W0 -> W0 - s B A``."""
+    return lambda full: full - scale * lora_B @ lora_A
+
+
+def factors_for(
     init: str, weight: torch.Tensor, rank: int, scale: float, loftq: LoftQConfig | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, Residual]:
+    """``(A, B, residual)`` of a base-changing ``init`` for the float32 ``weight`` (d, k)."""
     if init == "loftq":
         loftq = loftq or LoftQConfig()
-        return loftq_factors(weight, rank, loftq.loftq_bits, loftq.loftq_iter)
+        return _loftq(weight, rank, loftq.loftq_bits, loftq.loftq_iter)
     if init == "olora":
-        return olora_factors(weight, rank, scale)
+        return _olora(weight, rank, scale)
     niter = _PISSA.fullmatch(init).group(1)
-    return pissa_factors(weight, rank, scale, None if niter is None else int(niter))
+    return _pissa(weight, rank, scale, None if niter is None else int(niter))
 
 
 def check_layer_takes(
@@ -251,29 +292,6 @@ def check_layer_takes(
         )
 
 
-def initialise_from_base(
-    layer, adapter_name: str, init: str, loftq: LoftQConfig | None = None
-) -> None:
-    """Set the factors of ``adapter_name`` (already on ``layer``, a ``LoraLinear``) by ``init``
-    and overwrite the base weight with ``W_res`` in place (see the module docstring). The
-    fingerprint of the weight before the change is kept in
-    ``layer.base_fingerprints_before_init[adapter_name]`` (what a converted adapter fits)."""
-    lora_A, lora_B = _rewrite_base(layer, adapter_name, init, loftq)
-    with torch.no_grad():
-        factor_A = layer.lora_A[adapter_name].weight
-        factor_B = layer.lora_B[adapter_name].weight
-        factor_A.copy_(lora_A.to(factor_A.dtype))
-        factor_B.copy_(lora_B.to(factor_B.dtype))
-
-
-def redo_base_change(layer, adapter_name: str, init: str) -> None:
-    """What PEFT does when it loads a file whose config says ``init_lora_weights="pissa"`` or
-    ``"olora"`` (saved without conversion): run the init again on the base, which becomes
-    ``W0 - s B0 A0`` from the init's own factors, and keep the adapter's factors (the file's).
-    The trained adapter then computes what it did in training, given the ORIGINAL base."""
-    _rewrite_base(layer, adapter_name, init, None)
-
-
 def check_redo_on_load(init: str, module: nn.Module, name: str) -> None:
     """``ValueError`` unless lorakit can redo ``init`` on ``module`` exactly as PEFT does when it
     loads a file: never for ``"pissa_niter_K"`` (a randomised SVD: the base it trained on cannot
@@ -296,24 +314,3 @@ def check_redo_on_load(init: str, module: nn.Module, name: str) -> None:
             f"init_lora_weights='olora' on the Conv1D {name!r}: peft factors the stored "
             f"(transposed) weight there and lorakit cannot reproduce it; {convert}"
         )
-
-
-def _rewrite_base(
-    layer, adapter_name: str, init: str, loftq: LoftQConfig | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compute ``init``'s factors from the base weight of ``layer`` with the scaling and rank of
-    ``adapter_name``, write ``W_res`` into the base weight in place (recording its fingerprint
-    before) and return the float32 factors ``(A, B)``."""
-    from lorakit.io.fingerprint import weight_fingerprint
-
-    base_weight = layer.base_layer.weight
-    with torch.no_grad():
-        layer.base_fingerprints_before_init[adapter_name] = weight_fingerprint(base_weight)
-        weight = base_weight.t() if layer.fan_in_fan_out else base_weight  # (d, k)
-        scale = layer.scalings[adapter_name]
-        rank = layer.ranks[adapter_name]
-        lora_A, lora_B, residual = _factors_for(init, weight, rank, scale, loftq)
-        residual = residual.t() if layer.fan_in_fan_out else residual
-        base_weight.copy_(residual.to(base_weight.dtype))
-        layer.row_norms.clear()  # every adapter's cached DoRA norms used the old base
-    return lora_A, lora_B

@@ -13,8 +13,9 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from lorakit.base_rewrite import BaseRewrite, interrupts_held, plan_rewrite, write_rewrites
 from lorakit.config import LoraConfig
-from lorakit.init_methods import changes_base, check_layer_takes, initialise_from_base
+from lorakit.init_methods import changes_base, check_layer_takes
 from lorakit.layers import LoraLayer, ModulesToSave, layer_class_for, wrap
 from lorakit.layers.saved import check_saveable
 from lorakit.parameter_targets import (
@@ -164,8 +165,8 @@ def add_adapter_to_modules(
     parameter_targets = dict(parameter_targets or {})
     check_parameter_targets(model, parameter_targets, adapter_name, targets)
     first = state_of(model) is None
-    wrappers_before = {name: model.get_submodule(name) for name in [*saved_names, *tokens]}
-    originals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    before = {**current, **{name: model.get_submodule(name) for name in [*saved_names, *tokens]}}
+    rewrites: list[BaseRewrite] = []  # PiSSA / OLoRA / LoftQ: W_res planned, written last
     try:  # what can still fail (an init's SVD, memory) undoes every change: all or nothing
         layers = wrap_targets(model, targets, modules=current)
         layers |= wrap_parameter_targets(model, parameter_targets)
@@ -173,20 +174,26 @@ def add_adapter_to_modules(
         for name, layer in layers.items():
             pattern_name = parameter_targets.get(name, name)  # rank_pattern sees parameter paths
             values = factors.get(name)
-            _add_to_layer(
-                layer, config, adapter_name, pattern_name, init, adapter_dtype, values, originals
+            rewrite = _add_to_layer(
+                layer, config, adapter_name, pattern_name, init, adapter_dtype, values
             )
+            rewrites += [rewrite] if rewrite else []
         add_to_wrappers(model, adapter_name, saved_names, tokens, init)
     except BaseException:
-        _undo_adapter(model, adapter_name, {**current, **wrappers_before}, first, originals)
+        _undo_adapter(model, adapter_name, before, first)
         raise
-    originals.clear()
-    state = state_of(model)
-    state.configs[adapter_name] = config
-    if activate or len(state.configs) == 1:
-        set_active(model, [adapter_name])
-    else:  # a new inactive adapter's tensors are frozen; nothing else changes
-        freeze_adapter(model, adapter_name, [*layers, *saved_names, *tokens])
+    with interrupts_held():  # a Ctrl-C while W_res is written lands once inject is done
+        try:
+            write_rewrites(rewrites)  # on a failure it puts back what it wrote
+        except BaseException:
+            _undo_adapter(model, adapter_name, before, first)
+            raise
+        state = state_of(model)
+        state.configs[adapter_name] = config
+        if activate or len(state.configs) == 1:
+            set_active(model, [adapter_name])
+        else:  # a new inactive adapter's tensors are frozen; nothing else changes
+            freeze_adapter(model, adapter_name, [*layers, *saved_names, *tokens])
 
 
 def _add_to_layer(
@@ -197,13 +204,12 @@ def _add_to_layer(
     init: bool | str | None,
     adapter_dtype: torch.dtype | None,
     values: tuple[torch.Tensor, torch.Tensor] | None,
-    originals: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-) -> None:
+) -> BaseRewrite | None:
     """Add the adapter to one wrapped layer: its rank and alpha from ``config``'s patterns
     (matched against ``pattern_name``), its factors given (``values``: (A, B)) or
-    initialised by ``init`` (PiSSA / OLoRA also rewrite W0 as W0 - s B A), its train/eval mode
-    from the model's. ``originals[pattern_name] = (base weight, a CPU copy of its values)``
-    is recorded before a base-changing init rewrites the weight (to undo a failed inject)."""
+    initialised by ``init``, its train/eval mode from the model's. PiSSA / OLoRA / LoftQ take
+    the factors from W0 and return the base's rewrite to ``W_res`` (``lorakit.base_rewrite``),
+    not yet written."""
     layer.add_adapter(
         adapter_name,
         rank=config.rank_for(pattern_name),
@@ -216,12 +222,14 @@ def _add_to_layer(
         use_dora=config.use_dora,
         lora_bias=config.lora_bias,
     )
-    if changes_base(init):  # PiSSA / OLoRA: A, B from W0, which becomes W0 - s B A
-        if originals is not None:
-            weight = layer.base_layer.weight
-            originals[pattern_name] = (weight, weight.detach().to("cpu", copy=True))
-        initialise_from_base(layer, adapter_name, init, config.loftq_config)
+    rewrite = None
+    if changes_base(init):  # PiSSA / OLoRA / LoftQ: A, B from W0, which becomes W_res
+        rewrite = plan_rewrite(layer, pattern_name, adapter_name, init, config.loftq_config)
+        with torch.no_grad():
+            for factor, value in ((layer.lora_A, rewrite.lora_A), (layer.lora_B, rewrite.lora_B)):
+                factor[adapter_name].weight.copy_(value)
     _give_layer_mode(layer, adapter_name)
+    return rewrite
 
 
 def _check_targets(
@@ -267,15 +275,12 @@ def _undo_adapter(
     adapter_name: str,
     before: Mapping[str, nn.Module],
     first: bool,
-    originals: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
 ) -> None:
-    """Take back what a failed ``add_adapter_to_modules`` did: the base weights an init
-    rewrote get their values back, then either every wrapping goes (``first``: the model held
-    no adapter before) or the adapter is removed from the modules holding it and the modules
-    this call wrapped (``before``: name -> the module there before the call) are unwrapped."""
-    with torch.no_grad():
-        for weight, values in originals.values():
-            weight.copy_(values.to(weight.device))
+    """Take back what a failed ``add_adapter_to_modules`` did (the base weights are its
+    caller's: ``write_rewrites`` puts them back): either every wrapping goes (``first``: the
+    model held no adapter before) or the adapter is removed from the modules holding it and
+    the modules this call wrapped (``before``: name -> the module there before the call) are
+    unwrapped."""
     if first:
         if state_of(model) is not None:
             unload(model)  # (layer_replication is restored by inject)
@@ -284,8 +289,6 @@ def _undo_adapter(
         if adapter_name in layer.ranks:
             layer.delete_adapter(adapter_name)
         layer.base_fingerprints_before_init.pop(adapter_name, None)
-        if name in originals and hasattr(layer, "row_norms"):
-            layer.row_norms.clear()  # other adapters' cached DoRA norms saw the rewritten base
         if name in before and not isinstance(before[name], LoraLayer):
             replace_module(model, name, layer.base_layer)
     for name, wrapper in list(saved_modules(model)):

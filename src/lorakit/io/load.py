@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lorakit.base_rewrite import BaseRewrite, interrupts_held, plan_rewrite, write_rewrites
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
 from lorakit.init_methods import (
     changes_base,
     check_layer_takes,
     check_redo_on_load,
-    redo_base_change,
 )
 from lorakit.inject import add_adapter_to_modules, check_adapter_name, unload
 from lorakit.io.keys import (
@@ -276,7 +276,7 @@ def _apply(
             activate=activate,
             init=None,  # every other adapter tensor is copied from the file below
         )
-        _redo_init(model, to_load, adapter_name, base_backup)
+        rewrites = _plan_redo(model, to_load, adapter_name)
         trainable = adapter_name in active_adapters(model)
         with torch.no_grad():
             for entry in to_load.tensors:
@@ -291,24 +291,27 @@ def _apply(
     except BaseException:
         _roll_back(model, adapter_name, had_state, wrapped_before, base_backup)
         raise
+    replaced = {entry.module for entry in to_load.tensors if entry.role == "base_weight"}
+    rewrites = [rewrite for rewrite in rewrites if rewrite.name not in replaced]  # as in PEFT:
+    with interrupts_held():  # the file's base weight wins; a Ctrl-C lands once the load is done
+        try:
+            write_rewrites(rewrites)  # last: on a failure it puts back what it wrote
+        except BaseException:
+            _roll_back(model, adapter_name, had_state, wrapped_before, base_backup)
+            raise
 
 
-def _redo_init(
-    model: nn.Module,
-    to_load: _LoadTargets,
-    adapter_name: str,
-    base_backup: list[tuple[torch.Tensor, torch.Tensor]],
-) -> None:
-    """PEFT's load of a PiSSA / OLoRA file: the init runs again on each target's base (now
-    ``W0 - s B0 A0``); the file's factors stay. Old base values go to ``base_backup``."""
+def _plan_redo(model: nn.Module, to_load: _LoadTargets, adapter_name: str) -> list[BaseRewrite]:
+    """PEFT's load of a PiSSA / OLoRA file: the init runs again on each target's base, which
+    becomes ``W0 - s B0 A0``; the file's factors stay. Planned here (the factorisations), written
+    by ``write_rewrites`` once everything else is in place."""
     init = _init_to_redo(to_load.config)
     if init is None:
-        return
-    for name in to_load.targets:
-        layer = model.get_submodule(name)
-        weight = layer.base_layer.weight
-        base_backup.append((weight, weight.detach().clone()))
-        redo_base_change(layer, adapter_name, init)
+        return []
+    return [
+        plan_rewrite(model.get_submodule(name), name, adapter_name, init)
+        for name in to_load.targets
+    ]
 
 
 def _roll_back(model, adapter_name, had_state, wrapped_before, base_backup) -> None:
