@@ -31,24 +31,10 @@ def batch_size(args: tuple, kwargs: dict) -> int | None:
 def _bank_of(model: nn.Module, names: list[str]):
     """A serving bank (``lorakit.serve.AdapterBank``) holding copies of adapters ``names`` of
     ``model``; TypeError where the bank would not add what the model's own layers add."""
-    from lorakit.layers import LoraLinear
-    from lorakit.serve.bank import AdapterBank
+    from lorakit.serve.routing import bank_of_copies, what_a_bank_leaves_out
 
-    configs = adapter_configs(model)
-    layers = [layer for _, layer in lora_layers(model)]
     for name in names:
-        config = configs[name]
-        extras = {
-            "lora_bias": config.lora_bias,
-            "modules_to_save": config.modules_to_save,
-            "trainable_token_indices": config.trainable_token_indices,
-            "target_parameters": config.target_parameters,
-            "layer_replication": config.layer_replication,
-        }
-        reasons = [field for field, value in extras.items() if value]
-        kinds = {type(layer.base_layer).__name__ for layer in layers if name in layer.ranks}
-        if any(name in layer.ranks and not isinstance(layer, LoraLinear) for layer in layers):
-            reasons.append(f"layers of kinds {sorted(kinds)}")
+        reasons = what_a_bank_leaves_out(model, name)
         if reasons:
             raise TypeError(
                 f"adapter_names: adapter {name!r} cannot be routed per row (it has "
@@ -57,14 +43,7 @@ def _bank_of(model: nn.Module, names: list[str]):
                 "adapter's rows in a call of their own: with lorakit.use_adapters(model, [name]): "
                 "model(rows)."
             )
-    lora_A = next(
-        layer.adapter_parameters(names[0])[0] for layer in layers if names[0] in layer.ranks
-    )
-    max_rank = max(layer.ranks[n] for layer in layers for n in names if n in layer.ranks)
-    bank = AdapterBank(model, max_rank=max_rank, capacity=len(names), dtype=lora_A.dtype)
-    for name in names:
-        bank.load_from_model(name, model, name)
-    return bank
+    return bank_of_copies(model, names)
 
 
 class _RowRouter:

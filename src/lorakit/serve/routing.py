@@ -24,7 +24,13 @@ from lorakit.serve.batched import routed
 from lorakit.serve.one_adapter import OneAdapterRouter, routed_one
 from lorakit.state import adapter_configs, lora_layers
 
-__all__ = ["ONE_ROUTERS_KEPT", "Routing", "own_adapter_bank"]
+__all__ = [
+    "ONE_ROUTERS_KEPT",
+    "Routing",
+    "bank_of_copies",
+    "own_adapter_bank",
+    "what_a_bank_leaves_out",
+]
 
 ONE_ROUTERS_KEPT = 4
 
@@ -69,23 +75,49 @@ def own_adapter_bank(model: nn.Module) -> tuple[AdapterBank, str] | None:
     adapter's factors (its own pages); the model's layers keep theirs.
     """
     layers = [layer for _, layer in lora_layers(model)]
-    if not layers or not all(isinstance(layer, LoraLinear) for layer in layers):
+    if not layers:
         return None
     active = {name for layer in layers for name in layer.chosen_adapters()}
     if len(active) != 1 or any(layer.merged_adapters for layer in layers):
         return None
     (name,) = active
-    config = adapter_configs(model)[name]
-    extras = (
-        config.lora_bias,
-        config.modules_to_save,
-        config.trainable_token_indices,
-        config.target_parameters,
-        config.layer_replication,
-    )
-    if any(extras):
+    if what_a_bank_leaves_out(model, name):
         return None
-    rank = max(layer.ranks[name] for layer in layers if name in layer.ranks)
-    bank = AdapterBank(model, max_rank=rank, capacity=1)
-    bank.load_from_model(name, model, name)
-    return bank, name
+    return bank_of_copies(model, [name]), name
+
+
+def what_a_bank_leaves_out(model: nn.Module, name: str) -> list[str]:
+    """What of adapter ``name`` of ``model`` a serving bank would not add (it holds LoRA / DoRA
+    factors of linear layers only): the config fields it ignores that are set (``lora_bias``,
+    ``modules_to_save``, ``trainable_token_indices``, ``target_parameters``,
+    ``layer_replication``) and the kinds of any non-linear layer holding the adapter. Empty:
+    a bank with a copy adds exactly what the model's layers add."""
+    config = adapter_configs(model)[name]
+    extras = {
+        "lora_bias": config.lora_bias,
+        "modules_to_save": config.modules_to_save,
+        "trainable_token_indices": config.trainable_token_indices,
+        "target_parameters": config.target_parameters,
+        "layer_replication": config.layer_replication,
+    }
+    reasons = [field for field, value in extras.items() if value]
+    holders = [layer for _, layer in lora_layers(model) if name in layer.ranks]
+    if any(not isinstance(layer, LoraLinear) for layer in holders):
+        kinds = sorted({type(layer.base_layer).__name__ for layer in holders})
+        reasons.append(f"layers of kinds {kinds}")
+    return reasons
+
+
+def bank_of_copies(model: nn.Module, names: list[str]) -> AdapterBank:
+    """A bank holding copies of adapters ``names`` of ``model`` (a slot each, in order), in the
+    first one's dtype, rank-sized for the largest of them (check ``what_a_bank_leaves_out``
+    first)."""
+    layers = [layer for _, layer in lora_layers(model)]
+    lora_A = next(
+        layer.adapter_parameters(names[0])[0] for layer in layers if names[0] in layer.ranks
+    )
+    max_rank = max(layer.ranks[n] for layer in layers for n in names if n in layer.ranks)
+    bank = AdapterBank(model, max_rank=max_rank, capacity=len(names), dtype=lora_A.dtype)
+    for name in names:
+        bank.load_from_model(name, model, name)
+    return bank
