@@ -59,7 +59,7 @@ def test_start_up_lists_a_thousand_adapters_without_reading_tensor_data(thousand
     root, _, _ = thousand
     reads = []
     monkeypatch.setattr(
-        "lorakit.serve.registry.read_adapter", lambda path: reads.append(path) or 1 / 0
+        "lorakit.serve.registry.read_adapter_data", lambda header: reads.append(header) or 1 / 0
     )
     registry = AdapterRegistry(root)
     targets, max_rank, shares = _adapter_defaults(registry)

@@ -78,11 +78,9 @@ def adapter_dir_spectra(directory: str | os.PathLike[str]) -> list[Spectrum]:
     An unconverted PiSSA / OLoRA adapter is refused (``AdapterFileError``) before its tensors are
     read: its ``s B A`` holds the base's principal part, not the update from the original base
     (``lorakit.io.read.refuse_residual_base_factors``)."""
-    from lorakit.io.read import read_adapter_data, read_adapter_header, refuse_residual_base_factors
+    from lorakit.io.read import read_plain_lora
 
-    header = read_adapter_header(directory)
-    refuse_residual_base_factors(header, "analysing its s B A as the update of the base weights")
-    adapter = read_adapter_data(header)
+    adapter = read_plain_lora(directory, "analysing its s B A as the update of the base weights")
     spectra = tensor_spectra(adapter.tensors, adapter.config)
     if not spectra:
         raise UserError(f"the adapter in {directory} holds no LoRA A/B tensors to analyse")

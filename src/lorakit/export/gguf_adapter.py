@@ -67,18 +67,14 @@ def export_adapter(
     ``UserError`` naming it and why, unless ``drop_unsupported`` (then listed in ``.dropped``).
     DoRA is always refused, and so are unconverted PiSSA / OLoRA adapters (``AdapterFileError``,
     module docstring)."""
-    from lorakit.io.read import (
-        read_adapter_data,
-        read_adapter_header,
-        refuse_residual_base_factors,
-    )
+    from lorakit.io.read import read_plain_lora
 
     if tensor_type not in ADAPTER_TYPES:
         raise UserError(f"--type {tensor_type} for an adapter: choose one of {ADAPTER_TYPES}")
     _refuse_dora(Path(adapter_directory))
-    header = read_adapter_header(adapter_directory)
-    refuse_residual_base_factors(header, "exporting it as a GGUF LoRA for the original model")
-    adapter = read_adapter_data(header)
+    adapter = read_plain_lora(
+        adapter_directory, "exporting it as a GGUF LoRA for the original model"
+    )
     adapter.require_finite()
     if adapter.config.layer_replication:
         raise UserError(

@@ -42,6 +42,7 @@ __all__ = [
     "read_adapter",
     "read_adapter_data",
     "read_adapter_header",
+    "read_plain_lora",
     "refuse_residual_base_factors",
     "residual_base_init",
     "weights_path",
@@ -209,6 +210,15 @@ def read_adapter(directory: str | Path) -> AdapterFile:
     unusable config, or a pickle-only adapter.
     """
     return read_adapter_data(read_adapter_header(directory))
+
+
+def read_plain_lora(directory: str | Path, doing: str) -> AdapterFile:
+    """``read_adapter`` for a reader that takes the file's A and B as a plain LoRA of the
+    original base (``doing``: what it does with them): an unconverted PiSSA / OLoRA file is
+    refused from its header, before its tensors are read (``refuse_residual_base_factors``)."""
+    header = read_adapter_header(directory)
+    refuse_residual_base_factors(header, doing)
+    return read_adapter_data(header)
 
 
 def _numeric(config: LoraConfig) -> dict[str, object]:

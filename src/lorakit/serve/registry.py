@@ -34,7 +34,7 @@ from lorakit.io.read import (
     WEIGHTS_NAME,
     AdapterFile,
     AdapterHeader,
-    read_adapter,
+    read_adapter_data,
     read_adapter_header,
     refuse_residual_base_factors,
 )
@@ -256,9 +256,7 @@ class ServedAdapters:
         header = read_adapter_header(path)
         refuse_residual_base_factors(header, _SERVING, fingerprint_checked=True)
         self.bank.check_shapes(name, header.config, header.tensors)
-        adapter = read_adapter(path)
-        # again: the files may have been replaced since their header was read
-        refuse_residual_base_factors(adapter, _SERVING, fingerprint_checked=True)
+        adapter = read_adapter_data(header)  # (refused if the tensors changed since the header)
         adapter.require_finite()
         check_base(self.model, adapter, self.allow_base_mismatch)
         return adapter
