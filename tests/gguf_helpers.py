@@ -8,10 +8,17 @@ import copy
 
 import numpy as np
 import torch
-from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from tokenizers import processors
+from transformers import (
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 import lorakit
-from tests import tiny_models
+from tests import tiny_models, tiny_tokenizer
 
 SIZES = tiny_models.DECODER_SIZES  # the tiny Llama's sizes, for Qwen2 and Mistral too
 
@@ -71,3 +78,24 @@ def transformers_row_order(array: np.ndarray, gguf_name: str, config) -> np.ndar
         }
     )
     return processor.process(array, gguf_name).weights
+
+
+BOS, EOS = "<|endoftext|>", "<|im_end|>"
+TEMPLATES = {  # name -> (single, pair) of a TemplateProcessing post-processor
+    "bos": (f"{BOS} $A", f"{BOS} $A {BOS} $B"),  # Llama 3's tokenizer.json
+    "eos": (f"$A {EOS}", f"$A {EOS} $B {EOS}"),
+    "both": (f"{BOS} $A {EOS}", f"{BOS} $A {EOS} $B {EOS}"),
+}
+
+
+def with_post_processor(template: str | None) -> PreTrainedTokenizerFast:
+    """The tiny byte-level BPE tokenizer with bos ``<|endoftext|>`` and eos ``<|im_end|>``,
+    adding them through a ``TemplateProcessing`` post-processor (none for ``None``)."""
+    backend = tiny_tokenizer.build().backend_tokenizer
+    if template is not None:
+        single, pair = TEMPLATES[template]
+        ids = [(token, backend.token_to_id(token)) for token in (BOS, EOS)]
+        backend.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=ids
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS)

@@ -11,7 +11,8 @@ import time
 
 import torch
 from fastapi.testclient import TestClient
-from transformers import LlamaForCausalLM
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 import lorakit
 from lorakit.io import save_adapter
@@ -21,6 +22,26 @@ from lorakit.serve.engine import Engine
 from lorakit.serve.registry import AdapterRegistry, ServedAdapters
 from lorakit.serve.sampling import SamplingParams
 from tests import tiny_models, tiny_tokenizer
+
+LINES = [
+    "the quick brown fox jumps over the lazy dog",
+    "low rank adapters share one base model",
+    "many adapters one server and a batch of requests",
+    "hello world this is a tiny tokenizer for tests",
+]
+
+
+def metaspace_tokenizer() -> PreTrainedTokenizerFast:
+    """A SentencePiece-style (Metaspace) BPE of 96 tokens trained on ``LINES``."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=96, special_tokens=["<unk>", "<s>", "</s>"])
+    tokenizer.train_from_iterator(LINES * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
 
 TOKEN = "admin-secret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -14,7 +14,7 @@ import torch
 import lorakit
 from lorakit.io import load_adapter, save_adapter
 from tests import tiny_models
-from tests.test_init_eva import _toy, _toy_batches
+from tests.eva_toys import toy_batches, toy_model
 
 
 def _lm_batches(count: int = 4) -> list[dict[str, torch.Tensor]]:
@@ -147,13 +147,13 @@ def test_whitened_scales_equal_peft_once_each_layer_converges(tau):
     judges it converged earlier: there the difference is the approximation, not the rule."""
     fields = dict(r=2, lora_alpha=4, target_modules=["0", "2", "4"], init_lora_weights="eva")
     eva = lorakit.EvaConfig(rho=1.0, whiten=True, tau=tau)
-    ours = lorakit.inject(_toy(), lorakit.LoraConfig(**fields, eva_config=eva))
-    lorakit.initialize_lora_eva_weights(ours, _toy_batches(count=40))
+    ours = lorakit.inject(toy_model(), lorakit.LoraConfig(**fields, eva_config=eva))
+    lorakit.initialize_lora_eva_weights(ours, toy_batches(count=40))
     theirs = _peft_state(
         _peft_eva(
-            _toy(),
+            toy_model(),
             fields,
-            _toy_batches(count=40),
+            toy_batches(count=40),
             dict(rho=1.0, whiten=True, tau=tau),
             forward_fn=lambda m, x: m(x),
             prepare_model_inputs_fn=None,
@@ -164,3 +164,16 @@ def test_whitened_scales_equal_peft_once_each_layer_converges(tau):
         if key.endswith("lora_A.default.weight") and not key.startswith("2."):
             ratio = value.norm(dim=1) / theirs[key].norm(dim=1)
             torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=0.02, rtol=0), key
+
+
+def test_a_layer_no_batch_reaches_is_named():
+    """Layers the forward never runs have no inputs: one ValueError naming them (was a
+    KeyError '2' after the whole loader)."""
+    model = toy_model()
+    lorakit.inject(
+        model, lorakit.LoraConfig(r=2, target_modules=["0", "2", "4"], init_lora_weights="eva")
+    )
+    with pytest.raises(ValueError, match=r"reached the LoRA layers \['2', '4'\].*exclude_modules"):
+        lorakit.initialize_lora_eva_weights(
+            model, toy_batches(count=3), forward_fn=lambda m, x: m[0](x)
+        )

@@ -5,33 +5,11 @@ converter's reading of the saved tokenizer (``gguf.SpecialVocab``), and the toke
 from __future__ import annotations
 
 import pytest
-from tokenizers import processors
-from transformers import PreTrainedTokenizerFast
 
 from lorakit.export.gguf_model import export_model
 from lorakit.export.gguf_tokenizer import tokenizer_keys
-from tests import tiny_models, tiny_tokenizer
-from tests.gguf_helpers import reader_fields
-
-BOS, EOS = "<|endoftext|>", "<|im_end|>"
-TEMPLATES = {  # name -> (single, pair) of a TemplateProcessing post-processor
-    "bos": (f"{BOS} $A", f"{BOS} $A {BOS} $B"),  # Llama 3's tokenizer.json
-    "eos": (f"$A {EOS}", f"$A {EOS} $B {EOS}"),
-    "both": (f"{BOS} $A {EOS}", f"{BOS} $A {EOS} $B {EOS}"),
-}
-
-
-def with_post_processor(template: str | None) -> PreTrainedTokenizerFast:
-    """The tiny byte-level BPE tokenizer with bos ``<|endoftext|>`` and eos ``<|im_end|>``,
-    adding them through a ``TemplateProcessing`` post-processor (none for ``None``)."""
-    backend = tiny_tokenizer.build().backend_tokenizer
-    if template is not None:
-        single, pair = TEMPLATES[template]
-        ids = [(token, backend.token_to_id(token)) for token in (BOS, EOS)]
-        backend.post_processor = processors.TemplateProcessing(
-            single=single, pair=pair, special_tokens=ids
-        )
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS)
+from tests import tiny_models
+from tests.gguf_helpers import reader_fields, with_post_processor
 
 
 def converter_flags(tokenizer, directory) -> dict[str, bool]:

@@ -18,27 +18,9 @@ from lorakit.eva import redistribute_ranks
 from lorakit.io import load_adapter
 from lorakit.io.summary import summarize_adapter
 from tests import tiny_models
+from tests.eva_toys import toy_batches, toy_model
 
 TOLERANCE = 1e-5
-
-
-def _toy_batches(scales=(30.0, 1.0, 0.5, 0.25), count: int = 8) -> list[torch.Tensor]:
-    """Inputs (64, 24) of a sharply falling spectrum: PEFT's randomised incremental PCA then
-    finds the same leading directions as an exact one."""
-    generator = torch.Generator().manual_seed(1)
-    mix = torch.randn(len(scales), 24, generator=generator)
-    return [
-        (torch.randn(64, len(scales), generator=generator) * torch.tensor(scales)) @ mix
-        + 0.01 * torch.randn(64, 24, generator=generator)
-        for _ in range(count)
-    ]
-
-
-def _toy() -> nn.Module:
-    torch.manual_seed(3)
-    return nn.Sequential(
-        nn.Linear(24, 20), nn.Tanh(), nn.Linear(20, 12), nn.Tanh(), nn.Linear(12, 6)
-    )
 
 
 def _peft_eva(model, fields, batches, **eva):
@@ -59,7 +41,7 @@ def _peft_eva(model, fields, batches, **eva):
 @pytest.mark.parametrize("rho", [1.0, 2.0])
 def test_ranks_and_directions_match_peft(rho):
     fields = dict(r=2, lora_alpha=4, target_modules=["0", "2", "4"], init_lora_weights="eva")
-    original, batches = _toy(), _toy_batches()
+    original, batches = toy_model(), toy_batches()
     ours = lorakit.get_peft_model(
         copy.deepcopy(original), lorakit.LoraConfig(**fields, eva_config=lorakit.EvaConfig(rho=rho))
     )
@@ -177,12 +159,12 @@ def test_a_layer_given_rank_zero_loses_its_adapter(monkeypatch):
         lorakit.eva, "redistribute_ranks", lambda ratios, ranks, rho: {"0": 3, "2": 0, "4": 1}
     )
     model = lorakit.inject(
-        _toy(),
+        toy_model(),
         lorakit.LoraConfig(
             r=2, lora_alpha=4, target_modules=["0", "2", "4"], init_lora_weights="eva"
         ),
     )
-    lorakit.initialize_lora_eva_weights(model, _toy_batches(count=2))
+    lorakit.initialize_lora_eva_weights(model, toy_batches(count=2))
     assert isinstance(model[2], nn.Linear)
     config = lorakit.adapter_configs(model)["default"]
     assert config.target_modules == ["0", "4"]
@@ -193,13 +175,13 @@ def test_a_layer_given_rank_zero_loses_its_adapter(monkeypatch):
 
 
 def test_refusals_name_the_problem():
-    model = lorakit.inject(_toy(), lorakit.LoraConfig(r=2, target_modules=["0"]))
+    model = lorakit.inject(toy_model(), lorakit.LoraConfig(r=2, target_modules=["0"]))
     with pytest.raises(ValueError, match="init_lora_weights='eva'"):
-        lorakit.initialize_lora_eva_weights(model, _toy_batches(count=1))
+        lorakit.initialize_lora_eva_weights(model, toy_batches(count=1))
     with pytest.raises(ValueError, match=r"rho=0\.5"):
         lorakit.EvaConfig(rho=0.5)
     eva_model = lorakit.inject(
-        _toy(), lorakit.LoraConfig(r=2, target_modules=["0"], init_lora_weights="eva")
+        toy_model(), lorakit.LoraConfig(r=2, target_modules=["0"], init_lora_weights="eva")
     )
     with pytest.raises(ValueError, match="no batches"):
         lorakit.initialize_lora_eva_weights(eva_model, [])

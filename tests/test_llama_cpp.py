@@ -244,7 +244,7 @@ def test_llama_cpp_adds_the_special_tokens_the_tokenizer_adds(tmp_path, template
     """A tokenizer that adds BOS through its post-processor (Llama 3's tokenizer.json): llama.cpp
     tokenizing with the file's flags gives the tokenizer's ids, BOS (and EOS) included."""
     from lorakit.export.gguf_model import export_model
-    from tests.test_gguf_tokenizer import with_post_processor
+    from tests.gguf_helpers import with_post_processor
 
     tokenizer = with_post_processor(template)
     model = tiny_models.save_llama_with_tokenizer(tmp_path / "hf", tokenizer)

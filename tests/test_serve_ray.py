@@ -20,8 +20,7 @@ from lorakit.cli import build_parser
 from lorakit.commands.serve import build
 from lorakit.io import save_adapter
 from tests import tiny_models
-from tests.serving import base_model, free_port
-from tests.test_serve_server import tiny_tokenizer
+from tests.serving import base_model, free_port, metaspace_tokenizer
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -34,7 +33,7 @@ def world(tmp_path_factory):
     """A tiny model directory and 50 adapters (10 distinct, q/v and all-linear, ranks 2-8),
     plus ``mismatch``, trained on other base weights (refused when loaded)."""
     root = tmp_path_factory.mktemp("ray")
-    tokenizer = tiny_tokenizer()
+    tokenizer = metaspace_tokenizer()
     tiny_models.save_llama_with_tokenizer(root / "model", tokenizer, max_position_embeddings=96)
     reference = base_model(tokenizer)
     for index in range(TEMPLATES):

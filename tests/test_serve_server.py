@@ -19,8 +19,7 @@ import openai
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM
 
 import lorakit
 from lorakit.cli import build_parser
@@ -28,17 +27,12 @@ from lorakit.commands.serve import build
 from lorakit.io import save_adapter
 from lorakit.serve import registry as registry_module
 from tests import tiny_models
+from tests.serving import LINES, metaspace_tokenizer
 
 TOKEN = "s3cret-admin"
 # Six adapter slots: 2 layers x sum(d + k) over the 7 linears (928) x max rank 6 x 4 bytes, plus
 # a float32 scaling per layer and slot: 44,600 bytes a slot.
 BUDGET = 6 * 44_600 + 1_000
-LINES = [
-    "the quick brown fox jumps over the lazy dog",
-    "low rank adapters share one base model",
-    "many adapters one server and a batch of requests",
-    "hello world this is a tiny tokenizer for tests",
-]
 TARGETS = [
     ["q_proj", "v_proj"],
     ["k_proj", "o_proj", "up_proj"],
@@ -47,17 +41,6 @@ TARGETS = [
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=96, special_tokens=["<unk>", "<s>", "</s>"])
-    tokenizer.train_from_iterator(LINES * 4, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
 
 
 def free_port() -> int:
@@ -71,7 +54,7 @@ def world(tmp_path_factory):
     import uvicorn
 
     root = tmp_path_factory.mktemp("serve")
-    tokenizer = tiny_tokenizer()
+    tokenizer = metaspace_tokenizer()
     base = tiny_models.save_llama_with_tokenizer(
         root / "model", tokenizer, max_position_embeddings=96, bos_token_id=tokenizer.bos_token_id
     )
@@ -169,14 +152,14 @@ def test_64_concurrent_streams_over_16_adapters(world, monkeypatch):
     prompts = [(LINES[i % 4][: 10 + i % 17], f"ad{i % 16}", 4 + i % 5) for i in range(64)]
     read_tensors = []  # weak references to every tensor read from an adapter file
 
-    read_real = registry_module.read_adapter
+    read_real = registry_module.read_adapter_data
 
-    def read_watched(directory):
-        adapter = read_real(directory)
+    def read_watched(header):
+        adapter = read_real(header)
         read_tensors.extend(weakref.ref(tensor) for tensor in adapter.tensors.values())
         return adapter
 
-    monkeypatch.setattr(registry_module, "read_adapter", read_watched)
+    monkeypatch.setattr(registry_module, "read_adapter_data", read_watched)
     before = httpx.get(world["url"] + "/health").json()
 
     async def one(api, prompt, adapter, max_tokens):

@@ -180,6 +180,13 @@ def _collect(model, layers, loader, config, ranks, forward_fn):
             handle.remove()
     if not moments:
         raise ValueError("the dataloader gave no batches; EVA needs layer inputs to start from.")
+    unreached = [name for name in layers if name not in leader]
+    if unreached:
+        raise ValueError(
+            f"EVA: no batch of the dataloader reached the LoRA layers {unreached} (every batch "
+            "was run), so they have no inputs to take components from. Leave them out of the "
+            "adapter (exclude_modules), or give batches / a forward_fn that run them."
+        )
     return {name: (*results[leader[name]], moments[leader[name]].count) for name in layers}
 
 
