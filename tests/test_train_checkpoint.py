@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,26 +167,39 @@ def test_a_new_run_refuses_a_directory_holding_a_previous_run(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-def test_resume_without_a_checkpoint_starts_the_metrics_over(tmp_path):
-    """A run killed before its first checkpoint left metrics; resuming starts from step 0, so
-    those records are dropped instead of duplicated."""
+def test_resume_without_a_checkpoint_is_refused_and_the_run_kept(tmp_path):
+    """A run killed before its first checkpoint (or one that wrote none) left metrics: --resume
+    has nothing to continue, so it is refused (as transformers.Trainer refuses it) instead of
+    starting over with settings nothing compares; --overwrite starts over."""
     train(build_model(0.0), make_data(), pad_collate(0), _job_config(tmp_path))
     assert latest_checkpoint(tmp_path) is None
-    train(build_model(0.0), make_data(), pad_collate(0), _job_config(tmp_path), resume=True)
+    adapter = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(UserError) as error:
+        config = _job_config(tmp_path, lr=0.5)
+        train(build_model(0.0), make_data(), pad_collate(0), config, resume=True)
+    message = str(error.value)
+    assert f"no checkpoint to resume in {tmp_path}" in message and "\n" not in message
+    assert "(adapter/, metrics.jsonl)" in message and "--overwrite" in message
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert _loss_steps(tmp_path) == [1, 2, 3]
+    config = _job_config(tmp_path, overwrite=True)
+    train(build_model(0.0), make_data(), pad_collate(0), config)
     assert _loss_steps(tmp_path) == [1, 2, 3]
 
 
 def test_a_killed_writers_temporary_checkpoint_is_removed(tmp_path):
+    config = _job_config(tmp_path, max_steps=6, checkpoint_every=3)
+    train(build_model(0.0), make_data(), pad_collate(0), config)
     root = tmp_path / "checkpoints"
+    shutil.rmtree(root / "step-00000006")  # killed after step 3's checkpoint
     stale = root / ".tmp-step-00000004-4194999"  # above Linux's largest pid: no such process
     live = root / f".tmp-step-00000004-{os.getppid()}"  # a live process: left alone
     for directory in (stale, live):
         directory.mkdir(parents=True)
         (directory / "trainable.safetensors").write_bytes(b"half")
         os.utime(directory, (time.time() - 600, time.time() - 600))
-    config = _job_config(tmp_path, checkpoint_every=3)
     train(build_model(0.0), make_data(), pad_collate(0), config, resume=True)
-    assert sorted(p.name for p in root.iterdir()) == [live.name, "step-00000003"]
+    assert sorted(p.name for p in root.iterdir()) == [live.name, "step-00000003", "step-00000006"]
 
 
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch):

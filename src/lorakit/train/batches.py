@@ -100,6 +100,13 @@ class BatchOrder:
             return self.num_examples // self.global_batch
         return math.ceil(self.num_examples / self.global_batch)
 
+    def examples_before(self, step: int) -> int:
+        """How many examples steps ``0 .. step - 1`` hold together (every process): whole
+        epochs, then full global batches (the short batch is an epoch's last one)."""
+        epochs, position = divmod(step, self.steps_per_epoch)
+        per_epoch = self.num_examples - (self.short_batch if self.drop_last else 0)
+        return epochs * per_epoch + position * self.global_batch
+
     def identity(self) -> dict[str, Any]:
         """What decides the batches (saved in checkpoints; resume requires the same)."""
         lengths = None

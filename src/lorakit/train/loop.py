@@ -18,6 +18,7 @@ import dataclasses
 import json
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -33,7 +34,6 @@ from lorakit.state import adapter_configs
 from lorakit.train.batches import BatchOrder, LengthOf, example_lengths, shortest_first
 from lorakit.train.checkpoint import (
     Saver,
-    latest_checkpoint,
     load_checkpoint,
     read_state,
     save_checkpoint,
@@ -49,14 +49,26 @@ from lorakit.train.losses import (
     target_count,
 )
 from lorakit.train.metrics import MetricsLog, plot_loss_curve, read_metrics
-from lorakit.train.optim import build_optimizer, parameter_groups
+from lorakit.train.optim import build_optimizer, no_decay_parameters, parameter_groups
 from lorakit.train.output_dir import prepare_output_dir, write_final_adapter
-from lorakit.train.resume import check_resumable, last_values, resumed_drop_last
+from lorakit.train.resume import (
+    check_resumable,
+    check_resume_base,
+    checkpoint_to_resume,
+    last_eval_step,
+    last_values,
+    resumed_drop_last,
+)
 from lorakit.train.schedule import build_scheduler, warmup_steps_for
 
 __all__ = ["TrainResult", "enable_gradient_checkpointing", "train"]
 
 Collate = Callable[[Sequence[Any]], dict[str, torch.Tensor]]
+
+DECAY_RULE_KEY = "weight_decay_exempt"
+"""The ``trainer_state.json`` key of the weight-decay rule of the checkpoint's optimizer; a
+checkpoint without it was written when every trainable parameter was decayed."""
+DECAY_RULE = "biases and norm weights (transformers.Trainer's rule)"
 
 
 @dataclass
@@ -110,9 +122,11 @@ def train(
 
     ``collate(examples) -> batch`` turns examples into tensors (``input_ids``, ``attention_mask``,
     ``labels``; see ``pad_collate``). ``resume``: True continues from the newest checkpoint in
-    ``config.output_dir`` (starts fresh if there is none), a path continues from that checkpoint.
-    Without ``resume``, an output directory holding a previous run is refused unless
-    ``config.overwrite`` (which deletes that run's files; see ``lorakit.train.output_dir``).
+    ``config.output_dir`` (a ``UserError`` if there is none), a path continues from that
+    checkpoint; either is refused when its settings or base weights differ from this run's
+    (``lorakit.train.resume``). Without ``resume``, an output directory holding a previous run is
+    refused unless ``config.overwrite`` (which deletes that run's files; see
+    ``lorakit.train.output_dir``). ``config.adapter_name`` must name an adapter of ``model``.
     ``length_of(example) -> tokens`` lets batches group examples of similar length (less
     padding; see ``BatchOrder``); by default it is ``len(example["input_ids"])`` for mapping
     examples, and without it batches are a plain shuffle. Under torchrun with
@@ -134,8 +148,13 @@ class _Run:
         self.eval_order = shortest_first(eval_data or [], length_of)
         self.dist: Distributed = setup_distributed(config.strategy)
         self.output_dir = Path(config.output_dir)
+        self._check_adapter_name()
+        self._check_eval_data()
         self.resume = resume
-        self.resume_from = self._checkpoint_to_resume()
+        self.resume_from = checkpoint_to_resume(self.output_dir, resume)
+        self.resume_state = None if self.resume_from is None else read_state(self.resume_from)
+        if self.resume_from is not None:  # (before FSDP shards the base weights)
+            check_resume_base(model, self.resume_from, config.adapter_name)
         self.batch_order = self._batch_order(example_lengths(train_data, length_of))
         if self.batch_order.steps_per_epoch == 0:
             raise UserError(
@@ -146,12 +165,29 @@ class _Run:
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", enabled=self.dist.is_main)
         self.last_loss: float | None = None
         self.last_eval: dict[str, float] = {}
+        self.last_eval_step: int | None = None
 
-    def _checkpoint_to_resume(self) -> Path | None:
-        """The checkpoint ``resume`` names: the newest one (True), a path, or None."""
-        if not self.resume:
-            return None
-        return latest_checkpoint(self.output_dir) if self.resume is True else Path(self.resume)
+    def _check_adapter_name(self) -> None:
+        """``UserError`` unless the model has parameters to train (``parameter_groups``) and
+        ``config.adapter_name`` names an adapter of it (its save would fail only after the whole
+        run)."""
+        parameter_groups(self.model)
+        name, configs = self.config.adapter_name, adapter_configs(self.model)
+        if name not in configs:
+            has = f"its adapters: {', '.join(map(repr, sorted(configs)))}" if configs else "none"
+            raise UserError(
+                f"the model has no adapter named {name!r} (TrainingConfig.adapter_name; {has}): "
+                "pass the name the adapter was injected under as adapter_name, or inject one "
+                "under that name (lorakit.inject(model, config, adapter_name=...))"
+            )
+
+    def _check_eval_data(self) -> None:
+        """``UserError`` for ``eval_every`` without evaluation data (else silently ignored)."""
+        if self.config.eval_every and not self.eval_data:
+            raise UserError(
+                f"eval_every={self.config.eval_every} (--eval-every) evaluates on eval_data, and "
+                "none was given: pass eval_data (--eval-data SPEC), or leave eval_every at 0"
+            )
 
     def _batch_order(self, lengths: tuple[int, ...] | None) -> BatchOrder:
         """The batch plan: under torchrun the epoch's short batch is dropped, in one process kept,
@@ -167,9 +203,9 @@ class _Run:
             drop_last=self.dist.enabled,
             lengths=lengths,
         )
-        if self.resume_from is None:
+        if self.resume_state is None:
             return order
-        drop_last = resumed_drop_last(read_state(self.resume_from), order)
+        drop_last = resumed_drop_last(self.resume_state, order)
         return dataclasses.replace(order, drop_last=drop_last)
 
     # ------------------------------------------------------------------ set-up
@@ -186,30 +222,51 @@ class _Run:
         self.saver = ShardedSaver(self.model, name) if self.dist.sharded else Saver(name)
         self.ddp_model = self.dist.wrap(self.model)  # FSDP: before the optimizer sees parameters
         self.parameters = parameter_groups(self.model).all
+        self.decays_all = self._decays_all()
         self.optimizer = build_optimizer(
-            self.model, config.lr, config.weight_decay, config.loraplus_ratio
+            self.model,
+            config.lr,
+            config.weight_decay,
+            config.loraplus_ratio,
+            decay_all=self.decays_all,
         )
         warmup = warmup_steps_for(self.total_steps, config.warmup_steps, config.warmup_ratio)
         self.scheduler = build_scheduler(
             self.optimizer, self.total_steps, warmup, config.min_lr_ratio
         )
         seed_everything(config.seed + self.dist.rank)
-        start_step = self._restore() if self.resume else 0
+        start_step = self._restore() if self.resume_from is not None else 0
         self.model.train()
         return start_step
 
+    def _decays_all(self) -> bool:
+        """Whether the optimizer decays every parameter, biases and norm weights too: only to
+        continue a checkpoint written under that older rule exactly (with a warning where the
+        rules differ for this run)."""
+        if self.resume_state is None or DECAY_RULE_KEY in self.resume_state:
+            return False
+        trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
+        differs = self.config.weight_decay and trainable & no_decay_parameters(self.model)
+        if differs and self.dist.is_main:
+            warnings.warn(
+                f"checkpoint {self.resume_from} was written by a lorakit that applied weight "
+                "decay to biases and norm weights too; this resumed run keeps doing so to "
+                "continue it exactly (a new run leaves them undecayed, as transformers.Trainer)",
+                stacklevel=5,  # the caller of train
+            )
+        return True
+
     def _restore(self) -> int:
-        directory = self.resume_from
-        if directory is None:  # killed before its first checkpoint: start over, metrics too
-            self.metrics.truncate_after(0)
-            return 0
-        state = read_state(directory)  # checked before anything is loaded
+        directory, state = self.resume_from, self.resume_state  # checked before any loading
         check_resumable(directory, state, self._plan_fields(), self.config, self._lora_fields())
         checkpoint = load_checkpoint(directory, self.model, self.optimizer, self.scheduler)
         if self.dist.rank != 0:  # each process continues its own dropout stream
             seed_everything(self.config.seed + self.dist.rank + checkpoint.step)
         self.metrics.truncate_after(checkpoint.step)
-        self.last_loss, self.last_eval = last_values(read_metrics(self.metrics.path))
+        records = read_metrics(self.metrics.path)
+        self.last_loss, self.last_eval = last_values(records)
+        evaluated = last_eval_step(records) if self.dist.is_main else None
+        self.last_eval_step = int(self.dist.sum(float(evaluated or 0))) or None  # main's view
         return checkpoint.step
 
     def _plan_fields(self) -> dict[str, Any]:
@@ -289,6 +346,7 @@ class _Run:
             self._checkpoint(done)
 
     def _evaluate(self, done: int) -> None:
+        self.last_eval_step = done
         if self.dist.is_main or self.dist.sharded:  # a sharded forward needs every process
             self.last_eval = self.evaluate()
         if self.dist.sharded:
@@ -313,10 +371,12 @@ class _Run:
                 "data_plan": self._plan_fields(),
                 "epoch": done // self.batch_order.steps_per_epoch,
                 "batch_in_epoch": done % self.batch_order.steps_per_epoch,
-                "examples_seen": done * self.batch_order.global_batch,
+                "examples_seen": self.batch_order.examples_before(done),
                 "training_config": self.config.to_dict(),
                 "lora_config": self._lora_fields(),
             }
+            if not self.decays_all:  # (absent: the older rule, which this run continues)
+                extra[DECAY_RULE_KEY] = DECAY_RULE
             save_checkpoint(
                 self.output_dir,
                 done,
@@ -331,8 +391,8 @@ class _Run:
         self.dist.barrier()
 
     def _finish(self, start_step: int) -> TrainResult:
-        evaluated_last = self.config.eval_every and self.total_steps % self.config.eval_every == 0
-        if self.eval_data and not evaluated_last:
+        # (evaluated at the last step: by eval_every, or before a finished run was resumed)
+        if self.eval_data and self.last_eval_step != self.total_steps:
             self._evaluate(self.total_steps)
         result = TrainResult(
             steps=self.total_steps,

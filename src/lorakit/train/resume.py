@@ -3,9 +3,14 @@
 A resumed run must be the run that was interrupted: the same batches (the data plan: example
 count and lengths, batch sizes, steps), the same optimizer trajectory (learning rate and its
 schedule, weight decay, LoRA+ ratio, clipping, seed) and the same adapter (alpha, dropout, ...;
-a different rank or target set already fails on the tensors' shapes). A checkpoint keeps each of
+a different rank or target set already fails on the tensors' shapes; module-name lists such as
+``target_modules`` are compared as sets, their order changes nothing). A checkpoint keeps each of
 these (``trainer_state.json``: ``data_plan``, ``training_config``, ``lora_config``), and
 ``check_resumable`` names every one that differs, with its flag, before anything is loaded. The
+base model must be the same too: the checkpoint's ``adapter/`` carries the fingerprint of the
+base weights it was trained on (``lorakit.io.fingerprint``), and ``check_resume_base`` refuses
+another base (``--model``, ``--quantization``). ``checkpoint_to_resume`` refuses ``--resume``
+where there is no checkpoint (as ``transformers.Trainer`` does) instead of starting over. The
 loop's last loss and evaluation come back from ``metrics.jsonl`` (``last_values``), so a run
 resumed at its last step reports them as the uninterrupted run does.
 
@@ -18,15 +23,28 @@ difference is refused, naming the way to resume.
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from lorakit.errors import UserError
 from lorakit.train.batches import BatchOrder
+from lorakit.train.checkpoint import latest_checkpoint
 from lorakit.train.config import TrainingConfig, flag_name
+from lorakit.train.output_dir import previous_run_files
 
-__all__ = ["TRAJECTORY_SETTINGS", "check_resumable", "last_values", "resumed_drop_last"]
+__all__ = [
+    "TRAJECTORY_SETTINGS",
+    "check_resumable",
+    "check_resume_base",
+    "checkpoint_to_resume",
+    "last_eval_step",
+    "last_values",
+    "resumed_drop_last",
+]
 
 TRAJECTORY_SETTINGS = (
     "lr",
@@ -42,6 +60,12 @@ TRAJECTORY_SETTINGS = (
 settings are checked through the data plan)."""
 
 _LORA_FLAGS = {"r": "--r", "lora_alpha": "--alpha", "lora_dropout": "--dropout"}
+
+_UNORDERED_LORA_FIELDS = frozenset(
+    ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform")
+)
+"""``LoraConfig`` fields whose list value is a set of names (or layer indices): the same entries
+in another order select the same modules."""
 
 _SHORT_BATCH_HINT = (
     " (the checkpoint's run kept the epoch's short batch, which this run's processes cannot "
@@ -97,17 +121,90 @@ def check_resumable(
             )
     saved_lora = state.get("lora_config", {})
     for name, value in saved_lora.items():
-        if name != "base_model_name_or_path" and lora.get(name) != value:
+        if name != "base_model_name_or_path" and not _same_lora_value(name, lora.get(name), value):
             shown = _LORA_FLAGS.get(name, name)
             differences.append(f"{shown} {lora.get(name)!r} (the checkpoint's: {value!r})")
     if differences:
-        settings = directory.parent.parent / "train_settings.json"
-        hint = f" (--config {settings} --resume repeats them)" if settings.is_file() else ""
+        hint = _settings_hint(directory)
         raise UserError(
             f"checkpoint {directory} was written by a run with other data, batch, optimizer or "
             f"adapter settings: {'; '.join(differences)}. Resume with the checkpoint's "
             f"settings{hint}, or start a new run (a new --output, or --overwrite)"
         )
+
+
+def _same_lora_value(name: str, value: Any, saved: Any) -> bool:
+    """Whether ``LoraConfig`` field ``name`` has the same value in this run and the checkpoint:
+    a list of ``_UNORDERED_LORA_FIELDS`` in any order, anything else exactly."""
+    if name in _UNORDERED_LORA_FIELDS and isinstance(value, list) and isinstance(saved, list):
+        return set(value) == set(saved)
+    return value == saved
+
+
+def _settings_hint(directory: Path, opening: str = " (", closing: str = ")") -> str:
+    """``--config OUTPUT/train_settings.json --resume repeats them`` between ``opening`` and
+    ``closing`` where the run of the checkpoint in ``directory`` recorded its settings, else
+    nothing."""
+    settings = directory.parent.parent / "train_settings.json"
+    if not settings.is_file():
+        return ""
+    return f"{opening}--config {settings} --resume repeats them{closing}"
+
+
+def checkpoint_to_resume(output_dir: str | os.PathLike, resume: bool | str) -> Path | None:
+    """The checkpoint ``resume`` names: None (no resume), the given path, or (True) the newest
+    checkpoint in ``output_dir``. Where there is none, a ``UserError`` naming the directory and
+    what to do: resuming would silently start a new run, whose settings nothing checks, over
+    what is there (``transformers.Trainer`` refuses it too)."""
+    if not resume:
+        return None
+    if resume is not True:
+        return Path(resume)
+    found = latest_checkpoint(output_dir)
+    if found is None:
+        raise UserError(_no_checkpoint(Path(output_dir)))
+    return found
+
+
+def _no_checkpoint(output_dir: Path) -> str:
+    """Why ``--resume`` has nothing to continue in ``output_dir``, and what to run instead."""
+    start = f"--resume (resume=True): no checkpoint to resume in {output_dir}"
+    previous = previous_run_files(output_dir)
+    if previous:
+        listed = ", ".join(name + ("/" if name != "metrics.jsonl" else "") for name in previous)
+        return (
+            f"{start}: it holds a run ({listed}) that wrote no checkpoint (they are written with "
+            "--checkpoint-every N). Start that run over with --overwrite (deletes its files) "
+            "instead of --resume, or choose another --output"
+        )
+    where = "it does not exist" if not output_dir.exists() else "it holds no training run"
+    return f"{start} ({where}). Start a new run: the same command without --resume"
+
+
+_BASE_REMEDY = (
+    "Resume on the base model the checkpoint was trained on (the same --model and "
+    "--quantization{hint}), or start a new run (a new --output, or --overwrite)."
+)
+
+
+def check_resume_base(model: nn.Module, directory: Path, adapter_name: str) -> None:
+    """``BaseModelMismatchError`` (a ``UserError``) when the base weights of ``model`` are not
+    those the checkpoint in ``directory`` was trained on: its ``adapter/`` holds their
+    fingerprint (``lorakit.io.fingerprint``). A checkpoint without one (no ``adapter/``, or an
+    adapter file without the fingerprint) is not checked. Call it before the model is sharded."""
+    from lorakit.io import fingerprint
+    from lorakit.io.read import read_adapter_header
+    from lorakit.state import lora_layers
+
+    adapter = directory / "adapter"
+    if not adapter.is_dir():
+        return
+    stored = read_adapter_header(adapter).fingerprint
+    names = [name for name, layer in lora_layers(model) if adapter_name in layer.ranks]
+    remedy = _BASE_REMEDY.format(hint=_settings_hint(directory, "; ", ""))
+    fingerprint.refuse_other_base(
+        model, stored, adapter, names, allow_mismatch=False, remedy=remedy
+    )
 
 
 def _plan_difference(key: str, plan: dict[str, Any], saved_plan: dict[str, Any]) -> str:
@@ -117,6 +214,12 @@ def _plan_difference(key: str, plan: dict[str, Any], saved_plan: dict[str, Any])
     if key == "short_batch" and plan.get("global_batch") == saved_plan.get("global_batch"):
         text += _SHORT_BATCH_HINT
     return text
+
+
+def last_eval_step(records: list[dict[str, Any]]) -> int | None:
+    """The step of the last evaluation record among ``metrics.jsonl``'s records (None: none)."""
+    steps = [r.get("step") for r in records if any(k.startswith("eval_") for k in r)]
+    return steps[-1] if steps else None
 
 
 def last_values(records: list[dict[str, Any]]) -> tuple[float | None, dict[str, float]]:

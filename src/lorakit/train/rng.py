@@ -1,6 +1,10 @@
 """Capture and restore every random-number state training touches, without pickle.
 
 - torch CPU generator: a uint8 tensor (stored in safetensors).
+- torch CUDA generators, one per device (``torch_cuda_<i>``), when CUDA is in use (available and
+  initialised): dropout on a GPU draws from them. A CPU-only run stores none, and a checkpoint
+  without them (a CPU run's, an older lorakit's) leaves them as they are; states of devices this
+  machine does not have are not restored.
 - numpy's global MT19937: 624 uint32 keys (tensor) + position / gaussian cache (JSON).
 - Python ``random``: its state tuple of ints (JSON).
 """
@@ -15,6 +19,8 @@ import torch
 
 __all__ = ["capture_rng_state", "restore_rng_state"]
 
+_CUDA_PREFIX = "torch_cuda_"
+
 
 def capture_rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(tensors, json_fields)`` describing the torch, numpy and Python RNG states now."""
@@ -22,6 +28,7 @@ def capture_rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {
         "torch_cpu": torch.get_rng_state().clone(),
         "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64)),
+        **_cuda_states(),
     }
     version, python_state, gauss_next = random.getstate()
     fields = {
@@ -36,9 +43,19 @@ def capture_rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, fields
 
 
+def _cuda_states() -> dict[str, torch.Tensor]:
+    """``{"torch_cuda_<i>": state}`` of every CUDA device, when CUDA is in use; else nothing
+    (asking would initialise CUDA in a run that does not use it)."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return {}
+    states = torch.cuda.get_rng_state_all()
+    return {f"{_CUDA_PREFIX}{i}": state.cpu().clone() for i, state in enumerate(states)}
+
+
 def restore_rng_state(tensors: dict[str, torch.Tensor], fields: dict[str, Any]) -> None:
     """Put back the states captured by ``capture_rng_state``."""
     torch.set_rng_state(tensors["torch_cpu"].to(torch.uint8))
+    _restore_cuda_states(tensors)
     numpy_fields = fields["numpy"]
     np.random.set_state(
         (
@@ -53,3 +70,16 @@ def restore_rng_state(tensors: dict[str, torch.Tensor], fields: dict[str, Any]) 
     random.setstate(
         (python_fields["version"], tuple(python_fields["state"]), python_fields["gauss_next"])
     )
+
+
+def _restore_cuda_states(tensors: dict[str, torch.Tensor]) -> None:
+    """Set the CUDA generators saved in ``tensors`` (none: nothing to do) of the devices this
+    machine has."""
+    saved = {
+        int(k[len(_CUDA_PREFIX) :]): v for k, v in tensors.items() if k.startswith(_CUDA_PREFIX)
+    }
+    if not saved or not torch.cuda.is_available():
+        return
+    for device, state in saved.items():
+        if device < torch.cuda.device_count():
+            torch.cuda.set_rng_state(state.to(torch.uint8), device)

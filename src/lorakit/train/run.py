@@ -14,7 +14,11 @@ from lorakit.io.atomic import write_text
 from lorakit.train.distributed import check_strategy
 from lorakit.train.loop import TrainResult
 
-__all__ = ["train_from_settings"]
+__all__ = ["NOT_RECORDED", "recorded_settings", "train_from_settings"]
+
+NOT_RECORDED = ("resume", "overwrite")
+"""Settings left out of ``train_settings.json``: what one invocation does with the output
+directory, not the run (``--config OUTPUT/train_settings.json --resume`` repeats the run)."""
 
 
 def check_targets_before_loading(model_directory, lora) -> None:
@@ -34,20 +38,38 @@ def check_targets_before_loading(model_directory, lora) -> None:
         raise UserError(str(error)) from None
 
 
+def recorded_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """What ``train_settings.json`` records of ``settings``: all but ``NOT_RECORDED``."""
+    return {key: value for key, value in settings.items() if key not in NOT_RECORDED}
+
+
+def check_eval_settings(eval_every: int, eval_data: str | None) -> None:
+    """``UserError`` for ``--eval-every`` without ``--eval-data`` (nothing to evaluate on)."""
+    if eval_every and not eval_data:
+        raise UserError(
+            f"--eval-every {eval_every} evaluates on --eval-data, which is not given: give "
+            "--eval-data SPEC, or leave out --eval-every"
+        )
+
+
 def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     """Check the settings (``{key: value}``, see ``lorakit.train.settings``), the data and the
     LoRA targets, then load the model, inject LoRA, train and save (adapter, metrics, loss
-    curve, and the settings as ``train_settings.json``, itself a valid config file)."""
+    curve, and the settings as ``train_settings.json``, itself a valid config file, without
+    ``NOT_RECORDED``)."""
     import torch
 
     import lorakit
     from lorakit import data
     from lorakit.models import check_model_spec, load_model, resolve_model
+    from lorakit.train.checkpoint import read_state
     from lorakit.train.output_dir import prepare_output_dir
+    from lorakit.train.resume import checkpoint_to_resume
     from lorakit.train.settings import build_settings, load_examples_for
 
     job, training = build_settings(settings)
     check_strategy(training.strategy)  # fsdp outside torchrun: before any loading
+    check_eval_settings(training.eval_every, job.eval_data)
     lora = job.lora_config()
     check_model_spec(job.model)
     if job.quantization is not None:
@@ -63,6 +85,8 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 writes
     where = dict(resume=job.resume, overwrite=training.overwrite, is_main=main)
     prepare_output_dir(training.output_dir, **where, delete=False)  # refuse before loading
+    resumed = checkpoint_to_resume(training.output_dir, job.resume)  # (None: a new run)
+    start_step = 0 if resumed is None else read_state(resumed)["step"]
     model, tokenizer = load_model(job.model, progress=False, quantization=job.quantization)
     torch.manual_seed(training.seed)  # the adapter's initial A, whatever the loading drew
     try:
@@ -78,14 +102,16 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     if main:
         recorded = output / "train_settings.json"
         if not (job.resume and recorded.is_file()):  # a resumed run keeps the run's own record
-            write_text(recorded, json.dumps(settings, indent=1, default=str))
-        _announce(model, tokenized, training, job.max_length)
+            text = json.dumps(recorded_settings(settings), indent=1, default=str)
+            write_text(recorded, text)
+        _announce(model, tokenized, training, job.max_length, start_step)
     return _train_tokenized(model, tokenized, training, job.resume)
 
 
-def _announce(model, tokenized: dict, training, max_length: int) -> None:
-    """Say on stderr what the run will do (examples, optimizer steps, trainable parameters), and
-    how many examples ``max_length`` shortened."""
+def _announce(model, tokenized: dict, training, max_length: int, start_step: int = 0) -> None:
+    """Say on stderr what the run will do (examples, optimizer steps, trainable parameters; a
+    resumed run: from which step, and how many remain), and how many examples ``max_length``
+    shortened."""
     from lorakit.accounting import count_parameters
     from lorakit.train.batches import BatchOrder
 
@@ -104,12 +130,21 @@ def _announce(model, tokenized: dict, training, max_length: int) -> None:
     )
     steps = training.total_steps(order.steps_per_epoch) if order.steps_per_epoch else 0
     counts = count_parameters(model)
+    planned = _steps_text(steps, order.global_batch, start_step)
     print(
-        f"lorakit: training on {examples} examples, {steps} optimizer steps of "
-        f"{order.global_batch} examples, {counts.trainable:,} trainable parameters "
-        f"({100 * counts.trainable / counts.total:.2f}% of {counts.total:,})",
+        f"lorakit: training on {examples} examples, {planned}, {counts.trainable:,} trainable "
+        f"parameters ({100 * counts.trainable / counts.total:.2f}% of {counts.total:,})",
         file=sys.stderr,
     )
+
+
+def _steps_text(steps: int, global_batch: int, start_step: int) -> str:
+    """``N optimizer steps of G examples``, and for a resumed run from which step and how many
+    of them remain."""
+    text = f"{steps} optimizer steps of {global_batch} examples"
+    if start_step:
+        text += f" (resuming after step {start_step}: {max(steps - start_step, 0)} remain)"
+    return text
 
 
 def _train_tokenized(model, tokenized: dict, training, resume: bool) -> TrainResult:

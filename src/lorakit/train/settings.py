@@ -97,7 +97,9 @@ class TrainSettings:
         "maximum tokens per example: longer reviews (classification data) are shortened inside "
         "the template, other examples lose their start",
     )
-    resume: bool = setting(False, "continue from the newest checkpoint in --output")
+    resume: bool = setting(
+        False, "continue from the newest checkpoint in --output (refused where there is none)"
+    )
     quantization: str | None = setting(
         None,
         "train on a quantized frozen base: nf4, fp4, int8 (bitsandbytes, on the CPU) or gguf "
@@ -248,13 +250,24 @@ def _number(path: Path, key: str, value: Any, kind: type) -> Any:
         ) from None
 
 
+_DIRECTORY_ACTIONS = ("resume", "overwrite")
+"""Settings that say what to do with a run already in ``--output``: one choice, so a flag given
+for either replaces the config file's values of both."""
+
+
 def merged_values(config_file: str | None, given: dict[str, Any]) -> dict[str, Any]:
     """``{key: value}``: the defaults, then the config file, then every ``given`` value that is
     not None (the flags given on the command line); ``target_modules`` as a list unless it is
-    ``all-linear``."""
+    ``all-linear``. ``--resume`` or ``--overwrite`` on the command line sets aside the file's
+    ``resume`` and ``overwrite`` (a ``train_settings.json`` of an older lorakit records
+    ``overwrite: true`` for a run started with it, and ``--config`` it ``--resume`` continues
+    that run)."""
     values = setting_defaults()
     if config_file:
-        values.update(load_config_file(config_file))
+        from_file = load_config_file(config_file)
+        if any(given.get(key) for key in _DIRECTORY_ACTIONS):
+            from_file = {k: v for k, v in from_file.items() if k not in _DIRECTORY_ACTIONS}
+        values.update(from_file)
     values.update({key: given[key] for key in values if given.get(key) is not None})
     targets = values["target_modules"]
     if isinstance(targets, str) and targets != "all-linear":
