@@ -18,6 +18,7 @@ from lorakit.config import LoraConfig
 from lorakit.init_methods import changes_base, check_layer_takes
 from lorakit.layers import LoraLayer, ModulesToSave, layer_class_for, wrap
 from lorakit.layers.saved import check_saveable
+from lorakit.moe_targets import convert_moe_config
 from lorakit.parameter_targets import (
     check_parameter_targets,
     find_parameter_targets,
@@ -111,7 +112,9 @@ def _inject_checked(
     initialize: bool,
     strict_targets: bool,
 ) -> None:
-    """``inject`` once the name is checked and the layers replicated (if asked)."""
+    """``inject`` once the name is checked and the layers replicated (if asked). The config of
+    a fused MoE model is first converted as PEFT converts it (``lorakit.moe_targets``)."""
+    config = convert_moe_config(model, config)
     targets = find_targets(model, config)
     parameter_targets = find_parameter_targets(model, config)
     if not targets and not parameter_targets:

@@ -4,8 +4,10 @@
 - as a list: a name equal to an entry or ending in ``"." + entry`` (entries are not regexes).
   ``check_every_entry_matches`` refuses a list with an entry that names no module (a typo that
   PEFT drops silently when another entry matches).
-- ``"all-linear"``: every ``nn.Linear`` / ``Conv1D`` except the output embedding and, for
-  ``SEQ_CLS``, the ``score`` / ``classifier`` head.
+- ``"all-linear"``: every ``nn.Linear`` / ``Conv1D`` except the output embedding, for
+  ``SEQ_CLS`` the ``score`` / ``classifier`` head, and the ``out_proj`` of an
+  ``nn.MultiheadAttention`` (which reads its weight and bias directly and never calls it, so an
+  adapter there would never run: naming it in ``target_modules`` is refused).
 - ``exclude_modules``: the same rules, removing matches.
 - ``layers_to_transform``: the layer index is the first ``<layers_pattern>.<digits>.`` segment of
   the name (any container name when ``layers_pattern`` is unset). A module named in full in a
@@ -175,8 +177,9 @@ def find_targets(
     spec = resolved_target_spec(model, config)
     saved = saved_module_entries(config)
     named = list(model_modules(model) if modules is None else modules.items())
+    never_called = _uncalled_linears(named)
     if config.targets_all_linear:
-        excluded = _excluded_heads(model, config, named)
+        excluded = _excluded_heads(model, config, named) | set(never_called)
         candidates = [n for n, m in named if is_linear(m) and n not in excluded]
         spec = candidates
     targets = []
@@ -189,7 +192,32 @@ def find_targets(
             continue
         if _named_in_full(config, name) or _in_selected_layer(config, name):
             targets.append(name)
+    _refuse_uncalled(targets, never_called)
     return targets
+
+
+def _uncalled_linears(modules: list[tuple[str, nn.Module]]) -> dict[str, str]:
+    """``{name: its parent's name}`` of the linear layers their parent never calls: the
+    ``out_proj`` of each ``nn.MultiheadAttention``, whose forward reads ``out_proj.weight`` and
+    ``out_proj.bias`` itself (a LoRA layer there would never run, and it hides the bias)."""
+    return {
+        f"{name}.out_proj" if name else "out_proj": name
+        for name, module in modules
+        if isinstance(module, nn.MultiheadAttention)
+    }
+
+
+def _refuse_uncalled(targets: list[str], never_called: Mapping[str, str]) -> None:
+    """``TargetModulesError`` naming the first of ``targets`` that its parent never calls."""
+    for name in targets:
+        if name in never_called:
+            raise TargetModulesError(
+                f"module {name!r} is the out_proj of the nn.MultiheadAttention "
+                f"{never_called[name] or '(the model itself)'!r}, which reads out_proj.weight "
+                "and out_proj.bias directly and never calls the module: a LoRA adapter there "
+                "would never run. Remove it from target_modules or add it to exclude_modules "
+                '("all-linear" leaves it out).'
+            )
 
 
 def _named_in_full(config: LoraConfig, module_name: str) -> bool:

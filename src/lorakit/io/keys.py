@@ -53,6 +53,7 @@ __all__ = [
     "parse_lora_key",
     "plain_key",
     "saved_module_alias_keys",
+    "unmerged_base_tensor",
 ]
 
 PREFIX = "base_model.model."
@@ -290,7 +291,22 @@ def model_tensor(model: nn.Module, entry: FileTensor, adapter_name: str) -> torc
         return module.lora_B[adapter_name].bias
     if entry.role == "tokens":
         return module.modules_to_save[adapter_name].values
-    base = module.base_layer if isinstance(module, LoraLayer) else module
-    if isinstance(base, ModulesToSave):
-        base = base.original_module
-    return getattr(base, entry.parameter)
+    return unmerged_base_tensor(module, entry.parameter)
+
+
+def unmerged_base_tensor(module: nn.Module, parameter: str) -> torch.Tensor:
+    """The base tensor ``parameter`` ("weight", "bias") of ``module`` (a LoRA layer, nested ones
+    included, a saved-module wrapper or a plain module) WITHOUT any merged adapter: the original
+    Parameter a merged LoRA layer keeps aside (``original_weight``, ``original_bias``), which is
+    the live one when nothing is merged. A file therefore holds the same base tensors whether
+    the model was merged or not, and a load writes into the tensor merging starts from."""
+    while isinstance(module, LoraLayer):
+        layer_parameter = getattr(module, "parameter_name", "weight")  # LoraParameter: its own
+        if parameter == layer_parameter and module.original_weight is not None:
+            return module.original_weight
+        if parameter == "bias" and hasattr(module, "original_bias"):
+            return module.original_bias  # a bias on B merged into it: the one kept aside
+        module = module.base_layer
+    if isinstance(module, ModulesToSave):
+        module = module.original_module
+    return getattr(module, parameter)

@@ -12,6 +12,7 @@ failure after injection rolls the model back to exactly what it was.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,7 @@ from lorakit.io.read import (
     read_adapter_header,
 )
 from lorakit.layers import LoraLayer, ModulesToSave, layer_class_for
+from lorakit.moe_targets import convert_moe_config
 from lorakit.parameter_targets import find_parameter_targets, parameter_stand_ins
 from lorakit.replication import replicate_layers, restore_layers
 from lorakit.state import (
@@ -181,6 +183,7 @@ def _load_targets(
         config = config.replace(modules_to_save=kept or None)
     source = adapter.directory
     try:
+        config = convert_moe_config(model, config)  # PEFT's, for fused MoE experts (idempotent)
         targets = find_targets(model, config, modules)
         saved_names = saved_module_names(model, config)
         tokens = token_module_names(model, config, targets, saved_names)
@@ -258,6 +261,7 @@ def _apply(
     had_state = state_of(model) is not None
     wrapped_before = {id(m) for m in current.values() if isinstance(m, (LoraLayer, ModulesToSave))}
     base_backup: list[tuple[torch.Tensor, torch.Tensor]] = []  # (base tensor, its old value)
+    remerge: list[tuple[LoraLayer, tuple[str, ...]]] = []  # (merged layer, its merged adapters)
     factors: dict[str, dict[str, torch.Tensor]] = {}  # module -> {"lora_A": A, "lora_B": B}
     for entry in to_load.tensors:
         if entry.role in ("lora_A", "lora_B"):
@@ -282,14 +286,16 @@ def _apply(
             for entry in to_load.tensors:
                 if entry.role in ("lora_A", "lora_B"):
                     continue
-                target = model_tensor(model, entry, adapter_name)
+                target = model_tensor(model, entry, adapter_name)  # a base: the unmerged one
                 if entry.role in ("bias", "base_weight"):
                     base_backup.append((target, target.detach().clone()))
                 target.copy_(adapter.tensors[entry.key].to(target.dtype))
                 if entry.role in ("saved", "tokens"):
                     target.requires_grad_(trainable)
+        remerge = _merged_over(model, [target for target, _ in base_backup])
+        _merge_again(remerge)  # their merged weights, from the base tensors the file brought
     except BaseException:
-        _roll_back(model, adapter_name, had_state, wrapped_before, base_backup)
+        _roll_back(model, adapter_name, had_state, wrapped_before, base_backup, remerge)
         raise
     replaced = {entry.module for entry in to_load.tensors if entry.role == "base_weight"}
     rewrites = [rewrite for rewrite in rewrites if rewrite.name not in replaced]  # as in PEFT:
@@ -297,8 +303,35 @@ def _apply(
         try:
             write_rewrites(rewrites)  # last: on a failure it puts back what it wrote
         except BaseException:
-            _roll_back(model, adapter_name, had_state, wrapped_before, base_backup)
+            _roll_back(model, adapter_name, had_state, wrapped_before, base_backup, remerge)
             raise
+
+
+def _merged_over(
+    model: nn.Module, written: list[torch.Tensor]
+) -> list[tuple[LoraLayer, tuple[str, ...]]]:
+    """``(layer, its merged adapters)`` for each LoRA layer of ``model`` holding merged
+    adapters whose ORIGINAL weight or bias (the tensor a merge starts from, which a load
+    writes a file's base tensor into) is one of ``written``, tied weights included: its
+    merged weight must be derived again."""
+    if not written:
+        return []
+    ids = {id(tensor) for tensor in written}
+    found = []
+    for _, layer in lora_layers(model):
+        originals = (layer.original_weight, getattr(layer, "original_bias", None))
+        if layer.merged_adapters and any(id(t) in ids for t in originals if t is not None):
+            found.append((layer, layer.merged_adapters))
+    return found
+
+
+def _merge_again(merged: Iterable[tuple[LoraLayer, tuple[str, ...]]]) -> None:
+    """For each ``(layer, names)`` of ``merged`` (a layer and the adapters it had merged before
+    the load): unmerge the layer and merge ``names`` again, in that order; its merged weight
+    (and bias) then follow its base tensors as they are now."""
+    for layer, names in merged:
+        layer.unmerge()
+        layer.merge(names)
 
 
 def _plan_redo(model: nn.Module, to_load: _LoadTargets, adapter_name: str) -> list[BaseRewrite]:
@@ -314,11 +347,14 @@ def _plan_redo(model: nn.Module, to_load: _LoadTargets, adapter_name: str) -> li
     ]
 
 
-def _roll_back(model, adapter_name, had_state, wrapped_before, base_backup) -> None:
-    """Undo ``_apply``: old base values back, the adapter and any new wrapper removed."""
+def _roll_back(model, adapter_name, had_state, wrapped_before, base_backup, remerge=()) -> None:
+    """Undo ``_apply``: old base values back (and the merged weights of ``remerge``, the merged
+    layers whose base tensors were written, derived from them again), the adapter and any new
+    wrapper removed."""
     with torch.no_grad():
         for target, old_value in base_backup:
             target.copy_(old_value)
+    _merge_again(remerge)
     if adapter_name not in adapter_configs(model):
         return
     if not had_state:

@@ -1,0 +1,186 @@
+"""PEFT's conversion of a config's targets for the MoE architectures transformers 5 fused.
+
+transformers 5 fused the experts of some mixture-of-experts families into 3-D parameters
+(``mlp.experts.gate_up_proj`` (E, 2 f, d), ``mlp.experts.down_proj`` (E, d, f)) and turned the
+router into a module holding a bare ``gate.weight``: the linear layers that transformers 4
+had there (Mixtral's ``w1`` / ``w3`` / ``w2`` and ``gate``, Qwen2-MoE's ``gate_proj`` /
+``up_proj`` / ``down_proj`` and ``gate``) are gone. PEFT (0.21, with transformers >= 5) rewrites
+a LoRA config for such a model when it injects it (``get_peft_model`` and loading), and lorakit
+applies the same rule (``convert_moe_config``), so that both adapt the same tensors:
+
+- The family: the model's ``config.model_type`` is ``"mixtral"`` or one that transformers'
+  ``conversion_mapping._MODEL_TO_CONVERSION_PATTERN`` maps to ``"mixtral"`` or ``"qwen2_moe"``
+  (e.g. ``minimax``, ``qwen3_moe``, ``olmoe``, ``deepseek_v3``). ``"qwen2_moe"`` itself is not
+  converted: PEFT 0.21 looks the type up in that table, where it is only a target.
+- A string ``target_modules`` is first resolved to leaf names: ``"all-linear"`` to the last
+  name parts of the linear layers it selects plus every transformers-4 name of the family (the
+  experts and the router were linear there); a regex to the last name parts of the modules and
+  parameters it matches in full (outside ``exclude_modules`` / ``modules_to_save``), plus each
+  transformers-4 name whose reconstructed path (``<experts module>.<old name>``) it matches.
+  A regex is thereby widened to every module with such a leaf name (PEFT's rule).
+- Each ``target_modules`` entry equal to a transformers-4 name or ending in ``"." + name``
+  moves to ``target_parameters`` under its new name (``w1``, ``w3`` -> ``gate_up_proj``;
+  ``w2`` -> ``down_proj``; ``gate`` -> ``gate.weight``); the others stay.
+- ``gate_up_proj`` holds two fused projections: targeting both doubles its rank and alpha
+  (``rank_pattern`` / ``alpha_pattern`` key ``.*\\.gate_up_proj``: ``2 r``, ``2 lora_alpha``,
+  so the scaling per projection is unchanged), targeting only one is refused.
+
+The converted config is what the model records and what ``save_adapter`` writes, as PEFT's
+``adapter_config.json`` does; converting it again changes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.errors import TargetModulesError
+from lorakit.targets import find_targets, matches, model_modules
+
+__all__ = ["convert_moe_config", "fused_moe_family"]
+
+# transformers-4 module name -> the transformers-5 parameter it became, per family (PEFT's
+# _MOE_TARGET_MODULE_MAPPING), in PEFT's order (the first name an entry ends with wins).
+_RENAMED: dict[str, dict[str, str]] = {
+    "mixtral": {
+        "gate": "gate.weight",
+        "w1": "gate_up_proj",
+        "w3": "gate_up_proj",
+        "w2": "down_proj",
+    },
+    "qwen2_moe": {
+        "gate": "gate.weight",
+        "gate_proj": "gate_up_proj",
+        "up_proj": "gate_up_proj",
+        "down_proj": "down_proj",
+    },
+}
+# fused parameter -> the transformers-4 names fused into it (PEFT's _MOE_FUSED_TARGETS).
+_FUSED: dict[str, dict[str, tuple[str, ...]]] = {
+    "mixtral": {"gate_up_proj": ("w1", "w3")},
+    "qwen2_moe": {"gate_up_proj": ("gate_proj", "up_proj")},
+}
+
+
+def _conversion_patterns() -> dict[str, str] | None:
+    """transformers' ``{model type: the type whose weight conversion it uses}`` (PEFT adds
+    ``mixtral: mixtral``); None before transformers 5, which fused nothing."""
+    try:
+        import transformers
+        from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
+    except ImportError:
+        return None
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return None
+    return {**_MODEL_TO_CONVERSION_PATTERN, "mixtral": "mixtral"}
+
+
+def fused_moe_family(model: nn.Module) -> str | None:
+    """``"mixtral"`` or ``"qwen2_moe"``: the family whose fused experts PEFT converts targets
+    for, from ``model.config.model_type``; None for any other model (or transformers < 5)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if not isinstance(model_type, str):
+        return None
+    patterns = _conversion_patterns()
+    family = None if patterns is None else patterns.get(model_type)
+    return family if family in _RENAMED else None
+
+
+def convert_moe_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """``config`` as PEFT rewrites it for ``model`` (see the module docstring): ``config``
+    itself when the model is of no converted family or nothing changes, else a new config.
+    ``TargetModulesError`` when only one of the projections fused into ``gate_up_proj`` is
+    targeted."""
+    family = fused_moe_family(model)
+    if family is None or config.target_modules is None:
+        return config
+    renamed = _RENAMED[family]
+    targets = config.target_modules
+    if isinstance(targets, str):
+        resolved = _resolve_string(model, config, renamed)
+        if not resolved:
+            return config  # matches nothing: left to the usual error
+        targets = resolved
+    parameters = list(config.target_parameters or [])
+    kept, converted = [], {}  # converted: old name -> new name
+    for entry in targets:
+        old = next((o for o in renamed if entry == o or entry.endswith(f".{o}")), None)
+        if old is None:
+            kept.append(entry)
+            continue
+        converted[old] = renamed[old]
+        parameters += [renamed[old]] if renamed[old] not in parameters else []
+    if not converted and not isinstance(config.target_modules, str):
+        return config  # a list without transformers-4 names: as it is
+    rank_pattern, alpha_pattern = dict(config.rank_pattern), dict(config.alpha_pattern)
+    for fused, parts in _FUSED[family].items():
+        present = sorted(set(parts) & set(converted))
+        if present and len(present) < len(parts):
+            missing = sorted(set(parts) - set(present))
+            raise TargetModulesError(
+                f"target_modules names {present} but not {missing}: on this "
+                f"{type(model).__name__} (transformers 5) they are fused into the expert "
+                f"parameter {fused!r}, which can only be adapted whole. Target all of {list(parts)} "
+                f"(or put {fused!r} into target_parameters)."
+            )
+        if present:  # both halves: r and alpha doubled, the scaling per projection kept
+            key = rf".*\.{re.escape(fused)}"
+            rank_pattern[key] = config.r * len(parts)
+            alpha_pattern[key] = config.lora_alpha * len(parts)
+    return config.replace(
+        target_modules=sorted(set(kept)),
+        target_parameters=sorted(set(parameters)) or config.target_parameters,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+    )
+
+
+def _resolve_string(model: nn.Module, config: LoraConfig, renamed: dict[str, str]) -> set[str]:
+    """The leaf names a string ``target_modules`` stands for on ``model`` (PEFT's
+    ``_resolve_string_target_modules``; see the module docstring)."""
+    if config.targets_all_linear:
+        linear = find_targets(
+            model, LoraConfig(target_modules="all-linear", task_type=config.task_type)
+        )
+        return {name.rsplit(".", 1)[-1] for name in linear} | set(renamed)
+    spec = config.target_modules
+    modules = [name for name, _ in model_modules(model) if name]
+    parameters = list(_original_parameter_names(model))
+    resolved = {
+        name.rsplit(".", 1)[-1]
+        for name in [*modules, *parameters]
+        if matches(spec, name) and not _left_out(config, name)
+    }
+    holders: dict[str, set[str]] = {}  # new parameter name -> the modules holding one
+    for name in parameters:
+        holder, _, leaf = name.rpartition(".")
+        holders.setdefault(leaf, set()).add(holder)
+    for old, new in renamed.items():
+        if old not in resolved and any(
+            matches(spec, f"{holder}.{old}") and not _left_out(config, f"{holder}.{old}")
+            for holder in holders.get(new, ())
+        ):
+            resolved.add(old)
+    return resolved
+
+
+def _original_parameter_names(model: nn.Module) -> Iterable[str]:
+    """The names of the parameters of the ORIGINAL model (a LoRA layer's base parameters under
+    the name of the module it stands for; adapter tensors left out)."""
+    for owner, module in model_modules(model):
+        for name, _ in module.named_parameters(recurse=False):
+            yield f"{owner}.{name}" if owner else name
+
+
+def _left_out(config: LoraConfig, name: str) -> bool:
+    """PEFT's exclusions when it resolves a regex: ``exclude_modules``, and a name with an entry
+    of ``modules_to_save`` as a whole dotted part."""
+    if config.exclude_modules is not None and matches(config.exclude_modules, name):
+        return True
+    return any(
+        re.match(rf"(^|.*\.){re.escape(entry)}($|\..*)", name)
+        for entry in config.modules_to_save or []
+    )
