@@ -175,7 +175,8 @@ def test_chat_completions_take_a_mixture(server):
         ({"ids": ["ad0"], "colour": 1}, "merged_adapters.colour", ["unknown entries", "colour"]),
         ({"ids": ["ad0"], "rank": "8"}, "merged_adapters.rank", ["rank"]),
         ({"ids": ["ad0", "ad1"], "merge_strategy": "ties"}, "merged_adapters", ["density"]),
-        ({"ids": ["ad1", "ad1", "ad0"]}, "merged_adapters", ["rank 10", "max_rank 8", "'svd'"]),
+        ({"ids": ["ad1", "combo-linear"]}, "merged_adapters", ["rank 10", "max_rank 8", "'svd'"]),
+        ({"ids": ["ad1", "ad1"]}, "merged_adapters.ids", ["'ad1' more than once"]),
         ("ad0+ad1", "merged_adapters", ["must be an object"]),
     ],
 )

@@ -42,6 +42,8 @@ __all__ = ["ServerSettings", "create_app"]
 
 log = logging.getLogger(__name__)
 
+_PARSED_INLINE = 64 << 10  # bodies up to this size are parsed on the event loop (fast)
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -165,14 +167,12 @@ def _add_admin_routes(app: FastAPI, adapters: ServedAdapters, settings: ServerSe
         name = _string(body, "lora_name")
         path = body.get("lora_path")
         try:
-            await run_in_threadpool(adapters.add, name, path)
+            loaded = await run_in_threadpool(adapters.add, name, path)
         except AdapterNameError as error:
             raise APIError(400, str(error), param="lora_name") from None
         except (UserError, ValueError) as error:
             raise APIError(400, str(error), param="lora_path") from None
-        except BankFullError as error:
-            raise APIError(503, str(error), type="server_busy") from None
-        return {"status": "ok", "message": f"LoRA adapter {name!r} added"}
+        return {"status": "ok", "message": _added(name, loaded), "loaded": loaded}
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request):
@@ -219,6 +219,16 @@ def _install_error_handlers(app: FastAPI) -> None:
         log.exception("internal error")
         body = APIError(500, f"internal error: {type(error).__name__}", type="server_error")
         return JSONResponse(protocol.error_body(body), status_code=500)
+
+
+def _added(name: str, loaded: bool) -> str:
+    """The message of a runtime load: added, and loaded now or (every slot busy) later."""
+    if loaded:
+        return f"LoRA adapter {name!r} added"
+    return (
+        f"LoRA adapter {name!r} added; every adapter slot is in use now, so it is loaded on its "
+        "first request (as an adapter found at start-up)"
+    )
 
 
 def _check_admin(request: Request, settings: ServerSettings) -> None:
@@ -302,8 +312,13 @@ async def read_json(request: Request, max_bytes: int) -> dict:
     """The request's JSON object (``protocol.parse_body``), its body read only while it stays
     within ``max_bytes``: a larger one is a 413 from its Content-Length (nothing read) or as
     soon as the bytes received pass the limit (a chunked body), so a client cannot make the
-    server hold more than the limit in memory."""
-    return protocol.parse_body(await _bounded_body(request, max_bytes))
+    server hold more than the limit in memory. A body over ``_PARSED_INLINE`` bytes is parsed
+    in a worker thread: its Unicode check (``protocol._require_unicode``) never stalls the
+    event loop."""
+    raw = await _bounded_body(request, max_bytes)
+    if len(raw) <= _PARSED_INLINE:
+        return protocol.parse_body(raw)
+    return await run_in_threadpool(protocol.parse_body, raw)
 
 
 async def _bounded_body(request: Request, max_bytes: int) -> bytes:

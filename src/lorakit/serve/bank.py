@@ -13,7 +13,10 @@ while serving: slots in use by a running request (``acquire``/``release``) or pi
 evicted; otherwise the least recently used adapter makes room. All methods are thread-safe;
 lazy loads (``acquire`` / ``ensure_loaded`` with a loader) read files outside the lock, and every
 load checks the tensors and resolves the config's patterns (``prepare``) outside it too: under
-the lock only the slot is written.
+the lock only the slot is written. One lazy load per adapter at a time: callers that want an
+adapter another thread is reading wait for that load (its slot, or its error) instead of
+reading the files again, whichever path they come from (the HTTP handlers' ``ensure_loaded``,
+the engine's cold loads' ``acquire``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 
 import torch
 from torch import nn
@@ -108,6 +112,7 @@ class AdapterBank:
         self._held = Residency(self.capacity, self.pages)  # slots, pages, LRU, holds, pins
         self._configs: dict[str, LoraConfig] = {}
         self._forgotten: Counter[str] = Counter()  # times each name was forget()-ed
+        self._loading: dict[str, Future] = {}  # name -> its lazy load under way
 
     # ----------------------------------------------------------------- sizing
     def pages_for(self, rank: int) -> int:
@@ -232,19 +237,51 @@ class AdapterBank:
         return self._lazy_load(name, loader, hold=False)
 
     def _lazy_load(self, name: str, loader: Loader | None, *, hold: bool) -> int:
-        with self._lock:
-            if name in self._held or loader is None:
-                return self._held.use(name, hold)
-            self._held.require_room(*self._held.needs(name), self.page_rank)
-            generation = self._forgotten[name]
-        prepared = self.prepare(name, *loader(name))
-        with self._lock:
-            if name in self._held:  # another thread loaded it meanwhile (or re-added it)
-                return self._held.use(name, hold)
-            if self._forgotten[name] != generation:
-                raise KeyError(f"adapter {name!r} was unloaded while it was being read")
-            self._commit(prepared, pin=False)
-            return self._held.use(name, hold)
+        """``name``'s slot, used (held if ``hold``): resident, else read by this thread with
+        ``loader``, or by the thread already reading it (waited for: its error is raised here
+        too). A load that ends before this thread takes the lock again can be evicted in
+        between: then this thread loads it."""
+        while True:
+            with self._lock:
+                if name in self._held or loader is None:
+                    return self._held.use(name, hold)
+                load = self._loading.get(name)
+                if load is None:
+                    self._held.require_room(*self._held.needs(name), self.page_rank)
+                    load = self._loading[name] = Future()
+                    generation = self._forgotten[name]
+                    break
+            load.result()  # (outside the lock) raises that load's error
+        return self._read_and_commit(name, loader, load, generation, hold=hold)
+
+    def _read_and_commit(
+        self, name: str, loader: Loader, load: Future, generation: int, *, hold: bool
+    ) -> int:
+        """``_lazy_load`` of the thread that reads: ``loader`` and ``prepare`` outside the lock,
+        then the slot write (refused when ``forget`` ran since ``generation``); ``load`` (in
+        ``_loading``) ends with the slot or the error, for the threads waiting for it."""
+        try:
+            prepared = self.prepare(name, *loader(name))
+            with self._lock:
+                self._end_load(name, load)  # (with the commit: a later caller finds it resident)
+                if name not in self._held:  # (else re-added meanwhile: serve that)
+                    if self._forgotten[name] != generation:
+                        raise KeyError(f"adapter {name!r} was unloaded while it was being read")
+                    self._commit(prepared, pin=False)
+                slot = self._held.use(name, hold)
+        except BaseException as error:
+            with self._lock:
+                self._end_load(name, load)
+            load.set_exception(error)
+            raise
+        load.set_result(slot)
+        return slot
+
+    def _end_load(self, name: str, load: Future) -> None:
+        """``load`` is no longer the load of ``name`` that callers wait for (unless ``forget``
+        dropped it already and a later load took its place)."""
+        if self._loading.get(name) is load:
+            del self._loading[name]
 
     def release(self, name: str) -> None:
         with self._lock:
@@ -278,6 +315,7 @@ class AdapterBank:
                 self.evict(name)
             self._forgotten[name] += 1
             self._held.forget_needs(name)
+            self._loading.pop(name, None)  # later callers read again (if it is added again)
 
     def evict(self, name: str) -> None:
         """Remove ``name`` now. Raises ``AdapterInUseError`` while a request uses it."""

@@ -23,6 +23,14 @@ result into the adapter bank under the name ``mixture:<key>``, where it is an ad
 other: served in the same mixed batches, evicted by the bank's LRU policy and read back from
 memory (recombined only when the memory cache dropped it too). ``combined`` counts the
 ``lorakit.combine`` calls.
+
+A mixture names each adapter once and at most ``MAX_IDS`` of them (a 400 on
+``merged_adapters.ids`` otherwise: repeating an adapter is giving it a larger weight). ``cat``
+adds the inputs' ranks: their sum is checked against the bank's ``max_rank`` from the files'
+headers, before any tensor data is read. Combining runs outside the cache's lock, one
+combination per mixture at a time: a request for a mixture being combined waits for that
+combination (its result or its error) instead of combining it again, and requests for other
+mixtures never wait for it.
 """
 
 from __future__ import annotations
@@ -32,22 +40,25 @@ import json
 import math
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 
 from lorakit.combining import METHODS, combine
 from lorakit.errors import UserError
 from lorakit.io import fingerprint
-from lorakit.io.keys import lora_keys
+from lorakit.io.keys import lora_key_pairs, lora_keys
+from lorakit.io.read import read_adapter_header
 from lorakit.serve.protocol import APIError
 from lorakit.serve.registry import ServedAdapters, file_identity
 
-__all__ = ["FIELD", "PREFIX", "Mixture", "Mixtures", "parse_mixture"]
+__all__ = ["FIELD", "MAX_IDS", "PREFIX", "Mixture", "Mixtures", "parse_mixture"]
 
 FIELD = "merged_adapters"  # the request body field (LoRAX's name)
 PREFIX = "mixture:"  # bank names of mixtures; ':' is never part of an adapter's name
 _ALIASES = {"linear": "cat"}  # LoRAX's name for the weighted sum
 _KEYS = ("ids", "weights", "merge_strategy", "rank", "density", "majority_sign_method", "seed")
 _REMEMBERED = 1024  # mixture settings kept for recombining (tensors: ``cached``)
+MAX_IDS = 16  # adapters in one mixture at most (docs/serving.md)
 
 
 @dataclass(frozen=True)
@@ -78,9 +89,7 @@ def parse_mixture(value: object) -> Mixture:
     unknown = sorted(set(value) - set(_KEYS))
     if unknown:
         raise _bad(f"'{FIELD}' has unknown entries {unknown}; known: {list(_KEYS)}", unknown[0])
-    ids = value.get("ids")
-    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
-        raise _bad(f"'{FIELD}.ids' must be a non-empty list of adapter names", "ids")
+    ids = _ids(value.get("ids"))
     weights = value.get("weights", [1.0] * len(ids))
     if not isinstance(weights, list) or not all(_number(w) for w in weights):
         raise _bad(f"'{FIELD}.weights' must be a list of numbers, got {weights!r}", "weights")
@@ -117,6 +126,28 @@ def parse_mixture(value: object) -> Mixture:
     )
 
 
+def _ids(ids: object) -> list[str]:
+    """``merged_adapters.ids``: 1 to ``MAX_IDS`` adapter names, each once; a 400 naming the
+    entry otherwise."""
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
+        raise _bad(f"'{FIELD}.ids' must be a non-empty list of adapter names", "ids")
+    if len(ids) > MAX_IDS:
+        raise _bad(
+            f"'{FIELD}.ids' names {len(ids)} adapters; a mixture takes at most {MAX_IDS}",
+            "ids",
+        )
+    seen: set[str] = set()
+    for adapter in ids:
+        if adapter in seen:
+            raise _bad(
+                f"'{FIELD}.ids' names {adapter[:200]!r} more than once; name each adapter once "
+                "and give it a larger weight in 'weights' instead",
+                "ids",
+            )
+        seen.add(adapter)
+    return ids
+
+
 class Mixtures:
     """Mixtures of the adapters ``adapters`` serves (module docstring). ``read`` is the engine's
     adapter loader for every bank name: mixtures from here, the rest from ``fallback``."""
@@ -126,7 +157,8 @@ class Mixtures:
         self.fallback = fallback
         self.cached = cached
         self.combined = 0  # lorakit.combine calls made
-        self._lock = threading.Lock()  # one combine at a time; the caches
+        self._lock = threading.Lock()  # the caches and ``_combining`` (never held to combine)
+        self._combining: dict[str, Future] = {}  # name -> the combination under way
         self._settings: OrderedDict[str, Mixture] = OrderedDict()
         self._tensors: OrderedDict[str, tuple] = OrderedDict()  # name -> (config, tensors)
 
@@ -147,12 +179,7 @@ class Mixtures:
         """Combine ``mixture`` unless it is cached and return its bank name; 400 when it cannot
         be combined or served (the message says which adapter or setting)."""
         name = self.name_of(mixture)
-        with self._lock:
-            if name not in self._tensors:
-                self._tensors[name] = self._combine(name, mixture)
-                self._settings[name] = mixture
-                self._trim()
-            self._tensors.move_to_end(name)
+        self._tensors_of(name, mixture)
         return name
 
     def read(self, name: str):
@@ -163,15 +190,48 @@ class Mixtures:
                 raise KeyError(f"adapter {name!r} is not loaded")
             return self.fallback(name)
         with self._lock:
-            if name not in self._tensors:
-                if name not in self._settings:
-                    raise KeyError(f"mixture {name!r} is unknown; send its {FIELD} again")
-                try:
-                    self._tensors[name] = self._combine(name, self._settings[name])
-                except APIError as error:  # an input changed or left since
-                    raise UserError(error.message) from None
-                self._trim()
-            return self._tensors[name]
+            mixture = self._settings.get(name)
+        if mixture is None:
+            raise KeyError(f"mixture {name!r} is unknown; send its {FIELD} again")
+        try:
+            return self._tensors_of(name, mixture)
+        except APIError as error:  # an input changed or left since
+            raise UserError(error.message) from None
+
+    def _tensors_of(self, name: str, mixture: Mixture) -> tuple:
+        """``(config, tensors)`` of mixture ``name``: from memory, else combined by this thread
+        outside the lock, while other callers for ``name`` wait for its result or its error
+        (``Future``); mixtures of other names neither wait nor are waited for."""
+        with self._lock:
+            if name in self._tensors:
+                self._remember(name, mixture)
+                return self._tensors[name]
+            flight = self._combining.get(name)
+            leading = flight is None
+            if leading:
+                flight = self._combining[name] = Future()
+        if not leading:
+            return flight.result()  # (raises the combining thread's error)
+        try:
+            result = self._combine(name, mixture)
+        except BaseException as error:
+            with self._lock:
+                del self._combining[name]
+            flight.set_exception(error)
+            raise
+        with self._lock:
+            self._tensors[name] = result
+            self._remember(name, mixture)
+            del self._combining[name]
+            self._trim()
+        flight.set_result(result)
+        return result
+
+    def _remember(self, name: str, mixture: Mixture) -> None:
+        """Mark ``name`` most recently used in both caches (under the lock)."""
+        self._tensors.move_to_end(name)
+        self._settings[name] = mixture
+        self._settings.move_to_end(name)
 
     def _trim(self) -> None:
         while len(self._tensors) > self.cached:
@@ -185,7 +245,10 @@ class Mixtures:
         registry = self.adapters.registry
         try:
             directories = [registry.inside(registry.path(i), i) for i in mixture.ids]
-            self.combined += 1
+            if mixture.method == "cat":
+                self._check_summed_ranks(directories)
+            with self._lock:
+                self.combined += 1
             result = combine(
                 directories,
                 list(mixture.weights),
@@ -203,6 +266,27 @@ class Mixtures:
             tensors[key_A], tensors[key_B] = lora_A, lora_B
         self._check_fits(name, result, tensors)
         return result.config, tensors
+
+    def _check_summed_ranks(self, directories) -> None:
+        """For ``cat`` (whose rank in a module is the sum of the inputs' ranks there): a 400 when
+        a module's sum is over the bank's ``max_rank``, from the files' headers (no tensor
+        data read; ``combine`` reports a header it cannot read)."""
+        max_rank = self.adapters.bank.max_rank
+        ranks: dict[str, int] = {}
+        for directory in directories:
+            tensors = read_adapter_header(directory).tensors
+            for module, pair in lora_key_pairs(tensors).items():
+                entry = tensors.get(pair.get("lora_A", ""))
+                if entry is not None and entry.shape:
+                    ranks[module] = ranks.get(module, 0) + entry.shape[0]
+        module, total = max(ranks.items(), key=lambda item: item[1], default=("", 0))
+        if total > max_rank:
+            raise _bad(
+                f"'{FIELD}' cannot be served: merge_strategy 'cat' (or 'linear') adds the ranks, "
+                f"and {module!r} would have rank {total} > the bank's max_rank {max_rank}. Ask "
+                f"for merge_strategy 'svd' with 'rank' <= {max_rank} instead, or mix fewer "
+                "adapters."
+            )
 
     def _check_fits(self, name: str, result, tensors) -> None:
         try:

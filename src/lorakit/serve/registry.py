@@ -38,7 +38,7 @@ from lorakit.io.read import (
     read_adapter_header,
     refuse_residual_base_factors,
 )
-from lorakit.serve.residency import AdapterInUseError
+from lorakit.serve.residency import AdapterInUseError, BankFullError
 
 __all__ = [
     "AdapterNameError",
@@ -292,8 +292,11 @@ class ServedAdapters:
             except AdapterInUseError:
                 log.warning("adapter %r was replaced on disk; in use, reloaded when free", name)
 
-    def add(self, name: str, relative_path: str | None) -> None:
-        """Register ``root/relative_path`` as ``name`` and load it (errors leave nothing behind)."""
+    def add(self, name: str, relative_path: str | None) -> bool:
+        """Register ``root/relative_path`` as ``name`` and load it, after every check a lazy
+        load makes (errors leave nothing behind). True: loaded; False: every slot is pinned or
+        used by running requests, so it is registered only and read again on its first
+        request, as the adapters found at start-up (vLLM registers it too)."""
         path = self.registry.resolve(name, relative_path)
         if name in self.registry:
             raise AdapterNameError(f"adapter {name!r} is already loaded; unload it first.")
@@ -301,13 +304,28 @@ class ServedAdapters:
         adapter = self._read(name, path)
         prepared = self.bank.prepare(name, adapter.config, adapter.tensors)  # outside the lock
         with self.bank.lock:  # loaded and registered in one step: see remove
-            self.bank.load_prepared(prepared)
+            loaded = self._load_if_room(prepared)
             try:
                 self.registry.register(name, path)
             except BaseException:
-                self.bank.forget(name)
+                if loaded:
+                    self.bank.forget(name)
                 raise
-            self._identities[name] = identity
+            if loaded:
+                self._identities[name] = identity
+            else:
+                self._identities.pop(name, None)  # (set by the read on its first request)
+        return loaded
+
+    def _load_if_room(self, prepared) -> bool:
+        """``bank.load_prepared``; False when no slot or pages are free now (``BankFullError``:
+        pinned or used by running requests). Never for good: every pool holds the pages of an
+        adapter of the bank's ``max_rank``, which ``_read`` checked."""
+        try:
+            self.bank.load_prepared(prepared)
+        except BankFullError:
+            return False
+        return True
 
     def remove(self, name: str) -> None:
         """Evict and forget ``name``: ``KeyError`` when unknown, ``AdapterInUseError`` (nothing
