@@ -7,7 +7,6 @@ records the config on the model. ``unload`` puts back the very same module objec
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -15,23 +14,20 @@ from torch import nn
 
 from lorakit.base_rewrite import BaseRewrite, interrupts_held, plan_rewrite, write_rewrites
 from lorakit.config import LoraConfig
-from lorakit.init_methods import changes_base, check_layer_takes
+from lorakit.init_methods import changes_base
+from lorakit.inject_checks import check_adapter_fits, check_adapter_name
 from lorakit.layers import LoraLayer, ModulesToSave, layer_class_for, wrap
-from lorakit.layers.saved import check_saveable
 from lorakit.moe_targets import convert_moe_config
 from lorakit.parameter_targets import (
-    check_parameter_targets,
     find_parameter_targets,
     wrap_parameter_targets,
 )
 from lorakit.quantized.loading import keep_4bit_storage
 from lorakit.replication import replicate_layers, restore_layers
 from lorakit.state import (
-    adapter_configs,
     adapter_model,
     freeze_all,
     lora_layers,
-    parameter_holders,
     saved_modules,
     set_active,
     state_of,
@@ -45,7 +41,6 @@ from lorakit.targets import (
 )
 from lorakit.wrapped_modules import (
     add_to_wrappers,
-    check_wrapper_kind,
     replace_module,
     saved_module_names,
     token_module_names,
@@ -53,7 +48,6 @@ from lorakit.wrapped_modules import (
 
 __all__ = [
     "add_adapter_to_modules",
-    "check_adapter_name",
     "default_adapter_dtype",
     "forget_state",
     "freeze_adapter",
@@ -61,8 +55,6 @@ __all__ = [
     "unload",
     "wrap_targets",
 ]
-
-_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
 
 def inject(
@@ -160,13 +152,10 @@ def add_adapter_to_modules(
     """
     current = _current_modules(model, targets, modules)
     tokens = token_module_names(model, config, targets, saved_names)
-    for name in [*saved_names, *tokens]:
-        check_wrapper_kind(model.get_submodule(name), name, name in tokens)
-    for name in saved_names:  # a full copy of a quantized layer would train nothing
-        check_saveable(model.get_submodule(name), name)
-    _check_targets(model, current, config, adapter_name, init)  # all checks first
     parameter_targets = dict(parameter_targets or {})
-    check_parameter_targets(model, parameter_targets, adapter_name, targets)
+    check_adapter_fits(  # all checks first
+        model, config, adapter_name, init, current, saved_names, tokens, parameter_targets
+    )
     first = state_of(model) is None
     before = {**current, **{name: model.get_submodule(name) for name in [*saved_names, *tokens]}}
     rewrites: list[BaseRewrite] = []  # PiSSA / OLoRA / LoftQ: W_res planned, written last
@@ -233,44 +222,6 @@ def _add_to_layer(
                 factor[adapter_name].weight.copy_(value)
     _give_layer_mode(layer, adapter_name)
     return rewrite
-
-
-def _check_targets(
-    model: nn.Module,
-    current: Mapping[str, nn.Module],
-    config: LoraConfig,
-    adapter_name: str,
-    init: bool | str | None,
-) -> None:
-    """Raise ``ValueError`` naming the first target that cannot take this adapter: DoRA or a
-    bias on B on a layer kind without it, the name already taken, a base-changing init it
-    cannot do (``check_layer_takes``: layer kind, dtype, a rank above min(d, k), a weight
-    shared with other modules)."""
-    holders = parameter_holders(model) if changes_base(init) else {}
-    for name, module in current.items():
-        layer_class = layer_class_for(module, name)
-        if config.use_dora and not layer_class.supports_dora:
-            raise ValueError(
-                f"module {name!r} is a {type(original_module(module)).__name__}: lorakit "
-                "implements DoRA (use_dora=True) for nn.Linear and transformers Conv1D only; "
-                "remove it from target_modules (or add it to exclude_modules)."
-            )
-        if config.lora_bias and not layer_class.supports_lora_bias:
-            raise ValueError(
-                f"module {name!r} is a {type(original_module(module)).__name__}: lorakit "
-                "implements lora_bias=True (a bias on B) for float nn.Linear and transformers "
-                "Conv1D layers only; remove it from target_modules (or add it to "
-                "exclude_modules), or set lora_bias=False."
-            )
-        if isinstance(module, LoraLayer) and adapter_name in module.ranks:
-            raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}.")
-        if changes_base(init):
-            weight = getattr(getattr(module, "base_layer", module), "weight", None)
-            own = (f"{name}.weight", f"{name}.base_layer.weight")
-            shared = [n for n in holders.get(id(weight), ()) if n not in own]
-            check_layer_takes(
-                layer_class, module, name, init, config.rank_for(name), shared_with=shared
-            )
 
 
 def _undo_adapter(
@@ -412,17 +363,3 @@ def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     bfloat16 base (small updates survive the optimizer's steps), else the base dtype. The one
     rule for the model's adapters (``inject``, ``load_adapter``) and the serving bank."""
     return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
-
-
-def check_adapter_name(model: nn.Module, adapter_name: str) -> None:
-    """Refuse a malformed adapter name (ValueError) or one ``model`` already holds."""
-    if not isinstance(adapter_name, str) or not _ADAPTER_NAME.fullmatch(adapter_name):
-        raise ValueError(
-            f"adapter_name={adapter_name!r} is invalid: use letters, digits, '_' or '-' only "
-            "(it becomes part of parameter names and file paths)."
-        )
-    if adapter_name in adapter_configs(model):
-        raise ValueError(
-            f"the model already has an adapter named {adapter_name!r}; choose another name or "
-            "delete it first with lorakit.delete_adapter(model, name)."
-        )

@@ -26,7 +26,8 @@ from lorakit.init_methods import (
     check_layer_takes,
     check_redo_on_load,
 )
-from lorakit.inject import add_adapter_to_modules, check_adapter_name, unload
+from lorakit.inject import add_adapter_to_modules, unload
+from lorakit.inject_checks import check_adapter_name
 from lorakit.io.keys import (
     FileTensor,
     adapter_file_tensors,

@@ -1,0 +1,98 @@
+"""What ``inject`` checks before it changes anything: the adapter's name, and that every target,
+saved module and trainable-token module can take the adapter (layer kind, DoRA / ``lora_bias``
+support, a base-changing init's rank, dtype and shared weights, bare parameter targets). Each
+refusal names the module and says what to do; a model refused here is left untouched."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.init_methods import changes_base, check_layer_takes
+from lorakit.layers import LoraLayer, layer_class_for
+from lorakit.layers.saved import check_saveable
+from lorakit.parameter_targets import check_parameter_targets
+from lorakit.state import adapter_configs, parameter_holders
+from lorakit.targets import original_module
+from lorakit.wrapped_modules import check_wrapper_kind
+
+__all__ = ["check_adapter_fits", "check_adapter_name"]
+
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+def check_adapter_fits(
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_name: str,
+    init: bool | str | None,
+    current: Mapping[str, nn.Module],
+    saved_names: Sequence[str],
+    tokens: Sequence[str],
+    parameter_targets: Mapping[str, str],
+) -> None:
+    """Refuse (``ValueError`` / ``TypeError`` naming the module) an adapter that some module
+    cannot take: ``current`` the targets as they are now (name -> module), ``saved_names`` the
+    ``modules_to_save``, ``tokens`` the trainable-token modules, ``parameter_targets``
+    ``{layer path: parameter path}`` of bare parameters; ``init``: ``init_lora_weights``."""
+    for name in [*saved_names, *tokens]:
+        check_wrapper_kind(model.get_submodule(name), name, name in tokens)
+    for name in saved_names:  # a full copy of a quantized layer would train nothing
+        check_saveable(model.get_submodule(name), name)
+    _check_targets(model, current, config, adapter_name, init)
+    check_parameter_targets(model, parameter_targets, adapter_name, list(current))
+
+
+def _check_targets(
+    model: nn.Module,
+    current: Mapping[str, nn.Module],
+    config: LoraConfig,
+    adapter_name: str,
+    init: bool | str | None,
+) -> None:
+    """Raise ``ValueError`` naming the first target that cannot take this adapter: DoRA or a
+    bias on B on a layer kind without it, the name already taken, a base-changing init it
+    cannot do (``check_layer_takes``: layer kind, dtype, a rank above min(d, k), a weight
+    shared with other modules)."""
+    holders = parameter_holders(model) if changes_base(init) else {}
+    for name, module in current.items():
+        layer_class = layer_class_for(module, name)
+        if config.use_dora and not layer_class.supports_dora:
+            raise ValueError(
+                f"module {name!r} is a {type(original_module(module)).__name__}: lorakit "
+                "implements DoRA (use_dora=True) for nn.Linear and transformers Conv1D only; "
+                "remove it from target_modules (or add it to exclude_modules)."
+            )
+        if config.lora_bias and not layer_class.supports_lora_bias:
+            raise ValueError(
+                f"module {name!r} is a {type(original_module(module)).__name__}: lorakit "
+                "implements lora_bias=True (a bias on B) for float nn.Linear and transformers "
+                "Conv1D layers only; remove it from target_modules (or add it to "
+                "exclude_modules), or set lora_bias=False."
+            )
+        if isinstance(module, LoraLayer) and adapter_name in module.ranks:
+            raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}.")
+        if changes_base(init):
+            weight = getattr(getattr(module, "base_layer", module), "weight", None)
+            own = (f"{name}.weight", f"{name}.base_layer.weight")
+            shared = [n for n in holders.get(id(weight), ()) if n not in own]
+            check_layer_takes(
+                layer_class, module, name, init, config.rank_for(name), shared_with=shared
+            )
+
+
+def check_adapter_name(model: nn.Module, adapter_name: str) -> None:
+    """Refuse a malformed adapter name (ValueError) or one ``model`` already holds."""
+    if not isinstance(adapter_name, str) or not _ADAPTER_NAME.fullmatch(adapter_name):
+        raise ValueError(
+            f"adapter_name={adapter_name!r} is invalid: use letters, digits, '_' or '-' only "
+            "(it becomes part of parameter names and file paths)."
+        )
+    if adapter_name in adapter_configs(model):
+        raise ValueError(
+            f"the model already has an adapter named {adapter_name!r}; choose another name or "
+            "delete it first with lorakit.delete_adapter(model, name)."
+        )
