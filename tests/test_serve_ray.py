@@ -207,3 +207,31 @@ def test_build_app_keeps_the_users_max_adapters(option):
     replica = app._bound_deployment.init_args[0]  # (Ray's Application: the bound deployment)
     replica_args = replica._bound_deployment.init_args[0]
     assert build_parser().parse_args(["serve", *replica_args]).max_adapters == 5
+
+
+def test_requests_in_flight_follow_the_engines_limits_not_ray_defaults():
+    """Ray Serve lets 5 requests in flight per replica by default: that capped the batch, and
+    the ingress's the whole cluster, at 5 (the engine's --max-waiting 429 never came)."""
+    from lorakit.serve.ray_deployment import build_app
+
+    args = ["--model", "m", "--adapters", "a", "--max-batch", "4", "--max-waiting", "3"]
+    ingress = build_app(args, replicas=3)._bound_deployment
+    replica = ingress.init_args[0]._bound_deployment
+    assert (replica.num_replicas, replica.max_ongoing_requests) == (3, 4 + 3)
+    assert ingress.max_ongoing_requests == 3 * (4 + 3)
+    default = build_app(["--model", "m", "--adapters", "a"], replicas=2)._bound_deployment
+    assert default.max_ongoing_requests == 2 * (32 + 128)  # lorakit serve's defaults
+
+
+@pytest.mark.slow
+def test_a_body_nested_too_deeply_is_answered_as_by_one_server(world, one_replica):
+    """The ingress read the body with request.json(), whose RecursionError escaped as a
+    plain-text 500; the replica's app answers its own 400."""
+    body = b'{"model": "ad00", "prompt": "hi", "x": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    args = build_parser().parse_args(["serve", *serve_args(world)])
+    with TestClient(build(args)) as client:
+        expected = client.post("/v1/completions", content=body)
+    assert expected.status_code == 400, expected.text
+    answer = httpx.post(one_replica, content=body, timeout=120)
+    assert answer.status_code == 400, answer.text
+    assert answer.json() == expected.json()

@@ -145,10 +145,14 @@ class OpenAIIngress:
 
     @staticmethod
     async def model_of(request: Request) -> str:
-        """The body's ``model`` field ("" when absent or unreadable: lorakit's app answers 400)."""
+        """The body's ``model`` field ("" when absent or the body is not one lorakit's app
+        accepts, e.g. not JSON or nested too deeply: the replica's app then answers its 400),
+        read as the app reads it (``protocol.parse_body``)."""
+        from lorakit.serve.protocol import APIError, parse_body
+
         try:
-            model = (await request.json()).get("model")
-        except (ValueError, AttributeError):
+            model = parse_body(await request.body()).get("model")
+        except APIError:
             return ""
         return model if isinstance(model, str) else ""
 
@@ -203,12 +207,30 @@ def build_app(
         serve_args += ["--adapters", adapters]
     if not _gives_max_adapters(serve_args):
         serve_args += ["--max-adapters", str(adapters_per_replica + 2)]
+    per_replica = _requests_per_replica(serve_args)
     replica = (
         replica_deployment(adapters_per_replica)
-        .options(num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus})
+        .options(
+            num_replicas=replicas,
+            max_ongoing_requests=per_replica,
+            ray_actor_options={"num_cpus": replica_cpus},
+        )
         .bind(serve_args)
     )
-    return OpenAIIngress.options(ray_actor_options={"num_cpus": 0}).bind(replica)
+    return OpenAIIngress.options(
+        max_ongoing_requests=replicas * per_replica, ray_actor_options={"num_cpus": 0}
+    ).bind(replica)
+
+
+def _requests_per_replica(serve_args: list[str]) -> int:
+    """What one replica's engine takes at once: ``--max-batch`` running plus ``--max-waiting``
+    queued (beyond that it answers 429 with ``Retry-After`` itself). Ray Serve's own default of
+    5 requests in flight per replica would otherwise cap the batch, and the ingress's the whole
+    cluster, at 5."""
+    from lorakit.cli import build_parser
+
+    options = build_parser().parse_args(["serve", *serve_args])
+    return options.max_batch + options.max_waiting
 
 
 def _gives_max_adapters(serve_args: list[str]) -> bool:
