@@ -89,3 +89,16 @@ def test_said_behind_the_models_forward_arguments(said_decoder, tiny_llama):
     forward(**inputs).logits.sum().backward()
     trained = [n for n, p in forward.named_parameters() if p.grad is not None]
     assert sorted(trained) == ["said.scales", "said.theta_d"]
+
+
+def test_a_finished_run_is_written_as_a_row(said_decoder, tmp_path):
+    """said_study.train_all wrote its rows with ``args.task``, which said_decoder's arguments
+    lacked: a 55-minute run was computed and then lost at the write."""
+    argv = ["--methods", "said", "--dims", "1000", "--lrs", "2e-2", "--seeds", "0"]
+    args = said_decoder.arguments(argv)
+    path = tmp_path / "rows.jsonl"
+    record = dict(test_accuracy=0.8, val_accuracy=0.82, best_step=50, steps=100, seconds=1.0)
+    said_decoder.said_study.train_all(args, path, said_decoder.plan(args), lambda *job: record)
+    (row,) = said_decoder.said_study.read_rows(path)
+    assert row["key"] == said_decoder.said_study.key("said", 1000, args.lrs[0], 0, args.head)
+    assert row["test_accuracy"] == 0.8 and row["task"] == "rotten_tomatoes"
