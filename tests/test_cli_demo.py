@@ -198,7 +198,7 @@ def test_demo_options_are_its_settings_fields(monkeypatch, capsys):
     assert cli.main(["demo", "--use-dora", "--steps", "3"]) == 0
     assert given[2] == DemoSettings(use_dora=True, steps=3)
     assert cli.main(["demo", "--lr", "0"]) == 2
-    assert capsys.readouterr().err == "lorakit: error: --lr must be > 0, got 0.0\n"
+    assert capsys.readouterr().err == "lorakit: error: --lr must be a finite number > 0, got 0.0\n"
 
 
 def test_an_output_holding_a_training_run_is_refused_before_the_model_loads(tmp_path, capsys):

@@ -7,8 +7,11 @@ import argparse
 import errno
 import importlib
 import logging
+import os
 import pkgutil
+import re
 import sys
+from pathlib import Path
 
 from lorakit import __version__
 from lorakit.errors import UserError
@@ -48,6 +51,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, but an unknown option is reported by the subcommand's parser,
+    so that the message points to ``lorakit COMMAND --help`` (where the options are listed)."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        reporter = _subcommand_parser(parser, getattr(args, "command", None)) or parser
+        reporter.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def _subcommand_parser(
+    parser: argparse.ArgumentParser, command: str | None
+) -> argparse.ArgumentParser | None:
+    """The parser of subcommand ``command`` (None when there is none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return None
+
+
 # Warnings third-party packages log when transformers imports them, about their own build and
 # nothing the user can act on: torchao (installed for quantized bases) cannot load its CUDA
 # kernels on a CPU machine, and registers enums that torch's pytree now handles natively.
@@ -58,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in _IMPORT_TIME_NOISE:
         logging.getLogger(name).setLevel(logging.ERROR)
     parser = build_parser()
+    args = None
     try:
-        args = parser.parse_args(argv)
+        args = parse_arguments(parser, argv)
         if getattr(args, "func", None) is None:
             parser.print_help()
             return 0
@@ -73,16 +97,59 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `lorakit plan ... | head`: the reader left, nothing to report
         sys.stderr.close()
         return 0
-    except OSError as error:  # the file system refused: a permission, a full disk, a read-only dir
-        if error.filename is None:
+    except Exception as error:  # the file system refused: a permission, a full disk, ...
+        message = file_system_failure(error, getattr(args, "output", None))
+        if message is None:  # a bug: the traceback is the report
             raise
-        print(f"lorakit: error: {file_system_message(error)}", file=sys.stderr)
+        print(f"lorakit: error: {message}", file=sys.stderr)
         return 1
 
 
-def file_system_message(error: OSError) -> str:
-    """``error`` as one line naming the path and what the file system said, with a remedy."""
+def file_system_failure(error: BaseException, output: str | None = None) -> str | None:
+    """The one-line report of a file system failure, or None when ``error`` is not one: an
+    ``OSError`` naming its path (``file_system_message``), or a write that failed without a
+    name (``write_failure``: a full disk, a file-size limit, a short write). ``output``: the
+    command's ``--output``, named instead of the temporary files written beside it."""
+    if isinstance(error, OSError) and error.filename is not None:
+        return file_system_message(error, output)
+    cause = write_failure(error)
+    if cause is None:
+        return None
+    where = f"--output {output}: " if output is not None else ""
+    return (
+        f"cannot write the output ({where}{cause}): free space on its disk (or raise the "
+        "file-size limit, ulimit -f) and run again"
+    )
+
+
+# The errno values of a write the disk cannot take: no space, over the quota, over the size limit.
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# numpy's ``tofile`` (gguf's writer) on a full disk: "4096 requested and 3176 written".
+_SHORT_WRITE = re.compile(r"(\d+) requested and (\d+) written")
+
+
+def write_failure(error: BaseException) -> str | None:
+    """What the file system said when a write failed without naming a file (an ``OSError`` of
+    a full disk, a file-size limit or a short write, or safetensors' ``SafetensorError``
+    "Error while serializing: I/O error: ..."), else None."""
+    if isinstance(error, OSError):
+        if error.errno in _DISK_FULL:
+            return error.strerror or str(error)
+        short = _SHORT_WRITE.fullmatch(str(error))
+        return None if short is None else f"short write, {short[2]} of {short[1]} bytes"
+    text = str(error)
+    if type(error).__name__ == "SafetensorError" and "I/O error: " in text:
+        return text.split("I/O error: ", 1)[1]
+    return None
+
+
+def file_system_message(error: OSError, output: str | None = None) -> str:
+    """``error`` as one line naming the path and what the file system said, with a remedy.
+    A path that is ``output`` or a temporary file of it (written beside it, or inside it, then
+    renamed) is reported as ``--output OUTPUT``."""
     path = error.filename
+    if output is not None and _belongs_to_output(path, Path(output)):
+        path = f"--output {output}"
     if error.filename2 is not None:
         path = f"{path} -> {error.filename2}"
     remedies = {
@@ -93,6 +160,19 @@ def file_system_message(error: OSError) -> str:
     }
     remedy = remedies.get(error.errno, "fix the path and run again")
     return f"{error.strerror or error}: {path}; {remedy}"
+
+
+def _belongs_to_output(filename: object, output: Path) -> bool:
+    """``filename`` is ``output``, or a temporary file the command writes on its way there: a
+    hidden ``.<output name>.*`` beside it, or a hidden file inside it (``.adapter_model...tmp``)."""
+    if not isinstance(filename, (str, bytes, os.PathLike)):  # (a file descriptor)
+        return False
+    path = Path(os.fsdecode(filename))
+    if path == output:
+        return True
+    hidden = path.name.startswith(".")
+    beside = path.parent == output.parent and path.name.startswith(f".{output.name}.")
+    return beside or (hidden and path.parent == output)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,6 +11,7 @@ summary (JSON + readable lines) written to the output directory.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +61,8 @@ class DemoSettings:
                 raise SettingError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.max_length < 2:  # a prompt token and the answer's
             raise SettingError("max_length", f"must be >= 2, got {self.max_length}")
-        if not self.lr > 0:
-            raise SettingError("lr", f"must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:  # (nan and inf fail too)
+            raise SettingError("lr", f"must be a finite number > 0, got {self.lr}")
 
 
 def _say(message: str) -> None:
@@ -243,12 +244,18 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
 DEMO_MARKER = "demo_run.txt"
 """Written first into a demo's output directory: a later demo may replace what is there."""
 
+RESULT_FILES = ("summary.json", "summary.txt", "predictions.jsonl")
+"""What a demo writes after its adapter, describing it: a rerun removes an earlier demo's before
+it trains, so that an interrupted rerun never leaves them beside another adapter."""
+
 
 def _claim_output(output: Path) -> None:
     """Make ``output`` the demo's: absent, empty or a previous demo's (``DEMO_MARKER``, or the
     ``summary.json`` that demos wrote before the marker existed), since
     the demo replaces its adapter, checkpoints and metrics; any other directory (a ``lorakit
-    train`` run, say) is refused before the model loads, so nothing of it is lost."""
+    train`` run, say) is refused before the model loads, so nothing of it is lost. A previous
+    demo's ``RESULT_FILES`` are removed (after the marker is written, so that the directory
+    stays claimed); training removes its adapter, checkpoints and metrics."""
     from lorakit.errors import UserError
 
     if output.exists() and not output.is_dir():
@@ -268,6 +275,8 @@ def _claim_output(output: Path) -> None:
         output / DEMO_MARKER,
         "written by `lorakit demo`; a later demo replaces this directory's results\n",
     )
+    for name in RESULT_FILES:
+        (output / name).unlink(missing_ok=True)
 
 
 def _write_predictions(path: Path, held_out, zero_shot, fine_tuned, merged) -> None:

@@ -115,6 +115,9 @@ def _tied_linears(*models: nn.Module) -> dict[str, str]:
 def _changed_linear_updates(
     base: nn.Module, finetuned: nn.Module, dtype: torch.dtype, exclude: set[str]
 ) -> dict[str, torch.Tensor]:
+    """``{name: W_ft - W0}`` of the linear layers of both models that differ, but those in
+    ``exclude``; a layer of another shape (a resized head) is skipped here and reported by
+    ``_uncaptured_changes`` (or, when no layer matches, by ``extract_lora``)."""
     tuned = dict(linear_weights(finetuned))
     deltas = {}
     for name, weight in linear_weights(base):
@@ -186,6 +189,8 @@ def extract_lora(
     ``exclude``: module names left out (e.g. a new classification head, better saved in full);
     their changes are then listed in ``uncaptured``, as are those of linear layers whose weight
     is tied to another parameter (never given a LoRA, noted "tied to <other>").
+    ``ValueError`` when no linear layer differs, saying so when the two are not one model (no
+    layer name in common, or none of the same shape: ``sources.refuse_incomparable``).
     """
     if (rank is None) == (energy is None):
         raise ValueError("give exactly one of rank (an integer) or energy (a share in (0, 1])")
@@ -193,7 +198,10 @@ def extract_lora(
         raise ValueError(f"rank must be a positive integer, got {rank}")
     tied = _tied_linears(base, finetuned)
     deltas = _changed_linear_updates(base, finetuned, torch.float64, set(exclude) | set(tied))
-    if not deltas:
+    if not deltas:  # say so, unless the two are not one model (no layer could be compared)
+        from lorakit.analysis.sources import refuse_incomparable
+
+        refuse_incomparable(base, finetuned)
         raise ValueError("no linear layer differs between the base and the fine-tuned model")
     ranks = {}
     for name, delta in deltas.items():

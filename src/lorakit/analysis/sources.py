@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.analysis.spectrum import Spectrum, tensor_spectra, update_spectra
+from lorakit.analysis.spectrum import Spectrum, linear_weights, tensor_spectra, update_spectra
 from lorakit.errors import UserError
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "detect_task",
     "load_model_dir",
     "model_dirs_spectra",
+    "refuse_incomparable",
 ]
 
 
@@ -101,11 +102,31 @@ def model_dirs_spectra(
     )
     try:
         spectra = update_spectra(*pair)
-    except ValueError as error:  # a layer of another shape: not the same model
+        if not spectra:  # nothing differs, or nothing could be compared: say which
+            refuse_incomparable(*pair)
+    except ValueError as error:  # a layer of another shape, or no layer in common
         raise UserError(str(error)) from None
     if not spectra:
         raise UserError(f"no linear layer differs between {base} and {finetuned}")
     return spectra
+
+
+def refuse_incomparable(base: nn.Module, finetuned: nn.Module) -> None:
+    """``ValueError`` when no linear layer of ``base`` can be compared with ``finetuned``'s:
+    they share no layer name (two architectures, say Llama and GPT-2), or every layer they share
+    has another shape there (``update_spectra``'s error, naming the first such layer). Returns
+    when some layer can be compared (or one of them has no linear layer at all)."""
+    tuned = dict(linear_weights(finetuned))
+    layers = dict(linear_weights(base))
+    shared = [name for name in layers if name in tuned]
+    if not shared and layers and tuned:
+        raise ValueError(
+            "the base and the fine-tuned model share no linear layer name (the base has "
+            f"{next(iter(layers))}, the fine-tuned model {next(iter(tuned))}): they are "
+            "different models; compare a fine-tune with the model it was trained from"
+        )
+    if shared and all(tuned[name].shape != layers[name].shape for name in shared):
+        update_spectra(base, finetuned, names=shared[:1])  # raises: "not the same model"
 
 
 def comparable(base: nn.Module, finetuned: nn.Module) -> tuple[nn.Module, nn.Module]:

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
+from lorakit.commands.extract import (
+    check_adapter_output,
+    refuse_output_onto_inputs,
+    removed_if_left_empty,
+)
 from lorakit.errors import UserError
 
 METHODS = ("cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -44,26 +50,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--majority-sign",
         choices=("total", "frequency"),
-        default="total",
-        help="TIES sign election: sign of the sum, or of the sum of signs (default: %(default)s)",
+        help="TIES sign election (ties, dare_ties): sign of the sum, or of the sum of signs "
+        "(default: total)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="DARE's seed (default: %(default)s)")
+    parser.add_argument("--seed", type=int, help="DARE's seed (dare_linear, dare_ties; default: 0)")
     parser.add_argument("--output", required=True, help="directory for the combined adapter")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(func=run)
 
 
-def _check(args: argparse.Namespace) -> None:
-    from pathlib import Path
+# The methods each option acts on (as combine() refuses a density for the others).
+_OPTION_METHODS = {
+    "--majority-sign": ("ties", "dare_ties"),
+    "--seed": ("dare_linear", "dare_ties"),
+}
 
-    output = Path(args.output)
-    if output.exists() and not output.is_dir():
-        raise UserError(f"combine: --output {output} is a file; give a directory (new or existing)")
+
+def _check(args: argparse.Namespace) -> None:
+    """Refuse what the combination cannot do or would ignore, before any adapter is read."""
+    refuse_output_onto_inputs(
+        "combine", args.output, [("input adapter", adapter) for adapter in args.adapters]
+    )
+    check_adapter_output("combine", Path(args.output))
     if args.weights is not None and len(args.weights) != len(args.adapters):
         raise UserError(
             f"combine: {len(args.adapters)} adapters but {len(args.weights)} --weights; give one "
             "weight per adapter, in the same order"
         )
+    given = {"--majority-sign": args.majority_sign, "--seed": args.seed}
+    for flag, methods in _OPTION_METHODS.items():
+        if given[flag] is not None and args.method not in methods:
+            raise UserError(
+                f"combine: {flag} is for {', '.join(methods)}, not {args.method}; leave it out "
+                "or choose one of those methods"
+            )
 
 
 def _print_report(result, directory) -> None:
@@ -87,10 +107,11 @@ def run(args: argparse.Namespace) -> int:
         method=args.method,
         rank=args.rank,
         density=args.density,
-        majority_sign_method=args.majority_sign,
-        seed=args.seed,
+        majority_sign_method=args.majority_sign or "total",
+        seed=0 if args.seed is None else args.seed,
     )
-    directory = result.save(args.output)
+    with removed_if_left_empty(args.output):
+        directory = result.save(args.output)
     if args.json:
         print(json.dumps({**result.to_dict(), "output": str(directory)}, indent=2))
     else:

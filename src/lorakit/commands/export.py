@@ -4,6 +4,10 @@
   base ``--model`` (only its architecture is read: no weights load).
 - SOURCE a model spec: a full GGUF model (``lorakit.export.gguf_model``), merged with
   ``--adapter`` first when given (``W = W0 + s B A``, lorakit's exact merge).
+
+An option that does nothing for the SOURCE given (``--model`` for a model, ``--adapter`` and
+``--allow-base-mismatch`` for an adapter) is refused; ``--output`` is checked before anything
+loads.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from lorakit.commands.eval import add_base_mismatch_option
 from lorakit.errors import UserError
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+DEFAULT_BASE = "smollm2-135m-instruct"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,11 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", required=True, help="the .gguf file to write")
     parser.add_argument(
         "--model",
-        default="smollm2-135m-instruct",
-        help="the adapter's base model spec, for an adapter SOURCE (default: %(default)s)",
+        help=f"the adapter's base model spec, for an adapter SOURCE (default: {DEFAULT_BASE})",
     )
     parser.add_argument("--adapter", help="for a model SOURCE: merge this adapter in first")
-    add_base_mismatch_option(parser)
+    add_base_mismatch_option(parser)  # (for --adapter: an adapter SOURCE loads no base weights)
     parser.add_argument(
         "--type",
         choices=TYPES,
@@ -59,22 +63,52 @@ def _is_adapter(source: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorakit.commands.extract import refuse_output_onto_inputs
+    from lorakit.export.gguf_io import check_output_path
+
     if not args.output.endswith(".gguf"):
         raise UserError(f"--output {args.output}: give a file name ending in .gguf")
+    inputs = [("SOURCE", args.source)] + ([("--adapter", args.adapter)] if args.adapter else [])
+    refuse_output_onto_inputs("export", args.output, inputs)  # (a .gguf --adapter)
+    check_output_path(args.output)  # before anything loads
     if _is_adapter(args.source):
-        if args.adapter:
-            raise UserError("--adapter goes with a model SOURCE; SOURCE is already an adapter")
+        _check_adapter_source(args)
         return _export_adapter(args)
+    _check_model_source(args)
+    return _export_model(args)
+
+
+def _check_adapter_source(args: argparse.Namespace) -> None:
+    """Refuse the options that do nothing for an adapter SOURCE (only the base's architecture
+    is read, so no base weights are there to check the adapter against)."""
+    if args.adapter:
+        raise UserError("--adapter goes with a model SOURCE; SOURCE is already an adapter")
+    if args.allow_base_mismatch:
+        raise UserError(
+            "--allow-base-mismatch goes with a model SOURCE and --adapter: an adapter SOURCE is "
+            "exported without loading the base's weights, so there is no fingerprint to check; "
+            "leave it out"
+        )
+
+
+def _check_model_source(args: argparse.Namespace) -> None:
+    """Refuse the options that do nothing for a model SOURCE."""
     if args.drop_unsupported:
         raise UserError("--drop-unsupported goes with an adapter SOURCE")
-    return _export_model(args)
+    if args.model is not None:
+        raise UserError(
+            f"--model goes with an adapter SOURCE (its base); SOURCE {args.source} is the model "
+            "exported: leave --model out"
+        )
+    if args.allow_base_mismatch and not args.adapter:
+        raise UserError("--allow-base-mismatch goes with --adapter (no adapter is loaded)")
 
 
 def _export_adapter(args: argparse.Namespace) -> int:
     from lorakit.export.gguf_adapter import export_adapter
     from lorakit.meta_model import build_meta_model
 
-    base, _ = build_meta_model(args.model)  # shapes and architecture only
+    base, _ = build_meta_model(args.model or DEFAULT_BASE)  # shapes and architecture only
     done = export_adapter(
         args.source,
         base,

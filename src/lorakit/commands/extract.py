@@ -1,12 +1,19 @@
 """``lorakit extract``: a full fine-tune -> a PEFT-format LoRA adapter by truncated SVD.
 
 lorakit extract --base DIR --finetuned DIR --output DIR (--rank R | --energy 0.9) [--max-rank R]
+
+Also the ``--output`` checks the commands writing a result share: ``check_adapter_output``
+(``combine``), ``refuse_output_onto_inputs`` (``combine``, ``merge``, ``export``) and
+``removed_if_left_empty`` (``combine``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from lorakit.errors import UserError
@@ -40,14 +47,61 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError(f"extract: --energy must be in (0, 1], got {args.energy}")
     if args.max_rank is not None and (args.max_rank < 1 or args.energy is None):
         raise UserError("extract: --max-rank needs --energy and a positive integer")
-    output = Path(args.output)
+    check_adapter_output("extract", Path(args.output))  # (--base and --finetuned are models)
+
+
+def check_adapter_output(command: str, output: Path) -> None:
+    """Refuse an adapter's ``--output`` that is a file or a model directory (it holds
+    ``config.json``: transformers would apply the adapter whenever it loads that model);
+    ``command`` begins the message (``extract``, ``combine``)."""
     if output.exists() and not output.is_dir():
-        raise UserError(f"extract: --output {output} is a file; give a directory")
+        raise UserError(f"{command}: --output {output} is a file; give a directory")
     if (output / "config.json").is_file():  # transformers would apply the adapter on loading
         raise UserError(
-            f"extract: --output {output} is a model directory; write the adapter into its own "
+            f"{command}: --output {output} is a model directory; write the adapter into its own "
             "directory (a model directory holding an adapter loads with the adapter applied)"
         )
+
+
+def refuse_output_onto_inputs(
+    command: str, output: str, inputs: Iterable[tuple[str, str | os.PathLike[str]]]
+) -> None:
+    """Refuse an ``--output`` that is one of the command's ``inputs`` (``(flag, path)``), or an
+    input's ``default/`` (where PEFT's layout keeps an adapter): the result would replace what
+    it is made from. Checked before anything loads; paths that do not exist never match."""
+    target = Path(output).expanduser()
+    for flag, path in inputs:
+        source = Path(path).expanduser()
+        if _same_path(target, source) or _same_path(target, source / "default"):
+            raise UserError(
+                f"{command}: --output {output} is {flag} {path}; the result would replace it: "
+                "give another --output"
+            )
+
+
+def _same_path(first: Path, second: Path) -> bool:
+    """Whether both exist and are one directory or file (``os.path.samefile``: links and ``..``
+    seen through)."""
+    try:
+        return first.exists() and second.exists() and os.path.samefile(first, second)
+    except OSError:  # (a name the file system refuses)
+        return False
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(output: str | os.PathLike[str]) -> Iterator[None]:
+    """Around the writing of ``output``: when it fails (a full disk, an interrupt) and this run
+    created ``output``, the directory is removed again if it is still empty, so a failed run
+    leaves nothing behind."""
+    directory = Path(output)
+    existed = directory.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):  # (not empty, or already gone: left as it is)
+                directory.rmdir()
+        raise
 
 
 def _print_report(extraction) -> None:
@@ -104,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
         extraction.config.task_type = "CAUSAL_LM"
     del finetuned
     model = apply_extraction(base, extraction)
-    directory = save_adapter(model, args.output)
+    with removed_if_left_empty(args.output):
+        directory = save_adapter(model, args.output)
     if args.json:
         print(json.dumps({**extraction.to_dict(), "output": str(directory)}, indent=2))
     else:

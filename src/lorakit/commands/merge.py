@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from lorakit.commands.eval import add_base_mismatch_option, add_quantization_option
+from lorakit.commands.extract import refuse_output_onto_inputs
 from lorakit.errors import UserError
 
 
@@ -33,10 +34,13 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; give a directory (new or existing)")
+    refuse_output_onto_inputs("merge", args.output, [("--model", args.model)])
     from lorakit.commands.eval import load_model_and_adapter
     from lorakit.io import save_merged_model
+    from lorakit.io.save import refuse_adapter_directory
     from lorakit.models import transformers_progress_bars
 
+    refuse_adapter_directory(output)  # (--output is --adapter, say) before anything loads
     model, tokenizer = load_model_and_adapter(
         args.model, args.adapter, args.allow_base_mismatch, args.quantization
     )

@@ -18,7 +18,7 @@ import torch
 from lorakit.errors import UserError
 from lorakit.io import atomic
 
-__all__ = ["TENSOR_TYPES", "decode_tensor", "encode_tensor", "write_gguf"]
+__all__ = ["TENSOR_TYPES", "check_output_path", "decode_tensor", "encode_tensor", "write_gguf"]
 
 # --type value -> GGMLQuantizationType name. q8_0 / q4_0 quantise blocks of 32 along a row.
 TENSOR_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
@@ -51,17 +51,30 @@ def decode_tensor(reader_tensor) -> torch.Tensor:
     return torch.from_numpy(np.array(array, dtype=np.float32).reshape(shape))
 
 
+def check_output_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a ``Path`` if a GGUF file can be written there (its directory exists and it is
+    not a directory itself), else ``UserError`` naming ``--output`` and what is in the way; the
+    export command checks this before it loads anything."""
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"--output {target} is a directory; give a file name ending in .gguf")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise UserError(
+            f"--output {target}: {target.parent} is a file, not a directory; give a path in an "
+            "existing directory"
+        )
+    if not target.parent.is_dir():
+        raise UserError(f"--output {target}: directory {target.parent} does not exist")
+    return target
+
+
 def write_gguf(path: str | os.PathLike[str], arch: str, fill: Callable[[object], None]) -> Path:
     """Write a GGUF file: ``fill(writer)`` adds key/values and tensors to a ``gguf.GGUFWriter``
     for ``arch``; the file appears at ``path`` only when complete and on the disk
     (``io.atomic.write_with``: temporary file, fsync, rename)."""
     import gguf
 
-    target = Path(path)
-    if target.is_dir():
-        raise UserError(f"--output {target} is a directory; give a file name ending in .gguf")
-    if not target.parent.is_dir():
-        raise UserError(f"--output {target}: directory {target.parent} does not exist")
+    target = check_output_path(path)
 
     def write(temporary: str) -> None:
         writer = gguf.GGUFWriter(temporary, arch)

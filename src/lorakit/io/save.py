@@ -205,16 +205,43 @@ def save_adapter(
     return target
 
 
-_WEIGHT_FILE_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*")
+# The weight files transformers writes and loads: one file, or an index and its numbered shards
+# (``model-00001-of-00003.safetensors``; transformers' own clean-up removes only names of that form).
+_WEIGHT_FILE_NAMES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_WEIGHT_SHARD = re.compile(r"(model|pytorch_model)-\d{5}-of-\d{5}\.(safetensors|bin)")
+
+
+def _is_weight_file(name: str) -> bool:
+    """True for the name of a transformers weight file (one above, or a numbered shard); never
+    for a user's file that merely starts like one (``model_backup.safetensors``)."""
+    return name in _WEIGHT_FILE_NAMES or _WEIGHT_SHARD.fullmatch(name) is not None
 
 
 def _remove_stale_weights(directory: Path, written: set[str]) -> None:
     """Weight files of an earlier save (e.g. other shards) that the new save did not write, as
-    ``save_pretrained`` removes them: left behind they could be loaded instead of the new ones."""
-    for pattern in _WEIGHT_FILE_PATTERNS:
-        for path in directory.glob(pattern):
-            if path.name not in written and path.is_file():
-                path.unlink()
+    ``save_pretrained`` removes them: left behind they could be loaded instead of the new ones.
+    Only real weight file names (``_is_weight_file``) are removed, nothing else of the user's."""
+    for path in directory.iterdir():
+        if _is_weight_file(path.name) and path.name not in written and path.is_file():
+            path.unlink()
+
+
+def refuse_adapter_directory(directory: str | os.PathLike[str]) -> None:
+    """``UserError`` when ``directory`` holds an adapter (``adapter_config.json``): a merged
+    model saved there would get the adapter again whenever transformers loads it. The merge
+    command checks this before it loads anything."""
+    target = Path(directory)
+    if (target / CONFIG_NAME).is_file():
+        raise UserError(
+            f"{target} holds an adapter ({CONFIG_NAME}): transformers would apply it again on "
+            "top of the merged weights whenever it loads the model; save the merged model into "
+            "another directory"
+        )
 
 
 def save_merged_model(
@@ -231,12 +258,7 @@ def save_merged_model(
     from lorakit.merge import merge_and_unload
 
     target = Path(directory)
-    if (target / CONFIG_NAME).is_file():
-        raise UserError(
-            f"{target} holds an adapter ({CONFIG_NAME}): transformers would apply it again on "
-            "top of the merged weights whenever it loads the model; save the merged model into "
-            "another directory"
-        )
+    refuse_adapter_directory(target)
     if adapter_configs(model):
         model = merge_and_unload(model)
     target.parent.mkdir(parents=True, exist_ok=True)
