@@ -217,10 +217,10 @@ def test_requests_in_flight_follow_the_engines_limits_not_ray_defaults():
     args = ["--model", "m", "--adapters", "a", "--max-batch", "4", "--max-waiting", "3"]
     ingress = build_app(args, replicas=3)._bound_deployment
     replica = ingress.init_args[0]._bound_deployment
-    assert (replica.num_replicas, replica.max_ongoing_requests) == (3, 4 + 3)
-    assert ingress.max_ongoing_requests == 3 * (4 + 3)
+    assert (replica.num_replicas, replica.max_ongoing_requests) == (3, 4 + 3 + 1)
+    assert ingress.max_ongoing_requests == 3 * (4 + 3 + 1)  # one over: the engine's 429
     default = build_app(["--model", "m", "--adapters", "a"], replicas=2)._bound_deployment
-    assert default.max_ongoing_requests == 2 * (32 + 128)  # lorakit serve's defaults
+    assert default.max_ongoing_requests == 2 * (32 + 128 + 1)  # lorakit serve's defaults
 
 
 @pytest.mark.slow

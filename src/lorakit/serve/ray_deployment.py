@@ -223,14 +223,14 @@ def build_app(
 
 
 def _requests_per_replica(serve_args: list[str]) -> int:
-    """What one replica's engine takes at once: ``--max-batch`` running plus ``--max-waiting``
-    queued (beyond that it answers 429 with ``Retry-After`` itself). Ray Serve's own default of
-    5 requests in flight per replica would otherwise cap the batch, and the ingress's the whole
-    cluster, at 5."""
+    """Requests in flight to one replica: one more than its engine takes at once
+    (``--max-batch`` running plus ``--max-waiting`` queued), so that a full replica answers the
+    extra request with its own 429 and ``Retry-After`` instead of Ray queueing it. Ray Serve's
+    own default of 5 per replica capped the batch, and the ingress's the whole cluster, at 5."""
     from lorakit.cli import build_parser
 
     options = build_parser().parse_args(["serve", *serve_args])
-    return options.max_batch + options.max_waiting
+    return options.max_batch + options.max_waiting + 1
 
 
 def _gives_max_adapters(serve_args: list[str]) -> bool:
