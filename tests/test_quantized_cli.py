@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import lorakit
 import lorakit.models
 from lorakit import cli
 from lorakit.io import load_adapter, read_adapter
@@ -130,3 +131,37 @@ def test_the_demo_runs_on_an_nf4_base_and_its_float_merge_agrees(tmp_path, model
     assert summary["merged_max_abs_logprob_difference"] < 1e-4
     float_model, _ = load_model(model_dir, progress=False)
     assert summary["base_parameters"] == sum(p.numel() for p in float_model.parameters())
+
+
+def _adapter_on(model_dir, directory, **fields):
+    """An adapter of ``fields`` (B non-zero) saved from the tiny model in ``model_dir``."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    lorakit.inject(model, lorakit.LoraConfig(r=2, lora_alpha=4, **fields))
+    tiny_models.randomize_adapters(model, std=0.1)
+    lorakit.save_adapter(model, directory)
+    return directory
+
+
+def test_an_adapter_a_quantized_layer_cannot_take_is_one_line(model_dir, tmp_path, capsys):
+    """A DoRA adapter on an int8-rows base: was a ValueError traceback with inject's advice."""
+    adapter = _adapter_on(model_dir, tmp_path / "dora", target_modules=["q_proj"], use_dora=True)
+    capsys.readouterr()
+    argv = ["generate", "hi", "--model", str(model_dir), "--adapter", str(adapter)]
+    assert cli.main([*argv, "--quantization", "int8-rows", "--allow-base-mismatch"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lorakit: error: cannot load adapter {adapter} on ")
+    assert "(--quantization int8-rows)" in err and "DoRA" in err and err.count("\n") == 1
+
+
+def test_a_full_copy_of_a_quantized_output_layer_is_named(model_dir, tmp_path, capsys):
+    """modules_to_save=["lm_head"] on int8-rows (which quantizes the output layer): was "lacks
+    tensors ... lm_head.codes ... The file is incomplete, or the model is not its base"."""
+    adapter = _adapter_on(
+        model_dir, tmp_path / "head", target_modules=["q_proj"], modules_to_save=["lm_head"]
+    )
+    capsys.readouterr()
+    argv = ["generate", "hi", "--model", str(model_dir), "--adapter", str(adapter)]
+    assert cli.main([*argv, "--quantization", "int8-rows"]) == 2
+    err = capsys.readouterr().err
+    assert "keeps a full float copy of 'lm_head' (modules_to_save)" in err
+    assert "quantized (int8-rows" in err and "incomplete" not in err

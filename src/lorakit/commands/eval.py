@@ -87,7 +87,7 @@ def load_model_and_adapter(
     """``(model, tokenizer)`` with the adapter loaded (and active) when one is given. The
     adapter files are read and checked before the model loads (a wrong path fails at once).
     ``quantization``: load the base quantized (``lorakit.models.load_model``)."""
-    from lorakit.errors import BaseModelMismatchError
+    from lorakit.errors import BaseModelMismatchError, UserError
     from lorakit.io import load_adapter, read_adapter
     from lorakit.models import builtin_gguf_file, check_model_spec, load_model
 
@@ -106,6 +106,9 @@ def load_model_and_adapter(
                 load_adapter(model, adapter, activate=True, allow_base_mismatch=allow_base_mismatch)
         except BaseModelMismatchError as error:
             raise BaseModelMismatchError(_flag_spelling(str(error))) from None
+        except ValueError as error:  # a layer of this model cannot take the adapter's kind
+            base = f"{model_spec} (--quantization {quantization})" if quantization else model_spec
+            raise UserError(f"cannot load adapter {adapter} on {base}: {error}") from None
         for warning in caught:  # one clean line each, not Python's warning with a file path
             print(f"lorakit: warning: {_flag_spelling(str(warning.message))}", file=sys.stderr)
     return model.eval(), tokenizer

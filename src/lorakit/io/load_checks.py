@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from lorakit import quantized
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
 from lorakit.io import fingerprint
@@ -33,6 +34,28 @@ LORA_ROLES = ("lora_A", "lora_B")
 def _listed(keys: Sequence[str], limit: int = 6) -> str:
     shown = ", ".join(sorted(keys)[:limit])
     return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def _refuse_copies_of_quantized(
+    source: object, entries: list[FileTensor], modules: dict[str, nn.Module]
+) -> None:
+    """``AdapterFileError`` when the file keeps a full float copy (``modules_to_save``) of a
+    module this model holds quantized: the copy's tensors cannot stand in for the packed ones
+    (the file would otherwise be reported as lacking the quantized layer's tensors)."""
+    for name in sorted({entry.module for entry in entries if entry.role == "saved"}):
+        module = modules.get(name)
+        if module is None or not quantized.is_quantized(module):
+            continue
+        try:
+            kind = quantized.describe(module)
+        except quantized.UnsupportedQuantizedLayerError:
+            kind = type(module).__name__
+        raise AdapterFileError(
+            f"adapter {source} keeps a full float copy of {name!r} (modules_to_save), but this "
+            f"model holds {name!r} quantized ({kind}), which that copy cannot stand in for. Load "
+            f"the base with {name!r} unquantized (without quantization, or a format that leaves "
+            "it in float, e.g. bitsandbytes nf4 / int8 for an output layer)."
+        )
 
 
 def check_tensors(
@@ -53,6 +76,7 @@ def check_tensors(
     }
     missing = sorted(expected - set(adapter.tensors))
     unexpected = sorted(set(adapter.tensors) - expected - ignored)
+    _refuse_copies_of_quantized(source, entries, modules)
     if missing:
         raise AdapterFileError(
             f"adapter {source} lacks tensors its config implies for this model: "
