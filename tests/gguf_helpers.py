@@ -80,6 +80,22 @@ def transformers_row_order(array: np.ndarray, gguf_name: str, config) -> np.ndar
     return processor.process(array, gguf_name).weights
 
 
+def with_trained_copy(model, module: str):
+    """``model`` (in place) with an adapter on ``q_proj`` (B non-zero) whose
+    ``modules_to_save=[module]`` copy is trained: moved 0.5 away from the module it copies (on a
+    tied model, away from the tied matrix)."""
+    config = lorakit.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=[module]
+    )
+    adapted = lorakit.inject(model, config)
+    tiny_models.randomize_adapters(adapted, std=0.2)
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "modules_to_save" in name:
+                parameter.add_(0.5)
+    return adapted
+
+
 BOS, EOS = "<|endoftext|>", "<|im_end|>"
 TEMPLATES = {  # name -> (single, pair) of a TemplateProcessing post-processor
     "bos": (f"{BOS} $A", f"{BOS} $A {BOS} $B"),  # Llama 3's tokenizer.json

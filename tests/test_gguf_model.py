@@ -23,6 +23,7 @@ from tests.gguf_helpers import (
     reader_tensors,
     saved_adapter,
     transformers_row_order,
+    with_trained_copy,
 )
 
 LAYER_NAMES = {  # transformers parameter -> GGUF tensor, as llama.cpp names them
@@ -121,15 +122,7 @@ def tied_model_with_trained_copy(module: str):
     unties ``lm_head`` from ``embed_tokens`` while the config says tied."""
     torch.manual_seed(0)
     tied = type(tiny_models.llama())(tiny_models.llama_config(tie_word_embeddings=True)).eval()
-    config = lorakit.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=[module]
-    )
-    adapted = lorakit.inject(tied, config)
-    tiny_models.randomize_adapters(adapted, std=0.2)
-    with torch.no_grad():
-        for name, parameter in adapted.named_parameters():
-            if "modules_to_save" in name:
-                parameter.add_(0.5)
+    adapted = with_trained_copy(tied, module)
     merged = lorakit.merge_and_unload(copy.deepcopy(adapted))
     merged.config.tie_word_embeddings = True  # what the merge leaves (the export must not trust)
     assert not torch.equal(merged.lm_head.weight, merged.model.embed_tokens.weight)

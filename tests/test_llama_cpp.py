@@ -27,6 +27,7 @@ import lorakit
 from lorakit.cli import main
 from lorakit.models import load_model
 from tests import tiny_models
+from tests.gguf_helpers import with_trained_copy
 
 pytestmark = [pytest.mark.llama_cpp, pytest.mark.integration, pytest.mark.slow]
 
@@ -193,15 +194,7 @@ def test_llama_cpp_merged_tied_model_with_a_trained_copy_equals_lorakit(tmp_path
         tie_word_embeddings=True,
     )
     model, tokenizer = load_model(str(tmp_path / "model"), progress=False)
-    config = lorakit.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=[module]
-    )
-    adapted = lorakit.inject(model, config)
-    tiny_models.randomize_adapters(adapted, std=0.2)
-    with torch.no_grad():
-        for name, parameter in adapted.named_parameters():
-            if "modules_to_save" in name:
-                parameter.add_(0.5)
+    adapted = with_trained_copy(model, module)
     tokens = [1, 5, 9, 30, 44, 100, 7]
     want = lorakit_logits(adapted, tokens)
     merged = lorakit.merge_and_unload(copy.deepcopy(adapted))
