@@ -31,7 +31,7 @@ from lorakit.errors import UserError
 from lorakit.io import read as read_module
 from lorakit.serve import bank as bank_module
 from lorakit.serve import mixtures as mixtures_module
-from lorakit.serve import protocol
+from lorakit.serve import request_body
 from lorakit.serve.protocol import APIError
 from tests.serving import AUTH, BASE, Served, assert_error, free_port, wait_until
 
@@ -126,7 +126,7 @@ def test_checking_a_nested_body_costs_no_memory_beyond_its_parse(inside):
     The check now holds one iterator per level (a body with a surrogate escape is walked)."""
     body = nested_body(500, 256 << 10, inside)
     parsed = peak_bytes(json.loads, body)
-    assert peak_bytes(protocol.parse_body, body) - parsed < len(body) // 4
+    assert peak_bytes(request_body.parse_body, body) - parsed < len(body) // 4
 
 
 def test_parsing_a_body_of_many_lists_runs_no_garbage_collection():
@@ -141,7 +141,7 @@ def test_parsing_a_body_of_many_lists_runs_no_garbage_collection():
 
     gc.callbacks.append(count)
     try:
-        protocol.parse_body(body)
+        request_body.parse_body(body)
         during = len(starts)
     finally:
         gc.callbacks.remove(count)
@@ -162,19 +162,19 @@ def test_parsing_a_body_of_many_lists_runs_no_garbage_collection():
 )
 def test_a_lone_surrogate_is_named_by_its_exact_path(raw, param, message):
     with pytest.raises(APIError) as caught:
-        protocol.parse_body(raw)
+        request_body.parse_body(raw)
     assert caught.value.status == 400 and caught.value.param == param
     assert message in caught.value.message and caught.value.message.endswith("Unicode text")
 
 
 def test_a_large_nested_body_is_served_parsed_off_the_event_loop(live, monkeypatch):
-    parse, parsed_on = protocol.parse_body, []
+    parse, parsed_on = request_body.parse_body, []
 
     def recording(raw: bytes) -> dict:
         parsed_on.append(threading.current_thread())
         return parse(raw)
 
-    monkeypatch.setattr(protocol, "parse_body", recording)
+    monkeypatch.setattr(request_body, "parse_body", recording)
     body = nested_body(500, 256 << 10)
     headers = {"content-type": "application/json"}
     tracemalloc.start()

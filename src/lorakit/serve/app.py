@@ -32,7 +32,7 @@ from starlette.requests import ClientDisconnect
 
 from lorakit.errors import UserError
 from lorakit.serve import mixtures as mixing
-from lorakit.serve import prompts, protocol, responses
+from lorakit.serve import prompts, protocol, request_body, responses
 from lorakit.serve.bank import AdapterInUseError, BankFullError
 from lorakit.serve.engine import Engine
 from lorakit.serve.protocol import APIError
@@ -309,16 +309,16 @@ async def _mixture_for(
 
 
 async def read_json(request: Request, max_bytes: int) -> dict:
-    """The request's JSON object (``protocol.parse_body``), its body read only while it stays
+    """The request's JSON object (``request_body.parse_body``), its body read only while it stays
     within ``max_bytes``: a larger one is a 413 from its Content-Length (nothing read) or as
     soon as the bytes received pass the limit (a chunked body), so a client cannot make the
     server hold more than the limit in memory. A body over ``_PARSED_INLINE`` bytes is parsed
-    in a worker thread: its Unicode check (``protocol._require_unicode``) never stalls the
+    in a worker thread: its Unicode check (``request_body._require_unicode``) never stalls the
     event loop."""
     raw = await _bounded_body(request, max_bytes)
     if len(raw) <= _PARSED_INLINE:
-        return protocol.parse_body(raw)
-    return await run_in_threadpool(protocol.parse_body, raw)
+        return request_body.parse_body(raw)
+    return await run_in_threadpool(request_body.parse_body, raw)
 
 
 async def _bounded_body(request: Request, max_bytes: int) -> bytes:

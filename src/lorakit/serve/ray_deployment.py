@@ -147,8 +147,9 @@ class OpenAIIngress:
     async def model_of(request: Request) -> str:
         """The body's ``model`` field ("" when absent or the body is not one lorakit's app
         accepts, e.g. not JSON or nested too deeply: the replica's app then answers its 400),
-        read as the app reads it (``protocol.parse_body``)."""
-        from lorakit.serve.protocol import APIError, parse_body
+        read as the app reads it (``request_body.parse_body``)."""
+        from lorakit.serve.protocol import APIError
+        from lorakit.serve.request_body import parse_body
 
         try:
             model = parse_body(await request.body()).get("model")
