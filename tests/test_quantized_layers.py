@@ -466,3 +466,42 @@ def test_a_hook_on_a_quantized_base_keeps_its_output_under_no_grad(name) -> None
         out = layer(x)
     torch.testing.assert_close(captured[0], base, rtol=0, atol=0)
     assert (out - base).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["bnb-nf4-dq", "gguf-Q4_1"])
+def test_eval_forward_adds_each_adapter_in_place_as_the_float64_formula(name, dtype, monkeypatch):
+    """Inference on a quantized base adds each adapter into the base output in place
+    (``LoraLinear.add_adapter_``): two adapters, eval mode (their dropout off), an input that
+    is not contiguous, activations in float32 or bfloat16 against float32 factors."""
+    from lorakit import functional
+
+    in_place_adds = []
+    add = functional.add_lora_forward_
+    monkeypatch.setattr(
+        functional, "add_lora_forward_", lambda *args: in_place_adds.append(1) or add(*args)
+    )
+    layer = quantized_layers.QUANTIZERS[name](quantized_layers.float_linear())
+    model = nn.Sequential(layer)
+    lorakit.inject(model, _config(r=4, target_modules=["0"], lora_dropout=0.3))
+    lorakit.inject(model, _config(r=2, lora_alpha=6, target_modules=["0"]), "second")
+    tiny_models.randomize_adapters(model, std=0.1)
+    lorakit.set_active(model, ["default", "second"])
+    x = torch.randn(5, 3, 64).transpose(0, 1).to(dtype)  # (3, 5, 64), not contiguous
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    lora = model[0]
+    expected = torch.nn.functional.linear(
+        x.double(),
+        quantized.dequantized_weight(lora.base_layer).double(),
+        None if lora.base_layer.bias is None else lora.base_layer.bias.double(),
+    )
+    for adapter, scale in (("default", 2.0), ("second", 3.0)):
+        lora_A = lora.lora_A[adapter].weight.double()
+        lora_B = lora.lora_B[adapter].weight.double()
+        expected += scale * (x.double() @ lora_A.T) @ lora_B.T
+    assert out.dtype == dtype and out.shape == (3, 5, 48)
+    assert len(in_place_adds) == 2  # both adapters took the three-op path
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)

@@ -131,9 +131,23 @@ class LoraLayer(Merging, nn.Module):
         if in_place and len(adapters) > 1 and any(map(self.is_dora, adapters)):
             base_out = out.clone()
         for name in adapters:
-            branch = self.adapter_branch(name, x, weight, base_out)
-            out = out.add_(branch) if in_place else out + branch.to(out.dtype)
+            if in_place:
+                out = self.add_adapter_(out, name, x, weight, base_out)
+            else:
+                out = out + self.adapter_branch(name, x, weight, base_out).to(out.dtype)
         return out
+
+    def add_adapter_(
+        self,
+        out: torch.Tensor,
+        adapter_name: str,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        base_out: torch.Tensor,
+    ) -> torch.Tensor:
+        """``out += adapter_branch(...)`` in place (no gradient is recorded; ``out`` is a fresh
+        tensor of ours); returns ``out``. ``LoraLinear`` does it in fewer ops for plain LoRA."""
+        return out.add_(self.adapter_branch(adapter_name, x, weight, base_out))
 
     # ----------------------------------------------------------------- subclass interface
     def init_factors(self, lora_A: torch.Tensor, lora_B: torch.Tensor, init: bool | str) -> None:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lorakit import fast, functional
+from lorakit.fast.linear import as_dtype
 from lorakit.layers.base import LoraLayer
 from lorakit.layers.dora import Magnitude, RowNorms
 from lorakit.layers.lora_bias import LoraBiases, LoraBiasMixin
@@ -201,6 +202,33 @@ class LoraLinear(LoraBiasMixin, LoraLayer):
             training=self.training,
             lora_bias=self.lora_bias_of(adapter_name),
         )
+
+    def add_adapter_(
+        self,
+        out: torch.Tensor,
+        adapter_name: str,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        base_out: torch.Tensor,
+    ) -> torch.Tensor:
+        """``out += s (x A^T) B^T`` in three ops (``functional.add_lora_forward_``: the add
+        fused into the second product) for a plain LoRA adapter with no dropout in effect and
+        ``out`` of ``x``'s dtype; the general ``adapter_branch`` otherwise. Inference only (no
+        gradient recorded): the unmerged forward over a quantized base, whose fused path is
+        for training, and bases called as modules. Shapes: out (..., d), x (..., k)."""
+        factor_B = self.lora_B[adapter_name]
+        plain = factor_B.bias is None and not self.is_dora(adapter_name)
+        dropping = self.training and self.dropouts[adapter_name] > 0.0
+        if not plain or dropping or out.dtype != x.dtype or not out.is_contiguous():
+            return super().add_adapter_(out, adapter_name, x, weight, base_out)
+        functional.add_lora_forward_(
+            out.view(-1, self.out_features),
+            x.reshape(-1, self.in_features),
+            as_dtype(self.lora_A[adapter_name].weight, x.dtype),
+            as_dtype(factor_B.weight, x.dtype).t(),
+            self.scalings[adapter_name],
+        )
+        return out
 
     def base_is_plain(self) -> bool:
         base = self.base_layer

@@ -114,17 +114,24 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
 def base_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x W0^T + b`` by bitsandbytes' kernels (4-bit: in ``compute_dtype``, returned in
     ``x``'s dtype; 8-bit: in ``x``'s dtype). Shapes: x (..., in) -> (..., out). The stored
-    bias is never changed (see ``_int8_forward``)."""
+    bias is never changed (see ``_int8_forward``). A layer ``check`` refuses is refused here
+    too, by the same test on the state the kernel reads (no second lookup per call)."""
     if not is_4bit(module):
+        if module.weight.dtype != torch.int8:
+            check(module)  # raises, saying why
         return _int8_forward(module, x)
     import bitsandbytes as bnb
 
+    state = getattr(module.weight, "quant_state", None)
+    if state is None or getattr(state, "packing_format_for_cpu", False):
+        check(module)  # raises, saying why
     compute_dtype = module.compute_dtype or x.dtype
-    bias = None if module.bias is None else module.bias.to(compute_dtype)
-    out = bnb.matmul_4bit(
-        x.to(compute_dtype), module.weight, bias=bias, quant_state=module.weight.quant_state
-    )
-    return out.to(x.dtype)
+    bias = module.bias
+    if bias is not None and bias.dtype != compute_dtype:
+        bias = bias.to(compute_dtype)
+    x_compute = x if x.dtype == compute_dtype else x.to(compute_dtype)
+    out = bnb.matmul_4bit(x_compute, module.weight, bias=bias, quant_state=state)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def _int8_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,7 @@ class _FrozenInt8Linear(torch.autograd.Function):
 
 def base_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x W0^T + b`` (the bias outside the int8 kernel, so a trained bias gets its gradient)."""
+    check(module)
     out = _FrozenInt8Linear.apply(x, module)
     return out if module.bias is None else out + module.bias.to(out.dtype)
 
