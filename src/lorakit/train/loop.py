@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -41,6 +38,7 @@ from lorakit.train.checkpoint import (
 from lorakit.train.config import TrainingConfig
 from lorakit.train.distributed import Distributed, setup_distributed
 from lorakit.train.fsdp import ShardedSaver, reshard, whole
+from lorakit.train.inputs import check_inputs
 from lorakit.train.losses import (
     MetricFn,
     batch_loss_sum,
@@ -49,7 +47,13 @@ from lorakit.train.losses import (
     target_count,
 )
 from lorakit.train.metrics import MetricsLog, plot_loss_curve, read_metrics
-from lorakit.train.optim import build_optimizer, no_decay_parameters, parameter_groups
+from lorakit.train.optim import (
+    DECAY_RULE,
+    DECAY_RULE_KEY,
+    build_optimizer,
+    parameter_groups,
+    resumes_decaying_all,
+)
 from lorakit.train.output_dir import prepare_output_dir, write_final_adapter
 from lorakit.train.resume import (
     check_resumable,
@@ -59,16 +63,12 @@ from lorakit.train.resume import (
     last_values,
     resumed_drop_last,
 )
+from lorakit.train.rng import seed_everything
 from lorakit.train.schedule import build_scheduler, warmup_steps_for
 
 __all__ = ["TrainResult", "enable_gradient_checkpointing", "train"]
 
 Collate = Callable[[Sequence[Any]], dict[str, torch.Tensor]]
-
-DECAY_RULE_KEY = "weight_decay_exempt"
-"""The ``trainer_state.json`` key of the weight-decay rule of the checkpoint's optimizer; a
-checkpoint without it was written when every trainable parameter was decayed."""
-DECAY_RULE = "biases and norm weights (transformers.Trainer's rule)"
 
 
 @dataclass
@@ -99,12 +99,6 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         model.enable_input_require_grads()
     if hasattr(model, "config"):
         model.config.use_cache = False
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def train(
@@ -148,8 +142,7 @@ class _Run:
         self.eval_order = shortest_first(eval_data or [], length_of)
         self.dist: Distributed = setup_distributed(config.strategy)
         self.output_dir = Path(config.output_dir)
-        self._check_adapter_name()
-        self._check_eval_data()
+        check_inputs(model, config, eval_data)
         self.resume = resume
         self.resume_from = checkpoint_to_resume(self.output_dir, resume)
         self.resume_state = None if self.resume_from is None else read_state(self.resume_from)
@@ -166,28 +159,6 @@ class _Run:
         self.last_loss: float | None = None
         self.last_eval: dict[str, float] = {}
         self.last_eval_step: int | None = None
-
-    def _check_adapter_name(self) -> None:
-        """``UserError`` unless the model has parameters to train (``parameter_groups``) and
-        ``config.adapter_name`` names an adapter of it (its save would fail only after the whole
-        run)."""
-        parameter_groups(self.model)
-        name, configs = self.config.adapter_name, adapter_configs(self.model)
-        if name not in configs:
-            has = f"its adapters: {', '.join(map(repr, sorted(configs)))}" if configs else "none"
-            raise UserError(
-                f"the model has no adapter named {name!r} (TrainingConfig.adapter_name; {has}): "
-                "pass the name the adapter was injected under as adapter_name, or inject one "
-                "under that name (lorakit.inject(model, config, adapter_name=...))"
-            )
-
-    def _check_eval_data(self) -> None:
-        """``UserError`` for ``eval_every`` without evaluation data (else silently ignored)."""
-        if self.config.eval_every and not self.eval_data:
-            raise UserError(
-                f"eval_every={self.config.eval_every} (--eval-every) evaluates on eval_data, and "
-                "none was given: pass eval_data (--eval-data SPEC), or leave eval_every at 0"
-            )
 
     def _batch_order(self, lengths: tuple[int, ...] | None) -> BatchOrder:
         """The batch plan: under torchrun the epoch's short batch is dropped, in one process kept,
@@ -222,7 +193,9 @@ class _Run:
         self.saver = ShardedSaver(self.model, name) if self.dist.sharded else Saver(name)
         self.ddp_model = self.dist.wrap(self.model)  # FSDP: before the optimizer sees parameters
         self.parameters = parameter_groups(self.model).all
-        self.decays_all = self._decays_all()
+        self.decays_all = resumes_decaying_all(
+            self.model, self.resume_from, self.resume_state, config.weight_decay, self.dist.is_main
+        )
         self.optimizer = build_optimizer(
             self.model,
             config.lr,
@@ -238,23 +211,6 @@ class _Run:
         start_step = self._restore() if self.resume_from is not None else 0
         self.model.train()
         return start_step
-
-    def _decays_all(self) -> bool:
-        """Whether the optimizer decays every parameter, biases and norm weights too: only to
-        continue a checkpoint written under that older rule exactly (with a warning where the
-        rules differ for this run)."""
-        if self.resume_state is None or DECAY_RULE_KEY in self.resume_state:
-            return False
-        trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
-        differs = self.config.weight_decay and trainable & no_decay_parameters(self.model)
-        if differs and self.dist.is_main:
-            warnings.warn(
-                f"checkpoint {self.resume_from} was written by a lorakit that applied weight "
-                "decay to biases and norm weights too; this resumed run keeps doing so to "
-                "continue it exactly (a new run leaves them undecayed, as transformers.Trainer)",
-                stacklevel=5,  # the caller of train
-            )
-        return True
 
     def _restore(self) -> int:
         directory, state = self.resume_from, self.resume_state  # checked before any loading

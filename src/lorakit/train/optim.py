@@ -21,7 +21,10 @@ same update, to rounding).
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,11 +32,24 @@ from torch import nn
 from lorakit.errors import UserError
 from lorakit.state import lora_layers
 
-__all__ = ["ParameterGroups", "build_optimizer", "no_decay_parameters", "parameter_groups"]
+__all__ = [
+    "DECAY_RULE",
+    "DECAY_RULE_KEY",
+    "ParameterGroups",
+    "build_optimizer",
+    "no_decay_parameters",
+    "parameter_groups",
+    "resumes_decaying_all",
+]
 
 NO_DECAY_NAMES = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
 """transformers.Trainer's name patterns of parameters that get no weight decay (searched in the
 lower-cased full parameter name)."""
+
+DECAY_RULE_KEY = "weight_decay_exempt"
+"""The ``trainer_state.json`` key of the weight-decay rule of the checkpoint's optimizer; a
+checkpoint without it was written when every trainable parameter was decayed."""
+DECAY_RULE = "biases and norm weights (transformers.Trainer's rule)"
 
 
 @dataclass
@@ -90,6 +106,29 @@ def no_decay_parameters(model: nn.Module) -> set[int]:
         if NO_DECAY_NAMES.search(name.lower()):
             exempt.add(id(parameter))
     return exempt
+
+
+def resumes_decaying_all(
+    model: nn.Module,
+    checkpoint: Path | None,
+    state: dict[str, Any] | None,
+    weight_decay: float,
+    warn: bool,
+) -> bool:
+    """Whether the optimizer decays every parameter, biases and norm weights too: only to
+    continue a ``checkpoint`` (its ``trainer_state.json`` fields ``state``) written under that
+    older rule exactly, with a warning (where ``warn``) when the rules differ for this run."""
+    if state is None or DECAY_RULE_KEY in state:
+        return False
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    if warn and weight_decay and trainable & no_decay_parameters(model):
+        warnings.warn(
+            f"checkpoint {checkpoint} was written by a lorakit that applied weight decay to "
+            "biases and norm weights too; this resumed run keeps doing so to continue it exactly "
+            "(a new run leaves them undecayed, as transformers.Trainer)",
+            stacklevel=5,  # the caller of train (through _Run._prepare and run)
+        )
+    return True
 
 
 def build_optimizer(

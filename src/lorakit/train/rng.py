@@ -17,9 +17,16 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["capture_rng_state", "restore_rng_state"]
+__all__ = ["capture_rng_state", "restore_rng_state", "seed_everything"]
 
 _CUDA_PREFIX = "torch_cuda_"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, numpy's global generator and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def capture_rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -1,0 +1,37 @@
+"""Checks of what ``lorakit.train.train`` is given, made before anything is written or run:
+each would otherwise fail (or be ignored) only after the whole run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from lorakit.errors import UserError
+from lorakit.state import adapter_configs
+from lorakit.train.config import TrainingConfig
+from lorakit.train.optim import parameter_groups
+
+__all__ = ["check_inputs"]
+
+
+def check_inputs(model: nn.Module, config: TrainingConfig, eval_data: Sequence[Any] | None) -> None:
+    """``UserError`` unless the model has parameters to train (``parameter_groups``),
+    ``config.adapter_name`` names an adapter of it (its save would fail only after the whole
+    run), and evaluation data is given where ``config.eval_every`` asks for evaluations
+    (else they would be silently skipped)."""
+    parameter_groups(model)
+    name, configs = config.adapter_name, adapter_configs(model)
+    if name not in configs:
+        has = f"its adapters: {', '.join(map(repr, sorted(configs)))}" if configs else "none"
+        raise UserError(
+            f"the model has no adapter named {name!r} (TrainingConfig.adapter_name; {has}): "
+            "pass the name the adapter was injected under as adapter_name, or inject one "
+            "under that name (lorakit.inject(model, config, adapter_name=...))"
+        )
+    if config.eval_every and not eval_data:
+        raise UserError(
+            f"eval_every={config.eval_every} (--eval-every) evaluates on eval_data, and none "
+            "was given: pass eval_data (--eval-data SPEC), or leave eval_every at 0"
+        )
