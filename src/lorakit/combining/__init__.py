@@ -16,6 +16,22 @@ result to a rank by SVD.
 - ``combining.files``: writing PEFT's files, injecting into a model.
 """
 
-from lorakit.combining.combined import METHODS, CombinedAdapter, ModuleReport, combine, module_seed
+from lorakit.combining.combined import (
+    METHODS,
+    OPTION_METHODS,
+    CombinedAdapter,
+    ModuleReport,
+    combine,
+    module_seed,
+    unused_option,
+)
 
-__all__ = ["METHODS", "CombinedAdapter", "ModuleReport", "combine", "module_seed"]
+__all__ = [
+    "METHODS",
+    "OPTION_METHODS",
+    "CombinedAdapter",
+    "ModuleReport",
+    "combine",
+    "module_seed",
+    "unused_option",
+]

@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,10 +44,25 @@ from lorakit.combining.sources import AdapterUpdates, ModuleFactors, check_compa
 from lorakit.config import LoraConfig
 from lorakit.errors import UserError
 
-__all__ = ["METHODS", "CombinedAdapter", "ModuleReport", "combine", "module_seed"]
+__all__ = [
+    "METHODS",
+    "OPTION_METHODS",
+    "CombinedAdapter",
+    "ModuleReport",
+    "combine",
+    "module_seed",
+    "unused_option",
+]
 
 METHODS = ("cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+OPTION_METHODS: dict[str, tuple[str, ...]] = {
+    "density": _PRUNING,
+    "majority_sign_method": ("ties", "dare_ties"),
+    "seed": ("dare_linear", "dare_ties"),
+}
+"""The methods each option acts on; given to any other method it is refused (it would be
+ignored). One rule for ``combine``, ``lorakit combine`` and the server's mixtures."""
 
 
 @dataclass
@@ -94,7 +110,8 @@ class CombinedAdapter:
         return write_adapter_files(self, Path(directory))
 
     def add_to(self, model: nn.Module, adapter_name: str) -> nn.Module:
-        """Inject this adapter into ``model`` as ``adapter_name`` (not made active)."""
+        """Inject this adapter into ``model`` (or lorakit's ``PeftModel``: into the model inside
+        it) as ``adapter_name`` (not made active); returns ``model``."""
         from lorakit.combining.files import add_to_model
 
         return add_to_model(self, model, adapter_name)
@@ -105,7 +122,31 @@ def module_seed(seed: int, module: str) -> int:
     return int(hashlib.sha256(f"{seed}:{module}".encode()).hexdigest()[:15], 16)
 
 
-def _check_arguments(count, weights, method, rank, density, majority_sign_method) -> list[float]:
+def unused_option(
+    method: str, options: Mapping[str, object], shown: Mapping[str, str] | None = None
+) -> tuple[str, str] | None:
+    """``(option, message)`` for the first of ``options`` (``OPTION_METHODS`` name -> value,
+    None meaning not given) that ``method`` would ignore, else None. ``shown``: the name to
+    print for an option (a command-line flag, a request field), default the option's own."""
+    for option, value in options.items():
+        methods = OPTION_METHODS[option]
+        if value is not None and method not in methods:
+            name = (shown or {}).get(option, option)
+            return option, (
+                f"{name} is for {', '.join(methods)}, not {method}; leave it out or choose one "
+                "of those methods"
+            )
+    return None
+
+
+def _is_integer(value: object) -> bool:
+    """An integral number (``int``, ``numpy.int64``, ...), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_arguments(
+    count, weights, method, rank, density, majority_sign_method, seed
+) -> list[float]:
     if count == 0:
         raise UserError("combine: give at least one adapter")
     weights = [1.0] * count if weights is None else [float(w) for w in weights]
@@ -115,17 +156,24 @@ def _check_arguments(count, weights, method, rank, density, majority_sign_method
         raise UserError(f"combine: weights must be finite numbers, got {weights}")
     if method not in METHODS:
         raise UserError(f"combine: unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if rank is not None and (not isinstance(rank, int) or rank < 1 or method == "cat"):
+    if rank is not None and (not _is_integer(rank) or rank < 1 or method == "cat"):
         raise UserError(
             f"combine: rank={rank!r} must be a positive integer and is for the SVD methods "
             "(cat's rank is the sum of the adapters' ranks)"
         )
+    given = {"density": density, "majority_sign_method": majority_sign_method, "seed": seed}
+    unused = unused_option(method, given)
+    if unused is not None:
+        raise UserError(f"combine: {unused[1]}")
     if method in _PRUNING and (density is None or not 0.0 < density <= 1.0):
         raise UserError(f"combine: method {method} needs density in (0, 1], got {density}")
-    if method not in _PRUNING and density is not None:
-        raise UserError(f"combine: density is for {', '.join(_PRUNING)}, not {method}")
-    if majority_sign_method not in SIGN_METHODS:
-        raise UserError(f"combine: majority_sign_method must be one of {SIGN_METHODS}")
+    if majority_sign_method is not None and majority_sign_method not in SIGN_METHODS:
+        raise UserError(
+            f"combine: majority_sign_method must be one of {SIGN_METHODS}, "
+            f"got {majority_sign_method!r}"
+        )
+    if seed is not None and not _is_integer(seed):
+        raise UserError(f"combine: seed must be an integer, got {seed!r}")
     return weights
 
 
@@ -202,8 +250,8 @@ def combine(
     method: str = "cat",
     rank: int | None = None,
     density: float | None = None,
-    majority_sign_method: str = "total",
-    seed: int = 0,
+    majority_sign_method: str | None = None,
+    seed: int | None = None,
     model: nn.Module | None = None,
 ) -> CombinedAdapter:
     """Combine ``adapters`` (directories, or names of adapters on ``model``) with ``weights``
@@ -211,15 +259,25 @@ def combine(
 
     ``rank``: the SVD methods' rank per module (default: the largest input rank, as PEFT),
     capped at min(d, k) (and at Σrᵢ for ``svd``). ``density``: the share of entries kept by
-    ``ties``/``dare_*``/``magnitude_prune``. ``majority_sign_method``: "total" or "frequency"
-    (TIES). ``seed``: DARE's masks. Returns a ``CombinedAdapter``; ``.save(directory)``
-    writes PEFT's files, ``.add_to(model, name)`` injects it. Raises ``UserError`` for bad
-    arguments and incompatible adapters (different shapes or base weights, naming the module).
+    ``ties``/``dare_*``/``magnitude_prune``. ``majority_sign_method``: "total" (default) or
+    "frequency" (``ties``, ``dare_ties``). ``seed``: DARE's masks (``dare_*``, default 0).
+    An option given to a method that does not use it is refused (``OPTION_METHODS``), as on
+    the command line. ``model``: a model or lorakit's ``PeftModel`` (the model inside it).
+    Returns a ``CombinedAdapter``; ``.save(directory)`` writes PEFT's files,
+    ``.add_to(model, name)`` injects it. Raises ``UserError`` for bad arguments and
+    incompatible adapters (different shapes or base weights, naming the module).
     """
+    from lorakit.state import adapter_model
+
     if isinstance(adapters, (str, os.PathLike)):
         raise UserError(f"combine: adapters must be a list of adapters, got one: {adapters!r}")
-    weights = _check_arguments(len(adapters), weights, method, rank, density, majority_sign_method)
-    sources = read_sources(adapters, model)
+    weights = _check_arguments(
+        len(adapters), weights, method, rank, density, majority_sign_method, seed
+    )
+    rank = None if rank is None else int(rank)
+    majority_sign_method = majority_sign_method or "total"
+    seed = 0 if seed is None else int(seed)
+    sources = read_sources(adapters, None if model is None else adapter_model(model))
     check_compatible(sources)
     contributions = _contributions(sources, weights)
     if not contributions:

@@ -75,11 +75,13 @@ def write_adapter_files(adapter: CombinedAdapter, directory: Path) -> Path:
 
 def add_to_model(adapter: CombinedAdapter, model: nn.Module, adapter_name: str) -> nn.Module:
     """Inject ``adapter`` into ``model`` as ``adapter_name`` (inactive), after checking the
-    model's base weights against the inputs' fingerprint (``BaseModelMismatchError``)."""
+    model's base weights against the inputs' fingerprint (``BaseModelMismatchError``).
+    ``model``: a model or lorakit's ``PeftModel`` (into the model inside it); returned."""
     from lorakit.inject import inject
     from lorakit.io import fingerprint
-    from lorakit.state import lora_layers
+    from lorakit.state import adapter_model, lora_layers
 
+    given, model = model, adapter_model(model)  # lorakit's PeftModel: the model inside it
     modules = dict(model.named_modules())
     missing = [name for name in adapter.factors if name not in modules]
     if missing:
@@ -97,4 +99,4 @@ def add_to_model(adapter: CombinedAdapter, model: nn.Module, adapter_name: str) 
             parameter_A, parameter_B = layers[name].adapter_parameters(adapter_name)
             parameter_A.copy_(lora_A.to(parameter_A.dtype))
             parameter_B.copy_(lora_B.to(parameter_B.dtype))
-    return model
+    return given

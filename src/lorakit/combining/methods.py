@@ -57,16 +57,17 @@ def _stacked_weights(updates: Sequence[torch.Tensor], weights: Sequence[float]) 
     if len(updates) != len(weights) or not updates:
         raise ValueError(f"{len(updates)} updates but {len(weights)} weights; give one each")
     shape = (len(weights),) + (1,) * updates[0].dim()
-    return torch.tensor(list(weights), dtype=updates[0].dtype).reshape(shape)
+    stacked = torch.tensor(list(weights), dtype=updates[0].dtype, device=updates[0].device)
+    return stacked.reshape(shape)
 
 
 def magnitude_mask(update: torch.Tensor, density: float) -> torch.Tensor:
-    """1 at the ``int(density · numel)`` entries of largest ``|update|``, 0 elsewhere (dtype of
-    ``update``; density 1 keeps all)."""
+    """1 at the ``int(density · numel)`` entries of largest ``|update|``, 0 elsewhere (dtype and
+    device of ``update``, same shape; density 1 keeps all)."""
     _check_density(density)
     if density >= 1.0:
         return torch.ones_like(update)
-    flat_mask = torch.zeros(update.numel(), dtype=update.dtype)
+    flat_mask = torch.zeros(update.numel(), dtype=update.dtype, device=update.device)  # (d·k,)
     kept = torch.topk(update.abs().reshape(-1), k=int(density * update.numel())).indices
     flat_mask[kept] = 1
     return flat_mask.reshape(update.shape)
@@ -75,13 +76,17 @@ def magnitude_mask(update: torch.Tensor, density: float) -> torch.Tensor:
 def random_keep_mask(
     update: torch.Tensor, density: float, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """Bernoulli(density) 0/1 entries, drawn in float32 from ``generator`` (see the module
-    docstring), returned in ``update``'s dtype; density 1 keeps all and draws nothing."""
+    """Bernoulli(density) 0/1 entries of ``update``'s shape, drawn in float32 from
+    ``generator`` (see the module docstring) on the generator's device (the CPU for a
+    ``torch.Generator()`` or None: the same draws whatever ``update``'s device), returned in
+    ``update``'s dtype and on its device; density 1 keeps all and draws nothing."""
     _check_density(density)
     if density >= 1.0:
         return torch.ones_like(update)
-    probabilities = torch.full(update.shape, density, dtype=torch.float32)
-    return torch.bernoulli(probabilities, generator=generator).to(update.dtype)
+    drawn_on = generator.device if generator is not None else torch.device("cpu")
+    probabilities = torch.full(update.shape, density, dtype=torch.float32, device=drawn_on)
+    mask = torch.bernoulli(probabilities, generator=generator)
+    return mask.to(device=update.device, dtype=update.dtype)
 
 
 def majority_sign_mask(stacked: torch.Tensor, method: str = "total") -> torch.Tensor:

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from lorakit.combining.combined import combine
+from lorakit.combining.combined import OPTION_METHODS, combine
 
 __all__ = ["PEFT_METHODS", "add_weighted_adapter"]
 
@@ -107,14 +107,20 @@ def add_weighted_adapter(
     unknown = [name for name in adapters if name not in known]
     if unknown:
         raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(known)}")
+    options = {"density": density, "majority_sign_method": majority_sign_method, "seed": seed}
     result = combine(
         list(adapters),
         list(weights),
         method=method,
         rank=None if method == "cat" else svd_rank,
-        density=density if method not in ("cat", "svd") else None,
-        majority_sign_method=majority_sign_method,
-        seed=seed,
         model=model,
+        **_used_options(method, options),
     )
     result.add_to(model, adapter_name)
+
+
+def _used_options(method: str, options: dict[str, object]) -> dict[str, object]:
+    """The options ``method`` uses (``OPTION_METHODS``): PEFT's signature always passes
+    ``majority_sign_method`` and ``seed`` (defaults "total", 0) and ignores what a method does not
+    use, where ``combine`` refuses it."""
+    return {name: value for name, value in options.items() if method in OPTION_METHODS[name]}

@@ -59,15 +59,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-# The methods each option acts on (as combine() refuses a density for the others).
-_OPTION_METHODS = {
-    "--majority-sign": ("ties", "dare_ties"),
-    "--seed": ("dare_linear", "dare_ties"),
-}
+# combine()'s options as flags (which methods take them: combining.OPTION_METHODS).
+_FLAGS = {"density": "--density", "majority_sign_method": "--majority-sign", "seed": "--seed"}
 
 
 def _check(args: argparse.Namespace) -> None:
     """Refuse what the combination cannot do or would ignore, before any adapter is read."""
+    from lorakit.combining.combined import unused_option
+
     refuse_output_onto_inputs(
         "combine", args.output, [("input adapter", adapter) for adapter in args.adapters]
     )
@@ -77,13 +76,10 @@ def _check(args: argparse.Namespace) -> None:
             f"combine: {len(args.adapters)} adapters but {len(args.weights)} --weights; give one "
             "weight per adapter, in the same order"
         )
-    given = {"--majority-sign": args.majority_sign, "--seed": args.seed}
-    for flag, methods in _OPTION_METHODS.items():
-        if given[flag] is not None and args.method not in methods:
-            raise UserError(
-                f"combine: {flag} is for {', '.join(methods)}, not {args.method}; leave it out "
-                "or choose one of those methods"
-            )
+    given = {"density": args.density, "majority_sign_method": args.majority_sign, "seed": args.seed}
+    unused = unused_option(args.method, given, _FLAGS)
+    if unused is not None:
+        raise UserError(f"combine: {unused[1]}")
 
 
 def _print_report(result, directory) -> None:
@@ -107,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
         method=args.method,
         rank=args.rank,
         density=args.density,
-        majority_sign_method=args.majority_sign or "total",
-        seed=0 if args.seed is None else args.seed,
+        majority_sign_method=args.majority_sign,
+        seed=args.seed,
     )
     with removed_if_left_empty(args.output):
         directory = result.save(args.output)

@@ -13,6 +13,10 @@ base model's name::
         "seed": 0                          #   rule and DARE's seed
     }
 
+An option given to a method that does not use it (``density`` but for ties / dare_* /
+magnitude_prune, ``majority_sign_method`` but for ties / dare_ties, ``seed`` but for dare_*;
+``lorakit.combining.OPTION_METHODS``) is a 400 naming that entry, as ``combine`` refuses it.
+
 ``linear`` (LoRAX's default name) is the exact weighted sum of the updates,
 ``ΔW = Σ wᵢ sᵢ Bᵢ Aᵢ`` (lorakit's ``cat``, rank Σ rᵢ), not PEFT's sums of the A's and B's.
 
@@ -43,7 +47,7 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 
-from lorakit.combining import METHODS, combine
+from lorakit.combining import METHODS, combine, unused_option
 from lorakit.errors import UserError
 from lorakit.io import fingerprint
 from lorakit.io.keys import lora_key_pairs, lora_keys
@@ -63,15 +67,16 @@ MAX_IDS = 16  # adapters in one mixture at most (docs/serving.md)
 
 @dataclass(frozen=True)
 class Mixture:
-    """What a request asked for, checked for types (``combine`` checks the rest)."""
+    """What a request asked for, checked for types and options the method would ignore
+    (``combine`` checks the rest); None: not given (the method's default)."""
 
     ids: tuple[str, ...]
     weights: tuple[float, ...]
     method: str
     rank: int | None = None
     density: float | None = None
-    majority_sign_method: str = "total"
-    seed: int = 0
+    majority_sign_method: str | None = None
+    seed: int | None = None
 
 
 def _bad(message: str, key: str | None = None) -> APIError:
@@ -112,9 +117,13 @@ def parse_mixture(value: object) -> Mixture:
         if entry is not None and (not isinstance(entry, kinds) or isinstance(entry, bool)):
             raise _bad(f"'{FIELD}.{key}' must be a number, got {entry!r}", key)
         options[key] = entry
-    sign = value.get("majority_sign_method", "total")
-    if not isinstance(sign, str):
+    sign = value.get("majority_sign_method")
+    if sign is not None and not isinstance(sign, str):
         raise _bad(f"'{FIELD}.majority_sign_method' must be a string", "majority_sign_method")
+    given = {"density": options["density"], "majority_sign_method": sign, "seed": options["seed"]}
+    unused = unused_option(method, given, {key: f"'{FIELD}.{key}'" for key in given})
+    if unused is not None:
+        raise _bad(unused[1], unused[0])
     return Mixture(
         ids=tuple(ids),
         weights=tuple(float(w) for w in weights),
@@ -122,7 +131,7 @@ def parse_mixture(value: object) -> Mixture:
         rank=options["rank"],
         density=None if options["density"] is None else float(options["density"]),
         majority_sign_method=sign,
-        seed=options["seed"] or 0,
+        seed=options["seed"],
     )
 
 
