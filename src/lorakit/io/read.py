@@ -125,10 +125,24 @@ def adapter_directory(
     if not exists:
         raise AdapterFileError(f"adapter directory {candidate} does not exist.")
     also = f" (nor in {nested})" if nested is not None else ""
-    raise AdapterFileError(
-        f"no {CONFIG_NAME} in {candidate}{also}; is this an adapter directory saved by "
-        "lorakit or peft?"
+    named = _named_adapters_in(candidate)
+    hint = (
+        f"it holds named adapters ({', '.join(named)}, saved as PEFT saves adapters other than "
+        "'default'): pass adapter_name=<name> (subfolder=<name> in peft), or the adapter's own "
+        "directory"
+        if named
+        else "is this an adapter directory saved by lorakit or peft?"
     )
+    raise AdapterFileError(f"no {CONFIG_NAME} in {candidate}{also}; {hint}")
+
+
+def _named_adapters_in(directory: Path, most: int = 8) -> list[str]:
+    """The names of up to ``most`` subdirectories of ``directory`` holding an adapter config."""
+    try:
+        names = sorted(p.name for p in directory.iterdir() if (p / CONFIG_NAME).is_file())
+    except OSError:
+        return []
+    return names[:most] + (["..."] if len(names) > most else [])
 
 
 def pickle_refusal(path: Path) -> AdapterFileError:
