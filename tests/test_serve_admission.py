@@ -34,14 +34,17 @@ def adapters():
     return {name: (configs[name], adapter_tensors(reference, name)) for name in ("a0", "a1")}
 
 
-def one_slot_engine(adapters, delay: float = 0.0, gate=None, **options) -> Engine:
+def one_slot_engine(adapters, delay: float = 0.0, gate=None, calls=None, **options) -> Engine:
     """An engine over a bank with ONE adapter slot whose loader takes ``delay`` seconds (and
-    waits for ``gate``, a ``threading.Event``, when given)."""
+    waits for ``gate``, a ``threading.Event``, when given; appends each name it reads to
+    ``calls``, a list, when given)."""
     model = tiny_models.llama()
     prepare_for_serving(model)
     model.generation_config.eos_token_id = None
 
     def loader(name):
+        if calls is not None:
+            calls.append(name)
         time.sleep(delay)
         if gate is not None:
             assert gate.wait(timeout=60)
@@ -122,6 +125,34 @@ def test_a_cancelled_request_waiting_for_a_load_ends_at_once_and_frees_its_place
         assert finished.wait(1, timeout=60)[0].finish_reason == "cancelled"
         assert not gate.is_set()  # (ended while its load was still under way)
         engine.submit([5], "a1", SamplingParams(max_tokens=1), lambda event: None)  # room again
+    finally:
+        gate.set()
+        engine.stop()
+
+
+def test_a_request_after_a_cancelled_one_waits_for_the_same_load(adapters):
+    """Cancelling the only request waiting for a load left its adapter with no waiting
+    requests, which read as no load under way: the next request for it started a second load,
+    a second loader thread reading the same adapter (of two) until the end."""
+    gate, calls = threading.Event(), []
+    engine = one_slot_engine(adapters, gate=gate, calls=calls, max_batch=2).start()
+    try:
+        first, second = Finished(), Finished()
+        handle = engine.submit([3, 4], "a1", SamplingParams(max_tokens=3), first)
+        deadline = time.monotonic() + 60
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        handle.cancel()
+        assert first.wait(1)[0].finish_reason == "cancelled"
+        assert engine._cold.in_flight == 1 and engine._cold.parked == 0  # (the load goes on)
+        engine.submit([5, 6], "a1", SamplingParams(max_tokens=2), second)
+        while engine._cold.parked != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)  # (time for a second load job to reach the loader)
+        assert (engine.cold_loads, calls) == (1, ["a1"])  # (were 2 loads, 2 reads)
+        gate.set()
+        assert second.wait(1)[0].finish_reason == "length"
+        assert (engine.cold_loads, calls, engine._cold.in_flight) == (1, ["a1"], 0)
     finally:
         gate.set()
         engine.stop()

@@ -120,6 +120,61 @@ def test_greedy_in_a_mixed_continuous_batch_equals_alone_merged(served):
     assert len(distinct_outputs) > 4  # the adapters change the outputs: the test can fail
 
 
+def test_kv_buffers_stay_within_max_batch_rows_and_go_back_when_the_batch_drains(
+    served, monkeypatch
+):
+    """The KV buffers' row capacity grew by half again past max_batch (6 rows for 5) and an
+    idle engine kept the buffers of its largest burst for good. Now: never more rows than
+    max_batch, no buffers once the batch drains, fresh small ones for the next request, and
+    the same tokens as each request alone."""
+    from lorakit.serve import kv
+
+    reference, model, bank = served
+    shapes = []
+    reserve = kv.BatchedCache._reserve
+
+    def recording_reserve(self, *args, **kwargs):
+        reserve(self, *args, **kwargs)
+        shapes.append(tuple(self.cache.layers[0].key_buffer.shape))
+
+    monkeypatch.setattr(kv.BatchedCache, "_reserve", recording_reserve)
+    engine = Engine(model, bank, max_batch=5)
+    work = requests(12)
+    results, finished = {}, threading.Semaphore(0)
+    for index, (prompt, adapter, max_tokens) in enumerate(work):
+
+        def on_event(event, index=index):
+            results.setdefault(index, []).append(event)
+            if event.finish_reason is not None:
+                finished.release()
+
+        engine.submit(prompt, adapter, SamplingParams(max_tokens=max_tokens), on_event)
+
+    def drained() -> bool:  # the last request's event comes before its row leaves the cache
+        deadline = time.monotonic() + 10
+        while engine._cache.rows and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return engine._cache.rows == 0
+
+    with engine:  # all 12 queued before the loop starts: 5 rows run at once
+        for _ in work:
+            assert finished.acquire(timeout=60)
+        assert drained()
+        assert engine.stats.max_running == 5
+        assert max(shape[0] for shape in shapes) == 5  # (was 6)
+        assert engine._cache.cache is None  # the buffers went back (were kept for good)
+        shapes.clear()
+        ids, _, last = engine.generate([3, 4, 5], "a1", SamplingParams(max_tokens=4))
+        assert drained() and engine._cache.cache is None
+    assert last.finish_reason == "length"
+    assert ids == alone_merged(reference, [3, 4, 5], "a1", 4)
+    assert shapes and {shape[0] for shape in shapes} == {1}  # allocated for its one row
+    for index, (prompt, adapter, max_tokens) in enumerate(work):
+        got = [i for e in results[index] for i in e.token_ids]
+        assert results[index][-1].finish_reason == "length"
+        assert got == alone_merged(reference, prompt, adapter, max_tokens), (index, adapter)
+
+
 def test_max_loras_bounds_the_adapters_of_a_step_and_lets_later_requests_pass(served):
     reference, model, bank = served
     engine = Engine(model, bank, max_batch=4, max_loras=1)

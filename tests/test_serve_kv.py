@@ -132,6 +132,53 @@ def test_a_long_run_of_short_requests_keeps_the_buffers_small():
     assert time_cap <= 2 * (8 + 2 * 7) + kv.TIME_HEADROOM
 
 
+def buffer_shape(cache: BatchedCache) -> tuple[int, ...] | None:
+    """(rows_cap, heads, time_cap, head_dim) of the cache's buffers; None when it holds none."""
+    return None if cache.cache is None else tuple(cache.cache.layers[0].key_buffer.shape)
+
+
+def test_row_capacity_stops_at_max_rows_and_an_emptied_cache_gives_its_buffers_back():
+    """Rows joining one by one grew the buffers by half again past the engine's max_batch
+    (1, 2, 3, 4, 6 rows for 5), and ``keep([])`` kept them for good: an idle engine held the
+    buffers of its largest burst. Now the rows stop at ``max_rows``, the buffers go when the
+    last row leaves, and the next join allocates for itself alone (same keys and values)."""
+    generator = torch.Generator().manual_seed(4)
+    new, old = BatchedCache(max_rows=5), ConcatenatedCache()
+    capacities = []
+    for length in (30, 12, 41, 7, 25):
+        state = generator.get_state()
+        new.add(row_cache(length, generator), length)
+        generator.set_state(state)
+        old.add(row_cache(length, generator), length)
+        capacities.append(buffer_shape(new)[0])
+        for _ in range(3):
+            state = generator.get_state()
+            decode_step(new, generator)
+            generator.set_state(state)
+            decode_step(old, generator)
+        assert_same(new, old)
+    assert capacities == [1, 2, 3, 4, 5]
+    new.keep([])
+    old.keep([])
+    assert new.cache is None and buffer_shape(new) is None and new.rows == 0 == new.width
+    state = generator.get_state()
+    new.add(row_cache(3, generator), 3)
+    generator.set_state(state)
+    old.add(row_cache(3, generator), 3)
+    assert buffer_shape(new) == (1, HEADS, 3 + 1 + kv.TIME_HEADROOM, HEAD_DIM)
+    for _ in range(2):
+        state = generator.get_state()
+        decode_step(new, generator)
+        generator.set_state(state)
+        decode_step(old, generator)
+    assert_same(new, old)
+
+
+def test_max_rows_below_one_is_refused():
+    with pytest.raises(ValueError, match="max_rows must be >= 1 or None, got 0"):
+        BatchedCache(max_rows=0)
+
+
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
 def test_a_sliding_window_model_is_served_past_its_window_as_alone(family):
     """Prefills start from ``full_attention_cache``: rows of other lengths join and decode past

@@ -7,7 +7,9 @@ running batch and admitting requests whose adapters are resident. When the load 
 request parked on that adapter has acquired the adapter (``request.slot`` set) or carries the
 load's exception (``request.load_error``), and goes back to the engine (``on_ready``), which
 admits it at its next token boundary. One load per adapter at a time, whatever the number of
-requests waiting for it.
+requests waiting for it, and whether or not they were cancelled meanwhile: the adapters with a
+load under way are kept apart from the requests waiting (a request for an adapter whose load
+runs waits for that load, even when every request that started it was cancelled).
 """
 
 from __future__ import annotations
@@ -49,12 +51,14 @@ class ColdLoads:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="lorakit-adapter-load")
         self._lock = threading.Lock()
         self._parked: dict[str, list[GenerationRequest]] = {}
+        self._loading: set[str] = set()  # adapters with a load under way (submitted, not ended)
         self.loads = 0  # loads started (one per adapter however many requests wait for it)
 
     @property
     def in_flight(self) -> int:
-        """Adapters being loaded now."""
-        return len(self._parked)
+        """Adapters being loaded now (those whose waiting requests were all cancelled too)."""
+        with self._lock:
+            return len(self._loading)
 
     @property
     def parked(self) -> int:
@@ -79,14 +83,16 @@ class ColdLoads:
         """Wait for ``request.adapter`` to be loaded (starting its load unless one is under way)."""
         name = request.adapter
         with self._lock:
-            waiting = self._parked.setdefault(name, [])
-            waiting.append(request)
-            if len(waiting) > 1:
+            self._parked.setdefault(name, []).append(request)
+            if name in self._loading:
                 return
+            self._loading.add(name)
             self.loads += 1
         self._pool.submit(self._load, name)
 
     def _load(self, name: str) -> None:
+        """Load ``name`` into the bank and hand it to the requests waiting for it (loader
+        thread); the load counts as under way until they have it."""
         error: BaseException | None = None
         try:
             self.bank.acquire(name, self.loader)  # held: nothing evicts it before handing over
@@ -94,6 +100,7 @@ class ColdLoads:
             error = failure
         with self.bank.lock, self._lock:
             requests = self._parked.pop(name, [])
+            self._loading.discard(name)
             for request in requests:
                 if error is None:
                     request.slot = self.bank.acquire(name)  # each request holds it once

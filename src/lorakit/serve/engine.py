@@ -121,7 +121,7 @@ class Engine(Admission):
         self._starving: dict[int, GenerationRequest] = {}  # by id: see ``_defer``
         self._admissions = 0  # requests admitted so far (``_defer`` counts from it)
         self._running: list[GenerationRequest] = []
-        self._cache = BatchedCache()
+        self._cache = BatchedCache(max_rows=max_batch)
         self._routing = Routing(bank)  # one-adapter route or the batched op, per forward
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -281,11 +281,11 @@ class Engine(Admission):
                 for request in self._running:
                     message = f"{type(error).__name__}: {error}"
                     self._finish(request, "error", message, kind=INTERNAL)
-                self._running, self._cache = [], BatchedCache()
+                self._running, self._cache = [], BatchedCache(max_rows=self.max_batch)
         parked = self._cold.drain() if self._cold is not None else []
         for request in [*self._running, *self._waiting, *parked]:
             self._finish(request, "cancelled")
-        self._running, self._cache = [], BatchedCache()
+        self._running, self._cache = [], BatchedCache(max_rows=self.max_batch)
         self._waiting.clear()
 
     def _idle_while_deferred(self) -> None:

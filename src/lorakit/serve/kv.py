@@ -9,8 +9,10 @@ of which the window ``[:rows, :, start:end]`` is the cache. A decode step writes
 in place at ``end`` (``WindowLayer.update``) and attention reads a view of the window: no
 per-step reallocation or concatenation (transformers' ``DynamicCache`` concatenates, copying the
 whole cache at every layer of every step; at 64 rows of SmolLM2-135M that was half the step).
-Only joins, leaves and running out of capacity copy (rows grow by half again, time by a
-quarter plus ``TIME_HEADROOM`` columns). Padding columns hold zeros (finite, masked out).
+Only joins, leaves and running out of capacity copy (rows grow by half again, up to
+``max_rows``, the engine's ``max_batch``; time by a quarter plus ``TIME_HEADROOM`` columns).
+Padding columns hold zeros (finite, masked out). When the last row leaves, the buffers are
+dropped (their memory goes back); the next join allocates them afresh for what it needs.
 
 A prefill starts from ``full_attention_cache``: every attention layer keeps every position, a
 sliding-window one included (its mask keeps it in its window). A model whose cache layers are
@@ -136,9 +138,16 @@ class _MaskedRows:
 class BatchedCache(_MaskedRows):
     """``cache`` (a DynamicCache of ``WindowLayer``s over the running rows), ``mask`` (B, T),
     ``lengths`` (B,). ``step_inputs`` before a decode step (it makes room for one column),
-    ``advance`` after it."""
+    ``advance`` after it.
 
-    def __init__(self) -> None:
+    ``max_rows`` (None: no bound): the most rows that will ever run at once (the engine's
+    ``max_batch``); the buffers' row capacity never grows past it. ``keep([])`` drops the
+    buffers, so an idle cache holds no keys or values."""
+
+    def __init__(self, max_rows: int | None = None) -> None:
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
+        self.max_rows = max_rows
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long)
         self.lengths = torch.zeros(0, dtype=torch.long)
@@ -194,9 +203,7 @@ class BatchedCache(_MaskedRows):
             if rows <= row_cap and w.start >= extra_left and w.end + 1 <= time_cap:
                 return
         old_rows = layers[0].key_buffer.shape[0] if layers else 0
-        # rows grow by half again only when they run out (joins one by one: few reallocations);
-        # a reallocation for time alone keeps the row capacity
-        row_cap = old_rows if rows <= old_rows else max(rows, old_rows + old_rows // 2)
+        row_cap = self._row_capacity(rows, old_rows)
         time_cap = width + 1 + TIME_HEADROOM + width // 4
         sources = layers or like.layers
         new_layers = []
@@ -219,8 +226,28 @@ class BatchedCache(_MaskedRows):
             self.cache = like
         self.cache.layers = [WindowLayer(w, keys, values) for keys, values in new_layers]
 
+    def _row_capacity(self, rows: int, old_rows: int) -> int:
+        """The buffers' row capacity for ``rows`` rows, the buffers holding ``old_rows`` now.
+
+        Rows grow by half again only when they run out (joins one by one: few reallocations),
+        never past ``max_rows`` (unless ``rows`` itself is more); a reallocation for time alone
+        keeps the row capacity."""
+        if rows <= old_rows:
+            return old_rows
+        grown = max(rows, old_rows + old_rows // 2)
+        return grown if self.max_rows is None else max(rows, min(grown, self.max_rows))
+
+    def _drop_buffers(self) -> None:
+        """No rows left: forget the layers and their buffers (the memory goes back) and reset
+        the window; the next ``add`` allocates buffers for what it needs."""
+        self.cache = None
+        self._window = _Window()
+        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self.lengths = torch.zeros(0, dtype=torch.long)
+
     def keep(self, rows: list[int]) -> None:
-        """Keep only ``rows`` (in that order); drop time columns that are now all padding."""
+        """Keep only ``rows`` (in that order); drop time columns that are now all padding.
+        ``rows`` empty: drop the buffers too (``_drop_buffers``)."""
         if self._fallback is not None:
             self._fallback.keep(rows)
             self.cache, self.mask, self.lengths = (
@@ -231,14 +258,10 @@ class BatchedCache(_MaskedRows):
             if not rows:
                 self._fallback = None
             return
-        w = self._window
         if not rows:
-            w.rows = w.start = w.end = 0
-            self.mask = torch.zeros(0, 0, dtype=torch.long)
-            self.lengths = torch.zeros(0, dtype=torch.long)
-            for layer in self._layers():
-                layer.refresh()
+            self._drop_buffers()
             return
+        w = self._window
         index = torch.tensor(rows, dtype=torch.long)
         drop = self._mask_keep_rows(index)
         if rows != list(range(len(rows))):  # moved rows: gather them to the front
