@@ -1,4 +1,5 @@
-"""Data-parallel training under ``torchrun`` (DDP or FSDP2; gloo on CPU, nccl on CUDA).
+"""Data-parallel training under ``torchrun`` (DDP or FSDP2; gloo on CPU, nccl on CUDA), and the
+device a run trains on (``training_device``).
 
 ``torchrun --nproc_per_node N -m lorakit train ...`` sets ``WORLD_SIZE``/``RANK``; the loop then
 wraps the model AFTER the base is frozen. ``strategy="ddp"``: ``DistributedDataParallel``, which
@@ -23,7 +24,7 @@ from torch import nn
 
 from lorakit.errors import UserError
 
-__all__ = ["Distributed", "check_strategy", "setup_distributed"]
+__all__ = ["Distributed", "check_strategy", "setup_distributed", "training_device"]
 
 
 @dataclass
@@ -98,14 +99,48 @@ def check_strategy(strategy: str) -> None:
         )
 
 
-def setup_distributed(strategy: str = "ddp") -> Distributed:
-    """Join the process group described by torchrun's environment (once); else single-process."""
+def training_device(requested: str = "auto") -> torch.device:
+    """The device to train on for ``--device`` ``requested``: ``auto`` is a GPU where torch sees
+    one, else the CPU; ``cpu``, ``cuda`` or ``cuda:N``. Under torchrun ``auto`` and ``cuda``
+    mean this process's GPU, ``cuda:LOCAL_RANK``, made the current one (NCCL and the CUDA
+    kernels use the current device). ``UserError`` for an unknown name or a GPU torch does not
+    see."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    name = requested
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {requested!r}: give auto, cpu, cuda or cuda:N")
+    if device.type == "cpu":
+        return device
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = local_rank if device.index is None else device.index
+    if index >= count:
+        if count:
+            seen = f"torch sees {count} GPU{'s' * (count != 1)}"
+            hint = f"choose one of cuda:0 to cuda:{count - 1}, or start fewer processes per node"
+        else:
+            seen = "torch sees no GPU"
+            hint = "train on the CPU with --device cpu, or install a CUDA build of torch"
+        raise UserError(f"--device {requested}: {seen} (process LOCAL_RANK {local_rank}); {hint}")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def setup_distributed(strategy: str = "ddp", device: torch.device | None = None) -> Distributed:
+    """Join the process group described by torchrun's environment (once); else single-process.
+    The backend follows ``device`` (where the model is): nccl for CUDA, gloo otherwise (a CPU
+    model on a machine with a GPU too)."""
     check_strategy(strategy)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Distributed()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
         atexit.register(_leave_process_group)  # the group lorakit joined, it also leaves
     return Distributed(dist.get_rank(), dist.get_world_size(), strategy)

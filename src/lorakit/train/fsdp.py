@@ -140,12 +140,18 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
 def shard(model: nn.Module) -> nn.Module:
     """Shard ``model`` in place (call after freezing the base and before building the optimizer,
     which must see the sharded parameters); returns it. Every process calls this."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     check_shardable(model)
+    # the mesh of the model's own device type (FSDP's default is CUDA wherever torch sees a GPU,
+    # which would move a model trained on the CPU by --device cpu there)
+    device_type = next(iter(model.parameters())).device.type
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     for block in fsdp_units(model):
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 

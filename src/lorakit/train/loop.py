@@ -140,9 +140,10 @@ class _Run:
         self.model, self.data, self.collate, self.config = model, train_data, collate, config
         self.eval_data, self.metric_fn = eval_data, metric_fn
         self.eval_order = shortest_first(eval_data or [], length_of)
-        self.dist: Distributed = setup_distributed(config.strategy)
-        self.output_dir = Path(config.output_dir)
         check_inputs(model, config, eval_data)
+        device = next(iter(model.parameters())).device  # (there are some: check_inputs)
+        self.dist: Distributed = setup_distributed(config.strategy, device)
+        self.output_dir = Path(config.output_dir)
         self.resume = resume
         self.resume_from = checkpoint_to_resume(self.output_dir, resume)
         self.resume_state = None if self.resume_from is None else read_state(self.resume_from)

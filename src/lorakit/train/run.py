@@ -11,7 +11,7 @@ from typing import Any
 
 from lorakit.errors import UserError
 from lorakit.io.atomic import write_text
-from lorakit.train.distributed import check_strategy
+from lorakit.train.distributed import check_strategy, training_device
 from lorakit.train.loop import TrainResult
 
 __all__ = ["NOT_RECORDED", "recorded_settings", "train_from_settings"]
@@ -69,6 +69,7 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
 
     job, training = build_settings(settings)
     check_strategy(training.strategy)  # fsdp outside torchrun: before any loading
+    device = training_device(job.device)  # a GPU that is not there: before any loading
     check_eval_settings(training.eval_every, job.eval_data)
     lora = job.lora_config()
     check_model_spec(job.model)
@@ -93,6 +94,7 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
         lorakit.inject(model, lora)
     except (ValueError, TypeError) as error:
         raise UserError(str(error)) from None
+    model.to(device)
     tokenized = {"train": data.tokenize_examples(examples, tokenizer, job.max_length)}
     if eval_examples:
         tokenized["eval"] = data.tokenize_examples(eval_examples, tokenizer, job.max_length)

@@ -106,6 +106,11 @@ class TrainSettings:
         "(the built-in model's own GGUF blocks); see docs/quantized.md (default: float)",
         choices=("nf4", "fp4", "int8", "gguf"),
     )
+    device: str = setting(
+        "auto",
+        "where to train: auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N; "
+        "under torchrun each process takes the GPU of its LOCAL_RANK",
+    )
 
     def __post_init__(self) -> None:
         if not self.data:
