@@ -521,3 +521,47 @@ def test_a_reentrant_checkpoint_draws_the_masks_of_its_recompute(first, second):
         results.append([out.detach(), x.grad, *(p.grad for p in parameters)])
     for plain, checkpointed in zip(*results, strict=True):
         torch.testing.assert_close(checkpointed, plain, rtol=1e-6, atol=1e-7)
+
+
+def _second_order(layer, x):
+    """``d(sum dL/dB)/dA`` and ``/dx`` for ``L = sum(layer(x)^2)``: through ``dL/dB = s G^T u``,
+    the terms a first-order-only backward would drop."""
+    lora_A, lora_B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    (grad_B,) = torch.autograd.grad(layer(x).pow(2).sum(), [lora_B], create_graph=True)
+    return torch.autograd.grad(grad_B.sum(), [lora_A, x])
+
+
+def test_double_backward_through_the_fused_node_is_refused_and_plain_path_gives_it():
+    layer = _layer(torch.float64)
+    x = torch.randn(2, 3, 12, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"first-order gradients only.*plain_path"):
+        _second_order(layer, x)
+    with fast.plain_path():
+        got = _second_order(layer, x)
+    base, lora_A, lora_B = layer.base_layer, layer.lora_A["default"], layer.lora_B["default"]
+    weight, bias = base.weight.detach(), base.bias.detach()
+    A, B = lora_A.weight.detach().requires_grad_(), lora_B.weight.detach().requires_grad_()
+    x_ref = x.detach().requires_grad_()
+    out = _reference(x_ref, weight, bias, A, B, layer.scalings["default"])
+    (grad_B,) = torch.autograd.grad(out.pow(2).sum(), [B], create_graph=True)
+    expected = torch.autograd.grad(grad_B.sum(), [A, x_ref])
+    for value, reference in zip(got, expected, strict=True):
+        assert reference.abs().max() > 0
+        torch.testing.assert_close(value, reference, rtol=1e-10, atol=1e-10)
+
+
+def test_forward_mode_ad_takes_the_plain_formula():
+    import torch.autograd.forward_ad as forward_ad
+
+    layer = _layer(torch.float64)
+    x, tangent = torch.randn(2, 3, 12, dtype=torch.float64), torch.randn(2, 3, 12).double()
+    with forward_ad.dual_level():
+        out = forward_ad.unpack_dual(layer(forward_ad.make_dual(x, tangent)))
+    base, lora_A, lora_B = layer.base_layer, layer.lora_A["default"], layer.lora_B["default"]
+    weight, scale = base.weight.detach().double(), layer.scalings["default"]
+    # the layer is linear in x: its directional derivative is the layer without the bias
+    expected = _reference(tangent, weight, None, lora_A.weight, lora_B.weight, scale)
+    torch.testing.assert_close(out.tangent, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        out.primal, _reference(x, weight, base.bias.detach(), lora_A.weight, lora_B.weight, scale)
+    )

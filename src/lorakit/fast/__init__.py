@@ -219,5 +219,8 @@ _functorch_check = getattr(torch._C, "_are_functorch_transforms_active", None)
 
 
 def _transforms_active() -> bool:
-    """functorch transforms (vmap, grad, jvp) need what this Function does not define."""
-    return _functorch_check is not None and _functorch_check()
+    """functorch transforms (vmap, grad, jvp) and forward-mode AD (a ``forward_ad.dual_level``
+    is open) need what the fused Functions do not define (vmap rules, ``jvp``)."""
+    if _functorch_check is not None and _functorch_check():
+        return True
+    return torch.autograd.forward_ad._current_level >= 0

@@ -39,7 +39,14 @@ from lorakit.fast.dropout import (
     pack_mask,
     unpack_mask,
 )
-from lorakit.fast.linear import RankSide, as_dtype, base_input_grad, dropout_mask, linear_output
+from lorakit.fast.linear import (
+    RankSide,
+    as_dtype,
+    base_input_grad,
+    dropout_mask,
+    linear_output,
+    refuse_double_backward,
+)
 
 __all__ = ["DoraSide", "FusedDoraLinear", "dora_linear_inference", "fused_dora_linear"]
 
@@ -109,6 +116,7 @@ class FusedDoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        refuse_double_backward("DoRA linear node")
         x, weight, lora_A, lora_B, factor, norms, product, low_rank = ctx.saved_tensors
         rank_scale = ctx.settings[0]
         needs_x, _, needs_bias, needs_A, needs_B, needs_m = ctx.needs_input_grad[:6]

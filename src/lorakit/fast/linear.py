@@ -34,7 +34,27 @@ import torch.nn.functional as F
 
 from lorakit.fast.dropout import InputMask, input_mask, keep_mask, new_seed, restored_mask
 
-__all__ = ["FusedLoraLinear", "RankSide", "linear_output", "lora_linear_inference"]
+__all__ = [
+    "FusedLoraLinear",
+    "RankSide",
+    "linear_output",
+    "lora_linear_inference",
+    "refuse_double_backward",
+]
+
+
+def refuse_double_backward(node: str) -> None:
+    """Raise where a fused node's backward is itself being differentiated (``create_graph=True``:
+    gradient penalties, Hessian-vector products): it is written for first-order gradients (it
+    reuses ``u = A (x * mask)`` saved without a graph), so its second-order terms would be
+    wrong. Call first thing in the backward."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"lorakit's fused {node} computes first-order gradients only, and this backward "
+            "records a graph (create_graph=True) for higher-order ones; run the forward inside "
+            "`with lorakit.fast.plain_path():` (the plain formula, which autograd "
+            "differentiates to any order)"
+        )
 
 
 class RankSide(NamedTuple):
@@ -110,6 +130,7 @@ class FusedLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        refuse_double_backward("LoRA linear node")
         x, weight, lora_A, lora_B, low_rank, mask_bits = ctx.saved_tensors
         fan_in_fan_out = ctx.settings[1]
         needs_x, _, needs_bias, needs_A, needs_B = ctx.needs_input_grad[:5]

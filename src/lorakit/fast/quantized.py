@@ -26,7 +26,7 @@ from torch import nn
 
 from lorakit import quantized
 from lorakit.fast.dropout import input_mask
-from lorakit.fast.linear import as_dtype, input_grad, rank_side_backward
+from lorakit.fast.linear import as_dtype, input_grad, rank_side_backward, refuse_double_backward
 
 __all__ = ["FusedQuantizedLoraLinear"]
 
@@ -65,6 +65,7 @@ class FusedQuantizedLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        refuse_double_backward("quantized LoRA node")
         x, lora_A, lora_B, low_rank, mask_bits = ctx.saved_tensors
         needs_x, _, needs_A, needs_B = ctx.needs_input_grad[:4]
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d)
