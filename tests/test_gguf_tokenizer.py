@@ -22,7 +22,7 @@ def converter_flags(tokenizer, directory) -> dict[str, bool]:
 
 
 def derived_flags(tokenizer) -> dict[str, bool]:
-    keys = {key: value for key, value, *_ in tokenizer_keys(tokenizer, len(tokenizer), "llama")}
+    keys = {key: value for key, value, *_ in tokenizer_keys(tokenizer, len(tokenizer))}
     return {
         role: bool(keys.get(f"tokenizer.ggml.add_{role}_token", False)) for role in ("bos", "eos")
     }

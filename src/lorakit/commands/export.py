@@ -53,6 +53,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="export an adapter without what llama.cpp cannot apply (trained biases, "
         "modules_to_save copies, ...), listing what is dropped, instead of refusing it",
     )
+    parser.add_argument(
+        "--gguf-pre",
+        metavar="NAME",
+        help="for a model SOURCE: the tokenizer.ggml.pre to write (llama.cpp's pre-tokenizer "
+        "name, e.g. gpt-2, llama-bpe, qwen2, smollm) when lorakit does not recognise the "
+        "tokenizer's own pre-tokenizer; check llama.cpp's tokens after",
+    )
     parser.set_defaults(func=run)
 
 
@@ -83,6 +90,11 @@ def _check_adapter_source(args: argparse.Namespace) -> None:
     is read, so no base weights are there to check the adapter against)."""
     if args.adapter:
         raise UserError("--adapter goes with a model SOURCE; SOURCE is already an adapter")
+    if args.gguf_pre is not None:
+        raise UserError(
+            "--gguf-pre goes with a model SOURCE (it names the model file's pre-tokenizer); an "
+            "adapter file has no tokenizer: leave it out"
+        )
     if args.allow_base_mismatch:
         raise UserError(
             "--allow-base-mismatch goes with a model SOURCE and --adapter: an adapter SOURCE is "
@@ -115,6 +127,11 @@ def _export_adapter(args: argparse.Namespace) -> int:
         args.output,
         drop_unsupported=args.drop_unsupported,
         tensor_type=args.type or "f32",
+        base_name=(
+            f"--model {args.model}"
+            if args.model
+            else f"the default base {DEFAULT_BASE} (no --model given)"
+        ),
     )
     for dropped in done.dropped:
         print(f"lorakit: dropped {dropped}")
@@ -141,6 +158,7 @@ def _export_model(args: argparse.Namespace) -> int:
         tokenizer=tokenizer,
         tokenizer_gguf=builtin_gguf_file(args.source),
         name=Path(args.source).name,
+        pre_tokenizer=args.gguf_pre,
     )
     merged = f" merged with {args.adapter}" if args.adapter else ""
     print(f"GGUF model ({args.type or 'f16'}){merged} written to {path}")

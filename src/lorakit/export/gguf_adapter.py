@@ -60,14 +60,20 @@ def export_adapter(
     *,
     drop_unsupported: bool = False,
     tensor_type: str = "f32",
+    base_name: str | None = None,
 ) -> AdapterExport:
     """Write the PEFT adapter in ``adapter_directory`` (trained on ``model``'s architecture) as a
     GGUF LoRA adapter at ``output``. What llama.cpp cannot apply (trained biases, full
-    ``modules_to_save`` copies, resized vocabularies, modules without a GGUF tensor) raises
+    ``modules_to_save`` copies, resized or changed embeddings, modules without a GGUF tensor;
+    not PEFT's copy of the model's own embedding, which is skipped) raises
     ``UserError`` naming it and why, unless ``drop_unsupported`` (then listed in ``.dropped``).
     DoRA is always refused, and so are unconverted PiSSA / OLoRA adapters (``AdapterFileError``,
-    module docstring)."""
+    module docstring). ``model`` may be lorakit's ``PeftModel`` (its base model is used);
+    ``base_name`` says which model it is in messages (the CLI: its ``--model``)."""
     from lorakit.io.read import read_plain_lora
+    from lorakit.state import adapter_model
+
+    model = adapter_model(model)
 
     if tensor_type not in ADAPTER_TYPES:
         raise UserError(f"--type {tensor_type} for an adapter: choose one of {ADAPTER_TYPES}")
@@ -90,7 +96,7 @@ def export_adapter(
         )
     layout = gguf_layout(model.config)
     check_head_size(model.config)  # llama.cpp could not load the base this adapter is for
-    pairs, unsupported = _split_tensors(adapter, layout, model)
+    pairs, unsupported = _split_tensors(adapter, layout, model, base_name)
     if unsupported and not drop_unsupported:
         listed = "; ".join(unsupported[:4]) + (
             f" ... ({len(unsupported)} in all)" * (len(unsupported) > 4)
@@ -163,7 +169,7 @@ def _file_alpha(effective_alphas: list[float]) -> float:
 
 
 def _split_tensors(
-    adapter, layout: GgufLayout, model: nn.Module
+    adapter, layout: GgufLayout, model: nn.Module, base_name: str | None = None
 ) -> tuple[dict[str, tuple[str, torch.Tensor, torch.Tensor]], list[str]]:
     """``({module: (GGUF tensor, A, B)}, ["what: why", ...])``: the exportable LoRA pairs and
     the tensors llama.cpp cannot apply."""
@@ -175,7 +181,9 @@ def _split_tensors(
     for key, tensor in adapter.tensors.items():
         parsed = parse_lora_key(key)
         if parsed is None:
-            unsupported.append(f"{key}: {_why_not_lora(key, adapter.config, model)}")
+            reason = _why_not_lora(key, tensor, adapter.config, model)
+            if reason is not None:  # (None: a copy of the model's own embedding, nothing to add)
+                unsupported.append(f"{key}: {reason}")
             continue
         module, role = parsed
         factors.setdefault(module, {})[role] = tensor
@@ -194,14 +202,16 @@ def _split_tensors(
                 "broken, re-save the adapter."
             )
         lora_A, lora_B = factor["lora_A"], factor["lora_B"]
-        _check_fits(adapter.directory, model, module, module in embeddings, lora_A, lora_B)
+        fit = (module in embeddings, lora_A, lora_B)
+        _check_fits(adapter.directory, model, module, *fit, base_name=base_name)
         pairs[module] = (layout.tensor_name(module), lora_A, lora_B)
     return pairs, unsupported
 
 
-def _why_not_lora(key: str, config, model: nn.Module) -> str:
+def _why_not_lora(key: str, tensor: torch.Tensor, config, model: nn.Module) -> str | None:
     """Why a tensor that is not a LoRA factor (``keys.py`` lists what a file holds) cannot go
-    into a llama.cpp adapter."""
+    into a llama.cpp adapter, or None for one that adds nothing to the model (PEFT's copy of a
+    frozen embedding, ``_embedding_copy_problem``)."""
     from lorakit.io.keys import embedding_module_names, module_path
     from lorakit.targets import matches
 
@@ -211,15 +221,50 @@ def _why_not_lora(key: str, config, model: nn.Module) -> str:
             "a full trained copy of a module (modules_to_save); llama.cpp adapters hold LoRA "
             "pairs only"
         )
+    if key.endswith(".trainable_tokens_delta"):
+        return (
+            "trained rows of the token embedding (trainable_token_indices); llama.cpp adapters "
+            "hold LoRA pairs only"
+        )
     if key.endswith(".lora_B.bias"):
         return "a bias on lora_B (lora_bias=True); llama.cpp adapters hold LoRA pairs only"
     if key.endswith(".bias"):
         return "a trained bias (bias='all'/'lora_only'); llama.cpp adapters hold LoRA pairs only"
     if module in embedding_module_names(model):
-        return (
-            "a full embedding weight (a resized vocabulary); a llama.cpp adapter cannot change it"
-        )
+        return _embedding_copy_problem(tensor, model.get_submodule(module).weight)
     return "a tensor that is not a LoRA factor"
+
+
+def _embedding_copy_problem(saved: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """None when ``saved`` (an input/output embedding's weight in the adapter file) is the
+    model's own ``weight``: PEFT saves the frozen base embedding of an adapter that targets
+    ``embed_tokens`` / ``lm_head`` (``save_embedding_layers="auto"``), and the base GGUF holds
+    it already. Its values are compared where the model has them (a model built on the meta
+    device, as the CLI's, has shapes only); a resized or changed embedding is the reason."""
+    if tuple(saved.shape) != tuple(weight.shape):
+        return (
+            f"a full embedding weight of shape {list(saved.shape)} for the model's "
+            f"{list(weight.shape)} (a resized vocabulary); a llama.cpp adapter cannot change it"
+        )
+    if weight.is_meta or _same_values(saved, weight.detach()):
+        return None
+    return (
+        "a full embedding weight that differs from the model's (trained or changed, not a "
+        "frozen copy, or the model is not the adapter's base); a llama.cpp adapter cannot "
+        "change it"
+    )
+
+
+def _same_values(saved: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Equal after rounding both to the less precise of their two dtypes (a bfloat16 adapter
+    file saved from the model that is here in float32)."""
+    dtypes = (saved.dtype, weight.dtype)
+    dtype = (
+        max(dtypes, key=lambda d: torch.finfo(d).eps)
+        if all(d.is_floating_point for d in dtypes)
+        else saved.dtype
+    )
+    return torch.equal(saved.to(dtype), weight.to(device=saved.device, dtype=dtype))
 
 
 def _why_not_exportable(module: str, is_embedding: bool, layout: GgufLayout) -> str | None:
@@ -232,21 +277,27 @@ def _why_not_exportable(module: str, is_embedding: bool, layout: GgufLayout) -> 
         return f"an embedding-layout LoRA on {name}, which llama.cpp reads as a matrix product"
     if name == TOKEN_EMBEDDING and layout.tied_embeddings:
         return (
-            "the token embedding is tied to the output; llama.cpp would apply this LoRA to the "
-            "output projection too (lorakit does not)"
+            "the token embedding is tied to the output; llama.cpp aborts on a token_embd LoRA "
+            "over a base without output.weight (its output projection is then token_embd itself, "
+            "and the pair's transposed A does not fit that matrix product: GGML_ASSERT)"
         )
     return None
 
 
-def _check_fits(source, model, module, is_embedding, lora_A, lora_B) -> None:
-    """A (r, in) and B (out, r) must fit the model's module (embedding: A (r, vocab), B (dim, r))."""
+def _check_fits(source, model, module, is_embedding, lora_A, lora_B, *, base_name=None) -> None:
+    """A (r, in) and B (out, r) must fit the model's module (embedding: A (r, vocab), B (dim, r));
+    ``base_name`` names the model in the message."""
+    base = base_name or f"the {type(model).__name__} given"
     try:
         weight = model.get_submodule(module).weight
     except AttributeError:
-        raise UserError(f"adapter {source}: the model has no module {module!r}") from None
+        raise UserError(
+            f"adapter {source}: {base} has no module {module!r}; give the adapter's base model"
+        ) from None
     rows, cols = weight.shape[::-1] if is_embedding else weight.shape  # (out, in)
     if lora_A.shape[1] != cols or lora_B.shape[0] != rows or lora_A.shape[0] != lora_B.shape[1]:
         raise UserError(
             f"adapter {source}: {module} has A {list(lora_A.shape)} and B {list(lora_B.shape)}, "
-            f"which do not fit the model's weight {list(weight.shape)}; is --model its base?"
+            f"which do not fit the weight {list(weight.shape)} of {base}; give the adapter's "
+            "base model (--model)"
         )

@@ -8,6 +8,7 @@ transformers ``nn.Linear`` weight ``(out, in)`` is written as it is and llama.cp
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,15 @@ import torch
 from lorakit.errors import UserError
 from lorakit.io import atomic
 
-__all__ = ["TENSOR_TYPES", "check_output_path", "decode_tensor", "encode_tensor", "write_gguf"]
+__all__ = [
+    "TENSOR_TYPES",
+    "check_complete",
+    "check_output_path",
+    "decode_tensor",
+    "encode_tensor",
+    "planned_size",
+    "write_gguf",
+]
 
 # --type value -> GGMLQuantizationType name. q8_0 / q4_0 quantise blocks of 32 along a row.
 TENSOR_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
@@ -71,7 +80,12 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
 def write_gguf(path: str | os.PathLike[str], arch: str, fill: Callable[[object], None]) -> Path:
     """Write a GGUF file: ``fill(writer)`` adds key/values and tensors to a ``gguf.GGUFWriter``
     for ``arch``; the file appears at ``path`` only when complete and on the disk
-    (``io.atomic.write_with``: temporary file, fsync, rename)."""
+    (``io.atomic.write_with``: temporary file, fsync, rename).
+
+    The writer stores tensors with numpy's ``tofile``, whose buffered writes lose a full disk's
+    error when they are closed, so the temporary file's size is checked against the writer's
+    plan (``planned_size``) before it replaces anything: a short file raises ``OSError``
+    (``ENOSPC``) naming ``path``, and any previous file there stays as it was."""
     import gguf
 
     target = check_output_path(path)
@@ -80,9 +94,42 @@ def write_gguf(path: str | os.PathLike[str], arch: str, fill: Callable[[object],
         writer = gguf.GGUFWriter(temporary, arch)
         fill(writer)
         writer.write_header_to_file()
-        writer.write_kv_data_to_file()
+        writer.write_kv_data_to_file()  # (flushed: Python's own writes raise on a full disk)
+        planned = planned_size(writer, writer.fout[0].tell())
         writer.write_tensors_to_file()
         writer.close()
+        check_complete(temporary, planned, target)
 
     atomic.write_with(target, write)
     return target
+
+
+def planned_size(writer, header_and_kv_bytes: int) -> int:
+    """The size in bytes of the single-file GGUF that ``writer`` (a ``gguf.GGUFWriter`` whose
+    header and key/values take ``header_and_kv_bytes``) is about to write: then one tensor info
+    per tensor (name as u64 length + UTF-8 bytes, u32 n_dims, u64 per dimension, u32 type, u64
+    offset), padding to the alignment, and each tensor's data padded to the alignment."""
+    import gguf
+
+    (tensors,) = writer.tensors  # one shard: lorakit never splits
+    align = writer.data_alignment
+    infos = sum(
+        8 + len(name.encode("utf-8")) + 4 + 8 * len(ti.shape) + 4 + 8
+        for name, ti in tensors.items()
+    )
+    data = sum(gguf.GGUFWriter.ggml_pad(ti.nbytes, align) for ti in tensors.values())
+    return gguf.GGUFWriter.ggml_pad(header_and_kv_bytes + infos, align) + data
+
+
+def check_complete(written: str | os.PathLike[str], planned: int, target: Path) -> None:
+    """Raise ``OSError(ENOSPC)`` naming ``target`` unless the file ``written`` (its temporary
+    file) holds the ``planned`` bytes: a write that the disk refused without an error reaching
+    Python (numpy's buffered ``tofile``) leaves it short."""
+    size = os.path.getsize(written)
+    if size != planned:
+        raise OSError(
+            errno.ENOSPC,
+            f"{os.strerror(errno.ENOSPC)} (the GGUF file came out {size} of {planned} bytes; "
+            "nothing was replaced)",
+            str(target),
+        )

@@ -12,7 +12,8 @@ What llama.cpp's converter writes for these architectures, and what llama.cpp re
 - 1-D tensors (norms, biases) in f32; matrices in the chosen type, except that q8_0 / q4_0 need
   rows of a multiple of 32 values (others are written f16);
 - the tokenizer (``gguf_tokenizer``): copied from the GGUF file the model came from when there is
-  one (the built-in SmolLM2), else derived from a byte-level BPE tokenizer.
+  one (the built-in SmolLM2), else derived from a byte-level BPE tokenizer (``tokenizer.ggml.pre``
+  from its own pre-tokenizer, or as the caller names it).
 
 Rotary scaling other than the default (llama3, yarn, ...) is refused: llama.cpp's converter
 writes extra keys and tensors for it that lorakit does not produce. So is a Qwen2 whose
@@ -52,12 +53,15 @@ def export_model(
     tokenizer=None,
     tokenizer_gguf: str | os.PathLike[str] | None = None,
     name: str | None = None,
+    pre_tokenizer: str | None = None,
 ) -> Path:
     """Write ``model`` (a plain transformers causal LM: merge adapters first) as a GGUF model.
 
     ``tokenizer_gguf``: a GGUF file whose ``tokenizer.*`` keys are copied (exact for a model
     converted from it); else ``tokenizer`` (a byte-level BPE fast tokenizer) is described;
     with neither, the file has no vocabulary (llama.cpp cannot run it, but it can be read).
+    ``pre_tokenizer``: the ``tokenizer.ggml.pre`` to write for ``tokenizer`` instead of the one
+    read from its own pre-tokenizer (which refuses layouts it does not recognise).
     """
     if tensor_type not in TENSOR_TYPES:
         raise UserError(f"--type {tensor_type}: choose one of {sorted(TENSOR_TYPES)}")
@@ -72,10 +76,18 @@ def export_model(
     tensors = model_tensors(model, layout, tensor_type)
     from lorakit.export import gguf_tokenizer
 
+    if tokenizer_gguf is not None and pre_tokenizer is not None:
+        raise UserError(
+            f"pre_tokenizer {pre_tokenizer!r} (--gguf-pre) names the pre-tokenizer of a derived "
+            f"tokenizer, but the tokenizer keys are copied exactly from {tokenizer_gguf}: leave "
+            "it out"
+        )
     if tokenizer_gguf is not None:
         vocabulary = gguf_tokenizer.copied_keys(tokenizer_gguf)
     elif tokenizer is not None:
-        vocabulary = gguf_tokenizer.tokenizer_keys(tokenizer, config.vocab_size, layout.model_type)
+        vocabulary = gguf_tokenizer.tokenizer_keys(
+            tokenizer, config.vocab_size, pre_tokenizer=pre_tokenizer
+        )
     else:
         vocabulary = []
 

@@ -121,7 +121,8 @@ def gguf_adapter_as_peft(adapter: GgufAdapter, model: nn.Module):
     """``(LoraConfig, {PEFT key: tensor})`` of ``adapter`` for ``model``: the names mapped back
     to ``model``'s modules, q/k rows to transformers' order, ``token_embd``'s A transposed, and
     llama.cpp's scale kept: ``alpha / r`` of each pair's rank, 1 where alpha is 0 or absent,
-    a negative alpha's sign moved into B (a LoraConfig's alpha is positive)."""
+    a negative alpha's sign moved into B (a LoraConfig's alpha is positive). A ``token_embd``
+    pair for a model with tied embeddings is refused: llama.cpp cannot run it on that base."""
     from lorakit.config import LoraConfig
     from lorakit.io.keys import lora_keys
     from lorakit.targets import model_modules
@@ -139,6 +140,15 @@ def gguf_adapter_as_peft(adapter: GgufAdapter, model: nn.Module):
         if module is None:
             raise AdapterFileError(
                 f"{adapter.path}: tensor {name} names no module of this {type(model).__name__}"
+            )
+        if name == TOKEN_EMBEDDING and layout.tied_embeddings:
+            raise AdapterFileError(
+                f"{adapter.path} has a LoRA on {TOKEN_EMBEDDING}, and this "
+                f"{type(model).__name__} ties its output to the token embedding: llama.cpp aborts "
+                "on such a file over the tied base (no output.weight: its output projection is "
+                "token_embd itself, which the pair's transposed A does not fit, GGML_ASSERT), so "
+                "there is no llama.cpp result to reproduce. Use an untied base, or a PEFT-format "
+                "adapter."
             )
         lora_a, lora_b = adapter.factors(name)
         order = layout.row_order(name, lora_b.shape[0])

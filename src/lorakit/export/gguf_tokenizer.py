@@ -9,8 +9,11 @@ ids, ``.add_bos_token`` (and ``.add_eos_token`` when EOS is added: absent means 
 encodes (``added_special_tokens``: a post-processor such as Llama 3's adds BOS though its
 ``add_bos_token`` attribute is False), which is what llama.cpp's converter reads from it.
 llama.cpp's converter picks ``.pre`` by hashing the tokenizer's output on a test text; lorakit
-names it from the model type (``PRE_TOKENIZERS``, else "default"), so a model converted from a
-GGUF file copies that file's keys instead (``copied_keys``), which is exact.
+reads it from the tokenizer's own ``pre_tokenizer`` (tokenizer.json): the layouts in
+``PRE_TOKENIZERS`` are those whose splitting llama.cpp's named regexes reproduce exactly; any
+other layout is refused unless the caller names ``.pre`` itself (``pre_tokenizer=``, the CLI's
+``--gguf-pre``): llama.cpp's "default" splits otherwise than any of them. A model converted from
+a GGUF file copies that file's keys instead (``copied_keys``), which is exact.
 """
 
 from __future__ import annotations
@@ -21,9 +24,32 @@ from typing import Any
 
 from lorakit.errors import UserError
 
-__all__ = ["PRE_TOKENIZERS", "added_special_tokens", "copied_keys", "tokenizer_keys"]
+__all__ = [
+    "PRE_TOKENIZERS",
+    "added_special_tokens",
+    "copied_keys",
+    "pre_tokenizer_layout",
+    "pre_tokenizer_name",
+    "tokenizer_keys",
+]
 
-PRE_TOKENIZERS = {"qwen2": "qwen2"}  # transformers model_type -> tokenizer.ggml.pre
+# The split regexes of Llama 3 (tiktoken's cl100k, digits in groups of up to 3) and Qwen2 (digits
+# one by one), as their tokenizer.json files hold them; llama.cpp's "llama-bpe" / "qwen2" are these.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}", 1)
+GPT2_BYTE_LEVEL = ("ByteLevel", "gpt-2 regex")  # ByteLevel(use_regex=True, add_prefix_space=False)
+BYTES_ONLY = ("ByteLevel", "bytes only")  # ByteLevel(use_regex=False, add_prefix_space=False)
+
+# pre_tokenizer layout (``pre_tokenizer_layout``) -> tokenizer.ggml.pre, llama.cpp's regexes for it
+PRE_TOKENIZERS = {
+    (GPT2_BYTE_LEVEL,): "gpt-2",  # GPT-2 and its kin: the GPT-2 regex
+    (("Digits", "individual"), GPT2_BYTE_LEVEL): "smollm",  # SmolLM/SmolLM2: each digit alone first
+    (("Split", LLAMA3_SPLIT, "Isolated"), BYTES_ONLY): "llama-bpe",  # Llama 3
+    (("Split", QWEN2_SPLIT, "Isolated"), BYTES_ONLY): "qwen2",  # Qwen2 / Qwen2.5
+}
 
 Entry = tuple[str, Any, Any, Any]  # (key, value, GGUFValueType, array element type or None)
 
@@ -42,18 +68,21 @@ def copied_keys(path: str | os.PathLike[str]) -> list[Entry]:
     return entries
 
 
-def tokenizer_keys(tokenizer, vocab_size: int, model_type: str) -> list[Entry]:
+def tokenizer_keys(tokenizer, vocab_size: int, *, pre_tokenizer: str | None = None) -> list[Entry]:
     """The ``tokenizer.*`` entries for a transformers fast tokenizer with a byte-level BPE model;
-    ``vocab_size``: the model's (ids the tokenizer lacks become unused ``[PAD<id>]`` tokens)."""
+    ``vocab_size``: the model's (ids the tokenizer lacks become unused ``[PAD<id>]`` tokens);
+    ``pre_tokenizer``: the ``tokenizer.ggml.pre`` to write, else the one that the tokenizer's
+    own pre-tokenizer is (``pre_tokenizer_name``; ``UserError`` for a layout it does not know)."""
     import gguf
 
     described = _bpe_description(tokenizer)
+    pre = pre_tokenizer or pre_tokenizer_name(described.get("pre_tokenizer"))
     V = gguf.GGUFValueType
     tokens, types = _tokens_and_types(tokenizer, vocab_size)
     merges = [m if isinstance(m, str) else " ".join(m) for m in described["model"]["merges"]]
     entries: list[Entry] = [
         ("tokenizer.ggml.model", "gpt2", V.STRING, None),
-        ("tokenizer.ggml.pre", PRE_TOKENIZERS.get(model_type, "default"), V.STRING, None),
+        ("tokenizer.ggml.pre", pre, V.STRING, None),
         ("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
         ("tokenizer.ggml.token_type", types, V.ARRAY, V.INT32),
         ("tokenizer.ggml.merges", merges, V.ARRAY, V.STRING),
@@ -71,6 +100,50 @@ def tokenizer_keys(tokenizer, vocab_size: int, model_type: str) -> list[Entry]:
     if isinstance(template, str):
         entries.append(("tokenizer.chat_template", template, V.STRING, None))
     return entries
+
+
+def pre_tokenizer_name(pre_tokenizer: dict[str, Any] | None) -> str:
+    """The ``tokenizer.ggml.pre`` whose regexes split text as ``pre_tokenizer`` (the
+    ``pre_tokenizer`` object of a tokenizer.json) does: a ``PRE_TOKENIZERS`` layout, else
+    ``UserError`` naming the layout and how to name ``.pre`` yourself."""
+    layout = pre_tokenizer_layout(pre_tokenizer)
+    name = PRE_TOKENIZERS.get(layout) if layout is not None else None
+    if name is None:
+        raise UserError(
+            "GGUF export: this tokenizer's pre-tokenizer "
+            f"{json.dumps(pre_tokenizer)[:300]} is none that lorakit recognises (GPT-2's "
+            "ByteLevel, SmolLM's Digits + ByteLevel, Llama 3's or Qwen2's Split + ByteLevel), so "
+            "it cannot tell which tokenizer.ggml.pre makes llama.cpp split text the same way. "
+            "Name it yourself (--gguf-pre NAME, pre_tokenizer=NAME; llama.cpp's names, e.g. "
+            "gpt-2, llama-bpe, qwen2, smollm) and check llama.cpp's tokens, or use llama.cpp's "
+            "convert_hf_to_gguf.py on the (merged) model directory."
+        )
+    return name
+
+
+def pre_tokenizer_layout(pre_tokenizer: dict[str, Any] | None) -> tuple | None:
+    """``pre_tokenizer`` (tokenizer.json's object) as the tuple of its steps that decide where
+    text is split (``PRE_TOKENIZERS``' keys), or None for a step of another kind."""
+    if not isinstance(pre_tokenizer, dict):
+        return None
+    steps = pre_tokenizer.get("pretokenizers") if pre_tokenizer.get("type") == "Sequence" else None
+    steps = [pre_tokenizer] if steps is None else steps
+    layout = tuple(_step(step) for step in steps if isinstance(step, dict))
+    return None if None in layout or len(layout) != len(steps) else layout
+
+
+def _step(step: dict[str, Any]) -> tuple | None:
+    """One pre-tokenizer step as a ``PRE_TOKENIZERS`` key part, or None if lorakit does not know
+    how llama.cpp would split like it (``add_prefix_space`` puts a space llama.cpp does not)."""
+    kind = step.get("type")
+    if kind == "ByteLevel" and not step.get("add_prefix_space", True):
+        return GPT2_BYTE_LEVEL if step.get("use_regex", True) else BYTES_ONLY
+    if kind == "Digits" and step.get("individual_digits") is True:
+        return ("Digits", "individual")
+    pattern = step.get("pattern") or {}
+    if kind == "Split" and "Regex" in pattern and step.get("invert") is False:
+        return ("Split", pattern["Regex"], step.get("behavior"))
+    return None
 
 
 PROBE = "Hello world"  # any text without special tokens
