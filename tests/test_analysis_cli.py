@@ -194,8 +194,9 @@ def test_analyze_refuses_damaged_factors_in_one_line(tmp_path, capsys, damage, m
 
 
 def test_layers_of_another_shape_are_named_not_dropped(tmp_path, capsys):
-    """A 'fine-tune' whose MLP is wider: analyze says the models differ in one line (it was a
-    traceback); extract lists the reshaped weights as not captured (they were dropped unseen)."""
+    """A 'fine-tune' whose MLP is wider: analyze analyses the attention layers and lists the MLP
+    ones as left out (it refused the pair); extract lists the reshaped weights as not captured
+    (they were dropped unseen)."""
     from lorakit.analysis.extract import extract_lora
 
     base = tiny_models.llama()
@@ -204,9 +205,14 @@ def test_layers_of_another_shape_are_named_not_dropped(tmp_path, capsys):
     wide.save_pretrained(tmp_path / "wide")
     capsys.readouterr()  # (the saving bars)
     argv = ["analyze", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "wide")]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "they are not the same model" in err and err.count("\n") == 1
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    left_out = {layer["name"]: layer for layer in report["left_out"]}
+    mlp = [f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down")]
+    assert sorted(left_out) == sorted(mlp)
+    assert left_out["model.layers.0.mlp.gate_proj"]["finetuned_shape"] == [128, 64]
+    analysed = {layer["name"].rsplit(".", 1)[-1] for layer in report["layers"]}
+    assert analysed == {"q_proj", "k_proj", "v_proj", "o_proj", "lm_head"}  # (another model)
     extraction = extract_lora(base, wide, rank=2)
     reshaped = {k: v for k, v in extraction.uncaptured.items() if v["change"] is None}
     assert "model.layers.0.mlp.gate_proj.weight" in reshaped

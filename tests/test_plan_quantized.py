@@ -152,8 +152,11 @@ def test_gpt2s_conv1d_projections_are_planned_as_bitsandbytes_stores_them(tmp_pa
 
 
 def test_a_cpu_format_that_would_quantize_nothing_is_a_user_error(tmp_path):
-    tiny_models.gpt2().save_pretrained(tmp_path)  # Conv1D projections, tied output layer
-    with pytest.raises(UserError, match="no layer of this GPT2LMHeadModel would be stored"):
+    from transformers import GPT2Config
+
+    config = GPT2Config(**tiny_models.GPT2_SIZES, architectures=["GPT2Model"])
+    config.save_pretrained(tmp_path)  # Conv1D projections, no output layer
+    with pytest.raises(UserError, match="no layer of this GPT2Model would be stored"):
         plan(str(tmp_path), quantization="int4-groups")
 
 

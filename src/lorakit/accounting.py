@@ -59,13 +59,19 @@ def _buffer_held_weights(model: nn.Module) -> int:
     quantized layers), each stored weight counted once (layer replication shares them)."""
     from lorakit import quantized
 
-    counted: dict[tuple, int] = {}  # by the storage's addresses: replicated layers share it
+    counted: dict[tuple, int] = {}  # by the storages held: replicated layers share them
     for module in model.modules():
         if quantized.is_quantized(module) and module._parameters.get("weight") is None:
-            held = tuple(tensor.data_ptr() for tensor in quantized.storage(module).values())
+            held = tuple(_storage_key(tensor) for tensor in quantized.storage(module).values())
             out_features, in_features = quantized.shape(module)  # (no weight Parameter)
             counted[held] = out_features * in_features
     return sum(counted.values())
+
+
+def _storage_key(tensor) -> tuple[int, int]:
+    """Which storage ``tensor`` views, and where: the identity of its storage (not its address,
+    ``data_ptr()``, which is 0 for every tensor on the ``meta`` device) and its offset."""
+    return tensor.untyped_storage()._cdata, tensor.storage_offset()
 
 
 def print_trainable_parameters(model: nn.Module) -> ParameterCount:

@@ -8,7 +8,9 @@ numbers are exactly those of a real run. The memory model (GB = 1e9 bytes)::
     LoRA training     = P_frozen * b_dtype + P_trainable * 16 bytes
     adapter file      = P_trainable * 4 (float32) or * 2 (bfloat16) bytes of tensors
     inference merged  = P_base * b_dtype
-    base + N adapters = P_base * b_dtype + N * P_trainable * b_dtype
+    base + N adapters = P_base * b_dtype + N * P_trainable * b_adapter
+                        (b_adapter: ``inject.default_adapter_dtype``, float32 on a float16 or
+                        bfloat16 base, as ``inject``, ``load_adapter`` and the serving bank keep them)
     activations       = what one training forward of batch x seq_len tokens keeps for backward,
                         counted by running it on the meta device (``lorakit.activations``)
 
@@ -41,7 +43,7 @@ from lorakit.accounting import ParameterCount, count_parameters
 from lorakit.activations import Activations, training_activations
 from lorakit.config import LoraConfig
 from lorakit.errors import UserError
-from lorakit.inject import inject
+from lorakit.inject import default_adapter_dtype, inject
 from lorakit.meta_model import BUILTIN_CONFIGS, build_meta_model
 from lorakit.positions import learned_position_limit, max_positions
 from lorakit.state import lora_layers
@@ -66,6 +68,7 @@ class ModuleTypePlan:
 _DERIVED = (
     *(
         "dtype_bytes",
+        "adapter_dtype",
         "base_bytes",
         "frozen_parameters",
         "trainable_percent",
@@ -151,9 +154,17 @@ class Plan:
         return self.base_parameters * self.dtype_bytes
 
     @property
+    def adapter_dtype(self) -> str:
+        """The dtype loaded adapters are kept in: float32 on a quantized base, else
+        ``inject.default_adapter_dtype`` of ``dtype`` (float32 on a float16 or bfloat16 base)."""
+        if self.quantization:
+            return "float32"
+        return str(default_adapter_dtype(getattr(torch, self.dtype))).removeprefix("torch.")
+
+    @property
     def inference_with_adapters_bytes(self) -> int:
-        adapter_dtype_bytes = 4 if self.quantization else self.dtype_bytes  # float32 on it
-        adapter_bytes = self.trainable_parameters * adapter_dtype_bytes
+        """``base_bytes + num_adapters * P_trainable * bytes(adapter_dtype)``."""
+        adapter_bytes = self.trainable_parameters * getattr(torch, self.adapter_dtype).itemsize
         return self.base_bytes + self.num_adapters * adapter_bytes
 
     def unit_bytes(self, frozen: int, trainable: int) -> int:
@@ -192,6 +203,7 @@ class Plan:
             "lora_alpha": self.config.lora_alpha,
             "target_modules": self.config.target_modules,
             "lora_dropout": self.config.lora_dropout,
+            "task_type": self.config.task_type,
         }
         for name in _DERIVED:
             counts[name] = getattr(self, name)
@@ -232,8 +244,8 @@ def plan(
         )
     if batch_size < 1 or (seq_len is not None and seq_len < 1):
         raise UserError(f"--batch-size and --seq-len must be >= 1 (got {batch_size}, {seq_len})")
-    config = _lora_config(r, lora_alpha, target_modules, lora_dropout)
     meta_model, dtype_name = build_meta_model(model, dtype)
+    config = _lora_config(r, lora_alpha, target_modules, lora_dropout, _task_type(meta_model))
     base_parameters = count_parameters(meta_model).total
     quantized_weights = _quantized_weights(meta_model, quantization)
     _check_shardable(strategy, devices, quantization)
@@ -274,8 +286,19 @@ def _check_shardable(strategy: str, devices: int, quantization: str | None) -> N
         raise quantized_base_error(f"--quantization {quantization}")
 
 
+def _task_type(model: nn.Module) -> str | None:
+    """``"SEQ_CLS"`` for a ``*ForSequenceClassification`` model (what a classifier fine-tune
+    sets, so the head is trained in full as PEFT does: ``targets.saved_module_entries``), else
+    None."""
+    return "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else None
+
+
 def _lora_config(
-    r: int, lora_alpha: float | None, target_modules: str | list[str], lora_dropout: float
+    r: int,
+    lora_alpha: float | None,
+    target_modules: str | list[str],
+    lora_dropout: float,
+    task_type: str | None = None,
 ) -> LoraConfig:
     """The adapter's config (``lora_alpha`` None: ``2 * r``); a bad value is a ``UserError``."""
     try:
@@ -284,6 +307,7 @@ def _lora_config(
             lora_alpha=2 * r if lora_alpha is None else lora_alpha,
             target_modules=target_modules,
             lora_dropout=lora_dropout,
+            task_type=task_type,
         )
     except ValueError as error:
         raise UserError(str(error)) from None
@@ -323,11 +347,12 @@ def _quantized_weights(model: nn.Module, quantization: str | None) -> tuple[int,
         weights, stored = quantized_base(model, quantization)
     except ValueError as error:
         raise UserError(f"--quantization: {error}") from None
-    if weights == 0:
+    if stored == 0:  # (a tied output layer's int8 copy stores bytes but replaces no weight)
         raise UserError(
             f"--quantization {quantization}: no layer of this {type(model).__name__} would be "
-            "stored quantized (lorakit's int8-rows and int4-groups take nn.Linear layers, "
-            "and the output layer is kept apart); choose nf4, fp4, int8 or a GGUF format"
+            "stored quantized (lorakit's int8-rows and int4-groups take nn.Linear layers only, "
+            "not GPT-2's Conv1D, and int4-groups leaves sizes that are not multiples of 32 in "
+            "float); choose nf4, fp4, int8 or a GGUF format"
         )
     return weights, stored
 

@@ -20,7 +20,7 @@ def format_report(result: Plan) -> str:
         f"model: {result.model} ({result.architecture}, {result.dtype}; built on the meta "
         "device, no weights loaded)",
         f"LoRA: r={config.r}, lora_alpha={config.lora_alpha:g}, "
-        f"target_modules={config.target_modules!r}",
+        f"target_modules={config.target_modules!r}{_task_note(config.task_type)}",
         "",
         f"{'module type':<14}{'modules':>8}{'base params':>16}{'LoRA params':>14}",
     ]
@@ -45,8 +45,7 @@ def format_report(result: Plan) -> str:
         f"({result.full_finetune_bytes / result.lora_training_bytes:.1f}x less)",
         *_per_device_lines(result),
         *_activation_lines(result),
-        f"inference memory (weights only, adapters in "
-        f"{'float32' if result.quantization else result.dtype})",
+        f"inference memory (weights only, adapters in {result.adapter_dtype})",
         f"  merged: {_gb(result.inference_merged_bytes)}",
         f"  base + {result.num_adapters} adapter(s): {_gb(result.inference_with_adapters_bytes)}",
     ]
@@ -62,15 +61,35 @@ def _frozen_lines(result: Plan) -> list[str]:
         ]
     weights, quantized_bytes = result.quantized_weights
     rest = result.frozen_parameters - weights
-    included = "scales"
-    if result.quantization in ("int8-rows", "int4-groups"):
-        included = "scales and the output layer's int8 rows"  # a copy when tied
     return [
-        f"  LoRA: {weights:,} frozen in {result.quantization} ({quantized_bytes / weights:.4f} "
-        f"bytes each, {included} included) = {_gb(quantized_bytes)}",
+        _quantized_line(result.quantization, weights, quantized_bytes),
         f"      + {rest:,} frozen x {result.dtype_bytes} bytes ({result.dtype}) = "
         f"{_gb(rest * result.dtype_bytes)}",
     ]
+
+
+def _quantized_line(quantization: str, weights: int, quantized_bytes: int) -> str:
+    """The quantized layers' bytes; with no weight replaced (GPT-2 under int8-rows or
+    int4-groups: only its tied output layer is stored quantized) the added int8-rows copy."""
+    if weights == 0:
+        return (
+            f"  LoRA: the tied output layer's int8-rows copy (the embeddings keep their float "
+            f"weight; nothing else is stored quantized) = {_gb(quantized_bytes)}"
+        )
+    included = "scales"
+    if quantization in ("int8-rows", "int4-groups"):
+        included = "scales and the output layer's int8 rows"  # a copy when tied
+    return (
+        f"  LoRA: {weights:,} frozen in {quantization} ({quantized_bytes / weights:.4f} "
+        f"bytes each, {included} included) = {_gb(quantized_bytes)}"
+    )
+
+
+def _task_note(task_type: str | None) -> str:
+    """For a sequence classifier: PEFT's SEQ_CLS task, whose head is trained in full."""
+    if task_type != "SEQ_CLS":
+        return ""
+    return ", task_type='SEQ_CLS' (the classification head trained in full)"
 
 
 def _activation_lines(result: Plan) -> list[str]:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lorakit.analysis.spectrum import Spectrum
+from lorakit.analysis.spectrum import ReshapedLayer, Spectrum
 
-__all__ = ["RankAdvice", "format_table", "rank_advice", "spectra_report"]
+__all__ = ["RankAdvice", "format_left_out", "format_table", "rank_advice", "spectra_report"]
 
 
 @dataclass
@@ -75,9 +75,14 @@ def rank_advice(spectra: Sequence[Spectrum], share: float = 0.9) -> list[RankAdv
 
 
 def spectra_report(
-    spectra: Sequence[Spectrum], shares: Sequence[float] = (0.9, 0.99), max_values: int = 64
+    spectra: Sequence[Spectrum],
+    shares: Sequence[float] = (0.9, 0.99),
+    max_values: int = 64,
+    left_out: Sequence[ReshapedLayer] = (),
 ) -> dict:
-    """JSON-ready report: one entry per layer, plus rank advice per module type per share.
+    """JSON-ready report: one entry per layer, plus rank advice per module type per share, and
+    ``left_out``: the layers not analysed and why (``ReshapedLayer.to_dict``; a fine-tune's
+    resized head).
 
     Each layer lists its first ``max_values`` singular values (all with None), with
     ``singular_value_count`` and ``singular_values_truncated`` saying whether that is all of
@@ -87,7 +92,16 @@ def spectra_report(
         "advice": {
             f"{share:g}": [a.to_dict() for a in rank_advice(spectra, share)] for share in shares
         },
+        "left_out": [layer.to_dict() for layer in left_out],
     }
+
+
+def format_left_out(left_out: Sequence[ReshapedLayer]) -> str:
+    """One line per layer not analysed and why ("" when none)."""
+    if not left_out:
+        return ""
+    lines = ["left out (another shape in the fine-tuned model, e.g. a resized vocabulary):"]
+    return "\n".join(lines + [f"  {layer.name}: {layer.reason}" for layer in left_out])
 
 
 def format_table(spectra: Sequence[Spectrum]) -> str:

@@ -14,7 +14,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.analysis.spectrum import Spectrum, linear_weights, tensor_spectra, update_spectra
+from lorakit.analysis.spectrum import (
+    ReshapedLayer,
+    Spectrum,
+    linear_weights,
+    reshaped_layers,
+    tensor_spectra,
+    update_spectra,
+)
 from lorakit.errors import UserError
 
 __all__ = [
@@ -23,6 +30,7 @@ __all__ = [
     "detect_task",
     "load_model_dir",
     "model_dirs_spectra",
+    "model_dirs_update",
     "refuse_incomparable",
 ]
 
@@ -95,7 +103,20 @@ def model_dirs_spectra(
     progress: bool = True,
 ) -> list[Spectrum]:
     """Spectra of ``W_ft - W0`` for every linear layer that differs between two model directories
-    (``progress=False`` hides transformers' weight-loading bars)."""
+    (``progress=False`` hides transformers' weight-loading bars); ``model_dirs_update`` also
+    names the layers left out."""
+    return model_dirs_update(base, finetuned, task, progress)[0]
+
+
+def model_dirs_update(
+    base: str | os.PathLike[str],
+    finetuned: str | os.PathLike[str],
+    task: str | None = None,
+    progress: bool = True,
+) -> tuple[list[Spectrum], list[ReshapedLayer]]:
+    """``(spectra, left out)``: the spectra of ``model_dirs_spectra`` and the linear layers of
+    another shape in the fine-tuned model (a resized vocabulary's head), which have no
+    ``W_ft - W0``. ``UserError`` when no layer can be compared or none differs."""
     pair = comparable(
         load_model_dir(base, task, progress=progress),
         load_model_dir(finetuned, task, progress=progress),
@@ -104,17 +125,19 @@ def model_dirs_spectra(
         spectra = update_spectra(*pair)
         if not spectra:  # nothing differs, or nothing could be compared: say which
             refuse_incomparable(*pair)
-    except ValueError as error:  # a layer of another shape, or no layer in common
+    except ValueError as error:  # every shared layer of another shape, or no layer in common
         raise UserError(str(error)) from None
+    left_out = reshaped_layers(*pair)
     if not spectra:
-        raise UserError(f"no linear layer differs between {base} and {finetuned}")
-    return spectra
+        reshaped = "".join(f"; {layer.name} has another shape" for layer in left_out)
+        raise UserError(f"no linear layer differs between {base} and {finetuned}{reshaped}")
+    return spectra, left_out
 
 
 def refuse_incomparable(base: nn.Module, finetuned: nn.Module) -> None:
     """``ValueError`` when no linear layer of ``base`` can be compared with ``finetuned``'s:
     they share no layer name (two architectures, say Llama and GPT-2), or every layer they share
-    has another shape there (``update_spectra``'s error, naming the first such layer). Returns
+    has another shape there (``ReshapedLayer.error``, naming the first such layer). Returns
     when some layer can be compared (or one of them has no linear layer at all)."""
     tuned = dict(linear_weights(finetuned))
     layers = dict(linear_weights(base))
@@ -125,8 +148,9 @@ def refuse_incomparable(base: nn.Module, finetuned: nn.Module) -> None:
             f"{next(iter(layers))}, the fine-tuned model {next(iter(tuned))}): they are "
             "different models; compare a fine-tune with the model it was trained from"
         )
-    if shared and all(tuned[name].shape != layers[name].shape for name in shared):
-        update_spectra(base, finetuned, names=shared[:1])  # raises: "not the same model"
+    reshaped = reshaped_layers(base, finetuned)
+    if shared and len(reshaped) == len(shared):
+        raise reshaped[0].error()  # "they are not the same model"
 
 
 def comparable(base: nn.Module, finetuned: nn.Module) -> tuple[nn.Module, nn.Module]:

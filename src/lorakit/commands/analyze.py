@@ -53,22 +53,31 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
-    from lorakit.analysis.report import format_table, rank_advice, spectra_report
-    from lorakit.analysis.sources import adapter_dir_spectra, model_dirs_spectra
+    from lorakit.analysis.report import (
+        format_left_out,
+        format_table,
+        rank_advice,
+        spectra_report,
+    )
+    from lorakit.analysis.sources import adapter_dir_spectra, model_dirs_update
 
+    left_out = []  # layers of another shape in the fine-tuned model (a resized head)
     if args.adapter is not None:
         spectra = adapter_dir_spectra(args.adapter)
     else:
-        spectra = model_dirs_spectra(args.base, args.finetuned, args.task, progress=False)
+        spectra, left_out = model_dirs_update(args.base, args.finetuned, args.task, progress=False)
     shares = sorted({0.9, 0.99, args.energy})
     if args.json:
-        print(json.dumps(spectra_report(spectra, shares=shares), indent=2))
+        report = spectra_report(spectra, shares=shares, left_out=left_out)
+        print(json.dumps(report, indent=2))
     else:
         print(format_table(spectra))
         advice = ", ".join(
             f"{a.module_type}: r={a.rank}" for a in rank_advice(spectra, args.energy)
         )
         print(f"\nadvised rank at {args.energy:g} of the energy: {advice}")
+        if left_out:
+            print("\n" + format_left_out(left_out))
     if args.plots:
         from lorakit.analysis.plots import plot_effective_ranks, plot_spectra
 

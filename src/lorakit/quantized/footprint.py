@@ -6,7 +6,8 @@ bitsandbytes loading and lorakit's GGUF loading do; embeddings, norms and biases
 formats (``lorakit.quantized.int8_rows`` / ``int4_groups``, ``--quantization int8-rows`` /
 ``int4-groups`` on load) also store the output layer in int8 rows, a tied one as its own copy
 (the embedding keeps its float weight); int4-groups leaves a layer whose sizes are not
-multiples of 32 in float; they take ``nn.Linear`` layers only (none of GPT-2's projections).
+multiples of 32 in float; they take ``nn.Linear`` layers only (none of GPT-2's Conv1D
+projections: on GPT-2 only the tied output layer's int8-rows copy is stored, the base grows).
 
 Bytes of one (d, k) weight, n = d k (what the layer stores, ``lorakit.quantized.storage``)::
 
