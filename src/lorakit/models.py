@@ -186,11 +186,26 @@ TOKENIZER_FILES = (
 )
 
 
+def _in_cache(directory: Path) -> bool:
+    """Whether ``directory`` lies under the lorakit cache (a converted built-in model)."""
+    try:
+        return Path(directory).resolve().is_relative_to(cache_root().resolve())
+    except OSError:
+        return False
+
+
+def _cache_hint(directory: Path) -> str | None:
+    """For a directory in the cache: delete it so lorakit converts it again."""
+    if not _in_cache(directory):
+        return None
+    return f"the cached model is damaged: delete {directory} and run again (it is converted anew)"
+
+
 def load_tokenizer(directory: Path):
     """The tokenizer saved in ``directory`` with a pad token (``pad = eos`` when it has none)."""
     from transformers import AutoTokenizer
 
-    hint = "save one there with tokenizer.save_pretrained(directory)"
+    hint = _cache_hint(directory) or "save one there with tokenizer.save_pretrained(directory)"
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"model directory '{directory}' has no tokenizer files; {hint}")
     try:
@@ -227,7 +242,32 @@ def loading_errors(directory: Path) -> Iterator[None]:
         pickle.UnpicklingError,
     ) as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UserError(f"cannot load the model in {directory}: {first}") from None
+        hint = _cache_hint(directory)
+        raise UserError(
+            f"cannot load the model in {directory}: {first}" + (f"; {hint}" if hint else "")
+        ) from None
+
+
+def _refuse_missing_weights(directory: Path, model: torch.nn.Module, info: dict) -> None:
+    """A checkpoint that lacks some of the model's weights (transformers would fill them with
+    random values) is refused, naming them. A missing weight tied to a loaded one (an output
+    layer sharing the input embedding) is not missing."""
+    missing = set(info.get("missing_keys") or ())
+    if not missing:
+        return
+    tensors = model.state_dict(keep_vars=True)
+    loaded = {id(tensor) for key, tensor in tensors.items() if key not in missing}
+    absent = sorted(key for key in missing if key not in tensors or id(tensors[key]) not in loaded)
+    if not absent:
+        return
+    shown = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+    hint = _cache_hint(directory) or (
+        "save the complete model there again (model.save_pretrained) or give another directory"
+    )
+    raise UserError(
+        f"the checkpoint in {directory} lacks {len(absent)} of the model's weights ({shown}), "
+        f"which would be left random; {hint}"
+    )
 
 
 def _refuse_encoder(directory: Path) -> None:
@@ -299,7 +339,8 @@ def load_model(
     ``AutoModelForSequenceClassification`` with ``num_labels`` outputs (a new head when the
     checkpoint has none). The tokenizer always has a pad token (``pad = eos`` when the model
     defines none, as for SmolLM2), and ``model.config.pad_token_id`` matches it. The model is
-    returned in eval mode. ``progress=False`` hides transformers' weight-loading bar.
+    returned in eval mode. ``progress=False`` hides transformers' weight-loading bar. A causal
+    LM checkpoint lacking some of the model's weights is refused (``UserError`` naming them).
     ``quantization``: ``nf4``, ``fp4``, ``int8`` (bitsandbytes, on the CPU), ``gguf`` (the
     blocks of a built-in GGUF model's file), ``int8-rows`` or ``int4-groups`` (lorakit's
     weight-only int8 / 4-bit, the fast CPU decode) for a quantized frozen base
@@ -330,8 +371,13 @@ def load_model(
             "quantization_config": bitsandbytes_config(quantization, dtype),
             "device_map": "cpu",
         }
+    if task == "causal-lm":  # (a seq-cls head is new: its weights are missing by design)
+        options["output_loading_info"] = True
     with transformers_progress_bars(progress), loading_errors(directory):
         model = auto.from_pretrained(directory, dtype=dtype, local_files_only=True, **options)
+    if task == "causal-lm":
+        model, info = model
+        _refuse_missing_weights(directory, model, info)
     if quantization is not None:
         from lorakit.quantized.loading import quantize_loaded
 

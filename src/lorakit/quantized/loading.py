@@ -10,7 +10,8 @@ quantization=...)`` does.
              block linears (``gguf_file.replace_llama_linears``): exactly what llama.cpp runs
 ``int8-rows``  weight-only int8 with one scale per output row, every linear layer (the output
              layer included) quantized on load by lorakit (``int8_rows.quantize_linears``):
-             the fast CPU base for decoding (no extra package)
+             the fast CPU base for decoding (no extra package); a sequence classifier's
+             head stays float (``weight_only_part``)
 ``int4-groups``  weight-only 4-bit with a scale and an offset per 32 inputs (Q4_1's scheme),
              every linear layer whose sizes are multiples of 32 (``int4_groups``): half of
              int8-rows' bytes, the fastest CPU base for one-stream decoding
@@ -39,6 +40,7 @@ __all__ = [
     "check_quantization",
     "keep_4bit_storage",
     "quantize_loaded",
+    "weight_only_part",
 ]
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", "gguf", "int8-rows", "int4-groups")
@@ -107,10 +109,20 @@ def quantize_loaded(model: torch.nn.Module, quantization: str, gguf_file: Path |
     elif quantization == "int8-rows":
         from lorakit.quantized.int8_rows import quantize_linears
 
-        quantize_linears(model)
+        quantize_linears(weight_only_part(model))
     elif quantization == "int4-groups":
         from lorakit.quantized.int4_groups import quantize_linears
 
-        quantize_linears(model)
+        quantize_linears(weight_only_part(model))
     else:
         keep_4bit_storage(model)
+
+
+def weight_only_part(model: torch.nn.Module) -> torch.nn.Module:
+    """What lorakit's weight-only formats quantize: all of a language model (its output layer
+    included), only the body (``model.base_model``) of any other model, so a classification
+    head (new, random, to be trained) stays in float, as bitsandbytes keeps it."""
+    getter = getattr(model, "get_output_embeddings", None)
+    if getter is not None and getter() is not None:
+        return model
+    return getattr(model, "base_model", model)
