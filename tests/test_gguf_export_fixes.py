@@ -99,6 +99,14 @@ def peft_adapter(directory, base, targets=("q_proj", "embed_tokens", "lm_head"),
     peft.get_peft_model(copy.deepcopy(base), config).save_pretrained(directory, **saving)
 
 
+def safetensors_keys(directory) -> list[str]:
+    """The tensor names of ``directory``'s adapter_model.safetensors, in file order."""
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "adapter_model.safetensors"), "pt") as handle:
+        return list(handle.keys())
+
+
 def test_peft_copy_of_the_frozen_embedding_is_skipped(tmp_path) -> None:
     base = tiny_models.llama()
     peft_adapter(tmp_path / "peft", base)
@@ -109,9 +117,18 @@ def test_peft_copy_of_the_frozen_embedding_is_skipped(tmp_path) -> None:
     }
     names = set(reader_tensors(tmp_path / "a.gguf"))
     assert {"token_embd.weight.lora_a", "output.weight.lora_b"} <= names
-    with torch.device("meta"):  # (the CLI's model: shapes only, nothing to compare)
-        meta = type(base)(base.config)
-    assert export_adapter(tmp_path / "peft", meta, tmp_path / "m.gguf").dropped == []
+    with torch.device("meta"):  # the CLI's model: shapes only, so it cannot tell PEFT's copy
+        meta = type(base)(base.config)  # from a trained embedding of the same shape
+    with pytest.raises(UserError, match="cannot compare with the base's") as refused:
+        export_adapter(tmp_path / "peft", meta, tmp_path / "m.gguf")
+    assert "--drop-unsupported" in str(refused.value)
+    done = export_adapter(tmp_path / "peft", meta, tmp_path / "m.gguf", drop_unsupported=True)
+    assert [entry.split(":")[0] for entry in done.dropped] == [
+        key for key in safetensors_keys(tmp_path / "peft") if key.endswith("base_layer.weight")
+    ]
+    assert set(done.modules) == {"model.embed_tokens", "lm_head"} | {
+        f"model.layers.{i}.self_attn.q_proj" for i in range(base.config.num_hidden_layers)
+    }
 
 
 def test_a_changed_or_resized_embedding_is_refused(tmp_path) -> None:

@@ -179,3 +179,21 @@ def test_a_cpu_format_on_a_model_without_a_linear_layer_says_why(tmp_path):
     config.save_pretrained(tmp_path)  # Conv1D projections, no output layer
     with pytest.raises(UserError, match=r"take nn\.Linear layers only, not GPT-2's Conv1D"):
         plan(str(tmp_path), quantization="int8-rows")
+
+
+@pytest.mark.parametrize("quantization", ["int8-rows", "int4-groups"])
+def test_a_classifiers_weight_only_base_is_what_loading_stores(tmp_path, quantization):
+    """Loading quantizes a classifier's body only (its new head stays float,
+    ``loading.weight_only_part``): the plan's base is that model's bytes."""
+    from transformers import LlamaForSequenceClassification
+
+    from lorakit.quantized.loading import quantize_loaded
+
+    config = tiny_models.llama_config(num_labels=2)
+    config.architectures = ["LlamaForSequenceClassification"]
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path)
+    result = plan(str(tmp_path), quantization=quantization, r=4)
+    model = LlamaForSequenceClassification(config)
+    quantize_loaded(model, quantization, None)  # what load_model(quantization=...) runs
+    assert type(model.score) is torch.nn.Linear
+    assert result.base_bytes == _allocated_bytes(model)

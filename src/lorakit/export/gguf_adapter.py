@@ -239,14 +239,23 @@ def _embedding_copy_problem(saved: torch.Tensor, weight: torch.Tensor) -> str | 
     """None when ``saved`` (an input/output embedding's weight in the adapter file) is the
     model's own ``weight``: PEFT saves the frozen base embedding of an adapter that targets
     ``embed_tokens`` / ``lm_head`` (``save_embedding_layers="auto"``), and the base GGUF holds
-    it already. Its values are compared where the model has them (a model built on the meta
-    device, as the CLI's, has shapes only); a resized or changed embedding is the reason."""
+    it already. Its values are compared with the model's; a model built on the meta device (the
+    CLI's: shapes only) cannot tell that copy from a trained embedding, so it is a reason too
+    (with ``--drop-unsupported`` it is listed as dropped); a resized or changed embedding is."""
     if tuple(saved.shape) != tuple(weight.shape):
         return (
             f"a full embedding weight of shape {list(saved.shape)} for the model's "
             f"{list(weight.shape)} (a resized vocabulary); a llama.cpp adapter cannot change it"
         )
-    if weight.is_meta or _same_values(saved, weight.detach()):
+    if weight.is_meta:
+        return (
+            "a full embedding weight, which the command line cannot compare with the base's (it "
+            "reads the base's shapes only): if it is PEFT's saved copy of the frozen embedding "
+            "(save_embedding_layers), nothing is lost by --drop-unsupported; to have it checked, "
+            "export from Python with the loaded base (lorakit.export.export_adapter); a llama.cpp "
+            "adapter cannot change an embedding"
+        )
+    if _same_values(saved, weight.detach()):
         return None
     return (
         "a full embedding weight that differs from the model's (trained or changed, not a "

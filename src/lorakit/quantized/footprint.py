@@ -119,11 +119,14 @@ def quantized_base(model: nn.Module, quantization: str) -> tuple[int, int]:
 def _weight_only_base(model: nn.Module, quantization: str) -> tuple[int, int]:
     """``quantized_base`` for int8-rows / int4-groups: every ``nn.Linear`` (exact type) in that
     format, the output layer in int8 rows, layers int4-groups does not take left in float; a
-    tied output layer is an added copy (its weight stays in float with the embedding)."""
+    tied output layer is an added copy (its weight stays in float with the embedding). Only what
+    loading quantizes counts (``loading.weight_only_part``: a classifier's head stays float)."""
+    from lorakit.quantized.loading import weight_only_part
+
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weights = stored = 0
-    for module in model.modules():
+    for module in weight_only_part(model).modules():
         if type(module) is not nn.Linear:
             continue
         out_features, in_features = module.weight.shape
