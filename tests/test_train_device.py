@@ -84,3 +84,14 @@ def test_lorakit_train_refuses_a_missing_gpu_before_loading_anything(tmp_path, c
     assert train_cli("no-such-model-dir", data, output, "--device", "cuda") == 2
     assert "--device cuda: torch sees no GPU" in capsys.readouterr().err
     assert not output.exists()
+
+
+def test_a_gpu_index_under_torchrun_is_refused_saying_what_to_give(monkeypatch, two_gpus):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(
+        UserError, match=r"--device cuda:0: under torchrun every process.*--device cuda"
+    ):
+        training_device("cuda:0")
+    assert training_device("cuda") == torch.device("cuda", 1)
+    assert two_gpus == [1]

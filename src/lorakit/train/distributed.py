@@ -117,6 +117,12 @@ def training_device(requested: str = "auto") -> torch.device:
         raise UserError(f"--device {requested!r}: give auto, cpu, cuda or cuda:N")
     if device.type == "cpu":
         return device
+    if device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(
+            f"--device {requested}: under torchrun every process would take that one GPU (NCCL "
+            "refuses two processes on one device); give --device cuda (or auto): each process "
+            "then takes the GPU of its LOCAL_RANK (CUDA_VISIBLE_DEVICES chooses which GPUs)"
+        )
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     index = local_rank if device.index is None else device.index
     if index >= count:
