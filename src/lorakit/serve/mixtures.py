@@ -7,10 +7,11 @@ base model's name::
     "merged_adapters": {
         "ids": ["style", "task"],          # served adapters (names as in GET /v1/models)
         "weights": [0.7, 0.3],             # default 1 each
-        "merge_strategy": "cat",           # lorakit.combine's method; "linear" = "cat"
-        "rank": 8, "density": 0.5,         # as combine(): rank for the SVD methods, density
-        "majority_sign_method": "total",   #   for ties / dare_* / magnitude_prune, TIES' sign
-        "seed": 0                          #   rule and DARE's seed
+        "merge_strategy": "dare_ties",     # lorakit.combine's method (default "cat"; "linear"
+                                           #   is "cat")
+        "rank": 8, "density": 0.5,         # as combine(): rank for the SVD methods (all but
+        "majority_sign_method": "total",   #   cat), density for ties / dare_* /
+        "seed": 0                          #   magnitude_prune, TIES' sign rule, DARE's seed
     }
 
 An option given to a method that does not use it (``density`` but for ties / dare_* /
