@@ -84,7 +84,10 @@ def _add_batch_options(parser: argparse.ArgumentParser) -> None:
     """The running batch and what one request may ask."""
     group = parser.add_argument_group("batching and request limits")
     group.add_argument(
-        "--max-batch", type=int, default=32, help="requests decoded together at most"
+        "--max-batch",
+        type=int,
+        default=32,
+        help="requests decoded together at most (default: %(default)s)",
     )
     group.add_argument(
         "--max-loras",
@@ -102,7 +105,10 @@ def _add_batch_options(parser: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     group.add_argument(
-        "--max-tokens-limit", type=int, default=512, help="largest max_tokens a request may ask"
+        "--max-tokens-limit",
+        type=int,
+        default=512,
+        help="largest max_tokens a request may ask (default: %(default)s)",
     )
     group.add_argument(
         "--max-waiting",

@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model",
         default="smollm2-135m-instruct",
-        help="model spec or local transformers directory",
+        help="model spec or local transformers directory (default: %(default)s)",
     )
     parser.add_argument("--adapters", required=True, help="directory of PEFT adapter directories")
     parser.add_argument(

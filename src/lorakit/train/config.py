@@ -95,7 +95,8 @@ class TrainingConfig:
 
     output_dir: str = setting(
         "lorakit-run",
-        "output directory (adapter/, checkpoints/, metrics.jsonl, loss_curve.png)",
+        "output directory (adapter/, checkpoints/, metrics.jsonl, loss_curve.png, "
+        "train_settings.json)",
         flag="--output",
     )
     max_steps: int | None = setting(
