@@ -93,9 +93,8 @@ def peft_adapter(directory, base, targets=("q_proj", "embed_tokens", "lm_head"),
     ``save_embedding_layers="auto"`` it also holds both embeddings' frozen base weights)."""
     peft = pytest.importorskip("peft")
     config = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=list(targets),
-        init_lora_weights=False,
-    )  # fmt: skip
+        r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False
+    )
     peft.get_peft_model(copy.deepcopy(base), config).save_pretrained(directory, **saving)
 
 

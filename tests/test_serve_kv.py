@@ -37,6 +37,24 @@ def decode_step(cache, generator: torch.Generator):
     return mask, positions
 
 
+def join_both(new: BatchedCache, old: ConcatenatedCache, length: int, generator) -> None:
+    """A row of ``length`` positions joins both caches, with the same random keys and values."""
+    state = generator.get_state()
+    new.add(row_cache(length, generator), length)
+    generator.set_state(state)
+    old.add(row_cache(length, generator), length)
+
+
+def step_both(new: BatchedCache, old: ConcatenatedCache, generator):
+    """One decode step of both caches with the same random keys and values; returns the
+    preallocated cache's ``(mask, positions)``."""
+    state = generator.get_state()
+    stepped = decode_step(new, generator)
+    generator.set_state(state)
+    decode_step(old, generator)
+    return stepped
+
+
 def assert_same(new: BatchedCache, old: ConcatenatedCache) -> None:
     assert torch.equal(new.mask, old.mask)
     assert torch.equal(new.lengths, old.lengths)
@@ -77,17 +95,11 @@ def test_preallocated_cache_equals_the_concatenating_cache_through_joins_steps_a
     new, old = BatchedCache(), ConcatenatedCache()
     for operation, argument in SCRIPT:
         if operation == "join":
-            state = generator.get_state()
-            new.add(row_cache(argument, generator), argument)
-            generator.set_state(state)
-            old.add(row_cache(argument, generator), argument)
+            join_both(new, old, argument, generator)
         elif operation == "step":
             for _ in range(argument):
-                state = generator.get_state()
-                mask, positions = decode_step(new, generator)
-                generator.set_state(state)
                 old_mask = torch.cat([old.mask, torch.ones(old.rows, 1, dtype=torch.long)], 1)
-                decode_step(old, generator)
+                mask, positions = step_both(new, old, generator)
                 assert torch.equal(mask, old_mask)
                 assert torch.equal(positions[:, 0], old.lengths - 1)
         else:
@@ -146,31 +158,19 @@ def test_row_capacity_stops_at_max_rows_and_an_emptied_cache_gives_its_buffers_b
     new, old = BatchedCache(max_rows=5), ConcatenatedCache()
     capacities = []
     for length in (30, 12, 41, 7, 25):
-        state = generator.get_state()
-        new.add(row_cache(length, generator), length)
-        generator.set_state(state)
-        old.add(row_cache(length, generator), length)
+        join_both(new, old, length, generator)
         capacities.append(buffer_shape(new)[0])
         for _ in range(3):
-            state = generator.get_state()
-            decode_step(new, generator)
-            generator.set_state(state)
-            decode_step(old, generator)
+            step_both(new, old, generator)
         assert_same(new, old)
     assert capacities == [1, 2, 3, 4, 5]
     new.keep([])
     old.keep([])
     assert new.cache is None and buffer_shape(new) is None and new.rows == 0 == new.width
-    state = generator.get_state()
-    new.add(row_cache(3, generator), 3)
-    generator.set_state(state)
-    old.add(row_cache(3, generator), 3)
+    join_both(new, old, 3, generator)
     assert buffer_shape(new) == (1, HEADS, 3 + 1 + kv.TIME_HEADROOM, HEAD_DIM)
     for _ in range(2):
-        state = generator.get_state()
-        decode_step(new, generator)
-        generator.set_state(state)
-        decode_step(old, generator)
+        step_both(new, old, generator)
     assert_same(new, old)
 
 
