@@ -214,8 +214,9 @@ class LoraLinear(LoraBiasMixin, LoraLayer):
         """``out += s (x A^T) B^T`` in three ops (``functional.add_lora_forward_``: the add
         fused into the second product) for a plain LoRA adapter with no dropout in effect and
         ``out`` of ``x``'s dtype; the general ``adapter_branch`` otherwise. Inference only (no
-        gradient recorded): the unmerged forward over a quantized base, whose fused path is
-        for training, and bases called as modules. Shapes: out (..., d), x (..., k)."""
+        gradient recorded, a plain base's output): the unmerged forward over a quantized base,
+        whose fused path is for training, and the calls the fused path leaves to the plain
+        formula (e.g. under autocast). Shapes: out (..., d), x (..., k)."""
         factor_B = self.lora_B[adapter_name]
         plain = factor_B.bias is None and not self.is_dora(adapter_name)
         dropping = self.training and self.dropouts[adapter_name] > 0.0
