@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["AdapterFileError", "BaseModelMismatchError", "TargetModulesError", "UserError"]
+__all__ = [
+    "AdapterFileError",
+    "BaseModelMismatchError",
+    "TargetModulesError",
+    "UserError",
+    "first_line",
+]
 
 
 class UserError(Exception):
@@ -19,3 +25,10 @@ class BaseModelMismatchError(AdapterFileError):
 
 class TargetModulesError(UserError, ValueError):
     """A ``target_modules`` list with entries that name no module of the model (a typo)."""
+
+
+def first_line(error: BaseException, limit: int) -> str:
+    """The gist of ``error`` for a one-line message: the first line of its text, at most
+    ``limit`` characters; its type's name when it has no text."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.errors import UserError
+from lorakit.errors import UserError, first_line
 
 __all__ = ["BUILTIN_CONFIGS", "build_meta_model"]
 
@@ -131,8 +131,7 @@ _CONFIG_ERRORS = (ValueError, TypeError, ArithmeticError, RuntimeError, _strict_
 
 def _first_line(error: BaseException) -> str:
     """The gist of an error: its cause's message when it wraps one, first line only."""
-    text = str(error.__cause__ or error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:300]
+    return first_line(error.__cause__ or error, 300)
 
 
 def _config_values(spec: str) -> dict[str, Any]:

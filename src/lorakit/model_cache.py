@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit.errors import UserError
+from lorakit.errors import UserError, first_line
 
 __all__ = [
     "CONVERSION_MARKER",
@@ -93,8 +93,7 @@ def _reason(error: BaseException) -> str:
     """The gist of an I/O error: ``strerror`` for an ``OSError``, else the first line."""
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
+    return first_line(error, 200)
 
 
 def is_complete(directory: Path, source: Path | None = None) -> bool:
