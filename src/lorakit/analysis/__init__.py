@@ -21,8 +21,8 @@ from lorakit.analysis.spectrum import (
     spectrum_of_matrix,
     stable_rank,
     tensor_spectra,
-    update_spectra,
 )
+from lorakit.analysis.updates import update_spectra
 
 __all__ = [
     "Extraction",

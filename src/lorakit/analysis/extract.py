@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from lorakit import functional
-from lorakit.analysis.spectrum import energy_rank, linear_weights, refuse_non_finite
+from lorakit.analysis.spectrum import energy_rank
+from lorakit.analysis.updates import linear_updates
 from lorakit.config import LoraConfig
 
 __all__ = ["ExtractedLayer", "Extraction", "apply_extraction", "extract_lora", "truncated_factors"]
@@ -112,25 +113,6 @@ def _tied_linears(*models: nn.Module) -> dict[str, str]:
     return tied
 
 
-def _changed_linear_updates(
-    base: nn.Module, finetuned: nn.Module, dtype: torch.dtype, exclude: set[str]
-) -> dict[str, torch.Tensor]:
-    """``{name: W_ft - W0}`` of the linear layers of both models that differ, but those in
-    ``exclude``; a layer of another shape (a resized head) is skipped here and reported by
-    ``_uncaptured_changes`` (or, when no layer matches, by ``extract_lora``)."""
-    tuned = dict(linear_weights(finetuned))
-    deltas = {}
-    for name, weight in linear_weights(base):
-        if name in exclude:
-            continue
-        if name in tuned and tuned[name].shape == weight.shape:
-            refuse_non_finite(name, weight, tuned[name])  # (its SVD would fail)
-            delta = tuned[name].detach().to(dtype) - weight.detach().to(dtype)
-            if torch.any(delta):
-                deltas[name] = delta
-    return deltas
-
-
 def _uncaptured_changes(
     base: nn.Module, finetuned: nn.Module, captured: set[str], tied: dict[str, str]
 ) -> dict:
@@ -197,7 +179,9 @@ def extract_lora(
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank}")
     tied = _tied_linears(base, finetuned)
-    deltas = _changed_linear_updates(base, finetuned, torch.float64, set(exclude) | set(tied))
+    # a layer of another shape (a resized head) is skipped here and reported by
+    # _uncaptured_changes (or, when no layer matches, by refuse_incomparable below)
+    deltas = linear_updates(base, finetuned, torch.float64, set(exclude) | set(tied))
     if not deltas:  # say so, unless the two are not one model (no layer could be compared)
         from lorakit.analysis.sources import refuse_incomparable
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lorakit.analysis.spectrum import ReshapedLayer, Spectrum
+from lorakit.analysis.spectrum import Spectrum
+from lorakit.analysis.updates import ReshapedLayer
 
 __all__ = ["RankAdvice", "format_left_out", "format_table", "rank_advice", "spectra_report"]
 

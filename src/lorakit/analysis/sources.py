@@ -14,12 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.analysis.spectrum import (
+from lorakit.analysis.spectrum import Spectrum, tensor_spectra
+from lorakit.analysis.updates import (
     ReshapedLayer,
-    Spectrum,
     linear_weights,
     reshaped_layers,
-    tensor_spectra,
     update_spectra,
 )
 from lorakit.errors import UserError

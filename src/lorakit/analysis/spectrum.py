@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +29,6 @@ from lorakit.errors import UserError
 from lorakit.io.keys import lora_key_pairs
 
 __all__ = [
-    "ReshapedLayer",
     "Spectrum",
     "adapter_factors",
     "adapter_spectra",
@@ -37,14 +36,12 @@ __all__ = [
     "entropy_rank",
     "low_rank_svd",
     "refuse_non_finite",
-    "reshaped_layers",
     "singular_values",
     "spectrum_of_factors",
     "spectrum_of_matrix",
     "stable_rank",
     "tensor_factors",
     "tensor_spectra",
-    "update_spectra",
 ]
 
 
@@ -314,99 +311,3 @@ def tensor_spectra(
         spectrum_of_factors(name, lora_A, lora_B, scale, dtype)
         for name, lora_A, lora_B, scale in tensor_factors(tensors, config)
     ]
-
-
-def linear_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(module name, weight as (d, k))`` of every ``nn.Linear`` and transformers ``Conv1D``."""
-    from lorakit.layers.linear import is_conv1d
-
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            yield name, module.weight
-        elif is_conv1d(module):
-            yield name, module.weight.T
-
-
-@dataclass(frozen=True)
-class ReshapedLayer:
-    """A linear layer of both models whose weight has another shape in the fine-tuned one (a
-    resized vocabulary's head, a new classification head): ``W_ft - W0`` does not exist, so it
-    is left out of ``update_spectra`` and named in reports. Shapes are (d, k)."""
-
-    name: str
-    base_shape: tuple[int, int]
-    finetuned_shape: tuple[int, int]
-
-    @property
-    def reason(self) -> str:
-        base, tuned = ("x".join(map(str, s)) for s in (self.base_shape, self.finetuned_shape))
-        return f"shape {base} in the base, {tuned} in the fine-tuned model: no W_ft - W0"
-
-    def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "base_shape": list(self.base_shape),
-            "finetuned_shape": list(self.finetuned_shape),
-            "reason": self.reason,
-        }
-
-    def error(self) -> ValueError:
-        """The refusal when no layer matches: the two are not one model."""
-        return ValueError(
-            f"layer {self.name!r} has shape {self.base_shape} in the base but "
-            f"{self.finetuned_shape} in the fine-tuned model; they are not the same model"
-        )
-
-
-def _shared_linears(
-    base: nn.Module, finetuned: nn.Module, names: Iterable[str] | None
-) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """``(name, W0, W_ft)``, each (d, k), of the linear layers in both models (in ``names``)."""
-    tuned = dict(linear_weights(finetuned))
-    wanted = None if names is None else set(names)
-    return [
-        (name, weight, tuned[name])
-        for name, weight in linear_weights(base)
-        if name in tuned and (wanted is None or name in wanted)
-    ]
-
-
-def reshaped_layers(
-    base: nn.Module, finetuned: nn.Module, names: Iterable[str] | None = None
-) -> list[ReshapedLayer]:
-    """The linear layers of both models (in ``names``) whose weight shapes differ."""
-    return [
-        ReshapedLayer(name, tuple(weight.shape), tuple(tuned.shape))
-        for name, weight, tuned in _shared_linears(base, finetuned, names)
-        if tuned.shape != weight.shape
-    ]
-
-
-def update_spectra(
-    base: nn.Module,
-    finetuned: nn.Module,
-    dtype: torch.dtype = torch.float64,
-    names: Iterable[str] | None = None,
-) -> list[Spectrum]:
-    """Spectra of ``ΔW = W_ft - W0`` for every linear layer present in both models.
-
-    Layers whose weights are identical (untouched by fine-tuning) are skipped; ``names``
-    restricts the analysis to those modules. A layer of another shape beside layers that match
-    (a resized head) is skipped too: ``reshaped_layers`` names them. ``ValueError`` naming the
-    first layer when every shared layer has another shape (not the same model), or naming a
-    layer holding NaN / inf.
-    """
-    shared = _shared_linears(base, finetuned, names)
-    reshaped = reshaped_layers(base, finetuned, names)
-    if reshaped and len(reshaped) == len(shared):
-        raise reshaped[0].error()
-    spectra = []
-    for name, weight, tuned in shared:
-        if tuned.shape != weight.shape:
-            continue
-        refuse_non_finite(name, weight, tuned)
-        delta = tuned.detach().to(dtype) - weight.detach().to(dtype)
-        if not torch.any(delta):
-            continue
-        spectra.append(spectrum_of_matrix(name, delta, dtype))
-    return spectra
