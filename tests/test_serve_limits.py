@@ -209,12 +209,16 @@ def test_a_client_that_leaves_cancels_its_request(served, monkeypatch, stream):
     engine, accepted, generating = served.engine, [], threading.Event()
     accept = engine._accept
 
-    def gated_accept(request, logits):
+    def gated_accept(request, logits, *token):
         accepted.append(request.id)
         if len(accepted) == 1:
             generating.set()
             serving.wait_until(lambda: request.cancelled)  # the client's disconnect did this
-        accept(request, logits)
+            # not the end-of-text token: drawn (about 1 prefill in 300 at temperature 1 here) it
+            # ended the request "stop" instead of "cancelled", and the test waited out its guard
+            logits = logits.clone()
+            logits[list(engine.eos_token_ids)] = float("-inf")
+        accept(request, logits, *token)
 
     monkeypatch.setattr(engine, "_accept", gated_accept)
     before = engine.stats.cancelled
