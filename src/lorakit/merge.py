@@ -99,9 +99,13 @@ def merge_and_unload(
     On a quantized base (``lorakit.quantized``) the result is a float model: every quantized
     linear (adapted or not) becomes a plain ``nn.Linear`` holding ``dequant(W0)`` (+ ``s B A``
     where adapted), computed in float32, and transformers' quantization config is removed. Its
-    outputs equal the unmerged quantized model's within float rounding; nothing is quantized
-    again (``lorakit.quantized.merge.requantize`` does that, on request, reporting the error it
-    adds).
+    outputs equal the unmerged quantized model's within float rounding (``int8-rows`` /
+    ``int4-groups``: within bfloat16 rounding, which their unmerged kernels apply to activations
+    and outputs); nothing is quantized again (``lorakit.quantized.merge.requantize`` does that, on request, reporting the error it
+    adds). A quantized output layer is its own copy, never the input embedding (``int8-rows`` /
+    ``int4-groups`` quantize a tied head apart from the float embedding): dequantized, it still
+    differs from the embedding, so a config that says tied is set to
+    ``tie_word_embeddings = False`` and a reload gives the same outputs.
 
     ``float_dtype``: None (default) gives those linears the model's own float dtype (that of its
     input embeddings, else of most of its float weights outside the quantized layers; float32 if
@@ -126,6 +130,7 @@ def merge_and_unload(
     own_dtype = model_float_dtype(model) if found_quantized and float_dtype is None else None
     linear_dtype = float_dtype or own_dtype or torch.float32  # (used by quantized layers only)
     tied = {key for key, names in parameter_holders(model).items() if len(names) > 1}
+    output_quantized = _output_layer_quantized(model)
     merge(model, names)
     untied = False
     for name, layer in reversed(list(lora_layers(model))):  # nested layers before outer ones
@@ -142,9 +147,11 @@ def merge_and_unload(
         original = wrapper.original_module.parameters()
         untied |= trained is not wrapper.original_module and any(id(p) in tied for p in original)
         replace_module(model, name, trained)
-    if untied and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
-        # A merged (or trained copy of a) tied embedding no longer equals the other one.
-        model.config.tie_word_embeddings = False
+    config = getattr(model, "config", None)
+    if (untied or output_quantized) and hasattr(config, "tie_word_embeddings"):
+        # A merged (or trained copy of a) tied embedding no longer equals the other one; a
+        # quantized output layer was its own copy, and dequantized it is not the embedding.
+        config.tie_word_embeddings = False
     _dequantize_remaining(model, linear_dtype)
     if float_dtype is not None:
         _cast_floats(model, float_dtype)
@@ -203,6 +210,25 @@ def _cast_floats(model: nn.Module, dtype: torch.dtype) -> None:
     for parameter in model.parameters():
         if parameter.is_floating_point() and parameter.dtype != dtype:
             parameter.data = parameter.data.to(dtype)
+
+
+def _output_layer_quantized(model: nn.Module) -> bool:
+    """Whether ``model``'s output layer (``get_output_embeddings()``, under lorakit's wrappers)
+    is quantized. Such a layer is never the input embedding, even where the config says tied
+    (lorakit's ``int8-rows`` / ``int4-groups`` quantize a copy of a tied head, the embedding
+    stays float): ``merge_and_unload`` dequantizes it into a float layer that differs from the
+    embedding, so it sets ``config.tie_word_embeddings = False``. Re-tying to the float
+    embedding would change the outputs (the head computed with the quantized copy), and a
+    config left tied makes transformers swap the head for the embedding on ``tie_weights()``
+    and warn on reload."""
+    getter = getattr(model, "get_output_embeddings", None)
+    if not callable(getter):
+        return False
+    try:
+        output = _unwrapped(getter())
+    except (AttributeError, NotImplementedError):  # a model without an output layer
+        return False
+    return output is not None and quantized.is_quantized(output)
 
 
 def _dequantize_remaining(model: nn.Module, float_dtype: torch.dtype) -> None:

@@ -105,15 +105,27 @@ def _is_int4_groups_linear(layer: type, weight: type) -> bool:
     return "lorakit.quantized.int4_groups.Int4GroupsLinear" in _class_mro_paths(layer)
 
 
-# (accepts, backend module): first match wins. The predicates look at class names only, so no
+# (accepts, backend module, what it runs, for messages): first match wins; the one list of the
+# supported layer types (``_supported_layers``). The predicates look at class names only, so no
 # backend library is imported to decide; the backend module is imported when it is used.
-_DISPATCH: list[tuple[Callable[[type, type], bool], str]] = [
-    (_is_gguf_linear, "lorakit.quantized.gguf_blocks"),
-    (_is_int8_rows_linear, "lorakit.quantized.int8_rows"),
-    (_is_int4_groups_linear, "lorakit.quantized.int4_groups"),
-    (_is_bnb_layer, "lorakit.quantized.bnb"),
-    (_is_torchao_int8, "lorakit.quantized.torchao"),
+_DISPATCH: list[tuple[Callable[[type, type], bool], str, str]] = [
+    (_is_gguf_linear, "lorakit.quantized.gguf_blocks", "lorakit GGUFLinear (Q4_0/Q4_1/Q8_0)"),
+    (_is_int8_rows_linear, "lorakit.quantized.int8_rows", "lorakit Int8RowsLinear (int8-rows)"),
+    (
+        _is_int4_groups_linear,
+        "lorakit.quantized.int4_groups",
+        "lorakit Int4GroupsLinear (int4-groups)",
+    ),
+    (_is_bnb_layer, "lorakit.quantized.bnb", "bitsandbytes Linear4bit/Linear8bitLt"),
+    (_is_torchao_int8, "lorakit.quantized.torchao", "torchao Int8WeightOnly"),
 ]
+
+
+def _supported_layers() -> str:
+    """The quantized layer types lorakit runs, for messages: every backend of ``_DISPATCH``,
+    in its order, so a new backend is named wherever formats are listed."""
+    return ", ".join(label for _, _, label in _DISPATCH)
+
 
 # Class names (or modules) that mark a quantized layer: refused unless a backend took it first.
 _QUANTIZED_NAME = re.compile(
@@ -135,7 +147,7 @@ def backend_for(module: nn.Module) -> ModuleType | None:
 def _backend_for_classes(layer: type, weight: type) -> ModuleType | None:
     """``backend_for`` by the classes it looks at (cached: a LoRA layer over a quantized base
     asks at every forward, and the search and import cost about 3 us a call)."""
-    for accepts, backend_path in _DISPATCH:
+    for accepts, backend_path, _ in _DISPATCH:
         if accepts(layer, weight):
             return importlib.import_module(backend_path)
     return None
@@ -180,9 +192,8 @@ def check_supported(module: nn.Module, module_name: str) -> None:
             f"module {module_name!r} ({_class_path(type(module))}) looks quantized ({reason}); "
             "lorakit does not know this format and will not treat it as a plain nn.Linear (its "
             "weight is not the matrix its forward uses, so a merge would be wrong). Supported: "
-            "bitsandbytes Linear4bit/Linear8bitLt, torchao Int8WeightOnly, lorakit GGUFLinear "
-            "(Q4_0/Q4_1/Q8_0) and Int8RowsLinear. Load the base in float or in one of these, or "
-            "exclude the module (exclude_modules)."
+            f"{_supported_layers()}. Load the base in float or in one of these, or exclude the "
+            "module (exclude_modules)."
         )
 
 

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lorakit.errors import UserError
+from lorakit.errors import UserError, first_line
 from lorakit.quantized.gguf_blocks import GGUFLinear, block_format
 
 __all__ = [
@@ -43,14 +43,46 @@ LLAMA_LINEARS = {
 _BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
 
 
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
+
+
 def _reader(path: str | os.PathLike[str]):
+    """The ``gguf`` package's reader of ``path``. A path that is not a readable GGUF file (none
+    there, a directory, empty, another format, truncated or corrupt) is one ``UserError``
+    naming the path, what is wrong with it, and what to pass instead."""
     try:
         from gguf import GGUFReader
     except ImportError:
         raise UserError("reading GGUF files needs the package 'gguf': pip install gguf") from None
+    problem = _path_problem(path)
+    if problem is None:
+        try:
+            return GGUFReader(path)
+        except (OSError, ValueError, KeyError, IndexError) as error:
+            problem = f"is truncated or corrupt (reading it failed: {first_line(error, 120)})"
+    raise UserError(
+        f"GGUF file '{path}' {problem}; pass the path of a complete .gguf file (download it "
+        "again, or convert the model with llama.cpp's convert_hf_to_gguf.py)"
+    )
+
+
+def _path_problem(path: str | os.PathLike[str]) -> str | None:
+    """What makes ``path`` no GGUF file, judged without parsing it (nothing there, a directory,
+    empty, not starting with ``GGUF_MAGIC``), or None if it may be one."""
+    if os.path.isdir(path):
+        return "is a directory, not a file"
     if not os.path.isfile(path):
-        raise UserError(f"GGUF file '{path}' does not exist")
-    return GGUFReader(path)
+        return "does not exist"
+    try:
+        with open(path, "rb") as file:
+            magic = file.read(len(GGUF_MAGIC))
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    if not magic:
+        return "is empty"
+    if magic != GGUF_MAGIC:
+        return f"is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})"
+    return None
 
 
 def rotary_row_order(rows: int, heads: int) -> torch.Tensor:

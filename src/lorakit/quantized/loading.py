@@ -56,7 +56,8 @@ def check_quantization(quantization: str, gguf_file: Path | None) -> None:
         if gguf_file is None:
             raise UserError(
                 "quantization 'gguf' reads the blocks of a built-in GGUF model's file (e.g. "
-                "smollm2-135m-instruct); this model has no GGUF file. Choose nf4, fp4 or int8"
+                "smollm2-135m-instruct); this model has no GGUF file. Choose another: "
+                f"{', '.join(_without_gguf_file())}"
             )
         return
     if quantization in ("int8-rows", "int4-groups"):
@@ -66,6 +67,11 @@ def check_quantization(quantization: str, gguf_file: Path | None) -> None:
             f"quantization '{quantization}' needs bitsandbytes; install it with: "
             'pip install "lorakit[quant]"'
         )
+
+
+def _without_gguf_file() -> tuple[str, ...]:
+    """The quantizations of ``QUANTIZATIONS`` that a model without a GGUF file can take."""
+    return tuple(name for name in QUANTIZATIONS if name != "gguf")
 
 
 def bitsandbytes_config(quantization: str, compute_dtype: torch.dtype):

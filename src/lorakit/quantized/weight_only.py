@@ -4,6 +4,10 @@
 kernel (``matmul(x)``) and whose backward, for an adapter trained on it, recomputes
 ``dL/dx = dL/dy W0`` from ``dequantized()`` (nothing saved). ``replace_linears``: swap a model's
 ``nn.Linear`` layers for such layers, in place.
+
+Casting a model (``.float()``, ``.half()``, ``.to(dtype)``) casts the bias only: the stored
+buffers (codes, bfloat16 scales) keep their dtypes, which the kernels require, and move with
+the model to another device (``WeightOnlyLinear._apply``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,19 @@ class WeightOnlyLinear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def _apply(self, fn, recurse: bool = True):
+        """``nn.Module._apply`` (behind ``.to``, ``.float()``, ``.half()``, ``.cuda()``), except
+        that a stored buffer keeps its dtype: where ``fn`` would change it (a cast), the
+        original buffer is kept, moved only to the device ``fn`` chose. Lossless (no round
+        trip through the new dtype) and paid once per cast, not per forward."""
+        stored = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, before in stored.items():
+            after = self._buffers[name]
+            if before is not None and after is not None and after.dtype != before.dtype:
+                self._buffers[name] = before.to(device=after.device)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():
