@@ -24,6 +24,8 @@ LORAKIT_FIELDS = {f.name for f in dataclasses.fields(lorakit.LoraConfig)}
 # Supported fields that are no lorakit.LoraConfig field: checked when a file is read, or the
 # settings of an initialisation (issue 19 items 1-2, implemented beside init_lora_weights).
 NOT_CONFIG_FIELDS = {"peft_type", "eva_config", "loftq_config"}
+# Ignored when a file is read, but a lorakit.LoraConfig field with PEFT's meaning.
+ACTING_IN_CONFIG = {"inference_mode"}
 DOC = Path(__file__).resolve().parent.parent / "docs" / "adapter-files.md"
 BASE = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
 
@@ -62,8 +64,9 @@ def test_refused_fields_are_refused_when_read_and_absent_from_the_config(name):
     with pytest.raises(AdapterFileError, match=name):
         config_from_json(json.dumps(BASE | {name: True}), "adapter_config.json")
     assert name not in LORAKIT_FIELDS
-    with pytest.raises(TypeError, match=name):
+    with pytest.raises(ValueError, match=rf"LoraConfig\.{name}=True is a PEFT feature"):
         lorakit.LoraConfig(**{name: True})
+    assert lorakit.LoraConfig(**{name: None}) == lorakit.LoraConfig()  # off: taken, dropped
 
 
 @pytest.mark.parametrize("name", _of(IGNORED))
@@ -73,7 +76,17 @@ def test_ignored_fields_change_nothing_when_read(name):
         warnings.simplefilter("error")  # not even an "unknown key" warning
         read = config_from_json(json.dumps(BASE | {name: 7}), "adapter_config.json")
     assert read == plain
-    assert name not in LORAKIT_FIELDS
+    if name not in ACTING_IN_CONFIG:
+        assert name not in LORAKIT_FIELDS
+        assert lorakit.LoraConfig(**{name: 7}) == lorakit.LoraConfig()  # taken and dropped
+
+
+@pytest.mark.parametrize("name", sorted(ACTING_IN_CONFIG))
+def test_fields_ignored_in_files_that_act_in_a_config(name):
+    """inference_mode: a file always says true (the loader's is_trainable decides), but
+    LoraConfig(inference_mode=True) freezes the adapter after injection, as in PEFT."""
+    assert PEFT_LORA_FIELDS[name].status == IGNORED
+    assert name in LORAKIT_FIELDS
 
 
 def test_a_config_peft_writes_with_every_default_loads_without_warnings(tmp_path):

@@ -3,19 +3,23 @@
 The fields round-trip through PEFT's ``adapter_config.json`` (see ``lorakit.io``). Invalid
 values raise ``ValueError`` at construction, naming the field and the value; so do regexes that
 could take unbounded time to match (``lorakit.config_checks``, ``lorakit.patterns``: configs
-are untrusted input).
+are untrusted input). PEFT's other ``LoraConfig`` fields are taken too, by the rule of
+``lorakit.peft_fields`` (so ``LoraConfig(**peft_config.to_dict())`` works): bookkeeping is
+dropped, a feature lorakit does not implement is a ``ValueError`` unless it is off.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 from lorakit.config_checks import ALL_LINEAR, validate
-from lorakit.init_methods import EvaConfig, LoftQConfig
+from lorakit.init_methods import EvaConfig, LoftQConfig, canonical_init
 from lorakit.patterns import compiled
+from lorakit.peft_fields import without_peft_only_fields
 
 __all__ = ["ALL_LINEAR", "LoraConfig", "TaskType"]
 
@@ -34,6 +38,22 @@ class TaskType(str, enum.Enum):
         return self.value
 
 
+def _taking_peft_fields(cls: type) -> type:
+    """``cls(...)`` also takes PEFT's ``LoraConfig`` fields that ``cls`` has none for, by the
+    rule of ``lorakit.peft_fields.without_peft_only_fields`` (the one rule the file reader
+    ``lorakit.io.config_json`` follows too)."""
+    generated = cls.__init__
+    own = frozenset(f.name for f in dataclasses.fields(cls))
+
+    @functools.wraps(generated)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        generated(self, *args, **without_peft_only_fields(kwargs, own))
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_taking_peft_fields
 @dataclass
 class LoraConfig:
     """Configuration of one LoRA adapter (PEFT-compatible field names).
@@ -107,10 +127,17 @@ class LoraConfig:
     """PEFT task type, e.g. "CAUSAL_LM" or "SEQ_CLS"."""
     base_model_name_or_path: str | None = None
     """Where the base model came from; informational, written to adapter_config.json."""
+    inference_mode: bool = False
+    """PEFT's: True freezes the adapter right after ``inject`` / ``get_peft_model`` (none of its
+    tensors requires grad; biases that ``bias`` trains are left as they are, as in PEFT). Not
+    read from files: ``load_adapter`` / ``from_pretrained(is_trainable=...)`` decide there."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.task_type, TaskType):
+        if isinstance(self.task_type, enum.Enum):  # lorakit's or peft's TaskType
             self.task_type = self.task_type.value
+        if isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR:
+            self.target_modules = ALL_LINEAR  # PEFT compares it case-insensitively
+        self.init_lora_weights = canonical_init(self.init_lora_weights)
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.exclude_modules, (set, tuple)):

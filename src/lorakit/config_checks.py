@@ -68,7 +68,7 @@ def _check_kinds(config: LoraConfig) -> None:
         "None or a lorakit.EvaConfig",
     )
     _check(config.bias in BIAS_MODES, "bias", config.bias, f"one of {BIAS_MODES}")
-    for flag in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias"):
+    for flag in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "inference_mode"):
         _check(
             isinstance(getattr(config, flag), bool), flag, getattr(config, flag), "True or False"
         )

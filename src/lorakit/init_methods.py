@@ -35,6 +35,7 @@ __all__ = [
     "BASE_CHANGING_INITS",
     "EvaConfig",
     "LoftQConfig",
+    "canonical_init",
     "changes_base",
     "check_layer_takes",
     "check_redo_on_load",
@@ -45,6 +46,9 @@ __all__ = [
 ]
 
 BASE_CHANGING_INITS = ("pissa", "pissa_niter_K", "olora", "loftq")
+# The init_lora_weights strings PEFT compares case-insensitively (``init.lower() == ...`` in
+# its LoRA layer); every other one ("pissa...", "loftq", "eva", "orthogonal", ...) exactly.
+CASE_INSENSITIVE_INITS = ("gaussian", "mica", "olora")
 _PISSA = re.compile(r"pissa(?:_niter_(\d+))?")
 
 
@@ -118,6 +122,15 @@ def _check_setting(settings: object, field_name: str, ok: bool, expected: str) -
             f"{type(settings).__name__}.{field_name}={value!r} is invalid: expected {expected}"
             f" (of type {type(value).__name__})."
         )
+
+
+def canonical_init(init: object) -> object:
+    """``init`` (an ``init_lora_weights`` value) in lower case when PEFT reads it so
+    (``CASE_INSENSITIVE_INITS``: "OLoRA" is "olora", "Gaussian" is "gaussian"); any other
+    value as it is ("PiSSA" stays, and is refused, as PEFT refuses it)."""
+    if isinstance(init, str) and init.lower() in CASE_INSENSITIVE_INITS:
+        return init.lower()
+    return init
 
 
 def changes_base(init: object) -> bool:

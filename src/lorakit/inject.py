@@ -184,7 +184,8 @@ def add_adapter_to_modules(
         state.configs[adapter_name] = config
         if activate or len(state.configs) == 1:
             set_active(model, [adapter_name])
-        else:  # a new inactive adapter's tensors are frozen; nothing else changes
+        if config.inference_mode or not (activate or len(state.configs) == 1):
+            # inference_mode (PEFT's) or a new inactive adapter: its tensors frozen, no more
             freeze_adapter(model, adapter_name, [*layers, *saved_names, *tokens])
 
 

@@ -6,6 +6,7 @@ refusal names the module and says what to do; a model refused here is left untou
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 
 from torch import nn
@@ -44,6 +45,23 @@ def check_adapter_fits(
         check_saveable(model.get_submodule(name), name)
     _check_targets(model, current, config, adapter_name, init)
     check_parameter_targets(model, parameter_targets, adapter_name, list(current))
+    _warn_fan_in_fan_out(config, current)
+
+
+def _warn_fan_in_fan_out(config: LoraConfig, current: Mapping[str, nn.Module]) -> None:
+    """Warn once, naming the first such module, when ``fan_in_fan_out=True`` but a target is
+    an ``nn.Linear`` (weight (out, in)), as PEFT warns; lorakit reads each layer's layout from
+    its type, so the flag changes nothing there."""
+    if not config.fan_in_fan_out:
+        return
+    linears = [n for n, m in current.items() if isinstance(original_module(m), nn.Linear)]
+    if linears:
+        warnings.warn(
+            f"fan_in_fan_out=True, but target module {linears[0]!r} (and {len(linears) - 1} "
+            "more) is a torch.nn.Linear, whose weight is stored (out, in); lorakit uses its "
+            "layout, as if fan_in_fan_out=False (as PEFT does). Set fan_in_fan_out=False.",
+            stacklevel=4,
+        )
 
 
 def _check_targets(

@@ -21,7 +21,7 @@ from lorakit.errors import TargetModulesError
 from lorakit.layers import LoraLayer
 from lorakit.layers.parameter import LoraParameter, owner_of, parameter_layout
 from lorakit.state import lora_layers
-from lorakit.targets import model_modules
+from lorakit.targets import in_selected_layer, matches, model_modules
 from lorakit.wrapped_modules import replace_module
 
 __all__ = [
@@ -55,6 +55,7 @@ def find_parameter_targets(
             path = f"{owner}.{name}" if owner else name
             if _matches(entries, path):
                 _check_parameter(model, owner, path, parameter)
+                _check_not_left_out(config, path)
                 by_owner.setdefault(owner, []).append(name)
     found = parameter_layer_paths(by_owner)
     unmatched = [e for e in entries if not any(_matches([e], p) for p in found.values())]
@@ -67,6 +68,27 @@ def find_parameter_targets(
         )
     _check_same_as_before(model, found)
     return found
+
+
+def _check_not_left_out(config: LoraConfig, path: str) -> None:
+    """``TargetModulesError`` when ``exclude_modules`` or ``layers_to_transform`` would leave
+    out the parameter at ``path``: PEFT applies them to ``target_modules`` only and adapts a
+    ``target_parameters`` match anyway; lorakit refuses rather than ignore what was asked."""
+    owner = path.rpartition(".")[0]
+    if config.exclude_modules is not None and (
+        matches(config.exclude_modules, owner) or matches(config.exclude_modules, path)
+    ):
+        field, value = "exclude_modules", config.exclude_modules
+    elif not in_selected_layer(config, path):
+        field, value = "layers_to_transform", config.layers_to_transform
+    else:
+        return
+    raise TargetModulesError(
+        f"target_parameters matches {path!r}, which {field}={value!r} leaves out; {field} "
+        "applies to target_modules only (as in PEFT, which would adapt the parameter anyway). "
+        f"Drop {field} and name only the parameters to adapt in target_parameters (full names "
+        f"such as {path!r} work)."
+    )
 
 
 def _check_parameter(model: nn.Module, owner: str, path: str, parameter: nn.Parameter) -> None:

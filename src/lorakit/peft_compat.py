@@ -350,7 +350,8 @@ def _check_config(config: Any) -> None:
         raise TypeError(
             f"expected a lorakit.LoraConfig, got {type(config).__module__}."
             f"{type(config).__qualname__}; import LoraConfig from lorakit (same field names "
-            "as peft's), or convert with lorakit.LoraConfig(**fields)."
+            "as peft's), or convert a peft LoraConfig with "
+            "lorakit.LoraConfig(**peft_config.to_dict())."
         )
 
 

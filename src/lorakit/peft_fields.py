@@ -16,9 +16,21 @@ that is not listed here fails the suite instead of being silently dropped. docs/
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Collection, Mapping
+from typing import Any, NamedTuple
 
-__all__ = ["IGNORED", "PEFT_LORA_FIELDS", "REFUSED", "SUPPORTED", "FieldSupport", "refused_fields"]
+__all__ = [
+    "IGNORED",
+    "PEFT_LORA_FIELDS",
+    "REFUSED",
+    "SUPPORTED",
+    "FieldSupport",
+    "first_refused_setting",
+    "is_off",
+    "refusal",
+    "refused_fields",
+    "without_peft_only_fields",
+]
 
 SUPPORTED = "supported"
 REFUSED = "refused"
@@ -56,7 +68,10 @@ PEFT_LORA_FIELDS: dict[str, FieldSupport] = {
     "peft_version": _ignored("which PEFT wrote the file; informational"),
     "base_model_name_or_path": _supported(),
     "revision": _ignored("the hub revision of the base; lorakit checks the base by fingerprint"),
-    "inference_mode": _ignored("whether PEFT freezes the adapter on load; lorakit's load option"),
+    "inference_mode": _ignored(
+        "whether PEFT freezes the adapter on load; lorakit's load option (is_trainable) decides. "
+        "LoraConfig(inference_mode=True) freezes the new adapter after injection, as PEFT does"
+    ),
     # what is adapted and how
     "r": _supported(),
     "target_modules": _supported(),
@@ -133,3 +148,42 @@ PEFT_LORA_FIELDS: dict[str, FieldSupport] = {
 def refused_fields() -> tuple[str, ...]:
     """The PEFT fields lorakit refuses when they are set (see ``REFUSED``), sorted."""
     return tuple(sorted(k for k, v in PEFT_LORA_FIELDS.items() if v.status == REFUSED))
+
+
+# The values with which a REFUSED field is "off": set to one of them, it changes nothing.
+_OFF_VALUES = (None, False, {}, [])
+
+
+def is_off(value: object) -> bool:
+    """Whether ``value`` is a PEFT field's "off" value (None, False, {} or [])."""
+    return value in _OFF_VALUES
+
+
+def first_refused_setting(values: Mapping[str, Any]) -> str | None:
+    """The first field (by name) of ``REFUSED`` that ``values`` sets to something other than
+    its "off" value (``is_off``): a PEFT feature lorakit does not implement; None if none."""
+    return next((name for name in refused_fields() if not is_off(values.get(name))), None)
+
+
+def refusal(name: str, value: object) -> str:
+    """Why ``name=value`` (a REFUSED field set) is refused, for an error message."""
+    return (
+        f"{name}={value!r} is a PEFT feature lorakit does not implement "
+        f"({PEFT_LORA_FIELDS[name].why}); leave it unset"
+    )
+
+
+def without_peft_only_fields(values: Mapping[str, Any], own: Collection[str]) -> dict[str, Any]:
+    """``values`` (keyword arguments of ``LoraConfig``) without the PEFT fields that are not
+    among ``own`` (lorakit's field names): IGNORED ones are dropped, REFUSED ones dropped when
+    off and a ``ValueError`` naming the field otherwise, ``peft_type`` dropped when it is
+    "LORA". Names PEFT does not have are kept (the dataclass refuses them)."""
+    refused = first_refused_setting({k: v for k, v in values.items() if k not in own})
+    if refused is not None:
+        raise ValueError(f"LoraConfig.{refusal(refused, values[refused])}.")
+    if values.get("peft_type", "LORA") != "LORA":
+        raise ValueError(
+            f"LoraConfig.peft_type={values['peft_type']!r} is invalid: lorakit's LoraConfig is "
+            'LoRA\'s ("LORA"); other PEFT methods are not implemented.'
+        )
+    return {k: v for k, v in values.items() if k in own or k not in PEFT_LORA_FIELDS}

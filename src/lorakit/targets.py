@@ -27,6 +27,7 @@ from collections.abc import Iterator, Mapping
 from torch import nn
 
 from lorakit.config import LoraConfig
+from lorakit.default_targets import DEFAULT_TARGETS
 from lorakit.errors import TargetModulesError
 from lorakit.layers import LoraLayer, ModulesToSave, is_linear
 from lorakit.state import walk_modules
@@ -36,6 +37,7 @@ __all__ = [
     "SEQ_CLS_HEADS",
     "check_every_entry_matches",
     "find_targets",
+    "in_selected_layer",
     "matches",
     "model_modules",
     "no_match_message",
@@ -44,19 +46,6 @@ __all__ = [
 ]
 
 SEQ_CLS_HEADS = ("classifier", "score")
-
-# target_modules used when a config leaves it unset, by transformers model_type (PEFT's choices).
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "phi3": ["qkv_proj"],
-    "gpt2": ["c_attn"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-}
 
 
 def model_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -103,13 +92,16 @@ def saved_module_matches(entries: list[str], module_name: str) -> bool:
     return any(module_name.endswith(entry) for entry in entries)
 
 
-def _inside_saved_module(saved: list[str], module_name: str) -> bool:
-    """``module_name`` is, or lies inside, a module ``saved`` picks (``saved_module_matches``,
-    the rule that copies it whole): no LoRA goes there (the copy is trained in full)."""
+def _saved_module_of(saved: list[str], module_name: str) -> str | None:
+    """The outermost module that ``saved`` picks (``saved_module_matches``, the rule that
+    copies it whole) and that is or holds ``module_name``; None if none. No LoRA goes there
+    (the copy is trained in full)."""
     parts = module_name.split(".")
-    return any(
-        saved_module_matches(saved, ".".join(parts[:end])) for end in range(1, len(parts) + 1)
-    )
+    for end in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:end])
+        if saved_module_matches(saved, prefix):
+            return prefix
+    return None
 
 
 def _layer_index(module_name: str, layers_pattern: str | list[str] | None) -> int | None:
@@ -126,7 +118,7 @@ def _layer_index(module_name: str, layers_pattern: str | list[str] | None) -> in
     return None if found is None else int(found.group(1))
 
 
-def _in_selected_layer(config: LoraConfig, module_name: str) -> bool:
+def in_selected_layer(config: LoraConfig, module_name: str) -> bool:
     """Whether ``layers_to_transform`` keeps ``module_name`` (unset or an empty list: every
     module, as in PEFT)."""
     if config.layers_to_transform is None or config.layers_to_transform == []:
@@ -157,14 +149,24 @@ def resolved_target_spec(model: nn.Module, config: LoraConfig) -> str | list[str
     if config.target_modules is not None:
         return config.target_modules
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in DEFAULT_TARGETS:
-        return DEFAULT_TARGETS[model_type]
+    if model_type in DEFAULT_TARGETS and not _converted_moe(model):
+        default = DEFAULT_TARGETS[model_type]
+        return default if isinstance(default, str) else list(default)
     if config.target_parameters:
         return []  # parameters only (PEFT's rule: the default, if any, comes first)
     raise ValueError(
         f"LoraConfig.target_modules is not set and lorakit has no default for model type "
         f"{model_type!r}; pass target_modules, e.g. ['q_proj', 'v_proj'] or 'all-linear'."
     )
+
+
+def _converted_moe(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers-5 fused MoE model whose config PEFT converts
+    (``lorakit.moe_targets``): PEFT converts before it applies its defaults, and the conversion
+    turns an unset ``target_modules`` into an empty one, so such a model takes no default."""
+    from lorakit.moe_targets import fused_moe_family  # (moe_targets imports this module)
+
+    return fused_moe_family(model) is not None
 
 
 def find_targets(
@@ -182,18 +184,51 @@ def find_targets(
         excluded = _excluded_heads(model, config, named) | set(never_called)
         candidates = [n for n, m in named if is_linear(m) and n not in excluded]
         spec = candidates
-    targets = []
-    for name, _module in named:
-        if not name or not matches(spec, name):
-            continue
-        if config.exclude_modules is not None and matches(config.exclude_modules, name):
-            continue
-        if saved and _inside_saved_module(saved, name):
-            continue
-        if _named_in_full(config, name) or _in_selected_layer(config, name):
-            targets.append(name)
+    matched = [n for n, _ in named if n and matches(spec, n) and not _excluded(config, n)]
+    _refuse_entries_inside_saved_modules(config, saved, matched)
+    targets = [
+        name
+        for name in matched
+        if not (saved and _saved_module_of(saved, name))
+        and (_named_in_full(config, name) or in_selected_layer(config, name))
+    ]
     _refuse_uncalled(targets, never_called)
     return targets
+
+
+def _excluded(config: LoraConfig, module_name: str) -> bool:
+    """Whether ``exclude_modules`` names ``module_name`` (same rules as ``target_modules``)."""
+    return config.exclude_modules is not None and matches(config.exclude_modules, module_name)
+
+
+def _refuse_entries_inside_saved_modules(
+    config: LoraConfig, saved: list[str], matched: list[str]
+) -> None:
+    """``TargetModulesError`` naming the first entry of a ``target_modules`` list whose every
+    match (``matched``: the names the spec matches outside ``exclude_modules``) lies in a module
+    copied whole (``saved``: ``saved_module_entries``): that module is trained in full, so the
+    entry adapts nothing, and a file listing it is one PEFT cannot load (PEFT refuses such a
+    config: "modules_to_save cannot be applied to modules of type ... lora.Linear")."""
+    if not saved or not isinstance(config.target_modules, list):
+        return
+    for entry in config.target_modules:
+        holders = {_saved_module_of(saved, name) for name in matched if matches([entry], name)}
+        if holders and None not in holders:
+            raise TargetModulesError(_inside_saved_message(config, entry, sorted(holders)))
+
+
+def _inside_saved_message(config: LoraConfig, entry: str, holders: list[str]) -> str:
+    """The message for ``entry`` of ``target_modules``, whose matches all lie in ``holders``."""
+    pickers = sorted({e for e in saved_module_entries(config) for h in holders if h.endswith(e)})
+    added = [e for e in pickers if e not in (config.modules_to_save or [])]
+    why = f"modules_to_save entries {pickers}"
+    if added:
+        why += f" ({added} added by task_type={config.task_type!r}: its head is saved whole)"
+    return (
+        f"target_modules entry {entry!r} matches only modules inside {holders}, which "
+        f"{why} copy and train in full: no LoRA goes there, and PEFT refuses this config. "
+        f"Drop {entry!r} from target_modules, or drop the module from modules_to_save."
+    )
 
 
 def _uncalled_linears(modules: list[tuple[str, nn.Module]]) -> dict[str, str]:
@@ -252,6 +287,9 @@ def no_match_message(model: nn.Module, config: LoraConfig) -> str:
             )
         }
     )
+    removed = _why_matches_were_removed(model, config, spec)
+    if removed:
+        return f"target_modules={spec!r} matched modules, but {removed}; nothing is left to adapt."
     message = f"target_modules={spec!r} matched no module of this {type(model).__name__}."
     if config.layers_to_transform is not None:
         message += f" (layers_to_transform={config.layers_to_transform!r} also applies.)"
@@ -259,6 +297,33 @@ def no_match_message(model: nn.Module, config: LoraConfig) -> str:
         message += f" Closest module names: {close}."
     message += f" Adaptable modules (last name part): {adaptable[:20]}."
     return message
+
+
+def _why_matches_were_removed(model: nn.Module, config: LoraConfig, spec: str | list[str]) -> str:
+    """Which fields took away the modules ``spec`` matches (for a config that adapts nothing):
+    ``exclude_modules``, ``modules_to_save`` (with a ``SEQ_CLS`` head), ``layers_to_transform``,
+    each with the modules it took and what to change; "" when ``spec`` matched no module."""
+    matched = [name for name, _ in model_modules(model) if name and matches(spec, name)]
+    saved = saved_module_entries(config)
+    excluded = [name for name in matched if _excluded(config, name)]
+    inside = [n for n in matched if n not in excluded and saved and _saved_module_of(saved, n)]
+    other_layers = [n for n in matched if n not in excluded and n not in inside]
+    reasons = []
+    if excluded:
+        reasons.append(
+            f"exclude_modules={config.exclude_modules!r} removed {excluded[:5]} (drop them "
+            "from exclude_modules to adapt them)"
+        )
+    if inside:
+        reasons.append(
+            f"modules_to_save entries {saved} removed {inside[:5]} (they lie in modules "
+            "trained in full; drop them from modules_to_save to adapt them)"
+        )
+    if other_layers and config.layers_to_transform is not None:
+        reasons.append(
+            f"layers_to_transform={config.layers_to_transform!r} removed {other_layers[:5]}"
+        )
+    return "; ".join(reasons)
 
 
 def check_every_entry_matches(

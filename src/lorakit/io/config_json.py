@@ -4,8 +4,10 @@ Written: ``json.dumps(d, indent=2)`` with keys sorted, no trailing newline, list
 dicts sorted unless that would change which key matches first (then in the order given),
 ``"all-linear"`` (and an unset ``target_modules``) expanded to the module names as PEFT does.
 Read: ``peft_type`` must be "LORA"; the fields lorakit understands become a ``LoraConfig``;
-PEFT fields that change the numbers in ways lorakit does not implement (LoRA bias, ...)
-are refused; other PEFT fields are ignored; unknown keys are ignored with a warning.
+PEFT fields that change the numbers in ways lorakit does not implement (QA-LoRA, ...) are
+refused unless off, other PEFT fields are ignored (the table and the rule, shared with
+``LoraConfig``: ``lorakit.peft_fields``); unknown keys are ignored with a warning; an
+``init_lora_weights`` neither lorakit nor PEFT knows is refused.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from typing import Any
 from torch import nn
 
 from lorakit.config import LoraConfig, pattern_key
+from lorakit.config_checks import INIT_MODES
 from lorakit.errors import AdapterFileError
-from lorakit.init_methods import changes_base
+from lorakit.init_methods import canonical_init, changes_base
 from lorakit.io.header import unreadable
 from lorakit.layers import is_linear
-from lorakit.peft_fields import refused_fields
+from lorakit.peft_fields import PEFT_LORA_FIELDS, first_refused_setting, refusal
 from lorakit.targets import (
     find_targets,
     model_modules,
@@ -58,32 +61,13 @@ _FIELDS = (
     "use_dora",
     "use_rslora",
 )
-# PEFT features that change the numbers and that lorakit does not implement: refused unless
-# they hold their "off" value (the table with the reasons: lorakit.peft_fields).
-_UNSUPPORTED = refused_fields()
-# Other keys PEFT (0.21) writes; they do not change what a saved adapter computes.
-_IGNORED = (
-    "auto_mapping",
-    "corda_config",
-    "ensure_weight_tying",
-    "eva_config",
-    "inference_mode",
-    "kasa_config",
-    "loftq_config",
-    "lora_ga_config",
-    "megatron_config",
-    "megatron_core",
-    "monteclora_config",
-    "peft_type",
-    "peft_version",
-    "qalora_group_size",
-    "revision",
-    "runtime_config",
-    "velora_config",
-)
 # init_lora_weights values with which PEFT rewrites the base weights at initialisation and that
 # lorakit does not implement (PiSSA, OLoRA and LoftQ it does: ``lorakit.init_methods``).
 _BASE_CHANGING_INITS = ("corda",)
+# PEFT's other inits that lorakit does not implement: loading, PEFT only initialises the
+# factors (the base untouched; LoRA-GA without its gradients falls back to the default), and
+# the file's tensors overwrite them, so the file is a plain LoRA adapter (read as True).
+_PLAIN_ONCE_TRAINED_INITS = ("lora_ga", "mica", "orthogonal")
 # PEFT's limit above which it writes the shortest distinguishing suffixes instead of names.
 _MIN_TARGETS_FOR_SUFFIXES = 20
 
@@ -214,13 +198,13 @@ def config_from_json(text: str, source: str) -> LoraConfig:
             f"{source} has peft_type={peft_type!r}; lorakit loads LoRA adapters only "
             '(peft_type "LORA").'
         )
-    for key in _UNSUPPORTED:
-        if values.get(key) not in (None, False, {}, []):
-            raise AdapterFileError(
-                f"{source} uses {key}={values[key]!r}, a PEFT feature lorakit does not implement; "
-                "it cannot be loaded without changing the adapter's outputs."
-            )
-    unknown = sorted(set(values) - set(_FIELDS) - set(_UNSUPPORTED) - set(_IGNORED))
+    refused = first_refused_setting(values)
+    if refused is not None:
+        raise AdapterFileError(
+            f"{source} uses {refusal(refused, values[refused])}: it cannot be loaded without "
+            "changing the adapter's outputs."
+        )
+    unknown = sorted(set(values) - set(_FIELDS) - set(PEFT_LORA_FIELDS))
     if unknown:
         warnings.warn(
             f"{source}: ignoring keys lorakit does not know (from a newer PEFT?): {unknown}",
@@ -230,16 +214,7 @@ def config_from_json(text: str, source: str) -> LoraConfig:
     for name in ("r", "lora_alpha"):
         if name not in fields:
             raise AdapterFileError(f"{source} has no {name!r}; the adapter cannot be loaded.")
-    init = fields.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-        raise AdapterFileError(
-            f"{source} has init_lora_weights={init!r}: this initialisation changes the base "
-            "weights, so the adapter only fits that changed base. Convert it with peft first "
-            "(save_pretrained(..., path_initial_model_for_weight_conversion=...)), which makes "
-            "it a plain LoRA adapter for the original base."
-        )
-    if init not in (True, False, "gaussian", "eva") and not changes_base(init):
-        fields["init_lora_weights"] = True  # other inits do not matter for a trained adapter
+    fields["init_lora_weights"] = _read_init(fields.get("init_lora_weights", True), source)
     for name in ("rank_pattern", "alpha_pattern"):
         if fields.get(name) is None:
             fields[name] = {}
@@ -247,3 +222,28 @@ def config_from_json(text: str, source: str) -> LoraConfig:
         return LoraConfig(**fields)
     except (TypeError, ValueError) as error:
         raise AdapterFileError(f"{source}: {error}") from None
+
+
+def _read_init(init: Any, source: str) -> bool | str:
+    """The ``init_lora_weights`` of a file as lorakit's config takes it: PEFT's spelling read
+    as PEFT reads it (``canonical_init``); an init that only set the starting factors becomes
+    True (the file's tensors replace them); one that rewrote the base stays, so that loading
+    rewrites it too. ``AdapterFileError`` for CorDA (not implemented) and for a value PEFT
+    does not know either (it fails on it: "Unknown initialization")."""
+    init = canonical_init(init)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise AdapterFileError(
+            f"{source} has init_lora_weights={init!r}: this initialisation changes the base "
+            "weights, so the adapter only fits that changed base. Convert it with peft first "
+            "(save_pretrained(..., path_initial_model_for_weight_conversion=...)), which makes "
+            "it a plain LoRA adapter for the original base."
+        )
+    if changes_base(init) or init in INIT_MODES:
+        return init
+    if init in _PLAIN_ONCE_TRAINED_INITS:
+        return True
+    raise AdapterFileError(
+        f"{source} has init_lora_weights={init!r}, which neither lorakit nor PEFT knows (PEFT "
+        'fails on it too); expected true, false, "gaussian", "eva", "pissa", "pissa_niter_K", '
+        '"olora", "loftq", "orthogonal", "lora_ga" or "mica". Fix the file.'
+    )
