@@ -9,20 +9,32 @@ resumed run or each data-parallel rank can skip or slice batches exactly); ``col
     labels          (B, T)  long   -100 on padding and on tokens that are not learnt
 
 with T the longest sequence in the batch. ``pad_left`` builds left-padded prompts for
-next-token scoring and generation (the last column is every prompt's last token).
+next-token scoring and generation (the last column is every prompt's last token);
+``forward_arguments`` says which optional inputs (``position_ids``, ``logits_to_keep``) a model
+takes, looking through its wrappers.
 """
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Iterator, Sequence
 
 import torch
+from torch import nn
 
 from lorakit.data.tokenize import IGNORE_INDEX, TokenizedData
 from lorakit.errors import UserError
 
-__all__ = ["batches", "collate", "length_grouped_batches", "pad_left", "pad_right"]
+__all__ = [
+    "batches",
+    "collate",
+    "forward_arguments",
+    "innermost_model",
+    "length_grouped_batches",
+    "pad_left",
+    "pad_right",
+]
 
 
 def length_grouped_batches(
@@ -128,3 +140,27 @@ def pad_left(
         input_ids[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
         attention_mask[row, width - len(ids) :] = 1
     return input_ids, attention_mask
+
+
+def innermost_model(model: nn.Module) -> nn.Module:
+    """The model under its wrappers, whose ``forward`` has the real arguments: through
+    ``get_base_model()`` (lorakit's and PEFT's ``PeftModel``), ``.module`` (DDP, FSDP) and
+    ``._orig_mod`` (``torch.compile``), as many times as they are nested."""
+    while True:
+        if callable(getattr(type(model), "get_base_model", None)):
+            inner = model.get_base_model()
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            inner = model._orig_mod
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            inner = model.module
+        else:
+            return model
+        if inner is model:
+            return model
+        model = inner
+
+
+def forward_arguments(model: nn.Module) -> frozenset[str]:
+    """The parameter names of ``innermost_model(model).forward`` (a wrapper's ``forward(*args,
+    **kwargs)`` passes them on, but its own signature does not name them)."""
+    return frozenset(inspect.signature(innermost_model(model).forward).parameters)

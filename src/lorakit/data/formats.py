@@ -6,11 +6,13 @@ Every malformed record raises ``UserError`` naming the file and the line number.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import io
 import json
 import os
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from lorakit.data.examples import (
@@ -44,13 +46,21 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Example]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise UserError(f"{where}: not valid JSON ({error.msg})") from None
+                raise UserError(
+                    f"{where}: not valid JSON ({error.msg}){_HINT_ONE_PER_LINE}"
+                ) from None
             except ValueError as error:  # e.g. an integer of more than 4,300 digits
                 raise UserError(f"{where}: not valid JSON ({error})") from None
             examples.append(_example_from_record(record, where))
     if not examples:
         raise UserError(f"{path}: no examples (the file is empty)")
     return examples
+
+
+_HINT_ONE_PER_LINE = (
+    "; a .jsonl file holds one JSON object per line (a pretty-printed object spread over "
+    "several lines, or a JSON array, does not work: write each example on one line)"
+)
 
 
 def read_utf8(path: str | os.PathLike[str], what: str = "data") -> str:
@@ -75,7 +85,8 @@ def read_utf8(path: str | os.PathLike[str], what: str = "data") -> str:
 
 def _example_from_record(record: object, where: str) -> Example:
     if not isinstance(record, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        hint = _HINT_ONE_PER_LINE if isinstance(record, list) else ""
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}{hint}")
     has_pair = "prompt" in record or "completion" in record
     if has_pair and "messages" in record:
         raise UserError(f"{where}: give either prompt/completion or messages, not both")
@@ -136,33 +147,8 @@ def read_csv(
     path = Path(path)
     _check_format(template if style == "plain" else instruction, style)
     text_of_file = read_utf8(path)
-    lines = io.StringIO(text_of_file, newline="").readlines()  # as csv counts them
-    with io.StringIO(text_of_file, newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        for column in (text_column, label_column):
-            if column not in columns:
-                raise UserError(f"{path}: no column '{column}'; the columns are {columns}")
-        rows = []
-        end = reader.line_num
-        for row in reader:
-            start, end = _record_start(lines, end), reader.line_num
-            where = f"{path}:{start}"
-            if end == len(lines) and _unterminated_quote("".join(lines[start - 1 :])):
-                raise UserError(
-                    f"{where}: a quote opened in this record is never closed, so the record "
-                    f"runs to the end of the file (line {end}); close the quote, and write a "
-                    'quote inside a quoted field as two ("")'
-                )
-            if None in row:  # DictReader's key for fields beyond the header's
-                raise UserError(
-                    f"{where}: {len(columns) + len(row[None])} fields, the header has "
-                    f"{len(columns)} (quote fields that contain commas)"
-                )
-            text, raw_label = row.get(text_column), row.get(label_column)
-            if not text or not text.strip() or raw_label is None or not raw_label.strip():
-                raise UserError(f"{where}: empty '{text_column}' or '{label_column}'")
-            rows.append((text.strip(), raw_label.strip(), where))
+    with _field_size_limit(len(text_of_file)), io.StringIO(text_of_file, newline="") as handle:
+        rows = _csv_rows(csv.DictReader(handle), text_of_file, path, text_column, label_column)
     if not rows:
         raise UserError(f"{path}: no rows")
     values = sorted({raw for _, raw, _ in rows})
@@ -183,13 +169,81 @@ def read_csv(
     examples = []
     for text, raw_label, where in rows:
         if raw_label not in word_of:
-            raise UserError(f"{where}: label {raw_label!r} is not one of {sorted(word_of)}")
+            raise UserError(
+                f"{where}: label {raw_label!r} is not one of {sorted(word_of)}; add it to "
+                "label_words (--label-words) with its answer word, or remove the row"
+            )
         label = words.index(word_of[raw_label])
         if style == "plain":
             examples.append(plain_classification_example(text, label, words, template, where))
         else:
             examples.append(chat_classification_example(text, label, words, instruction, where))
     return examples
+
+
+def _csv_rows(
+    reader: csv.DictReader, text_of_file: str, path: Path, text_column: str, label_column: str
+) -> list[tuple[str, str, str]]:
+    """``(text, raw label, "file:line")`` of each record ``reader`` reads from ``text_of_file``;
+    ``UserError`` for a missing column, an empty file, an unterminated quote, extra fields or an
+    empty text or label, and for what the csv module cannot read (``csv.Error``)."""
+    lines = io.StringIO(text_of_file, newline="").readlines()  # as csv counts them
+    try:
+        return _checked_csv_rows(reader, lines, path, text_column, label_column)
+    except csv.Error as error:
+        raise UserError(
+            f"{path}:{_record_start(lines, reader.line_num)}: not readable as CSV ({error}); "
+            "check the quoting around this line (a quoted field ends with a quote before the "
+            "next comma or line end), or save the file again as comma-separated CSV"
+        ) from None
+
+
+def _checked_csv_rows(
+    reader: csv.DictReader, lines: Sequence[str], path: Path, text_column: str, label_column: str
+) -> list[tuple[str, str, str]]:
+    """``_csv_rows`` less its handling of ``csv.Error``."""
+    columns = reader.fieldnames or []
+    if not columns:
+        raise UserError(
+            f"{path}: the file is empty; write a header row naming the columns "
+            f"('{text_column},{label_column}'), then one row per example"
+        )
+    for column in (text_column, label_column):
+        if column not in columns:
+            raise UserError(f"{path}: no column '{column}'; the columns are {columns}")
+    rows = []
+    end = reader.line_num
+    for row in reader:
+        start, end = _record_start(lines, end), reader.line_num
+        where = f"{path}:{start}"
+        if end == len(lines) and _unterminated_quote("".join(lines[start - 1 :])):
+            raise UserError(
+                f"{where}: a quote opened in this record is never closed, so the record "
+                f"runs to the end of the file (line {end}); close the quote, and write a "
+                'quote inside a quoted field as two ("")'
+            )
+        if None in row:  # DictReader's key for fields beyond the header's
+            raise UserError(
+                f"{where}: {len(columns) + len(row[None])} fields, the header has "
+                f"{len(columns)} (quote fields that contain commas)"
+            )
+        text, raw_label = row.get(text_column), row.get(label_column)
+        if not text or not text.strip() or raw_label is None or not raw_label.strip():
+            raise UserError(f"{where}: empty '{text_column}' or '{label_column}'")
+        rows.append((text.strip(), raw_label.strip(), where))
+    return rows
+
+
+@contextlib.contextmanager
+def _field_size_limit(limit: int) -> Iterator[None]:
+    """``csv.field_size_limit`` raised to at least ``limit`` characters (a file's length bounds
+    its longest field; the default, 131,072, refuses longer ones) while inside; restored after."""
+    previous = csv.field_size_limit()
+    csv.field_size_limit(max(previous, min(limit, sys.maxsize)))
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
 
 
 def _record_start(lines: Sequence[str], previous_end: int) -> int:

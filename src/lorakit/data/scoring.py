@@ -18,13 +18,12 @@ depend on its batch mates.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from lorakit.data.batching import pad_left
+from lorakit.data.batching import forward_arguments, pad_left
 from lorakit.data.examples import Example
 from lorakit.data.tokenize import answer_first_token, prompt_token_ids
 from lorakit.errors import UserError
@@ -58,8 +57,9 @@ def choice_token_ids(
 
     ``example``: the token is the first of the learnt answer segment when ``example`` has the
     choice as its answer, as training tokenises it (for chat examples the template may write
-    text right before the answer, which changes its first token: pass the example). Without
-    one, the choice tokenised alone: the learnt segment of a plain completion."""
+    text right before the answer, which changes its first token; a Llama-2 style tokenizer
+    puts a "▁" before a text tokenised alone: pass the example). Without one, the choice
+    tokenised alone."""
     choices = list(choices)
     if len(choices) < 2:
         raise UserError(
@@ -81,10 +81,6 @@ def choice_token_ids(
             "pick answer words that start differently"
         )
     return first_tokens
-
-
-def _forward_arguments(model: torch.nn.Module) -> set[str]:
-    return set(inspect.signature(model.forward).parameters)
 
 
 @torch.no_grad()
@@ -112,7 +108,7 @@ def score_choices(
     choice_ids = torch.tensor(
         [choice_token_ids(choices, tokenizer, example) for example in examples]
     )  # (N, C): per example, as each is rendered
-    arguments = _forward_arguments(model)
+    arguments = forward_arguments(model)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     prompts = [prompt_token_ids(example, tokenizer, max_length) for example in examples]

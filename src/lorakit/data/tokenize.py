@@ -7,11 +7,24 @@ For an example made of segments ``s_1 .. s_m`` (each a token list, learnt or not
 
 Labels are aligned with ``input_ids`` (the transformers convention: the model shifts them, so
 position t predicts token t+1). Plain examples are two segments: the prompt (tokenised with the
-tokenizer's own special tokens, e.g. a BOS) and ``completion + EOS`` (learnt). Chat examples are
-rendered with the tokenizer's chat template by ``data.chat.render_chat`` (the rendering the
-server and ``lorakit generate`` use too; the pieces are tokenized without special tokens); each
-assistant turn's content up to and including its end-of-turn token is learnt, everything else
-(system, user, role headers) is not.
+tokenizer's own special tokens, e.g. a BOS) and ``completion + EOS`` (learnt; no second EOS
+when the completion already ends with the EOS text). Chat examples are rendered with the
+tokenizer's chat template by ``data.chat.render_chat`` (the rendering the server and ``lorakit
+generate`` use too; the pieces are tokenized without special tokens); each assistant turn's
+content up to and including its end-of-turn token is learnt, everything else (system, user,
+role headers) is not.
+
+A piece's tokens are those it adds after the text before it (``_continuation``)::
+
+    tokens(piece) = ids(before + piece)[len(ids(before)):]   if ids(before) is a prefix of it
+                    ids(piece)                                otherwise (a token spans the cut)
+
+so the sequence is the one the model sees at inference (the prompt tokenised, then the answer
+continuing it): a Llama-2 style tokenizer, which prepends "▁" to every text it tokenises, gives
+``"Sentiment: positive"`` the tokens ``... ':' '▁positive'``, not ``... ':' '▁' '▁positive'``.
+For byte-level BPE tokenizers (GPT-2, SmolLM2) this equals tokenising each piece alone where
+the pieces meet at a pre-tokenizer split (before " word", a newline or a special token), as in
+all the built-in data.
 
 Too long for ``max_length``: classification examples (with ``text``, e.g. a review inside an
 instruction template) are shortened by cutting whole words off the END of the text, keeping the
@@ -89,6 +102,35 @@ def _ids(tokenizer, text: str, special: bool = False) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+def _continuation(
+    tokenizer, before: str, before_ids: list[int], piece: str, special: bool = False
+) -> tuple[list[int], list[int]]:
+    """``(piece_ids, whole_ids)`` with ``whole_ids = ids(before + piece)``: ``piece_ids`` are the
+    tokens ``piece`` adds after ``before_ids = ids(before)`` (module docstring), or ``ids(piece)``
+    alone when ``before_ids`` is not a prefix of ``whole_ids``."""
+    whole_ids = _ids(tokenizer, before + piece, special)
+    if whole_ids[: len(before_ids)] == before_ids:
+        return whole_ids[len(before_ids) :], whole_ids
+    return _ids(tokenizer, piece), whole_ids
+
+
+def _joined_segments(tokenizer, pieces: Sequence[tuple[str, bool]]) -> list[Segment]:
+    """Token segments of text pieces (no special tokens added), each the tokens it adds after
+    the pieces before it (``_continuation``)."""
+    segments: list[Segment] = []
+    before, before_ids = "", []
+    for piece, learnt in pieces:
+        piece_ids, before_ids = _continuation(tokenizer, before, before_ids, piece)
+        segments.append((piece_ids, learnt))
+        before += piece
+    return segments
+
+
+def _without_final_eos(text: str, eos: str | None) -> str:
+    """``text`` less a trailing EOS text (the caller ends it with one EOS token itself)."""
+    return text[: -len(eos)] if eos and text.endswith(eos) else text
+
+
 def chat_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
     """``_chat_segments``; a template that refuses the messages is named with the example's
     ``file:line``."""
@@ -106,7 +148,8 @@ def _chat_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
     e.g. a newline, is context).
     """
     require_chat_template(tokenizer, example.source or "example")
-    messages, eos = example.messages, tokenizer.eos_token
+    eos = tokenizer.eos_token
+    messages = _with_one_eos_per_turn(example.messages, tokenizer)
     pieces: list[tuple[str, bool]] = []
     done = ""
     for index, message in enumerate(messages):
@@ -129,17 +172,37 @@ def _chat_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
     return [(text, learnt) for text, learnt in pieces if text]
 
 
+def _with_one_eos_per_turn(messages: tuple[dict, ...], tokenizer) -> tuple[dict, ...]:
+    """``messages`` with the trailing EOS text dropped from each assistant content that ends
+    with it, where the template ends that turn with an EOS of its own (else the turn would end
+    with two EOS tokens, both learnt)."""
+    eos = tokenizer.eos_token
+    result = list(messages)
+    for index, message in enumerate(messages):
+        content = message.get("content")
+        if message["role"] != "assistant" or not isinstance(content, str):
+            continue
+        trimmed = _without_final_eos(content, eos)
+        if trimmed == content:
+            continue
+        before = render_chat(tokenizer, result[:index], add_generation_prompt=True)
+        probe = [*result[:index], {**message, "content": trimmed}]
+        after = render_chat(tokenizer, probe, add_generation_prompt=False)
+        if after.startswith(before) and eos in after[len(before) :]:
+            result[index] = {**message, "content": trimmed}
+    return tuple(result)
+
+
 def example_segments(example: Example, tokenizer) -> list[Segment]:
     """Token segments of one example (see the module docstring)."""
     if example.is_chat:
-        return [
-            (_ids(tokenizer, text), learnt) for text, learnt in chat_segments(example, tokenizer)
-        ]
+        return _joined_segments(tokenizer, chat_segments(example, tokenizer))
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no EOS token to end completions with")
     prompt = _ids(tokenizer, example.prompt, special=True)
-    completion = [*_ids(tokenizer, example.completion), tokenizer.eos_token_id]
-    return [(prompt, False), (completion, True)]
+    completion_text = _without_final_eos(example.completion, tokenizer.eos_token)
+    completion, _ = _continuation(tokenizer, example.prompt, prompt, completion_text, special=True)
+    return [(prompt, False), ([*completion, tokenizer.eos_token_id], True)]
 
 
 def _token_count(example: Example, tokenizer) -> int:

@@ -10,12 +10,13 @@ predicted from position t - 1. Sequence classification: ``labels`` (B,) class id
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lorakit.data.batching import forward_arguments
 
 __all__ = ["batch_loss_sum", "evaluate", "exact_match_counts", "target_count"]
 
@@ -29,11 +30,6 @@ def target_count(batch: Batch) -> int:
     if labels.dim() == 1:
         return int(labels.numel())
     return int((labels[:, 1:] != -100).sum())
-
-
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    inner = getattr(model, "module", model)  # DDP keeps the model as .module
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 def _on_device_of(model: nn.Module, batch: Batch) -> Batch:
@@ -56,7 +52,7 @@ def _forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor
     batch = _on_device_of(model, batch)
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     labels = batch["labels"]
-    if labels.dim() == 2 and _accepts_logits_to_keep(model):
+    if labels.dim() == 2 and "logits_to_keep" in forward_arguments(model):
         predicting = (labels[:, 1:] != -100).any(dim=0).nonzero().flatten()  # (K,) columns t-1
         if 0 < len(predicting) + 1 < labels.shape[1]:
             columns = torch.cat([predicting, predicting[-1:]])  # (K + 1,)
