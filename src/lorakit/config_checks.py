@@ -187,7 +187,10 @@ def _check_target_parameters(config: LoraConfig) -> None:
             raise ValueError(
                 f"LoraConfig.{field_name}={getattr(config, field_name)!r} cannot be used with "
                 f"target_parameters={names!r} (as in PEFT: a parameter's update is folded "
-                "into the weight); use the default value, or target modules instead."
+                "into the weight); use the default value "
+                f"({field_name}={type(config).__dataclass_fields__[field_name].default!r}"
+                + ", with lorakit train: --dropout 0" * (field_name == "lora_dropout")
+                + "), or target modules instead."
             )
 
 

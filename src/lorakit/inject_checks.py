@@ -12,11 +12,13 @@ from collections.abc import Mapping, Sequence
 from torch import nn
 
 from lorakit.config import LoraConfig
+from lorakit.errors import TargetModulesError
 from lorakit.init_methods import changes_base, check_layer_takes
-from lorakit.layers import LoraLayer, layer_class_for
+from lorakit.layers import LoraLayer, ModulesToSave, TrainableTokens, layer_class_for
+from lorakit.layers.parameter import LoraParameter
 from lorakit.layers.saved import check_saveable
 from lorakit.parameter_targets import check_parameter_targets
-from lorakit.state import adapter_configs, parameter_holders
+from lorakit.state import adapter_configs, lora_layers, parameter_holders
 from lorakit.targets import original_module
 from lorakit.wrapped_modules import check_wrapper_kind
 
@@ -43,9 +45,57 @@ def check_adapter_fits(
         check_wrapper_kind(model.get_submodule(name), name, name in tokens)
     for name in saved_names:  # a full copy of a quantized layer would train nothing
         check_saveable(model.get_submodule(name), name)
+    _check_saved_apart_from_parameters(model, saved_names, parameter_targets)
     _check_targets(model, current, config, adapter_name, init)
     check_parameter_targets(model, parameter_targets, adapter_name, list(current))
     _warn_fan_in_fan_out(config, current)
+
+
+def _check_saved_apart_from_parameters(
+    model: nn.Module, saved_names: Sequence[str], parameter_targets: Mapping[str, str]
+) -> None:
+    """``TargetModulesError`` when a module copied whole (``modules_to_save``, this call's or an
+    earlier adapter's) owns, contains or lies inside the module of an adapted bare parameter
+    (``target_parameters``, this call's or an earlier adapter's): both the copy and the
+    parameter's LoRA factors would train, and the file would load nowhere (PEFT refuses
+    ``modules_to_save`` on a ``ParamWrapper``)."""
+    saved = {*saved_names, *_saved_wrappers(model)}
+    parameters = {*parameter_targets.values(), *_adapted_parameters(model)}
+    for module in sorted(saved):
+        for parameter in sorted(parameters):
+            owner = parameter.rpartition(".")[0]
+            if owner == module:
+                relation = "owns"
+            elif owner.startswith(module + "."):
+                relation = "contains the module of"
+            elif module.startswith(owner + "."):
+                relation = "lies inside the module of"
+            else:
+                continue
+            raise TargetModulesError(
+                f"module {module!r} is in modules_to_save and {relation} parameter "
+                f"{parameter!r}, which target_parameters adapts; a module cannot be both copied "
+                "whole and adapted through its parameters (PEFT refuses this too). Drop it from "
+                "modules_to_save or drop the parameter from target_parameters."
+            )
+
+
+def _saved_wrappers(model: nn.Module) -> list[str]:
+    """Paths of the modules earlier adapters copy whole (``ModulesToSave``, not token rows)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, ModulesToSave) and not isinstance(module, TrainableTokens)
+    ]
+
+
+def _adapted_parameters(model: nn.Module) -> list[str]:
+    """Paths of the bare parameters earlier adapters adapt (``LoraParameter`` layers)."""
+    return [
+        layer.parameter_path(path)
+        for path, layer in lora_layers(model)
+        if isinstance(layer, LoraParameter)
+    ]
 
 
 def _warn_fan_in_fan_out(config: LoraConfig, current: Mapping[str, nn.Module]) -> None:

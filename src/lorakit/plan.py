@@ -44,6 +44,7 @@ from lorakit.activations import Activations, training_activations
 from lorakit.config import LoraConfig
 from lorakit.errors import UserError
 from lorakit.inject import default_adapter_dtype, inject
+from lorakit.layer_groups import adapted_size, layer_group
 from lorakit.meta_model import BUILTIN_CONFIGS, build_meta_model
 from lorakit.positions import learned_position_limit, max_positions
 from lorakit.state import lora_layers
@@ -374,12 +375,13 @@ def _fsdp_units(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def _module_types(model: nn.Module) -> tuple[ModuleTypePlan, ...]:
-    """Group the adapted modules by their last name component (``q_proj``, ``down_proj``...)."""
+    """Group the adapted layers by ``layer_group`` (``q_proj``, a bare parameter's
+    ``down_proj``...); base parameters: what each adapts (``adapted_size``)."""
     groups: dict[str, list[int]] = {}
     for name, layer in lora_layers(model):
-        entry = groups.setdefault(name.rsplit(".", 1)[-1], [0, 0, 0])
+        entry = groups.setdefault(layer_group(name, layer), [0, 0, 0])
         entry[0] += 1
-        entry[1] += sum(p.numel() for p in layer.base_layer.parameters())
+        entry[1] += adapted_size(layer)
         entry[2] += sum(
             p.numel() for adapter in layer.adapter_names for p in layer.adapter_parameters(adapter)
         )

@@ -62,10 +62,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorakit.train.parameter_dropout import dropout_for_model
     from lorakit.train.run import train_from_settings
-    from lorakit.train.settings import merged_values
+    from lorakit.train.settings import load_config_file, merged_values
 
     values = merged_values(args.config, vars(args))
+    dropout_given = args.dropout is not None or (
+        bool(args.config) and "dropout" in load_config_file(args.config)
+    )
+    values = dropout_for_model(values, dropout_given)
     result = train_from_settings(values)
     if result.adapter_dir is not None:  # the main process (rank 0 under torchrun)
         report = {

@@ -33,7 +33,7 @@ from torch import nn
 
 from lorakit.errors import AdapterFileError, UserError
 from lorakit.export.gguf_io import encode_tensor, write_gguf
-from lorakit.export.gguf_names import GgufLayout, check_head_size, gguf_layout
+from lorakit.export.gguf_names import ARCHITECTURES, GgufLayout, check_head_size, gguf_layout
 from lorakit.functional import fold_scale, scaling
 
 __all__ = ["ADAPTER_TYPES", "AdapterExport", "export_adapter"]
@@ -51,6 +51,23 @@ class AdapterExport:
     alpha: float
     modules: dict[str, str] = field(default_factory=dict)  # transformers module -> GGUF tensor
     dropped: list[str] = field(default_factory=list)  # "what: why" for each tensor left out
+
+
+def _merge_advice(model: nn.Module, adapter_directory: Path) -> str:
+    """How to get a GGUF model with the adapter merged in: ``lorakit export`` where it writes
+    the model's architecture (``gguf_names.ARCHITECTURES``), else ``lorakit merge`` and
+    llama.cpp's own converter (MODEL: the base model's spec)."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type in ARCHITECTURES:
+        return (
+            "Merge it into a full GGUF model instead: lorakit export MODEL --adapter "
+            f"{adapter_directory} --format gguf --output FILE.gguf."
+        )
+    return (
+        f"lorakit's GGUF model export does not write model_type={model_type!r}: merge the "
+        f"adapter with `lorakit merge --model MODEL --adapter {adapter_directory} --output "
+        "MERGED`, then convert MERGED with llama.cpp's convert_hf_to_gguf.py."
+    )
 
 
 def export_adapter(
@@ -92,7 +109,7 @@ def export_adapter(
         raise UserError(
             f"adapter {adapter.directory} adapts bare parameters (target_parameters="
             f"{adapter.config.target_parameters!r}); llama.cpp's LoRA format holds pairs for "
-            "named weight matrices only. Merge it into a full GGUF model instead."
+            f"named weight matrices only. {_merge_advice(model, adapter.directory)}"
         )
     layout = gguf_layout(model.config)
     check_head_size(model.config)  # llama.cpp could not load the base this adapter is for

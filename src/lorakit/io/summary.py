@@ -4,7 +4,8 @@ safetensors HEADER only (no tensor is read, so it is instant for any file size).
 Compression ratio: over the adapted matrices, ``sum d*k / sum r*(d+k)`` (the base parameters
 the adapter changes, per trainable LoRA parameter; ``functional.lora_parameter_count``). A LoRA
 layer on a bare parameter (``target_parameters``; its path, less any ``.base_layer``, ends in
-the module part of an entry) counts as E matrices of rank r, E = (rows of A) / r, where r and
+the module part of an entry, or any path for an entry without one such as ``"down_proj"``,
+unless ``target_modules`` names it) counts as E matrices of rank r, E = (rows of A) / r, where r and
 alpha are those of the PARAMETER's path (``rank_pattern`` / ``alpha_pattern`` keys such as
 ``"down_proj"`` name the parameter, as ``load_adapter`` reads them). Several targeted parameters
 of one module nest (``lorakit.parameter_targets``: the first in the module's order innermost,
@@ -29,6 +30,7 @@ from lorakit.io.keys import is_magnitude_key, parse_lora_key
 from lorakit.io.read import adapter_directory, read_adapter_header, weights_path
 from lorakit.io.save import BASE_INIT_METADATA_KEY
 from lorakit.io.tensors import TORCH_DTYPES
+from lorakit.targets import matches
 
 __all__ = ["summarize_adapter"]
 
@@ -83,12 +85,21 @@ def _fingerprint_summary(metadata: dict[str, str]) -> dict[str, Any]:
 
 def _on_parameter(config, module: str) -> bool:
     """Whether the LoRA layer at ``module`` adapts a bare parameter of ``config``'s
-    ``target_parameters`` (its owner's path ends in an entry's module part)."""
-    owner = module
-    while owner.endswith(".base_layer"):
-        owner = owner.removesuffix(".base_layer")
-    parts = [entry.rpartition(".")[0] for entry in config.target_parameters or []]
-    return any(owner == p or owner.endswith("." + p) for p in parts if p)
+    ``target_parameters``: its owner (the path less any ``.base_layer``) is one an entry may
+    name (``_owner_fits``) and is not a module that ``target_modules`` names."""
+    owner = module.replace(".base_layer", "")
+    entries = config.target_parameters or []
+    if not any(_owner_fits(owner, entry) for entry in entries):
+        return False
+    return not matches(config.target_modules or [], owner)
+
+
+def _owner_fits(owner: str, entry: str) -> bool:
+    """Whether the module at ``owner`` may hold the parameter ``entry`` names: an entry with a
+    module part (``experts.down_proj``) names modules whose path ends in it; one without
+    (``down_proj``, as a converted MoE config holds) any module."""
+    part = entry.rpartition(".")[0]
+    return not part or owner == part or owner.endswith("." + part)
 
 
 def _parameter_paths(
@@ -105,8 +116,8 @@ def _parameter_paths(
         layers.sort(key=lambda m: -m.count(".base_layer"))  # innermost (deepest) first
         names = []
         for entry in config.target_parameters or []:
-            part, _, name = entry.rpartition(".")
-            if (owner == part or owner.endswith("." + part)) and name not in names:
+            name = entry.rpartition(".")[2]
+            if _owner_fits(owner, entry) and name not in names:
                 names.append(name)
         rows = [factors[layer]["lora_A"].shape[0] for layer in layers]
         fitting = [
