@@ -21,6 +21,7 @@ sys.path[:0] = [str(_ROOT / "src"), str(_ROOT)]  # this checkout's lorakit, and 
 
 import lorakit  # noqa: E402
 from lorakit.train import TrainingConfig, pad_collate, train  # noqa: E402
+from lorakit.train.distributed import end_distributed_process  # noqa: E402
 from lorakit.train.fsdp import local_parameter_bytes  # noqa: E402
 from tests import tiny_models  # noqa: E402
 
@@ -98,3 +99,4 @@ def run(argv: list[str] | None = None) -> torch.nn.Module:
 
 if __name__ == "__main__":
     run()
+    end_distributed_process(0)  # under torchrun: no interpreter finalization (its docstring)

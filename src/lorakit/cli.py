@@ -78,6 +78,17 @@ _IMPORT_TIME_NOISE = ("torchao", "torch.utils._pytree")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``lorakit`` with ``argv`` (default: the command line); the exit status. A process of
+    a ``torchrun`` run ends here (``train.distributed.end_distributed_process``)."""
+    code = _run(argv)
+    if "torch.distributed" in sys.modules:  # (only a command that trained can be in a group)
+        from lorakit.train.distributed import end_distributed_process
+
+        end_distributed_process(code)
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
     for name in _IMPORT_TIME_NOISE:
         logging.getLogger(name).setLevel(logging.ERROR)
     parser = build_parser()
