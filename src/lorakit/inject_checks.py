@@ -14,11 +14,11 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import TargetModulesError
 from lorakit.init_methods import changes_base, check_layer_takes
-from lorakit.layers import LoraLayer, ModulesToSave, TrainableTokens, layer_class_for
+from lorakit.layers import LoraLayer, TrainableTokens, layer_class_for
 from lorakit.layers.parameter import LoraParameter
 from lorakit.layers.saved import check_saveable
 from lorakit.parameter_targets import check_parameter_targets
-from lorakit.state import adapter_configs, lora_layers, parameter_holders
+from lorakit.state import adapter_configs, lora_layers, parameter_holders, saved_modules
 from lorakit.targets import original_module
 from lorakit.wrapped_modules import check_wrapper_kind
 
@@ -59,8 +59,10 @@ def _check_saved_apart_from_parameters(
     (``target_parameters``, this call's or an earlier adapter's): both the copy and the
     parameter's LoRA factors would train, and the file would load nowhere (PEFT refuses
     ``modules_to_save`` on a ``ParamWrapper``)."""
-    saved = {*saved_names, *_saved_wrappers(model)}
     parameters = {*parameter_targets.values(), *_adapted_parameters(model)}
+    if not parameters:  # (the common case; the walks cost no more with more adapters)
+        return
+    saved = {*saved_names, *_saved_wrappers(model)}
     for module in sorted(saved):
         for parameter in sorted(parameters):
             owner = parameter.rpartition(".")[0]
@@ -83,9 +85,7 @@ def _check_saved_apart_from_parameters(
 def _saved_wrappers(model: nn.Module) -> list[str]:
     """Paths of the modules earlier adapters copy whole (``ModulesToSave``, not token rows)."""
     return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, ModulesToSave) and not isinstance(module, TrainableTokens)
+        name for name, module in saved_modules(model) if not isinstance(module, TrainableTokens)
     ]
 
 
