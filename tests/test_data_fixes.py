@@ -24,7 +24,7 @@ import lorakit
 from lorakit import data
 from lorakit.data import formats
 from lorakit.data.examples import chat_classification_example, plain_classification_example
-from lorakit.data.tokenize import chat_segments, example_segments
+from lorakit.data.segments import chat_segments, example_segments
 from lorakit.errors import UserError
 from lorakit.train.losses import batch_loss_sum
 from tests import tiny_tokenizer

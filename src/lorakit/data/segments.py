@@ -1,0 +1,142 @@
+"""The token segments of an example: each a list of token ids, learnt or not
+(``lorakit.data.tokenize`` joins them and masks the labels).
+
+Plain examples are two segments: the prompt (tokenised with the tokenizer's own special tokens,
+e.g. a BOS) and ``completion + EOS`` (learnt; no second EOS when the completion already ends
+with the EOS text). Chat examples are rendered with the tokenizer's chat template by
+``data.chat.render_chat`` (the rendering the server and ``lorakit generate`` use too; the pieces
+are tokenized without special tokens); each assistant turn's content up to and including its
+end-of-turn token is learnt, everything else (system, user, role headers) is not.
+
+A piece's tokens are those it adds after the text before it (``_continuation``)::
+
+    tokens(piece) = ids(before + piece)[len(ids(before)):]   if ids(before) is a prefix of it
+                    ids(piece)                                otherwise (a token spans the cut)
+
+so the sequence is the one the model sees at inference (the prompt tokenised, then the answer
+continuing it): a Llama-2 style tokenizer, which prepends "▁" to every text it tokenises, gives
+``"Sentiment: positive"`` the tokens ``... ':' '▁positive'``, not ``... ':' '▁' '▁positive'``.
+For byte-level BPE tokenizers (GPT-2, SmolLM2) this equals tokenising each piece alone where
+the pieces meet at a pre-tokenizer split (before " word", a newline or a special token), as in
+all the built-in data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lorakit.data.chat import ChatTemplateError, render_chat, require_chat_template
+from lorakit.data.examples import Example
+from lorakit.errors import UserError
+
+__all__ = ["Segment", "chat_segments", "example_segments", "token_ids"]
+
+Segment = tuple[list[int], bool]  # (token ids, learnt?)
+
+
+def token_ids(tokenizer, text: str, special: bool = False) -> list[int]:
+    """The ids of ``text`` tokenised alone (with the tokenizer's special tokens if ``special``)."""
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _continuation(
+    tokenizer, before: str, before_ids: list[int], piece: str, special: bool = False
+) -> tuple[list[int], list[int]]:
+    """``(piece_ids, whole_ids)`` with ``whole_ids = ids(before + piece)``: ``piece_ids`` are the
+    tokens ``piece`` adds after ``before_ids = ids(before)`` (module docstring), or ``ids(piece)``
+    alone when ``before_ids`` is not a prefix of ``whole_ids``."""
+    whole_ids = token_ids(tokenizer, before + piece, special)
+    if whole_ids[: len(before_ids)] == before_ids:
+        return whole_ids[len(before_ids) :], whole_ids
+    return token_ids(tokenizer, piece), whole_ids
+
+
+def _joined_segments(tokenizer, pieces: Sequence[tuple[str, bool]]) -> list[Segment]:
+    """Token segments of text pieces (no special tokens added), each the tokens it adds after
+    the pieces before it (``_continuation``)."""
+    segments: list[Segment] = []
+    before, before_ids = "", []
+    for piece, learnt in pieces:
+        piece_ids, before_ids = _continuation(tokenizer, before, before_ids, piece)
+        segments.append((piece_ids, learnt))
+        before += piece
+    return segments
+
+
+def _without_final_eos(text: str, eos: str | None) -> str:
+    """``text`` less a trailing EOS text (the caller ends it with one EOS token itself)."""
+    return text[: -len(eos)] if eos and text.endswith(eos) else text
+
+
+def chat_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
+    """``_chat_segments``; a template that refuses the messages is named with the example's
+    ``file:line``."""
+    try:
+        return _chat_segments(example, tokenizer)
+    except ChatTemplateError as error:
+        raise ChatTemplateError(f"{example.source or 'example'}: {error}") from None
+
+
+def _chat_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
+    """The chat rendered as ``(text, learnt)`` pieces whose concatenation is the full rendering.
+
+    Assistant turn i is the text the template adds between ``messages[:i]`` with a generation
+    prompt and ``messages[:i+1]``; its learnt part ends after its last EOS token (what follows,
+    e.g. a newline, is context).
+    """
+    require_chat_template(tokenizer, example.source or "example")
+    eos = tokenizer.eos_token
+    messages = _with_one_eos_per_turn(example.messages, tokenizer)
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render_chat(tokenizer, messages[:index], add_generation_prompt=True)
+        after = render_chat(tokenizer, messages[: index + 1], add_generation_prompt=False)
+        if not (before.startswith(done) and after.startswith(before)):
+            raise UserError(
+                f"{example.source or 'example'}: the chat template does not render turns as a "
+                "growing prefix, so assistant tokens cannot be separated; use prompt/completion"
+            )
+        answer = after[len(before) :]
+        end = answer.rfind(eos) + len(eos) if eos and eos in answer else len(answer)
+        pieces += [(before[len(done) :], False), (answer[:end], True), (answer[end:], False)]
+        done = after
+    if messages[-1]["role"] != "assistant":  # else the last rendering was the whole chat
+        full = render_chat(tokenizer, messages, add_generation_prompt=False)
+        pieces.append((full[len(done) :], False))
+    return [(text, learnt) for text, learnt in pieces if text]
+
+
+def _with_one_eos_per_turn(messages: tuple[dict, ...], tokenizer) -> tuple[dict, ...]:
+    """``messages`` with the trailing EOS text dropped from each assistant content that ends
+    with it, where the template ends that turn with an EOS of its own (else the turn would end
+    with two EOS tokens, both learnt)."""
+    eos = tokenizer.eos_token
+    result = list(messages)
+    for index, message in enumerate(messages):
+        content = message.get("content")
+        if message["role"] != "assistant" or not isinstance(content, str):
+            continue
+        trimmed = _without_final_eos(content, eos)
+        if trimmed == content:
+            continue
+        before = render_chat(tokenizer, result[:index], add_generation_prompt=True)
+        probe = [*result[:index], {**message, "content": trimmed}]
+        after = render_chat(tokenizer, probe, add_generation_prompt=False)
+        if after.startswith(before) and eos in after[len(before) :]:
+            result[index] = {**message, "content": trimmed}
+    return tuple(result)
+
+
+def example_segments(example: Example, tokenizer) -> list[Segment]:
+    """Token segments of one example (see the module docstring)."""
+    if example.is_chat:
+        return _joined_segments(tokenizer, chat_segments(example, tokenizer))
+    if tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has no EOS token to end completions with")
+    prompt = token_ids(tokenizer, example.prompt, special=True)
+    completion_text = _without_final_eos(example.completion, tokenizer.eos_token)
+    completion, _ = _continuation(tokenizer, example.prompt, prompt, completion_text, special=True)
+    return [(prompt, False), ([*completion, tokenizer.eos_token_id], True)]
