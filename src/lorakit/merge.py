@@ -136,6 +136,24 @@ def merge_and_unload(
     for name, layer in reversed(list(lora_layers(model))):  # nested layers before outer ones
         untied |= bool(layer.merged_adapters) and id(layer.original_weight) in tied
         replace_module(model, name, layer.unloaded_module(linear_dtype))
+    untied |= _unload_saved_modules(model, names, tied)
+    config = getattr(model, "config", None)
+    if (untied or output_quantized) and hasattr(config, "tie_word_embeddings"):
+        # A merged (or trained copy of a) tied embedding no longer equals the other one; a
+        # quantized output layer was its own copy, and dequantized it is not the embedding.
+        config.tie_word_embeddings = False
+    _dequantize_remaining(model, linear_dtype)
+    if float_dtype is not None:
+        _cast_floats(model, float_dtype)
+    forget_state(model)
+    return model
+
+
+def _unload_saved_modules(model: nn.Module, names: Sequence[str], tied: set[int]) -> bool:
+    """Replace each ``modules_to_save`` wrapper by the trained copy of the first of ``names``
+    that has one (else its original), and each trainable-token wrapper by its merged embedding;
+    whether a trained copy replaced a module holding one of the ``tied`` parameters (ids)."""
+    untied = False
     for name, wrapper in list(saved_modules(model)):
         if isinstance(wrapper, TrainableTokens):
             replace_module(model, name, wrapper.merged_module(names))
@@ -147,16 +165,7 @@ def merge_and_unload(
         original = wrapper.original_module.parameters()
         untied |= trained is not wrapper.original_module and any(id(p) in tied for p in original)
         replace_module(model, name, trained)
-    config = getattr(model, "config", None)
-    if (untied or output_quantized) and hasattr(config, "tie_word_embeddings"):
-        # A merged (or trained copy of a) tied embedding no longer equals the other one; a
-        # quantized output layer was its own copy, and dequantized it is not the embedding.
-        config.tie_word_embeddings = False
-    _dequantize_remaining(model, linear_dtype)
-    if float_dtype is not None:
-        _cast_floats(model, float_dtype)
-    forget_state(model)
-    return model
+    return untied
 
 
 def model_float_dtype(model: nn.Module) -> torch.dtype | None:
