@@ -81,7 +81,11 @@ def _conversion_patterns() -> dict[str, str] | None:
 def fused_moe_family(model: nn.Module) -> str | None:
     """``"mixtral"`` or ``"qwen2_moe"``: the family whose fused experts PEFT converts targets
     for, from ``model.config.model_type``; None for any other model (or transformers < 5)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return fused_moe_family_of(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def fused_moe_family_of(model_type: object) -> str | None:
+    """``fused_moe_family`` of a model whose config's ``model_type`` is ``model_type``."""
     if not isinstance(model_type, str):
         return None
     patterns = _conversion_patterns()

@@ -13,6 +13,7 @@ there). So:
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -53,12 +54,12 @@ def _adapted_parameters(values: dict[str, Any]) -> list[str]:
     local model directory is looked at: no built-in model is a fused MoE, and resolving one
     may convert it, which is the run's job."""
     from lorakit.meta_model import build_meta_model
-    from lorakit.moe_targets import convert_moe_config
+    from lorakit.moe_targets import convert_moe_config, fused_moe_family_of
     from lorakit.train.settings import TrainSettings
 
     directory = Path(str(values["model"])).expanduser()
-    if not (directory / "config.json").is_file():
-        return []
+    if fused_moe_family_of(_model_type(directory / "config.json")) is None:
+        return []  # (no model is built for a model of another type, nor for a built-in)
     try:
         meta_model, _ = build_meta_model(str(directory))
         lora = TrainSettings(
@@ -70,3 +71,11 @@ def _adapted_parameters(values: dict[str, Any]) -> list[str]:
         return list(convert_moe_config(meta_model, lora).target_parameters or [])
     except (UserError, ValueError, TypeError):
         return []
+
+
+def _model_type(config_path: Path) -> object:
+    """The ``model_type`` of a transformers ``config.json``; None where there is none to read."""
+    try:
+        return json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
