@@ -131,9 +131,12 @@ def test_inspect_counts_parameter_layers(tmp_path, parameters):
     assert summary["lora_parameters"] == truth["lora"]
     assert summary["compression_ratio"] == pytest.approx(truth["base"] / truth["lora"])
     peft_config = peft.LoraConfig(
-        r=2, lora_alpha=4, target_modules=[], target_parameters=parameters,
+        r=2,
+        lora_alpha=4,
+        target_modules=[],
+        target_parameters=parameters,
         rank_pattern={"down_proj": 3},
-    )  # fmt: skip
+    )
     peft_model = peft.get_peft_model(mixtral(), peft_config)
     assert summary["lora_parameters"] == peft_model.get_nb_trainable_parameters()[0]
 
