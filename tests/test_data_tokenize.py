@@ -129,6 +129,24 @@ def test_length_grouped_batches_partition_determinism_and_bucketing() -> None:
     assert padding(plan) < padding(random_order)
 
 
+def test_length_grouped_batches_drop_last_leaves_out_random_examples_not_the_longest() -> None:
+    # 10 examples, batches of 4, one chunk: 2 are left out each epoch. Sorting the chunk before
+    # dropping its short batch would always leave out the 2 longest (lengths 9 and 10).
+    lengths = list(range(1, 11))
+    left_out: list[int] = []
+    for seed in range(200):
+        plan = data.length_grouped_batches(lengths, 4, seed=seed, drop_last=True)
+        assert [len(b) for b in plan] == [4, 4]
+        kept = {i for batch in plan for i in batch}
+        left_out += [lengths[i] for i in range(10) if i not in kept]
+    assert len(left_out) == 400
+    assert set(left_out) == set(lengths)  # every example is sometimes the one left out
+    assert abs(sum(left_out) / len(left_out) - 5.5) < 0.5  # the mean length, not the longest
+    # Without shuffling the last examples in order are left out, as DataLoader's drop_last does.
+    plan = data.length_grouped_batches(lengths, 4, shuffle=False, drop_last=True)
+    assert sorted(i for batch in plan for i in batch) == list(range(8))
+
+
 def test_collate_right_pads_and_masks() -> None:
     tokenized = data.TokenizedData(
         input_ids=[[5, 6, 7], [8, 9]], labels=[[IGNORE, 6, 7], [IGNORE, 9]], pad_token_id=0

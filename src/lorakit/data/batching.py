@@ -52,7 +52,9 @@ def length_grouped_batches(
     ``batch_size * bucket_batches``, each chunk is sorted by length (stable) and cut into batches,
     and the batches are shuffled together. Without: the same without either permutation.
     Similar lengths share a batch (little padding) while the order stays random. For a new order
-    each epoch pass ``seed + epoch``. ``drop_last`` drops batches smaller than ``batch_size``.
+    each epoch pass ``seed + epoch``. ``drop_last`` leaves out the ``len(lengths) % batch_size``
+    examples that come last in the (shuffled) order before anything is sorted, so the examples
+    left out are random ones, not the longest of the last chunk.
     """
     if batch_size < 1 or bucket_batches < 1:
         raise UserError(
@@ -62,13 +64,13 @@ def length_grouped_batches(
     order = list(range(len(lengths)))
     if shuffle:
         rng.shuffle(order)
+    if drop_last:
+        del order[len(order) - len(order) % batch_size :]
     chunk_size = batch_size * bucket_batches
     planned: list[list[int]] = []
     for chunk_start in range(0, len(order), chunk_size):
         chunk = sorted(order[chunk_start : chunk_start + chunk_size], key=lambda i: lengths[i])
         planned += [chunk[start : start + batch_size] for start in range(0, len(chunk), batch_size)]
-    if drop_last:
-        planned = [batch for batch in planned if len(batch) == batch_size]
     if shuffle:
         rng.shuffle(planned)
     return planned
