@@ -352,3 +352,29 @@ def test_fan_in_fan_out_on_a_linear_warns_once_as_peft_does():
     assert "'model.layers.0.self_attn.q_proj' (and 1 more) is a torch.nn.Linear" in str(
         ours[0].message
     )
+
+
+def test_pattern_keys_that_match_no_target_warn_as_peft_warns():
+    fields = {
+        "target_modules": ["q_proj", "v_proj"],
+        "rank_pattern": {"q_proj": 2, "q_projj": 8},
+        "alpha_pattern": {"up_proj": 3.0, r"layers\.1\.self_attn\.v_proj": 5.0},
+    }
+    with pytest.warns(RuntimeWarning) as peft_caught:
+        peft.get_peft_model(tm.llama(), peft.LoraConfig(**fields))
+    with pytest.warns(RuntimeWarning) as caught:
+        model = lorakit.inject(tm.llama(), lorakit.LoraConfig(**fields))
+    peft_says = " ".join(str(w.message) for w in peft_caught)
+    assert "['q_projj']" in peft_says and "['up_proj']" in peft_says  # (the oracle)
+    ours = [str(w.message) for w in caught if "match no targeted module" in str(w.message)]
+    assert len(ours) == 2
+    assert "rank_pattern keys ['q_projj']" in ours[0]
+    assert "alpha_pattern keys ['up_proj']" in ours[1]
+    layers = dict(lora_layers(model))  # the keys that match still apply
+    assert layers["model.layers.0.self_attn.q_proj"].lora_A["default"].weight.shape[0] == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every key matches: no warning
+        lorakit.inject(
+            tm.llama(),
+            lorakit.LoraConfig(**{**fields, "rank_pattern": {"q_proj": 2}, "alpha_pattern": {}}),
+        )

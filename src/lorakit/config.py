@@ -183,9 +183,14 @@ def pattern_key(pattern: dict[str, Any], module_name: str) -> str | None:
     """The first key of a ``rank_pattern`` / ``alpha_pattern`` that matches ``module_name``
     (PEFT's rule: the key is a regex matching the whole name or a dotted suffix); None if none."""
     for key in pattern:
-        if compiled(rf"(.*\.)?({key})$").match(module_name):
+        if pattern_matches(key, module_name):
             return key
     return None
+
+
+def pattern_matches(key: str, module_name: str) -> bool:
+    """Whether the ``rank_pattern`` / ``alpha_pattern`` key ``key`` matches ``module_name``."""
+    return compiled(rf"(.*\.)?({key})$").match(module_name) is not None
 
 
 def _settings(kind: type, field_name: str, fields: dict[str, Any]):

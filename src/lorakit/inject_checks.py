@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, pattern_matches
 from lorakit.errors import TargetModulesError
 from lorakit.init_methods import changes_base, check_layer_takes
 from lorakit.layers import LoraLayer, TrainableTokens, layer_class_for
@@ -49,6 +49,7 @@ def check_adapter_fits(
     _check_targets(model, current, config, adapter_name, init)
     check_parameter_targets(model, parameter_targets, adapter_name, list(current))
     _warn_fan_in_fan_out(config, current)
+    _warn_unmatched_pattern_keys(config, [*current, *parameter_targets.values()])
 
 
 def _check_saved_apart_from_parameters(
@@ -164,3 +165,22 @@ def check_adapter_name(model: nn.Module, adapter_name: str) -> None:
             f"the model already has an adapter named {adapter_name!r}; choose another name or "
             "delete it first with lorakit.delete_adapter(model, name)."
         )
+
+
+def _warn_unmatched_pattern_keys(config: LoraConfig, targeted: Sequence[str]) -> None:
+    """Warn (``RuntimeWarning``, as PEFT does) naming the ``rank_pattern`` / ``alpha_pattern``
+    keys that match none of the ``targeted`` module (or bare parameter) names: such a key
+    changes nothing, most often because of a typo or a name from another model family."""
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        pattern = getattr(config, field_name)
+        unmatched = [
+            key for key in pattern if not any(pattern_matches(key, name) for name in targeted)
+        ]
+        if unmatched:
+            warnings.warn(
+                f"LoraConfig.{field_name} keys {unmatched} match no targeted module and change "
+                f"nothing (targeted modules, e.g.: {list(targeted[:3])}); a key is a regex for a "
+                "module's full name or a dotted suffix of it, e.g. 'q_proj' or 'layers.0.mlp'.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
