@@ -156,7 +156,7 @@ def test_rank_distribution_takes_the_largest_ratios():
 
 def test_a_layer_given_rank_zero_loses_its_adapter(monkeypatch):
     monkeypatch.setattr(
-        lorakit.eva, "redistribute_ranks", lambda ratios, ranks, rho: {"0": 3, "2": 0, "4": 1}
+        lorakit.eva, "redistribute_ranks", lambda ratios, ranks, rho, **_: {"0": 3, "2": 0, "4": 1}
     )
     model = lorakit.inject(
         toy_model(),

@@ -258,14 +258,16 @@ def check_layer_takes(
     shared_with: list[str] | tuple[str, ...] = (),
 ) -> None:
     """``ValueError`` unless the LoRA layer ``layer_class`` wrapping ``module`` can take a
-    base-changing ``init``: a ``LoraLinear`` (``nn.Linear`` / ``Conv1D``) with a float32,
-    float16 or bfloat16 weight and nothing merged; with ``rank`` (the adapter's rank there)
-    at most ``min(d, k)`` of the weight; ``shared_with``: the other names under which the
-    model holds the very same weight Parameter (tied weights, ``layer_replication`` copies),
-    which must be none: the init rewrites the weight in place."""
+    base-changing ``init``: a ``LoraLinear`` (``nn.Linear`` / ``Conv1D``, not quantized)
+    with a float32, float16 or bfloat16 weight and nothing merged; with ``rank`` (the
+    adapter's rank there) at most ``min(d, k)`` of the weight; ``shared_with``: the other
+    names under which the model holds the very same weight Parameter (tied weights,
+    ``layer_replication`` copies), which must be none: the init rewrites the weight in
+    place."""
     from lorakit.layers import LoraLinear
 
     base = getattr(module, "base_layer", module)
+    _refuse_quantized(base, name, init)
     if layer_class is not LoraLinear:
         raise ValueError(
             f"init_lora_weights={init!r} rewrites the base weight and lorakit implements it for "
@@ -303,6 +305,25 @@ def check_layer_takes(
             "to exclude_modules), untie the weight first (give each module its own copy), or "
             "use init_lora_weights=True."
         )
+
+
+def _refuse_quantized(base: nn.Module, name: str, init: str) -> None:
+    """``ValueError`` when ``base`` is a quantized layer: its stored codes cannot hold the
+    residual ``W0 - s B A`` (nor, for LoftQ, the float ``W0`` it starts from)."""
+    from lorakit import quantized
+
+    if quantized.is_quantized(base):
+        kind = f"quantized ({quantized.describe(base)})"
+    elif quantized.looks_quantized(base) is not None:
+        kind = f"quantized ({quantized.looks_quantized(base)})"
+    else:
+        return
+    raise ValueError(
+        f"init_lora_weights={init!r} takes the adapter from the float base weight and rewrites "
+        f"it, and module {name!r} is {kind}. Initialise on the unquantized (float) model, "
+        "save the residual base it leaves (lorakit.unload) and quantize that afterwards, as "
+        "peft advises; or use init_lora_weights=True on the quantized model."
+    )
 
 
 def check_redo_on_load(init: str, module: nn.Module, name: str) -> None:

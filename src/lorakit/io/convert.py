@@ -68,6 +68,28 @@ def _joined_factors(
     return joined
 
 
+def _check_initial_base(
+    model: nn.Module,
+    adapter_name: str,
+    stored: dict[str, dict[str, object]] | None,
+    source: str,
+) -> None:
+    """``UserError`` when the initial adapter's recorded base fingerprint (the residual base
+    ``W_res`` it was saved on) does not match the model's current base in some module of the
+    adapter: it then comes from another init (another run, seed or model), and its ``A0, B0``
+    are not the ones this base was left by. Not checked without a fingerprint (peft's files)."""
+    names = [name for name, layer in lora_layers(model) if adapter_name in layer.ranks]
+    found = fingerprint.first_mismatch(model, stored or {}, names)
+    if found is not None:
+        module, reason = found
+        raise UserError(
+            f"the initial adapter {source} does not belong to this model: module {module!r} "
+            f"has a base other than the one recorded with it ({reason}), so it was saved after "
+            "another init (another run or seed) and the conversion would write a wrong LoRA. "
+            "Pass the adapter saved right after inject of this model, before training."
+        )
+
+
 def _original_fingerprints(
     model: nn.Module, adapter_name: str, config: LoraConfig
 ) -> dict[str, dict[str, object]]:
@@ -109,6 +131,7 @@ def converted_contents(
     initial = read_adapter(initial_adapter)
     initial.require_finite()
     joined = _joined_factors(tensors, initial.tensors, str(initial_adapter))
+    _check_initial_base(model, adapter_name, initial.fingerprint, str(initial_adapter))
     plain = doubled_config(config)
     modules = [layer.base_layer for _, layer in lora_layers(model) if adapter_name in layer.ranks]
     config_text = config_to_json(model, plain, modules)
