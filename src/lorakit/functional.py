@@ -201,12 +201,22 @@ def lora_embedding_forward(
     lora_embedding_B: torch.Tensor,
     scale: float,
     padding_idx: int | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
 ) -> torch.Tensor:
     """The low-rank branch of an embedding: ``s * A^T[ids] B^T``.
 
-    Shapes: ``ids`` (...), A (r, num_embeddings), B (dim, r) -> (..., dim).
+    Shapes: ``ids`` (...), A (r, num_embeddings), B (dim, r) -> (..., dim). The lookup in
+    ``A^T`` takes the base embedding's options (``padding_idx``, ``max_norm``, ``norm_type``,
+    ``scale_grad_by_freq``, ``sparse``; see ``F.embedding``), as PEFT's does: e.g. with
+    ``scale_grad_by_freq`` the gradient of column ``i`` of A is divided by the count of ``i``
+    in ``ids``.
     """
-    low_rank = F.embedding(ids, lora_embedding_A.T, padding_idx=padding_idx)  # (..., r)
+    low_rank = F.embedding(
+        ids, lora_embedding_A.T, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse
+    )  # (..., r)
     return (low_rank * scale) @ lora_embedding_B.T  # (..., dim)
 
 

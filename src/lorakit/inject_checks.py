@@ -49,6 +49,7 @@ def check_adapter_fits(
     _check_targets(model, current, config, adapter_name, init)
     check_parameter_targets(model, parameter_targets, adapter_name, list(current))
     _warn_fan_in_fan_out(config, current)
+    _warn_lora_bias_without_base_bias(config, current)
     _warn_unmatched_pattern_keys(config, [*current, *parameter_targets.values()])
 
 
@@ -111,6 +112,24 @@ def _warn_fan_in_fan_out(config: LoraConfig, current: Mapping[str, nn.Module]) -
             f"fan_in_fan_out=True, but target module {linears[0]!r} (and {len(linears) - 1} "
             "more) is a torch.nn.Linear, whose weight is stored (out, in); lorakit uses its "
             "layout, as if fan_in_fan_out=False (as PEFT does). Set fan_in_fan_out=False.",
+            stacklevel=4,
+        )
+
+
+def _warn_lora_bias_without_base_bias(config: LoraConfig, current: Mapping[str, nn.Module]) -> None:
+    """Warn, naming the first few such modules, when ``lora_bias=True`` targets layers whose
+    base has no bias (as PEFT warns): the adapter trains and runs, but merging it (``merge``,
+    ``merge_and_unload``) is refused there, having no base bias to add ``s b`` to."""
+    if not config.lora_bias:
+        return
+    no_bias = [n for n, m in current.items() if getattr(original_module(m), "bias", None) is None]
+    if no_bias:
+        more = f" (and {len(no_bias) - 3} more)" if len(no_bias) > 3 else ""
+        warnings.warn(
+            f"lora_bias=True, but the base layer of target module(s) {no_bias[:3]}{more} has no "
+            "bias: the adapter trains and runs, but it cannot be merged into those layers "
+            "(merge / merge_and_unload will refuse). Target layers with a bias, or set "
+            "lora_bias=False to be able to merge.",
             stacklevel=4,
         )
 

@@ -30,6 +30,7 @@ from lorakit import quantized
 from lorakit.inject import forget_state
 from lorakit.layers import LoraLayer, ModulesToSave, TrainableTokens
 from lorakit.quantized.merge import float_linear
+from lorakit.replication import own_replicated_tensors
 from lorakit.state import (
     active_adapters,
     adapter_model,
@@ -69,8 +70,12 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Mo
     """
     names = _chosen(model, adapter_names)
     prepared = []
-    for _, layer in lora_layers(model):
-        weight = layer.prepare_merge([name for name in names if name in layer.ranks])
+    for path, layer in lora_layers(model):
+        try:
+            weight = layer.prepare_merge([name for name in names if name in layer.ranks])
+        except ValueError as error:  # name the layer: the message names the adapters only
+            error.args = (f"module {path!r}: {error}", *error.args[1:])
+            raise
         if weight is not None:
             prepared.append((layer, weight))
     for layer, weight in prepared:
@@ -112,7 +117,10 @@ def merge_and_unload(
     it has none), so a bfloat16 model comes back all bfloat16 and runs. A dtype given casts the
     whole returned model: every floating-point parameter (embeddings, norms, head, merged
     layers) ends in ``float_dtype``, so it runs too (a float32 copy of a bfloat16 model, or the
-    reverse). A dtype that is not floating point is a ``ValueError``, raised before any change."""
+    reverse). A dtype that is not floating point is a ``ValueError``, raised before any change.
+
+    With ``layer_replication`` the result is a plain model with the longer layer list: each
+    layer copy gets its own tensors (the untargeted ones cloned), so it can be saved."""
     model = adapter_model(model)  # lorakit's PeftModel: the model inside it
     names = _chosen(model, adapter_names)
     if float_dtype is not None and not (
@@ -143,6 +151,7 @@ def merge_and_unload(
         # quantized output layer was its own copy, and dequantized it is not the embedding.
         config.tie_word_embeddings = False
     _dequantize_remaining(model, linear_dtype)
+    own_replicated_tensors(model)  # layer copies (layer_replication) stop sharing tensors
     if float_dtype is not None:
         _cast_floats(model, float_dtype)
     forget_state(model)

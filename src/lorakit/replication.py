@@ -6,9 +6,11 @@ copy is a new module whose parameters ARE the original's (no memory for the base
 copy's modules can get their own LoRA adapter (the targets are found on the replicated model:
 ``model.layers.5.self_attn.q_proj`` is an adapter of its own). The layer list is found as PEFT
 finds it: ``model(.model)*`` then ``.bert``, then ``.layers``, ``.encoder.layer`` or ``.h``;
-``layer_idx`` attributes are renumbered and ``config.num_hidden_layers`` updated, as in PEFT.
+``layer_idx`` attributes are renumbered and ``config.num_hidden_layers`` updated, as in PEFT;
+``config.layer_types`` (transformers' per-layer attention kinds: Qwen2, Gemma2, ...) is
+replicated with the layers, which PEFT does not do (its forward then reads past the list).
 ``lorakit.unload`` puts the original layer list back; ``merge_and_unload`` keeps the replicated
-layers (each merged copy has its own weights then).
+layers (each merged copy has its own weights then: ``own_replicated_tensors``).
 """
 
 from __future__ import annotations
@@ -16,23 +18,25 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-__all__ = ["replicate_layers", "replicated_map", "restore_layers"]
+__all__ = ["own_replicated_tensors", "replicate_layers", "replicated_map", "restore_layers"]
 
 _RECORD = "lorakit_replicated_layers"
 
 
 @dataclass
 class _Replicated:
-    """What ``restore_layers`` needs: where the list lives, the original list and layer count,
-    and the map applied."""
+    """What ``restore_layers`` needs: where the list lives, the original list, layer count and
+    ``layer_types``, and the map applied."""
 
     holder: nn.Module
     attribute: str
     original: nn.ModuleList
     num_hidden_layers: int | None
     layer_map: list[list[int]]
+    layer_types: list | None = None
 
 
 def _layer_list(model: nn.Module) -> tuple[nn.Module, str]:
@@ -108,19 +112,73 @@ def replicate_layers(model: nn.Module, layer_map: list[list[int]]) -> bool:
     copies = nn.ModuleList(_shared_copy(original[i], n) for n, i in enumerate(indices))
     config = getattr(model, "config", None)
     count = getattr(config, "num_hidden_layers", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not isinstance(layer_types, list) or len(layer_types) != len(original):
+        layer_types = None  # no per-layer list to replicate (or one that is not per layer)
     setattr(holder, attribute, copies)
     if count is not None:
         config.num_hidden_layers = len(copies)
-    record = _Replicated(holder, attribute, original, count, [list(p) for p in layer_map])
+    if layer_types is not None:
+        config.layer_types = [layer_types[i] for i in indices]
+    layer_map = [list(pair) for pair in layer_map]
+    record = _Replicated(holder, attribute, original, count, layer_map, layer_types)
     model.__dict__[_RECORD] = record
     return True
 
 
 def restore_layers(model: nn.Module) -> None:
-    """Put the original layer list (and ``num_hidden_layers``) back; nothing if not replicated."""
+    """Put the original layer list (and ``num_hidden_layers``, ``layer_types``) back; nothing
+    if not replicated."""
     record = model.__dict__.pop(_RECORD, None)
     if record is None:
         return
     setattr(record.holder, record.attribute, record.original)
     if record.num_hidden_layers is not None:
         model.config.num_hidden_layers = record.num_hidden_layers
+    if record.layer_types is not None:
+        model.config.layer_types = record.layer_types
+
+
+def own_replicated_tensors(model: nn.Module) -> None:
+    """Give each replicated layer copy its own parameters and buffers, and forget the record
+    (``merge_and_unload``: the result is a plain model of the longer depth, which transformers
+    can save; it refuses tensors shared between layers). A tensor that an earlier copy holds is
+    cloned (same values, dtype, device and ``requires_grad``; one clone per copy, so tensors
+    shared inside one layer stay shared), so the layers hold as much memory as a plain model of
+    that depth. Nothing if ``model`` was not replicated."""
+    record = model.__dict__.pop(_RECORD, None)
+    if record is None:
+        return
+    earlier: set[int] = set()
+    for layer in getattr(record.holder, record.attribute):
+        held = {id(tensor) for tensor in (*layer.parameters(), *layer.buffers())}
+        clones: dict[int, torch.Tensor] = {}
+        for module in layer.modules():
+            _own_tensors(module, earlier, clones)
+        earlier |= held
+
+
+def _clone(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` that shares no memory with it (a Parameter stays a Parameter)."""
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(tensor.detach().clone(), tensor.requires_grad)
+    return tensor.clone()
+
+
+def _own_tensors(module: nn.Module, earlier: set[int], clones: dict[int, torch.Tensor]) -> None:
+    """Replace each of ``module``'s own parameters and buffers whose id is in ``earlier`` (held
+    by an earlier layer copy) by its clone in ``clones`` (made on first use)."""
+    for name, parameter in list(module.named_parameters(recurse=False)):
+        if id(parameter) in earlier:
+            module.register_parameter(name, _clone_once(parameter, clones))
+    for name, buffer in list(module.named_buffers(recurse=False)):
+        if id(buffer) in earlier:
+            persistent = name not in module._non_persistent_buffers_set
+            module.register_buffer(name, _clone_once(buffer, clones), persistent=persistent)
+
+
+def _clone_once(tensor: torch.Tensor, clones: dict[int, torch.Tensor]) -> torch.Tensor:
+    """``tensor``'s clone in ``clones``, made on first use."""
+    if id(tensor) not in clones:
+        clones[id(tensor)] = _clone(tensor)
+    return clones[id(tensor)]

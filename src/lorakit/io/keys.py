@@ -13,6 +13,7 @@ adapter name never appears in a file (PEFT removes it):
 | Embedding A, B | ``<path>.lora_embedding_A``, ``<path>.lora_embedding_B`` | (r, num), (dim, r) |
 | bias of an adapted layer (``bias`` != "none") | ``<path>.base_layer.bias`` | (d,) |
 | base weight of an adapted embedding (resized vocab) | ``<path>.base_layer.weight`` | base |
+| base weight of an embedding with trainable tokens (resized vocab) | ``<path>.token_adapter.base_layer.weight`` | base |
 | any other parameter (biases, ``modules_to_save``, resized embeddings) | ``<path>.<param>`` | full |
 
 In the model (``model.state_dict()``) the same tensors carry the adapter name:
@@ -32,7 +33,7 @@ from torch import nn
 from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave, linear_shape
 from lorakit.layers.parameter import parameter_layout
 from lorakit.layers.tokens import DELTA_KEY
-from lorakit.targets import model_modules
+from lorakit.targets import model_modules, original_module
 
 __all__ = [
     "PREFIX",
@@ -89,8 +90,13 @@ def adapted_base_key(module_path: str, parameter: str) -> str:
     return f"{PREFIX}{module_path}.base_layer.{parameter}"
 
 
-def base_weight_key(module_path: str, adapted: bool) -> str:
-    """File key of an embedding's full base weight (saved for a resized vocabulary)."""
+def base_weight_key(module_path: str, adapted: bool, token_rows: bool = False) -> str:
+    """File key of an embedding's full base weight (saved for a resized vocabulary): PEFT's
+    ``<path>.base_layer.weight`` for a LoRA layer (``adapted``), ``<path>.token_adapter.
+    base_layer.weight`` for an embedding with trainable tokens (``token_rows``), else
+    ``<path>.weight``."""
+    if token_rows:
+        return plain_key(f"{module_path}.token_adapter.base_layer.weight")
     return (
         adapted_base_key(module_path, "weight") if adapted else plain_key(f"{module_path}.weight")
     )
@@ -105,8 +111,8 @@ def embedding_module_names(
     wanted = []
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         module = getattr(model, getter, lambda: None)()
-        if module is not None:
-            wanted.append(module.base_layer if isinstance(module, LoraLayer) else module)
+        if module is not None:  # under lorakit's wrappers (LoRA layers, token rows, copies)
+            wanted.append(original_module(module))
     ids = {id(module) for module in wanted}
     named = model_modules(model) if modules is None else modules.items()
     return [name for name, module in named if id(module) in ids]
@@ -242,9 +248,8 @@ def adapter_file_tensors(
     for name in embedding_modules:
         if name in saved_modules or name.startswith(saved_prefixes):
             continue  # its key is the saved copy's (the trained weight), not the base weight's
-        tensors.append(
-            FileTensor(base_weight_key(name, name in lora_set), name, "base_weight", "weight")
-        )
+        key = base_weight_key(name, name in lora_set, name in (token_modules or {}))
+        tensors.append(FileTensor(key, name, "base_weight", "weight"))
     return tensors
 
 

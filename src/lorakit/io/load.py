@@ -199,7 +199,7 @@ def _load_targets(
     embeddings = [
         name
         for name in embedding_module_names(model, modules)
-        if base_weight_key(name, name in targets) in adapter.tensors
+        if base_weight_key(name, name in targets, name in tokens) in adapter.tensors
     ]
     tensors = adapter_file_tensors(
         model,

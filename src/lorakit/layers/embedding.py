@@ -66,15 +66,21 @@ class LoraEmbedding(LoraLayer):
     def lora_branch(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """``s A^T[ids] B^T``, times the base's ``embed_scale`` where it has one (transformers'
         scaled word embeddings, e.g. BART's and Gemma's, scale every row they look up: so does
-        the merged weight's row, and PEFT's branch)."""
+        the merged weight's row, and PEFT's branch). The lookup takes the base's options
+        (``padding_idx``, ``max_norm``, ``norm_type``, ``scale_grad_by_freq``, ``sparse``)."""
+        base = self.base_layer
         out = functional.lora_embedding_forward(
             x,
             self.lora_embedding_A[adapter_name],
             self.lora_embedding_B[adapter_name],
             self.scalings[adapter_name],
-            padding_idx=self.base_layer.padding_idx,
+            base.padding_idx,
+            base.max_norm,
+            base.norm_type,
+            base.scale_grad_by_freq,
+            base.sparse,
         )
-        return times_embed_scale(self.base_layer, out)
+        return times_embed_scale(base, out)
 
     def base_is_plain(self) -> bool:
         return type(self.base_layer) is nn.Embedding and fast.module_is_plain(self.base_layer)

@@ -49,7 +49,31 @@ class TokenRows(nn.Module):
 
 
 class TrainableTokens(ModulesToSave):
-    """An ``nn.Embedding`` whose chosen rows each adapter trains (``TokenRows`` per adapter)."""
+    """An ``nn.Embedding`` whose chosen rows each adapter trains (``TokenRows`` per adapter).
+
+    ``weight``, ``num_embeddings``, ``embedding_dim`` and ``padding_idx`` are the embedding's
+    (``weight`` is its Parameter ``W0``, WITHOUT the adapters' rows: ``weight_with_rows`` gives
+    the table the forward uses; PEFT's wrapper returns that table as ``weight``), so code that
+    reads ``get_input_embeddings().weight`` (its dtype, device, shape) works.
+    ``model.resize_token_embeddings`` is refused by transformers (a ``TypeError``: not an
+    ``nn.Embedding``), as with PEFT: resize the vocabulary before adding the adapter."""
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The embedding's weight ``W0`` (num_embeddings, dim), without the adapters' rows."""
+        return self.original_module.weight
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.original_module.num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.original_module.embedding_dim
+
+    @property
+    def padding_idx(self) -> int | None:
+        return self.original_module.padding_idx
 
     def add_tokens(
         self, adapter_name: str, indices: Sequence[int], init: bool | str | None
