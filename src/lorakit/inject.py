@@ -15,7 +15,11 @@ from torch import nn
 from lorakit.base_rewrite import BaseRewrite, interrupts_held, plan_rewrite, write_rewrites
 from lorakit.config import LoraConfig
 from lorakit.init_methods import changes_base
-from lorakit.inject_checks import check_adapter_fits, check_adapter_name
+from lorakit.inject_checks import (
+    check_adapter_fits,
+    check_adapter_name,
+    warn_lora_bias_without_base_bias,
+)
 from lorakit.layers import LoraLayer, ModulesToSave, layer_class_for, wrap
 from lorakit.moe_targets import convert_moe_config
 from lorakit.parameter_targets import (
@@ -113,6 +117,7 @@ def _inject_checked(
         raise ValueError(no_match_message(model, config))
     if strict_targets:
         check_every_entry_matches(model, config)
+    warn_lora_bias_without_base_bias(model, config, targets)
     add_adapter_to_modules(
         model,
         config,

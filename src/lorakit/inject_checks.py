@@ -22,7 +22,7 @@ from lorakit.state import adapter_configs, lora_layers, parameter_holders, saved
 from lorakit.targets import original_module
 from lorakit.wrapped_modules import check_wrapper_kind
 
-__all__ = ["check_adapter_fits", "check_adapter_name"]
+__all__ = ["check_adapter_fits", "check_adapter_name", "warn_lora_bias_without_base_bias"]
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
@@ -49,7 +49,6 @@ def check_adapter_fits(
     _check_targets(model, current, config, adapter_name, init)
     check_parameter_targets(model, parameter_targets, adapter_name, list(current))
     _warn_fan_in_fan_out(config, current)
-    _warn_lora_bias_without_base_bias(config, current)
     _warn_unmatched_pattern_keys(config, [*current, *parameter_targets.values()])
 
 
@@ -116,13 +115,18 @@ def _warn_fan_in_fan_out(config: LoraConfig, current: Mapping[str, nn.Module]) -
         )
 
 
-def _warn_lora_bias_without_base_bias(config: LoraConfig, current: Mapping[str, nn.Module]) -> None:
-    """Warn, naming the first few such modules, when ``lora_bias=True`` targets layers whose
-    base has no bias (as PEFT warns): the adapter trains and runs, but merging it (``merge``,
-    ``merge_and_unload``) is refused there, having no base bias to add ``s b`` to."""
+def warn_lora_bias_without_base_bias(model: nn.Module, config: LoraConfig, targets) -> None:
+    """Warn (at ``inject``; a load says it when a merge is asked), naming the first few such
+    modules, when ``lora_bias=True`` targets layers whose base has no bias (as PEFT warns): the
+    adapter trains and runs, but merging it (``merge``, ``merge_and_unload``) is refused
+    there, having no base bias to add ``s b`` to."""
     if not config.lora_bias:
         return
-    no_bias = [n for n, m in current.items() if getattr(original_module(m), "bias", None) is None]
+    no_bias = [
+        name
+        for name in targets
+        if getattr(original_module(model.get_submodule(name)), "bias", None) is None
+    ]
     if no_bias:
         more = f" (and {len(no_bias) - 3} more)" if len(no_bias) > 3 else ""
         warnings.warn(
