@@ -171,12 +171,8 @@ def test_merge_writes_a_plain_model_with_the_adapters_outputs(tmp_path, capsys, 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Is this movie review positive?"}],
-        tokenize=False,
-        add_generation_prompt=True,
-    )
-    encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    # trained on prompt/completion data: the prompt goes in as is, no chat template
+    encoded = tokenizer("Is this movie review positive?", return_tensors="pt")
     greedy = merged.generate(
         **encoded, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id
     )

@@ -99,6 +99,8 @@ def _train(model, tokenizer, settings: DemoSettings, output: Path):
 
     import lorakit
     from lorakit import data
+    from lorakit.data.chat import prompt_style
+    from lorakit.io.save import record_prompt_style
     from lorakit.train import TrainingConfig, train
 
     needed = settings.steps * settings.batch_size
@@ -115,6 +117,7 @@ def _train(model, tokenizer, settings: DemoSettings, output: Path):
     )
     torch.manual_seed(settings.seed)  # the adapter's initial A, whatever loading the model drew
     lorakit.inject(model, config)
+    record_prompt_style(model, prompt_style(examples))  # lorakit generate follows it
     counts = lorakit.count_parameters(model)
     training = TrainingConfig(
         output_dir=str(output),

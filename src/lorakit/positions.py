@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["learned_position_limit", "max_positions"]
+from lorakit.errors import UserError
+
+__all__ = ["check_max_length", "learned_position_limit", "max_positions"]
 
 
 def max_positions(model: nn.Module) -> int | None:
@@ -35,3 +37,15 @@ def learned_position_limit(model: nn.Module) -> int | None:
         and module.num_embeddings == limit
     ]
     return limit if tables else None
+
+
+def check_max_length(model: nn.Module, max_length: int, flag: str = "--max-length") -> None:
+    """``UserError`` naming ``flag`` when ``max_length`` tokens per example pass the model's
+    learned position table (``learned_position_limit``): an example that long would index past
+    the table's rows. Rotary models are not limited."""
+    limit = learned_position_limit(model)
+    if limit is not None and max_length > limit:
+        raise UserError(
+            f"{flag} {max_length} is longer than this model's {limit} positions (a learned "
+            f"position table); pass {flag} {limit} or less"
+        )

@@ -44,6 +44,9 @@ class AdapterState:
     original_requires_grad: dict[str, bool] = field(default_factory=dict)
     trainable: list[nn.Parameter] = field(default_factory=list)
     """What ``set_active`` made trainable (so the next call freezes just these)."""
+    prompt_styles: dict[str, str] = field(default_factory=dict)
+    """``{adapter: "chat" | "plain"}``: the form of the prompts an adapter was trained on
+    (``lorakit.io.save.record_prompt_style``), written into its file by every save."""
 
 
 def parameter_holders(model: nn.Module) -> dict[int, list[str]]:
@@ -231,4 +234,5 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         if adapter_name in wrapper.modules_to_save:
             wrapper.delete_adapter(adapter_name)
     del state.configs[adapter_name]
+    state.prompt_styles.pop(adapter_name, None)
     state.active = tuple(n for n in state.active if n != adapter_name)

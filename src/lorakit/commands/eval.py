@@ -49,7 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=256,
         help="maximum tokens per example; longer reviews (classification data) "
-        "are shortened inside the template, other examples lose their start "
+        "are shortened inside the template, other examples lose their start; at most the "
+        "model's positions for a learned position table such as GPT-2's "
         "(default: %(default)s)",
     )
     parser.set_defaults(func=run)
@@ -125,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.max_length < 2:
         raise UserError("--batch-size must be >= 1 and --max-length >= 2")
     from lorakit import data
+    from lorakit.positions import check_max_length
     from lorakit.train.losses import evaluate
     from lorakit.train.settings import load_examples_for
 
@@ -132,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_and_adapter(
         args.model, args.adapter, args.allow_base_mismatch, args.quantization
     )
+    check_max_length(model, args.max_length)  # GPT-2's position table: no longer examples
     tokenized = data.tokenize_examples(examples, tokenizer, args.max_length)
     if tokenized.num_truncated:  # as lorakit train says it (train/run.py:_announce)
         print(

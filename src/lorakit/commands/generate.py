@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 from lorakit.commands.eval import add_base_mismatch_option, add_quantization_option
 from lorakit.errors import UserError
@@ -14,8 +15,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "generate",
         help="generate text from a model (+ adapter) for a prompt",
         description=(
-            "Greedy (or sampled) generation. Instruct models with a chat template get the prompt "
-            "as a user message (disable with --raw)."
+            "Greedy (or sampled) generation. The prompt goes through the tokenizer's chat "
+            "template, as a user message, only where the model was trained that way: an adapter "
+            "lorakit train trained on chat data, or a built-in instruct model without --adapter "
+            "(--chat asks for the template, --raw for none). An adapter without lorakit's record "
+            "(saved by peft) gets the template when the tokenizer has one, as before, with a note."
         ),
     )
     parser.add_argument("prompt", help="the prompt text")
@@ -40,7 +44,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed for sampling (default: %(default)s)"
     )
-    parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument(
+        "--chat",
+        action="store_true",
+        help="send the prompt as a user message through the chat template (default: only as "
+        "the adapter was trained, or for a built-in instruct model)",
+    )
+    form.add_argument(
+        "--raw", action="store_true", help="send the prompt as is, never through the chat template"
+    )
     parser.set_defaults(func=run)
 
 
@@ -53,7 +66,10 @@ def generate_text(
     temperature: float = 0.0,
     raw: bool = False,
 ) -> str:
-    """The model's continuation of ``prompt`` (chat template applied unless ``raw`` or absent)."""
+    """The model's continuation of ``prompt``: sent as a user message through the tokenizer's
+    chat template (``data.chat.chat_prompt_ids``) unless ``raw`` or the tokenizer has none, else
+    as is (``tokenizer(prompt)``). ``lorakit generate`` decides ``raw`` by how the model was
+    trained (``uses_chat_template``)."""
     import torch
 
     from lorakit.data.chat import chat_prompt_ids, has_chat_template
@@ -80,16 +96,28 @@ def generate_text(
 
 def _check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
     """``UserError`` for an empty prompt, or one that with ``max_new_tokens`` passes a learned
-    position table (``positions.learned_position_limit``: GPT-2's ``wpe``)."""
+    position table (``positions.learned_position_limit``: GPT-2's ``wpe``); a warning on stderr
+    where it passes another model's ``max_position_embeddings`` (a rotary model runs on, but
+    past its trained length the text is mostly garbage; ``lorakit serve`` refuses it)."""
     if prompt_tokens == 0:
         raise UserError("the prompt is empty; give some text to continue")
-    from lorakit.positions import learned_position_limit
+    from lorakit.positions import learned_position_limit, max_positions
 
+    total = prompt_tokens + max_new_tokens
     limit = learned_position_limit(model)
-    if limit is not None and prompt_tokens + max_new_tokens > limit:
+    if limit is not None and total > limit:
         raise UserError(
             f"the prompt ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} is longer "
             f"than this model's {limit} positions; shorten the prompt or ask for fewer tokens"
+        )
+    trained = max_positions(model)
+    if trained is not None and total > trained:
+        print(
+            f"lorakit: warning: the prompt ({prompt_tokens} tokens) + --max-new-tokens "
+            f"{max_new_tokens} = {total} tokens pass this model's max_position_embeddings "
+            f"{trained}; the text past that is likely garbage (lorakit serve refuses such a "
+            "prompt): shorten the prompt or ask for fewer tokens",
+            file=sys.stderr,
         )
 
 
@@ -115,6 +143,60 @@ def engine_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int
     return ids
 
 
+def uses_chat_template(
+    model_spec: str, adapter: str | None, *, chat: bool = False, raw: bool = False
+) -> bool | None:
+    """Whether ``lorakit generate`` sends its prompt through the chat template: not with
+    ``raw``, yes with ``chat``; with an adapter, as it was trained (the prompt style ``lorakit
+    train`` records in it, ``io.save.recorded_prompt_style``), None for one without the record
+    (saved by peft: the caller keeps the old rule, the template when the tokenizer has one);
+    without an adapter, for a built-in instruct model only (a plain text prompt is what a base
+    model, or ``model.generate(**tokenizer(text))``, takes)."""
+    from lorakit.models import BUILTIN_MODELS
+
+    if raw or chat:
+        return not raw
+    if adapter:
+        return _adapter_prompt_style(adapter)
+    builtin = BUILTIN_MODELS.get(str(model_spec))
+    return builtin is not None and not builtin.is_encoder and builtin.name.endswith("-instruct")
+
+
+def _adapter_prompt_style(adapter: str) -> bool | None:
+    """True / False for an adapter recording "chat" / "plain" prompts; None without a record
+    (a GGUF LoRA file has none)."""
+    from lorakit.io.read import read_adapter_header
+    from lorakit.io.save import recorded_prompt_style
+
+    if adapter.endswith(".gguf"):
+        return None
+    style = recorded_prompt_style(read_adapter_header(adapter).metadata)
+    return None if style is None else style == "chat"
+
+
+def _prompt_is_raw(args: argparse.Namespace, tokenizer) -> bool:
+    """``generate_text``'s ``raw`` for the command's flags (``uses_chat_template``); a note on
+    stderr where the template is applied to an adapter that does not say how it was trained."""
+    from lorakit.data.chat import has_chat_template
+
+    template = uses_chat_template(args.model, args.adapter, chat=args.chat, raw=args.raw)
+    if template and not has_chat_template(tokenizer):
+        if args.chat:
+            raise UserError(
+                f"--chat: the tokenizer of {args.model} has no chat template; leave out --chat"
+            )
+        return True
+    if template is None and has_chat_template(tokenizer):
+        print(
+            f"lorakit: note: adapter {args.adapter} does not record its training prompts' form "
+            "(not saved by lorakit train), so the chat template was applied to the prompt; "
+            "--raw sends it as is",
+            file=sys.stderr,
+        )
+        return False
+    return not template
+
+
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -134,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         args.prompt,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
-        raw=args.raw,
+        raw=_prompt_is_raw(args, tokenizer),
     )
     print(text)
     return 0

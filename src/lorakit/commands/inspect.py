@@ -89,7 +89,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ),
         ("modules to save", ", ".join(summary["modules_to_save"] or []) or "-"),
         ("dtype", ", ".join(f"{k} ({v} tensors)" for k, v in summary["dtypes"].items())),
-        ("parameters", f"{summary['parameters']:,} ({summary['lora_parameters']:,} LoRA)"),
+        ("parameters", _parameters_text(summary)),
         ("file size", format_bytes(summary["file_bytes"])),
         (
             "compression",
@@ -107,6 +107,15 @@ def format_summary(summary: dict[str, Any]) -> str:
         rows.insert(5, ("layer replication", json.dumps(summary["layer_replication"])))
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label + ':':<{width + 1}} {value}" for label, value in rows)
+
+
+def _parameters_text(summary: dict) -> str:
+    """The adapter's parameters (PEFT's trainable count), and the frozen base weights the file
+    also holds (PEFT's saved embedding matrix), when there are any."""
+    text = f"{summary['parameters']:,} ({summary['lora_parameters']:,} LoRA)"
+    if summary["saved_base_weights"]:
+        text += f"; the file also holds {summary['saved_base_weights']:,} base embedding weights"
+    return text
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,6 +13,11 @@ So the same chat is the same prompt everywhere (what a model was trained on is w
   model trained on it would never learn to stop), and ``lorakit generate`` then sends its
   prompt as plain text, as it does with ``--raw``.
 
+``lorakit generate`` sends its prompt as a user message through the template only when that is
+how the model was trained: an adapter ``lorakit train`` trained on chats (``prompt_style``
+"chat", recorded in the adapter file), a built-in instruct model without an adapter, or
+``--chat``; a plain text prompt otherwise, as ``model.generate(**tokenizer(text))`` does.
+
 A template that refuses the messages (Llama-2's "roles must alternate user/assistant", say)
 raises ``ChatTemplateError`` with the template's message.
 """
@@ -28,6 +33,7 @@ __all__ = [
     "chat_prompt_ids",
     "encode_chat",
     "has_chat_template",
+    "prompt_style",
     "render_chat",
     "require_chat_template",
 ]
@@ -41,6 +47,13 @@ class ChatTemplateError(UserError):
 
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
+
+
+def prompt_style(examples: Sequence) -> str:
+    """The form of the prompts in ``examples`` (``data.Example``): "chat" when every example is
+    a chat (rendered by the chat template), else "plain" (prompt text as is; a plain text prompt
+    is then one of the forms the model learnt)."""
+    return "chat" if examples and all(example.is_chat for example in examples) else "plain"
 
 
 def require_chat_template(tokenizer, where: str) -> None:

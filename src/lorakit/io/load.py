@@ -44,6 +44,7 @@ from lorakit.io.read import (
     read_adapter_data,
     read_adapter_header,
 )
+from lorakit.io.save import recorded_prompt_style
 from lorakit.layers import LoraLayer, ModulesToSave, layer_class_for
 from lorakit.moe_targets import convert_moe_config
 from lorakit.parameter_targets import find_parameter_targets, parameter_stand_ins
@@ -306,6 +307,9 @@ def _apply(
         except BaseException:
             _roll_back(model, adapter_name, had_state, wrapped_before, base_backup, remerge)
             raise
+    style = recorded_prompt_style(adapter.metadata)  # (lorakit train's record; kept on save)
+    if style is not None:
+        state_of(model).prompt_styles[adapter_name] = style
 
 
 def _merged_over(

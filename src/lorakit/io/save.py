@@ -5,6 +5,11 @@ names and config; header metadata ``{"format": "pt"}`` plus lorakit's base finge
 of the config). The adapter "default" goes to ``directory``, any other to
 ``directory/<adapter_name>``, as PEFT does. Both files are written atomically and the bytes are
 deterministic (saving twice gives identical files).
+
+An adapter marked with ``record_prompt_style`` (``lorakit train`` marks its adapter) also carries
+the form of the prompts it was trained on under ``PROMPT_STYLE_METADATA_KEY``: "chat" (chat
+messages through the tokenizer's chat template) or "plain" (prompt text as is), so that
+``lorakit generate`` sends its prompt in that form (``recorded_prompt_style``).
 """
 
 from __future__ import annotations
@@ -29,10 +34,39 @@ from lorakit.io.keys import adapter_file_tensors, embedding_module_names, model_
 from lorakit.io.read import BASE_INIT_METADATA_KEY, CONFIG_METADATA_KEY, WEIGHTS_NAME
 from lorakit.layers import LoraLayer, TrainableTokens
 from lorakit.layers.parameter import LoraParameter
-from lorakit.state import adapter_configs, adapter_model, lora_layers, saved_modules
+from lorakit.state import adapter_configs, adapter_model, lora_layers, saved_modules, state_of
 from lorakit.targets import model_modules
 
-__all__ = ["adapter_file_contents", "save_adapter", "save_merged_model"]
+__all__ = [
+    "PROMPT_STYLES",
+    "PROMPT_STYLE_METADATA_KEY",
+    "adapter_file_contents",
+    "record_prompt_style",
+    "recorded_prompt_style",
+    "save_adapter",
+    "save_merged_model",
+]
+
+PROMPT_STYLE_METADATA_KEY = "lorakit.prompt_style"
+PROMPT_STYLES = ("chat", "plain")
+
+
+def record_prompt_style(model: nn.Module, style: str, adapter_name: str = "default") -> None:
+    """Mark adapter ``adapter_name`` of ``model`` as trained on ``style`` prompts ("chat": chat
+    messages rendered by the tokenizer's chat template; "plain": prompt text as is); every later
+    save of it records the style in the file's header metadata (``PROMPT_STYLE_METADATA_KEY``),
+    and loading such a file records it again."""
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt style {style!r}: expected one of {PROMPT_STYLES}")
+    _config_of(model, adapter_name)  # (a UserError naming the adapters when it is not one)
+    state_of(model).prompt_styles[adapter_name] = style
+
+
+def recorded_prompt_style(metadata: dict[str, str]) -> str | None:
+    """The prompt style an adapter file's header ``metadata`` records ("chat" / "plain"); None
+    for a file without the record (written by peft, or by lorakit outside ``lorakit train``)."""
+    style = metadata.get(PROMPT_STYLE_METADATA_KEY)
+    return style if style in PROMPT_STYLES else None
 
 
 def _config_of(model: nn.Module, adapter_name: str) -> LoraConfig:
@@ -158,6 +192,9 @@ def adapter_file_contents(
     }
     if changes_base(config.init_lora_weights):  # the file says true (see config_json)
         metadata[BASE_INIT_METADATA_KEY] = config.init_lora_weights
+    style = state_of(model).prompt_styles.get(adapter_name)
+    if style is not None:  # (record_prompt_style)
+        metadata[PROMPT_STYLE_METADATA_KEY] = style
     return tensors, metadata, config_text
 
 

@@ -12,6 +12,11 @@ of one module nest (``lorakit.parameter_targets``: the first in the module's ord
 ``.base_layer`` deeper); the header does not say that order, so the parameters are matched to
 the nested layers in the one order whose ranks fit the factors' rows with a common E (in
 ``target_parameters`` order where several fit).
+
+Parameters: ``parameters`` counts the file's tensors less the full base weights of adapted
+embeddings (``<path>.base_layer.weight``, which PEFT's ``save_embedding_layers`` saves when an
+embedding is a target: frozen base values, not adapter parameters), so that it equals PEFT's
+trainable count; those are ``saved_base_weights``, and ``file_parameters`` is the sum of both.
 """
 
 from __future__ import annotations
@@ -26,11 +31,11 @@ from lorakit.errors import AdapterFileError
 from lorakit.io import fingerprint
 from lorakit.io.fingerprint import METADATA_KEY
 from lorakit.io.header import TensorInfo, read_header
-from lorakit.io.keys import is_magnitude_key, parse_lora_key
+from lorakit.io.keys import is_magnitude_key, module_path, parse_lora_key
 from lorakit.io.read import adapter_directory, read_adapter_header, weights_path
 from lorakit.io.save import BASE_INIT_METADATA_KEY
 from lorakit.io.tensors import TORCH_DTYPES
-from lorakit.targets import matches
+from lorakit.targets import matches, saved_module_matches
 
 __all__ = ["summarize_adapter"]
 
@@ -69,6 +74,28 @@ def _checked_factors(path: Path, module: str, infos: dict) -> tuple[int, int, in
                 "floating point. The file is damaged; re-save it."
             )
     return a_shape[0], a_shape[1], b_shape[0]
+
+
+def _saved_base_weights(
+    tensors: dict[str, TensorInfo], adapted: set[str], modules_to_save: list[str]
+) -> int:
+    """The numbers of the frozen base weights a file holds whole, not adapter parameters: the
+    embedding matrices PEFT's ``save_embedding_layers`` saves, as ``<path>.base_layer.weight``
+    (a LoRA embedding: ``<path>`` among ``adapted``), ``<path>.token_adapter.base_layer.weight``
+    (an embedding with trainable tokens) or ``<path>.weight`` (an embedding without an adapter,
+    e.g. the output layer, where no ``modules_to_save`` entry picks ``<path>``)."""
+    total = 0
+    for key, info in tensors.items():
+        if not key.endswith(".weight") or parse_lora_key(key) is not None:
+            continue
+        path = module_path(key.removesuffix(".weight"))
+        if path.endswith(".base_layer"):
+            path = path.removesuffix(".base_layer")
+            saved_whole = path in adapted or path.endswith(".token_adapter")
+        else:  # a modules_to_save copy (trained) or a saved embedding
+            saved_whole = not saved_module_matches(modules_to_save, path)
+        total += info.numel if saved_whole else 0
+    return total
 
 
 def _fingerprint_summary(metadata: dict[str, str]) -> dict[str, Any]:
@@ -179,7 +206,8 @@ def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> d
         lora_parameters += matrices * functional.lora_parameter_count(
             out_features, in_features, rank
         )
-    total = sum(info.numel for info in header.tensors.values())
+    saved_base = _saved_base_weights(header.tensors, set(factors), config.modules_to_save or [])
+    total = sum(info.numel for info in header.tensors.values()) - saved_base
     return {
         "directory": str(directory),
         "base_model": config.base_model_name_or_path,
@@ -210,6 +238,8 @@ def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> d
         "parameters": total,
         "lora_parameters": lora_parameters,
         "other_parameters": total - lora_parameters,
+        "saved_base_weights": saved_base,
+        "file_parameters": total + saved_base,
         "file_bytes": header.file_size,
         "adapted_base_parameters": base_parameters,
         "compression_ratio": base_parameters / lora_parameters if lora_parameters else None,

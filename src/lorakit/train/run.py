@@ -56,12 +56,16 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     """Check the settings (``{key: value}``, see ``lorakit.train.settings``), the data and the
     LoRA targets, then load the model, inject LoRA, train and save (adapter, metrics, loss
     curve, and the settings as ``train_settings.json``, itself a valid config file, without
-    ``NOT_RECORDED``)."""
+    ``NOT_RECORDED``). The adapter records its data's prompt style ("chat" / "plain",
+    ``io.save.record_prompt_style``), which ``lorakit generate`` follows."""
     import torch
 
     import lorakit
     from lorakit import data
+    from lorakit.data.chat import prompt_style
+    from lorakit.io.save import record_prompt_style
     from lorakit.models import check_model_spec, load_model, resolve_model
+    from lorakit.positions import check_max_length
     from lorakit.train.checkpoint import read_state
     from lorakit.train.output_dir import prepare_output_dir
     from lorakit.train.resume import checkpoint_to_resume
@@ -89,11 +93,13 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     resumed = checkpoint_to_resume(training.output_dir, job.resume)  # (None: a new run)
     start_step = 0 if resumed is None else read_state(resumed)["step"]
     model, tokenizer = load_model(job.model, progress=False, quantization=job.quantization)
+    check_max_length(model, job.max_length)  # GPT-2's position table: no longer examples
     torch.manual_seed(training.seed)  # the adapter's initial A, whatever the loading drew
     try:
         lorakit.inject(model, lora)
     except (ValueError, TypeError) as error:
         raise UserError(str(error)) from None
+    record_prompt_style(model, prompt_style(examples), training.adapter_name)
     model.to(device)
     tokenized = {"train": data.tokenize_examples(examples, tokenizer, job.max_length)}
     if eval_examples:

@@ -66,7 +66,8 @@ class TrainSettings:
     )
     style: str | None = setting(
         None,
-        "chat (the chat template) or plain (prompt/completion) for built-ins and CSV "
+        "chat (the chat template) or plain (prompt/completion) for built-ins and CSV; the "
+        "adapter records it and lorakit generate formats its prompt the same way "
         "(default: chat for built-ins, plain for CSV)",
     )
     target_modules: str | list[str] = setting(
@@ -95,7 +96,8 @@ class TrainSettings:
     max_length: int = setting(
         256,
         "maximum tokens per example: longer reviews (classification data) are shortened inside "
-        "the template, other examples lose their start",
+        "the template, other examples lose their start; at most the model's positions for a "
+        "learned position table such as GPT-2's",
     )
     resume: bool = setting(
         False, "continue from the newest checkpoint in --output (refused where there is none)"
