@@ -20,8 +20,9 @@ embedding too, so the merged model would differ from the unmerged one. It is lis
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -29,10 +30,17 @@ from torch import nn
 
 from lorakit import functional
 from lorakit.analysis.spectrum import energy_rank
-from lorakit.analysis.updates import linear_updates
+from lorakit.analysis.updates import stream_linear_updates
 from lorakit.config import LoraConfig
 
-__all__ = ["ExtractedLayer", "Extraction", "apply_extraction", "extract_lora", "truncated_factors"]
+__all__ = [
+    "ExtractedLayer",
+    "Extraction",
+    "apply_extraction",
+    "extract_lora",
+    "prefixed",
+    "truncated_factors",
+]
 
 
 def truncated_factors(
@@ -114,20 +122,30 @@ def _tied_linears(*models: nn.Module) -> dict[str, str]:
 
 
 def _uncaptured_changes(
-    base: nn.Module, finetuned: nn.Module, captured: set[str], tied: dict[str, str]
+    base: nn.Module,
+    finetuned: nn.Module,
+    captured: set[str],
+    tied: dict[str, str],
+    new: Mapping[str, str],
 ) -> dict:
     """``{"change": ||p_ft - p0||, "relative": change / ||p0|| (None if p0 = 0)}`` of every other
     parameter the fine-tune moved (biases, norms, embeddings, heads); one of another shape (a
     new head with other labels) has change None and both shapes. The weight of a linear layer
-    in ``tied`` (``{module: the parameter its weight is}``) has ``"note": "tied to <other>"``."""
+    in ``tied`` (``{module: the parameter its weight is}``) has ``"note": "tied to <other>"``;
+    the parameters of a module in ``new`` (``{module: "base" | "fine-tuned"}``, newly
+    initialised at loading) have change None and a note naming the checkpoint they lack."""
     tuned = dict(finetuned.named_parameters(remove_duplicate=False))
     changes = {}
     for name, parameter in base.named_parameters(remove_duplicate=False):
-        module_name = name.rsplit(".", 1)[0]
+        module_name = name.rsplit(".", 1)[0] if "." in name else ""
         if name.endswith(".weight") and module_name in captured:
             continue
         other = tuned.get(name)
         if other is None:
+            continue
+        if module_name in new:
+            note = f"not in the {new[module_name]} checkpoint (newly initialised): not extracted"
+            changes[name] = {"change": None, "relative": None, "note": note}
             continue
         if other.shape != parameter.shape:  # e.g. a new classification head: reshaped, not moved
             changes[name] = {"change": None, "relative": None, "shapes": [*parameter.shape]}
@@ -153,6 +171,71 @@ def _target_spec(model: nn.Module, names: list[str]) -> list[str]:
     return sorted(names)
 
 
+def _streamed_factors(
+    base: nn.Module, finetuned: nn.Module, skipped: set[str], rank_and_scale
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[ExtractedLayer]]:
+    """``(factors, layers)`` of every linear update, each ΔW (float64) made, cut to the rank
+    ``rank_and_scale(name, (d, k))`` gives (with its scale s) and dropped before the next one."""
+    factors, layers = {}, []
+    for name, delta in stream_linear_updates(base, finetuned, torch.float64, skipped):
+        rank, scale = rank_and_scale(name, tuple(delta.shape))
+        lora_A, lora_B, error = truncated_factors(delta, rank, scale)
+        factors[name] = (lora_A.float(), lora_B.float())
+        size = functional.lora_parameter_count(delta.shape[0], delta.shape[1], rank)
+        layers.append(ExtractedLayer(name, tuple(delta.shape), rank, error, size))
+        del delta, lora_A, lora_B  # (one float64 ΔW alive at a time)
+    return factors, layers
+
+
+def _fixed_rank(rank: int, alpha: float):
+    """``(name, (d, k)) -> (r, s)`` with r = min(rank, d, k), s = ``functional.scaling(r, alpha)``."""
+
+    def rank_and_scale(name: str, shape: tuple[int, int]) -> tuple[int, float]:
+        layer_rank = min(rank, *shape)
+        return layer_rank, functional.scaling(layer_rank, alpha, False)
+
+    return rank_and_scale
+
+
+def _config_rank(config: LoraConfig):
+    """``(name, (d, k)) -> (r, s)`` as ``config`` gives them (``rank_for``, ``alpha_for``)."""
+
+    def rank_and_scale(name: str, shape: tuple[int, int]) -> tuple[int, float]:
+        layer_rank = config.rank_for(name)
+        return layer_rank, functional.scaling(layer_rank, config.alpha_for(name), config.use_rslora)
+
+    return rank_and_scale
+
+
+def _energy_ranks(
+    base: nn.Module, finetuned: nn.Module, skipped: set[str], energy: float, max_rank: int | None
+) -> dict[str, int]:
+    """First pass with ``energy``: per layer, the smallest r keeping that share of
+    ``||ΔW||_F^2`` (at least 1, capped at ``max_rank`` and min(d, k)), one ΔW at a time."""
+    ranks = {}
+    for name, delta in stream_linear_updates(base, finetuned, torch.float64, skipped):
+        chosen = max(1, energy_rank(torch.linalg.svdvals(delta), energy))
+        ranks[name] = min(chosen, max_rank or chosen, *delta.shape)
+        del delta
+    return ranks
+
+
+def _refuse_nothing_left(base: nn.Module, finetuned: nn.Module, new: Mapping[str, str]) -> None:
+    """``ValueError`` when no linear update is left: the two are not one model
+    (``sources.refuse_incomparable``), only newly initialised layers differ, or none does."""
+    from lorakit.analysis.sources import refuse_incomparable
+
+    refuse_incomparable(base, finetuned)
+    if new:
+        listed = ", ".join(f"{name} (not in the {which} checkpoint)" for name, which in new.items())
+        raise ValueError(
+            "no linear layer differs between the base and the fine-tuned model but those "
+            f"newly initialised at loading, which have no trained ΔW: {listed}; check --task "
+            "and that both directories hold the weights of these layers"
+        )
+    raise ValueError("no linear layer differs between the base and the fine-tuned model")
+
+
 def extract_lora(
     base: nn.Module,
     finetuned: nn.Module,
@@ -162,6 +245,7 @@ def extract_lora(
     max_rank: int | None = None,
     lora_alpha: float | None = None,
     exclude: Iterable[str] = (),
+    newly_initialised: Mapping[str, str] | None = None,
 ) -> Extraction:
     """Extract a LoRA adapter for ``base`` approximating ``finetuned``'s linear-layer updates.
 
@@ -171,46 +255,66 @@ def extract_lora(
     ``exclude``: module names left out (e.g. a new classification head, better saved in full);
     their changes are then listed in ``uncaptured``, as are those of linear layers whose weight
     is tied to another parameter (never given a LoRA, noted "tied to <other>").
-    ``ValueError`` when no linear layer differs, saying so when the two are not one model (no
-    layer name in common, or none of the same shape: ``sources.refuse_incomparable``).
+    ``newly_initialised``: ``{module name: "base" | "fine-tuned"}``, modules whose weights were
+    missing from that checkpoint and randomly initialised at loading; left out and noted.
+    One float64 ΔW is alive at a time (with ``energy``, a first pass of singular values picks
+    the ranks, a second makes the factors). ``ValueError`` when no linear layer differs,
+    saying so when the two are not one model (``sources.refuse_incomparable``) or only newly
+    initialised layers differ.
     """
     if (rank is None) == (energy is None):
         raise ValueError("give exactly one of rank (an integer) or energy (a share in (0, 1])")
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank}")
+    new = dict(newly_initialised or {})
     tied = _tied_linears(base, finetuned)
     # a layer of another shape (a resized head) is skipped here and reported by
-    # _uncaptured_changes (or, when no layer matches, by refuse_incomparable below)
-    deltas = linear_updates(base, finetuned, torch.float64, set(exclude) | set(tied))
-    if not deltas:  # say so, unless the two are not one model (no layer could be compared)
-        from lorakit.analysis.sources import refuse_incomparable
-
-        refuse_incomparable(base, finetuned)
-        raise ValueError("no linear layer differs between the base and the fine-tuned model")
-    ranks = {}
-    for name, delta in deltas.items():
-        chosen = (
-            rank if rank is not None else max(1, energy_rank(torch.linalg.svdvals(delta), energy))
-        )
-        ranks[name] = min(chosen, max_rank or chosen, *delta.shape)
-    common = rank if rank is not None else max(ranks.values())
+    # _uncaptured_changes (or, when no layer matches, by refuse_incomparable)
+    skipped = set(exclude) | set(tied) | set(new)
+    if rank is not None:
+        rank_and_scale = _fixed_rank(rank, float(lora_alpha or rank))
+        factors, layers = _streamed_factors(base, finetuned, skipped, rank_and_scale)
+        ranks = {layer.name: layer.rank for layer in layers}
+        common = rank
+    else:
+        ranks = _energy_ranks(base, finetuned, skipped, energy, max_rank)
+        common = max(ranks.values(), default=1)
+    if not ranks:
+        _refuse_nothing_left(base, finetuned, new)
     config = LoraConfig(
         r=common,
         lora_alpha=float(lora_alpha or common),
-        target_modules=_target_spec(base, list(deltas)),
+        target_modules=_target_spec(base, list(ranks)),
         rank_pattern={name: r for name, r in ranks.items() if r != common},
     )
-    factors, layers = {}, []
-    for name, delta in deltas.items():
-        r = config.rank_for(name)
-        scale = functional.scaling(r, config.alpha_for(name), config.use_rslora)
-        lora_A, lora_B, error = truncated_factors(delta, r, scale)
-        factors[name] = (lora_A.float(), lora_B.float())
-        size = functional.lora_parameter_count(delta.shape[0], delta.shape[1], r)
-        layers.append(ExtractedLayer(name, tuple(delta.shape), r, error, size))
-    dense = sum(d.numel() for d in deltas.values())
-    uncaptured = _uncaptured_changes(base, finetuned, set(deltas), tied)
+    if rank is None:  # (second pass: the ranks the config gives)
+        factors, layers = _streamed_factors(base, finetuned, skipped, _config_rank(config))
+    dense = sum(layer.shape[0] * layer.shape[1] for layer in layers)
+    uncaptured = _uncaptured_changes(base, finetuned, set(ranks), tied, new)
     return Extraction(config, factors, layers, dense, uncaptured)
+
+
+def prefixed(extraction: Extraction, prefix: str, model: nn.Module) -> Extraction:
+    """``extraction`` (made on a body, e.g. a ``BertModel``) for ``model``, which holds that
+    body under ``prefix`` (``bert`` in a ``BertForSequenceClassification``): every module and
+    parameter name gets ``prefix.`` and the targets are chosen as ``model`` selects them.
+    Values are unchanged; ``prefix`` "" gives the names as they are."""
+
+    def rename(name: str) -> str:
+        return f"{prefix}.{name}" if prefix else name
+
+    layers = [dataclasses.replace(layer, name=rename(layer.name)) for layer in extraction.layers]
+    config = extraction.config.replace(
+        target_modules=_target_spec(model, [layer.name for layer in layers]),
+        rank_pattern={rename(name): r for name, r in extraction.config.rank_pattern.items()},
+    )
+    return Extraction(
+        config,
+        {rename(name): factors for name, factors in extraction.factors.items()},
+        layers,
+        extraction.dense_parameters,
+        {rename(name): change for name, change in extraction.uncaptured.items()},
+    )
 
 
 def apply_extraction(

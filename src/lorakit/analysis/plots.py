@@ -79,7 +79,8 @@ def plot_spectra(
     right.set(xscale="log", xlabel="rank r", ylabel="energy share kept", title="cumulative energy")
     for share in (0.9, 0.99):
         right.axhline(share, color="grey", linestyle=":", linewidth=1)
-    left.legend(fontsize=8)
+    if labelled:  # (an all-zero update draws no line: no legend to show)
+        left.legend(fontsize=8)
     return save_figure(figure, path)
 
 
@@ -103,5 +104,6 @@ def plot_effective_ranks(
         right.plot(layers, [entropy_rank(s.singular_values) for s in group], "o-", color=colour)
     left.set(xlabel="layer", ylabel="rank at 90% energy", title=title)
     right.set(xlabel="layer", ylabel="entropy effective rank", title="exp(entropy of σ / Σσ)")
-    left.legend(fontsize=8)
+    if by_type:
+        left.legend(fontsize=8)
     return save_figure(figure, path)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from lorakit.analysis.spectrum import Spectrum
-from lorakit.analysis.updates import ReshapedLayer
+from lorakit.analysis.updates import NewLayer, ReshapedLayer
 
 __all__ = ["RankAdvice", "format_left_out", "format_table", "rank_advice", "spectra_report"]
 
@@ -79,11 +79,11 @@ def spectra_report(
     spectra: Sequence[Spectrum],
     shares: Sequence[float] = (0.9, 0.99),
     max_values: int = 64,
-    left_out: Sequence[ReshapedLayer] = (),
+    left_out: Sequence[ReshapedLayer | NewLayer] = (),
 ) -> dict:
     """JSON-ready report: one entry per layer, plus rank advice per module type per share, and
-    ``left_out``: the layers not analysed and why (``ReshapedLayer.to_dict``; a fine-tune's
-    resized head).
+    ``left_out``: the layers not analysed and why (``ReshapedLayer.to_dict``: a fine-tune's
+    resized head; ``NewLayer.to_dict``: weights newly initialised at loading).
 
     Each layer lists its first ``max_values`` singular values (all with None), with
     ``singular_value_count`` and ``singular_values_truncated`` saying whether that is all of
@@ -97,12 +97,18 @@ def spectra_report(
     }
 
 
-def format_left_out(left_out: Sequence[ReshapedLayer]) -> str:
+def format_left_out(left_out: Sequence[ReshapedLayer | NewLayer]) -> str:
     """One line per layer not analysed and why ("" when none)."""
-    if not left_out:
-        return ""
-    lines = ["left out (another shape in the fine-tuned model, e.g. a resized vocabulary):"]
-    return "\n".join(lines + [f"  {layer.name}: {layer.reason}" for layer in left_out])
+    headers = {
+        ReshapedLayer: "left out (another shape in the fine-tuned model, e.g. a resized vocabulary):",
+        NewLayer: "left out (missing from a checkpoint, so randomly initialised at loading):",
+    }
+    lines = []
+    for kind, header in headers.items():
+        layers = [layer for layer in left_out if isinstance(layer, kind)]
+        if layers:
+            lines += [header, *(f"  {layer.name}: {layer.reason}" for layer in layers)]
+    return "\n".join(lines)
 
 
 def format_table(spectra: Sequence[Spectrum]) -> str:

@@ -16,6 +16,7 @@ from torch import nn
 
 from lorakit.analysis.spectrum import Spectrum, tensor_spectra
 from lorakit.analysis.updates import (
+    NewLayer,
     ReshapedLayer,
     linear_weights,
     reshaped_layers,
@@ -28,6 +29,7 @@ __all__ = [
     "comparable",
     "detect_task",
     "load_model_dir",
+    "load_model_with_new",
     "model_dirs_spectra",
     "model_dirs_update",
     "refuse_incomparable",
@@ -63,8 +65,21 @@ def load_model_dir(
     """A model from a local directory or a lorakit built-in name (``lorakit.models``), offline.
 
     No tokenizer is needed: only the weights are analysed. ``progress=False`` hides
-    transformers' weight-loading bar.
-    """
+    transformers' weight-loading bar. ``load_model_with_new`` also names the modules the
+    checkpoint lacked."""
+    return load_model_with_new(spec, task, dtype, progress)[0]
+
+
+def load_model_with_new(
+    spec: str | os.PathLike[str],
+    task: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> tuple[nn.Module, set[str]]:
+    """``(model, newly initialised)``: the model of ``load_model_dir`` and the names of its
+    modules holding a parameter missing from the checkpoint, which transformers initialised
+    at random (a causal LM's checkpoint loaded for sequence classification: ``score``; a
+    checkpoint without a pooler: ``pooler.dense``). Their weights are noise, not training."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from lorakit.models import loading_errors, resolve_model, transformers_progress_bars
@@ -77,7 +92,11 @@ def load_model_dir(
         None: AutoModel,
     }[task]
     with transformers_progress_bars(progress), loading_errors(directory):
-        return loader.from_pretrained(directory, dtype=dtype, local_files_only=True).eval()
+        model, info = loader.from_pretrained(
+            directory, dtype=dtype, local_files_only=True, output_loading_info=True
+        )
+    missing = info.get("missing_keys") or ()
+    return model.eval(), {key.rsplit(".", 1)[0] if "." in key else "" for key in missing}
 
 
 def adapter_dir_spectra(directory: str | os.PathLike[str]) -> list[Spectrum]:
@@ -112,25 +131,29 @@ def model_dirs_update(
     finetuned: str | os.PathLike[str],
     task: str | None = None,
     progress: bool = True,
-) -> tuple[list[Spectrum], list[ReshapedLayer]]:
-    """``(spectra, left out)``: the spectra of ``model_dirs_spectra`` and the linear layers of
-    another shape in the fine-tuned model (a resized vocabulary's head), which have no
-    ``W_ft - W0``. ``UserError`` when no layer can be compared or none differs."""
-    pair = comparable(
-        load_model_dir(base, task, progress=progress),
-        load_model_dir(finetuned, task, progress=progress),
-    )
+) -> tuple[list[Spectrum], list[ReshapedLayer | NewLayer]]:
+    """``(spectra, left out)``: the spectra of ``model_dirs_spectra`` and the linear layers
+    without a trained ``W_ft - W0``: those of another shape in the fine-tuned model (a resized
+    vocabulary's head) and those newly initialised at loading (``NewLayer``: missing from
+    either checkpoint). ``UserError`` when no layer can be compared or none differs."""
+    from lorakit.analysis.pairs import load_pair
+
+    pair = load_pair(base, finetuned, task, progress)
+    models = (pair.base, pair.finetuned)
+    linear = {name for model in models for name, _ in linear_weights(model)}
+    new = [NewLayer(n, which) for n, which in pair.newly_initialised.items() if n in linear]
     try:
-        spectra = update_spectra(*pair)
+        spectra = update_spectra(*models, exclude=pair.newly_initialised)
         if not spectra:  # nothing differs, or nothing could be compared: say which
-            refuse_incomparable(*pair)
+            refuse_incomparable(*models)
     except ValueError as error:  # every shared layer of another shape, or no layer in common
         raise UserError(str(error)) from None
-    left_out = reshaped_layers(*pair)
+    reshaped = reshaped_layers(*models)
     if not spectra:
-        reshaped = "".join(f"; {layer.name} has another shape" for layer in left_out)
-        raise UserError(f"no linear layer differs between {base} and {finetuned}{reshaped}")
-    return spectra, left_out
+        reasons = "".join(f"; {layer.name} has another shape" for layer in reshaped)
+        reasons += "".join(f"; {layer.name}: {layer.reason}" for layer in new)
+        raise UserError(f"no linear layer differs between {base} and {finetuned}{reasons}")
+    return spectra, [*reshaped, *new]
 
 
 def refuse_incomparable(base: nn.Module, finetuned: nn.Module) -> None:

@@ -4,7 +4,9 @@ A layer counts when both models have it (by module name) with one shape; each we
 (d, k) (transformers' ``Conv1D`` stores (k, d)). A layer of another shape in the fine-tuned model
 (a resized vocabulary's head, a new classification head) has no ``ΔW``: it is left out and named
 (``reshaped_layers``), unless no shared layer has its shape, which means the two are not one
-model. ``linear_updates`` feeds both the spectra (``update_spectra``) and ``extract_lora``.
+model. ``stream_linear_updates`` feeds both the spectra (``update_spectra``) and
+``extract_lora`` one layer at a time; a layer newly initialised at loading (missing from its
+checkpoint) is left out by the caller (``NewLayer``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from torch import nn
 
 from lorakit.analysis.spectrum import Spectrum, refuse_non_finite, spectrum_of_matrix
 
-__all__ = ["ReshapedLayer", "linear_updates", "linear_weights", "reshaped_layers", "update_spectra"]
+__all__ = [
+    "NewLayer",
+    "ReshapedLayer",
+    "linear_updates",
+    "linear_weights",
+    "reshaped_layers",
+    "stream_linear_updates",
+    "update_spectra",
+]
 
 SharedLinear = tuple[str, torch.Tensor, torch.Tensor]  # (name, W0, W_ft), each (d, k)
 
@@ -64,6 +74,24 @@ class ReshapedLayer:
         )
 
 
+@dataclass(frozen=True)
+class NewLayer:
+    """A layer whose weights were missing from a checkpoint (``checkpoint``: ``"base"`` or
+    ``"fine-tuned"``) and randomly initialised when it loaded (a causal LM's checkpoint loaded
+    for sequence classification has no ``score``): ``W_ft - W0`` would be a trained weight
+    minus noise, different at every run, so the layer is left out and named in reports."""
+
+    name: str
+    checkpoint: str
+
+    @property
+    def reason(self) -> str:
+        return f"not in the {self.checkpoint} checkpoint (newly initialised): not analysed"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "checkpoint": self.checkpoint, "reason": self.reason}
+
+
 def _shared_linears(
     base: nn.Module, finetuned: nn.Module, names: Iterable[str] | None
 ) -> list[SharedLinear]:
@@ -100,6 +128,7 @@ def _updates(
         delta = tuned.detach().to(dtype) - weight.detach().to(dtype)
         if torch.any(delta):
             yield name, delta
+        del delta  # (before the next one is made: one alive at a time)
 
 
 def reshaped_layers(
@@ -119,7 +148,18 @@ def linear_updates(
     that the fine-tune changed, but those in ``exclude``, in the base's module order; a layer of
     another shape is skipped (``reshaped_layers`` names it). ``ValueError`` naming a layer
     holding NaN / inf."""
-    return dict(_updates(_shared_linears(base, finetuned, None), dtype, exclude))
+    return dict(stream_linear_updates(base, finetuned, dtype, exclude))
+
+
+def stream_linear_updates(
+    base: nn.Module,
+    finetuned: nn.Module,
+    dtype: torch.dtype = torch.float64,
+    exclude: Iterable[str] = (),
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, W_ft - W0)`` (d, k) as ``linear_updates`` has them, made one at a time: a
+    caller that drops each before asking for the next holds one layer's update at most."""
+    return _updates(_shared_linears(base, finetuned, None), dtype, exclude)
 
 
 def update_spectra(
@@ -127,11 +167,13 @@ def update_spectra(
     finetuned: nn.Module,
     dtype: torch.dtype = torch.float64,
     names: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
 ) -> list[Spectrum]:
     """Spectra of ``ΔW = W_ft - W0`` for every linear layer present in both models.
 
     Layers whose weights are identical (untouched by fine-tuning) are skipped; ``names``
-    restricts the analysis to those modules. A layer of another shape beside layers that match
+    restricts the analysis to those modules and ``exclude`` leaves those out (layers newly
+    initialised at loading). A layer of another shape beside layers that match
     (a resized head) is skipped too: ``reshaped_layers`` names them. ``ValueError`` naming the
     first layer when every shared layer has another shape (not the same model), or naming a
     layer holding NaN / inf.
@@ -140,4 +182,8 @@ def update_spectra(
     reshaped = _reshaped(shared)
     if reshaped and len(reshaped) == len(shared):
         raise reshaped[0].error()
-    return [spectrum_of_matrix(name, delta, dtype) for name, delta in _updates(shared, dtype, ())]
+    spectra = []
+    for name, delta in _updates(shared, dtype, exclude):
+        spectra.append(spectrum_of_matrix(name, delta, dtype))
+        del delta  # (one update alive at a time)
+    return spectra

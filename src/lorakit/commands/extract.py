@@ -123,12 +123,16 @@ def _print_report(extraction) -> None:
             f"not captured by LoRA (changed outside linear weights): {names}"
             + (f" and {more} more" if more > 0 else "")
         )
-    tied = {n: c["note"] for n, c in extraction.uncaptured.items() if "note" in c}
+    notes = {n: c["note"] for n, c in extraction.uncaptured.items() if "note" in c}
+    tied = {n: note for n, note in notes.items() if note.startswith("tied to ")}
     if tied:
         print(
             "left out (a LoRA on a tied weight would change what it is tied to when merged): "
             + ", ".join(f"{name} ({note})" for name, note in tied.items())
         )
+    for name, note in notes.items():  # a new head, weights newly initialised at loading
+        if name not in tied:
+            print(f"left out: {name}: {note}")
 
 
 def _is_causal_lm(model) -> bool:
@@ -139,25 +143,32 @@ def _is_causal_lm(model) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
-    from lorakit.analysis.extract import apply_extraction, extract_lora
-    from lorakit.analysis.sources import comparable, load_model_dir
+    from lorakit.analysis.extract import apply_extraction, extract_lora, prefixed
+    from lorakit.analysis.pairs import base_with_finetuned_head, load_pair, new_head_parameters
     from lorakit.io import save_adapter
 
-    base, finetuned = comparable(  # (a base BertModel, a BertForSequenceClassification)
-        load_model_dir(args.base, args.task, progress=False),
-        load_model_dir(args.finetuned, args.task, progress=False),
-    )
+    # (a base BertModel and a BertForSequenceClassification: their bodies are compared)
+    pair = load_pair(args.base, args.finetuned, args.task, progress=False)
     try:
         extraction = extract_lora(
-            base, finetuned, rank=args.rank, energy=args.energy, max_rank=args.max_rank
+            pair.base,
+            pair.finetuned,
+            rank=args.rank,
+            energy=args.energy,
+            max_rank=args.max_rank,
+            newly_initialised=pair.newly_initialised,
         )
     except ValueError as error:
         raise UserError(f"extract: {error}") from error
+    # saved against a model of the fine-tune's class: the base's body, the fine-tune's head
+    model = base_with_finetuned_head(pair)
+    extraction = prefixed(extraction, pair.prefix, model)
+    extraction.uncaptured |= new_head_parameters(pair)
     extraction.config.base_model_name_or_path = str(args.base)  # the spec as given
-    if _is_causal_lm(base):  # what peft's AutoPeftModelForCausalLM needs to open it
+    if _is_causal_lm(model):  # what peft's AutoPeftModelForCausalLM needs to open it
         extraction.config.task_type = "CAUSAL_LM"
-    del finetuned
-    model = apply_extraction(base, extraction)
+    del pair
+    model = apply_extraction(model, extraction)
     with removed_if_left_empty(args.output):
         directory = save_adapter(model, args.output)
     if args.json:
