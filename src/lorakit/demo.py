@@ -181,7 +181,6 @@ def _base_parameter_count(model) -> int:
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
     """Run the whole demo; returns the summary (also written to ``<output>/summary.json``)."""
-    import lorakit
     from lorakit.io import save_adapter
     from lorakit.models import load_model
 
@@ -202,11 +201,9 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     _say(f"accuracy after {'DoRA' if settings.use_dora else 'LoRA'} fine-tuning: {after:.1%}")
     adapter_dir = save_adapter(model, output / "adapter")
     sizes = _sizes(settings, adapter_dir, base_parameters)
-    model = lorakit.merge_and_unload(model)
-    merged, merged_predictions, merged_log_probs = _accuracy(model, tokenizer, held_out, settings)
-    agree = sum(a == b for a, b in zip(predictions, merged_predictions, strict=True))
-    max_difference = float((merged_log_probs - log_probs).abs().max())
-    near_ties = _near_ties(log_probs, predictions, merged_predictions, max_difference)
+    merged_predictions, merged_fields = _merge_and_compare(
+        model, tokenizer, held_out, settings, predictions, log_probs
+    )
     _write_predictions(
         output / "predictions.jsonl",
         held_out,
@@ -221,10 +218,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         "zero_shot_accuracy": before,
         "fine_tuned_accuracy": after,
         "accuracy_gain_points": 100.0 * (after - before),
-        "merged_accuracy": merged,
-        "merged_predictions_agree": agree,
-        "merged_max_abs_logprob_difference": max_difference,
-        "merged_disagreements_at_near_ties": near_ties,
+        **merged_fields,
         "trainable_parameters": counts.trainable,
         "base_parameters": base_parameters,
         **sizes,
@@ -236,12 +230,40 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         "loss_curve": str(result.loss_curve),
         "seconds": round(time.perf_counter() - started, 1),
     }
+    _write_summary(output, summary)
+    _check_merged_agrees(summary, output)
+    return summary
+
+
+def _merge_and_compare(
+    model, tokenizer, held_out, settings: DemoSettings, predictions: list[int], log_probs
+) -> tuple[list[int], dict[str, Any]]:
+    """Merge the adapter into ``model`` (``merge_and_unload``) and score the merged model on
+    ``held_out`` against the adapter model's ``predictions`` and ``log_probs`` ((N, choices)):
+    returns its predictions and the summary's ``merged_*`` fields (accuracy, agreements,
+    ``max |log p_merged - log p_adapter|``, disagreements at near ties)."""
+    import lorakit
+
+    model = lorakit.merge_and_unload(model)
+    merged, merged_predictions, merged_log_probs = _accuracy(model, tokenizer, held_out, settings)
+    agree = sum(a == b for a, b in zip(predictions, merged_predictions, strict=True))
+    max_difference = float((merged_log_probs - log_probs).abs().max())
+    near_ties = _near_ties(log_probs, predictions, merged_predictions, max_difference)
+    return merged_predictions, {
+        "merged_accuracy": merged,
+        "merged_predictions_agree": agree,
+        "merged_max_abs_logprob_difference": max_difference,
+        "merged_disagreements_at_near_ties": near_ties,
+    }
+
+
+def _write_summary(output: Path, summary: dict[str, Any]) -> None:
+    """Write ``summary`` as ``<output>/summary.json`` and, readable, ``<output>/summary.txt``,
+    and print the readable lines."""
     write_text(output / "summary.json", json.dumps(summary, indent=2) + "\n")
     lines = summary_lines(summary)
     write_text(output / "summary.txt", "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
-    _check_merged_agrees(summary, output)
-    return summary
 
 
 DEMO_MARKER = "demo_run.txt"

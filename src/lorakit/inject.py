@@ -163,18 +163,12 @@ def add_adapter_to_modules(
     )
     first = state_of(model) is None
     before = {**current, **{name: model.get_submodule(name) for name in [*saved_names, *tokens]}}
-    rewrites: list[BaseRewrite] = []  # PiSSA / OLoRA / LoftQ: W_res planned, written last
     try:  # what can still fail (an init's SVD, memory) undoes every change: all or nothing
         layers = wrap_targets(model, targets, modules=current)
         layers |= wrap_parameter_targets(model, parameter_targets)
-        factors = factors or {}
-        for name, layer in layers.items():
-            pattern_name = parameter_targets.get(name, name)  # rank_pattern sees parameter paths
-            values = factors.get(name)
-            rewrite = _add_to_layer(
-                layer, config, adapter_name, pattern_name, init, adapter_dtype, values
-            )
-            rewrites += [rewrite] if rewrite else []
+        rewrites = _add_to_layers(  # PiSSA / OLoRA / LoftQ: W_res planned, written last
+            layers, config, adapter_name, init, adapter_dtype, factors or {}, parameter_targets
+        )
         add_to_wrappers(model, adapter_name, saved_names, tokens, init)
     except BaseException:
         _undo_adapter(model, adapter_name, before, first)
@@ -185,13 +179,51 @@ def add_adapter_to_modules(
         except BaseException:
             _undo_adapter(model, adapter_name, before, first)
             raise
-        state = state_of(model)
-        state.configs[adapter_name] = config
-        if activate or len(state.configs) == 1:
-            set_active(model, [adapter_name])
-        if config.inference_mode or not (activate or len(state.configs) == 1):
-            # inference_mode (PEFT's) or a new inactive adapter: its tensors frozen, no more
-            freeze_adapter(model, adapter_name, [*layers, *saved_names, *tokens])
+        _register_adapter(model, config, adapter_name, activate, [*layers, *saved_names, *tokens])
+
+
+def _add_to_layers(
+    layers: Mapping[str, LoraLayer],
+    config: LoraConfig,
+    adapter_name: str,
+    init: bool | str | None,
+    adapter_dtype: torch.dtype | None,
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    parameter_targets: Mapping[str, str],
+) -> list[BaseRewrite]:
+    """Add the adapter to every wrapped layer in ``layers`` (``{path: layer}``) with
+    ``_add_to_layer``: ``factors[path] = (A, B)`` where given, rank and alpha from the patterns
+    matched against the parameter path for a bare parameter (``parameter_targets``), else the
+    layer path. Returns the base rewrites to ``W_res`` planned (PiSSA / OLoRA / LoftQ), not
+    yet written."""
+    rewrites: list[BaseRewrite] = []
+    for name, layer in layers.items():
+        pattern_name = parameter_targets.get(name, name)  # rank_pattern sees parameter paths
+        values = factors.get(name)
+        rewrite = _add_to_layer(
+            layer, config, adapter_name, pattern_name, init, adapter_dtype, values
+        )
+        rewrites += [rewrite] if rewrite else []
+    return rewrites
+
+
+def _register_adapter(
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_name: str,
+    activate: bool,
+    module_names: list[str],
+) -> None:
+    """Record the added adapter's ``config`` in the model's state; make it the active adapter
+    when ``activate`` or when it is the model's only one; freeze its tensors in
+    ``module_names`` when it stays inactive or ``config.inference_mode`` (PEFT's)."""
+    state = state_of(model)
+    state.configs[adapter_name] = config
+    if activate or len(state.configs) == 1:
+        set_active(model, [adapter_name])
+    if config.inference_mode or not (activate or len(state.configs) == 1):
+        # inference_mode (PEFT's) or a new inactive adapter: its tensors frozen, no more
+        freeze_adapter(model, adapter_name, module_names)
 
 
 def _add_to_layer(

@@ -123,27 +123,14 @@ def merge_and_unload(
     layer copy gets its own tensors (the untargeted ones cloned), so it can be saved."""
     model = adapter_model(model)  # lorakit's PeftModel: the model inside it
     names = _chosen(model, adapter_names)
-    if float_dtype is not None and not (
-        isinstance(float_dtype, torch.dtype) and float_dtype.is_floating_point
-    ):
-        raise ValueError(
-            f"float_dtype={float_dtype!r} is not a floating-point torch dtype; pass e.g. "
-            "torch.bfloat16, or leave it out to keep the model's own dtype. Nothing was changed."
-        )
-    found_quantized = False
-    for name, module in model.named_modules():  # before any change (e.g. one bnb repacked)
-        if quantized.is_quantized(module):
-            quantized.check_supported(module, name)
-            found_quantized = True
+    _check_float_dtype(float_dtype)
+    found_quantized = _check_quantized_layers(model)  # before any change (e.g. one bnb repacked)
     own_dtype = model_float_dtype(model) if found_quantized and float_dtype is None else None
     linear_dtype = float_dtype or own_dtype or torch.float32  # (used by quantized layers only)
     tied = {key for key, names in parameter_holders(model).items() if len(names) > 1}
     output_quantized = _output_layer_quantized(model)
     merge(model, names)
-    untied = False
-    for name, layer in reversed(list(lora_layers(model))):  # nested layers before outer ones
-        untied |= bool(layer.merged_adapters) and id(layer.original_weight) in tied
-        replace_module(model, name, layer.unloaded_module(linear_dtype))
+    untied = _unload_lora_layers(model, tied, linear_dtype)
     untied |= _unload_saved_modules(model, names, tied)
     config = getattr(model, "config", None)
     if (untied or output_quantized) and hasattr(config, "tie_word_embeddings"):
@@ -156,6 +143,40 @@ def merge_and_unload(
         _cast_floats(model, float_dtype)
     forget_state(model)
     return model
+
+
+def _check_float_dtype(float_dtype: torch.dtype | None) -> None:
+    """Refuse a ``float_dtype`` that is given but not a floating-point ``torch.dtype``
+    (``ValueError``), before the model is changed."""
+    if float_dtype is not None and not (
+        isinstance(float_dtype, torch.dtype) and float_dtype.is_floating_point
+    ):
+        raise ValueError(
+            f"float_dtype={float_dtype!r} is not a floating-point torch dtype; pass e.g. "
+            "torch.bfloat16, or leave it out to keep the model's own dtype. Nothing was changed."
+        )
+
+
+def _check_quantized_layers(model: nn.Module) -> bool:
+    """Whether ``model`` holds quantized layers (``lorakit.quantized``), each checked to be one
+    ``merge_and_unload`` can dequantize (``quantized.check_supported`` raises otherwise)."""
+    found_quantized = False
+    for name, module in model.named_modules():
+        if quantized.is_quantized(module):
+            quantized.check_supported(module, name)
+            found_quantized = True
+    return found_quantized
+
+
+def _unload_lora_layers(model: nn.Module, tied: set[int], linear_dtype: torch.dtype) -> bool:
+    """Replace every LoRA layer by its base module, merged adapters folded in (``W0 + s B A``;
+    a quantized base as a ``linear_dtype`` linear). ``tied``: ids of tensors held under several
+    names; returns whether a merged layer's base weight was one of them (now untied)."""
+    untied = False
+    for name, layer in reversed(list(lora_layers(model))):  # nested layers before outer ones
+        untied |= bool(layer.merged_adapters) and id(layer.original_weight) in tied
+        replace_module(model, name, layer.unloaded_module(linear_dtype))
+    return untied
 
 
 def _unload_saved_modules(model: nn.Module, names: Sequence[str], tied: set[int]) -> bool:

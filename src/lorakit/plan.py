@@ -239,21 +239,13 @@ def plan(
     sequences of ``seq_len`` tokens (default 2048, or the model's maximum when shorter) per
     device, with LoRA dropout ``lora_dropout``, give the activations (``lorakit.activations``).
     """
-    if devices < 1 or strategy not in ("ddp", "fsdp"):
-        raise UserError(
-            f"--devices must be >= 1 and --strategy ddp or fsdp (got {devices}, {strategy!r})"
-        )
-    if batch_size < 1 or (seq_len is not None and seq_len < 1):
-        raise UserError(f"--batch-size and --seq-len must be >= 1 (got {batch_size}, {seq_len})")
+    _check_run_shape(devices, strategy, batch_size, seq_len)
     meta_model, dtype_name = build_meta_model(model, dtype)
     config = _lora_config(r, lora_alpha, target_modules, lora_dropout, _task_type(meta_model))
     base_parameters = count_parameters(meta_model).total
     quantized_weights = _quantized_weights(meta_model, quantization)
     _check_shardable(strategy, devices, quantization)
-    try:  # dropout cannot draw on meta: its masks are counted by rule
-        inject(meta_model, dataclasses.replace(config, lora_dropout=0.0))
-    except (ValueError, TypeError) as error:  # TypeError: a module lorakit cannot adapt
-        raise UserError(str(error)) from None
+    _inject_on_meta(meta_model, config)
     counts = count_parameters(meta_model)
     _check_positions(meta_model, seq_len)
     activations, activations_error = _activations(meta_model, batch_size, seq_len, lora_dropout)
@@ -275,6 +267,26 @@ def plan(
         activations_error=activations_error,
         **_fsdp_units(meta_model),
     )
+
+
+def _check_run_shape(devices: int, strategy: str, batch_size: int, seq_len: int | None) -> None:
+    """Refuse a device count below 1, a strategy other than "ddp" / "fsdp", and a batch size or
+    sequence length below 1 (``UserError``, in the CLI's option names)."""
+    if devices < 1 or strategy not in ("ddp", "fsdp"):
+        raise UserError(
+            f"--devices must be >= 1 and --strategy ddp or fsdp (got {devices}, {strategy!r})"
+        )
+    if batch_size < 1 or (seq_len is not None and seq_len < 1):
+        raise UserError(f"--batch-size and --seq-len must be >= 1 (got {batch_size}, {seq_len})")
+
+
+def _inject_on_meta(meta_model: nn.Module, config: LoraConfig) -> None:
+    """Inject ``config`` into ``meta_model`` without dropout modules (their masks are counted by
+    rule); a target lorakit cannot adapt is a ``UserError``."""
+    try:  # dropout cannot draw on meta: its masks are counted by rule
+        inject(meta_model, dataclasses.replace(config, lora_dropout=0.0))
+    except (ValueError, TypeError) as error:  # TypeError: a module lorakit cannot adapt
+        raise UserError(str(error)) from None
 
 
 def _check_shardable(strategy: str, devices: int, quantization: str | None) -> None:

@@ -211,6 +211,24 @@ def _output_config(sources: Sequence[AdapterUpdates], ranks: dict[str, int]) -> 
     )
 
 
+def _module_factors(
+    result: CombinedAdapter, name: str, parts, method, density, majority_sign_method, seed
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(A (r, k), B (d, r), energy kept)`` of module ``name`` combined from ``parts``
+    (``[(adapter, weight, factors)]``), with ``s B A`` at ``result``'s scale ``s`` for it:
+    ``cat`` stacks the factors exactly (energy 1); the other methods merge the weighted
+    ``ΔWᵢ`` and cut the result to ``result.config``'s rank by SVD (energy ``1 - error²``)."""
+    scale = result.scale_for(name)
+    if method == "cat":
+        lora_A, lora_B = _cat_factors(parts, scale)
+        return lora_A, lora_B, 1.0
+    from lorakit.analysis.extract import truncated_factors
+
+    delta = _merged_delta(name, parts, method, density, majority_sign_method, seed)
+    lora_A, lora_B, error = truncated_factors(delta, result.config.rank_for(name), scale)
+    return lora_A, lora_B, 1.0 - error**2
+
+
 def _cat_factors(parts, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``A = [A₁; …]``, ``B = [(wᵢ sᵢ / s) Bᵢ, …]`` in float64 (see the module docstring)."""
     lora_A = torch.cat([f.lora_A.double() for _, _, f in parts], dim=0)  # (Σr, k)
@@ -287,16 +305,9 @@ def combine(
     config = _output_config(sources, _module_ranks(contributions, method, rank))
     result = CombinedAdapter(config, {}, frozenset(), {}, [], method)
     for name, parts in contributions.items():
-        scale = result.scale_for(name)
-        if method == "cat":
-            lora_A, lora_B = _cat_factors(parts, scale)
-            energy = 1.0
-        else:
-            from lorakit.analysis.extract import truncated_factors
-
-            delta = _merged_delta(name, parts, method, density, majority_sign_method, seed)
-            lora_A, lora_B, error = truncated_factors(delta, config.rank_for(name), scale)
-            energy = 1.0 - error**2
+        lora_A, lora_B, energy = _module_factors(
+            result, name, parts, method, density, majority_sign_method, seed
+        )
         result.factors[name] = (lora_A.float(), lora_B.float())
         labels = [source.label for source, _, _ in parts]
         result.modules.append(ModuleReport(name, config.rank_for(name), energy, labels))

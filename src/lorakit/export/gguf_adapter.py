@@ -99,30 +99,12 @@ def export_adapter(
         adapter_directory, "exporting it as a GGUF LoRA for the original model"
     )
     adapter.require_finite()
-    if adapter.config.layer_replication:
-        raise UserError(
-            f"adapter {adapter.directory} adapts replicated layers (layer_replication="
-            f"{adapter.config.layer_replication!r}), which a GGUF model does not have. Merge it "
-            "into a full GGUF model instead."
-        )
-    if adapter.config.target_parameters:
-        raise UserError(
-            f"adapter {adapter.directory} adapts bare parameters (target_parameters="
-            f"{adapter.config.target_parameters!r}); llama.cpp's LoRA format holds pairs for "
-            f"named weight matrices only. {_merge_advice(model, adapter.directory)}"
-        )
+    _refuse_unmapped_layout(adapter, model)
     layout = gguf_layout(model.config)
     check_head_size(model.config)  # llama.cpp could not load the base this adapter is for
     pairs, unsupported = _split_tensors(adapter, layout, model, base_name)
     if unsupported and not drop_unsupported:
-        listed = "; ".join(unsupported[:4]) + (
-            f" ... ({len(unsupported)} in all)" * (len(unsupported) > 4)
-        )
-        raise UserError(
-            f"adapter {adapter.directory} holds what llama.cpp's LoRA format cannot carry: "
-            f"{listed}. Export without them with --drop-unsupported (drop_unsupported=True), "
-            "or merge the adapter into a full GGUF model (lorakit export MODEL --adapter DIR)."
-        )
+        _refuse_unsupported(adapter.directory, unsupported)
     if not pairs:
         raise UserError(f"adapter {adapter.directory}: no LoRA pair is left to export")
     file_alpha, tensors = _llama_cpp_tensors(pairs, adapter.config, layout, tensor_type)
@@ -139,6 +121,36 @@ def export_adapter(
     path = write_gguf(output, layout.arch, fill)
     modules = {module: pair[0] for module, pair in pairs.items()}
     return AdapterExport(path, layout.arch, float(file_alpha), modules, unsupported)
+
+
+def _refuse_unmapped_layout(adapter, model: nn.Module) -> None:
+    """Refuse (``UserError``) an adapter whose modules have no GGUF LoRA tensor to become:
+    replicated layers (``layer_replication``) or bare parameters (``target_parameters``)."""
+    if adapter.config.layer_replication:
+        raise UserError(
+            f"adapter {adapter.directory} adapts replicated layers (layer_replication="
+            f"{adapter.config.layer_replication!r}), which a GGUF model does not have. Merge it "
+            "into a full GGUF model instead."
+        )
+    if adapter.config.target_parameters:
+        raise UserError(
+            f"adapter {adapter.directory} adapts bare parameters (target_parameters="
+            f"{adapter.config.target_parameters!r}); llama.cpp's LoRA format holds pairs for "
+            f"named weight matrices only. {_merge_advice(model, adapter.directory)}"
+        )
+
+
+def _refuse_unsupported(directory: Path, unsupported: list[str]) -> None:
+    """Raise the ``UserError`` listing (the first four of) ``unsupported``: what the adapter
+    holds that llama.cpp's LoRA format cannot carry, each with why."""
+    listed = "; ".join(unsupported[:4]) + (
+        f" ... ({len(unsupported)} in all)" * (len(unsupported) > 4)
+    )
+    raise UserError(
+        f"adapter {directory} holds what llama.cpp's LoRA format cannot carry: "
+        f"{listed}. Export without them with --drop-unsupported (drop_unsupported=True), "
+        "or merge the adapter into a full GGUF model (lorakit export MODEL --adapter DIR)."
+    )
 
 
 def _llama_cpp_tensors(pairs, config, layout: GgufLayout, tensor_type: str):

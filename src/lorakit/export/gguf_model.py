@@ -74,22 +74,7 @@ def export_model(
     check_head_size(config)
     _refuse_rope_scaling(config)
     tensors = model_tensors(model, layout, tensor_type)
-    from lorakit.export import gguf_tokenizer
-
-    if tokenizer_gguf is not None and pre_tokenizer is not None:
-        raise UserError(
-            f"pre_tokenizer {pre_tokenizer!r} (--gguf-pre) names the pre-tokenizer of a derived "
-            f"tokenizer, but the tokenizer keys are copied exactly from {tokenizer_gguf}: leave "
-            "it out"
-        )
-    if tokenizer_gguf is not None:
-        vocabulary = gguf_tokenizer.copied_keys(tokenizer_gguf)
-    elif tokenizer is not None:
-        vocabulary = gguf_tokenizer.tokenizer_keys(
-            tokenizer, config.vocab_size, pre_tokenizer=pre_tokenizer
-        )
-    else:
-        vocabulary = []
+    vocabulary = _vocabulary_keys(config, tokenizer, tokenizer_gguf, pre_tokenizer)
 
     def fill(writer) -> None:
         import gguf
@@ -106,6 +91,33 @@ def export_model(
             writer.add_tensor(tensor_name, data, raw_dtype=qtype)
 
     return write_gguf(output, layout.arch, fill)
+
+
+def _vocabulary_keys(
+    config,
+    tokenizer,
+    tokenizer_gguf: str | os.PathLike[str] | None,
+    pre_tokenizer: str | None,
+) -> list[tuple]:
+    """The ``tokenizer.*`` keys to write, as ``(key, value, value_type, sub_type)``: copied
+    from ``tokenizer_gguf``, else described from ``tokenizer`` (``config.vocab_size`` tokens,
+    ``pre_tokenizer`` overriding the one read from it), else none. ``pre_tokenizer`` with
+    ``tokenizer_gguf`` is a ``UserError`` (copied keys are exact)."""
+    from lorakit.export import gguf_tokenizer
+
+    if tokenizer_gguf is not None and pre_tokenizer is not None:
+        raise UserError(
+            f"pre_tokenizer {pre_tokenizer!r} (--gguf-pre) names the pre-tokenizer of a derived "
+            f"tokenizer, but the tokenizer keys are copied exactly from {tokenizer_gguf}: leave "
+            "it out"
+        )
+    if tokenizer_gguf is not None:
+        return gguf_tokenizer.copied_keys(tokenizer_gguf)
+    if tokenizer is not None:
+        return gguf_tokenizer.tokenizer_keys(
+            tokenizer, config.vocab_size, pre_tokenizer=pre_tokenizer
+        )
+    return []
 
 
 def _refuse_rope_scaling(config) -> None:

@@ -249,6 +249,42 @@ def _has_tensors_for(adapter: AdapterHeader, entry: str) -> bool:
     return any(key_names_module(key, entry) for key in adapter.tensors)
 
 
+def _lora_factors(
+    adapter: AdapterFile, to_load: _LoadTargets
+) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module: {"lora_A": A (r, k), "lora_B": B (d, r)}}``: the file's LoRA factors of the
+    modules to load (the tensors themselves, not copies)."""
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for entry in to_load.tensors:
+        if entry.role in ("lora_A", "lora_B"):
+            factors.setdefault(entry.module, {})[entry.role] = adapter.tensors[entry.key]
+    return factors
+
+
+def _copy_other_tensors(
+    model: nn.Module,
+    adapter: AdapterFile,
+    to_load: _LoadTargets,
+    adapter_name: str,
+    base_backup: list[tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    """Copy every tensor of the file but the LoRA factors into the injected adapter (cast to
+    the target's dtype); base tensors (biases, base weights) are the unmerged ones, each backed
+    up first in ``base_backup`` as ``(tensor, old value)``, so a failure part-way can put them
+    back. Saved-module and token copies train only when the adapter is active."""
+    trainable = adapter_name in active_adapters(model)
+    with torch.no_grad():
+        for entry in to_load.tensors:
+            if entry.role in ("lora_A", "lora_B"):
+                continue
+            target = model_tensor(model, entry, adapter_name)  # a base: the unmerged one
+            if entry.role in ("bias", "base_weight"):
+                base_backup.append((target, target.detach().clone()))
+            target.copy_(adapter.tensors[entry.key].to(target.dtype))
+            if entry.role in ("saved", "tokens"):
+                target.requires_grad_(trainable)
+
+
 def _apply(
     model: nn.Module,
     adapter: AdapterFile,
@@ -264,10 +300,7 @@ def _apply(
     wrapped_before = {id(m) for m in current.values() if isinstance(m, (LoraLayer, ModulesToSave))}
     base_backup: list[tuple[torch.Tensor, torch.Tensor]] = []  # (base tensor, its old value)
     remerge: list[tuple[LoraLayer, tuple[str, ...]]] = []  # (merged layer, its merged adapters)
-    factors: dict[str, dict[str, torch.Tensor]] = {}  # module -> {"lora_A": A, "lora_B": B}
-    for entry in to_load.tensors:
-        if entry.role in ("lora_A", "lora_B"):
-            factors.setdefault(entry.module, {})[entry.role] = adapter.tensors[entry.key]
+    factors = _lora_factors(adapter, to_load)
     try:
         add_adapter_to_modules(
             model,
@@ -283,17 +316,7 @@ def _apply(
             init=None,  # every other adapter tensor is copied from the file below
         )
         rewrites = _plan_redo(model, to_load, adapter_name)
-        trainable = adapter_name in active_adapters(model)
-        with torch.no_grad():
-            for entry in to_load.tensors:
-                if entry.role in ("lora_A", "lora_B"):
-                    continue
-                target = model_tensor(model, entry, adapter_name)  # a base: the unmerged one
-                if entry.role in ("bias", "base_weight"):
-                    base_backup.append((target, target.detach().clone()))
-                target.copy_(adapter.tensors[entry.key].to(target.dtype))
-                if entry.role in ("saved", "tokens"):
-                    target.requires_grad_(trainable)
+        _copy_other_tensors(model, adapter, to_load, adapter_name, base_backup)
         remerge = _merged_over(model, [target for target, _ in base_backup])
         _merge_again(remerge)  # their merged weights, from the base tensors the file brought
     except BaseException:

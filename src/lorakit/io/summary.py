@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -176,18 +177,27 @@ def _common_experts(config, owner: str, names: tuple[str, ...], rows: list[int])
     return len(experts) == 1
 
 
-def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> dict[str, Any]:
-    """A JSON-ready summary of the adapter in ``directory`` (see the module docstring); an
-    ``adapter_name`` other than "default" is read from ``directory/<name>``, where PEFT saves
-    it beside "default"."""
-    subfolder = None if adapter_name == "default" else adapter_name
-    directory = adapter_directory(directory, adapter_name, subfolder=subfolder)
-    weights = weights_path(directory)
-    config = read_adapter_header(directory).config  # as load_adapter reads it: a config.json
-    header = read_header(weights)  # edited after saving yields to the copy in the weights file
-    factors = _factor_infos(header.tensors)
-    ranks, alphas, scalings = Counter(), Counter(), Counter()
-    base_parameters = lora_parameters = adapted_parameters = 0
+@dataclass
+class _ModuleTally:
+    """What the adapted modules add up to: how many have each rank, alpha and scaling
+    ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA); the base weights they adapt
+    (``Σ E d k``, ``E`` experts of a bare parameter, else 1); their LoRA parameters
+    (``Σ E r (d + k)``); and how many adapt bare parameters."""
+
+    ranks: Counter = field(default_factory=Counter)
+    alphas: Counter = field(default_factory=Counter)
+    scalings: Counter = field(default_factory=Counter)
+    base_parameters: int = 0
+    lora_parameters: int = 0
+    adapted_parameters: int = 0
+
+
+def _tally_modules(
+    config, factors: dict[str, dict[str, TensorInfo]], weights: Path
+) -> _ModuleTally:
+    """Check every module's factors (``_checked_factors``), map factors on bare parameters to
+    their parameter (``_parameter_paths``) and tally them (``_ModuleTally``)."""
+    tally = _ModuleTally()
     checked = {
         module: _checked_factors(weights, module, infos) for module, infos in factors.items()
     }
@@ -198,14 +208,29 @@ def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> d
         if module in parameters:  # E experts of the parameter's rank
             parameter = parameters[module]
             rows, rank, alpha = rank, config.rank_for(parameter), config.alpha_for(parameter)
-            matrices, adapted_parameters = rows // rank, adapted_parameters + 1
-        ranks[rank] += 1
-        alphas[alpha] += 1
-        scalings[round(functional.scaling(rank, alpha, config.use_rslora), 6)] += 1
-        base_parameters += matrices * out_features * in_features
-        lora_parameters += matrices * functional.lora_parameter_count(
+            matrices, tally.adapted_parameters = rows // rank, tally.adapted_parameters + 1
+        tally.ranks[rank] += 1
+        tally.alphas[alpha] += 1
+        tally.scalings[round(functional.scaling(rank, alpha, config.use_rslora), 6)] += 1
+        tally.base_parameters += matrices * out_features * in_features
+        tally.lora_parameters += matrices * functional.lora_parameter_count(
             out_features, in_features, rank
         )
+    return tally
+
+
+def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> dict[str, Any]:
+    """A JSON-ready summary of the adapter in ``directory`` (see the module docstring); an
+    ``adapter_name`` other than "default" is read from ``directory/<name>``, where PEFT saves
+    it beside "default"."""
+    subfolder = None if adapter_name == "default" else adapter_name
+    directory = adapter_directory(directory, adapter_name, subfolder=subfolder)
+    weights = weights_path(directory)
+    config = read_adapter_header(directory).config  # as load_adapter reads it: a config.json
+    header = read_header(weights)  # edited after saving yields to the copy in the weights file
+    factors = _factor_infos(header.tensors)
+    tally = _tally_modules(config, factors, weights)
+    base_parameters, lora_parameters = tally.base_parameters, tally.lora_parameters
     saved_base = _saved_base_weights(header.tensors, set(factors), config.modules_to_save or [])
     total = sum(info.numel for info in header.tensors.values()) - saved_base
     return {
@@ -216,14 +241,14 @@ def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> d
         "target_modules": config.target_modules,
         "target_parameters": config.target_parameters,
         "layer_replication": config.layer_replication,
-        "adapted_modules": len(factors) - adapted_parameters,
-        "adapted_parameters": adapted_parameters,
+        "adapted_modules": len(factors) - tally.adapted_parameters,
+        "adapted_parameters": tally.adapted_parameters,
         "module_types": sorted(
             {m.rsplit(".", 1)[-1] for m in factors if not _on_parameter(config, m)}
         ),
-        "ranks": {str(k): v for k, v in sorted(ranks.items())},
-        "alphas": {f"{k:g}": v for k, v in sorted(alphas.items())},
-        "scalings": {f"{k:g}": v for k, v in sorted(scalings.items())},
+        "ranks": {str(k): v for k, v in sorted(tally.ranks.items())},
+        "alphas": {f"{k:g}": v for k, v in sorted(tally.alphas.items())},
+        "scalings": {f"{k:g}": v for k, v in sorted(tally.scalings.items())},
         "use_rslora": config.use_rslora,
         "init_lora_weights": header.metadata.get(BASE_INIT_METADATA_KEY, config.init_lora_weights),
         "use_dora": config.use_dora,

@@ -60,7 +60,6 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     ``io.save.record_prompt_style``), which ``lorakit generate`` follows."""
     import torch
 
-    import lorakit
     from lorakit import data
     from lorakit.data.chat import prompt_style
     from lorakit.io.save import record_prompt_style
@@ -78,10 +77,7 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     lora = job.lora_config()
     check_model_spec(job.model)
     if job.quantization is not None:
-        from lorakit.models import builtin_gguf_file
-        from lorakit.quantized.loading import check_quantization
-
-        check_quantization(job.quantization, builtin_gguf_file(str(job.model)))
+        _check_quantization(job.quantization, job.model)
     examples = load_examples_for(job.data, job.split, job.style, "train")
     eval_examples = None
     if job.eval_data:
@@ -95,10 +91,7 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     model, tokenizer = load_model(job.model, progress=False, quantization=job.quantization)
     check_max_length(model, job.max_length)  # GPT-2's position table: no longer examples
     torch.manual_seed(training.seed)  # the adapter's initial A, whatever the loading drew
-    try:
-        lorakit.inject(model, lora)
-    except (ValueError, TypeError) as error:
-        raise UserError(str(error)) from None
+    _inject_lora(model, lora)
     record_prompt_style(model, prompt_style(examples), training.adapter_name)
     model.to(device)
     tokenized = {"train": data.tokenize_examples(examples, tokenizer, job.max_length)}
@@ -108,12 +101,38 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     output = Path(training.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     if main:
-        recorded = output / "train_settings.json"
-        if not (job.resume and recorded.is_file()):  # a resumed run keeps the run's own record
-            text = json.dumps(recorded_settings(settings), indent=1, default=str)
-            write_text(recorded, text)
+        _record_settings(output, settings, job.resume)
         _announce(model, tokenized, training, job.max_length, start_step)
     return _train_tokenized(model, tokenized, training, job.resume)
+
+
+def _check_quantization(quantization: str, model_spec) -> None:
+    """Refuse, before any loading, an unknown ``quantization``, one whose package is missing, or
+    ``gguf`` for a ``model_spec`` that is not a built-in GGUF model (``check_quantization``)."""
+    from lorakit.models import builtin_gguf_file
+    from lorakit.quantized.loading import check_quantization
+
+    check_quantization(quantization, builtin_gguf_file(str(model_spec)))
+
+
+def _inject_lora(model, lora) -> None:
+    """``lorakit.inject`` the ``lora`` config into ``model``; a target it cannot adapt (its
+    ``ValueError`` / ``TypeError``) becomes a ``UserError``."""
+    import lorakit
+
+    try:
+        lorakit.inject(model, lora)
+    except (ValueError, TypeError) as error:
+        raise UserError(str(error)) from None
+
+
+def _record_settings(output: Path, settings: dict[str, Any], resume: bool) -> None:
+    """Write ``settings`` (``recorded_settings``: a valid config file) as
+    ``<output>/train_settings.json``; a resumed run keeps the record already there."""
+    recorded = output / "train_settings.json"
+    if not (resume and recorded.is_file()):  # a resumed run keeps the run's own record
+        text = json.dumps(recorded_settings(settings), indent=1, default=str)
+        write_text(recorded, text)
 
 
 def _announce(model, tokenized: dict, training, max_length: int, start_step: int = 0) -> None:
