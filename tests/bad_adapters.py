@@ -91,6 +91,42 @@ def replace_tensors(**by_suffix: Callable[[torch.Tensor], torch.Tensor]):
     return edit
 
 
+def offsets_of(target_suffix: str, source_suffix: str) -> Callable[[Path], None]:
+    """An edit pointing the tensor ending with ``target_suffix`` at the bytes of the one ending
+    with ``source_suffix`` (same shape and dtype: two keys share bytes, others are left over)."""
+
+    def change(entries: dict) -> None:
+        target = next(k for k in entries if k.endswith(target_suffix))
+        source = next(k for k in entries if k.endswith(source_suffix))
+        entries[target]["data_offsets"] = list(entries[source]["data_offsets"])
+
+    return edit_header(change)
+
+
+def repeat_key(suffix: str, copy_of: str) -> Callable[[Path], None]:
+    """An edit appending to the header JSON a second entry for the key ending with ``suffix``,
+    holding the entry of the key ending with ``copy_of`` (``json.loads`` keeps the last)."""
+
+    def change(entries: dict) -> bytes:
+        key = next(k for k in entries if k.endswith(suffix))
+        other = next(k for k in entries if k.endswith(copy_of))
+        text = json.dumps(entries)
+        return f"{text[:-1]}, {json.dumps(key)}: {json.dumps(entries[other])}}}".encode()
+
+    return edit_header(change)
+
+
+def append_bytes(count: int) -> Callable[[Path], None]:
+    """An edit appending ``count`` zero bytes after the last tensor (sparse: no disk used)."""
+
+    def edit(directory: Path) -> None:
+        path = directory / WEIGHTS
+        with open(path, "r+b") as handle:
+            handle.truncate(path.stat().st_size + count)
+
+    return edit
+
+
 def write_config(text: str | bytes) -> Callable[[Path], None]:
     def edit(directory: Path) -> None:
         raw = text.encode() if isinstance(text, str) else text
@@ -208,6 +244,31 @@ CASES = [
             }
         ),
         ("fingerprint", "not base64"),
+    ),
+    Case(
+        "header int of 5000 digits",
+        edit_header(lambda e: (json.dumps(e)[:-1] + ', "x": ' + "9" * 5000 + "}").encode()),
+        ("not a valid safetensors file", "not JSON"),
+    ),
+    Case(
+        "config int of 5000 digits",
+        write_config(_config_with()[:-1] + ', "x": ' + "9" * 5000 + "}"),
+        ("adapter_config.json", "is not valid JSON"),
+    ),
+    Case(
+        "two keys share bytes",
+        offsets_of("layers.1.self_attn.q_proj.lora_A.weight", Q_A),
+        ("not a valid safetensors file", "q_proj.lora_A.weight", "overlap or leave a gap"),
+    ),
+    Case(
+        "header key repeated",
+        repeat_key(Q_A, "layers.1.self_attn.q_proj.lora_A.weight"),
+        ("not a valid safetensors file", Q_A, "appears twice"),
+    ),
+    Case(
+        "bytes after the last tensor",
+        append_bytes(4096),
+        ("not a valid safetensors file", "4096 bytes after the last tensor"),
     ),
     Case("negative shape", edit_entry(Q_A, shape=[-2, 64]), ("shape [-2, 64]",)),
     Case("float shape", edit_entry(Q_A, shape=[2.0, 64]), ("shape [2.0, 64]",)),

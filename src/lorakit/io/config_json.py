@@ -188,6 +188,10 @@ def config_from_json(text: str, source: str) -> LoraConfig:
             f"{source} is not valid JSON ({error.msg} at line {error.lineno}, column "
             f"{error.colno}); fix or re-save the adapter."
         ) from None
+    except ValueError as error:  # an integer of more than 4300 digits (Python's int limit)
+        raise AdapterFileError(
+            f"{source} is not valid JSON ({error}); fix or re-save the adapter."
+        ) from None
     except RecursionError:
         raise AdapterFileError(f"{source}: the JSON is nested too deeply to be a config.") from None
     if not isinstance(values, dict):

@@ -44,6 +44,7 @@ __all__ = [
     "from_metadata",
     "refuse_other_base",
     "to_metadata",
+    "unverifiable",
 ]
 
 METADATA_KEY = "lorakit.base_fingerprint"
@@ -113,7 +114,8 @@ def weight_fingerprint(weight: torch.Tensor, dtype_name: str | None = None) -> d
 
 
 def compute(model: nn.Module, module_names: Iterable[str]) -> dict[str, dict[str, object]]:
-    """Fingerprints of the base weights of ``module_names`` (skipped on the meta device)."""
+    """Fingerprints of the base weights of ``module_names``; a module whose base weight is on
+    the meta device (offloaded) has none (callers name the ones left out)."""
     result = {}
     for name in module_names:
         weight, dtype_name = base_identity(model.get_submodule(name))
@@ -223,6 +225,25 @@ def first_mismatch(
         if reason is not None:
             return name, reason
     return None
+
+
+def unverifiable(
+    model: nn.Module,
+    stored: dict[str, dict[str, object]],
+    module_names: Iterable[str],
+    modules: Mapping[str, nn.Module] | None = None,
+) -> list[str]:
+    """Those of ``module_names`` that ``first_mismatch`` cannot check: no stored fingerprint,
+    though their base weights are here (not on the meta device). Looks up only these names."""
+    missing = []
+    for name in module_names:
+        if name in stored:
+            continue
+        module = modules[name] if modules is not None else model.get_submodule(name)
+        weight, _ = base_identity(module)
+        if weight.device.type != "meta":
+            missing.append(name)
+    return missing
 
 
 def refuse_other_base(

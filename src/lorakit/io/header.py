@@ -26,6 +26,7 @@ __all__ = [
     "parse_header",
     "read_header",
     "serialize",
+    "truncated",
     "unreadable",
 ]
 
@@ -114,10 +115,13 @@ def header_length(path: Path, prefix: bytes, file_size: int) -> int:
 
 
 def parse_header(path: Path, raw: bytes, file_size: int) -> SafetensorsHeader:
-    """The header from its JSON bytes ``raw``; checks every entry and the data size."""
+    """The header from its JSON bytes ``raw``; checks every entry, that no key is repeated and
+    that the tensors tile the data area (``file_size - 8 - len(raw)`` bytes) exactly."""
     try:
-        entries = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        entries = json.loads(raw.decode("utf-8"), object_pairs_hook=_without_repeats)
+    except _RepeatedKeyError as error:
+        raise _broken(path, f"key {error.key!r} appears twice in the header") from None
+    except (UnicodeDecodeError, ValueError) as error:  # ValueError: JSON, or a 4300+ digit int
         raise _broken(path, f"header is not JSON ({error})") from None
     except RecursionError:
         raise _broken(path, "header JSON is nested too deeply") from None
@@ -135,8 +139,49 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> SafetensorsHeader:
     data_size = file_size - 8 - len(raw)
     end = max((info.end for info in header.tensors.values()), default=0)
     if end > data_size:
-        raise _broken(path, f"tensors need {end} data bytes, the file has {data_size}")
+        raise truncated(path, end, data_size)
+    _check_tiling(path, header.tensors, data_size)
     return header
+
+
+class _RepeatedKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _without_repeats(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object as a dict, refusing a repeated key (``json.loads`` keeps the last copy;
+    safetensors refuses the file)."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _RepeatedKeyError(key)
+        seen.add(key)
+    return dict(pairs)
+
+
+def truncated(path: Path, needed: int, present: int) -> AdapterFileError:
+    """The error for a file whose tensors need ``needed`` data bytes where it has ``present``."""
+    return _broken(path, f"tensors need {needed} data bytes, the file has {present}")
+
+
+def _check_tiling(path: Path, tensors: dict[str, TensorInfo], data_size: int) -> None:
+    """Safetensors' rule: sorted by ``(start, end)``, the first tensor starts at 0, each starts
+    where the previous one ends, and the last ends at ``data_size`` (no byte is shared by two
+    tensors, none is left over)."""
+    covered, last = 0, None
+    for key, info in sorted(tensors.items(), key=lambda item: (item[1].start, item[1].end)):
+        if info.start != covered:
+            raise _broken(
+                path,
+                f"tensor {key!r} has data_offsets [{info.start}, {info.end}] but the previous "
+                f"tensor ends at byte {covered}: data_offsets overlap or leave a gap",
+            )
+        covered, last = info.end, key
+    if covered != data_size:
+        after = f"the last tensor {last!r}" if last is not None else "the header"
+        raise _broken(path, f"{data_size - covered} bytes after {after}")
 
 
 def _is_count(value: object) -> bool:

@@ -128,6 +128,11 @@ def _shape_message(source, entry: FileTensor, got: tuple, want: tuple, rank: int
             f"{message}: the adapter was saved with a resized vocabulary of {got[0]} tokens; "
             f"call model.resize_token_embeddings({got[0]}) before loading it."
         )
+    if len(got) == 2 == len(want) and got == want[::-1] and got != want:
+        return (
+            f"{message}: the tensor is transposed (saved in another layout?). Re-save the "
+            "adapter with peft or lorakit."
+        )
     return f"{message} on this model: it was trained on a base with other dimensions."
 
 
@@ -151,6 +156,15 @@ def check_base(
             stacklevel=4,  # the caller of load_adapter
         )
         return
+    unchecked = fingerprint.unverifiable(model, adapter.fingerprint, checked, modules)
+    if unchecked:
+        warnings.warn(
+            f"adapter {adapter.directory} has a base-model fingerprint that does not cover "
+            f"{len(unchecked)} of its modules ({_listed(unchecked, 3)}): lorakit cannot verify "
+            "those were trained on this base model. Re-save the adapter from its base model "
+            "(with the base weights in memory, not offloaded) to record them.",
+            stacklevel=4,  # the caller of load_adapter
+        )
     message = fingerprint.refuse_other_base(
         model,
         adapter.fingerprint,

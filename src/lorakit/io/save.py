@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -166,6 +167,20 @@ def adapter_file_entries(
     return entries, lora_names
 
 
+def _warn_unfingerprinted(adapter_name: str, names: list[str]) -> None:
+    """Warn that the base weights of ``names`` (on the meta device: offloaded) are left out of
+    the saved fingerprint, so loading cannot check them."""
+    if not names:
+        return
+    shown = ", ".join(names[:3]) + (f" ... ({len(names)} in all)" if len(names) > 3 else "")
+    warnings.warn(
+        f"adapter {adapter_name!r}: the base weights of {shown} are on the meta device "
+        "(offloaded), so the saved base-model fingerprint leaves them out and loading cannot "
+        "verify their base. Save with the base weights in memory to record them.",
+        stacklevel=4,  # the caller of save_adapter
+    )
+
+
 def adapter_file_contents(
     model: nn.Module,
     adapter_name: str = "default",
@@ -185,9 +200,11 @@ def adapter_file_contents(
         tensors[entry.key] = tensor.to("cpu", copy=True).contiguous()
     bases = [model.get_submodule(name).base_layer for name in lora_names]
     config_text = config_to_json(model, config, bases)
+    fingerprints = fingerprint.compute(model, lora_names)
+    _warn_unfingerprinted(adapter_name, [name for name in lora_names if name not in fingerprints])
     metadata = {
         "format": "pt",
-        fingerprint.METADATA_KEY: fingerprint.to_metadata(fingerprint.compute(model, lora_names)),
+        fingerprint.METADATA_KEY: fingerprint.to_metadata(fingerprints),
         CONFIG_METADATA_KEY: config_text,
     }
     if changes_base(config.init_lora_weights):  # the file says true (see config_json)

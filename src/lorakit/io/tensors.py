@@ -2,8 +2,10 @@
 
 An adapter file holds hundreds of small tensors, and building them one by one (safetensors'
 ``load_file`` maps the file and makes each tensor in turn) costs more than moving the bytes.
-Here the file is read into one buffer with a single ``readinto``; every tensor starts as a view
-of it and is then cloned into storage of its own (tensors that share one storage are refused, or
+Here the header is read and checked first (``parse_header``: the tensors must tile the data area
+exactly, so a file with bytes after the last tensor is refused before any data is read), then the
+data area is read into one buffer with a single ``readinto``; every tensor starts as a view of it
+and is then cloned into storage of its own (tensors that share one storage are refused, or
 silently dropped as "tied", by safetensors' and transformers' savers).
 
 Values are checked once per dtype over the bytes that dtype's tensors span: the minimum and
@@ -27,6 +29,7 @@ from lorakit.io.header import (
     SafetensorsHeader,
     header_length,
     parse_header,
+    truncated,
     unreadable,
 )
 
@@ -66,45 +69,50 @@ class SafetensorsFile:
 
 
 def read_safetensors(path: str | Path) -> SafetensorsFile:
-    """Read and check ``path`` (raises ``AdapterFileError`` for a truncated or malformed file)."""
+    """Read and check ``path`` (raises ``AdapterFileError`` for a truncated or malformed file).
+
+    Reads the header, checks it (``parse_header``), then exactly the data bytes it declares."""
     path = Path(path)
     try:
-        buffer = _read_all(path)
+        header, buffer = _read_checked(path)
     except OSError as error:
         raise unreadable(path, error) from None
-    length = header_length(path, bytes(buffer[:8].numpy()), buffer.numel())
-    header = parse_header(path, bytes(buffer[8 : 8 + length].numpy()), buffer.numel())
-    data_offset = 8 + length
-    views = {key: _view(buffer, data_offset, info) for key, info in header.tensors.items()}
-    nonfinite, huge = _bad_values(buffer, data_offset, header, views)
+    views = {key: _view(buffer, info) for key, info in header.tensors.items()}
+    nonfinite, huge = _bad_values(buffer, header, views)
     tensors = {key: view.clone() for key, view in views.items()}
     return SafetensorsFile(header, tensors, nonfinite, huge)
 
 
-def _read_all(path: Path) -> torch.Tensor:
+def _read_checked(path: Path) -> tuple[SafetensorsHeader, torch.Tensor]:
+    """The checked header of ``path`` and its data area (the bytes after the header, as many as
+    the tensors declare: ``parse_header`` refuses a file with more) in one uint8 buffer."""
     with path.open("rb", buffering=0) as handle:
-        size = os.fstat(handle.fileno()).st_size
-        buffer = torch.empty(size, dtype=torch.uint8)
+        file_size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        raw = handle.read(header_length(path, prefix, file_size))
+        header = parse_header(path, raw, file_size)
+        data_size = max((info.end for info in header.tensors.values()), default=0)
+        buffer = torch.empty(data_size, dtype=torch.uint8)
         target = memoryview(buffer.numpy())
         done = 0
-        while done < size:
+        while done < data_size:
             count = handle.readinto(target[done:])
             if not count:
-                break  # the file shrank while being read: the header check reports it
+                raise truncated(path, data_size, done)  # the file shrank while being read
             done += count
-    return buffer[:done]
+    return header, buffer
 
 
-def _view(buffer: torch.Tensor, data_offset: int, info) -> torch.Tensor:
+def _view(buffer: torch.Tensor, info) -> torch.Tensor:
     """The bytes of one tensor as that tensor (a view where the offset is aligned)."""
-    raw = buffer[data_offset + info.start : data_offset + info.end]
-    if (data_offset + info.start) % DTYPE_SIZES[info.dtype]:
+    raw = buffer[info.start : info.end]
+    if info.start % DTYPE_SIZES[info.dtype]:
         raw = raw.clone()  # a misaligned tensor (not written by safetensors): copy to align
     return raw.view(TORCH_DTYPES[info.dtype]).view(info.shape)
 
 
 def _bad_values(
-    buffer: torch.Tensor, data_offset: int, header: SafetensorsHeader, views: dict
+    buffer: torch.Tensor, header: SafetensorsHeader, views: dict
 ) -> tuple[frozenset[str], frozenset[str]]:
     """Keys of the floating-point tensors holding inf/NaN, and of those holding finite values
     beyond ``MAX_ABS_VALUE`` (see the module docstring for the bulk check)."""
@@ -115,8 +123,8 @@ def _bad_values(
         if views[key].is_floating_point() and info.end > info.start:
             by_dtype.setdefault(info.dtype, []).append(key)
     for dtype, keys in by_dtype.items():
-        start = data_offset + min(header.tensors[k].start for k in keys)
-        end = data_offset + max(header.tensors[k].end for k in keys)
+        start = min(header.tensors[k].start for k in keys)
+        end = max(header.tensors[k].end for k in keys)
         size = DTYPE_SIZES[dtype]
         if start % size == 0 and (end - start) % size == 0:
             span = buffer[start:end].view(TORCH_DTYPES[dtype])
