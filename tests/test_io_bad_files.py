@@ -179,17 +179,22 @@ def test_failure_after_injection_rolls_everything_back(adapter_dir, monkeypatch)
         return real(*args)
 
     monkeypatch.setattr(load, "model_tensor", failing)
-    for base in (
-        tiny_models.bert(),
-        lorakit.inject(
-            tiny_models.bert(), lorakit.LoraConfig(r=2, target_modules=["key"]), "other"
-        ),
-    ):
-        before = _snapshot(base)
-        calls.clear()
-        with pytest.raises(RuntimeError, match="simulated"):
-            load_adapter(base, adapter_dir.parent / "bert")
-        _assert_same(before, _snapshot(base))
+    base = tiny_models.bert()
+    before = _snapshot(base)
+    with pytest.raises(RuntimeError, match="simulated"):
+        load_adapter(base, adapter_dir.parent / "bert")
+    _assert_same(before, _snapshot(base))
+    # Beside another adapter a bias adapter is refused before any change (as PEFT refuses it:
+    # the trained biases would be every adapter's).
+    other = lorakit.inject(
+        tiny_models.bert(), lorakit.LoraConfig(r=2, target_modules=["key"]), "other"
+    )
+    before = _snapshot(other)
+    calls.clear()
+    with pytest.raises(ValueError, match="bias='none'"):
+        load_adapter(other, adapter_dir.parent / "bert")
+    assert not calls
+    _assert_same(before, _snapshot(other))
 
 
 def test_unknown_config_keys_are_ignored_with_a_warning(adapter_dir) -> None:

@@ -60,7 +60,7 @@ from lorakit.eva_statistics import (
 )
 from lorakit.init_methods import EvaConfig
 from lorakit.layers import LoraLinear
-from lorakit.state import adapter_configs, adapter_model, disabled, lora_layers, state_of
+from lorakit.state import adapter_configs, adapter_model, adapters_off, lora_layers, state_of
 
 __all__ = ["explained_variance", "initialize_lora_eva_weights", "redistribute_ranks"]
 
@@ -100,7 +100,7 @@ def initialize_lora_eva_weights(
     training = model.training
     model.eval()
     try:
-        with disabled(model):  # the base model's inputs, as PEFT's disable_adapter()
+        with adapters_off(model):  # the base model's inputs, as PEFT's disable_adapter()
             stats, leader = collect_statistics(
                 model, layers, dataloader, eva, ranks, forward_fn or _default_forward
             )

@@ -18,6 +18,7 @@ from lorakit.init_methods import changes_base
 from lorakit.inject_checks import (
     check_adapter_fits,
     check_adapter_name,
+    check_one_bias_adapter,
     warn_lora_bias_without_base_bias,
 )
 from lorakit.layers import LoraLayer, ModulesToSave, layer_class_for, wrap
@@ -87,6 +88,7 @@ def inject(
     """
     wrapper, model = model, adapter_model(model)  # a PeftModel: the model inside holds them
     check_adapter_name(model, adapter_name)
+    check_one_bias_adapter(model, adapter_name, config.bias)
     replicated = config.layer_replication and replicate_layers(model, config.layer_replication)
     try:
         _inject_checked(

@@ -22,7 +22,12 @@ from lorakit.state import adapter_configs, lora_layers, parameter_holders, saved
 from lorakit.targets import original_module
 from lorakit.wrapped_modules import check_wrapper_kind
 
-__all__ = ["check_adapter_fits", "check_adapter_name", "warn_lora_bias_without_base_bias"]
+__all__ = [
+    "check_adapter_fits",
+    "check_adapter_name",
+    "check_one_bias_adapter",
+    "warn_lora_bias_without_base_bias",
+]
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
@@ -187,6 +192,24 @@ def check_adapter_name(model: nn.Module, adapter_name: str) -> None:
         raise ValueError(
             f"the model already has an adapter named {adapter_name!r}; choose another name or "
             "delete it first with lorakit.delete_adapter(model, name)."
+        )
+
+
+def check_one_bias_adapter(model: nn.Module, adapter_name: str, bias: str) -> None:
+    """Refuse (ValueError) adding adapter ``adapter_name`` with ``bias`` when the model would
+    then hold two adapters of which one trains biases (``bias`` "all" / "lora_only"): those
+    biases are the base model's own, shared by every adapter, so the second adapter would
+    silently change the first one's output (PEFT refuses too)."""
+    configs = adapter_configs(model)
+    with_bias = [name for name, config in configs.items() if config.bias != "none"]
+    if bias != "none":
+        with_bias.append(adapter_name)
+    if configs and with_bias:
+        raise ValueError(
+            f"adapter(s) {with_bias} train the base model's biases (bias != 'none'), which every "
+            f"adapter shares: adding {adapter_name!r} beside {sorted(configs)} would change the "
+            "other adapters' outputs. Only one adapter may have a bias; set bias='none' for all "
+            "adapters when the model holds several."
         )
 
 

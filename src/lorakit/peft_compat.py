@@ -24,31 +24,37 @@ Deliberate differences from PEFT (docs/migrating-from-peft.md):
   matches no module (PEFT drops it silently when another entry matches).
 - New LoRA layers take the training mode of the module they wrap (PEFT's dropout starts in
   train mode even in an eval-mode model).
+- ``disable_adapter_layers()`` is recorded on the wrapper: until ``enable_adapter_layers()`` the
+  model inside has no active adapter (``lorakit.active_adapters(peft_model.model)`` is empty),
+  while ``peft_model.active_adapters`` reports them as PEFT does.
 """
 
 from __future__ import annotations
 
-import os
+import copyreg
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
-import torch
 from torch import nn
 
 from lorakit.accounting import count_parameters
 from lorakit.config import LoraConfig
-from lorakit.inject import freeze_adapter, inject, unload
+from lorakit.inject import inject, unload
 from lorakit.merge import merge, merge_and_unload, unmerge
+from lorakit.peft_model_extras import PeftFilesMixin, base_dtype, remade_wrapper, wrapper_class
 from lorakit.peft_rows import batch_size, rows_routed
 from lorakit.state import (
     active_adapters,
     adapter_configs,
     adapter_name_list,
+    compute_merged_per_layer,
     delete_adapter,
     disabled,
     set_active,
+    state_of,
+    warn_trained_biases,
 )
 
 __all__ = ["PeftModel", "get_peft_model"]
@@ -71,23 +77,52 @@ def get_peft_model(
             "get_peft_model got a model that is already a lorakit PeftModel; add another adapter "
             "with peft_model.add_adapter(name, config) instead."
         )
-    _check_config(peft_config)
-    adapter_dtype = None if autocast_adapter_dtype else _base_dtype(model)
-    inject(model, peft_config, adapter_name, adapter_dtype=adapter_dtype)
-    return PeftModel(model)
+    return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)
 
 
-class PeftModel(nn.Module):
+class PeftModel(PeftFilesMixin, nn.Module):
     """PEFT's ``PeftModel`` methods around a transformers model that holds lorakit adapters.
 
+    ``PeftModel(model, peft_config, adapter_name="default")`` injects the adapter, as
+    ``get_peft_model`` does; ``PeftModel(model)`` wraps a model that holds adapters already.
+    The instance is of the subclass ``PeftModelFor<ModelClass>`` (``peft_model_extras``), whose
+    ``forward`` shows the model's signature (transformers' ``Trainer`` reads it).
     ``forward`` and ``generate`` call the transformers model (``self.model``) with the same
     arguments; the active adapters apply. Attributes not defined here are the model's.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __new__(cls, model: nn.Module | None = None, *args: Any, **kwargs: Any) -> PeftModel:
+        if cls is PeftModel and isinstance(model, nn.Module):
+            cls = wrapper_class(PeftModel, type(model))
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: LoraConfig | None = None,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        """``low_cpu_mem_usage`` (PEFT's) is accepted and has no effect."""
+        if isinstance(model, PeftModel):
+            raise TypeError(
+                "got a model that is already a lorakit PeftModel; add another adapter with "
+                "peft_model.add_adapter(name, config) instead."
+            )
+        if peft_config is not None:
+            _check_config(peft_config)
+            adapter_dtype = None if autocast_adapter_dtype else base_dtype(model)
+            inject(model, peft_config, adapter_name, adapter_dtype=adapter_dtype)
         super().__init__()
         self.model = model
         self.training = model.training  # the wrapper reports the model's mode
+
+    def __reduce__(self) -> tuple:
+        """Pickle by the wrapped model's class (``PeftModelFor<...>`` is made at run time)."""
+        if type(self) is wrapper_class(PeftModel, type(self.model)):
+            return remade_wrapper, (PeftModel, type(self.model)), self.__dict__
+        return copyreg.__newobj__, (type(self),), self.__dict__
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -96,98 +131,15 @@ class PeftModel(nn.Module):
             modules = self.__dict__.get("_modules")  # absent while copying or unpickling
             if modules is None or "model" not in modules or name == "model":
                 raise
-            return getattr(modules["model"], name)
-
-    # ------------------------------------------------------------------ loading
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: nn.Module,
-        model_id: str | os.PathLike[str],
-        adapter_name: str = "default",
-        is_trainable: bool = False,
-        *,
-        allow_base_mismatch: bool = False,
-        subfolder: str | None = None,
-    ) -> PeftModel:
-        """Load the adapter saved in directory ``model_id`` (or ``model_id/subfolder``) onto
-        ``model`` and wrap it. As in PEFT, ``adapter_name`` only names it: an adapter that
-        ``save_pretrained`` wrote in ``model_id/<name>`` loads with ``subfolder=<name>``.
-
-        ``is_trainable=False`` (PEFT's default) loads it frozen, for inference, and puts the
-        whole model in eval mode (dropout off), as PEFT does. ``is_trainable=True`` leaves the
-        model's mode as it was; the new LoRA layers take the mode of the modules they wrap.
-        """
-        wrapper = cls(model)
-        wrapper.load_adapter(
-            model_id,
-            adapter_name,
-            is_trainable,
-            allow_base_mismatch=allow_base_mismatch,
-            subfolder=subfolder,
-        )
-        wrapper.set_adapter(adapter_name)
-        if not is_trainable:
-            freeze_adapter(model, adapter_name)
-        return wrapper
-
-    def load_adapter(
-        self,
-        model_id: str | os.PathLike[str],
-        adapter_name: str,
-        is_trainable: bool = False,
-        *,
-        allow_base_mismatch: bool = False,
-        subfolder: str | None = None,
-    ) -> None:
-        """Load another adapter from directory ``model_id`` (or ``model_id/subfolder``, PEFT's
-        argument); the active adapters stay as they were (unless the model had none). Unless
-        ``is_trainable``: frozen, and the whole model in eval mode, as PEFT does."""
-        from lorakit.io import load_adapter
-
-        load_adapter(
-            self.model,
-            model_id,
-            adapter_name,
-            allow_base_mismatch=allow_base_mismatch,
-            subfolder=subfolder,
-        )
-        if not is_trainable:
-            freeze_adapter(self.model, adapter_name)
-            self.eval()
-
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike[str],
-        selected_adapters: Sequence[str] | None = None,
-        *,
-        safe_serialization: bool = True,
-        save_embedding_layers: bool | str | None = None,
-        is_main_process: bool = True,
-        path_initial_model_for_weight_conversion: str | os.PathLike[str] | None = None,
-    ) -> None:
-        """Save adapters in PEFT's format: ``default`` in ``save_directory``, any other adapter
-        in ``save_directory/<name>`` (PEFT's layout). Only the main process writes.
-        ``path_initial_model_for_weight_conversion``: the PiSSA/OLoRA adapter as saved before
-        training; each adapter is saved converted into a plain LoRA for the original base
-        (``save_adapter(..., initial_adapter=...)``). Unlike peft, that directory is only read."""
-        from lorakit.io import save_adapter
-
-        if not safe_serialization:
-            raise ValueError(
-                "safe_serialization=False asks for a pickle file (adapter_model.bin); lorakit "
-                "writes safetensors only, which peft, vLLM and LoRAX all read. Drop the argument."
-            )
-        if not is_main_process:
-            return
-        for adapter_name in selected_adapters or list(self.peft_config):
-            save_adapter(
-                self.model,
-                save_directory,
-                adapter_name,
-                save_embedding_layers=save_embedding_layers,
-                initial_adapter=path_initial_model_for_weight_conversion,
-            )
+            model = modules["model"]
+        try:
+            return getattr(model, name)
+        except AttributeError:
+            raise AttributeError(
+                f"lorakit.PeftModel has no attribute {name!r} (nor has the wrapped "
+                f"{type(model).__name__}); docs/migrating-from-peft.md lists the PEFT methods "
+                "lorakit implements and their lorakit equivalents."
+            ) from None
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -197,6 +149,10 @@ class PeftModel(nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
+        """The active adapters' names, as PEFT reports them: also while the adapter layers are
+        disabled, and without those that ``merge_adapter(adapter_names)`` only merged."""
+        if "_active_before_disable" in self.__dict__:
+            return list(self.__dict__["_active_before_disable"])
         return list(active_adapters(self.model))
 
     @property
@@ -205,14 +161,53 @@ class PeftModel(nn.Module):
         names = self.active_adapters
         return names[0] if len(names) == 1 else names
 
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
-        """Add a new adapter; it is not made active (as in PEFT: call ``set_adapter``)."""
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: LoraConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        """Add a new adapter; it is not made active (as in PEFT: call ``set_adapter``).
+        ``autocast_adapter_dtype=False`` keeps it in the base dtype (default: float32 on a
+        float16/bfloat16 base); ``low_cpu_mem_usage`` is accepted and has no effect."""
         _check_config(peft_config)
-        inject(self.model, peft_config, adapter_name, activate=False)
+        adapter_dtype = None if autocast_adapter_dtype else base_dtype(self.model)
+        inject(self.model, peft_config, adapter_name, adapter_dtype=adapter_dtype, activate=False)
 
-    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
-        """Make ``adapter_name`` the active (and trainable) adapter."""
-        set_active(self.model, [adapter_name] if isinstance(adapter_name, str) else adapter_name)
+    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` the active and trainable adapter (``inference_mode=True``:
+        active and frozen, its trained biases too). While ``disable_adapter_layers`` holds,
+        it is recorded and becomes active at ``enable_adapter_layers``, as in PEFT."""
+        names = adapter_name_list(adapter_name)
+        if "_active_before_disable" in self.__dict__:
+            missing = [name for name in names if name not in self.peft_config]
+            if missing:
+                raise KeyError(
+                    f"unknown adapter(s) {missing}; this model has {list(self.peft_config)}"
+                )
+            self.__dict__["_active_before_disable"] = names
+            return
+        set_active(self.model, names)
+        if inference_mode:
+            _freeze_chosen(self.model)
+
+    def disable_adapter_layers(self) -> None:
+        """PEFT's: until ``enable_adapter_layers`` the model computes the base output (no
+        weight changes; a merge stays) and the adapters are frozen. Use
+        ``with peft_model.disable_adapter():`` (or ``lorakit.disabled``) for a block."""
+        if "_active_before_disable" in self.__dict__:
+            return
+        warn_trained_biases(self.model, "disable_adapter_layers")
+        self.__dict__["_active_before_disable"] = self.active_adapters
+        set_active(self.model, ())
+
+    def enable_adapter_layers(self) -> None:
+        """Undo ``disable_adapter_layers``: the adapters active before (or set since) are
+        active and trainable again."""
+        names = self.__dict__.pop("_active_before_disable", None)
+        if names is not None:
+            set_active(self.model, [name for name in names if name in self.peft_config])
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove the adapter. As in PEFT, deleting an active adapter leaves the other active
@@ -237,7 +232,8 @@ class PeftModel(nn.Module):
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the model computes the base model's output exactly (also while
-        merged), without changing any weight."""
+        merged), without changing any weight. Biases trained by a ``bias != "none"`` adapter
+        stay as trained (then the output is not the base model's: a warning says so)."""
         with disabled(self.model):
             yield
 
@@ -259,25 +255,20 @@ class PeftModel(nn.Module):
         ``safe_merge`` is PEFT's argument: lorakit always checks the merged weights for
         inf/NaN before installing any (``lorakit.merge``).
 
-        As in PEFT, the model then computes the merged weights: ``adapter_names`` other than the
-        active adapters become the active ones while merged (no ``requires_grad`` flag changes),
-        and ``unmerge_adapter`` makes the adapters active before the merge active again."""
-        before = active_adapters(self.model)
+        ``adapter_names`` as in PEFT: the active adapters stay active (``active_adapters``
+        does not change, nor does any ``requires_grad`` flag), and each LoRA layer computes
+        PEFT's result: a layer holding one of ``adapter_names`` its merged weight
+        ``W0 + sum_a s_a B_a A_a`` alone, any other layer its active adapters
+        (``lorakit.state.compute_merged_per_layer``) until ``unmerge_adapter`` or
+        ``set_adapter``."""
         merge(self.model, adapter_names)
-        if adapter_names is None:
-            return
-        names = adapter_name_list(adapter_names)
-        if set(names) != set(before):
-            set_active(self.model, names, trainable=False)
-            self.__dict__["_active_before_merge"] = (before, names)
+        if adapter_names is not None:
+            compute_merged_per_layer(self.model, adapter_name_list(adapter_names))
 
     def unmerge_adapter(self) -> None:
-        """Undo every merge exactly (and bring back the adapters active before
-        ``merge_adapter(adapter_names)`` changed them)."""
+        """Undo every merge exactly; every layer computes the active adapters again."""
         unmerge(self.model)
-        before, merged = self.__dict__.pop("_active_before_merge", ((), None))
-        if merged is not None and active_adapters(self.model) == merged:
-            set_active(self.model, [n for n in before if n in self.peft_config], trainable=False)
+        set_active(self.model, active_adapters(self.model), trainable=False)
 
     def merge_and_unload(
         self,
@@ -355,5 +346,9 @@ def _check_config(config: Any) -> None:
         )
 
 
-def _base_dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
+def _freeze_chosen(model: nn.Module) -> None:
+    """Freeze what ``set_active`` made trainable (the active adapters and their biases)."""
+    state = state_of(model)
+    for parameter in state.trainable:
+        parameter.requires_grad_(False)
+    state.trainable = []

@@ -7,6 +7,7 @@ layers. Choosing adapters for a single call without touching any state is ``use_
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.layers import LoraLayer, ModulesToSave, adapter_override
+from lorakit.layers.per_call import ChoiceKeepingCheckpoint
 
 __all__ = [
     "AdapterState",
@@ -22,8 +24,11 @@ __all__ = [
     "adapter_configs",
     "adapter_model",
     "adapter_name_list",
+    "adapters_off",
+    "compute_merged_per_layer",
     "delete_adapter",
     "disabled",
+    "keep_choices_in_recompute",
     "lora_layers",
     "parameter_holders",
     "saved_modules",
@@ -31,6 +36,7 @@ __all__ = [
     "state_of",
     "use_adapters",
     "walk_modules",
+    "warn_trained_biases",
 ]
 
 
@@ -177,6 +183,18 @@ def set_active(model: nn.Module, adapter_names: Sequence[str], *, trainable: boo
     state.trainable = chosen
 
 
+def compute_merged_per_layer(model: nn.Module, merged_names: Sequence[str]) -> None:
+    """PEFT's rule after ``merge_adapter(merged_names)``: each LoRA layer holding one of
+    ``merged_names`` computes those alone (its merged weight ``W0 + sum_a s_a B_a A_a``), every
+    other LoRA layer the model's active adapters. The active adapters and every
+    ``requires_grad`` flag stay as they are; ``set_active`` makes the layers agree again."""
+    state = _require(model, merged_names)
+    for _, layer in lora_layers(model):
+        merged_here = tuple(name for name in merged_names if name in layer.ranks)
+        active_here = tuple(name for name in state.active if name in layer.ranks)
+        layer.active_adapters = merged_here or active_here
+
+
 def freeze_all(model: nn.Module) -> None:
     """Freeze every parameter (done once, before the first adapter is injected)."""
     for parameter in model.parameters():
@@ -207,6 +225,7 @@ def use_adapters(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[Non
     are affected (other models keep their active adapters, even in the same block)."""
     adapter_names = adapter_name_list(adapter_names)
     _require(model, adapter_names)
+    keep_choices_in_recompute(model)
     with adapter_override(_switchable(model), adapter_names):
         yield
 
@@ -214,9 +233,47 @@ def use_adapters(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[Non
 @contextmanager
 def disabled(model: nn.Module) -> Iterator[None]:
     """Within the block the model computes exactly the base output (even while merged: the
-    original weights are kept), and no weight is modified. Other models are not affected."""
+    original weights are kept), and no weight is modified. Other models are not affected.
+
+    Biases trained by an adapter with ``bias="all"`` / ``"lora_only"`` are the base model's own
+    and stay as trained: then the output is not the original base model's (a warning says so).
+    """
+    warn_trained_biases(model, "lorakit.disabled")
+    with adapters_off(model):
+        yield
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """``disabled`` without its warning about trained biases (for callers that run before any
+    training, e.g. EVA's statistics of the base model's inputs)."""
+    keep_choices_in_recompute(model)
     with adapter_override(_switchable(model), ()):
         yield
+
+
+def warn_trained_biases(model: nn.Module, what: str) -> None:
+    """Warn that ``what`` (disabling the adapters) keeps the biases that adapters with
+    ``bias != "none"`` train: they are the base model's own biases, changed in place."""
+    with_bias = {n: c.bias for n, c in adapter_configs(model).items() if c.bias != "none"}
+    if with_bias:
+        warnings.warn(
+            f"{what}: adapter(s) {with_bias} train the base model's biases in place; with the "
+            "adapters disabled those trained biases stay, so the output is not the original "
+            "base model's. Use bias='none' to get the base output exactly.",
+            stacklevel=3,
+        )
+
+
+def keep_choices_in_recompute(model: nn.Module) -> None:
+    """Make the model's gradient checkpointing (transformers' ``_gradient_checkpointing_func``
+    on the model and its layers) recompute each segment under the adapter choice of its first
+    run, so a ``backward`` after a ``use_adapters`` / ``disabled`` block gets the block's
+    gradients. The wrapper is kept (it changes nothing outside such blocks)."""
+    for _, module in walk_modules(model):
+        checkpoint = module.__dict__.get("_gradient_checkpointing_func")
+        if checkpoint is not None and not isinstance(checkpoint, ChoiceKeepingCheckpoint):
+            module._gradient_checkpointing_func = ChoiceKeepingCheckpoint(checkpoint)
 
 
 def _switchable(model: nn.Module) -> list[nn.Module]:

@@ -27,7 +27,7 @@ from lorakit.init_methods import (
     check_redo_on_load,
 )
 from lorakit.inject import add_adapter_to_modules, unload
-from lorakit.inject_checks import check_adapter_name
+from lorakit.inject_checks import check_adapter_name, check_one_bias_adapter
 from lorakit.io.keys import (
     FileTensor,
     adapter_file_tensors,
@@ -104,6 +104,7 @@ def load_adapter(
         )
     check_adapter_name(model, adapter_name)
     header = read_adapter_header(adapter_directory(directory, adapter_name, subfolder=subfolder))
+    check_one_bias_adapter(model, adapter_name, header.config.bias)
     replicated = _replicate(model, header)
     try:
         _load_checked(model, header, adapter_name, allow_base_mismatch, activate, adapter_dtype)

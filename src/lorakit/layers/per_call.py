@@ -12,6 +12,10 @@ interleaved on one thread), compiled code reads the context variable outside the
 break: correct, slower). An asyncio task that inherited a choice from its parent's block and runs
 a compiled model after that block has ended sees the thread's choice; give such tasks their own
 ``use_adapters`` block.
+
+Gradient checkpointing recomputes a segment's forward during ``backward``, which may run after
+the block has ended: ``ChoiceKeepingCheckpoint`` wraps a checkpoint function so that the
+recompute runs under the choices of the original forward.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
     from lorakit.layers.base import LoraLayer
 
 __all__ = [
+    "ChoiceKeepingCheckpoint",
     "Router",
     "adapter_override",
     "current_override",
@@ -122,3 +127,24 @@ def adapter_override(layers: Iterable[nn.Module], adapter_names: Sequence[str]) 
     chosen = {**_OVERRIDE.get(), **{id(layer): names for layer in layers}}
     with _OVERRIDE.chosen(chosen):
         yield
+
+
+class ChoiceKeepingCheckpoint:
+    """``checkpoint(function, *args, **kwargs)`` (e.g. ``torch.utils.checkpoint.checkpoint``,
+    transformers' ``_gradient_checkpointing_func``) whose ``function`` runs under the adapter
+    choices (``adapter_override``, ``row_router``) current when the segment is first run, also
+    when backward recomputes it after the ``with`` block has ended (reentrant or not)."""
+
+    def __init__(self, checkpoint: Callable) -> None:
+        self.checkpoint = checkpoint
+
+    def __call__(self, function: Callable, *args, **kwargs):
+        override, router = _OVERRIDE.get(), _ROUTER.get()
+        if not override and router is None:  # no choice in effect: nothing to carry
+            return self.checkpoint(function, *args, **kwargs)
+
+        def under_choices(*inner_args, **inner_kwargs):
+            with _OVERRIDE.chosen(override), _ROUTER.chosen(router):
+                return function(*inner_args, **inner_kwargs)
+
+        return self.checkpoint(under_choices, *args, **kwargs)

@@ -1,0 +1,274 @@
+"""The parts of lorakit's ``PeftModel`` that are about its surroundings, not about adapters:
+the class each wrapped model gets (so tools that read ``forward``'s signature see the
+transformers model's arguments) and the methods that read and write adapter files
+(``PeftFilesMixin``: ``from_pretrained``, ``load_adapter``, ``save_pretrained``, and
+``push_to_hub``, which uploads the adapter files only).
+
+transformers' ``Trainer`` keeps the dataset columns named in ``inspect.signature(model.forward)``
+and takes its label names from the parameters of ``type(model).forward`` that contain
+``"label"`` (``find_labels``). A wrapper whose forward is ``(*args, **kwargs)`` would make it
+drop every column, so ``wrapper_class`` gives each wrapped model class its own subclass
+``PeftModelFor<ModelClass>`` whose ``forward`` carries the model's signature (plus
+``adapter_names``). The class name keeps the model's, so checks on the name (``"QuestionAnswering"``
+in ``find_labels``) answer as for the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from lorakit.inject import freeze_adapter
+
+if TYPE_CHECKING:
+    from lorakit.peft_compat import PeftModel
+
+__all__ = [
+    "PeftFilesMixin",
+    "base_dtype",
+    "push_adapters_to_hub",
+    "remade_wrapper",
+    "wrapper_class",
+]
+
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def wrapper_class(peft_class: type, model_class: type[nn.Module]) -> type:
+    """``PeftModelFor<model_class>``: a subclass of ``peft_class`` (cached per pair) whose
+    ``forward`` has ``model_class.forward``'s signature with ``adapter_names`` added."""
+    key = (peft_class, model_class)
+    if key not in _CLASSES:
+        name = f"PeftModelFor{model_class.__name__}"
+        namespace = {
+            "forward": _forward_for(peft_class, model_class),
+            "__module__": peft_class.__module__,
+            "__qualname__": name,
+            "__doc__": peft_class.__doc__,
+        }
+        _CLASSES[key] = type(name, (peft_class,), namespace)
+    return _CLASSES[key]
+
+
+def remade_wrapper(peft_class: type, model_class: type[nn.Module]) -> nn.Module:
+    """An empty instance of ``wrapper_class(peft_class, model_class)`` (unpickling fills it)."""
+    return object.__new__(wrapper_class(peft_class, model_class))
+
+
+def _forward_for(peft_class: type, model_class: type[nn.Module]):
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any):
+        return peft_class.forward(self, *args, adapter_names=adapter_names, **kwargs)
+
+    forward.__doc__ = peft_class.forward.__doc__
+    signature = _signature_with_adapter_names(model_class)
+    if signature is not None:
+        forward.__signature__ = signature
+    return forward
+
+
+def _signature_with_adapter_names(model_class: type[nn.Module]) -> inspect.Signature | None:
+    """``model_class.forward``'s signature (``self`` first) with the keyword-only parameter
+    ``adapter_names=None`` added before ``**kwargs``; None where it cannot be read."""
+    try:
+        signature = inspect.signature(model_class.forward)
+    except (TypeError, ValueError):
+        return None
+    parameters = list(signature.parameters.values())
+    if "adapter_names" in signature.parameters:
+        return signature
+    extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+    at = len(parameters)
+    if parameters and parameters[-1].kind is inspect.Parameter.VAR_KEYWORD:
+        at -= 1
+    return signature.replace(parameters=[*parameters[:at], extra, *parameters[at:]])
+
+
+def push_adapters_to_hub(
+    peft_model: nn.Module,
+    repo_id: str,
+    *,
+    commit_message: str | None,
+    commit_description: str | None,
+    private: bool | None,
+    token: bool | str | None,
+    revision: str | None,
+    create_pr: bool,
+    selected_adapters: Sequence[str] | None,
+) -> Any:
+    """Create the model repository ``repo_id`` if needed and upload what
+    ``peft_model.save_pretrained`` writes (the adapter files only) as one commit; returns
+    ``huggingface_hub``'s ``CommitInfo``."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token if isinstance(token, str) else None)
+    repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    repo_id = getattr(repo, "repo_id", repo_id)
+    with tempfile.TemporaryDirectory() as directory:
+        peft_model.save_pretrained(directory, selected_adapters=selected_adapters)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=os.fspath(directory),
+            repo_type="model",
+            commit_message=commit_message or "Upload LoRA adapter",
+            commit_description=commit_description,
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+
+class PeftFilesMixin:
+    """``PeftModel``'s methods that read and write adapter files (PEFT's names and arguments);
+    ``self.model`` is the transformers model that holds the adapters."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike[str],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        *,
+        allow_base_mismatch: bool = False,
+        subfolder: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        torch_device: str | torch.device | None = None,
+    ) -> PeftModel:
+        """Load the adapter saved in directory ``model_id`` (or ``model_id/subfolder``) onto
+        ``model`` and wrap it. As in PEFT, ``adapter_name`` only names it: an adapter that
+        ``save_pretrained`` wrote in ``model_id/<name>`` loads with ``subfolder=<name>``.
+
+        ``is_trainable=False`` (PEFT's default) loads it frozen, for inference, and puts the
+        whole model in eval mode (dropout off), as PEFT does. ``is_trainable=True`` leaves the
+        model's mode as it was; the new LoRA layers take the mode of the modules they wrap.
+        Frozen means frozen: biases trained by a ``bias="all"`` / ``"lora_only"`` adapter too
+        (PEFT leaves them trainable).
+
+        ``autocast_adapter_dtype``, ``low_cpu_mem_usage`` and ``torch_device``: as in
+        ``load_adapter``.
+        """
+        wrapper = cls(model)
+        wrapper.load_adapter(
+            model_id,
+            adapter_name,
+            is_trainable,
+            torch_device,
+            autocast_adapter_dtype,
+            allow_base_mismatch=allow_base_mismatch,
+            subfolder=subfolder,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
+        wrapper.set_adapter(adapter_name, inference_mode=not is_trainable)
+        return wrapper
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike[str],
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | torch.device | None = None,
+        autocast_adapter_dtype: bool = True,
+        *,
+        allow_base_mismatch: bool = False,
+        subfolder: str | None = None,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        """Load another adapter from directory ``model_id`` (or ``model_id/subfolder``, PEFT's
+        argument); the active adapters stay as they were (unless the model had none). Unless
+        ``is_trainable``: frozen, and the whole model in eval mode, as PEFT does.
+
+        PEFT's options: ``autocast_adapter_dtype=False`` keeps the adapter in the base dtype
+        (default: float32 on a float16/bfloat16 base); ``torch_device`` is where PEFT reads the
+        file: the adapter goes to the device of the layers it adapts in both (only checked here);
+        ``low_cpu_mem_usage`` is accepted and has no effect (a load never initialises the
+        adapter tensors it then overwrites)."""
+        from lorakit.io import load_adapter
+
+        if torch_device is not None:
+            torch.device(torch_device)  # a malformed device name is an error, as in PEFT
+        load_adapter(
+            self.model,
+            model_id,
+            adapter_name,
+            allow_base_mismatch=allow_base_mismatch,
+            subfolder=subfolder,
+            adapter_dtype=None if autocast_adapter_dtype else base_dtype(self.model),
+        )
+        if not is_trainable:
+            freeze_adapter(self.model, adapter_name)
+            self.eval()
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        safe_serialization: bool = True,
+        selected_adapters: Sequence[str] | None = None,
+        save_embedding_layers: bool | str | None = None,
+        is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """Save adapters in PEFT's format: ``default`` in ``save_directory``, any other adapter
+        in ``save_directory/<name>`` (PEFT's layout). Only the main process writes.
+        ``path_initial_model_for_weight_conversion``: the PiSSA/OLoRA adapter as saved before
+        training; each adapter is saved converted into a plain LoRA for the original base
+        (``save_adapter(..., initial_adapter=...)``). Unlike peft, that directory is only read."""
+        from lorakit.io import save_adapter
+
+        if not isinstance(safe_serialization, bool):
+            raise TypeError(
+                f"save_pretrained's second argument is safe_serialization (a bool), as in PEFT; "
+                f"got {safe_serialization!r}: pass the adapters as selected_adapters=..."
+            )
+        if not safe_serialization:
+            raise ValueError(
+                "safe_serialization=False asks for a pickle file (adapter_model.bin); lorakit "
+                "writes safetensors only, which peft, vLLM and LoRAX all read. Drop the argument."
+            )
+        if not is_main_process:
+            return
+        for adapter_name in selected_adapters or list(self.peft_config):
+            save_adapter(
+                self.model,
+                save_directory,
+                adapter_name,
+                save_embedding_layers=save_embedding_layers,
+                initial_adapter=path_initial_model_for_weight_conversion,
+            )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        *,
+        selected_adapters: Sequence[str] | None = None,
+    ) -> Any:
+        """Upload the adapters (what ``save_pretrained`` writes: ``adapter_config.json`` and
+        ``adapter_model.safetensors``, others in ``<name>/``), never the base model, to the
+        Hugging Face Hub repository ``repo_id`` (created if missing) as one commit; returns
+        ``huggingface_hub``'s ``CommitInfo``. Arguments as transformers' / PEFT's."""
+        return push_adapters_to_hub(
+            self,
+            repo_id,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            selected_adapters=selected_adapters,
+        )
+
+
+def base_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
