@@ -20,33 +20,16 @@ import torch
 import lorakit
 from lorakit import LoraConfig, PeftModel, get_peft_model
 from tests import tiny_models
+from tests.peft_pairs import copy_into_peft, front_door_pair
 
 GPT2_BIAS = dict(r=4, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False)
 DEFAULT = dict(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)
 OTHER = dict(r=4, lora_alpha=8, target_modules=["v_proj"], init_lora_weights=False)
 
 
-def _copy_into_peft(ours, theirs) -> None:
-    """Our adapter tensors into peft's model (peft's keys: ours + 'base_model.model.')."""
-    copied = {
-        "base_model.model." + key: value
-        for key, value in ours.model.state_dict().items()
-        if "lora_" in key
-    }
-    missing = set(copied) - set(theirs.state_dict())
-    assert not missing, missing
-    theirs.load_state_dict(copied, strict=False)
-
-
 def _pair(first=DEFAULT, second=OTHER):
     """lorakit's and peft's PeftModel with the same adapters ('default' active, 'other')."""
-    ours = get_peft_model(tiny_models.llama(), LoraConfig(**first))
-    ours.add_adapter("other", LoraConfig(**second))
-    tiny_models.randomize_adapters(ours.model, std=0.2)
-    theirs = peft.get_peft_model(tiny_models.llama(), peft.LoraConfig(**first))
-    theirs.add_adapter("other", peft.LoraConfig(**second))
-    _copy_into_peft(ours, theirs)
-    return ours.eval(), theirs.eval()
+    return front_door_pair(first, second, "other")
 
 
 def _logits(model, ids):
@@ -169,7 +152,7 @@ def test_trainer_with_default_arguments_trains_and_evaluates_like_peft(tmp_path)
     ours = get_peft_model(tiny_models.llama(), LoraConfig(**DEFAULT, lora_dropout=0.0))
     tiny_models.randomize_adapters(ours.model, std=0.2)
     theirs = peft.get_peft_model(tiny_models.llama(), peft.LoraConfig(**DEFAULT))
-    _copy_into_peft(ours, theirs)
+    copy_into_peft(ours, theirs)
     ids = tiny_models.input_ids(batch=8, length=8)
     rows = {"input_ids": ids.tolist(), "attention_mask": [[1] * 8] * 8, "labels": ids.tolist()}
     data = Dataset.from_dict(rows)

@@ -12,34 +12,17 @@ import torch
 import lorakit
 from lorakit import LoraConfig, get_peft_model
 from tests import tiny_models
+from tests.peft_pairs import front_door_pair
 
 FIRST = dict(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)
 SECOND = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
 GREEDY = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
 
 
-def _copy_into_peft(ours, theirs) -> None:
-    """Our adapter tensors into peft's model (peft's keys: ours + 'base_model.model.')."""
-    theirs_state = theirs.state_dict()
-    copied = {}
-    for key, value in ours.model.state_dict().items():
-        if "lora_" in key:
-            peft_key = "base_model.model." + key
-            assert peft_key in theirs_state, peft_key
-            copied[peft_key] = value
-    theirs.load_state_dict(copied, strict=False)
-
-
 @pytest.fixture
 def pair():
     """lorakit's and peft's PeftModel with the same two adapters ('default' active, 'b')."""
-    ours = get_peft_model(tiny_models.llama(), LoraConfig(**FIRST))
-    ours.add_adapter("b", LoraConfig(**SECOND))
-    tiny_models.randomize_adapters(ours.model, std=0.2)
-    theirs = peft.get_peft_model(tiny_models.llama(), peft.LoraConfig(**FIRST))
-    theirs.add_adapter("b", peft.LoraConfig(**SECOND))
-    _copy_into_peft(ours, theirs)
-    return ours.eval(), theirs.eval()
+    return front_door_pair(FIRST, SECOND, "b")
 
 
 def _alone(model, ids: torch.Tensor, name: str, generate: bool = False) -> torch.Tensor:
