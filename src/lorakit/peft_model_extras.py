@@ -271,4 +271,6 @@ class PeftFilesMixin:
 
 
 def base_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of ``model``'s first parameter: adapters take it with
+    ``autocast_adapter_dtype=False`` (PEFT's rule)."""
     return next(model.parameters()).dtype
