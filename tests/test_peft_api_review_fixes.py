@@ -353,3 +353,43 @@ def test_a_missing_attribute_names_lorakit_peft_model():
         ours.no_such  # noqa: B018
     assert not hasattr(ours, "no_such")
     assert Path(inspect.getfile(type(ours))).name == "peft_compat.py"
+
+
+# ------------------------------------------- adapter layers disabled: merge, unload and delete
+def test_merge_and_unload_while_adapter_layers_are_disabled_merges_the_active_adapter_like_peft():
+    ids = tiny_models.input_ids()
+    for build in (lambda: _pair()[0], lambda: _pair()[1]):
+        model = build()
+        expected = _logits(model, ids)  # the active adapter's output
+        model.disable_adapter_layers()
+        merged = model.merge_and_unload()  # PEFT merges the active adapters all the same
+        torch.testing.assert_close(_logits(merged, ids), expected, atol=1e-5, rtol=0)
+
+
+def test_merge_adapter_while_adapter_layers_are_disabled_merges_on_enable_like_peft():
+    ours, theirs = _pair()
+    ids = tiny_models.input_ids()
+    for model in (ours, theirs):
+        expected = _logits(model, ids)
+        model.disable_adapter_layers()
+        model.merge_adapter()
+        model.enable_adapter_layers()
+        torch.testing.assert_close(_logits(model, ids), expected, atol=1e-5, rtol=0)
+    assert lorakit.state.lora_layers(ours.model)  # still LoRA layers, now merged
+    assert any(layer.merged_adapters for _, layer in lorakit.state.lora_layers(ours.model))
+
+
+def test_deleting_the_active_adapter_while_disabled_activates_the_next_on_enable_like_peft():
+    ours, theirs = _pair(DEFAULT, {**OTHER, "target_modules": ["q_proj"]})  # (peft reports
+    # active adapters from a layer: one that holds both)
+    ids = tiny_models.input_ids()
+    base = _logits(tiny_models.llama(), ids)
+    for model in (ours, theirs):
+        model.disable_adapter_layers()
+        with pytest.warns(UserWarning, match="Setting active adapter to other"):
+            model.delete_adapter("default")
+        assert model.active_adapters == ["other"]
+        model.enable_adapter_layers()
+        assert model.active_adapters == ["other"]
+        assert (_logits(model, ids) - base).abs().max() > 1e-3  # "other" computes again
+    torch.testing.assert_close(_logits(ours, ids), _logits(theirs, ids), atol=1e-5, rtol=0)

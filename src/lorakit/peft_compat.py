@@ -202,6 +202,11 @@ class PeftModel(PeftFilesMixin, nn.Module):
         self.__dict__["_active_before_disable"] = self.active_adapters
         set_active(self.model, ())
 
+    @property
+    def _layers_disabled(self) -> bool:
+        """Whether ``disable_adapter_layers`` holds (until ``enable_adapter_layers``)."""
+        return "_active_before_disable" in self.__dict__
+
     def enable_adapter_layers(self) -> None:
         """Undo ``disable_adapter_layers``: the adapters active before (or set since) are
         active and trainable again."""
@@ -213,7 +218,7 @@ class PeftModel(PeftFilesMixin, nn.Module):
         """Remove the adapter. As in PEFT, deleting an active adapter leaves the other active
         ones active (and trainable); deleting the only active one activates (and makes
         trainable) the first remaining adapter by name, with PEFT's warning."""
-        was_active = active_adapters(self.model)
+        was_active = self.active_adapters  # (while disabled: those enable will activate)
         delete_adapter(self.model, adapter_name)
         if adapter_name not in was_active:
             return
@@ -226,7 +231,9 @@ class PeftModel(PeftFilesMixin, nn.Module):
                 stacklevel=2,
             )
             still_active = remaining[:1]
-        if still_active:
+        if self._layers_disabled:
+            self.__dict__["_active_before_disable"] = still_active
+        elif still_active:
             set_active(self.model, still_active)
 
     @contextmanager
@@ -261,6 +268,9 @@ class PeftModel(PeftFilesMixin, nn.Module):
         ``W0 + sum_a s_a B_a A_a`` alone, any other layer its active adapters
         (``lorakit.state.compute_merged_per_layer``) until ``unmerge_adapter`` or
         ``set_adapter``."""
+        if adapter_names is None and self._layers_disabled:  # PEFT merges the active ones
+            merge(self.model, self.active_adapters)
+            return
         merge(self.model, adapter_names)
         if adapter_names is not None:
             compute_merged_per_layer(self.model, adapter_name_list(adapter_names))
@@ -278,7 +288,11 @@ class PeftModel(PeftFilesMixin, nn.Module):
     ) -> nn.Module:
         """The plain transformers model with the (active) adapters folded into its weights.
         PEFT's signature: ``progressbar`` (no bar is shown: the merge is one pass) and
-        ``safe_merge`` (always on: ``lorakit.merge`` checks before it installs) are accepted."""
+        ``safe_merge`` (always on: ``lorakit.merge`` checks before it installs) are accepted.
+        After ``disable_adapter_layers`` the active adapters are merged all the same, as in
+        PEFT."""
+        if adapter_names is None and self._layers_disabled:
+            adapter_names = self.active_adapters
         return merge_and_unload(self.model, adapter_names)
 
     def unload(self) -> nn.Module:
