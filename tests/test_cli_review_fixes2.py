@@ -50,9 +50,20 @@ def fed_ids(monkeypatch):
 
 def _train(model_dir, data_path, output) -> object:
     code = train_cli(
-        model_dir, data_path, output, "--steps", "2", "--batch-size", "4", "--lr", "1e-2",
-        "--r", "4", "--target-modules", "q_proj,v_proj",
-    )  # fmt: skip
+        model_dir,
+        data_path,
+        output,
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--r",
+        "4",
+        "--target-modules",
+        "q_proj,v_proj",
+    )
     assert code == 0
     return output / "adapter"
 
@@ -134,9 +145,13 @@ def gpt2_dir(tmp_path_factory):
     tokenizer = tiny_tokenizer.build()
     torch.manual_seed(0)
     config = GPT2Config(
-        n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=len(tokenizer),
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        n_positions=64,
+        vocab_size=len(tokenizer),
         eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
+    )
     GPT2LMHeadModel(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory

@@ -60,8 +60,17 @@ def _base_body_tuned_head(base_dir, tuned_dir) -> BertForSequenceClassification:
 def test_a_body_base_gives_an_adapter_for_the_fine_tunes_class(tmp_path, capsys):
     base_dir, tuned_dir = _bert_dirs(tmp_path)
     output = tmp_path / "adapter"
-    report = _extract(capsys, "--base", str(base_dir), "--finetuned", str(tuned_dir),
-                      "--output", str(output), "--rank", "4")  # fmt: skip
+    report = _extract(
+        capsys,
+        "--base",
+        str(base_dir),
+        "--finetuned",
+        str(tuned_dir),
+        "--output",
+        str(output),
+        "--rank",
+        "4",
+    )
     assert report["max_relative_error"] < 1e-5  # (rank-2 updates, rank 4 kept)
     note = report["uncaptured_changes"]["classifier.weight"]["note"]
     assert note.startswith("new head: not in the base") and "modules_to_save" in note
@@ -122,8 +131,19 @@ def test_weights_newly_initialised_at_loading_are_named_not_extracted(tmp_path, 
 
 def test_only_newly_initialised_weights_differing_is_refused(tmp_path, capsys):
     base_dir, tuned_dir = _causal_base_and_classifier_dirs(tmp_path, body_update=False)
-    argv = ["extract", "--base", str(base_dir), "--finetuned", str(tuned_dir),
-            "--task", "seq-cls", "--output", str(tmp_path / "out"), "--rank", "2"]  # fmt: skip
+    argv = [
+        "extract",
+        "--base",
+        str(base_dir),
+        "--finetuned",
+        str(tuned_dir),
+        "--task",
+        "seq-cls",
+        "--output",
+        str(tmp_path / "out"),
+        "--rank",
+        "2",
+    ]
     assert main(argv) != 0
     error = capsys.readouterr().err
     assert "score (not in the base checkpoint)" in error and "newly initialised" in error
