@@ -2,7 +2,9 @@
 
 ``inject`` wraps each target module in place (the original object becomes ``base_layer``), freezes
 everything except the new adapter (and the biases chosen by ``bias``, and ``modules_to_save``), and
-records the config on the model. ``unload`` puts back the very same module objects.
+records the config on the model. ``unload`` puts back the very same module objects (it lives
+in ``lorakit.unload``, with ``freeze_adapter`` and ``forget_state``; all three are importable from
+here too).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from lorakit.inject_checks import (
     check_one_bias_adapter,
     warn_lora_bias_without_base_bias,
 )
-from lorakit.layers import LoraLayer, ModulesToSave, layer_class_for, wrap
+from lorakit.layers import LoraLayer, layer_class_for, wrap
 from lorakit.moe_targets import convert_moe_config
 from lorakit.parameter_targets import (
     find_parameter_targets,
@@ -36,14 +38,13 @@ from lorakit.state import (
     saved_modules,
     set_active,
     state_of,
-    walk_modules,
 )
 from lorakit.targets import (
     check_every_entry_matches,
     find_targets,
     no_match_message,
-    original_module,
 )
+from lorakit.unload import forget_state, freeze_adapter, unload
 from lorakit.wrapped_modules import (
     add_to_wrappers,
     replace_module,
@@ -347,55 +348,6 @@ def _give_layer_mode(layer: LoraLayer, adapter_name: str | None = None) -> None:
         container.training = layer.training
         if isinstance(container, nn.ModuleDict) and adapter_name in container:
             container[adapter_name].train(layer.training)
-
-
-def freeze_adapter(
-    model: nn.Module, adapter_name: str, module_names: Iterable[str] | None = None
-) -> None:
-    """Freeze one adapter's tensors (its LoRA factors and saved-module copies get no gradient);
-    every other flag stays as it is.
-
-    ``module_names``: the modules holding the adapter, when the caller knows them (adding the
-    100th adapter then costs what adding the first did); default: every LoRA layer and saved
-    module of the model."""
-    if module_names is None:
-        holders = [m for _, m in walk_modules(model) if isinstance(m, (LoraLayer, ModulesToSave))]
-    else:
-        holders = [model.get_submodule(name) for name in module_names]
-    for module in holders:
-        if isinstance(module, LoraLayer) and adapter_name in module.ranks:
-            parameters = module.adapter_parameters(adapter_name)
-        elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
-            parameters = list(module.modules_to_save[adapter_name].parameters())
-        else:
-            continue
-        for parameter in parameters:
-            parameter.requires_grad_(False)
-
-
-def unload(model: nn.Module) -> nn.Module:
-    """Remove every adapter: restore the original module objects, weights and trainability
-    (and the original layer list of a model whose layers ``layer_replication`` copied)."""
-    model = adapter_model(model)  # lorakit's PeftModel: the model inside it
-    for name, layer in reversed(list(lora_layers(model))):  # a nested layer before its outer one
-        layer.unmerge()
-        replace_module(model, name, layer.base_layer)
-    for name, wrapper in list(saved_modules(model)):
-        replace_module(model, name, original_module(wrapper))
-    forget_state(model)
-    restore_layers(model)
-    return model
-
-
-def forget_state(model: nn.Module) -> None:
-    """Drop lorakit's record from ``model`` and give parameters back their original trainability."""
-    state = state_of(model)
-    if state is None:
-        return
-    for name, parameter in model.named_parameters():
-        if name in state.original_requires_grad:
-            parameter.requires_grad_(state.original_requires_grad[name])
-    del model.lorakit_state
 
 
 def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:

@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from lorakit import quantized
-from lorakit.inject import forget_state
 from lorakit.layers import LoraLayer, ModulesToSave, TrainableTokens
 from lorakit.quantized.merge import float_linear
 from lorakit.replication import own_replicated_tensors
@@ -41,6 +40,7 @@ from lorakit.state import (
     state_of,
     walk_modules,
 )
+from lorakit.unload import forget_state
 from lorakit.wrapped_modules import replace_module
 
 __all__ = ["merge", "merge_and_unload", "model_float_dtype", "unmerge"]
