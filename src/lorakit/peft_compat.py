@@ -151,7 +151,7 @@ class PeftModel(PeftFilesMixin, nn.Module):
     def active_adapters(self) -> list[str]:
         """The active adapters' names, as PEFT reports them: also while the adapter layers are
         disabled, and without those that ``merge_adapter(adapter_names)`` only merged."""
-        if "_active_before_disable" in self.__dict__:
+        if self._layers_disabled:
             return list(self.__dict__["_active_before_disable"])
         return list(active_adapters(self.model))
 
@@ -180,7 +180,7 @@ class PeftModel(PeftFilesMixin, nn.Module):
         active and frozen, its trained biases too). While ``disable_adapter_layers`` holds,
         it is recorded and becomes active at ``enable_adapter_layers``, as in PEFT."""
         names = adapter_name_list(adapter_name)
-        if "_active_before_disable" in self.__dict__:
+        if self._layers_disabled:
             missing = [name for name in names if name not in self.peft_config]
             if missing:
                 raise KeyError(
@@ -196,7 +196,7 @@ class PeftModel(PeftFilesMixin, nn.Module):
         """PEFT's: until ``enable_adapter_layers`` the model computes the base output (no
         weight changes; a merge stays) and the adapters are frozen. Use
         ``with peft_model.disable_adapter():`` (or ``lorakit.disabled``) for a block."""
-        if "_active_before_disable" in self.__dict__:
+        if self._layers_disabled:
             return
         warn_trained_biases(self.model, "disable_adapter_layers")
         self.__dict__["_active_before_disable"] = self.active_adapters
