@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 __all__ = [
     "PeftFilesMixin",
     "base_dtype",
-    "push_adapters_to_hub",
     "remade_wrapper",
     "wrapper_class",
 ]
@@ -87,39 +86,6 @@ def _signature_with_adapter_names(model_class: type[nn.Module]) -> inspect.Signa
     if parameters and parameters[-1].kind is inspect.Parameter.VAR_KEYWORD:
         at -= 1
     return signature.replace(parameters=[*parameters[:at], extra, *parameters[at:]])
-
-
-def push_adapters_to_hub(
-    peft_model: nn.Module,
-    repo_id: str,
-    *,
-    commit_message: str | None,
-    commit_description: str | None,
-    private: bool | None,
-    token: bool | str | None,
-    revision: str | None,
-    create_pr: bool,
-    selected_adapters: Sequence[str] | None,
-) -> Any:
-    """Create the model repository ``repo_id`` if needed and upload what
-    ``peft_model.save_pretrained`` writes (the adapter files only) as one commit; returns
-    ``huggingface_hub``'s ``CommitInfo``."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token if isinstance(token, str) else None)
-    repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    repo_id = getattr(repo, "repo_id", repo_id)
-    with tempfile.TemporaryDirectory() as directory:
-        peft_model.save_pretrained(directory, selected_adapters=selected_adapters)
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=os.fspath(directory),
-            repo_type="model",
-            commit_message=commit_message or "Upload LoRA adapter",
-            commit_description=commit_description,
-            revision=revision,
-            create_pr=create_pr,
-        )
 
 
 class PeftFilesMixin:
@@ -257,17 +223,21 @@ class PeftFilesMixin:
         ``adapter_model.safetensors``, others in ``<name>/``), never the base model, to the
         Hugging Face Hub repository ``repo_id`` (created if missing) as one commit; returns
         ``huggingface_hub``'s ``CommitInfo``. Arguments as transformers' / PEFT's."""
-        return push_adapters_to_hub(
-            self,
-            repo_id,
-            commit_message=commit_message,
-            commit_description=commit_description,
-            private=private,
-            token=token,
-            revision=revision,
-            create_pr=create_pr,
-            selected_adapters=selected_adapters,
-        )
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token if isinstance(token, str) else None)
+        repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        with tempfile.TemporaryDirectory() as directory:
+            self.save_pretrained(directory, selected_adapters=selected_adapters)
+            return api.upload_folder(
+                repo_id=getattr(repo, "repo_id", repo_id),
+                folder_path=os.fspath(directory),
+                repo_type="model",
+                commit_message=commit_message or "Upload LoRA adapter",
+                commit_description=commit_description,
+                revision=revision,
+                create_pr=create_pr,
+            )
 
 
 def base_dtype(model: nn.Module) -> torch.dtype:
