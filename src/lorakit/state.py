@@ -28,7 +28,6 @@ __all__ = [
     "compute_merged_per_layer",
     "delete_adapter",
     "disabled",
-    "keep_choices_in_recompute",
     "lora_layers",
     "parameter_holders",
     "saved_modules",
@@ -225,7 +224,6 @@ def use_adapters(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[Non
     are affected (other models keep their active adapters, even in the same block)."""
     adapter_names = adapter_name_list(adapter_names)
     _require(model, adapter_names)
-    keep_choices_in_recompute(model)
     with adapter_override(_switchable(model), adapter_names):
         yield
 
@@ -247,7 +245,6 @@ def disabled(model: nn.Module) -> Iterator[None]:
 def adapters_off(model: nn.Module) -> Iterator[None]:
     """``disabled`` without its warning about trained biases (for callers that run before any
     training, e.g. EVA's statistics of the base model's inputs)."""
-    keep_choices_in_recompute(model)
     with adapter_override(_switchable(model), ()):
         yield
 
@@ -265,20 +262,20 @@ def warn_trained_biases(model: nn.Module, what: str) -> None:
         )
 
 
-def keep_choices_in_recompute(model: nn.Module) -> None:
-    """Make the model's gradient checkpointing (transformers' ``_gradient_checkpointing_func``
-    on the model and its layers) recompute each segment under the adapter choice of its first
-    run, so a ``backward`` after a ``use_adapters`` / ``disabled`` block gets the block's
-    gradients. The wrapper is kept (it changes nothing outside such blocks)."""
+def _switchable(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that choose adapters per call (LoRA layers and saved modules),
+    found in one walk that also wraps the model's gradient checkpointing (transformers'
+    ``_gradient_checkpointing_func`` on the model and its layers) in ``ChoiceKeepingCheckpoint``:
+    a segment recomputed by a ``backward`` after a ``use_adapters`` / ``disabled`` block runs
+    under the block's choice. The wrapper is kept (it changes nothing outside such blocks)."""
+    switchable = []
     for _, module in walk_modules(model):
         checkpoint = module.__dict__.get("_gradient_checkpointing_func")
         if checkpoint is not None and not isinstance(checkpoint, ChoiceKeepingCheckpoint):
             module._gradient_checkpointing_func = ChoiceKeepingCheckpoint(checkpoint)
-
-
-def _switchable(model: nn.Module) -> list[nn.Module]:
-    """The modules of ``model`` that choose adapters per call: LoRA layers and saved modules."""
-    return [m for _, m in walk_modules(model) if isinstance(m, (LoraLayer, ModulesToSave))]
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            switchable.append(module)
+    return switchable
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
