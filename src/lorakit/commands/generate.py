@@ -6,7 +6,11 @@ import argparse
 import math
 import sys
 
-from lorakit.commands.eval import add_base_mismatch_option, add_quantization_option
+from lorakit.commands.eval import (
+    add_base_mismatch_option,
+    add_dtype_option,
+    add_quantization_option,
+)
 from lorakit.errors import UserError
 
 
@@ -29,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--adapter", help="adapter directory (PEFT format)")
     add_base_mismatch_option(parser)
     add_quantization_option(parser)
+    add_dtype_option(parser)
     parser.add_argument(
         "--max-new-tokens",
         type=int,
@@ -208,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_adapter(
-        args.model, args.adapter, args.allow_base_mismatch, args.quantization
+        args.model, args.adapter, args.allow_base_mismatch, args.quantization, args.dtype
     )
     text = generate_text(
         model,

@@ -14,7 +14,7 @@ from lorakit.commands._serve_options import (
     connection_limits,
     parse_size,
 )
-from lorakit.commands.eval import add_quantization_option
+from lorakit.commands.eval import add_dtype_option, add_quantization_option, torch_dtype
 from lorakit.errors import UserError
 
 __all__ = ["build", "register", "run", "server_settings"]
@@ -49,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--served-model-name", default=None, help="the base model's id in the API")
     add_quantization_option(parser)
+    add_dtype_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -111,7 +112,9 @@ def build(args: argparse.Namespace):
     targets, max_rank, shares = _adapter_defaults(registry)
     if args.target_modules:
         targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
-    model, tokenizer = load_model(args.model, progress=False, quantization=args.quantization)
+    model, tokenizer = load_model(
+        args.model, progress=False, quantization=args.quantization, dtype=torch_dtype(args.dtype)
+    )
     try:
         prepare_for_serving(model, targets)
     except (ValueError, TypeError) as error:  # no match, or a module lorakit cannot adapt

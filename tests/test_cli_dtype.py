@@ -1,0 +1,118 @@
+"""``--dtype`` of ``lorakit eval``, ``generate`` and ``serve``: the base loads in that dtype, the
+adapter stays float32 beside a 16-bit base, and the outputs are the model's in that dtype."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from transformers import AutoModelForCausalLM
+
+import lorakit
+from lorakit import cli
+from lorakit.commands import generate as generate_command
+from lorakit.commands import serve
+from lorakit.commands.eval import load_model_and_adapter
+from lorakit.io import load_adapter, save_adapter
+from tests import tiny_models
+
+TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, model_dir):
+    """An r=4 adapter with non-zero B on ``model_dir``'s tiny Llama."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    tiny_models.randomize_adapters(model, std=0.3)
+    directory = tmp_path_factory.mktemp("adapter") / "adapter"
+    save_adapter(model, directory)
+    return directory
+
+
+def _reference_logits(model_dir, adapter_dir, ids: torch.Tensor) -> torch.Tensor:
+    """The adapted model's logits in float64 (the exact value both dtypes round)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    load_adapter(model, adapter_dir, activate=True)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_load_model_and_adapter_loads_the_base_in_the_dtype_and_the_adapter_in_float32(
+    model_dir, adapter_dir
+):
+    ids = torch.tensor([[5, 9, 14, 3, 27, 8]])
+    exact = _reference_logits(model_dir, adapter_dir, ids)
+    errors = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        model, _ = load_model_and_adapter(str(model_dir), str(adapter_dir), dtype=name)
+        layer = model.model.layers[0].self_attn.q_proj
+        assert layer.base_layer.weight.dtype == dtype
+        assert model.model.embed_tokens.weight.dtype == dtype
+        assert layer.lora_A["default"].weight.dtype == torch.float32
+        with torch.no_grad():
+            logits = model(ids).logits
+        assert logits.dtype == dtype
+        errors[name] = (logits.double() - exact).abs().max().item()
+    scale = exact.abs().max().item()
+    assert errors["float32"] < 1e-5 * scale
+    # bfloat16 rounding (8 bits of mantissa), not a lost adapter: without it the error is larger.
+    assert 1e-4 * scale < errors["bfloat16"] < 0.05 * scale
+    with lorakit.disabled(model), torch.no_grad():
+        unadapted = (model(ids).logits.double() - exact).abs().max().item()
+    assert unadapted > 4 * errors["bfloat16"]
+
+
+def test_eval_dtype_changes_the_loss_by_bfloat16_rounding_only(
+    capsys, model_dir, adapter_dir, jsonl
+):
+    losses = {}
+    for name in ("float32", "bfloat16"):
+        argv = ["eval", "--model", model_dir, "--adapter", adapter_dir, "--data", jsonl]
+        assert cli.main([str(a) for a in [*argv, "--dtype", name]]) == 0
+        losses[name] = json.loads(capsys.readouterr().out)["loss"]
+    assert losses["bfloat16"] != losses["float32"]
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02)
+
+
+def test_generate_runs_the_model_in_the_dtype(capsys, monkeypatch, model_dir, adapter_dir):
+    seen = []
+    original = generate_command.engine_greedy
+
+    def recording(model, prompt_ids, max_new_tokens):
+        seen.append(model.model.embed_tokens.weight.dtype)
+        return original(model, prompt_ids, max_new_tokens)
+
+    monkeypatch.setattr(generate_command, "engine_greedy", recording)
+    argv = ["generate", "good film", "--model", model_dir, "--adapter", adapter_dir]
+    assert cli.main([str(a) for a in [*argv, "--max-new-tokens", "3", "--dtype", "bfloat16"]]) == 0
+    assert seen == [torch.bfloat16] and capsys.readouterr().out.strip()
+
+
+def test_serve_dtype_serves_a_bfloat16_base_with_a_float32_bank(tmp_path, model_dir, adapter_dir):
+    shutil.copytree(adapter_dir, tmp_path / "adapters" / "mine")
+    argv = ["serve", "--model", model_dir, "--adapters", tmp_path / "adapters"]
+    args = cli.build_parser().parse_args([str(a) for a in [*argv, "--dtype", "bfloat16"]])
+    app = serve.build(args)
+    engine = app.state.engine
+    assert engine.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert engine.bank.dtype == torch.float32  # adapters keep float32 beside a 16-bit base
+    with TestClient(app) as client:
+        body = {"model": "mine", "prompt": "good film", "max_tokens": 4, "temperature": 0}
+        response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 4
+
+
+def test_an_unknown_dtype_is_refused_by_name(capsys, model_dir):
+    assert cli.main(["eval", "--data", "x.jsonl", "--dtype", "float8"]) == 2
+    err = capsys.readouterr().err
+    assert "argument --dtype: invalid choice: 'float8'" in err and "'bfloat16'" in err
