@@ -286,3 +286,38 @@ def test_bases_fuse_only_when_alike():
     hooked = nn.Linear(8, 4)
     hooked.register_forward_hook(lambda *a: None)
     assert fuse_bases([hooked, nn.Linear(8, 4)]) is None
+
+
+def test_a_float32_bank_beside_a_bfloat16_base_adds_the_siblings_in_one_product(monkeypatch):
+    """``lorakit serve --dtype bfloat16`` keeps the bank float32: the one-adapter route still
+    adds q/k/v's and gate/up's adapters in one product each (x cast up once), and the step
+    equals the model's own per-layer forward up to bfloat16 rounding."""
+    from lorakit.serve.one_adapter import OneAdapterRouter, routed_one
+
+    model = family_model("llama").to(torch.bfloat16)
+    prepare_for_serving(model, "all-linear")
+    bank = AdapterBank(model, max_rank=4, capacity=2, page_rank=2)
+    assert bank.dtype == torch.float32
+    bank.load_from_model("all", served_reference(), "all")
+    decoder = LeanDecoder(model, fuse_siblings=True)
+    fused = []
+    add_siblings = OneAdapterRouter.add_siblings
+    monkeypatch.setattr(
+        OneAdapterRouter, "add_siblings", lambda *a: fused.append(add_siblings(*a)) or fused[-1]
+    )
+    cache, last = prefilled(model, bank, [0, 0, 0])
+    mask, positions = cache.step_inputs()
+    theirs, spare = copy.deepcopy(cache), copy.deepcopy(cache)
+    with torch.inference_mode():
+        with routed_one(OneAdapterRouter(bank, 0)):
+            lean = decoder.step(last, mask, positions, cache.cache)
+        with routed(bank, torch.zeros(3, 1, dtype=torch.long)):
+            own = model(
+                input_ids=last, attention_mask=mask, position_ids=positions, cache=theirs.cache
+            ).logits[:, -1]
+        with routed(bank, torch.full((3, 1), -1)):  # no adapter on any row
+            without = decoder.step(last, mask, positions, spare.cache)
+    assert fused and all(fused)  # every q/k/v and gate/up group in one product
+    assert lean.dtype == torch.bfloat16
+    error = (lean.float() - own.float()).abs().max()
+    assert error < 3e-2 < (own.float() - without.float()).abs().max()

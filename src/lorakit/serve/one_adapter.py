@@ -104,23 +104,29 @@ class OneAdapterRouter:
         adapts (siblings that read ``x`` (..., k), whose base outputs, ``widths`` d_i wide, lie
         side by side in ``out`` (..., sum d_i)): one product ``low = x [s_1 A_1; ..; s_n A_n]^T``
         (N, R) for all of them (the scaled A's are concatenated once and kept), then
-        ``low_i B_i^T`` added to each part. Returns False, having added nothing, where the
-        siblings need the per-layer call (a DoRA slot, dtypes that differ);
-        ``lorakit.serve.siblings`` then calls the router per layer.
+        ``low_i B_i^T`` added to each part. In the bank's dtype (a float32 bank beside a
+        bfloat16 base: x is cast up once, each part's product rounded to ``out``'s dtype, as
+        the per-layer call does). Returns False, having added nothing, where the siblings need
+        the per-layer call (a DoRA slot); ``lorakit.serve.siblings`` then calls the router per
+        layer.
         """
         key = tuple(map(id, layers))
         if key not in self._siblings or not self._siblings[key].current():
             self._siblings[key] = self._sibling_factors(layers, widths)
         entry = self._siblings[key]
-        if entry.lora_A is None or not (x.dtype == out.dtype == entry.lora_A.dtype):
+        if entry.lora_A is None:
             return False
         if not entry.parts:
             return True  # no sibling is adapted by this slot
         rows = x.shape[:-1].numel()
         flat_out = out.view(rows, out.shape[-1])
-        low = F.linear(x.reshape(rows, x.shape[-1]), entry.lora_A)  # (N, R)
+        flat_x = x.reshape(rows, x.shape[-1]).to(entry.lora_A.dtype)
+        low = F.linear(flat_x, entry.lora_A)  # (N, R)
         for columns, ranks, lora_B_t in entry.parts:
-            flat_out[:, columns].addmm_(low[:, ranks], lora_B_t)  # (N, d_i)
+            if out.dtype == lora_B_t.dtype:
+                flat_out[:, columns].addmm_(low[:, ranks], lora_B_t)  # (N, d_i)
+            else:
+                flat_out[:, columns] += (low[:, ranks] @ lora_B_t).to(out.dtype)
         return True
 
     def _sibling_factors(
