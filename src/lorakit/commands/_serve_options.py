@@ -225,11 +225,15 @@ every request, or fall back to the default unseen)."""
 
 
 def check_numbers(args: argparse.Namespace) -> None:
-    """``UserError`` naming the first option out of range: ``POSITIVE_OPTIONS`` below 1, a
-    ``--port`` outside 0-65535."""
+    """``UserError`` naming the first option out of range: ``POSITIVE_OPTIONS`` below 1, an
+    ``--adapter-memory`` that is not a size or is under one byte, a ``--port`` outside
+    0-65535."""
     for name in POSITIVE_OPTIONS:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    memory = getattr(args, "adapter_memory", None)
+    if memory is not None and parse_size(memory) < 1:
+        raise UserError(f"--adapter-memory {memory!r} is under one byte; write e.g. 512MB")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0-65535, got {args.port}")

@@ -64,9 +64,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _is_adapter(source: str) -> bool:
-    """An adapter directory, or one holding its adapter as ``default/`` (PEFT's layout, as
-    ``read_adapter`` takes it)."""
-    return any((Path(source, *sub) / "adapter_config.json").is_file() for sub in ((), ("default",)))
+    """An adapter directory, one holding its adapter as ``default/`` (PEFT's layout, as
+    ``read_adapter`` takes it), or a directory that is no model and holds named adapters
+    (``SOURCE/<name>/``, as PEFT saves adapters other than "default": refused with their names
+    by ``_check_adapter_source``)."""
+    path = Path(source)
+    if any((path / sub / "adapter_config.json").is_file() for sub in ("", "default")):
+        return True
+    if _is_model(source) or not path.is_dir():
+        return False
+    try:
+        return any((sub / "adapter_config.json").is_file() for sub in path.iterdir())
+    except OSError:
+        return False
+
+
+def _is_model(source: str) -> bool:
+    """A model spec as ``lorakit.models.resolve_model`` takes it: a built-in name or a
+    directory holding ``config.json``."""
+    from lorakit.models import BUILTIN_MODELS
+
+    return source in BUILTIN_MODELS or (Path(source).expanduser() / "config.json").is_file()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,13 +99,32 @@ def run(args: argparse.Namespace) -> int:
     if _is_adapter(args.source):
         _check_adapter_source(args)
         return _export_adapter(args)
+    if args.model is not None or args.drop_unsupported:
+        _refuse_non_adapter_source(args)  # an adapter SOURCE was meant
     _check_model_source(args)
     return _export_model(args)
+
+
+def _refuse_non_adapter_source(args: argparse.Namespace) -> None:
+    """With --model or --drop-unsupported (options of an adapter SOURCE), a SOURCE that is no
+    model spec was meant as an adapter: raise why it is none (``AdapterFileError`` from
+    ``lorakit.io.read.adapter_directory``: missing, or no ``adapter_config.json``)."""
+    from lorakit.io.read import adapter_directory
+
+    if _is_model(args.source):
+        return  # _check_model_source says which option goes with an adapter SOURCE
+    adapter_directory(args.source)  # raises for anything _is_adapter did not take
+    raise UserError(
+        f"SOURCE {args.source} holds no adapter_config.json: give an adapter directory "
+        "(saved by lorakit or peft) with --model, or a model spec without it"
+    )
 
 
 def _check_adapter_source(args: argparse.Namespace) -> None:
     """Refuse the options that do nothing for an adapter SOURCE (only the base's architecture
     is read, so no base weights are there to check the adapter against)."""
+    from lorakit.io.read import adapter_directory
+
     if args.adapter:
         raise UserError("--adapter goes with a model SOURCE; SOURCE is already an adapter")
     if args.gguf_pre is not None:
@@ -101,6 +138,7 @@ def _check_adapter_source(args: argparse.Namespace) -> None:
             "exported without loading the base's weights, so there is no fingerprint to check; "
             "leave it out"
         )
+    adapter_directory(args.source)  # named adapters (SOURCE/<name>/) are refused with names
 
 
 def _check_model_source(args: argparse.Namespace) -> None:

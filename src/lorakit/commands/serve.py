@@ -101,6 +101,7 @@ def build(args: argparse.Namespace):
     from lorakit.serve import AdapterBank, prepare_for_serving
     from lorakit.serve.app import create_app
     from lorakit.serve.engine import Engine
+    from lorakit.serve.pool_sizes import BudgetTooSmall
     from lorakit.serve.registry import AdapterRegistry, ServedAdapters
 
     check_numbers(args)
@@ -129,6 +130,12 @@ def build(args: argparse.Namespace):
             memory_budget=budget,
             layer_shares=shares,
         )
+    except BudgetTooSmall as error:
+        raise UserError(
+            f"--adapter-memory {args.adapter_memory} ({error.memory_budget} bytes) holds no "
+            f"adapter of rank {error.max_rank}: one takes {error.adapter_bytes} bytes; raise "
+            "--adapter-memory or lower --max-rank"
+        ) from None
     except ValueError as error:
         raise UserError(str(error)) from None
     adapters = ServedAdapters(bank, registry, model, allow_base_mismatch=args.allow_base_mismatch)

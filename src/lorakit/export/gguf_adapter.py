@@ -103,8 +103,8 @@ def export_adapter(
     layout = gguf_layout(model.config)
     check_head_size(model.config)  # llama.cpp could not load the base this adapter is for
     pairs, unsupported = _split_tensors(adapter, layout, model, base_name)
-    if unsupported and not drop_unsupported:
-        _refuse_unsupported(adapter.directory, unsupported)
+    if unsupported and (not drop_unsupported or not pairs):
+        _refuse_unsupported(adapter.directory, unsupported, nothing_left=not pairs)
     if not pairs:
         raise UserError(f"adapter {adapter.directory}: no LoRA pair is left to export")
     file_alpha, tensors = _llama_cpp_tensors(pairs, adapter.config, layout, tensor_type)
@@ -140,16 +140,21 @@ def _refuse_unmapped_layout(adapter, model: nn.Module) -> None:
         )
 
 
-def _refuse_unsupported(directory: Path, unsupported: list[str]) -> None:
+def _refuse_unsupported(directory: Path, unsupported: list[str], nothing_left: bool) -> None:
     """Raise the ``UserError`` listing (the first four of) ``unsupported``: what the adapter
-    holds that llama.cpp's LoRA format cannot carry, each with why."""
+    holds that llama.cpp's LoRA format cannot carry, each with why. ``nothing_left``: no LoRA
+    pair remains without them, so --drop-unsupported cannot help (only a merge can)."""
     listed = "; ".join(unsupported[:4]) + (
         f" ... ({len(unsupported)} in all)" * (len(unsupported) > 4)
     )
+    instead = (
+        "Nothing llama.cpp can apply remains without them (no file written): merge"
+        if nothing_left
+        else "Export without them with --drop-unsupported (drop_unsupported=True), or merge"
+    )
     raise UserError(
-        f"adapter {directory} holds what llama.cpp's LoRA format cannot carry: "
-        f"{listed}. Export without them with --drop-unsupported (drop_unsupported=True), "
-        "or merge the adapter into a full GGUF model (lorakit export MODEL --adapter DIR)."
+        f"adapter {directory} holds what llama.cpp's LoRA format cannot carry: {listed}. "
+        f"{instead} the adapter into a full GGUF model (lorakit export MODEL --adapter DIR)."
     )
 
 

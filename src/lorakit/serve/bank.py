@@ -62,9 +62,12 @@ class AdapterBank:
     docstring).
 
     ``capacity``: adapters resident at most (slots). ``memory_budget``: bytes of the page pools
-    and scalings (``memory_bytes()`` never exceeds it); without a budget, ``capacity`` adapters
-    of rank ``max_rank`` fit. ``max_rank``: the largest rank accepted. ``page_rank``: rows per
-    page (default: 4, or ``max_rank`` if smaller); an adapter's rank is rounded up to it.
+    and scalings, which never exceed it; the DoRA gain tables (``(slots + 1) x d`` per layer,
+    made at the first DoRA adapter) come on top, outside the budget, and ``memory_bytes()``
+    counts them, so with a DoRA adapter loaded it may exceed the budget. Without a budget,
+    ``capacity`` adapters of rank ``max_rank`` fit. ``max_rank``: the largest rank accepted.
+    ``page_rank``: rows per page (default: 4, or ``max_rank`` if smaller); an adapter's rank is
+    rounded up to it.
     ``dtype``: of the pools (default: ``lorakit.inject.default_adapter_dtype``, as for an
     injected adapter: the base weights' dtype, float32 for half-precision bases).
     ``layer_shares``: per layer path, the part of the adapters' ranks that adapt it
@@ -125,7 +128,8 @@ class AdapterBank:
         sizes = {name: page_bytes(layer, self.page_rank, self.dtype) for name, layer in linears}
         self._layer_page_bytes = sizes
         self.page_bytes = sum(sizes.values())  # a page number in every pool
-        self.slot_overhead = 4 * len(linears)  # a float32 scaling per layer
+        item = torch.empty((), dtype=self.dtype).element_size()
+        self.slot_overhead = item * len(linears)  # a scaling per layer, in the pools' dtype
         per_adapter = self.pages_for(self.max_rank)
         self.slot_bytes = per_adapter * self.page_bytes + self.slot_overhead  # at max_rank
         return pool_sizes(
@@ -140,8 +144,9 @@ class AdapterBank:
 
     def memory_bytes(self) -> int:
         """Bytes held by the page pools and scalings (fixed at construction; <=
-        ``memory_budget``), plus the DoRA gain tables (``(slots + 1) x d`` float32 per layer,
-        made when the first DoRA adapter is loaded; outside ``memory_budget``)."""
+        ``memory_budget``), plus the DoRA gain tables (``(slots + 1) x d`` per layer, float32 or
+        float64 as the pools, made when the first DoRA adapter is loaded; outside
+        ``memory_budget``, so from then on the total may exceed it)."""
         return sum(
             s.lora_A.nbytes
             + s.lora_B_t.nbytes

@@ -24,7 +24,25 @@ from dataclasses import dataclass
 
 from lorakit.io.keys import parse_lora_key
 
-__all__ = ["PoolSizes", "layer_shares", "pool_sizes"]
+__all__ = ["BudgetTooSmall", "PoolSizes", "layer_shares", "pool_sizes"]
+
+
+class BudgetTooSmall(ValueError):
+    """A ``memory_budget`` (bytes) that holds no adapter of rank ``max_rank``, which takes
+    ``adapter_bytes``; its fields let a caller name its own options (the CLI: --adapter-memory,
+    --max-rank)."""
+
+    def __init__(self, memory_budget: int, max_rank: int, adapter_bytes: int) -> None:
+        self.memory_budget, self.max_rank, self.adapter_bytes = (
+            memory_budget,
+            max_rank,
+            adapter_bytes,
+        )
+        super().__init__(
+            f"memory_budget={memory_budget} bytes holds no adapter of rank {max_rank}: one "
+            f"takes {adapter_bytes} bytes; raise memory_budget to at least {adapter_bytes} or "
+            "lower max_rank."
+        )
 
 
 @dataclass(frozen=True)
@@ -81,8 +99,8 @@ def pool_sizes(
     many page numbers as fit ``sum_L n_L page_bytes[L] + slots x slot_overhead`` within the
     budget, each pool ``n_L`` = its share of them (at least one adapter's); slots: as many as
     the budget's bytes allow at one page each, at most ``capacity``; page numbers: at most
-    ``slots x per_adapter``, which is all that ``slots`` adapters can use. ``ValueError`` when no
-    adapter of the largest rank fits."""
+    ``slots x per_adapter``, which is all that ``slots`` adapters can use. ``BudgetTooSmall`` (a
+    ``ValueError``) when no adapter of the largest rank fits."""
     if shares is not None and not any(shares.get(name, 0.0) > 0 for name in page_bytes):
         shares = None  # no share for any of these layers: nothing to size the pools by
     weight = {
@@ -112,8 +130,5 @@ def pool_sizes(
         pages -= 1  # the floor of one adapter per pool can push a tight budget over
     if slots < 1 or pages < per_adapter:
         one = per_adapter * sum(page_bytes.values()) + slot_overhead
-        raise ValueError(
-            f"memory_budget={memory_budget} bytes holds no adapter of rank {max_rank}: one "
-            f"takes {one} bytes; raise the budget or lower max_rank."
-        )
+        raise BudgetTooSmall(memory_budget, max_rank, one)
     return PoolSizes(slots, pages, lengths(pages))

@@ -6,6 +6,8 @@ layout, B transposed)::
 
     A_pages: (pages, page_rank, k)    B_pages^T: (pages, page_rank, d)    scaling: (slots,)
 
+all in the bank's dtype (a float64 bank keeps each ``s`` as exactly as ``load_adapter`` does).
+
 An adapter of rank r takes ``ceil(r / page_rank)`` pages, the same page numbers in every layer
 (one page table per adapter), and a slot (its scaling, DoRA gain and page table): its A rows
 [0, r) spread over its pages in order, zeros beyond r. Memory is proportional to the ranks held,
@@ -56,11 +58,11 @@ class LayerStack:
     name: str
     lora_A: torch.Tensor  # (pages, page_rank, k)
     lora_B_t: torch.Tensor  # (pages, page_rank, d)
-    scaling: torch.Tensor  # (slots,) float32
+    scaling: torch.Tensor  # (slots,) in the pools' dtype
     present: set[int] = field(default_factory=set)
     scaling_values: dict[int, float] = field(default_factory=dict)  # the same, as Python floats
     base_layer: nn.Module | None = None  # the served layer's base (DoRA's row norms read W0)
-    dora_gain: torch.Tensor | None = None  # (slots + 1, d) float32: f - 1; row ``slots``: 0
+    dora_gain: torch.Tensor | None = None  # (slots + 1, d) >= float32: f - 1; row slots: 0
     dora_slots: set[int] = field(default_factory=set)
 
     @property
@@ -102,14 +104,14 @@ def page_bytes(layer: LoraLinear, page_rank: int, dtype: torch.dtype) -> int:
 def allocate_stack(
     name: str, layer: LoraLinear, slots: int, pages: int, page_rank: int, dtype: torch.dtype
 ) -> LayerStack:
-    """Zeroed pools of ``pages`` pages of ``page_rank`` rows, and ``slots`` scalings, for
-    ``layer`` (on the device of its base, packed storage included)."""
+    """Zeroed pools of ``pages`` pages of ``page_rank`` rows, and ``slots`` scalings, all of
+    ``dtype``, for ``layer`` (on the device of its base, packed storage included)."""
     d, k, device = layer.out_features, layer.in_features, layer.base_device
     return LayerStack(
         name=name,
         lora_A=torch.zeros(pages, page_rank, k, dtype=dtype, device=device),
         lora_B_t=torch.zeros(pages, page_rank, d, dtype=dtype, device=device),
-        scaling=torch.zeros(slots, dtype=torch.float32, device=device),
+        scaling=torch.zeros(slots, dtype=dtype, device=device),
         base_layer=layer.base_layer,
     )
 
@@ -141,7 +143,7 @@ def dora_slot_factors(
     norms = functional.dora_row_norms(base_sq, weight, lora_A, lora_B, scale, fan_in_fan_out)
     factor = functional.dora_factor(magnitude.to(norms.device, dtype), norms)  # (d,)
     scaled_B = (lora_B.to(norms.device, dtype) * factor[:, None]).to(lora_B.dtype)
-    return scaled_B, (factor - 1.0).float()
+    return scaled_B, factor - 1.0  # (factor's dtype; the gain table keeps >= float32)
 
 
 def _write_gain(stack: LayerStack, slot: int, gain: torch.Tensor | None) -> None:
@@ -153,7 +155,8 @@ def _write_gain(stack: LayerStack, slot: int, gain: torch.Tensor | None) -> None
         return
     if stack.dora_gain is None:
         slots, d = stack.scaling.shape[0], stack.out_features
-        stack.dora_gain = torch.zeros(slots + 1, d, device=stack.lora_A.device)
+        dtype = torch.promote_types(stack.lora_A.dtype, torch.float32)  # float64 bank: float64
+        stack.dora_gain = torch.zeros(slots + 1, d, dtype=dtype, device=stack.lora_A.device)
     stack.dora_gain[slot].copy_(gain)
     stack.dora_slots.add(slot)
 
