@@ -45,6 +45,7 @@ __all__ = [
     "refuse_other_base",
     "to_metadata",
     "unverifiable",
+    "unverified_note",
 ]
 
 METADATA_KEY = "lorakit.base_fingerprint"
@@ -244,6 +245,42 @@ def unverifiable(
         if weight.device.type != "meta":
             missing.append(name)
     return missing
+
+
+def _listed(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(sorted(names)[:limit])
+    return shown + (f" ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def unverified_note(
+    model: nn.Module,
+    stored: dict[str, dict[str, object]] | None,
+    label: object,
+    module_names: Iterable[str],
+    modules: Mapping[str, nn.Module] | None = None,
+) -> str | None:
+    """The one warning for an adapter whose base ``refuse_other_base`` cannot fully check, for
+    every path that loads one (``load_adapter``, the server, mixtures, ``--resume``); None when
+    its fingerprint covers all of ``module_names`` that are here (``unverifiable``).
+
+    ``stored`` None (written by peft or another tool): ``adapter <label> has no base-model
+    fingerprint ...``; else ``adapter <label> has a base-model fingerprint that does not cover
+    N of its modules (<names>) ...``.
+    """
+    if stored is None:
+        return (
+            f"adapter {label} has no base-model fingerprint (written by peft or another tool): "
+            "lorakit cannot verify it was trained on this base model."
+        )
+    unchecked = unverifiable(model, stored, module_names, modules)
+    if not unchecked:
+        return None
+    return (
+        f"adapter {label} has a base-model fingerprint that does not cover {len(unchecked)} of "
+        f"its modules ({_listed(unchecked)}): lorakit cannot verify those were trained on this "
+        "base model. Re-save the adapter from its base model (with the base weights in memory, "
+        "not offloaded) to record them."
+    )
 
 
 def refuse_other_base(

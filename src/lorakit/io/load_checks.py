@@ -149,22 +149,11 @@ def check_base(
     allow_base_mismatch: bool,
     modules: dict[str, nn.Module],
 ) -> None:
-    if adapter.fingerprint is None:
-        warnings.warn(
-            f"adapter {adapter.directory} has no base-model fingerprint (written by peft or "
-            "another tool): lorakit cannot verify it was trained on this base model.",
-            stacklevel=4,  # the caller of load_adapter
-        )
-        return
-    unchecked = fingerprint.unverifiable(model, adapter.fingerprint, checked, modules)
-    if unchecked:
-        warnings.warn(
-            f"adapter {adapter.directory} has a base-model fingerprint that does not cover "
-            f"{len(unchecked)} of its modules ({_listed(unchecked, 3)}): lorakit cannot verify "
-            "those were trained on this base model. Re-save the adapter from its base model "
-            "(with the base weights in memory, not offloaded) to record them.",
-            stacklevel=4,  # the caller of load_adapter
-        )
+    note = fingerprint.unverified_note(
+        model, adapter.fingerprint, adapter.directory, checked, modules
+    )
+    if note is not None:
+        warnings.warn(note, stacklevel=4)  # the caller of load_adapter
     message = fingerprint.refuse_other_base(
         model,
         adapter.fingerprint,

@@ -22,12 +22,15 @@ magnitude_prune, ``majority_sign_method`` but for ties / dare_ties, ``seed`` but
 ``ΔW = Σ wᵢ sᵢ Bᵢ Aᵢ`` (lorakit's ``cat``, rank Σ rᵢ), not PEFT's sums of the A's and B's.
 
 A mixture is computed once: ``Mixtures`` keys it by its settings and the identity of each input
-adapter's files (directory, size and modification time, so an adapter replaced at runtime gives
-a new key), keeps the combined tensors of the last ``cached`` mixtures in memory, and loads the
-result into the adapter bank under the name ``mixture:<key>``, where it is an adapter like any
-other: served in the same mixed batches, evicted by the bank's LRU policy and read back from
-memory (recombined only when the memory cache dropped it too). ``combined`` counts the
-``lorakit.combine`` calls.
+adapter's files (``registry.file_identity``: directory, each file's size, mtime, inode and ctime,
+so an adapter replaced at runtime gives a new key), keeps the combined tensors of the last
+``cached`` mixtures in memory, and loads the result into the adapter bank under the name
+``mixture:<key>``, where it is an adapter like any other: served in the same mixed batches,
+evicted by the bank's LRU policy and read back from memory (recombined only when the memory
+cache dropped it too). ``combined`` counts the ``lorakit.combine`` calls. An input whose own
+base fingerprint is missing or partial is logged as ``load_adapter`` warns
+(``fingerprint.unverified_note``); an input whose directory was deleted leaves the registry
+(``ServedAdapters.drop_if_deleted``), and the 400 answers show no server paths.
 
 A mixture names each adapter once and at most ``MAX_IDS`` of them (a 400 on
 ``merged_adapters.ids`` otherwise: repeating an adapter is giving it a larger weight). ``cat``
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import threading
 from collections import OrderedDict
@@ -57,6 +61,8 @@ from lorakit.serve.protocol import APIError
 from lorakit.serve.registry import ServedAdapters, file_identity
 
 __all__ = ["FIELD", "MAX_IDS", "PREFIX", "Mixture", "Mixtures", "parse_mixture"]
+
+log = logging.getLogger(__name__)
 
 FIELD = "merged_adapters"  # the request body field (LoRAX's name)
 PREFIX = "mixture:"  # bank names of mixtures; ':' is never part of an adapter's name
@@ -175,13 +181,16 @@ class Mixtures:
     def name_of(self, mixture: Mixture) -> str:
         """``mixture:<key>``; 400 when an input is not a served adapter."""
         inputs = []
+        registry = self.adapters.registry
         for adapter in mixture.ids:
-            if adapter not in self.adapters.registry:
+            if adapter not in registry or self.adapters.drop_if_deleted(
+                adapter, registry.path(adapter)
+            ):
                 raise _bad(
                     f"'{FIELD}.ids': the adapter {adapter!r} is not served; see GET /v1/models",
                     "ids",
                 )
-            inputs.append([adapter, *file_identity(self.adapters.registry.path(adapter))])
+            inputs.append([adapter, *file_identity(registry.path(adapter))])
         text = json.dumps([asdict(mixture), inputs], sort_keys=True)
         return PREFIX + hashlib.sha256(text.encode()).hexdigest()[:24]
 
@@ -269,13 +278,34 @@ class Mixtures:
                 seed=mixture.seed,
             )
         except (UserError, KeyError, ValueError) as error:
-            raise _bad(f"'{FIELD}' cannot be combined: {_text(error)}") from None
+            reason = registry.relative(_text(error))  # (no server paths in the answer)
+            raise _bad(f"'{FIELD}' cannot be combined: {reason}") from None
         tensors = {}
         for module, (lora_A, lora_B) in result.factors.items():
             key_A, key_B = lora_keys(module, module in result.embeddings)
             tensors[key_A], tensors[key_B] = lora_A, lora_B
-        self._check_fits(name, result, tensors)
+        self._check_fits(name, mixture.ids, result, tensors)
+        self._warn_unverified(mixture.ids, directories)
         return result.config, tensors
+
+    def _warn_unverified(self, ids: tuple[str, ...], directories) -> None:
+        """Log ``fingerprint.unverified_note`` (``load_adapter``'s warning) for each input whose
+        own fingerprint is missing or covers only some of its modules: in the mixture's union
+        another input's entry checks that input's base, not this one's."""
+        mixed = ", ".join(repr(adapter) for adapter in ids)
+        for adapter, directory in zip(ids, directories, strict=True):
+            try:
+                header = read_adapter_header(directory)
+            except UserError:  # replaced since combine read it: a new key next time
+                continue
+            note = fingerprint.unverified_note(
+                self.adapters.model,
+                header.fingerprint,
+                f"{adapter!r} (in the mixture of {mixed})",
+                sorted(lora_key_pairs(header.tensors)),
+            )
+            if note is not None:
+                log.warning("%s", note)
 
     def _check_summed_ranks(self, directories) -> None:
         """For ``cat`` (whose rank in a module is the sum of the inputs' ranks there): a 400 when
@@ -298,13 +328,15 @@ class Mixtures:
                 "adapters."
             )
 
-    def _check_fits(self, name: str, result, tensors) -> None:
+    def _check_fits(self, name: str, ids: tuple[str, ...], result, tensors) -> None:
+        """A 400 unless the combined tensors fit the bank and the inputs' fingerprint (their
+        union) fits the served base."""
         try:
             self.adapters.bank.check_shapes(name, result.config, tensors)
             fingerprint.refuse_other_base(
                 self.adapters.model,
                 result.fingerprint or None,
-                f"mixture of {', '.join(a for a in result.extra['adapters'])}",
+                f"mixture of {', '.join(repr(adapter) for adapter in ids)}",
                 list(result.factors),
                 allow_mismatch=self.adapters.allow_base_mismatch,
                 remedy="Mix adapters of the served base model.",
@@ -316,7 +348,8 @@ class Mixtures:
                     f" A mixture by 'cat' / 'linear' has the sum of the ranks; ask for "
                     f"merge_strategy 'svd' with 'rank' <= {self.adapters.bank.max_rank} instead."
                 )
-            raise _bad(f"'{FIELD}' cannot be served: {_text(error)}{hint}") from None
+            reason = self.adapters.registry.relative(_text(error))
+            raise _bad(f"'{FIELD}' cannot be served: {reason}{hint}") from None
 
 
 def _text(error: BaseException) -> str:

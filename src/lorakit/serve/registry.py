@@ -1,12 +1,18 @@
 """The adapters a server may serve: names -> PEFT directories inside one root directory.
 
 Every subdirectory of ``root`` holding an ``adapter_config.json`` is an adapter named after it.
-Runtime loads (``register``) accept only names of letters, digits, ``.``, ``_``, ``-`` and paths
-that stay inside ``root`` once resolved (no ``..``, no absolute paths). No symlinks out: a
-directory, or an adapter file in it, that resolves outside ``root`` is refused, at start-up
-(skipped with a warning), on a runtime load and on every read. Files are read with
-``lorakit.io.read_adapter`` (safetensors only, never pickle). ``read_headers`` is the start-up
-scan: configs and safetensors headers only, broken adapters skipped and reported.
+Names are 1-128 letters, digits, ``.``, ``_``, ``-`` without ``..`` (``valid_name``), at start-up
+(another directory name is skipped, with the reason in ``skipped``) and on runtime loads
+(``register``), whose paths must stay inside ``root`` once resolved (no ``..``, no absolute
+paths). An adapter whose directory is deleted while served leaves the registry on its next
+request (``ServedAdapters.drop_if_deleted``), and the messages for HTTP clients show paths
+relative to ``root`` (``AdapterRegistry.relative``). No symlinks out: a directory, or an adapter
+file in it, that resolves outside ``root`` is refused, at start-up (skipped with a warning), on
+a runtime load and on every read. Files are read with ``lorakit.io.read_adapter`` (safetensors
+only, never pickle). ``read_headers`` is the start-up scan: configs and safetensors headers
+only, broken adapters skipped and reported. An adapter whose base fingerprint is missing or
+covers only some of its modules is served with ``load_adapter``'s warning, logged
+(``fingerprint.unverified_note``).
 
 Every adapter shares the one unchanged base model, so a PiSSA / OLoRA file PEFT saved without
 conversion (``init_lora_weights`` "pissa", "pissa_niter_K", "olora"), whose factors only fit the
@@ -19,6 +25,7 @@ served base: served on that residual model, refused on the original one.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from pathlib import Path
@@ -46,6 +53,7 @@ __all__ = [
     "ServedAdapters",
     "check_base",
     "file_identity",
+    "valid_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,20 +62,36 @@ log = logging.getLogger(__name__)
 _SERVING = "serving it on the server's shared, unchanged base model"
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_NAME_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit, without '..'"
+
+
+def valid_name(name: object) -> bool:
+    """Whether ``name`` may name an adapter: ``_NAME_RULE``."""
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None and ".." not in name
 
 
 class AdapterNameError(UserError):
     """A runtime adapter name that is malformed, or reserved (the base model's name)."""
 
 
-def check_base(model: nn.Module, adapter: AdapterFile, allow_base_mismatch: bool) -> None:
+def check_base(
+    model: nn.Module, adapter: AdapterFile, allow_base_mismatch: bool, label: str | None = None
+) -> None:
     """Refuse an adapter whose saved fingerprint says it was trained on other base weights
-    (``fingerprint.refuse_other_base``); with ``allow_base_mismatch``, log it and serve it."""
+    (``fingerprint.refuse_other_base``); with ``allow_base_mismatch``, log it and serve it.
+    A fingerprint that is missing or covers only some modules is logged as a warning
+    (``fingerprint.unverified_note``, ``load_adapter``'s words). ``label``: how the messages
+    name the adapter (default: its directory)."""
+    label = adapter.directory if label is None else label
+    module_names = sorted(lora_key_pairs(adapter.tensors))
+    note = fingerprint.unverified_note(model, adapter.fingerprint, label, module_names)
+    if note is not None:
+        log.warning("%s", note)
     message = fingerprint.refuse_other_base(
         model,
         adapter.fingerprint,
-        adapter.directory,
-        sorted(lora_key_pairs(adapter.tensors)),
+        label,
+        module_names,
         allow_mismatch=allow_base_mismatch,
         remedy="Serve it with its own base model, or start the server with --allow-base-mismatch.",
     )
@@ -89,13 +113,22 @@ class AdapterRegistry:
         self._reserved: set[str] = set()
         self.skipped: dict[str, str] = {}  # name -> why it is not served (start-up scan)
         for child in sorted(self.root.iterdir()):
-            if not _NAME.fullmatch(child.name):
-                continue
             try:
-                if (child / CONFIG_NAME).is_file():
-                    self._paths[child.name] = self.inside(child, str(child))
+                if not (child / CONFIG_NAME).is_file():
+                    continue
+                if not valid_name(child.name):
+                    raise UserError(_bad_directory_name(child.name))
+                self._paths[child.name] = self.inside(child, str(child))
+            except OSError:
+                continue  # not an adapter directory we can look into (a name too long, ...)
             except UserError as error:
                 self._skip(child.name, str(error))
+
+    def relative(self, text: str) -> str:
+        """``text`` with the paths inside ``root`` written relative to it (``root`` itself as
+        ``.``): the messages sent to HTTP clients never show the server's directories."""
+        root = str(self.root)
+        return text.replace(root + os.sep, "").replace(root, ".")
 
     def _skip(self, name: str, reason: str) -> None:
         log.warning("not serving adapter %r: %s", name, reason)
@@ -120,8 +153,8 @@ class AdapterRegistry:
         for path in found:
             if not path.is_relative_to(self.root):
                 raise UserError(
-                    f"{shown} leads outside the adapter directory {self.root} (to {path}, "
-                    "through a symlink); copy the adapter into the adapter directory instead."
+                    f"{shown} leads outside the adapter directory (to {path}, through a "
+                    "symlink); copy the adapter into the adapter directory instead."
                 )
         return resolved
 
@@ -167,11 +200,8 @@ class AdapterRegistry:
             self._reserved.add(name)
 
     def check_name(self, name: object) -> str:
-        if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
-            raise AdapterNameError(
-                f"adapter name {name!r} is invalid: use 1-128 letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit."
-            )
+        if not valid_name(name):
+            raise AdapterNameError(f"adapter name {name!r} is invalid: use {_NAME_RULE}.")
         with self._lock:
             if name in self._reserved:
                 raise AdapterNameError(
@@ -219,16 +249,27 @@ class AdapterRegistry:
             del self._paths[name]
 
 
+def _bad_directory_name(name: str) -> str:
+    """Why the adapter directory ``name`` is not served at start-up, and the ways out."""
+    return (
+        f"its directory name {name[:200]!r} is not a valid adapter name ({_NAME_RULE}); rename "
+        "the directory, or load it with /v1/load_lora_adapter lora_name=<valid name> "
+        "lora_path=<the directory name>."
+    )
+
+
 def file_identity(directory: Path) -> list[object]:
-    """``[directory, size and mtime of the config, of the weights]`` of an adapter directory
-    (None for a missing file): what changes when its files are replaced."""
+    """``[directory, size, mtime, inode and ctime of the config, the same of the weights]`` of
+    an adapter directory (None for a missing file): what changes when its files are replaced,
+    also by a copy of the same size that keeps the old mtime (``cp -p``, ``rsync -a``: the
+    ctime still moves, and a new file has a new inode)."""
     stamps: list[object] = [str(directory)]
     for file_name in (CONFIG_NAME, WEIGHTS_NAME):
         try:
             found = (directory / file_name).stat()
-            stamps += [found.st_size, found.st_mtime_ns]
+            stamps += [found.st_size, found.st_mtime_ns, found.st_ino, found.st_ctime_ns]
         except OSError:
-            stamps += [None, None]
+            stamps += [None, None, None, None]
     return stamps
 
 
@@ -251,19 +292,27 @@ class ServedAdapters:
 
     def _read(self, name: str, path: Path) -> AdapterFile:
         """The adapter files at ``path``: keys and shapes checked against the bank from the header
-        before the data is read, values and base fingerprint after."""
-        path = self.registry.inside(path, str(path))
-        header = read_adapter_header(path)
-        refuse_residual_base_factors(header, _SERVING, fingerprint_checked=True)
-        self.bank.check_shapes(name, header.config, header.tensors)
-        adapter = read_adapter_data(header)  # (refused if the tensors changed since the header)
-        adapter.require_finite()
-        check_base(self.model, adapter, self.allow_base_mismatch)
+        before the data is read, values and base fingerprint after. A ``UserError``'s message
+        shows paths relative to the adapter directory (``AdapterRegistry.relative``)."""
+        try:
+            path = self.registry.inside(path, name)
+            header = read_adapter_header(path)
+            refuse_residual_base_factors(header, _SERVING, fingerprint_checked=True)
+            self.bank.check_shapes(name, header.config, header.tensors)
+            adapter = read_adapter_data(header)  # (refused if the tensors changed meanwhile)
+            adapter.require_finite()
+            check_base(self.model, adapter, self.allow_base_mismatch, label=repr(name))
+        except UserError as error:  # (same type, for the callers' except clauses)
+            error.args = (self.registry.relative(str(error)), *error.args[1:])
+            raise
         return adapter
 
     def read(self, name: str):
-        """``(config, tensors)`` of a registered adapter, its base fingerprint checked."""
+        """``(config, tensors)`` of a registered adapter, its base fingerprint checked;
+        ``KeyError`` when it is unknown, or its directory was deleted (``drop_if_deleted``)."""
         path = self.registry.path(name)
+        if self.drop_if_deleted(name, path):
+            raise KeyError(f"adapter {name!r} is no longer served: its directory was deleted")
         identity = file_identity(path)  # before reading: a change meanwhile is seen later
         adapter = self._read(name, path)
         self._identities[name] = identity
@@ -271,9 +320,34 @@ class ServedAdapters:
 
     def ensure_loaded(self, name: str) -> None:
         """Put a registered adapter into the bank if it is not there (LRU may evict another),
-        or read it again if its files were replaced since (``_drop_if_replaced``)."""
+        or read it again if its files were replaced since (``_drop_if_replaced``). ``KeyError``
+        when it is unknown, or its directory was deleted (``drop_if_deleted``)."""
+        if self.drop_if_deleted(name, self.registry.path(name)):
+            raise KeyError(f"adapter {name!r} is no longer served: its directory was deleted")
         self._drop_if_replaced(name)
         self.bank.ensure_loaded(name, self.read)
+
+    def drop_if_deleted(self, name: str, path: Path) -> bool:
+        """Whether the directory ``path`` of adapter ``name`` is gone; then ``name`` is evicted
+        and unregistered in one step under the bank's lock, as ``remove`` does (it leaves
+        ``/v1/models``), unless a running request still uses it: then it stays until the next
+        request after that one looks again."""
+        try:
+            if path.is_dir():
+                return False
+        except OSError:  # (a name the file system refuses: not a directory it has)
+            pass
+        with self.bank.lock:
+            try:
+                if self.registry.path(name) != path:
+                    return True  # removed (or added again) meanwhile
+                self.bank.forget(name)
+            except (KeyError, AdapterInUseError):
+                return True
+            self.registry.unregister(name)
+            self._identities.pop(name, None)
+        log.warning("adapter %r: its directory %s was deleted; no longer served", name, path)
+        return True
 
     def _drop_if_replaced(self, name: str) -> None:
         """Evict ``name`` when its files changed since they were read, so that the load that

@@ -24,6 +24,7 @@ difference is refused, naming the way to resume.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -190,8 +191,10 @@ _BASE_REMEDY = (
 def check_resume_base(model: nn.Module, directory: Path, adapter_name: str) -> None:
     """``BaseModelMismatchError`` (a ``UserError``) when the base weights of ``model`` are not
     those the checkpoint in ``directory`` was trained on: its ``adapter/`` holds their
-    fingerprint (``lorakit.io.fingerprint``). A checkpoint without one (no ``adapter/``, or an
-    adapter file without the fingerprint) is not checked. Call it before the model is sharded."""
+    fingerprint (``lorakit.io.fingerprint``). A checkpoint without ``adapter/`` is not checked;
+    an adapter file without the fingerprint, or one that does not cover every adapted module,
+    is checked where it can be, with ``load_adapter``'s warning
+    (``fingerprint.unverified_note``). Call it before the model is sharded."""
     from lorakit.io import fingerprint
     from lorakit.io.read import read_adapter_header
     from lorakit.state import lora_layers
@@ -202,6 +205,9 @@ def check_resume_base(model: nn.Module, directory: Path, adapter_name: str) -> N
     stored = read_adapter_header(adapter).fingerprint
     names = [name for name, layer in lora_layers(model) if adapter_name in layer.ranks]
     remedy = _BASE_REMEDY.format(hint=_settings_hint(directory, "; ", ""))
+    note = fingerprint.unverified_note(model, stored, adapter, names)
+    if note is not None:
+        warnings.warn(note, stacklevel=2)  # the caller of check_resume_base
     fingerprint.refuse_other_base(
         model, stored, adapter, names, allow_mismatch=False, remedy=remedy
     )
