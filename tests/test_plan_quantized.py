@@ -164,7 +164,7 @@ def test_a_cpu_format_that_would_quantize_nothing_is_a_user_error(tmp_path):
 def test_fsdp_on_a_quantized_base_is_refused_as_lorakit_train_refuses_it(quantization):
     """``lorakit train --strategy fsdp`` on several processes refuses a quantized base
     (``check_shardable``): the plan prints no per-device figures for it either, and says what
-    to do instead. (One process shards nothing, and trains: so plans it.)"""
+    to do instead. (One process shards nothing: train refuses FSDP there, and so does plan.)"""
     from lorakit.train.fsdp import check_shardable
 
     with pytest.raises(UserError) as planned:
@@ -182,8 +182,8 @@ def test_fsdp_on_a_quantized_base_is_refused_as_lorakit_train_refuses_it(quantiz
     # what it advises is planned
     ddp = plan("llama-2-7b", quantization=quantization, devices=4, strategy="ddp")
     assert ddp.per_device_training_bytes == ddp.lora_training_bytes
-    single = plan("llama-2-7b", quantization=quantization, devices=1, strategy="fsdp")
-    assert single.base_bytes == ddp.base_bytes
+    with pytest.raises(UserError, match="--strategy fsdp shards across processes"):
+        plan("llama-2-7b", quantization=quantization, devices=1, strategy="fsdp")
     assert plan("llama-2-7b", devices=4, strategy="fsdp").per_device_training_bytes > 0
 
 

@@ -36,7 +36,8 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False,
         "torch_dtype": "float16",
     },
-    # HuggingFaceTB/SmolLM2-135M-Instruct config.json.
+    # HuggingFaceTB/SmolLM2-135M-Instruct config.json (its bfloat16 is not what lorakit loads:
+    # build_meta_model plans a lorakit built-in model in load_model's dtype, float32).
     "smollm2-135m-instruct": {
         **_LLAMA_DEFAULTS,
         "hidden_size": 576,
@@ -56,6 +57,9 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
 
 def build_meta_model(spec: str, dtype: str | None = None) -> tuple[nn.Module, str]:
     """The model named by ``spec`` on the meta device (no memory), and its dtype's name.
+
+    The dtype is ``dtype`` when given, else the one ``lorakit.models.load_model`` gives a lorakit
+    built-in model (float32), else the config's ``torch_dtype`` (float32 if none).
 
     The class is the config's first ``architectures`` entry (e.g. ``LlamaForCausalLM``,
     ``BertModel``) when that is a model class of the config's family; otherwise (none, an Auto
@@ -78,7 +82,7 @@ def build_meta_model(spec: str, dtype: str | None = None) -> tuple[nn.Module, st
         config = transformers.AutoConfig.for_model(model_type, **values)
     except _CONFIG_ERRORS as error:
         raise UserError(f"model spec {spec!r}: invalid config: {_first_line(error)}") from None
-    dtype_name = _dtype_name(dtype or config_dtype or "float32")
+    dtype_name = _dtype_name(dtype or _loaded_dtype(spec) or config_dtype or "float32")
     model_class = _architecture_class(values.get("architectures"), config)
     try:
         with torch.device("meta"):
@@ -95,6 +99,20 @@ def build_meta_model(spec: str, dtype: str | None = None) -> tuple[nn.Module, st
             f"from its config: {_first_line(error)}"
         ) from None
     return model.to(getattr(torch, dtype_name)), dtype_name
+
+
+def _loaded_dtype(spec: str) -> str | None:
+    """The dtype ``lorakit.models.load_model`` gives a lorakit built-in model (its ``dtype``
+    default, float32; not the published config's ``torch_dtype``: SmolLM2's says bfloat16), so
+    that a plan of ``smollm2-135m-instruct`` is that of the model ``lorakit train`` loads; None
+    for any other spec (its config's dtype stands)."""
+    import inspect
+
+    from lorakit.models import BUILTIN_MODELS, load_model
+
+    if spec.lower() not in BUILTIN_MODELS:
+        return None
+    return str(inspect.signature(load_model).parameters["dtype"].default).removeprefix("torch.")
 
 
 def _architecture_class(architectures: Any, config: Any) -> type | None:

@@ -7,6 +7,8 @@ numbers are exactly those of a real run. The memory model (GB = 1e9 bytes)::
     full fine-tuning  = P_base * 16 bytes            (fp32 weight + gradient + AdamW m and v)
     LoRA training     = P_frozen * b_dtype + P_trainable * 16 bytes
     adapter file      = P_trainable * 4 (float32) or * 2 (bfloat16) bytes of tensors
+                        + its header (the safetensors JSON: per tensor its key, dtype, shape
+                        and offsets; the config; the base fingerprint, ~470 bytes a module)
     inference merged  = P_base * b_dtype
     base + N adapters = P_base * b_dtype + N * P_trainable * b_adapter
                         (b_adapter: ``inject.default_adapter_dtype``, float32 on a float16 or
@@ -44,6 +46,7 @@ from lorakit.activations import Activations, training_activations
 from lorakit.config import LoraConfig
 from lorakit.errors import UserError
 from lorakit.inject import default_adapter_dtype, inject
+from lorakit.io.planned_size import adapter_header_bytes
 from lorakit.layer_groups import adapted_size, layer_group
 from lorakit.meta_model import BUILTIN_CONFIGS, build_meta_model
 from lorakit.positions import learned_position_limit, max_positions
@@ -105,6 +108,7 @@ class Plan:
     quantized_weights: tuple[int, int] = (0, 0)  # (weights, bytes) stored quantized
     activations: Activations | None = None  # per device; None: see activations_error
     activations_error: str = ""
+    adapter_header_bytes: tuple[int, int] = (0, 0)  # the file's header in float32, bfloat16
 
     @property
     def dtype_bytes(self) -> int:
@@ -125,8 +129,13 @@ class Plan:
 
     @property
     def adapter_file_bytes(self) -> dict[str, int]:
-        """Tensor bytes of the saved adapter per storage dtype (the header adds a few KB)."""
-        return {"float32": self.trainable_parameters * 4, "bfloat16": self.trainable_parameters * 2}
+        """Bytes of the saved adapter file per storage dtype: ``P_trainable * 4`` (float32) or
+        ``* 2`` (bfloat16) of tensors plus ``adapter_header_bytes``."""
+        header_float32, header_bfloat16 = self.adapter_header_bytes
+        return {
+            "float32": self.trainable_parameters * 4 + header_float32,
+            "bfloat16": self.trainable_parameters * 2 + header_bfloat16,
+        }
 
     @property
     def full_finetune_bytes(self) -> int:
@@ -231,15 +240,17 @@ def plan(
 ) -> Plan:
     """Count a LoRA setup on ``model`` (built-in name, HF model directory or config.json).
 
-    ``lora_alpha`` defaults to ``2 * r``; ``dtype`` to the config's dtype (float32 if none);
+    ``lora_alpha`` defaults to ``2 * r``; ``dtype`` to the dtype ``lorakit.models.load_model``
+    gives a lorakit built-in model (float32), else the config's dtype (float32 if none);
     ``devices`` and ``strategy`` ("ddp" or "fsdp") give the per-device training memory;
     ``quantization`` (nf4, fp4, int8, q4_0, q4_1, q8_0, int8-rows, int4-groups) stores the base's
-    linears quantized (``lorakit.quantized.footprint``; with ``strategy="fsdp"`` on several
-    devices it is a ``UserError``, as ``lorakit train`` refuses that setup); ``batch_size``
+    linears quantized (``lorakit.quantized.footprint``; with ``strategy="fsdp"`` it is a
+    ``UserError``, as ``lorakit train`` refuses that setup, and so is FSDP on one device);
+    ``batch_size``
     sequences of ``seq_len`` tokens (default 2048, or the model's maximum when shorter) per
     device, with LoRA dropout ``lora_dropout``, give the activations (``lorakit.activations``).
     """
-    _check_run_shape(devices, strategy, batch_size, seq_len)
+    _check_run_shape(devices, strategy, batch_size, seq_len, num_adapters)
     meta_model, dtype_name = build_meta_model(model, dtype)
     config = _lora_config(r, lora_alpha, target_modules, lora_dropout, _task_type(meta_model))
     base_parameters = count_parameters(meta_model).total
@@ -247,6 +258,9 @@ def plan(
     _check_shardable(strategy, devices, quantization)
     _inject_on_meta(meta_model, config)
     counts = count_parameters(meta_model)
+    header_bytes = adapter_header_bytes(
+        meta_model, dataclasses.replace(config, base_model_name_or_path=model)
+    )
     _check_positions(meta_model, seq_len)
     activations, activations_error = _activations(meta_model, batch_size, seq_len, lora_dropout)
     return Plan(
@@ -265,19 +279,34 @@ def plan(
         quantized_weights=quantized_weights,
         activations=activations,
         activations_error=activations_error,
+        adapter_header_bytes=header_bytes,
         **_fsdp_units(meta_model),
     )
 
 
-def _check_run_shape(devices: int, strategy: str, batch_size: int, seq_len: int | None) -> None:
-    """Refuse a device count below 1, a strategy other than "ddp" / "fsdp", and a batch size or
-    sequence length below 1 (``UserError``, in the CLI's option names)."""
+def _check_run_shape(
+    devices: int, strategy: str, batch_size: int, seq_len: int | None, num_adapters: int = 1
+) -> None:
+    """Refuse a device count below 1, a strategy other than "ddp" / "fsdp", FSDP on one device
+    (``lorakit train`` refuses it: ``train.distributed.check_strategy``), a batch size or
+    sequence length below 1 and a negative ``num_adapters`` (``UserError``, in the CLI's option
+    names)."""
     if devices < 1 or strategy not in ("ddp", "fsdp"):
         raise UserError(
             f"--devices must be >= 1 and --strategy ddp or fsdp (got {devices}, {strategy!r})"
         )
+    if strategy == "fsdp" and devices < 2:
+        raise UserError(
+            f"--strategy fsdp shards across processes (got --devices {devices}): give "
+            "--devices 2 or more, or drop --strategy fsdp to plan one process"
+        )
     if batch_size < 1 or (seq_len is not None and seq_len < 1):
         raise UserError(f"--batch-size and --seq-len must be >= 1 (got {batch_size}, {seq_len})")
+    if num_adapters < 0:
+        raise UserError(
+            f"num_adapters (--adapters) must be >= 0, the adapters served beside one base "
+            f"(got {num_adapters})"
+        )
 
 
 def _inject_on_meta(meta_model: nn.Module, config: LoraConfig) -> None:
@@ -291,8 +320,8 @@ def _inject_on_meta(meta_model: nn.Module, config: LoraConfig) -> None:
 
 def _check_shardable(strategy: str, devices: int, quantization: str | None) -> None:
     """Refuse what ``lorakit train`` refuses (``lorakit.train.fsdp.check_shardable``, with its
-    words): FSDP on several devices cannot shard a quantized base yet. (One process shards
-    nothing: train runs it, so it is planned.)"""
+    words): FSDP (on 2 or more devices: ``_check_run_shape``) cannot shard a quantized base
+    yet."""
     if strategy == "fsdp" and devices > 1 and quantization is not None:
         from lorakit.train.fsdp import quantized_base_error
 

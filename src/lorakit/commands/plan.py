@@ -32,7 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="comma-separated module names (e.g. q_proj,v_proj) or 'all-linear' (default)",
     )
     parser.add_argument(
-        "--dtype", default=None, help="dtype of the frozen base (default: the config's)"
+        "--dtype",
+        default=None,
+        help="dtype of the frozen base (default: float32 for lorakit's built-in models, as "
+        "lorakit loads them; else the config's)",
     )
     _add_memory_options(parser)
     _add_activation_options(parser)

@@ -111,9 +111,22 @@ def quantized_base(model: nn.Module, quantization: str) -> tuple[int, int]:
     bytes of its quantized layers."""
     if quantization in WEIGHT_ONLY:
         return _weight_only_base(model, quantization)
-    linears = [module for _, module in quantized_linears(model)]
-    weights = sum(module.weight.numel() for module in linears)
-    return weights, sum(weight_bytes(quantization, *linear_shape(m)) for m in linears)
+    linears = quantized_linears(model)
+    weights = sum(module.weight.numel() for _, module in linears)
+    return weights, sum(_layer_bytes(quantization, name, module) for name, module in linears)
+
+
+def _layer_bytes(quantization: str, name: str, module: nn.Module) -> int:
+    """``weight_bytes`` of the layer ``name``; a GGUF row that is not whole blocks is a
+    ``ValueError`` naming the layer and the formats that take it."""
+    out_features, in_features = linear_shape(module)
+    if quantization in GGUF_BLOCK_BYTES and in_features % GGUF_BLOCK:
+        raise ValueError(
+            f"a {quantization} row holds whole blocks of {GGUF_BLOCK} weights, but layer {name} "
+            f"has in_features={in_features}, not a multiple; choose nf4, fp4, int8, int8-rows or "
+            "int4-groups (int4-groups leaves such a layer in float)"
+        )
+    return weight_bytes(quantization, out_features, in_features)
 
 
 def _weight_only_base(model: nn.Module, quantization: str) -> tuple[int, int]:

@@ -1,0 +1,75 @@
+"""The size of an adapter file before it is written (``lorakit plan``'s adapter file).
+
+``save_adapter`` writes a safetensors file: 8 bytes of length, a JSON header padded to 8 bytes,
+then the tensors. Besides the tensors' bytes (``P_trainable * 4`` in float32, ``* 2`` in
+bfloat16) the header holds per tensor ``"key":{"dtype":"F32","shape":[r,k],"data_offsets":
+[begin,end]}`` and the metadata: "format", the config (``io.config_json``) and the base
+fingerprint (``io.fingerprint``: per adapted module its shape, dtype, a digest and its samples,
+about 470 bytes), so a header is ~0.5 KB per adapted module. Computed here on a model whose
+weights may be on the meta device (no data is read): the same JSON ``io.header.serialize``
+writes, with stand-in samples of the fingerprint's size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from torch import nn
+
+from lorakit.config import LoraConfig
+
+__all__ = ["adapter_header_bytes", "header_bytes"]
+
+
+def adapter_header_bytes(model: nn.Module, config: LoraConfig) -> tuple[int, int]:
+    """Bytes of ``save_adapter``'s file besides its tensors, saved in float32 and in bfloat16,
+    for the adapter "default" injected (on the meta device) into ``model`` with ``config``:
+    the 8-byte length and the JSON header (``io.header.serialize``, padded to 8 bytes) holding
+    per tensor ``"key":{"dtype":"F32","shape":[r,k],"data_offsets":[begin,end]}`` and the
+    metadata: "format", the config (``io.config_json``) and the base fingerprint
+    (``io.fingerprint``: per adapted module its shape, dtype, a 32-hex digest and its 64
+    samples' float32 bytes in base64, ~470 bytes)."""
+    from lorakit.io import fingerprint
+    from lorakit.io.config_json import config_to_json
+    from lorakit.io.keys import model_tensor
+    from lorakit.io.read import CONFIG_METADATA_KEY
+    from lorakit.io.save import adapter_file_entries
+
+    entries, lora_names = adapter_file_entries(model, "default", [])
+    shapes = {entry.key: list(model_tensor(model, entry, "default").shape) for entry in entries}
+    layers = {name: model.get_submodule(name) for name in lora_names}
+    fingerprints = {name: _fingerprint_stand_in(layer) for name, layer in layers.items()}
+    bases = [layer.base_layer for layer in layers.values()]
+    metadata = {
+        "format": "pt",
+        fingerprint.METADATA_KEY: fingerprint.to_metadata(fingerprints),
+        CONFIG_METADATA_KEY: config_to_json(model, config, bases),
+    }
+    return header_bytes(shapes, metadata, "F32", 4), header_bytes(shapes, metadata, "BF16", 2)
+
+
+def _fingerprint_stand_in(layer: nn.Module) -> dict[str, object]:
+    """A fingerprint entry of the size ``io.fingerprint.compute`` writes for ``layer``'s base
+    weight (its shape and dtype; zeros stand in for the samples a meta weight does not have)."""
+    from lorakit.io import fingerprint
+
+    weight, dtype_name = fingerprint.base_identity(layer)
+    samples = torch.zeros(min(fingerprint.SAMPLES, weight.numel()))
+    return fingerprint.weight_fingerprint(samples, dtype_name) | {"shape": list(weight.shape)}
+
+
+def header_bytes(
+    shapes: dict[str, list[int]], metadata: dict[str, str], code: str, itemsize: int
+) -> int:
+    """8 + the padded JSON header of a safetensors file of ``shapes`` (one dtype, ``code``,
+    ``itemsize`` bytes an element; tensors laid out by key) and ``metadata`` (sorted keys)."""
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for key in sorted(shapes):
+        size = itemsize * math.prod(shapes[key])
+        header[key] = {"dtype": code, "shape": shapes[key], "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return 8 + len(text) + -len(text) % 8
