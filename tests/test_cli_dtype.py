@@ -116,3 +116,35 @@ def test_an_unknown_dtype_is_refused_by_name(capsys, model_dir):
     assert cli.main(["eval", "--data", "x.jsonl", "--dtype", "float8"]) == 2
     err = capsys.readouterr().err
     assert "argument --dtype: invalid choice: 'float8'" in err and "'bfloat16'" in err
+
+
+@pytest.mark.parametrize("quantization", ["int8-rows", "int4-groups", "nf4"])
+def test_a_quantized_base_has_the_same_codes_in_every_dtype(tmp_path, model_dir, quantization):
+    """The codes come from the float32 checkpoint whatever --dtype, so an adapter trained on
+    the float32-loaded quantized base is served on its bfloat16 load (its fingerprint holds)."""
+    from lorakit.models import load_model
+    from lorakit.quantized import storage
+
+    trained, _ = load_model(str(model_dir), quantization=quantization)
+    lorakit.inject(trained, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    tiny_models.randomize_adapters(trained, std=0.3)
+    save_adapter(trained, tmp_path / "adapter")
+    served, _ = load_model_and_adapter(
+        str(model_dir), str(tmp_path / "adapter"), quantization=quantization, dtype="bfloat16"
+    )
+    assert served.model.embed_tokens.weight.dtype == torch.bfloat16
+    for name in ("self_attn.q_proj", "mlp.down_proj"):
+        ours = served.model.layers[0].get_submodule(name).base_layer
+        theirs = trained.model.layers[0].get_submodule(name).base_layer
+        mine, original = storage(ours), storage(theirs)
+        assert mine.keys() == original.keys()
+        for key in mine:
+            assert torch.equal(mine[key], original[key]), (name, key)
+    ids = torch.tensor([[5, 9, 14, 3, 27, 8]])
+    with torch.no_grad():
+        expected, got = trained(ids).logits, served(ids).logits
+        with lorakit.disabled(trained):
+            unadapted = trained(ids).logits
+    assert got.dtype == torch.bfloat16
+    error = (got.float() - expected).abs().max()
+    assert error < 0.25 * (expected - unadapted).abs().max(), error

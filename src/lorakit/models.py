@@ -344,7 +344,8 @@ def load_model(
     ``quantization``: ``nf4``, ``fp4``, ``int8`` (bitsandbytes, on the CPU), ``gguf`` (the
     blocks of a built-in GGUF model's file), ``int8-rows`` or ``int4-groups`` (lorakit's
     weight-only int8 / 4-bit, the fast CPU decode) for a quantized frozen base
-    (docs/quantized.md).
+    (docs/quantized.md): quantized from the float32 weights whatever ``dtype``, which is then
+    the dtype of everything else (embeddings, norms, biases) and of the compute.
     """
     check_model_spec(spec, task)
     if task == "seq-cls" and not (isinstance(num_labels, int) and num_labels >= 1):
@@ -373,14 +374,18 @@ def load_model(
         }
     if task == "causal-lm":  # (a seq-cls head is new: its weights are missing by design)
         options["output_loading_info"] = True
+    # A quantized base is quantized from the checkpoint's float32 weights whatever ``dtype``
+    # (the codes an adapter's fingerprint records do not depend on it); the rest is cast after.
+    load_dtype = dtype if quantization is None else torch.float32
     with transformers_progress_bars(progress), loading_errors(directory):
-        model = auto.from_pretrained(directory, dtype=dtype, local_files_only=True, **options)
+        model = auto.from_pretrained(directory, dtype=load_dtype, local_files_only=True, **options)
     if task == "causal-lm":
         model, info = model
         _refuse_missing_weights(directory, model, info)
     if quantization is not None:
-        from lorakit.quantized.loading import quantize_loaded
+        from lorakit.quantized.loading import cast_unquantized, quantize_loaded
 
         quantize_loaded(model, quantization, gguf_file)
+        cast_unquantized(model, dtype)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer

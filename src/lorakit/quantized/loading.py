@@ -37,6 +37,7 @@ from lorakit.errors import UserError
 __all__ = [
     "QUANTIZATIONS",
     "bitsandbytes_config",
+    "cast_unquantized",
     "check_quantization",
     "keep_4bit_storage",
     "quantize_loaded",
@@ -122,6 +123,21 @@ def quantize_loaded(model: torch.nn.Module, quantization: str, gguf_file: Path |
         quantize_linears(weight_only_part(model))
     else:
         keep_4bit_storage(model)
+
+
+def cast_unquantized(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast, in place, the floating-point parameters of ``model``'s modules that no quantized
+    backend runs (embeddings, norms, a float head) to ``dtype``, as ``from_pretrained(dtype=)``
+    would have loaded them; quantized layers keep their storage (their kernels cast their bias
+    and output to the input's dtype), and buffers (rotary frequencies) stay as loaded."""
+    from lorakit.quantized import is_quantized
+
+    for module in model.modules():
+        if is_quantized(module):
+            continue
+        for parameter in module.parameters(recurse=False):
+            if parameter.is_floating_point() and parameter.dtype != dtype:
+                parameter.data = parameter.data.to(dtype)
 
 
 def weight_only_part(model: torch.nn.Module) -> torch.nn.Module:
