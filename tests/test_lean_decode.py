@@ -321,3 +321,40 @@ def test_a_float32_bank_beside_a_bfloat16_base_adds_the_siblings_in_one_product(
     assert lean.dtype == torch.bfloat16
     error = (lean.float() - own.float()).abs().max()
     assert error < 3e-2 < (own.float() - without.float()).abs().max()
+
+
+def test_the_one_adapter_route_adds_in_the_banks_dtype_per_layer_and_for_siblings():
+    """Beside a bfloat16 base a float32 bank's adapter is computed in float32 by the per-layer
+    call and by the siblings' shared product alike (x cast up, one rounding into the output):
+    every element within one bfloat16 rounding of the float64 value (the adapter cast down to
+    bfloat16 rounded A, the rank-side product and B too)."""
+    from lorakit.serve.one_adapter import OneAdapterRouter
+
+    model = family_model("llama").to(torch.bfloat16)
+    prepare_for_serving(model, "all-linear")
+    bank = AdapterBank(model, max_rank=4, capacity=2, page_rank=2)
+    bank.load_from_model("all", served_reference(), "all")
+    router = OneAdapterRouter(bank, 0)
+    attention = model.model.layers[0].self_attn
+    layers = [attention.q_proj, attention.k_proj, attention.v_proj]
+    x = torch.randn(5, SIZES["hidden_size"]).to(torch.bfloat16)
+    widths = [layer.out_features for layer in layers]
+    with torch.inference_mode():
+        per_layer = torch.cat(
+            [
+                router(layer, x, torch.zeros(5, w, dtype=x.dtype))
+                for layer, w in zip(layers, widths, strict=True)
+            ],
+            dim=1,
+        )
+        shared = torch.zeros(5, sum(widths), dtype=x.dtype)
+        assert router.add_siblings(layers, widths, x, shared)
+    exact = []
+    for layer in layers:
+        stack = bank.stack_for(layer)
+        lora_A, lora_B_t = router.factors(stack)
+        exact.append(x.double() @ lora_A.double().T @ lora_B_t.double() * stack.scaling_values[0])
+    exact = torch.cat(exact, dim=1)
+    one_rounding = exact.abs() * 2.0**-8 * 1.01 + 1e-6  # bfloat16's unit roundoff, per element
+    assert ((per_layer.double() - exact).abs() <= one_rounding).all()
+    assert ((shared.double() - exact).abs() <= one_rounding).all()

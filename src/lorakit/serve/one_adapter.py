@@ -93,8 +93,9 @@ class OneAdapterRouter:
         flat_x = x.reshape(rows, x.shape[-1])
         if flat_x.dtype == lora_A.dtype == out.dtype:
             functional.add_lora_forward_(out, flat_x, lora_A, lora_B_t, scale)
-        else:  # e.g. a float32 bank beside a bfloat16 base: the adapter in x's dtype
-            out += functional.lora_forward(flat_x, lora_A, lora_B_t.T, scale).to(out.dtype)
+        else:  # a float32 bank beside a 16-bit base: in the bank's dtype, as the batched op
+            wide_x = flat_x.to(lora_A.dtype)
+            out += functional.lora_forward(wide_x, lora_A, lora_B_t.T, scale).to(out.dtype)
         return base_output
 
     def add_siblings(
