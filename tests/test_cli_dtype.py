@@ -148,3 +148,36 @@ def test_a_quantized_base_has_the_same_codes_in_every_dtype(tmp_path, model_dir,
     assert got.dtype == torch.bfloat16
     error = (got.float() - expected).abs().max()
     assert error < 0.25 * (expected - unadapted).abs().max(), error
+
+
+def test_train_dtype_trains_a_float32_adapter_on_a_bfloat16_base(
+    tmp_path, monkeypatch, model_dir, jsonl
+):
+    """``lorakit train --dtype bfloat16``: the base loads in bfloat16, the adapter (and so its
+    optimizer state) is float32 and trains, the run records the dtype, and the adapter loads
+    onto the float32 model without a base-mismatch (the fingerprint holds within bf16)."""
+    import warnings
+
+    from lorakit.models import load_model
+    from tests.cli_runs import train_cli
+
+    seen = {}
+
+    def loading(*args, **kwargs):
+        model, tokenizer = load_model(*args, **kwargs)
+        seen["dtype"] = model.model.embed_tokens.weight.dtype
+        return model, tokenizer
+
+    monkeypatch.setattr("lorakit.models.load_model", loading)
+    settings = ("--steps", "3", "--batch-size", "4", "--lr", "1e-2", "--dtype", "bfloat16")
+    assert train_cli(model_dir, jsonl, tmp_path / "run", *settings, "--r", "4") == 0
+    assert seen == {"dtype": torch.bfloat16}
+    recorded = json.loads((tmp_path / "run" / "train_settings.json").read_text())
+    assert recorded["dtype"] == "bfloat16"
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_adapter(model, tmp_path / "run" / "adapter", activate=True)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    assert layer.lora_B["default"].weight.abs().max() > 0  # B moved from its zero start

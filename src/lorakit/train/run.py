@@ -88,7 +88,9 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     prepare_output_dir(training.output_dir, **where, delete=False)  # refuse before loading
     resumed = checkpoint_to_resume(training.output_dir, job.resume)  # (None: a new run)
     start_step = 0 if resumed is None else read_state(resumed)["step"]
-    model, tokenizer = load_model(job.model, progress=False, quantization=job.quantization)
+    model, tokenizer = load_model(
+        job.model, progress=False, quantization=job.quantization, dtype=getattr(torch, job.dtype)
+    )
     check_max_length(model, job.max_length)  # GPT-2's position table: no longer examples
     torch.manual_seed(training.seed)  # the adapter's initial A, whatever the loading drew
     _inject_lora(model, lora)
