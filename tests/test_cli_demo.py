@@ -223,3 +223,37 @@ def test_an_output_holding_a_training_run_is_refused_before_the_model_loads(tmp_
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file"):
         _claim_output(tmp_path / "file")
+
+
+def test_a_directory_with_someone_elses_summary_json_is_refused_and_kept(tmp_path, model_dir):
+    """Only a demo's own summary.json (from before the marker file) claims a directory: a
+    ``lorakit train`` run holding a user's summary.json and predictions is left whole."""
+    from lorakit.demo import run_demo
+
+    output = tmp_path / "demo"
+    output.mkdir()
+    files = {
+        "summary.json": '{"accuracy": 0.9, "notes": "mine"}\n',
+        "predictions.jsonl": '{"id": 1}\n',
+        "train_settings.json": "{}\n",
+    }
+    for name, text in files.items():
+        (output / name).write_text(text)
+    with pytest.raises(UserError, match="holds files that are not a demo's"):
+        run_demo(demo_settings(output, model_dir))
+    assert {path.name: path.read_text() for path in output.iterdir()} == files
+
+
+def test_a_summary_json_of_a_demo_from_before_the_marker_still_claims_its_directory(
+    tmp_path, monkeypatch, model_dir
+):
+    import lorakit.demo
+
+    output = tmp_path / "demo"
+    output.mkdir()
+    old = {"zero_shot_accuracy": 0.6, "fine_tuned_accuracy": 0.7, "held_out_reviews": 8}
+    (output / "summary.json").write_text(json.dumps(old | {"adapter_dir": "demo/adapter"}))
+    monkeypatch.setattr(lorakit.demo, "_train", lambda *a, **k: (_ for _ in ()).throw(OSError))
+    with pytest.raises(OSError):  # claimed (no UserError), then stopped before training
+        lorakit.demo.run_demo(demo_settings(output, model_dir))
+    assert sorted(path.name for path in output.iterdir()) == [lorakit.demo.DEMO_MARKER]

@@ -276,7 +276,7 @@ it trains, so that an interrupted rerun never leaves them beside another adapter
 
 def _claim_output(output: Path) -> None:
     """Make ``output`` the demo's: absent, empty or a previous demo's (``DEMO_MARKER``, or the
-    ``summary.json`` that demos wrote before the marker existed), since
+    ``summary.json`` that demos wrote before the marker existed: ``_is_demo_summary``), since
     the demo replaces its adapter, checkpoints and metrics; any other directory (a ``lorakit
     train`` run, say) is refused before the model loads, so nothing of it is lost. A previous
     demo's ``RESULT_FILES`` are removed (after the marker is written, so that the directory
@@ -285,8 +285,8 @@ def _claim_output(output: Path) -> None:
 
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; give a directory for the demo's results")
-    earlier_demo = (output / DEMO_MARKER).is_file() or (output / "summary.json").is_file()
-    if output.is_dir() and not earlier_demo:  # (summary.json: a demo from before the marker)
+    earlier_demo = (output / DEMO_MARKER).is_file() or _is_demo_summary(output / "summary.json")
+    if output.is_dir() and not earlier_demo:
         held = sorted(path.name for path in output.iterdir())
         if held:
             shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
@@ -302,6 +302,18 @@ def _claim_output(output: Path) -> None:
     )
     for name in RESULT_FILES:
         (output / name).unlink(missing_ok=True)
+
+
+def _is_demo_summary(path: Path) -> bool:
+    """Whether ``path`` is the ``summary.json`` of a demo from before ``DEMO_MARKER`` existed: a
+    JSON object with the demo's accuracy fields (any other summary.json, of a user or another
+    tool, leaves its directory refused)."""
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    demo_fields = ("zero_shot_accuracy", "fine_tuned_accuracy", "held_out_reviews", "adapter_dir")
+    return isinstance(summary, dict) and all(field in summary for field in demo_fields)
 
 
 def _write_predictions(path: Path, held_out, zero_shot, fine_tuned, merged) -> None:
