@@ -11,7 +11,8 @@ medians over ``--repeats``:
   adapter (the mixed-adapter overhead: 64 adapters' time / 1 adapter's time - 1);
 - time to first token of a 64-token prompt on an idle engine (and llama.cpp on a reset context);
 - ``--dtype bfloat16``: the same in bf16 (AMX / AVX512-BF16 matmuls where the CPU has them;
-  outputs differ from float32's);
+  outputs differ from float32's), the adapter bank float32 as ``lorakit serve --dtype bfloat16``
+  keeps it (``--bank-dtype base``: bf16 too);
 - ``--quantization int8-rows`` / ``int4-groups``: lorakit serves the base as weight-only int8
   (every linear, the output layer included: ``lorakit.quantized.int8_rows``) or 4-bit with a
   scale and offset per 32 inputs (Q4_1's scheme, ``int4_groups``), and reports how far its
@@ -76,7 +77,10 @@ def build(args):
         backend = int8_rows if args.quantization == "int8-rows" else int4_groups
         backend.quantize_linears(served)
     prepare_for_serving(served, ALL_LINEAR)
-    bank = AdapterBank(served, max_rank=args.rank, capacity=args.adapters, dtype=base.dtype)
+    bank_dtype = None  # lorakit's default: float32 beside a 16-bit base
+    if args.bank_dtype is not None:
+        bank_dtype = base.dtype if args.bank_dtype == "base" else getattr(torch, args.bank_dtype)
+    bank = AdapterBank(served, max_rank=args.rank, capacity=args.adapters, dtype=bank_dtype)
     config = lorakit.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=ALL_LINEAR)
     for index, tensors in enumerate(adapters):
         bank.load(f"a{index}", config, tensors)
@@ -279,8 +283,13 @@ def main(argv=None) -> int:
     parse.add_argument("--concurrent", type=int, default=64)
     parse.add_argument("--concurrent-prompt", type=int, default=16)
     parse.add_argument("--tokens", type=int, default=64, help="generated per request")
+    parse.add_argument("--dtype", default="float32", help="float32 or bfloat16 (base and KV cache)")
     parse.add_argument(
-        "--dtype", default="float32", help="float32 or bfloat16 (base, adapters and KV cache)"
+        "--bank-dtype",
+        choices=["base", "float32", "bfloat16"],
+        default=None,
+        help="dtype of the adapter bank (default: lorakit's, as lorakit serve: float32, also "
+        "beside a bfloat16 base); 'base': the base's dtype (the 2026-12-06 bf16 run)",
     )
     parse.add_argument("--hf-repeats", type=int, default=1, help="transformers generate runs")
     parse.add_argument(
