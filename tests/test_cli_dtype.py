@@ -122,6 +122,7 @@ def test_an_unknown_dtype_is_refused_by_name(capsys, model_dir):
 def test_a_quantized_base_has_the_same_codes_in_every_dtype(tmp_path, model_dir, quantization):
     """The codes come from the float32 checkpoint whatever --dtype, so an adapter trained on
     the float32-loaded quantized base is served on its bfloat16 load (its fingerprint holds)."""
+    from lorakit import quantized
     from lorakit.models import load_model
     from lorakit.quantized import storage
 
@@ -133,6 +134,21 @@ def test_a_quantized_base_has_the_same_codes_in_every_dtype(tmp_path, model_dir,
         str(model_dir), str(tmp_path / "adapter"), quantization=quantization, dtype="bfloat16"
     )
     assert served.model.embed_tokens.weight.dtype == torch.bfloat16
+    stored = {
+        id(tensor)
+        for module in served.modules()
+        if quantized.is_quantized(module)
+        for tensor in quantized.storage(module).values()
+    }
+    left = [
+        name
+        for name, parameter in served.named_parameters()
+        if parameter.is_floating_point()
+        and id(parameter) not in stored
+        and parameter.dtype != torch.bfloat16
+        and "lora_" not in name
+    ]
+    assert left == []  # nothing but quantized storage and the adapter stays float32
     for name in ("self_attn.q_proj", "mlp.down_proj"):
         ours = served.model.layers[0].get_submodule(name).base_layer
         theirs = trained.model.layers[0].get_submodule(name).base_layer
@@ -181,3 +197,45 @@ def test_train_dtype_trains_a_float32_adapter_on_a_bfloat16_base(
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.lora_A["default"].weight.dtype == torch.float32
     assert layer.lora_B["default"].weight.abs().max() > 0  # B moved from its zero start
+
+
+def test_a_resume_in_another_dtype_is_refused_naming_dtype(tmp_path, capsys, model_dir, jsonl):
+    """An exact resume needs the base in the checkpoint's dtype (the fingerprint alone accepts
+    a bf16 base within bf16's rounding)."""
+    from tests.cli_runs import train_cli
+
+    settings = ("--steps", "4", "--batch-size", "4", "--r", "2", "--checkpoint-every", "2")
+    assert train_cli(model_dir, jsonl, tmp_path / "o", *settings, "--dtype", "bfloat16") == 0
+    capsys.readouterr()
+    assert train_cli(model_dir, jsonl, tmp_path / "o", *settings, "--resume") == 2
+    assert "--dtype float32 (the checkpoint's: bfloat16)" in capsys.readouterr().err
+    settings_file = tmp_path / "o" / "train_settings.json"
+    assert json.loads(settings_file.read_text())["dtype"] == "bfloat16"  # the run's, kept
+
+
+def test_training_in_float16_is_refused_with_the_reason(capsys, model_dir, jsonl, tmp_path):
+    from tests.cli_runs import train_cli
+
+    assert train_cli(model_dir, jsonl, tmp_path / "o", "--dtype", "float16") == 2
+    err = capsys.readouterr().err
+    assert "--dtype float16 is not trained" in err and "loss scaling" in err
+    assert "bfloat16" in err and not (tmp_path / "o").exists()
+
+
+def test_trainable_token_rows_are_float32_beside_a_bfloat16_embedding():
+    """As PEFT keeps them: in bfloat16 most small updates of a row would round away."""
+    model = tiny_models.llama().to(torch.bfloat16)
+    config = lorakit.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[1, 2, 3])
+    lorakit.inject(model, config)
+    rows = [p for n, p in model.named_parameters() if "trainable_tokens" in n or "token" in n]
+    rows = [p for p in rows if p.requires_grad]
+    assert rows and all(p.dtype == torch.float32 for p in rows)
+    before = [p.detach().clone() for p in rows]
+    optimizer = torch.optim.AdamW(rows, lr=1e-5, weight_decay=0.0)
+    model(torch.tensor([[1, 2, 3, 4]])).logits.float().sum().backward()
+    optimizer.step()
+    for row, old in zip(rows, before, strict=True):
+        assert (row.detach() != old).float().mean() > 0.99  # every value moved by ~1e-5
+    ids = torch.tensor([[1, 2, 3, 9]])
+    with torch.no_grad():
+        assert model(ids).logits.dtype == torch.bfloat16

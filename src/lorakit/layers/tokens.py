@@ -80,18 +80,19 @@ class TrainableTokens(ModulesToSave):
     ) -> None:
         """Rows for ``adapter_name``: the embedding's current rows (``init`` True or a string),
         standard-normal values (``init`` False, as PEFT), or uninitialised (None: about to be
-        loaded). Trainable, in the weight's dtype and device."""
+        loaded). Trainable, on the weight's device, in the adapter dtype
+        (``inject.default_adapter_dtype``: float32 beside a 16-bit embedding, as PEFT keeps
+        them, so small updates are not lost to its rounding)."""
+        from lorakit.inject import default_adapter_dtype
+
         weight = self.original_module.weight
+        dtype = default_adapter_dtype(weight.dtype)
         if init is None:
-            values = torch.empty(
-                len(indices), weight.shape[1], dtype=weight.dtype, device=weight.device
-            )
+            values = torch.empty(len(indices), weight.shape[1], dtype=dtype, device=weight.device)
         elif init is False:
-            values = torch.randn(
-                len(indices), weight.shape[1], dtype=weight.dtype, device=weight.device
-            )
+            values = torch.randn(len(indices), weight.shape[1], dtype=dtype, device=weight.device)
         else:
-            values = weight.detach()[list(indices)].clone()
+            values = weight.detach()[list(indices)].to(dtype, copy=True)
         self.modules_to_save[adapter_name] = TokenRows(indices, values)
 
     def chosen_rows(self) -> list[TokenRows]:

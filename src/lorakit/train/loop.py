@@ -56,6 +56,7 @@ from lorakit.train.optim import (
 )
 from lorakit.train.output_dir import prepare_output_dir, write_final_adapter
 from lorakit.train.resume import (
+    base_dtype,
     check_resumable,
     check_resume_base,
     checkpoint_to_resume,
@@ -227,7 +228,8 @@ class _Run:
         return checkpoint.step
 
     def _plan_fields(self) -> dict[str, Any]:
-        return {**self.batch_order.identity(), "total_steps": self.total_steps}
+        fields = {**self.batch_order.identity(), "total_steps": self.total_steps}
+        return fields | {"base_dtype": base_dtype(self.model)}  # (--dtype: exact resume)
 
     def _lora_fields(self) -> dict[str, Any]:
         config = adapter_configs(self.model).get(self.config.adapter_name)

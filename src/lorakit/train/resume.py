@@ -29,6 +29,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from lorakit.errors import UserError
@@ -39,6 +40,7 @@ from lorakit.train.output_dir import previous_run_files
 
 __all__ = [
     "TRAJECTORY_SETTINGS",
+    "base_dtype",
     "check_resumable",
     "check_resume_base",
     "checkpoint_to_resume",
@@ -213,9 +215,26 @@ def check_resume_base(model: nn.Module, directory: Path, adapter_name: str) -> N
     )
 
 
+def base_dtype(model: nn.Module) -> str | None:
+    """The dtype the frozen base computes in (``lorakit train --dtype``): its input embedding's,
+    else its first frozen floating-point parameter's (a quantized base's norms and embedding
+    are in that dtype too); None for a model without one."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embedding = getter() if getter is not None else None
+    weight = getattr(embedding, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return str(weight.dtype).removeprefix("torch.")
+    for parameter in model.parameters():
+        if parameter.is_floating_point() and not parameter.requires_grad:
+            return str(parameter.dtype).removeprefix("torch.")
+    return None
+
+
 def _plan_difference(key: str, plan: dict[str, Any], saved_plan: dict[str, Any]) -> str:
     """One difference of the data plan, in words; for a short batch the checkpoint kept and this
     run's processes must drop (the global batch being the same), what to do instead."""
+    if key == "base_dtype":
+        return f"--dtype {plan.get(key)} (the checkpoint's: {saved_plan[key]})"
     text = f"{key.replace('_', ' ')} {plan.get(key)!r} (the checkpoint's: {saved_plan[key]!r})"
     if key == "short_batch" and plan.get("global_batch") == saved_plan.get("global_batch"):
         text += _SHORT_BATCH_HINT

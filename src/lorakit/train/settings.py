@@ -112,7 +112,8 @@ class TrainSettings:
         "float32",
         "dtype of the frozen base's weights and compute: bfloat16 halves the base's memory and, "
         "on CPUs with AVX512-BF16 or AMX (and GPUs), runs its matmuls several times faster; the "
-        "adapter, its gradients, the optimizer and the loss stay float32",
+        "adapter, its gradients, the optimizer and the loss stay float32 (float16 is refused: "
+        "the loop does no loss scaling)",
         choices=("float32", "bfloat16", "float16"),
     )
     device: str = setting(
@@ -126,6 +127,13 @@ class TrainSettings:
             raise UserError("no training data: give --data SPEC (or 'data:' in the config file)")
         if not isinstance(self.max_length, int) or self.max_length < 2:
             raise SettingError("max_length", f"must be an integer >= 2, got {self.max_length!r}")
+        if self.dtype == "float16":
+            raise SettingError(
+                "dtype",
+                "float16 is not trained: lorakit's loop does no loss scaling, and the gradients "
+                "flowing through a float16 base underflow (40% off on a batch of 8k tokens); use "
+                "bfloat16 (the same memory, float32's range) or float32",
+            )
 
     def lora_config(self):
         """The ``LoraConfig`` of ``r``, ``alpha``, ``dropout``, ``use_dora``, ``lora_bias``,
