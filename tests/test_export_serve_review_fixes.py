@@ -61,7 +61,7 @@ def test_export_of_named_adapters_names_them_with_or_without_model(tmp_path, cap
     for option in ([], ["--model", tmp_path / "base"], ["--drop-unsupported"]):
         code, text = _export(capsys, source, "--output", output, *option)
         assert code == 2
-        assert "holds named adapters (other" in text
+        assert f"adapters in subdirectories ({source / 'other'}" in text
         assert "config.json;" not in text and "leave --model out" not in text
     assert not output.exists()
 
@@ -214,3 +214,16 @@ def test_the_budget_holds_pools_and_scalings_and_gains_come_on_top(float64_adapt
     gains = sum(s.dora_gain.nbytes for s in stacks if s.dora_gain is not None)
     assert gains > 0 and bank.memory_bytes() == pools + gains
     assert "outside the budget" in " ".join(AdapterBank.__doc__.split())
+
+
+def test_a_train_output_directory_given_as_the_adapter_points_to_its_adapter(
+    tmp_path, capsys, model_dir
+):
+    run = tmp_path / "run"
+    _saved_adapter(run / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    (run / "metrics.jsonl").write_text("{}\n")
+    code, text = _export(capsys, run, "--output", tmp_path / "o.gguf")
+    assert code == 2
+    assert f"({run / 'adapter'};" in text and "give one of those directories" in text
+    code = main(["generate", "good film", "--model", str(model_dir), "--adapter", str(run)])
+    assert code == 2 and f"({run / 'adapter'};" in capsys.readouterr().err

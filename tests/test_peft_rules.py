@@ -160,7 +160,7 @@ def test_where_peft_finds_no_adapter_the_named_subdirectory_is_read(tmp_path):
     assert lorakit.adapter_configs(model)["other"].r == 2
     with pytest.raises(AdapterFileError, match="nor in") as refused:
         lorakit.load_adapter(tiny_models.llama(), directory.parent, "third")
-    assert "it holds named adapters (other," in str(refused.value)  # what to pass instead
+    assert f"adapters in subdirectories ({directory}" in str(refused.value)  # what to pass
     assert "adapter_name=<name>" in str(refused.value)
 
 

@@ -126,10 +126,11 @@ def adapter_directory(
         raise AdapterFileError(f"adapter directory {candidate} does not exist.")
     also = f" (nor in {nested})" if nested is not None else ""
     named = _named_adapters_in(candidate)
+    shown = ", ".join(str(candidate / name) for name in named[:3]) + ", ..." * (len(named) > 3)
     hint = (
-        f"it holds named adapters ({', '.join(named)}, saved as PEFT saves adapters other than "
-        "'default'): pass adapter_name=<name> (subfolder=<name> in peft), or the adapter's own "
-        "directory"
+        f"it holds adapters in subdirectories ({shown}; PEFT saves adapters other than "
+        "'default' so, and `lorakit train --output` keeps its adapter in adapter/): give one of "
+        "those directories (in Python also adapter_name=<name>, subfolder=<name> in peft)"
         if named
         else "is this an adapter directory saved by lorakit or peft?"
     )

@@ -126,16 +126,20 @@ def quantize_loaded(model: torch.nn.Module, quantization: str, gguf_file: Path |
 
 
 def cast_unquantized(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast, in place, the floating-point parameters of ``model``'s modules that no quantized
-    backend runs (embeddings, norms, a float head) to ``dtype``, as ``from_pretrained(dtype=)``
-    would have loaded them; quantized layers keep their storage (their kernels cast their bias
-    and output to the input's dtype), and buffers (rotary frequencies) stay as loaded."""
+    """Cast, in place, ``model``'s floating-point parameters that are not quantized storage to
+    ``dtype``, as ``from_pretrained(dtype=)`` would have loaded them: those of the modules no
+    quantized backend runs (embeddings, norms, a float head) and a quantized layer's plain
+    ``bias``; quantized storage (codes, scales) keeps its dtypes, and buffers (rotary
+    frequencies) stay as loaded."""
     from lorakit.quantized import is_quantized
 
     for module in model.modules():
         if is_quantized(module):
-            continue
-        for parameter in module.parameters(recurse=False):
+            bias = getattr(module, "bias", None)
+            parameters = [bias] if isinstance(bias, torch.nn.Parameter) else []
+        else:
+            parameters = list(module.parameters(recurse=False))
+        for parameter in parameters:
             if parameter.is_floating_point() and parameter.dtype != dtype:
                 parameter.data = parameter.data.to(dtype)
 

@@ -151,10 +151,11 @@ class AdapterRegistry:
             reason = getattr(error, "strerror", None) or error  # no 5000-character file names
             raise UserError(f"{shown} cannot be resolved ({reason}).") from None
         for path in found:
-            if not path.is_relative_to(self.root):
+            if not path.is_relative_to(self.root):  # (where to: in the server's log only)
+                log.warning("adapter %s leads outside %s, to %s", shown, self.root, path)
                 raise UserError(
-                    f"{shown} leads outside the adapter directory (to {path}, through a "
-                    "symlink); copy the adapter into the adapter directory instead."
+                    f"{shown} leads outside the adapter directory through a symlink; copy the "
+                    "adapter into the adapter directory instead."
                 )
         return resolved
 
