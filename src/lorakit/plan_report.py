@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lorakit.plan import GB, MB, Plan
+from lorakit.plan_memory import GB, MB, Plan
 
 __all__ = ["format_report"]
 

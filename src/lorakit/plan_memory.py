@@ -1,0 +1,222 @@
+"""The memory model of ``lorakit plan``: a ``Plan``'s counts and what each byte figure means.
+
+``lorakit.plan.plan`` counts a model built on the meta device (exactly a real run's numbers);
+a ``Plan`` holds the counts and derives the bytes (GB = 1e9 bytes)::
+
+    full fine-tuning  = P_base * 16 bytes            (fp32 weight + gradient + AdamW m and v)
+    LoRA training     = P_frozen * b_dtype + P_trainable * 16 bytes
+    adapter file      = P_trainable * 4 (float32) or * 2 (bfloat16) bytes of tensors
+                        + its header (the safetensors JSON: per tensor its key, dtype, shape
+                        and offsets; the config; the base fingerprint, ~470 bytes a module)
+    inference merged  = P_base * b_dtype
+    base + N adapters = P_base * b_dtype + N * P_trainable * b_adapter
+                        (b_adapter: ``inject.default_adapter_dtype``, float32 on a float16 or
+                        bfloat16 base, as ``inject``, ``load_adapter`` and the serving bank keep them)
+    activations       = what one training forward of batch x seq_len tokens keeps for backward,
+                        counted by running it on the meta device (``lorakit.activations``)
+
+Per device when training on N devices (``lorakit train --strategy ddp|fsdp`` under torchrun)::
+
+    DDP   = LoRA training                       (every device holds everything)
+    FSDP  = ceil(LoRA training / N)             (each device 1/N of base and adapter state)
+          + bytes(outside blocks) + 2 * bytes(largest block)
+
+The FSDP term on the second line is what is gathered whole while computing (``lorakit.train.fsdp``):
+the parameters outside the transformer blocks (embeddings, head, final norm: FSDP's root unit,
+kept gathered from forward to backward) and the block being computed plus the next one
+(prefetched); bytes(unit) = frozen * b_dtype + trainable * 4.
+
+For Llama-2-7B (float16) with r=16 on all seven projections: P_base = 6,738,415,616, so full
+fine-tuning needs 107.8 GB of trainable state (rounding P_base to 7B gives the ~112 GB often quoted), the frozen
+float16 base 13.5 GB (~14 GB) and the 39,976,960 adapter parameters 0.64 GB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lorakit.accounting import ParameterCount
+from lorakit.activations import Activations
+from lorakit.config import LoraConfig
+from lorakit.inject import default_adapter_dtype
+
+__all__ = [
+    "DEFAULT_SEQ_LEN",
+    "FULL_FINETUNE_BYTES_PER_PARAMETER",
+    "GB",
+    "MB",
+    "ModuleTypePlan",
+    "Plan",
+]
+
+FULL_FINETUNE_BYTES_PER_PARAMETER = 16  # fp32 weight 4 + gradient 4 + AdamW first 4 + second 4
+GB = 1e9
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class ModuleTypePlan:
+    """The adapted modules sharing one name (e.g. every ``q_proj``)."""
+
+    name: str
+    modules: int
+    base_parameters: int
+    lora_parameters: int
+
+
+_DERIVED = (
+    *(
+        "dtype_bytes",
+        "adapter_dtype",
+        "base_bytes",
+        "frozen_parameters",
+        "trainable_percent",
+        "peft_line",
+        "adapter_file_bytes",
+    ),
+    *("full_finetune_bytes", "lora_frozen_bytes", "lora_trainable_state_bytes"),
+    *("lora_training_bytes", "inference_merged_bytes", "inference_with_adapters_bytes"),
+    *("fsdp_sharded_bytes", "fsdp_gathered_bytes", "per_device_training_bytes"),
+    "training_with_activations_bytes",
+)
+DEFAULT_SEQ_LEN = 2048  # or the model's max_position_embeddings when shorter
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Parameter counts of a model with one LoRA adapter, and the memory they imply (bytes)."""
+
+    model: str
+    architecture: str
+    dtype: str
+    config: LoraConfig
+    base_parameters: int
+    trainable_parameters: int
+    total_parameters: int
+    module_types: tuple[ModuleTypePlan, ...]
+    num_adapters: int = 1
+    devices: int = 1
+    strategy: str = "ddp"
+    largest_block: tuple[int, int] = (0, 0)  # (frozen, trainable) parameters of one FSDP unit
+    outside_blocks: tuple[int, int] = (0, 0)  # (frozen, trainable) of the root unit
+    quantization: str | None = None  # the frozen base's linears (lorakit.quantized.footprint)
+    quantized_weights: tuple[int, int] = (0, 0)  # (weights, bytes) stored quantized
+    activations: Activations | None = None  # per device; None: see activations_error
+    activations_error: str = ""
+    adapter_header_bytes: tuple[int, int] = (0, 0)  # the file's header in float32, bfloat16
+
+    @property
+    def dtype_bytes(self) -> int:
+        return getattr(torch, self.dtype).itemsize
+
+    @property
+    def frozen_parameters(self) -> int:
+        return self.total_parameters - self.trainable_parameters
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_parameters / self.total_parameters
+
+    @property
+    def peft_line(self) -> str:
+        """PEFT's ``print_trainable_parameters`` line."""
+        return str(ParameterCount(self.trainable_parameters, self.total_parameters))
+
+    @property
+    def adapter_file_bytes(self) -> dict[str, int]:
+        """Bytes of the saved adapter file per storage dtype: ``P_trainable * 4`` (float32) or
+        ``* 2`` (bfloat16) of tensors plus ``adapter_header_bytes``."""
+        header_float32, header_bfloat16 = self.adapter_header_bytes
+        return {
+            "float32": self.trainable_parameters * 4 + header_float32,
+            "bfloat16": self.trainable_parameters * 2 + header_bfloat16,
+        }
+
+    @property
+    def full_finetune_bytes(self) -> int:
+        return self.base_parameters * FULL_FINETUNE_BYTES_PER_PARAMETER
+
+    @property
+    def base_bytes(self) -> int:
+        """The frozen base: its quantized linears' bytes, the rest in ``dtype``."""
+        weights, quantized_bytes = self.quantized_weights
+        return (self.base_parameters - weights) * self.dtype_bytes + quantized_bytes
+
+    @property
+    def lora_frozen_bytes(self) -> int:
+        return self.base_bytes + (self.frozen_parameters - self.base_parameters) * self.dtype_bytes
+
+    @property
+    def lora_trainable_state_bytes(self) -> int:
+        return self.trainable_parameters * FULL_FINETUNE_BYTES_PER_PARAMETER
+
+    @property
+    def lora_training_bytes(self) -> int:
+        return self.lora_frozen_bytes + self.lora_trainable_state_bytes
+
+    @property
+    def inference_merged_bytes(self) -> int:
+        return self.base_parameters * self.dtype_bytes
+
+    @property
+    def adapter_dtype(self) -> str:
+        """The dtype loaded adapters are kept in: float32 on a quantized base, else
+        ``inject.default_adapter_dtype`` of ``dtype`` (float32 on a float16 or bfloat16 base)."""
+        if self.quantization:
+            return "float32"
+        return str(default_adapter_dtype(getattr(torch, self.dtype))).removeprefix("torch.")
+
+    @property
+    def inference_with_adapters_bytes(self) -> int:
+        """``base_bytes + num_adapters * P_trainable * bytes(adapter_dtype)``."""
+        adapter_bytes = self.trainable_parameters * getattr(torch, self.adapter_dtype).itemsize
+        return self.base_bytes + self.num_adapters * adapter_bytes
+
+    def unit_bytes(self, frozen: int, trainable: int) -> int:
+        """Bytes of an FSDP unit gathered whole: frozen in ``dtype``, the adapter in float32."""
+        return frozen * self.dtype_bytes + trainable * 4
+
+    @property
+    def fsdp_sharded_bytes(self) -> int:
+        """One device's piece of the frozen base and the adapter's weights, gradients, AdamW."""
+        return -(-self.lora_training_bytes // self.devices)
+
+    @property
+    def fsdp_gathered_bytes(self) -> int:
+        """Gathered while computing: the root unit, the block computed and the next one."""
+        return self.unit_bytes(*self.outside_blocks) + 2 * self.unit_bytes(*self.largest_block)
+
+    @property
+    def per_device_training_bytes(self) -> int:
+        """Weights, gradients and AdamW states one device holds under ``strategy``."""
+        if self.strategy == "fsdp":
+            return self.fsdp_sharded_bytes + self.fsdp_gathered_bytes
+        return self.lora_training_bytes
+
+    @property
+    def training_with_activations_bytes(self) -> int | None:
+        """Per device: weights, gradients, AdamW states and one batch's activations."""
+        if self.activations is None:
+            return None
+        return self.per_device_training_bytes + self.activations.total_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every count and byte figure, JSON-ready."""
+        counts = dataclasses.asdict(self)
+        counts["config"] = {
+            "r": self.config.r,
+            "lora_alpha": self.config.lora_alpha,
+            "target_modules": self.config.target_modules,
+            "lora_dropout": self.config.lora_dropout,
+            "task_type": self.config.task_type,
+        }
+        for name in _DERIVED:
+            counts[name] = getattr(self, name)
+        if self.activations is not None:
+            for name in ("total_bytes", "checkpointed_bytes"):
+                counts["activations"][name] = getattr(self.activations, name)
+        return counts
