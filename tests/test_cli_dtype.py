@@ -239,3 +239,35 @@ def test_trainable_token_rows_are_float32_beside_a_bfloat16_embedding():
     ids = torch.tensor([[1, 2, 3, 9]])
     with torch.no_grad():
         assert model(ids).logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("quantization", ["int8-rows", "int4-groups"])
+def test_cast_unquantized_casts_every_float_parameter_but_the_quantized_storage(quantization):
+    """Qwen2's q/k/v carry biases: after quantizing, --dtype casts them with the rest, as
+    ``from_pretrained(dtype=)`` would have loaded them; codes and scales keep their dtypes."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from lorakit.quantized.loading import cast_unquantized, quantize_loaded
+
+    config = Qwen2Config(
+        **(tiny_models.DECODER_SIZES | {"hidden_size": 64, "intermediate_size": 128})
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    quantize_loaded(model, quantization, None)
+    stored = _storage_dtypes(model)
+    cast_unquantized(model, torch.bfloat16)
+    assert model.model.layers[0].self_attn.q_proj.bias.dtype == torch.bfloat16
+    floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    assert floats == {torch.bfloat16}
+    assert _storage_dtypes(model) == stored  # the kernels' codes and scales untouched
+
+
+def _storage_dtypes(model) -> dict[tuple[str, str], torch.dtype]:
+    from lorakit import quantized
+
+    return {
+        (module_name, name): tensor.dtype
+        for module_name, module in model.named_modules()
+        if quantized.is_quantized(module)
+        for name, tensor in quantized.storage(module).items()
+    }
