@@ -227,3 +227,13 @@ def test_a_train_output_directory_given_as_the_adapter_points_to_its_adapter(
     assert f"({run / 'adapter'};" in text and "give one of those directories" in text
     code = main(["generate", "good film", "--model", str(model_dir), "--adapter", str(run)])
     assert code == 2 and f"({run / 'adapter'};" in capsys.readouterr().err
+
+
+def test_a_builtin_name_that_is_also_a_local_directory_says_which_is_meant(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    _saved_adapter(tmp_path / "smollm2-135m-instruct" / "run1", r=2, target_modules=["q_proj"])
+    code, text = _export(capsys, "smollm2-135m-instruct", "--model", "x", "--output", "o.gguf")
+    assert code == 2 and "leave --model out" in text
+    assert "give ./smollm2-135m-instruct/<adapter directory>" in text

@@ -146,9 +146,15 @@ def _check_model_source(args: argparse.Namespace) -> None:
     if args.drop_unsupported:
         raise UserError("--drop-unsupported goes with an adapter SOURCE")
     if args.model is not None:
+        shadowed = ""
+        if Path(args.source).is_dir() and not (Path(args.source) / "config.json").is_file():
+            shadowed = (
+                f" (the built-in model {args.source}; for the local directory of that name "
+                f"give ./{args.source}/<adapter directory>)"
+            )
         raise UserError(
             f"--model goes with an adapter SOURCE (its base); SOURCE {args.source} is the model "
-            "exported: leave --model out"
+            f"exported{shadowed}: leave --model out"
         )
     if args.allow_base_mismatch and not args.adapter:
         raise UserError("--allow-base-mismatch goes with --adapter (no adapter is loaded)")
