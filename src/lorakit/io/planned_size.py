@@ -7,7 +7,9 @@ bfloat16) the header holds per tensor ``"key":{"dtype":"F32","shape":[r,k],"data
 fingerprint (``io.fingerprint``: per adapted module its shape, dtype, a digest and its samples,
 about 470 bytes), so a header is ~0.5 KB per adapted module. Computed here on a model whose
 weights may be on the meta device (no data is read): the same JSON ``io.header.serialize``
-writes, with stand-in samples of the fingerprint's size.
+writes, with stand-in samples of the fingerprint's size. Exact for a float base; on a quantized
+one a few dozen bytes short (its fingerprint records the packed codes' shape and the format's
+name, e.g. ``bnb-nf4-dq``, where the float model planned has its weight's shape and dtype).
 """
 
 from __future__ import annotations
