@@ -192,3 +192,13 @@ def test_a_mixture_goes_with_the_base_model_name(server):
     url, _ = server
     response = post_mixture(url, {"ids": ["ad0"]}, model="ad1")
     assert_error(response, 400, "model", "'tiny-base'", "merged_adapters")
+
+
+def test_weights_that_blow_the_combined_factors_up_are_a_400(server):
+    """What a file may not hold (beyond float16's range, inf/NaN), a mixture may not serve: a
+    weight of 1e20 gave empty answers, 1e38 a 500."""
+    url, _ = server
+    for weight in (1e20, 1e38, 1e39):  # (1e39 is a finite float64, not a float32)
+        response = post_mixture(url, {"ids": ["ad0"], "weights": [weight]})
+        assert_error(response, 400, "merged_adapters.weights", "beyond +-65504", "smaller")
+    assert post_mixture(url, {"ids": ["ad0"], "weights": [10.0]}).status_code == 200

@@ -391,3 +391,46 @@ def test_a_served_adapter_replaced_keeping_size_and_mtime_is_read_again(
         assert served.app.state.mixtures.name_of(mixture) != old_mixture
     _assert_close(new, _fresh_logprobs(replacement, tokenizer))
     assert max(abs(a - b) for a, b in zip(old, new, strict=True)) > 1e-3
+
+
+def test_an_adapter_redeployed_by_delete_and_copy_is_served_again(root, adapter_files) -> None:
+    """rm -rf ad0 && cp -r new ad0: requests in the gap get a 404 that says why; once the
+    directory is back the next request serves the new files (and a directory added after
+    start-up is served too)."""
+    _, tokenizer = adapter_files
+    served = Served(root, tokenizer)
+    with served.client:
+        _served_logprobs(served, "ad0")
+        shutil.rmtree(root / "adapters" / "ad0")
+        response = served.post("/v1/completions", {"model": "ad0", "prompt": PROMPT})
+        assert_error(response, 404, "model", "its directory was deleted")
+        shutil.copytree(root / "adapters" / "ad2", root / "adapters" / "ad0")
+        _assert_close(
+            _served_logprobs(served, "ad0"), _fresh_logprobs(root / "adapters" / "ad2", tokenizer)
+        )
+        shutil.copytree(root / "adapters" / "ad3", root / "adapters" / "late")
+        _assert_close(
+            _served_logprobs(served, "late"), _fresh_logprobs(root / "adapters" / "ad3", tokenizer)
+        )
+        assert {"ad0", "late"} <= set(served.model_ids())
+
+
+def test_a_symlink_inside_the_adapter_directory_is_followed_when_re_pointed(
+    root, adapter_files
+) -> None:
+    """prod -> releases/v1, then ln -sfn releases/v2 prod: the next request serves v2, and
+    deleting v1 afterwards leaves prod served."""
+    _, tokenizer = adapter_files
+    releases = root / "adapters" / "releases"
+    shutil.copytree(root / "adapters" / "ad1", releases / "v1")
+    shutil.copytree(root / "adapters" / "ad2", releases / "v2")
+    (root / "adapters" / "prod").symlink_to(Path("releases") / "v1", target_is_directory=True)
+    served = Served(root, tokenizer)
+    with served.client:
+        _assert_close(_served_logprobs(served, "prod"), _fresh_logprobs(releases / "v1", tokenizer))
+        staged = root / "adapters" / "prod.new"
+        staged.symlink_to(Path("releases") / "v2", target_is_directory=True)
+        staged.replace(root / "adapters" / "prod")  # as ln -sfn does it, atomically
+        _assert_close(_served_logprobs(served, "prod"), _fresh_logprobs(releases / "v2", tokenizer))
+        shutil.rmtree(releases / "v1")
+        _assert_close(_served_logprobs(served, "prod"), _fresh_logprobs(releases / "v2", tokenizer))

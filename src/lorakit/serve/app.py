@@ -36,7 +36,7 @@ from lorakit.serve import prompts, protocol, request_body, responses
 from lorakit.serve.bank import AdapterInUseError, BankFullError
 from lorakit.serve.engine import Engine
 from lorakit.serve.protocol import APIError
-from lorakit.serve.registry import AdapterNameError, ServedAdapters
+from lorakit.serve.registry import AdapterGoneError, AdapterNameError, ServedAdapters
 
 __all__ = ["ServerSettings", "create_app"]
 
@@ -263,7 +263,7 @@ async def _adapter_for(
 ) -> str | None:
     if model == settings.model_name:
         return None
-    if model not in adapters.registry:
+    if not adapters.registry.discover(model):
         raise APIError(
             404,
             f"the model {model!r} does not exist; see GET /v1/models",
@@ -276,6 +276,14 @@ async def _adapter_for(
         raise APIError(400, str(error), param="model") from None
     except BankFullError:
         pass  # every slot is busy now: the engine loads it when a running request frees one
+    except AdapterGoneError:
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist: its directory was deleted (it is served again "
+            "once the directory is back)",
+            param="model",
+            code="model_not_found",
+        ) from None
     except KeyError:  # unloaded meanwhile
         raise APIError(
             404, f"the model {model!r} does not exist", param="model", code="model_not_found"

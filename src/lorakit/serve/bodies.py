@@ -28,12 +28,18 @@ __all__ = [
 
 LOWEST_LOGPROB = -9999.0
 """What a log-probability of -inf (a token the model rules out) is sent as: JSON has no
-infinities (vLLM sends the same)."""
+infinities (vLLM sends the same); so is a NaN (a broken adapter's logits), which JSON has not
+either (it made the response fail to encode)."""
+
+
+def _sent(logprob: float) -> float:
+    """``logprob`` as JSON can carry it: at least ``LOWEST_LOGPROB``, a NaN as that too."""
+    return logprob if logprob >= LOWEST_LOGPROB else LOWEST_LOGPROB  # (NaN >= x is False)
 
 
 def _entry(piece: tuple[str, bytes], logprob: float) -> dict[str, Any]:
     text, data = piece
-    return {"token": text, "logprob": max(logprob, LOWEST_LOGPROB), "bytes": list(data)}
+    return {"token": text, "logprob": _sent(logprob), "bytes": list(data)}
 
 
 Piece = Callable[[int], tuple[str, bytes]]
@@ -61,10 +67,8 @@ def completion_logprobs(entries: Sequence[TokenLogprob], piece: Piece, offset: i
         offset += len(text)
     return {
         "tokens": tokens,
-        "token_logprobs": [max(entry.logprob, LOWEST_LOGPROB) for entry in entries],
-        "top_logprobs": [
-            {piece(i)[0]: max(lp, LOWEST_LOGPROB) for i, lp in entry.top} for entry in entries
-        ],
+        "token_logprobs": [_sent(entry.logprob) for entry in entries],
+        "top_logprobs": [{piece(i)[0]: _sent(lp) for i, lp in entry.top} for entry in entries],
         "text_offset": offsets,
     }
 

@@ -52,11 +52,14 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 
+import torch
+
 from lorakit.combining import METHODS, combine, unused_option
 from lorakit.errors import UserError
 from lorakit.io import fingerprint
 from lorakit.io.keys import lora_key_pairs, lora_keys
 from lorakit.io.read import read_adapter_header
+from lorakit.io.tensors import MAX_ABS_VALUE
 from lorakit.serve.protocol import APIError
 from lorakit.serve.registry import ServedAdapters, file_identity
 
@@ -183,7 +186,7 @@ class Mixtures:
         inputs = []
         registry = self.adapters.registry
         for adapter in mixture.ids:
-            if adapter not in registry or self.adapters.drop_if_deleted(
+            if not registry.discover(adapter) or self.adapters.drop_if_deleted(
                 adapter, registry.path(adapter)
             ):
                 raise _bad(
@@ -330,7 +333,16 @@ class Mixtures:
 
     def _check_fits(self, name: str, ids: tuple[str, ...], result, tensors) -> None:
         """A 400 unless the combined tensors fit the bank and the inputs' fingerprint (their
-        union) fits the served base."""
+        union) fits the served base; and one on ``weights`` when a combined tensor holds values
+        an adapter file may not (inf/NaN, or beyond +-``MAX_ABS_VALUE``: what ``read_adapter``
+        refuses in a file, e.g. from weights of 1e20)."""
+        for key, tensor in sorted(tensors.items()):
+            if not bool(torch.isfinite(tensor).all()) or tensor.abs().max() > MAX_ABS_VALUE:
+                raise _bad(
+                    f"'{FIELD}' with these weights gives {key} values beyond +-{MAX_ABS_VALUE:g} "
+                    "(or inf/NaN), which no adapter file may hold; use smaller weights",
+                    "weights",
+                )
         try:
             self.adapters.bank.check_shapes(name, result.config, tensors)
             fingerprint.refuse_other_base(

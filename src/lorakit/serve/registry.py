@@ -4,8 +4,11 @@ Every subdirectory of ``root`` holding an ``adapter_config.json`` is an adapter 
 Names are 1-128 letters, digits, ``.``, ``_``, ``-`` without ``..`` (``valid_name``), at start-up
 (another directory name is skipped, with the reason in ``skipped``) and on runtime loads
 (``register``), whose paths must stay inside ``root`` once resolved (no ``..``, no absolute
-paths). An adapter whose directory is deleted while served leaves the registry on its next
-request (``ServedAdapters.drop_if_deleted``), and the messages for HTTP clients show paths
+paths). A subdirectory created after start-up is registered at the first request that names it
+(``discover``); one whose directory is deleted while served leaves the registry on its next
+request (``ServedAdapters.drop_if_deleted``) and is found again once it is back. Paths are kept
+as given (``root/name``), so a symlink inside ``root`` is followed on every read (re-pointing it
+replaces the adapter). The messages for HTTP clients show paths
 relative to ``root`` (``AdapterRegistry.relative``). No symlinks out: a directory, or an adapter
 file in it, that resolves outside ``root`` is refused, at start-up (skipped with a warning), on
 a runtime load and on every read. Files are read with ``lorakit.io.read_adapter`` (safetensors
@@ -48,6 +51,7 @@ from lorakit.io.read import (
 from lorakit.serve.residency import AdapterInUseError, BankFullError
 
 __all__ = [
+    "AdapterGoneError",
     "AdapterNameError",
     "AdapterRegistry",
     "ServedAdapters",
@@ -72,6 +76,11 @@ def valid_name(name: object) -> bool:
 
 class AdapterNameError(UserError):
     """A runtime adapter name that is malformed, or reserved (the base model's name)."""
+
+
+class AdapterGoneError(KeyError):
+    """A served adapter whose directory was deleted (``ServedAdapters.drop_if_deleted``): it
+    left the registry, and is found again (``AdapterRegistry.discover``) once it is back."""
 
 
 def check_base(
@@ -118,11 +127,35 @@ class AdapterRegistry:
                     continue
                 if not valid_name(child.name):
                     raise UserError(_bad_directory_name(child.name))
-                self._paths[child.name] = self.inside(child, str(child))
+                self.inside(child, str(child))
+                self._paths[child.name] = child  # (a link inside is followed on every read)
             except OSError:
                 continue  # not an adapter directory we can look into (a name too long, ...)
             except UserError as error:
                 self._skip(child.name, str(error))
+
+    def discover(self, name: object) -> bool:
+        """Whether ``name`` is served: registered, or a subdirectory ``root/name`` holding an
+        adapter (one created, or created again, after start-up), which is then registered as
+        the start-up scan would have; a directory that fails the scan's checks is logged and
+        left out."""
+        with self._lock:
+            if name in self._paths:
+                return True
+            if name in self._reserved or not valid_name(name):
+                return False
+        directory = self.root / name
+        try:
+            if not (directory / CONFIG_NAME).is_file():
+                return False
+            self.inside(directory, name)
+        except (OSError, UserError) as error:
+            log.warning("not serving adapter %r: %s", name, error)
+            return False
+        with self._lock:
+            self._paths.setdefault(name, directory)
+        log.info("adapter %r found in %s and registered", name, self.root)
+        return True
 
     def relative(self, text: str) -> str:
         """``text`` with the paths inside ``root`` written relative to it (``root`` itself as
@@ -234,7 +267,7 @@ class AdapterRegistry:
             ) from None
         if not has_config:
             raise UserError(f"{shown} holds no {CONFIG_NAME}.")
-        return resolved
+        return self.root / candidate  # (a link inside is followed on every read)
 
     def register(self, name: str, path: Path) -> None:
         self.check_name(name)
@@ -313,7 +346,7 @@ class ServedAdapters:
         ``KeyError`` when it is unknown, or its directory was deleted (``drop_if_deleted``)."""
         path = self.registry.path(name)
         if self.drop_if_deleted(name, path):
-            raise KeyError(f"adapter {name!r} is no longer served: its directory was deleted")
+            raise AdapterGoneError(name)
         identity = file_identity(path)  # before reading: a change meanwhile is seen later
         adapter = self._read(name, path)
         self._identities[name] = identity
@@ -324,7 +357,7 @@ class ServedAdapters:
         or read it again if its files were replaced since (``_drop_if_replaced``). ``KeyError``
         when it is unknown, or its directory was deleted (``drop_if_deleted``)."""
         if self.drop_if_deleted(name, self.registry.path(name)):
-            raise KeyError(f"adapter {name!r} is no longer served: its directory was deleted")
+            raise AdapterGoneError(name)
         self._drop_if_replaced(name)
         self.bank.ensure_loaded(name, self.read)
 
