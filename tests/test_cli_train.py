@@ -568,7 +568,9 @@ def test_merge_shows_no_progress_bars(tmp_path, capsys, model_dir, trained):
         "--output",
         tmp_path / "merged",
     )
-    assert code == 0 and out == f"merged model saved to {tmp_path / 'merged'}\n"
+    assert (
+        code == 0 and out == f"merged model (float32) saved to {(tmp_path / 'merged').resolve()}\n"
+    )
     assert err == ""  # neither "Loading weights" nor "Writing model shards"
 
 

@@ -87,6 +87,12 @@ def _from_directory(header: AdapterHeader) -> AdapterUpdates:
     for key, tensor in adapter.tensors.items():
         parsed = parse_lora_key(key)
         if parsed is None:
+            if key.endswith("lora_B.bias"):
+                raise UserError(
+                    f"adapter {label} holds {key}, a bias on lora_B (lora_bias=True), which "
+                    "combining cannot carry; merge that adapter into the model instead "
+                    "(lorakit merge)."
+                )
             raise UserError(
                 f"adapter {label} holds {key}, which is not a LoRA factor (a trained bias or a "
                 "module saved in full); only LoRA factors can be combined. Combine adapters "
@@ -186,6 +192,10 @@ def _decoded(entry: dict[str, object]) -> torch.Tensor:
 def fingerprint_difference(first: dict[str, object], second: dict[str, object]) -> str | None:
     """None when two stored fingerprints of one module describe the same base weight (same
     shape; same sampled bytes, or within rounding when the dtypes differ), else why not."""
+    formats = (str(first["dtype"]), str(second["dtype"]))
+    quantized = any(not isinstance(getattr(torch, name, None), torch.dtype) for name in formats)
+    if quantized and formats[0] != formats[1]:  # a quantized base's format (``bnb-nf4-dq``...)
+        return f"base formats {formats[0]} and {formats[1]}"
     if first["shape"] != second["shape"]:
         return f"base shapes {first['shape']} and {second['shape']}"
     if first["dtype"] == second["dtype"]:

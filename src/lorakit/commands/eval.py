@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import warnings
 
@@ -128,7 +129,8 @@ def load_model_and_adapter(
                 warnings.simplefilter("always")
                 load_adapter(model, adapter, activate=True, allow_base_mismatch=allow_base_mismatch)
         except BaseModelMismatchError as error:
-            raise BaseModelMismatchError(_flag_spelling(str(error))) from None
+            message = _flag_spelling(str(error)) + _quantization_hint(str(error), quantization)
+            raise BaseModelMismatchError(message) from None
         except ValueError as error:  # a layer of this model cannot take the adapter's kind
             base = f"{model_spec} (--quantization {quantization})" if quantization else model_spec
             raise UserError(f"cannot load adapter {adapter} on {base}: {error}") from None
@@ -144,6 +146,22 @@ def torch_dtype(name: str):
     if name not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     return getattr(torch, name)
+
+
+_QUANTIZATION_OF_FORMAT = (("bnb-nf4", "nf4"), ("bnb-fp4", "fp4"), ("bnb-int8", "int8"))
+_QUANTIZATION_OF_FORMAT += (("gguf-", "gguf"), ("int8-rows", "int8-rows"))
+_QUANTIZATION_OF_FORMAT += (("int4-groups", "int4-groups"),)
+
+
+def _quantization_hint(message: str, quantization: str | None) -> str:
+    """For a mismatch that is the base's format (``fingerprint``: "the adapter was trained on
+    a bnb-nf4-dq base, this base is float32"), the ``--quantization`` that loads the base as
+    the adapter was trained; else ""."""
+    found = re.search(r"trained on a (\S+) base, this base is", message)
+    for prefix, option in _QUANTIZATION_OF_FORMAT if found else ():
+        if found.group(1).startswith(prefix) and option != quantization:
+            return f" It was trained on a quantized base: pass --quantization {option}."
+    return ""
 
 
 def _flag_spelling(message: str) -> str:

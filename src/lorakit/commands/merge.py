@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lorakit.commands.eval import add_base_mismatch_option, add_quantization_option
+from lorakit.commands.eval import DTYPES, add_base_mismatch_option, add_quantization_option
 from lorakit.commands.extract import refuse_output_onto_inputs
 from lorakit.errors import UserError
 
@@ -25,19 +25,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_base_mismatch_option(parser)
     add_quantization_option(parser)
     parser.add_argument("--output", required=True, help="directory for the merged model")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="dtype of the merged model written; the base loads in float32 and each merged "
+        "weight is the float32 sum W0 + s B A rounded once to it (default: %(default)s)",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    if not args.output.strip():  # (an unset shell variable: not the current directory)
+        raise UserError("--output is empty; give a directory for the merged model")
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; give a directory (new or existing)")
     refuse_output_onto_inputs("merge", args.output, [("--model", args.model)])
-    from lorakit.commands.eval import load_model_and_adapter
+    from lorakit.commands.eval import load_model_and_adapter, torch_dtype
     from lorakit.io import save_merged_model
     from lorakit.io.save import refuse_adapter_directory
+    from lorakit.merge import merge_and_unload
     from lorakit.models import transformers_progress_bars
 
     refuse_adapter_directory(output)  # (--output is --adapter, say) before anything loads
@@ -45,9 +55,10 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.adapter, args.allow_base_mismatch, args.quantization
     )
     try:
+        model = merge_and_unload(model, float_dtype=torch_dtype(args.dtype))
         with transformers_progress_bars(False):
             save_merged_model(model, args.output, tokenizer=tokenizer)
     except ValueError as error:  # e.g. a lora_bias adapter onto a base layer without a bias
         raise UserError(f"cannot merge: {error}") from None
-    print(f"merged model saved to {args.output}")
+    print(f"merged model ({args.dtype}) saved to {output.resolve()}")
     return 0

@@ -88,9 +88,11 @@ class LoraBiasMixin:
         the layer's (merged) one with the merged weight."""
         return self.original_bias if weight is self.original_weight else self.base_layer.bias
 
-    def _merged_bias(self, adapter_names: Sequence[str]) -> torch.Tensor | None:
+    def _merged_bias(
+        self, adapter_names: Sequence[str], dtype: torch.dtype | None = None
+    ) -> torch.Tensor | None:
         """``bias0 + sum_a s_a b_a`` over the named adapters that have a bias on B (float32 sum,
-        rounded once to bias0's dtype); None when none of them has one. Raises ValueError when
+        rounded once to ``dtype``, default bias0's); None when none of them has one. Raises ValueError when
         the base layer has no bias to merge into (PEFT refuses this merge too)."""
         names = [n for n in adapter_names if self.lora_bias_of(n) is not None]
         if not names:
@@ -105,16 +107,17 @@ class LoraBiasMixin:
         total = original.detach().to(torch.float32)
         for name in names:
             total = total + functional.lora_bias_delta(self.lora_bias_of(name), self.scalings[name])
-        return total.to(original.dtype)
+        return total.to(dtype or original.dtype)
 
-    def prepare_merge(self, adapter_names: Sequence[str]):
+    def prepare_merge(self, adapter_names: Sequence[str], dtype: torch.dtype | None = None):
         """``(names, W, bias)``: the base's ``prepare_merge`` plus the merged bias (None when
-        no merged adapter has a bias on B)."""
-        prepared = super().prepare_merge(adapter_names)
+        no merged adapter has a bias on B), both rounded once to ``dtype`` (default: the
+        base's)."""
+        prepared = super().prepare_merge(adapter_names, dtype)
         if prepared is None:
             return None
         with torch.no_grad():
-            bias = self._merged_bias((*self.merged_adapters, *prepared[0]))
+            bias = self._merged_bias((*self.merged_adapters, *prepared[0]), dtype)
         if bias is not None and not torch.isfinite(bias).all():
             raise ValueError(
                 f"merging adapter(s) {list(prepared[0])} would put non-finite values into the "

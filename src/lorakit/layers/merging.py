@@ -62,11 +62,11 @@ class Merging:
             self.install_merge(prepared)
 
     def prepare_merge(
-        self, adapter_names: Sequence[str]
+        self, adapter_names: Sequence[str], dtype: torch.dtype | None = None
     ) -> tuple[tuple[str, ...], torch.Tensor] | None:
         """``(names, W)``: the weight with the named adapters merged, ``W0 + sum_a s_a B_a A_a``
         (a DoRA adapter adds ``f (W0 + s B A) - W0`` instead, ``merge_delta``; float32 sum,
-        rounded once to W0's dtype), for the adapters not merged yet; None if
+        rounded once to ``dtype``, default W0's), for the adapters not merged yet; None if
         there are none. Changes nothing; raises ValueError if W would hold inf/NaN.
 
         Computed without autograd: with grad enabled, torch (2.13) takes a parameter's autograd
@@ -78,7 +78,7 @@ class Merging:
         original = self.original_weight
         with torch.no_grad():  # a weight edit: no graph, and no autograd locks (see below)
             delta = self._merged_delta((*self.merged_adapters, *to_merge))
-            merged = (original.detach().to(torch.float32) + delta).to(original.dtype)
+            merged = (original.detach().to(torch.float32) + delta).to(dtype or original.dtype)
         if not torch.isfinite(merged).all():
             raise ValueError(
                 f"merging adapter(s) {list(to_merge)} would put non-finite values into the base "

@@ -128,10 +128,11 @@ class QuantizedLoraLinear(LoraLinear):
         return None
 
     def prepare_merge(
-        self, adapter_names: Sequence[str]
+        self, adapter_names: Sequence[str], dtype: torch.dtype | None = None
     ) -> tuple[tuple[str, ...], torch.Tensor] | None:
         """``(names, W)`` with ``W = dequant(W0) + sum_a s_a B_a A_a`` (float32, (d, k)) over the
-        merged and the named adapters; None if all are merged. Changes nothing."""
+        merged and the named adapters; None if all are merged. Changes nothing. (``dtype``: as
+        for a float layer; the float32 W is cast by ``merge_and_unload``'s dequantizing.)"""
         to_merge = tuple(dict.fromkeys(n for n in adapter_names if n not in self.merged_adapters))
         if not to_merge:
             return None
