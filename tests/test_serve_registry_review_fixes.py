@@ -434,3 +434,23 @@ def test_a_symlink_inside_the_adapter_directory_is_followed_when_re_pointed(
         _assert_close(_served_logprobs(served, "prod"), _fresh_logprobs(releases / "v2", tokenizer))
         shutil.rmtree(releases / "v1")
         _assert_close(_served_logprobs(served, "prod"), _fresh_logprobs(releases / "v2", tokenizer))
+
+
+def test_an_unloaded_adapter_is_not_found_again_from_its_directory(root, adapter_files) -> None:
+    """/v1/unload_lora_adapter withdraws it: requests are 404 though its directory is there,
+    until a runtime load brings it back."""
+    _, tokenizer = adapter_files
+    served = Served(root, tokenizer)
+    with served.client:
+        _served_logprobs(served, "ad1")
+        response = served.post("/v1/unload_lora_adapter", {"lora_name": "ad1"}, AUTH)
+        assert response.status_code == 200, response.text
+        for _ in range(2):
+            response = served.post("/v1/completions", {"model": "ad1", "prompt": PROMPT})
+            assert_error(response, 404, "model", "does not exist")
+        assert "ad1" not in served.model_ids()
+        response = served.post("/v1/load_lora_adapter", {"lora_name": "ad1"}, AUTH)
+        assert response.status_code == 200, response.text
+        _assert_close(
+            _served_logprobs(served, "ad1"), _fresh_logprobs(root / "adapters" / "ad1", tokenizer)
+        )

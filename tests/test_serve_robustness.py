@@ -209,9 +209,9 @@ def test_unload_forgets_the_name_while_holding_the_bank_lock(served, monkeypatch
     served.adapters.ensure_loaded("ad1")
     registry, unregister, seen = served.adapters.registry, served.adapters.registry.unregister, []
 
-    def unregister_watched(name):
+    def unregister_watched(name, withdrawn=False):
         seen.append(("ad1" in served.bank, lock_is_free_for_others(served.bank.lock)))
-        unregister(name)
+        unregister(name, withdrawn)
 
     monkeypatch.setattr(registry, "unregister", unregister_watched)
     assert served.post("/v1/unload_lora_adapter", {"lora_name": "ad1"}, AUTH).status_code == 200

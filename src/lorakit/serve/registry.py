@@ -120,6 +120,7 @@ class AdapterRegistry:
         self._lock = threading.Lock()
         self._paths: dict[str, Path] = {}
         self._reserved: set[str] = set()
+        self._withdrawn: set[str] = set()  # unloaded by an admin: not discovered again
         self.skipped: dict[str, str] = {}  # name -> why it is not served (start-up scan)
         for child in sorted(self.root.iterdir()):
             try:
@@ -138,11 +139,11 @@ class AdapterRegistry:
         """Whether ``name`` is served: registered, or a subdirectory ``root/name`` holding an
         adapter (one created, or created again, after start-up), which is then registered as
         the start-up scan would have; a directory that fails the scan's checks is logged and
-        left out."""
+        left out, and so is a name an admin unloaded (until a runtime load)."""
         with self._lock:
             if name in self._paths:
                 return True
-            if name in self._reserved or not valid_name(name):
+            if name in self._reserved or name in self._withdrawn or not valid_name(name):
                 return False
         directory = self.root / name
         try:
@@ -275,12 +276,17 @@ class AdapterRegistry:
             if name in self._paths:
                 raise ValueError(f"adapter {name!r} is already loaded; unload it first.")
             self._paths[name] = path
+            self._withdrawn.discard(name)
 
-    def unregister(self, name: str) -> None:
+    def unregister(self, name: str, withdrawn: bool = False) -> None:
+        """Forget ``name``. ``withdrawn`` (an admin's unload): ``discover`` does not bring it
+        back from its directory; only a runtime load (``register``) does."""
         with self._lock:
             if name not in self._paths:
                 raise KeyError(f"unknown adapter {name!r}")
             del self._paths[name]
+            if withdrawn:
+                self._withdrawn.add(name)
 
 
 def _bad_directory_name(name: str) -> str:
@@ -446,4 +452,4 @@ class ServedAdapters:
         with self.bank.lock:
             self.registry.path(name)
             self.bank.forget(name)
-            self.registry.unregister(name)
+            self.registry.unregister(name, withdrawn=True)
