@@ -262,7 +262,9 @@ def _saved(tmp_path, name="adapter"):
 
 def test_combine_refuses_lora_bias_from_files_and_from_a_model(tmp_path):
     model, directory = _saved(tmp_path)
-    with pytest.raises(UserError, match=r"lora_B\.bias, which is not a LoRA factor"):
+    with pytest.raises(
+        UserError, match=r"lora_B\.bias, a bias on lora_B \(lora_bias=True\).*merge"
+    ):
         lorakit.combine([directory, directory], [0.5, 0.5], method="cat")
     with pytest.raises(UserError, match="lora_bias=True"):
         lorakit.combine(["default", "default"], [0.5, 0.5], method="cat", model=model)
