@@ -225,7 +225,7 @@ def test_startup_skips_adapter_directories_with_invalid_names_saying_why(
     for name in BAD_NAMES:
         _copy_of(root, "ad0", name)
     (root / "adapters" / "my notes").mkdir()  # not an adapter: not reported
-    with caplog.at_level("WARNING", logger="lorakit.serve.registry"):
+    with caplog.at_level("WARNING", logger="lorakit.serve.adapter_dirs"):
         registry = AdapterRegistry(root / "adapters")
     assert registry.names() == ["ad0", "ad1", "ad2", "ad3"]
     assert sorted(registry.skipped) == sorted(BAD_NAMES)

@@ -1,0 +1,269 @@
+"""The adapters a server may serve: names -> PEFT directories inside one root directory.
+
+Every subdirectory of ``root`` holding an ``adapter_config.json`` is an adapter named after it.
+Names are 1-128 letters, digits, ``.``, ``_``, ``-`` without ``..`` (``valid_name``), at start-up
+(another directory name is skipped, with the reason in ``skipped``) and on runtime loads
+(``register``), whose paths must stay inside ``root`` once resolved (no ``..``, no absolute
+paths). A subdirectory created after start-up is registered at the first request that names it
+(``discover``), unless an admin unloaded that name (``unregister(withdrawn=True)``) and no
+runtime load brought it back. Paths are kept as given (``root/name``), so a symlink inside
+``root`` is followed on every read (re-pointing it replaces the adapter). No symlinks out: a
+directory, or an adapter file in it, that resolves outside ``root`` is refused, at start-up
+(skipped with a warning), on a runtime load and on every read, without telling the client where
+it leads. ``read_headers`` is the start-up scan: configs and safetensors headers only, broken
+adapters skipped and reported. ``file_identity``: what changes when an adapter's files are
+replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from pathlib import Path
+
+from lorakit.errors import UserError
+from lorakit.io.config_json import CONFIG_NAME
+from lorakit.io.read import (
+    PICKLE_NAME,
+    WEIGHTS_NAME,
+    AdapterHeader,
+    read_adapter_header,
+    refuse_residual_base_factors,
+)
+
+__all__ = [
+    "AdapterGoneError",
+    "AdapterNameError",
+    "AdapterRegistry",
+    "file_identity",
+    "valid_name",
+]
+
+log = logging.getLogger(__name__)
+
+SERVING = "serving it on the server's shared, unchanged base model"
+"""What serving a PiSSA / OLoRA file's factors would do (``refuse_residual_base_factors``)."""
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_NAME_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit, without '..'"
+
+
+def valid_name(name: object) -> bool:
+    """Whether ``name`` may name an adapter: ``_NAME_RULE``."""
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None and ".." not in name
+
+
+class AdapterNameError(UserError):
+    """A runtime adapter name that is malformed, or reserved (the base model's name)."""
+
+
+class AdapterGoneError(KeyError):
+    """A served adapter whose directory was deleted (``ServedAdapters.drop_if_deleted``): it
+    left the registry, and is found again (``AdapterRegistry.discover``) once it is back."""
+
+
+class AdapterRegistry:
+    """Thread-safe ``{name: directory}`` under ``root``, seeded from the root's subdirectories."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise UserError(
+                f"adapter directory {root} does not exist; create it or pass another --adapters."
+            )
+        self._lock = threading.Lock()
+        self._paths: dict[str, Path] = {}
+        self._reserved: set[str] = set()
+        self._withdrawn: set[str] = set()  # unloaded by an admin: not discovered again
+        self.skipped: dict[str, str] = {}  # name -> why it is not served (start-up scan)
+        for child in sorted(self.root.iterdir()):
+            try:
+                if not (child / CONFIG_NAME).is_file():
+                    continue
+                if not valid_name(child.name):
+                    raise UserError(_bad_directory_name(child.name))
+                self.inside(child, str(child))
+                self._paths[child.name] = child  # (a link inside is followed on every read)
+            except OSError:
+                continue  # not an adapter directory we can look into (a name too long, ...)
+            except UserError as error:
+                self._skip(child.name, str(error))
+
+    def discover(self, name: object) -> bool:
+        """Whether ``name`` is served: registered, or a subdirectory ``root/name`` holding an
+        adapter (one created, or created again, after start-up), which is then registered as
+        the start-up scan would have; a directory that fails the scan's checks is logged and
+        left out, and so is a name an admin unloaded (until a runtime load)."""
+        with self._lock:
+            if name in self._paths:
+                return True
+            if name in self._reserved or name in self._withdrawn or not valid_name(name):
+                return False
+        directory = self.root / name
+        try:
+            if not (directory / CONFIG_NAME).is_file():
+                return False
+            self.inside(directory, name)
+        except (OSError, UserError) as error:
+            log.warning("not serving adapter %r: %s", name, error)
+            return False
+        with self._lock:
+            self._paths.setdefault(name, directory)
+        log.info("adapter %r found in %s and registered", name, self.root)
+        return True
+
+    def relative(self, text: str) -> str:
+        """``text`` with the paths inside ``root`` written relative to it (``root`` itself as
+        ``.``): the messages sent to HTTP clients never show the server's directories."""
+        root = str(self.root)
+        return text.replace(root + os.sep, "").replace(root, ".")
+
+    def _skip(self, name: str, reason: str) -> None:
+        log.warning("not serving adapter %r: %s", name, reason)
+        self.skipped[name] = reason
+
+    def inside(self, directory: Path, shown: str) -> Path:
+        """``directory`` resolved; ``UserError`` when it, or one of its adapter files, resolves
+        outside ``root`` (a symlink out) or cannot be resolved (a loop, a name too long)."""
+        try:
+            resolved = directory.resolve()
+            files = [
+                (resolved / name).resolve() for name in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME)
+            ]
+            found = [path for path in (resolved, *files) if path == resolved or path.exists()]
+        except (
+            OSError,
+            RuntimeError,
+            ValueError,
+        ) as error:  # a loop (RuntimeError before 3.13), a NUL
+            reason = getattr(error, "strerror", None) or error  # no 5000-character file names
+            raise UserError(f"{shown} cannot be resolved ({reason}).") from None
+        for path in found:
+            if not path.is_relative_to(self.root):  # (where to: in the server's log only)
+                log.warning("adapter %s leads outside %s, to %s", shown, self.root, path)
+                raise UserError(
+                    f"{shown} leads outside the adapter directory through a symlink; copy the "
+                    "adapter into the adapter directory instead."
+                )
+        return resolved
+
+    def read_headers(self) -> dict[str, AdapterHeader]:
+        """The config and safetensors header of every registered adapter (no tensor data);
+        an adapter that cannot be read is skipped: unregistered, logged and kept in
+        ``skipped`` with the reason."""
+        headers = {}
+        for name in self.names():
+            try:
+                header = read_adapter_header(self.inside(self.path(name), name))
+                refuse_residual_base_factors(header, SERVING, fingerprint_checked=True)
+                headers[name] = header
+            except UserError as error:
+                self.unregister(name)
+                self._skip(name, str(error))
+        return headers
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._paths)
+
+    def __contains__(self, name: object) -> bool:
+        with self._lock:
+            return name in self._paths
+
+    def path(self, name: str) -> Path:
+        with self._lock:
+            if name not in self._paths:
+                raise KeyError(f"unknown adapter {name!r}; known: {sorted(self._paths)}")
+            return self._paths[name]
+
+    def reserve(self, name: str) -> None:
+        """Refuse ``name`` as an adapter name from now on (the base model's id: requests for it
+        get the base, so an adapter under it could never be reached). ``UserError`` when an
+        adapter subdirectory already has it."""
+        with self._lock:
+            if name in self._paths:
+                raise UserError(
+                    f"the adapter {self._paths[name]} has the base model's name {name!r}; "
+                    "rename its directory or give the base another id (--served-model-name)."
+                )
+            self._reserved.add(name)
+
+    def check_name(self, name: object) -> str:
+        if not valid_name(name):
+            raise AdapterNameError(f"adapter name {name!r} is invalid: use {_NAME_RULE}.")
+        with self._lock:
+            if name in self._reserved:
+                raise AdapterNameError(
+                    f"adapter name {name!r} is the base model's name (requests for it get the "
+                    "base model); choose another name."
+                )
+        return name
+
+    def resolve(self, name: str, relative_path: str | None) -> Path:
+        """The directory for a runtime load: ``root/relative_path`` (default ``root/name``),
+        refused unless it stays inside ``root``."""
+        self.check_name(name)
+        relative_path = name if relative_path is None else relative_path
+        if not isinstance(relative_path, str) or not relative_path:
+            raise UserError("lora_path must be a non-empty path relative to the adapter directory.")
+        candidate = Path(relative_path)
+        if candidate.is_absolute() or ".." in candidate.parts:
+            raise UserError(
+                f"lora_path {relative_path!r} is not allowed: give a path relative to the adapter "
+                "directory, without '..'."
+            )
+        shown = f"lora_path {relative_path[:200]!r}"
+        resolved = self.inside(self.root / candidate, shown)
+        try:
+            has_config = (resolved / CONFIG_NAME).is_file()
+        except (OSError, ValueError) as error:  # e.g. a name too long for the file system
+            raise UserError(
+                f"{shown} cannot be read ({getattr(error, 'strerror', None) or error})."
+            ) from None
+        if not has_config:
+            raise UserError(f"{shown} holds no {CONFIG_NAME}.")
+        return self.root / candidate  # (a link inside is followed on every read)
+
+    def register(self, name: str, path: Path) -> None:
+        self.check_name(name)
+        with self._lock:
+            if name in self._paths:
+                raise ValueError(f"adapter {name!r} is already loaded; unload it first.")
+            self._paths[name] = path
+            self._withdrawn.discard(name)
+
+    def unregister(self, name: str, withdrawn: bool = False) -> None:
+        """Forget ``name``. ``withdrawn`` (an admin's unload): ``discover`` does not bring it
+        back from its directory; only a runtime load (``register``) does."""
+        with self._lock:
+            if name not in self._paths:
+                raise KeyError(f"unknown adapter {name!r}")
+            del self._paths[name]
+            if withdrawn:
+                self._withdrawn.add(name)
+
+
+def _bad_directory_name(name: str) -> str:
+    """Why the adapter directory ``name`` is not served at start-up, and the ways out."""
+    return (
+        f"its directory name {name[:200]!r} is not a valid adapter name ({_NAME_RULE}); rename "
+        "the directory, or load it with /v1/load_lora_adapter lora_name=<valid name> "
+        "lora_path=<the directory name>."
+    )
+
+
+def file_identity(directory: Path) -> list[object]:
+    """``[directory, size, mtime, inode and ctime of the config, the same of the weights]`` of
+    an adapter directory (None for a missing file): what changes when its files are replaced,
+    also by a copy of the same size that keeps the old mtime (``cp -p``, ``rsync -a``: the
+    ctime still moves, and a new file has a new inode)."""
+    stamps: list[object] = [str(directory)]
+    for file_name in (CONFIG_NAME, WEIGHTS_NAME):
+        try:
+            found = (directory / file_name).stat()
+            stamps += [found.st_size, found.st_mtime_ns, found.st_ino, found.st_ctime_ns]
+        except OSError:
+            stamps += [None, None, None, None]
+    return stamps
