@@ -454,3 +454,47 @@ def test_an_unloaded_adapter_is_not_found_again_from_its_directory(root, adapter
         _assert_close(
             _served_logprobs(served, "ad1"), _fresh_logprobs(root / "adapters" / "ad1", tokenizer)
         )
+
+
+def test_a_name_loaded_from_another_directory_never_falls_back_to_root_name(
+    root, adapter_files
+) -> None:
+    """ad1 unloaded, loaded again from lora_path v2, v2 deleted: ad1 stays gone (a 404 saying
+    to load it again), never served from adapters/ad1 unasked; restoring v2 does not bring it
+    back by itself either."""
+    _, tokenizer = adapter_files
+    shutil.copytree(root / "adapters" / "ad2", root / "adapters" / "v2")
+    served = Served(root, tokenizer)
+    with served.client:
+        assert served.post("/v1/unload_lora_adapter", {"lora_name": "ad1"}, AUTH).status_code == 200
+        body = {"lora_name": "ad1", "lora_path": "v2"}
+        assert served.post("/v1/load_lora_adapter", body, AUTH).status_code == 200
+        _served_logprobs(served, "ad1")
+        shutil.move(root / "adapters" / "v2", root / "v2-away")
+        errors = []
+        for _ in range(2):
+            response = served.post("/v1/completions", {"model": "ad1", "prompt": PROMPT})
+            errors.append(assert_error(response, 404, "model", "does not exist")["message"])
+        assert "load it again with /v1/load_lora_adapter" in errors[0]  # (then: unknown)
+        shutil.move(root / "v2-away", root / "adapters" / "v2")
+        response = served.post("/v1/completions", {"model": "ad1", "prompt": PROMPT})
+        assert_error(response, 404, "model", "does not exist")
+        assert "ad1" not in served.model_ids()
+
+
+def test_a_broken_adapter_directory_is_not_discovered_by_a_request(root, adapter_files) -> None:
+    _, tokenizer = adapter_files
+    served = Served(root, tokenizer)
+    broken = root / "adapters" / "broken"
+    shutil.copytree(root / "adapters" / "ad0", broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"garbage")
+    with served.client:
+        response = served.post("/v1/completions", {"model": "broken", "prompt": PROMPT})
+        assert_error(response, 404, "model", "does not exist")
+        assert "broken" not in served.model_ids()
+
+
+def test_the_public_merge_takes_no_dtype() -> None:
+    import inspect
+
+    assert list(inspect.signature(lorakit.merge).parameters) == ["model", "adapter_names"]

@@ -61,17 +61,22 @@ def _chosen(model: nn.Module, adapter_names: Sequence[str] | None) -> tuple[str,
     return names
 
 
-def merge(
-    model: nn.Module, adapter_names: Sequence[str] | None = None, dtype: torch.dtype | None = None
-) -> nn.Module:
+def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:
     """Fold the given adapters (default: the active ones) into the base weights, in place;
-    each merged weight is the float32 sum rounded once to ``dtype`` (default: its base
-    weight's, so ``unmerge`` gives the model back as it was).
+    each merged weight is the float32 sum rounded once to its base weight's dtype.
 
     Idempotent. All or nothing: every layer's merged weight is computed and checked before any
     is installed, so if one would hold inf/NaN (a non-finite adapter, or an overflow of the
     weight dtype) ValueError is raised and no layer has changed.
     """
+    return _merge(model, adapter_names, None)
+
+
+def _merge(
+    model: nn.Module, adapter_names: Sequence[str] | None, dtype: torch.dtype | None
+) -> nn.Module:
+    """``merge``, each merged weight rounded once to ``dtype`` (None: its base weight's);
+    ``merge_and_unload`` passes its ``float_dtype``, then casts the rest of the model to it."""
     names = _chosen(model, adapter_names)
     prepared = []
     for path, layer in lora_layers(model):
@@ -133,7 +138,7 @@ def merge_and_unload(
     linear_dtype = float_dtype or own_dtype or torch.float32  # (used by quantized layers only)
     tied = {key for key, names in parameter_holders(model).items() if len(names) > 1}
     output_quantized = _output_layer_quantized(model)
-    merge(model, names, float_dtype)  # rounded once to float_dtype (a bf16 base's sum too)
+    _merge(model, names, float_dtype)  # rounded once to float_dtype (a bf16 base's sum too)
     untied = _unload_lora_layers(model, tied, linear_dtype)
     untied |= _unload_saved_modules(model, names, tied)
     config = getattr(model, "config", None)

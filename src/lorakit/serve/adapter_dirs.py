@@ -61,7 +61,12 @@ class AdapterNameError(UserError):
 
 class AdapterGoneError(KeyError):
     """A served adapter whose directory was deleted (``ServedAdapters.drop_if_deleted``): it
-    left the registry, and is found again (``AdapterRegistry.discover``) once it is back."""
+    left the registry; ``returns``: it is found again (``AdapterRegistry.discover``) once its
+    directory, ``root/name``, is back (else only a runtime load brings the name back)."""
+
+    def __init__(self, name: str, returns: bool) -> None:
+        super().__init__(name)
+        self.returns = returns
 
 
 class AdapterRegistry:
@@ -105,9 +110,10 @@ class AdapterRegistry:
         try:
             if not (directory / CONFIG_NAME).is_file():
                 return False
-            self.inside(directory, name)
-        except (OSError, UserError) as error:
-            log.warning("not serving adapter %r: %s", name, error)
+            header = read_adapter_header(self.inside(directory, name))
+            refuse_residual_base_factors(header, SERVING, fingerprint_checked=True)
+        except (OSError, UserError) as error:  # (the start-up scan's checks: read_headers)
+            log.warning("not serving adapter %r: %s", name, self.relative(str(error)))
             return False
         with self._lock:
             self._paths.setdefault(name, directory)

@@ -276,11 +276,15 @@ async def _adapter_for(
         raise APIError(400, str(error), param="model") from None
     except BankFullError:
         pass  # every slot is busy now: the engine loads it when a running request frees one
-    except AdapterGoneError:
+    except AdapterGoneError as gone:
+        again = (
+            "it is served again once the directory is back"
+            if gone.returns
+            else "load it again with /v1/load_lora_adapter"
+        )
         raise APIError(
             404,
-            f"the model {model!r} does not exist: its directory was deleted (it is served again "
-            "once the directory is back)",
+            f"the model {model!r} does not exist: its directory was deleted ({again})",
             param="model",
             code="model_not_found",
         ) from None

@@ -122,7 +122,7 @@ class ServedAdapters:
         ``KeyError`` when it is unknown, or its directory was deleted (``drop_if_deleted``)."""
         path = self.registry.path(name)
         if self.drop_if_deleted(name, path):
-            raise AdapterGoneError(name)
+            raise self._gone(name, path)
         identity = file_identity(path)  # before reading: a change meanwhile is seen later
         adapter = self._read(name, path)
         self._identities[name] = identity
@@ -132,8 +132,9 @@ class ServedAdapters:
         """Put a registered adapter into the bank if it is not there (LRU may evict another),
         or read it again if its files were replaced since (``_drop_if_replaced``). ``KeyError``
         when it is unknown, or its directory was deleted (``drop_if_deleted``)."""
-        if self.drop_if_deleted(name, self.registry.path(name)):
-            raise AdapterGoneError(name)
+        path = self.registry.path(name)
+        if self.drop_if_deleted(name, path):
+            raise self._gone(name, path)
         self._drop_if_replaced(name)
         self.bank.ensure_loaded(name, self.read)
 
@@ -141,7 +142,9 @@ class ServedAdapters:
         """Whether the directory ``path`` of adapter ``name`` is gone; then ``name`` is evicted
         and unregistered in one step under the bank's lock, as ``remove`` does (it leaves
         ``/v1/models``), unless a running request still uses it: then it stays until the next
-        request after that one looks again."""
+        request after that one looks again. Only ``root/name`` is found again when it is back
+        (``AdapterRegistry.discover``): a name a runtime load gave another directory is
+        withdrawn, so that it never falls back to ``root/name`` unasked."""
         try:
             if path.is_dir():
                 return False
@@ -154,10 +157,17 @@ class ServedAdapters:
                 self.bank.forget(name)
             except (KeyError, AdapterInUseError):
                 return True
-            self.registry.unregister(name)
+            self.registry.unregister(name, withdrawn=not self._returns(name, path))
             self._identities.pop(name, None)
         log.warning("adapter %r: its directory %s was deleted; no longer served", name, path)
         return True
+
+    def _returns(self, name: str, path: Path) -> bool:
+        """Whether ``name`` is served again once ``path`` is back: it is ``root/name``."""
+        return path == self.registry.root / name
+
+    def _gone(self, name: str, path: Path) -> AdapterGoneError:
+        return AdapterGoneError(name, self._returns(name, path))
 
     def _drop_if_replaced(self, name: str) -> None:
         """Evict ``name`` when its files changed since they were read, so that the load that
