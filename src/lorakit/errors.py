@@ -8,6 +8,7 @@ __all__ = [
     "TargetModulesError",
     "UserError",
     "first_line",
+    "listed",
 ]
 
 
@@ -25,6 +26,13 @@ class BaseModelMismatchError(AdapterFileError):
 
 class TargetModulesError(UserError, ValueError):
     """A ``target_modules`` list with entries that name no module of the model (a typo)."""
+
+
+def listed(names, limit: int) -> str:
+    """``names`` sorted, for a message: the first ``limit`` joined by commas, then
+    ``" ... (N in all)"`` when there are more."""
+    shown = ", ".join(sorted(names)[:limit])
+    return shown + (f" ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def first_line(error: BaseException, limit: int) -> str:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from lorakit import quantized
-from lorakit.errors import AdapterFileError, BaseModelMismatchError
+from lorakit.errors import AdapterFileError, BaseModelMismatchError, listed
 from lorakit.layers import LoraLayer
 
 __all__ = [
@@ -247,11 +247,6 @@ def unverifiable(
     return missing
 
 
-def _listed(names: list[str], limit: int = 3) -> str:
-    shown = ", ".join(sorted(names)[:limit])
-    return shown + (f" ... ({len(names)} in all)" if len(names) > limit else "")
-
-
 def unverified_note(
     model: nn.Module,
     stored: dict[str, dict[str, object]] | None,
@@ -277,7 +272,7 @@ def unverified_note(
         return None
     return (
         f"adapter {label} has a base-model fingerprint that does not cover {len(unchecked)} of "
-        f"its modules ({_listed(unchecked)}): lorakit cannot verify those were trained on this "
+        f"its modules ({listed(unchecked, 3)}): lorakit cannot verify those were trained on this "
         "base model. Re-save the adapter from its base model (with the base weights in memory, "
         "not offloaded) to record them."
     )

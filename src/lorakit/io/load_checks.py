@@ -14,13 +14,12 @@ the way out.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 
 from torch import nn
 
 from lorakit import quantized
 from lorakit.config import LoraConfig
-from lorakit.errors import AdapterFileError
+from lorakit.errors import AdapterFileError, listed
 from lorakit.io import fingerprint
 from lorakit.io.keys import FileTensor, expected_shape, saved_module_alias_keys
 from lorakit.io.read import AdapterFile, AdapterHeader
@@ -29,11 +28,6 @@ from lorakit.io.tensors import TORCH_DTYPES
 __all__ = ["check_base", "check_tensors"]
 
 LORA_ROLES = ("lora_A", "lora_B")
-
-
-def _listed(keys: Sequence[str], limit: int = 6) -> str:
-    shown = ", ".join(sorted(keys)[:limit])
-    return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
 def _refuse_copies_of_quantized(
@@ -80,12 +74,12 @@ def check_tensors(
     if missing:
         raise AdapterFileError(
             f"adapter {source} lacks tensors its config implies for this model: "
-            f"{_listed(missing)}. The file is incomplete, or the model is not its base."
+            f"{listed(missing, 6)}. The file is incomplete, or the model is not its base."
         )
     if unexpected:
         raise AdapterFileError(
             f"adapter {source} has tensors that fit no module of this model under its config: "
-            f"{_listed(unexpected)}. Is the model the adapter's base architecture?"
+            f"{listed(unexpected, 6)}. Is the model the adapter's base architecture?"
         )
     for entry in sorted(entries, key=lambda e: e.role != "base_weight"):  # vocabulary first
         info = adapter.tensors[entry.key]
