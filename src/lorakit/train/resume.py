@@ -29,7 +29,6 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from lorakit.errors import UserError
@@ -216,18 +215,12 @@ def check_resume_base(model: nn.Module, directory: Path, adapter_name: str) -> N
 
 
 def base_dtype(model: nn.Module) -> str | None:
-    """The dtype the frozen base computes in (``lorakit train --dtype``): its input embedding's,
-    else its first frozen floating-point parameter's (a quantized base's norms and embedding
-    are in that dtype too); None for a model without one."""
-    getter = getattr(model, "get_input_embeddings", None)
-    embedding = getter() if getter is not None else None
-    weight = getattr(embedding, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
-        return str(weight.dtype).removeprefix("torch.")
-    for parameter in model.parameters():
-        if parameter.is_floating_point() and not parameter.requires_grad:
-            return str(parameter.dtype).removeprefix("torch.")
-    return None
+    """The name of the dtype the frozen base computes in (``lorakit train --dtype``), as
+    ``merge.model_float_dtype`` reads it; None for a model without float base weights."""
+    from lorakit.merge import model_float_dtype
+
+    dtype = model_float_dtype(model)
+    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _plan_difference(key: str, plan: dict[str, Any], saved_plan: dict[str, Any]) -> str:
