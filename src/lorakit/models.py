@@ -324,6 +324,29 @@ def transformers_progress_bars(show: bool) -> Iterator[None]:
         transformers_logging.enable_progress_bar()
 
 
+def _loading_options(
+    task: str, num_labels: int, quantization: str | None, dtype: torch.dtype
+) -> dict[str, object]:
+    """``from_pretrained``'s options for ``load_model``: the dtype (float32 for a quantized
+    base, which is quantized from the checkpoint's float32 weights whatever ``dtype``, so the
+    codes an adapter's fingerprint records do not depend on it; the rest is cast after),
+    bitsandbytes' config (its compute dtype ``dtype``), the head's labels, and the loading
+    report of a causal LM (a seq-cls head is new: its weights are missing by design)."""
+    options: dict[str, object] = {"dtype": dtype if quantization is None else torch.float32}
+    if task == "causal-lm":
+        options["output_loading_info"] = True
+    else:
+        options["num_labels"] = num_labels
+    if quantization in ("nf4", "fp4", "int8"):
+        from lorakit.quantized.loading import bitsandbytes_config
+
+        options |= {
+            "quantization_config": bitsandbytes_config(quantization, dtype),
+            "device_map": "cpu",
+        }
+    return options
+
+
 def load_model(
     spec: str | os.PathLike[str] = DEFAULT_MODEL,
     *,
@@ -364,21 +387,9 @@ def load_model(
     if task == "causal-lm":
         _refuse_encoder(directory)
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    options = {} if task == "causal-lm" else {"num_labels": num_labels}
-    if quantization in ("nf4", "fp4", "int8"):
-        from lorakit.quantized.loading import bitsandbytes_config
-
-        options |= {
-            "quantization_config": bitsandbytes_config(quantization, dtype),
-            "device_map": "cpu",
-        }
-    if task == "causal-lm":  # (a seq-cls head is new: its weights are missing by design)
-        options["output_loading_info"] = True
-    # A quantized base is quantized from the checkpoint's float32 weights whatever ``dtype``
-    # (the codes an adapter's fingerprint records do not depend on it); the rest is cast after.
-    load_dtype = dtype if quantization is None else torch.float32
+    options = _loading_options(task, num_labels, quantization, dtype)
     with transformers_progress_bars(progress), loading_errors(directory):
-        model = auto.from_pretrained(directory, dtype=load_dtype, local_files_only=True, **options)
+        model = auto.from_pretrained(directory, local_files_only=True, **options)
     if task == "causal-lm":
         model, info = model
         _refuse_missing_weights(directory, model, info)

@@ -148,9 +148,14 @@ def torch_dtype(name: str):
     return getattr(torch, name)
 
 
-_QUANTIZATION_OF_FORMAT = (("bnb-nf4", "nf4"), ("bnb-fp4", "fp4"), ("bnb-int8", "int8"))
-_QUANTIZATION_OF_FORMAT += (("gguf-", "gguf"), ("int8-rows", "int8-rows"))
-_QUANTIZATION_OF_FORMAT += (("int4-groups", "int4-groups"),)
+_QUANTIZATION_OF_FORMAT = (  # a fingerprint's format name (its start) -> --quantization
+    ("bnb-nf4", "nf4"),
+    ("bnb-fp4", "fp4"),
+    ("bnb-int8", "int8"),
+    ("gguf-", "gguf"),
+    ("int8-rows", "int8-rows"),
+    ("int4-groups", "int4-groups"),
+)
 
 
 def _quantization_hint(message: str, quantization: str | None) -> str:

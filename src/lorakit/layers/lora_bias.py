@@ -92,8 +92,8 @@ class LoraBiasMixin:
         self, adapter_names: Sequence[str], dtype: torch.dtype | None = None
     ) -> torch.Tensor | None:
         """``bias0 + sum_a s_a b_a`` over the named adapters that have a bias on B (float32 sum,
-        rounded once to ``dtype``, default bias0's); None when none of them has one. Raises ValueError when
-        the base layer has no bias to merge into (PEFT refuses this merge too)."""
+        rounded once to ``dtype``, default bias0's); None when none of them has one. Raises
+        ValueError when the base layer has no bias to merge into (PEFT refuses this merge too)."""
         names = [n for n in adapter_names if self.lora_bias_of(n) is not None]
         if not names:
             return None
