@@ -12,7 +12,8 @@ medians over ``--repeats``:
 - time to first token of a 64-token prompt on an idle engine (and llama.cpp on a reset context);
 - ``--dtype bfloat16``: the same in bf16 (AMX / AVX512-BF16 matmuls where the CPU has them;
   outputs differ from float32's), the adapter bank float32 as ``lorakit serve --dtype bfloat16``
-  keeps it (``--bank-dtype base``: bf16 too);
+  keeps it (``--bank-dtype bfloat16``: held in bf16, as ``lorakit serve --adapter-dtype
+  bfloat16``, products in float32; before 2026-12-06 evening a bf16 bank also multiplied in bf16);
 - ``--quantization int8-rows`` / ``int4-groups``: lorakit serves the base as weight-only int8
   (every linear, the output layer included: ``lorakit.quantized.int8_rows``) or 4-bit with a
   scale and offset per 32 inputs (Q4_1's scheme, ``int4_groups``), and reports how far its
@@ -288,8 +289,9 @@ def main(argv=None) -> int:
         "--bank-dtype",
         choices=["base", "float32", "bfloat16"],
         default=None,
-        help="dtype of the adapter bank (default: lorakit's, as lorakit serve: float32, also "
-        "beside a bfloat16 base); 'base': the base's dtype (the 2026-12-06 bf16 run)",
+        help="dtype the adapter bank holds adapters in, as lorakit serve --adapter-dtype "
+        "(default: float32, also beside a bfloat16 base); 'base': the base's dtype; products "
+        "are float32 either way",
     )
     parse.add_argument("--hf-repeats", type=int, default=1, help="transformers generate runs")
     parse.add_argument(

@@ -97,7 +97,11 @@ def start_server(root: Path, args):
     model = base_model(args)
     prepare_for_serving(model, targets)
     bank = AdapterBank(
-        model, max_rank=max_rank, memory_budget=args.adapter_memory, layer_shares=shares
+        model,
+        max_rank=max_rank,
+        memory_budget=args.adapter_memory,
+        layer_shares=shares,
+        dtype=getattr(torch, args.adapter_dtype),
     )
     adapters = ServedAdapters(bank, registry, model)
     engine = Engine(
@@ -277,6 +281,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--adapters", type=int, default=1000)
     parser.add_argument("--adapter-memory", type=int, default=16_000_000, help="bytes")
+    parser.add_argument(
+        "--adapter-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="dtype the bank holds adapters in (lorakit serve --adapter-dtype)",
+    )
     parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--rate", type=float, default=40.0, help="Poisson arrivals per second")
     parser.add_argument("--zipf", type=float, default=1.0)

@@ -14,6 +14,7 @@ import re
 import sys
 from collections.abc import Mapping
 
+from lorakit.commands.eval import DTYPES
 from lorakit.errors import UserError
 
 __all__ = [
@@ -77,6 +78,15 @@ def _add_bank_options(parser: argparse.ArgumentParser) -> None:
         "--target-modules",
         default=None,
         help="comma-separated modules to route (default: the union of the adapters' targets)",
+    )
+    group.add_argument(
+        "--adapter-dtype",
+        choices=DTYPES,
+        default=None,
+        help="dtype the bank holds adapters in: bfloat16 or float16 hold twice the adapters of "
+        "float32 in the same --adapter-memory and read half the bytes a step; each adapter is "
+        "rounded once when loaded, the products stay float32 (default: float32, float64 on a "
+        "float64 base)",
     )
 
 

@@ -129,6 +129,7 @@ def build(args: argparse.Namespace):
             capacity=capacity,
             memory_budget=budget,
             layer_shares=shares,
+            dtype=None if args.adapter_dtype is None else torch_dtype(args.adapter_dtype),
         )
     except BudgetTooSmall as error:
         raise UserError(

@@ -41,6 +41,7 @@ from lorakit.serve.stacks import (
     allocate_stack,
     page_bytes,
     prepare_for_serving,
+    product_dtype,
     write_slot,
 )
 from lorakit.state import adapter_configs, lora_layers
@@ -69,7 +70,10 @@ class AdapterBank:
     ``page_rank``: rows per page (default: 4, or ``max_rank`` if smaller); an adapter's rank is
     rounded up to it.
     ``dtype``: of the pools (default: ``lorakit.inject.default_adapter_dtype``, as for an
-    injected adapter: the base weights' dtype, float32 for half-precision bases).
+    injected adapter: the base weights' dtype, float32 for half-precision bases). The products
+    run in ``compute_dtype`` (``stacks.product_dtype``: float32, float64 for float64 pools): a
+    bfloat16 or float16 bank holds twice the adapters of a float32 one in the same budget, its
+    adapters rounded once when they are written, and widens the pages it reads per product.
     ``layer_shares``: per layer path, the part of the adapters' ranks that adapt it
     (``pool_sizes.layer_shares`` of the adapters to serve): each layer's pool holds that part of
     the page numbers (``serve/pool_sizes.py``); None: every pool holds all of them.
@@ -96,6 +100,9 @@ class AdapterBank:
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")
         base_dtype = linears[0][1].base_float_dtype  # float32 on a quantized base
         self.dtype = dtype or default_adapter_dtype(base_dtype)
+        if not self.dtype.is_floating_point:
+            raise ValueError(f"the bank's dtype must be a floating-point dtype, got {self.dtype}")
+        self.compute_dtype = product_dtype(self.dtype)
         self.max_rank = max_rank
         self.page_rank = page_rank or min(4, max_rank)
         if self.page_rank < 1:
@@ -128,8 +135,8 @@ class AdapterBank:
         sizes = {name: page_bytes(layer, self.page_rank, self.dtype) for name, layer in linears}
         self._layer_page_bytes = sizes
         self.page_bytes = sum(sizes.values())  # a page number in every pool
-        item = torch.empty((), dtype=self.dtype).element_size()
-        self.slot_overhead = item * len(linears)  # a scaling per layer, in the pools' dtype
+        item = torch.empty((), dtype=self.compute_dtype).element_size()
+        self.slot_overhead = item * len(linears)  # a scaling per layer, in compute_dtype
         per_adapter = self.pages_for(self.max_rank)
         self.slot_bytes = per_adapter * self.page_bytes + self.slot_overhead  # at max_rank
         return pool_sizes(

@@ -64,7 +64,8 @@ def add_lora_looped(
     out: torch.Tensor, x: torch.Tensor, stack: LayerStack, groups: RowGroups
 ) -> None:
     """``out[rows] += s B A x[rows]`` per looped segment. ``out`` (N, d), ``x`` (N, k), in place;
-    A (n*p, k) and B (d, n*p) from the segment's n pages (a slice of the pools when consecutive)."""
+    A (n*p, k) and B (d, n*p) from the segment's n pages (a slice of the pools when consecutive);
+    the product in ``stack.compute_dtype`` (x and 16-bit pages widened), added in ``out``'s."""
     for segment in groups.looped:
         if segment.slot not in stack.present:
             continue
@@ -72,8 +73,8 @@ def add_lora_looped(
         rows = segment.rows
         x_rows = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
         delta = functional.lora_forward(
-            x_rows, lora_A, lora_B_t.T, stack.scaling_values[segment.slot]
-        ).to(out.dtype)  # (n, d)
+            x_rows.to(stack.compute_dtype), lora_A, lora_B_t.T, stack.scaling_values[segment.slot]
+        ).to(out.dtype)  # (n, d), computed in compute_dtype
         if isinstance(rows, slice):
             out[rows] += delta
         else:
@@ -109,13 +110,15 @@ def add_lora_padded(
 
     Shapes: x gathered (E, L, k); A windows (E, b*p, k); low (E, L, b*p); B^T windows
     (E, b*p, d); delta (E, L, d). Rank side first, scale on the rank side (as
-    ``functional.lora_forward``). The grid holds only adapters of this layer; the results of
-    filler entries (whatever their pages hold) are dropped with the padding.
+    ``functional.lora_forward``), in ``stack.compute_dtype`` (16-bit windows widened). The grid
+    holds only adapters of this layer; the results of filler entries (whatever their pages
+    hold) are dropped with the padding.
     """
-    entries, length = grid.entry_slots.numel(), grid.length
-    x_rows = x.index_select(0, grid.gather_rows).to(stack.lora_A.dtype)
+    entries, length, dtype = grid.entry_slots.numel(), grid.length, stack.compute_dtype
+    x_rows = x.index_select(0, grid.gather_rows).to(dtype)
     x_rows = x_rows.view(entries, length, x.shape[-1])  # (E, L, k)
-    lora_A, lora_B_t = _windows(stack.lora_A, grid), _windows(stack.lora_B_t, grid)
+    lora_A = _windows(stack.lora_A, grid).to(dtype)  # (E, b*p, k)
+    lora_B_t = _windows(stack.lora_B_t, grid).to(dtype)  # (E, b*p, d)
     scaling = stack.scaling.index_select(0, grid.entry_slots.to(stack.scaling.device))
     low = torch.bmm(x_rows, lora_A.transpose(1, 2))  # (E, L, b*p)
     low = low * scaling.to(low.dtype).view(-1, 1, 1)

@@ -62,8 +62,9 @@ class OneAdapterRouter:
         return self.bank.page_table.get(self.slot) is self.pages
 
     def factors(self, stack: LayerStack) -> tuple[torch.Tensor, torch.Tensor]:
-        """The slot's A (n*p, k) and B^T (n*p, d) in ``stack``: views of the pools when its
-        pages are a run, else gathered copies (kept while the pools are the same tensors)."""
+        """The slot's A (n*p, k) and B^T (n*p, d) in ``stack``, in ``stack.compute_dtype``:
+        views of the pools when its pages are a run, else gathered copies; 16-bit pools' pages
+        widened to float32 copies (kept while the pools are the same tensors)."""
         cached = self._factors.get(id(stack))
         if cached is not None and cached[0] is stack.lora_A:
             return cached[1], cached[2]
@@ -74,7 +75,8 @@ class OneAdapterRouter:
             pages = self.pages.to(stack.lora_A.device)
             lora_A = stack.lora_A.index_select(0, pages)
             lora_B_t = stack.lora_B_t.index_select(0, pages)
-        lora_A, lora_B_t = lora_A.flatten(0, 1), lora_B_t.flatten(0, 1)
+        lora_A = lora_A.flatten(0, 1).to(stack.compute_dtype)
+        lora_B_t = lora_B_t.flatten(0, 1).to(stack.compute_dtype)
         self._factors[id(stack)] = (stack.lora_A, lora_A, lora_B_t)
         return lora_A, lora_B_t
 
@@ -93,7 +95,7 @@ class OneAdapterRouter:
         flat_x = x.reshape(rows, x.shape[-1])
         if flat_x.dtype == lora_A.dtype == out.dtype:
             functional.add_lora_forward_(out, flat_x, lora_A, lora_B_t, scale)
-        else:  # a float32 bank beside a 16-bit base: in the bank's dtype, as the batched op
+        else:  # a float32 or 16-bit bank beside a 16-bit base: in float32, as the batched op
             wide_x = flat_x.to(lora_A.dtype)
             out += functional.lora_forward(wide_x, lora_A, lora_B_t.T, scale).to(out.dtype)
         return base_output
@@ -105,8 +107,8 @@ class OneAdapterRouter:
         adapts (siblings that read ``x`` (..., k), whose base outputs, ``widths`` d_i wide, lie
         side by side in ``out`` (..., sum d_i)): one product ``low = x [s_1 A_1; ..; s_n A_n]^T``
         (N, R) for all of them (the scaled A's are concatenated once and kept), then
-        ``low_i B_i^T`` added to each part. In the bank's dtype (a float32 bank beside a
-        bfloat16 base: x is cast up once, each part's product rounded to ``out``'s dtype, as
+        ``low_i B_i^T`` added to each part. In the bank's ``compute_dtype`` (beside a bfloat16
+        base: x is cast up once, each part's product rounded to ``out``'s dtype, as
         the per-layer call does). Returns False, having added nothing, where the siblings need
         the per-layer call (a DoRA slot); ``lorakit.serve.siblings`` then calls the router per
         layer.
@@ -148,7 +150,7 @@ class OneAdapterRouter:
                 rank += lora_A.shape[0]
             start += width
         if not lora_As:
-            return _SiblingFactors(torch.zeros(0, 0, dtype=self.bank.dtype), [], [], [])
+            return _SiblingFactors(torch.zeros(0, 0, dtype=self.bank.compute_dtype), [], [], [])
         pools = [stack.lora_A for stack in stacks]
         return _SiblingFactors(torch.cat(lora_As), parts, stacks, pools)
 

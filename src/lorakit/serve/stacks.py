@@ -6,7 +6,11 @@ layout, B transposed)::
 
     A_pages: (pages, page_rank, k)    B_pages^T: (pages, page_rank, d)    scaling: (slots,)
 
-all in the bank's dtype (a float64 bank keeps each ``s`` as exactly as ``load_adapter`` does).
+A and B^T in the bank's dtype; the scalings, and every product, in ``compute_dtype``: float32,
+or float64 for a float64 bank (which keeps each ``s`` as exactly as ``load_adapter`` does). A
+16-bit bank (``lorakit serve --adapter-dtype bfloat16``) holds half the bytes of a float32 one
+and widens the pages it reads to float32 for the product: the adapter is rounded once, when it
+is written, never its arithmetic.
 
 An adapter of rank r takes ``ceil(r / page_rank)`` pages, the same page numbers in every layer
 (one page table per adapter), and a slot (its scaling, DoRA gain and page table): its A rows
@@ -42,6 +46,7 @@ __all__ = [
     "dora_slot_factors",
     "page_bytes",
     "prepare_for_serving",
+    "product_dtype",
     "slot_scaling",
     "write_slot",
 ]
@@ -58,7 +63,7 @@ class LayerStack:
     name: str
     lora_A: torch.Tensor  # (pages, page_rank, k)
     lora_B_t: torch.Tensor  # (pages, page_rank, d)
-    scaling: torch.Tensor  # (slots,) in the pools' dtype
+    scaling: torch.Tensor  # (slots,) in compute_dtype
     present: set[int] = field(default_factory=set)
     scaling_values: dict[int, float] = field(default_factory=dict)  # the same, as Python floats
     base_layer: nn.Module | None = None  # the served layer's base (DoRA's row norms read W0)
@@ -76,6 +81,17 @@ class LayerStack:
     @property
     def page_rank(self) -> int:
         return self.lora_A.shape[1]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the adapter products (and the scalings): the pools' widened to at least
+        float32, so a 16-bit pool is read and widened per product."""
+        return product_dtype(self.lora_A.dtype)
+
+
+def product_dtype(pool_dtype: torch.dtype) -> torch.dtype:
+    """float32 for pools of a 16-bit (or float32) dtype, float64 for float64 pools."""
+    return torch.promote_types(pool_dtype, torch.float32)
 
 
 def prepare_for_serving(model: nn.Module, target_modules: str | list[str] = "all-linear") -> int:
@@ -104,14 +120,15 @@ def page_bytes(layer: LoraLinear, page_rank: int, dtype: torch.dtype) -> int:
 def allocate_stack(
     name: str, layer: LoraLinear, slots: int, pages: int, page_rank: int, dtype: torch.dtype
 ) -> LayerStack:
-    """Zeroed pools of ``pages`` pages of ``page_rank`` rows, and ``slots`` scalings, all of
-    ``dtype``, for ``layer`` (on the device of its base, packed storage included)."""
+    """Zeroed pools of ``pages`` pages of ``page_rank`` rows in ``dtype``, and ``slots``
+    scalings in ``product_dtype(dtype)``, for ``layer`` (on the device of its base, packed
+    storage included)."""
     d, k, device = layer.out_features, layer.in_features, layer.base_device
     return LayerStack(
         name=name,
         lora_A=torch.zeros(pages, page_rank, k, dtype=dtype, device=device),
         lora_B_t=torch.zeros(pages, page_rank, d, dtype=dtype, device=device),
-        scaling=torch.zeros(slots, dtype=dtype, device=device),
+        scaling=torch.zeros(slots, dtype=product_dtype(dtype), device=device),
         base_layer=layer.base_layer,
     )
 
@@ -155,7 +172,7 @@ def _write_gain(stack: LayerStack, slot: int, gain: torch.Tensor | None) -> None
         return
     if stack.dora_gain is None:
         slots, d = stack.scaling.shape[0], stack.out_features
-        dtype = torch.promote_types(stack.lora_A.dtype, torch.float32)  # float64 bank: float64
+        dtype = stack.compute_dtype  # float64 bank: float64
         stack.dora_gain = torch.zeros(slots + 1, d, dtype=dtype, device=stack.lora_A.device)
     stack.dora_gain[slot].copy_(gain)
     stack.dora_slots.add(slot)
