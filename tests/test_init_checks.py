@@ -96,9 +96,9 @@ def test_a_failing_init_keeps_the_adapters_already_there(monkeypatch):
     original = tiny_models.llama()
     model = lorakit.inject(
         copy.deepcopy(original),
-        lorakit.LoraConfig(r=2, target_modules=["q_proj", "o_proj"], init_lora_weights=False),
+        lorakit.LoraConfig(r=2, target_modules=["k_proj", "o_proj"], init_lora_weights=False),
         adapter_name="first",
-    )
+    )  # (not on q/v: a base-changing init is refused where adapters already are)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     kinds = [type(m) for m in model.modules()]
     trainable = {n: p.requires_grad for n, p in model.named_parameters()}

@@ -259,7 +259,8 @@ def check_layer_takes(
 ) -> None:
     """``ValueError`` unless the LoRA layer ``layer_class`` wrapping ``module`` can take a
     base-changing ``init``: a ``LoraLinear`` (``nn.Linear`` / ``Conv1D``, not quantized)
-    with a float32, float16 or bfloat16 weight and nothing merged; with ``rank`` (the
+    with a float32, float16 or bfloat16 weight and no adapter (merged or not: the init
+    rewrites the weight they were trained on); with ``rank`` (the
     adapter's rank there) at most ``min(d, k)`` of the weight; ``shared_with``: the other
     names under which the model holds the very same weight Parameter (tied weights,
     ``layer_replication`` copies), which must be none: the init rewrites the weight in
@@ -276,15 +277,28 @@ def check_layer_takes(
         )
     weight = getattr(base, "weight", None)
     if weight is None or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = getattr(weight, "dtype", None)
+        fix = (
+            "cast the model to float32 first (model.float())"
+            if dtype is not None and dtype.is_floating_point
+            else "initialise on the unquantized model, then quantize the residual base"
+        )
         raise ValueError(
             f"init_lora_weights={init!r} needs a float32/float16/bfloat16 base weight; module "
-            f"{name!r} has {getattr(weight, 'dtype', None)}. Initialise on the unquantized model, "
-            "then quantize the residual base."
+            f"{name!r} has {dtype}: {fix}."
         )
     if getattr(module, "merged_adapters", ()):
         raise ValueError(
             f"module {name!r} has merged adapters {module.merged_adapters}; unmerge them before "
             f"adding an adapter with init_lora_weights={init!r}."
+        )
+    held = list(getattr(module, "ranks", None) or ())
+    if held:
+        raise ValueError(
+            f"module {name!r} already holds adapters {held}; init_lora_weights={init!r} rewrites "
+            "its base weight in place (W0 - s B0 A0), under them, so their outputs would change "
+            "(they were trained on W0). Add this adapter to a model without adapters there "
+            "(first, or on its own copy of the model), or use init_lora_weights=True."
         )
     smallest = min(weight.shape)
     if rank is not None and rank > smallest:

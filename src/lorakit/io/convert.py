@@ -63,6 +63,13 @@ def _joined_factors(
                 f"the initial adapter {source} does not fit: {key} is {found}, the adapter's is "
                 f"{tuple(value.shape)}. Pass the adapter saved right after inject, before training."
             )
+        if torch.finfo(start.dtype).eps > torch.finfo(value.dtype).eps:
+            raise UserError(
+                f"the initial adapter {source} holds {key} in {start.dtype}, the adapter in "
+                f"{value.dtype}: the base was left by the exact initial factors, and rounded ones "
+                "would not cancel them (the converted LoRA would be off by their rounding). Save "
+                "the initial adapter at full precision (save_adapter without dtype=)."
+            )
         start = start.to(value.dtype)
         joined[key] = torch.cat([value, start], 0) if is_A else torch.cat([value, -start], 1)
     return joined
