@@ -204,7 +204,7 @@ def test_demo_options_are_its_settings_fields(monkeypatch, capsys):
 def test_an_output_holding_a_training_run_is_refused_before_the_model_loads(tmp_path, capsys):
     """The demo replaces its adapter, checkpoints and metrics: it writes only into an empty
     directory or a previous demo's, never over a ``lorakit train`` run."""
-    from lorakit.demo import DEMO_MARKER, _claim_output
+    from lorakit.demo_files import DEMO_MARKER, claim_output
 
     run = tmp_path / "run"
     (run / "checkpoints" / "step-00000002").mkdir(parents=True)
@@ -216,13 +216,13 @@ def test_an_output_holding_a_training_run_is_refused_before_the_model_loads(tmp_
     assert "[demo] loading" not in captured.out
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "train_settings.json"]
     fresh = tmp_path / "fresh"
-    _claim_output(fresh)
+    claim_output(fresh)
     (fresh / "adapter").mkdir()
-    _claim_output(fresh)  # a previous demo's directory: taken again
+    claim_output(fresh)  # a previous demo's directory: taken again
     assert (fresh / DEMO_MARKER).is_file()
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file"):
-        _claim_output(tmp_path / "file")
+        claim_output(tmp_path / "file")
 
 
 def test_a_directory_with_someone_elses_summary_json_is_refused_and_kept(tmp_path, model_dir):
