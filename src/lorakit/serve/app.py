@@ -140,6 +140,7 @@ def _add_generation_routes(
             tokenizer,
             max_prompt_tokens=settings.max_prompt_tokens,
             max_positions=settings.max_positions,
+            vocab_size=engine.vocab_size,
         )  # (before the adapter is loaded: a bad prompt evicts no other adapter)
         job = prompts.fit_max_tokens(job, len(prompt_ids), settings.max_positions)
         if body.get(mixing.FIELD) is None:

@@ -56,6 +56,26 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+def vocabulary_size(model: nn.Module) -> int | None:
+    """The rows of ``model``'s input embedding (the ids a prompt may hold: ``[0, rows)``);
+    None for a model without ``get_input_embeddings`` (no bound checked)."""
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    return getattr(embeddings, "num_embeddings", None)
+
+
+def check_token_ids(ids: Sequence[int], what: str, vocab_size: int | None) -> None:
+    """``ValueError`` naming the first id of ``ids`` outside ``[0, vocab_size)`` and its
+    position (``what`` names the list in the message)."""
+    if vocab_size is None:
+        return
+    for position, token in enumerate(ids):
+        if not 0 <= token < vocab_size:
+            raise ValueError(
+                f"{what} id {token} at position {position} is outside the model's vocabulary "
+                f"[0, {vocab_size}); give ids in that range."
+            )
+
+
 class Engine(Admission):
     """Continuous-batching generation over an ``AdapterBank``.
 
@@ -107,6 +127,7 @@ class Engine(Admission):
         self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
         self._takes_cache = "cache" in accepts
         self.tokenizer = tokenizer
+        self.vocab_size = vocabulary_size(model)
         self.max_batch = max_batch
         self.max_loras = max_loras
         self.max_waiting = max_waiting
@@ -197,9 +218,13 @@ class Engine(Admission):
 
         Before ``start()`` the request waits for it; after ``stop()`` this raises
         ``EngineStoppedError``; with ``max_waiting`` requests already queued (cancelled ones
-        not counted; those parked on an adapter load counted), ``QueueFullError``."""
+        not counted; those parked on an adapter load counted), ``QueueFullError``; a prompt
+        that is empty or holds an id outside the model's vocabulary ``[0, vocab_size)``, or a
+        stop token id outside it, ``ValueError`` naming the id and its position."""
         if not prompt_ids:
             raise ValueError("the prompt is empty; give at least one token.")
+        check_token_ids(prompt_ids, "prompt token", self.vocab_size)
+        check_token_ids(params.stop_token_ids, "stop_token_ids", self.vocab_size)
         request = GenerationRequest(list(prompt_ids), adapter, params, on_event)
         with self._wake:
             if self._stopping:

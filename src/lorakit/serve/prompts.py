@@ -28,13 +28,24 @@ def max_prompt_chars(max_prompt_tokens: int) -> int:
     return max_prompt_tokens * MAX_CHARS_PER_TOKEN
 
 
-def prompt_ids(job: CompletionJob, tokenizer, *, max_prompt_tokens: int, max_positions: int):
+def prompt_ids(
+    job: CompletionJob,
+    tokenizer,
+    *,
+    max_prompt_tokens: int,
+    max_positions: int,
+    vocab_size: int | None = None,
+):
     """The token ids of ``job``'s prompt (text, token ids, or chat messages rendered as
     everywhere, by ``lorakit.data.chat``): 400 (``context_length_exceeded``, as OpenAI's and
     vLLM's answer to a prompt over the context) when longer than ``max_prompt_tokens`` tokens
     (or than ``max_prompt_chars`` characters, before tokenizing), 400 when empty, out of the
     vocabulary, or leaving no room for ``max_tokens`` within ``max_positions`` (for a default
-    ``max_tokens``, not given by the client, no room at all: ``fit_max_tokens`` shortens it)."""
+    ``max_tokens``, not given by the client, no room at all: ``fit_max_tokens`` shortens it).
+
+    The vocabulary is ``[0, min(len(tokenizer), vocab_size))``, ``vocab_size`` the model's
+    embedding rows (``Engine.vocab_size``; None: the tokenizer's alone); it bounds the prompt's
+    ids (given or tokenized) and ``stop_token_ids`` (400 naming the field)."""
     limit = max_prompt_chars(max_prompt_tokens)
     if job.chat:
         given = sum(len(m["role"]) + len(m["content"]) for m in job.prompt)
@@ -59,9 +70,10 @@ def prompt_ids(job: CompletionJob, tokenizer, *, max_prompt_tokens: int, max_pos
             param="prompt",
             code="context_length_exceeded",
         )
-    given_ids = isinstance(job.prompt, list) and not job.chat
-    if given_ids and any(not 0 <= t < len(tokenizer) for t in ids):
-        raise APIError(400, f"prompt token ids must be in [0, {len(tokenizer)})", param="prompt")
+    vocab = len(tokenizer) if vocab_size is None else min(len(tokenizer), vocab_size)
+    # given ids, and tokenized ones (a model may have fewer embedding rows than its tokenizer)
+    _check_ids(ids, vocab, "messages" if job.chat else "prompt")
+    _check_ids(job.params.stop_token_ids, vocab, "stop_token_ids")
     room = max_positions - len(ids)  # (a default max_tokens is fitted to it: fit_max_tokens)
     if room < 1 or (job.max_tokens_given and job.params.max_tokens > room):
         raise APIError(
@@ -72,6 +84,18 @@ def prompt_ids(job: CompletionJob, tokenizer, *, max_prompt_tokens: int, max_pos
             code="context_length_exceeded",
         )
     return ids
+
+
+def _check_ids(ids, vocab: int, param: str) -> None:
+    """400 naming ``param``, the first id outside ``[0, vocab)`` and its position."""
+    for position, token in enumerate(ids):
+        if not 0 <= token < vocab:
+            raise APIError(
+                400,
+                f"'{param}' holds token id {token} (position {position}), outside the "
+                f"vocabulary [0, {vocab}); give ids in that range",
+                param=param,
+            )
 
 
 def _check_chars(chars: int, limit: int, max_prompt_tokens: int, param: str) -> None:

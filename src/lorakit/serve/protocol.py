@@ -200,6 +200,7 @@ def parse_job(body: dict[str, Any], *, chat: bool, max_tokens_limit: int) -> Com
             seed=_field(body, "seed", (int,), None),
             stop=tuple(stop),
             logprobs=_logprobs(body, chat),
+            **_filter_fields(body),
         )
     except InvalidSamplingParam as error:
         field = "top_logprobs" if chat and error.field == "logprobs" else error.field
@@ -207,6 +208,22 @@ def parse_job(body: dict[str, Any], *, chat: bool, max_tokens_limit: int) -> Com
     stream = _field(body, "stream", (bool,), False)
     include_usage = _include_usage(body, stream)
     return CompletionJob(model, _prompt(body, chat), params, stream, chat, given, include_usage)
+
+
+def _filter_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's ``top_k`` (an integer; -1 or 0: off), ``min_p`` (a number; 0: off) and
+    ``stop_token_ids`` (a list of token ids) as ``SamplingParams`` fields (their ranges are
+    checked there; the vocabulary's bound on the ids by ``prompts.prompt_ids``)."""
+    stop_ids = _field(body, "stop_token_ids", (list,), [])
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
+        raise APIError(
+            400, "'stop_token_ids' must be a list of integer token ids", param="stop_token_ids"
+        )
+    return {
+        "top_k": _field(body, "top_k", (int,), 0),
+        "min_p": _float_field(body, "min_p", 0.0),
+        "stop_token_ids": tuple(stop_ids),
+    }
 
 
 def _logprobs(body: dict[str, Any], chat: bool) -> int | None:

@@ -110,6 +110,7 @@ class GenerationRequest:
         else:
             self.generator.manual_seed(self.params.seed)
         self.stop_text = StopTextTracker(self.params.stop)
+        self.stop_token_ids = frozenset(self.params.stop_token_ids)
         self.pending_ids: list[int] = []
         self.pending_logprobs: list[TokenLogprob] = []
 
@@ -119,10 +120,11 @@ class GenerationRequest:
         """Record a sampled ``token`` (with its ``logprob`` when asked for): ``(finish reason or
         None, new text, new ids, their logprobs)`` to send, or None when nothing can be sent yet
         (text that may still become a stop string, or an incomplete character, is held back).
-        EOS ends with "stop" and is not part of the output.
+        EOS, or one of the request's ``stop_token_ids``, ends with "stop" and is not part of the
+        output (vLLM's default for stop token ids).
         """
         final = None
-        if token in eos_token_ids:
+        if token in eos_token_ids or token in self.stop_token_ids:
             final = "stop"
         else:
             self.generated.append(token)

@@ -1,4 +1,5 @@
-"""Choosing the next token (greedy, temperature, top-p) and cutting text at stop strings."""
+"""Choosing the next token (greedy, temperature, min-p, top-k, top-p, as vLLM orders them) and
+cutting text at stop strings."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ __all__ = [
     "SamplingParams",
     "StopTextTracker",
     "TokenLogprob",
+    "filtered_probs",
     "greedy_tokens",
     "next_token",
     "token_logprob",
@@ -37,10 +39,15 @@ class InvalidSamplingParam(ValueError):
 class SamplingParams:
     """Per-request generation settings (OpenAI's names).
 
-    ``temperature < GREEDY_BELOW`` (0 included) is greedy; otherwise tokens are drawn from softmax(logits / temperature)
-    restricted to the smallest set of most likely tokens whose probability reaches ``top_p``,
-    with a generator seeded by ``seed`` (None: a random seed; else in ``SEED_RANGE``).
-    Out-of-range fields raise ``InvalidSamplingParam`` naming the field.
+    ``temperature < GREEDY_BELOW`` (0 included) is greedy; otherwise tokens are drawn from
+    p = softmax(logits / temperature) cut, in vLLM's order, to the tokens with
+    ``p >= min_p * max(p)`` (0: off), then to the ``top_k`` most likely (0 or -1: off; ties at
+    the k-th probability kept, as vLLM), then to the smallest set of most likely tokens whose
+    renormalised probability reaches ``top_p``; with a generator seeded by ``seed`` (None: a
+    random seed; else in ``SEED_RANGE``). Sampling ``stop_token_ids`` ends the request with
+    finish reason "stop", the token left out of the output (as EOS). Out-of-range fields raise
+    ``InvalidSamplingParam`` naming the field (the vocabulary's bound on ``stop_token_ids`` is
+    checked where the vocabulary is known: ``Engine.submit``, ``prompts.prompt_ids``).
     """
 
     max_tokens: int = 16
@@ -48,6 +55,9 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    top_k: int = 0
+    min_p: float = 0.0
+    stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None
     """None: none; n: each token's log-probability and the n most likely alternatives'."""
 
@@ -62,6 +72,7 @@ class SamplingParams:
             )
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidSamplingParam("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        self._check_filters()
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise InvalidSamplingParam(
                 "seed", f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed}"
@@ -75,10 +86,31 @@ class SamplingParams:
                 "stop", f"stop strings must be non-empty strings, got {self.stop!r}"
             )
 
+    def _check_filters(self) -> None:
+        """``top_k`` an integer >= -1, ``min_p`` in [0, 1], ``stop_token_ids`` ids >= 0."""
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
+            raise InvalidSamplingParam(
+                "top_k", f"top_k must be an integer >= -1 (-1 or 0: off), got {self.top_k!r}"
+            )
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidSamplingParam("min_p", f"min_p must be in [0, 1], got {self.min_p}")
+        bad = [t for t in self.stop_token_ids if isinstance(t, bool) or not isinstance(t, int)]
+        if bad or any(t < 0 for t in self.stop_token_ids):
+            raise InvalidSamplingParam(
+                "stop_token_ids",
+                f"stop_token_ids must be token ids (integers >= 0), got {self.stop_token_ids!r}",
+            )
+
+    @property
+    def filters(self) -> bool:
+        """Whether min-p, top-k or top-p cut the distribution a sampled token is drawn from."""
+        return self.min_p > 0.0 or self.top_k > 0 or self.top_p < 1.0
+
 
 def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One token id from ``logits`` (vocab,) under ``params``:
-    argmax(logits) when greedy, else a draw from p = softmax(logits / T) cut to the top-p nucleus.
+    argmax(logits) when greedy, else a draw from p = softmax(logits / T) cut by min-p, top-k and
+    top-p (``filtered_probs``).
 
     Temperatures below ``GREEDY_BELOW`` (1e-5) are greedy. Dividing by a tinier T overflows:
     1 / 2.8e-309 is inf in float64, the scaled logits become inf and p NaN, and the draw fails.
@@ -90,12 +122,32 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     if params.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.double() / params.temperature, dim=-1)
+    if params.filters:
+        probs = filtered_probs(probs, params)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def filtered_probs(probs: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """``probs`` (vocab,) cut as vLLM's sampler cuts them, in its order (the most likely token
+    always stays), renormalised before top-p:
+
+        min-p:  p_i = 0 where p_i < min_p * max(p)
+        top-k:  p_i = 0 where p_i < the k-th largest p (ties with it kept)
+        top-p:  p_i = 0 where the renormalised mass of the tokens sorted before i >= top_p
+    """
+    probs = probs.clone()
+    if params.min_p > 0.0:
+        probs[probs < params.min_p * probs.max()] = 0.0
+    if 0 < params.top_k < probs.shape[-1]:
+        kth = torch.topk(probs, params.top_k).values[-1]
+        probs[probs < kth] = 0.0
     if params.top_p < 1.0:
+        probs = probs / probs.sum()
         sorted_probs, order = torch.sort(probs, descending=True)
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass strictly above each
-        sorted_probs[before >= params.top_p] = 0.0  # the most likely token always stays
+        sorted_probs[before >= params.top_p] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return probs
 
 
 def greedy_tokens(logits: torch.Tensor, params: list[SamplingParams]) -> list[int | None]:
@@ -110,7 +162,8 @@ def greedy_tokens(logits: torch.Tensor, params: list[SamplingParams]) -> list[in
 
 class TokenLogprob(NamedTuple):
     """A generated token's log-probability and the ``top`` alternatives' (``(id, logprob)``,
-    most likely first), under the model's distribution (before temperature and top-p)."""
+    most likely first), under the model's distribution (before temperature, min-p, top-k and
+    top-p)."""
 
     token_id: int
     logprob: float

@@ -149,7 +149,15 @@ def dora_slot_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(f B (d, r), f - 1 (d,))`` of a DoRA adapter on ``stack``'s layer, with
     ``f = m / ||W0 + s B A||_row`` (``functional.dora_row_norms``, W0 of the served model;
-    a quantized W0 is dequantized for this, as the merge does)."""
+    a quantized W0 is dequantized for this, as the merge does).
+
+    A, B and m are first rounded to the bank's dtype (a no-op for a float32 adapter in a
+    float32 bank), so a 16-bit bank serves the rounded adapter's DoRA exactly but for one
+    rounding: ``f B`` is rounded into the pool when written (A there is the rounded A itself;
+    ``f - 1`` is kept in the gain table, >= float32)."""
+    lora_A, lora_B, magnitude = (
+        _rounded(t, stack.lora_A.dtype) for t in (lora_A, lora_B, magnitude)
+    )
     base = stack.base_layer
     if quantized.is_quantized(base):  # W0 = dequant(packed), float32 (d, k); not kept
         weight, fan_in_fan_out = quantized.dequantized_weight(base), False
@@ -161,6 +169,11 @@ def dora_slot_factors(
     factor = functional.dora_factor(magnitude.to(norms.device, dtype), norms)  # (d,)
     scaled_B = (lora_B.to(norms.device, dtype) * factor[:, None]).to(lora_B.dtype)
     return scaled_B, factor - 1.0  # (factor's dtype; the gain table keeps >= float32)
+
+
+def _rounded(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` rounded to ``dtype`` and widened back to its own dtype."""
+    return tensor.to(dtype).to(tensor.dtype)
 
 
 def _write_gain(stack: LayerStack, slot: int, gain: torch.Tensor | None) -> None:
