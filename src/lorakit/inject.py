@@ -39,11 +39,8 @@ from lorakit.state import (
     set_active,
     state_of,
 )
-from lorakit.targets import (
-    check_every_entry_matches,
-    find_targets,
-    no_match_message,
-)
+from lorakit.target_errors import check_every_entry_matches, no_match_message
+from lorakit.targets import find_targets
 from lorakit.unload import forget_state, freeze_adapter, unload
 from lorakit.wrapped_modules import (
     add_to_wrappers,

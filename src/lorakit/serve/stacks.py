@@ -38,7 +38,8 @@ from lorakit.config import LoraConfig
 from lorakit.inject import wrap_targets
 from lorakit.layers import LoraLinear, is_conv1d
 from lorakit.state import lora_layers
-from lorakit.targets import find_targets, no_match_message
+from lorakit.target_errors import no_match_message
+from lorakit.targets import find_targets
 
 __all__ = [
     "LayerStack",

@@ -1,0 +1,132 @@
+"""The errors of a ``LoraConfig`` whose targets do not fit the model, with what to change:
+``no_match_message`` (nothing left to adapt: what was asked, what was removed and by which field,
+what exists) and ``check_every_entry_matches`` (a ``target_modules`` list entry that names no
+module: PEFT drops it silently when another entry matches; lorakit refuses it, suggesting the
+closest names). The matching rules are ``lorakit.targets``'.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.errors import TargetModulesError
+from lorakit.layers import is_linear
+from lorakit.targets import (
+    _excluded,
+    _saved_module_of,
+    matches,
+    model_modules,
+    resolved_target_spec,
+    saved_module_entries,
+)
+
+__all__ = ["check_every_entry_matches", "no_match_message"]
+
+
+def _adaptable_leaf_names(model: nn.Module) -> list[str]:
+    """The last name parts of the modules lorakit can adapt (for error messages), sorted."""
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model_modules(model)
+            if name and (is_linear(module) or isinstance(module, nn.Embedding))
+        }
+    )
+
+
+def no_match_message(model: nn.Module, config: LoraConfig) -> str:
+    """An error message for a config that matched nothing: what was asked, what exists."""
+    spec = resolved_target_spec(model, config)
+    requested = [spec] if isinstance(spec, str) else list(spec)
+    leaf_names = sorted({name.rsplit(".", 1)[-1] for name, _ in model_modules(model) if name})
+    adaptable = _adaptable_leaf_names(model)
+    close = sorted(
+        {
+            hit
+            for entry in requested
+            for hit in difflib.get_close_matches(
+                entry.rsplit(".", 1)[-1], leaf_names, n=3, cutoff=0.5
+            )
+        }
+    )
+    removed = _why_matches_were_removed(model, config, spec)
+    if removed:
+        return f"target_modules={spec!r} matched modules, but {removed}; nothing is left to adapt."
+    message = f"target_modules={spec!r} matched no module of this {type(model).__name__}."
+    if config.layers_to_transform is not None:
+        message += f" (layers_to_transform={config.layers_to_transform!r} also applies.)"
+    if close:
+        message += f" Closest module names: {close}."
+    message += f" Adaptable modules (last name part): {adaptable[:20]}."
+    return message
+
+
+def _why_matches_were_removed(model: nn.Module, config: LoraConfig, spec: str | list[str]) -> str:
+    """Which fields took away the modules ``spec`` matches (for a config that adapts nothing):
+    ``exclude_modules``, ``modules_to_save`` (with a ``SEQ_CLS`` head), ``layers_to_transform``,
+    each with the modules it took and what to change; "" when ``spec`` matched no module."""
+    matched = [name for name, _ in model_modules(model) if name and matches(spec, name)]
+    saved = saved_module_entries(config)
+    excluded = [name for name in matched if _excluded(config, name)]
+    inside = [n for n in matched if n not in excluded and saved and _saved_module_of(saved, n)]
+    other_layers = [n for n in matched if n not in excluded and n not in inside]
+    reasons = []
+    if excluded:
+        reasons.append(
+            f"exclude_modules={config.exclude_modules!r} removed {excluded[:5]} (drop them "
+            "from exclude_modules to adapt them)"
+        )
+    if inside:
+        reasons.append(
+            f"modules_to_save entries {saved} removed {inside[:5]} (they lie in modules "
+            "trained in full; drop them from modules_to_save to adapt them)"
+        )
+    if other_layers and config.layers_to_transform is not None:
+        reasons.append(
+            f"layers_to_transform={config.layers_to_transform!r} removed {other_layers[:5]}"
+        )
+    return "; ".join(reasons)
+
+
+def check_every_entry_matches(
+    model: nn.Module, config: LoraConfig, modules: Mapping[str, nn.Module] | None = None
+) -> None:
+    """Raise ``TargetModulesError`` if an entry of a list ``config.target_modules`` matches no
+    module of ``model`` (PEFT's list rule, before ``exclude_modules`` and layer selection), naming
+    each such entry and the closest module names. A regex string, "all-linear" and an unset
+    ``target_modules`` are not checked entry by entry. ``modules``: ``dict(model_modules(model))``
+    when the caller has it."""
+    if not isinstance(config.target_modules, list):
+        return
+    names = [name for name, _ in (model_modules(model) if modules is None else modules.items())]
+    names = [name for name in names if name]
+    unmatched = [
+        entry
+        for entry in config.target_modules
+        if not any(matches([entry], name) for name in names)
+    ]
+    if unmatched:
+        raise TargetModulesError(_unmatched_message(model, unmatched, names))
+
+
+def _unmatched_message(model: nn.Module, unmatched: list[str], names: list[str]) -> str:
+    hints = []
+    for entry in unmatched:
+        depth = entry.count(".") + 1  # compare with name endings of as many parts
+        endings = sorted({".".join(name.split(".")[-depth:]) for name in names})
+        close = difflib.get_close_matches(entry, endings, n=1, cutoff=0.6)
+        if close:
+            hints.append(f"{entry!r}: did you mean {close[0]!r}?")
+    adaptable = _adaptable_leaf_names(model)
+    message = (
+        f"target_modules entries {unmatched} match no module of this {type(model).__name__} "
+        "(every entry of a target_modules list must be the full name of a module or its last "
+        "dotted parts)."
+    )
+    if hints:
+        message += " " + " ".join(hints)
+    return message + f" Adaptable modules (last name part): {adaptable[:20]}."
