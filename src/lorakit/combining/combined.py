@@ -12,6 +12,10 @@ what is there), with ``ΔWᵢ = sᵢ Bᵢ Aᵢ`` (each adapter's own scale) and 
 - ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: ``combining.methods`` on the
   full ΔWᵢ (never on A and B apart), then the same SVD cut.
 
+The full base weights input files carry (PEFT's ``save_embedding_layers``) are not combined:
+carried into the result when every input that carries one carries the same tensor, refused
+otherwise (``sources.carried_base_weights``).
+
 The output config uses the same rank r everywhere it can (``rank_pattern`` lists the modules
 whose rank differs, by exact, escaped name), ``lora_alpha = r``, ``alpha_pattern`` giving each
 of those modules its own rank as alpha, and no rsLoRA: every module's scale is 1, so a reader
@@ -41,7 +45,13 @@ from torch import nn
 
 from lorakit import functional
 from lorakit.combining.methods import MERGERS, SIGN_METHODS
-from lorakit.combining.sources import AdapterUpdates, ModuleFactors, check_compatible, read_sources
+from lorakit.combining.sources import (
+    AdapterUpdates,
+    ModuleFactors,
+    carried_base_weights,
+    check_compatible,
+    read_sources,
+)
 from lorakit.config import LoraConfig
 from lorakit.errors import UserError
 
@@ -80,7 +90,9 @@ class ModuleReport:
 @dataclass
 class CombinedAdapter:
     """A combined adapter: ``factors[module] = (A (r, k), B (d, r))`` float32, with
-    ``ΔW = s B A`` and ``s`` from ``config`` (see the module docstring)."""
+    ``ΔW = s B A`` and ``s`` from ``config`` (see the module docstring); ``base_weights``:
+    module -> the full base weight the inputs' files carried (equal in all that carried one;
+    PEFT's ``save_embedding_layers``), written with the result as they were."""
 
     config: LoraConfig
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -89,6 +101,7 @@ class CombinedAdapter:
     modules: list[ModuleReport]
     method: str
     extra: dict[str, object] = field(default_factory=dict)
+    base_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def scale_for(self, module: str) -> float:
         return functional.scaling(
@@ -298,13 +311,14 @@ def combine(
     seed = 0 if seed is None else int(seed)
     sources = read_sources(adapters, None if model is None else adapter_model(model))
     check_compatible(sources)
+    base_weights = carried_base_weights(sources)
     contributions = _contributions(sources, weights)
     if not contributions:
         raise UserError("combine: the adapters adapt no module")
     if rank is None:
         rank = max(f.rank for s in sources for f in s.modules.values())
     config = _output_config(sources, _module_ranks(contributions, method, rank))
-    result = CombinedAdapter(config, {}, frozenset(), {}, [], method)
+    result = CombinedAdapter(config, {}, frozenset(), {}, [], method, base_weights=base_weights)
     for name, parts in contributions.items():
         lora_A, lora_B, energy = _module_factors(
             result, name, parts, method, density, majority_sign_method, seed

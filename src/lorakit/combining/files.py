@@ -2,7 +2,8 @@
 
 The files are those ``lorakit.save_adapter`` writes: ``adapter_model.safetensors`` (PEFT's keys,
 ``lorakit.io.keys.lora_keys``; header metadata ``{"format": "pt"}``, the base fingerprint the
-inputs carried and a copy of the config) and ``adapter_config.json`` (PEFT's fields, keys
+inputs carried and a copy of the config; the base weights the inputs carried, under PEFT's
+keys, ``lorakit.io.keys.base_weight_key``) and ``adapter_config.json`` (PEFT's fields, keys
 sorted, ``target_modules`` the exact module names), both staged and renamed by
 ``lorakit.io.atomic.write_files``. No base model is needed to write them.
 """
@@ -48,7 +49,7 @@ def write_adapter_files(adapter: CombinedAdapter, directory: Path) -> Path:
     from lorakit.io import atomic, fingerprint
     from lorakit.io.config_json import CONFIG_NAME
     from lorakit.io.header import serialize
-    from lorakit.io.keys import lora_keys
+    from lorakit.io.keys import base_weight_key, lora_keys
     from lorakit.io.read import CONFIG_METADATA_KEY, WEIGHTS_NAME
 
     if directory.exists() and not directory.is_dir():
@@ -57,6 +58,8 @@ def write_adapter_files(adapter: CombinedAdapter, directory: Path) -> Path:
     for name, (lora_A, lora_B) in adapter.factors.items():
         key_A, key_B = lora_keys(name, name in adapter.embeddings)
         tensors[key_A], tensors[key_B] = lora_A.contiguous(), lora_B.contiguous()
+    for name, weight in adapter.base_weights.items():  # PEFT's key for an adapted one or not
+        tensors[base_weight_key(name, name in adapter.factors)] = weight.contiguous()
     config_text = adapter_config_text(adapter)
     metadata = {"format": "pt", CONFIG_METADATA_KEY: config_text}
     if adapter.fingerprint:
@@ -92,6 +95,7 @@ def add_to_model(adapter: CombinedAdapter, model: nn.Module, adapter_name: str) 
             f"module {found[0]!r} of the model differs from the base the combined adapters were "
             f"trained on ({found[1]}); add the result to that base model."
         )
+    _check_carried_base_weights(adapter, modules)
     inject(model, adapter.config, adapter_name, activate=False)
     layers = dict(lora_layers(model))
     with torch.no_grad():
@@ -100,3 +104,25 @@ def add_to_model(adapter: CombinedAdapter, model: nn.Module, adapter_name: str) 
             parameter_A.copy_(lora_A.to(parameter_A.dtype))
             parameter_B.copy_(lora_B.to(parameter_B.dtype))
     return given
+
+
+def _check_carried_base_weights(adapter: CombinedAdapter, modules: dict[str, nn.Module]) -> None:
+    """``BaseModelMismatchError`` when a base weight the inputs' files carry differs from the
+    model's own (``add_to`` leaves the base as it is; a load of the saved files writes it)."""
+    from lorakit.io.keys import unmerged_base_tensor
+
+    for name, carried in adapter.base_weights.items():
+        module = modules.get(name)
+        own = None if module is None else unmerged_base_tensor(module, "weight")
+        same = own is not None and own.shape == carried.shape
+        if same:
+            dtype = torch.promote_types(own.dtype, carried.dtype)
+            same = torch.equal(own.detach().to(dtype), carried.to(own.device, dtype))
+        if not same:
+            raise BaseModelMismatchError(
+                f"the combined adapters' files carry a base weight for {name!r} (shape "
+                f"{list(carried.shape)}, saved by save_embedding_layers) that differs from the "
+                "model's; add_to does not change base weights. Save the result and load it "
+                "with lorakit.load_adapter, which writes that weight, or resize the model's "
+                "vocabulary to the adapters' first."
+            )

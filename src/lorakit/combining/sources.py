@@ -7,8 +7,11 @@ rsLoRA and patterns, via ``functional.scaling``), so that the module's update is
 ``ΔW = s B A`` (d, k). Embeddings keep PEFT's factor layout (A (r, num), B (dim, r)); all
 combining happens on ``B A`` in that layout, and only the file keys differ.
 
-Only LoRA factors combine: an adapter that also trains biases or saves full modules
-(``modules_to_save``) is refused. Adapters that share a module must agree on its shape and
+Only LoRA factors combine: an adapter that also trains biases, saves full modules
+(``modules_to_save``) or trains embedding rows (``trainable_token_indices``) is refused. The
+full base weights a file may carry (PEFT's ``save_embedding_layers``: ``<embedding>.base_layer.
+weight``, ``lm_head.weight``) are not combined: equal in every input that carries one, they are
+carried into the result; different, they are refused. Adapters that share a module must agree on its shape and
 kind, and on its base weights where both carry lorakit's base fingerprint. A PiSSA / OLoRA
 adapter saved without conversion (by PEFT or lorakit) is refused, from the headers of all the
 directories before any tensor is read: its ``s B A`` holds the base's principal part, not an
@@ -20,8 +23,8 @@ from __future__ import annotations
 import base64
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 from torch import nn
@@ -33,7 +36,13 @@ from lorakit.errors import AdapterFileError, BaseModelMismatchError, UserError
 if TYPE_CHECKING:
     from lorakit.io.read import AdapterHeader
 
-__all__ = ["AdapterUpdates", "ModuleFactors", "check_compatible", "read_sources"]
+__all__ = [
+    "AdapterUpdates",
+    "ModuleFactors",
+    "carried_base_weights",
+    "check_compatible",
+    "read_sources",
+]
 
 _RELATIVE_TOLERANCE = 2.0**-7  # the fingerprint's rule across dtypes (io/fingerprint.py)
 _ABSOLUTE_TOLERANCE = 6e-8
@@ -65,59 +74,88 @@ class ModuleFactors:
 @dataclass
 class AdapterUpdates:
     """An adapter to combine: ``label`` (its directory, or "adapter 'name' of the model") for
-    messages, its config, its modules and its base fingerprint (None if it has none)."""
+    messages, its config, its modules, its base fingerprint (None if it has none) and the base
+    weights its file carries."""
 
     label: str
     config: LoraConfig
     modules: dict[str, ModuleFactors]
     fingerprint: dict[str, dict[str, object]] | None
+    base_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    """module -> the full base weight the file carries for it (PEFT's ``save_embedding_layers``:
+    an embedding's, e.g. a resized vocabulary); not combined, carried when all agree."""
 
 
 def _from_directory(header: AdapterHeader) -> AdapterUpdates:
     """``header``: the directory's ``lorakit.io.read.AdapterHeader``, already checked."""
-    from lorakit.io.keys import parse_lora_key
+    from lorakit.io.keys import base_weight_module, lora_key_pairs
     from lorakit.io.read import read_adapter_data
 
     adapter = read_adapter_data(header)
     adapter.require_finite()
     label, config = str(adapter.directory), adapter.config
     _refuse_other_layouts(f"adapter {label}", config)
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    embeddings = set()
-    for key, tensor in adapter.tensors.items():
-        parsed = parse_lora_key(key)
-        if parsed is None:
-            if key.endswith("lora_B.bias"):
-                raise UserError(
-                    f"adapter {label} holds {key}, a bias on lora_B (lora_bias=True), which "
-                    "combining cannot carry; merge that adapter into the model instead "
-                    "(lorakit merge)."
-                )
-            raise UserError(
-                f"adapter {label} holds {key}, which is not a LoRA factor (a trained bias or a "
-                "module saved in full); only LoRA factors can be combined. Combine adapters "
-                "trained with bias='none' and no modules_to_save."
-            )
-        module, role = parsed
-        factors.setdefault(module, {})[role] = tensor
-        if "lora_embedding_" in key:
-            embeddings.add(module)
-    modules = {}
-    for module, pair in factors.items():
-        if set(pair) != {"lora_A", "lora_B"} or pair["lora_A"].shape[0] != pair["lora_B"].shape[1]:
-            raise AdapterFileError(
-                f"adapter {label}: module {module} lacks one of its factors A, B or their "
-                "ranks differ; the file is broken, re-save the adapter."
-            )
-        rank = config.rank_for(module)
-        if pair["lora_A"].shape[0] != rank:
-            raise AdapterFileError(
-                f"adapter {label}: module {module} has rank {pair['lora_A'].shape[0]} in the "
-                f"weights but {rank} in adapter_config.json; fix the config or re-save it."
-            )
-        scale = functional.scaling(rank, config.alpha_for(module), config.use_rslora)
-        modules[module] = ModuleFactors(pair["lora_A"], pair["lora_B"], scale, module in embeddings)
-    return AdapterUpdates(label, config, modules, adapter.fingerprint)
+    pairs = lora_key_pairs(adapter.tensors)
+    factor_keys = {key for keys in pairs.values() for key in keys.values()}
+    base_weights = {}
+    for key in adapter.tensors:
+        if key in factor_keys:
+            continue
+        module = base_weight_module(key, pairs, config.modules_to_save or [])
+        if module is None:
+            _refuse_other_tensor(label, key)
+        base_weights[module] = adapter.tensors[key]
+    modules = {
+        module: _module_factors(label, config, module, adapter.tensors, keys)
+        for module, keys in pairs.items()
+    }
+    return AdapterUpdates(label, config, modules, adapter.fingerprint, base_weights)
+
+
+def _refuse_other_tensor(label: str, key: str) -> NoReturn:
+    """``UserError`` for a tensor of an adapter file that is neither a LoRA factor nor a base
+    weight: trained rows, a bias on B, a trained bias or a module saved in full."""
+    from lorakit.io.keys import is_token_rows_key
+
+    if is_token_rows_key(key):
+        raise UserError(
+            f"trainable_token_indices cannot be combined: adapter {label} holds {key}, embedding "
+            "rows trained to new values (not a low-rank update that sums with others). Combine "
+            "adapters trained without trainable_token_indices."
+        )
+    if key.endswith("lora_B.bias"):
+        raise UserError(
+            f"adapter {label} holds {key}, a bias on lora_B (lora_bias=True), which "
+            "combining cannot carry; merge that adapter into the model instead "
+            "(lorakit merge)."
+        )
+    raise UserError(
+        f"adapter {label} holds {key}, which is not a LoRA factor (a trained bias or a "
+        "module saved in full); only LoRA factors can be combined. Combine adapters "
+        "trained with bias='none' and no modules_to_save."
+    )
+
+
+def _module_factors(
+    label: str, config: LoraConfig, module: str, tensors: dict[str, torch.Tensor], keys
+) -> ModuleFactors:
+    """The factors of ``module`` from the file's ``tensors``; ``keys``: ``{"lora_A": key,
+    "lora_B": key}`` (``lora_key_pairs``). ``AdapterFileError`` for a broken pair."""
+    pair = {role: tensors[key] for role, key in keys.items()}
+    if set(pair) != {"lora_A", "lora_B"} or pair["lora_A"].shape[0] != pair["lora_B"].shape[1]:
+        raise AdapterFileError(
+            f"adapter {label}: module {module} lacks one of its factors A, B or their "
+            "ranks differ; the file is broken, re-save the adapter."
+        )
+    rank = config.rank_for(module)
+    if pair["lora_A"].shape[0] != rank:
+        raise AdapterFileError(
+            f"adapter {label}: module {module} has rank {pair['lora_A'].shape[0]} in the "
+            f"weights but {rank} in adapter_config.json; fix the config or re-save it."
+        )
+    scale = functional.scaling(rank, config.alpha_for(module), config.use_rslora)
+    is_embedding = "lora_embedding_" in keys["lora_A"]
+    return ModuleFactors(pair["lora_A"], pair["lora_B"], scale, is_embedding)
 
 
 def _refuse_other_layouts(label: str, config: LoraConfig) -> None:
@@ -148,6 +186,12 @@ def _from_model(model: nn.Module, adapter_name: str) -> AdapterUpdates:
     config = adapter_configs(model)[adapter_name]
     label = f"adapter {adapter_name!r} of the model"
     _refuse_other_layouts(label, config)
+    if config.trainable_token_indices:
+        raise UserError(
+            f"trainable_token_indices cannot be combined: {label} trains embedding rows to new "
+            f"values (trainable_token_indices={config.trainable_token_indices!r}), not a "
+            "low-rank update that sums with others. Combine adapters trained without them."
+        )
     saved = [name for name, w in saved_modules(model) if adapter_name in w.modules_to_save]
     if config.bias != "none" or config.lora_bias or saved:
         raise UserError(
@@ -205,6 +249,37 @@ def fingerprint_difference(first: dict[str, object], second: dict[str, object]) 
     if bool(((a - b).abs() <= tolerance).all()):
         return None
     return "sampled base weights differ beyond dtype rounding"
+
+
+def carried_base_weights(sources: Sequence[AdapterUpdates]) -> dict[str, torch.Tensor]:
+    """module -> the base weight the inputs carry for it (not combined: every input that
+    carries one must carry an equal tensor, else ``BaseModelMismatchError`` naming the module
+    and both adapters); the first input's tensor."""
+    carried: dict[str, tuple[AdapterUpdates, torch.Tensor]] = {}
+    for source in sources:
+        for name, weight in source.base_weights.items():
+            if name not in carried:
+                carried[name] = (source, weight)
+                continue
+            first, known = carried[name]
+            if not _equal_tensors(known, weight):
+                raise BaseModelMismatchError(
+                    f"module {name}: {first.label} and {source.label} carry different base "
+                    f"weights for it (shapes {list(known.shape)} and {list(weight.shape)}; "
+                    "saved by save_embedding_layers, e.g. after resizing the vocabulary), and "
+                    "combining cannot choose one. Combine adapters saved on the same "
+                    "embeddings, or re-save them without base weights (save_embedding_layers="
+                    "False) if their base model is the same."
+                )
+    return {name: weight for name, (_, weight) in carried.items()}
+
+
+def _equal_tensors(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """Same shape and the same values (compared in the wider of the two dtypes)."""
+    if first.shape != second.shape:
+        return False
+    dtype = torch.promote_types(first.dtype, second.dtype)
+    return torch.equal(first.to(dtype), second.to(dtype))
 
 
 def check_compatible(sources: Sequence[AdapterUpdates]) -> None:

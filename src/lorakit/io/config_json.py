@@ -1,7 +1,8 @@
 """``adapter_config.json`` both ways, as PEFT writes and reads it.
 
 Written: ``json.dumps(d, indent=2)`` with keys sorted, no trailing newline, lists sorted, pattern
-dicts sorted unless that would change which key matches first (then in the order given),
+dicts sorted unless that would change which key matches first for a module or a targeted bare
+parameter (then in the order given),
 ``"all-linear"`` (and an unset ``target_modules``) expanded to the module names as PEFT does.
 Read: ``peft_type`` must be "LORA"; the fields lorakit understands become a ``LoraConfig``;
 PEFT fields that change the numbers in ways lorakit does not implement (QA-LoRA, ...) are
@@ -25,6 +26,7 @@ from lorakit.errors import AdapterFileError
 from lorakit.init_methods import canonical_init, changes_base
 from lorakit.io.header import unreadable
 from lorakit.layers import is_linear
+from lorakit.parameter_targets import find_parameter_targets
 from lorakit.peft_fields import PEFT_LORA_FIELDS, first_refused_setting, refusal
 from lorakit.targets import (
     find_targets,
@@ -146,6 +148,7 @@ def config_to_json(model: nn.Module, config: LoraConfig, adapter_modules: list[n
         "revision": None,
     }
     names = [name for name, _ in model_modules(model)]
+    names += find_parameter_targets(model, config).values()  # patterns see parameter paths too
     for field_name in ("rank_pattern", "alpha_pattern"):
         values[field_name] = _pattern_in_file_order(values[field_name], names)
     return json.dumps(dict(sorted(values.items())), indent=2)
@@ -153,7 +156,8 @@ def config_to_json(model: nn.Module, config: LoraConfig, adapter_modules: list[n
 
 def _pattern_in_file_order(pattern: dict[str, Any], module_names: list[str]) -> dict[str, Any]:
     """``pattern`` with its keys sorted, unless sorting would change which key matches first
-    for some module of the model (keys are regexes and the first match wins, in lorakit as in
+    for some name in ``module_names`` (the model's modules and the paths of the bare parameters
+    ``target_parameters`` adapts; keys are regexes and the first match wins, in lorakit as in
     PEFT): then in the order given, so that every reader resolves each module's rank/alpha as
     the adapter was trained. Both orders are deterministic."""
     ordered = dict(sorted(pattern.items()))

@@ -24,7 +24,7 @@ In the model (``model.state_dict()``) the same tensors carry the adapter name:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +33,7 @@ from torch import nn
 from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave, linear_shape
 from lorakit.layers.parameter import parameter_layout
 from lorakit.layers.tokens import DELTA_KEY
-from lorakit.targets import model_modules, original_module
+from lorakit.targets import model_modules, original_module, saved_module_matches
 
 __all__ = [
     "PREFIX",
@@ -41,9 +41,11 @@ __all__ = [
     "adapted_base_key",
     "adapter_file_tensors",
     "base_weight_key",
+    "base_weight_module",
     "embedding_module_names",
     "expected_shape",
     "is_magnitude_key",
+    "is_token_rows_key",
     "key_names_module",
     "lora_bias_key",
     "lora_key_pairs",
@@ -100,6 +102,36 @@ def base_weight_key(module_path: str, adapted: bool, token_rows: bool = False) -
     return (
         adapted_base_key(module_path, "weight") if adapted else plain_key(f"{module_path}.weight")
     )
+
+
+def base_weight_module(
+    file_key: str, adapted: Collection[str], modules_to_save: Sequence[str] = ()
+) -> str | None:
+    """The module whose full frozen base weight ``file_key`` is (role "base_weight": PEFT's
+    ``save_embedding_layers``), from the key alone (no model), else None. ``adapted``: the
+    modules with LoRA factors in the same file; ``modules_to_save``: the config's entries.
+
+    ``<path>.base_layer.weight`` with ``<path>`` adapted, ``<path>.token_adapter.base_layer.
+    weight``, or ``<path>.weight`` of a module neither adapted nor inside a module that
+    ``modules_to_save`` picks (those tensors are trained copies, not base weights)."""
+    if not file_key.endswith(".weight") or parse_lora_key(file_key) is not None:
+        return None
+    path = module_path(file_key.removesuffix(".weight"))
+    if path.endswith(".token_adapter.base_layer"):
+        return path.removesuffix(".token_adapter.base_layer")
+    if path.endswith(".base_layer"):
+        path = path.removesuffix(".base_layer")
+        return path if path in adapted else None
+    parts = path.split(".")
+    enclosing = [".".join(parts[:end]) for end in range(1, len(parts) + 1)]
+    if path in adapted or any(saved_module_matches(list(modules_to_save), m) for m in enclosing):
+        return None
+    return path
+
+
+def is_token_rows_key(file_key: str) -> bool:
+    """True for the file key of trained embedding rows (``trainable_token_indices``)."""
+    return file_key.endswith("." + DELTA_KEY)
 
 
 def embedding_module_names(

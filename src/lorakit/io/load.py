@@ -1,7 +1,8 @@
 """Load an adapter file into a model: check everything first, then change the model.
 
 Order: read the config and the safetensors header (``read_adapter_header``) -> work out which
-tensors the config implies for this model (``keys.adapter_file_tensors``) -> refuse missing or
+tensors the config implies for this model (``keys.adapter_file_tensors``) -> refuse a target
+that cannot take the adapter (inject's checks: layer kind, DoRA support) -> refuse missing or
 unexpected keys, wrong shapes or dtypes, a rank that disagrees with the config, all from the
 header (``load_checks.check_tensors``) -> only then read the tensor data
 (``read_adapter_data``) -> refuse non-finite or absurd values, a base whose fingerprint differs
@@ -12,6 +13,7 @@ failure after injection rolls the model back to exactly what it was.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -27,7 +29,7 @@ from lorakit.init_methods import (
     check_redo_on_load,
 )
 from lorakit.inject import add_adapter_to_modules, unload
-from lorakit.inject_checks import check_adapter_name, check_one_bias_adapter
+from lorakit.inject_checks import check_adapter_fits, check_adapter_name, check_one_bias_adapter
 from lorakit.io.keys import (
     FileTensor,
     adapter_file_tensors,
@@ -139,6 +141,7 @@ def _load_checked(
     current = dict(walk_modules(model))  # LoRA layers as they are, for adding the adapter
     modules = {name: original_module(module) for name, module in current.items()}
     to_load = _load_targets(model, header, modules)
+    _check_targets_take(model, to_load, current, adapter_name)
     _check_init_redo(to_load, current)
     check_tensors(
         header, to_load.config, to_load.tensors, modules
@@ -216,6 +219,27 @@ def _load_targets(
         parameter_layers=parameter_targets,
     )
     return _LoadTargets(config, targets, saved_names, tensors, parameter_targets, source)
+
+
+def _check_targets_take(
+    model: nn.Module, to_load: _LoadTargets, current: dict[str, nn.Module], adapter_name: str
+) -> None:
+    """``AdapterFileError`` naming the file, the module and its type (before anything changes,
+    and before the tensor checks, which assume layer kinds lorakit adapts) when a target cannot
+    take the file's adapter: inject's own checks (``check_adapter_fits``), e.g. a PEFT adapter
+    on an ``nn.Conv2d`` (no LoRA layer for it in lorakit) or DoRA on an embedding (lorakit
+    implements DoRA on linear layers only). Saved modules and token rows are checked later, by
+    the injection itself; inject's warnings are left to it too (not given twice)."""
+    targets = {name: current[name] for name in to_load.targets}
+    config, parameters = to_load.config, to_load.parameter_targets
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            check_adapter_fits(model, config, adapter_name, None, targets, [], [], parameters)
+    except (TypeError, ValueError) as error:
+        raise AdapterFileError(
+            f"adapter {to_load.source} cannot be loaded into this model: {error}"
+        ) from None
 
 
 def _init_to_redo(config: LoraConfig) -> str | None:
