@@ -151,7 +151,8 @@ def test_the_loop_groups_by_length_and_a_resume_with_other_lengths_is_refused(tm
     assert seen == [sorted(plan.step_indices(step)) for step in range(3)]
     config.max_steps = 3
     with pytest.raises(
-        UserError, match="other data, batch, optimizer or adapter settings: lengths sha256"
+        UserError,
+        match="other data, batch, optimizer or adapter settings: the examples' token lengths differ",
     ):
         train(
             build_model(0.0),

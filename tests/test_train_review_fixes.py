@@ -143,9 +143,9 @@ def test_the_resume_check_compares_module_lists_as_sets_and_token_ids_in_order(t
 
     check({"target_modules": ["q_proj", "v_proj"]}, {"target_modules": ["v_proj", "q_proj"]})
     check({"modules_to_save": ["lm_head", "norm"]}, {"modules_to_save": ["norm", "lm_head"]})
-    with pytest.raises(UserError, match=r"target_modules \['q_proj'\] \(the checkpoint's: \["):
+    with pytest.raises(UserError, match=r"--target-modules \['q_proj'\] \(the checkpoint's: \["):
         check({"target_modules": ["q_proj", "v_proj"]}, {"target_modules": ["q_proj"]})
-    with pytest.raises(UserError, match="trainable_token_indices"):  # row order of the delta
+    with pytest.raises(UserError, match="--trainable-token-indices"):  # row order of the delta
         check({"trainable_token_indices": [5, 7]}, {"trainable_token_indices": [7, 5]})
 
 

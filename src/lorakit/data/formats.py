@@ -155,9 +155,10 @@ def read_csv(
     if label_words is None and len(values) < 2:
         raise UserError(
             f"{path}: every row has the label {values[0]!r} (column '{label_column}'), so the "
-            "only choice would be that word and any model would score 100%; name every class "
-            f"with label_words, e.g. data.load_examples('{path}', label_words=[{values[0]!r}, "
-            "'<other class>']), or use data with more than one label"
+            "only choice would be that word and any model would score 100%; add rows of the "
+            "other class(es), or name every class from Python: lorakit.data.load_examples("
+            f"'{path}', label_words=[{values[0]!r}, '<other class>']) (label_words has no "
+            "lorakit train flag)"
         )
     word_of = _label_mapping(label_words, values)
     words = list(dict.fromkeys(word_of.values()))
@@ -171,7 +172,8 @@ def read_csv(
         if raw_label not in word_of:
             raise UserError(
                 f"{where}: label {raw_label!r} is not one of {sorted(word_of)}; add it to "
-                "label_words (--label-words) with its answer word, or remove the row"
+                "label_words with its answer word (lorakit.data.load_examples(..., "
+                "label_words=...)), or remove the row"
             )
         label = words.index(word_of[raw_label])
         if style == "plain":
@@ -210,7 +212,11 @@ def _checked_csv_rows(
         )
     for column in (text_column, label_column):
         if column not in columns:
-            raise UserError(f"{path}: no column '{column}'; the columns are {columns}")
+            raise UserError(
+                f"{path}: no column '{column}'; the columns are {columns}. Rename the header "
+                f"row's columns to '{text_column},{label_column}', or from Python name the "
+                "file's own: lorakit.data.load_examples(..., text_column=..., label_column=...)"
+            )
     rows = []
     end = reader.line_num
     for row in reader:

@@ -38,10 +38,18 @@ import torch
 
 from lorakit.data.batching import pad_right
 
-__all__ = ["BatchOrder", "example_lengths", "pad_collate", "padding_fraction", "shortest_first"]
+__all__ = [
+    "BatchOrder",
+    "example_lengths",
+    "examples_sha256",
+    "pad_collate",
+    "padding_fraction",
+    "shortest_first",
+]
 
 Batch = dict[str, torch.Tensor]
 LengthOf = Callable[[Any], int]
+TokensOf = Callable[[Any], tuple[Sequence[int], Sequence[int]]]
 
 
 @dataclass(frozen=True)
@@ -192,6 +200,29 @@ def example_lengths(examples: Sequence[Any], length_of: LengthOf | None) -> tupl
             return None
         return tuple(len(example["input_ids"]) for example in examples)
     return tuple(int(length_of(example)) for example in examples)
+
+
+def examples_sha256(examples: Sequence[Any], tokens_of: TokensOf | None) -> str | None:
+    """The first 16 hex digits of the sha256 of every example's tokens, in order:
+    ``sha256(concat_i [len(ids_i), ids_i, len(labels_i), labels_i])`` as int64 bytes, where
+    ``(ids_i, labels_i) = tokens_of(example_i)``; by default ``input_ids`` and ``labels``
+    (``input_ids`` where absent, as ``pad_collate``) when every example is a mapping with
+    ``input_ids``; else None (contents unknown). Other data, or the same data cut at another
+    ``max_length``, gives another digest (a resumed run must train on the checkpoint's)."""
+    if tokens_of is None:
+        if not all(isinstance(e, Mapping) and "input_ids" in e for e in examples):
+            return None
+
+        def tokens_of(example):
+            return example["input_ids"], example.get("labels", example["input_ids"])
+
+    digest = hashlib.sha256()
+    for example in examples:
+        for tokens in tokens_of(example):
+            values = torch.as_tensor(tokens, dtype=torch.int64).reshape(-1)  # (T,)
+            framed = torch.cat([torch.tensor([values.numel()]), values])  # (1 + T,)
+            digest.update(framed.numpy().astype("<i8").tobytes())
+    return digest.hexdigest()[:16]
 
 
 def shortest_first(examples: Sequence[Any], length_of: LengthOf | None) -> list[int]:

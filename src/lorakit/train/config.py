@@ -8,6 +8,7 @@ unless ``flag=`` names another, and the config file uses the flag's name with un
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any
@@ -90,7 +91,8 @@ class TrainingConfig:
     """Settings of ``lorakit.train.train``.
 
     One optimizer step sees ``batch_size * grad_accum * world_size`` examples (the global batch).
-    Length of the run: ``max_steps`` if set, else ``epochs`` passes over the data.
+    Length of the run: ``max_steps`` if set, else ``epochs`` passes over the data (counted up to
+    whole steps, ``total_steps``).
     """
 
     output_dir: str = setting(
@@ -102,7 +104,11 @@ class TrainingConfig:
     max_steps: int | None = setting(
         None, "optimizer steps, overriding --epochs (default: from --epochs)", flag="--steps"
     )
-    epochs: float = setting(1.0, "passes over the training data")
+    epochs: float = setting(
+        1.0,
+        "passes over the training data; a fraction's steps are counted up, as transformers "
+        "does (2.5 epochs of 3 steps: 8 steps)",
+    )
     batch_size: int = setting(8, "examples per micro-batch (per process)")
     grad_accum: int = setting(1, "micro-batches accumulated per optimizer step")
     lr: float = setting(2e-4, "peak learning rate (AdamW, warmup then cosine)")
@@ -171,9 +177,13 @@ class TrainingConfig:
                 raise SettingError(name, f"must be in [0, 1], got {getattr(self, name)}")
 
     def total_steps(self, steps_per_epoch: int) -> int:
+        """``max_steps`` if set, else ``max(1, ceil(epochs * steps_per_epoch))`` as
+        ``transformers.Trainer`` counts them (2.5 epochs of 1 step: 3 steps, the last epoch
+        partly run); a product that float rounding puts just above a whole number (``1e-9``)
+        counts as that number."""
         if self.max_steps is not None:
             return self.max_steps
-        return max(1, round(self.epochs * steps_per_epoch))
+        return max(1, math.ceil(self.epochs * steps_per_epoch - 1e-9))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

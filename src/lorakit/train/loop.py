@@ -28,7 +28,14 @@ from torch import nn
 
 from lorakit.errors import UserError
 from lorakit.state import adapter_configs
-from lorakit.train.batches import BatchOrder, LengthOf, example_lengths, shortest_first
+from lorakit.train.batches import (
+    BatchOrder,
+    LengthOf,
+    TokensOf,
+    example_lengths,
+    examples_sha256,
+    shortest_first,
+)
 from lorakit.train.checkpoint import (
     Saver,
     load_checkpoint,
@@ -112,6 +119,7 @@ def train(
     metric_fn: MetricFn | None = exact_match_counts,
     resume: bool | str = False,
     length_of: LengthOf | None = None,
+    tokens_of: TokensOf | None = None,
 ) -> TrainResult:
     """Train the active adapter of ``model`` (already injected) on ``train_data``.
 
@@ -124,13 +132,16 @@ def train(
     ``lorakit.train.output_dir``). ``config.adapter_name`` must name an adapter of ``model``.
     ``length_of(example) -> tokens`` lets batches group examples of similar length (less
     padding; see ``BatchOrder``); by default it is ``len(example["input_ids"])`` for mapping
-    examples, and without it batches are a plain shuffle. Under torchrun with
+    examples, and without it batches are a plain shuffle. ``tokens_of(example) -> (input_ids,
+    labels)`` lets checkpoints record a digest of the data (``examples_sha256``; by default
+    read from mapping examples) that a resumed run must match. Under torchrun with
     ``config.strategy == "fsdp"`` the model is sharded in place and stays sharded afterwards
     (``lorakit.train.fsdp``); the saved ``adapter/`` is whole.
     """
     if len(train_data) == 0:
         raise UserError("the training data is empty")
     run = _Run(model, train_data, collate, config, eval_data, metric_fn, length_of, resume)
+    run.check_resume(tokens_of)
     return run.run()
 
 
@@ -148,8 +159,6 @@ class _Run:
         self.resume = resume
         self.resume_from = checkpoint_to_resume(self.output_dir, resume)
         self.resume_state = None if self.resume_from is None else read_state(self.resume_from)
-        if self.resume_from is not None:  # (before FSDP shards the base weights)
-            check_resume_base(model, self.resume_from, config.adapter_name)
         self.batch_order = self._batch_order(example_lengths(train_data, length_of))
         if self.batch_order.steps_per_epoch == 0:
             raise UserError(
@@ -161,6 +170,21 @@ class _Run:
         self.last_loss: float | None = None
         self.last_eval: dict[str, float] = {}
         self.last_eval_step: int | None = None
+        self.examples_sha256: str | None = None
+
+    def check_resume(self, tokens_of: TokensOf | None) -> None:
+        """Record the data's digest; when resuming, refuse a checkpoint of other settings or data
+        (``check_resumable``), then of another base (``check_resume_base``): the settings first,
+        so that other ``--target-modules`` are named as such, not as an unverified fingerprint.
+        Before anything is written, and before FSDP shards the base weights."""
+        if self.resume_from is None and not self.config.checkpoint_every:
+            return  # (no checkpoint to record it in, none to compare it with)
+        self.examples_sha256 = examples_sha256(self.data, tokens_of)
+        if self.resume_from is None:
+            return
+        plan, lora = self._plan_fields(), self._lora_fields()
+        check_resumable(self.resume_from, self.resume_state, plan, self.config, lora)
+        check_resume_base(self.model, self.resume_from, self.config.adapter_name)
 
     def _batch_order(self, lengths: tuple[int, ...] | None) -> BatchOrder:
         """The batch plan: under torchrun the epoch's short batch is dropped, in one process kept,
@@ -215,8 +239,7 @@ class _Run:
         return start_step
 
     def _restore(self) -> int:
-        directory, state = self.resume_from, self.resume_state  # checked before any loading
-        check_resumable(directory, state, self._plan_fields(), self.config, self._lora_fields())
+        directory = self.resume_from  # (checked by check_resume, before any loading)
         checkpoint = load_checkpoint(directory, self.model, self.optimizer, self.scheduler)
         if self.dist.rank != 0:  # each process continues its own dropout stream
             seed_everything(self.config.seed + self.dist.rank + checkpoint.step)
@@ -229,6 +252,7 @@ class _Run:
 
     def _plan_fields(self) -> dict[str, Any]:
         fields = {**self.batch_order.identity(), "total_steps": self.total_steps}
+        fields["examples_sha256"] = self.examples_sha256  # (another --data or --max-length)
         return fields | {"base_dtype": base_dtype(self.model)}  # (--dtype: exact resume)
 
     def _lora_fields(self) -> dict[str, Any]:

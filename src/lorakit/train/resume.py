@@ -1,12 +1,14 @@
 """Continuing a run from its checkpoint: refuse settings that would make another run of it.
 
-A resumed run must be the run that was interrupted: the same batches (the data plan: example
-count and lengths, batch sizes, steps), the same optimizer trajectory (learning rate and its
-schedule, weight decay, LoRA+ ratio, clipping, seed) and the same adapter (alpha, dropout, ...;
-a different rank or target set already fails on the tensors' shapes; module-name lists such as
-``target_modules`` are compared as sets, their order changes nothing). A checkpoint keeps each of
-these (``trainer_state.json``: ``data_plan``, ``training_config``, ``lora_config``), and
-``check_resumable`` names every one that differs, with its flag, before anything is loaded. The
+A resumed run must be the run that was interrupted: the same examples and batches (the data
+plan: example count and lengths, a digest of the examples' tokens and labels, batch sizes,
+steps; a checkpoint of an older lorakit without the digest is compared on the rest), the same
+optimizer trajectory (learning rate and its schedule, weight decay, LoRA+ ratio, clipping, seed)
+and the same adapter (alpha, dropout, ...; a different rank or target set already fails on the
+tensors' shapes; module-name lists such as ``target_modules`` are compared as sets, their order
+changes nothing). A checkpoint keeps each of these (``trainer_state.json``: ``data_plan``,
+``training_config``, ``lora_config``), and ``check_resumable`` names every one that differs, with
+its flag, before anything is loaded (and before the base is checked). The
 base model must be the same too: the checkpoint's ``adapter/`` carries the fingerprint of the
 base weights it was trained on (``lorakit.io.fingerprint``), and ``check_resume_base`` refuses
 another base (``--model``, ``--quantization``). ``checkpoint_to_resume`` refuses ``--resume``
@@ -36,6 +38,7 @@ from lorakit.train.batches import BatchOrder
 from lorakit.train.checkpoint import latest_checkpoint
 from lorakit.train.config import TrainingConfig, flag_name
 from lorakit.train.output_dir import previous_run_files
+from lorakit.train.settings import LORA_FLAGS
 
 __all__ = [
     "TRAJECTORY_SETTINGS",
@@ -60,8 +63,6 @@ TRAJECTORY_SETTINGS = (
 )
 """The ``TrainingConfig`` fields a resumed run must share with its checkpoint (the batch
 settings are checked through the data plan)."""
-
-_LORA_FLAGS = {"r": "--r", "lora_alpha": "--alpha", "lora_dropout": "--dropout"}
 
 _UNORDERED_LORA_FIELDS = frozenset(
     ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform")
@@ -109,11 +110,7 @@ def check_resumable(
             "same batches. Start a new run (a new --output, or without --resume)."
         )
     saved_training = state.get("training_config", {})
-    differences = [
-        _plan_difference(key, plan, saved_plan)
-        for key in saved_plan
-        if saved_plan[key] != plan.get(key) and key not in saved_training  # (named below)
-    ]
+    differences = _plan_differences(plan, saved_plan, saved_training)
     by_name = {f.name: f for f in fields(TrainingConfig)}
     for name in TRAJECTORY_SETTINGS:
         if name in saved_training and saved_training[name] != getattr(training, name):
@@ -124,7 +121,7 @@ def check_resumable(
     saved_lora = state.get("lora_config", {})
     for name, value in saved_lora.items():
         if name != "base_model_name_or_path" and not _same_lora_value(name, lora.get(name), value):
-            shown = _LORA_FLAGS.get(name, name)
+            shown = LORA_FLAGS.get(name, name)
             differences.append(f"{shown} {lora.get(name)!r} (the checkpoint's: {value!r})")
     if differences:
         hint = _settings_hint(directory)
@@ -223,12 +220,48 @@ def base_dtype(model: nn.Module) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
+_PLAN_WORDS = {
+    "base_dtype": "--dtype {now} (the checkpoint's: {saved})",
+    "num_examples": "{now} training examples (the checkpoint's: {saved}; --data / --split)",
+    "global_batch": "a global batch (--batch-size x --grad-accum x processes) of {now} "
+    "(the checkpoint's: {saved})",
+    "total_steps": "{now} optimizer steps (the checkpoint's: {saved}; --steps / --epochs)",
+    "lengths_sha256": "the examples' token lengths differ from the checkpoint's: the training "
+    "data (--data / --split) or --max-length is not the one the checkpoint was trained on",
+    "examples_sha256": "the training examples differ from the checkpoint's (sha256 of their "
+    "tokens and labels {now}, the checkpoint's {saved}): the training data (--data / --split) "
+    "or --max-length is not the one the checkpoint was trained on",
+}
+"""Each data-plan difference in words, by its key in ``data_plan``, naming the flags behind it
+(``{now}``: this run's value, ``{saved}``: the checkpoint's)."""
+
+
+def _plan_differences(
+    plan: dict[str, Any], saved_plan: dict[str, Any], saved_training: dict[str, Any]
+) -> list[str]:
+    """The differences of the data plan, in words; keys also in ``saved_training`` (the seed)
+    are named with the trajectory. Other data (``examples_sha256``, compared where both runs
+    know it) is said once, not also as other lengths and another count."""
+    differing = [
+        key
+        for key in saved_plan
+        if saved_plan[key] != plan.get(key)
+        and key not in saved_training
+        and not (key == "examples_sha256" and None in (saved_plan[key], plan.get(key)))
+    ]
+    if "examples_sha256" in differing:
+        differing = [key for key in differing if key not in ("lengths_sha256", "num_examples")]
+    return [_plan_difference(key, plan, saved_plan) for key in differing]
+
+
 def _plan_difference(key: str, plan: dict[str, Any], saved_plan: dict[str, Any]) -> str:
-    """One difference of the data plan, in words; for a short batch the checkpoint kept and this
-    run's processes must drop (the global batch being the same), what to do instead."""
-    if key == "base_dtype":
-        return f"--dtype {plan.get(key)} (the checkpoint's: {saved_plan[key]})"
-    text = f"{key.replace('_', ' ')} {plan.get(key)!r} (the checkpoint's: {saved_plan[key]!r})"
+    """One difference of the data plan, in words (``_PLAN_WORDS``); for a short batch the
+    checkpoint kept and this run's processes must drop (the global batch being the same), what
+    to do instead."""
+    now, saved = plan.get(key), saved_plan[key]
+    if key in _PLAN_WORDS:
+        return _PLAN_WORDS[key].format(now=now, saved=saved)
+    text = f"{key.replace('_', ' ')} {now!r} (the checkpoint's: {saved!r})"
     if key == "short_batch" and plan.get("global_batch") == saved_plan.get("global_batch"):
         text += _SHORT_BATCH_HINT
     return text

@@ -188,6 +188,10 @@ def _train_tokenized(model, tokenized: dict, training, resume: bool) -> TrainRes
     def length_of(item) -> int:  # batches group examples of similar length
         return len(tokenized[item[0]].input_ids[item[1]])
 
+    def tokens_of(item) -> tuple[list[int], list[int]]:  # checkpoints record the data's digest
+        part, index = item
+        return tokenized[part].input_ids[index], tokenized[part].labels[index]
+
     eval_items = (
         [("eval", i) for i in range(len(tokenized["eval"]))] if "eval" in tokenized else None
     )
@@ -199,4 +203,5 @@ def _train_tokenized(model, tokenized: dict, training, resume: bool) -> TrainRes
         eval_data=eval_items,
         resume=resume,
         length_of=length_of,
+        tokens_of=tokens_of,
     )

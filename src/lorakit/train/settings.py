@@ -29,6 +29,7 @@ from lorakit.train.config import (
 )
 
 __all__ = [
+    "LORA_FLAGS",
     "TrainSettings",
     "build_settings",
     "load_config_file",
@@ -156,7 +157,7 @@ class TrainSettings:
                 base_model_name_or_path=str(self.model),
             )
         except (ValueError, TypeError) as error:
-            raise UserError(f"invalid LoRA settings: {error}") from None
+            raise UserError(f"invalid LoRA settings: {with_lora_flags(str(error))}") from None
 
     def _token_ids(self) -> list[int] | None:
         """``trainable_token_indices`` as a list of ints ("5,7" from a flag, [5, 7] from a
@@ -171,6 +172,27 @@ class TrainSettings:
                 f"--trainable-token-indices takes comma-separated token ids (e.g. 5,17,42), "
                 f"got {given!r}"
             ) from None
+
+
+LORA_FLAGS = {
+    "r": "--r",
+    "lora_alpha": "--alpha",
+    "lora_dropout": "--dropout",
+    "use_dora": "--use-dora",
+    "lora_bias": "--lora-bias",
+    "trainable_token_indices": "--trainable-token-indices",
+    "target_modules": "--target-modules",
+}
+"""The ``lorakit train`` flag of each ``LoraConfig`` field that ``TrainSettings.lora_config``
+sets (for messages: ``LoraConfig.lora_alpha`` is ``--alpha`` to the user)."""
+
+
+def with_lora_flags(message: str) -> str:
+    """``LoraConfig``'s ``message`` with ``LoraConfig.<field>=<value>`` written as the field's
+    flag and value (``LoraConfig.r=0 is invalid`` -> ``--r 0 is invalid``)."""
+    for name, flag in LORA_FLAGS.items():
+        message = message.replace(f"LoraConfig.{name}=", f"{flag} ")
+    return message
 
 
 def option_fields() -> list[Field]:
