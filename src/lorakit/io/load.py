@@ -1,8 +1,8 @@
 """Load an adapter file into a model: check everything first, then change the model.
 
 Order: read the config and the safetensors header (``read_adapter_header``) -> work out which
-tensors the config implies for this model (``keys.adapter_file_tensors``) -> refuse a target
-that cannot take the adapter (inject's checks: layer kind, DoRA support) -> refuse missing or
+tensors the config implies for this model (``load_plan.load_targets``) -> refuse a target that
+cannot take the adapter (``load_checks.check_targets_take``: layer kind, DoRA support) -> refuse missing or
 unexpected keys, wrong shapes or dtypes, a rank that disagrees with the config, all from the
 header (``load_checks.check_tensors``) -> only then read the tensor data
 (``read_adapter_data``) -> refuse non-finite or absurd values, a base whose fingerprint differs
@@ -13,32 +13,26 @@ failure after injection rolls the model back to exactly what it was.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lorakit.base_rewrite import BaseRewrite, interrupts_held, plan_rewrite, write_rewrites
-from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
-from lorakit.init_methods import (
-    changes_base,
-    check_layer_takes,
-    check_redo_on_load,
-)
 from lorakit.inject import add_adapter_to_modules, unload
-from lorakit.inject_checks import check_adapter_fits, check_adapter_name, check_one_bias_adapter
+from lorakit.inject_checks import check_adapter_name, check_one_bias_adapter
 from lorakit.io.keys import (
-    FileTensor,
-    adapter_file_tensors,
-    base_weight_key,
-    embedding_module_names,
-    key_names_module,
     model_tensor,
 )
-from lorakit.io.load_checks import check_base, check_tensors
+from lorakit.io.load_checks import (
+    check_base,
+    check_init_redo,
+    check_targets_take,
+    check_tensors,
+    init_to_redo,
+)
+from lorakit.io.load_plan import LoadTargets, load_targets
 from lorakit.io.read import (
     AdapterFile,
     AdapterHeader,
@@ -47,9 +41,8 @@ from lorakit.io.read import (
     read_adapter_header,
 )
 from lorakit.io.save import recorded_prompt_style
-from lorakit.layers import LoraLayer, ModulesToSave, layer_class_for
-from lorakit.moe_targets import convert_moe_config
-from lorakit.parameter_targets import find_parameter_targets, parameter_stand_ins
+from lorakit.layers import LoraLayer, ModulesToSave
+from lorakit.parameter_targets import parameter_stand_ins
 from lorakit.replication import replicate_layers, restore_layers
 from lorakit.state import (
     active_adapters,
@@ -61,8 +54,8 @@ from lorakit.state import (
     state_of,
     walk_modules,
 )
-from lorakit.targets import find_targets, original_module, saved_module_matches
-from lorakit.wrapped_modules import replace_module, saved_module_names, token_module_names
+from lorakit.targets import original_module
+from lorakit.wrapped_modules import replace_module
 
 __all__ = ["load_adapter"]
 
@@ -140,9 +133,9 @@ def _load_checked(
     """``load_adapter`` once the header is read (and the layers replicated, if asked)."""
     current = dict(walk_modules(model))  # LoRA layers as they are, for adding the adapter
     modules = {name: original_module(module) for name, module in current.items()}
-    to_load = _load_targets(model, header, modules)
-    _check_targets_take(model, to_load, current, adapter_name)
-    _check_init_redo(to_load, current)
+    to_load = load_targets(model, header, modules)
+    check_targets_take(model, to_load, current, adapter_name)
+    check_init_redo(to_load, current)
     check_tensors(
         header, to_load.config, to_load.tensors, modules
     )  # from the header: no data read yet
@@ -157,126 +150,7 @@ def _load_checked(
     _apply(model, adapter, to_load, current, adapter_name, activate, adapter_dtype)
 
 
-@dataclass(frozen=True)
-class _LoadTargets:
-    """What loading a file into a model will do: inject ``config`` into ``targets`` (and wrap
-    ``saved_names``), filling the file tensors ``tensors`` lists."""
-
-    config: LoraConfig
-    targets: list[str]
-    saved_names: list[str]
-    tensors: list[FileTensor]
-    parameter_targets: dict[str, str]
-    """``{LoRA layer path: parameter path}`` (``target_parameters``)."""
-    source: object = None
-    """The adapter's directory (for messages)."""
-
-
-def _load_targets(
-    model: nn.Module, adapter: AdapterHeader, modules: dict[str, nn.Module]
-) -> _LoadTargets:
-    """The config to inject (``modules_to_save`` entries that name no module and have no
-    tensor dropped, e.g. peft's automatic "classifier"/"score") and the tensors it implies."""
-    config = adapter.config
-    names = [name for name in modules if name]
-    saved = config.modules_to_save or []
-    kept = [
-        entry
-        for entry in saved
-        if any(saved_module_matches([entry], n) for n in names) or _has_tensors_for(adapter, entry)
-    ]
-    if kept != saved:
-        config = config.replace(modules_to_save=kept or None)
-    source = adapter.directory
-    try:
-        config = convert_moe_config(model, config)  # PEFT's, for fused MoE experts (idempotent)
-        targets = find_targets(model, config, modules)
-        saved_names = saved_module_names(model, config)
-        tokens = token_module_names(model, config, targets, saved_names)
-        parameter_targets = find_parameter_targets(model, config)
-    except ValueError as error:
-        raise AdapterFileError(f"adapter {source} does not fit this model: {error}") from None
-    if not targets and not parameter_targets:
-        raise AdapterFileError(
-            f"adapter {source}: target_modules={config.target_modules!r} matches no module of "
-            f"this {type(model).__name__}; was it trained on another architecture?"
-        )
-    embeddings = [
-        name
-        for name in embedding_module_names(model, modules)
-        if base_weight_key(name, name in targets, name in tokens) in adapter.tensors
-    ]
-    tensors = adapter_file_tensors(
-        model,
-        config.bias,
-        targets,
-        saved_names,
-        embeddings,
-        modules,
-        use_dora=config.use_dora,
-        lora_bias=config.lora_bias,
-        token_modules={name: len(indices) for name, indices in tokens.items()},
-        parameter_layers=parameter_targets,
-    )
-    return _LoadTargets(config, targets, saved_names, tensors, parameter_targets, source)
-
-
-def _check_targets_take(
-    model: nn.Module, to_load: _LoadTargets, current: dict[str, nn.Module], adapter_name: str
-) -> None:
-    """``AdapterFileError`` naming the file, the module and its type (before anything changes,
-    and before the tensor checks, which assume layer kinds lorakit adapts) when a target cannot
-    take the file's adapter: inject's own checks (``check_adapter_fits``), e.g. a PEFT adapter
-    on an ``nn.Conv2d`` (no LoRA layer for it in lorakit) or DoRA on an embedding (lorakit
-    implements DoRA on linear layers only). Saved modules and token rows are checked later, by
-    the injection itself; inject's warnings are left to it too (not given twice)."""
-    targets = {name: current[name] for name in to_load.targets}
-    config, parameters = to_load.config, to_load.parameter_targets
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            check_adapter_fits(model, config, adapter_name, None, targets, [], [], parameters)
-    except (TypeError, ValueError) as error:
-        raise AdapterFileError(
-            f"adapter {to_load.source} cannot be loaded into this model: {error}"
-        ) from None
-
-
-def _init_to_redo(config: LoraConfig) -> str | None:
-    """The PiSSA / OLoRA init PEFT reruns when it loads a file saying so (None for any other:
-    lorakit writes ``true`` for its own such adapters; LoftQ files load as they are)."""
-    init = config.init_lora_weights
-    return init if changes_base(init) and init != "loftq" else None
-
-
-def _check_init_redo(to_load: _LoadTargets, current: dict[str, nn.Module]) -> None:
-    """``AdapterFileError`` (before anything changes) when the file asks for a PiSSA / OLoRA
-    init that lorakit cannot redo exactly as PEFT does on some target."""
-    init = _init_to_redo(to_load.config)
-    if init is None:
-        return
-    try:
-        for name in to_load.targets:
-            module = current[name]
-            layer_class = layer_class_for(module, name)
-            check_layer_takes(layer_class, module, name, init)
-            check_redo_on_load(init, module, name)
-        if to_load.parameter_targets:
-            raise ValueError(
-                f"init_lora_weights={init!r} on target_parameters: lorakit implements it for "
-                "nn.Linear and Conv1D modules only."
-            )
-    except ValueError as error:
-        raise AdapterFileError(f"adapter {to_load.source}: {error}") from None
-
-
-def _has_tensors_for(adapter: AdapterHeader, entry: str) -> bool:
-    return any(key_names_module(key, entry) for key in adapter.tensors)
-
-
-def _lora_factors(
-    adapter: AdapterFile, to_load: _LoadTargets
-) -> dict[str, dict[str, torch.Tensor]]:
+def _lora_factors(adapter: AdapterFile, to_load: LoadTargets) -> dict[str, dict[str, torch.Tensor]]:
     """``{module: {"lora_A": A (r, k), "lora_B": B (d, r)}}``: the file's LoRA factors of the
     modules to load (the tensors themselves, not copies)."""
     factors: dict[str, dict[str, torch.Tensor]] = {}
@@ -289,7 +163,7 @@ def _lora_factors(
 def _copy_other_tensors(
     model: nn.Module,
     adapter: AdapterFile,
-    to_load: _LoadTargets,
+    to_load: LoadTargets,
     adapter_name: str,
     base_backup: list[tuple[torch.Tensor, torch.Tensor]],
 ) -> None:
@@ -313,7 +187,7 @@ def _copy_other_tensors(
 def _apply(
     model: nn.Module,
     adapter: AdapterFile,
-    to_load: _LoadTargets,
+    to_load: LoadTargets,
     current: dict[str, nn.Module],
     adapter_name: str,
     activate: bool,
@@ -387,11 +261,11 @@ def _merge_again(merged: Iterable[tuple[LoraLayer, tuple[str, ...]]]) -> None:
         layer.merge(names)
 
 
-def _plan_redo(model: nn.Module, to_load: _LoadTargets, adapter_name: str) -> list[BaseRewrite]:
+def _plan_redo(model: nn.Module, to_load: LoadTargets, adapter_name: str) -> list[BaseRewrite]:
     """PEFT's load of a PiSSA / OLoRA file: the init runs again on each target's base, which
     becomes ``W0 - s B0 A0``; the file's factors stay. Planned here (the factorisations), written
     by ``write_rewrites`` once everything else is in place."""
-    init = _init_to_redo(to_load.config)
+    init = init_to_redo(to_load.config)
     if init is None:
         return []
     return [

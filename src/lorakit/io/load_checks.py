@@ -4,6 +4,9 @@
   the tensors its config implies for this model, each of the expected shape (a rank that
   disagrees with ``r`` / ``rank_pattern`` and a resized vocabulary are named as such) and of a
   fitting dtype;
+- ``check_targets_take``: every target can take the adapter (inject's own checks: the layer
+  kind, DoRA's support), and ``check_init_redo``: a PiSSA / OLoRA init the file asks for can be
+  redone as PEFT does;
 - ``check_base``: the base weights the adapter's LoRA layers sit on are the ones it was saved
   with (``lorakit.io.fingerprint``), unless ``allow_base_mismatch``.
 
@@ -20,12 +23,16 @@ from torch import nn
 from lorakit import quantized
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, listed
+from lorakit.init_methods import changes_base, check_layer_takes, check_redo_on_load
+from lorakit.inject_checks import check_adapter_fits
 from lorakit.io import fingerprint
 from lorakit.io.keys import FileTensor, expected_shape, saved_module_alias_keys
+from lorakit.io.load_plan import LoadTargets
 from lorakit.io.read import AdapterFile, AdapterHeader
 from lorakit.io.tensors import TORCH_DTYPES
+from lorakit.layers import layer_class_for
 
-__all__ = ["check_base", "check_tensors"]
+__all__ = ["check_base", "check_init_redo", "check_targets_take", "check_tensors", "init_to_redo"]
 
 LORA_ROLES = ("lora_A", "lora_B")
 
@@ -163,3 +170,52 @@ def check_base(
             f"{overridden}; loaded anyway: allow_base_mismatch=True overrode the check",
             stacklevel=4,  # the caller of load_adapter
         )
+
+
+def check_targets_take(
+    model: nn.Module, to_load: LoadTargets, current: dict[str, nn.Module], adapter_name: str
+) -> None:
+    """``AdapterFileError`` naming the file, the module and its type (before anything changes,
+    and before the tensor checks, which assume layer kinds lorakit adapts) when a target cannot
+    take the file's adapter: inject's own checks (``check_adapter_fits``), e.g. a PEFT adapter
+    on an ``nn.Conv2d`` (no LoRA layer for it in lorakit) or DoRA on an embedding (lorakit
+    implements DoRA on linear layers only). Saved modules and token rows are checked later, by
+    the injection itself; inject's warnings are left to it too (not given twice)."""
+    targets = {name: current[name] for name in to_load.targets}
+    config, parameters = to_load.config, to_load.parameter_targets
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            check_adapter_fits(model, config, adapter_name, None, targets, [], [], parameters)
+    except (TypeError, ValueError) as error:
+        raise AdapterFileError(
+            f"adapter {to_load.source} cannot be loaded into this model: {error}"
+        ) from None
+
+
+def init_to_redo(config: LoraConfig) -> str | None:
+    """The PiSSA / OLoRA init PEFT reruns when it loads a file saying so (None for any other:
+    lorakit writes ``true`` for its own such adapters; LoftQ files load as they are)."""
+    init = config.init_lora_weights
+    return init if changes_base(init) and init != "loftq" else None
+
+
+def check_init_redo(to_load: LoadTargets, current: dict[str, nn.Module]) -> None:
+    """``AdapterFileError`` (before anything changes) when the file asks for a PiSSA / OLoRA
+    init that lorakit cannot redo exactly as PEFT does on some target."""
+    init = init_to_redo(to_load.config)
+    if init is None:
+        return
+    try:
+        for name in to_load.targets:
+            module = current[name]
+            layer_class = layer_class_for(module, name)
+            check_layer_takes(layer_class, module, name, init)
+            check_redo_on_load(init, module, name)
+        if to_load.parameter_targets:
+            raise ValueError(
+                f"init_lora_weights={init!r} on target_parameters: lorakit implements it for "
+                "nn.Linear and Conv1D modules only."
+            )
+    except ValueError as error:
+        raise AdapterFileError(f"adapter {to_load.source}: {error}") from None

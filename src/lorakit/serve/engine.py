@@ -40,6 +40,8 @@ from lorakit.serve.requests import (
     GenerationRequest,
     QueueFullError,
     RequestHandle,
+    check_token_ids,
+    vocabulary_size,
 )
 from lorakit.serve.routing import Routing
 from lorakit.serve.sampling import SamplingParams, greedy_tokens, next_token, token_logprob
@@ -54,26 +56,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def vocabulary_size(model: nn.Module) -> int | None:
-    """The rows of ``model``'s input embedding (the ids a prompt may hold: ``[0, rows)``);
-    None for a model without ``get_input_embeddings`` (no bound checked)."""
-    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
-    return getattr(embeddings, "num_embeddings", None)
-
-
-def check_token_ids(ids: Sequence[int], what: str, vocab_size: int | None) -> None:
-    """``ValueError`` naming the first id of ``ids`` outside ``[0, vocab_size)`` and its
-    position (``what`` names the list in the message)."""
-    if vocab_size is None:
-        return
-    for position, token in enumerate(ids):
-        if not 0 <= token < vocab_size:
-            raise ValueError(
-                f"{what} id {token} at position {position} is outside the model's vocabulary "
-                f"[0, {vocab_size}); give ids in that range."
-            )
 
 
 class Engine(Admission):

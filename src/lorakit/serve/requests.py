@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from lorakit.errors import UserError
 from lorakit.serve.sampling import SamplingParams, StopTextTracker, TokenLogprob
@@ -26,7 +27,9 @@ __all__ = [
     "GenerationRequest",
     "QueueFullError",
     "RequestHandle",
+    "check_token_ids",
     "failure_kind",
+    "vocabulary_size",
 ]
 
 log = logging.getLogger(__name__)
@@ -196,3 +199,23 @@ class EventStream:
 
     def cancel(self) -> None:
         self._handle.cancel()
+
+
+def vocabulary_size(model: nn.Module) -> int | None:
+    """The rows of ``model``'s input embedding (the ids a prompt may hold: ``[0, rows)``);
+    None for a model without ``get_input_embeddings`` (no bound checked)."""
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    return getattr(embeddings, "num_embeddings", None)
+
+
+def check_token_ids(ids: Sequence[int], what: str, vocab_size: int | None) -> None:
+    """``ValueError`` naming the first id of ``ids`` outside ``[0, vocab_size)`` and its
+    position (``what`` names the list in the message)."""
+    if vocab_size is None:
+        return
+    for position, token in enumerate(ids):
+        if not 0 <= token < vocab_size:
+            raise ValueError(
+                f"{what} id {token} at position {position} is outside the model's vocabulary "
+                f"[0, {vocab_size}); give ids in that range."
+            )

@@ -1,0 +1,97 @@
+"""What loading an adapter file into a model will do (``load_targets``), worked out before
+anything changes: the config to inject (``modules_to_save`` entries that name nothing dropped,
+PEFT's MoE conversion), the modules it adapts, wraps and gives token rows, and every tensor the
+file must hold for them (``keys.adapter_file_tensors``). ``lorakit.io.load`` then checks and
+applies it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterFileError
+from lorakit.io.keys import (
+    FileTensor,
+    adapter_file_tensors,
+    base_weight_key,
+    embedding_module_names,
+    key_names_module,
+)
+from lorakit.io.read import AdapterHeader
+from lorakit.moe_targets import convert_moe_config
+from lorakit.parameter_targets import find_parameter_targets
+from lorakit.targets import find_targets, saved_module_matches
+from lorakit.wrapped_modules import saved_module_names, token_module_names
+
+__all__ = ["LoadTargets", "load_targets"]
+
+
+@dataclass(frozen=True)
+class LoadTargets:
+    """What loading a file into a model will do: inject ``config`` into ``targets`` (and wrap
+    ``saved_names``), filling the file tensors ``tensors`` lists."""
+
+    config: LoraConfig
+    targets: list[str]
+    saved_names: list[str]
+    tensors: list[FileTensor]
+    parameter_targets: dict[str, str]
+    """``{LoRA layer path: parameter path}`` (``target_parameters``)."""
+    source: object = None
+    """The adapter's directory (for messages)."""
+
+
+def load_targets(
+    model: nn.Module, adapter: AdapterHeader, modules: dict[str, nn.Module]
+) -> LoadTargets:
+    """The config to inject (``modules_to_save`` entries that name no module and have no
+    tensor dropped, e.g. peft's automatic "classifier"/"score") and the tensors it implies."""
+    config = adapter.config
+    names = [name for name in modules if name]
+    saved = config.modules_to_save or []
+    kept = [
+        entry
+        for entry in saved
+        if any(saved_module_matches([entry], n) for n in names) or _has_tensors_for(adapter, entry)
+    ]
+    if kept != saved:
+        config = config.replace(modules_to_save=kept or None)
+    source = adapter.directory
+    try:
+        config = convert_moe_config(model, config)  # PEFT's, for fused MoE experts (idempotent)
+        targets = find_targets(model, config, modules)
+        saved_names = saved_module_names(model, config)
+        tokens = token_module_names(model, config, targets, saved_names)
+        parameter_targets = find_parameter_targets(model, config)
+    except ValueError as error:
+        raise AdapterFileError(f"adapter {source} does not fit this model: {error}") from None
+    if not targets and not parameter_targets:
+        raise AdapterFileError(
+            f"adapter {source}: target_modules={config.target_modules!r} matches no module of "
+            f"this {type(model).__name__}; was it trained on another architecture?"
+        )
+    embeddings = [
+        name
+        for name in embedding_module_names(model, modules)
+        if base_weight_key(name, name in targets, name in tokens) in adapter.tensors
+    ]
+    tensors = adapter_file_tensors(
+        model,
+        config.bias,
+        targets,
+        saved_names,
+        embeddings,
+        modules,
+        use_dora=config.use_dora,
+        lora_bias=config.lora_bias,
+        token_modules={name: len(indices) for name, indices in tokens.items()},
+        parameter_layers=parameter_targets,
+    )
+    return LoadTargets(config, targets, saved_names, tensors, parameter_targets, source)
+
+
+def _has_tensors_for(adapter: AdapterHeader, entry: str) -> bool:
+    return any(key_names_module(key, entry) for key in adapter.tensors)
