@@ -130,7 +130,7 @@ def _supported_layers() -> str:
 # Class names (or modules) that mark a quantized layer: refused unless a backend took it first.
 _QUANTIZED_NAME = re.compile(
     r"quant|qlinear|gptq|awq|hqq|bitsandbytes|bnb|gguf|ggml|eetq|aqlm|marlin|exllama|"
-    r"fp8|fp4|nf4|int8|int4|4bit|8bit",
+    r"fp8|fp4|nf4|int8|int4|4bit|8bit|bitnet|bitlinear|ternary|compressed",
     re.IGNORECASE,
 )
 _PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
@@ -160,8 +160,10 @@ def is_quantized(module: nn.Module) -> bool:
 
 def looks_quantized(module: nn.Module) -> str | None:
     """Why ``module`` looks like a quantized layer no backend knows, or None if it looks plain:
-    a class (or base class, outside torch) named like one, or a direct parameter / buffer that
-    is not a plain tensor, or a ``weight`` that is not floating point."""
+    a class (or base class, outside torch) named like one (e.g. transformers' BitNet
+    ``AutoBitLinear``, which quantizes a float weight in its forward), a direct parameter /
+    buffer that is not a plain tensor, a parameter or ``weight`` that is not floating point, or
+    an ``nn.Linear`` without a ``weight`` tensor (its weights stored under other names)."""
     for path in _mro_paths(module):
         if not path.startswith("torch.") and _QUANTIZED_NAME.search(path):
             return f"its class {path} is a quantized layer type"
@@ -169,9 +171,14 @@ def looks_quantized(module: nn.Module) -> str | None:
     for name, tensor in tensors:
         if type(tensor) not in _PLAIN_TENSOR_TYPES:
             return f"its {name!r} is a {_class_path(type(tensor))}, not a plain tensor"
+    for name, parameter in module.named_parameters(recurse=False):
+        if not parameter.is_floating_point():  # (integer buffers, e.g. position ids, are fine)
+            return f"its parameter {name!r} is stored as {parameter.dtype}, not a float type"
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and not weight.is_floating_point():
         return f"its weight is stored as {weight.dtype}, not a float type"
+    if isinstance(module, nn.Linear) and not isinstance(weight, torch.Tensor):
+        return "it is an nn.Linear without a weight tensor (its weights are stored another way)"
     return None
 
 

@@ -93,6 +93,13 @@ def requantize(
         raise quantized.UnsupportedQuantizedLayerError(
             f"{type(base).__name__} is not a quantized layer; there is nothing to re-quantize to"
         )
+    expected = tuple(quantized.shape(base))
+    if tuple(weight.shape) != expected:
+        raise ValueError(
+            f"requantize: the weight is {tuple(weight.shape)} but the {quantized.describe(base)} "
+            f"base is {expected} (out, in); pass the layer's own merged weight "
+            "(merged_weight(base, ...))."
+        )
     new = backend.requantize(base, weight)
     if probe is None:
         probe = _probe(weight.shape[1], weight.device)
