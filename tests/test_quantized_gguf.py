@@ -300,7 +300,7 @@ def test_unknown_kinds_in_only_are_refused(tmp_path):
 
 # ----------------------------------------------------------------- the packaged SmolLM2 file
 def _smollm2_gguf():
-    from lorakit.models import BUILTIN_MODELS, _package_folder
+    from lorakit.model_specs import BUILTIN_MODELS, _package_folder
 
     builtin = BUILTIN_MODELS["smollm2-135m-instruct"]
     return _package_folder(builtin) / builtin.relative_path

@@ -41,11 +41,15 @@ def check_adapter_fits(
     saved_names: Sequence[str],
     tokens: Sequence[str],
     parameter_targets: Mapping[str, str],
+    *,
+    warn: bool = True,
 ) -> None:
     """Refuse (``ValueError`` / ``TypeError`` naming the module) an adapter that some module
     cannot take: ``current`` the targets as they are now (name -> module), ``saved_names`` the
     ``modules_to_save``, ``tokens`` the trainable-token modules, ``parameter_targets``
-    ``{layer path: parameter path}`` of bare parameters; ``init``: ``init_lora_weights``."""
+    ``{layer path: parameter path}`` of bare parameters; ``init``: ``init_lora_weights``.
+    ``warn=False``: the checks alone, without the warnings (fan_in_fan_out, pattern keys that
+    match nothing) that the injection itself gives."""
     for name in [*saved_names, *tokens]:
         check_wrapper_kind(model.get_submodule(name), name, name in tokens)
     for name in saved_names:  # a full copy of a quantized layer would train nothing
@@ -53,8 +57,9 @@ def check_adapter_fits(
     _check_saved_apart_from_parameters(model, saved_names, parameter_targets)
     _check_targets(model, current, config, adapter_name, init)
     check_parameter_targets(model, parameter_targets, adapter_name, list(current))
-    _warn_fan_in_fan_out(config, current)
-    _warn_unmatched_pattern_keys(config, [*current, *parameter_targets.values()])
+    if warn:
+        _warn_fan_in_fan_out(config, current)
+        _warn_unmatched_pattern_keys(config, [*current, *parameter_targets.values()])
 
 
 def _check_saved_apart_from_parameters(

@@ -108,17 +108,15 @@ def add_to_model(adapter: CombinedAdapter, model: nn.Module, adapter_name: str) 
 
 def _check_carried_base_weights(adapter: CombinedAdapter, modules: dict[str, nn.Module]) -> None:
     """``BaseModelMismatchError`` when a base weight the inputs' files carry differs from the
-    model's own (``add_to`` leaves the base as it is; a load of the saved files writes it)."""
+    model's own beyond another dtype's rounding (``add_to`` leaves the base as it is; a load of
+    the saved files writes it)."""
+    from lorakit.combining.sources import same_up_to_rounding
     from lorakit.io.keys import unmerged_base_tensor
 
     for name, carried in adapter.base_weights.items():
         module = modules.get(name)
         own = None if module is None else unmerged_base_tensor(module, "weight")
-        same = own is not None and own.shape == carried.shape
-        if same:
-            dtype = torch.promote_types(own.dtype, carried.dtype)
-            same = torch.equal(own.detach().to(dtype), carried.to(own.device, dtype))
-        if not same:
+        if own is None or not same_up_to_rounding(own.detach(), carried.to(own.device)):
             raise BaseModelMismatchError(
                 f"the combined adapters' files carry a base weight for {name!r} (shape "
                 f"{list(carried.shape)}, saved by save_embedding_layers) that differs from the "

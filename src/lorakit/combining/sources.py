@@ -42,6 +42,7 @@ __all__ = [
     "carried_base_weights",
     "check_compatible",
     "read_sources",
+    "same_up_to_rounding",
 ]
 
 _RELATIVE_TOLERANCE = 2.0**-7  # the fingerprint's rule across dtypes (io/fingerprint.py)
@@ -253,8 +254,9 @@ def fingerprint_difference(first: dict[str, object], second: dict[str, object]) 
 
 def carried_base_weights(sources: Sequence[AdapterUpdates]) -> dict[str, torch.Tensor]:
     """module -> the base weight the inputs carry for it (not combined: every input that
-    carries one must carry an equal tensor, else ``BaseModelMismatchError`` naming the module
-    and both adapters); the first input's tensor."""
+    carries one must carry the same tensor, up to the rounding of another dtype
+    (``same_up_to_rounding``), else ``BaseModelMismatchError`` naming the module and both
+    adapters); the copy of the finest dtype, the first input's among equals."""
     carried: dict[str, tuple[AdapterUpdates, torch.Tensor]] = {}
     for source in sources:
         for name, weight in source.base_weights.items():
@@ -262,7 +264,7 @@ def carried_base_weights(sources: Sequence[AdapterUpdates]) -> dict[str, torch.T
                 carried[name] = (source, weight)
                 continue
             first, known = carried[name]
-            if not _equal_tensors(known, weight):
+            if not same_up_to_rounding(known, weight):
                 raise BaseModelMismatchError(
                     f"module {name}: {first.label} and {source.label} carry different base "
                     f"weights for it (shapes {list(known.shape)} and {list(weight.shape)}; "
@@ -271,15 +273,20 @@ def carried_base_weights(sources: Sequence[AdapterUpdates]) -> dict[str, torch.T
                     "embeddings, or re-save them without base weights (save_embedding_layers="
                     "False) if their base model is the same."
                 )
+            if torch.finfo(weight.dtype).eps < torch.finfo(known.dtype).eps:
+                carried[name] = (source, weight)  # the same weight: carry the finer copy
     return {name: weight for name, (_, weight) in carried.items()}
 
 
-def _equal_tensors(first: torch.Tensor, second: torch.Tensor) -> bool:
-    """Same shape and the same values (compared in the wider of the two dtypes)."""
+def same_up_to_rounding(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """Same shape and the same values once one is rounded to the other's dtype: a base weight
+    saved from a bfloat16 copy of the model (``lorakit train --dtype bfloat16``) is the float32
+    one rounded, and both are the same base."""
     if first.shape != second.shape:
         return False
-    dtype = torch.promote_types(first.dtype, second.dtype)
-    return torch.equal(first.to(dtype), second.to(dtype))
+    if first.dtype == second.dtype:
+        return torch.equal(first, second)
+    return torch.equal(first.to(second.dtype), second) or torch.equal(second.to(first.dtype), first)
 
 
 def check_compatible(sources: Sequence[AdapterUpdates]) -> None:

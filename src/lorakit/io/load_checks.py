@@ -180,13 +180,14 @@ def check_targets_take(
     take the file's adapter: inject's own checks (``check_adapter_fits``), e.g. a PEFT adapter
     on an ``nn.Conv2d`` (no LoRA layer for it in lorakit) or DoRA on an embedding (lorakit
     implements DoRA on linear layers only). Saved modules and token rows are checked later, by
-    the injection itself; inject's warnings are left to it too (not given twice)."""
+    the injection itself, and so are inject's warnings (``warn=False``: not given twice, and no
+    change to the process's warning filters, which other threads share)."""
     targets = {name: current[name] for name in to_load.targets}
     config, parameters = to_load.config, to_load.parameter_targets
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            check_adapter_fits(model, config, adapter_name, None, targets, [], [], parameters)
+        check_adapter_fits(
+            model, config, adapter_name, None, targets, [], [], parameters, warn=False
+        )
     except (TypeError, ValueError) as error:
         raise AdapterFileError(
             f"adapter {to_load.source} cannot be loaded into this model: {error}"

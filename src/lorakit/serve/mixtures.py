@@ -283,6 +283,13 @@ class Mixtures:
         except (UserError, KeyError, ValueError) as error:
             reason = registry.relative(_text(error))  # (no server paths in the answer)
             raise _bad(f"'{FIELD}' cannot be combined: {reason}") from None
+        if result.base_weights:  # (each input alone is refused for them too)
+            modules = ", ".join(sorted(result.base_weights))
+            raise _bad(
+                f"'{FIELD}' cannot be served: its adapters carry base weights for {modules} "
+                "(saved with save_embedding_layers); the serving bank adds LoRA factors and "
+                "never changes the served model's weights. Serve a model with those weights."
+            )
         tensors = {}
         for module, (lora_A, lora_B) in result.factors.items():
             key_A, key_B = lora_keys(module, module in result.embeddings)

@@ -70,6 +70,7 @@ from lorakit.train.resume import (
     last_eval_step,
     last_values,
     resumed_drop_last,
+    steps_as_counted,
 )
 from lorakit.train.rng import seed_everything
 from lorakit.train.schedule import build_scheduler, warmup_steps_for
@@ -182,6 +183,10 @@ class _Run:
         self.examples_sha256 = examples_sha256(self.data, tokens_of)
         if self.resume_from is None:
             return
+        per_epoch = self.batch_order.steps_per_epoch
+        self.total_steps = steps_as_counted(
+            self.resume_state, self.config, self.total_steps, per_epoch
+        )
         plan, lora = self._plan_fields(), self._lora_fields()
         check_resumable(self.resume_from, self.resume_state, plan, self.config, lora)
         check_resume_base(self.model, self.resume_from, self.config.adapter_name)

@@ -49,6 +49,7 @@ __all__ = [
     "last_eval_step",
     "last_values",
     "resumed_drop_last",
+    "steps_as_counted",
 ]
 
 TRAJECTORY_SETTINGS = (
@@ -234,6 +235,22 @@ _PLAN_WORDS = {
 }
 """Each data-plan difference in words, by its key in ``data_plan``, naming the flags behind it
 (``{now}``: this run's value, ``{saved}``: the checkpoint's)."""
+
+
+def steps_as_counted(
+    state: dict[str, Any], training: TrainingConfig, total_steps: int, steps_per_epoch: int
+) -> int:
+    """The run's length as its checkpoint counted it: before the digest of the examples
+    (``examples_sha256``) came, lorakit rounded a fractional ``--epochs`` half to even
+    (``round``) where it now counts up (``ceil``, as transformers); a checkpoint of then, whose
+    ``total_steps`` is that older count of the same ``--epochs`` (``steps_per_epoch``: this
+    run's, which the rest of the data plan must match), keeps it (its run resumes as planned);
+    any other length is compared as it is."""
+    saved = state.get("data_plan", {})
+    if "examples_sha256" in saved or training.max_steps is not None:
+        return total_steps
+    older = max(1, round(training.epochs * steps_per_epoch))
+    return older if saved.get("total_steps") == older else total_steps
 
 
 def _plan_differences(
