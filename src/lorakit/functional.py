@@ -188,11 +188,12 @@ def replace_rows(weight: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor
 def lora_bias_delta(lora_bias: torch.Tensor, scale: float) -> torch.Tensor:
     """``s * b``: what an adapter with a bias on B (PEFT's ``lora_bias=True``) adds to every
     output, and what merging it adds to the base bias. Shapes: ``lora_bias`` (d,) -> (d,);
-    computed in float32 (the branch casts it to the activation's dtype).
+    computed in float32, or in the bias's own dtype when wider (float64), as PEFT computes it
+    (the branch casts it to the activation's dtype).
 
     With it the branch is ``s (B A x + b)`` (PEFT applies ``lora_B``, bias included, before
     the scale), so merging gives ``W0 + s B A`` and ``bias0 + s b``."""
-    return lora_bias.to(torch.float32) * scale
+    return lora_bias.to(torch.promote_types(lora_bias.dtype, torch.float32)) * scale
 
 
 def lora_embedding_forward(
@@ -305,7 +306,9 @@ def dora_row_norms(
     one (d, k) x (k, r) product plus O((d + k) r^2). In ``norm_dtype`` (float32 or float64),
     detached. Rows where the sum cancels (below ``CANCELLATION_GUARD`` of
     ``(||W0_i|| + s ||(B A)_i||)^2``, i.e. ``s B A`` nearly ``-W0`` on that row) are recomputed
-    directly (``exact_row_norms``), so every row keeps the precision of the direct norm.
+    directly (``exact_row_norms``), so every row keeps the precision of the direct norm (while
+    ``torch.compile`` traces, every row's direct norm is computed and taken where guarded: a
+    traced graph cannot pick rows by value).
     Shapes: W0 (d, k) ((k, d) with ``fan_in_fan_out``), A (r, k), B (d, r).
     """
     dtype = norm_dtype(weight, lora_A, lora_B)
@@ -318,7 +321,11 @@ def dora_row_norms(
     if squared.device.type == "meta":  # shapes only (e.g. ``lorakit plan``): nothing to guard
         return norms
     bound = (base_sq.sqrt() + lora_sq.sqrt()).pow(2)
-    cancelled = (squared < CANCELLATION_GUARD * bound).nonzero().flatten()
+    guarded = squared < CANCELLATION_GUARD * bound
+    if torch.compiler.is_compiling():  # no data-dependent shapes in a traced graph
+        exact = exact_row_norms(weight, A, B, scale, fan_in_fan_out)  # every row, (d,)
+        return torch.where(guarded, exact, norms)
+    cancelled = guarded.nonzero().flatten()
     if cancelled.numel():
         norms[cancelled] = exact_row_norms(weight, A, B, scale, fan_in_fan_out, cancelled)
     return norms

@@ -12,7 +12,10 @@ pointer and, for one that requires grad, by two more marks: the count of optimis
 in this process (an optimiser may step a parameter in place without bumping its counter:
 torch's fused AdamW does; every ``torch.optim.Optimizer`` step, through a global post-step hook,
 adds one) and its ``.grad`` (the same tensor at the same version: a backward since the norms
-were computed, then a hand-written step through ``.data``, is seen too). So a training step
+were computed, then a hand-written step through ``.data``, is seen too). One that requires
+grad but has no ``.grad`` when the norms are computed is also compared by value with a copy
+kept then (a write through ``.data`` bumps no counter, and a step that sets ``.grad = None``
+after it, or ``zero_grad()``, leaves no gradient to follow). So a training step
 computes ``n`` once per forward after a backward, evaluation between steps and decoding reuse
 it. Under ``torch.inference_mode`` the cached values are computed with inference mode locally
 off (``_normal_tensors``): an inference tensor could not be saved by a later training step's
@@ -59,39 +62,49 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
+def _marks(tensor: torch.Tensor) -> tuple | None:
+    """``(version, data pointer)`` of ``tensor``; None for an inference tensor (no version)."""
+    try:
+        return tensor._version, tensor.data_ptr()
+    except RuntimeError:
+        return None
+
+
 def _stamp(tensor: torch.Tensor) -> tuple | None:
     """What tells later whether ``tensor`` changed: its version and data pointer and, if it
     requires grad, the optimiser step count and its gradient (the very tensor, by weak
     reference, and its version: a backward since, then a hand-written step through ``.data``,
-    is seen too); None for an inference tensor (no version)."""
-    try:
-        version, pointer = tensor._version, tensor.data_ptr()
-    except RuntimeError:
-        return None
-    if not tensor.requires_grad:
-        return version, pointer
+    is seen too) or, without a gradient, a copy of its values (a ``.data`` write leaves every
+    mark as it was); None for an inference tensor (no version)."""
+    marks = _marks(tensor)
+    if marks is None or not tensor.requires_grad:
+        return marks
     grad = tensor.grad
-    gradient = None if grad is None else (weakref.ref(grad), grad._version)
-    return version, pointer, _optimizer_steps, gradient
+    if grad is None:
+        return *marks, _optimizer_steps, None, tensor.detach().clone()
+    return *marks, _optimizer_steps, (weakref.ref(grad), grad._version), None
 
 
 def _same(stamp: tuple | None, tensor: torch.Tensor) -> bool:
     """``tensor`` is as it was when ``stamp`` was taken (``_stamp``)."""
-    now = _stamp(tensor)
-    if stamp is None or now is None or len(stamp) != len(now) or stamp[:3] != now[:3]:
+    marks = _marks(tensor)
+    if stamp is None or marks is None or stamp[:2] != marks:
         return False
-    if len(stamp) == 2:  # frozen: version and pointer
-        return True
-    then, current = stamp[3], now[3]
-    if then is None or current is None:
-        return then is current
-    return then[0]() is current[0]() and then[1] == current[1]
+    if len(stamp) == 2:  # frozen then: version and pointer
+        return not tensor.requires_grad
+    if not tensor.requires_grad or stamp[2] != _optimizer_steps:
+        return False
+    gradient, values, grad = stamp[3], stamp[4], tensor.grad
+    if gradient is None:  # no gradient then: compare the values
+        return grad is None and torch.equal(values, tensor.detach())
+    return grad is not None and gradient[0]() is grad and gradient[1] == grad._version
 
 
 def _normal_tensors() -> contextlib.AbstractContextManager:
     """Where ``torch.inference_mode`` is on, inference mode off and gradients off, so that what
-    is computed from parameters is a normal, cacheable tensor (a no-op elsewhere)."""
-    if not torch.is_inference_mode_enabled():
+    is computed from parameters is a normal, cacheable tensor (a no-op elsewhere, and while
+    ``torch.compile`` traces: nothing is cached then, and the tracer refuses the query)."""
+    if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
         return contextlib.nullcontext()
     stack = contextlib.ExitStack()
     stack.enter_context(torch.inference_mode(False))
