@@ -203,7 +203,7 @@ def test_the_replica_answer_keeps_its_headers(one_replica):
 def test_build_app_keeps_the_users_max_adapters(option):
     from lorakit.serve.ray_deployment import build_app
 
-    app = build_app(["--model", "m", "--adapters", "a", *option], adapters_per_replica=16)
+    app = build_app(["--model", "m", "--adapters", "a", *option], adapters_per_replica=4)
     replica = app._bound_deployment.init_args[0]  # (Ray's Application: the bound deployment)
     replica_args = replica._bound_deployment.init_args[0]
     assert build_parser().parse_args(["serve", *replica_args]).max_adapters == 5

@@ -38,7 +38,7 @@ from lorakit.serve.engine import Engine
 from lorakit.serve.protocol import APIError
 from lorakit.serve.registry import AdapterGoneError, AdapterNameError, ServedAdapters
 
-__all__ = ["ServerSettings", "create_app"]
+__all__ = ["ServerSettings", "create_app", "install_error_handlers"]
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def create_app(
     app = FastAPI(title="lorakit", lifespan=lifespan)
     app.state.engine, app.state.adapters = engine, adapters  # (serve.ray_deployment starts it)
     app.state.mixtures = mixtures
-    _install_error_handlers(app)
+    install_error_handlers(app)
     _add_status_routes(app, engine, adapters, settings)
     _add_generation_routes(app, engine, adapters, tokenizer, settings)
     _add_admin_routes(app, adapters, settings)
@@ -191,7 +191,7 @@ def _add_admin_routes(app: FastAPI, adapters: ServedAdapters, settings: ServerSe
         return {"status": "ok", "message": f"LoRA adapter {name!r} removed"}
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, error: APIError) -> JSONResponse:
         return JSONResponse(

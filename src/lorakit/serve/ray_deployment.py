@@ -10,7 +10,10 @@ API) reads the request's ``model`` field and forwards the request to a ``Lorakit
 already hold it (``@serve.multiplexed``, ``serve.get_multiplexed_model_id``). Each replica runs a
 whole lorakit server in-process (the same app as ``lorakit serve``, so answers are the same):
 its multiplexed cache of at most ``adapters_per_replica`` adapters is pinned in its bank; when
-Ray evicts one from the cache, it is unpinned (the bank's LRU may then reuse its pages).
+Ray evicts one from the cache, it is unpinned (the bank's LRU may then reuse its pages), so the
+bank needs a slot beyond them (``--max-adapters`` at least ``adapters_per_replica + 1``).
+The application may be served under any ``route_prefix`` (the prefix is taken off the path the
+replica's app sees), and the ingress's own errors (404, 405) are OpenAI's JSON error object.
 Responses are streamed from the replica to the client as the replica's app sends them (Ray
 Serve's streaming handles), so ``stream: true`` gives server-sent events token by token, and a
 client that leaves cancels its request in the replica's engine. The answer keeps the app's status
@@ -21,15 +24,18 @@ as by one server (its JSON error, e.g. 400 for an adapter of other base weights)
 import argparse
 import asyncio
 import logging
+from collections.abc import Sequence
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 from ray import serve
 from starlette.datastructures import Headers
 
+from lorakit.errors import UserError
+from lorakit.serve.app import install_error_handlers
 from lorakit.serve.asgi_stream import ResponseStart, asgi_stream
 
-__all__ = ["OpenAIIngress", "build_app", "replica_deployment"]
+__all__ = ["BankTooSmallError", "OpenAIIngress", "build_app", "replica_deployment"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,10 @@ HOP_BY_HOP = frozenset(
     b"connection keep-alive proxy-authenticate proxy-authorization te trailer "
     b"transfer-encoding upgrade content-length".split()
 )
+
+
+class BankTooSmallError(UserError, ValueError):
+    """``--max-adapters`` leaves a replica's bank no slot beyond its pinned multiplexed cache."""
 
 
 class _Resident:
@@ -132,7 +142,20 @@ def _ingress_headers(replica_headers: list[tuple[bytes, bytes]], replica: str) -
     return Headers(raw=[*kept, (REPLICA_HEADER.encode(), replica.encode())])
 
 
+def _app_path(scope: dict) -> str:
+    """The request's path as the replica's app routes it: without the application's route
+    prefix, which Ray Serve passes as the ASGI ``root_path`` and keeps at the start of
+    ``path`` (``/lk/v1/models`` under ``route_prefix="/lk"`` is ``/v1/models``)."""
+    path, prefix = scope["path"], scope.get("root_path", "").rstrip("/")
+    if prefix and (path == prefix or path.startswith(prefix + "/")):
+        return path[len(prefix) :] or "/"
+    return path
+
+
 ingress_app = FastAPI(title="lorakit (Ray Serve)")
+# The ingress's own errors (a route it does not have: 404, 405) are OpenAI's JSON error object,
+# as from one server.
+install_error_handlers(ingress_app)
 
 
 @serve.deployment
@@ -165,7 +188,7 @@ class OpenAIIngress:
         if model:
             handle = handle.options(multiplexed_model_id=model)
         pieces = handle.forward.remote(
-            request.method, request.url.path, await request.body(), headers
+            request.method, _app_path(request.scope), await request.body(), headers
         )
         status, replica_headers, replica = await anext(pieces)
         return StreamingResponse(
@@ -190,7 +213,7 @@ class OpenAIIngress:
 
 
 def build_app(
-    serve_args: list[str] | argparse.Namespace | None = None,
+    serve_args: Sequence[str] | None = None,
     *,
     model: str | None = None,
     adapters: str | None = None,
@@ -199,16 +222,21 @@ def build_app(
     replica_cpus: float = 1.0,
 ):
     """The Ray Serve application: ``serve.run(build_app(...))``. ``serve_args``: the options of
-    ``lorakit serve`` for every replica (``--model``, ``--adapters``, ``--max-rank``...), or
-    ``model`` and ``adapters`` alone; the bank holds the multiplexed adapters plus two."""
-    serve_args = list(serve_args or [])
+    ``lorakit serve`` for every replica, as a list of strings (``["--model", M, "--adapters",
+    DIR, "--max-rank", "16"]``), or ``model`` and ``adapters`` alone. A replica's bank holds
+    ``--max-adapters`` adapters (default ``adapters_per_replica + 2``): the multiplexed ones,
+    pinned, and at least one more slot (``BankTooSmallError`` when it has none)."""
+    serve_args = _argument_list(serve_args)
     if model is not None:
         serve_args += ["--model", model]
     if adapters is not None:
         serve_args += ["--adapters", adapters]
-    if not _gives_max_adapters(serve_args):
+    options = _serve_options(serve_args)
+    if options.max_adapters is None:
         serve_args += ["--max-adapters", str(adapters_per_replica + 2)]
-    per_replica = _requests_per_replica(serve_args)
+    else:
+        _check_bank_size(options.max_adapters, adapters_per_replica)
+    per_replica = _requests_per_replica(options)
     replica = (
         replica_deployment(adapters_per_replica)
         .options(
@@ -223,18 +251,46 @@ def build_app(
     ).bind(replica)
 
 
-def _requests_per_replica(serve_args: list[str]) -> int:
+def _argument_list(serve_args: Sequence[str] | None) -> list[str]:
+    """``serve_args`` as a new list; ``TypeError`` for anything but a list or tuple of strings
+    (an ``argparse.Namespace`` cannot be turned back into the options a replica parses)."""
+    if serve_args is None:
+        return []
+    if not isinstance(serve_args, list | tuple) or not all(
+        isinstance(arg, str) for arg in serve_args
+    ):
+        raise TypeError(
+            f"build_app: serve_args must be the options of 'lorakit serve' as a list of "
+            f"strings, e.g. ['--model', MODEL, '--adapters', DIR], not "
+            f"{type(serve_args).__name__}; pass the command line itself, not its parsed result"
+        )
+    return list(serve_args)
+
+
+def _serve_options(serve_args: list[str]) -> argparse.Namespace:
+    """``serve_args`` parsed by ``lorakit serve``'s own parser (as every replica parses them,
+    so an abbreviation such as ``--max-adapt 40`` reads as it does there)."""
+    from lorakit.cli import build_parser
+
+    return build_parser().parse_args(["serve", *serve_args])
+
+
+def _check_bank_size(max_adapters: int, adapters_per_replica: int) -> None:
+    """Refuse a bank of ``max_adapters`` slots that the ``adapters_per_replica`` pinned
+    multiplexed adapters would fill: adapters beyond them would never get a slot (503 for
+    ever), since Ray unpins one only when its own cache, of ``adapters_per_replica``, is full."""
+    if max_adapters < adapters_per_replica + 1:
+        raise BankTooSmallError(
+            f"--max-adapters {max_adapters} leaves no bank slot beyond the "
+            f"adapters_per_replica={adapters_per_replica} adapters each replica pins: set "
+            f"--max-adapters to at least {adapters_per_replica + 1} (leave it out for "
+            f"{adapters_per_replica + 2}), or lower adapters_per_replica to {max_adapters - 1} at most"
+        )
+
+
+def _requests_per_replica(options: argparse.Namespace) -> int:
     """Requests in flight to one replica: one more than its engine takes at once
     (``--max-batch`` running plus ``--max-waiting`` queued), so that a full replica answers the
     extra request with its own 429 and ``Retry-After`` instead of Ray queueing it. Ray Serve's
     own default of 5 per replica capped the batch, and the ingress's the whole cluster, at 5."""
-    from lorakit.cli import build_parser
-
-    options = build_parser().parse_args(["serve", *serve_args])
     return options.max_batch + options.max_waiting + 1
-
-
-def _gives_max_adapters(serve_args: list[str]) -> bool:
-    """Whether ``serve_args`` set ``--max-adapters`` (as ``--max-adapters N`` or
-    ``--max-adapters=N``): then the user's bank size is kept, not replaced by the default."""
-    return any(arg == "--max-adapters" or arg.startswith("--max-adapters=") for arg in serve_args)

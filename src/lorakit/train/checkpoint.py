@@ -15,7 +15,8 @@ writes the same files as a one-process run; loading cuts each process's piece ba
 A checkpoint is built in a temporary directory beside the final one, fsynced, and renamed into
 place (``os.replace``), so a run killed at any moment leaves either the complete checkpoint or
 none (a killed writer's temporary directory is removed by a later save). Only the newest
-``keep`` are kept.
+``keep`` are kept; an older one is renamed to a temporary name before it is deleted, so a
+process killed while pruning leaves no half-deleted checkpoint either.
 """
 
 from __future__ import annotations
@@ -264,8 +265,18 @@ def _checkpoint_dirs(root: Path) -> list[Path]:
 
 
 def _prune(root: Path, keep: int) -> None:
+    """Remove all but the newest ``keep`` checkpoints (at least one). Each is first renamed to
+    a temporary name (``os.replace``, atomic), then deleted: a process killed mid-deletion
+    leaves a temporary directory, which a later save removes, never a half-deleted
+    ``step-*`` that would still count as a checkpoint."""
     for old in _checkpoint_dirs(root)[: -max(keep, 1)]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = root / f"{_TEMPORARY}pruned-{old.name}-{os.getpid()}"
+        shutil.rmtree(doomed, ignore_errors=True)  # (an earlier prune's leftover, same name)
+        try:
+            os.replace(old, doomed)
+        except OSError:  # (gone already, or not ours to move: left as it is)
+            continue
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
