@@ -99,12 +99,17 @@ def test_missing_adapter_and_file_output_are_refused(adapter_dirs, tmp_path, cap
 
 
 def test_output_replaces_an_earlier_adapter_atomically(adapter_dirs, tmp_path, capsys):
-    """Writing over an earlier result leaves exactly the new files, no temporaries."""
+    """Writing over an earlier result (asked with --overwrite; refused without it, the earlier
+    files untouched) leaves exactly the new files, no temporaries."""
     dir_a, dir_b = adapter_dirs
     output = tmp_path / "out"
     assert main(["combine", str(dir_a), str(dir_b), "--output", str(output)]) == 0
+    first = (output / "adapter_model.safetensors").read_bytes()
     arguments = ["--method", "svd", "--rank", "2", "--output", str(output)]
-    assert main(["combine", str(dir_a), str(dir_b), *arguments]) == 0
+    assert main(["combine", str(dir_a), str(dir_b), *arguments]) == 2
+    assert "holds an adapter" in capsys.readouterr().err
+    assert (output / "adapter_model.safetensors").read_bytes() == first
+    assert main(["combine", str(dir_a), str(dir_b), *arguments, "--overwrite"]) == 0
     capsys.readouterr()
     assert sorted(p.name for p in output.iterdir()) == [
         "adapter_config.json",

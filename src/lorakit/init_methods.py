@@ -37,6 +37,7 @@ __all__ = [
     "LoftQConfig",
     "canonical_init",
     "changes_base",
+    "changes_base_in_peft_only",
     "check_layer_takes",
     "check_redo_on_load",
     "factors_for",
@@ -46,6 +47,10 @@ __all__ = [
 ]
 
 BASE_CHANGING_INITS = ("pissa", "pissa_niter_K", "olora", "loftq")
+# PEFT's inits that also rewrite the base (W_res = W0 - s B0 A0) but from data lorakit does not
+# have, so it cannot redo them: CorDA (activation covariances; PEFT takes any "corda..." value)
+# and LoRA-GA (gradients; "lora_ga" exactly). Their unconverted files are refused on loading.
+PEFT_ONLY_BASE_CHANGING_INITS = ("corda", "lora_ga")
 # The init_lora_weights strings PEFT compares case-insensitively (``init.lower() == ...`` in
 # its LoRA layer); every other one ("pissa...", "loftq", "eva", "orthogonal", ...) exactly.
 CASE_INSENSITIVE_INITS = ("gaussian", "mica", "olora")
@@ -138,6 +143,13 @@ def changes_base(init: object) -> bool:
     return isinstance(init, str) and (
         init in ("olora", "loftq") or _PISSA.fullmatch(init) is not None
     )
+
+
+def changes_base_in_peft_only(init: object) -> bool:
+    """True when ``init`` (a file's ``init_lora_weights``) is one of
+    ``PEFT_ONLY_BASE_CHANGING_INITS``, matched as PEFT matches it: ``"corda..."`` by its prefix,
+    ``"lora_ga"`` exactly. Such a file's A and B fit ``W_res``, not the original base."""
+    return isinstance(init, str) and (init.startswith("corda") or init == "lora_ga")
 
 
 Residual = Callable[[torch.Tensor], torch.Tensor]

@@ -129,8 +129,8 @@ PEFT_LORA_FIELDS: dict[str, FieldSupport] = {
         'used only with init_lora_weights="corda", which changes the base and is refused'
     ),
     "lora_ga_config": _ignored(
-        'used only with init_lora_weights="lora_ga" (an initialisation; the trained factors '
-        "are what the file holds)"
+        'used only with init_lora_weights="lora_ga", which changes the base and is refused '
+        "unconverted"
     ),
     "megatron_config": _ignored(
         "builds Megatron tensor-parallel LoRA layers (same maths and keys); lorakit adapts "

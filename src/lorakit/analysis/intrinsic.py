@@ -135,6 +135,31 @@ class Fastfood(nn.Module):
         return (x / self.normaliser.to(dtype)).reshape(-1)[: self.total]  # (D,)
 
 
+def _chosen_parameters(
+    named: dict[str, nn.Parameter], parameter_names: Sequence[str] | None
+) -> list[str]:
+    """The names to reparametrise: ``parameter_names``, or every parameter that requires grad;
+    ``ValueError`` for an unknown name, or when none is chosen (D would be 0)."""
+    if parameter_names is None:
+        chosen = [name for name, p in named.items() if p.requires_grad]
+        if not chosen:
+            raise ValueError(
+                "no parameter to reparametrise: none of the model's parameters requires grad "
+                "(was the model already wrapped in an IntrinsicDimension, which freezes them?); "
+                "pass parameter_names"
+            )
+        return chosen
+    unknown = [name for name in parameter_names if name not in named]
+    if unknown:
+        raise ValueError(f"unknown parameter name(s) {unknown[:5]}; see model.named_parameters()")
+    if not parameter_names:
+        raise ValueError(
+            "no parameter to reparametrise: parameter_names is empty; name at least one of "
+            "model.named_parameters()"
+        )
+    return list(parameter_names)
+
+
 class IntrinsicDimension(nn.Module):
     """Reparametrise chosen parameters of ``model`` as ``θ_0 + λ P θ_d`` and train only θ_d (and λ).
 
@@ -156,13 +181,7 @@ class IntrinsicDimension(nn.Module):
     ) -> None:
         super().__init__()
         named = dict(model.named_parameters())
-        if parameter_names is None:
-            parameter_names = [name for name, p in named.items() if p.requires_grad]
-        unknown = [name for name in parameter_names if name not in named]
-        if unknown:
-            raise ValueError(
-                f"unknown parameter name(s) {unknown[:5]}; see model.named_parameters()"
-            )
+        parameter_names = _chosen_parameters(named, parameter_names)
         narrow = [
             n for n in parameter_names if named[n].dtype not in (torch.float32, torch.float64)
         ]

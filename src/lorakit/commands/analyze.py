@@ -12,6 +12,9 @@ import os
 
 from lorakit.errors import UserError
 
+# The files ``--plots DIR`` writes: the spectra, then the effective ranks.
+PLOT_NAMES = ("spectra.png", "ranks.png")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -32,7 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(singular_value_count and singular_values_truncated say how many there are; the ranks "
         "and norms use all)",
     )
-    parser.add_argument("--plots", metavar="DIR", help="write spectra.png and ranks.png here")
+    parser.add_argument(
+        "--plots",
+        metavar="DIR",
+        help="write spectra.png and ranks.png here (refused if either is already there)",
+    )
     parser.add_argument(
         "--energy", type=float, default=0.9, help="energy share for the rank advice (0.9)"
     )
@@ -49,6 +56,12 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError(f"analyze: --energy must be in (0, 1], got {args.energy}")
     if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
         raise UserError(f"analyze: --plots {args.plots} is a file; give a directory")
+    for name in PLOT_NAMES if args.plots else ():
+        if os.path.lexists(os.path.join(args.plots, name)):
+            raise UserError(
+                f"analyze: --plots {args.plots} already holds {name}; give another --plots "
+                "directory or remove it"
+            )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,9 +94,10 @@ def run(args: argparse.Namespace) -> int:
     if args.plots:
         from lorakit.analysis.plots import plot_effective_ranks, plot_spectra
 
+        spectra_png, ranks_png = (os.path.join(args.plots, name) for name in PLOT_NAMES)
         written = [
-            plot_spectra(spectra, f"{args.plots}/spectra.png"),
-            plot_effective_ranks(spectra, f"{args.plots}/ranks.png"),
+            plot_spectra(spectra, spectra_png),
+            plot_effective_ranks(spectra, ranks_png),
         ]
         if not args.json:
             print("plots: " + ", ".join(str(path) for path in written))

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from lorakit.commands.extract import (
+    add_overwrite_option,
     check_adapter_output,
     refuse_output_onto_inputs,
     removed_if_left_empty,
@@ -55,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seed", type=int, help="DARE's seed (dare_linear, dare_ties; default: 0)")
     parser.add_argument("--output", required=True, help="directory for the combined adapter")
+    add_overwrite_option(parser)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(func=run)
 
@@ -70,7 +72,7 @@ def _check(args: argparse.Namespace) -> None:
     refuse_output_onto_inputs(
         "combine", args.output, [("input adapter", adapter) for adapter in args.adapters]
     )
-    check_adapter_output("combine", Path(args.output))
+    check_adapter_output("combine", Path(args.output), args.overwrite)
     if args.weights is not None and len(args.weights) != len(args.adapters):
         raise UserError(
             f"combine: {len(args.adapters)} adapters but {len(args.weights)} --weights; give one "

@@ -31,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--base", required=True, help="base model directory")
     parser.add_argument("--finetuned", required=True, help="fully fine-tuned model directory")
     parser.add_argument("--output", required=True, help="directory for the adapter")
+    add_overwrite_option(parser)
     choice = parser.add_mutually_exclusive_group(required=True)
     choice.add_argument("--rank", type=int, help="the same rank r for every layer")
     choice.add_argument("--energy", type=float, help="per-layer rank keeping this energy share")
@@ -47,13 +48,27 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError(f"extract: --energy must be in (0, 1], got {args.energy}")
     if args.max_rank is not None and (args.max_rank < 1 or args.energy is None):
         raise UserError("extract: --max-rank needs --energy and a positive integer")
-    check_adapter_output("extract", Path(args.output))  # (--base and --finetuned are models)
+    check_adapter_output(
+        "extract", Path(args.output), args.overwrite
+    )  # (--base and --finetuned are models)
 
 
-def check_adapter_output(command: str, output: Path) -> None:
-    """Refuse an adapter's ``--output`` that is a file or a model directory (it holds
-    ``config.json``: transformers would apply the adapter whenever it loads that model);
-    ``command`` begins the message (``extract``, ``combine``)."""
+def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
+    """``--overwrite``: replace an adapter already in ``--output`` (else refused)."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an adapter already in --output (written atomically; without it, such an "
+        "--output is refused)",
+    )
+
+
+def check_adapter_output(command: str, output: Path, overwrite: bool = False) -> None:
+    """Refuse an adapter's ``--output`` that is a file, a model directory (it holds
+    ``config.json``: transformers would apply the adapter whenever it loads that model) or a
+    directory already holding an adapter (``adapter_config.json`` or a ``*.safetensors`` file,
+    which the save would replace, unless ``overwrite``); ``command`` begins the message
+    (``extract``, ``combine``). Checked before any model or adapter loads."""
     if output.exists() and not output.is_dir():
         raise UserError(f"{command}: --output {output} is a file; give a directory")
     if (output / "config.json").is_file():  # transformers would apply the adapter on loading
@@ -61,6 +76,24 @@ def check_adapter_output(command: str, output: Path) -> None:
             f"{command}: --output {output} is a model directory; write the adapter into its own "
             "directory (a model directory holding an adapter loads with the adapter applied)"
         )
+    held = [] if overwrite else _adapter_files_in(output)
+    if held:
+        raise UserError(
+            f"{command}: --output {output} holds an adapter ({', '.join(held)}); give another "
+            "--output, remove it, or pass --overwrite to replace it"
+        )
+
+
+def _adapter_files_in(directory: Path) -> list[str]:
+    """The names of the adapter files ``directory`` holds (``adapter_config.json``, any
+    ``*.safetensors``), sorted; none when it is not a readable directory (the save says why)."""
+    from lorakit.io.config_json import CONFIG_NAME
+
+    try:
+        names = [path.name for path in directory.iterdir()] if directory.is_dir() else []
+    except OSError:
+        return []
+    return sorted(name for name in names if name == CONFIG_NAME or name.endswith(".safetensors"))
 
 
 def refuse_output_onto_inputs(
@@ -135,6 +168,14 @@ def _print_report(extraction) -> None:
             print(f"left out: {name}: {note}")
 
 
+def _written_config(directory: Path) -> dict:
+    """The ``adapter_config.json`` just saved in ``directory``, as written (values the save
+    works out, such as ``fan_in_fan_out`` true for GPT-2's ``Conv1D``, included)."""
+    from lorakit.io.config_json import CONFIG_NAME, read_config_text
+
+    return json.loads(read_config_text(directory / CONFIG_NAME))
+
+
 def _is_causal_lm(model) -> bool:
     from transformers import GenerationMixin
 
@@ -172,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
     with removed_if_left_empty(args.output):
         directory = save_adapter(model, args.output)
     if args.json:
-        print(json.dumps({**extraction.to_dict(), "output": str(directory)}, indent=2))
+        report = {**extraction.to_dict(), "config": _written_config(directory)}
+        print(json.dumps({**report, "output": str(directory)}, indent=2))
     else:
         _print_report(extraction)
         print(f"saved: {directory}")

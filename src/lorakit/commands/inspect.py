@@ -10,7 +10,7 @@ import argparse
 import json
 from typing import Any
 
-from lorakit.init_methods import changes_base
+from lorakit.init_methods import changes_base, changes_base_in_peft_only
 from lorakit.units import format_bytes
 
 
@@ -48,7 +48,9 @@ def _dora_text(summary: dict[str, Any]) -> str:
 
 
 def _init_text(init: bool | str) -> str:
-    if changes_base(init):
+    """The init line: a base-changing init (PiSSA, OLoRA, LoftQ, and PEFT's CorDA and LoRA-GA,
+    which lorakit refuses to load unconverted) says that the factors fit the rewritten base."""
+    if changes_base(init) or changes_base_in_peft_only(init):
         return f"{init} (fits the base that this init overwrote, not the original weights)"
     return json.dumps(init)
 

@@ -8,7 +8,10 @@ Read: ``peft_type`` must be "LORA"; the fields lorakit understands become a ``Lo
 PEFT fields that change the numbers in ways lorakit does not implement (QA-LoRA, ...) are
 refused unless off, other PEFT fields are ignored (the table and the rule, shared with
 ``LoraConfig``: ``lorakit.peft_fields``); unknown keys are ignored with a warning; an
-``init_lora_weights`` neither lorakit nor PEFT knows is refused.
+``init_lora_weights`` neither lorakit nor PEFT knows is refused, and so is an unconverted file
+of a base-changing init lorakit cannot redo (CorDA, LoRA-GA:
+``init_methods.PEFT_ONLY_BASE_CHANGING_INITS``), unless only described (``describing=True``,
+``lorakit inspect``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from torch import nn
 from lorakit.config import LoraConfig, pattern_key
 from lorakit.config_checks import INIT_MODES
 from lorakit.errors import AdapterFileError
-from lorakit.init_methods import canonical_init, changes_base
+from lorakit.init_methods import canonical_init, changes_base, changes_base_in_peft_only
 from lorakit.io.header import unreadable
 from lorakit.layers import is_linear
 from lorakit.parameter_targets import find_parameter_targets
@@ -35,7 +38,13 @@ from lorakit.targets import (
     saved_module_entries,
 )
 
-__all__ = ["config_from_json", "config_to_json", "read_config_text", "written_target_modules"]
+__all__ = [
+    "config_from_json",
+    "config_to_json",
+    "peft_only_base_init",
+    "read_config_text",
+    "written_target_modules",
+]
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -63,13 +72,10 @@ _FIELDS = (
     "use_dora",
     "use_rslora",
 )
-# init_lora_weights values with which PEFT rewrites the base weights at initialisation and that
-# lorakit does not implement (PiSSA, OLoRA and LoftQ it does: ``lorakit.init_methods``).
-_BASE_CHANGING_INITS = ("corda",)
-# PEFT's other inits that lorakit does not implement: loading, PEFT only initialises the
-# factors (the base untouched; LoRA-GA without its gradients falls back to the default), and
-# the file's tensors overwrite them, so the file is a plain LoRA adapter (read as True).
-_PLAIN_ONCE_TRAINED_INITS = ("lora_ga", "mica", "orthogonal")
+# PEFT's other inits that lorakit does not implement and that leave the base untouched: loading,
+# PEFT only initialises the factors and the file's tensors overwrite them, so the file is a plain
+# LoRA adapter (read as True). (The base-changing ones: ``init_methods``.)
+_PLAIN_ONCE_TRAINED_INITS = ("mica", "orthogonal")
 # PEFT's limit above which it writes the shortest distinguishing suffixes instead of names.
 _MIN_TARGETS_FOR_SUFFIXES = 20
 
@@ -182,24 +188,26 @@ def read_config_text(path: Path) -> str:
         ) from None
 
 
-def config_from_json(text: str, source: str) -> LoraConfig:
-    """Parse ``adapter_config.json`` text into a ``LoraConfig``; ``source`` names the file in
-    errors. Raises ``AdapterFileError`` for anything lorakit cannot load faithfully."""
+def peft_only_base_init(text: str) -> str | None:
+    """The ``init_lora_weights`` of ``adapter_config.json`` text when it is a base-changing init
+    lorakit cannot redo (``changes_base_in_peft_only``: CorDA, LoRA-GA), else None (also for
+    text that is not a JSON object: ``config_from_json`` says what is wrong with it)."""
     try:
         values = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise AdapterFileError(
-            f"{source} is not valid JSON ({error.msg} at line {error.lineno}, column "
-            f"{error.colno}); fix or re-save the adapter."
-        ) from None
-    except ValueError as error:  # an integer of more than 4300 digits (Python's int limit)
-        raise AdapterFileError(
-            f"{source} is not valid JSON ({error}); fix or re-save the adapter."
-        ) from None
-    except RecursionError:
-        raise AdapterFileError(f"{source}: the JSON is nested too deeply to be a config.") from None
-    if not isinstance(values, dict):
-        raise AdapterFileError(f"{source} must hold a JSON object, not {type(values).__name__}.")
+    except (ValueError, RecursionError):
+        return None
+    init = values.get("init_lora_weights") if isinstance(values, dict) else None
+    return init if changes_base_in_peft_only(init) else None
+
+
+def config_from_json(text: str, source: str, *, describing: bool = False) -> LoraConfig:
+    """Parse ``adapter_config.json`` text into a ``LoraConfig``; ``source`` names the file in
+    errors. Raises ``AdapterFileError`` for anything lorakit cannot load faithfully.
+
+    ``describing``: the config is only described, never loaded (``lorakit inspect``), so an
+    unconverted CorDA / LoRA-GA file is read with init_lora_weights True instead of refused
+    (``peft_only_base_init`` gives its init)."""
+    values = _json_object(text, source)
     peft_type = values.get("peft_type")
     if peft_type != "LORA":
         raise AdapterFileError(
@@ -222,7 +230,10 @@ def config_from_json(text: str, source: str) -> LoraConfig:
     for name in ("r", "lora_alpha"):
         if name not in fields:
             raise AdapterFileError(f"{source} has no {name!r}; the adapter cannot be loaded.")
-    fields["init_lora_weights"] = _read_init(fields.get("init_lora_weights", True), source)
+    init = fields.get("init_lora_weights", True)
+    if describing and changes_base_in_peft_only(init):
+        init = True  # (the caller reports the file's init: ``peft_only_base_init``)
+    fields["init_lora_weights"] = _read_init(init, source)
     for name in ("rank_pattern", "alpha_pattern"):
         if fields.get(name) is None:
             fields[name] = {}
@@ -232,19 +243,42 @@ def config_from_json(text: str, source: str) -> LoraConfig:
         raise AdapterFileError(f"{source}: {error}") from None
 
 
+def _json_object(text: str, source: str) -> dict[str, Any]:
+    """``text`` parsed as a JSON object; ``AdapterFileError`` naming ``source`` otherwise."""
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise AdapterFileError(
+            f"{source} is not valid JSON ({error.msg} at line {error.lineno}, column "
+            f"{error.colno}); fix or re-save the adapter."
+        ) from None
+    except ValueError as error:  # an integer of more than 4300 digits (Python's int limit)
+        raise AdapterFileError(
+            f"{source} is not valid JSON ({error}); fix or re-save the adapter."
+        ) from None
+    except RecursionError:
+        raise AdapterFileError(f"{source}: the JSON is nested too deeply to be a config.") from None
+    if not isinstance(values, dict):
+        raise AdapterFileError(f"{source} must hold a JSON object, not {type(values).__name__}.")
+    return values
+
+
 def _read_init(init: Any, source: str) -> bool | str:
     """The ``init_lora_weights`` of a file as lorakit's config takes it: PEFT's spelling read
     as PEFT reads it (``canonical_init``); an init that only set the starting factors becomes
     True (the file's tensors replace them); one that rewrote the base stays, so that loading
-    rewrites it too. ``AdapterFileError`` for CorDA (not implemented) and for a value PEFT
-    does not know either (it fails on it: "Unknown initialization")."""
+    rewrites it too. ``AdapterFileError`` for CorDA and LoRA-GA (they rewrote the base from
+    data lorakit does not have: ``changes_base_in_peft_only``) and for a value PEFT does not
+    know either (it fails on it: "Unknown initialization")."""
     init = canonical_init(init)
-    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+    if changes_base_in_peft_only(init):
         raise AdapterFileError(
             f"{source} has init_lora_weights={init!r}: this initialisation changes the base "
-            "weights, so the adapter only fits that changed base. Convert it with peft first "
-            "(save_pretrained(..., path_initial_model_for_weight_conversion=...)), which makes "
-            "it a plain LoRA adapter for the original base."
+            "weights (W_res = W0 - s B0 A0, from data lorakit does not have), so the adapter "
+            "only fits that changed base, and lorakit cannot redo it. Convert it with peft "
+            "first: save_pretrained(..., path_initial_model_for_weight_conversion=<the adapter "
+            "saved right after the init>), which makes it a plain LoRA adapter for the original "
+            "base."
         )
     if changes_base(init) or init in INIT_MODES:
         return init

@@ -30,6 +30,12 @@ from typing import Any
 from lorakit import functional
 from lorakit.errors import AdapterFileError
 from lorakit.io import fingerprint
+from lorakit.io.config_json import (
+    CONFIG_NAME,
+    config_from_json,
+    peft_only_base_init,
+    read_config_text,
+)
 from lorakit.io.fingerprint import METADATA_KEY
 from lorakit.io.header import TensorInfo, read_header
 from lorakit.io.keys import is_magnitude_key, module_path, parse_lora_key
@@ -219,6 +225,21 @@ def _tally_modules(
     return tally
 
 
+def _config_and_init(directory: Path, metadata: dict[str, str]) -> tuple[Any, bool | str]:
+    """``(config, init)``: the config as ``load_adapter`` reads it (a config.json edited after
+    saving yields to the copy in the weights file) and the ``init_lora_weights`` the adapter
+    was made with (for an adapter lorakit saved unconverted, the one in the header
+    ``metadata``). An unconverted CorDA / LoRA-GA file, which loading refuses, is described
+    all the same: its config read with ``describing=True``, its init as the file says."""
+    config_path = directory / CONFIG_NAME
+    text = read_config_text(config_path)
+    peft_only_init = peft_only_base_init(text)
+    if peft_only_init is not None:
+        return config_from_json(text, str(config_path), describing=True), peft_only_init
+    config = read_adapter_header(directory).config
+    return config, metadata.get(BASE_INIT_METADATA_KEY, config.init_lora_weights)
+
+
 def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> dict[str, Any]:
     """A JSON-ready summary of the adapter in ``directory`` (see the module docstring); an
     ``adapter_name`` other than "default" is read from ``directory/<name>``, where PEFT saves
@@ -226,8 +247,8 @@ def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> d
     subfolder = None if adapter_name == "default" else adapter_name
     directory = adapter_directory(directory, adapter_name, subfolder=subfolder)
     weights = weights_path(directory)
-    config = read_adapter_header(directory).config  # as load_adapter reads it: a config.json
-    header = read_header(weights)  # edited after saving yields to the copy in the weights file
+    header = read_header(weights)
+    config, init = _config_and_init(directory, header.metadata)
     factors = _factor_infos(header.tensors)
     tally = _tally_modules(config, factors, weights)
     base_parameters, lora_parameters = tally.base_parameters, tally.lora_parameters
@@ -250,7 +271,7 @@ def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> d
         "alphas": {f"{k:g}": v for k, v in sorted(tally.alphas.items())},
         "scalings": {f"{k:g}": v for k, v in sorted(tally.scalings.items())},
         "use_rslora": config.use_rslora,
-        "init_lora_weights": header.metadata.get(BASE_INIT_METADATA_KEY, config.init_lora_weights),
+        "init_lora_weights": init,
         "use_dora": config.use_dora,
         "dora_magnitude_parameters": sum(
             info.numel for key, info in header.tensors.items() if is_magnitude_key(key)
