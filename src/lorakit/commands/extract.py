@@ -66,8 +66,9 @@ def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
 def check_adapter_output(command: str, output: Path, overwrite: bool = False) -> None:
     """Refuse an adapter's ``--output`` that is a file, a model directory (it holds
     ``config.json``: transformers would apply the adapter whenever it loads that model) or a
-    directory already holding an adapter (``adapter_config.json`` or a ``*.safetensors`` file,
-    which the save would replace, unless ``overwrite``); ``command`` begins the message
+    directory already holding an adapter (``adapter_config.json`` or
+    ``adapter_model.safetensors``, which the save would replace, unless ``overwrite``; other
+    files are kept); ``command`` begins the message
     (``extract``, ``combine``). Checked before any model or adapter loads."""
     if output.exists() and not output.is_dir():
         raise UserError(f"{command}: --output {output} is a file; give a directory")
@@ -85,15 +86,13 @@ def check_adapter_output(command: str, output: Path, overwrite: bool = False) ->
 
 
 def _adapter_files_in(directory: Path) -> list[str]:
-    """The names of the adapter files ``directory`` holds (``adapter_config.json``, any
-    ``*.safetensors``), sorted; none when it is not a readable directory (the save says why)."""
+    """The adapter files ``directory`` holds that a save writes (``adapter_config.json``,
+    ``adapter_model.safetensors``), sorted; none when it is not a readable directory (the save
+    says why)."""
     from lorakit.io.config_json import CONFIG_NAME
+    from lorakit.io.read import WEIGHTS_NAME
 
-    try:
-        names = [path.name for path in directory.iterdir()] if directory.is_dir() else []
-    except OSError:
-        return []
-    return sorted(name for name in names if name == CONFIG_NAME or name.endswith(".safetensors"))
+    return sorted(name for name in (CONFIG_NAME, WEIGHTS_NAME) if (directory / name).exists())
 
 
 def refuse_output_onto_inputs(

@@ -63,7 +63,10 @@ register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def _marks(tensor: torch.Tensor) -> tuple | None:
-    """``(version, data pointer)`` of ``tensor``; None for an inference tensor (no version)."""
+    """``(version, data pointer)`` of ``tensor``; None for an inference tensor (no version) or a
+    meta tensor (no values: nothing is cached from it)."""
+    if tensor.is_meta:
+        return None
     try:
         return tensor._version, tensor.data_ptr()
     except RuntimeError:

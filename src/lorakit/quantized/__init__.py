@@ -130,9 +130,13 @@ def _supported_layers() -> str:
 # Class names (or modules) that mark a quantized layer: refused unless a backend took it first.
 _QUANTIZED_NAME = re.compile(
     r"quant|qlinear|gptq|awq|hqq|bitsandbytes|bnb|gguf|ggml|eetq|aqlm|marlin|exllama|"
-    r"fp8|fp4|nf4|int8|int4|4bit|8bit|bitnet|bitlinear|ternary|compressed",
+    r"fp8|fp4|nf4|int8|int4|4bit|8bit",
     re.IGNORECASE,
 )
+# Class names alone (not their module paths: every class of transformers' BitNet model lives in
+# ``...bitnet...``, its norms and blocks are float) that mark a linear quantizing in its forward
+# (BitNet's ``AutoBitLinear`` / ``BitLinear``) or stored another way (``CompressedLinear``).
+_QUANTIZED_CLASS_NAME = re.compile(r"bitlinear|ternary|compressedlinear", re.IGNORECASE)
 _PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
 
 
@@ -165,7 +169,11 @@ def looks_quantized(module: nn.Module) -> str | None:
     buffer that is not a plain tensor, a parameter or ``weight`` that is not floating point, or
     an ``nn.Linear`` without a ``weight`` tensor (its weights stored under other names)."""
     for path in _mro_paths(module):
-        if not path.startswith("torch.") and _QUANTIZED_NAME.search(path):
+        outside_torch = not path.startswith("torch.")
+        class_name = path.rsplit(".", 1)[-1]
+        if outside_torch and (
+            _QUANTIZED_NAME.search(path) or _QUANTIZED_CLASS_NAME.search(class_name)
+        ):
             return f"its class {path} is a quantized layer type"
     tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
     for name, tensor in tensors:

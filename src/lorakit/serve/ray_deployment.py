@@ -279,12 +279,19 @@ def _check_bank_size(max_adapters: int, adapters_per_replica: int) -> None:
     """Refuse a bank of ``max_adapters`` slots that the ``adapters_per_replica`` pinned
     multiplexed adapters would fill: adapters beyond them would never get a slot (503 for
     ever), since Ray unpins one only when its own cache, of ``adapters_per_replica``, is full."""
+    if max_adapters < 1:
+        raise BankTooSmallError(f"--max-adapters must be >= 1, got {max_adapters}")
     if max_adapters < adapters_per_replica + 1:
+        lower = (
+            f", or lower adapters_per_replica to {max_adapters - 1} at most"
+            if max_adapters >= 2
+            else ""
+        )
         raise BankTooSmallError(
             f"--max-adapters {max_adapters} leaves no bank slot beyond the "
             f"adapters_per_replica={adapters_per_replica} adapters each replica pins: set "
             f"--max-adapters to at least {adapters_per_replica + 1} (leave it out for "
-            f"{adapters_per_replica + 2}), or lower adapters_per_replica to {max_adapters - 1} at most"
+            f"{adapters_per_replica + 2}){lower}"
         )
 
 

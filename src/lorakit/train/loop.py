@@ -172,6 +172,7 @@ class _Run:
         self.last_eval: dict[str, float] = {}
         self.last_eval_step: int | None = None
         self.examples_sha256: str | None = None
+        self.steps_rule: str | None = None  # "round": an older checkpoint's count of --epochs
 
     def check_resume(self, tokens_of: TokensOf | None) -> None:
         """Record the data's digest; when resuming, refuse a checkpoint of other settings or data
@@ -184,7 +185,7 @@ class _Run:
         if self.resume_from is None:
             return
         per_epoch = self.batch_order.steps_per_epoch
-        self.total_steps = steps_as_counted(
+        self.total_steps, self.steps_rule = steps_as_counted(
             self.resume_state, self.config, self.total_steps, per_epoch
         )
         plan, lora = self._plan_fields(), self._lora_fields()
@@ -258,6 +259,8 @@ class _Run:
     def _plan_fields(self) -> dict[str, Any]:
         fields = {**self.batch_order.identity(), "total_steps": self.total_steps}
         fields["examples_sha256"] = self.examples_sha256  # (another --data or --max-length)
+        if self.steps_rule is not None:  # (kept by every later checkpoint of the run)
+            fields["steps_rule"] = self.steps_rule
         return fields | {"base_dtype": base_dtype(self.model)}  # (--dtype: exact resume)
 
     def _lora_fields(self) -> dict[str, Any]:

@@ -239,18 +239,23 @@ _PLAN_WORDS = {
 
 def steps_as_counted(
     state: dict[str, Any], training: TrainingConfig, total_steps: int, steps_per_epoch: int
-) -> int:
-    """The run's length as its checkpoint counted it: before the digest of the examples
-    (``examples_sha256``) came, lorakit rounded a fractional ``--epochs`` half to even
-    (``round``) where it now counts up (``ceil``, as transformers); a checkpoint of then, whose
-    ``total_steps`` is that older count of the same ``--epochs`` (``steps_per_epoch``: this
-    run's, which the rest of the data plan must match), keeps it (its run resumes as planned);
-    any other length is compared as it is."""
+) -> tuple[int, str | None]:
+    """The run's length as its checkpoint counted it, and the rule (``"round"``, or None for
+    this lorakit's): before the digest of the examples (``examples_sha256``) came, lorakit
+    rounded a fractional ``--epochs`` half to even (``round``) where it now counts up (``ceil``,
+    as transformers). A checkpoint of then, or of a run resumed from one (its data plan says
+    ``steps_rule: "round"``), whose ``total_steps`` is that older count of the same
+    ``--epochs`` (``steps_per_epoch``: this run's, which the rest of the data plan must match)
+    keeps it, so the run resumes as planned, as often as it is resumed; any other length is
+    compared as it is."""
     saved = state.get("data_plan", {})
-    if "examples_sha256" in saved or training.max_steps is not None:
-        return total_steps
+    older_rule = "examples_sha256" not in saved or saved.get("steps_rule") == "round"
+    if not older_rule or training.max_steps is not None:
+        return total_steps, None
     older = max(1, round(training.epochs * steps_per_epoch))
-    return older if saved.get("total_steps") == older else total_steps
+    if saved.get("total_steps") == older != total_steps:
+        return older, "round"
+    return total_steps, None
 
 
 def _plan_differences(

@@ -1,0 +1,136 @@
+"""Fixes from the last review of this round's changes.
+
+- A run resumed from an older checkpoint (fractional ``--epochs`` rounded half to even) can be
+  resumed again from its own checkpoints.
+- BitNet's float modules (norms, blocks) are not taken for quantized layers; its
+  ``AutoBitLinear`` still is.
+- A DoRA layer runs on the meta device (shapes only) more than once.
+- ``--output`` is refused only for the files a save writes; other files are kept.
+- Ray Serve's bank-size error gives no impossible advice.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from torch import nn
+from transformers import BitNetConfig, BitNetForCausalLM
+
+import lorakit
+from lorakit import quantized
+from lorakit.cli import main
+from lorakit.train import TrainingConfig, pad_collate, train
+from tests import tiny_models
+from tests.train_job import make_data
+
+
+def test_a_run_resumed_from_an_older_checkpoint_resumes_again(tmp_path):
+    data = make_data(40)  # 10 steps an epoch of 4
+    config = TrainingConfig(
+        output_dir=str(tmp_path),
+        epochs=0.42,  # 4.2 steps: 4 before (round), 5 now (ceil)
+        batch_size=4,
+        checkpoint_every=1,
+        keep_checkpoints=10,
+        progress=False,
+    )
+
+    def fresh_model():
+        torch.manual_seed(3)
+        return lorakit.inject(
+            tiny_models.llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"])
+        )
+
+    def keep_only(step: int) -> None:
+        for directory in sorted((tmp_path / "checkpoints").iterdir()):
+            if int(directory.name.removeprefix("step-")) > step:
+                shutil.rmtree(directory)
+
+    assert train(fresh_model(), data, pad_collate(0), config).steps == 5
+    keep_only(1)
+    state_path = tmp_path / "checkpoints" / "step-00000001" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    del state["data_plan"]["examples_sha256"]  # as an older lorakit wrote it,
+    state["data_plan"]["total_steps"] = 4  # with round(0.42 * 10) = 4 steps
+    state_path.write_text(json.dumps(state))
+    assert train(fresh_model(), data, pad_collate(0), config, resume=True).steps == 4
+    keep_only(2)  # killed again after step 2: its checkpoint is of this lorakit, counted "round"
+    plan = json.loads(
+        (tmp_path / "checkpoints" / "step-00000002" / "trainer_state.json").read_text()
+    )["data_plan"]
+    assert plan["steps_rule"] == "round" and plan["examples_sha256"] is not None
+    assert train(fresh_model(), data, pad_collate(0), config, resume=True).steps == 4
+
+
+def tiny_bitnet():
+    config = BitNetConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    torch.manual_seed(0)
+    return BitNetForCausalLM(config)
+
+
+def test_bitnets_float_modules_are_not_quantized_layers():
+    model = tiny_bitnet()
+    flagged = {
+        type(module).__name__
+        for _, module in model.named_modules()
+        if quantized.looks_quantized(module) is not None
+    }
+    assert flagged <= {"AutoBitLinear", "BitLinear"}
+    config = lorakit.LoraConfig(r=4, target_modules=["lm_head"], modules_to_save=["model.norm"])
+    lorakit.inject(model, config)  # the RMSNorm is copied in full, as PEFT does
+    assert any("model.norm" in name and p.requires_grad for name, p in model.named_parameters())
+
+
+def test_a_dora_layer_runs_twice_on_the_meta_device():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(16, 8))
+    lorakit.inject(model, lorakit.LoraConfig(r=2, use_dora=True, target_modules=["0"]))
+    x = torch.empty(3, 16, device="meta")
+    for _ in range(2):
+        with torch.no_grad():
+            out = model(x)
+        assert out.is_meta and out.shape == (3, 8)
+
+
+def test_combine_keeps_other_files_and_refuses_only_an_adapter(tmp_path, capsys):
+    model = lorakit.inject(tiny_models.llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    tiny_models.randomize_adapters(model, std=0.1)
+    lorakit.save_adapter(model, tmp_path / "a")
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "embeddings.safetensors").write_bytes(b"not an adapter")
+    arguments = ["combine", str(tmp_path / "a"), str(tmp_path / "a"), "--output", str(output)]
+    assert main(arguments) == 0
+    assert (output / "embeddings.safetensors").read_bytes() == b"not an adapter"
+    capsys.readouterr()
+    assert main(arguments) == 2  # now it holds an adapter
+    assert "holds an adapter (adapter_config.json, adapter_model.safetensors)" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize("max_adapters", [0, 1])
+def test_ray_bank_size_errors_give_possible_advice(max_adapters):
+    from lorakit.serve.ray_deployment import BankTooSmallError, build_app
+
+    arguments = ["--model", "m", "--adapters", "a", "--max-adapters", str(max_adapters)]
+    with pytest.raises(BankTooSmallError) as raised:
+        build_app(arguments, adapters_per_replica=4)
+    message = str(raised.value)
+    assert "adapters_per_replica to 0" not in message and "to -1" not in message
+    if max_adapters == 0:
+        assert "--max-adapters must be >= 1, got 0" in message
+    else:
+        assert "set --max-adapters to at least 5" in message
