@@ -72,12 +72,9 @@ def _mlp() -> _MLP:
     return _MLP()
 
 
-@pytest.fixture(scope="module")
-def loraga(tmp_path_factory):
-    """``(directory, W0, W_res, s B0 A0)``: PEFT's LoRA-GA adapter on ``lin0`` of an MLP, saved
-    unconverted right after the init (B0 != 0), with the base weight before and after."""
+def _peft_loraga() -> tuple[nn.Module, torch.Tensor]:
+    """PEFT's LoRA-GA adapter on ``lin0`` of the MLP, its init run on one batch (x, y), and x."""
     base = _mlp()
-    weight = base.lin0.weight.detach().clone()
     x, y = torch.randn(32, 16), torch.randn(32, 4)
     config = peft.LoraConfig(
         r=2,
@@ -87,7 +84,15 @@ def loraga(tmp_path_factory):
         lora_ga_config=LoraGAConfig(),
     )
     preprocess_loraga(base, config, train_step=lambda: ((base(x) - y) ** 2).mean().backward())
-    model = _quiet(lambda: peft.get_peft_model(base, config))
+    return _quiet(lambda: peft.get_peft_model(base, config)), x
+
+
+@pytest.fixture(scope="module")
+def loraga(tmp_path_factory):
+    """``(directory, W0, W_res, s B0 A0)``: PEFT's LoRA-GA adapter on ``lin0`` of an MLP, saved
+    unconverted right after the init (B0 != 0), with the base weight before and after."""
+    weight = _mlp().lin0.weight.detach().clone()
+    model, _ = _peft_loraga()
     layer = model.base_model.model.lin0
     residual = layer.base_layer.weight.detach().clone()
     delta = layer.get_delta_weight("default").detach().clone()
@@ -166,17 +171,7 @@ def test_inspect_shows_loraga_as_a_base_changing_init(loraga, capsys, tmp_path):
 def test_a_converted_loraga_file_loads_as_peft_computes_it(loraga, tmp_path):
     """The hint works: PEFT's conversion gives a plain LoRA for W0, and lorakit loads it onto
     the original base to the outputs of PEFT's trained model on W_res."""
-    base = _mlp()
-    x, y = torch.randn(32, 16), torch.randn(32, 4)
-    config = peft.LoraConfig(
-        r=2,
-        lora_alpha=4,
-        target_modules=["lin0"],
-        init_lora_weights="lora_ga",
-        lora_ga_config=LoraGAConfig(),
-    )
-    preprocess_loraga(base, config, train_step=lambda: ((base(x) - y) ** 2).mean().backward())
-    model = _quiet(lambda: peft.get_peft_model(base, config))
+    model, x = _peft_loraga()
     _quiet(lambda: model.save_pretrained(tmp_path / "initial"))
     with torch.no_grad():  # "training"
         for factors in (model.base_model.model.lin0.lora_A, model.base_model.model.lin0.lora_B):
