@@ -134,3 +134,93 @@ def test_ray_bank_size_errors_give_possible_advice(max_adapters):
         assert "--max-adapters must be >= 1, got 0" in message
     else:
         assert "set --max-adapters to at least 5" in message
+
+
+# ----------------------------------------------------------------- the review of the fixes above
+def test_carried_copies_in_three_dtypes_give_the_same_result_in_every_order():
+    from itertools import permutations
+
+    from lorakit.combining.sources import AdapterUpdates, carried_base_weights
+    from lorakit.errors import BaseModelMismatchError
+
+    weight = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
+    config = lorakit.LoraConfig(r=2, target_modules=["q_proj"])
+
+    def source(label: str, tensor: torch.Tensor) -> AdapterUpdates:
+        return AdapterUpdates(label, config, {}, None, {"model.embed_tokens": tensor})
+
+    copies = [source(str(d), weight.to(d)) for d in (torch.float32, torch.bfloat16, torch.float16)]
+    for order in permutations(copies):
+        carried = carried_base_weights(order)["model.embed_tokens"]
+        assert carried.dtype == torch.float32 and torch.equal(carried, weight)
+    other = weight.clone()
+    other[0, 0] += 1.0
+    with pytest.raises(BaseModelMismatchError, match="with other values"):
+        carried_base_weights([copies[1], source("other", other)])
+
+
+def test_a_resumed_older_run_is_announced_with_its_own_count(model_dir, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    rows = [{"prompt": f"question {i} is", "completion": f" answer {i % 3}"} for i in range(40)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    output = tmp_path / "out"
+    arguments = [
+        "train", "--model", str(model_dir), "--data", str(data), "--epochs", "0.42",
+        "--batch-size", "4", "--checkpoint-every", "1", "--keep-checkpoints", "10",
+        "--output", str(output), "--target-modules", "q_proj", "--no-progress",
+    ]  # fmt: skip
+    assert main(arguments) == 0  # 10 steps an epoch: 5 steps (ceil of 4.2)
+    for directory in sorted((output / "checkpoints").iterdir())[1:]:
+        shutil.rmtree(directory)
+    state_path = output / "checkpoints" / "step-00000001" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    del state["data_plan"]["examples_sha256"]  # an older lorakit's checkpoint: round(4.2) = 4
+    state["data_plan"]["total_steps"] = 4
+    state_path.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main([*arguments, "--resume"]) == 0
+    assert "4 optimizer steps of 4 examples (resuming after step 1: 3 remain)" in (
+        capsys.readouterr().err
+    )
+    # a checkpoint of that resumed run, resumed with --steps of the same length: accepted
+    for directory in sorted((output / "checkpoints").iterdir())[2:]:
+        shutil.rmtree(directory)
+    steps = [a for a in arguments if a not in ("--epochs", "0.42")] + ["--steps", "4"]
+    assert main([*steps, "--resume"]) == 0
+    assert "steps rule" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("per_replica", [-1, 0])
+def test_ray_adapters_per_replica_must_be_positive(per_replica):
+    from lorakit.serve.ray_deployment import BankTooSmallError, build_app
+
+    with pytest.raises(
+        BankTooSmallError, match=f"adapters_per_replica must be >= 1, got {per_replica}"
+    ):
+        build_app(["--model", "m", "--adapters", "a"], adapters_per_replica=per_replica)
+
+
+def test_vector_quantizers_are_float_modules_not_quantized_layers():
+    from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
+
+    config = Wav2Vec2Config(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        conv_dim=(8, 8),
+        conv_stride=(5, 4),
+        conv_kernel=(10, 4),
+        num_codevectors_per_group=8,
+        codevector_dim=16,
+        proj_codevector_dim=16,
+    )
+    model = Wav2Vec2ForPreTraining(config)
+    assert all(quantized.looks_quantized(m) is None for _, m in model.named_modules())
+    inject_config = lorakit.LoraConfig(
+        r=2, target_modules=["q_proj"], modules_to_save=["quantizer"]
+    )
+    lorakit.inject(model, inject_config)
+    assert any("quantizer" in n and p.requires_grad for n, p in model.named_parameters())
+    quanto_like = type("QLinear", (nn.Linear,), {"__module__": "optimum.quanto.nn.qlinear"})
+    assert quantized.looks_quantized(quanto_like(4, 4)) is not None

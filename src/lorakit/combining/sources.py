@@ -253,29 +253,38 @@ def fingerprint_difference(first: dict[str, object], second: dict[str, object]) 
 
 
 def carried_base_weights(sources: Sequence[AdapterUpdates]) -> dict[str, torch.Tensor]:
-    """module -> the base weight the inputs carry for it (not combined: every input that
-    carries one must carry the same tensor, up to the rounding of another dtype
-    (``same_up_to_rounding``), else ``BaseModelMismatchError`` naming the module and both
-    adapters); the copy of the finest dtype, the first input's among equals."""
-    carried: dict[str, tuple[AdapterUpdates, torch.Tensor]] = {}
+    """module -> the base weight the inputs carry for it: the copy of the finest dtype (the
+    first input's among equals), which every other copy must equal up to the rounding of its
+    own dtype (``same_up_to_rounding``), in whatever order the inputs come; else
+    ``BaseModelMismatchError`` naming the module and both adapters. (Not combined: a base
+    weight is the base's, not an update.)"""
+    copies: dict[str, list[tuple[AdapterUpdates, torch.Tensor]]] = {}
     for source in sources:
         for name, weight in source.base_weights.items():
-            if name not in carried:
-                carried[name] = (source, weight)
-                continue
-            first, known = carried[name]
-            if not same_up_to_rounding(known, weight):
-                raise BaseModelMismatchError(
-                    f"module {name}: {first.label} and {source.label} carry different base "
-                    f"weights for it (shapes {list(known.shape)} and {list(weight.shape)}; "
-                    "saved by save_embedding_layers, e.g. after resizing the vocabulary), and "
-                    "combining cannot choose one. Combine adapters saved on the same "
-                    "embeddings, or re-save them without base weights (save_embedding_layers="
-                    "False) if their base model is the same."
-                )
-            if torch.finfo(weight.dtype).eps < torch.finfo(known.dtype).eps:
-                carried[name] = (source, weight)  # the same weight: carry the finer copy
-    return {name: weight for name, (_, weight) in carried.items()}
+            copies.setdefault(name, []).append((source, weight))
+    carried = {}
+    for name, held in copies.items():
+        finest, kept = min(held, key=lambda pair: torch.finfo(pair[1].dtype).eps)
+        for source, weight in held:
+            if not same_up_to_rounding(kept, weight):
+                raise BaseModelMismatchError(_different_weights(name, finest, kept, source, weight))
+        carried[name] = kept
+    return carried
+
+
+def _different_weights(name: str, first, known: torch.Tensor, other, weight: torch.Tensor) -> str:
+    """The message of ``carried_base_weights`` for two copies that differ."""
+    if known.shape != weight.shape:
+        how = f"of shapes {list(known.shape)} and {list(weight.shape)}"
+    else:
+        how = f"with other values ({known.dtype} and {weight.dtype}, beyond rounding)"
+    return (
+        f"module {name}: {first.label} and {other.label} carry different base weights for it "
+        f"({how}; saved by save_embedding_layers, e.g. after resizing the vocabulary), and "
+        "combining cannot choose one. Combine adapters saved on the same embeddings, or "
+        "re-save them without base weights (save_embedding_layers=False) if their base model "
+        "is the same."
+    )
 
 
 def same_up_to_rounding(first: torch.Tensor, second: torch.Tensor) -> bool:

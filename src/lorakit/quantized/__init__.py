@@ -128,9 +128,10 @@ def _supported_layers() -> str:
 
 
 # Class names (or modules) that mark a quantized layer: refused unless a backend took it first.
+# ("Quantizer" / "Quantization" are left out: float vector-quantizer modules, e.g. wav2vec2's.)
 _QUANTIZED_NAME = re.compile(
-    r"quant|qlinear|gptq|awq|hqq|bitsandbytes|bnb|gguf|ggml|eetq|aqlm|marlin|exllama|"
-    r"fp8|fp4|nf4|int8|int4|4bit|8bit",
+    r"quant(?!iz(?:er|ation))|qlinear|gptq|awq|hqq|bitsandbytes|bnb|gguf|ggml|eetq|aqlm|"
+    r"marlin|exllama|fp8|fp4|nf4|int8|int4|4bit|8bit",
     re.IGNORECASE,
 )
 # Class names alone (not their module paths: every class of transformers' BitNet model lives in

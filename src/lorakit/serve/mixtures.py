@@ -288,7 +288,9 @@ class Mixtures:
             raise _bad(
                 f"'{FIELD}' cannot be served: its adapters carry base weights for {modules} "
                 "(saved with save_embedding_layers); the serving bank adds LoRA factors and "
-                "never changes the served model's weights. Serve a model with those weights."
+                "never changes the served model's weights. Re-save the adapters without them "
+                "(save_embedding_layers=False) if the served model has those weights already, "
+                "or merge them into a model and serve that."
             )
         tensors = {}
         for module, (lora_A, lora_B) in result.factors.items():

@@ -227,6 +227,14 @@ def build_app(
     ``--max-adapters`` adapters (default ``adapters_per_replica + 2``): the multiplexed ones,
     pinned, and at least one more slot (``BankTooSmallError`` when it has none)."""
     serve_args = _argument_list(serve_args)
+    if isinstance(adapters_per_replica, bool) or not isinstance(adapters_per_replica, int):
+        raise TypeError(f"adapters_per_replica must be an int, got {adapters_per_replica!r}")
+    if adapters_per_replica < 1:
+        raise BankTooSmallError(
+            f"adapters_per_replica must be >= 1, got {adapters_per_replica}: a replica pins "
+            "every adapter of its multiplexed cache in a bank of fixed size, so Ray's -1 (no "
+            "limit) would fill it for good"
+        )
     if model is not None:
         serve_args += ["--model", model]
     if adapters is not None:

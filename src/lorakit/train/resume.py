@@ -269,6 +269,7 @@ def _plan_differences(
         for key in saved_plan
         if saved_plan[key] != plan.get(key)
         and key not in saved_training
+        and key != "steps_rule"  # (how total_steps was counted; total_steps is compared)
         and not (key == "examples_sha256" and None in (saved_plan[key], plan.get(key)))
     ]
     if "examples_sha256" in differing:

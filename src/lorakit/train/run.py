@@ -87,7 +87,7 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     where = dict(resume=job.resume, overwrite=training.overwrite, is_main=main)
     prepare_output_dir(training.output_dir, **where, delete=False)  # refuse before loading
     resumed = checkpoint_to_resume(training.output_dir, job.resume)  # (None: a new run)
-    start_step = 0 if resumed is None else read_state(resumed)["step"]
+    resumed_state = None if resumed is None else read_state(resumed)
     model, tokenizer = load_model(
         job.model, progress=False, quantization=job.quantization, dtype=getattr(torch, job.dtype)
     )
@@ -104,7 +104,7 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     output.mkdir(parents=True, exist_ok=True)
     if main:
         _record_settings(output, settings, job.resume)
-        _announce(model, tokenized, training, job.max_length, start_step)
+        _announce(model, tokenized, training, job.max_length, resumed_state)
     return _train_tokenized(model, tokenized, training, job.resume)
 
 
@@ -137,12 +137,14 @@ def _record_settings(output: Path, settings: dict[str, Any], resume: bool) -> No
         write_text(recorded, text)
 
 
-def _announce(model, tokenized: dict, training, max_length: int, start_step: int = 0) -> None:
+def _announce(model, tokenized: dict, training, max_length: int, resumed_state=None) -> None:
     """Say on stderr what the run will do (examples, optimizer steps, trainable parameters; a
-    resumed run: from which step, and how many remain), and how many examples ``max_length``
-    shortened."""
+    run resumed from a checkpoint with state ``resumed_state``: from which step, and how many
+    remain, counted as the checkpoint counts them: ``resume.steps_as_counted``), and how many
+    examples ``max_length`` shortened."""
     from lorakit.accounting import count_parameters
     from lorakit.train.batches import BatchOrder
+    from lorakit.train.resume import steps_as_counted
 
     for part, kind in (("train", "training"), ("eval", "evaluation")):
         if part in tokenized and tokenized[part].num_truncated:
@@ -158,6 +160,9 @@ def _announce(model, tokenized: dict, training, max_length: int, start_step: int
         examples, training.batch_size, training.grad_accum, processes, drop_last=processes > 1
     )
     steps = training.total_steps(order.steps_per_epoch) if order.steps_per_epoch else 0
+    start_step = 0 if resumed_state is None else resumed_state["step"]
+    if resumed_state is not None and order.steps_per_epoch:
+        steps, _ = steps_as_counted(resumed_state, training, steps, order.steps_per_epoch)
     counts = count_parameters(model)
     planned = _steps_text(steps, order.global_batch, start_step)
     print(
