@@ -174,6 +174,22 @@ def _flag_spelling(message: str) -> str:
     return message.replace("allow_base_mismatch=True", "--allow-base-mismatch")
 
 
+def _check_choices(args: argparse.Namespace, example, tokenizer) -> None:
+    """``UserError`` naming ``--data`` and the way out when the answer words cannot be scored:
+    their first tokens are the same (``' 0'`` and ``' 1'`` are ``Ġ`` + a digit for byte-level
+    BPE tokenizers), which choice scoring needs to differ."""
+    from lorakit.data.scoring import choice_token_ids
+
+    try:
+        choice_token_ids(example.choices, tokenizer, example)
+    except UserError as error:
+        raise UserError(
+            f"--data {args.data}: {error}. Rename the labels in the file to answer words "
+            "that start differently (e.g. 0 -> negative, 1 -> positive), or try --style chat "
+            "(the answer then follows the template's text directly)"
+        ) from None
+
+
 def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
@@ -189,6 +205,8 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.adapter, args.allow_base_mismatch, args.quantization, args.dtype
     )
     check_max_length(model, args.max_length)  # GPT-2's position table: no longer examples
+    if examples and all(example.choices for example in examples):
+        _check_choices(args, examples[0], tokenizer)  # before the loss pass, not after it
     tokenized = data.tokenize_examples(examples, tokenizer, args.max_length)
     if tokenized.num_truncated:  # as lorakit train says it (train/run.py:_announce)
         print(

@@ -105,7 +105,9 @@ def _with_text(example: Example, short: str) -> Example | None:
 def fit_example(example: Example, tokenizer, max_length: int) -> Example:
     """``example`` itself if it tokenises to at most ``max_length`` tokens; else, for an example
     with ``text`` (classification data), the example with the longest word prefix of its text
-    that fits (binary search over word counts), template and answer unchanged. Examples without
+    that fits (binary search over word counts; within a run of more than ``LONG_WORD_CHARS``
+    characters without whitespace, as in Chinese or Japanese text, the longest character
+    prefix), template and answer unchanged. Examples without
     ``text``, or whose template alone does not fit, are returned as they are (``tokenize_example``
     then cuts tokens from the left).
 
@@ -124,14 +126,34 @@ def fit_example(example: Example, tokenizer, max_length: int) -> Example:
 
     if not fits(0):
         return example
-    low, high = 0, len(candidates) - 1  # fits(low) holds; the full text (all words) does not
+    words = _longest(0, len(candidates) - 1, fits)  # fits(0) holds; all the words do not
+    kept = candidates[words]
+    start, end = len(kept), word_ends[words]  # the next word, which does not fit whole
+    if end - start > LONG_WORD_CHARS:  # text without spaces (Chinese, Japanese, Thai...)
+
+        def fits_chars(count: int) -> bool:
+            shortened = _with_text(probe, example.text[: start + count])
+            return shortened is not None and _token_count(shortened, tokenizer) <= max_length
+
+        kept = example.text[: start + _longest(0, end - start - 1, fits_chars)]
+    return _with_text(example, kept)
+
+
+LONG_WORD_CHARS = 16
+"""A "word" (a run without whitespace) longer than this is cut by characters when it does not
+fit whole: in text without spaces it is a whole sentence or review, not a word."""
+
+
+def _longest(low: int, high: int, fits) -> int:
+    """The largest ``n`` in ``[low, high]`` with ``fits(n)``, by binary search (``fits`` is
+    monotone and ``fits(low)`` holds)."""
     while low < high:
         middle = (low + high + 1) // 2
         if fits(middle):
             low = middle
         else:
             high = middle - 1
-    return _with_text(example, candidates[low])
+    return low
 
 
 def _longest_answer(example: Example, tokenizer) -> Example:

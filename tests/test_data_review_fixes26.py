@@ -1,0 +1,79 @@
+"""Data and evaluation fixes: text without spaces is cut by characters when too long; `lorakit
+eval` refuses answer words it cannot score before its loss pass, naming the file and the way
+out; empty prompts spread over the splits; the chat-template error names the CLI flag."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorakit import data
+from lorakit.cli import main
+from lorakit.data.chat import require_chat_template
+from lorakit.errors import UserError
+from tests import tiny_tokenizer
+
+REVIEW = "电影很好看演员很出色" * 2  # a review without any space (one "word")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer.build()
+
+
+def test_text_without_spaces_keeps_its_longest_prefix_that_fits(tokenizer, tmp_path):
+    path = tmp_path / "cjk.csv"
+    path.write_text(f"text,label\n{REVIEW},positive\n很无聊,negative\n", encoding="utf-8")
+    example = data.load_examples(path)[0]
+    full = len(data.tokenize_example(example, tokenizer, 10_000)[0])
+    limit = full - 3
+    ids, _, _ = data.tokenize_example(example, tokenizer, limit)
+    assert len(ids) <= limit
+    assert len(ids) >= limit - 4  # the review's characters, not the empty text (full - 60)
+    prompt = tokenizer.decode(data.prompt_token_ids(example, tokenizer, limit))
+    assert REVIEW[:10] in prompt  # most of the review is still scored
+    # English words are still cut at word ends
+    words = " ".join(["good"] * 40)
+    path.write_text(f"text,label\n{words},positive\nbad,negative\n", encoding="utf-8")
+    example = data.load_examples(path)[0]
+    limit = len(data.tokenize_example(example, tokenizer, 10_000)[0]) - 3
+    kept = data.prompt_token_ids(example, tokenizer, limit)
+    assert tokenizer.decode(kept).rstrip().endswith("Label:")
+    assert "goo\n" not in tokenizer.decode(kept) and "good" in tokenizer.decode(kept)
+
+
+def test_eval_refuses_labels_sharing_a_first_token_before_its_loss_pass(
+    model_dir, tmp_path, capsys, monkeypatch
+):
+    path = tmp_path / "numbers.csv"
+    path.write_text("text,label\ngreat film,1\nbad film,0\nfine film,1\n", encoding="utf-8")
+    import lorakit.train.losses
+
+    def no_loss_pass(*args, **kwargs):
+        raise AssertionError("the loss pass ran before the choices were checked")
+
+    monkeypatch.setattr(lorakit.train.losses, "evaluate", no_loss_pass)
+    assert main(["eval", "--model", str(model_dir), "--data", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--data {path}" in err and "share a first token" in err
+    assert "--style chat" in err and "0 -> negative" in err
+
+
+def test_empty_prompts_spread_over_the_splits(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    rows = [{"prompt": "", "completion": f" answer number {i}"} for i in range(200)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    sizes = {
+        split: len(data.load_examples(path, split=split))
+        for split in ("train", "validation", "test")
+    }
+    assert sum(sizes.values()) == 200
+    assert sizes["validation"] > 5 and sizes["test"] > 5 and sizes["train"] > 120
+
+
+def test_the_chat_template_error_names_the_flag():
+    tokenizer = tiny_tokenizer.build()
+    tokenizer.chat_template = None
+    with pytest.raises(UserError, match="--style plain"):
+        require_chat_template(tokenizer, "rotten-tomatoes[21]")
