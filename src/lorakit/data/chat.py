@@ -95,5 +95,8 @@ def encode_chat(tokenizer, text: str) -> list[int]:
 def chat_prompt_ids(tokenizer, messages: Sequence[Message]) -> list[int]:
     """The token ids a model is given to answer ``messages`` (rendered with the generation
     prompt): what training saw before the answer, what the server and ``lorakit generate``
-    send."""
+    send. (One exception, in multi-turn data: where an earlier assistant reply starts with
+    whitespace that the template's newline merges with, e.g. "\n  " as one token, training
+    tokenised that reply on its own (``segments``), so its history differs by that merge from
+    this rendering of the whole conversation.)"""
     return encode_chat(tokenizer, render_chat(tokenizer, messages, add_generation_prompt=True))
