@@ -108,7 +108,7 @@ def load_model_and_adapter(
     adapter files are read and checked before the model loads (a wrong path fails at once).
     ``quantization``: load the base quantized; ``dtype`` (a name of ``DTYPES``): the base's
     dtype (``lorakit.models.load_model``); the adapter is float32 on a 16-bit base
-    (``lorakit.inject.default_adapter_dtype``)."""
+    (``lorakit.inject.default_adapter_dtype``). Returned in eval mode, frozen."""
     from lorakit.errors import BaseModelMismatchError, UserError
     from lorakit.io import load_adapter, read_adapter
     from lorakit.models import builtin_gguf_file, check_model_spec, load_model
@@ -136,6 +136,7 @@ def load_model_and_adapter(
             raise UserError(f"cannot load adapter {adapter} on {base}: {error}") from None
         for warning in caught:  # one clean line each, not Python's warning with a file path
             print(f"lorakit: warning: {_flag_spelling(str(warning.message))}", file=sys.stderr)
+    model.requires_grad_(False)  # run, never trained here (DoRA's cache then checks no values)
     return model.eval(), tokenizer
 
 
