@@ -77,3 +77,45 @@ def test_the_chat_template_error_names_the_flag():
     tokenizer.chat_template = None
     with pytest.raises(UserError, match="--style plain"):
         require_chat_template(tokenizer, "rotten-tomatoes[21]")
+
+
+def test_chats_without_a_question_spread_over_the_splits(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    lines = []
+    for i in range(200):
+        start = [{"role": "user", "content": ""}] if i % 2 else [{"role": "system", "content": "S"}]
+        messages = [*start, {"role": "assistant", "content": f"answer number {i}"}]
+        lines.append(json.dumps({"messages": messages}) + "\n")
+    path.write_text("".join(lines))
+    sizes = {s: len(data.load_examples(path, split=s)) for s in ("train", "validation", "test")}
+    assert sum(sizes.values()) == 200 and sizes["validation"] > 5 and sizes["test"] > 5
+
+
+def test_the_chat_template_advice_names_style_for_csv_and_built_ins_only():
+    tokenizer = tiny_tokenizer.build()
+    tokenizer.chat_template = None
+    with pytest.raises(UserError, match=r"for CSV or built-in data, style='plain': --style plain"):
+        require_chat_template(tokenizer, "chat.jsonl:1")
+
+
+@pytest.mark.parametrize(
+    "review",
+    [
+        "好" * 30 + "👨\u200d👩\u200d👧" * 12,  # a family emoji: three people joined by U+200D
+        "看" * 30 + "🇯🇵" * 20,  # flags: pairs of regional indicators
+        "e\u0301" * 60,  # e + a combining acute accent
+    ],
+    ids=["family-emoji", "flags", "combining-accent"],
+)
+def test_the_character_cut_never_splits_what_a_reader_sees_as_one_character(
+    tokenizer, tmp_path, review
+):
+    path = tmp_path / "r.csv"
+    path.write_text(f"text,label\n{review},positive\nno,negative\n", encoding="utf-8")
+    example = data.load_examples(path)[0]
+    full = len(data.tokenize_example(example, tokenizer, 10_000)[0])
+    for limit in range(full - 12, full):
+        kept = data.fit_example(example, tokenizer, limit).text
+        assert review.startswith(kept) and len(kept) < len(review)
+        assert not kept.endswith("\u200d") and review[len(kept)] not in ("\u0301", "\u200d")
+        assert sum(0x1F1E6 <= ord(c) <= 0x1F1FF for c in kept) % 2 == 0

@@ -224,3 +224,44 @@ def test_vector_quantizers_are_float_modules_not_quantized_layers():
     assert any("quantizer" in n and p.requires_grad for n, p in model.named_parameters())
     quanto_like = type("QLinear", (nn.Linear,), {"__module__": "optimum.quanto.nn.qlinear"})
     assert quantized.looks_quantized(quanto_like(4, 4)) is not None
+
+
+def test_float16_and_bfloat16_copies_of_one_weight_combine_in_either_order():
+    from lorakit.combining.sources import AdapterUpdates, carried_base_weights
+    from lorakit.errors import BaseModelMismatchError
+
+    weight = 0.02 * torch.randn(1000, 64, generator=torch.Generator().manual_seed(1))
+    config = lorakit.LoraConfig(r=2, target_modules=["q_proj"])
+
+    def source(label: str, tensor: torch.Tensor) -> AdapterUpdates:
+        return AdapterUpdates(label, config, {}, None, {"model.embed_tokens": tensor})
+
+    half, brain = source("f16", weight.half()), source("bf16", weight.bfloat16())
+    assert (weight.half().bfloat16() != weight.bfloat16()).any()  # rounded twice: they differ
+    for order in ([half, brain], [brain, half]):
+        assert carried_base_weights(order)["model.embed_tokens"].dtype == torch.float16
+    with pytest.raises(BaseModelMismatchError):
+        carried_base_weights([half, source("other", (weight + 0.01).bfloat16())])
+
+
+@pytest.mark.parametrize(
+    ("world", "short_batch", "batch_size", "announced"),
+    [
+        (1, "dropped (2 of 10 examples)", 4, "6 optimizer steps"),  # a torchrun checkpoint
+        (2, "kept (2 of 10 examples)", 2, "9 optimizer steps"),  # a one-process checkpoint
+    ],
+)
+def test_a_resume_across_process_counts_announces_the_loops_count(
+    monkeypatch, capsys, tmp_path, world, short_batch, batch_size, announced
+):
+    from lorakit.train.run import _announce
+
+    class Examples(list):
+        num_truncated = 0
+
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    config = TrainingConfig(output_dir=str(tmp_path), batch_size=batch_size, epochs=3)
+    plan = {"num_examples": 10, "global_batch": 4, "short_batch": short_batch}
+    state = {"step": 2, "data_plan": {**plan, "examples_sha256": "x"}}
+    _announce(nn.Linear(4, 4), {"train": Examples(range(10))}, config, 64, state)
+    assert announced in capsys.readouterr().err

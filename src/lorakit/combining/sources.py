@@ -290,12 +290,24 @@ def _different_weights(name: str, first, known: torch.Tensor, other, weight: tor
 def same_up_to_rounding(first: torch.Tensor, second: torch.Tensor) -> bool:
     """Same shape and the same values once one is rounded to the other's dtype: a base weight
     saved from a bfloat16 copy of the model (``lorakit train --dtype bfloat16``) is the float32
-    one rounded, and both are the same base."""
+    one rounded, and both are the same base; a float16 and a bfloat16 copy (neither holds the
+    other) agree to one step of the coarser dtype."""
     if first.shape != second.shape:
         return False
     if first.dtype == second.dtype:
         return torch.equal(first, second)
-    return torch.equal(first.to(second.dtype), second) or torch.equal(second.to(first.dtype), first)
+    if torch.equal(first.to(second.dtype), second) or torch.equal(second.to(first.dtype), first):
+        return True
+    if max(torch.finfo(first.dtype).bits, torch.finfo(second.dtype).bits) > 16:
+        return False
+    # float16 and bfloat16 copies: neither holds the other; each is within one step of its own
+    # dtype (relative eps, or float16's subnormal spacing) of the same value
+    a, b = first.float(), second.float()
+    scale = torch.maximum(a.abs(), b.abs())
+    steps = [torch.finfo(t.dtype) for t in (first, second)]
+    # smallest subnormal: the tiniest normal number over 2 ** (mantissa bits)
+    tolerance = sum(info.eps * scale + info.tiny * info.eps for info in steps)
+    return bool(((a - b).abs() <= tolerance).all())
 
 
 def check_compatible(sources: Sequence[AdapterUpdates]) -> None:

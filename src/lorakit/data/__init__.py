@@ -112,12 +112,16 @@ def _split_key(example: Example) -> str:
     """The text that decides an example's split: its raw ``text`` when it has one (CSV rows:
     the same split whatever the style and template, as the built-ins split by their text);
     else its prompt (or chat context), so that the same question with different answers never
-    straddles train and test; an empty prompt (or context): its answer (every such row would
-    otherwise land in one split)."""
+    straddles train and test; an empty prompt (or a context of no question: empty user
+    messages, a shared system prompt): with its answer (every such row would otherwise land in
+    one split)."""
     if example.text:
         return example.text
     if not example.is_chat:
         return example.prompt or example.completion
     last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
-    context = "\n".join(m["role"] + ": " + m["content"] for m in example.messages[:last])
-    return context or example.messages[last]["content"]
+    before = example.messages[:last]
+    context = "\n".join(m["role"] + ": " + m["content"] for m in before)
+    if not any(m["content"].strip() for m in before if m["role"] != "system"):  # no question
+        return context + "\n" + example.messages[last]["content"]
+    return context

@@ -62,8 +62,8 @@ def require_chat_template(tokenizer, where: str) -> None:
     if not has_chat_template(tokenizer):
         raise UserError(
             f"{where}: chat messages need a tokenizer with a chat template; "
-            "this tokenizer has none (use prompt/completion data, or style='plain': "
-            "--style plain on the command line)"
+            "this tokenizer has none (use prompt/completion data; for CSV or built-in data, "
+            "style='plain': --style plain on the command line)"
         )
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -135,8 +136,31 @@ def fit_example(example: Example, tokenizer, max_length: int) -> Example:
             shortened = _with_text(probe, example.text[: start + count])
             return shortened is not None and _token_count(shortened, tokenizer) <= max_length
 
-        kept = example.text[: start + _longest(0, end - start - 1, fits_chars)]
+        cut = _character_start(example.text, start + _longest(0, end - start - 1, fits_chars))
+        kept = example.text[: max(cut, start)]
     return _with_text(example, kept)
+
+
+def _character_start(text: str, cut: int) -> int:
+    """``cut`` moved back to the start of the character it falls in, as a reader sees it: not
+    before a combining mark, a joiner (U+200D) or what it joins, a variation selector or an
+    emoji modifier, nor between the two halves of a flag (a pair of regional indicators)."""
+
+    def attached(char: str) -> bool:  # belongs to the character before it
+        code = ord(char)
+        return (
+            unicodedata.combining(char) != 0
+            or code == 0x200D
+            or 0xFE00 <= code <= 0xFE0F
+            or 0x1F3FB <= code <= 0x1F3FF
+        )
+
+    while 0 < cut < len(text) and (attached(text[cut]) or text[cut - 1] == "\u200d"):
+        cut -= 1
+    flags = 0
+    while flags < cut and 0x1F1E6 <= ord(text[cut - 1 - flags]) <= 0x1F1FF:
+        flags += 1
+    return cut - 1 if flags % 2 else cut
 
 
 LONG_WORD_CHARS = 16

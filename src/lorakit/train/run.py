@@ -3,6 +3,7 @@ a trained, saved adapter."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -144,7 +145,7 @@ def _announce(model, tokenized: dict, training, max_length: int, resumed_state=N
     examples ``max_length`` shortened."""
     from lorakit.accounting import count_parameters
     from lorakit.train.batches import BatchOrder
-    from lorakit.train.resume import steps_as_counted
+    from lorakit.train.resume import resumed_drop_last, steps_as_counted
 
     for part, kind in (("train", "training"), ("eval", "evaluation")):
         if part in tokenized and tokenized[part].num_truncated:
@@ -159,8 +160,10 @@ def _announce(model, tokenized: dict, training, max_length: int, resumed_state=N
     order = BatchOrder(
         examples, training.batch_size, training.grad_accum, processes, drop_last=processes > 1
     )
-    steps = training.total_steps(order.steps_per_epoch) if order.steps_per_epoch else 0
     start_step = 0 if resumed_state is None else resumed_state["step"]
+    if resumed_state is not None:  # the short batch as the checkpoint planned it (as the loop)
+        order = dataclasses.replace(order, drop_last=resumed_drop_last(resumed_state, order))
+    steps = training.total_steps(order.steps_per_epoch) if order.steps_per_epoch else 0
     if resumed_state is not None and order.steps_per_epoch:
         steps, _ = steps_as_counted(resumed_state, training, steps, order.steps_per_epoch)
     counts = count_parameters(model)
