@@ -79,11 +79,23 @@ def test_the_chat_template_error_names_the_flag():
         require_chat_template(tokenizer, "rotten-tomatoes[21]")
 
 
-def test_chats_without_a_question_spread_over_the_splits(tmp_path):
+@pytest.mark.parametrize(
+    "start",
+    [
+        [{"role": "user", "content": ""}],
+        [{"role": "system", "content": "S"}],
+        [
+            {"role": "user", "content": ""},
+            {"role": "assistant", "content": "Hi!"},
+            {"role": "user", "content": " "},
+        ],
+    ],
+    ids=["empty-user", "system-only", "earlier-reply"],
+)
+def test_chats_without_a_question_spread_over_the_splits(tmp_path, start):
     path = tmp_path / "chats.jsonl"
     lines = []
     for i in range(200):
-        start = [{"role": "user", "content": ""}] if i % 2 else [{"role": "system", "content": "S"}]
         messages = [*start, {"role": "assistant", "content": f"answer number {i}"}]
         lines.append(json.dumps({"messages": messages}) + "\n")
     path.write_text("".join(lines))
@@ -119,3 +131,22 @@ def test_the_character_cut_never_splits_what_a_reader_sees_as_one_character(
         assert review.startswith(kept) and len(kept) < len(review)
         assert not kept.endswith("\u200d") and review[len(kept)] not in ("\u0301", "\u200d")
         assert sum(0x1F1E6 <= ord(c) <= 0x1F1FF for c in kept) % 2 == 0
+
+
+@pytest.mark.parametrize(
+    "review",
+    ["ภาพยนตร์เรื่องนี้สนุกมาก" * 3, "किताबअच्छीहै" * 6, "1\ufe0f\u20e3" * 15],
+    ids=["thai", "devanagari", "keycaps"],
+)
+def test_the_character_cut_keeps_marks_with_their_letters(tokenizer, tmp_path, review):
+    import unicodedata
+
+    path = tmp_path / "r.csv"
+    path.write_text(f"text,label\n{review},positive\nno,negative\n", encoding="utf-8")
+    example = data.load_examples(path)[0]
+    full = len(data.tokenize_example(example, tokenizer, 10_000)[0])
+    for limit in range(full - 40, full):
+        kept = data.fit_example(example, tokenizer, limit).text
+        if kept and len(kept) < len(review):
+            assert not unicodedata.category(review[len(kept)]).startswith("M")
+            assert review[len(kept)] != "\ufe0f"

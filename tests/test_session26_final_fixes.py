@@ -265,3 +265,17 @@ def test_a_resume_across_process_counts_announces_the_loops_count(
     state = {"step": 2, "data_plan": {**plan, "examples_sha256": "x"}}
     _announce(nn.Linear(4, 4), {"train": Examples(range(10))}, config, 64, state)
     assert announced in capsys.readouterr().err
+
+
+def test_float16_and_bfloat16_copies_agree_only_within_their_rounding():
+    from lorakit.combining.sources import same_up_to_rounding
+
+    one = torch.tensor([1.0])
+    neighbour = torch.nextafter(one.bfloat16(), torch.tensor([2.0]).bfloat16())  # 1 + 2^-7
+    assert not same_up_to_rounding(one.half(), neighbour)  # one bfloat16 step apart
+    assert not same_up_to_rounding(torch.tensor([torch.inf]).half(), one.bfloat16())
+    assert not same_up_to_rounding(
+        torch.tensor([torch.inf]).half(), torch.tensor([-torch.inf]).bfloat16()
+    )
+    weight = torch.randn(500, 64, generator=torch.Generator().manual_seed(2))
+    assert same_up_to_rounding(weight.half(), weight.bfloat16())

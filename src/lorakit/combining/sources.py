@@ -291,7 +291,7 @@ def same_up_to_rounding(first: torch.Tensor, second: torch.Tensor) -> bool:
     """Same shape and the same values once one is rounded to the other's dtype: a base weight
     saved from a bfloat16 copy of the model (``lorakit train --dtype bfloat16``) is the float32
     one rounded, and both are the same base; a float16 and a bfloat16 copy (neither holds the
-    other) agree to one step of the coarser dtype."""
+    other) lie within half a step of each dtype of one value."""
     if first.shape != second.shape:
         return False
     if first.dtype == second.dtype:
@@ -300,14 +300,23 @@ def same_up_to_rounding(first: torch.Tensor, second: torch.Tensor) -> bool:
         return True
     if max(torch.finfo(first.dtype).bits, torch.finfo(second.dtype).bits) > 16:
         return False
-    # float16 and bfloat16 copies: neither holds the other; each is within one step of its own
-    # dtype (relative eps, or float16's subnormal spacing) of the same value
-    a, b = first.float(), second.float()
-    scale = torch.maximum(a.abs(), b.abs())
-    steps = [torch.finfo(t.dtype) for t in (first, second)]
-    # smallest subnormal: the tiniest normal number over 2 ** (mantissa bits)
-    tolerance = sum(info.eps * scale + info.tiny * info.eps for info in steps)
-    return bool(((a - b).abs() <= tolerance).all())
+    # float16 and bfloat16 copies: neither holds the other. Each rounds the same value to its
+    # nearest, so they lie within half a step of their own dtype of it: |a - b| is at most half
+    # of a's step plus half of b's (steps by nextafter, in each copy's dtype); values that are
+    # not finite must be equal
+    finite = first.isfinite() & second.isfinite()
+    if not torch.equal(first.float()[~finite], second.float()[~finite]):
+        return False
+    a, b = first[finite], second[finite]
+    gap = (a.float() - b.float()).abs()
+    return bool((gap <= (_step(a) + _step(b)) / 2).all())
+
+
+def _step(values: torch.Tensor) -> torch.Tensor:
+    """The spacing of ``values``' dtype at each value (to the next one away from zero), as
+    float32."""
+    away = torch.where(values < 0, -torch.inf, torch.inf).to(values.dtype)
+    return (torch.nextafter(values, away).float() - values.float()).abs()
 
 
 def check_compatible(sources: Sequence[AdapterUpdates]) -> None:

@@ -81,7 +81,8 @@ def load_examples(
 
     ``split``: ``None``/``"all"``, or ``"train"``/``"validation"``/``"test"`` — the fixed 80/10/10
     split by a hash of the text (CSV files too, whatever ``style`` and template; JSONL files:
-    of the prompt, or of the messages before the last assistant turn). ``style``: ``"chat"`` (messages, rendered by the chat template) or
+    of the prompt, or of the messages before the last assistant turn; with no question, an
+    empty prompt or no user message with text, of those and the answer). ``style``: ``"chat"`` (messages, rendered by the chat template) or
     ``"plain"`` (prompt/completion) for built-ins (default chat) and CSV (default plain); JSONL
     files say their own form. ``csv_options`` go to
     ``read_csv`` (``text_column``, ``label_column``, ``template``, ``instruction``, ``label_words``).
@@ -112,8 +113,8 @@ def _split_key(example: Example) -> str:
     """The text that decides an example's split: its raw ``text`` when it has one (CSV rows:
     the same split whatever the style and template, as the built-ins split by their text);
     else its prompt (or chat context), so that the same question with different answers never
-    straddles train and test; an empty prompt (or a context of no question: empty user
-    messages, a shared system prompt): with its answer (every such row would otherwise land in
+    straddles train and test; an empty prompt (or a context of no question: no user message
+    with text, e.g. a shared system prompt alone): with its answer (every such row would otherwise land in
     one split)."""
     if example.text:
         return example.text
@@ -122,6 +123,6 @@ def _split_key(example: Example) -> str:
     last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
     before = example.messages[:last]
     context = "\n".join(m["role"] + ": " + m["content"] for m in before)
-    if not any(m["content"].strip() for m in before if m["role"] != "system"):  # no question
+    if not any(m["content"].strip() for m in before if m["role"] == "user"):  # no question
         return context + "\n" + example.messages[last]["content"]
     return context

@@ -143,16 +143,18 @@ def fit_example(example: Example, tokenizer, max_length: int) -> Example:
 
 def _character_start(text: str, cut: int) -> int:
     """``cut`` moved back to the start of the character it falls in, as a reader sees it: not
-    before a combining mark, a joiner (U+200D) or what it joins, a variation selector or an
-    emoji modifier, nor between the two halves of a flag (a pair of regional indicators)."""
+    before a mark (an accent, a Thai or Devanagari vowel sign, a keycap), a joiner (U+200D) or
+    what it joins, a variation selector, an emoji modifier or a flag's tag, nor between the two
+    halves of a flag (a pair of regional indicators)."""
 
     def attached(char: str) -> bool:  # belongs to the character before it
         code = ord(char)
         return (
-            unicodedata.combining(char) != 0
+            unicodedata.category(char).startswith("M")  # marks: accents, Thai and Indic vowels
             or code == 0x200D
             or 0xFE00 <= code <= 0xFE0F
             or 0x1F3FB <= code <= 0x1F3FF
+            or 0xE0020 <= code <= 0xE007F  # tags of subdivision flags
         )
 
     while 0 < cut < len(text) and (attached(text[cut]) or text[cut - 1] == "\u200d"):
