@@ -14,7 +14,6 @@ checkpoints and the adapter are gathered by all processes and written by process
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -69,8 +68,7 @@ from lorakit.train.resume import (
     checkpoint_to_resume,
     last_eval_step,
     last_values,
-    resumed_drop_last,
-    steps_as_counted,
+    planned_run,
 )
 from lorakit.train.rng import seed_everything
 from lorakit.train.schedule import build_scheduler, warmup_steps_for
@@ -160,19 +158,20 @@ class _Run:
         self.resume = resume
         self.resume_from = checkpoint_to_resume(self.output_dir, resume)
         self.resume_state = None if self.resume_from is None else read_state(self.resume_from)
-        self.batch_order = self._batch_order(example_lengths(train_data, length_of))
+        own_order = self._batch_order(example_lengths(train_data, length_of))
+        self.batch_order, self.total_steps, self.steps_rule = planned_run(
+            own_order, config, self.resume_state
+        )  # ("round": an older checkpoint's count of --epochs)
         if self.batch_order.steps_per_epoch == 0:
             raise UserError(
                 f"{len(train_data)} training examples are fewer than one global batch "
                 f"({self.batch_order.global_batch} = batch_size x grad_accum x processes)"
             )
-        self.total_steps = config.total_steps(self.batch_order.steps_per_epoch)
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", enabled=self.dist.is_main)
         self.last_loss: float | None = None
         self.last_eval: dict[str, float] = {}
         self.last_eval_step: int | None = None
         self.examples_sha256: str | None = None
-        self.steps_rule: str | None = None  # "round": an older checkpoint's count of --epochs
 
     def check_resume(self, tokens_of: TokensOf | None) -> None:
         """Record the data's digest; when resuming, refuse a checkpoint of other settings or data
@@ -184,20 +183,16 @@ class _Run:
         self.examples_sha256 = examples_sha256(self.data, tokens_of)
         if self.resume_from is None:
             return
-        per_epoch = self.batch_order.steps_per_epoch
-        self.total_steps, self.steps_rule = steps_as_counted(
-            self.resume_state, self.config, self.total_steps, per_epoch
-        )
         plan, lora = self._plan_fields(), self._lora_fields()
         check_resumable(self.resume_from, self.resume_state, plan, self.config, lora)
         check_resume_base(self.model, self.resume_from, self.config.adapter_name)
 
     def _batch_order(self, lengths: tuple[int, ...] | None) -> BatchOrder:
-        """The batch plan: under torchrun the epoch's short batch is dropped, in one process kept,
-        except that a resumed run follows its checkpoint's choice where it can
-        (``resumed_drop_last``), so that its epochs have the checkpoint's length."""
+        """This run's own batch plan: under torchrun the epoch's short batch is dropped, in one
+        process kept (a resumed run then follows its checkpoint's choice where it can:
+        ``planned_run``)."""
         config = self.config
-        order = BatchOrder(
+        return BatchOrder(
             len(self.data),
             config.batch_size,
             config.grad_accum,
@@ -206,10 +201,6 @@ class _Run:
             drop_last=self.dist.enabled,
             lengths=lengths,
         )
-        if self.resume_state is None:
-            return order
-        drop_last = resumed_drop_last(self.resume_state, order)
-        return dataclasses.replace(order, drop_last=drop_last)
 
     # ------------------------------------------------------------------ set-up
     def _prepare(self) -> int:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ __all__ = [
     "checkpoint_to_resume",
     "last_eval_step",
     "last_values",
+    "planned_run",
     "resumed_drop_last",
     "steps_as_counted",
 ]
@@ -235,6 +236,23 @@ _PLAN_WORDS = {
 }
 """Each data-plan difference in words, by its key in ``data_plan``, naming the flags behind it
 (``{now}``: this run's value, ``{saved}``: the checkpoint's)."""
+
+
+def planned_run(
+    order: BatchOrder, training: TrainingConfig, state: dict[str, Any] | None
+) -> tuple[BatchOrder, int, str | None]:
+    """``(batch order, total steps, steps rule)`` of a run whose own plan is ``order``, resuming
+    the checkpoint of ``state`` (None: a new run): the short batch as that checkpoint planned it
+    where this run can (``resumed_drop_last``), and the length as it counted it
+    (``steps_as_counted``). The training loop and ``lorakit train``'s announcement both ask."""
+    if state is not None:
+        order = replace(order, drop_last=resumed_drop_last(state, order))
+    per_epoch = order.steps_per_epoch
+    steps = training.total_steps(per_epoch) if per_epoch else 0
+    if state is None or not per_epoch:
+        return order, steps, None
+    steps, rule = steps_as_counted(state, training, steps, per_epoch)
+    return order, steps, rule
 
 
 def steps_as_counted(

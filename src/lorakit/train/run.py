@@ -3,7 +3,6 @@ a trained, saved adapter."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -141,11 +140,11 @@ def _record_settings(output: Path, settings: dict[str, Any], resume: bool) -> No
 def _announce(model, tokenized: dict, training, max_length: int, resumed_state=None) -> None:
     """Say on stderr what the run will do (examples, optimizer steps, trainable parameters; a
     run resumed from a checkpoint with state ``resumed_state``: from which step, and how many
-    remain, counted as the checkpoint counts them: ``resume.steps_as_counted``), and how many
+    remain, planned as the loop plans it: ``resume.planned_run``), and how many
     examples ``max_length`` shortened."""
     from lorakit.accounting import count_parameters
     from lorakit.train.batches import BatchOrder
-    from lorakit.train.resume import resumed_drop_last, steps_as_counted
+    from lorakit.train.resume import planned_run
 
     for part, kind in (("train", "training"), ("eval", "evaluation")):
         if part in tokenized and tokenized[part].num_truncated:
@@ -157,15 +156,11 @@ def _announce(model, tokenized: dict, training, max_length: int, resumed_state=N
             )
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     examples = len(tokenized["train"])
-    order = BatchOrder(
+    own_order = BatchOrder(
         examples, training.batch_size, training.grad_accum, processes, drop_last=processes > 1
     )
+    order, steps, _ = planned_run(own_order, training, resumed_state)  # as the loop plans it
     start_step = 0 if resumed_state is None else resumed_state["step"]
-    if resumed_state is not None:  # the short batch as the checkpoint planned it (as the loop)
-        order = dataclasses.replace(order, drop_last=resumed_drop_last(resumed_state, order))
-    steps = training.total_steps(order.steps_per_epoch) if order.steps_per_epoch else 0
-    if resumed_state is not None and order.steps_per_epoch:
-        steps, _ = steps_as_counted(resumed_state, training, steps, order.steps_per_epoch)
     counts = count_parameters(model)
     planned = _steps_text(steps, order.global_batch, start_step)
     print(
