@@ -287,31 +287,8 @@ def check_layer_takes(
             f"nn.Linear and Conv1D only; module {name!r} is a {type(base).__name__}: remove it "
             "from target_modules (or add it to exclude_modules)."
         )
-    weight = getattr(base, "weight", None)
-    if weight is None or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        dtype = getattr(weight, "dtype", None)
-        fix = (
-            "cast the model to float32 first (model.float())"
-            if dtype is not None and dtype.is_floating_point
-            else "initialise on the unquantized model, then quantize the residual base"
-        )
-        raise ValueError(
-            f"init_lora_weights={init!r} needs a float32/float16/bfloat16 base weight; module "
-            f"{name!r} has {dtype}: {fix}."
-        )
-    if getattr(module, "merged_adapters", ()):
-        raise ValueError(
-            f"module {name!r} has merged adapters {module.merged_adapters}; unmerge them before "
-            f"adding an adapter with init_lora_weights={init!r}."
-        )
-    held = list(getattr(module, "ranks", None) or ())
-    if held:
-        raise ValueError(
-            f"module {name!r} already holds adapters {held}; init_lora_weights={init!r} rewrites "
-            "its base weight in place (W0 - s B0 A0), under them, so their outputs would change "
-            "(they were trained on W0). Add this adapter to a model without adapters there "
-            "(first, or on its own copy of the model), or use init_lora_weights=True."
-        )
+    weight = _rewritable_weight(base, name, init)
+    _refuse_adapters_there(module, name, init)
     smallest = min(weight.shape)
     if rank is not None and rank > smallest:
         raise ValueError(
@@ -330,6 +307,42 @@ def check_layer_takes(
             "part once per adapted sharer). Remove the module from target_modules (or add it "
             "to exclude_modules), untie the weight first (give each module its own copy), or "
             "use init_lora_weights=True."
+        )
+
+
+def _rewritable_weight(base: nn.Module, name: str, init: str) -> torch.Tensor:
+    """``base``'s weight, which a base-changing ``init`` rewrites: float32, float16 or bfloat16
+    (``ValueError`` naming the module and what to do otherwise)."""
+    weight = getattr(base, "weight", None)
+    if weight is None or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = getattr(weight, "dtype", None)
+        fix = (
+            "cast the model to float32 first (model.float())"
+            if dtype is not None and dtype.is_floating_point
+            else "initialise on the unquantized model, then quantize the residual base"
+        )
+        raise ValueError(
+            f"init_lora_weights={init!r} needs a float32/float16/bfloat16 base weight; module "
+            f"{name!r} has {dtype}: {fix}."
+        )
+    return weight
+
+
+def _refuse_adapters_there(module: nn.Module, name: str, init: str) -> None:
+    """``ValueError`` when ``module`` holds adapters, merged or not: a base-changing ``init``
+    would rewrite the weight they were trained on."""
+    if getattr(module, "merged_adapters", ()):
+        raise ValueError(
+            f"module {name!r} has merged adapters {module.merged_adapters}; unmerge them before "
+            f"adding an adapter with init_lora_weights={init!r}."
+        )
+    held = list(getattr(module, "ranks", None) or ())
+    if held:
+        raise ValueError(
+            f"module {name!r} already holds adapters {held}; init_lora_weights={init!r} rewrites "
+            "its base weight in place (W0 - s B0 A0), under them, so their outputs would change "
+            "(they were trained on W0). Add this adapter to a model without adapters there "
+            "(first, or on its own copy of the model), or use init_lora_weights=True."
         )
 
 
