@@ -110,6 +110,16 @@ def test_the_chat_template_advice_names_style_for_csv_and_built_ins_only():
         require_chat_template(tokenizer, "chat.jsonl:1")
 
 
+def cut_reviews(tokenizer, tmp_path, review: str, below: int):
+    """The review text ``fit_example`` keeps of a CSV row holding ``review``, at each
+    ``--max-length`` from ``below`` tokens under the row's full length to one under it."""
+    path = tmp_path / "r.csv"
+    path.write_text(f"text,label\n{review},positive\nno,negative\n", encoding="utf-8")
+    example = data.load_examples(path)[0]
+    full = len(data.tokenize_example(example, tokenizer, 10_000)[0])
+    return [data.fit_example(example, tokenizer, limit).text for limit in range(full - below, full)]
+
+
 @pytest.mark.parametrize(
     "review",
     [
@@ -122,12 +132,7 @@ def test_the_chat_template_advice_names_style_for_csv_and_built_ins_only():
 def test_the_character_cut_never_splits_what_a_reader_sees_as_one_character(
     tokenizer, tmp_path, review
 ):
-    path = tmp_path / "r.csv"
-    path.write_text(f"text,label\n{review},positive\nno,negative\n", encoding="utf-8")
-    example = data.load_examples(path)[0]
-    full = len(data.tokenize_example(example, tokenizer, 10_000)[0])
-    for limit in range(full - 12, full):
-        kept = data.fit_example(example, tokenizer, limit).text
+    for kept in cut_reviews(tokenizer, tmp_path, review, below=12):
         assert review.startswith(kept) and len(kept) < len(review)
         assert not kept.endswith("\u200d") and review[len(kept)] not in ("\u0301", "\u200d")
         assert sum(0x1F1E6 <= ord(c) <= 0x1F1FF for c in kept) % 2 == 0
@@ -141,12 +146,7 @@ def test_the_character_cut_never_splits_what_a_reader_sees_as_one_character(
 def test_the_character_cut_keeps_marks_with_their_letters(tokenizer, tmp_path, review):
     import unicodedata
 
-    path = tmp_path / "r.csv"
-    path.write_text(f"text,label\n{review},positive\nno,negative\n", encoding="utf-8")
-    example = data.load_examples(path)[0]
-    full = len(data.tokenize_example(example, tokenizer, 10_000)[0])
-    for limit in range(full - 40, full):
-        kept = data.fit_example(example, tokenizer, limit).text
+    for kept in cut_reviews(tokenizer, tmp_path, review, below=40):
         if kept and len(kept) < len(review):
             assert not unicodedata.category(review[len(kept)]).startswith("M")
             assert review[len(kept)] != "\ufe0f"

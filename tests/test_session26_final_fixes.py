@@ -24,7 +24,7 @@ from lorakit import quantized
 from lorakit.cli import main
 from lorakit.train import TrainingConfig, pad_collate, train
 from tests import tiny_models
-from tests.train_job import make_data
+from tests.train_job import make_data, q_proj_model
 
 
 def test_a_run_resumed_from_an_older_checkpoint_resumes_again(tmp_path):
@@ -38,31 +38,25 @@ def test_a_run_resumed_from_an_older_checkpoint_resumes_again(tmp_path):
         progress=False,
     )
 
-    def fresh_model():
-        torch.manual_seed(3)
-        return lorakit.inject(
-            tiny_models.llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"])
-        )
-
     def keep_only(step: int) -> None:
         for directory in sorted((tmp_path / "checkpoints").iterdir()):
             if int(directory.name.removeprefix("step-")) > step:
                 shutil.rmtree(directory)
 
-    assert train(fresh_model(), data, pad_collate(0), config).steps == 5
+    assert train(q_proj_model(), data, pad_collate(0), config).steps == 5
     keep_only(1)
     state_path = tmp_path / "checkpoints" / "step-00000001" / "trainer_state.json"
     state = json.loads(state_path.read_text())
     del state["data_plan"]["examples_sha256"]  # as an older lorakit wrote it,
     state["data_plan"]["total_steps"] = 4  # with round(0.42 * 10) = 4 steps
     state_path.write_text(json.dumps(state))
-    assert train(fresh_model(), data, pad_collate(0), config, resume=True).steps == 4
+    assert train(q_proj_model(), data, pad_collate(0), config, resume=True).steps == 4
     keep_only(2)  # killed again after step 2: its checkpoint is of this lorakit, counted "round"
     plan = json.loads(
         (tmp_path / "checkpoints" / "step-00000002" / "trainer_state.json").read_text()
     )["data_plan"]
     assert plan["steps_rule"] == "round" and plan["examples_sha256"] is not None
-    assert train(fresh_model(), data, pad_collate(0), config, resume=True).steps == 4
+    assert train(q_proj_model(), data, pad_collate(0), config, resume=True).steps == 4
 
 
 def tiny_bitnet():
@@ -164,11 +158,17 @@ def test_a_resumed_older_run_is_announced_with_its_own_count(model_dir, tmp_path
     rows = [{"prompt": f"question {i} is", "completion": f" answer {i % 3}"} for i in range(40)]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     output = tmp_path / "out"
-    arguments = [
-        "train", "--model", str(model_dir), "--data", str(data), "--epochs", "0.42",
-        "--batch-size", "4", "--checkpoint-every", "1", "--keep-checkpoints", "10",
-        "--output", str(output), "--target-modules", "q_proj", "--no-progress",
-    ]  # fmt: skip
+    options = {
+        "--model": model_dir,
+        "--data": data,
+        "--epochs": 0.42,
+        "--batch-size": 4,
+        "--checkpoint-every": 1,
+        "--keep-checkpoints": 10,
+        "--output": output,
+        "--target-modules": "q_proj",
+    }
+    arguments = ["train", *(str(x) for pair in options.items() for x in pair), "--no-progress"]
     assert main(arguments) == 0  # 10 steps an epoch: 5 steps (ceil of 4.2)
     for directory in sorted((output / "checkpoints").iterdir())[1:]:
         shutil.rmtree(directory)

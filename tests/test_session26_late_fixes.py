@@ -23,7 +23,7 @@ import lorakit
 from lorakit.errors import BaseModelMismatchError, UserError
 from lorakit.train import TrainingConfig, pad_collate, train
 from tests import serving, tiny_models, tiny_tokenizer
-from tests.train_job import make_data
+from tests.train_job import make_data, q_proj_model
 
 
 def peft_adapter_with_embeddings(directory, tokenizer, seed: int, dtype=torch.float32):
@@ -111,13 +111,7 @@ def test_an_older_checkpoint_of_fractional_epochs_resumes_with_its_own_steps(tmp
         progress=False,
     )
 
-    def fresh_model():
-        torch.manual_seed(3)
-        return lorakit.inject(
-            tiny_models.llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"])
-        )
-
-    assert train(fresh_model(), data, pad_collate(0), config).steps == 3
+    assert train(q_proj_model(), data, pad_collate(0), config).steps == 3
     checkpoints = sorted((tmp_path / "checkpoints").iterdir())
     state_path = checkpoints[0] / "trainer_state.json"
     state = json.loads(state_path.read_text())
@@ -126,7 +120,7 @@ def test_an_older_checkpoint_of_fractional_epochs_resumes_with_its_own_steps(tmp
     state_path.write_text(json.dumps(state))
     for later in checkpoints[1:]:
         shutil.rmtree(later)
-    resumed = train(fresh_model(), data, pad_collate(0), config, resume=True)
+    resumed = train(q_proj_model(), data, pad_collate(0), config, resume=True)
     assert resumed.steps == 2
     # a checkpoint of this lorakit keeps its own count (3), and so does any other older count
     state["data_plan"]["total_steps"] = 5
@@ -136,4 +130,4 @@ def test_an_older_checkpoint_of_fractional_epochs_resumes_with_its_own_steps(tmp
     with pytest.raises(
         UserError, match=r"3 optimizer steps \(the checkpoint's: 5; --steps / --epochs\)"
     ):
-        train(fresh_model(), data, pad_collate(0), config, resume=True)
+        train(q_proj_model(), data, pad_collate(0), config, resume=True)

@@ -40,6 +40,12 @@ def make_data(count: int = 48, seed: int = 5) -> list[dict[str, list[int]]]:
     return examples
 
 
+def q_proj_model(seed: int = 3) -> torch.nn.Module:
+    """The tiny Llama with an r=2 adapter on q_proj, its A drawn from ``seed``."""
+    torch.manual_seed(seed)
+    return lorakit.inject(tiny_models.llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+
+
 def build_model(dropout: float) -> torch.nn.Module:
     model = tiny_models.llama()
     torch.manual_seed(11)
