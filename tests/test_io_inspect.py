@@ -105,6 +105,34 @@ def test_peft_adapter_without_fingerprint_and_with_saved_head(tmp_path) -> None:
     assert summary["other_parameters"] == 2 * 64 + 2  # classifier weight and bias, in full
 
 
+def test_a_saved_head_with_nested_layers_counts_as_trained_not_as_base_weights(tmp_path) -> None:
+    """RoBERTa's classifier holds dense and out_proj: PEFT's modules_to_save copies of them are
+    trained parameters, not base embedding weights (they used to be counted as both)."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    config = RobertaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=3,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(
+            RobertaForSequenceClassification(config),
+            peft.LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"]),
+        )
+        theirs.save_pretrained(tmp_path)
+    trainable, _ = theirs.get_nb_trainable_parameters()
+    summary = summarize_adapter(tmp_path)
+    head = (32 * 32 + 32) + (3 * 32 + 3)  # classifier.dense and classifier.out_proj
+    assert summary["saved_base_weights"] == 0
+    assert summary["parameters"] == summary["file_parameters"] == trainable
+    assert summary["other_parameters"] == head == trainable - 2 * 2 * 4 * (32 + 32)
+
+
 def test_errors_are_one_line_and_exit_2(tmp_path, capsys) -> None:
     assert main(["inspect", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err

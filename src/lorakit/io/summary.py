@@ -38,11 +38,11 @@ from lorakit.io.config_json import (
 )
 from lorakit.io.fingerprint import METADATA_KEY
 from lorakit.io.header import TensorInfo, read_header
-from lorakit.io.keys import is_magnitude_key, module_path, parse_lora_key
+from lorakit.io.keys import base_weight_module, is_magnitude_key, parse_lora_key
 from lorakit.io.read import adapter_directory, read_adapter_header, weights_path
 from lorakit.io.save import BASE_INIT_METADATA_KEY
 from lorakit.io.tensors import TORCH_DTYPES
-from lorakit.targets import matches, saved_module_matches
+from lorakit.targets import matches
 
 __all__ = ["summarize_adapter"]
 
@@ -87,22 +87,13 @@ def _saved_base_weights(
     tensors: dict[str, TensorInfo], adapted: set[str], modules_to_save: list[str]
 ) -> int:
     """The numbers of the frozen base weights a file holds whole, not adapter parameters: the
-    embedding matrices PEFT's ``save_embedding_layers`` saves, as ``<path>.base_layer.weight``
-    (a LoRA embedding: ``<path>`` among ``adapted``), ``<path>.token_adapter.base_layer.weight``
-    (an embedding with trainable tokens) or ``<path>.weight`` (an embedding without an adapter,
-    e.g. the output layer, where no ``modules_to_save`` entry picks ``<path>``)."""
-    total = 0
-    for key, info in tensors.items():
-        if not key.endswith(".weight") or parse_lora_key(key) is not None:
-            continue
-        path = module_path(key.removesuffix(".weight"))
-        if path.endswith(".base_layer"):
-            path = path.removesuffix(".base_layer")
-            saved_whole = path in adapted or path.endswith(".token_adapter")
-        else:  # a modules_to_save copy (trained) or a saved embedding
-            saved_whole = not saved_module_matches(modules_to_save, path)
-        total += info.numel if saved_whole else 0
-    return total
+    embedding matrices PEFT's ``save_embedding_layers`` saves (``keys.base_weight_module``:
+    never a tensor of a module inside one that ``modules_to_save`` picks, a trained copy)."""
+    return sum(
+        info.numel
+        for key, info in tensors.items()
+        if base_weight_module(key, adapted, modules_to_save) is not None
+    )
 
 
 def _fingerprint_summary(metadata: dict[str, str]) -> dict[str, Any]:
