@@ -7,12 +7,30 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from lorakit import LoraConfig
 from lorakit.patterns import MAX_PATTERN_CHARS, check_pattern
 
 NESTED = "nested quantifiers"
 TOO_MANY = "too many open-ended repeats"
+
+# What Unsloth's FastVisionModel.get_peft_model saves as target_modules (language tower only),
+# as found in adapter_config.json files of vision-language fine-tunes (Qwen2.5-VL, Gemma 3/4).
+UNSLOTH_VISION_PATTERNS = [
+    r"(?:.*?(?:language|text).*?(?:self_attn|attention|attn|mixer|mlp|feed_forward|ffn|dense|"
+    r"mixer).*?(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj))|(?:\bmodel\.layers\."
+    r"[\d]{1,}\.(?:self_attn|attention|attn|mixer|mlp|feed_forward|ffn|dense|mixer)\.(?:(?:q_proj|"
+    r"k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)))",
+    r"(?:.*?(?:language|text).*?(?:self_attn|attention|attn|mlp|feed_forward|ffn|dense).*?(?:q_proj"
+    r"|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|proj|linear).*?)|(?:\bmodel\.layers\.[\d]"
+    r"{1,}\.(?:self_attn|attention|attn|mlp|feed_forward|ffn|dense)\.(?:(?:q_proj|k_proj|v_proj|"
+    r"o_proj|gate_proj|up_proj|down_proj|proj|linear)))",
+    r"(?:.*?(?:language|text).*?(?:self_attn|attention|attn|mixer|mlp|feed_forward|ffn|dense|"
+    r"mixer).*?\.(?:q_proj|v_proj|o_proj))|(?:\bmodel\.layers\.[\d]{1,}(?!.*\.experts\.\d)\.."
+    r"*?(?:self_attn|attention|attn|mixer|mlp|feed_forward|ffn|dense|mixer).*?\.(?:(?:q_proj|"
+    r"v_proj|o_proj)))",
+]
 
 
 @pytest.mark.parametrize(
@@ -23,11 +41,14 @@ TOO_MANY = "too many open-ended repeats"
         ("(?:.*a)+x", NESTED),
         ("(a|aa)*b", NESTED),
         ("(x|x){1,40}y", NESTED),
-        (".*" * 4 + "x", TOO_MANY),
+        (".*" * 5 + "x", TOO_MANY),
         (".*a" * 6 + "b", TOO_MANY),
         ("a?" * 20 + "a" * 20, TOO_MANY),
-        (".?" * 7 + "." * 7 + "x", TOO_MANY),
-        ("(.|..)" * 7 + "x", TOO_MANY),
+        (".?" * 9 + "." * 9 + "x", TOO_MANY),
+        ("(.|..)" * 9 + "x", TOO_MANY),
+        ("(a|aa)" * 9 + "b", TOO_MANY),  # 0.5 s on 48 a's at 24 groups
+        ("(?:a|a)" * 9 + "b", TOO_MANY),  # a repeated alternative overlaps itself
+        ("(?:.*?(?:a|aa).*?(?:a|aa).*?(?:a|aa)).*?b", TOO_MANY),  # 1 s on 128 a's
         ("(.*){40}x", TOO_MANY),
         ("(a|b|ab)" * 12, TOO_MANY),
         (r"(a)\1", "backreferences"),
@@ -58,9 +79,11 @@ def test_unbounded_patterns_are_refused_with_the_reason(pattern, reason) -> None
         "(" + "|".join(f"model.layers.{i}.mlp.down_proj" for i in range(60)) + ")",
         "(" + "|".join(rf"model\.layers\.{i}\.mlp\.down_proj" for i in range(100)) + ")",
         ".?" * 6 + "." * 6 + "x",
-        "(a|ab)" * 12 + "x",
+        "(a|ab)" * 8 + "x",  # overlapping strings, each a full choice: (a|aa) * 24 took 0.5 s
         "(?:ab){3}c?d*",
         "(q|k)?_proj",
+        ".*" * 4 + "x",
+        *UNSLOTH_VISION_PATTERNS,
     ],
 )
 def test_the_patterns_peft_users_write_are_accepted(pattern) -> None:
@@ -111,10 +134,10 @@ def test_rank_and_alpha_patterns_keep_peft_semantics() -> None:
 
 
 def test_pattern_dicts_are_bounded_in_all() -> None:
-    three_stars = {f".*{i}.*{i}.*x": 2 for i in range(4)}  # each at the limit, four in all
-    LoraConfig(rank_pattern=three_stars)
+    four_stars = {f".*{i}.*{i}.*{i}.*x": 2 for i in range(5)}  # each near the limit
+    LoraConfig(rank_pattern=four_stars)
     with pytest.raises(ValueError, match=r"LoraConfig\.rank_pattern is refused: its keys together"):
-        LoraConfig(rank_pattern={**three_stars, ".*y": 2})
+        LoraConfig(rank_pattern={**four_stars, ".*y.*y.*y.*y": 2})
     many = {f"model.layers.{i}.q_proj": 2 for i in range(10_001)}
     with pytest.raises(
         ValueError, match=r"LoraConfig\.alpha_pattern has 10001 keys; at most 10000"
@@ -132,3 +155,56 @@ def test_branches_told_apart_only_by_case_count_as_choices_under_ignorecase(patt
     branches overlap, and repeating them backtracks exponentially (an inject hung on one)."""
     with pytest.raises(ValueError, match="refused"):
         check_pattern("target_modules", pattern)
+
+
+def _vision_language_model() -> torch.nn.Module:
+    """Module names as in a vision-language model: a vision tower beside the language model."""
+    torch.manual_seed(0)
+
+    def block(names: list[str]) -> torch.nn.Module:
+        return torch.nn.ModuleDict({name: torch.nn.Linear(8, 8) for name in names})
+
+    language = torch.nn.ModuleDict(
+        {
+            "layers": torch.nn.ModuleList(
+                torch.nn.ModuleDict(
+                    {
+                        "self_attn": block(["q_proj", "k_proj", "v_proj", "o_proj"]),
+                        "mlp": block(["gate_proj", "up_proj", "down_proj"]),
+                    }
+                )
+                for _ in range(2)
+            )
+        }
+    )
+    visual = torch.nn.ModuleDict(
+        {"blocks": torch.nn.ModuleList(block(["qkv", "proj", "fc1"]) for _ in range(2))}
+    )
+    return torch.nn.ModuleDict(
+        {"model": torch.nn.ModuleDict({"language_model": language, "visual": visual})}
+    )
+
+
+@pytest.mark.parametrize("pattern", UNSLOTH_VISION_PATTERNS)
+def test_an_unsloth_vision_adapter_loads_onto_the_modules_peft_adapts(tmp_path, pattern) -> None:
+    """The file PEFT writes for Unsloth's regex loads into lorakit, onto the same modules, with
+    the same values (the regex used to be refused by the backtracking estimate)."""
+    import peft
+
+    import lorakit
+
+    config = peft.LoraConfig(r=2, target_modules=pattern, init_lora_weights=False)
+    theirs = peft.get_peft_model(_vision_language_model(), config)
+    theirs.save_pretrained(tmp_path)
+    peft_adapted = {
+        name.removeprefix("base_model.model.")
+        for name, module in theirs.named_modules()
+        if isinstance(module, peft.tuners.lora.LoraLayer)
+    }
+    ours = lorakit.load_adapter(_vision_language_model(), tmp_path, activate=True)
+    assert {name for name, _ in lorakit.state.lora_layers(ours)} == peft_adapted
+    assert all(".visual." not in name for name in peft_adapted) and len(peft_adapted) >= 6
+    x = torch.randn(3, 8)
+    for name in sorted(peft_adapted):
+        expected = theirs.get_submodule("base_model.model." + name)(x)
+        torch.testing.assert_close(ours.get_submodule(name)(x), expected, rtol=0, atol=1e-6)

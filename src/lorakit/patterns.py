@@ -10,17 +10,21 @@ inspect`` and a server. ``check_pattern`` refuses, before any matching:
 - nested quantifiers: a group that repeats a variable number of times (``*``, ``+``, ``{m,n}``)
   and itself holds a variable repeat or an alternation (``(a+)+``, ``(.*)*``, ``(a|ab)*``);
 - backreferences and conditional groups (``\\1``, ``(?(1)a|b)``);
-- patterns whose estimated backtracking work exceeds ``MAX_BACKTRACKING``: the product over the
-  repeats of their number of choices (``max - min + 1``, at most 65 for an open-ended one; 2**3
-  for an optional ``?``) times, for each alternation, its number of branches (one when each
-  branch starts with its own literal character: the first character decides; cubed when the
-  branches are not plain strings, e.g. ``(.|..)``).
-  ``MAX_BACKTRACKING = 65**3`` admits three ``.*`` (PEFT's own example
-  ``.*decoder.*(SelfAttention|EncDecAttention).*(q|k|v|o)$``) or six ``?``, and plain names and
-  alternations of names;
+- patterns whose estimated backtracking work exceeds ``MAX_BACKTRACKING``, counted in the ways
+  ``re`` can split a name of ``NAME_CHARS`` characters among the pattern's choices: k open-ended
+  repeats of one character (``.*``, ``\\d+``) in sequence split it in C(N + k, k) ways (the
+  number of steps ``re`` takes on a name they cannot match: measured about 1 ns a way for
+  ``.*``, 5 for ``\\d+``); an optional ``?`` counts 2**3 (retrying it re-runs everything after
+  it, which ``.*``'s quick scan does not); an alternation counts one branch when the first
+  character decides, for plain strings the branches that can match at one place (those that are
+  prefixes of one another, ``(attn|attn_out)``: 2), else its branches cubed (``(.|..)``: each
+  may match where another did) -- but only their sum at the end of the pattern, where nothing
+  follows to be retried (Unsloth's ``(?:.*?(?:language|text).*?...)|(?:model\\.layers...)``).
+  ``MAX_BACKTRACKING = 2**24`` admits four ``.*`` (about 10 ms on a 128-character name, a
+  fraction of that on real ones) or eight ``?``, and plain names and alternations of names;
 - ``rank_pattern`` / ``alpha_pattern`` (every key is tried on every module name) with more than
   ``MAX_PATTERN_KEYS`` keys, or keys whose estimates add up to more than
-  ``MAX_TOTAL_BACKTRACKING`` (four keys with three ``.*`` each, or thousands of plain names).
+  ``MAX_TOTAL_BACKTRACKING`` (four keys at the limit, or thousands of plain names).
 
 What is accepted keeps ``re``'s (and PEFT's) meaning: nothing is rewritten.
 """
@@ -28,6 +32,7 @@ What is accepted keeps ``re``'s (and PEFT's) meaning: nothing is rewritten.
 from __future__ import annotations
 
 import functools
+import math
 import re
 
 try:  # Python >= 3.11
@@ -49,8 +54,8 @@ __all__ = [
 ]
 
 MAX_PATTERN_CHARS = 4096
-_CHOICES_CAP = 65  # choices counted for an open-ended repeat (module names are short)
-MAX_BACKTRACKING = _CHOICES_CAP**3
+NAME_CHARS = 128  # the module-name length the estimate assumes (real names: 20-80)
+MAX_BACKTRACKING = 2**24  # ways (module docstring): four '.*' over NAME_CHARS
 MAX_TOTAL_BACKTRACKING = 4 * MAX_BACKTRACKING  # all keys of one rank_pattern / alpha_pattern
 MAX_PATTERN_KEYS = 10_000
 _REPEATS = {_sre.MAX_REPEAT, _sre.MIN_REPEAT} | (
@@ -60,7 +65,7 @@ _REFUSED = {_sre.GROUPREF, _sre.GROUPREF_EXISTS}
 # An optional item, or an alternation of branches that may match the same text (``(.|..)``), is a
 # choice ``re`` retries in full on every failure, where an open-ended repeat of one character
 # (``.*``, ``\d+``) is scanned quickly: such choices count cubed (measured: 18 ``.?`` in a row
-# cost ``re`` far more than three ``.*``).
+# cost ``re`` about 6 ns a way, ``.*`` about 1).
 _FULL_CHOICE_WEIGHT = 3
 _HINT = "write it without repeats inside repeats, or list the module names instead"
 
@@ -81,7 +86,7 @@ def check_pattern(what: str, pattern: str) -> int:
     try:
         parsed = _parser.parse(pattern)
         re.compile(pattern)
-        cost = _cost(list(parsed))
+        cost = _value(_cost(list(parsed)))
     except (re.error, OverflowError) as error:
         raise ValueError(f"{what} is not a valid regular expression: {error}") from None
     except RecursionError:
@@ -92,7 +97,7 @@ def check_pattern(what: str, pattern: str) -> int:
         raise ValueError(
             f"{what} is refused: it has too many open-ended repeats or alternatives to match "
             f"in bounded time (about {cost:.3g} ways to try per name, at most "
-            f"{MAX_BACKTRACKING}: e.g. three '.*'); simplify it, or list the module names instead."
+            f"{MAX_BACKTRACKING}: e.g. four '.*'); simplify it, or list the module names instead."
         )
     return cost
 
@@ -123,47 +128,121 @@ def shown(pattern: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 5] + "...'"
 
 
-def _cost(items: list) -> int:
-    """Estimated backtracking work of a parsed sequence: the product of its items' choices."""
-    total = 1
-    for op, value in items:
-        total *= _item_cost(op, value)
-        if total > MAX_BACKTRACKING:
-            return total
-    return total
+# A pattern's ways as a polynomial in its open-ended repeats: {k: m} is m ways for each split of
+# a name among k such repeats, C(NAME_CHARS + k, k) splits (``_value``).
+_Ways = dict[int, int]
+_ONE: _Ways = {0: 1}
+_HUGE = 2**64  # far past any limit: larger estimates are clamped here, so they stay cheap
 
 
-def _item_cost(op, value) -> int:
+def _cost(items: list, tail: bool = True) -> _Ways:
+    """Estimated backtracking ways of a parsed sequence: the product of its items' ways, but a
+    lookaround adds its ways to those of what follows it (it is tried once where it stands).
+    ``tail``: nothing follows the sequence in the pattern (its last item is never retried)."""
+    rest = _ONE
+    for index in range(len(items) - 1, -1, -1):
+        op, value = items[index]
+        if op in (_sre.ASSERT, _sre.ASSERT_NOT):
+            rest = _plus(_cost(list(value[1])), rest)
+        else:
+            rest = _times(_item_cost(op, value, tail and index == len(items) - 1), rest)
+        if _value(rest) > _HUGE:
+            return {0: _HUGE}
+    return rest
+
+
+def _item_cost(op, value, tail: bool) -> _Ways:
     if op in _REFUSED:
         raise _Refused("backreferences and conditional groups are not allowed")
     if op in _REPEATS:
-        low, high, body = value
-        inner = _cost(list(body))
-        if high <= 1:  # '?': matched once or not at all, a full backtracking choice
-            return (high - low + 1) ** _FULL_CHOICE_WEIGHT * inner
-        if low != high and inner > 1:
-            raise _Refused(
-                "a repeated group holds a repeat or an alternation (nested quantifiers such as "
-                "(a+)+, (.*)* or (a|ab)* can take exponential time to match)"
-            )
-        if inner > 1:  # a fixed count of a group with choices: inner ** count
-            return inner ** min(high, 64)
-        return min(high - low, _CHOICES_CAP - 1) + 1
+        return _repeat_cost(*value)
     if op == _sre.BRANCH:
-        costs = [_cost(list(branch)) for branch in value[1]]
-        firsts = [_first_literal(list(branch)) for branch in value[1]]
-        if None not in firsts and len(set(firsts)) == len(firsts):
-            return max(costs)  # the first character decides the branch: nothing to retry
-        if all(op == _sre.LITERAL for branch in value[1] for op, _ in branch):
-            return sum(costs)  # plain strings: they can overlap only where the name allows
-        return len(costs) ** _FULL_CHOICE_WEIGHT * max(costs)
+        return _branch_cost(value[1], tail)
     if op == _sre.SUBPATTERN:
-        return _cost(list(value[-1]))
-    if op in (_sre.ASSERT, _sre.ASSERT_NOT):
-        return _cost(list(value[1]))
+        return _cost(list(value[-1]), tail)
     if getattr(_sre, "ATOMIC_GROUP", None) is not None and op == _sre.ATOMIC_GROUP:
         return _cost(list(value))
-    return 1
+    return _ONE
+
+
+def _repeat_cost(low: int, high: int, body) -> _Ways:
+    """``body`` repeated ``low`` to ``high`` times: an open-ended repeat of one character is one
+    repeat of the polynomial (x); a bounded one its number of counts; ``?`` 2 cubed."""
+    inner = _cost(list(body), tail=False)
+    if high <= 1:  # '?': matched once or not at all, a full backtracking choice
+        return _scaled(inner, (high - low + 1) ** _FULL_CHOICE_WEIGHT)
+    if low != high and inner != _ONE:
+        raise _Refused(
+            "a repeated group holds a repeat or an alternation (nested quantifiers such as "
+            "(a+)+, (.*)* or (a|ab)* can take exponential time to match)"
+        )
+    if inner != _ONE:  # a fixed count of a group with choices: inner ** count
+        total = _ONE
+        for _ in range(min(high, 64)):
+            total = _times(total, inner)
+            if _value(total) > _HUGE:
+                return {0: _HUGE}
+        return total
+    if high - low >= NAME_CHARS:
+        return {1: 1}
+    return {0: high - low + 1}
+
+
+def _branch_cost(branches: list, tail: bool) -> _Ways:
+    """An alternation: the costliest branch when the first character decides; else each branch
+    that can match at one place (for plain strings, ``_overlapping``; else all of them) may be
+    retried with everything after it: their number cubed times the costliest branch, or just
+    their sum at the end of the pattern (nothing after them to retry)."""
+    costs = [_cost(list(branch), tail) for branch in branches]
+    firsts = [_first_literal(list(branch)) for branch in branches]
+    if None not in firsts and len(set(firsts)) == len(firsts):
+        return _upper(costs)  # the first character decides the branch: nothing to retry
+    if all(op == _sre.LITERAL for branch in branches for op, _ in branch):
+        choices = _overlapping(["".join(chr(c) for _, c in branch) for branch in branches])
+        return {0: choices if tail else choices**_FULL_CHOICE_WEIGHT}
+    if tail:
+        total: _Ways = {}
+        for cost in costs:
+            total = _plus(total, cost)
+        return total
+    return _scaled(_upper(costs), len(costs) ** _FULL_CHOICE_WEIGHT)
+
+
+def _overlapping(strings: list[str]) -> int:
+    """How many of these alternatives can match at one place in a name: those that are prefixes
+    of the longest one matching there (duplicates included). Compared case-folded (a ``(?i)``
+    pattern overlaps more); any non-ASCII alternative: all of them."""
+    if not all(text.isascii() for text in strings):
+        return len(strings)
+    folded = [text.casefold() for text in strings]
+    return max(sum(text.startswith(other) for other in folded) for text in folded)
+
+
+def _times(a: _Ways, b: _Ways) -> _Ways:
+    product: _Ways = {}
+    for i, m in a.items():
+        for j, n in b.items():
+            product[i + j] = product.get(i + j, 0) + m * n
+    return product
+
+
+def _plus(a: _Ways, b: _Ways) -> _Ways:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in a.keys() | b.keys()}
+
+
+def _upper(costs: list[_Ways]) -> _Ways:
+    """At least each of ``costs``, term by term (every term counts up)."""
+    return {k: max(cost.get(k, 0) for cost in costs) for k in set().union(*costs)}
+
+
+def _scaled(a: _Ways, factor: int) -> _Ways:
+    return {k: m * factor for k, m in a.items()}
+
+
+def _value(ways: _Ways) -> int:
+    """The ways on a name of ``NAME_CHARS`` characters: each split among k open-ended repeats,
+    C(NAME_CHARS + k, k) of them, times its ways."""
+    return sum(m * math.comb(NAME_CHARS + k, k) for k, m in ways.items())
 
 
 def _first_literal(items: list) -> str | None:
