@@ -1,6 +1,5 @@
 """Data and evaluation fixes: text without spaces is cut by characters when too long; `lorakit
-eval` refuses answer words it cannot score before its loss pass, naming the file and the way
-out; empty prompts spread over the splits; the chat-template error names the CLI flag."""
+eval` scores whole answers where answer words share a first token; empty prompts spread over the splits; the chat-template error names the CLI flag."""
 
 from __future__ import annotations
 
@@ -43,21 +42,47 @@ def test_text_without_spaces_keeps_its_longest_prefix_that_fits(tokenizer, tmp_p
     assert "goo\n" not in tokenizer.decode(kept) and "good" in tokenizer.decode(kept)
 
 
-def test_eval_refuses_labels_sharing_a_first_token_before_its_loss_pass(
-    model_dir, tmp_path, capsys, monkeypatch
-):
+def test_eval_scores_whole_answers_when_labels_share_a_first_token(model_dir, tmp_path, capsys):
+    """' 0' and ' 1' are 'Ġ' + a digit for byte-level BPE: their first tokens are the same, so
+    eval scores the whole answers (it used to refuse such labels)."""
     path = tmp_path / "numbers.csv"
     path.write_text("text,label\ngreat film,1\nbad film,0\nfine film,1\n", encoding="utf-8")
-    import lorakit.train.losses
+    assert main(["eval", "--model", str(model_dir), "--data", str(path), "--split", "all"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["accuracy_kind"] == "choice scoring of whole answers"
+    assert report["examples"] == 3 and report["accuracy"] in (0.0, 1 / 3, 2 / 3, 1.0)
 
-    def no_loss_pass(*args, **kwargs):
-        raise AssertionError("the loss pass ran before the choices were checked")
 
-    monkeypatch.setattr(lorakit.train.losses, "evaluate", no_loss_pass)
-    assert main(["eval", "--model", str(model_dir), "--data", str(path)]) == 2
-    err = capsys.readouterr().err
-    assert f"--data {path}" in err and "share a first token" in err
-    assert "--style chat" in err and "0 -> negative" in err
+def test_whole_answer_scores_are_the_answers_log_likelihood(model_dir, tmp_path):
+    """Each choice scores sum_t log P(a[t] | prompt, a[:t]) over the tokens training learns
+    for it (the answer and its EOS), batched or not, against an unpadded float64 forward."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    path = tmp_path / "numbers.csv"
+    rows = "".join(f"review number {i} {'good ' * i},{i % 2}\n" for i in range(5))
+    path.write_text("text,label\n" + rows, encoding="utf-8")
+    examples = data.load_examples(path, split="all")
+    assert data.whole_answers_needed(examples, tokenizer)
+    with pytest.raises(UserError, match="share a first token"):
+        data.score_choices(model, tokenizer, examples, whole_answers=False)
+    scores = data.score_choices(model, tokenizer, examples, batch_size=3)
+    double = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float64).eval()
+    for i, example in enumerate(examples):
+        prompt = data.prompt_token_ids(example, tokenizer)
+        for j, choice in enumerate(example.choices):
+            answer = data.tokenize.answer_token_ids(example, tokenizer, choice)
+            assert answer[-1] == tokenizer.eos_token_id and len(answer) >= 2
+            ids = torch.tensor([prompt + answer])
+            with torch.no_grad():
+                log_probs = double(ids).logits[0].log_softmax(-1)
+            expected = sum(log_probs[len(prompt) - 1 + t, token] for t, token in enumerate(answer))
+            assert abs(scores[i, j].item() - expected.item()) < 1e-4
+    result = data.classify(model, tokenizer, examples, batch_size=2)
+    assert result.whole_answers and result.predictions == scores.argmax(-1).tolist()
 
 
 def test_empty_prompts_spread_over_the_splits(tmp_path):

@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Mean loss per answer token on the data and, for classification data (examples with "
             "choices, e.g. rotten-tomatoes), accuracy by comparing the choices' next-token "
-            "scores; otherwise exact-match accuracy of the answers (teacher forcing). Prints "
+            "scores (their whole answers' where first tokens are shared); otherwise exact-match accuracy of the answers (teacher forcing). Prints "
             "JSON: examples, truncated (how many --max-length shortened, also warned about on "
             "stderr), loss, accuracy, accuracy_kind."
         ),
@@ -177,17 +177,15 @@ def _flag_spelling(message: str) -> str:
 
 def _check_choices(args: argparse.Namespace, example, tokenizer) -> None:
     """``UserError`` naming ``--data`` and the way out when the answer words cannot be scored:
-    their first tokens are the same (``' 0'`` and ``' 1'`` are ``Ġ`` + a digit for byte-level
-    BPE tokenizers), which choice scoring needs to differ."""
-    from lorakit.data.scoring import choice_token_ids
+    fewer than two, or two that tokenise to the same answer."""
+    from lorakit.data.scoring import choice_answer_ids
 
     try:
-        choice_token_ids(example.choices, tokenizer, example)
+        choice_answer_ids(example.choices, tokenizer, example)
     except UserError as error:
         raise UserError(
-            f"--data {args.data}: {error}. Rename the labels in the file to answer words "
-            "that start differently (e.g. 0 -> negative, 1 -> positive), or try --style chat "
-            "(the answer then follows the template's text directly)"
+            f"--data {args.data}: {error}. Rename the labels in the file to distinct answer "
+            "words (e.g. 0 -> negative, 1 -> positive)"
         ) from None
 
 
@@ -228,7 +226,9 @@ def run(args: argparse.Namespace) -> int:
             model, tokenizer, examples, batch_size=args.batch_size, max_length=args.max_length
         )
         report["accuracy"] = scored.accuracy
-        report["accuracy_kind"] = "choice scoring"
+        report["accuracy_kind"] = (
+            "choice scoring of whole answers" if scored.whole_answers else "choice scoring"
+        )
     else:
         report["accuracy"] = results["accuracy"]
         report["accuracy_kind"] = "exact match of the answer tokens"

@@ -29,7 +29,14 @@ from lorakit.data.builtin import (
 )
 from lorakit.data.examples import SPLITS, Example, check_split, select_split, split_of
 from lorakit.data.formats import read_csv, read_jsonl
-from lorakit.data.scoring import ClassificationResult, choice_token_ids, classify, score_choices
+from lorakit.data.scoring import (
+    ClassificationResult,
+    choice_answer_ids,
+    choice_token_ids,
+    classify,
+    score_choices,
+    whole_answers_needed,
+)
 from lorakit.data.tokenize import (
     IGNORE_INDEX,
     TokenizedData,
@@ -51,6 +58,7 @@ __all__ = [
     "Example",
     "TokenizedData",
     "batches",
+    "choice_answer_ids",
     "choice_token_ids",
     "classify",
     "collate",
@@ -66,6 +74,7 @@ __all__ = [
     "split_of",
     "tokenize_example",
     "tokenize_examples",
+    "whole_answers_needed",
 ]
 
 

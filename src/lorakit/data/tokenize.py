@@ -43,6 +43,7 @@ __all__ = [
     "IGNORE_INDEX",
     "TokenizedData",
     "answer_first_token",
+    "answer_token_ids",
     "chat_segments",
     "example_segments",
     "fit_example",
@@ -318,8 +319,15 @@ def answer_first_token(example: Example, tokenizer, answer: str) -> int:
     """The first token training learns for ``example`` with ``answer`` as its answer (the
     completion, or the last assistant content): the first token of its last learnt segment,
     as the chat template renders it (``" negative"`` after a template's ``"Assistant:"``)."""
+    return answer_token_ids(example, tokenizer, answer)[0]
+
+
+def answer_token_ids(example: Example, tokenizer, answer: str) -> list[int]:
+    """Every token training learns for ``example`` with ``answer`` as its answer: its last
+    learnt segment, the answer and what ends it (plain: EOS; ChatML: ``<|im_end|>``), as the
+    template renders it after ``prompt_token_ids(example)``."""
     segments = example_segments(_with_answer(example, answer), tokenizer)
-    return segments[_last_learnt_segment(segments, example)][0][0]
+    return list(segments[_last_learnt_segment(segments, example)][0])
 
 
 def _last_learnt_segment(segments: Sequence[Segment], example: Example) -> int:
