@@ -40,7 +40,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import TargetModulesError
 from lorakit.targets import find_targets, matches, model_modules
 
-__all__ = ["convert_moe_config", "fused_moe_family"]
+__all__ = ["convert_moe_config", "expert_parts", "fused_moe_family", "renamed_modules"]
 
 # transformers-4 module name -> the transformers-5 parameter it became, per family (PEFT's
 # _MOE_TARGET_MODULE_MAPPING), in PEFT's order (the first name an entry ends with wins).
@@ -63,6 +63,31 @@ _FUSED: dict[str, dict[str, tuple[str, ...]]] = {
     "mixtral": {"gate_up_proj": ("w1", "w3")},
     "qwen2_moe": {"gate_up_proj": ("gate_proj", "up_proj")},
 }
+
+# transformers-4 module name -> the transformers-5 name, per family (transformers' own
+# WeightRenaming of the checkpoint keys; PEFT applies it to an adapter file's keys too).
+_RENAMED_MODULES: dict[str, dict[str, str]] = {
+    "mixtral": {"block_sparse_moe": "mlp"},
+    "qwen2_moe": {},
+}
+
+
+def expert_parts(family: str) -> dict[str, tuple[str, int]]:
+    """``{transformers-4 expert module name: (the fused parameter, its place in it)}`` of
+    ``family``: e.g. Mixtral's ``w1`` -> ``("gate_up_proj", 0)``, ``w3`` -> ``("gate_up_proj",
+    1)``, ``w2`` -> ``("down_proj", 0)`` (the router ``gate`` is no expert: left out)."""
+    parts = {}
+    for old, new in _RENAMED[family].items():
+        if new.endswith(".weight"):
+            continue  # the router: a bare 2-D weight, renamed only
+        parts[old] = (new, _FUSED[family].get(new, (old,)).index(old))
+    return parts
+
+
+def renamed_modules(family: str) -> dict[str, str]:
+    """``{transformers-4 module name: transformers-5 name}`` of ``family`` (a whole dotted part
+    of a path, e.g. Mixtral's ``block_sparse_moe`` -> ``mlp``)."""
+    return dict(_RENAMED_MODULES[family])
 
 
 def _conversion_patterns() -> dict[str, str] | None:

@@ -33,6 +33,7 @@ from lorakit.io.load_checks import (
     init_to_redo,
 )
 from lorakit.io.load_plan import LoadTargets, load_targets
+from lorakit.io.moe_files import file_keys, fuse_expert_tensors
 from lorakit.io.read import (
     AdapterFile,
     AdapterHeader,
@@ -137,10 +138,15 @@ def _load_checked(
     check_targets_take(model, to_load, current, adapter_name)
     check_init_redo(to_load, current)
     check_tensors(
-        header, to_load.config, to_load.tensors, modules
+        to_load.header, to_load.config, to_load.tensors, modules
     )  # from the header: no data read yet
     adapter = read_adapter_data(header)
-    adapter.require_finite([entry.key for entry in to_load.tensors])
+    keys = [entry.key for entry in to_load.tensors]
+    conversion = to_load.expert_conversion
+    adapter.require_finite(keys if conversion is None else file_keys(conversion, keys))
+    if conversion is not None:  # a transformers-4 per-expert MoE file, fused as PEFT does
+        adapter.tensors = fuse_expert_tensors(adapter.tensors, conversion)
+        adapter.fingerprint = None  # recorded on its transformers-4 module paths
     replaced = {
         e.module for e in to_load.tensors if e.role == "base_weight"
     }  # the file brings these

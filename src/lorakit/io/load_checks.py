@@ -31,6 +31,7 @@ from lorakit.io.load_plan import LoadTargets
 from lorakit.io.read import AdapterFile, AdapterHeader
 from lorakit.io.tensors import TORCH_DTYPES
 from lorakit.layers import layer_class_for
+from lorakit.layers.parameter import parameter_layout
 
 __all__ = ["check_base", "check_init_redo", "check_targets_take", "check_tensors", "init_to_redo"]
 
@@ -94,7 +95,13 @@ def check_tensors(
         rank = config.rank_for(entry.parameter if on_parameter else entry.module)
         shape = expected_shape(modules, entry, rank)
         if tuple(info.shape) != shape:
-            raise AdapterFileError(_shape_message(source, entry, tuple(info.shape), shape, rank))
+            experts = _experts(modules, entry)
+            got = tuple(info.shape)
+            raise AdapterFileError(
+                _expert_shape_message(source, entry, got, shape, rank, experts)
+                if experts
+                else _shape_message(source, entry, got, shape, rank)
+            )
         _check_dtype(source, entry, info.dtype, modules)
 
 
@@ -112,6 +119,44 @@ def _check_dtype(source, entry: FileTensor, dtype: str, modules: dict[str, nn.Mo
             f"{'floating-point' if wanted else 'non-floating-point'} dtype. The file is broken; "
             "re-save the adapter."
         )
+
+
+def _experts(modules: dict[str, nn.Module], entry: FileTensor) -> int:
+    """E of the 3-D expert parameter a LoRA factor ``entry`` belongs to; 0 for anything else."""
+    if entry.role not in LORA_ROLES or not entry.parameter:
+        return 0
+    owner, _, name = entry.parameter.rpartition(".")
+    return parameter_layout(getattr(modules[owner], name), False)[0]
+
+
+def _expert_shape_message(
+    source, entry: FileTensor, got: tuple, want: tuple, rank: int, experts: int
+) -> str:
+    """The message for a LoRA factor of a 3-D expert parameter of ``experts`` experts: its
+    rank axis holds E x r rows (A (E r, k)) or columns (B (d, E r)), not the rank itself."""
+    message = f"adapter {source}: tensor {entry.key} has shape {list(got)}, expected {list(want)}"
+    axis = 0 if entry.role == "lora_A" else 1
+    count, what = got[axis] if len(got) == 2 else None, ("rows" if axis == 0 else "columns")
+    where = (
+        f"for the expert parameter {entry.parameter} ({experts} experts on this model) the "
+        f"{entry.role} {what} are E x r = {experts} x {rank} = {want[axis]}"
+    )
+    if count is None or got[1 - axis] != want[1 - axis] or count % experts:
+        return (
+            f"{message}: {where}. The tensor does not fit that layout: the adapter was trained "
+            "on a base with another number of experts or other dimensions; load it onto that base."
+        )
+    other_base = (
+        f", or it was trained on a base with {count // rank} experts (at rank {rank})"
+        if count % rank == 0
+        else ""
+    )
+    return (
+        f"{message}: {where}, but the tensor has {count} = {experts} x {count // experts}: rank "
+        f"{count // experts} where the config (r / rank_pattern in adapter_config.json) gives "
+        f"{rank}. Either the config and the weights disagree (fix r / rank_pattern for "
+        f"{entry.parameter}, or re-save the adapter){other_base}."
+    )
 
 
 def _shape_message(source, entry: FileTensor, got: tuple, want: tuple, rank: int) -> str:

@@ -20,8 +20,9 @@ from lorakit.io.keys import (
     embedding_module_names,
     key_names_module,
 )
+from lorakit.io.moe_files import ExpertConversion, converted_header, expert_conversion
 from lorakit.io.read import AdapterHeader
-from lorakit.moe_targets import convert_moe_config
+from lorakit.moe_targets import convert_moe_config, fused_moe_family
 from lorakit.parameter_targets import find_parameter_targets
 from lorakit.targets import find_targets, saved_module_matches
 from lorakit.wrapped_modules import saved_module_names, token_module_names
@@ -42,13 +43,20 @@ class LoadTargets:
     """``{LoRA layer path: parameter path}`` (``target_parameters``)."""
     source: object = None
     """The adapter's directory (for messages)."""
+    header: AdapterHeader | None = None
+    """The header as the checks see it: the file's, or a transformers-4 per-expert MoE file's
+    as converted (``expert_conversion``)."""
+    expert_conversion: ExpertConversion | None = None
+    """How the file's tensors become the ones ``tensors`` lists, if they need converting."""
 
 
 def load_targets(
     model: nn.Module, adapter: AdapterHeader, modules: dict[str, nn.Module]
 ) -> LoadTargets:
     """The config to inject (``modules_to_save`` entries that name no module and have no
-    tensor dropped, e.g. peft's automatic "classifier"/"score") and the tensors it implies."""
+    tensor dropped, e.g. peft's automatic "classifier"/"score") and the tensors it implies. A
+    transformers-4 per-expert MoE file is planned as the fused file PEFT converts it into
+    (``lorakit.io.moe_files``; its tensors are fused once read)."""
     config = adapter.config
     names = [name for name in modules if name]
     saved = config.modules_to_save or []
@@ -90,7 +98,12 @@ def load_targets(
         token_modules={name: len(indices) for name, indices in tokens.items()},
         parameter_layers=parameter_targets,
     )
-    return LoadTargets(config, targets, saved_names, tensors, parameter_targets, source)
+    family = fused_moe_family(model)
+    conversion = expert_conversion(adapter, adapter.config, family, tensors, modules)
+    header = adapter if conversion is None else converted_header(adapter, conversion)
+    return LoadTargets(
+        config, targets, saved_names, tensors, parameter_targets, source, header, conversion
+    )
 
 
 def _has_tensors_for(adapter: AdapterHeader, entry: str) -> bool:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from torch import nn
 
 from lorakit import quantized
+from lorakit.errors import TargetModulesError
 from lorakit.layers.base import LoraLayer
 from lorakit.layers.embedding import LoraEmbedding
 from lorakit.layers.linear import LoraLinear, is_conv1d, linear_shape
@@ -60,7 +61,17 @@ _DISPATCH: list[tuple[Callable[[nn.Module], bool], type[LoraLayer]]] = [
 def layer_class_for(module: nn.Module, module_name: str) -> type[LoraLayer]:
     """The LoRA layer class that wraps ``module`` (its own class when it is a LoRA layer
     already); TypeError naming the module if none does (``UnsupportedQuantizedLayerError`` for a
-    quantized layer of a format lorakit does not know)."""
+    quantized layer of a format lorakit does not know). A ``LoraParameter`` (a module whose bare
+    parameter another adapter adapts, ``target_parameters``) is no ``target_modules`` target:
+    ``TargetModulesError`` naming it."""
+    if isinstance(module, LoraParameter):
+        raise TargetModulesError(
+            f"module {module_name!r} is named by target_modules, but it is not a linear or "
+            f"embedding layer: its parameter {module.parameter_name!r} is adapted through "
+            "target_parameters by another adapter. Name that parameter in target_parameters "
+            f"(e.g. {module_name}.{module.parameter_name}), or drop {module_name!r} from "
+            "target_modules."
+        )
     if isinstance(module, LoraLayer):
         return type(module)
     quantized.check_supported(module, module_name)
