@@ -187,6 +187,7 @@ def test_without_model_the_message_names_the_default_base(tmp_path, monkeypatch,
     tiny_models.save_llama_with_tokenizer(tmp_path / "small", tiny_tokenizer.build())
     command = ["export", str(directory), "--format", "gguf", "--output", str(tmp_path / "a.gguf")]
     assert main(command) == 0  # the (patched) default fits
+    command.append("--overwrite")  # (the checks below fail after the output check)
     assert main([*command, "--model", str(tmp_path / "small")]) == 2
     err = capsys.readouterr().err
     assert f"of --model {tmp_path / 'small'}; give the adapter's base model (--model)" in err

@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 
 from lorakit.commands.eval import add_base_mismatch_option
+from lorakit.commands.extract import add_overwrite_option
 from lorakit.errors import UserError
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
@@ -35,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("source", help="adapter directory (PEFT format), or a model spec")
     parser.add_argument("--format", required=True, choices=["gguf"], help="output format")
     parser.add_argument("--output", required=True, help="the .gguf file to write")
+    add_overwrite_option(parser)
     parser.add_argument(
         "--model",
         help=f"the adapter's base model spec, for an adapter SOURCE (default: {DEFAULT_BASE})",
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--output {args.output}: give a file name ending in .gguf")
     inputs = [("SOURCE", args.source)] + ([("--adapter", args.adapter)] if args.adapter else [])
     refuse_output_onto_inputs("export", args.output, inputs)  # (a .gguf --adapter)
-    check_output_path(args.output)  # before anything loads
+    check_output_path(args.output, overwrite=args.overwrite)  # before anything loads
     if _is_adapter(args.source):
         _check_adapter_source(args)
         return _export_adapter(args)
@@ -142,7 +144,8 @@ def _check_adapter_source(args: argparse.Namespace) -> None:
 
 
 def _check_model_source(args: argparse.Namespace) -> None:
-    """Refuse the options that do nothing for a model SOURCE."""
+    """Refuse the options that do nothing for a model SOURCE, and a --gguf-pre that llama.cpp
+    does not know."""
     if args.drop_unsupported:
         raise UserError("--drop-unsupported goes with an adapter SOURCE")
     if args.model is not None:
@@ -158,6 +161,10 @@ def _check_model_source(args: argparse.Namespace) -> None:
         )
     if args.allow_base_mismatch and not args.adapter:
         raise UserError("--allow-base-mismatch goes with --adapter (no adapter is loaded)")
+    if args.gguf_pre is not None:
+        from lorakit.export.gguf_tokenizer import check_pre_tokenizer_name
+
+        check_pre_tokenizer_name(args.gguf_pre)  # (a name llama.cpp refuses) before loading
 
 
 def _export_adapter(args: argparse.Namespace) -> int:
@@ -189,12 +196,11 @@ def _export_adapter(args: argparse.Namespace) -> int:
 def _export_model(args: argparse.Namespace) -> int:
     from lorakit.commands.eval import load_model_and_adapter
     from lorakit.export.gguf_model import export_model
-    from lorakit.merge import merge_and_unload
     from lorakit.models import builtin_gguf_file
 
     model, tokenizer = load_model_and_adapter(args.source, args.adapter, args.allow_base_mismatch)
     if args.adapter:
-        model = merge_and_unload(model)
+        model = _merged(model)
     path = export_model(
         model,
         args.output,
@@ -207,3 +213,22 @@ def _export_model(args: argparse.Namespace) -> int:
     merged = f" merged with {args.adapter}" if args.adapter else ""
     print(f"GGUF model ({args.type or 'f16'}){merged} written to {path}")
     return 0
+
+
+def _merged(model):
+    """``merge_and_unload(model)``; a merge lorakit refuses (``ValueError``: a bias on lora_B
+    with no base bias to add it to, non-finite values) becomes ``UserError("cannot merge: ...")``
+    as in ``lorakit merge``, before any file is written. The unmerged route that such a
+    message may advise is closed here: llama.cpp's LoRA format cannot carry a lora_B bias or
+    non-finite values either (``gguf_adapter`` refuses them)."""
+    from lorakit.merge import merge_and_unload
+
+    try:
+        return merge_and_unload(model)
+    except ValueError as error:
+        reason = str(error).removesuffix(" use the adapter unmerged.").rstrip("; .")
+        raise UserError(
+            f"cannot merge: {reason}. No GGUF file can hold this adapter: a GGUF model needs "
+            "it merged, and a GGUF LoRA adapter cannot carry it either. Run it unmerged with "
+            "lorakit or transformers instead (no file was written)."
+        ) from None

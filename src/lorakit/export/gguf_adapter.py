@@ -38,7 +38,9 @@ from lorakit.functional import fold_scale, scaling
 
 __all__ = ["ADAPTER_TYPES", "AdapterExport", "export_adapter"]
 
-ADAPTER_TYPES = ("f32", "f16", "bf16")  # lora_a/lora_b rows are r long: too short for q8_0 blocks
+# lora_b (ne=[r, out]) rows are r values long: too short for q8_0/q4_0 blocks of 32 unless r is
+# a multiple of 32 (lora_a, ne=[in, r], has rows of the input size)
+ADAPTER_TYPES = ("f32", "f16", "bf16")
 TOKEN_EMBEDDING = "token_embd.weight"
 
 
@@ -85,7 +87,8 @@ def export_adapter(
     not PEFT's copy of the model's own embedding, which is skipped) raises
     ``UserError`` naming it and why, unless ``drop_unsupported`` (then listed in ``.dropped``).
     DoRA is always refused, and so are unconverted PiSSA / OLoRA adapters (``AdapterFileError``,
-    module docstring). ``model`` may be lorakit's ``PeftModel`` (its base model is used);
+    module docstring) and an adapter whose ``auto_mapping.base_model_class`` is not ``model``'s
+    class. ``model`` may be lorakit's ``PeftModel`` (its base model is used);
     ``base_name`` says which model it is in messages (the CLI: its ``--model``)."""
     from lorakit.io.read import read_plain_lora
     from lorakit.state import adapter_model
@@ -95,6 +98,7 @@ def export_adapter(
     if tensor_type not in ADAPTER_TYPES:
         raise UserError(f"--type {tensor_type} for an adapter: choose one of {ADAPTER_TYPES}")
     _refuse_dora(Path(adapter_directory))
+    _refuse_other_base_class(Path(adapter_directory), model, base_name)
     adapter = read_plain_lora(
         adapter_directory, "exporting it as a GGUF LoRA for the original model"
     )
@@ -179,15 +183,38 @@ def _llama_cpp_tensors(pairs, config, layout: GgufLayout, tensor_type: str):
     return file_alpha, tensors
 
 
-def _refuse_dora(directory: Path) -> None:
+def _config_fields(directory: Path) -> dict:
+    """adapter_config.json's fields as written (PEFT's too, which lorakit's ``LoraConfig`` does
+    not keep), or {} for a file that cannot be read (``read_plain_lora`` reports it)."""
     from lorakit.io.read import CONFIG_NAME, adapter_directory
 
     config_path = adapter_directory(directory) / CONFIG_NAME
     try:
-        uses_dora = json.loads(config_path.read_text(encoding="utf-8")).get("use_dora") is True
-    except (OSError, ValueError, AttributeError):
-        return  # read_adapter reports the broken file
-    if uses_dora:
+        fields = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return fields if isinstance(fields, dict) else {}
+
+
+def _refuse_other_base_class(directory: Path, model: nn.Module, base_name: str | None) -> None:
+    """``UserError`` when adapter_config.json's ``auto_mapping.base_model_class`` (the class of
+    the model PEFT made the adapter on, written when it had no ``task_type``) is not ``model``'s
+    class: same-sized modules of another architecture would be exported, and llama.cpp then
+    refuses the file over the adapter's real base. ``base_name`` names ``model``."""
+    mapping = _config_fields(directory).get("auto_mapping")
+    made_for = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    given = type(model).__name__
+    if isinstance(made_for, str) and made_for != given:
+        base = base_name or f"the {given} given"
+        raise UserError(
+            f"adapter {directory} was made for a {made_for} (adapter_config.json "
+            f"auto_mapping.base_model_class), but {base} is a {given}: give the adapter's base "
+            "model (--model), whose architecture the GGUF file names"
+        )
+
+
+def _refuse_dora(directory: Path) -> None:
+    if _config_fields(directory).get("use_dora") is True:
         raise UserError(
             f"adapter {directory} is a DoRA adapter (use_dora: true): llama.cpp's LoRA format has "
             "no magnitude vectors, so it cannot be exported as a GGUF adapter (and dropping them "

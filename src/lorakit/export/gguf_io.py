@@ -60,13 +60,20 @@ def decode_tensor(reader_tensor) -> torch.Tensor:
     return torch.from_numpy(np.array(array, dtype=np.float32).reshape(shape))
 
 
-def check_output_path(path: str | os.PathLike[str]) -> Path:
+def check_output_path(path: str | os.PathLike[str], *, overwrite: bool = True) -> Path:
     """``path`` as a ``Path`` if a GGUF file can be written there (its directory exists and it is
-    not a directory itself), else ``UserError`` naming ``--output`` and what is in the way; the
-    export command checks this before it loads anything."""
+    not a directory itself; an existing file only with ``overwrite``, which the Python API
+    allows and the export command passes as ``--overwrite``), else ``UserError`` naming
+    ``--output`` and what is in the way; the export command checks this before it loads
+    anything."""
     target = Path(path)
     if target.is_dir():
         raise UserError(f"--output {target} is a directory; give a file name ending in .gguf")
+    if not overwrite and (target.exists() or target.is_symlink()):
+        raise UserError(
+            f"export: --output {target} already exists; give another --output, remove it, or "
+            "pass --overwrite to replace it"
+        )
     if target.parent.exists() and not target.parent.is_dir():
         raise UserError(
             f"--output {target}: {target.parent} is a file, not a directory; give a path in an "

@@ -18,7 +18,12 @@ What llama.cpp's converter writes for these architectures, and what llama.cpp re
 Rotary scaling other than the default (llama3, yarn, ...) is refused: llama.cpp's converter
 writes extra keys and tensors for it that lorakit does not produce. So is a Qwen2 whose
 ``head_dim * num_attention_heads`` is not its hidden size (``gguf_names.check_head_size``):
-llama.cpp's qwen2 loader cannot read it.
+llama.cpp's qwen2 loader cannot read it. So are configs whose computation llama.cpp's llama /
+qwen2 graph does not follow (it always runs SiLU-gated MLPs and full causal attention): a
+``hidden_act`` other than SiLU, and sliding-window attention (a Mistral ``sliding_window``
+smaller than ``max_position_embeddings``; a Qwen2 with ``use_sliding_window`` or a
+"sliding_attention" layer in ``layer_types``). A model still holding quantized layers is
+refused too: the GGUF export writes float weights (``_refuse_quantized_layers``).
 """
 
 from __future__ import annotations
@@ -73,6 +78,9 @@ def export_model(
     layout = gguf_layout(config)
     check_head_size(config)
     _refuse_rope_scaling(config)
+    _refuse_other_activation(config)
+    _refuse_sliding_window(config)
+    _refuse_quantized_layers(model)
     tensors = model_tensors(model, layout, tensor_type)
     vocabulary = _vocabulary_keys(config, tokenizer, tokenizer_gguf, pre_tokenizer)
 
@@ -127,6 +135,70 @@ def _refuse_rope_scaling(config) -> None:
         raise UserError(
             f"this model uses rotary scaling {kind!r}, which lorakit's GGUF export does not "
             "write; use llama.cpp's convert_hf_to_gguf.py on the (merged) model directory"
+        )
+
+
+SILU_NAMES = ("silu", "swish")  # transformers' ACT2FN names of x * sigmoid(x)
+
+
+def _refuse_other_activation(config) -> None:
+    """``UserError`` unless the MLP's ``hidden_act`` is SiLU: llama.cpp's llama and qwen2
+    graphs compute ``down(silu(gate(x)) * up(x))`` whatever the file says."""
+    activation = getattr(config, "hidden_act", "silu")
+    if activation not in SILU_NAMES:
+        raise UserError(
+            f"this model's config has hidden_act={activation!r}; llama.cpp runs "
+            f"{config.model_type} models with SiLU only, so its outputs would differ. lorakit's "
+            "GGUF export does not write it: run the model with transformers or lorakit"
+        )
+
+
+def _refuse_sliding_window(config) -> None:
+    """``UserError`` for attention through a sliding window, which llama.cpp's llama / qwen2
+    graphs do not apply (every token attends to the whole context): a ``sliding_window``
+    smaller than ``max_position_embeddings`` (Mistral), ``use_sliding_window`` (Qwen2), or a
+    "sliding_attention" entry in ``layer_types``."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    sliding = [index for index, kind in enumerate(layer_types) if kind == "sliding_attention"]
+    field = None
+    if getattr(config, "use_sliding_window", False):
+        field = f"use_sliding_window=True (sliding_window={window})"
+    elif sliding:
+        field = (
+            f"layer_types with 'sliding_attention' at layers {sliding} (sliding_window={window})"
+        )
+    elif window is not None and window < config.max_position_embeddings:
+        field = (
+            f"sliding_window={window} (smaller than max_position_embeddings="
+            f"{config.max_position_embeddings})"
+        )
+    if field is not None:
+        raise UserError(
+            f"this model's config has {field}: its attention looks back only that far, which "
+            "llama.cpp's GGUF models of this architecture do not do (they attend to the whole "
+            "context), so their outputs would differ. lorakit's GGUF export does not write it: "
+            "run the model with transformers or lorakit"
+        )
+
+
+def _refuse_quantized_layers(model: nn.Module) -> None:
+    """``UserError`` naming the quantized layers (``lorakit.quantized``: bitsandbytes, torchao,
+    GGUF blocks, int8-rows, int4-groups, or a layer that looks quantized) that ``model`` still
+    holds: their ``weight`` is packed storage, not the float matrix a GGUF model file holds."""
+    from lorakit import quantized
+
+    names = [
+        name
+        for name, module in model.named_modules()
+        if quantized.is_quantized(module) or quantized.looks_quantized(module) is not None
+    ]
+    if names:
+        listed = ", ".join(names[:3]) + (f", ... ({len(names)} in all)" * (len(names) > 3))
+        raise UserError(
+            f"the model holds quantized layers ({listed}); the GGUF export writes float "
+            "weights: load the model unquantized (no quantization), or, with an adapter on it, "
+            "merge_and_unload the model (it dequantizes every quantized layer) and export that"
         )
 
 

@@ -39,6 +39,7 @@ __all__ = [
 
 SUFFIXES = (".lora_a", ".lora_b")
 TOKEN_EMBEDDING = "token_embd.weight"
+OUTPUT = "output.weight"  # lm_head's GGUF tensor (absent from a base whose head is tied)
 
 
 @dataclass
@@ -136,20 +137,7 @@ def gguf_adapter_as_peft(adapter: GgufAdapter, model: nn.Module):
     modules = {layout.tensor_name(name): name for name, _ in model_modules(model) if name}
     tensors, ranks, b_keys = {}, {}, set()
     for name in adapter.pairs:
-        module = modules.get(name)
-        if module is None:
-            raise AdapterFileError(
-                f"{adapter.path}: tensor {name} names no module of this {type(model).__name__}"
-            )
-        if name == TOKEN_EMBEDDING and layout.tied_embeddings:
-            raise AdapterFileError(
-                f"{adapter.path} has a LoRA on {TOKEN_EMBEDDING}, and this "
-                f"{type(model).__name__} ties its output to the token embedding: llama.cpp aborts "
-                "on such a file over the tied base (no output.weight: its output projection is "
-                "token_embd itself, which the pair's transposed A does not fit, GGML_ASSERT), so "
-                "there is no llama.cpp result to reproduce. Use an untied base, or a PEFT-format "
-                "adapter."
-            )
+        module = _module_for(name, modules, layout.tied_embeddings, adapter.path, model)
         lora_a, lora_b = adapter.factors(name)
         order = layout.row_order(name, lora_b.shape[0])
         if order is not None:
@@ -176,6 +164,33 @@ def gguf_adapter_as_peft(adapter: GgufAdapter, model: nn.Module):
         task_type="CAUSAL_LM",
     )
     return config, tensors
+
+
+def _module_for(name: str, modules: dict, tied: bool, path: Path, model: nn.Module) -> str:
+    """The name of ``model``'s module that the GGUF tensor ``name`` adapts (``modules``: GGUF
+    tensor -> module), else ``AdapterFileError`` saying why none: ``output.weight`` for a model
+    whose lm_head is ``tied`` to the token embedding, a ``token_embd`` pair on such a model
+    (llama.cpp aborts on it), or a tensor the model has no module for."""
+    kind = type(model).__name__
+    module = modules.get(name)
+    if module is None and name == OUTPUT and tied:
+        raise AdapterFileError(
+            f"{path} has a LoRA on {OUTPUT} (the output projection, lm_head), and this {kind} "
+            f"ties lm_head to the token embedding (llama.cpp uses {TOKEN_EMBEDDING} as its "
+            f"output, with no {OUTPUT}): the adapter was made for a base with an untied "
+            "lm_head. Load it onto that base."
+        )
+    if module is None:
+        raise AdapterFileError(f"{path}: tensor {name} names no module of this {kind}")
+    if name == TOKEN_EMBEDDING and tied:
+        raise AdapterFileError(
+            f"{path} has a LoRA on {TOKEN_EMBEDDING}, and this {kind} ties its output to the "
+            "token embedding: llama.cpp aborts on such a file over the tied base (no "
+            "output.weight: its output projection is token_embd itself, which the pair's "
+            "transposed A does not fit, GGML_ASSERT), so there is no llama.cpp result to "
+            "reproduce. Use an untied base, or a PEFT-format adapter."
+        )
+    return module
 
 
 def load_gguf_adapter(model: nn.Module, path: str | os.PathLike[str], adapter_name: str, **options):

@@ -25,8 +25,10 @@ from typing import Any
 from lorakit.errors import UserError
 
 __all__ = [
+    "LLAMA_CPP_PRE_TOKENIZERS",
     "PRE_TOKENIZERS",
     "added_special_tokens",
+    "check_pre_tokenizer_name",
     "copied_keys",
     "pre_tokenizer_layout",
     "pre_tokenizer_name",
@@ -50,6 +52,22 @@ PRE_TOKENIZERS = {
     (("Split", LLAMA3_SPLIT, "Isolated"), BYTES_ONLY): "llama-bpe",  # Llama 3
     (("Split", QWEN2_SPLIT, "Isolated"), BYTES_ONLY): "qwen2",  # Qwen2 / Qwen2.5
 }
+
+# Every tokenizer.ggml.pre that llama.cpp's vocabulary loader accepts (llama-vocab.cpp's
+# ``tokenizer_pre == "..."`` comparisons); it refuses a model file with any other name.
+_LLAMA_CPP_PRE_NAMES = """
+    a.x-4.0 afmoe bailingmoe bailingmoe2 bloom chameleon chatglm-bpe codeshell cohere2moe
+    command-r dbrx deepseek-coder deepseek-llm deepseek-r1-qwen deepseek-v3 default exaone
+    exaone-moe exaone4 f2llmv2 falcon falcon-h1 falcon3 gemma4 gigachat glm4 gpt-2 gpt-4o
+    gpt3-finnish granite-docling granite-embed-multi-311m granite-embed-multi-97m grok-2 hunyuan
+    hunyuan-dense hy_v4 jais jais-2 jina-de jina-es jina-v1-en jina-v2-code jina-v2-de jina-v2-es
+    jina-v5-nano joyai-llm kanana2 kimi-k2 kormo laguna lfm2 llada-moe llama-bpe llama-v3 llama3
+    llama4 megrez mellum mellum2 midm-2.0 minerva-7b minicpm5 minimax-m2 modern-bert mpt olmo
+    phi-2 pixtral poro-chat qwen2 qwen35 refact roberta-bpe sarvam-moe seed-coder smaug-bpe smollm
+    solar-open spark2_5 stablelm2 starcoder superbpe talkie tekken tiny_aya trillion ufakzeka
+    viking whitespace youtu
+"""
+LLAMA_CPP_PRE_TOKENIZERS = frozenset(_LLAMA_CPP_PRE_NAMES.split())
 
 Entry = tuple[str, Any, Any, Any]  # (key, value, GGUFValueType, array element type or None)
 
@@ -75,6 +93,8 @@ def tokenizer_keys(tokenizer, vocab_size: int, *, pre_tokenizer: str | None = No
     own pre-tokenizer is (``pre_tokenizer_name``; ``UserError`` for a layout it does not know)."""
     import gguf
 
+    if pre_tokenizer is not None:
+        check_pre_tokenizer_name(pre_tokenizer)
     described = _bpe_description(tokenizer)
     pre = pre_tokenizer or pre_tokenizer_name(described.get("pre_tokenizer"))
     V = gguf.GGUFValueType
@@ -119,6 +139,22 @@ def pre_tokenizer_name(pre_tokenizer: dict[str, Any] | None) -> str:
             "convert_hf_to_gguf.py on the (merged) model directory."
         )
     return name
+
+
+def check_pre_tokenizer_name(name: str) -> None:
+    """``UserError`` unless ``name`` (``--gguf-pre``, ``pre_tokenizer=``) is one of
+    ``LLAMA_CPP_PRE_TOKENIZERS``: llama.cpp refuses to load a model whose tokenizer.ggml.pre it
+    does not know. The message lists the known names closest to ``name`` (``difflib``)."""
+    import difflib
+
+    if name in LLAMA_CPP_PRE_TOKENIZERS:
+        return
+    close = difflib.get_close_matches(name, sorted(LLAMA_CPP_PRE_TOKENIZERS), n=4, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else "e.g. gpt-2, llama-bpe, qwen2, smollm"
+    raise UserError(
+        f"--gguf-pre {name!r} (pre_tokenizer=): llama.cpp knows no pre-tokenizer of that name and "
+        f"would refuse to load the file; give one of llama.cpp's names ({hint})"
+    )
 
 
 def pre_tokenizer_layout(pre_tokenizer: dict[str, Any] | None) -> tuple | None:
