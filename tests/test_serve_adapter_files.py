@@ -184,7 +184,7 @@ def test_a_symlinked_directory_is_served_only_when_it_stays_inside(adapter_files
     assert "leads outside the adapter directory" in served.adapters.registry.skipped["out"]
     with served.client:
         missing = served.post("/v1/completions", completion(model="out"))
-        assert_error(missing, 404, "model", "does not exist")
+        assert_error(missing, 400, "model", "leads outside the adapter directory")
         body = {"lora_name": "out2", "lora_path": "out"}
         response = served.post("/v1/load_lora_adapter", body, AUTH)
         assert_error(response, 400, "lora_path", "leads outside the adapter directory")

@@ -482,7 +482,7 @@ def test_a_name_loaded_from_another_directory_never_falls_back_to_root_name(
         assert "ad1" not in served.model_ids()
 
 
-def test_a_broken_adapter_directory_is_not_discovered_by_a_request(root, adapter_files) -> None:
+def test_a_broken_adapter_directory_is_a_400_naming_it_not_discovered(root, adapter_files) -> None:
     _, tokenizer = adapter_files
     served = Served(root, tokenizer)
     broken = root / "adapters" / "broken"
@@ -490,7 +490,7 @@ def test_a_broken_adapter_directory_is_not_discovered_by_a_request(root, adapter
     (broken / "adapter_model.safetensors").write_bytes(b"garbage")
     with served.client:
         response = served.post("/v1/completions", {"model": "broken", "prompt": PROMPT})
-        assert_error(response, 404, "model", "does not exist")
+        assert_error(response, 400, "model", "'broken'", "cannot be served")
         assert "broken" not in served.model_ids()
 
 

@@ -53,13 +53,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def server_settings(args: argparse.Namespace, positions: int, environ=None):
-    """The app's ``ServerSettings`` from ``args`` (``positions``: the model's)."""
+_READ_TOKEN = object()  # server_settings: read the admin token from args and environ
+
+
+def server_settings(
+    args: argparse.Namespace, positions: int, environ=None, *, token: object = _READ_TOKEN
+):
+    """The app's ``ServerSettings`` from ``args`` (``positions``: the model's; ``token``: the
+    admin token ``admin_token`` already read, by default read here)."""
     from lorakit.serve.app import ServerSettings
 
+    if token is _READ_TOKEN:
+        token = admin_token(args, environ)
     return ServerSettings(
         model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
-        admin_token=admin_token(args, environ),
+        admin_token=token,
         max_prompt_tokens=min(args.max_prompt_tokens, positions - 1),
         max_tokens_limit=args.max_tokens_limit,
         max_positions=positions,
@@ -105,6 +113,7 @@ def build(args: argparse.Namespace):
     from lorakit.serve.registry import AdapterRegistry, ServedAdapters
 
     check_numbers(args)
+    token = admin_token(args)  # a bad --admin-token-file: reported before the model loads
     if args.quantization is not None:  # before the adapters are scanned and the model loads
         from lorakit.quantized.loading import check_quantization
 
@@ -150,7 +159,8 @@ def build(args: argparse.Namespace):
         max_waiting=args.max_waiting,
     )
     positions = getattr(model.config, "max_position_embeddings", None) or 2048
-    return create_app(engine, adapters, tokenizer, server_settings(args, positions))
+    settings = server_settings(args, positions, token=token)
+    return create_app(engine, adapters, tokenizer, settings)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -37,6 +37,7 @@ __all__ = [
     "AdapterGoneError",
     "AdapterNameError",
     "AdapterRegistry",
+    "BrokenAdapterError",
     "file_identity",
     "valid_name",
 ]
@@ -69,6 +70,15 @@ class AdapterGoneError(KeyError):
         self.returns = returns
 
 
+class BrokenAdapterError(UserError):
+    """A subdirectory ``root/name`` with an ``adapter_config.json`` that cannot be served
+    (``AdapterRegistry.discover``); the message names it and says why and what to do (paths
+    relative to ``root``). It is read again once its files change."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"the adapter directory {name!r} cannot be served: {reason}")
+
+
 class AdapterRegistry:
     """Thread-safe ``{name: directory}`` under ``root``, seeded from the root's subdirectories."""
 
@@ -82,6 +92,7 @@ class AdapterRegistry:
         self._paths: dict[str, Path] = {}
         self._reserved: set[str] = set()
         self._withdrawn: set[str] = set()  # unloaded by an admin: not discovered again
+        self._broken: dict[str, tuple[list, str]] = {}  # name -> (file_identity, why): discover
         self.skipped: dict[str, str] = {}  # name -> why it is not served (start-up scan)
         for child in sorted(self.root.iterdir()):
             try:
@@ -99,8 +110,10 @@ class AdapterRegistry:
     def discover(self, name: object) -> bool:
         """Whether ``name`` is served: registered, or a subdirectory ``root/name`` holding an
         adapter (one created, or created again, after start-up), which is then registered as
-        the start-up scan would have; a directory that fails the scan's checks is logged and
-        left out, and so is a name an admin unloaded (until a runtime load)."""
+        the start-up scan would have; not a name an admin unloaded (until a runtime load).
+        ``BrokenAdapterError`` (the reason) for a directory holding an ``adapter_config.json``
+        that fails the scan's checks: logged once, and not read again while its files stay
+        the same (``file_identity``)."""
         with self._lock:
             if name in self._paths:
                 return True
@@ -110,12 +123,24 @@ class AdapterRegistry:
         try:
             if not (directory / CONFIG_NAME).is_file():
                 return False
+        except OSError:  # (a name too long for the file system)
+            return False
+        identity = file_identity(directory)
+        with self._lock:
+            known = self._broken.get(name)
+        if known is not None and known[0] == identity:  # unchanged since: not read again
+            raise BrokenAdapterError(name, known[1])
+        try:
             header = read_adapter_header(self.inside(directory, name))
             refuse_residual_base_factors(header, SERVING, fingerprint_checked=True)
         except (OSError, UserError) as error:  # (the start-up scan's checks: read_headers)
-            log.warning("not serving adapter %r: %s", name, self.relative(str(error)))
-            return False
+            reason = self.relative(str(error))
+            log.warning("not serving adapter %r: %s", name, reason)
+            with self._lock:
+                self._broken[name] = (identity, reason)
+            raise BrokenAdapterError(name, reason) from None
         with self._lock:
+            self._broken.pop(name, None)
             self._paths.setdefault(name, directory)
         log.info("adapter %r found in %s and registered", name, self.root)
         return True

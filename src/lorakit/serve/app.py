@@ -33,10 +33,12 @@ from starlette.requests import ClientDisconnect
 from lorakit.errors import UserError
 from lorakit.serve import mixtures as mixing
 from lorakit.serve import prompts, protocol, request_body, responses
+from lorakit.serve.adapter_dirs import BrokenAdapterError
 from lorakit.serve.bank import AdapterInUseError, BankFullError
 from lorakit.serve.engine import Engine
 from lorakit.serve.protocol import APIError
 from lorakit.serve.registry import AdapterGoneError, AdapterNameError, ServedAdapters
+from lorakit.serve.sampling import InvalidSamplingParam
 
 __all__ = ["ServerSettings", "create_app", "install_error_handlers"]
 
@@ -142,7 +144,8 @@ def _add_generation_routes(
             max_positions=settings.max_positions,
             vocab_size=engine.vocab_size,
         )  # (before the adapter is loaded: a bad prompt evicts no other adapter)
-        job = prompts.fit_max_tokens(job, len(prompt_ids), settings.max_positions)
+        job = _fit_max_tokens(job, len(prompt_ids), settings.max_positions)
+        responses.refuse_when_queue_full(engine)  # before an adapter load evicts another
         if body.get(mixing.FIELD) is None:
             adapter = await _adapter_for(job.model, adapters, settings)
         else:
@@ -156,6 +159,22 @@ def _add_generation_routes(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await run_job(request, chat=True)
+
+
+def _fit_max_tokens(
+    job: protocol.CompletionJob, prompt_tokens: int, max_positions: int
+) -> protocol.CompletionJob:
+    """``prompts.fit_max_tokens``; a 400 on ``min_tokens`` when the default ``max_tokens`` it
+    shortens to the room the prompt leaves is below it."""
+    try:
+        return prompts.fit_max_tokens(job, prompt_tokens, max_positions)
+    except InvalidSamplingParam as error:
+        raise APIError(
+            400,
+            f"{error}: the prompt of {prompt_tokens} tokens leaves room for only "
+            f"{max_positions - prompt_tokens}; ask for fewer min_tokens or send a shorter prompt",
+            param=error.field,
+        ) from None
 
 
 def _add_admin_routes(app: FastAPI, adapters: ServedAdapters, settings: ServerSettings) -> None:
@@ -264,7 +283,11 @@ async def _adapter_for(
 ) -> str | None:
     if model == settings.model_name:
         return None
-    if not adapters.registry.discover(model):
+    try:
+        served = adapters.registry.discover(model)
+    except BrokenAdapterError as error:
+        raise APIError(400, str(error), param="model") from None
+    if not served:
         raise APIError(
             404,
             f"the model {model!r} does not exist; see GET /v1/models",

@@ -44,7 +44,13 @@ from lorakit.serve.requests import (
     vocabulary_size,
 )
 from lorakit.serve.routing import Routing
-from lorakit.serve.sampling import SamplingParams, greedy_tokens, next_token, token_logprob
+from lorakit.serve.sampling import (
+    SamplingParams,
+    greedy_tokens,
+    next_token,
+    stop_tokens_masked,
+    token_logprob,
+)
 
 __all__ = [
     "Engine",
@@ -214,16 +220,28 @@ class Engine(Admission):
                     "the generation engine is stopped (the server is shutting down); no "
                     "request can be served."
                 )
-            if self.max_waiting is not None:
-                queued = sum(not r.cancelled for r in self._waiting) + self._parked()
-                if queued >= self.max_waiting:
-                    raise QueueFullError(
-                        f"{queued} requests are already waiting (the limit is "
-                        f"{self.max_waiting}); retry later"
-                    )
+            self._refuse_when_full()
             self._waiting.append(request)
             self._wake.notify_all()
         return RequestHandle(request, self._notify)
+
+    def check_room(self) -> None:
+        """``QueueFullError`` when ``submit`` would refuse a request now (``max_waiting``
+        requests queued): a cheap check before a request loads its adapter."""
+        with self._wake:
+            self._refuse_when_full()
+
+    def _refuse_when_full(self) -> None:
+        """``QueueFullError`` when ``max_waiting`` requests are queued (cancelled ones not
+        counted, those parked on an adapter load counted); called under ``_wake``."""
+        if self.max_waiting is None:
+            return
+        queued = sum(not r.cancelled for r in self._waiting) + self._parked()
+        if queued >= self.max_waiting:
+            raise QueueFullError(
+                f"{queued} requests are already waiting (the limit is {self.max_waiting}); "
+                "retry later"
+            )
 
     def _notify(self) -> None:
         with self._wake:
@@ -362,9 +380,13 @@ class Engine(Admission):
     def _accept(
         self, request: GenerationRequest, logits: torch.Tensor, token: int | None = None
     ) -> None:
-        """Take ``token`` (None: sample it from ``logits`` (vocab,) with the request's settings)."""
-        if token is None:
-            token = next_token(logits.float(), request.params, request.generator)
+        """Take ``token`` (None: sample it from ``logits`` (vocab,) with the request's settings;
+        sampled again without them when ``token`` is one the request may not take yet:
+        ``GenerationRequest.masked_now``). Log-probabilities are of the unmasked ``logits``."""
+        masked = request.masked_now(self.eos_token_ids)
+        if token is None or token in masked:
+            allowed = stop_tokens_masked(logits, masked) if masked else logits
+            token = next_token(allowed.float(), request.params, request.generator)
         top = request.params.logprobs
         logprob = None if top is None else token_logprob(logits, token, top)
         piece = request.take(token, self.eos_token_ids, self.tokenizer, logprob)

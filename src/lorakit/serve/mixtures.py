@@ -35,7 +35,8 @@ base fingerprint is missing or partial is logged as ``load_adapter`` warns
 A mixture names each adapter once and at most ``MAX_IDS`` of them (a 400 on
 ``merged_adapters.ids`` otherwise: repeating an adapter is giving it a larger weight). ``cat``
 adds the inputs' ranks: their sum is checked against the bank's ``max_rank`` from the files'
-headers, before any tensor data is read. Combining runs outside the cache's lock, one
+headers, before any tensor data is read; the other methods' ``rank`` is checked against it
+before combining. Combining runs outside the cache's lock, one
 combination per mixture at a time: a request for a mixture being combined waits for that
 combination (its result or its error) instead of combining it again, and requests for other
 mixtures never wait for it.
@@ -60,7 +61,8 @@ from lorakit.io import fingerprint
 from lorakit.io.keys import lora_key_pairs, lora_keys
 from lorakit.io.read import read_adapter_header
 from lorakit.io.tensors import MAX_ABS_VALUE
-from lorakit.serve.protocol import APIError
+from lorakit.serve.adapter_dirs import BrokenAdapterError
+from lorakit.serve.protocol import APIError, float_value
 from lorakit.serve.registry import ServedAdapters, file_identity
 
 __all__ = ["FIELD", "MAX_IDS", "PREFIX", "Mixture", "Mixtures", "parse_mixture"]
@@ -108,7 +110,8 @@ def parse_mixture(value: object) -> Mixture:
     weights = value.get("weights", [1.0] * len(ids))
     if not isinstance(weights, list) or not all(_number(w) for w in weights):
         raise _bad(f"'{FIELD}.weights' must be a list of numbers, got {weights!r}", "weights")
-    if len(weights) != len(ids) or not all(math.isfinite(float(w)) for w in weights):
+    weights = [float_value(w, f"{FIELD}.weights") for w in weights]
+    if len(weights) != len(ids) or not all(math.isfinite(w) for w in weights):
         raise _bad(
             f"'{FIELD}.weights': give one finite number per adapter ({len(ids)}), got {weights}",
             "weights",
@@ -122,11 +125,17 @@ def parse_mixture(value: object) -> Mixture:
             "merge_strategy",
         )
     options = {}
-    for key, kinds in (("rank", int), ("density", (int, float)), ("seed", int)):
+    for key, kinds, kind in (
+        ("rank", int, "an integer"),
+        ("density", (int, float), "a number"),
+        ("seed", int, "an integer"),
+    ):
         entry = value.get(key)
         if entry is not None and (not isinstance(entry, kinds) or isinstance(entry, bool)):
-            raise _bad(f"'{FIELD}.{key}' must be a number, got {entry!r}", key)
+            raise _bad(f"'{FIELD}.{key}' must be {kind}, got {entry!r}", key)
         options[key] = entry
+    if options["density"] is not None:
+        options["density"] = float_value(options["density"], f"{FIELD}.density")
     sign = value.get("majority_sign_method")
     if sign is not None and not isinstance(sign, str):
         raise _bad(f"'{FIELD}.majority_sign_method' must be a string", "majority_sign_method")
@@ -136,10 +145,10 @@ def parse_mixture(value: object) -> Mixture:
         raise _bad(unused[1], unused[0])
     return Mixture(
         ids=tuple(ids),
-        weights=tuple(float(w) for w in weights),
+        weights=tuple(weights),
         method=method,
         rank=options["rank"],
-        density=None if options["density"] is None else float(options["density"]),
+        density=options["density"],
         majority_sign_method=sign,
         seed=options["seed"],
     )
@@ -186,9 +195,11 @@ class Mixtures:
         inputs = []
         registry = self.adapters.registry
         for adapter in mixture.ids:
-            if not registry.discover(adapter) or self.adapters.drop_if_deleted(
-                adapter, registry.path(adapter)
-            ):
+            try:
+                served = registry.discover(adapter)
+            except BrokenAdapterError as error:
+                raise _bad(f"'{FIELD}.ids': {error}", "ids") from None
+            if not served or self.adapters.drop_if_deleted(adapter, registry.path(adapter)):
                 raise _bad(
                     f"'{FIELD}.ids': the adapter {adapter!r} is not served; see GET /v1/models",
                     "ids",
@@ -267,8 +278,7 @@ class Mixtures:
         registry = self.adapters.registry
         try:
             directories = [registry.inside(registry.path(i), i) for i in mixture.ids]
-            if mixture.method == "cat":
-                self._check_summed_ranks(directories)
+            self._check_ranks(mixture, directories)
             with self._lock:
                 self.combined += 1
             result = combine(
@@ -296,7 +306,7 @@ class Mixtures:
         for module, (lora_A, lora_B) in result.factors.items():
             key_A, key_B = lora_keys(module, module in result.embeddings)
             tensors[key_A], tensors[key_B] = lora_A, lora_B
-        self._check_fits(name, mixture.ids, result, tensors)
+        self._check_fits(name, mixture, result, tensors)
         self._warn_unverified(mixture.ids, directories)
         return result.config, tensors
 
@@ -319,28 +329,33 @@ class Mixtures:
             if note is not None:
                 log.warning("%s", note)
 
-    def _check_summed_ranks(self, directories) -> None:
-        """For ``cat`` (whose rank in a module is the sum of the inputs' ranks there): a 400 when
-        a module's sum is over the bank's ``max_rank``, from the files' headers (no tensor
-        data read; ``combine`` reports a header it cannot read)."""
+    def _check_ranks(self, mixture: Mixture, directories) -> None:
+        """A 400 before combining when the result's rank is over the bank's ``max_rank``: a
+        module's sum of the inputs' ranks for ``cat``; the ``rank`` asked for by the other
+        methods, except where ``svd``'s result (of a sum of the inputs' updates, so of rank
+        at most their ranks' sum) stays within ``max_rank`` in every module. From the files'
+        headers: no tensor data read (``combine`` reports a header it cannot read)."""
         max_rank = self.adapters.bank.max_rank
-        ranks: dict[str, int] = {}
-        for directory in directories:
-            tensors = read_adapter_header(directory).tensors
-            for module, pair in lora_key_pairs(tensors).items():
-                entry = tensors.get(pair.get("lora_A", ""))
-                if entry is not None and entry.shape:
-                    ranks[module] = ranks.get(module, 0) + entry.shape[0]
-        module, total = max(ranks.items(), key=lambda item: item[1], default=("", 0))
-        if total > max_rank:
+        if mixture.method != "cat" and (mixture.rank is None or mixture.rank <= max_rank):
+            return
+        module, total = _largest_summed_rank(directories)
+        if mixture.method in ("cat", "svd") and total <= max_rank:
+            return
+        if mixture.method == "cat":
             raise _bad(
                 f"'{FIELD}' cannot be served: merge_strategy 'cat' (or 'linear') adds the ranks, "
                 f"and {module!r} would have rank {total} > the bank's max_rank {max_rank}. Ask "
                 f"for merge_strategy 'svd' with 'rank' <= {max_rank} instead, or mix fewer "
                 "adapters."
             )
+        raise _bad(
+            f"'{FIELD}.rank' {mixture.rank} is over the bank's max_rank {max_rank}: "
+            f"merge_strategy {mixture.method!r} cuts the mixture to that rank, which the bank "
+            f"cannot hold. Ask for 'rank' <= {max_rank}.",
+            "rank",
+        )
 
-    def _check_fits(self, name: str, ids: tuple[str, ...], result, tensors) -> None:
+    def _check_fits(self, name: str, mixture: Mixture, result, tensors) -> None:
         """A 400 unless the combined tensors fit the bank and the inputs' fingerprint (their
         union) fits the served base; and one on ``weights`` when a combined tensor holds values
         an adapter file may not (inf/NaN, or beyond +-``MAX_ABS_VALUE``: what ``read_adapter``
@@ -357,7 +372,7 @@ class Mixtures:
             fingerprint.refuse_other_base(
                 self.adapters.model,
                 result.fingerprint or None,
-                f"mixture of {', '.join(repr(adapter) for adapter in ids)}",
+                f"mixture of {', '.join(repr(adapter) for adapter in mixture.ids)}",
                 list(result.factors),
                 allow_mismatch=self.adapters.allow_base_mismatch,
                 remedy="Mix adapters of the served base model.",
@@ -365,13 +380,32 @@ class Mixtures:
         except UserError as error:
             hint = ""
             if "max_rank" in str(error):
-                hint = (
-                    f" A mixture by 'cat' / 'linear' has the sum of the ranks; ask for "
-                    f"merge_strategy 'svd' with 'rank' <= {self.adapters.bank.max_rank} instead."
-                )
+                hint = _rank_hint(mixture.method, self.adapters.bank.max_rank)
             reason = self.adapters.registry.relative(_text(error))
             raise _bad(f"'{FIELD}' cannot be served: {reason}{hint}") from None
 
 
+def _rank_hint(method: str, max_rank: int) -> str:
+    """What to ask for instead when a mixture by ``method`` is over the bank's ``max_rank``."""
+    if method == "cat":
+        return (
+            " A mixture by 'cat' / 'linear' has the sum of the ranks; ask for merge_strategy "
+            f"'svd' with 'rank' <= {max_rank} instead, or mix fewer adapters."
+        )
+    return f" Ask for merge_strategy {method!r} with 'rank' <= {max_rank}."
+
+
 def _text(error: BaseException) -> str:
     return error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+
+
+def _largest_summed_rank(directories) -> tuple[str, int]:
+    """The module whose inputs' ranks add up to the most, and that sum, from the headers."""
+    ranks: dict[str, int] = {}
+    for directory in directories:
+        tensors = read_adapter_header(directory).tensors
+        for module, pair in lora_key_pairs(tensors).items():
+            entry = tensors.get(pair.get("lora_A", ""))
+            if entry is not None and entry.shape:
+                ranks[module] = ranks.get(module, 0) + entry.shape[0]
+    return max(ranks.items(), key=lambda item: item[1], default=("", 0))

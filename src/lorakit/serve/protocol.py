@@ -9,7 +9,14 @@ from typing import Any
 
 from lorakit.serve.sampling import InvalidSamplingParam, SamplingParams
 
-__all__ = ["NEUTRAL_VALUES", "APIError", "CompletionJob", "error_body", "parse_job"]
+__all__ = [
+    "NEUTRAL_VALUES",
+    "APIError",
+    "CompletionJob",
+    "error_body",
+    "float_value",
+    "parse_job",
+]
 
 
 class APIError(Exception):
@@ -144,32 +151,44 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "tools": ([],),
     "functions": ([],),
     "response_format": ({"type": "text"},),
+    "use_beam_search": (False,),
+    "length_penalty": (1, 1.0),
+    "truncate_prompt_tokens": (),
 }
 """OpenAI (and vLLM) request fields this server does not implement, with the values that ask
-for nothing (null or absent too): any other value is a 400 naming the field, never silently
-ignored (a client that asked for log-probabilities or a penalty would read a result computed
-without them)."""
+for nothing (null or absent too; ``()``: only those): any other value is a 400 naming the
+field, never silently ignored (a client that asked for log-probabilities or a penalty would
+read a result computed without them). ``top_logprobs`` is refused the same way on
+``/v1/completions`` (whose ``logprobs`` is the count; chat implements it)."""
 
 
-def _refuse_unsupported(body: dict[str, Any]) -> None:
+def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
     for name, neutral in NEUTRAL_VALUES.items():
         value = body.get(name)
         if value is None or any(type(value) is type(n) and value == n for n in neutral):
             continue
-        raise APIError(
-            400,
-            f"'{name}' is not supported by this server; leave it out (or send "
-            f"{json.dumps(neutral[0])})",
-            param=name,
-            code="unsupported_parameter",
-        )
+        raise _unsupported(name, neutral)
+    if not chat and body.get("top_logprobs") is not None:
+        raise _unsupported("top_logprobs", (), "on /v1/completions ('logprobs' is the count)")
+
+
+def _unsupported(name: str, neutral: tuple[Any, ...], where: str = "") -> APIError:
+    """The 400 of a field this server does not implement: leave it out or send ``neutral``."""
+    instead = f" (or send {json.dumps(neutral[0])})" if neutral else ""
+    return APIError(
+        400,
+        f"'{name}' is not supported by this server{' ' + where if where else ''}; leave it "
+        f"out{instead}",
+        param=name,
+        code="unsupported_parameter",
+    )
 
 
 def parse_job(body: dict[str, Any], *, chat: bool, max_tokens_limit: int) -> CompletionJob:
     """Validate a /v1/completions or /v1/chat/completions body (400 on any bad field, and on a
     field of ``NEUTRAL_VALUES`` that asks for something this server does not do)."""
     model = _field(body, "model", (str,), None, required=True)
-    _refuse_unsupported(body)
+    _refuse_unsupported(body, chat)
     if _field(body, "n", (int,), 1) != 1:
         raise APIError(400, "only n=1 is supported", param="n")
     max_name = (
@@ -201,6 +220,7 @@ def parse_job(body: dict[str, Any], *, chat: bool, max_tokens_limit: int) -> Com
             stop=tuple(stop),
             logprobs=_logprobs(body, chat),
             **_filter_fields(body),
+            **_stopping_fields(body),
         )
     except InvalidSamplingParam as error:
         field = "top_logprobs" if chat and error.field == "logprobs" else error.field
@@ -223,6 +243,17 @@ def _filter_fields(body: dict[str, Any]) -> dict[str, Any]:
         "top_k": _field(body, "top_k", (int,), 0),
         "min_p": _float_field(body, "min_p", 0.0),
         "stop_token_ids": tuple(stop_ids),
+    }
+
+
+def _stopping_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's ``min_tokens`` (an integer, 0 to max_tokens), ``ignore_eos`` and
+    ``include_stop_str_in_output`` (booleans) as ``SamplingParams`` fields (their meaning:
+    ``SamplingParams``)."""
+    return {
+        "min_tokens": _field(body, "min_tokens", (int,), 0),
+        "ignore_eos": _field(body, "ignore_eos", (bool,), False),
+        "include_stop_str_in_output": _field(body, "include_stop_str_in_output", (bool,), False),
     }
 
 
@@ -258,9 +289,16 @@ def _include_usage(body: dict[str, Any], stream: bool) -> bool:
 
 
 def _float_field(body: dict[str, Any], name: str, default: float) -> float:
-    """A number field as a float; an integer too large for a float (JSON allows any) is a 400."""
-    value = _field(body, name, (int, float), default)
+    """A number field as a float (``float_value``)."""
+    return float_value(_field(body, name, (int, float), default), name)
+
+
+def float_value(value: int | float, name: str) -> float:
+    """``value`` as a float; an integer too large for a float (JSON allows any, e.g. 10**400)
+    is a 400 naming the field ``name``."""
     try:
         return float(value)
     except OverflowError:
-        raise APIError(400, f"'{name}' is out of range", param=name) from None
+        raise APIError(
+            400, f"'{name}' is out of range: give a number within +-1.8e308", param=name
+        ) from None

@@ -112,10 +112,19 @@ class GenerationRequest:
             self.generator.seed()
         else:
             self.generator.manual_seed(self.params.seed)
-        self.stop_text = StopTextTracker(self.params.stop)
+        self.stop_text = StopTextTracker(self.params.stop, self.params.include_stop_str_in_output)
         self.stop_token_ids = frozenset(self.params.stop_token_ids)
         self.pending_ids: list[int] = []
         self.pending_logprobs: list[TokenLogprob] = []
+
+    def masked_now(self, eos_token_ids: set[int]) -> frozenset[int]:
+        """The token ids the next token may not be (vLLM's ``min_tokens``): while fewer than
+        ``params.min_tokens`` tokens were generated, EOS (unless ``params.ignore_eos``) and
+        ``stop_token_ids``; else none."""
+        if len(self.generated) >= self.params.min_tokens:
+            return frozenset()
+        eos = frozenset() if self.params.ignore_eos else frozenset(eos_token_ids)
+        return eos | self.stop_token_ids
 
     def take(
         self, token: int, eos_token_ids: set[int], tokenizer, logprob: TokenLogprob | None = None
@@ -123,11 +132,14 @@ class GenerationRequest:
         """Record a sampled ``token`` (with its ``logprob`` when asked for): ``(finish reason or
         None, new text, new ids, their logprobs)`` to send, or None when nothing can be sent yet
         (text that may still become a stop string, or an incomplete character, is held back).
-        EOS, or one of the request's ``stop_token_ids``, ends with "stop" and is not part of the
-        output (vLLM's default for stop token ids).
+        EOS (unless ``params.ignore_eos``: then an output token), or one of the request's
+        ``stop_token_ids``, ends with "stop" and is not part of the output (vLLM's default for
+        stop token ids). A stop string ending in the first ``params.min_tokens`` tokens' text
+        does not stop (``StopTextTracker.search_from``).
         """
         final = None
-        if token in eos_token_ids or token in self.stop_token_ids:
+        ends = self.stop_token_ids if self.params.ignore_eos else eos_token_ids
+        if token in ends or token in self.stop_token_ids:
             final = "stop"
         else:
             self.generated.append(token)
@@ -139,6 +151,8 @@ class GenerationRequest:
         text = ""
         if tokenizer is not None:
             decoded = tokenizer.decode(self.generated, skip_special_tokens=True)
+            if len(self.generated) <= self.params.min_tokens:
+                self.stop_text.search_from = len(decoded)
             text = self.stop_text.update(decoded, final=final is not None)
             if self.stop_text.stopped:
                 final = "stop"

@@ -34,7 +34,7 @@ from lorakit.serve.requests import (
 )
 from lorakit.serve.token_pieces import token_piece
 
-__all__ = ["RETRY_AFTER_SECONDS", "answer", "failure"]
+__all__ = ["RETRY_AFTER_SECONDS", "answer", "failure", "refuse_when_queue_full"]
 
 log = logging.getLogger(__name__)
 _DONE = ("stop", "length")
@@ -78,13 +78,7 @@ async def answer(
     except EngineStoppedError as error:
         raise APIError(503, str(error), type="server_error") from None
     except QueueFullError as error:
-        raise APIError(
-            429,
-            f"the server is busy: {error}",
-            type="server_busy",
-            code="queue_full",
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        ) from None
+        raise _busy(error) from None
     watcher = _cancel_on_disconnect(receive, events)
     streaming = False
     try:
@@ -105,6 +99,25 @@ async def answer(
     finally:
         if not streaming and watcher is not None:
             watcher.cancel()
+
+
+def refuse_when_queue_full(engine: Engine) -> None:
+    """The 429 ``answer`` gives when the engine's waiting queue is full, raised now (a cheap
+    check: a request refused this way loads no adapter and evicts none)."""
+    try:
+        engine.check_room()
+    except QueueFullError as error:
+        raise _busy(error) from None
+
+
+def _busy(error: QueueFullError) -> APIError:
+    return APIError(
+        429,
+        f"the server is busy: {error}",
+        type="server_busy",
+        code="queue_full",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
 
 
 def _cancel_on_disconnect(receive: Receive | None, events: EventStream) -> asyncio.Task | None:

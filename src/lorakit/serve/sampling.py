@@ -19,6 +19,7 @@ __all__ = [
     "filtered_probs",
     "greedy_tokens",
     "next_token",
+    "stop_tokens_masked",
     "token_logprob",
 ]
 
@@ -48,6 +49,13 @@ class SamplingParams:
     finish reason "stop", the token left out of the output (as EOS). Out-of-range fields raise
     ``InvalidSamplingParam`` naming the field (the vocabulary's bound on ``stop_token_ids`` is
     checked where the vocabulary is known: ``Engine.submit``, ``prompts.prompt_ids``).
+
+    vLLM's ``ignore_eos``: EOS does not end the request (it is an output token like any other;
+    ``stop``, ``stop_token_ids`` and ``max_tokens`` still end it). ``min_tokens`` (0 to
+    ``max_tokens``): until that many tokens were generated, EOS (unless ``ignore_eos``) and
+    ``stop_token_ids`` cannot be sampled (their logits are -inf: ``stop_tokens_masked``) and
+    a stop string ending within the first ``min_tokens`` tokens' text does not stop.
+    ``include_stop_str_in_output``: the matched stop string is kept at the end of the text.
     """
 
     max_tokens: int = 16
@@ -60,6 +68,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None
     """None: none; n: each token's log-probability and the n most likely alternatives'."""
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -76,6 +87,11 @@ class SamplingParams:
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise InvalidSamplingParam(
                 "seed", f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed}"
+            )
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidSamplingParam(
+                "min_tokens",
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}",
             )
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise InvalidSamplingParam(
@@ -125,6 +141,14 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     if params.filters:
         probs = filtered_probs(probs, params)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def stop_tokens_masked(logits: torch.Tensor, token_ids: frozenset[int]) -> torch.Tensor:
+    """A copy of ``logits`` (vocab,) with ``logits[t] = -inf`` for every t in ``token_ids``
+    (vLLM's ``min_tokens``: those tokens cannot be sampled, greedy or not)."""
+    masked = logits.clone()
+    masked[list(token_ids)] = float("-inf")
+    return masked
 
 
 def filtered_probs(probs: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -184,18 +208,25 @@ class StopTextTracker:
     """Turns the growing decoded text into safe-to-send pieces, stopping at a stop string.
 
     Text that could still become a stop string (a suffix equal to a stop string's prefix), or an
-    incomplete character (a trailing U+FFFD), is held back until it is decided.
+    incomplete character (a trailing U+FFFD), is held back until it is decided. Only a stop
+    string ending after the first ``search_from`` characters stops (``min_tokens``: set to the
+    text's length while the first ``min_tokens`` tokens are generated); ``keep_stop``: the
+    piece ends with the matched stop string (``include_stop_str_in_output``), else before it.
     """
 
-    def __init__(self, stop: tuple[str, ...]) -> None:
+    def __init__(self, stop: tuple[str, ...], keep_stop: bool = False) -> None:
         self.stop = stop
+        self.keep_stop = keep_stop
+        self.search_from = 0
         self.sent = 0
         self.stopped = False
 
     def update(self, text: str, final: bool = False) -> str:
         """The new piece to send given the whole text so far; sets ``stopped`` at a stop string."""
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
+        match = self._first_stop(text)
+        if match is not None:
+            start, stop = match
+            cut = start + len(stop) if self.keep_stop else start
             self.stopped = True
             piece, self.sent = text[self.sent : cut], max(self.sent, cut)
             return piece
@@ -203,6 +234,16 @@ class StopTextTracker:
         piece = text[self.sent : end] if end > self.sent else ""
         self.sent = max(self.sent, end)
         return piece
+
+    def _first_stop(self, text: str) -> tuple[int, str] | None:
+        """``(start, stop string)`` of the earliest stop string in ``text`` that ends after
+        ``search_from`` (the first of ``stop`` on a tie); None when none does."""
+        found = []
+        for stop in self.stop:
+            start = text.find(stop, max(0, self.search_from - len(stop) + 1))
+            if start >= 0:
+                found.append((start, stop))
+        return min(found, key=lambda match: match[0], default=None)
 
     def _safe_end(self, text: str) -> int:
         end = len(text)
