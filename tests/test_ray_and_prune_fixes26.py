@@ -17,13 +17,13 @@ from fastapi.testclient import TestClient
 
 from lorakit.cli import build_parser
 from lorakit.commands.serve import build
-from lorakit.train import checkpoint as checkpoint_module
 from lorakit.train.checkpoint import (
     TENSOR_FILES,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
+from lorakit.train.checkpoint_dirs import checkpoint_dirs, prune
 from lorakit.train.optim import build_optimizer
 from lorakit.train.schedule import build_scheduler
 from tests.train_job import build_model
@@ -211,7 +211,7 @@ def save(output_dir, step: int, model, optimizer, scheduler):
 
 
 def test_a_prune_killed_midway_leaves_only_complete_checkpoints(tmp_path, monkeypatch):
-    """``_prune`` deleted an old checkpoint in place: killed midway, it left a ``step-*``
+    """``prune`` deleted an old checkpoint in place: killed midway, it left a ``step-*``
     holding ``trainer_state.json`` but not its tensors, still counted as a checkpoint."""
     model = build_model(0.0)
     optimizer = build_optimizer(model, lr=1e-3)
@@ -232,7 +232,7 @@ def test_a_prune_killed_midway_leaves_only_complete_checkpoints(tmp_path, monkey
         save(tmp_path, 3, model, optimizer, scheduler)  # prunes step 1
     monkeypatch.setattr(shutil, "rmtree", real_rmtree)
     root = tmp_path / "checkpoints"
-    counted = checkpoint_module._checkpoint_dirs(root)
+    counted = checkpoint_dirs(root)
     assert [p.name for p in counted] == ["step-00000002", "step-00000003"]
     for directory in counted:
         assert all((directory / name).is_file() for name in TENSOR_FILES), directory
@@ -263,5 +263,5 @@ def test_pruning_keeps_the_newest_and_leaves_no_temporary(tmp_path):
         save(tmp_path, step, model, optimizer, scheduler)
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step-00000003", "step-00000004"]
-    checkpoint_module._prune(root, 1)
+    prune(root, 1)
     assert sorted(p.name for p in root.iterdir()) == ["step-00000004"]

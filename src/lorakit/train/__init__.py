@@ -13,7 +13,7 @@ run), ``schedule`` (warmup + cosine), ``optim`` (AdamW, LoRA+ groups), ``batches
 """
 
 from lorakit.train.batches import BatchOrder, pad_collate
-from lorakit.train.checkpoint import latest_checkpoint
+from lorakit.train.checkpoint_dirs import latest_checkpoint
 from lorakit.train.config import TrainingConfig
 from lorakit.train.loop import TrainResult, enable_gradient_checkpointing, train
 from lorakit.train.losses import evaluate, exact_match_counts

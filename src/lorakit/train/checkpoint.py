@@ -13,10 +13,8 @@ process gathers its pieces first (``TrainingState``, see ``lorakit.train.fsdp``)
 writes the same files as a one-process run; loading cuts each process's piece back out.
 
 A checkpoint is built in a temporary directory beside the final one, fsynced, and renamed into
-place (``os.replace``), so a run killed at any moment leaves either the complete checkpoint or
-none (a killed writer's temporary directory is removed by a later save). Only the newest
-``keep`` are kept; an older one is renamed to a temporary name before it is deleted, so a
-process killed while pruning leaves no half-deleted checkpoint either.
+place, and only the newest ``keep`` are kept (``lorakit.train.checkpoint_dirs``): a run killed at
+any moment leaves the complete checkpoint or none, and no half-deleted one.
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +33,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.errors import UserError
-from lorakit.io.atomic import sync
+from lorakit.train.checkpoint_dirs import (
+    STATE_FILE,
+    checkpoint_root,
+    fsync_tree,
+    latest_checkpoint,
+    prune,
+    put_in_place,
+    remove_stale_temporaries,
+    step_directory,
+    temporary_directory,
+)
 from lorakit.train.fsdp import shard_like
 from lorakit.train.rng import capture_rng_state, restore_rng_state
 
@@ -51,10 +58,7 @@ __all__ = [
     "training_state",
 ]
 
-STATE_FILE = "trainer_state.json"
 TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
-_PREFIX = "step-"
-_TEMPORARY = ".tmp-"  # + the final name + "-<pid>" of the writing process
 
 
 @dataclass
@@ -105,10 +109,6 @@ class Saver:
         from lorakit.io import save_adapter
 
         return lambda directory: save_adapter(model, directory, self.adapter_name)
-
-
-def checkpoint_root(output_dir: str | os.PathLike) -> Path:
-    return Path(output_dir) / "checkpoints"
 
 
 def _contiguous(tensor: torch.Tensor) -> torch.Tensor:
@@ -173,22 +173,15 @@ def save_checkpoint(
         state = training_state(model, optimizer, adapter_name)
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(root)
-    final = root / f"{_PREFIX}{step:08d}"
-    temporary = root / f"{_TEMPORARY}{final.name}-{os.getpid()}"
+    remove_stale_temporaries(root)
+    final = step_directory(root, step)
+    temporary = temporary_directory(final)
     try:
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir()
         _write_files(temporary, step, state, scheduler, extra_state)
-        _fsync_tree(temporary)
-        replaced = None
-        if final.exists():  # (a run resumed from an older checkpoint saves this step again)
-            replaced = root / f"{_TEMPORARY}old-{final.name}-{os.getpid()}"
-            os.replace(final, replaced)  # moved aside whole: a crash now leaves it, not half
-        os.replace(temporary, final)
-        sync(root)
-        if replaced is not None:
-            shutil.rmtree(replaced, ignore_errors=True)
+        fsync_tree(temporary)
+        put_in_place(temporary, final)
     except (OSError, SafetensorError) as error:  # safetensors reports a full disk its own way
         shutil.rmtree(temporary, ignore_errors=True)
         previous = latest_checkpoint(output_dir)
@@ -198,7 +191,7 @@ def save_checkpoint(
             f"cannot write the checkpoint of step {step} in {root} ({reason}); {kept}. Free "
             "space (or fix the directory) and continue with --resume"
         ) from None
-    _prune(root, keep)
+    prune(root, keep)
     return final
 
 
@@ -219,70 +212,6 @@ def _write_files(directory: Path, step, training: TrainingState, scheduler, extr
         **extra_state,
     }
     (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
-
-
-def _fsync_tree(directory: Path) -> None:
-    """fsync every file under ``directory``, then the directories, deepest first."""
-    directories = [directory, *(p for p in directory.rglob("*") if p.is_dir())]
-    for path in directory.rglob("*"):
-        if path.is_file():
-            sync(path)
-    for path in sorted(directories, key=lambda p: len(p.parts), reverse=True):
-        sync(path)
-
-
-def _remove_stale_temporaries(root: Path) -> None:
-    """Temporary checkpoint directories of killed writers: the process named in the directory
-    no longer exists on this machine, and nothing was added to the directory for a minute."""
-    for leftover in root.glob(f"{_TEMPORARY}*"):
-        pid_text = leftover.name.rsplit("-", 1)[-1]
-        pid = int(pid_text) if pid_text.isdigit() else None
-        if pid == os.getpid() or (pid is not None and _process_exists(pid)):
-            continue
-        try:
-            stale = time.time() - leftover.stat().st_mtime > 60
-        except OSError:
-            continue
-        if stale:
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # it exists, owned by another user
-        return True
-    return True
-
-
-def _checkpoint_dirs(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / STATE_FILE).exists()]
-    return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
-
-
-def _prune(root: Path, keep: int) -> None:
-    """Remove all but the newest ``keep`` checkpoints (at least one). Each is first renamed to
-    a temporary name (``os.replace``, atomic), then deleted: a process killed mid-deletion
-    leaves a temporary directory, which a later save removes, never a half-deleted
-    ``step-*`` that would still count as a checkpoint."""
-    for old in _checkpoint_dirs(root)[: -max(keep, 1)]:
-        doomed = root / f"{_TEMPORARY}pruned-{old.name}-{os.getpid()}"
-        shutil.rmtree(doomed, ignore_errors=True)  # (an earlier prune's leftover, same name)
-        try:
-            os.replace(old, doomed)
-        except OSError:  # (gone already, or not ours to move: left as it is)
-            continue
-        shutil.rmtree(doomed, ignore_errors=True)
-
-
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under ``output_dir``, or None."""
-    found = _checkpoint_dirs(checkpoint_root(output_dir))
-    return found[-1] if found else None
 
 
 def load_checkpoint(

@@ -70,7 +70,7 @@ def write_final_adapter(write, directory: Path, output_dir: Path) -> UserError |
     under ``output_dir``, if any), with an adapter directory this call made removed again."""
     from safetensors import SafetensorError
 
-    from lorakit.train.checkpoint import latest_checkpoint
+    from lorakit.train.checkpoint_dirs import latest_checkpoint
 
     made = not directory.exists()
     try:
