@@ -184,10 +184,10 @@ def test_failure_after_injection_rolls_everything_back(adapter_dir, monkeypatch)
     with pytest.raises(RuntimeError, match="simulated"):
         load_adapter(base, adapter_dir.parent / "bert")
     _assert_same(before, _snapshot(base))
-    # Beside another adapter a bias adapter is refused before any change (as PEFT refuses it:
-    # the trained biases would be every adapter's).
+    # Beside another bias-training adapter a bias adapter is refused before any change (as PEFT
+    # refuses it: both would train the same base biases).
     other = lorakit.inject(
-        tiny_models.bert(), lorakit.LoraConfig(r=2, target_modules=["key"]), "other"
+        tiny_models.bert(), lorakit.LoraConfig(r=2, target_modules=["key"], bias="all"), "other"
     )
     before = _snapshot(other)
     calls.clear()

@@ -202,20 +202,20 @@ def check_adapter_name(model: nn.Module, adapter_name: str) -> None:
 
 def check_one_bias_adapter(model: nn.Module, adapter_name: str, bias: str) -> None:
     """Refuse (ValueError) adding adapter ``adapter_name`` with ``bias`` when the model would
-    then hold two adapters of which one trains biases (``bias`` "all" / "lora_only"): those
-    biases are the base model's own, shared by every adapter, so the second adapter would
-    silently change the first one's output (PEFT refuses too)."""
+    then hold more than one adapter that trains biases (``bias`` "all" / "lora_only"): those
+    biases are the base model's own, so two such adapters would train and save the same
+    tensors (PEFT's rule). Adapters with ``bias="none"`` may sit beside one that trains biases
+    (as in PEFT; they compute with the biases as that adapter left them)."""
     configs = adapter_configs(model)
     with_bias = [name for name, config in configs.items() if config.bias != "none"]
-    if bias != "none":
-        with_bias.append(adapter_name)
-    if configs and with_bias:
-        raise ValueError(
-            f"adapter(s) {with_bias} train the base model's biases (bias != 'none'), which every "
-            f"adapter shares: adding {adapter_name!r} beside {sorted(configs)} would change the "
-            "other adapters' outputs. Only one adapter may have a bias; set bias='none' for all "
-            "adapters when the model holds several."
-        )
+    if bias == "none" or not with_bias:
+        return
+    raise ValueError(
+        f"adapters {[*with_bias, adapter_name]} would all train the base model's biases "
+        f"(bias != 'none'; {adapter_name!r} has bias={bias!r}), the same tensors; only one "
+        f"adapter may have a bias: set bias='none' for {adapter_name!r} (or delete {with_bias} "
+        "first)."
+    )
 
 
 def _warn_unmatched_pattern_keys(config: LoraConfig, targeted: Sequence[str]) -> None:

@@ -161,6 +161,24 @@ class PeftModel(PeftFilesMixin, nn.Module):
         names = self.active_adapters
         return names[0] if len(names) == 1 else names
 
+    @property
+    def active_peft_config(self) -> LoraConfig:
+        """The active adapter's config (``peft_config[active_adapter]``, as in PEFT)."""
+        names = self.active_adapters
+        if len(names) != 1:
+            raise ValueError(
+                f"active_peft_config needs exactly one active adapter; active: {names}. Read "
+                f"peft_model.peft_config[name] for one of {list(self.peft_config)}."
+            )
+        return self.peft_config[names[0]]
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """PEFT's: the ``modules_to_save`` names of every adapter's config, as one set (None
+        when no adapter saves a module)."""
+        names = {name for c in self.peft_config.values() for name in c.modules_to_save or ()}
+        return names or None
+
     def add_adapter(
         self,
         adapter_name: str,
@@ -213,18 +231,17 @@ class PeftModel(PeftFilesMixin, nn.Module):
         names = self.__dict__.pop("_active_before_disable", None)
         if names is not None:
             set_active(self.model, [name for name in names if name in self.peft_config])
+            compute_merged_per_layer(self.model)  # what merge_adapter merged while disabled
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove the adapter. As in PEFT, deleting an active adapter leaves the other active
         ones active (and trainable); deleting the only active one activates (and makes
         trainable) the first remaining adapter by name, with PEFT's warning."""
         was_active = self.active_adapters  # (while disabled: those enable will activate)
-        delete_adapter(self.model, adapter_name)
-        if adapter_name not in was_active:
-            return
+        delete_adapter(self.model, adapter_name)  # (its merge, if any, is undone)
         still_active = [name for name in was_active if name != adapter_name]
         remaining = sorted(adapter_configs(self.model))
-        if not still_active and remaining:
+        if adapter_name in was_active and not still_active and remaining:
             warnings.warn(
                 f"Adapter {adapter_name} was active which is now deleted. Setting active adapter "
                 f"to {remaining[0]}.",
@@ -233,8 +250,10 @@ class PeftModel(PeftFilesMixin, nn.Module):
             still_active = remaining[:1]
         if self._layers_disabled:
             self.__dict__["_active_before_disable"] = still_active
-        elif still_active:
+            return
+        if adapter_name in was_active and still_active:
             set_active(self.model, still_active)
+        compute_merged_per_layer(self.model)  # a layer that computed only the merged one
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -262,18 +281,19 @@ class PeftModel(PeftFilesMixin, nn.Module):
         ``safe_merge`` is PEFT's argument: lorakit always checks the merged weights for
         inf/NaN before installing any (``lorakit.merge``).
 
-        ``adapter_names`` as in PEFT: the active adapters stay active (``active_adapters``
-        does not change, nor does any ``requires_grad`` flag), and each LoRA layer computes
-        PEFT's result: a layer holding one of ``adapter_names`` its merged weight
-        ``W0 + sum_a s_a B_a A_a`` alone, any other layer its active adapters
+        As in PEFT, the active adapters stay active (``active_adapters`` does not change, nor
+        does any ``requires_grad`` flag), and after every merge each LoRA layer computes PEFT's
+        result: a layer holding merged adapters (of this call or an earlier one) its merged
+        weight ``W0 + sum_a s_a B_a A_a`` alone, any other layer its active adapters
         (``lorakit.state.compute_merged_per_layer``) until ``unmerge_adapter`` or
-        ``set_adapter``."""
+        ``set_adapter``. After ``disable_adapter_layers`` it only merges (the active adapters
+        when no names are given); the model computes the base output until
+        ``enable_adapter_layers``, which applies that rule."""
         if adapter_names is None and self._layers_disabled:  # PEFT merges the active ones
-            merge(self.model, self.active_adapters)
-            return
+            adapter_names = self.active_adapters
         merge(self.model, adapter_names)
-        if adapter_names is not None:
-            compute_merged_per_layer(self.model, adapter_name_list(adapter_names))
+        if not self._layers_disabled:
+            compute_merged_per_layer(self.model)
 
     def unmerge_adapter(self) -> None:
         """Undo every merge exactly; every layer computes the active adapters again."""
@@ -296,8 +316,10 @@ class PeftModel(PeftFilesMixin, nn.Module):
         return merge_and_unload(self.model, adapter_names)
 
     def unload(self) -> nn.Module:
-        """The plain transformers model with its original weights (adapters dropped)."""
-        return unload(self.model)
+        """The plain transformers model with its original weights (adapters dropped); as in
+        PEFT, a ``modules_to_save`` module is the active adapter's trained copy (the original
+        where no active adapter saves it). ``lorakit.unload`` gives every original back."""
+        return unload(self.model, keep_saved=self.active_adapters)
 
     def get_base_model(self) -> nn.Module:
         """The transformers model (holding the adapters)."""

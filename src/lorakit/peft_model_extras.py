@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lorakit.inject import freeze_adapter
+from lorakit.state import adapter_name_list
 
 if TYPE_CHECKING:
     from lorakit.peft_compat import PeftModel
@@ -196,9 +197,10 @@ class PeftFilesMixin:
                 "safe_serialization=False asks for a pickle file (adapter_model.bin); lorakit "
                 "writes safetensors only, which peft, vLLM and LoRAX all read. Drop the argument."
             )
+        names = _selected_names(selected_adapters, list(self.peft_config))
         if not is_main_process:
             return
-        for adapter_name in selected_adapters or list(self.peft_config):
+        for adapter_name in names:
             save_adapter(
                 self.model,
                 save_directory,
@@ -238,6 +240,20 @@ class PeftFilesMixin:
                 revision=revision,
                 create_pr=create_pr,
             )
+
+
+def _selected_names(selected: str | Sequence[str] | None, known: list[str]) -> tuple[str, ...]:
+    """The adapters ``save_pretrained`` writes: ``selected`` (one name given as a string is that
+    name), or every adapter when it is None or empty; a name the model lacks is a
+    ``ValueError`` (as in PEFT) raised before anything is written."""
+    names = adapter_name_list(selected) if selected else tuple(known)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(
+            f"selected_adapters={selected!r} names adapter(s) {unknown} that this model does "
+            f"not have; it has {known}. Nothing was written."
+        )
+    return names
 
 
 def base_dtype(model: nn.Module) -> torch.dtype:

@@ -182,16 +182,17 @@ def set_active(model: nn.Module, adapter_names: Sequence[str], *, trainable: boo
     state.trainable = chosen
 
 
-def compute_merged_per_layer(model: nn.Module, merged_names: Sequence[str]) -> None:
-    """PEFT's rule after ``merge_adapter(merged_names)``: each LoRA layer holding one of
-    ``merged_names`` computes those alone (its merged weight ``W0 + sum_a s_a B_a A_a``), every
-    other LoRA layer the model's active adapters. The active adapters and every
-    ``requires_grad`` flag stay as they are; ``set_active`` makes the layers agree again."""
-    state = _require(model, merged_names)
+def compute_merged_per_layer(model: nn.Module) -> None:
+    """PEFT's rule for a model some of whose layers are merged (``merge_adapter``, named or
+    not, once or several times): a LoRA layer holding merged adapters computes exactly those
+    (its merged weight ``W0 + sum_a s_a B_a A_a`` over ``layer.merged_adapters``, nothing
+    added), every other LoRA layer the model's active adapters that it has. The active adapters
+    and every ``requires_grad`` flag stay as they are; ``set_active`` makes the layers agree
+    again."""
+    state = _require(model, ())
     for _, layer in lora_layers(model):
-        merged_here = tuple(name for name in merged_names if name in layer.ranks)
         active_here = tuple(name for name in state.active if name in layer.ranks)
-        layer.active_adapters = merged_here or active_here
+        layer.active_adapters = tuple(layer.merged_adapters) or active_here
 
 
 def freeze_all(model: nn.Module) -> None:

@@ -194,10 +194,17 @@ def _from_model(model: nn.Module, adapter_name: str) -> AdapterUpdates:
             "low-rank update that sums with others. Combine adapters trained without them."
         )
     saved = [name for name, w in saved_modules(model) if adapter_name in w.modules_to_save]
-    if config.bias != "none" or config.lora_bias or saved:
+    if config.bias != "none" or config.lora_bias:
         raise UserError(
-            f"{label} trains biases (bias={config.bias!r}, lora_bias={config.lora_bias}) or "
-            f"saves full modules ({saved}); only LoRA factors can be combined."
+            f"{label} trains biases (bias={config.bias!r}, lora_bias={config.lora_bias}); "
+            "only LoRA factors can be combined: combine adapters trained with bias='none' "
+            "and lora_bias=False."
+        )
+    if saved:
+        raise UserError(
+            f"{label} saves full modules ({saved}, modules_to_save), which are trained copies, "
+            "not low-rank updates; only LoRA factors can be combined: combine adapters "
+            "trained without modules_to_save."
         )
     modules = {}
     for name, layer in lora_layers(model):

@@ -16,6 +16,7 @@ base that init left.
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -123,7 +124,9 @@ def adapter_directory(
     except OSError as error:  # e.g. a name too long for the file system
         raise unreadable(candidate, error) from None
     if not exists:
-        raise AdapterFileError(f"adapter directory {candidate} does not exist.")
+        raise AdapterFileError(
+            f"adapter directory {candidate} does not exist.{_hub_id_hint(directory)}"
+        )
     also = f" (nor in {nested})" if nested is not None else ""
     named = _named_adapters_in(candidate)
     shown = ", ".join(str(candidate / name) for name in named[:3]) + ", ..." * (len(named) > 3)
@@ -135,6 +138,23 @@ def adapter_directory(
         else "is this an adapter directory saved by lorakit or peft?"
     )
     raise AdapterFileError(f"no {CONFIG_NAME} in {candidate}{also}; {hint}")
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _hub_id_hint(directory: Path) -> str:
+    """For a missing ``directory`` written like a Hugging Face Hub repository id
+    (``owner/name``): how to fetch it, since lorakit reads only local directories."""
+    repo_id = directory.as_posix()
+    if not _HUB_ID.fullmatch(repo_id):
+        return ""
+    return (
+        f" {repo_id!r} looks like a Hugging Face Hub repository id: lorakit reads local "
+        "directories only and downloads nothing at run time. Fetch it first with "
+        f"huggingface_hub.snapshot_download({repo_id!r}) and pass the local directory it "
+        "returns instead."
+    )
 
 
 def _named_adapters_in(directory: Path, most: int = 8) -> list[str]:
