@@ -52,6 +52,7 @@ from lorakit.state import (
     compute_merged_per_layer,
     delete_adapter,
     disabled,
+    lora_layers,
     set_active,
     state_of,
     warn_trained_biases,
@@ -196,14 +197,20 @@ class PeftModel(PeftFilesMixin, nn.Module):
     def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
         """Make ``adapter_name`` the active and trainable adapter (``inference_mode=True``:
         active and frozen, its trained biases too). While ``disable_adapter_layers`` holds,
-        it is recorded and becomes active at ``enable_adapter_layers``, as in PEFT."""
+        it is recorded and becomes active at ``enable_adapter_layers``, as in PEFT. A merged
+        model is unmerged first, with PEFT's warning (a layer holding an earlier merge would
+        otherwise keep computing it, and a later merge would add to it)."""
         names = adapter_name_list(adapter_name)
+        missing = [name for name in names if name not in self.peft_config]
+        if missing and self._layers_disabled:
+            raise KeyError(f"unknown adapter(s) {missing}; this model has {list(self.peft_config)}")
+        if not missing and any(layer.merged_adapters for _, layer in lora_layers(self.model)):
+            warnings.warn(
+                "Adapter cannot be set when the model is merged. Unmerging the model first.",
+                stacklevel=2,
+            )
+            self.unmerge_adapter()
         if self._layers_disabled:
-            missing = [name for name in names if name not in self.peft_config]
-            if missing:
-                raise KeyError(
-                    f"unknown adapter(s) {missing}; this model has {list(self.peft_config)}"
-                )
             self.__dict__["_active_before_disable"] = names
             return
         set_active(self.model, names)

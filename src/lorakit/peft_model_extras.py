@@ -244,9 +244,9 @@ class PeftFilesMixin:
 
 def _selected_names(selected: str | Sequence[str] | None, known: list[str]) -> tuple[str, ...]:
     """The adapters ``save_pretrained`` writes: ``selected`` (one name given as a string is that
-    name), or every adapter when it is None or empty; a name the model lacks is a
-    ``ValueError`` (as in PEFT) raised before anything is written."""
-    names = adapter_name_list(selected) if selected else tuple(known)
+    name; an empty list: none, as in PEFT), or every adapter when it is None; a name the model
+    lacks is a ``ValueError`` (as in PEFT) raised before anything is written."""
+    names = tuple(known) if selected is None else adapter_name_list(selected)
     unknown = [name for name in names if name not in known]
     if unknown:
         raise ValueError(
