@@ -24,6 +24,7 @@ __all__ = [
     "BuiltinModel",
     "builtin_gguf_file",
     "check_model_spec",
+    "refuse_output_in_model_store",
     "resolve_model",
 ]
 
@@ -96,6 +97,28 @@ def builtin_gguf_file(spec: str | os.PathLike[str]) -> Path | None:
     if builtin is None or not builtin.is_gguf:
         return None
     return _package_folder(builtin) / builtin.relative_path
+
+
+def refuse_output_in_model_store(command: str, output: str | os.PathLike[str]) -> None:
+    """``UserError`` when ``output`` is, or lies inside, where built-in models live: lorakit's
+    converted models (``<cache>/models``) or a packaged built-in's directory. Writing there
+    would change the base every later run loads, silently (the cache checks file sizes, not
+    contents). Found without converting or importing anything; checked before anything loads."""
+    target = Path(output).expanduser().resolve()
+    stores = [("lorakit's model cache", model_cache.cache_root() / "models")]
+    for builtin in BUILTIN_MODELS.values():
+        if not builtin.is_gguf:
+            try:
+                stores.append((f"built-in {builtin.name}", _package_folder(builtin)))
+            except UserError:  # (its package is not installed: nothing of it to overwrite)
+                continue
+    for what, store in stores:
+        if target.is_relative_to(store.expanduser().resolve()):
+            raise UserError(
+                f"{command}: --output {output} lies in {what} ({store}), where lorakit keeps "
+                "the built-in base models: writing there would replace the base every later "
+                "run loads. Give a directory of your own"
+            )
 
 
 def _builtin_names() -> str:

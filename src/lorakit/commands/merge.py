@@ -44,6 +44,9 @@ def run(args: argparse.Namespace) -> int:
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; give a directory (new or existing)")
     refuse_output_onto_inputs("merge", args.output, [("--model", args.model)])
+    from lorakit.model_specs import refuse_output_in_model_store
+
+    refuse_output_in_model_store("merge", args.output)  # (a built-in's directory, say)
     from lorakit.commands.eval import load_model_and_adapter, torch_dtype
     from lorakit.io import save_merged_model
     from lorakit.io.save import refuse_adapter_directory

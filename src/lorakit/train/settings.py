@@ -338,6 +338,9 @@ def build_settings(values: dict[str, Any]) -> tuple[TrainSettings, TrainingConfi
     output = Path(training.output_dir)
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; give a directory (new or existing)")
+    from lorakit.model_specs import refuse_output_in_model_store
+
+    refuse_output_in_model_store("train", output)  # (the built-in base's own directory)
     return built[TrainSettings], training
 
 

@@ -1,0 +1,45 @@
+"""An ``--output`` in the place lorakit keeps its built-in base models is refused before
+anything loads: ``lorakit merge --output`` onto the converted SmolLM2 replaced the base every
+later run loads (the cache checks sizes, not contents, and a merged model has the same size)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from lorakit.cli import main
+from lorakit.model_specs import resolve_model
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_merge_refuses_the_builtin_models_directory(tiny_builtin_model, tmp_path, capsys):
+    builtin = resolve_model("smollm2-135m-instruct")  # converted into the test's cache
+    weights = builtin / "model.safetensors"
+    before = _digest(weights)
+    for output in (builtin, builtin.parent / "elsewhere-in-the-cache"):
+        command = ["merge", "--model", "smollm2-135m-instruct", "--adapter", str(tmp_path / "a")]
+        assert main([*command, "--output", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert f"--output {output} lies in lorakit's model cache" in err
+        assert "Give a directory of your own" in err
+    assert _digest(weights) == before
+    assert not (builtin.parent / "elsewhere-in-the-cache").exists()
+
+
+def test_train_refuses_an_output_in_the_model_cache(tiny_builtin_model, tmp_path, capsys):
+    builtin = resolve_model("smollm2-135m-instruct")
+    command = ["train", "--data", "rotten-tomatoes", "--steps", "1"]
+    assert main([*command, "--output", str(builtin)]) == 2
+    assert "lies in lorakit's model cache" in capsys.readouterr().err
+    assert not (builtin / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_an_output_beside_the_cache_is_fine(tiny_builtin_model, tmp_path, inside):
+    from lorakit.model_specs import refuse_output_in_model_store
+
+    refuse_output_in_model_store("merge", tmp_path / ("cache" if inside else "out") / "merged")
