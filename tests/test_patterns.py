@@ -66,29 +66,60 @@ def test_unbounded_patterns_are_refused_with_the_reason(pattern, reason) -> None
     assert str(caught.value).startswith("LoraConfig.rank_pattern key")
 
 
-@pytest.mark.parametrize(
-    "pattern",
-    [
-        "q_proj",
-        "model.layers.0.self_attn.q_proj",
-        r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
-        r"^(?!.*vision_tower).*\.(q_proj|k_proj|v_proj)$",
-        r"model\.layers\.\d+\.self_attn\.(q|k|v)_proj",
-        ".*decoder.*(SelfAttention|EncDecAttention).*(q|k|v|o)$",  # PEFT's docstring example
-        r"layers\.(1[0-9]|2[0-3])\.mlp\.(gate|up)_proj",
-        "(" + "|".join(f"model.layers.{i}.mlp.down_proj" for i in range(60)) + ")",
-        "(" + "|".join(rf"model\.layers\.{i}\.mlp\.down_proj" for i in range(100)) + ")",
-        ".?" * 6 + "." * 6 + "x",
-        "(a|ab)" * 8 + "x",  # overlapping strings, each a full choice: (a|aa) * 24 took 0.5 s
-        "(?:ab){3}c?d*",
-        "(q|k)?_proj",
-        ".*" * 4 + "x",
-        *UNSLOTH_VISION_PATTERNS,
-    ],
-)
+# Accepted wherever a config has a regex: as target_modules and as rank_pattern / alpha_pattern
+# keys (which are matched inside (.*\.)?(key)$: one more open-ended repeat).
+EVERYWHERE = [
+    "q_proj",
+    "model.layers.0.self_attn.q_proj",
+    r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+    r"^(?!.*vision_tower).*\.(q_proj|k_proj|v_proj)$",
+    r"^((?!vision).)*\.(q_proj|v_proj)$",  # a plain-text lookahead inside a repeat
+    r"model\.layers\.\d+\.self_attn\.(q|k|v)_proj",
+    ".*decoder.*(SelfAttention|EncDecAttention).*(q|k|v|o)$",  # PEFT's docstring example
+    r"layers\.(1[0-9]|2[0-3])\.mlp\.(gate|up)_proj",
+    "(" + "|".join(f"model.layers.{i}.mlp.down_proj" for i in range(60)) + ")",
+    "(" + "|".join(rf"model\.layers\.{i}\.mlp\.down_proj" for i in range(100)) + ")",
+    ".?" * 5 + "." * 5 + "x",
+    "(a|ab)" * 5 + "x",
+    "(?:ab){3}c?d*",
+    "(q|k)?_proj",
+]
+# Near the limit: accepted as target_modules (matched whole), not as pattern keys.
+TARGET_MODULES_ONLY = [
+    ".?" * 6 + "." * 6 + "x",
+    "(a|ab)" * 8 + "x",  # overlapping strings, each a full choice: (a|aa) * 24 took 0.5 s
+    ".*" * 4 + "x",
+    *UNSLOTH_VISION_PATTERNS,
+]
+
+
+@pytest.mark.parametrize("pattern", EVERYWHERE)
 def test_the_patterns_peft_users_write_are_accepted(pattern) -> None:
     check_pattern("LoraConfig.target_modules", pattern)
     LoraConfig(target_modules=pattern, rank_pattern={pattern: 4}, alpha_pattern={pattern: 2})
+
+
+@pytest.mark.parametrize("pattern", TARGET_MODULES_ONLY)
+def test_patterns_near_the_limit_are_accepted_as_target_modules(pattern) -> None:
+    LoraConfig(target_modules=pattern)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "enclosing"),
+    [
+        (".*.*.*.*x", 1),  # as a rank_pattern key: 136 ms on a 128-character name
+        ("(.*)(.*)(.*)(.*)x", 1),  # 0.9 s
+        ("(.)*(.)*(.)*(.)*x", 0),  # a group repeated: re's slow path, 0.24 s
+        ("(?:ab|c)*" * 4 + "x", 0),
+        ("(?:(?=.*x).)*", 0),  # a lookahead with choices inside a repeat: nested
+    ],
+)
+def test_what_a_pattern_is_matched_inside_counts(pattern, enclosing) -> None:
+    with pytest.raises(ValueError, match="refused"):
+        check_pattern("LoraConfig.rank_pattern key", pattern, enclosing)
+    if enclosing:
+        with pytest.raises(ValueError, match=r"LoraConfig\.rank_pattern key .*refused"):
+            LoraConfig(rank_pattern={pattern: 2})
 
 
 @pytest.mark.parametrize(
@@ -134,10 +165,10 @@ def test_rank_and_alpha_patterns_keep_peft_semantics() -> None:
 
 
 def test_pattern_dicts_are_bounded_in_all() -> None:
-    four_stars = {f".*{i}.*{i}.*{i}.*x": 2 for i in range(5)}  # each near the limit
-    LoraConfig(rank_pattern=four_stars)
+    three_stars = {f".*{i}.*{i}.*x": 2 for i in range(5)}  # each near the limit as a key
+    LoraConfig(rank_pattern=three_stars)
     with pytest.raises(ValueError, match=r"LoraConfig\.rank_pattern is refused: its keys together"):
-        LoraConfig(rank_pattern={**four_stars, ".*y.*y.*y.*y": 2})
+        LoraConfig(rank_pattern={**three_stars, ".*y.*y.*y": 2})
     many = {f"model.layers.{i}.q_proj": 2 for i in range(10_001)}
     with pytest.raises(
         ValueError, match=r"LoraConfig\.alpha_pattern has 10001 keys; at most 10000"

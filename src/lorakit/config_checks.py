@@ -280,7 +280,7 @@ def _check_regex(field_name: str, pattern: Any) -> None:
     what = f"LoraConfig.{field_name} {shown(pattern)}"
     if not isinstance(pattern, str):
         raise ValueError(f"{what} is invalid: expected a regex string.")
-    check_pattern(what, pattern)
+    check_pattern(what, pattern, 2 if field_name.startswith("layers_pattern") else 0)
 
 
 def _check_name_spec(field_name: str, spec: Any) -> None:

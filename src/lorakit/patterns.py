@@ -20,8 +20,14 @@ inspect`` and a server. ``check_pattern`` refuses, before any matching:
   prefixes of one another, ``(attn|attn_out)``: 2), else its branches cubed (``(.|..)``: each
   may match where another did) -- but only their sum at the end of the pattern, where nothing
   follows to be retried (Unsloth's ``(?:.*?(?:language|text).*?...)|(?:model\\.layers...)``).
-  ``MAX_BACKTRACKING = 2**24`` admits four ``.*`` (about 10 ms on a 128-character name, a
-  fraction of that on real ones) or eight ``?``, and plain names and alternations of names;
+  A repeated group or alternation (``(.)*``, ``(?:ab|c)*``) counts 16 ways a step (``re``
+  re-enters it per character: 10-20x a ``.*``); a lookaround of plain text adds nothing. A
+  ``rank_pattern`` / ``alpha_pattern`` key is counted inside the regex it is matched with,
+  ``(.*\\.)?(key)$`` (one more open-ended repeat), a ``layers_pattern`` inside
+  ``(?:^|.*?\\.)pattern\\.(\\d+)\\.`` (two more).
+  ``MAX_BACKTRACKING = 2**24`` admits four ``.*`` as ``target_modules`` and three in a pattern
+  key (about 10 ms on a 128-character name, a fraction of that on real ones) or eight ``?``, and
+  plain names and alternations of names;
 - ``rank_pattern`` / ``alpha_pattern`` (every key is tried on every module name) with more than
   ``MAX_PATTERN_KEYS`` keys, or keys whose estimates add up to more than
   ``MAX_TOTAL_BACKTRACKING`` (four keys at the limit, or thousands of plain names).
@@ -67,6 +73,10 @@ _REFUSED = {_sre.GROUPREF, _sre.GROUPREF_EXISTS}
 # (``.*``, ``\d+``) is scanned quickly: such choices count cubed (measured: 18 ``.?`` in a row
 # cost ``re`` about 6 ns a way, ``.*`` about 1).
 _FULL_CHOICE_WEIGHT = 3
+# An open-ended repeat of a group or an alternation ('(.)*', '(?:ab|c)*') steps through re's
+# slow path: measured 10-20x a '.*' per way.
+_SLOW_REPEAT_WEIGHT = 16
+_ONE_CHARACTER = {_sre.ANY, _sre.LITERAL, _sre.NOT_LITERAL, _sre.IN}
 _HINT = "write it without repeats inside repeats, or list the module names instead"
 
 
@@ -74,10 +84,12 @@ class _Refused(Exception):
     """Why a pattern is refused (turned into a ValueError naming the field)."""
 
 
-def check_pattern(what: str, pattern: str) -> int:
+def check_pattern(what: str, pattern: str, enclosing_repeats: int = 0) -> int:
     """Raise ``ValueError`` naming ``what`` (e.g. "LoraConfig.rank_pattern key '(.*)*x'") if
     ``pattern`` is not a regex or could take unbounded time to match (module docstring);
-    else its estimated backtracking work."""
+    else its estimated backtracking work. ``enclosing_repeats``: the open-ended repeats of the
+    regex it is matched inside (a ``rank_pattern`` key: 1, ``(.*\\.)?(key)$``; a
+    ``layers_pattern``: 2, ``(?:^|.*?\\.)pattern\\.(\\d+)\\.``)."""
     if len(pattern) > MAX_PATTERN_CHARS:
         raise ValueError(
             f"{what} is {len(pattern)} characters long; patterns from adapter configs may have "
@@ -86,7 +98,7 @@ def check_pattern(what: str, pattern: str) -> int:
     try:
         parsed = _parser.parse(pattern)
         re.compile(pattern)
-        cost = _value(_cost(list(parsed)))
+        cost = _value(_times(_cost(list(parsed)), {enclosing_repeats: 1}))
     except (re.error, OverflowError) as error:
         raise ValueError(f"{what} is not a valid regular expression: {error}") from None
     except RecursionError:
@@ -113,7 +125,7 @@ def check_pattern_set(what: str, patterns: list[str]) -> None:
     for key in patterns:
         if not isinstance(key, str):
             raise ValueError(f"{what} key {shown(key)} is invalid: expected a regex string.")
-    total = sum(check_pattern(f"{what} key {shown(key)}", key) for key in patterns)
+    total = sum(check_pattern(f"{what} key {shown(key)}", key, 1) for key in patterns)
     if total > MAX_TOTAL_BACKTRACKING:
         raise ValueError(
             f"{what} is refused: its keys together would take too long to match (about "
@@ -143,7 +155,9 @@ def _cost(items: list, tail: bool = True) -> _Ways:
     for index in range(len(items) - 1, -1, -1):
         op, value = items[index]
         if op in (_sre.ASSERT, _sre.ASSERT_NOT):
-            rest = _plus(_cost(list(value[1])), rest)
+            looked = _cost(list(value[1]))
+            if looked != _ONE:  # (one fixed text: constant work where it stands, no choice)
+                rest = _plus(looked, rest)
         else:
             rest = _times(_item_cost(op, value, tail and index == len(items) - 1), rest)
         if _value(rest) > _HUGE:
@@ -183,9 +197,16 @@ def _repeat_cost(low: int, high: int, body) -> _Ways:
             if _value(total) > _HUGE:
                 return {0: _HUGE}
         return total
-    if high - low >= NAME_CHARS:
-        return {1: 1}
+    if high - low >= NAME_CHARS:  # '.*', '\\d+' scanned fast; a group or an alternation
+        return {1: 1 if _one_character(body) else _SLOW_REPEAT_WEIGHT}  # re-entered per step
     return {0: high - low + 1}
+
+
+def _one_character(body) -> bool:
+    """``body`` is one character test (``.``, ``a``, ``[^.]``, ``\\w``), which ``re`` repeats in
+    its fast loop; a group (capturing), an alternation or a sequence is re-entered per step."""
+    items = list(body)
+    return len(items) == 1 and items[0][0] in _ONE_CHARACTER
 
 
 def _branch_cost(branches: list, tail: bool) -> _Ways:
