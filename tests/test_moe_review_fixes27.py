@@ -31,7 +31,9 @@ def qwen3_moe(seed: int = 0) -> Qwen3MoeForCausalLM:
     return Qwen3MoeForCausalLM(Qwen3MoeConfig(**sizes)).eval()
 
 
-def write_per_expert_file(directory, holder: str, names: dict, ranks=None, drop=None) -> dict:
+def write_per_expert_file(
+    directory, holder: str, names: dict, ranks=None, drop=None, patterns=None
+) -> dict:
     """A transformers-4 era PEFT MoE adapter: one LoRA pair per expert module (non-zero B)."""
     hidden, inner, experts = MOE_SIZES["hidden_size"], 48, 4
     generator = torch.Generator().manual_seed(0)
@@ -51,15 +53,19 @@ def write_per_expert_file(directory, holder: str, names: dict, ranks=None, drop=
     save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=sorted(names)).to_dict()
     config.update(target_modules=sorted(names), peft_type="LORA", task_type=None)
+    config.update(patterns or {})
     (directory / "adapter_config.json").write_text(json.dumps(config, default=str))
     return tensors
 
 
-def per_expert_reference(base, tensors: dict, holder: str, names: dict) -> torch.Tensor:
-    """float64 logits of the base with each expert's update s B A added to its own rows."""
+def per_expert_reference(
+    base, tensors: dict, holder: str, names: dict, scales=None
+) -> torch.Tensor:
+    """float64 logits of the base with each expert's update s B A added to its own rows
+    (``scales``: s per expert module name, default ALPHA / R)."""
     ref = copy.deepcopy(base).double()
     ref.config._experts_implementation = "eager"
-    s, replaced = ALPHA / R, {}
+    replaced = {}
     for layer in range(2):
         experts = ref.get_submodule(f"model.layers.{layer}.mlp.experts")
         gate_up, down = experts.gate_up_proj.detach().clone(), experts.down_proj.detach().clone()
@@ -68,7 +74,7 @@ def per_expert_reference(base, tensors: dict, holder: str, names: dict) -> torch
             for name, kind in names.items():
                 key = f"base_model.model.model.layers.{layer}.{holder}.experts.{e}.{name}"
                 a, b = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
-                delta = s * b.double() @ a.double()
+                delta = (scales or {}).get(name, ALPHA / R) * b.double() @ a.double()
                 if kind == "down":
                     down[e] += delta
                 else:
@@ -135,6 +141,27 @@ def test_per_expert_file_with_the_router_renamed_as_peft_does(tmp_path):
     model = lorakit.load_adapter(copy.deepcopy(base), tmp_path / "v4")
     torch.testing.assert_close(model(IDS).logits, expected, atol=1e-5, rtol=0)
     assert "gate.weight" in lorakit.adapter_configs(model)["default"].target_parameters
+
+
+def test_per_expert_patterns_on_the_old_modules_become_the_fused_parameters(tmp_path):
+    """rank_pattern / alpha_pattern keys naming the old expert modules ("w2") match nothing once
+    fused: the fused parameter gets its experts' rank and alpha by a key of its own (PEFT
+    drops the alpha, 0.36 off the per-expert sum, and cannot load the rank)."""
+    ranks = {(e, "w2"): 4 for e in range(4)}
+    patterns = {"rank_pattern": {"w2": 4}, "alpha_pattern": {"w2": 16}}
+    tensors = write_per_expert_file(
+        tmp_path / "v4", "block_sparse_moe", MIXTRAL_NAMES, ranks=ranks, patterns=patterns
+    )
+    base = mixtral()
+    model = lorakit.load_adapter(copy.deepcopy(base), tmp_path / "v4")
+    reference = per_expert_reference(
+        base, tensors, "block_sparse_moe", MIXTRAL_NAMES, scales={"w2": 16 / 4}
+    )
+    torch.testing.assert_close(model(IDS).logits.double(), reference, atol=1e-5, rtol=0)
+    config = lorakit.adapter_configs(model)["default"]
+    assert config.rank_for("model.layers.1.mlp.experts.down_proj") == 4
+    assert config.alpha_for("model.layers.1.mlp.experts.down_proj") == 16
+    assert config.rank_for("model.layers.1.mlp.experts.gate_up_proj") == 2 * R
 
 
 def test_per_expert_file_missing_an_expert_is_refused(tmp_path):

@@ -20,7 +20,12 @@ from lorakit.io.keys import (
     embedding_module_names,
     key_names_module,
 )
-from lorakit.io.moe_files import ExpertConversion, converted_header, expert_conversion
+from lorakit.io.moe_files import (
+    ExpertConversion,
+    converted_config,
+    converted_header,
+    expert_conversion,
+)
 from lorakit.io.read import AdapterHeader
 from lorakit.moe_targets import convert_moe_config, fused_moe_family
 from lorakit.parameter_targets import find_parameter_targets
@@ -100,7 +105,10 @@ def load_targets(
     )
     family = fused_moe_family(model)
     conversion = expert_conversion(adapter, adapter.config, family, tensors, modules)
-    header = adapter if conversion is None else converted_header(adapter, conversion)
+    header = adapter
+    if conversion is not None:  # a transformers-4 per-expert file, planned as the fused one
+        header = converted_header(adapter, conversion)
+        config = converted_config(config, conversion)
     return LoadTargets(
         config, targets, saved_names, tensors, parameter_targets, source, header, conversion
     )

@@ -42,6 +42,7 @@ from lorakit.moe_targets import expert_parts, renamed_modules
 
 __all__ = [
     "ExpertConversion",
+    "converted_config",
     "converted_header",
     "expert_conversion",
     "file_keys",
@@ -62,6 +63,10 @@ class ExpertConversion:
 
     fused: dict[str, tuple[str, list[list[str]]]]
     renamed: dict[str, str]
+    ranks: dict[str, tuple[int, float]] = dataclasses.field(default_factory=dict)
+    """``{fused parameter path: (rank, alpha)}``: P times its experts' one rank and alpha (the
+    file's config may give them by ``rank_pattern`` / ``alpha_pattern`` keys on the old expert
+    modules, which match nothing once fused)."""
 
 
 def _rename(path: str, family: str) -> str:
@@ -100,7 +105,7 @@ def expert_conversion(
     if not groups:
         return None
     wanted = {(e.parameter, e.role): e.key for e in entries if e.parameter}
-    fused = {}
+    fused, ranks = {}, {}
     for (parameter, role), places in sorted(groups.items()):
         keys = sorted(k for experts in places.values() for k in experts.values())
         if (parameter, role) not in wanted:
@@ -113,7 +118,8 @@ def expert_conversion(
         experts = parameter_layout(getattr(modules[owner], name), False)[0]
         count = sum(1 for fused_name, _ in expert_parts(family).values() if fused_name == name)
         _check_complete(adapter, parameter, places, experts, count)
-        _check_one_rank(adapter, original, places, role)
+        rank, alpha = _check_one_rank(adapter, original, places, role)
+        ranks[parameter] = (len(places) * rank, len(places) * alpha)  # (gate, up): r and alpha x2
         fused[wanted[parameter, role]] = (role, [list(places[p].values()) for p in sorted(places)])
     taken = {key for _, sources in fused.values() for keys in sources for key in keys}
     renamed = {
@@ -121,7 +127,21 @@ def expert_conversion(
         for key in adapter.tensors
         if key not in taken
     }
-    return ExpertConversion(fused, renamed)
+    return ExpertConversion(fused, renamed, ranks)
+
+
+def converted_config(config: LoraConfig, conversion: ExpertConversion) -> LoraConfig:
+    """``config`` (converted by ``moe_targets.convert_moe_config``) with each fused parameter's
+    rank and alpha (``ExpertConversion.ranks``) where its patterns give another: a key naming
+    the parameter exactly, first (the old file's keys name expert modules that are gone)."""
+    ranks = {k: r for k, (r, _) in conversion.ranks.items() if config.rank_for(k) != r}
+    alphas = {k: a for k, (_, a) in conversion.ranks.items() if config.alpha_for(k) != a}
+    if not ranks and not alphas:
+        return config
+    return config.replace(
+        rank_pattern={**{re.escape(k): r for k, r in ranks.items()}, **config.rank_pattern},
+        alpha_pattern={**{re.escape(k): a for k, a in alphas.items()}, **config.alpha_pattern},
+    )
 
 
 def _check_complete(adapter, parameter: str, places, experts: int, count: int) -> None:
@@ -139,10 +159,11 @@ def _check_complete(adapter, parameter: str, places, experts: int, count: int) -
         places[place] = dict(sorted(places[place].items()))
 
 
-def _check_one_rank(adapter, original: LoraConfig, places, role: str) -> None:
+def _check_one_rank(adapter, original: LoraConfig, places, role: str) -> tuple[int, float]:
     """One 2-D shape per projection (one for all of them for A), hence one rank, one rank /
     alpha from ``original``'s patterns for every expert module, and no rsLoRA on a fused
-    pair: else the fused parameter's one rank and scaling could not be each expert's."""
+    pair: else the fused parameter's one rank and scaling could not be each expert's. That
+    ``(rank, alpha)``."""
     keys = [k for p in places.values() for k in p.values()]
     shapes = [{tuple(adapter.tensors[k].shape) for k in p.values()} for p in places.values()]
     if role == "lora_A":
@@ -160,6 +181,7 @@ def _check_one_rank(adapter, original: LoraConfig, places, role: str) -> None:
             f"{sorted(patterns)}, use_rslora={original.use_rslora}), so they cannot be fused "
             f"exactly into one LoRA on the transformers-5 parameter. {_REDO}"
         )
+    return next(iter(patterns))
 
 
 def fuse_expert_tensors(
