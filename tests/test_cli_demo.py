@@ -212,7 +212,7 @@ def test_an_output_holding_a_training_run_is_refused_before_the_model_loads(tmp_
     code = cli.main(["demo", "--output", str(run), "--no-progress"])
     assert code == 2
     captured = capsys.readouterr()
-    assert "holds files that are not a demo's (checkpoints, train_settings.json)" in captured.err
+    assert "is not an earlier demo's output (it has no demo_run.txt) and holds checkpoints, train_settings.json" in captured.err
     assert "[demo] loading" not in captured.out
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "train_settings.json"]
     fresh = tmp_path / "fresh"
@@ -239,7 +239,7 @@ def test_a_directory_with_someone_elses_summary_json_is_refused_and_kept(tmp_pat
     }
     for name, text in files.items():
         (output / name).write_text(text)
-    with pytest.raises(UserError, match="holds files that are not a demo's"):
+    with pytest.raises(UserError, match="is not an earlier demo's output"):
         run_demo(demo_settings(output, model_dir))
     assert {path.name: path.read_text() for path in output.iterdir()} == files
 

@@ -24,6 +24,7 @@ from lorakit.demo_files import (
     write_predictions,
     write_summary,
 )
+from lorakit.quantized.loading import TRAINABLE_QUANTIZATIONS
 from lorakit.train.config import SettingError, setting
 
 __all__ = ["DEMO_MARKER", "DemoSettings", "run_demo", "summary_lines"]
@@ -58,7 +59,7 @@ class DemoSettings:
         None,
         "fine-tune on a quantized frozen base: nf4, fp4, int8 (bitsandbytes, on the CPU) or gguf "
         "(the model's own Q4_1 GGUF blocks); see docs/quantized.md (default: float)",
-        choices=("nf4", "fp4", "int8", "gguf"),
+        choices=TRAINABLE_QUANTIZATIONS,
     )
 
     def __post_init__(self) -> None:

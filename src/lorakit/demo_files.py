@@ -57,9 +57,9 @@ def claim_output(output: Path) -> None:
         if held:
             shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
             raise UserError(
-                f"--output {output} holds files that are not a demo's ({shown}); the demo "
-                "replaces its adapter, checkpoints and metrics there: give another --output or "
-                "empty that directory"
+                f"--output {output} is not an earlier demo's output (it has no {DEMO_MARKER}) "
+                f"and holds {shown}; the demo replaces its adapter, checkpoints and metrics "
+                "there: give another --output or empty that directory"
             )
     output.mkdir(parents=True, exist_ok=True)
     write_text(

@@ -170,11 +170,14 @@ def _check_arguments(
         raise UserError(f"combine: weights must be finite numbers, got {weights}")
     if method not in METHODS:
         raise UserError(f"combine: unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if rank is not None and (not _is_integer(rank) or rank < 1 or method == "cat"):
+    if rank is not None and method == "cat":
         raise UserError(
-            f"combine: rank={rank!r} must be a positive integer and is for the SVD methods "
-            "(cat's rank is the sum of the adapters' ranks)"
+            f"combine: rank={rank!r} is for the methods that cut the result to a rank "
+            f"({', '.join(m for m in METHODS if m != 'cat')}), not cat (cat's rank is the sum "
+            "of the adapters' ranks): leave it out, or choose one of those methods"
         )
+    if rank is not None and (not _is_integer(rank) or rank < 1):
+        raise UserError(f"combine: rank must be a positive integer, got {rank!r}")
     given = {"density": density, "majority_sign_method": majority_sign_method, "seed": seed}
     unused = unused_option(method, given)
     if unused is not None:

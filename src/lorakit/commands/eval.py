@@ -192,8 +192,10 @@ def _check_choices(args: argparse.Namespace, example, tokenizer) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be >= 1, got {args.limit}")
-    if args.batch_size < 1 or args.max_length < 2:
-        raise UserError("--batch-size must be >= 1 and --max-length >= 2")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_length < 2:
+        raise UserError(f"--max-length must be >= 2, got {args.max_length}")
     from lorakit import data
     from lorakit.positions import check_max_length
     from lorakit.train.losses import evaluate

@@ -36,6 +36,7 @@ from lorakit.errors import UserError
 
 __all__ = [
     "QUANTIZATIONS",
+    "TRAINABLE_QUANTIZATIONS",
     "bitsandbytes_config",
     "cast_unquantized",
     "check_quantization",
@@ -45,20 +46,24 @@ __all__ = [
 ]
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", "gguf", "int8-rows", "int4-groups")
+TRAINABLE_QUANTIZATIONS = ("nf4", "fp4", "int8", "gguf")  # train / demo (the others: inference)
 
 
-def check_quantization(quantization: str, gguf_file: Path | None) -> None:
-    """``UserError`` for an unknown name, a missing package, or ``gguf`` without a GGUF file."""
-    if quantization not in QUANTIZATIONS:
+def check_quantization(
+    quantization: str, gguf_file: Path | None, choices: tuple[str, ...] = QUANTIZATIONS
+) -> None:
+    """``UserError`` for a name not among ``choices`` (the calling command's), a missing
+    package, or ``gguf`` without a GGUF file (naming the other ``choices``)."""
+    if quantization not in choices:
         raise UserError(
-            f"unknown quantization '{quantization}'; choose one of: {', '.join(QUANTIZATIONS)}"
+            f"unknown quantization '{quantization}'; choose one of: {', '.join(choices)}"
         )
     if quantization == "gguf":
         if gguf_file is None:
+            others = ", ".join(name for name in choices if name != "gguf")
             raise UserError(
                 "quantization 'gguf' reads the blocks of a built-in GGUF model's file (e.g. "
-                "smollm2-135m-instruct); this model has no GGUF file. Choose another: "
-                f"{', '.join(_without_gguf_file())}"
+                f"smollm2-135m-instruct); this model has no GGUF file. Choose another: {others}"
             )
         return
     if quantization in ("int8-rows", "int4-groups"):
@@ -68,11 +73,6 @@ def check_quantization(quantization: str, gguf_file: Path | None) -> None:
             f"quantization '{quantization}' needs bitsandbytes; install it with: "
             'pip install "lorakit[quant]"'
         )
-
-
-def _without_gguf_file() -> tuple[str, ...]:
-    """The quantizations of ``QUANTIZATIONS`` that a model without a GGUF file can take."""
-    return tuple(name for name in QUANTIZATIONS if name != "gguf")
 
 
 def bitsandbytes_config(quantization: str, compute_dtype: torch.dtype):

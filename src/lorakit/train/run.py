@@ -112,9 +112,9 @@ def _check_quantization(quantization: str, model_spec) -> None:
     """Refuse, before any loading, an unknown ``quantization``, one whose package is missing, or
     ``gguf`` for a ``model_spec`` that is not a built-in GGUF model (``check_quantization``)."""
     from lorakit.models import builtin_gguf_file
-    from lorakit.quantized.loading import check_quantization
+    from lorakit.quantized.loading import TRAINABLE_QUANTIZATIONS, check_quantization
 
-    check_quantization(quantization, builtin_gguf_file(str(model_spec)))
+    check_quantization(quantization, builtin_gguf_file(str(model_spec)), TRAINABLE_QUANTIZATIONS)
 
 
 def _inject_lora(model, lora) -> None:

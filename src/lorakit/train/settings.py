@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import UserError
+from lorakit.quantized.loading import TRAINABLE_QUANTIZATIONS
 from lorakit.train.config import (
     SettingError,
     TrainingConfig,
@@ -107,7 +108,7 @@ class TrainSettings:
         None,
         "train on a quantized frozen base: nf4, fp4, int8 (bitsandbytes, on the CPU) or gguf "
         "(the built-in model's own GGUF blocks); see docs/quantized.md (default: float)",
-        choices=("nf4", "fp4", "int8", "gguf"),
+        choices=TRAINABLE_QUANTIZATIONS,
     )
     dtype: str = setting(
         "float32",
