@@ -48,6 +48,26 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 BASE = "base"
 
 
+def masked_greedy(
+    model, prompt: list[int], masked: set[int], min_tokens: int, steps: int, stops=()
+) -> list[int]:
+    """vLLM's greedy ``min_tokens`` written out on the full forward in float64: ``masked`` at
+    -inf while fewer than ``min_tokens`` tokens were generated; a token in ``stops`` ends the
+    output (and is not part of it); at most ``steps`` tokens."""
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        while len(out) < steps:
+            logits = model(torch.tensor([ids])).logits[0, -1].double()
+            if len(out) < min_tokens:
+                logits[list(masked)] = float("-inf")
+            token = int(logits.argmax())
+            if token in stops:
+                break
+            ids.append(token)
+            out.append(token)
+    return out
+
+
 def base_model(tokenizer) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = tiny_models.llama_config(

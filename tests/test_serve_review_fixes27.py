@@ -46,21 +46,9 @@ def greedy_model(adapter_files):
 
 
 def masked_greedy(model, stops: set[int], min_tokens: int, max_tokens: int) -> list[int]:
-    """vLLM's greedy ``min_tokens`` written out: argmax of the full forward's last logits, with
-    the ``stops`` at -inf while fewer than ``min_tokens`` tokens were generated; a stop token
-    ends the output (and is not part of it)."""
-    ids, out = list(PROMPT), []
-    with torch.no_grad():
-        while len(out) < max_tokens:
-            logits = model(torch.tensor([ids])).logits[0, -1].double()
-            if len(out) < min_tokens:
-                logits[list(stops)] = float("-inf")
-            token = int(logits.argmax())
-            if token in stops:
-                break
-            ids.append(token)
-            out.append(token)
-    return out
+    """vLLM's greedy ``min_tokens``: the ``stops`` masked for ``min_tokens`` tokens, then ending
+    the output (``serving.masked_greedy``)."""
+    return serving.masked_greedy(model, PROMPT, stops, min_tokens, max_tokens, stops)
 
 
 def generate(model, eos: int, **fields):

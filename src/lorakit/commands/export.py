@@ -36,7 +36,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("source", help="adapter directory (PEFT format), or a model spec")
     parser.add_argument("--format", required=True, choices=["gguf"], help="output format")
     parser.add_argument("--output", required=True, help="the .gguf file to write")
-    add_overwrite_option(parser)
+    add_overwrite_option(
+        parser,
+        help="replace an existing --output file (written atomically; without it, an existing "
+        "--output is refused)",
+    )
     parser.add_argument(
         "--model",
         help=f"the adapter's base model spec, for an adapter SOURCE (default: {DEFAULT_BASE})",

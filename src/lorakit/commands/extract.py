@@ -53,14 +53,14 @@ def _check(args: argparse.Namespace) -> None:
     )  # (--base and --finetuned are models)
 
 
-def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
-    """``--overwrite``: replace an adapter already in ``--output`` (else refused)."""
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an adapter already in --output (written atomically; without it, such an "
-        "--output is refused)",
-    )
+def add_overwrite_option(
+    parser: argparse.ArgumentParser,
+    help: str = "replace an adapter already in --output (written atomically; without it, such "
+    "an --output is refused)",
+) -> None:
+    """``--overwrite``: replace what ``--output`` already holds (else refused); ``help`` says
+    what that is for the command (default: an adapter in the ``--output`` directory)."""
+    parser.add_argument("--overwrite", action="store_true", help=help)
 
 
 def check_adapter_output(command: str, output: Path, overwrite: bool = False) -> None:

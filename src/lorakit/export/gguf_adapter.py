@@ -33,7 +33,13 @@ from torch import nn
 
 from lorakit.errors import AdapterFileError, UserError
 from lorakit.export.gguf_io import encode_tensor, write_gguf
-from lorakit.export.gguf_names import ARCHITECTURES, GgufLayout, check_head_size, gguf_layout
+from lorakit.export.gguf_names import (
+    ARCHITECTURES,
+    GgufLayout,
+    check_head_size,
+    class_architecture,
+    gguf_layout,
+)
 from lorakit.functional import fold_scale, scaling
 
 __all__ = ["ADAPTER_TYPES", "AdapterExport", "export_adapter"]
@@ -198,19 +204,31 @@ def _config_fields(directory: Path) -> dict:
 
 def _refuse_other_base_class(directory: Path, model: nn.Module, base_name: str | None) -> None:
     """``UserError`` when adapter_config.json's ``auto_mapping.base_model_class`` (the class of
-    the model PEFT made the adapter on, written when it had no ``task_type``) is not ``model``'s
-    class: same-sized modules of another architecture would be exported, and llama.cpp then
-    refuses the file over the adapter's real base. ``base_name`` names ``model``."""
+    the model PEFT made the adapter on, written when it had no ``task_type``) is of another GGUF
+    architecture than ``model`` (``gguf_names.class_architecture``; a class lorakit writes no
+    architecture for counts as another): same-sized modules of another architecture would be
+    exported, and llama.cpp then refuses the file over the adapter's real base. Classes of one
+    architecture (a Mistral adapter over a Llama: both ``llama``) give the same file and pass.
+    ``base_name`` names ``model``."""
     mapping = _config_fields(directory).get("auto_mapping")
     made_for = mapping.get("base_model_class") if isinstance(mapping, dict) else None
     given = type(model).__name__
-    if isinstance(made_for, str) and made_for != given:
-        base = base_name or f"the {given} given"
-        raise UserError(
-            f"adapter {directory} was made for a {made_for} (adapter_config.json "
-            f"auto_mapping.base_model_class), but {base} is a {given}: give the adapter's base "
-            "model (--model), whose architecture the GGUF file names"
-        )
+    if not isinstance(made_for, str) or made_for == given:
+        return
+    made_arch = class_architecture(made_for)
+    given_arch = ARCHITECTURES.get(getattr(model.config, "model_type", None), (None,))[0]
+    if made_arch is not None and made_arch == given_arch:
+        return
+    base = base_name or f"the {given} given"
+    made = (
+        f"GGUF architecture {made_arch!r}" if made_arch else "no GGUF architecture lorakit writes"
+    )
+    raise UserError(
+        f"adapter {directory} was made for a {made_for} (adapter_config.json "
+        f"auto_mapping.base_model_class; {made}), but {base} is a {given} (GGUF architecture "
+        f"{given_arch!r}): give the adapter's base model (--model), whose architecture the GGUF "
+        "file names"
+    )
 
 
 def _refuse_dora(directory: Path) -> None:

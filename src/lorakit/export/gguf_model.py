@@ -156,50 +156,70 @@ def _refuse_other_activation(config) -> None:
 def _refuse_sliding_window(config) -> None:
     """``UserError`` for attention through a sliding window, which llama.cpp's llama / qwen2
     graphs do not apply (every token attends to the whole context): a ``sliding_window``
-    smaller than ``max_position_embeddings`` (Mistral), ``use_sliding_window`` (Qwen2), or a
-    "sliding_attention" entry in ``layer_types``."""
+    smaller than ``max_position_embeddings`` on the layers transformers applies it to, every
+    layer of a Mistral (``model_type`` "mistral") or those whose ``layer_types`` entry is
+    "sliding_attention" (Qwen2: transformers computes them from ``use_sliding_window`` and
+    ``max_window_layers``; such layers without a window transformers cannot run). Any other
+    ``sliding_window`` (transformers' Llama ignores it) does nothing, and neither does a window
+    no position can exceed."""
     window = getattr(config, "sliding_window", None)
+    longest = config.max_position_embeddings
+    if window is not None and window >= longest:
+        return
     layer_types = list(getattr(config, "layer_types", None) or [])
     sliding = [index for index, kind in enumerate(layer_types) if kind == "sliding_attention"]
-    field = None
-    if getattr(config, "use_sliding_window", False):
-        field = f"use_sliding_window=True (sliding_window={window})"
-    elif sliding:
-        field = (
-            f"layer_types with 'sliding_attention' at layers {sliding} (sliding_window={window})"
-        )
-    elif window is not None and window < config.max_position_embeddings:
-        field = (
-            f"sliding_window={window} (smaller than max_position_embeddings="
-            f"{config.max_position_embeddings})"
-        )
-    if field is not None:
-        raise UserError(
-            f"this model's config has {field}: its attention looks back only that far, which "
-            "llama.cpp's GGUF models of this architecture do not do (they attend to the whole "
-            "context), so their outputs would differ. lorakit's GGUF export does not write it: "
-            "run the model with transformers or lorakit"
-        )
+    if sliding:
+        field = f"layer_types with 'sliding_attention' at layers {sliding}"
+        if getattr(config, "use_sliding_window", False):
+            field += f" (use_sliding_window=True, max_window_layers={config.max_window_layers})"
+    elif window is not None and config.model_type == "mistral":
+        field = "model_type='mistral' (a window on every layer)"
+    else:
+        return
+    smaller = "" if window is None else f" (smaller than max_position_embeddings={longest})"
+    raise UserError(
+        f"this model's config has sliding_window={window}{smaller} and {field}: its attention "
+        "looks back only that far, which llama.cpp's GGUF models of this architecture do not do "
+        "(they attend to the whole context), so their outputs would differ. lorakit's GGUF "
+        "export does not write it: run the model with transformers or lorakit"
+    )
 
 
 def _refuse_quantized_layers(model: nn.Module) -> None:
     """``UserError`` naming the quantized layers (``lorakit.quantized``: bitsandbytes, torchao,
-    GGUF blocks, int8-rows, int4-groups, or a layer that looks quantized) that ``model`` still
-    holds: their ``weight`` is packed storage, not the float matrix a GGUF model file holds."""
+    GGUF blocks, int8-rows, int4-groups, or a layer that looks quantized), each with its class
+    and why, that ``model`` still holds: their ``weight`` is packed storage, not the float
+    matrix a GGUF model file holds. ``merge_and_unload`` is suggested only when it can
+    dequantize every one of them (a layer only ``looks_quantized`` it cannot)."""
     from lorakit import quantized
 
-    names = [
-        name
-        for name, module in model.named_modules()
-        if quantized.is_quantized(module) or quantized.looks_quantized(module) is not None
-    ]
-    if names:
-        listed = ", ".join(names[:3]) + (f", ... ({len(names)} in all)" * (len(names) > 3))
-        raise UserError(
-            f"the model holds quantized layers ({listed}); the GGUF export writes float "
-            "weights: load the model unquantized (no quantization), or, with an adapter on it, "
-            "merge_and_unload the model (it dequantizes every quantized layer) and export that"
+    listed, unknown = [], []
+    for name, module in model.named_modules():
+        cls = type(module)
+        path = f"{cls.__module__}.{cls.__qualname__}"
+        if quantized.is_quantized(module):
+            listed.append(f"{name} ({path})")
+        elif (reason := quantized.looks_quantized(module)) is not None:
+            listed.append(f"{name} ({reason if path in reason else f'{path}: {reason}'})")
+            unknown.append(name)
+    if not listed:
+        return
+    shown = "; ".join(listed[:3]) + (f"; ... ({len(listed)} in all)" * (len(listed) > 3))
+    advice = "load the model unquantized (no quantization)"
+    if unknown:
+        advice += (
+            f". lorakit cannot dequantize {unknown[0]} (a layer type no lorakit backend runs), "
+            "so merge_and_unload would not make it float either"
         )
+    else:
+        advice += (
+            ", or, with an adapter on it, merge_and_unload the model (it dequantizes these "
+            "layers) and export that"
+        )
+    raise UserError(
+        f"the model holds quantized layers ({shown}); the GGUF export writes float weights: "
+        + advice
+    )
 
 
 def _rope_theta(config) -> float:

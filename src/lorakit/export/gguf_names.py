@@ -27,7 +27,14 @@ import torch
 
 from lorakit.errors import UserError
 
-__all__ = ["ARCHITECTURES", "GgufLayout", "check_head_size", "gguf_layout", "rope_row_order"]
+__all__ = [
+    "ARCHITECTURES",
+    "GgufLayout",
+    "check_head_size",
+    "class_architecture",
+    "gguf_layout",
+    "rope_row_order",
+]
 
 # transformers model_type -> (GGUF architecture, whether llama.cpp's converter reorders q/k rows)
 ARCHITECTURES: dict[str, tuple[str, bool]] = {
@@ -111,6 +118,24 @@ def gguf_layout(model_config) -> GgufLayout:
         permutes_qk=permutes_qk,
         tied_embeddings=bool(getattr(model_config, "tie_word_embeddings", False)),
     )
+
+
+def class_architecture(class_name: str) -> str | None:
+    """The GGUF architecture lorakit writes for the transformers model class ``class_name``
+    (``MistralForCausalLM`` -> ``llama``; also a base class such as ``Qwen2Model``), found
+    through transformers' model_type -> class tables; None when the class is not one of an
+    ``ARCHITECTURES`` model type."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_MAPPING_NAMES,
+    )
+
+    for model_type, (arch, _) in ARCHITECTURES.items():
+        for table in (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES):
+            names = table.get(model_type, ())
+            if class_name in ((names,) if isinstance(names, str) else names):
+                return arch
+    return None
 
 
 def check_head_size(model_config) -> None:

@@ -145,12 +145,13 @@ def _add_generation_routes(
             vocab_size=engine.vocab_size,
         )  # (before the adapter is loaded: a bad prompt evicts no other adapter)
         job = _fit_max_tokens(job, len(prompt_ids), settings.max_positions)
-        responses.refuse_when_queue_full(engine)  # before an adapter load evicts another
-        if body.get(mixing.FIELD) is None:
-            adapter = await _adapter_for(job.model, adapters, settings)
-        else:
-            adapter = await _mixture_for(body[mixing.FIELD], job.model, mixtures, settings)
-        return await responses.answer(engine, job, prompt_ids, adapter, request.receive)
+        # a queue place (or a 429) before an adapter load evicts another; given back on errors
+        with responses.queue_place(engine) as place:
+            if body.get(mixing.FIELD) is None:
+                adapter = await _adapter_for(job.model, adapters, settings)
+            else:
+                adapter = await _mixture_for(body[mixing.FIELD], job.model, mixtures, settings)
+            return await responses.answer(engine, job, prompt_ids, adapter, request.receive, place)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

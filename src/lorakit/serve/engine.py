@@ -58,6 +58,7 @@ __all__ = [
     "Event",
     "EventStream",
     "QueueFullError",
+    "QueuePlace",
     "RequestHandle",
 ]
 
@@ -129,6 +130,7 @@ class Engine(Admission):
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._starving: dict[int, GenerationRequest] = {}  # by id: see ``_defer``
         self._admissions = 0  # requests admitted so far (``_defer`` counts from it)
+        self._reserved = 0  # queue places held by ``reserve()``, not yet taken or released
         self._running: list[GenerationRequest] = []
         self._cache = BatchedCache(max_rows=max_batch)
         self._routing = Routing(bank)  # one-adapter route or the batched op, per forward
@@ -205,8 +207,9 @@ class Engine(Admission):
         """Queue a request; ``on_event`` is called from the engine thread for every piece.
 
         Before ``start()`` the request waits for it; after ``stop()`` this raises
-        ``EngineStoppedError``; with ``max_waiting`` requests already queued (cancelled ones
-        not counted; those parked on an adapter load counted), ``QueueFullError``; a prompt
+        ``EngineStoppedError``; with ``max_waiting`` requests already queued or places held by
+        ``reserve()`` (cancelled requests not counted; those parked on an adapter load counted),
+        ``QueueFullError``; a prompt
         that is empty or holds an id outside the model's vocabulary ``[0, vocab_size)``, or a
         stop token id outside it, ``ValueError`` naming the id and its position."""
         if not prompt_ids:
@@ -225,22 +228,34 @@ class Engine(Admission):
             self._wake.notify_all()
         return RequestHandle(request, self._notify)
 
-    def check_room(self) -> None:
-        """``QueueFullError`` when ``submit`` would refuse a request now (``max_waiting``
-        requests queued): a cheap check before a request loads its adapter."""
+    def reserve(self) -> QueuePlace:
+        """Hold a place in the waiting queue for a request about to be submitted (a cheap check
+        before it loads its adapter, so that a request refused loads none and evicts none);
+        ``QueueFullError`` when ``submit`` would refuse a request now. The place counts against
+        ``max_waiting`` until ``open_stream(..., place)`` queues the request in it or it is
+        released (a context manager: released on exit, also when the request failed before it
+        was submitted)."""
         with self._wake:
             self._refuse_when_full()
+            self._reserved += 1
+        return QueuePlace(self)
+
+    @property
+    def reserved(self) -> int:
+        """Queue places held by ``reserve()`` and not yet taken by a request or released."""
+        return self._reserved
 
     def _refuse_when_full(self) -> None:
-        """``QueueFullError`` when ``max_waiting`` requests are queued (cancelled ones not
-        counted, those parked on an adapter load counted); called under ``_wake``."""
+        """``QueueFullError`` when ``max_waiting`` requests are queued or reserved (cancelled
+        ones not counted, those parked on an adapter load counted); called under ``_wake``."""
         if self.max_waiting is None:
             return
         queued = sum(not r.cancelled for r in self._waiting) + self._parked()
-        if queued >= self.max_waiting:
+        if queued + self._reserved >= self.max_waiting:
+            held = f" and {self._reserved} more are on their way" if self._reserved else ""
             raise QueueFullError(
-                f"{queued} requests are already waiting (the limit is {self.max_waiting}); "
-                "retry later"
+                f"{queued} requests are already waiting{held} (the limit is "
+                f"{self.max_waiting}); retry later"
             )
 
     def _notify(self) -> None:
@@ -248,11 +263,24 @@ class Engine(Admission):
             self._wake.notify_all()
 
     def open_stream(
-        self, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams
+        self,
+        prompt_ids: Sequence[int],
+        adapter: str | None,
+        params: SamplingParams,
+        place: QueuePlace | None = None,
     ) -> EventStream:
-        """Submit now (errors such as ``EngineStoppedError`` raise here, before any event);
-        an async iterator of the request's events. Call from a running event loop."""
-        return EventStream(lambda on_event: self.submit(prompt_ids, adapter, params, on_event))
+        """Submit now (errors such as ``EngineStoppedError`` raise here, before any event;
+        ``place``: a place from ``reserve()``, given to this request: released and the request
+        queued in one step under the lock, so no other request can take it meanwhile); an async
+        iterator of the request's events. Call from a running event loop."""
+
+        def submit(on_event: Callable[[Event], None]) -> RequestHandle:
+            with self._wake:  # (re-entered by ``submit``)
+                if place is not None:
+                    place.take()
+                return self.submit(prompt_ids, adapter, params, on_event)
+
+        return EventStream(submit)
 
     async def stream(
         self, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams
@@ -429,3 +457,32 @@ class Engine(Admission):
                 tuple(logprobs),
             )
         )
+
+
+class QueuePlace:
+    """A place in an ``Engine``'s waiting queue held by ``Engine.reserve()``: the request that
+    ``Engine.open_stream(..., place)`` queues takes it, or ``release()`` (idempotent; also on
+    leaving a ``with`` block) gives it back."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._held = True
+
+    def take(self) -> bool:
+        """Give the place up (to the request being queued); False when it was no longer held.
+        Called under the engine's ``_wake``."""
+        held, self._held = self._held, False
+        if held:
+            self._engine._reserved -= 1
+        return held
+
+    def release(self) -> None:
+        """Give the place back (no-op once taken or released)."""
+        with self._engine._wake:
+            self.take()
+
+    def __enter__(self) -> QueuePlace:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -119,12 +119,12 @@ class GenerationRequest:
 
     def masked_now(self, eos_token_ids: set[int]) -> frozenset[int]:
         """The token ids the next token may not be (vLLM's ``min_tokens``): while fewer than
-        ``params.min_tokens`` tokens were generated, EOS (unless ``params.ignore_eos``) and
-        ``stop_token_ids``; else none."""
+        ``params.min_tokens`` tokens were generated, EOS (also with ``params.ignore_eos``, as
+        vLLM: that only decides whether EOS ends the request) and ``stop_token_ids``; else
+        none."""
         if len(self.generated) >= self.params.min_tokens:
             return frozenset()
-        eos = frozenset() if self.params.ignore_eos else frozenset(eos_token_ids)
-        return eos | self.stop_token_ids
+        return frozenset(eos_token_ids) | self.stop_token_ids
 
     def take(
         self, token: int, eos_token_ids: set[int], tokenizer, logprob: TokenLogprob | None = None
@@ -133,9 +133,11 @@ class GenerationRequest:
         None, new text, new ids, their logprobs)`` to send, or None when nothing can be sent yet
         (text that may still become a stop string, or an incomplete character, is held back).
         EOS (unless ``params.ignore_eos``: then an output token), or one of the request's
-        ``stop_token_ids``, ends with "stop" and is not part of the output (vLLM's default for
-        stop token ids). A stop string ending in the first ``params.min_tokens`` tokens' text
-        does not stop (``StopTextTracker.search_from``).
+        ``stop_token_ids``, ends with "stop" and is not among the output ids; its text (none for
+        a special token such as EOS) ends the output text only with
+        ``params.include_stop_str_in_output`` (as vLLM's detokenizer). A stop string ending in
+        the first ``params.min_tokens`` tokens' text does not stop
+        (``StopTextTracker.search_from``).
         """
         final = None
         ends = self.stop_token_ids if self.params.ignore_eos else eos_token_ids
@@ -150,10 +152,8 @@ class GenerationRequest:
                 final = "length"
         text = ""
         if tokenizer is not None:
-            decoded = tokenizer.decode(self.generated, skip_special_tokens=True)
-            if len(self.generated) <= self.params.min_tokens:
-                self.stop_text.search_from = len(decoded)
-            text = self.stop_text.update(decoded, final=final is not None)
+            stop_token = token if final == "stop" else None
+            text = self._new_text(tokenizer, stop_token, final=final is not None)
             if self.stop_text.stopped:
                 final = "stop"
         if final is None and not text and not self.pending_ids:
@@ -161,6 +161,17 @@ class GenerationRequest:
         ids, self.pending_ids = tuple(self.pending_ids), []
         logprobs, self.pending_logprobs = tuple(self.pending_logprobs), []
         return final, text, ids, logprobs
+
+    def _new_text(self, tokenizer, stop_token: int | None, final: bool) -> str:
+        """The output text not sent yet: the decoded ``generated`` ids (special tokens
+        skipped), followed by ``stop_token``'s text (the token that ended the request; None:
+        none did) when ``params.include_stop_str_in_output``, cut at a stop string."""
+        decoded = tokenizer.decode(self.generated, skip_special_tokens=True)
+        if len(self.generated) <= self.params.min_tokens:
+            self.stop_text.search_from = len(decoded)
+        if stop_token is not None and self.params.include_stop_str_in_output:
+            decoded = tokenizer.decode([*self.generated, stop_token], skip_special_tokens=True)
+        return self.stop_text.update(decoded, final=final)
 
     def deliver(self, event: Event) -> None:
         """Hand ``event`` to the consumer; a failing callback cancels the request, nothing else."""

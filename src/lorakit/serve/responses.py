@@ -23,7 +23,7 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from lorakit.serve import bodies, protocol
-from lorakit.serve.engine import Engine, EngineStoppedError, QueueFullError
+from lorakit.serve.engine import Engine, EngineStoppedError, QueueFullError, QueuePlace
 from lorakit.serve.protocol import APIError, CompletionJob
 from lorakit.serve.requests import (
     ADAPTER_NOT_FOUND,
@@ -34,7 +34,7 @@ from lorakit.serve.requests import (
 )
 from lorakit.serve.token_pieces import token_piece
 
-__all__ = ["RETRY_AFTER_SECONDS", "answer", "failure", "refuse_when_queue_full"]
+__all__ = ["RETRY_AFTER_SECONDS", "answer", "failure", "queue_place"]
 
 log = logging.getLogger(__name__)
 _DONE = ("stop", "length")
@@ -68,13 +68,15 @@ async def answer(
     prompt_ids: list[int],
     adapter: str | None,
     receive: Receive | None = None,
+    place: QueuePlace | None = None,
 ):
     """A JSON response (or ``StreamingResponse`` when ``job.stream``); raises ``APIError``
     when the request fails before its first token, 429 (with ``Retry-After``) when the engine's
     waiting queue is full. ``receive``: the request's ASGI receive, watched for the client's
-    disconnect (None: not watched)."""
+    disconnect (None: not watched); ``place``: the queue place ``queue_place`` held for it
+    (the request takes it when it is submitted)."""
     try:
-        events = engine.open_stream(prompt_ids, adapter, job.params)
+        events = engine.open_stream(prompt_ids, adapter, job.params, place)
     except EngineStoppedError as error:
         raise APIError(503, str(error), type="server_error") from None
     except QueueFullError as error:
@@ -101,11 +103,14 @@ async def answer(
             watcher.cancel()
 
 
-def refuse_when_queue_full(engine: Engine) -> None:
-    """The 429 ``answer`` gives when the engine's waiting queue is full, raised now (a cheap
-    check: a request refused this way loads no adapter and evicts none)."""
+def queue_place(engine: Engine) -> QueuePlace:
+    """A place held in the engine's waiting queue (``Engine.reserve``) for a request that is
+    about to load its adapter, or the 429 ``answer`` gives when the queue is full, raised now:
+    a request refused this way loads no adapter and evicts none, and requests between this
+    check and their submit count against ``max_waiting``. Use it as a context manager around
+    the adapter load and ``answer(..., place=...)``: the place is given back on any error."""
     try:
-        engine.check_room()
+        return engine.reserve()
     except QueueFullError as error:
         raise _busy(error) from None
 
