@@ -11,7 +11,8 @@ batching).
 A request whose adapter is not in the bank never stalls the loop: it waits aside while loader
 threads read its adapter (``cold_loads.ColdLoads``), and the other requests go on.
 
-Requests are submitted from any thread (``submit`` with a callback) or from asyncio (``stream``).
+Requests are submitted from any thread (``submit`` with a callback) or from asyncio (``stream``):
+``lorakit.serve.submission``, which also bounds the waiting queue.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import collections
 import inspect
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -40,17 +41,16 @@ from lorakit.serve.requests import (
     GenerationRequest,
     QueueFullError,
     RequestHandle,
-    check_token_ids,
     vocabulary_size,
 )
 from lorakit.serve.routing import Routing
 from lorakit.serve.sampling import (
-    SamplingParams,
     greedy_tokens,
     next_token,
     stop_tokens_masked,
     token_logprob,
 )
+from lorakit.serve.submission import QueuePlace, Submission
 
 __all__ = [
     "Engine",
@@ -65,7 +65,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class Engine(Admission):
+class Engine(Admission, Submission):
     """Continuous-batching generation over an ``AdapterBank``.
 
     ``model``: a causal LM prepared with ``prepare_for_serving`` and served by ``bank``
@@ -195,120 +195,6 @@ class Engine(Admission):
                 return
         for request in requests:
             self._finish(request, "cancelled")
-
-    # ----------------------------------------------------------------- submitting
-    def submit(
-        self,
-        prompt_ids: Sequence[int],
-        adapter: str | None,
-        params: SamplingParams,
-        on_event: Callable[[Event], None],
-    ) -> RequestHandle:
-        """Queue a request; ``on_event`` is called from the engine thread for every piece.
-
-        Before ``start()`` the request waits for it; after ``stop()`` this raises
-        ``EngineStoppedError``; with ``max_waiting`` requests already queued or places held by
-        ``reserve()`` (cancelled requests not counted; those parked on an adapter load counted),
-        ``QueueFullError``; a prompt
-        that is empty or holds an id outside the model's vocabulary ``[0, vocab_size)``, or a
-        stop token id outside it, ``ValueError`` naming the id and its position."""
-        if not prompt_ids:
-            raise ValueError("the prompt is empty; give at least one token.")
-        check_token_ids(prompt_ids, "prompt token", self.vocab_size)
-        check_token_ids(params.stop_token_ids, "stop_token_ids", self.vocab_size)
-        request = GenerationRequest(list(prompt_ids), adapter, params, on_event)
-        with self._wake:
-            if self._stopping:
-                raise EngineStoppedError(
-                    "the generation engine is stopped (the server is shutting down); no "
-                    "request can be served."
-                )
-            self._refuse_when_full()
-            self._waiting.append(request)
-            self._wake.notify_all()
-        return RequestHandle(request, self._notify)
-
-    def reserve(self) -> QueuePlace:
-        """Hold a place in the waiting queue for a request about to be submitted (a cheap check
-        before it loads its adapter, so that a request refused loads none and evicts none);
-        ``QueueFullError`` when ``submit`` would refuse a request now. The place counts against
-        ``max_waiting`` until ``open_stream(..., place)`` queues the request in it or it is
-        released (a context manager: released on exit, also when the request failed before it
-        was submitted)."""
-        with self._wake:
-            self._refuse_when_full()
-            self._reserved += 1
-        return QueuePlace(self)
-
-    @property
-    def reserved(self) -> int:
-        """Queue places held by ``reserve()`` and not yet taken by a request or released."""
-        return self._reserved
-
-    def _refuse_when_full(self) -> None:
-        """``QueueFullError`` when ``max_waiting`` requests are queued or reserved (cancelled
-        ones not counted, those parked on an adapter load counted); called under ``_wake``."""
-        if self.max_waiting is None:
-            return
-        queued = sum(not r.cancelled for r in self._waiting) + self._parked()
-        if queued + self._reserved >= self.max_waiting:
-            held = f" and {self._reserved} more are on their way" if self._reserved else ""
-            raise QueueFullError(
-                f"{queued} requests are already waiting{held} (the limit is "
-                f"{self.max_waiting}); retry later"
-            )
-
-    def _notify(self) -> None:
-        with self._wake:
-            self._wake.notify_all()
-
-    def open_stream(
-        self,
-        prompt_ids: Sequence[int],
-        adapter: str | None,
-        params: SamplingParams,
-        place: QueuePlace | None = None,
-    ) -> EventStream:
-        """Submit now (errors such as ``EngineStoppedError`` raise here, before any event;
-        ``place``: a place from ``reserve()``, given to this request: released and the request
-        queued in one step under the lock, so no other request can take it meanwhile); an async
-        iterator of the request's events. Call from a running event loop."""
-
-        def submit(on_event: Callable[[Event], None]) -> RequestHandle:
-            with self._wake:  # (re-entered by ``submit``)
-                if place is not None:
-                    place.take()
-                return self.submit(prompt_ids, adapter, params, on_event)
-
-        return EventStream(submit)
-
-    async def stream(
-        self, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams
-    ) -> AsyncIterator[Event]:
-        """Async iterator of the request's events (cancels the request if the consumer leaves)."""
-        events = self.open_stream(prompt_ids, adapter, params)
-        try:
-            async for event in events:
-                yield event
-        finally:
-            events.cancel()
-
-    def generate(
-        self, prompt_ids: Sequence[int], adapter: str | None, params: SamplingParams
-    ) -> tuple[list[int], str, Event]:
-        """Blocking: (generated ids, text, last event)."""
-        events: list[Event] = []
-        finished = threading.Event()
-
-        def collect(event: Event) -> None:
-            events.append(event)
-            if event.finish_reason is not None:
-                finished.set()
-
-        self.submit(prompt_ids, adapter, params, collect)
-        finished.wait()
-        ids = [i for e in events for i in e.token_ids]
-        return ids, "".join(e.text for e in events), events[-1]
 
     # ----------------------------------------------------------------- the loop
     def _loop(self) -> None:
@@ -457,32 +343,3 @@ class Engine(Admission):
                 tuple(logprobs),
             )
         )
-
-
-class QueuePlace:
-    """A place in an ``Engine``'s waiting queue held by ``Engine.reserve()``: the request that
-    ``Engine.open_stream(..., place)`` queues takes it, or ``release()`` (idempotent; also on
-    leaving a ``with`` block) gives it back."""
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self._held = True
-
-    def take(self) -> bool:
-        """Give the place up (to the request being queued); False when it was no longer held.
-        Called under the engine's ``_wake``."""
-        held, self._held = self._held, False
-        if held:
-            self._engine._reserved -= 1
-        return held
-
-    def release(self) -> None:
-        """Give the place back (no-op once taken or released)."""
-        with self._engine._wake:
-            self.take()
-
-    def __enter__(self) -> QueuePlace:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
