@@ -212,7 +212,10 @@ def test_an_output_holding_a_training_run_is_refused_before_the_model_loads(tmp_
     code = cli.main(["demo", "--output", str(run), "--no-progress"])
     assert code == 2
     captured = capsys.readouterr()
-    assert "is not an earlier demo's output (it has no demo_run.txt) and holds checkpoints, train_settings.json" in captured.err
+    assert (
+        "is not an earlier demo's output (it has no demo_run.txt) and holds checkpoints, train_settings.json"
+        in captured.err
+    )
     assert "[demo] loading" not in captured.out
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "train_settings.json"]
     fresh = tmp_path / "fresh"
