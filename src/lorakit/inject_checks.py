@@ -13,7 +13,8 @@ from torch import nn
 
 from lorakit.config import LoraConfig, pattern_matches
 from lorakit.errors import TargetModulesError
-from lorakit.init_methods import changes_base, check_layer_takes
+from lorakit.init_checks import check_layer_takes
+from lorakit.init_methods import changes_base
 from lorakit.layers import LoraLayer, TrainableTokens, layer_class_for
 from lorakit.layers.parameter import LoraParameter
 from lorakit.layers.saved import check_saveable

@@ -23,7 +23,8 @@ from torch import nn
 from lorakit import quantized
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, listed
-from lorakit.init_methods import changes_base, check_layer_takes, check_redo_on_load
+from lorakit.init_checks import check_layer_takes, check_redo_on_load
+from lorakit.init_methods import changes_base
 from lorakit.inject_checks import check_adapter_fits
 from lorakit.io import fingerprint
 from lorakit.io.keys import FileTensor, expected_shape, saved_module_alias_keys
