@@ -29,12 +29,15 @@ from lorakit.errors import UserError
 
 __all__ = [
     "ARCHITECTURES",
+    "TOKEN_EMBEDDING",
     "GgufLayout",
     "check_head_size",
     "class_architecture",
     "gguf_layout",
     "rope_row_order",
 ]
+
+TOKEN_EMBEDDING = "token_embd.weight"  # the GGUF tensor of the input embeddings
 
 # transformers model_type -> (GGUF architecture, whether llama.cpp's converter reorders q/k rows)
 ARCHITECTURES: dict[str, tuple[str, bool]] = {

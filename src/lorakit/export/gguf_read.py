@@ -26,7 +26,7 @@ from torch import nn
 
 from lorakit.errors import AdapterFileError
 from lorakit.export.gguf_io import decode_tensor
-from lorakit.export.gguf_names import gguf_layout
+from lorakit.export.gguf_names import TOKEN_EMBEDDING, gguf_layout
 
 __all__ = [
     "GgufAdapter",
@@ -38,7 +38,6 @@ __all__ = [
 ]
 
 SUFFIXES = (".lora_a", ".lora_b")
-TOKEN_EMBEDDING = "token_embd.weight"
 OUTPUT = "output.weight"  # lm_head's GGUF tensor (absent from a base whose head is tied)
 
 

@@ -1,0 +1,239 @@
+"""What a GGUF LoRA adapter cannot carry, refused (or listed for ``--drop-unsupported``) before
+``lorakit.export.gguf_adapter`` writes anything: DoRA magnitudes, a base of another GGUF
+architecture than the adapter's recorded class, replicated layers and bare parameters (no GGUF
+tensor to hold them), trained biases and ``modules_to_save`` copies, resized or changed
+embeddings, modules llama.cpp has no tensor for, and factors whose shapes do not fit the base.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.errors import UserError
+from lorakit.export.gguf_names import (
+    ARCHITECTURES,
+    TOKEN_EMBEDDING,
+    GgufLayout,
+    class_architecture,
+)
+
+__all__ = [
+    "check_fits",
+    "refuse_dora",
+    "refuse_other_base_class",
+    "refuse_unmapped_layout",
+    "refuse_unsupported",
+    "why_not_exportable",
+    "why_not_lora",
+]
+
+
+def _merge_advice(model: nn.Module, adapter_directory: Path) -> str:
+    """How to get a GGUF model with the adapter merged in: ``lorakit export`` where it writes
+    the model's architecture (``gguf_names.ARCHITECTURES``), else ``lorakit merge`` and
+    llama.cpp's own converter (MODEL: the base model's spec)."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type in ARCHITECTURES:
+        return (
+            "Merge it into a full GGUF model instead: lorakit export MODEL --adapter "
+            f"{adapter_directory} --format gguf --output FILE.gguf."
+        )
+    return (
+        f"lorakit's GGUF model export does not write model_type={model_type!r}: merge the "
+        f"adapter with `lorakit merge --model MODEL --adapter {adapter_directory} --output "
+        "MERGED`, then convert MERGED with llama.cpp's convert_hf_to_gguf.py."
+    )
+
+
+def refuse_unmapped_layout(adapter, model: nn.Module) -> None:
+    """Refuse (``UserError``) an adapter whose modules have no GGUF LoRA tensor to become:
+    replicated layers (``layer_replication``) or bare parameters (``target_parameters``)."""
+    if adapter.config.layer_replication:
+        raise UserError(
+            f"adapter {adapter.directory} adapts replicated layers (layer_replication="
+            f"{adapter.config.layer_replication!r}), which a GGUF model does not have. Merge it "
+            "into a full GGUF model instead."
+        )
+    if adapter.config.target_parameters:
+        raise UserError(
+            f"adapter {adapter.directory} adapts bare parameters (target_parameters="
+            f"{adapter.config.target_parameters!r}); llama.cpp's LoRA format holds pairs for "
+            f"named weight matrices only. {_merge_advice(model, adapter.directory)}"
+        )
+
+
+def refuse_unsupported(directory: Path, unsupported: list[str], nothing_left: bool) -> None:
+    """Raise the ``UserError`` listing (the first four of) ``unsupported``: what the adapter
+    holds that llama.cpp's LoRA format cannot carry, each with why. ``nothing_left``: no LoRA
+    pair remains without them, so --drop-unsupported cannot help (only a merge can)."""
+    listed = "; ".join(unsupported[:4]) + (
+        f" ... ({len(unsupported)} in all)" * (len(unsupported) > 4)
+    )
+    instead = (
+        "Nothing llama.cpp can apply remains without them (no file written): merge"
+        if nothing_left
+        else "Export without them with --drop-unsupported (drop_unsupported=True), or merge"
+    )
+    raise UserError(
+        f"adapter {directory} holds what llama.cpp's LoRA format cannot carry: {listed}. "
+        f"{instead} the adapter into a full GGUF model (lorakit export MODEL --adapter DIR)."
+    )
+
+
+def _config_fields(directory: Path) -> dict:
+    """adapter_config.json's fields as written (PEFT's too, which lorakit's ``LoraConfig`` does
+    not keep), or {} for a file that cannot be read (``read_plain_lora`` reports it)."""
+    from lorakit.io.read import CONFIG_NAME, adapter_directory
+
+    config_path = adapter_directory(directory) / CONFIG_NAME
+    try:
+        fields = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return fields if isinstance(fields, dict) else {}
+
+
+def refuse_other_base_class(directory: Path, model: nn.Module, base_name: str | None) -> None:
+    """``UserError`` when adapter_config.json's ``auto_mapping.base_model_class`` (the class of
+    the model PEFT made the adapter on, written when it had no ``task_type``) is of another GGUF
+    architecture than ``model`` (``gguf_names.class_architecture``; a class lorakit writes no
+    architecture for counts as another): same-sized modules of another architecture would be
+    exported, and llama.cpp then refuses the file over the adapter's real base. Classes of one
+    architecture (a Mistral adapter over a Llama: both ``llama``) give the same file and pass.
+    ``base_name`` names ``model``."""
+    mapping = _config_fields(directory).get("auto_mapping")
+    made_for = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    given = type(model).__name__
+    if not isinstance(made_for, str) or made_for == given:
+        return
+    made_arch = class_architecture(made_for)
+    given_arch = ARCHITECTURES.get(getattr(model.config, "model_type", None), (None,))[0]
+    if made_arch is not None and made_arch == given_arch:
+        return
+    base = base_name or f"the {given} given"
+    made = (
+        f"GGUF architecture {made_arch!r}" if made_arch else "no GGUF architecture lorakit writes"
+    )
+    raise UserError(
+        f"adapter {directory} was made for a {made_for} (adapter_config.json "
+        f"auto_mapping.base_model_class; {made}), but {base} is a {given} (GGUF architecture "
+        f"{given_arch!r}): give the adapter's base model (--model), whose architecture the GGUF "
+        "file names"
+    )
+
+
+def refuse_dora(directory: Path) -> None:
+    if _config_fields(directory).get("use_dora") is True:
+        raise UserError(
+            f"adapter {directory} is a DoRA adapter (use_dora: true): llama.cpp's LoRA format has "
+            "no magnitude vectors, so it cannot be exported as a GGUF adapter (and dropping them "
+            "would change every output)."
+        )
+
+
+def why_not_lora(key: str, tensor: torch.Tensor, config, model: nn.Module) -> str | None:
+    """Why a tensor that is not a LoRA factor (``keys.py`` lists what a file holds) cannot go
+    into a llama.cpp adapter, or None for one that adds nothing to the model (PEFT's copy of a
+    frozen embedding, ``_embedding_copy_problem``)."""
+    from lorakit.io.keys import embedding_module_names, module_path
+    from lorakit.targets import matches
+
+    module = module_path(key).rsplit(".", 1)[0].removesuffix(".base_layer")
+    if config.modules_to_save and matches(config.modules_to_save, module):
+        return (
+            "a full trained copy of a module (modules_to_save); llama.cpp adapters hold LoRA "
+            "pairs only"
+        )
+    if key.endswith(".trainable_tokens_delta"):
+        return (
+            "trained rows of the token embedding (trainable_token_indices); llama.cpp adapters "
+            "hold LoRA pairs only"
+        )
+    if key.endswith(".lora_B.bias"):
+        return "a bias on lora_B (lora_bias=True); llama.cpp adapters hold LoRA pairs only"
+    if key.endswith(".bias"):
+        return "a trained bias (bias='all'/'lora_only'); llama.cpp adapters hold LoRA pairs only"
+    if module in embedding_module_names(model):
+        return _embedding_copy_problem(tensor, model.get_submodule(module).weight)
+    return "a tensor that is not a LoRA factor"
+
+
+def _embedding_copy_problem(saved: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """None when ``saved`` (an input/output embedding's weight in the adapter file) is the
+    model's own ``weight``: PEFT saves the frozen base embedding of an adapter that targets
+    ``embed_tokens`` / ``lm_head`` (``save_embedding_layers="auto"``), and the base GGUF holds
+    it already. Its values are compared with the model's; a model built on the meta device (the
+    CLI's: shapes only) cannot tell that copy from a trained embedding, so it is a reason too
+    (with ``--drop-unsupported`` it is listed as dropped); a resized or changed embedding is."""
+    if tuple(saved.shape) != tuple(weight.shape):
+        return (
+            f"a full embedding weight of shape {list(saved.shape)} for the model's "
+            f"{list(weight.shape)} (a resized vocabulary); a llama.cpp adapter cannot change it"
+        )
+    if weight.is_meta:
+        return (
+            "a full embedding weight, which the command line cannot compare with the base's (it "
+            "reads the base's shapes only): if it is PEFT's saved copy of the frozen embedding "
+            "(save_embedding_layers), nothing is lost by --drop-unsupported; to have it checked, "
+            "export from Python with the loaded base (lorakit.export.export_adapter); a llama.cpp "
+            "adapter cannot change an embedding"
+        )
+    if _same_values(saved, weight.detach()):
+        return None
+    return (
+        "a full embedding weight that differs from the model's (trained or changed, not a "
+        "frozen copy, or the model is not the adapter's base); a llama.cpp adapter cannot "
+        "change it"
+    )
+
+
+def _same_values(saved: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Equal after rounding both to the less precise of their two dtypes (a bfloat16 adapter
+    file saved from the model that is here in float32)."""
+    dtypes = (saved.dtype, weight.dtype)
+    dtype = (
+        max(dtypes, key=lambda d: torch.finfo(d).eps)
+        if all(d.is_floating_point for d in dtypes)
+        else saved.dtype
+    )
+    return torch.equal(saved.to(dtype), weight.to(device=saved.device, dtype=dtype))
+
+
+def why_not_exportable(module: str, is_embedding: bool, layout: GgufLayout) -> str | None:
+    name = layout.tensor_name(module)
+    if name is None and layout.tied_embeddings and module.endswith("lm_head"):
+        return "lm_head is tied to the token embedding; llama.cpp has no separate output tensor"
+    if name is None:
+        return f"no llama.cpp tensor for this module in the {layout.arch} architecture"
+    if is_embedding != (name == TOKEN_EMBEDDING):
+        return f"an embedding-layout LoRA on {name}, which llama.cpp reads as a matrix product"
+    if name == TOKEN_EMBEDDING and layout.tied_embeddings:
+        return (
+            "the token embedding is tied to the output; llama.cpp aborts on a token_embd LoRA "
+            "over a base without output.weight (its output projection is then token_embd itself, "
+            "and the pair's transposed A does not fit that matrix product: GGML_ASSERT)"
+        )
+    return None
+
+
+def check_fits(source, model, module, is_embedding, lora_A, lora_B, *, base_name=None) -> None:
+    """A (r, in) and B (out, r) must fit the model's module (embedding: A (r, vocab), B (dim, r));
+    ``base_name`` names the model in the message."""
+    base = base_name or f"the {type(model).__name__} given"
+    try:
+        weight = model.get_submodule(module).weight
+    except AttributeError:
+        raise UserError(
+            f"adapter {source}: {base} has no module {module!r}; give the adapter's base model"
+        ) from None
+    rows, cols = weight.shape[::-1] if is_embedding else weight.shape  # (out, in)
+    if lora_A.shape[1] != cols or lora_B.shape[0] != rows or lora_A.shape[0] != lora_B.shape[1]:
+        raise UserError(
+            f"adapter {source}: {module} has A {list(lora_A.shape)} and B {list(lora_B.shape)}, "
+            f"which do not fit the weight {list(weight.shape)} of {base}; give the adapter's "
+            "base model (--model)"
+        )
