@@ -9,8 +9,11 @@ every adapter loaded, serving the same requests one at a time in arrival order, 
 per request (``set_adapter`` + ``generate``), on the first ``--peft-requests`` requests.
 
 Model: SmolLM2-135M's LlamaConfig with ``--layers`` layers and random weights (the real model
-with ``--real`` when ``lorakit.models`` is available). Runs are alternated over ``--repeats``;
-medians reported. ``python benchmarks/bench_serving.py [--quick] [--out FILE]``.
+with ``--real`` when ``lorakit.models`` is available). Before any timed run, one unmeasured
+burst of ``--max-batch`` requests at the workload's lengths (U[8, 64) prompt and output) warms the
+engine up. The adapter counts are then run over ``--repeats`` rounds (default 3), the order of the
+counts rotated each round (1, 8, 64; then 8, 64, 1; ...) so no count always runs first; medians
+reported, and the ratio to one adapter as the median of the per-round ratios. ``python benchmarks/bench_serving.py [--quick] [--out FILE]``.
 """
 
 from __future__ import annotations
@@ -54,6 +57,32 @@ def workload(args, adapter_count: int, vocab: int) -> list[dict]:
             )
         )
     return requests
+
+
+def warm_up(engine: Engine, args, vocab: int) -> dict:
+    """One unmeasured burst of ``max_batch`` requests at realistic lengths, all arriving at once."""
+    generator = torch.Generator().manual_seed(12345)
+    requests = [
+        dict(
+            arrival=0.0,
+            adapter=f"a{index % max(args.counts)}",
+            prompt=torch.randint(
+                0,
+                vocab,
+                (int(torch.randint(8, 64, (1,), generator=generator)),),
+                generator=generator,
+            ).tolist(),
+            output=int(torch.randint(8, 64, (1,), generator=generator)),
+        )
+        for index in range(args.max_batch)
+    ]
+    return serve_run(engine, requests)
+
+
+def rotated(counts: list[int], round_index: int) -> list[int]:
+    """The counts in the order of round ``round_index``: rotated by one each round."""
+    shift = round_index % len(counts)
+    return counts[shift:] + counts[:shift]
 
 
 def serve_run(engine: Engine, requests: list[dict]) -> dict:
@@ -156,7 +185,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rate", type=float, default=20.0, help="Poisson arrivals per second")
     parser.add_argument("--zipf", type=float, default=1.0)
     parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="rounds; the counts' order rotates each round"
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: steady on a shared machine)"
     )
@@ -169,30 +200,44 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     base, served, bank, adapters = build(args)
     raw = {count: [] for count in args.counts}
+    orders = []
+    vocab = base.config.vocab_size
     with Engine(served, bank, max_batch=args.max_batch, eos_token_ids=[]) as engine:
-        engine.generate([1, 2, 3], "a0", SamplingParams(max_tokens=2))  # warm-up
-        for _ in range(args.repeats):
-            for count in args.counts:
-                raw[count].append(serve_run(engine, workload(args, count, base.config.vocab_size)))
+        warm = warm_up(engine, args, vocab)  # unmeasured: first-run costs land here
+        for round_index in range(args.repeats):
+            order = rotated(args.counts, round_index)
+            orders.append(order)
+            for count in order:
+                result = serve_run(engine, workload(args, count, vocab))
+                result["round"] = round_index
+                raw[count].append(result)
     peft_model = build_peft(base, adapters, args)
-    peft_requests = workload(args, max(args.counts), base.config.vocab_size)[: args.peft_requests]
+    peft_requests = workload(args, max(args.counts), vocab)[: args.peft_requests]
     peft = peft_run(peft_model, peft_requests)
-    report(args, raw, peft)
+    report(args, raw, peft, orders, warm)
     return 0
 
 
-def report(args, raw, peft) -> None:
+def report(args, raw, peft, orders, warm) -> None:
+    keys = ("seconds", "tokens_per_s", "requests_per_s", "ttft_p50", "ttft_p99")
     medians = {
-        c: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for c, runs in raw.items()
+        c: {k: statistics.median(r[k] for r in runs) for k in keys} for c, runs in raw.items()
     }
-    one = medians[args.counts[0]]["tokens_per_s"]
+    first = args.counts[0]
+    # the ratio to one adapter: per round (same stretch of machine time), then the median
+    ratios = {
+        c: statistics.median(
+            run["tokens_per_s"] / raw[first][i]["tokens_per_s"] for i, run in enumerate(runs)
+        )
+        for c, runs in raw.items()
+    }
     print(
         f"{'adapters':>8} {'tok/s':>8} {'req/s':>6} {'ttft p50':>9} {'ttft p99':>9} {'vs 1':>5} {'vs peft':>8}"
     )
     for count, m in medians.items():
         print(
             f"{count:8d} {m['tokens_per_s']:8.1f} {m['requests_per_s']:6.2f} {m['ttft_p50']:9.3f} {m['ttft_p99']:9.3f} "
-            f"{m['tokens_per_s'] / one:5.2f} {m['tokens_per_s'] / peft['tokens_per_s']:8.1f}"
+            f"{ratios[count]:5.2f} {m['tokens_per_s'] / peft['tokens_per_s']:8.1f}"
         )
     print(
         f"{'peft':>8} {peft['tokens_per_s']:8.1f} {peft['requests_per_s']:6.2f} {peft['ttft_p50']:9.3f} {peft['ttft_p99']:9.3f}"
@@ -209,6 +254,9 @@ def report(args, raw, peft) -> None:
         "versions": versions(),
         "raw": {str(c): runs for c, runs in raw.items()},
         "medians": {str(c): m for c, m in medians.items()},
+        "tokens_per_s_vs_one_adapter_median_of_rounds": {str(c): r for c, r in ratios.items()},
+        "orders": orders,
+        "warm_up_unmeasured": warm,
         "peft_switching": peft,
     }
     common.write_json(Path(args.out), payload)

@@ -264,6 +264,36 @@ def llamacpp_child(args) -> int:
     return 0
 
 
+def llamacpp_problems(raw: dict, floor: float) -> list[str]:
+    """Why llama.cpp's samples cannot stand as a comparison (empty: they can). A child that got a
+    sliver of a CPU (another job on the machine) reads as a slow llama.cpp and inflates every
+    ratio against it: flag per-round rates that spread more than 2x, or fall below ``floor``
+    tokens/s, or below a fifth of transformers ``generate``'s one-stream rate on the same
+    threads (llama.cpp is normally faster than ``generate``, never 5x slower)."""
+    rates = raw.get("cpp_one", [])
+    if not rates:
+        return []
+    problems = []
+    if min(rates) <= 0 or max(rates) / min(rates) > 2:
+        problems.append(
+            f"llama.cpp's one-stream rates vary more than 2x between rounds "
+            f"({min(rates):.3g}-{max(rates):.3g} tokens/s)"
+        )
+    if min(rates) < floor:
+        problems.append(
+            f"llama.cpp's one-stream rate {min(rates):.3g} tokens/s is below the floor of "
+            f"{floor:g} (--llamacpp-floor): its process was starved"
+        )
+    if raw.get("hf_one"):
+        hf = statistics.median(raw["hf_one"])
+        if min(rates) < 0.2 * hf:
+            problems.append(
+                f"llama.cpp's one-stream rate {min(rates):.3g} tokens/s is below a fifth of "
+                f"transformers generate's {hf:.3g} on the same threads: its process was starved"
+            )
+    return problems
+
+
 def output_error(base, served, vocab: int) -> dict:
     """How far the quantized served model (no adapter) is from the float base on 64 random ids
     (seed 0): the largest logit error over the largest logit, and the share of positions whose
@@ -305,6 +335,12 @@ def main(argv=None) -> int:
         action="store_true",
         help="only one-stream decode rates (lorakit and transformers generate every round)",
     )
+    parse.add_argument(
+        "--llamacpp-floor",
+        type=float,
+        default=5.0,
+        help="llama.cpp one-stream tokens/s below which the run is marked invalid (starved)",
+    )
     parse.add_argument("--llamacpp-child", type=int, help=argparse.SUPPRESS)  # vocab size
     args = parse.parse_args(argv)
     if args.llamacpp_child is not None:
@@ -344,8 +380,13 @@ def main(argv=None) -> int:
             "concurrent_vs_llamacpp_one_stream": med["mixed"] / med["cpp_one"],
             "ttft_vs_llamacpp": med["ttft"] / med["cpp_ttft"],
         }
+    problems = llamacpp_problems(result["raw"], args.llamacpp_floor)
     for key, value in summary.items():
         print(f"{key:>40} {value:12.4g}")
+    if problems:
+        summary |= {"invalid": True, "invalid_reason": "; ".join(problems)}
+        for problem in problems:
+            print(f"WARNING: invalid comparison with llama.cpp: {problem}", file=sys.stderr)
     if result["note"]:
         print(f"note: {result['note']}")
     payload = {

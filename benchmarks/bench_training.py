@@ -217,13 +217,19 @@ def main() -> None:
         results.append(run_setting(args, *setting))
         print(f"done {results[-1]['setting']} in {results[-1]['seconds']:.0f} s", flush=True)
     print(report(results))
+    # what was built: --shape layers / 1b fix their own layer count, --quick a tiny model
+    built = common.model_config(args.shape, args.layers, args.quick)
     common.write_json(
         args.out,
         {
             "workload": "training step",
             "threads": args.threads,
             "clock": clock,
-            "layers": args.layers,
+            "layers": built.num_hidden_layers,
+            "layers_argument": args.layers,
+            "hidden_size": built.hidden_size,
+            "intermediate_size": built.intermediate_size,
+            "vocab_size": built.vocab_size,
             "shape": args.shape,
             "quick": args.quick,
             "versions": common.versions(),
