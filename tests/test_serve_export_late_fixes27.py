@@ -186,7 +186,8 @@ def _run(tokens, **fields) -> tuple[str, tuple[int, ...], str | None]:
 def test_a_stop_token_s_text_ends_the_text_with_include_stop_str(include) -> None:
     fields = dict(max_tokens=9, stop_token_ids=(3,), include_stop_str_in_output=include)
     text, ids, final = _run([0, 1, 3, 2], **fields)
-    assert (text, ids, final) == ("abd" if include else "ab", (0, 1), "stop")
+    kept = (0, 1, 3) if include else (0, 1)  # a kept stop token is an output token
+    assert (text, ids, final) == ("abd" if include else "ab", kept, "stop")
     text, ids, final = _run([0, 1, 99, 2], **fields)  # EOS: special, no text either way
     assert (text, ids, final) == ("ab", (0, 1), "stop")
 
@@ -206,6 +207,7 @@ def test_a_stop_token_s_text_streamed_and_whole_over_http(root, adapter_files) -
         "temperature": 0,
         "stop_token_ids": [stop_id],
         "include_stop_str_in_output": True,
+        "logprobs": 0,
     }
     expected = tokenizer.decode(plain[: index + 1], skip_special_tokens=True)
     with served.client:
@@ -213,13 +215,19 @@ def test_a_stop_token_s_text_streamed_and_whole_over_http(root, adapter_files) -
         streamed = served.client.post("/v1/completions", json={**body, "stream": True}).text
     assert whole["choices"][0]["text"] == expected
     assert whole["choices"][0]["finish_reason"] == "stop"
-    assert whole["usage"]["completion_tokens"] == index  # ids: the stop token not counted
-    pieces = [
-        json.loads(line[len("data: ") :])["choices"][0]["text"]
+    # the stop token is kept as the last output token: counted, with its log-probability,
+    # so the tokens' texts add up to the text (OpenAI's contract), streamed and whole
+    assert whole["usage"]["completion_tokens"] == index + 1
+    assert "".join(whole["choices"][0]["logprobs"]["tokens"]) == expected
+    chunks = [
+        json.loads(line[len("data: ") :])["choices"][0]
         for line in streamed.splitlines()
         if line.startswith("data: {")
     ]
-    assert "".join(pieces) == expected
+    assert "".join(chunk["text"] for chunk in chunks) == expected
+    for chunk in chunks:
+        tokens = (chunk.get("logprobs") or {}).get("tokens", [])
+        assert "".join(tokens) == chunk["text"]
 
 
 # ----------------------------------------------------------------- 4. base_model_class

@@ -133,27 +133,25 @@ class GenerationRequest:
         None, new text, new ids, their logprobs)`` to send, or None when nothing can be sent yet
         (text that may still become a stop string, or an incomplete character, is held back).
         EOS (unless ``params.ignore_eos``: then an output token), or one of the request's
-        ``stop_token_ids``, ends with "stop" and is not among the output ids; its text (none for
-        a special token such as EOS) ends the output text only with
-        ``params.include_stop_str_in_output`` (as vLLM's detokenizer). A stop string ending in
-        the first ``params.min_tokens`` tokens' text does not stop
+        ``stop_token_ids``, ends with "stop" and is not among the output ids; with
+        ``params.include_stop_str_in_output`` a stop token other than EOS is kept as the last
+        output token (its id, text, log-probability and count, as vLLM keeps it). A stop string
+        ending in the first ``params.min_tokens`` tokens' text does not stop
         (``StopTextTracker.search_from``).
         """
         final = None
         ends = self.stop_token_ids if self.params.ignore_eos else eos_token_ids
         if token in ends or token in self.stop_token_ids:
             final = "stop"
+            if self.params.include_stop_str_in_output and token not in eos_token_ids:
+                self._keep(token, logprob)
         else:
-            self.generated.append(token)
-            self.pending_ids.append(token)
-            if logprob is not None:
-                self.pending_logprobs.append(logprob)
+            self._keep(token, logprob)
             if len(self.generated) >= self.params.max_tokens:
                 final = "length"
         text = ""
         if tokenizer is not None:
-            stop_token = token if final == "stop" else None
-            text = self._new_text(tokenizer, stop_token, final=final is not None)
+            text = self._new_text(tokenizer, final=final is not None)
             if self.stop_text.stopped:
                 final = "stop"
         if final is None and not text and not self.pending_ids:
@@ -162,15 +160,19 @@ class GenerationRequest:
         logprobs, self.pending_logprobs = tuple(self.pending_logprobs), []
         return final, text, ids, logprobs
 
-    def _new_text(self, tokenizer, stop_token: int | None, final: bool) -> str:
+    def _keep(self, token: int, logprob: TokenLogprob | None) -> None:
+        """``token`` is an output token: generated, to be sent with its log-probability."""
+        self.generated.append(token)
+        self.pending_ids.append(token)
+        if logprob is not None:
+            self.pending_logprobs.append(logprob)
+
+    def _new_text(self, tokenizer, final: bool) -> str:
         """The output text not sent yet: the decoded ``generated`` ids (special tokens
-        skipped), followed by ``stop_token``'s text (the token that ended the request; None:
-        none did) when ``params.include_stop_str_in_output``, cut at a stop string."""
+        skipped), cut at a stop string."""
         decoded = tokenizer.decode(self.generated, skip_special_tokens=True)
         if len(self.generated) <= self.params.min_tokens:
             self.stop_text.search_from = len(decoded)
-        if stop_token is not None and self.params.include_stop_str_in_output:
-            decoded = tokenizer.decode([*self.generated, stop_token], skip_special_tokens=True)
         return self.stop_text.update(decoded, final=final)
 
     def deliver(self, event: Event) -> None:
