@@ -267,6 +267,25 @@ def test_a_mistral_adapter_exports_over_a_same_sized_llama(tmp_path) -> None:
     )
 
 
+def test_an_adapter_on_a_llama_classifier_exports_over_the_causal_llama(tmp_path) -> None:
+    """PEFT records LlamaForSequenceClassification for an adapter trained on it: its decoder
+    layers are a Llama's, so it exports over the same-sized LlamaForCausalLM (it was refused
+    as "no GGUF architecture lorakit writes")."""
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    classifier = LlamaForSequenceClassification(tiny_models.llama_config(num_labels=2)).eval()
+    peft_model = _peft_adapter(tmp_path / "adapter", classifier)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["auto_mapping"]["base_model_class"] == "LlamaForSequenceClassification"
+    export_adapter(tmp_path / "adapter", tiny_models.llama(), tmp_path / "a.gguf")
+    layer = peft_model.base_model.model.model.layers[1].self_attn.v_proj
+    np.testing.assert_array_equal(
+        reader_tensors(tmp_path / "a.gguf")["blk.1.attn_v.weight.lora_a"],
+        layer.lora_A["default"].weight.detach().double().numpy(),
+    )
+
+
 def test_a_qwen2_adapter_over_a_llama_is_still_refused(tmp_path) -> None:
     torch.manual_seed(0)
     _peft_adapter(tmp_path / "adapter", Qwen2ForCausalLM(Qwen2Config(**SIZES)).eval())

@@ -125,16 +125,19 @@ def gguf_layout(model_config) -> GgufLayout:
 
 def class_architecture(class_name: str) -> str | None:
     """The GGUF architecture lorakit writes for the transformers model class ``class_name``
-    (``MistralForCausalLM`` -> ``llama``; also a base class such as ``Qwen2Model``), found
-    through transformers' model_type -> class tables; None when the class is not one of an
+    (``MistralForCausalLM`` -> ``llama``; also ``Qwen2Model`` or ``LlamaForSequenceClassification``,
+    whose decoder layers are the same), found through transformers' model_type -> class tables
+    (every ``*_MAPPING_NAMES`` of its auto classes); None when the class is not one of an
     ``ARCHITECTURES`` model type."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_MAPPING_NAMES,
-    )
+    from transformers.models.auto import modeling_auto
 
+    tables = [
+        table
+        for name, table in vars(modeling_auto).items()
+        if name.endswith("_MAPPING_NAMES") and isinstance(table, dict)
+    ]
     for model_type, (arch, _) in ARCHITECTURES.items():
-        for table in (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES):
+        for table in tables:
             names = table.get(model_type, ())
             if class_name in ((names,) if isinstance(names, str) else names):
                 return arch
