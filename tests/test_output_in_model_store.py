@@ -20,26 +20,32 @@ def test_merge_refuses_the_builtin_models_directory(tiny_builtin_model, tmp_path
     builtin = resolve_model("smollm2-135m-instruct")  # converted into the test's cache
     weights = builtin / "model.safetensors"
     before = _digest(weights)
-    for output in (builtin, builtin.parent / "elsewhere-in-the-cache"):
+    for output, what in (
+        (builtin, "the built-in model smollm2-135m-instruct"),
+        (builtin / "merged", "the built-in model smollm2-135m-instruct"),
+        (builtin.parent, "lorakit's model cache"),
+    ):
         command = ["merge", "--model", "smollm2-135m-instruct", "--adapter", str(tmp_path / "a")]
         assert main([*command, "--output", str(output)]) == 2
         err = capsys.readouterr().err
-        assert f"--output {output} lies in lorakit's model cache" in err
+        assert f"--output {output} lies in {what}" in err
         assert "Give a directory of your own" in err
     assert _digest(weights) == before
-    assert not (builtin.parent / "elsewhere-in-the-cache").exists()
+    assert not (builtin / "merged").exists()
 
 
 def test_train_refuses_an_output_in_the_model_cache(tiny_builtin_model, tmp_path, capsys):
     builtin = resolve_model("smollm2-135m-instruct")
     command = ["train", "--data", "rotten-tomatoes", "--steps", "1"]
     assert main([*command, "--output", str(builtin)]) == 2
-    assert "lies in lorakit's model cache" in capsys.readouterr().err
+    assert "lies in the built-in model smollm2-135m-instruct" in capsys.readouterr().err
     assert not (builtin / "adapter_config.json").exists()
 
 
-@pytest.mark.parametrize("inside", [False, True])
-def test_an_output_beside_the_cache_is_fine(tiny_builtin_model, tmp_path, inside):
+@pytest.mark.parametrize("where", ["out", "cache", "cache/models/mine"])
+def test_an_output_beside_the_builtin_models_is_fine(tiny_builtin_model, tmp_path, where):
+    """Only the built-ins' own directories are refused: a LORAKIT_CACHE that is a general
+    work directory keeps its other subdirectories usable."""
     from lorakit.model_specs import refuse_output_in_model_store
 
-    refuse_output_in_model_store("merge", tmp_path / ("cache" if inside else "out") / "merged")
+    refuse_output_in_model_store("merge", tmp_path / where / "merged")

@@ -100,25 +100,33 @@ def builtin_gguf_file(spec: str | os.PathLike[str]) -> Path | None:
 
 
 def refuse_output_in_model_store(command: str, output: str | os.PathLike[str]) -> None:
-    """``UserError`` when ``output`` is, or lies inside, where built-in models live: lorakit's
-    converted models (``<cache>/models``) or a packaged built-in's directory. Writing there
-    would change the base every later run loads, silently (the cache checks file sizes, not
-    contents). Found without converting or importing anything; checked before anything loads."""
+    """``UserError`` when ``output`` is, or lies inside, a built-in model's directory (a
+    converted one, ``<cache>/models/<name>``, or a packaged one), or is ``<cache>/models``
+    itself. Writing there would change the base every later run loads, silently (the cache
+    checks file sizes, not contents). Found without converting or importing anything;
+    checked before anything loads."""
     target = Path(output).expanduser().resolve()
-    stores = [("lorakit's model cache", model_cache.cache_root() / "models")]
+    models = model_cache.cache_root() / "models"
+    if target == models.expanduser().resolve():
+        _refuse_store(command, output, "lorakit's model cache", models)
     for builtin in BUILTIN_MODELS.values():
-        if not builtin.is_gguf:
+        if builtin.is_gguf:
+            where = models / builtin.name
+        else:
             try:
-                stores.append((f"built-in {builtin.name}", _package_folder(builtin)))
+                where = _package_folder(builtin) / builtin.relative_path
             except UserError:  # (its package is not installed: nothing of it to overwrite)
                 continue
-    for what, store in stores:
-        if target.is_relative_to(store.expanduser().resolve()):
-            raise UserError(
-                f"{command}: --output {output} lies in {what} ({store}), where lorakit keeps "
-                "the built-in base models: writing there would replace the base every later "
-                "run loads. Give a directory of your own"
-            )
+        if target.is_relative_to(where.expanduser().resolve()):
+            _refuse_store(command, output, f"the built-in model {builtin.name}", where)
+
+
+def _refuse_store(command: str, output, what: str, where: Path) -> None:
+    raise UserError(
+        f"{command}: --output {output} lies in {what} ({where}), where lorakit keeps a built-in "
+        "base model: writing there would replace the base every later run loads. Give a "
+        "directory of your own"
+    )
 
 
 def _builtin_names() -> str:

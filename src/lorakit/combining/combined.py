@@ -177,7 +177,7 @@ def _check_arguments(
             "of the adapters' ranks): leave it out, or choose one of those methods"
         )
     if rank is not None and (not _is_integer(rank) or rank < 1):
-        raise UserError(f"combine: rank must be a positive integer, got {rank!r}")
+        raise UserError(f"combine: rank={rank!r} must be a positive integer")
     given = {"density": density, "majority_sign_method": majority_sign_method, "seed": seed}
     unused = unused_option(method, given)
     if unused is not None:
