@@ -52,3 +52,16 @@ def test_no_selected_adapters_writes_no_adapter_as_peft(tmp_path):
     assert not list((tmp_path / "ours").rglob("adapter_model.safetensors"))
     assert not list((tmp_path / "theirs").rglob("adapter_model.safetensors"))
     assert isinstance(theirs, peft.PeftModel)
+
+
+@pytest.mark.parametrize("disabled", [False, True])
+def test_an_unknown_adapter_is_a_value_error_as_in_peft(disabled):
+    ours, theirs = front_door_pair(FIRST, SECOND, "b")
+    if disabled:
+        ours.disable_adapter_layers()
+    with pytest.raises(ValueError, match="nope"):
+        theirs.set_adapter("nope")
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['nope'\]") as caught:
+        ours.set_adapter("nope")
+    assert isinstance(caught.value, KeyError)  # (and still a KeyError, as lorakit raised)
+    assert str(caught.value).startswith("unknown adapter")  # no KeyError quotes

@@ -6,6 +6,7 @@ __all__ = [
     "AdapterFileError",
     "BaseModelMismatchError",
     "TargetModulesError",
+    "UnknownAdapterError",
     "UserError",
     "first_line",
     "listed",
@@ -22,6 +23,14 @@ class AdapterFileError(UserError, ValueError):
 
 class BaseModelMismatchError(AdapterFileError):
     """The adapter was trained on different base weights than the model it is loaded onto."""
+
+
+class UnknownAdapterError(KeyError, ValueError):
+    """An adapter name the model does not hold. A ``KeyError`` (a name lookup) and, as PEFT
+    raises for it, a ``ValueError``; its text is the message, without ``KeyError``'s quotes."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class TargetModulesError(UserError, ValueError):

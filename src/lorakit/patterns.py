@@ -26,8 +26,10 @@ inspect`` and a server. ``check_pattern`` refuses, before any matching:
   ``(.*\\.)?(key)$`` (one more open-ended repeat), a ``layers_pattern`` inside
   ``(?:^|.*?\\.)pattern\\.(\\d+)\\.`` (two more).
   ``MAX_BACKTRACKING = 2**24`` admits four ``.*`` as ``target_modules`` and three in a pattern
-  key (about 10 ms on a 128-character name, a fraction of that on real ones) or eight ``?``, and
-  plain names and alternations of names;
+  key (about 10 ms on a 128-character name built to defeat them; lazy ``.*?`` cost about 8x a
+  way, 80-130 ms there: the estimate does not tell them apart, so that Unsloth's regex, four
+  ``.*?`` between literal words, passes; real module names of 20-80 characters take a small
+  fraction of that) or eight ``?``, and plain names and alternations of names;
 - ``rank_pattern`` / ``alpha_pattern`` (every key is tried on every module name) with more than
   ``MAX_PATTERN_KEYS`` keys, or keys whose estimates add up to more than
   ``MAX_TOTAL_BACKTRACKING`` (four keys at the limit, or thousands of plain names).

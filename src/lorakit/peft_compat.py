@@ -41,6 +41,7 @@ from torch import nn
 
 from lorakit.accounting import count_parameters
 from lorakit.config import LoraConfig
+from lorakit.errors import UnknownAdapterError
 from lorakit.inject import inject, unload
 from lorakit.merge import merge, merge_and_unload, unmerge
 from lorakit.peft_model_extras import PeftFilesMixin, base_dtype, remade_wrapper, wrapper_class
@@ -203,7 +204,9 @@ class PeftModel(PeftFilesMixin, nn.Module):
         names = adapter_name_list(adapter_name)
         missing = [name for name in names if name not in self.peft_config]
         if missing and self._layers_disabled:
-            raise KeyError(f"unknown adapter(s) {missing}; this model has {list(self.peft_config)}")
+            raise UnknownAdapterError(
+                f"unknown adapter(s) {missing}; this model has {list(self.peft_config)}"
+            )
         if not missing and any(layer.merged_adapters for _, layer in lora_layers(self.model)):
             warnings.warn(
                 "Adapter cannot be set when the model is merged. Unmerging the model first.",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lorakit.config import LoraConfig
+from lorakit.errors import UnknownAdapterError
 from lorakit.layers import LoraLayer, ModulesToSave, adapter_override
 from lorakit.layers.per_call import ChoiceKeepingCheckpoint
 
@@ -145,7 +146,7 @@ def _require(model: nn.Module, adapter_names: Sequence[str]) -> AdapterState:
     known = [] if state is None else list(state.configs)
     unknown = [name for name in adapter_names if name not in known]
     if unknown or state is None:
-        raise KeyError(f"unknown adapter(s) {unknown}; this model has {known}")
+        raise UnknownAdapterError(f"unknown adapter(s) {unknown}; this model has {known}")
     return state
 
 
