@@ -164,6 +164,18 @@ def test_per_expert_patterns_on_the_old_modules_become_the_fused_parameters(tmp_
     assert config.rank_for("model.layers.1.mlp.experts.gate_up_proj") == 2 * R
 
 
+def test_per_expert_ranks_that_disagree_with_the_config_name_the_file_key(tmp_path):
+    """The file's w2 factors have rank 4 and its config r=2: the message names the file's own
+    key and both ranks (it named a fused key the file does not have, and another expert count)."""
+    ranks = {(e, "w2"): 4 for e in range(4)}
+    write_per_expert_file(tmp_path / "v4", "block_sparse_moe", MIXTRAL_NAMES, ranks=ranks)
+    with pytest.raises(AdapterFileError) as refused:
+        lorakit.load_adapter(mixtral(), tmp_path / "v4")
+    message = str(refused.value)
+    assert "block_sparse_moe.experts.0.w2.lora_A.weight has rank 4" in message
+    assert f"rank {R} (r / rank_pattern)" in message and "experts (at rank" not in message
+
+
 def test_per_expert_file_missing_an_expert_is_refused(tmp_path):
     key = "base_model.model.model.layers.1.block_sparse_moe.experts.3.w3.lora_{}.weight"
     drop = [key.format("A"), key.format("B")]

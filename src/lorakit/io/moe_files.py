@@ -181,7 +181,15 @@ def _check_one_rank(adapter, original: LoraConfig, places, role: str) -> tuple[i
             f"{sorted(patterns)}, use_rslora={original.use_rslora}), so they cannot be fused "
             f"exactly into one LoRA on the transformers-5 parameter. {_REDO}"
         )
-    return next(iter(patterns))
+    (rank,), (config_rank, alpha) = ranks, next(iter(patterns))
+    if rank != config_rank:
+        first = sorted(keys)[0]
+        raise AdapterFileError(
+            f"adapter {adapter.directory}: {first} has rank {rank}, but adapter_config.json "
+            f"gives its expert module rank {config_rank} (r / rank_pattern); the config and the "
+            "weights disagree: fix r / rank_pattern, or re-save the adapter."
+        )
+    return config_rank, alpha
 
 
 def fuse_expert_tensors(
