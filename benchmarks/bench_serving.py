@@ -214,11 +214,11 @@ def main(argv=None) -> int:
     peft_model = build_peft(base, adapters, args)
     peft_requests = workload(args, max(args.counts), vocab)[: args.peft_requests]
     peft = peft_run(peft_model, peft_requests)
-    report(args, raw, peft, orders, warm)
+    report(args, raw, peft, orders, warm, base.config)
     return 0
 
 
-def report(args, raw, peft, orders, warm) -> None:
+def report(args, raw, peft, orders, warm, model_config) -> None:
     keys = ("seconds", "tokens_per_s", "requests_per_s", "ttft_p50", "ttft_p99")
     medians = {
         c: {k: statistics.median(r[k] for r in runs) for k in keys} for c, runs in raw.items()
@@ -242,15 +242,22 @@ def report(args, raw, peft, orders, warm) -> None:
     print(
         f"{'peft':>8} {peft['tokens_per_s']:8.1f} {peft['requests_per_s']:6.2f} {peft['ttft_p50']:9.3f} {peft['ttft_p99']:9.3f}"
     )
+    layers = model_config.num_hidden_layers  # (--layers is the argument; --real ignores it)
     model = (
-        "SmolLM2-135M-Instruct (real weights)"
+        f"SmolLM2-135M-Instruct (real weights, {layers} layers)"
         if args.real
-        else f"SmolLM2-135M config, {args.layers} layers, random weights"
+        else f"SmolLM2-135M config, {layers} layers, random weights"
     )
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "layers")}
     payload = {
         "workload": 6,
         "model": model,
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "settings": {
+            **settings,
+            "layers": layers,
+            "hidden_size": model_config.hidden_size,
+            "layers_argument": args.layers,
+        },
         "versions": versions(),
         "raw": {str(c): runs for c, runs in raw.items()},
         "medians": {str(c): m for c, m in medians.items()},
