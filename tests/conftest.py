@@ -81,6 +81,18 @@ def adapter_files(tmp_path_factory):
     return serving.write_adapters(tmp_path_factory.mktemp("served"))
 
 
+@pytest.fixture(scope="module")
+def greedy_model(adapter_files):
+    """The served tiny Llama (no adapter) and its greedy first token of ``serving.PROMPT``, which
+    the serving tests use as EOS (an EOS the model picks first)."""
+    from tests import serving
+
+    model = serving.base_model(adapter_files[1])
+    with torch.no_grad():
+        first = int(model(torch.tensor([serving.PROMPT])).logits[0, -1].argmax())
+    return model, first
+
+
 @pytest.fixture
 def tiny_builtin_model(monkeypatch, tmp_path):
     """The built-in ``smollm2-135m-instruct`` converted into an empty cache (``$LORAKIT_CACHE``

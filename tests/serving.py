@@ -31,6 +31,9 @@ LINES = [
 ]
 
 
+PROMPT = [5, 6, 7, 8]  # a prompt of the tiny tokenizer's ids (greedy_model, masked_greedy)
+
+
 def metaspace_tokenizer() -> PreTrainedTokenizerFast:
     """A SentencePiece-style (Metaspace) BPE of 96 tokens trained on ``LINES``."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))

@@ -49,7 +49,7 @@ from tests.serving import BASE, Served, assert_error
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-PROMPT = [5, 6, 7, 8]
+PROMPT = serving.PROMPT
 
 
 @pytest.fixture(autouse=True)
@@ -138,15 +138,6 @@ def test_failed_requests_leave_no_reserved_place(root, adapter_files) -> None:
 
 
 # ----------------------------------------------------------------- 2./3. min_tokens, stop text
-@pytest.fixture(scope="module")
-def greedy_model(adapter_files):
-    """The served tiny Llama (no adapter) and its greedy first token of PROMPT, used as EOS."""
-    model = serving.base_model(adapter_files[1])
-    with torch.no_grad():
-        first = int(model(torch.tensor([PROMPT])).logits[0, -1].argmax())
-    return model, first
-
-
 def greedy(model, masked: set[int], min_tokens: int, steps: int, stops=()) -> list[int]:
     return serving.masked_greedy(model, PROMPT, masked, min_tokens, steps, stops)
 

@@ -17,7 +17,6 @@ import logging
 import shutil
 
 import pytest
-import torch
 
 from lorakit.serve.engine import Engine
 from lorakit.serve.protocol import APIError, parse_job
@@ -27,22 +26,13 @@ from tests.serving import BASE, Served, assert_error
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-PROMPT = [5, 6, 7, 8]
+PROMPT = serving.PROMPT
 
 
 @pytest.fixture
 def root(adapter_files, tmp_path):
     shutil.copytree(adapter_files[0] / "adapters", tmp_path / "adapters")
     return tmp_path
-
-
-@pytest.fixture(scope="module")
-def greedy_model(adapter_files):
-    """The served tiny Llama (no adapter) and its greedy first token of PROMPT, used as EOS."""
-    model = serving.base_model(adapter_files[1])
-    with torch.no_grad():
-        first = int(model(torch.tensor([PROMPT])).logits[0, -1].argmax())
-    return model, first
 
 
 def masked_greedy(model, stops: set[int], min_tokens: int, max_tokens: int) -> list[int]:
