@@ -49,3 +49,23 @@ def test_an_output_beside_the_builtin_models_is_fine(tiny_builtin_model, tmp_pat
     from lorakit.model_specs import refuse_output_in_model_store
 
     refuse_output_in_model_store("merge", tmp_path / where / "merged")
+
+
+def test_a_users_model_in_the_cache_is_not_called_a_damaged_conversion(
+    tiny_builtin_model, model_dir, tmp_path
+):
+    """A model of the user's own under LORAKIT_CACHE missing its tokenizer: the error must not
+    advise deleting it to have it 'converted anew' (nothing would convert it)."""
+    import shutil
+
+    from lorakit.errors import UserError
+    from lorakit.model_cache import cache_root
+    from lorakit.models import load_tokenizer
+
+    mine = cache_root() / "mine"
+    shutil.copytree(model_dir, mine)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (mine / name).unlink(missing_ok=True)
+    with pytest.raises(UserError) as refused:
+        load_tokenizer(mine)
+    assert "converted anew" not in str(refused.value)

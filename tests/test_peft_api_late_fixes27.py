@@ -65,3 +65,14 @@ def test_an_unknown_adapter_is_a_value_error_as_in_peft(disabled):
         ours.set_adapter("nope")
     assert isinstance(caught.value, KeyError)  # (and still a KeyError, as lorakit raised)
     assert str(caught.value).startswith("unknown adapter")  # no KeyError quotes
+
+
+def test_merging_an_unknown_adapter_is_an_unknown_adapter_error():
+    import lorakit
+    from lorakit.errors import UnknownAdapterError
+
+    model = lorakit.inject(tiny_models.llama(), lorakit.LoraConfig(**FIRST), "a")
+    for call in (lorakit.merge, lorakit.merge_and_unload):
+        with pytest.raises(UnknownAdapterError) as caught:
+            call(model, ["nope"])
+        assert isinstance(caught.value, ValueError) and str(caught.value).startswith("unknown")

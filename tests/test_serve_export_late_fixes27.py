@@ -378,3 +378,24 @@ def test_export_help_says_overwrite_replaces_the_output_file(capsys) -> None:
     text = " ".join(capsys.readouterr().out.split())
     assert "replace an existing --output file" in text
     assert "an adapter already in --output" not in text
+
+
+def test_an_adapter_for_a_class_of_another_model_type_is_refused_by_its_own_config(tmp_path):
+    """JevForDecision is listed under qwen2 (and gemma4, qwen3_5, ...) in transformers' decision
+    table: the class's own config type, jev, decides, so it is no Qwen2."""
+    from lorakit.export.gguf_names import class_architecture
+
+    assert class_architecture("JevForDecision") is None
+    assert class_architecture("Qwen2ForCausalLM") == "qwen2"
+
+
+def test_a_question_answering_adapter_names_its_decoder_prefix(tmp_path) -> None:
+    """LlamaForQuestionAnswering keeps its decoder under 'transformer': the refusal says so (it
+    passed the class check and then blamed llama.cpp for every module)."""
+    from transformers import LlamaForQuestionAnswering
+
+    torch.manual_seed(0)
+    _peft_adapter(tmp_path / "adapter", LlamaForQuestionAnswering(tiny_models.llama_config()))
+    with pytest.raises(UserError, match=r"under 'transformer' where .* has 'model'"):
+        export_adapter(tmp_path / "adapter", tiny_models.llama(), tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()

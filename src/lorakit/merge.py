@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lorakit import quantized
+from lorakit.errors import UnknownAdapterError
 from lorakit.layers import LoraLayer, ModulesToSave, TrainableTokens
 from lorakit.quantized.merge import float_linear
 from lorakit.replication import own_replicated_tensors
@@ -57,7 +58,7 @@ def _chosen(model: nn.Module, adapter_names: Sequence[str] | None) -> tuple[str,
     known = tuple(state.configs)
     unknown = [name for name in names if name not in known]
     if unknown:
-        raise KeyError(f"unknown adapter(s) {unknown}; this model has {list(known)}")
+        raise UnknownAdapterError(f"unknown adapter(s) {unknown}; this model has {list(known)}")
     return names
 
 

@@ -65,11 +65,16 @@ TOKENIZER_FILES = (
 
 
 def _in_cache(directory: Path) -> bool:
-    """Whether ``directory`` lies under the lorakit cache (a converted built-in model)."""
+    """Whether ``directory`` is a built-in model lorakit converted into its cache
+    (``<cache>/models/<name>`` of a GGUF built-in): not any directory under the cache, which a
+    user may keep their own models in (deleting those would not convert them anew)."""
     try:
-        return Path(directory).resolve().is_relative_to(cache_root().resolve())
+        path = Path(directory).resolve()
+        models = (cache_root() / "models").resolve()
     except OSError:
         return False
+    converted = {name for name, builtin in BUILTIN_MODELS.items() if builtin.is_gguf}
+    return path.parent == models and path.name in converted
 
 
 def _cache_hint(directory: Path) -> str | None:

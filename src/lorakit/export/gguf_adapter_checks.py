@@ -19,6 +19,7 @@ from lorakit.export.gguf_names import (
     TOKEN_EMBEDDING,
     GgufLayout,
     class_architecture,
+    transformers_class,
 )
 
 __all__ = [
@@ -112,6 +113,16 @@ def refuse_other_base_class(directory: Path, model: nn.Module, base_name: str | 
         return
     made_arch = class_architecture(made_for)
     given_arch = ARCHITECTURES.get(getattr(model.config, "model_type", None), (None,))[0]
+    made_prefix = getattr(transformers_class(made_for), "base_model_prefix", None)
+    given_prefix = getattr(model, "base_model_prefix", None)
+    if made_arch is not None and made_arch == given_arch and made_prefix != given_prefix:
+        raise UserError(
+            f"adapter {directory} was made for a {made_for} (adapter_config.json "
+            f"auto_mapping.base_model_class), which keeps its decoder under "
+            f"{made_prefix!r} where the {type(model).__name__} given has {given_prefix!r}: "
+            "its module paths name no layer of a GGUF model. Load it with PEFT onto a "
+            f"{made_for}, move the decoder's LoRA to {given_prefix!r} paths, and save it again"
+        )
     if made_arch is not None and made_arch == given_arch:
         return
     base = base_name or f"the {given} given"

@@ -35,6 +35,7 @@ __all__ = [
     "class_architecture",
     "gguf_layout",
     "rope_row_order",
+    "transformers_class",
 ]
 
 TOKEN_EMBEDDING = "token_embd.weight"  # the GGUF tensor of the input embeddings
@@ -126,22 +127,23 @@ def gguf_layout(model_config) -> GgufLayout:
 def class_architecture(class_name: str) -> str | None:
     """The GGUF architecture lorakit writes for the transformers model class ``class_name``
     (``MistralForCausalLM`` -> ``llama``; also ``Qwen2Model`` or ``LlamaForSequenceClassification``,
-    whose decoder layers are the same), found through transformers' model_type -> class tables
-    (every ``*_MAPPING_NAMES`` of its auto classes); None when the class is not one of an
-    ``ARCHITECTURES`` model type."""
-    from transformers.models.auto import modeling_auto
+    whose decoder layers are the same), from the class's own config type (``config_class.
+    model_type``); None when transformers has no such class or lorakit writes no architecture
+    for its model type."""
+    model_class = transformers_class(class_name)
+    model_type = getattr(getattr(model_class, "config_class", None), "model_type", None)
+    return ARCHITECTURES.get(model_type, (None,))[0]
 
-    tables = [
-        table
-        for name, table in vars(modeling_auto).items()
-        if name.endswith("_MAPPING_NAMES") and isinstance(table, dict)
-    ]
-    for model_type, (arch, _) in ARCHITECTURES.items():
-        for table in tables:
-            names = table.get(model_type, ())
-            if class_name in ((names,) if isinstance(names, str) else names):
-                return arch
-    return None
+
+def transformers_class(class_name: str) -> type | None:
+    """transformers' model class of that name, or None (a name it does not export)."""
+    import transformers
+
+    try:
+        found = getattr(transformers, class_name, None)
+    except Exception:  # (a lazy import that fails: an optional dependency missing)
+        return None
+    return found if isinstance(found, type) else None
 
 
 def check_head_size(model_config) -> None:
