@@ -41,7 +41,7 @@ from lorakit.state import (
     state_of,
     walk_modules,
 )
-from lorakit.unload import forget_state
+from lorakit.unload import forget_state, put_saved_copy
 from lorakit.wrapped_modules import replace_module
 
 __all__ = ["merge", "merge_and_unload", "model_float_dtype", "unmerge"]
@@ -197,14 +197,8 @@ def _unload_saved_modules(model: nn.Module, names: Sequence[str], tied: set[int]
     for name, wrapper in list(saved_modules(model)):
         if isinstance(wrapper, TrainableTokens):
             replace_module(model, name, wrapper.merged_module(names))
-            continue
-        trained = next(
-            (wrapper.modules_to_save[n] for n in names if n in wrapper.modules_to_save),
-            wrapper.original_module,
-        )
-        original = wrapper.original_module.parameters()
-        untied |= trained is not wrapper.original_module and any(id(p) in tied for p in original)
-        replace_module(model, name, trained)
+        else:
+            untied |= put_saved_copy(model, name, wrapper, names, tied)
     return untied
 
 

@@ -22,7 +22,7 @@ from lorakit.state import (
 from lorakit.targets import original_module
 from lorakit.wrapped_modules import replace_module
 
-__all__ = ["forget_state", "freeze_adapter", "unload"]
+__all__ = ["forget_state", "freeze_adapter", "put_saved_copy", "unload"]
 
 
 def freeze_adapter(
@@ -63,24 +63,27 @@ def unload(model: nn.Module, keep_saved: Sequence[str] = ()) -> nn.Module:
         replace_module(model, name, layer.base_layer)
     tied = {key for key, names in parameter_holders(model).items() if len(names) > 1}
     for name, wrapper in list(saved_modules(model)):
-        original, kept = original_module(wrapper), _unloaded_saved_module(wrapper, keep_saved)
-        replace_module(model, name, kept)
-        untied = kept is not original and any(id(p) in tied for p in original.parameters())
-        if untied and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
+        if isinstance(wrapper, TrainableTokens):  # (its trained rows are dropped)
+            replace_module(model, name, original_module(wrapper))
+        elif put_saved_copy(model, name, wrapper, keep_saved, tied) and hasattr(
+            getattr(model, "config", None), "tie_word_embeddings"
+        ):  # (the copy is put in place first, whatever the config)
             model.config.tie_word_embeddings = False  # the trained copy is not the embedding
     forget_state(model)
     restore_layers(model)
     return model
 
 
-def _unloaded_saved_module(wrapper: ModulesToSave, keep_saved: Sequence[str]) -> nn.Module:
-    """The module that replaces a saved-module wrapper on unload: the trained copy of the first
-    of ``keep_saved`` that has one, else the original module."""
-    if isinstance(wrapper, TrainableTokens):
-        return original_module(wrapper)
-    copies = wrapper.modules_to_save
-    kept = (copies[name] for name in keep_saved if name in copies)
-    return next(kept, original_module(wrapper))
+def put_saved_copy(
+    model: nn.Module, name: str, wrapper: ModulesToSave, names: Sequence[str], tied: set[int]
+) -> bool:
+    """Replace the ``modules_to_save`` wrapper at ``name`` by the trained copy of the first of
+    ``names`` that has one (else its original module); whether a trained copy replaced a module
+    holding one of the ``tied`` parameters (ids): the model's weights are then no longer tied."""
+    original, copies = original_module(wrapper), wrapper.modules_to_save
+    kept = next((copies[adapter] for adapter in names if adapter in copies), original)
+    replace_module(model, name, kept)
+    return kept is not original and any(id(p) in tied for p in original.parameters())
 
 
 def forget_state(model: nn.Module) -> None:
