@@ -19,7 +19,8 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from lorakit.serve.bank import AdapterBank, Loader
+from lorakit.serve.bank import AdapterBank
+from lorakit.serve.lazy_loads import Loader
 from lorakit.serve.openmp import release_idle_team
 from lorakit.serve.requests import GenerationRequest
 

@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from lorakit.serve.admission import Admission
-from lorakit.serve.bank import AdapterBank, Loader
+from lorakit.serve.bank import AdapterBank
 from lorakit.serve.cold_loads import ColdLoads
 from lorakit.serve.kv import BatchedCache, full_attention_cache
+from lorakit.serve.lazy_loads import Loader
 from lorakit.serve.lean_decode import lean_decoder
 from lorakit.serve.openmp import release_idle_team
 from lorakit.serve.requests import (

@@ -16,7 +16,8 @@ base model's name::
 
 An option given to a method that does not use it (``density`` but for ties / dare_* /
 magnitude_prune, ``majority_sign_method`` but for ties / dare_ties, ``seed`` but for dare_*;
-``lorakit.combining.OPTION_METHODS``) is a 400 naming that entry, as ``combine`` refuses it.
+``lorakit.combining.OPTION_METHODS``) is a 400 naming that entry, as ``combine`` refuses it
+(``lorakit.serve.mixture_requests.parse_mixture`` checks the field).
 
 ``linear`` (LoRAX's default name) is the exact weighted sum of the updates,
 ``ΔW = Σ wᵢ sᵢ Bᵢ Aᵢ`` (lorakit's ``cat``, rank Σ rᵢ), not PEFT's sums of the A's and B's.
@@ -47,133 +48,30 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
-from lorakit.combining import METHODS, combine, unused_option
+from lorakit.combining import combine
 from lorakit.errors import UserError
 from lorakit.io import fingerprint
 from lorakit.io.keys import lora_key_pairs, lora_keys
 from lorakit.io.read import read_adapter_header
 from lorakit.io.tensors import MAX_ABS_VALUE
 from lorakit.serve.adapter_dirs import BrokenAdapterError
-from lorakit.serve.protocol import APIError, float_value
+from lorakit.serve.mixture_requests import FIELD, MAX_IDS, Mixture, bad_mixture, parse_mixture
+from lorakit.serve.protocol import APIError
 from lorakit.serve.registry import ServedAdapters, file_identity
 
 __all__ = ["FIELD", "MAX_IDS", "PREFIX", "Mixture", "Mixtures", "parse_mixture"]
 
 log = logging.getLogger(__name__)
 
-FIELD = "merged_adapters"  # the request body field (LoRAX's name)
 PREFIX = "mixture:"  # bank names of mixtures; ':' is never part of an adapter's name
-_ALIASES = {"linear": "cat"}  # LoRAX's name for the weighted sum
-_KEYS = ("ids", "weights", "merge_strategy", "rank", "density", "majority_sign_method", "seed")
 _REMEMBERED = 1024  # mixture settings kept for recombining (tensors: ``cached``)
-MAX_IDS = 16  # adapters in one mixture at most (docs/serving.md)
-
-
-@dataclass(frozen=True)
-class Mixture:
-    """What a request asked for, checked for types and options the method would ignore
-    (``combine`` checks the rest); None: not given (the method's default)."""
-
-    ids: tuple[str, ...]
-    weights: tuple[float, ...]
-    method: str
-    rank: int | None = None
-    density: float | None = None
-    majority_sign_method: str | None = None
-    seed: int | None = None
-
-
-def _bad(message: str, key: str | None = None) -> APIError:
-    return APIError(400, message, param=FIELD if key is None else f"{FIELD}.{key}")
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def parse_mixture(value: object) -> Mixture:
-    """The ``merged_adapters`` field as a ``Mixture``; a 400 naming the bad entry otherwise."""
-    if not isinstance(value, dict):
-        raise _bad(f"'{FIELD}' must be an object with 'ids' and optional 'weights', ...")
-    unknown = sorted(set(value) - set(_KEYS))
-    if unknown:
-        raise _bad(f"'{FIELD}' has unknown entries {unknown}; known: {list(_KEYS)}", unknown[0])
-    ids = _ids(value.get("ids"))
-    weights = value.get("weights", [1.0] * len(ids))
-    if not isinstance(weights, list) or not all(_number(w) for w in weights):
-        raise _bad(f"'{FIELD}.weights' must be a list of numbers, got {weights!r}", "weights")
-    weights = [float_value(w, f"{FIELD}.weights") for w in weights]
-    if len(weights) != len(ids) or not all(math.isfinite(w) for w in weights):
-        raise _bad(
-            f"'{FIELD}.weights': give one finite number per adapter ({len(ids)}), got {weights}",
-            "weights",
-        )
-    method = value.get("merge_strategy", "cat")
-    method = _ALIASES.get(method, method) if isinstance(method, str) else method
-    if method not in METHODS:
-        raise _bad(
-            f"'{FIELD}.merge_strategy' {value.get('merge_strategy')!r} is unknown; choose one "
-            f"of {', '.join([*METHODS, *_ALIASES])}",
-            "merge_strategy",
-        )
-    options = {}
-    for key, kinds, kind in (
-        ("rank", int, "an integer"),
-        ("density", (int, float), "a number"),
-        ("seed", int, "an integer"),
-    ):
-        entry = value.get(key)
-        if entry is not None and (not isinstance(entry, kinds) or isinstance(entry, bool)):
-            raise _bad(f"'{FIELD}.{key}' must be {kind}, got {entry!r}", key)
-        options[key] = entry
-    if options["density"] is not None:
-        options["density"] = float_value(options["density"], f"{FIELD}.density")
-    sign = value.get("majority_sign_method")
-    if sign is not None and not isinstance(sign, str):
-        raise _bad(f"'{FIELD}.majority_sign_method' must be a string", "majority_sign_method")
-    given = {"density": options["density"], "majority_sign_method": sign, "seed": options["seed"]}
-    unused = unused_option(method, given, {key: f"'{FIELD}.{key}'" for key in given})
-    if unused is not None:
-        raise _bad(unused[1], unused[0])
-    return Mixture(
-        ids=tuple(ids),
-        weights=tuple(weights),
-        method=method,
-        rank=options["rank"],
-        density=options["density"],
-        majority_sign_method=sign,
-        seed=options["seed"],
-    )
-
-
-def _ids(ids: object) -> list[str]:
-    """``merged_adapters.ids``: 1 to ``MAX_IDS`` adapter names, each once; a 400 naming the
-    entry otherwise."""
-    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
-        raise _bad(f"'{FIELD}.ids' must be a non-empty list of adapter names", "ids")
-    if len(ids) > MAX_IDS:
-        raise _bad(
-            f"'{FIELD}.ids' names {len(ids)} adapters; a mixture takes at most {MAX_IDS}",
-            "ids",
-        )
-    seen: set[str] = set()
-    for adapter in ids:
-        if adapter in seen:
-            raise _bad(
-                f"'{FIELD}.ids' names {adapter[:200]!r} more than once; name each adapter once "
-                "and give it a larger weight in 'weights' instead",
-                "ids",
-            )
-        seen.add(adapter)
-    return ids
 
 
 class Mixtures:
@@ -198,9 +96,9 @@ class Mixtures:
             try:
                 served = registry.discover(adapter)
             except BrokenAdapterError as error:
-                raise _bad(f"'{FIELD}.ids': {error}", "ids") from None
+                raise bad_mixture(f"'{FIELD}.ids': {error}", "ids") from None
             if not served or self.adapters.drop_if_deleted(adapter, registry.path(adapter)):
-                raise _bad(
+                raise bad_mixture(
                     f"'{FIELD}.ids': the adapter {adapter!r} is not served; see GET /v1/models",
                     "ids",
                 )
@@ -292,10 +190,10 @@ class Mixtures:
             )
         except (UserError, KeyError, ValueError) as error:
             reason = registry.relative(_text(error))  # (no server paths in the answer)
-            raise _bad(f"'{FIELD}' cannot be combined: {reason}") from None
+            raise bad_mixture(f"'{FIELD}' cannot be combined: {reason}") from None
         if result.base_weights:  # (each input alone is refused for them too)
             modules = ", ".join(sorted(result.base_weights))
-            raise _bad(
+            raise bad_mixture(
                 f"'{FIELD}' cannot be served: its adapters carry base weights for {modules} "
                 "(saved with save_embedding_layers); the serving bank adds LoRA factors and "
                 "never changes the served model's weights. Re-save the adapters without them "
@@ -342,13 +240,13 @@ class Mixtures:
         if mixture.method in ("cat", "svd") and total <= max_rank:
             return
         if mixture.method == "cat":
-            raise _bad(
+            raise bad_mixture(
                 f"'{FIELD}' cannot be served: merge_strategy 'cat' (or 'linear') adds the ranks, "
                 f"and {module!r} would have rank {total} > the bank's max_rank {max_rank}. Ask "
                 f"for merge_strategy 'svd' with 'rank' <= {max_rank} instead, or mix fewer "
                 "adapters."
             )
-        raise _bad(
+        raise bad_mixture(
             f"'{FIELD}.rank' {mixture.rank} is over the bank's max_rank {max_rank}: "
             f"merge_strategy {mixture.method!r} cuts the mixture to that rank, which the bank "
             f"cannot hold. Ask for 'rank' <= {max_rank}.",
@@ -362,7 +260,7 @@ class Mixtures:
         refuses in a file, e.g. from weights of 1e20)."""
         for key, tensor in sorted(tensors.items()):
             if not bool(torch.isfinite(tensor).all()) or tensor.abs().max() > MAX_ABS_VALUE:
-                raise _bad(
+                raise bad_mixture(
                     f"'{FIELD}' with these weights gives {key} values beyond +-{MAX_ABS_VALUE:g} "
                     "(or inf/NaN), which no adapter file may hold; use smaller weights",
                     "weights",
@@ -382,7 +280,7 @@ class Mixtures:
             if "max_rank" in str(error):
                 hint = _rank_hint(mixture.method, self.adapters.bank.max_rank)
             reason = self.adapters.registry.relative(_text(error))
-            raise _bad(f"'{FIELD}' cannot be served: {reason}{hint}") from None
+            raise bad_mixture(f"'{FIELD}' cannot be served: {reason}{hint}") from None
 
 
 def _rank_hint(method: str, max_rank: int) -> str:
