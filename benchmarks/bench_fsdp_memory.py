@@ -2,7 +2,7 @@
 (``lorakit train --strategy``): parameter bytes (the local pieces under FSDP) and RSS.
 
     python benchmarks/bench_fsdp_memory.py [--model smollm2-135m-instruct] [--processes 2]
-                                           [--steps 2]
+                                           [--steps 2] [--out results/fsdp_memory.json]
 
 The script starts ``torchrun --nproc_per_node N`` on itself once per strategy; every process
 loads the model (float32), adds an all-linear r=8 adapter, trains ``--steps`` steps of one
@@ -12,6 +12,7 @@ yet read), after training and at its peak. The workers run with OMP_NUM_THREADS=
 MALLOC_MMAP_THRESHOLD_=131072: without a fixed threshold glibc raises it after each large free,
 keeps FSDP's freed all-gather buffers in its heap and the RSS then measures the allocator, not
 what the process holds (measured: FSDP's RSS after training 1.5-1.9 GB against 0.8 GB).
+The per-rank numbers (bytes) go to ``--out`` (JSON) with the settings and versions.
 """
 
 from __future__ import annotations
@@ -25,9 +26,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import common  # noqa: F401  (puts this checkout's lorakit on sys.path)
+import common  # puts this checkout's lorakit on sys.path
 
 MB = 1e6
+STRATEGIES = ("ddp", "fsdp")
+WORKER_ENVIRONMENT = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
+LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
+TOKENS = 64  # one example of 64 random tokens per process and step
 
 
 def rss_bytes() -> int:
@@ -49,12 +54,12 @@ def worker(args: argparse.Namespace) -> None:
     model, _ = load_model(args.model, progress=False)
     after_load = rss_bytes()
     torch.manual_seed(0)
-    config = lorakit.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
+    config = lorakit.LoraConfig(**LORA)
     lorakit.inject(model, config)
     generator = torch.Generator().manual_seed(1)
     vocabulary = model.config.vocab_size
     examples = [
-        {"input_ids": torch.randint(0, vocabulary, (64,), generator=generator).tolist()}
+        {"input_ids": torch.randint(0, vocabulary, (TOKENS,), generator=generator).tolist()}
         for _ in range(8 * args.steps)
     ]
     for example in examples:
@@ -99,7 +104,7 @@ def measure(args: argparse.Namespace, strategy: str) -> list[dict[str, int]]:
         "--output",
         output,
     ]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
+    environment = {**os.environ, **WORKER_ENVIRONMENT}
     subprocess.run(command, check=True, env=environment, capture_output=True)
     return [
         json.loads(Path(output, f"memory-{rank}.json").read_text())
@@ -107,31 +112,59 @@ def measure(args: argparse.Namespace, strategy: str) -> list[dict[str, int]]:
     ]
 
 
-def main() -> None:
-    parse = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parse.add_argument("--model", default="smollm2-135m-instruct")
-    parse.add_argument("--processes", type=int, default=2)
-    parse.add_argument("--steps", type=int, default=2)
-    parse.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parse.add_argument("--strategy", default="ddp", help=argparse.SUPPRESS)
-    parse.add_argument("--output", help=argparse.SUPPRESS)
-    args = parse.parse_args()
-    if args.worker:
-        worker(args)
-        return
+def print_table(args: argparse.Namespace, ranks: dict[str, list[dict[str, int]]]) -> None:
+    """The per-rank numbers of ``ranks`` (``{strategy: [per rank]}``), in MB (1e6 bytes)."""
     print(f"{args.model}, {args.processes} processes, MB = 1e6 bytes")
     print(
         f"{'strategy':<9}{'rank':>5}{'frozen MB':>11}{'adapter MB':>12}{'RSS start':>10}"
         f"{'RSS load':>10}{'RSS end':>9}{'RSS peak':>10}{'end-start':>10}"
     )
-    for strategy in ("ddp", "fsdp"):
-        for rank, held in enumerate(measure(args, strategy)):
+    for strategy, held_by_rank in ranks.items():
+        for rank, held in enumerate(held_by_rank):
             print(
                 f"{strategy:<9}{rank:>5}{held['frozen'] / MB:>11.1f}{held['trainable'] / MB:>12.2f}"
                 f"{held['rss_before_load'] / MB:>10.0f}{held['rss_after_load'] / MB:>10.0f}"
                 f"{held['rss_after_training'] / MB:>9.0f}{held['peak_rss'] / MB:>10.0f}"
                 f"{(held['rss_after_training'] - held['rss_before_load']) / MB:>10.0f}"
             )
+
+
+def results(args: argparse.Namespace, ranks: dict[str, list[dict[str, int]]]) -> dict:
+    """The JSON payload: ``ranks`` (``{strategy: [per rank: bytes]}``) with what produced it."""
+    settings = {
+        "dtype": "float32",
+        "lora": LORA,
+        "tokens_per_example": TOKENS,
+        "batch_size_per_process": 1,
+        "worker_environment": WORKER_ENVIRONMENT,
+        "unit": "bytes",
+    }
+    return {
+        "model": args.model,
+        "processes": args.processes,
+        "steps": args.steps,
+        "settings": settings,
+        "ranks": ranks,
+        "versions": common.versions(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parse = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parse.add_argument("--model", default="smollm2-135m-instruct")
+    parse.add_argument("--processes", type=int, default=2)
+    parse.add_argument("--steps", type=int, default=2)
+    parse.add_argument("--out", type=Path, default=common.RESULTS / "fsdp_memory.json")
+    parse.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parse.add_argument("--strategy", default="ddp", help=argparse.SUPPRESS)
+    parse.add_argument("--output", help=argparse.SUPPRESS)
+    args = parse.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return
+    ranks = {strategy: measure(args, strategy) for strategy in STRATEGIES}
+    print_table(args, ranks)
+    common.write_json(args.out, results(args, ranks))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,15 @@ performance.md, "How we measure"):
   allocator caching), for scale. We count rather than read RSS because the contenders share one
   process (RSS only grows, and freed blocks stay cached), and the count is what a device holds;
 - decode (``generate``, greedy, 16 new tokens after 8, batch 1) and prefill (one forward of
-  1 x 256): lorakit with its adapter unmerged on the 4-bit base / the 4-bit base alone.
+  1 x 256): lorakit with its adapter unmerged on the 4-bit base, against (a) the 4-bit base
+  alone with bitsandbytes' CPU repack off, as lorakit keeps it (the same arithmetic: the stored
+  NF4 bytes; ``decode unmerged / base``), (b) the 4-bit base alone as bitsandbytes runs it by
+  default (on a CPU with AVX512-BF16 each layer's bytes are repacked for a faster kernel at its
+  first eval no-grad forward, done in the warm-up round) and (c) PEFT's adapter on a fresh
+  4-bit model with bitsandbytes' defaults (repack included), as a PEFT user gets it, the same
+  adapter weights. lorakit turns the repack off on any model it adapts, to keep the stored
+  bytes (exact, mergeable; docs/quantized.md). The JSON records whether the CPU has
+  AVX512-BF16 and, per inference contender, whether its layers ended up repacked.
 
     python benchmarks/bench_quantized.py [--quick] [--threads 2] [--layers 4] [--repeats 5]
         [--memory-layers 30]
@@ -32,15 +40,28 @@ from torch import nn
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS = {"training lorakit / peft": 0.90, "decode unmerged / base": 1.10}
 TARGETS["prefill unmerged / base"] = 1.10
+# Against bitsandbytes' defaults (its CPU repack on where the CPU has AVX512-BF16): ratio name ->
+# (numerator, denominator), contenders of ``inference_contenders``. No targets.
+BNB_DEFAULT_RATIOS = {
+    "decode unmerged / base (bnb default)": ("decode lorakit", "decode base (bnb default)"),
+    "prefill unmerged / base (bnb default)": ("prefill lorakit", "prefill base (bnb default)"),
+    "decode lorakit / peft (bnb default)": ("decode lorakit", "decode peft (bnb default)"),
+    "prefill lorakit / peft (bnb default)": ("prefill lorakit", "prefill peft (bnb default)"),
+}
 
 
 def lora_fields() -> dict:
     return dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=SEVEN, task_type="CAUSAL_LM")
 
 
-def to_4bit(model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+def to_4bit(
+    model: nn.Module, compute_dtype: torch.dtype = torch.float32, keep_storage: bool = True
+) -> nn.Module:
     """``model`` with every projection replaced, in place, by an NF4 ``Linear4bit`` (double
-    quantization, computing in ``compute_dtype``), quantized on the CPU from its weight."""
+    quantization, computing in ``compute_dtype``), quantized on the CPU from its weight.
+    ``keep_storage``: turn bitsandbytes' eval-mode CPU repack off (``keep_4bit_storage``, as
+    lorakit does on any model it adapts); False keeps bitsandbytes' default (repack on where
+    the CPU has AVX512-BF16), as a PEFT user gets it."""
     import bitsandbytes as bnb
 
     from lorakit.quantized.loading import keep_4bit_storage
@@ -63,8 +84,23 @@ def to_4bit(model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> nn.
             )
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer.to("cpu"))
-    keep_4bit_storage(model)  # eval mode: the stored bytes, not bitsandbytes' bf16 CPU repack
+    if keep_storage:
+        keep_4bit_storage(model)  # eval mode: the stored bytes, not bitsandbytes' CPU repack
     return model.requires_grad_(False)
+
+
+def repacked(model: nn.Module) -> bool:
+    """Whether any 4-bit layer of ``model`` holds bitsandbytes' CPU-repacked bytes
+    (``quant_state.packing_format_for_cpu``, set by its first eval no-grad forward)."""
+    states = (getattr(getattr(m, "weight", None), "quant_state", None) for m in model.modules())
+    return any(getattr(state, "packing_format_for_cpu", False) for state in states)
+
+
+def cpu_has_avx512_bf16() -> bool:
+    """bitsandbytes' own test for the CPU repack (``functional.has_avx512bf16``)."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
 
 
 def adapted(base_of, library: str) -> nn.Module:
@@ -164,6 +200,35 @@ def inference_runs(model, prompt, long_ids):
     return decode, prefill
 
 
+def inference_contenders(models: dict[str, nn.Module], prompt, long_ids) -> dict:
+    """``{"decode NAME": run, ..., "prefill NAME": run, ...}`` for ``{NAME: model}``, each
+    model in eval mode: every decode, then every prefill, for ``common.alternate``."""
+    runs = {name: inference_runs(model.eval(), prompt, long_ids) for name, model in models.items()}
+    decodes = {f"decode {name}": decode for name, (decode, _) in runs.items()}
+    return {**decodes, **{f"prefill {name}": prefill for name, (_, prefill) in runs.items()}}
+
+
+def inference_times(args, ours, frozen, float_base, ids):
+    """Medians and times of decode and prefill: lorakit unmerged (``ours``), the 4-bit base with
+    the repack off (``frozen``), and, built here from ``float_base`` with bitsandbytes' defaults,
+    the 4-bit base alone and PEFT's adapter on it; returns (times, medians, repack per model)."""
+    import copy
+
+    def default_4bit():
+        return to_4bit(copy.deepcopy(float_base), keep_storage=False).train()
+
+    models = {
+        "lorakit": ours,
+        "base": frozen,
+        "base (bnb default)": default_4bit(),
+        "peft (bnb default)": adapted(default_4bit, "peft"),
+    }
+    prompt, long_ids = ids[:1, :8], ids[:1].repeat(1, 2)[:, : (32 if args.quick else 256)]
+    times = common.alternate(inference_contenders(models, prompt, long_ids), args.repeats)
+    medians = {name: common.median(values) for name, values in times.items()}
+    return times, medians, {name: repacked(model) for name, model in models.items()}
+
+
 def main() -> None:
     parse = common.parser(__doc__.splitlines()[0], "quantized")
     parse.add_argument("--memory-layers", type=int, default=30, help="for memory (real: 30)")
@@ -171,6 +236,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     clock = common.set_clock(args.clock, args.threads)
     config = common.smollm2_config(args.layers, args.quick)
+    if args.quick:  # bitsandbytes' CPU repack needs in_features a multiple of its 64-block
+        config.intermediate_size = 128
     batch, length = (2, 16) if args.quick else (4, 128)
     ids = torch.randint(0, config.vocab_size, (batch, length), generator=torch.manual_seed(0))
     float_base = common.base_model(config)
@@ -192,20 +259,7 @@ def main() -> None:
     memory, rss = memory_footprints(args, batch, length)
     total = {name: sum(parts.values()) for name, parts in memory.items()}
 
-    ours.eval(), frozen.eval()
-    prompt, long_ids = ids[:1, :8], ids[:1].repeat(1, 2)[:, : (32 if args.quick else 256)]
-    decode_ours, prefill_ours = inference_runs(ours, prompt, long_ids)
-    decode_base, prefill_base = inference_runs(frozen, prompt, long_ids)
-    inference = common.alternate(
-        {
-            "decode lorakit": decode_ours,
-            "decode base": decode_base,
-            "prefill lorakit": prefill_ours,
-            "prefill base": prefill_base,
-        },
-        args.repeats,
-    )
-    inf = {name: common.median(values) for name, values in inference.items()}
+    inference, inf, repack = inference_times(args, ours, frozen, float_base, ids)
 
     ratios = {
         "training lorakit / peft": med["lorakit"] / med["peft"],
@@ -224,7 +278,10 @@ def main() -> None:
         )
         for name, value in ratios.items()
     ]
+    against_default = {name: inf[a] / inf[b] for name, (a, b) in BNB_DEFAULT_RATIOS.items()}
+    rows += [(name, f"{value:.3f}", "-", "-") for name, value in against_default.items()]
     print(common.table(rows, ("ratio", "median", "target", "met")))
+    print(f"CPU has AVX512-BF16: {cpu_has_avx512_bf16()}; bitsandbytes' CPU repack on: {repack}")
     for name, parts in memory.items():
         print(f"{name}: {parts} = {total[name] / 1e6:.1f} MB; peak RSS delta of a step {rss[name]}")
     common.write_json(
@@ -241,6 +298,8 @@ def main() -> None:
                 "lora": lora_fields(),
                 "base": "bitsandbytes NF4, double quantization; times: float32 model, compute "
                 "float32; memory: bfloat16 model, compute bfloat16",
+                "cpu_avx512_bf16": cpu_has_avx512_bf16(),
+                "inference_repack": repack,
             },
             "versions": common.versions(),
             "seconds": {**times, **inference},
@@ -249,6 +308,7 @@ def main() -> None:
             "memory_total_bytes": total,
             "peak_rss_delta_bytes": rss,
             "ratios": ratios,
+            "inference_ratios_bnb_default": against_default,
             "targets": TARGETS,
         },
     )

@@ -9,7 +9,7 @@ to the OS first, ``malloc_trim``), and its high-water mark during the training s
 (``VmHWM``, reset before the first step through ``/proc/self/clear_refs``). ``training - loaded`` is what training adds on top of the model:
 activations kept for backward, gradients, optimizer state, workspace. RSS is a process-wide
 measure, so each base runs in its own process; the numbers are not ratios of one process and
-move by a few MB between runs.
+move by a few MiB between runs. The table prints MiB (2**20 bytes); the JSON holds bytes.
 
 ``--quick``: a tiny random Llama, float32 and bfloat16 only (proves it runs).
 ``python benchmarks/bench_training_rss.py [--bases float32 nf4] [--steps 3] [--out FILE]``
@@ -109,22 +109,23 @@ def main(argv=None) -> int:
         return 0
     bases = [b for b in args.bases if b in ("float32", "bfloat16")] if args.quick else args.bases
     rows = [run_child(base, args) for base in bases]
-    mb = 2**20
-    print("| base | after loading (MB) | training peak (MB) | added by training (MB) |")
+    mib = 2**20  # the table's unit; the JSON holds bytes
+    print("| base | after loading (MiB) | training peak (MiB) | added by training (MiB) |")
     print("|---|---|---|---|")
     for row in rows:
         if "error" in row:
             print(f"| {row['base']} | failed: {row['error']} | | |")
             continue
         print(
-            f"| {row['base']} | {row['loaded'] / mb:,.0f} | {row['training_peak'] / mb:,.0f} "
-            f"| {row['training_added'] / mb:,.0f} |"
+            f"| {row['base']} | {row['loaded'] / mib:,.0f} | {row['training_peak'] / mib:,.0f} "
+            f"| {row['training_added'] / mib:,.0f} |"
         )
     settings = {
         "steps": args.steps,
         "threads": args.threads,
         "batch": "8 x 96",
         "quick": args.quick,
+        "unit": "bytes",  # rows' process_start, loaded, training_peak, training_added
     }
     common.write_json(args.out, {"settings": settings, "rows": rows, "versions": common.versions()})
     return 0
