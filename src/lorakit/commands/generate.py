@@ -88,7 +88,9 @@ def generate_text(
     if temperature == 0 and isinstance(model, torch.nn.Module):
         ids = engine_greedy(model, encoded["input_ids"][0].tolist(), max_new_tokens)
         return tokenizer.decode(ids, skip_special_tokens=True)
-    sampling = {"do_sample": True, "temperature": temperature}
+    # the full softmax(logits / T), as lorakit serve samples: top_k=0 and top_p=1.0 override
+    # transformers' global default top_k=50 and a generation_config.json's own top_k / top_p
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     with torch.no_grad():
         output = model.generate(
             **encoded,
@@ -103,20 +105,25 @@ def _check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
     """``UserError`` for an empty prompt, or one that with ``max_new_tokens`` passes a learned
     position table (``positions.learned_position_limit``: GPT-2's ``wpe``); a warning on stderr
     where it passes another model's ``max_position_embeddings`` (a rotary model runs on, but
-    past its trained length the text is mostly garbage; ``lorakit serve`` refuses it)."""
+    past its trained length the text is mostly garbage; ``lorakit serve`` refuses it).
+
+    The positions used are 0 .. prompt_tokens + max_new_tokens - 2: the last new token is
+    never fed back (transformers' ``generate`` and the engine alike), so a table of L rows
+    takes P + N <= L + 1."""
     if prompt_tokens == 0:
         raise UserError("the prompt is empty; give some text to continue")
     from lorakit.positions import learned_position_limit, max_positions
 
     total = prompt_tokens + max_new_tokens
+    used = total - 1  # positions fed to the model: the last new token is only sampled
     limit = learned_position_limit(model)
-    if limit is not None and total > limit:
+    if limit is not None and used > limit:
         raise UserError(
             f"the prompt ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} is longer "
             f"than this model's {limit} positions; shorten the prompt or ask for fewer tokens"
         )
     trained = max_positions(model)
-    if trained is not None and total > trained:
+    if trained is not None and used > trained:
         print(
             f"lorakit: warning: the prompt ({prompt_tokens} tokens) + --max-new-tokens "
             f"{max_new_tokens} = {total} tokens pass this model's max_position_embeddings "
@@ -131,7 +138,8 @@ def engine_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int
     cache, last-position logits only, the lean decode step; ``lorakit.serve.engine``), one
     stream, with the model's own active adapter: served from a one-slot bank where it can be
     (``routing.own_adapter_bank``: fused q/k/v and gate/up), else added by the model's LoRA
-    layers; stops at the model's EOS like ``generate``."""
+    layers; stops at the model's EOS like ``generate``, and like it keeps that EOS as the last
+    id (a decode with ``skip_special_tokens`` drops it only where it is a special token)."""
     from lorakit.serve.engine import Engine
     from lorakit.serve.routing import own_adapter_bank
     from lorakit.serve.sampling import SamplingParams
@@ -139,13 +147,24 @@ def engine_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int
     if not prompt_ids:
         raise UserError("the prompt is empty; give some text to continue")
     bank, adapter = own_adapter_bank(model) or (None, None)
-    with Engine(model, bank, max_batch=1) as engine:
-        ids, _, last = engine.generate(
-            prompt_ids, adapter, SamplingParams(max_tokens=max_new_tokens)
+    # EOS as a stop token the engine keeps in the output (its own EOS handling drops it)
+    with Engine(model, bank, max_batch=1, eos_token_ids=()) as engine:
+        vocab = engine.vocab_size  # (an id past it is never sampled; submit would refuse it)
+        eos = tuple(t for t in _eos_token_ids(model) if vocab is None or 0 <= t < vocab)
+        params = SamplingParams(
+            max_tokens=max_new_tokens, stop_token_ids=eos, include_stop_str_in_output=True
         )
+        ids, _, last = engine.generate(prompt_ids, adapter, params)
     if last.finish_reason == "error":  # e.g. prompt + new tokens beyond the model's positions
         raise UserError(f"generation failed: {last.error}")
     return ids
+
+
+def _eos_token_ids(model) -> list[int]:
+    """The model's ``generation_config.eos_token_id`` as a list (none, one id or several), the
+    ids transformers' ``generate`` stops at."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
 def uses_chat_template(
