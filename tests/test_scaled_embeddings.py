@@ -78,12 +78,13 @@ def test_lora_bias_on_a_layer_without_it_is_refused_and_changes_nothing(target):
     else:
         model, targets = Embedded(), ["lin", "emb"]
     before = {name: type(module) for name, module in model.named_modules()}
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     config = lorakit.LoraConfig(target_modules=targets, lora_bias=True)
     with pytest.raises(ValueError, match=r"lora_bias=True \(a bias on B\) for float nn\.Linear"):
         lorakit.inject(model, config)
     assert state_of(model) is None
     assert {name: type(module) for name, module in model.named_modules()} == before
-    assert all(p.requires_grad for p in model.parameters() if p.is_floating_point())
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == trainable
 
 
 def test_merged_adapter_keeps_the_embed_scale_when_switched_off_like_peft():

@@ -13,10 +13,14 @@ layer computes what it did before (within float rounding)::
   matrices, depends on torch's random state).
 - OLoRA: ``W0 = Q R`` (QR decomposition); ``A = R[:r]`` (r x k), ``B = Q[:, :r]`` (d x r).
 
-Everything is computed in float32; ``W_res`` is rounded to the base weight's dtype and written
-into the base weight Parameter in place (``lorakit.base_rewrite``: every layer's factorisation
-first, the writes last, so a failure leaves no layer half done), so the base model is changed (``lorakit.unload`` gives
-back the modules holding ``W_res``, as PEFT's ``unload`` does). A saved adapter then only fits
+Everything is computed in float32; ``A`` and ``B`` stay float32 and equal peft's factors on a
+float32 base. On a bfloat16 / float16 base peft rounds ``A`` and ``B`` to the base dtype (then
+stores them in float32); lorakit keeps the float32 factors, so ``W_res`` is the same and
+``W_res + s B A`` is closer to ``W0`` (tiny bfloat16 Llama: max error 1.9e-4 against peft's
+2.2e-4). ``W_res`` is rounded to the base weight's dtype and written into the base weight
+Parameter in place (``lorakit.base_rewrite``: every layer's factorisation first, the writes
+last, so a failure leaves no layer half done), so the base model is changed (``lorakit.unload``
+gives back the modules holding ``W_res``, as PEFT's ``unload`` does). A saved adapter then only fits
 ``W_res``: its fingerprint says so (``lorakit.io``), and ``save_adapter(...,
 initial_adapter=...)`` converts it into a plain LoRA for the original weights (``convert``).
 """

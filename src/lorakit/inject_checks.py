@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
+from lorakit import quantized
 from lorakit.config import LoraConfig, pattern_matches
 from lorakit.errors import TargetModulesError
 from lorakit.init_checks import check_layer_takes
@@ -27,6 +28,7 @@ __all__ = [
     "check_adapter_fits",
     "check_adapter_name",
     "check_one_bias_adapter",
+    "quantized_format",
     "warn_lora_bias_without_base_bias",
 ]
 
@@ -164,18 +166,9 @@ def _check_targets(
     for name, module in current.items():
         layer_class = layer_class_for(module, name)
         if config.use_dora and not layer_class.supports_dora:
-            raise ValueError(
-                f"module {name!r} is a {type(original_module(module)).__name__}: lorakit "
-                "implements DoRA (use_dora=True) for nn.Linear and transformers Conv1D only; "
-                "remove it from target_modules (or add it to exclude_modules)."
-            )
+            raise ValueError(_no_dora_here(module, name))
         if config.lora_bias and not layer_class.supports_lora_bias:
-            raise ValueError(
-                f"module {name!r} is a {type(original_module(module)).__name__}: lorakit "
-                "implements lora_bias=True (a bias on B) for float nn.Linear and transformers "
-                "Conv1D layers only; remove it from target_modules (or add it to "
-                "exclude_modules), or set lora_bias=False."
-            )
+            raise ValueError(_no_lora_bias_here(module, name))
         if isinstance(module, LoraLayer) and adapter_name in module.ranks:
             raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}.")
         if changes_base(init):
@@ -185,6 +178,47 @@ def _check_targets(
             check_layer_takes(
                 layer_class, module, name, init, config.rank_for(name), shared_with=shared
             )
+
+
+def quantized_format(module: nn.Module) -> str | None:
+    """The quantized storage format of the layer ``module`` stands for (``bnb-nf4-dq``,
+    ``torchao-int8-weight-only``, ...; ``lorakit.quantized``), or None for a float layer."""
+    base = original_module(module)
+    return quantized.describe(base) if quantized.is_quantized(base) else None
+
+
+def _no_dora_here(module: nn.Module, name: str) -> str:
+    """Why target ``name`` cannot take DoRA (a quantized base, or a layer kind without it)."""
+    fmt = quantized_format(module)
+    if fmt is not None:
+        return (
+            f"module {name!r} is quantized ({fmt}): lorakit implements DoRA (use_dora=True) "
+            "for float nn.Linear and transformers Conv1D layers only, not on a quantized base "
+            "(docs/quantized.md); set use_dora=False, or adapt a float copy of the model."
+        )
+    return (
+        f"module {name!r} is a {type(original_module(module)).__name__}: lorakit "
+        "implements DoRA (use_dora=True) for nn.Linear and transformers Conv1D only; "
+        "remove it from target_modules (or add it to exclude_modules)."
+    )
+
+
+def _no_lora_bias_here(module: nn.Module, name: str) -> str:
+    """Why target ``name`` cannot take ``lora_bias`` (a quantized base, or a layer kind
+    without it)."""
+    fmt = quantized_format(module)
+    if fmt is not None:
+        return (
+            f"module {name!r} is quantized ({fmt}): lorakit implements lora_bias=True (a bias "
+            "on B) for float nn.Linear and transformers Conv1D layers only, not on a quantized "
+            "base (docs/quantized.md); set lora_bias=False, or adapt a float copy of the model."
+        )
+    return (
+        f"module {name!r} is a {type(original_module(module)).__name__}: lorakit "
+        "implements lora_bias=True (a bias on B) for float nn.Linear and transformers "
+        "Conv1D layers only; remove it from target_modules (or add it to "
+        "exclude_modules), or set lora_bias=False."
+    )
 
 
 def check_adapter_name(model: nn.Module, adapter_name: str) -> None:

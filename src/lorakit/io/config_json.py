@@ -237,6 +237,12 @@ def config_from_json(text: str, source: str, *, describing: bool = False) -> Lor
     for name in ("rank_pattern", "alpha_pattern"):
         if fields.get(name) is None:
             fields[name] = {}
+    if fields.get("use_dora") and changes_base(fields["init_lora_weights"]):
+        raise AdapterFileError(
+            f"{source} was saved unconverted with init_lora_weights="
+            f"{fields['init_lora_weights']!r} and use_dora=true: loading it means redoing that "
+            "initialisation with DoRA, which lorakit does not implement; load it with peft."
+        )
     try:
         return LoraConfig(**fields)
     except (TypeError, ValueError) as error:

@@ -15,7 +15,8 @@ differs in nearly every element, so 64 samples per module are far more than enou
 Stored as compact JSON in the safetensors header metadata under ``METADATA_KEY`` (peft, vLLM
 and transformers ignore extra metadata), computed from the ORIGINAL weight of merged layers.
 
-A quantized base (``lorakit.quantized``) is fingerprinted by its packed codes as stored, with
+A quantized base (``lorakit.quantized``) is fingerprinted by its packed codes as stored (a
+bitsandbytes 4-bit layer's as uint8 bytes, whatever its ``quant_storage`` dtype), with
 its format name (``bnb-nf4-dq``, ``gguf-Q4_1``, ...) in place of the dtype: an adapter trained on
 one quantization of a model does not fit another quantization, nor the float model, unless the
 user says so (``allow_base_mismatch``).
@@ -36,6 +37,7 @@ from torch import nn
 from lorakit import quantized
 from lorakit.errors import AdapterFileError, BaseModelMismatchError, listed
 from lorakit.layers import LoraLayer
+from lorakit.quantized import bnb as bnb_backend
 
 __all__ = [
     "METADATA_KEY",
@@ -70,10 +72,21 @@ def base_identity(module: nn.Module) -> tuple[torch.Tensor, str]:
     and dtype, or for a quantized base its packed codes and format name."""
     base = module.base_layer if isinstance(module, LoraLayer) else module
     if quantized.is_quantized(base):
-        codes = next(iter(quantized.storage(base).values()))
-        return codes, quantized.describe(base)
+        return _packed_codes(base), quantized.describe(base)
     weight = base_weight(module)
     return weight, _dtype_name(weight)
+
+
+def _packed_codes(base: nn.Module) -> torch.Tensor:
+    """The first tensor a quantized ``base`` stores (its packed codes); a bitsandbytes 4-bit
+    layer's codes as their bytes, ``(bytes, 1)`` uint8, whatever dtype holds them
+    (``bnb_4bit_quant_storage``: bfloat16 for FSDP-QLoRA keeps the same bytes as ``(bytes / 2,
+    1)``), so one adapter fits every storage dtype of the same codes."""
+    codes = next(iter(quantized.storage(base).values()))
+    backend = quantized.backend_for(base)
+    if backend is bnb_backend and bnb_backend.is_4bit(base) and codes.dtype != torch.uint8:
+        return codes.view(torch.uint8).reshape(-1, 1)  # (bytes, 1), as a uint8 storage holds it
+    return codes
 
 
 def _is_quantized_format(dtype_name: str) -> bool:
@@ -181,6 +194,26 @@ def _values(fingerprint: dict[str, object]) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.float32)
 
 
+_WIDER_STORAGE = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # bytes per element
+
+
+def _fits_as_wider_storage(stored: dict[str, object], codes: torch.Tensor) -> bool:
+    """Whether uint8 ``codes`` (bytes, 1) are the bytes a fingerprint of shape (bytes / w, 1)
+    was taken of, held then in a dtype of w bytes: a bitsandbytes 4-bit base fingerprinted
+    by an older lorakit in its ``bnb_4bit_quant_storage`` dtype (bfloat16: w = 2). The digest
+    is of the sampled elements' bytes, so ``codes`` viewed as (bytes / w, 1) give it again."""
+    shape = stored["shape"]
+    if codes.dtype != torch.uint8 or list(codes.shape[1:]) != [1] or shape[1:] != [1]:
+        return False
+    elements = shape[0]
+    width = codes.shape[0] // elements if elements else 0
+    wider = _WIDER_STORAGE.get(width)
+    if wider is None or width * elements != codes.shape[0]:
+        return False
+    as_stored = codes.reshape(elements, width).view(wider)  # (bytes / w, 1)
+    return _digest(_samples(as_stored)) == stored["sha256"]
+
+
 def describe_difference(
     stored: dict[str, object], weight: torch.Tensor, dtype_name: str | None = None
 ) -> str | None:
@@ -195,6 +228,8 @@ def describe_difference(
             "a different quantization computes different outputs"
         )
     if list(weight.shape) != stored["shape"]:
+        if dtype_name == stored["dtype"] and _fits_as_wider_storage(stored, weight):
+            return None
         return f"shape {list(weight.shape)} != {stored['shape']}"
     if dtype_name == stored["dtype"]:  # the common case: compare the digests only
         return None if _digest(_samples(weight)) == stored["sha256"] else "sampled weights differ"

@@ -25,7 +25,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, listed
 from lorakit.init_checks import check_layer_takes, check_redo_on_load
 from lorakit.init_methods import changes_base
-from lorakit.inject_checks import check_adapter_fits
+from lorakit.inject_checks import check_adapter_fits, quantized_format
 from lorakit.io import fingerprint
 from lorakit.io.keys import FileTensor, expected_shape, saved_module_alias_keys
 from lorakit.io.load_plan import LoadTargets
@@ -33,6 +33,7 @@ from lorakit.io.read import AdapterFile, AdapterHeader
 from lorakit.io.tensors import TORCH_DTYPES
 from lorakit.layers import layer_class_for
 from lorakit.layers.parameter import parameter_layout
+from lorakit.targets import original_module
 
 __all__ = ["check_base", "check_init_redo", "check_targets_take", "check_tensors", "init_to_redo"]
 
@@ -230,6 +231,7 @@ def check_targets_take(
     change to the process's warning filters, which other threads share)."""
     targets = {name: current[name] for name in to_load.targets}
     config, parameters = to_load.config, to_load.parameter_targets
+    _refuse_peft_only_layers(to_load, targets)
     try:
         check_adapter_fits(
             model, config, adapter_name, None, targets, [], [], parameters, warn=False
@@ -238,6 +240,45 @@ def check_targets_take(
         raise AdapterFileError(
             f"adapter {to_load.source} cannot be loaded into this model: {error}"
         ) from None
+
+
+def _refuse_peft_only_layers(to_load: LoadTargets, targets: dict[str, nn.Module]) -> None:
+    """``AdapterFileError`` for the first target on which the file has DoRA or ``lora_bias``
+    and lorakit's layer for it has not (an embedding: PEFT's DoRA embedding; a quantized base),
+    saying what the user can do with the FILE (inject's advice, to change target_modules or the
+    config, does not apply to a file)."""
+    config = to_load.config
+    for name, module in targets.items():
+        try:
+            layer_class = layer_class_for(module, name)
+        except (TypeError, ValueError):
+            continue  # (check_adapter_fits names it)
+        if config.use_dora and not layer_class.supports_dora:
+            feature = "DoRA (use_dora=true)"
+        elif config.lora_bias and not layer_class.supports_lora_bias:
+            feature = "a bias on B (lora_bias=true)"
+        else:
+            continue
+        raise AdapterFileError(_peft_only_message(to_load.source, feature, module, name))
+
+
+def _peft_only_message(source: object, feature: str, module: nn.Module, name: str) -> str:
+    """``adapter <source> uses <feature> on ...``: which module, why lorakit cannot load it
+    there, and what to do with the file instead."""
+    fmt = quantized_format(module)
+    if fmt is not None:
+        return (
+            f"adapter {source} uses {feature} on module {name!r}, which is quantized here "
+            f"({fmt}); lorakit does not implement that on a quantized base (docs/quantized.md). "
+            "Load it onto the float model, or load it with peft."
+        )
+    kind = type(original_module(module))
+    noun = "embedding" if issubclass(kind, nn.Embedding) else kind.__name__
+    return (
+        f"adapter {source} uses {feature} on the {noun} {name!r} (PEFT implements it there, "
+        "lorakit does not), so lorakit cannot load it. Load it with peft, or merge it with peft "
+        "(merge_and_unload) and use the merged model."
+    )
 
 
 def init_to_redo(config: LoraConfig) -> str | None:

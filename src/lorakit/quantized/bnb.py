@@ -51,11 +51,7 @@ def check(module: nn.Module) -> None:
 
     if not is_4bit(module):
         if module.weight.dtype != torch.int8:
-            raise UnsupportedQuantizedLayerError(
-                f"this Linear8bitLt holds {module.weight.dtype} weights, not int8 (not "
-                "quantized yet, or has_fp16_weights=True); move it to a device first "
-                "(.to('cpu') quantizes it) or load the model with BitsAndBytesConfig"
-            )
+            raise UnsupportedQuantizedLayerError(_not_int8_reason(module))
         return
     state = getattr(module.weight, "quant_state", None)
     if state is None:
@@ -73,6 +69,34 @@ def check(module: nn.Module) -> None:
             "lorakit.load_adapter on it, or lorakit.quantized.loading.keep_4bit_storage(model); "
             "each does so on every Linear4bit of the model, adapted or not."
         )
+
+
+def _has_fp16_weights(module: nn.Module) -> bool:
+    """True for a ``Linear8bitLt`` built with ``has_fp16_weights=True`` (on its state or its
+    weight): it keeps a float weight that it trains, and never holds int8 codes."""
+    state = getattr(module, "state", None)
+    return bool(
+        getattr(state, "has_fp16_weights", False)
+        or getattr(module.weight, "has_fp16_weights", False)
+    )
+
+
+def _not_int8_reason(module: nn.Module) -> str:
+    """Why a ``Linear8bitLt`` without int8 weights cannot be a LoRA base, and what to do."""
+    if _has_fp16_weights(module):
+        return (
+            f"this Linear8bitLt has has_fp16_weights=True: it keeps a trainable "
+            f"{module.weight.dtype} weight (transformers' "
+            "BitsAndBytesConfig(load_in_8bit=True, llm_int8_has_fp16_weight=True)) and never "
+            "holds int8 codes, so it is no int8 base. To train LoRA on an int8 base, reload the "
+            "model with llm_int8_has_fp16_weight=False (the default; has_fp16_weights=False "
+            "for a Linear8bitLt you build), or load the model in float"
+        )
+    return (
+        f"this Linear8bitLt holds {module.weight.dtype} weights, not int8 (not quantized yet); "
+        "move it to a device first (.to('cpu') quantizes it) or load the model with "
+        "BitsAndBytesConfig"
+    )
 
 
 def shape(module: nn.Module) -> tuple[int, int]:

@@ -119,7 +119,8 @@ class GGUFLinear(nn.Module):
     """A frozen linear layer stored as GGUF blocks: ``y = x dequant(packed)^T + b``.
 
     ``packed``: uint8 (out_features, in_features / 32 * block_bytes), a buffer (saved with the
-    model's state dict, never trained); ``bias``: optional float (out_features,) buffer.
+    model's state dict, never trained); ``bias``: optional float (out_features,), a frozen
+    ``Parameter`` (as ``nn.Linear``'s: an adapter with ``bias="all"`` trains it).
     Shapes: x (..., in_features) -> (..., out_features), in ``x``'s dtype.
     """
 
@@ -148,7 +149,8 @@ class GGUFLinear(nn.Module):
         self.in_features = in_features
         self.out_features = packed.shape[0]
         self.register_buffer("packed", packed)
-        self.register_buffer("bias", bias)
+        # a frozen Parameter, as in nn.Linear: bias="all" / "lora_only" can train it
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _DequantizingMatmul.apply(x, self.packed, self.block_type)
