@@ -23,8 +23,9 @@ performance.md, "How we measure"):
   default (on a CPU with AVX512-BF16 each layer's bytes are repacked for a faster kernel at its
   first eval no-grad forward, done in the warm-up round) and (c) PEFT's adapter on a fresh
   4-bit model with bitsandbytes' defaults (repack included), as a PEFT user gets it, the same
-  adapter weights. lorakit turns the repack off on any model it adapts, to keep the stored
-  bytes (exact, mergeable; docs/quantized.md). The JSON records whether the CPU has
+  adapter weights; and (d) lorakit with ``use_bnb_cpu_kernel`` (``--bnb-cpu-kernel``: that
+  repack on purpose, inference only) against (b) and (c). lorakit turns the repack off on any
+  model it adapts unless asked, to keep the stored bytes (exact, mergeable; docs/quantized.md). The JSON records whether the CPU has
   AVX512-BF16 and, per inference contender, whether its layers ended up repacked.
 
     python benchmarks/bench_quantized.py [--quick] [--threads 2] [--layers 4] [--repeats 5]
@@ -47,6 +48,11 @@ BNB_DEFAULT_RATIOS = {
     "prefill unmerged / base (bnb default)": ("prefill lorakit", "prefill base (bnb default)"),
     "decode lorakit / peft (bnb default)": ("decode lorakit", "decode peft (bnb default)"),
     "prefill lorakit / peft (bnb default)": ("prefill lorakit", "prefill peft (bnb default)"),
+    # lorakit with --bnb-cpu-kernel (bitsandbytes' packed kernel, on purpose, inference only)
+    "decode kernel / base (bnb default)": ("decode lorakit kernel", "decode base (bnb default)"),
+    "prefill kernel / base (bnb default)": ("prefill lorakit kernel", "prefill base (bnb default)"),
+    "decode kernel / peft (bnb default)": ("decode lorakit kernel", "decode peft (bnb default)"),
+    "prefill kernel / peft (bnb default)": ("prefill lorakit kernel", "prefill peft (bnb default)"),
 }
 
 
@@ -217,12 +223,17 @@ def inference_times(args, ours, frozen, float_base, ids):
     def default_4bit():
         return to_4bit(copy.deepcopy(float_base), keep_storage=False).train()
 
+    from lorakit.quantized.bnb_cpu_kernel import use_bnb_cpu_kernel
+
     models = {
         "lorakit": ours,
         "base": frozen,
         "base (bnb default)": default_4bit(),
         "peft (bnb default)": adapted(default_4bit, "peft"),
     }
+    if cpu_has_avx512_bf16():  # (elsewhere bitsandbytes has no such kernel)
+        models["lorakit kernel"] = copy.deepcopy(ours).eval()
+        use_bnb_cpu_kernel(models["lorakit kernel"])
     prompt, long_ids = ids[:1, :8], ids[:1].repeat(1, 2)[:, : (32 if args.quick else 256)]
     times = common.alternate(inference_contenders(models, prompt, long_ids), args.repeats)
     medians = {name: common.median(values) for name, values in times.items()}
@@ -278,7 +289,9 @@ def main() -> None:
         )
         for name, value in ratios.items()
     ]
-    against_default = {name: inf[a] / inf[b] for name, (a, b) in BNB_DEFAULT_RATIOS.items()}
+    against_default = {
+        name: inf[a] / inf[b] for name, (a, b) in BNB_DEFAULT_RATIOS.items() if a in inf
+    }
     rows += [(name, f"{value:.3f}", "-", "-") for name, value in against_default.items()]
     print(common.table(rows, ("ratio", "median", "target", "met")))
     print(f"CPU has AVX512-BF16: {cpu_has_avx512_bf16()}; bitsandbytes' CPU repack on: {repack}")

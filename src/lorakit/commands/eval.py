@@ -84,6 +84,38 @@ def add_quantization_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_bnb_cpu_kernel_option(parser: argparse.ArgumentParser) -> None:
+    """``--bnb-cpu-kernel``: bitsandbytes' packed CPU kernel for the 4-bit layers (inference
+    only; ``lorakit.quantized.bnb_cpu_kernel``)."""
+    parser.add_argument(
+        "--bnb-cpu-kernel",
+        action="store_true",
+        help="with --quantization nf4 or fp4 on a CPU with AVX512-BF16: run the 4-bit layers "
+        "through bitsandbytes' packed CPU kernel, as PEFT runs them there by default (about "
+        "1.4x faster decode and prefill; the block scales are rounded to bfloat16 and the "
+        "products run in bfloat16, outputs about 3e-3 off the exact ones)",
+    )
+
+
+def check_bnb_cpu_kernel(args: argparse.Namespace) -> None:
+    """``UserError`` before the model loads when ``--bnb-cpu-kernel`` cannot apply."""
+    if not getattr(args, "bnb_cpu_kernel", False):
+        return
+    from lorakit.errors import UserError
+
+    if args.quantization not in ("nf4", "fp4"):
+        raise UserError(
+            "--bnb-cpu-kernel runs bitsandbytes' 4-bit layers: add --quantization nf4 or fp4"
+        )
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        raise UserError(
+            "--bnb-cpu-kernel: bitsandbytes' packed 4-bit kernel needs a CPU with AVX512-BF16, "
+            "which this one lacks; leave the option out"
+        )
+
+
 def add_dtype_option(parser: argparse.ArgumentParser) -> None:
     """``--dtype``: the dtype of ``--model``'s weights and compute (``DTYPES``)."""
     parser.add_argument(

@@ -8,8 +8,10 @@ import sys
 
 from lorakit.commands.eval import (
     add_base_mismatch_option,
+    add_bnb_cpu_kernel_option,
     add_dtype_option,
     add_quantization_option,
+    check_bnb_cpu_kernel,
 )
 from lorakit.errors import UserError
 
@@ -33,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--adapter", help="adapter directory (PEFT format)")
     add_base_mismatch_option(parser)
     add_quantization_option(parser)
+    add_bnb_cpu_kernel_option(parser)
     add_dtype_option(parser)
     parser.add_argument(
         "--max-new-tokens",
@@ -230,10 +233,15 @@ def run(args: argparse.Namespace) -> int:
 
     from lorakit.commands.eval import load_model_and_adapter
 
+    check_bnb_cpu_kernel(args)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_adapter(
         args.model, args.adapter, args.allow_base_mismatch, args.quantization, args.dtype
     )
+    if args.bnb_cpu_kernel:  # after the adapter is in place: the repacked layers run only
+        from lorakit.quantized.bnb_cpu_kernel import use_bnb_cpu_kernel
+
+        use_bnb_cpu_kernel(model)
     text = generate_text(
         model,
         tokenizer,

@@ -14,7 +14,13 @@ from lorakit.commands._serve_options import (
     connection_limits,
     parse_size,
 )
-from lorakit.commands.eval import add_dtype_option, add_quantization_option, torch_dtype
+from lorakit.commands.eval import (
+    add_bnb_cpu_kernel_option,
+    add_dtype_option,
+    add_quantization_option,
+    check_bnb_cpu_kernel,
+    torch_dtype,
+)
 from lorakit.errors import UserError
 
 __all__ = ["build", "register", "run", "server_settings"]
@@ -49,6 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--served-model-name", default=None, help="the base model's id in the API")
     add_quantization_option(parser)
+    add_bnb_cpu_kernel_option(parser)
     add_dtype_option(parser)
     parser.set_defaults(func=run)
 
@@ -118,6 +125,7 @@ def build(args: argparse.Namespace):
         from lorakit.quantized.loading import check_quantization
 
         check_quantization(args.quantization, builtin_gguf_file(str(args.model)))
+    check_bnb_cpu_kernel(args)
     registry = AdapterRegistry(args.adapters)
     targets, max_rank, shares = _adapter_defaults(registry)
     if args.target_modules:
@@ -129,6 +137,10 @@ def build(args: argparse.Namespace):
         prepare_for_serving(model, targets)
     except (ValueError, TypeError) as error:  # no match, or a module lorakit cannot adapt
         raise UserError(f"--target-modules: {error}") from None
+    if getattr(args, "bnb_cpu_kernel", False):  # after the LoRA layers are in place
+        from lorakit.quantized.bnb_cpu_kernel import use_bnb_cpu_kernel
+
+        use_bnb_cpu_kernel(model)
     budget = parse_size(args.adapter_memory) if args.adapter_memory else None
     capacity = args.max_adapters or (None if budget else 8)
     try:

@@ -13,6 +13,10 @@ differently (we measured 7e-2 on a 64-wide layer) and cannot be undone exactly w
 quantization. ``lorakit.inject`` (and ``load_adapter``, ``lorakit.models.load_model``) turn that
 repacking off on every ``Linear4bit`` of the model, adapted or not
 (``lorakit.quantized.loading.keep_4bit_storage``); a module already repacked is refused.
+Repacking on purpose, for inference only, is ``lorakit.quantized.bnb_cpu_kernel``'s
+``use_bnb_cpu_kernel`` (after the adapters are in place): the forward then runs bitsandbytes'
+CPU kernel (``matmul_4bit`` dispatches on the repacked state) where no gradient flows, and
+``dequantized_weight`` refuses it.
 
 The 8-bit forward is the module's own (it casts inputs to float16 for quantization, as
 bitsandbytes does), except that the stored bias is never cast: for an input of another dtype
@@ -26,6 +30,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "CPU_KERNEL_MARK",
     "base_forward",
     "check",
     "dequantized_weight",
@@ -37,6 +42,11 @@ __all__ = [
 ]
 
 
+# set on a Linear4bit that ``bnb_cpu_kernel.use_bnb_cpu_kernel`` repacked on purpose (``check``
+# accepts it; a layer bitsandbytes repacked unasked is refused)
+CPU_KERNEL_MARK = "lorakit_bnb_cpu_kernel"
+
+
 def is_4bit(module: nn.Module) -> bool:
     """True for ``Linear4bit`` (and subclasses), False for ``Linear8bitLt``."""
     import bitsandbytes as bnb
@@ -46,7 +56,8 @@ def is_4bit(module: nn.Module) -> bool:
 
 def check(module: nn.Module) -> None:
     """Refuse a 4-bit layer without quantized weights or one bitsandbytes repacked for its CPU
-    inference kernel (``UnsupportedQuantizedLayerError``)."""
+    inference kernel unasked (``UnsupportedQuantizedLayerError``); one repacked on purpose
+    (``CPU_KERNEL_MARK``) passes, for inference only."""
     from lorakit.quantized import UnsupportedQuantizedLayerError
 
     if not is_4bit(module):
@@ -59,7 +70,9 @@ def check(module: nn.Module) -> None:
             "this Linear4bit is not quantized yet (no quant_state); move it to a device first "
             "(.to('cpu') quantizes it) or load the model with BitsAndBytesConfig"
         )
-    if getattr(state, "packing_format_for_cpu", False):
+    if getattr(state, "packing_format_for_cpu", False) and not getattr(
+        module, CPU_KERNEL_MARK, False
+    ):
         raise UnsupportedQuantizedLayerError(
             "this Linear4bit was repacked in place for bitsandbytes' CPU inference kernel (an "
             "eval-mode, no-grad forward on an AVX512-BF16 CPU did it); its stored bytes are no "
@@ -67,7 +80,9 @@ def check(module: nn.Module) -> None:
             "afresh, then turn that repacking off before any eval-mode forward: load it with "
             "lorakit.models.load_model(..., quantization=...), or call lorakit.inject / "
             "lorakit.load_adapter on it, or lorakit.quantized.loading.keep_4bit_storage(model); "
-            "each does so on every Linear4bit of the model, adapted or not."
+            "each does so on every Linear4bit of the model, adapted or not. (To run inference "
+            "with that kernel on purpose, add or load the adapters first, then call "
+            "lorakit.quantized.bnb_cpu_kernel.use_bnb_cpu_kernel(model); it cannot be merged.)"
         )
 
 
@@ -111,7 +126,10 @@ def describe(module: nn.Module) -> str:
     if not is_4bit(module):
         return "bnb-int8"
     state = module.weight.quant_state
-    return f"bnb-{state.quant_type}" + ("-dq" if state.nested else "")
+    nested = state.nested
+    if getattr(state, "packing_format_for_cpu", False):  # the repack expanded nested scales
+        nested = getattr(state, "original_nested", nested)
+    return f"bnb-{state.quant_type}" + ("-dq" if nested else "")
 
 
 def _int8_scales(module: nn.Module) -> torch.Tensor:
@@ -125,6 +143,15 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """``W0`` (out, in) in float32, by bitsandbytes' own dequantization."""
     import bitsandbytes.functional as bnb_functional
 
+    if is_4bit(module) and getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+        from lorakit.quantized import UnsupportedQuantizedLayerError
+
+        raise UnsupportedQuantizedLayerError(
+            "this Linear4bit was repacked for bitsandbytes' CPU inference kernel "
+            "(use_bnb_cpu_kernel / --bnb-cpu-kernel): its scales were rounded to bfloat16, so "
+            "its W0 cannot be read exactly; it runs inference only (no training, no merge). "
+            "Load the model afresh without that option to train or merge."
+        )
     with torch.no_grad():
         if is_4bit(module):
             weight = bnb_functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
@@ -147,8 +174,10 @@ def base_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     import bitsandbytes as bnb
 
     state = getattr(module.weight, "quant_state", None)
-    if state is None or getattr(state, "packing_format_for_cpu", False):
+    if state is None:
         check(module)  # raises, saying why
+    if getattr(state, "packing_format_for_cpu", False):
+        _check_inference(module, x)  # bitsandbytes' CPU kernel (use_bnb_cpu_kernel)
     compute_dtype = module.compute_dtype or x.dtype
     bias = module.bias
     if bias is not None and bias.dtype != compute_dtype:
@@ -156,6 +185,19 @@ def base_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     x_compute = x if x.dtype == compute_dtype else x.to(compute_dtype)
     out = bnb.matmul_4bit(x_compute, module.weight, bias=bias, quant_state=state)
     return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def _check_inference(module: nn.Module, x: torch.Tensor) -> None:
+    """A repacked layer (``bnb_cpu_kernel``) runs only where no gradient flows through it:
+    bitsandbytes' CPU kernel has no backward, so a LoRA layer before it would get none."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        from lorakit.quantized import UnsupportedQuantizedLayerError
+
+        raise UnsupportedQuantizedLayerError(
+            "this Linear4bit was repacked for bitsandbytes' CPU inference kernel "
+            "(use_bnb_cpu_kernel / --bnb-cpu-kernel), which has no backward: it runs inference "
+            "only (torch.no_grad()). To train, load the model afresh without that option."
+        )
 
 
 def _int8_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -178,6 +220,10 @@ def storage(module: nn.Module) -> dict[str, torch.Tensor]:
     if not is_4bit(module):
         return {"codes": module.weight.data, "row_scales": _int8_scales(module)}
     state = module.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):  # codes in their stored order
+        from lorakit.quantized.bnb_cpu_kernel import unpacked_codes
+
+        return {"codes": unpacked_codes(module), "absmax": state.absmax}
     tensors = {"codes": module.weight.data, "absmax": state.absmax}
     if state.nested:
         tensors["nested_absmax"] = state.state2.absmax
