@@ -224,3 +224,24 @@ def test_a_serving_bank_loads_adapters_onto_the_repacked_model(tmp_path):
     with Engine(served, bank, adapter_loader=adapters.read) as engine:
         ids, _, last = engine.generate([5, 9, 14, 3], "style", SamplingParams(max_tokens=6))
     assert last.finish_reason == "length" and ids == expected
+
+
+def test_eval_with_the_kernel_scores_near_the_exact_path(tmp_path, jsonl, capsys):
+    import json
+
+    from tests import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer.build()
+    tokenizer.pad_token = tokenizer.eos_token
+    tiny_models.save_llama_with_tokenizer(
+        tmp_path / "model", tokenizer, intermediate_size=128, pad_token_id=tokenizer.pad_token_id
+    )
+    argv = ["eval", "--model", str(tmp_path / "model"), "--data", str(jsonl)]
+    argv += ["--limit", "8", "--quantization", "nf4"]
+    assert cli.main(argv) == 0
+    exact = json.loads(capsys.readouterr().out)
+    assert cli.main([*argv, "--bnb-cpu-kernel"]) == 0
+    fast = json.loads(capsys.readouterr().out)
+    assert fast["examples"] == exact["examples"] == 8
+    assert fast["loss"] != exact["loss"]  # the kernel ran: bfloat16 products
+    assert abs(fast["loss"] - exact["loss"]) < 1e-2 * abs(exact["loss"])

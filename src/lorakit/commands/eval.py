@@ -34,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_base_mismatch_option(parser)
     add_quantization_option(parser)
+    add_bnb_cpu_kernel_option(parser)
     add_dtype_option(parser)
     parser.add_argument(
         "--data", required=True, help="rotten-tomatoes, chatterbot, a .jsonl or a .csv file"
@@ -233,10 +234,15 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.losses import evaluate
     from lorakit.train.settings import load_examples_for
 
+    check_bnb_cpu_kernel(args)
     examples = load_examples_for(args.data, args.split, args.style, "test")[: args.limit]
     model, tokenizer = load_model_and_adapter(
         args.model, args.adapter, args.allow_base_mismatch, args.quantization, args.dtype
     )
+    if args.bnb_cpu_kernel:  # after the adapter is in place (the scores need no gradient)
+        from lorakit.quantized.bnb_cpu_kernel import use_bnb_cpu_kernel
+
+        use_bnb_cpu_kernel(model)
     check_max_length(model, args.max_length)  # GPT-2's position table: no longer examples
     if examples and all(example.choices for example in examples):
         _check_choices(args, examples[0], tokenizer)  # before the loss pass, not after it
