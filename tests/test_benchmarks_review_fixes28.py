@@ -69,12 +69,15 @@ def test_quantized_quick_reports_lorakit_against_bnb_default_base_and_peft(
     payload, avx = json.loads(out.read_text()), bq.cpu_has_avx512_bf16()
     settings, medians = payload["settings"], payload["medians"]
     assert settings["cpu_avx512_bf16"] is avx
-    assert settings["inference_repack"] == {
+    expected_repack = {
         "lorakit": False,
         "base": False,
         "base (bnb default)": avx,
         "peft (bnb default)": avx,
     }
+    if avx:  # lorakit with --bnb-cpu-kernel, where bitsandbytes has that kernel
+        expected_repack["lorakit kernel"] = True
+    assert settings["inference_repack"] == expected_repack
     ratios, new = payload["ratios"], payload["inference_ratios_bnb_default"]
     for phase in ("decode", "prefill"):
         for name in ("lorakit", "base", "base (bnb default)", "peft (bnb default)"):
@@ -88,6 +91,11 @@ def test_quantized_quick_reports_lorakit_against_bnb_default_base_and_peft(
         assert new[f"{phase} lorakit / peft (bnb default)"] == pytest.approx(
             lorakit / medians[f"{phase} peft (bnb default)"]
         )
+        if avx:
+            kernel = medians[f"{phase} lorakit kernel"]
+            assert new[f"{phase} kernel / peft (bnb default)"] == pytest.approx(
+                kernel / medians[f"{phase} peft (bnb default)"]
+            )
 
 
 FAKE_RANK = {
