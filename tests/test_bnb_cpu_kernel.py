@@ -245,3 +245,30 @@ def test_eval_with_the_kernel_scores_near_the_exact_path(tmp_path, jsonl, capsys
     assert fast["examples"] == exact["examples"] == 8
     assert fast["loss"] != exact["loss"]  # the kernel ran: bfloat16 products
     assert abs(fast["loss"] - exact["loss"]) < 1e-2 * abs(exact["loss"])
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_state_dict_writes_the_layer_as_loaded_and_leaves_it_packed(nested):
+    """bitsandbytes' own save undoes the repack in place; without double quantization its undo
+    kept the bfloat16 scales in the packed order (the layer then computed 4e-2 off, looked
+    unpacked and merged with a wrong W0). Now the state dict holds what was loaded."""
+    layer = _linear4bit(64, 256, nested=nested, quant_type="nf4")  # 4 scale blocks a row
+    model = torch.nn.Sequential(layer).eval()
+    loaded = {key: value.clone() for key, value in model.state_dict().items()}
+    x = torch.randn(3, 256)
+    use_bnb_cpu_kernel(model)
+    with torch.no_grad():
+        before = model(x)
+    saved = model.state_dict()
+    assert is_packed(layer)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    assert saved.keys() == loaded.keys()
+    for key, value in loaded.items():
+        assert torch.equal(saved[key].view(torch.uint8), value.view(torch.uint8)), key
+    with pytest.raises(UnsupportedQuantizedLayerError, match="cannot be read exactly"):
+        from lorakit import quantized
+
+        quantized.dequantized_weight(layer)
+    with pytest.raises(lorakit.errors.UserError, match="load the weights first"):
+        model.load_state_dict(saved)

@@ -52,6 +52,8 @@ def test_sampling_applies_only_the_temperature_no_top_k_or_top_p(tokenizer):
     from softmax(logits / T) over the whole vocabulary, as ``lorakit serve`` does."""
     model = _llama(tokenizer)
     model.generation_config.top_k, model.generation_config.top_p = 5, 0.5
+    model.generation_config.repetition_penalty, model.generation_config.min_p = 1.05, 0.1
+    model.generation_config.no_repeat_ngram_size, model.generation_config.typical_p = 2, 0.9
     built = []
     original = model._get_logits_processor
 
@@ -64,7 +66,10 @@ def test_sampling_applies_only_the_temperature_no_top_k_or_top_p(tokenizer):
     torch.manual_seed(0)
     text = generate_text(model, tokenizer, PROMPT, max_new_tokens=3, temperature=0.7, raw=True)
     assert isinstance(text, str) and len(built) == 1
-    assert [type(p).__name__ for p in built[0]] == ["TemperatureLogitsWarper"]
+    kinds = [type(p).__name__ for p in built[0]]
+    assert kinds[0] == "TemperatureLogitsWarper"  # then at most a min-p of 0 (keeps every token)
+    for kind, processor in zip(kinds[1:], built[0][1:], strict=True):
+        assert kind == "MinPLogitsWarper" and processor.min_p == 0
     logits = torch.randn(1, len(tokenizer), dtype=torch.float64)
     scores = built[0](torch.zeros(1, 4, dtype=torch.long), logits.clone())
     torch.testing.assert_close(scores, logits / 0.7)  # every token keeps its (scaled) logit

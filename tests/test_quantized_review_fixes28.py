@@ -238,3 +238,18 @@ def test_unconverted_base_changing_dora_file_says_load_it_with_peft(init):
     message = str(caught.value)
     assert "load it with peft" in message and init in message
     assert "use one of them" not in message
+
+
+def test_an_old_wider_storage_fingerprint_of_other_codes_says_the_weights_differ():
+    """An older lorakit fingerprinted a bfloat16-storage NF4 base as (bytes / 2, 1) bf16: the
+    same codes fit; other codes of the same layer are "sampled weights differ", not a shape
+    mismatch between two views of the same layer."""
+    from lorakit.io.fingerprint import describe_difference, weight_fingerprint
+
+    codes = torch.randint(0, 256, (4096, 1), dtype=torch.uint8, generator=torch.manual_seed(0))
+    old = weight_fingerprint(codes.reshape(2048, 2).view(torch.bfloat16), "bnb-nf4-dq")
+    assert old["shape"] == [2048, 1]
+    assert describe_difference(old, codes, "bnb-nf4-dq") is None
+    other = codes.clone()
+    other[::7] ^= 0x5A
+    assert describe_difference(old, other, "bnb-nf4-dq") == "sampled weights differ"

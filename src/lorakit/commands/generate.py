@@ -91,17 +91,47 @@ def generate_text(
     if temperature == 0 and isinstance(model, torch.nn.Module):
         ids = engine_greedy(model, encoded["input_ids"][0].tolist(), max_new_tokens)
         return tokenizer.decode(ids, skip_special_tokens=True)
-    # the full softmax(logits / T), as lorakit serve samples: top_k=0 and top_p=1.0 override
-    # transformers' global default top_k=50 and a generation_config.json's own top_k / top_p
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     with torch.no_grad():
         output = model.generate(
             **encoded,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            **sampling,
+            generation_config=_sampling_config(
+                model, temperature, max_new_tokens, tokenizer.pad_token_id
+            ),
         )
     return tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def _sampling_config(model, temperature: float, max_new_tokens: int, pad_token_id=None):
+    """A ``GenerationConfig`` that samples the full softmax(logits / T), as ``lorakit serve``
+    samples: neither transformers' default ``top_k=50`` nor a model's own
+    ``generation_config.json`` sampling settings. transformers fills what a passed config
+    leaves unset from the model's own, so each is set to its neutral value (``top_k=0``,
+    ``top_p=1``, ``min_p=0``, ``typical_p=1``, ``repetition_penalty=1``,
+    ``no_repeat_ngram_size=0``, no epsilon / eta cutoff). The model's EOS and BOS ids are kept,
+    and the pad id (the tokenizer's, ``pad_token_id``, where it has one)."""
+    from transformers import GenerationConfig
+
+    own = getattr(model, "generation_config", None)
+    ids = {
+        name: getattr(own, name, None) for name in ("eos_token_id", "pad_token_id", "bos_token_id")
+    }
+    if pad_token_id is not None:
+        ids["pad_token_id"] = pad_token_id
+    return GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        min_p=0.0,
+        typical_p=1.0,
+        repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        max_new_tokens=max_new_tokens,
+        **ids,
+    )
 
 
 def _check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:

@@ -197,21 +197,21 @@ def _values(fingerprint: dict[str, object]) -> torch.Tensor:
 _WIDER_STORAGE = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # bytes per element
 
 
-def _fits_as_wider_storage(stored: dict[str, object], codes: torch.Tensor) -> bool:
-    """Whether uint8 ``codes`` (bytes, 1) are the bytes a fingerprint of shape (bytes / w, 1)
-    was taken of, held then in a dtype of w bytes: a bitsandbytes 4-bit base fingerprinted
-    by an older lorakit in its ``bnb_4bit_quant_storage`` dtype (bfloat16: w = 2). The digest
-    is of the sampled elements' bytes, so ``codes`` viewed as (bytes / w, 1) give it again."""
+def _as_wider_storage(stored: dict[str, object], codes: torch.Tensor) -> torch.Tensor | None:
+    """uint8 ``codes`` (bytes, 1) viewed as the (bytes / w, 1) tensor of w-byte elements a
+    fingerprint of that shape was taken of: a bitsandbytes 4-bit base fingerprinted by an older
+    lorakit in its ``bnb_4bit_quant_storage`` dtype (bfloat16: w = 2). None where the shapes do
+    not pair that way. The digest is of the sampled elements' bytes, so the view gives it again
+    when the codes are the same."""
     shape = stored["shape"]
     if codes.dtype != torch.uint8 or list(codes.shape[1:]) != [1] or shape[1:] != [1]:
-        return False
+        return None
     elements = shape[0]
     width = codes.shape[0] // elements if elements else 0
     wider = _WIDER_STORAGE.get(width)
     if wider is None or width * elements != codes.shape[0]:
-        return False
-    as_stored = codes.reshape(elements, width).view(wider)  # (bytes / w, 1)
-    return _digest(_samples(as_stored)) == stored["sha256"]
+        return None
+    return codes.reshape(elements, width).view(wider)  # (bytes / w, 1)
 
 
 def describe_difference(
@@ -228,9 +228,10 @@ def describe_difference(
             "a different quantization computes different outputs"
         )
     if list(weight.shape) != stored["shape"]:
-        if dtype_name == stored["dtype"] and _fits_as_wider_storage(stored, weight):
-            return None
-        return f"shape {list(weight.shape)} != {stored['shape']}"
+        wider = _as_wider_storage(stored, weight) if dtype_name == stored["dtype"] else None
+        if wider is None:
+            return f"shape {list(weight.shape)} != {stored['shape']}"
+        weight = wider  # the same bytes as an older lorakit fingerprinted them
     if dtype_name == stored["dtype"]:  # the common case: compare the digests only
         return None if _digest(_samples(weight)) == stored["sha256"] else "sampled weights differ"
     current = weight_fingerprint(weight)

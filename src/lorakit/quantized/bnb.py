@@ -143,7 +143,10 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """``W0`` (out, in) in float32, by bitsandbytes' own dequantization."""
     import bitsandbytes.functional as bnb_functional
 
-    if is_4bit(module) and getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+    if is_4bit(module) and (
+        getattr(module.weight.quant_state, "packing_format_for_cpu", False)
+        or getattr(module, CPU_KERNEL_MARK, False)
+    ):
         from lorakit.quantized import UnsupportedQuantizedLayerError
 
         raise UnsupportedQuantizedLayerError(

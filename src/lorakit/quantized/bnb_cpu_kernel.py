@@ -13,10 +13,11 @@ cannot be merged exactly or trained.
 ``use_bnb_cpu_kernel(model)`` turns it on, deliberately, for a model that only generates: it
 repacks every 4-bit layer now (adapted or not), after its adapters are injected or loaded. From
 then on the LoRA layers run their base through that kernel (``bnb.base_forward``); training
-through a repacked layer, ``merge`` / ``merge_and_unload`` and ``inject`` / ``load_adapter`` are
-refused with an error saying to load the model afresh. The codes themselves are only reordered,
-so the base fingerprint (computed from the codes in their stored order, ``unpacked_codes``) is
-the same before and after, and adapters keep loading into a serving bank.
+through a repacked layer and ``merge`` / ``merge_and_unload`` are refused with an error saying
+to load the model afresh. The codes themselves are only reordered, so the base fingerprint
+(computed from the codes in their stored order, ``unpacked_codes``) is the same before and
+after: adapters still load (``inject``, ``load_adapter``, a serving bank). ``state_dict()``
+writes the layer as it was loaded and leaves it packed (``_keep_layout_on_save``).
 
 Layout of the repacked codes (bitsandbytes 0.50, ``block_n = 32``), for codes ``c`` (N, K) of
 an (N out, K in) layer stored two to a byte (``c[2i]`` in the high nibble of byte i): the packed
@@ -27,6 +28,8 @@ byte e - 32.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -112,8 +115,10 @@ def use_bnb_cpu_kernel(model: nn.Module) -> int:
 
 def _repack(module: nn.Module) -> None:
     """Let bitsandbytes repack ``module`` through its own forward (eval mode, no grad, one row),
-    keeping its training flag and its stored bias (that forward casts the bias in place)."""
+    keeping its training flag and its stored bias (that forward casts the bias in place); then
+    ``_keep_layout_on_save``."""
     state = module.weight.quant_state
+    loaded_state = copy.deepcopy(state)  # (the repack rewrites it in place)
     bias = None if module.bias is None else module.bias.data
     training = module.training
     module.support_avx512bf16_for_cpu = True
@@ -126,3 +131,30 @@ def _repack(module: nn.Module) -> None:
         module.train(training)
         if bias is not None:
             module.bias.data = bias
+    if is_packed(module):
+        _keep_layout_on_save(module, loaded_state)
+
+
+def _keep_layout_on_save(module: nn.Module, loaded_state) -> None:
+    """``state_dict()`` of a repacked layer writes what was loaded (the codes in their stored
+    order, ``unpacked_codes``, and the scales as loaded) and leaves the layer packed:
+    bitsandbytes' own save undoes the repack in place, and for a layer without double
+    quantization its undo keeps the bfloat16 scales in the packed order, so the layer then
+    computed 4e-2 off and looked unpacked (mergeable, with a wrong W0). ``load_state_dict``
+    into a repacked layer is refused: load the weights before ``use_bnb_cpu_kernel``."""
+
+    def save(destination, prefix, keep_vars):
+        destination[prefix + "weight"] = unpacked_codes(module)
+        if module.bias is not None:
+            destination[prefix + "bias"] = module.bias if keep_vars else module.bias.detach()
+        for key, value in loaded_state.as_dict(packed=True).items():
+            destination[prefix + "weight." + key] = value if keep_vars else value.detach()
+
+    def load(state_dict, prefix, *args, **kwargs):
+        raise UserError(
+            f"cannot load weights into {prefix or 'a layer'!r}: it was repacked for "
+            "bitsandbytes' CPU kernel (use_bnb_cpu_kernel); load the weights first, then call it"
+        )
+
+    module._save_to_state_dict = save  # (instance attributes: only this layer)
+    module._load_from_state_dict = load
