@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from lorakit.combining import combine
 from lorakit.errors import UserError
 from lorakit.io import read as read_module
-from lorakit.serve import bank as bank_module
+from lorakit.serve import lazy_loads as lazy_loads_module
 from lorakit.serve import mixtures as mixtures_module
 from lorakit.serve import request_body
 from lorakit.serve.protocol import APIError
@@ -299,7 +299,7 @@ def test_concurrent_first_requests_read_an_adapter_once(live, monkeypatch):
         return read(name, path)
 
     monkeypatch.setattr(live.adapters, "_read", gated_read)
-    monkeypatch.setattr(bank_module, "Future", counting_future(waiting), raising=False)
+    monkeypatch.setattr(lazy_loads_module, "Future", counting_future(waiting))
     threads, responses = in_threads(6, lambda: greedy(live, "ad2"))
     wait_until(lambda: len(reads) + len(waiting) >= 6)  # (old: 6 reads)
     gate.set()
@@ -324,7 +324,7 @@ def test_the_bank_loads_once_for_every_caller_and_hands_a_failure_to_all(adapter
         return served.adapters.read(name)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(bank_module, "Future", counting_future(waiting), raising=False)
+        patch.setattr(lazy_loads_module, "Future", counting_future(waiting))
         slots: list = []
         calls = [bank.ensure_loaded, bank.acquire, bank.acquire, bank.ensure_loaded]
         threads = [
