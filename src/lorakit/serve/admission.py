@@ -2,16 +2,17 @@
 
 At each token boundary ``_admit`` ends the cancelled requests (queued, or waiting for their
 adapter's load), then moves requests from the head of the queue into the batch while it has
-room: each holds its adapter in the bank (or is parked while a loader thread reads it), and is
-prefilled alone. A request that cannot start yet (its adapter would exceed ``max_loras``, or
+room: each holds its adapter in the bank (or is parked while a loader thread reads it); those
+admitted are then prefilled together (``lorakit.serve.prefill``). A request that cannot start yet (its adapter would exceed ``max_loras``, or
 the bank is full while a slot will be let go) waits in its place while requests behind it may
 go ahead, until ``max_batch`` of them were admitted since it first waited: then it is
 *starving* and nothing else is admitted until it runs. A request whose adapter finds every slot
 pinned, with nothing that will let one go, ends with ``no_adapter_slot``.
 
 The engine's state this reads and changes: ``_waiting`` (the queue, under ``_wake``),
-``_running``, ``_starving``, ``_admissions``, ``bank``, ``_cold``, ``max_batch``,
-``max_loras``, and its ``_prefill`` and ``_finish``.
+``_running``, ``_ready`` (admitted at this boundary, not yet prefilled), ``_starving``,
+``_admissions``, ``bank``, ``_cold``, ``max_batch``, ``max_loras``, and its ``_prefill_all``
+and ``_finish``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class Admission:
         for request in cancelled:
             self._finish(request, "cancelled")
         deferred: list[GenerationRequest] = []
-        while self._waiting and len(self._running) < self.max_batch:
+        self._ready = []  # admitted, prefilled together after the loop (``serve.prefill``)
+        while self._waiting and len(self._running) + len(self._ready) < self.max_batch:
             with self._wake:
                 request = self._waiting.popleft()
             if request.cancelled:
@@ -74,11 +76,10 @@ class Admission:
                 self._finish(request, "error", message or type(error).__name__, kind=kind)
                 continue
             self._admissions += 1
-            try:
-                self._prefill(request)
-            except Exception as error:
-                log.exception("prefill failed")
-                self._finish(request, "error", f"{type(error).__name__}: {error}", kind=INTERNAL)
+            self._ready.append(request)
+            self._starving.pop(request.id, None)  # admitted: the others may go ahead again
+        ready, self._ready = self._ready, []
+        self._prefill_all(ready)
         with self._wake:
             self._waiting.extendleft(reversed(deferred))
 
@@ -88,6 +89,11 @@ class Admission:
         *starving*: until it runs no other request is admitted, so that requests for resident
         adapters cannot keep its adapter out forever."""
         deferred.append(request)
+        self._note_blocked(request)
+
+    def _note_blocked(self, request: GenerationRequest) -> None:
+        """Count ``request`` as kept waiting since the admissions of now (``_defer``); starving
+        once ``max_batch`` requests were admitted since."""
         if request.blocked_since is None:
             request.blocked_since = self._admissions
         if self._admissions - request.blocked_since >= self.max_batch:
@@ -97,7 +103,7 @@ class Admission:
         """A bank slot is held by something that will let it go: a running request, a load
         under way, or a queued request that holds its adapter but has not started yet (a
         finished load hands its slot to its requests before they run)."""
-        if self._running or (self._cold is not None and self._cold.in_flight):
+        if self._running or self._ready or (self._cold is not None and self._cold.in_flight):
             return True
         with self._wake:
             queued = [*deferred, *self._waiting]
@@ -108,7 +114,7 @@ class Admission:
         ``max_loras`` distinct adapters."""
         if self.max_loras is None or request.adapter is None:
             return True
-        running = {r.adapter for r in self._running if r.adapter is not None}
+        running = {r.adapter for r in [*self._running, *self._ready] if r.adapter is not None}
         return request.adapter in running or len(running) < self.max_loras
 
     def _acquire_adapter(self, request: GenerationRequest) -> bool:
@@ -118,6 +124,7 @@ class Admission:
             error, request.load_error = request.load_error, None
             if not (isinstance(error, BankFullError) and self.bank.room_for(request.adapter)):
                 raise error  # (a full bank that has room again since: load again)
+            self._note_blocked(request)  # its load found no room: it has been waiting since
         if request.adapter is None or request.slot >= 0:
             return True
         if self.bank is None:

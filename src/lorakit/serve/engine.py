@@ -1,7 +1,8 @@
 """The generation engine: many concurrent requests, each with its own adapter, one base model.
 
-A background thread runs the loop; at every token boundary it admits waiting requests (each is
-prefilled alone with its adapter, then joins the running batch's KV cache, ``kv.BatchedCache``),
+A background thread runs the loop; at every token boundary it admits waiting requests (those
+admitted together are prefilled together, each row with its adapter, ``lorakit.serve.prefill``,
+then join the running batch's KV cache, ``kv.BatchedCache``),
 runs one batched decode step for all running requests with the batched multi-adapter op
 (``batched.routed``, one slot per row; when every row has the same adapter, as one stream and
 every prefill do, ``one_adapter.routed_one``, the same sum without grouping), samples each row
@@ -29,10 +30,11 @@ from torch import nn
 from lorakit.serve.admission import Admission
 from lorakit.serve.bank import AdapterBank
 from lorakit.serve.cold_loads import ColdLoads
-from lorakit.serve.kv import BatchedCache, full_attention_cache
+from lorakit.serve.kv import BatchedCache
 from lorakit.serve.lazy_loads import Loader
 from lorakit.serve.lean_decode import lean_decoder
 from lorakit.serve.openmp import release_idle_team
+from lorakit.serve.prefill import Prefill
 from lorakit.serve.requests import (
     INTERNAL,
     EngineStats,
@@ -66,7 +68,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class Engine(Admission, Submission):
+class Engine(Admission, Prefill, Submission):
     """Continuous-batching generation over an ``AdapterBank``.
 
     ``model``: a causal LM prepared with ``prepare_for_serving`` and served by ``bank``
@@ -116,6 +118,8 @@ class Engine(Admission, Submission):
         accepts = inspect.signature(model.forward).parameters
         self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
         self._takes_cache = "cache" in accepts
+        self._forward_parameters = set(accepts)
+        self._batched_prefill = self._allows_batched_prefill()  # (``lorakit.serve.prefill``)
         self.tokenizer = tokenizer
         self.vocab_size = vocabulary_size(model)
         self.max_batch = max_batch
@@ -133,6 +137,7 @@ class Engine(Admission, Submission):
         self._admissions = 0  # requests admitted so far (``_defer`` counts from it)
         self._reserved = 0  # queue places held by ``reserve()``, not yet taken or released
         self._running: list[GenerationRequest] = []
+        self._ready: list[GenerationRequest] = []  # admitted, not yet prefilled (``_admit``)
         self._cache = BatchedCache(max_rows=max_batch)
         self._routing = Routing(bank)  # one-adapter route or the batched op, per forward
         self._wake = threading.Condition()
@@ -234,29 +239,6 @@ class Engine(Admission, Submission):
         with self._wake:
             if self._waiting and not self._stopping:
                 self._wake.wait(timeout=0.01)
-
-    def _prefill(self, request: GenerationRequest) -> None:
-        """Run the prompt alone with its adapter; sample the first token; join the batch.
-        Only the last position's logits are computed when the model allows it (the lm_head
-        over a 64-token prompt of SmolLM2 is a fifth of the prefill)."""
-        ids = torch.tensor([request.prompt_ids])
-        with self._routing([request.slot], ids.shape[1]):
-            output = self.model(input_ids=ids, use_cache=True, **self._prefill_options())
-        self._accept(request, output.logits[0, -1])
-        if request.done:
-            return
-        self._cache.add(output.cache, len(request.prompt_ids))
-        self.stats.joined_running += bool(self._running)
-        self._running.append(request)
-        self._starving.pop(request.id, None)
-
-    def _prefill_options(self) -> dict:
-        """Only the last position's logits, and a fresh cache that keeps every position
-        (``kv.full_attention_cache``), where the model takes them."""
-        options = dict(self._last_logits)
-        if self._takes_cache:
-            options["cache"] = full_attention_cache(getattr(self.model, "config", None))
-        return options
 
     def _decode_step(self) -> None:
         self.stats.max_running = max(self.stats.max_running, len(self._running))
