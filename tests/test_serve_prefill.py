@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 import lorakit
 from lorakit.serve import AdapterBank, prepare_for_serving
@@ -41,25 +42,32 @@ def test_groups_keep_padding_and_size_bounded():
         longest, real = max(lengths[i] for i in group), sum(lengths[i] for i in group)
         assert len(group) * longest - real <= PADDING_SHARE * real or len(group) == 1
     assert [4] in groups  # the long prompt would pad the short ones by more than a quarter
-    assert prefill_groups([100] * 30, budget=1000) == [
-        list(range(10)),
-        list(range(10, 20)),
-        list(range(20, 30)),
-    ]
+    by_budget = prefill_groups([100] * 30, budget=1000, rows=32)
+    assert by_budget == [list(range(0, 10)), list(range(10, 20)), list(range(20, 30))]
+    by_rows = prefill_groups([10] * 20)  # 8 prompts a group at most (PREFILL_ROWS)
+    assert [len(group) for group in by_rows] == [8, 8, 4]
 
 
-def _engine(**options):
-    reference = tiny_models.llama()
-    for index, spec in enumerate(SPECS):
+def _engine(specs=SPECS, config=None, **options):
+    torch.manual_seed(0)
+    reference = tiny_models.llama() if config is None else LlamaForCausalLM(config).eval()
+    for index, spec in enumerate(specs):
         lorakit.inject(reference, lorakit.LoraConfig(**spec), adapter_name=f"a{index}")
     tiny_models.randomize_adapters(reference, std=0.3)
-    model = tiny_models.llama()
-    prepare_for_serving(model)
+    torch.manual_seed(0)
+    model = tiny_models.llama() if config is None else LlamaForCausalLM(config).eval()
+    prepare_for_serving(model, sorted({t for spec in specs for t in _targets(spec)}))
     model.generation_config.eos_token_id = None
-    bank = AdapterBank(model, max_rank=4, capacity=len(SPECS))
-    for index in range(len(SPECS)):
+    bank = AdapterBank(model, max_rank=4, capacity=len(specs))
+    for index in range(len(specs)):
         bank.load_from_model(f"a{index}", reference, f"a{index}")
     return Engine(model, bank, **options)
+
+
+def _targets(spec) -> list[str]:
+    targets = spec["target_modules"]
+    seven = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return seven if targets == "all-linear" else targets
 
 
 def _run_together(engine) -> dict[int, tuple[list[int], list[float]]]:
@@ -131,3 +139,45 @@ def test_a_failing_batched_forward_falls_back_to_one_prompt_at_a_time(monkeypatc
     assert "a batched prefill failed" in caplog.text
     for index in range(len(REQUESTS)):
         assert results[index][0] == expected[index][0] and results[index][2] == "length"
+
+
+def test_the_admitted_requests_count_as_running_while_they_are_prefilled(monkeypatch):
+    """``load()`` (what ``/health`` reports) counts the requests of a batched prefill: they
+    were neither running nor waiting while their forward ran."""
+    engine, seen = _engine(), []
+    original = Engine._batched_forward
+
+    def spy(self, requests):
+        seen.append(sum(self.load))
+        return original(self, requests)
+
+    monkeypatch.setattr(Engine, "_batched_forward", spy)
+    _run_together(engine)
+    assert seen and seen[0] == len(REQUESTS)
+
+
+@pytest.mark.parametrize("case", ["lm_head adapter", "dynamic rope"])
+def test_models_whose_rows_would_interact_are_prefilled_alone(case, caplog):
+    """An adapter on the output layer (only the last position's logits are computed, one row a
+    prompt) and a rotary embedding chosen from the batch's largest position (``dynamic``,
+    ``longrope``: one row's length changes the others') are prefilled one prompt at a time,
+    with no failed batched forward logged, and generate what they generate alone."""
+    if case == "lm_head adapter":
+        specs = [
+            dict(r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"]),
+            dict(r=2, lora_alpha=4, target_modules=["v_proj", "lm_head"]),
+        ]
+        options = dict(specs=specs)
+    else:
+        config = tiny_models.llama_config(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+        options = dict(config=config)
+    engine = _engine(**options)
+    assert not engine._batched_prefill
+    together = _run_together(engine)
+    assert "a batched prefill failed" not in caplog.text
+    alone = _engine(max_batch=1, **options)
+    with alone:
+        for index, (prompt, adapter) in enumerate(REQUESTS):
+            if case == "lm_head adapter" and adapter is not None:
+                adapter = {"a0": "a0", "a1": "a1"}[adapter]
+            assert together[index][0] == _alone(alone, prompt, adapter)[0], index

@@ -78,8 +78,7 @@ class Admission:
             self._admissions += 1
             self._ready.append(request)
             self._starving.pop(request.id, None)  # admitted: the others may go ahead again
-        ready, self._ready = self._ready, []
-        self._prefill_all(ready)
+        self._prefill_all(list(self._ready))  # (each leaves ``_ready`` once it joined or ended)
         with self._wake:
             self._waiting.extendleft(reversed(deferred))
 

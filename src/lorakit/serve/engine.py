@@ -180,8 +180,9 @@ class Engine(Admission, Prefill, Submission):
 
     @property
     def load(self) -> tuple[int, int]:
-        """(running, waiting) request counts; waiting counts those parked on an adapter load."""
-        return len(self._running), len(self._waiting) + self._parked()
+        """(running, waiting) request counts; running counts those being prefilled, waiting
+        those parked on an adapter load."""
+        return len(self._running) + len(self._ready), len(self._waiting) + self._parked()
 
     def _parked(self) -> int:
         return 0 if self._cold is None else self._cold.parked

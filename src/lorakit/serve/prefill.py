@@ -4,7 +4,8 @@ A prompt run alone is a full pass over the base's weights for a few tokens: on S
 one thread a 20-token prompt takes 87 ms alone and 49 ms a prompt when 8 run in one forward
 (docs/serving.md). So the requests admitted together are prefilled together where the model
 allows it (``batched``: every layer attention, and the forward takes ``attention_mask`` and
-``position_ids``): in groups of similar prompt lengths (``prefill_groups``), each group one
+``position_ids``, and whose rotary embedding and output layer allow it,
+``_allows_batched_prefill``): in groups of similar prompt lengths (``prefill_groups``), each group one
 forward of its prompts right-aligned in a (G, T) batch, left padding masked out::
 
     ids[i, T - L_i:] = prompt_i      mask[i, T - L_i:] = 1      positions[i, T - L_i:] = 0 .. L_i - 1
@@ -15,8 +16,8 @@ L_i columns of its row of the cache (``kv.BatchedCache.add``; the padding column
 copied). A request alone, or a model that does not allow it, is prefilled alone, as is every
 request of a group whose forward fails (the error is logged; nothing was sampled yet).
 
-The engine's state this reads and changes: ``model``, ``_routing``, ``_cache``, ``_running``,
-``_starving``, ``_takes_cache``, ``_last_logits``, ``stats``, and its ``_accept`` and
+The engine's state this reads and changes: ``model``, ``bank``, ``_routing``, ``_cache``,
+``_running``, ``_ready`` (the admitted requests not yet joined: ``load`` counts them), ``_starving``, ``_takes_cache``, ``_last_logits``, ``stats``, and its ``_accept`` and
 ``_finish``.
 """
 
@@ -30,24 +31,29 @@ import torch
 from lorakit.serve.kv import full_attention_cache
 from lorakit.serve.requests import INTERNAL, GenerationRequest
 
-__all__ = ["PREFILL_TOKENS", "Prefill", "prefill_groups"]
+__all__ = ["PREFILL_ROWS", "PREFILL_TOKENS", "Prefill", "prefill_groups"]
 
 log = logging.getLogger("lorakit.serve.engine")
 
-PREFILL_TOKENS = 2048  # padded tokens of one batched prefill at most
+PREFILL_TOKENS = 1024  # padded tokens of one batched prefill at most
+PREFILL_ROWS = 8  # prompts of one batched prefill at most (the gain per prompt is about all
+# there at 8: 49 ms a 20-token prompt, 52 at 16; more rows only delay the group's first tokens)
 PADDING_SHARE = 0.25  # a group's padding at most this share of its real tokens
 
 
-def prefill_groups(lengths: list[int], budget: int = PREFILL_TOKENS) -> list[list[int]]:
+def prefill_groups(
+    lengths: list[int], budget: int = PREFILL_TOKENS, rows: int = PREFILL_ROWS
+) -> list[list[int]]:
     """Indices of ``lengths`` (prompt tokens) grouped for batched prefills: by increasing
-    length, a prompt joins the group before it while the group's padded size ``G x T`` (T its
-    longest prompt) stays within ``budget`` and its padding within ``PADDING_SHARE`` of its
-    real tokens; otherwise it starts a new group. Every index appears once."""
+    length, a prompt joins the group before it while the group has fewer than ``rows``
+    prompts, its padded size ``G x T`` (T its longest prompt) stays within ``budget`` and its
+    padding within ``PADDING_SHARE`` of its real tokens; otherwise it starts a new group.
+    Every index appears once."""
     groups: list[list[int]] = []
     real = 0
     for index in sorted(range(len(lengths)), key=lambda i: lengths[i]):
         length = lengths[index]
-        if groups:
+        if groups and len(groups[-1]) < rows:
             padded = (len(groups[-1]) + 1) * length
             if padded <= budget and padded - (real + length) <= PADDING_SHARE * (real + length):
                 groups[-1].append(index)
@@ -62,13 +68,21 @@ class Prefill:
     """The prefill half of ``lorakit.serve.engine.Engine`` (see the module docstring)."""
 
     def _allows_batched_prefill(self) -> bool:
-        """Every layer attention (``kv.full_attention_cache``) and a forward that takes a
-        cache, ``attention_mask`` and ``position_ids``."""
+        """Every layer attention (``kv.full_attention_cache``), a forward that takes a cache,
+        ``attention_mask`` and ``position_ids``, a rotary embedding that does not depend on the
+        batch (``dynamic`` and ``longrope`` pick their frequencies from the largest position
+        of the whole batch: one row's length would change the others'), and an output layer
+        the bank does not route (only the last position's logits are computed, one row a
+        prompt, where the routing gives one slot a token)."""
         accepts = self._forward_parameters
+        rope_types = {str(getattr(m, "rope_type", "")) for m in self.model.modules()}
+        output = getattr(self.model, "get_output_embeddings", lambda: None)()
         return (
             self._takes_cache
             and {"attention_mask", "position_ids"} <= accepts
             and full_attention_cache(getattr(self.model, "config", None)) is not None
+            and not any("dynamic" in kind or "longrope" in kind for kind in rope_types)
+            and not (self.bank is not None and output is not None and self.bank.stack_for(output))
         )
 
     def _prefill_all(self, requests: list[GenerationRequest]) -> None:
@@ -80,16 +94,21 @@ class Prefill:
             groups = [[index] for index in range(len(requests))]
         for group in groups:
             members = [requests[index] for index in group]
-            if len(members) > 1:
-                try:
-                    output = self._batched_forward(members)
-                except Exception:
-                    log.exception("a batched prefill failed; its requests are prefilled alone")
-                else:
-                    self._join_rows(members, output)
-                    continue
-            for request in members:
-                self._prefill_alone(request)
+            self._prefill_group(members)
+            for request in members:  # (counted by ``load`` as running until they joined)
+                self._ready.remove(request)
+
+    def _prefill_group(self, members: list[GenerationRequest]) -> None:
+        if len(members) > 1:
+            try:
+                output = self._batched_forward(members)
+            except Exception:
+                log.exception("a batched prefill failed; its requests are prefilled alone")
+            else:
+                self._join_rows(members, output)
+                return
+        for request in members:
+            self._prefill_alone(request)
 
     def _prefill_alone(self, request: GenerationRequest) -> None:
         try:
