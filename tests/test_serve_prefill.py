@@ -181,3 +181,26 @@ def test_models_whose_rows_would_interact_are_prefilled_alone(case, caplog):
             if case == "lm_head adapter" and adapter is not None:
                 adapter = {"a0": "a0", "a1": "a1"}[adapter]
             assert together[index][0] == _alone(alone, prompt, adapter)[0], index
+
+
+def test_the_group_of_the_first_admitted_request_runs_first(monkeypatch):
+    """Groups are formed by length but run in the order of their earliest request: the first
+    request submitted (6 tokens) is not kept waiting behind the shorter prompts after it."""
+    engine, order = _engine(), []
+    original = Engine._batched_forward
+
+    def spy(self, requests):
+        order.append([r.prompt_ids for r in requests])
+        return original(self, requests)
+
+    monkeypatch.setattr(Engine, "_batched_forward", spy)
+    prompts = [[9] * 6, [3] * 3, [4] * 3, [8] * 6]  # groups by length: (2nd, 3rd), (1st, 4th)
+    done = threading.Semaphore(0)
+    for prompt in prompts:
+        engine.submit(
+            prompt, "a0", SamplingParams(max_tokens=2), lambda e: e.finish_reason and done.release()
+        )
+    with engine:
+        for _ in prompts:
+            assert done.acquire(timeout=60)
+    assert order == [[prompts[0], prompts[3]], [prompts[1], prompts[2]]]

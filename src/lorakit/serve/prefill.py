@@ -86,10 +86,12 @@ class Prefill:
         )
 
     def _prefill_all(self, requests: list[GenerationRequest]) -> None:
-        """Prefill ``requests`` (admitted at this token boundary): in groups where the model
-        allows it, else each alone. An error ends only the request it belongs to."""
+        """Prefill ``requests`` (admitted at this token boundary, in their order): in groups where
+        the model allows it, the group holding the earliest request first, else each alone. An
+        error ends only the request it belongs to."""
         if len(requests) > 1 and self._batched_prefill:
             groups = prefill_groups([len(r.prompt_ids) for r in requests])
+            groups.sort(key=min)  # the group of the earliest admitted request first
         else:
             groups = [[index] for index in range(len(requests))]
         for group in groups:
