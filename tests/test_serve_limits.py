@@ -246,7 +246,9 @@ def test_a_full_waiting_queue_is_a_429_with_retry_after(served):
         askers = [threading.Thread(target=ask) for _ in range(2)]
         for asker in askers:
             asker.start()
-        serving.wait_until(lambda: served.engine.load == (0, 2))  # max_waiting=2: full
+        serving.wait_until(
+            lambda: served.engine.load == (1, 2)
+        )  # held one running; max_waiting=2: full
         response = served.post("/v1/completions", completion(stream=True))
         error = assert_error(response, 429, None, "2 requests are already waiting", "retry")
         assert error["type"] == "server_busy" and error["code"] == "queue_full"
@@ -270,7 +272,7 @@ def test_cancelled_requests_leave_a_full_queue_at_once(served):
         for handle in handles:
             handle.cancel()
         # the queue holds two cancelled requests: they do not count against max_waiting=2
-        assert served.engine.load == (0, 2)
+        assert served.engine.load == (1, 2)  # (the held request counts as running)
         third = served.engine.submit([5, 6], "ad0", SamplingParams(max_tokens=2), events.append)
     serving.wait_until(lambda: len([e for e in events if e.finish_reason]) == 3)
     assert sorted(e.finish_reason for e in events if e.finish_reason) == [

@@ -228,7 +228,7 @@ def test_an_adapter_unloaded_after_its_request_was_queued_is_a_404(served, strea
             )
         )
         asking.start()
-        wait_until(lambda: served.engine.load == (0, 1))  # ad2 prepared and its request queued
+        wait_until(lambda: served.engine.load == (1, 1))  # held one; ad2 queued
         assert "ad2" in served.bank
         assert served.post("/v1/unload_lora_adapter", {"lora_name": "ad2"}, AUTH).status_code == 200
     asking.join()
