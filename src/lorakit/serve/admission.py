@@ -3,10 +3,11 @@
 At each token boundary ``_admit`` ends the cancelled requests (queued, or waiting for their
 adapter's load), then moves requests from the head of the queue into the batch while it has
 room: each holds its adapter in the bank (or is parked while a loader thread reads it); those
-admitted are then prefilled together (``lorakit.serve.prefill``). A request that cannot start yet (its adapter would exceed ``max_loras``, or
-the bank is full while a slot will be let go) waits in its place while requests behind it may
-go ahead, until ``max_batch`` of them were admitted since it first waited: then it is
-*starving* and nothing else is admitted until it runs. A request whose adapter finds every slot
+admitted are then prefilled together (``lorakit.serve.prefill``). A request that cannot start
+yet (its adapter would exceed ``max_loras``, or the bank is full while a slot will be let go,
+or its load found the bank full) waits in its place while requests behind it may go ahead,
+until ``max_batch`` of them were admitted since it first waited: then it is *starving* and
+nothing else is admitted until it runs. A request whose adapter finds every slot
 pinned, with nothing that will let one go, ends with ``no_adapter_slot``.
 
 The engine's state this reads and changes: ``_waiting`` (the queue, under ``_wake``),
