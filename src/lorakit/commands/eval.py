@@ -117,6 +117,16 @@ def check_bnb_cpu_kernel(args: argparse.Namespace) -> None:
         )
 
 
+def apply_bnb_cpu_kernel(args: argparse.Namespace, model) -> None:
+    """With ``--bnb-cpu-kernel``, repack ``model``'s 4-bit layers for bitsandbytes' CPU kernel
+    (``use_bnb_cpu_kernel``): after its adapters or LoRA layers are in place, since a
+    repacked layer only runs."""
+    if getattr(args, "bnb_cpu_kernel", False):
+        from lorakit.quantized.bnb_cpu_kernel import use_bnb_cpu_kernel
+
+        use_bnb_cpu_kernel(model)
+
+
 def add_dtype_option(parser: argparse.ArgumentParser) -> None:
     """``--dtype``: the dtype of ``--model``'s weights and compute (``DTYPES``)."""
     parser.add_argument(
@@ -239,10 +249,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_and_adapter(
         args.model, args.adapter, args.allow_base_mismatch, args.quantization, args.dtype
     )
-    if args.bnb_cpu_kernel:  # after the adapter is in place (the scores need no gradient)
-        from lorakit.quantized.bnb_cpu_kernel import use_bnb_cpu_kernel
-
-        use_bnb_cpu_kernel(model)
+    apply_bnb_cpu_kernel(args, model)  # (the scores need no gradient)
     check_max_length(model, args.max_length)  # GPT-2's position table: no longer examples
     if examples and all(example.choices for example in examples):
         _check_choices(args, examples[0], tokenizer)  # before the loss pass, not after it

@@ -11,6 +11,7 @@ from lorakit.commands.eval import (
     add_bnb_cpu_kernel_option,
     add_dtype_option,
     add_quantization_option,
+    apply_bnb_cpu_kernel,
     check_bnb_cpu_kernel,
 )
 from lorakit.errors import UserError
@@ -268,10 +269,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_and_adapter(
         args.model, args.adapter, args.allow_base_mismatch, args.quantization, args.dtype
     )
-    if args.bnb_cpu_kernel:  # after the adapter is in place: the repacked layers run only
-        from lorakit.quantized.bnb_cpu_kernel import use_bnb_cpu_kernel
-
-        use_bnb_cpu_kernel(model)
+    apply_bnb_cpu_kernel(args, model)
     text = generate_text(
         model,
         tokenizer,

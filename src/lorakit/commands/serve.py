@@ -18,6 +18,7 @@ from lorakit.commands.eval import (
     add_bnb_cpu_kernel_option,
     add_dtype_option,
     add_quantization_option,
+    apply_bnb_cpu_kernel,
     check_bnb_cpu_kernel,
     torch_dtype,
 )
@@ -137,10 +138,7 @@ def build(args: argparse.Namespace):
         prepare_for_serving(model, targets)
     except (ValueError, TypeError) as error:  # no match, or a module lorakit cannot adapt
         raise UserError(f"--target-modules: {error}") from None
-    if getattr(args, "bnb_cpu_kernel", False):  # after the LoRA layers are in place
-        from lorakit.quantized.bnb_cpu_kernel import use_bnb_cpu_kernel
-
-        use_bnb_cpu_kernel(model)
+    apply_bnb_cpu_kernel(args, model)
     budget = parse_size(args.adapter_memory) if args.adapter_memory else None
     capacity = args.max_adapters or (None if budget else 8)
     try:
