@@ -98,8 +98,9 @@ def to_4bit(
 def repacked(model: nn.Module) -> bool:
     """Whether any 4-bit layer of ``model`` holds bitsandbytes' CPU-repacked bytes
     (``quant_state.packing_format_for_cpu``, set by its first eval no-grad forward)."""
-    states = (getattr(getattr(m, "weight", None), "quant_state", None) for m in model.modules())
-    return any(getattr(state, "packing_format_for_cpu", False) for state in states)
+    from lorakit.quantized.bnb import is_repacked
+
+    return any(is_repacked(module) for module in model.modules())
 
 
 def cpu_has_avx512_bf16() -> bool:

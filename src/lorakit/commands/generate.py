@@ -175,6 +175,7 @@ def engine_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int
     layers; stops at the model's EOS like ``generate``, and like it keeps that EOS as the last
     id (a decode with ``skip_special_tokens`` drops it only where it is a special token)."""
     from lorakit.serve.engine import Engine
+    from lorakit.serve.requests import model_eos_token_ids
     from lorakit.serve.routing import own_adapter_bank
     from lorakit.serve.sampling import SamplingParams
 
@@ -184,7 +185,7 @@ def engine_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int
     # EOS as a stop token the engine keeps in the output (its own EOS handling drops it)
     with Engine(model, bank, max_batch=1, eos_token_ids=()) as engine:
         vocab = engine.vocab_size  # (an id past it is never sampled; submit would refuse it)
-        eos = tuple(t for t in _eos_token_ids(model) if vocab is None or 0 <= t < vocab)
+        eos = tuple(t for t in model_eos_token_ids(model) if vocab is None or 0 <= t < vocab)
         params = SamplingParams(
             max_tokens=max_new_tokens, stop_token_ids=eos, include_stop_str_in_output=True
         )
@@ -192,13 +193,6 @@ def engine_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int
     if last.finish_reason == "error":  # e.g. prompt + new tokens beyond the model's positions
         raise UserError(f"generation failed: {last.error}")
     return ids
-
-
-def _eos_token_ids(model) -> list[int]:
-    """The model's ``generation_config.eos_token_id`` as a list (none, one id or several), the
-    ids transformers' ``generate`` stops at."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
 def uses_chat_template(

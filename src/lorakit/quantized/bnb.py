@@ -36,6 +36,7 @@ __all__ = [
     "dequantized_weight",
     "describe",
     "is_4bit",
+    "is_repacked",
     "requantize",
     "shape",
     "storage",
@@ -45,6 +46,17 @@ __all__ = [
 # set on a Linear4bit that ``bnb_cpu_kernel.use_bnb_cpu_kernel`` repacked on purpose (``check``
 # accepts it; a layer bitsandbytes repacked unasked is refused)
 CPU_KERNEL_MARK = "lorakit_bnb_cpu_kernel"
+
+
+def _repacked(state) -> bool:
+    """A 4-bit ``quant_state`` bitsandbytes repacked for its CPU kernel."""
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def is_repacked(module: nn.Module) -> bool:
+    """``module`` is a ``Linear4bit`` whose bytes bitsandbytes repacked for its CPU kernel
+    (``packing_format_for_cpu``), on purpose (``bnb_cpu_kernel``) or unasked."""
+    return _repacked(getattr(getattr(module, "weight", None), "quant_state", None))
 
 
 def is_4bit(module: nn.Module) -> bool:
@@ -70,9 +82,7 @@ def check(module: nn.Module) -> None:
             "this Linear4bit is not quantized yet (no quant_state); move it to a device first "
             "(.to('cpu') quantizes it) or load the model with BitsAndBytesConfig"
         )
-    if getattr(state, "packing_format_for_cpu", False) and not getattr(
-        module, CPU_KERNEL_MARK, False
-    ):
+    if _repacked(state) and not getattr(module, CPU_KERNEL_MARK, False):
         raise UnsupportedQuantizedLayerError(
             "this Linear4bit was repacked in place for bitsandbytes' CPU inference kernel (an "
             "eval-mode, no-grad forward on an AVX512-BF16 CPU did it); its stored bytes are no "
@@ -127,7 +137,7 @@ def describe(module: nn.Module) -> str:
         return "bnb-int8"
     state = module.weight.quant_state
     nested = state.nested
-    if getattr(state, "packing_format_for_cpu", False):  # the repack expanded nested scales
+    if _repacked(state):  # the repack expanded nested scales
         nested = getattr(state, "original_nested", nested)
     return f"bnb-{state.quant_type}" + ("-dq" if nested else "")
 
@@ -144,8 +154,7 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     import bitsandbytes.functional as bnb_functional
 
     if is_4bit(module) and (
-        getattr(module.weight.quant_state, "packing_format_for_cpu", False)
-        or getattr(module, CPU_KERNEL_MARK, False)
+        _repacked(module.weight.quant_state) or getattr(module, CPU_KERNEL_MARK, False)
     ):
         from lorakit.quantized import UnsupportedQuantizedLayerError
 
@@ -179,7 +188,7 @@ def base_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     state = getattr(module.weight, "quant_state", None)
     if state is None:
         check(module)  # raises, saying why
-    if getattr(state, "packing_format_for_cpu", False):
+    if _repacked(state):
         _check_inference(module, x)  # bitsandbytes' CPU kernel (use_bnb_cpu_kernel)
     compute_dtype = module.compute_dtype or x.dtype
     bias = module.bias
@@ -223,7 +232,7 @@ def storage(module: nn.Module) -> dict[str, torch.Tensor]:
     if not is_4bit(module):
         return {"codes": module.weight.data, "row_scales": _int8_scales(module)}
     state = module.weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):  # codes in their stored order
+    if _repacked(state):  # codes in their stored order
         from lorakit.quantized.bnb_cpu_kernel import unpacked_codes
 
         return {"codes": unpacked_codes(module), "absmax": state.absmax}

@@ -36,16 +36,11 @@ from torch import nn
 
 from lorakit.errors import UserError
 from lorakit.quantized.bnb import CPU_KERNEL_MARK
+from lorakit.quantized.bnb import is_repacked as is_packed
 
 __all__ = ["BLOCK_ROWS", "is_packed", "unpacked_codes", "use_bnb_cpu_kernel"]
 
 BLOCK_ROWS = 32  # output rows per packed block (bitsandbytes' block_n)
-
-
-def is_packed(module: nn.Module) -> bool:
-    """``module`` is a ``Linear4bit`` whose bytes bitsandbytes repacked for its CPU kernel."""
-    state = getattr(getattr(module, "weight", None), "quant_state", None)
-    return bool(getattr(state, "packing_format_for_cpu", False))
 
 
 def unpacked_codes(module: nn.Module) -> torch.Tensor:

@@ -44,6 +44,7 @@ from lorakit.serve.requests import (
     GenerationRequest,
     QueueFullError,
     RequestHandle,
+    model_eos_token_ids,
     vocabulary_size,
 )
 from lorakit.serve.routing import Routing
@@ -129,8 +130,7 @@ class Engine(Admission, Prefill, Submission):
         self.load_workers = load_workers
         self._cold: ColdLoads | None = None
         if eos_token_ids is None:
-            eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-            eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+            eos_token_ids = model_eos_token_ids(model)
         self.eos_token_ids = set(eos_token_ids)
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._starving: dict[int, GenerationRequest] = {}  # by id: see ``_defer``

@@ -29,6 +29,7 @@ __all__ = [
     "RequestHandle",
     "check_token_ids",
     "failure_kind",
+    "model_eos_token_ids",
     "vocabulary_size",
 ]
 
@@ -233,6 +234,13 @@ def vocabulary_size(model: nn.Module) -> int | None:
     None for a model without ``get_input_embeddings`` (no bound checked)."""
     embeddings = getattr(model, "get_input_embeddings", lambda: None)()
     return getattr(embeddings, "num_embeddings", None)
+
+
+def model_eos_token_ids(model: nn.Module) -> list[int]:
+    """The model's ``generation_config.eos_token_id`` as a list (none, one id or several): the
+    ids transformers' ``generate`` stops at."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
 def check_token_ids(ids: Sequence[int], what: str, vocab_size: int | None) -> None:
