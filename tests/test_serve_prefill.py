@@ -156,30 +156,22 @@ def test_the_admitted_requests_count_as_running_while_they_are_prefilled(monkeyp
     assert seen and seen[0] == len(REQUESTS)
 
 
-@pytest.mark.parametrize("case", ["lm_head adapter", "dynamic rope"])
-def test_models_whose_rows_would_interact_are_prefilled_alone(case, caplog):
+def test_a_model_whose_output_layer_the_bank_routes_is_prefilled_alone(caplog):
     """An adapter on the output layer (only the last position's logits are computed, one row a
-    prompt) and a rotary embedding chosen from the batch's largest position (``dynamic``,
-    ``longrope``: one row's length changes the others') are prefilled one prompt at a time,
-    with no failed batched forward logged, and generate what they generate alone."""
-    if case == "lm_head adapter":
-        specs = [
-            dict(r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"]),
-            dict(r=2, lora_alpha=4, target_modules=["v_proj", "lm_head"]),
-        ]
-        options = dict(specs=specs)
-    else:
-        config = tiny_models.llama_config(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
-        options = dict(config=config)
-    engine = _engine(**options)
+    prompt) makes the requests prefilled one prompt at a time, with no failed batched forward
+    logged, and they generate what they generate alone. (A ``dynamic`` or ``longrope`` rotary
+    embedding is rotated per row: ``tests/test_serve_row_rope.py``.)"""
+    specs = [
+        dict(r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"]),
+        dict(r=2, lora_alpha=4, target_modules=["v_proj", "lm_head"]),
+    ]
+    engine = _engine(specs=specs)
     assert not engine._batched_prefill
     together = _run_together(engine)
     assert "a batched prefill failed" not in caplog.text
-    alone = _engine(max_batch=1, **options)
+    alone = _engine(max_batch=1, specs=specs)
     with alone:
         for index, (prompt, adapter) in enumerate(REQUESTS):
-            if case == "lm_head adapter" and adapter is not None:
-                adapter = {"a0": "a0", "a1": "a1"}[adapter]
             assert together[index][0] == _alone(alone, prompt, adapter)[0], index
 
 

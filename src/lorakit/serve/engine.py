@@ -48,6 +48,7 @@ from lorakit.serve.requests import (
     vocabulary_size,
 )
 from lorakit.serve.routing import Routing
+from lorakit.serve.row_rope import length_dependent_rotaries, per_row, recompute_length
 from lorakit.serve.sampling import (
     greedy_tokens,
     next_token,
@@ -114,6 +115,9 @@ class Engine(Admission, Prefill, Submission):
         if max_loras is not None and max_loras < 1:
             raise ValueError(f"max_loras must be >= 1 or None, got {max_loras}")
         self.model = model.eval()
+        for rotary in length_dependent_rotaries(model):
+            per_row(rotary)  # each row rotated as alone, also past the original context
+        self._recompute_length = recompute_length(model)  # (``Prefill._prefill_again``)
         self._lean = lean_decoder(model, fuse_siblings=bank is not None) if lean_decode else None
         self.bank = bank
         accepts = inspect.signature(model.forward).parameters
@@ -243,6 +247,14 @@ class Engine(Admission, Prefill, Submission):
 
     def _decode_step(self) -> None:
         self.stats.max_running = max(self.stats.max_running, len(self._running))
+        again = self._take_rows_to_run_again()  # (longrope models only: ``row_rope``)
+        if self._running:
+            self._step_running()
+        for request in again:
+            self._prefill_again(request)
+
+    def _step_running(self) -> None:
+        """One batched decode step of the running requests: a token each."""
         last = torch.tensor([[r.generated[-1]] for r in self._running])
         attention_mask, position_ids = self._cache.step_inputs()
         with self._routing([r.slot for r in self._running], 1):

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.layers import current_router
+from lorakit.serve.row_rope import per_row
 from lorakit.serve.siblings import SiblingGroup
 
 __all__ = ["LeanDecoder", "lean_decoder", "unsupported_reason"]
@@ -58,9 +59,6 @@ def unsupported_reason(model: nn.Module) -> str | None:
     windowed = family == "mistral" or getattr(config, "use_sliding_window", False)
     if windowed and getattr(config, "sliding_window", None) is not None:
         return f"attention is limited to a sliding window of {config.sliding_window} tokens"
-    rope = getattr(inner.rotary_emb, "rope_type", "default")
-    if "dynamic" in str(rope):
-        return f"RoPE type {rope!r} changes with the sequence length"
     return None
 
 
@@ -123,6 +121,7 @@ class LeanDecoder:
             raise ValueError(f"LeanDecoder cannot run this model: {reason}")
         inner = model.model
         self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
+        per_row(self.rotary)  # ``dynamic`` / ``longrope``: each row's own frequencies (row_rope)
         self.lm_head = model.lm_head
         layers = inner.layers[: model.config.num_hidden_layers]
         self.blocks = [_Block(layer, model.config, fuse=fuse_siblings) for layer in layers]

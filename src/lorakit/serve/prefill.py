@@ -4,7 +4,7 @@ A prompt run alone is a full pass over the base's weights for a few tokens: on S
 one thread a 20-token prompt takes 87 ms alone and 49 ms a prompt when 8 run in one forward
 (docs/serving.md). So the requests admitted together are prefilled together where the model
 allows it (``batched``: every layer attention, and the forward takes ``attention_mask`` and
-``position_ids``, and whose rotary embedding and output layer allow it,
+``position_ids``, and whose output layer the bank does not route,
 ``_allows_batched_prefill``): in groups of similar prompt lengths (``prefill_groups``), each group one
 forward of its prompts right-aligned in a (G, T) batch, left padding masked out::
 
@@ -69,19 +69,16 @@ class Prefill:
 
     def _allows_batched_prefill(self) -> bool:
         """Every layer attention (``kv.full_attention_cache``), a forward that takes a cache,
-        ``attention_mask`` and ``position_ids``, a rotary embedding that does not depend on the
-        batch (``dynamic`` and ``longrope`` pick their frequencies from the largest position
-        of the whole batch: one row's length would change the others'), and an output layer
-        the bank does not route (only the last position's logits are computed, one row a
-        prompt, where the routing gives one slot a token)."""
+        ``attention_mask`` and ``position_ids``, and an output layer the bank does not route
+        (only the last position's logits are computed, one row a prompt, where the routing
+        gives one slot a token). A ``dynamic`` or ``longrope`` rotary embedding is rotated per
+        row (``row_rope``, done by the engine), so its rows do not interact either."""
         accepts = self._forward_parameters
-        rope_types = {str(getattr(m, "rope_type", "")) for m in self.model.modules()}
         output = getattr(self.model, "get_output_embeddings", lambda: None)()
         return (
             self._takes_cache
             and {"attention_mask", "position_ids"} <= accepts
             and full_attention_cache(getattr(self.model, "config", None)) is not None
-            and not any("dynamic" in kind or "longrope" in kind for kind in rope_types)
             and not (self.bank is not None and output is not None and self.bank.stack_for(output))
         )
 
@@ -170,16 +167,64 @@ class Prefill:
                 message = f"{type(error).__name__}: {error}"
                 self._finish(request, "error", message, kind=INTERNAL)
 
-    def _join(self, request: GenerationRequest, logits: torch.Tensor, cache, length: int) -> None:
-        """Sample the request's first token from ``logits`` (vocab,); unless that ends it, add
-        its one-row ``cache`` of ``length`` tokens to the batch's and let it run."""
+    def _join(
+        self,
+        request: GenerationRequest,
+        logits: torch.Tensor,
+        cache,
+        length: int,
+        *,
+        rejoin: bool = False,
+    ) -> None:
+        """Sample the request's first token (``rejoin``: its next one) from ``logits`` (vocab,);
+        unless that ends it, add its one-row ``cache`` of ``length`` tokens to the batch's and
+        let it run."""
         self._accept(request, logits)
         if request.done:
             return
         self._cache.add(cache, length)
-        self.stats.joined_running += bool(self._running)
+        self.stats.joined_running += bool(self._running) and not rejoin
         self._running.append(request)
         self._starving.pop(request.id, None)
+
+    def _take_rows_to_run_again(self) -> list[GenerationRequest]:
+        """Take out of the running batch the requests that are to be prefilled again, whole,
+        at this step: a ``longrope`` model's sequences whose prompt was within the original
+        context and whose next position is the first past it (``row_rope.recompute_length``;
+        their cache was rotated with the short factors, the long ones apply now)."""
+        length = self._recompute_length
+        if length is None:
+            return []
+        again = {
+            row
+            for row, r in enumerate(self._running)
+            if len(r.prompt_ids) < length == len(r.prompt_ids) + len(r.generated)
+        }
+        if not again:
+            return []
+        keep = [row for row in range(len(self._running)) if row not in again]
+        taken = [self._running[row] for row in sorted(again)]
+        self._running = [self._running[row] for row in keep]
+        self._cache.keep(keep)
+        return taken
+
+    def _prefill_again(self, request: GenerationRequest) -> None:
+        """Run the request's whole sequence (prompt and generated tokens) alone with its
+        adapter, as its decode step: the next token is sampled from its last logits and the
+        request rejoins the batch with the new cache. An error ends only this request."""
+        if request.cancelled:
+            self._finish(request, "cancelled")
+            return
+        ids = request.prompt_ids + request.generated
+        try:
+            with self._routing([request.slot], len(ids)):
+                output = self.model(
+                    input_ids=torch.tensor([ids]), use_cache=True, **self._prefill_options()
+                )
+            self._join(request, output.logits[0, -1], output.cache, len(ids), rejoin=True)
+        except Exception as error:
+            log.exception("prefilling request %d again failed", request.id)
+            self._finish(request, "error", f"{type(error).__name__}: {error}", kind=INTERNAL)
 
     def _prefill_options(self) -> dict:
         """Only the last position's logits, and a fresh cache that keeps every position
