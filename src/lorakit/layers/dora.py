@@ -6,33 +6,31 @@ DoRA (``LoraConfig(use_dora=True)``, maths in ``lorakit.functional``) gives each
 PEFT's name in the model; in a file it is ``<path>.lora_magnitude_vector`` (no ``.weight``).
 
 ``RowNorms`` keeps ``||W0_i||^2`` (computed once per base weight, in float32) and each
-adapter's ``n`` until W0, A or B change: inference computes ``n`` once. A tensor is known
+adapter's ``n`` until W0, A or B change: inference computes ``n`` once. A frozen tensor is known
 unchanged by its version counter (which an in-place update such as ``copy_`` bumps) and data
-pointer and, for one that requires grad, by two more marks: the count of optimiser steps taken
-in this process (an optimiser may step a parameter in place without bumping its counter:
-torch's fused AdamW does; every ``torch.optim.Optimizer`` step, through a global post-step hook,
-adds one) and its ``.grad`` (the same tensor at the same version: a backward since the norms
-were computed, then a hand-written step through ``.data``, is seen too). One that requires
-grad but has no ``.grad`` when the norms are computed is also compared by value with a copy
-kept then (a write through ``.data`` bumps no counter, and a step that sets ``.grad = None``
-after it, or ``zero_grad()``, leaves no gradient to follow). So a training step
-computes ``n`` once per forward after a backward, evaluation between steps and decoding reuse
-it. Under ``torch.inference_mode`` the cached values are computed with inference mode locally
-off (``_normal_tensors``): an inference tensor could not be saved by a later training step's
+pointer; one that requires grad is also compared by value with a copy kept when the norms were
+computed (an optimiser may step it in place without bumping its counter, as torch's fused AdamW
+does, and a hand-written step through ``.data`` bumps nothing; a copy sees both, in any order of
+backward, forward and step). The copies are the adapter's size; their cost falls on forwards of
+a model whose adapter still requires grad (training, and inference right after it); a frozen
+adapter, as ``lorakit eval``/``generate``/``merge`` and the serving bank use, has none. A
+training step computes ``n`` once per forward; evaluation between steps and decoding reuse it.
+Under ``torch.inference_mode`` the cached values are computed with inference mode locally off
+(``_normal_tensors``): an inference tensor could not be saved by a later training step's
 backward, and decoding under inference mode reuses them like any other. An inference tensor
-among the inputs (no version to follow) is never cached. A write through ``.data`` to a FROZEN
-tensor bumps no counter and is not seen: call ``clear()`` after one.
+among the inputs (no version to follow) is never cached. The layer clears the cache when it
+is converted (``LoraLinear._apply``, behind ``.to()``/``.half()``: a round trip through another
+dtype can land on the old address). A write through ``.data`` to a FROZEN tensor bumps no
+counter and is not seen: call ``clear()`` after one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import weakref
 from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lorakit import functional
 
@@ -51,17 +49,6 @@ class Magnitude(nn.Module):
         return f"out_features={self.weight.shape[0]}"
 
 
-_optimizer_steps = 0  # optimiser steps taken in this process (any torch.optim.Optimizer)
-
-
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
-
-
 def _marks(tensor: torch.Tensor) -> tuple | None:
     """``(version, data pointer)`` of ``tensor``; None for an inference tensor (no version) or a
     meta tensor (no values: nothing is cached from it)."""
@@ -75,17 +62,12 @@ def _marks(tensor: torch.Tensor) -> tuple | None:
 
 def _stamp(tensor: torch.Tensor) -> tuple | None:
     """What tells later whether ``tensor`` changed: its version and data pointer and, if it
-    requires grad, the optimiser step count and its gradient (the very tensor, by weak
-    reference, and its version: a backward since, then a hand-written step through ``.data``,
-    is seen too) or, without a gradient, a copy of its values (a ``.data`` write leaves every
-    mark as it was); None for an inference tensor (no version)."""
+    requires grad, a copy of its values (an in-place optimiser step or a ``.data`` write may
+    leave both marks as they were); None for an inference tensor (no version)."""
     marks = _marks(tensor)
     if marks is None or not tensor.requires_grad:
         return marks
-    grad = tensor.grad
-    if grad is None:
-        return *marks, _optimizer_steps, None, tensor.detach().clone()
-    return *marks, _optimizer_steps, (weakref.ref(grad), grad._version), None
+    return *marks, tensor.detach().clone()
 
 
 def _same(stamp: tuple | None, tensor: torch.Tensor) -> bool:
@@ -95,12 +77,7 @@ def _same(stamp: tuple | None, tensor: torch.Tensor) -> bool:
         return False
     if len(stamp) == 2:  # frozen then: version and pointer
         return not tensor.requires_grad
-    if not tensor.requires_grad or stamp[2] != _optimizer_steps:
-        return False
-    gradient, values, grad = stamp[3], stamp[4], tensor.grad
-    if gradient is None:  # no gradient then: compare the values
-        return grad is None and torch.equal(values, tensor.detach())
-    return grad is not None and gradient[0]() is grad and gradient[1] == grad._version
+    return tensor.requires_grad and torch.equal(stamp[2], tensor.detach())
 
 
 def _normal_tensors() -> contextlib.AbstractContextManager:

@@ -82,6 +82,14 @@ class LoraLinear(LoraBiasMixin, LoraLayer):
             nn.init.normal_(lora_A, std=1 / lora_A.shape[0])
             nn.init.zeros_(lora_B)
 
+    def _apply(self, fn, recurse: bool = True):
+        """``nn.Module._apply`` (behind ``.to()``, ``.half()``, ``.float()``), then forget the
+        cached DoRA norms: a conversion can put changed values at the old address and version
+        (a round trip through bf16), where the cache would not see them (``layers.dora``)."""
+        result = super()._apply(fn, recurse)
+        self.row_norms.clear()
+        return result
+
     def store_factors(self, adapter_name: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         self.lora_A[adapter_name] = _factor(lora_A)
         self.lora_B[adapter_name] = _factor(lora_B)
