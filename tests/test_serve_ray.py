@@ -235,3 +235,16 @@ def test_a_body_nested_too_deeply_is_answered_as_by_one_server(world, one_replic
     answer = httpx.post(one_replica, content=body, timeout=120)
     assert answer.status_code == 400, answer.text
     assert answer.json() == expected.json()
+
+
+def test_an_adapter_evicted_from_the_multiplexed_cache_is_unpinned(one_replica):
+    """Ray's multiplexed cache holds 2 adapters on this replica: after requests for four,
+    the bank has the last two pinned (least recently used evicted and unpinned), no more."""
+    from ray import serve
+
+    replica = serve.get_deployment_handle("LorakitReplica", app_name="lorakit")
+    for name in ("ad00", "ad01", "ad02", "ad03"):
+        assert httpx.post(one_replica, json=body_for(name), timeout=120).status_code == 200
+        pinned = replica.resident.remote().result()
+        assert len(pinned) <= 2, pinned
+    assert pinned == ["ad02", "ad03"]

@@ -4,6 +4,7 @@ each would otherwise fail (or be ignored) only after the whole run."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -20,8 +21,15 @@ def check_inputs(model: nn.Module, config: TrainingConfig, eval_data: Sequence[A
     """``UserError`` unless the model has parameters to train (``parameter_groups``),
     ``config.adapter_name`` names an adapter of it (its save would fail only after the whole
     run), and evaluation data is given where ``config.eval_every`` asks for evaluations
-    (else they would be silently skipped)."""
+    (else they would be silently skipped), and ``config.output_dir`` is not a file (its
+    first write would fail only after a step had changed the adapter)."""
     parameter_groups(model)
+    output = Path(config.output_dir) if config.output_dir else None
+    if output is not None and output.exists() and not output.is_dir():
+        raise UserError(
+            f"output_dir {output} is a file (TrainingConfig.output_dir, --output); give a "
+            "directory (new or existing)"
+        )
     name, configs = config.adapter_name, adapter_configs(model)
     if name not in configs:
         has = f"its adapters: {', '.join(map(repr, sorted(configs)))}" if configs else "none"
