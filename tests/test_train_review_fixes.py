@@ -298,7 +298,7 @@ def test_a_checkpoint_of_the_decay_everything_optimizer_resumes_exactly(tmp_path
         _interrupted(tmp_path / "run", _model(lora_bias=True), weight_decay=0.1)
     state_file = latest_checkpoint(tmp_path / "run") / "trainer_state.json"
     state = json.loads(state_file.read_text())
-    assert len(state.pop(loop.DECAY_RULE_KEY)) and len(state["optimizer_param_groups"]) == 1
+    assert len(state.pop(optim_module.DECAY_RULE_KEY)) and len(state["optimizer_param_groups"]) == 1
     state_file.write_text(json.dumps(state))
     resumed = _model(lora_bias=True)
     with warnings.catch_warnings(record=True) as caught:
@@ -311,7 +311,7 @@ def test_a_checkpoint_of_the_decay_everything_optimizer_resumes_exactly(tmp_path
     for name, tensor in _trainable(old_straight).items():
         assert torch.equal(_trainable(resumed)[name], tensor), name
     written = json.loads((latest_checkpoint(tmp_path / "run") / "trainer_state.json").read_text())
-    assert loop.DECAY_RULE_KEY not in written  # its checkpoints keep saying the older rule
+    assert optim_module.DECAY_RULE_KEY not in written  # its checkpoints keep saying the older rule
 
 
 # ---------------------------------------------------------------- RNG states

@@ -14,7 +14,6 @@ checkpoints and the adapter are gathered by all processes and written by process
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -26,20 +25,16 @@ import torch
 from torch import nn
 
 from lorakit.errors import UserError
-from lorakit.state import adapter_configs
 from lorakit.train.batches import (
     BatchOrder,
     LengthOf,
     TokensOf,
     example_lengths,
-    examples_sha256,
     shortest_first,
 )
 from lorakit.train.checkpoint import (
     Saver,
-    load_checkpoint,
     read_state,
-    save_checkpoint,
 )
 from lorakit.train.config import TrainingConfig
 from lorakit.train.distributed import Distributed, setup_distributed
@@ -54,23 +49,17 @@ from lorakit.train.losses import (
 )
 from lorakit.train.metrics import MetricsLog, plot_loss_curve, read_metrics
 from lorakit.train.optim import (
-    DECAY_RULE,
-    DECAY_RULE_KEY,
     build_optimizer,
     parameter_groups,
     resumes_decaying_all,
 )
 from lorakit.train.output_dir import prepare_output_dir, write_final_adapter
 from lorakit.train.resume import (
-    base_dtype,
-    check_resumable,
-    check_resume_base,
     checkpoint_to_resume,
-    last_eval_step,
-    last_values,
     planned_run,
 )
 from lorakit.train.rng import seed_everything
+from lorakit.train.run_checkpoints import RunCheckpoints
 from lorakit.train.schedule import build_scheduler, warmup_steps_for
 
 __all__ = ["TrainResult", "enable_gradient_checkpointing", "train"]
@@ -144,7 +133,7 @@ def train(
     return run.run()
 
 
-class _Run:
+class _Run(RunCheckpoints):
     """The state of one training run (kept out of ``train`` to keep functions short)."""
 
     def __init__(self, model, train_data, collate, config, eval_data, metric_fn, length_of, resume):
@@ -172,20 +161,6 @@ class _Run:
         self.last_eval: dict[str, float] = {}
         self.last_eval_step: int | None = None
         self.examples_sha256: str | None = None
-
-    def check_resume(self, tokens_of: TokensOf | None) -> None:
-        """Record the data's digest; when resuming, refuse a checkpoint of other settings or data
-        (``check_resumable``), then of another base (``check_resume_base``): the settings first,
-        so that other ``--target-modules`` are named as such, not as an unverified fingerprint.
-        Before anything is written, and before FSDP shards the base weights."""
-        if self.resume_from is None and not self.config.checkpoint_every:
-            return  # (no checkpoint to record it in, none to compare it with)
-        self.examples_sha256 = examples_sha256(self.data, tokens_of)
-        if self.resume_from is None:
-            return
-        plan, lora = self._plan_fields(), self._lora_fields()
-        check_resumable(self.resume_from, self.resume_state, plan, self.config, lora)
-        check_resume_base(self.model, self.resume_from, self.config.adapter_name)
 
     def _batch_order(self, lengths: tuple[int, ...] | None) -> BatchOrder:
         """This run's own batch plan: under torchrun the epoch's short batch is dropped, in one
@@ -234,29 +209,6 @@ class _Run:
         start_step = self._restore() if self.resume_from is not None else 0
         self.model.train()
         return start_step
-
-    def _restore(self) -> int:
-        directory = self.resume_from  # (checked by check_resume, before any loading)
-        checkpoint = load_checkpoint(directory, self.model, self.optimizer, self.scheduler)
-        if self.dist.rank != 0:  # each process continues its own dropout stream
-            seed_everything(self.config.seed + self.dist.rank + checkpoint.step)
-        self.metrics.truncate_after(checkpoint.step)
-        records = read_metrics(self.metrics.path)
-        self.last_loss, self.last_eval = last_values(records)
-        evaluated = last_eval_step(records) if self.dist.is_main else None
-        self.last_eval_step = int(self.dist.sum(float(evaluated or 0))) or None  # main's view
-        return checkpoint.step
-
-    def _plan_fields(self) -> dict[str, Any]:
-        fields = {**self.batch_order.identity(), "total_steps": self.total_steps}
-        fields["examples_sha256"] = self.examples_sha256  # (another --data or --max-length)
-        if self.steps_rule is not None:  # (kept by every later checkpoint of the run)
-            fields["steps_rule"] = self.steps_rule
-        return fields | {"base_dtype": base_dtype(self.model)}  # (--dtype: exact resume)
-
-    def _lora_fields(self) -> dict[str, Any]:
-        config = adapter_configs(self.model).get(self.config.adapter_name)
-        return {} if config is None else json.loads(json.dumps(config.to_dict()))
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
@@ -345,32 +297,6 @@ class _Run:
             for start in range(0, len(order), size)
         )
         return evaluate(self.model, batches, self.metric_fn)
-
-    def _checkpoint(self, done: int) -> None:
-        state = self.saver.training_state(self.model, self.optimizer)  # FSDP: every process
-        if self.dist.is_main:
-            extra = {
-                "data_plan": self._plan_fields(),
-                "epoch": done // self.batch_order.steps_per_epoch,
-                "batch_in_epoch": done % self.batch_order.steps_per_epoch,
-                "examples_seen": self.batch_order.examples_before(done),
-                "training_config": self.config.to_dict(),
-                "lora_config": self._lora_fields(),
-            }
-            if not self.decays_all:  # (absent: the older rule, which this run continues)
-                extra[DECAY_RULE_KEY] = DECAY_RULE
-            save_checkpoint(
-                self.output_dir,
-                done,
-                self.model,
-                self.optimizer,
-                self.scheduler,
-                extra,
-                adapter_name=self.config.adapter_name,
-                keep=self.config.keep_checkpoints,
-                state=state,
-            )
-        self.dist.barrier()
 
     def _finish(self, start_step: int) -> TrainResult:
         # (evaluated at the last step: by eval_every, or before a finished run was resumed)
