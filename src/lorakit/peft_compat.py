@@ -370,15 +370,34 @@ class PeftModel(PeftFilesMixin, nn.Module):
         adapter_name: str,
         combination_type: str = "svd",
         svd_rank: int | None = None,
-        **options: Any,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        *,
+        seed: int = 0,
     ) -> None:
-        """PEFT's ``add_weighted_adapter``: a new adapter from ``adapters`` and ``weights``, every
+        """PEFT's ``add_weighted_adapter``, with PEFT's arguments in PEFT's order (positional
+        calls work as in peft 0.21): a new adapter from ``adapters`` and ``weights``, every
         method on the updates ``ΔW = s B A`` (``lorakit.combining.peft_names`` has the names,
-        the options and the PEFT methods refused because they combine A and B apart)."""
+        the options and the PEFT methods refused because they combine A and B apart). ``seed``
+        (DARE's masks) is lorakit's, keyword-only. Refusals are ``ValueError``."""
         from lorakit.combining.peft_names import add_weighted_adapter
 
         add_weighted_adapter(
-            self.model, adapters, weights, adapter_name, combination_type, svd_rank, **options
+            self.model,
+            adapters,
+            weights,
+            adapter_name,
+            combination_type,
+            svd_rank,
+            svd_clamp,
+            svd_full_matrices,
+            svd_driver,
+            density,
+            majority_sign_method,
+            seed=seed,
         )
 
 

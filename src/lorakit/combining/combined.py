@@ -44,12 +44,12 @@ import torch
 from torch import nn
 
 from lorakit import functional
+from lorakit.combining.compatible import check_compatible
 from lorakit.combining.methods import MERGERS, SIGN_METHODS
 from lorakit.combining.sources import (
     AdapterUpdates,
     ModuleFactors,
     carried_base_weights,
-    check_compatible,
     read_sources,
 )
 from lorakit.config import LoraConfig

@@ -14,16 +14,21 @@ Refused for two adapters or more, with the reason: ``linear``, ``ties``, ``dare_
 (``Σ √wᵢsᵢ Bᵢ · Σ √wᵢsᵢ Aᵢ``, cross terms ``Bᵢ Aⱼ`` included), which is not the weighted sum
 of the updates (peft #1155, #1555); the ``_svd`` names are the same operations on ΔW. Also
 refused: ``svd_clamp`` (not implemented) and an ``adapter_name`` that exists (PEFT returns
-silently and keeps the old one). Fixed: PEFT's ``cat`` copies the first adapter's
-``use_rslora`` into the new config, which then scales by ``r/√r`` instead of 1 and the result
-is off by ``√(Σ rᵢ)``; lorakit's config always reproduces the exact sum.
+silently and keeps the old one). Every refusal is a ``ValueError``, as PEFT's are (the
+``UserError``s of ``combine`` are raised as ``PeftArgumentError``, both).
+Fixed: when the FIRST adapter uses rsLoRA, PEFT copies its ``use_rslora`` into the new config
+while setting ``lora_alpha = r`` (the new rank), so the new adapter scales by ``r/√r = √r``
+instead of 1 and EVERY PEFT result (``cat``, ``svd``, the ``*_svd`` names, the one-adapter
+case) is ``√r`` times too large: ``√(Σ rᵢ)`` for ``cat``, ``√svd_rank`` for the SVD names,
+``√r`` of the adapter for one adapter. lorakit's config always reproduces the exact sum.
 With ONE adapter PEFT switches every ``combination_type`` to ``linear``, which for one adapter
-is exact (``weight * ΔW`` at the adapter's rank) and ignores ``svd_rank``, ``svd_clamp``,
-``density`` and ``majority_sign_method``; lorakit does the same (its ``cat`` of one adapter:
-no pruning, no rank cut, no refusal), keeping each module's rank and scale exactly.
+is exact only for an adapter without rsLoRA (``weight * ΔW`` at the adapter's rank) and
+ignores ``svd_rank``, ``svd_clamp``, ``density`` and ``majority_sign_method``; lorakit does
+the same (its ``cat`` of one adapter: no pruning, no rank cut, no refusal), keeping each
+module's rank and scale exactly, rsLoRA or not.
 ``svd_full_matrices`` and ``svd_driver`` are accepted and change nothing (CPU results are the
-same; the reduced SVD is always used). DARE is seeded by ``seed`` (lorakit's addition, default
-0), where PEFT draws from the global generator.
+same; the reduced SVD is always used). DARE is seeded by ``seed`` (lorakit's addition,
+keyword-only, default 0), where PEFT draws from the global generator.
 """
 
 from __future__ import annotations
@@ -33,8 +38,15 @@ from collections.abc import Sequence
 from torch import nn
 
 from lorakit.combining.combined import OPTION_METHODS, combine
+from lorakit.errors import UserError
 
-__all__ = ["PEFT_METHODS", "add_weighted_adapter"]
+__all__ = ["PEFT_METHODS", "PeftArgumentError", "add_weighted_adapter"]
+
+
+class PeftArgumentError(UserError, ValueError):
+    """A refusal of ``add_weighted_adapter``: a ``ValueError`` as PEFT raises for bad
+    arguments (what PEFT users catch), and a ``UserError`` as every lorakit refusal."""
+
 
 PEFT_METHODS = {
     "cat": "cat",
@@ -78,14 +90,48 @@ def add_weighted_adapter(
     svd_driver: str | None = None,
     density: float | None = None,
     majority_sign_method: str = "total",
+    *,
     seed: int = 0,
 ) -> None:
     """Add adapter ``adapter_name`` to ``model``, combined from its adapters ``adapters`` with
-    ``weights`` (PEFT's argument names and meanings; see the module docstring). The new
-    adapter is not made active (as in PEFT)."""
+    ``weights`` (PEFT's argument names, order and meanings; see the module docstring). The new
+    adapter is not made active (as in PEFT). Every refusal is a ``ValueError``."""
+    del svd_full_matrices, svd_driver  # accepted for PEFT's signature; no effect here
+    try:
+        _add_weighted_adapter(
+            model,
+            adapters,
+            weights,
+            adapter_name,
+            combination_type,
+            svd_rank,
+            svd_clamp,
+            density,
+            majority_sign_method,
+            seed,
+        )
+    except UserError as error:
+        if isinstance(error, ValueError):
+            raise
+        raise PeftArgumentError(str(error)) from error
+
+
+def _add_weighted_adapter(
+    model: nn.Module,
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    adapter_name: str,
+    combination_type: str,
+    svd_rank: int | None,
+    svd_clamp: float | None,
+    density: float | None,
+    majority_sign_method: str,
+    seed: int,
+) -> None:
+    """``add_weighted_adapter`` (its refusals: ``ValueError`` here, ``UserError`` from
+    ``combine``)."""
     from lorakit.state import adapter_configs
 
-    del svd_full_matrices, svd_driver  # accepted for PEFT's signature; no effect here
     if len(adapters) == 1:
         # PEFT: "if there is only one adapter, we can only use linear merging" -- every
         # combination_type becomes linear, exact for one adapter (weight * ΔW at its rank);

@@ -11,8 +11,8 @@ Only LoRA factors combine: an adapter that also trains biases, saves full module
 (``modules_to_save``) or trains embedding rows (``trainable_token_indices``) is refused. The
 full base weights a file may carry (PEFT's ``save_embedding_layers``: ``<embedding>.base_layer.
 weight``, ``lm_head.weight``) are not combined: equal in every input that carries one, they are
-carried into the result; different, they are refused. Adapters that share a module must agree on its shape and
-kind, and on its base weights where both carry lorakit's base fingerprint. A PiSSA / OLoRA
+carried into the result; different, they are refused. Whether the adapters are of one base
+model at all is ``lorakit.combining.compatible``'s to say. A PiSSA / OLoRA
 adapter saved without conversion (by PEFT or lorakit) is refused, from the headers of all the
 directories before any tensor is read: its ``s B A`` holds the base's principal part, not an
 update of the original base (``lorakit.io.read.refuse_residual_base_factors``).
@@ -40,7 +40,7 @@ __all__ = [
     "AdapterUpdates",
     "ModuleFactors",
     "carried_base_weights",
-    "check_compatible",
+    "fingerprint_difference",
     "read_sources",
     "same_up_to_rounding",
 ]
@@ -85,6 +85,8 @@ class AdapterUpdates:
     base_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     """module -> the full base weight the file carries for it (PEFT's ``save_embedding_layers``:
     an embedding's, e.g. a resized vocabulary); not combined, carried when all agree."""
+    on_model: bool = False
+    """An adapter on the model (not a directory): all of those share one base."""
 
 
 def _from_directory(header: AdapterHeader) -> AdapterUpdates:
@@ -212,7 +214,9 @@ def _from_model(model: nn.Module, adapter_name: str) -> AdapterUpdates:
             lora_A, lora_B = (p.detach() for p in layer.adapter_parameters(adapter_name))
             scale = layer.scalings[adapter_name]
             modules[name] = ModuleFactors(lora_A, lora_B, scale, isinstance(layer, LoraEmbedding))
-    return AdapterUpdates(label, config, modules, fingerprint.compute(model, list(modules)))
+    return AdapterUpdates(
+        label, config, modules, fingerprint.compute(model, list(modules)), on_model=True
+    )
 
 
 def read_sources(
@@ -228,12 +232,27 @@ def read_sources(
     headers = {}  # position -> header, for the directory entries
     for index, entry in enumerate(adapters):
         if not (isinstance(entry, str) and entry in on_model):
+            if model is not None and isinstance(entry, str) and not os.path.exists(entry):
+                _refuse_unknown_entry(entry, on_model)
             headers[index] = read_adapter_header(entry)
             refuse_residual_base_factors(headers[index], "combining its s B A as a weight update")
     return [
         _from_directory(headers[index]) if index in headers else _from_model(model, entry)
         for index, entry in enumerate(adapters)
     ]
+
+
+def _refuse_unknown_entry(entry: str, on_model: dict[str, LoraConfig]) -> NoReturn:
+    """``AdapterFileError`` for an entry that names neither an adapter on the model nor an
+    existing path (a misspelled adapter name, most often): both readings are said, with the
+    model's adapter names."""
+    from lorakit.errors import listed
+
+    names = listed([repr(name) for name in on_model], 20) if on_model else "none"
+    raise AdapterFileError(
+        f"{entry!r} is neither an adapter on the model (its adapters: {names}) nor an existing "
+        "adapter directory; give one of the model's adapter names or a directory's path."
+    )
 
 
 def _decoded(entry: dict[str, object]) -> torch.Tensor:
@@ -324,40 +343,3 @@ def _step(values: torch.Tensor) -> torch.Tensor:
     float32."""
     away = torch.where(values < 0, -torch.inf, torch.inf).to(values.dtype)
     return (torch.nextafter(values, away).float() - values.float()).abs()
-
-
-def check_compatible(sources: Sequence[AdapterUpdates]) -> None:
-    """Refuse (naming the module and both adapters) modules whose shape or kind differ between
-    adapters, and base fingerprints that differ. ``BaseModelMismatchError`` / ``UserError``."""
-    seen: dict[str, tuple[AdapterUpdates, ModuleFactors]] = {}
-    prints: dict[str, tuple[AdapterUpdates, dict[str, object]]] = {}
-    for source in sources:
-        for name, factors in source.modules.items():
-            if name in seen:
-                first, known = seen[name]
-                if known.shape != factors.shape or known.is_embedding != factors.is_embedding:
-                    raise UserError(
-                        f"module {name}: {first.label} adapts a {_kind(known)} and "
-                        f"{source.label} a {_kind(factors)}; these adapters belong to "
-                        "different base models and cannot be combined."
-                    )
-            else:
-                seen[name] = (source, factors)
-            stored = (source.fingerprint or {}).get(name)
-            if stored is None:
-                continue
-            if name not in prints:
-                prints[name] = (source, stored)
-                continue
-            first, known_print = prints[name]
-            reason = fingerprint_difference(known_print, stored)
-            if reason is not None:
-                raise BaseModelMismatchError(
-                    f"module {name}: {first.label} and {source.label} were trained on different "
-                    f"base weights ({reason}); combine adapters of the same base model."
-                )
-
-
-def _kind(factors: ModuleFactors) -> str:
-    d, k = factors.shape
-    return f"{'embedding' if factors.is_embedding else 'linear'} layer with ΔW of shape ({d}, {k})"
