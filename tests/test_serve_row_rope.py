@@ -27,9 +27,13 @@ PROMPTS = [[5, 9, 2], list(range(20, 34)), [7, 1, 1, 40, 3, 8], list(range(50, 6
 NEW_TOKENS = 10
 
 
+SCALE = 0.5  # initializer_range: at transformers' 0.02 the tiny models' tokens ignore the rotation
+
+
 def _phi3_longrope() -> Phi3ForCausalLM:
     half = 4  # head_dim 8
     config = Phi3Config(
+        initializer_range=SCALE,
         vocab_size=128,
         hidden_size=32,
         intermediate_size=64,
@@ -55,12 +59,36 @@ def _llama_dynamic() -> LlamaForCausalLM:
         rope_scaling={"rope_type": "dynamic", "factor": 2.0},
         max_position_embeddings=ORIGINAL,
         eos_token_id=None,
+        initializer_range=SCALE,
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval()
 
 
-BUILDERS = {"longrope": _phi3_longrope, "dynamic": _llama_dynamic}
+def _llama_longrope() -> LlamaForCausalLM:
+    """A Llama config with ``longrope``: its ``generate`` keeps the cache past the original
+    context (only Phi-3-like families drop it), and so does the engine."""
+    half = 8  # head_dim 16
+    config = tiny_models.llama_config(
+        rope_scaling={
+            "rope_type": "longrope",
+            "short_factor": [1.0 + 0.1 * i for i in range(half)],
+            "long_factor": [2.0 + 0.5 * i for i in range(half)],
+            "original_max_position_embeddings": ORIGINAL,
+        },
+        max_position_embeddings=64,
+        eos_token_id=None,
+        initializer_range=SCALE,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+BUILDERS = {
+    "longrope": _phi3_longrope,
+    "dynamic": _llama_dynamic,
+    "llama-longrope": _llama_longrope,
+}
 
 
 @pytest.mark.parametrize("kind", sorted(BUILDERS))
@@ -154,3 +182,72 @@ def _generate_together_single(engine: Engine, prompt, adapter) -> list[int]:
         engine.submit(prompt, adapter, SamplingParams(max_tokens=NEW_TOKENS), collect)
         assert done.wait(60)
     return [i for e in events for i in e.token_ids]
+
+
+def _finals(engine: Engine, requests, before_start=None) -> dict[int, object]:
+    """Run ``requests`` ((prompt, adapter)) together; each one's final event.
+    ``before_start(engine)`` runs once they are queued."""
+    finals, done = {}, threading.Semaphore(0)
+    for index, (prompt, adapter) in enumerate(requests):
+
+        def collect(event, index=index):
+            if event.finish_reason is not None:
+                finals[index] = event
+                done.release()
+
+        engine.submit(prompt, adapter, SamplingParams(max_tokens=NEW_TOKENS), collect)
+    if before_start is not None:
+        before_start(engine)
+    with engine:
+        for _ in requests:
+            assert done.acquire(timeout=30)
+    return finals
+
+
+def _phi3_bank_engine() -> tuple[Engine, AdapterBank]:
+    reference = _phi3_longrope()
+    spec = lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=["qkv_proj"])
+    lorakit.inject(reference, spec, adapter_name="a")
+    tiny_models.randomize_adapters(reference, std=0.3)
+    model = _phi3_longrope()
+    prepare_for_serving(model, ["qkv_proj"])
+    bank = AdapterBank(model, max_rank=2, capacity=1)
+    bank.load_from_model("a", reference, "a")
+    return Engine(model, bank, max_batch=8), bank
+
+
+def test_a_request_prefilled_again_counts_as_running(monkeypatch):
+    engine, _ = _phi3_bank_engine()
+    loads, again = [], engine._prefill_again
+
+    def counted(request):
+        loads.append(engine.load)
+        again(request)
+
+    monkeypatch.setattr(engine, "_prefill_again", counted)
+    finals = _finals(engine, [(list(range(20, 34)), "a"), ([5, 9, 2], None)])
+    assert [f.finish_reason for f in finals.values()] == ["length", "length"]
+    assert loads[0] == (2, 0)  # the one prefilled again and the one still running
+
+
+def test_a_failed_step_ends_the_request_waiting_to_be_prefilled_again(monkeypatch):
+    """The decode step that runs beside a re-prefill fails: every request of it ends with an
+    error, the one taken out for the re-prefill too, and its adapter's slot is released."""
+    engine, bank = _phi3_bank_engine()
+    step, taken = engine._step_running, {}
+
+    def failing():
+        long = taken["long"]
+        if long.generated and not long.done and long not in engine._running:
+            raise RuntimeError("step failed")  # beside the re-prefill of the long request
+        step()
+
+    def find_long(engine):
+        taken["long"] = next(r for r in engine._waiting if len(r.prompt_ids) == 14)
+
+    monkeypatch.setattr(engine, "_step_running", failing)
+    requests = [(list(range(20, 34)), "a"), ([5, 9, 2], None)]
+    finals = _finals(engine, requests, before_start=find_long)
+    assert [finals[i].finish_reason for i in range(2)] == ["error", "error"]
+    assert bank.in_use("a") == 0
+    assert engine.load == (0, 0)

@@ -228,14 +228,16 @@ class Engine(Admission, Prefill, Submission):
                         self._idle_while_deferred()
             except Exception as error:  # keep serving: fail the affected requests only
                 log.exception("engine step failed")
-                for request in self._running:
+                for request in [*self._running, *self._ready]:
                     message = f"{type(error).__name__}: {error}"
                     self._finish(request, "error", message, kind=INTERNAL)
-                self._running, self._cache = [], BatchedCache(max_rows=self.max_batch)
+                self._running, self._ready = [], []
+                self._cache = BatchedCache(max_rows=self.max_batch)
         parked = self._cold.drain() if self._cold is not None else []
-        for request in [*self._running, *self._waiting, *parked]:
+        for request in [*self._running, *self._ready, *self._waiting, *parked]:
             self._finish(request, "cancelled")
-        self._running, self._cache = [], BatchedCache(max_rows=self.max_batch)
+        self._running, self._ready = [], []
+        self._cache = BatchedCache(max_rows=self.max_batch)
         self._waiting.clear()
 
     def _idle_while_deferred(self) -> None:
@@ -247,11 +249,13 @@ class Engine(Admission, Prefill, Submission):
 
     def _decode_step(self) -> None:
         self.stats.max_running = max(self.stats.max_running, len(self._running))
-        again = self._take_rows_to_run_again()  # (longrope models only: ``row_rope``)
+        again = self._take_rows_to_run_again()  # (Phi-3-like longrope models: ``row_rope``)
+        self._ready.extend(again)  # counted as running meanwhile; failed if the step fails
         if self._running:
             self._step_running()
         for request in again:
             self._prefill_again(request)
+            self._ready.remove(request)
 
     def _step_running(self) -> None:
         """One batched decode step of the running requests: a token each."""

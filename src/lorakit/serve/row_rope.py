@@ -21,10 +21,11 @@ first reset (a call at position 0) so its state never carries over from an earli
 One more step makes ``longrope`` what a sequence gets from transformers' Phi-3 ``generate``: a
 sequence whose prompt is within the original context is rotated with the short factors, and
 when it grows past it, Phi-3 drops its cache and runs the whole sequence again with the long
-ones (``Phi3ForCausalLM.prepare_inputs_for_generation``), so that every position is rotated
-with the factors of the sequence's current length. ``recompute_length`` is that length; the
-engine prefills such a request again, alone, at that step (``prefill.Prefill``). ``dynamic`` keeps
-its cache, as transformers does.
+ones (``Phi3ForCausalLM.prepare_inputs_for_generation``; Phimoe and Phi-4-multimodal too), so
+that every position is rotated with the factors of the sequence's current length.
+``recompute_length`` is that length; the engine prefills such a request again, alone, at that
+step (``prefill.Prefill``). Other models keep their cache, as their ``generate`` does (a Llama
+config with ``longrope``, and ``dynamic``).
 
 The serving engine wraps its model's rotary modules (``Engine``); then batched decode and
 batched prefill are exact for these models too.
@@ -56,17 +57,23 @@ def length_dependent_rotaries(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if _is_length_dependent(m)]
 
 
+CACHE_DROPPING_FAMILIES = ("phi3", "phimoe", "phi4_multimodal")
+"""The model types whose ``generate`` drops the cache when a sequence first passes
+``config.original_max_position_embeddings`` (their ``prepare_inputs_for_generation``)."""
+
+
 def recompute_length(model: nn.Module) -> int | None:
-    """The sequence length at which a ``longrope`` model's sequence is run again whole, with
-    the long factors (``original_max_position_embeddings + 1``; module docstring); None when
-    the model has no longrope rotary embedding."""
-    lengths = {
-        _threshold(m, "longrope", None)
-        for m in length_dependent_rotaries(model)
-        if _kind(m, None) == "longrope"
-    }
-    lengths.discard(None)
-    return min(lengths) + 1 if lengths else None
+    """The sequence length at which the engine runs a sequence again whole, as the model's own
+    ``generate`` does (module docstring): ``config.original_max_position_embeddings + 1`` for
+    the families that drop their cache there (``CACHE_DROPPING_FAMILIES``) and have a
+    length-dependent rotary embedding (without one the values would not change); None for every
+    other model (a Llama with ``longrope`` keeps its cache in ``generate``, and here)."""
+    config = getattr(model, "config", None)
+    original = getattr(config, "original_max_position_embeddings", None)
+    family = getattr(config, "model_type", None)
+    if family not in CACHE_DROPPING_FAMILIES or not isinstance(original, int):
+        return None
+    return original + 1 if length_dependent_rotaries(model) else None
 
 
 def _threshold(module: nn.Module, kind: str, layer_type: str | None) -> int | None:
