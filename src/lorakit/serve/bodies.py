@@ -58,8 +58,9 @@ def chat_logprobs(entries: Sequence[TokenLogprob], piece: Piece) -> dict:
 
 def completion_logprobs(entries: Sequence[TokenLogprob], piece: Piece, offset: int = 0) -> dict:
     """OpenAI's legacy completion ``logprobs``: ``tokens``, ``token_logprobs``,
-    ``top_logprobs`` (``{text: logprob}`` per token) and ``text_offset`` (each token's
-    character offset in the completion, counted over the tokens' texts from ``offset``)."""
+    ``top_logprobs`` (``{text: logprob}`` per token: ``_top_with_sampled``) and
+    ``text_offset`` (each token's character offset in the completion, counted over the
+    tokens' texts from ``offset``)."""
     tokens = [piece(entry.token_id)[0] for entry in entries]
     offsets = []
     for text in tokens:
@@ -68,9 +69,21 @@ def completion_logprobs(entries: Sequence[TokenLogprob], piece: Piece, offset: i
     return {
         "tokens": tokens,
         "token_logprobs": [_sent(entry.logprob) for entry in entries],
-        "top_logprobs": [{piece(i)[0]: _sent(lp) for i, lp in entry.top} for entry in entries],
+        "top_logprobs": [_top_with_sampled(entry, piece) for entry in entries],
         "text_offset": offsets,
     }
+
+
+def _top_with_sampled(entry: TokenLogprob, piece: Piece) -> dict[str, float]:
+    """One token's legacy ``top_logprobs``: its n alternatives' ``{text: logprob}``, most
+    likely first, and always the sampled token's own, appended when it is not among them, so
+    up to n + 1 entries (``logprobs: 0``: just the sampled token). OpenAI: "The API will
+    always return the logprob of the sampled token, so there may be up to logprobs+1
+    elements"; vLLM does the same. Keyed by text, the sampled token's value wins over an
+    alternative with the same text (``top[tokens[i]] == token_logprobs[i]`` always holds)."""
+    top = {piece(i)[0]: _sent(lp) for i, lp in entry.top}
+    top[piece(entry.token_id)[0]] = _sent(entry.logprob)
+    return top
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from lorakit.serve.sampling import InvalidSamplingParam, SamplingParams
+from lorakit.serve.sampling import MAX_LOGPROBS, InvalidSamplingParam, SamplingParams
 
 __all__ = [
     "NEUTRAL_VALUES",
@@ -154,12 +154,27 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "use_beam_search": (False,),
     "length_penalty": (1, 1.0),
     "truncate_prompt_tokens": (),
+    # vLLM's sampling constraints: an output that ignored them would look valid but be
+    # unconstrained. An empty list of banned words or of processors asks for nothing; an
+    # empty ``allowed_token_ids`` or ``guided_choice`` would allow nothing, so only null is
+    # neutral there, as for ``prompt_logprobs`` (0 asks for the prompt tokens' own)
+    "bad_words": ([],),
+    "bad_words_ids": ([],),
+    "allowed_token_ids": (),
+    "logits_processors": ([],),
+    "guided_choice": (),
+    "guided_regex": (),
+    "guided_json": (),
+    "guided_grammar": (),
+    "structured_outputs": ({},),
+    "prompt_logprobs": (),
 }
 """OpenAI (and vLLM) request fields this server does not implement, with the values that ask
 for nothing (null or absent too; ``()``: only those): any other value is a 400 naming the
-field, never silently ignored (a client that asked for log-probabilities or a penalty would
-read a result computed without them). ``top_logprobs`` is refused the same way on
-``/v1/completions`` (whose ``logprobs`` is the count; chat implements it)."""
+field, never silently ignored (a client that asked for log-probabilities, a penalty or a
+constraint would read a result computed without them). ``top_logprobs`` is refused the same
+way on ``/v1/completions`` (whose ``logprobs`` is the count; chat implements it). Fields
+named nowhere here are ignored, as OpenAI's extensions a server may not know."""
 
 
 def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
@@ -223,8 +238,7 @@ def parse_job(body: dict[str, Any], *, chat: bool, max_tokens_limit: int) -> Com
             **_stopping_fields(body),
         )
     except InvalidSamplingParam as error:
-        field = "top_logprobs" if chat and error.field == "logprobs" else error.field
-        raise APIError(400, str(error), param=field) from None
+        raise APIError(400, str(error), param=error.field) from None
     stream = _field(body, "stream", (bool,), False)
     include_usage = _include_usage(body, stream)
     return CompletionJob(model, _prompt(body, chat), params, stream, chat, given, include_usage)
@@ -267,6 +281,13 @@ def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
     top = _field(body, "top_logprobs", (int,), None)
     if top is not None and not wanted:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    if top is not None and not 0 <= top <= MAX_LOGPROBS:
+        # checked here, not by SamplingParams, so the message names the field chat sent
+        raise APIError(
+            400,
+            f"'top_logprobs' must be in [0, {MAX_LOGPROBS}], got {top}",
+            param="top_logprobs",
+        )
     return (top or 0) if wanted else None
 
 
