@@ -25,11 +25,27 @@ from lorakit import functional
 from lorakit.layers.merging import Merging, unmerged
 from lorakit.layers.per_call import current_override, current_router
 
-__all__ = ["LoraLayer"]
+__all__ = ["LoraLayer", "round_through_base_dtype"]
 
 
 def _same_adapters(chosen: tuple[str, ...], merged: tuple[str, ...]) -> bool:
     return chosen == merged or (bool(merged) and set(chosen) == set(merged))
+
+
+def round_through_base_dtype(factors: Sequence[torch.Tensor], base_dtype: torch.dtype) -> None:
+    """Round float32 ``factors`` in place to the nearest ``base_dtype`` values when the base is
+    float16 or bfloat16 (``t = float32(base_dtype(t))``; they stay float32 tensors).
+
+    Why: PEFT draws the factors in float32, casts the adapter to the base dtype and back to
+    float32 (``autocast_adapter_dtype=True``), so its default-init factors on a half base are
+    the rounded draws; doing the same makes a seed give PEFT's factors bit for bit. Other
+    dtypes (a float32 or float64 base, a quantized base that reports float32, or factors not
+    in float32) are left as they are."""
+    if base_dtype not in (torch.float16, torch.bfloat16):
+        return
+    for factor in factors:
+        if factor.dtype == torch.float32:
+            factor.copy_(factor.to(base_dtype))
 
 
 class LoraLayer(Merging, nn.Module):

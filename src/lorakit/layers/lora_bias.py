@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lorakit import functional
+from lorakit.layers.base import round_through_base_dtype
 
 __all__ = ["LoraBiasMixin", "LoraBiases"]
 
@@ -44,7 +45,8 @@ class LoraBiasMixin:
         ``nn.Linear(r, d, bias=True)`` draws B and then its bias ``U(-1/sqrt(r), 1/sqrt(r))``,
         and only then does init True redraw A (kaiming-uniform) and zero B and b (False keeps
         the construction draws; ``LoraConfig`` takes ``lora_bias`` with these two only, as
-        PEFT). The same seed thus gives PEFT's A, B and b."""
+        PEFT); on a float16 / bfloat16 base all three are rounded through its dtype, as PEFT's
+        are. The same seed thus gives PEFT's A, B and b."""
         lora_A, lora_B = self._new_factors(rank, False, dtype)  # the two weights' draws
         bias = torch.empty(self.out_features, dtype=dtype, device=lora_B.device)
         bound = 1 / math.sqrt(rank)
@@ -53,6 +55,7 @@ class LoraBiasMixin:
             nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
             nn.init.zeros_(lora_B)
             nn.init.zeros_(bias)
+        round_through_base_dtype((lora_A, lora_B, bias), self.base_float_dtype)  # as PEFT's
         return lora_A, lora_B, bias
 
     def add_lora_bias(
