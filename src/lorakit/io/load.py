@@ -151,9 +151,23 @@ def _load_checked(
         e.module for e in to_load.tensors if e.role == "base_weight"
     }  # the file brings these
     checked = [e.module for e in to_load.tensors if e.role == "lora_A" and e.module not in replaced]
-    with_parameters = modules | parameter_stand_ins(to_load.parameter_targets, current)
+    fingerprinted = _fingerprinted_modules(current, modules)
+    with_parameters = fingerprinted | parameter_stand_ins(to_load.parameter_targets, current)
     check_base(model, adapter, checked, allow_base_mismatch, with_parameters)
     _apply(model, adapter, to_load, current, adapter_name, activate, adapter_dtype)
+
+
+def _fingerprinted_modules(
+    current: dict[str, nn.Module], modules: dict[str, nn.Module]
+) -> dict[str, nn.Module]:
+    """``{name: module}`` whose base weight the fingerprint check reads: the LoRA layer itself
+    where there is one (its ``original_weight`` is ``W0`` even while other adapters are merged,
+    the weight a save fingerprints), else the module of ``modules``. The module a merged layer
+    wraps holds ``W0 + s B A``, which no saved fingerprint fits."""
+    return {
+        name: layer if isinstance(layer, LoraLayer) else modules[name]
+        for name, layer in current.items()
+    }
 
 
 def _lora_factors(adapter: AdapterFile, to_load: LoadTargets) -> dict[str, dict[str, torch.Tensor]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shlex
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -167,16 +168,28 @@ def _named_adapters_in(directory: Path, most: int = 8) -> list[str]:
 
 
 def pickle_refusal(path: Path) -> AdapterFileError:
-    """The error for an ``adapter_model.bin``: why it is not opened and how to convert it."""
-    target = path.with_name(WEIGHTS_NAME)
+    """The error for an ``adapter_model.bin``: why it is not opened and how to convert it
+    (``conversion_command``)."""
     return AdapterFileError(
         f"{path} is a pickle file and lorakit never unpickles files (loading a pickle can run "
         "arbitrary code). If you trust its origin, convert it once to safetensors with: "
-        f'python -c "import torch; from safetensors.torch import save_file; '
-        f"state = torch.load('{path}', map_location='cpu', weights_only=True); "
-        f"save_file({{k: v.contiguous() for k, v in state.items()}}, '{target}', "
-        f"metadata={{'format': 'pt'}})\""
+        f"{conversion_command(path)}"
     )
+
+
+def conversion_command(path: Path) -> str:
+    """A POSIX shell command that converts the pickle ``path`` to ``adapter_model.safetensors``
+    beside it (``torch.load(..., weights_only=True)`` + ``save_file``). The Python code is a
+    constant and the two paths are its ``sys.argv``, each one ``shlex.quote``d word: a path
+    holding quotes, ``$``, backticks or spaces is neither broken nor changed by the shell."""
+    code = (
+        "import sys, torch; from safetensors.torch import save_file; "
+        'state = torch.load(sys.argv[1], map_location="cpu", weights_only=True); '
+        "save_file({k: v.contiguous() for k, v in state.items()}, sys.argv[2], "
+        'metadata={"format": "pt"})'
+    )
+    paths = (str(path), str(path.with_name(WEIGHTS_NAME)))
+    return " ".join(["python", "-c", *(shlex.quote(word) for word in (code, *paths))])
 
 
 def weights_path(directory: Path) -> Path:
