@@ -42,8 +42,8 @@ from torch import nn
 from lorakit.accounting import count_parameters
 from lorakit.config import LoraConfig
 from lorakit.errors import UnknownAdapterError
-from lorakit.inject import inject, unload
-from lorakit.merge import merge, merge_and_unload, unmerge
+from lorakit.inject import inject
+from lorakit.peft_merging import PeftMergingMixin
 from lorakit.peft_model_extras import PeftFilesMixin, base_dtype, remade_wrapper, wrapper_class
 from lorakit.peft_rows import batch_size, rows_routed
 from lorakit.state import (
@@ -82,7 +82,7 @@ def get_peft_model(
     return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)
 
 
-class PeftModel(PeftFilesMixin, nn.Module):
+class PeftModel(PeftFilesMixin, PeftMergingMixin, nn.Module):
     """PEFT's ``PeftModel`` methods around a transformers model that holds lorakit adapters.
 
     ``PeftModel(model, peft_config, adapter_name="default")`` injects the adapter, as
@@ -283,54 +283,6 @@ class PeftModel(PeftFilesMixin, nn.Module):
         """``trainable params: ... || all params: ... || trainable%: ...``"""
         print(count_parameters(self.model))
 
-    # ------------------------------------------------------------------ merging
-    def merge_adapter(
-        self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False
-    ) -> None:
-        """Fold the (active) adapters into the weights; ``unmerge_adapter`` undoes it exactly.
-        ``safe_merge`` is PEFT's argument: lorakit always checks the merged weights for
-        inf/NaN before installing any (``lorakit.merge``).
-
-        As in PEFT, the active adapters stay active (``active_adapters`` does not change, nor
-        does any ``requires_grad`` flag), and after every merge each LoRA layer computes PEFT's
-        result: a layer holding merged adapters (of this call or an earlier one) its merged
-        weight ``W0 + sum_a s_a B_a A_a`` alone, any other layer its active adapters
-        (``lorakit.state.compute_merged_per_layer``) until ``unmerge_adapter`` or
-        ``set_adapter``. After ``disable_adapter_layers`` it only merges (the active adapters
-        when no names are given); the model computes the base output until
-        ``enable_adapter_layers``, which applies that rule."""
-        if adapter_names is None and self._layers_disabled:  # PEFT merges the active ones
-            adapter_names = self.active_adapters
-        merge(self.model, adapter_names)
-        if not self._layers_disabled:
-            compute_merged_per_layer(self.model)
-
-    def unmerge_adapter(self) -> None:
-        """Undo every merge exactly; every layer computes the active adapters again."""
-        unmerge(self.model)
-        set_active(self.model, active_adapters(self.model), trainable=False)
-
-    def merge_and_unload(
-        self,
-        progressbar: bool = False,
-        safe_merge: bool = False,
-        adapter_names: Sequence[str] | None = None,
-    ) -> nn.Module:
-        """The plain transformers model with the (active) adapters folded into its weights.
-        PEFT's signature: ``progressbar`` (no bar is shown: the merge is one pass) and
-        ``safe_merge`` (always on: ``lorakit.merge`` checks before it installs) are accepted.
-        After ``disable_adapter_layers`` the active adapters are merged all the same, as in
-        PEFT."""
-        if adapter_names is None and self._layers_disabled:
-            adapter_names = self.active_adapters
-        return merge_and_unload(self.model, adapter_names)
-
-    def unload(self) -> nn.Module:
-        """The plain transformers model with its original weights (adapters dropped); as in
-        PEFT, a ``modules_to_save`` module is the active adapter's trained copy (the original
-        where no active adapter saves it). ``lorakit.unload`` gives every original back."""
-        return unload(self.model, keep_saved=self.active_adapters)
-
     def get_base_model(self) -> nn.Module:
         """The transformers model (holding the adapters)."""
         return self.model
@@ -361,44 +313,6 @@ class PeftModel(PeftFilesMixin, nn.Module):
         """Within the block row ``i`` of every forward adds adapter ``adapter_names[i]`` alone
         (``"__base__"``: none); inference only (``lorakit.peft_rows.rows_routed``)."""
         return rows_routed(self.model, adapter_names, batch)
-
-    # ------------------------------------------------------------------ combining
-    def add_weighted_adapter(
-        self,
-        adapters: Sequence[str],
-        weights: Sequence[float],
-        adapter_name: str,
-        combination_type: str = "svd",
-        svd_rank: int | None = None,
-        svd_clamp: float | None = None,
-        svd_full_matrices: bool = True,
-        svd_driver: str | None = None,
-        density: float | None = None,
-        majority_sign_method: str = "total",
-        *,
-        seed: int = 0,
-    ) -> None:
-        """PEFT's ``add_weighted_adapter``, with PEFT's arguments in PEFT's order (positional
-        calls work as in peft 0.21): a new adapter from ``adapters`` and ``weights``, every
-        method on the updates ``ΔW = s B A`` (``lorakit.combining.peft_names`` has the names,
-        the options and the PEFT methods refused because they combine A and B apart). ``seed``
-        (DARE's masks) is lorakit's, keyword-only. Refusals are ``ValueError``."""
-        from lorakit.combining.peft_names import add_weighted_adapter
-
-        add_weighted_adapter(
-            self.model,
-            adapters,
-            weights,
-            adapter_name,
-            combination_type,
-            svd_rank,
-            svd_clamp,
-            svd_full_matrices,
-            svd_driver,
-            density,
-            majority_sign_method,
-            seed=seed,
-        )
 
 
 def _check_config(config: Any) -> None:
