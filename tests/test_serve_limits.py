@@ -537,7 +537,7 @@ def test_a_non_ascii_admin_token_matches_the_bytes_a_client_sends():
     """HTTP clients send a header's UTF-8 bytes; Starlette decodes them as Latin-1."""
     from starlette.requests import Request
 
-    from lorakit.serve.app import _check_admin
+    from lorakit.serve.admin_routes import _check_admin
     from lorakit.serve.protocol import APIError
 
     settings = ServerSettings(model_name="base", admin_token="sécret-ü")

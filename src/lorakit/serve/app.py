@@ -16,7 +16,6 @@ event loop; a client that disconnects cancels its request and a full waiting que
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -34,17 +33,16 @@ from lorakit.errors import UserError
 from lorakit.serve import mixtures as mixing
 from lorakit.serve import prompts, protocol, request_body, responses
 from lorakit.serve.adapter_dirs import BrokenAdapterError
-from lorakit.serve.bank import AdapterInUseError, BankFullError
+from lorakit.serve.admin_routes import add_admin_routes
+from lorakit.serve.bank import BankFullError
 from lorakit.serve.engine import Engine
 from lorakit.serve.protocol import APIError
-from lorakit.serve.registry import AdapterGoneError, AdapterNameError, ServedAdapters
+from lorakit.serve.registry import AdapterGoneError, ServedAdapters
 from lorakit.serve.sampling import InvalidSamplingParam
 
 __all__ = ["ServerSettings", "create_app", "install_error_handlers"]
 
 log = logging.getLogger(__name__)
-
-_PARSED_INLINE = 64 << 10  # bodies up to this size are parsed on the event loop (fast)
 
 
 @dataclass(frozen=True)
@@ -81,7 +79,7 @@ def create_app(
     install_error_handlers(app)
     _add_status_routes(app, engine, adapters, settings)
     _add_generation_routes(app, engine, adapters, tokenizer, settings)
-    _add_admin_routes(app, adapters, settings)
+    add_admin_routes(app, adapters, settings)
     return app
 
 
@@ -134,7 +132,7 @@ def _add_generation_routes(
     mixtures = app.state.mixtures
 
     async def run_job(request: Request, chat: bool):
-        body = await read_json(request, settings.max_body_bytes)
+        body = await request_body.read_json(request, settings.max_body_bytes)
         job = protocol.parse_job(body, chat=chat, max_tokens_limit=settings.max_tokens_limit)
         prompt_ids = await run_in_threadpool(  # bounded work, but never on the event loop
             prompts.prompt_ids,
@@ -178,39 +176,6 @@ def _fit_max_tokens(
         ) from None
 
 
-def _add_admin_routes(app: FastAPI, adapters: ServedAdapters, settings: ServerSettings) -> None:
-    """vLLM's runtime adapter routes, behind the admin bearer token."""
-
-    @app.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(request: Request):
-        _check_admin(request, settings)
-        body = await read_json(request, settings.max_body_bytes)
-        name = _string(body, "lora_name")
-        path = body.get("lora_path")
-        try:
-            loaded = await run_in_threadpool(adapters.add, name, path)
-        except AdapterNameError as error:
-            raise APIError(400, str(error), param="lora_name") from None
-        except (UserError, ValueError) as error:
-            raise APIError(400, str(error), param="lora_path") from None
-        return {"status": "ok", "message": _added(name, loaded), "loaded": loaded}
-
-    @app.post("/v1/unload_lora_adapter")
-    async def unload_lora_adapter(request: Request):
-        _check_admin(request, settings)
-        body = await read_json(request, settings.max_body_bytes)
-        name = _string(body, "lora_name")
-        try:
-            await run_in_threadpool(adapters.remove, name)
-        except KeyError:
-            raise APIError(
-                404, f"adapter {name!r} is not loaded", param="lora_name", code="model_not_found"
-            ) from None
-        except AdapterInUseError as error:
-            raise APIError(409, str(error), param="lora_name") from None
-        return {"status": "ok", "message": f"LoRA adapter {name!r} removed"}
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, error: APIError) -> JSONResponse:
@@ -240,43 +205,6 @@ def install_error_handlers(app: FastAPI) -> None:
         log.exception("internal error")
         body = APIError(500, f"internal error: {type(error).__name__}", type="server_error")
         return JSONResponse(protocol.error_body(body), status_code=500)
-
-
-def _added(name: str, loaded: bool) -> str:
-    """The message of a runtime load: added, and loaded now or (every slot busy) later."""
-    if loaded:
-        return f"LoRA adapter {name!r} added"
-    return (
-        f"LoRA adapter {name!r} added; every adapter slot is in use now, so it is loaded on its "
-        "first request (as an adapter found at start-up)"
-    )
-
-
-def _check_admin(request: Request, settings: ServerSettings) -> None:
-    if not settings.admin_token:
-        raise APIError(
-            401,
-            "runtime adapter loading is disabled; start the server with an admin token "
-            "($LORAKIT_ADMIN_TOKEN or --admin-token-file)",
-            type="authentication_error",
-        )
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    # the header as its bytes (Starlette decodes them as Latin-1), against the token's UTF-8
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        token.strip().encode("latin-1"), settings.admin_token.encode()
-    ):
-        raise APIError(
-            401,
-            "missing or wrong admin token (Authorization: Bearer <token>)",
-            type="authentication_error",
-        )
-
-
-def _string(body: dict, name: str) -> str:
-    value = body.get(name)
-    if not isinstance(value, str) or not value:
-        raise APIError(400, f"'{name}' must be a non-empty string", param=name)
-    return value
 
 
 async def _adapter_for(
@@ -343,37 +271,3 @@ async def _mixture_for(
     except (UserError, KeyError) as error:  # an input replaced or unloaded meanwhile
         raise APIError(400, f"'{mixing.FIELD}': {error}", param=mixing.FIELD) from None
     return name
-
-
-async def read_json(request: Request, max_bytes: int) -> dict:
-    """The request's JSON object (``request_body.parse_body``), its body read only while it stays
-    within ``max_bytes``: a larger one is a 413 from its Content-Length (nothing read) or as
-    soon as the bytes received pass the limit (a chunked body), so a client cannot make the
-    server hold more than the limit in memory. A body over ``_PARSED_INLINE`` bytes is parsed
-    in a worker thread: its Unicode check (``request_body._require_unicode``) never stalls the
-    event loop."""
-    raw = await _bounded_body(request, max_bytes)
-    if len(raw) <= _PARSED_INLINE:
-        return request_body.parse_body(raw)
-    return await run_in_threadpool(request_body.parse_body, raw)
-
-
-async def _bounded_body(request: Request, max_bytes: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise _too_large(int(declared), max_bytes)
-    received = bytearray()
-    async for chunk in request.stream():
-        received += chunk
-        if len(received) > max_bytes:
-            raise _too_large(len(received), max_bytes, at_least=True)
-    return bytes(received)
-
-
-def _too_large(size: int, max_bytes: int, at_least: bool = False) -> APIError:
-    more = "more than " if at_least else ""
-    return APIError(
-        413,
-        f"request body of {more}{size} bytes exceeds the limit of {max_bytes} bytes",
-        code="request_too_large",
-    )

@@ -1,6 +1,7 @@
 """A request's raw body into its JSON object (``parse_body``), with ``protocol``'s 400s: not
 JSON, nested too deeply, or holding text that is not valid Unicode. Its cost is bounded by the
-body's size and nesting depth (``app.read_json`` parses a large body off the event loop)."""
+body's size and nesting depth (``read_json`` bounds the size as it reads and parses a large
+body off the event loop)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,18 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
 from lorakit.serve.protocol import APIError
 
-__all__ = ["parse_body"]
+__all__ = ["parse_body", "read_json"]
+
+_PARSED_INLINE = 64 << 10  # bodies up to this size are parsed on the event loop (fast)
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
-    """The JSON object of a request body (its size bounded as it was read: ``app.read_json``):
+    """The JSON object of a request body (its size bounded as it was read: ``read_json``):
     400 when not a JSON object, nested too deeply to parse, or holding a string that is not
     valid Unicode (a lone surrogate such as ``"\\ud800"``, which JSON allows but no tokenizer or
     UTF-8 encoder accepts). Memory beyond the parsed object: one iterator per nesting level."""
@@ -139,3 +145,37 @@ def _require_valid_text(text: str, what: str, path: str) -> None:
             f"{error.start}; send valid Unicode text",
             param=re.split(r"[.\[]", path, maxsplit=1)[0],
         ) from None
+
+
+async def read_json(request: Request, max_bytes: int) -> dict:
+    """The request's JSON object (``parse_body``), its body read only while it stays
+    within ``max_bytes``: a larger one is a 413 from its Content-Length (nothing read) or as
+    soon as the bytes received pass the limit (a chunked body), so a client cannot make the
+    server hold more than the limit in memory. A body over ``_PARSED_INLINE`` bytes is parsed
+    in a worker thread: its Unicode check (``request_body._require_unicode``) never stalls the
+    event loop."""
+    raw = await _bounded_body(request, max_bytes)
+    if len(raw) <= _PARSED_INLINE:
+        return parse_body(raw)
+    return await run_in_threadpool(parse_body, raw)
+
+
+async def _bounded_body(request: Request, max_bytes: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(int(declared), max_bytes)
+    received = bytearray()
+    async for chunk in request.stream():
+        received += chunk
+        if len(received) > max_bytes:
+            raise _too_large(len(received), max_bytes, at_least=True)
+    return bytes(received)
+
+
+def _too_large(size: int, max_bytes: int, at_least: bool = False) -> APIError:
+    more = "more than " if at_least else ""
+    return APIError(
+        413,
+        f"request body of {more}{size} bytes exceeds the limit of {max_bytes} bytes",
+        code="request_too_large",
+    )
