@@ -6,7 +6,9 @@ holds for ``svd`` and one adapter, where lorakit is exact."""
 
 from __future__ import annotations
 
+import copy
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -55,23 +57,22 @@ def test_layer_containers_are_the_prefixes_before_the_first_number():
     assert layer_containers(["lm_head", "model.embed_tokens"]) == frozenset()
 
 
-def test_adapters_of_different_bases_sharing_no_module_are_refused(tmp_path, capsys):
+def test_adapters_of_different_bases_sharing_no_module_are_warned_about(tmp_path, capsys):
     llama_dir, _ = _saved(
         tmp_path, "llama", llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
     )
     gpt2_dir, _ = _saved(
         tmp_path, "gpt2", gpt2(), lorakit.LoraConfig(r=4, target_modules=["c_attn"])
     )
-    with pytest.raises(UserError, match="different base models") as refused:
+    with pytest.warns(UserWarning, match="different base models") as caught:
         lorakit.combine([llama_dir, gpt2_dir])
-    message = str(refused.value)
+    message = str(caught[0].message)
     assert "model.layers" in message and "transformer.h" in message
     assert str(llama_dir) in message and str(gpt2_dir) in message
     capsys.readouterr()
     output = tmp_path / "out"
-    assert main(["combine", str(llama_dir), str(gpt2_dir), "--output", str(output)]) == 2
-    assert "different base models" in capsys.readouterr().err
-    assert not output.exists()
+    with pytest.warns(UserWarning, match="different base models"):
+        assert main(["combine", str(llama_dir), str(gpt2_dir), "--output", str(output)]) == 0
 
 
 def test_adapters_of_one_base_with_disjoint_targets_still_combine(tmp_path):
@@ -105,21 +106,72 @@ def _updates(label, modules, base=None, on_model=False) -> AdapterUpdates:
 
 
 def test_stacks_of_one_base_link_through_a_shared_module_a_base_name_or_the_model():
-    """An encoder's and a decoder's adapter of one model (disjoint stacks) are refused alone,
-    and combine when a third input links them, when both name the same base model, or when
-    both are on the model."""
+    """An encoder's and a decoder's adapter of one model (disjoint stacks) are warned about
+    alone, and combine silently when a third input links them, when both name the same base
+    model, when both are on the model, or when every module of both is one of the model's."""
     encoder, decoder = ["encoder.block.0.q", "encoder.block.1.q"], ["decoder.block.0.q"]
-    with pytest.raises(UserError, match=r"encoder\.block.*decoder\.block"):
+    with pytest.warns(UserWarning, match=r"encoder\.block.*decoder\.block"):
         check_compatible([_updates("enc", encoder), _updates("dec", decoder)])
-    check_compatible(
-        [_updates("enc", encoder), _updates("dec", decoder), _updates("both", encoder + decoder)]
-    )
-    check_compatible([_updates("enc", encoder, "t5-small"), _updates("dec", decoder, "t5-small")])
-    with pytest.raises(UserError, match="different base models"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_compatible(
+            [
+                _updates("enc", encoder),
+                _updates("dec", decoder),
+                _updates("both", encoder + decoder),
+            ]
+        )
+        check_compatible(
+            [_updates("enc", encoder, "t5-small"), _updates("dec", decoder, "t5-small")]
+        )
+        check_compatible(
+            [_updates("enc", encoder, on_model=True), _updates("dec", decoder, on_model=True)]
+        )
+        pair = [_updates("enc", encoder), _updates("dec", decoder, on_model=True)]
+        check_compatible(pair, model_modules=[*encoder, *decoder, "lm_head"])
+    with pytest.warns(UserWarning, match="different base models"):
         check_compatible([_updates("enc", encoder, "t5-small"), _updates("dec", decoder, "t5")])
-    check_compatible(
-        [_updates("enc", encoder, on_model=True), _updates("dec", decoder, on_model=True)]
+    with pytest.warns(UserWarning, match="different base models"):  # not all in the model
+        check_compatible(
+            [_updates("enc", encoder), _updates("dec", decoder)], model_modules=encoder
+        )
+
+
+def test_peft_encoder_and_decoder_adapters_of_one_t5_combine(tmp_path):
+    """PEFT writes base_model_name_or_path None for a model built from a config; its encoder
+    and decoder adapters combine as PEFT combines them (a warning without the model, none with
+    it), and the result is the sum of the two updates."""
+    import peft
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=64,
+        d_model=16,
+        d_kv=4,
+        d_ff=32,
+        num_layers=1,
+        num_heads=2,
+        decoder_start_token_id=0,
     )
+    base = T5ForConditionalGeneration(config).eval()
+    directories = []
+    for part in ("encoder", "decoder"):
+        targets = [f"{part}.block.0.layer.0.SelfAttention.q"]
+        wrapped = peft.get_peft_model(
+            copy.deepcopy(base),
+            peft.LoraConfig(r=2, target_modules=targets, init_lora_weights=False),
+        )
+        directory = tmp_path / part
+        wrapped.save_pretrained(directory)
+        directories.append(str(directory))
+    with pytest.warns(UserWarning, match="different base models"):
+        lorakit.combine(directories)
+    model = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = lorakit.combine(directories, model=model)
+    assert {name.split(".")[0] for name in _result_deltas(result)} == {"encoder", "decoder"}
 
 
 # ------------------------------------------------------------- PeftModel.add_weighted_adapter

@@ -312,8 +312,9 @@ def combine(
     rank = None if rank is None else int(rank)
     majority_sign_method = majority_sign_method or "total"
     seed = 0 if seed is None else int(seed)
-    sources = read_sources(adapters, None if model is None else adapter_model(model))
-    check_compatible(sources)
+    holder = None if model is None else adapter_model(model)
+    sources = read_sources(adapters, holder)
+    check_compatible(sources, None if holder is None else dict(holder.named_modules()))
     base_weights = carried_base_weights(sources)
     contributions = _contributions(sources, weights)
     if not contributions:

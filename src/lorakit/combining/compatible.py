@@ -1,16 +1,18 @@
 """Whether adapters may be combined at all: the same base model (``check_compatible``).
 
 Adapters that share a module must agree on its shape and kind, and on its base weights where both
-carry lorakit's base fingerprint (``lorakit.io.fingerprint``). Adapters that share no module
-must adapt layers of the same stacks (``model.layers`` ...), else they are of different base
-models (a Llama adapter on q_proj / v_proj and a GPT-2 one on c_attn share no module name, and the
-module checks alone would see nothing).
+carry lorakit's base fingerprint (``lorakit.io.fingerprint``). Adapters that share no module and
+adapt layers of different stacks (``model.layers`` vs ``transformer.h``) are warned about: a
+Llama adapter on q_proj / v_proj and a GPT-2 one on c_attn share no module name, and the module
+checks alone would see nothing; but one model's encoder and decoder adapters look the same, and
+PEFT combines those.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import warnings
+from collections.abc import Collection, Sequence
 
 from lorakit.combining.sources import AdapterUpdates, ModuleFactors, fingerprint_difference
 from lorakit.errors import BaseModelMismatchError, UserError
@@ -18,13 +20,16 @@ from lorakit.errors import BaseModelMismatchError, UserError
 __all__ = ["check_compatible", "layer_containers"]
 
 
-def check_compatible(sources: Sequence[AdapterUpdates]) -> None:
+def check_compatible(
+    sources: Sequence[AdapterUpdates], model_modules: Collection[str] | None = None
+) -> None:
     """Refuse (naming the module and both adapters) modules whose shape or kind differ between
-    adapters, and base fingerprints that differ; and adapters that share no module and adapt
-    layers of different stacks (``_refuse_different_stacks``). ``BaseModelMismatchError`` /
-    ``UserError``."""
+    adapters, and base fingerprints that differ (``BaseModelMismatchError`` / ``UserError``);
+    warn about adapters that share no module and adapt layers of different stacks
+    (``_warn_different_stacks``; ``model_modules``: the module names of the model given, if
+    any, which every module of an adapter of that model is one of)."""
     _check_shared_modules(sources)
-    _refuse_different_stacks(sources)
+    _warn_different_stacks(sources, model_modules)
 
 
 def _check_shared_modules(sources: Sequence[AdapterUpdates]) -> None:
@@ -74,16 +79,20 @@ def layer_containers(modules: Sequence[str]) -> frozenset[str]:
     return frozenset(m.group(1) for m in map(_INDEXED.match, modules) if m is not None)
 
 
-def _refuse_different_stacks(sources: Sequence[AdapterUpdates]) -> None:
+def _warn_different_stacks(
+    sources: Sequence[AdapterUpdates], model_modules: Collection[str] | None
+) -> None:
     """Adapters of different base models may share no module name at all (a Llama adapter on
     ``q_proj``/``v_proj``, a GPT-2 one on ``c_attn``), and then the module checks see nothing.
     Two adapters are taken to be of one base when they share a module, share a layer stack
-    (``layer_containers``), are both on the model, or name the same ``base_model_name_or_path``;
-    and so are adapters linked through others. ``UserError`` when two adapters that both adapt
-    numbered layers stay unlinked: their stacks differ (``model.layers`` vs ``transformer.h``),
-    so they belong to different base models. Adapters of one base with other targets (q_proj
-    vs v_proj) share the stack; one that adapts only ``lm_head`` / embeddings has no stack and
-    is never refused here."""
+    (``layer_containers``), both fit the model given (on it, or every module of theirs one of
+    ``model_modules``), or name the same ``base_model_name_or_path``; and so are adapters linked
+    through others. When two adapters that both adapt numbered layers stay unlinked (stacks
+    ``model.layers`` vs ``transformer.h``) a warning names both: they may be of different base
+    models, and the result would fit neither; they may also be one model's encoder and decoder
+    adapters, or saved from one model under two names, which PEFT combines, and so does lorakit.
+    Adapters of one base with other targets (q_proj vs v_proj) share the stack; one that adapts
+    only ``lm_head`` / embeddings has no stack and is never judged here."""
     stacks = [layer_containers(list(source.modules)) for source in sources]
     group = list(range(len(sources)))  # union-find over the sources
 
@@ -92,34 +101,44 @@ def _refuse_different_stacks(sources: Sequence[AdapterUpdates]) -> None:
             index = group[index]
         return index
 
+    fits = [_fits(source, model_modules) for source in sources]
     for i in range(len(sources)):
         for j in range(i):
-            if _same_base(sources[i], sources[j], stacks[i], stacks[j]):
+            if (fits[i] and fits[j]) or _same_base(sources[i], sources[j], stacks[i], stacks[j]):
                 group[root(i)] = root(j)
     judged = [i for i, found in enumerate(stacks) if found]
     for i in judged[1:]:
         if root(i) != root(judged[0]):
             first = judged[0]
-            raise UserError(_different_stacks(sources[first], stacks[first], sources[i], stacks[i]))
+            message = _different_stacks(sources[first], stacks[first], sources[i], stacks[i])
+            warnings.warn(message, UserWarning, stacklevel=4)
+            return
+
+
+def _fits(source: AdapterUpdates, model_modules: Collection[str] | None) -> bool:
+    """The adapter is on the model given, or every module of it is one of the model's."""
+    if source.on_model:
+        return True
+    return model_modules is not None and set(source.modules) <= set(model_modules)
 
 
 def _same_base(first, second, first_stacks, second_stacks) -> bool:
-    """Whether two adapters are known to be of one base (``_refuse_different_stacks``)."""
+    """Whether two adapters are known to be of one base (``_warn_different_stacks``)."""
     named = first.config.base_model_name_or_path
     return bool(
         first.modules.keys() & second.modules.keys()
         or first_stacks & second_stacks
-        or (first.on_model and second.on_model)
         or (named and named == second.config.base_model_name_or_path)
     )
 
 
 def _different_stacks(first, first_stacks, other, other_stacks) -> str:
-    """The message of ``_refuse_different_stacks``."""
+    """The message of ``_warn_different_stacks``."""
     return (
         f"{first.label} adapts layers of {', '.join(sorted(first_stacks))} and {other.label} "
-        f"layers of {', '.join(sorted(other_stacks))}, and they share no module: these adapters "
-        "belong to different base models and cannot be combined. Combine adapters of one base "
-        "model (if they are of one, e.g. an encoder's and a decoder's adapter, write its name as "
-        "base_model_name_or_path in both adapter_config.json files)."
+        f"layers of {', '.join(sorted(other_stacks))}, and they share no module: if they are "
+        "adapters of different base models, the combined adapter fits neither (lorakit refuses "
+        "it on load; peft skips the modules it does not find). Combine adapters of one base "
+        "model; for one model's adapters (an encoder's and a decoder's), pass the model "
+        "(model=...) or give both the same base_model_name_or_path, and this warning goes."
     )
