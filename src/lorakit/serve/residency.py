@@ -18,7 +18,8 @@ __all__ = ["AdapterInUseError", "BankFullError", "Residency"]
 
 
 class BankFullError(RuntimeError):
-    """Every slot holds an adapter that is pinned or used by a running request."""
+    """No room for an adapter now: every slot, or too many of the pages its layers' pools hold,
+    belong to adapters pinned or used by running requests (the message says which)."""
 
 
 class AdapterInUseError(RuntimeError):
@@ -124,11 +125,46 @@ class Residency:
                 f"a bank whose pools for its layers hold {limit} pages; raise --adapter-memory."
             )
         if not self.has_room(pages, limit):
-            raise BankFullError(
-                f"all {self.slots} adapter slots or {self.pages} pages are pinned or used by "
-                "running requests; raise the capacity (--max-adapters / --adapter-memory), "
-                "unpin, or retry later."
+            raise BankFullError(self._what_ran_out(pages, limit, page_rank))
+
+    def _what_ran_out(self, pages: int, limit: int, page_rank: int) -> str:
+        """``require_room``'s message: which of the two ran out, with its numbers and the option
+        that adds more. Slots: none free and every held adapter pinned or used by a running
+        request (--max-adapters). Pages: below ``limit`` (the shortest pool of the adapter's
+        layers), free + freeable by evicting idle adapters < ``pages``; the rest of them are held
+        by adapters pinned or in use (--adapter-memory)."""
+        held = [name for name in self._slot_of if not self.evictable(name)]
+        in_use = sum(1 for name in held if self._in_use.get(name))
+        reasons = []
+        if not self._free_slots and len(held) == len(self._slot_of):
+            reasons.append(
+                f"all {self.slots} adapter slots hold adapters pinned or used by running "
+                f"requests ({in_use} in use, {len(held) - in_use} pinned and idle); "
+                "raise --max-adapters"
             )
+        free = self.free_pages.free_below(limit)
+        freeable = sum(
+            self._pages_below(name, limit) for name in self._slot_of if self.evictable(name)
+        )
+        if free + freeable < pages:
+            taken = sum(self._pages_below(name, limit) for name in held)
+            holders = sum(1 for name in held if self._pages_below(name, limit))
+            where = (
+                f"the bank's {self.pages} pages"
+                if limit >= self.pages
+                else f"the {limit} pages the pools of its layers hold (their layer shares of "
+                f"the bank's {self.pages})"
+            )
+            reasons.append(
+                f"an adapter of rank up to {pages * page_rank} needs {pages} of {where}: "
+                f"{free} are free, {freeable} more can be freed by evicting idle adapters, and "
+                f"{taken} are held by {holders} adapter(s) pinned or used by running requests; "
+                "raise --adapter-memory"
+            )
+        if not reasons:  # (has_room and this account disagree: say what is known)
+            reasons.append(f"no room among the bank's {self.slots} slots and {self.pages} pages")
+        unpin = ", unpin an adapter" if self._pinned else ""
+        return "; ".join(reasons) + f"{unpin}, or retry later when running requests finish."
 
     def take(
         self, pages: int, limit: int, from_end: bool, evict: Callable[[str], None]
