@@ -281,11 +281,27 @@ def _switchable(model: nn.Module) -> list[nn.Module]:
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Remove one adapter's tensors and config (its merge, if any, is undone first)."""
+    """Remove one adapter's tensors and config (its merge, if any, is undone first).
+
+    All or nothing, as ``lorakit.merge``: where the adapter is merged, the other merged
+    adapters are merged back, and every layer's re-merge is computed and checked
+    (``LoraLayer.prepare_delete``) before any layer changes; a ValueError (a remaining
+    adapter holds inf/NaN) names the module and leaves the model as it was."""
     state = _require(model, [adapter_name])
-    for _, layer in lora_layers(model):
-        if adapter_name in layer.ranks:
-            layer.delete_adapter(adapter_name)
+    layers = [(path, layer) for path, layer in lora_layers(model) if adapter_name in layer.ranks]
+    remerges = []
+    for path, layer in layers:
+        try:
+            remerges.append(layer.prepare_delete(adapter_name))
+        except ValueError as error:  # name the layer: the message names the adapters only
+            error.args = (
+                f"module {path!r}: deleting merged adapter {adapter_name!r} merges the others "
+                f"back: {error} Fix that adapter, or unmerge (lorakit.unmerge) before deleting.",
+                *error.args[1:],
+            )
+            raise
+    for (_, layer), remerge in zip(layers, remerges, strict=True):
+        layer.delete_adapter(adapter_name, remerge)
     for _, wrapper in saved_modules(model):
         if adapter_name in wrapper.modules_to_save:
             wrapper.delete_adapter(adapter_name)

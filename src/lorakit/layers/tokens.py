@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit import functional
+from lorakit.layers.base import LoraLayer
 from lorakit.layers.embedding import times_embed_scale
 from lorakit.layers.per_call import current_override
 from lorakit.layers.saved import ModulesToSave
@@ -181,10 +182,40 @@ def _check_embedding(model: nn.Module, name: str, module: nn.Module, indices: li
             f"trainable_token_indices for {name!r}: {bad} outside the vocabulary "
             f"(0..{module.num_embeddings - 1})."
         )
-    output = getattr(model, "get_output_embeddings", lambda: None)()
-    if output is not None and getattr(output, "weight", None) is module.weight:
+    if _tied_to_output(model, module):
         raise ValueError(
             f"trainable_token_indices on {name!r}, whose weight is tied to the output layer: "
             "not implemented in lorakit (PEFT also changes the output layer's rows); untie "
             "the embeddings (tie_word_embeddings=False) or leave out trainable_token_indices."
         )
+
+
+def _tied_to_output(model: nn.Module, embedding: nn.Module) -> bool:
+    """Whether ``embedding`` (an original module) and the model's output layer were built on
+    one weight Parameter. Decided on the unwrapped modules' ORIGINAL weights, so that what
+    wraps them now changes nothing (inject and ``load_adapter`` on a fresh model then give
+    the same answer): the output layer is looked for inside saved-module wrappers
+    (``original_module``) and LoRA layers (``base_layer``), and a weight a merged LoRA layer
+    installed stands for the original it keeps aside (merging unties a tied weight only until
+    ``unmerge``, which puts the shared Parameter back)."""
+    output = getattr(model, "get_output_embeddings", lambda: None)()
+    while isinstance(output, (ModulesToSave, LoraLayer)):
+        output = output.original_module if isinstance(output, ModulesToSave) else output.base_layer
+    output_weight = getattr(output, "weight", None)
+    if output_weight is None:
+        return False
+    originals = _merged_originals(model)
+    original = originals.get(id(output_weight), output_weight)
+    return original is originals.get(id(embedding.weight), embedding.weight)
+
+
+def _merged_originals(model: nn.Module) -> dict[int, torch.Tensor]:
+    """``{id(merged weight): original weight}`` for every merged LoRA layer of ``model`` that
+    installed its merged weight in the base (a quantized base keeps it aside: not listed)."""
+    originals = {}
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            state, original = module.read_merge_state()
+            if state.adapters and state.weight is not None and state.original is not None:
+                originals[id(state.weight)] = original
+    return originals
