@@ -121,3 +121,38 @@ def test_round_through_base_dtype_rounds_only_float32_factors_on_half_bases():
     factor64 = values.double()
     round_through_base_dtype([factor64], torch.bfloat16)
     assert torch.equal(factor64, values.double())
+
+
+KEPT_HALF = [(make, init) for make in (_llama, _gpt2) for init in INITS] + [
+    (_llama_lora_bias, init)
+    for init in (True, False)  # (lora_bias takes these two, as PEFT)
+]
+
+
+@pytest.mark.parametrize(("make", "init"), KEPT_HALF, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_factors_kept_in_the_half_base_dtype_equal_peft_bitwise(make, init):
+    """``autocast_adapter_dtype=False`` (the adapter in the base's bfloat16): PEFT draws in
+    float32 and casts; a draw in bfloat16 itself lands elements near a rounding boundary
+    elsewhere (up to 1.0 apart before)."""
+    base, targets = make(torch.bfloat16)
+    fields = dict(r=4, lora_alpha=8, init_lora_weights=init, **targets)
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(
+            copy.deepcopy(base), peft.LoraConfig(**fields), autocast_adapter_dtype=False
+        )
+        torch.manual_seed(1)
+        ours = lorakit.get_peft_model(
+            copy.deepcopy(base), lorakit.LoraConfig(**fields), autocast_adapter_dtype=False
+        )
+    their_state = {
+        k.removeprefix("base_model.model."): v
+        for k, v in theirs.state_dict().items()
+        if "lora_" in k
+    }
+    our_state = {k: v for k, v in ours.model.state_dict().items() if "lora_" in k}
+    assert set(their_state) == set(our_state)
+    for key, value in their_state.items():
+        assert value.dtype == our_state[key].dtype == torch.bfloat16, key
+        assert torch.equal(our_state[key], value), (key, (our_state[key] - value).abs().max())

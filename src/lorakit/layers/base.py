@@ -26,11 +26,19 @@ from lorakit import functional
 from lorakit.layers.merging import Merging, unmerged
 from lorakit.layers.per_call import current_override, current_router
 
-__all__ = ["LoraLayer", "round_through_base_dtype"]
+__all__ = ["LoraLayer", "drawing_dtype", "round_through_base_dtype"]
 
 
 def _same_adapters(chosen: tuple[str, ...], merged: tuple[str, ...]) -> bool:
     return chosen == merged or (bool(merged) and set(chosen) == set(merged))
+
+
+def drawing_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype new factors are drawn in: float32 for 16-bit factors (cast afterwards), else
+    ``dtype``. PEFT draws in float32 (``nn.Linear``'s default) and casts to the base dtype when
+    the adapter is to have it (``autocast_adapter_dtype=False``); a draw in bfloat16 itself
+    lands elements near a rounding boundary on other values."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def round_through_base_dtype(factors: Sequence[torch.Tensor], base_dtype: torch.dtype) -> None:
@@ -322,15 +330,17 @@ class LoraLayer(Merging, nn.Module):
     def _new_factors(
         self, rank: int, init: bool | str | None, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """New A and B of ``factor_shapes(rank)`` on the base weight's device, initialised by
-        ``init_factors`` (left uninitialised when ``init`` is None)."""
+        """New A and B of ``factor_shapes(rank)`` in ``dtype`` on the base weight's device,
+        initialised by ``init_factors`` (left uninitialised when ``init`` is None); drawn in
+        float32 and then cast where ``dtype`` is 16-bit (``drawing_dtype``)."""
         device = self.base_device
         shape_A, shape_B = self.factor_shapes(rank)
-        lora_A = torch.empty(shape_A, device=device, dtype=dtype)
-        lora_B = torch.empty(shape_B, device=device, dtype=dtype)
+        drawn = drawing_dtype(dtype) if init is not None else dtype
+        lora_A = torch.empty(shape_A, device=device, dtype=drawn)
+        lora_B = torch.empty(shape_B, device=device, dtype=drawn)
         if init is not None:
             self.init_factors(lora_A, lora_B, init)
-        return lora_A, lora_B
+        return lora_A.to(dtype), lora_B.to(dtype)
 
     def prepare_delete(self, adapter_name: str) -> tuple | None:
         """The re-merge that deleting ``adapter_name`` installs when it is merged: what

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lorakit import functional
-from lorakit.layers.base import round_through_base_dtype
+from lorakit.layers.base import drawing_dtype, round_through_base_dtype
 
 __all__ = ["LoraBiasMixin", "LoraBiases"]
 
@@ -47,8 +47,9 @@ class LoraBiasMixin:
         the construction draws; ``LoraConfig`` takes ``lora_bias`` with these two only, as
         PEFT); on a float16 / bfloat16 base all three are rounded through its dtype, as PEFT's
         are. The same seed thus gives PEFT's A, B and b."""
-        lora_A, lora_B = self._new_factors(rank, False, dtype)  # the two weights' draws
-        bias = torch.empty(self.out_features, dtype=dtype, device=lora_B.device)
+        drawn = drawing_dtype(dtype)  # (float32 for 16-bit factors, cast at the end)
+        lora_A, lora_B = self._new_factors(rank, False, drawn)  # the two weights' draws
+        bias = torch.empty(self.out_features, dtype=drawn, device=lora_B.device)
         bound = 1 / math.sqrt(rank)
         nn.init.uniform_(bias, -bound, bound)
         if init is True:
@@ -56,7 +57,7 @@ class LoraBiasMixin:
             nn.init.zeros_(lora_B)
             nn.init.zeros_(bias)
         round_through_base_dtype((lora_A, lora_B, bias), self.base_float_dtype)  # as PEFT's
-        return lora_A, lora_B, bias
+        return lora_A.to(dtype), lora_B.to(dtype), bias.to(dtype)
 
     def add_lora_bias(
         self, adapter_name: str, init: bool | str | None, bias: torch.Tensor | None = None
