@@ -30,3 +30,34 @@ def test_an_output_dir_that_is_a_file_is_refused_before_the_first_step(tmp_path)
     after = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert target.read_text() == "x"
+
+
+class _Tokenized(list):
+    """Stands for a tokenized split: its examples and how many ``max_length`` shortened."""
+
+    def __init__(self, size: int, truncated: int) -> None:
+        super().__init__(range(size))
+        self.num_truncated = truncated
+
+
+def test_the_truncation_warning_says_evaluate_for_evaluation_data(capsys):
+    """Evaluation examples are evaluated, not trained on (the warning said 'to train on them')."""
+    from lorakit.train.run import _announce
+
+    model = tiny_models.llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    tokenized = {"train": _Tokenized(8, 2), "eval": _Tokenized(5, 1)}
+    _announce(model, tokenized, TrainingConfig(batch_size=4, max_steps=2), max_length=64)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].endswith("were shortened; raise --max-length to train on them whole")
+    assert lines[1].startswith("lorakit: warning: 1 of 5 evaluation examples")
+    assert lines[1].endswith("were shortened; raise --max-length to evaluate them whole")
+
+
+def test_a_jsonl_file_of_blank_lines_is_not_called_empty(tmp_path):
+    from lorakit.data.formats import read_jsonl
+
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n\n")
+    with pytest.raises(UserError, match="empty or holds only blank lines"):
+        read_jsonl(blank)

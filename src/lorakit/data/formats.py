@@ -53,7 +53,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Example]:
                 raise UserError(f"{where}: not valid JSON ({error})") from None
             examples.append(_example_from_record(record, where))
     if not examples:
-        raise UserError(f"{path}: no examples (the file is empty)")
+        raise UserError(f"{path}: no examples (the file is empty or holds only blank lines)")
     return examples
 
 

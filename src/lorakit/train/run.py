@@ -146,12 +146,12 @@ def _announce(model, tokenized: dict, training, max_length: int, resumed_state=N
     from lorakit.train.batches import BatchOrder
     from lorakit.train.resume import planned_run
 
-    for part, kind in (("train", "training"), ("eval", "evaluation")):
+    for part, kind, use in (("train", "training", "train on"), ("eval", "evaluation", "evaluate")):
         if part in tokenized and tokenized[part].num_truncated:
             print(
                 f"lorakit: warning: {tokenized[part].num_truncated} of {len(tokenized[part])} "
                 f"{kind} examples are longer than --max-length {max_length} tokens and were "
-                "shortened; raise --max-length to train on them whole",
+                f"shortened; raise --max-length to {use} them whole",
                 file=sys.stderr,
             )
     processes = int(os.environ.get("WORLD_SIZE", "1"))
