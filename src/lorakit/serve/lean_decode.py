@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.layers import current_router
-from lorakit.serve.row_rope import per_row
+from lorakit.serve.row_rope import length_dependent_rotaries, per_row
 from lorakit.serve.siblings import SiblingGroup
 
 __all__ = ["LeanDecoder", "lean_decoder", "unsupported_reason"]
@@ -121,7 +121,8 @@ class LeanDecoder:
             raise ValueError(f"LeanDecoder cannot run this model: {reason}")
         inner = model.model
         self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
-        per_row(self.rotary)  # ``dynamic`` / ``longrope``: each row's own frequencies (row_rope)
+        if self.rotary in length_dependent_rotaries(inner.rotary_emb):
+            per_row(self.rotary)  # ``dynamic`` / ``longrope``: each row's own frequencies
         self.lm_head = model.lm_head
         layers = inner.layers[: model.config.num_hidden_layers]
         self.blocks = [_Block(layer, model.config, fuse=fuse_siblings) for layer in layers]
