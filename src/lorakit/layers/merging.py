@@ -13,6 +13,7 @@ module (an output embedding) is never changed behind that module's back.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -86,6 +87,33 @@ class Merging:
                 "changed."
             )
         return to_merge, merged
+
+    def prepare_delete(self, adapter_name: str) -> tuple | None:
+        """The re-merge that deleting ``adapter_name`` installs when it is merged: what
+        ``prepare_merge`` gives for the other merged adapters on the unmerged layer,
+        ``W0 + sum_{a merged, a != name} s_a B_a A_a`` (the base's own rounding, a merged
+        ``lora_bias`` bias, a quantized base's float weight). None when there is nothing to
+        re-merge (``adapter_name`` not merged, or merged alone: unmerging is all).
+
+        Changes nothing (computed on an unmerged view of the layer), so a caller can prepare
+        every layer before deleting from any; raises ValueError (``prepare_merge``'s) where a
+        remaining adapter would put inf/NaN into the weight."""
+        merged = self.merged_adapters
+        still_merged = [name for name in merged if name != adapter_name]
+        if adapter_name not in merged or not still_merged:
+            return None
+        return self._unmerged_view().prepare_merge(still_merged)
+
+    def _unmerged_view(self) -> Merging:
+        """A shallow copy of this layer that reads as unmerged: no merged adapters, and its
+        live weight the original one kept aside. It shares every tensor and submodule (nothing
+        is copied) and is for reading only (``prepare_delete``); the layer is not touched."""
+        _, original = self.read_merge_state()
+        view = copy.copy(self)
+        view.__dict__["_merge_state"] = unmerged()
+        if original is not None:  # (a quantized base keeps no float original: nothing to read)
+            view.__dict__["live_weight"] = lambda: original
+        return view
 
     def install_merge(self, prepared: tuple[tuple[str, ...], torch.Tensor]) -> None:
         """Install a weight from ``prepare_merge``, keeping the original Parameter for unmerge.
