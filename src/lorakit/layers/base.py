@@ -331,7 +331,9 @@ class LoraLayer(Merging, nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """New A and B of ``factor_shapes(rank)`` in ``dtype`` on the base weight's device,
         initialised by ``init_factors`` (left uninitialised when ``init`` is None); drawn in
-        float32 and then cast where ``dtype`` is 16-bit (``drawing_dtype``)."""
+        float32 and then cast where ``dtype`` is 16-bit (``drawing_dtype``). The default inits
+        (True, False, "gaussian") on a float16 / bfloat16 base are rounded through its dtype
+        first (``round_through_base_dtype``), as PEFT's cast to it and back rounds them."""
         device = self.base_device
         shape_A, shape_B = self.factor_shapes(rank)
         drawn = drawing_dtype(dtype) if init is not None else dtype
@@ -339,6 +341,8 @@ class LoraLayer(Merging, nn.Module):
         lora_B = torch.empty(shape_B, device=device, dtype=drawn)
         if init is not None:
             self.init_factors(lora_A, lora_B, init)
+        if init is True or init is False or init == "gaussian":  # (not the from-W0/data inits)
+            round_through_base_dtype((lora_A, lora_B), self.base_float_dtype)  # as PEFT's
         return lora_A.to(dtype), lora_B.to(dtype)
 
     def delete_adapter(self, adapter_name: str, remerge: tuple | None = None) -> None:

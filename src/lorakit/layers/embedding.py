@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit import fast, functional
-from lorakit.layers.base import LoraLayer, round_through_base_dtype
+from lorakit.layers.base import LoraLayer
 
 __all__ = ["LoraEmbedding", "times_embed_scale"]
 
@@ -35,16 +35,13 @@ class LoraEmbedding(LoraLayer):
 
         The draws follow PEFT's, so a seed gives PEFT's factors (and leaves the generator where
         PEFT leaves it, for the layers after): PEFT creates A and B with ``randn``, then resets
-        them, drawing B a second time. On a float16/bfloat16 base the factors of True, False
-        and "gaussian" are then rounded through the base dtype, as PEFT's are by its cast to the
-        base dtype and back to float32 (``base.round_through_base_dtype``)."""
+        them, drawing B a second time. On a float16/bfloat16 base ``_new_factors`` then rounds
+        them through the base dtype, as PEFT's are by its cast to the base dtype and back."""
         nn.init.normal_(lora_A)
         nn.init.normal_(lora_B)
         if init is not False:
             nn.init.zeros_(lora_A)
             nn.init.normal_(lora_B)
-        if init is True or init is False or init == "gaussian":
-            round_through_base_dtype((lora_A, lora_B), self.base_float_dtype)
 
     def store_factors(self, adapter_name: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         self.lora_embedding_A[adapter_name] = nn.Parameter(lora_A)

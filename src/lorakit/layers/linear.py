@@ -18,7 +18,7 @@ from torch import nn
 
 from lorakit import fast, functional
 from lorakit.fast.linear import as_dtype
-from lorakit.layers.base import LoraLayer, round_through_base_dtype
+from lorakit.layers.base import LoraLayer
 from lorakit.layers.dora import Magnitude, RowNorms
 from lorakit.layers.lora_bias import LoraBiases, LoraBiasMixin
 
@@ -70,9 +70,9 @@ class LoraLinear(LoraBiasMixin, LoraLayer):
         kaiming-uniform (B != 0, for tests); "eva", "pissa*", "olora": A as drawn, B = 0 (set
         later from data or W0). Both are first drawn as ``nn.Linear(k, r)`` and
         ``nn.Linear(r, d)`` would draw them (as PEFT's layers do), so a seed gives the values it
-        always gave. On a float16/bfloat16 base the True / False / "gaussian" factors are then
-        rounded through the base dtype (``round_through_base_dtype``), so that a seed gives
-        PEFT's factors there too; the from-W0 and from-data inits are not rounded."""
+        always gave. On a float16/bfloat16 base ``_new_factors`` then rounds the True / False /
+        "gaussian" factors through the base dtype, so that a seed gives PEFT's factors there
+        too; the from-W0 and from-data inits are not rounded."""
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
         nn.init.kaiming_uniform_(lora_B, a=math.sqrt(5))
         if init is True:
@@ -83,8 +83,6 @@ class LoraLinear(LoraBiasMixin, LoraLayer):
         elif init == "gaussian":
             nn.init.normal_(lora_A, std=1 / lora_A.shape[0])
             nn.init.zeros_(lora_B)
-        if init is True or init is False or init == "gaussian":
-            round_through_base_dtype((lora_A, lora_B), self.base_float_dtype)
 
     def _apply(self, fn, recurse: bool = True):
         """``nn.Module._apply`` (behind ``.to()``, ``.half()``, ``.float()``), then forget the

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lorakit import functional
-from lorakit.layers.base import LoraLayer, _same_adapters, round_through_base_dtype
+from lorakit.layers.base import LoraLayer, _same_adapters
 from lorakit.layers.linear import _factor
 
 __all__ = ["LoraParameter", "owner_of", "parameter_layout"]
@@ -129,17 +129,17 @@ class LoraParameter(LoraLayer):
 
     def init_factors(self, lora_A: torch.Tensor, lora_B: torch.Tensor, init: bool | str) -> None:
         """As PEFT's ``ParamWrapper``: A kaiming-uniform (``nn.Linear(k, E r)``'s draw), B = 0;
-        "gaussian": A ~ N(0, 1/r^2) with r the rank per expert; False: B kaiming-uniform too. On
-        a float16 / bfloat16 base rounded through its dtype, as PEFT's are."""
+        "gaussian": A ~ N(0, 1/r^2) with r the rank per expert; False: B kaiming-uniform too (on a
+        float16 / bfloat16 base ``_new_factors`` rounds them through its dtype, as PEFT's are)."""
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
         nn.init.kaiming_uniform_(lora_B, a=math.sqrt(5))
-        if init is not False:
-            if init == "gaussian":
-                nn.init.normal_(lora_A, std=max(1, self.num_experts) / lora_A.shape[0])
-            else:
-                nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-            nn.init.zeros_(lora_B)
-        round_through_base_dtype((lora_A, lora_B), self.base_float_dtype)  # as PEFT's (half base)
+        if init is False:
+            return
+        if init == "gaussian":
+            nn.init.normal_(lora_A, std=max(1, self.num_experts) / lora_A.shape[0])
+        else:
+            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        nn.init.zeros_(lora_B)
 
     def store_factors(self, adapter_name: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         self.lora_A[adapter_name] = _factor(lora_A)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.layers import current_router
-from lorakit.serve.row_rope import length_dependent_rotaries, per_row
+from lorakit.serve.row_rope import is_length_dependent, per_row
 from lorakit.serve.siblings import SiblingGroup
 
 __all__ = ["LeanDecoder", "lean_decoder", "unsupported_reason"]
@@ -121,7 +121,7 @@ class LeanDecoder:
             raise ValueError(f"LeanDecoder cannot run this model: {reason}")
         inner = model.model
         self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
-        if self.rotary in length_dependent_rotaries(inner.rotary_emb):
+        if is_length_dependent(self.rotary):
             per_row(self.rotary)  # ``dynamic`` / ``longrope``: each row's own frequencies
         self.lm_head = model.lm_head
         layers = inner.layers[: model.config.num_hidden_layers]

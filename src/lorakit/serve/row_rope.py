@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["length_dependent_rotaries", "per_row", "recompute_length"]
+__all__ = ["is_length_dependent", "length_dependent_rotaries", "per_row", "recompute_length"]
 
 
 def _kind(module: nn.Module, layer_type: str | None) -> str:
@@ -46,7 +46,9 @@ def _kind(module: nn.Module, layer_type: str | None) -> str:
     return str(kind)
 
 
-def _is_length_dependent(module: nn.Module) -> bool:
+def is_length_dependent(module: nn.Module) -> bool:
+    """Whether ``module``'s rotary kind (or one of its per-layer-type kinds) is ``dynamic`` or
+    ``longrope``."""
     kinds = getattr(module, "rope_type", None)
     kinds = kinds.values() if isinstance(kinds, dict) else [kinds]
     return any("dynamic" in str(k) or "longrope" in str(k) for k in kinds)
@@ -54,7 +56,7 @@ def _is_length_dependent(module: nn.Module) -> bool:
 
 def length_dependent_rotaries(model: nn.Module) -> list[nn.Module]:
     """The modules of ``model`` whose rotary kind is ``dynamic`` or ``longrope``."""
-    return [m for m in model.modules() if _is_length_dependent(m)]
+    return [m for m in model.modules() if is_length_dependent(m)]
 
 
 CACHE_DROPPING_FAMILIES = ("phi3", "phimoe", "phi4_multimodal")
