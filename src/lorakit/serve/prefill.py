@@ -116,14 +116,17 @@ class Prefill:
             log.exception("prefill failed")
             self._finish(request, "error", f"{type(error).__name__}: {error}", kind=INTERNAL)
 
-    def _prefill(self, request: GenerationRequest) -> None:
-        """Run the prompt alone with its adapter; sample the first token; join the batch.
-        Only the last position's logits are computed when the model allows it (the lm_head
-        over a 64-token prompt of SmolLM2 is a fifth of the prefill)."""
-        ids = torch.tensor([request.prompt_ids])
-        with self._routing([request.slot], ids.shape[1]):
-            output = self.model(input_ids=ids, use_cache=True, **self._prefill_options())
-        self._join(request, output.logits[0, -1], output.cache, len(request.prompt_ids))
+    def _prefill(self, request: GenerationRequest, *, again: bool = False) -> None:
+        """Run the prompt alone with its adapter; sample the first token; join the batch
+        (``again``: the prompt and the generated tokens, the next token, rejoin: see
+        ``_prefill_again``). Only the last position's logits are computed when the model allows
+        it (the lm_head over a 64-token prompt of SmolLM2 is a fifth of the prefill)."""
+        ids = request.prompt_ids + request.generated if again else request.prompt_ids
+        with self._routing([request.slot], len(ids)):
+            output = self.model(
+                input_ids=torch.tensor([ids]), use_cache=True, **self._prefill_options()
+            )
+        self._join(request, output.logits[0, -1], output.cache, len(ids), rejoin=again)
 
     def _batched_forward(self, requests: list[GenerationRequest]):
         """One forward of the requests' prompts right-aligned in a (G, T) batch (the module
@@ -215,13 +218,8 @@ class Prefill:
         if request.cancelled:
             self._finish(request, "cancelled")
             return
-        ids = request.prompt_ids + request.generated
         try:
-            with self._routing([request.slot], len(ids)):
-                output = self.model(
-                    input_ids=torch.tensor([ids]), use_cache=True, **self._prefill_options()
-                )
-            self._join(request, output.logits[0, -1], output.cache, len(ids), rejoin=True)
+            self._prefill(request, again=True)
         except Exception as error:
             log.exception("prefilling request %d again failed", request.id)
             self._finish(request, "error", f"{type(error).__name__}: {error}", kind=INTERNAL)
