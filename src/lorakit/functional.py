@@ -23,7 +23,8 @@ DoRA (weight-decomposed LoRA, Liu et al. 2024; PEFT's ``use_dora=True``) adds a 
     f = m / n                     (d,)
     h = W0 x + (f - 1) * (W0 x~) + f * s * B A x~,    x~ = dropout(x)
 
-(the bias is not scaled). Merge: ``W = f * (W0 + s B A)`` row by row.
+(the bias is not scaled). Merge: ``W = f * (W0 + s B A)`` row by row. How ``n`` is computed
+without a (d, k) copy of W0 is in ``lorakit.dora_norms`` (its functions are re-exported here).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from lorakit.dora_norms import base_row_sq_norms, dora_row_norms, norm_dtype, weight_rows
 
 __all__ = [
     "add_lora_forward_",
@@ -222,115 +225,6 @@ def lora_embedding_forward(
 
 
 # ------------------------------------------------------------------------------------- DoRA
-NORM_CHUNK_ELEMENTS = 1 << 22  # rows of W0 cast to the norm dtype at a time: at most 4M values
-CANCELLATION_GUARD = 1.0 / 16.0
-"""A row's squared norm computed by the expansion is trusted when it is at least this fraction
-of ``(||W0_i|| + s ||(B A)_i||)^2``; below, cancellation has cost more than 4 bits and the
-row is computed directly (``exact_row_norms``)."""
-
-
-def norm_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """The dtype DoRA's row norms are computed in: float64 if any input is, else float32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _weight_rows(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
-    """``W0`` as (d, k) rows (a view; ``Conv1D`` stores it (k, d))."""
-    return weight.T if fan_in_fan_out else weight
-
-
-def _row_chunks(rows: torch.Tensor, dtype: torch.dtype):
-    """``(slice, rows[slice] in dtype)`` over blocks of rows: no full-size copy of W0."""
-    step = max(1, NORM_CHUNK_ELEMENTS // max(1, rows.shape[1]))
-    for start in range(0, rows.shape[0], step):
-        part = slice(start, start + step)
-        yield part, rows[part].to(dtype)
-
-
-def base_row_sq_norms(
-    weight: torch.Tensor, fan_in_fan_out: bool = False, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """``||W0_i||^2`` for each output row i, in ``dtype``: (d,). W0 (d, k), or (k, d) when
-    ``fan_in_fan_out``; cast block by block (no (d, k) copy in ``dtype``)."""
-    rows = _weight_rows(weight.detach(), fan_in_fan_out)
-    out = torch.empty(rows.shape[0], dtype=dtype, device=weight.device)
-    for part, block in _row_chunks(rows, dtype):
-        out[part] = (block * block).sum(dim=1)
-    return out
-
-
-def _weight_times_A(
-    weight: torch.Tensor, lora_A: torch.Tensor, fan_in_fan_out: bool, dtype: torch.dtype
-) -> torch.Tensor:
-    """``W0 A^T`` (d, r) in ``dtype``, W0 cast block by block."""
-    rows = _weight_rows(weight.detach(), fan_in_fan_out)
-    A_t = lora_A.detach().to(dtype).T  # (k, r)
-    out = torch.empty(rows.shape[0], A_t.shape[1], dtype=dtype, device=weight.device)
-    for part, block in _row_chunks(rows, dtype):
-        torch.mm(block, A_t, out=out[part])
-    return out
-
-
-def exact_row_norms(
-    weight: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scale: float,
-    fan_in_fan_out: bool = False,
-    rows: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``||W0_i + s (B A)_i||`` computed directly, in ``norm_dtype``, for the output rows
-    ``rows`` (an index tensor; all rows when None): (len(rows),). Builds (len(rows), k)."""
-    dtype = norm_dtype(weight, lora_A, lora_B)
-    weight_rows = _weight_rows(weight.detach(), fan_in_fan_out)
-    lora_B = lora_B.detach()
-    if rows is not None:
-        weight_rows, lora_B = weight_rows[rows], lora_B[rows]
-    full = weight_rows.to(dtype) + scale * (lora_B.to(dtype) @ lora_A.detach().to(dtype))
-    return torch.linalg.vector_norm(full, dim=1)
-
-
-def dora_row_norms(
-    base_sq_norms: torch.Tensor,
-    weight: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scale: float,
-    fan_in_fan_out: bool = False,
-) -> torch.Tensor:
-    """``n_i = ||W0_i + s (B A)_i||`` (d,) without forming the (d, k) matrix::
-
-        n_i^2 = ||W0_i||^2 + 2 s B_i . (W0 A^T)_i + s^2 B_i (A A^T) B_i^T
-
-    ``base_sq_norms``: ``||W0_i||^2`` (``base_row_sq_norms``, computed once per weight). Cost:
-    one (d, k) x (k, r) product plus O((d + k) r^2). In ``norm_dtype`` (float32 or float64),
-    detached. Rows where the sum cancels (below ``CANCELLATION_GUARD`` of
-    ``(||W0_i|| + s ||(B A)_i||)^2``, i.e. ``s B A`` nearly ``-W0`` on that row) are recomputed
-    directly (``exact_row_norms``), so every row keeps the precision of the direct norm (while
-    ``torch.compile`` traces, every row's direct norm is computed and taken where guarded: a
-    traced graph cannot pick rows by value).
-    Shapes: W0 (d, k) ((k, d) with ``fan_in_fan_out``), A (r, k), B (d, r).
-    """
-    dtype = norm_dtype(weight, lora_A, lora_B)
-    A, B = lora_A.detach().to(dtype), lora_B.detach().to(dtype)
-    base_sq = base_sq_norms.to(dtype)
-    cross = (B * _weight_times_A(weight, A, fan_in_fan_out, dtype)).sum(dim=1)  # (d,)
-    lora_sq = ((B @ (A @ A.T)) * B).sum(dim=1).clamp_min(0.0) * (scale * scale)  # (d,)
-    squared = base_sq + (2.0 * scale) * cross + lora_sq
-    norms = squared.clamp_min(0.0).sqrt()
-    if squared.device.type == "meta":  # shapes only (e.g. ``lorakit plan``): nothing to guard
-        return norms
-    bound = (base_sq.sqrt() + lora_sq.sqrt()).pow(2)
-    guarded = squared < CANCELLATION_GUARD * bound
-    if torch.compiler.is_compiling():  # no data-dependent shapes in a traced graph
-        exact = exact_row_norms(weight, A, B, scale, fan_in_fan_out)  # every row, (d,)
-        return torch.where(guarded, exact, norms)
-    cancelled = guarded.nonzero().flatten()
-    if cancelled.numel():
-        norms[cancelled] = exact_row_norms(weight, A, B, scale, fan_in_fan_out, cancelled)
-    return norms
-
-
 def dora_factor(magnitude: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     """``f = m / n`` (d,): the per-output scale of DoRA; ``n`` is detached (a constant for the
     gradient, DoRA paper section 4.3), ``m`` keeps its gradient."""
@@ -367,7 +261,7 @@ def dora_merge_delta(
     """
     dtype = norm_dtype(weight, lora_A, lora_B)
     factor = dora_factor(magnitude.detach().to(dtype), norms.to(dtype))  # (d,)
-    rows = _weight_rows(weight.detach(), fan_in_fan_out).to(dtype)  # (d, k)
+    rows = weight_rows(weight.detach(), fan_in_fan_out).to(dtype)  # (d, k)
     lora = delta_weight(lora_A.detach(), lora_B.detach(), scale, dtype=dtype)  # (d, k)
     delta = factor[:, None] * (rows + lora) - rows
     return delta.T if fan_in_fan_out else delta
