@@ -31,12 +31,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import numbers
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,8 +42,15 @@ import torch
 from torch import nn
 
 from lorakit import functional
+from lorakit.combining.arguments import (
+    METHODS,
+    OPTION_METHODS,
+    PRUNING,
+    check_arguments,
+    unused_option,
+)
 from lorakit.combining.compatible import check_compatible
-from lorakit.combining.methods import MERGERS, SIGN_METHODS
+from lorakit.combining.methods import MERGERS
 from lorakit.combining.sources import (
     AdapterUpdates,
     ModuleFactors,
@@ -64,16 +69,6 @@ __all__ = [
     "module_seed",
     "unused_option",
 ]
-
-METHODS = ("cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-_PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
-OPTION_METHODS: dict[str, tuple[str, ...]] = {
-    "density": _PRUNING,
-    "majority_sign_method": ("ties", "dare_ties"),
-    "seed": ("dare_linear", "dare_ties"),
-}
-"""The methods each option acts on; given to any other method it is refused (it would be
-ignored). One rule for ``combine``, ``lorakit combine`` and the server's mixtures."""
 
 
 @dataclass
@@ -134,64 +129,6 @@ class CombinedAdapter:
 def module_seed(seed: int, module: str) -> int:
     """The DARE seed of one module: 60 bits of SHA-256 of ``"{seed}:{module}"``."""
     return int(hashlib.sha256(f"{seed}:{module}".encode()).hexdigest()[:15], 16)
-
-
-def unused_option(
-    method: str, options: Mapping[str, object], shown: Mapping[str, str] | None = None
-) -> tuple[str, str] | None:
-    """``(option, message)`` for the first of ``options`` (``OPTION_METHODS`` name -> value,
-    None meaning not given) that ``method`` would ignore, else None. ``shown``: the name to
-    print for an option (a command-line flag, a request field), default the option's own."""
-    for option, value in options.items():
-        methods = OPTION_METHODS[option]
-        if value is not None and method not in methods:
-            name = (shown or {}).get(option, option)
-            return option, (
-                f"{name} is for {', '.join(methods)}, not {method}; leave it out or choose one "
-                "of those methods"
-            )
-    return None
-
-
-def _is_integer(value: object) -> bool:
-    """An integral number (``int``, ``numpy.int64``, ...), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _check_arguments(
-    count, weights, method, rank, density, majority_sign_method, seed
-) -> list[float]:
-    if count == 0:
-        raise UserError("combine: give at least one adapter")
-    weights = [1.0] * count if weights is None else [float(w) for w in weights]
-    if len(weights) != count:
-        raise UserError(f"combine: {count} adapters but {len(weights)} weights; give one each")
-    if not all(math.isfinite(weight) for weight in weights):  # (float64: 1e39 is finite)
-        raise UserError(f"combine: weights must be finite numbers, got {weights}")
-    if method not in METHODS:
-        raise UserError(f"combine: unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if rank is not None and method == "cat":
-        raise UserError(
-            f"combine: rank={rank!r} is for the methods that cut the result to a rank "
-            f"({', '.join(m for m in METHODS if m != 'cat')}), not cat (cat's rank is the sum "
-            "of the adapters' ranks): leave it out, or choose one of those methods"
-        )
-    if rank is not None and (not _is_integer(rank) or rank < 1):
-        raise UserError(f"combine: rank={rank!r} must be a positive integer")
-    given = {"density": density, "majority_sign_method": majority_sign_method, "seed": seed}
-    unused = unused_option(method, given)
-    if unused is not None:
-        raise UserError(f"combine: {unused[1]}")
-    if method in _PRUNING and (density is None or not 0.0 < density <= 1.0):
-        raise UserError(f"combine: method {method} needs density in (0, 1], got {density}")
-    if majority_sign_method is not None and majority_sign_method not in SIGN_METHODS:
-        raise UserError(
-            f"combine: majority_sign_method must be one of {SIGN_METHODS}, "
-            f"got {majority_sign_method!r}"
-        )
-    if seed is not None and not _is_integer(seed):
-        raise UserError(f"combine: seed must be an integer, got {seed!r}")
-    return weights
 
 
 def _contributions(
@@ -257,7 +194,7 @@ def _merged_delta(name, parts, method, density, majority_sign_method, seed) -> t
     updates = [factors.delta() for _, _, factors in parts]  # each (d, k) float64
     weights = [weight for _, weight, _ in parts]
     options: dict[str, object] = {}
-    if method in _PRUNING:
+    if method in PRUNING:
         options["density"] = density
     if method in ("ties", "dare_ties"):
         options["majority_sign_method"] = majority_sign_method
@@ -306,7 +243,7 @@ def combine(
 
     if isinstance(adapters, (str, os.PathLike)):
         raise UserError(f"combine: adapters must be a list of adapters, got one: {adapters!r}")
-    weights = _check_arguments(
+    weights = check_arguments(
         len(adapters), weights, method, rank, density, majority_sign_method, seed
     )
     rank = None if rank is None else int(rank)
@@ -353,7 +290,7 @@ def _settings(sources, weights, rank, density, majority_sign_method, seed, metho
     }
     if method != "cat":
         settings["rank"] = rank
-    if method in _PRUNING:
+    if method in PRUNING:
         settings["density"] = density
     if method in ("ties", "dare_ties"):
         settings["majority_sign_method"] = majority_sign_method
