@@ -301,7 +301,7 @@ def test_yaml_numbers_written_without_a_dot_are_numbers(tmp_path):
     """YAML 1.1 (PyYAML) reads ``2e-4`` as a string; the config file still means 0.0002."""
     config = tmp_path / "run.yaml"
     config.write_text("data: x.jsonl\nlr: 2e-4\nr: '8'\nalpha: 16\nsteps: 3\n")
-    from lorakit.train.settings import load_config_file
+    from lorakit.train.config_file import load_config_file
 
     loaded = load_config_file(config)
     assert loaded["lr"] == 2e-4 and isinstance(loaded["lr"], float)
@@ -651,10 +651,10 @@ def test_every_train_option_is_a_settings_field_spelled_once(tmp_path):
     from dataclasses import fields
 
     from lorakit.train.config import TrainingConfig
+    from lorakit.train.config_file import merged_values
     from lorakit.train.settings import (
         TrainSettings,
         build_settings,
-        merged_values,
         option_fields,
         setting_key,
     )

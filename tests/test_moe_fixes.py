@@ -236,8 +236,8 @@ def test_train_explicit_dropout_on_parameter_targets_says_dropout_0(
 
 
 def test_train_dropout_default_kept_without_parameter_targets(model_dir):
+    from lorakit.train.config_file import merged_values
     from lorakit.train.parameter_dropout import dropout_for_model
-    from lorakit.train.settings import merged_values
 
     values = merged_values(None, {"model": str(model_dir), "data": "x.jsonl"})
     assert dropout_for_model(values, given=False)["dropout"] == 0.05

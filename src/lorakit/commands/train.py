@@ -62,9 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorakit.train.config_file import load_config_file, merged_values
     from lorakit.train.parameter_dropout import dropout_for_model
     from lorakit.train.run import train_from_settings
-    from lorakit.train.settings import load_config_file, merged_values
 
     values = merged_values(args.config, vars(args))
     dropout_given = args.dropout is not None or (

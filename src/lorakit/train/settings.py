@@ -10,9 +10,6 @@ builds the parser from these fields; nothing here knows argparse.
 
 from __future__ import annotations
 
-import json
-import os
-import typing
 from dataclasses import Field, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +30,9 @@ __all__ = [
     "LORA_FLAGS",
     "TrainSettings",
     "build_settings",
-    "load_config_file",
     "load_examples_for",
-    "merged_values",
     "option_fields",
+    "option_kind",
     "setting_defaults",
 ]
 
@@ -201,7 +197,8 @@ def option_fields() -> list[Field]:
     return [*setting_fields(TrainSettings), *setting_fields(TrainingConfig)]
 
 
-def _kind(option: Field) -> type:
+def option_kind(option: Field) -> type:
+    """The type of an option's value (``int``, ``float``, ``bool``, ``str``, ...)."""
     owner = TrainSettings if option in setting_fields(TrainSettings) else TrainingConfig
     return setting_kind(owner, option)
 
@@ -216,108 +213,6 @@ def setting_defaults() -> dict[str, Any]:
 def flag_of(name: str) -> str:
     """The flag of the option whose field is ``name`` (for messages)."""
     return next(flag_name(f) for f in option_fields() if f.name == name)
-
-
-def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Settings from a ``.yaml``/``.yml``/``.json`` file, by key (dashes are accepted for
-    underscores); numbers written as strings (YAML 1.1 reads ``2e-4`` so) are converted."""
-    from lorakit.data.formats import read_utf8
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist")
-    text = read_utf8(path, "config")
-    try:
-        if path.suffix.lower() == ".json":
-            loaded = json.loads(text)
-        else:
-            import yaml
-
-            loaded = yaml.safe_load(text)
-    except Exception as error:  # yaml.YAMLError, json.JSONDecodeError (a ValueError)
-        raise UserError(f"config file {path} cannot be parsed: {error}".splitlines()[0]) from None
-    if not isinstance(loaded, dict):
-        raise UserError(f"config file {path} must hold a mapping of setting: value")
-    values = {str(key).replace("-", "_"): value for key, value in loaded.items()}
-    options = {setting_key(f): f for f in option_fields()}
-    unknown = sorted(set(values) - set(options))
-    if unknown:
-        raise UserError(
-            f"config file {path}: unknown setting(s) {unknown}; known: {', '.join(options)}"
-        )
-    return {key: _typed(path, key, value, options[key]) for key, value in values.items()}
-
-
-def _typed(path: Path, key: str, value: Any, option: Field) -> Any:
-    """A config file's value as its setting's type: a number as ``_number``; a flag only as
-    true/false (YAML's, JSON's), never a string such as "false"; a name or path as a string
-    (or a list, where the setting takes one). Anything else is an error naming the key."""
-    kind = _kind(option)
-    if value is None or kind in (int, float):
-        return _number(path, key, value, kind)
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"config file {path}: {key}: {value!r} is not true or false")
-        return value
-    choices = option.metadata.get("choices")
-    if choices and value not in choices:
-        raise UserError(f"config file {path}: {key}: {value!r} is not one of {', '.join(choices)}")
-    takes_list = _takes_list(option)
-    if isinstance(value, str) or (takes_list and isinstance(value, list)):
-        return value  # (a list's items are checked by the setting: LoraConfig, token ids)
-    raise UserError(
-        f"config file {path}: {key}: {value!r} is not a string"
-        + " or a list" * takes_list
-        + " (quote it)" * isinstance(value, (int, float))
-    )
-
-
-def _takes_list(option: Field) -> bool:
-    """The setting's type allows a list (``target_modules``, ``trainable_token_indices``)."""
-    owner = TrainSettings if option in setting_fields(TrainSettings) else TrainingConfig
-    hint = typing.get_type_hints(owner)[option.name]
-    return any(typing.get_origin(kind) is list for kind in typing.get_args(hint))
-
-
-def _number(path: Path, key: str, value: Any, kind: type) -> Any:
-    """A numeric setting as its type; anything else that is not a number is an error naming
-    the key."""
-    if value is None:
-        return value
-    if isinstance(value, bool) or (kind is int and isinstance(value, float)):
-        raise UserError(f"config file {path}: {key}: {value!r} is not an integer")
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise UserError(
-            f"config file {path}: {key}: {value!r} is not a number"
-            + (" (an integer)" if kind is int else "")
-        ) from None
-
-
-_DIRECTORY_ACTIONS = ("resume", "overwrite")
-"""Settings that say what to do with a run already in ``--output``: one choice, so a flag given
-for either replaces the config file's values of both."""
-
-
-def merged_values(config_file: str | None, given: dict[str, Any]) -> dict[str, Any]:
-    """``{key: value}``: the defaults, then the config file, then every ``given`` value that is
-    not None (the flags given on the command line); ``target_modules`` as a list unless it is
-    ``all-linear``. ``--resume`` or ``--overwrite`` on the command line sets aside the file's
-    ``resume`` and ``overwrite`` (a ``train_settings.json`` of an older lorakit records
-    ``overwrite: true`` for a run started with it, and ``--config`` it ``--resume`` continues
-    that run)."""
-    values = setting_defaults()
-    if config_file:
-        from_file = load_config_file(config_file)
-        if any(given.get(key) for key in _DIRECTORY_ACTIONS):
-            from_file = {k: v for k, v in from_file.items() if k not in _DIRECTORY_ACTIONS}
-        values.update(from_file)
-    values.update({key: given[key] for key in values if given.get(key) is not None})
-    targets = values["target_modules"]
-    if isinstance(targets, str) and targets != "all-linear":
-        values["target_modules"] = [name.strip() for name in targets.split(",")]
-    return values
 
 
 def build_settings(values: dict[str, Any]) -> tuple[TrainSettings, TrainingConfig]:
