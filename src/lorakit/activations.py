@@ -2,7 +2,8 @@
 
 ``training_activations`` runs one training forward of a model built on PyTorch's ``meta``
 device (shapes only, no storage; ``lorakit.plan`` builds it with its adapter) on a
-``(batch, seq_len)`` batch of token ids, the ids as labels for a causal LM, and adds up every
+``(batch, seq_len)`` batch of token ids, with labels where the model has a loss (the ids for a
+causal LM, class ids for a sequence or token classifier: ``_labels``), and adds up every
 tensor autograd saves: once per storage (the normed input that q, k and v share, the rotary
 tables every layer reads, an output that is the next layer's input), leaving out parameters and
 buffers. It runs the model's own code and lorakit's own fused LoRA nodes, so it counts what a real
@@ -108,8 +109,9 @@ def training_activations(
         raise ValueError(f"batch and seq_len must be >= 1, got {batch} and {seq_len}")
     ids = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
     inputs: dict[str, object] = {"input_ids": ids}
-    if type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-        inputs["labels"] = ids  # the loss's log-softmax is saved too
+    labels = _labels(model, ids)
+    if labels is not None:  # what the loss saves is counted too (its log-softmax, the labels)
+        inputs["labels"] = labels
     with _training(model), _FlashAttention() as attention:
         saved, _, adapted = _count(model, inputs)
         with _input_embeddings_require_grad(model):
@@ -128,6 +130,35 @@ def training_activations(
         head,
         "math" if attention.math_calls else "flash",
     )
+
+
+def _labels(model: nn.Module, ids: torch.Tensor) -> torch.Tensor | None:
+    """The labels a training step gives ``model`` for the ``(batch, seq_len)`` ``ids``, so that
+    the count holds what its loss saves: the ids for a causal LM; for a
+    ``*ForSequenceClassification`` class ids ``(batch,)`` int64 (cross-entropy keeps the
+    ``(batch, num_labels)`` log-softmax and the labels), or float targets when the config's
+    ``problem_type`` is regression (``(batch,)`` with one label) or multi-label ``(batch,
+    num_labels)``; for a ``*ForTokenClassification`` class ids ``(batch, seq_len)``. None for
+    other models (a base model without a head has no loss)."""
+    name = type(model).__name__
+    if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        return ids
+    batch = ids.shape[0]
+    if name.endswith("ForTokenClassification"):
+        return torch.zeros_like(ids)
+    if not name.endswith("ForSequenceClassification"):
+        return None
+    config = model.config
+    problem = config.problem_type or ("regression" if config.num_labels == 1 else None)
+    if problem is None or problem == "single_label_classification":
+        return torch.zeros(batch, dtype=torch.long, device=ids.device)
+    dtype = next(model.parameters()).dtype  # (the logits' dtype: MSE and BCE take the same)
+    shape = (
+        (batch,)
+        if problem == "regression" and config.num_labels == 1
+        else (batch, config.num_labels)
+    )
+    return torch.zeros(shape, dtype=dtype, device=ids.device)
 
 
 BEFORE, HEAD = "before", "head"  # what is saved outside the blocks: before the first, after

@@ -58,13 +58,16 @@ def truncated_factors(
 
 @dataclass
 class ExtractedLayer:
-    """One layer of an extraction: its rank, relative Frobenius error and size."""
+    """One layer of an extraction: its rank, relative Frobenius error and size; ``capped``: the
+    fixed rank asked for was above min(d, k), so the layer got r = min(d, k), a full-rank update
+    whose (d + k) r parameters are at least the d k of ΔW itself."""
 
     name: str
     shape: tuple[int, int]
     rank: int
     relative_error: float
     parameters: int
+    capped: bool = False
 
     def to_dict(self) -> dict:
         return {**self.__dict__, "shape": list(self.shape)}
@@ -89,12 +92,18 @@ class Extraction:
         """The largest per-layer relative Frobenius error."""
         return max((layer.relative_error for layer in self.layers), default=0.0)
 
+    @property
+    def capped(self) -> list[str]:
+        """The layers whose fixed rank was capped to min(d, k) (``ExtractedLayer.capped``)."""
+        return [layer.name for layer in self.layers if layer.capped]
+
     def to_dict(self) -> dict:
         return {
             "config": self.config.to_dict(),
             "parameters": self.parameters,
             "bytes_float32": 4 * self.parameters,
             "dense_parameters": self.dense_parameters,
+            "capped_layers": self.capped,
             "max_relative_error": self.relative_error,
             "layers": [layer.to_dict() for layer in self.layers],
             "uncaptured_changes": self.uncaptured,
@@ -249,8 +258,10 @@ def extract_lora(
 ) -> Extraction:
     """Extract a LoRA adapter for ``base`` approximating ``finetuned``'s linear-layer updates.
 
-    Exactly one of ``rank`` (the same r everywhere, capped at min(d, k)) or ``energy`` (per layer,
-    the smallest r keeping that share of ``||ΔW||_F^2``, capped at ``max_rank``). ``lora_alpha``
+    Exactly one of ``rank`` (the same r everywhere, capped at min(d, k): such layers are marked
+    ``capped`` and get ``rank_pattern`` entries; at r = min(d, k) a layer's (d + k) r
+    parameters are no fewer than ΔW's d k) or ``energy`` (per layer, the smallest r keeping
+    that share of ``||ΔW||_F^2``, capped at ``max_rank``). ``lora_alpha``
     defaults to the config's r; each layer's scale s comes from ``functional.scaling``.
     ``exclude``: module names left out (e.g. a new classification head, better saved in full);
     their changes are then listed in ``uncaptured``, as are those of linear layers whose weight
@@ -274,6 +285,7 @@ def extract_lora(
     if rank is not None:
         rank_and_scale = _fixed_rank(rank, float(lora_alpha or rank))
         factors, layers = _streamed_factors(base, finetuned, skipped, rank_and_scale)
+        layers = [dataclasses.replace(layer, capped=rank > min(layer.shape)) for layer in layers]
         ranks = {layer.name: layer.rank for layer in layers}
         common = rank
     else:

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -142,10 +143,10 @@ def _print_report(extraction) -> None:
         print(f"{layer.name:<52} {layer.rank:>5} {layer.relative_error:>11.4f}")
     from lorakit.units import format_bytes
 
-    ratio = extraction.dense_parameters / max(extraction.parameters, 1)
     size = format_bytes(4 * extraction.parameters)
     print(
-        f"\nadapter: {extraction.parameters:,} parameters ({size} in float32), {ratio:.1f}x fewer than the dense update ({extraction.dense_parameters:,}); "
+        f"\nadapter: {extraction.parameters:,} parameters ({size} in float32), "
+        f"{_against_dense(extraction.parameters, extraction.dense_parameters)}; "
         f"largest relative error {extraction.relative_error:.4f}"
     )
     if extraction.uncaptured:
@@ -165,6 +166,34 @@ def _print_report(extraction) -> None:
     for name, note in notes.items():  # a new head, weights newly initialised at loading
         if name not in tied:
             print(f"left out: {name}: {note}")
+
+
+def _against_dense(parameters: int, dense: int) -> str:
+    """The adapter's size against the dense update's d k parameters summed over its layers:
+    "N.Nx fewer than", "N.Nx more than" (a layer of rank r > d k / (d + k) is larger than its
+    ΔW: at r = min(d, k), (d + k) r >= d k) or "as many as" the dense update."""
+    if parameters < dense:
+        return f"{dense / parameters:.1f}x fewer than the dense update ({dense:,})"
+    if parameters > dense:
+        return f"{parameters / dense:.1f}x more than the dense update ({dense:,})"
+    return f"as many as the dense update ({dense:,})"
+
+
+def _warn_capped(extraction, rank: int | None, shown: int = 4) -> None:
+    """On stderr: which layers had ``--rank`` above min(d, k) and got r = min(d, k) (the first
+    ``shown`` named with their min(d, k), then a count), and why that costs more than it saves."""
+    capped = [layer for layer in extraction.layers if layer.capped]
+    if not capped:
+        return
+    names = ", ".join(f"{layer.name} ({min(layer.shape)})" for layer in capped[:shown])
+    more = f" and {len(capped) - shown} more" if len(capped) > shown else ""
+    print(
+        f"lorakit extract: warning: --rank {rank} is above min(d, k) of {len(capped)} of "
+        f"{len(extraction.layers)} layers, whose rank was capped to min(d, k): {names}{more}; "
+        "a LoRA of rank min(d, k) has (d + k) r >= d k parameters, no fewer than the dense "
+        "update: give a smaller --rank, or --energy",
+        file=sys.stderr,
+    )
 
 
 def _written_config(directory: Path) -> dict:
@@ -211,6 +240,7 @@ def run(args: argparse.Namespace) -> int:
     model = apply_extraction(model, extraction)
     with removed_if_left_empty(args.output):
         directory = save_adapter(model, args.output)
+    _warn_capped(extraction, args.rank)
     if args.json:
         report = {**extraction.to_dict(), "config": _written_config(directory)}
         print(json.dumps({**report, "output": str(directory)}, indent=2))
