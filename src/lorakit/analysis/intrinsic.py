@@ -13,12 +13,13 @@ next power of two >= d) goes through n = ceil(D / L) independent blocks, stacked
 H is the (unnormalised, ±1) Walsh–Hadamard matrix applied in O(L log L), B_b a random ±1
 diagonal, Π_b a random permutation, G_b a Gaussian diagonal. Each block's columns have norm
 exactly 1/sqrt(n), so the columns of P have unit norm when L divides D; the cut of the last
-block shortens them where D is not much larger than L (norms 0.72-0.74 at d = 1,000,
+block shortens them where D is not much larger than L (norms 0.72-0.75 at d = 1,000,
 D = 1,100; 0.995-1.000 at D = 10.6M, experiment 5b's). Memory: O(D) for the random diagonals
 and permutations, never O(D d). The transform runs in float32 at least (in float16 its
 intermediate values, about L |θ_d|, overflow), and the reparametrised tensors must be float32
 or float64: SAID's steps, about |θ_d| / sqrt(D) per number, are below bfloat16's resolution of
-θ_0, so most of them would be rounded away.
+θ_0, so much of them would be rounded away (16% of a step in a bfloat16 layer; checked when
+wrapping and again at every call, since the model may be cast after it was wrapped).
 d90 is the smallest d whose score reaches 90% of full fine-tuning's (``d90``, the paper's
 definition); ``d90_of_gain`` asks for 90% of the gain over the frozen baseline instead, and
 ``bootstrap_d90`` gives both with a percentile interval from resampled seeds.
@@ -28,8 +29,10 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import random
 import statistics
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -76,6 +79,16 @@ def _fwht(x: torch.Tensor, factor_bits: int = 6) -> torch.Tensor:
     return y.reshape(x.shape)
 
 
+def _positive_int(value, what: str) -> int:
+    """``value`` as an int; ``TypeError`` for a non-integer (a float such as 1e3, or a bool, which
+    Python counts as an int), ``ValueError`` below 1. ``what`` names it in the message."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be a positive integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 class _Hadamard(torch.autograd.Function):
     """H x with H symmetric: the backward is H applied to the gradient (nothing saved)."""
 
@@ -96,13 +109,14 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
 class Fastfood(nn.Module):
     """The fixed linear map P: R^d -> R^D above (buffers only, nothing trainable).
 
-    ``forward(theta_d)``: (d,) -> (D,). Random state comes from ``seed`` alone.
+    ``forward(theta_d)``: (d,) -> (D,). Random state comes from ``seed`` alone. d and D must be
+    positive integers; d > D is allowed here (P is then rank-deficient).
     """
 
     def __init__(self, dimension: int, total: int, seed: int = 0) -> None:
         super().__init__()
-        if dimension < 1 or total < 1:
-            raise ValueError(f"dimension d={dimension} and total D={total} must be positive")
+        dimension = _positive_int(dimension, "d")
+        total = _positive_int(total, "D")
         self.dimension, self.total = dimension, total
         self.block = 1 << max(dimension - 1, 0).bit_length()  # L: power of two >= d
         blocks = math.ceil(total / self.block)
@@ -121,7 +135,8 @@ class Fastfood(nn.Module):
         if self.normaliser.dtype not in (torch.float32, torch.float64):
             raise TypeError(
                 f"the Fastfood tables were cast to {self.normaliser.dtype}, where the transform "
-                "overflows; keep them in float32 or float64 (cast the model, not this module)"
+                "overflows; keep this module, and the model it reparametrises, in float32 or "
+                "float64"
             )
         dtype = torch.promote_types(theta_d.dtype, torch.float32)
         device = theta_d.device
@@ -157,7 +172,30 @@ def _chosen_parameters(
             "no parameter to reparametrise: parameter_names is empty; name at least one of "
             "model.named_parameters()"
         )
+    repeated = sorted(name for name, count in Counter(parameter_names).items() if count > 1)
+    if repeated:
+        raise ValueError(
+            f"parameter name(s) {repeated[:5]} given more than once in parameter_names: each "
+            "copy would add its size to D and only one copy's step would be applied; name each "
+            "parameter once"
+        )
     return list(parameter_names)
+
+
+def _refuse_narrow(named: Mapping[str, torch.Tensor], names: Sequence[str]) -> None:
+    """``TypeError`` naming the first of ``names`` whose θ_0 is not float32 / float64.
+
+    SAID's steps (about |θ_d| / sqrt(D) per number) are below bfloat16's / float16's resolution
+    of θ_0, so ``θ_0 + step`` in that dtype would round them off (a bfloat16 Linear(256, 256)
+    lost 16% of a step from θ_d of std 0.01, measured as ||applied - step|| / ||step||).
+    """
+    narrow = [n for n in names if named[n].dtype not in (torch.float32, torch.float64)]
+    if narrow:
+        raise TypeError(
+            f"parameter {narrow[0]!r} is {named[narrow[0]].dtype}: SAID's steps (about "
+            "|θ_d| / sqrt(D) per number) are below its resolution of θ_0 and would be "
+            "rounded away; keep the model in float32 (or float64), also after wrapping it"
+        )
 
 
 class IntrinsicDimension(nn.Module):
@@ -168,6 +206,10 @@ class IntrinsicDimension(nn.Module):
     head may train directly; it is then not counted in d). ``said=True`` adds one scalar λ_i per
     tensor (initialised to 1), counted in ``trainable_dimension``. Calls go through
     ``torch.func.functional_call``, so the model's own tensors are never modified.
+
+    ``dimension`` (d) must be a positive integer no larger than D, the number of reparametrised
+    numbers. Everything is checked, and P built, before the chosen parameters are frozen, so a
+    failed construction leaves the model as it was.
     """
 
     def __init__(
@@ -180,25 +222,23 @@ class IntrinsicDimension(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        dimension = _positive_int(dimension, "d")
         named = dict(model.named_parameters())
-        parameter_names = _chosen_parameters(named, parameter_names)
-        narrow = [
-            n for n in parameter_names if named[n].dtype not in (torch.float32, torch.float64)
-        ]
-        if narrow:
-            raise TypeError(
-                f"parameter {narrow[0]!r} is {named[narrow[0]].dtype}: SAID's steps (about "
-                "|θ_d| / sqrt(D) per number) are below its resolution of θ_0 and would be "
-                "rounded away; reparametrise a float32 (or float64) copy of the model"
+        names = _chosen_parameters(named, parameter_names)
+        _refuse_narrow(named, names)
+        sizes = [named[name].numel() for name in names]
+        if dimension > sum(sizes):
+            raise ValueError(
+                f"d={dimension} is larger than D={sum(sizes)}, the number of reparametrised "
+                "numbers: P (D x d) would be rank-deficient and d would overstate the trainable "
+                "dimension; choose d <= D (or reparametrise more parameters)"
             )
-        self.model = model
-        self.names = list(parameter_names)
-        for name in self.names:
-            named[name].requires_grad_(False)
-        self.sizes = [named[name].numel() for name in self.names]
-        self.projection = Fastfood(dimension, sum(self.sizes), seed=seed)
+        projection = Fastfood(dimension, sum(sizes), seed=seed)
+        self.model, self.names, self.sizes, self.projection = model, names, sizes, projection
         self.theta_d = nn.Parameter(torch.zeros(dimension))
         self.scales = nn.Parameter(torch.ones(len(self.names))) if said else None
+        for name in self.names:  # last: a failed construction above leaves the model untouched
+            named[name].requires_grad_(False)
 
     @property
     def trainable_dimension(self) -> int:
@@ -206,8 +246,13 @@ class IntrinsicDimension(nn.Module):
         return self.theta_d.numel() + (0 if self.scales is None else self.scales.numel())
 
     def reparametrised(self) -> dict[str, torch.Tensor]:
-        """``{name: θ_0 + λ_i (P θ_d)_i}`` for the chosen parameters (differentiable in θ_d, λ)."""
+        """``{name: θ_0 + λ_i (P θ_d)_i}`` for the chosen parameters (differentiable in θ_d, λ).
+
+        ``TypeError`` when a θ_0 is no longer float32 / float64 (the model was cast after it was
+        wrapped, e.g. ``wrapper.model.to(torch.bfloat16)``): the steps would be rounded away.
+        """
         named = dict(self.model.named_parameters())
+        _refuse_narrow(named, self.names)
         flat = self.projection(self.theta_d)  # (D,)
         chunks = torch.split(flat, self.sizes)
         params = {}
