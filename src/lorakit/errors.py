@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "AdapterFileError",
+    "AdapterNamesError",
     "BaseModelMismatchError",
     "TargetModulesError",
     "UnknownAdapterError",
@@ -31,6 +32,12 @@ class UnknownAdapterError(KeyError, ValueError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class AdapterNamesError(TypeError, ValueError):
+    """A mixed batch (``adapter_names=``, one adapter per row) lorakit cannot run as asked: a
+    string instead of a list of names, or an adapter its per-row routing does not cover. A
+    ``ValueError``, as PEFT raises for these, and a ``TypeError``, as lorakit raised before."""
 
 
 class TargetModulesError(UserError, ValueError):

@@ -17,7 +17,17 @@ applies the same rule (``convert_moe_config``), so that both adapt the same tens
   experts and the router were linear there); a regex to the last name parts of the modules and
   parameters it matches in full (outside ``exclude_modules`` / ``modules_to_save``), plus each
   transformers-4 name whose reconstructed path (``<experts module>.<old name>``) it matches.
-  A regex is thereby widened to every module with such a leaf name (PEFT's rule).
+  A regex is thereby widened to every module with such a leaf name (PEFT's rule). A
+  parameter's last name part is kept only where it can stand as a list entry: a module's last
+  name part or a transformers-4 name. PEFT keeps the others too (``weight`` from
+  ``...q_proj.weight``, ``bias``, Mixtral's ``gate_up_proj``), entries that name no module and
+  adapt nothing, so both adapt the same tensors; lorakit leaves them out of the config it
+  records, which lists only real targets (every entry of it names a module).
+- A regex is one pattern: the list it becomes is lorakit's, so its errors name the regex. One
+  that selects a module lorakit cannot adapt (e.g. OLMoE's ``".*mlp.*"``, which matches the
+  MoE block itself) is refused with ``TargetModulesError`` naming the regex and the module (PEFT
+  refuses it as well: "Target module ... is not supported"); one that matches nothing is left
+  as it is, for the usual error.
 - Each ``target_modules`` entry equal to a transformers-4 name or ending in ``"." + name``
   moves to ``target_parameters`` under its new name (``w1``, ``w3`` -> ``gate_up_proj``;
   ``w2`` -> ``down_proj``; ``gate`` -> ``gate.weight``); the others stay.
@@ -37,7 +47,8 @@ from collections.abc import Iterable
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.errors import TargetModulesError
+from lorakit.errors import TargetModulesError, UserError
+from lorakit.layers import layer_class_for
 from lorakit.targets import find_targets, matches, model_modules
 
 __all__ = ["convert_moe_config", "expert_parts", "fused_moe_family", "renamed_modules"]
@@ -159,12 +170,15 @@ def convert_moe_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
             key = rf".*\.{re.escape(fused)}"
             rank_pattern[key] = config.r * len(parts)
             alpha_pattern[key] = config.lora_alpha * len(parts)
-    return config.replace(
+    converted_config = config.replace(
         target_modules=sorted(set(kept)),
         target_parameters=sorted(set(parameters)) or config.target_parameters,
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
+    if isinstance(config.target_modules, str) and not config.targets_all_linear:
+        _check_regex_modules(model, config.target_modules, converted_config)
+    return converted_config
 
 
 def _resolve_string(model: nn.Module, config: LoraConfig, renamed: dict[str, str]) -> set[str]:
@@ -178,10 +192,13 @@ def _resolve_string(model: nn.Module, config: LoraConfig, renamed: dict[str, str
     spec = config.target_modules
     modules = [name for name, _ in model_modules(model) if name]
     parameters = list(_original_parameter_names(model))
+    entries = {name.rsplit(".", 1)[-1] for name in modules} | set(renamed)
     resolved = {
-        name.rsplit(".", 1)[-1]
+        leaf
         for name in [*modules, *parameters]
         if matches(spec, name) and not _left_out(config, name)
+        for leaf in [name.rsplit(".", 1)[-1]]
+        if leaf in entries  # a parameter's 'weight', 'bias', 'gate_up_proj': no module's name
     }
     holders: dict[str, set[str]] = {}  # new parameter name -> the modules holding one
     for name in parameters:
@@ -194,6 +211,42 @@ def _resolve_string(model: nn.Module, config: LoraConfig, renamed: dict[str, str
         ):
             resolved.add(old)
     return resolved
+
+
+def _check_regex_modules(model: nn.Module, regex: str, converted: LoraConfig) -> None:
+    """``TargetModulesError`` naming ``regex`` (the user's ``target_modules``) and the first
+    module that ``converted`` (the list lorakit resolved it to) selects and no LoRA layer can
+    wrap, e.g. a whole MoE block: the layer's own error would name a list entry the user never
+    wrote. PEFT refuses such a module too ("Target module ... is not supported")."""
+    for name in find_targets(model, converted):
+        module = model.get_submodule(name)
+        try:
+            layer_class_for(module, name)
+        except TypeError as error:
+            if isinstance(error, UserError):
+                raise  # e.g. a quantized layer of a format lorakit does not know: its own text
+            raise TargetModulesError(_regex_message(model, regex, converted, name)) from None
+
+
+def _regex_message(model: nn.Module, regex: str, converted: LoraConfig, name: str) -> str:
+    """The message for ``regex``, whose resolved list ``converted`` selects module ``name``,
+    which lorakit cannot adapt."""
+    kind = type(model.get_submodule(name)).__name__
+    message = (
+        f"target_modules={regex!r} selects {name!r}, a {kind}, which lorakit cannot adapt "
+        f"(PEFT refuses it too). On this {type(model).__name__} (fused MoE experts) a regex "
+        f"stands for the last name parts of the modules it matches, "
+        f"{converted.target_modules}"
+    )
+    if converted.target_parameters:
+        message += (
+            ", the transformers-4 expert and router names it matches becoming target_parameters "
+            f"{converted.target_parameters}"
+        )
+    return message + (
+        ". Narrow the regex to linear layers (e.g. r'.*\\.(q_proj|v_proj)'), add such modules "
+        "to exclude_modules, or name the expert parameters in target_parameters."
+    )
 
 
 def _original_parameter_names(model: nn.Module) -> Iterable[str]:

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from lorakit.errors import AdapterNamesError
 from lorakit.state import adapter_configs, disabled, lora_layers
 
 __all__ = ["batch_size", "rows_routed"]
@@ -30,13 +31,14 @@ def batch_size(args: tuple, kwargs: dict) -> int | None:
 
 def _bank_of(model: nn.Module, names: list[str]):
     """A serving bank (``lorakit.serve.AdapterBank``) holding copies of adapters ``names`` of
-    ``model``; TypeError where the bank would not add what the model's own layers add."""
+    ``model``; ``AdapterNamesError`` (a ValueError, as PEFT's, and a TypeError) where the bank
+    would not add what the model's own layers add."""
     from lorakit.serve.routing import bank_of_copies, what_a_bank_leaves_out
 
     for name in names:
         reasons = what_a_bank_leaves_out(model, name)
         if reasons:
-            raise TypeError(
+            raise AdapterNamesError(
                 f"adapter_names: adapter {name!r} cannot be routed per row (it has "
                 f"{', '.join(reasons)}; lorakit's per-row routing, the serving bank of "
                 "lorakit.serve, takes LoRA/DoRA adapters on linear layers only). Run each "
@@ -86,8 +88,9 @@ def rows_routed(
 
     It covers plain LoRA and DoRA adapters on linear layers (what the bank holds); any
     other named adapter (an embedding or bare-parameter target, ``lora_bias``,
-    ``modules_to_save``, trainable tokens, replicated layers) is refused with a TypeError:
-    run each adapter's rows in their own call, ``with lorakit.use_adapters(model, [name])``.
+    ``modules_to_save``, trainable tokens, replicated layers) is refused with
+    ``lorakit.errors.AdapterNamesError`` (a ValueError, as PEFT raises, and a TypeError): run
+    each adapter's rows in their own call, ``with lorakit.use_adapters(model, [name])``.
     """
     names = _checked_row_names(model, adapter_names, batch)
     used = list(dict.fromkeys(name for name in names if name != _BASE))
@@ -107,7 +110,7 @@ def _checked_row_names(
     model: nn.Module, adapter_names: Sequence[str], batch: int | None
 ) -> list[str]:
     if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
-        raise TypeError(
+        raise AdapterNamesError(
             f"adapter_names takes one adapter name per row of the batch (a list of str), got "
             f"{adapter_names!r}"
         )
