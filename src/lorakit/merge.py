@@ -21,6 +21,7 @@ modules, must not run beside forwards.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -86,6 +87,8 @@ def _merge(
         except ValueError as error:  # name the layer: the message names the adapters only
             error.args = (f"module {path!r}: {error}", *error.args[1:])
             raise
+        except quantized.UnsupportedQuantizedLayerError as error:  # (e.g. a repacked bnb base)
+            raise _named_refusal(path, layer.base_layer, error) from None
         if weight is not None:
             prepared.append((layer, weight))
     for layer, weight in prepared:
@@ -167,15 +170,44 @@ def _check_float_dtype(float_dtype: torch.dtype | None) -> None:
         )
 
 
+# A LoRA layer's base module is named ``<layer>.base_layer``: refusals name the layer (the module
+# the user targeted, e.g. ``model.layers.0.self_attn.q_proj``).
+_BASE_LAYER_SUFFIX = re.compile(r"(?:\.base_layer)+$")
+
+
 def _check_quantized_layers(model: nn.Module) -> bool:
     """Whether ``model`` holds quantized layers (``lorakit.quantized``), each checked to be one
-    ``merge_and_unload`` can dequantize (``quantized.check_supported`` raises otherwise)."""
+    ``merge_and_unload`` can dequantize (``quantized.check_supported`` raises otherwise, and so
+    does ``_check_dequantizable``, naming the module), adapted or not: before any change."""
     found_quantized = False
     for name, module in model.named_modules():
         if quantized.is_quantized(module):
             quantized.check_supported(module, name)
+            _check_dequantizable(_BASE_LAYER_SUFFIX.sub("", name), module)
             found_quantized = True
     return found_quantized
+
+
+def _check_dequantizable(name: str, module: nn.Module) -> None:
+    """Refuse, naming the module, a quantized layer its backend can run but not dequantize
+    exactly (``check_dequantizable``: a bitsandbytes ``Linear4bit`` repacked for its CPU kernel
+    by ``use_bnb_cpu_kernel``); backends without that check dequantize every usable layer."""
+    check = getattr(quantized.backend_for(module), "check_dequantizable", None)
+    if check is None:
+        return
+    try:
+        check(module)
+    except quantized.UnsupportedQuantizedLayerError as error:
+        raise _named_refusal(name, module, error) from None
+
+
+def _named_refusal(
+    name: str, module: nn.Module, error: Exception
+) -> quantized.UnsupportedQuantizedLayerError:
+    """``error``'s refusal, naming the module and its class: ``module 'x' (Linear4bit): ...``."""
+    return quantized.UnsupportedQuantizedLayerError(
+        f"module {name!r} ({type(module).__name__}): {str(error).rstrip('.')}. Nothing was changed."
+    )
 
 
 def _unload_lora_layers(model: nn.Module, tied: set[int], linear_dtype: torch.dtype) -> bool:

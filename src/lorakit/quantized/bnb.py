@@ -31,8 +31,10 @@ from torch import nn
 
 __all__ = [
     "CPU_KERNEL_MARK",
+    "backward_weight",
     "base_forward",
     "check",
+    "check_dequantizable",
     "dequantized_weight",
     "describe",
     "is_4bit",
@@ -149,10 +151,11 @@ def _int8_scales(module: nn.Module) -> torch.Tensor:
     return scales if scales is not None else module.state.SCB
 
 
-def dequantized_weight(module: nn.Module) -> torch.Tensor:
-    """``W0`` (out, in) in float32, by bitsandbytes' own dequantization."""
-    import bitsandbytes.functional as bnb_functional
-
+def check_dequantizable(module: nn.Module) -> None:
+    """Refuse (``UnsupportedQuantizedLayerError``) a ``Linear4bit`` repacked for bitsandbytes'
+    CPU kernel (``use_bnb_cpu_kernel``, or repacked unasked): its ``W0`` cannot be read exactly,
+    so it cannot be merged or trained. ``merge`` / ``merge_and_unload`` ask this of every layer
+    they will dequantize before changing any, and name the module."""
     if is_4bit(module) and (
         _repacked(module.weight.quant_state) or getattr(module, CPU_KERNEL_MARK, False)
     ):
@@ -164,6 +167,13 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
             "its W0 cannot be read exactly; it runs inference only (no training, no merge). "
             "Load the model afresh without that option to train or merge."
         )
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """``W0`` (out, in) in float32, by bitsandbytes' own dequantization."""
+    import bitsandbytes.functional as bnb_functional
+
+    check_dequantizable(module)
     with torch.no_grad():
         if is_4bit(module):
             weight = bnb_functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
@@ -172,6 +182,31 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
                 module.weight.data, _int8_scales(module)
             )
     return weight.to(torch.float32)
+
+
+def backward_weight(module: nn.Module, grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.dtype]:
+    """``(W, dtype)``: the dequantized weight (out, in) that bitsandbytes' own backward
+    multiplies the output gradient ``G`` (..., out) by, and the dtype of that product, for a
+    forward whose input (and so ``G``) is of ``grad_dtype``. ``dL/dx = (G.to(dtype) @ W)`` cast
+    to ``grad_dtype`` is then the input gradient bitsandbytes (and PEFT) compute, bit for bit:
+
+    - 4-bit (``MatMul4Bit.backward``): the forward ran in ``compute_dtype`` (``base_forward``
+      casts x to it and the output back), so ``G`` is cast to it and multiplied by
+      ``dequantize_4bit(W0).to(compute_dtype)``: a bfloat16 compute dtype gives a bfloat16
+      product even for a float32 model. (The float32 ``dequantized_weight`` cast to it is the
+      same matrix: float32 holds every value of the storage dtype exactly.)
+    - 8-bit (``MatMul8bitFp`` / ``MatMul8bitLt.backward``): in the input's dtype, with
+      ``W = CB * (SCB * (1 / 127))``, the row scales scaled first (``dequantized_weight``,
+      bitsandbytes' ``int8_vectorwise_dequant``, computes ``(CB * SCB) * (1 / 127)``: another
+      rounding, up to 2.4e-7 apart in a float32 gradient).
+    """
+    if is_4bit(module):
+        dtype = module.compute_dtype or grad_dtype
+        return dequantized_weight(module).to(dtype), dtype
+    with torch.no_grad():
+        row_scales = _int8_scales(module).unsqueeze(1).mul(1.0 / 127.0)  # (out, 1)
+        weight = module.weight.data.to(grad_dtype, copy=True).mul_(row_scales)
+    return weight, grad_dtype
 
 
 def base_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
