@@ -41,7 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--split", help="train/validation/test/all (built-ins default: test)")
     parser.add_argument(
-        "--style", choices=["chat", "plain"], help="prompt form for built-ins and CSV"
+        "--style",
+        choices=["chat", "plain"],
+        help="prompt form for built-ins and CSV (a JSONL file says its own and ignores it)",
     )
     parser.add_argument("--limit", type=int, help="only the first N examples (default: all)")
     parser.add_argument(

@@ -90,10 +90,11 @@ def load_examples(
 
     ``split``: ``None``/``"all"``, or ``"train"``/``"validation"``/``"test"`` — the fixed 80/10/10
     split by a hash of the text (CSV files too, whatever ``style`` and template; JSONL files:
-    of the prompt, or of the messages before the last assistant turn; with no question, an
-    empty prompt or no user message with text, of those and the answer). ``style``: ``"chat"`` (messages, rendered by the chat template) or
-    ``"plain"`` (prompt/completion) for built-ins (default chat) and CSV (default plain); JSONL
-    files say their own form. ``csv_options`` go to
+    of the prompt, or of the messages before the last assistant turn; with no question, a
+    blank prompt or no user message with text, of those and the answer). ``style``: ``"chat"``
+    (messages, rendered by the chat template) or ``"plain"`` (prompt/completion) for built-ins
+    (default chat) and CSV (default plain); JSONL files say their own form (a style or CSV
+    option given for one is refused, naming the file and the option). ``csv_options`` go to
     ``read_csv`` (``text_column``, ``label_column``, ``template``, ``instruction``, ``label_words``).
     """
     check_split(split)
@@ -110,25 +111,36 @@ def load_examples(
             f"({', '.join(BUILTIN_DATASETS)})"
         )
     if suffix == ".jsonl":
-        if csv_options or style:
-            raise UserError("style and CSV options do not apply to JSONL files")
+        _refuse_jsonl_options(spec_text, style, csv_options)
         examples = read_jsonl(path)
     else:
         examples = read_csv(path, style=style or "plain", **csv_options)  # type: ignore[arg-type]
     return select_split(examples, (_split_key(e) for e in examples), split)
 
 
+def _refuse_jsonl_options(spec: str, style: str | None, csv_options: dict[str, object]) -> None:
+    """``UserError`` naming the file and the options when ``style`` or CSV options are given
+    for a JSONL file (its records say their own form; ``lorakit train``/``eval`` pass
+    ``--style`` to built-ins and CSV files only)."""
+    named = ([f"style={style!r}"] if style else []) + sorted(csv_options)
+    if named:
+        raise UserError(
+            f"{spec}: options {', '.join(named)} do not apply to JSONL files (each record says "
+            "its own form: prompt/completion or messages); leave them out for this file"
+        )
+
+
 def _split_key(example: Example) -> str:
     """The text that decides an example's split: its raw ``text`` when it has one (CSV rows:
     the same split whatever the style and template, as the built-ins split by their text);
     else its prompt (or chat context), so that the same question with different answers never
-    straddles train and test; an empty prompt (or a context of no question: no user message
-    with text, e.g. a shared system prompt alone): with its answer (every such row would otherwise land in
-    one split)."""
+    straddles train and test; a prompt of only whitespace, or empty (or a context of no
+    question: no user message with text, e.g. a shared system prompt alone): with its answer
+    (every such row would otherwise land in one split)."""
     if example.text:
         return example.text
-    if not example.is_chat:
-        return example.prompt or example.completion
+    if not example.is_chat:  # a blank prompt ("\n") is no question: normalised, it is ""
+        return example.prompt if example.prompt.strip() else example.prompt + example.completion
     last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
     before = example.messages[:last]
     context = "\n".join(m["role"] + ": " + m["content"] for m in before)

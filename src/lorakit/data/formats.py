@@ -187,8 +187,9 @@ def _csv_rows(
     reader: csv.DictReader, text_of_file: str, path: Path, text_column: str, label_column: str
 ) -> list[tuple[str, str, str]]:
     """``(text, raw label, "file:line")`` of each record ``reader`` reads from ``text_of_file``;
-    ``UserError`` for a missing column, an empty file, an unterminated quote, extra fields or an
-    empty text or label, and for what the csv module cannot read (``csv.Error``)."""
+    ``UserError`` for a missing column, an empty file, an unterminated quote, more fields than
+    the header's (or too few to reach the text or label column), an empty text or label (naming
+    that column), and for what the csv module cannot read (``csv.Error``)."""
     lines = io.StringIO(text_of_file, newline="").readlines()  # as csv counts them
     try:
         return _checked_csv_rows(reader, lines, path, text_column, label_column)
@@ -234,10 +235,27 @@ def _checked_csv_rows(
                 f"{len(columns)} (quote fields that contain commas)"
             )
         text, raw_label = row.get(text_column), row.get(label_column)
-        if not text or not text.strip() or raw_label is None or not raw_label.strip():
-            raise UserError(f"{where}: empty '{text_column}' or '{label_column}'")
+        if text is None or raw_label is None:  # DictReader's value for fields the row lacks
+            fields = sum(value is not None for value in row.values())
+            raise UserError(
+                f"{where}: {_fields(fields)}, the header has {len(columns)} (a missing comma, "
+                f"or a line break inside an unquoted field: quote it); every row needs its "
+                f"'{text_column}' and '{label_column}'"
+            )
+        named = ((text_column, text), (label_column, raw_label))
+        empty = [name for name, value in named if not value.strip()]
+        if empty:
+            raise UserError(
+                f"{where}: empty {' and '.join(repr(name) for name in empty)}; give every row "
+                "a text and a label, or remove the row"
+            )
         rows.append((text.strip(), raw_label.strip(), where))
     return rows
+
+
+def _fields(count: int) -> str:
+    """``"1 field"``, ``"3 fields"``."""
+    return f"{count} field" if count == 1 else f"{count} fields"
 
 
 @contextlib.contextmanager

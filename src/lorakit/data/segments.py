@@ -6,7 +6,9 @@ e.g. a BOS) and ``completion + EOS`` (learnt; no second EOS when the completion 
 with the EOS text). Chat examples are rendered with the tokenizer's chat template by
 ``data.chat.render_chat`` (the rendering the server and ``lorakit generate`` use too; the pieces
 are tokenized without special tokens); each assistant turn's content up to and including its
-end-of-turn token is learnt, everything else (system, user, role headers) is not.
+end-of-turn token (its last EOS, or where EOS is not the end-of-turn token, the first special
+token after the content) is learnt, everything else (system, user, role headers, the newline
+after the end-of-turn token) is not.
 
 A piece's tokens are those it adds after the text before it (``_continuation``)::
 
@@ -81,11 +83,12 @@ def _chat_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
     """The chat rendered as ``(text, learnt)`` pieces whose concatenation is the full rendering.
 
     Assistant turn i is the text the template adds between ``messages[:i]`` with a generation
-    prompt and ``messages[:i+1]``; its learnt part ends after its last EOS token (what follows,
-    e.g. a newline, is context).
+    prompt and ``messages[:i+1]``; its learnt part ends at its end-of-turn token
+    (``_learnt_end``: the last EOS, or the first special token after the content), and what
+    follows it, e.g. a newline, is context.
     """
     require_chat_template(tokenizer, example.source or "example")
-    eos = tokenizer.eos_token
+    specials = _special_texts(tokenizer)
     messages = _with_one_eos_per_turn(example.messages, tokenizer)
     pieces: list[tuple[str, bool]] = []
     done = ""
@@ -100,13 +103,64 @@ def _chat_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
                 "growing prefix, so assistant tokens cannot be separated; use prompt/completion"
             )
         answer = after[len(before) :]
-        end = answer.rfind(eos) + len(eos) if eos and eos in answer else len(answer)
+        end = _learnt_end(answer, message["content"], tokenizer.eos_token, specials)
         pieces += [(before[len(done) :], False), (answer[:end], True), (answer[end:], False)]
         done = after
     if messages[-1]["role"] != "assistant":  # else the last rendering was the whole chat
         full = render_chat(tokenizer, messages, add_generation_prompt=False)
         pieces.append((full[len(done) :], False))
     return [(text, learnt) for text, learnt in pieces if text]
+
+
+def _special_texts(tokenizer) -> tuple[str, ...]:
+    """The texts of the tokenizer's special tokens: its named ones (EOS, pad, the additional
+    special tokens) and the added tokens marked special (``<|im_end|>``, ``<end_of_turn>``,
+    Phi-3's ``<|end|>``)."""
+    texts = set(getattr(tokenizer, "all_special_tokens", ()))
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    texts.update(token.content for token in added.values() if getattr(token, "special", False))
+    return tuple(sorted((text for text in texts if text), key=lambda text: (-len(text), text)))
+
+
+def _learnt_end(answer: str, content: str, eos: str | None, specials: Sequence[str]) -> int:
+    """Where the learnt part of an assistant turn's text ``answer`` (its ``content`` as the
+    template renders it, then the template's tail) ends: after the turn's end-of-turn token.
+
+    - EOS in the tail (after the content; the whole ``answer`` where the content is not found):
+      after the last EOS (SmolLM2's ``<|im_end|>``, Llama-3-Instruct's ``<|eot_id|>``);
+    - else after the first special token that follows the content (the end-of-turn token where
+      it is not EOS: ChatML ``<|im_end|>`` with Qwen2.5 base's EOS ``<|endoftext|>``, Gemma's
+      ``<end_of_turn>``, Phi-3's ``<|end|>``), so the newline the template writes after it is
+      not learnt, as in TRL's assistant-only masks;
+    - else (no special token ends the turn) the whole ``answer``.
+    """
+    content_end = _content_end(answer, content, specials)
+    tail = answer if content_end is None else answer[content_end:]
+    if eos and eos in tail:
+        return answer.rfind(eos) + len(eos)
+    if content_end is None:
+        return len(answer)
+    found = [(tail.find(text), -len(text)) for text in specials if text in tail]
+    if not found:
+        return len(answer)
+    position, minus_length = min(found)  # the first; the longest of those starting there
+    return content_end + position - minus_length
+
+
+def _content_end(answer: str, content: str, specials: Sequence[str]) -> int | None:
+    """The position in ``answer`` after the content: after the last occurrence of ``content``
+    (or of it stripped, for templates that trim it, as Gemma's) that a special token follows;
+    0 for an empty content (or a blank one not found as it is); None where it is not found so
+    (the caller then keeps to the last EOS, or learns the whole turn)."""
+    for needle in (content, content.strip()):
+        if not needle:
+            return 0
+        start = answer.rfind(needle)
+        while start >= 0:
+            if any(text in answer[start + len(needle) :] for text in specials):
+                return start + len(needle)
+            start = answer.rfind(needle, 0, start + len(needle) - 1)
+    return None
 
 
 def _with_one_eos_per_turn(messages: tuple[dict, ...], tokenizer) -> tuple[dict, ...]:

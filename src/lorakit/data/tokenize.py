@@ -87,14 +87,22 @@ def _token_count(example: Example, tokenizer) -> int:
 
 def _with_text(example: Example, short: str) -> Example | None:
     """``example`` with its ``text`` replaced by ``short`` where the text appears (once) in the
-    prompt or in one non-assistant message; None when it cannot be located unambiguously."""
+    prompt or in one non-assistant message; None when it cannot be located unambiguously.
+
+    Answers are not searched (a completion, an assistant message): a review that is also the
+    label word (``"good"``), or part of it, is still found in the prompt, and the example and
+    its longest-answer probe (``fit_example``) locate it alike."""
     text = example.text
     if not example.is_chat:
         if example.prompt.count(text) != 1:
             return None
         return dataclasses.replace(example, prompt=example.prompt.replace(text, short), text=short)
-    holders = [i for i, m in enumerate(example.messages) if text in m["content"]]
-    if len(holders) != 1 or example.messages[holders[0]]["role"] == "assistant":
+    holders = [
+        i
+        for i, m in enumerate(example.messages)
+        if m["role"] != "assistant" and text in m["content"]
+    ]
+    if len(holders) != 1:
         return None
     message = example.messages[holders[0]]
     if message["content"].count(text) != 1:
@@ -139,7 +147,8 @@ def fit_example(example: Example, tokenizer, max_length: int) -> Example:
 
         cut = _character_start(example.text, start + _longest(0, end - start - 1, fits_chars))
         kept = example.text[: max(cut, start)]
-    return _with_text(example, kept)
+    shortened = _with_text(example, kept)
+    return example if shortened is None else shortened  # (None: tokenize_example cuts tokens)
 
 
 def _character_start(text: str, cut: int) -> int:

@@ -241,11 +241,17 @@ def build_settings(values: dict[str, Any]) -> tuple[TrainSettings, TrainingConfi
 
 
 def load_examples_for(spec: str, split: str | None, style: str | None, default_split: str):
-    """Examples of ``spec``: built-in datasets default to ``default_split``, files to all rows."""
+    """Examples of ``spec``: built-in datasets default to ``default_split``, files to all rows.
+
+    ``style`` (``--style``) goes to built-ins and CSV files only: a JSONL file says its own form
+    (prompt/completion or messages), so one ``--style`` serves ``--data`` and ``--eval-data``
+    (a built-in in plain style evaluated on one's own JSONL file)."""
     from lorakit import data
 
     if split is None and spec in data.BUILTIN_DATASETS:
         split = default_split
+    if Path(spec).suffix.lower() == ".jsonl":
+        style = None
     examples = data.load_examples(spec, split, style=style)
     if not examples:
         raise UserError(f"data '{spec}' (split {split or 'all'}) holds no examples")
