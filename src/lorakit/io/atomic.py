@@ -16,7 +16,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["new_file_mode", "sync", "write_bytes", "write_files", "write_text", "write_with"]
+__all__ = [
+    "STALE_AFTER_S",
+    "is_stale",
+    "new_file_mode",
+    "sync",
+    "sync_directory",
+    "write_bytes",
+    "write_files",
+    "write_text",
+    "write_with",
+]
+
+# A temporary file (or staging folder) untouched for this long is a killed writer's: a live one
+# keeps writing into it. The next save beside it removes it.
+STALE_AFTER_S = 60
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -125,8 +139,30 @@ def _remove_stale_temporaries(target: Path) -> None:
     """Temporary files of ``target`` left by a killed writer (older than a minute)."""
     for leftover in target.parent.glob(f".{target.name}.*.tmp"):
         with contextlib.suppress(OSError):
-            if time.time() - leftover.stat().st_mtime > 60:
+            if is_stale(leftover):
                 leftover.unlink()
+
+
+def is_stale(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` and, for a folder, every entry in it were last modified more than
+    ``STALE_AFTER_S`` ago: a killed writer's leftover, not one a live writer is still filling
+    (a folder's own mtime changes only when entries come and go, not while a file in it grows).
+    A path that vanishes meanwhile is not stale (someone else is cleaning it)."""
+    oldest_allowed = time.time() - STALE_AFTER_S
+    try:
+        times = [os.lstat(path).st_mtime]
+        if os.path.isdir(path) and not os.path.islink(path):
+            with os.scandir(path) as entries:
+                times += [entry.stat(follow_symlinks=False).st_mtime for entry in entries]
+    except OSError:
+        return False
+    return max(times) < oldest_allowed
+
+
+def sync_directory(directory: str | os.PathLike[str]) -> None:
+    """fsync ``directory`` so that the renames and removals in it so far reach the disk before
+    the next ones (nothing on a file system that cannot fsync a directory)."""
+    _fsync_directory(Path(directory))
 
 
 def _fsync_directory(directory: Path) -> None:

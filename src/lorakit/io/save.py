@@ -14,6 +14,7 @@ messages through the tokenizer's chat template) or "plain" (prompt text as is), 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -305,9 +306,12 @@ def save_merged_model(
     transformers directory (``AutoModel*.from_pretrained`` loads it without lorakit).
 
     The model is changed in place (it becomes the merged plain model) and returned. Files are
-    written to a temporary directory beside ``directory``, fsynced, and then moved in with
-    ``os.replace`` in one burst (the directory fsynced after), with the permissions of any new
-    file there (``0666 & ~umask``).
+    written to a staging folder ``.<name>.<random>.tmp`` beside ``directory``, given the
+    permissions of any new file there (``0666 & ~umask``), fsynced, and moved in by
+    ``_move_in``: a crash at any moment leaves ``directory`` holding the complete old model, the
+    complete new one, or no ``config.json`` (transformers refuses to load it; merging again
+    completes it), never new weights beside an old config or the reverse. The staging folder of
+    a killed save is removed by the next save beside it (``_remove_stale_staging``).
     """
     from lorakit.merge import merge_and_unload
 
@@ -316,22 +320,73 @@ def save_merged_model(
     if adapter_configs(model):
         model = merge_and_unload(model)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    _remove_stale_staging(target)  # (first: a killed save's copy may be what fills the disk)
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{target.name}.", suffix=_STAGING_SUFFIX, dir=target.parent)
+    )
     try:
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         target.mkdir(exist_ok=True)
-        written = sorted(staging.iterdir())
+        staged = sorted(staging.iterdir())
         mode = atomic.new_file_mode(target)  # save_pretrained writes weights 0600 (mkstemp)
-        for path in written:
+        for path in staged:
             if path.is_file():
                 path.chmod(mode)
                 atomic.sync(path)  # on the disk before it replaces the old file
-        for path in written:
-            os.replace(path, target / path.name)
-        atomic.sync(target)
-        _remove_stale_weights(target, {path.name for path in written})
+        _move_in(staged, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return model
+
+
+# The file that makes a directory a transformers model: without it ``from_pretrained`` refuses
+# the directory ("Unrecognized model"), whatever weight files it holds.
+_MODEL_CONFIG_NAME = "config.json"
+# Staging folders are ``.<output name>.<8 characters of tempfile.mkdtemp>.tmp``.
+_STAGING_SUFFIX = ".tmp"
+
+
+def _move_in(staged: list[Path], target: Path) -> None:
+    """Move the ``staged`` files of a new save into ``target`` (which may hold an earlier save)
+    so that no crash between two steps leaves a mix of the two saves that loads:
+
+    1. the old ``config.json`` is removed: from here on the directory does not load;
+    2. every new file but ``config.json`` is moved in (``os.replace``), then the earlier save's
+       weight files that the new one did not write are removed (``_remove_stale_weights``:
+       left beside the new config, a stale ``model.safetensors`` would be loaded instead of new
+       shards);
+    3. the new ``config.json`` is moved in last.
+
+    A crash before 1 leaves the old model complete, after 3 the new one, and in between a
+    directory without ``config.json``. The directory is fsynced after each step, so that the
+    same order holds after a power cut. Files of the user's are never touched.
+    """
+    config = [path for path in staged if path.name == _MODEL_CONFIG_NAME]
+    if config:  # (save_pretrained always writes one)
+        (target / _MODEL_CONFIG_NAME).unlink(missing_ok=True)
+        atomic.sync_directory(target)
+    for path in staged:
+        if path.name != _MODEL_CONFIG_NAME:
+            os.replace(path, target / path.name)
+    _remove_stale_weights(target, {path.name for path in staged})
+    atomic.sync_directory(target)
+    for path in config:
+        os.replace(path, target / path.name)
+    atomic.sync_directory(target)
+
+
+def _remove_stale_staging(target: Path) -> None:
+    """Remove the staging folders of earlier saves into ``target`` that were killed before they
+    cleaned up (each a full copy of a model): folders beside ``target`` named as
+    ``save_merged_model`` names them, where nothing changed for a minute (``atomic.is_stale``,
+    the rule for a killed adapter save's temporary files), so a save still writing its own is
+    left alone. A folder that cannot be removed (permissions) is left, without an error."""
+    name = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}{re.escape(_STAGING_SUFFIX)}")
+    leftovers: list[Path] = []
+    with contextlib.suppress(OSError):  # (a parent that cannot be listed: nothing to clean)
+        leftovers = [path for path in target.parent.iterdir() if name.fullmatch(path.name)]
+    for leftover in leftovers:
+        if leftover.is_dir() and not leftover.is_symlink() and atomic.is_stale(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
