@@ -257,13 +257,18 @@ class AdapterRegistry:
             raise UserError(f"{shown} holds no {CONFIG_NAME}.")
         return self.root / candidate  # (a link inside is followed on every read)
 
-    def register(self, name: str, path: Path) -> None:
+    def register(self, name: str, path: Path) -> bool:
+        """Serve ``root``'s directory ``path`` as ``name`` (a runtime load); ``ValueError`` when
+        ``name`` is registered. Returns whether ``name`` was withdrawn before, for a caller that
+        undoes the registration: ``unregister(name, withdrawn=<that>)``."""
         self.check_name(name)
         with self._lock:
             if name in self._paths:
                 raise ValueError(f"adapter {name!r} is already loaded; unload it first.")
             self._paths[name] = path
+            withdrawn = name in self._withdrawn
             self._withdrawn.discard(name)
+        return withdrawn
 
     def unregister(self, name: str, withdrawn: bool = False) -> None:
         """Forget ``name``. ``withdrawn`` (an admin's unload): ``discover`` does not bring it
