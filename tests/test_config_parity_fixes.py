@@ -2,7 +2,9 @@
 
 1. PEFT's bookkeeping fields are taken (``LoraConfig(**peft_config.to_dict())``), refused
    features only when set, and ``inference_mode=True`` freezes the adapter as PEFT does;
-2. a ``target_modules`` entry that only matches inside a ``modules_to_save`` module is refused;
+2. a ``target_modules`` entry matching a module the user lists in ``modules_to_save`` leaves it
+   out of LoRA, as PEFT does; one picked only by a plain-string name ending is refused, as PEFT
+   refuses it;
 3. "matched no module" says which field took the matches away;
 4. ``init_lora_weights`` and "all-linear" read with PEFT's case rules, unknown inits refused in
    files;
@@ -184,12 +186,16 @@ def test_an_entry_only_inside_the_seq_cls_head_is_refused_as_peft_refuses():
     )
 
 
-def test_an_entry_only_inside_modules_to_save_is_refused():
-    config = lorakit.LoraConfig(target_modules=["q_proj", "lm_head"], modules_to_save=["lm_head"])
-    with pytest.raises(
-        TargetModulesError, match=r"entry 'lm_head' matches only modules inside \['lm_head'\]"
-    ):
-        lorakit.inject(tm.llama(), config)
+def test_an_entry_only_inside_modules_to_save_is_left_out_as_peft_leaves_it():
+    fields = {"r": 4, "target_modules": ["q_proj", "lm_head"], "modules_to_save": ["lm_head"]}
+    theirs = _quiet(lambda: peft.get_peft_model(tm.llama(), peft.LoraConfig(**fields)))
+    ours = lorakit.inject(tm.llama(), lorakit.LoraConfig(**fields))
+    assert sorted(name for name, _ in lora_layers(ours)) == _peft_lora_modules(theirs)
+    assert [name for name, _ in lora_layers(ours)] == find_targets(
+        tm.llama(), lorakit.LoraConfig(**fields)
+    )
+    assert not any(name.startswith("lm_head") for name in _peft_lora_modules(theirs))
+    assert isinstance(ours.lm_head, lorakit.layers.ModulesToSave)
 
 
 def test_an_entry_also_matching_outside_saved_modules_is_kept_as_peft_keeps_it():

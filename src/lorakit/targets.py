@@ -15,7 +15,12 @@
 - ``modules_to_save`` (plus ``classifier`` / ``score`` for ``SEQ_CLS``, as PEFT adds them) picks
   every module whose name ends with an entry as a plain string (``saved_module_matches``:
   ``"classifier"`` also picks ``pre_classifier``, ``"norm"`` every ``*_layernorm``); the modules
-  it picks (and everything inside them) are never adapted.
+  it picks (and everything inside them) are never adapted. A module named by an entry as whole
+  dotted name parts (and everything inside it) is simply left out of the targets, as PEFT's
+  ``check_target_module_exists`` leaves it out (``target_modules=["q_proj", "lm_head"]`` with
+  ``modules_to_save=["lm_head"]`` adapts the ``q_proj`` layers and trains ``lm_head`` in full);
+  a ``target_modules`` list entry whose every remaining match lies in a module picked only as a
+  plain-string ending (``pre_classifier`` for ``"classifier"``) is refused, as PEFT refuses it.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ __all__ = [
     "SEQ_CLS_HEADS",
     "find_targets",
     "in_selected_layer",
+    "left_out_as_saved",
     "matches",
     "model_modules",
     "saved_module_entries",
@@ -87,6 +93,17 @@ def saved_module_matches(entries: list[str], module_name: str) -> bool:
     dotted part (``pre_classifier`` ends with ``classifier``). Files from peft hold a copy of
     every module this picks, so lorakit must pick the same ones to read and write them."""
     return any(module_name.endswith(entry) for entry in entries)
+
+
+def left_out_as_saved(entries: list[str], module_name: str) -> bool:
+    r"""PEFT's guard in ``check_target_module_exists``: no LoRA on a module that an entry of
+    ``modules_to_save`` (``saved_module_entries``: PEFT adds the ``SEQ_CLS`` heads to the config
+    before it matches targets) names as whole dotted name parts, nor on anything inside it
+    (``lm_head`` for ``"lm_head"``, ``model.layers.0.self_attn.q_proj`` for ``"self_attn"``;
+    not ``pre_classifier`` for ``"classifier"``). Such a module is trained in full instead, so it
+    is dropped from the targets with no error. The entry is read as PEFT reads it, a regex in
+    ``(^|.*\.)<entry>($|\..*)``."""
+    return any(re.match(rf"(^|.*\.){entry}($|\..*)", module_name) for entry in entries)
 
 
 def _saved_module_of(saved: list[str], module_name: str) -> str | None:
@@ -181,7 +198,11 @@ def find_targets(
         excluded = _excluded_heads(model, config, named) | set(never_called)
         candidates = [n for n, m in named if is_linear(m) and n not in excluded]
         spec = candidates
-    matched = [n for n, _ in named if n and matches(spec, n) and not _excluded(config, n)]
+    matched = [
+        n
+        for n, _ in named
+        if n and matches(spec, n) and not _excluded(config, n) and not left_out_as_saved(saved, n)
+    ]
     _refuse_entries_inside_saved_modules(config, saved, matched)
     targets = [
         name
@@ -202,28 +223,40 @@ def _refuse_entries_inside_saved_modules(
     config: LoraConfig, saved: list[str], matched: list[str]
 ) -> None:
     """``TargetModulesError`` naming the first entry of a ``target_modules`` list whose every
-    match (``matched``: the names the spec matches outside ``exclude_modules``) lies in a module
-    copied whole (``saved``: ``saved_module_entries``): that module is trained in full, so the
-    entry adapts nothing, and a file listing it is one PEFT cannot load (PEFT refuses such a
-    config: "modules_to_save cannot be applied to modules of type ... lora.Linear")."""
+    match (``matched``: the names the spec matches outside ``exclude_modules`` and outside the
+    modules ``left_out_as_saved`` drops) lies in a module copied whole (``saved``:
+    ``saved_module_entries``), which can then only be one picked as a plain-string ending
+    (``pre_classifier`` for ``"classifier"``). PEFT puts LoRA there first and then copies the
+    module: it refuses the config when the module is the LoRA layer itself ("modules_to_save
+    cannot be applied to modules of type ... lora.Linear") and nests LoRA layers in the copy
+    when it holds one; lorakit refuses both."""
     if not saved or not isinstance(config.target_modules, list):
         return
     for entry in config.target_modules:
-        holders = {_saved_module_of(saved, name) for name in matched if matches([entry], name)}
+        hits = [name for name in matched if matches([entry], name)]
+        holders = {_saved_module_of(saved, name) for name in hits}
         if holders and None not in holders:
-            raise TargetModulesError(_inside_saved_message(config, entry, sorted(holders)))
+            nested = any(_saved_module_of(saved, name) != name for name in hits)
+            raise TargetModulesError(_inside_saved_message(config, entry, sorted(holders), nested))
 
 
-def _inside_saved_message(config: LoraConfig, entry: str, holders: list[str]) -> str:
-    """The message for ``entry`` of ``target_modules``, whose matches all lie in ``holders``."""
+def _inside_saved_message(config: LoraConfig, entry: str, holders: list[str], nested: bool) -> str:
+    """The message for ``entry`` of ``target_modules``, whose matches all lie in ``holders``
+    (``nested``: some lie inside a holder rather than being one)."""
     pickers = sorted({e for e in saved_module_entries(config) for h in holders if h.endswith(e)})
     added = [e for e in pickers if e not in (config.modules_to_save or [])]
     why = f"modules_to_save entries {pickers}"
     if added:
         why += f" ({added} added by task_type={config.task_type!r}: its head is saved whole)"
+    peft_does = (
+        "PEFT would nest LoRA layers inside the full copy, which lorakit does not support"
+        if nested
+        else "PEFT refuses this config (modules_to_save cannot be applied to a LoRA layer)"
+    )
     return (
-        f"target_modules entry {entry!r} matches only modules inside {holders}, which "
-        f"{why} copy and train in full: no LoRA goes there, and PEFT refuses this config. "
+        f"target_modules entry {entry!r} matches only modules inside {holders}, which {why} "
+        "copy and train in full (their names end with those entries as plain strings, not as "
+        f"whole dotted name parts, which would only leave them out of LoRA): {peft_does}. "
         f"Drop {entry!r} from target_modules, or drop the module from modules_to_save."
     )
 

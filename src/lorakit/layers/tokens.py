@@ -79,9 +79,13 @@ class TrainableTokens(ModulesToSave):
     def add_tokens(
         self, adapter_name: str, indices: Sequence[int], init: bool | str | None
     ) -> None:
-        """Rows for ``adapter_name``: the embedding's current rows (``init`` True or a string),
-        standard-normal values (``init`` False, as PEFT), or uninitialised (None: about to be
-        loaded). Trainable, on the weight's device, in the adapter dtype
+        """Rows for ``adapter_name``: copies of the embedding's current rows ``W0[indices]``
+        (n, dim) whatever the LoRA init (``init`` True, False or a string), or uninitialised
+        (None: about to be loaded). PEFT starts them the same way for a ``LoraConfig``: its
+        ``TrainableTokensWrapper`` gets no ``init_weights``, so ``init_lora_weights=False``
+        leaves the rows as copies (standard-normal rows are only for PEFT's standalone
+        ``TrainableTokensConfig(init_weights=False)``, which lorakit does not implement).
+        Trainable, on the weight's device, in the adapter dtype
         (``inject.default_adapter_dtype``: float32 beside a 16-bit embedding, as PEFT keeps
         them, so small updates are not lost to its rounding)."""
         from lorakit.inject import default_adapter_dtype
@@ -90,8 +94,6 @@ class TrainableTokens(ModulesToSave):
         dtype = default_adapter_dtype(weight.dtype)
         if init is None:
             values = torch.empty(len(indices), weight.shape[1], dtype=dtype, device=weight.device)
-        elif init is False:
-            values = torch.randn(len(indices), weight.shape[1], dtype=dtype, device=weight.device)
         else:
             values = weight.detach()[list(indices)].to(dtype, copy=True)
         self.modules_to_save[adapter_name] = TokenRows(indices, values)
