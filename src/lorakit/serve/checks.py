@@ -8,9 +8,18 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lorakit import quantized
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
-from lorakit.io.keys import is_magnitude_key, module_path, parse_lora_key
+from lorakit.io.keys import (
+    base_weight_module,
+    is_magnitude_key,
+    is_token_rows_key,
+    lora_key_pairs,
+    module_path,
+    parse_lora_key,
+    unmerged_base_tensor,
+)
 from lorakit.io.tensors import TORCH_DTYPES
 
 if TYPE_CHECKING:
@@ -72,6 +81,11 @@ def lora_pairs(
     ``tensors`` may also map keys to safetensors header entries (``TensorInfo``: shape and
     dtype), to check a file before reading its data. Raises ``AdapterFileError`` naming the tensor: a key that is not a linear LoRA factor, a
     factor that is not a non-empty floating-point 2-D matrix, shapes that do not fit the layer, rank > max_rank.
+
+    A full copy of a base weight (PEFT's ``save_embedding_layers``, "auto" by default when the
+    adapter targets lm_head or embed_tokens: ``<path>.base_layer.weight``; ``keys.
+    base_weight_module`` tells one) is accepted and left out when it is the served base's
+    weight: by shape from a header, by value (``_same_base``) from tensors; else refused.
     """
     if config.target_parameters:
         raise AdapterFileError(
@@ -86,26 +100,119 @@ def lora_pairs(
             "into the model instead."
         )
     parts: dict[str, dict[str, torch.Tensor]] = {}
+    others = []
     for key, tensor in tensors.items():
         parsed = parse_lora_key(key, embeddings=False)
         if parsed is None and config.use_dora and is_magnitude_key(key):
             parsed = module_path(key.removesuffix(".lora_magnitude_vector")), "m"
         if parsed is None:
-            raise AdapterFileError(
-                f"adapter {name!r}: tensor {key!r} is not a LoRA linear weight; the serving "
-                "bank supports lora_A/lora_B of linear layers only (no embeddings, biases, "
-                "modules_to_save)."
-            )
+            others.append(key)
+            continue
         path, role = parsed
         parts.setdefault(path, {})[role] = tensor
+    copies = _base_copies(name, config, others, tensors)
     pairs = {}
     for path, part in parts.items():
         pairs[path] = _checked_pair(name, path, part, stacks, max_rank)
         if config.use_dora:
             pairs[path] += (_checked_magnitude(name, path, part, pairs[path][1]),)
+    for key, module in copies.items():
+        _check_base_copy(name, key, module, tensors[key], stacks)
     if not pairs:
         raise AdapterFileError(f"adapter {name!r} holds no LoRA tensors.")
     return pairs
+
+
+def _base_copies(
+    name: str, config: LoraConfig, keys: list[str], tensors: Mapping[str, object]
+) -> dict[str, str]:
+    """``{key: module}`` of the full base weights among ``keys`` (the file's tensors that are
+    not linear LoRA factors or DoRA magnitudes), by ``keys.base_weight_module`` (the rule
+    ``summary`` and ``combining`` read such copies by); ``AdapterFileError`` naming the first
+    other tensor (``_unservable``)."""
+    adapted = set(lora_key_pairs(tensors))  # embeddings too: their base_layer copies
+    copies = {}
+    for key in keys:
+        module = base_weight_module(key, adapted, config.modules_to_save or [])
+        if module is None:
+            raise AdapterFileError(_unservable(name, key))
+        copies[key] = module
+    return copies
+
+
+def _unservable(name: str, key: str) -> str:
+    """The refusal of a tensor the bank cannot serve: what it is and the way out."""
+    if parse_lora_key(key) is not None:
+        what = "a factor of a LoRA on an embedding layer (lora_embedding_A/B)"
+    elif key.endswith(".bias"):
+        what = "a bias (lora_bias, or a trained bias of the base)"
+    elif is_token_rows_key(key):
+        what = "embedding rows trained to new values (trainable_token_indices)"
+    else:
+        what = "a trained copy of a module (modules_to_save) or another non-LoRA tensor"
+    return (
+        f"adapter {name!r}: tensor {key!r} is not a LoRA linear weight: it is {what}. The "
+        "serving bank adds the lora_A/lora_B products of linear layers (an output layer such "
+        "as lm_head included) and leaves the served model's own weights as they are; merge the "
+        "adapter into its base model (lorakit merge) and serve the merged model instead."
+    )
+
+
+def _check_base_copy(
+    name: str, key: str, module: str, copy, stacks: Mapping[str, LayerStack]
+) -> None:
+    """A file's full copy ``copy`` (tensor or header entry) of ``module``'s base weight is the
+    served weight: the same shape, floating point and, for a tensor, the same values up to the
+    rounding of either dtype (``_same_base``); else ``AdapterFileError`` naming ``key``. Only
+    the layers the bank routes can be checked (it holds their base modules)."""
+    stack = stacks.get(module)
+    if stack is None or stack.base_layer is None:
+        raise AdapterFileError(
+            f"adapter {name!r}: tensor {key!r} is a full copy of the base weight of {module!r} "
+            "(PEFT's save_embedding_layers), a layer the serving bank does not route, so it "
+            "cannot check that the served model holds that weight. Re-save the adapter with "
+            "save_embedding_layers=False if it was trained on the served base, or merge it "
+            "into its base model and serve that."
+        )
+    if quantized.is_quantized(stack.base_layer):
+        raise AdapterFileError(
+            f"adapter {name!r}: tensor {key!r} is a full float copy of the base weight of "
+            f"{module!r} (PEFT's save_embedding_layers), which the served model holds "
+            "quantized, so the bank cannot tell whether the adapter changes it. Re-save the "
+            "adapter with save_embedding_layers=False if it was trained on the served base."
+        )
+    own = unmerged_base_tensor(stack.base_layer, "weight").detach()
+    if tuple(copy.shape) != tuple(own.shape) or not _floating(copy):
+        how = f"shape {list(copy.shape)} and dtype {copy.dtype}, the served one {list(own.shape)}"
+    elif isinstance(copy, torch.Tensor) and not _same_base(own, copy):
+        how = "other values, beyond the rounding of either dtype"
+    else:
+        return
+    raise AdapterFileError(
+        f"adapter {name!r}: tensor {key!r} is a copy of the base weight of {module!r} (PEFT's "
+        f"save_embedding_layers) that differs from the served model's ({how}): the adapter "
+        "changes the base weight, which the serving bank never does. Serve it merged (merge it "
+        "into its base model and serve that), or re-save it with save_embedding_layers=False "
+        "if it was trained on the served base."
+    )
+
+
+def _same_base(own: torch.Tensor, copy: torch.Tensor) -> bool:
+    """``combining.sources.same_up_to_rounding`` (the rule for saved base weights: equal once
+    one is rounded to the other's dtype) of the served weight ``own`` (d, k) and a file's copy,
+    compared in blocks of about 2^24 elements on ``own``'s device: an lm_head copy is
+    vocabulary x hidden, and no full-size temporary is made beside it."""
+    from lorakit.combining.sources import same_up_to_rounding
+
+    rows = max(1, _COMPARE_ELEMENTS // max(1, own[0].numel()))
+    for start in range(0, own.shape[0], rows):
+        block = copy[start : start + rows].to(own.device)
+        if not same_up_to_rounding(own[start : start + rows], block):
+            return False
+    return True
+
+
+_COMPARE_ELEMENTS = 2**24
 
 
 def _checked_magnitude(name: str, path: str, part: dict, lora_B) -> torch.Tensor:

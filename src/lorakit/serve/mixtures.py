@@ -191,7 +191,8 @@ class Mixtures:
         except (UserError, KeyError, ValueError) as error:
             reason = registry.relative(_text(error))  # (no server paths in the answer)
             raise bad_mixture(f"'{FIELD}' cannot be combined: {reason}") from None
-        if result.base_weights:  # (each input alone is refused for them too)
+        if result.base_weights:  # (alone, an input's copy is served if it equals the served
+            # weight, serve.checks; a mixture's carried copies are not compared: refused)
             modules = ", ".join(sorted(result.base_weights))
             raise bad_mixture(
                 f"'{FIELD}' cannot be served: its adapters carry base weights for {modules} "
