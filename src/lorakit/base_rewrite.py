@@ -6,7 +6,9 @@ the slow and fallible part is the factorisation (an SVD or QR per layer: minutes
 model, the time a user presses Ctrl-C in, and the step that can fail to converge). So:
 
 1. ``plan_rewrite`` per layer: factorise, keep the float32 factors ``A`` (r x k), ``B`` (d x r)
-   and how ``W_res`` follows from ``W0`` (``W0 - s B A``; LoftQ: ``deq(quant(W0 - B' A'))``),
+   (rounded as the adapter stores them, when that is coarser than the base: bfloat16 factors
+   on a float32 base) and how ``W_res`` follows from ``W0`` (``W0 - s B A`` with those
+   factors; LoftQ: ``deq(quant(W0 - B' A'))``),
    record the fingerprint of ``W0``. Nothing in the model changes: a failure here (or Ctrl-C)
    leaves every base weight as it was, with no copy of any of them kept.
 2. ``write_rewrites``: compute each ``W_res`` again from its recipe (the same float32
@@ -88,7 +90,9 @@ def plan_rewrite(
     """Phase 1 for ``layer`` (a ``LoraLinear`` holding ``adapter_name``): the factors of
     ``init`` from its base weight with the adapter's rank and scaling, and the fingerprint of
     that weight in ``layer.base_fingerprints_before_init[adapter_name]`` (what a converted
-    adapter fits). The weight is not changed."""
+    adapter fits). The weight is not changed. Where the adapter's factors are stored coarser
+    than the base weight (``_coarser_factor_dtype``), ``W_res`` follows from the factors as
+    stored (``init_methods.factors_for``)."""
     from lorakit.io.fingerprint import weight_fingerprint
 
     base_weight = layer.base_layer.weight
@@ -96,10 +100,28 @@ def plan_rewrite(
     with torch.no_grad():
         weight = base_weight.t() if layer.fan_in_fan_out else base_weight  # (d, k)
         lora_A, lora_B, residual = init_methods.factors_for(
-            init, weight.to(torch.float32), layer.ranks[adapter_name], scale, loftq
+            init,
+            weight.to(torch.float32),
+            layer.ranks[adapter_name],
+            scale,
+            loftq,
+            factor_dtype=_coarser_factor_dtype(layer, adapter_name),
         )
     layer.base_fingerprints_before_init[adapter_name] = weight_fingerprint(base_weight)
     return BaseRewrite(name, layer, init, residual, lora_A, lora_B, scale)
+
+
+def _coarser_factor_dtype(layer, adapter_name: str) -> torch.dtype | None:
+    """The dtype of the adapter's factors when it is coarser than the base weight's (bfloat16
+    factors on a float32 base), else None: only then does rounding the factors move
+    ``W_res + s B A`` off ``W0`` by more than the base's own rounding of ``W_res``. (On a
+    bfloat16 base with bfloat16 factors, PEFT's ``autocast_adapter_dtype=False``, ``W_res``
+    stays PEFT's, from the float32 factors.)"""
+    stored = layer.adapter_parameters(adapter_name)[0].dtype
+    base = layer.base_layer.weight.dtype
+    if not (stored.is_floating_point and base.is_floating_point):
+        return None
+    return stored if torch.finfo(stored).eps > torch.finfo(base).eps else None
 
 
 def write_rewrites(rewrites: Sequence[BaseRewrite]) -> None:

@@ -17,7 +17,9 @@ Everything is computed in float32; ``A`` and ``B`` stay float32 and equal peft's
 float32 base. On a bfloat16 / float16 base peft rounds ``A`` and ``B`` to the base dtype (then
 stores them in float32); lorakit keeps the float32 factors, so ``W_res`` is the same and
 ``W_res + s B A`` is closer to ``W0`` (tiny bfloat16 Llama: max error 1.9e-4 against peft's
-2.2e-4). ``W_res`` is rounded to the base weight's dtype and written into the base weight
+2.2e-4). Factors stored coarser than the base (``adapter_dtype=torch.bfloat16`` on a float32
+base, which PEFT has no option for) are rounded first and ``W_res`` is computed from the rounded
+ones (``factors_for``). ``W_res`` is rounded to the base weight's dtype and written into the base weight
 Parameter in place (``lorakit.base_rewrite``: every layer's factorisation first, the writes
 last, so a failure leaves no layer half done), so the base model is changed (``lorakit.unload``
 gives back the modules holding ``W_res``, as PEFT's ``unload`` does). A saved adapter then only fits
@@ -256,13 +258,38 @@ def _minus_scaled_product(scale: float, lora_A: torch.Tensor, lora_B: torch.Tens
 
 
 def factors_for(
-    init: str, weight: torch.Tensor, rank: int, scale: float, loftq: LoftQConfig | None = None
+    init: str,
+    weight: torch.Tensor,
+    rank: int,
+    scale: float,
+    loftq: LoftQConfig | None = None,
+    factor_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Residual]:
-    """``(A, B, residual)`` of a base-changing ``init`` for the float32 ``weight`` (d, k)."""
+    """``(A, B, residual)`` of a base-changing ``init`` for the float32 ``weight`` (d, k).
+
+    ``factor_dtype``: the dtype the adapter stores ``A`` and ``B`` in, when it is coarser than
+    the base's (``inject(..., adapter_dtype=torch.bfloat16)`` on a float32 base). ``A`` and
+    ``B`` are then returned rounded to it (as float32) and PiSSA / OLoRA's ``W_res = W0 - s B A``
+    is computed from the rounded factors, so that the layer's ``W_res + s B A`` is ``W0``
+    within float32 rounding rather than off by the factors' rounding (a tiny Llama's q_proj:
+    1.1e-4 with bfloat16 factors). LoftQ's ``Q`` does not depend on the factors."""
     if init == "loftq":
         loftq = loftq or LoftQConfig()
-        return _loftq(weight, rank, loftq.loftq_bits, loftq.loftq_iter)
-    if init == "olora":
-        return _olora(weight, rank, scale)
-    niter = _PISSA.fullmatch(init).group(1)
-    return _pissa(weight, rank, scale, None if niter is None else int(niter))
+        lora_A, lora_B, residual = _loftq(weight, rank, loftq.loftq_bits, loftq.loftq_iter)
+    elif init == "olora":
+        lora_A, lora_B, residual = _olora(weight, rank, scale)
+    else:
+        niter = _PISSA.fullmatch(init).group(1)
+        niter = None if niter is None else int(niter)
+        lora_A, lora_B, residual = _pissa(weight, rank, scale, niter)
+    if factor_dtype is None:
+        return lora_A, lora_B, residual
+    lora_A, lora_B = _rounded(lora_A, factor_dtype), _rounded(lora_B, factor_dtype)
+    if init != "loftq":
+        residual = _minus_scaled_product(scale, lora_A, lora_B)
+    return lora_A, lora_B, residual
+
+
+def _rounded(factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``factor`` (float32) rounded to ``dtype`` and back to float32."""
+    return factor.to(dtype).to(torch.float32)

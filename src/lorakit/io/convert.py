@@ -12,7 +12,17 @@ lora_alpha``, since ``s = alpha / sqrt(r)``); ``rank_pattern`` and ``alpha_patte
 change the same way. ``A0, B0`` come from the initial adapter, saved right after ``inject`` and
 before any training. The converted file has ``init_lora_weights: true`` and the fingerprint of
 the base weights as they were before the init overwrote them (kept by ``init_methods``; absent,
-so not checked on load, for modules whose adapter was created in another process).
+so not checked on load, for modules whose init ran in another process: the base in memory is
+then ``W_res``, whose fingerprint would hold the converted file to the wrong base, and
+``W_res + s B0 A0`` gives ``W0`` back only up to float32 rounding, not the bits a fingerprint
+compares). The header metadata of a plain save that is not about the init (the recorded prompt
+style) is kept.
+
+Only an adapter whose init rewrote the base is converted: one the model's config, the initial
+adapter's config (PEFT's file) or its ``lorakit.base_changing_init`` metadata (lorakit's) says
+is PiSSA / OLoRA, or whose initial ``B0`` is not zero (PEFT's own recipe saves the initial
+adapter with ``init_lora_weights=True``). Any other (``True``, ``"gaussian"``: ``B0 = 0``) is
+refused: its conversion would be a rank-2r adapter with half of B zero.
 """
 
 from __future__ import annotations
@@ -25,11 +35,12 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import UserError
-from lorakit.init_methods import changes_base
+from lorakit.init_methods import changes_base, changes_base_in_peft_only
 from lorakit.io import fingerprint
 from lorakit.io.config_json import config_to_json
-from lorakit.io.read import CONFIG_METADATA_KEY, read_adapter
-from lorakit.state import adapter_configs, lora_layers
+from lorakit.io.read import BASE_INIT_METADATA_KEY, CONFIG_METADATA_KEY, AdapterFile, read_adapter
+from lorakit.io.save import PROMPT_STYLE_METADATA_KEY
+from lorakit.state import adapter_configs, lora_layers, state_of
 
 __all__ = ["converted_contents", "doubled_config"]
 
@@ -97,21 +108,71 @@ def _check_initial_base(
         )
 
 
-def _original_fingerprints(
-    model: nn.Module, adapter_name: str, config: LoraConfig
-) -> dict[str, dict[str, object]]:
-    """Per LoRA module of the adapter, the fingerprint of the base before a base-changing init
-    (or of the current base, when the init did not change it)."""
+def _recorded_inits(config: LoraConfig, initial: AdapterFile) -> list[str]:
+    """The base-changing inits recorded for the adapter: in its config (an init run in this
+    process, or a PEFT file loaded), the initial adapter's config (PEFT's file) and its
+    ``BASE_INIT_METADATA_KEY`` metadata (lorakit's file, whose config says true)."""
+    found = (
+        config.init_lora_weights,
+        initial.config.init_lora_weights,
+        initial.metadata.get(BASE_INIT_METADATA_KEY),
+    )
+    return [str(init) for init in found if changes_base(init) or changes_base_in_peft_only(init)]
+
+
+def _loftq_refusal() -> UserError:
+    """The error for converting a LoftQ adapter (whose base is ``Q``, not ``W0 - s B0 A0``)."""
+    return UserError(
+        "a LoftQ adapter cannot be converted on save: its initial factors only approximate "
+        "W0 - Q, so no plain LoRA for the original base reproduces it. Save it without "
+        "initial_adapter and use it with the quantized base."
+    )
+
+
+def _check_base_was_rewritten(config: LoraConfig, initial: AdapterFile, source: str) -> None:
+    """``UserError`` unless the initial adapter belongs to an init that rewrote the base with
+    ``W0 - s B0 A0`` (module docstring): LoftQ (its ``Q`` is no such residual), and an adapter
+    no record calls base-changing whose ``B0`` is all zero or whose init is ``False`` (random
+    B, base untouched)."""
+    recorded = _recorded_inits(config, initial)
+    if "loftq" in recorded:
+        raise _loftq_refusal()
+    if recorded:
+        return
+    inits = (config.init_lora_weights, initial.config.init_lora_weights)
+    moved = any(
+        tensor.any() for key, tensor in initial.tensors.items() if key.endswith(".lora_B.weight")
+    )
+    if moved and False not in inits:
+        return  # PEFT's recipe: the initial adapter saved with init_lora_weights=True
+    raise UserError(
+        f"nothing to convert: the adapter was initialised with "
+        f"init_lora_weights={config.init_lora_weights!r} (the initial adapter {source} says "
+        f"{initial.config.init_lora_weights!r}), which leaves the base weights as they were, so "
+        "the adapter already is a plain LoRA of the original base. Conversion on save is for "
+        "PiSSA / OLoRA adapters; save it without initial_adapter."
+    )
+
+
+def _original_fingerprints(model: nn.Module, adapter_name: str) -> dict[str, dict[str, object]]:
+    """Per LoRA module of the adapter, the fingerprint of its base before the base-changing
+    init, recorded when the init ran in this process; none for the other modules (their base
+    in memory is ``W_res``, not the base the converted adapter fits: see the module
+    docstring)."""
     result = {}
     for name, layer in lora_layers(model):
-        if adapter_name not in layer.ranks:
-            continue
         before = layer.base_fingerprints_before_init.get(adapter_name)
-        if before is not None:
+        if adapter_name in layer.ranks and before is not None:
             result[name] = before
-        elif not changes_base(config.init_lora_weights):
-            result.update(fingerprint.compute(model, [name]))
     return result
+
+
+def _carried_metadata(model: nn.Module, adapter_name: str) -> dict[str, str]:
+    """The header entries of a plain save that the converted file keeps: the recorded prompt
+    style (``lorakit.io.save.record_prompt_style``), which ``lorakit generate`` reads. (The
+    fingerprint, config and ``BASE_INIT_METADATA_KEY`` describe the unconverted adapter.)"""
+    style = state_of(model).prompt_styles.get(adapter_name)
+    return {} if style is None else {PROMPT_STYLE_METADATA_KEY: style}
 
 
 def converted_contents(
@@ -124,12 +185,8 @@ def converted_contents(
     from the adapter's saved ``tensors`` and the initial adapter in directory
     ``initial_adapter`` (see the module docstring)."""
     config = adapter_configs(model)[adapter_name]
-    if config.init_lora_weights == "loftq":
-        raise UserError(
-            "a LoftQ adapter cannot be converted on save: its initial factors only approximate "
-            "W0 - Q, so no plain LoRA for the original base reproduces it. Save it without "
-            "initial_adapter and use it with the quantized base."
-        )
+    if config.init_lora_weights == "loftq":  # (before reading the initial adapter)
+        raise _loftq_refusal()
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
         raise UserError(
             "converting on save (initial_adapter=...) is not supported with use_rslora=True "
@@ -137,15 +194,17 @@ def converted_contents(
         )
     initial = read_adapter(initial_adapter)
     initial.require_finite()
+    _check_base_was_rewritten(config, initial, str(initial_adapter))
     joined = _joined_factors(tensors, initial.tensors, str(initial_adapter))
     _check_initial_base(model, adapter_name, initial.fingerprint, str(initial_adapter))
     plain = doubled_config(config)
     modules = [layer.base_layer for _, layer in lora_layers(model) if adapter_name in layer.ranks]
     config_text = config_to_json(model, plain, modules)
-    fingerprints = _original_fingerprints(model, adapter_name, config)
+    fingerprints = _original_fingerprints(model, adapter_name)
     metadata = {
         "format": "pt",
         fingerprint.METADATA_KEY: fingerprint.to_metadata(fingerprints),
         CONFIG_METADATA_KEY: config_text,
+        **_carried_metadata(model, adapter_name),
     }
     return joined, metadata, config_text
