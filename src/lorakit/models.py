@@ -92,7 +92,9 @@ def load_tokenizer(directory: Path):
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"model directory '{directory}' has no tokenizer files; {hint}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(
+            directory, local_files_only=True, trust_remote_code=False
+        )
     except Exception as error:  # a damaged tokenizer.json fails with KeyError, TypeError, ...
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
         raise UserError(
@@ -131,11 +133,15 @@ def loading_errors(directory: Path) -> Iterator[None]:
         ) from None
 
 
-def _refuse_missing_weights(directory: Path, model: torch.nn.Module, info: dict) -> None:
+def _refuse_missing_weights(
+    directory: Path, model: torch.nn.Module, info: dict, *, new_head: bool = False
+) -> None:
     """A checkpoint that lacks some of the model's weights (transformers would fill them with
     random values) is refused, naming them. A missing weight tied to a loaded one (an output
-    layer sharing the input embedding) is not missing."""
-    missing = set(info.get("missing_keys") or ())
+    layer sharing the input embedding) is not missing. ``new_head``: the weights outside the
+    base model (a sequence classifier's ``score`` / ``classifier``, new by design) may be
+    missing; the body's may not."""
+    missing = set(info.get("missing_keys") or ()) - (_head_keys(model) if new_head else set())
     if not missing:
         return
     tensors = model.state_dict(keep_vars=True)
@@ -153,29 +159,90 @@ def _refuse_missing_weights(directory: Path, model: torch.nn.Module, info: dict)
     )
 
 
-def _refuse_encoder(directory: Path) -> None:
-    """An encoder's directory (its config says it is not a decoder: BERT-like models, which
-    transformers would load as a causal LM with a new, random LM head) is refused by name."""
+def _head_keys(model: torch.nn.Module) -> set[str]:
+    """The state-dict keys of ``model`` outside its base model (``base_model_prefix``): a
+    sequence classifier's head (``score.weight``, ``classifier.dense.bias``, ...)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or not isinstance(getattr(model, prefix, None), torch.nn.Module):
+        return set()
+    return {key for key in model.state_dict() if not key.startswith(prefix + ".")}
+
+
+def _read_config(directory: Path) -> dict:
+    """``directory/config.json`` as a dict; a file that is not a JSON object is a ``UserError``
+    naming config.json (read before the tokenizer, whose loader reports it as its own)."""
     import json
 
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # (loading_errors reports a missing or broken config)
-    if not isinstance(config, dict):
+    except (OSError, ValueError) as error:  # (UnicodeDecodeError is a ValueError)
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        problem = f"its config.json cannot be read ({first})"
+    else:
+        if isinstance(config, dict):
+            return config
+        problem = f"its config.json holds a JSON {type(config).__name__}, not an object"
+    hint = _cache_hint(directory) or (
+        "save the model there again with model.save_pretrained(directory), which writes config.json"
+    )
+    raise UserError(f"cannot load the model in {directory}: {problem}; {hint}")
+
+
+def _refuse_custom_code(directory: Path, config: dict) -> None:
+    """A config with ``auto_map`` whose ``model_type`` is not built into transformers needs the
+    directory's own Python code (``configuration_*.py``, ``modeling_*.py``): refused before
+    anything loads, so no prompt asks to run it and nothing runs. (With a built-in
+    ``model_type`` transformers ignores ``auto_map`` under ``trust_remote_code=False``.)"""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if "auto_map" not in config or config.get("model_type") in CONFIG_MAPPING_NAMES:
         return
-    if config.get("is_decoder"):
+    raise UserError(
+        f"the model in {directory} needs custom code: its config.json has auto_map "
+        f"(model_type {config.get('model_type')!r} is not built into transformers), which "
+        "would run the directory's own Python files. lorakit runs architectures built into "
+        "transformers only and never runs a model's code; convert the model to a built-in "
+        "architecture (e.g. llama) and save it with save_pretrained, or give another model"
+    )
+
+
+def _refuse_encoder(directory: Path, config: dict | None = None) -> None:
+    """An encoder's directory (its config says it is not a decoder) is refused as a causal LM
+    by name. transformers would load a BERT-like model (one with a masked-LM class, see
+    ``_bidirectional_types``) as ``*ForCausalLM`` with ``is_decoder`` false, i.e. with
+    bidirectional attention (position 0's logits depend on every later token), or an encoder
+    with no causal-LM class with a new, random LM head."""
+    if config is None:
+        try:
+            config = _read_config(directory)
+        except UserError:
+            return  # (loading_errors reports a missing or broken config)
+    model_type = config.get("model_type")
+    decoder = bool(config.get("is_decoder")) or (model_type == "xlm" and config.get("causal"))
+    if decoder:
         return  # (e.g. RobertaForCausalLM, BertLMHeadModel saved as decoders)
     architectures = [a for a in config.get("architectures") or [] if isinstance(a, str)]
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-        return
     encoder = any(a.startswith(_ENCODER_ARCHITECTURES) for a in architectures)
-    if encoder or config.get("model_type") in _ENCODER_TYPES:
+    if encoder or model_type in _ENCODER_TYPES or model_type in _bidirectional_types():
         raise UserError(
-            f"the model in {directory} is an encoder ({config.get('model_type')}), not a causal "
+            f"the model in {directory} is an encoder ({model_type}), not a causal "
             "language model; load it with lorakit.models.load_model(path, task='seq-cls', "
-            "num_labels=N) (see docs/models-and-data.md)"
+            "num_labels=N) (see docs/models-and-data.md). (Its config.json has no "
+            '"is_decoder": true, so it would attend to later tokens.)'
         )
+
+
+def _bidirectional_types() -> frozenset[str]:
+    """The ``model_type`` s transformers loads as a causal LM with bidirectional attention
+    unless the config says ``is_decoder``: those with a masked-LM class
+    (``MODEL_FOR_MASKED_LM_MAPPING_NAMES``: bert, camembert, ernie, roberta, xlm-roberta-xl,
+    ...) and BertGeneration, less the encoder-decoders (bart, mbart, mvp), whose causal-LM class
+    is their decoder (it sets ``is_decoder`` itself). Real decoders (llama, gpt2, gpt_neox, ...)
+    have no masked-LM class."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    encoder_decoders = {"bart", "mbart", "mvp"}
+    return frozenset(MODEL_FOR_MASKED_LM_MAPPING_NAMES) - encoder_decoders | {"bert-generation"}
 
 
 _ENCODER_TYPES = (
@@ -188,6 +255,28 @@ _ENCODER_TYPES = (
     "xlm-roberta",
 )
 _ENCODER_ARCHITECTURES = ("BertModel", "BertFor", "RobertaModel", "RobertaFor", "DistilBert")
+
+
+def _head_labels(directory: Path, config: dict, num_labels: int | None) -> int:
+    """The label count of a seq-cls load: ``num_labels``, or by default the checkpoint's trained
+    head's (a ``*ForSequenceClassification`` checkpoint: ``len(id2label)``, else its
+    ``num_labels``), else 2 (a new head). A ``num_labels`` that differs from a trained head's
+    is a ``UserError`` saying which to pass (transformers would refuse the weights' shapes)."""
+    architectures = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    trained = None
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        id2label = config.get("id2label")
+        trained = len(id2label) if isinstance(id2label, dict) and id2label else None
+        trained = trained or config.get("num_labels")
+        trained = trained if isinstance(trained, int) and trained >= 1 else None
+    if num_labels is None:
+        return trained or 2
+    if trained is not None and num_labels != trained:
+        raise UserError(
+            f"the checkpoint in {directory} has a trained classification head with {trained} "
+            f"labels; pass num_labels={trained} (or leave num_labels out), not {num_labels}"
+        )
+    return num_labels
 
 
 @contextlib.contextmanager
@@ -214,11 +303,14 @@ def _loading_options(
     base, which is quantized from the checkpoint's float32 weights whatever ``dtype``, so the
     codes an adapter's fingerprint records do not depend on it; the rest is cast after),
     bitsandbytes' config (its compute dtype ``dtype``), the head's labels, and the loading
-    report of a causal LM (a seq-cls head is new: its weights are missing by design)."""
-    options: dict[str, object] = {"dtype": dtype if quantization is None else torch.float32}
-    if task == "causal-lm":
-        options["output_loading_info"] = True
-    else:
+    report (checked by ``_refuse_missing_weights``; a new seq-cls head's weights are missing
+    by design), and ``trust_remote_code=False`` (never run a directory's own code)."""
+    options: dict[str, object] = {
+        "dtype": dtype if quantization is None else torch.float32,
+        "output_loading_info": True,
+        "trust_remote_code": False,
+    }
+    if task != "causal-lm":
         options["num_labels"] = num_labels
     if quantization in ("nf4", "fp4", "int8"):
         from lorakit.quantized.loading import bitsandbytes_config
@@ -235,7 +327,7 @@ def load_model(
     *,
     dtype: torch.dtype = torch.float32,
     task: str = "causal-lm",
-    num_labels: int = 2,
+    num_labels: int | None = None,
     progress: bool = True,
     quantization: str | None = None,
 ) -> tuple[torch.nn.Module, object]:
@@ -243,10 +335,12 @@ def load_model(
 
     ``task="causal-lm"``: ``AutoModelForCausalLM``. ``task="seq-cls"``:
     ``AutoModelForSequenceClassification`` with ``num_labels`` outputs (a new head when the
-    checkpoint has none). The tokenizer always has a pad token (``pad = eos`` when the model
+    checkpoint has none; by default the trained head's label count of a sequence-classification
+    checkpoint, else 2). The tokenizer always has a pad token (``pad = eos`` when the model
     defines none, as for SmolLM2), and ``model.config.pad_token_id`` matches it. The model is
     returned in eval mode. ``progress=False`` hides transformers' weight-loading bar. A causal
-    LM checkpoint lacking some of the model's weights is refused (``UserError`` naming them).
+    checkpoint lacking some of the model's weights (other than a new seq-cls head) is refused
+    (``UserError`` naming them), and so is one needing its own code (``auto_map``).
     ``quantization``: ``nf4``, ``fp4``, ``int8`` (bitsandbytes, on the CPU), ``gguf`` (the
     blocks of a built-in GGUF model's file), ``int8-rows`` or ``int4-groups`` (lorakit's
     weight-only int8 / 4-bit, the fast CPU decode) for a quantized frozen base
@@ -254,7 +348,7 @@ def load_model(
     the dtype of everything else (embeddings, norms, biases) and of the compute.
     """
     check_model_spec(spec, task)
-    if task == "seq-cls" and not (isinstance(num_labels, int) and num_labels >= 1):
+    if num_labels is not None and not (isinstance(num_labels, int) and num_labels >= 1):
         raise UserError(f"num_labels must be an integer >= 1, got {num_labels!r}")
     gguf_file = builtin_gguf_file(os.fspath(spec))
     if quantization is not None:
@@ -266,16 +360,18 @@ def load_model(
 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    config = _read_config(directory)
+    _refuse_custom_code(directory, config)
     tokenizer = load_tokenizer(directory)
     if task == "causal-lm":
-        _refuse_encoder(directory)
+        _refuse_encoder(directory, config)
+    else:
+        num_labels = _head_labels(directory, config, num_labels)
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    options = _loading_options(task, num_labels, quantization, dtype)
+    options = _loading_options(task, num_labels or 2, quantization, dtype)
     with transformers_progress_bars(progress), loading_errors(directory):
-        model = auto.from_pretrained(directory, local_files_only=True, **options)
-    if task == "causal-lm":
-        model, info = model
-        _refuse_missing_weights(directory, model, info)
+        model, info = auto.from_pretrained(directory, local_files_only=True, **options)
+    _refuse_missing_weights(directory, model, info, new_head=task != "causal-lm")
     if quantization is not None:
         from lorakit.quantized.loading import cast_unquantized, quantize_loaded
 

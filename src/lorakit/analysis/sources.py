@@ -93,7 +93,11 @@ def load_model_with_new(
     }[task]
     with transformers_progress_bars(progress), loading_errors(directory):
         model, info = loader.from_pretrained(
-            directory, dtype=dtype, local_files_only=True, output_loading_info=True
+            directory,
+            dtype=dtype,
+            local_files_only=True,
+            output_loading_info=True,
+            trust_remote_code=False,  # (never run a directory's own code, nor ask to)
         )
     missing = info.get("missing_keys") or ()
     return model.eval(), {key.rsplit(".", 1)[0] if "." in key else "" for key in missing}

@@ -41,6 +41,7 @@ __all__ = [
     "AdapterFile",
     "AdapterHeader",
     "adapter_directory",
+    "hub_id_hint",
     "read_adapter",
     "read_adapter_data",
     "read_adapter_header",
@@ -126,7 +127,7 @@ def adapter_directory(
         raise unreadable(candidate, error) from None
     if not exists:
         raise AdapterFileError(
-            f"adapter directory {candidate} does not exist.{_hub_id_hint(directory)}"
+            f"adapter directory {candidate} does not exist.{hub_id_hint(directory)}"
         )
     also = f" (nor in {nested})" if nested is not None else ""
     named = _named_adapters_in(candidate)
@@ -144,10 +145,11 @@ def adapter_directory(
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def _hub_id_hint(directory: Path) -> str:
+def hub_id_hint(directory: str | Path) -> str:
     """For a missing ``directory`` written like a Hugging Face Hub repository id
-    (``owner/name``): how to fetch it, since lorakit reads only local directories."""
-    repo_id = directory.as_posix()
+    (``owner/name``): how to fetch it, since lorakit reads only local directories (a missing
+    adapter here, a missing model in ``lorakit.model_specs.resolve_model``); "" otherwise."""
+    repo_id = directory if isinstance(directory, str) else directory.as_posix()
     if not _HUB_ID.fullmatch(repo_id):
         return ""
     return (

@@ -8,8 +8,9 @@ quantization=...)`` does.
 ``int8``     bitsandbytes LLM.int8 (``load_in_8bit=True``)
 ``gguf``     the GGUF blocks of a built-in GGUF model's file (SmolLM2: Q4_1), in place of its
              block linears (``gguf_file.replace_llama_linears``): exactly what llama.cpp runs
-``int8-rows``  weight-only int8 with one scale per output row, every linear layer (the output
-             layer included) quantized on load by lorakit (``int8_rows.quantize_linears``):
+``int8-rows``  weight-only int8 with one scale per output row, every ``nn.Linear`` (the
+             output layer included; a model with none in its blocks, GPT-2's Conv1D, is
+             refused: ``refuse_no_block_layer``) quantized on load by lorakit (``int8_rows.quantize_linears``):
              the fast CPU base for decoding (no extra package); a sequence classifier's
              head stays float (``weight_only_part``)
 ``int4-groups``  weight-only 4-bit with a scale and an offset per 32 inputs (Q4_1's scheme),
@@ -38,10 +39,12 @@ __all__ = [
     "QUANTIZATIONS",
     "TRAINABLE_QUANTIZATIONS",
     "bitsandbytes_config",
+    "block_layers",
     "cast_unquantized",
     "check_quantization",
     "keep_4bit_storage",
     "quantize_loaded",
+    "refuse_no_block_layer",
     "weight_only_part",
 ]
 
@@ -116,13 +119,47 @@ def quantize_loaded(model: torch.nn.Module, quantization: str, gguf_file: Path |
     elif quantization == "int8-rows":
         from lorakit.quantized.int8_rows import quantize_linears
 
+        refuse_no_block_layer(model, quantization)
         quantize_linears(weight_only_part(model))
     elif quantization == "int4-groups":
         from lorakit.quantized.int4_groups import quantize_linears
 
+        refuse_no_block_layer(model, quantization)
         quantize_linears(weight_only_part(model))
     else:
         keep_4bit_storage(model)
+
+
+def block_layers(model: torch.nn.Module, quantization: str) -> int:
+    """How many layers other than the output layer lorakit's weight-only ``quantization``
+    (``int8-rows``, ``int4-groups``) would store quantized in ``model``: the ``nn.Linear`` s
+    (exact type: not GPT-2's ``Conv1D``) of ``weight_only_part``, for int4-groups only those
+    whose sizes are multiples of 32 (``int4_groups.fits``)."""
+    from lorakit.quantized.int4_groups import fits
+
+    getter = getattr(model, "get_output_embeddings", None)
+    output = getter() if getter is not None else None
+    return sum(
+        1
+        for module in weight_only_part(model).modules()
+        if type(module) is torch.nn.Linear
+        and module is not output
+        and (quantization != "int4-groups" or fits(*module.weight.shape))
+    )
+
+
+def refuse_no_block_layer(model: torch.nn.Module, quantization: str) -> None:
+    """``UserError`` (the text of ``lorakit plan``'s) when ``quantization`` would store none of
+    ``model``'s block layers quantized (``block_layers`` is 0): the base would stay float, or
+    grow by an int8 copy of a tied output layer, for no gain."""
+    if block_layers(model, quantization):
+        return
+    raise UserError(
+        f"--quantization {quantization}: no layer of this {type(model).__name__} would be "
+        "stored quantized (lorakit's int8-rows and int4-groups take nn.Linear layers only, "
+        "not GPT-2's Conv1D, and int4-groups leaves sizes that are not multiples of 32 in "
+        "float); choose nf4, fp4, int8 or a GGUF format"
+    )
 
 
 def cast_unquantized(model: torch.nn.Module, dtype: torch.dtype) -> None:
