@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     refuse_output_in_model_store("merge", args.output)  # (a built-in's directory, say)
     from lorakit.commands.eval import load_model_and_adapter, torch_dtype
     from lorakit.io import save_merged_model
-    from lorakit.io.save import refuse_adapter_directory
+    from lorakit.io.merged import refuse_adapter_directory
     from lorakit.merge import merge_and_unload
     from lorakit.models import transformers_progress_bars
 

@@ -7,7 +7,7 @@
   data) then ``read.read_adapter_data``; the weights file is read by
   ``lorakit.io.tensors.read_safetensors`` (one read, values checked for inf/NaN and range in bulk).
   Adapter files are untrusted input: every malformed file is an ``AdapterFileError``.
-- ``save_merged_model(model, directory, tokenizer=None)``
+- ``save_merged_model(model, directory, tokenizer=None)`` (``lorakit.io.merged``)
 - ``lorakit.io.atomic``: atomic file writes.
 
 Format facts and lorakit's additions: docs/adapter-files.md.
@@ -15,8 +15,9 @@ Format facts and lorakit's additions: docs/adapter-files.md.
 
 from lorakit.io import atomic
 from lorakit.io.load import load_adapter
+from lorakit.io.merged import save_merged_model
 from lorakit.io.read import AdapterFile, read_adapter
-from lorakit.io.save import save_adapter, save_merged_model
+from lorakit.io.save import save_adapter
 
 __all__ = [
     "AdapterFile",
