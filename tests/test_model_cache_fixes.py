@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorakit import model_cache, models
+from lorakit import model_cache, model_checks, models
 from lorakit.errors import UserError
 from lorakit.meta_model import build_meta_model
 from tests import tiny_models, tiny_tokenizer
@@ -208,9 +208,9 @@ def test_a_missing_tied_weight_is_still_refused_if_nothing_loaded_it() -> None:
     model = tiny_models.llama()
     info = {"missing_keys": {"lm_head.weight", "model.norm.weight"}}
     with pytest.raises(UserError, match=r"lacks 2 .*\(lm_head\.weight, model\.norm\.weight\)"):
-        models._refuse_missing_weights(Path("somewhere"), model, info)
+        model_checks.refuse_missing_weights(Path("somewhere"), model, info)
     model.lm_head.weight = model.model.embed_tokens.weight  # tied: loaded with the embedding
-    models._refuse_missing_weights(Path("x"), model, {"missing_keys": {"lm_head.weight"}})
+    model_checks.refuse_missing_weights(Path("x"), model, {"missing_keys": {"lm_head.weight"}})
 
 
 # ---------------------------------------------------------------- 4. full disk

@@ -26,7 +26,7 @@ from transformers import (
     RobertaForCausalLM,
 )
 
-from lorakit import models
+from lorakit import model_checks, models
 from lorakit.errors import UserError
 from lorakit.quantized import is_quantized
 from tests import tiny_models, tiny_tokenizer
@@ -100,7 +100,7 @@ def test_the_bidirectional_types_are_exactly_the_masked_lm_ones_less_encoder_dec
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
 
-    types = models._bidirectional_types()
+    types = model_checks.bidirectional_types()
     for model_type in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) & set(
         MODEL_FOR_MASKED_LM_MAPPING_NAMES
     ):
@@ -109,7 +109,7 @@ def test_the_bidirectional_types_are_exactly_the_masked_lm_ones_less_encoder_dec
     decoders = ("llama", "qwen2", "gpt2", "mistral", "phi3", "gemma", "gemma2", "gpt_neox")
     for model_type in decoders:
         assert model_type not in types
-        models._refuse_encoder(Path("d"), {"model_type": model_type})  # no error
+        model_checks.refuse_encoder(Path("d"), {"model_type": model_type})  # no error
     assert {"camembert", "ernie", "xlm-roberta-xl", "bert-generation"} <= types
 
 

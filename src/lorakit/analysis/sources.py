@@ -82,7 +82,8 @@ def load_model_with_new(
     checkpoint without a pooler: ``pooler.dense``). Their weights are noise, not training."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from lorakit.models import loading_errors, resolve_model, transformers_progress_bars
+    from lorakit.model_checks import loading_errors
+    from lorakit.models import resolve_model, transformers_progress_bars
 
     directory = resolve_model(str(spec))
     task = task or detect_task(directory)
