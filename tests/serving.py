@@ -174,3 +174,36 @@ def wait_until(condition) -> None:
 
 def completion(**fields) -> dict:
     return {"model": "ad0", "prompt": "hello world", "max_tokens": 3, **fields}
+
+
+REGISTRY_PROMPT = "hello world"
+
+
+def served_logprobs(
+    served, model: str, count: int = 4, prompt: str = REGISTRY_PROMPT, **extra
+) -> list[float]:
+    """The log-probabilities of the greedy tokens ``served`` (a ``Served`` server) completes
+    ``prompt`` with, asking for adapter (or base) ``model``; ``extra``: more request fields."""
+    body = {"model": model, "prompt": prompt, "max_tokens": count, "temperature": 0}
+    response = served.post("/v1/completions", {**body, "logprobs": 1, **extra})
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["logprobs"]["token_logprobs"]
+
+
+def fresh_logprobs(
+    directory, tokenizer, count: int = 4, prompt: str = REGISTRY_PROMPT
+) -> list[float]:
+    """Greedy tokens' log-probabilities (float64) of ``load_adapter`` on a plain base model."""
+    import warnings
+
+    model = base_model(tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lorakit.load_adapter(model, directory)
+    prompt_ids = tokenizer.encode(prompt)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=count, do_sample=False)
+        logits = model(out).logits[0].double()
+    generated = out[0, len(prompt_ids) :].tolist()
+    rows = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
+    return [float(row[token]) for row, token in zip(rows, generated, strict=True)]

@@ -15,26 +15,18 @@ from lorakit.cli import main
 from lorakit.plan import plan
 from lorakit.plan_report import format_report
 from tests import tiny_models
+from tests.saved_tensors import saved_bytes
 
 BATCH, SEQ_LEN = 2, 24
 
 
 def real_saved_bytes(model: torch.nn.Module, ids: torch.Tensor, causal: bool) -> int:
-    """Bytes a real CPU training forward saves for backward, each storage once, parameters and
-    buffers left out (written here independently of the module under test)."""
-    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    held: dict[int, torch.UntypedStorage] = {}  # (held: no address is reused meanwhile)
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in own:
-            held[storage.data_ptr()] = storage
-        return tensor
-
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(input_ids=ids, labels=ids) if causal else model(input_ids=ids)
-    return sum(storage.nbytes() for storage in held.values())
+    """``saved_bytes`` of a forward on ``ids`` (with the ids as labels for a causal LM)."""
+    return (
+        saved_bytes(model, input_ids=ids, labels=ids)
+        if causal
+        else saved_bytes(model, input_ids=ids)
+    )
 
 
 def build(config, dtype: torch.dtype, device: str, targets, dropout: float = 0.0):

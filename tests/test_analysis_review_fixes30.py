@@ -26,6 +26,7 @@ import lorakit
 from lorakit.cli import main
 from lorakit.plan import plan
 from tests import tiny_models
+from tests.saved_tensors import saved_bytes
 from tests.tiny_models import fine_tuned
 
 # ---- extract: a rank above min(d, k) ------------------------------------------------------
@@ -126,25 +127,6 @@ def test_extract_at_exactly_min_d_k_is_not_capped(model_dirs, capsys, tmp_path):
 BATCH, SEQ_LEN = 2, 16
 
 
-def measured_saved_bytes(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> int:
-    """Bytes a real CPU training forward with ``labels`` saves for backward, each storage once,
-    parameters and buffers left out (written here independently of ``lorakit.activations``)."""
-    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    held: dict[int, torch.UntypedStorage] = {}  # (held: no address is reused meanwhile)
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in own:
-            held[storage.data_ptr()] = storage
-        return tensor
-
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model(input_ids=ids, labels=labels).loss
-    assert loss.requires_grad
-    return sum(storage.nbytes() for storage in held.values())
-
-
 def llama_classifier_config(**overrides):
     """The tiny Llama with 3 labels (and a pad token, which a batch above 1 needs)."""
     return tiny_models.llama_config(**{"pad_token_id": 0, "num_labels": 3, **overrides})
@@ -223,4 +205,4 @@ def test_plan_counts_what_a_classifier_step_saves_with_its_loss(case, tmp_path):
     labels = _labels("tokens" if task is None else "sequences", model.config)
     if labels.is_floating_point():  # (regression and multi-label targets in the logits' dtype)
         labels = labels.to(dtype)
-    assert planned.activations.saved_bytes == measured_saved_bytes(model, ids, labels)
+    assert planned.activations.saved_bytes == saved_bytes(model, input_ids=ids, labels=labels)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -28,15 +27,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import lorakit
 from lorakit.errors import UserError
 from lorakit.serve.adapter_dirs import AdapterNameError, AdapterRegistry
 from lorakit.serve.registry import ServedAdapters
-from tests.serving import Served, base_model
+from tests.serving import Served, fresh_logprobs, served_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-PROMPT = "hello world"
 WAIT = 30  # seconds: a hook that waits longer than this has deadlocked
 
 
@@ -118,32 +115,10 @@ def _copy(root: Path, source: str, name: str) -> Path:
     return directory
 
 
-def _served_logprobs(served: Served, model: str, count: int = 4) -> list[float]:
-    body = {"model": model, "prompt": PROMPT, "max_tokens": count, "temperature": 0}
-    response = served.post("/v1/completions", {**body, "logprobs": 1})
-    assert response.status_code == 200, response.text
-    return response.json()["choices"][0]["logprobs"]["token_logprobs"]
-
-
-def _fresh_logprobs(directory: Path, tokenizer, count: int = 4) -> list[float]:
-    """Greedy tokens' log-probabilities (float64) of ``load_adapter`` on a plain base model."""
-    model = base_model(tokenizer)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lorakit.load_adapter(model, directory)
-    prompt_ids = tokenizer.encode(PROMPT)
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=count, do_sample=False)
-        logits = model(out).logits[0].double()
-    generated = out[0, len(prompt_ids) :].tolist()
-    rows = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
-    return [float(row[token]) for row, token in zip(rows, generated, strict=True)]
-
-
 def _assert_serves(served: Served, name: str, directory: Path) -> None:
     """Completions for ``name`` give ``directory``'s adapter's log-probabilities."""
-    got = _served_logprobs(served, name)
-    expected = _fresh_logprobs(directory, served.tokenizer)
+    got = served_logprobs(served, name)
+    expected = fresh_logprobs(directory, served.tokenizer)
     assert len(got) == len(expected) > 0
     assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-4, (got, expected)
 

@@ -35,12 +35,21 @@ from lorakit.serve.mixtures import parse_mixture
 from lorakit.serve.registry import AdapterRegistry, file_identity
 from lorakit.train.resume import check_resume_base
 from tests import tiny_models
-from tests.serving import AUTH, BASE, Served, assert_error, base_model
+from tests.serving import (
+    AUTH,
+    BASE,
+    REGISTRY_PROMPT,
+    Served,
+    assert_error,
+    base_model,
+    fresh_logprobs,
+    served_logprobs,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 WEIGHTS = "adapter_model.safetensors"
-PROMPT = "hello world"
+PROMPT = REGISTRY_PROMPT  # (served_logprobs and fresh_logprobs use it)
 VERIFY = "cannot verify"  # in every coverage warning
 
 
@@ -95,28 +104,6 @@ def _logged(caplog, logger: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == logger and VERIFY in r.message]
 
 
-def _served_logprobs(served: Served, model: str, count: int = 4, **extra) -> list[float]:
-    body = {"model": model, "prompt": PROMPT, "max_tokens": count, "temperature": 0}
-    response = served.post("/v1/completions", {**body, "logprobs": 1, **extra})
-    assert response.status_code == 200, response.text
-    return response.json()["choices"][0]["logprobs"]["token_logprobs"]
-
-
-def _fresh_logprobs(directory: Path, tokenizer, count: int = 4) -> list[float]:
-    """Greedy tokens' log-probabilities (float64) of ``load_adapter`` on a plain base model."""
-    model = base_model(tokenizer)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lorakit.load_adapter(model, directory)
-    prompt_ids = tokenizer.encode(PROMPT)
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=count, do_sample=False)
-        logits = model(out).logits[0].double()
-    generated = out[0, len(prompt_ids) :].tolist()
-    rows = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
-    return [float(row[token]) for row, token in zip(rows, generated, strict=True)]
-
-
 def _assert_close(got: list[float], expected: list[float]) -> None:
     assert len(got) == len(expected) and len(got) > 0
     assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-4, (got, expected)
@@ -132,8 +119,8 @@ def test_served_adapter_whose_fingerprint_covers_no_module_is_logged_once(
     nocover = _copy_of(root, "ad0", "nocover", keep=[])
     served = Served(root, tokenizer)
     with served.client, caplog.at_level("WARNING", logger="lorakit.serve.registry"):
-        first = _served_logprobs(served, "nocover")
-        assert _served_logprobs(served, "nocover") == first  # resident: not read again
+        first = served_logprobs(served, "nocover")
+        assert served_logprobs(served, "nocover") == first  # resident: not read again
     logged = _logged(caplog, "lorakit.serve.registry")
     assert len(logged) == 1, logged
     assert (
@@ -142,7 +129,7 @@ def test_served_adapter_whose_fingerprint_covers_no_module_is_logged_once(
     )
     (loading,) = _load_warnings(nocover, tokenizer)  # the same words as load_adapter's
     assert _after_label(logged[0], "'nocover'") == _after_label(loading, str(nocover))
-    _assert_close(first, _fresh_logprobs(nocover, tokenizer))
+    _assert_close(first, fresh_logprobs(nocover, tokenizer))
 
 
 def test_served_peft_adapter_without_fingerprint_is_logged_as_load_adapter_warns(
@@ -158,7 +145,7 @@ def test_served_peft_adapter_without_fingerprint_is_logged_as_load_adapter_warns
     peft.get_peft_model(base_model(tokenizer), config).save_pretrained(directory)
     served = Served(root, tokenizer)
     with served.client, caplog.at_level("WARNING", logger="lorakit.serve.registry"):
-        got = _served_logprobs(served, "peftad")
+        got = served_logprobs(served, "peftad")
     logged = _logged(caplog, "lorakit.serve.registry")
     assert logged == [
         "adapter 'peftad' has no base-model fingerprint (written by peft or another tool): "
@@ -166,7 +153,7 @@ def test_served_peft_adapter_without_fingerprint_is_logged_as_load_adapter_warns
     ]
     (loading,) = _load_warnings(directory, tokenizer)
     assert _after_label(logged[0], "'peftad'") == _after_label(loading, str(directory))
-    _assert_close(got, _fresh_logprobs(directory, tokenizer))
+    _assert_close(got, fresh_logprobs(directory, tokenizer))
 
 
 def test_mixture_input_with_a_partial_fingerprint_is_logged_naming_it(
@@ -177,7 +164,7 @@ def test_mixture_input_with_a_partial_fingerprint_is_logged_naming_it(
     served = Served(root, tokenizer)
     mixture = {"ids": ["ad0", "partial"], "merge_strategy": "cat"}
     with served.client, caplog.at_level("WARNING", logger="lorakit.serve.mixtures"):
-        got = _served_logprobs(served, BASE, merged_adapters=mixture)
+        got = served_logprobs(served, BASE, merged_adapters=mixture)
     logged = _logged(caplog, "lorakit.serve.mixtures")
     assert len(logged) == 1, logged  # ad0's fingerprint covers all its modules
     assert logged[0].startswith(
@@ -187,7 +174,7 @@ def test_mixture_input_with_a_partial_fingerprint_is_logged_naming_it(
     # the mixture served is ad0 + ad1's weights (cat: the exact sum of the updates)
     combined = lorakit.combine([root / "adapters" / "ad0", root / "adapters" / "ad1"], [1.0, 1.0])
     combined.save(root / "sum")
-    _assert_close(got, _fresh_logprobs(root / "sum", tokenizer))
+    _assert_close(got, fresh_logprobs(root / "sum", tokenizer))
 
 
 @pytest.mark.parametrize("keep", [[], None], ids=["covers-none", "no-fingerprint"])
@@ -243,8 +230,8 @@ def test_startup_skips_adapter_directories_with_invalid_names_saying_why(
         )
         assert response.status_code == 200, response.text
         _assert_close(
-            _served_logprobs(served, "my-adapter"),
-            _fresh_logprobs(root / "adapters" / "ad0", tokenizer),
+            served_logprobs(served, "my-adapter"),
+            fresh_logprobs(root / "adapters" / "ad0", tokenizer),
         )
 
 
@@ -267,7 +254,7 @@ def test_an_adapter_whose_directory_was_deleted_leaves_the_registry_with_a_404(
     _, tokenizer = adapter_files
     served = Served(root, tokenizer)
     with served.client:
-        _served_logprobs(served, "ad0")  # resident
+        served_logprobs(served, "ad0")  # resident
         assert "ad0" in served.bank
         shutil.rmtree(root / "adapters" / "ad0")
         shutil.rmtree(root / "adapters" / "ad1")  # never loaded
@@ -285,7 +272,7 @@ def test_an_adapter_whose_directory_was_deleted_leaves_the_registry_with_a_404(
         response = served.post("/v1/load_lora_adapter", {"lora_name": "ad0"}, AUTH)
         assert response.status_code == 200, response.text
         _assert_close(
-            _served_logprobs(served, "ad0"), _fresh_logprobs(root / "adapters" / "ad2", tokenizer)
+            served_logprobs(served, "ad0"), fresh_logprobs(root / "adapters" / "ad2", tokenizer)
         )
 
 
@@ -384,12 +371,12 @@ def test_a_served_adapter_replaced_keeping_size_and_mtime_is_read_again(
     target, replacement = root / "adapters" / "ad0", root / "adapters" / "ad1"
     mixture = parse_mixture({"ids": ["ad0", "ad2"]})
     with served.client:
-        old = _served_logprobs(served, "ad0")
+        old = served_logprobs(served, "ad0")
         old_mixture = served.app.state.mixtures.name_of(mixture)
         _replace_keeping_size_and_mtime(target, replacement)
-        new = _served_logprobs(served, "ad0")
+        new = served_logprobs(served, "ad0")
         assert served.app.state.mixtures.name_of(mixture) != old_mixture
-    _assert_close(new, _fresh_logprobs(replacement, tokenizer))
+    _assert_close(new, fresh_logprobs(replacement, tokenizer))
     assert max(abs(a - b) for a, b in zip(old, new, strict=True)) > 1e-3
 
 
@@ -400,17 +387,17 @@ def test_an_adapter_redeployed_by_delete_and_copy_is_served_again(root, adapter_
     _, tokenizer = adapter_files
     served = Served(root, tokenizer)
     with served.client:
-        _served_logprobs(served, "ad0")
+        served_logprobs(served, "ad0")
         shutil.rmtree(root / "adapters" / "ad0")
         response = served.post("/v1/completions", {"model": "ad0", "prompt": PROMPT})
         assert_error(response, 404, "model", "its directory was deleted")
         shutil.copytree(root / "adapters" / "ad2", root / "adapters" / "ad0")
         _assert_close(
-            _served_logprobs(served, "ad0"), _fresh_logprobs(root / "adapters" / "ad2", tokenizer)
+            served_logprobs(served, "ad0"), fresh_logprobs(root / "adapters" / "ad2", tokenizer)
         )
         shutil.copytree(root / "adapters" / "ad3", root / "adapters" / "late")
         _assert_close(
-            _served_logprobs(served, "late"), _fresh_logprobs(root / "adapters" / "ad3", tokenizer)
+            served_logprobs(served, "late"), fresh_logprobs(root / "adapters" / "ad3", tokenizer)
         )
         assert {"ad0", "late"} <= set(served.model_ids())
 
@@ -427,13 +414,13 @@ def test_a_symlink_inside_the_adapter_directory_is_followed_when_re_pointed(
     (root / "adapters" / "prod").symlink_to(Path("releases") / "v1", target_is_directory=True)
     served = Served(root, tokenizer)
     with served.client:
-        _assert_close(_served_logprobs(served, "prod"), _fresh_logprobs(releases / "v1", tokenizer))
+        _assert_close(served_logprobs(served, "prod"), fresh_logprobs(releases / "v1", tokenizer))
         staged = root / "adapters" / "prod.new"
         staged.symlink_to(Path("releases") / "v2", target_is_directory=True)
         staged.replace(root / "adapters" / "prod")  # as ln -sfn does it, atomically
-        _assert_close(_served_logprobs(served, "prod"), _fresh_logprobs(releases / "v2", tokenizer))
+        _assert_close(served_logprobs(served, "prod"), fresh_logprobs(releases / "v2", tokenizer))
         shutil.rmtree(releases / "v1")
-        _assert_close(_served_logprobs(served, "prod"), _fresh_logprobs(releases / "v2", tokenizer))
+        _assert_close(served_logprobs(served, "prod"), fresh_logprobs(releases / "v2", tokenizer))
 
 
 def test_an_unloaded_adapter_is_not_found_again_from_its_directory(root, adapter_files) -> None:
@@ -442,7 +429,7 @@ def test_an_unloaded_adapter_is_not_found_again_from_its_directory(root, adapter
     _, tokenizer = adapter_files
     served = Served(root, tokenizer)
     with served.client:
-        _served_logprobs(served, "ad1")
+        served_logprobs(served, "ad1")
         response = served.post("/v1/unload_lora_adapter", {"lora_name": "ad1"}, AUTH)
         assert response.status_code == 200, response.text
         for _ in range(2):
@@ -452,7 +439,7 @@ def test_an_unloaded_adapter_is_not_found_again_from_its_directory(root, adapter
         response = served.post("/v1/load_lora_adapter", {"lora_name": "ad1"}, AUTH)
         assert response.status_code == 200, response.text
         _assert_close(
-            _served_logprobs(served, "ad1"), _fresh_logprobs(root / "adapters" / "ad1", tokenizer)
+            served_logprobs(served, "ad1"), fresh_logprobs(root / "adapters" / "ad1", tokenizer)
         )
 
 
@@ -469,7 +456,7 @@ def test_a_name_loaded_from_another_directory_never_falls_back_to_root_name(
         assert served.post("/v1/unload_lora_adapter", {"lora_name": "ad1"}, AUTH).status_code == 200
         body = {"lora_name": "ad1", "lora_path": "v2"}
         assert served.post("/v1/load_lora_adapter", body, AUTH).status_code == 200
-        _served_logprobs(served, "ad1")
+        served_logprobs(served, "ad1")
         shutil.move(root / "adapters" / "v2", root / "v2-away")
         errors = []
         for _ in range(2):
