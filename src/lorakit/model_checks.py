@@ -166,7 +166,7 @@ def refuse_encoder(directory: Path, config: dict | None = None) -> None:
         return  # (e.g. RobertaForCausalLM, BertLMHeadModel saved as decoders)
     architectures = [a for a in config.get("architectures") or [] if isinstance(a, str)]
     encoder = any(a.startswith(_ENCODER_ARCHITECTURES) for a in architectures)
-    if encoder or model_type in _ENCODER_TYPES or model_type in bidirectional_types():
+    if encoder or model_type in bidirectional_types():
         raise UserError(
             f"the model in {directory} is an encoder ({model_type}), not a causal "
             "language model; load it with lorakit.models.load_model(path, task='seq-cls', "
@@ -188,15 +188,6 @@ def bidirectional_types() -> frozenset[str]:
     return frozenset(MODEL_FOR_MASKED_LM_MAPPING_NAMES) - encoder_decoders | {"bert-generation"}
 
 
-_ENCODER_TYPES = (
-    "bert",
-    "roberta",
-    "distilbert",
-    "deberta",
-    "deberta-v2",
-    "electra",
-    "xlm-roberta",
-)
 _ENCODER_ARCHITECTURES = ("BertModel", "BertFor", "RobertaModel", "RobertaFor", "DistilBert")
 
 

@@ -59,7 +59,7 @@ def write_files(files: dict[str | os.PathLike[str], bytes]) -> None:
                 os.unlink(temporary)
         raise
     for directory in {target.parent for _, target in staged}:
-        _fsync_directory(directory)
+        sync_directory(directory)
 
 
 def write_with(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
@@ -79,7 +79,7 @@ def write_with(path: str | os.PathLike[str], write: Callable[[str], None]) -> No
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
-    _fsync_directory(target.parent)
+    sync_directory(target.parent)
 
 
 def sync(path: str | os.PathLike[str]) -> None:
@@ -162,9 +162,5 @@ def is_stale(path: str | os.PathLike[str]) -> bool:
 def sync_directory(directory: str | os.PathLike[str]) -> None:
     """fsync ``directory`` so that the renames and removals in it so far reach the disk before
     the next ones (nothing on a file system that cannot fsync a directory)."""
-    _fsync_directory(Path(directory))
-
-
-def _fsync_directory(directory: Path) -> None:
     with contextlib.suppress(OSError):  # (a file system that cannot fsync a directory)
         sync(directory)
