@@ -160,6 +160,31 @@ def test_a_cpu_format_that_would_quantize_nothing_is_a_user_error(tmp_path):
         plan(str(tmp_path), quantization="int4-groups")
 
 
+@pytest.mark.parametrize(
+    ("family", "quantization"), [("gpt2", "int8-rows"), ("llama", "int4-groups")]
+)
+def test_plan_refuses_what_loading_refuses(tmp_path, family, quantization):
+    """A GPT-2 LM in int8-rows (Conv1D blocks; only the tied head's int8 copy would be stored)
+    and a Llama whose sizes are no multiples of 32 in int4-groups store no block layer
+    quantized: loading refuses them, and the plan did not (it planned the head's copy)."""
+    from transformers import LlamaForCausalLM
+
+    from lorakit.quantized.loading import quantize_loaded
+
+    if family == "gpt2":
+        model = tiny_models.gpt2()
+    else:
+        config = tiny_models.llama_config(hidden_size=40, intermediate_size=72)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(UserError) as loading:
+        quantize_loaded(model, quantization, None)
+    with pytest.raises(UserError) as planning:
+        plan(str(tmp_path), quantization=quantization)
+    assert str(planning.value) == str(loading.value)
+    assert f"no layer of this {type(model).__name__} would be stored" in str(planning.value)
+
+
 @pytest.mark.parametrize("quantization", ["nf4", "int8", "q4_1", "int4-groups"])
 def test_fsdp_on_a_quantized_base_is_refused_as_lorakit_train_refuses_it(quantization):
     """``lorakit train --strategy fsdp`` on several processes refuses a quantized base

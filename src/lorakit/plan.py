@@ -194,20 +194,24 @@ def _activations(
 
 
 def _quantized_weights(model: nn.Module, quantization: str | None) -> tuple[int, int]:
+    """``(weights, bytes)`` of ``quantized_base``, refused as loading refuses it: a weight-only
+    format that would store no block layer (``loading.refuse_no_block_layer``: GPT-2's Conv1D,
+    int4-groups sizes that are not multiples of 32), a GGUF row that is not whole blocks."""
     if quantization is None:
         return 0, 0
-    from lorakit.quantized.footprint import quantized_base
+    from lorakit.quantized.footprint import WEIGHT_ONLY, quantized_base
+    from lorakit.quantized.loading import refuse_no_block_layer
 
+    if quantization in WEIGHT_ONLY:
+        refuse_no_block_layer(model, quantization)
     try:
         weights, stored = quantized_base(model, quantization)
     except ValueError as error:
         raise UserError(f"--quantization: {error}") from None
-    if stored == 0:  # (a tied output layer's int8 copy stores bytes but replaces no weight)
+    if stored == 0:
         raise UserError(
-            f"--quantization {quantization}: no layer of this {type(model).__name__} would be "
-            "stored quantized (lorakit's int8-rows and int4-groups take nn.Linear layers only, "
-            "not GPT-2's Conv1D, and int4-groups leaves sizes that are not multiples of 32 in "
-            "float); choose nf4, fp4, int8 or a GGUF format"
+            f"--quantization {quantization}: this {type(model).__name__} has no linear layer "
+            "to store quantized; plan it without --quantization"
         )
     return weights, stored
 

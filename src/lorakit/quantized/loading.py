@@ -149,7 +149,7 @@ def block_layers(model: torch.nn.Module, quantization: str) -> int:
 
 
 def refuse_no_block_layer(model: torch.nn.Module, quantization: str) -> None:
-    """``UserError`` (the text of ``lorakit plan``'s) when ``quantization`` would store none of
+    """``UserError`` (loading and ``lorakit plan``) when ``quantization`` would store none of
     ``model``'s block layers quantized (``block_layers`` is 0): the base would stay float, or
     grow by an int8 copy of a tied output layer, for no gain."""
     if block_layers(model, quantization):
