@@ -103,10 +103,10 @@ def free_port() -> int:
 class Served:
     """One app over a fresh model, bank (2 slots), engine and registry; ``client`` is live."""
 
-    def __init__(self, root, tokenizer) -> None:
+    def __init__(self, root, tokenizer, targets=("q_proj", "v_proj")) -> None:
         self.root, self.tokenizer = root, tokenizer
         model = base_model(tokenizer)
-        prepare_for_serving(model, ["q_proj", "v_proj"])
+        prepare_for_serving(model, list(targets))
         self.bank = AdapterBank(model, max_rank=4, capacity=2)
         self.adapters = ServedAdapters(self.bank, AdapterRegistry(root / "adapters"), model)
         self.engine = Engine(

@@ -58,7 +58,7 @@ import torch
 from lorakit.combining import combine
 from lorakit.errors import UserError
 from lorakit.io import fingerprint
-from lorakit.io.keys import lora_key_pairs, lora_keys
+from lorakit.io.keys import base_weight_key, lora_key_pairs, lora_keys
 from lorakit.io.read import read_adapter_header
 from lorakit.io.tensors import MAX_ABS_VALUE
 from lorakit.serve.adapter_dirs import BrokenAdapterError
@@ -191,21 +191,15 @@ class Mixtures:
         except (UserError, KeyError, ValueError) as error:
             reason = registry.relative(_text(error))  # (no server paths in the answer)
             raise bad_mixture(f"'{FIELD}' cannot be combined: {reason}") from None
-        if result.base_weights:  # (alone, an input's copy is served if it equals the served
-            # weight, serve.checks; a mixture's carried copies are not compared: refused)
-            modules = ", ".join(sorted(result.base_weights))
-            raise bad_mixture(
-                f"'{FIELD}' cannot be served: its adapters carry base weights for {modules} "
-                "(saved with save_embedding_layers); the serving bank adds LoRA factors and "
-                "never changes the served model's weights. Re-save the adapters without them "
-                "(save_embedding_layers=False) if the served model has those weights already, "
-                "or merge them into a model and serve that."
-            )
         tensors = {}
         for module, (lora_A, lora_B) in result.factors.items():
             key_A, key_B = lora_keys(module, module in result.embeddings)
             tensors[key_A], tensors[key_B] = lora_A, lora_B
-        self._check_fits(name, mixture, result, tensors)
+        copies = {  # base weights the inputs carry: checked as one adapter's (serve.checks)
+            base_weight_key(module, adapted=module in result.factors): weight
+            for module, weight in result.base_weights.items()
+        }
+        self._check_fits(name, mixture, result, tensors | copies)
         self._warn_unverified(mixture.ids, directories)
         return result.config, tensors
 
