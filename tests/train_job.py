@@ -26,9 +26,13 @@ from lorakit.train.fsdp import local_parameter_bytes  # noqa: E402
 from tests import tiny_models  # noqa: E402
 
 
-def make_data(count: int = 48, seed: int = 5) -> list[dict[str, list[int]]]:
+def make_data(
+    count: int = 48, seed: int = 5, uneven_answers: bool = False
+) -> list[dict[str, list[int]]]:
     """Classification-style examples: a marker token (5 or 6) then 2-7 random tokens; the marker
-    picks the 2-token completion ([10, 11] or [20, 21]); loss only on the completion."""
+    picks the 2-token completion ([10, 11] or [20, 21]); loss only on the completion.
+    ``uneven_answers``: the completion is 1-6 tokens long instead (10, 11, ... or 20, 21, ...),
+    so a mean per micro-batch and a mean over the step's tokens differ."""
     generator = torch.Generator().manual_seed(seed)
     examples = []
     for _ in range(count):
@@ -36,6 +40,9 @@ def make_data(count: int = 48, seed: int = 5) -> list[dict[str, list[int]]]:
         marker = 5 + int(torch.randint(0, 2, (1,), generator=generator))
         prompt = [marker, *torch.randint(30, 128, (length - 1,), generator=generator).tolist()]
         completion = [10, 11] if marker == 5 else [20, 21]
+        if uneven_answers:
+            size = int(torch.randint(1, 7, (1,), generator=generator))
+            completion = list(range(completion[0], completion[0] + size))
         examples.append({"input_ids": prompt + completion, "labels": [-100] * length + completion})
     return examples
 

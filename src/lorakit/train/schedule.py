@@ -6,7 +6,9 @@ For step ``t`` (0-based, counting optimizer steps), ``W`` warmup steps and ``T``
     factor(t) = m + (1 - m) * 0.5 * (1 + cos(pi * (t - W) / (T - W)))   for t >= W
 
 where ``m = min_lr_ratio``. The learning rate used by step ``t`` is ``lr * factor(t)``: it rises to
-``lr`` at the end of warmup and falls to ``m * lr`` at the last step ``T``.
+``lr`` at the end of warmup and falls towards ``m * lr``, which ``factor(T)`` would reach; the last
+step run, ``T - 1``, uses ``factor(T - 1)``, a little above ``m`` (as transformers' cosine schedule,
+which never reaches 0 either: ``T = 10, W = 1`` ends at 0.030 with ``m = 0``).
 """
 
 from __future__ import annotations
