@@ -15,6 +15,7 @@ import torch
 import lorakit
 from lorakit.errors import BaseModelMismatchError, UserError
 from lorakit.state import lora_layers
+from tests.tiny_models import gpt2 as gpt2_model
 from tests.tiny_models import input_ids, llama, llama_config, randomize_adapters
 
 CONFIG_A = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
@@ -358,3 +359,24 @@ def test_a_reader_that_ignores_the_patterns_computes_the_same_update(two_adapter
         module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
         delta = one_scale * lora_B.double() @ lora_A.double()
         torch.testing.assert_close(delta, expected[module], rtol=1e-6, atol=1e-7)
+
+
+def test_bias_all_on_a_model_without_biases_combines_as_its_saved_file(tmp_path):
+    """``bias="all"`` on a Llama (no biases) trains nothing but the LoRA factors: its saved file
+    combines, and on the model it was refused ("trains biases"). A model with biases (GPT-2)
+    is refused both ways, naming a bias."""
+    model = llama()
+    lorakit.inject(model, CONFIG_A.replace(bias="all"))
+    randomize_adapters(model)
+    lorakit.save_adapter(model, tmp_path / "saved")
+    from_file = lorakit.combine([tmp_path / "saved"], [1.0])
+    on_model = lorakit.combine(["default"], [1.0], model=model)
+    assert set(on_model.factors) == set(from_file.factors) and on_model.factors
+    for module, factors in on_model.factors.items():
+        for got, want in zip(factors, from_file.factors[module], strict=True):
+            assert torch.equal(got, want)
+    gpt2 = lorakit.inject(gpt2_model(), lorakit.LoraConfig(r=2, bias="all"))
+    lorakit.save_adapter(gpt2, tmp_path / "gpt2")
+    for sources, model in (([tmp_path / "gpt2"], None), (["default"], gpt2)):
+        with pytest.raises(UserError, match=r"bias"):
+            lorakit.combine(sources, [1.0], model=model)

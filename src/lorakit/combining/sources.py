@@ -196,11 +196,12 @@ def _from_model(model: nn.Module, adapter_name: str) -> AdapterUpdates:
             "low-rank update that sums with others. Combine adapters trained without them."
         )
     saved = [name for name, w in saved_modules(model) if adapter_name in w.modules_to_save]
-    if config.bias != "none" or config.lora_bias:
+    biases = _trained_bias_keys(model, adapter_name)
+    if biases:
         raise UserError(
-            f"{label} trains biases (bias={config.bias!r}, lora_bias={config.lora_bias}); "
-            "only LoRA factors can be combined: combine adapters trained with bias='none' "
-            "and lora_bias=False."
+            f"{label} trains biases (bias={config.bias!r}, lora_bias={config.lora_bias}: "
+            f"{biases[0]}); only LoRA factors can be combined: combine adapters trained with "
+            "bias='none' and lora_bias=False."
         )
     if saved:
         raise UserError(
@@ -217,6 +218,17 @@ def _from_model(model: nn.Module, adapter_name: str) -> AdapterUpdates:
     return AdapterUpdates(
         label, config, modules, fingerprint.compute(model, list(modules)), on_model=True
     )
+
+
+def _trained_bias_keys(model: nn.Module, adapter_name: str) -> list[str]:
+    """The file keys of the biases ``adapter_name`` trains (``bias`` "all" / "lora_only",
+    ``lora_bias``), as a save would write them: the tensors ``_from_directory`` refuses, so an
+    adapter is judged alike on the model and saved (``bias="all"`` on a model without biases
+    trains none)."""
+    from lorakit.io.save import adapter_file_entries
+
+    entries, _ = adapter_file_entries(model, adapter_name, [])
+    return [entry.key for entry in entries if entry.role in ("bias", "lora_bias")]
 
 
 def read_sources(
