@@ -111,12 +111,18 @@ def world(tmp_path_factory):
 
 
 def expected_text(world, prompt: str, adapter: str | None, max_tokens: int) -> str:
+    """transformers' greedy text after the prompt: ``decode(prompt + new)`` past the decoded
+    prompt, as its ``TextGenerationPipeline(return_full_text=False)`` and vLLM give it (the
+    new ids decoded alone lose a SentencePiece first token's leading space)."""
     reference, tokenizer = world["reference"], world["tokenizer"]
     ids = torch.tensor([tokenizer.encode(prompt)])
     names = [] if adapter is None else [adapter]
     with torch.no_grad(), lorakit.use_adapters(reference, names):
         out = reference.generate(ids, max_new_tokens=max_tokens, do_sample=False)
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    prompt_text = tokenizer.decode(ids[0], skip_special_tokens=True)
+    full = tokenizer.decode(out[0], skip_special_tokens=True)
+    assert full.startswith(prompt_text)
+    return full[len(prompt_text) :]
 
 
 def client(world) -> openai.OpenAI:

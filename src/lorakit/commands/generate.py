@@ -88,18 +88,31 @@ def generate_text(
         encoded = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     else:
         encoded = tokenizer(prompt, return_tensors="pt")
-    _check_length(model, encoded["input_ids"].shape[1], max_new_tokens)
+    prompt_ids = encoded["input_ids"][0].tolist()
+    _check_length(model, len(prompt_ids), max_new_tokens)
     if temperature == 0 and isinstance(model, torch.nn.Module):
-        ids = engine_greedy(model, encoded["input_ids"][0].tolist(), max_new_tokens)
-        return tokenizer.decode(ids, skip_special_tokens=True)
-    with torch.no_grad():
-        output = model.generate(
-            **encoded,
-            generation_config=_sampling_config(
-                model, temperature, max_new_tokens, tokenizer.pad_token_id
-            ),
-        )
-    return tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+        ids = engine_greedy(model, prompt_ids, max_new_tokens)
+    else:
+        with torch.no_grad():
+            output = model.generate(
+                **encoded,
+                generation_config=_sampling_config(
+                    model, temperature, max_new_tokens, tokenizer.pad_token_id
+                ),
+            )
+        ids = output[0, len(prompt_ids) :].tolist()
+    return continuation_text(tokenizer, prompt_ids, ids)
+
+
+def continuation_text(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
+    """The text of ``ids`` after ``prompt_ids`` (special tokens skipped), as ``lorakit serve``
+    sends it (``serve.token_pieces.text_after``): decoded after the prompt's last tokens, so
+    a SentencePiece tokenizer's first new token keeps its leading space ("low rank" -> " lo
+    ...", the text after the prompt in ``decode(prompt_ids + ids)``), not the ids' decoding
+    alone, which strips it."""
+    from lorakit.serve.token_pieces import prompt_tail, text_after
+
+    return text_after(tokenizer, prompt_tail(tokenizer, prompt_ids), ids)
 
 
 def _sampling_config(model, temperature: float, max_new_tokens: int, pad_token_id=None):

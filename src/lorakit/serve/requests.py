@@ -14,6 +14,7 @@ from torch import nn
 
 from lorakit.errors import UserError
 from lorakit.serve.sampling import SamplingParams, StopTextTracker, TokenLogprob
+from lorakit.serve.token_pieces import PromptTail, prompt_tail, text_after
 
 __all__ = [
     "ADAPTER_NOT_FOUND",
@@ -117,6 +118,7 @@ class GenerationRequest:
         self.stop_token_ids = frozenset(self.params.stop_token_ids)
         self.pending_ids: list[int] = []
         self.pending_logprobs: list[TokenLogprob] = []
+        self.prompt_tail: PromptTail | None = None  # set at the first decode (``_new_text``)
 
     def masked_now(self, eos_token_ids: set[int]) -> frozenset[int]:
         """The token ids the next token may not be (vLLM's ``min_tokens``): while fewer than
@@ -169,9 +171,12 @@ class GenerationRequest:
             self.pending_logprobs.append(logprob)
 
     def _new_text(self, tokenizer, final: bool) -> str:
-        """The output text not sent yet: the decoded ``generated`` ids (special tokens
-        skipped), cut at a stop string."""
-        decoded = tokenizer.decode(self.generated, skip_special_tokens=True)
+        """The output text not sent yet: the ``generated`` ids' text after the prompt (special
+        tokens skipped; decoded after the prompt's last tokens, ``token_pieces.text_after``, so
+        a SentencePiece first token keeps its leading space), cut at a stop string."""
+        if self.prompt_tail is None:
+            self.prompt_tail = prompt_tail(tokenizer, self.prompt_ids)
+        decoded = text_after(tokenizer, self.prompt_tail, self.generated)
         if len(self.generated) <= self.params.min_tokens:
             self.stop_text.search_from = len(decoded)
         return self.stop_text.update(decoded, final=final)
