@@ -7,6 +7,12 @@ before or after it, never half-way. Merging installs a NEW weight Parameter
 one aside: unmerging puts that very Parameter back, bit-identical, and a weight tied to another
 module (an output embedding) is never changed behind that module's back.
 
+The tensors kept aside are no parameters of the layer, so ``Merging._apply`` (behind
+``.to()``, ``.half()``, ``.cuda()``) converts them with the model: after a cast or a move while
+merged, unmerging puts back the original as the conversion converted it (what unmerging first,
+then converting gives), and a forward with adapters disabled, a further merge and
+``merge_and_unload`` read it in the model's new dtype, on its new device.
+
 ``Merging`` is the merge half of ``lorakit.layers.base.LoraLayer``; it uses the layer's
 ``live_weight`` / ``set_live_weight`` and ``merge_delta``.
 """
@@ -37,8 +43,68 @@ def unmerged() -> MergeState:
     return MergeState((), None, None)  # a new object each time: a reader compares by identity
 
 
+def _converted(tensor: torch.Tensor, fn) -> torch.Tensor:
+    """``tensor`` converted by a ``Module._apply`` function ``fn`` as a module converts its
+    own: a Parameter stays the same object where torch keeps it (``.data`` replaced, or the
+    tensors swapped under ``torch.__future__``'s swap flag: a weight tied to another module
+    stays tied), else a new Parameter of the same ``requires_grad``; its ``.grad`` too. Done
+    by ``nn.Module._apply`` itself, on a holder module, so every torch rule applies."""
+    if not isinstance(tensor, nn.Parameter):
+        with torch.no_grad():
+            return fn(tensor)
+    holder = nn.Module()
+    holder._parameters["tensor"] = tensor
+    nn.Module._apply(holder, fn, recurse=False)
+    return holder._parameters["tensor"]
+
+
+def _moved(tensor: torch.Tensor, fn) -> torch.Tensor:
+    """A new frozen Parameter: ``fn(tensor)`` where ``fn`` keeps the dtype, else ``tensor``
+    only moved to the device ``fn`` chose (a quantized base's float32 merged weight keeps its
+    dtype, as the quantized storage does, ``quantized.weight_only``). ``tensor`` itself is
+    not changed (it is the layer's own, tied to nothing)."""
+    with torch.no_grad():
+        applied = fn(tensor.detach())
+        if applied.dtype != tensor.dtype:
+            applied = tensor.detach().to(applied.device)
+    return nn.Parameter(applied, requires_grad=False)
+
+
 class Merging:
     """Merge, unmerge and the merge state of a LoRA layer (see the module docstring)."""
+
+    def _apply(self, fn, recurse: bool = True):
+        """``nn.Module._apply`` (behind ``.to()``, ``.half()``, ``.float()``, ``.cuda()``), then
+        the same conversion for what merging keeps aside, which is no registered parameter:
+        the original weight, and the original base bias of a merged bias on B
+        (``LoraBiasMixin._kept_bias``). The merged weight installed in the base was converted
+        with the base layer (re-read here, the very Parameter the base now holds); one kept
+        beside a quantized base moves but stays float32 (``_moved``). Unmerging after
+        ``model.to(torch.bfloat16)`` thus gives ``bf16(W0)``, as unmerging first would.
+        ``recurse=False`` (the layer's own tensors only) leaves them, as it leaves the base's.
+        Cooperative: ``LoraLinear._apply`` runs around this one."""
+        state = self._merge_state
+        installed = (
+            bool(state.adapters)
+            and state.original is not None
+            and state.weight is self.live_weight()
+        )
+        result = super()._apply(fn, recurse)
+        if not recurse:
+            return result
+        if state.adapters:
+            if installed:
+                weight = self.live_weight()
+            elif state.original is None:
+                weight = _moved(state.weight, fn)
+            else:
+                weight = _converted(state.weight, fn)
+            original = None if state.original is None else _converted(state.original, fn)
+            self._merge_state = MergeState(state.adapters, weight, original)
+        kept_bias = getattr(self, "_kept_bias", ())
+        if kept_bias:
+            self._kept_bias = tuple(None if b is None else _converted(b, fn) for b in kept_bias)
+        return result
 
     def read_merge_state(self) -> tuple[MergeState, torch.Tensor]:
         """``(state, W0)``: the merge state and the original base weight, read consistently with
