@@ -17,7 +17,7 @@ from lorakit import LoraConfig, TaskType
         ({"lora_dropout": 1.0}, "LoraConfig.lora_dropout=1.0"),
         ({"lora_dropout": -0.1}, "LoraConfig.lora_dropout=-0.1"),
         ({"bias": "some"}, "LoraConfig.bias='some'"),
-        ({"init_lora_weights": "orthogonal"}, "init_lora_weights='orthogonal'"),
+        ({"init_lora_weights": "Orthogonal"}, "init_lora_weights='Orthogonal'"),
         ({"target_modules": "(unclosed"}, "not a valid regular expression"),
         ({"target_modules": ["q_proj", ""]}, "target_modules"),
         ({"rank_pattern": {"q_proj": 0}}, "rank_pattern['q_proj']=0"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from lorakit.init_methods import EvaConfig, LoftQConfig, changes_base
+from lorakit.init_methods import EvaConfig, LoftQConfig, changes_base, not_implemented_message
 from lorakit.patterns import check_pattern, check_pattern_set, shown
 
 if TYPE_CHECKING:
@@ -20,6 +20,12 @@ __all__ = ["ALL_LINEAR", "is_finite_number", "is_positive_number", "validate"]
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = (True, False, "gaussian", "eva")
+# Inits that only draw the starting factors and that a file's config does not keep (its
+# tensors replace them: ``io.config_json`` reads them as True), besides ``INIT_MODES``.
+DRAWN_INITS = ("orthogonal",)
+_EXPECTED_INITS = (
+    '"gaussian", "orthogonal", "pissa", "pissa_niter_K" (K an integer), "olora", "loftq" or "eva"'
+)
 
 
 def validate(config: LoraConfig) -> None:
@@ -109,17 +115,18 @@ def _check_init(config: LoraConfig) -> None:
         raise ValueError(
             f"LoraConfig.init_lora_weights={init!r} is invalid: expected the bool True or False "
             f"(not the number {init!r}: PEFT takes 0 as False and fails on 1 with an "
-            'AttributeError), "gaussian", "pissa", "pissa_niter_K" (K an integer), "olora", '
-            '"loftq" or "eva".'
+            f"AttributeError), {_EXPECTED_INITS}."
         )
+    peft_only = not_implemented_message(init)  # MiCA, CorDA, LoRA-GA: what to do instead
+    if peft_only is not None:
+        raise ValueError(peft_only)
     _check(
         isinstance(init, bool)
-        or (isinstance(init, str) and init in INIT_MODES)
+        or (isinstance(init, str) and (init in INIT_MODES or init in DRAWN_INITS))
         or changes_base(init),
         "init_lora_weights",
         init,
-        'True, False, "gaussian", "pissa", "pissa_niter_K" (K an integer), "olora", "loftq" '
-        'or "eva"',
+        f"True, False, {_EXPECTED_INITS}",
     )
     if config.use_dora and changes_base(config.init_lora_weights):
         raise ValueError(

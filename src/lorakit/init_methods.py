@@ -1,6 +1,9 @@
 """Initialisations that take the adapter from the base weight: PiSSA, OLoRA and LoftQ (PEFT's
 ``init_lora_weights="pissa"``, ``"pissa_niter_K"``, ``"olora"`` and ``"loftq"``; LoftQ in
-``loftq_factors``), and the settings of the data-driven EVA (``lorakit.eva``).
+``loftq_factors``), the settings of the data-driven EVA (``lorakit.eva``), PEFT's drawn
+``"orthogonal"`` factors (``orthogonal_factors``: B A = 0, the base unchanged), the dtype every
+init draws in (``DRAW_DTYPE``), and the messages for PEFT's values lorakit does not implement
+(MiCA, CorDA, LoRA-GA: ``not_implemented_message``).
 
 Both put the weight's principal part into the adapter and leave the rest as the new base, so the
 layer computes what it did before (within float rounding)::
@@ -38,6 +41,7 @@ import torch
 
 __all__ = [
     "BASE_CHANGING_INITS",
+    "DRAW_DTYPE",
     "EvaConfig",
     "LoftQConfig",
     "canonical_init",
@@ -45,7 +49,9 @@ __all__ = [
     "changes_base_in_peft_only",
     "factors_for",
     "loftq_factors",
+    "not_implemented_message",
     "olora_factors",
+    "orthogonal_factors",
     "pissa_factors",
     "randomised_pissa",
 ]
@@ -59,6 +65,36 @@ PEFT_ONLY_BASE_CHANGING_INITS = ("corda", "lora_ga")
 # its LoRA layer); every other one ("pissa...", "loftq", "eva", "orthogonal", ...) exactly.
 CASE_INSENSITIVE_INITS = ("gaussian", "mica", "olora")
 _PISSA = re.compile(r"pissa(?:_niter_(\d+))?")
+DRAW_DTYPE = torch.float32
+"""The dtype new factors are drawn in, whatever dtype they are stored in (cast afterwards):
+PEFT's ``nn.Linear`` / ``torch.randn`` draw in the default dtype, float32, and cast to the base
+dtype, so a seed gives PEFT's values on a float64 base too (a float64 draw gives others)."""
+
+_CONVERT_FIRST = (
+    "initialise, train and save it with peft, converting it on saving "
+    "(save_pretrained(..., path_initial_model_for_weight_conversion=<the adapter saved right "
+    "after the init>)), then load the converted file, a plain LoRA for the original base, "
+    "with lorakit"
+)
+# PEFT's init_lora_weights values lorakit does not implement: (what it is, the way out).
+_PEFT_ONLY = {
+    "mica": (
+        "MiCA (B from the r left singular vectors of W0 with the smallest singular values, "
+        "A = 0, B frozen while training)",
+        "initialise it with peft and load the saved file with lorakit (it reads as a plain "
+        "LoRA: the same forward; keep lora_B frozen to train it as MiCA does), or use "
+        "init_lora_weights=True",
+    ),
+    "corda": (
+        "CorDA (A and B from the SVD of W0 times activation statistics of data; the base "
+        "becomes W0 - s B A)",
+        _CONVERT_FIRST,
+    ),
+    "lora_ga": (
+        "LoRA-GA (A and B from the SVD of gradients on data; the base becomes W0 - s B A)",
+        _CONVERT_FIRST,
+    ),
+}
 
 
 @dataclass
@@ -142,6 +178,24 @@ def canonical_init(init: object) -> object:
     return init
 
 
+def not_implemented_message(init: object) -> str | None:
+    """The ``ValueError`` message for a PEFT ``init_lora_weights`` value lorakit does not
+    implement ("mica" in any case, "corda..." as PEFT matches its prefix, "lora_ga"), saying
+    what it is and what to do instead; None for any other value
+    (a typo gets the config's "is invalid: expected ..." message). "MiCA" is quoted as PEFT
+    reads it, "mica" (``canonical_init``)."""
+    if not isinstance(init, str):
+        return None
+    key = "corda" if init.startswith("corda") else init
+    if key not in _PEFT_ONLY:
+        return None
+    what, way_out = _PEFT_ONLY[key]
+    return (
+        f"LoraConfig.init_lora_weights={init!r} is invalid: it is PEFT's {what}, "
+        f"not implemented in lorakit: {way_out}."
+    )
+
+
 def changes_base(init: object) -> bool:
     """True when ``init`` (``LoraConfig.init_lora_weights``) rewrites the base weight."""
     return isinstance(init, str) and (
@@ -179,6 +233,34 @@ def loftq_factors(
     weight = weight.to(torch.float32)
     lora_A, lora_B, residual = _loftq(weight, rank, bits, iterations)
     return lora_A, lora_B, residual(weight)
+
+
+def orthogonal_factors(
+    rank: int, in_features: int, out_features: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` of PEFT's ``init_lora_weights="orthogonal"`` (``LoraLayer.orthogonal_init``),
+    float32, drawn from torch's generator on ``device`` in PEFT's order, so that a seed gives
+    PEFT's factors (after the layer's construction draws, ``LoraLinear.init_factors``)::
+
+        X ~ N(0, 1) (r, r);  Q, _ = qr(X);  Q_odd = Q[0::2], Q_even = Q[1::2]  (r/2, r)
+        A = (N(0, 1) (k, r/2) @ Q_odd)^T / 10    (r, k)
+        B = N(0, 1) (r/2, d)^T @ Q_even / 10      (d, r)
+
+    ``B A = G_B^T Q_even Q_odd^T G_A^T / 100 = 0`` (the rows of the orthogonal Q are
+    orthonormal), so the layer starts at the base's output while A and B are not zero.
+    ``rank`` must be even (``ValueError`` otherwise, as PEFT's)."""
+    if rank % 2:
+        raise ValueError(
+            f"init_lora_weights='orthogonal' needs an even rank (A and B take alternate rows of "
+            f"an r x r orthogonal matrix, so that B A = 0), got rank {rank}: use an even r "
+            "and even rank_pattern values."
+        )
+    draw = {"dtype": DRAW_DTYPE, "device": device}
+    q, _ = torch.linalg.qr(torch.randn(rank, rank, **draw))
+    q_odd, q_even = q[0::2, :], q[1::2, :]
+    lora_A = torch.randn(in_features, rank // 2, **draw).mm(q_odd).T / 10.0
+    lora_B = torch.randn(rank // 2, out_features, **draw).T.mm(q_even) / 10.0
+    return lora_A.contiguous(), lora_B.contiguous()
 
 
 def pissa_factors(

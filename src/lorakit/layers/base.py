@@ -22,22 +22,15 @@ import torch
 from torch import nn
 
 from lorakit import functional
+from lorakit.init_methods import DRAW_DTYPE
 from lorakit.layers.merging import Merging, unmerged
 from lorakit.layers.per_call import current_override, current_router
 
-__all__ = ["LoraLayer", "drawing_dtype", "round_through_base_dtype"]
+__all__ = ["LoraLayer", "round_through_base_dtype"]
 
 
 def _same_adapters(chosen: tuple[str, ...], merged: tuple[str, ...]) -> bool:
     return chosen == merged or (bool(merged) and set(chosen) == set(merged))
-
-
-def drawing_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype new factors are drawn in: float32 for 16-bit factors (cast afterwards), else
-    ``dtype``. PEFT draws in float32 (``nn.Linear``'s default) and casts to the base dtype when
-    the adapter is to have it (``autocast_adapter_dtype=False``); a draw in bfloat16 itself
-    lands elements near a rounding boundary on other values."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def round_through_base_dtype(factors: Sequence[torch.Tensor], base_dtype: torch.dtype) -> None:
@@ -331,17 +324,20 @@ class LoraLayer(Merging, nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """New A and B of ``factor_shapes(rank)`` in ``dtype`` on the base weight's device,
         initialised by ``init_factors`` (left uninitialised when ``init`` is None); drawn in
-        float32 and then cast where ``dtype`` is 16-bit (``drawing_dtype``). The default inits
-        (True, False, "gaussian") on a float16 / bfloat16 base are rounded through its dtype
-        first (``round_through_base_dtype``), as PEFT's cast to it and back rounds them."""
+        float32 whatever ``dtype`` is, then cast (``init_methods.DRAW_DTYPE``: PEFT draws in
+        float32, ``nn.Linear``'s and ``torch.randn``'s default, and casts to the base dtype, so
+        a seed gives PEFT's factors on a float64 base too; a bfloat16 draw lands elements near
+        a rounding boundary on other values). The drawn inits (True, False, "gaussian",
+        "orthogonal") on a float16 / bfloat16 base are rounded through its dtype first
+        (``round_through_base_dtype``), as PEFT's cast to it and back rounds them."""
         device = self.base_device
         shape_A, shape_B = self.factor_shapes(rank)
-        drawn = drawing_dtype(dtype) if init is not None else dtype
+        drawn = DRAW_DTYPE if init is not None else dtype
         lora_A = torch.empty(shape_A, device=device, dtype=drawn)
         lora_B = torch.empty(shape_B, device=device, dtype=drawn)
         if init is not None:
             self.init_factors(lora_A, lora_B, init)
-        if init is True or init is False or init == "gaussian":  # (not the from-W0/data inits)
+        if init is True or init is False or init in ("gaussian", "orthogonal"):  # (drawn ones)
             round_through_base_dtype((lora_A, lora_B), self.base_float_dtype)  # as PEFT's
         return lora_A.to(dtype), lora_B.to(dtype)
 

@@ -32,11 +32,23 @@ class LoraEmbedding(LoraLayer):
 
     def init_factors(self, lora_A: torch.Tensor, lora_B: torch.Tensor, init: bool | str) -> None:
         """True or "gaussian": A = 0, B ~ N(0, 1) (PEFT's); False: both ~ N(0, 1) (for tests).
+        "orthogonal" is refused (``ValueError``): PEFT implements it for linear layers only
+        (an embedding there silently gets the default init instead).
 
         The draws follow PEFT's, so a seed gives PEFT's factors (and leaves the generator where
-        PEFT leaves it, for the layers after): PEFT creates A and B with ``randn``, then resets
-        them, drawing B a second time. On a float16/bfloat16 base ``_new_factors`` then rounds
-        them through the base dtype, as PEFT's are by its cast to the base dtype and back."""
+        PEFT leaves it, for the layers after): PEFT creates A and B with ``randn`` (float32,
+        ``LoraLayer._new_factors``), then resets them, drawing B a second time. On a float16/bfloat16 base
+        ``_new_factors`` then rounds them through the base dtype, as PEFT's are by its cast to
+        the base dtype and back; on a float64 one the float32 draws are cast, as PEFT's."""
+        if init == "orthogonal":
+            base = self.base_layer
+            raise ValueError(
+                f"init_lora_weights='orthogonal' on the embedding {type(base).__name__}"
+                f"({self.num_embeddings}, {self.embedding_dim}): peft implements it for "
+                "nn.Linear / Conv1D layers only (it gives an embedding its default init, A = 0, "
+                "instead). Remove the embedding from target_modules (or add it to "
+                "exclude_modules), or use init_lora_weights=True."
+            )
         nn.init.normal_(lora_A)
         nn.init.normal_(lora_B)
         if init is not False:

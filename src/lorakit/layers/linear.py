@@ -16,8 +16,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lorakit import fast, functional
+from lorakit import fast, functional, quantized
 from lorakit.fast.linear import as_dtype
+from lorakit.init_methods import orthogonal_factors
 from lorakit.layers.base import LoraLayer
 from lorakit.layers.dora import Magnitude, RowNorms
 from lorakit.layers.lora_bias import LoraBiases, LoraBiasMixin
@@ -67,15 +68,23 @@ class LoraLinear(LoraBiasMixin, LoraLayer):
 
     def init_factors(self, lora_A: torch.Tensor, lora_B: torch.Tensor, init: bool | str) -> None:
         """True: A kaiming-uniform, B = 0; "gaussian": A ~ N(0, 1/r^2), B = 0; False: both
-        kaiming-uniform (B != 0, for tests); "eva", "pissa*", "olora": A as drawn, B = 0 (set
-        later from data or W0). Both are first drawn as ``nn.Linear(k, r)`` and
-        ``nn.Linear(r, d)`` would draw them (as PEFT's layers do), so a seed gives the values it
-        always gave. On a float16/bfloat16 base ``_new_factors`` then rounds the True / False /
-        "gaussian" factors through the base dtype, so that a seed gives PEFT's factors there
-        too; the from-W0 and from-data inits are not rounded."""
+        kaiming-uniform (B != 0, for tests); "orthogonal": PEFT's orthogonal A and B with
+        B A = 0 (``init_methods.orthogonal_factors``; an even rank, a float base); "eva",
+        "pissa*", "olora": A as drawn, B = 0 (set later from data or W0). Both are first drawn
+        as ``nn.Linear(k, r)`` and ``nn.Linear(r, d)`` would draw them (as PEFT's layers do), so
+        a seed gives the values it always gave. On a float16/bfloat16 base ``_new_factors`` then
+        rounds the True / False / "gaussian" / "orthogonal" factors through the base dtype, so
+        that a seed gives PEFT's factors there too; the from-W0 and from-data inits are not
+        rounded."""
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
         nn.init.kaiming_uniform_(lora_B, a=math.sqrt(5))
-        if init is True:
+        if init == "orthogonal":
+            self._refuse_orthogonal_on_quantized()
+            rank = lora_A.shape[0]
+            values = orthogonal_factors(rank, self.in_features, self.out_features, lora_A.device)
+            lora_A.copy_(values[0])
+            lora_B.copy_(values[1])
+        elif init is True:
             nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
             nn.init.zeros_(lora_B)
         elif init is not False and init != "gaussian":  # "eva", "pissa*", "olora": B = 0 until
@@ -83,6 +92,22 @@ class LoraLinear(LoraBiasMixin, LoraLayer):
         elif init == "gaussian":
             nn.init.normal_(lora_A, std=1 / lora_A.shape[0])
             nn.init.zeros_(lora_B)
+
+    def _refuse_orthogonal_on_quantized(self) -> None:
+        """``ValueError`` for init "orthogonal" on a quantized base: PEFT casts the factors to
+        the stored weight's dtype there and fails (bitsandbytes 4-bit: "Only Tensors of
+        floating point ... can require gradients"), so a file saved with it would not load in
+        peft either."""
+        base = self.base_layer
+        if quantized.is_quantized(base):
+            raise ValueError(
+                f"init_lora_weights='orthogonal' on a quantized {type(base).__name__} "
+                f"({quantized.describe(base)}, shape {self.out_features} x {self.in_features}): "
+                "peft implements it for float nn.Linear / Conv1D layers only (it fails on a "
+                "quantized one, also when it loads a file that says 'orthogonal'). Use "
+                "init_lora_weights=True, or remove the quantized modules from target_modules "
+                "(or add them to exclude_modules)."
+            )
 
     def _apply(self, fn, recurse: bool = True):
         """``nn.Module._apply`` (behind ``.to()``, ``.half()``, ``.float()``), then forget the

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from lorakit import functional
-from lorakit.layers.base import drawing_dtype, round_through_base_dtype
+from lorakit.init_methods import DRAW_DTYPE
+from lorakit.layers.base import round_through_base_dtype
 
 __all__ = ["LoraBiasMixin", "LoraBiases"]
 
@@ -46,10 +47,10 @@ class LoraBiasMixin:
         and only then does init True redraw A (kaiming-uniform) and zero B and b (False keeps
         the construction draws; ``LoraConfig`` takes ``lora_bias`` with these two only, as
         PEFT); on a float16 / bfloat16 base all three are rounded through its dtype, as PEFT's
-        are. The same seed thus gives PEFT's A, B and b."""
-        drawn = drawing_dtype(dtype)  # (float32 for 16-bit factors, cast at the end)
-        lora_A, lora_B = self._new_factors(rank, False, drawn)  # the two weights' draws
-        bias = torch.empty(self.out_features, dtype=drawn, device=lora_B.device)
+        are. All three are drawn in float32 and cast to ``dtype`` at the end (a float64 base
+        too), as PEFT's ``nn.Linear`` draws them. The same seed thus gives PEFT's A, B and b."""
+        lora_A, lora_B = self._new_factors(rank, False, DRAW_DTYPE)  # the two weights' draws
+        bias = torch.empty(self.out_features, dtype=DRAW_DTYPE, device=lora_B.device)
         bound = 1 / math.sqrt(rank)
         nn.init.uniform_(bias, -bound, bound)
         if init is True:

@@ -130,7 +130,8 @@ class LoraParameter(LoraLayer):
     def init_factors(self, lora_A: torch.Tensor, lora_B: torch.Tensor, init: bool | str) -> None:
         """As PEFT's ``ParamWrapper``: A kaiming-uniform (``nn.Linear(k, E r)``'s draw), B = 0;
         "gaussian": A ~ N(0, 1/r^2) with r the rank per expert; False: B kaiming-uniform too (on a
-        float16 / bfloat16 base ``_new_factors`` rounds them through its dtype, as PEFT's are)."""
+        float16 / bfloat16 base ``_new_factors`` rounds them through its dtype, as PEFT's are;
+        drawn in float32 and cast on a float64 one, ``LoraLayer._new_factors``)."""
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
         nn.init.kaiming_uniform_(lora_B, a=math.sqrt(5))
         if init is False:
