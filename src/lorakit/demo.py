@@ -1,7 +1,9 @@
 """``lorakit demo``: teach SmolLM2-135M-Instruct movie-review sentiment with a LoRA adapter.
 
 Steps: load the packaged model; zero-shot accuracy on held-out Rotten Tomatoes test reviews
-(scored by comparing the next-token log-probabilities of " positive" and " negative"); LoRA
+(scored by comparing the next-token log-probabilities of the answer words' first tokens: in the
+default chat style "positive" and "negative", after the assistant header; " positive" and
+" negative" with --style plain); LoRA
 (r=16, all seven projections) trained on the training split; accuracy again on the same held-out
 reviews; adapter saved (PEFT format) and its size compared with the base model's; adapter merged
 into the weights and the merged model's predictions compared with the adapter's; loss curve and

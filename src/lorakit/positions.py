@@ -23,7 +23,8 @@ def max_positions(model: nn.Module) -> int | None:
 def learned_position_limit(model: nn.Module) -> int | None:
     """The rows of the model's learned absolute position table (GPT-2's ``wpe``, BERT's
     ``position_embeddings``: an embedding other than the input one with the config's maximum
-    positions as rows), which no sequence may pass; None for a model without one (rotary
+    positions as rows, past any rows it keeps before position 0: OPT's and BioGPT's tables have
+    ``offset`` = 2 more), which no sequence may pass; None for a model without one (rotary
     models may run past their configured maximum)."""
     if not isinstance(model, nn.Module):  # (e.g. a stand-in that only generates)
         return None
@@ -34,7 +35,7 @@ def learned_position_limit(model: nn.Module) -> int | None:
         for module in model.modules()
         if isinstance(module, nn.Embedding)
         and module is not inputs
-        and module.num_embeddings == limit
+        and module.num_embeddings - getattr(module, "offset", 0) == limit
     ]
     return limit if tables else None
 
