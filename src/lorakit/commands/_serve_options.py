@@ -66,7 +66,10 @@ def _add_bank_options(parser: argparse.ArgumentParser) -> None:
         "--max-adapters", type=int, default=None, help="adapter slots in memory (default 8)"
     )
     group.add_argument(
-        "--adapter-memory", default=None, help="memory budget of the adapter bank, e.g. 256MB"
+        "--adapter-memory",
+        default=None,
+        help="memory budget of the adapter bank's pages and scalings, e.g. 256MB; the gain "
+        "tables of DoRA adapters come on top, outside it (docs/serving.md)",
     )
     group.add_argument(
         "--max-rank",

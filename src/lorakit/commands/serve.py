@@ -154,7 +154,7 @@ def build(args: argparse.Namespace):
         raise UserError(
             f"--adapter-memory {args.adapter_memory} ({error.memory_budget} bytes) holds no "
             f"adapter of rank {error.max_rank}: one takes {error.adapter_bytes} bytes; raise "
-            "--adapter-memory or lower --max-rank"
+            f"--adapter-memory to at least {error.adapter_bytes} or lower --max-rank"
         ) from None
     except ValueError as error:
         raise UserError(str(error)) from None

@@ -7,8 +7,9 @@ admitted are then prefilled together (``lorakit.serve.prefill``). A request that
 yet (its adapter would exceed ``max_loras``, or the bank is full while a slot will be let go,
 or its load found the bank full) waits in its place while requests behind it may go ahead,
 until ``max_batch`` of them were admitted since it first waited: then it is *starving* and
-nothing else is admitted until it runs. A request whose adapter finds every slot
-pinned, with nothing that will let one go, ends with ``no_adapter_slot``.
+nothing else is admitted until it runs. A request whose adapter finds no room (every slot, or
+too many of the pages it needs, held by pinned adapters), with nothing that will let one go,
+ends with ``no_adapter_slot`` and the bank's message, which says which of the two ran out.
 
 The engine's state this reads and changes: ``_waiting`` (the queue, under ``_wake``),
 ``_running``, ``_ready`` (admitted at this boundary, not yet prefilled), ``_starving``,
@@ -62,12 +63,11 @@ class Admission:
             try:
                 if not self._acquire_adapter(request):
                     continue  # parked: its adapter is being loaded by a loader thread
-            except BankFullError:
+            except BankFullError as error:
                 if self._slot_will_free(deferred):
                     self._defer(request, deferred)  # retried once a slot is let go
                 else:
-                    message = "no adapter slot is free (all pinned)"
-                    self._finish(request, "error", message, kind=NO_ADAPTER_SLOT)
+                    self._finish(request, "error", _no_room(request, error), kind=NO_ADAPTER_SLOT)
                 continue
             except Exception as error:
                 kind = failure_kind(error)
@@ -137,3 +137,11 @@ class Admission:
             return False
         request.slot = slot
         return True
+
+
+def _no_room(request: GenerationRequest, error: BankFullError) -> str:
+    """The error of a request whose adapter finds no room and nothing that will make some: the
+    adapter's name and the bank's own account (``Residency.require_room``: the slots or the
+    pages that ran out, with their numbers and what to change), not a fixed "all pinned", which
+    was wrong when slots were free and the pages were short (review 31)."""
+    return f"adapter {request.adapter!r} cannot be loaded now: {error}"

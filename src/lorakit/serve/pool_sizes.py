@@ -98,9 +98,12 @@ def pool_sizes(
     largest rank fit, in every pool (``shares`` size pools only within a budget). With it: as
     many page numbers as fit ``sum_L n_L page_bytes[L] + slots x slot_overhead`` within the
     budget, each pool ``n_L`` = its share of them (at least one adapter's); slots: as many as
-    the budget's bytes allow at one page each, at most ``capacity``; page numbers: at most
-    ``slots x per_adapter``, which is all that ``slots`` adapters can use. ``BudgetTooSmall`` (a
-    ``ValueError``) when no adapter of the largest rank fits."""
+    the budget's bytes allow at one page each, at most ``capacity``, and at most as many as
+    leave room for one adapter of the largest rank in every pool (``_slots_cap``); page numbers:
+    at most ``slots x per_adapter``, which is all that ``slots`` adapters can use.
+    ``BudgetTooSmall`` (a ``ValueError``) when no adapter of the largest rank fits, i.e. the
+    budget is under ``per_adapter x sum(page_bytes) + slot_overhead`` (one slot and one such
+    adapter's pages in every pool): the minimum it states, which is exactly enough."""
     if shares is not None and not any(shares.get(name, 0.0) > 0 for name in page_bytes):
         shares = None  # no share for any of these layers: nothing to size the pools by
     weight = {
@@ -119,6 +122,7 @@ def pool_sizes(
         return PoolSizes(capacity, pages, dict.fromkeys(page_bytes, pages))
     mean_page = sum(weight[name] * size for name, size in page_bytes.items())
     estimate = int(memory_budget // (mean_page + slot_overhead))
+    estimate = min(estimate, _slots_cap(page_bytes, per_adapter, slot_overhead, memory_budget))
     slots = estimate if capacity is None else min(capacity, estimate)
     pages = int((memory_budget - slots * slot_overhead) // mean_page)
     pages = min(pages, slots * per_adapter)  # more page numbers than slots can use: none
@@ -132,3 +136,18 @@ def pool_sizes(
         one = per_adapter * sum(page_bytes.values()) + slot_overhead
         raise BudgetTooSmall(memory_budget, max_rank, one)
     return PoolSizes(slots, pages, lengths(pages))
+
+
+def _slots_cap(
+    page_bytes: Mapping[str, int], per_adapter: int, slot_overhead: int, memory_budget: int
+) -> int:
+    """The most slots that leave room for one adapter of the largest rank in every pool:
+    ``(memory_budget - per_adapter x sum(page_bytes)) // slot_overhead`` (no bound when a slot
+    costs nothing). Every pool holds at least ``per_adapter`` pages, which cost
+    ``per_adapter x sum(page_bytes)`` together, so more slots than this leave too few bytes for
+    the pages and the bank would be refused; the slot estimate at one (mean) page per slot gave
+    a tight budget such slots (a budget of exactly the stated minimum was refused: review 31)."""
+    if slot_overhead <= 0:
+        return int(memory_budget)  # (as many as any estimate: slots cost nothing)
+    pages_bytes = per_adapter * sum(page_bytes.values())
+    return max(0, int((memory_budget - pages_bytes) // slot_overhead))

@@ -40,7 +40,7 @@ _ids = itertools.count()
 # Event.error_kind of a request that ended with finish_reason "error":
 ADAPTER_NOT_FOUND = "adapter_not_found"  # unknown, or unloaded after the request was queued
 INVALID_ADAPTER = "invalid_adapter"  # its files could not be read or do not fit the model
-NO_ADAPTER_SLOT = "no_adapter_slot"  # every slot pinned, none will free up
+NO_ADAPTER_SLOT = "no_adapter_slot"  # no slot or too few pages, nothing will free some (HTTP 503)
 INTERNAL = "internal"  # anything else (a bug, or the model failed)
 
 
