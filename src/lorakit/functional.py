@@ -20,7 +20,7 @@ DoRA (weight-decomposed LoRA, Liu et al. 2024; PEFT's ``use_dora=True``) adds a 
 (d,), one number per output feature, initialised to the row norms of ``W0 + s B A``::
 
     n = ||W0 + s B A||_row        (d,), treated as a constant for the gradient
-    f = m / n                     (d,)
+    f = m / n                     (d,), n first rounded to m's dtype where that is narrower
     h = W0 x + (f - 1) * (W0 x~) + f * s * B A x~,    x~ = dropout(x)
 
 (the bias is not scaled). Merge: ``W = f * (W0 + s B A)`` row by row. How ``n`` is computed
@@ -41,6 +41,7 @@ __all__ = [
     "base_row_sq_norms",
     "compression_ratio",
     "delta_weight",
+    "dora_divisor",
     "dora_factor",
     "dora_merge_delta",
     "dora_output",
@@ -225,10 +226,32 @@ def lora_embedding_forward(
 
 
 # ------------------------------------------------------------------------------------- DoRA
+def dora_divisor(magnitude: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """The ``n`` (d,) that ``f = m / n`` divides by: ``norms`` detached and, where ``m`` is
+    stored in a narrower dtype than ``n`` (a 16-bit adapter: ``n`` is float32), rounded to
+    ``m``'s dtype and widened back (the division stays in ``n``'s dtype).
+
+    Why: a new adapter stores ``m = n`` rounded to its dtype, so dividing by the unrounded
+    ``n`` gives ``|f - 1|`` up to 2^-8 (bf16) and a new adapter moves the model; divided by
+    ``n`` rounded the same way, ``f = 1`` exactly (PEFT gets the same by computing ``n`` in
+    the 16-bit dtype). For a trained ``m`` the rounding moves ``f`` by at most one rounding
+    of ``m``'s dtype, the precision ``m`` is held to anyway. The fast path's ``dL/dm``
+    divides by this ``n`` too."""
+    norms = norms.detach()
+    if magnitude.dtype != norms.dtype and (
+        torch.promote_types(magnitude.dtype, norms.dtype) == norms.dtype
+    ):
+        return norms.to(magnitude.dtype).to(norms.dtype)
+    return norms
+
+
 def dora_factor(magnitude: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-    """``f = m / n`` (d,): the per-output scale of DoRA; ``n`` is detached (a constant for the
-    gradient, DoRA paper section 4.3), ``m`` keeps its gradient."""
-    return magnitude / norms.detach()
+    """``f = m / n`` (d,): the per-output scale of DoRA, in the wider of the two dtypes (float32
+    for a 16-bit ``m``). ``n`` is detached (a constant for the gradient, DoRA paper section
+    4.3) and rounded to ``m``'s dtype where that is narrower (``dora_divisor``: a new 16-bit
+    adapter gives ``f = 1`` exactly); ``m`` keeps its gradient. Every path computes ``f`` here:
+    the plain and fast forwards, the merge and the serving bank."""
+    return magnitude / dora_divisor(magnitude, norms)
 
 
 def dora_output(
@@ -260,7 +283,7 @@ def dora_merge_delta(
     Several adapters merge as the forward adds them: ``W = W0 + sum_a delta_a``.
     """
     dtype = norm_dtype(weight, lora_A, lora_B)
-    factor = dora_factor(magnitude.detach().to(dtype), norms.to(dtype))  # (d,)
+    factor = dora_factor(magnitude.detach(), norms.to(dtype)).to(dtype)  # (d,); m's own dtype
     rows = weight_rows(weight.detach(), fan_in_fan_out).to(dtype)  # (d, k)
     lora = delta_weight(lora_A.detach(), lora_B.detach(), scale, dtype=dtype)  # (d, k)
     delta = factor[:, None] * (rows + lora) - rows

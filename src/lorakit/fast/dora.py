@@ -11,7 +11,8 @@ one (N, k) x (k, d) product, as for LoRA, plus one pass over the (N, d) output. 
 ``P`` is a second product (PEFT's semantics: DoRA scales ``W0`` applied to the dropped input).
 
 Saved for backward: x (only if A trains), ``P`` (N, d, for ``dL/dm``), ``u`` (N, r), the mask's
-bits, ``f`` and ``n`` (d). Gradients, with ``G = dL/dh`` (N, d)::
+bits, ``f`` and ``n`` (d; the ``n`` that ``f`` divides by, ``functional.dora_divisor``: rounded
+to a 16-bit m's dtype). Gradients, with ``G = dL/dh`` (N, d)::
 
     g     = c G (f B)                                   (N, r)
     dL/dx = (f G) W0 + g A                              without dropout
@@ -89,6 +90,7 @@ class FusedDoraLinear(torch.autograd.Function):
         dtype = x.dtype
         x_rows = x.reshape(-1, x.shape[-1])  # (N, k)
         factor = functional.dora_factor(magnitude.detach(), norms)  # (d,)
+        divisor = functional.dora_divisor(magnitude, norms)  # the n f divides by, for dL/dm
         mask = dropout_mask(x_rows, drop_levels, seed)
         if mask is None:
             product = linear_output(x_rows, weight, None, fan_in_fan_out)  # P = W0 x (N, d)
@@ -107,7 +109,7 @@ class FusedDoraLinear(torch.autograd.Function):
         keep_x = x if ctx.needs_input_grad[3] else None
         needs_mask = mask is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[3])
         mask_bits = pack_mask(mask) if needs_mask else None
-        ctx.save_for_backward(keep_x, weight, lora_A, lora_B, factor, norms, product, low_rank)
+        ctx.save_for_backward(keep_x, weight, lora_A, lora_B, factor, divisor, product, low_rank)
         ctx.mask_bits = mask_bits
         ctx.m_dtype = magnitude.dtype
         ctx.x_shape = x.shape

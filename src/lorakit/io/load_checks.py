@@ -27,7 +27,12 @@ from lorakit.init_checks import check_layer_takes, check_redo_on_load
 from lorakit.init_methods import changes_base
 from lorakit.inject_checks import check_adapter_fits, quantized_format
 from lorakit.io import fingerprint
-from lorakit.io.keys import FileTensor, expected_shape, saved_module_alias_keys
+from lorakit.io.keys import (
+    FileTensor,
+    expected_shape,
+    is_magnitude_key,
+    saved_module_alias_keys,
+)
 from lorakit.io.load_plan import LoadTargets
 from lorakit.io.read import AdapterFile, AdapterHeader
 from lorakit.io.tensors import TORCH_DTYPES
@@ -62,6 +67,20 @@ def _refuse_copies_of_quantized(
         )
 
 
+def _refuse_magnitudes_without_dora(source: object, config: LoraConfig, unexpected: list) -> None:
+    """``AdapterFileError`` when the file holds DoRA magnitude vectors
+    (``<path>.lora_magnitude_vector``) its config does not expect because it says
+    ``use_dora=false``: a DoRA adapter whose config lost its flag, not another architecture."""
+    magnitudes = [key for key in unexpected if is_magnitude_key(key)]
+    if magnitudes and not config.use_dora:
+        raise AdapterFileError(
+            f"adapter {source} holds DoRA magnitude vectors ({listed(magnitudes, 6)}) but its "
+            "adapter_config.json has use_dora=false (as plain LoRA it would leave out the "
+            'magnitudes and compute another model). It is a DoRA adapter: set "use_dora": true '
+            "in adapter_config.json and load it again."
+        )
+
+
 def check_tensors(
     adapter: AdapterHeader,
     config: LoraConfig,
@@ -86,6 +105,7 @@ def check_tensors(
             f"adapter {source} lacks tensors its config implies for this model: "
             f"{listed(missing, 6)}. The file is incomplete, or the model is not its base."
         )
+    _refuse_magnitudes_without_dora(source, config, unexpected)
     if unexpected:
         raise AdapterFileError(
             f"adapter {source} has tensors that fit no module of this model under its config: "

@@ -31,7 +31,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.inject import default_adapter_dtype
-from lorakit.io.keys import lora_keys, magnitude_key
+from lorakit.io.keys import lora_bias_key, lora_keys, magnitude_key
 from lorakit.layers import LoraLinear
 from lorakit.serve.checks import PreparedAdapter, lora_pairs, prepare_adapter
 from lorakit.serve.lazy_loads import LazyLoads
@@ -337,9 +337,23 @@ class AdapterBank(LazyLoads):
         tensors = {}
         for path, layer in lora_layers(model):
             if adapter_name in layer.ranks:
-                key_A, key_B = lora_keys(path, is_embedding=False)
-                lora_A, lora_B, *magnitude = layer.adapter_parameters(adapter_name)
-                tensors[key_A], tensors[key_B] = lora_A.detach(), lora_B.detach()
-                if magnitude:  # DoRA
-                    tensors[magnitude_key(path)] = magnitude[0].detach()
+                tensors.update(_layer_tensors(path, layer, adapter_name))
         return self.load(name, config, tensors, pin=pin)
+
+
+def _layer_tensors(path: str, layer: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The file tensors of ``adapter_name`` on the LoRA layer at ``path``, under PEFT's keys:
+    A and B, DoRA's magnitude for a DoRA adapter only, and a ``lora_bias`` bias on B (which
+    ``load`` then refuses by its own key, ``<path>.lora_B.bias``, as in a file).
+    ``adapter_parameters`` lists them in that order, so its third entry is the magnitude only
+    when the adapter is DoRA: the layer is asked which it is."""
+    key_A, key_B = lora_keys(path, is_embedding=False)
+    lora_A, lora_B = layer.adapter_parameters(adapter_name)[:2]
+    tensors = {key_A: lora_A.detach(), key_B: lora_B.detach()}
+    if layer.is_dora(adapter_name):
+        tensors[magnitude_key(path)] = layer.lora_magnitude_vector[adapter_name].weight.detach()
+    lora_bias_of = getattr(layer, "lora_bias_of", None)  # linear layers only
+    bias = lora_bias_of(adapter_name) if lora_bias_of is not None else None
+    if bias is not None:
+        tensors[lora_bias_key(path)] = bias.detach()
+    return tensors

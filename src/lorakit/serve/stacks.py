@@ -155,7 +155,9 @@ def dora_slot_factors(
     A, B and m are first rounded to the bank's dtype (a no-op for a float32 adapter in a
     float32 bank), so a 16-bit bank serves the rounded adapter's DoRA exactly but for one
     rounding: ``f B`` is rounded into the pool when written (A there is the rounded A itself;
-    ``f - 1`` is kept in the gain table, >= float32)."""
+    ``f - 1`` is kept in the gain table, >= float32). m keeps its own dtype, so that
+    ``functional.dora_factor`` rounds n as the model's forward does for that m (a 16-bit m:
+    n rounded to its dtype, and a new 16-bit adapter gives f = 1 exactly)."""
     lora_A, lora_B, magnitude = (
         _rounded(t, stack.lora_A.dtype) for t in (lora_A, lora_B, magnitude)
     )
@@ -167,7 +169,7 @@ def dora_slot_factors(
     dtype = functional.norm_dtype(weight, lora_A, lora_B)
     base_sq = functional.base_row_sq_norms(weight, fan_in_fan_out, dtype)
     norms = functional.dora_row_norms(base_sq, weight, lora_A, lora_B, scale, fan_in_fan_out)
-    factor = functional.dora_factor(magnitude.to(norms.device, dtype), norms)  # (d,)
+    factor = functional.dora_factor(magnitude.to(norms.device), norms).to(dtype)  # (d,)
     scaled_B = (lora_B.to(norms.device, dtype) * factor[:, None]).to(lora_B.dtype)
     return scaled_B, factor - 1.0  # (factor's dtype; the gain table keeps >= float32)
 
