@@ -157,7 +157,7 @@ def test_float32_factors_keep_the_exact_residual_base():
     model = _inject(original, "pissa")
     for name, layer in lora_layers(model):
         weight = original.get_submodule(name).weight.detach()
-        _, _, expected = lorakit.init_methods.pissa_factors(weight, 2, layer.scalings["default"])
+        _, _, expected = lorakit.init_factors.pissa_factors(weight, 2, layer.scalings["default"])
         assert torch.equal(layer.base_layer.weight, expected), name
 
 

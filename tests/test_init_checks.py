@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit import init_methods
+from lorakit import init_factors
 from tests import tiny_models
 
 BASE_CHANGING = ["pissa", "pissa_niter_2", "olora", "loftq"]
@@ -68,7 +68,7 @@ def test_rank_equal_to_the_smaller_side_is_accepted_and_equals_peft(init):
 
 def _fail_on_call(monkeypatch, number: int) -> None:
     """Make the ``number``-th factorisation raise (as an SVD that does not converge would)."""
-    real, calls = init_methods.factors_for, []
+    real, calls = init_factors.factors_for, []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -76,7 +76,7 @@ def _fail_on_call(monkeypatch, number: int) -> None:
             raise RuntimeError("linalg.svd: the algorithm failed to converge")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(init_methods, "factors_for", failing)
+    monkeypatch.setattr(init_factors, "factors_for", failing)
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora", "loftq"])

@@ -1,4 +1,4 @@
-"""LoftQ (``init_lora_weights="loftq"``, ``lorakit.init_methods.loftq_factors``) against peft's
+"""LoftQ (``init_lora_weights="loftq"``, ``lorakit.init_factors.loftq_factors``) against peft's
 own ``loftq_init`` (the oracle; peft runs it on CUDA only, so the test runs peft's source with
 its device set to the CPU), then training, files both ways, merge/unmerge, ``lorakit inspect``."""
 

@@ -1,4 +1,4 @@
-"""PiSSA / OLoRA initialisations (``lorakit.init_methods``) and convert-on-save
+"""PiSSA / OLoRA initialisations (``lorakit.init_factors``) and convert-on-save
 (``lorakit.io.convert``) against the real ``peft`` (the oracle): same factors and residual base,
 a few training steps, files both ways, merge/unmerge, ``lorakit inspect``, and the converted
 rank-2r adapter on the original base."""
@@ -68,7 +68,7 @@ def test_factors_and_residual_base_equal_peft(init):
 
 def test_pissa_factors_are_the_scaled_principal_part():
     weight = torch.randn(6, 5)
-    lora_A, lora_B, residual = lorakit.init_methods.pissa_factors(weight, rank=2, scale=0.5)
+    lora_A, lora_B, residual = lorakit.init_factors.pissa_factors(weight, rank=2, scale=0.5)
     left, values, right_t = torch.linalg.svd(weight, full_matrices=False)
     torch.testing.assert_close(0.5 * lora_B @ lora_A, left[:, :2] * values[:2] @ right_t[:2])
     torch.testing.assert_close(residual + 0.5 * lora_B @ lora_A, weight)

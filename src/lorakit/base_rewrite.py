@@ -33,8 +33,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorakit import init_methods
-from lorakit.init_methods import LoftQConfig, Residual
+from lorakit import init_factors
+from lorakit.init_factors import Residual
+from lorakit.init_methods import LoftQConfig
 
 __all__ = [
     "BaseRewrite",
@@ -92,14 +93,14 @@ def plan_rewrite(
     that weight in ``layer.base_fingerprints_before_init[adapter_name]`` (what a converted
     adapter fits). The weight is not changed. Where the adapter's factors are stored coarser
     than the base weight (``_coarser_factor_dtype``), ``W_res`` follows from the factors as
-    stored (``init_methods.factors_for``)."""
+    stored (``init_factors.factors_for``)."""
     from lorakit.io.fingerprint import weight_fingerprint
 
     base_weight = layer.base_layer.weight
     scale = layer.scalings[adapter_name]
     with torch.no_grad():
         weight = base_weight.t() if layer.fan_in_fan_out else base_weight  # (d, k)
-        lora_A, lora_B, residual = init_methods.factors_for(
+        lora_A, lora_B, residual = init_factors.factors_for(
             init,
             weight.to(torch.float32),
             layer.ranks[adapter_name],

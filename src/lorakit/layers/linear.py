@@ -18,7 +18,7 @@ from torch import nn
 
 from lorakit import fast, functional, quantized
 from lorakit.fast.linear import as_dtype
-from lorakit.init_methods import orthogonal_factors
+from lorakit.init_factors import orthogonal_factors
 from lorakit.layers.base import LoraLayer
 from lorakit.layers.dora import Magnitude, RowNorms
 from lorakit.layers.lora_bias import LoraBiases, LoraBiasMixin
@@ -69,7 +69,7 @@ class LoraLinear(LoraBiasMixin, LoraLayer):
     def init_factors(self, lora_A: torch.Tensor, lora_B: torch.Tensor, init: bool | str) -> None:
         """True: A kaiming-uniform, B = 0; "gaussian": A ~ N(0, 1/r^2), B = 0; False: both
         kaiming-uniform (B != 0, for tests); "orthogonal": PEFT's orthogonal A and B with
-        B A = 0 (``init_methods.orthogonal_factors``; an even rank, a float base); "eva",
+        B A = 0 (``init_factors.orthogonal_factors``; an even rank, a float base); "eva",
         "pissa*", "olora": A as drawn, B = 0 (set later from data or W0). Both are first drawn
         as ``nn.Linear(k, r)`` and ``nn.Linear(r, d)`` would draw them (as PEFT's layers do), so
         a seed gives the values it always gave. On a float16/bfloat16 base ``_new_factors`` then
