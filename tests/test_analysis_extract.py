@@ -4,6 +4,7 @@ plus a known low-rank update and small noise."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -65,11 +66,14 @@ def test_energy_extraction_chooses_per_layer_ranks_with_rank_pattern():
     assert extraction.config.r == 4
     pattern = extraction.config.rank_pattern
     assert set(pattern.values()) == {2, 3} and len(pattern) == 4
+    # every layer keeps the file's one scale lora_alpha / r = 1 (alpha_i = 4 r_i / 4), so a
+    # reader that ignores the patterns' alphas (LoRAX; vLLM before it read them) scales right
+    assert extraction.config.alpha_pattern == {name: float(r) for name, r in pattern.items()}
     model = apply_extraction(copy.deepcopy(base), extraction)
     for name, layer in lora_layers(model):
         rank = layer.ranks["default"]
         assert rank == UPDATE_RANKS[name.rsplit(".", 1)[-1]]
-        assert layer.scalings["default"] == pytest.approx(4.0 / rank)
+        assert layer.scalings["default"] == pytest.approx(1.0)
         delta = (
             dict(tuned.named_modules())[name].weight.detach().double()
             - layer.base_layer.weight.detach().double()
@@ -134,3 +138,38 @@ def test_a_tied_head_is_left_out_and_named_so_merged_and_unmerged_agree(tmp_path
     assert torch.equal(merged_model.transformer.wte.weight, base.transformer.wte.weight)
     torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
     assert "note" not in wte
+
+
+@pytest.mark.parametrize("arguments", [{"energy": 0.999}, {"rank": 48}])
+def test_a_reader_with_one_scale_for_every_module_gets_each_update(tmp_path, arguments):
+    """LoRAX (and vLLM before it applied the patterns) scales every module of a file by one
+    ``lora_alpha / r`` and ignores ``alpha_pattern``. An extraction with per-layer ranks
+    (``energy``, or ``rank`` above a layer's min(d, k)) gave rank-2 layers of a rank-6 file a
+    third of their update there; the file's alpha_pattern now keeps every layer at that one
+    scale, so such a reader and PEFT (which applies the patterns) agree."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    import lorakit
+
+    base = tiny_models.llama()
+    tuned = fine_tuned(base, noise=1e-5)
+    extraction = extract_lora(base, tuned, **arguments)
+    assert extraction.config.rank_pattern  # per-layer ranks: the case in question
+    lorakit.save_adapter(apply_extraction(copy.deepcopy(base), extraction), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    one_scale = config["lora_alpha"] / config["r"]
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    reference = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    checked = 0
+    for name, module in reference.named_modules():
+        if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
+            key = name.removesuffix(".base_layer")
+            lora_A = tensors[f"{key}.lora_A.weight"].double()
+            lora_B = tensors[f"{key}.lora_B.weight"].double()
+            read = one_scale * lora_B @ lora_A
+            torch.testing.assert_close(
+                read, module.get_delta_weight("default").double(), rtol=1e-6, atol=1e-8
+            )
+            checked += 1
+    assert checked == len(extraction.factors)

@@ -197,13 +197,23 @@ def _streamed_factors(
 
 
 def _fixed_rank(rank: int, alpha: float):
-    """``(name, (d, k)) -> (r, s)`` with r = min(rank, d, k), s = ``functional.scaling(r, alpha)``."""
+    """``(name, (d, k)) -> (r, s)`` with r = min(rank, d, k) and s = ``alpha / rank`` for every
+    layer, a capped one too (its ``alpha_pattern`` entry, ``_uniform_scale``, keeps that s)."""
+    scale = functional.scaling(rank, alpha, False)
 
     def rank_and_scale(name: str, shape: tuple[int, int]) -> tuple[int, float]:
-        layer_rank = min(rank, *shape)
-        return layer_rank, functional.scaling(layer_rank, alpha, False)
+        return min(rank, *shape), scale
 
     return rank_and_scale
+
+
+def _uniform_scale(rank_pattern: dict[str, int], alpha: float, rank: int) -> dict[str, float]:
+    """``alpha_pattern`` giving every ``rank_pattern`` layer the file's own scale ``alpha /
+    rank``: ``alpha * r_i / rank`` (so ``alpha_i / r_i = alpha / rank``). Readers that apply
+    one ``lora_alpha / r`` to every module (LoRAX, vLLM before it read the patterns) then
+    compute the same ΔW as PEFT; without it they scaled a rank-2 layer of a rank-6 file by a
+    third."""
+    return {name: alpha * layer_rank / rank for name, layer_rank in rank_pattern.items()}
 
 
 def _config_rank(config: LoraConfig):
@@ -293,11 +303,14 @@ def extract_lora(
         common = max(ranks.values(), default=1)
     if not ranks:
         _refuse_nothing_left(base, finetuned, new)
+    alpha = float(lora_alpha or common)
+    rank_pattern = {name: r for name, r in ranks.items() if r != common}
     config = LoraConfig(
         r=common,
-        lora_alpha=float(lora_alpha or common),
+        lora_alpha=alpha,
         target_modules=_target_spec(base, list(ranks)),
-        rank_pattern={name: r for name, r in ranks.items() if r != common},
+        rank_pattern=rank_pattern,
+        alpha_pattern=_uniform_scale(rank_pattern, alpha, common),
     )
     if rank is None:  # (second pass: the ranks the config gives)
         factors, layers = _streamed_factors(base, finetuned, skipped, _config_rank(config))
