@@ -94,6 +94,20 @@ def test_train_writes_causal_lm_and_the_directory_as_given(tmp_path, monkeypatch
         torch.testing.assert_close(theirs(ids).logits, ours(ids).logits)
 
 
+def test_train_records_a_home_relative_model_with_its_tilde_expanded(
+    tmp_path, monkeypatch, model_dir, jsonl
+):
+    """``--model=~/base`` (bash leaves ``~`` after ``=`` alone; a config file's ``model:
+    ~/base`` too): training worked (lorakit expands it) but the file recorded "~/base", which
+    peft and transformers take for a Hub id and cannot open."""
+    monkeypatch.setenv("HOME", str(model_dir.parent))
+    config = _train(f"~/{model_dir.name}", jsonl, tmp_path / "run")
+    assert config["base_model_name_or_path"] == str(model_dir)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "run" / "adapter")
+    assert isinstance(theirs, peft.PeftModelForCausalLM)
+
+
 def _fake_builtin(monkeypatch, model_dir, name: str = "tiny-builtin") -> str:
     """Register ``model_dir`` as a built-in model called ``name`` (no GGUF conversion)."""
     import lorakit.model_specs

@@ -26,6 +26,7 @@ from lorakit.demo_files import (
     write_predictions,
     write_summary,
 )
+from lorakit.model_specs import recorded_spec
 from lorakit.quantized.loading import TRAINABLE_QUANTIZATIONS
 from lorakit.train.config import SettingError, setting
 
@@ -122,7 +123,7 @@ def _train(model, tokenizer, settings: DemoSettings, output: Path):
         use_dora=settings.use_dora,
         target_modules=SEVEN_PROJECTIONS,
         task_type="CAUSAL_LM",
-        base_model_name_or_path=settings.model,  # the spec, not the cache path
+        base_model_name_or_path=recorded_spec(settings.model),  # the spec, not the cache path
     )
     torch.manual_seed(settings.seed)  # the adapter's initial A, whatever loading the model drew
     lorakit.inject(model, config)

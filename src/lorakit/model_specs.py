@@ -24,6 +24,7 @@ __all__ = [
     "BuiltinModel",
     "builtin_gguf_file",
     "check_model_spec",
+    "recorded_spec",
     "refuse_output_in_model_store",
     "resolve_model",
 ]
@@ -131,6 +132,17 @@ def _refuse_store(command: str, output, what: str, where: Path) -> None:
 
 def _builtin_names() -> str:
     return ", ".join(BUILTIN_MODELS)
+
+
+def recorded_spec(spec: str | os.PathLike[str]) -> str:
+    """What an adapter file records as its base (``base_model_name_or_path``) for the model
+    ``spec``: a built-in name as it is, a path as typed but with ``~`` expanded. peft and
+    transformers (``AutoPeftModelForCausalLM``, ``pipeline``) never expand ``~``: they take
+    "~/base" for a Hub id and fail; a relative path stays relative (docs/training.md)."""
+    spec_text = os.fspath(spec)
+    if spec_text in BUILTIN_MODELS:
+        return spec_text
+    return os.fspath(Path(spec_text).expanduser())
 
 
 def resolve_model(spec: str | os.PathLike[str] = DEFAULT_MODEL) -> Path:

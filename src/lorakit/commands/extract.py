@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from lorakit.errors import UserError
+from lorakit.model_specs import recorded_spec
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -233,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
     model = base_with_finetuned_head(pair)
     extraction = prefixed(extraction, pair.prefix, model)
     extraction.uncaptured |= new_head_parameters(pair)
-    extraction.config.base_model_name_or_path = str(args.base)  # the spec as given
+    extraction.config.base_model_name_or_path = recorded_spec(args.base)  # the spec as given
     if _is_causal_lm(model):  # what peft's AutoPeftModelForCausalLM needs to open it
         extraction.config.task_type = "CAUSAL_LM"
     del pair

@@ -138,8 +138,9 @@ class TrainSettings:
         ``trainable_token_indices`` and ``target_modules``.
         ``task_type`` CAUSAL_LM lets peft's ``AutoPeftModelForCausalLM`` open the adapter; the
         base is recorded as the user gave it (a built-in's name, not its cache path; a local
-        directory as written)."""
+        directory as written, ``~`` expanded: ``model_specs.recorded_spec``)."""
         from lorakit import LoraConfig
+        from lorakit.model_specs import recorded_spec
 
         try:
             return LoraConfig(
@@ -151,7 +152,7 @@ class TrainSettings:
                 trainable_token_indices=self._token_ids(),
                 target_modules=self.target_modules,
                 task_type="CAUSAL_LM",
-                base_model_name_or_path=str(self.model),
+                base_model_name_or_path=recorded_spec(self.model),
             )
         except (ValueError, TypeError) as error:
             raise UserError(f"invalid LoRA settings: {with_lora_flags(str(error))}") from None
