@@ -1,7 +1,7 @@
 """Review fix 29 of the default inits: on a float16 / bfloat16 base a seed gives PEFT's factors
 bit for bit. PEFT draws A and B in float32, casts the adapter to the base dtype and back to
 float32 (``autocast_adapter_dtype=True``), so its factors are the draws rounded through the base
-dtype; lorakit rounds them the same way (``layers.base.round_through_base_dtype``) and keeps
+dtype; lorakit rounds them the same way (``layers.adapter_tables.round_through_base_dtype``) and keeps
 the adapter tensors float32. Against the real ``peft`` on a tiny Llama (``q_proj``, an
 ``nn.Linear``; ``embed_tokens``, an ``nn.Embedding``) and GPT-2 (``c_attn``, a ``Conv1D``)."""
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.layers.base import round_through_base_dtype
+from lorakit.layers.adapter_tables import round_through_base_dtype
 from tests import tiny_models
 
 INITS = [True, False, "gaussian"]

@@ -4,7 +4,7 @@ The branch is ``s (B A x + b)`` with ``b`` (d,) stored as ``lora_B[adapter].bias
 ``<path>.lora_B.bias``, as PEFT's ``nn.Linear(r, d, bias=True)``); the maths is
 ``lorakit.functional.lora_bias_delta``. Merging adds ``s b`` to the base bias: a NEW bias
 Parameter is installed and the original kept aside, so unmerging is exact, as for the weight
-(``layers/base.py``). The fast path adds ``s b`` to the base bias it passes to the fused call.
+(``layers/merging.py``). The fast path adds ``s b`` to the base bias it passes to the fused call.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import nn
 
 from lorakit import functional
 from lorakit.init_methods import DRAW_DTYPE
-from lorakit.layers.base import round_through_base_dtype
+from lorakit.layers.adapter_tables import round_through_base_dtype
 
 __all__ = ["LoraBiasMixin", "LoraBiases"]
 
