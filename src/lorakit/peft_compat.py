@@ -50,6 +50,7 @@ from lorakit.state import (
     active_adapters,
     adapter_configs,
     adapter_name_list,
+    adapter_tensors,
     compute_merged_per_layer,
     delete_adapter,
     disabled,
@@ -269,9 +270,22 @@ class PeftModel(PeftFilesMixin, PeftMergingMixin, nn.Module):
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the model computes the base model's output exactly (also while
         merged), without changing any weight. Biases trained by a ``bias != "none"`` adapter
-        stay as trained (then the output is not the base model's: a warning says so)."""
+        stay as trained (then the output is not the base model's: a warning says so).
+
+        As PEFT (``disable_adapter_layers()`` on entry), every adapter's tensors are frozen
+        within the block (``adapter_tensors``: LoRA factors, DoRA magnitudes, saved-module
+        copies, token rows; the base model's biases keep their flags, as in PEFT). On leaving,
+        also through an exception, those that were trainable on entry are trainable again:
+        every flag is as it was before the block."""
+        frozen = [p for p in adapter_tensors(self.model) if p.requires_grad]
         with disabled(self.model):
-            yield
+            for parameter in frozen:
+                parameter.requires_grad_(False)
+            try:
+                yield
+            finally:
+                for parameter in frozen:
+                    parameter.requires_grad_(True)
 
     # ------------------------------------------------------------------ counting
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

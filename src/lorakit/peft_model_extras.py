@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lorakit.inject import freeze_adapter
-from lorakit.state import adapter_name_list
+from lorakit.state import adapter_name_list, adapter_tensors, state_of
 
 if TYPE_CHECKING:
     from lorakit.peft_compat import PeftModel
@@ -147,8 +147,12 @@ class PeftFilesMixin:
         low_cpu_mem_usage: bool = False,
     ) -> None:
         """Load another adapter from directory ``model_id`` (or ``model_id/subfolder``, PEFT's
-        argument); the active adapters stay as they were (unless the model had none). Unless
-        ``is_trainable``: frozen, and the whole model in eval mode, as PEFT does.
+        argument); the active adapters stay as they were (unless the model had none). As in
+        PEFT: ``is_trainable=True`` makes the new adapter's tensors trainable (LoRA factors,
+        DoRA magnitudes, ``modules_to_save`` copies, trainable-token rows) beside the active
+        adapters', until the next ``set_adapter`` freezes every adapter it does not activate;
+        ``is_trainable=False`` freezes them and puts the whole model in eval mode.
+        ``peft_config[adapter_name].inference_mode`` is ``not is_trainable``, as in PEFT.
 
         PEFT's options: ``autocast_adapter_dtype=False`` keeps the adapter in the base dtype
         (default: float32 on a float16/bfloat16 base); ``torch_device`` is where PEFT reads the
@@ -167,9 +171,12 @@ class PeftFilesMixin:
             subfolder=subfolder,
             adapter_dtype=None if autocast_adapter_dtype else base_dtype(self.model),
         )
-        if not is_trainable:
+        if is_trainable:
+            train_adapter(self.model, adapter_name)
+        else:
             freeze_adapter(self.model, adapter_name)
             self.eval()
+        self.peft_config[adapter_name].inference_mode = not is_trainable
 
     def save_pretrained(
         self,
@@ -254,6 +261,20 @@ def _selected_names(selected: str | Sequence[str] | None, known: list[str]) -> t
             f"not have; it has {known}. Nothing was written."
         )
     return names
+
+
+def train_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Make adapter ``adapter_name``'s tensors (``adapter_tensors``) trainable, as PEFT's
+    ``load_adapter(..., is_trainable=True)`` does, whether or not it is active; the active
+    adapters stay trainable. The tensors join what the next ``set_active`` / ``set_adapter``
+    freezes first, so activating other adapters freezes them, as PEFT's ``set_adapter``
+    freezes every adapter it does not activate."""
+    state = state_of(model)
+    recorded = {id(p) for p in state.trainable}
+    for parameter in adapter_tensors(model, [adapter_name]):
+        parameter.requires_grad_(True)
+        if id(parameter) not in recorded:
+            state.trainable.append(parameter)
 
 
 def base_dtype(model: nn.Module) -> torch.dtype:

@@ -25,6 +25,7 @@ __all__ = [
     "adapter_configs",
     "adapter_model",
     "adapter_name_list",
+    "adapter_tensors",
     "adapters_off",
     "compute_merged_per_layer",
     "delete_adapter",
@@ -168,13 +169,10 @@ def set_active(model: nn.Module, adapter_names: Sequence[str], *, trainable: boo
     for _, module in walk_modules(model):
         if isinstance(module, LoraLayer):
             module.active_adapters = tuple(n for n in adapter_names if n in module.ranks)
-            for name in module.active_adapters:
-                chosen += module.adapter_parameters(name)
         elif isinstance(module, ModulesToSave):
             saved = module.modules_to_save
             module.active_adapters = tuple(n for n in adapter_names if n in saved)
-            for name in module.active_adapters:
-                chosen += saved[name].parameters()
+        chosen += _owned_tensors(module, getattr(module, "active_adapters", ()))
     if not trainable:
         return
     chosen += _trained_biases(model, {state.configs[name].bias for name in adapter_names})
@@ -194,6 +192,35 @@ def compute_merged_per_layer(model: nn.Module) -> None:
     for _, layer in lora_layers(model):
         active_here = tuple(name for name in state.active if name in layer.ranks)
         layer.active_adapters = tuple(layer.merged_adapters) or active_here
+
+
+def adapter_tensors(
+    model: nn.Module, adapter_names: Sequence[str] | None = None
+) -> list[nn.Parameter]:
+    """The tensors the adapters ``adapter_names`` (None: every adapter) own, each once: LoRA
+    factors, DoRA magnitudes and ``lora_bias`` vectors of every LoRA layer, and the
+    ``modules_to_save`` copies and trainable-token rows of every saved module (what
+    ``set_active`` makes trainable, and PEFT's ``set_requires_grad(names)`` and
+    ``disable_adapter_layers()`` switch); the base model's own biases (``bias="all"`` /
+    ``"lora_only"``) are not among them."""
+    tensors: dict[int, nn.Parameter] = {}
+    for _, module in walk_modules(model):
+        tensors.update((id(p), p) for p in _owned_tensors(module, adapter_names))
+    return list(tensors.values())
+
+
+def _owned_tensors(module: nn.Module, adapter_names: Sequence[str] | None) -> list[nn.Parameter]:
+    """``adapter_tensors`` of one module: a LoRA layer's or a saved module's tensors of
+    ``adapter_names`` (None: all of its adapters); none for any other module."""
+    if isinstance(module, LoraLayer):
+        owned, tensors_of = module.ranks, module.adapter_parameters
+    elif isinstance(module, ModulesToSave):
+        owned = module.modules_to_save
+        tensors_of = lambda name: list(owned[name].parameters())  # noqa: E731
+    else:
+        return []
+    names = owned if adapter_names is None else adapter_names
+    return [p for name in names if name in owned for p in tensors_of(name)]
 
 
 def freeze_all(model: nn.Module) -> None:
