@@ -134,7 +134,8 @@ def test_ray_bank_size_errors_give_possible_advice(max_adapters):
 def test_carried_copies_in_three_dtypes_give_the_same_result_in_every_order():
     from itertools import permutations
 
-    from lorakit.combining.sources import AdapterUpdates, carried_base_weights
+    from lorakit.combining.compatible import carried_base_weights
+    from lorakit.combining.sources import AdapterUpdates
     from lorakit.errors import BaseModelMismatchError
 
     weight = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
@@ -227,7 +228,8 @@ def test_vector_quantizers_are_float_modules_not_quantized_layers():
 
 
 def test_float16_and_bfloat16_copies_of_one_weight_combine_in_either_order():
-    from lorakit.combining.sources import AdapterUpdates, carried_base_weights
+    from lorakit.combining.compatible import carried_base_weights
+    from lorakit.combining.sources import AdapterUpdates
     from lorakit.errors import BaseModelMismatchError
 
     weight = 0.02 * torch.randn(1000, 64, generator=torch.Generator().manual_seed(1))
@@ -268,7 +270,7 @@ def test_a_resume_across_process_counts_announces_the_loops_count(
 
 
 def test_float16_and_bfloat16_copies_agree_only_within_their_rounding():
-    from lorakit.combining.sources import same_up_to_rounding
+    from lorakit.combining.compatible import same_up_to_rounding
 
     one = torch.tensor([1.0])
     neighbour = torch.nextafter(one.bfloat16(), torch.tensor([2.0]).bfloat16())  # 1 + 2^-7

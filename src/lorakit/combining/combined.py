@@ -14,7 +14,7 @@ what is there), with ``ΔWᵢ = sᵢ Bᵢ Aᵢ`` (each adapter's own scale) and 
 
 The full base weights input files carry (PEFT's ``save_embedding_layers``) are not combined:
 carried into the result when every input that carries one carries the same tensor, refused
-otherwise (``sources.carried_base_weights``).
+otherwise (``compatible.carried_base_weights``).
 
 The output config uses the same rank r everywhere it can (``rank_pattern`` lists the modules
 whose rank differs, by exact, escaped name), ``lora_alpha = r``, ``alpha_pattern`` giving each
@@ -49,14 +49,9 @@ from lorakit.combining.arguments import (
     check_arguments,
     unused_option,
 )
-from lorakit.combining.compatible import check_compatible
+from lorakit.combining.compatible import carried_base_weights, check_compatible
 from lorakit.combining.methods import MERGERS
-from lorakit.combining.sources import (
-    AdapterUpdates,
-    ModuleFactors,
-    carried_base_weights,
-    read_sources,
-)
+from lorakit.combining.sources import AdapterUpdates, ModuleFactors, read_sources
 from lorakit.config import LoraConfig
 from lorakit.errors import UserError
 

@@ -110,7 +110,7 @@ def _check_carried_base_weights(adapter: CombinedAdapter, modules: dict[str, nn.
     """``BaseModelMismatchError`` when a base weight the inputs' files carry differs from the
     model's own beyond another dtype's rounding (``add_to`` leaves the base as it is; a load of
     the saved files writes it)."""
-    from lorakit.combining.sources import same_up_to_rounding
+    from lorakit.combining.compatible import same_up_to_rounding
     from lorakit.io.keys import unmerged_base_tensor
 
     for name, carried in adapter.base_weights.items():

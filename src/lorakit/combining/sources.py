@@ -11,8 +11,8 @@ Only LoRA factors combine: an adapter that also trains biases, saves full module
 (``modules_to_save``) or trains embedding rows (``trainable_token_indices``) is refused. The
 full base weights a file may carry (PEFT's ``save_embedding_layers``: ``<embedding>.base_layer.
 weight``, ``lm_head.weight``) are not combined: equal in every input that carries one, they are
-carried into the result; different, they are refused. Whether the adapters are of one base
-model at all is ``lorakit.combining.compatible``'s to say. A PiSSA / OLoRA
+carried into the result; different, they are refused (``compatible.carried_base_weights``).
+Whether the adapters are of one base model at all is ``lorakit.combining.compatible``'s to say. A PiSSA / OLoRA
 adapter saved without conversion (by PEFT or lorakit) is refused, from the headers of all the
 directories before any tensor is read: its ``s B A`` holds the base's principal part, not an
 update of the original base (``lorakit.io.read.refuse_residual_base_factors``).
@@ -20,7 +20,6 @@ update of the original base (``lorakit.io.read.refuse_residual_base_factors``).
 
 from __future__ import annotations
 
-import base64
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from torch import nn
 
 from lorakit import functional
 from lorakit.config import LoraConfig
-from lorakit.errors import AdapterFileError, BaseModelMismatchError, UserError
+from lorakit.errors import AdapterFileError, UserError
 
 if TYPE_CHECKING:
     from lorakit.io.read import AdapterHeader
@@ -39,14 +38,8 @@ if TYPE_CHECKING:
 __all__ = [
     "AdapterUpdates",
     "ModuleFactors",
-    "carried_base_weights",
-    "fingerprint_difference",
     "read_sources",
-    "same_up_to_rounding",
 ]
-
-_RELATIVE_TOLERANCE = 2.0**-7  # the fingerprint's rule across dtypes (io/fingerprint.py)
-_ABSOLUTE_TOLERANCE = 6e-8
 
 
 @dataclass
@@ -265,93 +258,3 @@ def _refuse_unknown_entry(entry: str, on_model: dict[str, LoraConfig]) -> NoRetu
         f"{entry!r} is neither an adapter on the model (its adapters: {names}) nor an existing "
         "adapter directory; give one of the model's adapter names or a directory's path."
     )
-
-
-def _decoded(entry: dict[str, object]) -> torch.Tensor:
-    raw = base64.b64decode(str(entry["values"]))
-    return torch.frombuffer(bytearray(raw), dtype=torch.float32)
-
-
-def fingerprint_difference(first: dict[str, object], second: dict[str, object]) -> str | None:
-    """None when two stored fingerprints of one module describe the same base weight (same
-    shape; same sampled bytes, or within rounding when the dtypes differ), else why not."""
-    formats = (str(first["dtype"]), str(second["dtype"]))
-    quantized = any(not isinstance(getattr(torch, name, None), torch.dtype) for name in formats)
-    if quantized and formats[0] != formats[1]:  # a quantized base's format (``bnb-nf4-dq``...)
-        return f"base formats {formats[0]} and {formats[1]}"
-    if first["shape"] != second["shape"]:
-        return f"base shapes {first['shape']} and {second['shape']}"
-    if first["dtype"] == second["dtype"]:
-        return None if first["sha256"] == second["sha256"] else "sampled base weights differ"
-    a, b = _decoded(first), _decoded(second)
-    tolerance = _RELATIVE_TOLERANCE * torch.maximum(a.abs(), b.abs()) + _ABSOLUTE_TOLERANCE
-    if bool(((a - b).abs() <= tolerance).all()):
-        return None
-    return "sampled base weights differ beyond dtype rounding"
-
-
-def carried_base_weights(sources: Sequence[AdapterUpdates]) -> dict[str, torch.Tensor]:
-    """module -> the base weight the inputs carry for it: the copy of the finest dtype (the
-    first input's among equals), which every other copy must equal up to the rounding of its
-    own dtype (``same_up_to_rounding``), in whatever order the inputs come; else
-    ``BaseModelMismatchError`` naming the module and both adapters. (Not combined: a base
-    weight is the base's, not an update.)"""
-    copies: dict[str, list[tuple[AdapterUpdates, torch.Tensor]]] = {}
-    for source in sources:
-        for name, weight in source.base_weights.items():
-            copies.setdefault(name, []).append((source, weight))
-    carried = {}
-    for name, held in copies.items():
-        finest, kept = min(held, key=lambda pair: torch.finfo(pair[1].dtype).eps)
-        for source, weight in held:
-            if not same_up_to_rounding(kept, weight):
-                raise BaseModelMismatchError(_different_weights(name, finest, kept, source, weight))
-        carried[name] = kept
-    return carried
-
-
-def _different_weights(name: str, first, known: torch.Tensor, other, weight: torch.Tensor) -> str:
-    """The message of ``carried_base_weights`` for two copies that differ."""
-    if known.shape != weight.shape:
-        how = f"of shapes {list(known.shape)} and {list(weight.shape)}"
-    else:
-        how = f"with other values ({known.dtype} and {weight.dtype}, beyond rounding)"
-    return (
-        f"module {name}: {first.label} and {other.label} carry different base weights for it "
-        f"({how}; saved by save_embedding_layers, e.g. after resizing the vocabulary), and "
-        "combining cannot choose one. Combine adapters saved on the same embeddings, or "
-        "re-save them without base weights (save_embedding_layers=False) if their base model "
-        "is the same."
-    )
-
-
-def same_up_to_rounding(first: torch.Tensor, second: torch.Tensor) -> bool:
-    """Same shape and the same values once one is rounded to the other's dtype: a base weight
-    saved from a bfloat16 copy of the model (``lorakit train --dtype bfloat16``) is the float32
-    one rounded, and both are the same base; a float16 and a bfloat16 copy (neither holds the
-    other) lie within half a step of each dtype of one value."""
-    if first.shape != second.shape:
-        return False
-    if first.dtype == second.dtype:
-        return torch.equal(first, second)
-    if torch.equal(first.to(second.dtype), second) or torch.equal(second.to(first.dtype), first):
-        return True
-    if max(torch.finfo(first.dtype).bits, torch.finfo(second.dtype).bits) > 16:
-        return False
-    # float16 and bfloat16 copies: neither holds the other. Each rounds the same value to its
-    # nearest, so they lie within half a step of their own dtype of it: |a - b| is at most half
-    # of a's step plus half of b's (steps by nextafter, in each copy's dtype); values that are
-    # not finite must be equal
-    finite = first.isfinite() & second.isfinite()
-    if not torch.equal(first.float()[~finite], second.float()[~finite]):
-        return False
-    a, b = first[finite], second[finite]
-    gap = (a.float() - b.float()).abs()
-    return bool((gap <= (_step(a) + _step(b)) / 2).all())
-
-
-def _step(values: torch.Tensor) -> torch.Tensor:
-    """The spacing of ``values``' dtype at each value (to the next one away from zero), as
-    float32."""
-    away = torch.where(values < 0, -torch.inf, torch.inf).to(values.dtype)
-    return (torch.nextafter(values, away).float() - values.float()).abs()

@@ -198,11 +198,11 @@ def _check_base_copy(
 
 
 def _same_base(own: torch.Tensor, copy: torch.Tensor) -> bool:
-    """``combining.sources.same_up_to_rounding`` (the rule for saved base weights: equal once
+    """``combining.compatible.same_up_to_rounding`` (the rule for saved base weights: equal once
     one is rounded to the other's dtype) of the served weight ``own`` (d, k) and a file's copy,
     compared in blocks of about 2^24 elements on ``own``'s device: an lm_head copy is
     vocabulary x hidden, and no full-size temporary is made beside it."""
-    from lorakit.combining.sources import same_up_to_rounding
+    from lorakit.combining.compatible import same_up_to_rounding
 
     rows = max(1, _COMPARE_ELEMENTS // max(1, own[0].numel()))
     for start in range(0, own.shape[0], rows):
