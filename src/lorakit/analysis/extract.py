@@ -332,6 +332,7 @@ def prefixed(extraction: Extraction, prefix: str, model: nn.Module) -> Extractio
     config = extraction.config.replace(
         target_modules=_target_spec(model, [layer.name for layer in layers]),
         rank_pattern={rename(name): r for name, r in extraction.config.rank_pattern.items()},
+        alpha_pattern={rename(name): a for name, a in extraction.config.alpha_pattern.items()},
     )
     return Extraction(
         config,
