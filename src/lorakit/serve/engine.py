@@ -137,8 +137,9 @@ class Engine(Admission, Prefill, Submission):
             eos_token_ids = model_eos_token_ids(model)
         self.eos_token_ids = set(eos_token_ids)
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
-        self._starving: dict[int, GenerationRequest] = {}  # by id: see ``_defer``
-        self._admissions = 0  # requests admitted so far (``_defer`` counts from it)
+        self._deferred: list[GenerationRequest] = []  # waiting, held aside by ``_admit``
+        self._starving: dict[int, GenerationRequest] = {}  # by id: see ``_note_starving``
+        self._admissions = 0  # requests admitted so far (``_note_blocked`` counts from it)
         self._reserved = 0  # queue places held by ``reserve()``, not yet taken or released
         self._running: list[GenerationRequest] = []
         self._ready: list[GenerationRequest] = []  # admitted, not yet prefilled (``_admit``)
@@ -168,13 +169,17 @@ class Engine(Admission, Prefill, Submission):
 
     def stop(self) -> None:
         """Finish the loop; requests still queued or running end with ``cancelled``, and
-        ``submit`` raises ``EngineStoppedError`` until the next ``start()``."""
+        ``submit`` raises ``EngineStoppedError`` until the next ``start()``. Before ``start()``
+        (no loop to end them) the queued requests end here, also with ``cancelled``: they once
+        got no event at all (review 31)."""
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        else:
+            self._cancel_all()
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -185,8 +190,9 @@ class Engine(Admission, Prefill, Submission):
     @property
     def load(self) -> tuple[int, int]:
         """(running, waiting) request counts; running counts those being prefilled, waiting
-        those parked on an adapter load."""
-        return len(self._running) + len(self._ready), len(self._waiting) + self._parked()
+        those parked on an adapter load and those ``_admit`` holds aside (``_deferred``)."""
+        waiting = len(self._waiting) + len(self._deferred) + self._parked()
+        return len(self._running) + len(self._ready), waiting
 
     def _parked(self) -> int:
         return 0 if self._cold is None else self._cold.parked
@@ -233,12 +239,19 @@ class Engine(Admission, Prefill, Submission):
                     self._finish(request, "error", message, kind=INTERNAL)
                 self._running, self._ready = [], []
                 self._cache = BatchedCache(max_rows=self.max_batch)
+        self._cancel_all()
+
+    def _cancel_all(self) -> None:
+        """Stopped: every request queued, parked on a load, being prefilled or running ends
+        with ``cancelled`` (on the loop's thread as it ends, or in ``stop()`` when there is
+        none)."""
         parked = self._cold.drain() if self._cold is not None else []
-        for request in [*self._running, *self._ready, *self._waiting, *parked]:
+        with self._wake:
+            waiting, self._waiting = [*self._waiting], collections.deque()
+        for request in [*self._running, *self._ready, *waiting, *parked]:
             self._finish(request, "cancelled")
         self._running, self._ready = [], []
         self._cache = BatchedCache(max_rows=self.max_batch)
-        self._waiting.clear()
 
     def _idle_while_deferred(self) -> None:
         """Nothing runs and the queue holds only requests waiting for a slot that a load under

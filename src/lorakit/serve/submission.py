@@ -5,6 +5,7 @@ queue's bound, ``max_waiting``, with the places a server holds for requests abou
 keeps its place until it is queued, so requests refused with a 429 load no adapter and evict none.
 
 The engine's state this reads and changes: ``_waiting`` (the queue, under ``_wake``),
+``_deferred`` (requests the admission holds aside at a token boundary, still waiting),
 ``_reserved``, ``_stopping``, ``max_waiting``, ``vocab_size`` and its ``_parked``.
 """
 
@@ -41,10 +42,11 @@ class Submission:
 
         Before ``start()`` the request waits for it; after ``stop()`` this raises
         ``EngineStoppedError``; with ``max_waiting`` requests already queued or places held by
-        ``reserve()`` (cancelled requests not counted; those parked on an adapter load counted),
-        ``QueueFullError``; a prompt
-        that is empty or holds an id outside the model's vocabulary ``[0, vocab_size)``, or a
-        stop token id outside it, ``ValueError`` naming the id and its position."""
+        ``reserve()`` (cancelled requests not counted; those parked on an adapter load, and
+        those waiting for ``max_loras`` or a slot while others are admitted, counted),
+        ``QueueFullError``; a prompt that is empty or holds an id outside the model's
+        vocabulary ``[0, vocab_size)``, or a stop token id outside it, ``ValueError`` naming
+        the id and its position."""
         if not prompt_ids:
             raise ValueError("the prompt is empty; give at least one token.")
         check_token_ids(prompt_ids, "prompt token", self.vocab_size)
@@ -80,10 +82,13 @@ class Submission:
 
     def _refuse_when_full(self) -> None:
         """``QueueFullError`` when ``max_waiting`` requests are queued or reserved (cancelled
-        ones not counted, those parked on an adapter load counted); called under ``_wake``."""
+        ones not counted; those parked on an adapter load counted, and those the admission
+        holds aside at a token boundary, ``_deferred``: uncounted during a long prefill, they
+        once let the queue grow past the limit, review 31); called under ``_wake``."""
         if self.max_waiting is None:
             return
-        queued = sum(not r.cancelled for r in self._waiting) + self._parked()
+        waiting = [*self._waiting, *self._deferred]
+        queued = sum(not r.cancelled for r in waiting) + self._parked()
         if queued + self._reserved >= self.max_waiting:
             held = f" and {self._reserved} more are on their way" if self._reserved else ""
             raise QueueFullError(
