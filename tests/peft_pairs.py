@@ -31,3 +31,18 @@ def front_door_pair(first: dict, second: dict, second_name: str):
     theirs.add_adapter(second_name, peft.LoraConfig(**second))
     copy_into_peft(ours, theirs)
     return ours.eval(), theirs.eval()
+
+
+def adapter_tensor_pairs(theirs, ours) -> dict:
+    """``{key: (peft's tensor, lorakit's tensor)}`` for every LoRA tensor of a PEFT model and a
+    lorakit model of the same adapters (PEFT's ``base_model.model.`` prefix taken off); the
+    two hold the same, non-empty set of keys."""
+    their_state = {
+        key.removeprefix("base_model.model."): value
+        for key, value in theirs.state_dict().items()
+        if "lora_" in key
+    }
+    our_state = {key: value for key, value in ours.state_dict().items() if "lora_" in key}
+    assert set(their_state) == set(our_state)
+    assert their_state
+    return {key: (their_state[key], our_state[key]) for key in sorted(their_state)}

@@ -17,6 +17,7 @@ import torch
 import lorakit
 from lorakit.layers.adapter_tables import round_through_base_dtype
 from tests import tiny_models
+from tests.peft_pairs import adapter_tensor_pairs
 
 INITS = [True, False, "gaussian"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -50,14 +51,7 @@ def _factor_pairs(make, dtype, init, seed=1):
         theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**fields))
     torch.manual_seed(seed)
     ours = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(**fields))
-    their_state = {
-        key.removeprefix("base_model.model."): value
-        for key, value in theirs.state_dict().items()
-        if "lora_" in key
-    }
-    our_state = {key: value for key, value in ours.state_dict().items() if "lora_" in key}
-    assert set(their_state) == set(our_state)
-    return {key: (their_state[key], our_state[key]) for key in sorted(their_state)}
+    return adapter_tensor_pairs(theirs, ours)
 
 
 @pytest.mark.parametrize("init", INITS, ids=str)

@@ -23,6 +23,7 @@ import torch
 
 import lorakit
 from tests import quantized_layers, tiny_models
+from tests.peft_pairs import adapter_tensor_pairs
 
 
 def _quiet(function, *args, **kwargs):
@@ -41,21 +42,8 @@ def _both(base, seed=5, **fields):
     return theirs, ours
 
 
-def _adapter_pairs(theirs, ours) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{key: (peft's tensor, lorakit's tensor)}`` for every adapter tensor (same keys)."""
-    their_state = {
-        key.removeprefix("base_model.model."): value
-        for key, value in theirs.state_dict().items()
-        if "lora_" in key
-    }
-    our_state = {key: value for key, value in ours.state_dict().items() if "lora_" in key}
-    assert set(their_state) == set(our_state)
-    assert their_state
-    return {key: (their_state[key], our_state[key]) for key in sorted(their_state)}
-
-
 def _assert_equal_to_peft(theirs, ours) -> None:
-    for key, (their_value, our_value) in _adapter_pairs(theirs, ours).items():
+    for key, (their_value, our_value) in adapter_tensor_pairs(theirs, ours).items():
         assert our_value.dtype == their_value.dtype, key
         diff = (our_value.double() - their_value.double()).abs().max().item()
         assert torch.equal(our_value, their_value), (key, diff)
@@ -239,7 +227,7 @@ FLOAT64_PARAMS = [
 def test_float64_base_factors_equal_peft_for_the_same_seed(case, init):
     make, targets = FLOAT64_CASES[case]
     theirs, ours = _both(make(), r=4, lora_alpha=8, init_lora_weights=init, **targets)
-    pairs = _adapter_pairs(theirs, ours)
+    pairs = adapter_tensor_pairs(theirs, ours)
     assert {value.dtype for pair in pairs.values() for value in pair} == {torch.float64}
     _assert_equal_to_peft(theirs, ours)
 
@@ -250,7 +238,7 @@ def test_float64_dora_factors_and_magnitude_equal_peft(init):
     theirs, ours = _both(
         base, r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True, init_lora_weights=init
     )
-    for key, (their_value, our_value) in _adapter_pairs(theirs, ours).items():
+    for key, (their_value, our_value) in adapter_tensor_pairs(theirs, ours).items():
         assert our_value.dtype == their_value.dtype == torch.float64, key
         if "magnitude" in key:  # ||W0 + s B A|| per row, computed from equal factors
             torch.testing.assert_close(our_value, their_value, rtol=1e-12, atol=1e-12)

@@ -60,15 +60,15 @@ def saved_adapter(request, tmp_path):
     return tmp_path / "adapter"
 
 
-def _both_loaded(directory, is_trainable: bool):
-    """``(ours, theirs)``: each library's ``from_pretrained(is_trainable=True)`` of
+def _both_loaded(directory, is_trainable: bool, first_trainable: bool = True):
+    """``(ours, theirs)``: each library's ``from_pretrained(is_trainable=first_trainable)`` of
     ``directory`` plus ``load_adapter(directory, "second", is_trainable)``."""
     pair = []
     for library in (lorakit, peft):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = library.PeftModel.from_pretrained(
-                tiny_models.llama(), directory, is_trainable=True
+                tiny_models.llama(), directory, is_trainable=first_trainable
             )
             model.load_adapter(directory, "second", is_trainable=is_trainable)
         pair.append(model)
@@ -176,15 +176,8 @@ def test_disable_adapter_still_gives_the_base_output_and_trains_after_it():
 @pytest.mark.parametrize("saved_adapter", ["lora"], indirect=True)
 @pytest.mark.parametrize("is_trainable", [False, True])
 def test_loading_sets_inference_mode_as_peft(saved_adapter, is_trainable):
-    modes = []
-    for library in (lorakit, peft):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = library.PeftModel.from_pretrained(
-                tiny_models.llama(), saved_adapter, is_trainable=is_trainable
-            )
-            model.load_adapter(saved_adapter, "second", is_trainable=not is_trainable)
-        modes.append({k: c.inference_mode for k, c in model.peft_config.items()})
+    pair = _both_loaded(saved_adapter, not is_trainable, first_trainable=is_trainable)
+    modes = [{k: c.inference_mode for k, c in model.peft_config.items()} for model in pair]
     assert modes[0] == modes[1] == {"default": not is_trainable, "second": is_trainable}
 
 
