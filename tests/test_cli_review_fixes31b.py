@@ -1,4 +1,4 @@
-"""Review fixes, round 31 (b): what ``lorakit.io.read.adapter_directory`` says when no adapter is
+"""Review fixes, round 31 (b): what ``lorakit.io.adapter_dirs.adapter_directory`` says when no adapter is
 found. An adapter name missing in an existing directory lists the adapters that directory holds
 (no Hugging Face Hub hint, even for a relative path shaped like ``owner/name``); the Hub hint is
 kept for a directory that does not exist; a file given as the directory (the

@@ -177,7 +177,7 @@ def resolve_model(spec: str | os.PathLike[str] = DEFAULT_MODEL) -> Path:
         return path
     if path.exists():
         raise UserError(f"model spec '{spec_text}' is a file; give a transformers directory")
-    from lorakit.io.read import hub_id_hint
+    from lorakit.io.adapter_dirs import hub_id_hint
 
     raise UserError(
         f"unknown model '{spec_text}': not a directory and not a built-in "

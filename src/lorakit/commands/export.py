@@ -114,8 +114,8 @@ def run(args: argparse.Namespace) -> int:
 def _refuse_non_adapter_source(args: argparse.Namespace) -> None:
     """With --model or --drop-unsupported (options of an adapter SOURCE), a SOURCE that is no
     model spec was meant as an adapter: raise why it is none (``AdapterFileError`` from
-    ``lorakit.io.read.adapter_directory``: missing, or no ``adapter_config.json``)."""
-    from lorakit.io.read import adapter_directory
+    ``lorakit.io.adapter_dirs.adapter_directory``: missing, or no ``adapter_config.json``)."""
+    from lorakit.io.adapter_dirs import adapter_directory
 
     if _is_model(args.source):
         return  # _check_model_source says which option goes with an adapter SOURCE
@@ -129,7 +129,7 @@ def _refuse_non_adapter_source(args: argparse.Namespace) -> None:
 def _check_adapter_source(args: argparse.Namespace) -> None:
     """Refuse the options that do nothing for an adapter SOURCE (only the base's architecture
     is read, so no base weights are there to check the adapter against)."""
-    from lorakit.io.read import adapter_directory
+    from lorakit.io.adapter_dirs import adapter_directory
 
     if args.adapter:
         raise UserError("--adapter goes with a model SOURCE; SOURCE is already an adapter")

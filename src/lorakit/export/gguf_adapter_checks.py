@@ -88,7 +88,8 @@ def refuse_unsupported(directory: Path, unsupported: list[str], nothing_left: bo
 def _config_fields(directory: Path) -> dict:
     """adapter_config.json's fields as written (PEFT's too, which lorakit's ``LoraConfig`` does
     not keep), or {} for a file that cannot be read (``read_plain_lora`` reports it)."""
-    from lorakit.io.read import CONFIG_NAME, adapter_directory
+    from lorakit.io.adapter_dirs import adapter_directory
+    from lorakit.io.config_json import CONFIG_NAME
 
     config_path = adapter_directory(directory) / CONFIG_NAME
     try:

@@ -22,6 +22,7 @@ from lorakit.base_rewrite import BaseRewrite, interrupts_held, plan_rewrite, wri
 from lorakit.errors import AdapterFileError
 from lorakit.inject import add_adapter_to_modules, unload
 from lorakit.inject_checks import check_adapter_name, check_one_bias_adapter
+from lorakit.io.adapter_dirs import adapter_directory
 from lorakit.io.keys import (
     model_tensor,
 )
@@ -34,13 +35,7 @@ from lorakit.io.load_checks import (
 )
 from lorakit.io.load_plan import LoadTargets, load_targets
 from lorakit.io.moe_files import file_keys, fuse_expert_tensors
-from lorakit.io.read import (
-    AdapterFile,
-    AdapterHeader,
-    adapter_directory,
-    read_adapter_data,
-    read_adapter_header,
-)
+from lorakit.io.read import AdapterFile, AdapterHeader, read_adapter_data, read_adapter_header
 from lorakit.io.save import recorded_prompt_style
 from lorakit.layers import LoraLayer, ModulesToSave
 from lorakit.parameter_targets import parameter_stand_ins

@@ -16,7 +16,6 @@ base that init left.
 from __future__ import annotations
 
 import dataclasses
-import re
 import shlex
 import warnings
 from collections.abc import Iterable
@@ -29,6 +28,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
 from lorakit.init_methods import changes_base
 from lorakit.io import fingerprint
+from lorakit.io.adapter_dirs import WEIGHTS_NAME, adapter_directory
 from lorakit.io.config_json import CONFIG_NAME, config_from_json, read_config_text
 from lorakit.io.header import TensorInfo, read_header, unreadable
 from lorakit.io.tensors import MAX_ABS_VALUE, read_safetensors
@@ -40,8 +40,6 @@ __all__ = [
     "WEIGHTS_NAME",
     "AdapterFile",
     "AdapterHeader",
-    "adapter_directory",
-    "hub_id_hint",
     "read_adapter",
     "read_adapter_data",
     "read_adapter_header",
@@ -51,7 +49,6 @@ __all__ = [
     "weights_path",
 ]
 
-WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 # lorakit also stores the config text inside the weights file: both are then written together
 # in one atomic rename, so a save interrupted between the two files is detected and repaired.
@@ -104,143 +101,6 @@ class AdapterFile:
                     f"+-{MAX_ABS_VALUE:g} (float16's range); the adapter is broken (diverged "
                     "training, or bytes that are not what the header says) and was not loaded."
                 )
-
-
-def adapter_directory(
-    directory: str | Path, adapter_name: str = "default", *, subfolder: str | None = None
-) -> Path:
-    """Where an adapter is read: ``directory`` (or ``directory/subfolder``), as PEFT's
-    ``from_pretrained`` / ``load_adapter`` read it whatever the ``adapter_name`` (PEFT saves
-    adapters other than "default" in ``directory/<name>``, read with ``subfolder=<name>``).
-    Only where PEFT would find nothing, a ``directory/adapter_name`` holding an adapter is
-    taken (e.g. ``DIR/default/``). Raises ``AdapterFileError`` naming what was looked for:
-    for a file given as the directory, its directory to give instead; for a ``subfolder``
-    missing in an existing ``directory``, the adapters that directory holds; the Hub hint
-    (``hub_id_hint``) only where ``directory`` itself does not exist."""
-    directory = Path(directory)
-    candidate = directory / subfolder if subfolder else directory
-    try:
-        if (candidate / CONFIG_NAME).is_file():
-            return candidate
-        nested = candidate / adapter_name if adapter_name and not subfolder else None
-        if nested is not None and (nested / CONFIG_NAME).is_file():
-            return nested
-        found, given = _path_kind(candidate), _path_kind(directory)
-    except OSError as error:  # e.g. a name too long for the file system
-        raise unreadable(candidate, error) from None
-    if found == "missing":
-        raise _no_candidate_error(directory, candidate, subfolder, given)
-    if found == "other":
-        raise _not_a_directory_error(candidate)
-    also = f" (nor in {nested})" if nested is not None else ""
-    named = _named_adapters_in(candidate)
-    shown = ", ".join(str(candidate / name) for name in named[:3]) + ", ..." * (len(named) > 3)
-    hint = (
-        f"it holds adapters in subdirectories ({shown}; PEFT saves adapters other than "
-        "'default' so, and `lorakit train --output` keeps its adapter in adapter/): give one of "
-        "those directories (in Python also adapter_name=<name>, subfolder=<name> in peft)"
-        if named
-        else "is this an adapter directory saved by lorakit or peft?"
-    )
-    raise AdapterFileError(f"no {CONFIG_NAME} in {candidate}{also}; {hint}")
-
-
-def _path_kind(path: Path) -> str:
-    """What ``path`` is on disk: "dir", "missing" or "other" (a file, a device, ...)."""
-    if path.is_dir():
-        return "dir"
-    return "other" if path.exists() else "missing"
-
-
-def _no_candidate_error(
-    directory: Path, candidate: Path, subfolder: str | None, given: str
-) -> AdapterFileError:
-    """The error for a missing ``candidate`` (``directory`` or ``directory/subfolder``), by
-    what ``directory`` itself is (``given``, a ``_path_kind``): a file (give its directory),
-    an existing directory (``subfolder`` names no adapter in it: list those it holds), or
-    missing too (perhaps a Hub repository id: ``hub_id_hint``)."""
-    if given == "other":
-        return _not_a_directory_error(directory)
-    if given == "dir" and subfolder:
-        return _unknown_adapter_error(directory, subfolder)
-    return AdapterFileError(
-        f"adapter directory {candidate} does not exist.{hub_id_hint(directory)}"
-    )
-
-
-def _not_a_directory_error(path: Path) -> AdapterFileError:
-    """The error for a ``path`` given as an adapter directory that is a file (e.g. the
-    ``adapter_config.json`` itself): give its directory, where that holds an adapter."""
-    try:
-        head = (
-            f"{path} is a file, not an adapter directory"
-            if path.is_file()
-            else f"{path} is not a directory"
-        )
-        parent_holds = (path.parent / CONFIG_NAME).is_file()
-    except OSError:
-        head, parent_holds = f"{path} is not a directory", False
-    hint = (
-        f"give its directory {path.parent} instead"
-        if parent_holds
-        else f"give the adapter directory, the one holding {CONFIG_NAME} and {WEIGHTS_NAME}"
-    )
-    return AdapterFileError(f"{head}; {hint}.")
-
-
-def _unknown_adapter_error(directory: Path, name: str) -> AdapterFileError:
-    """The error for an adapter ``name`` that the existing ``directory`` does not hold (no
-    ``directory/name``): the adapters it does hold, "default" being ``directory`` itself as
-    PEFT saves it, and how to pick one."""
-    try:
-        at_root = (directory / CONFIG_NAME).is_file()
-    except OSError:
-        at_root = False
-    named = [n for n in _named_adapters_in(directory) if not (at_root and n == "default")]
-    held = (["default"] if at_root else []) + named
-    missing = f"no adapter {name!r} in {directory} ({directory / name} does not exist)"
-    if not held:
-        return AdapterFileError(
-            f"{missing}, and it holds no adapter ({CONFIG_NAME} neither in it nor in a "
-            "subdirectory); is this an adapter directory saved by lorakit or peft?"
-        )
-    shown = ", ".join(
-        "..." if n == "..." else f"{n!r} ({directory if n == 'default' else directory / n})"
-        for n in held
-    )
-    root = f", 'default' being {directory} itself" if at_root else ""
-    return AdapterFileError(
-        f"{missing}; it holds {shown}: ask for one of them by name (`lorakit inspect "
-        f"--adapter-name NAME`{root}; in Python subfolder=NAME to load it) or give that "
-        "adapter's directory."
-    )
-
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-def hub_id_hint(directory: str | Path) -> str:
-    """For a missing ``directory`` written like a Hugging Face Hub repository id
-    (``owner/name``): how to fetch it, since lorakit reads only local directories (a missing
-    adapter here, a missing model in ``lorakit.model_specs.resolve_model``); "" otherwise."""
-    repo_id = directory if isinstance(directory, str) else directory.as_posix()
-    if not _HUB_ID.fullmatch(repo_id):
-        return ""
-    return (
-        f" {repo_id!r} looks like a Hugging Face Hub repository id: lorakit reads local "
-        "directories only and downloads nothing at run time. Fetch it first with "
-        f"huggingface_hub.snapshot_download({repo_id!r}) and pass the local directory it "
-        "returns instead."
-    )
-
-
-def _named_adapters_in(directory: Path, most: int = 8) -> list[str]:
-    """The names of up to ``most`` subdirectories of ``directory`` holding an adapter config."""
-    try:
-        names = sorted(p.name for p in directory.iterdir() if (p / CONFIG_NAME).is_file())
-    except OSError:
-        return []
-    return names[:most] + (["..."] if len(names) > most else [])
 
 
 def pickle_refusal(path: Path) -> AdapterFileError:

@@ -30,6 +30,7 @@ from typing import Any
 from lorakit import functional
 from lorakit.errors import AdapterFileError
 from lorakit.io import fingerprint
+from lorakit.io.adapter_dirs import adapter_directory
 from lorakit.io.config_json import (
     CONFIG_NAME,
     config_from_json,
@@ -39,7 +40,7 @@ from lorakit.io.config_json import (
 from lorakit.io.fingerprint import METADATA_KEY
 from lorakit.io.header import TensorInfo, read_header
 from lorakit.io.keys import base_weight_module, is_magnitude_key, parse_lora_key
-from lorakit.io.read import adapter_directory, read_adapter_header, weights_path
+from lorakit.io.read import read_adapter_header, weights_path
 from lorakit.io.save import BASE_INIT_METADATA_KEY
 from lorakit.io.tensors import TORCH_DTYPES
 from lorakit.targets import matches
