@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lorakit.commands.extract import (
@@ -95,21 +98,42 @@ def _print_report(result, directory) -> None:
     print(f"saved: {directory}")
 
 
+@contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Inside, Python shows each warning as one ``lorakit: warning: MESSAGE`` line on stderr (as
+    ``lorakit eval`` prints them), not as its report with the file, line and source of the call.
+    Only the text changes (``warnings.formatwarning``, which Python's default ``showwarning``
+    writes): the filters and where warnings go stay, so a caller recording them
+    (``catch_warnings(record=True)``, ``pytest.warns``) still gets them."""
+    original = warnings.formatwarning
+    warnings.formatwarning = _one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
+
+
+def _one_line(message, category, filename, lineno, line=None) -> str:
+    """``warnings.formatwarning``'s replacement: the message alone, after ``lorakit: warning:``."""
+    return f"lorakit: warning: {message}\n"
+
+
 def run(args: argparse.Namespace) -> int:
     _check(args)
     from lorakit.combining import combine
 
-    result = combine(
-        args.adapters,
-        args.weights,
-        method=args.method,
-        rank=args.rank,
-        density=args.density,
-        majority_sign_method=args.majority_sign,
-        seed=args.seed,
-    )
-    with removed_if_left_empty(args.output):
-        directory = result.save(args.output)
+    with _warnings_as_lines():
+        result = combine(
+            args.adapters,
+            args.weights,
+            method=args.method,
+            rank=args.rank,
+            density=args.density,
+            majority_sign_method=args.majority_sign,
+            seed=args.seed,
+        )
+        with removed_if_left_empty(args.output):
+            directory = result.save(args.output)
     if args.json:
         print(json.dumps({**result.to_dict(), "output": str(directory)}, indent=2))
     else:

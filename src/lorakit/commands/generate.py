@@ -262,11 +262,24 @@ def _prompt_is_raw(args: argparse.Namespace, tokenizer) -> bool:
     return not template
 
 
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""What ``torch.manual_seed`` takes (``serve.sampling.SEED_RANGE``, not imported here: that
+module loads torch, and a bad flag is refused before anything loads)."""
+
+
+def _check_seed(seed: int) -> None:
+    """``UserError`` for a ``--seed`` that ``torch.manual_seed`` cannot take (its ValueError
+    "Overflow when unpacking long long" is no message for a flag)."""
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise UserError(f"--seed must be an integer in [-2**63, 2**64 - 1], got {seed}")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not args.temperature >= 0 or math.isinf(args.temperature):  # (nan too)
         raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    _check_seed(args.seed)
     import torch
 
     from lorakit.commands.eval import load_model_and_adapter

@@ -9,6 +9,7 @@ unless ``flag=`` names another, and the config file uses the flag's name with un
 from __future__ import annotations
 
 import math
+import numbers
 import typing
 from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any
@@ -75,6 +76,10 @@ def setting_kind(owner: type, setting_field: Field) -> type:
 
 
 STRATEGIES = ("ddp", "fsdp")  # see lorakit.train.distributed
+SEED_RANGE = (-(2**63), 2**63 - 1)
+"""The seeds training takes: torch's generators take [-2**63, 2**64 - 1], and the loop seeds
+them with ``seed + epoch`` (the batches), ``seed + rank`` and ``seed + rank + step`` (a
+resumed run), so a seed keeps the upper half of that range as room for those sums."""
 
 
 class SettingError(UserError):
@@ -170,6 +175,12 @@ class TrainingConfig:
             value = getattr(self, name)
             if value is not None and not (is_finite_number(value) and value >= 0):
                 raise SettingError(name, f"must be a finite number >= 0, got {value}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise SettingError("seed", f"must be an integer, got {self.seed!r}")
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise SettingError(
+                "seed", f"must be an integer in [-2**63, 2**63 - 1], got {self.seed}"
+            )
         if self.strategy not in STRATEGIES:
             raise SettingError("strategy", f"must be one of {STRATEGIES}, got {self.strategy!r}")
         for name in ("warmup_ratio", "min_lr_ratio"):

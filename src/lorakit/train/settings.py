@@ -37,6 +37,13 @@ __all__ = [
 ]
 
 
+MAX_RANK = 2**16
+"""The largest ``--r``: the update ``B A`` of a layer has rank at most its smaller side
+(``min(in, out)``), and no model's layers are that wide (Llama-3-405B's hidden size is 16384),
+so a larger rank is a typo; refused before the meta-device injection that would fail on it
+(past 2**63, with torch's C++ frames) or the allocation that would (a rank of 10**15)."""
+
+
 @dataclass
 class TrainSettings:
     """What ``lorakit train`` takes besides ``TrainingConfig``."""
@@ -123,6 +130,12 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if not self.data:
             raise UserError("no training data: give --data SPEC (or 'data:' in the config file)")
+        if isinstance(self.r, int) and self.r > MAX_RANK:  # (not an int, or < 1: LoraConfig)
+            raise SettingError(
+                "r",
+                f"must be at most {MAX_RANK} (a layer's update B A has rank at most the layer's "
+                f"smaller dimension), got {self.r}",
+            )
         if not isinstance(self.max_length, int) or self.max_length < 2:
             raise SettingError("max_length", f"must be an integer >= 2, got {self.max_length!r}")
         if self.dtype == "float16":
