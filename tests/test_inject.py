@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.inject import default_adapter_dtype, freeze_adapter, wrap_targets
+from lorakit.inject import freeze_adapter
+from lorakit.layer_wrapping import default_adapter_dtype, wrap_targets
 from lorakit.layers import LoraLayer, LoraLinear
 from lorakit.serve import AdapterBank, prepare_for_serving
 from tests import tiny_models

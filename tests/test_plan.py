@@ -91,7 +91,7 @@ def test_all_linear_equals_the_seven_projections_on_llama(llama2_7b):
     all_linear = plan("llama-2-7b", r=16, num_adapters=3)
     assert all_linear.trainable_parameters == llama2_7b.trainable_parameters
     assert all_linear.config.lora_alpha == 32  # default 2 r
-    # the adapters in float32 on the float16 base (inject.default_adapter_dtype): 4 bytes each
+    # the adapters in float32 on the float16 base (layer_wrapping.default_adapter_dtype): 4 bytes each
     assert all_linear.inference_with_adapters_bytes == 13_476_831_232 + 3 * 39_976_960 * 4
 
 

@@ -136,7 +136,7 @@ def _apply(model, config, adapter_name, layers, stats, new_ranks, eva) -> None:
     ``alpha_pattern`` (those EVA skips too, e.g. embeddings), as PEFT's
     ``_load_eva_state_dict`` writes them. A DoRA adapter stays DoRA: its magnitude is
     ``||W0 + s B A||_row = ||W0||_row`` (B = 0), as PEFT's re-created layer computes it."""
-    from lorakit.inject import _give_layer_mode
+    from lorakit.layer_wrapping import give_layer_mode
     from lorakit.wrapped_modules import replace_module
 
     for name, layer in layers.items():
@@ -171,7 +171,7 @@ def _apply(model, config, adapter_name, layers, stats, new_ranks, eva) -> None:
             lora_bias=config.lora_bias,
         )
         layer.active_adapters = active
-        _give_layer_mode(layer, adapter_name)
+        give_layer_mode(layer, adapter_name)
         for parameter in layer.adapter_parameters(adapter_name):
             parameter.requires_grad_(trainable)
     rank_pattern, alpha_pattern, targets = {}, {}, []

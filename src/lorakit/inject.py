@@ -9,7 +9,7 @@ here too).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -23,17 +23,21 @@ from lorakit.inject_checks import (
     check_one_bias_adapter,
     warn_lora_bias_without_base_bias,
 )
-from lorakit.layers import LoraLayer, layer_class_for, wrap
+from lorakit.layer_wrapping import (
+    current_modules,
+    default_adapter_dtype,
+    give_layer_mode,
+    wrap_targets,
+)
+from lorakit.layers import LoraLayer
 from lorakit.moe_targets import convert_moe_config
 from lorakit.parameter_targets import (
     find_parameter_targets,
     wrap_parameter_targets,
 )
-from lorakit.quantized.loading import keep_4bit_storage
 from lorakit.replication import replicate_layers, restore_layers
 from lorakit.state import (
     adapter_model,
-    freeze_all,
     lora_layers,
     saved_modules,
     set_active,
@@ -51,12 +55,10 @@ from lorakit.wrapped_modules import (
 
 __all__ = [
     "add_adapter_to_modules",
-    "default_adapter_dtype",
     "forget_state",
     "freeze_adapter",
     "inject",
     "unload",
-    "wrap_targets",
 ]
 
 
@@ -155,7 +157,7 @@ def add_adapter_to_modules(
     of the bare parameters to adapt (``lorakit.parameter_targets``; ``factors`` keyed by layer
     path too).
     """
-    current = _current_modules(model, targets, modules)
+    current = current_modules(model, targets, modules)
     tokens = token_module_names(model, config, targets, saved_names)
     parameter_targets = dict(parameter_targets or {})
     check_adapter_fits(  # all checks first
@@ -258,7 +260,7 @@ def _add_to_layer(
         with torch.no_grad():
             for factor, value in ((layer.lora_A, rewrite.lora_A), (layer.lora_B, rewrite.lora_B)):
                 factor[adapter_name].weight.copy_(value)
-    _give_layer_mode(layer, adapter_name)
+    give_layer_mode(layer, adapter_name)
     return rewrite
 
 
@@ -288,67 +290,3 @@ def _undo_adapter(
             wrapper.delete_adapter(adapter_name)
         if name in before and before[name] is not wrapper:
             replace_module(model, name, before[name])
-
-
-def wrap_targets(
-    model: nn.Module, names: Iterable[str], *, modules: Mapping[str, nn.Module] | None = None
-) -> dict[str, LoraLayer]:
-    """Wrap each module of ``names`` (in place) in a LoRA layer that holds no adapter yet; a
-    module that is a LoRA layer already is kept. Returns ``{name: LoRA layer}``.
-
-    Every module is checked (``layer_class_for``: ``TypeError`` naming one lorakit cannot
-    adapt) before any change. The first wrapping freezes the model and records its adapter
-    state, so ``unload`` restores the original modules and trainability. A new layer takes the
-    training mode of the module it wraps. ``modules``: name -> current module, when the caller
-    has them. What ``inject`` does before adding an adapter, and all that serving needs (the
-    bank holds the adapters, ``lorakit.serve.prepare_for_serving``).
-
-    On a model holding bitsandbytes ``Linear4bit`` layers, the first wrapping turns off, on every
-    one of them (adapted or not), bitsandbytes' eval-mode CPU repacking
-    (``quantized.loading.keep_4bit_storage``): its stored bytes stay as loaded, so
-    ``merge_and_unload`` can still read them.
-    """
-    current = _current_modules(model, names, modules)
-    for name, module in current.items():
-        layer_class_for(module, name)  # (refuses a module no LoRA layer wraps)
-    if state_of(model) is None:  # the first wrapping (every check passed: nothing can fail)
-        keep_4bit_storage(model)  # once: a walk of every module at each load would add up
-        state_of(model, create=True)  # records the flags that unload restores
-        freeze_all(model)
-    layers: dict[str, LoraLayer] = {}
-    for name, module in current.items():
-        if not isinstance(module, LoraLayer):
-            module = wrap(module, name)
-            module.training = module.base_layer.training  # a new wrapper takes the module's mode
-            _give_layer_mode(module)
-            replace_module(model, name, module)
-        layers[name] = module
-    return layers
-
-
-def _current_modules(
-    model: nn.Module, names: Iterable[str], modules: Mapping[str, nn.Module] | None
-) -> dict[str, nn.Module]:
-    """``{name: the module there now}``, from ``modules`` when the caller has them."""
-    return {
-        name: modules[name] if modules is not None else model.get_submodule(name) for name in names
-    }
-
-
-def _give_layer_mode(layer: LoraLayer, adapter_name: str | None = None) -> None:
-    """The layer's training mode (dropout on or off) to its adapter containers and to the
-    modules of adapter ``adapter_name`` (if given); the work does not grow with the number of
-    adapters on the layer."""
-    for container in layer.children():
-        if container is layer.base_layer:
-            continue
-        container.training = layer.training
-        if isinstance(container, nn.ModuleDict) and adapter_name in container:
-            container[adapter_name].train(layer.training)
-
-
-def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
-    """The dtype adapter tensors get on a base of ``base_dtype``: float32 on a float16 or
-    bfloat16 base (small updates survive the optimizer's steps), else the base dtype. The one
-    rule for the model's adapters (``inject``, ``load_adapter``) and the serving bank."""
-    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype

@@ -175,7 +175,7 @@ def wrap_parameter_targets(
 ) -> dict[str, LoraParameter]:
     """Put a ``LoraParameter`` layer (no adapter yet) on each target of ``targets`` (from
     ``find_parameter_targets``, checked by ``check_parameter_targets``) that has none; returns
-    ``{layer path: layer}``. The model's adapter state must exist (``inject.wrap_targets``
+    ``{layer path: layer}``. The model's adapter state must exist (``layer_wrapping.wrap_targets``
     creates it)."""
     by_owner: dict[str, list[str]] = {}
     for parameter_path in targets.values():

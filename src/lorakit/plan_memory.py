@@ -10,7 +10,7 @@ a ``Plan`` holds the counts and derives the bytes (GB = 1e9 bytes)::
                         and offsets; the config; the base fingerprint, ~470 bytes a module)
     inference merged  = P_base * b_dtype
     base + N adapters = P_base * b_dtype + N * P_trainable * b_adapter
-                        (b_adapter: ``inject.default_adapter_dtype``, float32 on a float16 or
+                        (b_adapter: ``layer_wrapping.default_adapter_dtype``, float32 on a float16 or
                         bfloat16 base, as ``inject``, ``load_adapter`` and the serving bank keep them)
     activations       = what one training forward of batch x seq_len tokens keeps for backward,
                         counted by running it on the meta device (``lorakit.activations``)
@@ -42,7 +42,7 @@ import torch
 from lorakit.accounting import ParameterCount
 from lorakit.activations import Activations
 from lorakit.config import LoraConfig
-from lorakit.inject import default_adapter_dtype
+from lorakit.layer_wrapping import default_adapter_dtype
 
 __all__ = [
     "DEFAULT_SEQ_LEN",
@@ -165,7 +165,7 @@ class Plan:
     @property
     def adapter_dtype(self) -> str:
         """The dtype loaded adapters are kept in: float32 on a quantized base, else
-        ``inject.default_adapter_dtype`` of ``dtype`` (float32 on a float16 or bfloat16 base)."""
+        ``layer_wrapping.default_adapter_dtype`` of ``dtype`` (float32 on a float16 or bfloat16 base)."""
         if self.quantization:
             return "float32"
         return str(default_adapter_dtype(getattr(torch, self.dtype))).removeprefix("torch.")

@@ -153,7 +153,7 @@ def load_model_and_adapter(
     adapter files are read and checked before the model loads (a wrong path fails at once).
     ``quantization``: load the base quantized; ``dtype`` (a name of ``DTYPES``): the base's
     dtype (``lorakit.models.load_model``); the adapter is float32 on a 16-bit base
-    (``lorakit.inject.default_adapter_dtype``). Returned in eval mode, frozen."""
+    (``lorakit.layer_wrapping.default_adapter_dtype``). Returned in eval mode, frozen."""
     from lorakit.errors import BaseModelMismatchError, UserError
     from lorakit.io import load_adapter, read_adapter
     from lorakit.models import builtin_gguf_file, check_model_spec, load_model

@@ -86,9 +86,9 @@ class TrainableTokens(ModulesToSave):
         leaves the rows as copies (standard-normal rows are only for PEFT's standalone
         ``TrainableTokensConfig(init_weights=False)``, which lorakit does not implement).
         Trainable, on the weight's device, in the adapter dtype
-        (``inject.default_adapter_dtype``: float32 beside a 16-bit embedding, as PEFT keeps
+        (``layer_wrapping.default_adapter_dtype``: float32 beside a 16-bit embedding, as PEFT keeps
         them, so small updates are not lost to its rounding)."""
-        from lorakit.inject import default_adapter_dtype
+        from lorakit.layer_wrapping import default_adapter_dtype
 
         weight = self.original_module.weight
         dtype = default_adapter_dtype(weight.dtype)

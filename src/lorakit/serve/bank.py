@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.inject import default_adapter_dtype
 from lorakit.io.keys import lora_bias_key, lora_keys, magnitude_key
+from lorakit.layer_wrapping import default_adapter_dtype
 from lorakit.layers import LoraLinear
 from lorakit.serve.checks import PreparedAdapter, lora_pairs, prepare_adapter
 from lorakit.serve.lazy_loads import LazyLoads
@@ -68,7 +68,7 @@ class AdapterBank(LazyLoads):
     ``capacity`` adapters of rank ``max_rank`` fit. ``max_rank``: the largest rank accepted.
     ``page_rank``: rows per page (default: 4, or ``max_rank`` if smaller); an adapter's rank is
     rounded up to it.
-    ``dtype``: of the pools (default: ``lorakit.inject.default_adapter_dtype``, as for an
+    ``dtype``: of the pools (default: ``lorakit.layer_wrapping.default_adapter_dtype``, as for an
     injected adapter: the base weights' dtype, float32 for half-precision bases). The products
     run in ``compute_dtype`` (``stacks.product_dtype``: float32, float64 for float64 pools): a
     bfloat16 or float16 bank holds twice the adapters of a float32 one in the same budget, its

@@ -35,7 +35,7 @@ from torch import nn
 
 from lorakit import functional, quantized
 from lorakit.config import LoraConfig
-from lorakit.inject import wrap_targets
+from lorakit.layer_wrapping import wrap_targets
 from lorakit.layers import LoraLinear, is_conv1d
 from lorakit.state import lora_layers
 from lorakit.target_errors import no_match_message
