@@ -1,9 +1,18 @@
-"""``lorakit train`` and ``lorakit demo`` run in process for the CLI tests: every run names its
-model, data and output and hides the progress bar; the settings that differ follow."""
+"""lorakit's CLI run in process for the tests: any command with its exit code and printed output
+(``run_cli``); ``lorakit train`` and ``lorakit demo`` naming their model, data and output and
+hiding the progress bar, the settings that differ following."""
 
 from __future__ import annotations
 
 from lorakit import cli
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``lorakit ARGV...`` (each turned into a string) in process: ``(exit code, stdout,
+    stderr)`` as pytest's ``capsys`` captured them."""
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def train_cli(model, data, output, *settings: str) -> int:

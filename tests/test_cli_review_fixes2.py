@@ -12,21 +12,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 import lorakit
-from lorakit import cli, data
+from lorakit import data
 from lorakit.commands import generate as generate_command
 from lorakit.data.chat import chat_prompt_ids
 from lorakit.io.read import read_adapter_header
 from tests import tiny_models, tiny_tokenizer
-from tests.cli_runs import train_cli
+from tests.cli_runs import run_cli, train_cli
 
 PROMPT = "Review: good film\nSentiment:"
 PROMPT_STYLE_METADATA_KEY = "lorakit.prompt_style"  # (io.save: in the file format)
-
-
-def _main(capsys, *argv) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +63,9 @@ def _train(model_dir, data_path, output) -> object:
 
 
 def _generate(capsys, model_dir, *extra) -> tuple[int, str, str]:
-    return _main(capsys, "generate", PROMPT, "--model", model_dir, "--max-new-tokens", "4", *extra)
+    return run_cli(
+        capsys, "generate", PROMPT, "--model", model_dir, "--max-new-tokens", "4", *extra
+    )
 
 
 def test_plain_trained_adapter_gets_the_training_prompt_ids(
@@ -134,7 +130,7 @@ def test_no_adapter_plain_unless_a_builtin_instruct_model_or_chat(capsys, model_
     assert generate_command.uses_chat_template("smollm2-135m-instruct", None) is True
     assert generate_command.uses_chat_template(str(model_dir), None) is False
     assert generate_command.uses_chat_template("smollm2-135m-instruct", None, raw=True) is False
-    code, _, err = _main(capsys, "generate", "x", "--chat", "--raw")  # contradictory
+    code, _, err = run_cli(capsys, "generate", "x", "--chat", "--raw")  # contradictory
     assert code == 2 and "--raw: not allowed with argument --chat" in err
 
 
@@ -167,13 +163,13 @@ def long_jsonl(tmp_path):
 
 
 def test_eval_refuses_max_length_past_learned_positions(capsys, gpt2_dir, long_jsonl) -> None:
-    code, out, err = _main(capsys, "eval", "--model", gpt2_dir, "--data", long_jsonl)
+    code, out, err = run_cli(capsys, "eval", "--model", gpt2_dir, "--data", long_jsonl)
     assert code == 2 and out == "" and "Traceback" not in err and err.count("\n") == 1
     assert err == (
         "lorakit: error: --max-length 256 is longer than this model's 64 positions (a learned "
         "position table); pass --max-length 64 or less\n"
     )
-    code, out, _ = _main(
+    code, out, _ = run_cli(
         capsys, "eval", "--model", gpt2_dir, "--data", long_jsonl, "--max-length", "64"
     )
     assert code == 0 and json.loads(out)["truncated"] == 4
@@ -204,7 +200,7 @@ def test_generate_warns_past_a_rotary_models_positions(capsys, model_dir) -> Non
         == 128
     )
     capsys.readouterr()
-    code, _, err = _main(
+    code, _, err = run_cli(
         capsys, "generate", prompt, "--model", model_dir, "--max-new-tokens", "2", "--raw"
     )
     assert code == 0
@@ -227,7 +223,7 @@ def test_inspect_counts_peft_trainable_parameters_of_an_embedding_adapter(tmp_pa
     peft_model = get_peft_model(model, config)
     peft_model.save_pretrained(tmp_path / "emb")  # also the whole embedding matrix ("auto")
     trainable, _ = peft_model.get_nb_trainable_parameters()
-    code, out, _ = _main(capsys, "inspect", tmp_path / "emb", "--json")
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "emb", "--json")
     summary = json.loads(out)
     vocab, hidden = model.config.vocab_size, model.config.hidden_size
     assert code == 0 and trainable == 4 * (vocab + hidden) + 2 * 4 * (64 + 64)
@@ -235,7 +231,7 @@ def test_inspect_counts_peft_trainable_parameters_of_an_embedding_adapter(tmp_pa
     assert summary["saved_base_weights"] == vocab * hidden
     assert summary["file_parameters"] == trainable + vocab * hidden
     assert summary["other_parameters"] == 0
-    code, out, _ = _main(capsys, "inspect", tmp_path / "emb")
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "emb")
     assert f"the file also holds {vocab * hidden:,} base embedding weights" in out
 
 
@@ -246,7 +242,7 @@ def test_inspect_counts_peft_trainable_parameters_with_trainable_tokens(tmp_path
     peft_model = get_peft_model(tiny_models.llama(), config)
     peft_model.save_pretrained(tmp_path / "tok", save_embedding_layers=True)
     trainable, _ = peft_model.get_nb_trainable_parameters()
-    code, out, _ = _main(capsys, "inspect", tmp_path / "tok", "--json")
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "tok", "--json")
     summary = json.loads(out)
     vocab, hidden = 128, 64
     assert code == 0 and summary["parameters"] == trainable

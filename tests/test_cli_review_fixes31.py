@@ -16,21 +16,14 @@ from pathlib import Path
 import pytest
 
 import lorakit
-from lorakit import cli
 from lorakit.commands import combine as combine_command
 from lorakit.commands import generate as generate_command
 from lorakit.errors import UserError
 from lorakit.train.config import SEED_RANGE, SettingError, TrainingConfig
 from lorakit.train.config_file import load_config_file, merged_values
 from lorakit.train.settings import MAX_RANK, build_settings
-from tests.cli_runs import train_cli
+from tests.cli_runs import run_cli, train_cli
 from tests.tiny_models import gpt2, llama, randomize_adapters
-
-
-def _main(capsys, *argv) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +60,7 @@ def test_null_for_a_setting_that_cannot_be_unset_is_one_line_before_anything_is_
     config = _config(tmp_path, f"model: {model_dir}\ndata: {jsonl}\nsteps: 1\nr: 2\n{key}: null\n")
     output = tmp_path / "out"
     flags = [] if key == "output" else ["--output", output]
-    code, out, err = _main(capsys, "train", "--config", config, *flags)
+    code, out, err = run_cli(capsys, "train", "--config", config, *flags)
     assert code == 2 and out == "" and err.count("\n") == 1, err
     assert err.startswith(f"lorakit: error: config file {config}: {expected}")
     assert not output.exists()  # (weight_decay: null used to fail after writing settings)
@@ -148,7 +141,7 @@ def test_train_at_the_largest_seed_runs_two_epochs(tmp_path, capsys, model_dir, 
 
 @pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
 def test_generate_seed_outside_torch_range_is_refused_naming_the_flag(capsys, model_dir, seed):
-    code, out, err = _main(capsys, "generate", "hi", "--model", model_dir, "--seed", seed)
+    code, out, err = run_cli(capsys, "generate", "hi", "--model", model_dir, "--seed", seed)
     assert code == 2 and out == ""
     assert err == f"lorakit: error: --seed must be an integer in [-2**63, 2**64 - 1], got {seed}\n"
 
@@ -158,7 +151,7 @@ def test_generate_takes_torch_whole_seed_range(capsys, model_dir):
 
     assert generate_command.SEED_RANGE == SERVE_SEED_RANGE == (-(2**63), 2**64 - 1)
     for seed in (2**64 - 1, -(2**63)):
-        code, _, err = _main(
+        code, _, err = run_cli(
             capsys, "generate", "hi", "--model", model_dir, "--raw", "--seed", seed,
             "--temperature", "1", "--max-new-tokens", "2",
         )  # fmt: skip
@@ -190,7 +183,7 @@ def test_the_rank_bound(tmp_path):
 def test_config_given_a_directory_says_so(tmp_path, capsys):
     directory = tmp_path / "run.yaml"
     directory.mkdir()
-    code, _, err = _main(capsys, "train", "--config", directory)
+    code, _, err = run_cli(capsys, "train", "--config", directory)
     assert code == 2
     assert err == (
         f"lorakit: error: config file {directory} is a directory; --config takes a YAML or JSON "
@@ -206,7 +199,7 @@ def test_the_config_key_rank_is_r(tmp_path, capsys, model_dir, jsonl):
     assert load_config_file(config) == {"model": str(model_dir), "data": str(jsonl), "steps": 1,
                                         "r": 4}  # fmt: skip
     output = tmp_path / "out"
-    code, _, err = _main(capsys, "train", "--config", config, "--output", output, "--no-progress")
+    code, _, err = run_cli(capsys, "train", "--config", config, "--output", output, "--no-progress")
     assert code == 0, err
     assert json.loads((output / "adapter" / "adapter_config.json").read_text())["r"] == 4
     assert json.loads((output / "train_settings.json").read_text())["r"] == 4

@@ -11,15 +11,9 @@ import json
 import pytest
 
 import lorakit
-from lorakit import cli
 from lorakit.errors import AdapterFileError
 from tests import tiny_models
-
-
-def _main(capsys, *argv) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from tests.cli_runs import run_cli
 
 
 @pytest.fixture
@@ -36,7 +30,7 @@ def multi(tmp_path, monkeypatch):
 
 
 def test_a_missing_adapter_name_lists_the_adapters_of_the_existing_directory(multi, capsys) -> None:
-    code, out, err = _main(capsys, "inspect", multi, "--adapter-name", "nope")
+    code, out, err = run_cli(capsys, "inspect", multi, "--adapter-name", "nope")
     assert code == 2 and out == "" and err.count("\n") == 1, err
     assert "snapshot_download" not in err and "Hugging Face" not in err
     assert err.startswith(
@@ -44,7 +38,7 @@ def test_a_missing_adapter_name_lists_the_adapters_of_the_existing_directory(mul
         "it holds 'default' (owner/multi), 'second' (owner/multi/second): ask for one of them "
         "by name (`lorakit inspect --adapter-name NAME`, 'default' being owner/multi itself"
     ), err
-    code, out, _ = _main(capsys, "inspect", multi, "--adapter-name", "second", "--json")
+    code, out, _ = run_cli(capsys, "inspect", multi, "--adapter-name", "second", "--json")
     assert code == 0 and json.loads(out)["directory"] == "owner/multi/second"  # as listed
     with pytest.raises(AdapterFileError, match=r"it holds 'default' \(owner/multi\), 'second'"):
         lorakit.load_adapter(tiny_models.llama(), multi, "other", subfolder="nope")
@@ -53,14 +47,14 @@ def test_a_missing_adapter_name_lists_the_adapters_of_the_existing_directory(mul
 def test_a_directory_holding_no_adapter_says_so(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "owner" / "empty" / "sub").mkdir(parents=True)
-    code, _, err = _main(capsys, "inspect", "owner/empty", "--adapter-name", "nope")
+    code, _, err = run_cli(capsys, "inspect", "owner/empty", "--adapter-name", "nope")
     assert code == 2 and "snapshot_download" not in err
     assert "no adapter 'nope' in owner/empty" in err and "it holds no adapter" in err
 
 
 def test_the_hub_hint_stays_for_a_directory_that_does_not_exist(multi, capsys) -> None:
     for argv in (["owner/missing"], ["owner/missing", "--adapter-name", "x"]):
-        code, _, err = _main(capsys, "inspect", *argv)
+        code, _, err = run_cli(capsys, "inspect", *argv)
         assert code == 2 and "huggingface_hub.snapshot_download('owner/missing')" in err, err
 
 
@@ -69,7 +63,7 @@ def test_a_file_given_as_the_directory_names_its_directory(multi, capsys, name) 
     path = f"{multi}/{name}"
     expected = f"{path} is a file, not an adapter directory; give its directory {multi} instead."
     for argv in ([path], [path, "--adapter-name", "second"]):
-        code, _, err = _main(capsys, "inspect", *argv)
+        code, _, err = run_cli(capsys, "inspect", *argv)
         assert code == 2 and err == f"lorakit: error: {expected}\n", err
     with pytest.raises(AdapterFileError) as refused:
         lorakit.load_adapter(tiny_models.llama(), path)
@@ -81,7 +75,9 @@ def test_eval_with_the_config_file_as_adapter_names_its_directory(multi, capsys,
     with open(data, "w", encoding="utf-8") as file:
         file.write('{"prompt": "hello", "completion": " fine"}\n')
     path = f"{multi}/adapter_config.json"
-    code, out, err = _main(capsys, "eval", "--model", model_dir, "--adapter", path, "--data", data)
+    code, out, err = run_cli(
+        capsys, "eval", "--model", model_dir, "--adapter", path, "--data", data
+    )
     assert code == 2 and out == ""
     assert err == (
         f"lorakit: error: {path} is a file, not an adapter directory; give its directory "
@@ -92,7 +88,7 @@ def test_eval_with_the_config_file_as_adapter_names_its_directory(multi, capsys,
 def test_a_file_with_no_adapter_beside_it_asks_for_the_adapter_directory(tmp_path, capsys) -> None:
     path = tmp_path / "notes.txt"
     path.write_text("not an adapter")
-    code, _, err = _main(capsys, "inspect", path)
+    code, _, err = run_cli(capsys, "inspect", path)
     assert code == 2 and err == (
         f"lorakit: error: {path} is a file, not an adapter directory; give the adapter "
         "directory, the one holding adapter_config.json and adapter_model.safetensors.\n"

@@ -12,13 +12,7 @@ from lorakit import cli, data
 from lorakit.errors import UserError
 from lorakit.io import load_adapter
 from tests import tiny_tokenizer
-from tests.cli_runs import train_cli
-
-
-def _main(capsys, *argv) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from tests.cli_runs import run_cli, train_cli
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +55,7 @@ def test_config_file_with_flag_override(tmp_path, capsys, model_dir, jsonl):
         f"model: {model_dir}\ndata: {jsonl}\nsteps: 5\nlr: 0.003\nr: 2\n"
         "target-modules: [q_proj]\nbatch_size: 4\nno_progress: true\n"
     )
-    code, out, _ = _main(
+    code, out, _ = run_cli(
         capsys, "train", "--config", config, "--steps", "2", "--output", tmp_path / "o"
     )
     assert code == 0
@@ -99,7 +93,7 @@ def well_trained(tmp_path_factory, model_dir, jsonl):
 
 def test_eval_loss_matches_the_model_with_the_adapter(capsys, model_dir, jsonl, well_trained):
     trained = well_trained
-    code, out, _ = _main(
+    code, out, _ = run_cli(
         capsys,
         "eval",
         "--model",
@@ -136,7 +130,7 @@ def test_eval_loss_matches_the_model_with_the_adapter(capsys, model_dir, jsonl, 
 
 
 def test_merge_writes_a_plain_model_with_the_adapters_outputs(tmp_path, capsys, model_dir, trained):
-    code, _, _ = _main(
+    code, _, _ = run_cli(
         capsys,
         "merge",
         "--model",
@@ -156,7 +150,7 @@ def test_merge_writes_a_plain_model_with_the_adapters_outputs(tmp_path, capsys, 
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=1e-5)
     assert not any("lora" in name for name in merged.state_dict())
     # generation through the CLI (adapter) equals greedy generation of the merged plain model
-    code, out, _ = _main(
+    code, out, _ = run_cli(
         capsys,
         "generate",
         "Is this movie review positive?",
@@ -215,7 +209,7 @@ def test_merge_writes_a_plain_model_with_the_adapters_outputs(tmp_path, capsys, 
     ],
 )
 def test_wrong_arguments_give_one_line(capsys, argv, message):
-    code, _, err = _main(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code == 2
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
 
@@ -237,7 +231,7 @@ def test_json_config_file_with_flag_override(tmp_path, capsys, model_dir, jsonl)
             }
         )
     )
-    code, out, _ = _main(
+    code, out, _ = run_cli(
         capsys, "train", "--config", config, "--steps", "3", "--output", tmp_path / "o"
     )
     assert code == 0
@@ -266,7 +260,7 @@ def test_config_file_that_is_not_utf8_names_file_and_line(tmp_path, capsys, suff
         else ["{", '"model": "caf\xe9"}']
     )
     config.write_bytes("\n".join(lines).encode("latin-1"))
-    code, _, err = _main(capsys, "train", "--config", config)
+    code, _, err = run_cli(capsys, "train", "--config", config)
     assert code == 2 and err.count("\n") == 1
     assert f"{config}:2: not valid UTF-8 (byte 0xe9)" in err
 
@@ -274,9 +268,9 @@ def test_config_file_that_is_not_utf8_names_file_and_line(tmp_path, capsys, suff
 def test_config_file_errors_are_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: x.jsonl\nlearning_rate: 1\n")
-    code, _, err = _main(capsys, "train", "--config", bad)
+    code, _, err = run_cli(capsys, "train", "--config", bad)
     assert code == 2 and "unknown setting(s) ['learning_rate']" in err and err.count("\n") == 1
-    code, _, err = _main(capsys, "train", "--config", tmp_path / "missing.yaml")
+    code, _, err = run_cli(capsys, "train", "--config", tmp_path / "missing.yaml")
     assert code == 2 and "does not exist" in err
     for line, message in (
         ("lr: fast", "lr: 'fast' is not a number"),
@@ -293,7 +287,7 @@ def test_config_file_errors_are_one_line(tmp_path, capsys):
         ("quantization: int8-rows", "quantization: 'int8-rows' is not one of nf4, fp4, int8"),
     ):
         bad.write_text(f"data: x.jsonl\n{line}\n")
-        code, _, err = _main(capsys, "train", "--config", bad)
+        code, _, err = run_cli(capsys, "train", "--config", bad)
         assert code == 2 and message in err and err.count("\n") == 1, err
 
 
@@ -357,12 +351,12 @@ def test_adapter_on_another_base_is_refused_unless_the_flag_is_given(
     model.save_pretrained(other)
     tiny_tokenizer.build().save_pretrained(other)
     argv = ["--model", other, "--adapter", trained / "adapter", "--data", jsonl]
-    code, _, err = _main(capsys, "eval", *argv)
+    code, _, err = run_cli(capsys, "eval", *argv)
     assert code == 2 and "trained on different base weights" in err
     assert "pass --allow-base-mismatch to load it anyway" in err and "=True" not in err
-    code, out, err = _main(capsys, "eval", *argv, "--allow-base-mismatch")
+    code, out, err = run_cli(capsys, "eval", *argv, "--allow-base-mismatch")
     assert code == 0 and json.loads(out)["examples"] == 24
-    code, _, err = _main(capsys, "merge", *argv[:4], "--output", tmp_path / "merged")
+    code, _, err = run_cli(capsys, "merge", *argv[:4], "--output", tmp_path / "merged")
     assert code == 2 and "--allow-base-mismatch" in err
 
 
@@ -378,7 +372,7 @@ def _refuse_to_load(monkeypatch):
 
 def test_errors_found_before_the_model_loads(tmp_path, capsys, monkeypatch, model_dir, jsonl):
     _refuse_to_load(monkeypatch)
-    code, _, err = _main(
+    code, _, err = run_cli(
         capsys,
         "train",
         "--model",
@@ -391,7 +385,7 @@ def test_errors_found_before_the_model_loads(tmp_path, capsys, monkeypatch, mode
         tmp_path / "o",
     )
     assert code == 2 and "nosuch" in err and "matched no module" in err and err.count("\n") == 1
-    code, _, err = _main(
+    code, _, err = run_cli(
         capsys,
         "train",
         "--model",
@@ -405,19 +399,19 @@ def test_errors_found_before_the_model_loads(tmp_path, capsys, monkeypatch, mode
     )
     assert code == 2 and "input_layernorm" in err and "cannot adapt" in err
     assert err.count("\n") == 1 and "Traceback" not in err
-    code, _, err = _main(capsys, "plan", model_dir, "--target-modules", "input_layernorm")
+    code, _, err = run_cli(capsys, "plan", model_dir, "--target-modules", "input_layernorm")
     assert code == 2 and "cannot adapt" in err and err.count("\n") == 1
     for command in (
         ["eval", "--data", jsonl],
         ["generate", "hi"],
         ["merge", "--output", tmp_path / "m"],
     ):
-        code, _, err = _main(capsys, *command, "--model", model_dir, "--adapter", tmp_path / "no")
+        code, _, err = run_cli(capsys, *command, "--model", model_dir, "--adapter", tmp_path / "no")
         assert code == 2 and f"adapter directory {tmp_path / 'no'} does not exist" in err
     file = tmp_path / "a-file"
     file.write_text("x")
     for command in (["merge", "--adapter", tmp_path / "no"], ["train", "--data", jsonl]):
-        code, _, err = _main(capsys, *command, "--model", model_dir, "--output", file)
+        code, _, err = run_cli(capsys, *command, "--model", model_dir, "--output", file)
         assert code == 2 and f"--output {file} is a file" in err and err.count("\n") == 1
     assert file.read_text() == "x"
 
@@ -426,7 +420,7 @@ def test_model_directory_without_tokenizer_is_one_line(tmp_path, capsys, model_d
     no_tokenizer = tmp_path / "weights-only"
     AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(no_tokenizer)
     capsys.readouterr()  # the bar of the load just above
-    code, _, err = _main(capsys, "generate", "hi", "--model", no_tokenizer)
+    code, _, err = run_cli(capsys, "generate", "hi", "--model", no_tokenizer)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert f"model directory '{no_tokenizer}' has no tokenizer files" in err
 
@@ -438,7 +432,7 @@ def test_cli_hides_the_weight_loading_bar_and_restores_it(capsys, model_dir):
 
     load_model(model_dir)  # the Python API shows transformers' bar by default
     assert "Loading weights" in capsys.readouterr().err
-    code, _, err = _main(capsys, "generate", "hi", "--model", model_dir, "--max-new-tokens", "2")
+    code, _, err = run_cli(capsys, "generate", "hi", "--model", model_dir, "--max-new-tokens", "2")
     assert code == 0 and "Loading weights" not in err
     assert transformers_logging.is_progress_bar_enabled()  # switched back on afterwards
 
@@ -478,13 +472,13 @@ def test_a_second_run_into_the_same_output_is_refused_until_overwrite(
         "2",
         "--no-progress",
     ]
-    assert _main(capsys, *argv, "--steps", "3", "--checkpoint-every", "3")[0] == 0
-    code, _, err = _main(capsys, *argv, "--steps", "2")
+    assert run_cli(capsys, *argv, "--steps", "3", "--checkpoint-every", "3")[0] == 0
+    code, _, err = run_cli(capsys, *argv, "--steps", "2")
     assert code == 2 and err.count("\n") == 1
     assert "holds a previous training run (adapter/, checkpoints/, metrics.jsonl)" in err
-    code, _, err = _main(capsys, *argv, "--steps", "2", "--resume", "--overwrite")
+    code, _, err = run_cli(capsys, *argv, "--steps", "2", "--resume", "--overwrite")
     assert code == 2 and "give one" in err
-    code, out, _ = _main(capsys, *argv, "--steps", "2", "--overwrite")
+    code, out, _ = run_cli(capsys, *argv, "--steps", "2", "--overwrite")
     assert code == 0 and json.loads(out.splitlines()[0])["steps"] == 2
     records = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").open()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]  # no zig-zag: the old run is gone
@@ -499,7 +493,7 @@ def test_train_gives_the_same_adapter_whether_or_not_the_model_was_in_the_cache(
 
     adapters = []
     for run in ("converted", "cached"):
-        code, _, _ = _main(
+        code, _, _ = run_cli(
             capsys,
             "train",
             "--data",
@@ -537,7 +531,7 @@ def test_allowed_base_mismatch_is_one_notice_saying_the_check_was_overridden(
     argv = ["--model", other, "--adapter", trained / "adapter", "--allow-base-mismatch"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        code, out, err = _main(capsys, "eval", *argv, "--data", jsonl)
+        code, out, err = run_cli(capsys, "eval", *argv, "--data", jsonl)
     assert code == 0 and json.loads(out)["examples"] == 24
     assert [str(w.message) for w in caught] == []  # no raw Python warning with a file path
     (line,) = err.splitlines()
@@ -558,7 +552,7 @@ def test_allowed_base_mismatch_is_one_notice_saying_the_check_was_overridden(
 
 
 def test_merge_shows_no_progress_bars(tmp_path, capsys, model_dir, trained):
-    code, out, err = _main(
+    code, out, err = run_cli(
         capsys,
         "merge",
         "--model",
@@ -584,13 +578,13 @@ def test_version(capsys):
 
 
 def test_argument_errors_name_the_command_once(capsys):
-    code, _, err = _main(capsys, "train", "--r", "abc")
+    code, _, err = run_cli(capsys, "train", "--r", "abc")
     assert code == 2 and "lorakit: error: lorakit" not in err
     assert err == (
         "lorakit: error: train: argument --r/--rank: invalid int value: 'abc' "
         "(see 'lorakit train --help')\n"
     )
-    code, _, err = _main(capsys, "nosuch")
+    code, _, err = run_cli(capsys, "nosuch")
     assert code == 2 and err.startswith(
         "lorakit: error: argument COMMAND: invalid choice: 'nosuch'"
     )
@@ -626,7 +620,7 @@ def test_train_prints_a_summary_and_counts_the_shortened_examples(
         "q_proj,v_proj",
         "--no-progress",
     ]
-    code, _, err = _main(capsys, *argv, "--output", tmp_path / "long")
+    code, _, err = run_cli(capsys, *argv, "--output", tmp_path / "long")
     # r (in + out) per module, 2 layers: q_proj 64 -> 64, v_proj 64 -> 32 (2 KV heads of 16)
     trainable = 2 * (2 * (64 + 64) + 2 * (64 + 32))
     total = trainable + sum(
@@ -637,7 +631,7 @@ def test_train_prints_a_summary_and_counts_the_shortened_examples(
         f"lorakit: training on 24 examples, 3 optimizer steps of 4 examples, {trainable:,} "
         f"trainable parameters ({100 * trainable / total:.2f}% of {total:,})"
     ]
-    code, _, err = _main(capsys, *argv, "--output", tmp_path / "short", "--max-length", "6")
+    code, _, err = run_cli(capsys, *argv, "--output", tmp_path / "short", "--max-length", "6")
     assert code == 0 and err.splitlines()[0] == (
         "lorakit: warning: 24 of 24 training examples are longer than --max-length 6 tokens and "
         "were shortened; raise --max-length to train on them whole"
@@ -746,11 +740,11 @@ def test_trainable_token_indices_from_a_config_file_and_a_bad_value(
         f"model: {model_dir}\ndata: {jsonl}\nsteps: 1\nbatch_size: 4\nno_progress: true\n"
         "target-modules: [q_proj]\ntrainable_token_indices: [4, 9]\n"
     )
-    code, _, _ = _main(capsys, "train", "--config", config, "--output", tmp_path / "o")
+    code, _, _ = run_cli(capsys, "train", "--config", config, "--output", tmp_path / "o")
     assert code == 0
     adapter = json.loads((tmp_path / "o" / "adapter" / "adapter_config.json").read_text())
     assert adapter["trainable_token_indices"] == [4, 9]
-    code, _, err = _main(
+    code, _, err = run_cli(
         capsys,
         "train",
         "--config",
@@ -771,14 +765,14 @@ def test_overwrite_deletes_the_previous_run_only_once_the_data_tokenized(
     the model loads: --overwrite must not have deleted the previous run by then."""
     argv = ["train", "--model", model_dir, "--data", jsonl, "--output", tmp_path / "o"]
     argv += ["--batch-size", "4", "--r", "2", "--no-progress", "--steps", "2"]
-    assert _main(capsys, *argv)[0] == 0
+    assert run_cli(capsys, *argv)[0] == 0
     before = sorted(p.name for p in (tmp_path / "o").iterdir())
 
     def refuse(*args, **kwargs):
         raise UserError("reviews.jsonl:3: the model's chat template refused the messages")
 
     monkeypatch.setattr(data, "tokenize_examples", refuse)
-    code, _, err = _main(capsys, *argv, "--overwrite")
+    code, _, err = run_cli(capsys, *argv, "--overwrite")
     assert code == 2 and "chat template refused" in err
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == before
     assert (tmp_path / "o" / "adapter" / "adapter_model.safetensors").is_file()
@@ -789,11 +783,11 @@ def test_a_resume_with_another_lr_is_refused_and_the_runs_record_kept(
 ):
     argv = ["train", "--model", model_dir, "--data", jsonl, "--output", tmp_path / "o"]
     argv += ["--batch-size", "4", "--r", "2", "--no-progress", "--steps", "4"]
-    assert _main(capsys, *argv, "--checkpoint-every", "2", "--lr", "1e-2")[0] == 0
-    code, _, err = _main(capsys, *argv, "--resume", "--lr", "1e-3")
+    assert run_cli(capsys, *argv, "--checkpoint-every", "2", "--lr", "1e-2")[0] == 0
+    code, _, err = run_cli(capsys, *argv, "--resume", "--lr", "1e-3")
     assert code == 2 and "--lr 0.001 (the checkpoint's: 0.01)" in err
     record = tmp_path / "o" / "train_settings.json"
     assert f"--config {record} --resume repeats them" in err
     assert json.loads(record.read_text())["lr"] == 1e-2  # the run's own settings, kept
-    code, out, _ = _main(capsys, "train", "--config", record, "--resume")
+    code, out, _ = run_cli(capsys, "train", "--config", record, "--resume")
     assert code == 0 and json.loads(out.splitlines()[0])["steps"] == 4

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 import lorakit
-from lorakit import LoraConfig, cli
+from lorakit import LoraConfig
 from lorakit.errors import TargetModulesError, UserError
 from lorakit.state import lora_layers
 from tests import tiny_models
+from tests.cli_runs import run_cli
 
 
 def _adapted_names(model: torch.nn.Module) -> list[str]:
@@ -114,16 +115,11 @@ def config_dir(tmp_path_factory):
     return directory
 
 
-def _main(capsys, *argv) -> tuple[int, str]:
-    code = cli.main([str(a) for a in argv])
-    return code, capsys.readouterr().err
-
-
 def test_plan_refuses_a_typo_in_target_modules(capsys, config_dir):
-    code, err = _main(capsys, "plan", config_dir, "--target-modules", "q_proj,v_prj")
+    code, _, err = run_cli(capsys, "plan", config_dir, "--target-modules", "q_proj,v_prj")
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert "'v_prj': did you mean 'v_proj'" in err
-    code, err = _main(capsys, "plan", config_dir, "--target-modules", "q_proj,v_proj")
+    code, _, err = run_cli(capsys, "plan", config_dir, "--target-modules", "q_proj,v_proj")
     assert code == 0
 
 
@@ -138,7 +134,7 @@ def test_train_refuses_a_typo_in_target_modules_before_loading(
     monkeypatch.setattr(lorakit.models, "load_model", refuse)
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "a", "completion": " b"}) + "\n")
-    code, err = _main(
+    code, _, err = run_cli(
         capsys,
         "train",
         "--model",
