@@ -131,9 +131,18 @@ def test_train_at_the_largest_seed_runs_two_epochs(tmp_path, capsys, model_dir, 
     """``seed + epoch`` (the second epoch's batches) stays within torch's range."""
     output = tmp_path / "out"
     code = train_cli(
-        model_dir, jsonl, output, "--epochs", "2", "--batch-size", "12", "--r", "2",
-        "--seed", str(2**63 - 1),
-    )  # fmt: skip
+        model_dir,
+        jsonl,
+        output,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "12",
+        "--r",
+        "2",
+        "--seed",
+        str(2**63 - 1),
+    )
     assert code == 0, capsys.readouterr().err
     steps = [json.loads(line) for line in (output / "metrics.jsonl").open()]
     assert [record["step"] for record in steps if "loss" in record] == [1, 2, 3, 4]
@@ -152,9 +161,19 @@ def test_generate_takes_torch_whole_seed_range(capsys, model_dir):
     assert generate_command.SEED_RANGE == SERVE_SEED_RANGE == (-(2**63), 2**64 - 1)
     for seed in (2**64 - 1, -(2**63)):
         code, _, err = run_cli(
-            capsys, "generate", "hi", "--model", model_dir, "--raw", "--seed", seed,
-            "--temperature", "1", "--max-new-tokens", "2",
-        )  # fmt: skip
+            capsys,
+            "generate",
+            "hi",
+            "--model",
+            model_dir,
+            "--raw",
+            "--seed",
+            seed,
+            "--temperature",
+            "1",
+            "--max-new-tokens",
+            "2",
+        )
         assert code == 0, err
 
 
@@ -196,8 +215,12 @@ def test_config_given_a_directory_says_so(tmp_path, capsys):
 
 def test_the_config_key_rank_is_r(tmp_path, capsys, model_dir, jsonl):
     config = _config(tmp_path, f"model: {model_dir}\ndata: {jsonl}\nsteps: 1\nrank: 4\n")
-    assert load_config_file(config) == {"model": str(model_dir), "data": str(jsonl), "steps": 1,
-                                        "r": 4}  # fmt: skip
+    assert load_config_file(config) == {
+        "model": str(model_dir),
+        "data": str(jsonl),
+        "steps": 1,
+        "r": 4,
+    }
     output = tmp_path / "out"
     code, _, err = run_cli(capsys, "train", "--config", config, "--output", output, "--no-progress")
     assert code == 0, err

@@ -80,9 +80,11 @@ def test_orthogonal_factors_equal_peft_for_the_same_seed(case):
 def test_orthogonal_starts_at_the_base_output_with_nonzero_factors(dtype):
     base = tiny_models.llama(dtype=dtype)
     config = lorakit.LoraConfig(
-        r=6, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"],
+        r=6,
+        lora_alpha=12,
+        target_modules=["q_proj", "v_proj", "down_proj"],
         init_lora_weights="orthogonal",
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     ours = lorakit.inject(copy.deepcopy(base), config)
     layer = ours.get_submodule("model.layers.0.mlp.down_proj")
@@ -134,9 +136,12 @@ def test_orthogonal_with_an_odd_rank_is_refused_and_changes_nothing(fields, rank
         target_modules=["q_proj", "down_proj"], init_lora_weights="orthogonal", **fields
     )
     _assert_refused_and_untouched(
-        tiny_models.llama(), config, "'orthogonal' needs an even rank", f"got rank {rank}",
+        tiny_models.llama(),
+        config,
+        "'orthogonal' needs an even rank",
+        f"got rank {rank}",
         "use an even r",
-    )  # fmt: skip
+    )
 
 
 def test_orthogonal_on_an_embedding_is_refused_naming_it():
@@ -144,9 +149,13 @@ def test_orthogonal_on_an_embedding_is_refused_naming_it():
         r=4, target_modules=["q_proj", "embed_tokens"], init_lora_weights="orthogonal"
     )
     _assert_refused_and_untouched(
-        tiny_models.llama(), config, "embedding Embedding(128, 64)", "nn.Linear / Conv1D",
-        "exclude_modules", "init_lora_weights=True",
-    )  # fmt: skip
+        tiny_models.llama(),
+        config,
+        "embedding Embedding(128, 64)",
+        "nn.Linear / Conv1D",
+        "exclude_modules",
+        "init_lora_weights=True",
+    )
 
 
 def test_orthogonal_on_a_quantized_layer_is_refused_naming_it():

@@ -23,10 +23,11 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "migrating-from-peft.md"
 
 CONFIGS = {
     "lora": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
-    "dora-saved": dict(r=2, target_modules=["q_proj", "v_proj"], use_dora=True,
-                       modules_to_save=["lm_head"]),
+    "dora-saved": dict(
+        r=2, target_modules=["q_proj", "v_proj"], use_dora=True, modules_to_save=["lm_head"]
+    ),
     "tokens": dict(r=2, target_modules=["q_proj"], trainable_token_indices=[1, 3]),
-}  # fmt: skip
+}
 TOKEN_DELTA = re.compile(r"^(.*)\.modules_to_save\.([^.]+)\.token_adapter\.trainable_tokens_delta$")
 
 
