@@ -30,6 +30,7 @@ from torch import nn
 
 from lorakit import functional
 from lorakit.analysis.spectrum import energy_rank
+from lorakit.analysis.uncaptured import tied_linears, uncaptured_changes
 from lorakit.analysis.updates import stream_linear_updates
 from lorakit.config import LoraConfig
 
@@ -110,66 +111,6 @@ class Extraction:
         }
 
 
-def _tied_linears(*models: nn.Module) -> dict[str, str]:
-    """``{linear module name: the other parameter its weight is}`` for every linear layer of
-    ``models`` whose weight tensor another parameter shares (tied weights)."""
-    from lorakit.layers.linear import is_conv1d
-    from lorakit.state import parameter_holders
-
-    tied: dict[str, str] = {}
-    for model in models:
-        names = parameter_holders(model)
-        for module_name, module in model.named_modules():
-            if not (isinstance(module, nn.Linear) or is_conv1d(module)):
-                continue
-            weight = module.weight
-            path = f"{module_name}.weight" if module_name else "weight"
-            shared = [n for n in names.get(id(weight), []) if n != path]
-            if shared and module_name not in tied:
-                tied[module_name] = shared[0]
-    return tied
-
-
-def _uncaptured_changes(
-    base: nn.Module,
-    finetuned: nn.Module,
-    captured: set[str],
-    tied: dict[str, str],
-    new: Mapping[str, str],
-) -> dict:
-    """``{"change": ||p_ft - p0||, "relative": change / ||p0|| (None if p0 = 0)}`` of every other
-    parameter the fine-tune moved (biases, norms, embeddings, heads); one of another shape (a
-    new head with other labels) has change None and both shapes. The weight of a linear layer
-    in ``tied`` (``{module: the parameter its weight is}``) has ``"note": "tied to <other>"``;
-    the parameters of a module in ``new`` (``{module: "base" | "fine-tuned"}``, newly
-    initialised at loading) have change None and a note naming the checkpoint they lack."""
-    tuned = dict(finetuned.named_parameters(remove_duplicate=False))
-    changes = {}
-    for name, parameter in base.named_parameters(remove_duplicate=False):
-        module_name = name.rsplit(".", 1)[0] if "." in name else ""
-        if name.endswith(".weight") and module_name in captured:
-            continue
-        other = tuned.get(name)
-        if other is None:
-            continue
-        if module_name in new:
-            note = f"not in the {new[module_name]} checkpoint (newly initialised): not extracted"
-            changes[name] = {"change": None, "relative": None, "note": note}
-            continue
-        if other.shape != parameter.shape:  # e.g. a new classification head: reshaped, not moved
-            changes[name] = {"change": None, "relative": None, "shapes": [*parameter.shape]}
-            changes[name]["finetuned_shapes"] = [*other.shape]
-            continue
-        if torch.equal(other, parameter):
-            continue
-        norm = float(parameter.detach().double().norm())
-        change = float((other.detach().double() - parameter.detach().double()).norm())
-        changes[name] = {"change": change, "relative": change / norm if norm > 0 else None}
-        if name.endswith(".weight") and module_name in tied:
-            changes[name]["note"] = f"tied to {tied[module_name]}"
-    return changes
-
-
 def _target_spec(model: nn.Module, names: list[str]) -> list[str]:
     """Module types (``q_proj``) when they select exactly ``names`` in ``model``, else full names."""
     from lorakit.targets import find_targets
@@ -198,7 +139,7 @@ def _streamed_factors(
 
 def _fixed_rank(rank: int, alpha: float):
     """``(name, (d, k)) -> (r, s)`` with r = min(rank, d, k) and s = ``alpha / rank`` for every
-    layer, a capped one too (its ``alpha_pattern`` entry, ``_uniform_scale``, keeps that s)."""
+    layer, a capped one too (its ``alpha_pattern`` entry, ``_extracted_config``, keeps that s)."""
     scale = functional.scaling(rank, alpha, False)
 
     def rank_and_scale(name: str, shape: tuple[int, int]) -> tuple[int, float]:
@@ -207,13 +148,22 @@ def _fixed_rank(rank: int, alpha: float):
     return rank_and_scale
 
 
-def _uniform_scale(rank_pattern: dict[str, int], alpha: float, rank: int) -> dict[str, float]:
-    """``alpha_pattern`` giving every ``rank_pattern`` layer the file's own scale ``alpha /
-    rank``: ``alpha * r_i / rank`` (so ``alpha_i / r_i = alpha / rank``). Readers that apply
-    one ``lora_alpha / r`` to every module (LoRAX, vLLM before it read the patterns) then
-    compute the same ΔW as PEFT; without it they scaled a rank-2 layer of a rank-6 file by a
-    third."""
-    return {name: alpha * layer_rank / rank for name, layer_rank in rank_pattern.items()}
+def _extracted_config(
+    base: nn.Module, ranks: dict[str, int], rank: int, alpha: float
+) -> LoraConfig:
+    """The adapter's config: r = ``rank``, ``ranks`` that differ in ``rank_pattern``, and for
+    each of those an ``alpha_pattern`` entry ``alpha * r_i / rank`` keeping the file's one
+    scale ``alpha / rank`` (``alpha_i / r_i = alpha / rank``). Readers that apply one
+    ``lora_alpha / r`` to every module (LoRAX, vLLM before it read the patterns) then compute
+    the same ΔW as PEFT; without it they scaled a rank-2 layer of a rank-6 file by a third."""
+    rank_pattern = {name: r for name, r in ranks.items() if r != rank}
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=_target_spec(base, list(ranks)),
+        rank_pattern=rank_pattern,
+        alpha_pattern={name: alpha * r / rank for name, r in rank_pattern.items()},
+    )
 
 
 def _config_rank(config: LoraConfig):
@@ -272,7 +222,7 @@ def extract_lora(
     ``capped`` and get ``rank_pattern`` entries; at r = min(d, k) a layer's (d + k) r
     parameters are no fewer than ΔW's d k) or ``energy`` (per layer, the smallest r keeping
     that share of ``||ΔW||_F^2``, capped at ``max_rank``). ``lora_alpha``
-    defaults to the config's r; each layer's scale s comes from ``functional.scaling``.
+    defaults to the config's r; every layer's scale is ``lora_alpha / r`` (``_extracted_config``).
     ``exclude``: module names left out (e.g. a new classification head, better saved in full);
     their changes are then listed in ``uncaptured``, as are those of linear layers whose weight
     is tied to another parameter (never given a LoRA, noted "tied to <other>").
@@ -288,9 +238,9 @@ def extract_lora(
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank}")
     new = dict(newly_initialised or {})
-    tied = _tied_linears(base, finetuned)
+    tied = tied_linears(base, finetuned)
     # a layer of another shape (a resized head) is skipped here and reported by
-    # _uncaptured_changes (or, when no layer matches, by refuse_incomparable)
+    # uncaptured_changes (or, when no layer matches, by refuse_incomparable)
     skipped = set(exclude) | set(tied) | set(new)
     if rank is not None:
         rank_and_scale = _fixed_rank(rank, float(lora_alpha or rank))
@@ -303,19 +253,11 @@ def extract_lora(
         common = max(ranks.values(), default=1)
     if not ranks:
         _refuse_nothing_left(base, finetuned, new)
-    alpha = float(lora_alpha or common)
-    rank_pattern = {name: r for name, r in ranks.items() if r != common}
-    config = LoraConfig(
-        r=common,
-        lora_alpha=alpha,
-        target_modules=_target_spec(base, list(ranks)),
-        rank_pattern=rank_pattern,
-        alpha_pattern=_uniform_scale(rank_pattern, alpha, common),
-    )
+    config = _extracted_config(base, ranks, common, float(lora_alpha or common))
     if rank is None:  # (second pass: the ranks the config gives)
         factors, layers = _streamed_factors(base, finetuned, skipped, _config_rank(config))
     dense = sum(layer.shape[0] * layer.shape[1] for layer in layers)
-    uncaptured = _uncaptured_changes(base, finetuned, set(ranks), tied, new)
+    uncaptured = uncaptured_changes(base, finetuned, set(ranks), tied, new)
     return Extraction(config, factors, layers, dense, uncaptured)
 
 
