@@ -19,7 +19,7 @@ import lorakit
 from lorakit.errors import BaseModelMismatchError, UserError
 from lorakit.io import load_adapter, save_adapter
 from lorakit.io.summary import summarize_adapter
-from lorakit.quantized.bnb import round_trip
+from lorakit.quantized.round_trip import round_trip
 from tests import tiny_models
 
 TOLERANCE = 1e-5

@@ -1,4 +1,4 @@
-"""LoftQ's 4-bit quantizer (``lorakit.quantized.bnb.round_trip``) against a plain-torch NF4
+"""LoftQ's 4-bit quantizer (``lorakit.quantized.round_trip``) against a plain-torch NF4
 reference written here, at shapes whose row length is not a multiple of the block size 64.
 
 bitsandbytes 0.50's CPU ``dequantize_4bit`` decodes a 2-D weight whose row length is a multiple
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.quantized.bnb import round_trip
+from lorakit.quantized.round_trip import round_trip
 from tests import tiny_models
 
 # The 16 NF4 values (QLoRA paper, appendix E; bitsandbytes' ``get_4bit_type("nf4")``), code 0..15.

@@ -123,7 +123,7 @@ def _loftq(
     """``loftq_factors`` with ``Q`` as a ``Residual``: it quantizes ``W0 - B' A'`` again from
     the step before last's factors (or ``W0``), the same float32 operations on the same
     tensors, so the same bits, without holding a full-size ``Q`` per layer."""
-    from lorakit.quantized.bnb import round_trip
+    from lorakit.quantized.round_trip import round_trip
 
     previous = None  # (B, A) of the step before, which the last target subtracts
     target = weight
