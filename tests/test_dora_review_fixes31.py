@@ -19,6 +19,7 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM
 
 import lorakit
 from lorakit import fast, functional
@@ -235,6 +236,35 @@ def test_load_from_model_refuses_a_lora_bias_as_a_bias() -> None:
     message = str(error.value)
     assert "q_proj.lora_B.bias" in message and "lora_bias" in message
     assert "magnitude" not in message and "trained copy of a module" not in message
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (
+            {"modules_to_save": ["lm_head"]},
+            "lm_head.weight' is not a LoRA linear weight: it is a trained copy of a module",
+        ),
+        ({"bias": "all"}, "bias' is not a LoRA linear weight: it is a bias"),
+    ],
+)
+def test_load_from_model_refuses_what_a_file_of_the_adapter_would_be_refused_for(extra, named):
+    """load_from_model took only the LoRA layers' tensors: an adapter with a saved module or
+    trained base biases was served without them, another model than the adapter's. It now
+    takes what a save writes (io.save.adapter_file_entries), and the bank refuses those
+    tensors by name as from a file."""
+    torch.manual_seed(0)
+    reference = LlamaForCausalLM(tiny_models.llama_config(attention_bias=True)).eval()
+    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], **extra)
+    lorakit.inject(reference, config, adapter_name="x")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_models.llama_config(attention_bias=True)).eval()
+    prepare_for_serving(model, ["q_proj"])
+    bank = AdapterBank(model, max_rank=4, capacity=2)
+    with pytest.raises(AdapterFileError, match="is not a LoRA linear weight") as error:
+        bank.load_from_model("x", reference, "x")
+    assert named in str(error.value)
+    assert "x" not in bank
 
 
 def test_load_from_model_still_takes_a_dora_adapters_magnitude() -> None:

@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.io.keys import lora_bias_key, lora_keys, magnitude_key
 from lorakit.layer_wrapping import default_adapter_dtype
 from lorakit.layers import LoraLinear
 from lorakit.serve.checks import PreparedAdapter, lora_pairs, prepare_adapter
@@ -332,28 +331,13 @@ class AdapterBank(LazyLoads):
     def load_from_model(
         self, name: str, model: nn.Module, adapter_name: str = "default", *, pin: bool = False
     ) -> int:
-        """Copy adapter ``adapter_name`` of an injected (in-memory) ``model`` into the bank."""
-        config = adapter_configs(model)[adapter_name]
-        tensors = {}
-        for path, layer in lora_layers(model):
-            if adapter_name in layer.ranks:
-                tensors.update(_layer_tensors(path, layer, adapter_name))
-        return self.load(name, config, tensors, pin=pin)
+        """Copy adapter ``adapter_name`` of an injected (in-memory) ``model`` into the bank: the
+        tensors a save would write (``io.save.adapter_file_entries``), under their file keys,
+        so what the bank cannot serve (a bias on B, a saved module, trained biases or token
+        rows) is refused naming it, as from a file."""
+        from lorakit.io.keys import model_tensor
+        from lorakit.io.save import adapter_file_entries
 
-
-def _layer_tensors(path: str, layer: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """The file tensors of ``adapter_name`` on the LoRA layer at ``path``, under PEFT's keys:
-    A and B, DoRA's magnitude for a DoRA adapter only, and a ``lora_bias`` bias on B (which
-    ``load`` then refuses by its own key, ``<path>.lora_B.bias``, as in a file).
-    ``adapter_parameters`` lists them in that order, so its third entry is the magnitude only
-    when the adapter is DoRA: the layer is asked which it is."""
-    key_A, key_B = lora_keys(path, is_embedding=False)
-    lora_A, lora_B = layer.adapter_parameters(adapter_name)[:2]
-    tensors = {key_A: lora_A.detach(), key_B: lora_B.detach()}
-    if layer.is_dora(adapter_name):
-        tensors[magnitude_key(path)] = layer.lora_magnitude_vector[adapter_name].weight.detach()
-    lora_bias_of = getattr(layer, "lora_bias_of", None)  # linear layers only
-    bias = lora_bias_of(adapter_name) if lora_bias_of is not None else None
-    if bias is not None:
-        tensors[lora_bias_key(path)] = bias.detach()
-    return tensors
+        entries, _ = adapter_file_entries(model, adapter_name, [])
+        tensors = {e.key: model_tensor(model, e, adapter_name).detach() for e in entries}
+        return self.load(name, adapter_configs(model)[adapter_name], tensors, pin=pin)
