@@ -262,14 +262,12 @@ def _prompt_is_raw(args: argparse.Namespace, tokenizer) -> bool:
     return not template
 
 
-SEED_RANGE = (-(2**63), 2**64 - 1)
-"""What ``torch.manual_seed`` takes (``serve.sampling.SEED_RANGE``, not imported here: that
-module loads torch, and a bad flag is refused before anything loads)."""
-
-
 def _check_seed(seed: int) -> None:
-    """``UserError`` for a ``--seed`` that ``torch.manual_seed`` cannot take (its ValueError
-    "Overflow when unpacking long long" is no message for a flag)."""
+    """``UserError`` for a ``--seed`` that ``torch.manual_seed`` cannot take
+    (``serve.sampling.SEED_RANGE``; its ValueError "Overflow when unpacking long long" is no
+    message for a flag)."""
+    from lorakit.serve.sampling import SEED_RANGE
+
     if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
         raise UserError(f"--seed must be an integer in [-2**63, 2**64 - 1], got {seed}")
 
