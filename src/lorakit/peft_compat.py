@@ -223,13 +223,16 @@ class PeftModel(PeftFilesMixin, PeftMergingMixin, nn.Module):
 
     def disable_adapter_layers(self) -> None:
         """PEFT's: until ``enable_adapter_layers`` the model computes the base output (no
-        weight changes; a merge stays) and the adapters are frozen. Use
-        ``with peft_model.disable_adapter():`` (or ``lorakit.disabled``) for a block."""
+        weight changes; a merge stays) and the adapters' tensors (``adapter_tensors``) are
+        frozen; biases trained by ``bias="all"`` / ``"lora_only"`` keep their flags, as in PEFT.
+        Use ``with peft_model.disable_adapter():`` (or ``lorakit.disabled``) for a block."""
         if self._layers_disabled:
             return
         warn_trained_biases(self.model, "disable_adapter_layers")
         self.__dict__["_active_before_disable"] = self.active_adapters
-        set_active(self.model, ())
+        set_active(self.model, (), trainable=False)
+        for parameter in adapter_tensors(self.model):
+            parameter.requires_grad_(False)
 
     @property
     def _layers_disabled(self) -> bool:
