@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--temperature",
         type=float,
         default=0.0,
-        help="0: greedy; > 0: sample at this temperature (default: %(default)s)",
+        help="0 (or below 1e-5): greedy; above: sample at this temperature (default: %(default)s)",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed for sampling (default: %(default)s)"
@@ -82,6 +82,7 @@ def generate_text(
     import torch
 
     from lorakit.data.chat import chat_prompt_ids, has_chat_template
+    from lorakit.serve.sampling import GREEDY_BELOW
 
     if not raw and has_chat_template(tokenizer):  # the prompt as training and the server see it
         ids = torch.tensor([chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])])
@@ -90,7 +91,8 @@ def generate_text(
         encoded = tokenizer(prompt, return_tensors="pt")
     prompt_ids = encoded["input_ids"][0].tolist()
     _check_length(model, len(prompt_ids), max_new_tokens)
-    if temperature == 0 and isinstance(model, torch.nn.Module):
+    # below GREEDY_BELOW, logits / T overflows (softmax: NaN): greedy, as the server decodes
+    if temperature < GREEDY_BELOW and isinstance(model, torch.nn.Module):
         ids = engine_greedy(model, prompt_ids, max_new_tokens)
     else:
         with torch.no_grad():
