@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lorakit.positions import learned_position_limit
 from lorakit.serve.admission import Admission
 from lorakit.serve.bank import AdapterBank
 from lorakit.serve.cold_loads import ColdLoads
@@ -127,6 +128,7 @@ class Engine(Admission, Prefill, Submission):
         self._batched_prefill = self._allows_batched_prefill()  # (``lorakit.serve.prefill``)
         self.tokenizer = tokenizer
         self.vocab_size = vocabulary_size(model)
+        self.position_limit = learned_position_limit(model)  # (``Submission.submit``)
         self.max_batch = max_batch
         self.max_loras = max_loras
         self.max_waiting = max_waiting

@@ -6,7 +6,7 @@ keeps its place until it is queued, so requests refused with a 429 load no adapt
 
 The engine's state this reads and changes: ``_waiting`` (the queue, under ``_wake``),
 ``_deferred`` (requests the admission holds aside at a token boundary, still waiting),
-``_reserved``, ``_stopping``, ``max_waiting``, ``vocab_size`` and its ``_parked``.
+``_reserved``, ``_stopping``, ``max_waiting``, ``vocab_size``, ``position_limit`` and its ``_parked``.
 """
 
 from __future__ import annotations
@@ -46,9 +46,18 @@ class Submission:
         those waiting for ``max_loras`` or a slot while others are admitted, counted),
         ``QueueFullError``; a prompt that is empty or holds an id outside the model's
         vocabulary ``[0, vocab_size)``, or a stop token id outside it, ``ValueError`` naming
-        the id and its position."""
+        the id and its position; a prompt whose last new token would need a row past a learned
+        position table (prompt + max_tokens - 1 positions fed; ``position_limit``),
+        ``ValueError`` (it would fail the batch it ran in)."""
         if not prompt_ids:
             raise ValueError("the prompt is empty; give at least one token.")
+        fed = len(prompt_ids) + params.max_tokens - 1
+        if self.position_limit is not None and fed > self.position_limit:
+            raise ValueError(
+                f"the prompt's {len(prompt_ids)} tokens and max_tokens {params.max_tokens} "
+                f"feed {fed} positions; the model's learned position table has "
+                f"{self.position_limit}: shorten the prompt or lower max_tokens."
+            )
         check_token_ids(prompt_ids, "prompt token", self.vocab_size)
         check_token_ids(params.stop_token_ids, "stop_token_ids", self.vocab_size)
         request = GenerationRequest(list(prompt_ids), adapter, params, on_event)
