@@ -13,25 +13,30 @@ Quick start::
     model = lorakit.merge_and_unload(model)        # plain model, zero inference overhead
 """
 
-from lorakit.accounting import ParameterCount, count_parameters, print_trainable_parameters
-from lorakit.combining import combine
-from lorakit.config import LoraConfig, TaskType
-from lorakit.errors import AdapterFileError, BaseModelMismatchError, UserError
-from lorakit.eva import initialize_lora_eva_weights
-from lorakit.init_methods import EvaConfig, LoftQConfig
-from lorakit.inject import inject, unload
-from lorakit.io import load_adapter, read_adapter, save_adapter, save_merged_model
-from lorakit.merge import merge, merge_and_unload, unmerge
-from lorakit.peft_compat import PeftModel, get_peft_model
-from lorakit.state import (
-    active_adapters,
-    adapter_configs,
-    delete_adapter,
-    disabled,
-    set_active,
-    use_adapters,
-)
-from lorakit.targets import find_targets
+from typing import TYPE_CHECKING
+
+from lorakit.lazy_exports import lazy_exports
+
+if TYPE_CHECKING:  # the names below, for type checkers; at run time ``__getattr__`` loads them
+    from lorakit.accounting import ParameterCount, count_parameters, print_trainable_parameters
+    from lorakit.combining import combine
+    from lorakit.config import LoraConfig, TaskType
+    from lorakit.errors import AdapterFileError, BaseModelMismatchError, UserError
+    from lorakit.eva import initialize_lora_eva_weights
+    from lorakit.init_methods import EvaConfig, LoftQConfig
+    from lorakit.inject import inject, unload
+    from lorakit.io import load_adapter, read_adapter, save_adapter, save_merged_model
+    from lorakit.merge import merge, merge_and_unload, unmerge
+    from lorakit.peft_compat import PeftModel, get_peft_model
+    from lorakit.state import (
+        active_adapters,
+        adapter_configs,
+        delete_adapter,
+        disabled,
+        set_active,
+        use_adapters,
+    )
+    from lorakit.targets import find_targets
 
 __version__ = "0.1.0"
 
@@ -67,3 +72,39 @@ __all__ = [
     "unmerge",
     "use_adapters",
 ]
+
+_HOMES = {
+    "ParameterCount": "accounting",
+    "count_parameters": "accounting",
+    "print_trainable_parameters": "accounting",
+    "combine": "combining",
+    "LoraConfig": "config",
+    "TaskType": "config",
+    "AdapterFileError": "errors",
+    "BaseModelMismatchError": "errors",
+    "UserError": "errors",
+    "initialize_lora_eva_weights": "eva",
+    "EvaConfig": "init_methods",
+    "LoftQConfig": "init_methods",
+    "inject": "inject",
+    "unload": "inject",
+    "load_adapter": "io",
+    "read_adapter": "io",
+    "save_adapter": "io",
+    "save_merged_model": "io",
+    "merge": "merge",
+    "merge_and_unload": "merge",
+    "unmerge": "merge",
+    "PeftModel": "peft_compat",
+    "get_peft_model": "peft_compat",
+    "active_adapters": "state",
+    "adapter_configs": "state",
+    "delete_adapter": "state",
+    "disabled": "state",
+    "set_active": "state",
+    "use_adapters": "state",
+    "find_targets": "targets",
+}
+
+
+lazy_exports(__name__, _HOMES)

@@ -27,7 +27,7 @@ from lorakit.demo_files import (
     write_summary,
 )
 from lorakit.model_specs import recorded_spec
-from lorakit.quantized.loading import TRAINABLE_QUANTIZATIONS
+from lorakit.quantization_names import TRAINABLE_QUANTIZATIONS
 from lorakit.train.config import SettingError, setting
 
 __all__ = ["DEMO_MARKER", "DemoSettings", "run_demo", "summary_lines"]

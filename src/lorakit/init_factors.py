@@ -35,9 +35,10 @@ from collections.abc import Callable
 
 import torch
 
-from lorakit.init_methods import DRAW_DTYPE, PISSA_VALUE, LoftQConfig
+from lorakit.init_methods import PISSA_VALUE, LoftQConfig
 
 __all__ = [
+    "DRAW_DTYPE",
     "Residual",
     "factors_for",
     "loftq_factors",
@@ -45,6 +46,11 @@ __all__ = [
     "orthogonal_factors",
     "pissa_factors",
 ]
+
+DRAW_DTYPE = torch.float32
+"""The dtype new factors are drawn in, whatever dtype they are stored in (cast afterwards):
+PEFT's ``nn.Linear`` / ``torch.randn`` draw in the default dtype, float32, and cast to the base
+dtype, so a seed gives PEFT's values on a float64 base too (a float64 draw gives others)."""
 
 Residual = Callable[[torch.Tensor], torch.Tensor]
 """``W_res = residual(W0)``: a base-changing init's new base from the float32 ``W0`` (d, k)."""

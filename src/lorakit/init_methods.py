@@ -2,8 +2,7 @@
 PEFT's values and how it reads them (``canonical_init``: the case rules), which of them rewrite
 the base weight (PiSSA, OLoRA, LoftQ: ``changes_base``; CorDA and LoRA-GA, PEFT-only:
 ``changes_base_in_peft_only``), the messages for PEFT's values lorakit does not implement (MiCA,
-CorDA, LoRA-GA: ``not_implemented_message``), the dtype every drawn init draws in
-(``DRAW_DTYPE``), and the settings of EVA (``EvaConfig``, ``lorakit.eva``) and LoftQ
+CorDA, LoRA-GA: ``not_implemented_message``), and the settings of EVA (``EvaConfig``, ``lorakit.eva``) and LoftQ
 (``LoftQConfig``). The factors themselves are computed in ``lorakit.init_factors``.
 """
 
@@ -13,11 +12,8 @@ import math
 import re
 from dataclasses import dataclass
 
-import torch
-
 __all__ = [
     "BASE_CHANGING_INITS",
-    "DRAW_DTYPE",
     "EvaConfig",
     "LoftQConfig",
     "canonical_init",
@@ -36,11 +32,6 @@ PEFT_ONLY_BASE_CHANGING_INITS = ("corda", "lora_ga")
 # its LoRA layer); every other one ("pissa...", "loftq", "eva", "orthogonal", ...) exactly.
 CASE_INSENSITIVE_INITS = ("gaussian", "mica", "olora")
 PISSA_VALUE = re.compile(r"pissa(?:_niter_(\d+))?")  # "pissa", "pissa_niter_K" (group 1: K)
-DRAW_DTYPE = torch.float32
-"""The dtype new factors are drawn in, whatever dtype they are stored in (cast afterwards):
-PEFT's ``nn.Linear`` / ``torch.randn`` draw in the default dtype, float32, and cast to the base
-dtype, so a seed gives PEFT's values on a float64 base too (a float64 draw gives others)."""
-
 _CONVERT_FIRST = (
     "initialise, train and save it with peft, converting it on saving "
     "(save_pretrained(..., path_initial_model_for_weight_conversion=<the adapter saved right "

@@ -18,8 +18,6 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import torch
-
 from lorakit.errors import UserError, first_line
 
 __all__ = [
@@ -223,6 +221,8 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
     writing the cache with ``OSError`` or safetensors' ``SafetensorError`` (a full disk).
     """
     print(f"lorakit: converting {gguf_path.name} to {target} (once, ~30 s) ...", file=sys.stderr)
+    import torch  # (here: ``lorakit --help`` reads this module's names without torch)
+
     if not gguf_path.is_file():
         raise GgufReadError("no such file")
     try:
@@ -236,6 +236,7 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
 
 def _dequantised_model(gguf_path: Path):
     """``(plain fp32 model, tokenizer with a pad token)`` read from the GGUF file."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name

@@ -9,6 +9,7 @@ import sys
 import warnings
 
 from lorakit.errors import UserError
+from lorakit.quantization_names import QUANTIZATIONS
 
 DTYPES = ("float32", "bfloat16", "float16")
 """The ``--dtype`` choices of the commands that load a model to run it (eval, generate, serve)."""
@@ -78,7 +79,7 @@ def add_quantization_option(parser: argparse.ArgumentParser) -> None:
     """``--quantization``: load ``--model`` as a quantized base (docs/quantized.md)."""
     parser.add_argument(
         "--quantization",
-        choices=["nf4", "fp4", "int8", "gguf", "int8-rows", "int4-groups"],
+        choices=QUANTIZATIONS,
         help="load --model quantized, as an adapter trained with lorakit train --quantization "
         "needs: nf4, fp4, int8 (bitsandbytes, on the CPU) or gguf (a built-in model's GGUF "
         "blocks); or int8-rows (lorakit's weight-only int8 of every linear layer: fast CPU "

@@ -13,11 +13,16 @@
 Format facts and lorakit's additions: docs/adapter-files.md.
 """
 
+from typing import TYPE_CHECKING
+
 from lorakit.io import atomic
-from lorakit.io.load import load_adapter
-from lorakit.io.merged import save_merged_model
-from lorakit.io.read import AdapterFile, read_adapter
-from lorakit.io.save import save_adapter
+from lorakit.lazy_exports import lazy_exports
+
+if TYPE_CHECKING:  # at run time ``__getattr__`` loads these on first use
+    from lorakit.io.load import load_adapter
+    from lorakit.io.merged import save_merged_model
+    from lorakit.io.read import AdapterFile, read_adapter
+    from lorakit.io.save import save_adapter
 
 __all__ = [
     "AdapterFile",
@@ -27,3 +32,14 @@ __all__ = [
     "save_adapter",
     "save_merged_model",
 ]
+
+lazy_exports(
+    __name__,
+    {
+        "AdapterFile": "read",
+        "load_adapter": "load",
+        "read_adapter": "read",
+        "save_adapter": "save",
+        "save_merged_model": "merged",
+    },
+)

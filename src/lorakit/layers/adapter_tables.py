@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from lorakit import functional
-from lorakit.init_methods import DRAW_DTYPE
+from lorakit.init_factors import DRAW_DTYPE
 
 __all__ = ["AdapterTables", "round_through_base_dtype"]
 
@@ -103,7 +103,7 @@ class AdapterTables:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """New A and B of ``factor_shapes(rank)`` in ``dtype`` on the base weight's device,
         initialised by ``init_factors`` (left uninitialised when ``init`` is None); drawn in
-        float32 whatever ``dtype`` is, then cast (``init_methods.DRAW_DTYPE``: PEFT draws in
+        float32 whatever ``dtype`` is, then cast (``init_factors.DRAW_DTYPE``: PEFT draws in
         float32, ``nn.Linear``'s and ``torch.randn``'s default, and casts to the base dtype, so
         a seed gives PEFT's factors on a float64 base too; a bfloat16 draw lands elements near
         a rounding boundary on other values). The drawn inits (True, False, "gaussian",

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lorakit import functional
-from lorakit.init_methods import DRAW_DTYPE
+from lorakit.init_factors import DRAW_DTYPE
 from lorakit.layers.adapter_tables import round_through_base_dtype
 
 __all__ = ["LoraBiasMixin", "LoraBiases"]

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import UserError
+from lorakit.quantization_names import QUANTIZATIONS, TRAINABLE_QUANTIZATIONS
 
 __all__ = [
     "QUANTIZATIONS",
@@ -47,9 +48,6 @@ __all__ = [
     "refuse_no_block_layer",
     "weight_only_part",
 ]
-
-QUANTIZATIONS = ("nf4", "fp4", "int8", "gguf", "int8-rows", "int4-groups")
-TRAINABLE_QUANTIZATIONS = ("nf4", "fp4", "int8", "gguf")  # train / demo (the others: inference)
 
 
 def check_quantization(

@@ -12,13 +12,18 @@ run), ``schedule`` (warmup + cosine), ``optim`` (AdamW, LoRA+ groups), ``batches
 (JSONL, loss curve), ``distributed`` (torchrun / DDP), ``loop`` (the loop itself).
 """
 
-from lorakit.train.batches import BatchOrder, pad_collate
-from lorakit.train.checkpoint_dirs import latest_checkpoint
-from lorakit.train.config import TrainingConfig
-from lorakit.train.loop import TrainResult, enable_gradient_checkpointing, train
-from lorakit.train.losses import evaluate, exact_match_counts
-from lorakit.train.optim import build_optimizer, parameter_groups
-from lorakit.train.schedule import lr_factor
+from typing import TYPE_CHECKING
+
+from lorakit.lazy_exports import lazy_exports
+
+if TYPE_CHECKING:  # at run time ``__getattr__`` loads these on first use
+    from lorakit.train.batches import BatchOrder, pad_collate
+    from lorakit.train.checkpoint_dirs import latest_checkpoint
+    from lorakit.train.config import TrainingConfig
+    from lorakit.train.loop import TrainResult, enable_gradient_checkpointing, train
+    from lorakit.train.losses import evaluate, exact_match_counts
+    from lorakit.train.optim import build_optimizer, parameter_groups
+    from lorakit.train.schedule import lr_factor
 
 __all__ = [
     "BatchOrder",
@@ -34,3 +39,21 @@ __all__ = [
     "parameter_groups",
     "train",
 ]
+
+lazy_exports(
+    __name__,
+    {
+        "BatchOrder": "batches",
+        "TrainResult": "loop",
+        "TrainingConfig": "config",
+        "build_optimizer": "optim",
+        "enable_gradient_checkpointing": "loop",
+        "evaluate": "losses",
+        "exact_match_counts": "losses",
+        "latest_checkpoint": "checkpoint_dirs",
+        "lr_factor": "schedule",
+        "pad_collate": "batches",
+        "parameter_groups": "optim",
+        "train": "loop",
+    },
+)

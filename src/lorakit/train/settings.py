@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import UserError
-from lorakit.quantized.loading import TRAINABLE_QUANTIZATIONS
+from lorakit.quantization_names import TRAINABLE_QUANTIZATIONS
 from lorakit.train.config import (
     SettingError,
     TrainingConfig,
