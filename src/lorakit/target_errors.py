@@ -17,6 +17,7 @@ from lorakit.errors import TargetModulesError
 from lorakit.layers import is_linear
 from lorakit.targets import (
     _excluded,
+    _layer_index,
     _saved_module_of,
     matches,
     model_modules,
@@ -67,7 +68,8 @@ def no_match_message(model: nn.Module, config: LoraConfig) -> str:
 
 def _why_matches_were_removed(model: nn.Module, config: LoraConfig, spec: str | list[str]) -> str:
     """Which fields took away the modules ``spec`` matches (for a config that adapts nothing):
-    ``exclude_modules``, ``modules_to_save`` (with a ``SEQ_CLS`` head), ``layers_to_transform``,
+    ``exclude_modules``, ``modules_to_save`` (with a ``SEQ_CLS`` head), ``layers_to_transform``
+    (or a ``layers_pattern`` that names no layer container, so no module has a layer index),
     each with the modules it took and what to change; "" when ``spec`` matched no module."""
     matched = [name for name, _ in model_modules(model) if name and matches(spec, name)]
     saved = saved_module_entries(config)
@@ -86,10 +88,63 @@ def _why_matches_were_removed(model: nn.Module, config: LoraConfig, spec: str | 
             "trained in full; drop them from modules_to_save to adapt them)"
         )
     if other_layers and config.layers_to_transform is not None:
+        unfound = _unfound_layers_pattern(model, config, matched, other_layers)
         reasons.append(
-            f"layers_to_transform={config.layers_to_transform!r} removed {other_layers[:5]}"
+            unfound
+            or f"layers_to_transform={config.layers_to_transform!r} removed {other_layers[:5]}"
         )
     return "; ".join(reasons)
+
+
+def _layer_containers(names: list[str]) -> list[str]:
+    """The name parts followed by a layer number and more parts (``transformer.h.0.attn.c_attn``
+    -> ``h``; ``model.layers.0.mlp.experts.1.w1`` -> ``layers``, ``experts``): the values
+    ``layers_pattern`` can take for these modules, outermost first, each once."""
+    containers: dict[str, None] = {}
+    for name in names:
+        parts = name.split(".")
+        for i in range(len(parts) - 2):
+            if parts[i + 1].isdigit() and not parts[i].isdigit():
+                containers.setdefault(parts[i])
+    return list(containers)
+
+
+def _unfound_layers_pattern(
+    model: nn.Module, config: LoraConfig, matched: list[str], removed: list[str]
+) -> str:
+    """Why ``layers_to_transform`` removed ``removed`` when ``layers_pattern`` is the cause: no
+    matched module has ``<layers_pattern>.<digits>.`` in its path, so no module gets a layer
+    index (GPT-2's layers are ``transformer.h.<i>``: ``layers_pattern="layers"`` finds none).
+    Names the containers that do hold the matched modules and what to change; "" when
+    ``layers_pattern`` is unset or finds a layer index in some matched name (then the index
+    itself is what ``layers_to_transform`` did not select)."""
+    pattern = config.layers_pattern
+    if not pattern or any(_layer_index(name, pattern) is not None for name in matched):
+        return ""
+    model_names = [name for name, _ in model_modules(model) if name]
+    where = (
+        "of the matched modules"
+        if any(_layer_index(name, pattern) is not None for name in model_names)
+        else f"of this {type(model).__name__}"
+    )
+    shown = pattern if isinstance(pattern, str) else "|".join(pattern)
+    message = (
+        f"layers_pattern={pattern!r} names no layer container {where} (no matched module has "
+        f"'{shown}.<number>.' in its path), so layers_to_transform="
+        f"{config.layers_to_transform!r} found no layer index and removed {removed[:5]}"
+    )
+    containers = _layer_containers(matched)
+    if not containers:
+        return message + (
+            " (the matched modules' paths hold no layer number: drop layers_to_transform and "
+            "layers_pattern to adapt them)"
+        )
+    drop = any(_layer_index(name, None) is not None for name in removed)
+    return message + (
+        f"; the layer containers in the matched modules' paths are {containers}: set "
+        f"layers_pattern to one of them (e.g. layers_pattern={containers[0]!r})"
+        + (" or drop it" if drop else "")
+    )
 
 
 def check_every_entry_matches(
