@@ -1,8 +1,12 @@
 """Bytes a quantized frozen base takes, before it is loaded (``lorakit plan --quantization``).
 
-Which layers are quantized: every ``nn.Linear`` (and transformers ``Conv1D``, GPT-2's) except the
-output layer (``lm_head``, and the input embeddings it may be tied to), as transformers'
-bitsandbytes loading and lorakit's GGUF loading do; embeddings, norms and biases stay in the model's float dtype. lorakit's own CPU
+Which layers are quantized: for bitsandbytes (nf4, fp4, int8), exactly those transformers'
+bitsandbytes loading replaces with lorakit's ``BitsAndBytesConfig`` (``bitsandbytes_linears``):
+every ``nn.Linear`` and ``Conv1D`` (GPT-2's) but the output layer, tied weights and the module
+owning the model's last parameter (a Llama classifier's ``score`` stays float; BERT's last
+parameter is ``classifier.bias``, which names no module, so its classifier is quantized); for
+GGUF every ``nn.Linear`` and ``Conv1D`` but the output layer (and the input embeddings it may be
+tied to). Embeddings, norms and biases stay in the model's float dtype. lorakit's own CPU
 formats (``lorakit.quantized.int8_rows`` / ``int4_groups``, ``--quantization int8-rows`` /
 ``int4-groups`` on load) also store the output layer in int8 rows, a tied one as its own copy
 (the embedding keeps its float weight); int4-groups leaves a layer whose sizes are not
@@ -30,13 +34,17 @@ embeddings, output layer and norms 0.52 GB: 3.87 GB in all, 3.6 GiB.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from lorakit.quantized.int4_groups import GROUP, fits
 
 __all__ = [
     "BASE_QUANTIZATIONS",
+    "BITSANDBYTES",
     "WEIGHT_ONLY",
+    "bitsandbytes_kept_float",
+    "bitsandbytes_linears",
     "quantized_base",
     "quantized_linears",
     "weight_bytes",
@@ -45,8 +53,9 @@ __all__ = [
 BNB_BLOCK, BNB_NESTED_BLOCK = 64, 256
 GGUF_BLOCK = 32
 GGUF_BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
+BITSANDBYTES = ("nf4", "fp4", "int8")  # quantized by transformers while loading
 WEIGHT_ONLY = ("int8-rows", "int4-groups")  # lorakit's CPU formats (lorakit.quantized)
-BASE_QUANTIZATIONS = ("nf4", "fp4", "int8", *GGUF_BLOCK_BYTES, *WEIGHT_ONLY)
+BASE_QUANTIZATIONS = (*BITSANDBYTES, *GGUF_BLOCK_BYTES, *WEIGHT_ONLY)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -83,10 +92,12 @@ def weight_bytes(quantization: str, out_features: int, in_features: int) -> int:
     )
 
 
-def quantized_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The layers a quantized load stores quantized: every ``nn.Linear`` and transformers
-    ``Conv1D`` (GPT-2's projections, which transformers' bitsandbytes loading quantizes too)
-    but the output layer (``model.get_output_embeddings()``) and any layer sharing its weight."""
+def quantized_linears(model: nn.Module, quantization: str) -> list[tuple[str, nn.Module]]:
+    """The ``(name, layer)`` pairs a ``quantization`` load stores quantized: for bitsandbytes
+    ``bitsandbytes_linears``; for GGUF every ``nn.Linear`` and transformers ``Conv1D`` but the
+    output layer (``model.get_output_embeddings()``) and any layer sharing its weight."""
+    if quantization in BITSANDBYTES:
+        return bitsandbytes_linears(model, quantization)
     from transformers.pytorch_utils import Conv1D
 
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -96,6 +107,63 @@ def quantized_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
         for name, module in model.named_modules()
         if isinstance(module, (nn.Linear, Conv1D)) and not kept & {id(module), id(module.weight)}
     ]
+
+
+def bitsandbytes_kept_float(model: nn.Module, quantization: str) -> list[str]:
+    """transformers' ``modules_to_not_convert`` for ``model`` loaded with lorakit's config
+    (``loading.bitsandbytes_config``; ``HfQuantizer.get_modules_to_not_convert``, as its
+    bitsandbytes quantizers call it): its ``llm_int8_skip_modules`` (lorakit passes none), so
+    ``get_keys_to_not_convert``'s defaults (transformers 5: the output embeddings, tied weights
+    and the module owning the LAST named parameter, ``.weight`` removed), plus the model's
+    ``_keep_in_fp32_modules``. A Llama classifier's last parameter is ``score.weight``: its
+    ``score`` head stays float; BERT's is ``classifier.bias``, which names no module (only
+    ``.weight`` is removed), so its classifier is quantized."""
+    from transformers.quantizers.base import HfQuantizer
+
+    from lorakit.quantized.loading import bitsandbytes_config
+
+    config = bitsandbytes_config(quantization, torch.float32)  # the dtype changes no module
+    keep_in_fp32 = getattr(model, "_keep_in_fp32_modules", None)
+    return list(
+        HfQuantizer.get_modules_to_not_convert(
+            model,
+            config.llm_int8_skip_modules,
+            None if keep_in_fp32 is None else list(keep_in_fp32),
+        )
+    )
+
+
+def bitsandbytes_linears(model: nn.Module, quantization: str) -> list[tuple[str, nn.Module]]:
+    """The layers transformers' bitsandbytes loading (``replace_with_bnb_linear``) replaces with
+    ``Linear4bit`` / ``Linear8bitLt`` for ``quantization`` (nf4, fp4, int8): each module of
+    exact type ``nn.Linear``, or a ``Conv1D``, whose name no ``bitsandbytes_kept_float``
+    pattern matches (transformers' ``should_convert_module``: a pattern matching from the start
+    up to a module boundary, as a regex, or as a suffix of the name)."""
+    patterns = bitsandbytes_kept_float(model, quantization)
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if _converted(name, module, patterns)
+    ]
+
+
+def _converted(name: str, module: nn.Module, patterns: list[str]) -> bool:
+    """Whether transformers' ``replace_with_bnb_linear`` converts the module ``name``, kept float
+    by ``patterns``: transformers 5's (a ``type(module) is nn.Linear`` or a ``Conv1D``, and
+    ``should_convert_module``), else transformers 4's (an ``nn.Linear`` or ``Conv1D`` instance
+    whose last name part is no pattern, and no pattern equals the name or is in it before a dot)."""
+    from transformers.pytorch_utils import Conv1D
+
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:  # transformers 4
+        return (
+            isinstance(module, (nn.Linear, Conv1D))
+            and name.rsplit(".", 1)[-1] not in patterns
+            and not any(key == name or key + "." in name for key in patterns)
+        )
+    is_linear = type(module) is nn.Linear or isinstance(module, Conv1D)
+    return is_linear and should_convert_module(name, patterns)
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -111,7 +179,7 @@ def quantized_base(model: nn.Module, quantization: str) -> tuple[int, int]:
     bytes of its quantized layers."""
     if quantization in WEIGHT_ONLY:
         return _weight_only_base(model, quantization)
-    linears = quantized_linears(model)
+    linears = quantized_linears(model, quantization)
     weights = sum(module.weight.numel() for _, module in linears)
     return weights, sum(_layer_bytes(quantization, name, module) for name, module in linears)
 
