@@ -279,7 +279,10 @@ def storage(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     """A new layer of ``module``'s format (same quant type, double quantization, block size,
-    compute dtype; same bias) holding ``weight`` (out, in) quantized afresh."""
+    compute dtype; same bias) holding ``weight`` (out, in) quantized afresh. A 4-bit one has
+    bitsandbytes' eval-mode CPU repacking off (``loading.keep_4bit_storage``), as every layer
+    lorakit loads: its first eval forward would otherwise rewrite its bytes, compute other
+    numbers than the reported error's and be refused by ``dequantized_weight``."""
     import bitsandbytes as bnb
 
     out_features, in_features = shape(module)
@@ -301,6 +304,7 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
             compress_statistics=bool(state.nested),
             quant_type=state.quant_type,
         )
+        new.support_avx512bf16_for_cpu = False
     else:
         new = bnb.nn.Linear8bitLt(
             in_features,
