@@ -83,6 +83,23 @@ def test_quantized_benchmark(monkeypatch, tmp_path):
     assert memory["lorakit 4-bit"]["saved"] <= memory["peft 4-bit"]["saved"]
 
 
+def test_dora_benchmark(monkeypatch, tmp_path):
+    """``bench_dora.py --quick``: lorakit's DoRA computes PEFT's logits and keeps fewer bytes for
+    backward than PEFT's DoRA (docs/dora.md), LoRA fewer still (no row norms)."""
+    payload = _run(monkeypatch, tmp_path, "bench_dora")
+    assert set(payload["training"]) == {"dropout=0.0", "dropout=0.05"}
+    for result in payload["training"].values():
+        assert set(result["times_s"]) == {"lora", "dora", "peft-dora"}
+        saved = result["saved_bytes"]
+        assert 0 < saved["lora"] < saved["dora"] < saved["peft-dora"]
+    assert set(payload["inference"]) == {"prefill 4x128", "decode 1x1", "decode 32x1"}
+    for result in payload["inference"].values():
+        assert result["max_abs_logit_diff_dora_vs_peft"] < 1e-5  # fp32: the same function
+    assert set(payload["serving"]) == {"mixed decode 32x1", "mixed 32x16"}
+    for result in payload["serving"].values():
+        assert set(result["times_s"]) == {"lora", "half-dora"}
+
+
 def test_layer_dominated_shapes(monkeypatch):
     """``--shape layers`` / ``1b`` (issue 16): Llamas whose layers carry the compute."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
