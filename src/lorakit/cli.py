@@ -11,10 +11,11 @@ import os
 import pkgutil
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from lorakit import __version__
-from lorakit.errors import UserError
+from lorakit.errors import FanInFanOutWarning, UserError
 
 __all__ = ["main"]
 
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     for name in _IMPORT_TIME_NOISE:
         logging.getLogger(name).setLevel(logging.ERROR)
+    # the commands set no fan_in_fan_out: lorakit's layers read each layer's layout, and the
+    # saved file gets PEFT's value; the warning's "pass fan_in_fan_out=..." has no option here
+    warnings.filterwarnings("ignore", category=FanInFanOutWarning)
     parser = build_parser()
     args = None
     try:

@@ -6,6 +6,7 @@ __all__ = [
     "AdapterFileError",
     "AdapterNamesError",
     "BaseModelMismatchError",
+    "FanInFanOutWarning",
     "TargetModulesError",
     "UnknownAdapterError",
     "UserError",
@@ -24,6 +25,11 @@ class AdapterFileError(UserError, ValueError):
 
 class BaseModelMismatchError(AdapterFileError):
     """The adapter was trained on different base weights than the model it is loaded onto."""
+
+
+class FanInFanOutWarning(UserWarning):
+    """PEFT's warning that ``fan_in_fan_out`` is set to the layout of the layers adapted (the
+    ``lorakit`` command chooses no ``fan_in_fan_out``, so it does not show this warning)."""
 
 
 class UnknownAdapterError(KeyError, ValueError):

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from torch import nn
 
 from lorakit import quantized
 from lorakit.config import LoraConfig, pattern_matches
-from lorakit.errors import TargetModulesError
+from lorakit.errors import FanInFanOutWarning, TargetModulesError
 from lorakit.init_checks import check_layer_takes
 from lorakit.init_methods import changes_base
-from lorakit.layers import LoraLayer, TrainableTokens, layer_class_for
+from lorakit.layers import LoraLayer, TrainableTokens, is_conv1d, layer_class_for
 from lorakit.layers.parameter import LoraParameter
 from lorakit.layers.saved import check_saveable
 from lorakit.parameter_targets import check_parameter_targets
@@ -28,6 +28,7 @@ __all__ = [
     "check_adapter_fits",
     "check_adapter_name",
     "check_one_bias_adapter",
+    "fan_in_fan_out_flips",
     "quantized_format",
     "warn_lora_bias_without_base_bias",
 ]
@@ -51,8 +52,10 @@ def check_adapter_fits(
     cannot take: ``current`` the targets as they are now (name -> module), ``saved_names`` the
     ``modules_to_save``, ``tokens`` the trainable-token modules, ``parameter_targets``
     ``{layer path: parameter path}`` of bare parameters; ``init``: ``init_lora_weights``.
-    ``warn=False``: the checks alone, without the warnings (fan_in_fan_out, pattern keys that
-    match nothing) that the injection itself gives."""
+    ``warn=False``: the checks alone, without what the injection itself does once they pass:
+    warn about pattern keys that match nothing, and settle ``config.fan_in_fan_out`` on the
+    layout of the layers it wraps, warning where that changes it (as PEFT's dispatch does:
+    ``_settle_fan_in_fan_out``)."""
     for name in [*saved_names, *tokens]:
         check_wrapper_kind(model.get_submodule(name), name, name in tokens)
     for name in saved_names:  # a full copy of a quantized layer would train nothing
@@ -61,7 +64,7 @@ def check_adapter_fits(
     _check_targets(model, current, config, adapter_name, init)
     check_parameter_targets(model, parameter_targets, adapter_name, list(current))
     if warn:
-        _warn_fan_in_fan_out(config, current)
+        _settle_fan_in_fan_out(config, current)
         _warn_unmatched_pattern_keys(config, [*current, *parameter_targets.values()])
 
 
@@ -112,20 +115,61 @@ def _adapted_parameters(model: nn.Module) -> list[str]:
     ]
 
 
-def _warn_fan_in_fan_out(config: LoraConfig, current: Mapping[str, nn.Module]) -> None:
-    """Warn once, naming the first such module, when ``fan_in_fan_out=True`` but a target is
-    an ``nn.Linear`` (weight (out, in)), as PEFT warns; lorakit reads each layer's layout from
-    its type, so the flag changes nothing there."""
-    if not config.fan_in_fan_out:
-        return
-    linears = [n for n, m in current.items() if isinstance(original_module(m), nn.Linear)]
-    if linears:
+def _forced_fan_in_fan_out(module: nn.Module) -> bool | None:
+    """The ``fan_in_fan_out`` PEFT's default dispatch forces on the config when it wraps
+    ``module`` in a new LoRA layer: False for a float ``nn.Linear`` (weight (out, in)), True
+    for a transformers ``Conv1D`` (weight (in, out)); None for any other layer (an embedding,
+    a quantized linear: PEFT's own dispatchers take those first and leave the flag alone)."""
+    if quantized.is_quantized(module):
+        return None
+    if isinstance(module, nn.Linear):
+        return False
+    return True if is_conv1d(module) else None
+
+
+def fan_in_fan_out_flips(
+    value: bool, modules: Iterable[tuple[str, nn.Module]]
+) -> list[tuple[str, bool]]:
+    """PEFT's rewrites of ``fan_in_fan_out`` as it wraps ``modules`` (``(name, base module)``,
+    in model order), the flag starting at ``value``: ``(name, new value)`` for each module
+    whose layout disagrees with the flag at that point (PEFT warns there and sets the
+    config's flag to the layout's). The last entry's value is the flag the config ends with
+    (``value`` when there is none); with Linear and Conv1D targets mixed it flips each time
+    the kind changes. lorakit's layers read their layout from the base's type, so the flag
+    changes no numbers: it is kept only for the file, as PEFT writes it."""
+    flips: list[tuple[str, bool]] = []
+    for name, module in modules:
+        forced = _forced_fan_in_fan_out(module)
+        if forced is not None and forced != value:
+            value = forced
+            flips.append((name, value))
+    return flips
+
+
+def _settle_fan_in_fan_out(config: LoraConfig, current: Mapping[str, nn.Module]) -> None:
+    """Set ``config.fan_in_fan_out`` as PEFT's dispatch sets it on the modules this injection
+    wraps (``current``, in model order; a module that is a LoRA layer already takes the adapter
+    without a new wrapping, which leaves the flag alone in PEFT too), with PEFT's warning at
+    each change, naming the module and how many more of its kind are targeted."""
+    new = [(n, original_module(m)) for n, m in current.items() if not isinstance(m, LoraLayer)]
+    for name, value in fan_in_fan_out_flips(config.fan_in_fan_out, new):
+        others = sum(_forced_fan_in_fan_out(m) is value for _, m in new) - 1
+        more = f" (and {others} more)" if others else ""
+        layer = (
+            "a transformers Conv1D, whose weight is stored (in, out)"
+            if value
+            else "a torch.nn.Linear, whose weight is stored (out, in)"
+        )
         warnings.warn(
-            f"fan_in_fan_out=True, but target module {linears[0]!r} (and {len(linears) - 1} "
-            "more) is a torch.nn.Linear, whose weight is stored (out, in); lorakit uses its "
-            "layout, as if fan_in_fan_out=False (as PEFT does). Set fan_in_fan_out=False.",
+            f"fan_in_fan_out is set to {not value} but the target module {name!r}{more} is "
+            f"{layer}. Setting fan_in_fan_out to {value}, as PEFT does: the config and its saved "
+            "adapter_config.json keep the value the last such target sets (lorakit's layers "
+            f"use each layer's own layout either way). Pass fan_in_fan_out={value} to avoid "
+            "this, unless the targets mix nn.Linear and Conv1D layers.",
+            FanInFanOutWarning,
             stacklevel=4,
         )
+        config.fan_in_fan_out = value
 
 
 def warn_lora_bias_without_base_bias(model: nn.Module, config: LoraConfig, targets) -> None:

@@ -27,13 +27,16 @@ from lorakit.config import LoraConfig, pattern_key
 from lorakit.config_checks import INIT_MODES
 from lorakit.errors import AdapterFileError
 from lorakit.init_methods import canonical_init, changes_base, changes_base_in_peft_only
+from lorakit.inject_checks import fan_in_fan_out_flips
 from lorakit.io.header import unreadable
-from lorakit.layers import is_linear
 from lorakit.parameter_targets import find_parameter_targets
 from lorakit.peft_fields import PEFT_LORA_FIELDS, first_refused_setting, refusal
+from lorakit.state import adapter_configs, saved_modules
 from lorakit.targets import (
+    _excluded_heads,
     find_targets,
     model_modules,
+    original_module,
     resolved_target_spec,
     saved_module_entries,
 )
@@ -85,12 +88,25 @@ def written_target_modules(model: nn.Module, config: LoraConfig) -> str | list[s
     to names; lists of 20 or more names condensed to the shortest distinguishing suffixes."""
     spec = resolved_target_spec(model, config)
     if config.targets_all_linear:
-        spec = find_targets(model, LoraConfig(target_modules=spec, task_type=config.task_type))
+        spec = _all_linear_names(model, config)
     if isinstance(spec, str):
         return spec
     if len(spec) >= _MIN_TARGETS_FOR_SUFFIXES:
         spec = _shortest_suffixes(model, spec)
     return sorted(set(spec))
+
+
+def _all_linear_names(model: nn.Module, config: LoraConfig) -> list[str]:
+    """The names "all-linear" stands for, as PEFT resolves it on the model before any wrapping:
+    every linear layer but the head it leaves out (the output embedding, or a ``SEQ_CLS``
+    head), with no other field applied (``exclude_modules``, ``modules_to_save``: PEFT's list
+    keeps a saved ``q_proj``). On the adapted model, a head saved in full (``modules_to_save``;
+    a ``SEQ_CLS`` head always) is a saved-module wrapper, which ``find_targets`` reads as the
+    linear layer it stands for but no longer knows as the head (the model returns the
+    wrapper): such heads are left out here by the wrapper's identity."""
+    plain = LoraConfig(target_modules=config.target_modules, task_type=config.task_type)
+    saved_heads = _excluded_heads(model, plain, list(saved_modules(model)))
+    return [name for name in find_targets(model, plain) if name not in saved_heads]
 
 
 def _suffixes(name: str) -> list[str]:
@@ -123,17 +139,16 @@ def _written_modules_to_save(config: LoraConfig) -> list[str] | None:
 def config_to_json(model: nn.Module, config: LoraConfig, adapter_modules: list[nn.Module]) -> str:
     """The text of ``adapter_config.json`` for ``config`` as adapted on ``model``.
 
-    ``adapter_modules``: the base modules the adapter wraps (``fan_in_fan_out`` is written
-    true when one of them is a transformers ``Conv1D``, as PEFT does).
+    ``adapter_modules``: the base modules the adapter wraps (``fan_in_fan_out`` is written as
+    PEFT leaves it after wrapping them: ``_written_fan_in_fan_out``).
     """
     values: dict[str, Any] = {name: getattr(config, name) for name in _FIELDS}
     if changes_base(config.init_lora_weights):  # peft would rerun it on the residual base
         values["init_lora_weights"] = True
     values["target_modules"] = written_target_modules(model, config)
     values["modules_to_save"] = _written_modules_to_save(config)
-    values["fan_in_fan_out"] = config.fan_in_fan_out or any(
-        getattr(m, "nf", None) is not None and is_linear(m) for m in adapter_modules
-    )
+    modules = list(model_modules(model))
+    values["fan_in_fan_out"] = _written_fan_in_fan_out(model, config, adapter_modules, modules)
     values["base_model_name_or_path"] = config.base_model_name_or_path or (
         getattr(model, "name_or_path", None) or None
     )
@@ -153,11 +168,32 @@ def config_to_json(model: nn.Module, config: LoraConfig, adapter_modules: list[n
         "peft_type": "LORA",
         "revision": None,
     }
-    names = [name for name, _ in model_modules(model)]
+    names = [name for name, _ in modules]
     names += find_parameter_targets(model, config).values()  # patterns see parameter paths too
     for field_name in ("rank_pattern", "alpha_pattern"):
         values[field_name] = _pattern_in_file_order(values[field_name], names)
     return json.dumps(dict(sorted(values.items())), indent=2)
+
+
+def _written_fan_in_fan_out(
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_modules: list[nn.Module],
+    modules: list[tuple[str, nn.Module]],
+) -> bool:
+    """``fan_in_fan_out`` as PEFT writes it: the config's, as PEFT's dispatch rewrites it on the
+    layers it wraps, false after an ``nn.Linear`` and true after a transformers ``Conv1D``
+    (``inject_checks.fan_in_fan_out_flips``). A config the model holds was settled so by its
+    injection, which knows the layers it wrapped anew (a layer another adapter wrapped first
+    leaves the flag alone, in PEFT too): its value as it is. Any other config (built for a
+    file: a GGUF adapter's, a plan's, a conversion's) is settled here, on the adapted layers in
+    model order (``modules``: ``model_modules``)."""
+    if any(config is held for held in adapter_configs(model).values()):
+        return config.fan_in_fan_out
+    adapted = {id(original_module(m)) for m in adapter_modules}
+    ordered = [(name, module) for name, module in modules if id(module) in adapted]
+    flips = fan_in_fan_out_flips(config.fan_in_fan_out, ordered)
+    return flips[-1][1] if flips else config.fan_in_fan_out
 
 
 def _pattern_in_file_order(pattern: dict[str, Any], module_names: list[str]) -> dict[str, Any]:
