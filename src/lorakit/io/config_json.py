@@ -16,6 +16,7 @@ of a base-changing init lorakit cannot redo (CorDA, LoRA-GA:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -56,6 +57,7 @@ _FIELDS = (
     "alpha_pattern",
     "base_model_name_or_path",
     "bias",
+    "eva_config",
     "exclude_modules",
     "fan_in_fan_out",
     "init_lora_weights",
@@ -162,8 +164,12 @@ def config_to_json(model: nn.Module, config: LoraConfig, adapter_modules: list[n
         del values["layer_replication"]  # likewise (peft < 0.10)
     if config.target_parameters is None:
         del values["target_parameters"]  # likewise (peft < 0.17)
+    if config.eva_config is None:
+        del values["eva_config"]  # likewise (peft < 0.14)
+    else:  # (PEFT reading a file without it warns and takes the default settings)
+        values["eva_config"] = dataclasses.asdict(config.eva_config)
     values |= {
-        "auto_mapping": None,
+        "auto_mapping": _auto_mapping(model, config),
         "inference_mode": True,
         "peft_type": "LORA",
         "revision": None,
@@ -173,6 +179,15 @@ def config_to_json(model: nn.Module, config: LoraConfig, adapter_modules: list[n
     for field_name in ("rank_pattern", "alpha_pattern"):
         values[field_name] = _pattern_in_file_order(values[field_name], names)
     return json.dumps(dict(sorted(values.items())), indent=2)
+
+
+def _auto_mapping(model: nn.Module, config: LoraConfig) -> dict[str, str] | None:
+    """PEFT's ``auto_mapping``: for a config without ``task_type``, the model's class and
+    module, which ``peft.AutoPeftModel.from_pretrained`` needs to build the base (it refuses a
+    task-less file without them: "Cannot infer the auto class"); None with a ``task_type``."""
+    if config.task_type is not None:
+        return None
+    return {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
 
 
 def _written_fan_in_fan_out(
