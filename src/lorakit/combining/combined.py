@@ -3,10 +3,13 @@
 Per module, over the adapters that adapt it (a module present in only some adapters takes
 what is there), with ``ΔWᵢ = sᵢ Bᵢ Aᵢ`` (each adapter's own scale) and weights ``wᵢ``:
 
-- ``cat`` (exact): ``A = [A₁; …; Aₙ]`` (Σrᵢ, k), ``B = [c₁B₁, …, cₙBₙ]`` (d, Σrᵢ) with
-  ``cᵢ = wᵢ sᵢ / s``, where ``s`` is the output's scale for that module. Then
-  ``s B A = Σ wᵢ sᵢ Bᵢ Aᵢ`` exactly (up to one float rounding of ``cᵢ Bᵢ``): the same output as
-  running the adapters together with those weights. Rank ``Σ rᵢ``.
+- ``cat`` (exact): ``A = [2^e₁ A₁; …; 2^eₙ Aₙ]`` (Σrᵢ, k), ``B = [c₁ 2^-e₁ B₁, …]`` (d, Σrᵢ)
+  with ``cᵢ = wᵢ sᵢ / s``, where ``s`` is the output's scale for that module, and ``2^eᵢ`` a
+  power of two near ``√|cᵢ|`` (``_balanced_exponent``). Then ``s B A = Σ wᵢ sᵢ Bᵢ Aᵢ`` exactly
+  (up to one float rounding of ``cᵢ Bᵢ``): the same output as running the adapters together
+  with those weights. Rank ``Σ rᵢ``. Scaling by a power of two is exact, so the split changes
+  no product ``Bᵢ Aᵢ``, not even by a rounding; it keeps a large ``cᵢ`` (1e6) from putting all
+  of itself into B, beyond what an adapter file may hold.
 - ``svd``: ``Σ wᵢ ΔWᵢ`` cut to its best rank-``rank`` approximation
   (``analysis.extract.truncated_factors``); ``energy_kept = ||kept||_F² / ||ΔW||_F²``.
 - ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: ``combining.methods`` on the
@@ -22,6 +25,11 @@ of those modules its own rank as alpha, and no rsLoRA: every module's scale is 1
 that implements PEFT's patterns (peft, lorakit) and one that ignores them (vLLM's
 ``PEFTHelper`` takes one ``lora_alpha / r`` for all modules) compute the same ΔW.
 
+Every factor of the result is checked as the adapter file reader checks a file
+(``unwritable``): a value beyond +-``MAX_ABS_VALUE`` (float16's range) or inf/NaN, which weights
+such as 1e39 give, is refused (``FactorRangeError``, naming the module and the weights) instead
+of being returned or saved into a file no reader takes.
+
 DARE draws its masks per module from ``torch.Generator().manual_seed(module_seed(seed, name))``
 (a hash of the seed and the module name): the same seed gives the same adapter, whatever the
 module order or which other modules are present.
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -54,16 +63,23 @@ from lorakit.combining.methods import MERGERS
 from lorakit.combining.sources import AdapterUpdates, ModuleFactors, read_sources
 from lorakit.config import LoraConfig
 from lorakit.errors import UserError
+from lorakit.io.tensors import MAX_ABS_VALUE, unwritable
 
 __all__ = [
     "METHODS",
     "OPTION_METHODS",
     "CombinedAdapter",
+    "FactorRangeError",
     "ModuleReport",
     "combine",
     "module_seed",
     "unused_option",
 ]
+
+
+class FactorRangeError(UserError):
+    """A combined factor holds values no adapter file may hold (``unwritable``): the weights
+    are too large. The server answers it as a 400 on ``merged_adapters.weights``."""
 
 
 @dataclass
@@ -179,10 +195,35 @@ def _module_factors(
 
 
 def _cat_factors(parts, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``A = [A₁; …]``, ``B = [(wᵢ sᵢ / s) Bᵢ, …]`` in float64 (see the module docstring)."""
-    lora_A = torch.cat([f.lora_A.double() for _, _, f in parts], dim=0)  # (Σr, k)
-    lora_B = torch.cat([f.lora_B.double() * (w * f.scale / scale) for _, w, f in parts], dim=1)
-    return lora_A, lora_B  # (Σr, k), (d, Σr)
+    """``A = [2^eᵢ Aᵢ; …]``, ``B = [cᵢ 2^-eᵢ Bᵢ, …]`` in float64 with ``cᵢ = wᵢ sᵢ / s`` and
+    ``eᵢ = _balanced_exponent(cᵢ)`` (see the module docstring): each ``Bᵢ Aᵢ`` scaled by
+    ``cᵢ``, with the scale shared between the two factors by an exact power of two."""
+    blocks_A, blocks_B = [], []
+    for _, weight, factors in parts:
+        c = weight * factors.scale / scale
+        exponent = _balanced_exponent(c)
+        blocks_A.append(factors.lora_A.double() * math.ldexp(1.0, exponent))  # exact
+        blocks_B.append(factors.lora_B.double() * math.ldexp(c, -exponent))  # (c 2^-e exact)
+    return torch.cat(blocks_A, dim=0), torch.cat(blocks_B, dim=1)  # (Σr, k), (d, Σr)
+
+
+def _balanced_exponent(c: float) -> int:
+    """``e`` with ``2^e`` within a factor √2 of ``√|c|`` (``|c| = m 2^x``, m in [1/2, 1):
+    ``e = ⌊x / 2⌋``); 0 for c = 0 and for 1/2 <= |c| < 2, where A is kept as it is."""
+    return math.frexp(c)[1] // 2
+
+
+def _check_writable(name: str, factors: tuple[torch.Tensor, torch.Tensor], parts) -> None:
+    """``FactorRangeError`` when a factor of module ``name`` (as it would be saved) is
+    ``unwritable``, naming the weights of the adapters ``parts`` combined into it."""
+    for label, tensor in zip(("lora_A", "lora_B"), factors, strict=True):
+        if unwritable(tensor):
+            weights = ", ".join(f"{source.label}: {weight:g}" for source, weight, _ in parts)
+            raise FactorRangeError(
+                f"combine: the weights ({weights}) give module {name}'s {label} values beyond "
+                f"+-{MAX_ABS_VALUE:g} (or inf/NaN), which no adapter file may hold (lorakit "
+                "refuses to load such a file); use smaller weights"
+            )
 
 
 def _merged_delta(name, parts, method, density, majority_sign_method, seed) -> torch.Tensor:
@@ -232,7 +273,9 @@ def combine(
     the command line. ``model``: a model or lorakit's ``PeftModel`` (the model inside it).
     Returns a ``CombinedAdapter``; ``.save(directory)`` writes PEFT's files,
     ``.add_to(model, name)`` injects it. Raises ``UserError`` for bad arguments and
-    incompatible adapters (different shapes or base weights, naming the module).
+    incompatible adapters (different shapes or base weights, naming the module), and
+    ``FactorRangeError`` (a ``UserError``) when the weights make a factor of the result hold
+    values no adapter file may hold (``unwritable``), naming the module and the weights.
     """
     from lorakit.state import adapter_model
 
@@ -259,7 +302,9 @@ def combine(
         lora_A, lora_B, energy = _module_factors(
             result, name, parts, method, density, majority_sign_method, seed
         )
-        result.factors[name] = (lora_A.float(), lora_B.float())
+        factors = (lora_A.float(), lora_B.float())
+        _check_writable(name, factors, parts)
+        result.factors[name] = factors
         labels = [source.label for source, _, _ in parts]
         result.modules.append(ModuleReport(name, config.rank_for(name), energy, labels))
     result.embeddings = frozenset(n for n, p in contributions.items() if p[0][2].is_embedding)

@@ -33,7 +33,7 @@ from lorakit.io.header import (
     unreadable,
 )
 
-__all__ = ["MAX_ABS_VALUE", "TORCH_DTYPES", "SafetensorsFile", "read_safetensors"]
+__all__ = ["MAX_ABS_VALUE", "TORCH_DTYPES", "SafetensorsFile", "read_safetensors", "unwritable"]
 
 TORCH_DTYPES = {
     "F64": torch.float64,
@@ -137,6 +137,16 @@ def _bad_values(
             elif not _within_range(values):
                 huge.add(key)
     return frozenset(nonfinite), frozenset(huge)
+
+
+def unwritable(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds a value no adapter file may hold (inf/NaN, or beyond
+    +-``MAX_ABS_VALUE``): the rule ``read_safetensors`` applies to every file, for writers that
+    must not produce a file no reader takes (``combine``, the server's mixtures). Non-float
+    and empty tensors hold none."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return False
+    return not _within_range(_checkable(tensor))
 
 
 def _within_range(values: torch.Tensor) -> bool:

@@ -3,8 +3,9 @@
 
 ``parse_mixture`` checks types, names each adapter at most once (1 to ``MAX_IDS`` of them),
 maps LoRAX's ``linear`` to lorakit's ``cat`` (the exact weighted sum of the updates), and
-refuses an option the method would ignore, each a 400 naming the entry; ``combine`` checks the
-rest when the mixture is computed.
+refuses an option the method would ignore (``rank`` for ``cat`` / ``linear``, and
+``OPTION_METHODS``), each a 400 naming the entry; ``combine`` checks the rest when the mixture
+is computed.
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ def parse_mixture(value: object) -> Mixture:
         raise bad_mixture(
             f"'{FIELD}.majority_sign_method' must be a string", "majority_sign_method"
         )
+    if options["rank"] is not None and method == "cat":
+        raise _rank_for_cat(value.get("merge_strategy", "cat"))
     given = {"density": options["density"], "majority_sign_method": sign, "seed": options["seed"]}
     unused = unused_option(method, given, {key: f"'{FIELD}.{key}'" for key in given})
     if unused is not None:
@@ -104,6 +107,19 @@ def parse_mixture(value: object) -> Mixture:
         density=options["density"],
         majority_sign_method=sign,
         seed=options["seed"],
+    )
+
+
+def _rank_for_cat(strategy: str) -> APIError:
+    """The 400 on ``merged_adapters.rank`` given with ``cat`` (or its alias ``linear``; named
+    as the client sent it), whose rank is the sum of the inputs' ranks, as ``combine`` refuses
+    it."""
+    cutting = ", ".join(method for method in METHODS if method != "cat")
+    return bad_mixture(
+        f"'{FIELD}.rank' is for the merge strategies that cut the mixture to a rank ({cutting}), "
+        f"not {strategy!r} (whose rank is the sum of the adapters' ranks); leave it out or "
+        "choose one of those strategies",
+        "rank",
     )
 
 

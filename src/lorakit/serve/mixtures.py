@@ -53,14 +53,13 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import asdict
 
-import torch
-
 from lorakit.combining import combine
+from lorakit.combining.combined import FactorRangeError
 from lorakit.errors import UserError
 from lorakit.io import fingerprint
 from lorakit.io.keys import base_weight_key, lora_key_pairs, lora_keys
 from lorakit.io.read import read_adapter_header
-from lorakit.io.tensors import MAX_ABS_VALUE
+from lorakit.io.tensors import MAX_ABS_VALUE, unwritable
 from lorakit.serve.adapter_dirs import BrokenAdapterError
 from lorakit.serve.mixture_requests import FIELD, MAX_IDS, Mixture, bad_mixture, parse_mixture
 from lorakit.serve.protocol import APIError
@@ -188,6 +187,9 @@ class Mixtures:
                 majority_sign_method=mixture.majority_sign_method,
                 seed=mixture.seed,
             )
+        except FactorRangeError as error:  # (the weights: combine's check of the factors)
+            reason = registry.relative(_text(error))
+            raise bad_mixture(f"'{FIELD}' cannot be combined: {reason}", "weights") from None
         except (UserError, KeyError, ValueError) as error:
             reason = registry.relative(_text(error))  # (no server paths in the answer)
             raise bad_mixture(f"'{FIELD}' cannot be combined: {reason}") from None
@@ -251,10 +253,11 @@ class Mixtures:
     def _check_fits(self, name: str, mixture: Mixture, result, tensors) -> None:
         """A 400 unless the combined tensors fit the bank and the inputs' fingerprint (their
         union) fits the served base; and one on ``weights`` when a combined tensor holds values
-        an adapter file may not (inf/NaN, or beyond +-``MAX_ABS_VALUE``: what ``read_adapter``
-        refuses in a file, e.g. from weights of 1e20)."""
+        an adapter file may not (``io.tensors.unwritable``: inf/NaN, or beyond
+        +-``MAX_ABS_VALUE``, what ``read_adapter`` refuses in a file; ``combine`` refuses such
+        factors itself, e.g. from weights of 1e20, so this catches the carried base weights)."""
         for key, tensor in sorted(tensors.items()):
-            if not bool(torch.isfinite(tensor).all()) or tensor.abs().max() > MAX_ABS_VALUE:
+            if unwritable(tensor):
                 raise bad_mixture(
                     f"'{FIELD}' with these weights gives {key} values beyond +-{MAX_ABS_VALUE:g} "
                     "(or inf/NaN), which no adapter file may hold; use smaller weights",
