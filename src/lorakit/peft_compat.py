@@ -46,6 +46,7 @@ from lorakit.inject import inject
 from lorakit.peft_merging import PeftMergingMixin
 from lorakit.peft_model_extras import PeftFilesMixin, base_dtype, remade_wrapper, wrapper_class
 from lorakit.peft_rows import batch_size, rows_routed
+from lorakit.peft_state_dict import PeftStateDictMixin
 from lorakit.state import (
     active_adapters,
     adapter_configs,
@@ -83,7 +84,7 @@ def get_peft_model(
     return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)
 
 
-class PeftModel(PeftFilesMixin, PeftMergingMixin, nn.Module):
+class PeftModel(PeftFilesMixin, PeftMergingMixin, PeftStateDictMixin, nn.Module):
     """PEFT's ``PeftModel`` methods around a transformers model that holds lorakit adapters.
 
     ``PeftModel(model, peft_config, adapter_name="default")`` injects the adapter, as

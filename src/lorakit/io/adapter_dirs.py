@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lorakit.errors import AdapterFileError
 from lorakit.io.config_json import CONFIG_NAME
-from lorakit.io.header import unreadable
+from lorakit.io.header import read_header, unreadable
 
 __all__ = ["WEIGHTS_NAME", "adapter_directory", "hub_id_hint", "named_adapters_in"]
 
@@ -53,9 +53,38 @@ def adapter_directory(
         "'default' so, and `lorakit train --output` keeps its adapter in adapter/): give one of "
         "those directories (in Python also adapter_name=<name>, subfolder=<name> in peft)"
         if named
-        else "is this an adapter directory saved by lorakit or peft?"
+        else _trainer_checkpoint_hint(candidate)
+        or "is this an adapter directory saved by lorakit or peft?"
     )
     raise AdapterFileError(f"no {CONFIG_NAME} in {candidate}{also}; {hint}")
+
+
+_TRAINER_WEIGHTS = "model.safetensors"
+_LORA_KEY = re.compile(r"(^|\.)lora_[A-Za-z_]+\.")
+
+
+def _trainer_checkpoint_hint(directory: Path) -> str:
+    """What to do where ``directory/model.safetensors`` holds LoRA tensors (a key with a
+    ``lora_*`` component, e.g. ``...q_proj.lora_A.default.weight``): that is what
+    ``transformers.Trainer`` writes (checkpoints, ``save_model``) for a model that is not a
+    ``PreTrainedModel`` / ``peft.PeftModel``, the whole model's state dict, not an adapter.
+    Reads the safetensors header only; "" for any other directory (or an unreadable file)."""
+    path = directory / _TRAINER_WEIGHTS
+    try:
+        keys = read_header(path).tensors if path.is_file() else {}
+    except (AdapterFileError, OSError):
+        return ""
+    if not any(_LORA_KEY.search(key) for key in keys):
+        return ""
+    return (
+        f"{path} is a transformers.Trainer checkpoint (a whole model's state dict with the "
+        "LoRA tensors inside, written by trainer.save_model() or save_strategy), not an "
+        "adapter. To get the adapter, load it into the model it was trained as (the same "
+        "lorakit.get_peft_model / lorakit.inject model): model.load_state_dict("
+        f"safetensors.torch.load_file({str(path)!r}), strict=False), then "
+        "lorakit.save_adapter(model, DIR, adapter_name) (or peft_model.save_pretrained(DIR)); "
+        "or save adapters during training from a TrainerCallback.on_save."
+    )
 
 
 def _path_kind(path: Path) -> str:

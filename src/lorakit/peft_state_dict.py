@@ -1,0 +1,91 @@
+"""``PeftModel.state_dict`` / ``load_state_dict`` that list a tied tensor once.
+
+Why: transformers' ``Trainer`` saves a model that is neither a ``PreTrainedModel`` nor a
+``peft.PeftModel`` (lorakit's front door is neither) with
+``safetensors.torch.save_file(model.state_dict())``, and safetensors refuses tensors that share
+memory. A base that ties its input embedding and ``lm_head`` (SmolLM2, Llama-3.2, Qwen2.5) has
+one tensor under two keys (``model.model.embed_tokens.weight`` and ``model.lm_head.weight``), so
+every checkpoint save crashed and left an empty ``checkpoint-N/``. transformers' own
+``save_pretrained`` writes a tied weight once; so does this ``state_dict``, under the name
+``named_parameters()`` keeps (the first one reached), and ``load_state_dict`` fills the dropped
+name from its twin, so a checkpoint loads back (strict or not; ``resume_from_checkpoint``,
+``load_best_model_at_end``) and the tie survives (both names still hold one parameter).
+A dict holding both names (an older full ``torch.save(model.state_dict())``) loads unchanged.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from itertools import chain
+from typing import Any
+
+from torch import nn
+
+__all__ = ["PeftStateDictMixin", "tied_aliases"]
+
+
+def tied_aliases(module: nn.Module) -> dict[str, str]:
+    """``{alias: first_name}`` for every parameter or buffer of ``module`` reachable under
+    several names (a tied ``lm_head.weight`` -> ``embed_tokens.weight``, a module shared by two
+    parents); ``first_name`` is the one ``named_parameters()`` / ``named_buffers()`` keep."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    named = chain(
+        module.named_parameters(remove_duplicate=False),
+        module.named_buffers(remove_duplicate=False),
+    )
+    for name, tensor in named:
+        if id(tensor) in first:
+            aliases[name] = first[id(tensor)]
+        else:
+            first[id(tensor)] = name
+    return aliases
+
+
+def with_aliases(state_dict: Mapping[str, Any], aliases: dict[str, str]) -> Mapping[str, Any]:
+    """``state_dict`` with each tied name it lacks filled from a twin it holds (either way
+    round); the caller's dict is not changed (a copy, keeping ``_metadata``, when filled)."""
+    groups: dict[str, list[str]] = {}
+    for alias, name in aliases.items():
+        groups.setdefault(name, [name]).append(alias)
+    fills = {}
+    for names in groups.values():
+        present = next((name for name in names if name in state_dict), None)
+        if present is not None:
+            fills.update({n: state_dict[present] for n in names if n not in state_dict})
+    if not fills:
+        return state_dict
+    filled = OrderedDict(state_dict)
+    filled.update(fills)
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        filled._metadata = metadata  # type: ignore[attr-defined]
+    return filled
+
+
+class PeftStateDictMixin:
+    """``state_dict`` without tied aliases, ``load_state_dict`` accepting their absence (see
+    the module docstring: transformers' ``Trainer`` checkpoints through safetensors)."""
+
+    def state_dict(
+        self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
+    ) -> dict[str, Any]:
+        """``nn.Module.state_dict`` listing each tensor once, under its first name."""
+        state = super().state_dict(  # type: ignore[misc]
+            *args, destination=destination, prefix=prefix, keep_vars=keep_vars
+        )
+        prefix = args[1] if len(args) > 1 and not prefix else prefix  # (deprecated positional)
+        for alias, name in tied_aliases(self).items():  # type: ignore[arg-type]
+            if prefix + name in state:
+                state.pop(prefix + alias, None)
+        return state
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """``nn.Module.load_state_dict``; a tied name missing from ``state_dict`` whose twin is
+        there is loaded from the twin (so ``strict=True`` takes this model's ``state_dict()``)."""
+        if isinstance(state_dict, Mapping):
+            state_dict = with_aliases(state_dict, tied_aliases(self))  # type: ignore[arg-type]
+        return super().load_state_dict(state_dict, strict, assign)  # type: ignore[misc]
