@@ -17,16 +17,24 @@ adapter is off while they are taken (``lorakit.disabled``, as PEFT runs under
 ``disable_adapter``). Ranks: the budget is the sum of the layers' ranks; each layer offers its
 first ``round(r * rho)`` ratios (layers that read the same input: the largest ``round(r * rho)``
 among them, PEFT's ``max_components``), and the budget's worth of largest ratios over all layers
-decide how many each layer gets. Convergence, as PEFT judges it: a layer input gets components
-once it has counted ``max(2, components its layers may take)`` tokens, and no distribution is
-made (nothing frozen) until every input has them; after each batch a layer input compares its
-leading components with their values one batch earlier (|cosine| >= ``tau``); before the next
-batch, an input whose components needed by the current rank distribution all passed stops
-collecting (its statistics are frozen), and one that no longer passes (the distribution moved)
-collects again; reading stops once every input is frozen, or when the loader ends. Layer with
+decide how many each layer gets (ties, i.e. the layers of one input, split as PEFT splits them:
+its list order and ``torch.argsort``, then the group's first layer takes the group's largest
+count; ``lorakit.eva_statistics.redistribute_ranks``). Each component's sign is PEFT's
+(``svd_flip``: its largest-magnitude entry positive). Convergence, as PEFT judges it: a batch
+that counts fewer tokens for a layer input than the components its layers may take (the
+largest ``round(r * rho)`` of them; e.g. a prompt-only batch, labels all -100) is skipped for
+that input, as PEFT's ``SVDHook`` skips it: its tokens are not added and it is no convergence
+step. A layer input gets components from its first batch not skipped (and n >= 2), and no
+distribution is made (nothing frozen) until every input has them; after each batch not skipped
+a layer input compares its leading components with their values at its previous such batch
+(signed cosine >= ``tau``, as PEFT); before the next batch, an input whose components needed by
+the current rank distribution all passed stops collecting (its statistics are frozen), and one
+that no longer passes (the distribution moved) collects again; reading stops once every input
+is frozen, or when the loader ends. An input for which every batch was skipped (PEFT would
+cycle the loader for ever) takes its components from all its counted tokens. Layer with
 rank r' > 0: ``A = V[:, :r']^T`` (r' x k; ``whiten``: row i divided by
-``((n - 1) lam_i) ** (1/4)``, the square root of the i-th singular value of the centred X),
-B = 0, and with
+``((n - 1) lam_i) ** (1/4)``, the square root of the i-th singular value of the centred X of
+the batches read), B = 0, and with
 ``adjust_scaling_factors`` ``alpha' = alpha r' / r``; r' = 0: the layer loses the adapter. A
 DoRA adapter stays DoRA (its magnitude ``||W0 + s B A|| = ||W0||`` per row, as PEFT's). The
 config's ``target_modules``, ``rank_pattern`` and ``alpha_pattern`` then name what was chosen,
@@ -39,10 +47,14 @@ loader once, where PEFT cycles it until every layer has converged, counting repe
 again. With a loader long enough for every layer to converge before it ends, the two read the
 same batches per layer (up to that threshold effect); with a shorter one PEFT's statistics
 weigh repeated batches twice, so with ``whiten`` its row scales and, with ``rho > 1``, the
-ranks it redistributes can differ from lorakit's.
+ranks it redistributes can differ from lorakit's. With ``whiten``, PEFT 0.21 also divides the
+shared components of an input that several layers read in place, once per layer whose rank
+includes the row, and its layers' A are views of that one tensor (q/k/v at equal ranks: every
+row divided by ``s_i ** 1.5`` in all three, not ``s_i ** 0.5``); lorakit divides each layer's
+rows once.
 
 Memory: one k x k float64 matrix per distinct layer input (layers reading the same tensor, e.g.
-q/k/v, share one).
+q/k/v, share one), and a second one for an input only while all its batches were skipped.
 """
 
 from __future__ import annotations

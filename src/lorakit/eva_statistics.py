@@ -3,8 +3,9 @@ components, PEFT's convergence test and the rank redistribution (formulas in ``l
 
 ``collect_statistics`` hooks the layers, runs the loader's batches through the model and keeps
 one k x k float64 moment matrix per distinct layer input (layers fed the very same tensor, e.g.
-q/k/v, share one); an input whose components the current rank distribution needs have
-converged stops collecting, and reading stops once every input has.
+q/k/v, share one); a batch with fewer counted tokens than an input's components is skipped for
+that input (PEFT's ``SVDHook`` rule); an input whose components the current rank distribution
+needs have converged stops collecting, and reading stops once every input has.
 """
 
 from __future__ import annotations
@@ -38,13 +39,23 @@ class _InputMoments:
 
 def explained_variance(moments: _InputMoments) -> tuple[torch.Tensor, torch.Tensor]:
     """``(components (k, k) rows descending, eigenvalues (k,))`` of the inputs' covariance
-    (needs n >= 2 rows)."""
+    (needs n >= 2 rows); each component's sign as PEFT's ``svd_flip(u_based_decision=False)``
+    fixes it (``_peft_signs``)."""
     if moments.count < 2:
         raise ValueError(f"a covariance needs at least 2 rows, got {moments.count}")
     mean = moments.total / moments.count
     covariance = (moments.outer - moments.count * torch.outer(mean, mean)) / (moments.count - 1)
     values, vectors = torch.linalg.eigh(covariance)
-    return vectors.flip(1).T, values.flip(0).clamp_min(0)
+    return _peft_signs(vectors.flip(1).T), values.flip(0).clamp_min(0)
+
+
+def _peft_signs(components: torch.Tensor) -> torch.Tensor:
+    """``components`` (c, k) with each row's largest-magnitude entry (the first, on ties)
+    positive: PEFT's ``IncrementalPCA._svd_flip(u_based_decision=False)``. An eigenvector's
+    sign is arbitrary; this one makes A's rows PEFT's and lets the convergence test compare
+    signed cosines, as PEFT's does."""
+    largest = components.abs().argmax(dim=1, keepdim=True)  # (c, 1)
+    return components * components.gather(1, largest).sign()
 
 
 def _offers(ranks: Mapping[str, int], rho: float, shared_input: Mapping[str, str]) -> dict:
@@ -66,19 +77,32 @@ def redistribute_ranks(
     shared_input: Mapping[str, str] | None = None,
 ) -> dict[str, int]:
     """New ranks: the ``sum(ranks)`` largest of each layer's first ``round(r * rho)`` explained
-    variance ratios (ties: earlier layer first), counted per layer. ``shared_input``: layer ->
-    the layer whose input it reads; a group of layers reading one input each offer the largest
-    ``round(r * rho)`` among them (PEFT's rule)."""
+    variance ratios, counted per layer. ``shared_input``: layer -> the layer whose input it
+    reads; a group of layers reading one input each offer the largest ``round(r * rho)`` among
+    them (PEFT's ``max_components``).
+
+    Ties (the layers of a group offer equal ratios) are split as PEFT's
+    ``_get_rank_distribution`` splits them: the ratios listed with each group's first layer
+    (in ``ratios`` order) and the ungrouped layers first, the group's other layers after,
+    ordered by ``torch.argsort(descending=True)`` (not a stable sort: its order of equal values
+    depends on all the values, deterministically on the CPU, where it runs here); then each
+    other layer of a group that got more than the group's first swaps counts with it, in that
+    order, so the first layer holds the group's largest rank."""
     offers = _offers(ranks, rho, shared_input or {})
-    offered = [
-        (float(value), order, name)
-        for order, name in enumerate(ratios)
-        for value in ratios[name][: offers[name]]
-    ]
-    offered.sort(key=lambda item: (-item[0], item[1]))
+    groups: dict[str, list[str]] = {}
+    for name in ratios:
+        groups.setdefault((shared_input or {}).get(name, name), []).append(name)
+    others = [(name, members[0]) for members in groups.values() for name in members[1:]]
+    order = [members[0] for members in groups.values()] + [name for name, _ in others]
+    offered = [ratios[name][: offers[name]].detach().double().cpu() for name in order]
+    owners = [name for name, values in zip(order, offered, strict=True) for _ in range(len(values))]
+    chosen = torch.cat(offered).argsort(descending=True)[: sum(ranks.values())]
     counts = dict.fromkeys(ratios, 0)
-    for _, _, name in offered[: sum(ranks.values())]:
-        counts[name] += 1
+    for index in chosen.tolist():
+        counts[owners[index]] += 1
+    for name, first in others:
+        if counts[name] > counts[first]:
+            counts[first], counts[name] = counts[name], counts[first]
     return counts
 
 
@@ -131,33 +155,73 @@ def _freeze_converged(needed, results, similar, frozen) -> None:
 
 
 def _update_results(moments, frozen, wanted, results, similar, tau) -> None:
-    """After a batch: components of every collecting input with at least ``max(2, wanted)``
-    counted tokens (PEFT skips an input with fewer tokens than components), and per wanted
-    component whether ``|cos|`` with its value one batch earlier is ``>= tau``."""
+    """After a batch, for each input in ``moments`` (those whose statistics it grew: a batch
+    with fewer counted tokens than the input's ``wanted`` components is skipped for it, as PEFT
+    skips it) with n >= 2: its components, and per wanted component whether the cosine with
+    its value at the last update is ``>= tau`` (signed, as PEFT tests it: each component's sign
+    is PEFT's, ``_peft_signs``). A skipped batch is no convergence step."""
     for name, m in moments.items():
-        if name in frozen or m.count < max(2, wanted[name]):
+        if name in frozen or m.count < 2:
             continue
         components, values = explained_variance(m)
         if name in results:
             before = results[name][0]
-            cosines = torch.cosine_similarity(components[: wanted[name]], before[: wanted[name]])
-            similar[name] = cosines.abs() >= tau
+            count = wanted[name]
+            similar[name] = torch.cosine_similarity(components[:count], before[:count]) >= tau
         results[name] = (components, values)
+
+
+def _wanted(ranks, rho, leader) -> dict[str, int]:
+    """Per layer input (named by ``leader``): the components its layers may offer, PEFT's
+    ``n_components`` of its ``SVDHook`` (``_offers``)."""
+    wanted: dict[str, int] = {}
+    for name, offer in _offers(ranks, rho, leader).items():
+        if name in leader:
+            wanted[leader[name]] = max(wanted.get(leader[name], 0), offer)
+    return wanted
+
+
+def _count(name, rows, moments, skipped, grew) -> None:
+    """Add a batch's ``rows`` (n, k) to input ``name``'s statistics (PEFT's ``partial_fit``);
+    the rows of batches skipped before no longer matter."""
+    moments.setdefault(name, _InputMoments()).add(rows)
+    skipped.pop(name, None)
+    grew.add(name)
+
+
+def _settle(held, wanted, moments, skipped, grew) -> None:
+    """The rows ``held`` back during a batch (fewer than the most components any input may
+    want, so the hook could not yet tell): counted for an input when at least its ``wanted``,
+    else the batch is skipped for it (PEFT: "skipping SVD ... less than n_components
+    examples"). A skipped batch's rows are kept in ``skipped`` only while the input has no
+    counted batch, for ``_finish``."""
+    for name, rows in held.items():
+        if rows.shape[0] >= wanted[name]:
+            _count(name, rows, moments, skipped, grew)
+        elif name not in moments:
+            skipped.setdefault(name, _InputMoments()).add(rows)
+    held.clear()
 
 
 def collect_statistics(model, layers, loader, config, ranks, forward_fn):
     """Run batches through ``model``; return ``({layer: (components, eigenvalues, n)}, {layer:
     the layer whose input it shares})``.
 
-    As PEFT does, no rank distribution is computed (and nothing frozen) until every layer input
-    has components; then an input whose needed components converged stops collecting (its
-    statistics are frozen) and starts again if a later distribution needs more of its
-    components than have converged; reading stops once every input is frozen."""
-    moments: dict[str, _InputMoments] = {}
+    As PEFT does, a batch with fewer counted tokens than an input's components (``_wanted``)
+    is skipped for that input (its rows are not added and it is no convergence step); no rank
+    distribution is computed (and nothing frozen) until every layer input has components; then
+    an input whose needed components converged stops collecting (its statistics are frozen)
+    and starts again if a later distribution needs more of its components than have
+    converged; reading stops once every input is frozen."""
+    moments: dict[str, _InputMoments] = {}  # leader -> statistics of its counted batches
+    skipped: dict[str, _InputMoments] = {}  # leader -> skipped rows, while none counted
     leader: dict[str, str] = {}  # layer -> the layer whose input it shares
     seen: dict[int, tuple[torch.Tensor, str]] = {}
     current: dict[str, object] = {}
     frozen: set[str] = set()  # leaders whose statistics no longer change
+    held: dict[str, torch.Tensor] = {}  # leader -> this batch's rows, until ``wanted`` is known
+    grew: set[str] = set()  # leaders whose statistics this batch grew
+    most = max(_offers(ranks, config.rho, {}).values())  # no input wants more components
 
     def hook_for(name):
         def hook(module, args):
@@ -166,14 +230,18 @@ def collect_statistics(model, layers, loader, config, ranks, forward_fn):
                 leader[name] = seen.setdefault(id(x), (x, name))[1]  # x kept: its id stays unique
             if leader[name] == name and name not in frozen:
                 rows = _token_rows(name, x, current["batch"], config)
-                moments.setdefault(name, _InputMoments()).add(rows)
+                if rows.shape[0] >= most:  # enough for any input: counted at once
+                    _count(name, rows, moments, skipped, grew)
+                else:  # few rows (< most components): decided after the batch
+                    held[name] = rows
 
         return hook
 
     handles = [layers[name].register_forward_pre_hook(hook_for(name)) for name in layers]
     results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    similar: dict[str, torch.Tensor] = {}  # leader -> per component: |cos| with before >= tau
+    similar: dict[str, torch.Tensor] = {}  # leader -> per component: cos with before >= tau
     needed: dict[str, int] = {}  # leader -> components the current rank distribution needs
+    read = 0
     try:
         for batch in loader:
             _freeze_converged(needed, results, similar, frozen)
@@ -181,24 +249,27 @@ def collect_statistics(model, layers, loader, config, ranks, forward_fn):
                 break
             current["batch"] = batch
             seen.clear()
+            grew.clear()
+            held.clear()
             forward_fn(model, batch)
-            wanted = dict.fromkeys(moments, 0)  # leader -> components its layers may offer
-            for name, offer in _offers(ranks, config.rho, leader).items():
-                if name in leader:
-                    wanted[leader[name]] = max(wanted[leader[name]], offer)
-            _update_results(moments, frozen, wanted, results, similar, config.tau)
-            if any(n not in leader for n in layers) or not results.keys() >= moments.keys():
+            read += 1
+            wanted = _wanted(ranks, config.rho, leader)  # leader -> PEFT's n_components
+            _settle(held, wanted, moments, skipped, grew)
+            grown = {name: moments[name] for name in grew}
+            _update_results(grown, frozen, wanted, results, similar, config.tau)
+            inputs = dict.fromkeys(leader.values(), 0)
+            if any(n not in leader for n in layers) or not results.keys() >= inputs.keys():
                 continue  # (a layer the forward did not reach, or an input without results)
             ratios = {name: explained_ratios(results[leader[name]][1]) for name in layers}
             distribution = redistribute_ranks(ratios, ranks, config.rho, shared_input=leader)
-            needed = dict.fromkeys(moments, 0)
-            for name, count in distribution.items():  # an input as many as its layers need
+            needed = inputs  # an input as many components as its layers need
+            for name, count in distribution.items():
                 needed[leader[name]] = max(needed[leader[name]], count)
     finally:
         for handle in handles:
             handle.remove()
-    _finish(layers, leader, moments, results)
-    stats = {name: (*results[leader[name]], moments[leader[name]].count) for name in layers}
+    final = _finish(layers, leader, moments, skipped, results, read)
+    stats = {name: (*results[leader[name]], final[leader[name]].count) for name in layers}
     return stats, leader
 
 
@@ -207,10 +278,11 @@ def explained_ratios(values: torch.Tensor) -> torch.Tensor:
     return values / values.sum().clamp_min(1e-30)
 
 
-def _finish(layers, leader, moments, results) -> None:
-    """Refuse layers without enough counted tokens; give components to any input that had
-    fewer tokens than components wanted (all it got)."""
-    if not moments:
+def _finish(layers, leader, moments, skipped, results, read) -> dict[str, _InputMoments]:
+    """Refuse layers without enough counted tokens; give components to any input without
+    (no batch had as many counted tokens as its components: all it got, counted or skipped,
+    where PEFT would cycle the loader for ever). Returns each input's final statistics."""
+    if not read:
         raise ValueError("the dataloader gave no batches; EVA needs layer inputs to start from.")
     unreached = [name for name in layers if name not in leader]
     if unreached:
@@ -219,7 +291,11 @@ def _finish(layers, leader, moments, results) -> None:
             "was run), so they have no inputs to take components from. Leave them out of the "
             "adapter (exclude_modules), or give batches / a forward_fn that run them."
         )
-    few = {name: moments[leader[name]].count for name in layers}
+    final = {
+        name: moments.get(name) or skipped.get(name) or _InputMoments()
+        for name in dict.fromkeys(leader.values())
+    }  # (an input has counted or skipped rows, never both: ``_count``)
+    few = {name: final[leader[name]].count for name in layers}
     few = {name: count for name, count in few.items() if count < 2}
     if few:
         raise ValueError(
@@ -229,6 +305,7 @@ def _finish(layers, leader, moments, results) -> None:
             "(EvaConfig(use_label_mask=False) counts the prompt tokens too), or leave those "
             "layers out of the adapter (exclude_modules)."
         )
-    for name, m in moments.items():
+    for name, m in final.items():
         if name not in results:
             results[name] = explained_variance(m)
+    return final
