@@ -196,8 +196,12 @@ def test_lora_on_tied_embeddings_is_refused(tmp_path) -> None:
 def test_unmapped_architecture_wrong_base_and_quantized_type_are_refused(tmp_path) -> None:
     base = tiny_models.llama()
     _, directory = saved_adapter(tmp_path / "adapter", base)
-    with pytest.raises(UserError, match="model_type='gpt2'"):
+    with pytest.raises(UserError, match=r"made for a LlamaForCausalLM .* GPT2LMHeadModel given"):
         export_adapter(directory, tiny_models.gpt2(), tmp_path / "a.gguf")
+    gpt2 = tiny_models.gpt2()  # an adapter of GPT-2 itself: an architecture no GGUF map names
+    _, gpt2_adapter = saved_adapter(tmp_path / "gpt2", gpt2, target_modules=["c_attn"])
+    with pytest.raises(UserError, match="model_type='gpt2'"):
+        export_adapter(gpt2_adapter, gpt2, tmp_path / "a.gguf")
     torch.manual_seed(0)
     wider = type(base)(tiny_models.llama_config(hidden_size=128)).eval()
     with pytest.raises(

@@ -82,7 +82,8 @@ def test_nf4_fingerprints_are_the_bytes_and_old_ones_still_fit(float_dir):
     old_uint8 = {
         n: fingerprint.weight_fingerprint(as_uint8.get_submodule(n).weight.data, fmt) for n in names
     }
-    assert new_uint8 == old_uint8
+    codes_part = {n: {key: entry[key] for key in old_uint8[n]} for n, entry in new_uint8.items()}
+    assert codes_part == old_uint8  # (session 32 added the scales and dequantized samples)
     assert fingerprint.compute(as_bf16, names) == new_uint8
     old_bf16 = {
         n: fingerprint.weight_fingerprint(as_bf16.get_submodule(n).weight.data, fmt) for n in names

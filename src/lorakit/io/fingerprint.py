@@ -4,22 +4,26 @@ Per adapted module the fingerprint keeps the base weight's shape and dtype and `
 elements taken at fixed, well-spread positions of the flattened weight (a golden-ratio
 sequence, so the samples hit many rows and columns whatever the shape): their exact bytes
 (SHA-256) and their values as float32. Cost: one small gather per module, independent of the
-weight size (7-8 ms for all 210 linear layers of SmolLM2-135M on a 2-core CPU).
+weight size: for the 210 linear layers of SmolLM2-135M on 2 shared CPU cores, ``compute``
+35-80 ms on a process's first call and 5-15 ms after, ``first_mismatch`` 4-18 ms (a quantized
+base: 15-70 ms and 8-25 ms).
 
 Comparison: same dtype -> the sampled bytes must be identical (any change of a sampled element
-is caught, even below the dtype's precision); different dtypes (an fp32 checkpoint loaded in
-bf16, say) -> values must agree within the rounding of the coarser dtype (relative 2^-7).
+is caught, even below the dtype's precision), unless one side's samples are all exactly a
+bfloat16 / float16 rounding of the other's (float32 weights rounded to bfloat16 and stored in
+float32 again: the same weights as that bf16 checkpoint, which the next rule accepts);
+different dtypes (an fp32 checkpoint loaded in bf16, say) -> values must agree within the
+rounding of the coarser dtype (relative 2^-7).
 A different checkpoint of the same shape (another fine-tune, another seed, a merged model)
 differs in nearly every element, so 64 samples per module are far more than enough.
 
 Stored as compact JSON in the safetensors header metadata under ``METADATA_KEY`` (peft, vLLM
 and transformers ignore extra metadata), computed from the ORIGINAL weight of merged layers.
 
-A quantized base (``lorakit.quantized``) is fingerprinted by its packed codes as stored (a
-bitsandbytes 4-bit layer's as uint8 bytes, whatever its ``quant_storage`` dtype), with
-its format name (``bnb-nf4-dq``, ``gguf-Q4_1``, ...) in place of the dtype: an adapter trained on
-one quantization of a model does not fit another quantization, nor the float model, unless the
-user says so (``allow_base_mismatch``).
+A quantized base (``lorakit.quantized``) is fingerprinted by its packed codes as stored, its
+format name (``bnb-nf4-dq``, ``gguf-Q4_1``, ...) in place of the dtype, its scales and its
+dequantized weight's values (``lorakit.io.quantized_fingerprint``: the same format needs the
+same codes and scales; against the float model or another format, the values decide).
 """
 
 from __future__ import annotations
@@ -37,13 +41,16 @@ from torch import nn
 from lorakit import quantized
 from lorakit.errors import AdapterFileError, BaseModelMismatchError, listed
 from lorakit.layers import LoraLayer
-from lorakit.quantized import bnb as bnb_backend
 
 __all__ = [
     "METADATA_KEY",
+    "base_identity",
     "compute",
+    "describe_difference",
     "first_mismatch",
     "from_metadata",
+    "module_difference",
+    "module_fingerprint",
     "refuse_other_base",
     "to_metadata",
     "unverifiable",
@@ -72,24 +79,15 @@ def base_identity(module: nn.Module) -> tuple[torch.Tensor, str]:
     and dtype, or for a quantized base its packed codes and format name."""
     base = module.base_layer if isinstance(module, LoraLayer) else module
     if quantized.is_quantized(base):
-        return _packed_codes(base), quantized.describe(base)
+        from lorakit.io import quantized_fingerprint
+
+        return quantized_fingerprint.packed_codes(base), quantized.describe(base)
     weight = base_weight(module)
     return weight, _dtype_name(weight)
 
 
-def _packed_codes(base: nn.Module) -> torch.Tensor:
-    """The first tensor a quantized ``base`` stores (its packed codes); a bitsandbytes 4-bit
-    layer's codes as their bytes, ``(bytes, 1)`` uint8, whatever dtype holds them
-    (``bnb_4bit_quant_storage``: bfloat16 for FSDP-QLoRA keeps the same bytes as ``(bytes / 2,
-    1)``), so one adapter fits every storage dtype of the same codes."""
-    codes = next(iter(quantized.storage(base).values()))
-    backend = quantized.backend_for(base)
-    if backend is bnb_backend and bnb_backend.is_4bit(base) and codes.dtype != torch.uint8:
-        return codes.view(torch.uint8).reshape(-1, 1)  # (bytes, 1), as a uint8 storage holds it
-    return codes
-
-
-def _is_quantized_format(dtype_name: str) -> bool:
+def is_quantized_format(dtype_name: str) -> bool:
+    """True for a fingerprint's format name (``bnb-nf4-dq``), False for a torch dtype's."""
     return not isinstance(getattr(torch, dtype_name, None), torch.dtype)
 
 
@@ -100,7 +98,7 @@ def sample_positions(numel: int, count: int = SAMPLES) -> torch.Tensor:
     return torch.floor(torch.frac((j + 0.5) * _GOLDEN) * numel).long()
 
 
-def _samples(weight: torch.Tensor) -> torch.Tensor:
+def samples_of(weight: torch.Tensor) -> torch.Tensor:
     """The sampled elements of ``weight`` (flattened), on the CPU."""
     flat = weight.detach().reshape(-1)
     return flat[sample_positions(flat.numel()).to(flat.device)].cpu().contiguous()
@@ -117,7 +115,7 @@ def _dtype_name(weight: torch.Tensor) -> str:
 def weight_fingerprint(weight: torch.Tensor, dtype_name: str | None = None) -> dict[str, object]:
     """``{"shape", "dtype", "sha256", "values"}`` of one weight (see the module docstring);
     ``dtype_name``: a quantized base's format name, in place of the tensor's dtype."""
-    samples = _samples(weight)
+    samples = samples_of(weight)
     values = samples.to(torch.float32).numpy().astype("<f4").tobytes()
     return {
         "shape": list(weight.shape),
@@ -127,14 +125,28 @@ def weight_fingerprint(weight: torch.Tensor, dtype_name: str | None = None) -> d
     }
 
 
+def module_fingerprint(module: nn.Module) -> dict[str, object] | None:
+    """The fingerprint of the base of ``module`` (a quantized one's: ``quantized_fingerprint``),
+    None when its base weight is on the meta device (offloaded)."""
+    weight, dtype_name = base_identity(module)
+    if weight.device.type == "meta":
+        return None
+    if is_quantized_format(dtype_name):
+        from lorakit.io import quantized_fingerprint
+
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        return quantized_fingerprint.fingerprint(base, weight, dtype_name)
+    return weight_fingerprint(weight, dtype_name)
+
+
 def compute(model: nn.Module, module_names: Iterable[str]) -> dict[str, dict[str, object]]:
     """Fingerprints of the base weights of ``module_names``; a module whose base weight is on
     the meta device (offloaded) has none (callers name the ones left out)."""
     result = {}
     for name in module_names:
-        weight, dtype_name = base_identity(model.get_submodule(name))
-        if weight.device.type != "meta":
-            result[name] = weight_fingerprint(weight, dtype_name)
+        entry = module_fingerprint(model.get_submodule(name))
+        if entry is not None:
+            result[name] = entry
     return result
 
 
@@ -170,7 +182,8 @@ def from_metadata(text: str, source: str) -> dict[str, dict[str, object]]:
 
 def _check_entry(name: str, entry: object) -> None:
     """``ValueError`` unless ``entry`` is ``{"shape": [int >= 0], "dtype": str, "sha256": str,
-    "values": base64 of one float32 per sample}``."""
+    "values": base64 of one float32 per sample}`` (and a quantized base's optional fields,
+    ``quantized_fingerprint.check_fields``)."""
     if not isinstance(entry, dict):
         raise ValueError(f"module {name!r}: not an object")
     shape = entry.get("shape")
@@ -187,31 +200,16 @@ def _check_entry(name: str, entry: object) -> None:
         raise ValueError(f"module {name!r}: values are not base64") from None
     if len(values) != 4 * min(SAMPLES, math.prod(shape)):
         raise ValueError(f"module {name!r}: {len(values)} bytes of values for shape {shape}")
+    if is_quantized_format(entry["dtype"]):
+        from lorakit.io import quantized_fingerprint
+
+        quantized_fingerprint.check_fields(name, entry)
 
 
-def _values(fingerprint: dict[str, object]) -> torch.Tensor:
+def sample_values(fingerprint: dict[str, object]) -> torch.Tensor:
+    """The float32 values a fingerprint (or its ``"dequantized"`` part) keeps of its samples."""
     raw = base64.b64decode(str(fingerprint["values"]))
     return torch.frombuffer(bytearray(raw), dtype=torch.float32)
-
-
-_WIDER_STORAGE = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # bytes per element
-
-
-def _as_wider_storage(stored: dict[str, object], codes: torch.Tensor) -> torch.Tensor | None:
-    """uint8 ``codes`` (bytes, 1) viewed as the (bytes / w, 1) tensor of w-byte elements a
-    fingerprint of that shape was taken of: a bitsandbytes 4-bit base fingerprinted by an older
-    lorakit in its ``bnb_4bit_quant_storage`` dtype (bfloat16: w = 2). None where the shapes do
-    not pair that way. The digest is of the sampled elements' bytes, so the view gives it again
-    when the codes are the same."""
-    shape = stored["shape"]
-    if codes.dtype != torch.uint8 or list(codes.shape[1:]) != [1] or shape[1:] != [1]:
-        return None
-    elements = shape[0]
-    width = codes.shape[0] // elements if elements else 0
-    wider = _WIDER_STORAGE.get(width)
-    if wider is None or width * elements != codes.shape[0]:
-        return None
-    return codes.reshape(elements, width).view(wider)  # (bytes / w, 1)
 
 
 def describe_difference(
@@ -221,25 +219,59 @@ def describe_difference(
     stored fingerprint, else a short reason."""
     dtype_name = dtype_name or _dtype_name(weight)
     if dtype_name != stored["dtype"] and (
-        _is_quantized_format(dtype_name) or _is_quantized_format(str(stored["dtype"]))
+        is_quantized_format(dtype_name) or is_quantized_format(str(stored["dtype"]))
     ):
         return (
             f"the adapter was trained on a {stored['dtype']} base, this base is {dtype_name}; "
             "a different quantization computes different outputs"
         )
     if list(weight.shape) != stored["shape"]:
-        wider = _as_wider_storage(stored, weight) if dtype_name == stored["dtype"] else None
+        from lorakit.io.quantized_fingerprint import as_wider_storage
+
+        wider = as_wider_storage(stored, weight) if dtype_name == stored["dtype"] else None
         if wider is None:
             return f"shape {list(weight.shape)} != {stored['shape']}"
         weight = wider  # the same bytes as an older lorakit fingerprinted them
     if dtype_name == stored["dtype"]:  # the common case: compare the digests only
-        return None if _digest(_samples(weight)) == stored["sha256"] else "sampled weights differ"
+        samples = samples_of(weight)
+        if _digest(samples) == stored["sha256"] or _rounded_copy(stored, samples):
+            return None
+        return "sampled weights differ"
     current = weight_fingerprint(weight)
-    expected, actual = _values(stored), _values(current)
+    expected, actual = sample_values(stored), sample_values(current)
     tolerance = _RELATIVE_TOLERANCE * torch.maximum(expected.abs(), actual.abs())
     if bool(((expected - actual).abs() <= tolerance + _ABSOLUTE_TOLERANCE).all()):
         return None
     return f"sampled weights differ beyond {stored['dtype']}/{current['dtype']} rounding"
+
+
+def _rounded_copy(stored: dict[str, object], samples: torch.Tensor) -> bool:
+    """float32 samples whose digest differs: True when one side's are all exactly bfloat16 (or
+    float16) values and equal the other side's rounded to that dtype (a bf16 checkpoint loaded
+    as fp32 vs the fp32 one it came from: accepted as when held in bf16)."""
+    if stored["dtype"] != "float32":
+        return False
+    expected, actual = sample_values(stored), samples.to(torch.float32)
+    for coarse in (torch.bfloat16, torch.float16):
+        for exact, other in ((actual, expected), (expected, actual)):
+            representable = torch.equal(exact.to(coarse).to(torch.float32), exact)
+            if representable and torch.equal(other.to(coarse).to(torch.float32), exact):
+                return True
+    return False
+
+
+def module_difference(
+    stored: dict[str, object], module: nn.Module, identity: tuple[torch.Tensor, str]
+) -> str | None:
+    """None if the base of ``module`` fits its ``stored`` fingerprint, else a short reason;
+    ``identity``: ``base_identity(module)``. A quantized base on either side:
+    ``quantized_fingerprint.difference``."""
+    weight, dtype_name = identity
+    if is_quantized_format(dtype_name) or is_quantized_format(str(stored["dtype"])):
+        from lorakit.io import quantized_fingerprint
+
+        return quantized_fingerprint.difference(stored, module, weight, dtype_name)
+    return describe_difference(stored, weight, dtype_name)
 
 
 def first_mismatch(
@@ -255,10 +287,10 @@ def first_mismatch(
         if name not in stored:
             continue
         module = modules[name] if modules is not None else model.get_submodule(name)
-        weight, dtype_name = base_identity(module)
-        if weight.device.type == "meta":
+        identity = base_identity(module)
+        if identity[0].device.type == "meta":
             continue
-        reason = describe_difference(stored[name], weight, dtype_name)
+        reason = module_difference(stored[name], module, identity)
         if reason is not None:
             return name, reason
     return None

@@ -34,7 +34,7 @@ from lorakit.io.keys import (
     saved_module_alias_keys,
 )
 from lorakit.io.load_plan import LoadTargets
-from lorakit.io.read import AdapterFile, AdapterHeader
+from lorakit.io.read import BASE_INIT_METADATA_KEY, AdapterFile, AdapterHeader
 from lorakit.io.tensors import TORCH_DTYPES
 from lorakit.layers import layer_class_for
 from lorakit.layers.parameter import parameter_layout
@@ -210,6 +210,36 @@ _LOAD_REMEDY = (
 )
 
 
+def _load_remedy(adapter: AdapterFile) -> str:
+    """What to do about a base mismatch: ``_LOAD_REMEDY``, or, for an adapter lorakit saved
+    without conversion after a base-changing init (``BASE_INIT_METADATA_KEY``), which base it
+    needs (the model that init left) and how to get there: ``allow_base_mismatch`` would put
+    its factors on a base they do not belong to, so it is not offered."""
+    init = adapter.metadata.get(BASE_INIT_METADATA_KEY)
+    if not changes_base(init):
+        return _LOAD_REMEDY
+    needed = (
+        "the base Q that this init left (W0's LoftQ quantization, dequantized)"
+        if init == "loftq"
+        else "the residual base W0 - s B0 A0 that this init left"
+    )
+    convert = (
+        ""
+        if init == "loftq"
+        else ", or convert it to a plain LoRA for the original base: with lorakit, "
+        "lorakit.save_adapter(model, out, initial_adapter=<initial adapter dir>); with PEFT, "
+        "model.save_pretrained(out, path_initial_model_for_weight_conversion=<initial adapter "
+        "dir>) (the initial adapter: saved right after the init, before training)"
+    )
+    return (
+        f"It was saved without conversion after init_lora_weights={init!r} (header metadata "
+        f"{BASE_INIT_METADATA_KEY!r}): its lora_A / lora_B belong to {needed}, not to the "
+        "original base weights, so allow_base_mismatch=True would give wrong outputs. Load it "
+        "onto that model (lorakit.unload(model) on the model the init ran on gives it back; "
+        f"save that model){convert}."
+    )
+
+
 def check_base(
     model: nn.Module,
     adapter: AdapterFile,
@@ -228,7 +258,7 @@ def check_base(
         adapter.directory,
         checked,
         allow_mismatch=allow_base_mismatch,
-        remedy=_LOAD_REMEDY,
+        remedy=_load_remedy(adapter),
         modules=modules,
     )
     if message is not None:
