@@ -8,8 +8,10 @@ fingerprint (``io.fingerprint``: per adapted module its shape, dtype, a digest a
 about 470 bytes), so a header is ~0.5 KB per adapted module. Computed here on a model whose
 weights may be on the meta device (no data is read): the same JSON ``io.header.serialize``
 writes, with stand-in samples of the fingerprint's size. Exact for a float base; on a quantized
-one a few dozen bytes short (its fingerprint records the packed codes' shape and the format's
-name, e.g. ``bnb-nf4-dq``, where the float model planned has its weight's shape and dtype).
+one about 0.45 KB per adapted module short (its fingerprint also records a digest of the scales
+and the dequantized weight's samples, ``io.quantized_fingerprint``, and the packed codes' shape
+and the format's name, e.g. ``bnb-nf4-dq``, where the float model planned has its weight's shape
+and dtype): under 0.1 MB for SmolLM2-135M's 210 modules.
 """
 
 from __future__ import annotations
