@@ -92,3 +92,9 @@ def test_a_name_shared_with_its_submodule_stays_the_function_whatever_the_import
         ]
     )
     _heavy_imports(code)  # raises CalledProcessError on a failed assertion
+
+
+def test_getattr_with_a_default_gives_the_default_for_any_missing_name():
+    assert getattr(lorakit, "x.y", "default") == "default"
+    assert getattr(lorakit, "not_a_module", None) is None
+    assert not hasattr(lorakit.io, "x.y")

@@ -199,3 +199,16 @@ def test_a_config_built_for_a_file_is_written_with_peft_s_flag(arch, names, valu
     modules = [model.get_submodule(name) for name in reversed(names)]
     assert json.loads(config_to_json(model, config, modules))["fan_in_fan_out"] is written
     assert config.fan_in_fan_out is value  # (written, not changed)
+
+
+def test_a_config_with_target_parameters_keeps_its_fan_in_fan_out_and_stays_valid():
+    """``fan_in_fan_out=True`` is refused with ``target_parameters``: the injection must not
+    set it on the user's config (a copy or ``replace`` of it would then fail its own checks)."""
+    config = lorakit.LoraConfig(
+        r=2, target_modules=["c_attn"], target_parameters=["mlp.c_proj.weight"]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lorakit.get_peft_model(tm.gpt2(), config)
+    assert config.fan_in_fan_out is False
+    assert config.replace(r=4).r == 4

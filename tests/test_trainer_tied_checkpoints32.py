@@ -4,8 +4,8 @@
 Trainer saves a model that is neither a ``PreTrainedModel`` nor a ``peft.PeftModel`` with
 ``safetensors.torch.save_file(model.state_dict())``, which refuses tensors sharing memory: the
 first checkpoint crashed and left an empty ``checkpoint-N/``. lorakit's ``PeftModel.state_dict``
-now lists a tied tensor once and ``load_state_dict`` fills its other name from the twin
-(``lorakit.peft_state_dict``). Also: ``load_adapter`` on a Trainer checkpoint says what it is.
+now lists a tied tensor once and loading fills its other name from the twin, also under a
+parent module (``lorakit.peft_state_dict``). Also: ``load_adapter`` on a Trainer checkpoint says what it is.
 Tiny random Llama, a few CPU steps, dropout 0 (resumed runs match the uninterrupted one exactly).
 """
 
@@ -171,13 +171,46 @@ def test_an_old_full_state_dict_and_a_head_only_one_still_load():
     assert_tied(target)
 
 
-def test_a_parent_module_state_dict_drops_the_alias_under_its_prefix():
-    holder = nn.ModuleDict({"peft": front_door()})
+@pytest.mark.parametrize(
+    ("wrap", "prefix"),
+    [
+        (lambda m: nn.ModuleDict({"peft": m}), "peft."),
+        (lambda m: nn.ModuleList([m]), "0."),
+        (nn.DataParallel, "module."),  # (DDP's and torch.compile's wrappers load the same way)
+    ],
+)
+def test_under_a_parent_the_alias_is_dropped_and_a_strict_load_fills_it(wrap, prefix):
+    """A parent's ``load_state_dict`` never calls the child's ``load_state_dict``; the filling
+    is done in ``_load_from_state_dict``, which it does call (a first version filled in
+    ``load_state_dict`` and failed strict loads under any wrapper)."""
+    holder = wrap(front_door())
     state = holder.state_dict()
-    assert f"peft.{EMBED}" in state and f"peft.{HEAD}" not in state
-    other = nn.ModuleDict({"peft": front_door(seed=1)})
-    other.load_state_dict(state, strict=False)
-    assert torch.equal(other["peft"].model.lm_head.weight, state[f"peft.{EMBED}"])
+    assert prefix + EMBED in state and prefix + HEAD not in state
+    other = wrap(front_door(seed=1))
+    result = other.load_state_dict(state)  # strict
+    assert not result.missing_keys and not result.unexpected_keys
+    loaded = other.module if isinstance(other, nn.DataParallel) else next(iter(other.children()))
+    assert_tied(loaded)
+    assert torch.equal(loaded.model.lm_head.weight, state[prefix + EMBED])
+
+
+def test_layer_replication_shares_modules_and_loads_strictly_under_a_parent():
+    """Replicated layers share their base modules: each shared tensor is listed once too."""
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(llama_config(tie_word_embeddings=False))
+    config = lorakit.LoraConfig(r=2, target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]])
+    holder = nn.ModuleDict({"peft": lorakit.get_peft_model(base, config)})
+    state = holder.state_dict()
+    layer = "peft.model.model.layers.{}.self_attn.k_proj.weight"  # layer 2 is layer 0's copy
+    assert layer.format(0) in state and layer.format(2) not in state
+    torch.manual_seed(1)
+    other_base = LlamaForCausalLM(llama_config(tie_word_embeddings=False))
+    other = nn.ModuleDict({"peft": lorakit.get_peft_model(other_base, config)})
+    result = other.load_state_dict(state)
+    assert not result.missing_keys and not result.unexpected_keys
+    mine = dict(holder.named_parameters(remove_duplicate=False))
+    for key, tensor in other.named_parameters(remove_duplicate=False):
+        assert torch.equal(tensor, mine[key]), key
 
 
 def test_untied_state_dict_keys_are_unchanged():

@@ -150,7 +150,11 @@ def _settle_fan_in_fan_out(config: LoraConfig, current: Mapping[str, nn.Module])
     """Set ``config.fan_in_fan_out`` as PEFT's dispatch sets it on the modules this injection
     wraps (``current``, in model order; a module that is a LoRA layer already takes the adapter
     without a new wrapping, which leaves the flag alone in PEFT too), with PEFT's warning at
-    each change, naming the module and how many more of its kind are targeted."""
+    each change, naming the module and how many more of its kind are targeted. Not with
+    ``target_parameters``, which refuse ``fan_in_fan_out=True`` (``config_checks``): a flip
+    would leave the user's config unable to pass its own checks (``replace``, a copy)."""
+    if config.target_parameters:  # (fan_in_fan_out=True is refused with them: keep the user's)
+        return
     new = [(n, original_module(m)) for n, m in current.items() if not isinstance(m, LoraLayer)]
     for name, value in fan_in_fan_out_flips(config.fan_in_fan_out, new):
         others = sum(_forced_fan_in_fan_out(m) is value for _, m in new) - 1

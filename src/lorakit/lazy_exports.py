@@ -34,7 +34,7 @@ class LazyPackage(types.ModuleType):
             value = getattr(importlib.import_module(f"{package}.{home}"), name)
             self.__dict__[name] = value
             return value
-        if not name.startswith("__") and importlib.util.find_spec(f"{package}.{name}"):
+        if name.isidentifier() and not name.startswith("__") and _is_submodule(package, name):
             return importlib.import_module(f"{package}.{name}")
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
@@ -48,6 +48,15 @@ class LazyPackage(types.ModuleType):
 
     def __dir__(self) -> list[str]:
         return sorted(set(self.__dict__) | set(self.__dict__.get("_lazy_homes", {})))
+
+
+def _is_submodule(package: str, name: str) -> bool:
+    """Whether ``package.name`` is a module that can be imported (``find_spec``'s errors, e.g.
+    for a name with a dot, read as no: ``getattr(package, name, default)`` gives the default)."""
+    try:
+        return importlib.util.find_spec(f"{package}.{name}") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def lazy_exports(package: str, homes: Mapping[str, str]) -> None:

@@ -8,21 +8,21 @@ one tensor under two keys (``model.model.embed_tokens.weight`` and ``model.lm_he
 every checkpoint save crashed and left an empty ``checkpoint-N/``. transformers' own
 ``save_pretrained`` writes a tied weight once; so does this ``state_dict``, under the name
 ``named_parameters()`` keeps (the first one reached), and ``load_state_dict`` fills the dropped
-name from its twin, so a checkpoint loads back (strict or not; ``resume_from_checkpoint``,
-``load_best_model_at_end``) and the tie survives (both names still hold one parameter).
+name from its twin (in ``_load_from_state_dict``, which torch calls for every module loaded,
+so also under a parent: DDP, ``torch.compile``), so a checkpoint loads back (strict or not;
+``resume_from_checkpoint``, ``load_best_model_at_end``) and the tie survives (both names still
+hold one parameter).
 A dict holding both names (an older full ``torch.save(model.state_dict())``) loads unchanged.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Mapping
 from itertools import chain
 from typing import Any
 
 from torch import nn
 
-__all__ = ["PeftStateDictMixin", "tied_aliases"]
+__all__ = ["PeftStateDictMixin", "fill_aliases", "tied_aliases"]
 
 
 def tied_aliases(module: nn.Module) -> dict[str, str]:
@@ -43,35 +43,29 @@ def tied_aliases(module: nn.Module) -> dict[str, str]:
     return aliases
 
 
-def with_aliases(state_dict: Mapping[str, Any], aliases: dict[str, str]) -> Mapping[str, Any]:
-    """``state_dict`` with each tied name it lacks filled from a twin it holds (either way
-    round); the caller's dict is not changed (a copy, keeping ``_metadata``, when filled)."""
+def fill_aliases(state_dict: dict[str, Any], aliases: dict[str, str], prefix: str = "") -> None:
+    """Add to ``state_dict`` (in place) each tied name under ``prefix`` it lacks, from a twin it
+    holds (either way round)."""
     groups: dict[str, list[str]] = {}
     for alias, name in aliases.items():
         groups.setdefault(name, [name]).append(alias)
-    fills = {}
     for names in groups.values():
-        present = next((name for name in names if name in state_dict), None)
+        keys = [prefix + name for name in names]
+        present = next((key for key in keys if key in state_dict), None)
         if present is not None:
-            fills.update({n: state_dict[present] for n in names if n not in state_dict})
-    if not fills:
-        return state_dict
-    filled = OrderedDict(state_dict)
-    filled.update(fills)
-    metadata = getattr(state_dict, "_metadata", None)
-    if metadata is not None:
-        filled._metadata = metadata  # type: ignore[attr-defined]
-    return filled
+            for key in keys:
+                state_dict.setdefault(key, state_dict[present])
 
 
 class PeftStateDictMixin:
-    """``state_dict`` without tied aliases, ``load_state_dict`` accepting their absence (see
-    the module docstring: transformers' ``Trainer`` checkpoints through safetensors)."""
+    """``state_dict`` without tied aliases, loading that accepts their absence (see the module
+    docstring: transformers' ``Trainer`` checkpoints through safetensors)."""
 
     def state_dict(
         self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
     ) -> dict[str, Any]:
-        """``nn.Module.state_dict`` listing each tensor once, under its first name."""
+        """``nn.Module.state_dict`` listing each tensor once, under its first name (also when
+        a parent module's ``state_dict`` reaches this one, under its prefix)."""
         state = super().state_dict(  # type: ignore[misc]
             *args, destination=destination, prefix=prefix, keep_vars=keep_vars
         )
@@ -81,11 +75,11 @@ class PeftStateDictMixin:
                 state.pop(prefix + alias, None)
         return state
 
-    def load_state_dict(
-        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
-    ) -> Any:
-        """``nn.Module.load_state_dict``; a tied name missing from ``state_dict`` whose twin is
-        there is loaded from the twin (so ``strict=True`` takes this model's ``state_dict()``)."""
-        if isinstance(state_dict, Mapping):
-            state_dict = with_aliases(state_dict, tied_aliases(self))  # type: ignore[arg-type]
-        return super().load_state_dict(state_dict, strict, assign)  # type: ignore[misc]
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Fill the tied names ``state_dict`` lacks before ``nn.Module`` loads this module and
+        its children from it: torch's ``load_state_dict`` calls this for every module of the
+        tree (a parent's load too: DDP, ``torch.compile``, a value-head wrapper), each child
+        then taking its keys from the dict filled here, so ``strict=True`` takes this model's
+        ``state_dict()`` under any parent."""
+        fill_aliases(state_dict, tied_aliases(self), prefix)  # type: ignore[arg-type]
+        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
