@@ -64,7 +64,10 @@ PEFT_LORA_FIELDS: dict[str, FieldSupport] = {
     # bookkeeping PEFT writes into every adapter_config.json
     "task_type": _supported(),
     "peft_type": _supported('must be "LORA" (other PEFT methods are refused when read)'),
-    "auto_mapping": _ignored("names a custom model class for AutoPeftModel; no numbers"),
+    "auto_mapping": _ignored(
+        "on reading; written as PEFT writes it (the model's class and module when task_type "
+        "is unset, which AutoPeftModel needs); no numbers"
+    ),
     "peft_version": _ignored("which PEFT wrote the file; informational"),
     "base_model_name_or_path": _supported(),
     "revision": _ignored("the hub revision of the base; lorakit checks the base by fingerprint"),
