@@ -283,3 +283,21 @@ def test_an_unconverted_pissa_adapter_names_the_residual_base_it_needs(tmp_path,
     _save(tiny_models.llama(), tmp_path / "plain")
     with pytest.raises(BaseModelMismatchError, match="pass allow_base_mismatch=True to load it"):
         lorakit.load_adapter(tiny_models.llama(seed=1), tmp_path / "plain")
+
+
+def test_combine_judges_two_files_bases_as_loading_does(tmp_path):
+    """Adapters of the float model and of the GGUF file it equals each load onto either base,
+    so they combine; NF4's and the float model's do not, nor a rescaled layer's same codes."""
+    gguf = _quantized_llama("gguf-Q4_1")
+    _save(copy.deepcopy(gguf), tmp_path / "gguf")
+    _save(_float_twin(gguf), tmp_path / "float", targets=("q_proj",))
+    combined = lorakit.combine([tmp_path / "gguf", tmp_path / "float"], [1.0, 0.5])
+    assert "model.layers.0.self_attn.q_proj" in combined.factors
+    _save(_quantized_llama("bnb-nf4-dq"), tmp_path / "nf4")
+    _save(tiny_models.llama(), tmp_path / "plain")
+    with pytest.raises(BaseModelMismatchError, match="sampled values differ"):
+        lorakit.combine([tmp_path / "nf4", tmp_path / "plain"], [1.0, 1.0])
+    _save(_quantized_llama("int8-rows"), tmp_path / "rows")
+    _save(_quantized_llama("int8-rows", v_scale=2.0), tmp_path / "rescaled")
+    with pytest.raises(BaseModelMismatchError, match="scales differ"):
+        lorakit.combine([tmp_path / "rows", tmp_path / "rescaled"], [1.0, 1.0])

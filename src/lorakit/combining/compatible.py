@@ -23,6 +23,8 @@ import torch
 
 from lorakit.combining.sources import AdapterUpdates, ModuleFactors
 from lorakit.errors import BaseModelMismatchError, UserError
+from lorakit.io.fingerprint import is_quantized_format
+from lorakit.io.quantized_fingerprint import entries_difference
 
 __all__ = [
     "carried_base_weights",
@@ -167,11 +169,11 @@ def _decoded(entry: dict[str, object]) -> torch.Tensor:
 
 def fingerprint_difference(first: dict[str, object], second: dict[str, object]) -> str | None:
     """None when two stored fingerprints of one module describe the same base weight (same
-    shape; same sampled bytes, or within rounding when the dtypes differ), else why not."""
+    shape; same sampled bytes, or within rounding when the dtypes differ; a quantized base's
+    as ``load_adapter`` judges it, ``quantized_fingerprint.entries_difference``), else why not."""
     formats = (str(first["dtype"]), str(second["dtype"]))
-    quantized = any(not isinstance(getattr(torch, name, None), torch.dtype) for name in formats)
-    if quantized and formats[0] != formats[1]:  # a quantized base's format (``bnb-nf4-dq``...)
-        return f"base formats {formats[0]} and {formats[1]}"
+    if any(is_quantized_format(name) for name in formats):  # (``bnb-nf4-dq``, ``gguf-Q4_1``...)
+        return entries_difference(first, second)  # as loading judges: codes, scales, values
     if first["shape"] != second["shape"]:
         return f"base shapes {first['shape']} and {second['shape']}"
     if first["dtype"] == second["dtype"]:

@@ -302,3 +302,33 @@ def _within_rounding(expected: torch.Tensor, actual: torch.Tensor, dtype: torch.
     info = torch.finfo(dtype)
     tolerance = info.eps * torch.maximum(expected.abs(), actual.abs()) + info.tiny * info.eps
     return bool(((expected - actual).abs() <= tolerance).all())
+
+
+def entries_difference(first: dict[str, object], second: dict[str, object]) -> str | None:
+    """None when two stored entries of one module, one at least of a quantized base, describe
+    the same base (the rule of ``difference``, between two files: ``lorakit combine`` and the
+    server's mixtures); else why not. The same format: codes, and scales where both keep them;
+    otherwise the sampled values (a quantized entry's ``"dequantized"`` ones) within the coarser
+    dtype's rounding. An older entry without values: another format is another base."""
+    formats = (str(first["dtype"]), str(second["dtype"]))
+    if formats[0] == formats[1]:
+        if first["shape"] != second["shape"] or first["sha256"] != second["sha256"]:
+            return "sampled base weights differ"
+        if "scales" in first and "scales" in second and first["scales"] != second["scales"]:
+            return "sampled scales differ: the same codes compute other weights"
+        return None
+    values = [
+        entry.get("dequantized") if is_quantized_format(str(entry["dtype"])) else entry
+        for entry in (first, second)
+    ]
+    if values[0] is None or values[1] is None:
+        return f"base formats {formats[0]} and {formats[1]}"
+    if values[0]["shape"] != values[1]["shape"]:
+        return f"base shapes {values[0]['shape']} and {values[1]['shape']}"
+    rounding = _coarser(*formats)
+    if _within_rounding(sample_values(values[0]), sample_values(values[1]), rounding):
+        return None
+    return (
+        f"base formats {formats[0]} and {formats[1]}: sampled values differ beyond "
+        f"{str(rounding).removeprefix('torch.')} rounding"
+    )
