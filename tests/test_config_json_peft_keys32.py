@@ -81,3 +81,25 @@ def test_eva_config_is_written_and_read_as_peft_does(tmp_path):
     theirs = json.dumps({**ours, "eva_config": peft_file_value})
     assert config_from_json(theirs, "a PEFT file").eva_config == lorakit.EvaConfig(**settings)
     assert "eva_config" not in _written(tmp_path / "plain", target_modules=["q_proj"])
+
+
+def test_a_combined_task_less_adapter_keeps_its_base_class(tmp_path):
+    """``lorakit combine`` wrote ``auto_mapping: null``: the result of task-less inputs could
+    not be opened by ``peft.AutoPeftModel``, and ``lorakit export`` lost the check that refuses
+    a base of another architecture."""
+    for name, fields in (("a", {}), ("b", {"task_type": "CAUSAL_LM"})):
+        model = lorakit.get_peft_model(
+            tiny_models.llama(),
+            lorakit.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False, **fields),
+        )
+        model.save_pretrained(tmp_path / name)
+    expected = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["auto_mapping"]
+    assert expected["base_model_class"] == "LlamaForCausalLM"
+    lorakit.combine([tmp_path / "a", tmp_path / "a"], [0.5, 0.5]).save(tmp_path / "aa")
+    written = json.loads((tmp_path / "aa" / "adapter_config.json").read_text())
+    assert written["auto_mapping"] == expected
+    on_model = lorakit.inject(
+        tiny_models.llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"])
+    )
+    combined = lorakit.combine(["default", "default"], [1.0, 1.0], model=on_model)
+    assert combined.auto_mapping == expected

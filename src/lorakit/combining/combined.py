@@ -108,6 +108,10 @@ class CombinedAdapter:
     method: str
     extra: dict[str, object] = field(default_factory=dict)
     base_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    auto_mapping: dict[str, str] | None = None
+    """PEFT's ``auto_mapping`` written with a task-less result: the base class the inputs name,
+    where those that name one agree (``peft.AutoPeftModel`` needs it; ``lorakit export``
+    refuses another architecture's base by it), else None."""
 
     def scale_for(self, module: str) -> float:
         return functional.scaling(
@@ -309,6 +313,9 @@ def combine(
         result.modules.append(ModuleReport(name, config.rank_for(name), energy, labels))
     result.embeddings = frozenset(n for n, p in contributions.items() if p[0][2].is_embedding)
     result.fingerprint = _union_fingerprint(sources, list(contributions))
+    known = [source.auto_mapping for source in sources if source.auto_mapping is not None]
+    if config.task_type is None and known and known.count(known[0]) == len(known):
+        result.auto_mapping = known[0]  # (an input with a task type or an older file: None)
     result.extra = _settings(sources, weights, rank, density, majority_sign_method, seed, method)
     return result
 

@@ -37,7 +37,7 @@ _PEFT_CONSTANTS = {
 def adapter_config_text(adapter: CombinedAdapter) -> str:
     """``adapter_config.json`` for the combined adapter: every ``LoraConfig`` field under its
     PEFT name plus PEFT's constant entries, ``json.dumps(indent=2)`` with sorted keys."""
-    values = adapter.config.to_dict() | _PEFT_CONSTANTS
+    values = adapter.config.to_dict() | _PEFT_CONSTANTS | {"auto_mapping": adapter.auto_mapping}
     if values["exclude_modules"] is None:
         del values["exclude_modules"]  # a key older peft versions do not know
     values["rank_pattern"] = dict(sorted(values["rank_pattern"].items()))

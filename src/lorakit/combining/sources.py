@@ -20,9 +20,11 @@ update of the original base (``lorakit.io.read.refuse_residual_base_factors``).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import torch
@@ -80,6 +82,9 @@ class AdapterUpdates:
     an embedding's, e.g. a resized vocabulary); not combined, carried when all agree."""
     on_model: bool = False
     """An adapter on the model (not a directory): all of those share one base."""
+    auto_mapping: dict[str, str] | None = None
+    """PEFT's ``auto_mapping`` of the adapter's base class (its file's; the model's class for an
+    adapter on the model), carried into a task-less result when every input agrees."""
 
 
 def _from_directory(header: AdapterHeader) -> AdapterUpdates:
@@ -105,7 +110,19 @@ def _from_directory(header: AdapterHeader) -> AdapterUpdates:
         module: _module_factors(label, config, module, adapter.tensors, keys)
         for module, keys in pairs.items()
     }
-    return AdapterUpdates(label, config, modules, adapter.fingerprint, base_weights)
+    mapping = _file_auto_mapping(adapter.directory)
+    return AdapterUpdates(
+        label, config, modules, adapter.fingerprint, base_weights, auto_mapping=mapping
+    )
+
+
+def _file_auto_mapping(directory: Path) -> dict[str, str] | None:
+    """The ``auto_mapping`` object of ``directory``'s ``adapter_config.json`` (the file was
+    checked when read), or None where it has none."""
+    from lorakit.io.config_json import CONFIG_NAME, read_config_text
+
+    mapping = json.loads(read_config_text(Path(directory) / CONFIG_NAME)).get("auto_mapping")
+    return mapping if isinstance(mapping, dict) else None
 
 
 def _refuse_other_tensor(label: str, key: str) -> NoReturn:
@@ -208,8 +225,14 @@ def _from_model(model: nn.Module, adapter_name: str) -> AdapterUpdates:
             lora_A, lora_B = (p.detach() for p in layer.adapter_parameters(adapter_name))
             scale = layer.scalings[adapter_name]
             modules[name] = ModuleFactors(lora_A, lora_B, scale, isinstance(layer, LoraEmbedding))
+    mapping = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
     return AdapterUpdates(
-        label, config, modules, fingerprint.compute(model, list(modules)), on_model=True
+        label,
+        config,
+        modules,
+        fingerprint.compute(model, list(modules)),
+        on_model=True,
+        auto_mapping=mapping,
     )
 
 
