@@ -46,7 +46,7 @@ def adapter_config_text(adapter: CombinedAdapter) -> str:
 
 def write_adapter_files(adapter: CombinedAdapter, directory: Path) -> Path:
     """Write the two files into ``directory`` (created if needed) atomically; returns it."""
-    from lorakit.io import atomic, fingerprint
+    from lorakit.io import atomic, fingerprint, fingerprint_json
     from lorakit.io.config_json import CONFIG_NAME
     from lorakit.io.header import serialize
     from lorakit.io.keys import base_weight_key, lora_keys
@@ -63,7 +63,7 @@ def write_adapter_files(adapter: CombinedAdapter, directory: Path) -> Path:
     config_text = adapter_config_text(adapter)
     metadata = {"format": "pt", CONFIG_METADATA_KEY: config_text}
     if adapter.fingerprint:
-        metadata[fingerprint.METADATA_KEY] = fingerprint.to_metadata(adapter.fingerprint)
+        metadata[fingerprint.METADATA_KEY] = fingerprint_json.to_metadata(adapter.fingerprint)
     directory.mkdir(parents=True, exist_ok=True)
     atomic.write_files(
         {

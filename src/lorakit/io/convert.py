@@ -36,7 +36,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import UserError
 from lorakit.init_methods import changes_base, changes_base_in_peft_only
-from lorakit.io import fingerprint
+from lorakit.io import fingerprint, fingerprint_json
 from lorakit.io.config_json import config_to_json
 from lorakit.io.read import BASE_INIT_METADATA_KEY, CONFIG_METADATA_KEY, AdapterFile, read_adapter
 from lorakit.io.save import PROMPT_STYLE_METADATA_KEY
@@ -203,7 +203,7 @@ def converted_contents(
     fingerprints = _original_fingerprints(model, adapter_name)
     metadata = {
         "format": "pt",
-        fingerprint.METADATA_KEY: fingerprint.to_metadata(fingerprints),
+        fingerprint.METADATA_KEY: fingerprint_json.to_metadata(fingerprints),
         CONFIG_METADATA_KEY: config_text,
         **_carried_metadata(model, adapter_name),
     }

@@ -31,7 +31,6 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
-import json
 import math
 from collections.abc import Iterable, Mapping
 
@@ -39,27 +38,27 @@ import torch
 from torch import nn
 
 from lorakit import quantized
-from lorakit.errors import AdapterFileError, BaseModelMismatchError, listed
+from lorakit.errors import BaseModelMismatchError, listed
 from lorakit.layers import LoraLayer
 
 __all__ = [
     "METADATA_KEY",
+    "METHOD",
+    "SAMPLES",
     "base_identity",
     "compute",
     "describe_difference",
     "first_mismatch",
-    "from_metadata",
     "module_difference",
     "module_fingerprint",
     "refuse_other_base",
-    "to_metadata",
     "unverifiable",
     "unverified_note",
 ]
 
 METADATA_KEY = "lorakit.base_fingerprint"
 SAMPLES = 64
-_METHOD = "golden64-v1"
+METHOD = "golden64-v1"  # (the sampling rule; ``fingerprint_json`` writes it)
 _GOLDEN = (math.sqrt(5) - 1) / 2
 _RELATIVE_TOLERANCE = 2.0**-7  # rounding to bf16 (and fp16 -> bf16 double rounding)
 _ABSOLUTE_TOLERANCE = 6e-8  # fp16 subnormal spacing
@@ -148,62 +147,6 @@ def compute(model: nn.Module, module_names: Iterable[str]) -> dict[str, dict[str
         if entry is not None:
             result[name] = entry
     return result
-
-
-def to_metadata(fingerprints: dict[str, dict[str, object]]) -> str:
-    """Compact, deterministic JSON for the safetensors header."""
-    payload = {"method": _METHOD, "modules": fingerprints}
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"))
-
-
-def from_metadata(text: str, source: str) -> dict[str, dict[str, object]]:
-    """Parse the header entry written by ``to_metadata``, checking every entry's fields and
-    types (``AdapterFileError`` naming the first bad one)."""
-    try:
-        payload = json.loads(text)
-        if not isinstance(payload, dict) or payload.get("method") != _METHOD:
-            method = payload.get("method") if isinstance(payload, dict) else None
-            raise ValueError(f"unknown method {method!r}")
-        modules = payload.get("modules")
-        if not isinstance(modules, dict):
-            raise ValueError("'modules' is not an object")
-        for name, entry in modules.items():
-            _check_entry(name, entry)
-        return dict(modules)
-    except RecursionError:
-        error = ValueError("JSON nested too deeply")
-    except ValueError as caught:
-        error = caught
-    raise AdapterFileError(
-        f"{source}: the base-model fingerprint ({METADATA_KEY}) is unreadable ({error}); "
-        "the file may be corrupted, or written by a newer lorakit."
-    )
-
-
-def _check_entry(name: str, entry: object) -> None:
-    """``ValueError`` unless ``entry`` is ``{"shape": [int >= 0], "dtype": str, "sha256": str,
-    "values": base64 of one float32 per sample}`` (and a quantized base's optional fields,
-    ``quantized_fingerprint.check_fields``)."""
-    if not isinstance(entry, dict):
-        raise ValueError(f"module {name!r}: not an object")
-    shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(
-        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
-    ):
-        raise ValueError(f"module {name!r}: shape {shape!r} is not a list of integers >= 0")
-    for field in ("dtype", "sha256", "values"):
-        if not isinstance(entry.get(field), str):
-            raise ValueError(f"module {name!r}: {field} is missing or not a string")
-    try:
-        values = base64.b64decode(entry["values"], validate=True)
-    except ValueError:
-        raise ValueError(f"module {name!r}: values are not base64") from None
-    if len(values) != 4 * min(SAMPLES, math.prod(shape)):
-        raise ValueError(f"module {name!r}: {len(values)} bytes of values for shape {shape}")
-    if is_quantized_format(entry["dtype"]):
-        from lorakit.io import quantized_fingerprint
-
-        quantized_fingerprint.check_fields(name, entry)
 
 
 def sample_values(fingerprint: dict[str, object]) -> torch.Tensor:

@@ -35,7 +35,7 @@ def adapter_header_bytes(model: nn.Module, config: LoraConfig) -> tuple[int, int
     metadata: "format", the config (``io.config_json``) and the base fingerprint
     (``io.fingerprint``: per adapted module its shape, dtype, a 32-hex digest and its 64
     samples' float32 bytes in base64, ~470 bytes)."""
-    from lorakit.io import fingerprint
+    from lorakit.io import fingerprint, fingerprint_json
     from lorakit.io.config_json import config_to_json
     from lorakit.io.keys import model_tensor
     from lorakit.io.read import CONFIG_METADATA_KEY
@@ -48,7 +48,7 @@ def adapter_header_bytes(model: nn.Module, config: LoraConfig) -> tuple[int, int
     bases = [layer.base_layer for layer in layers.values()]
     metadata = {
         "format": "pt",
-        fingerprint.METADATA_KEY: fingerprint.to_metadata(fingerprints),
+        fingerprint.METADATA_KEY: fingerprint_json.to_metadata(fingerprints),
         CONFIG_METADATA_KEY: config_to_json(model, config, bases),
     }
     return header_bytes(shapes, metadata, "F32", 4), header_bytes(shapes, metadata, "BF16", 2)

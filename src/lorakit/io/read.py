@@ -27,7 +27,7 @@ import torch
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
 from lorakit.init_methods import changes_base
-from lorakit.io import fingerprint
+from lorakit.io import fingerprint, fingerprint_json
 from lorakit.io.adapter_dirs import WEIGHTS_NAME, adapter_directory
 from lorakit.io.config_json import CONFIG_NAME, config_from_json, read_config_text
 from lorakit.io.header import TensorInfo, read_header, unreadable
@@ -163,7 +163,7 @@ def read_adapter_header(directory: str | Path) -> AdapterHeader:
         tensors=header.tensors,
         fingerprint=None
         if stored_fingerprint is None
-        else fingerprint.from_metadata(stored_fingerprint, str(weights)),
+        else fingerprint_json.from_metadata(stored_fingerprint, str(weights)),
         metadata=dict(header.metadata),
     )
 

@@ -26,7 +26,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import UserError
 from lorakit.init_methods import changes_base
-from lorakit.io import atomic, fingerprint
+from lorakit.io import atomic, fingerprint, fingerprint_json
 from lorakit.io.config_json import CONFIG_NAME, config_to_json
 from lorakit.io.header import serialize
 from lorakit.io.keys import adapter_file_tensors, embedding_module_names, model_tensor
@@ -201,7 +201,7 @@ def adapter_file_contents(
     _warn_unfingerprinted(adapter_name, [name for name in lora_names if name not in fingerprints])
     metadata = {
         "format": "pt",
-        fingerprint.METADATA_KEY: fingerprint.to_metadata(fingerprints),
+        fingerprint.METADATA_KEY: fingerprint_json.to_metadata(fingerprints),
         CONFIG_METADATA_KEY: config_text,
     }
     if changes_base(config.init_lora_weights):  # the file says true (see config_json)

@@ -29,7 +29,7 @@ from typing import Any
 
 from lorakit import functional
 from lorakit.errors import AdapterFileError
-from lorakit.io import fingerprint
+from lorakit.io import fingerprint_json
 from lorakit.io.adapter_dirs import adapter_directory
 from lorakit.io.config_json import (
     CONFIG_NAME,
@@ -102,7 +102,7 @@ def _fingerprint_summary(metadata: dict[str, str]) -> dict[str, Any]:
     if text is None:
         return {"present": False}
     try:
-        modules = fingerprint.from_metadata(text, METADATA_KEY)
+        modules = fingerprint_json.from_metadata(text, METADATA_KEY)
     except AdapterFileError:
         return {"present": True, "readable": False}
     dtypes = sorted({str(entry["dtype"]) for entry in modules.values()})
