@@ -12,6 +12,7 @@ import io
 import json
 import os
 import sys
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Example]:
                 ) from None
             except ValueError as error:  # e.g. an integer of more than 4,300 digits
                 raise UserError(f"{where}: not valid JSON ({error})") from None
+            except RecursionError:  # the json module recurses once per level of [ or {
+                raise UserError(f"{where}: not valid JSON (nested too deeply)") from None
             examples.append(_example_from_record(record, where))
     if not examples:
         raise UserError(f"{path}: no examples (the file is empty or holds only blank lines)")
@@ -77,7 +80,8 @@ def read_utf8(path: str | os.PathLike[str], what: str = "data") -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        line = raw.count(b"\n", 0, error.start) + 1
+        before = raw[: error.start]  # lines end at \n, \r or \r\n, as the readers split them
+        line = before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n") + 1
         raise UserError(
             f"{path}:{line}: not valid UTF-8 (byte {raw[error.start]:#04x}); save the file as UTF-8"
         ) from None
@@ -99,6 +103,7 @@ def _example_from_record(record: object, where: str) -> Example:
     for key in ("prompt", "completion"):
         if not isinstance(record.get(key), str):
             raise UserError(f"{where}: '{key}' must be a string, got {record.get(key)!r}")
+        _check_no_lone_surrogate(record[key], f"'{key}'", where)
     if not record["completion"]:
         raise UserError(f"{where}: 'completion' is empty (nothing to learn)")
     return Example(prompt=record["prompt"], completion=record["completion"], source=where)
@@ -112,16 +117,29 @@ def _checked_messages(messages: object, where: str) -> tuple[dict[str, str], ...
         if not isinstance(message, dict):
             raise UserError(f"{where}: messages[{index}] must be an object with role and content")
         role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
+        if role not in ROLES:  # (names a lone surrogate escape too: repr writes 'user\\ud83d')
             raise UserError(f"{where}: messages[{index}] role {role!r} is not one of {ROLES}")
         if not isinstance(content, str):
             raise UserError(f"{where}: messages[{index}] content must be a string")
+        _check_no_lone_surrogate(content, f"messages[{index}] content", where)
         checked.append({"role": role, "content": content})
     if checked[0]["role"] == "assistant":
         raise UserError(f"{where}: the first message is from the assistant; start with user")
     if not any(message["role"] == "assistant" for message in checked):
         raise UserError(f"{where}: no assistant message (nothing to learn)")
     return tuple(checked)
+
+
+def _check_no_lone_surrogate(text: str, name: str, where: str) -> None:
+    """``UserError`` if ``text`` holds half a UTF-16 surrogate pair (JSON's ``"\\ud83d"`` alone, as
+    ``JSON.stringify`` writes a text cut mid-emoji): no UTF-8 tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise UserError(
+            f"{where}: {name} holds \\u{ord(text[error.start]):04x}, half of a surrogate pair (an "
+            "emoji cut in two?), which is not text; remove the escape or write the whole character"
+        ) from None
 
 
 def read_csv(
@@ -210,6 +228,12 @@ def _checked_csv_rows(
         raise UserError(
             f"{path}: the file is empty; write a header row naming the columns "
             f"('{text_column},{label_column}'), then one row per example"
+        )
+    repeated = [name for name, count in Counter(columns).items() if count > 1 and name.strip()]
+    if repeated:  # DictReader would silently keep the last column of each repeated name
+        raise UserError(
+            f"{path}:1: the header {','.join(columns)!r} names the column(s) {repeated} more "
+            "than once, so one of them would be read silently; rename or drop the duplicate column"
         )
     for column in (text_column, label_column):
         if column not in columns:
