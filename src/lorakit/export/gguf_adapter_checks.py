@@ -1,8 +1,9 @@
 """What a GGUF LoRA adapter cannot carry, refused (or listed for ``--drop-unsupported``) before
 ``lorakit.export.gguf_adapter`` writes anything: DoRA magnitudes, a base of another GGUF
-architecture than the adapter's recorded class, replicated layers and bare parameters (no GGUF
-tensor to hold them), trained biases and ``modules_to_save`` copies, resized or changed
-embeddings, modules llama.cpp has no tensor for, and factors whose shapes do not fit the base.
+architecture than the adapter's recorded class, a bare decoder's adapter (module paths without
+the CausalLM's ``model.``), replicated layers and bare parameters (no GGUF tensor to hold
+them), trained biases and ``modules_to_save`` copies, resized or changed embeddings, modules
+llama.cpp has no tensor for, and factors whose shapes do not fit the base.
 """
 
 from __future__ import annotations
@@ -105,8 +106,10 @@ def refuse_other_base_class(directory: Path, model: nn.Module, base_name: str | 
     architecture than ``model`` (``gguf_names.class_architecture``; a class lorakit writes no
     architecture for counts as another): same-sized modules of another architecture would be
     exported, and llama.cpp then refuses the file over the adapter's real base. Classes of one
-    architecture (a Mistral adapter over a Llama: both ``llama``) give the same file and pass.
-    ``base_name`` names ``model``."""
+    architecture (a Mistral adapter over a Llama: both ``llama``) give the same file and pass,
+    unless the recorded class is a bare decoder (``_bare_decoder``) or keeps its decoder under
+    another prefix: its paths then miss the given model's, and the refusal says how to re-root
+    them. ``base_name`` names ``model``."""
     mapping = _config_fields(directory).get("auto_mapping")
     made_for = mapping.get("base_model_class") if isinstance(mapping, dict) else None
     given = type(model).__name__
@@ -116,6 +119,8 @@ def refuse_other_base_class(directory: Path, model: nn.Module, base_name: str | 
     given_arch = ARCHITECTURES.get(getattr(model.config, "model_type", None), (None,))[0]
     made_prefix = getattr(transformers_class(made_for), "base_model_prefix", None)
     given_prefix = getattr(model, "base_model_prefix", None)
+    if made_arch is not None and made_arch == given_arch and _bare_decoder(made_for, model):
+        raise UserError(_decoder_rooted(directory, made_for, model, "layers.N..."))
     if made_arch is not None and made_arch == given_arch and made_prefix != given_prefix:
         raise UserError(
             f"adapter {directory} was made for a {made_for} (adapter_config.json "
@@ -135,6 +140,50 @@ def refuse_other_base_class(directory: Path, model: nn.Module, base_name: str | 
         f"auto_mapping.base_model_class; {made}), but {base} is a {given} (GGUF architecture "
         f"{given_arch!r}): give the adapter's base model (--model), whose architecture the GGUF "
         "file names"
+    )
+
+
+def _bare_decoder(class_name: str, model: nn.Module) -> bool:
+    """Whether the transformers class ``class_name`` is a bare decoder, a model without a head
+    whose module paths start at its own layers (``layers.0.self_attn.q_proj``, no
+    ``base_model_prefix`` submodule): the class of ``model.base_model`` (``Qwen2Model`` under a
+    ``Qwen2ForCausalLM``), or the class ``AutoModel`` builds for its config type (a
+    ``MistralModel`` under a ``LlamaForCausalLM``; ``MODEL_MAPPING_NAMES``)."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    base = getattr(model, "base_model", model)
+    if base is not model and type(base).__name__ == class_name:
+        return True
+    config_class = getattr(transformers_class(class_name), "config_class", None)
+    names = MODEL_MAPPING_NAMES.get(getattr(config_class, "model_type", None), ())
+    return class_name in ((names,) if isinstance(names, str) else names)
+
+
+def _decoder_rooted(directory: Path, made_for: str | None, model: nn.Module, module: str) -> str:
+    """The refusal of an adapter made on a bare decoder (``made_for``: its recorded class, or
+    None for a file that records none) for ``model``, which keeps that decoder under
+    ``base_model_prefix``: its ``module`` paths miss the prefix, so no module would be found.
+    The fix: the keys and the recorded class re-rooted (PEFT cannot load the file onto
+    ``model``'s class as it is: it would miss every key and leave B at zero)."""
+    given = type(model).__name__
+    prefix = getattr(model, "base_model_prefix", "model")
+    made_on = (
+        "a bare decoder"
+        if made_for is None
+        else f"a {made_for} (adapter_config.json auto_mapping.base_model_class), a bare decoder"
+    )
+    recorded = (
+        ""
+        if made_for is None
+        else f", and set auto_mapping.base_model_class to {given} in adapter_config.json"
+    )
+    return (
+        f"adapter {directory} was made on {made_on}: its module paths are rooted at the "
+        f"decoder ({module}, no {prefix + '.'!r} prefix), where the {given} given keeps it "
+        f"under {prefix!r} ({prefix}.{module}). Re-root it and save it again: in "
+        f"adapter_model.safetensors put {prefix + '.'!r} after PEFT's 'base_model.model.' in "
+        f"each key (base_model.model.{module} -> base_model.model.{prefix}.{module}){recorded}; "
+        "lorakit export has no option for this"
     )
 
 
@@ -239,6 +288,8 @@ def check_fits(source, model, module, is_embedding, lora_A, lora_B, *, base_name
     try:
         weight = model.get_submodule(module).weight
     except AttributeError:
+        if _under_base_model(model, module):
+            raise UserError(_decoder_rooted(source, None, model, module)) from None
         raise UserError(
             f"adapter {source}: {base} has no module {module!r}; give the adapter's base model"
         ) from None
@@ -249,3 +300,17 @@ def check_fits(source, model, module, is_embedding, lora_A, lora_B, *, base_name
             f"which do not fit the weight {list(weight.shape)} of {base}; give the adapter's "
             "base model (--model)"
         )
+
+
+def _under_base_model(model: nn.Module, module: str) -> bool:
+    """Whether ``module``, which ``model`` lacks, is a module of its decoder (``base_model``,
+    under ``base_model_prefix``): an adapter made on a bare decoder whose file does not say so
+    (a ``task_type`` and so no ``auto_mapping``)."""
+    base = getattr(model, "base_model", model)
+    if base is model:
+        return False
+    try:
+        base.get_submodule(module)
+    except AttributeError:
+        return False
+    return True
