@@ -46,11 +46,13 @@ def test_a_header_repeating_the_text_or_label_column_is_refused(tmp_path, header
     assert "rename or drop the duplicate column" in message
 
 
-def test_a_header_repeating_another_column_names_every_repeated_name(tmp_path):
+def test_a_repeated_column_training_never_reads_is_accepted(tmp_path):
+    """Only the text and label columns are read: a repeated ``note`` column (spreadsheet
+    exports have them) is harmless, and refusing it broke files that trained before
+    (regression review)."""
     text = "note,text,label,note,x,x\nn1,great,pos,n2,a,b\nn3,awful,neg,n4,c,d\n"
-    path = _write(tmp_path, "dup.csv", text)
-    with pytest.raises(UserError, match=re.escape("column(s) ['note', 'x'] more than once")):
-        read_csv(path)
+    examples = read_csv(_write(tmp_path, "dup.csv", text))
+    assert [(e.text, e.completion) for e in examples] == [("great", " pos"), ("awful", " neg")]
 
 
 def test_blank_header_cells_may_repeat_and_the_named_columns_are_read(tmp_path):

@@ -170,3 +170,14 @@ def test_cli_refuses_a_decoder_adapter_with_the_rerooting_advice(
     assert "made on a LlamaModel" in err and "rooted at the decoder" in err
     assert "auto_mapping.base_model_class to LlamaForCausalLM" in err
     assert not (tmp_path / "a.gguf").exists()
+
+
+def test_a_bare_decoder_given_takes_a_bare_decoder_adapter_of_its_architecture(tmp_path):
+    """A ``LlamaModel`` given: a ``MistralModel`` adapter's paths are rooted as its own (one
+    GGUF architecture), so it exports as before (regression review: it was refused, with
+    advice that would have broken the file)."""
+    given = tiny_models.llama().model  # a LlamaModel
+    _peft_adapter(tmp_path / "bare", mistral().model)
+    assert _auto_mapping(tmp_path / "bare")["base_model_class"] == "MistralModel"
+    done = export_adapter(tmp_path / "bare", given, tmp_path / "a.gguf")
+    assert done.path.exists()

@@ -229,7 +229,8 @@ def _checked_csv_rows(
             f"{path}: the file is empty; write a header row naming the columns "
             f"('{text_column},{label_column}'), then one row per example"
         )
-    repeated = [name for name, count in Counter(columns).items() if count > 1 and name.strip()]
+    counts = Counter(columns)
+    repeated = [name for name in (text_column, label_column) if counts[name] > 1]
     if repeated:  # DictReader would silently keep the last column of each repeated name
         raise UserError(
             f"{path}:1: the header {','.join(columns)!r} names the column(s) {repeated} more "

@@ -148,11 +148,14 @@ def _bare_decoder(class_name: str, model: nn.Module) -> bool:
     whose module paths start at its own layers (``layers.0.self_attn.q_proj``, no
     ``base_model_prefix`` submodule): the class of ``model.base_model`` (``Qwen2Model`` under a
     ``Qwen2ForCausalLM``), or the class ``AutoModel`` builds for its config type (a
-    ``MistralModel`` under a ``LlamaForCausalLM``; ``MODEL_MAPPING_NAMES``)."""
+    ``MistralModel`` under a ``LlamaForCausalLM``; ``MODEL_MAPPING_NAMES``). False where
+    ``model`` is a bare decoder itself (its paths are rooted as the adapter's)."""
     from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
     base = getattr(model, "base_model", model)
-    if base is not model and type(base).__name__ == class_name:
+    if base is model:  # ``model`` is a bare decoder itself: the paths are rooted alike
+        return False
+    if type(base).__name__ == class_name:
         return True
     config_class = getattr(transformers_class(class_name), "config_class", None)
     names = MODEL_MAPPING_NAMES.get(getattr(config_class, "model_type", None), ())
