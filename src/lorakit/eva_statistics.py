@@ -11,6 +11,7 @@ needs have converged stops collecting, and reading stops once every input has.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -181,26 +182,54 @@ def _wanted(ranks, rho, leader) -> dict[str, int]:
     return wanted
 
 
-def _count(name, rows, moments, skipped, grew) -> None:
-    """Add a batch's ``rows`` (n, k) to input ``name``'s statistics (PEFT's ``partial_fit``);
-    the rows of batches skipped before no longer matter."""
-    moments.setdefault(name, _InputMoments()).add(rows)
-    skipped.pop(name, None)
-    grew.add(name)
+@dataclass
+class _Inputs:
+    """The layer inputs' statistics while batches are read, each keyed by the input's leader:
+    ``moments`` of its counted batches; ``skipped`` rows, kept only while it has no counted
+    batch (for ``_finish``); this batch's ``held`` rows (fewer than any input may want: decided
+    after the batch, ``settle``); the inputs this batch ``grew``."""
+
+    moments: dict[str, _InputMoments] = field(default_factory=dict)
+    skipped: dict[str, _InputMoments] = field(default_factory=dict)
+    held: dict[str, torch.Tensor] = field(default_factory=dict)
+    grew: set[str] = field(default_factory=set)
+
+    def new_batch(self) -> None:
+        self.held.clear()
+        self.grew.clear()
+
+    def count(self, name: str, rows: torch.Tensor) -> None:
+        """Add a batch's ``rows`` (n, k) to input ``name``'s statistics (PEFT's
+        ``partial_fit``); the rows of batches skipped before no longer matter."""
+        self.moments.setdefault(name, _InputMoments()).add(rows)
+        self.skipped.pop(name, None)
+        self.grew.add(name)
+
+    def settle(self, wanted: dict[str, int]) -> dict[str, _InputMoments]:
+        """Decide the ``held`` rows: counted for an input when at least its ``wanted``, else the
+        batch is skipped for it (PEFT: "skipping SVD ... less than n_components examples").
+        Returns the statistics of the inputs this batch grew."""
+        for name, rows in self.held.items():
+            if rows.shape[0] >= wanted[name]:
+                self.count(name, rows)
+            elif name not in self.moments:
+                self.skipped.setdefault(name, _InputMoments()).add(rows)
+        self.held.clear()
+        return {name: self.moments[name] for name in self.grew}
 
 
-def _settle(held, wanted, moments, skipped, grew) -> None:
-    """The rows ``held`` back during a batch (fewer than the most components any input may
-    want, so the hook could not yet tell): counted for an input when at least its ``wanted``,
-    else the batch is skipped for it (PEFT: "skipping SVD ... less than n_components
-    examples"). A skipped batch's rows are kept in ``skipped`` only while the input has no
-    counted batch, for ``_finish``."""
-    for name, rows in held.items():
-        if rows.shape[0] >= wanted[name]:
-            _count(name, rows, moments, skipped, grew)
-        elif name not in moments:
-            skipped.setdefault(name, _InputMoments()).add(rows)
-    held.clear()
+def _needed(layers, leader, results, ranks, rho) -> dict[str, int] | None:
+    """Per layer input, the components the current rank distribution needs (the most its
+    layers take: ``redistribute_ranks`` of the explained-variance ratios); None until every
+    layer was reached and every input has components."""
+    inputs = dict.fromkeys(leader.values(), 0)
+    if any(n not in leader for n in layers) or not results.keys() >= inputs.keys():
+        return None
+    ratios = {name: explained_ratios(results[leader[name]][1]) for name in layers}
+    distribution = redistribute_ranks(ratios, ranks, rho, shared_input=leader)
+    for name, count in distribution.items():
+        inputs[leader[name]] = max(inputs[leader[name]], count)
+    return inputs
 
 
 def collect_statistics(model, layers, loader, config, ranks, forward_fn):
@@ -213,14 +242,11 @@ def collect_statistics(model, layers, loader, config, ranks, forward_fn):
     an input whose needed components converged stops collecting (its statistics are frozen)
     and starts again if a later distribution needs more of its components than have
     converged; reading stops once every input is frozen."""
-    moments: dict[str, _InputMoments] = {}  # leader -> statistics of its counted batches
-    skipped: dict[str, _InputMoments] = {}  # leader -> skipped rows, while none counted
+    inputs = _Inputs()
     leader: dict[str, str] = {}  # layer -> the layer whose input it shares
     seen: dict[int, tuple[torch.Tensor, str]] = {}
     current: dict[str, object] = {}
     frozen: set[str] = set()  # leaders whose statistics no longer change
-    held: dict[str, torch.Tensor] = {}  # leader -> this batch's rows, until ``wanted`` is known
-    grew: set[str] = set()  # leaders whose statistics this batch grew
     most = max(_offers(ranks, config.rho, {}).values())  # no input wants more components
 
     def hook_for(name):
@@ -231,9 +257,9 @@ def collect_statistics(model, layers, loader, config, ranks, forward_fn):
             if leader[name] == name and name not in frozen:
                 rows = _token_rows(name, x, current["batch"], config)
                 if rows.shape[0] >= most:  # enough for any input: counted at once
-                    _count(name, rows, moments, skipped, grew)
+                    inputs.count(name, rows)
                 else:  # few rows (< most components): decided after the batch
-                    held[name] = rows
+                    inputs.held[name] = rows
 
         return hook
 
@@ -249,26 +275,19 @@ def collect_statistics(model, layers, loader, config, ranks, forward_fn):
                 break
             current["batch"] = batch
             seen.clear()
-            grew.clear()
-            held.clear()
+            inputs.new_batch()
             forward_fn(model, batch)
             read += 1
             wanted = _wanted(ranks, config.rho, leader)  # leader -> PEFT's n_components
-            _settle(held, wanted, moments, skipped, grew)
-            grown = {name: moments[name] for name in grew}
+            grown = inputs.settle(wanted)
             _update_results(grown, frozen, wanted, results, similar, config.tau)
-            inputs = dict.fromkeys(leader.values(), 0)
-            if any(n not in leader for n in layers) or not results.keys() >= inputs.keys():
-                continue  # (a layer the forward did not reach, or an input without results)
-            ratios = {name: explained_ratios(results[leader[name]][1]) for name in layers}
-            distribution = redistribute_ranks(ratios, ranks, config.rho, shared_input=leader)
-            needed = inputs  # an input as many components as its layers need
-            for name, count in distribution.items():
-                needed[leader[name]] = max(needed[leader[name]], count)
+            distributed = _needed(layers, leader, results, ranks, config.rho)
+            if distributed is not None:  # (else a layer not reached, or an input without any)
+                needed = distributed
     finally:
         for handle in handles:
             handle.remove()
-    final = _finish(layers, leader, moments, skipped, results, read)
+    final = _finish(layers, leader, inputs.moments, inputs.skipped, results, read)
     stats = {name: (*results[leader[name]], final[leader[name]].count) for name in layers}
     return stats, leader
 
@@ -294,7 +313,7 @@ def _finish(layers, leader, moments, skipped, results, read) -> dict[str, _Input
     final = {
         name: moments.get(name) or skipped.get(name) or _InputMoments()
         for name in dict.fromkeys(leader.values())
-    }  # (an input has counted or skipped rows, never both: ``_count``)
+    }  # (an input has counted or skipped rows, never both: ``_Inputs.count``)
     few = {name: final[leader[name]].count for name in layers}
     few = {name: count for name, count in few.items() if count < 2}
     if few:
