@@ -1,4 +1,5 @@
-"""Shared by the GGUF tests: tiny Qwen2 / Mistral models, a saved adapter with non-zero B, and
+"""Shared by the GGUF tests: tiny Qwen2 / Mistral models, saved adapters (lorakit's and the real
+peft's) with non-zero B, and
 the independent oracles (the ``gguf`` package's reader, transformers' inverse of llama.cpp's
 q/k permutation)."""
 
@@ -43,6 +44,22 @@ def saved_adapter(directory, base: torch.nn.Module, std: float = 0.2, **config_f
     tiny_models.randomize_adapters(adapted, std=std)
     lorakit.save_adapter(adapted, directory)
     return adapted, directory
+
+
+def peft_adapter(directory, base: torch.nn.Module, **fields):
+    """A PEFT (the real package) LoRA on ``base``, every trainable tensor moved off its init
+    (B != 0), saved in ``directory``; returns the PEFT model."""
+    from peft import LoraConfig, get_peft_model  # (peft only where a test asks for it)
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **fields)
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in peft_model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    peft_model.save_pretrained(directory)
+    return peft_model
 
 
 def reader_tensors(path) -> dict[str, np.ndarray]:

@@ -13,32 +13,17 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 import lorakit
 from lorakit.errors import UserError
 from lorakit.export.gguf_adapter import export_adapter
 from tests import tiny_models
-from tests.gguf_helpers import mistral, qwen2, reader_tensors, saved_adapter
+from tests.gguf_helpers import mistral, peft_adapter, qwen2, reader_tensors, saved_adapter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ROOTED = r"rooted at the decoder \(\S+, no 'model\.' prefix\)"
-
-
-def _peft_adapter(directory, base: torch.nn.Module) -> None:
-    """A task-less PEFT adapter (auto_mapping written) on ``base``, with B != 0."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    peft_model = get_peft_model(copy.deepcopy(base), config)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for parameter in peft_model.parameters():
-            if parameter.requires_grad:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    peft_model.save_pretrained(directory)
 
 
 def _auto_mapping(directory) -> dict | None:
@@ -64,7 +49,7 @@ def _reroot(source, target, old: str, new: str, base_class: str | None) -> None:
 
 def test_a_peft_adapter_on_a_qwen2_decoder_says_its_paths_are_rooted_there(tmp_path) -> None:
     base = qwen2()
-    _peft_adapter(tmp_path / "bare", base.model)
+    peft_adapter(tmp_path / "bare", base.model)
     assert _auto_mapping(tmp_path / "bare")["base_model_class"] == "Qwen2Model"
     with pytest.raises(UserError) as caught:
         export_adapter(tmp_path / "bare", base, tmp_path / "a.gguf")
@@ -122,7 +107,7 @@ def test_a_lorakit_adapter_on_a_llama_decoder_is_refused_so_and_rerooted(tmp_pat
 def test_a_mistral_decoder_adapter_over_a_llama_is_named_a_bare_decoder(tmp_path) -> None:
     """MistralModel is not the LlamaForCausalLM's own decoder class, but AutoModel's class for
     its config (same GGUF architecture 'llama'): the same refusal, not "no module"."""
-    _peft_adapter(tmp_path / "bare", mistral().model)
+    peft_adapter(tmp_path / "bare", mistral().model)
     with pytest.raises(UserError, match=rf"made on a MistralModel .* {ROOTED}") as caught:
         export_adapter(tmp_path / "bare", tiny_models.llama(), tmp_path / "a.gguf")
     assert "auto_mapping.base_model_class to LlamaForCausalLM" in str(caught.value)
@@ -151,7 +136,7 @@ def test_a_decoder_adapter_with_a_task_type_names_its_module(tmp_path) -> None:
 
 def test_a_decoder_adapter_of_another_architecture_still_asks_for_its_base(tmp_path) -> None:
     """A Qwen2Model adapter over a Llama is of another architecture: the base-model refusal."""
-    _peft_adapter(tmp_path / "bare", qwen2().model)
+    peft_adapter(tmp_path / "bare", qwen2().model)
     with pytest.raises(UserError, match=r"GGUF architecture 'qwen2'.*give the adapter's base"):
         export_adapter(tmp_path / "bare", tiny_models.llama(), tmp_path / "a.gguf")
 
@@ -163,7 +148,7 @@ def test_cli_refuses_a_decoder_adapter_with_the_rerooting_advice(
     from lorakit.models import load_model
 
     base, _ = load_model(model_dir, progress=False)
-    _peft_adapter(tmp_path / "bare", base.model)
+    peft_adapter(tmp_path / "bare", base.model)
     args = ["export", str(tmp_path / "bare"), "--model", str(model_dir), "--format", "gguf"]
     assert main([*args, "--output", str(tmp_path / "a.gguf")]) == 2
     err = capsys.readouterr().err
@@ -177,7 +162,7 @@ def test_a_bare_decoder_given_takes_a_bare_decoder_adapter_of_its_architecture(t
     GGUF architecture), so it exports as before (regression review: it was refused, with
     advice that would have broken the file)."""
     given = tiny_models.llama().model  # a LlamaModel
-    _peft_adapter(tmp_path / "bare", mistral().model)
+    peft_adapter(tmp_path / "bare", mistral().model)
     assert _auto_mapping(tmp_path / "bare")["base_model_class"] == "MistralModel"
     done = export_adapter(tmp_path / "bare", given, tmp_path / "a.gguf")
     assert done.path.exists()

@@ -27,28 +27,12 @@ from lorakit.export import gguf_tokenizer
 from lorakit.export.gguf_adapter import export_adapter
 from lorakit.export.gguf_model import export_model
 from tests import tiny_models, tiny_tokenizer
-from tests.gguf_helpers import SIZES, reader_fields, reader_tensors, saved_adapter
+from tests.gguf_helpers import SIZES, peft_adapter, reader_fields, reader_tensors, saved_adapter
 
 
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
-
-
-def peft_adapter(directory, base: torch.nn.Module, **fields):
-    """A PEFT (the real package) LoRA on ``base``, every trainable tensor moved off its init
-    (B != 0), saved in ``directory``; returns the PEFT model."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **fields)
-    peft_model = get_peft_model(copy.deepcopy(base), config)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for parameter in peft_model.parameters():
-            if parameter.requires_grad:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    peft_model.save_pretrained(directory)
-    return peft_model
 
 
 # ------------------------------------------------------------- 1. a merge lorakit refuses
