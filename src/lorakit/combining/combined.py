@@ -313,11 +313,21 @@ def combine(
         result.modules.append(ModuleReport(name, config.rank_for(name), energy, labels))
     result.embeddings = frozenset(n for n, p in contributions.items() if p[0][2].is_embedding)
     result.fingerprint = _union_fingerprint(sources, list(contributions))
-    known = [source.auto_mapping for source in sources if source.auto_mapping is not None]
-    if config.task_type is None and known and known.count(known[0]) == len(known):
-        result.auto_mapping = known[0]  # (an input with a task type or an older file: None)
+    result.auto_mapping = _shared_auto_mapping(sources, config)
     result.extra = _settings(sources, weights, rank, density, majority_sign_method, seed, method)
     return result
+
+
+def _shared_auto_mapping(
+    sources: Sequence[AdapterUpdates], config: LoraConfig
+) -> dict[str, str] | None:
+    """The result's ``auto_mapping``: for a task-less ``config``, the base class the inputs
+    name where those that name one agree (an input with a task type, or an older file, names
+    none); else None."""
+    known = [source.auto_mapping for source in sources if source.auto_mapping is not None]
+    if config.task_type is None and known and known.count(known[0]) == len(known):
+        return known[0]
+    return None
 
 
 def _union_fingerprint(sources: Sequence[AdapterUpdates], names: list[str]) -> dict:
