@@ -24,7 +24,6 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import torch
@@ -110,19 +109,11 @@ def _from_directory(header: AdapterHeader) -> AdapterUpdates:
         module: _module_factors(label, config, module, adapter.tensors, keys)
         for module, keys in pairs.items()
     }
-    mapping = _file_auto_mapping(adapter.directory)
+    mapping = json.loads(header.config_text).get("auto_mapping")  # (PEFT's base class)
+    mapping = mapping if isinstance(mapping, dict) else None
     return AdapterUpdates(
         label, config, modules, adapter.fingerprint, base_weights, auto_mapping=mapping
     )
-
-
-def _file_auto_mapping(directory: Path) -> dict[str, str] | None:
-    """The ``auto_mapping`` object of ``directory``'s ``adapter_config.json`` (the file was
-    checked when read), or None where it has none."""
-    from lorakit.io.config_json import CONFIG_NAME, read_config_text
-
-    mapping = json.loads(read_config_text(Path(directory) / CONFIG_NAME)).get("auto_mapping")
-    return mapping if isinstance(mapping, dict) else None
 
 
 def _refuse_other_tensor(label: str, key: str) -> NoReturn:

@@ -68,6 +68,9 @@ class AdapterHeader:
     tensors: dict[str, TensorInfo]
     fingerprint: dict[str, dict[str, object]] | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    config_text: str = ""
+    """``adapter_config.json`` as read (its keys lorakit's ``LoraConfig`` does not hold, e.g.
+    PEFT's ``auto_mapping``, for ``lorakit.combining``)."""
 
     @property
     def weights_path(self) -> Path:
@@ -165,6 +168,7 @@ def read_adapter_header(directory: str | Path) -> AdapterHeader:
         if stored_fingerprint is None
         else fingerprint_json.from_metadata(stored_fingerprint, str(weights)),
         metadata=dict(header.metadata),
+        config_text=config_text,
     )
 
 
