@@ -14,7 +14,6 @@ bank's rule for a copy against the served weight).
 
 from __future__ import annotations
 
-import base64
 import re
 import warnings
 from collections.abc import Collection, Sequence
@@ -23,7 +22,7 @@ import torch
 
 from lorakit.combining.sources import AdapterUpdates, ModuleFactors
 from lorakit.errors import BaseModelMismatchError, UserError
-from lorakit.io.fingerprint import is_quantized_format
+from lorakit.io.fingerprint import is_quantized_format, sample_values, within_dtype_rounding
 from lorakit.io.quantized_fingerprint import entries_difference
 
 __all__ = [
@@ -33,9 +32,6 @@ __all__ = [
     "layer_containers",
     "same_up_to_rounding",
 ]
-
-_RELATIVE_TOLERANCE = 2.0**-7  # the fingerprint's rule across dtypes (io/fingerprint.py)
-_ABSOLUTE_TOLERANCE = 6e-8
 
 
 def check_compatible(
@@ -162,11 +158,6 @@ def _different_stacks(first, first_stacks, other, other_stacks) -> str:
     )
 
 
-def _decoded(entry: dict[str, object]) -> torch.Tensor:
-    raw = base64.b64decode(str(entry["values"]))
-    return torch.frombuffer(bytearray(raw), dtype=torch.float32)
-
-
 def fingerprint_difference(first: dict[str, object], second: dict[str, object]) -> str | None:
     """None when two stored fingerprints of one module describe the same base weight (same
     shape; same sampled bytes, or within rounding when the dtypes differ; a quantized base's
@@ -178,9 +169,7 @@ def fingerprint_difference(first: dict[str, object], second: dict[str, object]) 
         return f"base shapes {first['shape']} and {second['shape']}"
     if first["dtype"] == second["dtype"]:
         return None if first["sha256"] == second["sha256"] else "sampled base weights differ"
-    a, b = _decoded(first), _decoded(second)
-    tolerance = _RELATIVE_TOLERANCE * torch.maximum(a.abs(), b.abs()) + _ABSOLUTE_TOLERANCE
-    if bool(((a - b).abs() <= tolerance).all()):
+    if within_dtype_rounding(sample_values(first), sample_values(second)):
         return None
     return "sampled base weights differ beyond dtype rounding"
 

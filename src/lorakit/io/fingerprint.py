@@ -54,6 +54,7 @@ __all__ = [
     "refuse_other_base",
     "unverifiable",
     "unverified_note",
+    "within_dtype_rounding",
 ]
 
 METADATA_KEY = "lorakit.base_fingerprint"
@@ -181,11 +182,16 @@ def describe_difference(
             return None
         return "sampled weights differ"
     current = weight_fingerprint(weight)
-    expected, actual = sample_values(stored), sample_values(current)
-    tolerance = _RELATIVE_TOLERANCE * torch.maximum(expected.abs(), actual.abs())
-    if bool(((expected - actual).abs() <= tolerance + _ABSOLUTE_TOLERANCE).all()):
+    if within_dtype_rounding(sample_values(stored), sample_values(current)):
         return None
     return f"sampled weights differ beyond {stored['dtype']}/{current['dtype']} rounding"
+
+
+def within_dtype_rounding(expected: torch.Tensor, actual: torch.Tensor) -> bool:
+    """Sampled values of one weight held in two float dtypes: equal within the rounding of the
+    coarser (relative 2^-7, bfloat16's; absolute 6e-8, float16's subnormal spacing)."""
+    tolerance = _RELATIVE_TOLERANCE * torch.maximum(expected.abs(), actual.abs())
+    return bool(((expected - actual).abs() <= tolerance + _ABSOLUTE_TOLERANCE).all())
 
 
 def _rounded_copy(stored: dict[str, object], samples: torch.Tensor) -> bool:
