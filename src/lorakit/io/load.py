@@ -6,29 +6,28 @@ cannot take the adapter (``load_checks.check_targets_take``: layer kind, DoRA su
 unexpected keys, wrong shapes or dtypes, a rank that disagrees with the config, all from the
 header (``load_checks.check_tensors``) -> only then read the tensor data
 (``read_adapter_data``) -> refuse non-finite or absurd values, a base whose fingerprint differs
-(``load_checks.check_base``) -> only then inject the adapter and copy the tensors in. Any
+(``base_checks.check_base``) -> only then inject the adapter and copy the tensors in. Any
 failure after injection rolls the model back to exactly what it was.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from lorakit.base_rewrite import BaseRewrite, interrupts_held, plan_rewrite, write_rewrites
-from lorakit.errors import AdapterFileError, listed
+from lorakit.errors import AdapterFileError
 from lorakit.inject import add_adapter_to_modules, unload
 from lorakit.inject_checks import check_adapter_name, check_one_bias_adapter
 from lorakit.io.adapter_dirs import adapter_directory
+from lorakit.io.base_checks import check_base
 from lorakit.io.keys import (
     model_tensor,
 )
 from lorakit.io.load_checks import (
-    check_base,
     check_init_redo,
     check_targets_take,
     check_tensors,
@@ -147,34 +146,10 @@ def _load_checked(
         e.module for e in to_load.tensors if e.role == "base_weight"
     }  # the file brings these
     adapted = [e.module for e in to_load.tensors if e.role == "lora_A"]
-    checked = [name for name in adapted if name not in replaced]
-    _warn_nothing_checked(adapter, adapted, replaced)
     fingerprinted = _fingerprinted_modules(current, modules)
     with_parameters = fingerprinted | parameter_stand_ins(to_load.parameter_targets, current)
-    check_base(model, adapter, checked, allow_base_mismatch, with_parameters)
+    check_base(model, adapter, adapted, replaced, allow_base_mismatch, with_parameters)
     _apply(model, adapter, to_load, current, adapter_name, activate, adapter_dtype)
-
-
-def _warn_nothing_checked(adapter: AdapterFile, adapted: list[str], replaced: set[str]) -> None:
-    """Warn, as for a file whose base cannot be verified (``fingerprint.unverified_note``), when
-    a file with a base-model fingerprint brings the base weight of EVERY module it adapts (the
-    resized embeddings only, saved with ``save_embedding_layers``): the fingerprint check leaves
-    out each module whose base the file replaces, so nothing of this model's base is checked and
-    the adapter would load silently onto any base of the same shapes. A file without a
-    fingerprint gets ``unverified_note``'s own warning; a file adapting one module it does not
-    replace (e.g. ``q_proj``) is checked on that one. ``adapted``: the modules with LoRA factors;
-    ``replaced``: those whose base weight the file brings."""
-    if adapter.fingerprint is None or not adapted or not replaced.issuperset(adapted):
-        return
-    warnings.warn(
-        f"adapter {adapter.directory} brings the base weights of every module it adapts "
-        f"({listed(set(adapted), 3)}: saved with save_embedding_layers), so the base-model "
-        "fingerprint check leaves them out and nothing else of this base was checked: lorakit "
-        "cannot verify the adapter was trained on this base model. Load it only onto the base "
-        "it was trained on; an adapter that also adapts a module whose base weight the file "
-        "does not bring (e.g. q_proj) is checked on that module.",
-        stacklevel=4,  # the caller of load_adapter (here <- _load_checked <- load_adapter)
-    )
 
 
 def _fingerprinted_modules(

@@ -7,16 +7,13 @@
 - ``check_targets_take``: every target can take the adapter (inject's own checks: the layer
   kind, DoRA's support), and ``check_init_redo``: a PiSSA / OLoRA init the file asks for can be
   redone as PEFT does;
-- ``check_base``: the base weights the adapter's LoRA layers sit on are the ones it was saved
-  with (``lorakit.io.fingerprint``), unless ``allow_base_mismatch``.
+(The base weights' check, ``check_base``, is in ``lorakit.io.base_checks``.)
 
 Both raise ``AdapterFileError`` / ``BaseModelMismatchError`` naming the tensor or the layer and
 the way out.
 """
 
 from __future__ import annotations
-
-import warnings
 
 from torch import nn
 
@@ -26,7 +23,6 @@ from lorakit.errors import AdapterFileError, listed
 from lorakit.init_checks import check_layer_takes, check_redo_on_load
 from lorakit.init_methods import changes_base
 from lorakit.inject_checks import check_adapter_fits, quantized_format
-from lorakit.io import fingerprint
 from lorakit.io.keys import (
     FileTensor,
     expected_shape,
@@ -34,13 +30,13 @@ from lorakit.io.keys import (
     saved_module_alias_keys,
 )
 from lorakit.io.load_plan import LoadTargets
-from lorakit.io.read import BASE_INIT_METADATA_KEY, AdapterFile, AdapterHeader
+from lorakit.io.read import AdapterHeader
 from lorakit.io.tensors import TORCH_DTYPES
 from lorakit.layers import layer_class_for
 from lorakit.layers.parameter import parameter_layout
 from lorakit.targets import original_module
 
-__all__ = ["check_base", "check_init_redo", "check_targets_take", "check_tensors", "init_to_redo"]
+__all__ = ["check_init_redo", "check_targets_take", "check_tensors", "init_to_redo"]
 
 LORA_ROLES = ("lora_A", "lora_B")
 
@@ -202,71 +198,6 @@ def _shape_message(source, entry: FileTensor, got: tuple, want: tuple, rank: int
             "adapter with peft or lorakit."
         )
     return f"{message} on this model: it was trained on a base with other dimensions."
-
-
-_LOAD_REMEDY = (
-    "Load it onto the base model it was trained on, or pass allow_base_mismatch=True to load "
-    "it anyway."
-)
-
-
-def _load_remedy(adapter: AdapterFile) -> str:
-    """What to do about a base mismatch: ``_LOAD_REMEDY``, or, for an adapter lorakit saved
-    without conversion after a base-changing init (``BASE_INIT_METADATA_KEY``), which base it
-    needs (the model that init left) and how to get there: ``allow_base_mismatch`` would put
-    its factors on a base they do not belong to, so it is not offered."""
-    init = adapter.metadata.get(BASE_INIT_METADATA_KEY)
-    if not changes_base(init):
-        return _LOAD_REMEDY
-    needed = (
-        "the base Q that this init left (W0's LoftQ quantization, dequantized)"
-        if init == "loftq"
-        else "the residual base W0 - s B0 A0 that this init left"
-    )
-    convert = (
-        ""
-        if init == "loftq"
-        else ", or convert it to a plain LoRA for the original base: with lorakit, "
-        "lorakit.save_adapter(model, out, initial_adapter=<initial adapter dir>); with PEFT, "
-        "model.save_pretrained(out, path_initial_model_for_weight_conversion=<initial adapter "
-        "dir>) (the initial adapter: saved right after the init, before training)"
-    )
-    return (
-        f"It was saved without conversion after init_lora_weights={init!r} (header metadata "
-        f"{BASE_INIT_METADATA_KEY!r}): its lora_A / lora_B belong to {needed}, not to the "
-        "original base weights, so allow_base_mismatch=True would give wrong outputs. Load it "
-        "onto that model (lorakit.unload(model) on the model the init ran on gives it back; "
-        f"save that model){convert}."
-    )
-
-
-def check_base(
-    model: nn.Module,
-    adapter: AdapterFile,
-    checked: list[str],
-    allow_base_mismatch: bool,
-    modules: dict[str, nn.Module],
-) -> None:
-    note = fingerprint.unverified_note(
-        model, adapter.fingerprint, adapter.directory, checked, modules
-    )
-    if note is not None:
-        warnings.warn(note, stacklevel=4)  # the caller of load_adapter
-    message = fingerprint.refuse_other_base(
-        model,
-        adapter.fingerprint,
-        adapter.directory,
-        checked,
-        allow_mismatch=allow_base_mismatch,
-        remedy=_load_remedy(adapter),
-        modules=modules,
-    )
-    if message is not None:
-        overridden = message.removesuffix(".")
-        warnings.warn(
-            f"{overridden}; loaded anyway: allow_base_mismatch=True overrode the check",
-            stacklevel=4,  # the caller of load_adapter
-        )
 
 
 def check_targets_take(
