@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -34,6 +37,32 @@ def test_public_api_is_explicit() -> None:
     assert sorted(lorakit.__all__) == sorted(set(lorakit.__all__))
     for name in lorakit.__all__:
         assert hasattr(lorakit, name), name
+
+
+@pytest.mark.parametrize("package", ["lorakit", "lorakit.io", "lorakit.train"])
+def test_lazy_exports_are_listed_alike_three_times(package: str) -> None:
+    """Each lazy package names its exports three times, as the tools need: the ``if
+    TYPE_CHECKING:`` imports (type checkers), a literal ``__all__`` (ruff, ``import *``) and the
+    ``lazy_exports`` map (run time). The three must name the same objects from the same modules."""
+    module = importlib.import_module(package)
+    tree = ast.parse(Path(module.__file__).read_text())
+    (guard,) = [
+        n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"
+    ]
+    imported = {
+        alias.name: node.module.removeprefix(package + ".").split(".")[0]
+        for node in guard.body
+        for alias in node.names
+    }
+    homes = module._lazy_homes
+    assert imported == {name: home.split(".")[0] for name, home in homes.items()}
+    assert set(homes) <= set(module.__all__) and len(module.__all__) == len(set(module.__all__))
+    eager = set(module.__all__) - set(homes)
+    assert all(isinstance(getattr(module, name), types.ModuleType) for name in eager), eager
+    for name in homes:
+        assert getattr(module, name) is getattr(
+            importlib.import_module(f"{package}.{homes[name]}"), name
+        )
 
 
 def test_cli_help_lists_every_command() -> None:
