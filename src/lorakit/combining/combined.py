@@ -5,7 +5,7 @@ what is there), with ``ΔWᵢ = sᵢ Bᵢ Aᵢ`` (each adapter's own scale) and 
 
 - ``cat`` (exact): ``A = [2^e₁ A₁; …; 2^eₙ Aₙ]`` (Σrᵢ, k), ``B = [c₁ 2^-e₁ B₁, …]`` (d, Σrᵢ)
   with ``cᵢ = wᵢ sᵢ / s``, where ``s`` is the output's scale for that module, and ``2^eᵢ`` a
-  power of two near ``√|cᵢ|`` (``_balanced_exponent``). Then ``s B A = Σ wᵢ sᵢ Bᵢ Aᵢ`` exactly
+  power of two near ``√|cᵢ|`` (``module_factors``). Then ``s B A = Σ wᵢ sᵢ Bᵢ Aᵢ`` exactly
   (up to one float rounding of ``cᵢ Bᵢ``): the same output as running the adapters together
   with those weights. Rank ``Σ rᵢ``. Scaling by a power of two is exact, so the split changes
   no product ``Bᵢ Aᵢ``, not even by a rounding; it keeps a large ``cᵢ`` (1e6) from putting all
@@ -37,9 +37,7 @@ module order or which other modules are present.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import re
 from collections import Counter
@@ -59,11 +57,16 @@ from lorakit.combining.arguments import (
     unused_option,
 )
 from lorakit.combining.compatible import carried_base_weights, check_compatible
-from lorakit.combining.methods import MERGERS
+from lorakit.combining.module_factors import (
+    FactorRangeError,
+    check_writable,
+    module_factors,
+    module_ranks,
+    module_seed,
+)
 from lorakit.combining.sources import AdapterUpdates, ModuleFactors, read_sources
 from lorakit.config import LoraConfig
 from lorakit.errors import UserError
-from lorakit.io.tensors import MAX_ABS_VALUE, unwritable
 
 __all__ = [
     "METHODS",
@@ -75,11 +78,6 @@ __all__ = [
     "module_seed",
     "unused_option",
 ]
-
-
-class FactorRangeError(UserError):
-    """A combined factor holds values no adapter file may hold (``unwritable``): the weights
-    are too large. The server answers it as a 400 on ``merged_adapters.weights``."""
 
 
 @dataclass
@@ -141,11 +139,6 @@ class CombinedAdapter:
         return add_to_model(self, model, adapter_name)
 
 
-def module_seed(seed: int, module: str) -> int:
-    """The DARE seed of one module: 60 bits of SHA-256 of ``"{seed}:{module}"``."""
-    return int(hashlib.sha256(f"{seed}:{module}".encode()).hexdigest()[:15], 16)
-
-
 def _contributions(
     sources: Sequence[AdapterUpdates], weights: Sequence[float]
 ) -> dict[str, list[tuple[AdapterUpdates, float, ModuleFactors]]]:
@@ -178,81 +171,6 @@ def _output_config(sources: Sequence[AdapterUpdates], ranks: dict[str, int]) -> 
             None,
         ),
     )
-
-
-def _module_factors(
-    result: CombinedAdapter, name: str, parts, method, density, majority_sign_method, seed
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``(A (r, k), B (d, r), energy kept)`` of module ``name`` combined from ``parts``
-    (``[(adapter, weight, factors)]``), with ``s B A`` at ``result``'s scale ``s`` for it:
-    ``cat`` stacks the factors exactly (energy 1); the other methods merge the weighted
-    ``ΔWᵢ`` and cut the result to ``result.config``'s rank by SVD (energy ``1 - error²``)."""
-    scale = result.scale_for(name)
-    if method == "cat":
-        lora_A, lora_B = _cat_factors(parts, scale)
-        return lora_A, lora_B, 1.0
-    from lorakit.analysis.extract import truncated_factors
-
-    delta = _merged_delta(name, parts, method, density, majority_sign_method, seed)
-    lora_A, lora_B, error = truncated_factors(delta, result.config.rank_for(name), scale)
-    return lora_A, lora_B, 1.0 - error**2
-
-
-def _cat_factors(parts, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``A = [2^eᵢ Aᵢ; …]``, ``B = [cᵢ 2^-eᵢ Bᵢ, …]`` in float64 with ``cᵢ = wᵢ sᵢ / s`` and
-    ``eᵢ = _balanced_exponent(cᵢ)`` (see the module docstring): each ``Bᵢ Aᵢ`` scaled by
-    ``cᵢ``, with the scale shared between the two factors by an exact power of two."""
-    blocks_A, blocks_B = [], []
-    for _, weight, factors in parts:
-        c = weight * factors.scale / scale
-        exponent = _balanced_exponent(c)
-        blocks_A.append(factors.lora_A.double() * math.ldexp(1.0, exponent))  # exact
-        blocks_B.append(factors.lora_B.double() * math.ldexp(c, -exponent))  # (c 2^-e exact)
-    return torch.cat(blocks_A, dim=0), torch.cat(blocks_B, dim=1)  # (Σr, k), (d, Σr)
-
-
-def _balanced_exponent(c: float) -> int:
-    """``e`` with ``2^e`` within a factor √2 of ``√|c|`` (``|c| = m 2^x``, m in [1/2, 1):
-    ``e = ⌊x / 2⌋``); 0 for c = 0 and for 1/2 <= |c| < 2, where A is kept as it is."""
-    return math.frexp(c)[1] // 2
-
-
-def _check_writable(name: str, factors: tuple[torch.Tensor, torch.Tensor], parts) -> None:
-    """``FactorRangeError`` when a factor of module ``name`` (as it would be saved) is
-    ``unwritable``, naming the weights of the adapters ``parts`` combined into it."""
-    for label, tensor in zip(("lora_A", "lora_B"), factors, strict=True):
-        if unwritable(tensor):
-            weights = ", ".join(f"{source.label}: {weight:g}" for source, weight, _ in parts)
-            raise FactorRangeError(
-                f"combine: the weights ({weights}) give module {name}'s {label} values beyond "
-                f"+-{MAX_ABS_VALUE:g} (or inf/NaN), which no adapter file may hold (lorakit "
-                "refuses to load such a file); use smaller weights"
-            )
-
-
-def _merged_delta(name, parts, method, density, majority_sign_method, seed) -> torch.Tensor:
-    updates = [factors.delta() for _, _, factors in parts]  # each (d, k) float64
-    weights = [weight for _, weight, _ in parts]
-    options: dict[str, object] = {}
-    if method in PRUNING:
-        options["density"] = density
-    if method in ("ties", "dare_ties"):
-        options["majority_sign_method"] = majority_sign_method
-    if method.startswith("dare"):
-        options["generator"] = torch.Generator().manual_seed(module_seed(seed, name))
-    return MERGERS[method](updates, weights, **options)
-
-
-def _module_ranks(contributions, method: str, rank: int | None) -> dict[str, int]:
-    ranks = {}
-    for name, parts in contributions.items():
-        total = sum(factors.rank for _, _, factors in parts)
-        d, k = parts[0][2].shape
-        if method == "cat":
-            ranks[name] = total
-        else:  # the exact sum has rank <= Σ rᵢ; a pruned one can have up to min(d, k)
-            ranks[name] = min(rank, d, k, total if method == "svd" else min(d, k))
-    return ranks
 
 
 def combine(
@@ -300,22 +218,38 @@ def combine(
         raise UserError("combine: the adapters adapt no module")
     if rank is None:
         rank = max(f.rank for s in sources for f in s.modules.values())
-    config = _output_config(sources, _module_ranks(contributions, method, rank))
+    config = _output_config(sources, module_ranks(contributions, method, rank))
     result = CombinedAdapter(config, {}, frozenset(), {}, [], method, base_weights=base_weights)
     for name, parts in contributions.items():
-        lora_A, lora_B, energy = _module_factors(
-            result, name, parts, method, density, majority_sign_method, seed
-        )
-        factors = (lora_A.float(), lora_B.float())
-        _check_writable(name, factors, parts)
-        result.factors[name] = factors
-        labels = [source.label for source, _, _ in parts]
-        result.modules.append(ModuleReport(name, config.rank_for(name), energy, labels))
+        _add_module(result, name, parts, density, majority_sign_method, seed)
     result.embeddings = frozenset(n for n, p in contributions.items() if p[0][2].is_embedding)
     result.fingerprint = _union_fingerprint(sources, list(contributions))
     result.auto_mapping = _shared_auto_mapping(sources, config)
     result.extra = _settings(sources, weights, rank, density, majority_sign_method, seed, method)
     return result
+
+
+def _add_module(
+    result: CombinedAdapter, name: str, parts, density, majority_sign_method, seed
+) -> None:
+    """Combine module ``name`` from ``parts`` (``[(adapter, weight, factors)]``) into
+    ``result``: its float32 factors (refused when unwritable) and its report."""
+    config = result.config
+    lora_A, lora_B, energy = module_factors(
+        name,
+        parts,
+        result.scale_for(name),
+        config.rank_for(name),
+        result.method,
+        density,
+        majority_sign_method,
+        seed,
+    )
+    factors = (lora_A.float(), lora_B.float())
+    check_writable(name, factors, parts)
+    result.factors[name] = factors
+    labels = [source.label for source, _, _ in parts]
+    result.modules.append(ModuleReport(name, config.rank_for(name), energy, labels))
 
 
 def _shared_auto_mapping(
