@@ -154,8 +154,8 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
         "--max-header-bytes",
         type=int,
         default=16384,
-        help="a request head still incomplete past this many bytes is refused "
-        "(400) (default: %(default)s)",
+        help="the longest request head (request line and headers) in bytes; a longer "
+        "one is answered 400 and its connection closed (default: %(default)s)",
     )
     group.add_argument(
         "--max-connections",

@@ -5,29 +5,89 @@ connection that never sends a request, or sends half of one, stays open for good
 of them exhaust the open-file limit and real requests time out. ``ConnectionLimits`` adds a
 request timeout (``RequestTimeoutProtocol``: a client must deliver a whole request, head and body,
 within ``timeout_request`` seconds of connecting or of its previous response, else the
-connection is closed), and sets uvicorn's other limits: the request head's size (h11), the
-connections and requests served at once (more are answered 503), and the listen backlog.
+connection is closed) and a bound on each request's head (``HeadBoundConnection``: h11 alone
+bounds only a head still incomplete in its buffer, so a 100 KB head sent in one write was
+parsed), and sets uvicorn's other limits: the connections and requests served at once (more are
+answered 503), and the listen backlog.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["ConnectionLimits", "RequestTimeoutProtocol"]
+__all__ = ["ConnectionLimits", "HeadBoundConnection", "RequestTimeoutProtocol"]
+
+# The end of a request head, as h11 finds it: an empty line, "\r\n" or "\n" ended.
+_HEAD_END = re.compile(b"\n\r?\n")
+# h11's own default bound (uvicorn's when ``h11_max_incomplete_event_size`` is unset).
+_H11_DEFAULT_HEAD_BYTES = 16 * 1024
+
+
+class HeadBoundConnection(h11.Connection):
+    """h11's server side, refusing a request head (request line + headers, up to and including
+    the empty line that ends them) longer than ``max_head_bytes``, however it arrives.
+
+    h11 bounds only an *incomplete* event: a head still without its empty line past
+    ``max_incomplete_event_size`` buffered bytes is refused, but a whole one in the buffer is
+    parsed whatever its size (a 100 KB head sent in one write was answered). Here, before each
+    event is parsed while the client is between requests (``their_state`` IDLE: its next head
+    starts the buffer), the head in the buffer is measured: longer than ``max_head_bytes``
+    (its end further, or not yet there with more bytes buffered) raises ``RemoteProtocolError``
+    (``head_refused`` set), which uvicorn answers 400 and closes. Each request's head is
+    measured alone (keep-alive and pipelined requests), its body never."""
+
+    def __init__(self, max_head_bytes: int, max_incomplete_event_size: int) -> None:
+        super().__init__(h11.SERVER, max_incomplete_event_size=max_incomplete_event_size)
+        self.max_head_bytes = max_head_bytes
+        self.head_refused = False
+
+    def next_event(self):  # type: ignore[override]
+        if self.their_state is h11.IDLE and self._head_too_long():
+            self.head_refused = True
+            raise h11.RemoteProtocolError(
+                f"request head over {self.max_head_bytes} bytes", error_status_hint=431
+            )
+        return super().next_event()
+
+    def _head_too_long(self) -> bool:
+        """Whether the buffered head is longer than the bound: more bytes buffered than
+        ``max_head_bytes`` and no head end within the first ``max_head_bytes`` of them."""
+        buffered, _ = self.trailing_data  # (a copy; taken only between requests)
+        limit = self.max_head_bytes
+        return len(buffered) > limit and _HEAD_END.search(buffered, 0, limit) is None
 
 
 class RequestTimeoutProtocol(H11Protocol):
     """uvicorn's HTTP/1.1 protocol (h11) with a request timeout: ``timeout_request`` seconds
     from connecting, or from the end of the previous response, to receive the whole next
     request; a connection still waiting for its request's head or body then is closed.
-    Set ``timeout_request`` on a subclass (``ConnectionLimits.protocol``)."""
+    Set ``timeout_request`` on a subclass (``ConnectionLimits.protocol``).
+
+    Its h11 connection is a ``HeadBoundConnection``: a request head longer than uvicorn's
+    ``h11_max_incomplete_event_size`` (``--max-header-bytes``; unset: h11's 16 KiB) is
+    answered 400, saying so, and the connection closed, whether the head came in one write or
+    many (h11 alone refuses only the latter)."""
 
     timeout_request: float = 30.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        bound = self.config.h11_max_incomplete_event_size or _H11_DEFAULT_HEAD_BYTES
+        self.conn = HeadBoundConnection(bound, max_incomplete_event_size=bound)
+
+    def send_400_response(self, msg: str) -> None:
+        if self.conn.head_refused:  # (uvicorn's message for any RemoteProtocolError is vague)
+            msg = (
+                f"the request head (request line and headers) is over {self.conn.max_head_bytes}"
+                " bytes, this server's --max-header-bytes; send shorter headers"
+            )
+        super().send_400_response(msg)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -63,10 +123,12 @@ class ConnectionLimits:
 
     ``timeout_keep_alive``: seconds an idle connection stays open after a response;
     ``timeout_request``: seconds to send a whole request (see ``RequestTimeoutProtocol``);
-    ``max_header_bytes``: the largest request line + headers (h11's incomplete-event bound; a
-    larger head is answered 400); ``max_connections``: open connections and running requests
-    at most, beyond which uvicorn answers 503 (uvicorn's ``limit_concurrency``); ``backlog``:
-    connections the kernel queues before they are accepted.
+    ``max_header_bytes``: the largest request head, request line + headers, in bytes (a longer
+    one is answered 400 and its connection closed, however it was sent: ``HeadBoundConnection``;
+    also h11's bound on an incomplete event, e.g. a chunked body's size line);
+    ``max_connections``: open connections and running requests at most, beyond which uvicorn
+    answers 503 (uvicorn's ``limit_concurrency``); ``backlog``: connections the kernel queues
+    before they are accepted.
     """
 
     timeout_keep_alive: float = 5.0
@@ -96,6 +158,7 @@ class ConnectionLimits:
         return {
             "http": self.protocol(),
             "timeout_keep_alive": self.timeout_keep_alive,
+            # RequestTimeoutProtocol bounds each request head by it too (HeadBoundConnection)
             "h11_max_incomplete_event_size": self.max_header_bytes,
             "limit_concurrency": self.max_connections,
             "backlog": self.backlog,

@@ -42,6 +42,8 @@ def prompt_ids(
     (or than ``max_prompt_chars`` characters, before tokenizing), 400 when empty, out of the
     vocabulary, or leaving no room for ``max_tokens`` within ``max_positions`` (for a default
     ``max_tokens``, not given by the client, no room at all: ``fit_max_tokens`` shortens it).
+    The errors name the fields the client sent: ``messages`` (a chat) or ``prompt``, and the
+    length field ``job.max_tokens_name`` (``max_completion_tokens`` or ``max_tokens``).
 
     The vocabulary is ``[0, min(len(tokenizer), vocab_size))``, ``vocab_size`` the model's
     embedding rows (``Engine.vocab_size``; None: the tokenizer's alone); it bounds the prompt's
@@ -61,26 +63,28 @@ def prompt_ids(
         ids = tokenizer.encode(job.prompt)
     else:
         ids = job.prompt
+    given = "messages" if job.chat else "prompt"  # the field holding the prompt
     if not ids:
-        raise APIError(400, "the prompt is empty", param="prompt")
+        raise APIError(400, "the prompt is empty", param=given)
     if len(ids) > max_prompt_tokens:
         raise APIError(
             400,
             f"the prompt has {len(ids)} tokens; the limit is {max_prompt_tokens}",
-            param="prompt",
+            param=given,
             code="context_length_exceeded",
         )
     vocab = len(tokenizer) if vocab_size is None else min(len(tokenizer), vocab_size)
     # given ids, and tokenized ones (a model may have fewer embedding rows than its tokenizer)
-    _check_ids(ids, vocab, "messages" if job.chat else "prompt")
+    _check_ids(ids, vocab, given)
     _check_ids(job.params.stop_token_ids, vocab, "stop_token_ids")
     room = max_positions - len(ids)  # (a default max_tokens is fitted to it: fit_max_tokens)
     if room < 1 or (job.max_tokens_given and job.params.max_tokens > room):
+        name = job.max_tokens_name  # max_completion_tokens, if the chat client sent that
         raise APIError(
             400,
-            f"prompt ({len(ids)} tokens) + max_tokens ({job.params.max_tokens}) exceeds the "
-            f"model's {max_positions} positions",
-            param="max_tokens",
+            f"prompt ({len(ids)} tokens) + {name} ({job.params.max_tokens}) exceeds the "
+            f"model's {max_positions} positions; lower {name} or shorten the prompt",
+            param=name,
             code="context_length_exceeded",
         )
     return ids

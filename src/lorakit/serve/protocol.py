@@ -69,6 +69,10 @@ class CompletionJob:
     include_usage: bool = False
     """``stream_options.include_usage``: a stream ends with a chunk holding the usage (its
     ``choices`` empty) and every other chunk has ``"usage": null``, as OpenAI streams."""
+    max_tokens_name: str = "max_tokens"
+    """The length field the client sent (or would have): ``max_completion_tokens`` for a chat
+    body that gave it (OpenAI's current name), else ``max_tokens``; errors about the output's
+    length name it."""
 
 
 def _field(
@@ -241,7 +245,8 @@ def parse_job(body: dict[str, Any], *, chat: bool, max_tokens_limit: int) -> Com
         raise APIError(400, str(error), param=error.field) from None
     stream = _field(body, "stream", (bool,), False)
     include_usage = _include_usage(body, stream)
-    return CompletionJob(model, _prompt(body, chat), params, stream, chat, given, include_usage)
+    prompt = _prompt(body, chat)
+    return CompletionJob(model, prompt, params, stream, chat, given, include_usage, max_name)
 
 
 def _filter_fields(body: dict[str, Any]) -> dict[str, Any]:
