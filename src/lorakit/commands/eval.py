@@ -75,6 +75,13 @@ def add_base_mismatch_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_base_mismatch_option(args: argparse.Namespace) -> None:
+    """``--allow-base-mismatch`` without ``--adapter`` relaxes nothing: refused, so that a user
+    who passes it does not believe a check was relaxed (review 33)."""
+    if args.allow_base_mismatch and not args.adapter:
+        raise UserError("--allow-base-mismatch goes with --adapter (no adapter is loaded)")
+
+
 def add_quantization_option(parser: argparse.ArgumentParser) -> None:
     """``--quantization``: load ``--model`` as a quantized base (docs/quantized.md)."""
     parser.add_argument(
@@ -248,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.train.settings import load_examples_for
 
     check_bnb_cpu_kernel(args)
+    check_base_mismatch_option(args)
     examples = load_examples_for(args.data, args.split, args.style, "test")[: args.limit]
     model, tokenizer = load_model_and_adapter(
         args.model, args.adapter, args.allow_base_mismatch, args.quantization, args.dtype

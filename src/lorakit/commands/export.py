@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lorakit.commands.eval import add_base_mismatch_option
+from lorakit.commands.eval import add_base_mismatch_option, check_base_mismatch_option
 from lorakit.commands.extract import add_overwrite_option
 from lorakit.errors import UserError
 
@@ -163,8 +163,7 @@ def _check_model_source(args: argparse.Namespace) -> None:
             f"--model goes with an adapter SOURCE (its base); SOURCE {args.source} is the model "
             f"exported{shadowed}: leave --model out"
         )
-    if args.allow_base_mismatch and not args.adapter:
-        raise UserError("--allow-base-mismatch goes with --adapter (no adapter is loaded)")
+    check_base_mismatch_option(args)
     if args.gguf_pre is not None:
         from lorakit.export.gguf_tokenizer import check_pre_tokenizer_name
 

@@ -12,6 +12,7 @@ from lorakit.commands.eval import (
     add_dtype_option,
     add_quantization_option,
     apply_bnb_cpu_kernel,
+    check_base_mismatch_option,
     check_bnb_cpu_kernel,
 )
 from lorakit.errors import UserError
@@ -285,6 +286,7 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.commands.eval import load_model_and_adapter
 
     check_bnb_cpu_kernel(args)
+    check_base_mismatch_option(args)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_adapter(
         args.model, args.adapter, args.allow_base_mismatch, args.quantization, args.dtype
