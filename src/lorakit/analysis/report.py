@@ -17,7 +17,14 @@ import torch
 from lorakit.analysis.spectrum import Spectrum
 from lorakit.analysis.updates import NewLayer, ReshapedLayer
 
-__all__ = ["RankAdvice", "format_left_out", "format_table", "rank_advice", "spectra_report"]
+__all__ = [
+    "RankAdvice",
+    "format_left_out",
+    "format_table",
+    "rank_advice",
+    "share_label",
+    "spectra_report",
+]
 
 
 @dataclass
@@ -59,6 +66,15 @@ def _uniform_rank(spectra: Sequence[Spectrum], share: float) -> int:
     return min(int(torch.searchsorted(kept, target)) + 1, longest)
 
 
+def share_label(share: float) -> str:
+    """The energy share as text that reads back as exactly that float: the short ``f"{share:g}"``
+    ("0.9", "0.99", "1") when it does, else ``repr`` ("0.99000001", where ``:g`` would print
+    "0.99" and name another share). Distinct shares get distinct labels, so one share's advice
+    never overwrites another's under the same JSON key."""
+    short = f"{share:g}"
+    return short if float(short) == share else repr(share)
+
+
 def rank_advice(spectra: Sequence[Spectrum], share: float = 0.9) -> list[RankAdvice]:
     """The smallest uniform rank per module type keeping ``share`` of that type's update energy."""
     if not 0.0 < share <= 1.0:
@@ -81,7 +97,8 @@ def spectra_report(
     max_values: int = 64,
     left_out: Sequence[ReshapedLayer | NewLayer] = (),
 ) -> dict:
-    """JSON-ready report: one entry per layer, plus rank advice per module type per share, and
+    """JSON-ready report: one entry per layer, plus rank advice per module type per share (keyed by
+    ``share_label(share)``: "0.9", "0.99", ... , one entry per distinct share), and
     ``left_out``: the layers not analysed and why (``ReshapedLayer.to_dict``: a fine-tune's
     resized head; ``NewLayer.to_dict``: weights newly initialised at loading).
 
@@ -91,7 +108,8 @@ def spectra_report(
     return {
         "layers": [s.to_dict(max_values=max_values) for s in spectra],
         "advice": {
-            f"{share:g}": [a.to_dict() for a in rank_advice(spectra, share)] for share in shares
+            share_label(share): [a.to_dict() for a in rank_advice(spectra, share)]
+            for share in shares
         },
         "left_out": [layer.to_dict() for layer in left_out],
     }

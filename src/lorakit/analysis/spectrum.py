@@ -9,8 +9,9 @@ For one (d x k) update ΔW with singular values σ_1 >= ... >= σ_n (n = min(d, 
 - stable rank: ``||ΔW||_F^2 / ||ΔW||_2^2 = sum σ_i^2 / σ_1^2``.
 
 An adapter's update ``ΔW = s B A`` (A: r x k, B: d x r) is never formed: with ``B = Q_B R_B`` and
-``A^T = Q_A R_A`` (thin QR), ``ΔW = Q_B (s R_B R_A^T) Q_A^T``, so the SVD of the (r x r) core gives
-the singular values, and the singular vectors are ``Q_B U_core`` and ``Q_A V_core``.
+``A^T = Q_A R_A`` (thin QR), ``ΔW = Q_B (s R_B R_A^T) Q_A^T``, so the SVD of the small core
+(r x r, or min(d, r) x min(k, r) when r exceeds d or k) gives the min(r, d, k) singular values, and
+the singular vectors are ``Q_B U_core`` and ``Q_A V_core``.
 All of it is computed in float64 (or float32 on request), whatever the storage dtype.
 """
 
@@ -58,13 +59,14 @@ def low_rank_svd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of ``ΔW = s B A`` without forming the (d, k) product.
 
-    Shapes: ``lora_A`` (r, k), ``lora_B`` (d, r). Returns ``U`` (d, r), ``S`` (r,) descending,
-    ``V`` (k, r) with ``ΔW = U diag(S) V^T``. Cost O((d + k) r^2) instead of O(d k min(d, k)).
+    Shapes: ``lora_A`` (r, k), ``lora_B`` (d, r). With ``m = min(r, d, k)`` (the most ΔW's rank
+    can be) returns ``U`` (d, m), ``S`` (m,) descending, ``V`` (k, m) with
+    ``ΔW = U diag(S) V^T``. Cost O((d + k) r^2) instead of O(d k min(d, k)).
     """
-    q_b, r_b = torch.linalg.qr(lora_B.detach().to(dtype))  # (d, r), (r, r)
-    q_a, r_a = torch.linalg.qr(lora_A.detach().to(dtype).T)  # (k, r), (r, r)
+    q_b, r_b = torch.linalg.qr(lora_B.detach().to(dtype))  # (d, min(d, r)), (min(d, r), r)
+    q_a, r_a = torch.linalg.qr(lora_A.detach().to(dtype).T)  # (k, min(k, r)), (min(k, r), r)
     # The core s R_B R_A^T is the same maths as s B A, applied to the triangular factors.
-    core = functional.delta_weight(r_a.T, r_b, scale, dtype=dtype)  # (r, r)
+    core = functional.delta_weight(r_a.T, r_b, scale, dtype=dtype)  # (min(d, r), min(k, r))
     u_core, s, vh_core = torch.linalg.svd(core, full_matrices=False)
     return q_b @ u_core, s, q_a @ vh_core.T
 
@@ -109,7 +111,8 @@ class Spectrum:
     """The singular values of one layer's update and the ranks derived from them.
 
     ``shape`` is (d, k) of ΔW; ``singular_values`` is float64, descending; ``max_rank`` is the
-    rank bound of the parametrisation (r for an adapter, min(d, k) for a full update).
+    bound on ΔW's rank (min(r, d, k) for an adapter of rank r, min(d, k) for a full update), so
+    never more than the number of singular values.
     """
 
     name: str
@@ -178,9 +181,13 @@ def spectrum_of_factors(
     scale: float,
     dtype: torch.dtype = torch.float64,
 ) -> Spectrum:
-    """Spectrum of ``s B A`` from the factors (A: r x k, B: d x r), never forming (d, k)."""
+    """Spectrum of ``s B A`` from the factors (A: r x k, B: d x r), never forming (d, k).
+
+    ``max_rank`` is min(r, d, k): a rank above d or k (PEFT's ``rank_pattern`` allows one) adds
+    no direction that ΔW can hold."""
     _, values, _ = low_rank_svd(lora_A, lora_B, scale, dtype)
-    return Spectrum(name, (lora_B.shape[0], lora_A.shape[1]), values, lora_A.shape[0])
+    (rank, k), d = lora_A.shape, lora_B.shape[0]
+    return Spectrum(name, (d, k), values, min(rank, d, k))
 
 
 def adapter_factors(

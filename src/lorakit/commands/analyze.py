@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         format_left_out,
         format_table,
         rank_advice,
+        share_label,
         spectra_report,
     )
     from lorakit.analysis.sources import adapter_dir_spectra, model_dirs_update
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         advice = ", ".join(
             f"{a.module_type}: r={a.rank}" for a in rank_advice(spectra, args.energy)
         )
-        print(f"\nadvised rank at {args.energy:g} of the energy: {advice}")
+        print(f"\nadvised rank at {share_label(args.energy)} of the energy: {advice}")
         if left_out:
             print("\n" + format_left_out(left_out))
     if args.plots:
