@@ -52,6 +52,7 @@ __all__ = [
     "lora_embedding_forward",
     "lora_forward",
     "lora_parameter_count",
+    "merge_dtype",
     "parameter_delta_weight",
     "rank_side_scale",
     "replace_rows",
@@ -93,6 +94,15 @@ def compression_ratio(out_features: int, in_features: int, rank: int) -> float:
     return out_features * in_features / lora_parameter_count(out_features, in_features, rank)
 
 
+def merge_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a merge computes ``W0 + sum_a delta_a`` (and each delta) in, for a base weight
+    of ``weight_dtype``: float32 (a 16-bit base's sum too, rounded once to its dtype at the
+    end), or the weight's own where it is wider, float64 (as PEFT's merge, which adds in the
+    weight's dtype): a float64 model's merged weight is ``W0 + s B A`` in float64, not rounded
+    through float32."""
+    return torch.promote_types(weight_dtype, torch.float32)
+
+
 def delta_weight(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
@@ -100,7 +110,8 @@ def delta_weight(
     fan_in_fan_out: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """``s * B @ A`` computed in ``dtype`` (float32 by default, whatever the storage dtype).
+    """``s * B @ A`` computed in ``dtype`` (float32 by default, whatever the storage dtype; a
+    merge passes ``merge_dtype`` of the base weight's, float64 on a float64 base).
 
     Shapes: ``lora_A`` (r, k), ``lora_B`` (d, r) -> (d, k); transposed to (k, d) when the
     base weight is stored (in, out) (``fan_in_fan_out``, e.g. GPT-2's ``Conv1D``).

@@ -1,8 +1,9 @@
 """Merge adapters into the base weights, exactly reversibly, or for good.
 
-``merge`` folds ``W = W0 + sum_a s_a B_a A_a`` (computed in float32, rounded once to the weight
-dtype) into a new weight and keeps the original ``W0`` Parameter, so ``unmerge`` restores it bit
-for bit however many cycles are done and in every dtype. The cost: while merged, each adapted
+``merge`` folds ``W = W0 + sum_a s_a B_a A_a`` (computed in float32, in float64 on a float64
+base, rounded once to the weight dtype: ``functional.merge_dtype``) into a new weight and keeps
+the original ``W0`` Parameter, so ``unmerge`` restores it bit for bit however many cycles are
+done and in every dtype. The cost: while merged, each adapted
 layer holds two weights. A weight tied to another module (GPT-2's ``wte`` / ``lm_head``) is
 untied by the merge: the other module keeps the original, so outputs equal the unmerged model's.
 ``merge_and_unload`` folds the adapters and returns the plain model with no lorakit module left.
@@ -65,7 +66,8 @@ def _chosen(model: nn.Module, adapter_names: Sequence[str] | None) -> tuple[str,
 
 def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:
     """Fold the given adapters (default: the active ones) into the base weights, in place;
-    each merged weight is the float32 sum rounded once to its base weight's dtype.
+    each merged weight is the float32 sum (float64 on a float64 base, as PEFT's) rounded once
+    to its base weight's dtype.
 
     Idempotent. All or nothing: every layer's merged weight is computed and checked before any
     is installed, so if one would hold inf/NaN (a non-finite adapter, or an overflow of the

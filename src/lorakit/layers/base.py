@@ -172,11 +172,13 @@ class LoraLayer(AdapterTables, Merging, nn.Module):
         raise NotImplementedError
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``s * B A`` in float32, laid out like ``base_layer.weight``."""
+        """``s * B A`` in ``functional.merge_dtype`` of the base (float32; float64 on a float64
+        base), laid out like ``base_layer.weight``."""
         raise NotImplementedError
 
     def merge_delta(self, adapter_name: str) -> torch.Tensor:
-        """What merging the adapter adds to the original weight (float32, laid out like it):
+        """What merging the adapter adds to the original weight (in ``delta_weight``'s dtype,
+        laid out like it):
         ``delta_weight`` for LoRA."""
         return self.delta_weight(adapter_name)
 

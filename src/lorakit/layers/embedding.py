@@ -70,10 +70,13 @@ class LoraEmbedding(LoraLayer):
         return [self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]]
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``s (B A)^T`` (num_embeddings, dim), in ``functional.merge_dtype`` of the table's
+        dtype (float32; float64 on a float64 table)."""
         return functional.embedding_delta_weight(
             self.lora_embedding_A[adapter_name],
             self.lora_embedding_B[adapter_name],
             self.scalings[adapter_name],
+            dtype=functional.merge_dtype(self.base_float_dtype),
         )
 
     def lora_branch(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:

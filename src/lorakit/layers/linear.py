@@ -220,11 +220,14 @@ class LoraLinear(LoraBiasMixin, LoraLayer):
         )
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``s B A`` laid out like the base weight, in ``functional.merge_dtype`` of its dtype
+        (float32; float64 on a float64 base, so a merge there is exact to float64)."""
         return functional.delta_weight(
             self.lora_A[adapter_name].weight,
             self.lora_B[adapter_name].weight,
             self.scalings[adapter_name],
             fan_in_fan_out=self.fan_in_fan_out,
+            dtype=functional.merge_dtype(self.base_float_dtype),
         )
 
     def lora_branch(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:

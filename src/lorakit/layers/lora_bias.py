@@ -96,8 +96,9 @@ class LoraBiasMixin:
     def _merged_bias(
         self, adapter_names: Sequence[str], dtype: torch.dtype | None = None
     ) -> torch.Tensor | None:
-        """``bias0 + sum_a s_a b_a`` over the named adapters that have a bias on B (float32 sum,
-        rounded once to ``dtype``, default bias0's); None when none of them has one. Raises
+        """``bias0 + sum_a s_a b_a`` over the named adapters that have a bias on B (summed in
+        ``functional.merge_dtype``: float32, float64 on a float64 base; rounded once to
+        ``dtype``, default bias0's); None when none of them has one. Raises
         ValueError when the base layer has no bias to merge into (PEFT refuses this merge too)."""
         names = [n for n in adapter_names if self.lora_bias_of(n) is not None]
         if not names:
@@ -109,7 +110,7 @@ class LoraBiasMixin:
                 f"but the base {type(self.base_layer).__name__} has no bias to add it to; use "
                 "the adapter unmerged."
             )
-        total = original.detach().to(torch.float32)
+        total = original.detach().to(functional.merge_dtype(original.dtype))
         for name in names:
             total = total + functional.lora_bias_delta(self.lora_bias_of(name), self.scalings[name])
         return total.to(dtype or original.dtype)

@@ -3,9 +3,10 @@
 Merge and unmerge replace the layer's ``MergeState`` whole and a forward reads it once
 (``read_merge_state``), so a forward running in another thread during a merge sees each layer
 before or after it, never half-way. Merging installs a NEW weight Parameter
-``W0 + sum_a s_a B_a A_a`` (a DoRA adapter adds ``f (W0 + s B A) - W0``) and keeps the original
-one aside: unmerging puts that very Parameter back, bit-identical, and a weight tied to another
-module (an output embedding) is never changed behind that module's back.
+``W0 + sum_a s_a B_a A_a`` (a DoRA adapter adds ``f (W0 + s B A) - W0``; summed in float32, in
+float64 on a float64 base, ``functional.merge_dtype``) and keeps the original one aside:
+unmerging puts that very Parameter back, bit-identical, and a weight tied to another module (an
+output embedding) is never changed behind that module's back.
 
 The tensors kept aside are no parameters of the layer, so ``Merging._apply`` (behind
 ``.to()``, ``.half()``, ``.cuda()``) converts them with the model: after a cast or a move while
@@ -25,6 +26,8 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from lorakit import functional
 
 __all__ = ["MergeState", "Merging", "unmerged"]
 
@@ -132,9 +135,11 @@ class Merging:
         self, adapter_names: Sequence[str], dtype: torch.dtype | None = None
     ) -> tuple[tuple[str, ...], torch.Tensor] | None:
         """``(names, W)``: the weight with the named adapters merged, ``W0 + sum_a s_a B_a A_a``
-        (a DoRA adapter adds ``f (W0 + s B A) - W0`` instead, ``merge_delta``; float32 sum,
-        rounded once to ``dtype``, default W0's), for the adapters not merged yet; None if
-        there are none. Changes nothing; raises ValueError if W would hold inf/NaN.
+        (a DoRA adapter adds ``f (W0 + s B A) - W0`` instead, ``merge_delta``), for the
+        adapters not merged yet; None if there are none. The sum is computed in
+        ``functional.merge_dtype(W0.dtype)`` (float32, float64 on a float64 base: no float32
+        round trip there) and rounded once to ``dtype``, default W0's. Changes nothing; raises
+        ValueError if W would hold inf/NaN.
 
         Computed without autograd: with grad enabled, torch (2.13) takes a parameter's autograd
         lock and then waits for the GIL, while a thread running the model holds the GIL and
@@ -145,7 +150,8 @@ class Merging:
         original = self.original_weight
         with torch.no_grad():  # a weight edit: no graph, and no autograd locks (see below)
             delta = self._merged_delta((*self.merged_adapters, *to_merge))
-            merged = (original.detach().to(torch.float32) + delta).to(dtype or original.dtype)
+            wide = original.detach().to(functional.merge_dtype(original.dtype))
+            merged = (wide + delta).to(dtype or original.dtype)
         if not torch.isfinite(merged).all():
             raise ValueError(
                 f"merging adapter(s) {list(to_merge)} would put non-finite values into the base "

@@ -154,7 +154,9 @@ class LoraParameter(LoraLayer):
         return [self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight]
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        return self.adapter_delta(adapter_name, torch.float32)
+        """What merging adds: ``adapter_delta`` in ``functional.merge_dtype`` of the parameter's
+        dtype (float32; float64 on a float64 parameter, as PEFT's merge)."""
+        return self.adapter_delta(adapter_name, functional.merge_dtype(self.base_float_dtype))
 
     def lora_branch(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         raise TypeError(
