@@ -197,12 +197,13 @@ def test_plan_counts_what_a_classifier_step_saves_with_its_loss(case, tmp_path):
 
     torch.manual_seed(0)
     model = model_class(make_config()).to(dtype)
-    task = "SEQ_CLS" if model_class.__name__.endswith("SequenceClassification") else None
+    # the task type plan assumes for the class (its head trained in full, as PEFT's task models)
+    task = "SEQ_CLS" if model_class.__name__.endswith("SequenceClassification") else "TOKEN_CLS"
     lorakit.inject(
         model, lorakit.LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type=task)
     )
     ids = torch.randint(1, 128, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(1))
-    labels = _labels("tokens" if task is None else "sequences", model.config)
+    labels = _labels("tokens" if task == "TOKEN_CLS" else "sequences", model.config)
     if labels.is_floating_point():  # (regression and multi-label targets in the logits' dtype)
         labels = labels.to(dtype)
     assert planned.activations.saved_bytes == saved_bytes(model, input_ids=ids, labels=labels)

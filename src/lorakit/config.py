@@ -25,7 +25,9 @@ __all__ = ["ALL_LINEAR", "LoraConfig", "TaskType"]
 
 
 class TaskType(str, enum.Enum):
-    """PEFT's task types; only ``SEQ_CLS`` changes behaviour (the head is trained in full)."""
+    """PEFT's task types. ``SEQ_CLS``, ``TOKEN_CLS`` and ``QUESTION_ANS`` change behaviour as in
+    PEFT: the task's head (``classifier`` / ``score``, or ``qa_outputs``) is trained in full and
+    saved with the adapter (``targets.TASK_HEADS``)."""
 
     SEQ_CLS = "SEQ_CLS"
     SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"

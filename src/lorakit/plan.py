@@ -141,11 +141,24 @@ def _check_shardable(strategy: str, devices: int, quantization: str | None) -> N
         raise quantized_base_error(f"--quantization {quantization}")
 
 
+_TASK_TYPES = {
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+}
+
+
 def _task_type(model: nn.Module) -> str | None:
-    """``"SEQ_CLS"`` for a ``*ForSequenceClassification`` model (what a classifier fine-tune
-    sets, so the head is trained in full as PEFT does: ``targets.saved_module_entries``), else
-    None."""
-    return "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else None
+    """The PEFT task type a fine-tune of this model class sets, where it changes what is
+    trained (its newly initialised head trained in full, as PEFT does:
+    ``targets.saved_module_entries``): ``SEQ_CLS`` for ``*ForSequenceClassification``,
+    ``TOKEN_CLS`` for ``*ForTokenClassification``, ``QUESTION_ANS`` for
+    ``*ForQuestionAnswering``; else None."""
+    name = type(model).__name__
+    for suffix, task_type in _TASK_TYPES.items():
+        if name.endswith(suffix):
+            return task_type
+    return None
 
 
 def _lora_config(

@@ -86,10 +86,12 @@ def _quantized_line(quantization: str, weights: int, quantized_bytes: int) -> st
 
 
 def _task_note(task_type: str | None) -> str:
-    """For a sequence classifier: PEFT's SEQ_CLS task, whose head is trained in full."""
-    if task_type != "SEQ_CLS":
+    """For a classifier or a question-answering model: PEFT's task type, whose head is trained
+    in full (``targets.TASK_HEADS``)."""
+    if task_type not in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"):
         return ""
-    return ", task_type='SEQ_CLS' (the classification head trained in full)"
+    head = "question-answering head" if task_type == "QUESTION_ANS" else "classification head"
+    return f", task_type='{task_type}' (the {head} trained in full)"
 
 
 def _activation_lines(result: Plan) -> list[str]:

@@ -39,6 +39,7 @@ from lorakit.state import walk_modules
 __all__ = [
     "DEFAULT_TARGETS",
     "SEQ_CLS_HEADS",
+    "TASK_HEADS",
     "find_targets",
     "in_selected_layer",
     "left_out_as_saved",
@@ -49,6 +50,10 @@ __all__ = [
 ]
 
 SEQ_CLS_HEADS = ("classifier", "score")
+TASK_HEADS = {"SEQ_CLS": SEQ_CLS_HEADS, "TOKEN_CLS": SEQ_CLS_HEADS, "QUESTION_ANS": ("qa_outputs",)}
+"""The head names PEFT's task models add to ``modules_to_save`` (``PeftModelForSequence-
+Classification``, ``...ForTokenClassification``, ``...ForQuestionAnswering``): a task head is
+newly initialised by ``from_pretrained``, so it is trained in full and saved with the adapter."""
 
 
 def model_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -80,11 +85,16 @@ def matches(spec: str | list[str], module_name: str) -> bool:
 
 
 def saved_module_entries(config: LoraConfig) -> list[str]:
-    """``config.modules_to_save`` plus, for ``SEQ_CLS``, the head names PEFT adds to it
-    (``classifier``, ``score``): the entries that pick the modules an adapter copies whole."""
+    """``config.modules_to_save`` plus the head names PEFT adds to it for the task type
+    (``TASK_HEADS``: ``classifier`` and ``score`` for ``SEQ_CLS`` and ``TOKEN_CLS``,
+    ``qa_outputs`` for ``QUESTION_ANS``): the entries that pick the modules an adapter copies
+    whole. (PEFT adds the ``TOKEN_CLS`` / ``QUESTION_ANS`` heads after placing the LoRA layers,
+    and so fails on a head it adapted, "modules_to_save cannot be applied to modules of type
+    Linear", for ``all-linear``; here the heads of every task are left out of the targets, as
+    ``SEQ_CLS``'s are in PEFT.)"""
     entries = list(config.modules_to_save or [])
-    if config.task_type == "SEQ_CLS":
-        entries += [head for head in SEQ_CLS_HEADS if head not in entries]
+    heads = TASK_HEADS.get(config.task_type, ())
+    entries += [head for head in heads if head not in entries]
     return entries
 
 
@@ -147,13 +157,15 @@ def in_selected_layer(config: LoraConfig, module_name: str) -> bool:
 def _excluded_heads(
     model: nn.Module, config: LoraConfig, modules: list[tuple[str, nn.Module]]
 ) -> set[str]:
-    """Names "all-linear" never adapts: the output embedding, or a sequence-classification head."""
+    """Names "all-linear" never adapts: the output embedding, or the task's head
+    (``TASK_HEADS``)."""
     heads: list[nn.Module] = []
     output_embeddings = getattr(model, "get_output_embeddings", lambda: None)()
     if output_embeddings is not None:
         heads.append(output_embeddings)
-    elif config.task_type == "SEQ_CLS":
-        heads.extend(getattr(model, name) for name in SEQ_CLS_HEADS if hasattr(model, name))
+    else:
+        task_heads = TASK_HEADS.get(config.task_type, ())
+        heads.extend(getattr(model, name) for name in task_heads if hasattr(model, name))
     wrapped = {id(m.base_layer if isinstance(m, LoraLayer) else m) for m in heads}
     return {name for name, module in modules if id(module) in wrapped}
 
