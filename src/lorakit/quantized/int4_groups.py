@@ -5,12 +5,17 @@ For output row i and input group g (32 consecutive inputs), with codes q in [0, 
 
     W0[i, j] = (q[i, j] - 8) * scale[g, i] + offset[g, i]      (j in group g)
 
-``scale`` and ``offset`` are bfloat16 (``scale = (max - min) / 15`` of the group, ``offset = min +
-8 scale``; the codes are rounded against the rounded values, so a group's min and max are its
-codes 0 and 15 to within rounding). Q4_1 stores ``d = scale`` and ``m = min`` in float16; this is
-the same grid, kept in the form torch's kernel reads. A weight takes 0.625 bytes (half a byte of
-code, 4 bytes of scale and offset a group), as in Q4_1: at one token per step a decode reads
-under a sixth of float32's weight bytes (int8-rows: a quarter), and decoding is bound by them.
+``scale`` and ``offset`` are bfloat16 (``scale = (max - min) / 15`` of the group, ``offset =
+min + 8 scale``; the codes are rounded against the rounded values). Every weight is within half a
+step (``scale / 2``) of its code's value: where the rounded grid ``[offset - 8 scale, offset + 7
+scale]`` misses the group's min or max by more than that -- a group far from zero, whose offset's
+bfloat16 rounding (up to ``|offset| 2^-9``) exceeds half a step -- the scale is widened from the
+rounded offset to reach both (``widen_scales``); this never happens to the weights of ordinary
+models (none of SmolLM2-135M's 3.3 million groups). Q4_1 stores ``d = scale`` and ``m = min`` in
+float16; this is the same grid, kept in the form torch's kernel reads. A weight takes 0.625 bytes
+(half a byte of code, 4 bytes of scale and offset a group), as in Q4_1: at one token per step a
+decode reads under a sixth of float32's weight bytes (int8-rows: a quarter), and decoding is bound
+by them.
 
 Storage, in the layout of ``torch._weight_int4pack_mm_for_cpu`` (a private op, in torch 2.13):
 
@@ -123,8 +128,9 @@ class Int4GroupsLinear(WeightOnlyLinear):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        """Quantize a float ``weight`` (out, in), both multiples of 32 (a constant group:
-        scale 0, codes 8, the offset its value rounded to bfloat16)."""
+        """Quantize a float ``weight`` (out, in), both multiples of 32: the scale and offset of
+        each group (``group_grid``), then each weight's nearest code, clamped to [0, 15]. A
+        constant group whose value is a bfloat16 gets scale 0, codes 8 and the value as offset."""
         out_features, in_features = weight.shape
         if not fits(out_features, in_features):
             raise ValueError(
@@ -133,9 +139,7 @@ class Int4GroupsLinear(WeightOnlyLinear):
             )
         with torch.no_grad():
             groups = weight.detach().to(torch.float32).view(out_features, -1, GROUP)
-            low, high = groups.amin(-1), groups.amax(-1)  # (out, in / 32)
-            scale = ((high - low) / CODE_MAX).to(torch.bfloat16)
-            offset = (low + 8 * scale.float()).to(torch.bfloat16)
+            scale, offset = group_grid(groups)  # (out, in / 32) each
             divisor = torch.where(scale > 0, scale, torch.ones_like(scale)).float()
             steps = (groups - offset.float()[..., None]) / divisor[..., None] + 8
             codes = steps.round().clamp(0, CODE_MAX).view(out_features, in_features)
@@ -155,6 +159,52 @@ class Int4GroupsLinear(WeightOnlyLinear):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups"
+
+
+def group_grid(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bfloat16 ``(scale, offset)`` (out, in / 32) of float32 ``groups`` (out, in / 32, 32):
+    ``scale = (max - min) / 15``, ``offset = min + 8 scale``, each rounded to nearest, then
+    ``widen_scales`` for the groups that grid misses."""
+    low, high = groups.amin(-1), groups.amax(-1)  # (out, in / 32)
+    scale = ((high - low) / CODE_MAX).to(torch.bfloat16)
+    offset = (low + 8 * scale.float()).to(torch.bfloat16)
+    return widen_scales(low, high, scale, offset), offset
+
+
+def widen_scales(
+    low: torch.Tensor, high: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
+) -> torch.Tensor:
+    """``scale`` (bfloat16), widened where the grid of the stored values misses the group's
+    ``[low, high]`` by more than half a step:
+
+        high - (offset + 7 scale) > scale / 2   or   (offset - 8 scale) - low > scale / 2
+
+    (float64, exact for float32 extremes and bfloat16 scale and offset of ordinary
+    magnitudes). There the scale becomes the least bfloat16 ``s`` with
+    ``offset - 8 s <= low`` and ``offset + 7 s >= high``:
+
+        s = max((high - offset) / 7, (offset - low) / 8), rounded up
+
+    The offset stays as rounded, so the grid then holds ``[low, high]`` and every weight is
+    within ``s / 2`` of a code (the end ``s`` is set from is the group's code 0 or 15). That
+    offset is the bfloat16 nearest ``low + 8 scale``, next to the centre ``low + 8 (high -
+    low) / 15`` where this ``s`` is least; the other bfloat16s lie farther from it. Both ends
+    cannot always be reached: that needs an offset within about a step of that centre, and
+    bfloat16s near ``offset`` are ``|offset| 2^-8`` apart. The other groups (all those of
+    ordinary models: a miss over half a step needs ``|offset|`` over ~256 steps) keep their
+    scale bit for bit, so the codes of an existing quantized base, and adapters' fingerprints
+    of it, do not change. Only a constant group whose value is no bfloat16 (scale 0, missed
+    by the offset's rounding) gets a scale this way, and its value back to within ``s / 2``.
+    Shapes: ``low``, ``high`` float32 and ``scale``, ``offset`` bfloat16, all (out, in / 32)."""
+    low, high = low.double(), high.double()
+    s, o = scale.double(), offset.double()
+    miss = torch.maximum(high - (o + 7 * s), (o - 8 * s) - low)
+    missed = miss > s / 2  # no branch on it: a meta weight (``lorakit plan``) has no values
+    wide = torch.maximum((high - o) / 7, (o - low) / 8).to(torch.bfloat16)
+    # the nearest bfloat16 may fall short by rounding: then the next one up reaches
+    short = (o + 7 * wide.double() < high) | (o - 8 * wide.double() > low)
+    wide = torch.where(short, torch.nextafter(wide, wide.new_tensor(torch.inf)), wide)
+    return torch.where(missed, wide, scale)
 
 
 def int4_groups_matmul(x: torch.Tensor, module: Int4GroupsLinear) -> torch.Tensor:

@@ -149,14 +149,26 @@ def block_layers(model: torch.nn.Module, quantization: str) -> int:
 def refuse_no_block_layer(model: torch.nn.Module, quantization: str) -> None:
     """``UserError`` (loading and ``lorakit plan``) when ``quantization`` would store none of
     ``model``'s block layers quantized (``block_layers`` is 0): the base would stay float, or
-    grow by an int8 copy of a tied output layer, for no gain."""
+    grow by an int8 copy of a tied output layer, for no gain. The error names the ways out
+    that take this model: int8-rows first when int4-groups only lacks sizes that are multiples
+    of 32 (int8 rows take any shape), then bitsandbytes' nf4, fp4 and int8. Never gguf: only a
+    built-in model ships a GGUF file, and the one there is (SmolLM2) has block layers."""
     if block_layers(model, quantization):
         return
+    name = type(model).__name__
+    linears = block_layers(model, "int8-rows")
+    if quantization == "int4-groups" and linears:
+        raise UserError(
+            f"--quantization int4-groups: no layer of this {name} would be stored quantized "
+            f"(int4-groups takes layers whose sizes are multiples of 32 and leaves the others "
+            f"in float; none of its {linears} block layers has such sizes); choose int8-rows, "
+            f"which takes any shape (it would store its {linears} block layers), or nf4, fp4 "
+            "or int8"
+        )
     raise UserError(
-        f"--quantization {quantization}: no layer of this {type(model).__name__} would be "
-        "stored quantized (lorakit's int8-rows and int4-groups take nn.Linear layers only, "
-        "not GPT-2's Conv1D, and int4-groups leaves sizes that are not multiples of 32 in "
-        "float); choose nf4, fp4, int8 or a GGUF format"
+        f"--quantization {quantization}: no layer of this {name} would be stored quantized "
+        "(lorakit's int8-rows and int4-groups take nn.Linear layers only, not GPT-2's "
+        "Conv1D); choose nf4, fp4 or int8"
     )
 
 
