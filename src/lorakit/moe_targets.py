@@ -14,7 +14,10 @@ applies the same rule (``convert_moe_config``), so that both adapt the same tens
   converted: PEFT 0.21 looks the type up in that table, where it is only a target.
 - A string ``target_modules`` is first resolved to leaf names: ``"all-linear"`` to the last
   name parts of the linear layers it selects plus every transformers-4 name of the family (the
-  experts and the router were linear there); a regex to the last name parts of the modules and
+  experts and the router were linear there) except one whose every place (``<experts
+  module>.<old name>``, the router's ``<block>.gate``) ``exclude_modules`` / ``modules_to_save``
+  leave out, as for a regex (PEFT 0.21 adds them all and adapts an excluded router anyway);
+  a regex to the last name parts of the modules and
   parameters it matches in full (outside ``exclude_modules`` / ``modules_to_save``), plus each
   transformers-4 name whose reconstructed path (``<experts module>.<old name>``) it matches.
   A regex is thereby widened to every module with such a leaf name (PEFT's rule). A
@@ -33,7 +36,16 @@ applies the same rule (``convert_moe_config``), so that both adapt the same tens
   ``w2`` -> ``down_proj``; ``gate`` -> ``gate.weight``); the others stay.
 - ``gate_up_proj`` holds two fused projections: targeting both doubles its rank and alpha
   (``rank_pattern`` / ``alpha_pattern`` key ``.*\\.gate_up_proj``: ``2 r``, ``2 lora_alpha``,
-  so the scaling per projection is unchanged), targeting only one is refused.
+  so the scaling ``lora_alpha / r`` per projection is unchanged), targeting only one is
+  refused. Under rsLoRA the scaling is ``lora_alpha / sqrt(r)``: ``2 lora_alpha / sqrt(2 r)``
+  is ``sqrt(2)`` times what each projection had in transformers 4. That is PEFT's value, kept
+  (files agree with PEFT's), with a ``FusedMoeRsLoraWarning`` at ``inject``.
+- The families of the ``qwen2_moe`` conversion (``deepseek_v3``, ``glm4_moe``, ...) name the
+  linear layers of their shared experts and dense MLPs ``gate_proj`` / ``up_proj`` /
+  ``down_proj``, the transformers-4 expert names: those entries move to the expert
+  parameters, so such layers are no target (in PEFT 0.21 neither). Their weights can be
+  adapted as bare parameters (``target_parameters=["gate_proj.weight", ...]``), with the
+  keys a transformers-4 file has for them.
 
 The converted config is what the model records and what ``save_adapter`` writes, as PEFT's
 ``adapter_config.json`` does; converting it again changes nothing.
@@ -41,7 +53,9 @@ The converted config is what the model records and what ``save_adapter`` writes,
 
 from __future__ import annotations
 
+import math
 import re
+import warnings
 from collections.abc import Iterable
 
 from torch import nn
@@ -51,7 +65,22 @@ from lorakit.errors import TargetModulesError, UserError
 from lorakit.layers import layer_class_for
 from lorakit.targets import find_targets, matches, model_modules
 
-__all__ = ["convert_moe_config", "expert_parts", "fused_moe_family", "renamed_modules"]
+__all__ = [
+    "FusedMoeRsLoraWarning",
+    "convert_moe_config",
+    "expert_parts",
+    "fused_moe_family",
+    "renamed_modules",
+    "transformers4_names",
+]
+
+
+class FusedMoeRsLoraWarning(UserWarning):
+    """rsLoRA on a fused expert parameter (``gate_up_proj``, two transformers-4 projections):
+    PEFT's doubled rank and alpha give it ``sqrt(2)`` times the scaling each projection had in
+    transformers 4 (``2 alpha / sqrt(2 r)`` against ``alpha / sqrt(r)``). lorakit keeps PEFT's
+    value and says so once per ``inject``."""
+
 
 # transformers-4 module name -> the transformers-5 parameter it became, per family (PEFT's
 # _MOE_TARGET_MODULE_MAPPING), in PEFT's order (the first name an entry ends with wins).
@@ -95,6 +124,13 @@ def expert_parts(family: str) -> dict[str, tuple[str, int]]:
     return parts
 
 
+def transformers4_names(family: str) -> dict[str, str]:
+    """``{transformers-4 module name: the transformers-5 parameter it became}`` of ``family``
+    (Mixtral: ``w1`` / ``w3`` -> ``gate_up_proj``, ``w2`` -> ``down_proj``, ``gate`` ->
+    ``gate.weight``), the names whose ``target_modules`` entries the conversion moves."""
+    return dict(_RENAMED[family])
+
+
 def renamed_modules(family: str) -> dict[str, str]:
     """``{transformers-4 module name: transformers-5 name}`` of ``family`` (a whole dotted part
     of a path, e.g. Mixtral's ``block_sparse_moe`` -> ``mlp``)."""
@@ -129,11 +165,12 @@ def fused_moe_family_of(model_type: object) -> str | None:
     return family if family in _RENAMED else None
 
 
-def convert_moe_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
+def convert_moe_config(model: nn.Module, config: LoraConfig, *, warn: bool = True) -> LoraConfig:
     """``config`` as PEFT rewrites it for ``model`` (see the module docstring): ``config``
     itself when the model is of no converted family or nothing changes, else a new config.
     ``TargetModulesError`` when only one of the projections fused into ``gate_up_proj`` is
-    targeted."""
+    targeted. ``warn``: a ``FusedMoeRsLoraWarning`` when rsLoRA meets a fused pair (``inject``;
+    a load takes a file's scaling as it was trained, without one)."""
     family = fused_moe_family(model)
     if family is None or config.target_modules is None:
         return config
@@ -161,15 +198,17 @@ def convert_moe_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
         if present and len(present) < len(parts):
             missing = sorted(set(parts) - set(present))
             raise TargetModulesError(
-                f"target_modules names {present} but not {missing}: on this "
+                f"{_named(config)} {present} but not {missing}: on this "
                 f"{type(model).__name__} (transformers 5) they are fused into the expert "
-                f"parameter {fused!r}, which can only be adapted whole. Target all of {list(parts)} "
-                f"(or put {fused!r} into target_parameters)."
+                f"parameter {fused!r}, which can only be adapted whole. "
+                + _pair_advice(config, parts, fused)
             )
-        if present:  # both halves: r and alpha doubled, the scaling per projection kept
+        if present:  # both halves: r and alpha doubled, the scaling lora_alpha / r kept
             key = rf".*\.{re.escape(fused)}"
             rank_pattern[key] = config.r * len(parts)
             alpha_pattern[key] = config.lora_alpha * len(parts)
+            if warn and config.use_rslora:
+                _warn_rslora_scaling(model, config, fused, parts)
     converted_config = config.replace(
         target_modules=sorted(set(kept)),
         target_parameters=sorted(set(parameters)) or config.target_parameters,
@@ -181,17 +220,64 @@ def convert_moe_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
     return converted_config
 
 
+def _named(config: LoraConfig) -> str:
+    """How the message for a half-targeted fused pair names what the user wrote."""
+    if not isinstance(config.target_modules, str):
+        return "target_modules names"
+    excluded = f" with exclude_modules={config.exclude_modules!r}" if config.exclude_modules else ""
+    return f"target_modules={config.target_modules!r}{excluded} stands for"
+
+
+def _pair_advice(config: LoraConfig, parts: tuple[str, ...], fused: str) -> str:
+    """What to change when only some of ``parts`` (fused into ``fused``) are targeted."""
+    if isinstance(config.target_modules, str) and config.exclude_modules:
+        return (
+            f"Let target_modules and exclude_modules select all of {list(parts)} or none of "
+            f"them (or put {fused!r} into target_parameters)."
+        )
+    return f"Target all of {list(parts)} (or put {fused!r} into target_parameters)."
+
+
+def _warn_rslora_scaling(
+    model: nn.Module, config: LoraConfig, fused: str, parts: tuple[str, ...]
+) -> None:
+    """``FusedMoeRsLoraWarning``: under rsLoRA (scaling ``alpha / sqrt(r)``) the fused
+    ``fused`` of P = ``len(parts)`` projections, at rank ``P r`` and alpha ``P alpha``, has
+    scaling ``P alpha / sqrt(P r)`` = ``sqrt(P)`` times each projection's in transformers 4."""
+    count = len(parts)
+    was = config.lora_alpha / math.sqrt(config.r)
+    now = config.lora_alpha * count / math.sqrt(config.r * count)
+    warnings.warn(
+        f"use_rslora=True on this {type(model).__name__} (fused MoE experts, transformers 5): "
+        f"the projections {list(parts)} are one expert parameter {fused!r} here, adapted at "
+        f"rank {config.r * count} with lora_alpha {config.lora_alpha * count} as PEFT converts "
+        f"them, so its rsLoRA scaling lora_alpha / sqrt(r) is {now:.4g}, sqrt({count}) = "
+        f"{math.sqrt(count):.4g} times the {was:.4g} each projection had as a transformers-4 "
+        "module. lorakit keeps PEFT's value, so saved files load the same in PEFT; without "
+        "rsLoRA (use_rslora=False) the scaling lora_alpha / r is each projection's "
+        "transformers-4 one.",
+        FusedMoeRsLoraWarning,
+        stacklevel=5,  # (here, convert_moe_config, inject's body, inject: its caller)
+    )
+
+
 def _resolve_string(model: nn.Module, config: LoraConfig, renamed: dict[str, str]) -> set[str]:
     """The leaf names a string ``target_modules`` stands for on ``model`` (PEFT's
     ``_resolve_string_target_modules``; see the module docstring)."""
+    parameters = list(_original_parameter_names(model))
     if config.targets_all_linear:
         linear = find_targets(
             model, LoraConfig(target_modules="all-linear", task_type=config.task_type)
         )
-        return {name.rsplit(".", 1)[-1] for name in linear} | set(renamed)
+        names = {name.rsplit(".", 1)[-1] for name in linear} | set(renamed)
+        return {
+            name
+            for name in names
+            if name not in renamed
+            or not _left_out_everywhere(config, parameters, name, renamed[name])
+        }
     spec = config.target_modules
     modules = [name for name, _ in model_modules(model) if name]
-    parameters = list(_original_parameter_names(model))
     entries = {name.rsplit(".", 1)[-1] for name in modules} | set(renamed)
     resolved = {
         leaf
@@ -255,6 +341,21 @@ def _original_parameter_names(model: nn.Module) -> Iterable[str]:
     for owner, module in model_modules(model):
         for name, _ in module.named_parameters(recurse=False):
             yield f"{owner}.{name}" if owner else name
+
+
+def _left_out_everywhere(config: LoraConfig, parameters: list[str], old: str, new: str) -> bool:
+    """Whether ``exclude_modules`` / ``modules_to_save`` (``_left_out``) take every parameter
+    ``<p>.<new>`` among ``parameters`` that the transformers-4 name ``old`` becomes: through
+    the module ``<p>.<old>`` it stood for (Mixtral's router ``...mlp.gate``, its
+    ``...mlp.experts.w1``), the module holding the parameter, or the parameter's own path (what
+    ``find_parameter_targets`` would refuse as left out). False where the model has no such
+    parameter (the entry is then left to the usual error) or some parameter is kept."""
+    found = [name for name in parameters if name.endswith(f".{new}")]
+    return bool(found) and all(
+        any(_left_out(config, name) for name in (path[: -len(new)] + old, owner, path))
+        for path in found
+        for owner in [path.rpartition(".")[0]]
+    )
 
 
 def _left_out(config: LoraConfig, name: str) -> bool:

@@ -29,6 +29,7 @@ __all__ = [
     "find_parameter_targets",
     "parameter_layer_paths",
     "parameter_stand_ins",
+    "unmatched_parameter_entries",
     "wrap_parameter_targets",
 ]
 
@@ -38,13 +39,19 @@ def _matches(entries: list[str], parameter_path: str) -> bool:
 
 
 def find_parameter_targets(
-    model: nn.Module, config: LoraConfig, modules: Mapping[str, nn.Module] | None = None
+    model: nn.Module,
+    config: LoraConfig,
+    modules: Mapping[str, nn.Module] | None = None,
+    *,
+    every_entry: bool = True,
 ) -> dict[str, str]:
     """``{LoRA layer path: parameter path}`` of the parameters ``config.target_parameters``
     names, in model order (empty without ``target_parameters``). ``TargetModulesError`` (a
     ``UserError``) for an entry that matches no parameter, a matched parameter that is not 2-D
     or 3-D, or a set of parameters other than the one earlier adapters of ``model`` adapt
-    (PEFT's rule: the layers are shared). ``modules``: ``dict(model_modules(model))``."""
+    (PEFT's rule: the layers are shared). ``modules``: ``dict(model_modules(model))``.
+    ``every_entry=False`` (a file's config, whose tensors decide what is loaded, as PEFT loads
+    it): only an entry list of which no entry matches is refused."""
     entries = config.target_parameters or []
     if not entries:
         return {}
@@ -58,8 +65,8 @@ def find_parameter_targets(
                 _check_not_left_out(config, path)
                 by_owner.setdefault(owner, []).append(name)
     found = parameter_layer_paths(by_owner)
-    unmatched = [e for e in entries if not any(_matches([e], p) for p in found.values())]
-    if unmatched:
+    unmatched = unmatched_parameter_entries(entries, found)
+    if unmatched and (every_entry or len(unmatched) == len(entries)):
         raise TargetModulesError(
             f"target_parameters entries {unmatched} match no parameter of this "
             f"{type(model).__name__} (an entry is a parameter's full name or its last dotted "
@@ -68,6 +75,12 @@ def find_parameter_targets(
         )
     _check_same_as_before(model, found)
     return found
+
+
+def unmatched_parameter_entries(entries: list[str], found: Mapping[str, str]) -> list[str]:
+    """The entries of ``entries`` (``target_parameters``) that match none of the parameter
+    paths of ``found`` (``find_parameter_targets``' result), in their order."""
+    return [entry for entry in entries if not any(_matches([entry], p) for p in found.values())]
 
 
 def _check_not_left_out(config: LoraConfig, path: str) -> None:

@@ -30,6 +30,7 @@ from lorakit.io.keys import (
     saved_module_alias_keys,
 )
 from lorakit.io.load_plan import LoadTargets
+from lorakit.io.moe_files import refuse_moved_modules
 from lorakit.io.read import AdapterHeader
 from lorakit.io.tensors import TORCH_DTYPES
 from lorakit.layers import layer_class_for
@@ -102,6 +103,7 @@ def check_tensors(
             f"{listed(missing, 6)}. The file is incomplete, or the model is not its base."
         )
     _refuse_magnitudes_without_dora(source, config, unexpected)
+    refuse_moved_modules(adapter, config, unexpected, modules)  # (fused-MoE conversion)
     if unexpected:
         raise AdapterFileError(
             f"adapter {source} has tensors that fit no module of this model under its config: "

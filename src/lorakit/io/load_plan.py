@@ -1,8 +1,8 @@
 """What loading an adapter file into a model will do (``load_targets``), worked out before
-anything changes: the config to inject (``modules_to_save`` entries that name nothing dropped,
-PEFT's MoE conversion), the modules it adapts, wraps and gives token rows, and every tensor the
-file must hold for them (``keys.adapter_file_tensors``). ``lorakit.io.load`` then checks and
-applies it.
+anything changes: the config to inject (``modules_to_save`` and ``target_parameters`` entries
+that name nothing dropped, PEFT's MoE conversion), the modules it adapts, wraps and gives token
+rows, and every tensor the file must hold for them (``keys.adapter_file_tensors``).
+``lorakit.io.load`` then checks and applies it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from lorakit.io.moe_files import (
 )
 from lorakit.io.read import AdapterHeader
 from lorakit.moe_targets import convert_moe_config, fused_moe_family
-from lorakit.parameter_targets import find_parameter_targets
+from lorakit.parameter_targets import find_parameter_targets, unmatched_parameter_entries
 from lorakit.targets import find_targets, saved_module_matches
 from lorakit.wrapped_modules import saved_module_names, token_module_names
 
@@ -59,7 +59,8 @@ def load_targets(
     model: nn.Module, adapter: AdapterHeader, modules: dict[str, nn.Module]
 ) -> LoadTargets:
     """The config to inject (``modules_to_save`` entries that name no module and have no
-    tensor dropped, e.g. peft's automatic "classifier"/"score") and the tensors it implies. A
+    tensor dropped, e.g. peft's automatic "classifier"/"score", and ``target_parameters``
+    entries that match no parameter where another does) and the tensors it implies. A
     transformers-4 per-expert MoE file is planned as the fused file PEFT converts it into
     (``lorakit.io.moe_files``; its tensors are fused once read)."""
     config = adapter.config
@@ -74,13 +75,14 @@ def load_targets(
         config = config.replace(modules_to_save=kept or None)
     source = adapter.directory
     try:
-        config = convert_moe_config(model, config)  # PEFT's, for fused MoE experts (idempotent)
+        config = convert_moe_config(model, config, warn=False)  # PEFT's (idempotent)
         targets = find_targets(model, config, modules)
         saved_names = saved_module_names(model, config)
         tokens = token_module_names(model, config, targets, saved_names)
-        parameter_targets = find_parameter_targets(model, config)
+        parameter_targets = find_parameter_targets(model, config, every_entry=False)
     except ValueError as error:
         raise AdapterFileError(f"adapter {source} does not fit this model: {error}") from None
+    config = _without_unmatched_parameters(config, parameter_targets)
     if not targets and not parameter_targets:
         raise AdapterFileError(
             f"adapter {source}: target_modules={config.target_modules!r} matches no module of "
@@ -112,6 +114,21 @@ def load_targets(
     return LoadTargets(
         config, targets, saved_names, tensors, parameter_targets, source, header, conversion
     )
+
+
+def _without_unmatched_parameters(
+    config: LoraConfig, parameter_targets: dict[str, str]
+) -> LoraConfig:
+    """``config`` without the ``target_parameters`` entries that match no parameter of the
+    model (a file's config is held to its tensors, as PEFT loads it, not to every entry: see
+    ``find_parameter_targets(every_entry=False)``), so that the config the model records, and
+    ``save_adapter`` writes, passes ``inject``'s every-entry check."""
+    entries = config.target_parameters or []
+    unmatched = unmatched_parameter_entries(entries, parameter_targets)
+    if not unmatched:
+        return config
+    kept = [entry for entry in entries if entry not in unmatched]
+    return config.replace(target_parameters=kept)
 
 
 def _has_tensors_for(adapter: AdapterHeader, entry: str) -> bool:
