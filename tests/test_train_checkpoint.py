@@ -264,7 +264,7 @@ def test_checkpoint_files_and_directories_are_fsynced_before_the_rename(tmp_path
     [
         ({"lr": 1e-3}, r"--lr 0\.001 \(the checkpoint's: 0\.0002\)"),
         ({"weight_decay": 0.1}, r"--weight-decay 0\.1 \(the checkpoint's: 0\.0\)"),
-        ({"loraplus_ratio": 16.0}, r"--loraplus-ratio 16\.0 \(the checkpoint's: None\)"),
+        ({"loraplus_ratio": 16.0}, r"--loraplus-ratio 16\.0 \(the checkpoint's: none\)"),
         ({"warmup_ratio": 0.5, "max_grad_norm": 0.5}, r"--warmup-ratio .*; --max-grad-norm"),
     ],
 )

@@ -115,8 +115,9 @@ def train(
     ``labels``; see ``pad_collate``). ``resume``: True continues from the newest checkpoint in
     ``config.output_dir`` (a ``UserError`` if there is none), a path continues from that
     checkpoint; either is refused when its settings or base weights differ from this run's
-    (``lorakit.train.resume``). Without ``resume``, an output directory holding a previous run is
-    refused unless ``config.overwrite`` (which deletes that run's files; see
+    (``lorakit.train.resume``). Without ``resume``, or with the path of another run's
+    checkpoint (one not under ``config.output_dir/checkpoints``), an output directory holding a
+    previous run is refused unless ``config.overwrite`` (which deletes that run's files; see
     ``lorakit.train.output_dir``). ``config.adapter_name`` must name an adapter of ``model``.
     ``length_of(example) -> tokens`` lets batches group examples of similar length (less
     padding; see ``BatchOrder``); by default it is ``len(example["input_ids"])`` for mapping
@@ -182,7 +183,7 @@ class _Run(RunCheckpoints):
         config = self.config
         main = self.dist.is_main
         prepare_output_dir(
-            self.output_dir, resume=bool(self.resume), overwrite=config.overwrite, is_main=main
+            self.output_dir, resume=self.resume, overwrite=config.overwrite, is_main=main
         )
         self.dist.barrier()  # no process writes before every process has looked
         if config.gradient_checkpointing:
@@ -281,7 +282,7 @@ class _Run(RunCheckpoints):
 
     def _evaluate(self, done: int) -> None:
         self.last_eval_step = done
-        if self.dist.is_main or self.dist.sharded:  # a sharded forward needs every process
+        if self.evaluates_here:  # the main process; under FSDP every one
             self.last_eval = self.evaluate()
         if self.dist.sharded:
             reshard(self.model)

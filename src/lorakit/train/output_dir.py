@@ -5,6 +5,9 @@ CLI) ``train_settings.json``. Training into a directory that already holds a run
 ``adapter/``, ``checkpoints/`` or ``metrics.jsonl`` would mix the two runs (metrics appended to
 the old ones, old checkpoints picked up by a later resume), so a new run refuses it unless it
 resumes that run or is told to overwrite it; overwriting deletes those files (and only those).
+Resuming continues the run in the directory only from one of its own checkpoints (under
+``<output_dir>/checkpoints``): a checkpoint of another run may start this one only in a
+directory that holds no run, or with overwrite (``continues_run``).
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import shutil
 from pathlib import Path
 
 from lorakit.errors import UserError
+from lorakit.train.checkpoint_dirs import checkpoint_root
 
-__all__ = ["RUN_FILES", "prepare_output_dir", "previous_run_files"]
+__all__ = ["RUN_FILES", "continues_run", "prepare_output_dir", "previous_run_files"]
 
 # What a training run writes into its output directory (what --overwrite deletes).
 RUN_FILES = ("adapter", "checkpoints", "metrics.jsonl", "loss_curve.png", "train_settings.json")
@@ -29,25 +33,43 @@ def previous_run_files(output_dir: str | os.PathLike) -> list[str]:
     return [name for name in _MARKERS if (directory / name).exists()]
 
 
+def continues_run(output_dir: str | os.PathLike, resume: bool | str | os.PathLike) -> bool:
+    """Whether ``resume`` continues the run in ``output_dir``: True (its newest checkpoint), or
+    a checkpoint path inside ``output_dir/checkpoints`` (compared resolved: symlinks and ``..``
+    followed). False: no resume, or a checkpoint of another run."""
+    if not resume:
+        return False
+    if resume is True:
+        return True
+    own = checkpoint_root(output_dir).resolve()
+    return Path(resume).resolve().is_relative_to(own)
+
+
 def prepare_output_dir(
     output_dir: str | os.PathLike,
     *,
-    resume: bool,
+    resume: bool | str | os.PathLike,
     overwrite: bool,
     is_main: bool = True,
     delete: bool = True,
 ) -> None:
-    """Refuse to start a new run in a directory holding a previous one, unless ``resume``
-    (continue it) or ``overwrite`` (the main process deletes the previous run's ``RUN_FILES``;
-    ``delete=False`` only checks, for a caller that deletes later, once nothing can fail).
+    """Refuse to start a run in a directory holding a previous one, unless ``resume`` continues
+    it (True, or a path to one of its own checkpoints: ``continues_run``) or ``overwrite`` (the
+    main process deletes the previous run's ``RUN_FILES``; ``delete=False`` only checks, for a
+    caller that deletes later, once nothing can fail). A ``resume`` path to another run's
+    checkpoint counts as a new run here: it is refused over a previous run unless
+    ``overwrite``, else its records would be mixed with that run's (metrics, checkpoints).
     """
-    if resume and overwrite:
+    continues = continues_run(output_dir, resume)
+    if continues and overwrite:
         raise UserError("--resume continues the previous run and --overwrite deletes it; give one")
     found = previous_run_files(output_dir)
-    if resume or not found:
+    if continues or not found:
         return
+    listed = ", ".join(name + ("/" if name != "metrics.jsonl" else "") for name in found)
+    if not overwrite and resume:
+        raise UserError(_foreign_checkpoint(Path(output_dir), Path(resume), listed))
     if not overwrite:
-        listed = ", ".join(name + ("/" if name != "metrics.jsonl" else "") for name in found)
         raise UserError(
             f"output directory {output_dir} holds a previous training run ({listed}); continue "
             "it with --resume (resume=True), replace it with --overwrite (TrainingConfig("
@@ -62,6 +84,24 @@ def prepare_output_dir(
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+
+
+def _foreign_checkpoint(output_dir: Path, checkpoint: Path, listed: str) -> str:
+    """Why resuming ``checkpoint`` (of another run) into ``output_dir`` (holding the run of
+    ``listed`` files) is refused, and the three ways out."""
+    own = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+    into_own = (
+        f"its own run's directory {own} (output_dir={str(own)!r}, the same resume)"
+        if own is not None
+        else "its own run's output directory"
+    )
+    return (
+        f"resume={str(checkpoint)!r} is a checkpoint of another run than the one in output "
+        f"directory {output_dir} ({listed}): resuming it there would mix the two runs' metrics "
+        f"and checkpoints. Resume it into {into_own}, or into a new or empty output directory, "
+        f"or replace the run in {output_dir} with TrainingConfig(overwrite=True) (deletes that "
+        "run's files)"
+    )
 
 
 def write_final_adapter(write, directory: Path, output_dir: Path) -> UserError | None:

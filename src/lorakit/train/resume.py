@@ -117,14 +117,15 @@ def check_resumable(
     for name in TRAJECTORY_SETTINGS:
         if name in saved_training and saved_training[name] != getattr(training, name):
             shown = flag_name(by_name[name]) if "help" in by_name[name].metadata else name
-            differences.append(
-                f"{shown} {getattr(training, name)!r} (the checkpoint's: {saved_training[name]!r})"
-            )
+            now, saved = _shown(getattr(training, name)), _shown(saved_training[name])
+            differences.append(f"{shown} {now} (the checkpoint's: {saved})")
     saved_lora = state.get("lora_config", {})
     for name, value in saved_lora.items():
         if name != "base_model_name_or_path" and not _same_lora_value(name, lora.get(name), value):
             shown = LORA_FLAGS.get(name, name)
-            differences.append(f"{shown} {lora.get(name)!r} (the checkpoint's: {value!r})")
+            differences.append(
+                f"{shown} {_shown(lora.get(name))} (the checkpoint's: {_shown(value)})"
+            )
     if differences:
         hint = _settings_hint(directory)
         raise UserError(
@@ -146,15 +147,17 @@ def _settings_hint(directory: Path, opening: str = " (", closing: str = ")") -> 
     """``--config OUTPUT/train_settings.json --resume repeats them`` between ``opening`` and
     ``closing`` where the run of the checkpoint in ``directory`` recorded its settings, else
     nothing."""
-    settings = directory.parent.parent / "train_settings.json"
-    if not settings.is_file():
+    settings = Path(os.path.abspath(directory.parent.parent / "train_settings.json"))
+    if not settings.is_file():  # (absolute: the hint works from any working directory)
         return ""
     return f"{opening}--config {settings} --resume repeats them{closing}"
 
 
 def checkpoint_to_resume(output_dir: str | os.PathLike, resume: bool | str) -> Path | None:
     """The checkpoint ``resume`` names: None (no resume), the given path, or (True) the newest
-    checkpoint in ``output_dir``. Where there is none, a ``UserError`` naming the directory and
+    checkpoint in ``output_dir``. A path may be another run's checkpoint: that starts a new run
+    from it, which ``output_dir.prepare_output_dir`` refuses over a run (``continues_run``
+    tells them apart). Where there is none, a ``UserError`` naming the directory and
     what to do: resuming would silently start a new run, whose settings nothing checks, over
     what is there (``transformers.Trainer`` refuses it too)."""
     if not resume:
@@ -281,7 +284,8 @@ def _plan_differences(
 ) -> list[str]:
     """The differences of the data plan, in words; keys also in ``saved_training`` (the seed)
     are named with the trajectory. Other data (``examples_sha256``, compared where both runs
-    know it) is said once, not also as other lengths and another count."""
+    know it) is said once, not also as other lengths and another count; another count ``n`` or
+    global batch ``G`` not also as another short batch (``n mod G`` examples, which follows)."""
     differing = [
         key
         for key in saved_plan
@@ -292,6 +296,9 @@ def _plan_differences(
     ]
     if "examples_sha256" in differing:
         differing = [key for key in differing if key not in ("lengths_sha256", "num_examples")]
+    counts = ("num_examples", "global_batch")
+    if any(key in saved_plan and saved_plan[key] != plan.get(key) for key in counts):
+        differing = [key for key in differing if key != "short_batch"]  # (n mod G: follows)
     return [_plan_difference(key, plan, saved_plan) for key in differing]
 
 
@@ -301,11 +308,17 @@ def _plan_difference(key: str, plan: dict[str, Any], saved_plan: dict[str, Any])
     to do instead."""
     now, saved = plan.get(key), saved_plan[key]
     if key in _PLAN_WORDS:
-        return _PLAN_WORDS[key].format(now=now, saved=saved)
-    text = f"{key.replace('_', ' ')} {now!r} (the checkpoint's: {saved!r})"
+        return _PLAN_WORDS[key].format(now=_shown(now, str), saved=_shown(saved, str))
+    text = f"{key.replace('_', ' ')} {_shown(now)} (the checkpoint's: {_shown(saved)})"
     if key == "short_batch" and plan.get("global_batch") == saved_plan.get("global_batch"):
         text += _SHORT_BATCH_HINT
     return text
+
+
+def _shown(value: Any, form=repr) -> str:
+    """A setting's value in a message: ``form(value)``, or "none" where the run has none (no
+    short batch, say), never Python's None."""
+    return "none" if value is None else form(value)
 
 
 def last_eval_step(records: list[dict[str, Any]]) -> int | None:

@@ -38,9 +38,36 @@ def check_targets_before_loading(model_directory, lora) -> None:
         raise UserError(str(error)) from None
 
 
+PATH_SETTINGS = ("model", "data", "eval_data", "output")
+"""Settings that may name a local path, which ``train_settings.json`` records absolute."""
+
+
 def recorded_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """What ``train_settings.json`` records of ``settings``: all but ``NOT_RECORDED``."""
-    return {key: value for key, value in settings.items() if key not in NOT_RECORDED}
+    """What ``train_settings.json`` records of ``settings``: all but ``NOT_RECORDED``, with the
+    local paths of ``PATH_SETTINGS`` absolute (``_absolute_path``), so that ``--config
+    OUTPUT/train_settings.json --resume`` repeats the run from any working directory. (A
+    record of an older lorakit, with the paths as typed, is read as any config file: relative
+    to the working directory.)"""
+    recorded = {key: value for key, value in settings.items() if key not in NOT_RECORDED}
+    for key in PATH_SETTINGS:
+        value = recorded.get(key)
+        if isinstance(value, (str, os.PathLike)) and os.fspath(value):  # ("": not given)
+            recorded[key] = _absolute_path(key, value)
+    return recorded
+
+
+def _absolute_path(key: str, value: str | os.PathLike) -> str:
+    """``value`` of setting ``key`` as an absolute path (``~`` expanded), unless it names a
+    built-in: a model (``BUILTIN_MODELS``) or a dataset (``BUILTIN_DATASETS``), which the
+    loaders take before any path of that name, so it stays a name."""
+    from lorakit.data.builtin import BUILTIN_DATASETS
+    from lorakit.model_specs import BUILTIN_MODELS
+
+    text = os.fspath(value)
+    names = {"model": BUILTIN_MODELS, "data": BUILTIN_DATASETS, "eval_data": BUILTIN_DATASETS}
+    if text in names.get(key, ()):
+        return text
+    return os.path.abspath(os.path.expanduser(text))
 
 
 def check_eval_settings(eval_every: int, eval_data: str | None) -> None:
@@ -129,8 +156,9 @@ def _inject_lora(model, lora) -> None:
 
 
 def _record_settings(output: Path, settings: dict[str, Any], resume: bool) -> None:
-    """Write ``settings`` (``recorded_settings``: a valid config file) as
-    ``<output>/train_settings.json``; a resumed run keeps the record already there."""
+    """Write ``settings`` (``recorded_settings``: a valid config file, its local paths
+    absolute) as ``<output>/train_settings.json``; a resumed run keeps the record already
+    there."""
     recorded = output / "train_settings.json"
     if not (resume and recorded.is_file()):  # a resumed run keeps the run's own record
         text = json.dumps(recorded_settings(settings), indent=1, default=str)

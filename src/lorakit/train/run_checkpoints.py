@@ -5,7 +5,8 @@ checks that a resumed run continues the same one, and the restore.
 The run's state this reads and changes: ``model``, ``config``, ``dist``, ``output_dir``,
 ``data``, ``batch_order``, ``total_steps``, ``steps_rule``, ``resume_from``, ``resume_state``,
 ``examples_sha256``, ``optimizer``, ``scheduler``, ``saver``, ``decays_all``, ``metrics``,
-``last_loss``, ``last_eval``, ``last_eval_step``.
+``last_loss``, ``last_eval``, ``last_eval_step``. ``evaluates_here`` is the rule of which
+processes evaluate, shared with the loop: a resumed run restores its last evaluation there only.
 """
 
 from __future__ import annotations
@@ -52,12 +53,22 @@ class RunCheckpoints:
         checkpoint = load_checkpoint(directory, self.model, self.optimizer, self.scheduler)
         if self.dist.rank != 0:  # each process continues its own dropout stream
             seed_everything(self.config.seed + self.dist.rank + checkpoint.step)
+        if self.dist.is_main:  # (another run's checkpoint may start this one in a new one)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics.truncate_after(checkpoint.step)
         records = read_metrics(self.metrics.path)
-        self.last_loss, self.last_eval = last_values(records)
+        self.last_loss, last_eval = last_values(records)  # (the loss: the same on every rank)
+        if self.evaluates_here:  # else {}, as in the uninterrupted run (DDP: rank 0 evaluates)
+            self.last_eval = last_eval
         evaluated = last_eval_step(records) if self.dist.is_main else None
         self.last_eval_step = int(self.dist.sum(float(evaluated or 0))) or None  # main's view
         return checkpoint.step
+
+    @property
+    def evaluates_here(self) -> bool:
+        """Whether this process evaluates (and so has an evaluation to report): the main one,
+        or under FSDP every one (a sharded forward needs every process)."""
+        return self.dist.is_main or self.dist.sharded
 
     def _plan_fields(self) -> dict[str, Any]:
         fields = {**self.batch_order.identity(), "total_steps": self.total_steps}
