@@ -6,6 +6,9 @@ the original ``W0`` Parameter, so ``unmerge`` restores it bit for bit however ma
 done and in every dtype. The cost: while merged, each adapted
 layer holds two weights. A weight tied to another module (GPT-2's ``wte`` / ``lm_head``) is
 untied by the merge: the other module keeps the original, so outputs equal the unmerged model's.
+``merge_and_unload`` then clears ``tie_word_embeddings`` and gives each module that transformers
+would otherwise tie back on reload a tensor of its own (``unload.own_tensors_for_reload``), so
+that ``save_pretrained`` + ``from_pretrained`` give the same outputs (BART, T5 too).
 ``merge_and_unload`` folds the adapters and returns the plain model with no lorakit module left.
 
 On a quantized base (``lorakit.quantized``, docs/quantized.md) the quantized bytes are never
@@ -43,7 +46,7 @@ from lorakit.state import (
     state_of,
     walk_modules,
 )
-from lorakit.unload import forget_state, put_saved_copy
+from lorakit.unload import forget_state, own_tensors_for_reload, put_saved_copy
 from lorakit.wrapped_modules import replace_module
 
 __all__ = ["merge", "merge_and_unload", "model_float_dtype", "unmerge"]
@@ -135,7 +138,18 @@ def merge_and_unload(
     reverse). A dtype that is not floating point is a ``ValueError``, raised before any change.
 
     With ``layer_replication`` the result is a plain model with the longer layer list: each
-    layer copy gets its own tensors (the untargeted ones cloned), so it can be saved."""
+    layer copy gets its own tensors (the untargeted ones cloned), so it can be saved.
+
+    A merge (or trained copy) that unties tied weights sets ``config.tie_word_embeddings =
+    False`` (also where the head still holds the input embedding, as BART's does after LoRA on
+    ``encoder``/``decoder.embed_tokens``: left True, a ``tie_weights()`` call, made e.g. by
+    ``resize_token_embeddings``, would put the unmerged embedding back into them), and each
+    module that ``save_pretrained`` would leave out as a tie and ``from_pretrained`` would not
+    tie back to the same tensor gets its own copy of it (``unload.own_tensors_for_reload``: that
+    BART head; T5's ``encoder``/``decoder.embed_tokens`` and head beside a merged ``shared``,
+    which transformers 5 re-ties whatever the flag says). ``save_pretrained`` then writes them
+    all and the reloaded model gives the outputs of this one (transformers 5 logs that it does
+    not tie such T5 weights, whose values differ)."""
     model = adapter_model(model)  # lorakit's PeftModel: the model inside it
     names = _chosen(model, adapter_names)
     _check_float_dtype(float_dtype)
@@ -151,11 +165,14 @@ def merge_and_unload(
     if (untied or output_quantized) and hasattr(config, "tie_word_embeddings"):
         # A merged (or trained copy of a) tied embedding no longer equals the other one; a
         # quantized output layer was its own copy, and dequantized it is not the embedding.
+        # (Also where the head still holds the input embedding: see the docstring.)
         config.tie_word_embeddings = False
     _dequantize_remaining(model, linear_dtype)
     own_replicated_tensors(model)  # layer copies (layer_replication) stop sharing tensors
     if float_dtype is not None:
         _cast_floats(model, float_dtype)
+    if untied or output_quantized:
+        own_tensors_for_reload(model)  # (e.g. that head gets its own copy, so it is saved)
     forget_state(model)
     return model
 

@@ -18,6 +18,7 @@ from lorakit.errors import UserError
 from lorakit.io import atomic
 from lorakit.io.config_json import CONFIG_NAME
 from lorakit.state import adapter_configs
+from lorakit.unload import own_tensors_for_reload
 
 __all__ = ["refuse_adapter_directory", "save_merged_model"]
 
@@ -65,7 +66,11 @@ def save_merged_model(
     """Merge the active adapters into the weights, remove every lorakit module and save a plain
     transformers directory (``AutoModel*.from_pretrained`` loads it without lorakit).
 
-    The model is changed in place (it becomes the merged plain model) and returned. Files are
+    The model is changed in place (it becomes the merged plain model) and returned. Where the
+    merge untied tied weights, each module that transformers would leave out of the files and
+    not tie back to the same tensor on reload gets its own copy of it
+    (``unload.own_tensors_for_reload``, as ``merge_and_unload`` does): the saved directory
+    reloads with this model's outputs (e.g. BART or T5 with LoRA on their embeddings). Files are
     written to a staging folder ``.<name>.<random>.tmp`` beside ``directory``, given the
     permissions of any new file there (``0666 & ~umask``), fsynced, and moved in by
     ``_move_in``: a crash at any moment leaves ``directory`` holding the complete old model, the
@@ -79,6 +84,8 @@ def save_merged_model(
     refuse_adapter_directory(target)
     if adapter_configs(model):
         model = merge_and_unload(model)
+    else:  # (merged earlier: merge_and_unload did this, but a model merged otherwise may not)
+        own_tensors_for_reload(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(target)  # (first: a killed save's copy may be what fills the disk)
     staging = Path(
