@@ -5,6 +5,7 @@ works from any working directory; another global batch is not also named as a sh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -92,6 +93,24 @@ def test_another_runs_checkpoint_is_refused_over_a_run_and_leaves_it_whole(run_a
     assert "a new or empty output directory" in message
     assert "TrainingConfig(overwrite=True)" in message
     assert _files(run_b) == before  # nothing written, nothing deleted
+    assert "resume=True resumes it from its newest checkpoint" in message
+
+
+def test_rerunning_an_interrupted_foreign_start_is_pointed_at_resume_true(tmp_path):
+    """B started from A's step-2 checkpoint and was interrupted after its step-4 one: the same
+    call again is refused (B now holds a run), and the message names resume=True first, which
+    continues B (regression review 33: it offered only ways that repeat steps or delete B)."""
+    run_a, run_b = tmp_path / "A", tmp_path / "B"
+    keep_all = dataclasses.replace(_config(run_a, 6), keep_checkpoints=10)
+    train(build_model(0.0), make_data(), pad_collate(0), keep_all)  # (its step 2 kept)
+    foreign = str(run_a / "checkpoints" / "step-00000002")
+    _train(run_b, 6, resume=foreign)
+    shutil.rmtree(run_b / "adapter")
+    shutil.rmtree(run_b / "checkpoints" / "step-00000006")
+    with pytest.raises(UserError, match="resume=True resumes it from its newest checkpoint"):
+        _train(run_b, 6, resume=foreign)
+    result = _train(run_b, 6, resume=True)
+    assert result.resumed_from == 4 and result.steps == 6
 
 
 def test_another_runs_checkpoint_with_overwrite_replaces_the_run_whole(run_a, tmp_path):
@@ -151,6 +170,9 @@ def test_the_recorded_settings_name_local_paths_absolute_and_built_ins_by_name(
         "output": os.path.join(here, "run"),
         "lr": 1e-3,
     }
+    # --output=~/run (no shell expansion after "="): the run writes into ./~/run, and the
+    # record must name that directory, not the home one (regression review 33)
+    assert recorded_settings({"output": "~/run"})["output"] == os.path.join(here, "~", "run")
     built_ins = {"model": "smollm2-135m-instruct", "data": "rotten-tomatoes", "eval_data": None}
     assert recorded_settings({**built_ins, "output": "/abs/run"}) == {
         **built_ins,

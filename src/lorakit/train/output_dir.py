@@ -88,19 +88,26 @@ def prepare_output_dir(
 
 def _foreign_checkpoint(output_dir: Path, checkpoint: Path, listed: str) -> str:
     """Why resuming ``checkpoint`` (of another run) into ``output_dir`` (holding the run of
-    ``listed`` files) is refused, and the three ways out."""
+    ``listed`` files) is refused, and the ways out: ``resume=True`` first where that directory
+    has checkpoints (its own run, e.g. one this checkpoint started, continues)."""
     own = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
     into_own = (
         f"its own run's directory {own} (output_dir={str(own)!r}, the same resume)"
         if own is not None
         else "its own run's output directory"
     )
+    continue_own = (
+        f"To continue the run in {output_dir} (e.g. one started from this checkpoint and then "
+        "interrupted), resume=True resumes it from its newest checkpoint. "
+        if "checkpoints" in listed
+        else ""
+    )
     return (
         f"resume={str(checkpoint)!r} is a checkpoint of another run than the one in output "
         f"directory {output_dir} ({listed}): resuming it there would mix the two runs' metrics "
-        f"and checkpoints. Resume it into {into_own}, or into a new or empty output directory, "
-        f"or replace the run in {output_dir} with TrainingConfig(overwrite=True) (deletes that "
-        "run's files)"
+        f"and checkpoints. {continue_own}To start from this checkpoint, resume it into "
+        f"{into_own}, or into a new or empty output directory, or replace the run in "
+        f"{output_dir} with TrainingConfig(overwrite=True) (deletes that run's files)"
     )
 
 

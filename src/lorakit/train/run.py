@@ -57,9 +57,11 @@ def recorded_settings(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def _absolute_path(key: str, value: str | os.PathLike) -> str:
-    """``value`` of setting ``key`` as an absolute path (``~`` expanded), unless it names a
-    built-in: a model (``BUILTIN_MODELS``) or a dataset (``BUILTIN_DATASETS``), which the
-    loaders take before any path of that name, so it stays a name."""
+    """``value`` of setting ``key`` as an absolute path, unless it names a built-in: a model
+    (``BUILTIN_MODELS``) or a dataset (``BUILTIN_DATASETS``), which the loaders take before any
+    path of that name, so it stays a name. ``~`` is expanded as the loaders of the model and
+    the data expand it; not in ``output``, which the run uses as given (``--output=~/run``,
+    where the shell leaves ``~`` alone, writes into ``./~/run``: the record names that)."""
     from lorakit.data.builtin import BUILTIN_DATASETS
     from lorakit.model_specs import BUILTIN_MODELS
 
@@ -67,7 +69,7 @@ def _absolute_path(key: str, value: str | os.PathLike) -> str:
     names = {"model": BUILTIN_MODELS, "data": BUILTIN_DATASETS, "eval_data": BUILTIN_DATASETS}
     if text in names.get(key, ()):
         return text
-    return os.path.abspath(os.path.expanduser(text))
+    return os.path.abspath(text if key == "output" else os.path.expanduser(text))
 
 
 def check_eval_settings(eval_every: int, eval_data: str | None) -> None:
