@@ -14,6 +14,9 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertForQuestionAnswering, BertForTokenClassification
 
 import lorakit
+from lorakit import targets
+from lorakit.io.load_plan import TaskHeadFromBaseWarning
+from tests import tiny_models
 from tests.tiny_models import BERT_SIZES
 
 CASES = {
@@ -84,3 +87,30 @@ def test_all_linear_leaves_the_token_classifier_head_out_of_the_targets() -> Non
     head = {n for n in trained if n.startswith("classifier.")}
     assert head and not any("lora_" in n for n in head), head
     assert any("lora_A" in n for n in trained) and len(trained) > len(head)
+
+
+@pytest.mark.parametrize("task", sorted(CASES))
+def test_a_file_saved_before_the_heads_were_trained_loads_with_the_models_head(
+    task, tmp_path, monkeypatch
+):
+    """Regression review 33: lorakit's TOKEN_CLS / QUESTION_ANS files of before this round have
+    ``modules_to_save: null`` and no head tensors; they loaded (the head the model's own) and
+    must still load, saying so, with the outputs of the model they were saved from."""
+    base = _base(task)
+    with monkeypatch.context() as old_code:  # the rule before: a head for SEQ_CLS only
+        old_code.setattr(targets, "TASK_HEADS", {"SEQ_CLS": targets.SEQ_CLS_HEADS})
+        config = lorakit.LoraConfig(r=2, target_modules=["query", "value"], task_type=task)
+        old = lorakit.inject(copy.deepcopy(base), config)
+        tiny_models.randomize_adapters(old)
+        lorakit.save_adapter(old, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] == task
+    model = copy.deepcopy(base)
+    with pytest.warns(TaskHeadFromBaseWarning, match=CASES[task][1]) as caught:
+        lorakit.load_adapter(model, tmp_path)
+    assert caught[0].filename == __file__  # (pointing at the call)
+    expected, got = old.eval()(_ids()), model.eval()(_ids())
+    for key in ("logits",) if task == "TOKEN_CLS" else ("start_logits", "end_logits"):
+        assert torch.equal(got[key], expected[key]), key
+    lorakit.save_adapter(model, tmp_path / "again")  # saved again: the head is in the file now
+    again = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert any(f".{CASES[task][1]}." in key for key in again)

@@ -7,12 +7,13 @@ rows, and every tensor the file must hold for them (``keys.adapter_file_tensors`
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.errors import AdapterFileError
+from lorakit.errors import AdapterFileError, listed
 from lorakit.io.keys import (
     FileTensor,
     adapter_file_tensors,
@@ -29,7 +30,7 @@ from lorakit.io.moe_files import (
 from lorakit.io.read import AdapterHeader
 from lorakit.moe_targets import convert_moe_config, fused_moe_family
 from lorakit.parameter_targets import find_parameter_targets, unmatched_parameter_entries
-from lorakit.targets import find_targets, saved_module_matches
+from lorakit.targets import TASK_HEADS, find_targets, saved_module_matches
 from lorakit.wrapped_modules import saved_module_names, token_module_names
 
 __all__ = ["LoadTargets", "load_targets"]
@@ -88,6 +89,7 @@ def load_targets(
             f"adapter {source}: target_modules={config.target_modules!r} matches no module of "
             f"this {type(model).__name__}; was it trained on another architecture?"
         )
+    heads_from_base = _task_heads_not_in_file(adapter, config, saved_names)
     embeddings = [
         name
         for name in embedding_module_names(model, modules)
@@ -97,7 +99,7 @@ def load_targets(
         model,
         config.bias,
         targets,
-        saved_names,
+        [name for name in saved_names if name not in heads_from_base],
         embeddings,
         modules,
         use_dora=config.use_dora,
@@ -129,6 +131,42 @@ def _without_unmatched_parameters(
         return config
     kept = [entry for entry in entries if entry not in unmatched]
     return config.replace(target_parameters=kept)
+
+
+def _task_heads_not_in_file(
+    adapter: AdapterHeader, config: LoraConfig, saved_names: list[str]
+) -> list[str]:
+    """The saved modules that only the task type implies (``targets.TASK_HEADS``, not an entry
+    of the file's own ``modules_to_save``) and of which the file holds no tensor: a
+    ``TOKEN_CLS`` / ``QUESTION_ANS`` file saved by lorakit before it trained those heads
+    (review 33). They are wrapped as for any file of that task type, their trained copy
+    starting as the model's own head, which is what the file's model used; a
+    ``TaskHeadFromBaseWarning`` says so. Required, a missing head was an error blaming the file
+    or the base."""
+    own = config.modules_to_save or []
+    implied = [head for head in TASK_HEADS.get(config.task_type, ()) if head not in own]
+    found = [
+        name
+        for name in saved_names
+        if saved_module_matches(implied, name)
+        and not saved_module_matches(own, name)
+        and not _has_tensors_for(adapter, name)
+    ]
+    if found:
+        warnings.warn(
+            f"adapter {adapter.directory} (task_type={config.task_type!r}) holds no tensors for "
+            f"the task head {listed(set(found), 3)}, which PEFT trains and saves for that task "
+            "type (an older lorakit did not): the head is this model's own, as it was when the "
+            "adapter was trained; save the adapter again to store it",
+            TaskHeadFromBaseWarning,
+            stacklevel=5,  # load_adapter's caller (<- load_targets <- _load_checked <- load_adapter)
+        )
+    return found
+
+
+class TaskHeadFromBaseWarning(UserWarning):
+    """A ``TOKEN_CLS`` / ``QUESTION_ANS`` adapter file without its task head's tensors (saved
+    by lorakit before it trained them, as PEFT does): the head is the model's own."""
 
 
 def _has_tensors_for(adapter: AdapterHeader, entry: str) -> bool:
