@@ -174,9 +174,15 @@ def read_adapter_header(directory: str | Path) -> AdapterHeader:
 
 def read_adapter_data(header: AdapterHeader) -> AdapterFile:
     """The tensors ``header`` describes, read whole and checked (``read_safetensors``); refused
-    if the file changed since its header was read."""
+    if the files changed since the header was read: other tensor entries or metadata in the
+    weights file, or another ``adapter_config.json`` (``_config_unchanged``), so that the
+    config read first is never paired with the tensors of a directory replaced meanwhile."""
     contents = read_safetensors(header.weights_path)
-    if contents.header.tensors != header.tensors:
+    if (
+        contents.header.tensors != header.tensors
+        or contents.header.metadata != header.metadata
+        or not _config_unchanged(header)
+    ):
         raise AdapterFileError(
             f"{header.weights_path} changed while it was being read; retry once the save ends."
         )
@@ -189,6 +195,18 @@ def read_adapter_data(header: AdapterHeader) -> AdapterFile:
         metadata=header.metadata,
         huge=contents.huge,
     )
+
+
+def _config_unchanged(header: AdapterHeader) -> bool:
+    """Whether ``adapter_config.json`` still holds the text ``header`` was read with (read again
+    after the tensors: a redeploy with the same shapes and another ``lora_alpha`` changes only
+    it). A header made without that text (``config_text`` empty) is not checked."""
+    if not header.config_text:
+        return True
+    try:
+        return read_config_text(header.directory / CONFIG_NAME) == header.config_text
+    except AdapterFileError:  # (deleted or unreadable meanwhile: changed)
+        return False
 
 
 def read_adapter(directory: str | Path) -> AdapterFile:

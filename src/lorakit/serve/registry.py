@@ -8,7 +8,10 @@ fingerprint. An adapter whose base fingerprint is missing or covers only some of
 served with ``load_adapter``'s warning, logged (``fingerprint.unverified_note``). An adapter
 whose directory is deleted while served leaves the registry on its next request
 (``drop_if_deleted``) and is found again once it is back; one whose files are replaced is read
-again (``file_identity``). The messages for HTTP clients show paths relative to the adapter
+again (``file_identity``). A read is kept only when the files' identity is the same before and
+after it (config, header and data of one version, never a mix), and a request that found the
+new files on arrival is never served a load of the old ones that it waited for
+(``ensure_loaded``). The messages for HTTP clients show paths relative to the adapter
 directory (``AdapterRegistry.relative``).
 
 Every adapter shares the one unchanged base model, so a PiSSA / OLoRA file PEFT saved without
@@ -26,7 +29,7 @@ from pathlib import Path
 
 from torch import nn
 
-from lorakit.errors import UserError
+from lorakit.errors import AdapterFileError, UserError
 from lorakit.io import fingerprint
 from lorakit.io.keys import lora_key_pairs
 from lorakit.io.read import (
@@ -56,6 +59,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# Reads (or loads) of one adapter whose files change during each of them before the request is
+# refused: a redeploy changes them once, so a second read normally finds them settled.
+READ_TRIES = 3
 
 
 def check_base(
@@ -117,26 +124,68 @@ class ServedAdapters:
             raise
         return adapter
 
+    def _read_unchanged(self, name: str, path: Path) -> tuple[AdapterFile, list[object]]:
+        """``(adapter, identity)``: ``_read`` of ``path`` between two equal ``file_identity``
+        stamps, so config, header and data all come from the files that ``identity`` names (a
+        redeploy during the read would otherwise pair the old ``lora_alpha`` with the new
+        tensors, or keep the old files under the new identity). Read again while they differ,
+        also after a read that failed meanwhile (a half-copied directory); ``READ_TRIES``
+        reads that all saw a change are an ``AdapterFileError`` naming the adapter."""
+        for _ in range(READ_TRIES):
+            before = file_identity(path)
+            try:
+                adapter = self._read(name, path)
+            except UserError:
+                if file_identity(path) == before:
+                    raise  # (the files as they are, not a change meanwhile)
+                continue
+            if file_identity(path) == before:
+                return adapter, before
+        raise self._changing(name)
+
+    def _changing(self, name: str) -> AdapterFileError:
+        return AdapterFileError(
+            f"adapter {name!r}: its files changed while being read ({READ_TRIES} times); retry "
+            "once the copy or save of its directory has ended."
+        )
+
     def read(self, name: str):
-        """``(config, tensors)`` of a registered adapter, its base fingerprint checked;
-        ``KeyError`` when it is unknown, or its directory was deleted (``drop_if_deleted``)."""
+        """``(config, tensors)`` of a registered adapter, its base fingerprint checked, all read
+        from one version of its files (``_read_unchanged``), whose identity is recorded for
+        ``ensure_loaded``; ``KeyError`` when it is unknown, or its directory was deleted
+        (``drop_if_deleted``)."""
         path = self.registry.path(name)
         if self.drop_if_deleted(name, path):
             raise self._gone(name, path)
-        identity = file_identity(path)  # before reading: a change meanwhile is seen later
-        adapter = self._read(name, path)
+        adapter, identity = self._read_unchanged(name, path)
         self._identities[name] = identity
         return adapter.config, adapter.tensors
 
     def ensure_loaded(self, name: str) -> None:
         """Put a registered adapter into the bank if it is not there (LRU may evict another),
         or read it again if its files were replaced since (``_drop_if_replaced``). ``KeyError``
-        when it is unknown, or its directory was deleted (``drop_if_deleted``)."""
+        when it is unknown, or its directory was deleted (``drop_if_deleted``).
+
+        The files' identity is taken on arrival: a load this call waited for (one load per
+        adapter, ``LazyLoads._lazy_load``) that read other files, because it began before a
+        redeploy, is evicted and loaded again instead of served. Files changed again after
+        arrival are served as read when the bank holds what is on disk now; ``READ_TRIES``
+        loads that each missed the files are an ``AdapterFileError``. Unchanged files (the
+        common case): one load, however many callers wait for it."""
         path = self.registry.path(name)
         if self.drop_if_deleted(name, path):
             raise self._gone(name, path)
-        self._drop_if_replaced(name)
-        self.bank.ensure_loaded(name, self.read)
+        wanted = file_identity(path)  # (on arrival)
+        for _ in range(READ_TRIES):
+            kept = self._drop_if_replaced(name, wanted)
+            self.bank.ensure_loaded(name, self.read)
+            loaded = self._identities.get(name)
+            if kept or loaded is None or loaded == wanted:
+                return
+            wanted = file_identity(path)  # (changed again since arrival: newer files serve)
+            if loaded == wanted:
+                return
+        raise self._changing(name)
 
     def drop_if_deleted(self, name: str, path: Path) -> bool:
         """Whether the directory ``path`` of adapter ``name`` is gone; then ``name`` is evicted
@@ -169,22 +218,23 @@ class ServedAdapters:
     def _gone(self, name: str, path: Path) -> AdapterGoneError:
         return AdapterGoneError(name, self._returns(name, path))
 
-    def _drop_if_replaced(self, name: str) -> None:
-        """Evict ``name`` when its files changed since they were read, so that the load that
-        follows reads the new ones. While a request uses (or a replica pins) the old weights
-        they stay, with a warning, and the next request looks again."""
+    def _drop_if_replaced(self, name: str, identity: list[object]) -> bool:
+        """Evict ``name`` when the bank's copy was read from files other than ``identity`` (what
+        the caller found on disk), so that the load that follows reads those. True when the old
+        copy stays: while a request uses (or a replica pins) the old weights they stay, with a
+        warning, and the next request looks again."""
         known = self._identities.get(name)
-        if known is None or name not in self.bank:
-            return
-        if known == file_identity(self.registry.path(name)):  # (two stats, outside the lock)
-            return
+        if known is None or known == identity or name not in self.bank:
+            return False
         with self.bank.lock:
             if name not in self.bank or self._identities.get(name) is not known:
-                return  # evicted, or read again, meanwhile
+                return False  # evicted, or read again, meanwhile
             try:
                 self.bank.evict(name)
             except AdapterInUseError:
                 log.warning("adapter %r was replaced on disk; in use, reloaded when free", name)
+                return True
+        return False
 
     def add(self, name: str, relative_path: str | None) -> bool:
         """Register ``root/relative_path`` as ``name`` and load it, after every check a lazy
@@ -225,11 +275,10 @@ class ServedAdapters:
         no slot or pages are free now (``BankFullError``: pinned or used by running requests);
         the files are still read and checked. Never for good: every pool holds the pages of an
         adapter of the bank's ``max_rank``, which ``_read`` checks."""
-        identity = file_identity(path)  # (before reading: a change meanwhile is seen later)
         read = []
 
         def loader(_name: str):
-            adapter = self._read(name, path)
+            adapter, identity = self._read_unchanged(name, path)
             read.append(adapter)
             self._identities[name] = identity
             return adapter.config, adapter.tensors
@@ -238,7 +287,7 @@ class ServedAdapters:
             self.bank.ensure_loaded(name, loader)
         except BankFullError:
             if not read:  # (no room even to try: checked all the same)
-                self._read(name, path)
+                self._read_unchanged(name, path)
             self._identities.pop(name, None)  # (set by the read on its first request)
             return False
         return True
