@@ -130,7 +130,7 @@ class Int4GroupsLinear(WeightOnlyLinear):
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None):
         """Quantize a float ``weight`` (out, in), both multiples of 32: the scale and offset of
         each group (``group_grid``), then each weight's nearest code, clamped to [0, 15]. A
-        constant group whose value is a bfloat16 gets scale 0, codes 8 and the value as offset."""
+        constant group gets scale 0, codes 8 and its value rounded to bfloat16 as offset."""
         out_features, in_features = weight.shape
         if not fits(out_features, in_features):
             raise ValueError(
@@ -193,13 +193,15 @@ def widen_scales(
     bfloat16s near ``offset`` are ``|offset| 2^-8`` apart. The other groups (all those of
     ordinary models: a miss over half a step needs ``|offset|`` over ~256 steps) keep their
     scale bit for bit, so the codes of an existing quantized base, and adapters' fingerprints
-    of it, do not change. Only a constant group whose value is no bfloat16 (scale 0, missed
-    by the offset's rounding) gets a scale this way, and its value back to within ``s / 2``.
+    of it, do not change. A constant group (scale 0) keeps it too, its value the offset rounded
+    to bfloat16 as before (bfloat16's own precision, ``|value| 2^-9``, not a missed grid;
+    widening it changed the codes, and so the fingerprint, of bases holding such a group:
+    regression review 33).
     Shapes: ``low``, ``high`` float32 and ``scale``, ``offset`` bfloat16, all (out, in / 32)."""
     low, high = low.double(), high.double()
     s, o = scale.double(), offset.double()
     miss = torch.maximum(high - (o + 7 * s), (o - 8 * s) - low)
-    missed = miss > s / 2  # no branch on it: a meta weight (``lorakit plan``) has no values
+    missed = (miss > s / 2) & (s > 0)  # (no branch on it: a meta weight has no values)
     wide = torch.maximum((high - o) / 7, (o - low) / 8).to(torch.bfloat16)
     # the nearest bfloat16 may fall short by rounding: then the next one up reaches
     short = (o + 7 * wide.double() < high) | (o - 8 * wide.double() > low)
