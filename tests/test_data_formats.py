@@ -45,7 +45,6 @@ BAD_RECORDS = [
     ('{"text": "x"}', "expected keys 'prompt' and 'completion', or 'messages'"),
     ('{"prompt": "x"}', "'completion' must be a string"),
     ('{"prompt": 3, "completion": "y"}', "'prompt' must be a string"),
-    ('{"prompt": "x", "completion": ""}', "'completion' is empty"),
     ('{"prompt": "x", "completion": "y", "messages": []}', "not both"),
     ('{"messages": []}', "non-empty list"),
     ('{"messages": [{"role": "bot", "content": "x"}]}', "role 'bot' is not one of"),

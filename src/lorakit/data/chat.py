@@ -96,7 +96,8 @@ def chat_prompt_ids(tokenizer, messages: Sequence[Message]) -> list[int]:
     """The token ids a model is given to answer ``messages`` (rendered with the generation
     prompt): what training saw before the answer, what the server and ``lorakit generate``
     send. (One exception, in multi-turn data: where an earlier assistant reply starts with
-    whitespace that the template's newline merges with, e.g. "\n  " as one token, training
-    tokenised that reply on its own (``segments``), so its history differs by that merge from
-    this rendering of the whole conversation.)"""
+    whitespace that the template's newline merges with, training tokenised that reply on its
+    own (``segments``), so its history differs by that merge from this rendering of the whole
+    conversation: with SmolLM2's tokenizer "\n" then "  hello" is ``Ċ Ġ Ġhello`` in
+    training, ``ĊĠ Ġhello`` here.)"""
     return encode_chat(tokenizer, render_chat(tokenizer, messages, add_generation_prompt=True))

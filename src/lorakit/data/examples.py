@@ -35,7 +35,8 @@ _SPLIT_BOUNDS = ((800, "train"), (900, "validation"), (1000, "test"))
 class Example:
     """One example. Exactly one form is used:
 
-    - plain: ``prompt`` + ``completion`` (the model learns ``completion`` then EOS given ``prompt``);
+    - plain: ``prompt`` + ``completion`` (the model learns ``completion`` then EOS given ``prompt``;
+      an empty completion: the EOS alone);
     - chat: ``messages`` = ``({"role": ..., "content": ...}, ...)``; every assistant turn is learnt.
 
     ``choices``/``label``/``text``: for classification, the candidate answers (plain: completions

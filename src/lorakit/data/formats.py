@@ -35,7 +35,8 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Example]:
 
     Each object is ``{"prompt": str, "completion": str}`` or
     ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`` with at least
-    one assistant message. Other keys are ignored.
+    one assistant message. Other keys are ignored. An empty completion (or assistant content) is
+    kept: training learns its EOS (end-of-turn token) alone, as TRL does.
     """
     path = Path(path)
     examples = []
@@ -104,8 +105,6 @@ def _example_from_record(record: object, where: str) -> Example:
         if not isinstance(record.get(key), str):
             raise UserError(f"{where}: '{key}' must be a string, got {record.get(key)!r}")
         _check_no_lone_surrogate(record[key], f"'{key}'", where)
-    if not record["completion"]:
-        raise UserError(f"{where}: 'completion' is empty (nothing to learn)")
     return Example(prompt=record["prompt"], completion=record["completion"], source=where)
 
 

@@ -3,12 +3,13 @@
 
 Plain examples are two segments: the prompt (tokenised with the tokenizer's own special tokens,
 e.g. a BOS) and ``completion + EOS`` (learnt; no second EOS when the completion already ends
-with the EOS text). Chat examples are rendered with the tokenizer's chat template by
-``data.chat.render_chat`` (the rendering the server and ``lorakit generate`` use too; the pieces
-are tokenized without special tokens); each assistant turn's content up to and including its
-end-of-turn token (its last EOS, or where EOS is not the end-of-turn token, the first special
-token after the content) is learnt, everything else (system, user, role headers, the newline
-after the end-of-turn token) is not.
+with the EOS text; an empty completion learns the EOS alone, as an empty assistant turn learns
+its end-of-turn token and as TRL's completion masks do). Chat examples are rendered with the
+tokenizer's chat template by ``data.chat.render_chat`` (the rendering the server and ``lorakit
+generate`` use too; the pieces are tokenized without special tokens); each assistant turn's
+content up to and including its end-of-turn token (its last EOS, or where EOS is not the
+end-of-turn token, the first special token after the content) is learnt, everything else
+(system, user, role headers, the newline after the end-of-turn token) is not.
 
 A piece's tokens are those it adds after the text before it (``_continuation``)::
 
@@ -86,6 +87,11 @@ def _chat_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
     prompt and ``messages[:i+1]``; its learnt part ends at its end-of-turn token
     (``_learnt_end``: the last EOS, or the first special token after the content), and what
     follows it, e.g. a newline, is context.
+
+    Turns after the last assistant turn (a trailing user or system turn) are the rest of the
+    full rendering (``_trailing_text``), unless that rendering does not continue the one that
+    ends at the last assistant turn: then the pieces are the rendering of the chat up to and
+    including that turn.
     """
     require_chat_template(tokenizer, example.source or "example")
     specials = _special_texts(tokenizer)
@@ -107,9 +113,27 @@ def _chat_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
         pieces += [(before[len(done) :], False), (answer[:end], True), (answer[end:], False)]
         done = after
     if messages[-1]["role"] != "assistant":  # else the last rendering was the whole chat
-        full = render_chat(tokenizer, messages, add_generation_prompt=False)
-        pieces.append((full[len(done) :], False))
+        pieces.append((_trailing_text(tokenizer, messages, done), False))
     return [(text, learnt) for text, learnt in pieces if text]
+
+
+def _trailing_text(tokenizer, messages: Sequence[dict], done: str) -> str:
+    """The text the full rendering of ``messages`` adds after ``done``, the rendering of the
+    messages up to their last assistant turn; "" where it does not start with ``done``.
+
+    Qwen3's template renders an assistant turn after the last user turn with an empty
+    ``<think>`` block and Phi-3's ends a chat with EOS, so once a user turn follows, the earlier
+    text changes (``...hi<|end|>\n<|endoftext|>`` becomes ``...hi<|end|>\n<|user|>...``). Cutting
+    the full rendering at ``len(done)`` would then glue a piece of it to ``done`` (the ids end
+    ``...<|endoftext|>|end|>...``: a text the template never writes). The trailing turns are
+    dropped instead: they train nothing (every learnt token comes before them, and a causal
+    model predicts a token only from the tokens before it, so the loss and its gradient are the
+    same without them; truncation drops them first too, and ``prompt_token_ids``, scoring and
+    the split key use only what precedes the last assistant turn), and the sequence is then a
+    rendering the template does write, that of the chat ending at its last assistant turn.
+    (Refusing the chat would turn away data that is fine to train on.)"""
+    full = render_chat(tokenizer, messages, add_generation_prompt=False)
+    return full[len(done) :] if full.startswith(done) else ""
 
 
 def _special_texts(tokenizer) -> tuple[str, ...]:
@@ -131,8 +155,16 @@ def _learnt_end(answer: str, content: str, eos: str | None, specials: Sequence[s
     - else after the first special token that follows the content (the end-of-turn token where
       it is not EOS: ChatML ``<|im_end|>`` with Qwen2.5 base's EOS ``<|endoftext|>``, Gemma's
       ``<end_of_turn>``, Phi-3's ``<|end|>``), so the newline the template writes after it is
-      not learnt, as in TRL's assistant-only masks;
+      not learnt;
     - else (no special token ends the turn) the whole ``answer``.
+
+    So lorakit learns the content and the end-of-turn token (and, where the template writes
+    EOS after that, up to the EOS: Phi-3's ``<|end|>\n<|endoftext|>`` ending a chat). TRL's
+    assistant-only masks (``SFTTrainer(assistant_only_loss=True)`` with its
+    ``chat_templates/*_training.jinja``, TRL 1.16) learn more: the newline after the
+    end-of-turn token (Qwen2.5's, Gemma's, Phi-3's ``{% generation %}`` blocks end with it) and,
+    for Qwen2.5, also the newline after ``<|im_start|>assistant`` before the content, which
+    lorakit counts as the generation prompt (the text ``chat_prompt_ids`` ends with).
     """
     content_end = _content_end(answer, content, specials)
     tail = answer if content_end is None else answer[content_end:]
@@ -188,9 +220,19 @@ def example_segments(example: Example, tokenizer) -> list[Segment]:
     """Token segments of one example (see the module docstring)."""
     if example.is_chat:
         return _joined_segments(tokenizer, chat_segments(example, tokenizer))
-    if tokenizer.eos_token_id is None:
-        raise UserError("the tokenizer has no EOS token to end completions with")
-    prompt = token_ids(tokenizer, example.prompt, special=True)
+    where = example.source or "example"
     completion_text = _without_final_eos(example.completion, tokenizer.eos_token)
+    if tokenizer.eos_token_id is None:
+        why = " (its completion is empty: the EOS would be all it learns)"
+        raise UserError(
+            f"{where}: the tokenizer has no EOS token to end completions with"
+            f"{'' if completion_text else why}; set tokenizer.eos_token"
+        )
+    prompt = token_ids(tokenizer, example.prompt, special=True)
     completion, _ = _continuation(tokenizer, example.prompt, prompt, completion_text, special=True)
+    if not prompt and not completion:
+        raise UserError(
+            f"{where}: the prompt and the completion are both empty, so no token comes before "
+            "the EOS to predict it from (nothing to learn); give a prompt"
+        )
     return [(prompt, False), ([*completion, tokenizer.eos_token_id], True)]
