@@ -35,7 +35,14 @@ async def asgi_stream(
     app, method: str, path: str, body: bytes, headers: Mapping[str, str]
 ) -> AsyncIterator[ResponseStart | bytes]:
     """Run ``app`` on one HTTP request (``path`` may carry a ``?query``); yield a
-    ``ResponseStart``, then the body's non-empty chunks in the order the app sends them."""
+    ``ResponseStart``, then the body's non-empty chunks in the order the app sends them.
+
+    What the app raises is raised here after its messages, unless it had sent its whole
+    response (the last ``http.response.body``, ``more_body`` false) before: Starlette's
+    ``ServerErrorMiddleware`` sends its 500 and then re-raises for the server to log. As a
+    server (uvicorn) does, that error is logged, and the complete 500 stands as the answer: a
+    caller that forwards these pieces (the Ray Serve replica) would otherwise break the
+    client's connection after the 500's body."""
     path, _, query = path.partition("?")
     scope = {
         "type": "http",
@@ -54,6 +61,7 @@ async def asgi_stream(
     sent: asyncio.Queue = asyncio.Queue()
     gone = asyncio.Event()  # the caller stopped reading: the client left
     request_read = False
+    response_complete = False  # the app sent its last body message
 
     async def receive() -> dict:
         nonlocal request_read
@@ -64,6 +72,9 @@ async def asgi_stream(
         return {"type": "http.disconnect"}
 
     async def send(message: dict) -> None:
+        nonlocal response_complete
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            response_complete = True
         await sent.put(message)
 
     async def run() -> None:
@@ -80,7 +91,12 @@ async def asgi_stream(
                 yield ResponseStart(message["status"], content_type and content_type.decode())
             elif message["type"] == "http.response.body" and message.get("body"):
                 yield message["body"]
-        await task  # re-raise what the app raised
+        try:
+            await task  # re-raise what the app raised
+        except Exception:
+            if not response_complete:
+                raise  # (the answer is cut short: the caller must not pass it on as whole)
+            log.exception("Exception in ASGI application (after its whole response was sent)")
     finally:
         gone.set()
         if not task.done():

@@ -11,14 +11,18 @@ already hold it (``@serve.multiplexed``, ``serve.get_multiplexed_model_id``). Ea
 whole lorakit server in-process (the same app as ``lorakit serve``, so answers are the same):
 its multiplexed cache of at most ``adapters_per_replica`` adapters is pinned in its bank; when
 Ray evicts one from the cache, it is unpinned (the bank's LRU may then reuse its pages), so the
-bank needs a slot beyond them (``--max-adapters`` at least ``adapters_per_replica + 1``).
+bank needs a slot beyond them (``--max-adapters`` at least ``adapters_per_replica + 1``) and,
+with ``--adapter-memory``, the pages of one more adapter of the largest rank (``build_app``
+checks both). An adapter joins the cache once the app has answered a request for it with
+success: a request the app refuses (400, 429) pins and evicts nothing.
 The application may be served under any ``route_prefix`` (the prefix is taken off the path the
 replica's app sees), and the ingress's own errors (404, 405) are OpenAI's JSON error object.
 Responses are streamed from the replica to the client as the replica's app sends them (Ray
 Serve's streaming handles), so ``stream: true`` gives server-sent events token by token, and a
 client that leaves cancels its request in the replica's engine. The answer keeps the app's status
 and headers (a 429's ``Retry-After``), and an adapter that fails to load is reported by the app,
-as by one server (its JSON error, e.g. 400 for an adapter of other base weights).
+as by one server (its JSON error, e.g. 400 for an adapter of other base weights); the ingress
+reads a body within the app's limit, as the app does (a larger one: the app's 413).
 """
 
 import argparse
@@ -31,9 +35,16 @@ from fastapi.responses import StreamingResponse
 from ray import serve
 from starlette.datastructures import Headers
 
-from lorakit.errors import UserError
-from lorakit.serve.app import install_error_handlers
+from lorakit.serve.app import ServerSettings, install_error_handlers
 from lorakit.serve.asgi_stream import ResponseStart, asgi_stream
+from lorakit.serve.protocol import APIError
+from lorakit.serve.replica_bank import (
+    BankTooSmallError,
+    check_bank_memory,
+    check_bank_size,
+    check_replica_bank,
+)
+from lorakit.serve.request_body import parse_body, read_body
 
 __all__ = ["BankTooSmallError", "OpenAIIngress", "build_app", "replica_deployment"]
 
@@ -46,10 +57,6 @@ HOP_BY_HOP = frozenset(
     b"connection keep-alive proxy-authenticate proxy-authorization te trailer "
     b"transfer-encoding upgrade content-length".split()
 )
-
-
-class BankTooSmallError(UserError, ValueError):
-    """``--max-adapters`` leaves a replica's bank no slot beyond its pinned multiplexed cache."""
 
 
 class _Resident:
@@ -75,12 +82,14 @@ def replica_deployment(adapters_per_replica: int):
         """A lorakit server (``commands.serve.build``) answering what the ingress forwards."""
 
         def __init__(self, serve_args: list[str]) -> None:
-            from lorakit.cli import build_parser
             from lorakit.commands.serve import build
 
-            self.app = build(build_parser().parse_args(["serve", *serve_args]))
-            self.app.state.engine.start()  # (the app's lifespan does not run in-process)
+            options = _serve_options(list(serve_args))
+            self.app = build(options)
             self.adapters = self.app.state.adapters
+            if options.adapter_memory is not None:  # (as build_app, which may lack the files)
+                check_replica_bank(self.adapters, options, adapters_per_replica)
+            self.app.state.engine.start()  # (the app's lifespan does not run in-process)
 
         @serve.multiplexed(max_num_models_per_replica=adapters_per_replica)
         async def adapter(self, name: str) -> _Resident:
@@ -90,20 +99,26 @@ def replica_deployment(adapters_per_replica: int):
 
         async def forward(self, method: str, path: str, body: bytes, headers: dict):
             """lorakit's app on the request, as it answers: first (status, the response's raw
-            headers, this replica's id), then the body's chunks (bytes)."""
-            await self._hold_requested_adapter()
+            headers, this replica's id), then the body's chunks (bytes). The app loads the
+            request's adapter itself, as one server does: only once it has accepted the
+            request (a valid body, a queue place); the adapter of a request it answered with
+            success is then held in the multiplexed cache, pinned. A request it refused (400,
+            404, 429) pins nothing and so evicts no adapter from the cache."""
             replica = serve.get_replica_context().replica_id.unique_id
             app, sent_headers = _keeping_response_headers(self.app)
             async for piece in asgi_stream(app, method, path, body, headers):
                 if isinstance(piece, ResponseStart):
+                    if 200 <= piece.status < 300:
+                        await self._hold_requested_adapter()
                     yield piece.status, sent_headers, replica
                 else:
                     yield piece
 
         async def _hold_requested_adapter(self) -> None:
-            """Load and pin the request's adapter through the multiplexed cache. A failed load
-            (other base weights, damaged files, a full bank) is left to the app, which loads
-            it again and answers as one server does (its JSON error, or a wait for a slot)."""
+            """Load (if evicted meanwhile) and pin the request's adapter through the
+            multiplexed cache, which holds ``adapters_per_replica`` at most (Ray unpins its
+            least recently used one to make room). A failed load (a full bank) is only logged:
+            the answer was given; the adapter is held at its next request."""
             name = serve.get_multiplexed_model_id()
             if not name or name not in self.adapters.registry:
                 return
@@ -161,55 +176,64 @@ install_error_handlers(ingress_app)
 @serve.deployment
 @serve.ingress(ingress_app)
 class OpenAIIngress:
-    """The HTTP side: requests routed to the replicas by their ``model`` (the adapter)."""
+    """The HTTP side: requests routed to the replicas by their ``model`` (the adapter).
+    ``max_body_bytes``: the replicas' app's limit on a request body (``ServerSettings``), which
+    the ingress applies as the app does before it reads or forwards more."""
 
-    def __init__(self, replica) -> None:
-        self.replica = replica
+    def __init__(self, replica, max_body_bytes: int = ServerSettings.max_body_bytes) -> None:
+        self.replica, self.max_body_bytes = replica, max_body_bytes
 
     @staticmethod
-    async def model_of(request: Request) -> str:
-        """The body's ``model`` field ("" when absent or the body is not one lorakit's app
-        accepts, e.g. not JSON or nested too deeply: the replica's app then answers its 400),
-        read as the app reads it (``request_body.parse_body``)."""
-        from lorakit.serve.protocol import APIError
-        from lorakit.serve.request_body import parse_body
-
+    def model_of(raw: bytes) -> str:
+        """The ``model`` field of the body ``raw`` (within ``max_body_bytes``: ``_body``; ""
+        when absent or the body is not one lorakit's app accepts, e.g. not JSON or nested too
+        deeply: the replica's app then answers its 400), read as the app reads it
+        (``request_body.parse_body``)."""
         try:
-            model = parse_body(await request.body()).get("model")
+            model = parse_body(raw).get("model")
         except APIError:
             return ""
         return model if isinstance(model, str) else ""
 
-    async def _forward(self, request: Request, model: str) -> Response:
+    async def _body(self, request: Request) -> bytes:
+        """The request's body, read as the replicas' app reads it (``request_body.read_body``
+        with its ``max_body_bytes``): a larger one is the app's 413, from its Content-Length
+        before anything is read, or as soon as the bytes received pass the limit."""
+        return await read_body(request, self.max_body_bytes)
+
+    async def _forward(self, request: Request, body: bytes, model: str) -> Response:
         headers = {
             k: v for k, v in request.headers.items() if k in ("authorization", "content-type")
         }
+        headers["content-length"] = str(len(body))  # (the body the replica's app reads)
         handle = self.replica.options(stream=True)
         if model:
             handle = handle.options(multiplexed_model_id=model)
-        pieces = handle.forward.remote(
-            request.method, _app_path(request.scope), await request.body(), headers
-        )
+        pieces = handle.forward.remote(request.method, _app_path(request.scope), body, headers)
         status, replica_headers, replica = await anext(pieces)
         return StreamingResponse(
             pieces, status_code=status, headers=_ingress_headers(replica_headers, replica)
         )
 
+    async def _forward_by_model(self, request: Request) -> Response:
+        body = await self._body(request)
+        return await self._forward(request, body, self.model_of(body))
+
     @ingress_app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
-        return await self._forward(request, await self.model_of(request))
+        return await self._forward_by_model(request)
 
     @ingress_app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
-        return await self._forward(request, await self.model_of(request))
+        return await self._forward_by_model(request)
 
     @ingress_app.get("/v1/models")
     async def models(self, request: Request) -> Response:
-        return await self._forward(request, "")
+        return await self._forward(request, await self._body(request), "")
 
     @ingress_app.get("/health")
     async def health(self, request: Request) -> Response:
-        return await self._forward(request, "")
+        return await self._forward(request, await self._body(request), "")
 
 
 def build_app(
@@ -225,16 +249,11 @@ def build_app(
     ``lorakit serve`` for every replica, as a list of strings (``["--model", M, "--adapters",
     DIR, "--max-rank", "16"]``), or ``model`` and ``adapters`` alone. A replica's bank holds
     ``--max-adapters`` adapters (default ``adapters_per_replica + 2``): the multiplexed ones,
-    pinned, and at least one more slot (``BankTooSmallError`` when it has none)."""
+    pinned, and at least one more slot (``BankTooSmallError`` when it has none); with
+    ``--adapter-memory``, its pages must hold more adapters of the largest rank than the
+    pinned ones too (``check_bank_memory``). ``replicas``: an int >= 1."""
     serve_args = _argument_list(serve_args)
-    if isinstance(adapters_per_replica, bool) or not isinstance(adapters_per_replica, int):
-        raise TypeError(f"adapters_per_replica must be an int, got {adapters_per_replica!r}")
-    if adapters_per_replica < 1:
-        raise BankTooSmallError(
-            f"adapters_per_replica must be >= 1, got {adapters_per_replica}: a replica pins "
-            "every adapter of its multiplexed cache in a bank of fixed size, so Ray's -1 (no "
-            "limit) would fill it for good"
-        )
+    _check_counts(replicas, adapters_per_replica)
     if model is not None:
         serve_args += ["--model", model]
     if adapters is not None:
@@ -242,8 +261,11 @@ def build_app(
     options = _serve_options(serve_args)
     if options.max_adapters is None:
         serve_args += ["--max-adapters", str(adapters_per_replica + 2)]
+        options.max_adapters = adapters_per_replica + 2
     else:
-        _check_bank_size(options.max_adapters, adapters_per_replica)
+        check_bank_size(options.max_adapters, adapters_per_replica)
+    if options.adapter_memory is not None:
+        check_bank_memory(options, adapters_per_replica)
     per_replica = _requests_per_replica(options)
     replica = (
         replica_deployment(adapters_per_replica)
@@ -256,7 +278,36 @@ def build_app(
     )
     return OpenAIIngress.options(
         max_ongoing_requests=replicas * per_replica, ray_actor_options={"num_cpus": 0}
-    ).bind(replica)
+    ).bind(replica, _max_body_bytes(options))
+
+
+def _check_counts(replicas: object, adapters_per_replica: object) -> None:
+    """Both ints (not bools: ``True`` is no count) and >= 1. A string such as ``"2"`` for
+    ``replicas`` was multiplied into the ingress's ``max_ongoing_requests`` (a 161-character
+    string), and Ray's own message for 0 names neither this argument nor what it is."""
+    for name, value in (("replicas", replicas), ("adapters_per_replica", adapters_per_replica)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    if replicas < 1:
+        raise ValueError(
+            f"replicas must be >= 1, got {replicas}: the copies of LorakitReplica, each a "
+            "whole lorakit server"
+        )
+    if adapters_per_replica < 1:
+        raise BankTooSmallError(
+            f"adapters_per_replica must be >= 1, got {adapters_per_replica}: a replica pins "
+            "every adapter of its multiplexed cache in a bank of fixed size, so Ray's -1 (no "
+            "limit) would fill it for good"
+        )
+
+
+def _max_body_bytes(options: argparse.Namespace) -> int:
+    """The largest request body the replicas' app takes (its ``ServerSettings``, as
+    ``lorakit serve`` makes them from ``options``; the limit does not depend on the model's
+    positions or the admin token, which are not read here)."""
+    from lorakit.commands.serve import server_settings
+
+    return server_settings(options, positions=2, token=None).max_body_bytes
 
 
 def _argument_list(serve_args: Sequence[str] | None) -> list[str]:
@@ -281,26 +332,6 @@ def _serve_options(serve_args: list[str]) -> argparse.Namespace:
     from lorakit.cli import build_parser
 
     return build_parser().parse_args(["serve", *serve_args])
-
-
-def _check_bank_size(max_adapters: int, adapters_per_replica: int) -> None:
-    """Refuse a bank of ``max_adapters`` slots that the ``adapters_per_replica`` pinned
-    multiplexed adapters would fill: adapters beyond them would never get a slot (503 for
-    ever), since Ray unpins one only when its own cache, of ``adapters_per_replica``, is full."""
-    if max_adapters < 1:
-        raise BankTooSmallError(f"--max-adapters must be >= 1, got {max_adapters}")
-    if max_adapters < adapters_per_replica + 1:
-        lower = (
-            f", or lower adapters_per_replica to {max_adapters - 1} at most"
-            if max_adapters >= 2
-            else ""
-        )
-        raise BankTooSmallError(
-            f"--max-adapters {max_adapters} leaves no bank slot beyond the "
-            f"adapters_per_replica={adapters_per_replica} adapters each replica pins: set "
-            f"--max-adapters to at least {adapters_per_replica + 1} (leave it out for "
-            f"{adapters_per_replica + 2}){lower}"
-        )
 
 
 def _requests_per_replica(options: argparse.Namespace) -> int:

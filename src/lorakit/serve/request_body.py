@@ -17,7 +17,7 @@ from starlette.requests import Request
 
 from lorakit.serve.protocol import APIError
 
-__all__ = ["parse_body", "read_json"]
+__all__ = ["parse_body", "read_body", "read_json"]
 
 _PARSED_INLINE = 64 << 10  # bodies up to this size are parsed on the event loop (fast)
 
@@ -154,13 +154,18 @@ async def read_json(request: Request, max_bytes: int) -> dict:
     server hold more than the limit in memory. A body over ``_PARSED_INLINE`` bytes is parsed
     in a worker thread: its Unicode check (``request_body._require_unicode``) never stalls the
     event loop."""
-    raw = await _bounded_body(request, max_bytes)
+    raw = await read_body(request, max_bytes)
     if len(raw) <= _PARSED_INLINE:
         return parse_body(raw)
     return await run_in_threadpool(parse_body, raw)
 
 
-async def _bounded_body(request: Request, max_bytes: int) -> bytes:
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request's raw body, read only while it stays within ``max_bytes``: a 413
+    (``request_too_large``) from its Content-Length when that says more (nothing read), else as
+    soon as the bytes received pass the limit ("more than N bytes": a chunked body). The reader
+    of ``read_json``, and of the Ray Serve ingress (``ray_deployment``), which forwards the body
+    it read, so that both answer a body too large alike."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(int(declared), max_bytes)
