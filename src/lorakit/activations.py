@@ -36,9 +36,18 @@ Each saved tensor is also attributed to the transformer block (``_Blocks``) that
 (``Activations.checkpointed_bytes``): a checkpointed step keeps each block's input (N * H * b
 bytes) and the head's tensors through forward, then recomputes one block at a time in backward.
 
+What is kept is not yet the peak: backward starts with the loss, whose two float32 buffers of
+the logits' size, ``L = 2 N V 4`` bytes (nll_loss's gradient and the log-softmax's backward
+output), are alive with everything kept (``Activations.loss_backward_bytes``). SmolLM2 at
+1 x 256 tokens: 101 MB over 224 MB kept, in bfloat16; a checkpointed step's peak (160 MB) is
+this one. On an int8-rows / int4-groups base backward also rebuilds each layer's weight
+(``lorakit.quantized.footprint.dequantized_backward_bytes``), which
+``Activations.backward_peak_bytes`` and ``checkpointed_peak_bytes`` take (``lorakit.plan_memory``
+passes them); ``peak_bytes`` and ``checkpointed_bytes`` are a float base's.
+
 Not counted: a padding mask (sequences are taken as full; a (batch, 1, T, T) boolean mask adds
-batch * T * T bytes, once) and the short-lived buffers of backward (the logits' gradient,
-N * V * 4 bytes, lives while the head's backward runs).
+batch * T * T bytes, once) and the smaller buffers of backward (a layer's input gradient,
+N * H * b bytes).
 """
 
 from __future__ import annotations
@@ -77,24 +86,71 @@ class Activations:
     checkpoint_before_bytes: int = 0  # saved before the first block (kept to the end)
     checkpoint_head_bytes: int = 0  # saved after the last block (freed before blocks' backward)
     attention: str = "flash"  # "math": attention dropout > 0, CPU's path keeps the T x T weights
+    loss_backward_bytes: int = 0  # L = 2 N V 4: the loss backward's two float32 buffers
+    logits_bytes: int = 0  # G = N V b: the logits, and so their gradient into the output layer
+    output_layer_shape: tuple[int, int] = (0, 0)  # (out, in) of the output layer, if any
+    linear_shapes: tuple[tuple[int, int], ...] = ()  # the other linears a weight-only load takes
 
     @property
     def total_bytes(self) -> int:
+        """What the forward keeps for backward: saved tensors and dropout masks."""
         return self.saved_bytes + self.dropout_mask_bytes
 
     @property
+    def peak_bytes(self) -> int:
+        """The most backward holds at once on a float base: ``total_bytes + L`` (the loss
+        backward's buffers beside everything kept; ``backward_peak_bytes``)."""
+        return self.backward_peak_bytes()
+
+    @property
     def checkpointed_bytes(self) -> int | None:
-        """With gradient checkpointing: at most, the blocks' inputs (what checkpointing keeps of
-        each block) and what is saved before the first block (both live until the end of
-        backward), plus the larger of the head's part (freed before any block's backward) and
-        one block recomputed in backward with that block's dropout masks. None for a model
-        without blocks found."""
+        """With gradient checkpointing, the most backward holds at once on a float base
+        (``checkpointed_peak_bytes``). None for a model without blocks found."""
+        return self.checkpointed_peak_bytes()
+
+    def head_backward_bytes(self, output_rebuilt: int = 0) -> int:
+        """What the head's backward holds beyond what is kept, at its largest::
+
+            max(L, R + G - L / 2)
+
+        first the loss backward's ``L = 2 N V 4`` bytes; then the output layer's backward, after
+        the log-softmax (``L / 2``) is freed, with the logits' gradient ``G = N V b`` and
+        ``output_rebuilt = R`` bytes of its weight rebuilt (a weight-only base; 0 on a float
+        one, where this is ``L``)."""
+        after_loss = output_rebuilt + self.logits_bytes - self.loss_backward_bytes // 2
+        return max(self.loss_backward_bytes, after_loss)
+
+    def backward_peak_bytes(self, output_rebuilt: int = 0, block_rebuilt: int = 0) -> int:
+        """The most one step holds at once for its activations, without checkpointing::
+
+            total_bytes + max(head_backward_bytes(R_out), R_block)
+
+        ``R_out`` / ``R_block``: the bytes of the output layer's / the largest other layer's
+        weight rebuilt in backward (``footprint.dequantized_backward_bytes``; 0 on a float
+        base). A block layer's backward comes after the head's tensors are freed: counting it
+        beside all that is kept overstates it, by at most what the head keeps."""
+        return self.total_bytes + max(self.head_backward_bytes(output_rebuilt), block_rebuilt)
+
+    def checkpointed_peak_bytes(
+        self, output_rebuilt: int = 0, block_rebuilt: int = 0
+    ) -> int | None:
+        """The most one step with gradient checkpointing holds at once for its activations::
+
+            inputs + before + max(head + head_backward_bytes(R_out),
+                                  largest block + its dropout masks + R_block)
+
+        the blocks' inputs (what checkpointing keeps of each block) and what is saved before
+        the first block (both live until the end of backward), plus the larger of the head's
+        part in its backward (the loss backward's buffers, the output layer's rebuilt weight;
+        freed before any block's backward) and one block recomputed in backward with that
+        block's dropout masks and a rebuilt weight. None for a model without blocks found."""
         blocks = self.checkpoint_block_bytes
         if not blocks:
             return None
-        largest = max(blocks) + -(-self.dropout_mask_bytes // len(blocks))
+        largest = max(blocks) + -(-self.dropout_mask_bytes // len(blocks)) + block_rebuilt
         kept = self.checkpoint_input_bytes + self.checkpoint_before_bytes
-        return kept + max(self.checkpoint_head_bytes, largest)
+        head = self.checkpoint_head_bytes + self.head_backward_bytes(output_rebuilt)
+        return kept + max(head, largest)
 
 
 def training_activations(
@@ -113,12 +169,13 @@ def training_activations(
     if labels is not None:  # what the loss saves is counted too (its log-softmax, the labels)
         inputs["labels"] = labels
     with _training(model), _FlashAttention() as attention:
-        saved, _, adapted = _count(model, inputs)
+        saved, _, adapted, logits = _count(model, inputs)
         with _input_embeddings_require_grad(model):
-            by_block, block_inputs, _ = _count(model, inputs)
+            by_block, block_inputs, _, _ = _count(model, inputs)
     masks = sum(-(-elements // 8) for elements in adapted) if dropout > 0 else 0
     before, head = by_block.pop(BEFORE, 0), by_block.pop(HEAD, 0)
     blocks = tuple(by_block.get(index, 0) for index in range(len(block_inputs)))
+    output_shape, linear_shapes = _linear_shapes(model)
     return Activations(
         batch,
         seq_len,
@@ -129,7 +186,27 @@ def training_activations(
         before,
         head,
         "math" if attention.math_calls else "flash",
+        loss_backward_bytes=_loss_backward_bytes(logits) if labels is not None else 0,
+        logits_bytes=0 if logits is None else logits.numel() * logits.element_size(),
+        output_layer_shape=output_shape,
+        linear_shapes=linear_shapes,
     )
+
+
+def _loss_backward_bytes(logits: torch.Tensor | None) -> int:
+    """``2 N V 4``: the two float32 buffers of the logits' size the loss backward holds at
+    once beside its saved log-softmax (``nll_loss``'s gradient and ``_log_softmax_backward``'s
+    output; transformers' causal-LM loss takes the logits to float32 first). A classifier's
+    loss in its logits' dtype holds less: its logits are small."""
+    return 0 if logits is None else 2 * logits.numel() * 4
+
+
+def _linear_shapes(model: nn.Module) -> tuple[tuple[int, int], tuple[tuple[int, int], ...]]:
+    """``footprint.weight_only_shapes``: the layers whose weight an int8-rows / int4-groups
+    base rebuilds in backward (recorded for ``lorakit.plan_memory``)."""
+    from lorakit.quantized.footprint import weight_only_shapes
+
+    return weight_only_shapes(model)
 
 
 def _labels(model: nn.Module, ids: torch.Tensor) -> torch.Tensor | None:
@@ -164,9 +241,12 @@ def _labels(model: nn.Module, ids: torch.Tensor) -> torch.Tensor | None:
 BEFORE, HEAD = "before", "head"  # what is saved outside the blocks: before the first, after
 
 
-def _count(model: nn.Module, inputs: dict) -> tuple[dict, list[int], list[int]]:
+def _count(
+    model: nn.Module, inputs: dict
+) -> tuple[dict, list[int], list[int], torch.Tensor | None]:
     """One forward under the hooks: ``{block index, BEFORE or HEAD: bytes saved}``, each
-    block's input bytes, and the element count of each adapted layer's input."""
+    block's input bytes, the element count of each adapted layer's input, and the output's
+    ``logits`` (None for a model without)."""
     skip = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
     seen: set[int] = set()
     held = []  # each counted storage, so that its address stays its own while counting
@@ -186,9 +266,10 @@ def _count(model: nn.Module, inputs: dict) -> tuple[dict, list[int], list[int]]:
 
     keep = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
     with _adapted_inputs(model) as adapted, blocks, keep:
-        model(**inputs)
+        output = model(**inputs)
     block_inputs = [blocks.inputs.get(index, 0) for index in range(len(blocks.modules))]
-    return by_block, block_inputs, adapted
+    logits = getattr(output, "logits", None)
+    return by_block, block_inputs, adapted, logits if isinstance(logits, torch.Tensor) else None
 
 
 @contextlib.contextmanager

@@ -14,6 +14,17 @@ a ``Plan`` holds the counts and derives the bytes (GB = 1e9 bytes)::
                         bfloat16 base, as ``inject``, ``load_adapter`` and the serving bank keep them)
     activations       = what one training forward of batch x seq_len tokens keeps for backward,
                         counted by running it on the meta device (``lorakit.activations``)
+    training with activations
+                      = LoRA training (per device) + activations at backward's peak:
+                        kept + max(L, R_out + G - L / 2, R_block)
+                        (L = 2 N V 4: the loss backward's float32 buffers; G = N V b: the logits'
+                        gradient; R_out / R_block: the output layer's / largest other layer's
+                        weight rebuilt in backward on int8-rows / int4-groups, 6 V H for the
+                        output layer in int8 rows under bfloat16; ``Activations.backward_peak_bytes``)
+    with gradient checkpointing
+                      = LoRA training + inputs + before
+                        + max(head + max(L, R_out + G - L / 2), largest block + R_block)
+                        (``Activations.checkpointed_peak_bytes``)
 
 Per device when training on N devices (``lorakit train --strategy ddp|fsdp`` under torchrun)::
 
@@ -29,6 +40,9 @@ kept gathered from forward to backward) and the block being computed plus the ne
 For Llama-2-7B (float16) with r=16 on all seven projections: P_base = 6,738,415,616, so full
 fine-tuning needs 107.8 GB of trainable state (rounding P_base to 7B gives the ~112 GB often quoted), the frozen
 float16 base 13.5 GB (~14 GB) and the 39,976,960 adapter parameters 0.64 GB.
+SmolLM2-135M in int8-rows, bfloat16, 1 x 64 tokens: 55.9 MB kept for backward, and the output
+layer (49,152 x 576) rebuilt in backward beside it, 6 V H = 170 MB: 219.5 MB at the peak, as a
+real CPU step measures it (``tests/test_plan_peaks33.py`` checks tiny models the same way).
 """
 
 from __future__ import annotations
@@ -81,7 +95,8 @@ _DERIVED = (
     *("full_finetune_bytes", "lora_frozen_bytes", "lora_trainable_state_bytes"),
     *("lora_training_bytes", "inference_merged_bytes", "inference_with_adapters_bytes"),
     *("fsdp_sharded_bytes", "fsdp_gathered_bytes", "per_device_training_bytes"),
-    "training_with_activations_bytes",
+    *("dequantized_backward_bytes", "activations_peak_bytes", "checkpointed_peak_bytes"),
+    *("training_with_activations_bytes", "training_with_checkpointing_bytes"),
 )
 DEFAULT_SEQ_LEN = 2048  # or the model's max_position_embeddings when shorter
 
@@ -198,11 +213,55 @@ class Plan:
         return self.lora_training_bytes
 
     @property
-    def training_with_activations_bytes(self) -> int | None:
-        """Per device: weights, gradients, AdamW states and one batch's activations."""
+    def dequantized_backward_bytes(self) -> tuple[int, int]:
+        """``(R_out, R_block)``: the bytes backward holds while it rebuilds the output layer's
+        weight, and the largest other layer's, on an int8-rows / int4-groups base
+        (``footprint.dequantized_backward_bytes``, the gradient in ``dtype``); ``(0, 0)`` for
+        any other base (a float one reads its weight as it is)."""
+        if self.activations is None or self.quantization is None:
+            return 0, 0
+        from lorakit.quantized.footprint import dequantized_backward_bytes
+
+        def rebuilt(shape: tuple[int, int], output: bool) -> int:
+            return dequantized_backward_bytes(
+                self.quantization, *shape, self.dtype_bytes, output=output
+            )
+
+        shapes = self.activations.linear_shapes
+        return (
+            rebuilt(self.activations.output_layer_shape, True),
+            max((rebuilt(shape, False) for shape in shapes), default=0),
+        )
+
+    @property
+    def activations_peak_bytes(self) -> int | None:
+        """Per device: the most one step holds at once for its activations, kept and in
+        backward (``Activations.backward_peak_bytes`` with ``dequantized_backward_bytes``)."""
         if self.activations is None:
             return None
-        return self.per_device_training_bytes + self.activations.total_bytes
+        return self.activations.backward_peak_bytes(*self.dequantized_backward_bytes)
+
+    @property
+    def checkpointed_peak_bytes(self) -> int | None:
+        """``activations_peak_bytes`` with gradient checkpointing
+        (``Activations.checkpointed_peak_bytes``); None where no blocks were found."""
+        if self.activations is None:
+            return None
+        return self.activations.checkpointed_peak_bytes(*self.dequantized_backward_bytes)
+
+    @property
+    def training_with_activations_bytes(self) -> int | None:
+        """Per device: weights, gradients, AdamW states and one batch's activations at
+        backward's peak (``activations_peak_bytes``)."""
+        if self.activations is None:
+            return None
+        return self.per_device_training_bytes + self.activations_peak_bytes
+
+    @property
+    def training_with_checkpointing_bytes(self) -> int | None:
+        """``training_with_activations_bytes`` with gradient checkpointing."""
+        checkpointed = self.checkpointed_peak_bytes
+        return None if checkpointed is None else self.per_device_training_bytes + checkpointed
 
     def to_dict(self) -> dict[str, Any]:
         """Every count and byte figure, JSON-ready."""
@@ -217,6 +276,6 @@ class Plan:
         for name in _DERIVED:
             counts[name] = getattr(self, name)
         if self.activations is not None:
-            for name in ("total_bytes", "checkpointed_bytes"):
+            for name in ("total_bytes", "peak_bytes", "checkpointed_bytes"):
                 counts["activations"][name] = getattr(self.activations, name)
         return counts

@@ -112,9 +112,10 @@ def _activation_lines(result: Plan) -> list[str]:
     lines = [
         f"  activations kept for backward ({activations.batch} x {activations.seq_len} tokens"
         f"{where}, {attention}{dropout}): {_gb(activations.total_bytes)}",
+        *_peak_lines(result),
         f"      training with activations{where}: {_gb(result.training_with_activations_bytes)}",
     ]
-    checkpointed = activations.checkpointed_bytes
+    checkpointed = result.checkpointed_peak_bytes
     if checkpointed is not None:
         blocks = len(activations.checkpoint_block_bytes)
         before = activations.checkpoint_before_bytes
@@ -123,15 +124,43 @@ def _activation_lines(result: Plan) -> list[str]:
             f"  with gradient checkpointing: {_gb(checkpointed)} ({blocks} blocks' inputs "
             f"{_gb(activations.checkpoint_input_bytes)}{before} + one block recomputed or "
             "the head)",
-            f"      training with them{where}: "
-            f"{_gb(result.per_device_training_bytes + checkpointed)}",
+            f"      training with them{where}: {_gb(result.training_with_checkpointing_bytes)}",
         ]
-        if checkpointed >= activations.total_bytes:
+        if checkpointed >= result.activations_peak_bytes:
             lines.append(
                 "      (no saving: checkpointing makes the input embeddings' output require "
                 "grad, and the adapted layers keep little inside the blocks)"
             )
     return lines
+
+
+def _peak_lines(result: Plan) -> list[str]:
+    """What backward holds beyond what is kept, at its peak (``Plan.activations_peak_bytes``):
+    the loss backward's float32 buffers (2 N V 4 bytes), or the weight a weight-only base
+    rebuilds (beside the logits' gradient, the log-softmax freed), the larger."""
+    activations = result.activations
+    extra = result.activations_peak_bytes - activations.total_bytes
+    if extra <= 0:
+        return []
+    parts = []  # (what, its bytes)
+    if activations.loss_backward_bytes:
+        parts.append(("the loss backward's float32 buffers", activations.loss_backward_bytes))
+    rebuilt_output, rebuilt_block = result.dequantized_backward_bytes
+    if rebuilt_output or rebuilt_block:
+        layer = "output layer" if rebuilt_output >= rebuilt_block else "largest layer"
+        parts.append(
+            (
+                f"the {result.quantization} {layer} rebuilt in float32",
+                max(rebuilt_output, rebuilt_block),
+            )
+        )
+    if not parts:  # no loss counted (no labels): the logits' gradient into the output layer
+        what = "the logits' gradient"
+    elif len(parts) == 1:
+        what = parts[0][0]
+    else:
+        what = "the larger: " + ", or ".join(f"{part} {_gb(size)}" for part, size in parts)
+    return [f"      + at backward's peak: {_gb(extra)} ({what})"]
 
 
 def _per_device_lines(result: Plan) -> list[str]:

@@ -28,6 +28,19 @@ Bytes of one (d, k) weight, n = d k (what the layer stores, ``lorakit.quantized.
                                         group of 32 inputs: 0.625 bytes a weight
 
 (The quantization maps, 256 float32 values per state, and Python objects are left out.)
+
+Backward on int8-rows / int4-groups rebuilds each layer's weight to pass the gradient on
+(``dL/dx = dL/dy W0``, ``weight_only._FrozenMatmul``), while the activations are alive: the
+largest such transient is part of a training step's peak (``lorakit.plan_memory``). For a
+(d, k) layer whose gradient arrives in b-byte elements (``dequantized_backward_bytes``)::
+
+    int8-rows:    4 d k + b d k     W0 in float32 (scaled in place), then its copy in the
+                                    gradient's dtype (none when b = 4: 4 d k)
+    int4-groups:  49 d k / 4        the unpacked codes widened to float32 and shifted, times
+                                    the scales, plus the offsets: three float32 (d, k) at once,
+                                    and the (d, k / 32, 2) scales in float32
+
+SmolLM2-135M's output layer (49,152 x 576) in int8 rows under a bfloat16 step: 0.17 GB.
 Llama-2-7B in NF4: 6,476,005,376 weights in the 224 block linears take 3.34 GB, the float16
 embeddings, output layer and norms 0.52 GB: 3.87 GB in all, 3.6 GiB.
 """
@@ -45,9 +58,12 @@ __all__ = [
     "WEIGHT_ONLY",
     "bitsandbytes_kept_float",
     "bitsandbytes_linears",
+    "dequantized_backward_bytes",
     "quantized_base",
     "quantized_linears",
     "weight_bytes",
+    "weight_only_layers",
+    "weight_only_shapes",
 ]
 
 BNB_BLOCK, BNB_NESTED_BLOCK = 64, 256
@@ -197,21 +213,75 @@ def _layer_bytes(quantization: str, name: str, module: nn.Module) -> int:
     return weight_bytes(quantization, out_features, in_features)
 
 
+def weight_only_layers(model: nn.Module) -> list[tuple[nn.Linear, bool]]:
+    """The layers an int8-rows / int4-groups load replaces, each with whether it is the output
+    layer (stored in int8 rows whatever the format): every ``nn.Linear`` (exact type) of
+    ``loading.weight_only_part`` (a classifier's head stays float). On a model with adapters
+    injected (loading quantizes before they are), an adapter's own layers (``lora_A``,
+    ``lora_B``) are not the base's, and the output layer's wrapper stands for the
+    ``nn.Linear`` it wraps."""
+    from lorakit.quantized.loading import weight_only_part
+    from lorakit.state import lora_layers
+
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output = getattr(output, "base_layer", output)
+    adapters = {
+        id(module)
+        for _, layer in lora_layers(model)
+        for name, child in layer.named_children()
+        if name != "base_layer"
+        for module in child.modules()
+    }
+    return [
+        (module, module is output)
+        for module in weight_only_part(model).modules()
+        if type(module) is nn.Linear and id(module) not in adapters
+    ]
+
+
+def weight_only_shapes(
+    model: nn.Module,
+) -> tuple[tuple[int, int], tuple[tuple[int, int], ...]]:
+    """``(out, in)`` of the output layer (``(0, 0)`` for none) and the distinct ``(out, in)``
+    of the other layers an int8-rows / int4-groups load replaces (``weight_only_layers``)."""
+    output, others = (0, 0), set()
+    for module, is_output in weight_only_layers(model):
+        shape = tuple(module.weight.shape)
+        if is_output:
+            output = shape
+        else:
+            others.add(shape)
+    return output, tuple(sorted(others))
+
+
+def dequantized_backward_bytes(
+    quantization: str, out_features: int, in_features: int, grad_bytes: int, *, output: bool
+) -> int:
+    """The bytes a (``out_features``, ``in_features``) layer stored as ``quantization`` holds at
+    once while its backward rebuilds its weight, for a gradient of ``grad_bytes``-byte elements
+    (the module docstring's formulas: the output layer and int8-rows ``(4 + b) d k``, ``4 d k``
+    for b = 4; int4-groups ``49 d k / 4``). 0 where backward rebuilds nothing: a layer
+    int4-groups leaves in float, or a format other than int8-rows / int4-groups."""
+    n = out_features * in_features
+    if quantization not in WEIGHT_ONLY:
+        return 0
+    if output or quantization == "int8-rows":
+        return 4 * n + (0 if grad_bytes == 4 else grad_bytes * n)
+    if not fits(out_features, in_features):
+        return 0  # stays float: its backward reads the weight as it is
+    return 49 * n // 4
+
+
 def _weight_only_base(model: nn.Module, quantization: str) -> tuple[int, int]:
     """``quantized_base`` for int8-rows / int4-groups: every ``nn.Linear`` (exact type) in that
     format, the output layer in int8 rows, layers int4-groups does not take left in float; a
     tied output layer is an added copy (its weight stays in float with the embedding). Only what
-    loading quantizes counts (``loading.weight_only_part``: a classifier's head stays float)."""
-    from lorakit.quantized.loading import weight_only_part
-
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    loading quantizes counts (``weight_only_layers``: a classifier's head stays float)."""
     inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     weights = stored = 0
-    for module in weight_only_part(model).modules():
-        if type(module) is not nn.Linear:
-            continue
+    for module, is_output in weight_only_layers(model):
         out_features, in_features = module.weight.shape
-        kind = "int8-rows" if module is output else quantization
+        kind = "int8-rows" if is_output else quantization
         if kind == "int4-groups" and not fits(out_features, in_features):
             continue  # stays float (as int4_groups.quantize_linears leaves it)
         stored += weight_bytes(kind, out_features, in_features)
