@@ -164,6 +164,21 @@ def engine_held(engine: Engine, adapter: str | None = None):
     assert done.wait(timeout=60)
 
 
+def run_in_thread(target, name: str, results: dict) -> threading.Thread:
+    """``target()`` in a started daemon thread called ``name``; its value or its exception in
+    ``results[name]`` (the race tests hold such threads at hooks, then check both)."""
+
+    def body():
+        try:
+            results[name] = target()
+        except BaseException as error:  # (checked by the test)
+            results[name] = error
+
+    thread = threading.Thread(target=body, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
 def wait_until(condition) -> None:
     """Poll a condition another thread will make true (a deadlock guard, not a timing check)."""
     deadline = time.monotonic() + 60

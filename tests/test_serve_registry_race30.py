@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from lorakit.errors import UserError
 from lorakit.serve.adapter_dirs import AdapterNameError, AdapterRegistry
 from lorakit.serve.registry import ServedAdapters
-from tests.serving import Served, fresh_logprobs, served_logprobs
+from tests.serving import Served, fresh_logprobs, run_in_thread, served_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -88,20 +88,6 @@ class _Watched(dict):
         return super().get(key, default)
 
 
-def _run(target, name: str, results: dict) -> threading.Thread:
-    """``target()`` in a thread called ``name``; its value or its exception in ``results``."""
-
-    def body():
-        try:
-            results[name] = target()
-        except BaseException as error:  # (checked by the test)
-            results[name] = error
-
-    thread = threading.Thread(target=body, name=name, daemon=True)
-    thread.start()
-    return thread
-
-
 def _request(adapters: ServedAdapters, name: str):
     """What a completion for ``name`` does before it runs (``app._served_adapter``)."""
     assert adapters.registry.discover(name)
@@ -139,9 +125,9 @@ def test_a_request_arriving_while_a_runtime_load_reads_is_served_by_that_load(
     bank._loading = _Watched(bank._loading, "request", reached)
     results: dict = {}
 
-    admin = _run(lambda: adapters.add("late", None), "admin", results)
+    admin = run_in_thread(lambda: adapters.add("late", None), "admin", results)
     assert admin_read.wait(WAIT)
-    request = _run(lambda: _request(adapters, "late"), "request", results)
+    request = run_in_thread(lambda: _request(adapters, "late"), "request", results)
     assert reached.wait(WAIT)  # the request is in the bank's lazy load
     go_on.set()
     admin.join(WAIT), request.join(WAIT)
@@ -168,7 +154,7 @@ def test_a_runtime_load_of_a_name_a_request_found_first_is_refused_touching_noth
     _pause_after_read(monkeypatch, "request", request_read, go_on)
     results: dict = {}
 
-    request = _run(lambda: _request(adapters, "late"), "request", results)
+    request = run_in_thread(lambda: _request(adapters, "late"), "request", results)
     assert request_read.wait(WAIT)
     with pytest.raises(AdapterNameError, match="'late' is already loaded"):
         adapters.add("late", "other")
@@ -273,7 +259,7 @@ def test_an_unload_during_a_runtime_load_wins_and_leaves_nothing(
     _pause_after_read(monkeypatch, "admin", admin_read, go_on)
     results: dict = {}
 
-    admin = _run(lambda: adapters.add("late", None), "admin", results)
+    admin = run_in_thread(lambda: adapters.add("late", None), "admin", results)
     assert admin_read.wait(WAIT)
     adapters.remove("late")
     go_on.set()

@@ -38,7 +38,7 @@ from lorakit.errors import AdapterFileError
 from lorakit.io.read import read_adapter_data, read_adapter_header
 from lorakit.serve import routed
 from lorakit.serve.registry import READ_TRIES
-from tests.serving import Served, base_model
+from tests.serving import Served, base_model, run_in_thread
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -82,20 +82,6 @@ def _redeploy(root: Path, name: str, source: str) -> None:
 
 def _alpha(directory: Path) -> float:
     return json.loads((directory / "adapter_config.json").read_text())["lora_alpha"]
-
-
-def _run(target, name: str, results: dict) -> threading.Thread:
-    """``target()`` in a thread called ``name``; its value or its exception in ``results``."""
-
-    def body():
-        try:
-            results[name] = target()
-        except BaseException as error:  # (checked by the test)
-            results[name] = error
-
-    thread = threading.Thread(target=body, name=name, daemon=True)
-    thread.start()
-    return thread
 
 
 def _request(served: Served, name: str):
@@ -175,11 +161,11 @@ def test_a_request_after_a_redeploy_is_not_served_the_load_of_the_old_files_it_w
     _pause_in_prepare(monkeypatch, served, "A", paused, go_on)
     results: dict = {}
 
-    request_a = _run(lambda: _request(served, "ad0"), "A", results)
+    request_a = run_in_thread(lambda: _request(served, "ad0"), "A", results)
     assert paused.wait(WAIT)
     _redeploy(root, "ad0", "ad1")  # complete before B starts
     served.bank._loading = _Watched(served.bank._loading, "B", reached)
-    request_b = _run(lambda: _request(served, "ad0"), "B", results)
+    request_b = run_in_thread(lambda: _request(served, "ad0"), "B", results)
     assert reached.wait(WAIT)  # B is in the bank's lazy load, A's load under way
     assert "ad0" in served.bank._loading and "ad0" not in served.bank
     go_on.set()
@@ -200,10 +186,10 @@ def test_unchanged_files_are_loaded_once_for_requests_that_wait_for_the_load(
     _pause_in_prepare(monkeypatch, served, "A", paused, go_on)
     results: dict = {}
 
-    request_a = _run(lambda: _request(served, "ad0"), "A", results)
+    request_a = run_in_thread(lambda: _request(served, "ad0"), "A", results)
     assert paused.wait(WAIT)
     served.bank._loading = _Watched(served.bank._loading, "B", reached)
-    request_b = _run(lambda: _request(served, "ad0"), "B", results)
+    request_b = run_in_thread(lambda: _request(served, "ad0"), "B", results)
     assert reached.wait(WAIT)
     go_on.set()
     request_a.join(WAIT), request_b.join(WAIT)
@@ -237,7 +223,7 @@ def test_a_read_interrupted_by_a_redeploy_is_read_again_never_a_mix(
     monkeypatch.setattr(registry_module, "read_adapter_data", read_data)
     results: dict = {}
 
-    request_a = _run(lambda: _request(served, "ad0"), "A", results)
+    request_a = run_in_thread(lambda: _request(served, "ad0"), "A", results)
     assert paused.wait(WAIT)
     _redeploy(root, "ad0", "ad1")
     go_on.set()
