@@ -114,3 +114,17 @@ def test_a_file_saved_before_the_heads_were_trained_loads_with_the_models_head(
     lorakit.save_adapter(model, tmp_path / "again")  # saved again: the head is in the file now
     again = load_file(tmp_path / "again" / "adapter_model.safetensors")
     assert any(f".{CASES[task][1]}." in key for key in again)
+
+
+def test_a_seq_cls_file_without_its_head_is_still_refused(tmp_path, monkeypatch):
+    """SEQ_CLS heads were always saved: a SEQ_CLS file without one is incomplete, refused as
+    before, not loaded with the model's new random head (regression review 33: a first version
+    of the fallback above took SEQ_CLS too, logits 1.26 off)."""
+    torch.manual_seed(0)
+    base = tiny_models.bert()
+    with monkeypatch.context() as no_heads:  # a file written without the head's tensors
+        no_heads.setattr(targets, "TASK_HEADS", {})
+        config = lorakit.LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS")
+        lorakit.save_adapter(lorakit.inject(copy.deepcopy(base), config), tmp_path)
+    with pytest.raises(lorakit.AdapterFileError, match=r"classifier\.weight"):
+        lorakit.load_adapter(copy.deepcopy(base), tmp_path)

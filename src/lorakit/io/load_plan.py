@@ -143,8 +143,10 @@ def _task_heads_not_in_file(
     starting as the model's own head, which is what the file's model used; a
     ``TaskHeadFromBaseWarning`` says so. Required, a missing head was an error blaming the file
     or the base."""
+    if config.task_type not in _HEADS_SAVED_SINCE_33:  # (SEQ_CLS heads always were saved:
+        return []  # a SEQ_CLS file without its head is incomplete, refused as such)
     own = config.modules_to_save or []
-    implied = [head for head in TASK_HEADS.get(config.task_type, ()) if head not in own]
+    implied = [head for head in TASK_HEADS[config.task_type] if head not in own]
     found = [
         name
         for name in saved_names
@@ -162,6 +164,11 @@ def _task_heads_not_in_file(
             stacklevel=5,  # load_adapter's caller (<- load_targets <- _load_checked <- load_adapter)
         )
     return found
+
+
+_HEADS_SAVED_SINCE_33 = ("TOKEN_CLS", "QUESTION_ANS")
+"""The task types whose heads lorakit trains and saves only since round 33 (SEQ_CLS's it
+always did): only their files may lack the head."""
 
 
 class TaskHeadFromBaseWarning(UserWarning):
