@@ -81,6 +81,17 @@ def adapter_files(tmp_path_factory):
     return serving.write_adapters(tmp_path_factory.mktemp("served"))
 
 
+@pytest.fixture
+def adapter_files_copy(adapter_files, tmp_path):
+    """A copy of ``adapter_files``' adapters ad0..ad3 under ``tmp_path/adapters`` (for tests
+    that change them on disk); returns ``tmp_path``."""
+    import shutil
+
+    source, _ = adapter_files
+    shutil.copytree(source / "adapters", tmp_path / "adapters")
+    return tmp_path
+
+
 @pytest.fixture(scope="module")
 def greedy_model(adapter_files):
     """The served tiny Llama (no adapter) and its greedy first token of ``serving.PROMPT``, which

@@ -27,9 +27,16 @@ NEAR = 0.99000001  # printed "0.99" by f"{share:g}"
 
 @pytest.mark.parametrize(
     ("share", "label"),
-    [(0.9, "0.9"), (0.99, "0.99"), (1.0, "1"), (0.5, "0.5"), (NEAR, "0.99000001"),
-     (0.9 + 1e-12, "0.900000000001"), (0.1 + 0.2, "0.30000000000000004")],
-)  # fmt: skip
+    [
+        (0.9, "0.9"),
+        (0.99, "0.99"),
+        (1.0, "1"),
+        (0.5, "0.5"),
+        (NEAR, "0.99000001"),
+        (0.9 + 1e-12, "0.900000000001"),
+        (0.1 + 0.2, "0.30000000000000004"),
+    ],
+)
 def test_a_share_label_reads_back_as_exactly_that_share(share, label):
     assert share_label(share) == label
     assert float(share_label(share)) == share

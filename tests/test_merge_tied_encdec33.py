@@ -27,20 +27,34 @@ VOCAB = 100
 def _t5() -> transformers.T5ForConditionalGeneration:
     torch.manual_seed(0)
     config = transformers.T5Config(
-        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=2,
-        decoder_start_token_id=0, dropout_rate=0.0,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=2,
+        decoder_start_token_id=0,
+        dropout_rate=0.0,
+    )
     return transformers.T5ForConditionalGeneration(config).eval()
 
 
 def _bart() -> transformers.BartForConditionalGeneration:
     torch.manual_seed(0)
     config = transformers.BartConfig(
-        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=37,
-        decoder_ffn_dim=37, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=37,
+        decoder_ffn_dim=37,
+        max_position_embeddings=64,
+        dropout=0.0,
+        attention_dropout=0.0,
         activation_dropout=0.0,
-    )  # fmt: skip
+    )
     return transformers.BartForConditionalGeneration(config).eval()
 
 

@@ -38,11 +38,9 @@ WAIT = 30  # seconds: a hook that waits longer than this has deadlocked
 
 
 @pytest.fixture
-def root(adapter_files, tmp_path) -> Path:
-    """A copy of the adapters ad0..ad3 under ``tmp_path/adapters``."""
-    source, _ = adapter_files
-    shutil.copytree(source / "adapters", tmp_path / "adapters")
-    return tmp_path
+def root(adapter_files_copy) -> Path:
+    """A copy of the adapters ad0..ad3 under ``tmp_path/adapters`` (conftest)."""
+    return adapter_files_copy
 
 
 @pytest.fixture

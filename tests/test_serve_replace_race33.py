@@ -48,11 +48,9 @@ PROMPT_IDS = [5, 6, 7, 8, 9, 10]
 
 
 @pytest.fixture
-def root(adapter_files, tmp_path) -> Path:
-    """A copy of the adapters ad0..ad3 under ``tmp_path/adapters``."""
-    source, _ = adapter_files
-    shutil.copytree(source / "adapters", tmp_path / "adapters")
-    return tmp_path
+def root(adapter_files_copy) -> Path:
+    """A copy of the adapters ad0..ad3 under ``tmp_path/adapters`` (conftest)."""
+    return adapter_files_copy
 
 
 @pytest.fixture
