@@ -43,21 +43,7 @@ async def asgi_stream(
     server (uvicorn) does, that error is logged, and the complete 500 stands as the answer: a
     caller that forwards these pieces (the Ray Serve replica) would otherwise break the
     client's connection after the 500's body."""
-    path, _, query = path.partition("?")
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method.upper(),
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": query.encode(),
-        "root_path": "",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-        "client": ("127.0.0.1", 0),
-        "server": ("127.0.0.1", 80),
-    }
+    scope = _http_scope(method, path, headers)
     sent: asyncio.Queue = asyncio.Queue()
     gone = asyncio.Event()  # the caller stopped reading: the client left
     request_read = False
@@ -104,3 +90,23 @@ async def asgi_stream(
                 await asyncio.wait_for(task, timeout=5)  # the app sees the disconnect, ends
             except Exception:  # (wait_for cancels it after 5 s)
                 log.debug("the app failed after its client left", exc_info=True)
+
+
+def _http_scope(method: str, path: str, headers: Mapping[str, str]) -> dict:
+    """The ASGI ``http`` scope of one request to ``path`` (which may carry a ``?query``) from a
+    loopback client."""
+    path, _, query = path.partition("?")
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method.upper(),
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query.encode(),
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 0),
+        "server": ("127.0.0.1", 80),
+    }
