@@ -46,7 +46,7 @@ from lorakit.state import (
     state_of,
     walk_modules,
 )
-from lorakit.unload import forget_state, own_tensors_for_reload, put_saved_copy
+from lorakit.unload import forget_state, keep_untied, put_saved_copy
 from lorakit.wrapped_modules import replace_module
 
 __all__ = ["merge", "merge_and_unload", "model_float_dtype", "unmerge"]
@@ -145,7 +145,7 @@ def merge_and_unload(
     ``encoder``/``decoder.embed_tokens``: left True, a ``tie_weights()`` call, made e.g. by
     ``resize_token_embeddings``, would put the unmerged embedding back into them), and each
     module that ``save_pretrained`` would leave out as a tie and ``from_pretrained`` would not
-    tie back to the same tensor gets its own copy of it (``unload.own_tensors_for_reload``: that
+    tie back to the same tensor gets its own copy of it (``unload.keep_untied``: that
     BART head; T5's ``encoder``/``decoder.embed_tokens`` and head beside a merged ``shared``,
     which transformers 5 re-ties whatever the flag says). ``save_pretrained`` then writes them
     all and the reloaded model gives the outputs of this one (transformers 5 logs that it does
@@ -161,18 +161,12 @@ def merge_and_unload(
     _merge(model, names, float_dtype)  # rounded once to float_dtype (a bf16 base's sum too)
     untied = _unload_lora_layers(model, tied, linear_dtype)
     untied |= _unload_saved_modules(model, names, tied)
-    config = getattr(model, "config", None)
-    if (untied or output_quantized) and hasattr(config, "tie_word_embeddings"):
-        # A merged (or trained copy of a) tied embedding no longer equals the other one; a
-        # quantized output layer was its own copy, and dequantized it is not the embedding.
-        # (Also where the head still holds the input embedding: see the docstring.)
-        config.tie_word_embeddings = False
     _dequantize_remaining(model, linear_dtype)
     own_replicated_tensors(model)  # layer copies (layer_replication) stop sharing tensors
     if float_dtype is not None:
         _cast_floats(model, float_dtype)
-    if untied or output_quantized:
-        own_tensors_for_reload(model)  # (e.g. that head gets its own copy, so it is saved)
+    if untied or output_quantized:  # a merged (or trained copy of a) tied embedding no longer
+        keep_untied(model)  # equals the other; a dequantized output layer is not the embedding
     forget_state(model)
     return model
 

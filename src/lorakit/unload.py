@@ -32,6 +32,7 @@ from lorakit.wrapped_modules import replace_module
 __all__ = [
     "forget_state",
     "freeze_adapter",
+    "keep_untied",
     "own_tensors_for_reload",
     "put_saved_copy",
     "unload",
@@ -81,10 +82,8 @@ def unload(model: nn.Module, keep_saved: Sequence[str] = ()) -> nn.Module:
             replace_module(model, name, original_module(wrapper))
         else:  # (the copy is put in place first, whatever the config)
             untied |= put_saved_copy(model, name, wrapper, keep_saved, tied)
-    if untied and hasattr(getattr(model, "config", None), "tie_word_embeddings"):
-        model.config.tie_word_embeddings = False  # the trained copy is not the embedding
-    if untied:  # (its former tie partners: saved under their own names, not re-tied)
-        own_tensors_for_reload(model)
+    if untied:  # the trained copy is not the embedding
+        keep_untied(model)
     forget_state(model)
     restore_layers(model)
     return model
@@ -111,6 +110,18 @@ def forget_state(model: nn.Module) -> None:
         if name in state.original_requires_grad:
             parameter.requires_grad_(state.original_requires_grad[name])
     del model.lorakit_state
+
+
+def keep_untied(model: nn.Module) -> None:
+    """Record that a merge or a trained copy untied ``model``'s tied weights: its config's
+    ``tie_word_embeddings`` set False (where it has one; left True, a ``tie_weights()`` call
+    would put the untied embedding back), and each former tie partner given the tensor it is
+    saved and reloaded with (``own_tensors_for_reload``). ``merge_and_unload`` and ``unload``
+    call it."""
+    config = getattr(model, "config", None)
+    if hasattr(config, "tie_word_embeddings"):
+        config.tie_word_embeddings = False
+    own_tensors_for_reload(model)
 
 
 def own_tensors_for_reload(model: nn.Module) -> list[str]:
