@@ -15,7 +15,7 @@ checkpoints and the adapter are gathered by all processes and written by process
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +41,8 @@ from lorakit.train.distributed import Distributed, setup_distributed
 from lorakit.train.fsdp import ShardedSaver, reshard, whole
 from lorakit.train.inputs import check_inputs
 from lorakit.train.losses import (
+    NO_EVAL_TARGETS,
+    Batch,
     MetricFn,
     batch_loss_sum,
     evaluate,
@@ -157,6 +159,8 @@ class _Run(RunCheckpoints):
                 f"{len(train_data)} training examples are fewer than one global batch "
                 f"({self.batch_order.global_batch} = batch_size x grad_accum x processes)"
             )
+        if eval_data and not any(target_count(batch) for batch in self.eval_batches()):
+            raise UserError(NO_EVAL_TARGETS)  # (now, not at the first evaluation)
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", enabled=self.dist.is_main)
         self.last_loss: float | None = None
         self.last_eval: dict[str, float] = {}
@@ -291,13 +295,14 @@ class _Run(RunCheckpoints):
             self.metrics.write(record)
         self.dist.barrier()
 
-    def evaluate(self) -> dict[str, float]:
+    def eval_batches(self) -> Iterator[Batch]:
+        """The evaluation data collated in batches of ``batch_size``, shortest first."""
         size, order = self.config.batch_size, self.eval_order
-        batches = (
-            self.collate([self.eval_data[i] for i in order[start : start + size]])
-            for start in range(0, len(order), size)
-        )
-        return evaluate(self.model, batches, self.metric_fn)
+        for start in range(0, len(order), size):
+            yield self.collate([self.eval_data[i] for i in order[start : start + size]])
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.model, self.eval_batches(), self.metric_fn)
 
     def _finish(self, start_step: int) -> TrainResult:
         # (evaluated at the last step: by eval_every, or before a finished run was resumed)

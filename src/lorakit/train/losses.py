@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.data.batching import forward_arguments
+from lorakit.errors import UserError
 
 __all__ = ["batch_loss_sum", "evaluate", "exact_match_counts", "target_count"]
 
@@ -104,13 +105,21 @@ def exact_match_counts(logits: torch.Tensor, batch: Batch) -> dict[str, tuple[fl
     return {"accuracy": (float(correct), int(has_target.sum()))}
 
 
+NO_EVAL_TARGETS = (
+    "the evaluation data has no target tokens (every label is -100), so its loss is "
+    "undefined: give eval_data (--eval-data) examples with at least one label != -100"
+)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, batches: Iterable[Batch], metric_fn: MetricFn | None = exact_match_counts
 ) -> dict[str, float]:
     """Mean loss per target over all batches (and each metric's ratio), model in eval mode.
 
-    The model's previous train/eval mode is restored afterwards.
+    The model's previous train/eval mode is restored afterwards. ``UserError`` when the
+    batches hold no target at all (every label -100): the mean is then undefined, and 0.0
+    would read as a perfect score.
     """
     was_training = model.training
     model.eval()
@@ -128,6 +137,8 @@ def evaluate(
                 totals[1] += n
     finally:
         model.train(was_training)
-    results = {"loss": loss_sum / max(count, 1)}
+    if count == 0:
+        raise UserError(NO_EVAL_TARGETS)
+    results = {"loss": loss_sum / count}
     results.update({name: value / max(n, 1) for name, (value, n) in metric_totals.items()})
     return results
