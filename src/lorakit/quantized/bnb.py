@@ -279,7 +279,7 @@ def storage(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     """A new layer of ``module``'s format (same quant type, double quantization, block size,
-    compute dtype; same bias) holding ``weight`` (out, in) quantized afresh. A 4-bit one has
+    compute dtype, storage dtype -- FSDP-QLoRA stores the codes as bf16; same bias) holding ``weight`` (out, in) quantized afresh. A 4-bit one has
     bitsandbytes' eval-mode CPU repacking off (``loading.keep_4bit_storage``), as every layer
     lorakit loads: its first eval forward would otherwise rewrite its bytes, compute other
     numbers than the reported error's and be refused by ``dequantized_weight``."""
@@ -288,7 +288,7 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     out_features, in_features = shape(module)
     has_bias = module.bias is not None
     if is_4bit(module):
-        state = module.weight.quant_state
+        state, storage = module.weight.quant_state, module.weight.quant_storage
         new = bnb.nn.Linear4bit(
             in_features,
             out_features,
@@ -296,6 +296,7 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
             compute_dtype=module.compute_dtype,
             compress_statistics=bool(state.nested),
             quant_type=state.quant_type,
+            quant_storage=storage,
         )
         new.weight = bnb.nn.Params4bit(
             weight.detach().to(state.dtype).cpu(),
@@ -303,6 +304,7 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
             blocksize=state.blocksize,
             compress_statistics=bool(state.nested),
             quant_type=state.quant_type,
+            quant_storage=storage,
         )
         new.support_avx512bf16_for_cpu = False
     else:
