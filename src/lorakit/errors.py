@@ -9,6 +9,7 @@ __all__ = [
     "FanInFanOutWarning",
     "TargetModulesError",
     "UnknownAdapterError",
+    "UnusedTargetWarning",
     "UserError",
     "first_line",
     "listed",
@@ -30,6 +31,14 @@ class BaseModelMismatchError(AdapterFileError):
 class FanInFanOutWarning(UserWarning):
     """PEFT's warning that ``fan_in_fan_out`` is set to the layout of the layers adapted (the
     ``lorakit`` command chooses no ``fan_in_fan_out``, so it does not show this warning)."""
+
+
+class UnusedTargetWarning(UserWarning):
+    """A targeted module that the model's forward never calls, so its adapter changes no
+    output and trains nothing: T5's and BART's ``shared`` embedding, whose weight transformers 5
+    ties into the separate ``encoder``/``decoder.embed_tokens`` modules that the forward reads
+    (PEFT 0.21 adapts it the same way, without a word). The adapter is still added and saved
+    as PEFT saves it; the message names the modules to target instead."""
 
 
 class UnknownAdapterError(KeyError, ValueError):

@@ -45,6 +45,7 @@ from lorakit.state import (
 )
 from lorakit.target_errors import check_every_entry_matches, no_match_message
 from lorakit.targets import find_targets
+from lorakit.uncalled_embeddings import warn_uncalled_tied_embeddings
 from lorakit.unload import forget_state, freeze_adapter, unload
 from lorakit.wrapped_modules import (
     add_to_wrappers,
@@ -111,7 +112,9 @@ def _inject_checked(
     strict_targets: bool,
 ) -> None:
     """``inject`` once the name is checked and the layers replicated (if asked). The config of
-    a fused MoE model is first converted as PEFT converts it (``lorakit.moe_targets``)."""
+    a fused MoE model is first converted as PEFT converts it (``lorakit.moe_targets``). A
+    targeted embedding the forward never calls (T5's / BART's ``shared``) is adapted as PEFT
+    adapts it, with an ``UnusedTargetWarning`` naming the modules to target instead."""
     config = convert_moe_config(model, config)
     targets = find_targets(model, config)
     parameter_targets = find_parameter_targets(model, config)
@@ -120,6 +123,7 @@ def _inject_checked(
     if strict_targets:
         check_every_entry_matches(model, config)
     warn_lora_bias_without_base_bias(model, config, targets)
+    warn_uncalled_tied_embeddings(model, targets)  # (T5's / BART's ``shared``)
     add_adapter_to_modules(
         model,
         config,

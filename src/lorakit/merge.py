@@ -35,13 +35,12 @@ from lorakit import quantized
 from lorakit.errors import UnknownAdapterError
 from lorakit.layers import LoraLayer, ModulesToSave, TrainableTokens
 from lorakit.quantized.merge import float_linear
-from lorakit.replication import own_replicated_tensors
+from lorakit.replication import own_replicated_tensors, tied_parameter_ids
 from lorakit.state import (
     active_adapters,
     adapter_model,
     adapter_name_list,
     lora_layers,
-    parameter_holders,
     saved_modules,
     state_of,
     walk_modules,
@@ -138,7 +137,9 @@ def merge_and_unload(
     reverse). A dtype that is not floating point is a ``ValueError``, raised before any change.
 
     With ``layer_replication`` the result is a plain model with the longer layer list: each
-    layer copy gets its own tensors (the untargeted ones cloned), so it can be saved.
+    layer copy gets its own tensors (the untargeted ones cloned), so it can be saved. The
+    copies' shared tensors are no tie: a merge into them leaves ``tie_word_embeddings`` and a
+    tied head as they were (``replication.tied_parameter_ids``).
 
     A merge (or trained copy) that unties tied weights sets ``config.tie_word_embeddings =
     False`` (also where the head still holds the input embedding, as BART's does after LoRA on
@@ -156,7 +157,7 @@ def merge_and_unload(
     found_quantized = _check_quantized_layers(model)  # before any change (e.g. one bnb repacked)
     own_dtype = model_float_dtype(model) if found_quantized and float_dtype is None else None
     linear_dtype = float_dtype or own_dtype or torch.float32  # (used by quantized layers only)
-    tied = {key for key, names in parameter_holders(model).items() if len(names) > 1}
+    tied = tied_parameter_ids(model)  # (not the tensors layer_replication's copies share)
     output_quantized = _output_layer_quantized(model)
     _merge(model, names, float_dtype)  # rounded once to float_dtype (a bf16 base's sum too)
     untied = _unload_lora_layers(model, tied, linear_dtype)

@@ -10,7 +10,9 @@ finds it: ``model(.model)*`` then ``.bert``, then ``.layers``, ``.encoder.layer`
 ``config.layer_types`` (transformers' per-layer attention kinds: Qwen2, Gemma2, ...) is
 replicated with the layers, which PEFT does not do (its forward then reads past the list).
 ``lorakit.unload`` puts the original layer list back; ``merge_and_unload`` keeps the replicated
-layers (each merged copy has its own weights then: ``own_replicated_tensors``).
+layers (each merged copy has its own weights then: ``own_replicated_tensors``). A tensor that
+only copies of one layer share is not a tie (``tied_parameter_ids``): merging into one copy
+unties nothing that transformers ties (the input and output embeddings keep one tensor).
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["own_replicated_tensors", "replicate_layers", "replicated_map", "restore_layers"]
+from lorakit.state import parameter_holders
+
+__all__ = [
+    "own_replicated_tensors",
+    "replicate_layers",
+    "replicated_map",
+    "restore_layers",
+    "tied_parameter_ids",
+]
 
 _RECORD = "lorakit_replicated_layers"
 
@@ -80,6 +90,46 @@ def replicated_map(model: nn.Module) -> list[list[int]] | None:
     """The map ``model``'s layers were replicated with (None if they were not)."""
     record = model.__dict__.get(_RECORD)
     return None if record is None else record.layer_map
+
+
+def tied_parameter_ids(model: nn.Module) -> set[int]:
+    """The ids of the parameters ``model`` holds under several names, where the layer copies
+    of ``layer_replication`` count as the one original layer they copy: ``lm_head.weight`` /
+    ``model.embed_tokens.weight`` are tied, ``model.layers.0.mlp.up_proj.weight`` /
+    ``model.layers.2.mlp.up_proj.weight`` (both copies of layer 0 under
+    ``layer_replication=[[0, 2], [0, 1]]``) are not, LoRA-wrapped or not. ``merge_and_unload``
+    and ``unload`` clear ``tie_word_embeddings`` only where a merge or a trained copy replaced
+    one of these: a merge into a layer copy gives that copy its own weight and leaves the
+    other copies, which hold the original tensor, as they were."""
+    holders = parameter_holders(model)
+    inside = _in_layer_list(model)
+    if inside is None:  # (not replicated)
+        return {key for key, names in holders.items() if len(names) > 1}
+    record = model.__dict__[_RECORD]
+    original: dict[int, int] = {}  # id -> how many names the original layer list holds it under
+    for _, parameter in record.original.named_parameters(remove_duplicate=False):
+        original[id(parameter)] = original.get(id(parameter), 0) + 1
+    tied = set()
+    for key, names in holders.items():
+        copies = [name for name in names if inside(name)]
+        count = len(names) - len(copies) + (original.get(key, len(copies)) if copies else 0)
+        if count > 1:
+            tied.add(key)
+    return tied
+
+
+def _in_layer_list(model: nn.Module):
+    """A test of whether a parameter name of ``model`` lies in its replicated layer list
+    (``model.layers.<n>.``); None where the layers were not replicated."""
+    record = model.__dict__.get(_RECORD)
+    if record is None:
+        return None
+    holders = (name for name, module in model.named_modules() if module is record.holder)
+    holder = next(holders, None)
+    if holder is None:  # (the list's holder is no longer in the model)
+        return None
+    prefix = f"{holder}.{record.attribute}." if holder else f"{record.attribute}."
+    return lambda name: name.startswith(prefix)
 
 
 def replicate_layers(model: nn.Module, layer_map: list[list[int]]) -> bool:

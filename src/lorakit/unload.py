@@ -17,7 +17,7 @@ from itertools import cycle
 from torch import nn
 
 from lorakit.layers import LoraLayer, ModulesToSave, TrainableTokens
-from lorakit.replication import restore_layers
+from lorakit.replication import restore_layers, tied_parameter_ids
 from lorakit.state import (
     adapter_model,
     lora_layers,
@@ -30,12 +30,14 @@ from lorakit.targets import original_module
 from lorakit.wrapped_modules import replace_module
 
 __all__ = [
+    "declared_ties",
     "forget_state",
     "freeze_adapter",
     "keep_untied",
     "own_tensors_for_reload",
     "put_saved_copy",
     "unload",
+    "without_base_layers",
 ]
 
 
@@ -75,7 +77,7 @@ def unload(model: nn.Module, keep_saved: Sequence[str] = ()) -> nn.Module:
     for name, layer in reversed(list(lora_layers(model))):  # a nested layer before its outer one
         layer.unmerge()
         replace_module(model, name, layer.base_layer)
-    tied = {key for key, names in parameter_holders(model).items() if len(names) > 1}
+    tied = tied_parameter_ids(model)  # (not the tensors layer_replication's copies share)
     untied = False
     for name, wrapper in list(saved_modules(model)):
         if isinstance(wrapper, TrainableTokens):  # (its trained rows are dropped)
@@ -174,12 +176,49 @@ def _tie_targets(model: nn.Module) -> dict[str, str | None]:
     return targets
 
 
-def _expanded_ties(module: nn.Module, mapping: object) -> dict[str, str | None]:
-    """``module``'s tie mapping as ``{target parameter: source parameter}``, its own names.
-    A dict (transformers 5: ``{target pattern: source pattern}``) is expanded as
+def declared_ties(model: nn.Module) -> dict[str, str | None]:
+    """``{target parameter name: source name}`` for every tie that transformers'
+    ``_tied_weights_keys`` declare in ``model`` (expanded as in ``_tie_targets``), whatever its
+    config says; the names are those of the model without lorakit's LoRA layers (each
+    ``.base_layer`` segment dropped: ``shared.weight`` for ``shared.base_layer.weight``), so
+    the result reads the same on an adapted model. ``inject`` uses it to find a targeted
+    embedding that the forward never calls (T5's and BART's ``shared``)."""
+    ties: dict[str, str | None] = {}
+    for prefix, module in model.named_modules():
+        mapping = getattr(module, "_tied_weights_keys", None)
+        if not mapping:
+            continue
+        held = module.named_parameters(remove_duplicate=False)
+        names = {without_base_layers(name) for name, _ in held}
+        for target, source in _expanded_ties(module, mapping, names).items():
+            source = without_base_layers(source) if source else source  # (a transformers 4 list)
+            source = f"{prefix}.{source}" if prefix and source else source
+            ties[f"{prefix}.{target}" if prefix else target] = source
+    return ties
+
+
+# The segment a LoRA layer adds to the names of its base module's parameters.
+_BASE_LAYER = re.compile(r"\.base_layer(?=\.)")
+
+
+def without_base_layers(name: str) -> str:
+    """A parameter name of an adapted model as the unadapted model names it: each
+    ``.base_layer`` segment a LoRA layer adds dropped (``shared.base_layer.weight`` ->
+    ``shared.weight``)."""
+    return _BASE_LAYER.sub("", name)
+
+
+def _expanded_ties(
+    module: nn.Module, mapping: object, names: Iterable[str] | None = None
+) -> dict[str, str | None]:
+    """``module``'s tie mapping as ``{target parameter: source parameter}``, its own names
+    (``names``: its parameter names, where the caller gives them in another form). A dict
+    (transformers 5: ``{target pattern: source pattern}``) is expanded as
     ``get_expanded_tied_weights_keys`` expands it; a list (transformers 4: the targets) is tied
     to the input embedding's weight (None where the module has none)."""
-    names = sorted({name for name, _ in module.named_parameters(remove_duplicate=False)})
+    if names is None:
+        names = (name for name, _ in module.named_parameters(remove_duplicate=False))
+    names = sorted(set(names))
     if not isinstance(mapping, dict):
         source = _input_weight_name(module)
         return {name: source for pattern in mapping for name in names if re.search(pattern, name)}
