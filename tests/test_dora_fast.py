@@ -159,3 +159,20 @@ def test_cached_inference_scales_follow_in_place_updates() -> None:
             torch.testing.assert_close(after, _reference(layer, x), rtol=1e-12, atol=1e-12)
             assert (after - before).abs().max() > 1e-3
             before = after
+
+
+def test_the_dropout_mask_is_saved_where_saved_tensor_hooks_see_it() -> None:
+    """The mask's bits (N k / 8 bytes) were kept on ``ctx``, out of sight of
+    ``saved_tensors_hooks`` (save_on_cpu, offloading, byte counts) and of the version check;
+    the LoRA node saves its mask through ``save_for_backward``, and so does DoRA's now."""
+    torch.manual_seed(0)
+    layer = _layer(dropout=0.3)
+    x = torch.randn(64, 12, requires_grad=True)
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t) or t, lambda t: t):
+        out = layer(x)
+    assert type(out.grad_fn).__name__ == "FusedDoraLinearBackward"
+    masks = [t for t in seen if t.dtype == torch.uint8]
+    assert [t.numel() for t in masks] == [64 * 12 // 8]
+    out.sum().backward()  # (the backward reads the mask from the saved tensors)
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -109,8 +109,8 @@ class FusedDoraLinear(torch.autograd.Function):
         keep_x = x if ctx.needs_input_grad[3] else None
         needs_mask = mask is not None and (ctx.needs_input_grad[0] or ctx.needs_input_grad[3])
         mask_bits = pack_mask(mask) if needs_mask else None
-        ctx.save_for_backward(keep_x, weight, lora_A, lora_B, factor, divisor, product, low_rank)
-        ctx.mask_bits = mask_bits
+        saved = (keep_x, weight, lora_A, lora_B, factor, divisor, product, low_rank, mask_bits)
+        ctx.save_for_backward(*saved)  # (the mask too: saved-tensor hooks see every byte)
         ctx.m_dtype = magnitude.dtype
         ctx.x_shape = x.shape
         ctx.settings = (rank_scale, drop_levels, fan_in_fan_out)
@@ -119,14 +119,14 @@ class FusedDoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         refuse_double_backward("DoRA linear node")
-        x, weight, lora_A, lora_B, factor, norms, product, low_rank = ctx.saved_tensors
+        x, weight, lora_A, lora_B, factor, norms, product, low_rank, mask_bits = ctx.saved_tensors
         rank_scale = ctx.settings[0]
         needs_x, _, needs_bias, needs_A, needs_B, needs_m = ctx.needs_input_grad[:6]
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d)
         dtype = grad_rows.dtype
         mask = None
-        if ctx.mask_bits is not None:
-            bits = unpack_mask(ctx.mask_bits, (grad_rows.shape[0], ctx.x_shape[-1]))
+        if mask_bits is not None:
+            bits = unpack_mask(mask_bits, (grad_rows.shape[0], ctx.x_shape[-1]))
             mask = multiplier(bits, dtype)
         grad_u = grad_rows.T @ low_rank  # G^T u (d, r)
         grad_low_rank = (grad_rows @ _scaled_rows(lora_B, factor, dtype)).mul_(rank_scale)
