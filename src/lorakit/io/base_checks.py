@@ -65,10 +65,11 @@ def check_base(
 ) -> None:
     """The base weights under the ``adapted`` modules (those with LoRA factors) are the ones
     ``adapter`` was saved on (``lorakit.io.fingerprint``), but for ``replaced``, whose base
-    weight the file brings; a mismatch raises ``BaseModelMismatchError`` with the way out
-    (``_load_remedy``), or warns with ``allow_base_mismatch``. A base that cannot be verified
-    (no fingerprint, modules it does not cover, or nothing left to check) is loaded with a
-    warning."""
+    weight the file brings; a mismatch raises ``BaseModelMismatchError`` naming the base the
+    adapter config records (``base_model_name_or_path``) and the model's, where known, with the
+    way out (``_load_remedy``), or warns with ``allow_base_mismatch``. A base that cannot be
+    verified (no fingerprint, modules it does not cover, base weights on the meta device with
+    nothing to read them from, or nothing left to check) is loaded with a warning."""
     checked = [name for name in adapted if name not in replaced]
     _warn_nothing_checked(adapter, adapted, replaced)
     note = fingerprint.unverified_note(
@@ -84,6 +85,7 @@ def check_base(
         allow_mismatch=allow_base_mismatch,
         remedy=_load_remedy(adapter),
         modules=modules,
+        trained_on=adapter.config.base_model_name_or_path,
     )
     if message is not None:
         overridden = message.removesuffix(".")

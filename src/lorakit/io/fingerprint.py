@@ -13,12 +13,20 @@ is caught, even below the dtype's precision), unless one side's samples are all 
 bfloat16 / float16 rounding of the other's (float32 weights rounded to bfloat16 and stored in
 float32 again: the same weights as that bf16 checkpoint, which the next rule accepts);
 different dtypes (an fp32 checkpoint loaded in bf16, say) -> values must agree within the
-rounding of the coarser dtype (relative 2^-7).
+rounding of the coarser dtype (``within_dtype_rounding``: its ``eps`` relative, 2^-7 for bfloat16,
+2^-10 for float16, 2^-23 for float32 and float64, whose samples are kept as float32; plus the
+subnormal spacing of the narrower range, 2^-24 when float16 is one side).
 A different checkpoint of the same shape (another fine-tune, another seed, a merged model)
 differs in nearly every element, so 64 samples per module are far more than enough.
 
 Stored as compact JSON in the safetensors header metadata under ``METADATA_KEY`` (peft, vLLM
 and transformers ignore extra metadata), computed from the ORIGINAL weight of merged layers.
+
+A base weight that accelerate offloaded (``cpu_offload``, ``device_map`` with "cpu" / "disk"
+entries: the parameter on the meta device, its value in the ``AlignDevicesHook``'s
+``weights_map``) is read from that map (``offloaded_weight``) and checked like any other; a
+weight on the meta device with nothing to read it from (a model built on the meta device) cannot
+be checked, and ``unverified_note`` says so.
 
 A quantized base (``lorakit.quantized``) is fingerprinted by its packed codes as stored, its
 format name (``bnb-nf4-dq``, ``gguf-Q4_1``, ...) in place of the dtype, its scales and its
@@ -51,7 +59,9 @@ __all__ = [
     "first_mismatch",
     "module_difference",
     "module_fingerprint",
+    "offloaded_weight",
     "refuse_other_base",
+    "rounding_tolerance",
     "unverifiable",
     "unverified_note",
     "within_dtype_rounding",
@@ -61,17 +71,45 @@ METADATA_KEY = "lorakit.base_fingerprint"
 SAMPLES = 64
 METHOD = "golden64-v1"  # (the sampling rule; ``fingerprint_json`` writes it)
 _GOLDEN = (math.sqrt(5) - 1) / 2
-_RELATIVE_TOLERANCE = 2.0**-7  # rounding to bf16 (and fp16 -> bf16 double rounding)
-_ABSOLUTE_TOLERANCE = 6e-8  # fp16 subnormal spacing
+# the rounding allowed to a caller that does not know the dtypes (``within_dtype_rounding``)
+_COARSEST_DTYPES = ("bfloat16", "float16")
 
 
 def base_weight(module: nn.Module) -> torch.Tensor:
-    """The ORIGINAL base weight of a (possibly merged) LoRA layer, or the module's weight."""
+    """The ORIGINAL base weight of a (possibly merged) LoRA layer, or the module's weight; an
+    offloaded one's value (``offloaded_weight``) where the parameter is on the meta device."""
     if isinstance(module, LoraLayer):
         if module.original_weight is not None:
             return module.original_weight
-        return module.base_layer.weight
-    return module.weight
+        module = module.base_layer
+    weight = module.weight
+    if weight.device.type == "meta":
+        offloaded = offloaded_weight(module, "weight")
+        if offloaded is not None:
+            return offloaded
+    return weight
+
+
+def offloaded_weight(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The value of ``module``'s parameter ``name`` that accelerate keeps while the parameter
+    sits on the meta device: ``module._hf_hook.weights_map[name]`` of an ``AlignDevicesHook``
+    with ``offload=True`` (``cpu_offload``, and ``dispatch_model`` / transformers' ``device_map``
+    for modules mapped to "cpu" or "disk"; a ``SequentialHook``'s hooks are searched in turn).
+    None where no hook keeps it (a model built on the meta device; a hook on a parent module,
+    accelerate's ``preload_module_classes``: the module is then reported as unverifiable). A
+    "disk" entry is read whole from its file (accelerate reads no part of a tensor)."""
+    hook = getattr(module, "_hf_hook", None)
+    for each in getattr(hook, "hooks", (hook,)):
+        weights_map = getattr(each, "weights_map", None)
+        if not getattr(each, "offload", False) or weights_map is None:
+            continue
+        try:
+            value = weights_map[name]
+        except KeyError:
+            continue
+        if isinstance(value, torch.Tensor) and value.device.type != "meta":
+            return value
+    return None
 
 
 def base_identity(module: nn.Module) -> tuple[torch.Tensor, str]:
@@ -126,8 +164,9 @@ def weight_fingerprint(weight: torch.Tensor, dtype_name: str | None = None) -> d
 
 
 def module_fingerprint(module: nn.Module) -> dict[str, object] | None:
-    """The fingerprint of the base of ``module`` (a quantized one's: ``quantized_fingerprint``),
-    None when its base weight is on the meta device (offloaded)."""
+    """The fingerprint of the base of ``module`` (a quantized one's: ``quantized_fingerprint``;
+    an offloaded one's from accelerate's ``weights_map``, ``offloaded_weight``), None when its
+    base weight is on the meta device with nothing to read it from."""
     weight, dtype_name = base_identity(module)
     if weight.device.type == "meta":
         return None
@@ -141,7 +180,8 @@ def module_fingerprint(module: nn.Module) -> dict[str, object] | None:
 
 def compute(model: nn.Module, module_names: Iterable[str]) -> dict[str, dict[str, object]]:
     """Fingerprints of the base weights of ``module_names``; a module whose base weight is on
-    the meta device (offloaded) has none (callers name the ones left out)."""
+    the meta device with nothing to read it from (``module_fingerprint``) has none (callers name
+    the ones left out)."""
     result = {}
     for name in module_names:
         entry = module_fingerprint(model.get_submodule(name))
@@ -182,16 +222,37 @@ def describe_difference(
             return None
         return "sampled weights differ"
     current = weight_fingerprint(weight)
-    if within_dtype_rounding(sample_values(stored), sample_values(current)):
+    dtypes = (str(stored["dtype"]), str(current["dtype"]))
+    if within_dtype_rounding(sample_values(stored), sample_values(current), *dtypes):
         return None
     return f"sampled weights differ beyond {stored['dtype']}/{current['dtype']} rounding"
 
 
-def within_dtype_rounding(expected: torch.Tensor, actual: torch.Tensor) -> bool:
-    """Sampled values of one weight held in two float dtypes: equal within the rounding of the
-    coarser (relative 2^-7, bfloat16's; absolute 6e-8, float16's subnormal spacing)."""
-    tolerance = _RELATIVE_TOLERANCE * torch.maximum(expected.abs(), actual.abs())
-    return bool(((expected - actual).abs() <= tolerance + _ABSOLUTE_TOLERANCE).all())
+def rounding_tolerance(*dtype_names: str) -> tuple[float, float]:
+    """``(relative, absolute)`` rounding of values held in any of ``dtype_names``: relative the
+    largest ``finfo.eps`` (2^-7 bfloat16, 2^-10 float16, 2^-23 float32), absolute the largest
+    subnormal spacing ``finfo.tiny * finfo.eps`` (2^-24 for float16, whose range is the narrowest
+    though bfloat16's eps is the larger: a bf16 / fp16 pair takes both). float32 always counts,
+    as fingerprints keep float32 values (float64 and a quantized format's dequantized values are
+    compared as float32); names that are not float dtypes (a quantized format's) add nothing."""
+    infos = [torch.finfo(torch.float32)]
+    for name in dtype_names:
+        dtype = getattr(torch, str(name), None)
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            infos.append(torch.finfo(dtype))
+    return max(info.eps for info in infos), max(info.tiny * info.eps for info in infos)
+
+
+def within_dtype_rounding(expected: torch.Tensor, actual: torch.Tensor, *dtype_names: str) -> bool:
+    """Sampled values of one weight held in the float dtypes ``dtype_names`` (the two sides'):
+    ``|e - a| <= relative * max(|e|, |a|) + absolute`` element-wise, with the coarser dtype's
+    ``rounding_tolerance`` (``eps`` relative, not the half-ulp of one rounding: fp32 -> fp16 ->
+    bf16 rounds twice). An fp32 base loaded in fp16 is held to fp16's 2^-10, so a base 0.3% off
+    is refused in fp16 as in fp32. Without ``dtype_names`` (a caller that does not know them):
+    the coarsest lorakit meets, bfloat16's eps and float16's subnormal spacing."""
+    relative, absolute = rounding_tolerance(*(dtype_names or _COARSEST_DTYPES))
+    tolerance = relative * torch.maximum(expected.abs(), actual.abs()) + absolute
+    return bool(((expected - actual).abs() <= tolerance).all())
 
 
 def _rounded_copy(stored: dict[str, object], samples: torch.Tensor) -> bool:
@@ -230,7 +291,9 @@ def first_mismatch(
     modules: Mapping[str, nn.Module] | None = None,
 ) -> tuple[str, str] | None:
     """``(module, reason)`` of the first of ``module_names`` whose base weight does not fit its
-    stored fingerprint (modules without a stored fingerprint are not checked), or None.
+    stored fingerprint, or None. Not checked (``unverifiable`` names them): modules without a
+    stored fingerprint, and those whose base weight is on the meta device with nothing to read
+    it from (an offloaded one is read from accelerate's map: ``base_weight``).
     ``modules``: name -> module of ``model``, when the caller has it (saves the lookups)."""
     for name in module_names:
         if name not in stored:
@@ -245,23 +308,40 @@ def first_mismatch(
     return None
 
 
+def _unchecked(
+    model: nn.Module,
+    stored: dict[str, dict[str, object]],
+    module_names: Iterable[str],
+    modules: Mapping[str, nn.Module] | None,
+) -> tuple[list[str], list[str]]:
+    """``(uncovered, unreadable)`` of ``module_names``, which ``first_mismatch`` cannot check:
+    uncovered, no stored fingerprint though the base weight is here; unreadable, the base
+    weight is on the meta device with nothing to read it from (``offloaded_weight``), whether
+    fingerprinted or not."""
+    uncovered, unreadable = [], []
+    for name in module_names:
+        module = modules[name] if modules is not None else model.get_submodule(name)
+        weight, _ = base_identity(module)
+        if weight.device.type == "meta":
+            unreadable.append(name)
+        elif name not in stored:
+            uncovered.append(name)
+    return uncovered, unreadable
+
+
 def unverifiable(
     model: nn.Module,
     stored: dict[str, dict[str, object]],
     module_names: Iterable[str],
     modules: Mapping[str, nn.Module] | None = None,
 ) -> list[str]:
-    """Those of ``module_names`` that ``first_mismatch`` cannot check: no stored fingerprint,
-    though their base weights are here (not on the meta device). Looks up only these names."""
-    missing = []
-    for name in module_names:
-        if name in stored:
-            continue
-        module = modules[name] if modules is not None else model.get_submodule(name)
-        weight, _ = base_identity(module)
-        if weight.device.type != "meta":
-            missing.append(name)
-    return missing
+    """Those of ``module_names`` (in their order) that ``first_mismatch`` cannot check: no
+    stored fingerprint, or a base weight on the meta device with nothing to read it from (a
+    model built on the meta device; an accelerate-offloaded weight is read, ``base_weight``)."""
+    names = list(module_names)
+    uncovered, unreadable = _unchecked(model, stored, names, modules)
+    unchecked = set(uncovered) | set(unreadable)
+    return [name for name in names if name in unchecked]
 
 
 def unverified_note(
@@ -273,26 +353,57 @@ def unverified_note(
 ) -> str | None:
     """The one warning for an adapter whose base ``refuse_other_base`` cannot fully check, for
     every path that loads one (``load_adapter``, the server, mixtures, ``--resume``); None when
-    its fingerprint covers all of ``module_names`` that are here (``unverifiable``).
+    every one of ``module_names`` is checked (``unverifiable``).
 
     ``stored`` None (written by peft or another tool): ``adapter <label> has no base-model
     fingerprint ...``; else ``adapter <label> has a base-model fingerprint that does not cover
-    N of its modules (<names>) ...``.
+    N of its modules (<names>) ...`` and / or ``the base weights of N of its modules (<names>)
+    are on the meta device ...`` (nothing to compare the fingerprint with).
     """
     if stored is None:
         return (
             f"adapter {label} has no base-model fingerprint (written by peft or another tool): "
             "lorakit cannot verify it was trained on this base model."
         )
-    unchecked = unverifiable(model, stored, module_names, modules)
-    if not unchecked:
-        return None
-    return (
-        f"adapter {label} has a base-model fingerprint that does not cover {len(unchecked)} of "
-        f"its modules ({listed(unchecked, 3)}): lorakit cannot verify those were trained on this "
-        "base model. Re-save the adapter from its base model (with the base weights in memory, "
-        "not offloaded) to record them."
+    uncovered, unreadable = _unchecked(model, stored, module_names, modules)
+    notes = []
+    if uncovered:
+        notes.append(
+            f"adapter {label} has a base-model fingerprint that does not cover "
+            f"{len(uncovered)} of its modules ({listed(uncovered, 3)}): lorakit cannot verify "
+            "those were trained on this base model. Re-save the adapter from its base model "
+            "(with the base weights in memory, not on the meta device) to record them."
+        )
+    if unreadable:
+        notes.append(
+            f"adapter {label}: the base weights of {len(unreadable)} of its modules "
+            f"({listed(unreadable, 3)}) are on the meta device and no accelerate offload map "
+            "holds them, so lorakit cannot verify the adapter was trained on this base model. "
+            "Load the adapter once the base weights are loaded (or offloaded with accelerate) "
+            "to check them."
+        )
+    return " ".join(notes) or None
+
+
+def _named_bases(model: nn.Module, trained_on: str | None) -> str:
+    """`` The adapter was saved for base model 'A'; this model is 'B'.``: the adapter config's
+    ``base_model_name_or_path`` (``trained_on``) and the model's ``name_or_path`` (a
+    transformers model's, from ``from_pretrained``), each where known; "" when neither is."""
+    loaded = getattr(model, "name_or_path", None) or getattr(
+        getattr(model, "config", None), "_name_or_path", None
     )
+    loaded = loaded if isinstance(loaded, str) and loaded else None
+    if trained_on and loaded:
+        same = " (the same name: another revision, fine-tune or local change of it?)"
+        tail = same if trained_on == loaded else ""
+        return (
+            f" The adapter was saved for base model {trained_on!r}; this model is {loaded!r}{tail}."
+        )
+    if trained_on:
+        return f" The adapter was saved for base model {trained_on!r}."
+    if loaded:
+        return f" This model is {loaded!r}."
+    return ""
 
 
 def refuse_other_base(
@@ -304,16 +415,19 @@ def refuse_other_base(
     allow_mismatch: bool,
     remedy: str,
     modules: Mapping[str, nn.Module] | None = None,
+    trained_on: str | None = None,
 ) -> str | None:
     """The one rule for an adapter saved on other base weights, for every path that loads one.
 
     ``stored``: the fingerprint saved with the adapter in ``directory`` (None: written by peft
     or another tool, nothing to verify); ``module_names``: the modules to check
-    (``first_mismatch``). When one does not fit, the message is
-    ``adapter <directory> was trained on different base weights: module <m> does not match the
-    fingerprint saved with the adapter (<reason>).``: raised as ``BaseModelMismatchError`` with
-    ``remedy`` (what the caller's user can do) appended, or, with ``allow_mismatch``, returned
-    for the caller to warn with. None when the weights fit.
+    (``first_mismatch``); ``trained_on``: the adapter config's ``base_model_name_or_path``,
+    where the caller has it. When one does not fit, the message is ``adapter <directory> was
+    trained on different base weights: module <m> does not match the fingerprint saved with
+    the adapter (<reason>). The adapter was saved for base model <trained_on>; this model is
+    <model.name_or_path>.`` (the names where known, ``_named_bases``): raised as
+    ``BaseModelMismatchError`` with ``remedy`` (what the caller's user can do) appended, or,
+    with ``allow_mismatch``, returned for the caller to warn with. None when the weights fit.
     """
     if stored is None:
         return None
@@ -324,6 +438,7 @@ def refuse_other_base(
     message = (
         f"adapter {directory} was trained on different base weights: module {module!r} "
         f"does not match the fingerprint saved with the adapter ({reason})."
+        f"{_named_bases(model, trained_on)}"
     )
     if not allow_mismatch:
         raise BaseModelMismatchError(f"{message} {remedy}")

@@ -42,6 +42,7 @@ from lorakit.io.fingerprint import (
     sample_values,
     samples_of,
     weight_fingerprint,
+    within_dtype_rounding,
 )
 from lorakit.layers import LoraLayer
 from lorakit.quantized import bnb as bnb_backend
@@ -296,12 +297,11 @@ def _coarser(*names: str) -> torch.dtype:
 
 
 def _within_rounding(expected: torch.Tensor, actual: torch.Tensor, dtype: torch.dtype) -> bool:
-    """``|e - a| <= eps * max(|e|, |a|) + the dtype's subnormal spacing``, element-wise."""
+    """``|e - a| <= eps * max(|e|, |a|) + the dtype's subnormal spacing``, element-wise: the
+    float fingerprint's rule (``fingerprint.within_dtype_rounding``) for the one ``dtype``."""
     if expected.shape != actual.shape:
         return False
-    info = torch.finfo(dtype)
-    tolerance = info.eps * torch.maximum(expected.abs(), actual.abs()) + info.tiny * info.eps
-    return bool(((expected - actual).abs() <= tolerance).all())
+    return within_dtype_rounding(expected, actual, str(dtype).removeprefix("torch."))
 
 
 def entries_difference(first: dict[str, object], second: dict[str, object]) -> str | None:
