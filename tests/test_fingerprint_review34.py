@@ -23,7 +23,7 @@ from accelerate import cpu_offload
 
 import lorakit
 from lorakit.errors import BaseModelMismatchError
-from lorakit.io import fingerprint, fingerprint_json
+from lorakit.io import base_verdicts, fingerprint, fingerprint_json
 from lorakit.io.read import read_adapter
 from lorakit.serve import registry
 from tests import tiny_models
@@ -107,7 +107,7 @@ def test_a_meta_base_with_nothing_to_read_loads_with_the_cannot_verify_warning(t
     directory = _save(tiny_models.llama(seed=0), tmp_path / "adapter")
     with torch.device("meta"):
         meta = tiny_models.LlamaForCausalLM(tiny_models.llama_config())
-    assert fingerprint.unverifiable(meta, {name: {} for name in MODULES}, MODULES) == MODULES
+    assert base_verdicts.unverifiable(meta, {name: {} for name in MODULES}, MODULES) == MODULES
     messages = [m for m in _load(meta, directory) if "cannot verify" in m]
     assert len(messages) == 1, messages
     assert "the base weights of 4 of its modules" in messages[0]
@@ -121,11 +121,11 @@ def test_uncovered_and_unreadable_modules_are_both_named(tmp_path) -> None:
     model = tiny_models.llama(seed=0)
     layer = model.get_submodule(MODULES[0])
     layer.weight = torch.nn.Parameter(torch.empty(layer.weight.shape, device="meta"))
-    assert fingerprint.unverifiable(model, partial, MODULES) == MODULES[:2]
-    note = fingerprint.unverified_note(model, partial, "x", MODULES)
+    assert base_verdicts.unverifiable(model, partial, MODULES) == MODULES[:2]
+    note = base_verdicts.unverified_note(model, partial, "x", MODULES)
     assert "does not cover 1 of its modules (model.layers.0.self_attn.v_proj)" in note
     assert "the base weights of 1 of its modules (model.layers.0.self_attn.q_proj)" in note
-    assert fingerprint.unverified_note(tiny_models.llama(), stored, "x", MODULES) is None
+    assert base_verdicts.unverified_note(tiny_models.llama(), stored, "x", MODULES) is None
 
 
 # --------------------------------------------------------------------- 2. dtype tolerance
@@ -216,12 +216,27 @@ def _loaded_anyway(model: torch.nn.Module, directory: Path) -> list[str]:
     return [str(w.message) for w in caught if "loaded anyway" in str(w.message)]
 
 
-def test_the_servers_check_still_refuses_naming_the_model(tmp_path) -> None:
+def test_the_servers_check_refuses_naming_both_bases(tmp_path) -> None:
     directory = _save(_named(0, "org/base-A"), tmp_path / "adapter")
     adapter = read_adapter(directory)
-    with pytest.raises(BaseModelMismatchError, match=r"This model is 'org/base-B'\. Serve it"):
+    named = r"saved for base model 'org/base-A'; this model is 'org/base-B'\. Serve it"
+    with pytest.raises(BaseModelMismatchError, match=named):
         registry.check_base(_named(1, "org/base-B"), adapter, allow_base_mismatch=False)
     registry.check_base(_named(0, "org/base-A"), adapter, allow_base_mismatch=False)
+
+
+def test_a_resume_onto_another_base_names_both_bases(tmp_path) -> None:
+    """``train --resume`` shares the refusal, and names the checkpoint's base too."""
+    from lorakit.train.resume import check_resume_base
+
+    _save(_named(0, "org/base-A"), tmp_path / "checkpoint" / "adapter")
+    other = _named(1, "org/base-B")
+    lorakit.inject(
+        other, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
+    named = r"saved for base model 'org/base-A'; this model is 'org/base-B'\."
+    with pytest.raises(BaseModelMismatchError, match=named):
+        check_resume_base(other, tmp_path / "checkpoint", "default")
 
 
 # ------------------------------------------------------------------------- 4. header size

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import lorakit
 from lorakit.errors import AdapterFileError, BaseModelMismatchError
-from lorakit.io import fingerprint, load_adapter, read_adapter, save_adapter
+from lorakit.io import base_verdicts, fingerprint, load_adapter, read_adapter, save_adapter
 from tests import tiny_models
 
 QV = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
@@ -215,7 +215,7 @@ def test_refuse_other_base_checks_nothing_without_a_fingerprint_and_passes_the_r
     model = _saved(tmp_path)
     stored = read_adapter(tmp_path).fingerprint
     names = sorted(stored)
-    refuse = fingerprint.refuse_other_base
+    refuse = base_verdicts.refuse_other_base
     assert refuse(model, stored, tmp_path, names, allow_mismatch=False, remedy="-") is None
     other = tiny_models.llama(seed=1)
     assert refuse(other, None, tmp_path, names, allow_mismatch=False, remedy="-") is None

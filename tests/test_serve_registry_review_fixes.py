@@ -1,5 +1,5 @@
 """Fixes from a review of the serving registry (``serve/registry.py``, ``serve/mixtures.py``)
-and of the base-fingerprint warnings (``io/fingerprint.unverified_note``):
+and of the base-fingerprint warnings (``io/base_verdicts.unverified_note``):
 
 - an adapter whose fingerprint is missing or covers only some of its modules is reported with
   ``load_adapter``'s words by the server (once per read), by mixtures (naming the input) and by

@@ -13,7 +13,7 @@ from torch import nn
 
 from lorakit.errors import listed
 from lorakit.init_methods import changes_base
-from lorakit.io import fingerprint
+from lorakit.io import base_verdicts
 from lorakit.io.read import BASE_INIT_METADATA_KEY, AdapterFile
 
 __all__ = ["check_base"]
@@ -72,12 +72,12 @@ def check_base(
     nothing to read them from, or nothing left to check) is loaded with a warning."""
     checked = [name for name in adapted if name not in replaced]
     _warn_nothing_checked(adapter, adapted, replaced)
-    note = fingerprint.unverified_note(
+    note = base_verdicts.unverified_note(
         model, adapter.fingerprint, adapter.directory, checked, modules
     )
     if note is not None:
         warnings.warn(note, stacklevel=4)  # the caller of load_adapter
-    message = fingerprint.refuse_other_base(
+    message = base_verdicts.refuse_other_base(
         model,
         adapter.fingerprint,
         adapter.directory,
@@ -96,7 +96,7 @@ def check_base(
 
 
 def _warn_nothing_checked(adapter: AdapterFile, adapted: list[str], replaced: set[str]) -> None:
-    """Warn, as for a file whose base cannot be verified (``fingerprint.unverified_note``), when
+    """Warn, as for a file whose base cannot be verified (``base_verdicts.unverified_note``), when
     a file with a base-model fingerprint brings the base weight of EVERY module it adapts (the
     resized embeddings only, saved with ``save_embedding_layers``): the fingerprint check leaves
     out each module whose base the file replaces, so nothing of this model's base is checked and

@@ -30,7 +30,7 @@ so an adapter replaced at runtime gives a new key), keeps the combined tensors o
 evicted by the bank's LRU policy and read back from memory (recombined only when the memory
 cache dropped it too). ``combined`` counts the ``lorakit.combine`` calls. An input whose own
 base fingerprint is missing or partial is logged as ``load_adapter`` warns
-(``fingerprint.unverified_note``); an input whose directory was deleted leaves the registry
+(``base_verdicts.unverified_note``); an input whose directory was deleted leaves the registry
 (``ServedAdapters.drop_if_deleted``), and the 400 answers show no server paths.
 
 A mixture names each adapter once and at most ``MAX_IDS`` of them (a 400 on
@@ -56,7 +56,7 @@ from dataclasses import asdict
 from lorakit.combining import combine
 from lorakit.combining.combined import FactorRangeError
 from lorakit.errors import UserError
-from lorakit.io import fingerprint
+from lorakit.io import base_verdicts
 from lorakit.io.keys import base_weight_key, lora_key_pairs, lora_keys
 from lorakit.io.read import read_adapter_header
 from lorakit.io.tensors import MAX_ABS_VALUE, unwritable
@@ -206,7 +206,7 @@ class Mixtures:
         return result.config, tensors
 
     def _warn_unverified(self, ids: tuple[str, ...], directories) -> None:
-        """Log ``fingerprint.unverified_note`` (``load_adapter``'s warning) for each input whose
+        """Log ``base_verdicts.unverified_note`` (``load_adapter``'s warning) for each input whose
         own fingerprint is missing or covers only some of its modules: in the mixture's union
         another input's entry checks that input's base, not this one's."""
         mixed = ", ".join(repr(adapter) for adapter in ids)
@@ -215,7 +215,7 @@ class Mixtures:
                 header = read_adapter_header(directory)
             except UserError:  # replaced since combine read it: a new key next time
                 continue
-            note = fingerprint.unverified_note(
+            note = base_verdicts.unverified_note(
                 self.adapters.model,
                 header.fingerprint,
                 f"{adapter!r} (in the mixture of {mixed})",
@@ -265,7 +265,7 @@ class Mixtures:
                 )
         try:
             self.adapters.bank.check_shapes(name, result.config, tensors)
-            fingerprint.refuse_other_base(
+            base_verdicts.refuse_other_base(
                 self.adapters.model,
                 result.fingerprint or None,
                 f"mixture of {', '.join(repr(adapter) for adapter in mixture.ids)}",

@@ -5,7 +5,7 @@ directory) into the bank.
 Files are read with ``lorakit.io.read_adapter`` (safetensors only, never pickle), keys and shapes
 checked against the bank from the header before the data is read, then values and the base
 fingerprint. An adapter whose base fingerprint is missing or covers only some of its modules is
-served with ``load_adapter``'s warning, logged (``fingerprint.unverified_note``). An adapter
+served with ``load_adapter``'s warning, logged (``base_verdicts.unverified_note``). An adapter
 whose directory is deleted while served leaves the registry on its next request
 (``drop_if_deleted``) and is found again once it is back; one whose files are replaced is read
 again (``file_identity``). A read is kept only when the files' identity is the same before and
@@ -30,7 +30,7 @@ from pathlib import Path
 from torch import nn
 
 from lorakit.errors import AdapterFileError, UserError
-from lorakit.io import fingerprint
+from lorakit.io import base_verdicts
 from lorakit.io.keys import lora_key_pairs
 from lorakit.io.read import (
     AdapterFile,
@@ -69,22 +69,23 @@ def check_base(
     model: nn.Module, adapter: AdapterFile, allow_base_mismatch: bool, label: str | None = None
 ) -> None:
     """Refuse an adapter whose saved fingerprint says it was trained on other base weights
-    (``fingerprint.refuse_other_base``); with ``allow_base_mismatch``, log it and serve it.
+    (``base_verdicts.refuse_other_base``); with ``allow_base_mismatch``, log it and serve it.
     A fingerprint that is missing or covers only some modules is logged as a warning
-    (``fingerprint.unverified_note``, ``load_adapter``'s words). ``label``: how the messages
+    (``base_verdicts.unverified_note``, ``load_adapter``'s words). ``label``: how the messages
     name the adapter (default: its directory)."""
     label = adapter.directory if label is None else label
     module_names = sorted(lora_key_pairs(adapter.tensors))
-    note = fingerprint.unverified_note(model, adapter.fingerprint, label, module_names)
+    note = base_verdicts.unverified_note(model, adapter.fingerprint, label, module_names)
     if note is not None:
         log.warning("%s", note)
-    message = fingerprint.refuse_other_base(
+    message = base_verdicts.refuse_other_base(
         model,
         adapter.fingerprint,
         label,
         module_names,
         allow_mismatch=allow_base_mismatch,
         remedy="Serve it with its own base model, or start the server with --allow-base-mismatch.",
+        trained_on=adapter.config.base_model_name_or_path,
     )
     if message is not None:
         log.warning("%s Serving it anyway (--allow-base-mismatch).", message)

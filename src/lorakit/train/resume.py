@@ -197,22 +197,29 @@ def check_resume_base(model: nn.Module, directory: Path, adapter_name: str) -> N
     fingerprint (``lorakit.io.fingerprint``). A checkpoint without ``adapter/`` is not checked;
     an adapter file without the fingerprint, or one that does not cover every adapted module,
     is checked where it can be, with ``load_adapter``'s warning
-    (``fingerprint.unverified_note``). Call it before the model is sharded."""
-    from lorakit.io import fingerprint
+    (``base_verdicts.unverified_note``). Call it before the model is sharded."""
+    from lorakit.io import base_verdicts
     from lorakit.io.read import read_adapter_header
     from lorakit.state import lora_layers
 
     adapter = directory / "adapter"
     if not adapter.is_dir():
         return
-    stored = read_adapter_header(adapter).fingerprint
+    header = read_adapter_header(adapter)
+    stored = header.fingerprint
     names = [name for name, layer in lora_layers(model) if adapter_name in layer.ranks]
     remedy = _BASE_REMEDY.format(hint=_settings_hint(directory, "; ", ""))
-    note = fingerprint.unverified_note(model, stored, adapter, names)
+    note = base_verdicts.unverified_note(model, stored, adapter, names)
     if note is not None:
         warnings.warn(note, stacklevel=2)  # the caller of check_resume_base
-    fingerprint.refuse_other_base(
-        model, stored, adapter, names, allow_mismatch=False, remedy=remedy
+    base_verdicts.refuse_other_base(
+        model,
+        stored,
+        adapter,
+        names,
+        allow_mismatch=False,
+        remedy=remedy,
+        trained_on=header.config.base_model_name_or_path,
     )
 
 

@@ -1,0 +1,152 @@
+"""What a load does with a base-model fingerprint (``lorakit.io.fingerprint``): the one rule
+that refuses an adapter saved on other base weights (``refuse_other_base``), and the one
+warning for an adapter whose base cannot be fully checked (``unverified_note``), for every path
+that loads one (``load_adapter``, the server and its mixtures, ``train --resume``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from torch import nn
+
+from lorakit.errors import BaseModelMismatchError, listed
+from lorakit.io.fingerprint import base_identity, first_mismatch
+
+__all__ = ["refuse_other_base", "unverifiable", "unverified_note"]
+
+
+def _unchecked(
+    model: nn.Module,
+    stored: dict[str, dict[str, object]],
+    module_names: Iterable[str],
+    modules: Mapping[str, nn.Module] | None,
+) -> tuple[list[str], list[str]]:
+    """``(uncovered, unreadable)`` of ``module_names``, which ``first_mismatch`` cannot check:
+    uncovered, no stored fingerprint though the base weight is here; unreadable, the base
+    weight is on the meta device with nothing to read it from (``offloaded_weight``), whether
+    fingerprinted or not."""
+    uncovered, unreadable = [], []
+    for name in module_names:
+        module = modules[name] if modules is not None else model.get_submodule(name)
+        weight, _ = base_identity(module)
+        if weight.device.type == "meta":
+            unreadable.append(name)
+        elif name not in stored:
+            uncovered.append(name)
+    return uncovered, unreadable
+
+
+def unverifiable(
+    model: nn.Module,
+    stored: dict[str, dict[str, object]],
+    module_names: Iterable[str],
+    modules: Mapping[str, nn.Module] | None = None,
+) -> list[str]:
+    """Those of ``module_names`` (in their order) that ``first_mismatch`` cannot check: no
+    stored fingerprint, or a base weight on the meta device with nothing to read it from (a
+    model built on the meta device; an accelerate-offloaded weight is read, ``base_weight``)."""
+    names = list(module_names)
+    uncovered, unreadable = _unchecked(model, stored, names, modules)
+    unchecked = set(uncovered) | set(unreadable)
+    return [name for name in names if name in unchecked]
+
+
+def unverified_note(
+    model: nn.Module,
+    stored: dict[str, dict[str, object]] | None,
+    label: object,
+    module_names: Iterable[str],
+    modules: Mapping[str, nn.Module] | None = None,
+) -> str | None:
+    """The one warning for an adapter whose base ``refuse_other_base`` cannot fully check, for
+    every path that loads one (``load_adapter``, the server, mixtures, ``--resume``); None when
+    every one of ``module_names`` is checked (``unverifiable``).
+
+    ``stored`` None (written by peft or another tool): ``adapter <label> has no base-model
+    fingerprint ...``; else ``adapter <label> has a base-model fingerprint that does not cover
+    N of its modules (<names>) ...`` and / or ``the base weights of N of its modules (<names>)
+    are on the meta device ...`` (nothing to compare the fingerprint with).
+    """
+    if stored is None:
+        return (
+            f"adapter {label} has no base-model fingerprint (written by peft or another tool): "
+            "lorakit cannot verify it was trained on this base model."
+        )
+    uncovered, unreadable = _unchecked(model, stored, module_names, modules)
+    notes = []
+    if uncovered:
+        notes.append(
+            f"adapter {label} has a base-model fingerprint that does not cover "
+            f"{len(uncovered)} of its modules ({listed(uncovered, 3)}): lorakit cannot verify "
+            "those were trained on this base model. Re-save the adapter from its base model "
+            "(with the base weights in memory, not on the meta device) to record them."
+        )
+    if unreadable:
+        notes.append(
+            f"adapter {label}: the base weights of {len(unreadable)} of its modules "
+            f"({listed(unreadable, 3)}) are on the meta device and no accelerate offload map "
+            "holds them, so lorakit cannot verify the adapter was trained on this base model. "
+            "Load the adapter once the base weights are loaded (or offloaded with accelerate) "
+            "to check them."
+        )
+    return " ".join(notes) or None
+
+
+def _named_bases(model: nn.Module, trained_on: str | None) -> str:
+    """`` The adapter was saved for base model 'A'; this model is 'B'.``: the adapter config's
+    ``base_model_name_or_path`` (``trained_on``) and the model's ``name_or_path`` (a
+    transformers model's, from ``from_pretrained``), each where known; "" when neither is."""
+    loaded = getattr(model, "name_or_path", None) or getattr(
+        getattr(model, "config", None), "_name_or_path", None
+    )
+    loaded = loaded if isinstance(loaded, str) and loaded else None
+    if trained_on and loaded:
+        same = " (the same name: another revision, fine-tune or local change of it?)"
+        tail = same if trained_on == loaded else ""
+        return (
+            f" The adapter was saved for base model {trained_on!r}; this model is {loaded!r}{tail}."
+        )
+    if trained_on:
+        return f" The adapter was saved for base model {trained_on!r}."
+    if loaded:
+        return f" This model is {loaded!r}."
+    return ""
+
+
+def refuse_other_base(
+    model: nn.Module,
+    stored: dict[str, dict[str, object]] | None,
+    directory: object,
+    module_names: Iterable[str],
+    *,
+    allow_mismatch: bool,
+    remedy: str,
+    modules: Mapping[str, nn.Module] | None = None,
+    trained_on: str | None = None,
+) -> str | None:
+    """The one rule for an adapter saved on other base weights, for every path that loads one.
+
+    ``stored``: the fingerprint saved with the adapter in ``directory`` (None: written by peft
+    or another tool, nothing to verify); ``module_names``: the modules to check
+    (``first_mismatch``); ``trained_on``: the adapter config's ``base_model_name_or_path``,
+    where the caller has it. When one does not fit, the message is ``adapter <directory> was
+    trained on different base weights: module <m> does not match the fingerprint saved with
+    the adapter (<reason>). The adapter was saved for base model <trained_on>; this model is
+    <model.name_or_path>.`` (the names where known, ``_named_bases``): raised as
+    ``BaseModelMismatchError`` with ``remedy`` (what the caller's user can do) appended, or,
+    with ``allow_mismatch``, returned for the caller to warn with. None when the weights fit.
+    """
+    if stored is None:
+        return None
+    found = first_mismatch(model, stored, module_names, modules)
+    if found is None:
+        return None
+    module, reason = found
+    message = (
+        f"adapter {directory} was trained on different base weights: module {module!r} "
+        f"does not match the fingerprint saved with the adapter ({reason})."
+        f"{_named_bases(model, trained_on)}"
+    )
+    if not allow_mismatch:
+        raise BaseModelMismatchError(f"{message} {remedy}")
+    return message
