@@ -12,6 +12,11 @@ Only LoRA factors combine: an adapter that also trains biases, saves full module
 full base weights a file may carry (PEFT's ``save_embedding_layers``: ``<embedding>.base_layer.
 weight``, ``lm_head.weight``) are not combined: equal in every input that carries one, they are
 carried into the result; different, they are refused (``compatible.carried_base_weights``).
+A ``<path>.base_layer.weight`` of a module the file does not adapt (PEFT's save of one adapter
+of a model whose OTHER adapter wraps ``<path>``: ``stray_weights.stray_base_layer_module``) is left out
+with a ``StrayBaseWeightWarning``, as PEFT's load leaves it out on a model where ``<path>`` is
+not adapted. Factors that are not 2-D (PEFT's LoRA on a convolution: A (r, C, kh, kw)) are
+refused: lorakit combines LoRA on linear / Conv1D / embedding layers only.
 Whether the adapters are of one base model at all is ``lorakit.combining.compatible``'s to say. A PiSSA / OLoRA
 adapter saved without conversion (by PEFT or lorakit) is refused, from the headers of all the
 directories before any tensor is read: its ``s B A`` holds the base's principal part, not an
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NoReturn
@@ -90,6 +96,7 @@ def _from_directory(header: AdapterHeader) -> AdapterUpdates:
     """``header``: the directory's ``lorakit.io.read.AdapterHeader``, already checked."""
     from lorakit.io.keys import base_weight_module, lora_key_pairs
     from lorakit.io.read import read_adapter_data
+    from lorakit.io.stray_weights import stray_base_layer_module
 
     adapter = read_adapter_data(header)
     adapter.require_finite()
@@ -97,14 +104,18 @@ def _from_directory(header: AdapterHeader) -> AdapterUpdates:
     _refuse_other_layouts(f"adapter {label}", config)
     pairs = lora_key_pairs(adapter.tensors)
     factor_keys = {key for keys in pairs.values() for key in keys.values()}
-    base_weights = {}
+    base_weights, strays = {}, []
     for key in adapter.tensors:
         if key in factor_keys:
             continue
         module = base_weight_module(key, pairs, config.modules_to_save or [])
+        if module is None and stray_base_layer_module(key, pairs) is not None:
+            strays.append(key)  # another adapter's frozen base weight: left out, as PEFT does
+            continue
         if module is None:
             _refuse_other_tensor(label, key)
         base_weights[module] = adapter.tensors[key]
+    _warn_strays(label, strays)
     modules = {
         module: _module_factors(label, config, module, adapter.tensors, keys)
         for module, keys in pairs.items()
@@ -114,6 +125,18 @@ def _from_directory(header: AdapterHeader) -> AdapterUpdates:
     return AdapterUpdates(
         label, config, modules, adapter.fingerprint, base_weights, auto_mapping=mapping
     )
+
+
+def _warn_strays(label: str, keys: list[str]) -> None:
+    """A ``StrayBaseWeightWarning`` naming ``keys`` (``<path>.base_layer.weight`` of modules
+    the file does not adapt), which combining leaves out, at the caller's line (stacklevel 5:
+    ``_warn_strays`` <- ``_from_directory`` <- ``read_sources`` <- ``combine`` <- the caller)."""
+    from lorakit.io.stray_weights import StrayBaseWeightWarning, stray_base_weight_message
+
+    if keys:
+        what = "combining leaves it out, as PEFT's load does on a model that does not adapt it"
+        message = stray_base_weight_message(f"adapter {label}", keys, what)
+        warnings.warn(message, StrayBaseWeightWarning, stacklevel=5)
 
 
 def _refuse_other_tensor(label: str, key: str) -> NoReturn:
@@ -144,8 +167,10 @@ def _module_factors(
     label: str, config: LoraConfig, module: str, tensors: dict[str, torch.Tensor], keys
 ) -> ModuleFactors:
     """The factors of ``module`` from the file's ``tensors``; ``keys``: ``{"lora_A": key,
-    "lora_B": key}`` (``lora_key_pairs``). ``AdapterFileError`` for a broken pair."""
+    "lora_B": key}`` (``lora_key_pairs``). ``UserError`` for factors that are not 2-D
+    (``_refuse_convolution``), ``AdapterFileError`` for a broken pair."""
     pair = {role: tensors[key] for role, key in keys.items()}
+    _refuse_convolution(label, module, pair)
     if set(pair) != {"lora_A", "lora_B"} or pair["lora_A"].shape[0] != pair["lora_B"].shape[1]:
         raise AdapterFileError(
             f"adapter {label}: module {module} lacks one of its factors A, B or their "
@@ -160,6 +185,22 @@ def _module_factors(
     scale = functional.scaling(rank, config.alpha_for(module), config.use_rslora)
     is_embedding = "lora_embedding_" in keys["lora_A"]
     return ModuleFactors(pair["lora_A"], pair["lora_B"], scale, is_embedding)
+
+
+def _refuse_convolution(label: str, module: str, pair: dict[str, torch.Tensor]) -> None:
+    """``UserError`` when a factor of ``module`` is not a 2-D matrix: PEFT's LoRA on a
+    convolution (``nn.Conv2d``: A (r, C, kh, kw), B (d, r, 1, 1); ``nn.Conv1d`` / ``Conv3d``
+    alike), whose update is a kernel, not the (d, k) matrix ``s B A`` every method works on.
+    (transformers' ``Conv1D``, GPT-2's, has 2-D factors and combines like a linear layer.)"""
+    if all(factor.dim() == 2 for factor in pair.values()):
+        return
+    described = ", ".join(f"{role} {list(pair[role].shape)}" for role in sorted(pair))
+    raise UserError(
+        f"adapter {label}: module {module} has LoRA factors that are not 2-D matrices "
+        f"({described}): a LoRA on a convolution layer (e.g. nn.Conv2d). lorakit combines "
+        "LoRA on linear / Conv1D / embedding layers only; combine this adapter with peft's "
+        "add_weighted_adapter, which handles convolution layers."
+    )
 
 
 def _refuse_other_layouts(label: str, config: LoraConfig) -> None:
@@ -255,10 +296,13 @@ def read_sources(
                 _refuse_unknown_entry(entry, on_model)
             headers[index] = read_adapter_header(entry)
             refuse_residual_base_factors(headers[index], "combining its s B A as a weight update")
-    return [
-        _from_directory(headers[index]) if index in headers else _from_model(model, entry)
-        for index, entry in enumerate(adapters)
-    ]
+    sources = []  # (a loop, not a comprehension: _from_directory's warnings count frames)
+    for index, entry in enumerate(adapters):
+        if index in headers:
+            sources.append(_from_directory(headers[index]))
+        else:
+            sources.append(_from_model(model, entry))
+    return sources
 
 
 def _refuse_unknown_entry(entry: str, on_model: dict[str, LoraConfig]) -> NoReturn:

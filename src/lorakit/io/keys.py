@@ -14,6 +14,7 @@ adapter name never appears in a file (PEFT removes it):
 | bias of an adapted layer (``bias`` != "none") | ``<path>.base_layer.bias`` | (d,) |
 | base weight of an adapted embedding (resized vocab) | ``<path>.base_layer.weight`` | base |
 | base weight of an embedding with trainable tokens (resized vocab) | ``<path>.token_adapter.base_layer.weight`` | base |
+| base weight of a module ANOTHER adapter of the saved model wraps (``stray_weights.stray_base_layer_module``) | ``<path>.base_layer.weight`` | base |
 | any other parameter (biases, ``modules_to_save``, resized embeddings) | ``<path>.<param>`` | full |
 
 In the model (``model.state_dict()``) the same tensors carry the adapter name:

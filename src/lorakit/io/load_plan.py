@@ -3,10 +3,17 @@ anything changes: the config to inject (``modules_to_save`` and ``target_paramet
 that name nothing dropped, PEFT's MoE conversion), the modules it adapts, wraps and gives token
 rows, and every tensor the file must hold for them (``keys.adapter_file_tensors``).
 ``lorakit.io.load`` then checks and applies it.
+
+A ``<path>.base_layer.weight`` of a module the file does not adapt (PEFT's save of one adapter
+of a model whose other adapter wraps ``<path>``: ``stray_weights.stray_base_layer_module``) is treated
+as PEFT's load treats it: written into the base weight when another adapter of the model
+already wraps ``<path>`` in a LoRA layer, else left out of the checks and the load with a
+``StrayBaseWeightWarning`` (``_stray_base_weights``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -16,6 +23,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, listed
 from lorakit.io.keys import (
     FileTensor,
+    adapted_base_key,
     adapter_file_tensors,
     base_weight_key,
     embedding_module_names,
@@ -28,6 +36,12 @@ from lorakit.io.moe_files import (
     expert_conversion,
 )
 from lorakit.io.read import AdapterHeader
+from lorakit.io.stray_weights import (
+    StrayBaseWeightWarning,
+    stray_base_layer_module,
+    stray_base_weight_message,
+)
+from lorakit.layers import LoraLayer
 from lorakit.moe_targets import convert_moe_config, fused_moe_family
 from lorakit.parameter_targets import find_parameter_targets, unmatched_parameter_entries
 from lorakit.targets import TASK_HEADS, find_targets, saved_module_matches
@@ -107,6 +121,10 @@ def load_targets(
         token_modules={name: len(indices) for name, indices in tokens.items()},
         parameter_layers=parameter_targets,
     )
+    written, adapter = _stray_base_weights(model, adapter, set(targets) | set(tokens), modules)
+    tensors += [
+        FileTensor(adapted_base_key(n, "weight"), n, "base_weight", "weight") for n in written
+    ]
     family = fused_moe_family(model)
     conversion = expert_conversion(adapter, adapter.config, family, tensors, modules)
     header = adapter
@@ -116,6 +134,39 @@ def load_targets(
     return LoadTargets(
         config, targets, saved_names, tensors, parameter_targets, source, header, conversion
     )
+
+
+def _stray_base_weights(
+    model: nn.Module, adapter: AdapterHeader, adapted: set[str], modules: dict[str, nn.Module]
+) -> tuple[list[str], AdapterHeader]:
+    """``(modules, header)`` for the file's ``<path>.base_layer.weight`` keys of modules of
+    this model it does not adapt (``adapted``: its targets and token-row modules; ``keys.
+    stray_base_layer_module``: a frozen base weight PEFT's save carried over from another
+    adapter of the saved model), as PEFT's non-strict load treats them: ``modules``, the paths
+    another adapter of this model already wraps in a LoRA layer (the key is that layer's base
+    weight's, so PEFT writes it there: planned as a "base_weight" tensor); ``header``, the
+    header without the others (the key fits no parameter of a plain module, so PEFT ignores
+    it), a ``StrayBaseWeightWarning`` naming them. A path that is no module of this model
+    stays in the header (``check_tensors`` refuses it: another architecture)."""
+    written, dropped = [], []
+    for key in adapter.tensors:
+        path = stray_base_layer_module(key, adapted)
+        if path is None or path not in modules:
+            continue
+        if isinstance(model.get_submodule(path), LoraLayer):  # wrapped by another adapter
+            written.append(path)
+        else:
+            dropped.append(key)
+    if not dropped:
+        return written, adapter
+    what = "it is left out, as PEFT's load leaves it out where that module is not adapted"
+    warnings.warn(
+        stray_base_weight_message(f"adapter {adapter.directory}", dropped, what),
+        StrayBaseWeightWarning,
+        stacklevel=5,  # load_adapter's caller (<- load_targets <- _load_checked <- load_adapter)
+    )
+    kept = {key: info for key, info in adapter.tensors.items() if key not in dropped}
+    return written, dataclasses.replace(adapter, tensors=kept)
 
 
 def _without_unmatched_parameters(
