@@ -260,3 +260,18 @@ def test_the_documented_header_size_of_llama_2_7b_is_what_the_fingerprint_takes(
     per_module, total = int(found.group(1)), int(found.group(2))
     assert abs(total * 1000 - size) <= 1000, (total, size)
     assert abs(per_module - size / 224) <= 10, (per_module, size / 224)
+
+
+def test_combining_judges_two_fingerprints_by_the_coarser_dtypes_rounding() -> None:
+    """``combine``'s check that two adapters are of one base used bf16's 2^-7 whatever the
+    dtypes: an fp16 save of a base 0.3% off passed for the fp32 one."""
+    from lorakit.combining.compatible import fingerprint_difference
+
+    torch.manual_seed(0)
+    weight = torch.randn(48, 40)
+    off = weight * (1 + 0.003 * torch.sign(torch.randn(48, 40)))
+    base = fingerprint.weight_fingerprint(weight)
+    assert fingerprint_difference(base, fingerprint.weight_fingerprint(weight.half())) is None
+    assert fingerprint_difference(base, fingerprint.weight_fingerprint(weight.bfloat16())) is None
+    assert fingerprint_difference(base, fingerprint.weight_fingerprint(off.half())) is not None
+    assert fingerprint_difference(base, fingerprint.weight_fingerprint(off.bfloat16())) is None

@@ -160,7 +160,7 @@ def _different_stacks(first, first_stacks, other, other_stacks) -> str:
 
 def fingerprint_difference(first: dict[str, object], second: dict[str, object]) -> str | None:
     """None when two stored fingerprints of one module describe the same base weight (same
-    shape; same sampled bytes, or within rounding when the dtypes differ; a quantized base's
+    shape; same sampled bytes, or within the coarser dtype's rounding when the dtypes differ; a quantized base's
     as ``load_adapter`` judges it, ``quantized_fingerprint.entries_difference``), else why not."""
     formats = (str(first["dtype"]), str(second["dtype"]))
     if any(is_quantized_format(name) for name in formats):  # (``bnb-nf4-dq``, ``gguf-Q4_1``...)
@@ -169,8 +169,8 @@ def fingerprint_difference(first: dict[str, object], second: dict[str, object]) 
         return f"base shapes {first['shape']} and {second['shape']}"
     if first["dtype"] == second["dtype"]:
         return None if first["sha256"] == second["sha256"] else "sampled base weights differ"
-    if within_dtype_rounding(sample_values(first), sample_values(second)):
-        return None
+    if within_dtype_rounding(sample_values(first), sample_values(second), *formats):
+        return None  # (the coarser dtype's own rounding, as loading judges)
     return "sampled base weights differ beyond dtype rounding"
 
 
