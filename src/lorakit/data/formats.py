@@ -11,9 +11,10 @@ import csv
 import io
 import json
 import os
+import reprlib
 import sys
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from lorakit.data.examples import (
@@ -22,6 +23,7 @@ from lorakit.data.examples import (
     chat_classification_example,
     plain_classification_example,
 )
+from lorakit.data.label_words import LabelWords, answer_words
 from lorakit.errors import UserError
 
 __all__ = ["DEFAULT_INSTRUCTION", "DEFAULT_TEMPLATE", "read_csv", "read_jsonl", "read_utf8"]
@@ -102,10 +104,30 @@ def _example_from_record(record: object, where: str) -> Example:
             f"{where}: expected keys 'prompt' and 'completion', or 'messages'; got {sorted(record)}"
         )
     for key in ("prompt", "completion"):
-        if not isinstance(record.get(key), str):
-            raise UserError(f"{where}: '{key}' must be a string, got {record.get(key)!r}")
-        _check_no_lone_surrogate(record[key], f"'{key}'", where)
+        _check_pair_field(record, key, where)
     return Example(prompt=record["prompt"], completion=record["completion"], source=where)
+
+
+def _check_pair_field(record: dict, key: str, where: str) -> None:
+    """``UserError`` unless ``record[key]`` is a string: naming a missing key as missing, and
+    pointing TRL's conversational form (a list of role/content messages) to ``messages``; the
+    value shortened by ``reprlib`` (a long one would flood the message)."""
+    if key not in record:
+        raise UserError(
+            f"{where}: missing key '{key}'; give both 'prompt' and 'completion' ('{key}' must be "
+            "a string)"
+        )
+    value = record[key]
+    messages = isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
+    if value and messages:
+        raise UserError(
+            f"{where}: '{key}' is a list of messages ({reprlib.repr(value)}), TRL's conversational "
+            'prompt/completion form; lorakit reads a chat as {"messages": [...]}: write the '
+            "prompt's messages, then the completion's, in one 'messages' list"
+        )
+    if not isinstance(value, str):
+        raise UserError(f"{where}: '{key}' must be a string, got {reprlib.repr(value)}")
+    _check_no_lone_surrogate(value, f"'{key}'", where)
 
 
 def _checked_messages(messages: object, where: str) -> tuple[dict[str, str], ...]:
@@ -149,14 +171,16 @@ def read_csv(
     style: str = "plain",
     template: str = DEFAULT_TEMPLATE,
     instruction: str = DEFAULT_INSTRUCTION,
-    label_words: Mapping[str, str] | Sequence[str] | None = None,
+    label_words: LabelWords | None = None,
 ) -> list[Example]:
     """Classification examples from a CSV file with a header row.
 
     ``style="plain"``: prompt ``template.format(text=...)``, completion ``" " + word``.
     ``style="chat"``: user ``instruction.format(text=...)``, assistant ``word``.
     ``label_words`` maps raw label values to answer words (a dict), or lists the allowed values
-    in choice order; default: the distinct values of the label column, sorted. There must be at
+    in choice order; default: the distinct values of the label column, sorted. Integer keys or
+    entries (a model's ``id2label``, ``{0: "negative", 1: "positive"}``) stand for their
+    ``str()``, as CSV labels are text; answer words must be non-empty strings. There must be at
     least two answer words: a file whose rows all carry one label needs ``label_words`` naming
     every class (else ``UserError``; one choice would score 100% for any model). Errors name
     ``file:line`` of the record's first line (an unterminated quote is named where it opens).
@@ -169,21 +193,7 @@ def read_csv(
     if not rows:
         raise UserError(f"{path}: no rows")
     values = sorted({raw for _, raw, _ in rows})
-    if label_words is None and len(values) < 2:
-        raise UserError(
-            f"{path}: every row has the label {values[0]!r} (column '{label_column}'), so the "
-            "only choice would be that word and any model would score 100%; add rows of the "
-            "other class(es), or name every class from Python: lorakit.data.load_examples("
-            f"'{path}', label_words=[{values[0]!r}, '<other class>']) (label_words has no "
-            "lorakit train flag)"
-        )
-    word_of = _label_mapping(label_words, values)
-    words = list(dict.fromkeys(word_of.values()))
-    if len(words) < 2:
-        raise UserError(
-            f"{path}: label_words {label_words!r} give the answer words {words}; give at least "
-            "two, one per class (a single choice scores 100% for any model)"
-        )
+    word_of, words = answer_words(label_words, values, path, label_column)
     examples = []
     for text, raw_label, where in rows:
         if raw_label not in word_of:
@@ -327,13 +337,3 @@ def _check_format(template: str, style: str) -> None:
             f"template {template!r} has a field other than {{text}} ({error!r}); "
             "write literal braces as {{ and }}"
         ) from None
-
-
-def _label_mapping(
-    label_words: Mapping[str, str] | Sequence[str] | None, values: list[str]
-) -> dict[str, str]:
-    if label_words is None:
-        return {value: value for value in values}
-    if isinstance(label_words, Mapping):
-        return dict(label_words)
-    return {value: value for value in label_words}

@@ -14,11 +14,16 @@ end-of-turn token, the first special token after the content) is learnt, everyth
 A piece's tokens are those it adds after the text before it (``_continuation``)::
 
     tokens(piece) = ids(before + piece)[len(ids(before)):]   if ids(before) is a prefix of it
-                    ids(piece)                                otherwise (a token spans the cut)
+                    ids("\\n" + piece)[len(ids("\\n")):]       otherwise (a token spans the cut)
 
 so the sequence is the one the model sees at inference (the prompt tokenised, then the answer
 continuing it): a Llama-2 style tokenizer, which prepends "▁" to every text it tokenises, gives
 ``"Sentiment: positive"`` the tokens ``... ':' '▁positive'``, not ``... ':' '▁' '▁positive'``.
+Where a token spans the cut (a prompt ending in a space, ``"Sentiment: " + "positive"``, whose
+joint tokens end ``'▁Sentiment:' '▁positive'`` while the prompt's alone end ``'▁Sentiment:'
+'▁'``), the piece is tokenised as continuing a fixed anchor, a newline (``_tokens_continuing``),
+so that it gets no "▁" of its own: ``'▁' 'pos' 'itive'``, which spells the joint text (the
+prompt, then the piece), not ``'▁' '▁positive'``, which would add a space the text lacks.
 For byte-level BPE tokenizers (GPT-2, SmolLM2) this equals tokenising each piece alone where
 the pieces meet at a pre-tokenizer split (before " word", a newline or a special token), as in
 all the built-in data.
@@ -46,12 +51,29 @@ def _continuation(
     tokenizer, before: str, before_ids: list[int], piece: str, special: bool = False
 ) -> tuple[list[int], list[int]]:
     """``(piece_ids, whole_ids)`` with ``whole_ids = ids(before + piece)``: ``piece_ids`` are the
-    tokens ``piece`` adds after ``before_ids = ids(before)`` (module docstring), or ``ids(piece)``
-    alone when ``before_ids`` is not a prefix of ``whole_ids``."""
+    tokens ``piece`` adds after ``before_ids = ids(before)`` (module docstring), or, when
+    ``before_ids`` is not a prefix of ``whole_ids`` (a token spans the cut), those it adds after
+    the anchor (``_tokens_continuing``)."""
     whole_ids = token_ids(tokenizer, before + piece, special)
     if whole_ids[: len(before_ids)] == before_ids:
         return whole_ids[len(before_ids) :], whole_ids
-    return token_ids(tokenizer, piece), whole_ids
+    return _tokens_continuing(tokenizer, piece), whole_ids
+
+
+_ANCHOR = "\n"  # no letter merges with it: Llama-2/Mistral write it as the byte <0x0A>
+
+
+def _tokens_continuing(tokenizer, piece: str) -> list[int]:
+    """The tokens of ``piece`` continuing a text: ``ids(anchor + piece)[len(ids(anchor)):]``,
+    without the "▁" a Llama-2 style tokenizer puts before a text tokenised alone (``"positive"``
+    alone is ``'▁positive'``; after the anchor ``'pos' 'itive'``); ``ids(piece)`` where the
+    anchor's tokens are not a prefix of those (the piece's start merged with it, e.g. a
+    tokenizer with a "\\n\\n" token). Byte-level BPE, which adds no "▁", gives ``ids(piece)``."""
+    anchor_ids = token_ids(tokenizer, _ANCHOR)
+    anchored = token_ids(tokenizer, _ANCHOR + piece)
+    if anchored[: len(anchor_ids)] == anchor_ids:
+        return anchored[len(anchor_ids) :]
+    return token_ids(tokenizer, piece)
 
 
 def _joined_segments(tokenizer, pieces: Sequence[tuple[str, bool]]) -> list[Segment]:
