@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time ``__getattr
     from lorakit.io import load_adapter, read_adapter, save_adapter, save_merged_model
     from lorakit.merge import merge, merge_and_unload, unmerge
     from lorakit.peft_compat import PeftModel, get_peft_model
+    from lorakit.peft_state_dict import get_peft_model_state_dict, set_peft_model_state_dict
     from lorakit.state import (
         active_adapters,
         adapter_configs,
@@ -58,6 +59,7 @@ __all__ = [
     "disabled",
     "find_targets",
     "get_peft_model",
+    "get_peft_model_state_dict",
     "initialize_lora_eva_weights",
     "inject",
     "load_adapter",
@@ -68,6 +70,7 @@ __all__ = [
     "save_adapter",
     "save_merged_model",
     "set_active",
+    "set_peft_model_state_dict",
     "unload",
     "unmerge",
     "use_adapters",
@@ -97,6 +100,8 @@ _HOMES = {
     "unmerge": "merge",
     "PeftModel": "peft_compat",
     "get_peft_model": "peft_compat",
+    "get_peft_model_state_dict": "peft_state_dict",
+    "set_peft_model_state_dict": "peft_state_dict",
     "active_adapters": "state",
     "adapter_configs": "state",
     "delete_adapter": "state",

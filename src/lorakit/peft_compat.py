@@ -16,6 +16,9 @@ Deliberate differences from PEFT (docs/migrating-from-peft.md):
   transformers means by ``base_model``, and what trainers such as TRL's ``SFTTrainer`` call),
   not PEFT's ``LoraModel`` tuner: write ``peft_model.model`` where PEFT code says
   ``peft_model.base_model.model``.
+- ``load_adapter`` into an adapter the model holds copies the file's tensors into it, as PEFT
+  does, but refuses a file that does not fit it (other targets, ranks or scaling; PEFT loads
+  what fits and keeps the adapter's ``lora_alpha``).
 - Unmerging is exact (the original weights are kept while merged); ``disable_adapter()`` gives
   the exact base output even while merged and never unmerges or changes a weight.
 - ``from_pretrained`` / ``load_adapter`` refuse an adapter saved on different base weights
@@ -44,8 +47,15 @@ from lorakit.config import LoraConfig
 from lorakit.errors import UnknownAdapterError
 from lorakit.inject import inject
 from lorakit.peft_merging import PeftMergingMixin
-from lorakit.peft_model_extras import PeftFilesMixin, base_dtype, remade_wrapper, wrapper_class
-from lorakit.peft_rows import batch_size, rows_routed
+from lorakit.peft_model_extras import (
+    PeftFilesMixin,
+    base_dtype,
+    record_task_heads,
+    remade_wrapper,
+    without_missing_heads,
+    wrapper_class,
+)
+from lorakit.peft_rows import batch_size, rows_routed, sequences_per_row
 from lorakit.peft_state_dict import PeftStateDictMixin
 from lorakit.state import (
     active_adapters,
@@ -117,7 +127,9 @@ class PeftModel(PeftFilesMixin, PeftMergingMixin, PeftStateDictMixin, nn.Module)
         if peft_config is not None:
             _check_config(peft_config)
             adapter_dtype = None if autocast_adapter_dtype else base_dtype(model)
-            inject(model, peft_config, adapter_name, adapter_dtype=adapter_dtype)
+            config = without_missing_heads(model, peft_config)
+            inject(model, config, adapter_name, adapter_dtype=adapter_dtype)
+            record_task_heads(model, adapter_name)
         super().__init__()
         self.model = model
         self.training = model.training  # the wrapper reports the model's mode
@@ -179,7 +191,8 @@ class PeftModel(PeftFilesMixin, PeftMergingMixin, PeftStateDictMixin, nn.Module)
     @property
     def modules_to_save(self) -> set[str] | None:
         """PEFT's: the ``modules_to_save`` names of every adapter's config, as one set (None
-        when no adapter saves a module)."""
+        when no adapter saves a module); a task type's heads included, as PEFT's task models
+        add them (``{"classifier", "score"}`` for ``SEQ_CLS``: ``record_task_heads``)."""
         names = {name for c in self.peft_config.values() for name in c.modules_to_save or ()}
         return names or None
 
@@ -195,7 +208,9 @@ class PeftModel(PeftFilesMixin, PeftMergingMixin, PeftStateDictMixin, nn.Module)
         float16/bfloat16 base); ``low_cpu_mem_usage`` is accepted and has no effect."""
         _check_config(peft_config)
         adapter_dtype = None if autocast_adapter_dtype else base_dtype(self.model)
-        inject(self.model, peft_config, adapter_name, adapter_dtype=adapter_dtype, activate=False)
+        config = without_missing_heads(self.model, peft_config)
+        inject(self.model, config, adapter_name, adapter_dtype=adapter_dtype, activate=False)
+        record_task_heads(self.model, adapter_name)
 
     def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
         """Make ``adapter_name`` the active and trainable adapter (``inference_mode=True``:
@@ -322,15 +337,18 @@ class PeftModel(PeftFilesMixin, PeftMergingMixin, PeftStateDictMixin, nn.Module)
         step of each row's sequence, its beams included, takes the row's adapter)."""
         if adapter_names is None:
             return self.model.generate(*args, **kwargs)
-        with self.rows_routed(adapter_names, batch_size(args, kwargs)):
+        expand = sequences_per_row(self.model, kwargs)
+        with self.rows_routed(adapter_names, batch_size(args, kwargs), expand):
             return self.model.generate(*args, **kwargs)
 
     def rows_routed(
-        self, adapter_names: Sequence[str], batch: int | None = None
+        self, adapter_names: Sequence[str], batch: int | None = None, sequences_per_row: int = 1
     ) -> AbstractContextManager[None]:
         """Within the block row ``i`` of every forward adds adapter ``adapter_names[i]`` alone
-        (``"__base__"``: none); inference only (``lorakit.peft_rows.rows_routed``)."""
-        return rows_routed(self.model, adapter_names, batch)
+        (``"__base__"``: none); inference only (``lorakit.peft_rows.rows_routed``). A layer
+        seeing other than ``len(adapter_names)`` rows (or ``sequences_per_row`` times as many:
+        beams of a ``generate`` called within) refuses with a ``ValueError``."""
+        return rows_routed(self.model, adapter_names, batch, sequences_per_row)
 
 
 def _check_config(config: Any) -> None:

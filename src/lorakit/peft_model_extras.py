@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lorakit.inject import freeze_adapter
+from lorakit.peft_reload import reload_adapter
 from lorakit.state import adapter_name_list, adapter_tensors, state_of
 
 if TYPE_CHECKING:
@@ -33,7 +34,9 @@ if TYPE_CHECKING:
 __all__ = [
     "PeftFilesMixin",
     "base_dtype",
+    "record_task_heads",
     "remade_wrapper",
+    "without_missing_heads",
     "wrapper_class",
 ]
 
@@ -158,11 +161,21 @@ class PeftFilesMixin:
         (default: float32 on a float16/bfloat16 base); ``torch_device`` is where PEFT reads the
         file: the adapter goes to the device of the layers it adapts in both (only checked here);
         ``low_cpu_mem_usage`` is accepted and has no effect (a load never initialises the
-        adapter tensors it then overwrites)."""
+        adapter tensors it then overwrites).
+
+        An ``adapter_name`` the model holds already is reloaded, as in PEFT: the file's tensors
+        are copied into that adapter (``reload_adapter``; a file that does not fit it is
+        refused, saying why); its config, ``requires_grad`` flags and active state stay, and
+        ``is_trainable=False`` only puts the model in eval mode."""
         from lorakit.io import load_adapter
 
         if torch_device is not None:
             torch.device(torch_device)  # a malformed device name is an error, as in PEFT
+        if adapter_name in self.peft_config:  # PEFT: the file's tensors into that adapter
+            reload_adapter(self.model, model_id, adapter_name, allow_base_mismatch, subfolder)
+            if not is_trainable:
+                self.eval()
+            return
         load_adapter(
             self.model,
             model_id,
@@ -171,6 +184,7 @@ class PeftFilesMixin:
             subfolder=subfolder,
             adapter_dtype=None if autocast_adapter_dtype else base_dtype(self.model),
         )
+        record_task_heads(self.model, adapter_name)
         if is_trainable:
             train_adapter(self.model, adapter_name)
         else:
@@ -275,6 +289,45 @@ def train_adapter(model: nn.Module, adapter_name: str) -> None:
         parameter.requires_grad_(True)
         if id(parameter) not in recorded:
             state.trainable.append(parameter)
+
+
+def record_task_heads(model: nn.Module, adapter_name: str) -> None:
+    """Make ``peft_config[adapter_name].modules_to_save`` read as PEFT's task models make it:
+    with the heads the task type trains and saves (``targets.saved_module_entries``:
+    ``["classifier", "score"]`` for ``SEQ_CLS`` / ``TOKEN_CLS``, ``["qa_outputs"]`` for
+    ``QUESTION_ANS``, after the config's own entries). The recorded config becomes a copy with
+    that list (the caller's config is left as it was); what is trained and saved does not
+    change, since inject and save read the same entries."""
+    from lorakit.state import adapter_configs
+    from lorakit.targets import saved_module_entries
+
+    configs = adapter_configs(model)
+    config = configs[adapter_name]
+    entries = saved_module_entries(config)
+    if entries and entries != (config.modules_to_save or []):
+        configs[adapter_name] = config.replace(modules_to_save=entries)
+
+
+def without_missing_heads(model: nn.Module, config: Any) -> Any:
+    """``config`` without the ``modules_to_save`` entries that its task type adds anyway
+    (``targets.TASK_HEADS``) and that name no module of ``model``: the ``peft_config[name]``
+    of an adapter added by ``get_peft_model`` lists both ``classifier`` and ``score``
+    (``record_task_heads``, as PEFT's does), and passed to ``add_adapter`` again it must not be
+    refused for the head this model lacks (PEFT skips it too)."""
+    from lorakit.targets import TASK_HEADS, model_modules, saved_module_matches
+
+    heads = TASK_HEADS.get(getattr(config, "task_type", None), ())
+    entries = getattr(config, "modules_to_save", None) or []
+    names = [name for name, _ in model_modules(model) if name] if heads else []
+    missing = [
+        entry
+        for entry in entries
+        if entry in heads and not any(saved_module_matches([entry], name) for name in names)
+    ]
+    if not missing:
+        return config
+    kept = [entry for entry in entries if entry not in missing]
+    return config.replace(modules_to_save=kept or None)
 
 
 def base_dtype(model: nn.Module) -> torch.dtype:

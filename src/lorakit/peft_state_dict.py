@@ -13,16 +13,31 @@ so also under a parent: DDP, ``torch.compile``), so a checkpoint loads back (str
 ``resume_from_checkpoint``, ``load_best_model_at_end``) and the tie survives (both names still
 hold one parameter).
 A dict holding both names (an older full ``torch.save(model.state_dict())``) loads unchanged.
+
+PEFT's functions ``get_peft_model_state_dict`` / ``set_peft_model_state_dict`` live here too:
+one adapter's tensors under the keys of its adapter file (``base_model.model.<path>.lora_A.weight``,
+the adapter name left out), found by the save code's own table (``io.save.adapter_file_entries``,
+``io.keys.model_tensor``): the dict is exactly what ``save_pretrained`` writes.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
 from itertools import chain
 from typing import Any
 
+import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
-__all__ = ["PeftStateDictMixin", "fill_aliases", "tied_aliases"]
+__all__ = [
+    "PeftStateDictMixin",
+    "fill_aliases",
+    "get_peft_model_state_dict",
+    "set_peft_model_state_dict",
+    "tied_aliases",
+]
 
 
 def tied_aliases(module: nn.Module) -> dict[str, str]:
@@ -83,3 +98,160 @@ class PeftStateDictMixin:
         ``state_dict()`` under any parent."""
         fill_aliases(state_dict, tied_aliases(self), prefix)  # type: ignore[arg-type]
         super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- PEFT's state-dict functions
+def get_peft_model_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    adapter_name: str = "default",
+    unwrap_compiled: bool = False,
+    save_embedding_layers: bool | str = "auto",
+) -> dict[str, torch.Tensor]:
+    """PEFT's ``get_peft_model_state_dict``: ``{file key: tensor}`` of adapter ``adapter_name``,
+    the keys and values ``save_pretrained`` writes (``base_model.model.<path>.lora_A.weight``
+    (r, k), ``...lora_B.weight`` (d, r), DoRA magnitudes, saved modules, token rows, biases of
+    ``bias`` mode). The tensors are the model's own, detached (no copy; they follow training).
+
+    ``model``: a ``PeftModel`` or the model holding the adapters (``unwrap_compiled=True``: a
+    ``torch.compile`` wrapper's ``_orig_mod``). ``state_dict``: take each tensor from this
+    dict instead (``model.state_dict()``-like, e.g. gathered by DeepSpeed / FSDP), looked up
+    under the names the model's own tensor has; a tensor it lacks is left out, as in PEFT.
+    ``save_embedding_layers``: PEFT's (default ``"auto"``: a targeted embedding's base
+    weight; True / False: every / no input-output embedding's base weight)."""
+    from lorakit.io.keys import model_tensor
+
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
+    inner = _holder(model, adapter_name)
+    entries = _file_entries(inner, adapter_name, save_embedding_layers)
+    tensors = {entry.key: model_tensor(inner, entry, adapter_name) for entry in entries}
+    if state_dict is None:
+        return {key: tensor.detach() for key, tensor in tensors.items()}
+    names = _tensor_names(model)
+    found = {}
+    for key, tensor in tensors.items():
+        name = next((n for n in names.get(id(tensor), ()) if n in state_dict), None)
+        if name is not None:
+            found[key] = state_dict[name]
+    return found
+
+
+def set_peft_model_state_dict(
+    model: nn.Module,
+    peft_model_state_dict: Mapping[str, torch.Tensor],
+    adapter_name: str = "default",
+    ignore_mismatched_sizes: bool = False,
+    low_cpu_mem_usage: bool = False,
+) -> _IncompatibleKeys:
+    """PEFT's ``set_peft_model_state_dict``: copy the tensors of a dict with adapter-file keys
+    (``get_peft_model_state_dict``'s, or an adapter file's; the ``base_model.model.`` prefix
+    may be left out) into adapter ``adapter_name``, which the model must hold. Copied in place,
+    cast to each tensor's dtype and device: ``requires_grad`` flags, and an optimizer's hold
+    on the tensors, stay.
+
+    Returns torch's ``(missing_keys, unexpected_keys)``, as PEFT's: ``missing_keys`` are the
+    keys of ``model.state_dict()`` left as they were (the base model's, the other adapters',
+    and this adapter's tensors the dict lacks, named with the adapter, e.g.
+    ``...q_proj.lora_A.default.weight``); ``unexpected_keys`` the given keys that are no tensor
+    of the adapter, as given. A tensor whose shape differs (another rank) is a ``ValueError``
+    naming it before anything is copied (``ignore_mismatched_sizes=True``: left out with a
+    warning and listed as missing, as in PEFT). Refused while the adapter is merged (its merged
+    weight would keep the old values). ``low_cpu_mem_usage`` is accepted and has no effect."""
+    from lorakit.io.keys import PREFIX, model_tensor
+
+    inner = _holder(model, adapter_name)
+    entries = {entry.key: entry for entry in _file_entries(inner, adapter_name, True)}
+    given = {key if key.startswith(PREFIX) else PREFIX + key: key for key in peft_model_state_dict}
+    unexpected = [key for file_key, key in given.items() if file_key not in entries]
+    to_copy = {k: peft_model_state_dict[given[k]] for k in given if k in entries}
+    _check_not_merged(inner, adapter_name, [entries[key] for key in to_copy])
+    targets = {key: model_tensor(inner, entries[key], adapter_name) for key in to_copy}
+    mismatched = {
+        key: (tuple(value.shape), tuple(targets[key].shape))
+        for key, value in to_copy.items()
+        if tuple(value.shape) != tuple(targets[key].shape)
+    }
+    _refuse_or_warn_mismatched(mismatched, ignore_mismatched_sizes)
+    written = set()
+    with torch.no_grad():
+        for key, value in to_copy.items():
+            if key not in mismatched:
+                targets[key].copy_(value)
+                written.add(id(targets[key]))
+    missing = [name for name, t in model.state_dict(keep_vars=True).items() if id(t) not in written]
+    return _IncompatibleKeys(missing, unexpected)
+
+
+def _holder(model: nn.Module, adapter_name: str) -> nn.Module:
+    """The module holding ``model``'s adapters (a ``PeftModel``: the model inside);
+    ``UnknownAdapterError`` naming the adapters when it lacks ``adapter_name``."""
+    from lorakit.errors import UnknownAdapterError
+    from lorakit.state import adapter_configs, adapter_model
+
+    inner = adapter_model(model)
+    known = list(adapter_configs(inner))
+    if adapter_name not in known:
+        raise UnknownAdapterError(
+            f"unknown adapter {adapter_name!r}; this model has {known}: pass one of them as "
+            "adapter_name."
+        )
+    return inner
+
+
+def _file_entries(model: nn.Module, adapter_name: str, save_embedding_layers: bool | str | None):
+    """The ``FileTensor`` entries of adapter ``adapter_name``'s file, as ``save_adapter`` lists
+    them (the same code: ``adapter_file_entries``)."""
+    from lorakit.io.save import _embeddings_to_save, adapter_file_entries
+    from lorakit.state import adapter_configs
+
+    config = adapter_configs(model)[adapter_name]
+    embeddings = _embeddings_to_save(model, config, save_embedding_layers)
+    return adapter_file_entries(model, adapter_name, embeddings)[0]
+
+
+def _tensor_names(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(tensor): its names in model.state_dict()}`` (tied tensors: every name)."""
+    names: dict[int, list[str]] = {}
+    named = chain(
+        model.named_parameters(remove_duplicate=False),
+        model.named_buffers(remove_duplicate=False),
+    )
+    for name, tensor in named:
+        names.setdefault(id(tensor), []).append(name)
+    return names
+
+
+def _check_not_merged(model: nn.Module, adapter_name: str, entries: list) -> None:
+    """``ValueError`` where copying ``entries`` (``FileTensor``) would leave a merged weight
+    stale: adapter ``adapter_name`` merged anywhere, or a base tensor (a ``bias`` mode bias, an
+    embedding's base weight) written while any adapter is merged."""
+    from lorakit.state import lora_layers
+
+    merged = [(name, layer.merged_adapters) for name, layer in lora_layers(model)]
+    merged = [(name, names) for name, names in merged if names]
+    own = [name for name, names in merged if adapter_name in names]
+    bases = [entry.key for entry in entries if entry.role in ("bias", "base_weight")]
+    if own or (bases and merged):
+        what = f"adapter {adapter_name!r}" if own else f"{len(bases)} base tensor(s) ({bases[0]})"
+        raise ValueError(
+            f"cannot set {what} while adapters are merged (in {(own or [merged[0][0]])[0]!r}): "
+            "the merged weights would keep the old values. Call unmerge_adapter() "
+            "(lorakit.unmerge) first."
+        )
+
+
+def _refuse_or_warn_mismatched(
+    mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]], ignore: bool
+) -> None:
+    """``ValueError`` listing the tensors whose shape differs from the adapter's (given, model);
+    with ``ignore`` (PEFT's ``ignore_mismatched_sizes``) a warning instead."""
+    if not mismatched:
+        return
+    shown = "; ".join(f"{key}: {a} given, {b} in the model" for key, (a, b) in mismatched.items())
+    if not ignore:
+        raise ValueError(
+            f"{len(mismatched)} tensor(s) do not fit the adapter (another rank or module?): "
+            f"{shown}. Nothing was copied; pass ignore_mismatched_sizes=True to skip them."
+        )
+    warnings.warn(f"skipped tensors whose shape does not fit the adapter: {shown}", stacklevel=3)
