@@ -118,6 +118,7 @@ class LoraConfig:
     (``lorakit.replication``); e.g. ``[[0, 2], [1, 2]]`` turns layers 0, 1 into 0, 1, 1."""
     init_lora_weights: bool | str = True
     """True: Kaiming-uniform A, zero B. "gaussian": normal A (std 1/r), zero B. False: random B.
+    "orthogonal": PEFT's drawn orthogonal A and B (``lorakit.init_factors``).
     "pissa", "pissa_niter_K" (K an integer), "olora" and "loftq" take A and B from the base weight and
     overwrite the base with the rest (``lorakit.init_methods``); "eva": zero B, A set from
     layer inputs by ``lorakit.eva.initialize_lora_eva_weights``."""

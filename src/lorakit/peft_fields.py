@@ -58,7 +58,7 @@ def _ignored(why: str) -> FieldSupport:
     return FieldSupport(IGNORED, why)
 
 
-_INIT = "issue 19 items 1-2: the settings of that initialisation (init_lora_weights)"
+_INIT = "the settings of that initialisation (init_lora_weights; see Initialisations below)"
 
 PEFT_LORA_FIELDS: dict[str, FieldSupport] = {
     # bookkeeping PEFT writes into every adapter_config.json
@@ -86,7 +86,8 @@ PEFT_LORA_FIELDS: dict[str, FieldSupport] = {
     "use_rslora": _supported(),
     "modules_to_save": _supported(),
     "init_lora_weights": _supported(
-        'True, False, "gaussian"; the SVD/data-driven ones per issue 19 items 1-2'
+        'True, False, "gaussian", "orthogonal", "pissa", "pissa_niter_K", "olora", "loftq", '
+        '"eva" (see Initialisations below)'
     ),
     "layers_to_transform": _supported(),
     "layers_pattern": _supported(),
