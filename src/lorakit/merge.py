@@ -11,6 +11,9 @@ would otherwise tie back on reload a tensor of its own (``unload.own_tensors_for
 that ``save_pretrained`` + ``from_pretrained`` give the same outputs (BART, T5 too).
 ``merge_and_unload`` folds the adapters and returns the plain model with no lorakit module left.
 
+On a base that accelerate offloaded ``merge_and_unload`` writes the merged weights into the
+offload maps and ``merge`` refuses (``lorakit.offloaded_merge``).
+
 On a quantized base (``lorakit.quantized``, docs/quantized.md) the quantized bytes are never
 written: ``merge`` keeps the float ``W = dequant(W0) + sum_a s_a B_a A_a`` beside them,
 ``unmerge`` drops it, and ``merge_and_unload`` returns a float model in the model's own float
@@ -34,6 +37,13 @@ from torch import nn
 from lorakit import quantized
 from lorakit.errors import UnknownAdapterError
 from lorakit.layers import LoraLayer, ModulesToSave, TrainableTokens
+from lorakit.offloaded_merge import (
+    offload_merged,
+    offloaded_bases,
+    offloaded_layers,
+    offloaded_refusal,
+    onloaded,
+)
 from lorakit.quantized.merge import float_linear
 from lorakit.replication import own_replicated_tensors, tied_parameter_ids
 from lorakit.state import (
@@ -73,9 +83,15 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Mo
 
     Idempotent. All or nothing: every layer's merged weight is computed and checked before any
     is installed, so if one would hold inf/NaN (a non-finite adapter, or an overflow of the
-    weight dtype) ValueError is raised and no layer has changed.
+    weight dtype) ValueError is raised and no layer has changed. A layer whose base weight
+    accelerate offloaded is refused (``ValueError`` naming it) before any change:
+    ``merge_and_unload`` merges into an offloaded base.
     """
-    return _merge(model, adapter_names, None)
+    names = _chosen(model, adapter_names)
+    offloaded = next(offloaded_layers(model, names), None)
+    if offloaded is not None:
+        raise ValueError(offloaded_refusal(offloaded[0]))
+    return _merge(model, names, None)
 
 
 def _merge(
@@ -154,13 +170,17 @@ def merge_and_unload(
     model = adapter_model(model)  # lorakit's PeftModel: the model inside it
     names = _chosen(model, adapter_names)
     _check_float_dtype(float_dtype)
+    offloaded = offloaded_bases(model, names)  # (refuses an offloaded one it cannot merge)
     found_quantized = _check_quantized_layers(model)  # before any change (e.g. one bnb repacked)
     own_dtype = model_float_dtype(model) if found_quantized and float_dtype is None else None
     linear_dtype = float_dtype or own_dtype or torch.float32  # (used by quantized layers only)
     tied = tied_parameter_ids(model)  # (not the tensors layer_replication's copies share)
     output_quantized = _output_layer_quantized(model)
-    _merge(model, names, float_dtype)  # rounded once to float_dtype (a bf16 base's sum too)
-    untied = _unload_lora_layers(model, tied, linear_dtype)
+    untied = any(id(base.weight) in tied for base, _ in offloaded)  # (before loading: new ones)
+    with onloaded(offloaded):  # (offloaded again, as they were, if the merge raises)
+        _merge(model, names, float_dtype)  # rounded once to float_dtype (a bf16 base's sum too)
+    untied |= _unload_lora_layers(model, tied, linear_dtype)
+    offload_merged(offloaded)
     untied |= _unload_saved_modules(model, names, tied)
     _dequantize_remaining(model, linear_dtype)
     own_replicated_tensors(model)  # layer copies (layer_replication) stop sharing tensors

@@ -47,6 +47,7 @@ from torch import nn
 
 from lorakit import quantized
 from lorakit.layers import LoraLayer
+from lorakit.layers.base import offload_hook
 
 __all__ = [
     "METADATA_KEY",
@@ -73,14 +74,17 @@ _COARSEST_DTYPES = ("bfloat16", "float16")
 
 def base_weight(module: nn.Module) -> torch.Tensor:
     """The ORIGINAL base weight of a (possibly merged) LoRA layer, or the module's weight; an
-    offloaded one's value (``offloaded_weight``) where the parameter is on the meta device."""
-    if isinstance(module, LoraLayer):
-        if module.original_weight is not None:
-            return module.original_weight
-        module = module.base_layer
-    weight = module.weight
+    offloaded one's value (``offloaded_weight``, read from the innermost base module, which
+    accelerate hooked) where the parameter is on the meta device."""
+    holder = module
+    while isinstance(holder, LoraLayer):
+        holder = holder.base_layer
+    if isinstance(module, LoraLayer) and module.original_weight is not None:
+        weight = module.original_weight
+    else:
+        weight = holder.weight
     if weight.device.type == "meta":
-        offloaded = offloaded_weight(module, "weight")
+        offloaded = offloaded_weight(holder, "weight")
         if offloaded is not None:
             return offloaded
     return weight
@@ -88,24 +92,20 @@ def base_weight(module: nn.Module) -> torch.Tensor:
 
 def offloaded_weight(module: nn.Module, name: str) -> torch.Tensor | None:
     """The value of ``module``'s parameter ``name`` that accelerate keeps while the parameter
-    sits on the meta device: ``module._hf_hook.weights_map[name]`` of an ``AlignDevicesHook``
-    with ``offload=True`` (``cpu_offload``, and ``dispatch_model`` / transformers' ``device_map``
-    for modules mapped to "cpu" or "disk"; a ``SequentialHook``'s hooks are searched in turn).
-    None where no hook keeps it (a model built on the meta device; a hook on a parent module,
-    accelerate's ``preload_module_classes``: the module is then reported as unverifiable). A
-    "disk" entry is read whole from its file (accelerate reads no part of a tensor)."""
-    hook = getattr(module, "_hf_hook", None)
-    for each in getattr(hook, "hooks", (hook,)):
-        weights_map = getattr(each, "weights_map", None)
-        if not getattr(each, "offload", False) or weights_map is None:
-            continue
-        try:
-            value = weights_map[name]
-        except KeyError:
-            continue
-        if isinstance(value, torch.Tensor) and value.device.type != "meta":
-            return value
-    return None
+    sits on the meta device: the ``weights_map[name]`` of its offloading hook
+    (``layers.base.offload_hook``: ``cpu_offload``, and ``dispatch_model`` / transformers'
+    ``device_map`` for modules mapped to "cpu" or "disk"). None where no hook keeps it (a model
+    built on the meta device; a hook on a parent module, accelerate's
+    ``preload_module_classes``: the module is then reported as unverifiable). A "disk" entry
+    is read whole from its file (accelerate reads no part of a tensor)."""
+    hook = offload_hook(module)
+    if hook is None:
+        return None
+    try:
+        value = hook.weights_map[name]
+    except KeyError:
+        return None
+    return value if isinstance(value, torch.Tensor) and value.device.type != "meta" else None
 
 
 def base_identity(module: nn.Module) -> tuple[torch.Tensor, str]:

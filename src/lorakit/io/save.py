@@ -165,15 +165,18 @@ def adapter_file_entries(
 
 
 def _warn_unfingerprinted(adapter_name: str, names: list[str]) -> None:
-    """Warn that the base weights of ``names`` (on the meta device: offloaded) are left out of
-    the saved fingerprint, so loading cannot check them."""
+    """Warn that the base weights of ``names`` are left out of the saved fingerprint, so
+    loading cannot check them: they are on the meta device with no accelerate offload map to
+    read them from (a model built on the meta device; an offloaded weight is read from its map,
+    ``fingerprint.offloaded_weight``, and recorded)."""
     if not names:
         return
     shown = ", ".join(names[:3]) + (f" ... ({len(names)} in all)" if len(names) > 3 else "")
     warnings.warn(
-        f"adapter {adapter_name!r}: the base weights of {shown} are on the meta device "
-        "(offloaded), so the saved base-model fingerprint leaves them out and loading cannot "
-        "verify their base. Save with the base weights in memory to record them.",
+        f"adapter {adapter_name!r}: the base weights of {shown} are on the meta device with no "
+        "accelerate offload map to read them from, so the saved base-model fingerprint leaves "
+        "them out and loading cannot verify their base. Save with the base weights loaded "
+        "(in memory, or offloaded with accelerate) to record them.",
         stacklevel=4,  # the caller of save_adapter
     )
 

@@ -3,7 +3,9 @@ adapters: the per-adapter tables (``ranks``, ``alphas``, ``scalings``, ``dropout
 drawn as PEFT draws them (in float32, rounded through a float16 / bfloat16 base's dtype:
 ``round_through_base_dtype``), a DoRA magnitude or a bias on B beside them, and deleting one
 (unmerged first). It uses the layer's ``factor_shapes``, ``init_factors``, ``store_factors``,
-``base_device`` and ``base_float_dtype``.
+``base_device`` and ``base_float_dtype``. On a base that accelerate offloaded the new tensors go
+to the device its hook computes on (``base_device``); what needs the base weight's values
+outside a forward is refused there (``_check_offloaded_base``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from lorakit import functional
 from lorakit.init_factors import DRAW_DTYPE
+from lorakit.init_methods import changes_base
 
 __all__ = ["AdapterTables", "round_through_base_dtype"]
 
@@ -74,6 +77,8 @@ class AdapterTables:
             )
         if adapter_name in self.ranks:
             raise ValueError(f"adapter {adapter_name!r} already exists on this layer")
+        if self.base_offload_hook() is not None:
+            self._check_offloaded_base(adapter_name, init if values is None else None, use_dora)
         bias = None
         if values is not None:
             expected = self.factor_shapes(rank)
@@ -97,6 +102,35 @@ class AdapterTables:
             self.add_magnitude(adapter_name, init is not None)  # a supports_dora layer's
         if lora_bias:
             self.add_lora_bias(adapter_name, init, bias)  # a supports_lora_bias layer's
+
+    def _check_offloaded_base(
+        self, adapter_name: str, init: bool | str | None, use_dora: bool
+    ) -> None:
+        """Refuse (``ValueError``) an adapter that would need the values of a base weight that
+        accelerate offloaded (on the meta device outside the base's own call, which its hook
+        wraps): DoRA (its magnitude and row norms read W0), an init that rewrites the base
+        (PiSSA, OLoRA, LoftQ: an SVD of W0, then W0 overwritten), and a layer that computes
+        from the weight itself instead of calling the base (a bare parameter,
+        ``target_parameters``). Plain LoRA needs none of them: its factors live on the hook's
+        execution device and the base is called as it is."""
+        if use_dora:
+            what = "DoRA (use_dora=True) reads the base weight's values at each forward"
+        elif changes_base(init):
+            what = f"init_lora_weights={init!r} computes the adapter from the base weight"
+        elif not self.runs_offloaded_base():
+            what = "an adapter on a bare parameter (target_parameters) computes from it"
+        else:
+            return
+        base = self.base_layer
+        raise ValueError(
+            f"adapter {adapter_name!r}: {what}, but this {type(base).__name__} "
+            f"(weight {list(self.live_weight().shape)}) is offloaded by accelerate (cpu_offload, "
+            "or a device_map with 'cpu' / 'disk' entries: its weight is on the meta device "
+            "outside its forward). Load the base without offloading the targeted modules "
+            "(more GPU / CPU memory, or a quantized base), or use plain LoRA (use_dora=False, "
+            "init_lora_weights=True, target_modules), which works on an offloaded base. "
+            "Nothing was changed."
+        )
 
     def _new_factors(
         self, rank: int, init: bool | str | None, dtype: torch.dtype

@@ -27,11 +27,26 @@ from lorakit.layers.adapter_tables import AdapterTables
 from lorakit.layers.merging import Merging, unmerged
 from lorakit.layers.per_call import current_override, current_router
 
-__all__ = ["LoraLayer"]
+__all__ = ["LoraLayer", "offload_hook"]
 
 
 def _same_adapters(chosen: tuple[str, ...], merged: tuple[str, ...]) -> bool:
     return chosen == merged or (bool(merged) and set(chosen) == set(merged))
+
+
+def offload_hook(module: nn.Module):
+    """The accelerate hook that offloads ``module``'s own weights, or None: an
+    ``AlignDevicesHook`` with ``offload=True`` in ``module._hf_hook`` (a ``SequentialHook``'s
+    hooks searched in turn), as ``cpu_offload`` and ``dispatch_model`` / transformers'
+    ``device_map`` with "cpu" or "disk" entries attach to each module holding weights. Such a
+    module's parameters sit on the meta device between forwards; the hook loads them from its
+    ``weights_map`` onto its ``execution_device`` for each call (``io.fingerprint`` reads them
+    from there: ``offloaded_weight``)."""
+    hook = getattr(module, "_hf_hook", None)
+    for each in getattr(hook, "hooks", (hook,)):
+        if getattr(each, "offload", False) and getattr(each, "weights_map", None) is not None:
+            return each
+    return None
 
 
 class LoraLayer(AdapterTables, Merging, nn.Module):
@@ -78,7 +93,9 @@ class LoraLayer(AdapterTables, Merging, nn.Module):
         if _same_adapters(adapters, merge.adapters):  # nothing to add: none, or the merged ones
             weight = merge.weight if merge.adapters else original
             return self.base_output(weight, x, *args, **kwargs)
-        fast_adapters = None if args or kwargs else self.fast_adapters(x, original, adapters)
+        fast_adapters = None
+        if not (args or kwargs or self.base_is_hooked()):
+            fast_adapters = self.fast_adapters(x, original, adapters)
         if fast_adapters is not None:  # fused: base and adapters in one pass (lorakit.fast)
             return self.fast_output(x, original, fast_adapters)
         return self.plain_output(x, original, adapters, *args, **kwargs)
@@ -117,7 +134,15 @@ class LoraLayer(AdapterTables, Merging, nn.Module):
         """True when ``base_output`` runs the base layer itself (hooks, extra arguments, a
         subclass), with whichever weight: its output is then not ours to change in place (a
         forward hook may hold it)."""
-        return bool(args or kwargs) or not self.base_is_plain()
+        return bool(args or kwargs) or not self.base_is_plain() or self.base_is_hooked()
+
+    def base_is_hooked(self) -> bool:
+        """True when accelerate hooked the base layer (``_hf_hook``: ``cpu_offload``,
+        ``dispatch_model``, a ``device_map``): its call runs the hook, which loads an offloaded
+        weight from the offload map (the parameter holds no values between forwards) and moves
+        the input to the hook's device, so the base is called, never computed from its weight
+        (``base_output``), and the fused path, which reads that weight, is not taken."""
+        return hasattr(self.base_layer, "_hf_hook")
 
     def plain_output(
         self, x: torch.Tensor, weight: torch.Tensor, adapters: Sequence[str], *args, **kwargs
@@ -236,8 +261,39 @@ class LoraLayer(AdapterTables, Merging, nn.Module):
 
     @property
     def base_device(self) -> torch.device:
-        """The device of the base layer's weight (where new adapter tensors go)."""
+        """Where new adapter tensors go: the device of the base layer's weight, or for a base
+        that accelerate offloaded (``base_offload_hook``) the device its hook computes on
+        (``execution_device``). An adapter made on the meta device would have no values: its
+        forward would give NaN or the base's output, and a training step would fail."""
+        hook = self.base_offload_hook()
+        if hook is not None and hook.execution_device is not None:
+            return torch.device(hook.execution_device)
         return self.live_weight().device
+
+    def base_offload_hook(self):
+        """The accelerate hook that offloads the live weight (``offload_hook`` of the module
+        holding it, under any nested LoRA layers), or None: also None for a weight on the meta
+        device with no such hook (a model built on the meta device, whose adapters stay
+        there), and for a hooked weight that is not on the meta device now (loaded for a
+        call)."""
+        holder = self.base_layer
+        while isinstance(holder, LoraLayer):
+            holder = holder.base_layer
+        hook = offload_hook(holder)
+        if hook is None:
+            return None
+        try:
+            weight = self.live_weight()
+        except AttributeError:  # a quantized base holds no float weight (lorakit.quantized)
+            return hook
+        return hook if weight.is_meta else None
+
+    def runs_offloaded_base(self) -> bool:
+        """True when the forward calls the base module itself where accelerate hooked it
+        (``LoraLayer.forward``: the hook loads an offloaded weight for the call); a layer with
+        a forward of its own (a bare parameter's, ``layers/parameter.py``) computes from the
+        weight, which holds no values while offloaded."""
+        return type(self).forward is LoraLayer.forward
 
     @property
     def base_float_dtype(self) -> torch.dtype:
