@@ -173,3 +173,13 @@ def test_a_reader_with_one_scale_for_every_module_gets_each_update(tmp_path, arg
             )
             checked += 1
     assert checked == len(extraction.factors)
+
+
+@pytest.mark.parametrize("alpha", [-8.0, 0.0, float("nan")])
+def test_an_alpha_with_no_positive_scale_is_refused(alpha):
+    """Extracted factors are sqrt(S / s): a scale s <= 0 gave NaN factors once LoraConfig took
+    any finite alpha (as PEFT does); 0 was read as "unset" (lora_alpha or rank)."""
+    base = tiny_models.bert()
+    tuned = fine_tuned(base, ranks={"query": 1})
+    with pytest.raises(ValueError, match="lora_alpha must be a positive finite number"):
+        extract_lora(base, tuned, rank=1, lora_alpha=alpha)

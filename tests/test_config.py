@@ -13,7 +13,7 @@ from lorakit import LoraConfig, TaskType
         ({"r": 0}, "LoraConfig.r=0"),
         ({"r": -4}, "LoraConfig.r=-4"),
         ({"r": 2.5}, "LoraConfig.r=2.5"),
-        ({"lora_alpha": 0}, "LoraConfig.lora_alpha=0"),
+        ({"lora_alpha": float("nan")}, "LoraConfig.lora_alpha=nan"),
         ({"lora_dropout": 1.0}, "LoraConfig.lora_dropout=1.0"),
         ({"lora_dropout": -0.1}, "LoraConfig.lora_dropout=-0.1"),
         ({"bias": "some"}, "LoraConfig.bias='some'"),
@@ -21,7 +21,7 @@ from lorakit import LoraConfig, TaskType
         ({"target_modules": "(unclosed"}, "not a valid regular expression"),
         ({"target_modules": ["q_proj", ""]}, "target_modules"),
         ({"rank_pattern": {"q_proj": 0}}, "rank_pattern['q_proj']=0"),
-        ({"alpha_pattern": {"q_proj": -1}}, "alpha_pattern['q_proj']=-1"),
+        ({"alpha_pattern": {"q_proj": float("-inf")}}, "alpha_pattern['q_proj']=-inf"),
         ({"layers_pattern": "layers"}, "layers_to_transform is None"),
         (
             {"target_modules": ".*q_proj", "layers_to_transform": [0]},

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import lorakit
+from lorakit.errors import TargetModulesError
 from lorakit.inject import freeze_adapter
 from lorakit.layer_wrapping import default_adapter_dtype, wrap_targets
 from lorakit.layers import LoraLayer, LoraLinear
@@ -42,7 +43,7 @@ def test_wrap_targets_wraps_without_an_adapter_and_unload_restores_everything() 
 
 def test_wrap_targets_checks_every_module_before_changing_any() -> None:
     model = tiny_models.llama()
-    with pytest.raises(TypeError, match=r"'model\.norm'"):
+    with pytest.raises(TargetModulesError, match=r"'model\.norm'"):
         wrap_targets(model, ["model.layers.0.self_attn.q_proj", "model.norm"])
     assert not any(isinstance(m, LoraLayer) for m in model.modules())
     assert lorakit.adapter_configs(model) == {} and "lorakit_state" not in model.__dict__

@@ -125,8 +125,8 @@ def test_unknown_spec_is_a_user_error(tmp_path):
         plan("no-such-model")
     with pytest.raises(UserError, match="unknown model spec"):
         plan(str(tmp_path))  # a directory without config.json
-    with pytest.raises(UserError, match="lora_alpha=-1 is invalid"):
-        plan("llama-2-7b", lora_alpha=-1)
+    with pytest.raises(UserError, match="lora_alpha=nan is invalid"):
+        plan("llama-2-7b", lora_alpha=float("nan"))
     with pytest.raises(UserError, match="matched no module of this LlamaForCausalLM"):
         plan("smollm2-135m-instruct", target_modules=["no_such_proj"])
 

@@ -7,6 +7,7 @@ from torch import nn
 
 import lorakit
 from lorakit import LoraConfig, find_targets
+from lorakit.errors import TargetModulesError
 from tests import tiny_models
 
 
@@ -65,7 +66,9 @@ def test_nothing_matched_lists_request_and_closest_names() -> None:
 
 
 def test_unsupported_type_names_module_and_type() -> None:
-    with pytest.raises(TypeError, match=r"'norm' is a torch.nn.modules.normalization.LayerNorm"):
+    with pytest.raises(
+        TargetModulesError, match=r"'norm' is a torch.nn.modules.normalization.LayerNorm"
+    ):
         lorakit.inject(Toy(), LoraConfig(target_modules=["norm"]))
 
 
@@ -75,13 +78,13 @@ def test_a_refused_injection_leaves_the_model_as_it_was() -> None:
     lorakit.inject(model, LoraConfig(target_modules=["v_proj"]), "first")
     modules = dict(model.named_modules())
     trainable = {n: p.requires_grad for n, p in model.named_parameters()}
-    with pytest.raises(TypeError, match="input_layernorm"):
+    with pytest.raises(TargetModulesError, match="input_layernorm"):
         lorakit.inject(model, LoraConfig(target_modules=["q_proj", "input_layernorm"]), "second")
     assert dict(model.named_modules()) == modules  # the very same module objects
     assert {n: p.requires_grad for n, p in model.named_parameters()} == trainable
     assert list(lorakit.adapter_configs(model)) == ["first"]
     fresh = tiny_models.llama()
-    with pytest.raises(TypeError):
+    with pytest.raises(TargetModulesError):
         lorakit.inject(fresh, LoraConfig(target_modules=["q_proj", "input_layernorm"]))
     assert "lorakit_state" not in fresh.__dict__
     assert all(p.requires_grad for p in fresh.parameters())

@@ -223,7 +223,7 @@ def test_resume_differences_are_named_by_their_flags(tmp_path):
     ("field", "value", "expected"),
     [
         ("r", 0, "--r 0 is invalid: expected a positive integer"),
-        ("alpha", float("nan"), "--alpha nan is invalid: expected a positive finite number"),
+        ("alpha", float("nan"), "--alpha nan is invalid: expected a finite number"),
         ("dropout", 2.0, "--dropout 2.0 is invalid: expected a probability in [0, 1)"),
     ],
 )

@@ -25,8 +25,8 @@ def wrap_targets(
     """Wrap each module of ``names`` (in place) in a LoRA layer that holds no adapter yet; a
     module that is a LoRA layer already is kept. Returns ``{name: LoRA layer}``.
 
-    Every module is checked (``layer_class_for``: ``TypeError`` naming one lorakit cannot
-    adapt) before any change. The first wrapping freezes the model and records its adapter
+    Every module is checked (``layer_class_for``: ``UnsupportedModuleError``, a ``ValueError``,
+    naming one lorakit cannot adapt) before any change. The first wrapping freezes the model and records its adapter
     state, so ``unload`` restores the original modules and trainability. A new layer takes the
     training mode of the module it wraps. ``modules``: name -> current module, when the caller
     has them. What ``inject`` does before adding an adapter, and all that serving needs (the

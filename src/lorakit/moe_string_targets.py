@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.errors import TargetModulesError, UserError
-from lorakit.layers import layer_class_for
+from lorakit.errors import TargetModulesError
+from lorakit.layers import UnsupportedModuleError, layer_class_for
 from lorakit.targets import find_targets, matches, model_modules
 
 __all__ = ["check_regex_modules", "resolve_string_targets"]
@@ -70,9 +70,7 @@ def check_regex_modules(model: nn.Module, regex: str, converted: LoraConfig) -> 
         module = model.get_submodule(name)
         try:
             layer_class_for(module, name)
-        except TypeError as error:
-            if isinstance(error, UserError):
-                raise  # e.g. a quantized layer of a format lorakit does not know: its own text
+        except UnsupportedModuleError:  # (others, e.g. an unknown quantized format: as they are)
             raise TargetModulesError(_regex_message(model, regex, converted, name)) from None
 
 

@@ -1,7 +1,9 @@
 """Regexes from adapter configs, refused when they could take unbounded time to match.
 
-``target_modules`` / ``exclude_modules`` (a string), ``rank_pattern`` / ``alpha_pattern`` keys and
-``layers_pattern`` are regexes written by whoever made the adapter: untrusted input. Python's
+``target_modules`` / ``exclude_modules`` (a string), ``rank_pattern`` / ``alpha_pattern`` keys,
+``layers_pattern`` and ``modules_to_save`` entries (PEFT matches each inside
+``(^|.*\\.)<entry>($|\\..*)``: ``targets.left_out_as_saved``) are regexes written by whoever
+made the adapter: untrusted input. Python's
 ``re`` backtracks, so a pattern like ``(.*)*x`` takes exponential time on a module name and
 ``.*.*.*.*.*x`` a high power of its length; one such key would hang ``load_adapter``, ``lorakit
 inspect`` and a server. ``check_pattern`` refuses, before any matching:
@@ -24,13 +26,15 @@ inspect`` and a server. ``check_pattern`` refuses, before any matching:
   re-enters it per character: 10-20x a ``.*``); a lookaround of plain text adds nothing. A
   ``rank_pattern`` / ``alpha_pattern`` key is counted inside the regex it is matched with,
   ``(.*\\.)?(key)$`` (one more open-ended repeat), a ``layers_pattern`` inside
-  ``(?:^|.*?\\.)pattern\\.(\\d+)\\.`` (two more).
+  ``(?:^|.*?\\.)pattern\\.(\\d+)\\.`` (two more), a ``modules_to_save`` entry inside
+  ``(^|.*\\.)<entry>($|\\..*)`` (two more).
   ``MAX_BACKTRACKING = 2**24`` admits four ``.*`` as ``target_modules`` and three in a pattern
   key (about 10 ms on a 128-character name built to defeat them; lazy ``.*?`` cost about 8x a
   way, 80-130 ms there: the estimate does not tell them apart, so that Unsloth's regex, four
   ``.*?`` between literal words, passes; real module names of 20-80 characters take a small
   fraction of that) or eight ``?``, and plain names and alternations of names;
-- ``rank_pattern`` / ``alpha_pattern`` (every key is tried on every module name) with more than
+- ``rank_pattern`` / ``alpha_pattern`` / ``modules_to_save`` (every key or entry is tried on
+  every module name) with more than
   ``MAX_PATTERN_KEYS`` keys, or keys whose estimates add up to more than
   ``MAX_TOTAL_BACKTRACKING`` (four keys at the limit, or thousands of plain names).
 
@@ -116,21 +120,27 @@ def check_pattern(what: str, pattern: str, enclosing_repeats: int = 0) -> int:
     return cost
 
 
-def check_pattern_set(what: str, patterns: list[str]) -> None:
+def check_pattern_set(
+    what: str, patterns: list[str], item: str = "key", enclosing_repeats: int = 1
+) -> None:
     """Check every key of a ``rank_pattern`` / ``alpha_pattern`` (each is tried on every module
-    name): at most ``MAX_PATTERN_KEYS`` keys, each bounded, ``MAX_TOTAL_BACKTRACKING`` in all."""
+    name): at most ``MAX_PATTERN_KEYS`` keys, each bounded, ``MAX_TOTAL_BACKTRACKING`` in all.
+    ``item`` names one pattern in messages ("entry" for ``modules_to_save``);
+    ``enclosing_repeats`` as for ``check_pattern`` (a key: 1, ``(.*\\.)?(key)$``)."""
     if len(patterns) > MAX_PATTERN_KEYS:
         raise ValueError(
-            f"{what} has {len(patterns)} keys; at most {MAX_PATTERN_KEYS} are accepted (each is "
-            "tried on every module name)."
+            f"{what} has {len(patterns)} {item}s; at most {MAX_PATTERN_KEYS} are accepted (each "
+            "is tried on every module name)."
         )
     for key in patterns:
         if not isinstance(key, str):
-            raise ValueError(f"{what} key {shown(key)} is invalid: expected a regex string.")
-    total = sum(check_pattern(f"{what} key {shown(key)}", key, 1) for key in patterns)
+            raise ValueError(f"{what} {item} {shown(key)} is invalid: expected a regex string.")
+    total = sum(
+        check_pattern(f"{what} {item} {shown(key)}", key, enclosing_repeats) for key in patterns
+    )
     if total > MAX_TOTAL_BACKTRACKING:
         raise ValueError(
-            f"{what} is refused: its keys together would take too long to match (about "
+            f"{what} is refused: its {item}s together would take too long to match (about "
             f"{total:.3g} ways to try per name, at most {MAX_TOTAL_BACKTRACKING}); use fewer "
             "open-ended repeats, or list the module names instead."
         )

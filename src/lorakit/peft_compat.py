@@ -52,7 +52,6 @@ from lorakit.peft_model_extras import (
     base_dtype,
     record_task_heads,
     remade_wrapper,
-    without_missing_heads,
     wrapper_class,
 )
 from lorakit.peft_rows import batch_size, rows_routed, sequences_per_row
@@ -127,8 +126,7 @@ class PeftModel(PeftFilesMixin, PeftMergingMixin, PeftStateDictMixin, nn.Module)
         if peft_config is not None:
             _check_config(peft_config)
             adapter_dtype = None if autocast_adapter_dtype else base_dtype(model)
-            config = without_missing_heads(model, peft_config)
-            inject(model, config, adapter_name, adapter_dtype=adapter_dtype)
+            inject(model, peft_config, adapter_name, adapter_dtype=adapter_dtype)
             record_task_heads(model, adapter_name)
         super().__init__()
         self.model = model
@@ -208,8 +206,7 @@ class PeftModel(PeftFilesMixin, PeftMergingMixin, PeftStateDictMixin, nn.Module)
         float16/bfloat16 base); ``low_cpu_mem_usage`` is accepted and has no effect."""
         _check_config(peft_config)
         adapter_dtype = None if autocast_adapter_dtype else base_dtype(self.model)
-        config = without_missing_heads(self.model, peft_config)
-        inject(self.model, config, adapter_name, adapter_dtype=adapter_dtype, activate=False)
+        inject(self.model, peft_config, adapter_name, adapter_dtype=adapter_dtype, activate=False)
         record_task_heads(self.model, adapter_name)
 
     def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:

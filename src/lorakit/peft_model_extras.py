@@ -36,7 +36,6 @@ __all__ = [
     "base_dtype",
     "record_task_heads",
     "remade_wrapper",
-    "without_missing_heads",
     "wrapper_class",
 ]
 
@@ -306,28 +305,6 @@ def record_task_heads(model: nn.Module, adapter_name: str) -> None:
     entries = saved_module_entries(config)
     if entries and entries != (config.modules_to_save or []):
         configs[adapter_name] = config.replace(modules_to_save=entries)
-
-
-def without_missing_heads(model: nn.Module, config: Any) -> Any:
-    """``config`` without the ``modules_to_save`` entries that its task type adds anyway
-    (``targets.TASK_HEADS``) and that name no module of ``model``: the ``peft_config[name]``
-    of an adapter added by ``get_peft_model`` lists both ``classifier`` and ``score``
-    (``record_task_heads``, as PEFT's does), and passed to ``add_adapter`` again it must not be
-    refused for the head this model lacks (PEFT skips it too)."""
-    from lorakit.targets import TASK_HEADS, model_modules, saved_module_matches
-
-    heads = TASK_HEADS.get(getattr(config, "task_type", None), ())
-    entries = getattr(config, "modules_to_save", None) or []
-    names = [name for name, _ in model_modules(model) if name] if heads else []
-    missing = [
-        entry
-        for entry in entries
-        if entry in heads and not any(saved_module_matches([entry], name) for name in names)
-    ]
-    if not missing:
-        return config
-    kept = [entry for entry in entries if entry not in missing]
-    return config.replace(modules_to_save=kept or None)
 
 
 def base_dtype(model: nn.Module) -> torch.dtype:

@@ -2,12 +2,14 @@
 ``no_match_message`` (nothing left to adapt: what was asked, what was removed and by which field,
 what exists) and ``check_every_entry_matches`` (a ``target_modules`` list entry that names no
 module: PEFT drops it silently when another entry matches; lorakit refuses it, suggesting the
-closest names). The matching rules are ``lorakit.targets``'.
+closest names; likewise a ``modules_to_save`` entry that picks no module). The matching rules
+are ``lorakit.targets``'.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping
 
 from torch import nn
@@ -24,6 +26,7 @@ from lorakit.targets import (
     resolved_target_spec,
     saved_module_entries,
 )
+from lorakit.wrapped_modules import saved_module_names
 
 __all__ = ["check_every_entry_matches", "no_match_message"]
 
@@ -60,10 +63,33 @@ def no_match_message(model: nn.Module, config: LoraConfig) -> str:
     message = f"target_modules={spec!r} matched no module of this {type(model).__name__}."
     if config.layers_to_transform is not None:
         message += f" (layers_to_transform={config.layers_to_transform!r} also applies.)"
-    if close:
+    ending = _regex_naming_an_ending(model, spec)
+    if ending:
+        message += ending
+    elif close:
         message += f" Closest module names: {close}."
     message += f" Adaptable modules (last name part): {adaptable[:20]}."
     return message
+
+
+def _regex_naming_an_ending(model: nn.Module, spec: str | list[str]) -> str:
+    r"""For a string ``spec`` that equals the last dotted parts of a module name (``"q_proj"``,
+    ``"self_attn.q_proj"``): a sentence saying that a string is a regex matched against the
+    WHOLE name, with the two ways to say "every module ending so" (a list, or ``r".*\.q_proj"``);
+    "" otherwise (the closest names are the better hint then)."""
+    if not isinstance(spec, str):
+        return ""
+    names = [name for name, _ in model_modules(model) if name]
+    example = next((name for name in names if name.endswith("." + spec)), None)
+    if example is None:
+        return ""
+    regex = r".*\." + re.escape(spec)
+    return (
+        f" A string target_modules is a regex matched against the WHOLE module name (e.g. "
+        f"{example!r}), as in PEFT; {spec!r} is how such names end: write "
+        f"target_modules=[{spec!r}] (a list entry matches every name ending with it) or "
+        f"target_modules=r'{regex}'."
+    )
 
 
 def _why_matches_were_removed(model: nn.Module, config: LoraConfig, spec: str | list[str]) -> str:
@@ -152,20 +178,24 @@ def check_every_entry_matches(
 ) -> None:
     """Raise ``TargetModulesError`` if an entry of a list ``config.target_modules`` matches no
     module of ``model`` (PEFT's list rule, before ``exclude_modules`` and layer selection), naming
-    each such entry and the closest module names. A regex string, "all-linear" and an unset
+    each such entry and the closest module names; ``ValueError`` if a ``modules_to_save`` entry
+    picks no module, a task type's head excepted (``wrapped_modules.saved_module_names``, strict:
+    a ``SEQ_CLS`` config lists both ``classifier`` and ``score``). PEFT drops both kinds silently;
+    this is ``inject``'s ``strict_targets`` check. A regex string, "all-linear" and an unset
     ``target_modules`` are not checked entry by entry. ``modules``: ``dict(model_modules(model))``
     when the caller has it."""
-    if not isinstance(config.target_modules, list):
-        return
-    names = [name for name, _ in (model_modules(model) if modules is None else modules.items())]
-    names = [name for name in names if name]
-    unmatched = [
-        entry
-        for entry in config.target_modules
-        if not any(matches([entry], name) for name in names)
-    ]
-    if unmatched:
-        raise TargetModulesError(_unmatched_message(model, unmatched, names))
+    if isinstance(config.target_modules, list):
+        found = model_modules(model) if modules is None else modules.items()
+        names = [name for name, _ in found if name]
+        unmatched = [
+            entry
+            for entry in config.target_modules
+            if not any(matches([entry], name) for name in names)
+        ]
+        if unmatched:
+            raise TargetModulesError(_unmatched_message(model, unmatched, names))
+    if config.modules_to_save:
+        saved_module_names(model, config, strict=True)
 
 
 def _unmatched_message(model: nn.Module, unmatched: list[str], names: list[str]) -> str:

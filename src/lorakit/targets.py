@@ -26,11 +26,12 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from torch import nn
 
 from lorakit.config import LoraConfig
+from lorakit.config_layer_checks import regex_with_layers_message
 from lorakit.default_targets import DEFAULT_TARGETS
 from lorakit.errors import TargetModulesError
 from lorakit.layers import LoraLayer, ModulesToSave, is_linear
@@ -40,6 +41,7 @@ __all__ = [
     "DEFAULT_TARGETS",
     "SEQ_CLS_HEADS",
     "TASK_HEADS",
+    "absent_task_heads",
     "find_targets",
     "in_selected_layer",
     "left_out_as_saved",
@@ -96,6 +98,20 @@ def saved_module_entries(config: LoraConfig) -> list[str]:
     heads = TASK_HEADS.get(config.task_type, ())
     entries += [head for head in heads if head not in entries]
     return entries
+
+
+def absent_task_heads(config: LoraConfig, module_names: Iterable[str]) -> list[str]:
+    """The entries of ``config.modules_to_save`` that are a head of its task type
+    (``TASK_HEADS``) and pick none of ``module_names`` (``saved_module_matches``): skipped
+    with no error, as PEFT skips them. PEFT's task models write both ``classifier`` and
+    ``score`` into a ``SEQ_CLS`` adapter's ``modules_to_save`` (lorakit records the same), and
+    a model has one of the two."""
+    heads = TASK_HEADS.get(config.task_type, ())
+    wanted = [entry for entry in config.modules_to_save or [] if entry in heads]
+    if not wanted:
+        return []
+    names = list(module_names)
+    return [entry for entry in wanted if not any(saved_module_matches([entry], n) for n in names)]
 
 
 def saved_module_matches(entries: list[str], module_name: str) -> bool:
@@ -158,7 +174,10 @@ def _excluded_heads(
     model: nn.Module, config: LoraConfig, modules: list[tuple[str, nn.Module]]
 ) -> set[str]:
     """Names "all-linear" never adapts: the output embedding, or the task's head
-    (``TASK_HEADS``)."""
+    (``TASK_HEADS``). Compared as the modules they stand for (``original_module``): a head
+    that another adapter wraps (a LoRA layer, or a ``ModulesToSave`` copy for
+    ``modules_to_save=["lm_head"]``) is still the head, and ``modules`` may hold either the
+    original modules (``model_modules``) or the wrappers."""
     heads: list[nn.Module] = []
     output_embeddings = getattr(model, "get_output_embeddings", lambda: None)()
     if output_embeddings is not None:
@@ -166,17 +185,23 @@ def _excluded_heads(
     else:
         task_heads = TASK_HEADS.get(config.task_type, ())
         heads.extend(getattr(model, name) for name in task_heads if hasattr(model, name))
-    wrapped = {id(m.base_layer if isinstance(m, LoraLayer) else m) for m in heads}
-    return {name for name, module in modules if id(module) in wrapped}
+    wrapped = {id(original_module(head)) for head in heads}
+    return {name for name, module in modules if id(original_module(module)) in wrapped}
 
 
 def resolved_target_spec(model: nn.Module, config: LoraConfig) -> str | list[str]:
-    """``config.target_modules``, or the default for the model's architecture."""
+    """``config.target_modules``, or the default for the model's architecture. A default that
+    is a regex (Gemma 4's, its language model only) with ``layers_to_transform`` set is a
+    ``ValueError``, as ``LoraConfig`` refuses a regex ``target_modules`` with it (PEFT would
+    adapt every layer: it ignores ``layers_to_transform`` for a regex)."""
     if config.target_modules is not None:
         return config.target_modules
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in DEFAULT_TARGETS and not _converted_moe(model):
         default = DEFAULT_TARGETS[model_type]
+        if isinstance(default, str) and config.layers_to_transform is not None:
+            which = f"{type(model).__name__} (model type {model_type!r})"
+            raise ValueError(regex_with_layers_message(config, default, default_for=which))
         return default if isinstance(default, str) else list(default)
     if config.target_parameters:
         return []  # parameters only (PEFT's rule: the default, if any, comes first)

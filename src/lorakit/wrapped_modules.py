@@ -12,7 +12,12 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.layers import ModulesToSave, TrainableTokens
 from lorakit.layers.tokens import token_targets
-from lorakit.targets import model_modules, saved_module_entries, saved_module_matches
+from lorakit.targets import (
+    absent_task_heads,
+    model_modules,
+    saved_module_entries,
+    saved_module_matches,
+)
 
 __all__ = [
     "add_to_wrappers",
@@ -23,27 +28,45 @@ __all__ = [
 ]
 
 
-def saved_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
+def saved_module_names(model: nn.Module, config: LoraConfig, strict: bool = False) -> list[str]:
     """The modules of ``model`` whose trained copies ``config`` saves (``modules_to_save``, plus
     the classification heads for SEQ_CLS), picked by PEFT's rule (``saved_module_matches``: a
-    name ending with an entry), so that files move between lorakit and peft both ways."""
+    name ending with an entry), so that files move between lorakit and peft both ways.
+
+    A ``modules_to_save`` entry that picks no module is skipped, as PEFT skips it; with
+    ``strict`` (``inject``'s ``strict_targets``, through
+    ``target_errors.check_every_entry_matches``) it is a ``ValueError`` naming it, unless it
+    is a head of the task type (``targets.absent_task_heads``: ``score`` on a BERT classifier,
+    whose ``SEQ_CLS`` config lists ``["classifier", "score"]`` as PEFT writes it), which is
+    skipped either way."""
     wanted = saved_module_entries(config)
     if not wanted:
         return []
-    found = [
-        name for name, _ in model_modules(model) if name and saved_module_matches(wanted, name)
-    ]
+    names = [name for name, _ in model_modules(model) if name]
+    found = [name for name in names if saved_module_matches(wanted, name)]
+    if strict:
+        _refuse_unmatched_entries(model, config, names, found)
+    return found
+
+
+def _refuse_unmatched_entries(
+    model: nn.Module, config: LoraConfig, names: list[str], found: list[str]
+) -> None:
+    """``ValueError`` naming the ``modules_to_save`` entries that pick none of ``found`` (the
+    modules every entry picks), a task type's absent head (``absent_task_heads``) excepted."""
     missing = [
         entry
         for entry in config.modules_to_save or []
         if not any(saved_module_matches([entry], name) for name in found)
     ]
+    heads = absent_task_heads(config, names) if missing else []
+    missing = [entry for entry in missing if entry not in heads]
     if missing:
         raise ValueError(
             f"modules_to_save entries {missing} match no module of this {type(model).__name__}; "
-            "check the names (e.g. print([n for n, _ in model.named_modules()]))."
+            "check the names (e.g. print([n for n, _ in model.named_modules()])), or drop them "
+            "(lorakit.inject(..., strict_targets=False) skips them, as PEFT does)."
         )
-    return found
 
 
 def check_wrapper_kind(module: nn.Module, name: str, for_tokens: bool) -> None:

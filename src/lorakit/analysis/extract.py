@@ -237,13 +237,18 @@ def extract_lora(
         raise ValueError("give exactly one of rank (an integer) or energy (a share in (0, 1])")
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank}")
+    if lora_alpha is not None and not (math.isfinite(lora_alpha) and lora_alpha > 0):
+        raise ValueError(  # (the factors are sqrt(S / s): a scale s <= 0 has none)
+            f"lora_alpha must be a positive finite number for an extracted adapter, got "
+            f"{lora_alpha}; leave it unset for lora_alpha = r"
+        )
     new = dict(newly_initialised or {})
     tied = tied_linears(base, finetuned)
     # a layer of another shape (a resized head) is skipped here and reported by
     # uncaptured_changes (or, when no layer matches, by refuse_incomparable)
     skipped = set(exclude) | set(tied) | set(new)
     if rank is not None:
-        rank_and_scale = _fixed_rank(rank, float(lora_alpha or rank))
+        rank_and_scale = _fixed_rank(rank, float(lora_alpha if lora_alpha is not None else rank))
         factors, layers = _streamed_factors(base, finetuned, skipped, rank_and_scale)
         layers = [dataclasses.replace(layer, capped=rank > min(layer.shape)) for layer in layers]
         ranks = {layer.name: layer.rank for layer in layers}
@@ -253,7 +258,9 @@ def extract_lora(
         common = max(ranks.values(), default=1)
     if not ranks:
         _refuse_nothing_left(base, finetuned, new)
-    config = _extracted_config(base, ranks, common, float(lora_alpha or common))
+    config = _extracted_config(
+        base, ranks, common, float(lora_alpha if lora_alpha is not None else common)
+    )
     if rank is None:  # (second pass: the ranks the config gives)
         factors, layers = _streamed_factors(base, finetuned, skipped, _config_rank(config))
     dense = sum(layer.shape[0] * layer.shape[1] for layer in layers)

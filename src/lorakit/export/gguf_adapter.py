@@ -10,8 +10,11 @@ tensor ``T`` of the base GGUF, ``T.lora_a`` / ``T.lora_b`` with ``ne = [in, r]``
 For ``token_embd`` it reads ``lora_a`` transposed (numpy ``(vocab, r)``) and adds
 ``(alpha / r) * B A[:, token]``. lorakit's scale per module is ``s = alpha_m / r_m`` (or
 ``alpha_m / sqrt(r_m)`` with rsLoRA, with ``rank_pattern`` / ``alpha_pattern``), so the file
-carries one alpha (the most common ``s * r``) and each B is folded, ``B' = B * s r / alpha``
+carries one alpha (the most common ``|s * r|``) and each B is folded, ``B' = B * s r / alpha``
 (``functional.fold_scale``): under llama.cpp's rule every module gets exactly its own ``s``.
+The file's alpha is positive and never 0, which llama.cpp reads as scale 1: a negative ``s``
+(PEFT allows a negative ``lora_alpha``) has its sign folded into B, an ``s`` of 0 gives
+``B' = 0``, and an adapter whose every ``s`` is 0 (it changes nothing) is refused.
 Llama's q/k B rows are put in llama.cpp's rotary order (``gguf_names.rope_row_order``).
 
 llama.cpp adds the LoRA to the base GGUF as it is, and no base weights are read here: a PiSSA /
@@ -106,7 +109,9 @@ def export_adapter(
         refuse_unsupported(adapter.directory, unsupported, nothing_left=not pairs)
     if not pairs:
         raise UserError(f"adapter {adapter.directory}: no LoRA pair is left to export")
-    file_alpha, tensors = _llama_cpp_tensors(pairs, adapter.config, layout, tensor_type)
+    file_alpha, tensors = _llama_cpp_tensors(
+        pairs, adapter.config, layout, tensor_type, adapter.directory
+    )
 
     def fill(writer) -> None:
         import gguf
@@ -122,14 +127,16 @@ def export_adapter(
     return AdapterExport(path, layout.arch, float(file_alpha), modules, unsupported)
 
 
-def _llama_cpp_tensors(pairs, config, layout: GgufLayout, tensor_type: str):
+def _llama_cpp_tensors(
+    pairs, config, layout: GgufLayout, tensor_type: str, directory: Path | None = None
+):
     """``(file alpha, {GGUF tensor name: encoded})``: each module's B folded to its own scale
     under ``alpha / r``, q/k rows in llama.cpp's order, token_embd's A transposed."""
     scales = {
         m: scaling(A.shape[0], config.alpha_for(m), config.use_rslora)
         for m, (_, A, _) in pairs.items()
     }
-    file_alpha = _file_alpha([scales[m] * A.shape[0] for m, (_, A, _) in pairs.items()])
+    file_alpha = _file_alpha([scales[m] * A.shape[0] for m, (_, A, _) in pairs.items()], directory)
     tensors = {}
     for module, (name, lora_A, lora_B) in pairs.items():
         lora_B = fold_scale(lora_B, scales[module], file_alpha / lora_A.shape[0])  # (out, r)
@@ -143,11 +150,23 @@ def _llama_cpp_tensors(pairs, config, layout: GgufLayout, tensor_type: str):
     return file_alpha, tensors
 
 
-def _file_alpha(effective_alphas: list[float]) -> float:
-    """The most common ``s * r`` (so most B need no folding), as the float32 llama.cpp reads."""
+def _file_alpha(effective_alphas: list[float], directory: Path | None = None) -> float:
+    """The most common ``|s * r|`` other than 0 (so most B need no folding), as the float32
+    llama.cpp reads: a positive alpha, since llama.cpp reads an alpha of 0 as scale 1 (a
+    module whose ``s`` is 0, ``lora_alpha`` 0 as PEFT allows, gets ``B' = 0``, and a
+    negative ``s`` has its sign folded into B by ``fold_scale``). ``UserError`` when every
+    module's ``s`` is 0: the adapter changes nothing, and there is no alpha to write."""
     import numpy as np
 
-    return float(np.float32(Counter(effective_alphas).most_common(1)[0][0]))
+    magnitudes = [abs(alpha) for alpha in effective_alphas if alpha != 0]
+    if not magnitudes:
+        raise UserError(
+            f"adapter {directory}: lora_alpha is 0 for every module, so its scaling alpha / r "
+            "is 0 and it changes nothing (as in PEFT); llama.cpp reads an alpha of 0 as scale "
+            "1, not 0, so the file could only hold zeros. Nothing to export: train with a "
+            "non-zero lora_alpha, or use the base model as it is."
+        )
+    return float(np.float32(Counter(magnitudes).most_common(1)[0][0]))
 
 
 def _split_tensors(

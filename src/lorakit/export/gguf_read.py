@@ -121,7 +121,7 @@ def gguf_adapter_as_peft(adapter: GgufAdapter, model: nn.Module):
     """``(LoraConfig, {PEFT key: tensor})`` of ``adapter`` for ``model``: the names mapped back
     to ``model``'s modules, q/k rows to transformers' order, ``token_embd``'s A transposed, and
     llama.cpp's scale kept: ``alpha / r`` of each pair's rank, 1 where alpha is 0 or absent,
-    a negative alpha's sign moved into B (a LoraConfig's alpha is positive). A ``token_embd``
+    a negative alpha's sign moved into B (one positive alpha for the file's modules). A ``token_embd``
     pair for a model with tied embeddings is refused: llama.cpp cannot run it on that base."""
     from lorakit.config import LoraConfig
     from lorakit.io.keys import lora_keys

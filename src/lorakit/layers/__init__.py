@@ -33,6 +33,7 @@ __all__ = [
     "ModulesToSave",
     "QuantizedLoraLinear",
     "TrainableTokens",
+    "UnsupportedModuleError",
     "adapter_override",
     "current_override",
     "current_router",
@@ -58,9 +59,15 @@ _DISPATCH: list[tuple[Callable[[nn.Module], bool], type[LoraLayer]]] = [
 ]
 
 
+class UnsupportedModuleError(TargetModulesError):
+    """A target module of a type no LoRA layer wraps (a norm, a rotary embedding, a whole
+    attention or MoE block): a ``ValueError``, as PEFT's "Target module ... is not supported"."""
+
+
 def layer_class_for(module: nn.Module, module_name: str) -> type[LoraLayer]:
     """The LoRA layer class that wraps ``module`` (its own class when it is a LoRA layer
-    already); TypeError naming the module if none does (``UnsupportedQuantizedLayerError`` for a
+    already); ``UnsupportedModuleError`` (a ``TargetModulesError``, so a ``ValueError`` as in
+    PEFT) naming the module and its type if none does (``UnsupportedQuantizedLayerError`` for a
     quantized layer of a format lorakit does not know). A ``LoraParameter`` (a module whose bare
     parameter another adapter adapts, ``target_parameters``) is no ``target_modules`` target:
     ``TargetModulesError`` naming it."""
@@ -81,7 +88,7 @@ def layer_class_for(module: nn.Module, module_name: str) -> type[LoraLayer]:
     supported = (
         "nn.Linear, transformers Conv1D, nn.Embedding, the quantized linears of lorakit.quantized"
     )
-    raise TypeError(
+    raise UnsupportedModuleError(
         f"module {module_name!r} is a {type(module).__module__}.{type(module).__qualname__}, "
         f"which lorakit cannot adapt (supported: {supported}). Remove it from target_modules "
         "or add it to exclude_modules."

@@ -14,7 +14,7 @@ import typing
 from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any
 
-from lorakit.config_checks import is_finite_number, is_positive_number
+from lorakit.config_values import is_finite_number, is_positive_number
 from lorakit.errors import UserError
 
 __all__ = [
