@@ -135,11 +135,25 @@ def test_the_rounding_is_the_coarser_dtypes_own() -> None:
     assert fingerprint.rounding_tolerance("float16", "bfloat16") == (2.0**-7, 2.0**-24)
     assert fingerprint.rounding_tolerance("float32", "float64") == (f32.eps, f32.tiny * f32.eps)
     assert fingerprint.rounding_tolerance("float32", "bnb-nf4-dq") == (f32.eps, f32.tiny * f32.eps)
-    expected = torch.tensor([1.0, 2.0**-20])
+    expected = torch.tensor([1.1, 1.3 * 2.0**-20])  # (no 16-bit values: see the next test)
     off = expected * (1 + 0.003)  # 0.3% off: beyond float16's rounding, within bfloat16's
     assert not fingerprint.within_dtype_rounding(expected, off, "float32", "float16")
     assert fingerprint.within_dtype_rounding(expected, off, "float32", "bfloat16")
     assert fingerprint.within_dtype_rounding(expected, off)  # (no dtypes: bfloat16's, as before)
+
+
+def test_a_16_bit_checkpoint_held_wider_is_judged_by_its_own_rounding() -> None:
+    """An fp32 checkpoint against its bf16 conversion held in fp16 / fp64 (a loader's choice)
+    was refused once each dtype had its own tolerance: the bf16 values count as bf16's."""
+    torch.manual_seed(0)
+    original = torch.randn(64) * 0.02
+    converted = original.to(torch.bfloat16).to(torch.float32)
+    assert "bfloat16" in fingerprint.held_as(converted)  # (fp16 too: small bf16 values are)
+    assert fingerprint.held_as(original) == ()
+    for held in ("float16", "float64", "float32"):
+        assert fingerprint.within_dtype_rounding(original, converted, "float32", held)
+    off = original * (1 + 0.003 * torch.sign(torch.randn(64)))
+    assert not fingerprint.within_dtype_rounding(original, off.half().float(), "float32", "float16")
 
 
 def _perturbed(relative: float) -> torch.nn.Module:
@@ -275,3 +289,8 @@ def test_combining_judges_two_fingerprints_by_the_coarser_dtypes_rounding() -> N
     assert fingerprint_difference(base, fingerprint.weight_fingerprint(weight.bfloat16())) is None
     assert fingerprint_difference(base, fingerprint.weight_fingerprint(off.half())) is not None
     assert fingerprint_difference(base, fingerprint.weight_fingerprint(off.bfloat16())) is None
+    converted = weight.bfloat16()  # its bf16 conversion, held in fp32 / fp16 (load accepts it)
+    for held in (torch.float32, torch.float16, torch.float64):
+        assert (
+            fingerprint_difference(base, fingerprint.weight_fingerprint(converted.to(held))) is None
+        )

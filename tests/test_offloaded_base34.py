@@ -294,3 +294,32 @@ def test_the_unrecorded_base_warning_names_a_meta_weight_with_no_offload_map(tmp
     message = next(str(w.message) for w in caught if "meta device" in str(w.message))
     assert OFFLOADED in message and "no accelerate offload map" in message
     assert "(offloaded)" not in message
+
+
+def test_a_hooked_base_that_is_not_offloaded_keeps_the_fused_path(monkeypatch) -> None:
+    """accelerate hooks every module of a dispatched model (a multi-device device_map), with
+    real weights where nothing is offloaded: those keep the fused LoRA path (the first fix
+    left it for any hook), and give the same logits as the plain model."""
+    from accelerate import dispatch_model
+
+    from lorakit import fast
+
+    calls = []
+    fused = fast.fused_lora_linear
+    monkeypatch.setattr(
+        fast, "fused_lora_linear", lambda *a, **k: calls.append(1) or fused(*a, **k)
+    )
+    ids = tiny_models.input_ids()
+    logits = {}
+    for hooked in (False, True):
+        model = tiny_models.llama(seed=0)
+        if hooked:
+            dispatch_model(model, device_map={"": "cpu"}, force_hooks=True)
+            assert hasattr(model.get_submodule(OFFLOADED), "_hf_hook")
+        lorakit.inject(model, _config(init_lora_weights=False, lora_dropout=0.1))
+        calls.clear()
+        model.train()
+        torch.manual_seed(3)
+        logits[hooked] = model(input_ids=ids).logits
+        assert len(calls) == 2 * len(TARGETS)  # (2 layers x the targets: all fused)
+    _assert_close(logits[True], logits[False])

@@ -178,6 +178,27 @@ SHARED = {"t5": "shared", "bart": "model.shared"}
 PREFIX = {"t5": "", "bart": "model."}
 
 
+def _fsmt() -> transformers.FSMTForConditionalGeneration:
+    """Tied FSMT: decoder.embed_tokens is the tie source of encoder.embed_tokens, and the
+    forward calls both (no `shared`)."""
+    torch.manual_seed(0)
+    config = transformers.FSMTConfig(
+        langs=["en", "de"],
+        src_vocab_size=VOCAB,
+        tgt_vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    return transformers.FSMTForConditionalGeneration(config).eval()
+
+
 def _seq2seq_inputs() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     return {
@@ -248,6 +269,7 @@ def test_the_saved_file_of_a_shared_adapter_is_peft_s(tmp_path, kind):
         (_bart, ["encoder.embed_tokens"], "SEQ_2_SEQ_LM"),
         (tiny_models.gpt2, ["wte"], "CAUSAL_LM"),
         (_tied_llama, ["embed_tokens", "lm_head"], "CAUSAL_LM"),
+        (_fsmt, ["model.decoder.embed_tokens"], "SEQ_2_SEQ_LM"),  # (a tie source it calls)
     ],
 )
 def test_embeddings_the_forward_calls_give_no_warning(build, targets, task):

@@ -25,9 +25,15 @@ def warn_uncalled_tied_embeddings(model: nn.Module, targets: Sequence[str]) -> N
     the encoder and decoder call their own ``embed_tokens`` modules, which hold
     ``shared.weight``, so a LoRA layer wrapping ``shared`` never runs and its factors get no
     gradient. PEFT 0.21.2 does the same, silently; the adapter is kept (and saved) as PEFT
-    keeps it."""
+    keeps it. Only a module named ``shared`` is such a source (transformers' name for the
+    embedding an encoder and a decoder share): a tie source named otherwise is an embedding
+    the forward calls too (FSMT's ``decoder.embed_tokens``, T5Gemma2's
+    ``encoder.text_model.embed_tokens``), whatever other modules hold its weight."""
     embeddings = [
-        n for n in targets if isinstance(original_module(model.get_submodule(n)), nn.Embedding)
+        n
+        for n in targets
+        if n.rpartition(".")[2] == "shared"
+        and isinstance(original_module(model.get_submodule(n)), nn.Embedding)
     ]
     if not embeddings:  # (the common case: no tie mapping is read)
         return

@@ -22,7 +22,12 @@ import torch
 
 from lorakit.combining.sources import AdapterUpdates, ModuleFactors
 from lorakit.errors import BaseModelMismatchError, UserError
-from lorakit.io.fingerprint import is_quantized_format, sample_values, within_dtype_rounding
+from lorakit.io.fingerprint import (
+    is_quantized_format,
+    rounded_copy,
+    sample_values,
+    within_dtype_rounding,
+)
 from lorakit.io.quantized_fingerprint import entries_difference
 
 __all__ = [
@@ -167,8 +172,9 @@ def fingerprint_difference(first: dict[str, object], second: dict[str, object]) 
         return entries_difference(first, second)  # as loading judges: codes, scales, values
     if first["shape"] != second["shape"]:
         return f"base shapes {first['shape']} and {second['shape']}"
-    if first["dtype"] == second["dtype"]:
-        return None if first["sha256"] == second["sha256"] else "sampled base weights differ"
+    if first["dtype"] == second["dtype"]:  # (or a bf16 checkpoint held as the fp32 one's type)
+        same = first["sha256"] == second["sha256"] or rounded_copy(first, sample_values(second))
+        return None if same else "sampled base weights differ"
     if within_dtype_rounding(sample_values(first), sample_values(second), *formats):
         return None  # (the coarser dtype's own rounding, as loading judges)
     return "sampled base weights differ beyond dtype rounding"

@@ -57,9 +57,11 @@ __all__ = [
     "compute",
     "describe_difference",
     "first_mismatch",
+    "held_as",
     "module_difference",
     "module_fingerprint",
     "offloaded_weight",
+    "rounded_copy",
     "rounding_tolerance",
     "within_dtype_rounding",
 ]
@@ -214,7 +216,7 @@ def describe_difference(
         weight = wider  # the same bytes as an older lorakit fingerprinted them
     if dtype_name == stored["dtype"]:  # the common case: compare the digests only
         samples = samples_of(weight)
-        if _digest(samples) == stored["sha256"] or _rounded_copy(stored, samples):
+        if _digest(samples) == stored["sha256"] or rounded_copy(stored, samples):
             return None
         return "sampled weights differ"
     current = weight_fingerprint(weight)
@@ -244,14 +246,32 @@ def within_dtype_rounding(expected: torch.Tensor, actual: torch.Tensor, *dtype_n
     ``|e - a| <= relative * max(|e|, |a|) + absolute`` element-wise, with the coarser dtype's
     ``rounding_tolerance`` (``eps`` relative, not the half-ulp of one rounding: fp32 -> fp16 ->
     bf16 rounds twice). An fp32 base loaded in fp16 is held to fp16's 2^-10, so a base 0.3% off
-    is refused in fp16 as in fp32. Without ``dtype_names`` (a caller that does not know them):
-    the coarsest lorakit meets, bfloat16's eps and float16's subnormal spacing."""
-    relative, absolute = rounding_tolerance(*(dtype_names or _COARSEST_DTYPES))
+    is refused in fp16 as in fp32; a side whose samples are all bf16 (fp16) values is a 16-bit
+    checkpoint held wider and counts as that dtype (``held_as``). Without ``dtype_names`` (a
+    caller that does not know them): the coarsest lorakit meets, bfloat16's eps and float16's
+    subnormal spacing."""
+    names = (*dtype_names, *held_as(expected), *held_as(actual)) if dtype_names else ()
+    relative, absolute = rounding_tolerance(*(names or _COARSEST_DTYPES))
     tolerance = relative * torch.maximum(expected.abs(), actual.abs()) + absolute
     return bool(((expected - actual).abs() <= tolerance).all())
 
 
-def _rounded_copy(stored: dict[str, object], samples: torch.Tensor) -> bool:
+def held_as(values: torch.Tensor) -> tuple[str, ...]:
+    """The 16-bit dtypes of which every one of ``values`` (float32 samples) is a value, within
+    float16's subnormal spacing: a bf16 checkpoint held in fp16, fp32 or fp64 is judged by
+    bfloat16's rounding (``within_dtype_rounding``), as that checkpoint held in bf16 is, so one
+    set of weights gets one verdict whatever dtype a loader holds it in. A weight 0.3% off
+    another, held in fp16, is no bf16 value (its low mantissa bits are not all zero)."""
+    spacing = torch.finfo(torch.float16).tiny * torch.finfo(torch.float16).eps
+    held = []
+    for dtype in (torch.bfloat16, torch.float16):
+        rounded = values.to(dtype).to(torch.float32)
+        if bool(((rounded - values).abs() <= spacing).all()):
+            held.append(str(dtype).removeprefix("torch."))
+    return tuple(held)
+
+
+def rounded_copy(stored: dict[str, object], samples: torch.Tensor) -> bool:
     """float32 samples whose digest differs: True when one side's are all exactly bfloat16 (or
     float16) values and equal the other side's rounded to that dtype (a bf16 checkpoint loaded
     as fp32 vs the fp32 one it came from: accepted as when held in bf16)."""

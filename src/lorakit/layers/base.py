@@ -94,7 +94,7 @@ class LoraLayer(AdapterTables, Merging, nn.Module):
             weight = merge.weight if merge.adapters else original
             return self.base_output(weight, x, *args, **kwargs)
         fast_adapters = None
-        if not (args or kwargs or self.base_is_hooked()):
+        if not (args or kwargs or self.base_offload_hook() is not None):  # (meta weight)
             fast_adapters = self.fast_adapters(x, original, adapters)
         if fast_adapters is not None:  # fused: base and adapters in one pass (lorakit.fast)
             return self.fast_output(x, original, fast_adapters)
@@ -138,10 +138,12 @@ class LoraLayer(AdapterTables, Merging, nn.Module):
 
     def base_is_hooked(self) -> bool:
         """True when accelerate hooked the base layer (``_hf_hook``: ``cpu_offload``,
-        ``dispatch_model``, a ``device_map``): its call runs the hook, which loads an offloaded
-        weight from the offload map (the parameter holds no values between forwards) and moves
-        the input to the hook's device, so the base is called, never computed from its weight
-        (``base_output``), and the fused path, which reads that weight, is not taken."""
+        ``dispatch_model``, a ``device_map``): its call runs the hook, which may load an
+        offloaded weight from the offload map and moves the input to the hook's device, so the
+        base is called, never computed from its weight (``base_output``). The fused path, which
+        reads the weight, is left only where it is offloaded (``base_offload_hook``): a hooked
+        base with real weights (a multi-device ``device_map``) keeps it, ``fast.applies``
+        refusing an input on another device."""
         return hasattr(self.base_layer, "_hf_hook")
 
     def plain_output(
