@@ -3,9 +3,13 @@ components, PEFT's convergence test and the rank redistribution (formulas in ``l
 
 ``collect_statistics`` hooks the layers, runs the loader's batches through the model and keeps
 one k x k float64 moment matrix per distinct layer input (layers fed the very same tensor, e.g.
-q/k/v, share one); a batch with fewer counted tokens than an input's components is skipped for
-that input (PEFT's ``SVDHook`` rule); an input whose components the current rank distribution
-needs have converged stops collecting, and reading stops once every input has.
+q/k/v, share one) and its leading components; each call of a layer input's layer is one step,
+as each call of PEFT's ``SVDHook`` is (a layer run several times per forward, e.g. ALBERT's
+shared one, takes several per batch): a call with fewer counted tokens than the input's
+components is skipped; an input whose components the current rank distribution needs (before
+a first distribution: all its components, PEFT's starting ``rank_dist = max_components``) have
+converged stops collecting, and reading stops once every input has. Which rows count:
+``lorakit.eva_inputs``.
 """
 
 from __future__ import annotations
@@ -15,39 +19,28 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorakit.init_methods import EvaConfig
+from lorakit.eva_inputs import _InputMoments, token_rows
 
 __all__ = ["collect_statistics", "explained_ratios", "explained_variance", "redistribute_ranks"]
 
 
-class _InputMoments:
-    """Running ``n``, ``sum x`` and ``sum x x^T`` (float64) of one layer input's rows."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.total: torch.Tensor | None = None
-        self.outer: torch.Tensor | None = None
-
-    def add(self, rows: torch.Tensor) -> None:
-        rows = rows.detach().to(torch.float64)  # (n, k)
-        if self.total is None:
-            self.total = rows.new_zeros(rows.shape[1])
-            self.outer = rows.new_zeros(rows.shape[1], rows.shape[1])
-        self.count += rows.shape[0]
-        self.total += rows.sum(0)
-        self.outer += rows.T @ rows
-
-
-def explained_variance(moments: _InputMoments) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(components (k, k) rows descending, eigenvalues (k,))`` of the inputs' covariance
-    (needs n >= 2 rows); each component's sign as PEFT's ``svd_flip(u_based_decision=False)``
-    fixes it (``_peft_signs``)."""
+def explained_variance(
+    moments: _InputMoments, count: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(components (c, k) rows descending, eigenvalues (k,))`` of the inputs' covariance
+    (needs n >= 2 rows): the leading ``c = min(count, k)`` components (all k when ``count`` is
+    None), each with the sign PEFT's ``svd_flip(u_based_decision=False)`` gives it
+    (``_peft_signs``); every eigenvalue (the explained ratios divide by their sum)."""
     if moments.count < 2:
         raise ValueError(f"a covariance needs at least 2 rows, got {moments.count}")
     mean = moments.total / moments.count
-    covariance = (moments.outer - moments.count * torch.outer(mean, mean)) / (moments.count - 1)
-    values, vectors = torch.linalg.eigh(covariance)
-    return _peft_signs(vectors.flip(1).T), values.flip(0).clamp_min(0)
+    covariance = moments.outer.clone()  # the one k x k temporary besides eigh's
+    covariance.addr_(mean, mean, alpha=-moments.count).div_(moments.count - 1)
+    values, vectors = torch.linalg.eigh(covariance)  # ascending
+    del covariance
+    size = values.numel()
+    keep = size if count is None else min(count, size)
+    return _peft_signs(vectors[:, size - keep :].flip(1).T), values.flip(0).clamp_min(0)
 
 
 def _peft_signs(components: torch.Tensor) -> torch.Tensor:
@@ -107,69 +100,13 @@ def redistribute_ranks(
     return counts
 
 
-def _check_fits(name: str, x: torch.Tensor, mask: torch.Tensor, what: str, remedy: str) -> None:
-    """``ValueError`` unless ``mask`` (batch, T) has the positions of layer input ``x``."""
-    if tuple(mask.shape) != tuple(x.shape[:2]):
-        raise ValueError(
-            f"EVA: layer {name!r} reads an input of shape {tuple(x.shape)}, but the batch's "
-            f"{what} has shape {tuple(mask.shape)}: its positions are not that layer's (e.g. "
-            f"an encoder-decoder model's other sequence), so they cannot say which of the "
-            f"layer's tokens count. {remedy}"
-        )
-
-
-def _token_rows(name: str, x: torch.Tensor, batch: object, config: EvaConfig) -> torch.Tensor:
-    """The rows of layer ``name``'s input ``x`` (..., k) that count (module docstring), as
-    (n, k); ``ValueError`` when the batch's mask does not have ``x``'s (batch, T) shape."""
-    if isinstance(batch, Mapping) and "input_ids" in batch and x.dim() == 3:
-        mask = batch.get("attention_mask")
-        what = "input_ids" if mask is None else "attention_mask"
-        mask = torch.ones_like(batch["input_ids"]) if mask is None else mask
-        _check_fits(
-            name,
-            x,
-            mask,
-            what,
-            "Leave such layers out of the adapter (exclude_modules), or give batches that are "
-            "not dicts with 'input_ids' (through a forward_fn): every position then counts.",
-        )
-        mask = mask.bool()
-        if config.use_label_mask and "labels" in batch:
-            _check_fits(
-                name,
-                x,
-                batch["labels"],
-                "labels",
-                "Set EvaConfig(use_label_mask=False), or give batches without 'labels'.",
-            )
-            mask = mask & (batch["labels"] != config.label_mask_value)
-        return x[mask.to(x.device)]
-    return x.reshape(-1, x.shape[-1])
-
-
 def _freeze_converged(needed, results, similar, frozen) -> None:
-    """PEFT's check before each batch, with the last rank distribution: an input (with
-    results) whose needed components all passed the ``tau`` test is frozen, else collects."""
+    """PEFT's check before each batch, with the last rank distribution (before a first one:
+    every component of each input, ``_wanted``): an input (with results) whose needed
+    components all passed the ``tau`` test is frozen, else collects."""
     for name, count in needed.items():
         passed = count == 0 or (name in similar and bool(similar[name][:count].all()))
         (frozen.add if name in results and passed else frozen.discard)(name)
-
-
-def _update_results(moments, frozen, wanted, results, similar, tau) -> None:
-    """After a batch, for each input in ``moments`` (those whose statistics it grew: a batch
-    with fewer counted tokens than the input's ``wanted`` components is skipped for it, as PEFT
-    skips it) with n >= 2: its components, and per wanted component whether the cosine with
-    its value at the last update is ``>= tau`` (signed, as PEFT tests it: each component's sign
-    is PEFT's, ``_peft_signs``). A skipped batch is no convergence step."""
-    for name, m in moments.items():
-        if name in frozen or m.count < 2:
-            continue
-        components, values = explained_variance(m)
-        if name in results:
-            before = results[name][0]
-            count = wanted[name]
-            similar[name] = torch.cosine_similarity(components[:count], before[:count]) >= tau
-        results[name] = (components, values)
 
 
 def _wanted(ranks, rho, leader) -> dict[str, int]:
@@ -184,38 +121,59 @@ def _wanted(ranks, rho, leader) -> dict[str, int]:
 
 @dataclass
 class _Inputs:
-    """The layer inputs' statistics while batches are read, each keyed by the input's leader:
-    ``moments`` of its counted batches; ``skipped`` rows, kept only while it has no counted
-    batch (for ``_finish``); this batch's ``held`` rows (fewer than any input may want: decided
-    after the batch, ``settle``); the inputs this batch ``grew``."""
+    """The layer inputs' statistics while batches are read, each keyed by the input's leader.
 
+    Each call of an input's layer is one step (PEFT: one ``SVDHook`` call): its rows are
+    counted when there are at least the input's ``wanted`` components of them, else the call
+    is skipped (PEFT: "skipping SVD ... less than n_components examples"); a counted step with
+    n >= 2 recomputes the leading ``most`` components (no layer takes more) and, from the
+    second such step on, tests each against its value at the step before: signed cosine
+    ``>= tau`` (``similar``), as PEFT's ``SVDHook`` does. ``moments`` of the counted steps;
+    ``skipped`` rows, kept only while the input has no counted step (for ``_finish``);
+    ``pending`` calls of this batch, in order, for an input whose ``wanted`` is not known yet
+    (its first batch: which layers share it is known at the batch's end) once one of them had
+    fewer rows than ``most`` (more are counted whatever it wants): stepped by ``settle``."""
+
+    tau: float
+    most: int
     moments: dict[str, _InputMoments] = field(default_factory=dict)
     skipped: dict[str, _InputMoments] = field(default_factory=dict)
-    held: dict[str, torch.Tensor] = field(default_factory=dict)
-    grew: set[str] = field(default_factory=set)
+    pending: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    results: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    similar: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def new_batch(self) -> None:
-        self.held.clear()
-        self.grew.clear()
+    def call(self, name: str, rows: torch.Tensor, wanted: int | None) -> None:
+        """One call of input ``name``'s layer, its counted ``rows`` (n, k)."""
+        if wanted is not None:
+            self._step(name, rows, wanted)
+        elif name in self.pending or rows.shape[0] < self.most:
+            self.pending.setdefault(name, []).append(rows)
+        else:
+            self._step(name, rows, self.most)
 
-    def count(self, name: str, rows: torch.Tensor) -> None:
-        """Add a batch's ``rows`` (n, k) to input ``name``'s statistics (PEFT's
-        ``partial_fit``); the rows of batches skipped before no longer matter."""
-        self.moments.setdefault(name, _InputMoments()).add(rows)
-        self.skipped.pop(name, None)
-        self.grew.add(name)
+    def settle(self, wanted: Mapping[str, int]) -> None:
+        """After a batch: the ``pending`` calls' steps, in order, now that ``wanted`` is known."""
+        for name, calls in self.pending.items():
+            for rows in calls:
+                self._step(name, rows, wanted[name])
+        self.pending.clear()
 
-    def settle(self, wanted: dict[str, int]) -> dict[str, _InputMoments]:
-        """Decide the ``held`` rows: counted for an input when at least its ``wanted``, else the
-        batch is skipped for it (PEFT: "skipping SVD ... less than n_components examples").
-        Returns the statistics of the inputs this batch grew."""
-        for name, rows in self.held.items():
-            if rows.shape[0] >= wanted[name]:
-                self.count(name, rows)
-            elif name not in self.moments:
+    def _step(self, name: str, rows: torch.Tensor, wanted: int) -> None:
+        """One step of input ``name`` (class docstring): skipped, or counted and compared."""
+        if rows.shape[0] < wanted:  # skipped: no rows added, no convergence step
+            if name not in self.moments:
                 self.skipped.setdefault(name, _InputMoments()).add(rows)
-        self.held.clear()
-        return {name: self.moments[name] for name in self.grew}
+            return
+        moments = self.moments.setdefault(name, _InputMoments())
+        moments.add(rows)
+        self.skipped.pop(name, None)  # the skipped rows no longer matter
+        if moments.count < 2:
+            return
+        components, values = explained_variance(moments, self.most)
+        if name in self.results:
+            before = self.results[name][0]
+            self.similar[name] = torch.cosine_similarity(components, before) >= self.tau
+        self.results[name] = (components, values)
 
 
 def _needed(layers, leader, results, ranks, rho) -> dict[str, int] | None:
@@ -233,21 +191,24 @@ def _needed(layers, leader, results, ranks, rho) -> dict[str, int] | None:
 
 
 def collect_statistics(model, layers, loader, config, ranks, forward_fn):
-    """Run batches through ``model``; return ``({layer: (components, eigenvalues, n)}, {layer:
-    the layer whose input it shares})``.
+    """Run batches through ``model``; return ``({layer: (components (c, k), eigenvalues (k,),
+    n)}, {layer: the layer whose input it shares})``, c the most components any layer takes.
 
-    As PEFT does, a batch with fewer counted tokens than an input's components (``_wanted``)
-    is skipped for that input (its rows are not added and it is no convergence step); no rank
-    distribution is computed (and nothing frozen) until every layer input has components; then
+    As PEFT does: each call of a layer input's layer is one step (``_Inputs``), a call with
+    fewer counted tokens than the input's components (``_wanted``) skipped; before each batch,
     an input whose needed components converged stops collecting (its statistics are frozen)
     and starts again if a later distribution needs more of its components than have
-    converged; reading stops once every input is frozen."""
-    inputs = _Inputs()
+    converged. Until a rank distribution exists (every layer input has components), an input
+    needs all its components (PEFT's ``rank_dist = max_components``), so one whose components
+    all converged stops at once. Reading stops once every layer was reached and every input is
+    frozen."""
+    most = max(_offers(ranks, config.rho, {}).values())  # no input wants more components
+    inputs = _Inputs(config.tau, most)
     leader: dict[str, str] = {}  # layer -> the layer whose input it shares
     seen: dict[int, tuple[torch.Tensor, str]] = {}
     current: dict[str, object] = {}
     frozen: set[str] = set()  # leaders whose statistics no longer change
-    most = max(_offers(ranks, config.rho, {}).values())  # no input wants more components
+    wanted: dict[str, int] = {}  # leader -> PEFT's n_components, from its first batch's end
 
     def hook_for(name):
         def hook(module, args):
@@ -255,40 +216,32 @@ def collect_statistics(model, layers, loader, config, ranks, forward_fn):
             if name not in leader:  # first batch: layers fed the very same tensor share stats
                 leader[name] = seen.setdefault(id(x), (x, name))[1]  # x kept: its id stays unique
             if leader[name] == name and name not in frozen:
-                rows = _token_rows(name, x, current["batch"], config)
-                if rows.shape[0] >= most:  # enough for any input: counted at once
-                    inputs.count(name, rows)
-                else:  # few rows (< most components): decided after the batch
-                    inputs.held[name] = rows
+                rows = token_rows(name, x, current["batch"], config)
+                inputs.call(name, rows, wanted.get(name))
 
         return hook
 
     handles = [layers[name].register_forward_pre_hook(hook_for(name)) for name in layers]
-    results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    similar: dict[str, torch.Tensor] = {}  # leader -> per component: cos with before >= tau
     needed: dict[str, int] = {}  # leader -> components the current rank distribution needs
     read = 0
     try:
         for batch in loader:
-            _freeze_converged(needed, results, similar, frozen)
-            if needed and frozen >= needed.keys():
+            _freeze_converged(needed, inputs.results, inputs.similar, frozen)
+            if len(leader) == len(layers) and needed and frozen >= needed.keys():
                 break
             current["batch"] = batch
             seen.clear()
-            inputs.new_batch()
             forward_fn(model, batch)
             read += 1
-            wanted = _wanted(ranks, config.rho, leader)  # leader -> PEFT's n_components
-            grown = inputs.settle(wanted)
-            _update_results(grown, frozen, wanted, results, similar, config.tau)
-            distributed = _needed(layers, leader, results, ranks, config.rho)
-            if distributed is not None:  # (else a layer not reached, or an input without any)
-                needed = distributed
+            wanted.update(_wanted(ranks, config.rho, leader))
+            inputs.settle(wanted)
+            distributed = _needed(layers, leader, inputs.results, ranks, config.rho)
+            needed = dict(wanted) if distributed is None else distributed
     finally:
         for handle in handles:
             handle.remove()
-    final = _finish(layers, leader, inputs.moments, inputs.skipped, results, read)
-    stats = {name: (*results[leader[name]], final[leader[name]].count) for name in layers}
+    final = _finish(layers, leader, inputs, read)
+    stats = {name: (*inputs.results[leader[name]], final[leader[name]].count) for name in layers}
     return stats, leader
 
 
@@ -297,9 +250,9 @@ def explained_ratios(values: torch.Tensor) -> torch.Tensor:
     return values / values.sum().clamp_min(1e-30)
 
 
-def _finish(layers, leader, moments, skipped, results, read) -> dict[str, _InputMoments]:
+def _finish(layers, leader, inputs: _Inputs, read: int) -> dict[str, _InputMoments]:
     """Refuse layers without enough counted tokens; give components to any input without
-    (no batch had as many counted tokens as its components: all it got, counted or skipped,
+    (no call had as many counted tokens as its components: all it got, counted or skipped,
     where PEFT would cycle the loader for ever). Returns each input's final statistics."""
     if not read:
         raise ValueError("the dataloader gave no batches; EVA needs layer inputs to start from.")
@@ -311,9 +264,9 @@ def _finish(layers, leader, moments, skipped, results, read) -> dict[str, _Input
             "adapter (exclude_modules), or give batches / a forward_fn that run them."
         )
     final = {
-        name: moments.get(name) or skipped.get(name) or _InputMoments()
+        name: inputs.moments.get(name) or inputs.skipped.get(name) or _InputMoments()
         for name in dict.fromkeys(leader.values())
-    }  # (an input has counted or skipped rows, never both: ``_Inputs.count``)
+    }  # (an input has counted or skipped rows, never both: ``_Inputs._step``)
     few = {name: final[leader[name]].count for name in layers}
     few = {name: count for name, count in few.items() if count < 2}
     if few:
@@ -325,6 +278,6 @@ def _finish(layers, leader, moments, skipped, results, read) -> dict[str, _Input
             "layers out of the adapter (exclude_modules)."
         )
     for name, m in final.items():
-        if name not in results:
-            results[name] = explained_variance(m)
+        if name not in inputs.results:
+            inputs.results[name] = explained_variance(m, inputs.most)
     return final
