@@ -100,12 +100,27 @@ def test_sequences_per_row_reads_arguments_then_generation_configs():
     from lorakit.peft_rows import sequences_per_row
 
     model = tiny_models.llama()
-    assert sequences_per_row(model, {}) == 1
-    assert sequences_per_row(model, {"num_beams": 4, "num_return_sequences": 2}) == 4
-    assert sequences_per_row(model, {"generation_config": GenerationConfig(num_beams=3)}) == 3
+    assert sequences_per_row(model, (), {}) == 1
+    assert sequences_per_row(model, (), {"num_beams": 4, "num_return_sequences": 2}) == 4
+    beams = GenerationConfig(num_beams=3)
+    assert sequences_per_row(model, (), {"generation_config": beams}) == 3
+    assert sequences_per_row(model, (None, beams), {}) == 3  # generate(inputs, config)
     model.generation_config.num_return_sequences = 5
-    assert sequences_per_row(model, {}) == 5
-    assert sequences_per_row(model, {"num_return_sequences": 1}) == 1
+    assert sequences_per_row(model, (), {}) == 5
+    assert sequences_per_row(model, (), {"num_return_sequences": 1}) == 1
+
+
+def test_generate_with_a_positional_beam_config_gives_each_row_its_adapter(pair):
+    """generate(ids, GenerationConfig(num_beams=2), adapter_names=...) answered per row before
+    the row check; the check missed the positional config and refused it."""
+    ours, _ = pair
+    ids = tiny_models.input_ids(batch=2, length=4)
+    config = GenerationConfig(num_beams=2, max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        mixed = ours.generate(ids, config, adapter_names=["default", "b"])
+    for row, name in enumerate(["default", "b"]):
+        alone = _alone_generate(ours, ids[row : row + 1], name, num_beams=2, max_new_tokens=3)
+        assert torch.equal(mixed[row : row + 1], alone)
 
 
 # ------------------------------------------------- 2. load_adapter into an existing name

@@ -334,7 +334,7 @@ class PeftModel(PeftFilesMixin, PeftMergingMixin, PeftStateDictMixin, nn.Module)
         step of each row's sequence, its beams included, takes the row's adapter)."""
         if adapter_names is None:
             return self.model.generate(*args, **kwargs)
-        expand = sequences_per_row(self.model, kwargs)
+        expand = sequences_per_row(self.model, args, kwargs)
         with self.rows_routed(adapter_names, batch_size(args, kwargs), expand):
             return self.model.generate(*args, **kwargs)
 

@@ -31,12 +31,16 @@ def batch_size(args: tuple, kwargs: dict) -> int | None:
     return inputs.shape[0] if torch.is_tensor(inputs) and inputs.dim() >= 2 else None
 
 
-def sequences_per_row(model: nn.Module, kwargs: dict) -> int:
+def sequences_per_row(model: nn.Module, args: tuple, kwargs: dict) -> int:
     """How many sequences transformers' ``generate`` runs for each row of its input:
     ``max(num_beams, num_return_sequences)`` (the ``expand_size`` its
     ``_expand_inputs_for_generation`` repeats each row by), each from ``generate``'s keyword
-    arguments, else its ``generation_config=``, else the model's ``generation_config``."""
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    arguments, else its generation config (``generation_config=`` or its second positional
+    argument, ``generate(inputs, generation_config, ...)``), else the model's."""
+    given = kwargs.get("generation_config")
+    if given is None and len(args) > 1:
+        given = args[1]
+    config = given or getattr(model, "generation_config", None)
     counts = [
         kwargs.get(k, getattr(config, k, None)) for k in ("num_beams", "num_return_sequences")
     ]
@@ -98,7 +102,10 @@ class _RowRouter:
             raise ValueError(
                 f"adapter_names names {names} rows, but a layer got a batch of {x.shape[0]} "
                 f"rows{per_row if self.sequences_per_row > 1 else ''}: give one adapter name "
-                "per row of the batch."
+                "per row of the batch. A model whose layers see several rows per input row "
+                "(multiple choice, several images per prompt) cannot be routed per row, as in "
+                "PEFT: run each adapter's rows in a call of their own (with "
+                "lorakit.use_adapters(model, [name]): model(rows))."
             )
         per_row, rest = divmod(x.shape[:-1].numel(), names)
         if rest or not per_row:

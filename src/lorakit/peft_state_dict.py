@@ -17,7 +17,9 @@ A dict holding both names (an older full ``torch.save(model.state_dict())``) loa
 PEFT's functions ``get_peft_model_state_dict`` / ``set_peft_model_state_dict`` live here too:
 one adapter's tensors under the keys of its adapter file (``base_model.model.<path>.lora_A.weight``,
 the adapter name left out), found by the save code's own table (``io.save.adapter_file_entries``,
-``io.keys.model_tensor``): the dict is exactly what ``save_pretrained`` writes.
+``io.keys.model_tensor``): the keys PEFT's function gives, which are those ``save_pretrained``
+writes but for a targeted embedding's base weight (PEFT's ``save_embedding_layers="auto"``,
+the function's default, adds it; lorakit's save does so only where the vocabulary was resized).
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def get_peft_model_state_dict(
     save_embedding_layers: bool | str = "auto",
 ) -> dict[str, torch.Tensor]:
     """PEFT's ``get_peft_model_state_dict``: ``{file key: tensor}`` of adapter ``adapter_name``,
-    the keys and values ``save_pretrained`` writes (``base_model.model.<path>.lora_A.weight``
+    the keys and values PEFT's function gives (``base_model.model.<path>.lora_A.weight``
     (r, k), ``...lora_B.weight`` (d, r), DoRA magnitudes, saved modules, token rows, biases of
     ``bias`` mode). The tensors are the model's own, detached (no copy; they follow training).
 
