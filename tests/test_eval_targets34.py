@@ -55,3 +55,23 @@ def test_eval_data_with_one_target_somewhere_still_evaluates(tmp_path):
     alone = evaluate(model, [pad_collate(0)(_LEARNT[:1])])
     assert result.eval_metrics["loss"] == pytest.approx(alone["loss"], rel=1e-6)
     assert result.eval_metrics["loss"] > 0
+
+
+def test_an_adapter_scaled_by_zero_everywhere_is_refused_before_the_first_step(tmp_path):
+    """lora_alpha may be 0, as in PEFT (its files load), but training such an adapter can
+    only save one that changes nothing (s B A = 0, zero gradients): refused, as --alpha 0 was
+    before any finite alpha was allowed. A negative alpha trains."""
+    config = TrainingConfig(
+        output_dir=str(tmp_path / "run"), batch_size=2, max_steps=1, progress=False, plot=False
+    )
+    for alpha in (0.0, -8.0):
+        model = tiny_models.llama()
+        lorakit.inject(model, lorakit.LoraConfig(r=2, lora_alpha=alpha, target_modules=["q_proj"]))
+        if alpha == 0:
+            with pytest.raises(UserError, match=r"lora_alpha 0 .* nothing would train"):
+                train(model, _LEARNT, pad_collate(0), config)
+        else:
+            train(model, _LEARNT, pad_collate(0), config)
+            assert any(
+                float(p.abs().max()) > 0 for n, p in model.named_parameters() if "lora_B" in n
+            )

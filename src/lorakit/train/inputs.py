@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from lorakit.errors import UserError
-from lorakit.state import adapter_configs
+from lorakit.state import adapter_configs, lora_layers
 from lorakit.train.config import TrainingConfig
 from lorakit.train.optim import parameter_groups
 
@@ -22,7 +22,8 @@ def check_inputs(model: nn.Module, config: TrainingConfig, eval_data: Sequence[A
     ``config.adapter_name`` names an adapter of it (its save would fail only after the whole
     run), and evaluation data is given where ``config.eval_every`` asks for evaluations
     (else they would be silently skipped), and ``config.output_dir`` is not a file (its
-    first write would fail only after a step had changed the adapter)."""
+    first write would fail only after a step had changed the adapter), and some layer scales the
+    adapter by more than 0 (``_check_some_scale``)."""
     parameter_groups(model)
     output = Path(config.output_dir) if config.output_dir else None
     if output is not None and output.exists() and not output.is_dir():
@@ -38,8 +39,22 @@ def check_inputs(model: nn.Module, config: TrainingConfig, eval_data: Sequence[A
             "pass the name the adapter was injected under as adapter_name, or inject one "
             "under that name (lorakit.inject(model, config, adapter_name=...))"
         )
+    _check_some_scale(model, name)
     if config.eval_every and not eval_data:
         raise UserError(
             f"eval_every={config.eval_every} (--eval-every) evaluates on eval_data, and none "
             "was given: pass eval_data (--eval-data SPEC), or leave eval_every at 0"
+        )
+
+
+def _check_some_scale(model: nn.Module, name: str) -> None:
+    """``UserError`` when every layer scales adapter ``name`` by 0 (``lora_alpha`` 0, as PEFT
+    allows, e.g. ``--alpha 0``): ``s B A`` is then 0 and so are the gradients of A and B, so the
+    run could only save an adapter that changes nothing."""
+    scales = [layer.scalings[name] for _, layer in lora_layers(model) if name in layer.scalings]
+    if scales and all(scale == 0 for scale in scales):
+        raise UserError(
+            f"adapter {name!r} has lora_alpha 0 (--alpha) on every layer: its update "
+            "(lora_alpha / r) B A is 0 and nothing would train. Give a non-zero lora_alpha "
+            "(the default is 32; a negative one flips the update's sign)."
         )
