@@ -64,7 +64,8 @@ def test_prepare_for_serving_adds_no_adapter_at_all(monkeypatch) -> None:
 def test_freeze_adapter_freezes_that_adapter_only_wherever_it_lives() -> None:
     config = lorakit.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
     model = lorakit.inject(tiny_models.llama(), config, adapter_name="a")
-    lorakit.inject(model, config, adapter_name="b")
+    other = config.replace(modules_to_save=["model.norm"])  # (one copy of a module at a time)
+    lorakit.inject(model, other, adapter_name="b")
     lorakit.set_active(model, ["a", "b"])
     freeze_adapter(model, "a")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -276,3 +276,24 @@ def test_another_adapter_cannot_save_the_embedding_in_full_and_nothing_changes()
     with pytest.raises(ValueError, match="trains token rows"):
         lorakit.inject(model, config, "full")
     assert dict(model.named_modules()) == before  # no k_proj wrapped on the way
+
+
+def test_two_adapters_with_copies_of_one_module_are_not_active_together() -> None:
+    """With adapters a (tokens [1, 2]) and b (tokens [2, 3]) each saving lm_head too, both
+    active ran a's lm_head with b's row 2, a mix of two adapters; PEFT refuses it
+    ("Only one adapter can be set at a time"). Refused, before any change."""
+    model = tiny_models.llama()
+    for name, tokens in (("a", [1, 2]), ("b", [2, 3])):
+        config = lorakit.LoraConfig(
+            r=2,
+            target_modules=["q_proj"],
+            trainable_token_indices={"embed_tokens": tokens},
+            modules_to_save=["lm_head"],
+        )
+        lorakit.inject(model, config, adapter_name=name)
+    lorakit.set_active(model, ["a"])
+    with pytest.raises(ValueError, match=r"adapters \['a', 'b'\] each hold their own copy"):
+        lorakit.set_active(model, ["a", "b"])
+    with pytest.raises(ValueError, match="activate one of them at a time"):
+        lorakit.use_adapters(model, ["a", "b"]).__enter__()
+    assert lorakit.active_adapters(model) == ("a",)

@@ -161,6 +161,7 @@ def set_active(model: nn.Module, adapter_names: Sequence[str], *, trainable: boo
     """
     adapter_names = adapter_name_list(adapter_names)
     state = _require(model, adapter_names)
+    _refuse_two_copies(model, adapter_names)
     if trainable:
         for parameter in state.trainable:
             parameter.requires_grad_(False)
@@ -179,6 +180,25 @@ def set_active(model: nn.Module, adapter_names: Sequence[str], *, trainable: boo
     for parameter in chosen:
         parameter.requires_grad_(True)
     state.trainable = chosen
+
+
+def _refuse_two_copies(model: nn.Module, adapter_names: Sequence[str]) -> None:
+    """``ValueError`` (before any change) when two of ``adapter_names`` each hold a trained copy
+    of one module (``modules_to_save``) or token rows of one embedding
+    (``trainable_token_indices``): one module's output cannot be two copies, and the forward
+    would mix one adapter's copy with another's rows. PEFT refuses it too ("Only one adapter
+    can be set at a time")."""
+    if len(adapter_names) < 2:
+        return
+    for name, module in walk_modules(model):
+        if isinstance(module, ModulesToSave):
+            holders = [n for n in adapter_names if n in module.modules_to_save]
+            if len(holders) > 1:
+                raise ValueError(
+                    f"adapters {holders} each hold their own copy of module {name!r} "
+                    "(modules_to_save / trainable_token_indices), and one module computes one "
+                    "copy: activate one of them at a time (PEFT refuses it too)."
+                )
 
 
 def compute_merged_per_layer(model: nn.Module) -> None:
@@ -253,6 +273,7 @@ def use_adapters(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[Non
     are affected (other models keep their active adapters, even in the same block)."""
     adapter_names = adapter_name_list(adapter_names)
     _require(model, adapter_names)
+    _refuse_two_copies(model, adapter_names)
     with adapter_override(_switchable(model), adapter_names):
         yield
 
