@@ -174,3 +174,49 @@ def test_compiled_choice_stays_in_its_thread_and_task():
         with lorakit.disabled(model):
             _assert_same(in_base, model(input_ids=ids).logits)
         _assert_same(compiled(input_ids=ids).logits, active_out)
+
+
+@pytest.mark.slow
+def test_a_task_without_a_block_is_not_given_another_tasks_choice():
+    """Task A holds use_adapters(model, ["b"]) open across an await; task B, with no block of
+    its own, ran the compiled model with A's "b" (eager: its own "default")."""
+    model = _two_adapter_llama()
+    ids = tiny_models.input_ids()
+    with torch.no_grad():
+        active_out = model(input_ids=ids).logits
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+
+    async def holding_b(entered, done):
+        with lorakit.use_adapters(model, ["b"]):
+            entered.set()
+            await done.wait()
+
+    async def without_block(entered, done):
+        await entered.wait()
+        with torch.no_grad():
+            out = compiled(input_ids=ids).logits
+        done.set()
+        return out
+
+    async def both():
+        entered, done = asyncio.Event(), asyncio.Event()
+        return await asyncio.gather(holding_b(entered, done), without_block(entered, done))
+
+    _, seen = asyncio.run(both())
+    _assert_same(seen, active_out)
+
+
+def test_lorakit_functions_take_a_compiled_model():
+    """torch.compile's wrapper holds no lorakit state: inject on it wrote an empty state over
+    the model's own (its adapters lost to set_active / save), and active_adapters, set_active,
+    save_adapter said "this model has []". They now work on the module it compiled."""
+    model = _two_adapter_llama()
+    compiled = torch.compile(model, backend="eager")
+    assert lorakit.active_adapters(compiled) == lorakit.active_adapters(model) != ()
+    lorakit.inject(compiled, lorakit.LoraConfig(r=2, target_modules=["k_proj"]), "z")
+    assert set(lorakit.adapter_configs(model)) == {"default", "b", "z"}
+    lorakit.set_active(compiled, ["b"])
+    assert lorakit.active_adapters(model) == ("b",)
+    lorakit.delete_adapter(compiled, "z")
+    assert set(lorakit.adapter_configs(model)) == {"default", "b"}

@@ -67,10 +67,19 @@ def parameter_holders(model: nn.Module) -> dict[int, list[str]]:
 
 def adapter_model(model: nn.Module) -> nn.Module:
     """The module that holds the adapters: ``model`` itself, or for lorakit's ``PeftModel``
-    wrapper the transformers model inside it (so every top-level function takes either)."""
+    wrapper the transformers model inside it, or for a ``torch.compile`` wrapper
+    (``OptimizedModule``) the module it compiled (PEFT's ``unwrap_compiled``), in any nesting:
+    every top-level function takes any of them. (A compiled wrapper holds no state of its own:
+    setting one on it would land on the model inside, over the model's own.)"""
     from lorakit.peft_compat import PeftModel  # (imports this module)
 
-    return model.model if isinstance(model, PeftModel) else model
+    while True:
+        if isinstance(model, PeftModel):
+            model = model.model
+        elif type(model).__name__ == "OptimizedModule" and "_orig_mod" in model._modules:
+            model = model._modules["_orig_mod"]
+        else:
+            return model
 
 
 def state_of(model: nn.Module, create: bool = False) -> AdapterState | None:

@@ -7,9 +7,10 @@ context variable). ``torch.compile`` cannot read a context variable inside a gra
 choice is mirrored in a per-thread record that dynamo reads and guards on: a compiled model
 recompiles for a new choice (or reuses the graph already compiled for it) instead of silently
 keeping the adapters it was traced with. Inside a compiled model the choice is therefore per
-thread, like ``torch.no_grad``. Where that record cannot tell (blocks of two asyncio tasks
-interleaved on one thread), compiled code reads the context variable outside the graph (a graph
-break: correct, slower). An asyncio task that inherited a choice from its parent's block and runs
+thread, like ``torch.no_grad``. Where that record cannot tell (a block opened while an asyncio
+event loop runs on the thread: another task may run while it is open, with or without a block of
+its own), compiled code reads the context variable outside the graph (a graph break: correct,
+slower). An asyncio task that inherited a choice from its parent's block and runs
 a compiled model after that block has ended sees the thread's choice; give such tasks their own
 ``use_adapters`` block.
 
@@ -21,6 +22,7 @@ recompute runs under the choices of the original forward.
 from __future__ import annotations
 
 import contextvars
+import sys
 import threading
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -52,6 +54,14 @@ def _read_context(variable: contextvars.ContextVar):
     return variable.get()
 
 
+def _in_event_loop() -> bool:
+    """True when an asyncio event loop runs on this thread: a block opened by one task may be
+    open while another task runs (an ``await`` inside it), so the per-thread record cannot
+    tell whose choice it holds."""
+    asyncio = sys.modules.get("asyncio")  # (not imported: no loop)
+    return asyncio is not None and asyncio._get_running_loop() is not None
+
+
 class PerCallChoice(Generic[Value]):
     """A value chosen for the calls inside a ``with chosen(value):`` block; ``get()`` reads it in
     eager code (from the context) and inside ``torch.compile`` (from a guarded per-thread copy)."""
@@ -73,7 +83,7 @@ class PerCallChoice(Generic[Value]):
         token = self._context.set(value)
         thread = self._thread
         in_step = getattr(thread, "value", self._default) is previous
-        thread.value = value if in_step else _UNKNOWN
+        thread.value = value if in_step and not _in_event_loop() else _UNKNOWN
         thread.depth = getattr(thread, "depth", 0) + 1
         try:
             yield
