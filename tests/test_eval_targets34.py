@@ -75,3 +75,24 @@ def test_an_adapter_scaled_by_zero_everywhere_is_refused_before_the_first_step(t
             assert any(
                 float(p.abs().max()) > 0 for n, p in model.named_parameters() if "lora_B" in n
             )
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"use_dora": True}, {"modules_to_save": ["lm_head"]}, {"trainable_token_indices": [3, 4]}],
+    ids=["dora", "saved-head", "token-rows"],
+)
+def test_an_adapter_scaled_by_zero_that_trains_something_else_trains(tmp_path, extra):
+    """lora_alpha 0 zeroes s B A only: DoRA magnitudes, a saved head, token rows still train."""
+    model = tiny_models.llama()
+    config = lorakit.LoraConfig(r=2, lora_alpha=0.0, target_modules=["q_proj"], **extra)
+    lorakit.inject(model, config)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    training = TrainingConfig(
+        output_dir=str(tmp_path / "run"), batch_size=2, max_steps=2, progress=False, plot=False
+    )
+    train(model, _LEARNT, pad_collate(0), training)
+    changed = [
+        n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])
+    ]
+    assert changed and not any("lora_A" in n or "lora_B" in n for n in changed)

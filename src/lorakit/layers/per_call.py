@@ -9,8 +9,8 @@ recompiles for a new choice (or reuses the graph already compiled for it) instea
 keeping the adapters it was traced with. Inside a compiled model the choice is therefore per
 thread, like ``torch.no_grad``. Where that record cannot tell (a block opened while an asyncio
 event loop runs on the thread: another task may run while it is open, with or without a block of
-its own), compiled code reads the context variable outside the graph (a graph break: correct,
-slower). An asyncio task that inherited a choice from its parent's block and runs
+its own; a notebook cell runs inside such a loop), compiled code reads the context variable
+outside the graph (a graph break: correct, slower). An asyncio task that inherited a choice from its parent's block and runs
 a compiled model after that block has ended sees the thread's choice; give such tasks their own
 ``use_adapters`` block.
 

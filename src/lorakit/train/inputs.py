@@ -49,8 +49,14 @@ def check_inputs(model: nn.Module, config: TrainingConfig, eval_data: Sequence[A
 
 def _check_some_scale(model: nn.Module, name: str) -> None:
     """``UserError`` when every layer scales adapter ``name`` by 0 (``lora_alpha`` 0, as PEFT
-    allows, e.g. ``--alpha 0``): ``s B A`` is then 0 and so are the gradients of A and B, so the
-    run could only save an adapter that changes nothing."""
+    allows, e.g. ``--alpha 0``) and the adapter trains nothing else (no DoRA magnitude, saved
+    module, token rows or biases): ``s B A`` is then 0 and so are the gradients of A and B, so
+    the run could only save an adapter that changes nothing."""
+    config = adapter_configs(model)[name]
+    if config.use_dora or config.modules_to_save or config.trainable_token_indices:
+        return  # (magnitudes, saved copies, token rows: trained whatever s is)
+    if config.bias != "none":
+        return  # (the base's biases train)
     scales = [layer.scalings[name] for _, layer in lora_layers(model) if name in layer.scalings]
     if scales and all(scale == 0 for scale in scales):
         raise UserError(
