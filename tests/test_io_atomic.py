@@ -14,6 +14,7 @@ import time
 import warnings
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 
@@ -112,24 +113,27 @@ def _filled(value: float, alpha: float) -> torch.nn.Module:
 def test_a_crash_between_the_two_renames_still_loads_one_consistent_save(
     tmp_path, monkeypatch
 ) -> None:
-    """The weights are renamed in first; a crash before the config follows leaves the new
-    weights beside the old config, and the loader takes the config saved inside the weights."""
+    """The old config is moved out first, then the weights renamed in, the config last: a
+    crash before the config follows leaves the new weights and no adapter_config.json. PEFT
+    then refuses the directory (before, it paired the new weights with the old config); lorakit
+    loads it with the config saved inside the weights, saying so."""
     save_adapter(_filled(1.0, alpha=8), tmp_path)
     renames, real_replace = [], os.replace
 
-    def crash_on_second_rename(source, destination):
+    def crash_on_the_config(source, destination):
         renames.append(Path(destination).name)
-        if len(renames) == 2:
+        if Path(destination).name == "adapter_config.json" and len(renames) > 1:
             raise KeyboardInterrupt("killed between the renames")
         real_replace(source, destination)
 
-    monkeypatch.setattr(atomic.os, "replace", crash_on_second_rename)
+    monkeypatch.setattr(atomic.os, "replace", crash_on_the_config)
     with pytest.raises(KeyboardInterrupt):
         save_adapter(_filled(2.0, alpha=16), tmp_path)
     monkeypatch.undo()
-    assert renames == ["adapter_model.safetensors", "adapter_config.json"]
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_alpha"] == 8  # old
-    with pytest.warns(UserWarning, match="does not match the config saved with the weights"):
+    assert not (tmp_path / "adapter_config.json").exists()
+    with pytest.raises(ValueError):  # peft: no config, no load (not the old alpha)
+        peft.PeftModel.from_pretrained(_toy_model(), tmp_path)
+    with pytest.warns(UserWarning, match="adapter_config.json is missing"):
         load_adapter(model := _toy_model(), tmp_path)
     assert lorakit.adapter_configs(model)["default"].lora_alpha == 16  # new, as the tensors
     assert {
@@ -137,10 +141,8 @@ def test_a_crash_between_the_two_renames_still_loads_one_consistent_save(
         for _, layer in lorakit.state.lora_layers(model)
         for p in layer.adapter_parameters("default")[0].unique()
     } == {2.0}
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "adapter_config.json",
-        "adapter_model.safetensors",
-    ]  # no temporary left behind
+    save_adapter(_filled(2.0, alpha=16), tmp_path)  # saving again completes it
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_alpha"] == 16
 
 
 def test_write_bytes_replaces_atomically_and_cleans_stale_temporaries(tmp_path) -> None:

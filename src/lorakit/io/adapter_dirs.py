@@ -7,6 +7,7 @@ directory written like a Hugging Face Hub id (``hub_id_hint``: lorakit downloads
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -14,9 +15,19 @@ from lorakit.errors import AdapterFileError
 from lorakit.io.config_json import CONFIG_NAME
 from lorakit.io.header import read_header, unreadable
 
-__all__ = ["WEIGHTS_NAME", "adapter_directory", "hub_id_hint", "named_adapters_in"]
+__all__ = [
+    "CONFIG_METADATA_KEY",
+    "WEIGHTS_NAME",
+    "adapter_directory",
+    "hub_id_hint",
+    "interrupted_save",
+    "named_adapters_in",
+]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+# lorakit also stores the config text inside the weights file (``read``): both are written
+# together, and a save interrupted between its renames leaves the weights without the JSON.
+CONFIG_METADATA_KEY = "lorakit.adapter_config"
 
 
 def adapter_directory(
@@ -33,10 +44,10 @@ def adapter_directory(
     directory = Path(directory)
     candidate = directory / subfolder if subfolder else directory
     try:
-        if (candidate / CONFIG_NAME).is_file():
+        if (candidate / CONFIG_NAME).is_file() or interrupted_save(candidate):
             return candidate
         nested = candidate / adapter_name if adapter_name and not subfolder else None
-        if nested is not None and (nested / CONFIG_NAME).is_file():
+        if nested is not None and ((nested / CONFIG_NAME).is_file() or interrupted_save(nested)):
             return nested
         found, given = _path_kind(candidate), _path_kind(directory)
     except OSError as error:  # e.g. a name too long for the file system
@@ -57,6 +68,21 @@ def adapter_directory(
         or "is this an adapter directory saved by lorakit or peft?"
     )
     raise AdapterFileError(f"no {CONFIG_NAME} in {candidate}{also}; {hint}")
+
+
+def interrupted_save(directory: Path) -> bool:
+    """True for a directory holding lorakit's ``adapter_model.safetensors`` (its header keeps
+    the config: ``CONFIG_METADATA_KEY``) and no ``adapter_config.json``: a save that stopped
+    between its renames (``atomic.write_files`` moves the old config out first, so PEFT refuses
+    such a directory rather than pairing new weights with an old config). ``read`` loads it with
+    the config from the weights and a warning. Reads the safetensors header only."""
+    path = directory / WEIGHTS_NAME
+    if os.path.lexists(directory / CONFIG_NAME) or not path.is_file():  # (a broken link too)
+        return False
+    try:
+        return CONFIG_METADATA_KEY in read_header(path).metadata
+    except (AdapterFileError, OSError):
+        return False
 
 
 _TRAINER_WEIGHTS = "model.safetensors"

@@ -3,23 +3,32 @@
 A reader (or a crash at any moment) sees either the old file or the complete new one, never a
 partial file. A crash may leave a ``.<name>.*.tmp`` file behind; the next save removes those.
 Files get the permissions of any new file (``0666 & ~umask``), not ``mkstemp``'s 0600, so other
-users or a serving container can read them where the umask allows.
+users or a serving container can read them where the umask allows. A save the file system
+refuses is reported as a ``SaveError`` naming the output directory (``save_failure``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import secrets
 import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lorakit.errors import UserError
+from lorakit.io.save_lock import directory_locked
+
 __all__ = [
     "STALE_AFTER_S",
+    "SaveError",
+    "check_output_directory",
     "is_stale",
     "new_file_mode",
+    "save_failure",
     "sync",
     "sync_directory",
     "write_bytes",
@@ -39,27 +48,86 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 
 
 def write_files(files: dict[str | os.PathLike[str], bytes]) -> None:
-    """Replace several files of one directory: every new file is written and fsynced under a
-    temporary name first, then all are renamed in one burst (in the order given).
+    """Replace a set of files of one directory that belong together (an adapter's weights, then
+    its ``adapter_config.json``): every new file is written and fsynced under a temporary name
+    first, then all are renamed in, in the order given (``_rename_in``).
 
-    Each file is replaced atomically. The set is not (POSIX has no multi-file rename): a crash
-    can only fall between two renames, microseconds apart, never while data is written.
+    Each file is replaced atomically; the set cannot be (POSIX has no multi-file rename). The
+    LAST file is the one that makes the set readable (without ``adapter_config.json`` PEFT
+    refuses the directory; lorakit reads the config kept in the weights, with a warning): its old version is moved out before the first rename and the
+    new one comes last, so a crash between the renames (milliseconds on some file systems)
+    leaves the set without it, never a new file beside an old one that would be read as a pair.
+    Ctrl-C is held back over the renames. Two processes writing one directory take turns
+    (``save_lock``): the last one's set wins whole.
     """
-    staged: list[tuple[str, Path]] = []
-    try:
-        for path, data in files.items():
-            target = Path(path)
-            _remove_stale_temporaries(target)
-            staged.append((_write_temporary(target, data), target))
-        for temporary, target in staged:
-            os.replace(temporary, target)
-    except BaseException:
-        for temporary, _ in staged:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-        raise
+    several = len(files) > 1
+    with directory_locked(Path(next(iter(files))).parent) if several else contextlib.nullcontext():
+        staged: list[tuple[str, Path]] = []
+        try:
+            for path, data in files.items():
+                target = Path(path)
+                _remove_stale_temporaries(target)
+                staged.append((_write_temporary(target, data), target))
+            _rename_in(staged)
+        except BaseException:
+            for temporary, _ in staged:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+            raise
     for directory in {target.parent for _, target in staged}:
         sync_directory(directory)
+
+
+def _rename_in(staged: list[tuple[str, Path]]) -> None:
+    """Rename each staged ``(temporary, target)`` over its target. For several files, with
+    Ctrl-C held back (``base_rewrite.interrupts_held``): the last target's old file is moved
+    aside (``_move_aside``), the others are renamed in, then the last one. An error before any
+    other file was replaced puts the old last file back (the old set stays whole); the aside
+    copy is removed at the end (a killed writer's, by the next save: a ``.*.tmp`` file)."""
+    if len(staged) == 1:
+        os.replace(*staged[0])
+        return
+    from lorakit.base_rewrite import interrupts_held
+
+    *first, (last_temporary, last) = staged
+    with interrupts_held():
+        aside = _move_aside(last)
+        replaced = 0
+        try:
+            for temporary, target in first:
+                os.replace(temporary, target)
+                replaced += 1
+        except BaseException:
+            if aside is not None and replaced == 0:
+                with contextlib.suppress(OSError):  # (the error that matters is the first)
+                    os.replace(aside, last)
+            raise
+        os.replace(last_temporary, last)
+        if aside is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(aside)
+
+
+def _move_aside(target: Path) -> str | None:
+    """Rename ``target`` to a new temporary name beside it and fsync the directory (so the
+    removal reaches the disk before the renames that follow); that name, or None when there is
+    no ``target``. A directory in its place is refused (``IsADirectoryError``), untouched."""
+    try:
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(target))
+    fd, aside = _create_new_file(target.parent, f".{target.name}.")
+    os.close(fd)
+    try:
+        os.replace(target, aside)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(aside)
+        raise
+    sync_directory(target.parent)
+    return aside
 
 
 def write_with(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
@@ -164,3 +232,102 @@ def sync_directory(directory: str | os.PathLike[str]) -> None:
     the next ones (nothing on a file system that cannot fsync a directory)."""
     with contextlib.suppress(OSError):  # (a file system that cannot fsync a directory)
         sync(directory)
+
+
+class SaveError(UserError, OSError):
+    """A save the file system refused (a full disk, a read-only or foreign path, a file where
+    the directory should be): a ``UserError`` whose text names the output directory and what
+    to do, and still an ``OSError`` with the ``errno`` / ``strerror`` it had, so that code
+    catching ``OSError`` around a save keeps working."""
+
+    def __init__(self, message: str, number: int | None, reason: str, directory: str) -> None:
+        super().__init__(number, reason, directory)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):  # (pickled with its message: a worker process's error)
+        return type(self), (self.message, self.errno, self.strerror, self.filename)
+
+
+_REMEDIES = {
+    errno.ENOSPC: "free space on its disk and save again",
+    errno.EDQUOT: "free space (over the disk quota) and save again",
+    errno.EFBIG: "raise the file-size limit (ulimit -f) or free space, and save again",
+    errno.EROFS: "its file system is read-only: save to another directory",
+    errno.EACCES: "check its permissions, or save to another directory",
+    errno.EPERM: "check its permissions and immutable flags (lsattr), or save to another directory",
+}
+# safetensors' own report of a failed write: "Error while serializing: I/O error: <strerror>
+# (os error <errno>)".
+_SAFETENSORS_IO = re.compile(r"I/O error: (.*?)(?: \(os error (\d+)\))?$")
+
+
+def save_failure(error: BaseException, directory: Path, what: str) -> SaveError:
+    """``error`` (an ``OSError``, or safetensors' I/O error) of saving ``what`` ("the adapter")
+    into ``directory`` as a ``SaveError``: the directory, what the file system said, the file
+    concerned where it is not a temporary one of the save (a directory named
+    ``adapter_config.json``, say), and the way out."""
+    if isinstance(error, SaveError):
+        return error
+    number, reason = getattr(error, "errno", None), getattr(error, "strerror", None)
+    found = _SAFETENSORS_IO.search(str(error)) if not isinstance(error, OSError) else None
+    if found is not None:
+        reason, number = found[1], int(found[2]) if found[2] else None
+    reason = reason or str(error) or type(error).__name__
+    concerned = getattr(error, "filename2", None) or getattr(error, "filename", None)
+    if isinstance(concerned, (str, os.PathLike)) and not _ours(Path(concerned), directory):
+        reason = f"{reason}: {os.fspath(concerned)}"
+    remedy = _REMEDIES.get(number, "fix the path, or save to another directory")
+    message = f"cannot save {what} in {directory}: {reason}; {remedy}"
+    return SaveError(message, number, reason, str(directory))
+
+
+def _ours(path: Path, directory: Path) -> bool:
+    """``path`` is ``directory``, or lies in it under a hidden name of the save's (a temporary,
+    the lock, a staging folder and what is in it): not a file worth naming."""
+    if path == directory:
+        return True
+    try:
+        first = path.relative_to(directory).parts[0]
+    except (ValueError, IndexError):
+        return False
+    return first.startswith(".")
+
+
+def check_output_directory(directory: Path, what: str, *, writable: bool = False) -> None:
+    """Refuse (``SaveError``, nothing written) an output ``directory`` that cannot be one: a
+    file, a broken symbolic link, or a path below a file; with ``writable``, also one whose
+    nearest existing folder cannot be written (read-only file system, permissions), for a save
+    that changes the model before it writes (``save_merged_model`` merges first)."""
+    try:
+        existing = next((path for path in (directory, *directory.parents) if _present(path)), None)
+    except OSError as error:
+        raise save_failure(error, directory, what) from None
+    if existing is None:  # (a relative path whose working directory is gone)
+        return
+    if not existing.is_dir():
+        kind = "a broken symbolic link" if not existing.exists() else "a file"
+        where = "" if existing == directory else f" ({existing} is {kind})"
+        raise SaveError(
+            f"cannot save {what} in {directory}{where or f': it is {kind}'}; give a directory "
+            "(new or existing)",
+            errno.ENOTDIR,
+            os.strerror(errno.ENOTDIR),
+            str(directory),
+        )
+    if writable and not os.access(existing, os.W_OK | os.X_OK):
+        number = errno.EROFS if _read_only(existing) else errno.EACCES
+        refusal = OSError(number, os.strerror(number), str(existing))
+        raise save_failure(refusal, directory, what)
+
+
+def _present(path: Path) -> bool:
+    """Whether something (a broken symbolic link too) is at ``path``."""
+    return path.is_symlink() or path.exists()
+
+
+def _read_only(directory: Path) -> bool:
+    statvfs = getattr(os, "statvfs", None)  # (not on Windows)
+    return statvfs is not None and bool(statvfs(directory).f_flag & os.ST_RDONLY)

@@ -1,7 +1,8 @@
 """``save_merged_model``: the active adapters merged into the weights and saved as a plain
 transformers directory (``AutoModel*.from_pretrained`` loads it without lorakit), crash-safe: a
 save killed at any moment leaves the old model, the new one, or a directory without
-``config.json`` (``_move_in``); ``lorakit merge`` writes through it."""
+``config.json``, and a save that fails leaves the old model whole (``_move_in``); ``lorakit
+merge`` writes through it."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from torch import nn
 from lorakit.errors import UserError
 from lorakit.io import atomic
 from lorakit.io.config_json import CONFIG_NAME
-from lorakit.state import adapter_configs
+from lorakit.io.save_lock import directory_locked
+from lorakit.state import adapter_configs, adapter_model
 from lorakit.unload import own_tensors_for_reload
 
 __all__ = ["refuse_adapter_directory", "save_merged_model"]
@@ -38,13 +40,16 @@ def _is_weight_file(name: str) -> bool:
     return name in _WEIGHT_FILE_NAMES or _WEIGHT_SHARD.fullmatch(name) is not None
 
 
-def _remove_stale_weights(directory: Path, written: set[str]) -> None:
-    """Weight files of an earlier save (e.g. other shards) that the new save did not write, as
-    ``save_pretrained`` removes them: left behind they could be loaded instead of the new ones.
-    Only real weight file names (``_is_weight_file``) are removed, nothing else of the user's."""
-    for path in directory.iterdir():
-        if _is_weight_file(path.name) and path.name not in written and path.is_file():
-            path.unlink()
+def _stale_weights(directory: Path, written: set[str]) -> list[Path]:
+    """Weight files of an earlier save (e.g. other shards) that the new save did not write, which
+    ``_move_in`` takes out as ``save_pretrained`` removes them: left behind they could be loaded
+    instead of the new ones. Only real weight file names (``_is_weight_file``), nothing else of
+    the user's."""
+    return [
+        path
+        for path in sorted(directory.iterdir())
+        if _is_weight_file(path.name) and path.name not in written and path.is_file()
+    ]
 
 
 def refuse_adapter_directory(directory: str | os.PathLike[str]) -> None:
@@ -66,94 +71,161 @@ def save_merged_model(
     """Merge the active adapters into the weights, remove every lorakit module and save a plain
     transformers directory (``AutoModel*.from_pretrained`` loads it without lorakit).
 
-    The model is changed in place (it becomes the merged plain model) and returned. Where the
-    merge untied tied weights, each module that transformers would leave out of the files and
-    not tie back to the same tensor on reload gets its own copy of it
-    (``unload.own_tensors_for_reload``, as ``merge_and_unload`` does): the saved directory
-    reloads with this model's outputs (e.g. BART or T5 with LoRA on their embeddings). Files are
-    written to a staging folder ``.<name>.<random>.tmp`` beside ``directory``, given the
-    permissions of any new file there (``0666 & ~umask``), fsynced, and moved in by
-    ``_move_in``: a crash at any moment leaves ``directory`` holding the complete old model, the
-    complete new one, or no ``config.json`` (transformers refuses to load it; merging again
-    completes it), never new weights beside an old config or the reverse. The staging folder of
-    a killed save is removed by the next save beside it (``_remove_stale_staging``).
+    The model is changed in place (it becomes the merged plain model) and returned; for
+    lorakit's ``PeftModel``, the model inside it (whose own ``save_pretrained`` writes
+    adapters, none once merged). ``directory`` is checked first (``SaveError`` for a file or
+    an unwritable place, before the merge). Where the merge untied tied weights, each module
+    that transformers would leave out of the files and not tie back to the same tensor on
+    reload gets its own copy of it (``unload.own_tensors_for_reload``, as ``merge_and_unload``
+    does): the saved directory reloads with this model's outputs (e.g. BART or T5 with LoRA on
+    their embeddings). Files are written to a staging folder ``.lorakit-staging.<random>.tmp``
+    INSIDE ``directory`` (the same file system, even where ``directory`` is a mount point or a
+    link to another disk), given the permissions of any new file there (``0666 & ~umask``),
+    fsynced, and moved in by ``_move_in`` under the directory's save lock (``save_lock``): a
+    crash at any moment leaves ``directory`` holding the complete old model, the complete new
+    one, or no ``config.json`` (transformers refuses to load it; merging again completes it),
+    never new weights beside an old config or the reverse; an error leaves the old model whole.
+    The staging folder of a killed save is removed by the next save (``_remove_stale_staging``).
+    A file system refusal is a ``SaveError`` naming ``directory``.
     """
     from lorakit.merge import merge_and_unload
 
     target = Path(directory)
     refuse_adapter_directory(target)
+    atomic.check_output_directory(target, "the merged model", writable=True)
+    model = adapter_model(model)  # lorakit's PeftModel: the model inside it
     if adapter_configs(model):
         model = merge_and_unload(model)
     else:  # (merged earlier: merge_and_unload did this, but a model merged otherwise may not)
         own_tensors_for_reload(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(target)  # (first: a killed save's copy may be what fills the disk)
-    staging = Path(
-        tempfile.mkdtemp(prefix=f".{target.name}.", suffix=_STAGING_SUFFIX, dir=target.parent)
-    )
+    made = not target.exists()
     try:
-        model.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        target.mkdir(exist_ok=True)
-        staged = sorted(staging.iterdir())
-        mode = atomic.new_file_mode(target)  # save_pretrained writes weights 0600 (mkstemp)
-        for path in staged:
-            if path.is_file():
-                path.chmod(mode)
-                atomic.sync(path)  # on the disk before it replaces the old file
-        _move_in(staged, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        _save(model, target, tokenizer)
+    except Exception as error:
+        if made:  # (an output directory this save made, left empty)
+            with contextlib.suppress(OSError):
+                target.rmdir()
+        if not isinstance(error, OSError) and type(error).__name__ != "SafetensorError":
+            raise
+        raise atomic.save_failure(error, target, "the merged model") from error
     return model
+
+
+def _save(model: nn.Module, target: Path, tokenizer: object | None) -> None:
+    """Stage ``model`` (and ``tokenizer``) in a folder inside ``target`` and move it in."""
+    target.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(target.parent, f".{target.name}.")  # (beside: an older lorakit's)
+    with directory_locked(target):
+        _remove_stale_staging(target, _STAGING_PREFIX)  # (a killed save's copy may fill the disk)
+        staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, suffix=_STAGING_SUFFIX, dir=target))
+        try:
+            model.save_pretrained(staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            staged = sorted(staging.iterdir())
+            _refuse_incomplete(staged, target)
+            mode = atomic.new_file_mode(target)  # save_pretrained writes weights 0600 (mkstemp)
+            for path in staged:
+                if path.is_file():
+                    path.chmod(mode)
+                    atomic.sync(path)  # on the disk before it replaces the old file
+            _move_in(staged, target, staging / _ASIDE)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _refuse_incomplete(staged: list[Path], target: Path) -> None:
+    """``UserError`` (nothing in ``target`` touched) when ``save_pretrained`` staged no
+    ``config.json`` or no weight file: moving that in would remove the old model's weights."""
+    names = sorted(path.name for path in staged)
+    if _MODEL_CONFIG_NAME not in names or not any(_is_weight_file(name) for name in names):
+        raise UserError(
+            f"the model's save_pretrained wrote {names or 'nothing'}, not a transformers model "
+            f"(config.json and weights); nothing in {target} was changed. save_merged_model "
+            "saves a transformers model (PreTrainedModel) with or without lorakit adapters"
+        )
 
 
 # The file that makes a directory a transformers model: without it ``from_pretrained`` refuses
 # the directory ("Unrecognized model"), whatever weight files it holds.
 _MODEL_CONFIG_NAME = "config.json"
-# Staging folders are ``.<output name>.<8 characters of tempfile.mkdtemp>.tmp``.
+# Staging folders are ``.lorakit-staging.<8 characters of tempfile.mkdtemp>.tmp`` inside the
+# output; ``_ASIDE`` in one holds the old files taken out of the output.
+_STAGING_PREFIX = ".lorakit-staging."
 _STAGING_SUFFIX = ".tmp"
+_ASIDE = "previous"
 
 
-def _move_in(staged: list[Path], target: Path) -> None:
+def _move_in(staged: list[Path], target: Path, aside: Path) -> None:
     """Move the ``staged`` files of a new save into ``target`` (which may hold an earlier save)
-    so that no crash between two steps leaves a mix of the two saves that loads:
+    so that no crash between two steps leaves a mix of the two saves that loads, and an error
+    leaves the earlier save whole. With Ctrl-C held back (``base_rewrite.interrupts_held``):
 
-    1. the old ``config.json`` is removed: from here on the directory does not load;
-    2. every new file but ``config.json`` is moved in (``os.replace``), then the earlier save's
-       weight files that the new one did not write are removed (``_remove_stale_weights``:
-       left beside the new config, a stale ``model.safetensors`` would be loaded instead of new
-       shards);
-    3. the new ``config.json`` is moved in last.
+    1. the old ``config.json`` is moved into ``aside`` (in the staging folder): from here on
+       the directory does not load;
+    2. the other old files the new save replaces, and the earlier save's weight files it does
+       not write (``_stale_weights``: left beside the new config, a stale ``model.safetensors``
+       would be loaded instead of new shards), are moved into ``aside``;
+    3. every new file but ``config.json`` is moved in, the new ``config.json`` last.
 
     A crash before 1 leaves the old model complete, after 3 the new one, and in between a
     directory without ``config.json``. The directory is fsynced after each step, so that the
-    same order holds after a power cut. Files of the user's are never touched.
+    same order holds after a power cut. An error undoes the moves made (``_undo``), the old
+    ``config.json`` back last. Files of the user's are never touched.
     """
+    from lorakit.base_rewrite import interrupts_held
+
+    written = {path.name for path in staged}
     config = [path for path in staged if path.name == _MODEL_CONFIG_NAME]
-    if config:  # (save_pretrained always writes one)
-        (target / _MODEL_CONFIG_NAME).unlink(missing_ok=True)
-        atomic.sync_directory(target)
-    for path in staged:
-        if path.name != _MODEL_CONFIG_NAME:
-            os.replace(path, target / path.name)
-    _remove_stale_weights(target, {path.name for path in staged})
-    atomic.sync_directory(target)
-    for path in config:
-        os.replace(path, target / path.name)
-    atomic.sync_directory(target)
+    others = [path for path in staged if path.name != _MODEL_CONFIG_NAME]
+    replaced = [target / path.name for path in others if _is_file(target / path.name)]
+    steps = [
+        [(path, aside / path.name) for path in [target / _MODEL_CONFIG_NAME] if _is_file(path)],
+        [(path, aside / path.name) for path in replaced + _stale_weights(target, written)],
+        [(path, target / path.name) for path in others],
+        [(path, target / path.name) for path in config],
+    ]
+    done: list[tuple[Path, Path]] = []
+    with interrupts_held():
+        try:
+            aside.mkdir()
+            for step in steps:
+                for source, destination in step:
+                    os.replace(source, destination)
+                    done.append((source, destination))
+                atomic.sync_directory(target)
+        except BaseException:
+            _undo(done)
+            raise
 
 
-def _remove_stale_staging(target: Path) -> None:
-    """Remove the staging folders of earlier saves into ``target`` that were killed before they
-    cleaned up (each a full copy of a model): folders beside ``target`` named as
-    ``save_merged_model`` names them, where nothing changed for a minute (``atomic.is_stale``,
-    the rule for a killed adapter save's temporary files), so a save still writing its own is
-    left alone. A folder that cannot be removed (permissions) is left, without an error."""
-    name = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}{re.escape(_STAGING_SUFFIX)}")
+def _is_file(path: Path) -> bool:
+    """A file (or a link) at ``path``: what a new file replaces; never a folder of the user's."""
+    return path.is_symlink() or path.is_file()
+
+
+def _undo(done: list[tuple[Path, Path]]) -> None:
+    """Move each file of ``done`` back, the last move first, so that the old ``config.json``
+    (the first moved) comes back last: stopped by an error, the directory is left without it
+    (refused by transformers), never a mix that loads."""
+    for source, destination in reversed(done):
+        try:
+            os.replace(destination, source)
+        except OSError:
+            return
+
+
+def _remove_stale_staging(folder: Path, prefix: str) -> None:
+    """Remove the staging folders in ``folder`` of earlier saves that were killed before they
+    cleaned up (each a full copy of a model): folders named ``<prefix><8 characters>.tmp``, as
+    ``save_merged_model`` names them (now inside the output; an older lorakit, beside it),
+    where nothing changed for a minute (``atomic.is_stale``, the rule for a killed adapter
+    save's temporary files), so a save still writing its own is left alone. A folder that
+    cannot be removed (permissions) is left, without an error."""
+    name = re.compile(rf"{re.escape(prefix)}[a-z0-9_]{{8}}{re.escape(_STAGING_SUFFIX)}")
     leftovers: list[Path] = []
-    with contextlib.suppress(OSError):  # (a parent that cannot be listed: nothing to clean)
-        leftovers = [path for path in target.parent.iterdir() if name.fullmatch(path.name)]
+    with contextlib.suppress(OSError):  # (a folder that cannot be listed: nothing to clean)
+        leftovers = [path for path in folder.iterdir() if name.fullmatch(path.name)]
     for leftover in leftovers:
         if leftover.is_dir() and not leftover.is_symlink() and atomic.is_stale(leftover):
             shutil.rmtree(leftover, ignore_errors=True)

@@ -16,6 +16,7 @@ base that init left.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shlex
 import warnings
 from collections.abc import Iterable
@@ -28,7 +29,12 @@ from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
 from lorakit.init_methods import changes_base
 from lorakit.io import fingerprint, fingerprint_json
-from lorakit.io.adapter_dirs import WEIGHTS_NAME, adapter_directory
+from lorakit.io.adapter_dirs import (
+    CONFIG_METADATA_KEY,
+    WEIGHTS_NAME,
+    adapter_directory,
+    interrupted_save,
+)
 from lorakit.io.config_json import CONFIG_NAME, config_from_json, read_config_text
 from lorakit.io.header import TensorInfo, read_header, unreadable
 from lorakit.io.tensors import MAX_ABS_VALUE, read_safetensors
@@ -50,9 +56,6 @@ __all__ = [
 ]
 
 PICKLE_NAME = "adapter_model.bin"
-# lorakit also stores the config text inside the weights file: both are then written together
-# in one atomic rename, so a save interrupted between the two files is detected and repaired.
-CONFIG_METADATA_KEY = "lorakit.adapter_config"
 # The base-changing init of an adapter lorakit saved unconverted (its adapter_config.json then
 # says true, so that peft does not rerun the init; ``save.adapter_file_contents``).
 BASE_INIT_METADATA_KEY = "lorakit.base_changing_init"
@@ -153,10 +156,19 @@ def read_adapter_header(directory: str | Path) -> AdapterHeader:
     except OSError as error:
         raise unreadable(directory, error) from None
     config_path = directory / CONFIG_NAME
-    config_text = read_config_text(config_path)
-    config = config_from_json(config_text, str(config_path))
     header = read_header(weights)
     stored_text = header.metadata.get(CONFIG_METADATA_KEY)
+    if interrupted_save(directory):
+        warnings.warn(
+            f"{config_path} is missing (a save interrupted between its renames): using the "
+            f"config saved inside {weights.name}, which fits its tensors. Save the adapter "
+            "again for peft to read the directory.",
+            stacklevel=2,
+        )
+        config_text = stored_text
+    else:
+        config_text = read_config_text(config_path)
+    config = config_from_json(config_text, str(config_path))
     if stored_text is not None and stored_text != config_text:
         config = _reconcile(config, stored_text, str(config_path))
     stored_fingerprint = header.metadata.get(fingerprint.METADATA_KEY)
@@ -203,6 +215,8 @@ def _config_unchanged(header: AdapterHeader) -> bool:
     it). A header made without that text (``config_text`` empty) is not checked."""
     if not header.config_text:
         return True
+    if not os.path.lexists(header.directory / CONFIG_NAME):  # an interrupted save's: the
+        return header.metadata.get(CONFIG_METADATA_KEY) == header.config_text  # weights' own
     try:
         return read_config_text(header.directory / CONFIG_NAME) == header.config_text
     except AdapterFileError:  # (deleted or unreadable meanwhile: changed)

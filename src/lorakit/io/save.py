@@ -234,8 +234,12 @@ def save_adapter(
     before training: the adapter is then saved converted into a plain LoRA of twice the rank
     for the ORIGINAL base weights (PEFT's ``path_initial_model_for_weight_conversion``;
     ``lorakit.io.convert``).
+    A save the file system refuses (a file at ``directory``, a full disk, a read-only place) is
+    an ``atomic.SaveError`` (a ``UserError`` and an ``OSError``) naming the directory.
     """
     model = adapter_model(model)  # lorakit's PeftModel: the model inside it
+    target = Path(directory) if adapter_name == "default" else Path(directory) / adapter_name
+    atomic.check_output_directory(target, "the adapter")  # (a file there: before the work)
     tensors, metadata, config_text = adapter_file_contents(
         model, adapter_name, dtype=dtype, save_embedding_layers=save_embedding_layers
     )
@@ -245,17 +249,21 @@ def save_adapter(
         tensors, metadata, config_text = converted_contents(
             model, adapter_name, tensors, initial_adapter
         )
-    target = Path(directory) if adapter_name == "default" else Path(directory) / adapter_name
-    target.mkdir(parents=True, exist_ok=True)
-    # Both files staged, then renamed back to back: weights first, so that a crash between the
-    # renames leaves the new weights, whose header carries the config they were saved with
-    # (lorakit's loader then uses that copy; see read.py).
-    atomic.write_files(
-        {
-            target / WEIGHTS_NAME: serialize(tensors, metadata),
-            target / CONFIG_NAME: config_text.encode("utf-8"),
-        }
-    )
+    # Both files staged, then renamed in under the directory's save lock: the old config out
+    # first, the weights, the new config last (atomic.write_files), so that a crash between the
+    # renames leaves no adapter_config.json (PEFT refuses the directory, lorakit loads it with
+    # the config kept in the weights; saving again completes it), never the new weights beside
+    # the old config.
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        atomic.write_files(
+            {
+                target / WEIGHTS_NAME: serialize(tensors, metadata),
+                target / CONFIG_NAME: config_text.encode("utf-8"),
+            }
+        )
+    except OSError as error:  # (a SaveError, naming the directory, is an OSError too)
+        raise atomic.save_failure(error, target, "the adapter") from error
     return target
 
 
