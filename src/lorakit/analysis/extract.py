@@ -205,6 +205,20 @@ def _refuse_nothing_left(base: nn.Module, finetuned: nn.Module, new: Mapping[str
     raise ValueError("no linear layer differs between the base and the fine-tuned model")
 
 
+def _check_arguments(rank: int | None, energy: float | None, lora_alpha: float | None) -> None:
+    """``ValueError`` unless exactly one of ``rank`` (>= 1) and ``energy`` is given and
+    ``lora_alpha`` is unset or positive (the factors are sqrt(S / s): a scale s <= 0 has none)."""
+    if (rank is None) == (energy is None):
+        raise ValueError("give exactly one of rank (an integer) or energy (a share in (0, 1])")
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank}")
+    if lora_alpha is not None and not (math.isfinite(lora_alpha) and lora_alpha > 0):
+        raise ValueError(
+            f"lora_alpha must be a positive finite number for an extracted adapter, got "
+            f"{lora_alpha}; leave it unset for lora_alpha = r"
+        )
+
+
 def extract_lora(
     base: nn.Module,
     finetuned: nn.Module,
@@ -233,15 +247,7 @@ def extract_lora(
     saying so when the two are not one model (``sources.refuse_incomparable``) or only newly
     initialised layers differ.
     """
-    if (rank is None) == (energy is None):
-        raise ValueError("give exactly one of rank (an integer) or energy (a share in (0, 1])")
-    if rank is not None and rank < 1:
-        raise ValueError(f"rank must be a positive integer, got {rank}")
-    if lora_alpha is not None and not (math.isfinite(lora_alpha) and lora_alpha > 0):
-        raise ValueError(  # (the factors are sqrt(S / s): a scale s <= 0 has none)
-            f"lora_alpha must be a positive finite number for an extracted adapter, got "
-            f"{lora_alpha}; leave it unset for lora_alpha = r"
-        )
+    _check_arguments(rank, energy, lora_alpha)
     new = dict(newly_initialised or {})
     tied = tied_linears(base, finetuned)
     # a layer of another shape (a resized head) is skipped here and reported by
