@@ -74,11 +74,14 @@ def interrupted_save(directory: Path) -> bool:
     """True for a directory holding lorakit's ``adapter_model.safetensors`` (its header keeps
     the config: ``CONFIG_METADATA_KEY``) and no ``adapter_config.json``: a save that stopped
     between its renames (``atomic.write_files`` moves the old config out first, so PEFT refuses
-    such a directory rather than pairing new weights with an old config). ``read`` loads it with
-    the config from the weights and a warning. Reads the safetensors header only."""
+    such a directory rather than pairing new weights with an old config), told by the
+    temporary config it left beside them. ``read`` loads it with the config from the weights and
+    a warning. Reads the safetensors header only."""
     path = directory / WEIGHTS_NAME
     if os.path.lexists(directory / CONFIG_NAME) or not path.is_file():  # (a broken link too)
         return False
+    if not any(directory.glob(f".{CONFIG_NAME}.*.tmp")):  # (the config it was writing: a
+        return False  # directory that never had one is no adapter, as for PEFT)
     try:
         return CONFIG_METADATA_KEY in read_header(path).metadata
     except (AdapterFileError, OSError):
