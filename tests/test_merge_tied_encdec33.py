@@ -21,41 +21,10 @@ from lorakit.io import save_merged_model
 from lorakit.unload import own_tensors_for_reload
 from tests import tiny_models
 
-VOCAB = 100
+VOCAB = tiny_models.SEQ2SEQ_VOCAB
 
 
-def _t5() -> transformers.T5ForConditionalGeneration:
-    torch.manual_seed(0)
-    config = transformers.T5Config(
-        vocab_size=VOCAB,
-        d_model=32,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=2,
-        decoder_start_token_id=0,
-        dropout_rate=0.0,
-    )
-    return transformers.T5ForConditionalGeneration(config).eval()
-
-
-def _bart() -> transformers.BartForConditionalGeneration:
-    torch.manual_seed(0)
-    config = transformers.BartConfig(
-        vocab_size=VOCAB,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=37,
-        decoder_ffn_dim=37,
-        max_position_embeddings=64,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-    )
-    return transformers.BartForConditionalGeneration(config).eval()
+_t5, _bart = tiny_models.t5, tiny_models.bart
 
 
 BUILDERS = {"t5": _t5, "bart": _bart, "gpt2": tiny_models.gpt2}

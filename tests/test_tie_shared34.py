@@ -28,7 +28,7 @@ from lorakit.replication import tied_parameter_ids
 from tests import tiny_models
 
 LAYER_MAP = [[0, 2], [1, 2]]  # layers 0, 1 -> 0, 1, 1
-VOCAB = 100
+VOCAB = tiny_models.SEQ2SEQ_VOCAB
 
 
 def _tied_llama() -> transformers.LlamaForCausalLM:
@@ -139,38 +139,7 @@ def test_tied_parameter_ids_leave_out_what_only_layer_copies_share():
 # --- 2. LoRA on T5's / BART's ``shared`` --------------------------------------------------
 
 
-def _t5() -> transformers.T5ForConditionalGeneration:
-    torch.manual_seed(0)
-    config = transformers.T5Config(
-        vocab_size=VOCAB,
-        d_model=32,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=2,
-        decoder_start_token_id=0,
-        dropout_rate=0.0,
-    )
-    return transformers.T5ForConditionalGeneration(config).eval()
-
-
-def _bart() -> transformers.BartForConditionalGeneration:
-    torch.manual_seed(0)
-    config = transformers.BartConfig(
-        vocab_size=VOCAB,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=37,
-        decoder_ffn_dim=37,
-        max_position_embeddings=64,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-    )
-    return transformers.BartForConditionalGeneration(config).eval()
+_t5, _bart = tiny_models.t5, tiny_models.bart
 
 
 BUILDERS = {"t5": _t5, "bart": _bart}

@@ -12,6 +12,8 @@ import copy
 
 import torch
 from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
     BertConfig,
     BertForSequenceClassification,
     GPT2Config,
@@ -22,6 +24,8 @@ from transformers import (
     LlamaForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 # The tiny decoder's sizes (GQA: 4 heads, 2 KV heads), shared by the Llama-family test models.
@@ -118,6 +122,46 @@ def bert(seed: int = 0) -> BertForSequenceClassification:
 
 
 BUILDERS = {"llama": llama, "gpt2": gpt2, "bert": bert}
+
+
+# The tiny encoder-decoders' vocabulary (T5's and BART's, below).
+SEQ2SEQ_VOCAB = 100
+
+
+def t5(seed: int = 0) -> T5ForConditionalGeneration:
+    """A tiny random T5 (tied ``shared`` embedding, 2 layers, no dropout), in eval mode."""
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=SEQ2SEQ_VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=2,
+        decoder_start_token_id=0,
+        dropout_rate=0.0,
+    )
+    return T5ForConditionalGeneration(config).eval()
+
+
+def bart(seed: int = 0) -> BartForConditionalGeneration:
+    """A tiny random BART (``model.shared`` tied to the head, 2+2 layers, no dropout), eval."""
+    torch.manual_seed(seed)
+    config = BartConfig(
+        vocab_size=SEQ2SEQ_VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=37,
+        decoder_ffn_dim=37,
+        max_position_embeddings=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+    )
+    return BartForConditionalGeneration(config).eval()
 
 
 def input_ids(batch: int = 2, length: int = 12, vocab: int = 128, seed: int = 1) -> torch.Tensor:
