@@ -20,10 +20,8 @@ import io
 import warnings
 
 import peft
-import peft.tuners.lora.eva as peft_eva
 import pytest
 import torch
-from peft.utils.incremental_pca import IncrementalPCA
 from transformers import AlbertConfig, AlbertModel
 
 import lorakit
@@ -31,44 +29,13 @@ import lorakit.eva
 from lorakit.errors import UnknownAdapterError
 from lorakit.eva_statistics import _InputMoments, explained_variance
 from tests import tiny_models
-
-
-def _untruncated_svd(x: torch.Tensor):
-    """PEFT's ``_svd_fn_full`` keeping every right singular vector (k of them, S padded with
-    zeros): PEFT's incremental PCA then drops nothing between batches, so it is exact."""
-    u, s, vt = torch.linalg.svd(x, full_matrices=True)
-    return u[:, : s.numel()], torch.cat([s, s.new_zeros(x.shape[1] - s.numel())]), vt
+from tests.eva_oracle import peft_svd_hooks
 
 
 @pytest.fixture
 def exact_peft(monkeypatch):
-    """PEFT's SVDHook with an exact incremental PCA (float64, all k components from the first
-    batch on: with ``n_components=None`` PEFT keeps only min(first batch's rows, k) and is
-    approximate afterwards); returns {layer: tokens its statistics hold} filled as PEFT runs."""
-    tokens: dict[str, int] = {}
-    original_init, original_call = peft_eva.SVDHook.__init__, peft_eva.SVDHook.__call__
-
-    def init(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        svd = self.svd = IncrementalPCA(n_components=None, copy=True, lowrank=False)
-        svd._svd_fn_full = _untruncated_svd
-        fit = svd.partial_fit
-
-        def partial_fit(x, check_input=True):
-            svd.n_components = x.shape[1]
-            return fit(x.to(torch.float64, copy=True), check_input=False)
-
-        svd.partial_fit = partial_fit
-
-    def call(self, module, inputs, output):
-        original_call(self, module, inputs, output)
-        seen = getattr(self.svd, "n_samples_seen_", None)
-        if seen is not None:
-            tokens[self.name.removeprefix("base_model.model.")] = int(seen)
-
-    monkeypatch.setattr(peft_eva.SVDHook, "__init__", init)
-    monkeypatch.setattr(peft_eva.SVDHook, "__call__", call)
-    return tokens
+    """PEFT's EVA with an exact incremental PCA; {layer: tokens its statistics hold}."""
+    return peft_svd_hooks(monkeypatch, every_component=True)
 
 
 @pytest.fixture

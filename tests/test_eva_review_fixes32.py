@@ -18,36 +18,20 @@ import peft
 import peft.tuners.lora.eva as peft_eva
 import pytest
 import torch
-from peft.utils.incremental_pca import IncrementalPCA
 
 import lorakit
 import lorakit.eva
 from lorakit.eva_statistics import explained_variance, redistribute_ranks
 from tests import tiny_models
+from tests.eva_oracle import peft_svd_hooks
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @pytest.fixture
 def exact_peft(monkeypatch):
-    """PEFT's SVDHook with an exact incremental PCA (full SVD, every component kept); returns
-    {layer: tokens its statistics hold} filled as PEFT runs."""
-    tokens: dict[str, int] = {}
-    original_init, original_call = peft_eva.SVDHook.__init__, peft_eva.SVDHook.__call__
-
-    def init(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        self.svd = IncrementalPCA(n_components=None, copy=True, lowrank=False)
-
-    def call(self, model, inputs, output):
-        original_call(self, model, inputs, output)
-        seen = getattr(self.svd, "n_samples_seen_", None)
-        if seen is not None:
-            tokens[self.name.removeprefix("base_model.model.")] = int(seen)
-
-    monkeypatch.setattr(peft_eva.SVDHook, "__init__", init)
-    monkeypatch.setattr(peft_eva.SVDHook, "__call__", call)
-    return tokens
+    """PEFT's SVDHook with a full-SVD incremental PCA; {layer: tokens its statistics hold}."""
+    return peft_svd_hooks(monkeypatch, every_component=False)
 
 
 @pytest.fixture

@@ -1,0 +1,48 @@
+"""PEFT's EVA as the tests' oracle: its ``SVDHook`` given an incremental PCA without
+randomisation (``peft_svd_hooks``), and the tokens each layer's statistics hold as it runs."""
+
+from __future__ import annotations
+
+import peft.tuners.lora.eva as peft_eva
+import torch
+from peft.utils.incremental_pca import IncrementalPCA
+
+
+def _untruncated_svd(x: torch.Tensor):
+    """PEFT's ``_svd_fn_full`` keeping every right singular vector (k of them, S padded with
+    zeros): PEFT's incremental PCA then drops nothing between batches, so it is exact."""
+    u, s, vt = torch.linalg.svd(x, full_matrices=True)
+    return u[:, : s.numel()], torch.cat([s, s.new_zeros(x.shape[1] - s.numel())]), vt
+
+
+def peft_svd_hooks(monkeypatch, every_component: bool) -> dict[str, int]:
+    """Patch PEFT's ``SVDHook`` to a full-SVD incremental PCA; returns {layer: tokens its
+    statistics hold}, filled as PEFT runs. ``every_component``: all k components in float64
+    from the first batch on, so it is exact (with ``n_components=None`` alone PEFT keeps
+    min(first batch's rows, k) components and is approximate afterwards)."""
+    tokens: dict[str, int] = {}
+    original_init, original_call = peft_eva.SVDHook.__init__, peft_eva.SVDHook.__call__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        svd = self.svd = IncrementalPCA(n_components=None, copy=True, lowrank=False)
+        if not every_component:
+            return
+        svd._svd_fn_full = _untruncated_svd
+        fit = svd.partial_fit
+
+        def partial_fit(x, check_input=True):
+            svd.n_components = x.shape[1]
+            return fit(x.to(torch.float64, copy=True), check_input=False)
+
+        svd.partial_fit = partial_fit
+
+    def call(self, module, inputs, output):
+        original_call(self, module, inputs, output)
+        seen = getattr(self.svd, "n_samples_seen_", None)
+        if seen is not None:
+            tokens[self.name.removeprefix("base_model.model.")] = int(seen)
+
+    monkeypatch.setattr(peft_eva.SVDHook, "__init__", init)
+    monkeypatch.setattr(peft_eva.SVDHook, "__call__", call)
+    return tokens
