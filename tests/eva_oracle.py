@@ -46,3 +46,25 @@ def peft_svd_hooks(monkeypatch, every_component: bool) -> dict[str, int]:
     monkeypatch.setattr(peft_eva.SVDHook, "__init__", init)
     monkeypatch.setattr(peft_eva.SVDHook, "__call__", call)
     return tokens
+
+
+def lorakit_statistics(monkeypatch) -> dict[str, tuple]:
+    """Patch ``lorakit.eva.collect_statistics`` to record, as lorakit's EVA ends, each layer
+    input's (its leader's) ``(components, eigenvalues, tokens)``; returns that dict."""
+    import lorakit.eva
+
+    stats: dict[str, tuple] = {}
+    original = lorakit.eva.collect_statistics
+
+    def collect(*args, **kwargs):
+        result, leader = original(*args, **kwargs)
+        stats.update({name: value for name, value in result.items() if leader[name] == name})
+        return result, leader
+
+    monkeypatch.setattr(lorakit.eva, "collect_statistics", collect)
+    return stats
+
+
+def token_counts(stats: dict[str, tuple]) -> dict[str, int]:
+    """{layer input: tokens its statistics hold} of ``lorakit_statistics``' record."""
+    return {name: count for name, (_, _, count) in stats.items()}

@@ -29,7 +29,7 @@ import lorakit.eva
 from lorakit.errors import UnknownAdapterError
 from lorakit.eva_statistics import _InputMoments, explained_variance
 from tests import tiny_models
-from tests.eva_oracle import peft_svd_hooks
+from tests.eva_oracle import lorakit_statistics, peft_svd_hooks, token_counts
 
 
 @pytest.fixture
@@ -41,20 +41,7 @@ def exact_peft(monkeypatch):
 @pytest.fixture
 def our_stats(monkeypatch):
     """{layer input (its leader): (components, eigenvalues, tokens)} as lorakit's EVA ends."""
-    stats: dict[str, tuple] = {}
-    original = lorakit.eva.collect_statistics
-
-    def collect(*args, **kwargs):
-        result, leader = original(*args, **kwargs)
-        stats.update({name: value for name, value in result.items() if leader[name] == name})
-        return result, leader
-
-    monkeypatch.setattr(lorakit.eva, "collect_statistics", collect)
-    return stats
-
-
-def _tokens(stats) -> dict[str, int]:
-    return {name: count for name, (_, _, count) in stats.items()}
+    return lorakit_statistics(monkeypatch)
 
 
 def _batches(count, size=8, length=20, seed=4, prompt=4, pad=3, labels=True) -> list[dict]:
@@ -154,7 +141,7 @@ def test_an_input_converged_before_the_others_have_components_stops_as_peft_stop
     ours = _ours(tiny_models.llama, fields, short + long, **eva)
     theirs = _theirs(tiny_models.llama, fields, short + long, **eva)
     _assert_equal_to_peft(ours, theirs)
-    tokens = _tokens(our_stats)
+    tokens = token_counts(our_stats)
     assert tokens == exact_peft
     assert tokens["model.layers.1.self_attn.q_proj"] == 108  # 9 short batches, then frozen
     assert tokens["model.layers.0.mlp.down_proj"] < 30 * 160  # frozen too, after a distribution
@@ -174,10 +161,10 @@ def test_inputs_embeds_batches_count_the_tokens_their_masks_allow(our_stats):
     ]
     fields = dict(r=2, lora_alpha=4, target_modules=["q_proj"])
     from_ids = _ours(tiny_models.llama, fields, batches, tau=1.0)
-    ids_tokens = _tokens(our_stats)
+    ids_tokens = token_counts(our_stats)
     our_stats.clear()
     from_embeds = _ours(tiny_models.llama, fields, embedded, tau=1.0)
-    assert ids_tokens == _tokens(our_stats) == dict.fromkeys(ids_tokens, 3 * 21)
+    assert ids_tokens == token_counts(our_stats) == dict.fromkeys(ids_tokens, 3 * 21)
     ids_a, embeds_a = _lora_a(from_ids), _lora_a(from_embeds)
     assert ids_a.keys() == embeds_a.keys()
     for key, value in ids_a.items():
@@ -216,7 +203,7 @@ def test_a_layer_called_several_times_a_forward_steps_per_call_as_peft(exact_pef
     ours = _ours(_albert, fields, batches, tau=0.9)
     theirs = _theirs(_albert, fields, batches, tau=0.9)
     _assert_equal_to_peft(ours, theirs)
-    assert _tokens(our_stats) == exact_peft
+    assert token_counts(our_stats) == exact_peft
     prefix = "encoder.albert_layer_groups.0.albert_layers.0."
     assert exact_peft[prefix + "ffn_output"] == 3 * 157
 
@@ -233,7 +220,7 @@ def test_short_calls_of_a_layer_called_several_times_step_as_peft(exact_peft, ou
     ours = _ours(_albert, fields, strip + long, rho=2.0, tau=0.9)
     theirs = _theirs(_albert, fields, strip + long, rho=2.0, tau=0.9)
     _assert_equal_to_peft(ours, theirs)
-    assert _tokens(our_stats) == exact_peft
+    assert token_counts(our_stats) == exact_peft
     assert exact_peft["encoder.albert_layer_groups.0.albert_layers.0.attention.query"] == 90
 
 
@@ -264,7 +251,7 @@ def test_every_call_of_a_layer_counts_its_rows(our_stats):
             reference(**batch)
     model = _ours(_albert, fields, batches, rho=2.0, tau=1.0)
     name = "encoder.albert_layer_groups.0.albert_layers.0."
-    assert _tokens(our_stats) == {name + "attention.query": 150, name + "ffn_output": 150}
+    assert token_counts(our_stats) == {name + "attention.query": 150, name + "ffn_output": 150}
     a = _lora_a(model)[name + "attention.query.lora_A.weight"]
     expected = _leading_rows(torch.cat(rows), a.shape[0]).float()
     torch.testing.assert_close(a, expected, rtol=0, atol=1e-5)

@@ -23,7 +23,7 @@ import lorakit
 import lorakit.eva
 from lorakit.eva_statistics import explained_variance, redistribute_ranks
 from tests import tiny_models
-from tests.eva_oracle import peft_svd_hooks
+from tests.eva_oracle import lorakit_statistics, peft_svd_hooks, token_counts
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -35,20 +35,9 @@ def exact_peft(monkeypatch):
 
 
 @pytest.fixture
-def our_tokens(monkeypatch):
-    """{layer: tokens its statistics hold} as lorakit's EVA ends."""
-    tokens: dict[str, int] = {}
-    original = lorakit.eva.collect_statistics
-
-    def collect(*args, **kwargs):
-        stats, leader = original(*args, **kwargs)
-        tokens.update(
-            {name: count for name, (_, _, count) in stats.items() if leader[name] == name}
-        )
-        return stats, leader
-
-    monkeypatch.setattr(lorakit.eva, "collect_statistics", collect)
-    return tokens
+def our_stats(monkeypatch):
+    """{layer input: (components, eigenvalues, tokens)} as lorakit's EVA ends."""
+    return lorakit_statistics(monkeypatch)
 
 
 def _batches(count: int, size: int = 8, length: int = 20, seed: int = 4) -> list[dict]:
@@ -105,7 +94,7 @@ def _assert_equal_to_peft(ours, theirs, atol=1e-5):
 # ------------------------------------------------------------- 1: batches without enough tokens
 @pytest.mark.parametrize("counted", [0, 1])
 def test_a_batch_with_too_few_counted_tokens_is_skipped_as_peft_skips_it(
-    counted, exact_peft, our_tokens
+    counted, exact_peft, our_stats
 ):
     """Batch 2 counts 0 or 1 tokens (< the 8 components wanted): PEFT skips it, so EVA must
     give what it gives without that batch, and PEFT's ranks, A and token counts (the same
@@ -120,7 +109,7 @@ def test_a_batch_with_too_few_counted_tokens_is_skipped_as_peft_skips_it(
     eva = dict(rho=2.0, tau=0.9)
     ours, theirs = _ours(fields, batches, **eva), _theirs(fields, batches, **eva)
     _assert_equal_to_peft(ours, theirs)
-    assert our_tokens == exact_peft
+    assert token_counts(our_stats) == exact_peft
     without = _ours(fields, batches[:1] + batches[2:], **eva)
     assert without.peft_config["default"].rank_pattern == ours.peft_config["default"].rank_pattern
     for key, value in _lora_a(without).items():
@@ -206,7 +195,7 @@ def test_a_loader_with_no_batch_big_enough_uses_all_its_tokens():
 
 
 # ------------------------------------------------------------- 2: the signed convergence test
-def test_convergence_reads_as_many_batches_as_peft(exact_peft, our_tokens):
+def test_convergence_reads_as_many_batches_as_peft(exact_peft, our_stats):
     """Every layer converges within the 50 batches: each input must read PEFT's batches (layer
     1's o_proj: 45; with |cos| lorakit stopped it after 38, where its component 7 flipped sign
     between two batches, cos -0.99924) and give PEFT's ranks and A."""
@@ -216,8 +205,8 @@ def test_convergence_reads_as_many_batches_as_peft(exact_peft, our_tokens):
         _ours(fields, batches, rho=2.0, tau=0.99),
         _theirs(fields, batches, rho=2.0, tau=0.99),
     )
-    assert our_tokens == exact_peft
-    assert our_tokens["model.layers.1.self_attn.o_proj"] == 45 * (8 * 16 - 3)
+    assert token_counts(our_stats) == exact_peft
+    assert token_counts(our_stats)["model.layers.1.self_attn.o_proj"] == 45 * (8 * 16 - 3)
     _assert_equal_to_peft(ours, theirs)
 
 
