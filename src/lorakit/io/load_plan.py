@@ -78,16 +78,7 @@ def load_targets(
     entries that match no parameter where another does) and the tensors it implies. A
     transformers-4 per-expert MoE file is planned as the fused file PEFT converts it into
     (``lorakit.io.moe_files``; its tensors are fused once read)."""
-    config = adapter.config
-    names = [name for name in modules if name]
-    saved = config.modules_to_save or []
-    kept = [
-        entry
-        for entry in saved
-        if any(saved_module_matches([entry], n) for n in names) or _has_tensors_for(adapter, entry)
-    ]
-    if kept != saved:
-        config = config.replace(modules_to_save=kept or None)
+    config = _without_absent_saved_modules(adapter, modules)
     source = adapter.directory
     try:
         config = convert_moe_config(model, config, warn=False)  # PEFT's (idempotent)
@@ -122,9 +113,7 @@ def load_targets(
         parameter_layers=parameter_targets,
     )
     written, adapter = _stray_base_weights(model, adapter, set(targets) | set(tokens), modules)
-    tensors += [
-        FileTensor(adapted_base_key(n, "weight"), n, "base_weight", "weight") for n in written
-    ]
+    tensors += written
     family = fused_moe_family(model)
     conversion = expert_conversion(adapter, adapter.config, family, tensors, modules)
     header = adapter
@@ -138,13 +127,13 @@ def load_targets(
 
 def _stray_base_weights(
     model: nn.Module, adapter: AdapterHeader, adapted: set[str], modules: dict[str, nn.Module]
-) -> tuple[list[str], AdapterHeader]:
-    """``(modules, header)`` for the file's ``<path>.base_layer.weight`` keys of modules of
+) -> tuple[list[FileTensor], AdapterHeader]:
+    """``(tensors, header)`` for the file's ``<path>.base_layer.weight`` keys of modules of
     this model it does not adapt (``adapted``: its targets and token-row modules; ``keys.
     stray_base_layer_module``: a frozen base weight PEFT's save carried over from another
-    adapter of the saved model), as PEFT's non-strict load treats them: ``modules``, the paths
-    another adapter of this model already wraps in a LoRA layer (the key is that layer's base
-    weight's, so PEFT writes it there: planned as a "base_weight" tensor); ``header``, the
+    adapter of the saved model), as PEFT's non-strict load treats them: ``tensors``, those of
+    the paths another adapter of this model already wraps in a LoRA layer (the key is that
+    layer's base weight's, so PEFT writes it there: planned as "base_weight" tensors); ``header``, the
     header without the others (the key fits no parameter of a plain module, so PEFT ignores
     it), a ``StrayBaseWeightWarning`` naming them. A path that is no module of this model
     stays in the header (``check_tensors`` refuses it: another architecture)."""
@@ -157,6 +146,9 @@ def _stray_base_weights(
             written.append(path)
         else:
             dropped.append(key)
+    written = [
+        FileTensor(adapted_base_key(n, "weight"), n, "base_weight", "weight") for n in written
+    ]
     if not dropped:
         return written, adapter
     what = "it is left out, as PEFT's load leaves it out where that module is not adapted"
@@ -167,6 +159,22 @@ def _stray_base_weights(
     )
     kept = {key: info for key, info in adapter.tensors.items() if key not in dropped}
     return written, dataclasses.replace(adapter, tensors=kept)
+
+
+def _without_absent_saved_modules(
+    adapter: AdapterHeader, modules: dict[str, nn.Module]
+) -> LoraConfig:
+    """The file's config without the ``modules_to_save`` entries that name no module of the
+    model and have no tensor in the file (e.g. peft's automatic "classifier" / "score")."""
+    config = adapter.config
+    names = [name for name in modules if name]
+    saved = config.modules_to_save or []
+    kept = [
+        entry
+        for entry in saved
+        if any(saved_module_matches([entry], n) for n in names) or _has_tensors_for(adapter, entry)
+    ]
+    return config if kept == saved else config.replace(modules_to_save=kept or None)
 
 
 def _without_unmatched_parameters(
