@@ -22,7 +22,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 import lorakit
 from lorakit import data
-from lorakit.data import formats
+from lorakit.data import csv_rows
 from lorakit.data.examples import chat_classification_example, plain_classification_example
 from lorakit.data.segments import chat_segments, example_segments
 from lorakit.errors import UserError
@@ -291,10 +291,10 @@ def test_csv_error_is_a_user_error_naming_the_line(tmp_path, monkeypatch) -> Non
 
     def small_limit(_: int):
         csv.field_size_limit(20)  # what the default limit does to a longer field
-        return formats.contextlib.nullcontext()
+        return csv_rows.contextlib.nullcontext()
 
     limit_before = csv.field_size_limit()
-    monkeypatch.setattr(formats, "_field_size_limit", small_limit)
+    monkeypatch.setattr(csv_rows, "_field_size_limit", small_limit)
     try:
         with pytest.raises(UserError, match=r"long\.csv:3: not readable as CSV .*field limit"):
             data.load_examples(str(path))
