@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 import lorakit
 from lorakit.errors import UserError
-from lorakit.io import atomic, merged, save_adapter, save_lock, save_merged_model
+from lorakit.io import atomic, merged, save_adapter, save_errors, save_lock, save_merged_model
 from lorakit.models import load_model
 from tests import tiny_models
 
@@ -392,8 +392,8 @@ def test_an_output_that_is_a_file_is_refused_before_anything_is_done(tmp_path) -
 
 def test_a_read_only_output_is_refused_before_the_merge(tmp_path, monkeypatch) -> None:
     model = _adapted()
-    monkeypatch.setattr(atomic.os, "access", lambda path, mode: False)
-    monkeypatch.setattr(atomic, "_read_only", lambda directory: True, raising=False)
+    monkeypatch.setattr(save_errors.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(save_errors, "_read_only", lambda directory: True)
     with pytest.raises(UserError) as error:
         save_merged_model(model, tmp_path / "out")
     assert error.value.errno == errno.EROFS
