@@ -142,7 +142,7 @@ def test_a_tied_head_is_left_out_and_named_so_merged_and_unmerged_agree(tmp_path
 
 @pytest.mark.parametrize("arguments", [{"energy": 0.999}, {"rank": 48}])
 def test_a_reader_with_one_scale_for_every_module_gets_each_update(tmp_path, arguments):
-    """LoRAX (and vLLM before it applied the patterns) scales every module of a file by one
+    """vLLM (and LoRAX, at ranks that its padding keeps) scales every module of a file by one
     ``lora_alpha / r`` and ignores ``alpha_pattern``. An extraction with per-layer ranks
     (``energy``, or ``rank`` above a layer's min(d, k)) gave rank-2 layers of a rank-6 file a
     third of their update there; the file's alpha_pattern now keeps every layer at that one
