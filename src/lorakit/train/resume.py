@@ -38,6 +38,7 @@ from lorakit.train.batches import BatchOrder
 from lorakit.train.checkpoint import latest_checkpoint
 from lorakit.train.config import TrainingConfig, flag_name
 from lorakit.train.output_dir import previous_run_files
+from lorakit.train.plan_differences import plan_differences, shown
 from lorakit.train.settings import LORA_FLAGS
 
 __all__ = [
@@ -72,13 +73,6 @@ _UNORDERED_LORA_FIELDS = frozenset(
 """``LoraConfig`` fields whose list value is a set of names (or layer indices): the same entries
 in another order select the same modules."""
 
-_SHORT_BATCH_HINT = (
-    " (the checkpoint's run kept the epoch's short batch, which this run's processes cannot "
-    "split so that each gets a share of every micro-batch: resume in one process, or with a "
-    "--batch-size, --grad-accum and process count whose product is the checkpoint's global "
-    "batch and that split it)"
-)
-
 
 def resumed_drop_last(state: dict[str, Any], order: BatchOrder) -> bool:
     """Whether the run resuming the checkpoint of ``state`` drops the epoch's short batch: as the
@@ -112,20 +106,18 @@ def check_resumable(
             "same batches. Start a new run (a new --output, or without --resume)."
         )
     saved_training = state.get("training_config", {})
-    differences = _plan_differences(plan, saved_plan, saved_training)
+    differences = plan_differences(plan, saved_plan, saved_training)
     by_name = {f.name: f for f in fields(TrainingConfig)}
     for name in TRAJECTORY_SETTINGS:
         if name in saved_training and saved_training[name] != getattr(training, name):
-            shown = flag_name(by_name[name]) if "help" in by_name[name].metadata else name
-            now, saved = _shown(getattr(training, name)), _shown(saved_training[name])
-            differences.append(f"{shown} {now} (the checkpoint's: {saved})")
+            flag = flag_name(by_name[name]) if "help" in by_name[name].metadata else name
+            now, saved = shown(getattr(training, name)), shown(saved_training[name])
+            differences.append(f"{flag} {now} (the checkpoint's: {saved})")
     saved_lora = state.get("lora_config", {})
     for name, value in saved_lora.items():
         if name != "base_model_name_or_path" and not _same_lora_value(name, lora.get(name), value):
-            shown = LORA_FLAGS.get(name, name)
-            differences.append(
-                f"{shown} {_shown(lora.get(name))} (the checkpoint's: {_shown(value)})"
-            )
+            flag = LORA_FLAGS.get(name, name)
+            differences.append(f"{flag} {shown(lora.get(name))} (the checkpoint's: {shown(value)})")
     if differences:
         hint = _settings_hint(directory)
         raise UserError(
@@ -232,22 +224,6 @@ def base_dtype(model: nn.Module) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
-_PLAN_WORDS = {
-    "base_dtype": "--dtype {now} (the checkpoint's: {saved})",
-    "num_examples": "{now} training examples (the checkpoint's: {saved}; --data / --split)",
-    "global_batch": "a global batch (--batch-size x --grad-accum x processes) of {now} "
-    "(the checkpoint's: {saved})",
-    "total_steps": "{now} optimizer steps (the checkpoint's: {saved}; --steps / --epochs)",
-    "lengths_sha256": "the examples' token lengths differ from the checkpoint's: the training "
-    "data (--data / --split) or --max-length is not the one the checkpoint was trained on",
-    "examples_sha256": "the training examples differ from the checkpoint's (sha256 of their "
-    "tokens and labels {now}, the checkpoint's {saved}): the training data (--data / --split) "
-    "or --max-length is not the one the checkpoint was trained on",
-}
-"""Each data-plan difference in words, by its key in ``data_plan``, naming the flags behind it
-(``{now}``: this run's value, ``{saved}``: the checkpoint's)."""
-
-
 def planned_run(
     order: BatchOrder, training: TrainingConfig, state: dict[str, Any] | None
 ) -> tuple[BatchOrder, int, str | None]:
@@ -284,48 +260,6 @@ def steps_as_counted(
     if saved.get("total_steps") == older != total_steps:
         return older, "round"
     return total_steps, None
-
-
-def _plan_differences(
-    plan: dict[str, Any], saved_plan: dict[str, Any], saved_training: dict[str, Any]
-) -> list[str]:
-    """The differences of the data plan, in words; keys also in ``saved_training`` (the seed)
-    are named with the trajectory. Other data (``examples_sha256``, compared where both runs
-    know it) is said once, not also as other lengths and another count; another count ``n`` or
-    global batch ``G`` not also as another short batch (``n mod G`` examples, which follows)."""
-    differing = [
-        key
-        for key in saved_plan
-        if saved_plan[key] != plan.get(key)
-        and key not in saved_training
-        and key != "steps_rule"  # (how total_steps was counted; total_steps is compared)
-        and not (key == "examples_sha256" and None in (saved_plan[key], plan.get(key)))
-    ]
-    if "examples_sha256" in differing:
-        differing = [key for key in differing if key not in ("lengths_sha256", "num_examples")]
-    counts = ("num_examples", "global_batch")
-    if any(key in saved_plan and saved_plan[key] != plan.get(key) for key in counts):
-        differing = [key for key in differing if key != "short_batch"]  # (n mod G: follows)
-    return [_plan_difference(key, plan, saved_plan) for key in differing]
-
-
-def _plan_difference(key: str, plan: dict[str, Any], saved_plan: dict[str, Any]) -> str:
-    """One difference of the data plan, in words (``_PLAN_WORDS``); for a short batch the
-    checkpoint kept and this run's processes must drop (the global batch being the same), what
-    to do instead."""
-    now, saved = plan.get(key), saved_plan[key]
-    if key in _PLAN_WORDS:
-        return _PLAN_WORDS[key].format(now=_shown(now, str), saved=_shown(saved, str))
-    text = f"{key.replace('_', ' ')} {_shown(now)} (the checkpoint's: {_shown(saved)})"
-    if key == "short_batch" and plan.get("global_batch") == saved_plan.get("global_batch"):
-        text += _SHORT_BATCH_HINT
-    return text
-
-
-def _shown(value: Any, form=repr) -> str:
-    """A setting's value in a message: ``form(value)``, or "none" where the run has none (no
-    short batch, say), never Python's None."""
-    return "none" if value is None else form(value)
 
 
 def last_eval_step(records: list[dict[str, Any]]) -> int | None:
