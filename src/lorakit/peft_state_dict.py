@@ -17,7 +17,7 @@ A dict holding both names (an older full ``torch.save(model.state_dict())``) loa
 PEFT's functions ``get_peft_model_state_dict`` / ``set_peft_model_state_dict`` live here too:
 one adapter's tensors under the keys of its adapter file (``base_model.model.<path>.lora_A.weight``,
 the adapter name left out), found by the save code's own table (``io.save.adapter_file_entries``,
-``io.keys.model_tensor``): the keys PEFT's function gives, which are those ``save_pretrained``
+``io.file_tensors.model_tensor``): the keys PEFT's function gives, which are those ``save_pretrained``
 writes but for a targeted embedding's base weight (PEFT's ``save_embedding_layers="auto"``,
 the function's default, adds it; lorakit's save does so only where the vocabulary was resized).
 """
@@ -121,7 +121,7 @@ def get_peft_model_state_dict(
     under the names the model's own tensor has; a tensor it lacks is left out, as in PEFT.
     ``save_embedding_layers``: PEFT's (default ``"auto"``: a targeted embedding's base
     weight; True / False: every / no input-output embedding's base weight)."""
-    from lorakit.io.keys import model_tensor
+    from lorakit.io.file_tensors import model_tensor
 
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
@@ -160,7 +160,8 @@ def set_peft_model_state_dict(
     naming it before anything is copied (``ignore_mismatched_sizes=True``: left out with a
     warning and listed as missing, as in PEFT). Refused while the adapter is merged (its merged
     weight would keep the old values). ``low_cpu_mem_usage`` is accepted and has no effect."""
-    from lorakit.io.keys import PREFIX, model_tensor
+    from lorakit.io.file_tensors import model_tensor
+    from lorakit.io.keys import PREFIX
 
     inner = _holder(model, adapter_name)
     entries = {entry.key: entry for entry in _file_entries(inner, adapter_name, True)}

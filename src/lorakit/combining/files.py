@@ -111,7 +111,7 @@ def _check_carried_base_weights(adapter: CombinedAdapter, modules: dict[str, nn.
     model's own beyond another dtype's rounding (``add_to`` leaves the base as it is; a load of
     the saved files writes it)."""
     from lorakit.combining.compatible import same_up_to_rounding
-    from lorakit.io.keys import unmerged_base_tensor
+    from lorakit.io.file_tensors import unmerged_base_tensor
 
     for name, carried in adapter.base_weights.items():
         module = modules.get(name)

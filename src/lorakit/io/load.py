@@ -24,9 +24,7 @@ from lorakit.inject import add_adapter_to_modules, unload
 from lorakit.inject_checks import check_adapter_name, check_one_bias_adapter
 from lorakit.io.adapter_dirs import adapter_directory
 from lorakit.io.base_checks import check_base
-from lorakit.io.keys import (
-    model_tensor,
-)
+from lorakit.io.file_tensors import model_tensor
 from lorakit.io.load_checks import (
     check_init_redo,
     check_targets_take,

@@ -23,12 +23,8 @@ from lorakit.errors import AdapterFileError, listed
 from lorakit.init_checks import check_layer_takes, check_redo_on_load
 from lorakit.init_methods import changes_base
 from lorakit.inject_checks import check_adapter_fits, quantized_format
-from lorakit.io.keys import (
-    FileTensor,
-    expected_shape,
-    is_magnitude_key,
-    saved_module_alias_keys,
-)
+from lorakit.io.file_tensors import FileTensor, expected_shape
+from lorakit.io.keys import is_magnitude_key, saved_module_alias_keys
 from lorakit.io.load_plan import LoadTargets
 from lorakit.io.moe_files import refuse_moved_modules
 from lorakit.io.read import AdapterHeader

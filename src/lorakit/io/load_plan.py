@@ -1,7 +1,7 @@
 """What loading an adapter file into a model will do (``load_targets``), worked out before
 anything changes: the config to inject (``modules_to_save`` and ``target_parameters`` entries
 that name nothing dropped, PEFT's MoE conversion), the modules it adapts, wraps and gives token
-rows, and every tensor the file must hold for them (``keys.adapter_file_tensors``).
+rows, and every tensor the file must hold for them (``file_tensors.adapter_file_tensors``).
 ``lorakit.io.load`` then checks and applies it.
 
 A ``<path>.base_layer.weight`` of a module the file does not adapt (PEFT's save of one adapter
@@ -21,10 +21,9 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, listed
+from lorakit.io.file_tensors import FileTensor, adapter_file_tensors
 from lorakit.io.keys import (
-    FileTensor,
     adapted_base_key,
-    adapter_file_tensors,
     base_weight_key,
     embedding_module_names,
     key_names_module,

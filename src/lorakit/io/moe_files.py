@@ -34,8 +34,9 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, listed
+from lorakit.io.file_tensors import FileTensor
 from lorakit.io.header import TensorInfo
-from lorakit.io.keys import PREFIX, FileTensor, module_path
+from lorakit.io.keys import PREFIX, module_path
 from lorakit.io.read import AdapterHeader
 from lorakit.layers import is_linear
 from lorakit.layers.parameter import parameter_layout

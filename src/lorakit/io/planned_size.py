@@ -37,7 +37,7 @@ def adapter_header_bytes(model: nn.Module, config: LoraConfig) -> tuple[int, int
     samples' float32 bytes in base64, ~470 bytes)."""
     from lorakit.io import fingerprint, fingerprint_json
     from lorakit.io.config_json import config_to_json
-    from lorakit.io.keys import model_tensor
+    from lorakit.io.file_tensors import model_tensor
     from lorakit.io.read import CONFIG_METADATA_KEY
     from lorakit.io.save import adapter_file_entries
 

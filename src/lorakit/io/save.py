@@ -28,8 +28,9 @@ from lorakit.errors import UserError
 from lorakit.init_methods import changes_base
 from lorakit.io import atomic, fingerprint, fingerprint_json
 from lorakit.io.config_json import CONFIG_NAME, config_to_json
+from lorakit.io.file_tensors import adapter_file_tensors, model_tensor
 from lorakit.io.header import serialize
-from lorakit.io.keys import adapter_file_tensors, embedding_module_names, model_tensor
+from lorakit.io.keys import embedding_module_names
 from lorakit.io.read import BASE_INIT_METADATA_KEY, CONFIG_METADATA_KEY, WEIGHTS_NAME
 from lorakit.layers import LoraLayer, TrainableTokens
 from lorakit.layers.parameter import LoraParameter
@@ -132,7 +133,7 @@ def adapter_file_entries(
     model: nn.Module, adapter_name: str, embeddings: list[str]
 ) -> tuple[list, list[str]]:
     """``(entries, LoRA layer names)``: every tensor of adapter ``adapter_name``'s file
-    (``lorakit.io.keys.FileTensor``: its key and the model tensor behind it; DoRA magnitudes,
+    (``lorakit.io.file_tensors.FileTensor``: its key and the model tensor behind it; DoRA magnitudes,
     biases on B, trainable token rows and LoRA on bare parameters included) and the names of
     the LoRA layers holding the adapter; ``embeddings``: the embedding layers saved whole."""
     config = _config_of(model, adapter_name)

@@ -132,7 +132,7 @@ def _parameter_paths(
     config, modules: list[str], factors: dict[str, dict[str, TensorInfo]], path: Path
 ) -> dict[str, str]:
     """``{LoRA layer path: parameter path}`` for the layers of ``modules`` on bare parameters
-    (the ``FileTensor.parameter`` of ``lorakit.io.keys.adapter_file_tensors``)."""
+    (the ``FileTensor.parameter`` of ``lorakit.io.file_tensors.adapter_file_tensors``)."""
     by_owner: dict[str, list[str]] = {}
     for module in modules:
         if _on_parameter(config, module):

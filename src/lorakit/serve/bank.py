@@ -335,7 +335,7 @@ class AdapterBank(LazyLoads):
         tensors a save would write (``io.save.adapter_file_entries``), under their file keys,
         so what the bank cannot serve (a bias on B, a saved module, trained biases or token
         rows) is refused naming it, as from a file."""
-        from lorakit.io.keys import model_tensor
+        from lorakit.io.file_tensors import model_tensor
         from lorakit.io.save import adapter_file_entries
 
         entries, _ = adapter_file_entries(model, adapter_name, [])

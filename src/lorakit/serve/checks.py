@@ -11,6 +11,7 @@ import torch
 from lorakit import quantized
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
+from lorakit.io.file_tensors import unmerged_base_tensor
 from lorakit.io.keys import (
     base_weight_module,
     is_magnitude_key,
@@ -18,7 +19,6 @@ from lorakit.io.keys import (
     lora_key_pairs,
     module_path,
     parse_lora_key,
-    unmerged_base_tensor,
 )
 from lorakit.io.tensors import TORCH_DTYPES
 

@@ -248,7 +248,8 @@ class ShardedSaver:
 
 def _parameter_names_by_key(model: nn.Module, adapter_name: str, keys: set[str]) -> dict[str, str]:
     """``{file key: parameter name}`` for the file keys ``keys`` of adapter ``adapter_name``."""
-    from lorakit.io.keys import embedding_module_names, model_tensor
+    from lorakit.io.file_tensors import model_tensor
+    from lorakit.io.keys import embedding_module_names
     from lorakit.io.save import adapter_file_entries
 
     names = {id(parameter): name for name, parameter in model.named_parameters()}
