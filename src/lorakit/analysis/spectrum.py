@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lorakit import functional
-from lorakit.errors import UserError
-from lorakit.io.keys import lora_key_pairs
+from lorakit.analysis.factors import adapter_factors, tensor_factors
 
 __all__ = [
     "Spectrum",
@@ -190,28 +189,6 @@ def spectrum_of_factors(
     return Spectrum(name, (d, k), values, min(rank, d, k))
 
 
-def adapter_factors(
-    model: nn.Module, adapter_name: str = "default"
-) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, float]]:
-    """``(module name, A (r, k), B (d, r), s)`` for every LoRA layer holding ``adapter_name``.
-
-    Embedding adapters are included (A (r, num), B (dim, r)); their update is the transpose,
-    which has the same singular values.
-    """
-    from lorakit.layers import LoraParameter
-    from lorakit.state import lora_layers
-
-    for name, layer in lora_layers(model):
-        if adapter_name not in layer.ranks:
-            continue
-        if isinstance(layer, LoraParameter):
-            raise _per_expert_error(name)
-        if layer.is_dora(adapter_name):
-            raise _dora_error(adapter_name)
-        lora_A, lora_B = layer.adapter_parameters(adapter_name)[:2]
-        yield name, lora_A, lora_B, layer.scalings[adapter_name]
-
-
 def adapter_spectra(
     model: nn.Module, adapter_name: str = "default", dtype: torch.dtype = torch.float64
 ) -> list[Spectrum]:
@@ -220,59 +197,6 @@ def adapter_spectra(
         spectrum_of_factors(name, lora_A, lora_B, scale, dtype)
         for name, lora_A, lora_B, scale in adapter_factors(model, adapter_name)
     ]
-
-
-def tensor_factors(
-    tensors: Mapping[str, torch.Tensor], config
-) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, float]]:
-    """``(module name, A, B, s)`` from a PEFT adapter file's tensors and its ``LoraConfig``.
-
-    Keys ``base_model.model.<path>.lora_A.weight`` / ``.lora_B.weight`` (and the embedding
-    ``lora_embedding_A`` / ``_B``); s comes from ``config.rank_for`` / ``alpha_for`` and
-    ``functional.scaling`` (rsLoRA respected).
-    """
-    if config.target_parameters:
-        raise _per_expert_error(str(config.target_parameters))
-    if config.use_dora:
-        raise _dora_error("in the file")
-    pairs = lora_key_pairs(tensors)  # {module: {"lora_A": key, "lora_B": key}}
-    for name, keys in sorted(
-        pairs.items(), key=lambda item: _natural_key(item[1].get("lora_A", ""))
-    ):  # layers 2 before 10
-        if "lora_A" not in keys:
-            continue
-        if "lora_B" not in keys:
-            raise KeyError(f"{keys['lora_A']} has no lora_B beside it")
-        lora_A, lora_B = tensors[keys["lora_A"]], tensors[keys["lora_B"]]
-        _check_pair(keys["lora_A"], lora_A, lora_B, keys["lora_B"])
-        rank = lora_A.shape[0]
-        scale = functional.scaling(rank, config.alpha_for(name), config.use_rslora)
-        yield name, lora_A, lora_B, scale
-
-
-def _check_pair(
-    key_A: str, lora_A: torch.Tensor, lora_B: torch.Tensor, key_B: str | None = None
-) -> None:
-    """``AdapterFileError`` naming the factor unless A (r, k) and B (d, r) are non-empty
-    floating-point matrices sharing r, with finite values only (what a damaged or hand-made
-    file, or a diverged training run, may not hold)."""
-    from lorakit.errors import AdapterFileError
-
-    shapes = f"A {list(lora_A.shape)} {lora_A.dtype}, B {list(lora_B.shape)} {lora_B.dtype}"
-    matrices = lora_A.dim() == 2 == lora_B.dim() and lora_A.numel() and lora_B.numel()
-    if not (matrices and lora_A.shape[0] == lora_B.shape[1]):
-        raise AdapterFileError(
-            f"{key_A}: its factors are not two matrices sharing a rank ({shapes})"
-        )
-    if not (lora_A.is_floating_point() and lora_B.is_floating_point()):
-        raise AdapterFileError(f"{key_A}: its factors are not floating point ({shapes})")
-    for key, factor in ((key_A, lora_A), (key_B or f"the lora_B beside {key_A}", lora_B)):
-        bad = int((~torch.isfinite(factor)).sum())
-        if bad:
-            raise AdapterFileError(
-                f"{key} holds {bad} NaN or inf value(s) of {factor.numel()}: the update has no "
-                "spectrum (did the training diverge?); re-train or re-save the adapter."
-            )
 
 
 def refuse_non_finite(name: str, base: torch.Tensor, finetuned: torch.Tensor) -> None:
@@ -288,26 +212,6 @@ def refuse_non_finite(name: str, base: torch.Tensor, finetuned: torch.Tensor) ->
             f"layer {name!r}: its weight holds NaN or inf values ({', '.join(broken)}), so "
             "W_ft - W0 has no spectrum; check that model's checkpoint (did the training diverge?)"
         )
-
-
-def _per_expert_error(what: str) -> UserError:
-    return UserError(
-        f"the adapter adapts bare parameters ({what}, target_parameters): their factors hold "
-        "one rank-r block per expert, and spectra of such updates are not implemented."
-    )
-
-
-def _dora_error(what: str) -> UserError:
-    return UserError(
-        f"the adapter {what} is a DoRA adapter (use_dora): its update f (W0 + s B A) - W0 "
-        "rescales whole rows and is not the low-rank s B A, so a spectrum of B A would "
-        "mislead; spectra of DoRA updates are not implemented."
-    )
-
-
-def _natural_key(name: str) -> list[tuple[int, int | str]]:
-    """Sort key reading digit runs as numbers: ``layers.2`` before ``layers.10``."""
-    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name)]
 
 
 def tensor_spectra(
