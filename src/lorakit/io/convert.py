@@ -18,11 +18,15 @@ then ``W_res``, whose fingerprint would hold the converted file to the wrong bas
 compares). The header metadata of a plain save that is not about the init (the recorded prompt
 style) is kept.
 
-Only an adapter whose init rewrote the base is converted: one the model's config, the initial
-adapter's config (PEFT's file) or its ``lorakit.base_changing_init`` metadata (lorakit's) says
-is PiSSA / OLoRA, or whose initial ``B0`` is not zero (PEFT's own recipe saves the initial
-adapter with ``init_lora_weights=True``). Any other (``True``, ``"gaussian"``: ``B0 = 0``) is
-refused: its conversion would be a rank-2r adapter with half of B zero.
+Only an adapter whose init rewrote the base is converted. One whose config names an init that
+keeps the base (``False``, ``"gaussian"``, ``"eva"``, ``"orthogonal"``: ``B0 A0 = 0`` or the
+base untouched, ``_keeps_base``) is refused first, whatever its ``B0``. Otherwise it is
+converted when the model's config, the initial adapter's config (PEFT's file) or its
+``lorakit.base_changing_init`` metadata (lorakit's) says PiSSA / OLoRA, or, with no such
+record, when its initial ``B0`` is not zero (PEFT's own recipe saves the initial adapter, and
+then the trained one, with ``init_lora_weights=True``, so ``True`` records nothing). Any other
+(``True`` with ``B0 = 0``) is refused: its conversion would be a rank-2r adapter with half of
+B zero.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
+from lorakit.config_checks import DRAWN_INITS
 from lorakit.errors import UserError
 from lorakit.init_methods import changes_base, changes_base_in_peft_only
 from lorakit.io import fingerprint, fingerprint_json
@@ -129,29 +134,44 @@ def _loftq_refusal() -> UserError:
     )
 
 
-def _check_base_was_rewritten(config: LoraConfig, initial: AdapterFile, source: str) -> None:
-    """``UserError`` unless the initial adapter belongs to an init that rewrote the base with
-    ``W0 - s B0 A0`` (module docstring): LoftQ (its ``Q`` is no such residual), and an adapter
-    no record calls base-changing whose ``B0`` is all zero or whose init is ``False`` (random
-    B, base untouched)."""
-    recorded = _recorded_inits(config, initial)
-    if "loftq" in recorded:
-        raise _loftq_refusal()
-    if recorded:
-        return
-    inits = (config.init_lora_weights, initial.config.init_lora_weights)
-    moved = any(
-        tensor.any() for key, tensor in initial.tensors.items() if key.endswith(".lora_B.weight")
-    )
-    if moved and False not in inits:
-        return  # PEFT's recipe: the initial adapter saved with init_lora_weights=True
-    raise UserError(
+def _keeps_base(init: object) -> bool:
+    """True when ``init`` (an ``init_lora_weights``) is one that leaves the base as it was:
+    ``False`` (random B, base untouched), ``"gaussian"`` / ``"eva"`` (``B0 = 0``) and
+    ``"orthogonal"`` (``B0 != 0`` but ``B0 A0 = 0``: ``init_factors.orthogonal_factors``).
+    Not ``True``: PEFT's recipe writes it in the files of PiSSA / OLoRA adapters too."""
+    return init is False or init in ("gaussian", "eva", *DRAWN_INITS)
+
+
+def _nothing_to_convert(config: LoraConfig, initial: AdapterFile, source: str) -> UserError:
+    """The error for converting an adapter whose init left the base as it was."""
+    return UserError(
         f"nothing to convert: the adapter was initialised with "
         f"init_lora_weights={config.init_lora_weights!r} (the initial adapter {source} says "
         f"{initial.config.init_lora_weights!r}), which leaves the base weights as they were, so "
         "the adapter already is a plain LoRA of the original base. Conversion on save is for "
         "PiSSA / OLoRA adapters; save it without initial_adapter."
     )
+
+
+def _check_base_was_rewritten(config: LoraConfig, initial: AdapterFile, source: str) -> None:
+    """``UserError`` unless the initial adapter belongs to an init that rewrote the base with
+    ``W0 - s B0 A0`` (module docstring): an adapter whose config names an init that keeps the
+    base (``_keeps_base``: checked first, since ``"orthogonal"`` has ``B0 != 0`` too), LoftQ
+    (its ``Q`` is no such residual), and an adapter no record calls base-changing whose ``B0``
+    is all zero or whose initial adapter's config names such an init."""
+    if _keeps_base(config.init_lora_weights):
+        raise _nothing_to_convert(config, initial, source)
+    recorded = _recorded_inits(config, initial)
+    if "loftq" in recorded:
+        raise _loftq_refusal()
+    if recorded:
+        return
+    moved = any(
+        tensor.any() for key, tensor in initial.tensors.items() if key.endswith(".lora_B.weight")
+    )
+    if moved and not _keeps_base(initial.config.init_lora_weights):
+        return  # PEFT's recipe: the initial adapter saved with init_lora_weights=True
+    raise _nothing_to_convert(config, initial, source)
 
 
 def _original_fingerprints(model: nn.Module, adapter_name: str) -> dict[str, dict[str, object]]:
