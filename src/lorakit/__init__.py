@@ -19,6 +19,7 @@ from lorakit.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:  # the names below, for type checkers; at run time ``__getattr__`` loads them
     from lorakit.accounting import ParameterCount, count_parameters, print_trainable_parameters
+    from lorakit.adapter_choice import disabled, use_adapters
     from lorakit.combining import combine
     from lorakit.config import LoraConfig, TaskType
     from lorakit.errors import AdapterFileError, BaseModelMismatchError, UserError
@@ -29,14 +30,7 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time ``__getattr
     from lorakit.merge import merge, merge_and_unload, unmerge
     from lorakit.peft_compat import PeftModel, get_peft_model
     from lorakit.peft_state_dict import get_peft_model_state_dict, set_peft_model_state_dict
-    from lorakit.state import (
-        active_adapters,
-        adapter_configs,
-        delete_adapter,
-        disabled,
-        set_active,
-        use_adapters,
-    )
+    from lorakit.state import active_adapters, adapter_configs, delete_adapter, set_active
     from lorakit.targets import find_targets
 
 __version__ = "0.1.0"
@@ -105,9 +99,9 @@ _HOMES = {
     "active_adapters": "state",
     "adapter_configs": "state",
     "delete_adapter": "state",
-    "disabled": "state",
+    "disabled": "adapter_choice",
     "set_active": "state",
-    "use_adapters": "state",
+    "use_adapters": "adapter_choice",
     "find_targets": "targets",
 }
 

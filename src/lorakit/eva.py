@@ -76,6 +76,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from lorakit.adapter_choice import adapters_off
 from lorakit.errors import UnknownAdapterError
 from lorakit.eva_statistics import (
     collect_statistics,
@@ -85,7 +86,7 @@ from lorakit.eva_statistics import (
 )
 from lorakit.init_methods import EvaConfig
 from lorakit.layers import LoraLinear
-from lorakit.state import adapter_configs, adapter_model, adapters_off, lora_layers, state_of
+from lorakit.state import adapter_configs, adapter_model, lora_layers, state_of
 
 __all__ = ["explained_variance", "initialize_lora_eva_weights", "redistribute_ranks"]
 

@@ -43,6 +43,7 @@ from typing import Any
 from torch import nn
 
 from lorakit.accounting import count_parameters
+from lorakit.adapter_choice import disabled, warn_trained_biases
 from lorakit.config import LoraConfig
 from lorakit.errors import UnknownAdapterError
 from lorakit.inject import inject
@@ -63,11 +64,9 @@ from lorakit.state import (
     adapter_tensors,
     compute_merged_per_layer,
     delete_adapter,
-    disabled,
     lora_layers,
     set_active,
     state_of,
-    warn_trained_biases,
 )
 
 __all__ = ["PeftModel", "get_peft_model"]

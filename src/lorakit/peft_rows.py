@@ -13,8 +13,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from lorakit.adapter_choice import disabled
 from lorakit.errors import AdapterNamesError
-from lorakit.state import adapter_configs, disabled, lora_layers
+from lorakit.state import adapter_configs, lora_layers
 
 __all__ = ["batch_size", "rows_routed", "sequences_per_row"]
 

@@ -1,23 +1,20 @@
 """Named adapters on one model: which exist, which are active, which train.
 
 The configs live on the model as ``model.lorakit_state``; the per-layer tensors live in the LoRA
-layers. Choosing adapters for a single call without touching any state is ``use_adapters``;
-``disabled`` gives the base model's output exactly, without touching any weight.
+layers. Choosing adapters for a single call without touching any state (``use_adapters``,
+``disabled``) is ``lorakit.adapter_choice``'s.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import UnknownAdapterError
-from lorakit.layers import LoraLayer, ModulesToSave, adapter_override
-from lorakit.layers.per_call import ChoiceKeepingCheckpoint
+from lorakit.layers import LoraLayer, ModulesToSave
 
 __all__ = [
     "AdapterState",
@@ -26,18 +23,14 @@ __all__ = [
     "adapter_model",
     "adapter_name_list",
     "adapter_tensors",
-    "adapters_off",
     "compute_merged_per_layer",
     "delete_adapter",
-    "disabled",
     "lora_layers",
     "parameter_holders",
     "saved_modules",
     "set_active",
     "state_of",
-    "use_adapters",
     "walk_modules",
-    "warn_trained_biases",
 ]
 
 
@@ -273,68 +266,6 @@ def _trained_biases(model: nn.Module, modes: set[str]) -> list[nn.Parameter]:
         return []
     biases = (getattr(module, "bias", None) for module in modules)
     return [bias for bias in biases if isinstance(bias, nn.Parameter)]
-
-
-@contextmanager
-def use_adapters(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[None]:
-    """Within the block, ``model``'s forwards use exactly ``adapter_names`` (``[]``: the base
-    model). Nothing on the model changes; only this model and only the calling thread / task
-    are affected (other models keep their active adapters, even in the same block)."""
-    adapter_names = adapter_name_list(adapter_names)
-    _require(model, adapter_names)
-    _refuse_two_copies(model, adapter_names)
-    with adapter_override(_switchable(model), adapter_names):
-        yield
-
-
-@contextmanager
-def disabled(model: nn.Module) -> Iterator[None]:
-    """Within the block the model computes exactly the base output (even while merged: the
-    original weights are kept), and no weight is modified. Other models are not affected.
-
-    Biases trained by an adapter with ``bias="all"`` / ``"lora_only"`` are the base model's own
-    and stay as trained: then the output is not the original base model's (a warning says so).
-    """
-    warn_trained_biases(model, "lorakit.disabled")
-    with adapters_off(model):
-        yield
-
-
-@contextmanager
-def adapters_off(model: nn.Module) -> Iterator[None]:
-    """``disabled`` without its warning about trained biases (for callers that run before any
-    training, e.g. EVA's statistics of the base model's inputs)."""
-    with adapter_override(_switchable(model), ()):
-        yield
-
-
-def warn_trained_biases(model: nn.Module, what: str) -> None:
-    """Warn that ``what`` (disabling the adapters) keeps the biases that adapters with
-    ``bias != "none"`` train: they are the base model's own biases, changed in place."""
-    with_bias = {n: c.bias for n, c in adapter_configs(model).items() if c.bias != "none"}
-    if with_bias:
-        warnings.warn(
-            f"{what}: adapter(s) {with_bias} train the base model's biases in place; with the "
-            "adapters disabled those trained biases stay, so the output is not the original "
-            "base model's. Use bias='none' to get the base output exactly.",
-            stacklevel=3,
-        )
-
-
-def _switchable(model: nn.Module) -> list[nn.Module]:
-    """The modules of ``model`` that choose adapters per call (LoRA layers and saved modules),
-    found in one walk that also wraps the model's gradient checkpointing (transformers'
-    ``_gradient_checkpointing_func`` on the model and its layers) in ``ChoiceKeepingCheckpoint``:
-    a segment recomputed by a ``backward`` after a ``use_adapters`` / ``disabled`` block runs
-    under the block's choice. The wrapper is kept (it changes nothing outside such blocks)."""
-    switchable = []
-    for _, module in walk_modules(model):
-        checkpoint = module.__dict__.get("_gradient_checkpointing_func")
-        if checkpoint is not None and not isinstance(checkpoint, ChoiceKeepingCheckpoint):
-            module._gradient_checkpointing_func = ChoiceKeepingCheckpoint(checkpoint)
-        if isinstance(module, (LoraLayer, ModulesToSave)):
-            switchable.append(module)
-    return switchable
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
