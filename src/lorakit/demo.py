@@ -89,6 +89,23 @@ def _accuracy(model, tokenizer, examples, settings: DemoSettings) -> tuple[float
     return result.accuracy, result.predictions, result.log_probs
 
 
+def _check_template_fits(example, tokenizer, max_length: int) -> None:
+    """``UserError`` where ``max_length`` cannot hold the demo's prompt template and answer
+    with an empty review (``data.fit.template_length``): every prompt would then lose its start,
+    the system prompt and the instruction, not only words of long reviews."""
+    from lorakit.data.fit import template_length
+    from lorakit.errors import UserError
+
+    needed = template_length(example, tokenizer)
+    if needed is not None and needed > max_length:
+        raise UserError(
+            f"--max-length {max_length} cannot hold the demo's prompt template and answer "
+            f"({needed} tokens with an empty review): every prompt would lose its system prompt "
+            f"and instruction. Give --max-length {needed} or more (long reviews are then "
+            "shortened inside the template)"
+        )
+
+
 def _held_out(settings: DemoSettings):
     """The first ``eval_size`` test reviews (a fixed pseudo-random sample); checked before the
     model loads."""
@@ -202,6 +219,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     model, tokenizer = load_model(
         settings.model, progress=False, quantization=settings.quantization
     )
+    _check_template_fits(held_out[0], tokenizer, settings.max_length)
     base_parameters = _base_parameter_count(model)
     _say(f"zero-shot accuracy on {len(held_out)} held-out test reviews ...")
     before, zero_shot_predictions, _ = _accuracy(model, tokenizer, held_out, settings)
