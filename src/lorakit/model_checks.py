@@ -83,7 +83,8 @@ def refuse_missing_weights(
     random values) is refused, naming them. A missing weight tied to a loaded one (an output
     layer sharing the input embedding) is not missing. ``new_head``: the weights outside the
     base model (a sequence classifier's ``score`` / ``classifier``, new by design) may be
-    missing; the body's may not."""
+    missing; the body's may not. A classifier checkpoint lacking only the LM head is named as
+    one (``_refuse_classifier``)."""
     missing = set(info.get("missing_keys") or ()) - (_head_keys(model) if new_head else set())
     if not missing:
         return
@@ -93,6 +94,7 @@ def refuse_missing_weights(
     if not absent:
         return
     shown = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+    _refuse_classifier(directory, model, absent, shown)
     hint = cache_hint(directory) or (
         "save the complete model there again (model.save_pretrained) or give another directory"
     )
@@ -100,6 +102,43 @@ def refuse_missing_weights(
         f"the checkpoint in {directory} lacks {len(absent)} of the model's weights ({shown}), "
         f"which would be left random; {hint}"
     )
+
+
+def _refuse_classifier(
+    directory: Path, model: torch.nn.Module, absent: list[str], shown: str
+) -> None:
+    """A sequence classifier's checkpoint (its config's ``architectures`` end in
+    ``ForSequenceClassification``) loaded as a causal LM lacks only the output layer
+    (``lm_head.weight``: a classifier saves a ``score`` / ``classifier`` head instead): said
+    so, with the load that takes it (``task='seq-cls'``), not "save the complete model"."""
+    architectures = [a for a in getattr(model.config, "architectures", None) or () if a]
+    classifier = next(
+        (a for a in architectures if str(a).endswith("ForSequenceClassification")), None
+    )
+    if classifier is None or not set(absent) <= _output_keys(model):
+        return
+    raise UserError(
+        f"the checkpoint in {directory} is a sequence classifier ({classifier}), not a causal "
+        f"language model: it has a classification head and no LM head ({shown}, which would "
+        "be left random). Load it with lorakit.models.load_model(path, task='seq-cls') (the "
+        "lorakit analyze and extract commands take --task seq-cls; train, eval, generate and "
+        "merge run causal LMs only)"
+    )
+
+
+def _output_keys(model: torch.nn.Module) -> set[str]:
+    """The state-dict keys of ``model``'s output layer (``get_output_embeddings``: e.g.
+    ``lm_head.weight``, GPT-NeoX's ``embed_out.weight``); empty for a model without one."""
+    getter = getattr(model, "get_output_embeddings", None)
+    output = getter() if getter is not None else None
+    if output is None:
+        return set()
+    return {
+        f"{name}.{key}" if name else key
+        for name, module in model.named_modules()
+        if module is output
+        for key in module.state_dict()
+    }
 
 
 def _head_keys(model: torch.nn.Module) -> set[str]:

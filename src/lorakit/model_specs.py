@@ -149,17 +149,22 @@ def resolve_model(spec: str | os.PathLike[str] = DEFAULT_MODEL) -> Path:
     """The local transformers directory for ``spec`` (converting a built-in GGUF model once).
 
     ``spec`` is a directory holding ``config.json`` or a built-in name (see ``BUILTIN_MODELS``).
-    Raises ``UserError`` for anything else, naming the built-ins.
+    Raises ``UserError`` for anything else, naming the built-ins: an empty spec (not the
+    current directory), a directory (a built-in's folder too) holding an adapter config.
     """
     spec_text = os.fspath(spec)
+    _refuse_empty(spec_text)
     if spec_text in BUILTIN_MODELS:
         builtin = BUILTIN_MODELS[spec_text]
         folder = _package_folder(builtin)
         if not builtin.is_gguf:
-            return folder / builtin.relative_path
-        return model_cache.converted_directory(
-            builtin.name, builtin.install, folder / builtin.relative_path
-        )
+            directory = folder / builtin.relative_path
+        else:
+            directory = model_cache.converted_directory(
+                builtin.name, builtin.install, folder / builtin.relative_path
+            )
+        _refuse_adapter_in_builtin(builtin.name, directory)
+        return directory
     path = Path(spec_text).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -167,9 +172,9 @@ def resolve_model(spec: str | os.PathLike[str] = DEFAULT_MODEL) -> Path:
                 f"model directory '{path}' has no config.json; give a transformers model "
                 f"directory (save_pretrained output) or a built-in name: {_builtin_names()}"
             )
-        if (path / "adapter_config.json").is_file():
+        if (path / _ADAPTER_CONFIG).is_file():
             raise UserError(
-                f"model directory '{path}' also holds an adapter (adapter_config.json): "
+                f"model directory '{path}' also holds an adapter ({_ADAPTER_CONFIG}): "
                 "transformers would apply it while loading, on top of the weights (a merged "
                 "model saved into its adapter's directory gets it twice). Keep models and "
                 "adapters in separate directories, and pass the adapter with --adapter"
@@ -181,16 +186,47 @@ def resolve_model(spec: str | os.PathLike[str] = DEFAULT_MODEL) -> Path:
 
     raise UserError(
         f"unknown model '{spec_text}': not a directory and not a built-in "
-        f"(built-ins: {_builtin_names()}).{hub_id_hint(spec_text)}"
+        f"(built-ins: {_builtin_names()}).{hub_id_hint(spec_text, bare_names=True)}"
+    )
+
+
+_ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _refuse_empty(spec_text: str) -> None:
+    """``UserError`` for an empty or blank spec: ``Path("")`` is the current directory, so it
+    would load whatever model lies there (``--model ""`` from an unset shell variable)."""
+    if spec_text.strip():
+        return
+    raise UserError(
+        f"the model spec is empty ({spec_text!r}); give a built-in name "
+        f'({_builtin_names()}) or a transformers model directory ("." for the current one)'
+    )
+
+
+def _refuse_adapter_in_builtin(name: str, directory: Path) -> None:
+    """``UserError`` when a built-in's folder (``<cache>/models/<name>`` or the packaged one)
+    holds ``adapter_config.json``: transformers would apply that adapter on top of the base on
+    every load (the cache checks its own files' sizes only). Its ``adapter_*`` files are
+    named, to delete: the base is the built-in's files alone."""
+    if not (directory / _ADAPTER_CONFIG).is_file():
+        return
+    extra = sorted(str(p) for p in directory.glob("adapter_*") if p.is_file())
+    raise UserError(
+        f"the built-in model {name}'s folder {directory} holds an adapter ({_ADAPTER_CONFIG}): "
+        "transformers would apply it on top of the base on every load, so the built-in would "
+        f"no longer be itself. Delete these files: {', '.join(extra)}; and save adapters in "
+        "directories of their own"
     )
 
 
 def check_model_spec(spec: str | os.PathLike[str], task: str = "causal-lm") -> None:
-    """Refuse an unknown ``task`` or an encoder built-in loaded as a causal LM (before any
-    loading). The message says how to load an encoder: the Python call with ``task``."""
+    """Refuse an unknown ``task``, an empty spec, or an encoder built-in loaded as a causal LM
+    (before any loading). The message says how to load an encoder: the Python call with ``task``."""
     if task not in TASKS:
         raise UserError(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
     spec_text = os.fspath(spec)
+    _refuse_empty(spec_text)
     builtin = BUILTIN_MODELS.get(spec_text)
     if builtin is not None and builtin.is_encoder and task == "causal-lm":
         raise UserError(

@@ -188,21 +188,32 @@ def _unknown_adapter_error(directory: Path, name: str) -> AdapterFileError:
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+_BARE_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def hub_id_hint(directory: str | Path) -> str:
+def hub_id_hint(directory: str | Path, *, bare_names: bool = False) -> str:
     """For a missing ``directory`` written like a Hugging Face Hub repository id
-    (``owner/name``): how to fetch it, since lorakit reads only local directories (a missing
-    adapter here, a missing model in ``lorakit.model_specs.resolve_model``); "" otherwise."""
+    (``owner/name``; with ``bare_names`` also one name token, as the Hub's legacy models have:
+    ``gpt2``, ``t5-small``, ``bert-base-uncased``): how to fetch it, since lorakit reads only
+    local directories (a missing adapter here, a missing model in
+    ``lorakit.model_specs.resolve_model``, which passes ``bare_names`` after ruling out the
+    built-in names); "" otherwise. Nothing is looked up: the hint is the name's shape only."""
     repo_id = directory if isinstance(directory, str) else directory.as_posix()
-    if not _HUB_ID.fullmatch(repo_id):
-        return ""
-    return (
-        f" {repo_id!r} looks like a Hugging Face Hub repository id: lorakit reads local "
-        "directories only and downloads nothing at run time. Fetch it first with "
-        f"huggingface_hub.snapshot_download({repo_id!r}) and pass the local directory it "
-        "returns instead."
-    )
+    if _HUB_ID.fullmatch(repo_id):
+        return (
+            f" {repo_id!r} looks like a Hugging Face Hub repository id: lorakit reads local "
+            "directories only and downloads nothing at run time. Fetch it first with "
+            f"huggingface_hub.snapshot_download({repo_id!r}) and pass the local directory it "
+            "returns instead."
+        )
+    if bare_names and _BARE_HUB_ID.fullmatch(repo_id):
+        return (
+            f" If {repo_id!r} is a Hugging Face Hub model id, fetch it first with "
+            f"huggingface_hub.snapshot_download({repo_id!r}) and pass the local directory it "
+            "returns instead: lorakit reads local directories only and downloads nothing at "
+            "run time."
+        )
+    return ""
 
 
 def named_adapters_in(directory: Path, most: int = 8) -> list[str]:

@@ -29,6 +29,7 @@ one (see ``lorakit.quantized.bnb``).
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ __all__ = [
     "cast_unquantized",
     "check_quantization",
     "keep_4bit_storage",
+    "kept_in_float32",
     "quantize_loaded",
     "refuse_no_block_layer",
     "weight_only_part",
@@ -177,18 +179,46 @@ def cast_unquantized(model: torch.nn.Module, dtype: torch.dtype) -> None:
     ``dtype``, as ``from_pretrained(dtype=)`` would have loaded them: those of the modules no
     quantized backend runs (embeddings, norms, a float head) and a quantized layer's plain
     ``bias``; quantized storage (codes, scales) keeps its dtypes, and buffers (rotary
-    frequencies) stay as loaded."""
+    frequencies) stay as loaded. A parameter the model class keeps in float32 at ``dtype``
+    (``kept_in_float32``: RWKV's ``time_decay`` at float16, a Dots1 router's ``gate.weight`` at
+    float16 and bfloat16) is float32, as transformers loads it; a tied parameter is cast once,
+    to float32 if any of its names is kept."""
     from lorakit.quantized import is_quantized
 
-    for module in model.modules():
+    kept = kept_in_float32(model, dtype)
+    targets: dict[int, tuple[torch.nn.Parameter, torch.dtype]] = {}
+    for module_name, module in model.named_modules():
         if is_quantized(module):
             bias = getattr(module, "bias", None)
-            parameters = [bias] if isinstance(bias, torch.nn.Parameter) else []
+            named = [("bias", bias)] if isinstance(bias, torch.nn.Parameter) else []
         else:
-            parameters = list(module.parameters(recurse=False))
-        for parameter in parameters:
-            if parameter.is_floating_point() and parameter.dtype != dtype:
-                parameter.data = parameter.data.to(dtype)
+            named = list(module.named_parameters(recurse=False))
+        for name, parameter in named:
+            full = f"{module_name}.{name}" if module_name else name
+            wanted = torch.float32 if kept is not None and kept.search(full) else dtype
+            if targets.get(id(parameter), (None, None))[1] != torch.float32:
+                targets[id(parameter)] = (parameter, wanted)
+    for parameter, wanted in targets.values():
+        if parameter.is_floating_point() and parameter.dtype != wanted:
+            parameter.data = parameter.data.to(wanted)
+
+
+def kept_in_float32(model: torch.nn.Module, dtype: torch.dtype) -> re.Pattern | None:
+    """The names ``from_pretrained(dtype=)`` loads in float32 whatever ``dtype``, as one regex
+    to ``search`` a parameter's full name with (None: none). transformers' rule
+    (``PreTrainedModel._get_dtype_plan``, matched by ``core_model_loading``'s
+    ``build_glob_alternation``): the model's ``_keep_in_fp32_modules`` at float16 only, its
+    ``_keep_in_fp32_modules_strict`` at float16 and bfloat16 (an instance's lists gather its
+    submodels'), each entry a regex with ``*`` read as ``.*``, found anywhere in the name
+    (``"time_decay"`` keeps ``rwkv.blocks.0.attention.time_decay``)."""
+    patterns: list[str] = []
+    if dtype == torch.float16:
+        patterns += sorted(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if dtype in (torch.float16, torch.bfloat16):
+        patterns += sorted(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{pattern.replace('*', '.*')})" for pattern in patterns))
 
 
 def weight_only_part(model: torch.nn.Module) -> torch.nn.Module:
