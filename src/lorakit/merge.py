@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from lorakit import quantized
-from lorakit.errors import UnknownAdapterError
 from lorakit.layers import LoraLayer, ModulesToSave, TrainableTokens
+from lorakit.merge_choice import chosen_adapters
 from lorakit.offloaded_merge import (
     offload_merged,
     offloaded_bases,
@@ -46,40 +46,18 @@ from lorakit.offloaded_merge import (
 )
 from lorakit.quantized.merge import float_linear
 from lorakit.replication import own_replicated_tensors, tied_parameter_ids
-from lorakit.state import (
-    active_adapters,
-    adapter_model,
-    adapter_name_list,
-    lora_layers,
-    saved_modules,
-    state_of,
-    walk_modules,
-)
+from lorakit.state import adapter_model, lora_layers, saved_modules, walk_modules
 from lorakit.unload import forget_state, keep_untied, put_saved_copy
 from lorakit.wrapped_modules import replace_module
 
 __all__ = ["merge", "merge_and_unload", "model_float_dtype", "unmerge"]
 
 
-def _chosen(model: nn.Module, adapter_names: Sequence[str] | None) -> tuple[str, ...]:
-    state = state_of(model)
-    if state is None:
-        raise ValueError(
-            f"this {type(model).__name__} has no lorakit adapters (call merge on the model that "
-            "lorakit.inject or lorakit.load_adapter returned)"
-        )
-    names = active_adapters(model) if adapter_names is None else adapter_name_list(adapter_names)
-    known = tuple(state.configs)
-    unknown = [name for name in names if name not in known]
-    if unknown:
-        raise UnknownAdapterError(f"unknown adapter(s) {unknown}; this model has {list(known)}")
-    return names
-
-
 def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:
-    """Fold the given adapters (default: the active ones) into the base weights, in place;
-    each merged weight is the float32 sum (float64 on a float64 base, as PEFT's) rounded once
-    to its base weight's dtype.
+    """Fold the given adapters (default: the active ones; a ``PeftModel``'s after
+    ``disable_adapter_layers``, as in PEFT; with none active, none named and none merged a
+    ``ValueError``: ``merge_choice``) into the base weights, in place; each merged weight is
+    the float32 sum (float64 on a float64 base, as PEFT's) rounded once to its base weight's dtype.
 
     Idempotent. All or nothing: every layer's merged weight is computed and checked before any
     is installed, so if one would hold inf/NaN (a non-finite adapter, or an overflow of the
@@ -87,7 +65,7 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Mo
     accelerate offloaded is refused (``ValueError`` naming it) before any change:
     ``merge_and_unload`` merges into an offloaded base.
     """
-    names = _chosen(model, adapter_names)
+    names = chosen_adapters(model, adapter_names)
     offloaded = next(offloaded_layers(model, names), None)
     if offloaded is not None:
         raise ValueError(offloaded_refusal(offloaded[0]))
@@ -99,7 +77,7 @@ def _merge(
 ) -> nn.Module:
     """``merge``, each merged weight rounded once to ``dtype`` (None: its base weight's);
     ``merge_and_unload`` passes its ``float_dtype``, then casts the rest of the model to it."""
-    names = _chosen(model, adapter_names)
+    names = chosen_adapters(model, adapter_names)
     prepared = []
     for path, layer in lora_layers(model):
         try:
@@ -129,10 +107,11 @@ def merge_and_unload(
     *,
     float_dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Fold the given adapters (default: the active ones) into the weights and return the plain
-    model: LoRA layers replaced by their (now merged) base modules, ``modules_to_save`` replaced
-    by the trained copy of the first merged adapter that has one. Adapters merged earlier
-    (``merge``) stay folded in, as in PEFT: unmerge them first to leave them out.
+    """Fold the given adapters (default: the active ones, chosen as ``merge`` chooses them) into
+    the weights and return the plain model: LoRA layers replaced by their (now merged) base
+    modules, ``modules_to_save`` replaced by the trained copy of the first merged adapter that
+    has one. Adapters merged earlier (``merge``) stay folded in, as in PEFT: unmerge them first
+    to leave them out.
 
     On a quantized base (``lorakit.quantized``) the result is a float model: every quantized
     linear (adapted or not) becomes a plain ``nn.Linear`` holding ``dequant(W0)`` (+ ``s B A``
@@ -167,8 +146,8 @@ def merge_and_unload(
     which transformers 5 re-ties whatever the flag says). ``save_pretrained`` then writes them
     all and the reloaded model gives the outputs of this one (transformers 5 logs that it does
     not tie such T5 weights, whose values differ)."""
+    names = chosen_adapters(model, adapter_names, "merge_and_unload")  # (a PeftModel's too)
     model = adapter_model(model)  # lorakit's PeftModel: the model inside it
-    names = _chosen(model, adapter_names)
     _check_float_dtype(float_dtype)
     offloaded = offloaded_bases(model, names)  # (refuses an offloaded one it cannot merge)
     found_quantized = _check_quantized_layers(model)  # before any change (e.g. one bnb repacked)

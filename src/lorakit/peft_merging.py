@@ -36,9 +36,7 @@ class PeftMergingMixin:
         ``set_adapter``. After ``disable_adapter_layers`` it only merges (the active adapters
         when no names are given); the model computes the base output until
         ``enable_adapter_layers``, which applies that rule."""
-        if adapter_names is None and self._layers_disabled:  # PEFT merges the active ones
-            adapter_names = self.active_adapters
-        merge(self.model, adapter_names)
+        merge(self, adapter_names)  # (disabled: the wrapper's active ones, as PEFT merges them)
         if not self._layers_disabled:
             compute_merged_per_layer(self.model)
 
@@ -57,15 +55,15 @@ class PeftMergingMixin:
         PEFT's signature: ``progressbar`` (no bar is shown: the merge is one pass) and
         ``safe_merge`` (always on: ``lorakit.merge`` checks before it installs) are accepted.
         After ``disable_adapter_layers`` the active adapters are merged all the same, as in
-        PEFT."""
-        if adapter_names is None and self._layers_disabled:
-            adapter_names = self.active_adapters
-        return merge_and_unload(self.model, adapter_names)
+        PEFT (``lorakit.merge_and_unload`` given the wrapper does the same)."""
+        return merge_and_unload(self, adapter_names)
 
     def unload(self) -> nn.Module:
         """The plain transformers model with its original weights (adapters dropped); as in
         PEFT, a ``modules_to_save`` module is the active adapter's trained copy (the original
-        where no active adapter saves it). ``lorakit.unload`` gives every original back."""
+        where no active adapter saves it). ``lorakit.unload`` gives every original back.
+        A merged model is unmerged first (exactly), so its weights are the base's, as PEFT's
+        docstring says; peft 0.21 keeps the merged weights: ``merge_and_unload()`` does that."""
         return unload(self.model, keep_saved=self.active_adapters)
 
     def add_weighted_adapter(

@@ -69,7 +69,10 @@ def save_merged_model(
     model: nn.Module, directory: str | os.PathLike[str], tokenizer: object | None = None
 ) -> nn.Module:
     """Merge the active adapters into the weights, remove every lorakit module and save a plain
-    transformers directory (``AutoModel*.from_pretrained`` loads it without lorakit).
+    transformers directory (``AutoModel*.from_pretrained`` loads it without lorakit). The
+    adapters are chosen as ``lorakit.merge_and_unload`` chooses them: a ``PeftModel``'s active
+    ones also after ``disable_adapter_layers`` (as PEFT merges them); a model with none active
+    and none merged is refused (``ValueError``, before any change: it would save the base).
 
     The model is changed in place (it becomes the merged plain model) and returned; for
     lorakit's ``PeftModel``, the model inside it (whose own ``save_pretrained`` writes
@@ -93,10 +96,10 @@ def save_merged_model(
     target = Path(directory)
     refuse_adapter_directory(target)
     atomic.check_output_directory(target, "the merged model", writable=True)
-    model = adapter_model(model)  # lorakit's PeftModel: the model inside it
-    if adapter_configs(model):
-        model = merge_and_unload(model)
+    if adapter_configs(model):  # (a PeftModel given whole: merge_and_unload takes its choice)
+        model = merge_and_unload(model)  # (for lorakit's PeftModel, the model inside it)
     else:  # (merged earlier: merge_and_unload did this, but a model merged otherwise may not)
+        model = adapter_model(model)
         own_tensors_for_reload(model)
     made = not target.exists()
     try:
