@@ -228,11 +228,18 @@ def _flag_spelling(message: str) -> str:
     return message.replace("allow_base_mismatch=True", "--allow-base-mismatch")
 
 
-def _check_choices(args: argparse.Namespace, example, tokenizer) -> None:
+def _check_choices(args: argparse.Namespace, examples, tokenizer) -> None:
     """``UserError`` naming ``--data`` and the way out when the answer words cannot be scored:
-    fewer than two, or two that tokenise to the same answer."""
-    from lorakit.data.scoring import choice_answer_ids
+    fewer than two, two that tokenise to the same answer, or (scored whole, where first tokens
+    are shared) an answer too long to fit in ``--max-length`` with a prompt token
+    (``check_whole_answers_fit``: scoring would run past the limit, past GPT-2's positions)."""
+    from lorakit.data.scoring import (
+        check_whole_answers_fit,
+        choice_answer_ids,
+        whole_answers_needed,
+    )
 
+    example = examples[0]
     try:
         choice_answer_ids(example.choices, tokenizer, example)
     except UserError as error:
@@ -240,6 +247,11 @@ def _check_choices(args: argparse.Namespace, example, tokenizer) -> None:
             f"--data {args.data}: {error}. Rename the labels in the file to distinct answer "
             "words (e.g. 0 -> negative, 1 -> positive)"
         ) from None
+    try:
+        if whole_answers_needed(examples, tokenizer):
+            check_whole_answers_fit(examples, tokenizer, args.max_length, option="--max-length")
+    except UserError as error:
+        raise UserError(f"--data {args.data}: {error}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -263,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
     apply_bnb_cpu_kernel(args, model)  # (the scores need no gradient)
     check_max_length(model, args.max_length)  # GPT-2's position table: no longer examples
     if examples and all(example.choices for example in examples):
-        _check_choices(args, examples[0], tokenizer)  # before the loss pass, not after it
+        _check_choices(args, examples, tokenizer)  # before the loss pass, not after it
     tokenized = data.tokenize_examples(examples, tokenizer, args.max_length)
     if tokenized.num_truncated:  # as lorakit train says it (train/run.py:_announce)
         print(

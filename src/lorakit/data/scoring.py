@@ -18,7 +18,10 @@ example (one forward per prompt); where some share a first token (``" 0"`` and `
 by its whole answers, as lm-evaluation-harness scores a continuation (one forward per choice).
 There must be at least two choices, and their answers must differ. Sequences are batched with
 left padding and position ids that start at 0 for each, so a score does not depend on its batch
-mates.
+mates. With ``max_length``, a whole-answer sequence ``p + a(c)`` must fit in it: the prompt is
+cut to make room for the longest answer, but an answer that leaves no room for a prompt token
+is refused (``check_whole_answers_fit``), never run past ``max_length`` (past GPT-2's position
+table, or past the limit the loss was measured under).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from lorakit.errors import UserError
 
 __all__ = [
     "ClassificationResult",
+    "check_whole_answers_fit",
     "choice_answer_ids",
     "choice_token_ids",
     "classify",
@@ -134,8 +138,9 @@ def score_choices(
     unless some example's choices share it (None: ``whole_answers_needed``). ``max_length``:
     each prompt is the one training keeps (``prompt_token_ids(example, tokenizer, max_length)``:
     a long text shortened inside its template, else tokens cut from the left after a BOS; the
-    same for every label). Sequences are batched in order of length (less padding); rows of the
-    result follow ``examples``. The model's train/eval mode is left as it is (call
+    same for every label); a whole answer too long to fit with it raises ``UserError``
+    (``check_whole_answers_fit``). Sequences are batched in order of length (less padding);
+    rows of the result follow ``examples``. The model's train/eval mode is left as it is (call
     ``model.eval()``).
     """
     if not examples:
@@ -148,6 +153,8 @@ def score_choices(
     prompts = [prompt_token_ids(example, tokenizer, max_length) for example in examples]
     if whole_answers:
         answers = [choice_answer_ids(choices, tokenizer, example) for example in examples]
+        if max_length is not None:  # before any forward: never past max_length
+            _check_fit(examples, tokenizer, prompts, answers, max_length, "max_length")
     else:  # (N, C) first tokens, per example as each is rendered
         answers = [[[t] for t in choice_token_ids(choices, tokenizer, e)] for e in examples]
     pairs = [(i, j) for i in range(len(examples)) for j in range(len(choices))]
@@ -170,6 +177,52 @@ def score_choices(
             choice_ids = torch.tensor([[ids[0] for ids in answers[i]] for i in rows])
             scores[rows] = last.gather(1, choice_ids.to(last.device)).cpu()  # (B, C)
     return scores
+
+
+def check_whole_answers_fit(
+    examples: Sequence[Example], tokenizer, max_length: int, option: str = "max_length"
+) -> None:
+    """``UserError`` where some example's prompt as training keeps it (``prompt_token_ids``
+    with ``max_length``) followed by one of its choices' whole answers is longer than
+    ``max_length`` tokens: the truncation leaves at least one prompt token (and a BOS), so an
+    answer of ``max_length`` tokens or more cannot be scored whole within the limit. The
+    message names the choice, its answer's token count and the least ``max_length`` that
+    holds it; ``option``: how the caller spells the limit (``"--max-length"`` for the CLI)."""
+    prompts = [prompt_token_ids(example, tokenizer, max_length) for example in examples]
+    answers = [choice_answer_ids(example.choices, tokenizer, example) for example in examples]
+    _check_fit(examples, tokenizer, prompts, answers, max_length, option)
+
+
+def _check_fit(examples, tokenizer, prompts, answers, max_length: int, option: str) -> None:
+    """``check_whole_answers_fit`` on the prompts (N lists of ids) and answers (N x C lists of
+    ids) ``score_choices`` computed."""
+    for index, (example, prompt, example_answers) in enumerate(
+        zip(examples, prompts, answers, strict=True)
+    ):
+        longest = max(range(len(example_answers)), key=lambda j: len(example_answers[j]))
+        answer_length = len(example_answers[longest])
+        if len(prompt) + answer_length <= max_length:
+            continue
+        choice = example.choices[longest]
+        shown = choice if len(choice) <= 40 else choice[:37] + "..."
+        needed = _least_max_length(example, tokenizer, answer_length, max_length)
+        raise UserError(
+            f"choice {shown!r} of {example.source or f'example {index}'} is a whole answer "
+            f"of {answer_length} tokens (with the token that ends it), and scoring it after "
+            f"a prompt takes {needed} tokens, more than {option} {max_length}: give {option} "
+            f"{needed} or more, or shorten the label words"
+        )
+
+
+def _least_max_length(example: Example, tokenizer, answer_length: int, max_length: int) -> int:
+    """The least limit ``m`` at which the prompt training keeps (``prompt_token_ids`` with
+    ``m``) plus ``answer_length`` tokens fits in ``m``. The kept prompt does not shrink as the
+    limit grows, so from a limit that does not fit, every limit below the length it takes fails
+    too: step to that length until it fits (a few steps; the full prompt bounds it)."""
+    limit = max_length
+    while (taken := len(prompt_token_ids(example, tokenizer, limit)) + answer_length) > limit:
+        limit = taken
+    return limit
 
 
 def _forward(model: torch.nn.Module, tokenizer, sequences: list[list[int]], keep: int):
