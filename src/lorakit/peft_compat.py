@@ -57,6 +57,7 @@ from lorakit.peft_model_extras import (
 )
 from lorakit.peft_rows import batch_size, rows_routed, sequences_per_row
 from lorakit.peft_state_dict import PeftStateDictMixin
+from lorakit.peft_trainer import PeftTrainerMixin
 from lorakit.state import (
     active_adapters,
     adapter_configs,
@@ -92,7 +93,7 @@ def get_peft_model(
     return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)
 
 
-class PeftModel(PeftFilesMixin, PeftMergingMixin, PeftStateDictMixin, nn.Module):
+class PeftModel(PeftFilesMixin, PeftTrainerMixin, PeftMergingMixin, PeftStateDictMixin, nn.Module):
     """PEFT's ``PeftModel`` methods around a transformers model that holds lorakit adapters.
 
     ``PeftModel(model, peft_config, adapter_name="default")`` injects the adapter, as
@@ -128,7 +129,7 @@ class PeftModel(PeftFilesMixin, PeftMergingMixin, PeftStateDictMixin, nn.Module)
             inject(model, peft_config, adapter_name, adapter_dtype=adapter_dtype)
             record_task_heads(model, adapter_name)
         super().__init__()
-        self.model = model
+        self.model = self._prepared_for_checkpointing(model)
         self.training = model.training  # the wrapper reports the model's mode
 
     def __reduce__(self) -> tuple:
@@ -254,8 +255,7 @@ class PeftModel(PeftFilesMixin, PeftMergingMixin, PeftStateDictMixin, nn.Module)
     def enable_adapter_layers(self) -> None:
         """Undo ``disable_adapter_layers``: the adapters active before (or set since) are
         active and trainable again."""
-        names = self.__dict__.pop("_active_before_disable", None)
-        if names is not None:
+        if (names := self.__dict__.pop("_active_before_disable", None)) is not None:
             set_active(self.model, [name for name in names if name in self.peft_config])
             compute_merged_per_layer(self.model)  # what merge_adapter merged while disabled
 
