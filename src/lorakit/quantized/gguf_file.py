@@ -21,6 +21,7 @@ from torch import nn
 
 from lorakit.errors import UserError, first_line
 from lorakit.quantized.gguf_blocks import GGUFLinear, block_format
+from lorakit.quantized.gguf_header import header_count, header_string
 
 __all__ = [
     "LLAMA_LINEARS",
@@ -122,16 +123,17 @@ def replace_llama_linears(
 
     The file must be made for this model: its ``llama.block_count``,
     ``llama.attention.head_count`` and ``llama.attention.head_count_kv`` (when absent,
-    ``head_count``, as llama.cpp reads it) must equal the model config's ``num_hidden_layers``,
-    ``num_attention_heads`` and ``num_key_value_heads`` (the head counts give the q/k row order),
-    and every block must hold every requested kind. Raises ``UserError`` (naming the file, the
-    field or tensor, and both values) if not, if the file is not a Llama, or if a tensor does not
-    fit the module it replaces; nothing is replaced then.
+    ``head_count``, as llama.cpp reads it; either may also be one equal count per block) must
+    equal the model config's ``num_hidden_layers``, ``num_attention_heads`` and
+    ``num_key_value_heads`` (the head counts give the q/k row order), and every block must hold
+    every requested kind. Raises ``UserError`` (naming the file, the field or tensor, and both
+    values) if not, if the file is not a Llama, if a header value is malformed (``gguf_header``),
+    or if a tensor does not fit the module it replaces (checked before any row is reordered);
+    nothing is replaced then.
     """
     kinds = _requested_kinds(only)
     reader = _reader(path)
-    field = reader.fields.get("general.architecture")
-    architecture = None if field is None else field.contents()
+    architecture = header_string(reader, path, "general.architecture")
     if architecture != "llama":
         raise UserError(f"GGUF file '{path}' holds a {architecture!r} model; only llama is read")
     blocks, heads_q, heads_kv = _check_config(reader, model, path)
@@ -157,11 +159,10 @@ def replace_llama_linears(
     replacements = {}
     for (_, kind), tensor in found.items():  # in the file's order
         name = llama_module_name(tensor.name)
+        rows = _check_fits(model, name, tensor)  # before any row is reordered
         heads = {"attn_q": heads_q, "attn_k": heads_kv}.get(kind)
-        order = None if heads is None else rotary_row_order(int(tensor.shape[1]), heads)
-        module = gguf_linear(tensor, order)
-        _check_fits(model, name, module, tensor.name)
-        replacements[name] = module
+        order = None if heads is None else _rotary_order(rows, heads, tensor.name, path)
+        replacements[name] = gguf_linear(tensor, order)
     for name, module in replacements.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, module)
@@ -188,10 +189,10 @@ def _check_config(reader, model: nn.Module, path) -> tuple[int, int, int]:
     ``UserError`` naming the file, the field and both values)."""
     config = getattr(model, "config", None)
 
-    def file_value(key: str, default: int | None = None) -> int:
-        field = reader.fields.get(key)
-        if field is not None:
-            return int(field.contents())
+    def file_value(key: str, default: int | None = None, blocks: int | None = None) -> int:
+        value = header_count(reader, path, key, blocks)
+        if value is not None:
+            return value
         if default is None:
             raise UserError(
                 f"GGUF file '{path}' has no {key}, which llama.cpp requires too; the file is "
@@ -211,13 +212,14 @@ def _check_config(reader, model: nn.Module, path) -> tuple[int, int, int]:
             )
         return int(value)
 
-    heads = file_value("llama.attention.head_count")
+    blocks = file_value("llama.block_count")
+    heads = file_value("llama.attention.head_count", blocks=blocks)
     kv_field = "llama.attention.head_count_kv"
     kv_note = "" if kv_field in reader.fields else " (none given: llama.cpp then takes head_count)"
     values = [
-        ("llama.block_count", file_value("llama.block_count"), "num_hidden_layers", ""),
+        ("llama.block_count", blocks, "num_hidden_layers", ""),
         ("llama.attention.head_count", heads, "num_attention_heads", ""),
-        (kv_field, file_value(kv_field, default=heads), "num_key_value_heads", kv_note),
+        (kv_field, file_value(kv_field, heads, blocks), "num_key_value_heads", kv_note),
     ]
     for key, value, name, note in values:
         wanted = model_value(name)
@@ -230,16 +232,35 @@ def _check_config(reader, model: nn.Module, path) -> tuple[int, int, int]:
     return values[0][1], values[1][1], values[2][1]
 
 
-def _check_fits(model: nn.Module, name: str, module: GGUFLinear, tensor_name: str) -> None:
+def _check_fits(model: nn.Module, name: str, tensor) -> int:
+    """The rows of GGUF ``tensor`` once it fits module ``name`` of ``model``: (out, in) equal,
+    no bias (else ``UserError`` naming both). Judged from the tensor's header alone."""
+    tensor_name = tensor.name
     try:
         current = model.get_submodule(name)
     except AttributeError:
         raise UserError(f"GGUF tensor {tensor_name!r}: the model has no module {name!r}") from None
     expected = (getattr(current, "out_features", None), getattr(current, "in_features", None))
-    if expected != (module.out_features, module.in_features):
+    dims = [int(size) for size in tensor.shape]  # ggml order: in, out, then 1s
+    shape = tuple(reversed(dims[:2])) if len(dims) >= 2 and set(dims[2:]) <= {1} else tuple(dims)
+    if expected != shape:
+        shown = f"({', '.join(map(str, shape))})"
         raise UserError(
-            f"GGUF tensor {tensor_name!r} is ({module.out_features}, {module.in_features}) but "
-            f"{name!r} is {expected}; build the model from this GGUF file's config"
+            f"GGUF tensor {tensor_name!r} is {shown} but {name!r} is {expected}; build the "
+            "model from this GGUF file's config"
         )
     if getattr(current, "bias", None) is not None:
         raise UserError(f"{name!r} has a bias, which GGUF tensor {tensor_name!r} does not hold")
+    return shape[0]
+
+
+def _rotary_order(rows: int, heads: int, tensor_name: str, path) -> torch.Tensor:
+    """``rotary_row_order(rows, heads)``, once ``rows`` is a whole number of rotary pairs per
+    head (``rows % (2 * heads) == 0``, else ``UserError`` naming the tensor and both counts)."""
+    if rows % (2 * heads):
+        raise UserError(
+            f"GGUF tensor {tensor_name!r} of '{path}' has {rows} rows, not a multiple of 2 x its "
+            f"{heads} heads (llama.cpp interleaves each head's rows in rotary pairs): build the "
+            "model from this GGUF file's config (an even head_dim); nothing was replaced"
+        )
+    return rotary_row_order(rows, heads)
