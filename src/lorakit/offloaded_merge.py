@@ -2,7 +2,10 @@
 "disk" entries: the weight on the meta device between forwards, its value in the hook's offload
 map), for ``lorakit.merge``: ``merge_and_unload`` loads each adapted weight (``onloaded``),
 merges it, and writes the merged weight into that module's offload map (``offload_merged``), as
-PEFT's ``onload_layer`` does; ``merge`` refuses such a layer (``offloaded_refusal``)."""
+PEFT's ``onload_layer`` does; ``merge`` refuses such a layer (``offloaded_refusal``). The same
+two steps write trainable token rows merged into an offloaded embedding
+(``TrainableTokens.merged_module``) and the original weight back at ``unmerge`` of a layer
+offloaded after its merge (``Merging._unmerge_offloaded``)."""
 
 from __future__ import annotations
 

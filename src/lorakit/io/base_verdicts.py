@@ -9,8 +9,12 @@ from collections.abc import Iterable, Mapping
 
 from torch import nn
 
+from lorakit import quantized
 from lorakit.errors import BaseModelMismatchError, listed
 from lorakit.io.fingerprint import base_identity, first_mismatch
+from lorakit.layers import LoraLayer
+from lorakit.layers.base import offload_hook
+from lorakit.offloading import map_holds, parent_offloader
 
 __all__ = ["refuse_other_base", "unverifiable", "unverified_note"]
 
@@ -24,16 +28,34 @@ def _unchecked(
     """``(uncovered, unreadable)`` of ``module_names``, which ``first_mismatch`` cannot check:
     uncovered, no stored fingerprint though the base weight is here; unreadable, the base
     weight is on the meta device with nothing to read it from (``offloaded_weight``), whether
-    fingerprinted or not."""
+    fingerprinted or not (``_readable``: an offloaded weight is not read for this)."""
     uncovered, unreadable = [], []
     for name in module_names:
         module = modules[name] if modules is not None else model.get_submodule(name)
-        weight, _ = base_identity(module)
-        if weight.device.type == "meta":
+        if not _readable(module):
             unreadable.append(name)
         elif name not in stored:
             uncovered.append(name)
     return uncovered, unreadable
+
+
+def _readable(module: nn.Module) -> bool:
+    """Whether ``first_mismatch`` can read the base weight of ``module`` (``base_identity``'s
+    is not on the meta device), decided without reading an offloaded one: a weight on the meta
+    device is readable where the offload hook of the module holding it has a value for it
+    (``offloading.map_holds``: no "disk" file is read, which ``first_mismatch`` then reads
+    once). A quantized base's packed codes are looked at as they are."""
+    holder = module
+    while isinstance(holder, LoraLayer):
+        holder = holder.base_layer
+    if quantized.is_quantized(module.base_layer if isinstance(module, LoraLayer) else module):
+        return base_identity(module)[0].device.type != "meta"
+    original = module.original_weight if isinstance(module, LoraLayer) else None
+    weight = holder.weight if original is None else original
+    if weight.device.type != "meta":
+        return True
+    hook = offload_hook(holder)
+    return hook is not None and map_holds(hook.weights_map, "weight")
 
 
 def unverifiable(
@@ -81,15 +103,37 @@ def unverified_note(
             "those were trained on this base model. Re-save the adapter from its base model "
             "(with the base weights in memory, not on the meta device) to record them."
         )
-    if unreadable:
+    under_parent = {name: parent_offloader(model, name) for name in unreadable}
+    unmapped = [name for name in unreadable if under_parent[name] is None]
+    if unmapped:
         notes.append(
-            f"adapter {label}: the base weights of {len(unreadable)} of its modules "
-            f"({listed(unreadable, 3)}) are on the meta device and no accelerate offload map "
+            f"adapter {label}: the base weights of {len(unmapped)} of its modules "
+            f"({listed(unmapped, 3)}) are on the meta device and no accelerate offload map "
             "holds them, so lorakit cannot verify the adapter was trained on this base model. "
             "Load the adapter once the base weights are loaded (or offloaded with accelerate) "
             "to check them."
         )
+    if len(unmapped) < len(unreadable):
+        notes.append(
+            _parent_note(label, [n for n in unreadable if n not in unmapped], under_parent)
+        )
     return " ".join(notes) or None
+
+
+def _parent_note(label: object, names: list[str], under_parent: Mapping[str, str | None]) -> str:
+    """``unverified_note``'s words for ``names``, whose base weights a PARENT module's
+    accelerate hook offloads (``offloading.parent_offloader``: ``preload_module_classes``),
+    in a map lorakit does not read."""
+    parent = under_parent[names[0]]
+    where = repr(parent) if parent else "the model itself"
+    return (
+        f"adapter {label}: the base weights of {len(names)} of its modules ({listed(names, 3)}) "
+        f"are offloaded by accelerate through a hook on a parent module ({where}, e.g.: "
+        "cpu_offload / dispatch_model with preload_module_classes), whose offload map lorakit "
+        "does not read, so lorakit cannot verify the adapter was trained on this base model. "
+        "Offload without preload_module_classes (each module then has its own offload map, "
+        "which lorakit reads) to check them."
+    )
 
 
 def _named_bases(model: nn.Module, trained_on: str | None) -> str:

@@ -26,6 +26,7 @@ from torch import nn
 from lorakit.layers.adapter_tables import AdapterTables
 from lorakit.layers.merging import Merging, unmerged
 from lorakit.layers.per_call import current_override, current_router
+from lorakit.offloading import offloaded_output
 
 __all__ = ["LoraLayer", "offload_hook"]
 
@@ -93,8 +94,10 @@ class LoraLayer(AdapterTables, Merging, nn.Module):
         if _same_adapters(adapters, merge.adapters):  # nothing to add: none, or the merged ones
             weight = merge.weight if merge.adapters else original
             return self.base_output(weight, x, *args, **kwargs)
+        if self.base_offload_hook() is not None:  # accelerate offloaded it (a meta weight)
+            return offloaded_output(self, x, original, adapters, *args, **kwargs)
         fast_adapters = None
-        if not (args or kwargs or self.base_offload_hook() is not None):  # (meta weight)
+        if not (args or kwargs):
             fast_adapters = self.fast_adapters(x, original, adapters)
         if fast_adapters is not None:  # fused: base and adapters in one pass (lorakit.fast)
             return self.fast_output(x, original, fast_adapters)

@@ -14,8 +14,14 @@ merged, unmerging puts back the original as the conversion converted it (what un
 then converting gives), and a forward with adapters disabled, a further merge and
 ``merge_and_unload`` read it in the model's new dtype, on its new device.
 
+A layer merged and THEN offloaded by accelerate (``cpu_offload`` of the merged model: the
+merged weight in the hook's offload map, a meta placeholder in the module) unmerges by writing
+the original weight into that map (``_unmerge_offloaded``, as ``merge_and_unload`` writes
+merged ones: ``lorakit.offloaded_merge``); a delete that would merge other adapters back into
+it is refused (``prepare_delete``).
+
 ``Merging`` is the merge half of ``lorakit.layers.base.LoraLayer``; it uses the layer's
-``live_weight`` / ``set_live_weight`` and ``merge_delta``.
+``live_weight`` / ``set_live_weight``, ``base_offload_hook`` and ``merge_delta``.
 """
 
 from __future__ import annotations
@@ -174,6 +180,13 @@ class Merging:
         still_merged = [name for name in merged if name != adapter_name]
         if adapter_name not in merged or not still_merged:
             return None
+        if self._offloaded_holder():
+            raise ValueError(
+                "accelerate offloaded this layer after the merge (its merged weight is in the "
+                "hook's offload map), and merging adapters back into it cannot be installed "
+                f"there; unmerge first (then delete {adapter_name!r} and merge_and_unload the "
+                "others), or delete it on the model before offloading. Nothing was changed."
+            )
         return self._unmerged_view().prepare_merge(still_merged)
 
     def _unmerged_view(self) -> Merging:
@@ -210,12 +223,48 @@ class Merging:
 
     def unmerge(self) -> None:
         """Put the original weight Parameter back: bit-identical, and ties to it restored.
-        The weight goes back before the state (see ``read_merge_state``)."""
+        The weight goes back before the state (see ``read_merge_state``). Where accelerate
+        offloaded the base after the merge, into its offload map (``_unmerge_offloaded``)."""
         state = self._merge_state
         if not state.adapters:
             return
-        self.set_live_weight(state.original)
+        offloaded = self._offloaded_holder()
+        if offloaded:
+            self._unmerge_offloaded(state.original, offloaded)
+        else:
+            self.set_live_weight(state.original)
         self._merge_state = unmerged()
+
+    def _offloaded_holder(self) -> list[tuple[nn.Module, object]]:
+        """``[(module holding the live weight, its accelerate offload hook)]`` where that
+        weight is offloaded now (``base_offload_hook``: on the meta device, its value in the
+        hook's map), else []. The holder is the base under any nested LoRA layers."""
+        hook = self.base_offload_hook()
+        if hook is None:
+            return []
+        holder = self.base_layer
+        while isinstance(holder, Merging):
+            holder = holder.base_layer
+        return [(holder, hook)]
+
+    def _unmerge_offloaded(self, original: torch.Tensor, offloaded: list) -> None:
+        """``unmerge`` of a layer accelerate offloaded after the merge: the hook's offload map
+        holds the merged weight (and a merged bias on B, ``lora_bias``), which it loads at each
+        call, so putting ``original`` into the module alone would change nothing. The module
+        is loaded (``offloaded_merge.onloaded``), ``W0`` (and the original bias kept aside,
+        ``_kept_bias``) put back into it, and the hook given a new map of its tensors
+        (``offload_merged``, as ``merge_and_unload`` does): each later call loads ``W0``, the
+        very values kept aside; the module is offloaded again."""
+        from lorakit.offloaded_merge import offload_merged, onloaded
+
+        ((holder, _),) = offloaded
+        with onloaded(offloaded):
+            self.set_live_weight(original)
+            kept_bias = getattr(self, "_kept_bias", ())
+            if kept_bias and kept_bias[0] is not None:
+                holder.bias = kept_bias[0]
+                self._kept_bias = ()  # (put back here: ``LoraBiasMixin.unmerge`` has none left)
+        offload_merged(offloaded)
 
     def forget_original(self) -> None:
         """Keep the merged weight for good (used by ``merge_and_unload``)."""

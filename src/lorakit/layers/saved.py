@@ -4,19 +4,31 @@ Like PEFT: the original module is kept frozen as ``original_module`` and each ad
 trainable copy in ``modules_to_save[adapter]``. The active adapter's copy runs the forward.
 A quantized layer (``lorakit.quantized``), or a module holding one, cannot be saved this way:
 its weight is quantized storage, which no optimizer step can train (``check_saveable``).
+
+A module accelerate offloaded (``cpu_offload``, a ``device_map`` with "cpu" / "disk" entries:
+its weights on the meta device, their values in its hook's ``weights_map``) gets a copy holding
+the real weights, read from that map onto the hook's execution device, without the hook
+(``trainable_copy``): it trains, loads and saves as on the plain model, and the original stays
+offloaded.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 from torch import nn
 
 from lorakit import quantized
+from lorakit.layers.base import offload_hook
 from lorakit.layers.per_call import current_override
 
-__all__ = ["ModulesToSave", "check_saveable"]
+__all__ = ["ModulesToSave", "check_saveable", "trainable_copy"]
+
+_HOOK_ATTRIBUTES = ("_hf_hook", "_old_forward", "forward")
+"""What accelerate's ``add_hook_to_module`` puts on a module (the hook, the module's own
+forward, and the wrapper that runs the hook around it)."""
 
 
 def check_saveable(module: nn.Module, name: str) -> None:
@@ -49,6 +61,79 @@ def check_saveable(module: nn.Module, name: str) -> None:
         )
 
 
+def trainable_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` to train in full. Where accelerate offloaded ``module`` or a
+    submodule (``offload_hook``), the copy has no such hook (nor the hook's offload map, which for
+    ``cpu_offload`` holds the whole model's weights: never copied): each tensor the hook
+    offloaded (on the meta device) is read from its ``weights_map`` onto its execution device,
+    in the tensor's dtype (as the hook loads it), into a tensor of the copy's own (training it
+    leaves the map as it was), and the copied module gets an ``AlignDevicesHook`` that only
+    moves its inputs to that device (and its output back where the hook did so), as accelerate
+    hooks a module it does not offload. A hook that offloads nothing is copied with the module,
+    as before."""
+    offloaded = [
+        (path, sub, hook)
+        for path, sub in module.named_modules()
+        if (hook := offload_hook(sub)) is not None
+    ]
+    memo = {  # (deepcopy takes these as copied already: to None)
+        id(sub.__dict__[a]): None
+        for _, sub, _ in offloaded
+        for a in _HOOK_ATTRIBUTES
+        if a in sub.__dict__
+    }
+    trainable = copy.deepcopy(module, memo)
+    for path, _, hook in offloaded:
+        target = trainable.get_submodule(path)
+        for attribute in _HOOK_ATTRIBUTES:
+            target.__dict__.pop(attribute, None)
+        _read_offloaded(target, hook)
+        if hook.execution_device is not None:
+            _align_devices(target, hook)
+    return trainable
+
+
+def _read_offloaded(target: nn.Module, hook) -> None:
+    """Give each meta tensor of ``target`` that ``hook`` offloads (its own, or all under it
+    for a hook with ``place_submodules``) its value from ``hook.weights_map``: a copy on the
+    execution device in the tensor's dtype (a Parameter keeps its ``requires_grad``). A key
+    the map lacks stays on the meta device, as it is in the original."""
+    recurse = bool(getattr(hook, "place_submodules", False))
+    device = hook.execution_device
+    tensors = itertools.chain(
+        target.named_parameters(recurse=recurse), target.named_buffers(recurse=recurse)
+    )
+    for name, tensor in list(tensors):
+        if not tensor.is_meta:
+            continue
+        try:
+            value = hook.weights_map[name]  # (read once: a "disk" entry is read from its file)
+        except KeyError:
+            continue
+        dtype = tensor.dtype if value.is_floating_point() else value.dtype
+        value = value.to(device=device or value.device, dtype=dtype, copy=True)
+        owner_path, _, leaf = name.rpartition(".")
+        owner = target.get_submodule(owner_path)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(value, requires_grad=tensor.requires_grad)
+        else:
+            owner._buffers[leaf] = value
+
+
+def _align_devices(target: nn.Module, hook) -> None:
+    """Hook ``target`` (a copy's module) with accelerate's ``AlignDevicesHook`` without
+    offloading: its inputs go to ``hook``'s execution device, its output back to the input's
+    device where ``hook`` did that (``io_same_device``)."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    aligning = AlignDevicesHook(
+        execution_device=hook.execution_device,
+        io_same_device=hook.io_same_device,
+        skip_keys=hook.skip_keys,
+    )
+    add_hook_to_module(target, aligning)
+
+
 class ModulesToSave(nn.Module):
     """Per-adapter full copies of one module; the first active adapter that has a copy wins."""
 
@@ -63,7 +148,9 @@ class ModulesToSave(nn.Module):
         return tuple(self.modules_to_save)
 
     def add_adapter(self, adapter_name: str) -> None:
-        trainable = copy.deepcopy(self.original_module)
+        """A trainable copy of ``original_module`` for ``adapter_name`` (``trainable_copy``:
+        an offloaded module's holds its real weights, on the hook's execution device)."""
+        trainable = trainable_copy(self.original_module)
         for parameter in trainable.parameters():
             parameter.requires_grad_(True)
         self.modules_to_save[adapter_name] = trainable

@@ -11,6 +11,13 @@ freezing, deleting and unloading adapters work as for saved modules. Merging lea
 it is (the forward is already exact; merged or not, the outputs are the same), and
 ``merge_and_unload`` writes the rows into the embedding (``merged_module``). Tied input/output
 embeddings are refused (``token_targets``): PEFT then replaces the rows in the output layer too.
+
+An embedding accelerate offloaded (``cpu_offload``, a ``device_map`` with "cpu" / "disk"
+entries: ``W0`` on the meta device between calls, its value in the hook's ``weights_map``)
+works as a plain one: the rows start as copies read from that map, on the hook's execution
+device; the forward runs through the embedding's hooks, which load ``W0`` for the call; and
+``merge_and_unload`` writes the embedding with its rows into the offload map
+(``offloaded_merge``, as for a LoRA layer).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit import functional
-from lorakit.layers.base import LoraLayer
+from lorakit.layers.base import LoraLayer, offload_hook
 from lorakit.layers.embedding import times_embed_scale
 from lorakit.layers.per_call import current_override
 from lorakit.layers.saved import ModulesToSave
@@ -92,11 +99,24 @@ class TrainableTokens(ModulesToSave):
 
         weight = self.original_module.weight
         dtype = default_adapter_dtype(weight.dtype)
+        hook = self.offloading_hook()  # (then W0 is read from its map, once)
+        device = weight.device if hook is None else torch.device(hook.execution_device)
         if init is None:
-            values = torch.empty(len(indices), weight.shape[1], dtype=dtype, device=weight.device)
+            values = torch.empty(len(indices), weight.shape[1], dtype=dtype, device=device)
         else:
-            values = weight.detach()[list(indices)].to(dtype, copy=True)
+            table = weight if hook is None else hook.weights_map["weight"]
+            rows = table.detach()[list(indices)].to(weight.dtype)  # (as the hook loads W0)
+            values = rows.to(device=device, dtype=dtype, copy=True)
         self.modules_to_save[adapter_name] = TokenRows(indices, values)
+
+    def offloading_hook(self):
+        """The accelerate hook that offloads the embedding (``layers.base.offload_hook``) while
+        its weight is on the meta device (between calls), else None. Its execution device is
+        where the rows live."""
+        base = self.original_module
+        hook = offload_hook(base)
+        usable = hook is not None and hook.execution_device is not None
+        return hook if usable and base.weight.is_meta else None
 
     def chosen_rows(self) -> list[TokenRows]:
         """The rows of the adapters this call uses (``use_adapters`` / ``disabled`` or else the
@@ -118,6 +138,21 @@ class TrainableTokens(ModulesToSave):
         base = self.original_module
         if not rows or args or kwargs:
             return base(ids, *args, **kwargs)
+        if self.offloading_hook() is None:
+            return self.embedding_with_rows(ids, rows)
+        hooks = base._hf_hook  # all of them, as accelerate's forward wrapper runs them
+        (ids,), _ = hooks.pre_forward(base, ids)  # W0 loaded, ids on the execution device
+        try:
+            out = self.embedding_with_rows(ids, rows)
+        except BaseException:
+            hooks.post_forward(base, None)  # offloaded again, as after a call
+            raise
+        return hooks.post_forward(base, out)
+
+    def embedding_with_rows(self, ids: torch.Tensor, rows: Sequence[TokenRows]) -> torch.Tensor:
+        """``E[ids]`` with ``E = W0`` with ``rows`` in place, as the embedding computes it
+        (its padding index, max norm, scaled gradients; times its ``embed_scale``)."""
+        base = self.original_module
         out = F.embedding(
             ids,
             self.weight_with_rows(rows),
@@ -131,13 +166,27 @@ class TrainableTokens(ModulesToSave):
 
     def merged_module(self, adapter_names: Sequence[str]) -> nn.Module:
         """The embedding holding the named adapters' rows for good (``merge_and_unload``): a new
-        weight Parameter, so a tensor shared with another module is never changed."""
+        weight Parameter, so a tensor shared with another module is never changed (an offloaded
+        one's written into its hook's offload map, ``offloaded_merge.offload_merged``)."""
         rows = [self.modules_to_save[n] for n in adapter_names if n in self.modules_to_save]
         base = self.original_module
-        if rows:
-            with torch.no_grad():
-                base.weight = nn.Parameter(self.weight_with_rows(rows).detach().clone())
+        hook = self.offloading_hook() if rows else None
+        if hook is None:
+            if rows:
+                self._install_rows(rows)
+            return base
+        from lorakit.offloaded_merge import offload_merged, onloaded
+
+        with onloaded([(base, hook)]):  # W0 loaded; offloaded again if this raises
+            self._install_rows(rows)
+        offload_merged([(base, hook)])  # each later call loads the embedding with its rows
         return base
+
+    def _install_rows(self, rows: Sequence[TokenRows]) -> None:
+        """The embedding's weight: a new Parameter of ``W0`` with ``rows`` in place."""
+        with torch.no_grad():
+            weight = self.weight_with_rows(rows).detach().clone()
+        self.original_module.weight = nn.Parameter(weight)
 
 
 def token_targets(model: nn.Module, indices, modules: dict[str, nn.Module]) -> dict[str, list[int]]:
