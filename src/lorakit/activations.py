@@ -45,9 +45,11 @@ this one. On an int8-rows / int4-groups base backward also rebuilds each layer's
 ``Activations.backward_peak_bytes`` and ``checkpointed_peak_bytes`` take (``lorakit.plan_memory``
 passes them); ``peak_bytes`` and ``checkpointed_bytes`` are a float base's.
 
-Not counted: a padding mask (sequences are taken as full; a (batch, 1, T, T) boolean mask adds
-batch * T * T bytes, once) and the smaller buffers of backward (a layer's input gradient,
-N * H * b bytes).
+Not counted here: a padding mask (sequences are taken as full; a (batch, 1, T, T) boolean mask
+adds batch * T * T bytes, once) and one block's own backward buffers (its MLP's gradients, a
+float32 norm's), which are smaller than ``L`` for a language model and the peak for a classifier:
+``lorakit.plan`` measures them (``plan._block_backward_bytes``) and ``plan_memory.Plan``'s peaks
+take them, where ``peak_bytes`` and ``checkpointed_bytes`` here do not.
 """
 
 from __future__ import annotations

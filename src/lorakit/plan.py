@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import nn
 
 from lorakit.accounting import count_parameters
@@ -93,6 +94,8 @@ def plan(
         activations=activations,
         activations_error=activations_error,
         adapter_header_bytes=header_bytes,
+        trainable_in_dtype=_trainable_in_dtype(meta_model),
+        block_backward_bytes=_block_backward_bytes(meta_model, activations, dtype_name),
         **_fsdp_units(meta_model),
     )
 
@@ -204,6 +207,43 @@ def _activations(
     except Exception as error:  # any model code may fail on meta; the plan reports it
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return None, f"{type(error).__name__}: {first_line[:200]}"
+
+
+def _trainable_in_dtype(model: nn.Module) -> int:
+    """Trainable parameters not in float32: on a float16 / bfloat16 model the full-module copies
+    ``modules_to_save`` trains (a classifier's head: ``save_adapter`` writes them, and torch's
+    AdamW keeps their gradient and states, in that dtype); the adapter's own are float32."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return sum(p.numel() for p in trainable if p.dtype != torch.float32)
+
+
+def _block_backward_bytes(model: nn.Module, activations: Activations | None, dtype: str) -> int:
+    """``B``: the most one block's backward holds beyond what the step keeps, for N tokens::
+
+        max(N (H + k I) b, N (H + I) 4, 5 N H 4)
+
+    the MLP's backward, with the block output's gradient (N H b) and the gradients of its k
+    (N, I) intermediates (2 for a gated MLP's gate and up, with three weights of width I, else
+    1; the down projection's saved input is freed by then); on a bfloat16 base, the down
+    projection's float32 adapter taking its input and output gradient in float32; or a float32
+    RMSNorm's backward (transformers' upcast: five (N, H) float32 tensors, a bfloat16 Llama's
+    peak). H: the config's hidden size, I: the widest dimension of a block's frozen weights
+    (``saved_tensors.Blocks``, embeddings left out). A causal LM's loss backward (2 N V 4) is
+    larger; a classifier's is not: this is its peak (``tests/test_plan_review35.py``)."""
+    if activations is None:
+        return 0
+    from lorakit.saved_tensors import Blocks
+
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None) or 0
+    blocks = Blocks(model).modules
+    layers = [m for block in blocks for m in block.modules() if not isinstance(m, nn.Embedding)]
+    shapes = [p.shape[-2:] for m in layers for p in m.parameters(False) if not p.requires_grad]
+    widest = max((max(shape) for shape in shapes if len(shape) == 2), default=0)
+    gated = sum(widest in shape for shape in shapes if len(shape) == 2) >= 3 * len(blocks)
+    tokens = activations.batch * activations.seq_len
+    itemsize = getattr(torch, dtype).itemsize
+    mlp = tokens * (hidden + (2 if gated else 1) * widest) * itemsize
+    return max(mlp, tokens * (hidden + widest) * 4, 5 * tokens * hidden * 4)  # (upcast, norm)
 
 
 def _quantized_weights(model: nn.Module, quantization: str | None) -> tuple[int, int]:

@@ -4,26 +4,29 @@
 a ``Plan`` holds the counts and derives the bytes (GB = 1e9 bytes)::
 
     full fine-tuning  = P_base * 16 bytes            (fp32 weight + gradient + AdamW m and v)
-    LoRA training     = P_frozen * b_dtype + P_trainable * 16 bytes
-    adapter file      = P_trainable * 4 (float32) or * 2 (bfloat16) bytes of tensors
-                        + its header (the safetensors JSON: per tensor its key, dtype, shape
-                        and offsets; the config; the base fingerprint, ~470 bytes a module)
+    LoRA training     = P_frozen * b_dtype + (P_trainable - P_d) * 16 + P_d * 4 * b_dtype
+                        (P_d: trained in the base dtype, a bfloat16 model's modules_to_save copy)
+    adapter file      = (P_trainable - P_d) * 4 + P_d * b_dtype (float32, as saved by default)
+                        or P_trainable * 2 (bfloat16) + its header (the safetensors JSON: per
+                        tensor its key, dtype, shape and offsets; the config; the base
+                        fingerprint: ~760 bytes a module in all, ``io.planned_size``)
     inference merged  = P_base * b_dtype
     base + N adapters = P_base * b_dtype + N * P_trainable * b_adapter
                         (b_adapter: ``layer_wrapping.default_adapter_dtype``, float32 on a float16 or
                         bfloat16 base, as ``inject``, ``load_adapter`` and the serving bank keep them)
-    activations       = what one training forward of batch x seq_len tokens keeps for backward,
-                        counted by running it on the meta device (``lorakit.activations``)
+    activations       = what a training forward of batch x seq_len tokens keeps for backward,
+                        counted on the meta device (``lorakit.activations``)
     training with activations
                       = LoRA training (per device) + activations at backward's peak:
-                        kept + max(L, R_out + G - L / 2, R_block)
+                        kept + max(L, R_out + G - L / 2, R_block, B)
                         (L = 2 N V 4: the loss backward's float32 buffers; G = N V b: the logits'
                         gradient; R_out / R_block: the output layer's / largest other layer's
                         weight rebuilt in backward on int8-rows / int4-groups, 6 V H for the
-                        output layer in int8 rows under bfloat16; ``Activations.backward_peak_bytes``)
+                        output layer in int8 rows under bfloat16; ``Activations.backward_peak_bytes``;
+                        B: a block's own backward buffers, ``plan._block_backward_bytes``)
     with gradient checkpointing
                       = LoRA training + inputs + before
-                        + max(head + max(L, R_out + G - L / 2), largest block + R_block)
+                        + max(head + max(L, R_out + G - L / 2), largest block + max(R_block, B))
                         (``Activations.checkpointed_peak_bytes``)
 
 Per device when training on N devices (``lorakit train --strategy ddp|fsdp`` under torchrun)::
@@ -123,6 +126,8 @@ class Plan:
     activations: Activations | None = None  # per device; None: see activations_error
     activations_error: str = ""
     adapter_header_bytes: tuple[int, int] = (0, 0)  # the file's header in float32, bfloat16
+    trainable_in_dtype: int = 0  # P_d: trainable parameters held in ``dtype``, not float32
+    block_backward_bytes: int = 0  # B: one block's backward buffers beyond what it keeps
 
     @property
     def dtype_bytes(self) -> int:
@@ -143,11 +148,13 @@ class Plan:
 
     @property
     def adapter_file_bytes(self) -> dict[str, int]:
-        """Bytes of the saved adapter file per storage dtype: ``P_trainable * 4`` (float32) or
-        ``* 2`` (bfloat16) of tensors plus ``adapter_header_bytes``."""
+        """Bytes of the saved adapter file, tensors and ``adapter_header_bytes``: "float32" as
+        ``save_adapter`` writes it by default (the adapter in float32, ``trainable_in_dtype``
+        parameters such as a bfloat16 model's head copy in ``dtype``), "bfloat16" all bfloat16."""
         header_float32, header_bfloat16 = self.adapter_header_bytes
+        tensors = self.trainable_parameters * 4 - self.trainable_in_dtype * (4 - self.dtype_bytes)
         return {
-            "float32": self.trainable_parameters * 4 + header_float32,
+            "float32": tensors + header_float32,
             "bfloat16": self.trainable_parameters * 2 + header_bfloat16,
         }
 
@@ -167,7 +174,11 @@ class Plan:
 
     @property
     def lora_trainable_state_bytes(self) -> int:
-        return self.trainable_parameters * FULL_FINETUNE_BYTES_PER_PARAMETER
+        """Weight, gradient and AdamW m and v of each trainable parameter in its dtype: float32
+        (16 bytes), ``dtype`` for ``trainable_in_dtype`` (torch's AdamW keeps their states so)."""
+        in_dtype = self.trainable_in_dtype
+        in_float32 = (self.trainable_parameters - in_dtype) * FULL_FINETUNE_BYTES_PER_PARAMETER
+        return in_float32 + in_dtype * 4 * self.dtype_bytes
 
     @property
     def lora_training_bytes(self) -> int:
@@ -234,12 +245,19 @@ class Plan:
         )
 
     @property
+    def backward_extra_bytes(self) -> tuple[int, int]:
+        """``(R_out, max(R_block, B))``: the output layer's rebuilt weight, and a block's
+        largest rebuilt weight or its backward buffers (``block_backward_bytes``), the larger."""
+        output_rebuilt, block_rebuilt = self.dequantized_backward_bytes
+        return output_rebuilt, max(block_rebuilt, self.block_backward_bytes)
+
+    @property
     def activations_peak_bytes(self) -> int | None:
         """Per device: the most one step holds at once for its activations, kept and in
-        backward (``Activations.backward_peak_bytes`` with ``dequantized_backward_bytes``)."""
+        backward (``Activations.backward_peak_bytes`` with ``backward_extra_bytes``)."""
         if self.activations is None:
             return None
-        return self.activations.backward_peak_bytes(*self.dequantized_backward_bytes)
+        return self.activations.backward_peak_bytes(*self.backward_extra_bytes)
 
     @property
     def checkpointed_peak_bytes(self) -> int | None:
@@ -247,7 +265,7 @@ class Plan:
         (``Activations.checkpointed_peak_bytes``); None where no blocks were found."""
         if self.activations is None:
             return None
-        return self.activations.checkpointed_peak_bytes(*self.dequantized_backward_bytes)
+        return self.activations.checkpointed_peak_bytes(*self.backward_extra_bytes)
 
     @property
     def training_with_activations_bytes(self) -> int | None:

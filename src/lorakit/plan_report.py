@@ -32,15 +32,13 @@ def format_report(result: Plan) -> str:
     lines += [
         "",
         result.peft_line,
-        "adapter file: "
-        + ", ".join(f"{n / MB:,.1f} MB in {k}" for k, n in result.adapter_file_bytes.items()),
+        _adapter_file_line(result),
         "",
         "training memory (weights + gradients + AdamW states; GB = 1e9 bytes)",
         f"  full fine-tuning: {result.base_parameters:,} params x 16 bytes = "
         f"{_gb(result.full_finetune_bytes)}",
         *_frozen_lines(result),
-        f"      + {result.trainable_parameters:,} trainable x 16 bytes = "
-        f"{_gb(result.lora_trainable_state_bytes)}",
+        f"      + {_trainable_terms(result)} = {_gb(result.lora_trainable_state_bytes)}",
         f"      = {_gb(result.lora_training_bytes)} "
         f"({result.full_finetune_bytes / result.lora_training_bytes:.1f}x less)",
         *_per_device_lines(result),
@@ -50,6 +48,27 @@ def format_report(result: Plan) -> str:
         f"  base + {result.num_adapters} adapter(s): {_gb(result.inference_with_adapters_bytes)}",
     ]
     return "\n".join(lines)
+
+
+def _adapter_file_line(result: Plan) -> str:
+    """The saved file's size in float32 (as saved by default: a bfloat16 model's head copy in
+    its dtype, ``Plan.trainable_in_dtype``) and in bfloat16."""
+    sizes = {k: f"{n / MB:,.1f} MB in {k}" for k, n in result.adapter_file_bytes.items()}
+    if result.trainable_in_dtype:
+        sizes["float32"] += (
+            f" (its {result.trainable_in_dtype:,} head parameters in {result.dtype})"
+        )
+    return "adapter file: " + ", ".join(sizes.values())
+
+
+def _trainable_terms(result: Plan) -> str:
+    """``P x 16 bytes``, and the parameters trained in the base dtype (weight, gradient and
+    AdamW's two states in it: ``Plan.lora_trainable_state_bytes``)."""
+    in_dtype = result.trainable_in_dtype
+    terms = f"{result.trainable_parameters - in_dtype:,} trainable x 16 bytes"
+    if in_dtype:
+        terms += f" + {in_dtype:,} in {result.dtype} x {4 * result.dtype_bytes} bytes"
+    return terms
 
 
 def _frozen_lines(result: Plan) -> list[str]:
@@ -137,11 +156,16 @@ def _activation_lines(result: Plan) -> list[str]:
 def _peak_lines(result: Plan) -> list[str]:
     """What backward holds beyond what is kept, at its peak (``Plan.activations_peak_bytes``):
     the loss backward's float32 buffers (2 N V 4 bytes), or the weight a weight-only base
-    rebuilds (beside the logits' gradient, the log-softmax freed), the larger."""
+    rebuilds (beside the logits' gradient, the log-softmax freed), the larger; or one block's
+    backward buffers where they are larger still (a classifier: ``Plan.block_backward_bytes``)."""
     activations = result.activations
     extra = result.activations_peak_bytes - activations.total_bytes
     if extra <= 0:
         return []
+    head = activations.head_backward_bytes(result.dequantized_backward_bytes[0])
+    if extra == result.block_backward_bytes > head:  # (a classifier's loss is small)
+        what = "one block's backward buffers: its MLP's gradients, or a float32 norm's"
+        return [f"      + at backward's peak: {_gb(extra)} ({what})"]
     parts = []  # (what, its bytes)
     if activations.loss_backward_bytes:
         parts.append(("the loss backward's float32 buffers", activations.loss_backward_bytes))
