@@ -101,6 +101,10 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
 
     job, training = build_settings(settings)
     check_strategy(training.strategy)  # fsdp outside torchrun: before any loading
+    if training.strategy == "fsdp" and job.quantization is not None:  # (on every rank)
+        from lorakit.train.fsdp import quantized_base_error
+
+        raise quantized_base_error(f"--quantization {job.quantization}")
     device = training_device(job.device)  # a GPU that is not there: before any loading
     check_eval_settings(training.eval_every, job.eval_data)
     lora = job.lora_config()
