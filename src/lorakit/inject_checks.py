@@ -20,7 +20,7 @@ from lorakit.init_methods import changes_base
 from lorakit.layers import LoraLayer, TrainableTokens, is_conv1d, layer_class_for
 from lorakit.layers.parameter import LoraParameter
 from lorakit.layers.saved import check_saveable
-from lorakit.offloading import check_no_parent_offload
+from lorakit.offloading import check_no_offloaded_bnb, check_no_parent_offload
 from lorakit.parameter_targets import check_parameter_targets
 from lorakit.state import adapter_configs, lora_layers, parameter_holders, saved_modules
 from lorakit.targets import original_module
@@ -63,6 +63,7 @@ def check_adapter_fits(
     for name in saved_names:  # a full copy of a quantized layer would train nothing
         check_saveable(model.get_submodule(name), name)
     check_no_parent_offload(model, [*current, *parameter_targets, *saved_names, *tokens])
+    check_no_offloaded_bnb(model, list(current))
     _check_saved_apart_from_parameters(model, saved_names, parameter_targets)
     _check_targets(model, current, config, adapter_name, init)
     check_parameter_targets(model, parameter_targets, adapter_name, list(current))

@@ -10,6 +10,9 @@
   hooks for the call (``offloaded_output``).
 - Whether an offload map holds a readable value for a key, without reading it (``map_holds``:
   a "disk" entry is read whole from its file; ``io.base_verdicts``).
+- A bitsandbytes layer accelerate offloaded: its quantization state does not survive the
+  offload map (the plain model itself fails there), so ``inject`` / ``load_adapter`` refuse it
+  (``check_no_offloaded_bnb``; lorakit's own int8-rows / int4-groups layers work offloaded).
 """
 
 from __future__ import annotations
@@ -19,7 +22,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["check_no_parent_offload", "map_holds", "offloaded_output", "parent_offloader"]
+__all__ = [
+    "check_no_offloaded_bnb",
+    "check_no_parent_offload",
+    "map_holds",
+    "offloaded_output",
+    "parent_offloader",
+]
 
 
 def parent_offloader(model: nn.Module, name: str) -> str | None:
@@ -61,6 +70,29 @@ def check_no_parent_offload(model: nn.Module, names: Sequence[str]) -> None:
         )
 
 
+def check_no_offloaded_bnb(model: nn.Module, names: Sequence[str]) -> None:
+    """``ValueError`` naming the first of ``names`` (targets) whose base is a bitsandbytes layer
+    accelerate offloaded (``cpu_offload``, a "cpu" / "disk" ``device_map`` entry): its
+    ``quant_state`` is not in the offload map, so the base computes wrong values (a LoRA layer
+    over it was 0.6 off the non-offloaded model, silently; the plain model raises). Changes
+    nothing."""
+    from lorakit import quantized
+    from lorakit.layers.base import offload_hook
+    from lorakit.quantized import bnb
+
+    for name in names:
+        module = model.get_submodule(name)
+        base = getattr(module, "base_layer", module)
+        if quantized.backend_for(base) is bnb and offload_hook(base) is not None:
+            raise ValueError(
+                f"module {name!r} is a bitsandbytes layer ({type(base).__name__}) that "
+                "accelerate offloaded: its quantization state is not kept in the offload map, "
+                "so it cannot compute there. Load the quantized model without offloading it "
+                "(no cpu_offload, no 'cpu' / 'disk' device_map entries), or offload an "
+                "unquantized base. Nothing was changed."
+            )
+
+
 def map_holds(weights_map, key: str) -> bool:
     """Whether ``weights_map[key]`` (an accelerate offload map) gives a tensor with values (not
     on the meta device), decided without reading it where accelerate keeps it on disk: a
@@ -98,11 +130,12 @@ def offloaded_output(
     (``pre_forward``) and offloaded again after it (``post_forward``), as accelerate does
     around a module's call: the output is the non-offloaded model's. (Their gradients go to
     the tensors loaded for the call, as for any weight accelerate offloads: such a model is
-    for inference.) ``weight`` must be the live one, which the hook loads: a layer offloaded
-    after a merge cannot compute without its merged adapters (``ValueError``: unmerge first)."""
+    for inference.) ``weight`` (None: a quantized base, called through its hook as it is) must be
+    the live one, which the hook loads: a layer offloaded after a merge cannot compute without
+    its merged adapters (``ValueError``: unmerge first)."""
     from lorakit.layers.base import offload_hook
 
-    if weight is not layer.live_weight():
+    if layer.merged_adapters and weight is not None and weight is not layer.live_weight():
         raise ValueError(
             f"this LoRA layer on a {type(layer.base_layer).__name__} holds merged adapters "
             f"{list(layer.merged_adapters)} and accelerate offloaded it after the merge: its hook "
