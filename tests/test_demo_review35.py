@@ -56,3 +56,25 @@ def test_the_demo_refuses_a_max_length_below_the_template_before_scoring(
     monkeypatch.setattr(lorakit.demo, "_accuracy", lambda *a: (_ for _ in ()).throw(OSError))
     with pytest.raises(OSError):  # at the template's length the demo goes on to score
         lorakit.demo.run_demo(demo_settings(tmp_path / "demo2", model_dir, max_length=needed))
+
+
+def test_a_refused_rerun_keeps_the_previous_demos_results(tmp_path, monkeypatch, model_dir):
+    """The refusal comes before the output is claimed: an earlier demo's summary and
+    predictions stay (a regression review found them deleted by the refused rerun), and
+    before the model loads."""
+    import lorakit.models
+
+    output = tmp_path / "demo"
+    output.mkdir()
+    (output / lorakit.demo.DEMO_MARKER).write_text("an earlier demo\n")
+    kept = {"summary.json": "{}", "summary.txt": "earlier", "predictions.jsonl": "{}\n"}
+    for name, text in kept.items():
+        (output / name).write_text(text)
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(lorakit.models, "load_model", loaded)
+    with pytest.raises(UserError, match="cannot hold"):
+        lorakit.demo.run_demo(demo_settings(output, model_dir, max_length=20))
+    assert {name: (output / name).read_text() for name in kept} == kept

@@ -20,8 +20,10 @@ from typing import Any
 
 from lorakit.demo_files import (
     DEMO_MARKER,
+    check_claimable,
     check_merged_agrees,
     claim_output,
+    file_sizes,
     summary_lines,
     write_predictions,
     write_summary,
@@ -89,14 +91,16 @@ def _accuracy(model, tokenizer, examples, settings: DemoSettings) -> tuple[float
     return result.accuracy, result.predictions, result.log_probs
 
 
-def _check_template_fits(example, tokenizer, max_length: int) -> None:
-    """``UserError`` where ``max_length`` cannot hold the demo's prompt template and answer
-    with an empty review (``data.fit.template_length``): every prompt would then lose its start,
-    the system prompt and the instruction, not only words of long reviews."""
+def _check_template_fits(example, settings: DemoSettings) -> None:
+    """``UserError`` where ``--max-length`` cannot hold the demo's prompt template and answer
+    with an empty review (``data.fit.template_length``, with the model's tokenizer alone): every
+    prompt would then lose its start, the system prompt and instruction, not only review words."""
     from lorakit.data.fit import template_length
     from lorakit.errors import UserError
+    from lorakit.models import load_tokenizer, resolve_model
 
-    needed = template_length(example, tokenizer)
+    max_length = settings.max_length
+    needed = template_length(example, load_tokenizer(resolve_model(settings.model)))
     if needed is not None and needed > max_length:
         raise UserError(
             f"--max-length {max_length} cannot hold the demo's prompt template and answer "
@@ -171,22 +175,6 @@ def _train(model, tokenizer, settings: DemoSettings, output: Path):
     return result, counts, len(tokenized)
 
 
-def _directory_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*.safetensors"))
-
-
-def _sizes(settings: DemoSettings, adapter_dir: Path, base_parameters: int) -> dict[str, Any]:
-    from lorakit.models import resolve_model
-
-    adapter_bytes = _directory_bytes(adapter_dir)
-    base_bytes = _directory_bytes(resolve_model(settings.model)) or 4 * base_parameters
-    return {
-        "adapter_bytes": adapter_bytes,
-        "base_model_bytes": base_bytes,
-        "adapter_percent_of_base": 100.0 * adapter_bytes / base_bytes,
-    }
-
-
 def _base_parameter_count(model) -> int:
     """The model's numbers, a quantized linear counted as its (out x in) matrix (+ bias), not
     as its packed storage."""
@@ -214,12 +202,13 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     started = time.perf_counter()
     output = Path(settings.output)
     held_out = _held_out(settings)
+    check_claimable(output)  # (refusals before the previous results are removed)
+    _check_template_fits(held_out[0], settings)
     claim_output(output)
     _say(f"loading {settings.model}")
     model, tokenizer = load_model(
         settings.model, progress=False, quantization=settings.quantization
     )
-    _check_template_fits(held_out[0], tokenizer, settings.max_length)
     base_parameters = _base_parameter_count(model)
     _say(f"zero-shot accuracy on {len(held_out)} held-out test reviews ...")
     before, zero_shot_predictions, _ = _accuracy(model, tokenizer, held_out, settings)
@@ -228,7 +217,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     after, predictions, log_probs = _accuracy(model, tokenizer, held_out, settings)
     _say(f"accuracy after {'DoRA' if settings.use_dora else 'LoRA'} fine-tuning: {after:.1%}")
     adapter_dir = save_adapter(model, output / "adapter")
-    sizes = _sizes(settings, adapter_dir, base_parameters)
+    sizes = file_sizes(settings.model, adapter_dir, base_parameters)
     merged_predictions, merged_fields = _merge_and_compare(
         model, tokenizer, held_out, settings, predictions, log_probs
     )

@@ -15,8 +15,10 @@ from lorakit.io.atomic import write_text
 __all__ = [
     "DEMO_MARKER",
     "RESULT_FILES",
+    "check_claimable",
     "check_merged_agrees",
     "claim_output",
+    "file_sizes",
     "summary_lines",
     "write_predictions",
     "write_summary",
@@ -47,6 +49,19 @@ def claim_output(output: Path) -> None:
     train`` run, say) is refused before the model loads, so nothing of it is lost. A previous
     demo's ``RESULT_FILES`` are removed (after the marker is written, so that the directory
     stays claimed); training removes its adapter, checkpoints and metrics."""
+    check_claimable(output)
+    output.mkdir(parents=True, exist_ok=True)
+    write_text(
+        output / DEMO_MARKER,
+        "written by `lorakit demo`; a later demo replaces this directory's results\n",
+    )
+    for name in RESULT_FILES:
+        (output / name).unlink(missing_ok=True)
+
+
+def check_claimable(output: Path) -> None:
+    """``claim_output``'s refusal alone (``UserError``; nothing is written): ``output`` is a
+    file, or a directory holding something that is not an earlier demo's."""
     from lorakit.errors import UserError
 
     if output.exists() and not output.is_dir():
@@ -61,13 +76,6 @@ def claim_output(output: Path) -> None:
                 f"and holds {shown}; the demo replaces its adapter, checkpoints and metrics "
                 "there: give another --output or empty that directory"
             )
-    output.mkdir(parents=True, exist_ok=True)
-    write_text(
-        output / DEMO_MARKER,
-        "written by `lorakit demo`; a later demo replaces this directory's results\n",
-    )
-    for name in RESULT_FILES:
-        (output / name).unlink(missing_ok=True)
 
 
 def _is_demo_summary(path: Path) -> bool:
@@ -135,3 +143,21 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         f"  files: {summary['adapter_dir']}, {summary['loss_curve']}, summary.json "
         f"({summary['seconds']:.0f} s)",
     ]
+
+
+def _directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*.safetensors"))
+
+
+def file_sizes(model_spec: str, adapter_dir: Path, base_parameters: int) -> dict[str, Any]:
+    """The adapter's bytes on disk against the base model's (its safetensors files, else 4 bytes
+    a parameter), for the summary."""
+    from lorakit.models import resolve_model
+
+    adapter_bytes = _directory_bytes(adapter_dir)
+    base_bytes = _directory_bytes(resolve_model(model_spec)) or 4 * base_parameters
+    return {
+        "adapter_bytes": adapter_bytes,
+        "base_model_bytes": base_bytes,
+        "adapter_percent_of_base": 100.0 * adapter_bytes / base_bytes,
+    }
