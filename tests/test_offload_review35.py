@@ -28,13 +28,12 @@ import torch
 from accelerate import cpu_offload
 from accelerate.utils import offload as accelerate_offload
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 import lorakit
 from lorakit.errors import AdapterFileError, BaseModelMismatchError
 from lorakit.io import base_verdicts
 from lorakit.state import lora_layers
-from tests import tiny_models
+from tests import offloaded_models, tiny_models
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 DEVICE_MAP = {  # the head, the embedding and layer 1 on "disk"; the rest on the CPU
@@ -53,24 +52,11 @@ def _config(**overrides) -> lorakit.LoraConfig:
     return lorakit.LoraConfig(**({"r": 4, "lora_alpha": 8, "target_modules": TARGETS} | overrides))
 
 
-def _cpu_offloaded(tmp_path: Path) -> torch.nn.Module:
-    model = tiny_models.llama(seed=0)
-    cpu_offload(model, execution_device=torch.device("cpu"))
-    return model
-
-
 def _device_mapped(tmp_path: Path) -> torch.nn.Module:
-    base = tmp_path / "base"
-    if not base.exists():
-        tiny_models.llama(seed=0).save_pretrained(base)
-    folder = tmp_path / f"offload{len(list(tmp_path.glob('offload*')))}"
-    model = AutoModelForCausalLM.from_pretrained(
-        base, device_map=DEVICE_MAP, offload_folder=folder, dtype=torch.float32
-    )
-    return model.eval()
+    return offloaded_models.device_mapped(tmp_path, DEVICE_MAP)
 
 
-OFFLOADERS = {"cpu_offload": _cpu_offloaded, "device_map": _device_mapped}
+OFFLOADERS = {"cpu_offload": offloaded_models.cpu_offloaded, "device_map": _device_mapped}
 
 
 @pytest.fixture(params=sorted(OFFLOADERS))
