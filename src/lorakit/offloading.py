@@ -151,12 +151,10 @@ def offloaded_output(
             for path, module in modules
             if path.partition(".")[0] != "base_layer" and (hook := offload_hook(module)) is not None
         ]
-    loaded = []
-    try:
-        for module, hook in hooked:
-            hook.pre_forward(module)
-            loaded.append((module, hook))
-        return layer.plain_output(x, weight, adapters, *args, **kwargs)
-    finally:
-        for module, hook in loaded:
-            hook.post_forward(module, None)
+    from lorakit.offloaded_merge import onloaded  # (offloaded again if the call raises)
+
+    with onloaded(hooked):
+        out = layer.plain_output(x, weight, adapters, *args, **kwargs)
+    for module, hook in hooked:
+        hook.post_forward(module, None)
+    return out
