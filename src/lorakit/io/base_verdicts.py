@@ -11,7 +11,7 @@ from torch import nn
 
 from lorakit import quantized
 from lorakit.errors import BaseModelMismatchError, listed
-from lorakit.io.fingerprint import base_identity, first_mismatch
+from lorakit.io.fingerprint import base_identity, first_mismatch, held_base_weight
 from lorakit.layers import LoraLayer
 from lorakit.layers.base import offload_hook
 from lorakit.offloading import map_holds, parent_offloader
@@ -45,13 +45,9 @@ def _readable(module: nn.Module) -> bool:
     device is readable where the offload hook of the module holding it has a value for it
     (``offloading.map_holds``: no "disk" file is read, which ``first_mismatch`` then reads
     once). A quantized base's packed codes are looked at as they are."""
-    holder = module
-    while isinstance(holder, LoraLayer):
-        holder = holder.base_layer
     if quantized.is_quantized(module.base_layer if isinstance(module, LoraLayer) else module):
         return base_identity(module)[0].device.type != "meta"
-    original = module.original_weight if isinstance(module, LoraLayer) else None
-    weight = holder.weight if original is None else original
+    holder, weight = held_base_weight(module)
     if weight.device.type != "meta":
         return True
     hook = offload_hook(holder)

@@ -58,6 +58,7 @@ __all__ = [
     "describe_difference",
     "first_mismatch",
     "held_as",
+    "held_base_weight",
     "module_difference",
     "module_fingerprint",
     "offloaded_weight",
@@ -74,17 +75,23 @@ _GOLDEN = (math.sqrt(5) - 1) / 2
 _COARSEST_DTYPES = ("bfloat16", "float16")
 
 
-def base_weight(module: nn.Module) -> torch.Tensor:
-    """The ORIGINAL base weight of a (possibly merged) LoRA layer, or the module's weight; an
-    offloaded one's value (``offloaded_weight``, read from the innermost base module, which
-    accelerate hooked) where the parameter is on the meta device."""
+def held_base_weight(module: nn.Module) -> tuple[nn.Module, torch.Tensor]:
+    """``(holder, weight)``: the innermost base module of ``module`` (the one accelerate hooks)
+    and the ORIGINAL base weight of a (possibly merged) LoRA layer, or the module's weight, as
+    held (on the meta device where accelerate offloaded it)."""
     holder = module
     while isinstance(holder, LoraLayer):
         holder = holder.base_layer
     if isinstance(module, LoraLayer) and module.original_weight is not None:
-        weight = module.original_weight
-    else:
-        weight = holder.weight
+        return holder, module.original_weight
+    return holder, holder.weight
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The ORIGINAL base weight of a (possibly merged) LoRA layer, or the module's weight
+    (``held_base_weight``); an offloaded one's value (``offloaded_weight``, read from the
+    innermost base module, which accelerate hooked) where the parameter is on the meta device."""
+    holder, weight = held_base_weight(module)
     if weight.device.type == "meta":
         offloaded = offloaded_weight(holder, "weight")
         if offloaded is not None:
