@@ -79,12 +79,10 @@ def held_base_weight(module: nn.Module) -> tuple[nn.Module, torch.Tensor]:
     """``(holder, weight)``: the innermost base module of ``module`` (the one accelerate hooks)
     and the ORIGINAL base weight of a (possibly merged) LoRA layer, or the module's weight, as
     held (on the meta device where accelerate offloaded it)."""
-    holder = module
-    while isinstance(holder, LoraLayer):
-        holder = holder.base_layer
-    if isinstance(module, LoraLayer) and module.original_weight is not None:
-        return holder, module.original_weight
-    return holder, holder.weight
+    if not isinstance(module, LoraLayer):
+        return module, module.weight
+    holder = module.innermost_base()
+    return holder, holder.weight if module.original_weight is None else module.original_weight
 
 
 def base_weight(module: nn.Module) -> torch.Tensor:

@@ -275,16 +275,20 @@ class LoraLayer(AdapterTables, Merging, nn.Module):
             return torch.device(hook.execution_device)
         return self.live_weight().device
 
+    def innermost_base(self) -> nn.Module:
+        """The base module under this layer and any nested LoRA layers (what accelerate hooks)."""
+        holder = self.base_layer
+        while isinstance(holder, LoraLayer):
+            holder = holder.base_layer
+        return holder
+
     def base_offload_hook(self):
         """The accelerate hook that offloads the live weight (``offload_hook`` of the module
         holding it, under any nested LoRA layers), or None: also None for a weight on the meta
         device with no such hook (a model built on the meta device, whose adapters stay
         there), and for a hooked weight that is not on the meta device now (loaded for a
         call)."""
-        holder = self.base_layer
-        while isinstance(holder, LoraLayer):
-            holder = holder.base_layer
-        hook = offload_hook(holder)
+        hook = offload_hook(self.innermost_base())
         if hook is None:
             return None
         try:

@@ -21,7 +21,8 @@ merged ones: ``lorakit.offloaded_merge``); a delete that would merge other adapt
 it is refused (``prepare_delete``).
 
 ``Merging`` is the merge half of ``lorakit.layers.base.LoraLayer``; it uses the layer's
-``live_weight`` / ``set_live_weight``, ``base_offload_hook`` and ``merge_delta``.
+``live_weight`` / ``set_live_weight``, ``base_offload_hook``, ``innermost_base`` and
+``merge_delta``.
 """
 
 from __future__ import annotations
@@ -242,10 +243,7 @@ class Merging:
         hook = self.base_offload_hook()
         if hook is None:
             return []
-        holder = self.base_layer
-        while isinstance(holder, Merging):
-            holder = holder.base_layer
-        return [(holder, hook)]
+        return [(self.innermost_base(), hook)]
 
     def _unmerge_offloaded(self, original: torch.Tensor, offloaded: list) -> None:
         """``unmerge`` of a layer accelerate offloaded after the merge: the hook's offload map
