@@ -44,9 +44,10 @@ def offloaded_refusal(path: str) -> str:
         f"module {path!r}: its base weight is offloaded by accelerate (cpu_offload, or a "
         "device_map with 'cpu' / 'disk' entries): accelerate reloads it from its offload map at "
         "each forward, so a merge that unmerge can undo cannot be installed. Use "
-        "merge_and_unload (it writes the merged weights into the offload map, for good), or "
-        "load the base without offloading to merge and unmerge; unmerged, the adapter works on "
-        "the offloaded model as it is. Nothing was changed."
+        "merge_and_unload (it writes the merged weights into the offload map, for good; a "
+        "float base only), or load the base without offloading to merge and unmerge (the one "
+        "way for a quantized base); unmerged, the adapter works on the offloaded model as it "
+        "is. Nothing was changed."
     )
 
 
@@ -60,12 +61,21 @@ def offloaded_bases(model: nn.Module, names: Sequence[str]) -> list[tuple[nn.Mod
         base = layer.base_layer
         if not layer.runs_offloaded_base() or quantized.is_quantized(base):
             raise ValueError(
-                f"module {path!r}: its base {type(base).__name__} is offloaded by accelerate "
-                "and lorakit merges into an offloaded nn.Linear / Conv1D / Embedding only. "
-                "Load the base without offloading this module to merge. Nothing was changed."
+                f"module {path!r}: its base {_base_kind(base)} is offloaded by accelerate "
+                "and lorakit merges into an offloaded float nn.Linear / Conv1D / Embedding "
+                "only. Load the base without offloading this module to merge. Nothing was "
+                "changed."
             )
         found.append((base, hook))
     return found
+
+
+def _base_kind(base: nn.Module) -> str:
+    """The base's class, and its storage format if it is quantized (a torchao layer is an
+    ``nn.Linear``: "Linear (torchao-int8-weight-only)")."""
+    if quantized.is_quantized(base):
+        return f"{type(base).__name__} ({quantized.describe(base)}, quantized)"
+    return type(base).__name__
 
 
 @contextlib.contextmanager

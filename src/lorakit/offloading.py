@@ -12,7 +12,9 @@
   a "disk" entry is read whole from its file; ``io.base_verdicts``).
 - A bitsandbytes layer accelerate offloaded: its quantization state does not survive the
   offload map (the plain model itself fails there), so ``inject`` / ``load_adapter`` refuse it
-  (``check_no_offloaded_bnb``; lorakit's own int8-rows / int4-groups layers work offloaded).
+  (``check_no_offloaded_bnb``; lorakit's own int8-rows / int4-groups layers and torchao's
+  int8 weight-only ones work offloaded: ``quantized.torchao.base_forward`` loads its weight
+  through the hook for the call).
 """
 
 from __future__ import annotations

@@ -27,14 +27,16 @@ Storage, in the layout of ``torch._weight_int4pack_mm_for_cpu`` (a private op, i
 - ``scales_and_offsets`` (in / 32, out, 2) bfloat16.
 
 Shapes the format takes: ``out`` and ``in`` multiples of 32 (every linear of the usual LLMs);
-``quantize_linears`` leaves any other layer as it is, and gives the output layer int8 rows
-(whatever its sizes). A
+``quantize_linears`` leaves any other layer as it is (and those the model's class keeps in
+float: T5's ``wo``), and gives the output layer int8 rows (whatever its sizes). A
 torch without the kernel computes ``F.linear`` with the dequantized weight (the same W0; the
 kernel rounds ``x`` and the output to bfloat16). The backward pass (an adapter trained on this
 base) dequantizes: ``dL/dx = dL/dy W0``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 import torch
 import torch.nn.functional as F
@@ -225,9 +227,11 @@ def int4_groups_matmul(x: torch.Tensor, module: Int4GroupsLinear) -> torch.Tenso
     return out.to(x.dtype).view(*x.shape[:-1], module.out_features)
 
 
-def quantize_linears(model: nn.Module) -> int:
+def quantize_linears(model: nn.Module, keep: Collection[nn.Module] | None = None) -> int:
     """Replace every ``nn.Linear`` of ``model`` (exact type) whose sizes are multiples of 32 by
-    an ``Int4GroupsLinear`` of its weight, in place; returns how many.
+    an ``Int4GroupsLinear`` of its weight, in place; returns how many. The layers in ``keep``
+    (None: those the model's class keeps in float, ``weight_only.kept_in_float``: T5's
+    ``wo``) stay as they are, the output layer too if it is one.
 
     The output layer (``model.get_output_embeddings()``, when the model has one) becomes an
     ``Int8RowsLinear`` instead, whatever its sizes (int8 rows take any shape: a vocabulary of
@@ -244,7 +248,7 @@ def quantize_linears(model: nn.Module) -> int:
             return None
         return Int4GroupsLinear.from_weight(linear.weight, linear.bias)
 
-    return replace_linears(model, convert)
+    return replace_linears(model, convert, keep)
 
 
 # ----------------------------------------------------------------- the quantized-base protocol

@@ -13,11 +13,14 @@ since 2.3, used by torchao and gpt-fast): shapes it is known to mishandle on the
 the same ``W0``.
 
 ``quantize_linears(model)`` replaces a model's ``nn.Linear`` modules (the output layer
-included) in place; ``load_model(spec, quantization="int8-rows")`` does it on load. The backward
+included; not those the model's class keeps in float, e.g. T5's ``wo``) in place;
+``load_model(spec, quantization="int8-rows")`` does it on load. The backward
 pass (a LoRA adapter trained on this base) dequantizes again: ``dL/dx = dL/dy W0``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 import torch
 import torch.nn.functional as F
@@ -117,12 +120,14 @@ class Int8RowsLinear(WeightOnlyLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 rows"
 
 
-def quantize_linears(model: nn.Module) -> int:
+def quantize_linears(model: nn.Module, keep: Collection[nn.Module] | None = None) -> int:
     """Replace every ``nn.Linear`` of ``model`` (exact type) by an ``Int8RowsLinear`` of its
     weight, in place; returns how many. An output layer tied to the input embedding gets its
-    own int8 copy (the embedding keeps the float weight)."""
+    own int8 copy (the embedding keeps the float weight). The layers in ``keep`` (None: those
+    the model's class keeps in float, ``weight_only.kept_in_float``: T5's ``wo``) stay as
+    they are."""
     return replace_linears(
-        model, lambda linear: Int8RowsLinear.from_weight(linear.weight, linear.bias)
+        model, lambda linear: Int8RowsLinear.from_weight(linear.weight, linear.bias), keep
     )
 
 

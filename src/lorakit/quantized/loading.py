@@ -12,7 +12,8 @@ quantization=...)`` does.
              output layer included; a model with none in its blocks, GPT-2's Conv1D, is
              refused: ``refuse_no_block_layer``) quantized on load by lorakit (``int8_rows.quantize_linears``):
              the fast CPU base for decoding (no extra package); a sequence classifier's
-             head stays float (``weight_only_part``)
+             head stays float (``weight_only_part``), and so do the layers the model's class
+             keeps in float (``weight_only.kept_in_float``: T5's ``wo``, as for bitsandbytes)
 ``int4-groups``  weight-only 4-bit with a scale and an offset per 32 inputs (Q4_1's scheme),
              every linear layer whose sizes are multiples of 32 (``int4_groups``): half of
              int8-rows' bytes, the fastest CPU base for one-stream decoding
@@ -110,22 +111,20 @@ def quantize_loaded(model: torch.nn.Module, quantization: str, gguf_file: Path |
     """What ``lorakit.models.load_model`` does to a model transformers has just loaded, for
     ``quantization`` (checked by ``check_quantization``): the built-in GGUF file's blocks in
     place of its Llama linears (``gguf``), lorakit's weight-only formats (``int8-rows``,
-    ``int4-groups``), or, for bitsandbytes (quantized while loading), its stored 4-bit bytes
-    kept as they are (``keep_4bit_storage``)."""
+    ``int4-groups``; the layers the model's class keeps in float, ``kept_in_float`` of the
+    whole model, stay float), or, for bitsandbytes (quantized while loading), its stored 4-bit
+    bytes kept as they are (``keep_4bit_storage``)."""
     if quantization == "gguf":
         from lorakit.quantized.gguf_file import replace_llama_linears
 
         replace_llama_linears(model, gguf_file)
-    elif quantization == "int8-rows":
-        from lorakit.quantized.int8_rows import quantize_linears
+    elif quantization in ("int8-rows", "int4-groups"):
+        from lorakit.quantized import int4_groups, int8_rows
+        from lorakit.quantized.weight_only import kept_in_float
 
+        backend = int8_rows if quantization == "int8-rows" else int4_groups
         refuse_no_block_layer(model, quantization)
-        quantize_linears(weight_only_part(model))
-    elif quantization == "int4-groups":
-        from lorakit.quantized.int4_groups import quantize_linears
-
-        refuse_no_block_layer(model, quantization)
-        quantize_linears(weight_only_part(model))
+        backend.quantize_linears(weight_only_part(model), keep=kept_in_float(model))
     else:
         keep_4bit_storage(model)
 
@@ -133,17 +132,19 @@ def quantize_loaded(model: torch.nn.Module, quantization: str, gguf_file: Path |
 def block_layers(model: torch.nn.Module, quantization: str) -> int:
     """How many layers other than the output layer lorakit's weight-only ``quantization``
     (``int8-rows``, ``int4-groups``) would store quantized in ``model``: the ``nn.Linear`` s
-    (exact type: not GPT-2's ``Conv1D``) of ``weight_only_part``, for int4-groups only those
-    whose sizes are multiples of 32 (``int4_groups.fits``)."""
+    (exact type: not GPT-2's ``Conv1D``) of ``weight_only_part`` but those kept in float
+    (``weight_only.kept_in_float``), for int4-groups only those whose sizes are multiples of
+    32 (``int4_groups.fits``)."""
     from lorakit.quantized.int4_groups import fits
+    from lorakit.quantized.weight_only import kept_in_float
 
     getter = getattr(model, "get_output_embeddings", None)
-    output = getter() if getter is not None else None
+    skipped = {getter() if getter is not None else None, *kept_in_float(model)}
     return sum(
         1
         for module in weight_only_part(model).modules()
         if type(module) is torch.nn.Linear
-        and module is not output
+        and module not in skipped
         and (quantization != "int4-groups" or fits(*module.weight.shape))
     )
 
@@ -170,7 +171,7 @@ def refuse_no_block_layer(model: torch.nn.Module, quantization: str) -> None:
     raise UserError(
         f"--quantization {quantization}: no layer of this {name} would be stored quantized "
         "(lorakit's int8-rows and int4-groups take nn.Linear layers only, not GPT-2's "
-        "Conv1D); choose nf4, fp4 or int8"
+        "Conv1D, and leave those its class keeps in float); choose nf4, fp4 or int8"
     )
 
 

@@ -8,6 +8,12 @@ keeps a float32 copy of the (out, in) codes for backward (4x the int8 weight). A
 ``Int8Tensor`` that also quantizes activations (``act_quant_kwargs`` set, i.e. dynamic int8
 activation configs) is refused: its output is not ``x W0^T``, so a float merge could not match
 it. torchao's other tensor types (int4, NF4, float8) are refused by class name upstream.
+
+A layer accelerate offloaded (``cpu_offload``; a ``device_map`` with "cpu" entries: the weight
+on the meta device between calls, its value in the hook's offload map) is read from that map
+(``held_weight``), and its forward loads it through the hook for the call, as calling the
+module does (``base_forward``): the outputs are those of the layer not offloaded, bit for bit.
+(accelerate cannot offload an ``Int8Tensor`` to "disk": it writes tensors with ``.numpy()``.)
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ __all__ = [
     "check",
     "dequantized_weight",
     "describe",
+    "held_weight",
     "requantize",
     "shape",
     "storage",
@@ -52,10 +59,28 @@ def describe(module: nn.Module) -> str:
     return "torchao-int8-weight-only"
 
 
+def held_weight(module: nn.Module) -> torch.Tensor:
+    """The layer's ``Int8Tensor``: its ``weight``, or where accelerate offloaded it (on the meta
+    device) the value its hook keeps in the offload map (``fingerprint.offloaded_weight``), on
+    the hook's execution device, where the hook loads it for a call. A meta weight nothing
+    holds a value of (a model built on the meta device) is returned as it is."""
+    weight = module.weight
+    if not weight.is_meta:
+        return weight
+    from lorakit.io.fingerprint import offloaded_weight
+    from lorakit.layers.base import offload_hook
+
+    value = offloaded_weight(module, "weight")
+    if value is None:
+        return weight
+    device = offload_hook(module).execution_device
+    return value if device is None else value.to(device)
+
+
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """``W0`` (out, in) in float32: ``qdata * scale`` (the tensor's own ``dequantize``)."""
     with torch.no_grad():
-        return module.weight.dequantize().to(torch.float32)
+        return held_weight(module).dequantize().to(torch.float32)
 
 
 class _FrozenInt8Linear(torch.autograd.Function):
@@ -75,14 +100,35 @@ class _FrozenInt8Linear(torch.autograd.Function):
 
 
 def base_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``x W0^T + b`` (the bias outside the int8 kernel, so a trained bias gets its gradient)."""
+    """``x W0^T + b`` (the bias outside the int8 kernel, so a trained bias gets its gradient).
+    A layer accelerate offloaded is loaded by its hook for the call and offloaded after it
+    (``pre_forward`` / ``post_forward``, as calling the module would): the same output."""
     check(module)
+    if module.weight.is_meta:
+        from lorakit.layers.base import offload_hook
+
+        hook = offload_hook(module)
+        if hook is not None:
+            return _offloaded_forward(module, hook, x)
     out = _FrozenInt8Linear.apply(x, module)
     return out if module.bias is None else out + module.bias.to(out.dtype)
 
 
+def _offloaded_forward(module: nn.Module, hook, x: torch.Tensor) -> torch.Tensor:
+    """``base_forward`` with the layer's tensors loaded by its accelerate ``hook`` for the call
+    and offloaded again after it (also if it raises)."""
+    from lorakit.offloaded_merge import onloaded
+
+    with onloaded([(module, hook)]):
+        out = base_forward(module, x)
+    hook.post_forward(module, None)
+    return out
+
+
 def storage(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {"codes": module.weight.qdata, "row_scales": module.weight.scale}
+    """``qdata`` (out, in) int8 and ``scale`` (out,) of the held ``Int8Tensor``."""
+    weight = held_weight(module)
+    return {"codes": weight.qdata, "row_scales": weight.scale}
 
 
 def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
