@@ -29,15 +29,15 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import random
 import statistics
-from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call
+
+from lorakit.analysis import intrinsic_checks as checks
 
 __all__ = [
     "Fastfood",
@@ -79,16 +79,6 @@ def _fwht(x: torch.Tensor, factor_bits: int = 6) -> torch.Tensor:
     return y.reshape(x.shape)
 
 
-def _positive_int(value, what: str) -> int:
-    """``value`` as an int; ``TypeError`` for a non-integer (a float such as 1e3, or a bool, which
-    Python counts as an int), ``ValueError`` below 1. ``what`` names it in the message."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{what} must be a positive integer, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 class _Hadamard(torch.autograd.Function):
     """H x with H symmetric: the backward is H applied to the gradient (nothing saved)."""
 
@@ -109,18 +99,18 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
 class Fastfood(nn.Module):
     """The fixed linear map P: R^d -> R^D above (buffers only, nothing trainable).
 
-    ``forward(theta_d)``: (d,) -> (D,). Random state comes from ``seed`` alone. d and D must be
-    positive integers; d > D is allowed here (P is then rank-deficient).
+    ``forward(theta_d)``: (d,) -> (D,). Random state comes from ``seed`` (an int) alone. d and D
+    must be positive integers; d > D is allowed here (P is then rank-deficient).
     """
 
     def __init__(self, dimension: int, total: int, seed: int = 0) -> None:
         super().__init__()
-        dimension = _positive_int(dimension, "d")
-        total = _positive_int(total, "D")
+        dimension = checks.positive_int(dimension, "d")
+        total = checks.positive_int(total, "D")
         self.dimension, self.total = dimension, total
         self.block = 1 << max(dimension - 1, 0).bit_length()  # L: power of two >= d
         blocks = math.ceil(total / self.block)
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(checks.integer_seed(seed, torch_generator=True))
         signs = torch.randint(0, 2, (blocks, self.block), generator=generator) * 2 - 1
         self.register_buffer("signs", signs.to(torch.int8))  # B: (n, L)
         perm = torch.argsort(torch.rand(blocks, self.block, generator=generator), dim=1)
@@ -132,12 +122,7 @@ class Fastfood(nn.Module):
 
     def forward(self, theta_d: torch.Tensor) -> torch.Tensor:
         """P θ_d (D,), in θ_d's dtype or float32, whichever is wider."""
-        if self.normaliser.dtype not in (torch.float32, torch.float64):
-            raise TypeError(
-                f"the Fastfood tables were cast to {self.normaliser.dtype}, where the transform "
-                "overflows; keep this module, and the model it reparametrises, in float32 or "
-                "float64"
-            )
+        checks.refuse_narrow_tables(self.normaliser.dtype)
         dtype = torch.promote_types(theta_d.dtype, torch.float32)
         device = theta_d.device
         padded = torch.zeros(self.block, dtype=dtype, device=device)
@@ -148,54 +133,6 @@ class Fastfood(nn.Module):
         x = torch.gather(x, 1, self.permutation)  # Π H B x
         x = hadamard_transform(self.gaussian.to(dtype) * x)  # H G Π H B x
         return (x / self.normaliser.to(dtype)).reshape(-1)[: self.total]  # (D,)
-
-
-def _chosen_parameters(
-    named: dict[str, nn.Parameter], parameter_names: Sequence[str] | None
-) -> list[str]:
-    """The names to reparametrise: ``parameter_names``, or every parameter that requires grad;
-    ``ValueError`` for an unknown name, or when none is chosen (D would be 0)."""
-    if parameter_names is None:
-        chosen = [name for name, p in named.items() if p.requires_grad]
-        if not chosen:
-            raise ValueError(
-                "no parameter to reparametrise: none of the model's parameters requires grad "
-                "(was the model already wrapped in an IntrinsicDimension, which freezes them?); "
-                "pass parameter_names"
-            )
-        return chosen
-    unknown = [name for name in parameter_names if name not in named]
-    if unknown:
-        raise ValueError(f"unknown parameter name(s) {unknown[:5]}; see model.named_parameters()")
-    if not parameter_names:
-        raise ValueError(
-            "no parameter to reparametrise: parameter_names is empty; name at least one of "
-            "model.named_parameters()"
-        )
-    repeated = sorted(name for name, count in Counter(parameter_names).items() if count > 1)
-    if repeated:
-        raise ValueError(
-            f"parameter name(s) {repeated[:5]} given more than once in parameter_names: each "
-            "copy would add its size to D and only one copy's step would be applied; name each "
-            "parameter once"
-        )
-    return list(parameter_names)
-
-
-def _refuse_narrow(named: Mapping[str, torch.Tensor], names: Sequence[str]) -> None:
-    """``TypeError`` naming the first of ``names`` whose θ_0 is not float32 / float64.
-
-    SAID's steps (about |θ_d| / sqrt(D) per number) are below bfloat16's / float16's resolution
-    of θ_0, so ``θ_0 + step`` in that dtype would round them off (a bfloat16 Linear(256, 256)
-    lost 16% of a step from θ_d of std 0.01, measured as ||applied - step|| / ||step||).
-    """
-    narrow = [n for n in names if named[n].dtype not in (torch.float32, torch.float64)]
-    if narrow:
-        raise TypeError(
-            f"parameter {narrow[0]!r} is {named[narrow[0]].dtype}: SAID's steps (about "
-            "|θ_d| / sqrt(D) per number) are below its resolution of θ_0 and would be "
-            "rounded away; keep the model in float32 (or float64), also after wrapping it"
-        )
 
 
 class IntrinsicDimension(nn.Module):
@@ -222,17 +159,12 @@ class IntrinsicDimension(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        dimension = _positive_int(dimension, "d")
+        dimension = checks.positive_int(dimension, "d")
         named = dict(model.named_parameters())
-        names = _chosen_parameters(named, parameter_names)
-        _refuse_narrow(named, names)
+        names = checks.chosen_parameters(named, parameter_names)
+        checks.refuse_narrow(named, names)
         sizes = [named[name].numel() for name in names]
-        if dimension > sum(sizes):
-            raise ValueError(
-                f"d={dimension} is larger than D={sum(sizes)}, the number of reparametrised "
-                "numbers: P (D x d) would be rank-deficient and d would overstate the trainable "
-                "dimension; choose d <= D (or reparametrise more parameters)"
-            )
+        checks.refuse_above_total(dimension, sum(sizes))
         projection = Fastfood(dimension, sum(sizes), seed=seed)
         self.model, self.names, self.sizes, self.projection = model, names, sizes, projection
         self.theta_d = nn.Parameter(torch.zeros(dimension))
@@ -252,7 +184,7 @@ class IntrinsicDimension(nn.Module):
         wrapped, e.g. ``wrapper.model.to(torch.bfloat16)``): the steps would be rounded away.
         """
         named = dict(self.model.named_parameters())
-        _refuse_narrow(named, self.names)
+        checks.refuse_narrow(named, self.names)
         flat = self.projection(self.theta_d)  # (D,)
         chunks = torch.split(flat, self.sizes)
         params = {}
@@ -276,7 +208,14 @@ accuracies are multiples of 1/n, so a score exactly at 90% is common, and ``0.9 
 
 def d90(scores: Mapping[int, float], full_score: float, threshold: float = 0.9) -> int | None:
     """Smallest d with ``scores[d] >= threshold * full_score`` (None if no d reaches it); a
-    score equal to the target up to rounding (``TIE_TOLERANCE``) reaches it."""
+    score equal to the target up to rounding (``TIE_TOLERANCE``) reaches it.
+
+    Keys may be numeric strings (a results JSON's) and are read as ints; ``threshold`` must be
+    in (0, 1] and ``full_score`` finite (``intrinsic_checks`` names what is wrong otherwise).
+    """
+    scores = checks.dimension_keys(scores)
+    full_score = checks.finite_score(full_score, "full_score")
+    threshold = checks.fraction_threshold(threshold)
     target = threshold * full_score - TIE_TOLERANCE * max(1.0, abs(full_score))
     reached = [d for d, score in scores.items() if score >= target]
     return min(reached) if reached else None
@@ -288,8 +227,11 @@ def d90_of_gain(
     """Smallest d with ``scores[d] - frozen >= threshold * (full - frozen)``.
 
     None when no d reaches it, or when full fine-tuning does not beat the frozen baseline (the
-    gain is then undefined).
+    gain is then undefined). Arguments are checked as in ``d90``.
     """
+    scores, threshold = checks.dimension_keys(scores), checks.fraction_threshold(threshold)
+    full_score = checks.finite_score(full_score, "full_score")
+    frozen_score = checks.finite_score(frozen_score, "frozen_score")
     if full_score <= frozen_score:
         return None
     gains = {d: score - frozen_score for d, score in scores.items()}
@@ -313,13 +255,12 @@ def bootstrap_d90(
     ``"of_full"`` (the paper's: 90% of the full fine-tune's score) and ``"of_gain"`` (90% of the
     gain over the frozen baseline): ``point`` (on the plain means), ``low`` / ``high`` (2.5th /
     97.5th percentile of the resampled d90, a d never reached counting as +inf, reported as None)
-    and ``undefined`` (the fraction of resamples where no d reaches the threshold).
+    and ``undefined`` (the fraction of resamples where no d reaches the threshold). ``runs``'
+    keys may be numeric strings (read as ints); the baselines' scores must be finite.
     """
-    if not runs or not full or not frozen or any(not v for v in runs.values()):
-        raise ValueError("bootstrap_d90 needs at least one score per dimension and baseline")
-    if resamples < 1:
-        raise ValueError(f"resamples must be >= 1, got {resamples}")
-    rng = random.Random(seed)
+    runs, full, frozen = checks.bootstrap_scores(runs, full, frozen)
+    resamples, threshold = checks.resample_count(resamples), checks.fraction_threshold(threshold)
+    rng = random.Random(checks.integer_seed(seed))
 
     def draw(values: Sequence[float]) -> float:
         return statistics.fmean(rng.choice(values) for _ in values)
