@@ -358,7 +358,8 @@ def test_connection_limits_are_checked():
     with pytest.raises(ValueError, match="backlog must be >= 1"):
         ConnectionLimits(backlog=0)
     options = ConnectionLimits(timeout_request=7).uvicorn_options()
-    assert options["http"].timeout_request == 7 and options["limit_concurrency"] == 512
+    assert options["http"].timeout_request == 7 and options["limit_concurrency"] is None
+    assert options["http"].max_connections == 512
 
 
 def test_a_client_leaving_mid_body_is_not_an_internal_error(served, caplog):
@@ -428,7 +429,8 @@ def test_serve_hands_its_connection_limits_to_uvicorn(monkeypatch):
     options = runs[0]
     assert issubclass(options["http"], RequestTimeoutProtocol)
     assert options["http"].timeout_request == 3.0 and options["timeout_keep_alive"] == 2.0
-    assert options["backlog"] == 64 and options["limit_concurrency"] == 512
+    assert options["backlog"] == 64 and options["limit_concurrency"] is None
+    assert options["http"].max_connections == 512
     assert options["h11_max_incomplete_event_size"] == 16384
     with pytest.raises(lorakit.UserError, match="--timeout-request: timeout_request must be > 0"):
         connection_limits(serve_args("--timeout-request", "0"))

@@ -161,8 +161,9 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
         "--max-connections",
         type=int,
         default=512,
-        help="open connections and running requests at most; beyond, uvicorn "
-        "answers 503 (default: %(default)s)",
+        help="connections served at once, idle keep-alive ones included (>= 1): a request "
+        "is answered 503, and its connection closed, while this many connections opened "
+        "before its own are open; the older ones go on (default: %(default)s)",
     )
     group.add_argument(
         "--backlog",

@@ -7,18 +7,20 @@ request timeout (``RequestTimeoutProtocol``: a client must deliver a whole reque
 within ``timeout_request`` seconds of connecting or of its previous response, else the
 connection is closed) and a bound on each request's head (``HeadBoundConnection``: h11 alone
 bounds only a head still incomplete in its buffer, so a 100 KB head sent in one write was
-parsed), and sets uvicorn's other limits: the connections and requests served at once (more are
-answered 503), and the listen backlog.
+parsed), a bound on the connections served at once (``max_connections``: a request on a newer
+connection is answered 503), and sets uvicorn's other limits: the listen backlog.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import h11
+from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 __all__ = ["ConnectionLimits", "HeadBoundConnection", "RequestTimeoutProtocol"]
@@ -27,6 +29,8 @@ __all__ = ["ConnectionLimits", "HeadBoundConnection", "RequestTimeoutProtocol"]
 _HEAD_END = re.compile(b"\n\r?\n")
 # h11's own default bound (uvicorn's when ``h11_max_incomplete_event_size`` is unset).
 _H11_DEFAULT_HEAD_BYTES = 16 * 1024
+# The order connections were opened in (RequestTimeoutProtocol.max_connections).
+_OPENED = itertools.count()
 
 
 class HeadBoundConnection(h11.Connection):
@@ -72,14 +76,37 @@ class RequestTimeoutProtocol(H11Protocol):
     Its h11 connection is a ``HeadBoundConnection``: a request head longer than uvicorn's
     ``h11_max_incomplete_event_size`` (``--max-header-bytes``; unset: h11's 16 KiB) is
     answered 400, saying so, and the connection closed, whether the head came in one write or
-    many (h11 alone refuses only the latter)."""
+    many (h11 alone refuses only the latter).
+
+    With ``max_connections`` N set (``ConnectionLimits.protocol``), a request is answered
+    uvicorn's plain-text 503 (``Connection: close``, so the connection then closes) when N
+    connections opened before its own are still open, idle keep-alive ones included: the N
+    oldest open connections are served, newer ones are refused until older ones close. (Not
+    uvicorn's ``limit_concurrency``: it refuses every request on every connection once N are
+    open, so at most N-1 are served, and it counts a request's task until a loop iteration
+    after its response, so keep-alive clients that ask again at once were refused too.)"""
 
     timeout_request: float = 30.0
+    max_connections: int | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         bound = self.config.h11_max_incomplete_event_size or _H11_DEFAULT_HEAD_BYTES
         self.conn = HeadBoundConnection(bound, max_incomplete_event_size=bound)
+        self.opened = next(_OPENED)
+        if self.max_connections is not None:
+            self.served_app, self.app = self.app, self._app_within_limit
+
+    async def _app_within_limit(self, scope, receive, send) -> None:
+        """The app, or the 503 for a connection beyond the ``max_connections`` oldest."""
+        older = sum(getattr(other, "opened", -1) < self.opened for other in self.connections)
+        if older < self.max_connections:
+            await self.served_app(scope, receive, send)
+            return
+        self.logger.warning(
+            "refused a request: %d older connections are open (--max-connections)", older
+        )
+        await service_unavailable(scope, receive, send)
 
     def send_400_response(self, msg: str) -> None:
         if self.conn.head_refused:  # (uvicorn's message for any RemoteProtocolError is vague)
@@ -126,9 +153,9 @@ class ConnectionLimits:
     ``max_header_bytes``: the largest request head, request line + headers, in bytes (a longer
     one is answered 400 and its connection closed, however it was sent: ``HeadBoundConnection``;
     also h11's bound on an incomplete event, e.g. a chunked body's size line);
-    ``max_connections``: open connections and running requests at most, beyond which uvicorn
-    answers 503 (uvicorn's ``limit_concurrency``); ``backlog``: connections the kernel queues
-    before they are accepted.
+    ``max_connections``: the connections served at once; a request on a newer one is answered
+    503 (see ``RequestTimeoutProtocol``); ``backlog``: connections the kernel queues before
+    they are accepted.
     """
 
     timeout_keep_alive: float = 5.0
@@ -146,11 +173,11 @@ class ConnectionLimits:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def protocol(self) -> type[RequestTimeoutProtocol]:
-        """``RequestTimeoutProtocol`` with this ``timeout_request``."""
+        """``RequestTimeoutProtocol`` with this ``timeout_request`` and ``max_connections``."""
         return type(
             "RequestTimeoutProtocol",
             (RequestTimeoutProtocol,),
-            {"timeout_request": self.timeout_request},
+            {"timeout_request": self.timeout_request, "max_connections": self.max_connections},
         )
 
     def uvicorn_options(self) -> dict[str, Any]:
@@ -160,6 +187,6 @@ class ConnectionLimits:
             "timeout_keep_alive": self.timeout_keep_alive,
             # RequestTimeoutProtocol bounds each request head by it too (HeadBoundConnection)
             "h11_max_incomplete_event_size": self.max_header_bytes,
-            "limit_concurrency": self.max_connections,
+            "limit_concurrency": None,  # the protocol bounds connections (max_connections)
             "backlog": self.backlog,
         }
