@@ -100,7 +100,7 @@ class LoraConfig:
     ``init_lora_weights="gaussian"``, as in PEFT). Saved as ``<module>.lora_B.bias``."""
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     """Rows of an embedding trained in full (PEFT's): a list of token ids for the input
-    embedding, or ``{module name suffix: token ids}``; saved as
+    embedding, or ``{module name or dotted suffix: token ids}``; saved as
     ``<embedding>.token_adapter.trainable_tokens_delta`` (n, dim), the rows' new values."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
     """Per-module ranks: key matches name m when ``re.match(rf"(.*\\.)?({key})$", m)``; first wins."""

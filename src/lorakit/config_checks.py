@@ -18,8 +18,9 @@ from lorakit.config_values import (
     check,
     check_regex,
     is_finite_number,
-    is_int,
     is_positive_int,
+    is_token_id_list,
+    normalised_token_ids,
 )
 from lorakit.init_methods import EvaConfig, LoftQConfig, changes_base, not_implemented_message
 from lorakit.patterns import check_pattern_set
@@ -41,13 +42,16 @@ _EXPECTED_INITS = (
 
 
 def validate(config: LoraConfig) -> None:
-    """Raise ``ValueError`` naming the first field that is not valid, and why."""
+    """Raise ``ValueError`` naming the first field that is not valid, and why. Token ids
+    given as PEFT takes them (a tuple, numpy integers) become lists of Python ints first
+    (``config_values.normalised_token_ids``), so the saved config holds plain JSON lists."""
     _check_kinds(config)  # first: the patterns read below must be dicts
     _check_numbers(config)
     _check_init(config)
     for name in ("target_modules", "exclude_modules"):
         _check_name_spec(name, getattr(config, name))
     _check_saved_entries(config.modules_to_save)
+    config.trainable_token_indices = normalised_token_ids(config.trainable_token_indices)
     _check_token_indices(config.trainable_token_indices)
     check_target_parameters(config)
     check_layer_replication(config)
@@ -175,21 +179,36 @@ def _check_pissa_alphas(config: LoraConfig) -> None:
 
 
 def _check_token_indices(value: Any) -> None:
-    def ids(v: Any) -> bool:
-        return isinstance(v, list) and bool(v) and all(is_int(i) and i >= 0 for i in v)
-
+    """``trainable_token_indices`` (normalised: ``config_values.normalised_token_ids``): None,
+    a non-empty list of distinct ids >= 0, or ``{module name: such a list}``. A repeated id is
+    refused (PEFT accepts it, but the forward reads one copy of the row and the others train
+    without any effect on the outputs)."""
+    expected = (
+        "None, a non-empty list of int token ids (Python ints; a tuple or numpy integers are "
+        "converted), or {module name: list of int token ids}"
+    )
+    lists = value if isinstance(value, dict) else {None: value}
     check(
         value is None
-        or ids(value)
         or (
-            isinstance(value, dict)
-            and bool(value)
-            and all(isinstance(k, str) and k and ids(v) for k, v in value.items())
+            bool(lists)
+            and all(k is None or (isinstance(k, str) and k) for k in lists)
+            and all(is_token_id_list(ids) for ids in lists.values())
         ),
         "trainable_token_indices",
         value,
-        "None, a non-empty list of token ids, or {module name: list of token ids}",
+        expected,
     )
+    for key, ids in ({} if value is None else lists).items():
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            where = "" if key is None else f" for {key!r}"
+            raise ValueError(
+                f"LoraConfig.trainable_token_indices={value!r} is invalid: token id(s) "
+                f"{repeated} given more than once{where}. Give each id once (PEFT accepts "
+                "repeats, but the forward reads one copy of the row and the other copies "
+                "train without any effect)."
+            )
 
 
 def _check_saved_entries(entries: list[str] | None) -> None:

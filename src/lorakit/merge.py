@@ -36,6 +36,7 @@ from torch import nn
 
 from lorakit import quantized
 from lorakit.layers import LoraLayer, ModulesToSave, TrainableTokens
+from lorakit.layers.tokens import forget_token_merges, record_token_merges, refuse_shared_rows
 from lorakit.merge_choice import chosen_adapters
 from lorakit.offloaded_merge import (
     offload_merged,
@@ -66,6 +67,7 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Mo
     ``merge_and_unload`` merges into an offloaded base.
     """
     names = chosen_adapters(model, adapter_names)
+    refuse_shared_rows(saved_modules(model), names, "merge")  # (token rows: PEFT's rule)
     offloaded = next(offloaded_layers(model, names), None)
     if offloaded is not None:
         raise ValueError(offloaded_refusal(offloaded[0]))
@@ -91,6 +93,7 @@ def _merge(
             prepared.append((layer, weight))
     for layer, weight in prepared:
         layer.install_merge(weight)
+    record_token_merges(saved_modules(model), names)  # (their weights are left as they are)
     return model
 
 
@@ -98,6 +101,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     """Restore every merged layer's original weight tensor (bit-identical), in place."""
     for _, layer in lora_layers(model):
         layer.unmerge()
+    forget_token_merges(saved_modules(model))
     return model
 
 
@@ -147,6 +151,7 @@ def merge_and_unload(
     all and the reloaded model gives the outputs of this one (transformers 5 logs that it does
     not tie such T5 weights, whose values differ)."""
     names = chosen_adapters(model, adapter_names, "merge_and_unload")  # (a PeftModel's too)
+    refuse_shared_rows(saved_modules(model), names, "merge_and_unload")  # (PEFT's rule)
     model = adapter_model(model)  # lorakit's PeftModel: the model inside it
     _check_float_dtype(float_dtype)
     offloaded = offloaded_bases(model, names)  # (refuses an offloaded one it cannot merge)

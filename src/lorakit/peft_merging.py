@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from torch import nn
 
 from lorakit.inject import unload
+from lorakit.layers import TrainableTokens
 from lorakit.merge import merge, merge_and_unload, unmerge
-from lorakit.state import active_adapters, compute_merged_per_layer, set_active
+from lorakit.state import active_adapters, compute_merged_per_layer, saved_modules, set_active
 
 __all__ = ["PeftMergingMixin"]
 
@@ -33,12 +34,15 @@ class PeftMergingMixin:
         result: a layer holding merged adapters (of this call or an earlier one) its merged
         weight ``W0 + sum_a s_a B_a A_a`` alone, any other layer its active adapters
         (``lorakit.state.compute_merged_per_layer``) until ``unmerge_adapter`` or
-        ``set_adapter``. After ``disable_adapter_layers`` it only merges (the active adapters
-        when no names are given); the model computes the base output until
-        ``enable_adapter_layers``, which applies that rule."""
+        ``set_adapter``. Trainable token rows follow the same rule: an embedding holding
+        merged adapters' rows looks tokens up with those rows alone (``_compute_merged_rows``).
+        After ``disable_adapter_layers`` it only merges (the active adapters when no names are
+        given); the model computes the base output until ``enable_adapter_layers``, which
+        applies that rule to the LoRA layers."""
         merge(self, adapter_names)  # (disabled: the wrapper's active ones, as PEFT merges them)
         if not self._layers_disabled:
             compute_merged_per_layer(self.model)
+            _compute_merged_rows(self.model)
 
     def unmerge_adapter(self) -> None:
         """Undo every merge exactly; every layer computes the active adapters again."""
@@ -102,3 +106,17 @@ class PeftMergingMixin:
             majority_sign_method,
             seed=seed,
         )
+
+
+def _compute_merged_rows(model: nn.Module) -> None:
+    """PEFT's rule for trainable token rows after ``merge_adapter``, as
+    ``state.compute_merged_per_layer`` applies it to LoRA layers: an embedding holding merged
+    adapters' rows (``TrainableTokens.merged_adapters``) uses those rows alone, whichever
+    adapters are active (PEFT's wrapper then looks tokens up in its merged weight); any other
+    the active adapters' rows. ``unmerge_adapter`` / ``set_adapter`` choose the active ones
+    again."""
+    active = active_adapters(model)
+    for _, wrapper in saved_modules(model):
+        if isinstance(wrapper, TrainableTokens):
+            own = tuple(name for name in active if name in wrapper.modules_to_save)
+            wrapper.active_adapters = tuple(wrapper.merged_adapters) or own

@@ -41,6 +41,7 @@ from lorakit.io.stray_weights import (
     stray_base_weight_message,
 )
 from lorakit.layers import LoraLayer
+from lorakit.layers.token_checks import TokenIdsOutsideVocabulary
 from lorakit.moe_targets import convert_moe_config, fused_moe_family
 from lorakit.parameter_targets import find_parameter_targets, unmatched_parameter_entries
 from lorakit.targets import TASK_HEADS, find_targets, saved_module_matches
@@ -85,6 +86,8 @@ def load_targets(
         saved_names = saved_module_names(model, config)
         tokens = token_module_names(model, config, targets, saved_names)
         parameter_targets = find_parameter_targets(model, config, every_entry=False)
+    except TokenIdsOutsideVocabulary as error:  # (a ValueError: first)
+        raise AdapterFileError(_vocabulary_message(adapter, error)) from None
     except ValueError as error:
         raise AdapterFileError(f"adapter {source} does not fit this model: {error}") from None
     config = _without_unmatched_parameters(config, parameter_targets)
@@ -122,6 +125,29 @@ def load_targets(
     return LoadTargets(
         config, targets, saved_names, tensors, parameter_targets, source, header, conversion
     )
+
+
+def _vocabulary_message(adapter: AdapterHeader, error: TokenIdsOutsideVocabulary) -> str:
+    """The refusal of a file whose token rows (``trainable_token_indices``) lie beyond the
+    model's vocabulary: it was trained on a resized one. With the embedding's full weight in
+    the file (``save_embedding_layers``) its row count N is known: call
+    ``resize_token_embeddings(N)``, as the LoRA-embedding path says (``load_checks``)."""
+    name, size = error.module_name, error.size
+    saved = adapter.tensors.get(base_weight_key(name, False, token_rows=True))
+    found = (
+        f"token ids {error.ids} of {name!r} are outside this model's vocabulary of {size} "
+        "tokens: the adapter was trained on a resized vocabulary"
+    )
+    if saved is not None:
+        rows = saved.shape[0]
+        advice = f" of {rows} tokens; call model.resize_token_embeddings({rows}) before loading it."
+    else:
+        advice = (
+            f" of more than {max(error.ids)} tokens (the file does not hold the embedding, so "
+            "its size is not known); call model.resize_token_embeddings(N) with the size it "
+            "was trained with (the tokenizer's len()) before loading it."
+        )
+    return f"adapter {adapter.directory}: {found}{advice}"
 
 
 def _stray_base_weights(

@@ -8,9 +8,11 @@ is PEFT's, ``<embedding>.token_adapter.trainable_tokens_delta``.
 
 It is a ``ModulesToSave`` whose per-adapter "copy" is the small ``TokenRows`` module, so choosing,
 freezing, deleting and unloading adapters work as for saved modules. Merging leaves the weight as
-it is (the forward is already exact; merged or not, the outputs are the same), and
-``merge_and_unload`` writes the rows into the embedding (``merged_module``). Tied input/output
-embeddings are refused (``token_targets``): PEFT then replaces the rows in the output layer too.
+it is (the forward is already exact; merged or not, the outputs are the same) and notes the
+merged adapters (``merged_adapters``; two whose rows share ids are refused, as in PEFT:
+``refuse_shared_rows``), and ``merge_and_unload`` writes their rows into the embedding
+(``merged_module``). Tied input/output embeddings are refused (``token_checks``): PEFT then
+replaces the rows in the output layer too.
 
 An embedding accelerate offloaded (``cpu_offload``, a ``device_map`` with "cpu" / "disk"
 entries: ``W0`` on the meta device between calls, its value in the hook's ``weights_map``)
@@ -22,19 +24,28 @@ device; the forward runs through the embedding's hooks, which load ``W0`` for th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lorakit import functional
-from lorakit.layers.base import LoraLayer, offload_hook
+from lorakit.layers.base import offload_hook
 from lorakit.layers.embedding import times_embed_scale
 from lorakit.layers.per_call import current_override
 from lorakit.layers.saved import ModulesToSave
+from lorakit.layers.token_checks import check_embedding, keyed_targets, shared_rows
 
-__all__ = ["DELTA_KEY", "TokenRows", "TrainableTokens", "token_targets"]
+__all__ = [
+    "DELTA_KEY",
+    "TokenRows",
+    "TrainableTokens",
+    "forget_token_merges",
+    "record_token_merges",
+    "refuse_shared_rows",
+    "token_targets",
+]
 
 DELTA_KEY = "token_adapter.trainable_tokens_delta"
 """The rows' key under the embedding's path, in the model and (without the adapter) in files."""
@@ -42,7 +53,8 @@ DELTA_KEY = "token_adapter.trainable_tokens_delta"
 
 class TokenRows(nn.Module):
     """One adapter's rows: ``token_adapter.trainable_tokens_delta`` (n, dim) and their token
-    ``indices`` (n,) (a buffer kept out of the state dict: the config holds them)."""
+    ``indices`` (n,) (a buffer kept out of the state dict: the config holds them; also as the
+    list ``token_ids``)."""
 
     def __init__(self, indices: Sequence[int], values: torch.Tensor) -> None:
         super().__init__()
@@ -50,6 +62,7 @@ class TokenRows(nn.Module):
         self.token_adapter.trainable_tokens_delta = nn.Parameter(values)
         index = torch.tensor(list(indices), dtype=torch.long, device=values.device)
         self.register_buffer("indices", index, persistent=False)
+        self.token_ids = [int(i) for i in indices]  # (read without a device: offloaded, meta)
 
     @property
     def values(self) -> nn.Parameter:
@@ -64,7 +77,15 @@ class TrainableTokens(ModulesToSave):
     the table the forward uses; PEFT's wrapper returns that table as ``weight``), so code that
     reads ``get_input_embeddings().weight`` (its dtype, device, shape) works.
     ``model.resize_token_embeddings`` is refused by transformers (a ``TypeError``: not an
-    ``nn.Embedding``), as with PEFT: resize the vocabulary before adding the adapter."""
+    ``nn.Embedding``), as with PEFT: resize the vocabulary before adding the adapter.
+
+    ``merged_adapters``: the adapters ``lorakit.merge`` merged here (the weight is not
+    changed: ``merge_and_unload`` writes their rows, ``unmerge`` forgets them); PEFT's front
+    door makes a wrapper holding merged rows compute those alone, as its LoRA layers."""
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__(original_module)
+        self.merged_adapters: list[str] = []
 
     @property
     def weight(self) -> nn.Parameter:
@@ -108,6 +129,20 @@ class TrainableTokens(ModulesToSave):
             rows = table.detach()[list(indices)].to(weight.dtype)  # (as the hook loads W0)
             values = rows.to(device=device, dtype=dtype, copy=True)
         self.modules_to_save[adapter_name] = TokenRows(indices, values)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.merged_adapters = [n for n in self.merged_adapters if n != adapter_name]
+
+    def rows_to_merge(self, adapter_names: Sequence[str]) -> dict[str, list[int]]:
+        """``{adapter: token ids}`` that merging ``adapter_names`` here leaves in the weight:
+        the adapters merged before, then the named ones, each once (PEFT's order)."""
+        names = dict.fromkeys([*self.merged_adapters, *adapter_names])
+        return {n: self.modules_to_save[n].token_ids for n in names if n in self.modules_to_save}
+
+    def record_merge(self, adapter_names: Sequence[str]) -> None:
+        """Note ``adapter_names`` (those with rows here) as merged (``merged_adapters``)."""
+        self.merged_adapters = list(self.rows_to_merge(adapter_names))
 
     def offloading_hook(self):
         """The accelerate hook that offloads the embedding (``layers.base.offload_hook``) while
@@ -165,10 +200,12 @@ class TrainableTokens(ModulesToSave):
         return times_embed_scale(base, out)  # e.g. Gemma's and BART's scaled embeddings
 
     def merged_module(self, adapter_names: Sequence[str]) -> nn.Module:
-        """The embedding holding the named adapters' rows for good (``merge_and_unload``): a new
-        weight Parameter, so a tensor shared with another module is never changed (an offloaded
-        one's written into its hook's offload map, ``offloaded_merge.offload_merged``)."""
-        rows = [self.modules_to_save[n] for n in adapter_names if n in self.modules_to_save]
+        """The embedding holding the rows of the adapters merged before (``merged_adapters``)
+        and of the named ones for good (``merge_and_unload``; ``refuse_shared_rows`` checked
+        they are disjoint): a new weight Parameter, so a tensor shared with another module is
+        never changed (an offloaded one's written into its hook's offload map,
+        ``offloaded_merge.offload_merged``)."""
+        rows = [self.modules_to_save[n] for n in self.rows_to_merge(adapter_names)]
         base = self.original_module
         hook = self.offloading_hook() if rows else None
         if hook is None:
@@ -191,21 +228,15 @@ class TrainableTokens(ModulesToSave):
 
 def token_targets(model: nn.Module, indices, modules: dict[str, nn.Module]) -> dict[str, list[int]]:
     """``{embedding name: token indices}`` for ``LoraConfig.trainable_token_indices``: a list is
-    for the input embedding (``get_input_embeddings``); a dict maps names to indices, a name
-    matching every module whose name ends with it (PEFT's rule). ``modules``: the ORIGINAL
-    modules by name. Raises ValueError naming what cannot be done."""
+    for the input embedding (``get_input_embeddings``); a dict maps names to indices, a key
+    naming each module whose name is the key or ends with ``"." + key`` (PEFT's rule,
+    ``token_checks.keyed_targets``). ``modules``: the ORIGINAL modules by name. Raises
+    ValueError naming what cannot be done (``token_checks.check_embedding``); warns
+    (``UnusedTargetWarning``) for an embedding the forward never calls (BART's ``shared``)."""
     if indices is None:
         return {}
     if isinstance(indices, dict):
-        found = {}
-        for key, wanted in indices.items():
-            names = [n for n in modules if n and n.endswith(key)]
-            if not names:
-                raise ValueError(
-                    f"trainable_token_indices key {key!r} matches no module of this "
-                    f"{type(model).__name__}; name an embedding (e.g. 'embed_tokens')."
-                )
-            found |= {name: list(wanted) for name in names}
+        found = keyed_targets(model, indices, modules)
     else:
         embedding = model.get_input_embeddings()
         if isinstance(embedding, ModulesToSave):  # rows of another adapter are there already
@@ -217,56 +248,44 @@ def token_targets(model: nn.Module, indices, modules: dict[str, nn.Module]) -> d
                 "input embedding (get_input_embeddings); give {embedding name: token ids}."
             )
     for name, wanted in found.items():
-        _check_embedding(model, name, modules[name], wanted)
+        check_embedding(model, name, modules[name], wanted)
+    from lorakit.uncalled_embeddings import warn_uncalled_token_embeddings  # (imports layers)
+
+    warn_uncalled_token_embeddings(model, list(found))
     return found
 
 
-def _check_embedding(model: nn.Module, name: str, module: nn.Module, indices: list[int]) -> None:
-    if not isinstance(module, nn.Embedding):
-        raise ValueError(
-            f"trainable_token_indices names {name!r}, a {type(module).__name__}; lorakit trains "
-            "token rows of nn.Embedding modules only."
-        )
-    bad = [i for i in indices if not 0 <= i < module.num_embeddings]
-    if bad:
-        raise ValueError(
-            f"trainable_token_indices for {name!r}: {bad} outside the vocabulary "
-            f"(0..{module.num_embeddings - 1})."
-        )
-    if _tied_to_output(model, module):
-        raise ValueError(
-            f"trainable_token_indices on {name!r}, whose weight is tied to the output layer: "
-            "not implemented in lorakit (PEFT also changes the output layer's rows); untie "
-            "the embeddings (tie_word_embeddings=False) or leave out trainable_token_indices."
-        )
+def _token_wrappers(modules: Iterable[tuple[str, nn.Module]]) -> list[tuple[str, TrainableTokens]]:
+    return [(name, module) for name, module in modules if isinstance(module, TrainableTokens)]
 
 
-def _tied_to_output(model: nn.Module, embedding: nn.Module) -> bool:
-    """Whether ``embedding`` (an original module) and the model's output layer were built on
-    one weight Parameter. Decided on the unwrapped modules' ORIGINAL weights, so that what
-    wraps them now changes nothing (inject and ``load_adapter`` on a fresh model then give
-    the same answer): the output layer is looked for inside saved-module wrappers
-    (``original_module``) and LoRA layers (``base_layer``), and a weight a merged LoRA layer
-    installed stands for the original it keeps aside (merging unties a tied weight only until
-    ``unmerge``, which puts the shared Parameter back)."""
-    output = getattr(model, "get_output_embeddings", lambda: None)()
-    while isinstance(output, (ModulesToSave, LoraLayer)):
-        output = output.original_module if isinstance(output, ModulesToSave) else output.base_layer
-    output_weight = getattr(output, "weight", None)
-    if output_weight is None:
-        return False
-    originals = _merged_originals(model)
-    original = originals.get(id(output_weight), output_weight)
-    return original is originals.get(id(embedding.weight), embedding.weight)
+def refuse_shared_rows(
+    modules: Iterable[tuple[str, nn.Module]], adapter_names: Sequence[str], what: str
+) -> None:
+    """``ValueError`` (before any change) when merging ``adapter_names`` (``what``: the
+    caller's name) would write two adapters' rows of one token into an embedding
+    (``modules``: ``state.saved_modules(model)``), adapters merged earlier included: the merged
+    table would depend on the order. PEFT refuses it too (``_check_overlapping_tokens``)."""
+    for name, wrapper in _token_wrappers(modules):
+        clash = shared_rows(wrapper.rows_to_merge(adapter_names))
+        if clash is not None:
+            adapter, others, ids = clash
+            raise ValueError(
+                f"{what}: adapter {adapter!r} trains rows {ids} of embedding {name!r} "
+                f"(trainable_token_indices), which adapter(s) {others} also train; merging "
+                "both would keep one adapter's row of each such token, chosen by the order. "
+                "Merge one of them (as PEFT, which refuses this too). Nothing was changed."
+            )
 
 
-def _merged_originals(model: nn.Module) -> dict[int, torch.Tensor]:
-    """``{id(merged weight): original weight}`` for every merged LoRA layer of ``model`` that
-    installed its merged weight in the base (a quantized base keeps it aside: not listed)."""
-    originals = {}
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            state, original = module.read_merge_state()
-            if state.adapters and state.weight is not None and state.original is not None:
-                originals[id(state.weight)] = original
-    return originals
+def record_token_merges(modules: Iterable[tuple[str, nn.Module]], adapter_names) -> None:
+    """Each trainable-token wrapper in ``modules`` notes ``adapter_names`` as merged
+    (``TrainableTokens.merged_adapters``; its weight does not change)."""
+    for _, wrapper in _token_wrappers(modules):
+        wrapper.record_merge(adapter_names)
+
+
+def forget_token_merges(modules: Iterable[tuple[str, nn.Module]]) -> None:
+    """``unmerge``: no trainable-token wrapper in ``modules`` holds merged rows any more."""
+    for _, wrapper in _token_wrappers(modules):
+        wrapper.merged_adapters.clear()
