@@ -45,6 +45,7 @@ from lorakit.offloaded_merge import (
     offloaded_refusal,
     onloaded,
 )
+from lorakit.offloading import onload_for_good
 from lorakit.quantized.merge import float_linear
 from lorakit.replication import own_replicated_tensors, tied_parameter_ids
 from lorakit.state import adapter_model, lora_layers, saved_modules, walk_modules
@@ -80,6 +81,8 @@ def _merge(
     """``merge``, each merged weight rounded once to ``dtype`` (None: its base weight's);
     ``merge_and_unload`` passes its ``float_dtype``, then casts the rest of the model to it."""
     names = chosen_adapters(model, adapter_names)
+    for _, layer in lora_layers(model):  # adapter tensors accelerate offloaded with the model
+        onload_for_good(layer)
     prepared = []
     for path, layer in lora_layers(model):
         try:

@@ -6,8 +6,11 @@
   ``inject`` / ``load_adapter`` refuse it before any change (``check_no_parent_offload``).
 - Adapter tensors offloaded too (a model offloaded AFTER its adapters were added: accelerate
   hooks ``lora_A`` / ``lora_B`` like any module holding weights): read on the meta device,
-  torch computes with uninitialised memory, silently; the forward loads them through their
-  hooks for the call (``offloaded_output``).
+  torch computes with uninitialised memory, silently. The forward loads a LoRA layer's adapter
+  modules for good (``onload_for_good``: in the Parameters the model already holds, so an
+  optimizer made before the first forward trains them), as an adapter added after offloading
+  lives on the execution device; a save reads offloaded tensors with their modules loaded for
+  the read (``offloaded_holders``, ``loaded_for_reading``): the file is the plain model's.
 - Whether an offload map holds a readable value for a key, without reading it (``map_holds``:
   a "disk" entry is read whole from its file; ``io.base_verdicts``).
 - A bitsandbytes layer accelerate offloaded: its quantization state does not survive the
@@ -19,7 +22,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -27,8 +31,11 @@ from torch import nn
 __all__ = [
     "check_no_offloaded_bnb",
     "check_no_parent_offload",
+    "loaded_for_reading",
     "map_holds",
+    "offloaded_holders",
     "offloaded_output",
+    "onload_for_good",
     "parent_offloader",
 ]
 
@@ -127,16 +134,14 @@ def offloaded_output(
 ) -> torch.Tensor:
     """``layer.plain_output(x, weight, adapters, ...)`` of a LoRA layer whose base accelerate
     offloaded (``LoraLayer.forward``; the base is called through its hook). Where an adapter's
-    own tensors are on the meta device too (``adapter_parameters``), each module of the layer
-    outside ``base_layer`` that accelerate offloads is loaded by its hook for the call
-    (``pre_forward``) and offloaded again after it (``post_forward``), as accelerate does
-    around a module's call: the output is the non-offloaded model's. (Their gradients go to
-    the tensors loaded for the call, as for any weight accelerate offloads: such a model is
-    for inference.) ``weight`` (None: a quantized base, called through its hook as it is) must be
-    the live one, which the hook loads: a layer offloaded after a merge cannot compute without
-    its merged adapters (``ValueError``: unmerge first)."""
-    from lorakit.layers.base import offload_hook
-
+    own tensors are on the meta device too (``adapter_parameters``: the model was offloaded
+    after its adapters were added), the layer's adapter modules are loaded for good first
+    (``onload_for_good``): the output, and the gradients of a training step, are the
+    non-offloaded model's. ``weight`` (None: a quantized base, called through its hook as it
+    is) must be the live one, which the hook loads: a layer offloaded after a merge cannot
+    compute without its merged adapters (``ValueError``: unmerge first), and a DoRA adapter
+    cannot compute on an offloaded weight (``ValueError``: ``inject`` refuses DoRA there; this
+    refuses one added before offloading, instead of torch's meta-device error)."""
     if layer.merged_adapters and weight is not None and weight is not layer.live_weight():
         raise ValueError(
             f"this LoRA layer on a {type(layer.base_layer).__name__} holds merged adapters "
@@ -145,18 +150,88 @@ def offloaded_output(
             "(lorakit.disabled, use_adapters or other active adapters). Unmerge first "
             "(lorakit.unmerge writes the original weight back into the offload map)."
         )
-    hooked = []
+    dora = [name for name in adapters if layer.is_dora(name)]
+    if dora and weight is not None:
+        raise ValueError(
+            f"adapter {dora[0]!r} uses DoRA (use_dora=True), which reads the base weight's "
+            f"values at each forward, but accelerate offloaded this {type(layer.base_layer).__name__}"
+            " (the model was offloaded after the adapter was added: its weight is on the meta "
+            "device outside its forward). Load the base without offloading the targeted modules "
+            "(more GPU / CPU memory, or a quantized base), or merge the adapter before offloading "
+            "(lorakit.merge_and_unload). lorakit.save_adapter saves it as it is."
+        )
     if any(p.is_meta for name in adapters for p in layer.adapter_parameters(name)):
-        modules = layer.named_modules()
-        hooked = [
-            (module, hook)
-            for path, module in modules
-            if path.partition(".")[0] != "base_layer" and (hook := offload_hook(module)) is not None
-        ]
-    from lorakit.offloaded_merge import onloaded  # (offloaded again if the call raises)
+        onload_for_good(layer)
+    return layer.plain_output(x, weight, adapters, *args, **kwargs)
 
-    with onloaded(hooked):
-        out = layer.plain_output(x, weight, adapters, *args, **kwargs)
-    for module, hook in hooked:
+
+def _adapter_modules(layer: nn.Module):
+    """``(module, its offload hook)`` of each module of the LoRA layer ``layer`` outside its
+    ``base_layer`` (``lora_A`` / ``lora_B`` linears, embedding factor tables, DoRA magnitudes)
+    whose own tensors accelerate offloads (``offload_hook``)."""
+    from lorakit.layers.base import offload_hook
+
+    for path, module in layer.named_modules():
+        if path.partition(".")[0] != "base_layer" and (hook := offload_hook(module)) is not None:
+            yield module, hook
+
+
+def onload_for_good(layer: nn.Module) -> None:
+    """Load the offloaded adapter modules of the LoRA layer ``layer`` (``_adapter_modules``)
+    for good: each is loaded by its hook as for a call (``pre_forward``: the values of its
+    offload map, on its execution device), each loaded tensor is swapped into the Parameter
+    the module held (``torch.utils.swap_tensors``: the same object, now with values, so an
+    optimizer or a parameter list made while it was on the meta device holds the trained
+    tensor), and the hook stops offloading the module (``offload = False``). The layer then
+    is as an adapter added after offloading (on the execution device, ``inject``): trained
+    in place, saved, merged and deleted like the non-offloaded model's. Its base stays
+    offloaded. (A Parameter that cannot be swapped, one with weak references, is replaced by
+    the loaded one.)"""
+    for module, hook in list(_adapter_modules(layer)):
+        held = dict(module._parameters)
+        hook.pre_forward(module)
+        for name, old in held.items():
+            loaded = module._parameters[name]
+            if old is None or loaded is old:
+                continue
+            try:
+                torch.utils.swap_tensors(old, loaded)
+            except RuntimeError:
+                continue  # (the loaded Parameter stays in the module)
+            module._parameters[name] = old
+        hook.offload = False
+
+
+def offloaded_holders(
+    model: nn.Module, tensors: Iterable[torch.Tensor]
+) -> list[tuple[nn.Module, object]]:
+    """``(module, its accelerate offload hook)`` of each module of ``model`` that holds one of
+    ``tensors`` (the very tensor objects, parameters or buffers) where accelerate offloads
+    that module's tensors (``offload_hook``); a tensor no such module holds (on the meta device
+    with no offload map: a model built there) gives none."""
+    from lorakit.layers.base import offload_hook
+
+    wanted = {id(tensor) for tensor in tensors}
+    found = []
+    for module in model.modules():
+        held = [*module._parameters.values(), *module._buffers.values()]
+        if any(id(tensor) in wanted for tensor in held if tensor is not None):
+            hook = offload_hook(module)
+            if hook is not None:
+                found.append((module, hook))
+    return found
+
+
+@contextlib.contextmanager
+def loaded_for_reading(offloaded: Sequence[tuple[nn.Module, object]]):
+    """Within: each of the ``(module, hook)`` pairs of ``offloaded`` (``offloaded_holders``)
+    loaded by its hook (``offloaded_merge.onloaded``: ``pre_forward``, the values of its
+    offload map on its execution device, as for a call); after the block, raising or not,
+    each offloaded again (``post_forward``), as after a call: the model is as it was. The
+    modules' tensors are new objects within: look them up after entering."""
+    from lorakit.offloaded_merge import onloaded  # (offloaded again if the block raises)
+
+    with onloaded(offloaded):
+        yield
+    for module, hook in offloaded:
         hook.post_forward(module, None)
-    return out

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorakit import offloading
 from lorakit.config import LoraConfig
 from lorakit.errors import UserError
 from lorakit.init_methods import changes_base
@@ -182,6 +183,34 @@ def _warn_unfingerprinted(adapter_name: str, names: list[str]) -> None:
     )
 
 
+def _saved_tensors(
+    model: nn.Module, entries: list, adapter_name: str, dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    """``{key: tensor}`` of ``entries`` as the file holds them (CPU copies, ``dtype`` given to
+    the floating ones). A tensor accelerate offloaded (a model offloaded after its adapters
+    were added: factors, saved copies, token rows on the meta device, their values in the
+    hooks' maps) is read with its module loaded by its hook for the read
+    (``offloading.loaded_for_reading``), so the file is the non-offloaded model's; one on the
+    meta device with no map holds no value (``UserError`` naming it)."""
+    held = [model_tensor(model, entry, adapter_name) for entry in entries]
+    offloaded = offloading.offloaded_holders(model, [t for t in held if t.is_meta])
+    tensors = {}
+    with offloading.loaded_for_reading(offloaded):
+        for entry in entries:
+            tensor = model_tensor(model, entry, adapter_name).detach()  # (the loaded one)
+            if tensor.is_meta:
+                raise UserError(
+                    f"adapter {adapter_name!r}: tensor {entry.key!r} (module {entry.module!r}) "
+                    "is on the meta device with no accelerate offload map to read it from: it "
+                    "holds no values to save. Load or train the adapter on a model with real "
+                    "weights (in memory, or offloaded with accelerate), then save."
+                )
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            tensors[entry.key] = tensor.to("cpu", copy=True).contiguous()
+    return tensors
+
+
 def adapter_file_contents(
     model: nn.Module,
     adapter_name: str = "default",
@@ -193,12 +222,7 @@ def adapter_file_contents(
     config = _config_of(model, adapter_name)
     embeddings = _embeddings_to_save(model, config, save_embedding_layers)
     entries, lora_names = adapter_file_entries(model, adapter_name, embeddings)
-    tensors = {}
-    for entry in entries:
-        tensor = model_tensor(model, entry, adapter_name).detach()
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        tensors[entry.key] = tensor.to("cpu", copy=True).contiguous()
+    tensors = _saved_tensors(model, entries, adapter_name, dtype)
     bases = [model.get_submodule(name).base_layer for name in lora_names]
     config_text = config_to_json(model, config, bases)
     fingerprints = fingerprint.compute(model, lora_names)

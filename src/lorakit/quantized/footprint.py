@@ -7,11 +7,11 @@ owning the model's last parameter (a Llama classifier's ``score`` stays float; B
 parameter is ``classifier.bias``, which names no module, so its classifier is quantized); for
 GGUF every ``nn.Linear`` and ``Conv1D`` but the output layer (and the input embeddings it may be
 tied to). Embeddings, norms and biases stay in the model's float dtype. lorakit's own CPU
-formats (``lorakit.quantized.int8_rows`` / ``int4_groups``, ``--quantization int8-rows`` /
-``int4-groups`` on load) also store the output layer in int8 rows, a tied one as its own copy
-(the embedding keeps its float weight); int4-groups leaves a layer whose sizes are not
-multiples of 32 in float; they take ``nn.Linear`` layers only (none of GPT-2's Conv1D
-projections: on GPT-2 only the tied output layer's int8-rows copy is stored, the base grows).
+formats (``int8_rows`` / ``int4_groups``, ``--quantization int8-rows`` / ``int4-groups`` on
+load) also store the output layer in int8 rows, a tied one as its own copy (the embedding keeps
+its float weight); int4-groups leaves a layer whose sizes are not multiples of 32 in float, both
+the layers the class keeps in float (T5's ``wo``); they take ``nn.Linear`` layers only (no GPT-2
+Conv1D projection: on GPT-2 only the tied output layer's int8-rows copy is stored, it grows).
 
 Bytes of one (d, k) weight, n = d k (what the layer stores, ``lorakit.quantized.storage``)::
 
@@ -46,6 +46,8 @@ embeddings, output layer and norms 0.52 GB: 3.87 GB in all, 3.6 GiB.
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -215,17 +217,18 @@ def _layer_bytes(quantization: str, name: str, module: nn.Module) -> int:
 
 def weight_only_layers(model: nn.Module) -> list[tuple[nn.Linear, bool]]:
     """The layers an int8-rows / int4-groups load replaces, each with whether it is the output
-    layer (stored in int8 rows whatever the format): every ``nn.Linear`` (exact type) of
-    ``loading.weight_only_part`` (a classifier's head stays float). On a model with adapters
-    injected (loading quantizes before they are), an adapter's own layers (``lora_A``,
-    ``lora_B``) are not the base's, and the output layer's wrapper stands for the
-    ``nn.Linear`` it wraps."""
+    layer (int8 rows whatever the format): every ``nn.Linear`` (exact type) of
+    ``loading.weight_only_part`` (a classifier's head stays float) but those its class keeps in
+    float (``weight_only.kept_in_float``: T5's ``wo``, by the names loading saw, ``_as_loaded``).
+    Adapters (injected after loading) are not base layers; the output layer's wrapper stands for
+    the ``nn.Linear`` it wraps."""
     from lorakit.quantized.loading import weight_only_part
+    from lorakit.quantized.weight_only import kept_in_float
     from lorakit.state import lora_layers
 
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     output = getattr(output, "base_layer", output)
-    adapters = {
+    skipped = {id(module) for module in kept_in_float(_as_loaded(model))} | {
         id(module)
         for _, layer in lora_layers(model)
         for name, child in layer.named_children()
@@ -235,13 +238,19 @@ def weight_only_layers(model: nn.Module) -> list[tuple[nn.Linear, bool]]:
     return [
         (module, module is output)
         for module in weight_only_part(model).modules()
-        if type(module) is nn.Linear and id(module) not in adapters
+        if type(module) is nn.Linear and id(module) not in skipped
     ]
 
 
-def weight_only_shapes(
-    model: nn.Module,
-) -> tuple[tuple[int, int], tuple[tuple[int, int], ...]]:
+def _as_loaded(model: nn.Module) -> SimpleNamespace:
+    """``model`` as ``kept_in_float`` reads it, named as loaded (``.base_layer`` dropped)."""
+    names = [(name.replace(".base_layer", ""), module) for name, module in model.named_modules()]
+    keep = ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict")
+    lists = {key: getattr(model, key, None) for key in keep}
+    return SimpleNamespace(named_modules=lambda: names, **lists)
+
+
+def weight_only_shapes(model: nn.Module) -> tuple[tuple[int, int], tuple[tuple[int, int], ...]]:
     """``(out, in)`` of the output layer (``(0, 0)`` for none) and the distinct ``(out, in)``
     of the other layers an int8-rows / int4-groups load replaces (``weight_only_layers``)."""
     output, others = (0, 0), set()
