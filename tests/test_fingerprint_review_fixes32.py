@@ -224,7 +224,7 @@ def test_fingerprints_written_before_load_as_before(tmp_path):
     lorakit.load_adapter(_quantized_llama("int8-rows", v_scale=2.0), tmp_path)
     with pytest.raises(BaseModelMismatchError) as error:
         lorakit.load_adapter(_float_twin(_quantized_llama("int8-rows")), tmp_path)
-    assert "(the adapter was trained on a int8-rows base, this base is float32; a different " in (
+    assert "(the adapter was trained on an int8-rows base, this base is float32; a different " in (
         str(error.value)
     )
 

@@ -120,7 +120,7 @@ def test_a_quantized_base_adapter_loaded_on_the_float_model_names_the_quantizati
     lorakit.inject(trained, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     save_adapter(trained, tmp_path / "adapter")
     code, text = _merge_cli(capsys, model_dir, tmp_path / "adapter", tmp_path / "merged")
-    assert code == 2 and "trained on a int8-rows base" in text
+    assert code == 2 and "trained on an int8-rows base" in text
     assert "pass --quantization int8-rows" in text
 
 

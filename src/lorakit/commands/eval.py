@@ -150,18 +150,24 @@ def add_dtype_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+PASS_QUANTIZATION = " It was trained on a quantized base: pass --quantization {option}."
+
+
 def load_model_and_adapter(
     model_spec: str,
     adapter: str | None,
     allow_base_mismatch: bool = False,
     quantization: str | None = None,
     dtype: str = "float32",
+    quantized_base_hint: str = PASS_QUANTIZATION,
 ):
     """``(model, tokenizer)`` with the adapter loaded (and active) when one is given. The
     adapter files are read and checked before the model loads (a wrong path fails at once).
     ``quantization``: load the base quantized; ``dtype`` (a name of ``DTYPES``): the base's
     dtype (``lorakit.models.load_model``); the adapter is float32 on a 16-bit base
-    (``lorakit.layer_wrapping.default_adapter_dtype``). Returned in eval mode, frozen."""
+    (``lorakit.layer_wrapping.default_adapter_dtype``). Returned in eval mode, frozen.
+    ``quantized_base_hint``: the way out, ``{option}`` the ``--quantization`` to name, that ends
+    the refusal of an adapter trained on a base quantized otherwise (``_quantization_hint``)."""
     from lorakit.errors import BaseModelMismatchError, UserError
     from lorakit.io import load_adapter, read_adapter
     from lorakit.models import builtin_gguf_file, check_model_spec, load_model
@@ -182,8 +188,8 @@ def load_model_and_adapter(
                 warnings.simplefilter("always")
                 load_adapter(model, adapter, activate=True, allow_base_mismatch=allow_base_mismatch)
         except BaseModelMismatchError as error:
-            message = _flag_spelling(str(error)) + _quantization_hint(str(error), quantization)
-            raise BaseModelMismatchError(message) from None
+            hint = _quantization_hint(str(error), quantization, quantized_base_hint)
+            raise BaseModelMismatchError(_flag_spelling(str(error)) + hint) from None
         except ValueError as error:  # a layer of this model cannot take the adapter's kind
             base = f"{model_spec} (--quantization {quantization})" if quantization else model_spec
             raise UserError(f"cannot load adapter {adapter} on {base}: {error}") from None
@@ -212,14 +218,14 @@ _QUANTIZATION_OF_FORMAT = (  # a fingerprint's format name (its start) -> --quan
 )
 
 
-def _quantization_hint(message: str, quantization: str | None) -> str:
+def _quantization_hint(message: str, quantization: str | None, hint: str) -> str:
     """For a mismatch that is the base's format (``fingerprint``: "the adapter was trained on
-    a bnb-nf4-dq base, this base is float32"), the ``--quantization`` that loads the base as
-    the adapter was trained; else ""."""
-    found = re.search(r"trained on a (\S+) base, this base is", message)
+    a bnb-nf4-dq base, this base is float32"), ``hint`` naming the ``--quantization`` that
+    loads the base as the adapter was trained (its ``{option}``); else ""."""
+    found = re.search(r"trained on an? (\S+) base, this base is", message)
     for prefix, option in _QUANTIZATION_OF_FORMAT if found else ():
         if found.group(1).startswith(prefix) and option != quantization:
-            return f" It was trained on a quantized base: pass --quantization {option}."
+            return hint.replace("{option}", option)
     return ""
 
 

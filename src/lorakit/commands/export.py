@@ -201,7 +201,12 @@ def _export_model(args: argparse.Namespace) -> int:
     from lorakit.export.gguf_model import export_model
     from lorakit.models import builtin_gguf_file
 
-    model, tokenizer = load_model_and_adapter(args.source, args.adapter, args.allow_base_mismatch)
+    model, tokenizer = load_model_and_adapter(
+        args.source,
+        args.adapter,
+        args.allow_base_mismatch,
+        quantized_base_hint=_merge_first_hint(args.source, args.adapter),
+    )
     if args.adapter:
         model = _merged(model)
     path = export_model(
@@ -216,6 +221,21 @@ def _export_model(args: argparse.Namespace) -> int:
     merged = f" merged with {args.adapter}" if args.adapter else ""
     print(f"GGUF model ({args.type or 'f16'}){merged} written to {path}")
     return 0
+
+
+def _merge_first_hint(source: str, adapter: str | None) -> str:
+    """How to export an adapter trained on a quantized base (``eval.load_model_and_adapter``'s
+    ``quantized_base_hint``, ``{option}`` its ``--quantization``; the refusal has named
+    ``--allow-base-mismatch`` already): export has no ``--quantization`` (it loads the float
+    base), but ``lorakit merge`` has."""
+    from shlex import quote
+
+    merge = f"lorakit merge --model {quote(source)} --adapter {quote(str(adapter))}"
+    return (
+        " It was trained on a quantized base, which lorakit export does not load: merge it on "
+        f"that base first ({merge} --quantization {{option}} --output MERGED_DIR), then export "
+        "MERGED_DIR."
+    )
 
 
 def _merged(model):

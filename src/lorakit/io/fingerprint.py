@@ -208,9 +208,10 @@ def describe_difference(
     if dtype_name != stored["dtype"] and (
         is_quantized_format(dtype_name) or is_quantized_format(str(stored["dtype"]))
     ):
+        article = "an" if str(stored["dtype"])[:1] in ("a", "e", "i", "o", "u") else "a"
         return (
-            f"the adapter was trained on a {stored['dtype']} base, this base is {dtype_name}; "
-            "a different quantization computes different outputs"
+            f"the adapter was trained on {article} {stored['dtype']} base, this base is "
+            f"{dtype_name}; a different quantization computes different outputs"
         )
     if list(weight.shape) != stored["shape"]:
         from lorakit.io.quantized_fingerprint import as_wider_storage

@@ -188,7 +188,8 @@ def difference(
     rounding = _coarser(stored_format, kind)
     if _within_rounding(sample_values(expected), actual, rounding):
         return None
-    trained = f"the adapter was trained on a {stored_format} base, this base is {kind}"
+    article = "an" if stored_format[:1] in ("a", "e", "i", "o", "u") else "a"  # (an int8-rows)
+    trained = f"the adapter was trained on {article} {stored_format} base, this base is {kind}"
     if is_quantized and is_quantized_format(stored_format):
         return f"{trained}; a different quantization computes different outputs"
     return (

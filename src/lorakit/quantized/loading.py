@@ -14,13 +14,16 @@ quantization=...)`` does.
              the fast CPU base for decoding (no extra package); a sequence classifier's
              head stays float (``weight_only_part``), and so do the layers the model's class
              keeps in float (``weight_only.kept_in_float``: T5's ``wo``, as for bitsandbytes)
+             and those whose weight transformers' code reads (Mamba's ``dt_proj``)
 ``int4-groups``  weight-only 4-bit with a scale and an offset per 32 inputs (Q4_1's scheme),
              every linear layer whose sizes are multiples of 32 (``int4_groups``): half of
              int8-rows' bytes, the fastest CPU base for one-stream decoding
 ===========  ===========================================================================
 
 bitsandbytes models are loaded on the CPU (``device_map="cpu"``); transformers keeps the output
-layer (and a tied one) in float, as it does for every bitsandbytes load. The loader turns off
+layer (and a tied one) in float, as it does for every bitsandbytes load; a model whose code
+reads the weight of a layer bitsandbytes quantized (Mamba's ``dt_proj.weight @ x``) is refused
+(``refuse_bitsandbytes_weight_reads``). The loader turns off
 bitsandbytes' in-place repacking of 4-bit layers for its AVX512-BF16 CPU inference kernel
 (``keep_4bit_storage``; ``lorakit.inject`` does the same on a model built elsewhere): the stored
 bytes stay as loaded in every mode, and an eval-mode forward computes ``x W0^T`` like a training
@@ -48,6 +51,7 @@ __all__ = [
     "keep_4bit_storage",
     "kept_in_float32",
     "quantize_loaded",
+    "refuse_bitsandbytes_weight_reads",
     "refuse_no_block_layer",
     "weight_only_part",
 ]
@@ -113,7 +117,8 @@ def quantize_loaded(model: torch.nn.Module, quantization: str, gguf_file: Path |
     place of its Llama linears (``gguf``), lorakit's weight-only formats (``int8-rows``,
     ``int4-groups``; the layers the model's class keeps in float, ``kept_in_float`` of the
     whole model, stay float), or, for bitsandbytes (quantized while loading), its stored 4-bit
-    bytes kept as they are (``keep_4bit_storage``)."""
+    bytes kept as they are (``keep_4bit_storage``), once ``refuse_bitsandbytes_weight_reads``
+    has passed it."""
     if quantization == "gguf":
         from lorakit.quantized.gguf_file import replace_llama_linears
 
@@ -126,7 +131,35 @@ def quantize_loaded(model: torch.nn.Module, quantization: str, gguf_file: Path |
         refuse_no_block_layer(model, quantization)
         backend.quantize_linears(weight_only_part(model), keep=kept_in_float(model))
     else:
+        refuse_bitsandbytes_weight_reads(model, quantization)
         keep_4bit_storage(model)
+
+
+def refuse_bitsandbytes_weight_reads(model: torch.nn.Module, quantization: str) -> None:
+    """``UserError`` when transformers' code for ``model`` reads the weight of a layer that
+    bitsandbytes has quantized, in a way that fails or goes wrong on its packed codes
+    (``weight_only.weight_reads``: Mamba's ``self.dt_proj.weight @ x``, a shape or dtype error
+    at every forward). Names the model, the layer, and the ways out: lorakit's int8-rows or
+    int4-groups, which keep such layers float, or no quantization."""
+    from lorakit.quantized.weight_only import weight_reads
+
+    broken = [
+        (name, reader)
+        for name, reader, fails_on_bitsandbytes in weight_reads(model)
+        if fails_on_bitsandbytes and type(model.get_submodule(name)) is not torch.nn.Linear
+    ]
+    if not broken:
+        return
+    (name, reader), more = broken[0], len(broken) - 1
+    others = f" (and {more} more such layer{'s' * (more > 1)})" if more else ""
+    model_type = getattr(getattr(model, "config", None), "model_type", "?")
+    raise UserError(
+        f"--quantization {quantization}: this {type(model).__name__} (model type "
+        f"'{model_type}') cannot run on a bitsandbytes base: transformers' {reader} reads the "
+        f"weight of {name}{others} itself, which bitsandbytes holds as packed codes, so every "
+        "forward would fail or go wrong; choose int8-rows or int4-groups (lorakit keeps such "
+        "layers float), or load the model without --quantization"
+    )
 
 
 def block_layers(model: torch.nn.Module, quantization: str) -> int:

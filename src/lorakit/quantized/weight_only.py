@@ -5,7 +5,8 @@ kernel (``matmul(x)``) and whose backward, for an adapter trained on it, recompu
 ``dL/dx = dL/dy W0`` from ``dequantized()`` (nothing saved). ``replace_linears``: swap a model's
 ``nn.Linear`` layers for such layers, in place, leaving in float those the model's class keeps
 in float (``kept_in_float``: T5's ``wo``, whose forward reads ``wo.weight.dtype``, as
-transformers leaves them unquantized for bitsandbytes).
+transformers leaves them unquantized for bitsandbytes) and those whose weight transformers'
+code reads itself (``WEIGHT_READS``, ``weight_reads``: Mamba's ``dt_proj.weight @ x``).
 
 Casting a model (``.float()``, ``.half()``, ``.to(dtype)``) casts the bias only: the stored
 buffers (codes, bfloat16 scales) keep their dtypes, which the kernels require, and move with
@@ -16,11 +17,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Collection
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-__all__ = ["WeightOnlyLinear", "kept_in_float", "replace_linears"]
+__all__ = ["WEIGHT_READS", "WeightOnlyLinear", "kept_in_float", "replace_linears", "weight_reads"]
 
 
 class WeightOnlyLinear(nn.Module):
@@ -62,7 +64,9 @@ class _FrozenMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, module: WeightOnlyLinear) -> torch.Tensor:
         ctx.module = module
-        return module.matmul(x)
+        # (detached: the kernels return a view, and autograd forbids an in-place change, such
+        # as Gemma3n's ``projection *= scale``, of a view made inside a custom Function)
+        return module.matmul(x).detach()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -91,29 +95,115 @@ def replace_linears(
     return replaced
 
 
+class WeightRead(NamedTuple):
+    """The linear layers (paths under an instance of the class) whose ``weight`` the class's
+    transformers code reads itself; ``bitsandbytes``: those of them read in every forward in a
+    way that also fails on a bitsandbytes layer (its packed codes: no guard in transformers);
+    ``when``: whether the instance takes the reading path (None: always)."""
+
+    layers: tuple[str, ...]
+    bitsandbytes: tuple[str, ...] = ()
+    when: Callable[[nn.Module], bool] | None = None
+
+
+def _bloom_slices(module: nn.Module) -> bool:
+    """Bloom's ``slow_but_exact`` path: ``F.linear`` on slices of the weight, per TP rank."""
+    return module.pretraining_tp > 1 and module.slow_but_exact
+
+
+_MIXER_OUT = WeightRead(("out_proj",))  # (to the fused kernel, when training without a cache)
+_HEAD = WeightRead(("lm_head",))  # (``hidden.to(self.lm_head.weight.dtype)``)
+_REL_POS = ("rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias")  # (``bias.weight[:, buckets]``)
+
+#: By class name (any class of a module's MRO): transformers 5's models whose code reads a
+#: linear layer's ``weight``, which a weight-only layer does not hold (found by grepping its
+#: ``modeling_*.py`` for ``self.<layer>.weight`` outside initialisation; vision and audio
+#: towers, which lorakit never runs, left out).
+WEIGHT_READS: dict[str, WeightRead] = {
+    # ``self.dt_proj.weight @ x`` every forward; x/dt/out_proj to the fused kernel (training)
+    "MambaMixer": WeightRead(("x_proj", "dt_proj", "out_proj"), bitsandbytes=("dt_proj",)),
+    "FalconMambaMixer": WeightRead(("dt_proj",)),  # (guarded for bitsandbytes: _is_quantized)
+    "JambaMambaMixer": WeightRead(("dt_proj",)),
+    "Mamba2Mixer": _MIXER_OUT,
+    "BambaMixer": _MIXER_OUT,
+    "FalconH1Mixer": _MIXER_OUT,
+    "GraniteMoeHybridMambaLayer": _MIXER_OUT,
+    "NemotronHMamba2Mixer": _MIXER_OUT,
+    "Zamba2MambaMixer": _MIXER_OUT,
+    "MambaForCausalLM": _HEAD,
+    "FalconMambaForCausalLM": _HEAD,
+    "Mamba2ForCausalLM": _HEAD,
+    "xLSTMForCausalLM": _HEAD,
+    # RwkvModel rescales these weights in place when switching between train and eval
+    "RwkvBlock": WeightRead(("attention.output", "feed_forward.value")),
+    # the dtype of o_proj's weight is the dtype of its attention branch
+    "ErgoDecoderLayer": WeightRead(("self_attn.o_proj",), bitsandbytes=("self_attn.o_proj",)),
+    "Dots3NoteTextIndexer": WeightRead(("weights_proj",), bitsandbytes=("weights_proj",)),
+    "Inkling2LoopMessageGate": WeightRead(("down_proj",), bitsandbytes=("down_proj",)),
+    "HunYuanMoEV1Gate": WeightRead(("wg",)),  # (``wg.weight.dtype == torch.float32``)
+    "Gemma3nTextAltUp": WeightRead(("prediction_coefs", "correction_coefs")),  # (training)
+    "LSHSelfAttention": WeightRead(("query_key", "value")),  # (Reformer's cached decoding)
+    "LayoutLMv2Encoder": WeightRead(_REL_POS, _REL_POS),
+    "LayoutLMv3Encoder": WeightRead(_REL_POS, _REL_POS),
+    "BloomAttention": WeightRead(("dense",), ("dense",), _bloom_slices),
+    "BloomMLP": WeightRead(("dense_4h_to_h",), ("dense_4h_to_h",), _bloom_slices),
+}
+
+
+def weight_reads(model: nn.Module) -> list[tuple[str, str, bool]]:
+    """``(layer's full name, reading class, whether the read fails on bitsandbytes)`` for each
+    layer of ``model`` whose weight transformers' code reads itself (``WEIGHT_READS``), whatever
+    the layer's type now (an ``nn.Linear``, or a quantized layer in its place)."""
+    found = []
+    for name, module in model.named_modules():
+        for cls in type(module).__mro__:
+            read = WEIGHT_READS.get(cls.__name__)
+            if read is None or (read.when is not None and not read.when(module)):
+                continue
+            found += [
+                (f"{name}.{path}" if name else path, cls.__name__, path in read.bitsandbytes)
+                for path in read.layers
+                if _has(module, path)
+            ]
+    return found
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:  # (an optional layer this instance does not have)
+        return False
+    return True
+
+
 def kept_in_float(model: nn.Module) -> list[nn.Linear]:
-    """The ``nn.Linear`` layers (exact type) of ``model`` that its class keeps in float: named by
-    ``_keep_in_fp32_modules`` (T5's ``["wo"]``) or ``_keep_in_fp32_modules_strict`` (an
-    instance's lists gather its submodels'). transformers leaves the first list's layers
-    unquantized for bitsandbytes (``HfQuantizer.get_modules_to_not_convert``); the strict list
-    names what it keeps in float32 at every dtype, so it is kept too. A pattern matches a
-    layer's full name as transformers' ``should_convert_module`` does: as a regex from the
-    start up to a module boundary, or as its end; one naming a parameter (``"gate.weight"``)
-    keeps the layer holding it."""
+    """The ``nn.Linear`` layers (exact type) of ``model`` that stay float: those its class keeps
+    in float, named by ``_keep_in_fp32_modules`` (T5's ``["wo"]``) or
+    ``_keep_in_fp32_modules_strict`` (an instance's lists gather its submodels'), and those
+    whose weight transformers' code reads itself (``weight_reads``: Mamba's ``dt_proj``).
+    transformers leaves the first list's layers unquantized for bitsandbytes
+    (``HfQuantizer.get_modules_to_not_convert``); the strict list names what it keeps in
+    float32 at every dtype, so it is kept too. A pattern matches a layer's full name as
+    transformers' ``should_convert_module`` does: as a regex from the start up to a module
+    boundary, or as its end; one naming a parameter (``"gate.weight"``) keeps the layer
+    holding it."""
     patterns = sorted(
         {
             *(getattr(model, "_keep_in_fp32_modules", None) or ()),
             *(getattr(model, "_keep_in_fp32_modules_strict", None) or ()),
         }
     )
-    if not patterns:
-        return []
+    read = {name for name, _, _ in weight_reads(model)}
     return [
         module
         for name, module in model.named_modules()
-        if type(module) is nn.Linear
-        and any(_names(pattern, name) or _names(pattern, f"{name}.weight") for pattern in patterns)
+        if type(module) is nn.Linear and (name in read or _named_by(patterns, name))
     ]
+
+
+def _named_by(patterns: list[str], name: str) -> bool:
+    """Whether one of ``patterns`` names the layer ``name`` or its weight."""
+    return any(_names(pattern, name) or _names(pattern, f"{name}.weight") for pattern in patterns)
 
 
 def _names(pattern: str, full_name: str) -> bool:
