@@ -74,17 +74,20 @@ def fit_example(example: Example, tokenizer, max_length: int) -> Example:
     if not example.text or token_count(probe, tokenizer) <= max_length:
         return example
     word_ends = [match.end() for match in re.finditer(r"\S+", example.text)]
-    candidates = [example.text[:end] for end in [0, *word_ends[:-1]]]
+
+    def first_words(words: int) -> str:  # built only for the counts probed (O(log n) of them)
+        return example.text[: word_ends[words - 1]] if words else ""
 
     def fits(words: int) -> bool:
-        shortened = with_text(probe, candidates[words])
+        shortened = with_text(probe, first_words(words))
         return shortened is not None and token_count(shortened, tokenizer) <= max_length
 
     if not fits(0):
         return example
-    words = _longest(0, len(candidates) - 1, fits)  # fits(0) holds; all the words do not
-    kept = candidates[words]
-    start, end = len(kept), word_ends[words]  # the next word, which does not fit whole
+    words = _longest(0, len(word_ends) - 1, fits)  # fits(0) holds; all the words do not
+    kept = first_words(words)
+    start = len(kept)
+    end = word_ends[words] if word_ends else start  # the next word, which does not fit whole
     if end - start > LONG_WORD_CHARS:  # text without spaces (Chinese, Japanese, Thai...)
 
         def fits_chars(count: int) -> bool:

@@ -134,6 +134,7 @@ def _checked_messages(messages: object, where: str) -> tuple[dict[str, str], ...
         if not isinstance(message, dict):
             raise UserError(f"{where}: messages[{index}] must be an object with role and content")
         role, content = message.get("role"), message.get("content")
+        _check_not_tool_calling(message, index, where)
         if role not in ROLES:  # (names a lone surrogate escape too: repr writes 'user\\ud83d')
             raise UserError(f"{where}: messages[{index}] role {role!r} is not one of {ROLES}")
         if not isinstance(content, str):
@@ -145,6 +146,23 @@ def _checked_messages(messages: object, where: str) -> tuple[dict[str, str], ...
     if not any(message["role"] == "assistant" for message in checked):
         raise UserError(f"{where}: no assistant message (nothing to learn)")
     return tuple(checked)
+
+
+def _check_not_tool_calling(message: dict, index: int, where: str) -> None:
+    """``UserError`` for a message of a tool-calling chat (OpenAI's form): a ``tool`` (or
+    ``function``) role, or ``tool_calls`` / ``function_call`` (an assistant call, its content
+    often null), which lorakit would otherwise refuse without saying why, or silently drop."""
+    role = message.get("role")
+    calls = [key for key in ("tool_calls", "function_call") if message.get(key)]
+    if role not in ("tool", "function") and not calls:
+        return
+    what = f"has role {role!r}" if role in ("tool", "function") else f"holds {calls[0]!r}"
+    raise UserError(
+        f"{where}: messages[{index}] {what}: tool-calling chats are not supported; flatten "
+        "them into text content (write each tool call in its assistant message's 'content' "
+        "and each tool result as a 'user' message, as the model should see them) or leave "
+        "those messages out"
+    )
 
 
 def _check_no_lone_surrogate(text: str, name: str, where: str) -> None:

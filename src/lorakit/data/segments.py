@@ -26,7 +26,10 @@ so that it gets no "▁" of its own: ``'▁' 'pos' 'itive'``, which spells the j
 prompt, then the piece), not ``'▁' '▁positive'``, which would add a space the text lacks.
 For byte-level BPE tokenizers (GPT-2, SmolLM2) this equals tokenising each piece alone where
 the pieces meet at a pre-tokenizer split (before " word", a newline or a special token), as in
-all the built-in data.
+all the built-in data. A chat's pieces get these same tokens from two or three tokenisations of
+its whole text (``prefix_ids.piece_continuations``, grouping it at the template's special
+tokens), not one of ``before + piece`` per piece, which grew with the square of the turns;
+where that grouping does not give the whole text's tokens, each ``before + piece`` is.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from collections.abc import Sequence
 
 from lorakit.data.chat import ChatTemplateError, render_chat, require_chat_template
 from lorakit.data.examples import Example
+from lorakit.data.prefix_ids import piece_continuations
 from lorakit.errors import UserError
 
 __all__ = ["Segment", "chat_segments", "example_segments", "token_ids"]
@@ -78,7 +82,19 @@ def _tokens_continuing(tokenizer, piece: str) -> list[int]:
 
 def _joined_segments(tokenizer, pieces: Sequence[tuple[str, bool]]) -> list[Segment]:
     """Token segments of text pieces (no special tokens added), each the tokens it adds after
-    the pieces before it (``_continuation``)."""
+    the pieces before it (``_continuation``), by ``prefix_ids.piece_continuations`` (the text
+    tokenised two or three times, not once per piece) where it applies, else piece by piece."""
+    continued = piece_continuations(tokenizer, [piece for piece, _ in pieces])
+    if continued is None:
+        return _joined_segments_whole(tokenizer, pieces)
+    return [
+        (_tokens_continuing(tokenizer, piece) if ids is None else ids, learnt)
+        for (piece, learnt), ids in zip(pieces, continued, strict=True)
+    ]
+
+
+def _joined_segments_whole(tokenizer, pieces: Sequence[tuple[str, bool]]) -> list[Segment]:
+    """``_joined_segments`` tokenising the text before each piece whole (``_continuation``)."""
     segments: list[Segment] = []
     before, before_ids = "", []
     for piece, learnt in pieces:

@@ -18,7 +18,8 @@ tokens, keeping the last learnt answer (``_window``):
 1. the tokens after the last learnt segment go first (e.g. a trailing user turn), as many as
    needed;
 2. if that is not enough, tokens are dropped from the left of the prompt, after the leading
-   special tokens the tokenizer puts before every text (a BOS), which stay;
+   special tokens the tokenizer puts before every text (a BOS) or, for a chat, the BOS its
+   template writes first (``{{ bos_token }}``, Llama-3), which stay;
 3. only if the answer alone does not fit is it cut on the right; one prompt token is kept
    before it where possible, so its first token is still predicted (and learnt).
 
@@ -109,7 +110,7 @@ def _tokenize(
     answer_room = max(answer_end - answer_start, _longest_choice_length(example, tokenizer))
     if len(input_ids) - (answer_end - answer_start) + answer_room <= max_length:
         return input_ids, labels, False, answer_start  # fits with any choice as the answer
-    protected = _leading_special_count(input_ids[:answer_start], tokenizer)
+    protected = _leading_special_count(input_ids[:answer_start], tokenizer, example.is_chat)
     kept, start, end = _window(answer_start, answer_end, answer_room, protected, max_length)
     input_ids = input_ids[:kept] + input_ids[start:end]
     labels = labels[:kept] + labels[start:end]
@@ -131,9 +132,28 @@ def _window(
     return kept, start, min(answer_end, answer_start + max_length - kept - context)
 
 
-def _leading_special_count(prompt: list[int], tokenizer) -> int:
+def _leading_special_count(prompt: list[int], tokenizer, chat: bool = False) -> int:
+    """How many tokens at the start of ``prompt`` truncation keeps: the special tokens the
+    tokenizer puts before every text (a BOS; none for SmolLM2) or, for a chat, the BOS its
+    template writes first (``_template_bos_count``), whichever are more."""
+    by_template = _template_bos_count(prompt, tokenizer) if chat else 0
+    return max(by_template, _tokenizer_special_count(prompt, tokenizer))
+
+
+def _template_bos_count(prompt: list[int], tokenizer) -> int:
+    """1 where the chat template writes ``bos_token`` and ``prompt`` starts with it (Llama-3,
+    Mistral, Gemma: ``{{ bos_token }}...``), else 0. A tokenizer that adds no BOS itself
+    (Llama-3 as transformers loads it from a GGUF file) would not protect it, and the server
+    and ``lorakit generate`` always send it. (ChatML's ``<|im_start|>``, SmolLM2's BOS, starts
+    each message, not the chat: its templates do not write ``bos_token``, so it is cut.)"""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    writes_bos = "bos_token" in str(getattr(tokenizer, "chat_template", None) or "")
+    return int(writes_bos and bos is not None and prompt[:1] == [bos])
+
+
+def _tokenizer_special_count(prompt: list[int], tokenizer) -> int:
     """How many tokens at the start of ``prompt`` are the special tokens the tokenizer puts
-    before every text (a BOS; none for SmolLM2), which truncation keeps."""
+    before every text (a BOS)."""
     plain = token_ids(tokenizer, "x")
     marked = token_ids(tokenizer, "x", special=True)
     special = set(getattr(tokenizer, "all_special_ids", ()))
