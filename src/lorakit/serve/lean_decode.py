@@ -7,7 +7,7 @@ computes the same function over the model's own modules and weights, for the eng
 preallocated cache (``kv.BatchedCache``): per layer, with x (B, 1, h),
 
     a = rmsnorm(x);  [q k v] = a [Wq; Wk; Wv]^T (+ biases)    # one product (``siblings``)
-    q, k = rope(q, k; position)                               # (B, H, 1, hd), (B, Hkv, 1, hd)
+    [q; k] = rope([q; k]; position)                           # (B, H + Hkv, hd): one rotation
     K, V = cache.update(k, v)                                 # (B, Hkv, T, hd), written in place
     x = x + Wo softmax(q K^T * scaling + padding mask) V      # G = H / Hkv queries per kv head
     a = rmsnorm(x);  [g u] = a [Wg; Wu]^T;  x = x + Wd (silu(g) * u)
@@ -17,6 +17,13 @@ Each LoRA layer's adapters are added by the serving router in force, the call it
 makes; a model without a router (``lorakit generate``) calls every projection module itself. The
 grouped-query attention stacks the G query heads of a kv head as G query rows of one SDPA call
 (query head j reads kv head j // G, as transformers' ``repeat_kv``), so K and V are not repeated.
+
+Each op of a step is paid per layer (30 layers of SmolLM2-135M: a few microseconds an op is a few
+percent of a one-stream step), so the step is written in few ops, each giving the same bits as
+transformers' forward: q and k rotated in one call with rotate_half's sign folded into sin once
+per step (``rotate``), no transposes at one token per row, an RMSNorm of six in-place ops
+(``rms_norm``), in-place residual adds and SiLU, and no attention mask when no row is padded (one
+stream), else one additive mask per step instead of a boolean one each layer converts.
 
 ``lean_decoder(model)`` is None for any other model (another family, sliding-window or other
 attention kinds, an activation other than SiLU, RoPE that changes with the sequence length): the
@@ -73,21 +80,30 @@ def lean_decoder(model: nn.Module, *, fuse_siblings: bool) -> LeanDecoder | None
 
 def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     """``w * x / sqrt(mean(x^2) + eps)`` over the last dim, as transformers' RMSNorm (computed
-    in float32, rounded to x's dtype before the weight)."""
+    in float32, rounded to x's dtype before the weight): in float32 the same ops in the same
+    order (so the same bits), in place where the operand is this function's own."""
     eps = norm.variance_epsilon
     if x.dtype == torch.float32:
-        return F.rms_norm(x, norm.weight.shape, norm.weight, eps)
+        scale = (x * x).mean(-1, keepdim=True).add_(eps).rsqrt_()  # x * x: pow(x, 2)'s bits
+        return (x * scale).mul_(norm.weight)
     wide = x.float()
     wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
     return norm.weight * wide.to(x.dtype)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE: ``x cos + rotate_half(x) sin``, rotate_half(x) = [-x2, x1] over halves of head_dim.
-    x (B, heads, 1, hd); cos, sin (B, 1, 1, hd)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``[-s1, s2]`` for sin = ``[s1, s2]`` (halves of head_dim): rotate_half's sign, folded into
+    sin once per step (``rotate``)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:
+    """RoPE: ``x cos + rotate_half(x) sin``, rotate_half(x) = [-x2, x1] over halves of head_dim,
+    computed as ``x cos + [x2, x1] [-s1, s2]`` (``signed`` = ``signed_sin(sin)``): the same
+    products (a sign moved between factors is exact), so the same bits, in four ops.
+    x (B, heads, hd); cos, signed (B, 1, hd)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed
 
 
 class _Block:
@@ -148,30 +164,43 @@ class LeanDecoder:
         router = current_router()
         x = self.embed(input_ids)  # (B, 1, h)
         cos, sin = self.rotary(x, position_ids)  # (B, 1, hd)
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, 1, hd)
-        keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
-        for block, cache_layer in zip(self.blocks, cache.layers, strict=True):
-            x = x + self._attention(
-                block, rms_norm(x, block.input_norm), cos, sin, keep, cache_layer, router
+        sin = signed_sin(sin)
+        mask = additive_mask(attention_mask, x.dtype)
+        for index, (block, cache_layer) in enumerate(zip(self.blocks, cache.layers, strict=True)):
+            attended = self._attention(
+                block, rms_norm(x, block.input_norm), cos, sin, mask, cache_layer, router
             )
+            # the first add makes x the step's own tensor; in place from then on
+            x = x + attended if index == 0 else x.add_(attended)
             gate, up = block.gate_up(rms_norm(x, block.post_norm), router)
-            (down,) = block.down_proj(F.silu(gate).mul_(up), router)
-            x = x + down
+            (down,) = block.down_proj(F.silu(gate, inplace=True).mul_(up), router)
+            x.add_(down)
         return self.lm_head(rms_norm(x[:, -1], self.norm))
 
     @staticmethod
-    def _attention(block: _Block, a, cos, sin, keep, cache_layer, router) -> torch.Tensor:
-        """The attention output (B, 1, h) for normed input ``a`` (B, 1, h)."""
-        rows = a.shape[0]
-        q, k, v = block.qkv(a, router)
-        q = rotate(q.view(rows, 1, block.heads, block.head_dim).transpose(1, 2), cos, sin)
-        k = rotate(k.view(rows, 1, block.kv_heads, block.head_dim).transpose(1, 2), cos, sin)
-        v = v.view(rows, 1, block.kv_heads, block.head_dim).transpose(1, 2)
-        keys, values = cache_layer.update(k, v)  # (B, Hkv, T, hd)
-        group = block.heads // block.kv_heads
-        queries = q.reshape(rows, block.kv_heads, group, block.head_dim)  # (B, Hkv, G, hd)
+    def _attention(block: _Block, a, cos, sin, mask, cache_layer, router) -> torch.Tensor:
+        """The attention output (B, 1, h) for normed input ``a`` (B, 1, h); ``sin`` signed
+        (``signed_sin``), ``mask`` additive or None (``additive_mask``)."""
+        rows, heads, kv_heads, head_dim = a.shape[0], block.heads, block.kv_heads, block.head_dim
+        q, k, v = block.qkv(a, router)  # (B, 1, H hd), (B, 1, Hkv hd), (B, 1, Hkv hd)
+        qk = rotate(torch.cat((q, k), dim=-1).view(rows, heads + kv_heads, head_dim), cos, sin)
+        keys, values = cache_layer.update(  # (B, Hkv, T, hd)
+            qk[:, heads:, None], v.view(rows, kv_heads, 1, head_dim)
+        )
+        queries = qk[:, :heads].view(rows, kv_heads, heads // kv_heads, head_dim)
         out = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=keep, scale=block.scaling
+            queries, keys, values, attn_mask=mask, scale=block.scaling
         )  # (B, Hkv, G, hd)
-        (projected,) = block.o_proj(out.reshape(rows, 1, block.heads * block.head_dim), router)
+        (projected,) = block.o_proj(out.reshape(rows, 1, heads * head_dim), router)
         return projected
+
+
+def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """The (B, 1, 1, T) mask SDPA adds to the scores: 0 on real tokens, -inf on left padding,
+    made once per step (SDPA makes the same from a boolean mask, at every layer); None when no
+    row is padded (one stream), which adds nothing."""
+    if bool(attention_mask.all()):
+        return None
+    keep = attention_mask.bool()[:, None, None, :]
+    zeros = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+    return zeros.masked_fill_(~keep, float("-inf"))
