@@ -79,9 +79,12 @@ def generate_text(
     """The model's continuation of ``prompt``: sent as a user message through the tokenizer's
     chat template (``data.chat.chat_prompt_ids``) unless ``raw`` or the tokenizer has none, else
     as is (``tokenizer(prompt)``). ``lorakit generate`` decides ``raw`` by how the model was
-    trained (``uses_chat_template``)."""
+    trained (``uses_chat_template``). Greedy by the serving engine (``engine_greedy``); sampled
+    (``temperature``) by transformers' ``generate`` from the full softmax(logits / T): both
+    take only the EOS ids from the model's ``generation_config`` (``_generation_config``)."""
     import torch
 
+    from lorakit.commands._generation_config import in_place_of_models, lorakit_generation_config
     from lorakit.data.chat import chat_prompt_ids, has_chat_template
     from lorakit.serve.sampling import GREEDY_BELOW
 
@@ -95,14 +98,12 @@ def generate_text(
     # below GREEDY_BELOW, logits / T overflows (softmax: NaN): greedy, as the server decodes
     if temperature < GREEDY_BELOW and isinstance(model, torch.nn.Module):
         ids = engine_greedy(model, prompt_ids, max_new_tokens)
-    else:
-        with torch.no_grad():
-            output = model.generate(
-                **encoded,
-                generation_config=_sampling_config(
-                    model, temperature, max_new_tokens, tokenizer.pad_token_id
-                ),
-            )
+    else:  # (the model's generation_config: only its EOS ids, as on the greedy path)
+        config = lorakit_generation_config(
+            model, temperature, max_new_tokens, tokenizer.pad_token_id
+        )
+        with torch.no_grad(), in_place_of_models(model, config):
+            output = model.generate(**encoded, generation_config=config)
         ids = output[0, len(prompt_ids) :].tolist()
     return continuation_text(tokenizer, prompt_ids, ids)
 
@@ -116,39 +117,6 @@ def continuation_text(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
     from lorakit.serve.token_pieces import prompt_tail, text_after
 
     return text_after(tokenizer, prompt_tail(tokenizer, prompt_ids), ids)
-
-
-def _sampling_config(model, temperature: float, max_new_tokens: int, pad_token_id=None):
-    """A ``GenerationConfig`` that samples the full softmax(logits / T), as ``lorakit serve``
-    samples: neither transformers' default ``top_k=50`` nor a model's own
-    ``generation_config.json`` sampling settings. transformers fills what a passed config
-    leaves unset from the model's own, so each is set to its neutral value (``top_k=0``,
-    ``top_p=1``, ``min_p=0``, ``typical_p=1``, ``repetition_penalty=1``,
-    ``no_repeat_ngram_size=0``, no epsilon / eta cutoff). The model's EOS and BOS ids are kept,
-    and the pad id (the tokenizer's, ``pad_token_id``, where it has one)."""
-    from transformers import GenerationConfig
-
-    own = getattr(model, "generation_config", None)
-    ids = {
-        name: getattr(own, name, None) for name in ("eos_token_id", "pad_token_id", "bos_token_id")
-    }
-    if pad_token_id is not None:
-        ids["pad_token_id"] = pad_token_id
-    return GenerationConfig(
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
-        min_p=0.0,
-        typical_p=1.0,
-        repetition_penalty=1.0,
-        encoder_repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        epsilon_cutoff=0.0,
-        eta_cutoff=0.0,
-        max_new_tokens=max_new_tokens,
-        **ids,
-    )
 
 
 def _check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:

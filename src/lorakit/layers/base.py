@@ -255,6 +255,12 @@ class LoraLayer(AdapterTables, Merging, nn.Module):
         """The base layer's weight (so code that reads ``module.weight`` keeps working)."""
         return self.base_layer.weight
 
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias, None where it has none (as peft's layers: Mamba and Jamba
+        read ``dt_proj.bias``)."""
+        return getattr(self.base_layer, "bias", None)
+
     def live_weight(self) -> torch.Tensor:
         """The weight the base holds now, merged or not: ``base_layer.weight`` (a layer on a
         bare parameter, ``layers/parameter.py``, that parameter)."""

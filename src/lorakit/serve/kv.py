@@ -16,16 +16,18 @@ dropped (their memory goes back); the next join allocates them afresh for what i
 
 A prefill starts from ``full_attention_cache``: every attention layer keeps every position, a
 sliding-window one included (its mask keeps it in its window). A model whose cache layers are
-still not plain ``DynamicLayer``s (linear attention, state-space layers) falls back to
-concatenation (``ConcatenatedCache``).
+still not plain ``DynamicLayer``s (linear attention, state-space, convolution layers) falls back
+to concatenation over transformers' own layers (``concatenated_cache.ConcatenatedCache``, which
+also joins those layers' per-row states).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from lorakit.serve.concatenated_cache import ConcatenatedCache, MaskedRows
 
 __all__ = [
     "BatchedCache",
@@ -36,12 +38,6 @@ __all__ = [
 ]
 
 TIME_HEADROOM = 64  # extra time columns allocated beyond what is needed now
-
-
-def _pad_time_left(tensor: torch.Tensor, extra: int) -> torch.Tensor:
-    """(B, heads, T, head_dim) -> (B, heads, T + extra, head_dim), zeros on the left."""
-    return F.pad(tensor, (0, 0, extra, 0)) if extra else tensor
-
 
 ATTENTION_KINDS = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
 
@@ -101,41 +97,7 @@ class WindowLayer(DynamicLayer):
         return self.keys, self.values
 
 
-class _MaskedRows:
-    """What both caches keep beside the keys and values: ``mask`` (rows, width), 1 on each row's
-    real tokens, which are right-aligned (left padding), and ``lengths`` (rows,)."""
-
-    mask: torch.Tensor
-    lengths: torch.Tensor
-
-    @property
-    def rows(self) -> int:
-        return int(self.lengths.numel())
-
-    @property
-    def width(self) -> int:
-        return int(self.mask.shape[1])
-
-    def _mask_add_row(self, length: int) -> None:
-        """One more row of ``length`` tokens; the width grows to ``length`` if that is longer."""
-        width = max(self.width, length)
-        row_mask = torch.cat(
-            [torch.zeros(width - length, dtype=torch.long), torch.ones(length, dtype=torch.long)]
-        )
-        self.mask = torch.cat([F.pad(self.mask, (width - self.width, 0)), row_mask[None]])
-        self.lengths = torch.cat([self.lengths, torch.tensor([length])])
-
-    def _mask_keep_rows(self, index: torch.Tensor) -> int:
-        """Only the rows ``index`` (non-empty), without the leftmost columns none of them uses;
-        returns how many columns were dropped."""
-        self.mask = self.mask.index_select(0, index)
-        self.lengths = self.lengths.index_select(0, index)
-        drop = self.width - int(self.lengths.max())
-        self.mask = self.mask[:, drop:]
-        return drop
-
-
-class BatchedCache(_MaskedRows):
+class BatchedCache(MaskedRows):
     """``cache`` (a DynamicCache of ``WindowLayer``s over the running rows), ``mask`` (B, T),
     ``lengths`` (B,). ``step_inputs`` before a decode step (it makes room for one column),
     ``advance`` after it.
@@ -273,10 +235,13 @@ class BatchedCache(_MaskedRows):
         for layer in self._layers():
             layer.refresh()
 
-    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``attention_mask`` (B, T + 1) and ``position_ids`` (B, 1) for one decode step."""
+    def step_inputs(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``attention_mask`` (B, T + 1) and ``position_ids`` (B, 1) for one decode step; the
+        mask None for a cache without attention layers (``ConcatenatedCache.attends``)."""
         if self._fallback is None:
             self._reserve(self.rows, self.width, extra_left=0)
+        elif not self._fallback.attends():
+            return None, self.lengths[:, None].clone()
         mask = torch.cat([self.mask, torch.ones(self.rows, 1, dtype=torch.long)], dim=1)
         return mask, self.lengths[:, None].clone()
 
@@ -291,45 +256,3 @@ class BatchedCache(_MaskedRows):
         self._window.end += 1
         for layer in self._layers():
             layer.refresh()
-
-
-class ConcatenatedCache(_MaskedRows):
-    """The same cache over transformers' own layers (any kind): joins and leaves pad and copy,
-    a decode step concatenates one column (``DynamicCache``)."""
-
-    def __init__(self) -> None:
-        self.cache: DynamicCache | None = None
-        self.mask = torch.zeros(0, 0, dtype=torch.long)
-        self.lengths = torch.zeros(0, dtype=torch.long)
-
-    def add(self, row_cache: DynamicCache, length: int) -> None:
-        if self.cache is None or self.rows == 0:
-            self.cache = row_cache
-            self.mask = torch.ones(1, length, dtype=torch.long)
-            self.lengths = torch.tensor([length])
-            return
-        width = max(self.width, length)
-        for layer, new in zip(self.cache.layers, row_cache.layers, strict=True):
-            layer.keys = torch.cat(
-                [
-                    _pad_time_left(layer.keys, width - self.width),
-                    _pad_time_left(new.keys, width - length),
-                ]
-            )
-            layer.values = torch.cat(
-                [
-                    _pad_time_left(layer.values, width - self.width),
-                    _pad_time_left(new.values, width - length),
-                ]
-            )
-        self._mask_add_row(length)
-
-    def keep(self, rows: list[int]) -> None:
-        if not rows:
-            self.__init__()
-            return
-        index = torch.tensor(rows, dtype=torch.long)
-        drop = self._mask_keep_rows(index)
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, drop:]
-            layer.values = layer.values.index_select(0, index)[:, :, drop:]
