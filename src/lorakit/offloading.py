@@ -9,8 +9,11 @@
   torch computes with uninitialised memory, silently. The forward loads a LoRA layer's adapter
   modules for good (``onload_for_good``: in the Parameters the model already holds, so an
   optimizer made before the first forward trains them), as an adapter added after offloading
-  lives on the execution device; a save reads offloaded tensors with their modules loaded for
-  the read (``offloaded_holders``, ``loaded_for_reading``): the file is the plain model's.
+  lives on the execution device, and so do ``modules_to_save`` copies and token rows
+  (``load_for_good``); a save reads offloaded tensors with their modules loaded for the read
+  (``offloaded_holders``, ``loaded_for_reading``): the file is the plain model's. A base bias
+  that a ``bias`` mode trains stays offloaded with its module: a forward that records
+  gradients for it is refused (``offloaded_tensors.refuse_trained_bias``).
 - Whether an offload map holds a readable value for a key, without reading it (``map_holds``:
   a "disk" entry is read whole from its file; ``io.base_verdicts``).
 - A bitsandbytes layer accelerate offloaded: its quantization state does not survive the
@@ -31,6 +34,8 @@ from torch import nn
 __all__ = [
     "check_no_offloaded_bnb",
     "check_no_parent_offload",
+    "hooked_modules",
+    "load_for_good",
     "loaded_for_reading",
     "map_holds",
     "offloaded_holders",
@@ -141,7 +146,10 @@ def offloaded_output(
     is) must be the live one, which the hook loads: a layer offloaded after a merge cannot
     compute without its merged adapters (``ValueError``: unmerge first), and a DoRA adapter
     cannot compute on an offloaded weight (``ValueError``: ``inject`` refuses DoRA there; this
-    refuses one added before offloading, instead of torch's meta-device error)."""
+    refuses one added before offloading, instead of torch's meta-device error), nor can a
+    base bias that trains (``refuse_trained_bias``)."""
+    from lorakit.offloaded_tensors import refuse_trained_bias
+
     if layer.merged_adapters and weight is not None and weight is not layer.live_weight():
         raise ValueError(
             f"this LoRA layer on a {type(layer.base_layer).__name__} holds merged adapters "
@@ -160,34 +168,46 @@ def offloaded_output(
             "(more GPU / CPU memory, or a quantized base), or merge the adapter before offloading "
             "(lorakit.merge_and_unload). lorakit.save_adapter saves it as it is."
         )
+    refuse_trained_bias(layer.innermost_base())
     if any(p.is_meta for name in adapters for p in layer.adapter_parameters(name)):
         onload_for_good(layer)
     return layer.plain_output(x, weight, adapters, *args, **kwargs)
 
 
-def _adapter_modules(layer: nn.Module):
-    """``(module, its offload hook)`` of each module of the LoRA layer ``layer`` outside its
-    ``base_layer`` (``lora_A`` / ``lora_B`` linears, embedding factor tables, DoRA magnitudes)
-    whose own tensors accelerate offloads (``offload_hook``)."""
+def hooked_modules(module: nn.Module, skip: str = ""):
+    """``(submodule, its offload hook)`` of each module in ``module`` (itself included) whose
+    own tensors accelerate offloads (``layers.base.offload_hook``), leaving out the subtree
+    named ``skip`` (a LoRA layer's "base_layer")."""
     from lorakit.layers.base import offload_hook
 
-    for path, module in layer.named_modules():
-        if path.partition(".")[0] != "base_layer" and (hook := offload_hook(module)) is not None:
-            yield module, hook
+    for path, sub in module.named_modules():
+        if skip and path.partition(".")[0] == skip:
+            continue
+        if (hook := offload_hook(sub)) is not None:
+            yield sub, hook
 
 
 def onload_for_good(layer: nn.Module) -> None:
-    """Load the offloaded adapter modules of the LoRA layer ``layer`` (``_adapter_modules``)
-    for good: each is loaded by its hook as for a call (``pre_forward``: the values of its
-    offload map, on its execution device), each loaded tensor is swapped into the Parameter
-    the module held (``torch.utils.swap_tensors``: the same object, now with values, so an
-    optimizer or a parameter list made while it was on the meta device holds the trained
-    tensor), and the hook stops offloading the module (``offload = False``). The layer then
-    is as an adapter added after offloading (on the execution device, ``inject``): trained
-    in place, saved, merged and deleted like the non-offloaded model's. Its base stays
-    offloaded. (A Parameter that cannot be swapped, one with weak references, is replaced by
-    the loaded one.)"""
-    for module, hook in list(_adapter_modules(layer)):
+    """Load the offloaded adapter modules of the LoRA layer ``layer`` (``lora_A`` / ``lora_B``
+    linears, embedding factor tables, DoRA magnitudes: its modules outside ``base_layer``) for
+    good (``load_for_good``). The layer then is as an adapter added after offloading (on the
+    execution device, ``inject``): trained in place, saved, merged and deleted like the
+    non-offloaded model's. Its base stays offloaded."""
+    load_for_good(list(hooked_modules(layer, skip="base_layer")))
+
+
+def load_for_good(offloaded: Sequence[tuple[nn.Module, object]]) -> None:
+    """Load each of the ``(module, hook)`` pairs of ``offloaded`` (``hooked_modules``) for
+    good: each is loaded by its hook as for a call (``pre_forward``: the values of its offload
+    map, on its execution device), each loaded tensor is swapped into the Parameter the module
+    held (``torch.utils.swap_tensors``: the same object, now with values, so an optimizer or a
+    parameter list made while it was on the meta device holds the trained tensor), and the
+    hook stops offloading the module (``offload = False``; it still moves the inputs). Used
+    for what an adapter owns that accelerate offloaded with the model: LoRA factors
+    (``onload_for_good``), ``modules_to_save`` copies and token rows
+    (``ModulesToSave.load_offloaded_copies``). (A Parameter that cannot be swapped, one with
+    weak references, is replaced by the loaded one.)"""
+    for module, hook in offloaded:
         held = dict(module._parameters)
         hook.pre_forward(module)
         for name, old in held.items():

@@ -113,7 +113,10 @@ def get_peft_model_state_dict(
     """PEFT's ``get_peft_model_state_dict``: ``{file key: tensor}`` of adapter ``adapter_name``,
     the keys and values PEFT's function gives (``base_model.model.<path>.lora_A.weight``
     (r, k), ``...lora_B.weight`` (d, r), DoRA magnitudes, saved modules, token rows, biases of
-    ``bias`` mode). The tensors are the model's own, detached (no copy; they follow training).
+    ``bias`` mode). The tensors are the model's own, detached (no copy; they follow training);
+    one accelerate offloaded with the model (on the meta device, its value in its hook's map:
+    before the first forward loads the adapter for good) is read with its module loaded by its
+    hook for the read, as ``save_adapter`` reads it (``offloading.loaded_for_reading``).
 
     ``model``: a ``PeftModel`` or the model holding the adapters (``unwrap_compiled=True``: a
     ``torch.compile`` wrapper's ``_orig_mod``). ``state_dict``: take each tensor from this
@@ -122,6 +125,7 @@ def get_peft_model_state_dict(
     ``save_embedding_layers``: PEFT's (default ``"auto"``: a targeted embedding's base
     weight; True / False: every / no input-output embedding's base weight)."""
     from lorakit.io.file_tensors import model_tensor
+    from lorakit.offloading import loaded_for_reading, offloaded_holders
 
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
@@ -129,7 +133,9 @@ def get_peft_model_state_dict(
     entries = _file_entries(inner, adapter_name, save_embedding_layers)
     tensors = {entry.key: model_tensor(inner, entry, adapter_name) for entry in entries}
     if state_dict is None:
-        return {key: tensor.detach() for key, tensor in tensors.items()}
+        offloaded = offloaded_holders(inner, [t for t in tensors.values() if t.is_meta])
+        with loaded_for_reading(offloaded):  # (the loaded tensors: looked up within)
+            return {e.key: model_tensor(inner, e, adapter_name).detach() for e in entries}
     names = _tensor_names(model)
     found = {}
     for key, tensor in tensors.items():
@@ -159,9 +165,14 @@ def set_peft_model_state_dict(
     of the adapter, as given. A tensor whose shape differs (another rank) is a ``ValueError``
     naming it before anything is copied (``ignore_mismatched_sizes=True``: left out with a
     warning and listed as missing, as in PEFT). Refused while the adapter is merged (its merged
-    weight would keep the old values). ``low_cpu_mem_usage`` is accepted and has no effect."""
+    weight would keep the old values). ``low_cpu_mem_usage`` is accepted and has no effect.
+    Tensors accelerate offloaded with the model (on the meta device: copied into, they kept
+    nothing) are loaded for good first, as a forward loads them (``_load_offloaded``); a base
+    tensor an offloaded module holds is written into its hook's offload map
+    (``offloaded_tensors.write_offloaded``)."""
     from lorakit.io.file_tensors import model_tensor
     from lorakit.io.keys import PREFIX
+    from lorakit.offloaded_tensors import write_offloaded
 
     inner = _holder(model, adapter_name)
     entries = {entry.key: entry for entry in _file_entries(inner, adapter_name, True)}
@@ -176,14 +187,32 @@ def set_peft_model_state_dict(
         if tuple(value.shape) != tuple(targets[key].shape)
     }
     _refuse_or_warn_mismatched(mismatched, ignore_mismatched_sizes)
+    _load_offloaded(inner, adapter_name)  # (the same Parameters, now with values)
     written = set()
     with torch.no_grad():
         for key, value in to_copy.items():
             if key not in mismatched:
-                targets[key].copy_(value)
+                module = inner.get_submodule(entries[key].module)
+                if not write_offloaded(module, targets[key], value):  # (an offloaded base's)
+                    targets[key].copy_(value)
                 written.add(id(targets[key]))
     missing = [name for name, t in model.state_dict(keep_vars=True).items() if id(t) not in written]
     return _IncompatibleKeys(missing, unexpected)
+
+
+def _load_offloaded(model: nn.Module, adapter_name: str) -> None:
+    """Load adapter ``adapter_name``'s tensors that accelerate offloaded with the model (added
+    before it was offloaded) for good, as its first forward does: the LoRA layers' factors
+    (``offloading.onload_for_good``), the ``modules_to_save`` copies and token rows
+    (``ModulesToSave.load_offloaded_copies``)."""
+    from lorakit.offloading import onload_for_good
+    from lorakit.state import lora_layers, saved_modules
+
+    for _, layer in lora_layers(model):
+        if adapter_name in layer.ranks:
+            onload_for_good(layer)
+    for _, wrapper in saved_modules(model):
+        wrapper.load_offloaded_copies()
 
 
 def _holder(model: nn.Module, adapter_name: str) -> nn.Module:

@@ -36,6 +36,7 @@ from lorakit.io.moe_files import file_keys, fuse_expert_tensors
 from lorakit.io.read import AdapterFile, AdapterHeader, read_adapter_data, read_adapter_header
 from lorakit.io.save import recorded_prompt_style
 from lorakit.layers import LoraLayer, ModulesToSave
+from lorakit.offloaded_tensors import restore_maps, write_offloaded
 from lorakit.parameter_targets import parameter_stand_ins
 from lorakit.replication import replicate_layers, restore_layers
 from lorakit.state import (
@@ -179,11 +180,14 @@ def _copy_other_tensors(
     to_load: LoadTargets,
     adapter_name: str,
     base_backup: list[tuple[torch.Tensor, torch.Tensor]],
+    map_backup: list[tuple[object, object]],
 ) -> None:
     """Copy every tensor of the file but the LoRA factors into the injected adapter (cast to
     the target's dtype); base tensors (biases, base weights) are the unmerged ones, each backed
     up first in ``base_backup`` as ``(tensor, old value)``, so a failure part-way can put them
-    back. Saved-module and token copies train only when the adapter is active."""
+    back; one accelerate offloaded is written into its hook's offload map instead
+    (``offloaded_tensors.write_offloaded``; ``(hook, old map)`` in ``map_backup``).
+    Saved-module and token copies train only when the adapter is active."""
     trainable = adapter_name in active_adapters(model)
     with torch.no_grad():
         for entry in to_load.tensors:
@@ -191,6 +195,10 @@ def _copy_other_tensors(
                 continue
             target = model_tensor(model, entry, adapter_name)  # a base: the unmerged one
             if entry.role in ("bias", "base_weight"):
+                module, value = model.get_submodule(entry.module), adapter.tensors[entry.key]
+                if written := write_offloaded(module, target, value):
+                    map_backup.append(written)  # (on meta: a copy would write nothing)
+                    continue
                 base_backup.append((target, target.detach().clone()))
             target.copy_(adapter.tensors[entry.key].to(target.dtype))
             if entry.role in ("saved", "tokens"):
@@ -211,6 +219,7 @@ def _apply(
     had_state = state_of(model) is not None
     wrapped_before = {id(m) for m in current.values() if isinstance(m, (LoraLayer, ModulesToSave))}
     base_backup: list[tuple[torch.Tensor, torch.Tensor]] = []  # (base tensor, its old value)
+    map_backup: list[tuple[object, object]] = []  # (offload hook, its old map)
     remerge: list[tuple[LoraLayer, tuple[str, ...]]] = []  # (merged layer, its merged adapters)
     factors = _lora_factors(adapter, to_load)
     try:
@@ -228,11 +237,12 @@ def _apply(
             init=None,  # every other adapter tensor is copied from the file below
         )
         rewrites = _plan_redo(model, to_load, adapter_name)
-        _copy_other_tensors(model, adapter, to_load, adapter_name, base_backup)
+        _copy_other_tensors(model, adapter, to_load, adapter_name, base_backup, map_backup)
         remerge = _merged_over(model, [target for target, _ in base_backup])
         _merge_again(remerge)  # their merged weights, from the base tensors the file brought
     except BaseException:
         _roll_back(model, adapter_name, had_state, wrapped_before, base_backup, remerge)
+        restore_maps(map_backup)
         raise
     replaced = {entry.module for entry in to_load.tensors if entry.role == "base_weight"}
     rewrites = [rewrite for rewrite in rewrites if rewrite.name not in replaced]  # as in PEFT:
@@ -241,6 +251,7 @@ def _apply(
             write_rewrites(rewrites)  # last: on a failure it puts back what it wrote
         except BaseException:
             _roll_back(model, adapter_name, had_state, wrapped_before, base_backup, remerge)
+            restore_maps(map_backup)
             raise
     style = recorded_prompt_style(adapter.metadata)  # (lorakit train's record; kept on save)
     if style is not None:

@@ -9,7 +9,10 @@ A module accelerate offloaded (``cpu_offload``, a ``device_map`` with "cpu" / "d
 its weights on the meta device, their values in its hook's ``weights_map``) gets a copy holding
 the real weights, read from that map onto the hook's execution device, without the hook
 (``trainable_copy``): it trains, loads and saves as on the plain model, and the original stays
-offloaded.
+offloaded. A copy made BEFORE the model was offloaded is offloaded with it (accelerate hooks it
+like any module holding weights): the first forward loads the copies for good
+(``load_offloaded_copies``), into the Parameters the model holds, so they train as on the plain
+model (each call's copy of the hook took the gradients before, and token rows failed).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import itertools
 import torch
 from torch import nn
 
-from lorakit import quantized
+from lorakit import offloading, quantized
 from lorakit.layers.base import offload_hook
 from lorakit.layers.per_call import current_override
 
@@ -167,5 +170,16 @@ class ModulesToSave(nn.Module):
                 return self.modules_to_save[name]
         return self.original_module
 
+    def load_offloaded_copies(self) -> None:
+        """Load the copies (every adapter's) that accelerate offloaded with the model (added
+        before it was offloaded: on the meta device, their values in their hooks' maps) for
+        good onto their hooks' execution device (``offloading.load_for_good``: into the
+        Parameters they hold, so an optimizer made before trains them), as a copy made
+        after offloading lives there. Nothing to do (a look at the copies' parameters) once
+        loaded, or where nothing was offloaded."""
+        if any(parameter.is_meta for parameter in self.modules_to_save.parameters()):
+            offloading.load_for_good(list(offloading.hooked_modules(self.modules_to_save)))
+
     def forward(self, *args, **kwargs) -> torch.Tensor:
+        self.load_offloaded_copies()
         return self.chosen_module()(*args, **kwargs)

@@ -19,7 +19,9 @@ entries: ``W0`` on the meta device between calls, its value in the hook's ``weig
 works as a plain one: the rows start as copies read from that map, on the hook's execution
 device; the forward runs through the embedding's hooks, which load ``W0`` for the call; and
 ``merge_and_unload`` writes the embedding with its rows into the offload map
-(``offloaded_merge``, as for a LoRA layer).
+(``offloaded_merge``, as for a LoRA layer). Rows added BEFORE the model was offloaded are
+offloaded with it (on the meta device): the first forward or merge loads them for good onto the
+execution device (``ModulesToSave.load_offloaded_copies``).
 """
 
 from __future__ import annotations
@@ -169,6 +171,7 @@ class TrainableTokens(ModulesToSave):
 
     def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``E[ids]`` with ``E = W0`` with the chosen adapters' rows; shapes (...,) -> (..., dim)."""
+        self.load_offloaded_copies()  # (rows offloaded with the model)
         rows = self.chosen_rows()
         base = self.original_module
         if not rows or args or kwargs:
@@ -205,6 +208,7 @@ class TrainableTokens(ModulesToSave):
         they are disjoint): a new weight Parameter, so a tensor shared with another module is
         never changed (an offloaded one's written into its hook's offload map,
         ``offloaded_merge.offload_merged``)."""
+        self.load_offloaded_copies()  # (rows offloaded with the model)
         rows = [self.modules_to_save[n] for n in self.rows_to_merge(adapter_names)]
         base = self.original_module
         hook = self.offloading_hook() if rows else None
