@@ -1,6 +1,6 @@
 """The arguments of ``combine`` (and of ``lorakit combine`` and the server's mixtures): the
 methods, which options each method takes, and the checks that refuse the rest before any
-adapter is read (``check_arguments``)."""
+adapter is read (``check_arguments``, whose ``ArgumentError`` names the argument refused)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,15 @@ from collections.abc import Mapping
 from lorakit.combining.methods import SIGN_METHODS
 from lorakit.errors import UserError
 
-__all__ = ["METHODS", "OPTION_METHODS", "PRUNING", "check_arguments", "unused_option"]
+__all__ = [
+    "METHODS",
+    "OPTION_METHODS",
+    "PRUNING",
+    "ArgumentError",
+    "check_arguments",
+    "rank_for_cat",
+    "unused_option",
+]
 
 METHODS = ("cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -22,6 +30,27 @@ OPTION_METHODS: dict[str, tuple[str, ...]] = {
 }
 """The methods each option acts on; given to any other method it is refused (it would be
 ignored). One rule for ``combine``, ``lorakit combine`` and the server's mixtures."""
+
+
+class ArgumentError(UserError):
+    """``check_arguments``' refusal. ``argument``: the argument refused (``weights``,
+    ``method``, ``rank``, ``density``, ``majority_sign_method``, ``seed``), for a caller that
+    points at it (the server's ``param``); ``reason``: the message without ``combine: ``."""
+
+    def __init__(self, reason: str, argument: str) -> None:
+        super().__init__(f"combine: {reason}")
+        self.reason = reason
+        self.argument = argument
+
+
+def rank_for_cat(name: str) -> str:
+    """The refusal of a rank given to ``cat`` (whose rank is the sum of the inputs' ranks),
+    ``name`` naming it as the caller's user gave it (``rank=4``, ``--rank``)."""
+    cutting = ", ".join(method for method in METHODS if method != "cat")
+    return (
+        f"{name} is for the methods that cut the result to a rank ({cutting}), not cat (cat's "
+        "rank is the sum of the adapters' ranks): leave it out, or choose one of those methods"
+    )
 
 
 def unused_option(
@@ -49,39 +78,41 @@ def _is_integer(value: object) -> bool:
 def check_arguments(
     count, weights, method, rank, density, majority_sign_method, seed
 ) -> list[float]:
-    """The weights as floats (1.0 each when None), after refusing with a ``UserError`` naming
-    it: no adapter, a weight count that differs from ``count`` or a weight that is not finite,
-    an unknown method, a rank given to ``cat`` or not a positive integer, an option the method
-    ignores (``unused_option``), a density outside (0, 1] for the pruning methods, an unknown
-    sign method, a seed that is not an integer."""
+    """The weights as floats (1.0 each when None), after refusing with an ``ArgumentError``
+    naming it: no adapter, a weight count that differs from ``count`` or a weight that is not
+    finite, an unknown method, a rank given to ``cat`` or not a positive integer, an option the
+    method ignores (``unused_option``), a density outside (0, 1] (or none) for the pruning
+    methods, an unknown sign method, a seed that is not an integer."""
     if count == 0:
-        raise UserError("combine: give at least one adapter")
+        raise ArgumentError("give at least one adapter", "adapters")
     weights = [1.0] * count if weights is None else [float(w) for w in weights]
     if len(weights) != count:
-        raise UserError(f"combine: {count} adapters but {len(weights)} weights; give one each")
-    if not all(math.isfinite(weight) for weight in weights):  # (float64: 1e39 is finite)
-        raise UserError(f"combine: weights must be finite numbers, got {weights}")
-    if method not in METHODS:
-        raise UserError(f"combine: unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if rank is not None and method == "cat":
-        raise UserError(
-            f"combine: rank={rank!r} is for the methods that cut the result to a rank "
-            f"({', '.join(m for m in METHODS if m != 'cat')}), not cat (cat's rank is the sum "
-            "of the adapters' ranks): leave it out, or choose one of those methods"
+        raise ArgumentError(
+            f"{count} adapters but {len(weights)} weights; give one each", "weights"
         )
+    if not all(math.isfinite(weight) for weight in weights):  # (float64: 1e39 is finite)
+        raise ArgumentError(f"weights must be finite numbers, got {weights}", "weights")
+    if method not in METHODS:
+        raise ArgumentError(
+            f"unknown method {method!r}; choose one of {', '.join(METHODS)}", "method"
+        )
+    if rank is not None and method == "cat":
+        raise ArgumentError(rank_for_cat(f"rank={rank!r}"), "rank")
     if rank is not None and (not _is_integer(rank) or rank < 1):
-        raise UserError(f"combine: rank={rank!r} must be a positive integer")
+        raise ArgumentError(f"rank={rank!r} must be a positive integer", "rank")
     given = {"density": density, "majority_sign_method": majority_sign_method, "seed": seed}
     unused = unused_option(method, given)
     if unused is not None:
-        raise UserError(f"combine: {unused[1]}")
-    if method in PRUNING and (density is None or not 0.0 < density <= 1.0):
-        raise UserError(f"combine: method {method} needs density in (0, 1], got {density}")
+        raise ArgumentError(unused[1], unused[0])
+    if method in PRUNING and density is None:
+        raise ArgumentError(f"method {method} needs density in (0, 1]; none was given", "density")
+    if method in PRUNING and not 0.0 < density <= 1.0:
+        raise ArgumentError(f"method {method} needs density in (0, 1], got {density}", "density")
     if majority_sign_method is not None and majority_sign_method not in SIGN_METHODS:
-        raise UserError(
-            f"combine: majority_sign_method must be one of {SIGN_METHODS}, "
-            f"got {majority_sign_method!r}"
+        raise ArgumentError(
+            f"majority_sign_method must be one of {SIGN_METHODS}, got {majority_sign_method!r}",
+            "majority_sign_method",
         )
     if seed is not None and not _is_integer(seed):
-        raise UserError(f"combine: seed must be an integer, got {seed!r}")
+        raise ArgumentError(f"seed must be an integer, got {seed!r}", "seed")
     return weights

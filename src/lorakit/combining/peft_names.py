@@ -16,16 +16,17 @@ of the updates (peft #1155, #1555); the ``_svd`` names are the same operations o
 refused: ``svd_clamp`` (not implemented) and an ``adapter_name`` that exists (PEFT returns
 silently and keeps the old one). Every refusal is a ``ValueError``, as PEFT's are (the
 ``UserError``s of ``combine`` are raised as ``PeftArgumentError``, both).
-Fixed: when the FIRST adapter uses rsLoRA, PEFT copies its ``use_rslora`` into the new config
-while setting ``lora_alpha = r`` (the new rank), so the new adapter scales by ``r/√r = √r``
-instead of 1 and EVERY PEFT result (``cat``, ``svd``, the ``*_svd`` names, the one-adapter
-case) is ``√r`` times too large: ``√(Σ rᵢ)`` for ``cat``, ``√svd_rank`` for the SVD names,
-``√r`` of the adapter for one adapter. lorakit's config always reproduces the exact sum.
+Fixed: before peft 0.22, when the FIRST adapter uses rsLoRA, PEFT copies its ``use_rslora``
+into the new config while setting ``lora_alpha = r`` (the new rank), so the new adapter scales
+by ``r/√r = √r`` instead of 1 and EVERY PEFT result (``cat``, ``svd``, the ``*_svd`` names,
+the one-adapter case) is ``√r`` times too large: ``√(Σ rᵢ)`` for ``cat``, ``√svd_rank`` for
+the SVD names, ``√r`` of the adapter for one adapter (peft 0.22 writes ``use_rslora=False``
+and is exact). lorakit's config always reproduces the exact sum.
 With ONE adapter PEFT switches every ``combination_type`` to ``linear``, which for one adapter
-is exact only for an adapter without rsLoRA (``weight * ΔW`` at the adapter's rank) and
-ignores ``svd_rank``, ``svd_clamp``, ``density`` and ``majority_sign_method``; lorakit does
-the same (its ``cat`` of one adapter: no pruning, no rank cut, no refusal), keeping each
-module's rank and scale exactly, rsLoRA or not.
+is exact (``weight * ΔW`` at the adapter's rank; before peft 0.22, only for an adapter
+without rsLoRA) and ignores ``svd_rank``, ``svd_clamp``, ``density`` and
+``majority_sign_method``; lorakit does the same (its ``cat`` of one adapter: no pruning, no
+rank cut, no refusal), keeping each module's rank and scale exactly, rsLoRA or not.
 ``svd_full_matrices`` and ``svd_driver`` are accepted and change nothing (CPU results are the
 same; the reduced SVD is always used). DARE is seeded by ``seed`` (lorakit's addition,
 keyword-only, default 0), where PEFT draws from the global generator.

@@ -70,7 +70,7 @@ _FLAGS = {"density": "--density", "majority_sign_method": "--majority-sign", "se
 
 def _check(args: argparse.Namespace) -> None:
     """Refuse what the combination cannot do or would ignore, before any adapter is read."""
-    from lorakit.combining.combined import unused_option
+    from lorakit.combining.arguments import rank_for_cat, unused_option
 
     refuse_output_onto_inputs(
         "combine", args.output, [("input adapter", adapter) for adapter in args.adapters]
@@ -81,6 +81,8 @@ def _check(args: argparse.Namespace) -> None:
             f"combine: {len(args.adapters)} adapters but {len(args.weights)} --weights; give one "
             "weight per adapter, in the same order"
         )
+    if args.rank is not None and args.method == "cat":
+        raise UserError(f"combine: {rank_for_cat('--rank')}")
     given = {"density": args.density, "majority_sign_method": args.majority_sign, "seed": args.seed}
     unused = unused_option(args.method, given, _FLAGS)
     if unused is not None:

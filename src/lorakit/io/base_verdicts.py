@@ -5,6 +5,7 @@ that loads one (``load_adapter``, the server and its mixtures, ``train --resume`
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 
 from torch import nn
@@ -132,14 +133,24 @@ def _parent_note(label: object, names: list[str], under_parent: Mapping[str, str
     )
 
 
-def _named_bases(model: nn.Module, trained_on: str | None) -> str:
+def _named_bases(model: nn.Module, trained_on: str | None, local_paths: bool = True) -> str:
     """`` The adapter was saved for base model 'A'; this model is 'B'.``: the adapter config's
     ``base_model_name_or_path`` (``trained_on``) and the model's ``name_or_path`` (a
-    transformers model's, from ``from_pretrained``), each where known; "" when neither is."""
+    transformers model's, from ``from_pretrained``), each where known; "" when neither is.
+    ``local_paths`` False (an answer to an HTTP client): a name that is a local path
+    (``_local_path``) is left out, and the same path for both is said without it."""
     loaded = getattr(model, "name_or_path", None) or getattr(
         getattr(model, "config", None), "_name_or_path", None
     )
     loaded = loaded if isinstance(loaded, str) and loaded else None
+    if not local_paths and trained_on and trained_on == loaded and _local_path(loaded):
+        return (
+            " The adapter was saved for the directory this model was loaded from (another "
+            "revision, fine-tune or local change of it?)."
+        )
+    if not local_paths:
+        trained_on = None if _local_path(trained_on) else trained_on
+        loaded = None if _local_path(loaded) else loaded
     if trained_on and loaded:
         same = " (the same name: another revision, fine-tune or local change of it?)"
         tail = same if trained_on == loaded else ""
@@ -153,6 +164,14 @@ def _named_bases(model: nn.Module, trained_on: str | None) -> str:
     return ""
 
 
+def _local_path(name: str | None) -> bool:
+    """Whether ``name`` is a path on this machine rather than a model's name (a Hub id or a
+    built-in name): absolute, from ``~`` or ``.``, or an existing file or directory."""
+    if not name:
+        return False
+    return os.path.isabs(name) or name.startswith(("~", ".")) or os.path.exists(name)
+
+
 def refuse_other_base(
     model: nn.Module,
     stored: dict[str, dict[str, object]] | None,
@@ -163,6 +182,7 @@ def refuse_other_base(
     remedy: str,
     modules: Mapping[str, nn.Module] | None = None,
     trained_on: str | None = None,
+    local_paths: bool = True,
 ) -> str | None:
     """The one rule for an adapter saved on other base weights, for every path that loads one.
 
@@ -172,7 +192,8 @@ def refuse_other_base(
     where the caller has it. When one does not fit, the message is ``adapter <directory> was
     trained on different base weights: module <m> does not match the fingerprint saved with
     the adapter (<reason>). The adapter was saved for base model <trained_on>; this model is
-    <model.name_or_path>.`` (the names where known, ``_named_bases``): raised as
+    <model.name_or_path>.`` (the names where known, ``_named_bases``; ``local_paths`` False
+    leaves out a name that is a local path, for a server's answers): raised as
     ``BaseModelMismatchError`` with ``remedy`` (what the caller's user can do) appended, or,
     with ``allow_mismatch``, returned for the caller to warn with. None when the weights fit.
     """
@@ -185,7 +206,7 @@ def refuse_other_base(
     message = (
         f"adapter {directory} was trained on different base weights: module {module!r} "
         f"does not match the fingerprint saved with the adapter ({reason})."
-        f"{_named_bases(model, trained_on)}"
+        f"{_named_bases(model, trained_on, local_paths)}"
     )
     if not allow_mismatch:
         raise BaseModelMismatchError(f"{message} {remedy}")

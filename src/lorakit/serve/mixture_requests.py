@@ -1,22 +1,32 @@
 """The ``merged_adapters`` field of a request body, checked into a ``Mixture``
-(``lorakit.serve.mixtures`` serves it).
+(``lorakit.serve.mixtures`` serves it), and a mixture's inputs checked from their headers.
 
 ``parse_mixture`` checks types, names each adapter at most once (1 to ``MAX_IDS`` of them),
-maps LoRAX's ``linear`` to lorakit's ``cat`` (the exact weighted sum of the updates), and
-refuses an option the method would ignore (``rank`` for ``cat`` / ``linear``, and
-``OPTION_METHODS``), each a 400 naming the entry; ``combine`` checks the rest when the mixture
-is computed.
+maps LoRAX's ``linear`` to lorakit's ``cat`` (the exact weighted sum of the updates), takes
+``null`` for an entry not given (its default), and refuses what ``combine`` would refuse in
+its arguments (``combining.arguments.check_arguments``: an option the method would ignore,
+``rank`` for ``cat`` / ``linear``, a rank below 1, a density outside (0, 1], an unknown sign
+method), each a 400 naming the entry (``param``: ``merged_adapters.<entry>``; the object for
+a density left out).
+
+``check_inputs`` refuses, from the inputs' safetensors headers (no tensor data read), before
+combining: an input the bank cannot serve in any mixture (a LoRA on an embedding layer), naming
+that input (``merged_adapters.ids``), and a result over the bank's ``max_rank``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
 from lorakit.combining import METHODS, unused_option
+from lorakit.combining.arguments import ArgumentError, check_arguments
+from lorakit.io.keys import lora_key_pairs, parse_lora_key
+from lorakit.io.read import AdapterHeader
 from lorakit.serve.protocol import APIError, float_value
 
-__all__ = ["FIELD", "MAX_IDS", "Mixture", "bad_mixture", "parse_mixture"]
+__all__ = ["FIELD", "MAX_IDS", "Mixture", "bad_mixture", "check_inputs", "parse_mixture"]
 
 FIELD = "merged_adapters"  # the request body field (LoRAX's name)
 _ALIASES = {"linear": "cat"}  # LoRAX's name for the weighted sum
@@ -57,7 +67,8 @@ def parse_mixture(value: object) -> Mixture:
             f"'{FIELD}' has unknown entries {unknown}; known: {list(_KEYS)}", unknown[0]
         )
     ids = _ids(value.get("ids"))
-    weights = value.get("weights", [1.0] * len(ids))
+    weights = value.get("weights")
+    weights = [1.0] * len(ids) if weights is None else weights  # (null: not given)
     if not isinstance(weights, list) or not all(_number(w) for w in weights):
         raise bad_mixture(
             f"'{FIELD}.weights' must be a list of numbers, got {weights!r}", "weights"
@@ -68,11 +79,12 @@ def parse_mixture(value: object) -> Mixture:
             f"'{FIELD}.weights': give one finite number per adapter ({len(ids)}), got {weights}",
             "weights",
         )
-    method = value.get("merge_strategy", "cat")
-    method = _ALIASES.get(method, method) if isinstance(method, str) else method
+    strategy = value.get("merge_strategy")
+    strategy = "cat" if strategy is None else strategy  # (null: not given)
+    method = _ALIASES.get(strategy, strategy) if isinstance(strategy, str) else strategy
     if method not in METHODS:
         raise bad_mixture(
-            f"'{FIELD}.merge_strategy' {value.get('merge_strategy')!r} is unknown; choose one "
+            f"'{FIELD}.merge_strategy' {_shown(strategy)} is unknown; choose one "
             f"of {', '.join([*METHODS, *_ALIASES])}",
             "merge_strategy",
         )
@@ -94,11 +106,17 @@ def parse_mixture(value: object) -> Mixture:
             f"'{FIELD}.majority_sign_method' must be a string", "majority_sign_method"
         )
     if options["rank"] is not None and method == "cat":
-        raise _rank_for_cat(value.get("merge_strategy", "cat"))
+        raise _rank_for_cat(strategy)
     given = {"density": options["density"], "majority_sign_method": sign, "seed": options["seed"]}
     unused = unused_option(method, given, {key: f"'{FIELD}.{key}'" for key in given})
     if unused is not None:
         raise bad_mixture(unused[1], unused[0])
+    try:  # (combine's own checks: the same rule, the entry named)
+        check_arguments(len(ids), weights, method, options["rank"], **given)
+    except ArgumentError as error:  # (an entry left out: the object is at fault)
+        key = None if value.get(error.argument) is None else error.argument
+        name = FIELD if key is None else f"{FIELD}.{key}"
+        raise bad_mixture(f"'{name}': {error.reason}", key) from None
     return Mixture(
         ids=tuple(ids),
         weights=tuple(weights),
@@ -108,6 +126,11 @@ def parse_mixture(value: object) -> Mixture:
         majority_sign_method=sign,
         seed=options["seed"],
     )
+
+
+def _shown(value: object) -> str:
+    """A request's value in a message: a string as Python quotes it, the rest as JSON."""
+    return repr(value[:200]) if isinstance(value, str) else json.dumps(value)[:200]
 
 
 def _rank_for_cat(strategy: str) -> APIError:
@@ -143,3 +166,63 @@ def _ids(ids: object) -> list[str]:
             )
         seen.add(adapter)
     return ids
+
+
+def check_inputs(mixture: Mixture, headers: list[AdapterHeader], max_rank: int) -> None:
+    """400s before combining, from the inputs' headers (``headers``, in the order of
+    ``mixture.ids``): an input with a LoRA on an embedding layer (``lora_embedding_A/B``),
+    which the serving bank cannot add, so no mixture of it can be served (the way out:
+    combine, merge, serve the merged model); then ``_check_ranks``."""
+    for adapter, header in zip(mixture.ids, headers, strict=True):
+        embedded = [key for key in sorted(header.tensors) if _embedding_factor(key)]
+        if embedded:
+            raise bad_mixture(
+                f"'{FIELD}' cannot be served: adapter {adapter!r} has a LoRA on an embedding "
+                f"layer (tensor {embedded[0]!r}: lora_embedding_A/B), which the serving bank "
+                "cannot add (it adds the lora_A/lora_B products of linear layers, an output "
+                "layer such as lm_head included); mix adapters of linear layers only, or "
+                "combine these adapters (lorakit combine), merge the result into its base model "
+                "(lorakit merge) and serve the merged model instead",
+                "ids",
+            )
+    _check_ranks(mixture, headers, max_rank)
+
+
+def _embedding_factor(key: str) -> bool:
+    return parse_lora_key(key) is not None and parse_lora_key(key, embeddings=False) is None
+
+
+def _check_ranks(mixture: Mixture, headers: list[AdapterHeader], max_rank: int) -> None:
+    """A 400 when the result's rank is over the bank's ``max_rank``: a module's sum of the
+    inputs' ranks for ``cat``; the ``rank`` asked for by the other methods, except where
+    ``svd``'s result (of a sum of the inputs' updates, so of rank at most their ranks' sum)
+    stays within ``max_rank`` in every module."""
+    if mixture.method != "cat" and (mixture.rank is None or mixture.rank <= max_rank):
+        return
+    module, total = _largest_summed_rank(headers)
+    if mixture.method in ("cat", "svd") and total <= max_rank:
+        return
+    if mixture.method == "cat":
+        raise bad_mixture(
+            f"'{FIELD}' cannot be served: merge_strategy 'cat' (or 'linear') adds the ranks, "
+            f"and {module!r} would have rank {total} > the bank's max_rank {max_rank}. Ask "
+            f"for merge_strategy 'svd' with 'rank' <= {max_rank} instead, or mix fewer "
+            "adapters."
+        )
+    raise bad_mixture(
+        f"'{FIELD}.rank' {mixture.rank} is over the bank's max_rank {max_rank}: "
+        f"merge_strategy {mixture.method!r} cuts the mixture to that rank, which the bank "
+        f"cannot hold. Ask for 'rank' <= {max_rank}.",
+        "rank",
+    )
+
+
+def _largest_summed_rank(headers: list[AdapterHeader]) -> tuple[str, int]:
+    """The module whose inputs' ranks add up to the most, and that sum, from the headers."""
+    ranks: dict[str, int] = {}
+    for header in headers:
+        for module, pair in lora_key_pairs(header.tensors).items():
+            entry = header.tensors.get(pair.get("lora_A", ""))
+            if entry is not None and entry.shape:
+                ranks[module] = ranks.get(module, 0) + entry.shape[0]
+    return max(ranks.items(), key=lambda item: item[1], default=("", 0))

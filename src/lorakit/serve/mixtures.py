@@ -37,10 +37,11 @@ A mixture names each adapter once and at most ``MAX_IDS`` of them (a 400 on
 ``merged_adapters.ids`` otherwise: repeating an adapter is giving it a larger weight). ``cat``
 adds the inputs' ranks: their sum is checked against the bank's ``max_rank`` from the files'
 headers, before any tensor data is read; the other methods' ``rank`` is checked against it
-before combining. Combining runs outside the cache's lock, one
-combination per mixture at a time: a request for a mixture being combined waits for that
-combination (its result or its error) instead of combining it again, and requests for other
-mixtures never wait for it.
+before combining, and so is an input the bank cannot serve in any mixture (a LoRA on an
+embedding layer: a 400 naming that input, ``mixture_requests.check_inputs``). Combining runs
+outside the cache's lock, one combination per mixture at a time: a request for a mixture being
+combined waits for that combination (its result or its error) instead of combining it again,
+and requests for other mixtures never wait for it.
 """
 
 from __future__ import annotations
@@ -61,7 +62,14 @@ from lorakit.io.keys import base_weight_key, lora_key_pairs, lora_keys
 from lorakit.io.read import read_adapter_header
 from lorakit.io.tensors import MAX_ABS_VALUE, unwritable
 from lorakit.serve.adapter_dirs import BrokenAdapterError
-from lorakit.serve.mixture_requests import FIELD, MAX_IDS, Mixture, bad_mixture, parse_mixture
+from lorakit.serve.mixture_requests import (
+    FIELD,
+    MAX_IDS,
+    Mixture,
+    bad_mixture,
+    check_inputs,
+    parse_mixture,
+)
 from lorakit.serve.protocol import APIError
 from lorakit.serve.registry import ServedAdapters, file_identity
 
@@ -175,7 +183,8 @@ class Mixtures:
         registry = self.adapters.registry
         try:
             directories = [registry.inside(registry.path(i), i) for i in mixture.ids]
-            self._check_ranks(mixture, directories)
+            headers = [read_adapter_header(directory) for directory in directories]
+            check_inputs(mixture, headers, self.adapters.bank.max_rank)
             with self._lock:
                 self.combined += 1
             result = combine(
@@ -224,32 +233,6 @@ class Mixtures:
             if note is not None:
                 log.warning("%s", note)
 
-    def _check_ranks(self, mixture: Mixture, directories) -> None:
-        """A 400 before combining when the result's rank is over the bank's ``max_rank``: a
-        module's sum of the inputs' ranks for ``cat``; the ``rank`` asked for by the other
-        methods, except where ``svd``'s result (of a sum of the inputs' updates, so of rank
-        at most their ranks' sum) stays within ``max_rank`` in every module. From the files'
-        headers: no tensor data read (``combine`` reports a header it cannot read)."""
-        max_rank = self.adapters.bank.max_rank
-        if mixture.method != "cat" and (mixture.rank is None or mixture.rank <= max_rank):
-            return
-        module, total = _largest_summed_rank(directories)
-        if mixture.method in ("cat", "svd") and total <= max_rank:
-            return
-        if mixture.method == "cat":
-            raise bad_mixture(
-                f"'{FIELD}' cannot be served: merge_strategy 'cat' (or 'linear') adds the ranks, "
-                f"and {module!r} would have rank {total} > the bank's max_rank {max_rank}. Ask "
-                f"for merge_strategy 'svd' with 'rank' <= {max_rank} instead, or mix fewer "
-                "adapters."
-            )
-        raise bad_mixture(
-            f"'{FIELD}.rank' {mixture.rank} is over the bank's max_rank {max_rank}: "
-            f"merge_strategy {mixture.method!r} cuts the mixture to that rank, which the bank "
-            f"cannot hold. Ask for 'rank' <= {max_rank}.",
-            "rank",
-        )
-
     def _check_fits(self, name: str, mixture: Mixture, result, tensors) -> None:
         """A 400 unless the combined tensors fit the bank and the inputs' fingerprint (their
         union) fits the served base; and one on ``weights`` when a combined tensor holds values
@@ -272,6 +255,8 @@ class Mixtures:
                 list(result.factors),
                 allow_mismatch=self.adapters.allow_base_mismatch,
                 remedy="Mix adapters of the served base model.",
+                trained_on=result.config.base_model_name_or_path,
+                local_paths=False,
             )
         except UserError as error:
             hint = ""
@@ -293,15 +278,3 @@ def _rank_hint(method: str, max_rank: int) -> str:
 
 def _text(error: BaseException) -> str:
     return error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-
-
-def _largest_summed_rank(directories) -> tuple[str, int]:
-    """The module whose inputs' ranks add up to the most, and that sum, from the headers."""
-    ranks: dict[str, int] = {}
-    for directory in directories:
-        tensors = read_adapter_header(directory).tensors
-        for module, pair in lora_key_pairs(tensors).items():
-            entry = tensors.get(pair.get("lora_A", ""))
-            if entry is not None and entry.shape:
-                ranks[module] = ranks.get(module, 0) + entry.shape[0]
-    return max(ranks.items(), key=lambda item: item[1], default=("", 0))

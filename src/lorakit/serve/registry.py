@@ -69,10 +69,10 @@ def check_base(
     model: nn.Module, adapter: AdapterFile, allow_base_mismatch: bool, label: str | None = None
 ) -> None:
     """Refuse an adapter whose saved fingerprint says it was trained on other base weights
-    (``base_verdicts.refuse_other_base``); with ``allow_base_mismatch``, log it and serve it.
-    A fingerprint that is missing or covers only some modules is logged as a warning
-    (``base_verdicts.unverified_note``, ``load_adapter``'s words). ``label``: how the messages
-    name the adapter (default: its directory)."""
+    (``base_verdicts.refuse_other_base``, naming no local path: HTTP clients read it); with
+    ``allow_base_mismatch``, log it and serve it. A fingerprint that is missing or covers only
+    some modules is logged as a warning (``base_verdicts.unverified_note``, ``load_adapter``'s
+    words). ``label``: how the messages name the adapter (default: its directory)."""
     label = adapter.directory if label is None else label
     module_names = sorted(lora_key_pairs(adapter.tensors))
     note = base_verdicts.unverified_note(model, adapter.fingerprint, label, module_names)
@@ -86,6 +86,7 @@ def check_base(
         allow_mismatch=allow_base_mismatch,
         remedy="Serve it with its own base model, or start the server with --allow-base-mismatch.",
         trained_on=adapter.config.base_model_name_or_path,
+        local_paths=False,
     )
     if message is not None:
         log.warning("%s Serving it anyway (--allow-base-mismatch).", message)
