@@ -197,6 +197,36 @@ def test_lorakit_config_refuses_loraga_which_it_does_not_implement():
         lorakit.LoraConfig(**theirs.to_dict())
 
 
+@pytest.mark.parametrize(
+    ("init", "what", "way_out"),
+    [
+        ("astra", "Astra", "path_initial_model_for_weight_conversion"),
+        ("astra_cached", "Astra", "path_initial_model_for_weight_conversion"),
+        ("nora", "NoRA", "reads as a plain LoRA"),
+    ],
+)
+def test_peft_022_inits_are_refused_with_the_way_out_and_their_files_read_as_peft(
+    init, what, way_out
+):
+    """peft 0.22's "astra" (rewrites the base from calibration data, matched by its prefix as
+    "corda") and "nora" (unit-norm columns of A, B = 0): not implemented, refused naming them
+    and what to do; a file says "astra" only unconverted (refused, as CorDA's) while a "nora"
+    file is a plain LoRA (its tensors replace the start)."""
+    with pytest.raises(
+        ValueError, match=rf"init_lora_weights='{init}' is invalid: it is PEFT's {what}"
+    ):
+        lorakit.LoraConfig(target_modules=["lin0"], init_lora_weights=init)
+    with pytest.raises(ValueError, match=way_out):
+        lorakit.LoraConfig(target_modules=["lin0"], init_lora_weights=init)
+    base = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["lin0"]}
+    text = json.dumps(base | {"init_lora_weights": init})
+    if what == "NoRA":
+        assert config_from_json(text, "f.json").init_lora_weights is True
+    else:
+        with pytest.raises(lorakit.AdapterFileError, match="changes the base weights"):
+            config_from_json(text, "f.json")
+
+
 def test_inits_that_only_set_the_start_still_read_as_plain_lora():
     base = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["lin0"]}
     for init in ("orthogonal", "mica", "MiCA"):

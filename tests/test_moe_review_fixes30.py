@@ -18,6 +18,7 @@ import lorakit
 from lorakit.errors import AdapterNamesError, TargetModulesError
 from tests import tiny_models
 from tests.peft_pairs import copy_into_peft
+from tests.peft_versions import peft_unwrappable_regex_target_message
 
 IDS = tiny_models.input_ids(batch=2, length=9)
 
@@ -93,19 +94,20 @@ def test_a_regex_matching_only_parameters_is_named_in_the_no_match_error(regex):
 
 
 @pytest.mark.parametrize(
-    ("family", "regex", "module", "kind"),
+    ("family", "regex", "module", "kind", "holds_experts"),
     [
-        ("olmoe", r".*mlp.*", "model.layers.0.mlp", "OlmoeSparseMoeBlock"),
-        ("mixtral", r".*self_attn.*", "model.layers.0.self_attn", "MixtralAttention"),
-        ("mixtral", r".*experts.*", "model.layers.0.mlp.experts", "MixtralExperts"),
+        ("olmoe", r".*mlp.*", "model.layers.0.mlp", "OlmoeSparseMoeBlock", True),
+        ("mixtral", r".*self_attn.*", "model.layers.0.self_attn", "MixtralAttention", False),
+        ("mixtral", r".*experts.*", "model.layers.0.mlp.experts", "MixtralExperts", True),
     ],
 )
 def test_a_regex_selecting_a_module_no_layer_wraps_is_refused_naming_the_regex(
-    family, regex, module, kind
+    family, regex, module, kind, holds_experts
 ):
-    """Refused as PEFT refuses it ("Target module ... is not supported"), the message naming
-    the regex and the module, not the generated entries ('weight', 'gate_up_proj')."""
-    with pytest.raises(ValueError, match="is not supported"):
+    """Refused as PEFT refuses it (its message: ``peft_unwrappable_regex_target_message``), the
+    message naming the regex and the module, not the generated entries ('weight',
+    'gate_up_proj')."""
+    with pytest.raises(ValueError, match=peft_unwrappable_regex_target_message(holds_experts)):
         _peft_model(BUILDERS[family](), dict(r=2, target_modules=regex))
     with pytest.raises(TargetModulesError) as caught:
         lorakit.get_peft_model(BUILDERS[family](), lorakit.LoraConfig(r=2, target_modules=regex))

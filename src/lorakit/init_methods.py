@@ -1,8 +1,8 @@
 """What ``LoraConfig.init_lora_weights`` may say, and the settings of the inits that take some:
 PEFT's values and how it reads them (``canonical_init``: the case rules), which of them rewrite
-the base weight (PiSSA, OLoRA, LoftQ: ``changes_base``; CorDA and LoRA-GA, PEFT-only:
+the base weight (PiSSA, OLoRA, LoftQ: ``changes_base``; CorDA, Astra and LoRA-GA, PEFT-only:
 ``changes_base_in_peft_only``), the messages for PEFT's values lorakit does not implement (MiCA,
-CorDA, LoRA-GA: ``not_implemented_message``), and the settings of EVA (``EvaConfig``, ``lorakit.eva``) and LoftQ
+CorDA, Astra, LoRA-GA: ``not_implemented_message``), and the settings of EVA (``EvaConfig``, ``lorakit.eva``) and LoftQ
 (``LoftQConfig``). The factors themselves are computed in ``lorakit.init_factors``.
 """
 
@@ -25,9 +25,12 @@ __all__ = [
 
 BASE_CHANGING_INITS = ("pissa", "pissa_niter_K", "olora", "loftq")
 # PEFT's inits that also rewrite the base (W_res = W0 - s B0 A0) but from data lorakit does not
-# have, so it cannot redo them: CorDA (activation covariances; PEFT takes any "corda..." value)
-# and LoRA-GA (gradients; "lora_ga" exactly). Their unconverted files are refused on loading.
-PEFT_ONLY_BASE_CHANGING_INITS = ("corda", "lora_ga")
+# have, so it cannot redo them: CorDA (activation covariances; PEFT takes any "corda..." value),
+# Astra (peft 0.22: output-activation eigenvectors; any "astra..." value, as CorDA) and LoRA-GA
+# (gradients; "lora_ga" exactly). Their unconverted files are refused on loading.
+PEFT_ONLY_BASE_CHANGING_INITS = ("corda", "astra", "lora_ga")
+# Of these, the ones PEFT matches by their prefix (``init.startswith(...)`` in its LoRA layer).
+_PREFIX_MATCHED_PEFT_ONLY = ("corda", "astra")
 # The init_lora_weights strings PEFT compares case-insensitively (``init.lower() == ...`` in
 # its LoRA layer); every other one ("pissa...", "loftq", "eva", "orthogonal", ...) exactly.
 CASE_INSENSITIVE_INITS = ("gaussian", "mica", "olora")
@@ -47,9 +50,19 @@ _PEFT_ONLY = {
         "LoRA: the same forward; keep lora_B frozen to train it as MiCA does), or use "
         "init_lora_weights=True",
     ),
+    "nora": (
+        "NoRA (peft 0.22: the default A with each column scaled to unit L2 norm, B = 0)",
+        "initialise it with peft and load the saved file with lorakit (it reads as a plain "
+        "LoRA: the same forward), or use init_lora_weights=True",
+    ),
     "corda": (
         "CorDA (A and B from the SVD of W0 times activation statistics of data; the base "
         "becomes W0 - s B A)",
+        _CONVERT_FIRST,
+    ),
+    "astra": (
+        "Astra (peft 0.22: A and B from the base weight projected onto the tail eigenvectors "
+        "of output-activation covariances of calibration data; the base becomes W0 - s B A)",
         _CONVERT_FIRST,
     ),
     "lora_ga": (
@@ -142,13 +155,14 @@ def canonical_init(init: object) -> object:
 
 def not_implemented_message(init: object) -> str | None:
     """The ``ValueError`` message for a PEFT ``init_lora_weights`` value lorakit does not
-    implement ("mica" in any case, "corda..." as PEFT matches its prefix, "lora_ga"), saying
+    implement ("mica" in any case, "corda..." and "astra..." as PEFT matches their prefix,
+    "lora_ga"), saying
     what it is and what to do instead; None for any other value
     (a typo gets the config's "is invalid: expected ..." message). "MiCA" is quoted as PEFT
     reads it, "mica" (``canonical_init``)."""
     if not isinstance(init, str):
         return None
-    key = "corda" if init.startswith("corda") else init
+    key = _peft_only_key(init)
     if key not in _PEFT_ONLY:
         return None
     what, way_out = _PEFT_ONLY[key]
@@ -167,9 +181,16 @@ def changes_base(init: object) -> bool:
 
 def changes_base_in_peft_only(init: object) -> bool:
     """True when ``init`` (a file's ``init_lora_weights``) is one of
-    ``PEFT_ONLY_BASE_CHANGING_INITS``, matched as PEFT matches it: ``"corda..."`` by its prefix,
-    ``"lora_ga"`` exactly. Such a file's A and B fit ``W_res``, not the original base."""
-    return isinstance(init, str) and (init.startswith("corda") or init == "lora_ga")
+    ``PEFT_ONLY_BASE_CHANGING_INITS``, matched as PEFT matches it: ``"corda..."`` and
+    ``"astra..."`` by their prefix, ``"lora_ga"`` exactly. Such a file's A and B fit ``W_res``,
+    not the original base."""
+    return isinstance(init, str) and _peft_only_key(init) in PEFT_ONLY_BASE_CHANGING_INITS
+
+
+def _peft_only_key(init: str) -> str:
+    """``init`` as PEFT matches it among its own inits: "corda..." is "corda", "astra..." is
+    "astra" (``_PREFIX_MATCHED_PEFT_ONLY``); any other value as it is."""
+    return next((key for key in _PREFIX_MATCHED_PEFT_ONLY if init.startswith(key)), init)
 
 
 def randomised_pissa(init: object) -> bool:

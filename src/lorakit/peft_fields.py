@@ -1,4 +1,5 @@
-"""Every field of PEFT's ``LoraConfig`` (peft 0.21.2) and what lorakit does with it, in one place.
+"""Every field of PEFT's ``LoraConfig`` (peft 0.22.0; ``astra_config`` is new in 0.22) and what
+lorakit does with it, in one place.
 
 Each field is one of:
 
@@ -131,6 +132,10 @@ PEFT_LORA_FIELDS: dict[str, FieldSupport] = {
     "qalora_group_size": _ignored("used only with use_qalora=True, which is refused"),
     "corda_config": _ignored(
         'used only with init_lora_weights="corda", which changes the base and is refused'
+    ),
+    "astra_config": _ignored(
+        'used only with init_lora_weights="astra" (peft 0.22), which changes the base and is '
+        "refused"
     ),
     "lora_ga_config": _ignored(
         'used only with init_lora_weights="lora_ga", which changes the base and is refused '

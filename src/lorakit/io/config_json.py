@@ -9,7 +9,7 @@ PEFT fields that change the numbers in ways lorakit does not implement (QA-LoRA,
 refused unless off, other PEFT fields are ignored (the table and the rule, shared with
 ``LoraConfig``: ``lorakit.peft_fields``); unknown keys are ignored with a warning; an
 ``init_lora_weights`` neither lorakit nor PEFT knows is refused, and so is an unconverted file
-of a base-changing init lorakit cannot redo (CorDA, LoRA-GA:
+of a base-changing init lorakit cannot redo (CorDA, Astra, LoRA-GA:
 ``init_methods.PEFT_ONLY_BASE_CHANGING_INITS``), unless only described (``describing=True``,
 ``lorakit inspect``).
 """
@@ -79,8 +79,8 @@ _FIELDS = (
 )
 # PEFT's other inits that lorakit does not implement and that leave the base untouched: loading,
 # PEFT only initialises the factors and the file's tensors overwrite them, so the file is a plain
-# LoRA adapter (read as True). (The base-changing ones: ``init_methods``.)
-_PLAIN_ONCE_TRAINED_INITS = ("mica", "orthogonal")
+# LoRA adapter (read as True; "nora": peft 0.22). (The base-changing ones: ``init_methods``.)
+_PLAIN_ONCE_TRAINED_INITS = ("mica", "orthogonal", "nora")
 # PEFT's limit above which it writes the shortest distinguishing suffixes instead of names.
 _MIN_TARGETS_FOR_SUFFIXES = 20
 
@@ -344,5 +344,6 @@ def _read_init(init: Any, source: str) -> bool | str:
     raise AdapterFileError(
         f"{source} has init_lora_weights={init!r}, which neither lorakit nor PEFT knows (PEFT "
         'fails on it too); expected true, false, "gaussian", "eva", "pissa", "pissa_niter_K", '
-        '"olora", "loftq", "orthogonal", "lora_ga" or "mica". Fix the file.'
+        '"olora", "loftq", "orthogonal", "corda", "astra", "lora_ga", "mica" or "nora". Fix the '
+        "file."
     )
