@@ -5,7 +5,11 @@ transformers' Llama forward computes: RoPE of q and k in one call with rotate_ha
 into sin, an RMSNorm of in-place ops, an additive mask made once per step, none for rows without
 padding. Checked against transformers' own functions (``apply_rotary_pos_emb``, ``LlamaRMSNorm``,
 SDPA with a boolean mask) with ``torch.equal``, and a step without padding (one stream, equal
-rows: the no-mask path) against the model's own forward.
+rows: the no-mask path) against the model's own forward. The pieces around the products (issue
+17, second pass): the sibling groups' check before each use (a weight rebound after fused calls
+ends the fusion before the next), the one-adapter router's sibling adapters added through split
+views (against a float64 formula), and the int4 kernel's casts in fewer calls (the kernel's
+bits on any layout).
 """
 
 from __future__ import annotations
@@ -15,16 +19,19 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
 )
 
+from lorakit.quantized.int4_groups import HAS_KERNEL, Int4GroupsLinear, int4_groups_matmul
 from lorakit.serve import routed
 from lorakit.serve.kv import BatchedCache
 from lorakit.serve.lean_decode import LeanDecoder, additive_mask, rms_norm, rotate, signed_sin
-from tests.test_lean_decode import SIZES, family_model, served
+from lorakit.serve.one_adapter import OneAdapterRouter, routed_one
+from tests.test_lean_decode import SIZES, family_model, served, served_reference
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -128,3 +135,109 @@ def test_steps_without_padding_equal_the_models_own_forward(base, prompts):
         assert torch.allclose(a.keys, b.keys, atol=atol)
         assert torch.allclose(a.values, b.values, atol=atol)
     assert torch.equal(model.model.embed_tokens.weight, embedding)
+
+
+def rebind(base, how: str) -> None:
+    """Give ``base`` (a fused member) other weights: a new tensor, or the same one's ``.data``."""
+    name = "packed" if isinstance(base, Int4GroupsLinear) else "weight"
+    current = getattr(base, name)
+    other = current.flip(0).clone()  # other rows: another function
+    if how == "data":
+        current.data = other
+    elif name == "weight":
+        base.weight = nn.Parameter(other, requires_grad=False)
+    else:
+        base.packed = other  # (a buffer)
+
+
+@pytest.mark.parametrize("how", ["new tensor", "data"])
+@pytest.mark.parametrize("base", ["float32", "int4-groups"])
+def test_a_weight_rebound_after_fused_calls_ends_the_fusion_before_its_next_use(base, how):
+    """The check before each use reads the members' tensors (not a flag set once): after fused
+    calls, a rebound k_proj weight (a new Parameter or buffer, or ``.data`` set) makes the very
+    next call compute each member itself, with the new weight."""
+    model, bank = served("llama", base)
+    decoder = LeanDecoder(model, fuse_siblings=True)
+    group = decoder.blocks[0].qkv
+    x = torch.randn(2, 1, SIZES["hidden_size"])
+    with torch.inference_mode(), routed_one(OneAdapterRouter(bank, 0)) as router:
+        for _ in range(2):
+            fused = group(x, router)
+        assert group.intact()
+        rebind(group.bases[1], how)
+        assert not group.intact() and not decoder.fused
+        after = group(x, router)
+        own = [module(x) for module in group.modules]
+    for got, expected in zip(after, own, strict=True):
+        assert torch.equal(got, expected)
+    assert torch.equal(after[0], fused[0]) and not torch.allclose(after[1], fused[1], atol=1e-3)
+
+
+def float64_siblings(reference, layer_index: int, names, adapter: str, x) -> list[torch.Tensor]:
+    """``W x + b + s B A x`` in float64 per layer of ``reference`` (the model the bank copied
+    its adapters from; its bases are the served float model's)."""
+    layer = reference.model.layers[layer_index]
+    outputs = []
+    for name in names:
+        module = layer.get_submodule(name)
+        wide = x.double()
+        y = wide @ module.base_layer.weight.double().T
+        if module.base_layer.bias is not None:
+            y = y + module.base_layer.bias.double()
+        if adapter in module.lora_A:
+            a, b = module.lora_A[adapter].weight.double(), module.lora_B[adapter].weight.double()
+            y = y + module.scalings[adapter] * (wide @ a.T @ b.T)
+        outputs.append(y)
+    return outputs
+
+
+GROUPS = {
+    "qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    "gate_up": ["mlp.gate_proj", "mlp.up_proj"],
+    "o_proj": ["self_attn.o_proj"],
+}
+
+
+@pytest.mark.parametrize("slot, adapter", [(0, "all"), (1, "qv")])
+@pytest.mark.parametrize("group_name", list(GROUPS))
+def test_sibling_adapters_through_split_views_match_a_float64_formula(group_name, slot, adapter):
+    """The one-adapter router adds each adapted sibling's ``s B A x`` to its view of the fused
+    output (one split of the output and one of ``low``; a lone member without a split): every
+    member as the float64 formula, the unadapted ones (k_proj, gate/up under "qv") the base."""
+    model, bank = served("llama", "float32")
+    reference = served_reference("llama")
+    decoder = LeanDecoder(model, fuse_siblings=True)
+    group = getattr(decoder.blocks[1], group_name)
+    assert group.intact()
+    x = torch.randn(3, 1, group.bases[0].in_features)
+    with torch.inference_mode(), routed_one(OneAdapterRouter(bank, slot)) as router:
+        got = group(x, router)
+        again = group(x, router)  # the kept factors
+    expected = float64_siblings(reference, 1, GROUPS[group_name], adapter, x)
+    for mine, want, name in zip(got, expected, GROUPS[group_name], strict=True):
+        assert mine.shape == want.shape and mine.dtype == torch.float32, name
+        assert torch.allclose(mine.double(), want, atol=1e-5), (name, (mine - want).abs().max())
+    assert all(torch.equal(a, b) for a, b in zip(got, again, strict=True))
+
+
+@pytest.mark.skipif(not HAS_KERNEL, reason="this torch has no CPU int4 kernel")
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "bfloat16", "2-d"])
+def test_int4_matmul_gives_the_kernels_bits_on_any_layout(layout):
+    """One cast to a contiguous bfloat16 and a view give the kernel the operand it got from
+    reshape, cast and ``contiguous``: the same bits; and ``x W0^T`` within bfloat16 rounding."""
+    torch.manual_seed(3)
+    module = Int4GroupsLinear.from_weight(torch.randn(96, 64) * 0.1)
+    x = torch.randn(2, 3, 64)
+    if layout == "transposed":
+        x = torch.randn(3, 2, 64).transpose(0, 1)  # not contiguous
+    elif layout == "bfloat16":
+        x = x.to(torch.bfloat16)
+    elif layout == "2-d":
+        x = x[0]
+    flat = x.reshape(-1, 64).to(torch.bfloat16).contiguous()
+    kernel = torch._weight_int4pack_mm_for_cpu(flat, module.packed, 32, module.scales_and_offsets)
+    got = int4_groups_matmul(x, module)
+    assert got.shape == (*x.shape[:-1], 96) and got.dtype == x.dtype
+    assert torch.equal(got, kernel.to(x.dtype).view(*x.shape[:-1], 96))
+    exact = x.double() @ module.dequantized().double().T
+    assert torch.allclose(got.double(), exact, atol=0.05, rtol=0.02)

@@ -213,16 +213,19 @@ def widen_scales(
 
 def int4_groups_matmul(x: torch.Tensor, module: Int4GroupsLinear) -> torch.Tensor:
     """``x W0^T`` (..., out) for ``x`` (..., in), in ``x``'s dtype: the int4 kernel on bfloat16
-    activations on the CPU, else ``F.linear`` on the dequantized weight."""
-    flat = x.reshape(-1, x.shape[-1])  # (m, k)
+    activations on the CPU, else ``F.linear`` on the dequantized weight.
+
+    Paid per layer at every decode step, so in few calls: x cast to a contiguous bfloat16 (m, k)
+    in one (``to``, then a view), the buffers read from ``_buffers`` (not ``nn.Module``'s
+    attribute lookup), the output cast back and viewed (..., out)."""
     if HAS_KERNEL and x.is_cpu:
+        buffers = module._buffers
+        rounded = x.to(torch.bfloat16, memory_format=torch.contiguous_format)
         out = torch._weight_int4pack_mm_for_cpu(
-            flat.to(torch.bfloat16).contiguous(),
-            module.packed,
-            GROUP,
-            module.scales_and_offsets,
+            rounded.view(-1, x.shape[-1]), buffers["packed"], GROUP, buffers["scales_and_offsets"]
         )
     else:
+        flat = x.reshape(-1, x.shape[-1])  # (m, k)
         out = F.linear(flat, module.dequantized().to(device=x.device, dtype=x.dtype))
     return out.to(x.dtype).view(*x.shape[:-1], module.out_features)
 

@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lorakit import functional
@@ -114,45 +113,48 @@ class OneAdapterRouter:
         layer.
         """
         key = tuple(map(id, layers))
-        if key not in self._siblings or not self._siblings[key].current():
-            self._siblings[key] = self._sibling_factors(layers, widths)
-        entry = self._siblings[key]
-        if entry.lora_A is None:
+        entry = self._siblings.get(key)
+        if entry is None or not entry.current():
+            entry = self._siblings[key] = self._sibling_factors(layers, widths)
+        if entry.lora_A_t is None:
             return False
         if not entry.parts:
             return True  # no sibling is adapted by this slot
         rows = x.shape[:-1].numel()
+        flat_x = x.reshape(rows, x.shape[-1])
+        if flat_x.dtype != entry.lora_A_t.dtype:
+            flat_x = flat_x.to(entry.lora_A_t.dtype)
+        low = torch.mm(flat_x, entry.lora_A_t)  # (N, R): F.linear's own product
+        # each part's view by one split (not an op per part), none for a lone part
         flat_out = out.view(rows, out.shape[-1])
-        flat_x = x.reshape(rows, x.shape[-1]).to(entry.lora_A.dtype)
-        low = F.linear(flat_x, entry.lora_A)  # (N, R)
-        for columns, ranks, lora_B_t in entry.parts:
+        outs = flat_out.split_with_sizes(widths, -1) if len(widths) > 1 else (flat_out,)
+        lows = low.split_with_sizes(entry.ranks, -1) if len(entry.ranks) > 1 else (low,)
+        for (member, lora_B_t), low_i in zip(entry.parts, lows, strict=True):
             if out.dtype == lora_B_t.dtype:
-                flat_out[:, columns].addmm_(low[:, ranks], lora_B_t)  # (N, d_i)
+                outs[member].addmm_(low_i, lora_B_t)  # (N, d_i)
             else:
-                flat_out[:, columns] += (low[:, ranks] @ lora_B_t).to(out.dtype)
+                outs[member].add_((low_i @ lora_B_t).to(out.dtype))
         return True
 
     def _sibling_factors(
         self, layers: Sequence[nn.Module], widths: Sequence[int]
     ) -> _SiblingFactors:
-        stacks, lora_As, parts = [], [], []
-        start = rank = 0
-        for layer, width in zip(layers, widths, strict=True):
+        stacks, lora_As, parts, ranks = [], [], [], []
+        for member, layer in enumerate(layers):
             stack = self.bank.stack_for(layer)
             if stack is not None and self.slot in stack.present:
                 if self.slot in stack.dora_slots:
-                    return _SiblingFactors(None, [], [], [])  # declined (kept: a slot stays DoRA)
+                    return _SiblingFactors(None, [], [], [], [])  # declined (a slot stays DoRA)
                 lora_A, lora_B_t = self.factors(stack)
                 stacks.append(stack)
                 lora_As.append(lora_A * stack.scaling_values[self.slot])
-                ranks = slice(rank, rank + lora_A.shape[0])
-                parts.append((slice(start, start + width), ranks, lora_B_t))
-                rank += lora_A.shape[0]
-            start += width
+                parts.append((member, lora_B_t))
+                ranks.append(lora_A.shape[0])
         if not lora_As:
-            return _SiblingFactors(torch.zeros(0, 0, dtype=self.bank.compute_dtype), [], [], [])
+            empty = torch.zeros(0, 0, dtype=self.bank.compute_dtype)
+            return _SiblingFactors(empty.T, [], [], [], [])
         pools = [stack.lora_A for stack in stacks]
-        return _SiblingFactors(torch.cat(lora_As), parts, stacks, pools)
+        return _SiblingFactors(torch.cat(lora_As).T, parts, ranks, stacks, pools)
 
     def _general_router(self, x: torch.Tensor) -> BankRouter:
         rows = x.shape[:-1].numel()
@@ -164,20 +166,22 @@ class OneAdapterRouter:
 
 @dataclass
 class _SiblingFactors:
-    """Siblings' adapters of one slot: the scaled A's concatenated (R, k) (None: the slot is
-    DoRA, the siblings take the per-layer call), and per adapted sibling (its columns of the
-    output, its ranks of ``low``, its B^T (r_i, d_i)); kept while ``stacks`` hold the same
-    ``pools``."""
+    """Siblings' adapters of one slot: the scaled A's concatenated (R, k), held as its
+    transposed view (k, R) (None: the slot is DoRA, the siblings take the per-layer call), and per adapted sibling (its index among the
+    siblings, its B^T (r_i, d_i)) with its rank r_i (``ranks``: its columns of ``low``); kept
+    while ``stacks`` hold the same ``pools``."""
 
-    lora_A: torch.Tensor | None
-    parts: list[tuple[slice, slice, torch.Tensor]]
+    lora_A_t: torch.Tensor | None
+    parts: list[tuple[int, torch.Tensor]]
+    ranks: list[int]
     stacks: list[LayerStack]
     pools: list[torch.Tensor]
 
     def current(self) -> bool:
-        return all(
-            stack.lora_A is pool for stack, pool in zip(self.stacks, self.pools, strict=True)
-        )
+        for stack, pool in zip(self.stacks, self.pools, strict=True):
+            if stack.lora_A is not pool:
+                return False
+        return True
 
 
 @contextmanager

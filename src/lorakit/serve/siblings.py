@@ -38,6 +38,15 @@ def _base(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, LoraLayer) else module
 
 
+def _mark(module: nn.Module, base: nn.Module) -> tuple:
+    """What ``SiblingGroup.intact`` checks of a member: ``(module, base, the dictionary holding
+    the base's first row tensor (``_parameters`` or ``_buffers``), its name, its data pointer)``;
+    a LoRA layer holds its base in ``_modules["base_layer"]``."""
+    name = _ROWS[type(base)][0]
+    tensors = base._parameters if name in base._parameters else base._buffers
+    return module, base, tensors, name, tensors[name].data_ptr()
+
+
 # Per fusable base type: the tensors concatenated by output rows (the members' become views of
 # the concatenation) and those concatenated along dim 1 (copied: int4's scales, a few percent).
 _ROWS = {
@@ -126,19 +135,24 @@ class SiblingGroup:
             self.fused = self.bases[0] if _plain(self.bases[0]) else None
         else:
             self.fused = fuse_bases(self.bases) if fuse else None
-        self._pointers = self._weight_pointers() if self.fused is not None else None
-
-    def _weight_pointers(self) -> list[int]:
-        return [getattr(b, _ROWS[type(b)][0]).data_ptr() for b in self.bases]
+        fused = self.fused is not None
+        self._marks = (
+            [_mark(m, b) for m, b in zip(self.modules, self.bases, strict=True)] if fused else []
+        )
 
     def intact(self) -> bool:
         """True while every member's base is the module fused and its weight still the view it
-        was given then."""
-        return (
-            self.fused is not None
-            and all(_base(m) is b for m, b in zip(self.modules, self.bases, strict=True))
-            and self._weight_pointers() == self._pointers
-        )
+        was given then (checked before each use: dictionary lookups and a data pointer per
+        member, not ``nn.Module`` attribute lookups, as the step calls it 120 times)."""
+        if self.fused is None:
+            return False
+        for module, base, tensors, name, pointer in self._marks:
+            if module is not base and module._modules.get("base_layer") is not base:
+                return False  # a LoRA layer's base replaced
+            tensor = tensors.get(name)
+            if tensor is None or tensor.data_ptr() != pointer:
+                return False  # the weight rebound (a new tensor, or ``.data`` set)
+        return True
 
     def __call__(self, x: torch.Tensor, router=None) -> list[torch.Tensor]:
         """Outputs (..., d_i) for ``x`` (..., k); ``router``: the serving router in force
@@ -155,9 +169,15 @@ class SiblingGroup:
             )
         add_siblings = getattr(router, "add_siblings", None)
         if add_siblings is not None and add_siblings(self.modules, self.widths, x, out):
-            return list(out.split(self.widths, dim=-1))
-        parts = list(out.split(self.widths, dim=-1))
+            return self._parts(out)
+        parts = self._parts(out)
         for index, module in enumerate(self.modules):
             if self.lora[index]:
                 parts[index] = router(module, x, parts[index])
         return parts
+
+    def _parts(self, out: torch.Tensor) -> list[torch.Tensor]:
+        """Each member's view (..., d_i) of ``out`` (..., sum d_i); a lone member's: ``out``."""
+        if len(self.widths) == 1:
+            return [out]
+        return list(out.split_with_sizes(self.widths, dim=-1))
