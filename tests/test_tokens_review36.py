@@ -284,13 +284,27 @@ def test_training_new_rows_after_the_advised_clone_starts_from_the_base():
 @pytest.mark.parametrize(
     ("value", "where"), [([3, 5, 3], ""), ({"embed_tokens": [1, 1, 2]}, " for 'embed_tokens'")]
 )
-def test_repeated_ids_are_refused_naming_them(value, where):
+def test_repeated_ids_are_warned_about_naming_them(value, where):
     _quiet(lambda: peft.LoraConfig(**_fields(trainable_token_indices=value)))  # peft takes them
     repeated = "[3]" if isinstance(value, list) else "[1]"
-    with pytest.raises(
-        ValueError, match=re.escape(f"id(s) {repeated} given more than once{where}")
+    with pytest.warns(
+        UserWarning, match=re.escape(f"id(s) {repeated} given more than once{where}")
     ):
         lorakit.LoraConfig(**_fields(trainable_token_indices=value))
+
+
+def test_a_peft_file_with_repeated_ids_loads_to_peft_logits(tmp_path):
+    """PEFT writes such files (its forward reads the last copy of a row): they load as in PEFT."""
+    theirs = _quiet(
+        lambda: peft.get_peft_model(
+            tiny_models.llama(), peft.LoraConfig(**_fields(trainable_token_indices=[3, 5, 3]))
+        )
+    )
+    _perturb(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = _quiet(lambda: lorakit.load_adapter(tiny_models.llama(), tmp_path))
+    ids = _ids((3, 5, 9))
+    assert _max_diff(_logits(ours, ids), _logits(theirs, ids)) == 0.0
 
 
 # ----------------------------------------------------------------- 6. resized vocabulary

@@ -6,6 +6,7 @@ it, so an invalid config never exists). Regexes are checked for run time too
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from lorakit.config_layer_checks import (
@@ -203,11 +204,12 @@ def _check_token_indices(value: Any) -> None:
         repeated = sorted({i for i in ids if ids.count(i) > 1})
         if repeated:
             where = "" if key is None else f" for {key!r}"
-            raise ValueError(
-                f"LoraConfig.trainable_token_indices={value!r} is invalid: token id(s) "
-                f"{repeated} given more than once{where}. Give each id once (PEFT accepts "
-                "repeats, but the forward reads one copy of the row and the other copies "
-                "train without any effect)."
+            warnings.warn(  # (a warning: PEFT writes such files, and they load as in PEFT)
+                f"LoraConfig.trainable_token_indices: token id(s) {repeated} given more than "
+                f"once{where}; the forward reads one copy of each row and the other copies "
+                "train without any effect. Give each id once.",
+                UserWarning,
+                stacklevel=3,
             )
 
 
