@@ -193,11 +193,14 @@ def _saved_tensors(
     (``offloading.loaded_for_reading``), so the file is the non-offloaded model's; one on the
     meta device with no map holds no value (``UserError`` naming it)."""
     held = [model_tensor(model, entry, adapter_name) for entry in entries]
-    offloaded = offloading.offloaded_holders(model, [t for t in held if t.is_meta])
+    meta = [t for t in held if t.is_meta]  # (none unless accelerate offloaded them)
+    offloaded = offloading.offloaded_holders(model, meta) if meta else []
     tensors = {}
     with offloading.loaded_for_reading(offloaded):
-        for entry in entries:
-            tensor = model_tensor(model, entry, adapter_name).detach()  # (the loaded one)
+        for entry, tensor in zip(entries, held, strict=True):
+            if meta:
+                tensor = model_tensor(model, entry, adapter_name)  # (the loaded one)
+            tensor = tensor.detach()
             if tensor.is_meta:
                 raise UserError(
                     f"adapter {adapter_name!r}: tensor {entry.key!r} (module {entry.module!r}) "
