@@ -53,19 +53,35 @@ def _t5(seed: int = 0) -> T5ForConditionalGeneration:
     """A tiny T5 whose linears all take int4-groups (sizes multiples of 32)."""
     torch.manual_seed(seed)
     config = T5Config(
-        vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-        decoder_start_token_id=0, dropout_rate=0.0, eos_token_id=EOS, pad_token_id=0,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        dropout_rate=0.0,
+        eos_token_id=EOS,
+        pad_token_id=0,
+    )
     return T5ForConditionalGeneration(config).eval()
 
 
 def _bart(seed: int = 0) -> BartForConditionalGeneration:
     torch.manual_seed(seed)
     config = BartConfig(
-        vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=128,
-        decoder_ffn_dim=128, max_position_embeddings=64, dropout=0.0, eos_token_id=EOS,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_position_embeddings=64,
+        dropout=0.0,
+        eos_token_id=EOS,
+    )
     return BartForConditionalGeneration(config).eval()
 
 

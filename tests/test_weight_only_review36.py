@@ -55,38 +55,125 @@ from tests.cli_runs import run_cli
 
 VOCAB = 128
 SMALL = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-)  # fmt: skip
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
 MAMBA = dict(vocab_size=320, hidden_size=64, state_size=16, num_hidden_layers=2, expand=2)
 # model type, config, task, the layers that must stay float (by name ending)
 FAMILIES = {
-    "mamba2": ("mamba2", dict(MAMBA, vocab_size=VOCAB, num_heads=8, head_dim=16, n_groups=1,
-               chunk_size=8), "lm", ("mixer.out_proj", "lm_head")),
-    "jamba": ("jamba", dict(SMALL, num_experts=1, attn_layer_period=2, attn_layer_offset=1,
-              mamba_d_state=16, mamba_dt_rank=8, use_mamba_kernels=False), "lm", ("dt_proj",)),
-    "xlstm": ("xlstm", dict(vocab_size=VOCAB, hidden_size=64, embedding_dim=64, num_heads=4,
-              num_blocks=2, qk_dim_factor=1.0, chunk_size=16), "lm", ("lm_head",)),
-    "rwkv": ("rwkv", dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
-             attention_hidden_size=64, intermediate_size=128, rescale_every=1), "lm",
-             ("attention.output", "feed_forward.value")),
-    "ergo": ("ergo", dict(SMALL, first_dense_intermediate_size=128, moe_intermediate_size=32,
-             shared_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
-             sliding_window=8), "lm", ("self_attn.o_proj",)),
-    "bloom": ("bloom", dict(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4,
-              pretraining_tp=2, slow_but_exact=True), "lm", ("self_attention.dense",
-              "mlp.dense_4h_to_h")),
+    "mamba2": (
+        "mamba2",
+        dict(MAMBA, vocab_size=VOCAB, num_heads=8, head_dim=16, n_groups=1, chunk_size=8),
+        "lm",
+        ("mixer.out_proj", "lm_head"),
+    ),
+    "jamba": (
+        "jamba",
+        dict(
+            SMALL,
+            num_experts=1,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            mamba_d_state=16,
+            mamba_dt_rank=8,
+            use_mamba_kernels=False,
+        ),
+        "lm",
+        ("dt_proj",),
+    ),
+    "xlstm": (
+        "xlstm",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            embedding_dim=64,
+            num_heads=4,
+            num_blocks=2,
+            qk_dim_factor=1.0,
+            chunk_size=16,
+        ),
+        "lm",
+        ("lm_head",),
+    ),
+    "rwkv": (
+        "rwkv",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_hidden_layers=2,
+            attention_hidden_size=64,
+            intermediate_size=128,
+            rescale_every=1,
+        ),
+        "lm",
+        ("attention.output", "feed_forward.value"),
+    ),
+    "ergo": (
+        "ergo",
+        dict(
+            SMALL,
+            first_dense_intermediate_size=128,
+            moe_intermediate_size=32,
+            shared_intermediate_size=64,
+            num_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=8,
+        ),
+        "lm",
+        ("self_attn.o_proj",),
+    ),
+    "bloom": (
+        "bloom",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            n_layer=2,
+            n_head=4,
+            pretraining_tp=2,
+            slow_but_exact=True,
+        ),
+        "lm",
+        ("self_attention.dense", "mlp.dense_4h_to_h"),
+    ),
     "hunyuan": ("hunyuan_v1_moe", dict(SMALL, num_experts=2, moe_topk=1), "lm", ("gate.wg",)),
-    "gemma3n": ("gemma3n_text", dict(SMALL, intermediate_size=[128, 128],
-                layer_types=["sliding_attention", "full_attention"], sliding_window=8,
-                vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=16,
-                num_kv_shared_layers=0, laurel_rank=8, activation_sparsity_pattern=[0.0, 0.0]),
-                "lm", ("altup.prediction_coefs", "altup.correction_coefs")),
-    "layoutlmv3": ("layoutlmv3", dict(vocab_size=VOCAB, hidden_size=96, intermediate_size=128,
-                   num_hidden_layers=2, num_attention_heads=4, coordinate_size=16,
-                   shape_size=16, visual_embed=False, max_position_embeddings=64), "cls",
-                   ("rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias")),
-}  # fmt: skip
+    "gemma3n": (
+        "gemma3n_text",
+        dict(
+            SMALL,
+            intermediate_size=[128, 128],
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=8,
+            vocab_size_per_layer_input=VOCAB,
+            hidden_size_per_layer_input=16,
+            num_kv_shared_layers=0,
+            laurel_rank=8,
+            activation_sparsity_pattern=[0.0, 0.0],
+        ),
+        "lm",
+        ("altup.prediction_coefs", "altup.correction_coefs"),
+    ),
+    "layoutlmv3": (
+        "layoutlmv3",
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=96,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            coordinate_size=16,
+            shape_size=16,
+            visual_embed=False,
+            max_position_embeddings=64,
+        ),
+        "cls",
+        ("rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias"),
+    ),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -193,8 +280,10 @@ def test_other_families_reading_a_weight_run_on_int8_rows(name):
 def _saved_mamba(directory, kind: str):
     """A tiny random Mamba (``kind`` "mamba") or FalconMamba saved with a tokenizer."""
     config, cls = (
-        (MambaConfig, MambaForCausalLM) if kind == "mamba" else (FalconMambaConfig, FalconMambaForCausalLM)
-    )  # fmt: skip
+        (MambaConfig, MambaForCausalLM)
+        if kind == "mamba"
+        else (FalconMambaConfig, FalconMambaForCausalLM)
+    )
     torch.manual_seed(0)
     model = cls(config(**MAMBA)).eval()
     model.save_pretrained(directory)
