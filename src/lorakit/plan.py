@@ -23,6 +23,7 @@ from lorakit.layer_groups import adapted_size, layer_group
 from lorakit.meta_model import BUILTIN_CONFIGS, build_meta_model
 from lorakit.plan_memory import DEFAULT_SEQ_LEN, GB, MB, ModuleTypePlan, Plan
 from lorakit.positions import learned_position_limit, max_positions
+from lorakit.quantized.loading import kept_in_float32
 from lorakit.state import lora_layers
 
 __all__ = [
@@ -55,17 +56,18 @@ def plan(
     """Count a LoRA setup on ``model`` (built-in name, HF model directory or config.json).
 
     ``lora_alpha`` defaults to ``2 * r``; ``dtype`` to the dtype ``lorakit.models.load_model``
-    gives a lorakit built-in model (float32), else the config's dtype (float32 if none);
+    gives a lorakit built-in model (float32), else the config's dtype (float32 if none); the
+    parameters transformers keeps in float32 at that dtype stay float32 (``_keep_float32``).
     ``devices`` and ``strategy`` ("ddp" or "fsdp") give the per-device training memory;
     ``quantization`` (nf4, fp4, int8, q4_0, q4_1, q8_0, int8-rows, int4-groups) stores the base's
     linears quantized (``lorakit.quantized.footprint``; with ``strategy="fsdp"`` it is a
     ``UserError``, as ``lorakit train`` refuses that setup, and so is FSDP on one device);
-    ``batch_size``
-    sequences of ``seq_len`` tokens (default 2048, or the model's maximum when shorter) per
-    device, with LoRA dropout ``lora_dropout``, give the activations (``lorakit.activations``).
+    ``batch_size`` sequences of ``seq_len`` tokens (default 2048, or the model's maximum when
+    shorter) per device, with LoRA dropout ``lora_dropout``, give the activations.
     """
     _check_run_shape(devices, strategy, batch_size, seq_len, num_adapters)
     meta_model, dtype_name = build_meta_model(model, dtype)
+    float32_base = _keep_float32(meta_model, dtype_name)
     config = _lora_config(r, lora_alpha, target_modules, lora_dropout, _task_type(meta_model))
     base_parameters = count_parameters(meta_model).total
     quantized_weights = _quantized_weights(meta_model, quantization)
@@ -83,6 +85,7 @@ def plan(
         dtype=dtype_name,
         config=config,
         base_parameters=base_parameters,
+        float32_base_parameters=float32_base,
         trainable_parameters=counts.trainable,
         total_parameters=counts.total,
         module_types=_module_types(meta_model),
@@ -103,10 +106,8 @@ def plan(
 def _check_run_shape(
     devices: int, strategy: str, batch_size: int, seq_len: int | None, num_adapters: int = 1
 ) -> None:
-    """Refuse a device count below 1, a strategy other than "ddp" / "fsdp", FSDP on one device
-    (``lorakit train`` refuses it: ``train.distributed.check_strategy``), a batch size or
-    sequence length below 1 and a negative ``num_adapters`` (``UserError``, in the CLI's option
-    names)."""
+    """``UserError`` (CLI option names) for devices, batch size or seq_len below 1, a strategy not
+    "ddp" / "fsdp", FSDP on one device (``train.distributed.check_strategy``), adapters < 0."""
     if devices < 1 or strategy not in ("ddp", "fsdp"):
         raise UserError(
             f"--devices must be >= 1 and --strategy ddp or fsdp (got {devices}, {strategy!r})"
@@ -125,9 +126,18 @@ def _check_run_shape(
         )
 
 
+def _keep_float32(model: nn.Module, dtype: str) -> int:
+    """Cast to float32, as ``from_pretrained(dtype=)`` loads them, the parameters the class keeps
+    in float32 (``quantized.loading.kept_in_float32``: T5's ``wo`` at float16); their count."""
+    kept = kept_in_float32(model, getattr(torch, dtype))
+    named = [p for n, p in model.named_parameters() if kept is not None and kept.search(n)]
+    for parameter in named:
+        parameter.data = parameter.data.to(torch.float32)
+    return sum(p.numel() for p in named)
+
+
 def _inject_on_meta(meta_model: nn.Module, config: LoraConfig) -> None:
-    """Inject ``config`` into ``meta_model`` without dropout modules (their masks are counted by
-    rule); a target lorakit cannot adapt is a ``UserError``."""
+    """Inject ``config`` without dropout; a target lorakit cannot adapt is a ``UserError``."""
     try:  # dropout cannot draw on meta: its masks are counted by rule
         inject(meta_model, dataclasses.replace(config, lora_dropout=0.0))
     except (ValueError, TypeError) as error:  # TypeError: a module lorakit cannot adapt
@@ -135,9 +145,7 @@ def _inject_on_meta(meta_model: nn.Module, config: LoraConfig) -> None:
 
 
 def _check_shardable(strategy: str, devices: int, quantization: str | None) -> None:
-    """Refuse what ``lorakit train`` refuses (``lorakit.train.fsdp.check_shardable``, with its
-    words): FSDP (on 2 or more devices: ``_check_run_shape``) cannot shard a quantized base
-    yet."""
+    """Refuse FSDP over a quantized base, as ``lorakit train`` does (``fsdp.check_shardable``)."""
     if strategy == "fsdp" and devices > 1 and quantization is not None:
         from lorakit.train.fsdp import quantized_base_error
 
@@ -152,16 +160,10 @@ _TASK_TYPES = {
 
 
 def _task_type(model: nn.Module) -> str | None:
-    """The PEFT task type a fine-tune of this model class sets, where it changes what is
-    trained (its newly initialised head trained in full, as PEFT does:
-    ``targets.saved_module_entries``): ``SEQ_CLS`` for ``*ForSequenceClassification``,
-    ``TOKEN_CLS`` for ``*ForTokenClassification``, ``QUESTION_ANS`` for
-    ``*ForQuestionAnswering``; else None."""
+    """The PEFT task type (``SEQ_CLS`` for ``*ForSequenceClassification``...) where it changes
+    what is trained (a new head trained in full: ``targets.saved_module_entries``); else None."""
     name = type(model).__name__
-    for suffix, task_type in _TASK_TYPES.items():
-        if name.endswith(suffix):
-            return task_type
-    return None
+    return next((task for suffix, task in _TASK_TYPES.items() if name.endswith(suffix)), None)
 
 
 def _lora_config(
@@ -197,9 +199,8 @@ def _check_positions(model: nn.Module, seq_len: int | None) -> None:
 def _activations(
     model: nn.Module, batch: int, seq_len: int | None, dropout: float
 ) -> tuple[Activations | None, str]:
-    """The activations (``seq_len`` None: ``DEFAULT_SEQ_LEN`` or the model's maximum when
-    shorter), or None and why: a forward that cannot run on the meta device (code that reads
-    tensor values) is reported, not raised, as the counts above stand without it."""
+    """The activations (``seq_len`` None: ``DEFAULT_SEQ_LEN`` or the model's maximum if shorter),
+    or None and why: a forward that cannot run on meta is reported, not raised."""
     if seq_len is None:
         seq_len = min(DEFAULT_SEQ_LEN, max_positions(model) or DEFAULT_SEQ_LEN)
     try:
@@ -247,9 +248,8 @@ def _block_backward_bytes(model: nn.Module, activations: Activations | None, dty
 
 
 def _quantized_weights(model: nn.Module, quantization: str | None) -> tuple[int, int]:
-    """``(weights, bytes)`` of ``quantized_base``, refused as loading refuses it: a weight-only
-    format that would store no block layer (``loading.refuse_no_block_layer``: GPT-2's Conv1D,
-    int4-groups sizes that are not multiples of 32), a GGUF row that is not whole blocks."""
+    """``(weights, bytes)`` of ``quantized_base``, refused as loading refuses it: no block layer
+    (``loading.refuse_no_block_layer``: GPT-2's Conv1D...), a GGUF row not whole blocks."""
     if quantization is None:
         return 0, 0
     from lorakit.quantized.footprint import WEIGHT_ONLY, quantized_base

@@ -1,7 +1,8 @@
 """The memory model of ``lorakit plan``: a ``Plan``'s counts and what each byte figure means.
 
 ``lorakit.plan.plan`` counts a model built on the meta device (exactly a real run's numbers);
-a ``Plan`` holds the counts and derives the bytes (GB = 1e9 bytes)::
+a ``Plan`` holds the counts and derives the bytes (GB = 1e9 bytes; the P_32 base parameters that
+transformers keeps in float32, T5's ``wo`` at float16, add P_32 (4 - b_dtype) to the base's)::
 
     full fine-tuning  = P_base * 16 bytes            (fp32 weight + gradient + AdamW m and v)
     LoRA training     = P_frozen * b_dtype + (P_trainable - P_d) * 16 + P_d * 4 * b_dtype
@@ -10,7 +11,7 @@ a ``Plan`` holds the counts and derives the bytes (GB = 1e9 bytes)::
                         or P_trainable * 2 (bfloat16) + its header (the safetensors JSON: per
                         tensor its key, dtype, shape and offsets; the config; the base
                         fingerprint: ~760 bytes a module in all, ``io.planned_size``)
-    inference merged  = P_base * b_dtype
+    inference merged  = P_base * b_dtype (+ P_32 * (4 - b_dtype), as every base term)
     base + N adapters = P_base * b_dtype + N * P_trainable * b_adapter
                         (b_adapter: ``layer_wrapping.default_adapter_dtype``, float32 on a float16 or
                         bfloat16 base, as ``inject``, ``load_adapter`` and the serving bank keep them)
@@ -86,15 +87,8 @@ class ModuleTypePlan:
 
 
 _DERIVED = (
-    *(
-        "dtype_bytes",
-        "adapter_dtype",
-        "base_bytes",
-        "frozen_parameters",
-        "trainable_percent",
-        "peft_line",
-        "adapter_file_bytes",
-    ),
+    *("dtype_bytes", "adapter_dtype", "base_bytes", "float32_extra_bytes", "frozen_parameters"),
+    *("trainable_percent", "peft_line", "adapter_file_bytes"),
     *("full_finetune_bytes", "lora_frozen_bytes", "lora_trainable_state_bytes"),
     *("lora_training_bytes", "inference_merged_bytes", "inference_with_adapters_bytes"),
     *("fsdp_sharded_bytes", "fsdp_gathered_bytes", "per_device_training_bytes"),
@@ -128,6 +122,7 @@ class Plan:
     adapter_header_bytes: tuple[int, int] = (0, 0)  # the file's header in float32, bfloat16
     trainable_in_dtype: int = 0  # P_d: trainable parameters held in ``dtype``, not float32
     block_backward_bytes: int = 0  # B: one block's backward buffers beyond what it keeps
+    float32_base_parameters: int = 0  # P_32: base parameters kept in float32 at ``dtype``
 
     @property
     def dtype_bytes(self) -> int:
@@ -163,10 +158,15 @@ class Plan:
         return self.base_parameters * FULL_FINETUNE_BYTES_PER_PARAMETER
 
     @property
+    def float32_extra_bytes(self) -> int:
+        """``P_32 (4 - b_dtype)``: what the parameters kept in float32 add to ``dtype``'s bytes."""
+        return self.float32_base_parameters * (4 - self.dtype_bytes)
+
+    @property
     def base_bytes(self) -> int:
-        """The frozen base: its quantized linears' bytes, the rest in ``dtype``."""
+        """The frozen base: its quantized linears' bytes, P_32 in float32, the rest in ``dtype``."""
         weights, quantized_bytes = self.quantized_weights
-        return (self.base_parameters - weights) * self.dtype_bytes + quantized_bytes
+        return self.inference_merged_bytes - weights * self.dtype_bytes + quantized_bytes
 
     @property
     def lora_frozen_bytes(self) -> int:
@@ -186,7 +186,7 @@ class Plan:
 
     @property
     def inference_merged_bytes(self) -> int:
-        return self.base_parameters * self.dtype_bytes
+        return self.base_parameters * self.dtype_bytes + self.float32_extra_bytes
 
     @property
     def adapter_dtype(self) -> str:

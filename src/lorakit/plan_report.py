@@ -72,18 +72,20 @@ def _trainable_terms(result: Plan) -> str:
 
 
 def _frozen_lines(result: Plan) -> list[str]:
-    """The frozen base's bytes: all in ``dtype``, or its linears quantized."""
-    if result.quantization is None:
-        return [
-            f"  LoRA: {result.frozen_parameters:,} frozen x {result.dtype_bytes} bytes "
-            f"({result.dtype}) = {_gb(result.lora_frozen_bytes)}"
-        ]
+    """The frozen base's bytes: in ``dtype`` (those transformers keeps in float32 in float32,
+    ``Plan.float32_base_parameters``), or its linears quantized and the rest so."""
     weights, quantized_bytes = result.quantized_weights
-    rest = result.frozen_parameters - weights
+    kept = result.float32_base_parameters
+    rest = result.frozen_parameters - weights - kept
+    terms = f"{rest:,} frozen x {result.dtype_bytes} bytes ({result.dtype})"
+    if kept:
+        terms += f" + {kept:,} kept in float32 x 4 bytes"
+    rest_bytes = rest * result.dtype_bytes + kept * 4
+    if result.quantization is None:
+        return [f"  LoRA: {terms} = {_gb(rest_bytes)}"]
     return [
         _quantized_line(result.quantization, weights, quantized_bytes),
-        f"      + {rest:,} frozen x {result.dtype_bytes} bytes ({result.dtype}) = "
-        f"{_gb(rest * result.dtype_bytes)}",
+        f"      + {terms} = {_gb(rest_bytes)}",
     ]
 
 

@@ -34,9 +34,7 @@ def warn_uncalled_tied_embeddings(model: nn.Module, targets: Sequence[str]) -> N
     uncalled = _uncalled(model, targets)
     if not uncalled:
         return
-    described = "; ".join(f"{name!r} (it reads {readers})" for name, readers in uncalled.items())
-    instead = sorted({reader for readers in uncalled.values() for reader in readers})
-    endings = sorted({reader.rpartition(".")[2] for reader in instead})
+    described, instead, endings = _described(uncalled, "it reads")
     warnings.warn(
         f"the forward of this {type(model).__name__} never calls target module(s) "
         f"{described}: those are separate embedding modules holding the same (tied) weight, "
@@ -56,11 +54,7 @@ def warn_uncalled_token_embeddings(model: nn.Module, names: Sequence[str]) -> No
     uncalled = _uncalled(model, names, held=False)
     if not uncalled:
         return
-    described = "; ".join(
-        f"{name!r} (the forward calls {readers})" for name, readers in uncalled.items()
-    )
-    instead = sorted({reader for readers in uncalled.values() for reader in readers})
-    endings = sorted({reader.rpartition(".")[2] for reader in instead})
+    described, instead, endings = _described(uncalled, "the forward calls")
     warnings.warn(
         f"trainable_token_indices trains rows of {described}, which the forward of this "
         f"{type(model).__name__} never calls: separate embedding modules hold the same (tied) "
@@ -70,6 +64,15 @@ def warn_uncalled_token_embeddings(model: nn.Module, names: Sequence[str]) -> No
         UnusedTargetWarning,
         stacklevel=2,
     )
+
+
+def _described(uncalled: Mapping[str, list[str]], reading: str) -> tuple[str, list[str], list[str]]:
+    """What both warnings say of ``uncalled`` (``_uncalled``'s map): each embedding with its
+    readers (``"'shared' (<reading> [...])"``, joined by "; "), the readers sorted, and the
+    sorted last parts of their names (``embed_tokens``: what ``target_modules`` can name)."""
+    described = "; ".join(f"{name!r} ({reading} {readers})" for name, readers in uncalled.items())
+    instead = sorted({reader for readers in uncalled.values() for reader in readers})
+    return described, instead, sorted({reader.rpartition(".")[2] for reader in instead})
 
 
 def _uncalled(model: nn.Module, names: Sequence[str], held: bool = True) -> dict[str, list[str]]:

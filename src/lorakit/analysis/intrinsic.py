@@ -210,8 +210,9 @@ def d90(scores: Mapping[int, float], full_score: float, threshold: float = 0.9) 
     """Smallest d with ``scores[d] >= threshold * full_score`` (None if no d reaches it); a
     score equal to the target up to rounding (``TIE_TOLERANCE``) reaches it.
 
-    Keys may be numeric strings (a results JSON's) and are read as ints; ``threshold`` must be
-    in (0, 1] and ``full_score`` finite (``intrinsic_checks`` names what is wrong otherwise).
+    Keys are read as the ints d: whole numbers (300.0 too) and int strings (a results JSON's);
+    ``threshold`` must be in (0, 1] and ``full_score`` finite (``intrinsic_checks`` names what
+    is wrong otherwise).
     """
     scores = checks.dimension_keys(scores)
     full_score = checks.finite_score(full_score, "full_score")
@@ -244,7 +245,7 @@ def bootstrap_d90(
     frozen: Sequence[float],
     *,
     resamples: int = 2000,
-    seed: int = 0,
+    seed: int | None = 0,
     threshold: float = 0.9,
 ) -> dict[str, dict]:
     """Both d90 definitions on the seed means, with a bootstrap over seeds.
@@ -256,11 +257,12 @@ def bootstrap_d90(
     gain over the frozen baseline): ``point`` (on the plain means), ``low`` / ``high`` (2.5th /
     97.5th percentile of the resampled d90, a d never reached counting as +inf, reported as None)
     and ``undefined`` (the fraction of resamples where no d reaches the threshold). ``runs``'
-    keys may be numeric strings (read as ints); the baselines' scores must be finite.
+    keys are read as in ``d90``; scores may be lists, tuples or 1-D arrays, the baselines'
+    finite. ``seed`` (an int) fixes the resamples; None draws fresh ones at every call.
     """
     runs, full, frozen = checks.bootstrap_scores(runs, full, frozen)
     resamples, threshold = checks.resample_count(resamples), checks.fraction_threshold(threshold)
-    rng = random.Random(checks.integer_seed(seed))
+    rng = random.Random(checks.optional_seed(seed))
 
     def draw(values: Sequence[float]) -> float:
         return statistics.fmean(rng.choice(values) for _ in values)

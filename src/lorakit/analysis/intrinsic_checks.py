@@ -2,8 +2,10 @@
 
 The wrapper's (``IntrinsicDimension``, ``Fastfood``): d and D positive integers with d <= D, an
 integer seed, the reparametrised names as a list, float32 / float64 tensors and tables. d90's
-(``d90``, ``d90_of_gain``, ``bootstrap_d90``): a threshold in (0, 1], finite baseline scores,
-and the dimensions d as ints, numeric strings (the keys a results JSON gives back) converted.
+(``d90``, ``d90_of_gain``, ``bootstrap_d90``): a threshold in (0, 1], finite baseline scores
+(lists or 1-D arrays, one per seed), the bootstrap's seed an int or None (fresh randomness), and
+the dimensions d as ints: integral numbers (300.0, numpy's) and int strings (the keys a results
+JSON gives back) converted.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ __all__ = [
     "finite_score",
     "fraction_threshold",
     "integer_seed",
+    "optional_seed",
     "positive_int",
     "refuse_above_total",
     "refuse_narrow",
@@ -62,6 +65,12 @@ def integer_seed(value, *, torch_generator: bool = False) -> int:
     if torch_generator and not low <= value < high:
         raise ValueError(f"seed must be an int in [-2**63, 2**64), got {value!r}")
     return int(value)
+
+
+def optional_seed(value) -> int | None:
+    """``bootstrap_d90``'s seed: None (``random.Random(None)``, fresh randomness from the OS, a
+    different interval at each call) or an int as in ``integer_seed``."""
+    return None if value is None else integer_seed(value)
 
 
 def chosen_parameters(
@@ -142,17 +151,22 @@ def refuse_above_total(dimension: int, total: int) -> None:
 
 
 def _as_dimension(key, what: str) -> int:
-    """A key of ``what`` as the int d: an int, or a string of one (as JSON gives keys back)."""
+    """A key of ``what`` as the int d: an int, an integral real number (300.0, ``np.float64``)
+    or a string of an int (as JSON gives keys back); ``TypeError`` for anything else (a bool,
+    300.5, NaN, ``'1e3'``)."""
     if _is_int(key):
         return int(key)
-    if isinstance(key, str):
+    if isinstance(key, numbers.Real) and not isinstance(key, bool):
+        if math.isfinite(key) and float(key).is_integer():
+            return int(key)
+    elif isinstance(key, str):
         try:
             return int(key)
         except ValueError:
             pass
     raise TypeError(
-        f"the keys of {what} must be the dimensions d as ints (or strings of ints, as a JSON "
-        f"file gives them back), got {key!r}"
+        f"the keys of {what} must be the dimensions d as ints (a whole number such as 300 or "
+        f"300.0, or a string of an int, as a JSON file gives them back), got {key!r}"
     )
 
 
@@ -195,23 +209,36 @@ def finite_score(score, what: str) -> float:
     return value
 
 
-def seed_scores(values, what: str) -> list[float]:
-    """One finite score per seed: ``TypeError`` for a single number or a string, ``ValueError``
-    for an empty list or a NaN / infinite score (``what[i]`` named)."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise TypeError(f"{what} must be a list of scores, one per seed, got {values!r}")
-    if not values:
+def _score_list(values, what: str) -> list:
+    """``values`` as a list, one score per seed: ``TypeError`` for a single number, a string, a
+    mapping or an array that is not 1-D; ``ValueError`` when empty."""
+    not_a_list = isinstance(values, (str, bytes, Mapping)) or not (
+        hasattr(values, "__len__") and hasattr(values, "__iter__")
+    )
+    if not_a_list or getattr(values, "ndim", 1) != 1:
+        raise TypeError(
+            f"{what} must be a list of scores, one per seed (or a 1-D array), got {values!r}"
+        )
+    if len(values) == 0:
         raise ValueError(
             f"bootstrap_d90 needs at least one score per dimension and baseline: {what} is empty"
         )
+    return list(values)
+
+
+def seed_scores(values, what: str) -> list[float]:
+    """One finite float score per seed from a list, tuple or 1-D array (``_score_list``);
+    ``ValueError`` for a NaN / infinite score (``what[i]`` named)."""
+    values = _score_list(values, what)
     return [finite_score(value, f"{what}[{index}]") for index, value in enumerate(values)]
 
 
 def bootstrap_scores(runs: Mapping, full, frozen) -> tuple[dict, list[float], list[float]]:
-    """``bootstrap_d90``'s scores checked: ``runs`` keyed by int d, a non-empty list per d, and
-    one finite score per seed of each baseline."""
-    if not runs or any(not values for values in runs.values()):
+    """``bootstrap_d90``'s scores checked: ``runs`` keyed by int d, a non-empty list (or 1-D
+    array) per d, and one finite score per seed of each baseline."""
+    if not runs:
         raise ValueError("bootstrap_d90 needs at least one score per dimension and baseline")
+    runs = {d: _score_list(values, f"runs[{d!r}]") for d, values in runs.items()}
     return dimension_keys(runs, "runs"), seed_scores(full, "full"), seed_scores(frozen, "frozen")
 
 

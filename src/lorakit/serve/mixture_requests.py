@@ -58,7 +58,17 @@ def _number(value: object) -> bool:
 
 
 def parse_mixture(value: object) -> Mixture:
-    """The ``merged_adapters`` field as a ``Mixture``; a 400 naming the bad entry otherwise."""
+    """The ``merged_adapters`` field as a ``Mixture``; a 400 naming the bad entry otherwise:
+    each entry read and type-checked (``_read_mixture``), then the options checked together, as
+    ``combine`` checks its arguments (``_check_mixture``)."""
+    mixture = _read_mixture(value)
+    _check_mixture(mixture, value)
+    return mixture
+
+
+def _read_mixture(value: object) -> Mixture:
+    """Each entry of the field read, in order, with its type checked (null: not given, the
+    default): no unknown entry, ``ids``, ``weights``, ``merge_strategy``, then the options."""
     if not isinstance(value, dict):
         raise bad_mixture(f"'{FIELD}' must be an object with 'ids' and optional 'weights', ...")
     unknown = sorted(set(value) - set(_KEYS))
@@ -67,19 +77,30 @@ def parse_mixture(value: object) -> Mixture:
             f"'{FIELD}' has unknown entries {unknown}; known: {list(_KEYS)}", unknown[0]
         )
     ids = _ids(value.get("ids"))
-    weights = value.get("weights")
-    weights = [1.0] * len(ids) if weights is None else weights  # (null: not given)
+    weights = _weights(value.get("weights"), len(ids))
+    method = _method(value.get("merge_strategy"))
+    return Mixture(ids=tuple(ids), weights=weights, method=method, **_typed_options(value))
+
+
+def _weights(weights: object, count: int) -> tuple[float, ...]:
+    """``merged_adapters.weights``: one finite number per adapter (null: 1.0 each)."""
+    weights = [1.0] * count if weights is None else weights  # (null: not given)
     if not isinstance(weights, list) or not all(_number(w) for w in weights):
         raise bad_mixture(
             f"'{FIELD}.weights' must be a list of numbers, got {weights!r}", "weights"
         )
     weights = [float_value(w, f"{FIELD}.weights") for w in weights]
-    if len(weights) != len(ids) or not all(math.isfinite(w) for w in weights):
+    if len(weights) != count or not all(math.isfinite(w) for w in weights):
         raise bad_mixture(
-            f"'{FIELD}.weights': give one finite number per adapter ({len(ids)}), got {weights}",
+            f"'{FIELD}.weights': give one finite number per adapter ({count}), got {weights}",
             "weights",
         )
-    strategy = value.get("merge_strategy")
+    return tuple(weights)
+
+
+def _method(strategy: object) -> str:
+    """``merged_adapters.merge_strategy`` as a ``combine`` method (null: ``cat``; LoRAX's
+    ``linear`` is ``cat``)."""
     strategy = "cat" if strategy is None else strategy  # (null: not given)
     method = _ALIASES.get(strategy, strategy) if isinstance(strategy, str) else strategy
     if method not in METHODS:
@@ -88,6 +109,12 @@ def parse_mixture(value: object) -> Mixture:
             f"of {', '.join([*METHODS, *_ALIASES])}",
             "merge_strategy",
         )
+    return method
+
+
+def _typed_options(value: dict) -> dict[str, object]:
+    """``rank``, ``density``, ``seed`` and ``majority_sign_method``, each None or of its type
+    (an integer, a number, an integer, a string; a bool is none of them)."""
     options = {}
     for key, kinds, kind in (
         ("rank", int, "an integer"),
@@ -105,27 +132,32 @@ def parse_mixture(value: object) -> Mixture:
         raise bad_mixture(
             f"'{FIELD}.majority_sign_method' must be a string", "majority_sign_method"
         )
-    if options["rank"] is not None and method == "cat":
-        raise _rank_for_cat(strategy)
-    given = {"density": options["density"], "majority_sign_method": sign, "seed": options["seed"]}
-    unused = unused_option(method, given, {key: f"'{FIELD}.{key}'" for key in given})
+    return {**options, "majority_sign_method": sign}
+
+
+def _check_mixture(mixture: Mixture, value: dict) -> None:
+    """The options together, as ``combine`` would refuse them: ``rank`` with ``cat``, an option
+    the method would ignore, then ``combining.arguments.check_arguments``' rules (an entry left
+    out that the method needs: the object, ``value``, is at fault)."""
+    if mixture.rank is not None and mixture.method == "cat":
+        strategy = value.get("merge_strategy")
+        raise _rank_for_cat("cat" if strategy is None else strategy)
+    given = {
+        "density": mixture.density,
+        "majority_sign_method": mixture.majority_sign_method,
+        "seed": mixture.seed,
+    }
+    unused = unused_option(mixture.method, given, {key: f"'{FIELD}.{key}'" for key in given})
     if unused is not None:
         raise bad_mixture(unused[1], unused[0])
     try:  # (combine's own checks: the same rule, the entry named)
-        check_arguments(len(ids), weights, method, options["rank"], **given)
+        check_arguments(
+            len(mixture.ids), list(mixture.weights), mixture.method, mixture.rank, **given
+        )
     except ArgumentError as error:  # (an entry left out: the object is at fault)
         key = None if value.get(error.argument) is None else error.argument
         name = FIELD if key is None else f"{FIELD}.{key}"
         raise bad_mixture(f"'{name}': {error.reason}", key) from None
-    return Mixture(
-        ids=tuple(ids),
-        weights=tuple(weights),
-        method=method,
-        rank=options["rank"],
-        density=options["density"],
-        majority_sign_method=sign,
-        seed=options["seed"],
-    )
 
 
 def _shown(value: object) -> str:
