@@ -34,18 +34,10 @@ from lorakit.errors import AdapterFileError, BaseModelMismatchError
 from lorakit.io import base_verdicts
 from lorakit.state import lora_layers
 from tests import offloaded_models, tiny_models
+from tests.offloaded_models import DEVICE_MAP, TOL, assert_close, logits_of
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-DEVICE_MAP = {  # the head, the embedding and layer 1 on "disk"; the rest on the CPU
-    "model.embed_tokens": "disk",
-    "model.layers.0": "cpu",
-    "model.layers.1": "disk",
-    "model.norm": "cpu",
-    "model.rotary_emb": "cpu",
-    "lm_head": "disk",
-}
 TOKENS = [1, 5, 7]
-TOL = 1e-6
 
 
 def _config(**overrides) -> lorakit.LoraConfig:
@@ -71,16 +63,6 @@ def offloaded(request, tmp_path):
     return build
 
 
-def _logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(tiny_models.input_ids()).logits
-
-
-def _assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
-    assert torch.isfinite(got).all()
-    assert (got - want).abs().max().item() <= TOL
-
-
 def _saved_adapter(directory: Path, **overrides) -> tuple[torch.Tensor, torch.Tensor]:
     """Save a random adapter of the plain tiny Llama in ``directory``, its head copy or token
     rows (if any) moved 0.5 away from the base's, as trained ones; its ``(logits, merged
@@ -93,8 +75,8 @@ def _saved_adapter(directory: Path, **overrides) -> tuple[torch.Tensor, torch.Te
         if "trainable_token_indices" in overrides:
             model.model.embed_tokens.modules_to_save["default"].values.add_(0.5)
     lorakit.save_adapter(model, directory)
-    logits = _logits(model)
-    return logits, _logits(lorakit.merge_and_unload(model))
+    logits = logits_of(model)
+    return logits, logits_of(lorakit.merge_and_unload(model))
 
 
 def _trained(build, directory: Path, **overrides) -> tuple[torch.nn.Module, dict]:
@@ -119,7 +101,7 @@ def _assert_trained_alike(plain, offloaded, changed_key: str) -> None:
         assert (value - plain[1][key]).abs().max().item() <= TOL, key
     changed = [key for key in plain[1] if changed_key in key]
     assert changed
-    _assert_close(_logits(offloaded[0]), _logits(plain[0]))
+    assert_close(logits_of(offloaded[0]), logits_of(plain[0]))
 
 
 # ---------------------------------------------------------------- 1. modules_to_save
@@ -134,8 +116,8 @@ def test_a_saved_copy_of_an_offloaded_head_loads_and_merges_like_the_plain_model
     copy = model.lm_head.modules_to_save["default"]
     assert copy.weight.device == torch.device("cpu")  # the execution device, not meta
     assert model.lm_head.original_module.weight.is_meta  # the original stays offloaded
-    _assert_close(_logits(model), want)
-    _assert_close(_logits(lorakit.merge_and_unload(model)), want_merged)
+    assert_close(logits_of(model), want)
+    assert_close(logits_of(lorakit.merge_and_unload(model)), want_merged)
 
 
 def test_training_a_saved_copy_of_an_offloaded_head_matches_the_plain_model(
@@ -148,7 +130,7 @@ def test_training_a_saved_copy_of_an_offloaded_head_matches_the_plain_model(
     head = plain[0].lm_head
     assert not torch.equal(head.modules_to_save["default"].weight, head.original_module.weight)
     unloaded = lorakit.unload(model[0])  # the original: its offload map was not trained
-    _assert_close(_logits(unloaded), _logits(tiny_models.llama(seed=0)))
+    assert_close(logits_of(unloaded), logits_of(tiny_models.llama(seed=0)))
 
 
 # ---------------------------------------------------------------- 2. a hook on a parent module
@@ -176,7 +158,7 @@ def _parent_offloaded() -> torch.nn.Module:
 )
 def test_inject_under_a_parent_offload_hook_is_refused_before_any_change(overrides, module) -> None:
     model = _parent_offloaded()
-    want = _logits(model)
+    want = logits_of(model)
     with pytest.raises(ValueError, match="preload_module_classes") as caught:
         lorakit.inject(model, _config(**overrides))
     message = str(caught.value)
@@ -184,13 +166,13 @@ def test_inject_under_a_parent_offload_hook_is_refused_before_any_change(overrid
     assert f"module {module!r} lies inside {parent!r}" in message
     assert "Offload without preload_module_classes" in message and "Nothing was changed" in message
     assert not lorakit.adapter_configs(model) and not list(lora_layers(model))
-    _assert_close(_logits(model), want)
+    assert_close(logits_of(model), want)
 
 
 def test_load_adapter_under_a_parent_offload_hook_is_refused_before_any_change(tmp_path) -> None:
     _saved_adapter(tmp_path / "adapter")
     model = _parent_offloaded()
-    want = _logits(model)
+    want = logits_of(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # refused before the base check's warning
         with pytest.raises(AdapterFileError, match=re.escape("lies inside 'model.layers.0'")):
@@ -198,7 +180,7 @@ def test_load_adapter_under_a_parent_offload_hook_is_refused_before_any_change(t
         with pytest.raises(AdapterFileError, match="preload_module_classes"):
             lorakit.PeftModel.from_pretrained(model, tmp_path / "adapter")
     assert not lorakit.adapter_configs(model) and not list(lora_layers(model))
-    _assert_close(_logits(model), want)
+    assert_close(logits_of(model), want)
 
 
 def test_the_unverified_note_names_a_parent_offload_hook_not_a_missing_map() -> None:
@@ -221,12 +203,12 @@ def test_token_rows_on_an_offloaded_embedding_load_and_merge_like_the_plain_mode
     lorakit.load_adapter(model, tmp_path / "adapter")
     rows = model.model.embed_tokens.modules_to_save["default"].values
     assert rows.device == torch.device("cpu")
-    _assert_close(_logits(model), want)
+    assert_close(logits_of(model), want)
     assert model.model.embed_tokens.weight.is_meta  # offloaded again after the call
     merged = lorakit.merge_and_unload(model)
     assert merged.model.embed_tokens.weight.is_meta
-    _assert_close(_logits(merged), want_merged)
-    _assert_close(_logits(merged), want_merged)  # each call loads the embedding with its rows
+    assert_close(logits_of(merged), want_merged)
+    assert_close(logits_of(merged), want_merged)  # each call loads the embedding with its rows
 
 
 def test_training_token_rows_on_an_offloaded_embedding_matches_the_plain_model(
@@ -249,17 +231,17 @@ def test_unmerge_on_a_model_offloaded_after_its_merge_restores_w0(tmp_path) -> N
     lorakit.load_adapter(model, tmp_path / "adapter")
     lorakit.merge(model)
     cpu_offload(model, execution_device=torch.device("cpu"))
-    _assert_close(_logits(model), want)
+    assert_close(logits_of(model), want)
     lorakit.unmerge(model)
     for _ in range(2):
-        _assert_close(_logits(model), want)
+        assert_close(logits_of(model), want)
     plain = tiny_models.llama(seed=0)
     for path, layer in lora_layers(model):
         assert not layer.merged_adapters and layer.base_layer.weight.is_meta, path
         original = plain.get_submodule(path).weight
         assert torch.equal(layer.base_layer._hf_hook.weights_map["weight"], original), path
     with lorakit.disabled(model):
-        _assert_close(_logits(model), _logits(plain))
+        assert_close(logits_of(model), logits_of(plain))
 
 
 def test_unmerge_after_offloading_puts_back_a_conv1d_bias_merged_from_b(tmp_path) -> None:
@@ -268,11 +250,11 @@ def test_unmerge_after_offloading_puts_back_a_conv1d_bias_merged_from_b(tmp_path
     )
     model = lorakit.inject(tiny_models.gpt2(seed=0), config)
     tiny_models.randomize_adapters(model, std=0.3)
-    want = _logits(model)
+    want = logits_of(model)
     lorakit.merge(model)
     cpu_offload(model, execution_device=torch.device("cpu"))
     lorakit.unmerge(model)
-    _assert_close(_logits(model), want)
+    assert_close(logits_of(model), want)
     attention = model.transformer.h[0].attn.c_attn
     original = tiny_models.gpt2(seed=0).transformer.h[0].attn.c_attn.bias
     assert torch.equal(attention.base_layer._hf_hook.weights_map["bias"], original)
@@ -281,15 +263,15 @@ def test_unmerge_after_offloading_puts_back_a_conv1d_bias_merged_from_b(tmp_path
 def test_leaving_out_merged_adapters_of_a_layer_offloaded_after_its_merge_is_refused() -> None:
     model = lorakit.inject(tiny_models.llama(seed=0), _config())
     tiny_models.randomize_adapters(model, std=0.3)
-    want = _logits(model)
+    want = logits_of(model)
     lorakit.merge(model)
     cpu_offload(model, execution_device=torch.device("cpu"))
     with lorakit.disabled(model), pytest.raises(ValueError, match="Unmerge first"):
-        _logits(model)  # (it gave the merged model's logits)
-    _assert_close(_logits(model), want)
+        logits_of(model)  # (it gave the merged model's logits)
+    assert_close(logits_of(model), want)
     lorakit.unmerge(model)
     with lorakit.disabled(model):
-        _assert_close(_logits(model), _logits(tiny_models.llama(seed=0)))
+        assert_close(logits_of(model), logits_of(tiny_models.llama(seed=0)))
 
 
 def test_a_delete_that_merges_back_into_an_offloaded_layer_is_refused(tmp_path) -> None:
@@ -299,12 +281,12 @@ def test_a_delete_that_merges_back_into_an_offloaded_layer_is_refused(tmp_path) 
     lorakit.set_active(model, ["default", "other"])
     lorakit.merge(model)
     cpu_offload(model, execution_device=torch.device("cpu"))
-    want = _logits(model)
+    want = logits_of(model)
     with pytest.raises(ValueError, match="offloaded this layer after the merge"):
         lorakit.delete_adapter(model, "other")
     assert set(lorakit.adapter_configs(model)) == {"default", "other"}
     assert all(layer.merged_adapters == ("default", "other") for _, layer in lora_layers(model))
-    _assert_close(_logits(model), want)
+    assert_close(logits_of(model), want)
 
 
 # ---------------------------------------------------------------- 5. one read per weight

@@ -19,8 +19,8 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,34 +32,18 @@ from lorakit.fast import plain_path
 from lorakit.io import load as io_load
 from lorakit.layers.base import offload_hook
 from lorakit.peft_state_dict import get_peft_model_state_dict, set_peft_model_state_dict
-from tests import tiny_models
-from tests.test_offload_save_review36 import OFFLOADERS
+from tests import offloaded_models, tiny_models
+from tests.offloaded_models import (
+    OFFLOADERS,
+    TOL,
+    assert_close,
+    assert_same_files,
+    logits_of,
+    offload,
+)
 
-TOL = 1e-6
-CPU = torch.device("cpu")
 TOKENS = [1, 5, 7]
-FILES = ("adapter_model.safetensors", "adapter_config.json")
 GPT2_OFFLOADERS = {name: OFFLOADERS[name] for name in ("cpu_offload", "disk_offload")}
-
-
-def _logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(tiny_models.input_ids()).logits
-
-
-def _assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
-    assert torch.isfinite(got).all()
-    assert (got - want).abs().max().item() <= TOL
-
-
-def _assert_same_files(got: Path, want: Path) -> None:
-    for name in FILES:
-        assert (got / name).read_bytes() == (want / name).read_bytes(), name
-
-
-def _offload(model: torch.nn.Module, how: str, folder: Path) -> torch.nn.Module:
-    OFFLOADERS[how](model, folder / f"offload{len(list(folder.glob('offload*')))}")
-    return model
 
 
 # ---------------------------------------------------------------- 1. base tensors in the file
@@ -80,19 +64,19 @@ def _gpt2_with_biases(mode: str) -> torch.nn.Module:
 @pytest.mark.parametrize("mode", ["all", "lora_only"])
 def test_a_bias_file_loads_onto_an_offloaded_base_as_peft_loads_it(how, mode, tmp_path) -> None:
     lorakit.save_adapter(_gpt2_with_biases(mode), tmp_path / "adapter")
-    want = _logits(PeftPeftModel.from_pretrained(tiny_models.gpt2(seed=0), tmp_path / "adapter"))
-    model = _offload(tiny_models.gpt2(seed=0), how, tmp_path)
+    want = logits_of(PeftPeftModel.from_pretrained(tiny_models.gpt2(seed=0), tmp_path / "adapter"))
+    model = offload(tiny_models.gpt2(seed=0), how, tmp_path)
     lorakit.load_adapter(model, tmp_path / "adapter")
-    _assert_close(_logits(model), want)
+    assert_close(logits_of(model), want)
     assert model.transformer.h[1].attn.c_attn.base_layer.bias.is_meta  # (its value: the map's)
     lorakit.save_adapter(model, tmp_path / "again")  # the biases read back from the maps
-    _assert_same_files(tmp_path / "again", tmp_path / "adapter")
+    assert_same_files(tmp_path / "again", tmp_path / "adapter")
 
 
 def test_a_load_that_fails_puts_the_offload_maps_back(tmp_path, monkeypatch) -> None:
     lorakit.save_adapter(_gpt2_with_biases("all"), tmp_path / "adapter")
-    model = _offload(tiny_models.gpt2(seed=0), "disk_offload", tmp_path)
-    want = _logits(model)
+    model = offload(tiny_models.gpt2(seed=0), "disk_offload", tmp_path)
+    want = logits_of(model)
     hooks = [hook for module in model.modules() if (hook := offload_hook(module)) is not None]
     maps = [hook.weights_map for hook in hooks]
 
@@ -104,7 +88,7 @@ def test_a_load_that_fails_puts_the_offload_maps_back(tmp_path, monkeypatch) -> 
         lorakit.load_adapter(model, tmp_path / "adapter")
     assert all(hook.weights_map is old for hook, old in zip(hooks, maps, strict=True))
     assert not lorakit.adapter_configs(model)
-    _assert_close(_logits(model), want)
+    assert_close(logits_of(model), want)
 
 
 def test_an_embedding_base_weight_in_the_file_loads_into_the_offload_map(tmp_path) -> None:
@@ -115,10 +99,10 @@ def test_an_embedding_base_weight_in_the_file_loads_into_the_offload_map(tmp_pat
     lorakit.inject(model, config)
     tiny_models.randomize_adapters(model, std=0.3)
     lorakit.save_adapter(model, tmp_path / "adapter", save_embedding_layers=True)
-    want = _logits(PeftPeftModel.from_pretrained(tiny_models.llama(seed=0), tmp_path / "adapter"))
-    offloaded = _offload(tiny_models.llama(seed=0), "dispatch_model", tmp_path)
+    want = logits_of(PeftPeftModel.from_pretrained(tiny_models.llama(seed=0), tmp_path / "adapter"))
+    offloaded = offload(tiny_models.llama(seed=0), "dispatch_model", tmp_path)
     lorakit.load_adapter(offloaded, tmp_path / "adapter")
-    _assert_close(_logits(offloaded), want)
+    assert_close(logits_of(offloaded), want)
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
@@ -126,28 +110,18 @@ def test_training_an_offloaded_base_bias_is_refused_at_the_forward(when, tmp_pat
     """Adapter added before or after offloading; under no_grad the outputs are exact."""
     plain = _gpt2_with_biases("lora_only")
     if when == "before":
-        model = _offload(_gpt2_with_biases("lora_only"), "cpu_offload", tmp_path)
+        model = offload(_gpt2_with_biases("lora_only"), "cpu_offload", tmp_path)
     else:
         lorakit.save_adapter(plain, tmp_path / "adapter")
-        model = _offload(tiny_models.gpt2(seed=0), "cpu_offload", tmp_path)
+        model = offload(tiny_models.gpt2(seed=0), "cpu_offload", tmp_path)
         lorakit.load_adapter(model, tmp_path / "adapter")
     with pytest.raises(ValueError, match=r"bias of this Conv1D trains .* accelerate offloaded"):
         model(tiny_models.input_ids(), labels=tiny_models.input_ids())
-    _assert_close(_logits(model), _logits(plain))
+    assert_close(logits_of(model), logits_of(plain))
 
 
 # ---------------------------------------------------------------- 2. copies offloaded too
-def _adapted(**overrides) -> torch.nn.Module:
-    """The tiny Llama (seed 0) with a random adapter; a head copy or token rows moved 0.5."""
-    config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **overrides)
-    model = lorakit.inject(tiny_models.llama(seed=0), config)
-    tiny_models.randomize_adapters(model, std=0.3)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "modules_to_save" in name:
-                parameter.add_(0.5)
-    return model
-
+_adapted = functools.partial(offloaded_models.adapted, ["q_proj", "v_proj"])
 
 COPIES = {
     "head_copy": {"modules_to_save": ["lm_head"]},
@@ -162,7 +136,7 @@ def how(request) -> str:
 
 @pytest.mark.parametrize("kind", sorted(COPIES))
 def test_copies_offloaded_with_the_model_train_as_on_the_plain_model(how, kind, tmp_path) -> None:
-    plain, model = _adapted(**COPIES[kind]), _offload(_adapted(**COPIES[kind]), how, tmp_path)
+    plain, model = _adapted(**COPIES[kind]), offload(_adapted(**COPIES[kind]), how, tmp_path)
     copies = {n: p for n, p in model.named_parameters() if "modules_to_save" in n}
     assert copies and all(p.is_meta for p in copies.values())  # (the optimizer's, on meta)
     for each in (plain, model):
@@ -179,15 +153,15 @@ def test_copies_offloaded_with_the_model_train_as_on_the_plain_model(how, kind, 
     assert all(torch.equal(a, b) for a, b in zip(trained, trained_plain, strict=True))
     for label, each in (("plain", plain), ("offloaded", model)):
         lorakit.save_adapter(each, tmp_path / label)
-    _assert_same_files(tmp_path / "offloaded", tmp_path / "plain")
+    assert_same_files(tmp_path / "offloaded", tmp_path / "plain")
     peft_model = PeftPeftModel.from_pretrained(tiny_models.llama(seed=0), tmp_path / "offloaded")
-    _assert_close(_logits(model.eval()), _logits(peft_model))
+    assert_close(logits_of(model.eval()), logits_of(peft_model))
 
 
 def test_token_rows_offloaded_with_the_model_merge_before_any_forward(how, tmp_path) -> None:
-    want = _logits(lorakit.merge_and_unload(_adapted(trainable_token_indices=TOKENS)))
-    model = _offload(_adapted(trainable_token_indices=TOKENS), how, tmp_path)
-    _assert_close(_logits(lorakit.merge_and_unload(model)), want)
+    want = logits_of(lorakit.merge_and_unload(_adapted(trainable_token_indices=TOKENS)))
+    model = offload(_adapted(trainable_token_indices=TOKENS), how, tmp_path)
+    assert_close(logits_of(lorakit.merge_and_unload(model)), want)
 
 
 # ---------------------------------------------------------------- 3. get_peft_model_state_dict
@@ -197,7 +171,7 @@ def test_get_peft_model_state_dict_reads_offloaded_tensors(how, kind, tmp_path) 
     lorakit.save_adapter(plain, tmp_path / "adapter")
     peft_model = PeftPeftModel.from_pretrained(tiny_models.llama(seed=0), tmp_path / "adapter")
     want = peft_state_dict(peft_model)
-    model = _offload(_adapted(**COPIES.get(kind, {})), how, tmp_path)
+    model = offload(_adapted(**COPIES.get(kind, {})), how, tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (PEFT's note on the embedding it does not save)
         got = get_peft_model_state_dict(model)
@@ -212,23 +186,23 @@ def test_get_peft_model_state_dict_reads_offloaded_tensors(how, kind, tmp_path) 
 def test_set_peft_model_state_dict_writes_into_offloaded_tensors(how, kind, tmp_path) -> None:
     plain = _adapted(**COPIES.get(kind, {}))
     lorakit.save_adapter(plain, tmp_path / "adapter")
-    want = _logits(PeftPeftModel.from_pretrained(tiny_models.llama(seed=0), tmp_path / "adapter"))
+    want = logits_of(PeftPeftModel.from_pretrained(tiny_models.llama(seed=0), tmp_path / "adapter"))
     config = lorakit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     model = lorakit.inject(tiny_models.llama(seed=0), config.replace(**COPIES.get(kind, {})))
-    _offload(model, how, tmp_path)
+    offload(model, how, tmp_path)
     result = set_peft_model_state_dict(model, get_peft_model_state_dict(plain))
     assert not result.unexpected_keys
-    _assert_close(_logits(model), want)
+    assert_close(logits_of(model), want)
 
 
 def test_set_peft_model_state_dict_writes_an_offloaded_bias_into_its_map(tmp_path) -> None:
     plain = _gpt2_with_biases("all")
     lorakit.save_adapter(plain, tmp_path / "adapter")
-    want = _logits(PeftPeftModel.from_pretrained(tiny_models.gpt2(seed=0), tmp_path / "adapter"))
+    want = logits_of(PeftPeftModel.from_pretrained(tiny_models.gpt2(seed=0), tmp_path / "adapter"))
     config = lorakit.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, bias="all")
-    model = _offload(lorakit.inject(tiny_models.gpt2(seed=0), config), "disk_offload", tmp_path)
+    model = offload(lorakit.inject(tiny_models.gpt2(seed=0), config), "disk_offload", tmp_path)
     for _ in range(2):  # (written twice: the map stays one overlay deep)
         set_peft_model_state_dict(model, get_peft_model_state_dict(plain))
-    _assert_close(_logits(model), want)
+    assert_close(logits_of(model), want)
     hook = offload_hook(model.transformer.h[0].attn.c_attn.base_layer)
     assert not isinstance(hook.weights_map.maps[1], type(hook.weights_map))

@@ -19,12 +19,11 @@ base whose class keeps layers in float.
 
 from __future__ import annotations
 
+import functools
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
-from accelerate import cpu_offload, disk_offload, dispatch_model
 from peft import PeftModel as PeftPeftModel
 from safetensors.torch import load_file
 from transformers import T5Config, T5ForConditionalGeneration
@@ -34,42 +33,20 @@ from lorakit.errors import UserError
 from lorakit.plan import plan
 from lorakit.quantized import footprint, is_quantized
 from lorakit.quantized.loading import cast_unquantized, quantize_loaded
-from tests import tiny_models
+from tests import offloaded_models, tiny_models
+from tests.offloaded_models import (
+    CPU,
+    FILES,
+    OFFLOADERS,
+    TOL,
+    assert_close,
+    assert_same_files,
+    logits_of,
+)
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 TOKENS = [1, 5, 7]
-TOL = 1e-6
-CPU = torch.device("cpu")
-DEVICE_MAP = {  # the head, the embedding and layer 1 offloaded to "disk"; the rest on the CPU
-    "model.embed_tokens": "disk",
-    "model.layers.0": "cpu",
-    "model.layers.1": "disk",
-    "model.norm": "cpu",
-    "model.rotary_emb": "cpu",
-    "lm_head": "disk",
-}
-OFFLOADERS = {
-    "cpu_offload": lambda model, folder: cpu_offload(model, execution_device=CPU),
-    "disk_offload": lambda model, folder: disk_offload(model, folder, execution_device=CPU),
-    "dispatch_model": lambda model, folder: dispatch_model(
-        model, device_map=DEVICE_MAP, main_device="cpu", offload_dir=folder
-    ),
-}
-FILES = ("adapter_model.safetensors", "adapter_config.json")
-
-
-def _adapted(**overrides) -> torch.nn.Module:
-    """The tiny Llama (seed 0) with a random adapter; a head copy or token rows moved 0.5."""
-    config = lorakit.LoraConfig(
-        **({"r": 4, "lora_alpha": 8, "target_modules": TARGETS} | overrides)
-    )
-    model = lorakit.inject(tiny_models.llama(seed=0), config)
-    tiny_models.randomize_adapters(model, std=0.3)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "modules_to_save" in name:
-                parameter.add_(0.5)
-    return model
+_adapted = functools.partial(offloaded_models.adapted, TARGETS)
 
 
 @pytest.fixture(params=sorted(OFFLOADERS))
@@ -77,7 +54,7 @@ def offload(request, tmp_path):
     """Offload a model one way (each call its own folder); its layer-1 adapter is then on meta."""
 
     def offloaded(model: torch.nn.Module) -> torch.nn.Module:
-        OFFLOADERS[request.param](model, tmp_path / f"offload{len(list(tmp_path.iterdir()))}")
+        offloaded_models.offload(model, request.param, tmp_path)
         assert _layer1_factor(model).is_meta
         return model
 
@@ -86,21 +63,6 @@ def offload(request, tmp_path):
 
 def _layer1_factor(model: torch.nn.Module) -> torch.Tensor:
     return model.model.layers[1].self_attn.q_proj.lora_A["default"].weight
-
-
-def _logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(tiny_models.input_ids()).logits
-
-
-def _assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
-    assert torch.isfinite(got).all()
-    assert (got - want).abs().max().item() <= TOL
-
-
-def _assert_same_files(got: Path, want: Path) -> None:
-    for name in FILES:
-        assert (got / name).read_bytes() == (want / name).read_bytes(), name
 
 
 # ---------------------------------------------------------------- 1. save_adapter
@@ -121,15 +83,15 @@ def test_save_after_offloading_writes_the_plain_models_files(offload, overrides,
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # (every base weight read: no "unrecorded" warning)
         lorakit.save_adapter(model, tmp_path / "offloaded")
-    _assert_same_files(tmp_path / "offloaded", tmp_path / "plain")
+    assert_same_files(tmp_path / "offloaded", tmp_path / "plain")
     assert _layer1_factor(model).is_meta  # offloaded again after the read
 
 
 def test_peft_loads_the_saved_file_to_the_plain_models_logits(offload, tmp_path) -> None:
-    want = _logits(_adapted())
+    want = logits_of(_adapted())
     lorakit.save_adapter(offload(_adapted()), tmp_path / "adapter")
     peft_model = PeftPeftModel.from_pretrained(tiny_models.llama(seed=0), tmp_path / "adapter")
-    _assert_close(_logits(peft_model), want)
+    assert_close(logits_of(peft_model), want)
 
 
 def test_a_tensor_on_meta_with_no_offload_map_is_refused_naming_it(tmp_path) -> None:
@@ -147,7 +109,7 @@ def test_forward_and_training_steps_match_the_plain_model(offload, tmp_path) -> 
     plain, model = _adapted(), offload(_adapted())
     parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
     assert any(p.is_meta for p in parameters.values())  # (the optimizer's, made on meta)
-    _assert_close(_logits(model), _logits(plain))
+    assert_close(logits_of(model), logits_of(plain))
     for each in (plain, model):
         each(tiny_models.input_ids(), labels=tiny_models.input_ids()).loss.backward()
     for name, want in plain.named_parameters():
@@ -160,45 +122,45 @@ def test_forward_and_training_steps_match_the_plain_model(offload, tmp_path) -> 
     assert list(map(id, trained)) == list(map(id, parameters.values()))  # (those objects)
     for got, want in zip(trained, trained_plain, strict=True):
         assert (got - want).abs().max().item() <= TOL
-    _assert_close(_logits(model.eval()), _logits(plain.eval()))
+    assert_close(logits_of(model.eval()), logits_of(plain.eval()))
     for label, each in (("p", plain), ("o", model)):
         lorakit.save_adapter(each, tmp_path / label)
     saved, want = (load_file(tmp_path / x / FILES[0]) for x in ("o", "p"))
     assert all((saved[key] - want[key]).abs().max().item() <= TOL for key in want)
     assert _layer1_factor(model).device == CPU  # loaded for good (training changed it)
     assert model.model.layers[1].self_attn.q_proj.base_layer.weight.is_meta  # the base: not
-    _assert_close(
-        _logits(lorakit.merge_and_unload(model)), _logits(lorakit.merge_and_unload(plain))
+    assert_close(
+        logits_of(lorakit.merge_and_unload(model)), logits_of(lorakit.merge_and_unload(plain))
     )
 
 
 def test_merge_and_unload_before_any_forward_merges_the_offloaded_adapters(offload) -> None:
     """The adapter tensors are on meta until a forward loads them; merge_and_unload loads them
     first (it merged the meta factors, writing meta weights into the offload map)."""
-    want = _logits(lorakit.merge_and_unload(_adapted()))
-    _assert_close(_logits(lorakit.merge_and_unload(offload(_adapted()))), want)
+    want = logits_of(lorakit.merge_and_unload(_adapted()))
+    assert_close(logits_of(lorakit.merge_and_unload(offload(_adapted()))), want)
 
 
 def test_merge_is_refused_unchanged_and_a_merge_before_offloading_unmerges(offload) -> None:
-    want = _logits(_adapted())
+    want = logits_of(_adapted())
     model = offload(_adapted())
     with pytest.raises(ValueError, match="Use merge_and_unload"):
         lorakit.merge(model)
-    _assert_close(_logits(model), want)
+    assert_close(logits_of(model), want)
     merged = _adapted()
     lorakit.merge(merged)
     offload(merged)
-    _assert_close(_logits(merged), want)
+    assert_close(logits_of(merged), want)
     lorakit.unmerge(merged)
-    _assert_close(_logits(merged), want)
+    assert_close(logits_of(merged), want)
     with lorakit.disabled(merged):
-        _assert_close(_logits(merged), _logits(tiny_models.llama(seed=0)))
+        assert_close(logits_of(merged), logits_of(tiny_models.llama(seed=0)))
 
 
 def test_a_dora_adapter_on_the_offloaded_model_is_refused_at_the_forward(offload) -> None:
     model = offload(_adapted(use_dora=True))
     with pytest.raises(ValueError, match=r"uses DoRA .* accelerate offloaded this Linear"):
-        _logits(model)
+        logits_of(model)
 
 
 def test_loading_a_file_into_a_model_offloaded_with_its_adapters(offload, tmp_path) -> None:
@@ -207,11 +169,11 @@ def test_loading_a_file_into_a_model_offloaded_with_its_adapters(offload, tmp_pa
     model = offload(_adapted())
     lorakit.load_adapter(model, tmp_path / "other", adapter_name="other")
     lorakit.set_active(model, "other")
-    _assert_close(_logits(model), _logits(other))
+    assert_close(logits_of(model), logits_of(other))
     lorakit.set_active(model, "default")
-    _assert_close(_logits(model), _logits(_adapted()))
+    assert_close(logits_of(model), logits_of(_adapted()))
     lorakit.save_adapter(model, tmp_path / "again", adapter_name="other")
-    _assert_same_files(tmp_path / "again" / "other", tmp_path / "other")
+    assert_same_files(tmp_path / "again" / "other", tmp_path / "other")
 
 
 # ---------------------------------------------------------------- 2. plan of a T5 base

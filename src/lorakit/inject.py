@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from lorakit import offloading
 from lorakit.base_rewrite import BaseRewrite, interrupts_held, plan_rewrite, write_rewrites
 from lorakit.config import LoraConfig
 from lorakit.init_methods import changes_base
@@ -123,6 +124,7 @@ def _inject_checked(
     if strict_targets:
         check_every_entry_matches(model, config)
     warn_lora_bias_without_base_bias(model, config, targets)
+    offloading.check_no_offloaded_bias(model, config, [*targets, *parameter_targets])
     warn_uncalled_tied_embeddings(model, targets)  # (T5's / BART's ``shared``)
     add_adapter_to_modules(
         model,

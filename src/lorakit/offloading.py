@@ -13,7 +13,9 @@
   (``load_for_good``); a save reads offloaded tensors with their modules loaded for the read
   (``offloaded_holders``, ``loaded_for_reading``): the file is the plain model's. A base bias
   that a ``bias`` mode trains stays offloaded with its module: a forward that records
-  gradients for it is refused (``offloaded_tensors.refuse_trained_bias``).
+  gradients for it is refused (``offloaded_tensors.refuse_trained_bias``), and ``inject``
+  refuses, before any change, an adapter whose ``bias`` mode trains the bias of a module
+  accelerate offloaded, targeted or not (``check_no_offloaded_bias``).
 - Whether an offload map holds a readable value for a key, without reading it (``map_holds``:
   a "disk" entry is read whole from its file; ``io.base_verdicts``).
 - A bitsandbytes layer accelerate offloaded: its quantization state does not survive the
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "check_no_offloaded_bias",
     "check_no_offloaded_bnb",
     "check_no_parent_offload",
     "hooked_modules",
@@ -82,6 +85,24 @@ def check_no_parent_offload(model: nn.Module, names: Sequence[str]) -> None:
             "holding weights, and adapters work there), or load the base without offloading "
             "that module. Nothing was changed."
         )
+
+
+def check_no_offloaded_bias(model: nn.Module, config, targets: Sequence[str]) -> None:
+    """``ValueError`` naming the first module whose bias the new adapter's ``config.bias`` would
+    train ("lora_only": of ``targets``; "all": any module, ``modules_to_save`` aside) where
+    accelerate offloaded it (``offloaded_tensors.offloaded_trained_biases``): each call loads
+    the bias into a new tensor, so its training steps would be lost (silently, for a module no
+    adapter wraps). Changes nothing; an adapter with ``inference_mode`` trains nothing and
+    passes (a file's biases load into the offload maps: ``load_adapter``)."""
+    from lorakit.offloaded_tensors import offloaded_trained_biases, trained_bias_refusal
+    from lorakit.wrapped_modules import saved_module_names
+
+    if config.bias == "none" or config.inference_mode:
+        return
+    saved = saved_module_names(model, config)
+    found = offloaded_trained_biases(model, config.bias, targets, saved)
+    if found:
+        raise ValueError(f"{trained_bias_refusal(found[0][1], found[0][0])} Nothing was changed.")
 
 
 def check_no_offloaded_bnb(model: nn.Module, names: Sequence[str]) -> None:
