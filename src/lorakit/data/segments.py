@@ -34,9 +34,17 @@ where that grouping does not give the whole text's tokens, each ``before + piece
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
-from lorakit.data.chat import ChatTemplateError, render_chat, require_chat_template
+from lorakit.data.chat import (
+    WINDOWED_TURNS,
+    ChatTemplateError,
+    render_chat,
+    require_chat_template,
+    turn_window,
+    with_one_eos_per_turn,
+)
 from lorakit.data.examples import Example
 from lorakit.data.prefix_ids import piece_continuations
 from lorakit.errors import UserError
@@ -138,17 +146,37 @@ def _chat_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
     full rendering (``_trailing_text``), unless that rendering does not continue the one that
     ends at the last assistant turn: then the pieces are the rendering of the chat up to and
     including that turn.
+
+    A chat of more than ``chat.WINDOWED_TURNS`` assistant turns renders each turn from its
+    ``chat.turn_window`` (the template's cost then grows linearly with the turns, not with
+    their square), where the pieces join up to the whole rendering; else, and where any
+    window fails, every prefix whole.
     """
     require_chat_template(tokenizer, example.source or "example")
+    if sum(message["role"] == "assistant" for message in example.messages) > WINDOWED_TURNS:
+        with contextlib.suppress(UserError):  # (the prefixes whole then say what is wrong)
+            pieces = _rendered_pieces(example, tokenizer, windowed=True)
+            if pieces is not None:
+                return pieces
+    return _rendered_pieces(example, tokenizer, windowed=False)
+
+
+def _rendered_pieces(example: Example, tokenizer, windowed: bool) -> list | None:
+    """``_chat_segments``' pieces, each turn rendered from its window (``windowed``; None
+    where the pieces do not join up to the whole rendering) or every prefix whole."""
     specials = _special_texts(tokenizer)
-    messages = _with_one_eos_per_turn(example.messages, tokenizer)
+    messages = with_one_eos_per_turn(example.messages, tokenizer, windowed)
     pieces: list[tuple[str, bool]] = []
-    done = ""
+    done, previous = "", -1
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render_chat(tokenizer, messages[:index], add_generation_prompt=True)
-        after = render_chat(tokenizer, messages[: index + 1], add_generation_prompt=False)
+        window = turn_window(messages, index, previous) if windowed else messages[:index]
+        if len(window) < index:  # the text before the window's previous turn: not ``done``'s
+            done_window = window[: len(window) + previous + 1 - index]
+            done = render_chat(tokenizer, done_window, add_generation_prompt=False)
+        before = render_chat(tokenizer, window, add_generation_prompt=True)
+        after = render_chat(tokenizer, [*window, message], add_generation_prompt=False)
         if not (before.startswith(done) and after.startswith(before)):
             raise UserError(
                 f"{example.source or 'example'}: the chat template does not render turns as a "
@@ -157,7 +185,11 @@ def _chat_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
         answer = after[len(before) :]
         end = _learnt_end(answer, message["content"], tokenizer.eos_token, specials)
         pieces += [(before[len(done) :], False), (answer[:end], True), (answer[end:], False)]
-        done = after
+        done, previous = after, index
+    if windowed:  # ``done``: the rendering up to the last assistant turn, whole
+        done = render_chat(tokenizer, messages[: previous + 1], add_generation_prompt=False)
+        if "".join(text for text, _ in pieces) != done:
+            return None
     if messages[-1]["role"] != "assistant":  # else the last rendering was the whole chat
         pieces.append((_trailing_text(tokenizer, messages, done), False))
     return [(text, learnt) for text, learnt in pieces if text]
@@ -239,27 +271,6 @@ def _content_end(answer: str, content: str, specials: Sequence[str]) -> int | No
                 return start + len(needle)
             start = answer.rfind(needle, 0, start + len(needle) - 1)
     return None
-
-
-def _with_one_eos_per_turn(messages: tuple[dict, ...], tokenizer) -> tuple[dict, ...]:
-    """``messages`` with the trailing EOS text dropped from each assistant content that ends
-    with it, where the template ends that turn with an EOS of its own (else the turn would end
-    with two EOS tokens, both learnt)."""
-    eos = tokenizer.eos_token
-    result = list(messages)
-    for index, message in enumerate(messages):
-        content = message.get("content")
-        if message["role"] != "assistant" or not isinstance(content, str):
-            continue
-        trimmed = _without_final_eos(content, eos)
-        if trimmed == content:
-            continue
-        before = render_chat(tokenizer, result[:index], add_generation_prompt=True)
-        probe = [*result[:index], {**message, "content": trimmed}]
-        after = render_chat(tokenizer, probe, add_generation_prompt=False)
-        if after.startswith(before) and eos in after[len(before) :]:
-            result[index] = {**message, "content": trimmed}
-    return tuple(result)
 
 
 def example_segments(example: Example, tokenizer) -> list[Segment]:
