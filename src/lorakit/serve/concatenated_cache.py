@@ -24,7 +24,8 @@ axis, ``mask`` (B, T) = 0 over the left padding. How a row joins depends on the 
 A leave keeps the rows' slices of every per-row tensor and drops the time columns that are now
 padding in every row. Any other layer type (a model's own cache class, a static, quantized or
 indexed layer) cannot be joined: ``add`` raises ValueError naming it and leaves the batch as it
-was (such a model is served one request at a time, ``max_batch=1``).
+was. The engine serves a model whose config announces such layers one request at a time by
+itself (``one_at_a_time``).
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from lorakit.serve.cold_loads import ColdLoads
 from lorakit.serve.kv import BatchedCache
 from lorakit.serve.lazy_loads import Loader
 from lorakit.serve.lean_decode import lean_decoder
+from lorakit.serve.one_at_a_time import serving_plan
 from lorakit.serve.openmp import release_idle_team
 from lorakit.serve.prefill import Prefill
 from lorakit.serve.requests import (
@@ -116,6 +117,10 @@ class Engine(Admission, Prefill, Submission):
         if max_loras is not None and max_loras < 1:
             raise ValueError(f"max_loras must be >= 1 or None, got {max_loras}")
         self.model = model.eval()
+        alone, self._solo = serving_plan(model)  # (``lorakit.serve.one_at_a_time``)
+        if alone is not None and max_batch > 1:
+            log.info("serving %s one request at a time: %s", type(model).__name__, alone)
+            max_batch = 1  # the others wait in the queue, as with max_batch=1
         for rotary in length_dependent_rotaries(model):
             per_row(rotary)  # each row rotated as alone, also past the original context
         self._recompute_length = recompute_length(model)  # (``Prefill._prefill_again``)
@@ -275,9 +280,12 @@ class Engine(Admission, Prefill, Submission):
     def _step_running(self) -> None:
         """One batched decode step of the running requests: a token each."""
         last = torch.tensor([[r.generated[-1]] for r in self._running])
-        attention_mask, position_ids = self._cache.step_inputs()
+        solo = self._solo  # one request with its own state (``one_at_a_time``): no cache here
+        attention_mask, position_ids = (None, None) if solo else self._cache.step_inputs()
         with self._routing([r.slot for r in self._running], 1):
-            if self._lean is not None and self._cache.preallocated:
+            if solo is not None:
+                logits = solo.step(last)
+            elif self._lean is not None and self._cache.preallocated:
                 logits = self._lean.step(last, attention_mask, position_ids, self._cache.cache)
             else:
                 output = self.model(
@@ -304,6 +312,8 @@ class Engine(Admission, Prefill, Submission):
         if len(keep) < len(self._running):
             self._running = [self._running[row] for row in keep]
             self._cache.keep(keep)
+            if solo is not None and not self._running:
+                solo.clear()
 
     # ----------------------------------------------------------------- tokens out
     def _accept(

@@ -122,6 +122,11 @@ class Prefill:
         ``_prefill_again``). Only the last position's logits are computed when the model allows
         it (the lm_head over a 64-token prompt of SmolLM2 is a fifth of the prefill)."""
         ids = request.prompt_ids + request.generated if again else request.prompt_ids
+        if self._solo is not None:  # (``lorakit.serve.one_at_a_time``: no batched cache)
+            with self._routing([request.slot], len(ids)):
+                logits = self._solo.prefill(ids)
+            self._join(request, logits, None, len(ids), rejoin=again)
+            return
         with self._routing([request.slot], len(ids)):
             output = self.model(
                 input_ids=torch.tensor([ids]), use_cache=True, **self._prefill_options()
@@ -185,7 +190,8 @@ class Prefill:
         self._accept(request, logits)
         if request.done:
             return
-        self._cache.add(cache, length)
+        if cache is not None:  # (None: ``one_at_a_time.SoloDecoder`` keeps the state)
+            self._cache.add(cache, length)
         self.stats.joined_running += bool(self._running) and not rejoin
         self._running.append(request)
         self._starving.pop(request.id, None)
