@@ -46,6 +46,7 @@ from lorakit.fast.linear import (
     base_input_grad,
     dropout_mask,
     linear_output,
+    node_output,
     refuse_double_backward,
 )
 
@@ -114,7 +115,7 @@ class FusedDoraLinear(torch.autograd.Function):
         ctx.m_dtype = magnitude.dtype
         ctx.x_shape = x.shape
         ctx.settings = (rank_scale, drop_levels, fan_in_fan_out)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return node_output(out, x.shape)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):

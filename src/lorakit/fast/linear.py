@@ -39,6 +39,7 @@ __all__ = [
     "RankSide",
     "linear_output",
     "lora_linear_inference",
+    "node_output",
     "refuse_double_backward",
 ]
 
@@ -85,6 +86,16 @@ def linear_output(
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
+def node_output(out_rows: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
+    """A fused node's output h (..., d) from its rows (N, d), sharing their storage (no copy).
+
+    Not a view: autograd forbids changing in place a view returned by a custom Function (Gemma3n's
+    ``per_layer_projection *= scale`` on its LoRA ``per_layer_model_projection``). ``detach()``
+    makes the reshaped rows a plain tensor, which the node's output may be; the gradient reaching
+    the node is the same."""
+    return out_rows.view(*x_shape[:-1], out_rows.shape[-1]).detach()
+
+
 def base_input_grad(
     grad_rows: torch.Tensor, weight: torch.Tensor, fan_in_fan_out: bool
 ) -> torch.Tensor:
@@ -126,7 +137,7 @@ class FusedLoraLinear(torch.autograd.Function):
         ctx.save_for_backward(keep_x, weight, lora_A, lora_B, low_rank, mask_bits)
         ctx.x_shape = x.shape
         ctx.settings = (rank_scale, fan_in_fan_out, drop_levels, seed)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return node_output(out, x.shape)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):

@@ -31,7 +31,13 @@ from torch import nn
 
 from lorakit import quantized
 from lorakit.fast.dropout import InputMask, input_mask
-from lorakit.fast.linear import as_dtype, input_grad, rank_side_backward, refuse_double_backward
+from lorakit.fast.linear import (
+    as_dtype,
+    input_grad,
+    node_output,
+    rank_side_backward,
+    refuse_double_backward,
+)
 
 __all__ = ["FusedQuantizedLoraLinear"]
 
@@ -66,7 +72,7 @@ class FusedQuantizedLoraLinear(torch.autograd.Function):
         ctx.base_layer = base_layer
         ctx.x_shape = x.shape
         ctx.settings = (rank_scale, drop_levels, seed)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return node_output(out, x.shape)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):

@@ -172,6 +172,34 @@ def _local_path(name: str | None) -> bool:
     return os.path.isabs(name) or name.startswith(("~", ".")) or os.path.exists(name)
 
 
+_WEIGHT_ONLY_FORMATS = ("int8-rows", "int4-groups")
+
+
+def _kept_float_note(
+    model: nn.Module, name: str, entry: dict[str, object], modules: Mapping[str, nn.Module] | None
+) -> str:
+    """Why a layer saved quantized by lorakit's ``int8-rows`` / ``int4-groups`` is float here,
+    when lorakit now keeps it float on those bases (``weight_only.weight_reads``: Reformer's LSH
+    ``query_key`` / ``value``, Gemma3n's AltUp coefficients), and what to do; else ""."""
+    from lorakit.quantized.weight_only import weight_reads
+
+    stored_format = str(entry.get("dtype"))
+    module = modules[name] if modules is not None else model.get_submodule(name)
+    base = module.base_layer if isinstance(module, LoraLayer) else module
+    if stored_format not in _WEIGHT_ONLY_FORMATS or quantized.is_quantized(base):
+        return ""
+    reader = next((cls for layer, cls, _ in weight_reads(model) if layer == name), None)
+    if reader is None:
+        return ""
+    return (
+        f" lorakit now keeps {name} float on an {stored_format} base (transformers' {reader} "
+        "reads its weight itself), where the older lorakit that saved this adapter quantized "
+        "it: train the adapter again on this base, or load it anyway with "
+        f"allow_base_mismatch=True (this layer's float weight differs from its {stored_format} "
+        "one by that format's rounding only)."
+    )
+
+
 def refuse_other_base(
     model: nn.Module,
     stored: dict[str, dict[str, object]] | None,
@@ -206,6 +234,7 @@ def refuse_other_base(
     message = (
         f"adapter {directory} was trained on different base weights: module {module!r} "
         f"does not match the fingerprint saved with the adapter ({reason})."
+        f"{_kept_float_note(model, module, stored[module], modules)}"
         f"{_named_bases(model, trained_on, local_paths)}"
     )
     if not allow_mismatch:

@@ -23,7 +23,9 @@ quantization=...)`` does.
 bitsandbytes models are loaded on the CPU (``device_map="cpu"``); transformers keeps the output
 layer (and a tied one) in float, as it does for every bitsandbytes load; a model whose code
 reads the weight of a layer bitsandbytes quantized (Mamba's ``dt_proj.weight @ x``) is refused
-(``refuse_bitsandbytes_weight_reads``). The loader turns off
+(``refuse_bitsandbytes_weight_reads``), or, where a float weight holding ``dequant(W0)`` serves
+that read (Gemma3n's AltUp coefficients), the layer is put back in float
+(``float_bitsandbytes_reads``). The loader turns off
 bitsandbytes' in-place repacking of 4-bit layers for its AVX512-BF16 CPU inference kernel
 (``keep_4bit_storage``; ``lorakit.inject`` does the same on a model built elsewhere): the stored
 bytes stay as loaded in every mode, and an eval-mode forward computes ``x W0^T`` like a training
@@ -48,6 +50,7 @@ __all__ = [
     "block_layers",
     "cast_unquantized",
     "check_quantization",
+    "float_bitsandbytes_reads",
     "keep_4bit_storage",
     "kept_in_float32",
     "quantize_loaded",
@@ -118,7 +121,7 @@ def quantize_loaded(model: torch.nn.Module, quantization: str, gguf_file: Path |
     ``int4-groups``; the layers the model's class keeps in float, ``kept_in_float`` of the
     whole model, stay float), or, for bitsandbytes (quantized while loading), its stored 4-bit
     bytes kept as they are (``keep_4bit_storage``), once ``refuse_bitsandbytes_weight_reads``
-    has passed it."""
+    has passed it, and the layers ``float_bitsandbytes_reads`` names back in float."""
     if quantization == "gguf":
         from lorakit.quantized.gguf_file import replace_llama_linears
 
@@ -132,7 +135,33 @@ def quantize_loaded(model: torch.nn.Module, quantization: str, gguf_file: Path |
         backend.quantize_linears(weight_only_part(model), keep=kept_in_float(model))
     else:
         refuse_bitsandbytes_weight_reads(model, quantization)
+        float_bitsandbytes_reads(model)
         keep_4bit_storage(model)
+
+
+def float_bitsandbytes_reads(model: torch.nn.Module) -> int:
+    """Put back in float, after a bitsandbytes load, the layers whose weight transformers' code
+    reads in a way the packed codes fail but a float weight takes
+    (``weight_only.bitsandbytes_float_layers``: Gemma3n's AltUp coefficients, clamped in place,
+    ``weight.data.clamp_``, when training): each becomes an ``nn.Linear`` holding
+    ``dequant(W0)`` (float32; ``cast_unquantized`` casts it on) and its bias, the function the
+    quantized layer computed, so the model trains. Tiny layers (Gemma3n E2B: 80 numbers each).
+    Returns how many."""
+    from lorakit import quantized
+    from lorakit.quantized.weight_only import bitsandbytes_float_layers
+
+    layers = bitsandbytes_float_layers(model)
+    names = [name for name in layers if quantized.is_quantized(model.get_submodule(name))]
+    for name in names:
+        layer = model.get_submodule(name)
+        out_features, in_features = quantized.shape(layer)
+        linear = torch.nn.Linear(in_features, out_features, bias=False, device="meta")
+        linear.weight = torch.nn.Parameter(quantized.dequantized_weight(layer))  # (out, in)
+        if layer.bias is not None:
+            linear.bias = torch.nn.Parameter(layer.bias.detach().float())
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+    return len(names)
 
 
 def refuse_bitsandbytes_weight_reads(model: torch.nn.Module, quantization: str) -> None:

@@ -22,7 +22,14 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-__all__ = ["WEIGHT_READS", "WeightOnlyLinear", "kept_in_float", "replace_linears", "weight_reads"]
+__all__ = [
+    "WEIGHT_READS",
+    "WeightOnlyLinear",
+    "bitsandbytes_float_layers",
+    "kept_in_float",
+    "replace_linears",
+    "weight_reads",
+]
 
 
 class WeightOnlyLinear(nn.Module):
@@ -99,11 +106,15 @@ class WeightRead(NamedTuple):
     """The linear layers (paths under an instance of the class) whose ``weight`` the class's
     transformers code reads itself; ``bitsandbytes``: those of them read in every forward in a
     way that also fails on a bitsandbytes layer (its packed codes: no guard in transformers);
-    ``when``: whether the instance takes the reading path (None: always)."""
+    ``when``: whether the instance takes the reading path (None: always); ``float_under_bnb``:
+    those a bitsandbytes load puts back in float (``loading.float_bitsandbytes_reads``): read
+    only in a way a float weight holding ``dequant(W0)`` takes (Gemma3n's AltUp coefficients,
+    clamped in place when training), so the model trains instead of being refused."""
 
     layers: tuple[str, ...]
     bitsandbytes: tuple[str, ...] = ()
     when: Callable[[nn.Module], bool] | None = None
+    float_under_bnb: tuple[str, ...] = ()
 
 
 def _bloom_slices(module: nn.Module) -> bool:
@@ -113,6 +124,7 @@ def _bloom_slices(module: nn.Module) -> bool:
 
 _MIXER_OUT = WeightRead(("out_proj",))  # (to the fused kernel, when training without a cache)
 _HEAD = WeightRead(("lm_head",))  # (``hidden.to(self.lm_head.weight.dtype)``)
+_ALTUP = ("prediction_coefs", "correction_coefs")
 _REL_POS = ("rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias")  # (``bias.weight[:, buckets]``)
 
 #: By class name (any class of a module's MRO): transformers 5's models whose code reads a
@@ -141,7 +153,8 @@ WEIGHT_READS: dict[str, WeightRead] = {
     "Dots3NoteTextIndexer": WeightRead(("weights_proj",), bitsandbytes=("weights_proj",)),
     "Inkling2LoopMessageGate": WeightRead(("down_proj",), bitsandbytes=("down_proj",)),
     "HunYuanMoEV1Gate": WeightRead(("wg",)),  # (``wg.weight.dtype == torch.float32``)
-    "Gemma3nTextAltUp": WeightRead(("prediction_coefs", "correction_coefs")),  # (training)
+    # (training: ``prediction_coefs.weight.data.clamp_``, ``F.linear(x, correction_coefs.weight)``)
+    "Gemma3nTextAltUp": WeightRead(_ALTUP, float_under_bnb=_ALTUP),
     "LSHSelfAttention": WeightRead(("query_key", "value")),  # (Reformer's cached decoding)
     "LayoutLMv2Encoder": WeightRead(_REL_POS, _REL_POS),
     "LayoutLMv3Encoder": WeightRead(_REL_POS, _REL_POS),
@@ -154,18 +167,33 @@ def weight_reads(model: nn.Module) -> list[tuple[str, str, bool]]:
     """``(layer's full name, reading class, whether the read fails on bitsandbytes)`` for each
     layer of ``model`` whose weight transformers' code reads itself (``WEIGHT_READS``), whatever
     the layer's type now (an ``nn.Linear``, or a quantized layer in its place)."""
-    found = []
+    return [
+        (f"{name}.{path}" if name else path, reader, path in read.bitsandbytes)
+        for name, module, reader, read in _reads(model)
+        for path in read.layers
+        if _has(module, path)
+    ]
+
+
+def bitsandbytes_float_layers(model: nn.Module) -> list[str]:
+    """The full names of the layers of ``model`` that a bitsandbytes load puts back in float
+    (``WeightRead.float_under_bnb``: Gemma3n's AltUp coefficients)."""
+    return [
+        f"{name}.{path}" if name else path
+        for name, module, _, read in _reads(model)
+        for path in read.float_under_bnb
+        if _has(module, path)
+    ]
+
+
+def _reads(model: nn.Module):
+    """``(name, module, class name, WeightRead)`` for each module of ``model`` and each class of
+    its MRO that ``WEIGHT_READS`` names, where the module takes the reading path (``when``)."""
     for name, module in model.named_modules():
         for cls in type(module).__mro__:
             read = WEIGHT_READS.get(cls.__name__)
-            if read is None or (read.when is not None and not read.when(module)):
-                continue
-            found += [
-                (f"{name}.{path}" if name else path, cls.__name__, path in read.bitsandbytes)
-                for path in read.layers
-                if _has(module, path)
-            ]
-    return found
+            if read is not None and (read.when is None or read.when(module)):
+                yield name, module, cls.__name__, read
 
 
 def _has(module: nn.Module, path: str) -> bool:
