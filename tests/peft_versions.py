@@ -12,10 +12,14 @@ from packaging.version import Version
 
 __all__ = [
     "peft_at_least",
+    "peft_converts_moe_targets_by_path",
     "peft_loftq_device_expression",
     "peft_lora_config_fields_added_after_installed",
+    "peft_saved_names_end_at_a_dot",
     "peft_scales_rslora_combinations",
+    "peft_task_heads",
     "peft_token_keys_end_at_a_dot",
+    "peft_unload_keeps_the_saved_copy",
     "peft_unwrappable_regex_target_message",
 ]
 
@@ -67,3 +71,40 @@ def peft_unwrappable_regex_target_message(holds_converted_parameters: bool) -> s
     if holds_converted_parameters and peft_at_least("0.22"):
         return "is not a valid target"
     return "is not supported"
+
+
+def peft_converts_moe_targets_by_path() -> bool:
+    """From 0.22 peft's MoE target conversion (transformers 5, ``lorakit.moe_entries``)
+    converts Qwen2-MoE itself too; an entry naming a transformers-4 expert / router module whose
+    every matched module is an ``nn.Linear`` (Qwen2-MoE's ``shared_expert.gate_proj``,
+    DeepSeek-V3's dense and shared MLPs) stays a module target, adding the fused parameter only
+    where a bare parameter has that name; a moved entry keeps its path (``mlp.experts.w1`` ->
+    ``mlp.experts.gate_up_proj``). Before, every such entry moved to ``target_parameters`` under
+    the bare new name, and Qwen2-MoE was not converted. lorakit follows 0.22 (and 0.21's rule
+    for a file whose ``peft_version`` is below 0.22)."""
+    return peft_at_least("0.22")
+
+
+def peft_saved_names_end_at_a_dot() -> bool:
+    """From 0.22 a ``modules_to_save`` entry picks a module whose name is the entry or ends
+    with ``"." + entry`` (``_is_valid_match``, lorakit's rule); before, any plain-string ending
+    of the name (``"norm"`` also every ``input_layernorm``, ``"classifier"`` DistilBERT's
+    ``pre_classifier``, and ``"proj"`` a ``q_proj`` LoRA layer: "modules_to_save cannot be
+    applied to modules of type ... lora.Linear")."""
+    return peft_at_least("0.22")
+
+
+def peft_task_heads(task_type: str) -> list[str]:
+    """The heads peft's task models add to ``modules_to_save``: 0.22 added ``pre_classifier``
+    (DistilBERT's newly initialised layer before ``classifier``) for ``SEQ_CLS`` and
+    ``TOKEN_CLS``."""
+    if task_type == "QUESTION_ANS":
+        return ["qa_outputs"]
+    return ["classifier", "score"] + (["pre_classifier"] if peft_at_least("0.22") else [])
+
+
+def peft_unload_keeps_the_saved_copy() -> bool:
+    """Before 0.22 ``PeftModel.unload()`` put the active adapter's trained ``modules_to_save``
+    copy in place of the module; peft 0.22 gives the original module back (only
+    ``merge_and_unload()`` keeps the copy)."""
+    return not peft_at_least("0.22")

@@ -2,9 +2,8 @@
 
 1. PEFT's bookkeeping fields are taken (``LoraConfig(**peft_config.to_dict())``), refused
    features only when set, and ``inference_mode=True`` freezes the adapter as PEFT does;
-2. a ``target_modules`` entry matching a module the user lists in ``modules_to_save`` leaves it
-   out of LoRA, as PEFT does; one picked only by a plain-string name ending is refused, as PEFT
-   refuses it;
+2. a ``target_modules`` entry matching a module that ``modules_to_save`` (or the task type's
+   heads, peft 0.22's) picks leaves it out of LoRA, as PEFT does;
 3. "matched no module" says which field took the matches away;
 4. ``init_lora_weights`` and "all-linear" read with PEFT's case rules, unknown inits refused in
    files;
@@ -29,9 +28,10 @@ import lorakit
 from lorakit.default_targets import LORAKIT_ONLY
 from lorakit.errors import AdapterFileError, TargetModulesError
 from lorakit.io.config_json import config_from_json
-from lorakit.state import lora_layers
+from lorakit.state import lora_layers, saved_modules
 from lorakit.targets import DEFAULT_TARGETS, find_targets
 from tests import tiny_models as tm
+from tests.peft_versions import peft_saved_names_end_at_a_dot
 
 BASE_FILE = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
@@ -172,18 +172,29 @@ def test_get_peft_model_with_a_peft_config_says_how_to_convert():
 # ------------------------------------------------------------------ 2. entries inside saved modules
 
 
-def test_an_entry_only_inside_the_seq_cls_head_is_refused_as_peft_refuses():
+def test_an_entry_naming_a_seq_cls_head_is_left_out_as_peft_022_leaves_it():
+    """peft 0.22 adds ``pre_classifier`` to the ``SEQ_CLS`` heads: the ``target_modules`` entry
+    ``pre_classifier`` names a module saved whole and is left out of LoRA. peft 0.21 refused
+    the config (its ``"classifier"`` picked ``pre_classifier``, a LoRA layer by then, as a
+    plain-string ending); lorakit follows 0.22, checked there against the exact lists."""
     fields = {"r": 4, "target_modules": ["q_lin", "pre_classifier"], "task_type": "SEQ_CLS"}
-    with pytest.raises(TypeError, match="modules_to_save cannot be applied"):
-        _quiet(lambda: peft.get_peft_model(_distilbert(), peft.LoraConfig(**fields)))
-    with pytest.raises(TargetModulesError) as caught:
-        lorakit.get_peft_model(_distilbert(), lorakit.LoraConfig(**fields))
-    message = str(caught.value)
-    assert "target_modules entry 'pre_classifier'" in message
-    assert "['pre_classifier']" in message and "task_type='SEQ_CLS'" in message
-    assert "Drop 'pre_classifier' from target_modules, or drop the module from modules_to_save" in (
-        message
-    )
+    ours = lorakit.get_peft_model(_distilbert(), lorakit.LoraConfig(**fields))
+    adapted = sorted(name for name, _ in lora_layers(ours.model))
+    saved = sorted(name for name, _ in saved_modules(ours.model))
+    if peft_saved_names_end_at_a_dot():
+        theirs = _quiet(lambda: peft.get_peft_model(_distilbert(), peft.LoraConfig(**fields)))
+        assert adapted == _peft_lora_modules(theirs)
+        assert saved == sorted(n.removeprefix("base_model.model.") for n in _peft_saved(theirs))
+        assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    else:
+        with pytest.raises(TypeError, match="modules_to_save cannot be applied"):
+            _quiet(lambda: peft.get_peft_model(_distilbert(), peft.LoraConfig(**fields)))
+    layers = [f"distilbert.transformer.layer.{i}.attention.q_lin" for i in (0, 1)]
+    assert adapted == layers and saved == ["classifier", "pre_classifier"]
+
+
+def _peft_saved(model: torch.nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if type(m).__name__ == "ModulesToSaveWrapper"]
 
 
 def test_an_entry_only_inside_modules_to_save_is_left_out_as_peft_leaves_it():

@@ -4,7 +4,8 @@
    whole dotted name parts is accepted: that module is left out of the LoRA targets and trained
    in full (PEFT's ``check_target_module_exists`` returns ``_ExcludedModule`` for it). Checked:
    which modules have LoRA, which are copied, trainable counts, outputs with non-zero B, and
-   files both ways; "nothing left to adapt" and the plain-string-ending case still refused.
+   files both ways; "nothing left to adapt" still refused, and a plain-string ending picks
+   nothing (peft 0.22's rule).
 2. trainable token rows start as copies of the embedding's rows whatever ``init_lora_weights``
    is (PEFT's ``TrainableTokensWrapper`` never gets ``init_weights`` from a ``LoraConfig``), so
    the same seed gives the same rows and logits as PEFT's at init.
@@ -23,9 +24,9 @@ from peft.tuners.lora import LoraLayer as PeftLoraLayer
 from peft.utils.other import ModulesToSaveWrapper
 
 import lorakit
-from lorakit.errors import TargetModulesError
 from lorakit.layers import LoraLayer, ModulesToSave, TrainableTokens
 from tests import tiny_models as tm
+from tests.peft_versions import peft_saved_names_end_at_a_dot
 
 PREFIX = "base_model.model."
 
@@ -147,14 +148,24 @@ def test_an_entry_inside_modules_to_save_with_nothing_else_left_is_refused_as_pe
         lorakit.inject(tm.llama(), lorakit.LoraConfig(**fields))
 
 
-def test_an_entry_picked_only_as_a_plain_string_ending_is_still_refused_as_peft_refuses():
+def test_an_entry_that_is_only_a_plain_string_ending_picks_nothing_as_in_peft_022():
+    """``"proj"`` ends ``q_proj`` as a plain string only: peft 0.22 picks nothing with it
+    (peft 0.21 picked the ``q_proj`` LoRA layers and failed: "modules_to_save cannot be
+    applied"). lorakit follows 0.22: an entry matching no module is refused under
+    ``strict_targets`` (the default); without it, the same LoRA layers as PEFT's, none saved."""
     fields = dict(r=4, target_modules=["q_proj"], modules_to_save=["proj"])
-    with pytest.raises(TypeError, match="modules_to_save cannot be applied"):
-        _quiet(lambda: peft.get_peft_model(tm.llama(), peft.LoraConfig(**fields)))
-    with pytest.raises(TargetModulesError, match="PEFT refuses this config") as caught:
+    with pytest.raises(ValueError, match=r"modules_to_save entries \['proj'\] match no"):
         lorakit.inject(tm.llama(), lorakit.LoraConfig(**fields))
-    assert "target_modules entry 'q_proj'" in str(caught.value)
-    assert "Drop 'q_proj' from target_modules" in str(caught.value)
+    ours = lorakit.inject(tm.llama(), lorakit.LoraConfig(**fields), strict_targets=False)
+    expected = [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
+    assert _modules_of(ours, LoraLayer) == expected and not _modules_of(ours, ModulesToSave)
+    if peft_saved_names_end_at_a_dot():
+        theirs = _quiet(lambda: peft.get_peft_model(tm.llama(), peft.LoraConfig(**fields)))
+        assert _modules_of(theirs, PeftLoraLayer) == expected
+        assert not _modules_of(theirs, ModulesToSaveWrapper)
+    else:
+        with pytest.raises(TypeError, match="modules_to_save cannot be applied"):
+            _quiet(lambda: peft.get_peft_model(tm.llama(), peft.LoraConfig(**fields)))
 
 
 # ------------------------------------------------------ 2. trainable token rows at init

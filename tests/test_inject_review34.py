@@ -25,6 +25,7 @@ from lorakit.serve import AdapterBank, prepare_for_serving, routed
 from lorakit.state import lora_layers
 from tests import tiny_models
 from tests.gguf_helpers import qwen2, reader_fields, reader_tensors, saved_adapter
+from tests.peft_versions import peft_task_heads
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -42,11 +43,12 @@ def _saved_names(model: torch.nn.Module) -> list[str]:
 # ---------------------------------------------------------------- 1. modules_to_save entries
 @pytest.mark.parametrize("strict", [True, False])
 def test_seq_cls_config_listing_both_heads_injects_as_peft_does(strict) -> None:
-    """PEFT writes modules_to_save=['classifier', 'score'] into every SEQ_CLS config; a BERT
-    classifier has no 'score': skipped, as PEFT skips it, whatever strict_targets says."""
+    """PEFT writes modules_to_save=['classifier', 'score'] into every SEQ_CLS config (0.22:
+    and 'pre_classifier'); a BERT classifier has no 'score' nor 'pre_classifier': skipped, as
+    PEFT skips them, whatever strict_targets says."""
     theirs = peft.get_peft_model(tiny_models.bert(), peft.LoraConfig(**SEQ_CLS))
     recorded = theirs.peft_config["default"].to_dict()
-    assert recorded["modules_to_save"] == ["classifier", "score"]
+    assert recorded["modules_to_save"] == peft_task_heads("SEQ_CLS")
     written = dict(SEQ_CLS, modules_to_save=["classifier", "score"])
     for config in (lorakit.LoraConfig(**recorded), lorakit.LoraConfig(**written)):
         model = lorakit.inject(tiny_models.bert(), config, strict_targets=strict)
@@ -58,7 +60,7 @@ def test_seq_cls_config_listing_both_heads_injects_as_peft_does(strict) -> None:
 def test_lorakits_own_recorded_seq_cls_config_injects_again() -> None:
     first = lorakit.get_peft_model(tiny_models.bert(), lorakit.LoraConfig(**SEQ_CLS))
     recorded = first.peft_config["default"]
-    assert recorded.modules_to_save == ["classifier", "score"]
+    assert recorded.modules_to_save == ["classifier", "score", "pre_classifier"]  # peft 0.22's
     again = lorakit.inject(tiny_models.bert(), recorded)
     assert _saved_names(again) == ["classifier"]
     assert _trainable(again) == _trainable(first)

@@ -23,6 +23,7 @@ from lorakit.errors import AdapterFileError, TargetModulesError
 from lorakit.layers.parameter import LoraParameter
 from lorakit.moe_targets import FusedMoeRsLoraWarning
 from tests import tiny_models
+from tests.peft_versions import peft_converts_moe_targets_by_path
 
 IDS = tiny_models.input_ids(batch=2, length=7)
 R, ALPHA = 2, 4
@@ -158,9 +159,10 @@ def _mlp_pairs(generator, tensors: dict, path: str, width: int) -> None:
         tensors[f"{key}.lora_B.weight"] = torch.randn(d, R, generator=generator) * 0.2
 
 
-def _write_transformers4_file(directory) -> dict:
+def _write_transformers4_file(directory, peft_version: str = "0.21.2") -> dict:
     """A transformers-4 era PEFT file of ``target_modules=[gate_proj, up_proj, down_proj]``:
-    the dense MLP of layer 0, each routed expert and the shared experts of layer 1."""
+    the dense MLP of layer 0, each routed expert and the shared experts of layer 1, written by
+    PEFT ``peft_version`` (whose MoE conversion rule lorakit applies to it)."""
     generator, tensors = torch.Generator().manual_seed(0), {}
     _mlp_pairs(generator, tensors, "model.layers.0.mlp", DENSE)
     for e in range(4):
@@ -171,6 +173,7 @@ def _write_transformers4_file(directory) -> dict:
     names = ["down_proj", "gate_proj", "up_proj"]
     config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=names).to_dict()
     config.update(target_modules=names, peft_type="LORA", task_type=None)
+    config.update(peft_version=peft_version)
     (directory / "adapter_config.json").write_text(json.dumps(config, default=str))
     return tensors
 
@@ -204,9 +207,12 @@ def _reference(base, tensors: dict) -> torch.Tensor:
 
 def test_transformers4_deepseek_file_names_the_conversion_and_its_fix_loads_it(tmp_path):
     """Before: "has tensors that fit no module ... Is the model the adapter's base
-    architecture?". Now the message names the conversion, the layers and the
-    target_parameters entries; with them the file loads as trained (float64 reference), as
-    PEFT loads the edited file (PEFT drops the tensors of the unedited one silently)."""
+    architecture?". Now the message of a file PEFT 0.21 wrote (whose rule lorakit applies to
+    it) names the conversion, the layers and the target_parameters entries; with them the file
+    loads as trained (float64 reference), as PEFT 0.21 loads the edited file (it drops the
+    tensors of the unedited one silently). PEFT 0.22 keeps those layers as targets: it loads
+    the unedited file as trained, and refuses the edited one (a layer targeted twice); a file
+    PEFT 0.22 wrote loads unedited in lorakit (``tests/test_peft022_moe.py``)."""
     directory = tmp_path / "v4"
     tensors = _write_transformers4_file(directory)
     base = _deepseek_v3()
@@ -224,21 +230,26 @@ def test_transformers4_deepseek_file_names_the_conversion_and_its_fix_loads_it(t
         "transformers 4",
     ):
         assert part in message, part
-    dropped = _peft_load(base, directory)  # PEFT: the dense and shared tensors dropped
-    assert isinstance(
-        dropped.get_submodule("base_model.model.model.layers.0.mlp.gate_proj"), torch.nn.Linear
-    )
+    reference = _reference(base, tensors)
+    unedited = _peft_load(base, directory)  # PEFT 0.21: the dense and shared tensors dropped
+    dense = unedited.get_submodule("base_model.model.model.layers.0.mlp.gate_proj")
+    assert isinstance(dense, torch.nn.Linear) != peft_converts_moe_targets_by_path()
+    if peft_converts_moe_targets_by_path():  # PEFT 0.22's rule: as trained
+        torch.testing.assert_close(unedited(IDS).logits.double(), reference, atol=1e-5, rtol=0)
 
     config = json.loads((directory / "adapter_config.json").read_text())
     config["target_parameters"] = ["down_proj.weight", "gate_proj.weight", "up_proj.weight"]
     (directory / "adapter_config.json").write_text(json.dumps(config))
     model = lorakit.load_adapter(copy.deepcopy(base), directory)
     got = model(IDS).logits
-    reference = _reference(base, tensors)
     assert (reference - base(IDS).logits.double()).abs().max() > 1e-2
     torch.testing.assert_close(got.double(), reference, atol=1e-5, rtol=0)
+    if peft_converts_moe_targets_by_path():
+        with pytest.raises(ValueError, match="not a valid target"):
+            _peft_load(base, directory)  # the layers both modules and parameters
+        return
     torch.testing.assert_close(got, _peft_load(base, directory)(IDS).logits, atol=1e-5, rtol=0)
-    assert (got - dropped(IDS).logits).abs().max() > 1e-3  # PEFT's unedited load differs
+    assert (got - unedited(IDS).logits).abs().max() > 1e-3  # PEFT's unedited load differs
 
 
 def test_a_file_with_only_foreign_tensors_keeps_the_architecture_message(tmp_path):
@@ -257,26 +268,33 @@ def test_a_file_with_only_foreign_tensors_keeps_the_architecture_message(tmp_pat
     assert "convert_moe_config" not in str(caught.value)
 
 
-def test_all_linear_on_deepseek_drops_dense_and_shared_mlps_as_peft_and_the_docs_say():
-    """docs/adapter-files.md: "all-linear" on DeepSeek-V3 adapts neither the dense MLP nor the
-    shared experts (PEFT neither); their weights as target_parameters adapt them in both."""
+def test_all_linear_on_deepseek_adapts_dense_and_shared_mlps_as_peft_022_and_the_docs_say():
+    """docs/adapter-files.md: "all-linear" on DeepSeek-V3 adapts the dense MLP and the shared
+    experts as linear layers beside the routed experts, as PEFT 0.22 does (PEFT 0.21 dropped
+    them: ``peft_converts_moe_targets_by_path``; then the layers PEFT 0.22 adapts, written
+    out, are the expectation); their weights also as target_parameters: refused, a layer
+    targeted twice (PEFT 0.22 refuses it too)."""
     base = _deepseek_v3()
     mlps = {
         f"{holder}.{name}"
         for holder in ("model.layers.0.mlp", "model.layers.1.mlp.shared_experts")
         for name in ("gate_proj", "up_proj", "down_proj")
     }
-    for extra in (
-        {},
-        {"target_parameters": ["gate_proj.weight", "up_proj.weight", "down_proj.weight"]},
-    ):
-        ours = lorakit.inject(
-            copy.deepcopy(base), lorakit.LoraConfig(r=R, target_modules="all-linear", **extra)
+    attention = ["kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "q_proj"]
+    expected = mlps | {f"model.layers.{i}.self_attn.{name}" for i in (0, 1) for name in attention}
+    expected |= {f"model.layers.1.mlp.{name}" for name in ("experts", "experts.base_layer", "gate")}
+    ours = lorakit.inject(copy.deepcopy(base), lorakit.LoraConfig(r=R, target_modules="all-linear"))
+    assert _adapted(ours) == expected
+    weights = {"target_parameters": ["gate_proj.weight", "up_proj.weight", "down_proj.weight"]}
+    with pytest.raises(TargetModulesError, match="cannot also be in target_parameters"):
+        lorakit.inject(
+            copy.deepcopy(base), lorakit.LoraConfig(r=R, target_modules="all-linear", **weights)
         )
-        theirs = _peft(base, r=R, target_modules="all-linear", **extra)
-        assert _adapted(ours) == _adapted(theirs, "base_model.model.")
-        assert (mlps <= _adapted(ours)) == bool(extra)
-        assert "model.layers.1.mlp.experts" in _adapted(ours)
+    if not peft_converts_moe_targets_by_path():
+        return  # (PEFT 0.21 adapts neither the dense nor the shared MLPs)
+    assert _adapted(_peft(base, r=R, target_modules="all-linear"), "base_model.model.") == expected
+    with pytest.raises(ValueError, match="not a valid target"):
+        _peft(base, r=R, target_modules="all-linear", **weights)
 
 
 # ----------------------------- 3. a file's target_parameters: one entry must match, not all

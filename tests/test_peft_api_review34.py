@@ -24,6 +24,7 @@ from lorakit import LoraConfig, get_peft_model
 from lorakit.errors import AdapterFileError
 from tests import tiny_models
 from tests.peft_pairs import copy_into_peft, front_door_pair
+from tests.peft_versions import peft_task_heads
 
 FIRST = dict(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)
 SECOND = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
@@ -218,10 +219,13 @@ def test_task_type_heads_show_in_modules_to_save_like_peft(tmp_path, task):
     config = LoraConfig(**fields)
     ours = get_peft_model(_bert(task), config)
     theirs = peft.get_peft_model(_bert(task), peft.LoraConfig(**fields))
-    assert ours.modules_to_save == theirs.modules_to_save
-    assert (
-        ours.peft_config["default"].modules_to_save == theirs.peft_config["default"].modules_to_save
-    )
+    # peft 0.22's heads (0.21 had no "pre_classifier": peft_task_heads)
+    heads = ["qa_outputs"] if task == "QUESTION_ANS" else ["classifier", "score", "pre_classifier"]
+    assert theirs.peft_config["default"].modules_to_save == peft_task_heads(task)
+    assert ours.peft_config["default"].modules_to_save == heads
+    assert ours.modules_to_save == set(heads)
+    if peft_task_heads(task) == heads:
+        assert ours.modules_to_save == theirs.modules_to_save
     assert config.modules_to_save is None  # the caller's config is left as it was
     # trained and saved as before: the head's copy, under peft's keys
     assert [n.removeprefix("model.") for n in _trained_copies(ours)] == [
@@ -232,11 +236,12 @@ def test_task_type_heads_show_in_modules_to_save_like_peft(tmp_path, task):
     written = [
         json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("ours", "theirs")
     ]
-    assert written[0]["modules_to_save"] == written[1]["modules_to_save"]
+    assert written[0]["modules_to_save"] == heads
+    assert written[1]["modules_to_save"] == peft_task_heads(task)
     keys = [set(load_file(tmp_path / d / "adapter_model.safetensors")) for d in ("ours", "theirs")]
     assert keys[0] == keys[1]
     loaded = lorakit.PeftModel.from_pretrained(_bert(task), tmp_path / "ours")
-    assert loaded.modules_to_save == theirs.modules_to_save
+    assert loaded.modules_to_save == set(heads)
     assert (
         loaded.peft_config["default"].modules_to_save == ours.peft_config["default"].modules_to_save
     )
@@ -249,7 +254,7 @@ def test_a_recorded_task_config_can_add_another_adapter():
         tiny_models.bert(), LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS")
     )
     ours.add_adapter("b", ours.peft_config["default"])
-    assert ours.peft_config["b"].modules_to_save == ["classifier", "score"]
+    assert ours.peft_config["b"].modules_to_save == ["classifier", "score", "pre_classifier"]
     assert "b" in ours.model.classifier.modules_to_save
 
 

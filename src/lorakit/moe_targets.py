@@ -4,14 +4,15 @@ transformers 5 fused the experts of some mixture-of-experts families into 3-D pa
 (``mlp.experts.gate_up_proj`` (E, 2 f, d), ``mlp.experts.down_proj`` (E, d, f)) and turned the
 router into a module holding a bare ``gate.weight``: the linear layers that transformers 4
 had there (Mixtral's ``w1`` / ``w3`` / ``w2`` and ``gate``, Qwen2-MoE's ``gate_proj`` /
-``up_proj`` / ``down_proj`` and ``gate``) are gone. PEFT (0.21, with transformers >= 5) rewrites
+``up_proj`` / ``down_proj`` and ``gate``) are gone. PEFT (with transformers >= 5) rewrites
 a LoRA config for such a model when it injects it (``get_peft_model`` and loading), and lorakit
-applies the same rule (``convert_moe_config``), so that both adapt the same tensors:
+applies the same rule, PEFT 0.22's (``convert_moe_config``; a file's writer's release:
+``lorakit.moe_entries``), so that both adapt the same tensors:
 
 - The family: the model's ``config.model_type`` is ``"mixtral"`` or one that transformers'
   ``conversion_mapping._MODEL_TO_CONVERSION_PATTERN`` maps to ``"mixtral"`` or ``"qwen2_moe"``
-  (e.g. ``minimax``, ``qwen3_moe``, ``olmoe``, ``deepseek_v3``). ``"qwen2_moe"`` itself is not
-  converted: PEFT 0.21 looks the type up in that table, where it is only a target.
+  (e.g. ``minimax``, ``qwen3_moe``, ``olmoe``, ``deepseek_v3``), or ``"qwen2_moe"`` itself
+  (from PEFT 0.22; 0.21 looked the type up in that table, where it is only a target).
 - A string ``target_modules`` is first resolved to leaf names: ``"all-linear"`` to the last
   name parts of the linear layers it selects plus every transformers-4 name of the family (the
   experts and the router were linear there) except one whose every place (``<experts
@@ -32,20 +33,22 @@ applies the same rule (``convert_moe_config``), so that both adapt the same tens
   refuses it as well: "Target module ... is not supported"); one that matches nothing is left
   as it is, for the usual error.
 - Each ``target_modules`` entry equal to a transformers-4 name or ending in ``"." + name``
-  moves to ``target_parameters`` under its new name (``w1``, ``w3`` -> ``gate_up_proj``;
-  ``w2`` -> ``down_proj``; ``gate`` -> ``gate.weight``); the others stay.
+  moves to ``target_parameters``, that name replaced by its new one (``w1``, ``w3`` ->
+  ``gate_up_proj``; ``w2`` -> ``down_proj``; ``gate`` -> ``gate.weight``;
+  ``mlp.experts.w1`` -> ``mlp.experts.gate_up_proj``), unless every module it matches is an
+  ``nn.Linear``: then it stays, and adds the parameter only where one has that name
+  (``lorakit.moe_entries.moved_entry``); the others stay.
 - ``gate_up_proj`` holds two fused projections: targeting both doubles its rank and alpha
   (``rank_pattern`` / ``alpha_pattern`` key ``.*\\.gate_up_proj``: ``2 r``, ``2 lora_alpha``,
   so the scaling ``lora_alpha / r`` per projection is unchanged), targeting only one is
   refused. Under rsLoRA the scaling is ``lora_alpha / sqrt(r)``: ``2 lora_alpha / sqrt(2 r)``
   is ``sqrt(2)`` times what each projection had in transformers 4. That is PEFT's value, kept
   (files agree with PEFT's), with a ``FusedMoeRsLoraWarning`` at ``inject``.
-- The families of the ``qwen2_moe`` conversion (``deepseek_v3``, ``glm4_moe``, ...) name the
-  linear layers of their shared experts and dense MLPs ``gate_proj`` / ``up_proj`` /
-  ``down_proj``, the transformers-4 expert names: those entries move to the expert
-  parameters, so such layers are no target (in PEFT 0.21 neither). Their weights can be
-  adapted as bare parameters (``target_parameters=["gate_proj.weight", ...]``), with the
-  keys a transformers-4 file has for them.
+- The families of the ``qwen2_moe`` conversion (``qwen2_moe``, ``deepseek_v3``, ``glm4_moe``,
+  ...) name the linear layers of their shared experts and dense MLPs ``gate_proj`` /
+  ``up_proj`` / ``down_proj``, the transformers-4 expert names: those entries stay module
+  targets and also adapt the routed experts' parameters (PEFT 0.21 moved them to the expert
+  parameters only, so such layers were no target).
 
 The converted config is what the model records and what ``save_adapter`` writes, as PEFT's
 ``adapter_config.json`` does; converting it again changes nothing.
@@ -61,6 +64,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import TargetModulesError
+from lorakit.moe_entries import PEFT_022, moved_entry, rule_release
 from lorakit.moe_string_targets import check_regex_modules, resolve_string_targets
 
 __all__ = [
@@ -135,9 +139,10 @@ def renamed_modules(family: str) -> dict[str, str]:
     return dict(_RENAMED_MODULES[family])
 
 
-def _conversion_patterns() -> dict[str, str] | None:
-    """transformers' ``{model type: the type whose weight conversion it uses}`` (PEFT adds
-    ``mixtral: mixtral``); None before transformers 5, which fused nothing."""
+def _conversion_patterns(release: tuple = PEFT_022) -> dict[str, str] | None:
+    """transformers' ``{model type: the type whose weight conversion it uses}`` as PEFT
+    ``release`` extends it (``mixtral: mixtral``, and from 0.22 ``qwen2_moe: qwen2_moe``); None
+    before transformers 5, which fused nothing."""
     try:
         import transformers
         from transformers.conversion_mapping import _MODEL_TO_CONVERSION_PATTERN
@@ -145,31 +150,39 @@ def _conversion_patterns() -> dict[str, str] | None:
         return None
     if int(transformers.__version__.split(".")[0]) < 5:
         return None
-    return {**_MODEL_TO_CONVERSION_PATTERN, "mixtral": "mixtral"}
+    own = {"mixtral": "mixtral"} | ({"qwen2_moe": "qwen2_moe"} if release >= PEFT_022 else {})
+    return {**_MODEL_TO_CONVERSION_PATTERN, **own}
 
 
-def fused_moe_family(model: nn.Module) -> str | None:
-    """``"mixtral"`` or ``"qwen2_moe"``: the family whose fused experts PEFT converts targets
-    for, from ``model.config.model_type``; None for any other model (or transformers < 5)."""
-    return fused_moe_family_of(getattr(getattr(model, "config", None), "model_type", None))
+def fused_moe_family(model: nn.Module, release: tuple = PEFT_022) -> str | None:
+    """``"mixtral"`` or ``"qwen2_moe"``: the family whose fused experts PEFT ``release``
+    converts targets for, from ``model.config.model_type``; None for any other model (or
+    transformers < 5)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return fused_moe_family_of(model_type, release)
 
 
-def fused_moe_family_of(model_type: object) -> str | None:
+def fused_moe_family_of(model_type: object, release: tuple = PEFT_022) -> str | None:
     """``fused_moe_family`` of a model whose config's ``model_type`` is ``model_type``."""
     if not isinstance(model_type, str):
         return None
-    patterns = _conversion_patterns()
+    patterns = _conversion_patterns(release)
     family = None if patterns is None else patterns.get(model_type)
     return family if family in _RENAMED else None
 
 
-def convert_moe_config(model: nn.Module, config: LoraConfig, *, warn: bool = True) -> LoraConfig:
+def convert_moe_config(
+    model: nn.Module, config: LoraConfig, *, warn: bool = True, written_by: str | None = None
+) -> LoraConfig:
     """``config`` as PEFT rewrites it for ``model`` (see the module docstring): ``config``
     itself when the model is of no converted family or nothing changes, else a new config.
     ``TargetModulesError`` when only one of the projections fused into ``gate_up_proj`` is
     targeted. ``warn``: a ``FusedMoeRsLoraWarning`` when rsLoRA meets a fused pair (``inject``;
-    a load takes a file's scaling as it was trained, without one)."""
-    family = fused_moe_family(model)
+    a load takes a file's scaling as it was trained, without one). ``written_by``: the
+    ``peft_version`` of the file ``config`` was read from, whose release's rule applies
+    (``lorakit.moe_entries.rule_release``: 0.21's below 0.22); None: PEFT 0.22's."""
+    release = rule_release(written_by)
+    family = fused_moe_family(model, release)
     if family is None or config.target_modules is None:
         return config
     renamed = _RENAMED[family]
@@ -183,11 +196,13 @@ def convert_moe_config(model: nn.Module, config: LoraConfig, *, warn: bool = Tru
     kept, converted = [], {}  # converted: old name -> new name
     for entry in targets:
         old = next((o for o in renamed if entry == o or entry.endswith(f".{o}")), None)
-        if old is None:
-            kept.append(entry)
-            continue
-        converted[old] = renamed[old]
-        parameters += [renamed[old]] if renamed[old] not in parameters else []
+        stays, parameter = (True, None)
+        if old is not None:
+            stays, parameter = moved_entry(model, config, entry, old, renamed[old], release)
+        kept += [entry] if stays else []
+        if parameter is not None:
+            converted[old] = renamed[old]
+            parameters += [parameter] if parameter not in parameters else []
     if not converted and not isinstance(config.target_modules, str):
         return config  # a list without transformers-4 names: as it is
     rank_pattern, alpha_pattern = dict(config.rank_pattern), dict(config.alpha_pattern)
@@ -215,7 +230,7 @@ def convert_moe_config(model: nn.Module, config: LoraConfig, *, warn: bool = Tru
     )
     if isinstance(config.target_modules, str) and not config.targets_all_linear:
         check_regex_modules(model, config.target_modules, converted_config)
-    return converted_config
+    return config if converted_config == config else converted_config  # (again: no change)
 
 
 def _named(config: LoraConfig) -> str:

@@ -63,12 +63,13 @@ class PeftMergingMixin:
         return merge_and_unload(self, adapter_names)
 
     def unload(self) -> nn.Module:
-        """The plain transformers model with its original weights (adapters dropped); as in
-        PEFT, a ``modules_to_save`` module is the active adapter's trained copy (the original
-        where no active adapter saves it). ``lorakit.unload`` gives every original back.
-        A merged model is unmerged first (exactly), so its weights are the base's, as PEFT's
-        docstring says; peft 0.21 keeps the merged weights: ``merge_and_unload()`` does that."""
-        return unload(self.model, keep_saved=self.active_adapters)
+        """The plain transformers model with its original weights and modules (adapters
+        dropped), as peft 0.22 gives it back: a ``modules_to_save`` module is the original one
+        (peft before 0.22 put the active adapter's trained copy there; ``merge_and_unload()``
+        keeps that copy). A merged model is unmerged first (exactly), so its weights are the
+        base's, as PEFT's docstring says; peft 0.21 keeps the merged weights:
+        ``merge_and_unload()`` does that."""
+        return unload(self.model)
 
     def add_weighted_adapter(
         self,

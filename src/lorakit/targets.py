@@ -12,15 +12,13 @@
 - ``layers_to_transform``: the layer index is the first ``<layers_pattern>.<digits>.`` segment of
   the name (any container name when ``layers_pattern`` is unset). A module named in full in a
   ``target_modules`` list is adapted whatever its layer (PEFT's rule); an empty list selects all.
-- ``modules_to_save`` (plus ``classifier`` / ``score`` for ``SEQ_CLS``, as PEFT adds them) picks
-  every module whose name ends with an entry as a plain string (``saved_module_matches``:
-  ``"classifier"`` also picks ``pre_classifier``, ``"norm"`` every ``*_layernorm``); the modules
-  it picks (and everything inside them) are never adapted. A module named by an entry as whole
-  dotted name parts (and everything inside it) is simply left out of the targets, as PEFT's
-  ``check_target_module_exists`` leaves it out (``target_modules=["q_proj", "lm_head"]`` with
-  ``modules_to_save=["lm_head"]`` adapts the ``q_proj`` layers and trains ``lm_head`` in full);
-  a ``target_modules`` list entry whose every remaining match lies in a module picked only as a
-  plain-string ending (``pre_classifier`` for ``"classifier"``) is refused, as PEFT refuses it.
+- ``modules_to_save`` (plus the task type's heads, ``TASK_HEADS``, as PEFT adds them) picks
+  every module whose name is an entry or ends with ``"." + entry`` (``saved_module_matches``,
+  peft 0.22's rule; before 0.22 any plain-string ending: ``lorakit.io.older_peft_files`` reads
+  such files as written); the modules it picks (and everything inside them) are never adapted,
+  and are simply left out of the targets, as PEFT's ``check_target_module_exists`` leaves
+  them out (``target_modules=["q_proj", "lm_head"]`` with ``modules_to_save=["lm_head"]``
+  adapts the ``q_proj`` layers and trains ``lm_head`` in full).
 """
 
 from __future__ import annotations
@@ -51,11 +49,13 @@ __all__ = [
     "saved_module_matches",
 ]
 
-SEQ_CLS_HEADS = ("classifier", "score")
+SEQ_CLS_HEADS = ("classifier", "score", "pre_classifier")
 TASK_HEADS = {"SEQ_CLS": SEQ_CLS_HEADS, "TOKEN_CLS": SEQ_CLS_HEADS, "QUESTION_ANS": ("qa_outputs",)}
 """The head names PEFT's task models add to ``modules_to_save`` (``PeftModelForSequence-
 Classification``, ``...ForTokenClassification``, ``...ForQuestionAnswering``): a task head is
-newly initialised by ``from_pretrained``, so it is trained in full and saved with the adapter."""
+newly initialised by ``from_pretrained``, so it is trained in full and saved with the adapter.
+peft 0.22 added ``pre_classifier`` (DistilBERT's randomly initialised layer before
+``classifier``; under 0.21 the plain-string rule picked it through ``"classifier"``)."""
 
 
 def model_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -88,8 +88,8 @@ def matches(spec: str | list[str], module_name: str) -> bool:
 
 def saved_module_entries(config: LoraConfig) -> list[str]:
     """``config.modules_to_save`` plus the head names PEFT adds to it for the task type
-    (``TASK_HEADS``: ``classifier`` and ``score`` for ``SEQ_CLS`` and ``TOKEN_CLS``,
-    ``qa_outputs`` for ``QUESTION_ANS``): the entries that pick the modules an adapter copies
+    (``TASK_HEADS``: ``classifier``, ``score`` and ``pre_classifier`` for ``SEQ_CLS`` and
+    ``TOKEN_CLS``, ``qa_outputs`` for ``QUESTION_ANS``): the entries that pick the modules an adapter copies
     whole. (PEFT adds the ``TOKEN_CLS`` / ``QUESTION_ANS`` heads after placing the LoRA layers,
     and so fails on a head it adapted, "modules_to_save cannot be applied to modules of type
     Linear", for ``all-linear``; here the heads of every task are left out of the targets, as
@@ -103,9 +103,9 @@ def saved_module_entries(config: LoraConfig) -> list[str]:
 def absent_task_heads(config: LoraConfig, module_names: Iterable[str]) -> list[str]:
     """The entries of ``config.modules_to_save`` that are a head of its task type
     (``TASK_HEADS``) and pick none of ``module_names`` (``saved_module_matches``): skipped
-    with no error, as PEFT skips them. PEFT's task models write both ``classifier`` and
-    ``score`` into a ``SEQ_CLS`` adapter's ``modules_to_save`` (lorakit records the same), and
-    a model has one of the two."""
+    with no error, as PEFT skips them. PEFT's task models write every head (``classifier``,
+    ``score`` and, from 0.22, ``pre_classifier``) into a ``SEQ_CLS`` adapter's
+    ``modules_to_save`` (lorakit records the same), and a model has only some of them."""
     heads = TASK_HEADS.get(config.task_type, ())
     wanted = [entry for entry in config.modules_to_save or [] if entry in heads]
     if not wanted:
@@ -115,10 +115,13 @@ def absent_task_heads(config: LoraConfig, module_names: Iterable[str]) -> list[s
 
 
 def saved_module_matches(entries: list[str], module_name: str) -> bool:
-    """PEFT's ``modules_to_save`` rule: the name ends with an entry as a plain string, not as a
-    dotted part (``pre_classifier`` ends with ``classifier``). Files from peft hold a copy of
-    every module this picks, so lorakit must pick the same ones to read and write them."""
-    return any(module_name.endswith(entry) for entry in entries)
+    """PEFT's ``modules_to_save`` rule (peft 0.22, ``_is_valid_match``): the name is an entry
+    or ends with ``"." + entry`` (``"classifier"`` picks ``classifier``, not
+    ``pre_classifier``; ``"norm"`` picks ``model.norm``, not ``input_layernorm``). Files from
+    peft hold a copy of every module this picks, so lorakit must pick the same ones to read and
+    write them (a file of peft < 0.22, whose rule was any plain-string ending:
+    ``lorakit.io.older_peft_files``)."""
+    return any(module_name == entry or module_name.endswith("." + entry) for entry in entries)
 
 
 def left_out_as_saved(entries: list[str], module_name: str) -> bool:
@@ -240,7 +243,6 @@ def find_targets(
         for n, _ in named
         if n and matches(spec, n) and not _excluded(config, n) and not left_out_as_saved(saved, n)
     ]
-    _refuse_entries_inside_saved_modules(config, saved, matched)
     targets = [
         name
         for name in matched
@@ -254,48 +256,6 @@ def find_targets(
 def _excluded(config: LoraConfig, module_name: str) -> bool:
     """Whether ``exclude_modules`` names ``module_name`` (same rules as ``target_modules``)."""
     return config.exclude_modules is not None and matches(config.exclude_modules, module_name)
-
-
-def _refuse_entries_inside_saved_modules(
-    config: LoraConfig, saved: list[str], matched: list[str]
-) -> None:
-    """``TargetModulesError`` naming the first entry of a ``target_modules`` list whose every
-    match (``matched``: the names the spec matches outside ``exclude_modules`` and outside the
-    modules ``left_out_as_saved`` drops) lies in a module copied whole (``saved``:
-    ``saved_module_entries``), which can then only be one picked as a plain-string ending
-    (``pre_classifier`` for ``"classifier"``). PEFT puts LoRA there first and then copies the
-    module: it refuses the config when the module is the LoRA layer itself ("modules_to_save
-    cannot be applied to modules of type ... lora.Linear") and nests LoRA layers in the copy
-    when it holds one; lorakit refuses both."""
-    if not saved or not isinstance(config.target_modules, list):
-        return
-    for entry in config.target_modules:
-        hits = [name for name in matched if matches([entry], name)]
-        holders = {_saved_module_of(saved, name) for name in hits}
-        if holders and None not in holders:
-            nested = any(_saved_module_of(saved, name) != name for name in hits)
-            raise TargetModulesError(_inside_saved_message(config, entry, sorted(holders), nested))
-
-
-def _inside_saved_message(config: LoraConfig, entry: str, holders: list[str], nested: bool) -> str:
-    """The message for ``entry`` of ``target_modules``, whose matches all lie in ``holders``
-    (``nested``: some lie inside a holder rather than being one)."""
-    pickers = sorted({e for e in saved_module_entries(config) for h in holders if h.endswith(e)})
-    added = [e for e in pickers if e not in (config.modules_to_save or [])]
-    why = f"modules_to_save entries {pickers}"
-    if added:
-        why += f" ({added} added by task_type={config.task_type!r}: its head is saved whole)"
-    peft_does = (
-        "PEFT would nest LoRA layers inside the full copy, which lorakit does not support"
-        if nested
-        else "PEFT refuses this config (modules_to_save cannot be applied to a LoRA layer)"
-    )
-    return (
-        f"target_modules entry {entry!r} matches only modules inside {holders}, which {why} "
-        "copy and train in full (their names end with those entries as plain strings, not as "
-        f"whole dotted name parts, which would only leave them out of LoRA): {peft_does}. "
-        f"Drop {entry!r} from target_modules, or drop the module from modules_to_save."
-    )
 
 
 def _uncalled_linears(modules: list[tuple[str, nn.Module]]) -> dict[str, str]:

@@ -72,7 +72,8 @@ def unload(model: nn.Module, keep_saved: Sequence[str] = ()) -> nn.Module:
 
     ``keep_saved``: adapter names whose ``modules_to_save`` copies stay: each saved module
     becomes the trained copy of the first of them that has one (its original where none has;
-    PEFT's ``unload()`` keeps the active adapter's). Trainable-token rows are always dropped."""
+    PEFT's ``merge_and_unload()`` keeps the active adapter's, and so did its ``unload()`` before
+    0.22; 0.22's gives the original back). Trainable-token rows are always dropped."""
     model = adapter_model(model)  # lorakit's PeftModel: the model inside it
     for name, layer in reversed(list(lora_layers(model))):  # a nested layer before its outer one
         layer.unmerge()

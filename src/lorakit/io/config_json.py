@@ -30,6 +30,7 @@ from lorakit.errors import AdapterFileError
 from lorakit.init_methods import canonical_init, changes_base, changes_base_in_peft_only
 from lorakit.inject_checks import fan_in_fan_out_flips
 from lorakit.io.header import unreadable
+from lorakit.io.older_peft_files import portable_entries
 from lorakit.parameter_targets import find_parameter_targets
 from lorakit.peft_fields import PEFT_LORA_FIELDS, first_refused_setting, refusal
 from lorakit.state import adapter_configs, saved_modules
@@ -39,7 +40,6 @@ from lorakit.targets import (
     model_modules,
     original_module,
     resolved_target_spec,
-    saved_module_entries,
 )
 
 __all__ = [
@@ -133,11 +133,6 @@ def _shortest_suffixes(model: nn.Module, targets: list[str]) -> list[str]:
     return required if 0 < len(required) < len(set(targets)) else list(targets)
 
 
-def _written_modules_to_save(config: LoraConfig) -> list[str] | None:
-    """``modules_to_save`` as peft writes it: the SEQ_CLS heads added."""
-    return saved_module_entries(config) or None
-
-
 def config_to_json(model: nn.Module, config: LoraConfig, adapter_modules: list[nn.Module]) -> str:
     """The text of ``adapter_config.json`` for ``config`` as adapted on ``model``.
 
@@ -148,8 +143,10 @@ def config_to_json(model: nn.Module, config: LoraConfig, adapter_modules: list[n
     if changes_base(config.init_lora_weights):  # peft would rerun it on the residual base
         values["init_lora_weights"] = True
     values["target_modules"] = written_target_modules(model, config)
-    values["modules_to_save"] = _written_modules_to_save(config)
     modules = list(model_modules(model))
+    values["modules_to_save"], values["trainable_token_indices"] = portable_entries(
+        config, (name for name, _ in modules)
+    )  # (as peft before 0.22 reads them too)
     values["fan_in_fan_out"] = _written_fan_in_fan_out(model, config, adapter_modules, modules)
     values["base_model_name_or_path"] = config.base_model_name_or_path or (
         getattr(model, "name_or_path", None) or None

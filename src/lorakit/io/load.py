@@ -33,6 +33,7 @@ from lorakit.io.load_checks import (
 )
 from lorakit.io.load_plan import LoadTargets, load_targets
 from lorakit.io.moe_files import file_keys, fuse_expert_tensors
+from lorakit.io.older_peft_files import with_writers_rules
 from lorakit.io.read import AdapterFile, AdapterHeader, read_adapter_data, read_adapter_header
 from lorakit.io.save import recorded_prompt_style
 from lorakit.layers import LoraLayer, ModulesToSave
@@ -128,6 +129,7 @@ def _load_checked(
     """``load_adapter`` once the header is read (and the layers replicated, if asked)."""
     current = dict(walk_modules(model))  # LoRA layers as they are, for adding the adapter
     modules = {name: original_module(module) for name, module in current.items()}
+    header = with_writers_rules(header, modules)  # a file of peft < 0.22: its name rules
     to_load = load_targets(model, header, modules)
     check_targets_take(model, to_load, current, adapter_name)
     check_init_redo(to_load, current)

@@ -42,6 +42,7 @@ from lorakit.io.stray_weights import (
 )
 from lorakit.layers import LoraLayer
 from lorakit.layers.token_checks import TokenIdsOutsideVocabulary
+from lorakit.moe_entries import writers_version
 from lorakit.moe_targets import convert_moe_config, fused_moe_family
 from lorakit.parameter_targets import find_parameter_targets, unmatched_parameter_entries
 from lorakit.targets import TASK_HEADS, find_targets, saved_module_matches
@@ -81,7 +82,8 @@ def load_targets(
     config = _without_absent_saved_modules(adapter, modules)
     source = adapter.directory
     try:
-        config = convert_moe_config(model, config, warn=False)  # PEFT's (idempotent)
+        written_by = writers_version(adapter, model)  # its writer's rule (moe_entries)
+        config = convert_moe_config(model, config, warn=False, written_by=written_by)
         targets = find_targets(model, config, modules)
         saved_names = saved_module_names(model, config)
         tokens = token_module_names(model, config, targets, saved_names)

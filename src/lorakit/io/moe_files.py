@@ -40,6 +40,7 @@ from lorakit.io.keys import PREFIX, module_path
 from lorakit.io.read import AdapterHeader
 from lorakit.layers import is_linear
 from lorakit.layers.parameter import parameter_layout
+from lorakit.moe_entries import file_peft_version
 from lorakit.moe_targets import (
     expert_parts,
     fused_moe_family,
@@ -297,14 +298,14 @@ def _moved_message(adapter, moved: dict[str, str], others, renamed, modules) -> 
         f"adapter {adapter.directory} has LoRA tensors for {listed(moved, 4)}, linear layers of "
         f"this {type(modules['']).__name__} that its config no longer adapts here: on this "
         "fused-MoE model (transformers 5), PEFT's conversion of the config "
-        "(lorakit.moe_targets.convert_moe_config, as in PEFT 0.21) moves the transformers-4 "
-        f"expert names {olds} from target_modules to the expert parameters {news} "
-        "(target_parameters), so layers of those names outside the experts (dense MLPs, shared "
-        "experts) are no target. The file was saved with transformers 4, where they were; PEFT "
-        "0.21 loads it without these tensors, silently. To load them as trained, add "
-        f"{entries} to target_parameters in its adapter_config.json (each such layer's weight "
-        "is then adapted as a bare parameter: the same keys, the same update; PEFT loads it so "
-        "too)."
+        f"(lorakit.moe_targets.convert_moe_config, by the rule of PEFT 0.21, which wrote it: "
+        f"{file_peft_version(adapter.config_text)}) moves the transformers-4 expert names {olds} "
+        f"to the expert parameters {news} (target_parameters), so layers of those names outside "
+        "the experts (dense MLPs, shared experts) are no target. The file was saved with "
+        "transformers 4, where they were; PEFT 0.21 loads it without them, silently. To load "
+        f"them as trained, add {entries} to target_parameters in its adapter_config.json (bare "
+        'parameters: the same keys and update; PEFT 0.21 loads it so), or set its "peft_version" '
+        'to "0.22.0": PEFT 0.22\'s rule, which keeps those layers as targets (PEFT 0.22 too).'
     )
     if others:
         message += (
