@@ -71,6 +71,7 @@ def _reload_misfit(model: nn.Module, header: Any, adapter_name: str) -> str:
 
     from lorakit.io.load_checks import init_to_redo
     from lorakit.io.load_plan import load_targets
+    from lorakit.io.older_peft_files import with_writers_rules
     from lorakit.io.save import adapter_file_entries
     from lorakit.state import walk_modules
     from lorakit.targets import original_module
@@ -83,6 +84,7 @@ def _reload_misfit(model: nn.Module, header: Any, adapter_name: str) -> str:
     if config.layer_replication:
         return "it replicates layers (layer_replication)"
     modules = {name: original_module(module) for name, module in walk_modules(model)}
+    header = with_writers_rules(header, modules)  # a file of peft < 0.22: its name rules
     with warnings.catch_warnings():  # (the load that follows warns, if it has to)
         warnings.simplefilter("ignore")
         planned = load_targets(model, header, modules).tensors

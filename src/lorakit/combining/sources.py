@@ -283,8 +283,10 @@ def read_sources(
     adapters: Sequence[str | os.PathLike[str]], model: nn.Module | None = None
 ) -> list[AdapterUpdates]:
     """Each entry: the name of an adapter on ``model`` (when given and it has one of that
-    name), else an adapter directory. Raises ``UserError`` / ``AdapterFileError``; every
-    directory's config and header are read and checked before any tensor data."""
+    name), else an adapter directory, read as its writer's peft meant it (``io.older_peft_files.
+    read_as_written``). Raises ``UserError`` / ``AdapterFileError``; every directory's config
+    and header are read and checked before any tensor data."""
+    from lorakit.io.older_peft_files import read_as_written
     from lorakit.io.read import read_adapter_header, refuse_residual_base_factors
     from lorakit.state import adapter_configs
 
@@ -294,7 +296,7 @@ def read_sources(
         if not (isinstance(entry, str) and entry in on_model):
             if model is not None and isinstance(entry, str) and not os.path.exists(entry):
                 _refuse_unknown_entry(entry, on_model)
-            headers[index] = read_adapter_header(entry)
+            headers[index] = read_as_written(read_adapter_header(entry), model)
             refuse_residual_base_factors(headers[index], "combining its s B A as a weight update")
     sources = []  # (a loop, not a comprehension: _from_directory's warnings count frames)
     for index, entry in enumerate(adapters):

@@ -87,8 +87,10 @@ def export_adapter(
     DoRA is always refused, and so are unconverted PiSSA / OLoRA adapters (``AdapterFileError``,
     module docstring) and an adapter whose ``auto_mapping.base_model_class`` is not ``model``'s
     class. ``model`` may be lorakit's ``PeftModel`` (its base model is used);
-    ``base_name`` says which model it is in messages (the CLI: its ``--model``)."""
-    from lorakit.io.read import read_plain_lora
+    ``base_name`` says which model it is in messages (the CLI: its ``--model``). A file of
+    peft < 0.22 is read with its writer's ``modules_to_save`` rule (``io.older_peft_files``)."""
+    from lorakit.io.older_peft_files import read_as_written
+    from lorakit.io.read import read_adapter_data, read_adapter_header, refuse_residual_base_factors
     from lorakit.state import adapter_model
 
     model = adapter_model(model)
@@ -97,9 +99,9 @@ def export_adapter(
         raise UserError(f"--type {tensor_type} for an adapter: choose one of {ADAPTER_TYPES}")
     refuse_dora(Path(adapter_directory))
     refuse_other_base_class(Path(adapter_directory), model, base_name)
-    adapter = read_plain_lora(
-        adapter_directory, "exporting it as a GGUF LoRA for the original model"
-    )
+    header = read_adapter_header(adapter_directory)
+    refuse_residual_base_factors(header, "exporting it as a GGUF LoRA for the original model")
+    adapter = read_adapter_data(read_as_written(header, model))  # its peft's entries and rules
     adapter.require_finite()
     refuse_unmapped_layout(adapter, model)
     layout = gguf_layout(model.config)

@@ -16,6 +16,13 @@ config picks exactly what the writer's peft picked. It applies when the file's
 peft < 0.18) or a development version of 0.22, when the file holds a tensor of a module only
 the old rule picks. ``portable_entries`` writes such an entry as full names, which peft
 reads alike before and after 0.22.
+
+``read_as_written`` is the one step every reader of a file's config takes (``load_adapter``
+through ``with_writers_rules`` and ``load_plan``; serving, combining, GGUF export, reloading):
+the entries and keys rewritten as above, on a model's modules or, with no model, on the module
+paths the file's keys name; and, given a model, the MoE targets converted by the writer's rule
+(``lorakit.moe_entries``), so that a reader that cannot serve bare parameters refuses a file
+that adapts them on that model.
 """
 
 from __future__ import annotations
@@ -27,15 +34,18 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from lorakit.config import LoraConfig
-from lorakit.io.keys import key_names_module
+from lorakit.io.keys import key_names_module, module_path, parse_lora_key
 from lorakit.targets import saved_module_entries, saved_module_matches
 
 if TYPE_CHECKING:  # (io.read reads configs with io.config_json, which imports this module)
+    from torch import nn
+
     from lorakit.io.read import AdapterHeader
 
 __all__ = [
     "DOTTED_RULE_SINCE",
     "portable_entries",
+    "read_as_written",
     "with_writers_rules",
     "written_with_plain_endings",
 ]
@@ -84,6 +94,41 @@ def with_writers_rules(header: AdapterHeader, modules: Iterable[str]) -> Adapter
         modules_to_save=saved or config.modules_to_save, trainable_token_indices=tokens
     )
     return dataclasses.replace(header, config=changed)
+
+
+def read_as_written(header: AdapterHeader, model: nn.Module | None = None) -> AdapterHeader:
+    """``header`` as its writer's peft meant it (module docstring): ``with_writers_rules`` on the
+    ORIGINAL modules of ``model`` (LoRA layers stand for what they wrap) or, where ``model`` is
+    None, on the module paths the file's keys name (``file_module_names``); with a ``model``,
+    its config's MoE targets also converted by the writer's rule (``moe_targets.
+    convert_moe_config``, ``written_by`` from ``moe_entries.writers_version``; a config of no
+    fused-MoE model is left as it is). For the readers that do not go through
+    ``load_adapter`` (which takes the same two steps)."""
+    from lorakit.moe_entries import writers_version
+    from lorakit.moe_targets import convert_moe_config
+    from lorakit.targets import model_modules
+
+    if model is None:
+        return with_writers_rules(header, file_module_names(header.tensors))
+    header = with_writers_rules(header, (name for name, _ in model_modules(model)))
+    written_by = writers_version(header, model)
+    config = convert_moe_config(model, header.config, warn=False, written_by=written_by)
+    return header if config is header.config else dataclasses.replace(header, config=config)
+
+
+def file_module_names(keys: Iterable[str]) -> list[str]:
+    """The module paths a file's tensor ``keys`` name, with every module enclosing them
+    (``base_model.model.model.layers.0.input_layernorm.weight``: ``model``, ``model.layers``,
+    ..., ``model.layers.0.input_layernorm``): the names a file's entries are read on when
+    there is no model. A LoRA factor names its layer, trained rows their embedding."""
+    names: dict[str, None] = {}
+    for key in keys:
+        parsed = parse_lora_key(key)
+        path = parsed[0] if parsed else module_path(key).rpartition(".")[0]
+        path = path.removesuffix(".base_layer").removesuffix(".token_adapter")
+        parts = path.split(".") if path else []
+        names |= {".".join(parts[:end]): None for end in range(1, len(parts) + 1)}
+    return list(names)
 
 
 def _old_rule_picks(entry: str, names: list[str]) -> list[str]:

@@ -32,6 +32,7 @@ from torch import nn
 from lorakit.errors import AdapterFileError, UserError
 from lorakit.io import base_verdicts
 from lorakit.io.keys import lora_key_pairs
+from lorakit.io.older_peft_files import read_as_written
 from lorakit.io.read import (
     AdapterFile,
     read_adapter_data,
@@ -115,7 +116,7 @@ class ServedAdapters:
         shows paths relative to the adapter directory (``AdapterRegistry.relative``)."""
         try:
             path = self.registry.inside(path, name)
-            header = read_adapter_header(path)
+            header = read_as_written(read_adapter_header(path), self.model)  # its peft's rules
             refuse_residual_base_factors(header, SERVING, fingerprint_checked=True)
             self.bank.check_shapes(name, header.config, header.tensors)
             adapter = read_adapter_data(header)  # (refused if the tensors changed meanwhile)
