@@ -16,28 +16,12 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorakit.config_checks import ALL_LINEAR, validate
+from lorakit.config_checks import ALL_LINEAR, TaskType, validate
 from lorakit.init_methods import EvaConfig, LoftQConfig, canonical_init
 from lorakit.patterns import compiled
 from lorakit.peft_fields import without_peft_only_fields
 
 __all__ = ["ALL_LINEAR", "LoraConfig", "TaskType"]
-
-
-class TaskType(str, enum.Enum):
-    """PEFT's task types. ``SEQ_CLS``, ``TOKEN_CLS`` and ``QUESTION_ANS`` change behaviour as in
-    PEFT: the task's head (``classifier`` / ``score``, or ``qa_outputs``) is trained in full and
-    saved with the adapter (``targets.TASK_HEADS``)."""
-
-    SEQ_CLS = "SEQ_CLS"
-    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
-    CAUSAL_LM = "CAUSAL_LM"
-    TOKEN_CLS = "TOKEN_CLS"
-    QUESTION_ANS = "QUESTION_ANS"
-    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def _taking_peft_fields(cls: type) -> type:

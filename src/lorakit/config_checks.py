@@ -1,11 +1,13 @@
 """``LoraConfig``'s validation: ``validate(config)`` raises ``ValueError`` naming the first
 field that is not valid, its value and what it should be (``LoraConfig.__post_init__`` calls
 it, so an invalid config never exists). Regexes are checked for run time too
-(``lorakit.patterns``: configs are untrusted input).
+(``lorakit.patterns``: configs are untrusted input). The fields' value sets live here too
+(``ALL_LINEAR``, ``TaskType``; ``lorakit.config`` imports them from here).
 """
 
 from __future__ import annotations
 
+import enum
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +31,24 @@ from lorakit.patterns import check_pattern_set
 if TYPE_CHECKING:
     from lorakit.config import LoraConfig
 
-__all__ = ["ALL_LINEAR", "validate"]
+__all__ = ["ALL_LINEAR", "TaskType", "validate"]
+
+
+class TaskType(str, enum.Enum):
+    """PEFT's task types. ``SEQ_CLS``, ``TOKEN_CLS`` and ``QUESTION_ANS`` change behaviour as in
+    PEFT: the task's head (``classifier`` / ``score``, or ``qa_outputs``) is trained in full and
+    saved with the adapter (``targets.TASK_HEADS``)."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+    def __str__(self) -> str:
+        return self.value
+
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
@@ -96,8 +115,6 @@ def _check_kinds(config: LoraConfig) -> None:
     check(config.bias in BIAS_MODES, "bias", config.bias, f"one of {BIAS_MODES}")
     for flag in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "inference_mode"):
         check(isinstance(getattr(config, flag), bool), flag, getattr(config, flag), "True or False")
-    from lorakit.config import TaskType  # (config.py imports this module)
-
     tasks = [task.value for task in TaskType]
     check(
         config.task_type is None or config.task_type in tasks,

@@ -16,7 +16,8 @@ repacking off on every ``Linear4bit`` of the model, adapted or not
 Repacking on purpose, for inference only, is ``lorakit.quantized.bnb_cpu_kernel``'s
 ``use_bnb_cpu_kernel`` (after the adapters are in place): the forward then runs bitsandbytes'
 CPU kernel (``matmul_4bit`` dispatches on the repacked state) where no gradient flows, and
-``dequantized_weight`` refuses it.
+``dequantized_weight`` refuses it. (That module holds what tells a repacked layer,
+``is_repacked`` and ``CPU_KERNEL_MARK``, and reads its codes, ``unpacked_codes``.)
 
 The 8-bit forward is the module's own (it casts inputs to float16 for quantization, as
 bitsandbytes does), except that the stored bias is never cast: for an input of another dtype
@@ -28,6 +29,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from lorakit.quantized.bnb_cpu_kernel import CPU_KERNEL_MARK, is_packed_state, unpacked_codes
+from lorakit.quantized.bnb_cpu_kernel import is_packed as is_repacked
 
 __all__ = [
     "CPU_KERNEL_MARK",
@@ -43,22 +47,6 @@ __all__ = [
     "shape",
     "storage",
 ]
-
-
-# set on a Linear4bit that ``bnb_cpu_kernel.use_bnb_cpu_kernel`` repacked on purpose (``check``
-# accepts it; a layer bitsandbytes repacked unasked is refused)
-CPU_KERNEL_MARK = "lorakit_bnb_cpu_kernel"
-
-
-def _repacked(state) -> bool:
-    """A 4-bit ``quant_state`` bitsandbytes repacked for its CPU kernel."""
-    return bool(getattr(state, "packing_format_for_cpu", False))
-
-
-def is_repacked(module: nn.Module) -> bool:
-    """``module`` is a ``Linear4bit`` whose bytes bitsandbytes repacked for its CPU kernel
-    (``packing_format_for_cpu``), on purpose (``bnb_cpu_kernel``) or unasked."""
-    return _repacked(getattr(getattr(module, "weight", None), "quant_state", None))
 
 
 def is_4bit(module: nn.Module) -> bool:
@@ -84,7 +72,7 @@ def check(module: nn.Module) -> None:
             "this Linear4bit is not quantized yet (no quant_state); move it to a device first "
             "(.to('cpu') quantizes it) or load the model with BitsAndBytesConfig"
         )
-    if _repacked(state) and not getattr(module, CPU_KERNEL_MARK, False):
+    if is_packed_state(state) and not getattr(module, CPU_KERNEL_MARK, False):
         raise UnsupportedQuantizedLayerError(
             "this Linear4bit was repacked in place for bitsandbytes' CPU inference kernel (an "
             "eval-mode, no-grad forward on an AVX512-BF16 CPU did it); its stored bytes are no "
@@ -139,7 +127,7 @@ def describe(module: nn.Module) -> str:
         return "bnb-int8"
     state = module.weight.quant_state
     nested = state.nested
-    if _repacked(state):  # the repack expanded nested scales
+    if is_packed_state(state):  # the repack expanded nested scales
         nested = getattr(state, "original_nested", nested)
     return f"bnb-{state.quant_type}" + ("-dq" if nested else "")
 
@@ -157,7 +145,7 @@ def check_dequantizable(module: nn.Module) -> None:
     so it cannot be merged or trained. ``merge`` / ``merge_and_unload`` ask this of every layer
     they will dequantize before changing any, and name the module."""
     if is_4bit(module) and (
-        _repacked(module.weight.quant_state) or getattr(module, CPU_KERNEL_MARK, False)
+        is_packed_state(module.weight.quant_state) or getattr(module, CPU_KERNEL_MARK, False)
     ):
         from lorakit.quantized import UnsupportedQuantizedLayerError
 
@@ -223,7 +211,7 @@ def base_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     state = getattr(module.weight, "quant_state", None)
     if state is None:
         check(module)  # raises, saying why
-    if _repacked(state):
+    if is_packed_state(state):
         _check_inference(module, x)  # bitsandbytes' CPU kernel (use_bnb_cpu_kernel)
     compute_dtype = module.compute_dtype or x.dtype
     bias = module.bias
@@ -267,9 +255,7 @@ def storage(module: nn.Module) -> dict[str, torch.Tensor]:
     if not is_4bit(module):
         return {"codes": module.weight.data, "row_scales": _int8_scales(module)}
     state = module.weight.quant_state
-    if _repacked(state):  # codes in their stored order
-        from lorakit.quantized.bnb_cpu_kernel import unpacked_codes
-
+    if is_packed_state(state):  # codes in their stored order
         return {"codes": unpacked_codes(module), "absmax": state.absmax}
     tensors = {"codes": module.weight.data, "absmax": state.absmax}
     if state.nested:

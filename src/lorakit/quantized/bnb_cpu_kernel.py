@@ -35,12 +35,32 @@ import torch
 from torch import nn
 
 from lorakit.errors import UserError
-from lorakit.quantized.bnb import CPU_KERNEL_MARK
-from lorakit.quantized.bnb import is_repacked as is_packed
 
-__all__ = ["BLOCK_ROWS", "is_packed", "unpacked_codes", "use_bnb_cpu_kernel"]
+__all__ = [
+    "BLOCK_ROWS",
+    "CPU_KERNEL_MARK",
+    "is_packed",
+    "is_packed_state",
+    "unpacked_codes",
+    "use_bnb_cpu_kernel",
+]
 
 BLOCK_ROWS = 32  # output rows per packed block (bitsandbytes' block_n)
+
+# set on a Linear4bit that ``use_bnb_cpu_kernel`` repacked on purpose (``bnb.check`` accepts it;
+# a layer bitsandbytes repacked unasked is refused)
+CPU_KERNEL_MARK = "lorakit_bnb_cpu_kernel"
+
+
+def is_packed_state(state) -> bool:
+    """A 4-bit ``quant_state`` bitsandbytes repacked for its CPU kernel."""
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def is_packed(module: nn.Module) -> bool:
+    """``module`` is a ``Linear4bit`` whose bytes bitsandbytes repacked for its CPU kernel
+    (``packing_format_for_cpu``), on purpose (``use_bnb_cpu_kernel``) or unasked."""
+    return is_packed_state(getattr(getattr(module, "weight", None), "quant_state", None))
 
 
 def unpacked_codes(module: nn.Module) -> torch.Tensor:

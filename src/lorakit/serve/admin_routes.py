@@ -5,7 +5,6 @@ Bearer <admin token>`` (none set: both refused with a 401 saying how to set one)
 from __future__ import annotations
 
 import hmac
-from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
@@ -15,9 +14,7 @@ from lorakit.serve.bank import AdapterInUseError
 from lorakit.serve.protocol import APIError
 from lorakit.serve.registry import AdapterNameError, ServedAdapters
 from lorakit.serve.request_body import read_json
-
-if TYPE_CHECKING:
-    from lorakit.serve.app import ServerSettings
+from lorakit.serve.server_settings import ServerSettings
 
 __all__ = ["add_admin_routes"]
 

@@ -20,7 +20,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -39,22 +38,11 @@ from lorakit.serve.engine import Engine
 from lorakit.serve.protocol import APIError
 from lorakit.serve.registry import AdapterGoneError, ServedAdapters
 from lorakit.serve.sampling import InvalidSamplingParam
+from lorakit.serve.server_settings import ServerSettings
 
 __all__ = ["ServerSettings", "create_app", "install_error_handlers"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """``model_name``: the id of the base model; limits on prompts, outputs and bodies."""
-
-    model_name: str
-    admin_token: str | None = None
-    max_prompt_tokens: int = 1024
-    max_tokens_limit: int = 512
-    max_positions: int = 2048
-    max_body_bytes: int = 1 << 20
 
 
 def create_app(

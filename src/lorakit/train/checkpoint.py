@@ -46,6 +46,7 @@ from lorakit.train.checkpoint_dirs import (
 )
 from lorakit.train.fsdp import shard_like
 from lorakit.train.rng import capture_rng_state, restore_rng_state
+from lorakit.train.training_state import TrainingState
 
 __all__ = [
     "Checkpoint",
@@ -68,17 +69,6 @@ class Checkpoint:
     step: int
     directory: Path
     state: dict[str, Any]
-
-
-@dataclass
-class TrainingState:
-    """What a checkpoint keeps of the model and optimizer, as whole tensors: ``trainable``
-    ``{model key: tensor}``, ``optimizer`` an ``optimizer.state_dict()``, and
-    ``write_adapter(directory)``, which writes the adapter in PEFT format."""
-
-    trainable: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    write_adapter: Callable[[Path], object]
 
 
 def training_state(

@@ -35,6 +35,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lorakit.errors import UserError
+from lorakit.train.training_state import TrainingState
 
 __all__ = [
     "ShardedSaver",
@@ -209,10 +210,8 @@ class ShardedSaver:
         self.adapter_name = adapter_name
         self.parameter_of = _parameter_names_by_key(model, adapter_name, set(tensors))
 
-    def training_state(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+    def training_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainingState:
         """The ``TrainingState`` (whole tensors) of a checkpoint (collective)."""
-        from lorakit.train.checkpoint import TrainingState
-
         trainable = [name for name, p in model.named_parameters() if p.requires_grad]
         return TrainingState(
             gathered_parameters(model, trainable),
