@@ -28,14 +28,15 @@ modules, must not run beside forwards.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from lorakit import quantized
-from lorakit.layers import LoraLayer, ModulesToSave, TrainableTokens
+from lorakit.float_dtypes import cast_floats, check_float_dtype, model_float_dtype
+from lorakit.layers import TrainableTokens
 from lorakit.layers.tokens import forget_token_merges, record_token_merges, refuse_shared_rows
 from lorakit.merge_choice import chosen_adapters
 from lorakit.offloaded_merge import (
@@ -46,9 +47,14 @@ from lorakit.offloaded_merge import (
     onloaded,
 )
 from lorakit.offloading import onload_for_good
-from lorakit.quantized.merge import float_linear
+from lorakit.quantized_unload import (
+    check_quantized_layers,
+    dequantize_remaining,
+    named_refusal,
+    output_layer_quantized,
+)
 from lorakit.replication import own_replicated_tensors, tied_parameter_ids
-from lorakit.state import adapter_model, lora_layers, saved_modules, walk_modules
+from lorakit.state import adapter_model, lora_layers, saved_modules
 from lorakit.unload import forget_state, keep_untied, put_saved_copy
 from lorakit.wrapped_modules import replace_module
 
@@ -91,7 +97,7 @@ def _merge(
             error.args = (f"module {path!r}: {error}", *error.args[1:])
             raise
         except quantized.UnsupportedQuantizedLayerError as error:  # (e.g. a repacked bnb base)
-            raise _named_refusal(path, layer.base_layer, error) from None
+            raise named_refusal(path, layer.base_layer, error) from None
         if weight is not None:
             prepared.append((layer, weight))
     for layer, weight in prepared:
@@ -156,79 +162,68 @@ def merge_and_unload(
     names = chosen_adapters(model, adapter_names, "merge_and_unload")  # (a PeftModel's too)
     refuse_shared_rows(saved_modules(model), names, "merge_and_unload")  # (PEFT's rule)
     model = adapter_model(model)  # lorakit's PeftModel: the model inside it
-    _check_float_dtype(float_dtype)
-    offloaded = offloaded_bases(model, names)  # (refuses an offloaded one it cannot merge)
-    found_quantized = _check_quantized_layers(model)  # before any change (e.g. one bnb repacked)
-    own_dtype = model_float_dtype(model) if found_quantized and float_dtype is None else None
-    linear_dtype = float_dtype or own_dtype or torch.float32  # (used by quantized layers only)
-    tied = tied_parameter_ids(model)  # (not the tensors layer_replication's copies share)
-    output_quantized = _output_layer_quantized(model)
-    untied = any(id(base.weight) in tied for base, _ in offloaded)  # (before loading: new ones)
-    with onloaded(offloaded):  # (offloaded again, as they were, if the merge raises)
-        _merge(model, names, float_dtype)  # rounded once to float_dtype (a bf16 base's sum too)
-    untied |= _unload_lora_layers(model, tied, linear_dtype)
-    offload_merged(offloaded)
-    untied |= _unload_saved_modules(model, names, tied)
-    _dequantize_remaining(model, linear_dtype)
-    own_replicated_tensors(model)  # layer copies (layer_replication) stop sharing tensors
-    if float_dtype is not None:
-        _cast_floats(model, float_dtype)
-    if untied or output_quantized:  # a merged (or trained copy of a) tied embedding no longer
-        keep_untied(model)  # equals the other; a dequantized output layer is not the embedding
-    forget_state(model)
+    unloading = _checked_before_change(model, names, float_dtype)
+    untied = _fold_and_unload(model, names, float_dtype, unloading)
+    untie = untied or unloading.output_quantized
+    _finish_plain_model(model, float_dtype, unloading.linear_dtype, untie)
     return model
 
 
-def _check_float_dtype(float_dtype: torch.dtype | None) -> None:
-    """Refuse a ``float_dtype`` that is given but not a floating-point ``torch.dtype``
-    (``ValueError``), before the model is changed."""
-    if float_dtype is not None and not (
-        isinstance(float_dtype, torch.dtype) and float_dtype.is_floating_point
-    ):
-        raise ValueError(
-            f"float_dtype={float_dtype!r} is not a floating-point torch dtype; pass e.g. "
-            "torch.bfloat16, or leave it out to keep the model's own dtype. Nothing was changed."
-        )
+class _Unloading(NamedTuple):
+    """What ``merge_and_unload`` found before changing anything."""
+
+    offloaded: list[tuple[nn.Module, object]]  # ``offloaded_merge.offloaded_bases``
+    linear_dtype: torch.dtype  # of the float linears that replace quantized ones
+    tied: set[int]  # ids of tensors held under several names (``tied_parameter_ids``)
+    output_quantized: bool  # ``output_layer_quantized``
+    untied_offloaded: bool  # an offloaded base to merge holds one of the ``tied`` tensors
 
 
-# A LoRA layer's base module is named ``<layer>.base_layer``: refusals name the layer (the module
-# the user targeted, e.g. ``model.layers.0.self_attn.q_proj``).
-_BASE_LAYER_SUFFIX = re.compile(r"(?:\.base_layer)+$")
+def _checked_before_change(
+    model: nn.Module, names: Sequence[str], float_dtype: torch.dtype | None
+) -> _Unloading:
+    """``merge_and_unload``'s first step: every refusal (``float_dtype``, an offloaded base it
+    cannot merge, a quantized layer it cannot dequantize) and every reading of the model as it
+    is (tied tensors, the quantized layers' float dtype), before any change."""
+    check_float_dtype(float_dtype)
+    offloaded = offloaded_bases(model, names)  # (refuses an offloaded one it cannot merge)
+    found_quantized = check_quantized_layers(model)  # before any change (e.g. one bnb repacked)
+    own_dtype = model_float_dtype(model) if found_quantized and float_dtype is None else None
+    linear_dtype = float_dtype or own_dtype or torch.float32  # (used by quantized layers only)
+    tied = tied_parameter_ids(model)  # (not the tensors layer_replication's copies share)
+    output_quantized = output_layer_quantized(model)
+    untied = any(id(base.weight) in tied for base, _ in offloaded)  # (before loading: new ones)
+    return _Unloading(offloaded, linear_dtype, tied, output_quantized, untied)
 
 
-def _check_quantized_layers(model: nn.Module) -> bool:
-    """Whether ``model`` holds quantized layers (``lorakit.quantized``), each checked to be one
-    ``merge_and_unload`` can dequantize (``quantized.check_supported`` raises otherwise, and so
-    does ``_check_dequantizable``, naming the module), adapted or not: before any change."""
-    found_quantized = False
-    for name, module in model.named_modules():
-        if quantized.is_quantized(module):
-            quantized.check_supported(module, name)
-            _check_dequantizable(_BASE_LAYER_SUFFIX.sub("", name), module)
-            found_quantized = True
-    return found_quantized
+def _fold_and_unload(
+    model: nn.Module, names: Sequence[str], float_dtype: torch.dtype | None, unloading: _Unloading
+) -> bool:
+    """``merge_and_unload``'s second step: merge ``names`` (an offloaded base loaded for it and
+    its merged weights written into its offload map), then replace every LoRA layer and saved
+    module by the plain module. Whether a tied tensor is now untied."""
+    untied = unloading.untied_offloaded
+    with onloaded(unloading.offloaded):  # (offloaded again, as they were, if the merge raises)
+        _merge(model, names, float_dtype)  # rounded once to float_dtype (a bf16 base's sum too)
+    untied |= _unload_lora_layers(model, unloading.tied, unloading.linear_dtype)
+    offload_merged(unloading.offloaded)
+    untied |= _unload_saved_modules(model, names, unloading.tied)
+    return untied
 
 
-def _check_dequantizable(name: str, module: nn.Module) -> None:
-    """Refuse, naming the module, a quantized layer its backend can run but not dequantize
-    exactly (``check_dequantizable``: a bitsandbytes ``Linear4bit`` repacked for its CPU kernel
-    by ``use_bnb_cpu_kernel``); backends without that check dequantize every usable layer."""
-    check = getattr(quantized.backend_for(module), "check_dequantizable", None)
-    if check is None:
-        return
-    try:
-        check(module)
-    except quantized.UnsupportedQuantizedLayerError as error:
-        raise _named_refusal(name, module, error) from None
-
-
-def _named_refusal(
-    name: str, module: nn.Module, error: Exception
-) -> quantized.UnsupportedQuantizedLayerError:
-    """``error``'s refusal, naming the module and its class: ``module 'x' (Linear4bit): ...``."""
-    return quantized.UnsupportedQuantizedLayerError(
-        f"module {name!r} ({type(module).__name__}): {str(error).rstrip('.')}. Nothing was changed."
-    )
+def _finish_plain_model(
+    model: nn.Module, float_dtype: torch.dtype | None, linear_dtype: torch.dtype, untie: bool
+) -> None:
+    """``merge_and_unload``'s last step: quantized layers left dequantized (``linear_dtype``),
+    layer copies given their own tensors, the floats cast to ``float_dtype`` if given, the
+    config untied (``untie``) and lorakit's state of the model dropped."""
+    dequantize_remaining(model, linear_dtype)
+    own_replicated_tensors(model)  # layer copies (layer_replication) stop sharing tensors
+    if float_dtype is not None:
+        cast_floats(model, float_dtype)
+    if untie:  # a merged (or trained copy of a) tied embedding no longer equals the other;
+        keep_untied(model)  # a dequantized output layer is not the embedding
+    forget_state(model)
 
 
 def _unload_lora_layers(model: nn.Module, tied: set[int], linear_dtype: torch.dtype) -> bool:
@@ -253,87 +248,3 @@ def _unload_saved_modules(model: nn.Module, names: Sequence[str], tied: set[int]
         else:
             untied |= put_saved_copy(model, name, wrapper, names, tied)
     return untied
-
-
-def model_float_dtype(model: nn.Module) -> torch.dtype | None:
-    """The float dtype ``model`` computes in, read from its base weights (adapter tensors and
-    quantized layers do not count): its input embeddings' weight dtype, else the dtype holding
-    most of its floating-point base weights; None if it has none (every weight quantized)."""
-    getter = getattr(model, "get_input_embeddings", None)
-    embeddings = None
-    if callable(getter):
-        try:
-            embeddings = _unwrapped(getter())
-        except (AttributeError, NotImplementedError):  # a model without input embeddings
-            embeddings = None
-    weight = getattr(embeddings, "weight", None)
-    if (
-        isinstance(weight, torch.Tensor)
-        and weight.is_floating_point()
-        and not quantized.is_quantized(embeddings)
-    ):
-        return weight.dtype
-    sizes: dict[torch.dtype, int] = {}
-    for parameter in _base_parameters(model):
-        if parameter.is_floating_point():
-            sizes[parameter.dtype] = sizes.get(parameter.dtype, 0) + parameter.numel()
-    return max(sizes, key=sizes.__getitem__) if sizes else None
-
-
-def _unwrapped(module: nn.Module | None) -> nn.Module | None:
-    """The original module under lorakit's wrappers (LoRA layers, saved-module copies)."""
-    while isinstance(module, (LoraLayer, ModulesToSave)):
-        module = module.base_layer if isinstance(module, LoraLayer) else module.original_module
-    return module
-
-
-def _base_parameters(model: nn.Module):
-    """The parameters of the base model outside quantized layers: not the adapters' tensors nor
-    the trained copies of ``modules_to_save``."""
-    for _, module in walk_modules(model):
-        if isinstance(module, LoraLayer) and isinstance(module.base_layer, LoraLayer):
-            continue  # the nested layer is walked itself
-        base = _unwrapped(module)
-        recurse = base is not module  # a wrapper's base is not walked: take all of it
-        for each in base.modules() if recurse else (base,):
-            if not quantized.is_quantized(each):
-                yield from each.parameters(recurse=False)
-
-
-def _cast_floats(model: nn.Module, dtype: torch.dtype) -> None:
-    """Every floating-point parameter of ``model`` in ``dtype``, in place (buffers, such as
-    rotary frequencies, keep theirs, as transformers loads them)."""
-    for parameter in model.parameters():
-        if parameter.is_floating_point() and parameter.dtype != dtype:
-            parameter.data = parameter.data.to(dtype)
-
-
-def _output_layer_quantized(model: nn.Module) -> bool:
-    """Whether ``model``'s output layer (``get_output_embeddings()``, under lorakit's wrappers)
-    is quantized. Such a layer is never the input embedding, even where the config says tied
-    (lorakit's ``int8-rows`` / ``int4-groups`` quantize a copy of a tied head, the embedding
-    stays float): ``merge_and_unload`` dequantizes it into a float layer that differs from the
-    embedding, so it sets ``config.tie_word_embeddings = False``. Re-tying to the float
-    embedding would change the outputs (the head computed with the quantized copy), and a
-    config left tied makes transformers swap the head for the embedding on ``tie_weights()``
-    and warn on reload."""
-    getter = getattr(model, "get_output_embeddings", None)
-    if not callable(getter):
-        return False
-    try:
-        output = _unwrapped(getter())
-    except (AttributeError, NotImplementedError):  # a model without an output layer
-        return False
-    return output is not None and quantized.is_quantized(output)
-
-
-def _dequantize_remaining(model: nn.Module, float_dtype: torch.dtype) -> None:
-    """Replace every quantized linear left in ``model`` by a float ``nn.Linear`` holding its
-    dequantized weight, and drop transformers' record of the quantization."""
-    for name, module in list(model.named_modules()):
-        if name and quantized.is_quantized(module):
-            weight = quantized.dequantized_weight(module)
-            replace_module(model, name, float_linear(module, weight, float_dtype))
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)

@@ -35,18 +35,16 @@ Deliberate differences from PEFT (docs/migrating-from-peft.md):
 from __future__ import annotations
 
 import copyreg
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 from torch import nn
 
 from lorakit.accounting import count_parameters
-from lorakit.adapter_choice import disabled, warn_trained_biases
 from lorakit.config import LoraConfig
-from lorakit.errors import UnknownAdapterError
 from lorakit.inject import inject
+from lorakit.peft_activation import PeftActivationMixin
 from lorakit.peft_merging import PeftMergingMixin
 from lorakit.peft_model_extras import (
     PeftFilesMixin,
@@ -58,17 +56,7 @@ from lorakit.peft_model_extras import (
 from lorakit.peft_rows import batch_size, rows_routed, sequences_per_row
 from lorakit.peft_state_dict import PeftStateDictMixin
 from lorakit.peft_trainer import PeftTrainerMixin
-from lorakit.state import (
-    active_adapters,
-    adapter_configs,
-    adapter_name_list,
-    adapter_tensors,
-    compute_merged_per_layer,
-    delete_adapter,
-    lora_layers,
-    set_active,
-    state_of,
-)
+from lorakit.state import adapter_configs
 
 __all__ = ["PeftModel", "get_peft_model"]
 
@@ -93,7 +81,14 @@ def get_peft_model(
     return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)
 
 
-class PeftModel(PeftFilesMixin, PeftTrainerMixin, PeftMergingMixin, PeftStateDictMixin, nn.Module):
+class PeftModel(
+    PeftActivationMixin,
+    PeftFilesMixin,
+    PeftTrainerMixin,
+    PeftMergingMixin,
+    PeftStateDictMixin,
+    nn.Module,
+):
     """PEFT's ``PeftModel`` methods around a transformers model that holds lorakit adapters.
 
     ``PeftModel(model, peft_config, adapter_name="default")`` injects the adapter, as
@@ -102,6 +97,8 @@ class PeftModel(PeftFilesMixin, PeftTrainerMixin, PeftMergingMixin, PeftStateDic
     ``forward`` shows the model's signature (transformers' ``Trainer`` reads it).
     ``forward`` and ``generate`` call the transformers model (``self.model``) with the same
     arguments; the active adapters apply. Attributes not defined here are the model's.
+    Which adapters are active, and their changes (``set_adapter``, ``delete_adapter``, disabling
+    and enabling the adapter layers), are in ``peft_activation``.
     """
 
     def __new__(cls, model: nn.Module | None = None, *args: Any, **kwargs: Any) -> PeftModel:
@@ -162,20 +159,6 @@ class PeftModel(PeftFilesMixin, PeftTrainerMixin, PeftMergingMixin, PeftStateDic
         return adapter_configs(self.model)
 
     @property
-    def active_adapters(self) -> list[str]:
-        """The active adapters' names, as PEFT reports them: also while the adapter layers are
-        disabled, and without those that ``merge_adapter(adapter_names)`` only merged."""
-        if self._layers_disabled:
-            return list(self.__dict__["_active_before_disable"])
-        return list(active_adapters(self.model))
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        """The active adapter's name (a list when several are active), as in PEFT."""
-        names = self.active_adapters
-        return names[0] if len(names) == 1 else names
-
-    @property
     def active_peft_config(self) -> LoraConfig:
         """The active adapter's config (``peft_config[active_adapter]``, as in PEFT)."""
         names = self.active_adapters
@@ -208,99 +191,6 @@ class PeftModel(PeftFilesMixin, PeftTrainerMixin, PeftMergingMixin, PeftStateDic
         adapter_dtype = None if autocast_adapter_dtype else base_dtype(self.model)
         inject(self.model, peft_config, adapter_name, adapter_dtype=adapter_dtype, activate=False)
         record_task_heads(self.model, adapter_name)
-
-    def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool = False) -> None:
-        """Make ``adapter_name`` the active and trainable adapter (``inference_mode=True``:
-        active and frozen, its trained biases too). While ``disable_adapter_layers`` holds,
-        it is recorded and becomes active at ``enable_adapter_layers``, as in PEFT. A merged
-        model is unmerged first, with PEFT's warning (a layer holding an earlier merge would
-        otherwise keep computing it, and a later merge would add to it)."""
-        names = adapter_name_list(adapter_name)
-        missing = [name for name in names if name not in self.peft_config]
-        if missing and self._layers_disabled:
-            raise UnknownAdapterError(
-                f"unknown adapter(s) {missing}; this model has {list(self.peft_config)}"
-            )
-        if not missing and any(layer.merged_adapters for _, layer in lora_layers(self.model)):
-            warnings.warn(
-                "Adapter cannot be set when the model is merged. Unmerging the model first.",
-                stacklevel=2,
-            )
-            self.unmerge_adapter()
-        if self._layers_disabled:
-            self.__dict__["_active_before_disable"] = names
-            return
-        set_active(self.model, names)
-        if inference_mode:
-            _freeze_chosen(self.model)
-
-    def disable_adapter_layers(self) -> None:
-        """PEFT's: until ``enable_adapter_layers`` the model computes the base output (no
-        weight changes; a merge stays) and the adapters' tensors (``adapter_tensors``) are
-        frozen; biases trained by ``bias="all"`` / ``"lora_only"`` keep their flags, as in PEFT.
-        Use ``with peft_model.disable_adapter():`` (or ``lorakit.disabled``) for a block."""
-        if self._layers_disabled:
-            return
-        warn_trained_biases(self.model, "disable_adapter_layers")
-        self.__dict__["_active_before_disable"] = self.active_adapters
-        set_active(self.model, (), trainable=False)
-        for parameter in adapter_tensors(self.model):
-            parameter.requires_grad_(False)
-
-    @property
-    def _layers_disabled(self) -> bool:
-        """Whether ``disable_adapter_layers`` holds (until ``enable_adapter_layers``)."""
-        return "_active_before_disable" in self.__dict__
-
-    def enable_adapter_layers(self) -> None:
-        """Undo ``disable_adapter_layers``: the adapters active before (or set since) are
-        active and trainable again."""
-        if (names := self.__dict__.pop("_active_before_disable", None)) is not None:
-            set_active(self.model, [name for name in names if name in self.peft_config])
-            compute_merged_per_layer(self.model)  # what merge_adapter merged while disabled
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        """Remove the adapter. As in PEFT, deleting an active adapter leaves the other active
-        ones active (and trainable); deleting the only active one activates (and makes
-        trainable) the first remaining adapter by name, with PEFT's warning."""
-        was_active = self.active_adapters  # (while disabled: those enable will activate)
-        delete_adapter(self.model, adapter_name)  # (its merge, if any, is undone)
-        still_active = [name for name in was_active if name != adapter_name]
-        remaining = sorted(adapter_configs(self.model))
-        if adapter_name in was_active and not still_active and remaining:
-            warnings.warn(
-                f"Adapter {adapter_name} was active which is now deleted. Setting active adapter "
-                f"to {remaining[0]}.",
-                stacklevel=2,
-            )
-            still_active = remaining[:1]
-        if self._layers_disabled:
-            self.__dict__["_active_before_disable"] = still_active
-            return
-        if adapter_name in was_active and still_active:
-            set_active(self.model, still_active)
-        compute_merged_per_layer(self.model)  # a layer that computed only the merged one
-
-    @contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Within the block the model computes the base model's output exactly (also while
-        merged), without changing any weight. Biases trained by a ``bias != "none"`` adapter
-        stay as trained (then the output is not the base model's: a warning says so).
-
-        As PEFT (``disable_adapter_layers()`` on entry), every adapter's tensors are frozen
-        within the block (``adapter_tensors``: LoRA factors, DoRA magnitudes, saved-module
-        copies, token rows; the base model's biases keep their flags, as in PEFT). On leaving,
-        also through an exception, those that were trainable on entry are trainable again:
-        every flag is as it was before the block."""
-        frozen = [p for p in adapter_tensors(self.model) if p.requires_grad]
-        with disabled(self.model):
-            for parameter in frozen:
-                parameter.requires_grad_(False)
-            try:
-                yield
-            finally:
-                for parameter in frozen:
-                    parameter.requires_grad_(True)
 
     # ------------------------------------------------------------------ counting
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -355,11 +245,3 @@ def _check_config(config: Any) -> None:
             "as peft's), or convert a peft LoraConfig with "
             "lorakit.LoraConfig(**peft_config.to_dict())."
         )
-
-
-def _freeze_chosen(model: nn.Module) -> None:
-    """Freeze what ``set_active`` made trainable (the active adapters and their biases)."""
-    state = state_of(model)
-    for parameter in state.trainable:
-        parameter.requires_grad_(False)
-    state.trainable = []

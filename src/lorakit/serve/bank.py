@@ -32,6 +32,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.layer_wrapping import default_adapter_dtype
 from lorakit.layers import LoraLinear
+from lorakit.serve.bank_holds import BankHolds
 from lorakit.serve.checks import PreparedAdapter, lora_pairs, prepare_adapter
 from lorakit.serve.lazy_loads import LazyLoads
 from lorakit.serve.pool_sizes import PoolSizes, pool_sizes
@@ -56,9 +57,9 @@ __all__ = [
 ]
 
 
-class AdapterBank(LazyLoads):
+class AdapterBank(BankHolds, LazyLoads):
     """Adapters by name -> slot and pages, their tensors paged per layer (see the module
-    docstring).
+    docstring); holds, pins and evictions in ``bank_holds``, loads while serving in ``lazy_loads``.
 
     ``capacity``: adapters resident at most (slots). ``memory_budget``: bytes of the page pools
     and scalings, which never exceed it; the DoRA gain tables (``(slots + 1) x d`` per layer,
@@ -211,67 +212,6 @@ class AdapterBank(LazyLoads):
     def slot_of(self, name: str) -> int:
         with self._lock:
             return self._held.slot(name)
-
-    # ----------------------------------------------------------------- use, pin, evict
-    @property
-    def lock(self) -> threading.RLock:
-        """The bank's re-entrant lock: hold it to make several bank calls and your own
-        bookkeeping one atomic step (``ServedAdapters.remove`` does)."""
-        return self._lock
-
-    def release(self, name: str) -> None:
-        with self._lock:
-            self._held.release(name)
-
-    def in_use(self, name: str) -> int:
-        """How many running requests hold ``name``."""
-        with self._lock:
-            return self._held.in_use(name)
-
-    def pin(self, name: str) -> None:
-        """Never evict ``name`` by the LRU policy (``evict`` still removes it)."""
-        with self._lock:
-            self._held.pin(name)
-
-    def pinned(self) -> list[str]:
-        """Pinned adapters (loaded ones only), least recently used first."""
-        with self._lock:
-            return self._held.pinned()
-
-    def unpin(self, name: str) -> None:
-        with self._lock:
-            self._held.unpin(name)
-
-    def forget(self, name: str) -> None:
-        """Evict ``name`` if it is loaded, and make the loads of it under way (``acquire`` /
-        ``ensure_loaded`` reading its files) fail with ``KeyError`` instead of putting it back.
-        ``AdapterInUseError`` while a request uses it (then nothing changes)."""
-        with self._lock:
-            if name in self._held:
-                self.evict(name)
-            self._forgotten[name] += 1
-            self._held.forget_needs(name)
-            self._loading.pop(name, None)  # later callers read again (if it is added again)
-
-    def evict(self, name: str) -> None:
-        """Remove ``name`` now. Raises ``AdapterInUseError`` while a request uses it."""
-        with self._lock:
-            slot = self._held.remove(name)
-            del self._configs[name]
-            for stack in self._stacks.values():
-                stack.present.discard(slot)
-
-    def has_room(self, pages: int = 1, limit: int | None = None) -> bool:
-        """A load of an adapter of ``pages`` pages below page ``limit`` (default: any) would
-        find a slot and the pages now, evicting adapters no request uses."""
-        with self._lock:
-            return self._held.has_room(pages, limit)
-
-    def room_for(self, name: str) -> bool:
-        """``has_room`` for adapter ``name``: its pages below its limit when a load of it found no
-        room before (the bank learns them only from its tensors), else one page anywhere."""
-        with self._lock:
-            return self._held.has_room(*self._held.needs(name))
 
     # ----------------------------------------------------------------- load
     def load(

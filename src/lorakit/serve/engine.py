@@ -13,7 +13,8 @@ A request whose adapter is not in the bank never stalls the loop: it waits aside
 threads read its adapter (``cold_loads.ColdLoads``), and the other requests go on.
 
 Requests are submitted from any thread (``submit`` with a callback) or from asyncio (``stream``):
-``lorakit.serve.submission``, which also bounds the waiting queue.
+``lorakit.serve.submission``, which also bounds the waiting queue. The decode step is
+``lorakit.serve.decode_step``; how requests end (their last event), ``lorakit.serve.endings``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from lorakit.positions import learned_position_limit
 from lorakit.serve.admission import Admission
 from lorakit.serve.bank import AdapterBank
 from lorakit.serve.cold_loads import ColdLoads
+from lorakit.serve.decode_step import DecodeStep
+from lorakit.serve.endings import Endings
 from lorakit.serve.kv import BatchedCache
 from lorakit.serve.lazy_loads import Loader
 from lorakit.serve.lean_decode import lean_decoder
@@ -51,12 +54,7 @@ from lorakit.serve.requests import (
 )
 from lorakit.serve.routing import Routing
 from lorakit.serve.row_rope import length_dependent_rotaries, per_row, recompute_length
-from lorakit.serve.sampling import (
-    greedy_tokens,
-    next_token,
-    stop_tokens_masked,
-    token_logprob,
-)
+from lorakit.serve.sampling import next_token, stop_tokens_masked, token_logprob
 from lorakit.serve.submission import QueuePlace, Submission
 
 __all__ = [
@@ -72,7 +70,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class Engine(Admission, Prefill, Submission):
+class Engine(Admission, Prefill, Submission, DecodeStep, Endings):
     """Continuous-batching generation over an ``AdapterBank``.
 
     ``model``: a causal LM prepared with ``prepare_for_serving`` and served by ``bank``
@@ -248,72 +246,12 @@ class Engine(Admission, Prefill, Submission):
                 self._cache = BatchedCache(max_rows=self.max_batch)
         self._cancel_all()
 
-    def _cancel_all(self) -> None:
-        """Stopped: every request queued, parked on a load, being prefilled or running ends
-        with ``cancelled`` (on the loop's thread as it ends, or in ``stop()`` when there is
-        none)."""
-        parked = self._cold.drain() if self._cold is not None else []
-        with self._wake:
-            waiting, self._waiting = [*self._waiting], collections.deque()
-        for request in [*self._running, *self._ready, *waiting, *parked]:
-            self._finish(request, "cancelled")
-        self._running, self._ready = [], []
-        self._cache = BatchedCache(max_rows=self.max_batch)
-
     def _idle_while_deferred(self) -> None:
         """Nothing runs and the queue holds only requests waiting for a slot that a load under
         way holds: sleep until something changes (or briefly) instead of spinning."""
         with self._wake:
             if self._waiting and not self._stopping:
                 self._wake.wait(timeout=0.01)
-
-    def _decode_step(self) -> None:
-        self.stats.max_running = max(self.stats.max_running, len(self._running))
-        again = self._take_rows_to_run_again()  # (Phi-3-like longrope models: ``row_rope``)
-        self._ready.extend(again)  # counted as running meanwhile; failed if the step fails
-        if self._running:
-            self._step_running()
-        for request in again:
-            self._prefill_again(request)
-            self._ready.remove(request)
-
-    def _step_running(self) -> None:
-        """One batched decode step of the running requests: a token each."""
-        last = torch.tensor([[r.generated[-1]] for r in self._running])
-        solo = self._solo  # one request with its own state (``one_at_a_time``): no cache here
-        attention_mask, position_ids = (None, None) if solo else self._cache.step_inputs()
-        with self._routing([r.slot for r in self._running], 1):
-            if solo is not None:
-                logits = solo.step(last)
-            elif self._lean is not None and self._cache.preallocated:
-                logits = self._lean.step(last, attention_mask, position_ids, self._cache.cache)
-            else:
-                output = self.model(
-                    input_ids=last,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    cache=self._cache.cache,
-                    use_cache=True,
-                )
-                self._cache.cache = output.cache
-                logits = output.logits[:, -1]
-        self._cache.advance()
-        greedy = greedy_tokens(logits, [r.params for r in self._running])
-        for row, request in enumerate(self._running):
-            if request.cancelled:
-                self._finish(request, "cancelled")
-                continue
-            try:
-                self._accept(request, logits[row], greedy[row])
-            except Exception as error:  # this row's sampling or text: end this request alone
-                log.exception("request %d failed in a decode step", request.id)
-                self._finish(request, "error", f"{type(error).__name__}: {error}", kind=INTERNAL)
-        keep = [row for row, request in enumerate(self._running) if not request.done]
-        if len(keep) < len(self._running):
-            self._running = [self._running[row] for row in keep]
-            self._cache.keep(keep)
-            if solo is not None and not self._running:
-                solo.clear()
 
     # ----------------------------------------------------------------- tokens out
     def _accept(
@@ -336,35 +274,3 @@ class Engine(Admission, Prefill, Submission):
             request.deliver(Event(text, ids, logprobs=logprobs))
         else:
             self._finish(request, final, text=text, ids=ids, logprobs=logprobs)
-
-    def _finish(
-        self,
-        request: GenerationRequest,
-        reason: str,
-        error: str | None = None,
-        *,
-        kind: str | None = None,
-        text: str = "",
-        ids=(),
-        logprobs=(),
-    ) -> None:
-        if request.done:
-            return
-        request.done = True
-        self._starving.pop(request.id, None)
-        self.stats.cancelled += reason == "cancelled"
-        if request.adapter is not None and request.slot >= 0 and self.bank is not None:
-            self.bank.release(request.adapter)
-        prompt_tokens, completion_tokens = len(request.prompt_ids), len(request.generated)
-        request.deliver(
-            Event(
-                text,
-                tuple(ids),
-                reason,
-                error,
-                prompt_tokens,
-                completion_tokens,
-                kind,
-                tuple(logprobs),
-            )
-        )
