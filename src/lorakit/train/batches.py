@@ -37,9 +37,11 @@ from typing import Any
 import torch
 
 from lorakit.data.batching import pad_right
+from lorakit.errors import UserError
 
 __all__ = [
     "BatchOrder",
+    "check_one_global_batch",
     "example_lengths",
     "examples_sha256",
     "pad_collate",
@@ -190,6 +192,22 @@ class BatchOrder:
             per_rank = math.ceil(len(chunk) / self.world_size)
             result.append(chunk[rank * per_rank : (rank + 1) * per_rank])
         return result
+
+
+def check_one_global_batch(order: BatchOrder) -> None:
+    """``UserError`` when ``order`` has no step: its ``n`` examples are fewer than one global
+    batch ``G`` and the short batch is dropped (``drop_last``, as under torchrun), so
+    ``steps_per_epoch = n // G = 0``. Depends on the settings and the example count only: the
+    command checks it before the model loads (and before ``--overwrite`` deletes a run)."""
+    if order.steps_per_epoch:
+        return
+    raise UserError(
+        f"{order.num_examples} training examples are fewer than one global batch "
+        f"({order.global_batch} = batch_size {order.batch_size} x grad_accum "
+        f"{order.grad_accum} x {order.world_size} processes), and the examples left over "
+        "after whole global batches are dropped, as under torchrun: no optimizer step would "
+        "be left. Lower --batch-size or --grad-accum, or give more examples"
+    )
 
 
 def example_lengths(examples: Sequence[Any], length_of: LengthOf | None) -> tuple[int, ...] | None:

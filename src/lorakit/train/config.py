@@ -156,10 +156,9 @@ class TrainingConfig:
                 raise SettingError(name, f"must be a positive integer, got {value!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise SettingError("max_steps", f"must be >= 1, got {self.max_steps}")
-        if self.max_steps is None and not is_positive_number(self.epochs):
-            raise SettingError(
-                "epochs", f"must be a finite number > 0 (or give max_steps), got {self.epochs}"
-            )
+        if not is_positive_number(self.epochs):  # (with max_steps too: the run records it)
+            hint = " (or give max_steps)" if self.max_steps is None else ""
+            raise SettingError("epochs", f"must be a finite number > 0{hint}, got {self.epochs}")
         if not is_positive_number(self.lr):
             raise SettingError("lr", f"must be a finite number > 0, got {self.lr}")
         if self.loraplus_ratio is not None and not is_positive_number(self.loraplus_ratio):

@@ -29,6 +29,7 @@ from lorakit.train.batches import (
     BatchOrder,
     LengthOf,
     TokensOf,
+    check_one_global_batch,
     example_lengths,
     shortest_first,
 )
@@ -154,11 +155,7 @@ class _Run(RunCheckpoints):
         self.batch_order, self.total_steps, self.steps_rule = planned_run(
             own_order, config, self.resume_state
         )  # ("round": an older checkpoint's count of --epochs)
-        if self.batch_order.steps_per_epoch == 0:
-            raise UserError(
-                f"{len(train_data)} training examples are fewer than one global batch "
-                f"({self.batch_order.global_batch} = batch_size x grad_accum x processes)"
-            )
+        check_one_global_batch(self.batch_order)
         if eval_data and not any(target_count(batch) for batch in self.eval_batches()):
             raise UserError(NO_EVAL_TARGETS)  # (now, not at the first evaluation)
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", enabled=self.dist.is_main)

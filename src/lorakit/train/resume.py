@@ -20,7 +20,8 @@ One part of the plan follows the checkpoint rather than the run: whether the epo
 (``n mod G`` examples) is kept, as one process does, or dropped, as torchrun does
 (``resumed_drop_last``), so that a checkpoint can be resumed under another process count with
 the same global batch. Where this run's processes cannot split the short batch evenly, the
-difference is refused, naming the way to resume.
+difference is refused, naming the way to resume. Other micro-batches of that global batch are
+accepted, with dropout on with a warning (other masks: not bit-identical; ``check_resumable``).
 """
 
 from __future__ import annotations
@@ -125,6 +126,23 @@ def check_resumable(
             f"adapter settings: {'; '.join(differences)}. Resume with the checkpoint's "
             f"settings{hint}, or start a new run (a new --output, or --overwrite)"
         )
+    _warn_of_another_split(saved_training, training, lora.get("lora_dropout"))
+
+
+def _warn_of_another_split(saved_training: dict, training: TrainingConfig, dropout) -> None:
+    """Warn (main process) where this run cuts the same global batch into other micro-batches
+    than the checkpoint's with dropout on: other masks, so the continuation is not exact."""
+    now = (training.batch_size, training.grad_accum)
+    saved = (saved_training.get("batch_size", now[0]), saved_training.get("grad_accum", now[1]))
+    if now == saved or not dropout or int(os.environ.get("RANK", "0")) != 0:
+        return
+    warnings.warn(
+        f"resuming with --batch-size {now[0]} --grad-accum {now[1]} where the checkpoint's run "
+        f"used --batch-size {saved[0]} --grad-accum {saved[1]} (the same global batch): "
+        f"--dropout {dropout:g} draws its masks per micro-batch, so the continuation is not "
+        "bit-identical to the uninterrupted run; resume with the checkpoint's values for that",
+        stacklevel=3,  # the caller of check_resumable
+    )
 
 
 def _same_lora_value(name: str, value: Any, saved: Any) -> bool:

@@ -21,12 +21,15 @@ NOT_RECORDED = ("resume", "overwrite")
 directory, not the run (``--config OUTPUT/train_settings.json --resume`` repeats the run)."""
 
 
-def check_targets_before_loading(model_directory, lora) -> None:
+def check_adapter_before_loading(model_directory, lora, training, eval_examples) -> None:
     """Inject ``lora`` into the model built on the meta device (no weights, no memory), so that
-    target modules that match nothing are reported before the weights load. A model that
-    cannot be built that way is left to the real load to judge."""
+    target modules that match nothing are reported before the weights load, and check what the
+    loop checks of the model (``check_inputs``: an adapter that would train nothing, such as
+    ``--alpha 0``). A model that cannot be built that way is left to the real load to judge
+    (``train_from_settings`` checks it again, before ``--overwrite`` deletes anything)."""
     import lorakit
     from lorakit.meta_model import build_meta_model
+    from lorakit.train.inputs import check_inputs
 
     try:
         meta_model, _ = build_meta_model(str(model_directory))
@@ -36,6 +39,7 @@ def check_targets_before_loading(model_directory, lora) -> None:
         lorakit.inject(meta_model, lora)
     except (ValueError, TypeError) as error:  # TypeError: a module lorakit cannot adapt
         raise UserError(str(error)) from None
+    check_inputs(meta_model, training, eval_examples)
 
 
 PATH_SETTINGS = ("model", "data", "eval_data", "output")
@@ -94,7 +98,9 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     from lorakit.io.save import record_prompt_style
     from lorakit.models import check_model_spec, load_model, resolve_model
     from lorakit.positions import check_max_length
+    from lorakit.train.batches import check_one_global_batch
     from lorakit.train.checkpoint import read_state
+    from lorakit.train.inputs import check_inputs
     from lorakit.train.output_dir import prepare_output_dir
     from lorakit.train.resume import checkpoint_to_resume
     from lorakit.train.settings import build_settings, load_examples_for
@@ -115,18 +121,20 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     eval_examples = None
     if job.eval_data:
         eval_examples = load_examples_for(job.eval_data, job.eval_split, job.style, "validation")
-    check_targets_before_loading(resolve_model(job.model), lora)
+    check_adapter_before_loading(resolve_model(job.model), lora, training, eval_examples)
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 writes
     where = dict(resume=job.resume, overwrite=training.overwrite, is_main=main)
     prepare_output_dir(training.output_dir, **where, delete=False)  # refuse before loading
     resumed = checkpoint_to_resume(training.output_dir, job.resume)  # (None: a new run)
     resumed_state = None if resumed is None else read_state(resumed)
+    check_one_global_batch(planned_order(len(examples), training, resumed_state)[0])
     model, tokenizer = load_model(
         job.model, progress=False, quantization=job.quantization, dtype=getattr(torch, job.dtype)
     )
     check_max_length(model, job.max_length)  # GPT-2's position table: no longer examples
     torch.manual_seed(training.seed)  # the adapter's initial A, whatever the loading drew
     _inject_lora(model, lora)
+    check_inputs(model, training, eval_examples)  # (a model the meta device could not build)
     record_prompt_style(model, prompt_style(examples), training.adapter_name)
     model.to(device)
     tokenized = {"train": data.tokenize_examples(examples, tokenizer, job.max_length)}
@@ -177,8 +185,6 @@ def _announce(model, tokenized: dict, training, max_length: int, resumed_state=N
     remain, planned as the loop plans it: ``resume.planned_run``), and how many
     examples ``max_length`` shortened."""
     from lorakit.accounting import count_parameters
-    from lorakit.train.batches import BatchOrder
-    from lorakit.train.resume import planned_run
 
     for part, kind, use in (("train", "training", "train on"), ("eval", "evaluation", "evaluate")):
         if part in tokenized and tokenized[part].num_truncated:
@@ -188,15 +194,11 @@ def _announce(model, tokenized: dict, training, max_length: int, resumed_state=N
                 f"shortened; raise --max-length to {use} them whole",
                 file=sys.stderr,
             )
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
     examples = len(tokenized["train"])
-    own_order = BatchOrder(
-        examples, training.batch_size, training.grad_accum, processes, drop_last=processes > 1
-    )
-    order, steps, _ = planned_run(own_order, training, resumed_state)  # as the loop plans it
+    order, steps = planned_order(examples, training, resumed_state)  # as the loop plans it
     start_step = 0 if resumed_state is None else resumed_state["step"]
     counts = count_parameters(model)
-    planned = _steps_text(steps, order.global_batch, start_step)
+    planned = _steps_text(steps, order, start_step)
     print(
         f"lorakit: training on {examples} examples, {planned}, {counts.trainable:,} trainable "
         f"parameters ({100 * counts.trainable / counts.total:.2f}% of {counts.total:,})",
@@ -204,10 +206,29 @@ def _announce(model, tokenized: dict, training, max_length: int, resumed_state=N
     )
 
 
-def _steps_text(steps: int, global_batch: int, start_step: int) -> str:
-    """``N optimizer steps of G examples``, and for a resumed run from which step and how many
-    of them remain."""
-    text = f"{steps} optimizer steps of {global_batch} examples"
+def planned_order(examples: int, training, resumed_state=None):
+    """``(batch order, total steps)`` of a run on ``examples`` examples in the processes
+    torchrun started (``WORLD_SIZE``; one without it), resuming the checkpoint of state
+    ``resumed_state`` (None: a new run), as the loop plans them (``resume.planned_run``)."""
+    from lorakit.train.batches import BatchOrder
+    from lorakit.train.resume import planned_run
+
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    own_order = BatchOrder(
+        examples, training.batch_size, training.grad_accum, processes, drop_last=processes > 1
+    )
+    order, steps, _ = planned_run(own_order, training, resumed_state)
+    return order, steps
+
+
+def _steps_text(steps: int, order, start_step: int) -> str:
+    """``N optimizer steps of G examples`` (the global batch of ``order``; all the ``n``
+    examples where they are fewer, the step's batch being the epoch's short one), and for a
+    resumed run from which step and how many of them remain."""
+    count = min(order.num_examples, order.global_batch)
+    text = f"{steps} optimizer steps of {count} examples"
+    if count < order.global_batch:
+        text += f" (all of them: the global batch, {order.global_batch}, is larger than the data)"
     if start_step:
         text += f" (resuming after step {start_step}: {max(steps - start_step, 0)} remain)"
     return text
