@@ -96,9 +96,11 @@ def test_what_session_36_meant_to_refuse_still_is():
     for seed in (1.5, "0", True):
         with pytest.raises(TypeError, match=r"^seed must be an int .* got "):
             bootstrap_d90(*args, resamples=5, seed=seed)
-    for bad in (0.8, np.float64(0.8), np.array(0.8), np.array([[0.8]]), "0.8", {0: 0.8}):
+    for bad in (0.8, np.float64(0.8), np.array(0.8), np.array([[0.8]]), "0.8", {0: 0.8}, {0.8}):
         with pytest.raises(TypeError, match=r"^full must be a list of scores, one per seed"):
             bootstrap_d90({100: [0.7, 0.71]}, bad, [0.6], resamples=5)
+    with pytest.raises(TypeError, match=r"^runs\[100\] must be a list of scores"):
+        bootstrap_d90({100: {0.95, 0.5}}, [0.8], [0.6], resamples=5)  # (a set merges equal ones)
     with pytest.raises(ValueError, match=r"at least one score .*: full is empty"):
         bootstrap_d90({100: [0.7]}, np.array([]), [0.6], resamples=5)
     with pytest.raises(ValueError, match=r"at least one score .*: runs\[100\] is empty"):

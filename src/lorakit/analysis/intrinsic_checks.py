@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 
 import torch
 from torch import nn
@@ -211,8 +211,9 @@ def finite_score(score, what: str) -> float:
 
 def _score_list(values, what: str) -> list:
     """``values`` as a list, one score per seed: ``TypeError`` for a single number, a string, a
-    mapping or an array that is not 1-D; ``ValueError`` when empty."""
-    not_a_list = isinstance(values, (str, bytes, Mapping)) or not (
+    mapping, a set (unordered, and equal scores of two seeds would count once) or an array that
+    is not 1-D; ``ValueError`` when empty."""
+    not_a_list = isinstance(values, (str, bytes, Mapping, Set)) or not (
         hasattr(values, "__len__") and hasattr(values, "__iter__")
     )
     if not_a_list or getattr(values, "ndim", 1) != 1:
