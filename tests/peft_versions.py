@@ -13,6 +13,7 @@ from packaging.version import Version
 __all__ = [
     "peft_at_least",
     "peft_converts_moe_targets_by_path",
+    "peft_inits_conv1d_as_linear",
     "peft_loftq_device_expression",
     "peft_lora_config_fields_added_after_installed",
     "peft_saved_names_end_at_a_dot",
@@ -108,3 +109,11 @@ def peft_unload_keeps_the_saved_copy() -> bool:
     copy in place of the module; peft 0.22 gives the original module back (only
     ``merge_and_unload()`` keeps the copy)."""
     return not peft_at_least("0.22")
+
+
+def peft_inits_conv1d_as_linear() -> bool:
+    """From 0.22 peft's OLoRA and LoftQ on a transformers ``Conv1D`` work on ``W0`` (out, in),
+    as lorakit does, and peft reloads their unconverted files onto the original base exactly.
+    Before, they ran on the stored (in, out) weight: A and B of the wrong shapes, its own
+    forward failing on them ("mat1 and mat2 shapes cannot be multiplied")."""
+    return peft_at_least("0.22")

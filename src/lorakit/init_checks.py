@@ -2,7 +2,8 @@
 may rewrite, checked before any weight changes: a plain float ``nn.Linear`` / ``Conv1D`` weight of
 its own (not quantized, not tied or shared by ``layer_replication``), with no adapter on it yet
 and room for the rank (``check_layer_takes``); and which of them lorakit can redo exactly when it
-loads a PEFT file saved without conversion (``check_redo_on_load``).
+loads a PEFT file saved without conversion (``check_redo_on_load``: not a randomised PiSSA, nor
+OLoRA / LoftQ on a Conv1D from a PEFT before 0.22).
 """
 
 from __future__ import annotations
@@ -119,11 +120,18 @@ def _refuse_quantized(base: nn.Module, name: str, init: str) -> None:
     )
 
 
-def check_redo_on_load(init: str, module: nn.Module, name: str) -> None:
-    """``ValueError`` unless lorakit can redo ``init`` on ``module`` exactly as PEFT does when it
-    loads a file: never for ``"pissa_niter_K"`` (a randomised SVD: the base it trained on cannot
-    be computed again), nor OLoRA on a Conv1D (PEFT factors the stored, transposed weight
-    there)."""
+def check_redo_on_load(
+    init: str, module: nn.Module, name: str, written_by: str | None = None
+) -> None:
+    """``ValueError`` unless lorakit can redo ``init`` on ``module`` exactly as the PEFT that
+    wrote the file (``written_by``: its ``peft_version``, None when the file has none) does when
+    it loads it: never for ``"pissa_niter_K"`` (a randomised SVD: the base it trained on cannot
+    be computed again), nor OLoRA or LoftQ on a Conv1D from a PEFT before 0.22 or of unknown
+    version: that PEFT ran them on the stored weight, (k, d) = ``W0^T``, so A (r, d) and B
+    (k, r) do not have the adapter's shapes (r, k), (d, r) unless the weight is square (its own
+    forward fails on them), and the base it left is not the one lorakit computes (OLoRA's
+    ``W_res`` is not ``W0 - s B A``; LoftQ's NF4 blocks run over the other flattening). PEFT
+    0.22 runs them on ``W0`` (d, k) there, as lorakit does (``lorakit.init_factors``)."""
     convert = (
         "convert the adapter into a plain LoRA for the original base when saving it (peft's "
         "save_pretrained(..., path_initial_model_for_weight_conversion=<initial adapter>), "
@@ -136,8 +144,25 @@ def check_redo_on_load(init: str, module: nn.Module, name: str) -> None:
             f"it gives is not the one the adapter was trained on; {convert}"
         )
     base = getattr(module, "base_layer", module)
-    if init == "olora" and getattr(base, "nf", None) is not None:
-        raise ValueError(
-            f"init_lora_weights='olora' on the Conv1D {name!r}: peft factors the stored "
-            f"(transposed) weight there and lorakit cannot reproduce it; {convert}"
-        )
+    if init in ("olora", "loftq") and getattr(base, "nf", None) is not None:
+        _refuse_conv1d_before_022(init, name, written_by)
+
+
+def _refuse_conv1d_before_022(init: str, name: str, written_by: str | None) -> None:
+    """``ValueError`` for an OLoRA / LoftQ file on the Conv1D ``name`` unless its
+    ``peft_version`` (``written_by``) is 0.22 or later (``moe_entries.rule_release``)."""
+    from lorakit.moe_entries import PEFT_022, rule_release
+
+    if written_by is not None and rule_release(written_by) >= PEFT_022:
+        return
+    writer = (
+        f"peft {written_by}" if written_by else "a peft that records no peft_version (before 0.18)"
+    )
+    raise ValueError(
+        f"init_lora_weights={init!r} on the Conv1D {name!r}, written by {writer}: peft before "
+        "0.22 ran this init on the stored (transposed, in x out) weight of a Conv1D, which "
+        "gives A and B of the wrong shapes (its own forward fails on them) or, on a square "
+        "weight, another base than the one lorakit (and peft 0.22) computes; lorakit cannot "
+        "reproduce that model. Initialise and train the adapter again with peft >= 0.22 or "
+        "lorakit (both use the (out, in) weight; their files load)."
+    )

@@ -42,6 +42,7 @@ __all__ = [
     "Residual",
     "factors_for",
     "loftq_factors",
+    "loftq_keeps",
     "olora_factors",
     "orthogonal_factors",
     "pissa_factors",
@@ -70,6 +71,18 @@ def loftq_factors(
     weight = weight.to(torch.float32)
     lora_A, lora_B, residual = _loftq(weight, rank, bits, iterations)
     return lora_A, lora_B, residual(weight)
+
+
+def loftq_keeps(weight: torch.Tensor, bits: int) -> bool:
+    """True when LoftQ (any ``loftq_iter``) leaves ``weight`` (d, k) as it is: it is already on
+    the quantization grid, ``deq(quant(W)) == W`` in float32 (the ``Q`` a LoftQ init left, as
+    saved; ``lorakit.quantized.round_trip``). Then its first step finds ``W - Q = 0``, so
+    ``B = A = 0`` at every step (square roots of zero singular values), every target is ``W``
+    and the new base is ``deq(quant(W)) = W``: what peft's rerun on load gives too."""
+    from lorakit.quantized.round_trip import round_trip
+
+    weight = weight.to(torch.float32)
+    return bool(torch.equal(round_trip(weight, bits), weight))
 
 
 def orthogonal_factors(

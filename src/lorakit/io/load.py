@@ -18,19 +18,15 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lorakit.base_rewrite import BaseRewrite, interrupts_held, plan_rewrite, write_rewrites
+from lorakit.base_rewrite import interrupts_held, write_rewrites
 from lorakit.errors import AdapterFileError
 from lorakit.inject import add_adapter_to_modules, unload
 from lorakit.inject_checks import check_adapter_name, check_one_bias_adapter
 from lorakit.io.adapter_dirs import adapter_directory
 from lorakit.io.base_checks import check_base
 from lorakit.io.file_tensors import model_tensor
-from lorakit.io.load_checks import (
-    check_init_redo,
-    check_targets_take,
-    check_tensors,
-    init_to_redo,
-)
+from lorakit.io.init_redo import check_init_redo, plan_redo
+from lorakit.io.load_checks import check_targets_take, check_tensors
 from lorakit.io.load_plan import LoadTargets, load_targets
 from lorakit.io.moe_files import file_keys, fuse_expert_tensors
 from lorakit.io.older_peft_files import with_writers_rules
@@ -238,7 +234,7 @@ def _apply(
             activate=activate,
             init=None,  # every other adapter tensor is copied from the file below
         )
-        rewrites = _plan_redo(model, to_load, adapter_name)
+        rewrites = plan_redo(model, to_load, adapter_name)
         _copy_other_tensors(model, adapter, to_load, adapter_name, base_backup, map_backup)
         remerge = _merged_over(model, [target for target, _ in base_backup])
         _merge_again(remerge)  # their merged weights, from the base tensors the file brought
@@ -285,19 +281,6 @@ def _merge_again(merged: Iterable[tuple[LoraLayer, tuple[str, ...]]]) -> None:
     for layer, names in merged:
         layer.unmerge()
         layer.merge(names)
-
-
-def _plan_redo(model: nn.Module, to_load: LoadTargets, adapter_name: str) -> list[BaseRewrite]:
-    """PEFT's load of a PiSSA / OLoRA file: the init runs again on each target's base, which
-    becomes ``W0 - s B0 A0``; the file's factors stay. Planned here (the factorisations), written
-    by ``write_rewrites`` once everything else is in place."""
-    init = init_to_redo(to_load.config)
-    if init is None:
-        return []
-    return [
-        plan_rewrite(model.get_submodule(name), name, adapter_name, init)
-        for name in to_load.targets
-    ]
 
 
 def _roll_back(model, adapter_name, had_state, wrapped_before, base_backup, remerge=()) -> None:

@@ -5,8 +5,8 @@
   disagrees with ``r`` / ``rank_pattern`` and a resized vocabulary are named as such) and of a
   fitting dtype;
 - ``check_targets_take``: every target can take the adapter (inject's own checks: the layer
-  kind, DoRA's support), and ``check_init_redo``: a PiSSA / OLoRA init the file asks for can be
-  redone as PEFT does;
+  kind, DoRA's support), and ``check_init_redo`` (``lorakit.io.init_redo``, imported here): a
+  PiSSA / OLoRA / LoftQ init the file asks for can be redone as PEFT does;
 (The base weights' check, ``check_base``, is in ``lorakit.io.base_checks``.)
 
 Both raise ``AdapterFileError`` / ``BaseModelMismatchError`` naming the tensor or the layer and
@@ -20,10 +20,9 @@ from torch import nn
 from lorakit import quantized
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, listed
-from lorakit.init_checks import check_layer_takes, check_redo_on_load
-from lorakit.init_methods import changes_base
 from lorakit.inject_checks import check_adapter_fits, quantized_format
 from lorakit.io.file_tensors import FileTensor, expected_shape
+from lorakit.io.init_redo import check_init_redo, init_to_redo
 from lorakit.io.keys import is_magnitude_key, saved_module_alias_keys
 from lorakit.io.load_plan import LoadTargets
 from lorakit.io.moe_files import refuse_moved_modules
@@ -258,31 +257,3 @@ def _peft_only_message(source: object, feature: str, module: nn.Module, name: st
         "lorakit does not), so lorakit cannot load it. Load it with peft, or merge it with peft "
         "(merge_and_unload) and use the merged model."
     )
-
-
-def init_to_redo(config: LoraConfig) -> str | None:
-    """The PiSSA / OLoRA init PEFT reruns when it loads a file saying so (None for any other:
-    lorakit writes ``true`` for its own such adapters; LoftQ files load as they are)."""
-    init = config.init_lora_weights
-    return init if changes_base(init) and init != "loftq" else None
-
-
-def check_init_redo(to_load: LoadTargets, current: dict[str, nn.Module]) -> None:
-    """``AdapterFileError`` (before anything changes) when the file asks for a PiSSA / OLoRA
-    init that lorakit cannot redo exactly as PEFT does on some target."""
-    init = init_to_redo(to_load.config)
-    if init is None:
-        return
-    try:
-        for name in to_load.targets:
-            module = current[name]
-            layer_class = layer_class_for(module, name)
-            check_layer_takes(layer_class, module, name, init)
-            check_redo_on_load(init, module, name)
-        if to_load.parameter_targets:
-            raise ValueError(
-                f"init_lora_weights={init!r} on target_parameters: lorakit implements it for "
-                "nn.Linear and Conv1D modules only."
-            )
-    except ValueError as error:
-        raise AdapterFileError(f"adapter {to_load.source}: {error}") from None
