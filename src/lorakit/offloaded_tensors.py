@@ -17,14 +17,15 @@ calls, their values in its hook's ``weights_map``) that an adapter writes or tra
   the LoRA bases of ``bias="lora_only"``, every module of ``bias="all"``, targeted or not;
   ``offloaded_trained_biases``); ``refuse_trained_bias`` refuses a forward that records
   gradients for it (the LoRA layer's forward over an offloaded base,
-  ``offloading.offloaded_output``; any module whose bias a loaded file wrote into its map,
-  ``write_offloaded``); under ``torch.no_grad`` the outputs are exact.
+  ``offloading.offloaded_output``); under ``torch.no_grad`` the outputs are exact. A model offloaded AFTER
+  ``inject`` (``cpu_offload`` / ``dispatch_model`` of modules no adapter wraps, e.g. the MLPs,
+  under ``bias="all"``): its first training forward is refused with ``inject``'s message
+  (``guard_trained_biases``: ``state.set_active`` hands it the biases it makes trainable).
 """
 
 from __future__ import annotations
 
 import collections
-import weakref
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -33,6 +34,7 @@ from torch import nn
 from lorakit.offloading import offloaded_holders
 
 __all__ = [
+    "guard_trained_biases",
     "offloaded_trained_biases",
     "refuse_trained_bias",
     "restore_maps",
@@ -56,8 +58,8 @@ def write_offloaded(
     map)`` for ``restore_maps``; None (nothing written) where ``tensor`` is not offloaded.
     A map that is such an overlay already is replaced by a new one holding its values and
     ``value`` (one level, however often tensors are written; the old one as it was). A bias
-    written there is guarded: a forward of its module that would train it is refused
-    (``refuse_trained_bias``), whether or not an adapter wraps the module."""
+    written there that an active adapter trains is refused at a forward that records gradients
+    by ``guard_trained_biases`` (set by ``state.set_active``; gone with the adapter)."""
     if not tensor.is_meta:
         return None
     for holder, hook in offloaded_holders(module, [tensor]):
@@ -69,8 +71,6 @@ def write_offloaded(
             hook.weights_map = _Overlay({**old_map.maps[0], name: stored}, old_map.maps[1])
         else:
             hook.weights_map = _Overlay({name: stored}, old_map)
-        if name == "bias":
-            _guard_bias(holder)
         return hook, old_map
     return None
 
@@ -93,14 +93,17 @@ def refuse_trained_bias(base: nn.Module) -> None:
         raise ValueError(trained_bias_refusal(base))
 
 
-def trained_bias_refusal(module: nn.Module, name: str | None = None) -> str:
-    """Why the bias of ``module`` cannot train where accelerate offloaded the module, and the
-    ways out: at a forward, or at ``inject`` (``name``: the module's path; nothing changed)."""
+def trained_bias_refusal(
+    module: nn.Module, name: str | None = None, at_inject: bool | None = None
+) -> str:
+    """Why the bias of ``module`` (at the path ``name``, if given) cannot train where accelerate
+    offloaded the module, and the ways out: at ``inject`` (``at_inject``, by default where
+    ``name`` is given: nothing changed), or at a forward."""
     where = f"module {name!r}: " if name else ""
     inference = (
         "give the config inference_mode=True (nothing trains), or load the adapter's file with "
         "lorakit.load_adapter (its biases are written into the offload maps)"
-        if name
+        if (bool(name) if at_inject is None else at_inject)
         else "run the model under torch.no_grad() (the outputs are exact) or freeze the biases "
         "(requires_grad_(False))"
     )
@@ -150,17 +153,62 @@ def _within(path: str, saved: str) -> bool:
     return path == saved or path.startswith(f"{saved}.")
 
 
-_GUARDED: weakref.WeakSet = weakref.WeakSet()
+def guard_trained_biases(model: nn.Module, biases: Sequence[nn.Parameter]) -> list[nn.Parameter]:
+    """Refuse each forward of ``model`` (the module holding the adapters, ``state.adapter_model``)
+    that records gradients while a module holding one of ``biases`` (the base biases the active
+    adapters' ``bias`` mode trains: ``state.set_active``, which calls this each time) is
+    offloaded by accelerate: offloaded AFTER ``inject`` (which refuses the modules offloaded
+    before), each call would load its bias into a new tensor and the steps would be lost,
+    silently for a module no adapter wraps. A forward pre-hook on ``model`` (run before any
+    accelerate hook loads a module), added once, its holders replaced at each call; none is
+    added while no bias trains. Cost per forward, where nothing is offloaded: one look at each
+    holder's bias (``_TrainedBiasGuard``). Returns ``biases``."""
+    from lorakit.state import adapter_model
+
+    model = adapter_model(model)
+    hooks = model._forward_pre_hooks.values()
+    guard = next((hook for hook in hooks if isinstance(hook, _TrainedBiasGuard)), None)
+    if guard is None and not biases:
+        return list(biases)
+    if guard is None:
+        guard = _TrainedBiasGuard()
+        model.register_forward_pre_hook(guard)
+    wanted = {id(bias) for bias in biases}
+    held = [(m, m._parameters.get("bias")) for m in model.modules()]
+    guard.holders = [(m, None if b.is_meta else b) for m, b in held if id(b) in wanted]
+    return list(biases)
 
 
-def _guard_bias(module: nn.Module) -> None:
-    """Refuse (``refuse_trained_bias``) each forward of ``module`` that would train its
-    offloaded bias: a torch forward pre-hook, run before accelerate's hook loads the module;
-    once per module."""
-    if module not in _GUARDED:
-        module.register_forward_pre_hook(_refuse_at_call)
-        _GUARDED.add(module)
+class _TrainedBiasGuard:
+    """``guard_trained_biases``' hook: ``holders``, ``(module, its bias)`` for each module whose
+    bias trains (None for a bias on the meta device). Offloading replaces the module's bias by
+    one on the meta device between calls (this runs before any is loaded): only a module that
+    no longer holds the very bias it had is looked at (``_refuse_if_offloaded``). A model that
+    ``unload`` left (no adapter state) passes. (A plain object: ``copy.deepcopy`` of the model
+    copies it with the copy's modules.)"""
+
+    def __init__(self) -> None:
+        self.holders: list[tuple[nn.Module, nn.Parameter | None]] = []
+
+    def __call__(self, model: nn.Module, args) -> None:
+        if not torch.is_grad_enabled() or "lorakit_state" not in model.__dict__:
+            return
+        for module, held in self.holders:
+            bias = module._parameters.get("bias")
+            if bias is not held and bias is not None and bias.is_meta and bias.requires_grad:
+                _refuse_if_offloaded(model, module)
 
 
-def _refuse_at_call(module: nn.Module, args) -> None:
-    refuse_trained_bias(module)
+def _refuse_if_offloaded(model: nn.Module, module: nn.Module) -> None:
+    """``ValueError`` (``trained_bias_refusal`` naming ``module``'s path) where accelerate
+    offloads ``module`` of ``model``: by its own hook, or by a parent's that offloads all its
+    submodules (a module merely built on the meta device is torch's to refuse)."""
+    from lorakit.layers.base import offload_hook
+    from lorakit.offloading import parent_offloader
+
+    path = next((path for path, sub in model.named_modules() if sub is module), None)
+    if path is None:
+        return  # (no longer in the model)
+    if offload_hook(module) is not None or parent_offloader(model, path) is not None:
+        named = path.replace(".base_layer", "")  # (a LoRA layer's base: the layer's path)
+        raise ValueError(trained_bias_refusal(module, named, at_inject=False))

@@ -15,6 +15,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import UnknownAdapterError
 from lorakit.layers import LoraLayer, ModulesToSave
+from lorakit.offloaded_tensors import guard_trained_biases
 
 __all__ = [
     "AdapterState",
@@ -101,8 +102,7 @@ def walk_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(name, module)`` like ``named_modules()``, but without descending into LoRA layers and
     saved-module wrappers (they are yielded themselves; a LoRA layer nested in another, as
     ``LoraParameter`` layers on several parameters of one module are, is yielded too, at
-    ``<name>.base_layer``). Its cost does not grow with the number
-    of adapters on the model."""
+    ``<name>.base_layer``). Its cost does not grow with the number of adapters on the model."""
     seen: set[int] = set()
     pending: list[tuple[str, nn.Module]] = [("", adapter_model(model))]
     while pending:
@@ -157,9 +157,9 @@ def set_active(model: nn.Module, adapter_names: Sequence[str], *, trainable: boo
     """Make exactly ``adapter_names`` active (their outputs are summed) and trainable.
 
     Every other adapter's tensors are frozen; the base stays frozen (it is frozen once, when the
-    first adapter is injected). Biases chosen by the active configs' ``bias`` mode train too. The
-    cost does not grow with the number of adapters the model holds. ``trainable=False``: only
-    the active adapters change; every ``requires_grad`` flag stays as it is.
+    first adapter is injected). Biases chosen by the active configs' ``bias`` mode train too
+    (offloaded later: ``guard_trained_biases``). Its cost does not grow with the adapters held.
+    ``trainable=False``: only the active adapters change, every ``requires_grad`` flag stays.
     """
     adapter_names = adapter_name_list(adapter_names)
     state = _require(model, adapter_names)
@@ -178,7 +178,8 @@ def set_active(model: nn.Module, adapter_names: Sequence[str], *, trainable: boo
         chosen += _owned_tensors(module, getattr(module, "active_adapters", ()))
     if not trainable:
         return
-    chosen += _trained_biases(model, {state.configs[name].bias for name in adapter_names})
+    modes = {state.configs[name].bias for name in adapter_names}
+    chosen += guard_trained_biases(model, _trained_biases(model, modes))
     for parameter in chosen:
         parameter.requires_grad_(True)
     state.trainable = chosen
