@@ -173,6 +173,45 @@ def _local_path(name: str | None) -> bool:
 
 
 _WEIGHT_ONLY_FORMATS = ("int8-rows", "int4-groups")
+_BNB_PREFIX = "bnb-"  # (bitsandbytes formats: "bnb-int8", "bnb-nf4-dq", ...)
+
+
+def _float_under_bnb(
+    model: nn.Module,
+    stored: Mapping[str, Mapping[str, object]],
+    module_names: Iterable[str],
+    modules: Mapping[str, nn.Module] | None,
+) -> tuple[str, str] | None:
+    """``(module, reason)`` of the first of ``module_names`` saved on a bitsandbytes base that
+    is float here because lorakit now puts it back in float after a bitsandbytes load
+    (``weight_only.bitsandbytes_float_layers``: Gemma3n's AltUp coefficients), or None. Its
+    float weight is the dequantized one, so its fingerprint fits, but the layer computes its
+    output otherwise than the quantized layer the adapter was trained on."""
+    from lorakit.quantized.weight_only import bitsandbytes_float_layers
+
+    saved = [n for n in module_names if str(stored.get(n, {}).get("dtype")).startswith("bnb-")]
+    kept = set(bitsandbytes_float_layers(model)) if saved else set()
+    for name in (n for n in saved if n in kept):
+        module = modules[name] if modules is not None else model.get_submodule(name)
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        if not quantized.is_quantized(base):
+            return name, f"the adapter was trained on a {stored[name]['dtype']} layer, here float"
+    return None
+
+
+def _kept_float_under_bnb_note(model: nn.Module, name: str, stored_format: str) -> str:
+    """Why ``name``, saved on a bitsandbytes ``stored_format`` base, is float here; else ""."""
+    from lorakit.quantized.weight_only import bitsandbytes_float_layers
+
+    if name not in bitsandbytes_float_layers(model):
+        return ""
+    return (
+        f" lorakit now puts {name} back in float after a bitsandbytes load (transformers reads "
+        "its weight itself), where the older lorakit that saved this adapter kept it "
+        f"{stored_format}: train the adapter again on this base, or load it anyway with "
+        "allow_base_mismatch=True (its outputs then differ from the trained ones by that "
+        "format's matmul rounding)."
+    )
 
 
 def _kept_float_note(
@@ -186,6 +225,8 @@ def _kept_float_note(
     stored_format = str(entry.get("dtype"))
     module = modules[name] if modules is not None else model.get_submodule(name)
     base = module.base_layer if isinstance(module, LoraLayer) else module
+    if stored_format.startswith(_BNB_PREFIX) and not quantized.is_quantized(base):
+        return _kept_float_under_bnb_note(model, name, stored_format)
     if stored_format not in _WEIGHT_ONLY_FORMATS or quantized.is_quantized(base):
         return ""
     reader = next((cls for layer, cls, _ in weight_reads(model) if layer == name), None)
@@ -227,7 +268,9 @@ def refuse_other_base(
     """
     if stored is None:
         return None
+    module_names = list(module_names)
     found = first_mismatch(model, stored, module_names, modules)
+    found = found or _float_under_bnb(model, stored, module_names, modules)
     if found is None:
         return None
     module, reason = found
