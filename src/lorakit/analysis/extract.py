@@ -29,7 +29,13 @@ import torch
 from torch import nn
 
 from lorakit import functional
-from lorakit.analysis.spectrum import energy_rank
+from lorakit.analysis.extract_ranks import (
+    config_rank,
+    energy_ranks,
+    extracted_config,
+    fixed_rank,
+    target_spec,
+)
 from lorakit.analysis.uncaptured import tied_linears, uncaptured_changes
 from lorakit.analysis.updates import stream_linear_updates
 from lorakit.config import LoraConfig
@@ -111,16 +117,6 @@ class Extraction:
         }
 
 
-def _target_spec(model: nn.Module, names: list[str]) -> list[str]:
-    """Module types (``q_proj``) when they select exactly ``names`` in ``model``, else full names."""
-    from lorakit.targets import find_targets
-
-    types = sorted({name.rsplit(".", 1)[-1] for name in names})
-    if sorted(find_targets(model, LoraConfig(target_modules=types))) == sorted(names):
-        return types
-    return sorted(names)
-
-
 def _streamed_factors(
     base: nn.Module, finetuned: nn.Module, skipped: set[str], rank_and_scale
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[ExtractedLayer]]:
@@ -135,58 +131,6 @@ def _streamed_factors(
         layers.append(ExtractedLayer(name, tuple(delta.shape), rank, error, size))
         del delta, lora_A, lora_B  # (one float64 ΔW alive at a time)
     return factors, layers
-
-
-def _fixed_rank(rank: int, alpha: float):
-    """``(name, (d, k)) -> (r, s)`` with r = min(rank, d, k) and s = ``alpha / rank`` for every
-    layer, a capped one too (its ``alpha_pattern`` entry, ``_extracted_config``, keeps that s)."""
-    scale = functional.scaling(rank, alpha, False)
-
-    def rank_and_scale(name: str, shape: tuple[int, int]) -> tuple[int, float]:
-        return min(rank, *shape), scale
-
-    return rank_and_scale
-
-
-def _extracted_config(
-    base: nn.Module, ranks: dict[str, int], rank: int, alpha: float
-) -> LoraConfig:
-    """The adapter's config: r = ``rank``, ``ranks`` that differ in ``rank_pattern``, and for
-    each of those an ``alpha_pattern`` entry ``alpha * r_i / rank`` keeping the file's one
-    scale ``alpha / rank`` (``alpha_i / r_i = alpha / rank``). Readers that apply one
-    ``lora_alpha / r`` to every module (LoRAX, vLLM before it read the patterns) then compute
-    the same ΔW as PEFT; without it they scaled a rank-2 layer of a rank-6 file by a third."""
-    rank_pattern = {name: r for name, r in ranks.items() if r != rank}
-    return LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        target_modules=_target_spec(base, list(ranks)),
-        rank_pattern=rank_pattern,
-        alpha_pattern={name: alpha * r / rank for name, r in rank_pattern.items()},
-    )
-
-
-def _config_rank(config: LoraConfig):
-    """``(name, (d, k)) -> (r, s)`` as ``config`` gives them (``rank_for``, ``alpha_for``)."""
-
-    def rank_and_scale(name: str, shape: tuple[int, int]) -> tuple[int, float]:
-        layer_rank = config.rank_for(name)
-        return layer_rank, functional.scaling(layer_rank, config.alpha_for(name), config.use_rslora)
-
-    return rank_and_scale
-
-
-def _energy_ranks(
-    base: nn.Module, finetuned: nn.Module, skipped: set[str], energy: float, max_rank: int | None
-) -> dict[str, int]:
-    """First pass with ``energy``: per layer, the smallest r keeping that share of
-    ``||ΔW||_F^2`` (at least 1, capped at ``max_rank`` and min(d, k)), one ΔW at a time."""
-    ranks = {}
-    for name, delta in stream_linear_updates(base, finetuned, torch.float64, skipped):
-        chosen = max(1, energy_rank(torch.linalg.svdvals(delta), energy))
-        ranks[name] = min(chosen, max_rank or chosen, *delta.shape)
-        del delta
-    return ranks
 
 
 def _refuse_nothing_left(base: nn.Module, finetuned: nn.Module, new: Mapping[str, str]) -> None:
@@ -236,7 +180,7 @@ def extract_lora(
     ``capped`` and get ``rank_pattern`` entries; at r = min(d, k) a layer's (d + k) r
     parameters are no fewer than ΔW's d k) or ``energy`` (per layer, the smallest r keeping
     that share of ``||ΔW||_F^2``, capped at ``max_rank``). ``lora_alpha``
-    defaults to the config's r; every layer's scale is ``lora_alpha / r`` (``_extracted_config``).
+    defaults to the config's r; every layer's scale is ``lora_alpha / r`` (``extracted_config``).
     ``exclude``: module names left out (e.g. a new classification head, better saved in full);
     their changes are then listed in ``uncaptured``, as are those of linear layers whose weight
     is tied to another parameter (never given a LoRA, noted "tied to <other>").
@@ -254,21 +198,21 @@ def extract_lora(
     # uncaptured_changes (or, when no layer matches, by refuse_incomparable)
     skipped = set(exclude) | set(tied) | set(new)
     if rank is not None:
-        rank_and_scale = _fixed_rank(rank, float(lora_alpha if lora_alpha is not None else rank))
+        rank_and_scale = fixed_rank(rank, float(lora_alpha if lora_alpha is not None else rank))
         factors, layers = _streamed_factors(base, finetuned, skipped, rank_and_scale)
         layers = [dataclasses.replace(layer, capped=rank > min(layer.shape)) for layer in layers]
         ranks = {layer.name: layer.rank for layer in layers}
         common = rank
     else:
-        ranks = _energy_ranks(base, finetuned, skipped, energy, max_rank)
+        ranks = energy_ranks(base, finetuned, skipped, energy, max_rank)
         common = max(ranks.values(), default=1)
     if not ranks:
         _refuse_nothing_left(base, finetuned, new)
-    config = _extracted_config(
+    config = extracted_config(
         base, ranks, common, float(lora_alpha if lora_alpha is not None else common)
     )
     if rank is None:  # (second pass: the ranks the config gives)
-        factors, layers = _streamed_factors(base, finetuned, skipped, _config_rank(config))
+        factors, layers = _streamed_factors(base, finetuned, skipped, config_rank(config))
     dense = sum(layer.shape[0] * layer.shape[1] for layer in layers)
     uncaptured = uncaptured_changes(base, finetuned, set(ranks), tied, new)
     return Extraction(config, factors, layers, dense, uncaptured)
@@ -285,7 +229,7 @@ def prefixed(extraction: Extraction, prefix: str, model: nn.Module) -> Extractio
 
     layers = [dataclasses.replace(layer, name=rename(layer.name)) for layer in extraction.layers]
     config = extraction.config.replace(
-        target_modules=_target_spec(model, [layer.name for layer in layers]),
+        target_modules=target_spec(model, [layer.name for layer in layers]),
         rank_pattern={rename(name): r for name, r in extraction.config.rank_pattern.items()},
         alpha_pattern={rename(name): a for name, a in extraction.config.alpha_pattern.items()},
     )

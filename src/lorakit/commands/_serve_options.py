@@ -14,7 +14,7 @@ import re
 import sys
 from collections.abc import Mapping
 
-from lorakit.commands.eval import DTYPES
+from lorakit.commands._model_options import DTYPES
 from lorakit.errors import UserError
 
 __all__ = [

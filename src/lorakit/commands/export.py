@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lorakit.commands.eval import add_base_mismatch_option, check_base_mismatch_option
+from lorakit.commands._model_options import add_base_mismatch_option, check_base_mismatch_option
 from lorakit.commands.extract import add_overwrite_option
 from lorakit.errors import UserError
 

@@ -6,7 +6,7 @@ import argparse
 import math
 import sys
 
-from lorakit.commands.eval import (
+from lorakit.commands._model_options import (
     add_base_mismatch_option,
     add_bnb_cpu_kernel_option,
     add_dtype_option,

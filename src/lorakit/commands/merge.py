@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from lorakit.commands.eval import DTYPES, add_base_mismatch_option, add_quantization_option
+from lorakit.commands._model_options import (
+    DTYPES,
+    add_base_mismatch_option,
+    add_quantization_option,
+)
 from lorakit.commands.extract import refuse_output_onto_inputs
 from lorakit.errors import UserError
 
@@ -47,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from lorakit.model_specs import refuse_output_in_model_store
 
     refuse_output_in_model_store("merge", args.output)  # (a built-in's directory, say)
-    from lorakit.commands.eval import load_model_and_adapter, torch_dtype
+    from lorakit.commands._model_options import torch_dtype
+    from lorakit.commands.eval import load_model_and_adapter
     from lorakit.io import save_merged_model
     from lorakit.io.merged import refuse_adapter_directory
     from lorakit.merge import merge_and_unload

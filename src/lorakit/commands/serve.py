@@ -7,20 +7,20 @@ import logging
 import os
 import socket
 
-from lorakit.commands._serve_options import (
-    add_option_groups,
-    admin_token,
-    check_numbers,
-    connection_limits,
-    parse_size,
-)
-from lorakit.commands.eval import (
+from lorakit.commands._model_options import (
     add_bnb_cpu_kernel_option,
     add_dtype_option,
     add_quantization_option,
     apply_bnb_cpu_kernel,
     check_bnb_cpu_kernel,
     torch_dtype,
+)
+from lorakit.commands._serve_options import (
+    add_option_groups,
+    admin_token,
+    check_numbers,
+    connection_limits,
+    parse_size,
 )
 from lorakit.errors import UserError
 

@@ -3,7 +3,8 @@
 Written: ``json.dumps(d, indent=2)`` with keys sorted, no trailing newline, lists sorted, pattern
 dicts sorted unless that would change which key matches first for a module or a targeted bare
 parameter (then in the order given),
-``"all-linear"`` (and an unset ``target_modules``) expanded to the module names as PEFT does.
+``"all-linear"`` (and an unset ``target_modules``) expanded to the module names as PEFT does
+(``io.written_targets``).
 Read: ``peft_type`` must be "LORA"; the fields lorakit understands become a ``LoraConfig``;
 PEFT fields that change the numbers in ways lorakit does not implement (QA-LoRA, ...) are
 refused unless off, other PEFT fields are ignored (the table and the rule, shared with
@@ -31,16 +32,11 @@ from lorakit.init_methods import canonical_init, changes_base, changes_base_in_p
 from lorakit.inject_checks import fan_in_fan_out_flips
 from lorakit.io.header import unreadable
 from lorakit.io.older_peft_files import portable_entries
+from lorakit.io.written_targets import written_target_modules
 from lorakit.parameter_targets import find_parameter_targets
 from lorakit.peft_fields import PEFT_LORA_FIELDS, first_refused_setting, refusal
-from lorakit.state import adapter_configs, saved_modules
-from lorakit.targets import (
-    _excluded_heads,
-    find_targets,
-    model_modules,
-    original_module,
-    resolved_target_spec,
-)
+from lorakit.state import adapter_configs
+from lorakit.targets import model_modules, original_module
 
 __all__ = [
     "config_from_json",
@@ -81,56 +77,6 @@ _FIELDS = (
 # PEFT only initialises the factors and the file's tensors overwrite them, so the file is a plain
 # LoRA adapter (read as True; "nora": peft 0.22). (The base-changing ones: ``init_methods``.)
 _PLAIN_ONCE_TRAINED_INITS = ("mica", "orthogonal", "nora")
-# PEFT's limit above which it writes the shortest distinguishing suffixes instead of names.
-_MIN_TARGETS_FOR_SUFFIXES = 20
-
-
-def written_target_modules(model: nn.Module, config: LoraConfig) -> str | list[str]:
-    """``target_modules`` as PEFT writes it: a regex unchanged; "all-linear" or unset resolved
-    to names; lists of 20 or more names condensed to the shortest distinguishing suffixes."""
-    spec = resolved_target_spec(model, config)
-    if config.targets_all_linear:
-        spec = _all_linear_names(model, config)
-    if isinstance(spec, str):
-        return spec
-    if len(spec) >= _MIN_TARGETS_FOR_SUFFIXES:
-        spec = _shortest_suffixes(model, spec)
-    return sorted(set(spec))
-
-
-def _all_linear_names(model: nn.Module, config: LoraConfig) -> list[str]:
-    """The names "all-linear" stands for, as PEFT resolves it on the model before any wrapping:
-    every linear layer but the head it leaves out (the output embedding, or a ``SEQ_CLS``
-    head), with no other field applied (``exclude_modules``, ``modules_to_save``: PEFT's list
-    keeps a saved ``q_proj``). On the adapted model, a head saved in full (``modules_to_save``;
-    a ``SEQ_CLS`` head always) is a saved-module wrapper, which ``find_targets`` reads as the
-    linear layer it stands for but no longer knows as the head (the model returns the
-    wrapper): such heads are left out here by the wrapper's identity."""
-    plain = LoraConfig(target_modules=config.target_modules, task_type=config.task_type)
-    saved_heads = _excluded_heads(model, plain, list(saved_modules(model)))
-    return [name for name in find_targets(model, plain) if name not in saved_heads]
-
-
-def _suffixes(name: str) -> list[str]:
-    parts = name.split(".")
-    return [".".join(parts[i:]) for i in range(len(parts))][::-1]  # shortest first
-
-
-def _shortest_suffixes(model: nn.Module, targets: list[str]) -> list[str]:
-    """PEFT's condensation: for each target (in order of its suffix list), keep its shortest
-    suffix that is not a suffix of any non-target module, unless a kept suffix covers it."""
-    ends = tuple("." + t for t in targets)
-    others = [n for n, _ in model_modules(model) if n not in targets and not n.endswith(ends)]
-    other_suffixes = {suffix for name in others for suffix in _suffixes(name)}
-    required: list[str] = []
-    for name, suffixes in sorted(((t, _suffixes(t)) for t in set(targets)), key=lambda x: x[1]):
-        for suffix in suffixes:
-            if suffix in required or suffix in other_suffixes:
-                continue
-            if not any(name.endswith("." + kept) for kept in required):
-                required.append(suffix)
-                break
-    return required if 0 < len(required) < len(set(targets)) else list(targets)
 
 
 def config_to_json(model: nn.Module, config: LoraConfig, adapter_modules: list[nn.Module]) -> str:

@@ -13,9 +13,10 @@ is caught, even below the dtype's precision), unless one side's samples are all 
 bfloat16 / float16 rounding of the other's (float32 weights rounded to bfloat16 and stored in
 float32 again: the same weights as that bf16 checkpoint, which the next rule accepts);
 different dtypes (an fp32 checkpoint loaded in bf16, say) -> values must agree within the
-rounding of the coarser dtype (``within_dtype_rounding``: its ``eps`` relative, 2^-7 for bfloat16,
-2^-10 for float16, 2^-23 for float32 and float64, whose samples are kept as float32; plus the
-subnormal spacing of the narrower range, 2^-24 when float16 is one side).
+rounding of the coarser dtype (``within_dtype_rounding``, ``io.dtype_rounding``: its ``eps``
+relative, 2^-7 for bfloat16, 2^-10 for float16, 2^-23 for float32 and float64, whose samples
+are kept as float32; plus the subnormal spacing of the narrower range, 2^-24 when float16 is
+one side).
 A different checkpoint of the same shape (another fine-tune, another seed, a merged model)
 differs in nearly every element, so 64 samples per module are far more than enough.
 
@@ -46,6 +47,7 @@ import torch
 from torch import nn
 
 from lorakit import quantized
+from lorakit.io.dtype_rounding import held_as, rounding_tolerance, within_dtype_rounding
 from lorakit.layers import LoraLayer
 from lorakit.layers.base import offload_hook
 
@@ -71,8 +73,6 @@ METADATA_KEY = "lorakit.base_fingerprint"
 SAMPLES = 64
 METHOD = "golden64-v1"  # (the sampling rule; ``fingerprint_json`` writes it)
 _GOLDEN = (math.sqrt(5) - 1) / 2
-# the rounding allowed to a caller that does not know the dtypes (``within_dtype_rounding``)
-_COARSEST_DTYPES = ("bfloat16", "float16")
 
 
 def held_base_weight(module: nn.Module) -> tuple[nn.Module, torch.Tensor]:
@@ -230,51 +230,6 @@ def describe_difference(
     if within_dtype_rounding(sample_values(stored), sample_values(current), *dtypes):
         return None
     return f"sampled weights differ beyond {stored['dtype']}/{current['dtype']} rounding"
-
-
-def rounding_tolerance(*dtype_names: str) -> tuple[float, float]:
-    """``(relative, absolute)`` rounding of values held in any of ``dtype_names``: relative the
-    largest ``finfo.eps`` (2^-7 bfloat16, 2^-10 float16, 2^-23 float32), absolute the largest
-    subnormal spacing ``finfo.tiny * finfo.eps`` (2^-24 for float16, whose range is the narrowest
-    though bfloat16's eps is the larger: a bf16 / fp16 pair takes both). float32 always counts,
-    as fingerprints keep float32 values (float64 and a quantized format's dequantized values are
-    compared as float32); names that are not float dtypes (a quantized format's) add nothing."""
-    infos = [torch.finfo(torch.float32)]
-    for name in dtype_names:
-        dtype = getattr(torch, str(name), None)
-        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-            infos.append(torch.finfo(dtype))
-    return max(info.eps for info in infos), max(info.tiny * info.eps for info in infos)
-
-
-def within_dtype_rounding(expected: torch.Tensor, actual: torch.Tensor, *dtype_names: str) -> bool:
-    """Sampled values of one weight held in the float dtypes ``dtype_names`` (the two sides'):
-    ``|e - a| <= relative * max(|e|, |a|) + absolute`` element-wise, with the coarser dtype's
-    ``rounding_tolerance`` (``eps`` relative, not the half-ulp of one rounding: fp32 -> fp16 ->
-    bf16 rounds twice). An fp32 base loaded in fp16 is held to fp16's 2^-10, so a base 0.3% off
-    is refused in fp16 as in fp32; a side whose samples are all bf16 (fp16) values is a 16-bit
-    checkpoint held wider and counts as that dtype (``held_as``). Without ``dtype_names`` (a
-    caller that does not know them): the coarsest lorakit meets, bfloat16's eps and float16's
-    subnormal spacing."""
-    names = (*dtype_names, *held_as(expected), *held_as(actual)) if dtype_names else ()
-    relative, absolute = rounding_tolerance(*(names or _COARSEST_DTYPES))
-    tolerance = relative * torch.maximum(expected.abs(), actual.abs()) + absolute
-    return bool(((expected - actual).abs() <= tolerance).all())
-
-
-def held_as(values: torch.Tensor) -> tuple[str, ...]:
-    """The 16-bit dtypes of which every one of ``values`` (float32 samples) is a value, within
-    float16's subnormal spacing: a bf16 checkpoint held in fp16, fp32 or fp64 is judged by
-    bfloat16's rounding (``within_dtype_rounding``), as that checkpoint held in bf16 is, so one
-    set of weights gets one verdict whatever dtype a loader holds it in. A weight 0.3% off
-    another, held in fp16, is no bf16 value (its low mantissa bits are not all zero)."""
-    spacing = torch.finfo(torch.float16).tiny * torch.finfo(torch.float16).eps
-    held = []
-    for dtype in (torch.bfloat16, torch.float16):
-        rounded = values.to(dtype).to(torch.float32)
-        if bool(((rounded - values).abs() <= spacing).all()):
-            held.append(str(dtype).removeprefix("torch."))
-    return tuple(held)
 
 
 def rounded_copy(stored: dict[str, object], samples: torch.Tensor) -> bool:

@@ -1,5 +1,5 @@
 """OpenAI wire format: request parsing with 4xx errors (a raw body into its JSON object:
-``request_body``; the response bodies: ``bodies``)."""
+``request_body``; the response bodies: ``bodies``; the error and its body: ``api_error``)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from lorakit.serve.api_error import APIError, error_body
 from lorakit.serve.sampling import MAX_LOGPROBS, InvalidSamplingParam, SamplingParams
 
 __all__ = [
@@ -17,42 +18,6 @@ __all__ = [
     "float_value",
     "parse_job",
 ]
-
-
-class APIError(Exception):
-    """An HTTP error answered as ``{"error": {"message", "type", "param", "code"}}``, with
-    ``headers`` (e.g. ``Retry-After``) on the response."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (
-            status,
-            message,
-            type,
-            param,
-            code,
-        )
-        self.headers = headers or {}
-
-
-def error_body(error: APIError) -> dict[str, Any]:
-    return {
-        "error": {
-            "message": error.message,
-            "type": error.type,
-            "param": error.param,
-            "code": error.code,
-        }
-    }
 
 
 @dataclass(frozen=True)

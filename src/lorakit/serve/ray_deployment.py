@@ -25,7 +25,6 @@ as by one server (its JSON error, e.g. 400 for an adapter of other base weights)
 reads a body within the app's limit, as the app does (a larger one: the app's 413).
 """
 
-import argparse
 import asyncio
 import logging
 from collections.abc import Sequence
@@ -38,6 +37,13 @@ from starlette.datastructures import Headers
 from lorakit.serve.app import ServerSettings, install_error_handlers
 from lorakit.serve.asgi_stream import ResponseStart, asgi_stream
 from lorakit.serve.protocol import APIError
+from lorakit.serve.ray_app_options import (
+    argument_list,
+    check_counts,
+    max_body_bytes,
+    requests_per_replica,
+    serve_options,
+)
 from lorakit.serve.replica_bank import (
     BankTooSmallError,
     check_bank_memory,
@@ -84,7 +90,7 @@ def replica_deployment(adapters_per_replica: int):
         def __init__(self, serve_args: list[str]) -> None:
             from lorakit.commands.serve import build
 
-            options = _serve_options(list(serve_args))
+            options = serve_options(list(serve_args))
             self.app = build(options)
             self.adapters = self.app.state.adapters
             if options.adapter_memory is not None:  # (as build_app, which may lack the files)
@@ -252,13 +258,13 @@ def build_app(
     pinned, and at least one more slot (``BankTooSmallError`` when it has none); with
     ``--adapter-memory``, its pages must hold more adapters of the largest rank than the
     pinned ones too (``check_bank_memory``). ``replicas``: an int >= 1."""
-    serve_args = _argument_list(serve_args)
-    _check_counts(replicas, adapters_per_replica)
+    serve_args = argument_list(serve_args)
+    check_counts(replicas, adapters_per_replica)
     if model is not None:
         serve_args += ["--model", model]
     if adapters is not None:
         serve_args += ["--adapters", adapters]
-    options = _serve_options(serve_args)
+    options = serve_options(serve_args)
     if options.max_adapters is None:
         serve_args += ["--max-adapters", str(adapters_per_replica + 2)]
         options.max_adapters = adapters_per_replica + 2
@@ -266,7 +272,7 @@ def build_app(
         check_bank_size(options.max_adapters, adapters_per_replica)
     if options.adapter_memory is not None:
         check_bank_memory(options, adapters_per_replica)
-    per_replica = _requests_per_replica(options)
+    per_replica = requests_per_replica(options)
     replica = (
         replica_deployment(adapters_per_replica)
         .options(
@@ -278,65 +284,4 @@ def build_app(
     )
     return OpenAIIngress.options(
         max_ongoing_requests=replicas * per_replica, ray_actor_options={"num_cpus": 0}
-    ).bind(replica, _max_body_bytes(options))
-
-
-def _check_counts(replicas: object, adapters_per_replica: object) -> None:
-    """Both ints (not bools: ``True`` is no count) and >= 1. A string such as ``"2"`` for
-    ``replicas`` was multiplied into the ingress's ``max_ongoing_requests`` (a 161-character
-    string), and Ray's own message for 0 names neither this argument nor what it is."""
-    for name, value in (("replicas", replicas), ("adapters_per_replica", adapters_per_replica)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {value!r}")
-    if replicas < 1:
-        raise ValueError(
-            f"replicas must be >= 1, got {replicas}: the copies of LorakitReplica, each a "
-            "whole lorakit server"
-        )
-    if adapters_per_replica < 1:
-        raise BankTooSmallError(
-            f"adapters_per_replica must be >= 1, got {adapters_per_replica}: a replica pins "
-            "every adapter of its multiplexed cache in a bank of fixed size, so Ray's -1 (no "
-            "limit) would fill it for good"
-        )
-
-
-def _max_body_bytes(options: argparse.Namespace) -> int:
-    """The largest request body the replicas' app takes (its ``ServerSettings``, as
-    ``lorakit serve`` makes them from ``options``; the limit does not depend on the model's
-    positions or the admin token, which are not read here)."""
-    from lorakit.commands.serve import server_settings
-
-    return server_settings(options, positions=2, token=None).max_body_bytes
-
-
-def _argument_list(serve_args: Sequence[str] | None) -> list[str]:
-    """``serve_args`` as a new list; ``TypeError`` for anything but a list or tuple of strings
-    (an ``argparse.Namespace`` cannot be turned back into the options a replica parses)."""
-    if serve_args is None:
-        return []
-    if not isinstance(serve_args, list | tuple) or not all(
-        isinstance(arg, str) for arg in serve_args
-    ):
-        raise TypeError(
-            f"build_app: serve_args must be the options of 'lorakit serve' as a list of "
-            f"strings, e.g. ['--model', MODEL, '--adapters', DIR], not "
-            f"{type(serve_args).__name__}; pass the command line itself, not its parsed result"
-        )
-    return list(serve_args)
-
-
-def _serve_options(serve_args: list[str]) -> argparse.Namespace:
-    """``serve_args`` parsed by ``lorakit serve``'s own parser (as every replica parses them,
-    so an abbreviation such as ``--max-adapt 40`` reads as it does there)."""
-    from lorakit.cli import build_parser
-
-    return build_parser().parse_args(["serve", *serve_args])
-
-
-def _requests_per_replica(options: argparse.Namespace) -> int:
-    """Requests in flight to one replica: one more than its engine takes at once
-    (``--max-batch`` running plus ``--max-waiting`` queued), so that a full replica answers the
-    extra request with its own 429 and ``Retry-After`` instead of Ray queueing it. Ray Serve's
-    own default of 5 per replica capped the batch, and the ingress's the whole cluster, at 5."""
-    return options.max_batch + options.max_waiting + 1
+    ).bind(replica, max_body_bytes(options))

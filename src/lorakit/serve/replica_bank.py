@@ -205,7 +205,7 @@ def _meta_bank_shape(options: argparse.Namespace) -> _BankShape | None:
     ``--adapter-dtype``), around the model built on the meta device (its config only, no
     weights; a quantized base's bank is float32, as its ``base_float_dtype`` says). None, with
     a warning, when the model or the adapters cannot be read or built here."""
-    from lorakit.commands.eval import torch_dtype
+    from lorakit.commands._model_options import torch_dtype
     from lorakit.commands.serve import _adapter_defaults
     from lorakit.meta_model import build_meta_model
     from lorakit.serve import AdapterBank, prepare_for_serving
