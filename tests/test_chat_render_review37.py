@@ -11,8 +11,8 @@ import pytest
 from tokenizers import AddedToken
 
 from lorakit import data
-from lorakit.data import segments
-from lorakit.data.chat import render_chat
+from lorakit.data import chat_turns, segments
+from lorakit.data.chat import WINDOWED_TURNS, render_chat
 from lorakit.errors import UserError
 from tests import tiny_tokenizer
 from tests.test_data_review36 import TOKENIZERS, whole_prefix_segments
@@ -25,7 +25,7 @@ def prefix_whole_pieces(example, tokenizer):
     """The oracle, HEAD's ``_chat_segments``: assistant turn i is the text between
     ``render(messages[:i], generation prompt)`` and ``render(messages[:i+1])``, every prefix
     rendered whole; trailing turns are the rest of the whole rendering where it continues."""
-    eos, specials = tokenizer.eos_token, segments._special_texts(tokenizer)
+    eos, specials = tokenizer.eos_token, chat_turns.special_texts(tokenizer)
     messages = list(example.messages)
     for index, message in enumerate(messages):  # one EOS per turn
         content = message["content"]
@@ -46,7 +46,7 @@ def prefix_whole_pieces(example, tokenizer):
         if not (before.startswith(done) and after.startswith(before)):
             raise UserError("the chat template does not render turns as a growing prefix")
         answer = after[len(before) :]
-        end = segments._learnt_end(answer, message["content"], eos, specials)
+        end = chat_turns.learnt_end(answer, message["content"], eos, specials)
         pieces += [(before[len(done) :], False), (answer[:end], True), (answer[end:], False)]
         done = after
     if messages[-1]["role"] != "assistant":
@@ -130,6 +130,12 @@ def fuzz_chats(count: int, seed: int, turns: tuple[int, int], specials=()):
     return chats
 
 
+def windows_fit(chat, tokenizer) -> bool:
+    """Whether every turn of ``chat`` renders from its window (no fallback)."""
+    specials = chat_turns.special_texts(tokenizer)
+    return chat_turns.windowed_pieces(chat.messages, tokenizer, specials)[0] is not None
+
+
 def _specials(tokenizer):
     return [tokenizer.eos_token, "<|im_end|>", "<|im_start|>", "<|eot_id|>", "</s>", "<|end|>"]
 
@@ -146,10 +152,8 @@ def _assert_as_before(tokenizer, chats, monkeypatch, lengths=LENGTHS) -> int:
             with pytest.raises(UserError, match=str(error).split(": ")[-1][:40]):
                 segments.chat_segments(chat, tokenizer)
             continue
-        found = segments._rendered_pieces(chat, tokenizer, windowed=True)
-        windowed += found is not None
-        assert found in (None, expected), chat.messages
-        monkeypatch.setattr(segments, "WINDOWED_TURNS", 0)
+        windowed += windows_fit(chat, tokenizer)
+        monkeypatch.setattr(segments, "WINDOWED_TURNS", 0)  # windows where they fit
         assert segments.chat_segments(chat, tokenizer) == expected, chat.messages
         assert segments.example_segments(chat, tokenizer) == whole_prefix_segments(
             tokenizer, expected
@@ -196,6 +200,83 @@ def test_a_system_prompt_before_the_last_user_turn_is_refused_as_before(monkeypa
     assert with_system and all(_refusal(chat, tokenizer) for chat in with_system)
     windowed = _assert_as_before(tokenizer, chats, monkeypatch)
     assert windowed == len(chats) - len(with_system)
+
+
+SHORT_CHAT_NEWLINE = (  # the generation prompt's newline only while the chat is short
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+    "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant' + ('\n' if messages|length <= 6 else '') }}{% endif %}"
+)
+LONG_CHAT_NEWLINE = (  # ... only once it is long: no window, only the late prefixes, have it
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+    "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant' + ('\n' if messages|length > 12 else '') }}{% endif %}"
+)
+MOVED_NEWLINE = (  # the newline between turns starts a turn, not ends one, in 7-14 messages
+    "{% set mid = 6 < messages|length < 15 %}{% for m in messages %}"
+    "{{ '\n' if mid and not loop.first else '' }}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' }}"
+    "{{ '' if mid else '\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ ('\n' if mid else '') + '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    "template",
+    [SHORT_CHAT_NEWLINE, LONG_CHAT_NEWLINE, MOVED_NEWLINE],
+    ids=["short-chat-newline", "long-chat-newline", "moved-newline"],
+)
+def test_a_turn_split_that_depends_on_the_chat_length_renders_every_prefix_whole(
+    template, monkeypatch
+):
+    """Where a generation prompt or a turn's end depends on the chat's length, a window (a few
+    messages) splits a turn elsewhere than the prefix rendered whole, though the texts join up
+    to the whole rendering: every prefix is then rendered whole, as before (pieces, ids and
+    labels; the first template gave 27 learnt tokens instead of 33). The first window finds
+    the moved newline, the last turn the newline of long chats, both the first template's."""
+    tokenizer = chatml_with(template)
+    chats = fuzz_chats(6, seed=7, turns=(9, 14), specials=_specials(tokenizer))
+    chats.append(_long_chat(9))
+    assert all(_refusal(chat, tokenizer) is None for chat in chats)
+    assert _assert_as_before(tokenizer, chats, monkeypatch) == 0
+
+
+NINTH_MARKED = (  # the 9th or 10th message's user header: a text no window writes, as long
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + "
+    "('!' if loop.index in (9, 10) and m['role'] == 'user' else '?') "
+    "+ '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant?\n' }}{% endif %}"
+)
+
+
+def test_a_middle_turn_a_window_renders_otherwise_renders_every_prefix_whole(monkeypatch):
+    """A text only the prefixes of 9 messages or more write (none of the windows), as long
+    as the window's and in neither the first window nor the last turn: the
+    texts do not join up to the whole rendering (checked turn by turn), so every prefix is
+    rendered whole."""
+    tokenizer = chatml_with(NINTH_MARKED)
+    chats = fuzz_chats(6, seed=5, turns=(9, 14), specials=_specials(tokenizer))
+    assert all(_refusal(chat, tokenizer) is None for chat in chats)
+    assert _assert_as_before(tokenizer, chats, monkeypatch) == 0
+
+
+def test_windows_that_do_not_fit_cost_a_few_renders_more_than_every_prefix_whole(monkeypatch):
+    """A turn number changes in the first window, which is compared with its prefix rendered
+    whole before anything else is: the turns before it (their windows the whole prefix) are
+    kept and every later prefix is rendered whole, so the template renders one window and one
+    prefix (5 renders of a few messages) more than every prefix whole. Before, every turn was
+    rendered in windows first, and the whole chat (5 renders a turn in all, not 2)."""
+    for turns in (9, 20, 30):
+        chat, counts = _long_chat(turns), []
+        for threshold in (WINDOWED_TURNS, 10**9):
+            monkeypatch.setattr(segments, "WINDOWED_TURNS", threshold)
+            tokenizer = chatml_with(NUMBERED_TEMPLATE)
+            rendered = counting_renders(tokenizer)
+            segments.example_segments(chat, tokenizer)
+            counts.append((len(rendered), sum(rendered)))
+        (calls, messages), (whole_calls, whole_messages) = counts
+        assert whole_calls == 2 * turns and calls <= whole_calls + 5, (turns, counts)
+        assert messages <= whole_messages + 5 * 8, (turns, counts)
 
 
 GENERATION_TEMPLATE = (  # ChatML with the assistant turns in {% generation %} blocks
@@ -260,11 +341,14 @@ def _long_chat(turns: int) -> data.Example:
     return data.Example(messages=tuple(messages))
 
 
-@pytest.mark.parametrize("build", [LOCAL["chatml"], LOCAL["llama3"], gemma_style])
+@pytest.mark.parametrize(
+    "build", [LOCAL["chatml"], LOCAL["llama3"], LOCAL["llama2-legacy"], gemma_style]
+)
 def test_a_chat_renders_in_time_linear_in_its_turns(build):
-    """The template renders at most 10 messages per message of the chat (7 here: three
-    windows of a few messages a turn, two whole renderings); every prefix whole rendered 8 384
-    messages for a 64-turn chat of 129 messages (65 per message, growing with the turns)."""
+    """The template renders at most 10 messages per message of the chat (9 here: three
+    windows of a few messages a turn, three whole renderings: the chat, and the last turn's
+    prefixes it is compared with); every prefix whole rendered 8 384 messages for a 64-turn
+    chat of 129 messages (65 per message, growing with the turns)."""
     for turns in (16, 64):
         tokenizer = build()
         rendered = counting_renders(tokenizer)

@@ -127,8 +127,8 @@ def turn_window(messages: Sequence[Message], index: int, previous: int) -> list[
     ("local": Llama-2/3, Mistral, Gemma, ChatML, SmolLM2) renders ``before + turn`` from the
     window as it renders them from ``messages[:index]``, with the dropped messages' text
     missing, so the text a turn adds is the same, at a cost independent of ``index``
-    (``segments._rendered_pieces`` checks that the texts join up to the whole rendering, and
-    renders every prefix whole where they do not)."""
+    (``chat_turns.windowed_pieces`` checks the texts against the whole rendering, and every
+    prefix is rendered whole where they do not fit)."""
     start = max(previous, 0) // 2 * 2
     if start <= _HEAD:
         return list(messages[:index])

@@ -34,7 +34,6 @@ where that grouping does not give the whole text's tokens, each ``before + piece
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 from lorakit.data.chat import (
@@ -42,9 +41,9 @@ from lorakit.data.chat import (
     ChatTemplateError,
     render_chat,
     require_chat_template,
-    turn_window,
     with_one_eos_per_turn,
 )
+from lorakit.data.chat_turns import learnt_end, prefix_turn, special_texts, windowed_pieces
 from lorakit.data.examples import Example
 from lorakit.data.prefix_ids import piece_continuations
 from lorakit.errors import UserError
@@ -139,8 +138,8 @@ def _chat_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
 
     Assistant turn i is the text the template adds between ``messages[:i]`` with a generation
     prompt and ``messages[:i+1]``; its learnt part ends at its end-of-turn token
-    (``_learnt_end``: the last EOS, or the first special token after the content), and what
-    follows it, e.g. a newline, is context.
+    (``chat_turns.learnt_end``: the last EOS, or the first special token after the content),
+    and what follows it, e.g. a newline, is context.
 
     Turns after the last assistant turn (a trailing user or system turn) are the rest of the
     full rendering (``_trailing_text``), unless that rendering does not continue the one that
@@ -149,50 +148,42 @@ def _chat_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
 
     A chat of more than ``chat.WINDOWED_TURNS`` assistant turns renders each turn from its
     ``chat.turn_window`` (the template's cost then grows linearly with the turns, not with
-    their square), where the pieces join up to the whole rendering; else, and where any
-    window fails, every prefix whole.
+    their square) where the windows fit (``chat_turns.windowed_pieces``); from the first window
+    that does not, every prefix whole, as shorter chats are rendered.
     """
     require_chat_template(tokenizer, example.source or "example")
+    messages, pieces, done = _turn_pieces(example, tokenizer)
+    if messages[-1]["role"] != "assistant":  # else the last rendering was the whole chat
+        pieces.append((_trailing_text(tokenizer, messages, done), False))
+    return [(text, learnt) for text, learnt in pieces if text]
+
+
+_learnt_end = learnt_end  # (its name here before ``chat_turns``; tests read it here)
+
+
+def _turn_pieces(example: Example, tokenizer) -> tuple[tuple[dict, ...], list, str]:
+    """``(messages, pieces, done)``: the messages with one EOS per turn, the pieces up to the
+    last assistant turn and their text ``done``; from windows where they fit, else every
+    prefix rendered whole (from the first window on: the turns before it rendered so already)."""
+    specials = special_texts(tokenizer)
+    head = ([], "", 0)  # the first turns' pieces, their text, the index after them
     if sum(message["role"] == "assistant" for message in example.messages) > WINDOWED_TURNS:
-        with contextlib.suppress(UserError):  # (the prefixes whole then say what is wrong)
-            pieces = _rendered_pieces(example, tokenizer, windowed=True)
-            if pieces is not None:
-                return pieces
-    return _rendered_pieces(example, tokenizer, windowed=False)
-
-
-def _rendered_pieces(example: Example, tokenizer, windowed: bool) -> list | None:
-    """``_chat_segments``' pieces, each turn rendered from its window (``windowed``; None
-    where the pieces do not join up to the whole rendering) or every prefix whole."""
-    specials = _special_texts(tokenizer)
-    messages = with_one_eos_per_turn(example.messages, tokenizer, windowed)
-    pieces: list[tuple[str, bool]] = []
-    done, previous = "", -1
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
+        rendered, head = windowed_pieces(example.messages, tokenizer, specials)
+        if rendered is not None:
+            return rendered
+    messages = with_one_eos_per_turn(example.messages, tokenizer)
+    pieces, done, first = head
+    for index in range(first, len(messages)):
+        if messages[index]["role"] != "assistant":
             continue
-        window = turn_window(messages, index, previous) if windowed else messages[:index]
-        if len(window) < index:  # the text before the window's previous turn: not ``done``'s
-            done_window = window[: len(window) + previous + 1 - index]
-            done = render_chat(tokenizer, done_window, add_generation_prompt=False)
-        before = render_chat(tokenizer, window, add_generation_prompt=True)
-        after = render_chat(tokenizer, [*window, message], add_generation_prompt=False)
-        if not (before.startswith(done) and after.startswith(before)):
+        turn, done = prefix_turn(tokenizer, specials, messages, index, done)
+        if turn is None:
             raise UserError(
                 f"{example.source or 'example'}: the chat template does not render turns as a "
                 "growing prefix, so assistant tokens cannot be separated; use prompt/completion"
             )
-        answer = after[len(before) :]
-        end = _learnt_end(answer, message["content"], tokenizer.eos_token, specials)
-        pieces += [(before[len(done) :], False), (answer[:end], True), (answer[end:], False)]
-        done, previous = after, index
-    if windowed:  # ``done``: the rendering up to the last assistant turn, whole
-        done = render_chat(tokenizer, messages[: previous + 1], add_generation_prompt=False)
-        if "".join(text for text, _ in pieces) != done:
-            return None
-    if messages[-1]["role"] != "assistant":  # else the last rendering was the whole chat
-        pieces.append((_trailing_text(tokenizer, messages, done), False))
-    return [(text, learnt) for text, learnt in pieces if text]
+        pieces += turn
+    return messages, pieces, done
 
 
 def _trailing_text(tokenizer, messages: Sequence[dict], done: str) -> str:
@@ -212,65 +203,6 @@ def _trailing_text(tokenizer, messages: Sequence[dict], done: str) -> str:
     (Refusing the chat would turn away data that is fine to train on.)"""
     full = render_chat(tokenizer, messages, add_generation_prompt=False)
     return full[len(done) :] if full.startswith(done) else ""
-
-
-def _special_texts(tokenizer) -> tuple[str, ...]:
-    """The texts of the tokenizer's special tokens: its named ones (EOS, pad, the additional
-    special tokens) and the added tokens marked special (``<|im_end|>``, ``<end_of_turn>``,
-    Phi-3's ``<|end|>``)."""
-    texts = set(getattr(tokenizer, "all_special_tokens", ()))
-    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    texts.update(token.content for token in added.values() if getattr(token, "special", False))
-    return tuple(sorted((text for text in texts if text), key=lambda text: (-len(text), text)))
-
-
-def _learnt_end(answer: str, content: str, eos: str | None, specials: Sequence[str]) -> int:
-    """Where the learnt part of an assistant turn's text ``answer`` (its ``content`` as the
-    template renders it, then the template's tail) ends: after the turn's end-of-turn token.
-
-    - EOS in the tail (after the content; the whole ``answer`` where the content is not found):
-      after the last EOS (SmolLM2's ``<|im_end|>``, Llama-3-Instruct's ``<|eot_id|>``);
-    - else after the first special token that follows the content (the end-of-turn token where
-      it is not EOS: ChatML ``<|im_end|>`` with Qwen2.5 base's EOS ``<|endoftext|>``, Gemma's
-      ``<end_of_turn>``, Phi-3's ``<|end|>``), so the newline the template writes after it is
-      not learnt;
-    - else (no special token ends the turn) the whole ``answer``.
-
-    So lorakit learns the content and the end-of-turn token (and, where the template writes
-    EOS after that, up to the EOS: Phi-3's ``<|end|>\n<|endoftext|>`` ending a chat). TRL's
-    assistant-only masks (``SFTTrainer(assistant_only_loss=True)`` with its
-    ``chat_templates/*_training.jinja``, TRL 1.16) learn more: the newline after the
-    end-of-turn token (Qwen2.5's, Gemma's, Phi-3's ``{% generation %}`` blocks end with it) and,
-    for Qwen2.5, also the newline after ``<|im_start|>assistant`` before the content, which
-    lorakit counts as the generation prompt (the text ``chat_prompt_ids`` ends with).
-    """
-    content_end = _content_end(answer, content, specials)
-    tail = answer if content_end is None else answer[content_end:]
-    if eos and eos in tail:
-        return answer.rfind(eos) + len(eos)
-    if content_end is None:
-        return len(answer)
-    found = [(tail.find(text), -len(text)) for text in specials if text in tail]
-    if not found:
-        return len(answer)
-    position, minus_length = min(found)  # the first; the longest of those starting there
-    return content_end + position - minus_length
-
-
-def _content_end(answer: str, content: str, specials: Sequence[str]) -> int | None:
-    """The position in ``answer`` after the content: after the last occurrence of ``content``
-    (or of it stripped, for templates that trim it, as Gemma's) that a special token follows;
-    0 for an empty content (or a blank one not found as it is); None where it is not found so
-    (the caller then keeps to the last EOS, or learns the whole turn)."""
-    for needle in (content, content.strip()):
-        if not needle:
-            return 0
-        start = answer.rfind(needle)
-        while start >= 0:
-            if any(text in answer[start + len(needle) :] for text in specials):
-                return start + len(needle)
-            start = answer.rfind(needle, 0, start + len(needle) - 1)
-    return None
 
 
 def example_segments(example: Example, tokenizer) -> list[Segment]:
