@@ -145,10 +145,9 @@ def test_cli_epochs_nan_with_steps_is_one_line_and_writes_nothing(
 
 # ------------------------------------------------------------ 3. resume with other micro-batches
 def _config(output: Path, **changes) -> TrainingConfig:
-    settings = dict(
-        output_dir=str(output), max_steps=4, batch_size=4, lr=5e-3, progress=False, plot=False,
-        seed=3, checkpoint_every=2, keep_checkpoints=5,
-    )  # fmt: skip
+    settings = {"output_dir": str(output), "max_steps": 4, "batch_size": 4, "lr": 5e-3}
+    settings |= {"progress": False, "plot": False, "seed": 3}
+    settings |= {"checkpoint_every": 2, "keep_checkpoints": 5}
     return TrainingConfig(**(settings | changes))
 
 
