@@ -30,7 +30,7 @@ def reload_adapter(
     adapter: other tensors (targets, DoRA, ``modules_to_save``, bias on B), other shapes
     (ranks) or another scaling (``lora_alpha``, ``use_rslora``, patterns), where loading it would
     change more than the adapter's tensors (it trains the base's biases, rewrites the base
-    (PiSSA / OLoRA), replicates layers or brings an embedding's base weight), for a ``.gguf``
+    (PiSSA / OLoRA / LoftQ), replicates layers or brings an embedding's base weight), for a ``.gguf``
     file, and while the adapter is merged. Load such a file under another name instead."""
     from lorakit.errors import AdapterFileError
     from lorakit.io.adapter_dirs import adapter_directory
