@@ -222,3 +222,49 @@ def fresh_logprobs(
     generated = out[0, len(prompt_ids) :].tolist()
     rows = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)
     return [float(row[token]) for row, token in zip(rows, generated, strict=True)]
+
+
+def randomize_peft_lora(model, seed: int = 1, std: float = 0.3) -> None:
+    """Every ``lora_`` parameter of a peft model set to N(0, std^2) draws (non-zero ``B``)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+
+
+def peft_greedy(oracle, prompt: list[int], adapter: str | None, new_tokens: int) -> list[int]:
+    """The ``new_tokens`` token ids peft's greedy ``generate`` gives after ``prompt`` alone, with
+    ``adapter`` active (None: every adapter disabled)."""
+    ids = torch.tensor([prompt])
+    options = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        if adapter is None:
+            with oracle.disable_adapter():
+                out = oracle.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **options)
+        else:
+            oracle.set_adapter(adapter)
+            out = oracle.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **options)
+    return out[0, len(prompt) :].tolist()
+
+
+def engine_events(engine: Engine, jobs: list[tuple[list[int], str | None, int]]) -> list[list]:
+    """Each job's events: every ``(prompt, adapter, max_tokens)`` job submitted before the
+    engine's loop starts, then the engine run until all have finished."""
+    events = [[] for _ in jobs]
+    done = threading.Semaphore(0)
+
+    def collector(row: int):
+        def on_event(event) -> None:
+            events[row].append(event)
+            if event.finish_reason is not None:
+                done.release()
+
+        return on_event
+
+    for row, (prompt, adapter, new) in enumerate(jobs):  # all queued before the loop starts
+        engine.submit(prompt, adapter, SamplingParams(max_tokens=new), collector(row))
+    with engine:
+        for _ in jobs:
+            assert done.acquire(timeout=120)
+    return events

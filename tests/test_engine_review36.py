@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import inspect
 import re
-import threading
 
 import peft
 import pytest
@@ -33,8 +32,7 @@ from lorakit.layers import LoraLayer
 from lorakit.serve import AdapterBank, prepare_for_serving
 from lorakit.serve.engine import Engine
 from lorakit.serve.kv import ConcatenatedCache
-from lorakit.serve.sampling import SamplingParams
-from tests import tiny_models
+from tests import serving, tiny_models
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -151,7 +149,7 @@ def _peft_and_served(name: str, tmp_path):
         base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets), "a0"
     )
     oracle.add_adapter("a1", peft.LoraConfig(r=2, lora_alpha=8, target_modules=targets))
-    _randomize(oracle)
+    serving.randomize_peft_lora(oracle)
     oracle.eval().save_pretrained(tmp_path)
     prepare_for_serving(served, targets)
     bank = AdapterBank(served, max_rank=4, capacity=2)
@@ -159,27 +157,6 @@ def _peft_and_served(name: str, tmp_path):
         file = read_adapter(tmp_path / adapter)
         bank.load(adapter, file.config, file.tensors)
     return oracle, Engine(served, bank, max_batch=3, eos_token_ids=[])
-
-
-def _randomize(model) -> None:
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-
-
-def _peft_greedy(oracle, prompt: list[int], adapter: str | None, new_tokens: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    options = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        if adapter is None:
-            with oracle.disable_adapter():
-                out = oracle.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **options)
-        else:
-            oracle.set_adapter(adapter)
-            out = oracle.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **options)
-    return out[0, len(prompt) :].tolist()
 
 
 # ----------------------------------------------------------------- 1. hybrid models, batched
@@ -191,26 +168,11 @@ def test_hybrid_requests_joining_a_running_batch_equal_peft_alone(name, tmp_path
         (torch.randint(1, 128, (length,), generator=generator).tolist(), adapter, new)
         for length, adapter, new in JOBS
     ]
-    events = [[] for _ in jobs]
-    done = threading.Semaphore(0)
-
-    def collector(row: int):
-        def on_event(event) -> None:
-            events[row].append(event)
-            if event.finish_reason is not None:
-                done.release()
-
-        return on_event
-
-    for row, (prompt, adapter, new) in enumerate(jobs):  # all queued before the loop starts
-        engine.submit(prompt, adapter, SamplingParams(max_tokens=new), collector(row))
-    with engine:  # three run; the others join as rows leave
-        for _ in jobs:
-            assert done.acquire(timeout=120)
+    events = serving.engine_events(engine, jobs)  # three run; the others join as rows leave
     for (prompt, adapter, new), row_events in zip(jobs, events, strict=True):
         assert row_events[-1].finish_reason == "length", row_events[-1].error
         ids = [token for event in row_events for token in event.token_ids]
-        assert ids == _peft_greedy(oracle, prompt, adapter, new)
+        assert ids == serving.peft_greedy(oracle, prompt, adapter, new)
     assert engine.stats.joined_running > 0 and engine.stats.max_running == 3
 
 
@@ -242,7 +204,7 @@ def test_lora_layers_expose_the_base_bias_and_match_peft(name, targets):
     torch.manual_seed(0)
     base = MODELS[name][0]()
     oracle = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=targets))
-    _randomize(oracle)
+    serving.randomize_peft_lora(oracle)
     model = copy.deepcopy(base)
     lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=targets))
     state = peft.get_peft_model_state_dict(oracle)

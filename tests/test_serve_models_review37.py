@@ -15,7 +15,6 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import logging
-import threading
 
 import peft
 import pytest
@@ -26,7 +25,6 @@ from lorakit.errors import UserError
 from lorakit.io.read import read_adapter
 from lorakit.serve import AdapterBank, prepare_for_serving
 from lorakit.serve.engine import Engine
-from lorakit.serve.sampling import SamplingParams
 from tests import serving, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -114,14 +112,6 @@ MODELS = {  # name: (tiny model, LoRA targets)
 JOBS = [(5, "a0", 6), (9, None, 3), (2, "a1", 8), (12, "a0", 5), (1, None, 7), (7, "a1", 2)]
 
 
-def _randomize(model) -> None:
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
-
-
 def _peft_oracle(base, targets, directory):
     """peft's model with adapters a0 (r 4) and a1 (r 2) of random factors, saved to
     ``directory``."""
@@ -129,22 +119,9 @@ def _peft_oracle(base, targets, directory):
         base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets), "a0"
     )
     oracle.add_adapter("a1", peft.LoraConfig(r=2, lora_alpha=8, target_modules=targets))
-    _randomize(oracle)
+    serving.randomize_peft_lora(oracle)
     oracle.eval().save_pretrained(directory)
     return oracle
-
-
-def _peft_greedy(oracle, prompt: list[int], adapter: str | None, new_tokens: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    options = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        if adapter is None:
-            with oracle.disable_adapter():
-                out = oracle.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **options)
-        else:
-            oracle.set_adapter(adapter)
-            out = oracle.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **options)
-    return out[0, len(prompt) :].tolist()
 
 
 def _served(name: str, tmp_path):
@@ -175,26 +152,11 @@ def test_requests_submitted_together_equal_peft_generate_alone(name, tmp_path, c
         (torch.randint(1, 128, (length,), generator=generator).tolist(), adapter, new)
         for length, adapter, new in JOBS
     ]
-    events = [[] for _ in jobs]
-    done = threading.Semaphore(0)
-
-    def collector(row: int):
-        def on_event(event) -> None:
-            events[row].append(event)
-            if event.finish_reason is not None:
-                done.release()
-
-        return on_event
-
-    for row, (prompt, adapter, new) in enumerate(jobs):  # all queued before the loop starts
-        engine.submit(prompt, adapter, SamplingParams(max_tokens=new), collector(row))
-    with engine:
-        for _ in jobs:
-            assert done.acquire(timeout=120)
+    events = serving.engine_events(engine, jobs)
     for (prompt, adapter, new), row_events in zip(jobs, events, strict=True):
         assert row_events[-1].finish_reason == "length", row_events[-1].error
         ids = [token for event in row_events for token in event.token_ids]
-        assert ids == _peft_greedy(oracle, prompt, adapter, new), (prompt, adapter)
+        assert ids == serving.peft_greedy(oracle, prompt, adapter, new), (prompt, adapter)
     assert engine.stats.max_running == 1 and engine.stats.joined_running == 0
 
 
@@ -293,6 +255,6 @@ def test_lorakit_serve_answers_concurrent_rwkv_requests_like_peft(tmp_path, monk
     texts = []
     for prompt, adapter, answer in zip(prompts, adapters, answers, strict=True):
         assert answer.status_code == 200, answer.text
-        texts.append(tokenizer.decode(_peft_greedy(oracle, prompt, adapter, 5)))
+        texts.append(tokenizer.decode(serving.peft_greedy(oracle, prompt, adapter, 5)))
         assert answer.json()["choices"][0]["text"] == texts[-1], (prompt, adapter)
     assert all(texts) and len(set(texts)) > 1
