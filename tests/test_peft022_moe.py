@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 
-import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,7 +19,13 @@ from lorakit.moe_targets import convert_moe_config
 from tests import tiny_models
 from tests.peft_versions import peft_converts_moe_targets_by_path
 from tests.test_core_review_fixes import _qwen2_moe
-from tests.test_moe_review_fixes33 import _deepseek_v3, _reference, _write_transformers4_file
+from tests.test_moe_review_fixes33 import (
+    _deepseek_v3,
+    _peft,
+    _peft_load,
+    _reference,
+    _write_transformers4_file,
+)
 
 IDS = tiny_models.input_ids(batch=2, length=7)
 R, ALPHA = 2, 4
@@ -31,18 +35,6 @@ QUERIES = [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
 EXPERTS = [
     f"model.layers.{i}.mlp.experts.{n}" for i in (0, 1) for n in ("gate_up_proj", "down_proj")
 ]
-
-
-def _peft(base, **fields):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**fields))
-
-
-def _peft_load(base, directory):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.PeftModel.from_pretrained(copy.deepcopy(base), directory)
 
 
 def _adapted(model) -> set[str]:
