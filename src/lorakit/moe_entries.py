@@ -66,7 +66,7 @@ def file_peft_version(config_text: str) -> str | None:
     """``peft_version`` of an ``adapter_config.json`` text (None when absent or unreadable)."""
     try:
         version = json.loads(config_text or "{}").get("peft_version")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None
     return version if isinstance(version, str) else None
 

@@ -28,13 +28,13 @@ that adapts them on that model.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from lorakit.config import LoraConfig
 from lorakit.io.keys import key_names_module, module_path, parse_lora_key
+from lorakit.moe_entries import PEFT_022, file_peft_version
 from lorakit.targets import saved_module_entries, saved_module_matches
 
 if TYPE_CHECKING:  # (io.read reads configs with io.config_json, which imports this module)
@@ -50,7 +50,7 @@ __all__ = [
     "written_with_plain_endings",
 ]
 
-DOTTED_RULE_SINCE = (0, 22)
+DOTTED_RULE_SINCE = PEFT_022
 """The peft release whose rule is ``"." + entry`` (earlier: any plain-string ending)."""
 
 
@@ -58,11 +58,8 @@ def written_with_plain_endings(config_text: str) -> bool | None:
     """Whether ``adapter_config.json`` text is from a peft before ``DOTTED_RULE_SINCE`` (its
     ``peft_version``, e.g. ``"0.21.2"`` or ``"0.22.0.dev0@<hash>"``); None when the file does
     not say (no version, or a development version of 0.22 itself)."""
-    try:
-        version = json.loads(config_text).get("peft_version") if config_text else None
-    except (ValueError, AttributeError, RecursionError):
-        return None
-    found = re.match(r"(\d+)\.(\d+)(\.\d+)?(.*)", version) if isinstance(version, str) else None
+    version = file_peft_version(config_text)
+    found = re.match(r"(\d+)\.(\d+)(\.\d+)?(.*)", version) if version is not None else None
     if found is None:
         return None
     release = (int(found.group(1)), int(found.group(2)))
