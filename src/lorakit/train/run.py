@@ -96,32 +96,17 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     from lorakit import data
     from lorakit.data.chat import prompt_style
     from lorakit.io.save import record_prompt_style
-    from lorakit.models import check_model_spec, load_model, resolve_model
+    from lorakit.models import load_model
     from lorakit.positions import check_max_length
     from lorakit.train.batches import check_one_global_batch
     from lorakit.train.checkpoint import read_state
     from lorakit.train.inputs import check_inputs
     from lorakit.train.output_dir import prepare_output_dir
     from lorakit.train.resume import checkpoint_to_resume
-    from lorakit.train.settings import build_settings, load_examples_for
+    from lorakit.train.settings import build_settings
 
     job, training = build_settings(settings)
-    check_strategy(training.strategy)  # fsdp outside torchrun: before any loading
-    if training.strategy == "fsdp" and job.quantization is not None:  # (on every rank)
-        from lorakit.train.fsdp import quantized_base_error
-
-        raise quantized_base_error(f"--quantization {job.quantization}")
-    device = training_device(job.device)  # a GPU that is not there: before any loading
-    check_eval_settings(training.eval_every, job.eval_data)
-    lora = job.lora_config()
-    check_model_spec(job.model)
-    if job.quantization is not None:
-        _check_quantization(job.quantization, job.model)
-    examples = load_examples_for(job.data, job.split, job.style, "train")
-    eval_examples = None
-    if job.eval_data:
-        eval_examples = load_examples_for(job.eval_data, job.eval_split, job.style, "validation")
-    check_adapter_before_loading(resolve_model(job.model), lora, training, eval_examples)
+    device, lora, examples, eval_examples = _checked_inputs(job, training)
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 writes
     where = dict(resume=job.resume, overwrite=training.overwrite, is_main=main)
     prepare_output_dir(training.output_dir, **where, delete=False)  # refuse before loading
@@ -147,6 +132,33 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
         _record_settings(output, settings, job.resume)
         _announce(model, tokenized, training, job.max_length, resumed_state)
     return _train_tokenized(model, tokenized, training, job.resume)
+
+
+def _checked_inputs(job, training) -> tuple[Any, Any, list, list | None]:
+    """``train_from_settings``' checks that need only the settings, the data and the model's
+    config (nothing loaded or written yet: ``--overwrite`` deletes only after them), in order;
+    the training device, the ``LoraConfig``, the training and the evaluation examples (None
+    without ``eval_data``)."""
+    from lorakit.models import check_model_spec, resolve_model
+    from lorakit.train.settings import load_examples_for
+
+    check_strategy(training.strategy)  # fsdp outside torchrun: before any loading
+    if training.strategy == "fsdp" and job.quantization is not None:  # (on every rank)
+        from lorakit.train.fsdp import quantized_base_error
+
+        raise quantized_base_error(f"--quantization {job.quantization}")
+    device = training_device(job.device)  # a GPU that is not there: before any loading
+    check_eval_settings(training.eval_every, job.eval_data)
+    lora = job.lora_config()
+    check_model_spec(job.model)
+    if job.quantization is not None:
+        _check_quantization(job.quantization, job.model)
+    examples = load_examples_for(job.data, job.split, job.style, "train")
+    eval_examples = None
+    if job.eval_data:
+        eval_examples = load_examples_for(job.eval_data, job.eval_split, job.style, "validation")
+    check_adapter_before_loading(resolve_model(job.model), lora, training, eval_examples)
+    return device, lora, examples, eval_examples
 
 
 def _check_quantization(quantization: str, model_spec) -> None:
