@@ -15,12 +15,15 @@ calls, their values in its hook's ``weights_map``) that an adapter writes or tra
   into a new tensor, so a training step's gradient never reaches the model's bias.
   ``inject`` refuses such an adapter before any change (``offloading.check_no_offloaded_bias``:
   the LoRA bases of ``bias="lora_only"``, every module of ``bias="all"``, targeted or not;
-  ``offloaded_trained_biases``); ``refuse_trained_bias`` refuses a forward that records
-  gradients for it (the LoRA layer's forward over an offloaded base,
-  ``offloading.offloaded_output``); under ``torch.no_grad`` the outputs are exact. A model offloaded AFTER
-  ``inject`` (``cpu_offload`` / ``dispatch_model`` of modules no adapter wraps, e.g. the MLPs,
-  under ``bias="all"``): its first training forward is refused with ``inject``'s message
-  (``guard_trained_biases``: ``state.set_active`` hands it the biases it makes trainable).
+  ``offloaded_trained_biases``). A model offloaded AFTER ``inject`` (``cpu_offload`` /
+  ``dispatch_model`` of a LoRA layer's base, or of modules no adapter wraps, e.g. the MLPs,
+  under ``bias="all"``), or a file's trained biases written into the maps: a forward that
+  records gradients while an adapter it computes with trains such a bias is refused with
+  ``inject``'s message (``guard_trained_biases``: ``state.set_active`` hands it the biases it
+  makes trainable); under ``torch.no_grad`` the outputs are exact. A forward that computes
+  with no bias-training adapter (after ``delete_adapter`` of that adapter, inside
+  ``lorakit.disabled``, a ``bias="none"`` adapter chosen) runs, as PEFT's does: the biases'
+  leftover ``requires_grad`` gets no gradient from it (``_call_trains_biases``).
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ from lorakit.offloading import offloaded_holders
 __all__ = [
     "guard_trained_biases",
     "offloaded_trained_biases",
-    "refuse_trained_bias",
     "restore_maps",
     "trained_bias_refusal",
     "write_offloaded",
@@ -59,7 +61,8 @@ def write_offloaded(
     A map that is such an overlay already is replaced by a new one holding its values and
     ``value`` (one level, however often tensors are written; the old one as it was). A bias
     written there that an active adapter trains is refused at a forward that records gradients
-    by ``guard_trained_biases`` (set by ``state.set_active``; gone with the adapter)."""
+    by ``guard_trained_biases`` (set by ``state.set_active``; none once no adapter of the call
+    trains biases)."""
     if not tensor.is_meta:
         return None
     for holder, hook in offloaded_holders(module, [tensor]):
@@ -80,17 +83,6 @@ def restore_maps(written: Sequence[tuple[object, object]]) -> None:
     old map back, last written first: the model's offloaded values are as before."""
     for hook, old_map in reversed(written):
         hook.weights_map = old_map
-
-
-def refuse_trained_bias(base: nn.Module) -> None:
-    """``ValueError`` where the offloaded ``base`` (a LoRA layer's base module, or a module whose
-    bias a loaded file wrote into its map: its tensors in its hook's map) has a bias that trains
-    (``requires_grad``: an active adapter with ``bias="all"`` / ``"lora_only"``) and the call
-    records gradients: the hook loads the bias into a new tensor for the call, so its gradient
-    would be dropped with it. Changes nothing."""
-    bias = getattr(base, "bias", None)
-    if isinstance(bias, nn.Parameter) and bias.requires_grad and torch.is_grad_enabled():
-        raise ValueError(trained_bias_refusal(base))
 
 
 def trained_bias_refusal(
@@ -162,7 +154,10 @@ def guard_trained_biases(model: nn.Module, biases: Sequence[nn.Parameter]) -> li
     silently for a module no adapter wraps. A forward pre-hook on ``model`` (run before any
     accelerate hook loads a module), added once, its holders replaced at each call; none is
     added while no bias trains. Cost per forward, where nothing is offloaded: one look at each
-    holder's bias (``_TrainedBiasGuard``). Returns ``biases``."""
+    holder's bias (``_TrainedBiasGuard``). A forward no adapter it computes with trains biases
+    of passes (``_call_trains_biases``). Returns ``biases``."""
+    from lorakit.layers.base import LoraLayer
+    from lorakit.layers.saved import ModulesToSave
     from lorakit.state import adapter_model
 
     model = adapter_model(model)
@@ -173,6 +168,9 @@ def guard_trained_biases(model: nn.Module, biases: Sequence[nn.Parameter]) -> li
     if guard is None:
         guard = _TrainedBiasGuard()
         model.register_forward_pre_hook(guard)
+    guard.probe = next(
+        (m for m in model.modules() if isinstance(m, (LoraLayer, ModulesToSave))), None
+    )
     wanted = {id(bias) for bias in biases}
     held = [(m, m._parameters.get("bias")) for m in model.modules()]
     guard.holders = [(m, None if b.is_meta else b) for m, b in held if id(b) in wanted]
@@ -184,19 +182,41 @@ class _TrainedBiasGuard:
     bias trains (None for a bias on the meta device). Offloading replaces the module's bias by
     one on the meta device between calls (this runs before any is loaded): only a module that
     no longer holds the very bias it had is looked at (``_refuse_if_offloaded``). A model that
-    ``unload`` left (no adapter state) passes. (A plain object: ``copy.deepcopy`` of the model
-    copies it with the copy's modules.)"""
+    ``unload`` left (no adapter state) passes, and so does a call whose adapters train no bias
+    (``_call_trains_biases``; ``probe``: a LoRA layer or saved module of the model, whose
+    per-call choice is the call's). (A plain object: ``copy.deepcopy`` of the model copies it
+    with the copy's modules.)"""
 
     def __init__(self) -> None:
         self.holders: list[tuple[nn.Module, nn.Parameter | None]] = []
+        self.probe: nn.Module | None = None
 
     def __call__(self, model: nn.Module, args) -> None:
-        if not torch.is_grad_enabled() or "lorakit_state" not in model.__dict__:
+        if not torch.is_grad_enabled() or not self.holders:
+            return
+        if not _call_trains_biases(model, self.probe):
             return
         for module, held in self.holders:
             bias = module._parameters.get("bias")
             if bias is not held and bias is not None and bias.is_meta and bias.requires_grad:
                 _refuse_if_offloaded(model, module)
+
+
+def _call_trains_biases(model: nn.Module, probe: nn.Module | None) -> bool:
+    """Whether an adapter this call of ``model`` computes with (the per-call choice of
+    ``use_adapters`` / ``disabled`` on ``probe``, else the model's active adapters) trains base
+    biases (``bias`` "all" / "lora_only"). False without adapter state (``unload``), after
+    ``delete_adapter`` of the adapter that made them trainable (its flags stay, as PEFT's), and
+    inside ``lorakit.disabled``: PEFT runs such forwards on an offloaded model, and so does this
+    guard (the offloaded biases get no gradient from them, as no adapter of the call trains)."""
+    from lorakit.layers.per_call import current_override
+
+    state = model.__dict__.get("lorakit_state")
+    if state is None:
+        return False
+    chosen = None if probe is None else current_override(probe)
+    names = state.active if chosen is None else chosen
+    return any(state.configs[name].bias != "none" for name in names if name in state.configs)
 
 
 def _refuse_if_offloaded(model: nn.Module, module: nn.Module) -> None:

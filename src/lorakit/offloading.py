@@ -13,7 +13,8 @@
   (``load_for_good``); a save reads offloaded tensors with their modules loaded for the read
   (``offloaded_holders``, ``loaded_for_reading``): the file is the plain model's. A base bias
   that a ``bias`` mode trains stays offloaded with its module: a forward that records
-  gradients for it is refused (``offloaded_tensors.refuse_trained_bias``), and ``inject``
+  gradients while an adapter of the call trains it is refused
+  (``offloaded_tensors.guard_trained_biases``), and ``inject``
   refuses, before any change, an adapter whose ``bias`` mode trains the bias of a module
   accelerate offloaded, targeted or not (``check_no_offloaded_bias``).
 - Whether an offload map holds a readable value for a key, without reading it (``map_holds``:
@@ -167,10 +168,9 @@ def offloaded_output(
     is) must be the live one, which the hook loads: a layer offloaded after a merge cannot
     compute without its merged adapters (``ValueError``: unmerge first), and a DoRA adapter
     cannot compute on an offloaded weight (``ValueError``: ``inject`` refuses DoRA there; this
-    refuses one added before offloading, instead of torch's meta-device error), nor can a
-    base bias that trains (``refuse_trained_bias``)."""
-    from lorakit.offloaded_tensors import refuse_trained_bias
-
+    refuses one added before offloading, instead of torch's meta-device error). A base bias
+    that an adapter of the call trains is refused before, at the model's forward
+    (``offloaded_tensors.guard_trained_biases``)."""
     if layer.merged_adapters and weight is not None and weight is not layer.live_weight():
         raise ValueError(
             f"this LoRA layer on a {type(layer.base_layer).__name__} holds merged adapters "
@@ -189,7 +189,6 @@ def offloaded_output(
             "(more GPU / CPU memory, or a quantized base), or merge the adapter before offloading "
             "(lorakit.merge_and_unload). lorakit.save_adapter saves it as it is."
         )
-    refuse_trained_bias(layer.innermost_base())
     if any(p.is_meta for name in adapters for p in layer.adapter_parameters(name)):
         onload_for_good(layer)
     return layer.plain_output(x, weight, adapters, *args, **kwargs)

@@ -107,8 +107,18 @@ def format_summary(summary: dict[str, Any]) -> str:
         rows.insert(6, ("target parameters", parameters + f"({summary['adapted_parameters']})"))
     if summary["layer_replication"]:
         rows.insert(5, ("layer replication", json.dumps(summary["layer_replication"])))
+    rows.insert(1, ("written by", _writer_text(summary.get("peft_version"))))
+    rows += [("read as written", line) for line in summary.get("read_as_written", [])]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label + ':':<{width + 1}} {value}" for label, value in rows)
+
+
+def _writer_text(version: str | None) -> str:
+    """The peft release that wrote the file; a file without ``peft_version`` is lorakit's own
+    or from a peft before 0.18 (read by peft 0.22's rules unless its tensors say otherwise)."""
+    if version is None:
+        return "not recorded (lorakit, or peft < 0.18)"
+    return f"peft {version}"
 
 
 def _parameters_text(summary: dict) -> str:

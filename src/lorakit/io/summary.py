@@ -17,6 +17,11 @@ Parameters: ``parameters`` counts the file's tensors less the full base weights 
 embeddings (``<path>.base_layer.weight``, which PEFT's ``save_embedding_layers`` saves when an
 embedding is a target: frozen base values, not adapter parameters), so that it equals PEFT's
 trainable count; those are ``saved_base_weights``, and ``file_parameters`` is the sum of both.
+
+Writer: ``peft_version`` (the file's; None where not recorded) and ``read_as_written``, one line
+per ``modules_to_save`` entry / ``trainable_token_indices`` key that the writer's peft (< 0.22)
+read otherwise than peft 0.22, with the modules ``load_adapter`` reads it as
+(``io.writers_rules``); the config fields above are as written.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from lorakit.io.keys import base_weight_module, is_magnitude_key, parse_lora_key
 from lorakit.io.read import read_adapter_header, weights_path
 from lorakit.io.save import BASE_INIT_METADATA_KEY
 from lorakit.io.tensors import TORCH_DTYPES
+from lorakit.io.writers_rules import writers_rules
 from lorakit.targets import matches
 
 __all__ = ["summarize_adapter"]
@@ -248,6 +254,7 @@ def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> d
     total = sum(info.numel for info in header.tensors.values()) - saved_base
     return {
         "directory": str(directory),
+        **writers_rules(directory),
         "base_model": config.base_model_name_or_path,
         "fingerprint": _fingerprint_summary(header.metadata),
         "task_type": config.task_type,
