@@ -33,8 +33,25 @@ def writers_rules(directory: Path) -> dict[str, Any]:
         return {"peft_version": version, "read_as_written": []}
     header = read_adapter_header(directory)
     written, read = header.config, read_as_written(header).config
-    lines = _saved_lines(written.modules_to_save or [], read.modules_to_save or [], version)
-    lines += _token_lines(written.trainable_token_indices, read.trainable_token_indices, version)
+    lines = _lines(
+        "modules_to_save",
+        "every module whose name ends with it",
+        written.modules_to_save,
+        read.modules_to_save,
+        version,
+    )
+    # a list of token ids (not a dict of embeddings) names no module
+    written_keys, read_keys = (
+        c.trainable_token_indices if isinstance(c.trainable_token_indices, dict) else None
+        for c in (written, read)
+    )
+    lines += _lines(
+        "trainable_token_indices",
+        "the embeddings whose names end with it",
+        written_keys,
+        read_keys,
+        version,
+    )
     return {"peft_version": version, "read_as_written": lines}
 
 
@@ -42,33 +59,19 @@ def _writer(version: str | None) -> str:
     return f"peft {version}" if version else "its writer (a peft before 0.22)"
 
 
-def _saved_lines(written: list[str], read: list[str], version: str | None) -> list[str]:
-    """One line per ``modules_to_save`` entry not read as itself: the full names read for it."""
+def _lines(field: str, picked: str, written: Any, read: Any, version: str | None) -> list[str]:
+    """One line per entry of ``field`` (a list of ``modules_to_save`` entries, or the keys of a
+    ``trainable_token_indices`` dict) not read as itself: the full names read for it."""
+    if not written or not read or written == read:
+        return []
     lines = []
     for entry in written:
         if entry in read:
             continue
         names = [name for name in read if name.endswith(entry)]
         lines.append(
-            f"modules_to_save {entry!r}: every module whose name ends with it, as "
-            f"{_writer(version)} picked them: {', '.join(names)} (peft 0.22's rule: "
-            f"{entry!r} and names ending in '.{entry}')"
-        )
-    return lines
-
-
-def _token_lines(written: Any, read: Any, version: str | None) -> list[str]:
-    """One line per ``trainable_token_indices`` key not read as itself: the embeddings read."""
-    if not isinstance(written, dict) or not isinstance(read, dict) or written == read:
-        return []
-    lines = []
-    for key in written:
-        if key in read:
-            continue
-        names = [name for name in read if name.endswith(key)]
-        lines.append(
-            f"trainable_token_indices {key!r}: the embeddings whose names end with it, as "
-            f"{_writer(version)} picked them: {', '.join(names)} (peft 0.22's rule: "
-            f"{key!r} and names ending in '.{key}')"
+            f"{field} {entry!r}: {picked}, as {_writer(version)} "
+            f"picked them: {', '.join(names)} (peft 0.22's rule: {entry!r} and names ending "
+            f"in '.{entry}')"
         )
     return lines
