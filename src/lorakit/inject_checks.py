@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
 from lorakit import quantized
 from lorakit.config import LoraConfig, pattern_matches
-from lorakit.errors import FanInFanOutWarning, TargetModulesError
+from lorakit.errors import TargetModulesError
+from lorakit.fan_in_fan_out import settle_fan_in_fan_out
 from lorakit.init_checks import check_layer_takes
 from lorakit.init_methods import changes_base
-from lorakit.layers import LoraLayer, TrainableTokens, is_conv1d, layer_class_for
+from lorakit.layers import LoraLayer, TrainableTokens, layer_class_for
 from lorakit.layers.parameter import LoraParameter
 from lorakit.layers.saved import check_saveable
 from lorakit.offloading import check_no_offloaded_bnb, check_no_parent_offload
@@ -30,7 +31,6 @@ __all__ = [
     "check_adapter_fits",
     "check_adapter_name",
     "check_one_bias_adapter",
-    "fan_in_fan_out_flips",
     "quantized_format",
     "warn_lora_bias_without_base_bias",
 ]
@@ -57,7 +57,7 @@ def check_adapter_fits(
     ``warn=False``: the checks alone, without what the injection itself does once they pass:
     warn about pattern keys that match nothing, and settle ``config.fan_in_fan_out`` on the
     layout of the layers it wraps, warning where that changes it (as PEFT's dispatch does:
-    ``_settle_fan_in_fan_out``)."""
+    ``fan_in_fan_out.settle_fan_in_fan_out``)."""
     for name in [*saved_names, *tokens]:
         check_wrapper_kind(model.get_submodule(name), name, name in tokens)
     for name in saved_names:  # a full copy of a quantized layer would train nothing
@@ -68,7 +68,7 @@ def check_adapter_fits(
     _check_targets(model, current, config, adapter_name, init)
     check_parameter_targets(model, parameter_targets, adapter_name, list(current))
     if warn:
-        _settle_fan_in_fan_out(config, current)
+        settle_fan_in_fan_out(config, current)
         _warn_unmatched_pattern_keys(config, [*current, *parameter_targets.values()])
 
 
@@ -117,67 +117,6 @@ def _adapted_parameters(model: nn.Module) -> list[str]:
         for path, layer in lora_layers(model)
         if isinstance(layer, LoraParameter)
     ]
-
-
-def _forced_fan_in_fan_out(module: nn.Module) -> bool | None:
-    """The ``fan_in_fan_out`` PEFT's default dispatch forces on the config when it wraps
-    ``module`` in a new LoRA layer: False for a float ``nn.Linear`` (weight (out, in)), True
-    for a transformers ``Conv1D`` (weight (in, out)); None for any other layer (an embedding,
-    a quantized linear: PEFT's own dispatchers take those first and leave the flag alone)."""
-    if quantized.is_quantized(module):
-        return None
-    if isinstance(module, nn.Linear):
-        return False
-    return True if is_conv1d(module) else None
-
-
-def fan_in_fan_out_flips(
-    value: bool, modules: Iterable[tuple[str, nn.Module]]
-) -> list[tuple[str, bool]]:
-    """PEFT's rewrites of ``fan_in_fan_out`` as it wraps ``modules`` (``(name, base module)``,
-    in model order), the flag starting at ``value``: ``(name, new value)`` for each module
-    whose layout disagrees with the flag at that point (PEFT warns there and sets the
-    config's flag to the layout's). The last entry's value is the flag the config ends with
-    (``value`` when there is none); with Linear and Conv1D targets mixed it flips each time
-    the kind changes. lorakit's layers read their layout from the base's type, so the flag
-    changes no numbers: it is kept only for the file, as PEFT writes it."""
-    flips: list[tuple[str, bool]] = []
-    for name, module in modules:
-        forced = _forced_fan_in_fan_out(module)
-        if forced is not None and forced != value:
-            value = forced
-            flips.append((name, value))
-    return flips
-
-
-def _settle_fan_in_fan_out(config: LoraConfig, current: Mapping[str, nn.Module]) -> None:
-    """Set ``config.fan_in_fan_out`` as PEFT's dispatch sets it on the modules this injection
-    wraps (``current``, in model order; a module that is a LoRA layer already takes the adapter
-    without a new wrapping, which leaves the flag alone in PEFT too), with PEFT's warning at
-    each change, naming the module and how many more of its kind are targeted. Not with
-    ``target_parameters``, which refuse ``fan_in_fan_out=True`` (``config_checks``): a flip
-    would leave the user's config unable to pass its own checks (``replace``, a copy)."""
-    if config.target_parameters:  # (fan_in_fan_out=True is refused with them: keep the user's)
-        return
-    new = [(n, original_module(m)) for n, m in current.items() if not isinstance(m, LoraLayer)]
-    for name, value in fan_in_fan_out_flips(config.fan_in_fan_out, new):
-        others = sum(_forced_fan_in_fan_out(m) is value for _, m in new) - 1
-        more = f" (and {others} more)" if others else ""
-        layer = (
-            "a transformers Conv1D, whose weight is stored (in, out)"
-            if value
-            else "a torch.nn.Linear, whose weight is stored (out, in)"
-        )
-        warnings.warn(
-            f"fan_in_fan_out is set to {not value} but the target module {name!r}{more} is "
-            f"{layer}. Setting fan_in_fan_out to {value}, as PEFT does: the config and its saved "
-            "adapter_config.json keep the value the last such target sets (lorakit's layers "
-            f"use each layer's own layout either way). Pass fan_in_fan_out={value} to avoid "
-            "this, unless the targets mix nn.Linear and Conv1D layers.",
-            FanInFanOutWarning,
-            stacklevel=4,
-        )
-        config.fan_in_fan_out = value
 
 
 def warn_lora_bias_without_base_bias(model: nn.Module, config: LoraConfig, targets) -> None:

@@ -3,7 +3,8 @@
 GGUF file, published by an atomic rename under a file lock so racing processes convert once and
 a reader never sees half a model. Its marker (``lorakit-conversion.json``) records the conversion
 version, the source GGUF's name and size, and every file's size: an entry that no longer matches
-(a truncated or missing file, an older conversion, another source) is converted again.
+(a truncated or missing file, an older conversion, another source; ``model_cache_entries``)
+is converted again.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from lorakit.errors import UserError, first_line
+from lorakit.errors import UserError
+from lorakit.model_cache_entries import (
+    CONVERSION_MARKER,
+    CONVERSION_VERSION,
+    entry_problem,
+    error_gist,
+    is_complete,
+)
 
 __all__ = [
     "CONVERSION_MARKER",
@@ -30,9 +38,6 @@ __all__ = [
     "is_complete",
     "publish_directory",
 ]
-
-CONVERSION_MARKER = "lorakit-conversion.json"
-CONVERSION_VERSION = 1
 
 
 def cache_root() -> Path:
@@ -76,7 +81,7 @@ def converted_directory(name: str, install: str, gguf_path: Path) -> Path:
         ) from None
     except (OSError, SafetensorError) as error:  # not writable, a full disk, a read-only fs, ...
         raise UserError(
-            f"cannot write the model cache at '{target.parent}' ({_reason(error)}); "
+            f"cannot write the model cache at '{target.parent}' ({error_gist(error)}); "
             "free some space there or set LORAKIT_CACHE to a writable directory"
         ) from None
     return target
@@ -85,86 +90,6 @@ def converted_directory(name: str, install: str, gguf_path: Path) -> Path:
 class GgufReadError(Exception):
     """Reading the source GGUF file failed (missing, unreadable, truncated): its message is the
     original error's gist."""
-
-
-def _reason(error: BaseException) -> str:
-    """The gist of an I/O error: ``strerror`` for an ``OSError``, else the first line."""
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return first_line(error, 200)
-
-
-def is_complete(directory: Path, source: Path | None = None) -> bool:
-    """Whether ``directory`` is a usable converted entry: False when it is absent, or when it is
-    damaged or stale (``entry_problem``; converted again). A directory without the marker is not
-    lorakit's (or half-written by hand): ``UserError`` saying to delete it."""
-    if not directory.exists():
-        return False
-    if not (directory / CONVERSION_MARKER).is_file():
-        raise UserError(
-            f"model cache '{directory}' is incomplete or not made by lorakit; delete it and retry"
-        )
-    return entry_problem(directory, source) is None
-
-
-def entry_problem(directory: Path, source: Path | None = None) -> str | None:
-    """What is wrong with the converted entry ``directory`` (it has its marker), or None.
-
-    Checked: the marker's ``version`` is ``CONVERSION_VERSION``; its ``source`` name (and
-    ``source_size``, when both are recorded) match the GGUF file ``source``; every file it lists
-    has the recorded size (a few ``stat`` calls, no hashing). An entry from before sizes were
-    recorded gets the weights file's safetensors header checked against its size instead.
-    """
-    try:
-        marker = json.loads((directory / CONVERSION_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        return f"unreadable {CONVERSION_MARKER} ({_reason(error)})"
-    if not isinstance(marker, dict) or marker.get("version") != CONVERSION_VERSION:
-        version = marker.get("version") if isinstance(marker, dict) else None
-        return f"conversion version {version!r}, not {CONVERSION_VERSION}"
-    source_problem = _source_problem(marker, source)
-    if source_problem is not None:
-        return source_problem
-    files = marker.get("files")
-    if not isinstance(files, dict):
-        return _legacy_entry_problem(directory)
-    for name, size in files.items():
-        path = directory / name
-        actual = path.stat().st_size if path.is_file() else None
-        if actual != size:
-            found = "missing" if actual is None else f"{actual} bytes"
-            return f"{name} is {found}, not the {size} bytes written"
-    return None
-
-
-def _source_problem(marker: dict, source: Path | None) -> str | None:
-    """A marker whose source GGUF is not ``source`` (by name, and by size when recorded)."""
-    if source is None:
-        return None
-    if marker.get("source") not in (None, source.name):
-        return f"converted from {marker.get('source')!r}, not {source.name!r}"
-    recorded = marker.get("source_size")
-    if recorded is not None and source.is_file() and source.stat().st_size != recorded:
-        return f"converted from a {recorded}-byte {source.name}, now {source.stat().st_size} bytes"
-    return None
-
-
-def _legacy_entry_problem(directory: Path) -> str | None:
-    """An entry converted before file sizes were recorded: ``config.json`` is there and each
-    ``*.safetensors`` file is as long as its header says (catches a truncated weights file)."""
-    if not (directory / "config.json").is_file():
-        return "config.json is missing"
-    for path in sorted(directory.glob("*.safetensors")):
-        try:
-            with open(path, "rb") as handle:
-                header_size = int.from_bytes(handle.read(8), "little")
-                header = json.loads(handle.read(header_size))
-            ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-        except (OSError, ValueError, TypeError, KeyError, IndexError, MemoryError):
-            return f"{path.name} has a damaged header"
-        if path.stat().st_size != 8 + header_size + max(ends, default=0):
-            return f"{path.name} is {path.stat().st_size} bytes, not what its header says"
-    return None
 
 
 def _set_aside_damaged(target: Path, source: Path, locked: bool) -> None:
@@ -181,7 +106,7 @@ def _set_aside_damaged(target: Path, source: Path, locked: bool) -> None:
         os.rename(target, aside)
     except OSError as error:
         raise UserError(
-            refusal + f"it cannot be replaced ({_reason(error)}): delete {target} and run again"
+            refusal + f"it cannot be replaced ({error_gist(error)}): delete {target} and run again"
         ) from None
     print(f"lorakit: {refusal}converting it again", file=sys.stderr)
     shutil.rmtree(aside, ignore_errors=True)
@@ -229,7 +154,7 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
         with torch.random.fork_rng(devices=[]):
             model, tokenizer = _dequantised_model(gguf_path)
     except Exception as error:  # a truncated file fails in numpy (ValueError), gguf, struct, ...
-        raise GgufReadError(f"{type(error).__name__}: {_reason(error)}") from error
+        raise GgufReadError(f"{type(error).__name__}: {error_gist(error)}") from error
     marker = {"source": gguf_path.name, "source_size": gguf_path.stat().st_size}
     publish_directory(target, marker, model.save_pretrained, tokenizer.save_pretrained)
 

@@ -46,16 +46,11 @@ from lorakit.config import LoraConfig
 from lorakit.inject import inject
 from lorakit.peft_activation import PeftActivationMixin
 from lorakit.peft_merging import PeftMergingMixin
-from lorakit.peft_model_extras import (
-    PeftFilesMixin,
-    base_dtype,
-    record_task_heads,
-    remade_wrapper,
-    wrapper_class,
-)
+from lorakit.peft_model_extras import PeftFilesMixin, base_dtype, record_task_heads
 from lorakit.peft_rows import batch_size, rows_routed, sequences_per_row
 from lorakit.peft_state_dict import PeftStateDictMixin
 from lorakit.peft_trainer import PeftTrainerMixin
+from lorakit.peft_wrapper_class import remade_wrapper, wrapper_class
 from lorakit.state import adapter_configs
 
 __all__ = ["PeftModel", "get_peft_model"]
@@ -93,7 +88,7 @@ class PeftModel(
 
     ``PeftModel(model, peft_config, adapter_name="default")`` injects the adapter, as
     ``get_peft_model`` does; ``PeftModel(model)`` wraps a model that holds adapters already.
-    The instance is of the subclass ``PeftModelFor<ModelClass>`` (``peft_model_extras``), whose
+    The instance is of the subclass ``PeftModelFor<ModelClass>`` (``peft_wrapper_class``), whose
     ``forward`` shows the model's signature (transformers' ``Trainer`` reads it).
     ``forward`` and ``generate`` call the transformers model (``self.model``) with the same
     arguments; the active adapters apply. Attributes not defined here are the model's.

@@ -1,21 +1,13 @@
 """The parts of lorakit's ``PeftModel`` that are about its surroundings, not about adapters:
-the class each wrapped model gets (so tools that read ``forward``'s signature see the
-transformers model's arguments) and the methods that read and write adapter files
-(``PeftFilesMixin``: ``from_pretrained``, ``load_adapter``, ``save_pretrained``, and
-``push_to_hub``, which uploads the adapter files only).
-
-transformers' ``Trainer`` keeps the dataset columns named in ``inspect.signature(model.forward)``
-and takes its label names from the parameters of ``type(model).forward`` that contain
-``"label"`` (``find_labels``). A wrapper whose forward is ``(*args, **kwargs)`` would make it
-drop every column, so ``wrapper_class`` gives each wrapped model class its own subclass
-``PeftModelFor<ModelClass>`` whose ``forward`` carries the model's signature (plus
-``adapter_names``). The class name keeps the model's, so checks on the name (``"QuestionAnswering"``
-in ``find_labels``) answer as for the model.
+the methods that read and write adapter files (``PeftFilesMixin``: ``from_pretrained``,
+``load_adapter``, ``save_pretrained``, and ``push_to_hub``, which uploads the adapter files
+only). The class each wrapped model gets (``PeftModelFor<ModelClass>``, so tools that read
+``forward``'s signature see the transformers model's arguments) is ``peft_wrapper_class``'s;
+``remade_wrapper`` stays importable here, where pickles written before that split name it.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import tempfile
 from collections.abc import Sequence
@@ -26,6 +18,7 @@ from torch import nn
 
 from lorakit.inject import freeze_adapter
 from lorakit.peft_reload import reload_adapter
+from lorakit.peft_wrapper_class import remade_wrapper
 from lorakit.state import adapter_name_list, adapter_tensors, state_of
 
 if TYPE_CHECKING:
@@ -36,59 +29,7 @@ __all__ = [
     "base_dtype",
     "record_task_heads",
     "remade_wrapper",
-    "wrapper_class",
 ]
-
-_CLASSES: dict[tuple[type, type], type] = {}
-
-
-def wrapper_class(peft_class: type, model_class: type[nn.Module]) -> type:
-    """``PeftModelFor<model_class>``: a subclass of ``peft_class`` (cached per pair) whose
-    ``forward`` has ``model_class.forward``'s signature with ``adapter_names`` added."""
-    key = (peft_class, model_class)
-    if key not in _CLASSES:
-        name = f"PeftModelFor{model_class.__name__}"
-        namespace = {
-            "forward": _forward_for(peft_class, model_class),
-            "__module__": peft_class.__module__,
-            "__qualname__": name,
-            "__doc__": peft_class.__doc__,
-        }
-        _CLASSES[key] = type(name, (peft_class,), namespace)
-    return _CLASSES[key]
-
-
-def remade_wrapper(peft_class: type, model_class: type[nn.Module]) -> nn.Module:
-    """An empty instance of ``wrapper_class(peft_class, model_class)`` (unpickling fills it)."""
-    return object.__new__(wrapper_class(peft_class, model_class))
-
-
-def _forward_for(peft_class: type, model_class: type[nn.Module]):
-    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any):
-        return peft_class.forward(self, *args, adapter_names=adapter_names, **kwargs)
-
-    forward.__doc__ = peft_class.forward.__doc__
-    signature = _signature_with_adapter_names(model_class)
-    if signature is not None:
-        forward.__signature__ = signature
-    return forward
-
-
-def _signature_with_adapter_names(model_class: type[nn.Module]) -> inspect.Signature | None:
-    """``model_class.forward``'s signature (``self`` first) with the keyword-only parameter
-    ``adapter_names=None`` added before ``**kwargs``; None where it cannot be read."""
-    try:
-        signature = inspect.signature(model_class.forward)
-    except (TypeError, ValueError):
-        return None
-    parameters = list(signature.parameters.values())
-    if "adapter_names" in signature.parameters:
-        return signature
-    extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
-    at = len(parameters)
-    if parameters and parameters[-1].kind is inspect.Parameter.VAR_KEYWORD:
-        at -= 1
-    return signature.replace(parameters=[*parameters[:at], extra, *parameters[at:]])
 
 
 class PeftFilesMixin:

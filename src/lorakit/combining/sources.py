@@ -30,12 +30,18 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from lorakit import functional
+from lorakit.combining.uncombinable import (
+    refuse_convolution,
+    refuse_other_layouts,
+    refuse_other_tensor,
+    refuse_unknown_entry,
+)
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, UserError
 
@@ -101,7 +107,7 @@ def _from_directory(header: AdapterHeader) -> AdapterUpdates:
     adapter = read_adapter_data(header)
     adapter.require_finite()
     label, config = str(adapter.directory), adapter.config
-    _refuse_other_layouts(f"adapter {label}", config)
+    refuse_other_layouts(f"adapter {label}", config)
     pairs = lora_key_pairs(adapter.tensors)
     factor_keys = {key for keys in pairs.values() for key in keys.values()}
     base_weights, strays = {}, []
@@ -113,7 +119,7 @@ def _from_directory(header: AdapterHeader) -> AdapterUpdates:
             strays.append(key)  # another adapter's frozen base weight: left out, as PEFT does
             continue
         if module is None:
-            _refuse_other_tensor(label, key)
+            refuse_other_tensor(label, key)
         base_weights[module] = adapter.tensors[key]
     _warn_strays(label, strays)
     modules = {
@@ -139,38 +145,14 @@ def _warn_strays(label: str, keys: list[str]) -> None:
         warnings.warn(message, StrayBaseWeightWarning, stacklevel=5)
 
 
-def _refuse_other_tensor(label: str, key: str) -> NoReturn:
-    """``UserError`` for a tensor of an adapter file that is neither a LoRA factor nor a base
-    weight: trained rows, a bias on B, a trained bias or a module saved in full."""
-    from lorakit.io.keys import is_token_rows_key
-
-    if is_token_rows_key(key):
-        raise UserError(
-            f"trainable_token_indices cannot be combined: adapter {label} holds {key}, embedding "
-            "rows trained to new values (not a low-rank update that sums with others). Combine "
-            "adapters trained without trainable_token_indices."
-        )
-    if key.endswith("lora_B.bias"):
-        raise UserError(
-            f"adapter {label} holds {key}, a bias on lora_B (lora_bias=True), which "
-            "combining cannot carry; merge that adapter into the model instead "
-            "(lorakit merge)."
-        )
-    raise UserError(
-        f"adapter {label} holds {key}, which is not a LoRA factor (a trained bias or a "
-        "module saved in full); only LoRA factors can be combined. Combine adapters "
-        "trained with bias='none' and no modules_to_save."
-    )
-
-
 def _module_factors(
     label: str, config: LoraConfig, module: str, tensors: dict[str, torch.Tensor], keys
 ) -> ModuleFactors:
     """The factors of ``module`` from the file's ``tensors``; ``keys``: ``{"lora_A": key,
     "lora_B": key}`` (``lora_key_pairs``). ``UserError`` for factors that are not 2-D
-    (``_refuse_convolution``), ``AdapterFileError`` for a broken pair."""
+    (``refuse_convolution``), ``AdapterFileError`` for a broken pair."""
     pair = {role: tensors[key] for role, key in keys.items()}
-    _refuse_convolution(label, module, pair)
+    refuse_convolution(label, module, pair)
     if set(pair) != {"lora_A", "lora_B"} or pair["lora_A"].shape[0] != pair["lora_B"].shape[1]:
         raise AdapterFileError(
             f"adapter {label}: module {module} lacks one of its factors A, B or their "
@@ -187,42 +169,6 @@ def _module_factors(
     return ModuleFactors(pair["lora_A"], pair["lora_B"], scale, is_embedding)
 
 
-def _refuse_convolution(label: str, module: str, pair: dict[str, torch.Tensor]) -> None:
-    """``UserError`` when a factor of ``module`` is not a 2-D matrix: PEFT's LoRA on a
-    convolution (``nn.Conv2d``: A (r, C, kh, kw), B (d, r, 1, 1); ``nn.Conv1d`` / ``Conv3d``
-    alike), whose update is a kernel, not the (d, k) matrix ``s B A`` every method works on.
-    (transformers' ``Conv1D``, GPT-2's, has 2-D factors and combines like a linear layer.)"""
-    if all(factor.dim() == 2 for factor in pair.values()):
-        return
-    described = ", ".join(f"{role} {list(pair[role].shape)}" for role in sorted(pair))
-    raise UserError(
-        f"adapter {label}: module {module} has LoRA factors that are not 2-D matrices "
-        f"({described}): a LoRA on a convolution layer (e.g. nn.Conv2d). lorakit combines "
-        "LoRA on linear / Conv1D / embedding layers only; combine this adapter with peft's "
-        "add_weighted_adapter, which handles convolution layers."
-    )
-
-
-def _refuse_other_layouts(label: str, config: LoraConfig) -> None:
-    if config.use_dora:
-        raise UserError(
-            f"{label} is a DoRA adapter (use_dora=True): its magnitude vector rescales each "
-            "output row, so its update is not B A and has no low-rank sum with others; combine "
-            "plain LoRA adapters (merge a DoRA adapter into the weights instead: lorakit merge)"
-        )
-    if config.target_parameters:
-        raise UserError(
-            f"{label} adapts bare parameters (target_parameters={config.target_parameters!r}), "
-            "whose factors hold one block per expert; lorakit combines LoRA pairs of modules "
-            "only."
-        )
-    if config.layer_replication:
-        raise UserError(
-            f"{label} adapts replicated layers (layer_replication={config.layer_replication!r});"
-            " lorakit combines adapters of the plain layers only."
-        )
-
-
 def _from_model(model: nn.Module, adapter_name: str) -> AdapterUpdates:
     from lorakit.io import fingerprint
     from lorakit.layers import LoraEmbedding
@@ -230,7 +176,7 @@ def _from_model(model: nn.Module, adapter_name: str) -> AdapterUpdates:
 
     config = adapter_configs(model)[adapter_name]
     label = f"adapter {adapter_name!r} of the model"
-    _refuse_other_layouts(label, config)
+    refuse_other_layouts(label, config)
     if config.trainable_token_indices:
         raise UserError(
             f"trainable_token_indices cannot be combined: {label} trains embedding rows to new "
@@ -287,7 +233,8 @@ def read_sources(
     read_as_written``). Raises ``UserError`` / ``AdapterFileError``; every directory's config
     and header are read and checked before any tensor data."""
     from lorakit.io.older_peft_files import read_as_written
-    from lorakit.io.read import read_adapter_header, refuse_residual_base_factors
+    from lorakit.io.read import read_adapter_header
+    from lorakit.io.residual_base import refuse_residual_base_factors
     from lorakit.state import adapter_configs
 
     on_model = adapter_configs(model) if model is not None else {}
@@ -295,7 +242,7 @@ def read_sources(
     for index, entry in enumerate(adapters):
         if not (isinstance(entry, str) and entry in on_model):
             if model is not None and isinstance(entry, str) and not os.path.exists(entry):
-                _refuse_unknown_entry(entry, on_model)
+                refuse_unknown_entry(entry, on_model)
             headers[index] = read_as_written(read_adapter_header(entry), model)
             refuse_residual_base_factors(headers[index], "combining its s B A as a weight update")
     sources = []  # (a loop, not a comprehension: _from_directory's warnings count frames)
@@ -305,16 +252,3 @@ def read_sources(
         else:
             sources.append(_from_model(model, entry))
     return sources
-
-
-def _refuse_unknown_entry(entry: str, on_model: dict[str, LoraConfig]) -> NoReturn:
-    """``AdapterFileError`` for an entry that names neither an adapter on the model nor an
-    existing path (a misspelled adapter name, most often): both readings are said, with the
-    model's adapter names."""
-    from lorakit.errors import listed
-
-    names = listed([repr(name) for name in on_model], 20) if on_model else "none"
-    raise AdapterFileError(
-        f"{entry!r} is neither an adapter on the model (its adapters: {names}) nor an existing "
-        "adapter directory; give one of the model's adapter names or a directory's path."
-    )

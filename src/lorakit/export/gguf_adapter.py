@@ -90,7 +90,8 @@ def export_adapter(
     ``base_name`` says which model it is in messages (the CLI: its ``--model``). A file of
     peft < 0.22 is read with its writer's ``modules_to_save`` rule (``io.older_peft_files``)."""
     from lorakit.io.older_peft_files import read_as_written
-    from lorakit.io.read import read_adapter_data, read_adapter_header, refuse_residual_base_factors
+    from lorakit.io.read import read_adapter_data, read_adapter_header
+    from lorakit.io.residual_base import refuse_residual_base_factors
     from lorakit.state import adapter_model
 
     model = adapter_model(model)

@@ -28,8 +28,8 @@ from torch import nn
 from lorakit.config import LoraConfig, pattern_key
 from lorakit.config_checks import INIT_MODES
 from lorakit.errors import AdapterFileError
+from lorakit.fan_in_fan_out import fan_in_fan_out_flips
 from lorakit.init_methods import canonical_init, changes_base, changes_base_in_peft_only
-from lorakit.inject_checks import fan_in_fan_out_flips
 from lorakit.io.header import unreadable
 from lorakit.io.older_peft_files import portable_entries
 from lorakit.io.written_targets import written_target_modules
@@ -141,7 +141,7 @@ def _written_fan_in_fan_out(
 ) -> bool:
     """``fan_in_fan_out`` as PEFT writes it: the config's, as PEFT's dispatch rewrites it on the
     layers it wraps, false after an ``nn.Linear`` and true after a transformers ``Conv1D``
-    (``inject_checks.fan_in_fan_out_flips``). A config the model holds was settled so by its
+    (``fan_in_fan_out.fan_in_fan_out_flips``). A config the model holds was settled so by its
     injection, which knows the layers it wrapped anew (a layer another adapter wrapped first
     leaves the flag alone, in PEFT too): its value as it is. Any other config (built for a
     file: a GGUF adapter's, a plan's, a conversion's) is settled here, on the adapted layers in

@@ -13,14 +13,13 @@ failure after injection rolls the model back to exactly what it was.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from lorakit.base_rewrite import interrupts_held, write_rewrites
 from lorakit.errors import AdapterFileError
-from lorakit.inject import add_adapter_to_modules, unload
+from lorakit.inject import add_adapter_to_modules
 from lorakit.inject_checks import check_adapter_name, check_one_bias_adapter
 from lorakit.io.adapter_dirs import adapter_directory
 from lorakit.io.base_checks import check_base
@@ -28,6 +27,7 @@ from lorakit.io.file_tensors import model_tensor
 from lorakit.io.init_redo import check_init_redo, plan_redo
 from lorakit.io.load_checks import check_targets_take, check_tensors
 from lorakit.io.load_plan import LoadTargets, load_targets
+from lorakit.io.load_rollback import merge_again, roll_back
 from lorakit.io.moe_files import file_keys, fuse_expert_tensors
 from lorakit.io.older_peft_files import with_writers_rules
 from lorakit.io.read import AdapterFile, AdapterHeader, read_adapter_data, read_adapter_header
@@ -40,14 +40,11 @@ from lorakit.state import (
     active_adapters,
     adapter_configs,
     adapter_model,
-    delete_adapter,
     lora_layers,
-    saved_modules,
     state_of,
     walk_modules,
 )
 from lorakit.targets import original_module
-from lorakit.wrapped_modules import replace_module
 
 __all__ = ["load_adapter"]
 
@@ -237,9 +234,9 @@ def _apply(
         rewrites = plan_redo(model, to_load, adapter_name)
         _copy_other_tensors(model, adapter, to_load, adapter_name, base_backup, map_backup)
         remerge = _merged_over(model, [target for target, _ in base_backup])
-        _merge_again(remerge)  # their merged weights, from the base tensors the file brought
+        merge_again(remerge)  # their merged weights, from the base tensors the file brought
     except BaseException:
-        _roll_back(model, adapter_name, had_state, wrapped_before, base_backup, remerge)
+        roll_back(model, adapter_name, had_state, wrapped_before, base_backup, remerge)
         restore_maps(map_backup)
         raise
     replaced = {entry.module for entry in to_load.tensors if entry.role == "base_weight"}
@@ -248,7 +245,7 @@ def _apply(
         try:
             write_rewrites(rewrites)  # last: on a failure it puts back what it wrote
         except BaseException:
-            _roll_back(model, adapter_name, had_state, wrapped_before, base_backup, remerge)
+            roll_back(model, adapter_name, had_state, wrapped_before, base_backup, remerge)
             restore_maps(map_backup)
             raise
     style = recorded_prompt_style(adapter.metadata)  # (lorakit train's record; kept on save)
@@ -272,34 +269,3 @@ def _merged_over(
         if layer.merged_adapters and any(id(t) in ids for t in originals if t is not None):
             found.append((layer, layer.merged_adapters))
     return found
-
-
-def _merge_again(merged: Iterable[tuple[LoraLayer, tuple[str, ...]]]) -> None:
-    """For each ``(layer, names)`` of ``merged`` (a layer and the adapters it had merged before
-    the load): unmerge the layer and merge ``names`` again, in that order; its merged weight
-    (and bias) then follow its base tensors as they are now."""
-    for layer, names in merged:
-        layer.unmerge()
-        layer.merge(names)
-
-
-def _roll_back(model, adapter_name, had_state, wrapped_before, base_backup, remerge=()) -> None:
-    """Undo ``_apply``: old base values back (and the merged weights of ``remerge``, the merged
-    layers whose base tensors were written, derived from them again), the adapter and any new
-    wrapper removed."""
-    with torch.no_grad():
-        for target, old_value in base_backup:
-            target.copy_(old_value)
-    _merge_again(remerge)
-    if adapter_name not in adapter_configs(model):
-        return
-    if not had_state:
-        unload(model)
-        return
-    delete_adapter(model, adapter_name)
-    for name, layer in reversed(list(lora_layers(model))):  # nested layers first
-        if id(layer) not in wrapped_before:
-            replace_module(model, name, layer.base_layer)
-    for name, wrapper in list(saved_modules(model)):
-        if id(wrapper) not in wrapped_before:
-            replace_module(model, name, original_module(wrapper))

@@ -25,7 +25,7 @@ from lorakit.io.file_tensors import FileTensor, expected_shape
 from lorakit.io.init_redo import check_init_redo, init_to_redo
 from lorakit.io.keys import is_magnitude_key, saved_module_alias_keys
 from lorakit.io.load_plan import LoadTargets
-from lorakit.io.moe_files import refuse_moved_modules
+from lorakit.io.moved_moe_modules import refuse_moved_modules
 from lorakit.io.read import AdapterHeader
 from lorakit.io.tensors import TORCH_DTYPES
 from lorakit.layers import layer_class_for

@@ -7,10 +7,10 @@ shapes; no tensor data) then ``read_adapter_data``, so that callers can refuse a
 not fit before reading its data. Pickle files (``adapter_model.bin``) are never opened. Every
 failure, down to an unreadable path or JSON nested too deeply, is an ``AdapterFileError``.
 
-``refuse_residual_base_factors`` is for readers that take a file's A and B as a plain LoRA of
-the original base without loading it onto a model (serving, GGUF export, combining, analysis):
-it refuses a PiSSA / OLoRA adapter saved without conversion, whose factors only fit the residual
-base that init left.
+``refuse_residual_base_factors`` (``io.residual_base``'s, importable here) is for readers that
+take a file's A and B as a plain LoRA of the original base without loading it onto a model
+(serving, GGUF export, combining, analysis): it refuses a PiSSA / OLoRA adapter saved without
+conversion, whose factors only fit the residual base that init left (``read_plain_lora``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import torch
 
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError
-from lorakit.init_methods import changes_base
 from lorakit.io import fingerprint, fingerprint_json
 from lorakit.io.adapter_dirs import (
     CONFIG_METADATA_KEY,
@@ -37,6 +36,11 @@ from lorakit.io.adapter_dirs import (
 )
 from lorakit.io.config_json import CONFIG_NAME, config_from_json, read_config_text
 from lorakit.io.header import TensorInfo, read_header, unreadable
+from lorakit.io.residual_base import (
+    BASE_INIT_METADATA_KEY,
+    refuse_residual_base_factors,
+    residual_base_init,
+)
 from lorakit.io.tensors import MAX_ABS_VALUE, read_safetensors
 
 __all__ = [
@@ -56,9 +60,6 @@ __all__ = [
 ]
 
 PICKLE_NAME = "adapter_model.bin"
-# The base-changing init of an adapter lorakit saved unconverted (its adapter_config.json then
-# says true, so that peft does not rerun the init; ``save.adapter_file_contents``).
-BASE_INIT_METADATA_KEY = "lorakit.base_changing_init"
 
 
 @dataclass
@@ -257,53 +258,3 @@ def _reconcile(config: LoraConfig, stored_text: str, source: str) -> LoraConfig:
         stacklevel=3,
     )
     return stored
-
-
-def residual_base_init(
-    adapter: AdapterHeader | AdapterFile, *, fingerprint_checked: bool = False
-) -> tuple[str, str] | None:
-    """``(init, where the file says so)`` when ``adapter``'s A and B only fit the residual base
-    ``W0 - s B0 A0`` of a PiSSA / OLoRA init (``lorakit.init_methods``), else None:
-
-    - a file PEFT saved without conversion: ``init_lora_weights`` "pissa", "pissa_niter_K" or
-      "olora" in its config (PEFT, and ``load_adapter``, rerun the init on the base to load it);
-    - an adapter lorakit saved without conversion: config ``true``, the init in the header
-      metadata ``BASE_INIT_METADATA_KEY``, and the residual base's fingerprint. With
-      ``fingerprint_checked`` (the reader checks that fingerprint against its base model, which
-      refuses the original base and accepts the residual model) it is not reported.
-
-    LoftQ is never reported: its base is the quantized ``Q``, a model saved and used as it is,
-    and the factors are a plain LoRA of that base (``load_adapter`` loads LoftQ files as is).
-    """
-    init = adapter.config.init_lora_weights
-    if changes_base(init) and init != "loftq":
-        return str(init), f"PEFT saved it without conversion (init_lora_weights in {CONFIG_NAME})"
-    recorded = adapter.metadata.get(BASE_INIT_METADATA_KEY)
-    if not fingerprint_checked and changes_base(recorded) and recorded != "loftq":
-        return str(recorded), (
-            f"lorakit saved it without conversion (init_lora_weights in the {WEIGHTS_NAME} "
-            f"metadata {BASE_INIT_METADATA_KEY!r}; its {CONFIG_NAME} says true)"
-        )
-    return None
-
-
-def refuse_residual_base_factors(
-    adapter: AdapterHeader | AdapterFile, doing: str, *, fingerprint_checked: bool = False
-) -> None:
-    """``AdapterFileError`` naming the file when ``residual_base_init`` finds that its factors
-    belong to a PiSSA / OLoRA residual base, for a reader that would use them as a plain LoRA
-    of the original base; ``doing`` says what it would do ("exporting it to GGUF"). Call it
-    before any other work (a header is enough)."""
-    found = residual_base_init(adapter, fingerprint_checked=fingerprint_checked)
-    if found is None:
-        return
-    init, where = found
-    raise AdapterFileError(
-        f"adapter {adapter.directory}: {where}. init_lora_weights={init!r} means its lora_A / "
-        "lora_B belong to the PiSSA/OLoRA residual base W0 - s B0 A0 that this init made, not "
-        f"to the original base weights, so {doing} would give wrong results. Convert it to a "
-        "plain LoRA for the original base first: with PEFT, model.save_pretrained(out, "
-        "path_initial_model_for_weight_conversion=<initial adapter dir>); with lorakit, "
-        "lorakit.save_adapter(model, out, initial_adapter=<initial adapter dir>) (the initial "
-        "adapter: saved right after the init, before training)."
-    )

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lorakit.quantized.bnb_checks import check, check_dequantizable, check_inference, is_4bit
 from lorakit.quantized.bnb_cpu_kernel import CPU_KERNEL_MARK, is_packed_state, unpacked_codes
 from lorakit.quantized.bnb_cpu_kernel import is_packed as is_repacked
 
@@ -47,71 +48,6 @@ __all__ = [
     "shape",
     "storage",
 ]
-
-
-def is_4bit(module: nn.Module) -> bool:
-    """True for ``Linear4bit`` (and subclasses), False for ``Linear8bitLt``."""
-    import bitsandbytes as bnb
-
-    return isinstance(module, bnb.nn.Linear4bit)
-
-
-def check(module: nn.Module) -> None:
-    """Refuse a 4-bit layer without quantized weights or one bitsandbytes repacked for its CPU
-    inference kernel unasked (``UnsupportedQuantizedLayerError``); one repacked on purpose
-    (``CPU_KERNEL_MARK``) passes, for inference only."""
-    from lorakit.quantized import UnsupportedQuantizedLayerError
-
-    if not is_4bit(module):
-        if module.weight.dtype != torch.int8:
-            raise UnsupportedQuantizedLayerError(_not_int8_reason(module))
-        return
-    state = getattr(module.weight, "quant_state", None)
-    if state is None:
-        raise UnsupportedQuantizedLayerError(
-            "this Linear4bit is not quantized yet (no quant_state); move it to a device first "
-            "(.to('cpu') quantizes it) or load the model with BitsAndBytesConfig"
-        )
-    if is_packed_state(state) and not getattr(module, CPU_KERNEL_MARK, False):
-        raise UnsupportedQuantizedLayerError(
-            "this Linear4bit was repacked in place for bitsandbytes' CPU inference kernel (an "
-            "eval-mode, no-grad forward on an AVX512-BF16 CPU did it); its stored bytes are no "
-            "longer the checkpoint's, and the repacking cannot be undone exactly. Load the model "
-            "afresh, then turn that repacking off before any eval-mode forward: load it with "
-            "lorakit.models.load_model(..., quantization=...), or call lorakit.inject / "
-            "lorakit.load_adapter on it, or lorakit.quantized.loading.keep_4bit_storage(model); "
-            "each does so on every Linear4bit of the model, adapted or not. (To run inference "
-            "with that kernel on purpose, add or load the adapters first, then call "
-            "lorakit.quantized.bnb_cpu_kernel.use_bnb_cpu_kernel(model); it cannot be merged.)"
-        )
-
-
-def _has_fp16_weights(module: nn.Module) -> bool:
-    """True for a ``Linear8bitLt`` built with ``has_fp16_weights=True`` (on its state or its
-    weight): it keeps a float weight that it trains, and never holds int8 codes."""
-    state = getattr(module, "state", None)
-    return bool(
-        getattr(state, "has_fp16_weights", False)
-        or getattr(module.weight, "has_fp16_weights", False)
-    )
-
-
-def _not_int8_reason(module: nn.Module) -> str:
-    """Why a ``Linear8bitLt`` without int8 weights cannot be a LoRA base, and what to do."""
-    if _has_fp16_weights(module):
-        return (
-            f"this Linear8bitLt has has_fp16_weights=True: it keeps a trainable "
-            f"{module.weight.dtype} weight (transformers' "
-            "BitsAndBytesConfig(load_in_8bit=True, llm_int8_has_fp16_weight=True)) and never "
-            "holds int8 codes, so it is no int8 base. To train LoRA on an int8 base, reload the "
-            "model with llm_int8_has_fp16_weight=False (the default; has_fp16_weights=False "
-            "for a Linear8bitLt you build), or load the model in float"
-        )
-    return (
-        f"this Linear8bitLt holds {module.weight.dtype} weights, not int8 (not quantized yet); "
-        "move it to a device first (.to('cpu') quantizes it) or load the model with "
-        "BitsAndBytesConfig"
-    )
 
 
 def shape(module: nn.Module) -> tuple[int, int]:
@@ -137,24 +73,6 @@ def _int8_scales(module: nn.Module) -> torch.Tensor:
     layer's ``state`` after it)."""
     scales = getattr(module.weight, "SCB", None)
     return scales if scales is not None else module.state.SCB
-
-
-def check_dequantizable(module: nn.Module) -> None:
-    """Refuse (``UnsupportedQuantizedLayerError``) a ``Linear4bit`` repacked for bitsandbytes'
-    CPU kernel (``use_bnb_cpu_kernel``, or repacked unasked): its ``W0`` cannot be read exactly,
-    so it cannot be merged or trained. ``merge`` / ``merge_and_unload`` ask this of every layer
-    they will dequantize before changing any, and name the module."""
-    if is_4bit(module) and (
-        is_packed_state(module.weight.quant_state) or getattr(module, CPU_KERNEL_MARK, False)
-    ):
-        from lorakit.quantized import UnsupportedQuantizedLayerError
-
-        raise UnsupportedQuantizedLayerError(
-            "this Linear4bit was repacked for bitsandbytes' CPU inference kernel "
-            "(use_bnb_cpu_kernel / --bnb-cpu-kernel): its scales were rounded to bfloat16, so "
-            "its W0 cannot be read exactly; it runs inference only (no training, no merge). "
-            "Load the model afresh without that option to train or merge."
-        )
 
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
@@ -212,7 +130,7 @@ def base_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if state is None:
         check(module)  # raises, saying why
     if is_packed_state(state):
-        _check_inference(module, x)  # bitsandbytes' CPU kernel (use_bnb_cpu_kernel)
+        check_inference(module, x)  # bitsandbytes' CPU kernel (use_bnb_cpu_kernel)
     compute_dtype = module.compute_dtype or x.dtype
     bias = module.bias
     if bias is not None and bias.dtype != compute_dtype:
@@ -220,19 +138,6 @@ def base_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     x_compute = x if x.dtype == compute_dtype else x.to(compute_dtype)
     out = bnb.matmul_4bit(x_compute, module.weight, bias=bias, quant_state=state)
     return out if out.dtype == x.dtype else out.to(x.dtype)
-
-
-def _check_inference(module: nn.Module, x: torch.Tensor) -> None:
-    """A repacked layer (``bnb_cpu_kernel``) runs only where no gradient flows through it:
-    bitsandbytes' CPU kernel has no backward, so a LoRA layer before it would get none."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        from lorakit.quantized import UnsupportedQuantizedLayerError
-
-        raise UnsupportedQuantizedLayerError(
-            "this Linear4bit was repacked for bitsandbytes' CPU inference kernel "
-            "(use_bnb_cpu_kernel / --bnb-cpu-kernel), which has no backward: it runs inference "
-            "only (torch.no_grad()). To train, load the model afresh without that option."
-        )
 
 
 def _int8_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

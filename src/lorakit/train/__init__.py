@@ -20,9 +20,11 @@ if TYPE_CHECKING:  # at run time ``__getattr__`` loads these on first use
     from lorakit.train.batches import BatchOrder, pad_collate
     from lorakit.train.checkpoint_dirs import latest_checkpoint
     from lorakit.train.config import TrainingConfig
-    from lorakit.train.loop import TrainResult, enable_gradient_checkpointing, train
+    from lorakit.train.gradient_checkpointing import enable_gradient_checkpointing
+    from lorakit.train.loop import train
     from lorakit.train.losses import evaluate, exact_match_counts
     from lorakit.train.optim import build_optimizer, parameter_groups
+    from lorakit.train.run_finish import TrainResult
     from lorakit.train.schedule import lr_factor
 
 __all__ = [
@@ -44,10 +46,10 @@ lazy_exports(
     __name__,
     {
         "BatchOrder": "batches",
-        "TrainResult": "loop",
+        "TrainResult": "run_finish",
         "TrainingConfig": "config",
         "build_optimizer": "optim",
-        "enable_gradient_checkpointing": "loop",
+        "enable_gradient_checkpointing": "gradient_checkpointing",
         "evaluate": "losses",
         "exact_match_counts": "losses",
         "latest_checkpoint": "checkpoint_dirs",

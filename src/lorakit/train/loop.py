@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from lorakit.train.checkpoint import (
 from lorakit.train.config import TrainingConfig
 from lorakit.train.distributed import Distributed, setup_distributed
 from lorakit.train.fsdp import ShardedSaver, reshard, whole
+from lorakit.train.gradient_checkpointing import enable_gradient_checkpointing
 from lorakit.train.inputs import check_inputs
 from lorakit.train.losses import (
     NO_EVAL_TARGETS,
@@ -50,54 +50,25 @@ from lorakit.train.losses import (
     exact_match_counts,
     target_count,
 )
-from lorakit.train.metrics import MetricsLog, plot_loss_curve, read_metrics
+from lorakit.train.metrics import MetricsLog
 from lorakit.train.optim import (
     build_optimizer,
     parameter_groups,
     resumes_decaying_all,
 )
-from lorakit.train.output_dir import prepare_output_dir, write_final_adapter
+from lorakit.train.output_dir import prepare_output_dir
 from lorakit.train.resume import (
     checkpoint_to_resume,
     planned_run,
 )
 from lorakit.train.rng import seed_everything
 from lorakit.train.run_checkpoints import RunCheckpoints
+from lorakit.train.run_finish import RunFinish, TrainResult
 from lorakit.train.schedule import build_scheduler, warmup_steps_for
 
 __all__ = ["TrainResult", "enable_gradient_checkpointing", "train"]
 
 Collate = Callable[[Sequence[Any]], dict[str, torch.Tensor]]
-
-
-@dataclass
-class TrainResult:
-    """What a finished run produced."""
-
-    steps: int
-    final_loss: float | None
-    output_dir: Path
-    metrics_path: Path
-    eval_metrics: dict[str, float] = field(default_factory=dict)
-    adapter_dir: Path | None = None
-    loss_curve: Path | None = None
-    resumed_from: int = 0
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Recompute activations in backward (non-reentrant), trading compute for memory. Inputs of
-    the first block are made to require grad so that frozen embeddings still pass gradients."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    elif hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        raise UserError(f"{type(model).__name__} does not support gradient checkpointing")
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
-    if hasattr(model, "config"):
-        model.config.use_cache = False
 
 
 def train(
@@ -137,7 +108,7 @@ def train(
     return run.run()
 
 
-class _Run(RunCheckpoints):
+class _Run(RunCheckpoints, RunFinish):
     """The state of one training run (kept out of ``train`` to keep functions short)."""
 
     def __init__(self, model, train_data, collate, config, eval_data, metric_fn, length_of, resume):
@@ -300,29 +271,3 @@ class _Run(RunCheckpoints):
 
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.model, self.eval_batches(), self.metric_fn)
-
-    def _finish(self, start_step: int) -> TrainResult:
-        # (evaluated at the last step: by eval_every, or before a finished run was resumed)
-        if self.eval_data and self.last_eval_step != self.total_steps:
-            self._evaluate(self.total_steps)
-        result = TrainResult(
-            steps=self.total_steps,
-            final_loss=self.last_loss,
-            output_dir=self.output_dir,
-            metrics_path=self.metrics.path,
-            eval_metrics=self.last_eval,
-            resumed_from=start_step,
-        )
-        write_adapter = self.saver.adapter_writer(self.model)  # FSDP: gathered by every process
-        failure = None
-        if self.dist.is_main:
-            result.adapter_dir = self.output_dir / "adapter"
-            failure = write_final_adapter(write_adapter, result.adapter_dir, self.output_dir)
-            if self.config.plot and failure is None:
-                records = read_metrics(self.metrics.path)
-                result.loss_curve = plot_loss_curve(records, self.output_dir / "loss_curve.png")
-        self.dist.barrier()  # (every process, the one that failed too)
-        if failure is not None:
-            raise failure
-        self.model.eval()
-        return result

@@ -12,7 +12,7 @@ from typing import Any
 from lorakit.errors import UserError
 from lorakit.io.atomic import write_text
 from lorakit.train.distributed import check_strategy, training_device
-from lorakit.train.loop import TrainResult
+from lorakit.train.run_finish import TrainResult
 
 __all__ = ["NOT_RECORDED", "recorded_settings", "train_from_settings"]
 
