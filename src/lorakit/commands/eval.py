@@ -23,7 +23,7 @@ from lorakit.commands._model_options import (
 )
 from lorakit.errors import UserError
 
-__all__ = ["load_model_and_adapter", "register", "run"]
+__all__ = ["add_model_options", "load_model_and_adapter", "load_model_for", "register", "run"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,16 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "stderr), loss, accuracy, accuracy_kind."
         ),
     )
-    parser.add_argument(
-        "--model", default="smollm2-135m-instruct", help="model spec (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--adapter", help="adapter directory (PEFT format); default: the base model alone"
-    )
-    add_base_mismatch_option(parser)
-    add_quantization_option(parser)
-    add_bnb_cpu_kernel_option(parser)
-    add_dtype_option(parser)
+    add_model_options(parser, "adapter directory (PEFT format); default: the base model alone")
     parser.add_argument(
         "--data", required=True, help="rotten-tomatoes, chatterbot, a .jsonl or a .csv file"
     )
@@ -74,6 +65,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default: %(default)s)",
     )
     parser.set_defaults(func=run)
+
+
+def add_model_options(parser: argparse.ArgumentParser, adapter_help: str) -> None:
+    """``--model``, ``--adapter`` (``adapter_help``) and the options of a command that runs
+    the model it loads (``commands._model_options``): ``eval``'s and ``generate``'s, which load
+    with ``load_model_for``."""
+    parser.add_argument(
+        "--model", default="smollm2-135m-instruct", help="model spec (default: %(default)s)"
+    )
+    parser.add_argument("--adapter", help=adapter_help)
+    add_base_mismatch_option(parser)
+    add_quantization_option(parser)
+    add_bnb_cpu_kernel_option(parser)
+    add_dtype_option(parser)
+
+
+def load_model_for(args: argparse.Namespace):
+    """``(model, tokenizer)`` for the options of ``add_model_options`` (checked first by
+    ``check_bnb_cpu_kernel`` and ``check_base_mismatch_option``): ``load_model_and_adapter``,
+    then ``--bnb-cpu-kernel`` applied to the loaded layers."""
+    model, tokenizer = load_model_and_adapter(
+        args.model, args.adapter, args.allow_base_mismatch, args.quantization, args.dtype
+    )
+    apply_bnb_cpu_kernel(args, model)
+    return model, tokenizer
 
 
 PASS_QUANTIZATION = " It was trained on a quantized base: pass --quantization {option}."
@@ -192,10 +208,7 @@ def run(args: argparse.Namespace) -> int:
     check_bnb_cpu_kernel(args)
     check_base_mismatch_option(args)
     examples = load_examples_for(args.data, args.split, args.style, "test")[: args.limit]
-    model, tokenizer = load_model_and_adapter(
-        args.model, args.adapter, args.allow_base_mismatch, args.quantization, args.dtype
-    )
-    apply_bnb_cpu_kernel(args, model)  # (the scores need no gradient)
+    model, tokenizer = load_model_for(args)  # (--bnb-cpu-kernel: the scores need no gradient)
     check_max_length(model, args.max_length)  # GPT-2's position table: no longer examples
     if examples and all(example.choices for example in examples):
         _check_choices(args, examples, tokenizer)  # before the loss pass, not after it

@@ -6,15 +6,8 @@ import argparse
 import math
 import sys
 
-from lorakit.commands._model_options import (
-    add_base_mismatch_option,
-    add_bnb_cpu_kernel_option,
-    add_dtype_option,
-    add_quantization_option,
-    apply_bnb_cpu_kernel,
-    check_base_mismatch_option,
-    check_bnb_cpu_kernel,
-)
+from lorakit.commands._model_options import check_base_mismatch_option, check_bnb_cpu_kernel
+from lorakit.commands.eval import add_model_options
 from lorakit.errors import UserError
 
 
@@ -31,14 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("prompt", help="the prompt text")
-    parser.add_argument(
-        "--model", default="smollm2-135m-instruct", help="model spec (default: %(default)s)"
-    )
-    parser.add_argument("--adapter", help="adapter directory (PEFT format)")
-    add_base_mismatch_option(parser)
-    add_quantization_option(parser)
-    add_bnb_cpu_kernel_option(parser)
-    add_dtype_option(parser)
+    add_model_options(parser, "adapter directory (PEFT format)")
     parser.add_argument(
         "--max-new-tokens",
         type=int,
@@ -251,15 +237,12 @@ def run(args: argparse.Namespace) -> int:
     _check_seed(args.seed)
     import torch
 
-    from lorakit.commands.eval import load_model_and_adapter
+    from lorakit.commands.eval import load_model_for
 
     check_bnb_cpu_kernel(args)
     check_base_mismatch_option(args)
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_adapter(
-        args.model, args.adapter, args.allow_base_mismatch, args.quantization, args.dtype
-    )
-    apply_bnb_cpu_kernel(args, model)
+    model, tokenizer = load_model_for(args)
     text = generate_text(
         model,
         tokenizer,

@@ -22,6 +22,7 @@ from lorakit.init_factors import orthogonal_factors
 from lorakit.layers.base import LoraLayer
 from lorakit.layers.dora import Magnitude, RowNorms
 from lorakit.layers.lora_bias import LoraBiases, LoraBiasMixin
+from lorakit.layers.parameter import LinearFactors
 
 __all__ = ["LoraLinear", "is_conv1d"]
 
@@ -39,19 +40,7 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return module.out_features, module.in_features
 
 
-def _factor(weight: torch.Tensor) -> nn.Linear:
-    """A bias-free ``nn.Linear`` holding ``weight`` (out, in) as its Parameter, built without
-    ``nn.Linear.__init__``: its random draw would be thrown away, and when loading adapters
-    building hundreds of modules the usual way costs more than reading the file."""
-    linear = nn.Linear.__new__(nn.Linear)
-    nn.Module.__init__(linear)
-    linear.__dict__.update(out_features=weight.shape[0], in_features=weight.shape[1])
-    linear.register_parameter("weight", nn.Parameter(weight))
-    linear.register_parameter("bias", None)
-    return linear
-
-
-class LoraLinear(LoraBiasMixin, LoraLayer):
+class LoraLinear(LoraBiasMixin, LinearFactors, LoraLayer):
     """LoRA for ``nn.Linear`` and ``Conv1D``: ``h = base(x) + sum_a s_a B_a A_a dropout(x)``.
 
     Shapes: x (..., k) -> h (..., d); ``lora_A[a].weight`` (r, k), ``lora_B[a].weight`` (d, r).
@@ -117,13 +106,8 @@ class LoraLinear(LoraBiasMixin, LoraLayer):
         self.row_norms.clear()
         return result
 
-    def store_factors(self, adapter_name: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
-        self.lora_A[adapter_name] = _factor(lora_A)
-        self.lora_B[adapter_name] = _factor(lora_B)
-
     def _delete_adapter_tensors(self, adapter_name: str) -> None:
-        del self.lora_A[adapter_name]
-        del self.lora_B[adapter_name]
+        super()._delete_adapter_tensors(adapter_name)  # A and B (``LinearFactors``)
         if self.is_dora(adapter_name):
             del self.lora_magnitude_vector[adapter_name]
             self.row_norms.clear(adapter_name)

@@ -28,9 +28,34 @@ from torch import nn
 
 from lorakit import functional
 from lorakit.layers.base import LoraLayer, _same_adapters
-from lorakit.layers.linear import _factor
 
-__all__ = ["LoraParameter", "owner_of", "parameter_layout"]
+__all__ = ["LinearFactors", "LoraParameter", "owner_of", "parameter_layout"]
+
+
+def _factor(weight: torch.Tensor) -> nn.Linear:
+    """A bias-free ``nn.Linear`` holding ``weight`` (out, in) as its Parameter, built without
+    ``nn.Linear.__init__``: its random draw would be thrown away, and when loading adapters
+    building hundreds of modules the usual way costs more than reading the file."""
+    linear = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(linear)
+    linear.__dict__.update(out_features=weight.shape[0], in_features=weight.shape[1])
+    linear.register_parameter("weight", nn.Parameter(weight))
+    linear.register_parameter("bias", None)
+    return linear
+
+
+class LinearFactors:
+    """The factors kept as bias-free ``nn.Linear`` modules (``_factor``) in the layer's
+    ``lora_A`` / ``lora_B`` ``ModuleDict``s (PEFT's keys ``lora_A.<adapter>.weight``, shapes
+    ``factor_shapes``): ``LoraParameter``'s and ``layers.linear.LoraLinear``'s."""
+
+    def store_factors(self, adapter_name: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+        self.lora_A[adapter_name] = _factor(lora_A)
+        self.lora_B[adapter_name] = _factor(lora_B)
+
+    def _delete_adapter_tensors(self, adapter_name: str) -> None:
+        del self.lora_A[adapter_name]
+        del self.lora_B[adapter_name]
 
 
 def parameter_layout(parameter: torch.Tensor, transposed: bool) -> tuple[int, int, int]:
@@ -53,7 +78,7 @@ def owner_of(module: nn.Module) -> nn.Module:
     return module
 
 
-class LoraParameter(LoraLayer):
+class LoraParameter(LinearFactors, LoraLayer):
     """LoRA on the parameter ``parameter_name`` of the module ``owner_of(base_layer)``.
 
     Calls are those of the wrapped module (any arguments); ``h`` is what the module computes
@@ -141,14 +166,6 @@ class LoraParameter(LoraLayer):
         else:
             nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
         nn.init.zeros_(lora_B)
-
-    def store_factors(self, adapter_name: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
-        self.lora_A[adapter_name] = _factor(lora_A)
-        self.lora_B[adapter_name] = _factor(lora_B)
-
-    def _delete_adapter_tensors(self, adapter_name: str) -> None:
-        del self.lora_A[adapter_name]
-        del self.lora_B[adapter_name]
 
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         return [self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight]
