@@ -133,20 +133,39 @@ def _streamed_factors(
     return factors, layers
 
 
-def _refuse_nothing_left(base: nn.Module, finetuned: nn.Module, new: Mapping[str, str]) -> None:
+def _refuse_nothing_left(
+    base: nn.Module, finetuned: nn.Module, new: Mapping[str, str], tied: Mapping[str, str]
+) -> None:
     """``ValueError`` when no linear update is left: the two are not one model
-    (``sources.refuse_incomparable``), only newly initialised layers differ, or none does."""
+    (``sources.refuse_incomparable``), only tied layers (``tied_linear_changes``) or newly
+    initialised layers differ, or none does (naming any parameter only one model has)."""
+    from lorakit.analysis.one_sided import one_sided_parameters, one_sided_summary
     from lorakit.analysis.sources import refuse_incomparable
+    from lorakit.analysis.uncaptured import tied_linear_changes
+    from lorakit.analysis.updates import missing_from
 
     refuse_incomparable(base, finetuned)
+    changed_tied = tied_linear_changes(base, finetuned, tied, new)
+    if changed_tied:
+        listed = ", ".join(f"{name} (tied to {tied[name]})" for name in changed_tied)
+        raise ValueError(
+            "the only linear layers that differ between the base and the fine-tuned model "
+            f"share their weight with another parameter: {listed}; a LoRA on a tied weight "
+            "would change what it is tied to when merged, so extract gives them none and "
+            "nothing is left to extract (`lorakit analyze --base --finetuned` shows their "
+            "W_ft - W0); save the changed weight in full instead, e.g. modules_to_save"
+        )
     if new:
-        listed = ", ".join(f"{name} (not in the {which} checkpoint)" for name, which in new.items())
+        listed = ", ".join(f"{name} ({missing_from(which)})" for name, which in new.items())
         raise ValueError(
             "no linear layer differs between the base and the fine-tuned model but those "
             f"newly initialised at loading, which have no trained ΔW: {listed}; check --task "
             "and that both directories hold the weights of these layers"
         )
-    raise ValueError("no linear layer differs between the base and the fine-tuned model")
+    one_sided = one_sided_summary(one_sided_parameters(base, finetuned))
+    raise ValueError(
+        f"no linear layer differs between the base and the fine-tuned model{one_sided}"
+    )
 
 
 def _check_arguments(rank: int | None, energy: float | None, lora_alpha: float | None) -> None:
@@ -184,12 +203,14 @@ def extract_lora(
     ``exclude``: module names left out (e.g. a new classification head, better saved in full);
     their changes are then listed in ``uncaptured``, as are those of linear layers whose weight
     is tied to another parameter (never given a LoRA, noted "tied to <other>").
-    ``newly_initialised``: ``{module name: "base" | "fine-tuned"}``, modules whose weights were
-    missing from that checkpoint and randomly initialised at loading; left out and noted.
+    ``newly_initialised``: ``{module name: "base" | "fine-tuned" | "both"}``, modules whose
+    weights were missing from that checkpoint (or both) and randomly initialised at loading;
+    left out and noted.
     One float64 ΔW is alive at a time (with ``energy``, a first pass of singular values picks
     the ranks, a second makes the factors). ``ValueError`` when no linear layer differs,
-    saying so when the two are not one model (``sources.refuse_incomparable``) or only newly
-    initialised layers differ.
+    saying so when the two are not one model (``sources.refuse_incomparable``) or only tied or
+    newly initialised layers differ. Parameters only one model has are listed in
+    ``uncaptured`` (``one_sided.OneSidedParameter``).
     """
     _check_arguments(rank, energy, lora_alpha)
     new = dict(newly_initialised or {})
@@ -207,7 +228,7 @@ def extract_lora(
         ranks = energy_ranks(base, finetuned, skipped, energy, max_rank)
         common = max(ranks.values(), default=1)
     if not ranks:
-        _refuse_nothing_left(base, finetuned, new)
+        _refuse_nothing_left(base, finetuned, new, tied)
     config = extracted_config(
         base, ranks, common, float(lora_alpha if lora_alpha is not None else common)
     )

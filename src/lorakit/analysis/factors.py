@@ -3,7 +3,10 @@
 ``adapter_factors`` reads them from the LoRA layers of a model, ``tensor_factors`` from an
 adapter file's tensors and config; both refuse what has no low-rank update ``s B A`` (per-expert
 factors, DoRA), and a file's factors are checked (both present, two finite floating-point
-matrices sharing a rank) before ``lorakit.analysis.spectrum`` takes their singular values.
+matrices sharing a rank; a convolution's LoRA is refused as not supported) before
+``lorakit.analysis.spectrum`` takes their singular values. An embedding's factors come
+transposed, so that ``s B A`` is its update as PEFT's ``get_delta_weight`` gives it,
+(num_embeddings, dim).
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ def adapter_factors(
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, float]]:
     """``(module name, A (r, k), B (d, r), s)`` for every LoRA layer holding ``adapter_name``.
 
-    Embedding adapters are included (A (r, num), B (dim, r)); their update is the transpose,
-    which has the same singular values.
+    Embedding adapters are included: their stored A (r, num), B (dim, r) give the update
+    ``s (B A)^T = s A^T B^T`` (num, dim), so they come as ``(B^T (r, dim), A^T (num, r))``.
     """
     from lorakit.layers import LoraParameter
+    from lorakit.layers.embedding import LoraEmbedding
     from lorakit.state import lora_layers
 
     for name, layer in lora_layers(model):
@@ -40,6 +44,8 @@ def adapter_factors(
         if layer.is_dora(adapter_name):
             raise _dora_error(adapter_name)
         lora_A, lora_B = layer.adapter_parameters(adapter_name)[:2]
+        if isinstance(layer, LoraEmbedding):
+            lora_A, lora_B = lora_B.T, lora_A.T  # (the update (num, dim) = s A^T B^T)
         yield name, lora_A, lora_B, layer.scalings[adapter_name]
 
 
@@ -50,7 +56,8 @@ def tensor_factors(
 
     Keys ``base_model.model.<path>.lora_A.weight`` / ``.lora_B.weight`` (and the embedding
     ``lora_embedding_A`` / ``_B``); s comes from ``config.rank_for`` / ``alpha_for`` and
-    ``functional.scaling`` (rsLoRA respected).
+    ``functional.scaling`` (rsLoRA respected). An embedding's A (r, num), B (dim, r) come as
+    ``(B^T, A^T)``, so that ``s B A`` is its (num, dim) update ``s A^T B^T``, as in PEFT.
     """
     if config.target_parameters:
         raise _per_expert_error(str(config.target_parameters))
@@ -65,6 +72,8 @@ def tensor_factors(
         _check_pair(keys["lora_A"], lora_A, lora_B, keys["lora_B"])
         rank = lora_A.shape[0]
         scale = functional.scaling(rank, config.alpha_for(name), config.use_rslora)
+        if "lora_embedding_A" in keys["lora_A"]:  # (the update (num, dim) = s A^T B^T)
+            lora_A, lora_B = lora_B.T, lora_A.T
         yield name, lora_A, lora_B, scale
 
 
@@ -90,10 +99,17 @@ def _check_pair(
 ) -> None:
     """``AdapterFileError`` naming the factor unless A (r, k) and B (d, r) are non-empty
     floating-point matrices sharing r, with finite values only (what a damaged or hand-made
-    file, or a diverged training run, may not hold)."""
+    file, or a diverged training run, may not hold); ``UserError`` for the factors of a
+    convolution (both 3-D or more: not supported)."""
     from lorakit.errors import AdapterFileError
 
     shapes = f"A {list(lora_A.shape)} {lora_A.dtype}, B {list(lora_B.shape)} {lora_B.dtype}"
+    if lora_A.dim() == lora_B.dim() >= 3:  # PEFT's LoRA on nn.Conv1d / Conv2d / Conv3d
+        raise UserError(
+            f"{key_A}: a LoRA on a convolution layer ({shapes}; e.g. nn.Conv2d: A (r, C, kh, "
+            "kw), B (d, r, 1, 1)): its update is a kernel, not a (d, k) matrix, and analyze "
+            "supports LoRA on linear / Conv1D / embedding layers only (as combine does)"
+        )
     matrices = lora_A.dim() == 2 == lora_B.dim() and lora_A.numel() and lora_B.numel()
     if not (matrices and lora_A.shape[0] == lora_B.shape[1]):
         raise AdapterFileError(

@@ -6,7 +6,9 @@ classifier) their shared transformers body (``base_model``) is compared, and the
 meant for a model of the fine-tune's class: its module names carry the body's prefix there
 (``bert.encoder...``), and its head, which only the fine-tune has, is named so that it can be
 saved in full. Modules missing from a checkpoint (randomly initialised at loading) are named
-with the checkpoint that lacks them, in the compared models' names.
+with the checkpoint that lacks them ("both" when neither has them), in the compared models'
+names. A quantized checkpoint (a ``quantization_config``) is refused before either model loads
+(``sources.refuse_quantized``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorakit.analysis.sources import comparable, load_model_with_new
+from lorakit.analysis.sources import comparable, load_model_with_new, refuse_quantized
 
 __all__ = ["ModelPair", "base_with_finetuned_head", "load_pair", "new_head_parameters"]
 
@@ -29,8 +31,8 @@ class ModelPair:
     """``base`` and ``finetuned``: what is compared (the bodies when the classes differ).
     ``base_model`` / ``finetuned_model``: the whole models; ``prefix``: the name of
     ``finetuned`` inside ``finetuned_model`` ("" when it is the whole model).
-    ``newly_initialised``: ``{compared module name: "base" | "fine-tuned"}``, the modules whose
-    weights that checkpoint lacked."""
+    ``newly_initialised``: ``{compared module name: "base" | "fine-tuned" | "both"}``, the
+    modules whose weights that checkpoint (or both) lacked."""
 
     base: nn.Module
     finetuned: nn.Module
@@ -58,13 +60,19 @@ def load_pair(
     task: str | None = None,
     progress: bool = True,
 ) -> ModelPair:
-    """Load both models (``sources.load_model_with_new``) and reduce them to what compares."""
+    """Load both models (``sources.load_model_with_new``) and reduce them to what compares; a
+    quantized checkpoint is refused before either loads."""
+    from lorakit.model_specs import resolve_model
+
+    for spec in (base, finetuned):
+        refuse_quantized(resolve_model(str(spec)))
     base_model, base_new = load_model_with_new(base, task, progress=progress)
     finetuned_model, finetuned_new = load_model_with_new(finetuned, task, progress=progress)
     base_part, finetuned_part = comparable(base_model, finetuned_model)
     prefix = _name_in(finetuned_model, finetuned_part)
     new = dict.fromkeys(_under(finetuned_new, prefix), "fine-tuned")
-    new |= dict.fromkeys(_under(base_new, _name_in(base_model, base_part)), "base")
+    for name in _under(base_new, _name_in(base_model, base_part)):
+        new[name] = "both" if name in new else "base"
     return ModelPair(base_part, finetuned_part, base_model, finetuned_model, prefix, new)
 
 
@@ -81,7 +89,7 @@ def base_with_finetuned_head(pair: ModelPair) -> nn.Module:
         for name, tensor in pair.base.state_dict(keep_vars=True).items():
             module_name = name.rsplit(".", 1)[0] if "." in name else ""
             target = body.get(name)
-            if pair.newly_initialised.get(module_name) == "base" or target is None:
+            if pair.newly_initialised.get(module_name) in ("base", "both") or target is None:
                 continue
             if target.shape == tensor.shape:
                 target.copy_(tensor.to(target.dtype))

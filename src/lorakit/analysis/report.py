@@ -14,8 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
+from lorakit.analysis.one_sided import OneSidedParameter, format_one_sided
 from lorakit.analysis.spectrum import Spectrum
 from lorakit.analysis.updates import NewLayer, ReshapedLayer
+
+LeftOut = ReshapedLayer | NewLayer | OneSidedParameter
 
 __all__ = [
     "RankAdvice",
@@ -95,12 +98,13 @@ def spectra_report(
     spectra: Sequence[Spectrum],
     shares: Sequence[float] = (0.9, 0.99),
     max_values: int = 64,
-    left_out: Sequence[ReshapedLayer | NewLayer] = (),
+    left_out: Sequence[LeftOut] = (),
 ) -> dict:
     """JSON-ready report: one entry per layer, plus rank advice per module type per share (keyed by
     ``share_label(share)``: "0.9", "0.99", ... , one entry per distinct share), and
     ``left_out``: the layers not analysed and why (``ReshapedLayer.to_dict``: a fine-tune's
-    resized head; ``NewLayer.to_dict``: weights newly initialised at loading).
+    resized head; ``NewLayer.to_dict``: weights newly initialised at loading;
+    ``OneSidedParameter.to_dict``: a parameter only one model has, by parameter name).
 
     Each layer lists its first ``max_values`` singular values (all with None), with
     ``singular_value_count`` and ``singular_values_truncated`` saying whether that is all of
@@ -115,8 +119,9 @@ def spectra_report(
     }
 
 
-def format_left_out(left_out: Sequence[ReshapedLayer | NewLayer]) -> str:
-    """One line per layer not analysed and why ("" when none)."""
+def format_left_out(left_out: Sequence[LeftOut]) -> str:
+    """One line per layer not analysed and why, then the parameters only one model has (the
+    first few, ``one_sided.format_one_sided``); "" when none."""
     headers = {
         ReshapedLayer: "left out (another shape in the fine-tuned model, e.g. a resized vocabulary):",
         NewLayer: "left out (missing from a checkpoint, so randomly initialised at loading):",
@@ -126,6 +131,7 @@ def format_left_out(left_out: Sequence[ReshapedLayer | NewLayer]) -> str:
         layers = [layer for layer in left_out if isinstance(layer, kind)]
         if layers:
             lines += [header, *(f"  {layer.name}: {layer.reason}" for layer in layers)]
+    lines += format_one_sided([p for p in left_out if isinstance(p, OneSidedParameter)])
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorakit.analysis.one_sided import OneSidedParameter, one_sided_parameters, one_sided_summary
 from lorakit.analysis.spectrum import Spectrum, tensor_spectra
 from lorakit.analysis.updates import (
     NewLayer,
@@ -33,11 +34,13 @@ __all__ = [
     "model_dirs_spectra",
     "model_dirs_update",
     "refuse_incomparable",
+    "refuse_quantized",
 ]
 
 
-def detect_task(directory: str | os.PathLike[str]) -> str | None:
-    """``"seq-cls"``, ``"causal-lm"`` or None (another architecture) from ``config.json``."""
+def _read_config(directory: str | os.PathLike[str]) -> dict:
+    """``config.json`` of a model directory as a dict (``UserError`` when it is missing or not
+    a JSON object)."""
     config_path = Path(directory) / "config.json"
     if not config_path.is_file():
         raise UserError(f"{directory} is not a transformers model directory (no config.json)")
@@ -47,13 +50,48 @@ def detect_task(directory: str | os.PathLike[str]) -> str | None:
         raise UserError(f"{config_path} cannot be read as JSON ({error})") from None
     if not isinstance(config, dict):
         raise UserError(f"{config_path} holds a {type(config).__name__}, not a JSON object")
-    architectures = config.get("architectures") or [""]
+    return config
+
+
+def detect_task(directory: str | os.PathLike[str]) -> str | None:
+    """``"seq-cls"``, ``"causal-lm"`` or None (another architecture) from ``config.json``."""
+    architectures = _read_config(directory).get("architectures") or [""]
     name = architectures[0]
     if name.endswith("ForSequenceClassification"):
         return "seq-cls"
     if name.endswith(("ForCausalLM", "LMHeadModel")):
         return "causal-lm"
     return None
+
+
+def _quantization_name(settings) -> str:
+    """A ``quantization_config``'s method in words: "bitsandbytes 4-bit (nf4)", "bitsandbytes
+    8-bit (LLM.int8)", else its ``quant_method`` ("gptq", "awq", ...)."""
+    if not isinstance(settings, dict):
+        return "an unknown method"
+    method = settings.get("quant_method") or "an unnamed method"
+    if settings.get("load_in_4bit") or settings.get("_load_in_4bit"):
+        return f"bitsandbytes 4-bit ({settings.get('bnb_4bit_quant_type', 'fp4')})"
+    if settings.get("load_in_8bit") or settings.get("_load_in_8bit"):
+        return "bitsandbytes 8-bit (LLM.int8)"
+    return str(method)
+
+
+def refuse_quantized(directory: str | os.PathLike[str]) -> None:
+    """``UserError`` for a model directory whose ``config.json`` has a ``quantization_config``
+    (a bitsandbytes 4-bit / 8-bit save, GPTQ, AWQ, ...): its files hold packed codes and
+    scales, not the weights, and lorakit reads no such checkpoint into float weights, so
+    ``W_ft - W0`` would compare storage (packed uint8 codes: every layer "resized", or spectra
+    of the codes). The way out: the float checkpoint it was quantized from."""
+    settings = _read_config(directory).get("quantization_config")
+    if not settings:
+        return
+    raise UserError(
+        f"{directory} holds a model quantized with {_quantization_name(settings)} "
+        "(config.json has a quantization_config): its files store packed codes and scales, "
+        "not the weights, so lorakit cannot compute W_ft - W0 from them; give the float "
+        "checkpoint it was quantized from (e.g. the model named without '-bnb-4bit') instead"
+    )
 
 
 def load_model_dir(
@@ -86,6 +124,7 @@ def load_model_with_new(
     from lorakit.models import resolve_model, transformers_progress_bars
 
     directory = resolve_model(str(spec))
+    refuse_quantized(directory)  # (packed codes are not weights)
     task = task or detect_task(directory)
     loader = {
         "causal-lm": AutoModelForCausalLM,
@@ -107,7 +146,8 @@ def load_model_with_new(
 def adapter_dir_spectra(directory: str | os.PathLike[str]) -> list[Spectrum]:
     """Spectra of ``s B A`` for every layer of a PEFT-format adapter directory (from the factors).
 
-    An unconverted PiSSA / OLoRA adapter is refused (``AdapterFileError``) before its tensors are
+    An adapter whose every update is zero (saved untrained) is refused, as two identical models
+    are (``model_dirs_update``). An unconverted PiSSA / OLoRA adapter is refused (``AdapterFileError``) before its tensors are
     read: its ``s B A`` holds the base's principal part, not the update from the original base
     (``lorakit.io.read.refuse_residual_base_factors``)."""
     from lorakit.io.read import read_plain_lora
@@ -116,6 +156,12 @@ def adapter_dir_spectra(directory: str | os.PathLike[str]) -> list[Spectrum]:
     spectra = tensor_spectra(adapter.tensors, adapter.config)
     if not spectra:
         raise UserError(f"the adapter in {directory} holds no LoRA A/B tensors to analyse")
+    if not any(bool(torch.any(spectrum.singular_values > 0)) for spectrum in spectra):
+        raise UserError(
+            f"the adapter in {directory} has a zero update s B A in every layer (a factor all "
+            "zeros: an adapter saved before training, PEFT's B = 0): it changes nothing, so "
+            "there is no spectrum and no rank to advise; analyse the trained adapter"
+        )
     return spectra
 
 
@@ -136,17 +182,19 @@ def model_dirs_update(
     finetuned: str | os.PathLike[str],
     task: str | None = None,
     progress: bool = True,
-) -> tuple[list[Spectrum], list[ReshapedLayer | NewLayer]]:
-    """``(spectra, left out)``: the spectra of ``model_dirs_spectra`` and the linear layers
-    without a trained ``W_ft - W0``: those of another shape in the fine-tuned model (a resized
-    vocabulary's head) and those newly initialised at loading (``NewLayer``: missing from
-    either checkpoint). ``UserError`` when no layer can be compared or none differs."""
+) -> tuple[list[Spectrum], list[ReshapedLayer | NewLayer | OneSidedParameter]]:
+    """``(spectra, left out)``: the spectra of ``model_dirs_spectra`` and what has no trained
+    ``W_ft - W0``: the linear layers of another shape in the fine-tuned model (a resized
+    vocabulary's head), those newly initialised at loading (``NewLayer``: missing from a
+    checkpoint or both), and every parameter only one model has (``OneSidedParameter``: a
+    block the other lacks). ``UserError`` when no layer can be compared or none differs."""
     from lorakit.analysis.pairs import load_pair
 
     pair = load_pair(base, finetuned, task, progress)
     models = (pair.base, pair.finetuned)
     linear = {name for model in models for name, _ in linear_weights(model)}
     new = [NewLayer(n, which) for n, which in pair.newly_initialised.items() if n in linear]
+    one_sided = one_sided_parameters(*models)
     try:
         spectra = update_spectra(*models, exclude=pair.newly_initialised)
         if not spectra:  # nothing differs, or nothing could be compared: say which
@@ -157,8 +205,9 @@ def model_dirs_update(
     if not spectra:
         reasons = "".join(f"; {layer.name} has another shape" for layer in reshaped)
         reasons += "".join(f"; {layer.name}: {layer.reason}" for layer in new)
+        reasons += one_sided_summary(one_sided)
         raise UserError(f"no linear layer differs between {base} and {finetuned}{reasons}")
-    return spectra, [*reshaped, *new]
+    return spectra, [*reshaped, *new, *one_sided]
 
 
 def refuse_incomparable(base: nn.Module, finetuned: nn.Module) -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "ReshapedLayer",
     "linear_updates",
     "linear_weights",
+    "missing_from",
     "reshaped_layers",
     "stream_linear_updates",
     "update_spectra",
@@ -74,19 +75,29 @@ class ReshapedLayer:
         )
 
 
+def missing_from(checkpoint: str) -> str:
+    """Which checkpoint lacks a module, in words: ``"base"`` -> "not in the base checkpoint",
+    ``"fine-tuned"`` likewise, ``"both"`` -> "in neither the base nor the fine-tuned
+    checkpoint"."""
+    if checkpoint == "both":
+        return "in neither the base nor the fine-tuned checkpoint"
+    return f"not in the {checkpoint} checkpoint"
+
+
 @dataclass(frozen=True)
 class NewLayer:
-    """A layer whose weights were missing from a checkpoint (``checkpoint``: ``"base"`` or
-    ``"fine-tuned"``) and randomly initialised when it loaded (a causal LM's checkpoint loaded
-    for sequence classification has no ``score``): ``W_ft - W0`` would be a trained weight
-    minus noise, different at every run, so the layer is left out and named in reports."""
+    """A layer whose weights were missing from a checkpoint (``checkpoint``: ``"base"``,
+    ``"fine-tuned"`` or ``"both"``) and randomly initialised when it loaded (a causal LM's
+    checkpoint loaded for sequence classification has no ``score``): ``W_ft - W0`` would be a
+    trained weight (or noise) minus noise, different at every run, so the layer is left out and
+    named in reports."""
 
     name: str
     checkpoint: str
 
     @property
     def reason(self) -> str:
-        return f"not in the {self.checkpoint} checkpoint (newly initialised): not analysed"
+        return f"{missing_from(self.checkpoint)} (newly initialised): not analysed"
 
     def to_dict(self) -> dict:
         return {"name": self.name, "checkpoint": self.checkpoint, "reason": self.reason}

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from lorakit.analysis.sources import adapter_dir_spectra, model_dirs_update
 
-    left_out = []  # layers of another shape in the fine-tuned model (a resized head)
+    left_out = []  # what has no W_ft - W0 (a resized head, a block only one model has)
     if args.adapter is not None:
         spectra = adapter_dir_spectra(args.adapter)
     else:

@@ -150,9 +150,11 @@ def _print_report(extraction) -> None:
         f"{_against_dense(extraction.parameters, extraction.dense_parameters)}; "
         f"largest relative error {extraction.relative_error:.4f}"
     )
-    if extraction.uncaptured:
-        names = ", ".join(list(extraction.uncaptured)[:6])
-        more = len(extraction.uncaptured) - 6
+    one_sided = [n for n, c in extraction.uncaptured.items() if "only_in" in c]
+    moved = [name for name in extraction.uncaptured if name not in one_sided]
+    if moved:
+        names = ", ".join(moved[:6])
+        more = len(moved) - 6
         print(
             f"not captured by LoRA (changed outside linear weights): {names}"
             + (f" and {more} more" if more > 0 else "")
@@ -165,8 +167,21 @@ def _print_report(extraction) -> None:
             + ", ".join(f"{name} ({note})" for name, note in tied.items())
         )
     for name, note in notes.items():  # a new head, weights newly initialised at loading
-        if name not in tied:
+        if name not in tied and name not in one_sided:
             print(f"left out: {name}: {note}")
+    _print_one_sided(extraction.uncaptured, one_sided)
+
+
+def _print_one_sided(uncaptured: dict[str, dict], names: list[str]) -> None:
+    """The parameters only one model has (``one_sided.format_one_sided``: the first few)."""
+    from lorakit.analysis.one_sided import OneSidedParameter, format_one_sided
+
+    parameters = [
+        OneSidedParameter(name, uncaptured[name]["only_in"], tuple(uncaptured[name]["shapes"]))
+        for name in names
+    ]
+    for line in format_one_sided(parameters):
+        print(line)
 
 
 def _against_dense(parameters: int, dense: int) -> str:
