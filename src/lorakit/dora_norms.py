@@ -6,7 +6,10 @@ float32 (float64 if any input is), W0 cast block by block, from the expansion
 
     n_i^2 = ||W0_i||^2 + 2 s B_i . (W0 A^T)_i + s^2 B_i (A A^T) B_i^T
 
-with the rows where that sum cancels recomputed directly. ``lorakit.functional`` re-exports
+with the rows where that sum cancels recomputed directly. A row whose norm is exactly 0 (W0 and
+``s B A`` both zero there: a pruned or zero-padded row under a new adapter) leaves ``f = m / n``
+undefined: ``dora_row_norms`` raises ``ZeroRowNormsError`` naming the rows (found among the
+recomputed rows, at no extra cost), and so the creation of such an adapter is refused. ``lorakit.functional`` re-exports
 ``norm_dtype``, ``base_row_sq_norms`` and ``dora_row_norms``; the layers call them from there.
 """
 
@@ -14,7 +17,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["base_row_sq_norms", "dora_row_norms", "exact_row_norms", "norm_dtype", "weight_rows"]
+__all__ = [
+    "ZeroRowNormsError",
+    "base_row_sq_norms",
+    "dora_row_norms",
+    "exact_row_norms",
+    "norm_dtype",
+    "weight_rows",
+    "zero_rows",
+]
 
 
 NORM_CHUNK_ELEMENTS = 1 << 22  # rows of W0 cast to the norm dtype at a time: at most 4M values
@@ -22,6 +33,42 @@ CANCELLATION_GUARD = 1.0 / 16.0
 """A row's squared norm computed by the expansion is trusted when it is at least this fraction
 of ``(||W0_i|| + s ||(B A)_i||)^2``; below, cancellation has cost more than 4 bits and the
 row is computed directly (``exact_row_norms``)."""
+
+
+class ZeroRowNormsError(ValueError):
+    """``n_i = ||W0_i + s (B A)_i|| = 0`` on output rows ``rows``: ``f = m / n`` is undefined
+    there (0 / 0 for a new adapter, whose ``m`` is ``n``), so every output through the layer
+    would be NaN. ``shape``: the base weight's ``(d, k)``; ``adapter``: its name, when known."""
+
+    def __init__(self, rows: list[int], shape: tuple[int, int], adapter: str | None = None):
+        self.rows, self.shape, self.adapter = rows, shape, adapter
+        who = "a DoRA adapter" if adapter is None else f"DoRA adapter {adapter!r}"
+        super().__init__(
+            f"{who}: the row norms n = ||W0 + s B A||_row are 0 on {len(rows)} of the "
+            f"{shape[0]} output rows of this layer (base weight of {shape[0]} outputs x "
+            f"{shape[1]} inputs; {rows_named(rows)}): W0 is all zero there (a pruned or "
+            "zero-padded row) and so is s B A, so f = m / n is undefined and every output "
+            "through the layer would be NaN (PEFT computes NaN there). Leave this layer out of "
+            "target_modules, or use plain LoRA (use_dora=False) for it."
+        )
+
+
+def rows_named(rows: list[int], first: int = 5) -> str:
+    """``row 3`` / ``rows 3, 7, 9, 12, 15, ...`` (the first ``first`` indices)."""
+    shown = ", ".join(str(row) for row in rows[:first])
+    more = ", ..." if len(rows) > first else ""
+    return f"row {shown}" if len(rows) == 1 else f"rows {shown}{more}"
+
+
+def zero_rows(weight: torch.Tensor, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """Indices (int64, ascending) of the output rows of ``weight`` that are all zero: one
+    pass over W0 ((d, k); (k, d) with ``fan_in_fan_out``), block by block, no copy of it."""
+    rows = weight_rows(weight.detach(), fan_in_fan_out)
+    nonzero = torch.empty(rows.shape[0], dtype=torch.bool, device=weight.device)
+    step = max(1, NORM_CHUNK_ELEMENTS // max(1, rows.shape[1]))
+    for start in range(0, rows.shape[0], step):
+        nonzero[start : start + step] = rows[start : start + step].any(dim=1)
+    return (~nonzero).nonzero().flatten()
 
 
 def norm_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -103,7 +150,8 @@ def dora_row_norms(
     ``(||W0_i|| + s ||(B A)_i||)^2``, i.e. ``s B A`` nearly ``-W0`` on that row) are recomputed
     directly (``exact_row_norms``), so every row keeps the precision of the direct norm (while
     ``torch.compile`` traces, every row's direct norm is computed and taken where guarded: a
-    traced graph cannot pick rows by value).
+    traced graph cannot pick rows by value). ``ZeroRowNormsError`` where a norm is exactly 0
+    (outside a traced graph).
     Shapes: W0 (d, k) ((k, d) with ``fan_in_fan_out``), A (r, k), B (d, r).
     """
     dtype = norm_dtype(weight, lora_A, lora_B)
@@ -116,11 +164,15 @@ def dora_row_norms(
     if squared.device.type == "meta":  # shapes only (e.g. ``lorakit plan``): nothing to guard
         return norms
     bound = (base_sq.sqrt() + lora_sq.sqrt()).pow(2)
-    guarded = squared < CANCELLATION_GUARD * bound
+    guarded = squared <= CANCELLATION_GUARD * bound  # a zero row too (bound 0): see below
     if torch.compiler.is_compiling():  # no data-dependent shapes in a traced graph
         exact = exact_row_norms(weight, A, B, scale, fan_in_fan_out)  # every row, (d,)
         return torch.where(guarded, exact, norms)
     cancelled = guarded.nonzero().flatten()
     if cancelled.numel():
-        norms[cancelled] = exact_row_norms(weight, A, B, scale, fan_in_fan_out, cancelled)
+        exact = exact_row_norms(weight, A, B, scale, fan_in_fan_out, cancelled)
+        norms[cancelled] = exact
+        zero = cancelled[exact == 0]  # n_i = 0: f = m / n undefined (no extra pass over W0)
+        if zero.numel():
+            raise ZeroRowNormsError(zero.tolist(), (B.shape[0], A.shape[1]))
     return norms

@@ -1,10 +1,8 @@
-"""Put LoRA adapters into a model (``inject``) and take them out again (``unload``).
-
-``inject`` wraps each target module in place (the original object becomes ``base_layer``), freezes
-everything except the new adapter (and the biases chosen by ``bias``, and ``modules_to_save``), and
-records the config on the model. ``unload`` puts back the very same module objects (it lives
-in ``lorakit.unload``, with ``freeze_adapter`` and ``forget_state``; all three are importable from
-here too).
+"""Put LoRA adapters into a model (``inject``) and take them out again (``unload``, from
+``lorakit.unload`` with ``freeze_adapter`` and ``forget_state``: it puts back the very same
+module objects). ``inject`` wraps each target module in place (the original object becomes
+``base_layer``), freezes everything except the new adapter (and the biases chosen by ``bias``,
+and ``modules_to_save``), and records the config on the model.
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ from torch import nn
 from lorakit import offloading
 from lorakit.base_rewrite import BaseRewrite, interrupts_held, plan_rewrite, write_rewrites
 from lorakit.config import LoraConfig
+from lorakit.dora_norms import ZeroRowNormsError
 from lorakit.init_methods import changes_base
 from lorakit.inject_checks import (
     check_adapter_fits,
@@ -202,15 +201,18 @@ def _add_to_layers(
     """Add the adapter to every wrapped layer in ``layers`` (``{path: layer}``) with
     ``_add_to_layer``: ``factors[path] = (A, B)`` where given, rank and alpha from the patterns
     matched against the parameter path for a bare parameter (``parameter_targets``), else the
-    layer path. Returns the base rewrites to ``W_res`` planned (PiSSA / OLoRA / LoftQ), not
-    yet written."""
+    layer path. Returns the base rewrites to ``W_res`` planned (PiSSA / OLoRA / LoftQ)."""
     rewrites: list[BaseRewrite] = []
     for name, layer in layers.items():
         pattern_name = parameter_targets.get(name, name)  # rank_pattern sees parameter paths
         values = factors.get(name)
-        rewrite = _add_to_layer(
-            layer, config, adapter_name, pattern_name, init, adapter_dtype, values
-        )
+        try:
+            rewrite = _add_to_layer(
+                layer, config, adapter_name, pattern_name, init, adapter_dtype, values
+            )
+        except ZeroRowNormsError as error:  # (DoRA on zero rows of W0: name the layer)
+            error.args = (f"layer {name!r}: {error}",)
+            raise
         rewrites += [rewrite] if rewrite else []
     return rewrites
 

@@ -137,7 +137,10 @@ def _dora_error(what: str) -> UserError:
     return UserError(
         f"the adapter {what} is a DoRA adapter (use_dora): its update f (W0 + s B A) - W0 "
         "rescales whole rows and is not the low-rank s B A, so a spectrum of B A would "
-        "mislead; spectra of DoRA updates are not implemented."
+        "mislead; spectra of DoRA updates are not implemented here. To analyse its whole "
+        "update, merge it and compare the merged model with its base: lorakit merge --model "
+        "MODEL --adapter DIR --output MERGED, then lorakit analyze --base MODEL --finetuned "
+        "MERGED."
     )
 
 

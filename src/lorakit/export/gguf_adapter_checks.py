@@ -196,7 +196,9 @@ def refuse_dora(directory: Path) -> None:
         raise UserError(
             f"adapter {directory} is a DoRA adapter (use_dora: true): llama.cpp's LoRA format has "
             "no magnitude vectors, so it cannot be exported as a GGUF adapter (and dropping them "
-            "would change every output)."
+            "would change every output). Export a full GGUF model with the adapter merged in "
+            f"instead: lorakit export MODEL --adapter {directory} --format gguf --output "
+            "MODEL.gguf (docs/gguf.md)."
         )
 
 

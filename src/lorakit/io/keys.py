@@ -8,7 +8,7 @@ adapter name never appears in a file (PEFT removes it):
 | Linear / Conv1D A, B | ``<path>.lora_A.weight``, ``<path>.lora_B.weight`` | (r, k), (d, r) |
 | a bare parameter's A, B (``target_parameters``) | the same, ``<path>`` the layer's (``.base_layer`` per nesting) | (E r, k), (d, E r) |
 | trainable tokens (``trainable_token_indices``) | ``<path>.token_adapter.trainable_tokens_delta`` | (n, dim) |
-| DoRA magnitude (``use_dora``) | ``<path>.lora_magnitude_vector`` (no ``.weight``) | (d,) |
+| DoRA magnitude (``use_dora``) | ``<path>.lora_magnitude_vector`` (no ``.weight``; the Diffusers spelling ``<path>.lora_magnitude_vector.weight`` is read as it, ``canonical_keys``) | (d,) |
 | bias on B (``lora_bias``) | ``<path>.lora_B.bias`` | (d,) |
 | Embedding A, B | ``<path>.lora_embedding_A``, ``<path>.lora_embedding_B`` | (r, num), (dim, r) |
 | bias of an adapted layer (``bias`` != "none") | ``<path>.base_layer.bias`` | (d,) |
@@ -25,7 +25,8 @@ In the model (``model.state_dict()``) the same tensors carry the adapter name:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import TypeVar
 
 from torch import nn
 
@@ -37,6 +38,8 @@ __all__ = [
     "adapted_base_key",
     "base_weight_key",
     "base_weight_module",
+    "canonical_key",
+    "canonical_keys",
     "embedding_module_names",
     "is_magnitude_key",
     "is_token_rows_key",
@@ -52,6 +55,7 @@ __all__ = [
 ]
 
 PREFIX = "base_model.model."
+_Value = TypeVar("_Value")
 
 
 def lora_keys(module_path: str, is_embedding: bool) -> tuple[str, str]:
@@ -74,9 +78,37 @@ def lora_bias_key(module_path: str) -> str:
     return f"{PREFIX}{module_path}.lora_B.bias"
 
 
+MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
+_MAGNITUDE_WEIGHT_SUFFIX = MAGNITUDE_SUFFIX + ".weight"  # Diffusers' / ai-toolkit's spelling
+
+
 def is_magnitude_key(file_key: str) -> bool:
-    """True for the file key of a DoRA magnitude vector."""
-    return file_key.endswith(".lora_magnitude_vector")
+    """True for the file key of a DoRA magnitude vector, in either spelling
+    (``<path>.lora_magnitude_vector``, PEFT's, or ``<path>.lora_magnitude_vector.weight``)."""
+    return file_key.endswith((MAGNITUDE_SUFFIX, _MAGNITUDE_WEIGHT_SUFFIX))
+
+
+def canonical_key(file_key: str) -> str:
+    """``file_key`` as PEFT writes it: ``<path>.lora_magnitude_vector.weight`` (a spelling
+    peft 0.22 loads as well) becomes ``<path>.lora_magnitude_vector``; any other key is kept."""
+    if file_key.endswith(_MAGNITUDE_WEIGHT_SUFFIX):
+        return file_key.removesuffix(".weight")
+    return file_key
+
+
+def canonical_keys(tensors: Mapping[str, _Value]) -> dict[str, _Value]:
+    """``tensors`` with each key made ``canonical_key`` (order kept); ``ValueError`` naming
+    both keys when two spellings of one magnitude are present (which one holds it?)."""
+    renamed: dict[str, _Value] = {}
+    for key, value in tensors.items():
+        canonical = canonical_key(key)
+        if canonical in renamed:
+            raise ValueError(
+                f"tensors {canonical} and {canonical}.weight are both present: two spellings "
+                "of one DoRA magnitude vector. Keep one of them (re-save the adapter)."
+            )
+        renamed[canonical] = value
+    return renamed
 
 
 def adapted_base_key(module_path: str, parameter: str) -> str:
@@ -107,6 +139,8 @@ def base_weight_module(
     weight``, or ``<path>.weight`` of a module neither adapted nor inside a module that
     ``modules_to_save`` picks (those tensors are trained copies, not base weights)."""
     if not file_key.endswith(".weight") or parse_lora_key(file_key) is not None:
+        return None
+    if is_magnitude_key(file_key):  # (``<path>.lora_magnitude_vector.weight``)
         return None
     path = module_path(file_key.removesuffix(".weight"))
     if path.endswith(".token_adapter.base_layer"):

@@ -5,7 +5,8 @@
   disagrees with ``r`` / ``rank_pattern`` and a resized vocabulary are named as such) and of a
   fitting dtype;
 - ``check_targets_take``: every target can take the adapter (inject's own checks: the layer
-  kind, DoRA's support), and ``check_init_redo`` (``lorakit.io.init_redo``, imported here): a
+  kind, DoRA's support; a DoRA file whose row norms would be 0 on this base,
+  ``io.dora_rows``), and ``check_init_redo`` (``lorakit.io.init_redo``, imported here): a
   PiSSA / OLoRA / LoftQ init the file asks for can be redone as PEFT does;
 (The base weights' check, ``check_base``, is in ``lorakit.io.base_checks``.)
 
@@ -21,6 +22,7 @@ from lorakit import quantized
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, listed
 from lorakit.inject_checks import check_adapter_fits, quantized_format
+from lorakit.io.dora_rows import check_dora_rows
 from lorakit.io.file_tensors import FileTensor, expected_shape
 from lorakit.io.init_redo import check_init_redo, init_to_redo
 from lorakit.io.keys import is_magnitude_key, saved_module_alias_keys
@@ -189,6 +191,12 @@ def _shape_message(source, entry: FileTensor, got: tuple, want: tuple, rank: int
             f"{message}: the adapter was saved with a resized vocabulary of {got[0]} tokens; "
             f"call model.resize_token_embeddings({got[0]}) before loading it."
         )
+    if entry.role == "magnitude" and len(got) != 1:
+        return (
+            f"{message}: a DoRA magnitude vector must be 1-D, of shape [d] ([{want[0]}] here, "
+            f"one value per output feature of {entry.module}), but this tensor is "
+            f"{len(got)}-D. The file is malformed; re-save the adapter with peft or lorakit."
+        )
     if len(got) == 2 == len(want) and got == want[::-1] and got != want:
         return (
             f"{message}: the tensor is transposed (saved in another layout?). Re-save the "
@@ -218,6 +226,7 @@ def check_targets_take(
         raise AdapterFileError(
             f"adapter {to_load.source} cannot be loaded into this model: {error}"
         ) from None
+    check_dora_rows(to_load, current)  # DoRA: no row norm of 0 (f = m / n undefined)
 
 
 def _refuse_peft_only_layers(to_load: LoadTargets, targets: dict[str, nn.Module]) -> None:

@@ -2,7 +2,7 @@
 
 ``read_adapter(directory)`` -> ``AdapterFile`` with ``.config`` (``LoraConfig``), ``.tensors``
 (PEFT key -> tensor, as stored), ``.fingerprint`` (or None for files written by peft) and
-``.metadata``; in two steps, ``read_adapter_header`` (config and safetensors header: keys, dtypes,
+``.metadata`` (a DoRA magnitude's key in PEFT's spelling, ``keys.canonical_key``); in two steps, ``read_adapter_header`` (config and safetensors header: keys, dtypes,
 shapes; no tensor data) then ``read_adapter_data``, so that callers can refuse a file that does
 not fit before reading its data. Pickle files (``adapter_model.bin``) are never opened. Every
 failure, down to an unreadable path or JSON nested too deeply, is an ``AdapterFileError``.
@@ -36,6 +36,7 @@ from lorakit.io.adapter_dirs import (
 )
 from lorakit.io.config_json import CONFIG_NAME, config_from_json, read_config_text
 from lorakit.io.header import TensorInfo, read_header, unreadable
+from lorakit.io.keys import canonical_key, canonical_keys
 from lorakit.io.residual_base import (
     BASE_INIT_METADATA_KEY,
     refuse_residual_base_factors,
@@ -176,7 +177,7 @@ def read_adapter_header(directory: str | Path) -> AdapterHeader:
     return AdapterHeader(
         directory=directory,
         config=config,
-        tensors=header.tensors,
+        tensors=_canonical(header.tensors, weights),
         fingerprint=None
         if stored_fingerprint is None
         else fingerprint_json.from_metadata(stored_fingerprint, str(weights)),
@@ -192,7 +193,7 @@ def read_adapter_data(header: AdapterHeader) -> AdapterFile:
     config read first is never paired with the tensors of a directory replaced meanwhile."""
     contents = read_safetensors(header.weights_path)
     if (
-        contents.header.tensors != header.tensors
+        _canonical(contents.header.tensors, header.weights_path) != header.tensors
         or contents.header.metadata != header.metadata
         or not _config_unchanged(header)
     ):
@@ -202,12 +203,22 @@ def read_adapter_data(header: AdapterHeader) -> AdapterFile:
     return AdapterFile(
         directory=header.directory,
         config=header.config,
-        tensors=contents.tensors,
-        nonfinite=contents.nonfinite,
+        tensors=_canonical(contents.tensors, header.weights_path),
+        nonfinite=frozenset(map(canonical_key, contents.nonfinite)),
         fingerprint=header.fingerprint,
         metadata=header.metadata,
-        huge=contents.huge,
+        huge=frozenset(map(canonical_key, contents.huge)),
     )
+
+
+def _canonical(tensors: dict, path: Path) -> dict:
+    """``tensors`` under PEFT's keys (``keys.canonical_keys``: a DoRA magnitude spelled
+    ``<path>.lora_magnitude_vector.weight`` is read as ``<path>.lora_magnitude_vector``, as
+    peft reads it), so that every reader (load, serve, combine) sees one spelling."""
+    try:
+        return canonical_keys(tensors)
+    except ValueError as error:
+        raise AdapterFileError(f"{path}: {error}") from None
 
 
 def _config_unchanged(header: AdapterHeader) -> bool:

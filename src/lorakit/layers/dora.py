@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lorakit import functional
+from lorakit.dora_norms import ZeroRowNormsError
 
 __all__ = ["Magnitude", "RowNorms"]
 
@@ -188,17 +189,23 @@ class RowNorms:
         scale: float,
         fan_in_fan_out: bool,
     ) -> torch.Tensor:
-        """``n = ||W0 + s B A||_row`` (d,), detached, reused while W0, A, B are unchanged."""
+        """``n = ||W0 + s B A||_row`` (d,), detached, reused while W0, A, B are unchanged.
+        ``ZeroRowNormsError`` (naming ``adapter_name``) where a row's ``n`` is 0: a new adapter's
+        ``m = n`` is computed here, so a layer whose base weight has all-zero rows is refused
+        as the adapter is created (inject undoes what it did: nothing is changed)."""
         tensors, key = (weight, lora_A, lora_B), (scale,)
         found = _reuse(self._norms.get(adapter_name), tensors, key)
         if found is not None:
             return found[0]
         dtype = functional.norm_dtype(weight, lora_A, lora_B)
         base_sq = self.base_sq_norms(weight, fan_in_fan_out, dtype)
-        with _normal_tensors():
-            norms = functional.dora_row_norms(
-                base_sq, weight, lora_A, lora_B, scale, fan_in_fan_out
-            )
+        try:
+            with _normal_tensors():
+                norms = functional.dora_row_norms(
+                    base_sq, weight, lora_A, lora_B, scale, fan_in_fan_out
+                )
+        except ZeroRowNormsError as error:  # the same, naming the adapter
+            raise ZeroRowNormsError(error.rows, error.shape, adapter_name) from None
         entry = _entry(tensors, key, (norms,))
         if entry is not None:
             self._norms[adapter_name] = entry
