@@ -69,10 +69,8 @@ def scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
 
 def rank_side_scale(scale: float, dropout: float = 0.0) -> float:
     """``s / (1 - p)``: the factor put on the rank-r product when inverted dropout is applied as a
-    0/1 mask, so that ``s * B A (x * mask / (1 - p)) = (s / (1 - p)) * B (A (x * mask))``.
-
-    ``p`` is the drop probability actually used (0 without dropout, giving ``s``).
-    """
+    0/1 mask, so that ``s * B A (x * mask / (1 - p)) = (s / (1 - p)) * B (A (x * mask))``;
+    ``p`` is the drop probability actually used (0 without dropout, giving ``s``)."""
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got p={dropout}")
     return scale / (1.0 - dropout)
@@ -98,8 +96,7 @@ def merge_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     """The dtype a merge computes ``W0 + sum_a delta_a`` (and each delta) in, for a base weight
     of ``weight_dtype``: float32 (a 16-bit base's sum too, rounded once to its dtype at the
     end), or the weight's own where it is wider, float64 (as PEFT's merge, which adds in the
-    weight's dtype): a float64 model's merged weight is ``W0 + s B A`` in float64, not rounded
-    through float32."""
+    weight's dtype), so a float64 merge is not rounded through float32."""
     return torch.promote_types(weight_dtype, torch.float32)
 
 
@@ -258,10 +255,9 @@ def dora_divisor(magnitude: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
 
 def dora_factor(magnitude: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     """``f = m / n`` (d,): the per-output scale of DoRA, in the wider of the two dtypes (float32
-    for a 16-bit ``m``). ``n`` is detached (a constant for the gradient, DoRA paper section
-    4.3) and rounded to ``m``'s dtype where that is narrower (``dora_divisor``: a new 16-bit
-    adapter gives ``f = 1`` exactly); ``m`` keeps its gradient. Every path computes ``f`` here:
-    the plain and fast forwards, the merge and the serving bank."""
+    for a 16-bit ``m``), ``n`` as ``dora_divisor`` gives it (detached: a constant for the
+    gradient, DoRA paper section 4.3); ``m`` keeps its gradient. Every path computes ``f``
+    here: the plain and fast forwards, the merge and the serving bank."""
     return magnitude / dora_divisor(magnitude, norms)
 
 

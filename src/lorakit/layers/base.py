@@ -4,16 +4,16 @@ A LoRA layer WRAPS the original module, kept as ``base_layer``; ``lorakit.unload
 object back. Subclasses (``LoraLinear``, ``LoraEmbedding``) give the factors' shapes and init
 rule and compute the base and the low-rank branch (``lorakit.functional``). ``forward`` is the
 whole layer: ``h = base(x) + sum_a s_a B_a A_a dropout(x)`` by one of four named paths (a DoRA
-adapter adds ``(f - 1) W0 x~ + f s B A x~`` instead: ``dora_branch``, ``layers/dora.py``).
+adapter adds ``(f - 1) W0 x~ + f s B A x~`` instead: ``dora_branch``, ``layers/linear_dora.py``).
 
-Adding and deleting adapters (their factors drawn as PEFT draws them) is the ``AdapterTables``
-part of the class (``lorakit.layers.adapter_tables``). Merging and unmerging
-(``lorakit.layers.merging``, the ``Merging`` part) replace
-the layer's ``MergeState`` whole and a forward reads it once, so a forward running in another
-thread during a merge sees each layer before or after it, never half-way: every layer computes
-``W0 x + s B A x``, merged or not (equal within rounding); which layers of the model it sees
-merged is not defined. A base layer called as a module (hooks, extra arguments, a subclass)
-reads its own weight when it runs and is not covered.
+Adding and deleting adapters (their factors drawn as PEFT draws them) is the ``AdapterTables`` part
+of the class (``lorakit.layers.adapter_tables``); the base weight and its accelerate offload hook
+are the ``BaseWeight`` part (``lorakit.layers.base_weight``). Merging and unmerging
+(``lorakit.layers.merging``, the ``Merging`` part) replace the layer's ``MergeState`` whole and a
+forward reads it once, so a forward running in another thread during a merge sees each layer before
+or after it, never half-way: every layer computes ``W0 x + s B A x``, merged or not (equal within
+rounding); which layers of the model it sees merged is not defined. A base layer called as a module
+(hooks, extra arguments, a subclass) reads its own weight when it runs and is not covered.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lorakit.layers.adapter_tables import AdapterTables
+from lorakit.layers.base_weight import BaseWeight, offload_hook
 from lorakit.layers.merging import Merging, unmerged
 from lorakit.layers.per_call import current_override, current_router
 from lorakit.offloading import offloaded_output
@@ -35,22 +36,7 @@ def _same_adapters(chosen: tuple[str, ...], merged: tuple[str, ...]) -> bool:
     return chosen == merged or (bool(merged) and set(chosen) == set(merged))
 
 
-def offload_hook(module: nn.Module):
-    """The accelerate hook that offloads ``module``'s own weights, or None: an
-    ``AlignDevicesHook`` with ``offload=True`` in ``module._hf_hook`` (a ``SequentialHook``'s
-    hooks searched in turn), as ``cpu_offload`` and ``dispatch_model`` / transformers'
-    ``device_map`` with "cpu" or "disk" entries attach to each module holding weights. Such a
-    module's parameters sit on the meta device between forwards; the hook loads them from its
-    ``weights_map`` onto its ``execution_device`` for each call (``io.fingerprint`` reads them
-    from there: ``offloaded_weight``)."""
-    hook = getattr(module, "_hf_hook", None)
-    for each in getattr(hook, "hooks", (hook,)):
-        if getattr(each, "offload", False) and getattr(each, "weights_map", None) is not None:
-            return each
-    return None
-
-
-class LoraLayer(AdapterTables, Merging, nn.Module):
+class LoraLayer(AdapterTables, Merging, BaseWeight, nn.Module):
     """Common state of a module with LoRA adapters beside a frozen ``base_layer``.
 
     Per adapter name: ``ranks[name]`` (r), ``alphas[name]``, ``scalings[name]`` (s) and
@@ -249,38 +235,7 @@ class LoraLayer(AdapterTables, Merging, nn.Module):
         """``base(x)`` with ``weight`` plus the adapters from ``fast_adapters``, fused."""
         raise NotImplementedError
 
-    # ----------------------------------------------------------------- adapters
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight (so code that reads ``module.weight`` keeps working)."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        """The base layer's bias, None where it has none (as peft's layers: Mamba and Jamba
-        read ``dt_proj.bias``)."""
-        return getattr(self.base_layer, "bias", None)
-
-    def live_weight(self) -> torch.Tensor:
-        """The weight the base holds now, merged or not: ``base_layer.weight`` (a layer on a
-        bare parameter, ``layers/parameter.py``, that parameter)."""
-        return self.base_layer.weight
-
-    def set_live_weight(self, weight: nn.Parameter) -> None:
-        """Install ``weight`` where ``live_weight`` reads it (merge and unmerge)."""
-        self.base_layer.weight = weight
-
-    @property
-    def base_device(self) -> torch.device:
-        """Where new adapter tensors go: the device of the base layer's weight, or for a base
-        that accelerate offloaded (``base_offload_hook``) the device its hook computes on
-        (``execution_device``). An adapter made on the meta device would have no values: its
-        forward would give NaN or the base's output, and a training step would fail."""
-        hook = self.base_offload_hook()
-        if hook is not None and hook.execution_device is not None:
-            return torch.device(hook.execution_device)
-        return self.live_weight().device
-
+    # ----------------------------------------------------------------- nested layers
     def innermost_base(self) -> nn.Module:
         """The base module under this layer and any nested LoRA layers (what accelerate hooks)."""
         holder = self.base_layer
@@ -288,33 +243,12 @@ class LoraLayer(AdapterTables, Merging, nn.Module):
             holder = holder.base_layer
         return holder
 
-    def base_offload_hook(self):
-        """The accelerate hook that offloads the live weight (``offload_hook`` of the module
-        holding it, under any nested LoRA layers), or None: also None for a weight on the meta
-        device with no such hook (a model built on the meta device, whose adapters stay
-        there), and for a hooked weight that is not on the meta device now (loaded for a
-        call)."""
-        hook = offload_hook(self.innermost_base())
-        if hook is None:
-            return None
-        try:
-            weight = self.live_weight()
-        except AttributeError:  # a quantized base holds no float weight (lorakit.quantized)
-            return hook
-        return hook if weight.is_meta else None
-
     def runs_offloaded_base(self) -> bool:
         """True when the forward calls the base module itself where accelerate hooked it
         (``LoraLayer.forward``: the hook loads an offloaded weight for the call); a layer with
         a forward of its own (a bare parameter's, ``layers/parameter.py``) computes from the
         weight, which holds no values while offloaded."""
         return type(self).forward is LoraLayer.forward
-
-    @property
-    def base_float_dtype(self) -> torch.dtype:
-        """The base weight's dtype (a quantized base says float32): sets the adapter's default
-        dtype (float32 on a float16/bfloat16 base, else this)."""
-        return self.live_weight().dtype
 
     def extra_repr(self) -> str:
         parts = [

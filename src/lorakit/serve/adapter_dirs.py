@@ -1,25 +1,23 @@
 """The adapters a server may serve: names -> PEFT directories inside one root directory.
 
 Every subdirectory of ``root`` holding an ``adapter_config.json`` is an adapter named after it.
-Names are 1-128 letters, digits, ``.``, ``_``, ``-`` without ``..`` (``valid_name``), at start-up
-(another directory name is skipped, with the reason in ``skipped``) and on runtime loads
-(``register``), whose paths must stay inside ``root`` once resolved (no ``..``, no absolute
-paths). A subdirectory created after start-up is registered at the first request that names it
-(``discover``), unless an admin unloaded that name (``unregister(withdrawn=True)``) and no
-runtime load brought it back. Paths are kept as given (``root/name``), so a symlink inside
-``root`` is followed on every read (re-pointing it replaces the adapter). No symlinks out: a
-directory, or an adapter file in it, that resolves outside ``root`` is refused, at start-up
-(skipped with a warning), on a runtime load and on every read, without telling the client where
-it leads. ``read_headers`` is the start-up scan: configs and safetensors headers only, broken
-adapters skipped and reported. ``file_identity``: what changes when an adapter's files are
-replaced.
+Names follow ``valid_name`` (``serve/adapter_names.py``) at start-up (another directory name is
+skipped, with the reason in ``skipped``) and on runtime loads (``register``), whose paths must stay
+inside ``root`` once resolved (no ``..``, no absolute paths). A subdirectory created after start-up
+is registered at the first request that names it (``discover``), unless an admin unloaded that name
+(``unregister(withdrawn=True)``) and no runtime load brought it back. Paths are kept as given
+(``root/name``), so a symlink inside ``root`` is followed on every read (re-pointing it replaces
+the adapter). No symlinks out: a directory, or an adapter file in it, that resolves outside
+``root`` is refused, at start-up (skipped with a warning), on a runtime load and on every read,
+without telling the client where it leads. ``read_headers`` is the start-up scan: configs and
+safetensors headers only, broken adapters skipped and reported. ``file_identity``: what changes
+when an adapter's files are replaced.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from lorakit.io.read import (
     read_adapter_header,
     refuse_residual_base_factors,
 )
+from lorakit.serve.adapter_names import NAME_RULE, AdapterNameError, bad_directory_name, valid_name
 
 __all__ = [
     "AdapterGoneError",
@@ -46,18 +45,6 @@ log = logging.getLogger(__name__)
 
 SERVING = "serving it on the server's shared, unchanged base model"
 """What serving a PiSSA / OLoRA file's factors would do (``refuse_residual_base_factors``)."""
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_NAME_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit, without '..'"
-
-
-def valid_name(name: object) -> bool:
-    """Whether ``name`` may name an adapter: ``_NAME_RULE``."""
-    return isinstance(name, str) and _NAME.fullmatch(name) is not None and ".." not in name
-
-
-class AdapterNameError(UserError):
-    """A runtime adapter name that is malformed, or reserved (the base model's name)."""
 
 
 class AdapterGoneError(KeyError):
@@ -99,7 +86,7 @@ class AdapterRegistry:
                 if not (child / CONFIG_NAME).is_file():
                     continue
                 if not valid_name(child.name):
-                    raise UserError(_bad_directory_name(child.name))
+                    raise UserError(bad_directory_name(child.name))
                 self.inside(child, str(child))
                 self._paths[child.name] = child  # (a link inside is followed on every read)
             except OSError:
@@ -223,7 +210,7 @@ class AdapterRegistry:
 
     def check_name(self, name: object) -> str:
         if not valid_name(name):
-            raise AdapterNameError(f"adapter name {name!r} is invalid: use {_NAME_RULE}.")
+            raise AdapterNameError(f"adapter name {name!r} is invalid: use {NAME_RULE}.")
         with self._lock:
             if name in self._reserved:
                 raise AdapterNameError(
@@ -279,15 +266,6 @@ class AdapterRegistry:
             del self._paths[name]
             if withdrawn:
                 self._withdrawn.add(name)
-
-
-def _bad_directory_name(name: str) -> str:
-    """Why the adapter directory ``name`` is not served at start-up, and the ways out."""
-    return (
-        f"its directory name {name[:200]!r} is not a valid adapter name ({_NAME_RULE}); rename "
-        "the directory, or load it with /v1/load_lora_adapter lora_name=<valid name> "
-        "lora_path=<the directory name>."
-    )
 
 
 def file_identity(directory: Path) -> list[object]:
