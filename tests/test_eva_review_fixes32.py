@@ -180,16 +180,17 @@ def test_tau_one_reads_every_batch_with_enough_tokens(whiten):
 
 
 def test_a_loader_with_no_batch_big_enough_uses_all_its_tokens():
-    """Every batch counts fewer tokens than the 6 components wanted (PEFT would cycle the loader
-    for ever): the input's components come from all its counted tokens."""
-    fields = dict(r=3, lora_alpha=6, target_modules=["q_proj"], init_lora_weights="eva")
+    """Every batch counts fewer tokens than the 8 components wanted (PEFT would cycle the loader
+    for ever): the input's components come from all its 12 counted tokens (fewer than 8 are
+    refused: tests/test_eva_plan_review38.py)."""
+    fields = dict(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="eva")
     batches = _single_examples()
-    batches = [batches[0], batches[4], batches[2]]  # 1, 4, 0 tokens
+    batches = [batches[0], batches[1], batches[4], batches[2]]  # 1, 7, 4, 0 tokens
     model = _ours(fields, batches, rho=2.0, tau=1.0)
     name = "model.layers.0.self_attn.q_proj"
     rows = _counted_rows(name, batches)
-    assert [r.shape[0] for r in rows] == [1, 4, 0]
-    expected, _ = _pca(rows, 3)
+    assert [r.shape[0] for r in rows] == [1, 7, 4, 0]
+    expected, _ = _pca(rows, 4)
     lora_a = model.model.get_submodule(name).lora_A["default"].weight.double()
     torch.testing.assert_close(lora_a, expected, rtol=0, atol=1e-5)
 

@@ -187,7 +187,7 @@ def test_an_int8_rows_base_peaks_where_backward_rebuilds_the_output_layer(tmp_pa
     )
     report = format_report(result)
     assert "+ at backward's peak: " in report
-    assert "the int8-rows output layer rebuilt in float32 0.8 MB" in report
+    assert "the int8-rows output layer rebuilt in float32 786.4 kB" in report
 
 
 def test_an_int4_groups_base_counts_its_largest_rebuilt_block_layer(tmp_path):

@@ -12,8 +12,11 @@ inputs X (n tokens x k, n >= 2)::
 Token positions count when ``attention_mask`` is 1 and (``use_label_mask``) ``labels`` is not
 ``label_mask_value``, whether the batch gives ``input_ids`` or ``inputs_embeds``
 (``lorakit.eva_inputs``); those masks must have the layer input's (batch, T) shape (``ValueError``
-otherwise, e.g. an encoder-decoder model's labels), and a layer that counts fewer than 2 tokens
-over the whole loader is refused (``ValueError``). The statistics are the base model's: every
+otherwise, e.g. an encoder-decoder model's labels), and a layer input that counts, over the
+whole loader, fewer tokens than the components its layers may take (the largest
+``round(r * rho)`` of them: n tokens give only n - 1 directions with variance) or fewer than 2
+is refused (``ValueError`` naming it, the tokens counted and the components needed, before the
+model is changed). The statistics are the base model's: every
 adapter is off while they are taken (``lorakit.disabled``, as PEFT runs under
 ``disable_adapter``). Ranks: the budget is the sum of the layers' ranks; each layer offers its
 first ``round(r * rho)`` ratios (layers that read the same input: the largest ``round(r * rho)``
@@ -36,7 +39,11 @@ components (no rank distribution yet), all an input's layers may take (PEFT star
 ``rank_dist = max_components``), so an input whose components all converged early stops at
 once; then the most the current rank distribution gives its layers. Reading stops once every
 input is frozen, or when the loader ends. An input for which every call was skipped (PEFT
-would cycle the loader for ever) takes its components from all its counted tokens. Layer with
+would cycle the loader for ever) takes its components from all its counted tokens, if they are
+enough (above). As PEFT does, silently, a ``rho`` above 1000 is capped at ``max_dim // r``
+(``max_dim`` the largest dimension of any of the model's parameters). The settings are checked
+again when EVA reads them (``EvaConfig``'s messages), so a field changed after the config was
+built is checked too. Layer with
 rank r' > 0: ``A = V[:, :r']^T`` (r' x k; ``whiten``: row i divided by
 ``((n - 1) lam_i) ** (1/4)``, the square root of the i-th singular value of the centred X of
 the batches read), B = 0, and with
@@ -72,6 +79,7 @@ the input is frozen.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import is_dataclass, replace
 
 import torch
 from torch import nn
@@ -121,7 +129,7 @@ def initialize_lora_eva_weights(
             f"adapter {adapter_name!r} was not injected with init_lora_weights='eva' (found "
             f"{config.init_lora_weights!r}); inject it with that setting first."
         )
-    eva = config.eva_config or EvaConfig()
+    eva = _eva_settings(model, config)
     layers = {
         name: layer
         for name, layer in lora_layers(model)
@@ -142,6 +150,24 @@ def initialize_lora_eva_weights(
     new_ranks = redistribute_ranks(ratios, ranks, eva.rho, shared_input=leader)
     _apply(model, config, adapter_name, layers, stats, new_ranks, eva)
     return new_ranks
+
+
+_RHO_THRESHOLD = 1000  # PEFT's rho_threshold
+
+
+def _eva_settings(model: nn.Module, config) -> EvaConfig:
+    """The adapter's ``EvaConfig`` as EVA reads it: checked again (a field set after the config
+    was built, ``config.eva_config.rho = 0.5``, gets the message building it gives), and, as
+    PEFT's ``_get_eva_state_dict`` does (silently), a ``rho`` above 1000 capped at
+    ``max_dim // r``: ``max_dim`` the largest dimension of any parameter of the model (adapters
+    included), ``r`` the config's. (Capped at 1 at least, where PEFT would take 0 for an
+    ``r`` above ``max_dim``.) The adapter's config keeps the ``rho`` given, as PEFT's does."""
+    eva = config.eva_config or EvaConfig()
+    eva = replace(eva) if is_dataclass(eva) else EvaConfig(**eva)  # __post_init__'s checks
+    if eva.rho > _RHO_THRESHOLD:
+        max_dim = max((max(p.shape, default=1) for p in model.parameters()), default=1)
+        eva = replace(eva, rho=min(eva.rho, max(1, max_dim // config.r)))
+    return eva
 
 
 def _check_has_linear_layers(model, adapter_name, layers) -> None:

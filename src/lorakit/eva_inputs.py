@@ -5,7 +5,9 @@ A layer input ``x`` of shape (batch, T, k) from a batch given as a dict counts t
 where the batch's ``attention_mask`` is 1 and (``use_label_mask``) its ``labels`` are not
 ``label_mask_value`` -- whether the batch holds ``input_ids`` or ``inputs_embeds`` -- and
 each mask must have ``x``'s (batch, T) shape (``ValueError`` otherwise). Any other input (2-D,
-or a batch that is not a dict, or one without those masks) counts every row.
+or a batch that is not a dict, or one without those masks) counts every row. An input needs at
+least as many counted tokens, over the loader, as the components its layers may take
+(``round(r * rho)``, the largest of its layers') and at least 2 (``check_enough_tokens``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from lorakit.init_methods import EvaConfig
 
-__all__ = ["token_rows"]
+__all__ = ["check_enough_tokens", "token_rows"]
 
 _POSITIONS_REMEDY = (
     "Leave such layers out of the adapter (exclude_modules), or give batches that are not "
@@ -79,3 +81,32 @@ def token_rows(name: str, x: torch.Tensor, batch: object, config: EvaConfig) -> 
             mask = mask.to(x.device)
             keep = mask if keep is None else keep & mask
     return x.reshape(-1, x.shape[-1]) if keep is None else x[keep]
+
+
+def check_enough_tokens(
+    leader: Mapping[str, str], counts: Mapping[str, int], wanted: Mapping[str, int]
+) -> None:
+    """``ValueError`` naming each layer input (by the layers that read it; ``leader``: layer
+    -> the input's first layer) whose counted tokens ``counts[input]`` are fewer than
+    ``max(2, wanted[input])``: n tokens give a covariance of rank at most n - 1, so the
+    components past it would be arbitrary directions of zero variance, and the rank split
+    decided by ties of zeros. Raised before the model is changed."""
+    short = {}
+    for lead, count in counts.items():
+        needed = max(2, wanted.get(lead, 0))
+        if count < needed:
+            readers = [name for name, first in leader.items() if first == lead]
+            short[lead] = f"the input of {readers}: {count} tokens counted, {needed} needed"
+    if short:
+        raise ValueError(
+            "EVA: too few counted tokens for the principal components the layers need ("
+            + "; ".join(list(short.values())[:4])
+            + (f"; and {len(short) - 4} more layer inputs" if len(short) > 4 else "")
+            + "). A layer input needs at least as many counted tokens as the components its "
+            "layers may take, round(r * rho) (the largest of theirs), and at least 2: n tokens "
+            "give only n - 1 directions with variance. Give more batches or longer sequences "
+            "(check that attention_mask / labels leave tokens to count; "
+            "EvaConfig(use_label_mask=False) counts the prompt tokens too), use a smaller r or "
+            "rho, or leave those layers out of the adapter (exclude_modules). The model was "
+            "left unchanged."
+        )

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorakit.eva_inputs import _InputMoments, token_rows
+from lorakit.eva_inputs import _InputMoments, check_enough_tokens, token_rows
 
 __all__ = ["collect_statistics", "explained_ratios", "explained_variance", "redistribute_ranks"]
 
@@ -240,7 +240,7 @@ def collect_statistics(model, layers, loader, config, ranks, forward_fn):
     finally:
         for handle in handles:
             handle.remove()
-    final = _finish(layers, leader, inputs, read)
+    final = _finish(layers, leader, inputs, read, wanted)
     stats = {name: (*inputs.results[leader[name]], final[leader[name]].count) for name in layers}
     return stats, leader
 
@@ -250,8 +250,9 @@ def explained_ratios(values: torch.Tensor) -> torch.Tensor:
     return values / values.sum().clamp_min(1e-30)
 
 
-def _finish(layers, leader, inputs: _Inputs, read: int) -> dict[str, _InputMoments]:
-    """Refuse layers without enough counted tokens; give components to any input without
+def _finish(layers, leader, inputs: _Inputs, read: int, wanted) -> dict[str, _InputMoments]:
+    """Refuse layers without enough counted tokens (``eva_inputs.check_enough_tokens``: fewer
+    than the input's ``wanted`` components, or than 2); give components to any input without
     (no call had as many counted tokens as its components: all it got, counted or skipped,
     where PEFT would cycle the loader for ever). Returns each input's final statistics."""
     if not read:
@@ -267,16 +268,7 @@ def _finish(layers, leader, inputs: _Inputs, read: int) -> dict[str, _InputMomen
         name: inputs.moments.get(name) or inputs.skipped.get(name) or _InputMoments()
         for name in dict.fromkeys(leader.values())
     }  # (an input has counted or skipped rows, never both: ``_Inputs._step``)
-    few = {name: final[leader[name]].count for name in layers}
-    few = {name: count for name, count in few.items() if count < 2}
-    if few:
-        raise ValueError(
-            f"EVA: the LoRA layers {few} (layer: tokens counted) got fewer than 2 counted "
-            "tokens from the whole dataloader, too few for a covariance. Give more or longer "
-            "batches, check that attention_mask / labels leave tokens to count "
-            "(EvaConfig(use_label_mask=False) counts the prompt tokens too), or leave those "
-            "layers out of the adapter (exclude_modules)."
-        )
+    check_enough_tokens(leader, {name: m.count for name, m in final.items()}, wanted)
     for name, m in final.items():
         if name not in inputs.results:
             inputs.results[name] = explained_variance(m, inputs.most)

@@ -78,7 +78,8 @@ class EvaConfig:
     defaults; the procedure is ``lorakit.eva.initialize_lora_eva_weights``)."""
 
     rho: float = 2.0
-    """A layer's rank may grow to ``round(r * rho)`` (>= 1; 1 keeps every rank)."""
+    """A layer's rank may grow to ``round(r * rho)`` (>= 1; 1 keeps every rank). Above 1000,
+    EVA caps it at ``max_dim // r``, as PEFT does (``lorakit.eva``)."""
     tau: float = 0.99
     """Stop reading batches once every needed component's cosine similarity with its value one
     batch earlier is >= tau (in [0, 1])."""

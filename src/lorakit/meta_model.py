@@ -82,7 +82,9 @@ def build_meta_model(spec: str, dtype: str | None = None) -> tuple[nn.Module, st
         config = transformers.AutoConfig.for_model(model_type, **values)
     except _CONFIG_ERRORS as error:
         raise UserError(f"model spec {spec!r}: invalid config: {_first_line(error)}") from None
-    dtype_name = _dtype_name(dtype or _loaded_dtype(spec) or config_dtype or "float32")
+    loaded_dtype = _loaded_dtype(spec)
+    from_config = not (dtype or loaded_dtype) and config_dtype is not None
+    dtype_name = _dtype_name(dtype or loaded_dtype or config_dtype or "float32", from_config)
     model_class = _architecture_class(values.get("architectures"), config)
     try:
         with torch.device("meta"):
@@ -184,10 +186,18 @@ def _config_values(spec: str) -> dict[str, Any]:
     return values
 
 
-def _dtype_name(dtype: Any) -> str:
+def _dtype_name(dtype: Any, from_config: bool = False) -> str:
+    """The torch dtype name of ``dtype`` (float32, float16, bfloat16, float64 or an alias);
+    ``UserError`` otherwise, saying when the value came from the model's config
+    (``from_config``) and that a dtype given (``lorakit plan --dtype``) overrides it."""
     name = str(dtype).removeprefix("torch.")
     aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
     name = aliases.get(name, name)
     if name not in ("float32", "float16", "bfloat16", "float64"):
-        raise UserError(f"dtype {dtype!r} is not supported: use float32, float16 or bfloat16.")
+        subject = "the model config's dtype (torch_dtype)" if from_config else "dtype"
+        way_out = ", or give a dtype (--dtype) to override the config's" if from_config else ""
+        raise UserError(
+            f"{subject} {dtype!r} is not supported: use float32, float16, bfloat16 or "
+            f"float64 (or fp32, fp16, half, bf16){way_out}."
+        )
     return name

@@ -9,8 +9,18 @@ __all__ = ["format_report"]
 
 def _gb(n_bytes: int) -> str:
     if n_bytes < GB / 100:  # would read 0.00 GB
-        return f"{n_bytes / 1e6:,.1f} MB"
+        return _size(n_bytes)
     return f"{n_bytes / GB:,.1f} GB" if n_bytes >= 10 * GB else f"{n_bytes / GB:,.2f} GB"
+
+
+def _size(n_bytes: int) -> str:
+    """A size in the unit that shows it: bytes below 1 kB, kB below 1 MB, MB below 1 GB, else
+    GB."""
+    if n_bytes < 1e3:
+        return f"{n_bytes:,} bytes"
+    if n_bytes < MB:
+        return f"{n_bytes / 1e3:,.1f} kB"
+    return f"{n_bytes / MB:,.1f} MB" if n_bytes < GB else f"{n_bytes / GB:,.2f} GB"
 
 
 def format_report(result: Plan) -> str:
@@ -53,7 +63,7 @@ def format_report(result: Plan) -> str:
 def _adapter_file_line(result: Plan) -> str:
     """The saved file's size in float32 (as saved by default: a bfloat16 model's head copy in
     its dtype, ``Plan.trainable_in_dtype``) and in bfloat16."""
-    sizes = {k: f"{n / MB:,.1f} MB in {k}" for k, n in result.adapter_file_bytes.items()}
+    sizes = {k: f"{_size(n)} in {k}" for k, n in result.adapter_file_bytes.items()}
     if result.trainable_in_dtype:
         sizes["float32"] += (
             f" (its {result.trainable_in_dtype:,} head parameters in {result.dtype})"
@@ -157,36 +167,49 @@ def _activation_lines(result: Plan) -> list[str]:
 
 def _peak_lines(result: Plan) -> list[str]:
     """What backward holds beyond what is kept, at its peak (``Plan.activations_peak_bytes``):
-    the loss backward's float32 buffers (2 N V 4 bytes), or the weight a weight-only base
-    rebuilds (beside the logits' gradient, the log-softmax freed), the larger; or one block's
-    backward buffers where they are larger still (a classifier: ``Plan.block_backward_bytes``)."""
+    ``max(L, R_out + G - L / 2, R_block, B)`` (``lorakit.plan_memory``). The line names the
+    term that is the number, with its parts, and on a weight-only base (int8-rows /
+    int4-groups) the other terms it is larger than."""
     activations = result.activations
     extra = result.activations_peak_bytes - activations.total_bytes
     if extra <= 0:
         return []
-    head = activations.head_backward_bytes(result.dequantized_backward_bytes[0])
-    if extra == result.block_backward_bytes > head:  # (a classifier's loss is small)
-        what = "one block's backward buffers: its MLP's gradients, or a float32 norm's"
-        return [f"      + at backward's peak: {_gb(extra)} ({what})"]
-    parts = []  # (what, its bytes)
-    if activations.loss_backward_bytes:
-        parts.append(("the loss backward's float32 buffers", activations.loss_backward_bytes))
+    terms = _peak_terms(result)
+    chosen = max(terms, key=lambda term: term[1])[0]  # (its bytes are ``extra``)
+    others = [f"{what.split(':')[0]} {_size(size)}" for what, size in terms if what != chosen]
+    weight_only = any(result.dequantized_backward_bytes)  # (a float base: one term matters)
+    larger = f"; more than {', or '.join(others)}" if others and weight_only else ""
+    return [f"      + at backward's peak: {_gb(extra)} ({chosen}{larger})"]
+
+
+def _peak_terms(result: Plan) -> list[tuple[str, int]]:
+    """``(what, bytes)`` of each term of backward's peak that is there: ``L`` (the loss
+    backward's float32 buffers), ``R_out + G - L / 2`` (the output layer's backward on a
+    weight-only base: its weight rebuilt, the logits' gradient, the log-softmax freed),
+    ``R_block`` (the largest other layer rebuilt) and ``B`` (a block's own buffers)."""
+    activations, quantization = result.activations, result.quantization
+    loss = activations.loss_backward_bytes
     rebuilt_output, rebuilt_block = result.dequantized_backward_bytes
-    if rebuilt_output or rebuilt_block:
-        layer = "output layer" if rebuilt_output >= rebuilt_block else "largest layer"
-        parts.append(
-            (
-                f"the {result.quantization} {layer} rebuilt in float32",
-                max(rebuilt_output, rebuilt_block),
+    terms = []
+    if loss:
+        terms.append(("the loss backward's float32 buffers", loss))
+    if rebuilt_output or not loss:  # (no loss counted, no labels: the logits' gradient)
+        gradient = activations.logits_bytes
+        size = rebuilt_output + gradient - loss // 2
+        what = "the output layer's backward: the logits' gradient"
+        if rebuilt_output:
+            what = (
+                f"the output layer's backward: the {quantization} output layer rebuilt in "
+                f"float32 {_size(rebuilt_output)} + the logits' gradient {_size(gradient)}"
             )
-        )
-    if not parts:  # no loss counted (no labels): the logits' gradient into the output layer
-        what = "the logits' gradient"
-    elif len(parts) == 1:
-        what = parts[0][0]
-    else:
-        what = "the larger: " + ", or ".join(f"{part} {_gb(size)}" for part, size in parts)
-    return [f"      + at backward's peak: {_gb(extra)} ({what})"]
+        terms.append((what + f" - the log-softmax freed {_size(loss // 2)}" * bool(loss), size))
+    if rebuilt_block:
+        what = f"the largest other layer's {quantization} weight rebuilt in float32"
+        terms.append((what, rebuilt_block))
+    if result.block_backward_bytes:
+        what = "one block's backward buffers: its MLP's gradients, or a float32 norm's"
+        terms.append((what, result.block_backward_bytes))
+    return terms
 
 
 def _per_device_lines(result: Plan) -> list[str]:
