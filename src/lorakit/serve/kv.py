@@ -74,26 +74,37 @@ class WindowLayer(DynamicLayer):
     ``update(k, v)`` with k, v (rows, kv_heads, t, head_dim) writes them at columns
     ``[end, end + t)`` of the window in place and returns the views ``[:rows, :, start:end + t]``;
     ``BatchedCache.advance`` moves ``end`` after the step (all layers write the same columns).
+    Paid per layer at every decode step, so in few ops: the buffers' first ``rows`` rows are
+    kept as views while the row count stays, the window is one ``narrow`` of them, the new
+    columns one ``narrow`` of the window; ``shown`` records the window ``keys`` show (``advance``
+    leaves a layer that already shows it as it is).
     """
 
     def __init__(self, window: _Window, keys: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__()
         self.window, self.key_buffer, self.value_buffer = window, keys, values
         self.device, self.is_initialized = keys.device, True
+        self._rows = -1  # the row count of ``_key_rows`` / ``_value_rows`` (none yet)
         self.refresh()
 
     def refresh(self, extra: int = 0) -> None:
         """Point ``keys`` / ``values`` at the window (plus ``extra`` columns past ``end``)."""
         w = self.window
-        self.keys = self.key_buffer[: w.rows, :, w.start : w.end + extra]
-        self.values = self.value_buffer[: w.rows, :, w.start : w.end + extra]
+        if self._rows != w.rows:
+            self._key_rows = self.key_buffer[: w.rows]
+            self._value_rows = self.value_buffer[: w.rows]
+            self._rows = w.rows
+        width = w.end + extra - w.start
+        self.keys = self._key_rows.narrow(2, w.start, width)
+        self.values = self._value_rows.narrow(2, w.start, width)
+        self.shown = (w.rows, w.start, w.end + extra)
 
     def update(self, key_states, value_states, *args, **kwargs):
-        end, steps = self.window.end, key_states.shape[-2]
-        rows = self.window.rows
-        self.key_buffer[:rows, :, end : end + steps].copy_(key_states)
-        self.value_buffer[:rows, :, end : end + steps].copy_(value_states)
+        steps = key_states.shape[-2]
+        column = self.window.end - self.window.start  # where the new columns go in the window
         self.refresh(extra=steps)
+        self.keys.narrow(2, column, steps).copy_(key_states)
+        self.values.narrow(2, column, steps).copy_(value_states)
         return self.keys, self.values
 
 
@@ -253,6 +264,9 @@ class BatchedCache(MaskedRows):
             self._fallback.mask, self._fallback.lengths = self.mask, self.lengths
             self._fallback.cache = self.cache
             return
-        self._window.end += 1
+        w = self._window
+        w.end += 1
+        shown = (w.rows, w.start, w.end)
         for layer in self._layers():
-            layer.refresh()
+            if layer.shown != shown:  # (a layer the step updated shows it already)
+                layer.refresh()

@@ -4,7 +4,7 @@ At one token per row a decode step does little arithmetic per layer, and transfo
 machinery (mask building, per-module calls, dtype round trips, the cache protocol) costs about as
 much again; on SmolLM2-135M with one stream it is a third of the step. ``LeanDecoder.step``
 computes the same function over the model's own modules and weights, for the engine's
-preallocated cache (``kv.BatchedCache``): per layer, with x (B, 1, h),
+preallocated cache (``kv.BatchedCache``): per layer, with x (B, h) (one token a row),
 
     a = rmsnorm(x);  [q k v] = a [Wq; Wk; Wv]^T (+ biases)    # one product (``siblings``)
     [q; k] = rope([q; k]; position)                           # (B, H + Hkv, hd): one rotation
@@ -23,7 +23,9 @@ percent of a one-stream step), so the step is written in few ops, each giving th
 transformers' forward: q and k rotated in one call with rotate_half's sign folded into sin once
 per step (``rotate``), no transposes at one token per row, an RMSNorm of six in-place ops
 (``rms_norm``), in-place residual adds and SiLU, and no attention mask when no row is padded (one
-stream), else one additive mask per step instead of a boolean one each layer converts.
+stream), else one additive mask per step instead of a boolean one each layer converts. The
+activations are (B, h), not transformers' (B, 1, h): the same values, and the int4 product and
+the one-adapter router take 2-D rows without the views a (B, 1, h) input costs them.
 
 ``lean_decoder(model)`` is None for any other model (another family, sliding-window or other
 attention kinds, an activation other than SiLU, RoPE that changes with the sequence length): the
@@ -166,6 +168,7 @@ class LeanDecoder:
         cos, sin = self.rotary(x, position_ids)  # (B, 1, hd)
         sin = signed_sin(sin)
         mask = additive_mask(attention_mask, x.dtype)
+        x = x.reshape(x.shape[0], x.shape[-1])  # (B, h): one token a row
         for index, (block, cache_layer) in enumerate(zip(self.blocks, cache.layers, strict=True)):
             attended = self._attention(
                 block, rms_norm(x, block.input_norm), cos, sin, mask, cache_layer, router
@@ -175,14 +178,14 @@ class LeanDecoder:
             gate, up = block.gate_up(rms_norm(x, block.post_norm), router)
             (down,) = block.down_proj(F.silu(gate, inplace=True).mul_(up), router)
             x.add_(down)
-        return self.lm_head(rms_norm(x[:, -1], self.norm))
+        return self.lm_head(rms_norm(x, self.norm))
 
     @staticmethod
     def _attention(block: _Block, a, cos, sin, mask, cache_layer, router) -> torch.Tensor:
-        """The attention output (B, 1, h) for normed input ``a`` (B, 1, h); ``sin`` signed
+        """The attention output (B, h) for normed input ``a`` (B, h); ``sin`` signed
         (``signed_sin``), ``mask`` additive or None (``additive_mask``)."""
         rows, heads, kv_heads, head_dim = a.shape[0], block.heads, block.kv_heads, block.head_dim
-        q, k, v = block.qkv(a, router)  # (B, 1, H hd), (B, 1, Hkv hd), (B, 1, Hkv hd)
+        q, k, v = block.qkv(a, router)  # (B, H hd), (B, Hkv hd), (B, Hkv hd)
         qk = rotate(torch.cat((q, k), dim=-1).view(rows, heads + kv_heads, head_dim), cos, sin)
         keys, values = cache_layer.update(  # (B, Hkv, T, hd)
             qk[:, heads:, None], v.view(rows, kv_heads, 1, head_dim)
@@ -191,7 +194,7 @@ class LeanDecoder:
         out = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=mask, scale=block.scaling
         )  # (B, Hkv, G, hd)
-        (projected,) = block.o_proj(out.reshape(rows, 1, heads * head_dim), router)
+        (projected,) = block.o_proj(out.reshape(rows, heads * head_dim), router)
         return projected
 
 

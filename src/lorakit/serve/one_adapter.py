@@ -120,13 +120,15 @@ class OneAdapterRouter:
             return False
         if not entry.parts:
             return True  # no sibling is adapted by this slot
-        rows = x.shape[:-1].numel()
-        flat_x = x.reshape(rows, x.shape[-1])
+        if x.dim() == 2:  # (N, k) already (the lean decode step): no views
+            flat_x, flat_out = x, out
+        else:
+            rows = x.shape[:-1].numel()
+            flat_x, flat_out = x.reshape(rows, x.shape[-1]), out.view(rows, out.shape[-1])
         if flat_x.dtype != entry.lora_A_t.dtype:
             flat_x = flat_x.to(entry.lora_A_t.dtype)
         low = torch.mm(flat_x, entry.lora_A_t)  # (N, R): F.linear's own product
         # each part's view by one split (not an op per part), none for a lone part
-        flat_out = out.view(rows, out.shape[-1])
         outs = flat_out.split_with_sizes(widths, -1) if len(widths) > 1 else (flat_out,)
         lows = low.split_with_sizes(entry.ranks, -1) if len(entry.ranks) > 1 else (low,)
         for (member, lora_B_t), low_i in zip(entry.parts, lows, strict=True):
