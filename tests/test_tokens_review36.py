@@ -15,8 +15,9 @@
    ``resize_token_embeddings(N)`` to call; doing so gives PEFT's logits.
 7. List form on BART (transformers 5), whose ``model.shared`` the forward never calls: a warning,
    as for LoRA there (its rows get no gradient, in PEFT too).
-10. Tuples, numpy integer ids and tuples in the dict form are taken (as PEFT takes them), kept
-    and saved as lists of Python ints; a bad value's message asks for ints.
+10. Tuples, numpy integer ids and tuples in the dict form are taken (peft 0.22 mis-handles a
+    tuple: write lists for PEFT), kept and saved as lists of Python ints; a bad value's message
+    asks for ints.
 """
 
 from __future__ import annotations

@@ -43,15 +43,19 @@ def find_parameter_targets(
     config: LoraConfig,
     modules: Mapping[str, nn.Module] | None = None,
     *,
-    every_entry: bool = True,
+    file_config: bool = False,
 ) -> dict[str, str]:
     """``{LoRA layer path: parameter path}`` of the parameters ``config.target_parameters``
     names, in model order (empty without ``target_parameters``). ``TargetModulesError`` (a
     ``UserError``) for an entry that matches no parameter, a matched parameter that is not 2-D
     or 3-D, or a set of parameters other than the one earlier adapters of ``model`` adapt
-    (PEFT's rule: the layers are shared). ``modules``: ``dict(model_modules(model))``.
-    ``every_entry=False`` (a file's config, whose tensors decide what is loaded, as PEFT loads
-    it): only an entry list of which no entry matches is refused."""
+    (PEFT's rule: the layers are shared), and (a config written for ``inject``) a parameter
+    that ``exclude_modules`` or ``layers_to_transform`` would leave out (``_check_not_left_out``).
+    ``modules``: ``dict(model_modules(model))``. ``file_config=True`` (a file's config, or the
+    one a model records, which may be a file's: its tensors decide what is loaded, as PEFT loads
+    it): only an entry list of which no entry matches is refused, and every matched parameter is
+    a target whatever ``exclude_modules`` / ``layers_to_transform`` say (PEFT applies them to
+    ``target_modules`` only and adapts, and saves, the parameter in every layer)."""
     entries = config.target_parameters or []
     if not entries:
         return {}
@@ -62,11 +66,12 @@ def find_parameter_targets(
             path = f"{owner}.{name}" if owner else name
             if _matches(entries, path):
                 _check_parameter(model, owner, path, parameter)
-                _check_not_left_out(config, path)
+                if not file_config:
+                    _check_not_left_out(config, path)
                 by_owner.setdefault(owner, []).append(name)
     found = parameter_layer_paths(by_owner)
     unmatched = unmatched_parameter_entries(entries, found)
-    if unmatched and (every_entry or len(unmatched) == len(entries)):
+    if unmatched and (not file_config or len(unmatched) == len(entries)):
         raise TargetModulesError(
             f"target_parameters entries {unmatched} match no parameter of this "
             f"{type(model).__name__} (an entry is a parameter's full name or its last dotted "
@@ -86,7 +91,9 @@ def unmatched_parameter_entries(entries: list[str], found: Mapping[str, str]) ->
 def _check_not_left_out(config: LoraConfig, path: str) -> None:
     """``TargetModulesError`` when ``exclude_modules`` or ``layers_to_transform`` would leave
     out the parameter at ``path``: PEFT applies them to ``target_modules`` only and adapts a
-    ``target_parameters`` match anyway; lorakit refuses rather than ignore what was asked."""
+    ``target_parameters`` match anyway. For a config given to ``inject`` (written by a person,
+    checked strictly as every ``target_modules`` entry is) lorakit refuses rather than ignore
+    what was asked; a file's config is loaded as PEFT loads it (``file_config=True``)."""
     owner = path.rpartition(".")[0]
     if config.exclude_modules is not None and (
         matches(config.exclude_modules, owner) or matches(config.exclude_modules, path)

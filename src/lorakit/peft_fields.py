@@ -26,6 +26,7 @@ __all__ = [
     "REFUSED",
     "SUPPORTED",
     "FieldSupport",
+    "file_refusal",
     "first_refused_setting",
     "is_off",
     "refusal",
@@ -161,24 +162,43 @@ def refused_fields() -> tuple[str, ...]:
 
 # The values with which a REFUSED field is "off": set to one of them, it changes nothing.
 _OFF_VALUES = (None, False, {}, [])
+# REFUSED fields that hold a feature's settings: PEFT turns a dict, {} included, into its
+# settings class (the feature on, with its defaults; use_bdlora={} then raises), so {} is on.
+_SETTINGS_FIELDS = frozenset(
+    {"arrow_config", "kasa_config", "monteclora_config", "use_bdlora", "velora_config"}
+)
 
 
-def is_off(value: object) -> bool:
-    """Whether ``value`` is a PEFT field's "off" value (None, False, {} or [])."""
+def is_off(name: str, value: object) -> bool:
+    """Whether ``value`` is the "off" value of the PEFT field ``name``: None, False, {} or [],
+    but only None or False for a field of feature settings (``_SETTINGS_FIELDS``)."""
+    if name in _SETTINGS_FIELDS:
+        return value is None or value is False
     return value in _OFF_VALUES
 
 
 def first_refused_setting(values: Mapping[str, Any]) -> str | None:
     """The first field (by name) of ``REFUSED`` that ``values`` sets to something other than
     its "off" value (``is_off``): a PEFT feature lorakit does not implement; None if none."""
-    return next((name for name in refused_fields() if not is_off(values.get(name))), None)
+    return next((name for name in refused_fields() if not is_off(name, values.get(name))), None)
 
 
 def refusal(name: str, value: object) -> str:
-    """Why ``name=value`` (a REFUSED field set) is refused, for an error message."""
+    """Why ``name=value`` (a REFUSED field set in a config built in code) is refused, for an
+    error message."""
     return (
         f"{name}={value!r} is a PEFT feature lorakit does not implement "
         f"({PEFT_LORA_FIELDS[name].why}); leave it unset"
+    )
+
+
+def file_refusal(source: str, name: str, value: object) -> str:
+    """The error message for an ``adapter_config.json`` (``source``) that sets the REFUSED
+    field ``name`` to ``value``: one sentence, the feature, and the way out (PEFT)."""
+    return (
+        f"{source} sets {name}={value!r}, a PEFT feature lorakit cannot load without changing "
+        f"the adapter's outputs ({PEFT_LORA_FIELDS[name].why}); load this adapter with PEFT "
+        "(peft.PeftModel.from_pretrained) instead."
     )
 
 

@@ -34,7 +34,7 @@ from lorakit.io.header import unreadable
 from lorakit.io.older_peft_files import portable_entries
 from lorakit.io.written_targets import written_target_modules
 from lorakit.parameter_targets import find_parameter_targets
-from lorakit.peft_fields import PEFT_LORA_FIELDS, first_refused_setting, refusal
+from lorakit.peft_fields import PEFT_LORA_FIELDS, file_refusal, first_refused_setting
 from lorakit.state import adapter_configs
 from lorakit.targets import model_modules, original_module
 
@@ -118,7 +118,8 @@ def config_to_json(model: nn.Module, config: LoraConfig, adapter_modules: list[n
         "revision": None,
     }
     names = [name for name, _ in modules]
-    names += find_parameter_targets(model, config).values()  # patterns see parameter paths too
+    # patterns see parameter paths too (the recorded config may be a file's: its rules)
+    names += find_parameter_targets(model, config, file_config=True).values()
     for field_name in ("rank_pattern", "alpha_pattern"):
         values[field_name] = _pattern_in_file_order(values[field_name], names)
     return json.dumps(dict(sorted(values.items())), indent=2)
@@ -210,10 +211,7 @@ def config_from_json(text: str, source: str, *, describing: bool = False) -> Lor
         )
     refused = first_refused_setting(values)
     if refused is not None:
-        raise AdapterFileError(
-            f"{source} uses {refusal(refused, values[refused])}: it cannot be loaded without "
-            "changing the adapter's outputs."
-        )
+        raise AdapterFileError(file_refusal(source, refused, values[refused]))
     unknown = sorted(set(values) - set(_FIELDS) - set(PEFT_LORA_FIELDS))
     if unknown:
         warnings.warn(

@@ -87,7 +87,7 @@ def load_targets(
         targets = find_targets(model, config, modules)
         saved_names = saved_module_names(model, config)
         tokens = token_module_names(model, config, targets, saved_names)
-        parameter_targets = find_parameter_targets(model, config, every_entry=False)
+        parameter_targets = find_parameter_targets(model, config, file_config=True)
     except TokenIdsOutsideVocabulary as error:  # (a ValueError: first)
         raise AdapterFileError(_vocabulary_message(adapter, error)) from None
     except ValueError as error:
@@ -209,7 +209,7 @@ def _without_unmatched_parameters(
 ) -> LoraConfig:
     """``config`` without the ``target_parameters`` entries that match no parameter of the
     model (a file's config is held to its tensors, as PEFT loads it, not to every entry: see
-    ``find_parameter_targets(every_entry=False)``), so that the config the model records, and
+    ``find_parameter_targets(file_config=True)``), so that the config the model records, and
     ``save_adapter`` writes, passes ``inject``'s every-entry check."""
     entries = config.target_parameters or []
     unmatched = unmatched_parameter_entries(entries, parameter_targets)
