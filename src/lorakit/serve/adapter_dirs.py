@@ -38,11 +38,13 @@ __all__ = [
     "AdapterRegistry",
     "BrokenAdapterError",
     "file_identity",
+    "some_names",
     "valid_name",
 ]
 
 log = logging.getLogger(__name__)
 
+SHOWN_NAMES = 10  # adapter names an error message lists at most (``some_names``)
 SERVING = "serving it on the server's shared, unchanged base model"
 """What serving a PiSSA / OLoRA file's factors would do (``refuse_residual_base_factors``)."""
 
@@ -193,7 +195,7 @@ class AdapterRegistry:
     def path(self, name: str) -> Path:
         with self._lock:
             if name not in self._paths:
-                raise KeyError(f"unknown adapter {name!r}; known: {sorted(self._paths)}")
+                raise KeyError(f"unknown adapter {name!r}; known: {some_names(self._paths)}")
             return self._paths[name]
 
     def reserve(self, name: str) -> None:
@@ -266,6 +268,15 @@ class AdapterRegistry:
             del self._paths[name]
             if withdrawn:
                 self._withdrawn.add(name)
+
+
+def some_names(names) -> str:
+    """``names`` sorted for a message: the first ``SHOWN_NAMES``, then how many more (a server
+    may serve thousands: review 38's 404 listed 3,844 characters of them)."""
+    names = sorted(names)
+    more = len(names) - SHOWN_NAMES
+    listed = str(names[:SHOWN_NAMES])
+    return listed if more <= 0 else f"{listed} and {more} more; GET /v1/models lists them"
 
 
 def file_identity(directory: Path) -> list[object]:

@@ -205,12 +205,7 @@ async def _adapter_for(
     except BrokenAdapterError as error:
         raise APIError(400, str(error), param="model") from None
     if not served:
-        raise APIError(
-            404,
-            f"the model {model!r} does not exist; see GET /v1/models",
-            param="model",
-            code="model_not_found",
-        )
+        raise responses.model_not_found(model)
     try:
         await run_in_threadpool(adapters.ensure_loaded, model)
     except UserError as error:
@@ -230,9 +225,7 @@ async def _adapter_for(
             code="model_not_found",
         ) from None
     except KeyError:  # unloaded meanwhile
-        raise APIError(
-            404, f"the model {model!r} does not exist", param="model", code="model_not_found"
-        ) from None
+        raise responses.model_not_found(model) from None
     return model
 
 

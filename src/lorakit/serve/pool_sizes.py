@@ -100,7 +100,10 @@ def pool_sizes(
     budget, each pool ``n_L`` = its share of them (at least one adapter's); slots: as many as
     the budget's bytes allow at one page each, at most ``capacity``, and at most as many as
     leave room for one adapter of the largest rank in every pool (``_slots_cap``); page numbers:
-    at most ``slots x per_adapter``, which is all that ``slots`` adapters can use.
+    at most ``slots x per_adapter``, which is all that ``slots`` adapters can use. Slots: never
+    more than the page numbers (an adapter holds at least one), so ``slots <= pages <= slots x
+    per_adapter``: equal at roomy budgets, fewer slots at tight ones (one slot and
+    ``per_adapter`` pages at the least budget).
     ``BudgetTooSmall`` (a ``ValueError``) when no adapter of the largest rank fits, i.e. the
     budget is under ``per_adapter x sum(page_bytes) + slot_overhead`` (one slot and one such
     adapter's pages in every pool): the minimum it states, which is exactly enough."""
@@ -124,14 +127,22 @@ def pool_sizes(
     estimate = int(memory_budget // (mean_page + slot_overhead))
     estimate = min(estimate, _slots_cap(page_bytes, per_adapter, slot_overhead, memory_budget))
     slots = estimate if capacity is None else min(capacity, estimate)
-    pages = int((memory_budget - slots * slot_overhead) // mean_page)
-    pages = min(pages, slots * per_adapter)  # more page numbers than slots can use: none
 
     def pool_bytes(pages: int) -> int:
         return sum(n * page_bytes[name] for name, n in lengths(pages).items())
 
-    while pages > 0 and pool_bytes(pages) + slots * slot_overhead > memory_budget:
-        pages -= 1  # the floor of one adapter per pool can push a tight budget over
+    def pages_within(slots: int) -> int:
+        """The most page numbers that ``slots`` slots leave room for and can use."""
+        pages = int((memory_budget - slots * slot_overhead) // mean_page)
+        pages = min(pages, slots * per_adapter)  # more page numbers than slots can use: none
+        while pages > 0 and pool_bytes(pages) + slots * slot_overhead > memory_budget:
+            pages -= 1  # the floor of one adapter per pool can push a tight budget over
+        return pages
+
+    pages = pages_within(slots)
+    if 0 < pages < slots:  # every adapter holds a page: slots past the pages are never used
+        slots = pages  # (review 38: 6 slots on 4 pages); their bytes may buy pages back
+        pages = pages_within(slots)
     if slots < 1 or pages < per_adapter:
         one = per_adapter * sum(page_bytes.values()) + slot_overhead
         raise BudgetTooSmall(memory_budget, max_rank, one)

@@ -11,8 +11,9 @@ whose directory is deleted while served leaves the registry on its next request
 again (``file_identity``). A read is kept only when the files' identity is the same before and
 after it (config, header and data of one version, never a mix), and a request that found the
 new files on arrival is never served a load of the old ones that it waited for
-(``ensure_loaded``). The messages for HTTP clients show paths relative to the adapter
-directory (``AdapterRegistry.relative``).
+(``ensure_loaded``); one whose adapter an admin re-points meanwhile (unload, then load from
+another ``lora_path``) is served the name's new adapter. The messages for HTTP clients show
+paths relative to the adapter directory (``AdapterRegistry.relative``).
 
 Every adapter shares the one unchanged base model, so a PiSSA / OLoRA file PEFT saved without
 conversion (``init_lora_weights`` "pissa", "pissa_niter_K", "olora"), whose factors only fit the
@@ -159,27 +160,45 @@ class ServedAdapters(RuntimeAdapters):
         from one version of its files (``_read_unchanged``), whose identity is recorded for
         ``ensure_loaded``; ``KeyError`` when it is unknown, or its directory was deleted
         (``drop_if_deleted``)."""
-        path = self.registry.path(name)
-        if self.drop_if_deleted(name, path):
-            raise self._gone(name, path)
+        path = self._served_path(name)
         adapter, identity = self._read_unchanged(name, path)
-        self._identities[name] = identity
+        self._note_identity(name, path, identity)
         return adapter.config, adapter.tensors
+
+    def _note_identity(self, name: str, path: Path, identity: list[object]) -> None:
+        """Record ``identity`` as that of the bank's (coming) copy of ``name``, unless ``name``
+        is no longer registered to ``path``: a read that an unload (``remove``, under the same
+        lock) overtook records nothing, so ``_identities`` only holds identities of the name's
+        registration when they were recorded (its load then fails, or serves the new copy)."""
+        with self.bank.lock:
+            try:
+                if self.registry.path(name) != path:
+                    return
+            except KeyError:
+                return
+            self._identities[name] = identity
 
     def ensure_loaded(self, name: str) -> None:
         """Put a registered adapter into the bank if it is not there (LRU may evict another),
         or read it again if its files were replaced since (``_drop_if_replaced``). ``KeyError``
-        when it is unknown, or its directory was deleted (``drop_if_deleted``).
+        when it is unknown, unloaded meanwhile, or its directory was deleted
+        (``drop_if_deleted``).
 
         The files' identity is taken on arrival: a load this call waited for (one load per
         adapter, ``LazyLoads._lazy_load``) that read other files, because it began before a
         redeploy, is evicted and loaded again instead of served. Files changed again after
         arrival are served as read when the bank holds what is on disk now; ``READ_TRIES``
         loads that each missed the files are an ``AdapterFileError``. Unchanged files (the
-        common case): one load, however many callers wait for it."""
-        path = self.registry.path(name)
-        if self.drop_if_deleted(name, path):
-            raise self._gone(name, path)
+        common case): one load, however many callers wait for it.
+
+        The name's registration when the load runs is the one served: an admin who unloads
+        ``name`` and loads it again from another ``lora_path`` after this call looked it up
+        gets this request served the new directory's adapter (the bank holds one copy per
+        name; a request sent just after would get the same), and an unload with no new load
+        is a ``KeyError`` (404). Such a change is no change of files: nothing is evicted
+        for it, and no read is tried again (review 38: three evictions, then a false
+        "files changed")."""
+        path = self._served_path(name)
         wanted = file_identity(path)  # (on arrival)
         for _ in range(READ_TRIES):
             kept = self._drop_if_replaced(name, wanted)
@@ -187,10 +206,19 @@ class ServedAdapters(RuntimeAdapters):
             loaded = self._identities.get(name)
             if kept or loaded is None or loaded == wanted:
                 return
+            path = self._served_path(name)  # (re-pointed meanwhile: its new directory serves)
             wanted = file_identity(path)  # (changed again since arrival: newer files serve)
             if loaded == wanted:
                 return
         raise self._changing(name)
+
+    def _served_path(self, name: str) -> Path:
+        """The directory ``name`` is registered to now; ``KeyError`` when it is not, or that
+        directory was deleted (``drop_if_deleted``)."""
+        path = self.registry.path(name)
+        if self.drop_if_deleted(name, path):
+            raise self._gone(name, path)
+        return path
 
     def drop_if_deleted(self, name: str, path: Path) -> bool:
         """Whether the directory ``path`` of adapter ``name`` is gone; then ``name`` is evicted
@@ -225,12 +253,15 @@ class ServedAdapters(RuntimeAdapters):
 
     def _drop_if_replaced(self, name: str, identity: list[object]) -> bool:
         """Evict ``name`` when the bank's copy was read from files other than ``identity`` (what
-        the caller found on disk), so that the load that follows reads those. True when the old
-        copy stays: while a request uses (or a replica pins) the old weights they stay, with a
-        warning, and the next request looks again."""
+        the caller found on disk) in the same directory, so that the load that follows reads
+        those. True when the old copy stays: while a request uses (or a replica pins) the old
+        weights they stay, with a warning, and the next request looks again. A copy of another
+        directory is the name's new registration (re-pointed since the caller looked): kept."""
         known = self._identities.get(name)
         if known is None or known == identity or name not in self.bank:
             return False
+        if known[0] != identity[0]:  # (file_identity's directory) another registration's copy:
+            return False  # the name was re-pointed since the caller looked, and that copy serves
         with self.bank.lock:
             if name not in self.bank or self._identities.get(name) is not known:
                 return False  # evicted, or read again, meanwhile

@@ -34,7 +34,7 @@ from lorakit.serve.requests import (
 )
 from lorakit.serve.token_pieces import token_piece
 
-__all__ = ["RETRY_AFTER_SECONDS", "answer", "failure", "queue_place"]
+__all__ = ["RETRY_AFTER_SECONDS", "answer", "failure", "model_not_found", "queue_place"]
 
 log = logging.getLogger(__name__)
 _DONE = ("stop", "length")
@@ -43,15 +43,24 @@ RETRY_AFTER_SECONDS = 1  # the Retry-After of a 429 (waiting queue full)
 Receive = Callable[[], Awaitable[dict]]
 
 
+def model_not_found(model: str) -> APIError:
+    """The one 404 for a request naming an adapter that is not served: never loaded, or
+    unloaded before the request came, while it was queued, or while its adapter was being
+    read (review 38: four wordings, one of them listing every registered adapter). It lists
+    no names (a server may hold thousands): ``GET /v1/models`` does."""
+    return APIError(
+        404,
+        f"the model {model!r} does not exist: unknown adapter {model!r} (never loaded, or "
+        "unloaded); see GET /v1/models",
+        param="model",
+        code="model_not_found",
+    )
+
+
 def failure(event: Event, model: str) -> APIError:
     """The HTTP error for a request that ended without "stop" or "length"."""
     if event.error_kind == ADAPTER_NOT_FOUND:
-        return APIError(
-            404,
-            f"the model {model!r} does not exist (any more): {event.error}",
-            param="model",
-            code="model_not_found",
-        )
+        return model_not_found(model)
     if event.error_kind == INVALID_ADAPTER:
         return APIError(
             400, f"the adapter {model!r} cannot be served: {event.error}", param="model"

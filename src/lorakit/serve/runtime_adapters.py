@@ -3,7 +3,8 @@ runs (vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``), each on
 bank's lock so that a request meanwhile never loads a name the registry no longer has.
 
 A mixin of ``serve/registry.py``'s ``ServedAdapters``: it uses that class's ``bank``,
-``registry``, ``_identities`` and ``_read_unchanged`` (every check a lazy load makes).
+``registry``, ``_identities``, ``_note_identity`` and ``_read_unchanged`` (every check a lazy
+load makes).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class RuntimeAdapters:
         def loader(_name: str):
             adapter, identity = self._read_unchanged(name, path)
             read.append(adapter)
-            self._identities[name] = identity
+            self._note_identity(name, path, identity)  # (none once unloaded meanwhile)
             return adapter.config, adapter.tensors
 
         try:
@@ -101,3 +102,4 @@ class RuntimeAdapters:
             self.registry.path(name)
             self.bank.forget(name)
             self.registry.unregister(name, withdrawn=True)
+            self._identities.pop(name, None)  # (a load of it again starts afresh)
