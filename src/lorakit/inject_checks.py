@@ -15,7 +15,7 @@ from torch import nn
 from lorakit import quantized
 from lorakit.config import LoraConfig, pattern_matches
 from lorakit.errors import TargetModulesError
-from lorakit.fan_in_fan_out import settle_fan_in_fan_out
+from lorakit.fan_in_fan_out import fan_in_fan_out_flips, settle_fan_in_fan_out
 from lorakit.init_checks import check_layer_takes
 from lorakit.init_methods import changes_base
 from lorakit.layers import LoraLayer, TrainableTokens, layer_class_for
@@ -31,6 +31,7 @@ __all__ = [
     "check_adapter_fits",
     "check_adapter_name",
     "check_one_bias_adapter",
+    "fan_in_fan_out_flips",
     "quantized_format",
     "warn_lora_bias_without_base_bias",
 ]

@@ -18,7 +18,7 @@ from torch import nn
 
 from lorakit.inject import freeze_adapter
 from lorakit.peft_reload import reload_adapter
-from lorakit.peft_wrapper_class import remade_wrapper
+from lorakit.peft_wrapper_class import remade_wrapper, wrapper_class
 from lorakit.state import adapter_name_list, adapter_tensors, state_of
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ __all__ = [
     "base_dtype",
     "record_task_heads",
     "remade_wrapper",
+    "wrapper_class",
 ]
 
 

@@ -37,6 +37,7 @@ from lorakit.errors import AdapterFileError, listed
 from lorakit.io.file_tensors import FileTensor
 from lorakit.io.header import TensorInfo
 from lorakit.io.keys import PREFIX, module_path
+from lorakit.io.moved_moe_modules import refuse_moved_modules
 from lorakit.io.read import AdapterHeader
 from lorakit.layers.parameter import parameter_layout
 from lorakit.moe_targets import expert_parts, renamed_modules
@@ -48,6 +49,7 @@ __all__ = [
     "expert_conversion",
     "file_keys",
     "fuse_expert_tensors",
+    "refuse_moved_modules",
 ]
 
 _EXPERT_KEY = re.compile(
