@@ -124,6 +124,36 @@ def test_any_quantization_config_refused(tmp_path, capsys):
     assert code == 2 and f"{tmp_path / 'gptq'} holds a model quantized with gptq" in err
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+        {"quant_method": "bitsandbytes", "load_in_8bit": True},
+    ],
+)
+def test_a_float_checkpoint_with_a_leftover_bnb_config_is_analysed_as_without_it(
+    tmp_path, capsys, settings
+):
+    """A QLoRA fine-tune merged to 16-bit often keeps its quantization_config while its files
+    hold float weights (transformers loads them as floats): the report equals the same pair's
+    without the key (regression review C of 833b91a, which refused it)."""
+    base = tiny_models.llama()
+    base.save_pretrained(tmp_path / "base")
+    fine_tuned(base).save_pretrained(tmp_path / "plain")
+    fine_tuned(base).save_pretrained(tmp_path / "left")
+    config = json.loads((tmp_path / "left" / "config.json").read_text())
+    config["quantization_config"] = settings
+    (tmp_path / "left" / "config.json").write_text(json.dumps(config))
+    reports = []
+    for name in ("plain", "left"):
+        code, out, err = _run(
+            capsys, "analyze", "--base", tmp_path / "base", "--finetuned", tmp_path / name
+        )
+        assert code == 0, err
+        reports.append(out.replace(str(tmp_path / name), "DIR"))
+    assert reports[0] == reports[1]
+
+
 # --- 3: parameters only one model has ---------------------------------------------------------
 
 

@@ -78,13 +78,18 @@ def _quantization_name(settings) -> str:
 
 
 def refuse_quantized(directory: str | os.PathLike[str]) -> None:
-    """``UserError`` for a model directory whose ``config.json`` has a ``quantization_config``
-    (a bitsandbytes 4-bit / 8-bit save, GPTQ, AWQ, ...): its files hold packed codes and
-    scales, not the weights, and lorakit reads no such checkpoint into float weights, so
-    ``W_ft - W0`` would compare storage (packed uint8 codes: every layer "resized", or spectra
-    of the codes). The way out: the float checkpoint it was quantized from."""
+    """``UserError`` for a model directory quantized in a way lorakit cannot read as float
+    weights: a bitsandbytes (or FP8) save whose files store packed codes and scales (integer
+    ``.weight`` tensors, or bitsandbytes' quant-state keys), so ``W_ft - W0`` would compare
+    storage (every layer "resized", or spectra of the codes), and any other
+    ``quantization_config`` (GPTQ, AWQ, torchao, ...). A float checkpoint that still carries a
+    bitsandbytes ``quantization_config`` (a QLoRA fine-tune merged to 16-bit) and an FP8 one
+    (transformers dequantizes it on load) are analysed. The way out: the float checkpoint."""
     settings = _read_config(directory).get("quantization_config")
     if not settings:
+        return
+    float_readable = isinstance(settings, dict) and settings.get("quant_method") in _FLOAT_READ
+    if float_readable and not _stores_packed_weights(Path(directory)):
         return
     raise UserError(
         f"{directory} holds a model quantized with {_quantization_name(settings)} "
@@ -92,6 +97,25 @@ def refuse_quantized(directory: str | os.PathLike[str]) -> None:
         "not the weights, so lorakit cannot compute W_ft - W0 from them; give the float "
         "checkpoint it was quantized from (e.g. the model named without '-bnb-4bit') instead"
     )
+
+
+_FLOAT_READ = ("bitsandbytes", "fp8")  # methods whose float-stored files transformers reads
+_PACKED_KEYS = (".absmax", ".SCB", ".quant_map", ".quant_state", ".weight_format", ".nested_")
+_INTEGER_DTYPES = ("U8", "I8", "I16", "I32", "U16", "U32", "I64")
+
+
+def _stores_packed_weights(directory: Path) -> bool:
+    """Whether the checkpoint's safetensors files hold quantized storage: an integer
+    ``.weight`` tensor, or a bitsandbytes quant-state key (headers read, no tensor)."""
+    from lorakit.io.header import read_header
+
+    for path in sorted(directory.glob("*.safetensors")):
+        for key, info in read_header(path).tensors.items():
+            if any(part in key for part in _PACKED_KEYS):
+                return True
+            if key.endswith(".weight") and info.dtype in _INTEGER_DTYPES:
+                return True
+    return False
 
 
 def load_model_dir(
