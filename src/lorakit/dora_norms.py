@@ -46,8 +46,8 @@ class ZeroRowNormsError(ValueError):
         super().__init__(
             f"{who}: the row norms n = ||W0 + s B A||_row are 0 on {len(rows)} of the "
             f"{shape[0]} output rows of this layer (base weight of {shape[0]} outputs x "
-            f"{shape[1]} inputs; {rows_named(rows)}): W0 is all zero there (a pruned or "
-            "zero-padded row) and so is s B A, so f = m / n is undefined and every output "
+            f"{shape[1]} inputs; {rows_named(rows)}): W0 + s B A is all zero there (a pruned or "
+            "zero-padded row of W0 under a new adapter), so f = m / n is undefined and every output "
             "through the layer would be NaN (PEFT computes NaN there). Leave this layer out of "
             "target_modules, or use plain LoRA (use_dora=False) for it."
         )

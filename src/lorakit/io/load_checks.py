@@ -5,8 +5,7 @@
   disagrees with ``r`` / ``rank_pattern`` and a resized vocabulary are named as such) and of a
   fitting dtype;
 - ``check_targets_take``: every target can take the adapter (inject's own checks: the layer
-  kind, DoRA's support; a DoRA file whose row norms would be 0 on this base,
-  ``io.dora_rows``), and ``check_init_redo`` (``lorakit.io.init_redo``, imported here): a
+  kind, DoRA's support), and ``check_init_redo`` (``lorakit.io.init_redo``, imported here): a
   PiSSA / OLoRA / LoftQ init the file asks for can be redone as PEFT does;
 (The base weights' check, ``check_base``, is in ``lorakit.io.base_checks``.)
 
@@ -22,7 +21,6 @@ from lorakit import quantized
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, listed
 from lorakit.inject_checks import check_adapter_fits, quantized_format
-from lorakit.io.dora_rows import check_dora_rows
 from lorakit.io.file_tensors import FileTensor, expected_shape
 from lorakit.io.init_redo import check_init_redo, init_to_redo
 from lorakit.io.keys import is_magnitude_key, saved_module_alias_keys
@@ -226,7 +224,6 @@ def check_targets_take(
         raise AdapterFileError(
             f"adapter {to_load.source} cannot be loaded into this model: {error}"
         ) from None
-    check_dora_rows(to_load, current)  # DoRA: no row norm of 0 (f = m / n undefined)
 
 
 def _refuse_peft_only_layers(to_load: LoadTargets, targets: dict[str, nn.Module]) -> None:
