@@ -130,7 +130,7 @@ def test_unknown_peft_type(adapter_dir) -> None:
 
 def test_unsupported_peft_feature(adapter_dir) -> None:
     _edit_config(adapter_dir, alora_invocation_tokens=[5, 6])
-    _refused(adapter_dir, r"alora_invocation_tokens=\[5, 6\].*does not implement")
+    _refused(adapter_dir, r"alora_invocation_tokens=\[5, 6\].*lorakit cannot load")
 
 
 def test_lora_bias_config_without_its_bias_tensors(adapter_dir) -> None:
