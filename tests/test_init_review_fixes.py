@@ -91,7 +91,9 @@ def test_a_first_batch_counting_no_token_changes_no_rank(monkeypatch):
 def test_layers_counting_fewer_than_two_tokens_are_named():
     batches = [_all_masked(batch) for batch in _lm_batches(3, batch_size=2)]
     model = lorakit.get_peft_model(tiny_models.llama(), lorakit.LoraConfig(**EVA_FIELDS))
-    with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.q_proj': 0.*use_label_mask"):
+    with pytest.raises(
+        ValueError, match=r"layers\.0\.self_attn\.q_proj'.*: 0 tokens counted.*use_label_mask"
+    ):
         lorakit.initialize_lora_eva_weights(model, batches)
     assert "lora_A" in dict(model.model.model.layers[0].self_attn.q_proj.named_children())
 
