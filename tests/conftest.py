@@ -127,3 +127,23 @@ def tiny_builtin_model(monkeypatch, tmp_path):
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(model_cache, "convert_gguf", convert)
     return conversions
+
+
+@pytest.fixture
+def peft_loftq_on_cpu(monkeypatch):
+    """peft's ``loftq_init`` exactly as written, but computing on the CPU (peft 0.21 needs
+    CUDA; whatever accelerator the machine has, lorakit's factors, compared bit for bit, are
+    computed there)."""
+    import inspect
+
+    import peft.tuners.lora.layer
+    import peft.utils.loftq_utils
+
+    from tests.peft_versions import peft_loftq_device_expression
+
+    source = inspect.getsource(peft.utils.loftq_utils.loftq_init)
+    device = peft_loftq_device_expression()
+    assert device in source  # peft changed: update this fixture
+    namespace = dict(vars(peft.utils.loftq_utils))
+    exec(source.replace(device, '"cpu"'), namespace)  # peft's own source, device changed
+    monkeypatch.setattr(peft.tuners.lora.layer, "loftq_init", namespace["loftq_init"])

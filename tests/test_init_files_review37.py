@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import sys
 import warnings
@@ -32,22 +31,11 @@ import lorakit
 from lorakit.errors import AdapterFileError
 from lorakit.io import load_adapter
 from tests import tiny_models
-from tests.peft_versions import peft_inits_conv1d_as_linear, peft_loftq_device_expression
+from tests.peft_versions import peft_inits_conv1d_as_linear
 from tests.quantized_layers import bnb_4bit
 
 TOLERANCE = 1e-5
 TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
-
-
-@pytest.fixture
-def peft_loftq_on_cpu(monkeypatch):
-    """peft's ``loftq_init`` exactly as written, computing on the CPU (0.21 needs CUDA)."""
-    source = inspect.getsource(peft.utils.loftq_utils.loftq_init)
-    device = peft_loftq_device_expression()
-    assert device in source  # peft changed: update this fixture
-    namespace = dict(vars(peft.utils.loftq_utils))
-    exec(source.replace(device, '"cpu"'), namespace)  # peft's own source, device changed
-    monkeypatch.setattr(peft.tuners.lora.layer, "loftq_init", namespace["loftq_init"])
 
 
 def _logits(model: nn.Module) -> torch.Tensor:

@@ -5,7 +5,6 @@ its device set to the CPU), then training, files both ways, merge/unmerge, ``lor
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import warnings
 
@@ -21,22 +20,9 @@ from lorakit.io import load_adapter, save_adapter
 from lorakit.io.summary import summarize_adapter
 from lorakit.quantized.round_trip import round_trip
 from tests import tiny_models
-from tests.peft_versions import peft_loftq_device_expression
 
 TOLERANCE = 1e-5
 FIELDS = dict(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights="loftq")
-
-
-@pytest.fixture
-def peft_loftq_on_cpu(monkeypatch):
-    """peft's ``loftq_init`` exactly as written, but computing on the CPU (whatever accelerator
-    the machine has: lorakit's factors, compared bit for bit, are computed there)."""
-    source = inspect.getsource(peft.utils.loftq_utils.loftq_init)
-    device = peft_loftq_device_expression()
-    assert device in source  # peft changed: update this fixture
-    namespace = dict(vars(peft.utils.loftq_utils))
-    exec(source.replace(device, '"cpu"'), namespace)  # peft's own source, device changed
-    monkeypatch.setattr(peft.tuners.lora.layer, "loftq_init", namespace["loftq_init"])
 
 
 @pytest.mark.parametrize(("bits", "iterations"), [(4, 1), (4, 3), (8, 2)])
