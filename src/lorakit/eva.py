@@ -14,8 +14,8 @@ Token positions count when ``attention_mask`` is 1 and (``use_label_mask``) ``la
 (``lorakit.eva_inputs``); those masks must have the layer input's (batch, T) shape (``ValueError``
 otherwise, e.g. an encoder-decoder model's labels), and a layer input that counts, over the
 whole loader, fewer tokens than the components its layers may take (the largest
-``round(r * rho)`` of them: n tokens give only n - 1 directions with variance) or fewer than 2
-is refused (``ValueError`` naming it, the tokens counted and the components needed, before the
+``round(r * rho)`` of them, at most k + 1 for an input of width k, which has only k
+components: n tokens give only n - 1 directions with variance) or fewer than 2 is refused (``ValueError`` naming it, the tokens counted and the components needed, before the
 model is changed). The statistics are the base model's: every
 adapter is off while they are taken (``lorakit.disabled``, as PEFT runs under
 ``disable_adapter``). Ranks: the budget is the sum of the layers' ranks; each layer offers its
@@ -28,7 +28,7 @@ count; ``lorakit.eva_statistics.redistribute_ranks``). Each component's sign is 
 call of a layer input's layer is one step, as each call of PEFT's ``SVDHook`` is (a layer run
 several times per forward, e.g. ALBERT's shared layer, takes several steps per batch); a call that
 counts fewer tokens for a layer input than the components its layers may take (the largest
-``round(r * rho)`` of them; e.g. a prompt-only batch, labels all -100) is skipped for that
+``round(r * rho)`` of them, at most k + 1; e.g. a prompt-only batch, labels all -100) is skipped for that
 input, as PEFT's ``SVDHook`` skips it: its tokens are not added and it is no convergence step.
 A layer input gets components from its first step not skipped (and n >= 2); after each later
 such step it compares its leading components with their values at the step before (signed

@@ -7,7 +7,9 @@ where the batch's ``attention_mask`` is 1 and (``use_label_mask``) its ``labels`
 each mask must have ``x``'s (batch, T) shape (``ValueError`` otherwise). Any other input (2-D,
 or a batch that is not a dict, or one without those masks) counts every row. An input needs at
 least as many counted tokens, over the loader, as the components its layers may take
-(``round(r * rho)``, the largest of its layers') and at least 2 (``check_enough_tokens``).
+(``round(r * rho)``, the largest of its layers'), at most k + 1 of them (an input of width k
+has only k components: k + 1 tokens determine them all), and at least 2
+(``check_enough_tokens``, ``tokens_needed``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from lorakit.init_methods import EvaConfig
 
-__all__ = ["check_enough_tokens", "token_rows"]
+__all__ = ["check_enough_tokens", "token_rows", "tokens_needed"]
 
 _POSITIONS_REMEDY = (
     "Leave such layers out of the adapter (exclude_modules), or give batches that are not "
@@ -83,17 +85,29 @@ def token_rows(name: str, x: torch.Tensor, batch: object, config: EvaConfig) -> 
     return x.reshape(-1, x.shape[-1]) if keep is None else x[keep]
 
 
+def tokens_needed(wanted: int, width: int | None) -> int:
+    """The counted tokens an input of ``width`` (k) needs for ``wanted`` components:
+    ``min(wanted, k + 1)``, at least 2 (``wanted`` where no row gave the width). Up to k, peft's ``SVDHook`` rule (a call with fewer
+    tokens than its ``n_components`` is skipped); past k only k components exist (peft's
+    incremental PCA refuses ``n_components > n_features``), and k + 1 centred tokens span all k
+    (n tokens span at most n - 1)."""
+    return max(2, wanted if width is None else min(wanted, width + 1))
+
+
 def check_enough_tokens(
-    leader: Mapping[str, str], counts: Mapping[str, int], wanted: Mapping[str, int]
+    leader: Mapping[str, str],
+    counts: Mapping[str, int],
+    wanted: Mapping[str, int],
+    widths: Mapping[str, int | None],
 ) -> None:
     """``ValueError`` naming each layer input (by the layers that read it; ``leader``: layer
     -> the input's first layer) whose counted tokens ``counts[input]`` are fewer than
-    ``max(2, wanted[input])``: n tokens give a covariance of rank at most n - 1, so the
-    components past it would be arbitrary directions of zero variance, and the rank split
-    decided by ties of zeros. Raised before the model is changed."""
+    ``tokens_needed(wanted[input], widths[input])``: n tokens give a covariance of rank at most
+    n - 1, so the components past it would be arbitrary directions of zero variance, and the
+    rank split decided by ties of zeros. Raised before the model is changed."""
     short = {}
     for lead, count in counts.items():
-        needed = max(2, wanted.get(lead, 0))
+        needed = tokens_needed(wanted.get(lead, 0), widths.get(lead))
         if count < needed:
             readers = [name for name, first in leader.items() if first == lead]
             short[lead] = f"the input of {readers}: {count} tokens counted, {needed} needed"
@@ -103,8 +117,9 @@ def check_enough_tokens(
             + "; ".join(list(short.values())[:4])
             + (f"; and {len(short) - 4} more layer inputs" if len(short) > 4 else "")
             + "). A layer input needs at least as many counted tokens as the components its "
-            "layers may take, round(r * rho) (the largest of theirs), and at least 2: n tokens "
-            "give only n - 1 directions with variance. Give more batches or longer sequences "
+            "layers may take, round(r * rho) (the largest of theirs; an input of width k has "
+            "k, which k + 1 tokens determine), and at least 2: n tokens give only n - 1 "
+            "directions with variance. Give more batches or longer sequences "
             "(check that attention_mask / labels leave tokens to count; "
             "EvaConfig(use_label_mask=False) counts the prompt tokens too), use a smaller r or "
             "rho, or leave those layers out of the adapter (exclude_modules). The model was "

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorakit.eva_inputs import _InputMoments, check_enough_tokens, token_rows
+from lorakit.eva_inputs import _InputMoments, check_enough_tokens, token_rows, tokens_needed
 
 __all__ = ["collect_statistics", "explained_ratios", "explained_variance", "redistribute_ranks"]
 
@@ -124,8 +124,8 @@ class _Inputs:
     """The layer inputs' statistics while batches are read, each keyed by the input's leader.
 
     Each call of an input's layer is one step (PEFT: one ``SVDHook`` call): its rows are
-    counted when there are at least the input's ``wanted`` components of them, else the call
-    is skipped (PEFT: "skipping SVD ... less than n_components examples"); a counted step with
+    counted when there are at least the input's ``wanted`` components of them (at most k + 1:
+    ``eva_inputs.tokens_needed``), else the call is skipped (PEFT: "skipping SVD ... less than n_components examples"); a counted step with
     n >= 2 recomputes the leading ``most`` components (no layer takes more) and, from the
     second such step on, tests each against its value at the step before: signed cosine
     ``>= tau`` (``similar``), as PEFT's ``SVDHook`` does. ``moments`` of the counted steps;
@@ -160,7 +160,7 @@ class _Inputs:
 
     def _step(self, name: str, rows: torch.Tensor, wanted: int) -> None:
         """One step of input ``name`` (class docstring): skipped, or counted and compared."""
-        if rows.shape[0] < wanted:  # skipped: no rows added, no convergence step
+        if rows.shape[0] < tokens_needed(wanted, rows.shape[1]):  # skipped: no rows added
             if name not in self.moments:
                 self.skipped.setdefault(name, _InputMoments()).add(rows)
             return
@@ -252,7 +252,7 @@ def explained_ratios(values: torch.Tensor) -> torch.Tensor:
 
 def _finish(layers, leader, inputs: _Inputs, read: int, wanted) -> dict[str, _InputMoments]:
     """Refuse layers without enough counted tokens (``eva_inputs.check_enough_tokens``: fewer
-    than the input's ``wanted`` components, or than 2); give components to any input without
+    than the input's ``wanted`` components, at most its width + 1, or than 2); give components to any input without
     (no call had as many counted tokens as its components: all it got, counted or skipped,
     where PEFT would cycle the loader for ever). Returns each input's final statistics."""
     if not read:
@@ -268,7 +268,9 @@ def _finish(layers, leader, inputs: _Inputs, read: int, wanted) -> dict[str, _In
         name: inputs.moments.get(name) or inputs.skipped.get(name) or _InputMoments()
         for name in dict.fromkeys(leader.values())
     }  # (an input has counted or skipped rows, never both: ``_Inputs._step``)
-    check_enough_tokens(leader, {name: m.count for name, m in final.items()}, wanted)
+    counts = {name: m.count for name, m in final.items()}
+    widths = {name: m.total.numel() for name, m in final.items() if m.total is not None}
+    check_enough_tokens(leader, counts, wanted, widths)
     for name, m in final.items():
         if name not in inputs.results:
             inputs.results[name] = explained_variance(m, inputs.most)

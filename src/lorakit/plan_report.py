@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+
+from lorakit.layer_wrapping import default_adapter_dtype
 from lorakit.plan_memory import GB, MB, Plan
 
 __all__ = ["format_report"]
@@ -61,24 +64,44 @@ def format_report(result: Plan) -> str:
 
 
 def _adapter_file_line(result: Plan) -> str:
-    """The saved file's size in float32 (as saved by default: a bfloat16 model's head copy in
-    its dtype, ``Plan.trainable_in_dtype``) and in bfloat16."""
+    """The saved file's size as ``save_adapter`` writes it by default (the adapter in its dtype,
+    float32 on a 16-bit base, float64 on a float64 one; a 16-bit model's head copy in its dtype,
+    ``Plan.trainable_in_dtype``) and in bfloat16."""
+    adapter_dtype = result.dtype if _adapter_in_dtype(result) else "float32"
     sizes = {k: f"{_size(n)} in {k}" for k, n in result.adapter_file_bytes.items()}
-    if result.trainable_in_dtype:
-        sizes["float32"] += (
-            f" (its {result.trainable_in_dtype:,} head parameters in {result.dtype})"
-        )
+    sizes["float32"] = f"{_size(result.adapter_file_bytes['float32'])} in {adapter_dtype}"
+    head = _head_in_dtype(result)
+    if head and adapter_dtype != result.dtype:
+        sizes["float32"] += f" (its {head:,} head parameters in {result.dtype})"
     return "adapter file: " + ", ".join(sizes.values())
+
+
+def _adapter_in_dtype(result: Plan) -> bool:
+    """Whether the LoRA parameters are kept in the base dtype (not float32), as ``inject`` keeps
+    them on the meta model: ``layer_wrapping.default_adapter_dtype`` (a float64 base)."""
+    dtype = getattr(torch, result.dtype)
+    return dtype != torch.float32 and default_adapter_dtype(dtype) == dtype
+
+
+def _head_in_dtype(result: Plan) -> int:
+    """Of ``trainable_in_dtype``, the full-module copies ``modules_to_save`` trains (a
+    classifier's head), the LoRA parameters (counted per module type) left out."""
+    lora = sum(group.lora_parameters for group in result.module_types)
+    return result.trainable_in_dtype - (lora if _adapter_in_dtype(result) else 0)
 
 
 def _trainable_terms(result: Plan) -> str:
     """``P x 16 bytes``, and the parameters trained in the base dtype (weight, gradient and
-    AdamW's two states in it: ``Plan.lora_trainable_state_bytes``)."""
+    AdamW's two states in it: ``Plan.lora_trainable_state_bytes``): a 16-bit model's head copy,
+    or on a float64 base every trainable parameter."""
     in_dtype = result.trainable_in_dtype
-    terms = f"{result.trainable_parameters - in_dtype:,} trainable x 16 bytes"
+    terms = []
+    if result.trainable_parameters - in_dtype or not in_dtype:
+        terms.append(f"{result.trainable_parameters - in_dtype:,} trainable x 16 bytes")
     if in_dtype:
-        terms += f" + {in_dtype:,} in {result.dtype} x {4 * result.dtype_bytes} bytes"
-    return terms
+        what = "" if terms else " trainable"  # (a 16-bit model's head copy beside the adapter)
+        terms.append(f"{in_dtype:,}{what} in {result.dtype} x {4 * result.dtype_bytes} bytes")
+    return " + ".join(terms)
 
 
 def _frozen_lines(result: Plan) -> list[str]:
@@ -175,6 +198,8 @@ def _peak_lines(result: Plan) -> list[str]:
     if extra <= 0:
         return []
     terms = _peak_terms(result)
+    if not terms:
+        return []
     chosen = max(terms, key=lambda term: term[1])[0]  # (its bytes are ``extra``)
     others = [f"{what.split(':')[0]} {_size(size)}" for what, size in terms if what != chosen]
     weight_only = any(result.dequantized_backward_bytes)  # (a float base: one term matters)
@@ -186,14 +211,16 @@ def _peak_terms(result: Plan) -> list[tuple[str, int]]:
     """``(what, bytes)`` of each term of backward's peak that is there: ``L`` (the loss
     backward's float32 buffers), ``R_out + G - L / 2`` (the output layer's backward on a
     weight-only base: its weight rebuilt, the logits' gradient, the log-softmax freed),
-    ``R_block`` (the largest other layer rebuilt) and ``B`` (a block's own buffers)."""
+    ``R_block`` (the largest other layer rebuilt) and ``B`` (a block's own buffers). A model
+    without an output layer (no logits: ``LlamaModel``, ``BertModel``) has no ``R_out + G``."""
     activations, quantization = result.activations, result.quantization
     loss = activations.loss_backward_bytes
     rebuilt_output, rebuilt_block = result.dequantized_backward_bytes
     terms = []
     if loss:
         terms.append(("the loss backward's float32 buffers", loss))
-    if rebuilt_output or not loss:  # (no loss counted, no labels: the logits' gradient)
+    if rebuilt_output or (not loss and activations.logits_bytes):  # (no labels: the logits'
+        # gradient; a model without an output layer, LlamaModel / BertModel, has no such term)
         gradient = activations.logits_bytes
         size = rebuilt_output + gradient - loss // 2
         what = "the output layer's backward: the logits' gradient"
