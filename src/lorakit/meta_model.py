@@ -59,7 +59,8 @@ def build_meta_model(spec: str, dtype: str | None = None) -> tuple[nn.Module, st
     """The model named by ``spec`` on the meta device (no memory), and its dtype's name.
 
     The dtype is ``dtype`` when given, else the one ``lorakit.models.load_model`` gives a lorakit
-    built-in model (float32), else the config's ``torch_dtype`` (float32 if none).
+    built-in model (float32), else the config's ``dtype`` (``torch_dtype`` in older configs;
+    float32 if none).
 
     The class is the config's first ``architectures`` entry (e.g. ``LlamaForCausalLM``,
     ``BertModel``) when that is a model class of the config's family; otherwise (none, an Auto
@@ -77,6 +78,7 @@ def build_meta_model(spec: str, dtype: str | None = None) -> tuple[nn.Module, st
             f"model spec {spec!r}: unknown model_type {model_type!r} (not a transformers "
             f"{transformers.__version__} model type such as 'llama', 'gpt2', 'bert')"
         )
+    config_key = "torch_dtype" if values.get("torch_dtype") else "dtype"
     config_dtype = values.pop("torch_dtype", None) or values.pop("dtype", None)
     try:
         config = transformers.AutoConfig.for_model(model_type, **values)
@@ -84,7 +86,9 @@ def build_meta_model(spec: str, dtype: str | None = None) -> tuple[nn.Module, st
         raise UserError(f"model spec {spec!r}: invalid config: {_first_line(error)}") from None
     loaded_dtype = _loaded_dtype(spec)
     from_config = not (dtype or loaded_dtype) and config_dtype is not None
-    dtype_name = _dtype_name(dtype or loaded_dtype or config_dtype or "float32", from_config)
+    dtype_name = _dtype_name(
+        dtype or loaded_dtype or config_dtype or "float32", config_key if from_config else None
+    )
     model_class = _architecture_class(values.get("architectures"), config)
     try:
         with torch.device("meta"):
@@ -186,16 +190,17 @@ def _config_values(spec: str) -> dict[str, Any]:
     return values
 
 
-def _dtype_name(dtype: Any, from_config: bool = False) -> str:
+def _dtype_name(dtype: Any, config_key: str | None = None) -> str:
     """The torch dtype name of ``dtype`` (float32, float16, bfloat16, float64 or an alias);
-    ``UserError`` otherwise, saying when the value came from the model's config
-    (``from_config``) and that a dtype given (``lorakit plan --dtype``) overrides it."""
+    ``UserError`` otherwise, naming the model config's key when the value came from there
+    (``config_key``: "dtype", as transformers 5 writes it, or the older "torch_dtype") and that
+    a dtype given (``lorakit plan --dtype``) overrides it."""
     name = str(dtype).removeprefix("torch.")
     aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
     name = aliases.get(name, name)
     if name not in ("float32", "float16", "bfloat16", "float64"):
-        subject = "the model config's dtype (torch_dtype)" if from_config else "dtype"
-        way_out = ", or give a dtype (--dtype) to override the config's" if from_config else ""
+        subject = f"the model config's dtype ({config_key})" if config_key else "dtype"
+        way_out = ", or give lorakit plan a dtype (--dtype) to override it" if config_key else ""
         raise UserError(
             f"{subject} {dtype!r} is not supported: use float32, float16, bfloat16 or "
             f"float64 (or fp32, fp16, half, bf16){way_out}."

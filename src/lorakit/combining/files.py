@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from lorakit.combining.combined import CombinedAdapter
 from lorakit.errors import BaseModelMismatchError, UserError
-
-if TYPE_CHECKING:
-    from lorakit.combining.combined import CombinedAdapter
 
 __all__ = ["adapter_config_text", "add_to_model", "write_adapter_files"]
 

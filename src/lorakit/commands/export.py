@@ -174,7 +174,9 @@ def _export_adapter(args: argparse.Namespace) -> int:
     from lorakit.export.gguf_adapter import export_adapter
     from lorakit.meta_model import build_meta_model
 
-    base, _ = build_meta_model(args.model or DEFAULT_BASE)  # shapes and architecture only
+    # Shapes and architecture only: the base's dtype does not reach the file (--type does), so
+    # its config's dtype (even "auto", or one torch lacks) is not read.
+    base, _ = build_meta_model(args.model or DEFAULT_BASE, "float32")
     done = export_adapter(
         args.source,
         base,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,9 +20,7 @@ from lorakit.io.keys import (
     parse_lora_key,
 )
 from lorakit.io.tensors import TORCH_DTYPES
-
-if TYPE_CHECKING:
-    from lorakit.serve.stacks import LayerStack
+from lorakit.serve.stacks import LayerStack
 
 __all__ = ["PreparedAdapter", "lora_pairs", "prepare_adapter"]
 
@@ -60,7 +57,7 @@ def prepare_adapter(
             lora_A, lora_B, magnitude = found
             with torch.no_grad():
                 scaled_B, gains[layer] = dora_slot_factors(
-                    stacks[layer], lora_A, lora_B, magnitude, scales[layer]
+                    stacks[layer], lora_A, lora_B, magnitude, scales[layer], name
                 )
             pairs[layer] = (lora_A, scaled_B)
         else:

@@ -35,6 +35,8 @@ from torch import nn
 
 from lorakit import functional, quantized
 from lorakit.config import LoraConfig
+from lorakit.dora_norms import ZeroRowNormsError, rows_named
+from lorakit.errors import AdapterFileError
 from lorakit.layer_wrapping import wrap_targets
 from lorakit.layers import LoraLinear, is_conv1d
 from lorakit.state import lora_layers
@@ -147,10 +149,12 @@ def dora_slot_factors(
     lora_B: torch.Tensor,
     magnitude: torch.Tensor,
     scale: float,
+    adapter: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(f B (d, r), f - 1 (d,))`` of a DoRA adapter on ``stack``'s layer, with
     ``f = m / ||W0 + s B A||_row`` (``functional.dora_row_norms``, W0 of the served model;
-    a quantized W0 is dequantized for this, as the merge does).
+    a quantized W0 is dequantized for this, as the merge does). Rows where ``n = 0`` leave f
+    undefined: an ``AdapterFileError`` (a client error) naming ``adapter``, the layer and rows.
 
     A, B and m are first rounded to the bank's dtype (a no-op for a float32 adapter in a
     float32 bank), so a 16-bit bank serves the rounded adapter's DoRA exactly but for one
@@ -168,10 +172,32 @@ def dora_slot_factors(
         weight, fan_in_fan_out = base.weight, is_conv1d(base)
     dtype = functional.norm_dtype(weight, lora_A, lora_B)
     base_sq = functional.base_row_sq_norms(weight, fan_in_fan_out, dtype)
-    norms = functional.dora_row_norms(base_sq, weight, lora_A, lora_B, scale, fan_in_fan_out)
+    try:
+        norms = functional.dora_row_norms(base_sq, weight, lora_A, lora_B, scale, fan_in_fan_out)
+    except ZeroRowNormsError as error:
+        raise _zero_norms_error(adapter, stack.name, error) from None
     factor = functional.dora_factor(magnitude.to(norms.device), norms).to(dtype)  # (d,)
     scaled_B = (lora_B.to(norms.device, dtype) * factor[:, None]).to(lora_B.dtype)
     return scaled_B, factor - 1.0  # (factor's dtype; the gain table keeps >= float32)
+
+
+def _zero_norms_error(
+    adapter: str | None, layer: str, error: ZeroRowNormsError
+) -> AdapterFileError:
+    """The refusal to serve DoRA adapter ``adapter`` whose ``n = ||W0 + s B A||_row`` is 0 on
+    ``error.rows`` of ``layer`` in this base (``dora_norms.ZeroRowNormsError``)."""
+    d, k = error.shape
+    who = "a DoRA adapter" if adapter is None else f"adapter {adapter!r}"
+    return AdapterFileError(
+        f"{who} cannot be served on this base model: it is a DoRA adapter, and on "
+        f"layer {layer!r} (base weight of {d} outputs x {k} inputs) its row norms "
+        f"n = ||W0 + s B A||_row are 0 on {len(error.rows)} of the {d} output rows "
+        f"({rows_named(error.rows)}): W0 + s B A is all zero there (a pruned or zero-padded row "
+        "of W0 that the adapter leaves at zero), so DoRA's scale f = m / n is undefined and "
+        "every output through that layer would be NaN (PEFT computes NaN there). Serve it on "
+        "the base it was trained on, or retrain it with that layer left out of target_modules "
+        "or with use_dora=False."
+    )
 
 
 def _rounded(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
