@@ -168,6 +168,8 @@ def lora_forward(
     activation, e.g. fp32 of a bf16 model), as autocast would. The rank-r product is computed
     first and the scale is applied on the rank-r side. This is the plain reference path; the
     training fast path (``lorakit.fast``) computes the same thing without the dropout copy.
+    Gradients through it have x's precision: fp32 adapters on a bf16 activation get dL/dA and
+    dL/dB to bf16 accuracy (2e-3 to 6e-3 against float64), as their products run in bf16.
     """
     if dropout > 0.0 and training:
         x = F.dropout(x, p=dropout, training=True)

@@ -2,9 +2,10 @@
 periodic evaluation, checkpoints, exact resume, DDP or FSDP under torchrun.
 
 One optimizer step ``t`` (see ``BatchOrder``) runs ``grad_accum`` micro-batches per process and
-minimises the mean loss per target token of the whole global batch::
+minimises the mean loss per target (token, or example for sequence classification) of the whole
+global batch, the loss being the one of the model's task (``lorakit.train.losses``)::
 
-    L_t = sum_{micro, rank} sum_{targets} CE / N_t,     N_t = number of targets in the step
+    L_t = sum_{micro, rank} sum_{targets} loss / N_t,     N_t = number of targets in the step
 
 so accumulation and data parallelism reproduce the big-batch gradient (DDP and FSDP average over
 the ``W`` processes, hence each process back-propagates ``W * loss_sum / N_t``). Under FSDP
@@ -40,7 +41,7 @@ from lorakit.train.config import TrainingConfig
 from lorakit.train.distributed import Distributed, setup_distributed
 from lorakit.train.fsdp import ShardedSaver, reshard, whole
 from lorakit.train.gradient_checkpointing import enable_gradient_checkpointing
-from lorakit.train.inputs import check_inputs
+from lorakit.train.inputs import check_inputs, check_labels_fit, labels_task
 from lorakit.train.losses import (
     NO_EVAL_TARGETS,
     Batch,
@@ -127,13 +128,18 @@ class _Run(RunCheckpoints, RunFinish):
             own_order, config, self.resume_state
         )  # ("round": an older checkpoint's count of --epochs)
         check_one_global_batch(self.batch_order)
-        if eval_data and not any(target_count(batch) for batch in self.eval_batches()):
+        check_labels_fit(model, collate, train_data[0])  # (a classifier's: before any write)
+        if eval_data and not any(self._targets(batch) for batch in self.eval_batches()):
             raise UserError(NO_EVAL_TARGETS)  # (now, not at the first evaluation)
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", enabled=self.dist.is_main)
         self.last_loss: float | None = None
         self.last_eval: dict[str, float] = {}
         self.last_eval_step: int | None = None
         self.examples_sha256: str | None = None
+
+    def _targets(self, batch: Batch) -> int:
+        """``target_count`` of ``batch`` for the task of the model and the batch's labels."""
+        return target_count(batch, labels_task(self.model, batch["labels"]))
 
     def _batch_order(self, lengths: tuple[int, ...] | None) -> BatchOrder:
         """This run's own batch plan: under torchrun the epoch's short batch is dropped, in one
@@ -217,7 +223,7 @@ class _Run(RunCheckpoints, RunFinish):
             for indices in self.batch_order.micro_batches(step, self.dist.rank)
             if indices
         ]
-        targets = self.dist.sum(sum(target_count(batch) for batch in batches))
+        targets = self.dist.sum(sum(self._targets(batch) for batch in batches))
         if targets == 0:
             raise UserError(f"step {step}: no target tokens in the batch (all labels are -100)")
         loss_sum, tokens = 0.0, 0
