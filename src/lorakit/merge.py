@@ -38,7 +38,7 @@ from lorakit import quantized
 from lorakit.float_dtypes import cast_floats, check_float_dtype, model_float_dtype
 from lorakit.layers import TrainableTokens
 from lorakit.layers.tokens import forget_token_merges, record_token_merges, refuse_shared_rows
-from lorakit.merge_choice import chosen_adapters
+from lorakit.merge_choice import chosen_adapters, refuse_two_copies
 from lorakit.offloaded_merge import (
     offload_merged,
     offloaded_bases,
@@ -68,13 +68,14 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Mo
     the float32 sum (float64 on a float64 base, as PEFT's) rounded once to its base weight's dtype.
 
     Idempotent. All or nothing: every layer's merged weight is computed and checked before any
-    is installed, so if one would hold inf/NaN (a non-finite adapter, or an overflow of the
-    weight dtype) ValueError is raised and no layer has changed. A layer whose base weight
-    accelerate offloaded is refused (``ValueError`` naming it) before any change:
-    ``merge_and_unload`` merges into an offloaded base.
+    is installed, so if one would hold inf/NaN (a non-finite adapter, trainable-token rows
+    too, or an overflow of the weight dtype) ValueError is raised and no layer has changed. A
+    layer whose base weight accelerate offloaded is refused (``ValueError`` naming it) before
+    any change: ``merge_and_unload`` merges into an offloaded base.
     """
     names = chosen_adapters(model, adapter_names)
     refuse_shared_rows(saved_modules(model), names, "merge")  # (token rows: PEFT's rule)
+    _refuse_non_finite_rows(model, names, None, "merge")
     offloaded = next(offloaded_layers(model, names), None)
     if offloaded is not None:
         raise ValueError(offloaded_refusal(offloaded[0]))
@@ -92,18 +93,59 @@ def _merge(
     prepared = []
     for path, layer in lora_layers(model):
         try:
-            weight = layer.prepare_merge([name for name in names if name in layer.ranks], dtype)
+            weight, again = _prepared_weight(layer, names, dtype)
         except ValueError as error:  # name the layer: the message names the adapters only
             error.args = (f"module {path!r}: {error}", *error.args[1:])
             raise
         except quantized.UnsupportedQuantizedLayerError as error:  # (e.g. a repacked bnb base)
             raise named_refusal(path, layer.base_layer, error) from None
         if weight is not None:
-            prepared.append((layer, weight))
-    for layer, weight in prepared:
+            prepared.append((layer, weight, again))
+    for layer, weight, again in prepared:
+        if again:  # (the earlier merge's weight, exactly: the original comes back)
+            layer.unmerge()
         layer.install_merge(weight)
     record_token_merges(saved_modules(model), names)  # (their weights are left as they are)
     return model
+
+
+def _refuse_non_finite_rows(
+    model: nn.Module, names: Sequence[str], dtype: torch.dtype | None, what: str
+) -> None:
+    """``ValueError`` (before any change) naming the embedding, the adapter and the token ids
+    where ``what`` would write a trainable-token row holding inf/NaN into an embedding weight
+    (the merged and the named adapters' rows, ``rows_to_merge``), also a finite row that
+    ``dtype`` (default: the embedding's, e.g. float16 beside float32 rows) turns into inf."""
+    for path, wrapper in saved_modules(model):
+        if not isinstance(wrapper, TrainableTokens):
+            continue
+        wrapper.load_offloaded_copies()  # (rows offloaded with the model: their real values)
+        wanted = dtype or wrapper.weight.dtype
+        for adapter in wrapper.rows_to_merge(names):
+            rows = wrapper.modules_to_save[adapter]
+            finite = torch.isfinite(rows.values.detach().to(wanted)).all(dim=1).tolist()
+            bad = [token for token, ok in zip(rows.token_ids, finite, strict=True) if not ok]
+            if bad:
+                raise ValueError(
+                    f"{what}: adapter {adapter!r} holds trainable-token rows {bad} of embedding "
+                    f"{path!r} that are not finite in {str(wanted)[6:]} (inf/NaN, or beyond its "
+                    "range); refusing to write them into the weight. Train or load finite rows, "
+                    "or merge without this adapter (adapter_names=[...]). Nothing was changed."
+                )
+
+
+def _prepared_weight(layer, names: Sequence[str], dtype: torch.dtype | None) -> tuple:
+    """``(prepared, again)``: ``layer.prepare_merge`` of ``names`` (those it holds) rounded
+    once to ``dtype``, and False; where ``dtype`` is given and the layer holds a float weight
+    merged earlier with nothing to add, ``W0 + sum_a s_a B_a A_a`` over those merged adapters
+    computed again from the original ``W0`` (the float32 sum rounded once to ``dtype``, not
+    the earlier merge's rounded weight cast), and True: install it after ``unmerge``."""
+    prepared = layer.prepare_merge([name for name in names if name in layer.ranks], dtype)
+    if prepared is not None or dtype is None or layer.original_weight is None:
+        return prepared, False  # (a quantized base keeps its merged weight in float32)
+    if not layer.merged_adapters:
+        return None, False
+    return layer._unmerged_view().prepare_merge(layer.merged_adapters, dtype), True
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -122,9 +164,12 @@ def merge_and_unload(
 ) -> nn.Module:
     """Fold the given adapters (default: the active ones, chosen as ``merge`` chooses them) into
     the weights and return the plain model: LoRA layers replaced by their (now merged) base
-    modules, ``modules_to_save`` replaced by the trained copy of the first merged adapter that
-    has one. Adapters merged earlier (``merge``) stay folded in, as in PEFT: unmerge them first
-    to leave them out.
+    modules, ``modules_to_save`` replaced by the trained copy of the merged adapter that has
+    one (the first active one's by default, as the forward; two NAMED adapters with copies of
+    one module are refused, as in peft 0.22: ``merge_choice.refuse_two_copies``). Adapters
+    merged earlier (``merge``) stay folded in, as in PEFT: unmerge them first to leave them out.
+    Trainable-token rows that are not finite in the result's dtype are refused before any
+    change, as a LoRA merge holding inf/NaN is.
 
     On a quantized base (``lorakit.quantized``) the result is a float model: every quantized
     linear (adapted or not) becomes a plain ``nn.Linear`` holding ``dequant(W0)`` (+ ``s B A``
@@ -162,6 +207,7 @@ def merge_and_unload(
     names = chosen_adapters(model, adapter_names, "merge_and_unload")  # (a PeftModel's too)
     refuse_shared_rows(saved_modules(model), names, "merge_and_unload")  # (PEFT's rule)
     model = adapter_model(model)  # lorakit's PeftModel: the model inside it
+    refuse_two_copies(model, adapter_names, "merge_and_unload")
     unloading = _checked_before_change(model, names, float_dtype)
     untied = _fold_and_unload(model, names, float_dtype, unloading)
     untie = untied or unloading.output_quantized
@@ -182,10 +228,12 @@ class _Unloading(NamedTuple):
 def _checked_before_change(
     model: nn.Module, names: Sequence[str], float_dtype: torch.dtype | None
 ) -> _Unloading:
-    """``merge_and_unload``'s first step: every refusal (``float_dtype``, an offloaded base it
-    cannot merge, a quantized layer it cannot dequantize) and every reading of the model as it
-    is (tied tensors, the quantized layers' float dtype), before any change."""
+    """``merge_and_unload``'s first step: every refusal (``float_dtype``, non-finite token
+    rows, an offloaded base it cannot merge, a quantized layer it cannot dequantize) and every
+    reading of the model as it is (tied tensors, the quantized layers' float dtype), before
+    any change."""
     check_float_dtype(float_dtype)
+    _refuse_non_finite_rows(model, names, float_dtype, "merge_and_unload")
     offloaded = offloaded_bases(model, names)  # (refuses an offloaded one it cannot merge)
     found_quantized = check_quantized_layers(model)  # before any change (e.g. one bnb repacked)
     own_dtype = model_float_dtype(model) if found_quantized and float_dtype is None else None

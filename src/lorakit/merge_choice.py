@@ -8,6 +8,8 @@ active (its forwards give the base output), and the wrapper's ``active_adapters`
 adapters of which none is active and none merged yet (``set_active(model, ())``, or the model
 inside a disabled wrapper given alone) is refused: the merge would fold in nothing, and
 ``merge_and_unload`` / ``save_merged_model`` would give back the base model as if merged.
+Named adapters of which two hold ``modules_to_save`` copies of one module are refused by
+``merge_and_unload`` (``refuse_two_copies``): one module can keep one copy (peft 0.22 refuses).
 """
 
 from __future__ import annotations
@@ -17,9 +19,16 @@ from collections.abc import Sequence
 from torch import nn
 
 from lorakit.errors import UnknownAdapterError
-from lorakit.state import active_adapters, adapter_name_list, lora_layers, state_of
+from lorakit.layers import TrainableTokens
+from lorakit.state import (
+    active_adapters,
+    adapter_name_list,
+    lora_layers,
+    saved_modules,
+    state_of,
+)
 
-__all__ = ["chosen_adapters"]
+__all__ = ["chosen_adapters", "refuse_two_copies"]
 
 
 def chosen_adapters(
@@ -82,3 +91,23 @@ def _refuse_nothing(model: nn.Module, known: Sequence[str], what: str) -> None:
         f"name those to merge: adapter_names=[...], of {list(known)}. lorakit.unload(model) "
         "gives the base model. Nothing was changed."
     )
+
+
+def refuse_two_copies(model: nn.Module, adapter_names: Sequence[str] | None, what: str) -> None:
+    """``ValueError`` (before any change) when two of the NAMED ``adapter_names`` hold
+    ``modules_to_save`` copies of one module: ``what`` (the caller's name) could keep one
+    copy there, and which would depend on the order (peft 0.22 refuses too, "Only one adapter
+    can be set at a time"). The default choice (the active adapters) keeps the copy the
+    forward runs, the first active one's; trainable-token rows are ``refuse_shared_rows``'."""
+    if not adapter_names:
+        return
+    names = adapter_name_list(adapter_names)
+    for path, wrapper in saved_modules(model):
+        held = [n for n in names if n in wrapper.modules_to_save]
+        if len(held) > 1 and not isinstance(wrapper, TrainableTokens):
+            raise ValueError(
+                f"{what}: adapters {held} each hold a modules_to_save copy of {path!r}, and the "
+                "merged model can keep one of them. Name one of these adapters in adapter_names "
+                "(the others' LoRA layers can be merged first with lorakit.merge), as peft 0.22 "
+                "asks. Nothing was changed."
+            )

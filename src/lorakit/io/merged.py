@@ -89,7 +89,8 @@ def save_merged_model(
     one, or no ``config.json`` (transformers refuses to load it; merging again completes it),
     never new weights beside an old config or the reverse; an error leaves the old model whole.
     The staging folder of a killed save is removed by the next save (``_remove_stale_staging``).
-    A file system refusal is a ``SaveError`` naming ``directory``.
+    A file system refusal is a ``SaveError`` naming ``directory``; a failed save into a new
+    ``directory`` removes it and the parent folders it made (``_missing_folders``).
     """
     from lorakit.merge import merge_and_unload
 
@@ -101,17 +102,36 @@ def save_merged_model(
     else:  # (merged earlier: merge_and_unload did this, but a model merged otherwise may not)
         model = adapter_model(model)
         own_tensors_for_reload(model)
-    made = not target.exists()
+    made = _missing_folders(target)
     try:
         _save(model, target, tokenizer)
     except Exception as error:
-        if made:  # (an output directory this save made, left empty)
-            with contextlib.suppress(OSError):
-                target.rmdir()
+        _remove_empty(made)  # (the output directory and the parents this save made)
         if not isinstance(error, OSError) and type(error).__name__ != "SafetensorError":
             raise
         raise atomic.save_failure(error, target, "the merged model") from error
     return model
+
+
+def _missing_folders(target: Path) -> list[Path]:
+    """The folders that do not exist yet on the way to ``target``, ``target`` first: those the
+    save makes (``mkdir(parents=True)``), and ``_remove_empty`` removes after a failure."""
+    missing: list[Path] = []
+    folder = target.absolute()
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (deepest first) that is empty; stop at the first that is not
+    (it holds something of another process's, and so do its parents)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _save(model: nn.Module, target: Path, tokenizer: object | None) -> None:
