@@ -114,12 +114,16 @@ def transformers_progress_bars(show: bool) -> Iterator[None]:
 
 
 def _loading_options(
-    task: str, num_labels: int, quantization: str | None, dtype: torch.dtype
+    task: str,
+    num_labels: int,
+    quantization: str | None,
+    dtype: torch.dtype,
+    double_quantization: bool = True,
 ) -> dict[str, object]:
     """``from_pretrained``'s options for ``load_model``: the dtype (float32 for a quantized
     base, which is quantized from the checkpoint's float32 weights whatever ``dtype``, so the
     codes an adapter's fingerprint records do not depend on it; the rest is cast after),
-    bitsandbytes' config (its compute dtype ``dtype``), the head's labels, and the loading
+    bitsandbytes' config (its compute dtype ``dtype``, 4-bit ``double_quantization``), the head's labels, and the loading
     report (checked by ``refuse_missing_weights``; a new seq-cls head's weights are missing
     by design), and ``trust_remote_code=False`` (never run a directory's own code)."""
     options: dict[str, object] = {
@@ -133,7 +137,7 @@ def _loading_options(
         from lorakit.quantized.loading import bitsandbytes_config
 
         options |= {
-            "quantization_config": bitsandbytes_config(quantization, dtype),
+            "quantization_config": bitsandbytes_config(quantization, dtype, double_quantization),
             "device_map": "cpu",
         }
     return options
@@ -147,6 +151,7 @@ def load_model(
     num_labels: int | None = None,
     progress: bool = True,
     quantization: str | None = None,
+    double_quantization: bool = True,
 ) -> tuple[torch.nn.Module, object]:
     """Load ``(model, tokenizer)`` for ``spec`` from local files only (never downloads).
 
@@ -163,11 +168,19 @@ def load_model(
     weight-only int8 / 4-bit, the fast CPU decode) for a quantized frozen base
     (docs/quantized.md): quantized from the float32 weights whatever ``dtype``, which is then
     the dtype of everything else (embeddings, norms, biases) and of the compute.
+    ``double_quantization=False``: ``nf4`` / ``fp4`` without bitsandbytes' double quantization
+    (``BitsAndBytesConfig(load_in_4bit=True)``'s default, fingerprint ``bnb-nf4``), the base of
+    an adapter trained so; refused with another ``quantization``.
     """
     check_model_spec(spec, task)
     if num_labels is not None and not (isinstance(num_labels, int) and num_labels >= 1):
         raise UserError(f"num_labels must be an integer >= 1, got {num_labels!r}")
     gguf_file = builtin_gguf_file(os.fspath(spec))
+    if not double_quantization and quantization not in ("nf4", "fp4"):
+        raise UserError(
+            f"double_quantization=False applies to quantization 'nf4' or 'fp4', not "
+            f"{quantization!r}; leave it out"
+        )
     if quantization is not None:
         from lorakit.quantized.loading import check_quantization
 
@@ -185,7 +198,7 @@ def load_model(
     else:
         num_labels = head_labels(directory, config, num_labels)
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    options = _loading_options(task, num_labels or 2, quantization, dtype)
+    options = _loading_options(task, num_labels or 2, quantization, dtype, double_quantization)
     with transformers_progress_bars(progress), loading_errors(directory):
         model, info = auto.from_pretrained(directory, local_files_only=True, **options)
     refuse_missing_weights(directory, model, info, new_head=task != "causal-lm")

@@ -2,7 +2,8 @@
 ``serve``, ``merge``, ``export``) and their checks: ``--allow-base-mismatch`` (only with
 ``--adapter``), ``--quantization``, ``--bnb-cpu-kernel`` (refused before the model loads where
 it cannot apply; applied once the adapters are in place) and ``--dtype`` (``DTYPES``, read by
-``torch_dtype``).
+``torch_dtype``), and ``bnb_double_quantization``: whether ``--quantization nf4`` / ``fp4``
+loads the base with bitsandbytes' double quantization, as the adapter to load was trained.
 
 A helper of the command modules (its leading underscore keeps it out of the command list:
 ``lorakit.cli.command_modules``); torch and bitsandbytes are imported only inside functions.
@@ -11,6 +12,7 @@ A helper of the command modules (its leading underscore keeps it out of the comm
 from __future__ import annotations
 
 import argparse
+import sys
 
 from lorakit.errors import UserError
 from lorakit.quantization_names import QUANTIZATIONS
@@ -22,6 +24,7 @@ __all__ = [
     "add_dtype_option",
     "add_quantization_option",
     "apply_bnb_cpu_kernel",
+    "bnb_double_quantization",
     "check_base_mismatch_option",
     "check_bnb_cpu_kernel",
     "torch_dtype",
@@ -59,6 +62,27 @@ def add_quantization_option(parser: argparse.ArgumentParser) -> None:
         "decoding, outputs close to float32's) or int4-groups (4-bit with a scale and offset "
         "per 32 inputs, Q4_1's scheme: the fastest CPU decoding) (default: float)",
     )
+
+
+def bnb_double_quantization(fingerprint: dict | None, quantization: str | None) -> bool:
+    """Whether ``--quantization`` (``nf4`` / ``fp4``) loads the base with double quantization,
+    for an adapter whose base fingerprint is ``fingerprint`` (module -> entry; None: none
+    saved): False only when its entries record that format without it (``bnb-nf4``, not
+    ``bnb-nf4-dq``: a base loaded with ``BitsAndBytesConfig(load_in_4bit=True)``, PEFT's usual
+    setting) and none with it, so that the CLI loads the base the adapter was trained on (one
+    info line on stderr says so); True otherwise (QLoRA's choice, the CLI's default)."""
+    if quantization not in ("nf4", "fp4") or not fingerprint:
+        return True
+    formats = {str(entry.get("dtype")) for entry in fingerprint.values()}
+    plain = f"bnb-{quantization}"
+    if plain not in formats or f"{plain}-dq" in formats:
+        return True
+    print(
+        f"lorakit: the adapter was trained on a {plain} base without double quantization: "
+        f"--quantization {quantization} loads --model that way",
+        file=sys.stderr,
+    )
+    return False
 
 
 def add_bnb_cpu_kernel_option(parser: argparse.ArgumentParser) -> None:

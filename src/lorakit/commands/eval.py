@@ -17,6 +17,7 @@ from lorakit.commands._model_options import (
     add_dtype_option,
     add_quantization_option,
     apply_bnb_cpu_kernel,
+    bnb_double_quantization,
     check_base_mismatch_option,
     check_bnb_cpu_kernel,
     torch_dtype,
@@ -107,7 +108,10 @@ def load_model_and_adapter(
     adapter files are read and checked before the model loads (a wrong path fails at once).
     ``quantization``: load the base quantized; ``dtype`` (a name of ``DTYPES``): the base's
     dtype (``lorakit.models.load_model``); the adapter is float32 on a 16-bit base
-    (``lorakit.layer_wrapping.default_adapter_dtype``). Returned in eval mode, frozen.
+    (``lorakit.layer_wrapping.default_adapter_dtype``). ``nf4`` / ``fp4`` load with double
+    quantization unless the adapter's fingerprint records a base without it
+    (``bnb_double_quantization``: then without, one info line says so). Returned in eval mode,
+    frozen.
     ``quantized_base_hint``: the way out, ``{option}`` the ``--quantization`` to name, that ends
     the refusal of an adapter trained on a base quantized otherwise (``_quantization_hint``)."""
     from lorakit.errors import BaseModelMismatchError, UserError
@@ -119,10 +123,16 @@ def load_model_and_adapter(
         from lorakit.quantized.loading import check_quantization
 
         check_quantization(quantization, builtin_gguf_file(str(model_spec)))
+    double_quantization = True  # (nf4 / fp4: unless the adapter was trained without it)
     if adapter and not adapter.endswith(".gguf"):  # a GGUF LoRA file is checked on load
-        read_adapter(adapter)
+        recorded = read_adapter(adapter).fingerprint
+        double_quantization = bnb_double_quantization(recorded, quantization)
     model, tokenizer = load_model(
-        model_spec, progress=False, quantization=quantization, dtype=torch_dtype(dtype)
+        model_spec,
+        progress=False,
+        quantization=quantization,
+        dtype=torch_dtype(dtype),
+        double_quantization=double_quantization,
     )
     if adapter:
         try:
@@ -141,7 +151,9 @@ def load_model_and_adapter(
     return model.eval(), tokenizer
 
 
-_QUANTIZATION_OF_FORMAT = (  # a fingerprint's format name (its start) -> --quantization
+# a fingerprint's format name (its start) -> --quantization; nf4 / fp4 load bnb-nf4 and
+# bnb-nf4-dq alike (without double quantization where the adapter records it so)
+_QUANTIZATION_OF_FORMAT = (
     ("bnb-nf4", "nf4"),
     ("bnb-fp4", "fp4"),
     ("bnb-int8", "int8"),

@@ -1,9 +1,14 @@
-"""bitsandbytes bases: ``Linear4bit`` (NF4 / FP4, double quantization) and ``Linear8bitLt``.
+"""bitsandbytes bases: ``Linear4bit`` (NF4 / FP4, with or without double quantization) and
+``Linear8bitLt``.
 
 Dequantization uses bitsandbytes' own functions (the same numbers its kernels and PEFT use):
 
 - 4-bit: ``W0 = dequantize_4bit(codes, quant_state)``: per block of ``blocksize`` weights,
-  ``code_table[q] * absmax`` (with double quantization ``absmax`` is itself 8-bit blockwise);
+  ``code_table[q] * absmax`` (with double quantization ``absmax`` is itself 8-bit blockwise).
+  On a CPU, bitsandbytes 0.50 reads element (i, j)'s ``absmax`` from block
+  ``i * (in // blocksize) + j // blocksize``, not the block ``(i * in + j) // blocksize`` that
+  holds it: the same only where ``in`` is a multiple of ``blocksize``; its forward does the same,
+  so ``W0`` here is the weight the layer computes with (docs/quantized.md, "Not done yet");
 - 8-bit (LLM.int8): ``W0[i, :] = CB[i, :] * SCB[i] / 127`` (row-wise absmax scales).
 
 The 4-bit forward calls ``bitsandbytes.matmul_4bit`` as ``Linear4bit.forward`` does in

@@ -2,9 +2,9 @@
 quantization=...)`` does.
 
 ===========  ===========================================================================
-``nf4``      bitsandbytes 4-bit NF4 with double quantization (QLoRA's choice), computing in
-             the model's dtype: ``BitsAndBytesConfig(load_in_4bit=True, ...)``
-``fp4``      bitsandbytes 4-bit FP4 with double quantization
+``nf4``      bitsandbytes 4-bit NF4 with double quantization (QLoRA's choice; without it for
+             an adapter trained so), computing in the model's dtype: ``BitsAndBytesConfig``
+``fp4``      bitsandbytes 4-bit FP4, double quantization as ``nf4``
 ``int8``     bitsandbytes LLM.int8 (``load_in_8bit=True``)
 ``gguf``     the GGUF blocks of a built-in GGUF model's file (SmolLM2: Q4_1), in place of its
              block linears (``gguf_file.replace_llama_linears``): exactly what llama.cpp runs
@@ -86,8 +86,11 @@ def check_quantization(
         )
 
 
-def bitsandbytes_config(quantization: str, compute_dtype: torch.dtype):
-    """transformers' ``BitsAndBytesConfig`` for ``nf4``, ``fp4`` or ``int8``."""
+def bitsandbytes_config(
+    quantization: str, compute_dtype: torch.dtype, double_quantization: bool = True
+):
+    """transformers' ``BitsAndBytesConfig`` for ``nf4``, ``fp4`` (``double_quantization``:
+    bitsandbytes' ``bnb_4bit_use_double_quant``) or ``int8``."""
     from transformers import BitsAndBytesConfig
 
     if quantization == "int8":
@@ -95,7 +98,7 @@ def bitsandbytes_config(quantization: str, compute_dtype: torch.dtype):
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quantization,
-        bnb_4bit_use_double_quant=True,
+        bnb_4bit_use_double_quant=double_quantization,
         bnb_4bit_compute_dtype=compute_dtype,
     )
 
