@@ -115,15 +115,15 @@ def _inject_checked(
     a fused MoE model is first converted as PEFT converts it (``lorakit.moe_targets``). A
     targeted embedding the forward never calls (T5's / BART's ``shared``) is adapted as PEFT
     adapts it, with an ``UnusedTargetWarning`` naming the modules to target instead."""
-    config = convert_moe_config(model, config)
+    written, config = config.target_parameters or [], convert_moe_config(model, config)
     targets = find_targets(model, config)
-    parameter_targets = find_parameter_targets(model, config)
+    parameter_targets = find_parameter_targets(model, config, written=written)
     if not targets and not parameter_targets:
         raise ValueError(no_match_message(model, config))
     if strict_targets:
         check_every_entry_matches(model, config)
     warn_lora_bias_without_base_bias(model, config, targets)
-    offloading.check_no_offloaded_bias(model, config, [*targets, *parameter_targets])
+    offloading.check_no_offloaded_bias(model, config, targets, parameter_targets)
     warn_uncalled_tied_embeddings(model, targets)  # (T5's / BART's ``shared``)
     add_adapter_to_modules(
         model,

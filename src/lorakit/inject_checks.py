@@ -25,7 +25,7 @@ from lorakit.offloading import check_no_offloaded_bnb, check_no_parent_offload
 from lorakit.parameter_targets import check_parameter_targets
 from lorakit.state import adapter_configs, lora_layers, parameter_holders, saved_modules
 from lorakit.targets import original_module
-from lorakit.wrapped_modules import check_wrapper_kind
+from lorakit.wrapped_modules import check_saved_not_nested, check_wrapper_kind
 
 __all__ = [
     "check_adapter_fits",
@@ -61,6 +61,7 @@ def check_adapter_fits(
     ``fan_in_fan_out.settle_fan_in_fan_out``)."""
     for name in [*saved_names, *tokens]:
         check_wrapper_kind(model.get_submodule(name), name, name in tokens)
+    check_saved_not_nested(model, config, list(saved_names))
     for name in saved_names:  # a full copy of a quantized layer would train nothing
         check_saveable(model.get_submodule(name), name)
     check_no_parent_offload(model, [*current, *parameter_targets, *saved_names, *tokens])

@@ -17,7 +17,8 @@ applies the same rule, PEFT 0.22's (``convert_moe_config``; a file's writer's re
   name parts of the linear layers it selects plus every transformers-4 name of the family (the
   experts and the router were linear there) except one whose every place (``<experts
   module>.<old name>``, the router's ``<block>.gate``) ``exclude_modules`` / ``modules_to_save``
-  leave out, as for a regex (PEFT 0.21 adds them all and adapts an excluded router anyway);
+  leave out, as for a regex (PEFT, 0.21 and 0.22 alike, adds them all and adapts an excluded
+  router or experts anyway: a deliberate difference, docs/migrating-from-peft.md);
   a regex to the last name parts of the modules and
   parameters it matches in full (outside ``exclude_modules`` / ``modules_to_save``), plus each
   transformers-4 name whose reconstructed path (``<experts module>.<old name>``) it matches.

@@ -29,7 +29,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -88,19 +88,29 @@ def check_no_parent_offload(model: nn.Module, names: Sequence[str]) -> None:
         )
 
 
-def check_no_offloaded_bias(model: nn.Module, config, targets: Sequence[str]) -> None:
+def check_no_offloaded_bias(
+    model: nn.Module,
+    config,
+    targets: Sequence[str],
+    parameter_targets: Mapping[str, str] | None = None,
+) -> None:
     """``ValueError`` naming the first module whose bias the new adapter's ``config.bias`` would
-    train ("lora_only": of ``targets``; "all": any module, ``modules_to_save`` aside) where
-    accelerate offloaded it (``offloaded_tensors.offloaded_trained_biases``): each call loads
-    the bias into a new tensor, so its training steps would be lost (silently, for a module no
-    adapter wraps). Changes nothing; an adapter with ``inference_mode`` trains nothing and
-    passes (a file's biases load into the offload maps: ``load_adapter``)."""
+    train ("lora_only": of ``targets`` and the modules holding the ``parameter_targets``
+    (``{layer path: parameter path}``: a module's second targeted parameter has a layer path
+    ``<module>.base_layer`` that exists only once wrapped); "all": any module,
+    ``modules_to_save`` aside) where accelerate offloaded it
+    (``offloaded_tensors.offloaded_trained_biases``): each call loads the bias into a new
+    tensor, so its training steps would be lost (silently, for a module no adapter wraps).
+    Changes nothing; an adapter with ``inference_mode`` trains nothing and passes (a file's
+    biases load into the offload maps: ``load_adapter``)."""
     from lorakit.offloaded_tensors import offloaded_trained_biases, trained_bias_refusal
     from lorakit.wrapped_modules import saved_module_names
 
     if config.bias == "none" or config.inference_mode:
         return
     saved = saved_module_names(model, config)
+    owners = [path.rpartition(".")[0] for path in (parameter_targets or {}).values()]
+    targets = [*targets, *dict.fromkeys(owner for owner in owners if owner not in targets)]
     found = offloaded_trained_biases(model, config.bias, targets, saved)
     if found:
         raise ValueError(f"{trained_bias_refusal(found[0][1], found[0][0])} Nothing was changed.")

@@ -44,6 +44,7 @@ def find_parameter_targets(
     modules: Mapping[str, nn.Module] | None = None,
     *,
     file_config: bool = False,
+    written: list[str] | None = None,
 ) -> dict[str, str]:
     """``{LoRA layer path: parameter path}`` of the parameters ``config.target_parameters``
     names, in model order (empty without ``target_parameters``). ``TargetModulesError`` (a
@@ -55,7 +56,12 @@ def find_parameter_targets(
     one a model records, which may be a file's: its tensors decide what is loaded, as PEFT loads
     it): only an entry list of which no entry matches is refused, and every matched parameter is
     a target whatever ``exclude_modules`` / ``layers_to_transform`` say (PEFT applies them to
-    ``target_modules`` only and adapts, and saves, the parameter in every layer)."""
+    ``target_modules`` only and adapts, and saves, the parameter in every layer). ``written``:
+    the ``target_parameters`` the user wrote, where ``config`` is what
+    ``moe_targets.convert_moe_config`` made of them (None: all of ``config``'s): only a
+    parameter one of them matches is refused as left out; one that only an entry the
+    conversion generated from a transformers-4 name matches is adapted in every layer, as PEFT
+    adapts it."""
     entries = config.target_parameters or []
     if not entries:
         return {}
@@ -66,7 +72,7 @@ def find_parameter_targets(
             path = f"{owner}.{name}" if owner else name
             if _matches(entries, path):
                 _check_parameter(model, owner, path, parameter)
-                if not file_config:
+                if not file_config and (written is None or _matches(written, path)):
                     _check_not_left_out(config, path)
                 by_owner.setdefault(owner, []).append(name)
     found = parameter_layer_paths(by_owner)

@@ -10,8 +10,10 @@ from collections.abc import Iterable, Mapping
 from torch import nn
 
 from lorakit.config import LoraConfig
+from lorakit.errors import TargetModulesError
 from lorakit.layers import ModulesToSave, TrainableTokens
 from lorakit.layers.tokens import token_targets
+from lorakit.state import saved_modules
 from lorakit.targets import (
     absent_task_heads,
     model_modules,
@@ -21,6 +23,7 @@ from lorakit.targets import (
 
 __all__ = [
     "add_to_wrappers",
+    "check_saved_not_nested",
     "check_wrapper_kind",
     "replace_module",
     "saved_module_names",
@@ -75,6 +78,49 @@ def check_wrapper_kind(module: nn.Module, name: str, for_tokens: bool) -> None:
         raise ValueError(f"module {name!r} is saved in full; it cannot also train token rows.")
     if not for_tokens and isinstance(module, TrainableTokens):
         raise ValueError(f"module {name!r} trains token rows; it cannot also be saved in full.")
+
+
+def check_saved_not_nested(model: nn.Module, config: LoraConfig, saved_names: list[str]) -> None:
+    """``TargetModulesError`` (one line, naming both modules, the entries that pick them and
+    the way out) when ``saved_names`` (this adapter's ``modules_to_save``, task heads included)
+    and the modules earlier adapters copy whole hold a module and a module inside it (RoBERTa
+    ``SEQ_CLS`` with ``["dense"]``: ``classifier`` and ``classifier.dense``; ``["mlp",
+    "down_proj"]``): the outer copy trains the inner module already. PEFT 0.22 wraps the inner
+    module a second time, inside both the copy and the original, and writes a file it cannot
+    load back. Changes nothing."""
+    earlier = [n for n, m in saved_modules(model) if not isinstance(m, TrainableTokens)]
+    picked = sorted({*saved_names, *earlier})
+    for outer in picked:
+        for inner in picked:
+            if inner.startswith(outer + ".") and {outer, inner} & set(saved_names):
+                raise TargetModulesError(_nested_message(config, saved_names, outer, inner))
+
+
+def _nested_message(config: LoraConfig, saved_names: list[str], outer: str, inner: str) -> str:
+    def picked_by(name: str) -> str:
+        if name not in saved_names:
+            return "an earlier adapter's modules_to_save"
+        entry = next(e for e in saved_module_entries(config) if saved_module_matches([e], name))
+        if entry in (config.modules_to_save or []):
+            return f"entry {entry!r}"
+        return f"entry {entry!r}, the head task_type={config.task_type!r} adds"
+
+    entry = next((e for e in config.modules_to_save or [] if saved_module_matches([e], inner)), "")
+    if inner not in saved_names:
+        way_out = f"Drop the entry that picks {outer!r} from this adapter's modules_to_save"
+    else:
+        others = [n for n in saved_names if saved_module_matches([entry], n)]
+        others = [n for n in others if not any(n.startswith(f"{o}.") for o in saved_names)]
+        listed = ", ".join(map(repr, others[:3])) + (", ..." if len(others) > 3 else "")
+        way_out = f"Drop {entry!r} from modules_to_save" + (
+            f" and name the modules it should still copy in full ({listed})" if others else ""
+        )
+    return (
+        f"modules_to_save picks {outer!r} ({picked_by(outer)}) and {inner!r} inside it "
+        f"({picked_by(inner)}): the copy of {outer!r} trains {inner!r} already, and a module "
+        "inside a copied module cannot be copied again (PEFT 0.22 wraps it twice and writes a "
+        f"file it cannot load back). {way_out}. Nothing was changed."
+    )
 
 
 def token_module_names(
