@@ -95,9 +95,10 @@ def test_peft_file_keys_and_lorakit_file_loads_in_peft(tmp_path) -> None:
     lorakit.save_adapter(ours, tmp_path / "ours")
     peft_keys = set(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
     our_tensors = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert set(our_tensors) == peft_keys
     magnitude_keys = [k for k in peft_keys if k.endswith(".lora_magnitude_vector")]
     assert len(magnitude_keys) == 14  # 7 linear layers x 2 blocks
+    # lorakit writes the magnitudes with ".weight" (transformers' load_adapter reads only that)
+    assert set(our_tensors) == {k + ".weight" if k in magnitude_keys else k for k in peft_keys}
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert config["use_dora"] is True
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
@@ -366,7 +367,7 @@ def test_train_cli_use_dora_writes_a_dora_adapter_peft_loads(tmp_path, model_dir
     adapter = output / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] is True
     tensors = load_file(adapter / "adapter_model.safetensors")
-    magnitudes = [k for k in tensors if k.endswith(".lora_magnitude_vector")]
+    magnitudes = [k for k in tensors if k.endswith(".lora_magnitude_vector.weight")]
     assert len(magnitudes) == 4  # q_proj and v_proj of two blocks
     base = peft.AutoPeftModelForCausalLM.from_pretrained(adapter).eval()
     ours = lorakit.load_adapter(AutoModelForCausalLM.from_pretrained(model_dir).eval(), adapter)

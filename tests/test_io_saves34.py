@@ -231,7 +231,7 @@ def test_a_crash_between_the_renames_leaves_no_config_that_peft_would_pair(
     alphas = sorted(json.loads(path.read_text())["lora_alpha"] for path in left)
     assert alphas == [8, 32]  # the old config taken out, the new one staged
     old_time = time.time() - atomic.STALE_AFTER_S - 5
-    for path in left:
+    for path in tmp_path.glob(".*.tmp"):  # (and the old weights kept to put back on an error)
         os.utime(path, (old_time, old_time))
     save_adapter(new, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [

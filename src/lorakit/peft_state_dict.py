@@ -154,7 +154,9 @@ def set_peft_model_state_dict(
 ) -> _IncompatibleKeys:
     """PEFT's ``set_peft_model_state_dict``: copy the tensors of a dict with adapter-file keys
     (``get_peft_model_state_dict``'s, or an adapter file's; the ``base_model.model.`` prefix
-    may be left out) into adapter ``adapter_name``, which the model must hold. Copied in place,
+    may be left out; a DoRA magnitude spelled ``<path>.lora_magnitude_vector`` or ``...
+    lora_magnitude_vector.weight``, as peft reads both) into adapter ``adapter_name``, which
+    the model must hold. Copied in place,
     cast to each tensor's dtype and device: ``requires_grad`` flags, and an optimizer's hold
     on the tensors, stay.
 
@@ -171,12 +173,14 @@ def set_peft_model_state_dict(
     tensor an offloaded module holds is written into its hook's offload map
     (``offloaded_tensors.write_offloaded``)."""
     from lorakit.io.file_tensors import model_tensor
-    from lorakit.io.keys import PREFIX
+    from lorakit.io.keys import PREFIX, canonical_keys
     from lorakit.offloaded_tensors import write_offloaded
 
     inner = _holder(model, adapter_name)
     entries = {entry.key: entry for entry in _file_entries(inner, adapter_name, True)}
-    given = {key if key.startswith(PREFIX) else PREFIX + key: key for key in peft_model_state_dict}
+    given = canonical_keys(  # (a DoRA magnitude in either spelling, as peft reads it)
+        {key if key.startswith(PREFIX) else PREFIX + key: key for key in peft_model_state_dict}
+    )
     unexpected = [key for file_key, key in given.items() if file_key not in entries]
     to_copy = {k: peft_model_state_dict[given[k]] for k in given if k in entries}
     _check_not_merged(inner, adapter_name, [entries[key] for key in to_copy])

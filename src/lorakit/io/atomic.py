@@ -79,33 +79,16 @@ def write_files(files: dict[str | os.PathLike[str], bytes]) -> None:
 
 
 def _rename_in(staged: list[tuple[str, Path]]) -> None:
-    """Rename each staged ``(temporary, target)`` over its target. For several files, with
-    Ctrl-C held back (``base_rewrite.interrupts_held``): the last target's old file is moved
-    aside (``_move_aside``), the others are renamed in, then the last one. An error before any
-    other file was replaced puts the old last file back (the old set stays whole); the aside
-    copy is removed at the end (a killed writer's, by the next save: a ``.*.tmp`` file)."""
+    """Rename each staged ``(temporary, target)`` over its target. For several files,
+    ``rename_set.rename_set_in``: the last target's old file moved aside, the others renamed
+    in, then the last one, with Ctrl-C held back; an error at any rename puts every old file
+    back (or says which hidden file holds each)."""
     if len(staged) == 1:
         os.replace(*staged[0])
         return
-    from lorakit.base_rewrite import interrupts_held
+    from lorakit.io.rename_set import rename_set_in
 
-    *first, (last_temporary, last) = staged
-    with interrupts_held():
-        aside = _move_aside(last)
-        replaced = 0
-        try:
-            for temporary, target in first:
-                os.replace(temporary, target)
-                replaced += 1
-        except BaseException:
-            if aside is not None and replaced == 0:
-                with contextlib.suppress(OSError):  # (the error that matters is the first)
-                    os.replace(aside, last)
-            raise
-        os.replace(last_temporary, last)
-        if aside is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(aside)
+    rename_set_in(staged)
 
 
 def _move_aside(target: Path) -> str | None:

@@ -211,10 +211,13 @@ def _tensor_info(path: Path, key: str, entry: object) -> TensorInfo:
 def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """safetensors bytes with a deterministic header: ``safetensors.torch.save`` orders the
     tensors (dtype, then key) but writes metadata entries in hash order, so the metadata is
-    re-emitted here with sorted keys (same JSON encoding, header padded to 8 bytes)."""
+    re-emitted here with sorted keys (same JSON encoding, header padded to 8 bytes). Keys are
+    written as ``keys.written_key`` spells them (a DoRA magnitude with ``.weight``)."""
     from safetensors.torch import save
 
-    data = save(tensors, metadata=metadata)
+    from lorakit.io.keys import written_keys
+
+    data = save(written_keys(tensors), metadata=metadata)
     (length,) = struct.unpack("<Q", data[:8])
     entries = json.loads(data[8 : 8 + length])
     entries["__metadata__"] = dict(sorted(entries.get("__metadata__", {}).items()))

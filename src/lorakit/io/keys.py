@@ -8,7 +8,7 @@ adapter name never appears in a file (PEFT removes it):
 | Linear / Conv1D A, B | ``<path>.lora_A.weight``, ``<path>.lora_B.weight`` | (r, k), (d, r) |
 | a bare parameter's A, B (``target_parameters``) | the same, ``<path>`` the layer's (``.base_layer`` per nesting) | (E r, k), (d, E r) |
 | trainable tokens (``trainable_token_indices``) | ``<path>.token_adapter.trainable_tokens_delta`` | (n, dim) |
-| DoRA magnitude (``use_dora``) | ``<path>.lora_magnitude_vector`` (no ``.weight``; the Diffusers spelling ``<path>.lora_magnitude_vector.weight`` is read as it, ``canonical_keys``) | (d,) |
+| DoRA magnitude (``use_dora``) | written ``<path>.lora_magnitude_vector.weight`` (``written_key``); PEFT's own spelling ``<path>.lora_magnitude_vector`` is read as well; in memory (``canonical_keys``) PEFT's | (d,) |
 | bias on B (``lora_bias``) | ``<path>.lora_B.bias`` | (d,) |
 | Embedding A, B | ``<path>.lora_embedding_A``, ``<path>.lora_embedding_B`` | (r, num), (dim, r) |
 | bias of an adapted layer (``bias`` != "none") | ``<path>.base_layer.bias`` | (d,) |
@@ -21,6 +21,13 @@ In the model (``model.state_dict()``) the same tensors carry the adapter name:
 ``<path>.lora_A.<adapter>.weight``, ``<path>.lora_magnitude_vector.<adapter>.weight``,
 ``<path>.lora_embedding_A.<adapter>``,
 ``<path>.modules_to_save.<adapter>.<param>``.
+
+Why a DoRA magnitude is written with ``.weight``: peft (0.12 on, where the magnitude became a
+module) loads both spellings (its ``set_peft_model_state_dict`` appends ``.weight`` to PEFT's),
+but transformers 5's ``load_adapter`` renames keys by pattern (``lora_*`` -> ``lora_*.<adapter>``)
+without that step, so PEFT's spelling lands on no parameter and the magnitudes keep their
+initial values; ``.weight`` loads right in both. peft < 0.12 (a ``ParameterDict``) reads only
+PEFT's spelling.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ __all__ = [
     "canonical_keys",
     "embedding_module_names",
     "is_magnitude_key",
+    "is_saved_module_alias",
     "is_token_rows_key",
     "key_names_module",
     "lora_bias_key",
@@ -52,6 +60,8 @@ __all__ = [
     "parse_lora_key",
     "plain_key",
     "saved_module_alias_keys",
+    "written_key",
+    "written_keys",
 ]
 
 PREFIX = "base_model.model."
@@ -69,7 +79,8 @@ def lora_keys(module_path: str, is_embedding: bool) -> tuple[str, str]:
 
 
 def magnitude_key(module_path: str) -> str:
-    """File key of the DoRA magnitude vector of the LoRA layer at ``module_path``."""
+    """Key of the DoRA magnitude vector of the LoRA layer at ``module_path``, in PEFT's spelling
+    (``canonical_key``); a file gets it as ``written_key`` spells it."""
     return f"{PREFIX}{module_path}.lora_magnitude_vector"
 
 
@@ -89,11 +100,25 @@ def is_magnitude_key(file_key: str) -> bool:
 
 
 def canonical_key(file_key: str) -> str:
-    """``file_key`` as PEFT writes it: ``<path>.lora_magnitude_vector.weight`` (a spelling
-    peft 0.22 loads as well) becomes ``<path>.lora_magnitude_vector``; any other key is kept."""
+    """``file_key`` as PEFT writes it: ``<path>.lora_magnitude_vector.weight`` (lorakit's
+    ``written_key``, which peft >= 0.12 loads as well) becomes ``<path>.lora_magnitude_vector``;
+    any other key is kept."""
     if file_key.endswith(_MAGNITUDE_WEIGHT_SUFFIX):
         return file_key.removesuffix(".weight")
     return file_key
+
+
+def written_key(key: str) -> str:
+    """``key`` as an adapter file holds it: a DoRA magnitude ``<path>.lora_magnitude_vector``
+    becomes ``<path>.lora_magnitude_vector.weight`` (the spelling transformers 5's
+    ``load_adapter`` and peft >= 0.12 load right, see the module docstring); any other key is
+    kept. ``canonical_key`` undoes it."""
+    return key + ".weight" if key.endswith(MAGNITUDE_SUFFIX) else key
+
+
+def written_keys(tensors: Mapping[str, _Value]) -> dict[str, _Value]:
+    """``tensors`` with each key made ``written_key`` (order kept)."""
+    return {written_key(key): value for key, value in tensors.items()}
 
 
 def canonical_keys(tensors: Mapping[str, _Value]) -> dict[str, _Value]:
@@ -189,6 +214,18 @@ def saved_module_alias_keys(module_path: str, parameter: str) -> tuple[str, str]
         f"{PREFIX}{module_path}.modules_to_save.{parameter}",
         f"{PREFIX}{module_path}.original_module.{parameter}",
     )
+
+
+def is_saved_module_alias(file_key: str, file_keys: Collection[str]) -> bool:
+    """Whether ``file_key`` is one of the duplicates of a saved module's tensor that peft
+    writes (``saved_module_alias_keys``: ``<path>.modules_to_save.<param>`` or
+    ``<path>.original_module.<param>``) beside the tensor itself, ``<path>.<param>``, which
+    ``file_keys`` holds too: loading (lorakit's, peft's) reads the latter and ignores it."""
+    for part in (".modules_to_save.", ".original_module."):
+        path, found, parameter = file_key.rpartition(part)
+        if found and f"{path}.{parameter}" in file_keys:
+            return True
+    return False
 
 
 _LINEAR_SUFFIXES = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B"}

@@ -43,11 +43,12 @@ def adapter_header_bytes(model: nn.Module, config: LoraConfig) -> tuple[int, int
     from lorakit.io import fingerprint, fingerprint_json
     from lorakit.io.config_json import config_to_json
     from lorakit.io.file_tensors import model_tensor
+    from lorakit.io.keys import written_key
     from lorakit.io.read import CONFIG_METADATA_KEY
     from lorakit.io.save import adapter_file_entries
 
     entries, lora_names = adapter_file_entries(model, "default", [])
-    tensors = {entry.key: model_tensor(model, entry, "default") for entry in entries}
+    tensors = {written_key(entry.key): model_tensor(model, entry, "default") for entry in entries}
     shapes = {key: list(tensor.shape) for key, tensor in tensors.items()}
     as_held = {
         key: _SAFETENSORS_CODES.get(tensor.dtype, ("F32", 4)) for key, tensor in tensors.items()

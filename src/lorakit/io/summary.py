@@ -14,9 +14,10 @@ the nested layers in the one order whose ranks fit the factors' rows with a comm
 ``target_parameters`` order where several fit).
 
 Parameters: ``parameters`` counts the file's tensors less the full base weights of adapted
-embeddings (``<path>.base_layer.weight``, which PEFT's ``save_embedding_layers`` saves when an
-embedding is a target: frozen base values, not adapter parameters), so that it equals PEFT's
-trainable count; those are ``saved_base_weights``, and ``file_parameters`` is the sum of both.
+embeddings (``<path>.base_layer.weight``, PEFT's ``save_embedding_layers``: frozen base values,
+not adapter parameters; ``saved_base_weights``) and the copies of saved-module tensors peft
+writes and loading ignores (``keys.is_saved_module_alias``), so that it equals PEFT's
+trainable count; ``file_parameters`` counts every tensor of the file.
 
 Writer: ``peft_version`` (the file's; None where not recorded) and ``read_as_written``, one line
 per ``modules_to_save`` entry / ``trainable_token_indices`` key that the writer's peft (< 0.22)
@@ -44,7 +45,12 @@ from lorakit.io.config_json import (
 )
 from lorakit.io.fingerprint import METADATA_KEY
 from lorakit.io.header import TensorInfo, read_header
-from lorakit.io.keys import base_weight_module, is_magnitude_key, parse_lora_key
+from lorakit.io.keys import (
+    base_weight_module,
+    is_magnitude_key,
+    is_saved_module_alias,
+    parse_lora_key,
+)
 from lorakit.io.read import read_adapter_header, weights_path
 from lorakit.io.save import BASE_INIT_METADATA_KEY
 from lorakit.io.tensors import TORCH_DTYPES
@@ -251,7 +257,9 @@ def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> d
     tally = _tally_modules(config, factors, weights)
     base_parameters, lora_parameters = tally.base_parameters, tally.lora_parameters
     saved_base = _saved_base_weights(header.tensors, set(factors), config.modules_to_save or [])
-    total = sum(info.numel for info in header.tensors.values()) - saved_base
+    in_file = sum(info.numel for info in header.tensors.values())
+    aliases = [key for key in header.tensors if is_saved_module_alias(key, header.tensors)]
+    total = in_file - saved_base - sum(header.tensors[key].numel for key in aliases)
     return {
         "directory": str(directory),
         **writers_rules(directory),
@@ -284,7 +292,7 @@ def summarize_adapter(directory: str | Path, adapter_name: str = "default") -> d
         "lora_parameters": lora_parameters,
         "other_parameters": total - lora_parameters,
         "saved_base_weights": saved_base,
-        "file_parameters": total + saved_base,
+        "file_parameters": in_file,
         "file_bytes": header.file_size,
         "adapted_base_parameters": base_parameters,
         "compression_ratio": base_parameters / lora_parameters if lora_parameters else None,
