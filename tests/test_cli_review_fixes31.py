@@ -290,7 +290,7 @@ def test_combine_warning_format_is_put_back_and_warnings_still_reach_a_recorder(
     original = warnings.formatwarning
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with combine_command._warnings_as_lines():
+        with combine_command.warnings_as_lines():
             text = warnings.formatwarning(UserWarning("two bases"), UserWarning, "f.py", 3)
             warnings.warn("recorded", UserWarning, stacklevel=1)
     assert text == "lorakit: warning: two bases\n"

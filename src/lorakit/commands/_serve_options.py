@@ -22,6 +22,7 @@ __all__ = [
     "POSITIVE_OPTIONS",
     "add_option_groups",
     "admin_token",
+    "check_adapters_directory",
     "check_numbers",
     "connection_limits",
     "parse_size",
@@ -251,3 +252,26 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UserError(f"--adapter-memory {memory!r} is under one byte; write e.g. 512MB")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0-65535, got {args.port}")
+
+
+def check_adapters_directory(adapters: str) -> None:
+    """``UserError`` for an ``--adapters`` that is not a directory holding adapters: empty
+    (``refuse_empty``), a file, or one adapter's own directory (it holds
+    ``adapter_config.json``; only its subdirectories would be looked at, so nothing would be
+    served). A missing directory is ``AdapterRegistry``'s to report."""
+    from pathlib import Path
+
+    from lorakit.commands.extract import refuse_empty
+
+    wanted = "the directory holding the adapters, one subdirectory each"
+    refuse_empty("--adapters", adapters, f"give {wanted}")
+    path = Path(adapters)
+    if path.is_file():
+        raise UserError(f"--adapters {adapters} is a file; give {wanted}")
+    if (path / "adapter_config.json").is_file():
+        above = path.resolve().parent
+        raise UserError(
+            f"--adapters {adapters} is an adapter directory (it holds adapter_config.json); "
+            f"--adapters takes {wanted} (named by it): give {above} to serve it as "
+            f"{path.resolve().name!r}, or a directory you copy or link it into"
+        )

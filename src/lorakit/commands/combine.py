@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from lorakit.commands.extract import (
     add_overwrite_option,
     check_adapter_output,
+    refuse_empty,
     refuse_output_onto_inputs,
     removed_if_left_empty,
 )
@@ -72,6 +73,9 @@ def _check(args: argparse.Namespace) -> None:
     """Refuse what the combination cannot do or would ignore, before any adapter is read."""
     from lorakit.combining.arguments import rank_for_cat, unused_option
 
+    refuse_empty("combine: --output", args.output, "give a directory for the combined adapter")
+    for adapter in args.adapters:
+        refuse_empty("combine: an input adapter", adapter, "give each adapter's directory")
     refuse_output_onto_inputs(
         "combine", args.output, [("input adapter", adapter) for adapter in args.adapters]
     )
@@ -101,30 +105,37 @@ def _print_report(result, directory) -> None:
 
 
 @contextmanager
-def _warnings_as_lines() -> Iterator[None]:
+def warnings_as_lines(spelling: Callable[[str], str] = str) -> Iterator[None]:
     """Inside, Python shows each warning as one ``lorakit: warning: MESSAGE`` line on stderr (as
-    ``lorakit eval`` prints them), not as its report with the file, line and source of the call.
-    Only the text changes (``warnings.formatwarning``, which Python's default ``showwarning``
-    writes): the filters and where warnings go stay, so a caller recording them
-    (``catch_warnings(record=True)``, ``pytest.warns``) still gets them."""
+    ``lorakit eval`` prints them), not as its report with the file, line and source of the call,
+    and a message already shown is not shown again (one warned from two call sites, as
+    ``lorakit train``'s ``inject`` of the meta model and then of the model). ``spelling``: the
+    message as the command says it (its flags for the library's argument names). Only the text
+    changes (``warnings.formatwarning``, which Python's default ``showwarning`` writes): the
+    filters and where warnings go stay, so a caller recording them
+    (``catch_warnings(record=True)``, ``pytest.warns``) still gets them all."""
+    shown: set[str] = set()
+
+    def one_line(message, category, filename, lineno, line=None) -> str:
+        text = spelling(str(message))
+        if text in shown:
+            return ""
+        shown.add(text)
+        return f"lorakit: warning: {text}\n"
+
     original = warnings.formatwarning
-    warnings.formatwarning = _one_line
+    warnings.formatwarning = one_line
     try:
         yield
     finally:
         warnings.formatwarning = original
 
 
-def _one_line(message, category, filename, lineno, line=None) -> str:
-    """``warnings.formatwarning``'s replacement: the message alone, after ``lorakit: warning:``."""
-    return f"lorakit: warning: {message}\n"
-
-
 def run(args: argparse.Namespace) -> int:
     _check(args)
     from lorakit.combining import combine
 
-    with _warnings_as_lines():
+    with warnings_as_lines():
         result = combine(
             args.adapters,
             args.weights,

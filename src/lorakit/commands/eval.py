@@ -47,7 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--style",
         choices=["chat", "plain"],
-        help="prompt form for built-ins and CSV (a JSONL file says its own and ignores it)",
+        help="prompt form for built-ins and CSV (a JSONL file says its own and ignores it) "
+        "(default: the form --adapter was trained on, which lorakit train records in it; "
+        "without that record, chat for built-ins and plain for CSV)",
     )
     parser.add_argument("--limit", type=int, help="only the first N examples (default: all)")
     parser.add_argument(
@@ -213,13 +215,17 @@ def run(args: argparse.Namespace) -> int:
     if args.max_length < 2:
         raise UserError(f"--max-length must be >= 2, got {args.max_length}")
     from lorakit import data
+    from lorakit.commands.extract import refuse_empty
+    from lorakit.commands.generate import ADAPTER_WAY_OUT, recorded_prompt_style
     from lorakit.positions import check_max_length
     from lorakit.train.losses import evaluate
     from lorakit.train.settings import load_examples_for
 
+    refuse_empty("--adapter", args.adapter, ADAPTER_WAY_OUT)
     check_bnb_cpu_kernel(args)
     check_base_mismatch_option(args)
-    examples = load_examples_for(args.data, args.split, args.style, "test")[: args.limit]
+    style = args.style or recorded_prompt_style(args.adapter)  # (as lorakit generate follows it)
+    examples = load_examples_for(args.data, args.split, style, "test")[: args.limit]
     model, tokenizer = load_model_for(args)  # (--bnb-cpu-kernel: the scores need no gradient)
     check_max_length(model, args.max_length)  # GPT-2's position table: no longer examples
     if examples and all(example.choices for example in examples):

@@ -94,9 +94,14 @@ def _is_model(source: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.commands.extract import refuse_output_onto_inputs
+    from lorakit.commands.extract import refuse_empty, refuse_output_onto_inputs
     from lorakit.export.gguf_io import check_output_path
 
+    refuse_empty("--output", args.output, "give the .gguf file to write")
+    refuse_empty("SOURCE", args.source, "give an adapter directory or a model spec")
+    refuse_empty(
+        "--adapter", args.adapter, "give the adapter directory to merge in, or leave --adapter out"
+    )
     if not args.output.endswith(".gguf"):
         raise UserError(f"--output {args.output}: give a file name ending in .gguf")
     inputs = [("SOURCE", args.source)] + ([("--adapter", args.adapter)] if args.adapter else [])

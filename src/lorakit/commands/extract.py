@@ -3,8 +3,9 @@
 lorakit extract --base DIR --finetuned DIR --output DIR (--rank R | --energy 0.9) [--max-rank R]
 
 Also the ``--output`` checks the commands writing a result share: ``check_adapter_output``
-(``combine``), ``refuse_output_onto_inputs`` (``combine``, ``merge``, ``export``) and
-``removed_if_left_empty`` (``combine``).
+(``combine``), ``refuse_output_onto_inputs`` (``combine``, ``merge``, ``export``),
+``removed_if_left_empty`` (``combine``) and ``refuse_empty`` (every command's ``--output``,
+``--adapter`` and ``--adapters``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def refuse_empty(name: str, value: str | None, way_out: str) -> None:
+    """``UserError("NAME is empty; WAY_OUT")`` for a path option given as "" or blanks (an unset
+    shell variable: ``--output "$OUT"``): read as a path it is the current directory (a result
+    written into it, an adapter read from it) or a blank-named directory, never what was meant.
+    None (the option not given) passes."""
+    if value is not None and not value.strip():
+        raise UserError(f"{name} is empty; {way_out}")
+
+
 def _check(args: argparse.Namespace) -> None:
+    refuse_empty("extract: --output", args.output, "give a directory for the adapter")
     if args.rank is not None and args.rank < 1:
         raise UserError(f"extract: --rank must be a positive integer, got {args.rank}")
     if args.energy is not None and not 0.0 < args.energy <= 1.0:

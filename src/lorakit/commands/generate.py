@@ -8,7 +8,11 @@ import sys
 
 from lorakit.commands._model_options import check_base_mismatch_option, check_bnb_cpu_kernel
 from lorakit.commands.eval import add_model_options
+from lorakit.commands.extract import refuse_empty
 from lorakit.errors import UserError
+
+# refuse_empty's way out for an empty --adapter of eval and generate (an unset "$ADAPTER")
+ADAPTER_WAY_OUT = "give an adapter directory, or leave --adapter out for the base model alone"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -185,15 +189,22 @@ def uses_chat_template(
 
 
 def _adapter_prompt_style(adapter: str) -> bool | None:
-    """True / False for an adapter recording "chat" / "plain" prompts; None without a record
-    (a GGUF LoRA file has none)."""
-    from lorakit.io.read import read_adapter_header
-    from lorakit.io.save import recorded_prompt_style
-
-    if adapter.endswith(".gguf"):
-        return None
-    style = recorded_prompt_style(read_adapter_header(adapter).metadata)
+    """True / False for an adapter recording "chat" / "plain" prompts; None without a record."""
+    style = recorded_prompt_style(adapter)
     return None if style is None else style == "chat"
+
+
+def recorded_prompt_style(adapter: str | None) -> str | None:
+    """The prompt style ("chat" or "plain") ``lorakit train`` recorded in ``adapter``
+    (``io.save.recorded_prompt_style``): how ``lorakit generate`` sends its prompt and how
+    ``lorakit eval`` formats built-in and CSV data when no ``--style`` is given. None without
+    an adapter or a record (saved by peft; a GGUF LoRA file has none)."""
+    from lorakit.io.read import read_adapter_header
+    from lorakit.io.save import recorded_prompt_style as style_in
+
+    if not adapter or adapter.endswith(".gguf"):
+        return None
+    return style_in(read_adapter_header(adapter).metadata)
 
 
 def _prompt_is_raw(args: argparse.Namespace, tokenizer) -> bool:
@@ -239,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
 
     from lorakit.commands.eval import load_model_for
 
+    refuse_empty("--adapter", args.adapter, ADAPTER_WAY_OUT)
     check_bnb_cpu_kernel(args)
     check_base_mismatch_option(args)
     torch.manual_seed(args.seed)

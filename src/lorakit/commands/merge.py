@@ -9,7 +9,7 @@ from lorakit.commands._model_options import (
     add_base_mismatch_option,
     add_quantization_option,
 )
-from lorakit.commands.extract import refuse_output_onto_inputs
+from lorakit.commands.extract import refuse_empty, refuse_output_onto_inputs
 from lorakit.errors import UserError
 
 
@@ -42,8 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    if not args.output.strip():  # (an unset shell variable: not the current directory)
-        raise UserError("--output is empty; give a directory for the merged model")
+    refuse_empty("--output", args.output, "give a directory for the merged model")
+    refuse_empty("--adapter", args.adapter, "give the adapter directory to merge")
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; give a directory (new or existing)")

@@ -18,6 +18,7 @@ from lorakit.commands._model_options import (
 from lorakit.commands._serve_options import (
     add_option_groups,
     admin_token,
+    check_adapters_directory,
     check_numbers,
     connection_limits,
     parse_size,
@@ -121,6 +122,7 @@ def build(args: argparse.Namespace):
     from lorakit.serve.registry import AdapterRegistry, ServedAdapters
 
     check_numbers(args)
+    check_adapters_directory(args.adapters)
     token = admin_token(args)  # a bad --admin-token-file: reported before the model loads
     if args.quantization is not None:  # before the adapters are scanned and the model loads
         from lorakit.quantized.loading import check_quantization

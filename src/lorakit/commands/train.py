@@ -62,16 +62,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorakit.commands.combine import warnings_as_lines
+    from lorakit.commands.extract import refuse_empty
     from lorakit.train.config_file import load_config_file, merged_values
     from lorakit.train.parameter_dropout import dropout_for_model
     from lorakit.train.run import train_from_settings
 
     values = merged_values(args.config, vars(args))
+    refuse_empty(
+        "--output", values["output"], "give a directory for the run (default: lorakit-run)"
+    )
     dropout_given = args.dropout is not None or (
         bool(args.config) and "dropout" in load_config_file(args.config)
     )
     values = dropout_for_model(values, dropout_given)
-    result = train_from_settings(values)
+    with warnings_as_lines(_flag_spelling):  # (one line per message, not per call site)
+        result = train_from_settings(values)
     if result.adapter_dir is not None:  # the main process (rank 0 under torchrun)
         report = {
             "steps": result.steps,
@@ -82,3 +88,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report))
         print(f"adapter saved to {Path(values['output']) / 'adapter'}")
     return 0
+
+
+def _flag_spelling(message: str) -> str:
+    """A library warning as ``lorakit train`` says it: its flag, not the Python argument
+    (``lora_bias=True`` is ``--lora-bias``)."""
+    return message.replace("set lora_bias=False", "leave out --lora-bias").replace(
+        "lora_bias=True", "--lora-bias"
+    )

@@ -41,6 +41,7 @@ from lorakit.train.checkpoint_dirs import (
     prune,
     put_in_place,
     remove_stale_temporaries,
+    removed_on_failure,
     step_directory,
     temporary_directory,
 )
@@ -157,7 +158,8 @@ def save_checkpoint(
 
     Every file and directory is fsynced before the rename (and the parent after it), so a power
     cut cannot leave a renamed but empty checkpoint. A write that fails (a full disk) removes
-    the temporary directory and raises a ``UserError``; the previous checkpoints stay.
+    the temporary directory and raises a ``UserError``; the previous checkpoints stay. One
+    interrupted (Ctrl-C) removes it too, and the ``KeyboardInterrupt`` goes on.
     """
     if state is None:
         state = training_state(model, optimizer, adapter_name)
@@ -167,11 +169,12 @@ def save_checkpoint(
     final = step_directory(root, step)
     temporary = temporary_directory(final)
     try:
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir()
-        _write_files(temporary, step, state, scheduler, extra_state)
-        fsync_tree(temporary)
-        put_in_place(temporary, final)
+        with removed_on_failure(temporary):  # (Ctrl-C too: no half-written directory left)
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir()
+            _write_files(temporary, step, state, scheduler, extra_state)
+            fsync_tree(temporary)
+            put_in_place(temporary, final)
     except (OSError, SafetensorError) as error:  # safetensors reports a full disk its own way
         shutil.rmtree(temporary, ignore_errors=True)
         previous = latest_checkpoint(output_dir)

@@ -6,15 +6,19 @@ holds ``trainer_state.json``. A checkpoint is written into ``.tmp-step-<N>-<pid>
 final name, fsynced whole, and renamed into place (``put_in_place``), so a run killed at any
 moment leaves the complete checkpoint or none. A temporary directory left by a killed writer
 (its process gone, nothing added for a minute) is removed by the next save
-(``remove_stale_temporaries``). Pruning renames a checkpoint to a temporary name before
+(``remove_stale_temporaries``); a save or prune that fails or is interrupted (Ctrl-C's
+``KeyboardInterrupt``) removes its own temporary directory on the way out
+(``removed_on_failure``), so only a killed process leaves one. Pruning renames a checkpoint to a temporary name before
 deleting it, so a process killed while pruning leaves no half-deleted ``step-*`` either.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from lorakit.io.atomic import sync
@@ -28,6 +32,7 @@ __all__ = [
     "prune",
     "put_in_place",
     "remove_stale_temporaries",
+    "removed_on_failure",
     "step_directory",
     "temporary_directory",
 ]
@@ -51,18 +56,43 @@ def temporary_directory(final: Path) -> Path:
     return final.parent / f"{_TEMPORARY}{final.name}-{os.getpid()}"
 
 
+@contextlib.contextmanager
+def removed_on_failure(temporary: Path) -> Iterator[None]:
+    """Around the writing or deleting of this process's ``temporary`` directory: when the block
+    raises (a full disk, or Ctrl-C: ``KeyboardInterrupt``, any ``BaseException``), the
+    directory is removed before the exception goes on. A run that ends soon after would
+    otherwise leave it behind (``remove_stale_temporaries`` spares a fresh one, for a minute);
+    other processes' temporaries are never touched."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):  # (the exception raised is the one to report)
+            shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
 def put_in_place(temporary: Path, final: Path) -> None:
     """Rename the complete ``temporary`` to ``final`` (``os.replace``) and fsync the parent. A
     checkpoint already at ``final`` (a run resumed from an older checkpoint saves this step
-    again) is moved aside whole first and deleted after: a crash leaves it, never half of it."""
+    again) is moved aside whole first and deleted after: a crash leaves it, never half of it;
+    an exception (Ctrl-C) between the two renames puts it back, one after them deletes it."""
     replaced = None
-    if final.exists():
-        replaced = final.parent / f"{_TEMPORARY}old-{final.name}-{os.getpid()}"
-        os.replace(final, replaced)
-    os.replace(temporary, final)
+    try:
+        if final.exists():
+            replaced = final.parent / f"{_TEMPORARY}old-{final.name}-{os.getpid()}"
+            os.replace(final, replaced)
+        os.replace(temporary, final)
+    except BaseException:
+        if replaced is not None and replaced.exists():  # (the new one in place, or not yet)
+            if final.exists():
+                shutil.rmtree(replaced, ignore_errors=True)
+            else:
+                os.replace(replaced, final)
+        raise
     sync(final.parent)
     if replaced is not None:
-        shutil.rmtree(replaced, ignore_errors=True)
+        with removed_on_failure(replaced):
+            shutil.rmtree(replaced, ignore_errors=True)
 
 
 def fsync_tree(directory: Path) -> None:
@@ -117,11 +147,12 @@ def prune(root: Path, keep: int) -> None:
     for old in checkpoint_dirs(root)[: -max(keep, 1)]:
         doomed = root / f"{_TEMPORARY}pruned-{old.name}-{os.getpid()}"
         shutil.rmtree(doomed, ignore_errors=True)  # (an earlier prune's leftover, same name)
-        try:
-            os.replace(old, doomed)
-        except OSError:  # (gone already, or not ours to move: left as it is)
-            continue
-        shutil.rmtree(doomed, ignore_errors=True)
+        with removed_on_failure(doomed):  # (Ctrl-C mid-deletion: the rest is deleted too)
+            try:
+                os.replace(old, doomed)
+            except OSError:  # (gone already, or not ours to move: left as it is)
+                continue
+            shutil.rmtree(doomed, ignore_errors=True)
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:

@@ -70,11 +70,7 @@ def prepare_output_dir(
     if not overwrite and resume:
         raise UserError(_foreign_checkpoint(Path(output_dir), Path(resume), listed))
     if not overwrite:
-        raise UserError(
-            f"output directory {output_dir} holds a previous training run ({listed}); continue "
-            "it with --resume (resume=True), replace it with --overwrite (TrainingConfig("
-            "overwrite=True); deletes that run's files), or choose another output directory"
-        )
+        raise UserError(_previous_run(Path(output_dir), listed))
     if not (is_main and delete):  # under torchrun, the main process deletes
         return
     directory = Path(output_dir)
@@ -84,6 +80,27 @@ def prepare_output_dir(
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+
+
+def _previous_run(output_dir: Path, listed: str) -> str:
+    """Why a new run is refused over the run in ``output_dir`` (its ``listed`` files), and the
+    ways out that work: ``--resume`` only where that run wrote a checkpoint (one interrupted
+    before its first has none: ``--resume`` would be refused in turn)."""
+    from lorakit.train.checkpoint_dirs import latest_checkpoint
+
+    deletes = "(TrainingConfig(overwrite=True); deletes that run's files)"
+    if latest_checkpoint(output_dir) is None:
+        return (
+            f"output directory {output_dir} holds a previous training run ({listed}) that wrote "
+            "no checkpoint, so --resume cannot continue it (checkpoints are written with "
+            f"--checkpoint-every N): start it over with --overwrite {deletes}, or choose another "
+            "output directory"
+        )
+    return (
+        f"output directory {output_dir} holds a previous training run ({listed}); continue "
+        f"it with --resume (resume=True), replace it with --overwrite {deletes}, or choose "
+        "another output directory"
+    )
 
 
 def _foreign_checkpoint(output_dir: Path, checkpoint: Path, listed: str) -> str:

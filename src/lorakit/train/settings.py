@@ -72,8 +72,9 @@ class TrainSettings:
     style: str | None = setting(
         None,
         "chat (the chat template) or plain (prompt/completion) for built-ins and CSV; the "
-        "adapter records it and lorakit generate formats its prompt the same way "
+        "adapter records it and lorakit generate and eval format prompts the same way "
         "(default: chat for built-ins, plain for CSV)",
+        choices=("chat", "plain"),
     )
     target_modules: str | list[str] = setting(
         "all-linear", "comma-separated module names, or all-linear"
