@@ -17,6 +17,11 @@ from transformers import (
     BertForQuestionAnswering,
     BertForSequenceClassification,
     BertForTokenClassification,
+    BertGenerationConfig,
+    BertGenerationDecoder,
+    GPT2Config,
+    GPT2DoubleHeadsModel,
+    LlamaForCausalLM,
     LlamaModel,
 )
 
@@ -262,3 +267,51 @@ def test_labels_that_do_not_fit_the_task_are_refused(tmp_path):
     classifier.config.problem_type = "ranking"
     ints = [{"input_ids": [1, 2, 3], "labels": 1}] * 2
     _refused_before_training(tmp_path, classifier, ints, r"problem_type 'ranking'")
+
+
+# ---- models the old loop trained as causal LMs keep that loss (a regression review's cases) ----
+class _MyLlama(LlamaForCausalLM):  # a user's subclass: its parent names the head
+    pass
+
+
+class TinyForMaskedLM(torch.nn.Module):  # not a transformers model, whatever its name says
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = torch.nn.Embedding(100, 16), torch.nn.Linear(16, 100)
+
+    def forward(self, input_ids, attention_mask=None):
+        return (self.head(self.embed(input_ids)),)
+
+
+def _next_token_batch():
+    ids = _ids(2)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: _MyLlama(tiny_models.llama_config(vocab_size=100)),
+        lambda: GPT2DoubleHeadsModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2)),
+        lambda: BertGenerationDecoder(
+            BertGenerationConfig(**{k: v for k, v in SIZES.items()}, is_decoder=True)
+        ),
+    ],
+    ids=["subclass", "gpt2-double-heads", "bert-generation-decoder"],
+)
+def test_causal_lms_of_other_class_names_train_on_their_own_loss(build):
+    torch.manual_seed(0)
+    model = build().to(torch.float64).eval()
+    batch = _next_token_batch()
+    # (transformers computes a causal LM's own loss on float32 logits)
+    assert _loop_loss(model, [batch]) == pytest.approx(_own_loss(model, batch), rel=1e-6)
+
+
+def test_a_module_that_is_not_a_transformers_model_stays_a_causal_lm_whatever_its_name():
+    model = TinyForMaskedLM().double()
+    batch = _next_token_batch()
+    with torch.no_grad():
+        logits = model(batch["input_ids"])[0]
+    shifted = F.cross_entropy(logits[:, :-1].reshape(-1, 100), batch["labels"][:, 1:].reshape(-1))
+    assert _loop_loss(model, [batch]) == pytest.approx(float(shifted), rel=1e-6)  # (float32 CE)

@@ -102,25 +102,41 @@ def _check_some_scale(model: nn.Module, name: str) -> None:
 
 def model_task(model: nn.Module) -> str:
     """The loss the loop computes for ``model`` (under its wrappers: ``innermost_model``), as
-    the model's own loss given ``labels``: from the transformers class name's head suffix
-    (``_HEADS``); ``_SEQUENCE`` is resolved per batch by ``labels_task``. A module that is not a
-    transformers model keeps the documented default: ``CAUSAL_LM`` ((B,) labels: class ids).
-    ``UserError`` for a transformers model whose loss the loop does not compute (question
-    answering, multiple choice, encoder-decoders, a model without a head, ...)."""
+    the model's own loss given ``labels``: from the head suffix of the transformers class's name
+    or of a class it derives from (``_HEADS``: ``class MyLlama(LlamaForCausalLM)`` is a causal
+    LM); ``_SEQUENCE`` is resolved per batch by ``labels_task``. A transformers model of no
+    known head suffix (BertGenerationDecoder, GPT2DoubleHeadsModel, ...) and a module that is
+    not a transformers model keep the loop's documented default: ``CAUSAL_LM`` ((B,) labels:
+    class ids). ``UserError`` for a transformers model whose loss the loop does not compute:
+    encoder-decoders, heads of ``_REFUSED_HEADS`` (question answering, multiple choice, ...) and
+    a model without a head (``*Model`` with no output embeddings, e.g. ``LlamaModel``)."""
     inner = innermost_model(model)
-    name = type(inner).__name__
-    task = next((task for suffix, task in _HEADS.items() if name.endswith(suffix)), None)
     if not _is_transformers_model(inner):
-        return task or CAUSAL_LM
-    if task == CAUSAL_LM and getattr(inner.config, "is_encoder_decoder", False):
-        task = None  # (its labels are the decoder's: the loop does not build decoder inputs)
-    if task is None:
+        return CAUSAL_LM
+    names = [cls.__name__ for cls in type(inner).__mro__]
+    task = next(
+        (task for name in names for end, task in _HEADS.items() if name.endswith(end)), None
+    )
+    name = names[0]
+    headless = name.endswith("Model") and inner.get_output_embeddings() is None and task is None
+    refused = name.endswith(_REFUSED_HEADS) or headless
+    if task in (CAUSAL_LM, None) and getattr(inner.config, "is_encoder_decoder", False):
+        refused = True  # (its labels are the decoder's: the loop does not build decoder inputs)
+    if refused:
         raise UserError(
             f"lorakit's training loop does not compute the loss of {name}: it trains causal "
             "LMs (*ForCausalLM), token classifiers (*ForTokenClassification, *ForMaskedLM) and "
             f"sequence classifiers (*ForSequenceClassification); {_OTHER_TRAINERS}"
         )
-    return task
+    return task or CAUSAL_LM
+
+
+_REFUSED_HEADS = (  # transformers heads whose loss is none the loop computes
+    "ForQuestionAnswering",
+    "ForMultipleChoice",
+    "ForNextSentencePrediction",
+    "ForPreTraining",
+)
 
 
 def _is_transformers_model(module: nn.Module) -> bool:
