@@ -37,6 +37,7 @@ from lorakit.layers import LoraLayer, TrainableTokens
 from lorakit.layers.parameter import LoraParameter
 from lorakit.state import adapter_configs, adapter_model, lora_layers, saved_modules, state_of
 from lorakit.targets import model_modules
+from lorakit.train.sharded_model import refuse_sharded
 
 __all__ = [
     "PROMPT_STYLES",
@@ -265,7 +266,7 @@ def save_adapter(
     A save the file system refuses (a file at ``directory``, a full disk, a read-only place) is
     an ``atomic.SaveError`` (a ``UserError`` and an ``OSError``) naming the directory.
     """
-    model = adapter_model(model)  # lorakit's PeftModel: the model inside it
+    model = refuse_sharded(adapter_model(model), "lorakit.save_adapter")  # (FSDP: refused)
     target = Path(directory) if adapter_name == "default" else Path(directory) / adapter_name
     atomic.check_output_directory(target, "the adapter")  # (a file there: before the work)
     tensors, metadata, config_text = adapter_file_contents(

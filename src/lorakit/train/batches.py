@@ -198,7 +198,8 @@ def check_one_global_batch(order: BatchOrder) -> None:
     """``UserError`` when ``order`` has no step: its ``n`` examples are fewer than one global
     batch ``G`` and the short batch is dropped (``drop_last``, as under torchrun), so
     ``steps_per_epoch = n // G = 0``. Depends on the settings and the example count only: the
-    command checks it before the model loads (and before ``--overwrite`` deletes a run)."""
+    command checks it before the model loads (and before ``--overwrite`` deletes a run). The
+    advice names only what helps: the batch flags above 1, and fewer processes."""
     if order.steps_per_epoch:
         return
     raise UserError(
@@ -206,8 +207,27 @@ def check_one_global_batch(order: BatchOrder) -> None:
         f"({order.global_batch} = batch_size {order.batch_size} x grad_accum "
         f"{order.grad_accum} x {order.world_size} processes), and the examples left over "
         "after whole global batches are dropped, as under torchrun: no optimizer step would "
-        "be left. Lower --batch-size or --grad-accum, or give more examples"
+        f"be left. {_ways_to_one_global_batch(order)}"
     )
+
+
+def _ways_to_one_global_batch(order: BatchOrder) -> str:
+    """What gives ``order`` (``n < G``) a step: ``--batch-size`` / ``--grad-accum`` where above
+    1; fewer processes, at most ``n // (batch_size x grad_accum)`` where that is 2 or more (they
+    drop the short batch too), else one process (it keeps it); more examples."""
+    flags = [
+        f"--{name}"
+        for name, value in (("batch-size", order.batch_size), ("grad-accum", order.grad_accum))
+        if value > 1
+    ]
+    ways = [f"lower {' or '.join(flags)}"] if flags else []
+    fitting = order.num_examples // (order.batch_size * order.grad_accum)
+    if fitting >= 2:
+        ways.append(f"start at most {fitting} processes (torchrun --nproc-per-node {fitting})")
+    elif order.world_size > 1:
+        ways.append("train in one process (it keeps the short batch)")
+    text = ", ".join(ways) + (", or " if ways else "") + "give more examples"
+    return text[0].upper() + text[1:]
 
 
 def example_lengths(examples: Sequence[Any], length_of: LengthOf | None) -> tuple[int, ...] | None:

@@ -2,7 +2,8 @@
 
 ``shard(model)`` makes every transformer block (the classes named by the model's
 ``_no_split_modules``, else the items of its largest ``nn.ModuleList``) and then the whole model
-an FSDP unit (``torch.distributed.fsdp.fully_shard``). Each parameter becomes a ``DTensor``
+an FSDP unit (``torch.distributed.fsdp.fully_shard``), after every process took process 0's
+parameters and buffers (``broadcast_from_rank0``, as DDP). Each parameter becomes a ``DTensor``
 split along dim 0 into N pieces (``Shard(0)``); process i keeps piece i. Per process::
 
     frozen base      ~ P_frozen * b_dtype / N      (b_dtype: bytes per base element)
@@ -39,6 +40,7 @@ from lorakit.train.training_state import TrainingState
 
 __all__ = [
     "ShardedSaver",
+    "broadcast_from_rank0",
     "check_shardable",
     "fsdp_units",
     "gathered_optimizer_state",
@@ -146,6 +148,7 @@ def shard(model: nn.Module) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     check_shardable(model)
+    broadcast_from_rank0(model)  # one model, as DDP starts from: process 0's
     # the mesh of the model's own device type (FSDP's default is CUDA wherever torch sees a GPU,
     # which would move a model trained on the CPU by --device cpu there)
     device_type = next(iter(model.parameters())).device.type
@@ -154,6 +157,22 @@ def shard(model: nn.Module) -> nn.Module:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def broadcast_from_rank0(model: nn.Module) -> None:
+    """Copy process 0's parameters and buffers, frozen ones included, into every process, as
+    DDP does when it wraps a model (collective). ``fully_shard`` keeps piece i of process i's
+    own tensors, so processes that built different models (a per-process seed before
+    ``inject``, a random-dependent init such as PiSSA's randomized SVD, which also changes the
+    base) would otherwise train pieces of several models stitched together."""
+    import torch.distributed as dist
+
+    for tensor in [*model.parameters(), *model.buffers()]:  # (each shared one once)
+        data = tensor.detach()
+        sent = data.to(torch.uint8) if data.dtype == torch.bool else data.contiguous()
+        dist.broadcast(sent, src=0)
+        if sent.data_ptr() != data.data_ptr():  # (a copy: bool, or not contiguous)
+            data.copy_(sent)
 
 
 def reshard(model: nn.Module) -> None:

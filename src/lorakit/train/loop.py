@@ -39,7 +39,7 @@ from lorakit.train.checkpoint import (
 )
 from lorakit.train.config import TrainingConfig
 from lorakit.train.distributed import Distributed, setup_distributed
-from lorakit.train.fsdp import ShardedSaver, reshard, whole
+from lorakit.train.fsdp import ShardedSaver, check_shardable, reshard, whole
 from lorakit.train.gradient_checkpointing import enable_gradient_checkpointing
 from lorakit.train.inputs import check_inputs, check_labels_fit, labels_task
 from lorakit.train.losses import (
@@ -66,6 +66,7 @@ from lorakit.train.rng import seed_everything
 from lorakit.train.run_checkpoints import RunCheckpoints
 from lorakit.train.run_finish import RunFinish, TrainResult
 from lorakit.train.schedule import build_scheduler, warmup_steps_for
+from lorakit.train.sharded_model import refuse_sharded
 
 __all__ = ["TrainResult", "enable_gradient_checkpointing", "train"]
 
@@ -83,6 +84,7 @@ def train(
     resume: bool | str = False,
     length_of: LengthOf | None = None,
     tokens_of: TokensOf | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train the active adapter of ``model`` (already injected) on ``train_data``.
 
@@ -100,12 +102,17 @@ def train(
     labels)`` lets checkpoints record a digest of the data (``examples_sha256``; by default
     read from mapping examples) that a resumed run must match. Under torchrun with
     ``config.strategy == "fsdp"`` the model is sharded in place and stays sharded afterwards
-    (``lorakit.train.fsdp``); the saved ``adapter/`` is whole.
+    (``lorakit.train.fsdp``; a second ``train`` or ``save_adapter`` of it is refused); the saved
+    ``adapter/`` is whole. ``on_start()`` is called once every check has passed, before the
+    output directory is prepared (``lorakit train`` announces the run there).
     """
     if len(train_data) == 0:
         raise UserError("the training data is empty")
+    refuse_sharded(model, "lorakit.train.train")  # (before anything is checked or deleted)
     run = _Run(model, train_data, collate, config, eval_data, metric_fn, length_of, resume)
     run.check_resume(tokens_of)
+    if on_start is not None:
+        on_start()
     return run.run()
 
 
@@ -119,6 +126,8 @@ class _Run(RunCheckpoints, RunFinish):
         check_inputs(model, config, eval_data)
         device = next(iter(model.parameters())).device  # (there are some: check_inputs)
         self.dist: Distributed = setup_distributed(config.strategy, device)
+        if self.dist.sharded:  # FSDP's refusals: before overwrite deletes the previous run
+            check_shardable(model)
         self.output_dir = Path(config.output_dir)
         self.resume = resume
         self.resume_from = checkpoint_to_resume(self.output_dir, resume)
@@ -131,6 +140,8 @@ class _Run(RunCheckpoints, RunFinish):
         check_labels_fit(model, collate, train_data[0])  # (a classifier's: before any write)
         if eval_data and not any(self._targets(batch) for batch in self.eval_batches()):
             raise UserError(NO_EVAL_TARGETS)  # (now, not at the first evaluation)
+        name = config.adapter_name  # ShardedSaver: before sharding (its refusals before deleting)
+        self.saver = ShardedSaver(model, name) if self.dist.sharded else Saver(name)
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", enabled=self.dist.is_main)
         self.last_loss: float | None = None
         self.last_eval: dict[str, float] = {}
@@ -166,8 +177,6 @@ class _Run(RunCheckpoints, RunFinish):
         self.dist.barrier()  # no process writes before every process has looked
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
-        name = config.adapter_name  # a ShardedSaver is built before sharding
-        self.saver = ShardedSaver(self.model, name) if self.dist.sharded else Saver(name)
         self.ddp_model = self.dist.wrap(self.model)  # FSDP: before the optimizer sees parameters
         self.parameters = parameter_groups(self.model).all
         self.decays_all = resumes_decaying_all(

@@ -126,12 +126,15 @@ def train_from_settings(settings: dict[str, Any]) -> TrainResult:
     if eval_examples:
         tokenized["eval"] = data.tokenize_examples(eval_examples, tokenizer, job.max_length)
     prepare_output_dir(training.output_dir, **where)  # only now may --overwrite delete
-    output = Path(training.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    if main:
-        _record_settings(output, settings, job.resume)
-        _announce(model, tokenized, training, job.max_length, resumed_state)
-    return _train_tokenized(model, tokenized, training, job.resume)
+
+    def start() -> None:  # once the loop's checks passed (a refused --resume announces nothing)
+        output = Path(training.output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        if main:
+            _record_settings(output, settings, job.resume)
+            _announce(model, tokenized, training, job.max_length, resumed_state)
+
+    return _train_tokenized(model, tokenized, training, job.resume, start)
 
 
 def _checked_inputs(job, training) -> tuple[Any, Any, list, list | None]:
@@ -246,9 +249,9 @@ def _steps_text(steps: int, order, start_step: int) -> str:
     return text
 
 
-def _train_tokenized(model, tokenized: dict, training, resume: bool) -> TrainResult:
+def _train_tokenized(model, tokenized: dict, training, resume: bool, start) -> TrainResult:
     """Train on ``tokenized["train"]`` (and evaluate on ``tokenized["eval"]`` if present); the
-    loop's examples are ``("train"|"eval", index)`` pairs."""
+    loop's examples are ``("train"|"eval", index)`` pairs; ``start()`` once its checks passed."""
     from lorakit import data
     from lorakit.train.loop import train
 
@@ -274,4 +277,5 @@ def _train_tokenized(model, tokenized: dict, training, resume: bool) -> TrainRes
         resume=resume,
         length_of=length_of,
         tokens_of=tokens_of,
+        on_start=start,
     )
