@@ -218,6 +218,21 @@ def test_float_dtype_after_an_earlier_merge_is_the_float64_sum_rounded_once():
         assert error <= 4 * torch.finfo(torch.float32).eps * weight.abs().max().item(), key
 
 
+@pytest.mark.parametrize("float_dtype", [torch.float32, torch.bfloat16])
+def test_a_float32_merge_is_cast_not_computed_again(monkeypatch, float_dtype):
+    """A float32 base merged earlier holds the float32 sum: cast to float_dtype it is that sum
+    rounded once, so no layer is unmerged and merged again (a regression review: 26-62x the
+    time and a copy of every adapted weight), and the result equals the direct path."""
+    direct = lorakit.merge_and_unload(_bf16_two_adapters().float(), float_dtype=float_dtype)
+    model = _bf16_two_adapters().float()
+    lorakit.merge(model)
+    for _, layer in lora_layers(model):
+        monkeypatch.setattr(layer, "unmerge", lambda: pytest.fail("merged again"))
+    again = lorakit.merge_and_unload(model, float_dtype=float_dtype)
+    for key, tensor in direct.state_dict().items():
+        assert torch.equal(again.state_dict()[key], tensor), key
+
+
 # --------------------------------------------------- 3. two named modules_to_save copies
 def _two_copies(library):
     """A tiny Llama with adapters "one" (active) and "two", each with an ``lm_head`` copy

@@ -136,14 +136,15 @@ def _refuse_non_finite_rows(
 
 def _prepared_weight(layer, names: Sequence[str], dtype: torch.dtype | None) -> tuple:
     """``(prepared, again)``: ``layer.prepare_merge`` of ``names`` (those it holds) rounded
-    once to ``dtype``, and False; where ``dtype`` is given and the layer holds a float weight
-    merged earlier with nothing to add, ``W0 + sum_a s_a B_a A_a`` over those merged adapters
+    once to ``dtype``, and False; where ``dtype`` is given and the layer holds a 16-bit weight
+    of another dtype merged earlier with nothing to add, ``W0 + sum_a s_a B_a A_a`` over them
     computed again from the original ``W0`` (the float32 sum rounded once to ``dtype``, not
     the earlier merge's rounded weight cast), and True: install it after ``unmerge``."""
     prepared = layer.prepare_merge([name for name in names if name in layer.ranks], dtype)
     if prepared is not None or dtype is None or layer.original_weight is None:
         return prepared, False  # (a quantized base keeps its merged weight in float32)
-    if not layer.merged_adapters:
+    held = layer.original_weight.dtype  # (a float32 / float64 merge cast to dtype: rounded once)
+    if not layer.merged_adapters or held == dtype or held.itemsize >= 4:
         return None, False
     return layer._unmerged_view().prepare_merge(layer.merged_adapters, dtype), True
 
