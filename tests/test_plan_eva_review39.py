@@ -121,6 +121,39 @@ def test_peft_cannot_run_the_narrow_case_itself():
         _peft(2.0, [_narrow_batch(28)])
 
 
+def test_one_token_calls_still_count_at_one_component_as_in_peft(monkeypatch):
+    """r=1, rho=1: peft's SVDHook counts a call of 1 token (not fewer than its 1 component);
+    so does lorakit (a regression review: the width rule's floor of 2 skipped them, A off by
+    up to 0.08). Batches of 6 then eleven of 1 token, A equal to peft's exact PCA."""
+    fields = FIELDS | {"r": 1, "lora_alpha": 2}
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(n, 12, generator=g) * torch.linspace(3, 0.1, 12) for n in [6] + [1] * 11]
+    peft_svd_hooks(monkeypatch, every_component=True)
+    ours = lorakit.get_peft_model(
+        _narrow_model(), lorakit.LoraConfig(**fields, eva_config=lorakit.EvaConfig(rho=1.0))
+    )
+    lorakit.initialize_lora_eva_weights(ours, batches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(
+            _narrow_model(), peft.LoraConfig(**fields, eva_config=peft.EvaConfig(rho=1.0))
+        )
+        peft.initialize_lora_eva_weights(
+            theirs,
+            batches,
+            forward_fn=lambda m, x: m(x),
+            prepare_model_inputs_fn=None,
+            prepare_layer_inputs_fn=None,
+            show_progress_bar=False,
+        )
+    ours_a, theirs_a = _lora_a(ours), _lora_a(theirs)
+    assert ours_a.keys() == theirs_a.keys()
+    for key, value in ours_a.items():  # (a direction: its sign is arbitrary)
+        torch.testing.assert_close(
+            value.abs(), theirs_a[key].abs().to(value.dtype), atol=1e-5, rtol=0
+        )
+
+
 @pytest.mark.parametrize(("tokens", "needed"), [(12, 13), (8, 13)])
 def test_a_narrow_input_with_at_most_width_tokens_is_still_refused(tokens, needed):
     """12 tokens span 11 directions of the 12: the 12th component would be arbitrary."""

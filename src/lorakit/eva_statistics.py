@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorakit.eva_inputs import _InputMoments, check_enough_tokens, token_rows, tokens_needed
+from lorakit.eva_inputs import _InputMoments, check_enough_tokens, token_rows
 
 __all__ = ["collect_statistics", "explained_ratios", "explained_variance", "redistribute_ranks"]
 
@@ -124,8 +124,8 @@ class _Inputs:
     """The layer inputs' statistics while batches are read, each keyed by the input's leader.
 
     Each call of an input's layer is one step (PEFT: one ``SVDHook`` call): its rows are
-    counted when there are at least the input's ``wanted`` components of them (at most k + 1:
-    ``eva_inputs.tokens_needed``), else the call is skipped (PEFT: "skipping SVD ... less than n_components examples"); a counted step with
+    counted when there are at least the input's ``wanted`` components of them (at most k + 1;
+    the run as a whole needs ``eva_inputs.tokens_needed``), else the call is skipped (PEFT: "skipping SVD ... less than n_components examples"); a counted step with
     n >= 2 recomputes the leading ``most`` components (no layer takes more) and, from the
     second such step on, tests each against its value at the step before: signed cosine
     ``>= tau`` (``similar``), as PEFT's ``SVDHook`` does. ``moments`` of the counted steps;
@@ -160,7 +160,7 @@ class _Inputs:
 
     def _step(self, name: str, rows: torch.Tensor, wanted: int) -> None:
         """One step of input ``name`` (class docstring): skipped, or counted and compared."""
-        if rows.shape[0] < tokens_needed(wanted, rows.shape[1]):  # skipped: no rows added
+        if rows.shape[0] < min(wanted, rows.shape[1] + 1):  # skipped (peft's rule up to k)
             if name not in self.moments:
                 self.skipped.setdefault(name, _InputMoments()).add(rows)
             return

@@ -194,13 +194,13 @@ def _dtype_name(dtype: Any, config_key: str | None = None) -> str:
     """The torch dtype name of ``dtype`` (float32, float16, bfloat16, float64 or an alias);
     ``UserError`` otherwise, naming the model config's key when the value came from there
     (``config_key``: "dtype", as transformers 5 writes it, or the older "torch_dtype") and that
-    a dtype given (``lorakit plan --dtype``) overrides it."""
+    a dtype given (``lorakit plan`` / ``serve --dtype``) overrides it."""
     name = str(dtype).removeprefix("torch.")
     aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
     name = aliases.get(name, name)
     if name not in ("float32", "float16", "bfloat16", "float64"):
         subject = f"the model config's dtype ({config_key})" if config_key else "dtype"
-        way_out = ", or give lorakit plan a dtype (--dtype) to override it" if config_key else ""
+        way_out = ", or give a dtype (--dtype) to override it" if config_key else ""
         raise UserError(
             f"{subject} {dtype!r} is not supported: use float32, float16, bfloat16 or "
             f"float64 (or fp32, fp16, half, bf16){way_out}."
