@@ -3,6 +3,9 @@ randomisation (``peft_svd_hooks``), and the tokens each layer's statistics hold 
 
 from __future__ import annotations
 
+import warnings
+
+import peft
 import peft.tuners.lora.eva as peft_eva
 import torch
 from peft.utils.incremental_pca import IncrementalPCA
@@ -68,3 +71,21 @@ def lorakit_statistics(monkeypatch) -> dict[str, tuple]:
 def token_counts(stats: dict[str, tuple]) -> dict[str, int]:
     """{layer input: tokens its statistics hold} of ``lorakit_statistics``' record."""
     return {name: count for name, (_, _, count) in stats.items()}
+
+
+# initialize_lora_eva_weights' arguments for a model called on a plain tensor batch
+TENSOR_BATCHES = dict(
+    forward_fn=lambda model, x: model(x), prepare_model_inputs_fn=None, prepare_layer_inputs_fn=None
+)
+
+
+def run_peft_eva(model, fields: dict, batches, eva: dict | None = None, **kwargs):
+    """peft's EVA on ``model``: ``get_peft_model`` with ``LoraConfig(**fields)`` and
+    ``EvaConfig(**eva)``, then ``initialize_lora_eva_weights`` over ``batches`` (``kwargs``
+    passed on, e.g. ``TENSOR_BATCHES``; its warnings silenced); the PEFT model."""
+    config = peft.LoraConfig(**fields, eva_config=peft.EvaConfig(**(eva or {})))
+    theirs = peft.get_peft_model(model, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.initialize_lora_eva_weights(theirs, batches, show_progress_bar=False, **kwargs)
+    return theirs

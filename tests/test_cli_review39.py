@@ -65,21 +65,43 @@ def test_empty_output_is_refused_and_the_cwd_stays_empty(
     monkeypatch.chdir(cwd)
     commands = {
         "--output is empty; give a directory for the run (default: lorakit-run)": [
-            "train", "--model", model_dir, "--data", jsonl, *TINY, "--no-progress",
+            "train",
+            "--model",
+            model_dir,
+            "--data",
+            jsonl,
+            *TINY,
+            "--no-progress",
         ],
         "combine: --output is empty; give a directory for the combined adapter": [
-            "combine", adapter,
+            "combine",
+            adapter,
         ],
         "extract: --output is empty; give a directory for the adapter": [
-            "extract", "--base", model_dir, "--finetuned", finetuned, "--rank", "2",
+            "extract",
+            "--base",
+            model_dir,
+            "--finetuned",
+            finetuned,
+            "--rank",
+            "2",
         ],
         "--output is empty; give a directory for the merged model": [
-            "merge", "--model", model_dir, "--adapter", adapter,
+            "merge",
+            "--model",
+            model_dir,
+            "--adapter",
+            adapter,
         ],
         "--output is empty; give the .gguf file to write": [
-            "export", adapter, "--format", "gguf", "--model", model_dir,
+            "export",
+            adapter,
+            "--format",
+            "gguf",
+            "--model",
+            model_dir,
         ],
-    }  # fmt: skip
+    }
     for expected, argv in commands.items():
         _one_error_line(*run_cli(capsys, *argv, "--output", blank), expected)
         assert sorted(os.listdir(cwd)) == []

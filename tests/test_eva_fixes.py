@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 
 import peft
 import pytest
@@ -14,6 +13,7 @@ import torch
 import lorakit
 from lorakit.io import load_adapter, save_adapter
 from tests import tiny_models
+from tests.eva_oracle import run_peft_eva
 from tests.eva_toys import toy_batches, toy_model
 
 
@@ -28,14 +28,6 @@ def _lm_batches(count: int = 4) -> list[dict[str, torch.Tensor]]:
 
 def _peft_state(model) -> dict[str, torch.Tensor]:
     return {k.removeprefix("base_model.model."): v for k, v in model.state_dict().items()}
-
-
-def _peft_eva(model, fields, batches, eva, **kwargs):
-    theirs = peft.get_peft_model(model, peft.LoraConfig(**fields, eva_config=peft.EvaConfig(**eva)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft.initialize_lora_eva_weights(theirs, batches, show_progress_bar=False, **kwargs)
-    return theirs
 
 
 # ----------------------------------------------------------------- bug 2: skipped layers' patterns
@@ -65,7 +57,7 @@ def test_layers_eva_skips_keep_their_rank_and_alpha_in_the_config(patterns, tmp_
     embed = model.get_submodule("model.embed_tokens")
     assert config.rank_for("model.embed_tokens") == embed.ranks["default"]
     assert config.alpha_for("model.embed_tokens") == embed.alphas["default"] == 3
-    theirs = _peft_eva(tiny_models.llama(), fields, _lm_batches(), dict(rho=1.0))
+    theirs = run_peft_eva(tiny_models.llama(), fields, _lm_batches(), dict(rho=1.0))
     their_config = theirs.peft_config["default"]
     assert config.rank_pattern == their_config.rank_pattern
     assert config.alpha_pattern == their_config.alpha_pattern
@@ -100,7 +92,9 @@ def test_eva_keeps_dora_with_peft_magnitudes():
     )
     lorakit.initialize_lora_eva_weights(model, _lm_batches())
     assert lorakit.adapter_configs(model)["default"].use_dora
-    theirs = _peft_state(_peft_eva(copy.deepcopy(original), fields, _lm_batches(), dict(rho=1.0)))
+    theirs = _peft_state(
+        run_peft_eva(copy.deepcopy(original), fields, _lm_batches(), dict(rho=1.0))
+    )
     magnitudes = {k: v for k, v in theirs.items() if "lora_magnitude_vector" in k}
     assert magnitudes
     ours = model.state_dict()
@@ -150,7 +144,7 @@ def test_whitened_scales_equal_peft_once_each_layer_converges(tau):
     ours = lorakit.inject(toy_model(), lorakit.LoraConfig(**fields, eva_config=eva))
     lorakit.initialize_lora_eva_weights(ours, toy_batches(count=40))
     theirs = _peft_state(
-        _peft_eva(
+        run_peft_eva(
             toy_model(),
             fields,
             toy_batches(count=40),

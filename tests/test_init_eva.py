@@ -18,24 +18,10 @@ from lorakit.eva import redistribute_ranks
 from lorakit.io import load_adapter
 from lorakit.io.summary import summarize_adapter
 from tests import tiny_models
+from tests.eva_oracle import TENSOR_BATCHES, run_peft_eva
 from tests.eva_toys import toy_batches, toy_model
 
 TOLERANCE = 1e-5
-
-
-def _peft_eva(model, fields, batches, **eva):
-    theirs = peft.get_peft_model(model, peft.LoraConfig(**fields, eva_config=peft.EvaConfig(**eva)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft.initialize_lora_eva_weights(
-            theirs,
-            batches,
-            forward_fn=lambda m, x: m(x),
-            prepare_model_inputs_fn=None,
-            prepare_layer_inputs_fn=None,
-            show_progress_bar=False,
-        )
-    return theirs
 
 
 @pytest.mark.parametrize("rho", [1.0, 2.0])
@@ -46,7 +32,7 @@ def test_ranks_and_directions_match_peft(rho):
         copy.deepcopy(original), lorakit.LoraConfig(**fields, eva_config=lorakit.EvaConfig(rho=rho))
     )
     ranks = lorakit.initialize_lora_eva_weights(ours, batches)
-    theirs = _peft_eva(copy.deepcopy(original), fields, batches, rho=rho)
+    theirs = run_peft_eva(copy.deepcopy(original), fields, batches, dict(rho=rho), **TENSOR_BATCHES)
     expected = {"0": 1, "2": 2, "4": 3} if rho == 2.0 else {"0": 2, "2": 2, "4": 2}
     assert ranks == expected
     ours_config, theirs_config = ours.peft_config["default"], theirs.peft_config["default"]

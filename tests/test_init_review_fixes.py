@@ -6,7 +6,6 @@ quantized base. Values against the real ``peft`` and float64 formulas."""
 from __future__ import annotations
 
 import copy
-import warnings
 
 import peft
 import pytest
@@ -19,17 +18,9 @@ from lorakit.errors import UserError
 from lorakit.io import load_adapter, save_adapter
 from lorakit.quantized.int8_rows import quantize_linears
 from tests import tiny_models
+from tests.eva_oracle import run_peft_eva
 
 EVA_FIELDS = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights="eva")
-
-
-def _peft_eva(model, fields, batches, eva=None, **kwargs):
-    config = peft.LoraConfig(**fields, eva_config=peft.EvaConfig(**(eva or {})))
-    theirs = peft.get_peft_model(model, config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft.initialize_lora_eva_weights(theirs, batches, show_progress_bar=False, **kwargs)
-    return theirs
 
 
 def _lm_batches(count, batch_size, seed=4):
@@ -81,7 +72,7 @@ def test_a_first_batch_counting_no_token_changes_no_rank(monkeypatch):
     assert all(rank > 0 for rank in ranks.values())
     for name, value in _lora_A(without.model).items():
         torch.testing.assert_close(_lora_A(model.model)[name], value, rtol=0, atol=1e-6)
-    theirs = _peft_eva(tiny_models.llama(), EVA_FIELDS, batches[1:])
+    theirs = run_peft_eva(tiny_models.llama(), EVA_FIELDS, batches[1:])
     assert model.peft_config["default"].rank_pattern == theirs.peft_config["default"].rank_pattern
     assert model.peft_config["default"].alpha_pattern == (
         theirs.peft_config["default"].alpha_pattern
@@ -184,7 +175,7 @@ def test_layers_sharing_an_input_offer_the_largest_of_their_components_as_peft()
         _SharedInput(), lorakit.LoraConfig(**fields, eva_config=lorakit.EvaConfig(rho=2.0))
     )
     ranks = lorakit.initialize_lora_eva_weights(ours, _shared_batches())
-    theirs = _peft_eva(
+    theirs = run_peft_eva(
         _SharedInput(),
         fields,
         _shared_batches(),

@@ -56,9 +56,12 @@ def _trainable(model: nn.Module, prefix: str = "") -> set[str]:
     return {n.removeprefix(prefix) for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _assert_same_as_peft(base: nn.Module, **fields) -> None:
+def _assert_same_as_peft(
+    base: nn.Module, inputs=IDS, output=lambda out: out.logits, atol=1e-5, **fields
+) -> nn.Module:
     """lorakit and PEFT on ``base`` with ``fields``: the same trainable names and counts, and,
-    with lorakit's random factors (B != 0) copied into PEFT's model, the same logits."""
+    with lorakit's random factors (B != 0) copied into PEFT's model, the same ``output`` of
+    ``inputs`` (logits of ``IDS``). Returns lorakit's model."""
     model, theirs = _inject(base, **fields), _peft(base, **fields)
     assert _trainable(model) == _trainable(theirs, PEFT_PREFIX)
     counts = lorakit.count_parameters(model)
@@ -66,9 +69,10 @@ def _assert_same_as_peft(base: nn.Module, **fields) -> None:
     tiny_models.randomize_adapters(model, std=0.2)
     ours = {PEFT_PREFIX + k: v for k, v in model.state_dict().items() if "lora_" in k}
     assert not theirs.load_state_dict(ours, strict=False).unexpected_keys
-    got = model(IDS).logits
-    assert (got - base(IDS).logits).abs().max() > 1e-2
-    torch.testing.assert_close(got, theirs(IDS).logits, atol=1e-5, rtol=0)
+    got = output(model(inputs))
+    assert (got - output(base(inputs))).abs().max() > 1e-2
+    torch.testing.assert_close(got, output(theirs(inputs)), atol=atol, rtol=0)
+    return model
 
 
 def _qwen3_moe(seed: int = 0) -> Qwen3MoeForCausalLM:
@@ -130,17 +134,9 @@ TWO_WEIGHTS = dict(
 
 
 def test_bias_lora_only_trains_the_bias_of_a_module_with_two_targeted_parameters_as_peft() -> None:
-    base, x = _Net(), torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
-    model, theirs = _inject(base, **TWO_WEIGHTS), _peft(base, **TWO_WEIGHTS)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+    model = _assert_same_as_peft(_Net(), x, lambda out: out, atol=1e-6, **TWO_WEIGHTS)
     assert "block.base_layer.base_layer.bias" in _trainable(model)
-    assert _trainable(model) == _trainable(theirs, PEFT_PREFIX)
-    counts = lorakit.count_parameters(model)
-    assert (counts.trainable, counts.total) == theirs.get_nb_trainable_parameters()
-    tiny_models.randomize_adapters(model, std=0.2)
-    ours = {PEFT_PREFIX + k: v for k, v in model.state_dict().items() if "lora_" in k}
-    assert not theirs.load_state_dict(ours, strict=False).unexpected_keys
-    torch.testing.assert_close(model(x), theirs(x), atol=1e-6, rtol=0)
-    assert (model(x) - base(x)).abs().max() > 1e-2
 
 
 def test_an_offloaded_module_with_two_targeted_parameters_is_refused_for_bias_lora_only() -> None:

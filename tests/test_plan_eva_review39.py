@@ -18,9 +18,7 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
-import peft
 import pytest
 import torch
 from torch import nn
@@ -30,7 +28,7 @@ import lorakit
 from lorakit.plan import plan
 from lorakit.plan_report import format_report
 from lorakit.quantized.loading import cast_unquantized, quantize_loaded
-from tests.eva_oracle import peft_svd_hooks
+from tests.eva_oracle import TENSOR_BATCHES, peft_svd_hooks, run_peft_eva
 from tests.test_plan_peaks33 import SIZES, _LiveStorages, ids
 
 
@@ -51,26 +49,16 @@ def _narrow_batch(tokens: int) -> torch.Tensor:
 FIELDS = dict(r=8, lora_alpha=16, target_modules=["0", "2"], init_lora_weights="eva")
 
 
-def _ours(rho: float, batches) -> tuple[nn.Module, dict[str, int]]:
-    config = lorakit.LoraConfig(**FIELDS, eva_config=lorakit.EvaConfig(rho=rho))
+def _ours(rho: float, batches, **overrides) -> tuple[nn.Module, dict[str, int]]:
+    config = lorakit.LoraConfig(**FIELDS | overrides, eva_config=lorakit.EvaConfig(rho=rho))
     model = lorakit.get_peft_model(_narrow_model(), config)
     return model, lorakit.initialize_lora_eva_weights(model, batches)
 
 
-def _peft(rho: float, batches) -> nn.Module:
-    config = peft.LoraConfig(**FIELDS, eva_config=peft.EvaConfig(rho=rho))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = peft.get_peft_model(_narrow_model(), config)
-        peft.initialize_lora_eva_weights(
-            model,
-            batches,
-            forward_fn=lambda m, x: m(x),
-            prepare_model_inputs_fn=None,
-            prepare_layer_inputs_fn=None,
-            show_progress_bar=False,
-        )
-    return model
+def _peft(rho: float, batches, **overrides) -> nn.Module:
+    return run_peft_eva(
+        _narrow_model(), FIELDS | overrides, batches, dict(rho=rho), **TENSOR_BATCHES
+    )
 
 
 def _lora_a(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -125,27 +113,11 @@ def test_one_token_calls_still_count_at_one_component_as_in_peft(monkeypatch):
     """r=1, rho=1: peft's SVDHook counts a call of 1 token (not fewer than its 1 component);
     so does lorakit (a regression review: the width rule's floor of 2 skipped them, A off by
     up to 0.08). Batches of 6 then eleven of 1 token, A equal to peft's exact PCA."""
-    fields = FIELDS | {"r": 1, "lora_alpha": 2}
     g = torch.Generator().manual_seed(1)
     batches = [torch.randn(n, 12, generator=g) * torch.linspace(3, 0.1, 12) for n in [6] + [1] * 11]
     peft_svd_hooks(monkeypatch, every_component=True)
-    ours = lorakit.get_peft_model(
-        _narrow_model(), lorakit.LoraConfig(**fields, eva_config=lorakit.EvaConfig(rho=1.0))
-    )
-    lorakit.initialize_lora_eva_weights(ours, batches)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(
-            _narrow_model(), peft.LoraConfig(**fields, eva_config=peft.EvaConfig(rho=1.0))
-        )
-        peft.initialize_lora_eva_weights(
-            theirs,
-            batches,
-            forward_fn=lambda m, x: m(x),
-            prepare_model_inputs_fn=None,
-            prepare_layer_inputs_fn=None,
-            show_progress_bar=False,
-        )
+    ours, _ = _ours(1.0, batches, r=1, lora_alpha=2)
+    theirs = _peft(1.0, batches, r=1, lora_alpha=2)
     ours_a, theirs_a = _lora_a(ours), _lora_a(theirs)
     assert ours_a.keys() == theirs_a.keys()
     for key, value in ours_a.items():  # (a direction: its sign is arbitrary)
