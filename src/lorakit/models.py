@@ -143,6 +143,26 @@ def _loading_options(
     return options
 
 
+def _check_loading_arguments(
+    num_labels: int | None,
+    quantization: str | None,
+    double_quantization: bool,
+    gguf_file: Path | None,
+) -> None:
+    """``UserError`` for ``load_model``'s arguments that cannot load, before anything is read."""
+    if num_labels is not None and not (isinstance(num_labels, int) and num_labels >= 1):
+        raise UserError(f"num_labels must be an integer >= 1, got {num_labels!r}")
+    if not double_quantization and quantization not in ("nf4", "fp4"):
+        raise UserError(
+            f"double_quantization=False applies to quantization 'nf4' or 'fp4', not "
+            f"{quantization!r}; leave it out"
+        )
+    if quantization is not None:
+        from lorakit.quantized.loading import check_quantization
+
+        check_quantization(quantization, gguf_file)
+
+
 def load_model(
     spec: str | os.PathLike[str] = DEFAULT_MODEL,
     *,
@@ -173,18 +193,8 @@ def load_model(
     an adapter trained so; refused with another ``quantization``.
     """
     check_model_spec(spec, task)
-    if num_labels is not None and not (isinstance(num_labels, int) and num_labels >= 1):
-        raise UserError(f"num_labels must be an integer >= 1, got {num_labels!r}")
     gguf_file = builtin_gguf_file(os.fspath(spec))
-    if not double_quantization and quantization not in ("nf4", "fp4"):
-        raise UserError(
-            f"double_quantization=False applies to quantization 'nf4' or 'fp4', not "
-            f"{quantization!r}; leave it out"
-        )
-    if quantization is not None:
-        from lorakit.quantized.loading import check_quantization
-
-        check_quantization(quantization, gguf_file)
+    _check_loading_arguments(num_labels, quantization, double_quantization, gguf_file)
     with transformers_progress_bars(progress):  # (a first use converts the built-in model)
         directory = resolve_model(os.fspath(spec))
 
