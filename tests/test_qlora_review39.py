@@ -31,18 +31,7 @@ TOLERANCE = 1e-5
 def _bnb_base(directory, quant_type: str, double_quant: bool = False):
     """The tiny Llama in ``directory`` loaded by transformers itself, 4-bit, in training mode
     (no CPU repacking; no dropout in the adapters, so training mode is deterministic)."""
-    config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(
-            directory, quantization_config=config, device_map="cpu", dtype=torch.float32
-        )
-    return model.train()
+    return tiny_models.bnb_4bit_from(directory, quant_type, double_quant, torch.float32)
 
 
 @pytest.fixture(scope="module", params=["nf4", "fp4"])

@@ -119,18 +119,7 @@ UNSHARED_INPUTS = ["o_proj", "down_proj"]
 
 
 def _bnb_llama(directory, quant_type: str, double_quant: bool):
-    config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(
-            directory, quantization_config=config, device_map="cpu", dtype=torch.float32
-        )
-    return model.train()
+    return tiny_models.bnb_4bit_from(directory, quant_type, double_quant, torch.bfloat16)
 
 
 def _gradients(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

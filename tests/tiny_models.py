@@ -233,3 +233,24 @@ def fine_tuned(
             module.weight += 0.5 * update / update.norm()
             module.weight += noise * torch.randn(d, k, generator=generator)
     return tuned
+
+
+def bnb_4bit_from(directory, quant_type: str, double_quant: bool, compute_dtype: torch.dtype):
+    """The model saved in ``directory`` loaded by transformers itself with bitsandbytes 4-bit
+    (``quant_type`` nf4 / fp4), in training mode (no CPU repacking)."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, quantization_config=config, device_map="cpu", dtype=torch.float32
+        )
+    return model.train()
